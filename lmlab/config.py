@@ -1,0 +1,173 @@
+"""Typed run configuration: TOML presets plus `--set section.key=value` overrides.
+
+Names follow nanoGPT so its users feel at home. Every field is checked for type on load; an unknown
+key is an error that lists the valid ones. The fully resolved config is written into every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256  # context length in tokens
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and LayerNorms
+    vocab_size: int = 0  # 0: taken from the dataset's meta.json
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.{name} must be at least 1; set it to a positive integer.")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
+                "change one of them."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # sequences per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 5000  # optimizer steps
+    learning_rate: float = 1e-3  # peak LR, reached after warmup
+    min_lr: float = 1e-4  # floor of the cosine decay
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # steps over which the LR decays to min_lr; 0: max_iters
+    weight_decay: float = 0.1  # applied to 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_interval: int = 250  # steps between evaluations
+    eval_iters: int = 50  # batches per split in each evaluation (the same batches every time)
+    log_interval: int = 10  # steps between train lines in metrics.jsonl
+    checkpoint_interval: int = 500  # steps between `latest` checkpoints
+    keep_checkpoints: int = 3  # step folders kept besides `best`
+    patience: int = 0  # evaluations without a new best before stopping; 0: never stop early
+    seed: int = 1337
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # CPU threads for torch; 0: one per core
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
+                    "log_interval", "checkpoint_interval", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be at least 1; set it to a positive integer.")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
+            raise UserError("train.learning_rate must be positive and train.min_lr in [0, learning_rate].")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"train.dtype is '{self.dtype}'; use auto, float32, bfloat16 or float16.")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
+    """Check a TOML or command-line value against a field's type; ints widen to floats."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind or (kind is float and not math.isfinite(value)):
+        raise UserError(f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _parse_literal(text: str) -> Any:
+    """A `--set` value is read as a TOML value, so `3e-4`, `true` and `"x"` mean what they do in a preset."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word such as `bfloat16` or a path is a string
+
+
+def build_config(raw: dict[str, Any], source: str) -> RunConfig:
+    """Build a RunConfig from nested dicts, naming `source` in any error."""
+    sections = {}
+    for name, section_cls in SECTIONS.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: [{name}] must be a table of settings.")
+        types = {f.name: f.type for f in dataclasses.fields(section_cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in types:
+                raise UserError(
+                    f"{source}: unknown key {name}.{key}; valid keys in [{name}] are: {', '.join(types)}."
+                )
+            kind = {"int": int, "float": float, "bool": bool, "str": str}[types[key]]
+            kwargs[key] = _coerce(f"{source}: {name}.{key}", value, kind)
+        sections[name] = section_cls(**kwargs)
+    for name in raw:
+        if name not in SECTIONS:
+            raise UserError(f"{source}: unknown section [{name}]; valid sections are: {', '.join(SECTIONS)}.")
+    return RunConfig(**sections)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings on top of a raw config dict."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"--set {item!r} must look like section.key=value, e.g. train.learning_rate=3e-4.")
+        raw.setdefault(section, {})[name] = _parse_literal(text.strip())
+    return raw
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML preset and apply overrides; every error names the file or the field."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
+    return build_config(apply_overrides(raw, list(overrides)), str(path))
+
+
+def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: RunConfig) -> str:
+    """Write the resolved config as TOML (flat sections of scalars, so a tiny writer suffices)."""
+    lines = []
+    for section, values in to_dict(config).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Random (B, T) batches from a memory-mapped token file, with a position that can be saved and restored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmlab.errors import UserError
+
+
+def open_tokens(dataset: Path, split: str, dtype: str) -> np.memmap:
+    path = Path(dataset) / f"{split}.bin"
+    if not path.exists():
+        raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+
+class BatchLoader:
+    """Samples windows uniformly at random; its whole position is the generator state, so resume is exact."""
+
+    def __init__(self, tokens: np.memmap, block_size: int, batch_size: int, seed: int, name: str = "data"):
+        if len(tokens) < block_size + 2:
+            raise UserError(
+                f"the {name} split has {len(tokens)} tokens, fewer than model.block_size + 2 ({block_size + 2}); "
+                "use a larger corpus or a smaller block_size."
+            )
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, each (B, T) int64 on the CPU."""
+        starts = self.rng.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size)
+        rows = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state(self) -> dict[str, Any]:
+        return self.rng.bit_generator.state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state

@@ -1,0 +1,57 @@
+"""Loss, perplexity, next-token accuracy and bits per byte of a model on a token split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmlab.data.loader import BatchLoader
+from lmlab.device import autocast
+from lmlab.model.gpt import GPT
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, tokens: np.ndarray, batch_size: int, n_batches: int, seed: int,
+                  device: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss over `n_batches` random batches drawn from a fixed seed: the same batches at every call."""
+    loader = BatchLoader(tokens, model.config.block_size, batch_size, seed)
+    total = torch.zeros((), device=device)
+    for _ in range(n_batches):
+        x, y = loader.next()
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss
+    return (total / n_batches).item()
+
+
+@torch.no_grad()
+def evaluate_split(model: GPT, tokens: np.ndarray, bytes_per_token: float, batch_size: int,
+                   device: torch.device, dtype: torch.dtype,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Score every token of a split once, in consecutive windows of block_size.
+
+    Bits per byte divides the loss in bits by the UTF-8 bytes each token stands for on average in this
+    split, so models with different tokenizers can be compared on the same text.
+    """
+    T = model.config.block_size
+    n_windows = (len(tokens) - 1) // T
+    loss_sum, correct, count = 0.0, 0, 0
+    for first in range(0, n_windows, batch_size):
+        rows = np.stack([tokens[w * T:w * T + T + 1] for w in range(first, min(first + batch_size, n_windows))])
+        batch = torch.from_numpy(rows.astype(np.int64)).to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
+        if progress:
+            progress(min(first + batch_size, n_windows), n_windows)
+    loss = loss_sum / count
+    return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / count,
+            "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": count}

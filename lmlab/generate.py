@@ -1,0 +1,44 @@
+"""Sampling with a KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from lmlab.device import autocast
+from lmlab.model.gpt import GPT, KVCache
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+             top_k: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[int]:
+    """Continue `prompt` by `max_new_tokens` tokens; temperature 0 is greedy.
+
+    Learned positions stop at block_size, so when the cache is full the window restarts from the newest
+    half of the context (re-encoded in one pass) rather than recomputing the whole window every token.
+    """
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids, cache = list(prompt), None
+    for _ in range(max_new_tokens):
+        if cache is None or cache.pos == block_size:
+            window = ids[-block_size:] if cache is None else ids[-max(1, block_size // 2):]
+            cache = KVCache(model.config, 1, device, dtype)
+            step_input = window
+        else:
+            step_input = ids[-1:]
+        with autocast(device, dtype):
+            logits, _ = model(torch.tensor([step_input], device=device), cache=cache)
+        ids.append(_pick(logits[0, -1], temperature, top_k, generator))
+    return ids[len(prompt):]

@@ -1,0 +1,124 @@
+"""Pickle-free, atomic, device-portable checkpoints.
+
+`checkpoints/step_000500/` holds `model.safetensors`, `optimizer.safetensors` and `state.json` (step,
+data position, RNG states, best val loss, checksums of the two tensor files). `checkpoints/latest` and
+`checkpoints/best` are one-line pointer files naming a step folder, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text, fsync_dir
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split the optimizer state into tensors (for safetensors) and plain values (for JSON)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *plain["scalars"].items()]:
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], best: bool) -> Path:
+    """Write step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    tensors, plain = _flatten_optimizer(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    files = {}
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        _fsync_file(tmp / name)
+        files[name] = _sha256(tmp / name)
+    atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer": plain,
+                                                       "files": files}, indent=1))
+    fsync_dir(tmp)
+    if final.exists():  # a re-run of the same step after resume: replace the old copy only once the new one is whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    atomic_write_text(root / "latest", final.name)
+    if best:
+        atomic_write_text(root / "best", final.name)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` step folders plus whichever `best` and `latest` point to."""
+    root = Path(run_dir) / "checkpoints"
+    pinned = {resolve(run_dir, which).name for which in ("best", "latest") if (root / which).exists()}
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep]:
+        if old.name not in pinned:
+            shutil.rmtree(old)
+
+
+def resolve(run_dir: Path, which: str = "latest") -> Path:
+    """The step folder that `best` or `latest` points to."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / which
+    if not pointer.exists():
+        raise UserError(f"{run_dir} has no {which} checkpoint; train it first (`lmlab train CONFIG --run {run_dir}`).")
+    return root / pointer.read_text().strip()
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """Read state.json and verify the tensor files against their stored checksums."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{folder}/state.json is missing or corrupt; resume from another checkpoint.")
+    for name, digest in state["files"].items():
+        path = folder / name
+        if not path.exists() or _sha256(path) != digest:
+            raise UserError(f"{path} is truncated or corrupt (checksum mismatch); resume from another checkpoint.")
+    return state
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer state) into objects already on their device; return the JSON state."""
+    state = load_state(folder)
+    device = next(model.parameters()).device
+    load_model(model, str(folder / "model.safetensors"), device=str(device))
+    if optimizer is not None:
+        tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    return state

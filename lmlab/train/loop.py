@@ -202,6 +202,7 @@ class Trainer:
         s, tc = self.state, self.cfg.train
         self.model.train()
         tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.cfg.model.block_size
+        clock, elapsed_before = time.perf_counter(), s.elapsed
         # Loss sums stay on the device between log intervals: reading them every step would stall a GPU.
         since_log = torch.tensor(s.loss_since_log, device=self.device)
         since_eval = torch.tensor(s.loss_since_eval, device=self.device)
@@ -215,31 +216,27 @@ class Trainer:
                 loss = self._train_step()
                 since_log += loss
                 since_eval += loss
-                s.step += 1
-                s.tokens += tokens_per_step
-                s.steps_since_log += 1
-                s.steps_since_eval += 1
-                if s.step % tc.log_interval == 0:
-                    mean = since_log.item() / s.steps_since_log
-                    step_seconds += time.perf_counter() - started
+                s.step, s.tokens = s.step + 1, s.tokens + tokens_per_step
+                s.steps_since_log, s.steps_since_eval = s.steps_since_log + 1, s.steps_since_eval + 1
+                logging = s.step % tc.log_interval == 0
+                mean = since_log.item() / s.steps_since_log if logging else 0.0  # .item() syncs, so the clock is honest
+                step_seconds += time.perf_counter() - started
+                s.elapsed = elapsed_before + time.perf_counter() - clock
+                if logging:
                     rate = tokens_per_step * s.steps_since_log / step_seconds
                     self.metrics.append({"event": "train", "step": s.step, "tokens": s.tokens, "loss": mean,
                                          "lr": lr_at(s.step - 1, tc), "tokens_per_sec": round(rate, 1),
-                                         "elapsed": round(s.elapsed + time.perf_counter() - started, 3)})
+                                         "elapsed": round(s.elapsed, 3)})
                     bar.update(task, info=f"loss {mean:.4f} | {rate:,.0f} tok/s")
                     since_log.zero_()
                     s.steps_since_log, step_seconds = 0, 0.0
-                else:
-                    step_seconds += time.perf_counter() - started
                 best = False
                 if s.step % tc.eval_interval == 0 or s.step == tc.max_iters:
                     s.loss_since_eval = since_eval.item()
                     since_eval.zero_()
                     train_eval, val = self._evaluate()
-                    s.elapsed += time.perf_counter() - started
-                    started = time.perf_counter()
+                    s.elapsed = elapsed_before + time.perf_counter() - clock
                     best = self._after_eval(train_eval, val)
-                s.elapsed += time.perf_counter() - started
                 if best or s.step == tc.max_iters or s.stopped_early or s.step % tc.checkpoint_interval == 0:
                     s.loss_since_log, s.loss_since_eval = since_log.item(), since_eval.item()
                     self._checkpoint(best)

@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+# Pinned: an unpinned torch pulls several GB of CUDA wheels. Override for a GPU build, e.g.
+# make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/lmlab prepare shakespeare --tokenizer char
+	$(BIN)/lmlab train configs/shakespeare-char-cpu.toml --run $(DEMO_RUN) --device cpu
+	@echo "--- a 500-character sample from $(DEMO_RUN):"
+	@$(BIN)/lmlab sample $(DEMO_RUN) --max-new-tokens 500
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/cpu_time_to_loss.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

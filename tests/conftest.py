@@ -1,0 +1,69 @@
+"""Shared fixtures: a small generated corpus, prepared datasets and a tiny model config."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lmlab.data.prepare import prepare
+
+SPEAKERS = ["ROMEO", "JULIET", "NURSE", "FRIAR", "TYBALT", "MERCUTIO"]
+WORDS = ("love night day sweet death fair heaven soul heart light dark moon sun star blood sword "
+         "thou thee thy art hath doth shall will not the a of and to my your me his her").split()
+
+
+def write_corpus(folder: Path, n_docs: int = 6, speeches: int = 60, seed: int = 0) -> Path:
+    """Play-like documents: `SPEAKER:` lines and short verse lines from a small vocabulary."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        lines = []
+        for _ in range(speeches):
+            lines.append(rng.choice(SPEAKERS) + ":")
+            for _ in range(rng.randint(1, 3)):
+                lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))).capitalize() + ",")
+            lines.append("")
+        (folder / f"play{d}.txt").write_text("\n".join(lines), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def char_dataset(tmp_path_factory, corpus_dir) -> Path:
+    target, _, _ = prepare([str(corpus_dir)], "char", name="tiny", out_dir=tmp_path_factory.mktemp("data"))
+    return target
+
+
+TINY_CONFIG = """
+[data]
+dataset = "{dataset}"
+
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+
+[train]
+batch_size = 8
+max_iters = {max_iters}
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 5
+eval_interval = 10
+eval_iters = 4
+log_interval = 5
+checkpoint_interval = 10
+dtype = "float32"
+"""
+
+
+def write_config(path: Path, dataset: Path, max_iters: int = 40) -> Path:
+    path.write_text(TINY_CONFIG.format(dataset=dataset, max_iters=max_iters), encoding="utf-8")
+    return path

@@ -1,0 +1,64 @@
+import pytest
+
+from lmlab.config import RunConfig, build_config, load_config, to_toml
+from lmlab.errors import UserError
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nn_layer = 4\n[train]\nlearning_rate = 1e-3\n')
+    cfg = load_config(path, ["train.learning_rate=3e-4", "model.bias=false", "train.max_iters=7",
+                             "train.dtype=bfloat16", "data.dataset=data/x-char"])
+    assert cfg.model.n_layer == 4
+    assert cfg.train.learning_rate == 3e-4
+    assert cfg.model.bias is False
+    assert cfg.train.max_iters == 7
+    assert cfg.train.dtype == "bfloat16"
+    assert cfg.data.dataset == "data/x-char"
+
+
+def test_an_int_widens_to_a_float_field():
+    assert build_config({"train": {"learning_rate": 1}}, "x").train.learning_rate == 1.0
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nn_layers = 4\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "model.n_layers" in message and "n_layer" in message and "block_size" in message
+    assert str(path) in message
+
+
+def test_wrong_type_and_unknown_section_are_named():
+    with pytest.raises(UserError, match=r"train.max_iters must be int"):
+        build_config({"train": {"max_iters": "many"}}, "x")
+    with pytest.raises(UserError, match=r"model.bias must be bool"):
+        build_config({"model": {"bias": 1}}, "x")
+    with pytest.raises(UserError, match=r"unknown section \[optim\]"):
+        build_config({"optim": {}}, "x")
+
+
+def test_invalid_values_are_rejected():
+    with pytest.raises(UserError, match="divisible"):
+        build_config({"model": {"n_embd": 10, "n_head": 3}}, "x")
+    with pytest.raises(UserError, match="train.dtype"):
+        build_config({"train": {"dtype": "int8"}}, "x")
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    with pytest.raises(UserError, match="section.key=value"):
+        load_config(path, ["learning_rate=1"])
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = build_config({"model": {"n_layer": 3, "dropout": 0.1}, "data": {"dataset": 'we"ird\\path'}}, "x")
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+    assert load_config(path) != RunConfig()

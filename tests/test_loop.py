@@ -1,0 +1,92 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.config import load_config
+from lmlab.errors import UserError
+from lmlab.runs import load_run_model, read_metrics
+from lmlab.train.checkpoint import resolve
+from lmlab.train.loop import Trainer
+from lmlab.train.optim import lr_at
+from tests.conftest import write_config
+
+
+def train(tmp_path: Path, dataset: Path, overrides: list[str] = (), run: str = "run", **kw):
+    cfg = load_config(write_config(tmp_path / "tiny.toml", dataset), list(overrides))
+    return Trainer(cfg, tmp_path / run, "cpu", **kw).run()
+
+
+def test_loss_falls_and_the_run_dir_is_complete(tmp_path, char_dataset):
+    result = train(tmp_path, char_dataset, ["train.max_iters=60"])
+    events = read_metrics(result.run_dir)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [10, 20, 30, 40, 50, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    assert result.best_val_loss == min(e["val_loss"] for e in evals)
+    assert events[0]["event"] == "start" and events[0]["params"] > 0
+    assert len([e for e in events if e["event"] == "train"]) == 12
+    assert (result.run_dir / "loss.png").stat().st_size > 10_000
+    best = resolve(result.run_dir, "best")
+    assert best.name == f"step_{result.best_step:06d}"
+    assert sorted(p.name for p in best.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+    folders = [p.name for p in (result.run_dir / "checkpoints").glob("step_*")]
+    assert len(folders) <= 3 + 1  # keep_checkpoints plus best
+
+
+def test_train_loss_is_the_mean_since_the_last_eval(tmp_path, char_dataset):
+    result = train(tmp_path, char_dataset, ["train.max_iters=20", "train.log_interval=1"])
+    events = read_metrics(result.run_dir)
+    steps = [e["loss"] for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals[0]["train_loss"] == pytest.approx(sum(steps[:10]) / 10, rel=1e-5)
+    assert evals[1]["train_loss"] == pytest.approx(sum(steps[10:20]) / 10, rel=1e-5)
+
+
+def test_early_stopping_after_patience_evals_without_a_new_best(tmp_path, char_dataset):
+    # A zero learning rate after warmup means val never improves after the first eval.
+    result = train(tmp_path, char_dataset, ["train.max_iters=200", "train.warmup_iters=0", "train.patience=2",
+                                            "train.learning_rate=1e-9", "train.min_lr=0"])
+    assert result.stopped_early and result.steps == 30 and result.best_step == 10
+
+
+def test_resume_continues_from_the_latest_checkpoint(tmp_path, char_dataset):
+    train(tmp_path, char_dataset, ["train.max_iters=20"])
+    cfg = load_config(tmp_path / "run" / "config.toml", ["train.max_iters=40"])
+    result = Trainer(cfg, tmp_path / "run", "cpu", resume=True).run()
+    steps = [e["step"] for e in read_metrics(result.run_dir) if e["event"] == "eval"]
+    assert steps == [10, 20, 30, 40]
+    with pytest.raises(UserError, match="--resume"):
+        train(tmp_path, char_dataset, ["train.max_iters=20"])
+
+
+def test_a_run_loads_back_for_inference(tmp_path, char_dataset):
+    result = train(tmp_path, char_dataset, ["train.max_iters=10"])
+    model, cfg, state = load_run_model(result.run_dir, "latest", torch.device("cpu"))
+    assert state["step"] == 10 and not model.training
+    assert cfg.model.vocab_size == json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
+
+
+def test_vocab_mismatch_with_the_dataset_is_refused(tmp_path, char_dataset):
+    with pytest.raises(UserError, match="vocab_size"):
+        train(tmp_path, char_dataset, ["model.vocab_size=7"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = load_config(Path("configs/shakespeare-char-cpu.toml")).train
+    assert lr_at(0, cfg) < lr_at(cfg.warmup_iters - 1, cfg) <= cfg.learning_rate
+    assert lr_at(cfg.warmup_iters, cfg) == pytest.approx(cfg.learning_rate)
+    assert lr_at(cfg.max_iters, cfg) == pytest.approx(cfg.min_lr)
+    values = [lr_at(s, cfg) for s in range(cfg.warmup_iters, cfg.max_iters)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_no_pickle_anywhere_in_the_package():
+    for path in Path(lmlab.__file__).parent.rglob("*.py"):
+        source = path.read_text()
+        assert "pickle" not in source, path
+        for call in re.findall(r"torch\.load\([^)]*\)", source):
+            assert "weights_only=True" in call, path

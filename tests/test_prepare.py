@@ -1,0 +1,118 @@
+import json
+
+import numpy as np
+import pytest
+
+from lmlab.data.corpora import play_to_text, shakespeare
+from lmlab.data.prepare import load_tokenizer, prepare
+from lmlab.errors import UserError
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A street.
+
+_Enter ROMEO and a very long
+procession of people_
+
+**ROMEO**  
+But soft! what light  
+_\\[Aside]_ through yonder window breaks?
+
+**FIRST SERVANT**  
+Here, sir\\-here.
+
+_Exeunt_
+"""
+
+
+def test_play_markdown_becomes_speaker_lines_and_verse():
+    assert play_to_text(PLAY) == "ROMEO:\nBut soft! what light\nthrough yonder window breaks?\n\nFIRST SERVANT:\nHere, sir-here.\n"
+
+
+def test_shakespeare_is_every_play_without_markup():
+    plays = shakespeare()
+    assert len(plays) == 38
+    assert len({p.name for p in plays}) == 38
+    text = "".join(p.text for p in plays)
+    assert "HAMLET:\n" in text and "To be, or not to be" in text
+    for marker in ("**", "_", "#", "\\", "[", "]"):
+        assert marker not in text
+
+
+def test_prepare_writes_tokens_tokenizer_and_meta(tmp_path, corpus_dir):
+    target, meta, built = prepare([str(corpus_dir)], "bpe:300", name="tiny", out_dir=tmp_path)
+    assert built and target == tmp_path / "tiny-bpe300"
+    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert json.loads((target / "meta.json").read_text()) == meta
+    tok = load_tokenizer(target)
+    train = np.fromfile(target / "train.bin", dtype=np.uint16)
+    assert len(train) == meta["train"]["tokens"] and meta["dtype"] == "uint16"
+    assert (train == tok.eot_id).sum() == meta["train"]["documents"]  # one end-of-text per document
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 6
+    val_docs = meta["split"]["val_documents"]
+    assert len(val_docs) >= 1
+    first_val_doc = (corpus_dir / val_docs[0].split("/")[-1]).read_text()
+    val = np.fromfile(target / "val.bin", dtype=np.uint16)
+    assert tok.decode(val).startswith(first_val_doc)
+    assert len(meta["input_sha256"]) == len(meta["train"]["sha256"]) == 64
+
+
+def test_split_is_by_document_and_deterministic(tmp_path, corpus_dir):
+    _, first, _ = prepare([str(corpus_dir)], "char", name="a", out_dir=tmp_path)
+    _, second, _ = prepare([str(corpus_dir)], "char", name="b", out_dir=tmp_path)
+    assert first["split"] == second["split"]
+    assert first["train"]["sha256"] == second["train"]["sha256"]
+    assert 0.05 < first["val"]["characters"] / (first["train"]["characters"] + first["val"]["characters"]) < 0.5
+
+
+def test_an_identical_dataset_is_reused_and_a_different_one_needs_force(tmp_path, corpus_dir):
+    target, _, built = prepare([str(corpus_dir)], "char", name="x", out_dir=tmp_path)
+    assert built
+    mtime = (target / "train.bin").stat().st_mtime_ns
+    _, _, built = prepare([str(corpus_dir)], "char", name="x", out_dir=tmp_path)
+    assert not built and (target / "train.bin").stat().st_mtime_ns == mtime
+    with pytest.raises(UserError, match="--force"):
+        prepare([str(corpus_dir)], "char", name="x", out_dir=tmp_path, val_fraction=0.3)
+    assert (target / "train.bin").stat().st_mtime_ns == mtime  # nothing touched
+    _, meta, built = prepare([str(corpus_dir)], "char", name="x", out_dir=tmp_path, val_fraction=0.3, force=True)
+    assert built and meta["split"]["val_fraction"] == 0.3
+    assert [p.name for p in tmp_path.iterdir()] == ["x-char"]  # no temporary dirs left behind
+
+
+def test_one_document_is_split_at_a_line_near_the_tail(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    _, meta, _ = prepare([str(path)], "char", out_dir=tmp_path / "data")
+    assert meta["split"]["rule"] == "tail of the only document"
+    assert meta["val"]["characters"] == len("".join(f"line {i}\n" for i in range(90, 100)))
+
+
+def test_jsonl_documents_are_read_from_the_text_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"document number {i} " * 20}) for i in range(10)))
+    _, meta, _ = prepare([str(path)], "word:50", out_dir=tmp_path / "data")
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 10
+    assert meta["vocab_size"] <= 52
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"\xff\xfe not utf-8", "not UTF-8"),
+])
+def test_bad_corpora_are_refused_in_one_sentence(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        prepare([str(path)], "char", out_dir=tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_bad_jsonl_and_missing_paths_are_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2"):
+        prepare([str(path)], "char", out_dir=tmp_path / "data")
+    with pytest.raises(UserError, match="does not exist"):
+        prepare([str(tmp_path / "missing.txt")], "char", out_dir=tmp_path / "data")

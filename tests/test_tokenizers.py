@@ -1,0 +1,55 @@
+import pytest
+
+from lmlab.data.tokenizers import EOT, UNK, parse_spec, train_tokenizer
+from lmlab.errors import UserError
+
+TRAIN = ["The cat sat on the mat.\nThe dog sat on the log!\n", "A cat, a dog; the end.\n\n  Spaces   stay.\n"]
+ARBITRARY = "Ünïcödé — “quotes”, emoji 🙂, tabs\tand\r\nCRLF, 12345 numbers & symbols {}[]<>\n"
+
+
+def test_parse_spec_accepts_the_three_kinds_and_rejects_others():
+    assert parse_spec("char") == ("char", 0)
+    assert parse_spec("word:1000") == ("word", 1000)
+    assert parse_spec("bpe:4096") == ("bpe", 4096)
+    for bad in ("bpe", "bpe:100", "word:x", "sentencepiece:10", "char:5"):
+        with pytest.raises(UserError):
+            parse_spec(bad)
+
+
+def test_char_round_trip_and_unseen_characters_are_refused():
+    tok = train_tokenizer("char", TRAIN, TRAIN)
+    text = "The dog sat; a cat, the end!\n\n  "
+    ids = tok.encode(text)
+    assert len(ids) == len(text)
+    assert tok.decode(ids) == text
+    assert tok.eot_id is None
+    assert tok.vocab_size == len(set("".join(TRAIN)))
+    with pytest.raises(UserError, match="never saw"):
+        tok.encode("zebra")
+
+
+def test_bpe_round_trips_arbitrary_text_and_has_end_of_text():
+    tok = train_tokenizer("bpe:300", TRAIN, TRAIN)
+    assert tok.vocab_size <= 300
+    assert tok.eot_id == tok.vocab[EOT]
+    for text in TRAIN + [ARBITRARY]:
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("The cat sat on the mat.")) < len("The cat sat on the mat.")
+
+
+def test_word_round_trips_known_words_and_maps_the_rest_to_unk():
+    tok = train_tokenizer("word:100", TRAIN, TRAIN)
+    assert tok.vocab_size < 100  # the corpus has fewer distinct words than asked for
+    known = "The cat sat on the mat."
+    assert tok.decode(tok.encode(known)) == known
+    ids = tok.encode("The zebra sat")
+    assert tok.vocab[UNK] in ids
+    assert tok.decode(ids) == f"The{UNK} sat"
+    # Arbitrary text never fails: what the vocabulary lacks becomes <unk>.
+    assert UNK in tok.decode(tok.encode(ARBITRARY))
+
+
+def test_word_keeps_only_the_most_frequent_words():
+    tok = train_tokenizer("word:3", TRAIN, TRAIN)
+    assert tok.vocab_size == 3 + 2
+    assert "Ġthe" in tok.vocab  # the most frequent word, with its leading space

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from rich.table import Table
 
 from lmlab.errors import UserError
 
-console = Console()
+# Piped output (logs, CI, tests) is not cut to 80 columns: tables stay whole and greppable.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -37,36 +37,33 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.config import load_config
     from lmlab.train.loop import Trainer
 
+    if args.resume and (args.config or args.init_from):
+        raise UserError("--resume RUN continues a run; pass no CONFIG.toml or --init-from with it "
+                        "(use --set to change a resumed run).")
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_config(run_dir / "config.toml", args.set) if (run_dir / "config.toml").exists() else None
-        if cfg is None:
+        if not (run_dir / "config.toml").exists():
             raise UserError(f"{run_dir} is not an lmlab run (no config.toml); pass the run dir to resume.")
+        cfg = load_config(run_dir / "config.toml", args.set)
     elif args.config:
         cfg = load_config(Path(args.config), args.set)
         run_dir = Path(args.run or Path("runs") / Path(args.config).stem)
     else:
         raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
-    trainer = Trainer(cfg, run_dir, args.device, resume=bool(args.resume), console=console)
-    _copy_tokenizer(trainer)
+    trainer = Trainer(cfg, run_dir, args.device, resume=bool(args.resume), console=console, force=args.force,
+                      init_from=args.init_from, keep_optimizer=args.keep_optimizer)
     m = trainer.model
     console.print(f"model: {m.num_params() / 1e6:.2f}M parameters ({m.num_params(False) / 1e6:.2f}M without "
                   f"embeddings) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
     result = trainer.run()
+    if result.stopped_by:
+        console.print(f"stopped by {result.stopped_by} at step {result.steps}; a checkpoint was written. "
+                      f"Continue with: lmlab train --resume {result.run_dir}")
     if result.stopped_early:
         console.print(f"stopped early at step {result.steps}: no new best val loss in {cfg.train.patience} evals")
     console.print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}")
     console.print(f"run: {result.run_dir}")
     console.print(f"loss plot: {result.loss_plot}")
-
-
-def _copy_tokenizer(trainer) -> None:
-    """A run keeps its tokenizer and dataset facts, so sampling works after the dataset dir is gone."""
-    from lmlab.fileio import atomic_write_text
-
-    dataset = Path(trainer.cfg.data.dataset)
-    shutil.copyfile(dataset / "tokenizer.json", trainer.run_dir / "tokenizer.json")
-    atomic_write_text(trainer.run_dir / "dataset.json", json.dumps(trainer.meta, indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -102,28 +99,96 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from lmlab.data.tokenizers import Tokenizer
-    from lmlab.device import autocast_dtype, resolve_device
-    from lmlab.generate import generate
-    from lmlab.runs import load_run_model
+    from lmlab.generate import sample_run
 
-    run = Path(args.run)
-    device = resolve_device(args.device)
-    model, cfg, state = load_run_model(run, args.checkpoint, device)
-    meta = json.loads((run / "dataset.json").read_text())
-    tokenizer = Tokenizer.load(run / "tokenizer.json", meta["tokenizer"])
-    tokenizer.check(args.prompt, "--prompt")
-    # With no prompt, start where a document starts: after an end-of-text token, or a blank line for char.
-    start = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id] if tokenizer.eot_id is not None \
-        else tokenizer.encode("\n")
-    out = generate(model, start, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                   autocast_dtype(device, cfg.train.dtype))
-    text = args.prompt + tokenizer.decode(out)
+    text, step = sample_run(Path(args.run), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                            args.seed, args.checkpoint, args.device)
     print(text)
-    header = (f"--- checkpoint {args.checkpoint} (step {state['step']}), seed {args.seed}, temperature "
+    header = (f"--- checkpoint {args.checkpoint} (step {step}), seed {args.seed}, temperature "
               f"{args.temperature}, top_k {args.top_k}, prompt {args.prompt!r}\n")
-    with open(run / "samples.txt", "a", encoding="utf-8") as f:
+    with open(Path(args.run) / "samples.txt", "a", encoding="utf-8") as f:
         f.write(header + text + "\n\n")
+
+
+def _fmt(value, spec: str = ".4f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from lmlab.runs import find_runs, summarize
+
+    table = Table(title=f"Runs under {args.dir}")
+    columns = ("run", "status", "params", "dataset", "tokens", "steps", "best val", "bits/byte", "val-train",
+               "wall time", "device")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "status", "dataset", "device") else "right")
+    for path in find_runs(Path(args.dir)):
+        s = summarize(path)
+        table.add_row(str(path.relative_to(args.dir)), s.status, _fmt(s.params and s.params / 1e6, ".2f") + "M"
+                      if s.params else "-", f"{Path(s.dataset).name}" if s.dataset else "-", f"{s.tokens:,}",
+                      f"{s.steps:,}", _fmt(s.best_val_loss), _fmt(s.best_bpb), _fmt(s.gap, "+.4f"),
+                      f"{s.elapsed:,.0f} s", s.device or "-")
+    console.print(table)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from lmlab.plots import plot_comparison
+    from lmlab.runs import summarize
+    from lmlab.scaling import chinchilla_percent
+
+    runs = [summarize(Path(r)) for r in args.runs]
+    for s in runs:
+        if s.best_val_loss is None or not s.params:
+            raise UserError(f"{s.path} has no evaluation to compare ({s.status}); train it past one eval_interval.")
+    base = runs[0]
+    table = Table(title=f"Compared with {base.name}")
+    rows = {
+        "parameters": lambda s: f"{s.params / 1e6:.2f}M ({s.params / base.params:.2f}×)",
+        "tokens seen": lambda s: f"{s.tokens:,} ({s.tokens / base.tokens:.2f}×)",
+        "wall time": lambda s: f"{s.elapsed:,.0f} s ({s.elapsed / base.elapsed:.2f}×)",
+        "best val loss": lambda s: f"{s.best_val_loss:.4f} ({100 * (s.best_val_loss / base.best_val_loss - 1):+.1f}%)",
+        "bits per byte": lambda s: _fmt(s.best_bpb),
+        "tokens per parameter": lambda s: f"{s.tokens / s.params:.2f}",
+        "% of Chinchilla-optimal": lambda s: f"{chinchilla_percent(s.tokens, s.params):.1f}%",
+        "overfitting (val - train at best)": lambda s: _fmt(s.gap, "+.4f"),
+        "still falling at the end": lambda s: "yes" if s.still_falling else "no",
+        "status": lambda s: s.status,
+    }
+    table.add_column("figure")
+    for s in runs:
+        table.add_column(s.name, justify="right")
+    for label, cell in rows.items():
+        table.add_row(label, *(cell(s) for s in runs))
+    console.print(table)
+    if args.plot:
+        console.print(f"plot: {plot_comparison(runs, Path(args.plot), args.x, args.log)}")
+    if args.prompt is not None:
+        from lmlab.generate import sample_run
+
+        samples = Table(title=f"Samples, prompt {args.prompt!r}, seed {args.seed}", show_lines=True)
+        for s in runs:
+            samples.add_column(s.name, overflow="fold")
+        samples.add_row(*(sample_run(s.path, args.prompt, args.max_new_tokens, seed=args.seed)[0] for s in runs))
+        console.print(samples)
+
+
+def cmd_scaling(args: argparse.Namespace) -> None:
+    from lmlab.plots import plot_scaling
+    from lmlab.runs import summarize
+    from lmlab.scaling import fit_power_law
+
+    runs = [s for s in map(summarize, map(Path, args.runs)) if s.best_val_loss is not None and s.params]
+    names = [s.name for s in runs]
+    fits = [fit_power_law([s.flops for s in runs], [s.best_val_loss for s in runs], names, "compute (FLOPs, 6·N·D)"),
+            fit_power_law([s.params for s in runs], [s.best_val_loss for s in runs], names, "parameters")]
+    table = Table(title=f"Power-law fits of best val loss over {len(runs)} runs")
+    for column in ("against", "fit", "rmse (loss)", "R² (log-log)", "predicted loss at 10×"):
+        table.add_column(column)
+    for fit in fits:
+        table.add_row(fit.x_label, f"L = {fit.a:.4g} · x^{fit.b:.4f}", f"{fit.rmse:.4f}", f"{fit.r2:.3f}",
+                      f"{fit.predict(10 * max(fit.x)):.4f} at x = {10 * max(fit.x):.3g}")
+    console.print(table)
+    console.print(f"plot: {plot_scaling(fits, Path(args.plot))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
     p.add_argument("--run", help="run dir (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (may differ from the original on resume)")
+    p.add_argument("--init-from", metavar="RUN[:best|latest]", help="start a new run from another run's weights")
+    p.add_argument("--keep-optimizer", action="store_true", help="with --init-from: carry the optimizer state too")
+    p.add_argument("--force", action="store_true", help="resume even though the dataset's content changed")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="val loss, perplexity, accuracy and bits per byte of a run")
@@ -166,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best or latest")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("runs", help="one row per run: size, data, tokens, best val loss, status")
+    p.add_argument("dir", nargs="?", default="runs")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("compare", help="compare runs against the first: table, overlay plot, samples")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--plot", help="write an overlay of the loss curves to this PNG")
+    p.add_argument("--x", choices=["step", "tokens", "time", "flops"], default="step", help="x axis of the plot")
+    p.add_argument("--log", action="store_true", help="log-scale axes")
+    p.add_argument("--prompt", help="sample every run from this prompt with the same seed")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("scaling", help="fit best val loss against compute and parameters as power laws")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--plot", default="scaling.png", help="where to draw the fits (default scaling.png)")
+    p.set_defaults(func=cmd_scaling)
     return parser
 
 

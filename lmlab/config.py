@@ -64,9 +64,13 @@ class TrainConfig:
     keep_checkpoints: int = 3  # step folders kept besides `best`
     patience: int = 0  # evaluations without a new best before stopping; 0: never stop early
     seed: int = 1337
+    spike_zscore: float = 6.0  # a loss or grad norm this many std above its recent mean is a spike
+    spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
+    rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
     compile: bool = False  # torch.compile the model
     threads: int = 0  # CPU threads for torch; 0: one per core
+    tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
@@ -76,6 +80,10 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be at least 1; set it to a positive integer.")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise UserError("train.learning_rate must be positive and train.min_lr in [0, learning_rate].")
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
+        if self.tracker not in ("none", "tensorboard", "wandb"):
+            raise UserError(f"train.tracker is '{self.tracker}'; use none, tensorboard or wandb.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"train.dtype is '{self.dtype}'; use auto, float32, bfloat16 or float16.")
 

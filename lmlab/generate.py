@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from lmlab.device import autocast
+from lmlab.data.tokenizers import Tokenizer
+from lmlab.device import autocast, autocast_dtype, resolve_device
 from lmlab.model.gpt import GPT, KVCache
+from lmlab.runs import load_run_model
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
@@ -42,3 +47,21 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
             logits, _ = model(torch.tensor([step_input], device=device), cache=cache)
         ids.append(_pick(logits[0, -1], temperature, top_k, generator))
     return ids[len(prompt):]
+
+
+def sample_run(run_dir: Path, prompt: str = "", max_new_tokens: int = 500, temperature: float = 0.8,
+               top_k: int | None = None, seed: int = 1337, checkpoint: str = "best",
+               device: str = "auto") -> tuple[str, int]:
+    """Sample from a run with its own tokenizer; returns (prompt + continuation, checkpoint step)."""
+    torch_device = resolve_device(device)
+    model, cfg, state = load_run_model(Path(run_dir), checkpoint, torch_device)
+    meta = json.loads((Path(run_dir) / "dataset.json").read_text())
+    tokenizer = Tokenizer.load(Path(run_dir) / "tokenizer.json", meta["tokenizer"])
+    tokenizer.check(prompt, "--prompt")
+    # With no prompt, start where a document starts: after an end-of-text token, or a blank line for char.
+    if prompt:
+        start = tokenizer.encode(prompt)
+    else:
+        start = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
+    out = generate(model, start, max_new_tokens, temperature, top_k, seed, autocast_dtype(torch_device, cfg.train.dtype))
+    return prompt + tokenizer.decode(out), state["step"]

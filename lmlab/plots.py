@@ -1,4 +1,4 @@
-"""Loss curves as PNG files."""
+"""Loss curves, run comparisons and scaling fits as PNG files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmlab.runs import read_metrics  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
+
+from lmlab.runs import RunSummary, read_metrics  # noqa: E402
+from lmlab.scaling import PowerLawFit  # noqa: E402
 
 
 def plot_losses(run_dir: Path) -> Path:
@@ -29,9 +33,74 @@ def plot_losses(run_dir: Path) -> Path:
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    return _save(fig, Path(run_dir) / "loss.png")
+
+
+X_AXES = {
+    "step": ("step (optimizer updates)", lambda s, e: e["step"]),
+    "tokens": ("tokens seen", lambda s, e: e.get("tokens", 0)),
+    "time": ("wall time (s)", lambda s, e: e.get("elapsed", 0.0)),
+    "flops": ("training compute, 6·N·D (FLOPs)", lambda s, e: 6.0 * (s.params or 0) * e.get("tokens", 0)),
+}
+
+
+def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", log: bool = False) -> Path:
+    """Overlay the val (solid, markers) and train (faint) curves of several runs on one x axis."""
+    label, pick = X_AXES[x]
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    for i, s in enumerate(summaries):
+        color = f"C{i % 10}"
+        if s.trains:
+            ax.plot([pick(s, e) for e in s.trains], [e["loss"] for e in s.trains], color=color, alpha=0.3,
+                    linewidth=1)
+        if s.evals:
+            ax.plot([pick(s, e) for e in s.evals], [e["val_loss"] for e in s.evals], color=color, marker="o",
+                    markersize=3, label=f"{s.name} val (best {s.best_val_loss:.3f})")
+    ax.plot([], [], color="gray", alpha=0.3, label="train (faint, same colour)")
+    ax.set_title("Val and train loss by run")
+    ax.set_xlabel(label)
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    if log:
+        _log_axes(ax)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_scaling(fits: list[PowerLawFit], path: Path) -> Path:
+    """Val loss against compute and against parameters, log-log, with each fitted power law."""
+    fig, axes = plt.subplots(1, len(fits), figsize=(6 * len(fits), 5), dpi=120, squeeze=False)
+    for ax, fit in zip(axes[0], fits):
+        ax.scatter(fit.x, fit.y, color="C0", zorder=3, label="runs (best val loss)")
+        for x, y, name in zip(fit.x, fit.y, fit.names):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        grid = np.geomspace(min(fit.x), 10 * max(fit.x), 50)
+        ax.plot(grid, fit.predict(grid), color="C1",
+                label=f"fit: L = {fit.a:.3g} · x^{fit.b:.3f} (rmse {fit.rmse:.3f})")
+        ax.axvline(10 * max(fit.x), color="gray", linestyle=":",
+                   label=f"10× the largest run: predicted {fit.predict(10 * max(fit.x)):.3f}")
+        _log_axes(ax)
+        ax.set_xlabel(fit.x_label)
+        ax.set_ylabel("best val loss (nats/token)")
+        ax.set_title(f"Val loss against {fit.x_label.split(' (')[0]}")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def _log_axes(ax: plt.Axes) -> None:
+    """Log-log axes with plain-number loss labels (not 1.6×10⁰) and no crowded minor labels on x."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write through a temporary name, so a reader never sees half a PNG."""
     fig.tight_layout()
-    path = Path(run_dir) / "loss.png"
-    tmp = path.with_name(".loss.tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)

@@ -51,11 +51,23 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def _check_free_space(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to start a checkpoint the disk cannot hold, rather than leave a half-written one."""
+    tensors = [*model.state_dict().values(),
+               *(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))]
+    need = sum(t.numel() * t.element_size() for t in tensors) + (16 << 20)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise UserError(f"not enough free disk space in {root} for a checkpoint ({need >> 20} MiB needed, "
+                        f"{free >> 20} MiB free); free some space, then resume the run with --resume.")
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], best: bool) -> Path:
     """Write step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    _check_free_space(root, model, optimizer)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

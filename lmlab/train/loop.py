@@ -1,13 +1,18 @@
 """The training loop: AdamW + warmup/cosine, grad accumulation and clipping, periodic eval, early stopping,
-best/latest checkpoints, metrics.jsonl and a live progress bar."""
+best/latest checkpoints with exact resume, a loss-spike/NaN guard, metrics.jsonl and a live progress bar."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import json
+import math
 import os
+import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import lmlab
-from lmlab.config import RunConfig, to_toml
+from lmlab.config import RunConfig, to_dict, to_toml
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import read_meta
 from lmlab.device import autocast, autocast_dtype, resolve_device
@@ -25,14 +30,16 @@ from lmlab.evaluate import estimate_loss
 from lmlab.fileio import atomic_write_text
 from lmlab.model.gpt import GPT
 from lmlab.plots import plot_losses
-from lmlab.runs import MetricsLog
+from lmlab.runs import MetricsLog, run_config
+from lmlab.tracking import Tracker
 from lmlab.train.checkpoint import load_checkpoint, prune_checkpoints, resolve, save_checkpoint
+from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import lr_at, make_optimizer
 
 
 @dataclass
 class RunState:
-    """Everything besides weights and optimizer that a checkpoint must hold to continue exactly."""
+    """Everything besides weights, optimizer and RNGs that a checkpoint must hold to continue exactly."""
 
     step: int = 0
     tokens: int = 0
@@ -45,6 +52,8 @@ class RunState:
     steps_since_eval: int = 0
     loss_since_log: float = 0.0
     steps_since_log: int = 0
+    lr_scale: float = 1.0  # lowered by each rollback
+    guard: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +64,7 @@ class TrainResult:
     steps: int
     stopped_early: bool
     loss_plot: Path
+    stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
 
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
@@ -70,9 +80,25 @@ def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
     return cfg, meta
 
 
+def _bytes_text(state: torch.Tensor) -> str:
+    """An RNG state (a uint8 tensor) as base64 text for state.json."""
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])
+
+
 class Trainer:
+    """One run: build from a config, optionally resume or start from another run's weights, then `run()`."""
+
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
-                 console: Console | None = None):
+                 console: Console | None = None, force: bool = False, init_from: str | None = None,
+                 keep_optimizer: bool = False):
         self.cfg, self.meta = resolve_config(cfg)
         self.run_dir = Path(run_dir)
         self.console = console or Console()
@@ -92,64 +118,113 @@ class Trainer:
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         self.metrics = MetricsLog(self.run_dir)
         self.state = RunState()
-        self._open_run(resume)
-
-    def _open_run(self, resume: bool) -> None:
-        checkpoints = self.run_dir / "checkpoints"
+        self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience)
         if resume:
-            self._resume()
-        elif checkpoints.exists() and any(checkpoints.iterdir()):
+            self._resume(force)
+        else:
+            self._start(init_from, keep_optimizer)
+        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+        self.tracker = Tracker(tc.tracker, self.run_dir, to_dict(self.cfg), resume_step=self.state.step if resume else None)
+        # The run keeps its tokenizer and dataset facts, so it samples and evaluates after the dataset is gone.
+        shutil.copyfile(Path(self.cfg.data.dataset) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        atomic_write_text(self.run_dir / "dataset.json", json.dumps(self.meta, indent=2))
+
+    def _log(self, event: dict[str, Any]) -> None:
+        self.metrics.append(event)
+        self.tracker.log(event)
+
+    def _start(self, init_from: str | None, keep_optimizer: bool) -> None:
+        checkpoints = self.run_dir / "checkpoints"
+        if checkpoints.exists() and any(checkpoints.iterdir()):
             raise UserError(f"{self.run_dir} already has checkpoints; continue it with `lmlab train --resume "
                             f"{self.run_dir}` or pick a new --run.")
+        if init_from:
+            self._init_from(init_from, keep_optimizer)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-        if not resume:
-            self.metrics.path.unlink(missing_ok=True)
-            self.metrics.append({
-                "event": "start", "step": 0, "lmlab_version": lmlab.__version__, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "params": self.model.num_params(),
-                "params_non_embedding": self.model.num_params(embeddings=False),
-                "dataset": self.cfg.data.dataset, "tokenizer": self.meta["tokenizer"],
-            })
+        self.metrics.path.unlink(missing_ok=True)
+        self.metrics.append({
+            "event": "start", "step": 0, "lmlab_version": lmlab.__version__, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "params": self.model.num_params(),
+            "params_non_embedding": self.model.num_params(embeddings=False),
+            "dataset": self.cfg.data.dataset, "tokenizer": self.meta["tokenizer"], "init_from": init_from,
+        })
 
-    def _resume(self) -> None:
+    def _init_from(self, source: str, keep_optimizer: bool) -> None:
+        """Start from another run's weights (`runs/OLD`, `runs/OLD:best` or `runs/OLD:latest`)."""
+        old_dir, _, which = source.partition(":")
+        old = run_config(Path(old_dir)).model
+        if old.vocab_size != self.cfg.model.vocab_size:
+            raise UserError(f"--init-from {old_dir} has vocab size {old.vocab_size} but dataset "
+                            f"{self.cfg.data.dataset} has {self.cfg.model.vocab_size}; use a dataset prepared "
+                            "with the same tokenizer.")
+        if dataclasses.asdict(old) != dataclasses.asdict(self.cfg.model):
+            raise UserError(f"--init-from {old_dir} has another model shape "
+                            f"({_differences(dataclasses.asdict(old), dataclasses.asdict(self.cfg.model))}); "
+                            "use the same [model] settings as that run.")
+        load_checkpoint(resolve(Path(old_dir), which or "latest"), self.model,
+                        self.optimizer if keep_optimizer else None)
+
+    def _resume(self, force: bool) -> None:
         """Continue from `latest`; if it is damaged, fall back to the newest step folder that verifies."""
-        latest = resolve(self.run_dir, "latest")
-        candidates = [latest] + sorted((p for p in (self.run_dir / "checkpoints").glob("step_*")
-                                        if p.is_dir() and p != latest), reverse=True)
-        for folder in candidates:
-            try:
-                saved = load_checkpoint(folder, self.model, self.optimizer)
-                break
-            except UserError as err:
-                self.console.print(f"[yellow]{err} Trying an older checkpoint.[/yellow]")
-        else:
-            raise UserError(f"no checkpoint of {self.run_dir} could be loaded; start the run again.")
-        known = {f.name for f in dataclasses.fields(RunState)}
-        self.state = RunState(**{k: v for k, v in saved["progress"].items() if k in known})
-        self.loader.restore(saved["loader"])
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8))
-        if saved.get("scaler"):
-            self.scaler.load_state_dict(saved["scaler"])
+        for leftover in (self.run_dir / "checkpoints").glob(".step_*.tmp-*"):  # a write cut short by a crash
+            shutil.rmtree(leftover)
+        trained, asked = dataclasses.asdict(run_config(self.run_dir).model), to_dict(self.cfg)["model"]
+        if trained != asked:
+            raise UserError(f"{self.run_dir} was trained with another model shape ({_differences(trained, asked)}); "
+                            "resume with the run's own [model] settings.")
+        folder, saved = self._load_newest_good()
+        if saved["dataset_sha256"] != self.meta["train"]["sha256"] and not force:
+            raise UserError(f"dataset {self.cfg.data.dataset} differs from the one {self.run_dir} was trained on "
+                            "(train.bin checksum); pass --force to continue on the new data anyway.")
+        self._restore(saved, data_position=True)
         self.metrics.truncate_after(self.state.step)
         self.console.print(f"Resumed {self.run_dir} from {folder.name} (step {self.state.step}).")
 
+    def _load_newest_good(self, at_most: int | None = None) -> tuple[Path, dict[str, Any]]:
+        latest = resolve(self.run_dir, "latest")
+        folders = sorted((p for p in (self.run_dir / "checkpoints").glob("step_*") if p.is_dir()), reverse=True)
+        candidates = [latest] + [p for p in folders if p != latest]
+        for folder in candidates:
+            if at_most is not None and int(folder.name.removeprefix("step_")) > at_most:
+                continue
+            try:
+                return folder, load_checkpoint(folder, self.model, self.optimizer)
+            except UserError as err:
+                self.console.print(f"[yellow]{err} Trying an older checkpoint.[/yellow]")
+        raise UserError(f"no checkpoint of {self.run_dir} could be loaded; start the run again.")
+
+    def _restore(self, saved: dict[str, Any], data_position: bool) -> None:
+        self.state = RunState(**saved["progress"])
+        self.guard = SpikeGuard(self.cfg.train.spike_zscore, self.cfg.train.spike_patience, **self.state.guard)
+        if data_position:
+            self.loader.restore(saved["loader"])
+        torch.set_rng_state(_bytes_tensor(saved["torch_rng"]))
+        if self.device.type == "cuda" and saved.get("cuda_rng"):
+            torch.cuda.set_rng_state(_bytes_tensor(saved["cuda_rng"]))
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+
     def _checkpoint(self, best: bool) -> None:
-        tc = self.cfg.train
+        self.state.guard = {"loss": dataclasses.asdict(self.guard.loss),
+                            "grad_norm": dataclasses.asdict(self.guard.grad_norm), "bad_in_row": self.guard.bad_in_row}
         state = {
             "progress": dataclasses.asdict(self.state),
             "loader": self.loader.state(),
-            "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "torch_rng": _bytes_text(torch.get_rng_state()),
+            "cuda_rng": _bytes_text(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "model_config": to_dict(self.cfg)["model"],
+            "dataset_sha256": self.meta["train"]["sha256"],
             "lmlab_version": lmlab.__version__,
         }
         folder = save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, state, best)
-        prune_checkpoints(self.run_dir, tc.keep_checkpoints)
-        self.metrics.append({"event": "checkpoint", "step": self.state.step, "path": str(folder), "best": best})
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        self._log({"event": "checkpoint", "step": self.state.step, "path": str(folder), "best": best})
 
-    def _train_step(self) -> torch.Tensor:
+    def _train_step(self) -> tuple[float, float, str]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm, guard verdict)."""
         tc = self.cfg.train
-        lr = lr_at(self.state.step, tc)
+        lr = lr_at(self.state.step, tc) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -161,13 +236,38 @@ class Trainer:
             loss = loss / tc.grad_accum_steps
             self.scaler.scale(loss).backward()
             total += loss.detach()
-        if tc.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
+        loss_value, norm_value = total.item(), norm.item()
+        if self.scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(norm_value):
+            verdict = "ok"  # an fp16 overflow: the grad scaler skips this step and lowers its scale
+        else:
+            verdict = self.guard.judge(loss_value, norm_value)
+        if verdict in ("ok", "spike"):
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        if verdict in ("skip", "spike"):
+            self._log({"event": verdict, "step": self.state.step + 1, "loss": loss_value,
+                                 "grad_norm": norm_value, "lr": lr})
+        return loss_value, norm_value, verdict
+
+    def _rollback(self) -> None:
+        """Reload the newest checkpoint from before the bad streak, keep the data position (so the bad
+        batches are not replayed) and lower the LR."""
+        step = self.state.step + 1  # the step that completed the streak; it was not applied
+        guard, scale, elapsed = self.guard, self.state.lr_scale * self.cfg.train.rollback_lr_factor, self.state.elapsed
+        try:
+            folder, saved = self._load_newest_good(at_most=step - self.cfg.train.spike_patience)
+        except UserError:  # no checkpoint from before the streak yet: all we can do is lower the LR
+            folder = None
+        if folder is not None:
+            self._restore(saved, data_position=False)
+        self.guard, self.state.lr_scale, self.state.elapsed = guard, scale, elapsed
+        self._log({"event": "rollback", "step": step, "to_step": self.state.step, "lr_scale": scale})
+        where = f"rolled back to {folder.name}" if folder else "no earlier checkpoint to roll back to"
+        self.console.print(f"[yellow]step {step}: {self.cfg.train.spike_patience} bad steps in a row; {where}; "
+                           f"LR scaled by {scale:g}[/yellow]")
 
     def _evaluate(self) -> tuple[float, float]:
         tc = self.cfg.train
@@ -190,63 +290,97 @@ class Trainer:
             s.evals_since_best += 1
         avg_train = s.loss_since_eval / max(1, s.steps_since_eval)
         s.loss_since_eval, s.steps_since_eval = 0.0, 0
-        self.metrics.append({"event": "eval", "step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
+        self._log({"event": "eval", "step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
                              "train_loss": avg_train, "train_eval_loss": train_eval, "val_loss": val,
                              "best_val_loss": s.best_val_loss, "is_best": is_best})
+        plot_losses(self.run_dir)  # kept current, so a long run can be watched while it goes
         mark = " | [bold green]best![/bold green]" if is_best else ""
         self.console.print(f"step {s.step} | train {avg_train:.4f} | val {val:.4f}{mark}")
         s.stopped_early = bool(tc.patience) and s.evals_since_best >= tc.patience
         return is_best
 
+    def _log_train(self, rate: float, grad_norm: float) -> str:
+        s = self.state
+        mean = s.loss_since_log / max(1, s.steps_since_log)
+        self._log({"event": "train", "step": s.step, "tokens": s.tokens, "loss": mean,
+                             "lr": lr_at(s.step - 1, self.cfg.train) * s.lr_scale, "grad_norm": grad_norm,
+                             "tokens_per_sec": round(rate, 1), "elapsed": round(s.elapsed, 3)})
+        s.loss_since_log, s.steps_since_log = 0.0, 0
+        return f"loss {mean:.4f} | {rate:,.0f} tok/s"
+
     def run(self) -> TrainResult:
+        """Train to max_iters (or early stop, or a stop signal); `train.pid` marks the run as running meanwhile."""
+        pid_file = self.run_dir / "train.pid"
+        pid_file.write_text(str(os.getpid()))
+        try:
+            return self._loop()
+        finally:
+            self.tracker.close()
+            pid_file.unlink(missing_ok=True)
+
+    def _loop(self) -> TrainResult:
         s, tc = self.state, self.cfg.train
         self.model.train()
         tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.cfg.model.block_size
         clock, elapsed_before = time.perf_counter(), s.elapsed
-        # Loss sums stay on the device between log intervals: reading them every step would stall a GPU.
-        since_log = torch.tensor(s.loss_since_log, device=self.device)
-        since_eval = torch.tensor(s.loss_since_eval, device=self.device)
-        step_seconds = 0.0
+        step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
         columns = [TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                    TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=True) as bar:
+        with Progress(*columns, console=self.console, transient=True) as bar, _StopOnSignal() as stop:
             task = bar.add_task("train", total=tc.max_iters, completed=s.step, info="")
-            while s.step < tc.max_iters and not s.stopped_early:
+            while s.step < tc.max_iters and not s.stopped_early and not stop.signal:
                 started = time.perf_counter()
-                loss = self._train_step()
-                since_log += loss
-                since_eval += loss
+                loss, grad_norm, verdict = self._train_step()
+                if verdict == "rollback":
+                    self._rollback()
+                    s = self.state
+                    continue
+                if verdict != "skip":  # a non-finite loss would poison the averages
+                    s.loss_since_log, s.loss_since_eval = s.loss_since_log + loss, s.loss_since_eval + loss
+                    s.steps_since_log, s.steps_since_eval = s.steps_since_log + 1, s.steps_since_eval + 1
                 s.step, s.tokens = s.step + 1, s.tokens + tokens_per_step
-                s.steps_since_log, s.steps_since_eval = s.steps_since_log + 1, s.steps_since_eval + 1
-                logging = s.step % tc.log_interval == 0
-                mean = since_log.item() / s.steps_since_log if logging else 0.0  # .item() syncs, so the clock is honest
-                step_seconds += time.perf_counter() - started
+                step_seconds, timed_steps = step_seconds + time.perf_counter() - started, timed_steps + 1
                 s.elapsed = elapsed_before + time.perf_counter() - clock
-                if logging:
-                    rate = tokens_per_step * s.steps_since_log / step_seconds
-                    self.metrics.append({"event": "train", "step": s.step, "tokens": s.tokens, "loss": mean,
-                                         "lr": lr_at(s.step - 1, tc), "tokens_per_sec": round(rate, 1),
-                                         "elapsed": round(s.elapsed, 3)})
-                    bar.update(task, info=f"loss {mean:.4f} | {rate:,.0f} tok/s")
-                    since_log.zero_()
-                    s.steps_since_log, step_seconds = 0, 0.0
+                if s.step % tc.log_interval == 0:
+                    bar.update(task, info=self._log_train(tokens_per_step * timed_steps / step_seconds, grad_norm))
+                    step_seconds, timed_steps = 0.0, 0
                 best = False
                 if s.step % tc.eval_interval == 0 or s.step == tc.max_iters:
-                    s.loss_since_eval = since_eval.item()
-                    since_eval.zero_()
                     train_eval, val = self._evaluate()
                     s.elapsed = elapsed_before + time.perf_counter() - clock
                     best = self._after_eval(train_eval, val)
-                if best or s.step == tc.max_iters or s.stopped_early or s.step % tc.checkpoint_interval == 0:
-                    s.loss_since_log, s.loss_since_eval = since_log.item(), since_eval.item()
+                last = s.step == tc.max_iters or s.stopped_early or stop.signal
+                if best or last or s.step % tc.checkpoint_interval == 0:
                     self._checkpoint(best)
                 bar.update(task, completed=s.step)
-        return self._finish()
+        return self._finish(stop.signal)
 
-    def _finish(self) -> TrainResult:
+    def _finish(self, stopped_by: str | None) -> TrainResult:
         s = self.state
-        self.metrics.append({"event": "end", "step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
+        self._log({"event": "end", "step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
                              "best_val_loss": s.best_val_loss, "best_step": s.best_step,
-                             "stopped_early": s.stopped_early})
+                             "stopped_early": s.stopped_early, "stopped_by": stopped_by})
         plot = plot_losses(self.run_dir)
-        return TrainResult(self.run_dir, s.best_val_loss, s.best_step, s.step, s.stopped_early, plot)
+        return TrainResult(self.run_dir, s.best_val_loss, s.best_step, s.step, s.stopped_early, plot, stopped_by)
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

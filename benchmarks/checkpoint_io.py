@@ -1,0 +1,65 @@
+"""Checkpoint size, write time and verified-load time on this machine, for the CPU preset and GPT-2 small.
+
+    python benchmarks/checkpoint_io.py [--repeats 3]
+
+Each model gets a real AdamW state (one optimizer step) so the optimizer file is full size. Writes go
+through the same atomic path as training (temp folder, fsync, rename, pointer switch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lmlab.config import ModelConfig, TrainConfig, load_config
+from lmlab.model.gpt import GPT
+from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
+from lmlab.train.optim import make_optimizer
+
+MODELS = {
+    "CPU preset (char)": load_config(Path("configs/shakespeare-char-cpu.toml")).model,
+    "GPT-2 small (124M)": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+}
+
+
+def measure(config: ModelConfig, repeats: int) -> tuple[int, float, float, float]:
+    if config.vocab_size == 0:
+        config = ModelConfig(**{**config.__dict__, "vocab_size": 76})
+    model = GPT(config)
+    optimizer = make_optimizer(model, TrainConfig(), "cpu")
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    optimizer.step()
+    writes, loads = [], []
+    with tempfile.TemporaryDirectory(dir=".") as run:
+        for step in range(repeats):
+            started = time.perf_counter()
+            folder = save_checkpoint(Path(run), step, model, optimizer, {"bench": True}, best=False)
+            writes.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            load_checkpoint(folder, model, optimizer)
+            loads.append(time.perf_counter() - started)
+        size = sum(p.stat().st_size for p in folder.iterdir())
+    return model.num_params(), size, min(writes), min(loads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    table = Table(title="Checkpoint I/O on this machine (best of %d)" % args.repeats)
+    for column in ("model", "parameters", "checkpoint size", "write (atomic, fsynced)", "verified load"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, config in MODELS.items():
+        params, size, write, load = measure(config, args.repeats)
+        table.add_row(name, f"{params / 1e6:.1f}M", f"{size / 2**20:.1f} MiB", f"{write:.2f} s", f"{load:.2f} s")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Checkpoints a two-day run can trust: exact resume after kill -9, verified files, graceful stop, guards."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmlab.cli import main
+from lmlab.config import load_config
+from lmlab.errors import UserError
+from lmlab.runs import read_metrics
+from lmlab.train.checkpoint import resolve
+from lmlab.train.loop import Trainer
+from tests.conftest import write_config
+
+LMLAB = str(Path(sys.executable).parent / "lmlab")
+VOLATILE = {"elapsed", "tokens_per_sec", "path"}
+
+
+def stable_events(run: Path) -> list[dict]:
+    """metrics.jsonl without the fields that depend on wall time or location."""
+    return [{k: v for k, v in e.items() if k not in VOLATILE} for e in read_metrics(run)]
+
+
+def weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
+    return load_file(str(resolve(run, which) / "model.safetensors"))
+
+
+def trainer(tmp_path: Path, dataset: Path, overrides=(), run="run", **kw) -> Trainer:
+    cfg = load_config(write_config(tmp_path / "tiny.toml", dataset), list(overrides))
+    return Trainer(cfg, tmp_path / run, "cpu", **kw)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_kill_9_at_arbitrary_points_then_resume_is_bitwise_identical(tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=120)
+    settings = ["--set", "train.checkpoint_interval=7", "--set", "train.log_interval=3", "--set", "model.dropout=0.1"]
+    subprocess.run([LMLAB, "train", config, "--run", tmp_path / "straight", *settings], check=True,
+                   capture_output=True, timeout=300)
+
+    run = tmp_path / "killed"
+    command = [LMLAB, "train", config, "--run", run, *settings]
+    for kill_after_lines in (9, 31, 58):  # metrics lines: lands mid-interval, between checkpoints
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: len(read_metrics(run)) >= kill_after_lines or proc.poll() is not None)
+        proc.kill()
+        proc.wait()
+        command = [LMLAB, "train", "--resume", run]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+
+    straight, resumed = weights(tmp_path / "straight"), weights(run)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert stable_events(run) == stable_events(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=100_000)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([LMLAB, "train", config, "--run", run, "--set", "train.checkpoint_interval=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(read_metrics(run)) >= 5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"lmlab train --resume {run}" in out.replace("\n", "")
+    end = read_metrics(run)[-1]
+    assert end["event"] == "end" and end["stopped_by"] == "SIGTERM"
+    assert resolve(run, "latest").name == f"step_{end['step']:06d}"
+
+
+def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, char_dataset, capsys):
+    trainer(tmp_path, char_dataset, ["train.max_iters=30", "train.eval_interval=100"]).run()
+    run = tmp_path / "run"
+    latest = resolve(run, "latest")
+    assert latest.name == "step_000030"
+    data = (latest / "model.safetensors").read_bytes()
+    (latest / "model.safetensors").write_bytes(data[: len(data) // 2])  # a torn write
+    (run / "checkpoints" / ".step_000040.tmp-999").mkdir()  # a crash during a checkpoint write
+    code = main(["train", "--resume", str(run), "--set", "train.max_iters=40", "--device", "cpu"])
+    out = capsys.readouterr().out.replace("\n", "")
+    assert code == 0
+    assert "step_000030/model.safetensors is truncated or corrupt" in out
+    assert "Resumed" in out and "from step_000020" in out
+    assert resolve(run, "latest").name == "step_000040"
+    assert not list((run / "checkpoints").glob(".step_*"))
+
+
+def test_only_the_last_k_checkpoints_and_best_are_kept(tmp_path, char_dataset):
+    trainer(tmp_path, char_dataset, ["train.max_iters=60", "train.keep_checkpoints=2",
+                                     "train.learning_rate=1e-30", "train.min_lr=0", "train.warmup_iters=0"]).run()
+    run = tmp_path / "run"
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    best = resolve(run, "best").name
+    assert kept == sorted({best, "step_000050", "step_000060"})
+
+
+def test_resume_refuses_another_model_shape_and_changed_data_without_force(tmp_path, char_dataset, corpus_dir):
+    trainer(tmp_path, char_dataset, ["train.max_iters=10"]).run()
+    run = tmp_path / "run"
+    cfg = load_config(run / "config.toml", ["model.n_layer=3"])
+    with pytest.raises(UserError, match=r"another model shape \(n_layer 2 -> 3\)"):
+        Trainer(cfg, run, "cpu", resume=True)
+    from lmlab.data.prepare import prepare
+    other, _, _ = prepare([str(corpus_dir)], "char", name="other", out_dir=tmp_path, val_fraction=0.3)
+    cfg = load_config(run / "config.toml", [f"data.dataset={other}", "train.max_iters=20"])
+    with pytest.raises(UserError, match="--force"):
+        Trainer(cfg, run, "cpu", resume=True)
+    assert Trainer(cfg, run, "cpu", resume=True, force=True).run().steps == 20
+
+
+def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
+    old = trainer(tmp_path, char_dataset, ["train.max_iters=60"], run="old").run()
+    new = trainer(tmp_path, char_dataset, ["train.max_iters=10", "train.warmup_iters=10"], run="new",
+                  init_from=f"{tmp_path / 'old'}:best").run()
+    first_eval = next(e for e in read_metrics(new.run_dir) if e["event"] == "eval")
+    assert first_eval["step"] == 10
+    assert first_eval["val_loss"] < old.best_val_loss + 0.1  # far below a fresh model's loss
+    with pytest.raises(UserError, match="model shape"):
+        trainer(tmp_path, char_dataset, ["model.n_embd=64"], run="wide", init_from=str(tmp_path / "old"))
+
+
+def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the_weights(tmp_path, char_dataset):
+    t = trainer(tmp_path, char_dataset, ["train.max_iters=90"])
+    vocab = t.cfg.model.vocab_size
+    clean_next, clean_forward = t.loader.next, t.forward
+    batches = []
+
+    def poisoned_next():
+        x, y = clean_next()
+        batches.append(len(batches) + 1)
+        if batches[-1] in (71, 72, 73):  # three batches of noise in a row, at a data position
+            y = torch.randint(0, vocab, y.shape, generator=torch.Generator().manual_seed(batches[-1]))
+        return x, y
+
+    def nan_forward(x, y):
+        logits, loss = clean_forward(x, y)
+        return logits, loss * float("nan") if t.state.step == 55 else loss
+
+    t.loader.next, t.forward = poisoned_next, nan_forward
+    result = t.run()
+    events = read_metrics(result.run_dir)
+    kinds = [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "spike", "rollback")]
+    assert kinds == [("skip", 56), ("spike", 71), ("spike", 72), ("rollback", 73)]
+    rollback = next(e for e in events if e["event"] == "rollback")
+    assert rollback["to_step"] == 70 and rollback["lr_scale"] == 0.5
+    assert result.steps == 90
+    assert all(torch.isfinite(w).all() for w in weights(result.run_dir).values())
+    late = [e for e in events if e["event"] == "train" and e["step"] > 70]
+    assert all(e["lr"] <= 0.5 * 3e-3 for e in late)

@@ -15,15 +15,16 @@ from lmlab.model.gpt import GPT
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, tokens: np.ndarray, batch_size: int, n_batches: int, seed: int,
-                  device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over `n_batches` random batches drawn from a fixed seed: the same batches at every call."""
-    loader = BatchLoader(tokens, model.config.block_size, batch_size, seed)
+def estimate_loss(forward: Callable, tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int,
+                  seed: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss of `forward` (a GPT, compiled or not) over `n_batches` random batches drawn from a fixed
+    seed: the same batches at every call."""
+    loader = BatchLoader(tokens, block_size, batch_size, seed)
     total = torch.zeros((), device=device)
     for _ in range(n_batches):
         x, y = loader.next()
         with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = forward(x.to(device), y.to(device))
         total += loss
     return (total / n_batches).item()
 

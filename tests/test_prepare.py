@@ -86,7 +86,8 @@ def test_one_document_is_split_at_a_line_near_the_tail(tmp_path):
     path.write_text("".join(f"line {i}\n" for i in range(100)))
     _, meta, _ = prepare([str(path)], "char", out_dir=tmp_path / "data")
     assert meta["split"]["rule"] == "tail of the only document"
-    assert meta["val"]["characters"] == len("".join(f"line {i}\n" for i in range(90, 100)))
+    assert meta["split"]["cut_at_char"] == len("".join(f"line {i}\n" for i in range(90)))
+    assert meta["val"]["documents"] == meta["train"]["documents"] == 1
 
 
 def test_jsonl_documents_are_read_from_the_text_field(tmp_path):

@@ -18,7 +18,7 @@ class Document:
 
 
 _ESCAPE = re.compile(r"\\(.)")
-_INLINE_DIRECTION = re.compile(r"_*\\?\[[^\]]*\]_*|_[^_\s][^_]*_")
+_INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]]*(\][_*]*|$)|_[^_\s][^_]*_")  # [Aside], or unclosed to the end
 _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
 
 
@@ -37,14 +37,15 @@ def play_to_text(markdown: str) -> str:
             continue
         if line.startswith("#"):
             continue
-        if line.startswith("_") or (line.startswith("*") and not line.startswith("**")):
-            in_direction = not (len(line) > 1 and line.endswith(line[0]))
-            continue
         speaker = _SPEAKER.match(line)
         if speaker:
             speeches.append([speaker.group(1).strip().upper() + ":"])
             continue
-        line = _ESCAPE.sub(r"\1", _INLINE_DIRECTION.sub("", line)).strip()
+        line = _INLINE_DIRECTION.sub("", line).strip()
+        if line.startswith("_") or (line.startswith("*") and not line.startswith("**")):
+            in_direction = not (len(line) > 1 and line.endswith(line[0]))
+            continue
+        line = _ESCAPE.sub(r"\1", line)
         if line and speeches:
             speeches[-1].append(line)
     return "\n\n".join("\n".join(s) for s in speeches if len(s) > 1) + "\n"

@@ -61,9 +61,9 @@ def _doc_texts(tokenizer_kind: str, docs: list[Document]) -> list[str]:
     return [d.text for d in docs]
 
 
-def _tokenize(tokenizer: Tokenizer, docs: list[Document]) -> np.ndarray:
+def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
     ids: list[int] = []
-    for doc_ids in tokenizer.encode_batch(_doc_texts(tokenizer.kind, docs)):
+    for doc_ids in tokenizer.encode_batch(texts):
         ids.extend(doc_ids)
         if tokenizer.eot_id is not None:
             ids.append(tokenizer.eot_id)
@@ -90,7 +90,8 @@ def _write_dataset(tmp: Path, tokenizer: Tokenizer, split: Split) -> dict[str, A
     tokenizer.save(tmp / "tokenizer.json")
     stats = {}
     for name, docs in (("train", split.train), ("val", split.val)):
-        tokens = _tokenize(tokenizer, docs)
+        texts = _doc_texts(tokenizer.kind, docs)
+        tokens = _tokenize(tokenizer, texts)
         path = tmp / f"{name}.bin"
         with open(path, "wb") as f:
             tokens.tofile(f)
@@ -98,8 +99,8 @@ def _write_dataset(tmp: Path, tokenizer: Tokenizer, split: Split) -> dict[str, A
             os.fsync(f.fileno())
         stats[name] = {
             "documents": len(docs),
-            "characters": sum(len(d.text) for d in docs),
-            "bytes": sum(len(d.text.encode()) for d in docs),
+            "characters": sum(len(t) for t in texts),
+            "bytes": sum(len(t.encode()) for t in texts),  # of the text tokenized: bits per byte divides by it
             "tokens": int(tokens.size),
             "sha256": _sha256(path),
         }

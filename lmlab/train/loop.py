@@ -168,7 +168,9 @@ class Trainer:
         """Continue from `latest`; if it is damaged, fall back to the newest step folder that verifies."""
         for leftover in (self.run_dir / "checkpoints").glob(".step_*.tmp-*"):  # a write cut short by a crash
             shutil.rmtree(leftover)
+        resolve(self.run_dir, "latest")  # says so if there is nothing to resume
         trained, asked = dataclasses.asdict(run_config(self.run_dir).model), to_dict(self.cfg)["model"]
+        trained["vocab_size"] = trained["vocab_size"] or asked["vocab_size"]  # 0 in a hand-written config
         if trained != asked:
             raise UserError(f"{self.run_dir} was trained with another model shape ({_differences(trained, asked)}); "
                             "resume with the run's own [model] settings.")
@@ -273,10 +275,9 @@ class Trainer:
         tc = self.cfg.train
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
-        train = estimate_loss(self.forward, self.train_tokens, tc.batch_size, tc.eval_iters, tc.seed + 1,
-                              self.device, self.dtype)
-        val = estimate_loss(self.forward, self.val_tokens, tc.batch_size, tc.eval_iters, tc.seed + 2,
-                            self.device, self.dtype)
+        train, val = (estimate_loss(self.forward, tokens, self.cfg.model.block_size, tc.batch_size, tc.eval_iters,
+                                    tc.seed + offset, self.device, self.dtype)
+                      for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
 

@@ -191,6 +191,89 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     console.print(f"plot: {plot_scaling(fits, Path(args.plot))}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from lmlab.bench import bench_batch, eval_cost, find_max_batch
+    from lmlab.config import load_config
+    from lmlab.device import resolve_device
+
+    cfg = load_config(Path(args.config), args.set)
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [cfg.train.batch_size]
+    if args.find_max_batch:
+        with console.status("Finding the largest micro-batch that fits..."):
+            biggest = find_max_batch(cfg, args.device)
+        console.print(f"largest micro-batch that fits: {biggest}")
+        sizes = sorted(set(sizes) | {biggest})
+    memory_note = "; peak memory is the process's high-water RSS" if resolve_device(args.device).type == "cpu" else ""
+    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({args.device}{memory_note})")
+    for column in ("micro-batch", "tokens/s", "ms/step", "MFU", "peak memory"):
+        table.add_column(column, justify="right")
+    rows = []
+    for size in sizes:
+        with console.status(f"Timing micro-batch {size}..."):
+            rows.append(bench_batch(cfg, size, args.steps, args.device))
+        r = rows[-1]
+        if r.out_of_memory:
+            table.add_row(str(size), "out of memory", "-", "-", "-")
+        else:
+            table.add_row(str(size), f"{r.tokens_per_sec:,.0f}", f"{r.ms_per_step:.1f}", f"{100 * r.mfu:.1f}%",
+                          f"{r.peak_memory / 2**20:,.0f} MiB")
+    console.print(table)
+    if args.eval:
+        at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
+        at_config = at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device)
+        cost = eval_cost(cfg, at_config.ms_per_step, args.device)
+        console.print(f"one evaluation ({cfg.train.eval_iters} batches per split) takes {cost['eval_seconds']:.2f} s, "
+                      f"{100 * cost['share']:.1f}% of the time at eval_interval {cfg.train.eval_interval}; "
+                      f"eval_iters <= {cost['max_eval_iters_under_5pct']} keeps evaluation under 5%.")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    import torch
+
+    from lmlab.bench import bench_batch, with_vocab
+    from lmlab.config import load_config
+    from lmlab.model.gpt import GPT
+    from lmlab.runs import summarize
+    from lmlab.scaling import Plan, chinchilla_percent, format_duration
+
+    target = Path(args.target)
+    run = summarize(target) if target.is_dir() else None
+    cfg = with_vocab(load_config(target / "config.toml" if run else target, args.set))
+    with torch.device("meta"):  # counts parameters without allocating them
+        model = GPT(cfg.model)
+    params, non_embedding = model.num_params(), model.num_params(embeddings=False)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+    if args.tokens:
+        tokens, source = args.tokens, "--tokens"
+    elif args.chinchilla:
+        tokens, source = 20 * params, "20 tokens per parameter (Chinchilla)"
+    else:
+        tokens, source = cfg.train.max_iters * tokens_per_step, "train.max_iters x tokens per step"
+    if args.tokens_per_sec:
+        rate, rate_source = args.tokens_per_sec, "given"
+    else:
+        with console.status("Measuring throughput..."):
+            row = bench_batch(cfg, cfg.train.batch_size, 3, args.device)
+        if row.out_of_memory:
+            raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or "
+                            "pass --tokens-per-sec.")
+        rate, rate_source = row.tokens_per_sec, f"measured here ({args.device})"
+    plan = Plan(params, non_embedding, tokens, source, rate, rate_source)
+    table = Table(title=f"Plan for {target}", show_header=False)
+    table.add_row("parameters", f"{params:,} ({non_embedding:,} without embeddings)")
+    table.add_row("tokens per step", f"{tokens_per_step:,}")
+    table.add_row("training tokens", f"{plan.tokens:,} ({source}; {plan.tokens / params:.1f} per parameter)")
+    table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,}")
+    table.add_row("training compute (6·N·D)", f"{plan.flops:.3g} FLOPs")
+    table.add_row("throughput", f"{rate:,.0f} tokens/s ({rate_source})")
+    table.add_row("wall time", format_duration(plan.seconds))
+    if run:
+        table.add_row("tokens seen so far", f"{run.tokens:,} ({chinchilla_percent(run.tokens, params):.1f}% of "
+                      f"Chinchilla-optimal; {run.status})")
+        table.add_row("time to finish", format_duration(max(0, plan.tokens - run.tokens) / rate))
+    console.print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train GPT-style language models from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best or latest")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("bench", help="tokens/s, ms/step, MFU and peak memory per micro-batch size")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    p.add_argument("--batch-sizes", help="comma-separated micro-batch sizes (default: the config's)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after 2 warmup steps)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits")
+    p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="parameters, tokens, FLOPs and wall time of a config, or where a run stands")
+    p.add_argument("target", help="a TOML config or a run dir")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--tokens", type=int, help="training tokens to plan for")
+    group.add_argument("--chinchilla", action="store_true", help="plan for 20 tokens per parameter")
+    p.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of measuring it")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("runs", help="one row per run: size, data, tokens, best val loss, status")
     p.add_argument("dir", nargs="?", default="runs")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmlab.config import ModelConfig
 from lmlab.errors import UserError
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
@@ -44,3 +45,47 @@ def fit_power_law(x: list[float], y: list[float], names: list[str], x_label: str
     rmse = float(np.sqrt(np.mean((np.exp(fitted) - np.asarray(y)) ** 2)))
     return PowerLawFit(list(x), list(y), names, x_label, float(np.exp(log_a)), float(b), rmse,
                        1.0 - ss_res / ss_tot if ss_tot else 1.0)
+
+
+def flops_per_token(cfg: ModelConfig, params: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6N for the weights plus 12·L·H·Q·T for attention.
+
+    N excludes the position table (a lookup, not a matmul) but keeps the token embedding, which the tied
+    output head multiplies by every token.
+    """
+    non_lookup = params - cfg.block_size * cfg.n_embd
+    return 6.0 * non_lookup + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+@dataclass
+class Plan:
+    """What a training run costs: `lmlab plan`."""
+
+    params: int
+    params_non_embedding: int
+    tokens: int
+    tokens_source: str
+    tokens_per_sec: float
+    rate_source: str
+
+    @property
+    def flops(self) -> float:
+        return 6.0 * self.params * self.tokens
+
+    @property
+    def seconds(self) -> float:
+        return self.tokens / self.tokens_per_sec
+
+    @property
+    def chinchilla_tokens(self) -> int:
+        return CHINCHILLA_TOKENS_PER_PARAM * self.params
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,7 +21,7 @@ from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 
 LMLAB = str(Path(sys.executable).parent / "lmlab")
-VOLATILE = {"elapsed", "tokens_per_sec", "path"}
+VOLATILE = {"elapsed", "tokens_per_sec", "mfu", "peak_flops", "path"}
 
 
 def stable_events(run: Path) -> list[dict]:
@@ -137,26 +138,27 @@ def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
 
 def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the_weights(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, ["train.max_iters=90"])
-    vocab = t.cfg.model.vocab_size
+    counts = np.bincount(t.train_tokens, minlength=t.cfg.model.vocab_size)
+    rarest = int(np.where(counts > 0, counts, counts.max() + 1).argmin())
     clean_next, clean_forward = t.loader.next, t.forward
     batches = []
 
     def poisoned_next():
         x, y = clean_next()
         batches.append(len(batches) + 1)
-        if batches[-1] in (71, 72, 73):  # three batches of noise in a row, at a data position
-            y = torch.randint(0, vocab, y.shape, generator=torch.Generator().manual_seed(batches[-1]))
+        if batches[-1] in (71, 72, 73):  # three garbage batches in a row, at a data position:
+            y = torch.full_like(y, rarest)  # every target the corpus's rarest token
         return x, y
 
     def nan_forward(x, y):
         logits, loss = clean_forward(x, y)
-        return logits, loss * float("nan") if t.state.step == 55 else loss
+        return logits, loss * float("nan") if t.state.step == 40 else loss
 
     t.loader.next, t.forward = poisoned_next, nan_forward
     result = t.run()
     events = read_metrics(result.run_dir)
     kinds = [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "spike", "rollback")]
-    assert kinds == [("skip", 56), ("spike", 71), ("spike", 72), ("rollback", 73)]
+    assert kinds == [("skip", 41), ("spike", 71), ("spike", 72), ("rollback", 73)]
     rollback = next(e for e in events if e["event"] == "rollback")
     assert rollback["to_step"] == 70 and rollback["lr_scale"] == 0.5
     assert result.steps == 90

@@ -62,3 +62,12 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
     assert load_config(path) != RunConfig()
+
+
+def test_compile_takes_a_bool_or_auto():
+    assert build_config({}, "x").train.compile == "auto"
+    assert build_config({"train": {"compile": False}}, "x").train.compile is False
+    with pytest.raises(UserError, match="train.compile"):
+        build_config({"train": {"compile": "yes"}}, "x")
+    with pytest.raises(UserError, match="train.compile"):
+        build_config({"train": {"compile": 1}}, "x")

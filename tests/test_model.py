@@ -63,3 +63,13 @@ def test_dropout_is_active_only_in_training():
     assert not torch.equal(m(idx)[0], m(idx)[0])
     m.eval()
     assert torch.equal(m(idx)[0], m(idx)[0])
+
+
+def test_a_large_vocab_is_padded_for_speed_without_changing_the_outputs():
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=1500)).eval()
+    assert m.lm_head.weight.shape[0] == 1536  # the next multiple of 64
+    idx = torch.randint(0, 1500, (2, 8))
+    logits, loss = m(idx, idx)
+    assert logits.shape == (2, 8, 1500)  # padded rows never reach the logits or the loss
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 1500), idx.reshape(-1)))

@@ -14,17 +14,22 @@ class RunningStat:
     var: float = 0.0
     count: int = 0
 
-    def update(self, x: float, alpha: float = 0.02) -> None:
+    alpha = 0.02
+
+    def update(self, x: float) -> None:
         if self.count == 0:
             self.mean = x
         else:
             delta = x - self.mean
-            self.mean += alpha * delta
-            self.var = (1 - alpha) * (self.var + alpha * delta * delta)
+            self.mean += self.alpha * delta
+            self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
         self.count += 1
 
     def zscore(self, x: float) -> float:
-        return (x - self.mean) / math.sqrt(self.var + 1e-12)
+        # The variance starts at zero; divide out that bias (as Adam does for its moments), or the first
+        # few dozen samples would make ordinary steps look like spikes.
+        correction = 1 - (1 - self.alpha) ** max(1, self.count - 1)
+        return (x - self.mean) / math.sqrt(self.var / correction + 1e-12)
 
 
 @dataclass
@@ -32,15 +37,18 @@ class SpikeGuard:
     """Says what to do with a step: apply it, skip it (non-finite), flag it (spike), or roll back.
 
     Statistics learn only from good steps, so a run of spikes does not teach the guard that spikes
-    are normal. The first `warmup` steps are never flagged: early losses fall too fast for statistics.
+    are normal. The first `warmup` steps neither count nor are flagged: early losses fall so fast that
+    they would inflate the variance and hide later spikes.
     """
 
     zscore: float  # a loss or grad norm this many standard deviations above its running mean is a spike
     patience: int  # this many bad steps in a row trigger a rollback; 0 never rolls back
     warmup: int = 50
+    min_samples: int = 20  # good steps after warmup before anything is flagged
     loss: RunningStat | None = None
     grad_norm: RunningStat | None = None
     bad_in_row: int = 0
+    seen: int = 0
 
     def __post_init__(self) -> None:
         self.loss = RunningStat(**self.loss) if isinstance(self.loss, dict) else self.loss or RunningStat()
@@ -49,14 +57,16 @@ class SpikeGuard:
 
     def judge(self, loss: float, grad_norm: float) -> str:
         """One of "ok", "skip" (non-finite: do not apply), "spike" (apply but count it), "rollback"."""
+        self.seen += 1
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             verdict = "skip"
-        elif self.loss.count >= self.warmup and (self.loss.zscore(loss) > self.zscore
-                                                 or self.grad_norm.zscore(grad_norm) > self.zscore):
+        elif self.loss.count >= self.min_samples and (self.loss.zscore(loss) > self.zscore
+                                                      or self.grad_norm.zscore(grad_norm) > self.zscore):
             verdict = "spike"
         else:
-            self.loss.update(loss)
-            self.grad_norm.update(grad_norm)
+            if self.seen > self.warmup:
+                self.loss.update(loss)
+                self.grad_norm.update(grad_norm)
             self.bad_in_row = 0
             return "ok"
         self.bad_in_row += 1

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,13 +25,14 @@ import lmlab
 from lmlab.config import RunConfig, to_dict, to_toml
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import read_meta
-from lmlab.device import autocast, autocast_dtype, resolve_device
+from lmlab.device import autocast, autocast_dtype, configure, peak_flops, resolve_device
 from lmlab.errors import UserError
 from lmlab.evaluate import estimate_loss
 from lmlab.fileio import atomic_write_text
 from lmlab.model.gpt import GPT
 from lmlab.plots import plot_losses
 from lmlab.runs import MetricsLog, run_config
+from lmlab.scaling import flops_per_token
 from lmlab.tracking import Tracker
 from lmlab.train.checkpoint import load_checkpoint, prune_checkpoints, resolve, save_checkpoint
 from lmlab.train.guard import SpikeGuard
@@ -65,6 +67,36 @@ class TrainResult:
     stopped_early: bool
     loss_plot: Path
     stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
+
+
+def build_training(cfg: RunConfig, device: torch.device, dtype: torch.dtype
+                   ) -> tuple[GPT, Any, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model on its device, its (maybe compiled) forward, AdamW and the fp16 grad scaler."""
+    configure(device)
+    model = GPT(cfg.model).to(device)
+    compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
+    optimizer = make_optimizer(model, cfg.train, device.type)
+    return model, forward, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def accumulate_gradients(forward: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         scaler: torch.amp.GradScaler, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                         n_batches: int, device: torch.device, dtype: torch.dtype,
+                         grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over micro-batches, then unscale and clip: the part of a training step that
+    `lmlab bench` times too. Returns (mean loss, gradient norm) as device tensors, without a host sync."""
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            _, loss = forward(x, y)
+        loss = loss / n_batches
+        scaler.scale(loss).backward()
+        total += loss.detach()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    return total, norm
 
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
@@ -108,16 +140,17 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         tc, mc = self.cfg.train, self.cfg.model
-        self.model = GPT(mc).to(self.device)
-        self.forward = torch.compile(self.model) if tc.compile else self.model
-        self.optimizer = make_optimizer(self.model, tc, self.device.type)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.model, self.forward, self.optimizer, self.scaler = build_training(self.cfg, self.device, self.dtype)
         self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
         self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
-        self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train")
+        self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train",
+                                  pin=self.device.type == "cuda")
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
+        self.flops_per_token = flops_per_token(mc, self.model.num_params())
+        self.peak_flops, self.peak_source = peak_flops(self.device, self.dtype)
         self.metrics = MetricsLog(self.run_dir)
         self.state = RunState()
+        self._saved_step = -1  # the step of the newest checkpoint written by this process
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience)
         if resume:
             self._resume(force)
@@ -147,6 +180,7 @@ class Trainer:
             "dtype": str(self.dtype).removeprefix("torch."), "params": self.model.num_params(),
             "params_non_embedding": self.model.num_params(embeddings=False),
             "dataset": self.cfg.data.dataset, "tokenizer": self.meta["tokenizer"], "init_from": init_from,
+            "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops, "peak_source": self.peak_source,
         })
 
     def _init_from(self, source: str, keep_optimizer: bool) -> None:
@@ -207,8 +241,9 @@ class Trainer:
             self.scaler.load_state_dict(saved["scaler"])
 
     def _checkpoint(self, best: bool) -> None:
-        self.state.guard = {"loss": dataclasses.asdict(self.guard.loss),
-                            "grad_norm": dataclasses.asdict(self.guard.grad_norm), "bad_in_row": self.guard.bad_in_row}
+        g = self.guard
+        self.state.guard = {"loss": dataclasses.asdict(g.loss), "grad_norm": dataclasses.asdict(g.grad_norm),
+                            "bad_in_row": g.bad_in_row, "seen": g.seen}
         state = {
             "progress": dataclasses.asdict(self.state),
             "loader": self.loader.state(),
@@ -219,9 +254,12 @@ class Trainer:
             "dataset_sha256": self.meta["train"]["sha256"],
             "lmlab_version": lmlab.__version__,
         }
-        folder = save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, state, best)
+        # Logged first: a crash between the two leaves an event that resume drops with everything after the
+        # checkpoint it falls back to, while the other order could lose the event of a checkpoint that exists.
+        self._log({"event": "checkpoint", "step": self.state.step, "best": best})
+        save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, state, best)
+        self._saved_step = self.state.step
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        self._log({"event": "checkpoint", "step": self.state.step, "path": str(folder), "best": best})
 
     def _train_step(self) -> tuple[float, float, str]:
         """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm, guard verdict)."""
@@ -229,17 +267,9 @@ class Trainer:
         lr = lr_at(self.state.step, tc) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), device=self.device)
-        for _ in range(tc.grad_accum_steps):
-            x, y = self.loader.next()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with autocast(self.device, self.dtype):
-                _, loss = self.forward(x, y)
-            loss = loss / tc.grad_accum_steps
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
+        batches = (self.loader.next() for _ in range(tc.grad_accum_steps))
+        total, norm = accumulate_gradients(self.forward, self.model, self.optimizer, self.scaler, batches,
+                                           tc.grad_accum_steps, self.device, self.dtype, tc.grad_clip)
         loss_value, norm_value = total.item(), norm.item()
         if self.scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(norm_value):
             verdict = "ok"  # an fp16 overflow: the grad scaler skips this step and lowers its scale
@@ -303,11 +333,12 @@ class Trainer:
     def _log_train(self, rate: float, grad_norm: float) -> str:
         s = self.state
         mean = s.loss_since_log / max(1, s.steps_since_log)
+        mfu = rate * self.flops_per_token / self.peak_flops
         self._log({"event": "train", "step": s.step, "tokens": s.tokens, "loss": mean,
-                             "lr": lr_at(s.step - 1, self.cfg.train) * s.lr_scale, "grad_norm": grad_norm,
-                             "tokens_per_sec": round(rate, 1), "elapsed": round(s.elapsed, 3)})
+                   "lr": lr_at(s.step - 1, self.cfg.train) * s.lr_scale, "grad_norm": grad_norm,
+                   "tokens_per_sec": round(rate, 1), "mfu": round(mfu, 4), "elapsed": round(s.elapsed, 3)})
         s.loss_since_log, s.steps_since_log = 0.0, 0
-        return f"loss {mean:.4f} | {rate:,.0f} tok/s"
+        return f"loss {mean:.4f} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
 
     def run(self) -> TrainResult:
         """Train to max_iters (or early stop, or a stop signal); `train.pid` marks the run as running meanwhile."""
@@ -350,10 +381,12 @@ class Trainer:
                     train_eval, val = self._evaluate()
                     s.elapsed = elapsed_before + time.perf_counter() - clock
                     best = self._after_eval(train_eval, val)
-                last = s.step == tc.max_iters or s.stopped_early or stop.signal
-                if best or last or s.step % tc.checkpoint_interval == 0:
+                if best or s.step % tc.checkpoint_interval == 0:
                     self._checkpoint(best)
                 bar.update(task, completed=s.step)
+            # The end, an early stop or a signal (whenever in the step it came): the last step is always saved.
+            if self._saved_step != s.step:
+                self._checkpoint(best=False)
         return self._finish(stop.signal)
 
     def _finish(self, stopped_by: str | None) -> TrainResult:

@@ -1,0 +1,142 @@
+"""Measure training speed: tokens/s, ms/step, MFU and peak memory per batch size, the largest batch that
+fits, and what evaluation costs at the configured interval."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmlab.config import RunConfig
+from lmlab.data.prepare import read_meta
+from lmlab.device import autocast, autocast_dtype, peak_flops, resolve_device
+from lmlab.errors import UserError
+from lmlab.scaling import flops_per_token
+from lmlab.train.loop import accumulate_gradients, build_training
+
+
+@dataclass
+class BenchRow:
+    batch_size: int
+    tokens_per_sec: float | None = None
+    ms_per_step: float | None = None
+    mfu: float | None = None
+    peak_memory: int | None = None  # bytes: CUDA allocator peak, or the process's peak RSS on the CPU
+    out_of_memory: bool = False
+
+
+def with_vocab(cfg: RunConfig) -> RunConfig:
+    """Benchmarks run on random tokens, so only the vocab size is needed: from the config or the dataset."""
+    if cfg.model.vocab_size:
+        return cfg
+    if not (Path(cfg.data.dataset) / "meta.json").exists():
+        raise UserError(f"set model.vocab_size or prepare {cfg.data.dataset} first; the benchmark needs the "
+                        "vocab size.")
+    vocab = read_meta(Path(cfg.data.dataset))["vocab_size"]
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2) -> BenchRow:
+    """Time `steps` full training steps (forward, backward, clip, AdamW) at one micro-batch size."""
+    cfg = with_vocab(cfg)
+    device = resolve_device(device_name)
+    dtype = autocast_dtype(device, cfg.train.dtype)
+    tc, T = cfg.train, cfg.model.block_size
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model, forward, optimizer, scaler = build_training(cfg, device, dtype)
+        x = torch.randint(0, cfg.model.vocab_size, (batch_size, T), device=device)
+        batches = [(x, x)] * tc.grad_accum_steps
+        for step in range(warmup + steps):  # warmup steps compile, allocate and fill caches
+            if step == warmup:
+                _synchronize(device)
+                started = time.perf_counter()
+            accumulate_gradients(forward, model, optimizer, scaler, batches, len(batches), device, dtype, tc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+        seconds = (time.perf_counter() - started) / steps
+        rate = batch_size * tc.grad_accum_steps * T / seconds
+        peak, _ = peak_flops(device, dtype)
+        return BenchRow(batch_size, rate, 1000 * seconds, rate * flops_per_token(cfg.model, model.num_params()) / peak,
+                        _peak_memory(device))
+    except torch.OutOfMemoryError:
+        return BenchRow(batch_size, out_of_memory=True)
+    finally:
+        model = forward = optimizer = x = batches = None  # drop the references, so the memory can be freed
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096) -> int:
+    """The largest micro-batch that trains without running out of memory: doubling, then bisection.
+
+    On the CPU nothing raises an out-of-memory error before the kernel kills the process, so there a batch
+    "fits" while its measured peak RSS stays under 80% of the memory available at the start.
+    """
+    device = resolve_device(device_name)
+    budget = _available_memory() * 0.8 if device.type == "cpu" else None
+
+    def fits(batch: int) -> bool:
+        row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
+        return not row.out_of_memory and (budget is None or row.peak_memory < budget)
+
+    if not fits(1):
+        raise UserError("even a micro-batch of 1 does not fit on this device; use a smaller model or block_size.")
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def _available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise UserError("cannot read the available memory from /proc/meminfo; pass --batch-sizes instead.")
+
+
+def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> dict[str, float]:
+    """Time one evaluation (eval_iters batches on each of two splits) and size it to under 5% of training."""
+    cfg = with_vocab(cfg)
+    device = resolve_device(device_name)
+    dtype = autocast_dtype(device, cfg.train.dtype)
+    tc = cfg.train
+    model, forward, _, _ = build_training(cfg, device, dtype)
+    model.eval()
+    x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, cfg.model.block_size), device=device)
+    with torch.no_grad(), autocast(device, dtype):
+        forward(x, x)  # warm up
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(2 * tc.eval_iters):
+            forward(x, x)
+        _synchronize(device)
+    eval_seconds = time.perf_counter() - started
+    train_seconds = tc.eval_interval * ms_per_step / 1000
+    per_batch = eval_seconds / (2 * tc.eval_iters)
+    return {"eval_seconds": eval_seconds, "train_seconds_per_interval": train_seconds,
+            "share": eval_seconds / (eval_seconds + train_seconds),
+            "max_eval_iters_under_5pct": int(0.05 / 0.95 * train_seconds / (2 * per_batch))}

@@ -1,0 +1,69 @@
+"""`lmlab bench` and `lmlab plan` on the CPU: real timings of a tiny model, arithmetic checked exactly."""
+
+import re
+
+import pytest
+import torch
+
+from lmlab.cli import main
+from lmlab.device import PEAK_TFLOPS, peak_flops
+from lmlab.runs import read_metrics
+from tests.conftest import write_config
+
+
+def test_bench_times_each_batch_size_and_sizes_evaluation(capsys, tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    assert main(["bench", str(config), "--batch-sizes", "2,8", "--steps", "3", "--eval", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"│\s+(\d+) │\s+([\d,]+) │\s+([\d.]+) │\s+([\d.]+)% │\s+([\d,]+) MiB │", out)
+    assert [int(r[0]) for r in rows] == [2, 8]
+    for batch, rate, ms, mfu, _ in rows:
+        rate, ms = float(rate.replace(",", "")), float(ms)
+        assert rate > 0 and 0 < float(mfu) < 100
+        assert abs(rate - int(batch) * 32 / (ms / 1000)) / rate < 0.05  # tokens/s = batch x block / step time
+    assert re.search(r"eval_iters <= \d+ keeps evaluation under 5%", out)
+
+
+@pytest.mark.slow
+def test_find_max_batch_reports_a_batch_that_fits(capsys, tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    assert main(["bench", str(config), "--find-max-batch", "--steps", "1", "--device", "cpu"]) == 0
+    found = int(re.search(r"largest micro-batch that fits: (\d+)", capsys.readouterr().out).group(1))
+    assert found >= 8
+
+
+def test_plan_arithmetic_for_gpt2_small(capsys):
+    assert main(["plan", "configs/gpt2-small.toml", "--chinchilla", "--tokens-per-sec", "100000"]) == 0
+    out = capsys.readouterr().out
+    params = int(re.search(r"parameters\s+│ ([\d,]+) \(", out).group(1).replace(",", ""))
+    assert 124_000_000 < params < 125_000_000
+    assert f"{20 * params:,} (20 tokens per parameter" in out
+    assert f"{6 * params * 20 * params:.3g} FLOPs" in out
+    assert f"{20 * params / 100_000 / 3600:.1f} h" in out
+
+
+def test_plan_for_a_run_says_where_it_stands(capsys, tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
+    assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    seen = read_metrics(tmp_path / "run")[-1]["tokens"]
+    assert re.search(r"tokens seen so far\s+│ ([\d,]+) ", out).group(1) == f"{seen:,}"
+    assert "measured here" in out
+
+
+def test_mfu_is_logged_against_a_measured_cpu_peak(tmp_path, char_dataset, capsys):
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
+    assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    start, *events = read_metrics(tmp_path / "run")
+    assert start["peak_source"] == "measured matmul" and start["peak_flops"] > 1e9
+    train = [e for e in events if e["event"] == "train"]
+    assert train and all(
+        abs(e["mfu"] - e["tokens_per_sec"] * start["flops_per_token"] / start["peak_flops"]) < 1e-3 for e in train)
+
+
+def test_known_gpus_use_the_datasheet_peak():
+    assert PEAK_TFLOPS["H100"]["bfloat16"] == 989
+    value, source = peak_flops(torch.device("cpu"), torch.float32)
+    assert source == "measured matmul" and value > 1e9

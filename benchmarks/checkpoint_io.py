@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from lmlab.cli import console  # wide tables when piped to a file
 from lmlab.config import ModelConfig, TrainConfig, load_config
 from lmlab.model.gpt import GPT
 from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
@@ -58,7 +58,7 @@ def main() -> None:
     for name, config in MODELS.items():
         params, size, write, load = measure(config, args.repeats)
         table.add_row(name, f"{params / 1e6:.1f}M", f"{size / 2**20:.1f} MiB", f"{write:.2f} s", f"{load:.2f} s")
-    Console().print(table)
+    console.print(table)
 
 
 if __name__ == "__main__":

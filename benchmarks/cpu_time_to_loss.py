@@ -13,9 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from lmlab.cli import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
 from lmlab.runs import read_metrics
@@ -34,7 +34,6 @@ def main() -> None:
     parser.add_argument("--run", default=f"runs/bench-cpu-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args()
 
-    console = Console()
     cfg = load_config(Path(args.config), args.set)
     prepare(["shakespeare"], "char", out_dir=Path(cfg.data.dataset).parent)
     Trainer(cfg, Path(args.run), "cpu", console=console).run()

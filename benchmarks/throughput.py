@@ -14,10 +14,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from lmlab.bench import bench_batch
+from lmlab.cli import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.device import resolve_device
 
@@ -55,7 +55,7 @@ def main() -> None:
             base = base or row.tokens_per_sec
             table.add_row(recipe, name, str(batch), f"{row.tokens_per_sec:,.0f}", f"{row.ms_per_step:.0f}",
                           f"{100 * row.mfu:.1f}%", f"{row.tokens_per_sec / base:.2f}×")
-    Console().print(table)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -228,10 +228,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import torch
 
     from lmlab.bench import bench_batch, with_vocab
     from lmlab.config import load_config
+    from lmlab.device import resolve_device
     from lmlab.model.gpt import GPT
     from lmlab.runs import summarize
     from lmlab.scaling import Plan, chinchilla_percent, format_duration
@@ -252,12 +255,17 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.tokens_per_sec:
         rate, rate_source = args.tokens_per_sec, "given"
     else:
+        # Tokens/s does not depend on accumulation, so one micro-batch per step is timed. A CPU's matmuls
+        # are already large at a micro-batch of 2, and a GPU-sized batch could exhaust a laptop's memory.
+        device = resolve_device(args.device)
+        micro = cfg.train.batch_size if device.type != "cpu" else min(cfg.train.batch_size, 2)
+        one_step = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=1))
         with console.status("Measuring throughput..."):
-            row = bench_batch(cfg, cfg.train.batch_size, 3, args.device)
+            row = bench_batch(one_step, micro, 3, args.device, warmup=1)
         if row.out_of_memory:
             raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or "
                             "pass --tokens-per-sec.")
-        rate, rate_source = row.tokens_per_sec, f"measured here ({args.device})"
+        rate, rate_source = row.tokens_per_sec, f"measured here on {device}, micro-batch {micro}"
     plan = Plan(params, non_embedding, tokens, source, rate, rate_source)
     table = Table(title=f"Plan for {target}", show_header=False)
     table.add_row("parameters", f"{params:,} ({non_embedding:,} without embeddings)")

@@ -68,7 +68,7 @@ class TrainConfig:
     spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
-    compile: bool | str = "auto"  # true | false | auto: torch.compile on CUDA, eager on the CPU (measured faster)
+    compile: bool | str = "auto"  # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
     threads: int = 0  # CPU threads for torch; 0: one per core
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
 

@@ -67,32 +67,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lmlab.data.loader import open_tokens
-    from lmlab.data.prepare import read_meta
-    from lmlab.device import autocast_dtype, resolve_device
-    from lmlab.evaluate import evaluate_split
-    from lmlab.runs import load_run_model
+    from lmlab.evaluate import evaluate_run
 
-    device = resolve_device(args.device)
-    model, cfg, state = load_run_model(Path(args.run), args.checkpoint, device)
-    dataset = Path(args.dataset or cfg.data.dataset)
-    meta = read_meta(dataset)
-    run_meta = json.loads((Path(args.run) / "dataset.json").read_text())
-    if meta["tokenizer_sha256"] != run_meta["tokenizer_sha256"]:
-        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {args.run}; "
-                        "prepare it with the run's tokenizer.")
-    tokens = open_tokens(dataset, "val", meta["dtype"])
-    dtype = autocast_dtype(device, cfg.train.dtype)
-    bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
     with console.status("Evaluating the val split...") as status:
-        result = evaluate_split(model, tokens, bytes_per_token, args.batch_size, device, dtype,
-                                lambda done, total: status.update(f"Evaluating the val split: {done}/{total} batches"))
-    result = {"run": args.run, "checkpoint": args.checkpoint, "step": state["step"], "dataset": str(dataset),
-              **result}
+        result = evaluate_run(Path(args.run), args.dataset and Path(args.dataset), args.checkpoint, args.batch_size,
+                              args.device,
+                              lambda done, total: status.update(f"Evaluating the val split: {done}/{total} batches"))
     if args.json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{args.run} ({args.checkpoint}, step {state['step']}) on {dataset} val")
+    table = Table(title=f"{args.run} ({args.checkpoint}, step {result['step']}) on {result['dataset']} val")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
     for key in ("loss", "perplexity", "accuracy", "bits_per_byte", "tokens"):
         table.add_row(key.replace("_", " "), f"{result[key]:,}" if key == "tokens" else f"{result[key]:.4f}")
     console.print(table)
@@ -124,8 +110,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
         table.add_column(column, justify="left" if column in ("run", "status", "dataset", "device") else "right")
     for path in find_runs(Path(args.dir)):
         s = summarize(path)
-        table.add_row(str(path.relative_to(args.dir)), s.status, _fmt(s.params and s.params / 1e6, ".2f") + "M"
-                      if s.params else "-", f"{Path(s.dataset).name}" if s.dataset else "-", f"{s.tokens:,}",
+        table.add_row(str(path.relative_to(args.dir)), s.status, f"{s.params / 1e6:.2f}M" if s.params else "-",
+                      Path(s.dataset).name if s.dataset else "-", f"{s.tokens:,}",
                       f"{s.steps:,}", _fmt(s.best_val_loss), _fmt(s.best_bpb), _fmt(s.gap, "+.4f"),
                       f"{s.elapsed:,.0f} s", s.device or "-")
     console.print(table)
@@ -268,17 +254,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
         rate, rate_source = row.tokens_per_sec, f"measured here on {device}, micro-batch {micro}"
     plan = Plan(params, non_embedding, tokens, source, rate, rate_source)
     table = Table(title=f"Plan for {target}", show_header=False)
-    table.add_row("parameters", f"{params:,} ({non_embedding:,} without embeddings)")
+    table.add_row("parameters", f"{plan.params:,} ({plan.params_non_embedding:,} without embeddings)")
     table.add_row("tokens per step", f"{tokens_per_step:,}")
-    table.add_row("training tokens", f"{plan.tokens:,} ({source}; {plan.tokens / params:.1f} per parameter)")
+    table.add_row("training tokens", f"{plan.tokens:,} ({plan.tokens_source}; {plan.tokens / plan.params:.1f} "
+                  "per parameter)")
     table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,}")
     table.add_row("training compute (6·N·D)", f"{plan.flops:.3g} FLOPs")
-    table.add_row("throughput", f"{rate:,.0f} tokens/s ({rate_source})")
+    table.add_row("throughput", f"{plan.tokens_per_sec:,.0f} tokens/s ({plan.rate_source})")
     table.add_row("wall time", format_duration(plan.seconds))
     if run:
         table.add_row("tokens seen so far", f"{run.tokens:,} ({chinchilla_percent(run.tokens, params):.1f}% of "
                       f"Chinchilla-optimal; {run.status})")
-        table.add_row("time to finish", format_duration(max(0, plan.tokens - run.tokens) / rate))
+        table.add_row("time to finish", format_duration(max(0, plan.tokens - run.tokens) / plan.tokens_per_sec))
     console.print(table)
 
 

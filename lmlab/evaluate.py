@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.loader import BatchLoader
-from lmlab.device import autocast
+from lmlab.data.loader import BatchLoader, open_tokens
+from lmlab.data.prepare import read_meta
+from lmlab.device import autocast, autocast_dtype, resolve_device
+from lmlab.errors import UserError
 from lmlab.model.gpt import GPT
+from lmlab.runs import load_run_model
 
 
 @torch.no_grad()
@@ -56,3 +62,20 @@ def evaluate_split(model: GPT, tokens: np.ndarray, bytes_per_token: float, batch
     loss = loss_sum / count
     return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / count,
             "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": count}
+
+
+def evaluate_run(run_dir: Path, dataset: Path | None = None, checkpoint: str = "best", batch_size: int = 32,
+                 device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluate a run on the val split of its own dataset or of another one with the same tokenizer."""
+    torch_device = resolve_device(device)
+    model, cfg, state = load_run_model(run_dir, checkpoint, torch_device)
+    dataset = dataset or Path(cfg.data.dataset)
+    meta = read_meta(dataset)
+    trained_on = json.loads((run_dir / "dataset.json").read_text())
+    if meta["tokenizer_sha256"] != trained_on["tokenizer_sha256"]:
+        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run_dir}; "
+                        "prepare it with the run's tokenizer.")
+    tokens = open_tokens(dataset, "val", meta["dtype"])
+    scores = evaluate_split(model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, torch_device,
+                            autocast_dtype(torch_device, cfg.train.dtype), progress)
+    return {"run": str(run_dir), "checkpoint": checkpoint, "step": state["step"], "dataset": str(dataset), **scores}

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lmlab.data.corpora import play_to_text, shakespeare
-from lmlab.data.prepare import load_tokenizer, prepare
+from lmlab.data.prepare import prepare
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
 
 PLAY = """# A Play
@@ -46,7 +47,7 @@ def test_prepare_writes_tokens_tokenizer_and_meta(tmp_path, corpus_dir):
     assert built and target == tmp_path / "tiny-bpe300"
     assert sorted(p.name for p in target.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
     assert json.loads((target / "meta.json").read_text()) == meta
-    tok = load_tokenizer(target)
+    tok = Tokenizer.load(target / "tokenizer.json", meta["tokenizer"])
     train = np.fromfile(target / "train.bin", dtype=np.uint16)
     assert len(train) == meta["train"]["tokens"] and meta["dtype"] == "uint16"
     assert (train == tok.eot_id).sum() == meta["train"]["documents"]  # one end-of-text per document

@@ -169,8 +169,3 @@ def read_meta(dataset: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON; re-run `lmlab prepare --force` for this dataset.")
-
-
-def load_tokenizer(dataset: Path) -> Tokenizer:
-    meta = read_meta(dataset)
-    return Tokenizer.load(Path(dataset) / "tokenizer.json", meta["tokenizer"])

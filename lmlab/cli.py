@@ -104,14 +104,16 @@ def cmd_runs(args: argparse.Namespace) -> None:
     from lmlab.runs import find_runs, summarize
 
     table = Table(title=f"Runs under {args.dir}")
-    columns = ("run", "status", "params", "dataset", "tokens", "steps", "best val", "bits/byte", "val-train",
-               "wall time", "device")
+    columns = ("run", "status", "model", "params", "dataset", "tokenizer", "tokens", "steps", "best val",
+               "bits/byte", "val-train", "wall time", "device")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "status", "dataset", "device") else "right")
+        table.add_column(column, justify="left" if column in ("run", "status", "model", "dataset", "tokenizer",
+                                                               "device") else "right")
     for path in find_runs(Path(args.dir)):
         s = summarize(path)
-        table.add_row(str(path.relative_to(args.dir)), s.status, f"{s.params / 1e6:.2f}M" if s.params else "-",
-                      Path(s.dataset).name if s.dataset else "-", f"{s.tokens:,}",
+        table.add_row(str(path.relative_to(args.dir)), s.status, s.model or "-",
+                      f"{s.params / 1e6:.2f}M" if s.params else "-", Path(s.dataset).name if s.dataset else "-",
+                      s.tokenizer or "-", f"{s.tokens:,}",
                       f"{s.steps:,}", _fmt(s.best_val_loss), _fmt(s.best_bpb), _fmt(s.gap, "+.4f"),
                       f"{s.elapsed:,.0f} s", s.device or "-")
     console.print(table)

@@ -77,6 +77,7 @@ class RunSummary:
     params: int | None = None
     dataset: str | None = None
     tokenizer: str | None = None
+    model: str | None = None  # kind and shape, e.g. "gpt 4L/256"
     device: str | None = None
     steps: int = 0
     tokens: int = 0
@@ -125,6 +126,11 @@ def summarize(run_dir: Path) -> RunSummary:
     start = events[0] if events and events[0].get("event") == "start" else {}
     summary.params, summary.device = start.get("params"), start.get("device")
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
+    try:
+        shape = run_config(run_dir).model
+        summary.model = f"gpt {shape.n_layer}L/{shape.n_embd}"
+    except UserError:  # a config from another version or hand-edited: list the run anyway
+        pass
     summary.evals = [e for e in events if e.get("event") == "eval" and "val_loss" in e]
     summary.trains = [e for e in events if e.get("event") == "train" and "loss" in e]
     progress = [e for e in events if "step" in e and "tokens" in e]

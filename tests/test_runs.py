@@ -101,7 +101,9 @@ def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, t
     assert cells(out, "small")[0] == "finished"
     assert cells(out, "notes")[0] == "not a run"
     assert cells(out, "broken")[0] == "half-written"
-    assert cells(out, "old")[0] == "crashed" and cells(out, "old")[5] == "2.5000"
+    assert cells(out, "old")[0] == "crashed" and cells(out, "old")[7] == "2.5000"
+    assert cells(out, "small")[1:3] == ["gpt 2L/16", f"{summarize(three_runs[0]).params / 1e6:.2f}M"]
+    assert cells(out, "small")[4] == "char"
 
 
 def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):

@@ -32,7 +32,7 @@ def measure(config: ModelConfig, repeats: int) -> tuple[int, float, float, float
     if config.vocab_size == 0:
         config = ModelConfig(**{**config.__dict__, "vocab_size": 76})
     model = GPT(config)
-    optimizer = make_optimizer(model, TrainConfig(), "cpu")
+    optimizer = make_optimizer(model, TrainConfig())
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
     optimizer.step()
     writes, loads = [], []

@@ -76,7 +76,7 @@ def build_training(cfg: RunConfig, device: torch.device, dtype: torch.dtype
     model = GPT(cfg.model).to(device)
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda")
     forward = torch.compile(model) if compiled else model
-    optimizer = make_optimizer(model, cfg.train, device.type)
+    optimizer = make_optimizer(model, cfg.train)
     return model, forward, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
@@ -151,6 +151,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir)
         self.state = RunState()
         self._saved_step = -1  # the step of the newest checkpoint written by this process
+        self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
+        self._grad_norm = 0.0  # of the newest judged step, for the log
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience)
         if resume:
             self._resume(force)
@@ -261,8 +263,8 @@ class Trainer:
         self._saved_step = self.state.step
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
 
-    def _train_step(self) -> tuple[float, float, str]:
-        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm, guard verdict)."""
+    def _train_step(self) -> None:
+        """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
         tc = self.cfg.train
         lr = lr_at(self.state.step, tc) * self.state.lr_scale
         for group in self.optimizer.param_groups:
@@ -270,24 +272,36 @@ class Trainer:
         batches = (self.loader.next() for _ in range(tc.grad_accum_steps))
         total, norm = accumulate_gradients(self.forward, self.model, self.optimizer, self.scaler, batches,
                                            tc.grad_accum_steps, self.device, self.dtype, tc.grad_clip)
-        loss_value, norm_value = total.item(), norm.item()
-        if self.scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(norm_value):
-            verdict = "ok"  # an fp16 overflow: the grad scaler skips this step and lowers its scale
-        else:
-            verdict = self.guard.judge(loss_value, norm_value)
-        if verdict in ("ok", "spike"):
-            self.scaler.step(self.optimizer)
+        if not self.scaler.is_enabled():  # (the fp16 scaler sets this itself)
+            # A non-finite loss or gradient never reaches the weights: the fused AdamW kernel skips the whole
+            # update, moments and step count included, when found_inf is 1, decided on the device.
+            self.optimizer.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if verdict in ("skip", "spike"):
-            self._log({"event": verdict, "step": self.state.step + 1, "loss": loss_value,
-                                 "grad_norm": norm_value, "lr": lr})
-        return loss_value, norm_value, verdict
+        self._pending.append((self.state.step + 1, lr, total, norm))
 
-    def _rollback(self) -> None:
-        """Reload the newest checkpoint from before the bad streak, keep the data position (so the bad
-        batches are not replayed) and lower the LR."""
-        step = self.state.step + 1  # the step that completed the streak; it was not applied
+    def _judge_pending(self) -> bool:
+        """Read the queued steps' loss and grad norm (one host sync for all of them), let the guard judge
+        them in order and keep the averages; False if the guard rolled the run back."""
+        s, pending, self._pending = self.state, self._pending, []
+        for step, lr, total, norm in pending:
+            loss, grad_norm = total.item(), norm.item()
+            verdict = self.guard.judge(loss, grad_norm)
+            if verdict in ("skip", "spike"):
+                self._log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
+            if verdict == "rollback":
+                self._rollback(step)  # the steps queued after it belong to the discarded history
+                return False
+            if verdict != "skip":  # a non-finite loss would poison the averages
+                s.loss_since_log, s.loss_since_eval = s.loss_since_log + loss, s.loss_since_eval + loss
+                s.steps_since_log, s.steps_since_eval = s.steps_since_log + 1, s.steps_since_eval + 1
+            self._grad_norm = grad_norm
+        return True
+
+    def _rollback(self, step: int) -> None:
+        """`step` completed a streak of bad steps: reload the newest checkpoint from before the streak, keep
+        the data position (so the bad batches are not replayed) and lower the LR."""
         guard, scale, elapsed = self.guard, self.state.lr_scale * self.cfg.train.rollback_lr_factor, self.state.elapsed
         try:
             folder, saved = self._load_newest_good(at_most=step - self.cfg.train.spike_patience)
@@ -330,12 +344,12 @@ class Trainer:
         s.stopped_early = bool(tc.patience) and s.evals_since_best >= tc.patience
         return is_best
 
-    def _log_train(self, rate: float, grad_norm: float) -> str:
+    def _log_train(self, rate: float) -> str:
         s = self.state
         mean = s.loss_since_log / max(1, s.steps_since_log)
         mfu = rate * self.flops_per_token / self.peak_flops
         self._log({"event": "train", "step": s.step, "tokens": s.tokens, "loss": mean,
-                   "lr": lr_at(s.step - 1, self.cfg.train) * s.lr_scale, "grad_norm": grad_norm,
+                   "lr": lr_at(s.step - 1, self.cfg.train) * s.lr_scale, "grad_norm": self._grad_norm,
                    "tokens_per_sec": round(rate, 1), "mfu": round(mfu, 4), "elapsed": round(s.elapsed, 3)})
         s.loss_since_log, s.steps_since_log = 0.0, 0
         return f"loss {mean:.4f} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
@@ -362,29 +376,32 @@ class Trainer:
             task = bar.add_task("train", total=tc.max_iters, completed=s.step, info="")
             while s.step < tc.max_iters and not s.stopped_early and not stop.signal:
                 started = time.perf_counter()
-                loss, grad_norm, verdict = self._train_step()
-                if verdict == "rollback":
-                    self._rollback()
+                self._train_step()
+                s.step, s.tokens = s.step + 1, s.tokens + tokens_per_step
+                logging = s.step % tc.log_interval == 0
+                evaluating = s.step % tc.eval_interval == 0 or s.step == tc.max_iters
+                saving = s.step % tc.checkpoint_interval == 0
+                # The device runs ahead (and the next batch is prepared meanwhile) until a point that needs
+                # the losses: a log line, an eval, a checkpoint.
+                if (logging or evaluating or saving) and not self._judge_pending():
                     s = self.state
                     continue
-                if verdict != "skip":  # a non-finite loss would poison the averages
-                    s.loss_since_log, s.loss_since_eval = s.loss_since_log + loss, s.loss_since_eval + loss
-                    s.steps_since_log, s.steps_since_eval = s.steps_since_log + 1, s.steps_since_eval + 1
-                s.step, s.tokens = s.step + 1, s.tokens + tokens_per_step
                 step_seconds, timed_steps = step_seconds + time.perf_counter() - started, timed_steps + 1
                 s.elapsed = elapsed_before + time.perf_counter() - clock
-                if s.step % tc.log_interval == 0:
-                    bar.update(task, info=self._log_train(tokens_per_step * timed_steps / step_seconds, grad_norm))
+                if logging:
+                    bar.update(task, info=self._log_train(tokens_per_step * timed_steps / step_seconds))
                     step_seconds, timed_steps = 0.0, 0
                 best = False
-                if s.step % tc.eval_interval == 0 or s.step == tc.max_iters:
+                if evaluating:
                     train_eval, val = self._evaluate()
                     s.elapsed = elapsed_before + time.perf_counter() - clock
                     best = self._after_eval(train_eval, val)
-                if best or s.step % tc.checkpoint_interval == 0:
+                if best or saving:
                     self._checkpoint(best)
                 bar.update(task, completed=s.step)
             # The end, an early stop or a signal (whenever in the step it came): the last step is always saved.
+            self._judge_pending()
+            s = self.state
             if self._saved_step != s.step:
                 self._checkpoint(best=False)
         return self._finish(stop.signal)

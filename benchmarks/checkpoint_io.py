@@ -52,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    table = Table(title="Checkpoint I/O on this machine (best of %d)" % args.repeats)
+    table = Table(title=f"Checkpoint I/O on this machine (best of {args.repeats})")
     for column in ("model", "parameters", "checkpoint size", "write (atomic, fsynced)", "verified load"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, config in MODELS.items():

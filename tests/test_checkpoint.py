@@ -1,6 +1,5 @@
 """Checkpoints a two-day run can trust: exact resume after kill -9, verified files, graceful stop, guards."""
 
-import json
 import signal
 import subprocess
 import sys

@@ -73,6 +73,8 @@ def build_training(cfg: RunConfig, device: torch.device, dtype: torch.dtype
                    ) -> tuple[GPT, Any, torch.optim.Optimizer, torch.amp.GradScaler]:
     """The model on its device, its (maybe compiled) forward, AdamW and the fp16 grad scaler."""
     configure(device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     model = GPT(cfg.model).to(device)
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda")
     forward = torch.compile(model) if compiled else model
@@ -136,8 +138,6 @@ class Trainer:
         self.console = console or Console()
         self.device = resolve_device(device)
         self.dtype = autocast_dtype(self.device, cfg.train.dtype)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         tc, mc = self.cfg.train, self.cfg.model
         self.model, self.forward, self.optimizer, self.scaler = build_training(self.cfg, self.device, self.dtype)
@@ -336,8 +336,8 @@ class Trainer:
         avg_train = s.loss_since_eval / max(1, s.steps_since_eval)
         s.loss_since_eval, s.steps_since_eval = 0.0, 0
         self._log({"event": "eval", "step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
-                             "train_loss": avg_train, "train_eval_loss": train_eval, "val_loss": val,
-                             "best_val_loss": s.best_val_loss, "is_best": is_best})
+                   "train_loss": avg_train, "train_eval_loss": train_eval, "val_loss": val,
+                   "best_val_loss": s.best_val_loss, "is_best": is_best})
         plot_losses(self.run_dir)  # kept current, so a long run can be watched while it goes
         mark = " | [bold green]best![/bold green]" if is_best else ""
         self.console.print(f"step {s.step} | train {avg_train:.4f} | val {val:.4f}{mark}")
@@ -409,8 +409,8 @@ class Trainer:
     def _finish(self, stopped_by: str | None) -> TrainResult:
         s = self.state
         self._log({"event": "end", "step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
-                             "best_val_loss": s.best_val_loss, "best_step": s.best_step,
-                             "stopped_early": s.stopped_early, "stopped_by": stopped_by})
+                   "best_val_loss": s.best_val_loss, "best_step": s.best_step,
+                   "stopped_early": s.stopped_early, "stopped_by": stopped_by})
         plot = plot_losses(self.run_dir)
         return TrainResult(self.run_dir, s.best_val_loss, s.best_step, s.step, s.stopped_early, plot, stopped_by)
 

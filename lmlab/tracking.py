@@ -19,7 +19,6 @@ class Tracker:
     """`train.tracker`: none, tensorboard (event files in the run dir) or wandb (when installed)."""
 
     def __init__(self, kind: str, run_dir: Path, config: dict[str, Any], resume_step: int | None = None):
-        self.kind = kind
         self._writer = self._wandb = None
         if kind == "tensorboard":
             try:

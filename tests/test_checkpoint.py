@@ -164,3 +164,17 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
     assert all(torch.isfinite(w).all() for w in weights(result.run_dir).values())
     late = [e for e in events if e["event"] == "train" and e["step"] > 70]
     assert all(e["lr"] <= 0.5 * 3e-3 for e in late)
+
+
+def test_a_bf16_checkpoint_continues_in_fp32_and_back(tmp_path, char_dataset):
+    """The CPU stand-in for CUDA<->CPU portability: weights and optimizer state are fp32 whatever the
+    autocast dtype, so a run continues under another precision (and, the same way, on another device)."""
+    trainer(tmp_path, char_dataset, ["train.max_iters=20", "train.dtype=bfloat16"]).run()
+    run = tmp_path / "run"
+    assert all(t.dtype == torch.float32 for t in weights(run).values())
+    for dtype, steps in (("float32", 30), ("bfloat16", 40)):
+        cfg = load_config(run / "config.toml", [f"train.dtype={dtype}", f"train.max_iters={steps}"])
+        result = Trainer(cfg, run, "cpu", resume=True).run()
+        assert result.steps == steps
+    evals = [e["val_loss"] for e in read_metrics(run) if e["event"] == "eval"]
+    assert len(evals) == 4 and evals[-1] < evals[0]

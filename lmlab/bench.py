@@ -14,7 +14,7 @@ import torch
 
 from lmlab.config import RunConfig
 from lmlab.data.prepare import read_meta
-from lmlab.device import autocast, autocast_dtype, peak_flops, resolve_device
+from lmlab.device import autocast, autocast_dtype, peak_flops, resolve_device, synchronize
 from lmlab.errors import UserError
 from lmlab.scaling import flops_per_token
 from lmlab.train.loop import accumulate_gradients, build_training
@@ -41,11 +41,6 @@ def with_vocab(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -66,13 +61,13 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
         batches = [(x, x)] * tc.grad_accum_steps
         for step in range(warmup + steps):  # warmup steps compile, allocate and fill caches
             if step == warmup:
-                _synchronize(device)
+                synchronize(device)
                 started = time.perf_counter()
             accumulate_gradients(forward, model, optimizer, scaler, batches, len(batches), device, dtype, tc.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
+        synchronize(device)
         seconds = (time.perf_counter() - started) / steps
         rate = batch_size * tc.grad_accum_steps * T / seconds
         peak, _ = peak_flops(device, dtype)
@@ -129,11 +124,11 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> 
     x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, cfg.model.block_size), device=device)
     with torch.no_grad(), autocast(device, dtype):
         forward(x, x)  # warm up
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         for _ in range(2 * tc.eval_iters):
             forward(x, x)
-        _synchronize(device)
+        synchronize(device)
     eval_seconds = time.perf_counter() - started
     train_seconds = tc.eval_interval * ms_per_step / 1000
     per_batch = eval_seconds / (2 * tc.eval_iters)

@@ -100,11 +100,11 @@ def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, sec
     best, spent = 0.0, -seconds / 2
     with torch.no_grad(), autocast(device, dtype):
         while spent < seconds:
-            _synchronize(device)
+            synchronize(device)
             started = time.perf_counter()
             for _ in range(4):
                 a @ b
-            _synchronize(device)
+            synchronize(device)
             elapsed = time.perf_counter() - started
             spent += elapsed
             if spent > 0:
@@ -112,7 +112,8 @@ def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, sec
     return best
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a clock read after it is honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":

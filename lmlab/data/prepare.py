@@ -17,7 +17,7 @@ import lmlab
 from lmlab.data.corpora import Document, load_corpus
 from lmlab.data.tokenizers import Tokenizer, parse_spec, train_tokenizer
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text, fsync_dir
+from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
 
 
 @dataclass
@@ -71,14 +71,6 @@ def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=dtype)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def corpus_sha256(docs: list[Document]) -> str:
     digest = hashlib.sha256()
     for d in docs:
@@ -102,7 +94,7 @@ def _write_dataset(tmp: Path, tokenizer: Tokenizer, split: Split) -> dict[str, A
             "characters": sum(len(t) for t in texts),
             "bytes": sum(len(t.encode()) for t in texts),  # of the text tokenized: bits per byte divides by it
             "tokens": int(tokens.size),
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
         }
     stats["dtype"] = "uint16" if tokenizer.vocab_size < 2**16 else "uint32"
     return stats
@@ -138,7 +130,7 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
             "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind,
             "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": stats.pop("dtype"),
             "input_sha256": source_hash, "split": split.rule, **stats,
-            "tokenizer_sha256": _sha256(tmp / "tokenizer.json"),
+            "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
             "lmlab_version": lmlab.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))

@@ -7,7 +7,6 @@ data position, RNG states, best val loss, checksums of the two tensor files). `c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,11 +17,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text, fsync_dir
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
 
 
 def _fsync_file(path: Path) -> None:
@@ -78,7 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     files = {}
     for name in ("model.safetensors", "optimizer.safetensors"):
         _fsync_file(tmp / name)
-        files[name] = _sha256(tmp / name)
+        files[name] = sha256_file(tmp / name)
     atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer": plain,
                                                        "files": files}, indent=1))
     fsync_dir(tmp)
@@ -119,7 +114,7 @@ def load_state(folder: Path) -> dict[str, Any]:
         raise UserError(f"{folder}/state.json is missing or corrupt; resume from another checkpoint.")
     for name, digest in state["files"].items():
         path = folder / name
-        if not path.exists() or _sha256(path) != digest:
+        if not path.exists() or sha256_file(path) != digest:
             raise UserError(f"{path} is truncated or corrupt (checksum mismatch); resume from another checkpoint.")
     return state
 

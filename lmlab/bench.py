@@ -10,12 +10,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmlab.config import RunConfig
 from lmlab.data.prepare import read_meta
-from lmlab.device import autocast, autocast_dtype, peak_flops, resolve_device, synchronize
+from lmlab.device import autocast_dtype, peak_flops, resolve_device, synchronize
 from lmlab.errors import UserError
+from lmlab.evaluate import estimate_loss
 from lmlab.scaling import flops_per_token
 from lmlab.train.loop import accumulate_gradients, build_training
 
@@ -121,14 +123,12 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> 
     tc = cfg.train
     model, forward, _, _ = build_training(cfg, device, dtype)
     model.eval()
-    x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, cfg.model.block_size), device=device)
-    with torch.no_grad(), autocast(device, dtype):
-        forward(x, x)  # warm up
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(2 * tc.eval_iters):
-            forward(x, x)
-        synchronize(device)
+    # The same evaluation the training loop runs, on random tokens: eval_iters batches per split, twice.
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 4 * tc.batch_size * cfg.model.block_size)
+    estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, 1, 0, device, dtype)  # warm up
+    started = time.perf_counter()
+    for split in range(2):
+        estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, tc.eval_iters, split, device, dtype)
     eval_seconds = time.perf_counter() - started
     train_seconds = tc.eval_interval * ms_per_step / 1000
     per_batch = eval_seconds / (2 * tc.eval_iters)

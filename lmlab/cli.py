@@ -271,6 +271,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config setting, e.g. train.learning_rate=3e-4 (repeatable)")
+
+
+def _add_device(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps" + note)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train GPT-style language models from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,10 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a TOML config, or resume a run")
     p.add_argument("config", nargs="?", help="TOML preset, e.g. configs/shakespeare-char-cpu.toml")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    _add_set(p)
     p.add_argument("--run", help="run dir (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (may differ from the original on resume)")
+    _add_device(p, " (may differ from the original on resume)")
     p.add_argument("--init-from", metavar="RUN[:best|latest]", help="start a new run from another run's weights")
     p.add_argument("--keep-optimizer", action="store_true", help="with --init-from: carry the optimizer state too")
     p.add_argument("--force", action="store_true", help="resume even though the dataset's content changed")
@@ -300,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset dir (default: the run's); must share the run's tokenizer")
     p.add_argument("--checkpoint", default="best", help="best or latest")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
 
@@ -312,27 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample only from the K likeliest tokens")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--checkpoint", default="best", help="best or latest")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="tokens/s, ms/step, MFU and peak memory per micro-batch size")
     p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    _add_set(p)
     p.add_argument("--batch-sizes", help="comma-separated micro-batch sizes (default: the config's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after 2 warmup steps)")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="parameters, tokens, FLOPs and wall time of a config, or where a run stands")
     p.add_argument("target", help="a TOML config or a run dir")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    _add_set(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tokens", type=int, help="training tokens to plan for")
     group.add_argument("--chinchilla", action="store_true", help="plan for 20 tokens per parameter")
     p.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of measuring it")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("runs", help="one row per run: size, data, tokens, best val loss, status")

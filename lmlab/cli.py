@@ -21,7 +21,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     with console.status("Reading, splitting and tokenizing the corpus..."):
         target, meta, built = prepare(args.source, args.tokenizer, args.name, Path(args.out_dir),
-                                      args.val_fraction, args.force)
+                                      args.val_fraction, args.force, args.gpt2_dir and Path(args.gpt2_dir))
     table = Table(title=f"{target} ({'written' if built else 'already up to date'})")
     for column in ("split", "documents", "characters", "tokens", "chars/token"):
         table.add_column(column, justify="left" if column == "split" else "right")
@@ -94,6 +94,29 @@ def cmd_sample(args: argparse.Namespace) -> None:
               f"{args.temperature}, top_k {args.top_k}, prompt {args.prompt!r}\n")
     with open(Path(args.run) / "samples.txt", "a", encoding="utf-8") as f:
         f.write(header + text + "\n\n")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from lmlab.hf import import_hf
+
+    with console.status(f"Importing {args.dir}..."):
+        result = import_hf(Path(args.dir), Path(args.out))
+    m = result["model"]
+    console.print(f"imported {args.dir} into {result['run']}: {result['params'] / 1e6:.2f}M parameters, "
+                  f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, vocab "
+                  f"{m.vocab_size:,}; tokenizer {result['tokenizer'] or 'none (the folder has no tokenizer files)'}")
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from lmlab.hf import export_hf
+
+    with console.status(f"Exporting {args.run}..."):
+        result = export_hf(Path(args.run), Path(args.out), args.checkpoint)
+    console.print(f"wrote {result['out']} (checkpoint {args.checkpoint}, step {result['step']}); load it with "
+                  f"transformers.AutoModelForCausalLM.from_pretrained({result['out']!r})")
+    if result["tokenizer_skipped"]:
+        console.print(f"no tokenizer files written: {result['tokenizer_skipped']}, which GPT-2's tokenizer "
+                      "classes cannot load")
 
 
 def _fmt(value, spec: str = ".4f", none: str = "-") -> str:
@@ -286,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize a corpus into a dataset dir (train.bin, val.bin, meta.json)")
     p.add_argument("source", nargs="+", help="`shakespeare`, or .txt/.jsonl files or folders of them")
-    p.add_argument("--tokenizer", required=True, help="char, word:N or bpe:N")
+    p.add_argument("--tokenizer", required=True, help="char, word:N, bpe:N or gpt2")
+    p.add_argument("--gpt2-dir", help="with --tokenizer gpt2: folder with GPT-2's tokenizer.json, or vocab.json + "
+                   "merges.txt (default: $LMLAB_GPT2_DIR)")
     p.add_argument("--name", help="dataset name (default: the corpus name); the dir is NAME-SPEC")
     p.add_argument("--out-dir", default="data", help="where dataset dirs go (default: data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of characters held out (default 0.1)")
@@ -323,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best or latest")
     _add_device(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 folder (config.json + model.safetensors) "
+                       "into a run")
+    p.add_argument("dir", help="folder with config.json, model.safetensors and optionally tokenizer files")
+    p.add_argument("--out", required=True, help="the new run dir, e.g. runs/gpt2")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="write a GPT-2-architecture run as a Hugging Face folder")
+    p.add_argument("run")
+    p.add_argument("out", help="new folder for config.json, model.safetensors and tokenizer files")
+    p.add_argument("--checkpoint", default="best", help="best or latest")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("bench", help="tokens/s, ms/step, MFU and peak memory per micro-batch size")
     p.add_argument("config")

@@ -30,6 +30,7 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and LayerNorms
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
+    gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -42,6 +43,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
+        if self.gelu_approx not in ("none", "tanh"):
+            raise UserError(f"model.gelu_approx is '{self.gelu_approx}'; use none or tanh.")
 
 
 @dataclass

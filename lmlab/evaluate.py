@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +13,11 @@ import torch.nn.functional as F
 
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import read_meta
+from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.device import autocast, autocast_dtype, resolve_device
 from lmlab.errors import UserError
 from lmlab.model.gpt import GPT
-from lmlab.runs import load_run_model
+from lmlab.runs import load_run_model, load_run_tokenizer
 
 
 @torch.no_grad()
@@ -64,17 +64,26 @@ def evaluate_split(model: GPT, tokens: np.ndarray, bytes_per_token: float, batch
             "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": count}
 
 
+def _check_same_tokenizer(run_dir: Path, dataset: Path, meta: dict[str, Any]) -> None:
+    """Token ids only mean the same thing under the same vocabulary: refuse a dataset tokenized otherwise."""
+    theirs = load_run_tokenizer(run_dir)
+    if tokenizer_identity(run_dir / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):
+        raise UserError(f"dataset {dataset} was tokenized with {meta['tokenizer']} ({meta['vocab_size']:,} tokens) "
+                        f"but run {run_dir} uses {theirs.spec} ({theirs.vocab_size:,} tokens), and their "
+                        "vocabularies differ; prepare the dataset with the run's tokenizer.")
+
+
 def evaluate_run(run_dir: Path, dataset: Path | None = None, checkpoint: str = "best", batch_size: int = 32,
                  device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate a run on the val split of its own dataset or of another one with the same tokenizer."""
     torch_device = resolve_device(device)
     model, cfg, state = load_run_model(run_dir, checkpoint, torch_device)
+    if dataset is None and not cfg.data.dataset:
+        raise UserError(f"{run_dir} has no dataset of its own (it was imported); pass --dataset DIR, a dataset "
+                        "prepared with the run's tokenizer.")
     dataset = dataset or Path(cfg.data.dataset)
     meta = read_meta(dataset)
-    trained_on = json.loads((run_dir / "dataset.json").read_text())
-    if meta["tokenizer_sha256"] != trained_on["tokenizer_sha256"]:
-        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run_dir}; "
-                        "prepare it with the run's tokenizer.")
+    _check_same_tokenizer(run_dir, dataset, meta)
     tokens = open_tokens(dataset, "val", meta["dtype"])
     scores = evaluate_split(model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, torch_device,
                             autocast_dtype(torch_device, cfg.train.dtype), progress)

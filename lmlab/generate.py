@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import autocast, autocast_dtype, resolve_device
 from lmlab.model.gpt import GPT, KVCache
-from lmlab.runs import load_run_model
+from lmlab.runs import load_run_model, load_run_tokenizer
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
@@ -55,8 +53,7 @@ def sample_run(run_dir: Path, prompt: str = "", max_new_tokens: int = 500, tempe
     """Sample from a run with its own tokenizer; returns (prompt + continuation, checkpoint step)."""
     torch_device = resolve_device(device)
     model, cfg, state = load_run_model(Path(run_dir), checkpoint, torch_device)
-    meta = json.loads((Path(run_dir) / "dataset.json").read_text())
-    tokenizer = Tokenizer.load(Path(run_dir) / "tokenizer.json", meta["tokenizer"])
+    tokenizer = load_run_tokenizer(Path(run_dir))
     tokenizer.check(prompt, "--prompt")
     # With no prompt, start where a document starts: after an end-of-text token, or a blank line for char.
     if prompt:

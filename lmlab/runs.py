@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lmlab.config import RunConfig, load_config
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
 from lmlab.model.gpt import GPT
@@ -66,6 +67,19 @@ def load_run_model(run_dir: Path, which: str, device: torch.device) -> tuple[GPT
     model = GPT(cfg.model).to(device)
     state = load_checkpoint(resolve(run_dir, which), model)
     return model.eval(), cfg, state
+
+
+def load_run_tokenizer(run_dir: Path) -> Tokenizer:
+    """The tokenizer a run keeps (tokenizer.json, its spec in dataset.json), so it works without its dataset."""
+    run_dir = Path(run_dir)
+    try:
+        spec = json.loads((run_dir / "dataset.json").read_text(encoding="utf-8"))["tokenizer"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        spec = None
+    if not spec or not (run_dir / "tokenizer.json").exists():
+        raise UserError(f"{run_dir} has no tokenizer (tokenizer.json and its spec in dataset.json); import it from a "
+                        "folder that has the tokenizer files, or copy them in.")
+    return Tokenizer.load(run_dir / "tokenizer.json", spec)
 
 
 @dataclass

@@ -67,3 +67,33 @@ dtype = "float32"
 def write_config(path: Path, dataset: Path, max_iters: int = 40) -> Path:
     path.write_text(TINY_CONFIG.format(dataset=dataset, max_iters=max_iters), encoding="utf-8")
     return path
+
+
+def write_tiny_gpt2(folder: Path, corpus: Path | None, vocab_size: int = 400, n_positions: int = 512) -> Path:
+    """A random GPT-2 (2 layers, 32 wide) saved by transformers, with a byte-level BPE trained on `corpus` and
+    saved in OpenAI's vocab.json + merges.txt format (none when corpus is None)."""
+    import tokenizers
+    import torch
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if corpus is not None:
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+        backend.model.save(str(folder))
+        vocab_size = backend.get_vocab_size()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tmp_path_factory, corpus_dir) -> Path:
+    return write_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", corpus_dir)

@@ -101,8 +101,10 @@ def _write_dataset(tmp: Path, tokenizer: Tokenizer, split: Split) -> dict[str, A
 
 
 def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Path = Path("data"),
-            val_fraction: float = 0.1, force: bool = False) -> tuple[Path, dict[str, Any], bool]:
-    """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, not rebuilt."""
+            val_fraction: float = 0.1, force: bool = False,
+            gpt2_dir: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
+    """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, not rebuilt.
+    `gpt2_dir` holds GPT-2's tokenizer files for the `gpt2` spec."""
     kind, _ = parse_spec(spec)
     corpus_name, docs = load_corpus(sources)
     target = Path(out_dir) / f"{name or corpus_name}-{spec.replace(':', '')}"
@@ -119,7 +121,7 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
 
     split = split_documents(docs, val_fraction)
-    tokenizer = train_tokenizer(spec, [d.text for d in split.train], [d.text for d in docs])
+    tokenizer = train_tokenizer(spec, [d.text for d in split.train], [d.text for d in docs], gpt2_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -87,11 +87,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from lmlab.generate import sample_run
 
+    if args.input and args.instruction is None:
+        raise UserError("--input goes with --instruction; pass the instruction too.")
     text, step = sample_run(Path(args.run), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                            args.seed, args.checkpoint, args.device)
+                            args.seed, args.checkpoint, args.device, args.instruction, args.input)
     print(text)
+    asked = f"instruction {args.instruction!r}, input {args.input!r}" if args.instruction else f"prompt {args.prompt!r}"
     header = (f"--- checkpoint {args.checkpoint} (step {step}), seed {args.seed}, temperature "
-              f"{args.temperature}, top_k {args.top_k}, prompt {args.prompt!r}\n")
+              f"{args.temperature}, top_k {args.top_k}, {asked}\n")
     with open(Path(args.run) / "samples.txt", "a", encoding="utf-8") as f:
         f.write(header + text + "\n\n")
 
@@ -117,6 +120,21 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     if result["tokenizer_skipped"]:
         console.print(f"no tokenizer files written: {result['tokenizer_skipped']}, which GPT-2's tokenizer "
                       "classes cannot load")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmlab.finetune import finetune
+
+    run_dir = Path(args.run or Path("runs") / f"{Path(args.base).name}-{Path(args.data).stem}")
+    result = finetune(Path(args.base), Path(args.data), run_dir, args.epochs, args.learning_rate, args.batch_size,
+                      args.val_fraction, args.seed, args.device, console)
+    if result.dropped:
+        console.print(f"[yellow]{result.dropped} records longer than the context were left out[/yellow]")
+    console.print(f"val loss by epoch: {', '.join(f'{v:.4f}' for v in result.val_losses)} (base model "
+                  f"{result.base_val_loss:.4f}); best epoch {result.best_epoch} is the `best` checkpoint")
+    console.print(f"run: {result.run_dir}")
+    console.print(f"loss plot: {result.loss_plot}")
+    console.print(f'ask it: lmlab sample {result.run_dir} --instruction "..." [--input "..."]')
 
 
 def _fmt(value, spec: str = ".4f", none: str = "-") -> str:
@@ -346,8 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample only from the K likeliest tokens")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--checkpoint", default="best", help="best or latest")
+    p.add_argument("--instruction", help="ask in the run's prompt format (Alpaca unless fine-tuned otherwise) "
+                   "and print the answer alone")
+    p.add_argument("--input", default="", help="with --instruction: the record's input")
     _add_device(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("finetune", help="instruction-tune a run on Alpaca-format records (loss on responses only)")
+    p.add_argument("base", metavar="RUN", help="the run whose best checkpoint is fine-tuned")
+    p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
+    p.add_argument("--run", help="the new run dir (default: runs/<RUN name>-<data name>)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak LR (5%% warmup, cosine to a tenth)")
+    p.add_argument("--batch-size", type=int, default=8, help="records per step")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of records held out (by content hash)")
+    p.add_argument("--seed", type=int, default=1337)
+    _add_device(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 folder (config.json + model.safetensors) "
                        "into a run")

@@ -97,3 +97,14 @@ def write_tiny_gpt2(folder: Path, corpus: Path | None, vocab_size: int = 400, n_
 @pytest.fixture(scope="session")
 def hf_gpt2(tmp_path_factory, corpus_dir) -> Path:
     return write_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", corpus_dir)
+
+
+@pytest.fixture(scope="session")
+def imported_gpt2(tmp_path_factory, hf_gpt2) -> Path:
+    """The tiny GPT-2 as an lmlab run, with its byte-level BPE tokenizer."""
+    from lmlab.hf import import_hf
+
+    return Path(import_hf(hf_gpt2, tmp_path_factory.mktemp("runs") / "tiny-gpt2")["run"])
+
+
+ALPACA_TINY = Path(__file__).parent / "data" / "alpaca_tiny.json"

@@ -1,0 +1,78 @@
+"""Instruction fine-tuning: response-only labels, a deterministic held-out split, val loss per epoch with the
+best epoch kept, and the prompt format used again by `sample --instruction`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmlab.data.tokenizers import EOT, train_tokenizer
+from lmlab.finetune import IGNORE, _batch, alpaca_format, encode_example, read_records, split_records
+from lmlab.runs import load_run_tokenizer, read_metrics
+from tests.conftest import ALPACA_TINY
+
+LMLAB = str(Path(sys.executable).with_name("lmlab"))
+RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}
+
+
+@pytest.mark.parametrize("spec", ["bpe:300", "char"])
+def test_the_loss_covers_exactly_the_response_and_its_end_marker(spec):
+    texts = [alpaca_format(train_tokenizer("char", ["x"], ["x"])).render("x", "y") + json.dumps(read_records(ALPACA_TINY))]
+    tokenizer = train_tokenizer(spec, texts, texts)
+    fmt = alpaca_format(tokenizer)
+    assert fmt.end == (EOT if spec.startswith("bpe") else "\n\n")
+    ids, scored = encode_example(tokenizer, fmt, RECORD)
+    assert tokenizer.decode(t for t, s in zip(ids, scored) if s) == "moon moon" + fmt.end
+    assert tokenizer.decode(t for t, s in zip(ids, scored) if not s) == fmt.render("Repeat the word twice.", "moon")
+    assert scored == sorted(scored)  # the prompt first, then the answer: one contiguous scored tail
+    x, y = _batch([(ids, scored), (ids[:5] + ids[-3:], scored[:5] + scored[-3:])])
+    assert x.shape == y.shape == (2, len(ids) - 1)
+    assert y[0][y[0] != IGNORE].tolist() == [t for t, s in zip(ids[1:], scored[1:]) if s]
+    assert (y[1, 7:] == IGNORE).all()  # padding is never scored
+
+
+def test_the_held_out_split_is_deterministic_and_disjoint():
+    records = read_records(ALPACA_TINY)
+    train, val = split_records(records, 0.1)
+    assert len(val) == 8 and len(train) == 72
+    shuffled_val = split_records(list(reversed(records)), 0.1)[1]
+    assert sorted(map(json.dumps, shuffled_val)) == sorted(map(json.dumps, val))  # chosen by content, not order
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in val}
+
+
+def test_bad_records_are_named(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([RECORD, {"input": "x", "output": "y"}]))
+    done = subprocess.run([LMLAB, "finetune", "runs/none", "--data", bad], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "run" in done.stderr  # the base run is checked first
+    with pytest.raises(Exception, match="record 1 has no `instruction`"):
+        read_records(bad)
+
+
+@pytest.mark.slow
+def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp_path, imported_gpt2):
+    run = tmp_path / "runs/sft"
+    done = subprocess.run([LMLAB, "finetune", imported_gpt2, "--data", ALPACA_TINY, "--run", run, "--epochs", "3",
+                           "--learning-rate", "3e-3", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "val loss by epoch:" in done.stdout and "best epoch" in done.stdout
+    events = read_metrics(run)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["epoch"] for e in evals] == [1, 2, 3]
+    assert events[0]["init_from"] == str(imported_gpt2) and events[0]["finetune"]["val_records"] == 8
+    best = min(evals, key=lambda e: e["val_loss"])
+    assert (run / "checkpoints/best").read_text().strip() == f"step_{best['step']:06d}"
+    assert evals[-1]["val_loss"] < events[-1]["base_val_loss"] - 0.5  # it learned something
+    assert json.loads((run / "prompt.json").read_text())["end"] == EOT
+    assert (run / "loss.png").exists() and (run / "config.toml").exists()
+    assert load_run_tokenizer(run).vocab == load_run_tokenizer(imported_gpt2).vocab
+
+    answer = subprocess.run([LMLAB, "sample", run, "--instruction", "Repeat the word twice.", "--input", "moon",
+                             "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    assert "instruction 'Repeat the word twice.'" in (run / "samples.txt").read_text()

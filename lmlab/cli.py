@@ -137,6 +137,50 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     console.print(f'ask it: lmlab sample {result.run_dir} --instruction "..." [--input "..."]')
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lmlab.serve import load_served, require_extras, run_server
+
+    require_extras()
+    with console.status(f"Loading {args.run}..."):
+        served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_concurrent)
+    chat = f"the {served.fmt.name} prompt format" if served.fmt else "a plain role: content transcript"
+    console.print(f"serving {args.run} as model {served.name!r} at http://{args.host}:{args.port}/v1 "
+                  f"(chat rendered through {chat}); Ctrl-C stops it")
+    run_server(served, args.host, args.port)
+
+
+def cmd_answer(args: argparse.Namespace) -> None:
+    from lmlab.judge import write_answers
+
+    with console.status("Answering...") as status:
+        n = write_answers(Path(args.run), Path(args.data), Path(args.out), args.max_new_tokens, args.checkpoint,
+                          args.device, lambda done, total: status.update(f"Answering: {done}/{total} records"))
+    console.print(f"wrote {n} answers to {args.out}")
+
+
+def cmd_judge(args: argparse.Namespace) -> None:
+    from lmlab.judge import judge_answers
+
+    answers = Path(args.answers)
+    out = Path(args.out or answers.with_name(f"{answers.stem}-judged.jsonl"))
+    with console.status("Judging...") as status:
+        summary = judge_answers(answers, args.endpoint, args.model, out, args.max_tokens,
+                                lambda done, total: status.update(f"Judging: {done}/{total} answers"))
+    total = len(summary.items)
+    mean = "-" if summary.mean is None else f"{summary.mean:.1f}"
+    console.print(f"judge {args.model}: mean score {mean} over {len(summary.scored)} of {total} answers scored "
+                  f"({total - len(summary.scored)} unscored: no number from 0 to 100 in two tries)")
+    if summary.scored:
+        table = Table(title=f"Lowest-scored answers (of {len(summary.scored)})")
+        for column in ("score", "instruction", "input", "model answer", "reference"):
+            table.add_column(column, overflow="fold", justify="right" if column == "score" else "left")
+        for item in summary.scored[:args.lowest]:
+            table.add_row(str(item["score"]), item["instruction"], item.get("input", ""), item["model_answer"],
+                          item["output"])
+        console.print(table)
+    console.print(f"per-item scores: {summary.out}")
+
+
 def _fmt(value, spec: str = ".4f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
@@ -393,6 +437,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new folder for config.json, model.safetensors and tokenizer files")
     p.add_argument("--checkpoint", default="best", help="best or latest")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API (needs the serve extra)")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoint", default="best", help="best or latest")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-concurrent", type=int, default=2,
+                   help="requests generating at once; one more gets HTTP 429 (default 2)")
+    _add_device(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("answer", help="answer every Alpaca record with a run's model, for `lmlab judge`")
+    p.add_argument("run")
+    p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
+    p.add_argument("--out", required=True, help="JSON-lines file to write (instruction, input, output, model_answer)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--checkpoint", default="best", help="best or latest")
+    _add_device(p)
+    p.set_defaults(func=cmd_answer)
+
+    p = sub.add_parser("judge", help="score answers 0-100 with a judge model behind an OpenAI-compatible endpoint")
+    p.add_argument("--answers", required=True, help="JSON-lines file written by `lmlab answer`")
+    p.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1 (key: $OPENAI_API_KEY)")
+    p.add_argument("--model", required=True, help="the judge model's name at that endpoint")
+    p.add_argument("--out", help="per-item scores, JSON lines (default: ANSWERS-judged.jsonl)")
+    p.add_argument("--max-tokens", type=int, default=16, help="longest judge reply read")
+    p.add_argument("--lowest", type=int, default=5, help="how many of the lowest-scored answers to show")
+    p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser("bench", help="tokens/s, ms/step, MFU and peak memory per micro-batch size")
     p.add_argument("config")

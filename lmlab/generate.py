@@ -110,6 +110,12 @@ class TextStream:
         return "".join(self)
 
 
+def document_start(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt stands for: the start of a document, after an end-of-text token (or, for char
+    tokenizers, which have none, a newline)."""
+    return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
+
+
 def instruct(model: GPT, tokenizer: Tokenizer, fmt: PromptFormat, instruction: str, input: str = "",
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
              seed: int = 1337, dtype: torch.dtype = torch.float32) -> str:
@@ -134,10 +140,6 @@ def sample_run(run_dir: Path, prompt: str = "", max_new_tokens: int = 500, tempe
         return instruct(model, tokenizer, fmt, instruction, input, max_new_tokens, temperature, top_k,
                         seed=seed, dtype=dtype), state["step"]
     tokenizer.check(prompt, "--prompt")
-    # With no prompt, start where a document starts: after an end-of-text token, or a blank line for char.
-    if prompt:
-        start = tokenizer.encode(prompt)
-    else:
-        start = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
+    start = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
     out = generate(model, start, max_new_tokens, temperature, top_k, seed, dtype)
     return prompt + tokenizer.decode(out), state["step"]

@@ -1,0 +1,151 @@
+"""Answers to instruction records, and LLM-as-judge scores for them through any OpenAI-compatible endpoint.
+
+`write_answers` asks a run each record's instruction in the run's prompt format (greedy) and writes
+instruction, input, reference output and the model's answer per line. `judge_answers` asks a judge model for
+a 0-100 score per answer, reads the first integer in range from its reply, asks once more with a stricter
+prompt when there is none, and otherwise leaves the item unscored rather than guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmlab.device import autocast_dtype, resolve_device
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text
+from lmlab.finetune import prompt_format, read_records
+from lmlab.generate import instruct
+from lmlab.runs import load_run_model, load_run_tokenizer
+
+RUBRIC = (
+    "You are grading a response to a task against a reference answer.\n\n"
+    "Task: `{task}`\n\nReference answer: `{output}`\n\nResponse to grade: `{answer}`\n\n"
+    "How good is the response, on a scale from 0 to 100, where 0 is wrong or empty and 100 is as good as the "
+    "reference answer? Reply with the integer only."
+)
+STRICTER = ("\n\nYour reply must be a single whole number between 0 and 100 and nothing else: no words, no "
+            "punctuation. For example: 70")
+
+Progress = Callable[[int, int], None]
+
+
+def write_answers(run_dir: Path, data: Path, out: Path, max_new_tokens: int = 256, checkpoint: str = "best",
+                  device: str = "auto", progress: Progress | None = None) -> int:
+    """Answer every record of an Alpaca JSON file with the run's model; returns how many were written."""
+    records = read_records(data)
+    torch_device = resolve_device(device)
+    model, cfg, state = load_run_model(Path(run_dir), checkpoint, torch_device)
+    tokenizer = load_run_tokenizer(Path(run_dir))
+    fmt = prompt_format(Path(run_dir), tokenizer)
+    dtype = autocast_dtype(torch_device, cfg.train.dtype)
+    lines = []
+    for i, r in enumerate(records):
+        answer = instruct(model, tokenizer, fmt, r["instruction"], r.get("input", ""), max_new_tokens, dtype=dtype)
+        lines.append(json.dumps({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"],
+                                 "model_answer": answer, "run": str(run_dir), "step": state["step"]}))
+        if progress:
+            progress(i + 1, len(records))
+    atomic_write_text(Path(out), "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def parse_score(reply: str) -> int | None:
+    """The first whole number from 0 to 100 in a judge's reply (`87`, `Score: 87/100`), else None."""
+    for match in re.finditer(r"(?<![\d.])\d+(?![\d])", reply or ""):
+        value = int(match.group())
+        if 0 <= value <= 100:
+            return value
+    return None
+
+
+def judge_prompt(record: dict[str, Any]) -> str:
+    task = record["instruction"] + (f"\n\nInput: {record['input']}" if record.get("input") else "")
+    return RUBRIC.format(task=task, output=record["output"], answer=record["model_answer"])
+
+
+def read_answers(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; write it with `lmlab answer RUN --data FILE.json --out {path}`.")
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}, line {n}, is not JSON; write the file with `lmlab answer`.")
+        if not all(isinstance(record.get(k), str) for k in ("instruction", "output", "model_answer")):
+            raise UserError(f"{path}, line {n}, lacks instruction, output or model_answer text.")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} has no answers to judge.")
+    return records
+
+
+@dataclass
+class JudgeSummary:
+    items: list[dict[str, Any]]  # each answer record with `score` (None: unscored) and the judge's replies
+    out: Path
+    scored: list[dict[str, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scored = sorted((i for i in self.items if i["score"] is not None), key=lambda i: i["score"])
+
+    @property
+    def mean(self) -> float | None:
+        return sum(i["score"] for i in self.scored) / len(self.scored) if self.scored else None
+
+
+def _client(endpoint: str) -> Any:
+    try:
+        import openai
+    except ImportError:
+        raise UserError("lmlab judge needs the openai client; install it with `pip install -e '.[judge]'`.")
+    # Local servers (lmlab serve, vLLM, llama.cpp) ignore the key; OpenAI itself reads it from the environment.
+    return openai.OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=1)
+
+
+def _ask(client: Any, model: str, prompt: str, max_tokens: int, endpoint: str) -> tuple[str | None, str | None]:
+    """The judge's reply, or (None, error) when the endpoint refused this one request."""
+    import openai
+
+    try:
+        response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                  temperature=0, max_tokens=max_tokens, seed=0)
+        return response.choices[0].message.content or "", None
+    except openai.APIConnectionError:
+        raise UserError(f"cannot reach the judge at {endpoint}; start the server or fix --endpoint.")
+    except (openai.AuthenticationError, openai.NotFoundError, openai.PermissionDeniedError) as err:
+        raise UserError(f"the judge at {endpoint} refused model {model!r} ({err.status_code}: {err.message}); "
+                        "check --model, --endpoint and OPENAI_API_KEY.")
+    except openai.APIStatusError as err:  # e.g. one prompt too long for the judge: that item stays unscored
+        return None, f"{err.status_code}: {err.message}"
+
+
+def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_tokens: int = 16,
+                  progress: Progress | None = None) -> JudgeSummary:
+    """Score every answer 0-100 with the judge model; per-item results go to `out` (JSON lines)."""
+    records = read_answers(answers)
+    client = _client(endpoint)
+    items = []
+    for n, record in enumerate(records, 1):
+        prompt, replies, errors, score = judge_prompt(record), [], [], None
+        for attempt in (prompt, prompt + STRICTER):
+            reply, error = _ask(client, model, attempt, max_tokens, endpoint)
+            replies.append(reply)
+            errors += [error] if error else []
+            score = parse_score(reply) if reply is not None else None
+            if score is not None:
+                break
+        items.append({**record, "score": score, "judge_model": model, "judge_replies": replies,
+                      "judge_errors": errors})
+        if progress:
+            progress(n, len(records))
+    atomic_write_text(Path(out), "".join(json.dumps(i) + "\n" for i in items))
+    return JudgeSummary(items, Path(out))

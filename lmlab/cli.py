@@ -44,6 +44,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").exists():
             raise UserError(f"{run_dir} is not an lmlab run (no config.toml); pass the run dir to resume.")
+        if (run_dir / "prompt.json").exists():
+            raise UserError(f"{run_dir} was made by `lmlab finetune`, which does not resume; fine-tune its base "
+                            "run again, or fine-tune this run further into a new --run.")
         cfg = load_config(run_dir / "config.toml", args.set)
     elif args.config:
         cfg = load_config(Path(args.config), args.set)

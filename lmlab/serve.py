@@ -103,8 +103,18 @@ class Request:
     stream: bool
 
 
+# OpenAI fields this server does not implement, with the value that means "not used"; any other value is a
+# 400 rather than an answer that silently ignores what was asked.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None,), "echo": (None, False), "best_of": (None, 1),
+               "suffix": (None,), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+               "logit_bias": (None, {}), "tools": (None, []), "response_format": (None,)}
+
+
 def parse_request(served: Served, body: Any, prompt: str, stop: list[str]) -> Request:
     """Check the sampling fields shared by both endpoints and encode the prompt within the context."""
+    for name, unused in UNSUPPORTED.items():
+        if body.get(name) not in unused:
+            raise ApiError(400, f"`{name}` is not supported by lmlab serve; leave it out.", name, "unsupported")
     if _field(body, "n", (int,), 1) != 1:
         raise ApiError(400, "`n` must be 1: this server returns one choice per request.", "n")
     max_tokens = _field(body, "max_tokens", (int,), min(256, served.max_tokens_cap), 1, served.max_tokens_cap)
@@ -146,16 +156,31 @@ def _usage(request: Request, stream: TextStream) -> dict[str, int]:
     return {"prompt_tokens": n, "completion_tokens": stream.tokens, "total_tokens": n + stream.tokens}
 
 
-def _sse(chunks: Iterator[dict[str, Any]], release: threading.BoundedSemaphore) -> Iterator[str]:
-    try:
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        release.release()
+class _Events:
+    """The server-sent events of one streamed response. Its concurrency slot goes back exactly once: when the
+    stream ends, or when the response is dropped, as it is if the client leaves before the first chunk (the
+    generator then never starts, so a `finally` in it would never run)."""
+
+    def __init__(self, chunks: Iterator[dict[str, Any]], slot: threading.BoundedSemaphore):
+        self.chunks, self.slot, self.released = chunks, slot, False
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for chunk in self.chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.slot.release()
+
+    __del__ = release
 
 
-def complete(served: Served, request: Request, chat: bool) -> dict[str, Any] | Iterator[str]:
+def complete(served: Served, request: Request, chat: bool) -> dict[str, Any] | _Events:
     """Run one request: the whole response, or server-sent events when it asked to stream."""
     if not served.slots.acquire(blocking=False):
         raise ApiError(429, "the server is busy with as many requests as --max-concurrent allows; retry shortly.",
@@ -165,7 +190,7 @@ def complete(served: Served, request: Request, chat: bool) -> dict[str, Any] | I
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": served.name}
     if request.stream:
-        return _sse(_chunks(head, stream, chat), served.slots)
+        return _Events(_chunks(head, stream, chat), served.slots)
     try:
         text = stream.text()
     finally:
@@ -222,7 +247,7 @@ def create_app(served: Served) -> Any:
                            "model_not_found")
         return body
 
-    def respond(result: dict[str, Any] | Iterator[str]) -> Any:
+    def respond(result: dict[str, Any] | _Events) -> Any:
         if isinstance(result, dict):
             return JSONResponse(result)
         return StreamingResponse(result, media_type="text/event-stream")

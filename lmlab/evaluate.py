@@ -68,9 +68,9 @@ def _check_same_tokenizer(run_dir: Path, dataset: Path, meta: dict[str, Any]) ->
     """Token ids only mean the same thing under the same vocabulary: refuse a dataset tokenized otherwise."""
     theirs = load_run_tokenizer(run_dir)
     if tokenizer_identity(run_dir / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):
-        raise UserError(f"dataset {dataset} was tokenized with {meta['tokenizer']} ({meta['vocab_size']:,} tokens) "
-                        f"but run {run_dir} uses {theirs.spec} ({theirs.vocab_size:,} tokens), and their "
-                        "vocabularies differ; prepare the dataset with the run's tokenizer.")
+        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run_dir} (the dataset's "
+                        f"{meta['tokenizer']}, {meta['vocab_size']:,} tokens; the run's {theirs.spec}, "
+                        f"{theirs.vocab_size:,} tokens; their vocabularies differ); prepare it with the run's tokenizer.")
 
 
 def evaluate_run(run_dir: Path, dataset: Path | None = None, checkpoint: str = "best", batch_size: int = 32,

@@ -255,7 +255,8 @@ def finetune(base: Path, data: Path, run_dir: Path, epochs: int = 3, learning_ra
     best_epoch = 1 + val_losses.index(min(val_losses))
     tuner.metrics.append({"event": "end", "step": tuner.step, "tokens": tuner.tokens,
                           "elapsed": round(time.perf_counter() - tuner.clock, 3), "best_val_loss": min(val_losses),
-                          "best_epoch": best_epoch, "base_val_loss": base_val, "stopped_early": False, "stopped_by": None})
+                          "best_epoch": best_epoch, "base_val_loss": base_val, "stopped_early": False,
+                          "stopped_by": None})
     return FinetuneResult(run_dir, base_val, val_losses, best_epoch, dropped, plot_losses(run_dir))
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.finetune import PromptFormat, prompt_format
 from lmlab.device import autocast, autocast_dtype, resolve_device
+from lmlab.finetune import PromptFormat, prompt_format
 from lmlab.model.gpt import GPT, KVCache
 from lmlab.runs import load_run_model, load_run_tokenizer
 

@@ -34,7 +34,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which lmlab's model uses
 
-_ANY: Callable[[ModelConfig], bool] = lambda cfg: True
+def _ANY(cfg: ModelConfig) -> bool:
+    return True
 
 
 def _is(field: str, *allowed: Any) -> Callable[[ModelConfig], bool]:
@@ -103,8 +104,9 @@ def _read_hf_config(folder: Path) -> ModelConfig:
         if bad:
             raise UserError(f"{path}: {key} = {raw.get(key)!r} is a GPT-2 variant lmlab's model does not compute; "
                             "import-hf takes standard GPT-2 checkpoints.")
-    return ModelConfig(n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"], block_size=raw["n_positions"],
-                       dropout=0.0, bias=True, vocab_size=raw["vocab_size"], gelu_approx=ACTIVATIONS[activation])
+    return ModelConfig(n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"],
+                       block_size=raw["n_positions"], dropout=0.0, bias=True, vocab_size=raw["vocab_size"],
+                       gelu_approx=ACTIVATIONS[activation])
 
 
 def _hf_to_lmlab(tensors: dict[str, torch.Tensor], model: GPT) -> dict[str, torch.Tensor]:

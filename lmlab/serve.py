@@ -137,9 +137,9 @@ def parse_request(served: Served, body: Any, prompt: str, stop: list[str]) -> Re
 def chat_prompt(served: Served, messages: Any) -> tuple[str, list[str]]:
     """Render chat messages: through the fine-tuning format (the last user message is the instruction, the
     format being single-turn), else as a `role: content` transcript ending with `assistant:`."""
+    roles = ("system", "user", "assistant")
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-            for m in messages):
+            isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages):
         raise ApiError(400, "`messages` must be a non-empty list of {role: system|user|assistant, content: text}.",
                        "messages")
     if served.fmt is not None:
@@ -221,7 +221,8 @@ def _chunks(head: dict[str, Any], stream: TextStream, chat: bool) -> Iterator[di
 
 def create_app(served: Served) -> Any:
     """The FastAPI application serving `served`."""
-    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title=f"lmlab: {served.name}")

@@ -21,7 +21,8 @@ RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "m
 
 @pytest.mark.parametrize("spec", ["bpe:300", "char"])
 def test_the_loss_covers_exactly_the_response_and_its_end_marker(spec):
-    texts = [alpaca_format(train_tokenizer("char", ["x"], ["x"])).render("x", "y") + json.dumps(read_records(ALPACA_TINY))]
+    # A corpus with every character of the template and the records, so the char tokenizer can encode them.
+    texts = [alpaca_format(train_tokenizer("char", ["x"], ["x"])).render("x", "y") + ALPACA_TINY.read_text()]
     tokenizer = train_tokenizer(spec, texts, texts)
     fmt = alpaca_format(tokenizer)
     assert fmt.end == (EOT if spec.startswith("bpe") else "\n\n")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.finetune import finetune
 from lmlab.errors import UserError
+from lmlab.finetune import finetune
 from lmlab.judge import judge_answers, parse_score
 from lmlab.serve import ApiError, Request, complete, load_served
 from tests.conftest import ALPACA_TINY

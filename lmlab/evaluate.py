@@ -79,7 +79,7 @@ def evaluate_run(run_dir: Path, dataset: Path | None = None, checkpoint: str = "
     torch_device = resolve_device(device)
     model, cfg, state = load_run_model(run_dir, checkpoint, torch_device)
     if dataset is None and not cfg.data.dataset:
-        raise UserError(f"{run_dir} has no dataset of its own (it was imported); pass --dataset DIR, a dataset "
+        raise UserError(f"{run_dir} has no dataset of its own (it was imported, or fine-tuned from an imported run); pass --dataset DIR, a dataset "
                         "prepared with the run's tokenizer.")
     dataset = dataset or Path(cfg.data.dataset)
     meta = read_meta(dataset)

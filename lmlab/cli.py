@@ -172,7 +172,8 @@ def cmd_judge(args: argparse.Namespace) -> None:
     total = len(summary.items)
     mean = "-" if summary.mean is None else f"{summary.mean:.1f}"
     console.print(f"judge {args.model}: mean score {mean} over {len(summary.scored)} of {total} answers scored "
-                  f"({total - len(summary.scored)} unscored: no number from 0 to 100 in two tries)")
+                  f"({total - len(summary.scored)} unscored: no number from 0 to 100 in two tries, or the request "
+                  "was refused)")
     if summary.scored:
         table = Table(title=f"Lowest-scored answers (of {len(summary.scored)})")
         for column in ("score", "instruction", "input", "model answer", "reference"):
@@ -368,6 +369,10 @@ def _add_device(parser: argparse.ArgumentParser, note: str = "") -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps" + note)
 
 
+def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="best", help="best or latest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train GPT-style language models from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -397,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="val loss, perplexity, accuracy and bits per byte of a run")
     p.add_argument("run")
     p.add_argument("--dataset", help="dataset dir (default: the run's); must share the run's tokenizer")
-    p.add_argument("--checkpoint", default="best", help="best or latest")
+    _add_checkpoint(p)
     p.add_argument("--batch-size", type=int, default=32)
     _add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -410,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the K likeliest tokens")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--checkpoint", default="best", help="best or latest")
+    _add_checkpoint(p)
     p.add_argument("--instruction", help="ask in the run's prompt format (Alpaca unless fine-tuned otherwise) "
                    "and print the answer alone")
     p.add_argument("--input", default="", help="with --instruction: the record's input")
@@ -438,14 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-hf", help="write a GPT-2-architecture run as a Hugging Face folder")
     p.add_argument("run")
     p.add_argument("out", help="new folder for config.json, model.safetensors and tokenizer files")
-    p.add_argument("--checkpoint", default="best", help="best or latest")
+    _add_checkpoint(p)
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API (needs the serve extra)")
     p.add_argument("run")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--checkpoint", default="best", help="best or latest")
+    _add_checkpoint(p)
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-concurrent", type=int, default=2,
                    help="requests generating at once; one more gets HTTP 429 (default 2)")
@@ -457,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
     p.add_argument("--out", required=True, help="JSON-lines file to write (instruction, input, output, model_answer)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--checkpoint", default="best", help="best or latest")
+    _add_checkpoint(p)
     _add_device(p)
     p.set_defaults(func=cmd_answer)
 

@@ -17,11 +17,13 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from lmlab.data.prepare import prepare
+    from lmlab.data.prepare import PrepareOptions, prepare
 
-    with console.status("Reading, splitting and tokenizing the corpus..."):
-        target, meta, built = prepare(args.source, args.tokenizer, args.name, Path(args.out_dir),
-                                      args.val_fraction, args.force)
+    options = PrepareOptions(val_tokens=args.val_tokens, max_tokens=args.max_tokens, pack=args.pack,
+                             block_size=args.block_size, shard_tokens=args.shard_tokens, text_field=args.text_field,
+                             **({"workers": args.workers} if args.workers else {}))
+    target, meta, built = prepare(args.source, args.tokenizer, args.name, Path(args.out_dir), args.val_fraction,
+                                  args.force, options, console)
     table = Table(title=f"{target} ({'written' if built else 'already up to date'})")
     for column in ("split", "documents", "characters", "tokens", "chars/token"):
         table.add_column(column, justify="left" if column == "split" else "right")
@@ -284,12 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train GPT-style language models from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into a dataset dir (train.bin, val.bin, meta.json)")
-    p.add_argument("source", nargs="+", help="`shakespeare`, or .txt/.jsonl files or folders of them")
-    p.add_argument("--tokenizer", required=True, help="char, word:N or bpe:N")
+    p = sub.add_parser("prepare", help="tokenize a corpus into a dataset dir (token shards, tokenizer, meta.json)")
+    p.add_argument("source", nargs="+", help="`shakespeare`, hf:OWNER/NAME[:CONFIG], or .txt/.jsonl/.jsonl.gz/"
+                   ".parquet files or folders of them")
+    p.add_argument("--tokenizer", required=True, help="char, word:N, bpe:N or tiktoken:NAME (e.g. tiktoken:gpt2)")
     p.add_argument("--name", help="dataset name (default: the corpus name); the dir is NAME-SPEC")
     p.add_argument("--out-dir", default="data", help="where dataset dirs go (default: data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of characters held out (default 0.1)")
+    p.add_argument("--val-tokens", type=int, help="size the val split in tokens (documents in sha256-of-name order)")
+    p.add_argument("--max-tokens", type=int, help="stop after this many train tokens (at a document boundary)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet/hf: sources")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
+    p.add_argument("--pack", choices=["concat", "crop"], default="concat",
+                   help="concat: documents joined by end-of-text (default); crop: each cut to --block-size first")
+    p.add_argument("--block-size", type=int, default=1024, help="context length for --pack crop and the stats")
     p.add_argument("--force", action="store_true", help="replace an existing dataset made from other inputs")
     p.set_defaults(func=cmd_prepare)
 

@@ -1,27 +1,33 @@
-"""Random (B, T) batches from a memory-mapped token file, with a position that can be saved and restored."""
+"""Random (B, T) batches from a split's memory-mapped token shards, with a position that can be saved and restored."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lmlab.data.shards import TokenShards
 from lmlab.errors import UserError
 
 
-def open_tokens(dataset: Path, split: str, dtype: str) -> np.memmap:
-    path = Path(dataset) / f"{split}.bin"
-    if not path.exists():
-        raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
-    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
+    """A split as one array over its shards (meta.json's index); a dataset without an index is SPLIT.bin alone."""
+    meta = json.loads((Path(dataset) / "meta.json").read_text(encoding="utf-8"))
+    files = [s["file"] for s in meta.get("shards", {}).get(split, [{"file": f"{split}.bin"}])]
+    paths = [Path(dataset) / f for f in files]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
+    return TokenShards(paths, dtype)
 
 
 class BatchLoader:
     """Samples windows uniformly at random; its whole position is the generator state, so resume is exact."""
 
-    def __init__(self, tokens: np.memmap, block_size: int, batch_size: int, seed: int, name: str = "data",
+    def __init__(self, tokens: np.ndarray | TokenShards, block_size: int, batch_size: int, seed: int, name: str = "data",
                  pin: bool = False):
         if len(tokens) < block_size + 2:
             raise UserError(

@@ -18,6 +18,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmlab.data.prepare import PrepareOptions, prepare
+    from lmlab.data.stats import dataset_stats
 
     options = PrepareOptions(val_tokens=args.val_tokens, max_tokens=args.max_tokens, pack=args.pack,
                              block_size=args.block_size, shard_tokens=args.shard_tokens, text_field=args.text_field,
@@ -33,6 +34,36 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                       f"{s['characters'] / s['tokens']:.2f}")
     console.print(table)
     console.print(f"tokenizer {meta['tokenizer']}: vocab size {meta['vocab_size']:,}, stored as {meta['dtype']}")
+    _print_stats(dataset_stats(target, args.block_size))
+
+
+def _print_stats(s: dict) -> None:
+    table = Table(title=f"{s['dataset']}: {s['tokenizer']}, pack {s['pack']}", show_header=False)
+    table.add_row("documents", f"{s['documents']:,}")
+    table.add_row("tokens", f"{s['tokens']:,} in {s['shards']['train']} train + {s['shards']['val']} val shards")
+    table.add_row("characters per token", f"{s['chars_per_token']:.2f}")
+    if s["lengths"] is None:
+        table.add_row("tokens per document", "not recorded: a char dataset has no end-of-text token between documents")
+    else:
+        table.add_row("tokens per document", f"mean {s['mean']:,.1f}, median {s['median']:,.0f}, p90 {s['p90']:,.0f}, "
+                      f"p99 {s['p99']:,.0f}, max {s['max']:,}")
+        table.add_row(f"beyond the context length {s['block_size']}",
+                      f"{100 * s['share_documents_beyond']:.1f}% of documents, "
+                      f"{100 * s['share_tokens_beyond']:.1f}% of tokens")
+        if s["pack"] == "crop":
+            table.add_row("tokens lost by cropping", f"{s['lost_tokens']:,} ({100 * s['share_tokens_lost']:.1f}%)")
+    console.print(table)
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from lmlab.data.stats import dataset_stats
+    from lmlab.plots import plot_document_lengths
+
+    stats = dataset_stats(Path(args.dataset), args.block_size)
+    _print_stats(stats)
+    if stats["lengths"] is not None:
+        plot = plot_document_lengths(stats["lengths"], stats["block_size"], Path(args.dataset) / "doc_lengths.png")
+        console.print(f"histogram: {plot}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -300,9 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
     p.add_argument("--pack", choices=["concat", "crop"], default="concat",
                    help="concat: documents joined by end-of-text (default); crop: each cut to --block-size first")
-    p.add_argument("--block-size", type=int, default=1024, help="context length for --pack crop and the stats")
+    p.add_argument("--block-size", type=int, default=1024, help="context length for --pack crop and the stats "
+                   "(default 1024)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset made from other inputs")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("data", help="inspect a prepared dataset")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("stats", help="documents, tokens, document lengths against the context, a histogram PNG")
+    p.add_argument("dataset", help="a dataset dir made by `lmlab prepare`")
+    p.add_argument("--block-size", type=int, help="context length to compare with (default: the dataset's, or 1024)")
+    p.set_defaults(func=cmd_data_stats)
 
     p = sub.add_parser("train", help="train a model from a TOML config, or resume a run")
     p.add_argument("config", nargs="?", help="TOML preset, e.g. configs/shakespeare-char-cpu.toml")

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmlab.data.shards import TokenShards
+from lmlab.data.shards import TokenShards, open_tokens  # noqa: F401  (its callers import it from here)
 from lmlab.errors import UserError
-
-
-def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
-    """A split as one array over its shards (meta.json's index); a dataset without an index is SPLIT.bin alone."""
-    meta = json.loads((Path(dataset) / "meta.json").read_text(encoding="utf-8"))
-    files = [s["file"] for s in meta.get("shards", {}).get(split, [{"file": f"{split}.bin"}])]
-    paths = [Path(dataset) / f for f in files]
-    for path in paths:
-        if not path.exists():
-            raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
-    return TokenShards(paths, dtype)
 
 
 class BatchLoader:

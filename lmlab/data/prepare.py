@@ -211,7 +211,8 @@ class _Output:
         self.counts = saved.get("counts", {s: {"documents": 0, "characters": 0, "bytes": 0, "tokens": 0}
                                            for s in ("train", "val")})
         self.lost_tokens = saved.get("lost_tokens", 0)
-        self.val_names = saved.get("val_names", [])  # heap of (-key, name): the first val documents in key order
+        # A heap of (-key, name): the first val documents in key order.
+        self.val_names = [tuple(entry) for entry in saved.get("val_names", [])]
         self.writers = {split: ShardWriter(work, split, dtype, options.shard_tokens, saved.get("shards", {}).get(split))
                         for split in ("train", "valstage")}
         for split, count in saved.get("pending", {}).items():

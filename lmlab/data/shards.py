@@ -7,11 +7,13 @@ fits in one shard is the single file `train.bin`. Readers see the shards as one 
 from __future__ import annotations
 
 import bisect
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_bytes
 
 
@@ -44,6 +46,17 @@ class TokenShards:
         for part in self.parts:
             for at in range(0, len(part), size):
                 yield part[at:at + size]
+
+
+def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
+    """A split as one array over its shards (meta.json's index); a dataset without an index is SPLIT.bin alone."""
+    meta = json.loads((Path(dataset) / "meta.json").read_text(encoding="utf-8"))
+    files = [s["file"] for s in meta.get("shards", {}).get(split, [{"file": f"{split}.bin"}])]
+    paths = [Path(dataset) / f for f in files]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
+    return TokenShards(paths, dtype)
 
 
 class ShardWriter:

@@ -5,7 +5,6 @@ import base64
 import gzip
 import importlib.util
 import json
-import os
 import random
 import signal
 import subprocess
@@ -166,7 +165,7 @@ def test_a_killed_prepare_resumes_and_equals_an_uninterrupted_one(tmp_path):
     assert 0 < done < 6000
     first_shard = (record.parent / "train_00000.bin").stat().st_mtime_ns
     subprocess.run(command, check=True, capture_output=True)
-    _, whole, _ = prepare([str(source)], "word:100", name="whole", out_dir=tmp_path / "data")
+    prepare([str(source)], "word:100", name="whole", out_dir=tmp_path / "data")
     resumed = tmp_path / "data" / "docs-word100"
     assert not record.parent.exists()
     assert (resumed / "train_00000.bin").stat().st_mtime_ns == first_shard  # kept, not written again

@@ -172,15 +172,17 @@ def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndar
     """(tags, texts) batches from document `start` on; a tag is (document index, split code, name, characters)."""
     tags: list[tuple] = []
     texts: list[str] = []
+    characters = 0
     for index, doc in enumerate(iter_documents(files, options.text_field)):
         if index < start:  # already in the shards of an interrupted run
             continue
         for code, name, text in _pieces(doc, index, plan, cut):
             texts.append(_doc_text(kind, text))
             tags.append((index, code, name, len(texts[-1])))
-        if len(texts) >= BATCH_DOCS or sum(t[3] for t in tags) >= BATCH_CHARS:
+            characters += len(texts[-1])
+        if len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS:
             yield tags, texts
-            tags, texts = [], []
+            tags, texts, characters = [], [], 0
     if texts:
         yield tags, texts
 
@@ -269,7 +271,12 @@ class _Output:
 
 
     def finish(self) -> dict[str, list[Path]]:
-        """Close the shards and write val in split-key order; returns each split's shard files."""
+        """Close the shards and write val in split-key order; returns each split's shard files.
+
+        The progress record goes first: finishing renames and deletes the files a resume would read, so a
+        prepare killed while finishing starts over rather than resume from a state that is gone.
+        """
+        (self.work / "progress.json").unlink(missing_ok=True)
         if not self.counts["train"]["documents"] or not self.counts["val"]["documents"]:
             empty = "train" if not self.counts["train"]["documents"] else "val"
             raise UserError(f"no document went to the {empty} split; raise --val-fraction / --val-tokens or give "
@@ -283,8 +290,8 @@ class _Output:
         val = ShardWriter(self.work, "val", str(view.dtype), self.options.shard_tokens)
         for doc in np.argsort(index[:, 0], kind="stable"):
             val.append(view[offsets[doc]:offsets[doc + 1]])
-        for path in [*staged, self.val_index_path, self.work / "progress.json"]:
-            path.unlink(missing_ok=True)
+        for path in [*staged, self.val_index_path]:
+            path.unlink()
         return {"train": train, "val": val.close()}
 
     def checkpoint_val_index(self) -> None:
@@ -375,8 +382,10 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     target = Path(out_dir) / f"{name or corpus_name(sources)}-{spec.replace(':', '')}"
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
+    clock = [time.perf_counter()]
     with _progress(console) as progress:
         found = scan(files, options.text_field, val_fraction, kind == "char", progress)
+        clock.append(time.perf_counter())
         job = {"input_sha256": found.sha256, "tokenizer": spec, "val_fraction": val_fraction, **options.identity()}
         meta = _reusable(target, job, force)
         if meta is not None:
@@ -386,10 +395,12 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
         work = target.parent / f".{target.name}.partial"
         saved = _resume_or_start(work, job)
         tokenizer = _tokenizer(work, spec, files, options, found, plan, progress)
+        clock.append(time.perf_counter())
         dtype = "uint16" if tokenizer.vocab_size < 2**16 else "uint32"
         output = _Output(work, job, dtype, tokenizer.eot_id, options, saved)
         _tokenize(work, files, options, tokenizer, plan, found, output, progress)
     shards = output.finish()
+    clock.append(time.perf_counter())
     rule |= {"val_documents": [n for _, n in sorted(output.val_names, reverse=True)]} if len(plan) > 1 else {}
     meta = {
         "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind,
@@ -400,6 +411,8 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
                    for split, paths in shards.items()},
         "options": options.identity(), "lost_tokens": output.lost_tokens,
         "tokenizer_sha256": sha256_file(work / "tokenizer.json"),
+        # Of this process only: a resumed prepare times the part it did.
+        "seconds": dict(zip(("scan", "tokenizer", "tokenize"), np.diff(clock).round(3).tolist())),
         "lmlab_version": lmlab.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_text(work / "meta.json", json.dumps(meta, indent=2))

@@ -91,7 +91,7 @@ def plot_scaling(fits: list[PowerLawFit], path: Path) -> Path:
 def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> Path:
     """Histogram of tokens per document on a log x axis, with the context length marked."""
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    bins = np.geomspace(1, max(int(lengths.max()), block_size) * 1.1, 60)
+    bins = np.geomspace(max(1, min(int(lengths.min()), block_size)) / 1.1, max(int(lengths.max()), block_size) * 1.1, 60)
     ax.hist(np.maximum(lengths, 1), bins=bins, color="C0")
     beyond = (lengths > block_size).mean()
     ax.axvline(block_size, color="C1", linestyle="--",

@@ -46,7 +46,7 @@ from lmlab.data.corpora import (
     parquet_rows,
     resolve_sources,
 )
-from lmlab.data.encode import encode_in_order
+from lmlab.data.encode import Encoded, encode_in_order
 from lmlab.data.shards import ShardWriter, TokenShards
 from lmlab.data.tokenizers import Tokenizer, parse_spec, train_tokenizer
 from lmlab.errors import UserError
@@ -224,6 +224,7 @@ class _Output:
         with open(self.val_index_path, "ab") as f:
             f.truncate(16 * self.val_entries)  # entries past the last checkpoint are written again
         self.val_index: list[tuple[int, int]] = []  # (key, tokens) of val documents since the last checkpoint
+        self.completed = False  # whether the current batch finished a shard (then a checkpoint follows)
 
     def add(self, tag: tuple, ids: np.ndarray, nbytes: int) -> bool:
         """Write one document's ids; False when --max-tokens is reached and the pass should stop."""
@@ -248,7 +249,7 @@ class _Output:
                 heapq.heappop(self.val_names)
         return True
 
-    def add_batch(self, tags: list[tuple], encoded) -> bool:
+    def add_batch(self, tags: list[tuple], encoded: Encoded) -> bool:
         self.completed, offset = False, 0
         for tag, length, nbytes in zip(tags, encoded.lengths, encoded.nbytes):
             if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes)):
@@ -268,7 +269,6 @@ class _Output:
                  "val_names": self.val_names, "val_entries": self.val_entries, "pending": pending,
                  "shards": {split: w.shards for split, w in self.writers.items()}}
         atomic_write_text(self.work / "progress.json", json.dumps(state))
-
 
     def finish(self) -> dict[str, list[Path]]:
         """Close the shards and write val in split-key order; returns each split's shard files.

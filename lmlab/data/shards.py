@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,12 @@ class TokenShards:
                 return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             start, index = self.starts[index + 1], index + 1
 
-    def chunks(self, size: int = 1 << 24):
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        """The whole split for NumPy functions: the memory map itself for one shard, else a copy in memory."""
+        whole = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        return np.asarray(whole, dtype=dtype)
+
+    def chunks(self, size: int = 1 << 24) -> Iterator[np.ndarray]:
         """The whole split in order, `size` tokens at a time, for scans that must not load it at once."""
         for part in self.parts:
             for at in range(0, len(part), size):

@@ -120,6 +120,7 @@ class ShardWriter:
         """Write the last, partial shard and return the shard files; a split of one shard becomes SPLIT.bin."""
         if self.fill or not self.shards:
             self._write_shard()
+        self.buffer = np.empty(0, dtype=self.buffer.dtype)  # the memory goes back before the next writer fills
         self.pending_path.unlink(missing_ok=True)
         if len(self.shards) == 1:
             os.replace(self.path(0), self.folder / f"{self.split}.bin")

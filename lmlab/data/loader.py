@@ -1,27 +1,20 @@
-"""Random (B, T) batches from a memory-mapped token file, with a position that can be saved and restored."""
+"""Random (B, T) batches from a split's memory-mapped token shards, with a position that can be saved and restored."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lmlab.data.shards import TokenShards, open_tokens  # noqa: F401  (its callers import it from here)
 from lmlab.errors import UserError
-
-
-def open_tokens(dataset: Path, split: str, dtype: str) -> np.memmap:
-    path = Path(dataset) / f"{split}.bin"
-    if not path.exists():
-        raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
-    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
 
 class BatchLoader:
     """Samples windows uniformly at random; its whole position is the generator state, so resume is exact."""
 
-    def __init__(self, tokens: np.memmap, block_size: int, batch_size: int, seed: int, name: str = "data",
+    def __init__(self, tokens: np.ndarray | TokenShards, block_size: int, batch_size: int, seed: int, name: str = "data",
                  pin: bool = False):
         if len(tokens) < block_size + 2:
             raise UserError(

@@ -1,145 +1,426 @@
-"""corpus -> tokenizer -> train.bin / val.bin + tokenizer.json + meta.json, written atomically."""
+"""corpus -> token shards + tokenizer.json + meta.json, streamed, in parallel, resumable, renamed into place at the end.
+
+Passes over the source (each streams it; nothing holds the corpus):
+1. scan: hash every document's name (the split order) and content (the dataset's identity), count characters,
+   and for `char` collect the character set. Keeps 16 bytes per document.
+2. tokenizer training (bpe/word only): the train documents, up to `tokenizer_chars` characters, streamed into
+   `tokenizers`' trainer.
+3. tokenize: batches of documents encoded by worker processes (lmlab.data.encode), written in order to shards
+   (lmlab.data.shards) in a work dir `.NAME.partial`. After every finished shard a progress record is written;
+   a killed prepare resumes from it, and the dataset dir appears only by a rename once everything is written.
+
+Memory: IN_FLIGHT_PER_WORKER × workers batches of at most BATCH_CHARS characters (or one larger document)
++ one shard buffer per split (shard_tokens × 2 or 4 bytes) + 16 bytes per document for the split order.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 import lmlab
-from lmlab.data.corpora import Document, load_corpus
+from lmlab.data.corpora import (
+    Document,
+    corpus_name,
+    iter_documents,
+    parquet_rows,
+    resolve_sources,
+)
+from lmlab.data.encode import Encoded, encode_in_order
+from lmlab.data.shards import ShardWriter, TokenShards
 from lmlab.data.tokenizers import Tokenizer, parse_spec, train_tokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
 
+BATCH_DOCS = 512  # documents per worker task: large enough that inter-process overhead is small
+BATCH_CHARS = 2_000_000  # and small enough that in-flight batches stay a few MB each
+LISTED_VAL_DOCUMENTS = 100  # meta.json names the first val documents (in split order), not millions
+
 
 @dataclass
-class Split:
-    train: list[Document]
-    val: list[Document]
-    rule: dict[str, Any]
+class PrepareOptions:
+    """How `prepare` reads, splits, packs and writes; the defaults reproduce the single-file datasets."""
+
+    val_tokens: int | None = None  # size the val split in tokens instead of by --val-fraction of characters
+    max_tokens: int | None = None  # stop at the first document boundary at or after this many train tokens
+    pack: str = "concat"  # concat: documents joined by end-of-text; crop: each cut to block_size tokens first
+    block_size: int = 1024  # the context length crop mode cuts to
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB as uint16)
+    text_field: str = "text"  # the text column of .jsonl / .parquet / hf: sources
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    tokenizer_chars: int = 1_000_000_000  # characters of train text that bpe/word tokenizers are trained on
+    gpt2_dir: Path | None = None  # the gpt2 tokenizer's files (see tokenizers.load_gpt2)
+
+    def __post_init__(self) -> None:
+        if self.pack not in ("concat", "crop"):
+            raise UserError(f"--pack is {self.pack!r}; use concat or crop.")
+        for name in ("val_tokens", "max_tokens", "block_size", "shard_tokens", "workers", "tokenizer_chars"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} is {value}; it must be a positive number.")
+
+    def identity(self) -> dict[str, Any]:
+        """The options that change the dataset's content or layout (workers and sampling limits do not)."""
+        return {"val_tokens": self.val_tokens, "max_tokens": self.max_tokens, "pack": self.pack,
+                "block_size": self.block_size if self.pack == "crop" else None, "shard_tokens": self.shard_tokens}
 
 
-def split_documents(docs: list[Document], val_fraction: float) -> Split:
-    """Hold out whole documents (a play is a document), chosen by a hash of their names.
+def _key(name: str) -> int:
+    """A document's place in the split order: the first 8 bytes of sha256(name)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
 
-    The order is a pure function of the names, so the same corpus always splits the same way and adding a
-    file moves few others. A corpus of one document is split at the line nearest the tail fraction.
+
+def _tail_cut(doc: Document, val_fraction: float) -> int:
+    """Where a corpus of one document is split: the line start nearest the tail fraction."""
+    text = doc.text
+    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
+    if not text[:cut].strip() or not text[cut:].strip():
+        raise UserError(f"{doc.name} is too short to split into train and val; give it more text.")
+    return cut
+
+
+@dataclass
+class Scan:
+    keys: np.ndarray  # uint64 split-order key per document
+    chars: np.ndarray  # int64 characters per document
+    sha256: str  # of every document's name and text, in order
+    charset: set[str]
+    first_cut: int | None  # the tail split point, used when the corpus is a single document
+
+
+def scan(files: list[str], text_field: str, val_fraction: float, want_charset: bool, progress: Progress) -> Scan:
+    keys, chars, digest, charset, first_cut = array("Q"), array("q"), hashlib.sha256(), set(), None
+    task = progress.add_task("scanning", total=parquet_rows(files), tokens="")
+    for doc in iter_documents(files, text_field):
+        keys.append(_key(doc.name))
+        chars.append(len(doc.text))
+        digest.update(doc.name.encode() + b"\0" + doc.text.encode() + b"\0")
+        if want_charset:
+            charset.update(doc.text)
+        if first_cut is None:
+            first_cut = _tail_cut(doc, val_fraction) if len(doc.text) > 1 else 0
+        progress.advance(task)
+    progress.remove_task(task)
+    return Scan(np.frombuffer(keys, np.uint64), np.frombuffer(chars, np.int64), digest.hexdigest(), charset, first_cut)
+
+
+TRAIN, VAL, VAL_WHILE_BUDGET = 0, 1, 2  # a document's place in the split plan
+
+
+def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: list[str]) -> tuple[np.ndarray, dict]:
+    """Each document's split: TRAIN, VAL, or (with val_tokens) VAL_WHILE_BUDGET.
+
+    By default the val split is whole documents in sha256-of-name order until they hold val_fraction of the
+    characters: the same corpus always splits the same way and adding a file moves few others. With
+    val_tokens, a document whose key falls in the lowest val_fraction of the key range goes to val, in corpus
+    order, until val holds val_tokens tokens; the rest go to train.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction is {val_fraction}; it must be between 0 and 1, e.g. 0.1.")
-    if len(docs) == 1:
-        text = docs[0].text
-        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
-        if not text[:cut].strip() or not text[cut:].strip():
-            raise UserError(f"{docs[0].name} is too short to split into train and val; give it more text.")
-        rule = {"rule": "tail of the only document", "val_fraction": val_fraction, "cut_at_char": cut}
-        return Split([Document(docs[0].name, text[:cut])], [Document(docs[0].name + "#val", text[cut:])], rule)
-    order = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
-    target = val_fraction * sum(len(d.text) for d in docs)
-    val, size = [], 0
-    while size < target and len(val) < len(docs) - 1:
-        val.append(order[len(val)])
-        size += len(val[-1].text)
-    names = {d.name for d in val}
-    rule = {"rule": "whole documents by sha256 of name", "val_fraction": val_fraction,
-            "val_documents": [d.name for d in val]}
-    return Split([d for d in docs if d.name not in names], val, rule)
+    n = len(scan.keys)
+    if n == 0:
+        raise UserError(f"the corpus {' '.join(names)} is empty; give files that contain text.")
+    if n == 1:
+        if scan.first_cut == 0:
+            raise UserError(f"{names[0]} is too short to split into train and val; give it more text.")
+        return np.zeros(1, np.int8), {"rule": "tail of the only document", "val_fraction": val_fraction,
+                                   "cut_at_char": scan.first_cut}
+    if val_tokens:
+        candidate = scan.keys < np.uint64(val_fraction * 2.0**64)
+        return np.where(candidate, VAL_WHILE_BUDGET, TRAIN).astype(np.int8), {"rule": "documents with the lowest sha256 of name, up to a token "
+                                                  "budget", "val_fraction": val_fraction, "val_tokens": val_tokens}
+    order = np.lexsort((np.arange(n), scan.keys))
+    count = min(int(np.searchsorted(np.cumsum(scan.chars[order]), val_fraction * scan.chars.sum())) + 1, n - 1)
+    plan = np.full(n, TRAIN, np.int8)
+    plan[order[:count]] = VAL
+    return plan, {"rule": "whole documents by sha256 of name", "val_fraction": val_fraction}
 
 
-def _doc_texts(tokenizer_kind: str, docs: list[Document]) -> list[str]:
+def _doc_text(kind: str, text: str) -> str:
     # Char datasets have no end-of-text token, so documents are kept apart by a blank line instead.
-    if tokenizer_kind == "char":
-        return [d.text.rstrip("\n") + "\n\n" for d in docs]
-    return [d.text for d in docs]
+    return text.rstrip("\n") + "\n\n" if kind == "char" else text
 
 
-def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
-    ids: list[int] = []
-    for doc_ids in tokenizer.encode_batch(texts):
-        ids.extend(doc_ids)
-        if tokenizer.eot_id is not None:
-            ids.append(tokenizer.eot_id)
-    dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
-    return np.asarray(ids, dtype=dtype)
+def _pieces(doc: Document, index: int, plan: np.ndarray, cut: int | None) -> list[tuple[int, str, str]]:
+    """(split code, name, text) of one document; the only document of a corpus is cut into a train and a val piece."""
+    if len(plan) == 1:
+        return [(TRAIN, doc.name, doc.text[:cut]), (VAL, doc.name + "#val", doc.text[cut:])]
+    return [(int(plan[index]), doc.name, doc.text)]
 
 
-def corpus_sha256(docs: list[Document]) -> str:
-    digest = hashlib.sha256()
-    for d in docs:
-        digest.update(d.name.encode() + b"\0" + d.text.encode() + b"\0")
-    return digest.hexdigest()
+def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndarray, cut: int | None,
+             start: int) -> Iterator[tuple[list[tuple], list[str]]]:
+    """(tags, texts) batches from document `start` on; a tag is (document index, split code, name, characters)."""
+    tags: list[tuple] = []
+    texts: list[str] = []
+    characters = 0
+    for index, doc in enumerate(iter_documents(files, options.text_field)):
+        if index < start:  # already in the shards of an interrupted run
+            continue
+        for code, name, text in _pieces(doc, index, plan, cut):
+            texts.append(_doc_text(kind, text))
+            tags.append((index, code, name, len(texts[-1])))
+            characters += len(texts[-1])
+        if len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS:
+            yield tags, texts
+            tags, texts, characters = [], [], 0
+    if texts:
+        yield tags, texts
 
 
-def _write_dataset(tmp: Path, tokenizer: Tokenizer, split: Split) -> dict[str, Any]:
-    tokenizer.save(tmp / "tokenizer.json")
-    stats = {}
-    for name, docs in (("train", split.train), ("val", split.val)):
-        texts = _doc_texts(tokenizer.kind, docs)
-        tokens = _tokenize(tokenizer, texts)
-        path = tmp / f"{name}.bin"
-        with open(path, "wb") as f:
-            tokens.tofile(f)
+def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray, cut: int | None) -> Iterator[str]:
+    """The train documents' text, up to options.tokenizer_chars characters: what bpe/word tokenizers learn from."""
+    used = 0
+    for index, doc in enumerate(iter_documents(files, options.text_field)):
+        code, _, text = _pieces(doc, index, plan, cut)[0]
+        if code == TRAIN:
+            yield text
+            used += len(text)
+            if used >= options.tokenizer_chars:
+                return
+
+
+class _Output:
+    """The tokenize pass's writing side: routes each document to train or val, counts, and checkpoints.
+
+    Val documents are staged in corpus order and reordered by their split key at the end, so the val split
+    reads in the same order whether it was chosen up front or while streaming.
+    """
+
+    def __init__(self, work: Path, job: dict[str, Any], dtype: str, eot_id: int | None, options: PrepareOptions,
+                 saved: dict[str, Any]):
+        self.work, self.job, self.options, self.eot_id = work, job, options, eot_id
+        self.docs_done = saved.get("docs_done", 0)
+        self.counts = saved.get("counts", {s: {"documents": 0, "characters": 0, "bytes": 0, "tokens": 0}
+                                           for s in ("train", "val")})
+        self.lost_tokens = saved.get("lost_tokens", 0)
+        # A heap of (-key, name): the first val documents in key order.
+        self.val_names = [tuple(entry) for entry in saved.get("val_names", [])]
+        self.writers = {split: ShardWriter(work, split, dtype, options.shard_tokens, saved.get("shards", {}).get(split))
+                        for split in ("train", "valstage")}
+        for split, count in saved.get("pending", {}).items():
+            self.writers[split].restore_pending(count)
+        self.val_index_path = work / "val_index.bin"
+        self.val_entries = saved.get("val_entries", 0)
+        with open(self.val_index_path, "ab") as f:
+            f.truncate(16 * self.val_entries)  # entries past the last checkpoint are written again
+        self.val_index: list[tuple[int, int]] = []  # (key, tokens) of val documents since the last checkpoint
+        self.completed = False  # whether the current batch finished a shard (then a checkpoint follows)
+
+    def add(self, tag: tuple, ids: np.ndarray, nbytes: int) -> bool:
+        """Write one document's ids; False when --max-tokens is reached and the pass should stop."""
+        _, code, name, characters = tag
+        full = self.options.val_tokens is not None and self.counts["val"]["tokens"] >= self.options.val_tokens
+        split = "val" if code == VAL or (code == VAL_WHILE_BUDGET and not full) else "train"
+        if split == "train" and self.options.max_tokens and self.counts["train"]["tokens"] >= self.options.max_tokens:
+            return False
+        if self.options.pack == "crop":
+            self.lost_tokens += max(0, len(ids) - self.options.block_size)
+            ids = ids[:self.options.block_size]
+        if self.eot_id is not None:
+            ids = np.append(ids, self.eot_id)
+        self.completed |= self.writers["train" if split == "train" else "valstage"].append(ids)
+        for key, value in (("documents", 1), ("characters", characters), ("bytes", nbytes), ("tokens", len(ids))):
+            self.counts[split][key] += value
+        if split == "val":
+            key = _key(name)
+            self.val_index.append((key, len(ids)))
+            heapq.heappush(self.val_names, (-key, name))
+            if len(self.val_names) > LISTED_VAL_DOCUMENTS:
+                heapq.heappop(self.val_names)
+        return True
+
+    def add_batch(self, tags: list[tuple], encoded: Encoded) -> bool:
+        self.completed, offset = False, 0
+        for tag, length, nbytes in zip(tags, encoded.lengths, encoded.nbytes):
+            if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes)):
+                return False
+            offset += length
+        self.docs_done = tags[-1][0] + 1
+        if self.completed:
+            self.checkpoint()
+        return True
+
+    def checkpoint(self) -> None:
+        """Record everything up to docs_done: after this, a killed prepare resumes from here."""
+        pending = {split: w.save_pending() for split, w in self.writers.items()}
+        self.checkpoint_val_index()
+        fsync_dir(self.work)
+        state = {"job": self.job, "docs_done": self.docs_done, "counts": self.counts, "lost_tokens": self.lost_tokens,
+                 "val_names": self.val_names, "val_entries": self.val_entries, "pending": pending,
+                 "shards": {split: w.shards for split, w in self.writers.items()}}
+        atomic_write_text(self.work / "progress.json", json.dumps(state))
+
+    def finish(self) -> dict[str, list[Path]]:
+        """Close the shards and write val in split-key order; returns each split's shard files.
+
+        The progress record goes first: finishing renames and deletes the files a resume would read, so a
+        prepare killed while finishing starts over rather than resume from a state that is gone.
+        """
+        (self.work / "progress.json").unlink(missing_ok=True)
+        if not self.counts["train"]["documents"] or not self.counts["val"]["documents"]:
+            empty = "train" if not self.counts["train"]["documents"] else "val"
+            raise UserError(f"no document went to the {empty} split; raise --val-fraction / --val-tokens or give "
+                            "more documents.")
+        train = self.writers["train"].close()
+        staged = self.writers["valstage"].close()
+        self.checkpoint_val_index()
+        index = np.fromfile(self.val_index_path, dtype=np.uint64).reshape(-1, 2)
+        offsets = np.concatenate([[0], np.cumsum(index[:, 1].astype(np.int64))])
+        view = TokenShards(staged, str(self.writers["train"].buffer.dtype))
+        val = ShardWriter(self.work, "val", str(view.dtype), self.options.shard_tokens)
+        for doc in np.argsort(index[:, 0], kind="stable"):
+            val.append(view[offsets[doc]:offsets[doc + 1]])
+        for path in [*staged, self.val_index_path]:
+            path.unlink()
+        return {"train": train, "val": val.close()}
+
+    def checkpoint_val_index(self) -> None:
+        with open(self.val_index_path, "ab") as f:
+            np.asarray(self.val_index, dtype=np.uint64).reshape(-1, 2).tofile(f)
             f.flush()
             os.fsync(f.fileno())
-        stats[name] = {
-            "documents": len(docs),
-            "characters": sum(len(t) for t in texts),
-            "bytes": sum(len(t.encode()) for t in texts),  # of the text tokenized: bits per byte divides by it
-            "tokens": int(tokens.size),
-            "sha256": sha256_file(path),
-        }
-    stats["dtype"] = "uint16" if tokenizer.vocab_size < 2**16 else "uint32"
-    return stats
+        self.val_entries += len(self.val_index)
+        self.val_index = []
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
+                    TextColumn("{task.fields[tokens]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, disable=console is None)
+
+
+def _resume_or_start(work: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """The progress record of an interrupted prepare of the same job, or {} after clearing the work dir."""
+    record = work / "progress.json"
+    if record.exists():
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("job") == job and (work / "tokenizer.json").exists():
+            return saved
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return {}
+
+
+def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions, found: Scan, plan: np.ndarray,
+               progress: Progress, fixed: Tokenizer | None) -> Tokenizer:
+    """Train (or, on resume, reload; or take the fixed one) the tokenizer and save it where the workers read it."""
+    path = work / "tokenizer.json"
+    if path.exists():
+        return Tokenizer.load(path, spec)
+    task = progress.add_task("training the tokenizer", total=None, tokens="")
+    tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut),
+                                         ["".join(sorted(found.charset))])
+    progress.remove_task(task)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def _tokenize(work: Path, files: list[str], options: PrepareOptions, tokenizer: Tokenizer, plan: np.ndarray,
+              found: Scan, output: _Output, progress: Progress) -> None:
+    task = progress.add_task("tokenizing", total=len(plan), completed=output.docs_done, tokens="")
+    started, first_tokens = time.perf_counter(), output.counts["train"]["tokens"] + output.counts["val"]["tokens"]
+    batches = _batches(files, options, tokenizer.kind, plan, found.first_cut, output.docs_done)
+    encoded = encode_in_order(batches, work / "tokenizer.json", tokenizer.spec, options.workers)
+    try:
+        for tags, result in encoded:
+            if not output.add_batch(tags, result):
+                break
+            tokens = output.counts["train"]["tokens"] + output.counts["val"]["tokens"]
+            rate = (tokens - first_tokens) / (time.perf_counter() - started)
+            progress.update(task, completed=output.docs_done, tokens=f"{tokens:,} tokens {rate:,.0f} tokens/s")
+    finally:
+        encoded.close()  # stops the worker pool, also when --max-tokens ends the pass early
+
+
+def _reusable(target: Path, job: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """The meta of a finished dataset made by the same job, None if there is none; refuses to replace another."""
+    if not (target / "meta.json").exists():
+        return None
+    meta = read_meta(target)
+    made_by = {"input_sha256": meta.get("input_sha256"), "tokenizer": meta.get("tokenizer"),
+               "val_fraction": meta["split"].get("val_fraction"),
+               **meta.get("options", PrepareOptions().identity())}  # datasets from before the options existed
+    if made_by == job:
+        return meta
+    if not force:
+        raise UserError(f"{target} already holds a different dataset; pass --force to replace it or --name to "
+                        "write a new one.")
+    return None
 
 
 def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Path = Path("data"),
-            val_fraction: float = 0.1, force: bool = False,
-            gpt2_dir: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
-    """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, not rebuilt.
-    `gpt2_dir` holds GPT-2's tokenizer files for the `gpt2` spec."""
+            val_fraction: float = 0.1, force: bool = False, options: PrepareOptions | None = None,
+            console: Console | None = None) -> tuple[Path, dict[str, Any], bool]:
+    """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, not rebuilt;
+    an interrupted one is resumed from its last finished shard."""
+    options = options or PrepareOptions()
     kind, _ = parse_spec(spec)
-    corpus_name, docs = load_corpus(sources)
-    target = Path(out_dir) / f"{name or corpus_name}-{spec.replace(':', '')}"
-    source_hash = corpus_sha256(docs)
-    if (target / "meta.json").exists():
-        meta = read_meta(target)
-        if (meta.get("input_sha256"), meta.get("tokenizer"), meta["split"].get("val_fraction")) == (
-                source_hash, spec, val_fraction):
-            return target, meta, False
-        if not force:
-            raise UserError(f"{target} already holds a different dataset; pass --force to replace it or --name to "
-                            "write a new one.")
-    elif target.exists() and any(target.iterdir()) and not force:
+    files = resolve_sources(sources)
+    target = Path(out_dir) / f"{name or corpus_name(sources)}-{spec.replace(':', '')}"
+    if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
-
-    split = split_documents(docs, val_fraction)
-    tokenizer = train_tokenizer(spec, [d.text for d in split.train], [d.text for d in docs], gpt2_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        stats = _write_dataset(tmp, tokenizer, split)
-        meta = {
-            "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind,
-            "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": stats.pop("dtype"),
-            "input_sha256": source_hash, "split": split.rule, **stats,
-            "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
-            "lmlab_version": lmlab.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
-        fsync_dir(tmp)
-        _swap_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # A tokenizer that needs no training is loaded before the long scan: a missing file fails at once.
+    fixed = train_tokenizer(spec, [], [], options.gpt2_dir) if kind in ("gpt2", "tiktoken") else None
+    clock = [time.perf_counter()]
+    with _progress(console) as progress:
+        found = scan(files, options.text_field, val_fraction, kind == "char", progress)
+        clock.append(time.perf_counter())
+        job = {"input_sha256": found.sha256, "tokenizer": spec, "val_fraction": val_fraction, **options.identity()}
+        meta = _reusable(target, job, force)
+        if meta is not None:
+            return target, meta, False
+        plan, rule = plan_split(found, val_fraction, options.val_tokens, sources)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = target.parent / f".{target.name}.partial"
+        saved = _resume_or_start(work, job)
+        tokenizer = _tokenizer(work, spec, files, options, found, plan, progress, fixed)
+        clock.append(time.perf_counter())
+        dtype = "uint16" if tokenizer.vocab_size < 2**16 else "uint32"
+        output = _Output(work, job, dtype, tokenizer.eot_id, options, saved)
+        _tokenize(work, files, options, tokenizer, plan, found, output, progress)
+    shards = output.finish()
+    clock.append(time.perf_counter())
+    rule |= {"val_documents": [n for _, n in sorted(output.val_names, reverse=True)]} if len(plan) > 1 else {}
+    meta = {
+        "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind,
+        "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
+        "input_sha256": found.sha256, "split": rule,
+        **{split: {**output.counts[split], "sha256": sha256_file(*shards[split])} for split in ("train", "val")},
+        "shards": {split: [{"file": p.name, "tokens": p.stat().st_size // np.dtype(dtype).itemsize} for p in paths]
+                   for split, paths in shards.items()},
+        "options": options.identity(), "lost_tokens": output.lost_tokens,
+        "tokenizer_sha256": sha256_file(work / "tokenizer.json"),
+        # Of this process only: a resumed prepare times the part it did.
+        "seconds": dict(zip(("scan", "tokenizer", "tokenize"), np.diff(clock).round(3).tolist())),
+        "lmlab_version": lmlab.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(work / "meta.json", json.dumps(meta, indent=2))
+    fsync_dir(work)
+    _swap_into_place(work, target)
     return target, meta, True
 
 

@@ -4,12 +4,15 @@
 - `word:N`: the N most frequent words of the training split, GPT-2-style pre-tokenized (a word keeps its
   leading space, so decoding restores spacing), plus `<unk>` for the rest.
 - `bpe:N`: byte-level BPE with N tokens trained on the training split; never needs `<unk>`.
-- `gpt2`: OpenAI's GPT-2 byte-level BPE, read from local files (see `load_gpt2`), never downloaded.
+- `gpt2`: OpenAI's GPT-2 byte-level BPE, read from local Hugging Face files (see `load_gpt2`), never downloaded.
+- `tiktoken:NAME`: a fixed byte-level BPE (e.g. GPT-2's) read through the `tiktoken` library from a local file,
+  converted to the same tokenizer.json format so every later command loads it like the others.
 The non-char tokenizers put `<|endoftext|>` between documents.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -27,9 +30,12 @@ GPT2_DIR_ENV = "LMLAB_GPT2_DIR"  # where `gpt2` looks for its files when no fold
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
-    """`char` -> ("char", 0); `word:1000` -> ("word", 1000); `bpe:4096` -> ("bpe", 4096); `gpt2` -> ("gpt2", 0)."""
+    """`char` -> ("char", 0); `word:1000` -> ("word", 1000); `bpe:4096` -> ("bpe", 4096); `gpt2` -> ("gpt2", 0);
+    `tiktoken:gpt2` -> ("tiktoken", 0)."""
     kind, _, size = spec.partition(":")
     if kind in ("char", "gpt2") and not size:
+        return kind, 0
+    if kind == "tiktoken" and size.replace("_", "").replace("-", "").isalnum():
         return kind, 0
     if kind in ("word", "bpe") and size.isdigit():
         n = int(size)
@@ -37,7 +43,7 @@ def parse_spec(spec: str) -> tuple[str, int]:
         if n >= minimum:
             return kind, n
         raise UserError(f"tokenizer {spec}: {kind} needs N >= {minimum}.")
-    raise UserError(f"unknown tokenizer {spec!r}; use char, word:N, bpe:N (e.g. bpe:4096) or gpt2.")
+    raise UserError(f"unknown tokenizer {spec!r}; use char, word:N, bpe:N (e.g. bpe:4096), gpt2 or tiktoken:NAME.")
 
 
 class Tokenizer:
@@ -126,6 +132,8 @@ def train_tokenizer(spec: str, train_texts: list[str], all_texts: list[str],
     kind, size = parse_spec(spec)
     if kind == "gpt2":
         return load_gpt2(gpt2_dir)
+    if kind == "tiktoken":
+        return Tokenizer(spec, tiktoken_backend(spec.partition(":")[2]))
     if kind == "char":
         chars = sorted(set().union(*map(set, all_texts)))
         backend = tokenizers.Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}))
@@ -145,3 +153,78 @@ def train_tokenizer(spec: str, train_texts: list[str], all_texts: list[str],
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(train_texts, trainer)
     return Tokenizer(spec, backend)
+
+
+# GPT-2's pre-tokenization regex: the split a `NAME.tiktoken` file (ranks only, no pattern) is assumed to use.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for extra, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + extra)
+    return table
+
+
+def read_tiktoken_file(path: Path) -> dict[bytes, int]:
+    """A `.tiktoken` file: one `base64(token bytes) rank` pair per line."""
+    ranks = {}
+    for line in Path(path).read_text(encoding="ascii").splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _tiktoken_ranks(name: str) -> tuple[dict[bytes, int], str, int]:
+    """(mergeable ranks, pre-tokenization pattern, end-of-text id) of a tiktoken encoding available locally."""
+    folder = os.environ.get("TIKTOKEN_CACHE_DIR")
+    local = Path(folder, f"{name}.tiktoken") if folder else None
+    if local and local.exists():
+        ranks = read_tiktoken_file(local)
+        return ranks, GPT2_PATTERN, len(ranks)
+    try:
+        import tiktoken
+    except ImportError:
+        raise UserError(f"tokenizer tiktoken:{name} needs the tiktoken library; install it with "
+                        "`pip install 'lmlab[data]'`.")
+    try:
+        enc = tiktoken.get_encoding(name)
+    except (ValueError, OSError) as err:  # an unknown name, or tiktoken's download failing offline
+        raise UserError(f"tiktoken encoding {name!r} is not available here ({type(err).__name__}); put its file in "
+                        f"TIKTOKEN_CACHE_DIR (tiktoken's cache, or {name}.tiktoken) and try again.")
+    if EOT not in enc.special_tokens_set:
+        raise UserError(f"tiktoken encoding {name!r} has no {EOT} token to separate documents; use gpt2 or r50k_base.")
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in enc._special_tokens.values()}
+    return ranks, enc._pat_str, enc.encode_single_token(EOT)
+
+
+def tiktoken_backend(name: str) -> tokenizers.Tokenizer:
+    """The tiktoken encoding as a `tokenizers` byte-level BPE that yields the same ids.
+
+    Every token of two or more bytes becomes the merges of its two-part splits, ranked by the token's own
+    rank, which makes the BPE merge order tiktoken's. `<|endoftext|>` goes into the vocabulary only, not as an
+    added special token: text that contains it is encoded as ordinary text (tiktoken's encode_ordinary), and
+    only lmlab's separator carries the end-of-text id.
+    """
+    ranks, pattern, eot_id = _tiktoken_ranks(name)
+    to_text = _bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(to_text[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges.extend(sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]])))
+    vocab = {text(token): rank for token, rank in ranks.items()} | {EOT: eot_id}
+    # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken.
+    backend = tokenizers.Tokenizer(models.BPE(vocab, [(text(a), text(b)) for a, b in merges], ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    return backend

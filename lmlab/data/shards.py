@@ -1,0 +1,128 @@
+"""Token shards on disk: numbered flat files of token ids that together are one split's token stream.
+
+A split is `train_00000.bin`, `train_00001.bin`, ... listed with their token counts in meta.json; a split that
+fits in one shard is the single file `train.bin`. Readers see the shards as one concatenated array.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_bytes
+
+
+class TokenShards:
+    """The shards of a split as one read-only array: `len()` and slicing across shard boundaries."""
+
+    def __init__(self, paths: list[Path], dtype: str):
+        self.parts = [np.memmap(p, dtype=np.dtype(dtype), mode="r") if p.stat().st_size else
+                      np.zeros(0, dtype=np.dtype(dtype)) for p in paths]
+        self.starts = list(np.cumsum([0] + [len(p) for p in self.parts]))
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        start, stop, _ = window.indices(len(self))
+        stop = max(start, stop)
+        index = min(bisect.bisect_right(self.starts, start) - 1, len(self.parts) - 1)
+        pieces = []
+        while True:  # inside one shard this is a memory-map view; across a boundary, a copy
+            offset = self.starts[index]
+            pieces.append(self.parts[index][start - offset:stop - offset])
+            if stop <= self.starts[index + 1] or index + 1 == len(self.parts):
+                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            start, index = self.starts[index + 1], index + 1
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        """The whole split for NumPy functions: the memory map itself for one shard, else a copy in memory."""
+        whole = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        return np.asarray(whole, dtype=dtype)
+
+    def chunks(self, size: int = 1 << 24) -> Iterator[np.ndarray]:
+        """The whole split in order, `size` tokens at a time, for scans that must not load it at once."""
+        for part in self.parts:
+            for at in range(0, len(part), size):
+                yield part[at:at + size]
+
+
+def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
+    """A split as one array over its shards (meta.json's index); a dataset without an index is SPLIT.bin alone."""
+    meta = json.loads((Path(dataset) / "meta.json").read_text(encoding="utf-8"))
+    files = [s["file"] for s in meta.get("shards", {}).get(split, [{"file": f"{split}.bin"}])]
+    paths = [Path(dataset) / f for f in files]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
+    return TokenShards(paths, dtype)
+
+
+class ShardWriter:
+    """Appends tokens to `SPLIT_00000.bin`, ... of exactly `shard_tokens` tokens each (the last may be shorter).
+
+    Only the current shard's buffer is in memory. `save_pending` and the shard list are what a resumed
+    `prepare` needs to continue exactly where this writer stood.
+    """
+
+    def __init__(self, folder: Path, split: str, dtype: str, shard_tokens: int, shards: list[int] | None = None):
+        self.folder, self.split = Path(folder), split
+        self.buffer = np.empty(shard_tokens, dtype=np.dtype(dtype))
+        self.fill = 0
+        self.shards = list(shards or [])  # token counts of the finished shard files
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"{self.split}_{index:05d}.bin"
+
+    @property
+    def pending_path(self) -> Path:
+        return self.folder / f"{self.split}.pending"
+
+    def append(self, tokens: np.ndarray) -> bool:
+        """Add tokens; True when this completed at least one shard file."""
+        completed = False
+        while len(tokens):
+            take = min(len(tokens), len(self.buffer) - self.fill)
+            self.buffer[self.fill:self.fill + take] = tokens[:take]
+            self.fill += take
+            tokens = tokens[take:]
+            if self.fill == len(self.buffer):
+                self._write_shard()
+                completed = True
+        return completed
+
+    def _write_shard(self) -> None:
+        with open(self.path(len(self.shards)), "wb") as f:
+            self.buffer[:self.fill].tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        self.shards.append(self.fill)
+        self.fill = 0
+
+    def save_pending(self) -> int:
+        """Persist the unfinished shard's tokens (for a resume); returns how many there are."""
+        atomic_write_bytes(self.pending_path, self.buffer[:self.fill].tobytes())
+        return self.fill
+
+    def restore_pending(self, count: int) -> None:
+        tokens = np.fromfile(self.pending_path, dtype=self.buffer.dtype, count=count) if count else []
+        self.buffer[:count] = tokens
+        self.fill = count
+
+    def close(self) -> list[Path]:
+        """Write the last, partial shard and return the shard files; a split of one shard becomes SPLIT.bin."""
+        if self.fill or not self.shards:
+            self._write_shard()
+        self.buffer = np.empty(0, dtype=self.buffer.dtype)  # the memory goes back before the next writer fills
+        self.pending_path.unlink(missing_ok=True)
+        if len(self.shards) == 1:
+            os.replace(self.path(0), self.folder / f"{self.split}.bin")
+            return [self.folder / f"{self.split}.bin"]
+        return [self.path(i) for i in range(len(self.shards))]

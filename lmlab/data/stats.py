@@ -1,0 +1,59 @@
+"""What a dataset holds: documents, tokens, document lengths against the context length, chars per token.
+
+Document lengths come from the end-of-text separators in the token shards, so nothing is re-tokenized and
+nothing beyond the shards needs to be stored: a 10B-token dataset is scanned in memory-mapped chunks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmlab.data.prepare import read_meta
+from lmlab.data.shards import open_tokens
+
+
+def document_lengths(dataset: Path, meta: dict[str, Any]) -> np.ndarray | None:
+    """Tokens per document (the separator not counted), train then val; None without an end-of-text token."""
+    eot = meta.get("eot_id")
+    if eot is None:
+        return None
+    lengths = []
+    for split in ("train", "val"):
+        previous, offset = -1, 0  # the separator before the first document, and the chunk's place in the split
+        for chunk in open_tokens(dataset, split, meta["dtype"]).chunks():
+            ends = np.flatnonzero(chunk == eot) + offset
+            lengths.append(np.diff(ends, prepend=previous) - 1)
+            previous = ends[-1] if len(ends) else previous
+            offset += len(chunk)
+    return np.concatenate(lengths)
+
+
+def dataset_stats(dataset: Path, block_size: int | None = None) -> dict[str, Any]:
+    """Counts and document-length figures; block_size defaults to the crop length of a cropped dataset, else 1024."""
+    meta = read_meta(dataset)
+    options = meta.get("options", {})
+    block_size = block_size or options.get("block_size") or 1024
+    splits = [meta["train"], meta["val"]]
+    stats: dict[str, Any] = {
+        "dataset": str(dataset), "tokenizer": meta["tokenizer"], "pack": options.get("pack", "concat"),
+        "block_size": block_size, "documents": sum(s["documents"] for s in splits),
+        "tokens": sum(s["tokens"] for s in splits), "characters": sum(s["characters"] for s in splits),
+        "shards": {split: len(files) for split, files in meta.get("shards", {"train": [1], "val": [1]}).items()},
+    }
+    stats["chars_per_token"] = stats["characters"] / stats["tokens"]
+    lengths = document_lengths(Path(dataset), meta)
+    if lengths is not None and len(lengths):
+        beyond = np.maximum(lengths - block_size, 0)
+        lost = meta.get("lost_tokens", 0)  # cropped away at prepare time: the lengths here are after cropping
+        stats |= {
+            "mean": float(lengths.mean()), "median": float(np.median(lengths)),
+            "p90": float(np.percentile(lengths, 90)), "p99": float(np.percentile(lengths, 99)),
+            "max": int(lengths.max()),
+            "share_documents_beyond": float((lengths > block_size).mean()),
+            "share_tokens_beyond": float(beyond.sum() / max(lengths.sum(), 1)),
+            "lost_tokens": lost, "share_tokens_lost": lost / (int(lengths.sum()) + lost),
+        }
+    return {**stats, "lengths": lengths}

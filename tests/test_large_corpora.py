@@ -1,0 +1,230 @@
+"""Streaming prepare: parquet / jsonl(.gz) sources, shards, resume after a kill, bounded memory, packing,
+dataset statistics and tiktoken tokenizers."""
+
+import base64
+import gzip
+import importlib.util
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+
+from lmlab.data.loader import BatchLoader, open_tokens
+from lmlab.data.prepare import PrepareOptions, prepare
+from lmlab.data.stats import dataset_stats
+from lmlab.data.tokenizers import EOT, GPT2_PATTERN, Tokenizer
+from lmlab.errors import UserError
+from tests.conftest import WORDS
+
+
+def documents(n: int, seed: int = 0, words: tuple[int, int] = (5, 120)) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) + "." for _ in range(n)]
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    lines = "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts))
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines, encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, texts: list[str], field: str = "text") -> Path:
+    pq.write_table(pa.table({field: texts, "id": list(range(len(texts)))}), path, row_group_size=50)
+    return path
+
+
+def split_tokens(dataset: Path, split: str) -> np.ndarray:
+    meta = json.loads((dataset / "meta.json").read_text())
+    return np.asarray(open_tokens(dataset, split, meta["dtype"])[:])
+
+
+def decoded_documents(dataset: Path) -> list[str]:
+    meta = json.loads((dataset / "meta.json").read_text())
+    tok = Tokenizer.load(dataset / "tokenizer.json", meta["tokenizer"])
+    docs = []
+    for split in ("train", "val"):
+        ids = split_tokens(dataset, split)
+        ends = np.flatnonzero(ids == tok.eot_id)
+        docs += [tok.decode(piece) for piece in np.split(ids, ends + 1)[:-1]]
+    return [d.removesuffix(EOT) for d in docs]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".jsonl.gz"])
+def test_parquet_and_jsonl_sources_hold_every_document(tmp_path, suffix):
+    texts = documents(120)
+    path = tmp_path / f"docs{suffix}"
+    (write_parquet if suffix == ".parquet" else write_jsonl)(path, texts, field="body")
+    target, meta, _ = prepare([str(path)], "bpe:300", out_dir=tmp_path / "data",
+                              options=PrepareOptions(text_field="body", workers=2))
+    assert target.name == "docs-bpe300"
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 120
+    assert sorted(decoded_documents(target)) == sorted(texts)
+    with pytest.raises(UserError, match="--text-field"):
+        prepare([str(path)], "bpe:300", out_dir=tmp_path / "other")
+
+
+def test_sharded_output_reads_back_as_the_single_file_output(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", documents(300))
+    single, one, _ = prepare([str(source)], "word:100", name="one", out_dir=tmp_path)
+    sharded, many, _ = prepare([str(source)], "word:100", name="many", out_dir=tmp_path,
+                               options=PrepareOptions(shard_tokens=700, workers=2))
+    assert [s["file"] for s in one["shards"]["train"]] == ["train.bin"]
+    files = [s["file"] for s in many["shards"]["train"]]
+    assert len(files) > 3 and files[:2] == ["train_00000.bin", "train_00001.bin"]
+    assert all(s["tokens"] == 700 for s in many["shards"]["train"][:-1])
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(single, split), split_tokens(sharded, split))
+        assert one[split]["sha256"] == many[split]["sha256"]
+    # The loader draws the same windows whether or not they cross shard boundaries.
+    a = BatchLoader(open_tokens(single, "train", "uint16"), 64, 16, seed=3)
+    b = BatchLoader(open_tokens(sharded, "train", "uint16"), 64, 16, seed=3)
+    for _ in range(3):
+        assert all(np.array_equal(x, y) for x, y in zip(a.next(), b.next()))
+
+
+def test_a_dataset_without_a_shard_index_still_loads(tmp_path, char_dataset):
+    meta = json.loads((char_dataset / "meta.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        (old / name).write_bytes((char_dataset / name).read_bytes())
+    del meta["shards"], meta["options"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert np.array_equal(split_tokens(old, "train"), split_tokens(char_dataset, "train"))
+
+
+def test_max_tokens_stops_at_a_document_boundary_of_the_same_stream(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", documents(200))
+    full, _, _ = prepare([str(source)], "word:100", name="full", out_dir=tmp_path)
+    cut, meta, _ = prepare([str(source)], "word:100", name="cut", out_dir=tmp_path,
+                           options=PrepareOptions(max_tokens=2000))
+    train = split_tokens(cut, "train")
+    assert 2000 <= len(train) < 2000 + 130 and train[-1] == meta["eot_id"]
+    assert np.array_equal(train, split_tokens(full, "train")[:len(train)])
+
+
+def test_val_tokens_sizes_the_val_split(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", documents(300))
+    _, meta, _ = prepare([str(source)], "word:100", out_dir=tmp_path, val_fraction=0.5,
+                         options=PrepareOptions(val_tokens=1500))
+    assert 1500 <= meta["val"]["tokens"] < 1500 + 130
+    assert meta["split"]["val_tokens"] == 1500
+
+
+def test_crop_cuts_documents_to_the_block_size_and_counts_what_is_lost(tmp_path):
+    texts = documents(80, words=(5, 200))
+    source = write_jsonl(tmp_path / "docs.jsonl", texts)
+    target, meta, _ = prepare([str(source)], "word:100", out_dir=tmp_path,
+                              options=PrepareOptions(pack="crop", block_size=64))
+    tok = Tokenizer.load(target / "tokenizer.json", meta["tokenizer"])
+    lengths = [len(tok.encode(t)) for t in texts]
+    assert meta["lost_tokens"] == sum(max(0, n - 64) for n in lengths) > 0
+    stats = dataset_stats(target)
+    assert stats["block_size"] == 64 and stats["max"] == 64
+    assert stats["share_tokens_lost"] == pytest.approx(meta["lost_tokens"] / sum(lengths))
+
+
+def test_data_stats_prints_document_lengths_and_draws_a_histogram(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", documents(100, words=(5, 60)) + documents(10, 1, (300, 400)))
+    target, _, _ = prepare([str(source)], "word:100", out_dir=tmp_path)
+    stats = dataset_stats(target, block_size=128)
+    assert stats["documents"] == 110 and len(stats["lengths"]) == 110
+    assert stats["share_documents_beyond"] == pytest.approx(10 / 110)
+    assert stats["p99"] > 128 > stats["median"]
+    out = subprocess.run([sys.executable, "-m", "lmlab", "data", "stats", str(target), "--block-size", "128"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "tokens per document" in out and "9.1% of documents" in out
+    assert (target / "doc_lengths.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_killed_prepare_resumes_and_equals_an_uninterrupted_one(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", documents(6000, words=(20, 200)))
+    command = [sys.executable, "-m", "lmlab", "prepare", str(source), "--tokenizer", "word:100", "--workers", "1",
+               "--shard-tokens", "2000", "--out-dir", str(tmp_path / "data")]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = tmp_path / "data" / ".docs-word100.partial" / "progress.json"
+    while not record.exists() and proc.poll() is None:  # the first finished shard writes the progress record
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert record.exists() and not (tmp_path / "data" / "docs-word100").exists()
+    done = json.loads(record.read_text())["docs_done"]
+    assert 0 < done < 6000
+    first_shard = (record.parent / "train_00000.bin").stat().st_mtime_ns
+    subprocess.run(command, check=True, capture_output=True)
+    prepare([str(source)], "word:100", name="whole", out_dir=tmp_path / "data")
+    resumed = tmp_path / "data" / "docs-word100"
+    assert not record.parent.exists()
+    assert (resumed / "train_00000.bin").stat().st_mtime_ns == first_shard  # kept, not written again
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(resumed, split), split_tokens(tmp_path / "data" / "whole-word100", split))
+
+
+def _peak_rss_kib(source: Path, out: Path) -> int:
+    """Peak RSS of the largest process of a `lmlab prepare` run (the parent or one worker)."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    command = [sys.executable, "-c", probe, sys.executable, "-m", "lmlab", "prepare", str(source), "--tokenizer",
+               "word:1000", "--workers", "1", "--shard-tokens", "100000", "--out-dir", str(out)]
+    return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_as_the_corpus_grows(tmp_path):
+    small = write_jsonl(tmp_path / "small.jsonl", documents(1_000, words=(50, 500)))
+    large = write_jsonl(tmp_path / "large.jsonl", documents(16_000, 1, words=(50, 500)))
+    assert large.stat().st_size > 10 * 2**20  # > 16× the small corpus, ~5× the in-flight batches of text
+    grown = _peak_rss_kib(large, tmp_path / "b") - _peak_rss_kib(small, tmp_path / "a")
+    # Holding the extra ~9 MB of text and its ~2.6M token ids in Python lists, as a whole-corpus prepare
+    # does, costs well over 50 MB; streaming holds a few batches and one 100k-token shard buffer.
+    assert grown < 16 * 2**10, f"peak RSS grew by {grown / 2**10:.1f} MiB"
+
+
+def tiny_tiktoken(folder: Path) -> dict[bytes, int]:
+    """A small encoding in tiktoken's file format: every byte, then a few merges."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for token in (b"th", b"the", b" t", b" the", b"er", b" a", b"an", b"and", b" and", b"<|", b"|>", b"end"):
+        ranks[token] = len(ranks)
+    folder.mkdir(exist_ok=True)
+    (folder / "tiny.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
+
+
+def test_tiktoken_encodes_end_of_text_in_a_document_as_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+    ranks = tiny_tiktoken(tmp_path / "tiktoken")
+    enc = tiktoken.Encoding("tiny", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    texts = documents(30) + [f"the end {EOT} and then the rest — ünïcödé 🙂"]
+    source = write_jsonl(tmp_path / "docs.jsonl", texts)
+    target, meta, _ = prepare([str(source)], "tiktoken:tiny", out_dir=tmp_path / "data")
+    assert meta["eot_id"] == len(ranks) and meta["vocab_size"] == len(ranks) + 1
+    tokens = np.concatenate([split_tokens(target, "train"), split_tokens(target, "val")])
+    assert (tokens == meta["eot_id"]).sum() == len(texts)  # only the separators, not the literal one
+    assert sorted(decoded_documents(target)) == sorted(texts)
+    tok = Tokenizer.load(target / "tokenizer.json", meta["tokenizer"])  # what sample and eval load
+    for text in texts[-2:]:
+        assert tok.encode(text) == enc.encode_ordinary(text)
+        assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(UserError, match="not available here"):
+        prepare([str(source)], "tiktoken:nosuchencoding", out_dir=tmp_path / "data")
+
+
+def test_hf_sources_without_the_datasets_library_say_so(tmp_path):
+    if importlib.util.find_spec("datasets"):
+        pytest.skip("the datasets library is installed here")
+    with pytest.raises(UserError, match="needs the Hugging Face `datasets` library"):
+        prepare(["hf:HuggingFaceFW/fineweb:sample-10BT"], "bpe:300", out_dir=tmp_path / "data")
+    assert not (tmp_path / "data").exists()

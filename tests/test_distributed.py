@@ -25,7 +25,9 @@ TOLERANCE = 1e-5  # fp32; the ranks only change the order of a few sums
 
 
 def losses(run: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in read_metrics(run) if e["event"] == "train"}
+    train = [e for e in read_metrics(run) if e["event"] == "train"]
+    assert len({e["step"] for e in train}) == len(train), "a step logged twice (by two ranks?)"
+    return {e["step"]: e["loss"] for e in train}
 
 
 def val_losses(run: Path) -> dict[int, float]:
@@ -43,8 +45,18 @@ def torchrun(args: list[str], *extra: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def finish(job: subprocess.Popen, timeout: float = 120) -> str:
-    out, _ = job.communicate(timeout=timeout)
+def output(job: subprocess.Popen, timeout: float = 120) -> str:
+    """The job's output once it ends; a job still running after `timeout` is stopped, workers included."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        job.terminate()  # torchrun passes it on to the workers (each in its own session) and waits for them
+        job.communicate(timeout=60)
+        raise
+
+
+def finish(job: subprocess.Popen) -> str:
+    out = output(job)
     assert job.returncode == 0, out
     return out
 
@@ -90,10 +102,12 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_on_either(tmp_path, confi
     assert_same(losses(on_two), losses(single), range(1, 21))
 
 
-def wait_for(predicate, timeout: float = 60) -> None:
+def wait_for(job: subprocess.Popen, predicate, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "timed out"
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.terminate()
+            pytest.fail(f"the job ended or stalled first:\n{output(job)}")
         time.sleep(0.05)
 
 
@@ -105,7 +119,7 @@ def test_ddp_matches_one_process_through_an_elastic_restart(tmp_path, config, si
     # Without it, a restarted worker can read its peers' addresses from the failed attempt (pytorch#135712).
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=60")], "--max-restarts=1", env=env)
-    wait_for(lambda: (run / "checkpoints" / "step_000010").exists() and (run / "train.pid").exists())
+    wait_for(job, lambda: (run / "checkpoints" / "step_000010").exists() and (run / "train.pid").exists())
     os.kill(int((run / "train.pid").read_text()), signal.SIGKILL)
     out = finish(job)
     assert "Resumed" in out
@@ -117,10 +131,10 @@ def test_ddp_matches_one_process_through_an_elastic_restart(tmp_path, config, si
 def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, config):
     run = tmp_path / "dies"
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=5000")])
-    wait_for(lambda: any(e["event"] == "train" for e in read_metrics(run)))
+    wait_for(job, lambda: any(e["event"] == "train" for e in read_metrics(run)))
     pid = int((run / "train.pid").read_text())
     os.kill(pid, signal.SIGKILL)
-    out, _ = job.communicate(timeout=90)
+    out = output(job)
     assert job.returncode != 0
     assert "ChildFailedError" in out and f"Signal 9 (SIGKILL) received by PID {pid}" in out
 

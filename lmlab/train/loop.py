@@ -145,6 +145,7 @@ class Trainer:
         self.dtype = autocast_dtype(self.device, cfg.train.dtype)
         torch.manual_seed(cfg.train.seed)
         tc, mc = self.cfg.train, self.cfg.model
+        self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
         self.model, self.forward, self.optimizer, self.scaler = build_training(self.cfg, self.device,
                                                                                 self.dtype, self.parallel)
         self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
@@ -217,8 +218,8 @@ class Trainer:
 
     def _resume(self, force: bool) -> None:
         """Continue from `latest`; if it is damaged, fall back to the newest step folder that verifies."""
-        for leftover in (self.run_dir / "checkpoints").glob(".step_*.tmp-*"):  # a write cut short by a crash
-            if self.parallel.is_main:
+        if self.parallel.is_main:
+            for leftover in (self.run_dir / "checkpoints").glob(".step_*.tmp-*"):  # a write cut short by a crash
                 shutil.rmtree(leftover)
         resolve(self.run_dir, "latest")  # says so if there is nothing to resume
         trained, asked = dataclasses.asdict(run_config(self.run_dir).model), to_dict(self.cfg)["model"]
@@ -291,8 +292,7 @@ class Trainer:
             group["lr"] = lr
         batches = self.parallel.micro_batches(self.loader, tc.grad_accum_steps)
         total, norm = accumulate_gradients(self.forward, self.model, self.optimizer, self.scaler, batches,
-                                           self.parallel.local_steps(tc.grad_accum_steps), self.device, self.dtype,
-                                           tc.grad_clip)
+                                           self.micro_steps, self.device, self.dtype, tc.grad_clip)
         total, norm = self.parallel.reduce_step(total, norm)
         if not self.scaler.is_enabled():  # (the fp16 scaler sets this itself)
             # A non-finite loss or gradient never reaches the weights: the fused AdamW kernel skips the whole

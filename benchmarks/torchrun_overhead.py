@@ -6,8 +6,11 @@ Prepares data/shakespeare-char if needed, then trains the preset for --steps ste
 launcher in turn (alternating, so a change in the machine's load hits both alike) and prints, per launcher,
 the best of the repeats: the command's wall time (process start, torch import and rendezvous included), the
 training tokens/s from metrics.jsonl (DDP's gradient hooks and the per-step stop-flag all-reduce show here),
-and the loss at the last step. The two-process row keeps the tokens per step (grad_accum_steps 2 of 8
-sequences) and runs Gloo on the same cores: it is not a speedup test on a small CPU.
+and the loss at the last step. The one-process rows use torch's default of one thread per core. The
+two-process row keeps the tokens per step (grad_accum_steps 2 of 8 sequences) and runs Gloo on the same
+cores with one thread per process (torchrun sets OMP_NUM_THREADS=1 when it starts more than one): it is
+not a speedup test on a small CPU, and on a busy machine it mostly measures how badly two threads per
+process contend with other work.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 LAUNCHERS = {
     "plain `lmlab train`": ([sys.executable, "-m", "lmlab"], []),
     "torchrun --nproc_per_node=1 (DDP)": ([*TORCHRUN, "--nproc_per_node=1", "-m", "--", "lmlab"], []),
-    "torchrun --nproc_per_node=2 (DDP, Gloo)": ([*TORCHRUN, "--nproc_per_node=2", "-m", "--", "lmlab"],
-                                                 ["train.grad_accum_steps=2", "train.batch_size=8"]),
+    "torchrun --nproc_per_node=2 (DDP, Gloo, 1 thread each)": ([*TORCHRUN, "--nproc_per_node=2", "-m", "--", "lmlab"],
+                                                                ["train.grad_accum_steps=2", "train.batch_size=8"]),
 }
 
 

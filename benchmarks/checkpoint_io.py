@@ -19,7 +19,7 @@ from rich.table import Table
 from lmlab.cli import console  # wide tables when piped to a file
 from lmlab.config import ModelConfig, TrainConfig, load_config
 from lmlab.model.gpt import GPT
-from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
+from lmlab.train.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.train.optim import make_optimizer
 
 MODELS = {
@@ -39,7 +39,8 @@ def measure(config: ModelConfig, repeats: int) -> tuple[int, float, float, float
     with tempfile.TemporaryDirectory(dir=".") as run:
         for step in range(repeats):
             started = time.perf_counter()
-            folder = save_checkpoint(Path(run), step, model, optimizer, {"bench": True}, best=False)
+            folder = save_checkpoint(Path(run), step, model_tensors(model), optimizer.state_dict(), {"bench": True},
+                                     best=False)
             writes.append(time.perf_counter() - started)
             started = time.perf_counter()
             load_checkpoint(folder, model, optimizer)

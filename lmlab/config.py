@@ -49,8 +49,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # sequences per micro-batch
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
     max_iters: int = 5000  # optimizer steps
     learning_rate: float = 1e-3  # peak LR, reached after warmup
     min_lr: float = 1e-4  # floor of the cosine decay
@@ -74,6 +74,7 @@ class TrainConfig:
     compile: bool | str = "auto"  # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
     threads: int = 0  # CPU threads for torch; 0: one per core
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
+    parallel: str = "ddp"  # ddp | fsdp: under torchrun, a model replica per process, or sharded by FSDP2
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
@@ -89,6 +90,8 @@ class TrainConfig:
             raise UserError(f"train.tracker is '{self.tracker}'; use none, tensorboard or wandb.")
         if self.compile not in (True, False, "auto"):
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UserError(f"train.parallel is '{self.parallel}'; use ddp or fsdp.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"train.dtype is '{self.dtype}'; use auto, float32, bfloat16 or float16.")
 

@@ -32,7 +32,7 @@ from lmlab.fileio import atomic_write_text, sha256_file
 from lmlab.model.gpt import GPT
 from lmlab.plots import plot_losses
 from lmlab.runs import MetricsLog, load_run_model, load_run_tokenizer
-from lmlab.train.checkpoint import prune_checkpoints, save_checkpoint
+from lmlab.train.checkpoint import model_tensors, prune_checkpoints, save_checkpoint
 from lmlab.train.optim import lr_at, make_optimizer
 
 IGNORE = -100  # F.cross_entropy's default ignore_index: labels that add nothing to the loss
@@ -190,7 +190,8 @@ class _Finetuner:
         self.metrics.append({"event": "checkpoint", "step": self.step, "best": is_best})
         state = {"finetune_epoch": epoch, "val_loss": val, "model_config": dataclasses.asdict(self.cfg.model),
                  "lmlab_version": lmlab.__version__}
-        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, is_best)
+        save_checkpoint(self.run_dir, self.step, model_tensors(self.model), self.optimizer.state_dict(), state,
+                        is_best)
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         plot_losses(self.run_dir)
         mark = " | [bold green]best![/bold green]" if is_best else ""

@@ -26,7 +26,7 @@ from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
 from lmlab.model.gpt import GPT
 from lmlab.runs import load_run_model, load_run_tokenizer, run_config
-from lmlab.train.checkpoint import save_checkpoint
+from lmlab.train.checkpoint import model_tensors, save_checkpoint
 
 # transformers stores these four as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in).
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -188,7 +188,8 @@ def import_hf(folder: Path, run_dir: Path) -> dict[str, Any]:
         cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
         atomic_write_text(tmp / "config.toml", to_toml(cfg))
         state = {"imported_from": str(folder.resolve()), "model_config": dataclasses.asdict(model_cfg)}
-        save_checkpoint(tmp, 0, model, torch.optim.AdamW(model.parameters()), state, best=True)
+        save_checkpoint(tmp, 0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), state,
+                        best=True)
         facts = {"tokenizer": None, "vocab_size": model_cfg.vocab_size}
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
@@ -25,9 +25,23 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split the optimizer state into tensors (for safetensors) and plain values (for JSON)."""
-    sd = optimizer.state_dict()
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """The names of tied weights that model.safetensors leaves out, each mapped to the name it keeps (the first in
+    sorted order, as safetensors' save_model chooses: files written before and after read the same)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {alias: min(group) for group in names.values() for alias in group if alias != min(group)}
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: the state dict with each tied weight once."""
+    aliases = tied_aliases(model)
+    return {name: t for name, t in model.state_dict().items() if name not in aliases}
+
+
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (for safetensors) and plain values (for JSON)."""
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
@@ -46,10 +60,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def _check_free_space(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _check_free_space(root: Path, tensors: list[torch.Tensor]) -> None:
     """Refuse to start a checkpoint the disk cannot hold, rather than leave a half-written one."""
-    tensors = [*model.state_dict().values(),
-               *(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))]
     need = sum(t.numel() * t.element_size() for t in tensors) + (16 << 20)
     free = shutil.disk_usage(root).free
     if free < need:
@@ -57,18 +69,21 @@ def _check_free_space(root: Path, model: torch.nn.Module, optimizer: torch.optim
                         f"{free >> 20} MiB free); free some space, then resume the run with --resume.")
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                     state: dict[str, Any], best: bool) -> Path:
-    """Write step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it."""
+    """Write step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it.
+
+    `weights` is `model_tensors(model)` and `optimizer_state` the optimizer's state_dict (both gathered whole
+    when the model is sharded, lmlab.train.distributed.full_state), so every run writes the same files."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    _check_free_space(root, model, optimizer)
+    tensors, plain = _flatten_optimizer(optimizer_state)
+    _check_free_space(root, [*weights.values(), *tensors.values()])
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, plain = _flatten_optimizer(optimizer)
+    save_file({name: t.contiguous() for name, t in weights.items()}, str(tmp / "model.safetensors"))
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     files = {}
     for name in ("model.safetensors", "optimizer.safetensors"):
@@ -126,6 +141,11 @@ def load_checkpoint(folder: Path, model: torch.nn.Module,
     device = next(model.parameters()).device
     load_model(model, str(folder / "model.safetensors"), device=str(device))
     if optimizer is not None:
-        tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        optimizer.load_state_dict(read_optimizer_state(folder, state, device))
     return state
+
+
+def read_optimizer_state(folder: Path, state: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The optimizer state_dict a checkpoint holds (`state` is its verified state.json)."""
+    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
+    return _unflatten_optimizer(tensors, state["optimizer"])

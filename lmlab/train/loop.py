@@ -25,7 +25,7 @@ import lmlab
 from lmlab.config import RunConfig, to_dict, to_toml
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import read_meta
-from lmlab.device import autocast, autocast_dtype, configure, peak_flops, resolve_device
+from lmlab.device import autocast, autocast_dtype, configure, peak_flops
 from lmlab.errors import UserError
 from lmlab.evaluate import estimate_loss
 from lmlab.fileio import atomic_write_text
@@ -34,7 +34,8 @@ from lmlab.plots import plot_losses
 from lmlab.runs import MetricsLog, run_config
 from lmlab.scaling import flops_per_token
 from lmlab.tracking import Tracker
-from lmlab.train.checkpoint import load_checkpoint, prune_checkpoints, resolve, save_checkpoint
+from lmlab.train.checkpoint import prune_checkpoints, resolve, save_checkpoint
+from lmlab.train.distributed import Parallel, elastic_restart, setup
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import lr_at, make_optimizer
 
@@ -69,15 +70,17 @@ class TrainResult:
     stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
 
 
-def build_training(cfg: RunConfig, device: torch.device, dtype: torch.dtype
+def build_training(cfg: RunConfig, device: torch.device, dtype: torch.dtype, parallel: Parallel | None = None
                    ) -> tuple[GPT, Any, torch.optim.Optimizer, torch.amp.GradScaler]:
-    """The model on its device, its (maybe compiled) forward, AdamW and the fp16 grad scaler."""
+    """The model on its device, its (maybe compiled, maybe DDP- or FSDP-wrapped) forward, AdamW and the fp16
+    grad scaler."""
     configure(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model = GPT(cfg.model).to(device)
+    trained = parallel.wrap(model, cfg.train.parallel, dtype) if parallel else model
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda")
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(trained) if compiled else trained
     optimizer = make_optimizer(model, cfg.train)
     return model, forward, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -135,12 +138,16 @@ class Trainer:
                  keep_optimizer: bool = False):
         self.cfg, self.meta = resolve_config(cfg)
         self.run_dir = Path(run_dir)
+        self.parallel, self.device = setup(device)
         self.console = console or Console()
-        self.device = resolve_device(device)
+        if not self.parallel.is_main:
+            self.console.quiet = True  # one voice for the whole job (the CLI's console too)
         self.dtype = autocast_dtype(self.device, cfg.train.dtype)
         torch.manual_seed(cfg.train.seed)
         tc, mc = self.cfg.train, self.cfg.model
-        self.model, self.forward, self.optimizer, self.scaler = build_training(self.cfg, self.device, self.dtype)
+        self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
+        self.model, self.forward, self.optimizer, self.scaler = build_training(self.cfg, self.device,
+                                                                                self.dtype, self.parallel)
         self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
         self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train",
@@ -148,25 +155,31 @@ class Trainer:
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         self.flops_per_token = flops_per_token(mc, self.model.num_params())
         self.peak_flops, self.peak_source = peak_flops(self.device, self.dtype)
+        self.peak_flops *= self.parallel.world_size  # tokens/s counts every rank's tokens
         self.metrics = MetricsLog(self.run_dir)
         self.state = RunState()
         self._saved_step = -1  # the step of the newest checkpoint written by this process
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience)
+        # A torchrun worker restarted after a failure (--max-restarts) runs the same command: it continues.
+        resume = resume or (elastic_restart() and any((self.run_dir / "checkpoints").glob("step_*")))
         if resume:
             self._resume(force)
         else:
             self._start(init_from, keep_optimizer)
-        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-        self.tracker = Tracker(tc.tracker, self.run_dir, to_dict(self.cfg), resume_step=self.state.step if resume else None)
-        # The run keeps its tokenizer and dataset facts, so it samples and evaluates after the dataset is gone.
-        shutil.copyfile(Path(self.cfg.data.dataset) / "tokenizer.json", self.run_dir / "tokenizer.json")
-        atomic_write_text(self.run_dir / "dataset.json", json.dumps(self.meta, indent=2))
+        self.tracker = Tracker(tc.tracker if self.parallel.is_main else "none", self.run_dir, to_dict(self.cfg),
+                               resume_step=self.state.step if resume else None)
+        if self.parallel.is_main:
+            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+            # The run keeps its tokenizer and dataset facts, so it samples and evaluates after the dataset is gone.
+            shutil.copyfile(Path(self.cfg.data.dataset) / "tokenizer.json", self.run_dir / "tokenizer.json")
+            atomic_write_text(self.run_dir / "dataset.json", json.dumps(self.meta, indent=2))
 
     def _log(self, event: dict[str, Any]) -> None:
-        self.metrics.append(event)
-        self.tracker.log(event)
+        if self.parallel.is_main:
+            self.metrics.append(event)
+            self.tracker.log(event)
 
     def _start(self, init_from: str | None, keep_optimizer: bool) -> None:
         checkpoints = self.run_dir / "checkpoints"
@@ -175,10 +188,13 @@ class Trainer:
                             f"{self.run_dir}` or pick a new --run.")
         if init_from:
             self._init_from(init_from, keep_optimizer)
+        if not self.parallel.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics.path.unlink(missing_ok=True)
         self.metrics.append({
             "event": "start", "step": 0, "lmlab_version": lmlab.__version__, "device": str(self.device),
+            "world_size": self.parallel.world_size, "parallel": self.parallel.mode,
             "dtype": str(self.dtype).removeprefix("torch."), "params": self.model.num_params(),
             "params_non_embedding": self.model.num_params(embeddings=False),
             "dataset": self.cfg.data.dataset, "tokenizer": self.meta["tokenizer"], "init_from": init_from,
@@ -197,13 +213,14 @@ class Trainer:
             raise UserError(f"--init-from {old_dir} has another model shape "
                             f"({_differences(dataclasses.asdict(old), dataclasses.asdict(self.cfg.model))}); "
                             "use the same [model] settings as that run.")
-        load_checkpoint(resolve(Path(old_dir), which or "latest"), self.model,
-                        self.optimizer if keep_optimizer else None)
+        self.parallel.load_checkpoint(resolve(Path(old_dir), which or "latest"), self.model,
+                                      self.optimizer if keep_optimizer else None)
 
     def _resume(self, force: bool) -> None:
         """Continue from `latest`; if it is damaged, fall back to the newest step folder that verifies."""
-        for leftover in (self.run_dir / "checkpoints").glob(".step_*.tmp-*"):  # a write cut short by a crash
-            shutil.rmtree(leftover)
+        if self.parallel.is_main:
+            for leftover in (self.run_dir / "checkpoints").glob(".step_*.tmp-*"):  # a write cut short by a crash
+                shutil.rmtree(leftover)
         resolve(self.run_dir, "latest")  # says so if there is nothing to resume
         trained, asked = dataclasses.asdict(run_config(self.run_dir).model), to_dict(self.cfg)["model"]
         trained["vocab_size"] = trained["vocab_size"] or asked["vocab_size"]  # 0 in a hand-written config
@@ -215,7 +232,8 @@ class Trainer:
             raise UserError(f"dataset {self.cfg.data.dataset} differs from the one {self.run_dir} was trained on "
                             "(train.bin checksum); pass --force to continue on the new data anyway.")
         self._restore(saved, data_position=True)
-        self.metrics.truncate_after(self.state.step)
+        if self.parallel.is_main:
+            self.metrics.truncate_after(self.state.step)
         self.console.print(f"Resumed {self.run_dir} from {folder.name} (step {self.state.step}).")
 
     def _load_newest_good(self, at_most: int | None = None) -> tuple[Path, dict[str, Any]]:
@@ -226,7 +244,7 @@ class Trainer:
             if at_most is not None and int(folder.name.removeprefix("step_")) > at_most:
                 continue
             try:
-                return folder, load_checkpoint(folder, self.model, self.optimizer)
+                return folder, self.parallel.load_checkpoint(folder, self.model, self.optimizer)
             except UserError as err:
                 self.console.print(f"[yellow]{err} Trying an older checkpoint.[/yellow]")
         raise UserError(f"no checkpoint of {self.run_dir} could be loaded; start the run again.")
@@ -259,9 +277,12 @@ class Trainer:
         # Logged first: a crash between the two leaves an event that resume drops with everything after the
         # checkpoint it falls back to, while the other order could lose the event of a checkpoint that exists.
         self._log({"event": "checkpoint", "step": self.state.step, "best": best})
-        save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, state, best)
+        weights, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
+        if self.parallel.is_main:
+            save_checkpoint(self.run_dir, self.state.step, weights, optimizer_state, state, best)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
         self._saved_step = self.state.step
-        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
 
     def _train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
@@ -269,9 +290,10 @@ class Trainer:
         lr = lr_at(self.state.step, tc) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = (self.loader.next() for _ in range(tc.grad_accum_steps))
+        batches = self.parallel.micro_batches(self.loader, tc.grad_accum_steps)
         total, norm = accumulate_gradients(self.forward, self.model, self.optimizer, self.scaler, batches,
-                                           tc.grad_accum_steps, self.device, self.dtype, tc.grad_clip)
+                                           self.micro_steps, self.device, self.dtype, tc.grad_clip)
+        total, norm = self.parallel.reduce_step(total, norm)
         if not self.scaler.is_enabled():  # (the fp16 scaler sets this itself)
             # A non-finite loss or gradient never reaches the weights: the fused AdamW kernel skips the whole
             # update, moments and step count included, when found_inf is 1, decided on the device.
@@ -320,7 +342,7 @@ class Trainer:
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         train, val = (estimate_loss(self.forward, tokens, self.cfg.model.block_size, tc.batch_size, tc.eval_iters,
-                                    tc.seed + offset, self.device, self.dtype)
+                                    tc.seed + offset, self.device, self.dtype, self.parallel)
                       for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
@@ -338,7 +360,8 @@ class Trainer:
         self._log({"event": "eval", "step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
                    "train_loss": avg_train, "train_eval_loss": train_eval, "val_loss": val,
                    "best_val_loss": s.best_val_loss, "is_best": is_best})
-        plot_losses(self.run_dir)  # kept current, so a long run can be watched while it goes
+        if self.parallel.is_main:
+            plot_losses(self.run_dir)  # kept current, so a long run can be watched while it goes
         mark = " | [bold green]best![/bold green]" if is_best else ""
         self.console.print(f"step {s.step} | train {avg_train:.4f} | val {val:.4f}{mark}")
         s.stopped_early = bool(tc.patience) and s.evals_since_best >= tc.patience
@@ -357,12 +380,15 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to max_iters (or early stop, or a stop signal); `train.pid` marks the run as running meanwhile."""
         pid_file = self.run_dir / "train.pid"
-        pid_file.write_text(str(os.getpid()))
+        if self.parallel.is_main:
+            pid_file.write_text(str(os.getpid()))
         try:
             return self._loop()
         finally:
             self.tracker.close()
-            pid_file.unlink(missing_ok=True)
+            if self.parallel.is_main:
+                pid_file.unlink(missing_ok=True)
+            self.parallel.close()
 
     def _loop(self) -> TrainResult:
         s, tc = self.state, self.cfg.train
@@ -374,7 +400,7 @@ class Trainer:
                    TextColumn("ETA"), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=True) as bar, _StopOnSignal() as stop:
             task = bar.add_task("train", total=tc.max_iters, completed=s.step, info="")
-            while s.step < tc.max_iters and not s.stopped_early and not stop.signal:
+            while s.step < tc.max_iters and not s.stopped_early and not self.parallel.any(bool(stop.signal)):
                 started = time.perf_counter()
                 self._train_step()
                 s.step, s.tokens = s.step + 1, s.tokens + tokens_per_step
@@ -411,7 +437,7 @@ class Trainer:
         self._log({"event": "end", "step": s.step, "tokens": s.tokens, "elapsed": round(s.elapsed, 3),
                    "best_val_loss": s.best_val_loss, "best_step": s.best_step,
                    "stopped_early": s.stopped_early, "stopped_by": stopped_by})
-        plot = plot_losses(self.run_dir)
+        plot = plot_losses(self.run_dir) if self.parallel.is_main else self.run_dir / "loss.png"
         return TrainResult(self.run_dir, s.best_val_loss, s.best_step, s.step, s.stopped_early, plot, stopped_by)
 
 

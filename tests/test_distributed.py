@@ -1,0 +1,144 @@
+"""Training under torchrun on the CPU (Gloo): real `torch.distributed.run` jobs of two processes against the
+same run in one process, resume across world sizes, and a worker that dies."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmlab.config import load_config
+from lmlab.errors import UserError
+from lmlab.runs import read_metrics
+from lmlab.train.distributed import Parallel
+from lmlab.train.loop import Trainer
+from tests.conftest import write_config
+
+# A fixed LR schedule (lr_decay_iters), so runs of different lengths take the same first steps; two micro-batches
+# per step, one per rank under two processes.
+SETTINGS = ["train.grad_accum_steps=2", "train.lr_decay_iters=20", "train.log_interval=1", "train.keep_checkpoints=9"]
+TOLERANCE = 1e-5  # fp32; the ranks only change the order of a few sums
+
+
+def losses(run: Path) -> dict[int, float]:
+    train = [e for e in read_metrics(run) if e["event"] == "train"]
+    assert len({e["step"] for e in train}) == len(train), "a step logged twice (by two ranks?)"
+    return {e["step"]: e["loss"] for e in train}
+
+
+def val_losses(run: Path) -> dict[int, float]:
+    return {e["step"]: e["val_loss"] for e in read_metrics(run) if e["event"] == "eval"}
+
+
+def assert_same(got: dict[int, float], want: dict[int, float], steps: range) -> None:
+    assert sorted(got) == list(steps)
+    assert max(abs(got[s] - want[s]) for s in steps) < TOLERANCE
+
+
+def torchrun(args: list[str], *extra: str, **kw) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra,
+               "-m", "--", "lmlab", "train", *args, "--device", "cpu"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def output(job: subprocess.Popen, timeout: float = 120) -> str:
+    """The job's output once it ends; a job still running after `timeout` is stopped, workers included."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        job.terminate()  # torchrun passes it on to the workers (each in its own session) and waits for them
+        job.communicate(timeout=60)
+        raise
+
+
+def finish(job: subprocess.Popen) -> str:
+    out = output(job)
+    assert job.returncode == 0, out
+    return out
+
+
+def resumable_at(run: Path, step: int, copy: Path) -> Path:
+    """A copy of `run` as if it had stopped after `step`: `latest` points at that checkpoint."""
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "latest").write_text(f"step_{step:06d}")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, char_dataset) -> Path:
+    return write_config(tmp_path_factory.mktemp("cfg") / "tiny.toml", char_dataset, max_iters=20)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, config) -> Path:
+    """The reference: 60 steps in one process, without torchrun."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    Trainer(load_config(config, [*SETTINGS, "train.max_iters=60"]), run, "cpu").run()
+    return run
+
+
+def sets(*settings: str) -> list[str]:
+    return [arg for s in [*SETTINGS, *settings] for arg in ("--set", s)]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_matches_one_and_resumes_on_either(tmp_path, config, single):
+    run = tmp_path / "fsdp"
+    finish(torchrun([str(config), "--run", str(run), *sets('train.parallel="fsdp"')]))
+    assert_same(losses(run), losses(single), range(1, 21))
+    assert max(abs(v - val_losses(single)[s]) for s, v in val_losses(run).items()) < TOLERANCE
+    assert next(e for e in read_metrics(run) if e["event"] == "start")["world_size"] == 2
+    # The gathered checkpoint continues in one process ...
+    on_one = resumable_at(run, 10, tmp_path / "fsdp-then-one")
+    Trainer(load_config(on_one / "config.toml"), on_one, "cpu", resume=True).run()
+    assert_same(losses(on_one), losses(single), range(1, 21))
+    # ... and a one-process checkpoint continues sharded over two.
+    on_two = resumable_at(single, 10, tmp_path / "one-then-fsdp")
+    finish(torchrun(["--resume", str(on_two), *sets('train.parallel="fsdp"', "train.max_iters=20")]))
+    assert_same(losses(on_two), losses(single), range(1, 21))
+
+
+def wait_for(job: subprocess.Popen, predicate, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.terminate()
+            pytest.fail(f"the job ended or stalled first:\n{output(job)}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_ddp_matches_one_process_through_an_elastic_restart(tmp_path, config, single):
+    """Rank 0 is killed after the first checkpoint; torchrun --max-restarts starts the same command again, which
+    continues from the checkpoint: the loss curve is the one-process curve, step for step."""
+    run = tmp_path / "ddp"
+    # Without it, a restarted worker can read its peers' addresses from the failed attempt (pytorch#135712).
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=60")], "--max-restarts=1", env=env)
+    wait_for(job, lambda: (run / "checkpoints" / "step_000010").exists() and (run / "train.pid").exists())
+    os.kill(int((run / "train.pid").read_text()), signal.SIGKILL)
+    out = finish(job)
+    assert "Resumed" in out
+    assert_same(losses(run), losses(single), range(1, 61))
+    assert [e["event"] for e in read_metrics(run)].count("start") == 1
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, config):
+    run = tmp_path / "dies"
+    job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=5000")])
+    wait_for(job, lambda: any(e["event"] == "train" for e in read_metrics(run)))
+    pid = int((run / "train.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    out = output(job)
+    assert job.returncode != 0
+    assert "ChildFailedError" in out and f"Signal 9 (SIGKILL) received by PID {pid}" in out
+
+
+def test_accumulation_that_cannot_split_over_the_ranks_is_refused():
+    with pytest.raises(UserError, match=r"grad_accum_steps \(3\) must be a multiple of the number of processes \(2\)"):
+        Parallel(rank=1, local_rank=1, world_size=2).local_steps(3)

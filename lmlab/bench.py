@@ -73,7 +73,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
         seconds = (time.perf_counter() - started) / steps
         rate = batch_size * tc.grad_accum_steps * T / seconds
         peak, _ = peak_flops(device, dtype)
-        return BenchRow(batch_size, rate, 1000 * seconds, rate * flops_per_token(cfg.model, model.num_params()) / peak,
+        return BenchRow(batch_size, rate, 1000 * seconds, rate * flops_per_token(model) / peak,
                         _peak_memory(device))
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)

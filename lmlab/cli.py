@@ -223,7 +223,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.bench import bench_batch, with_vocab
     from lmlab.config import load_config
     from lmlab.device import resolve_device
-    from lmlab.model.gpt import GPT
+    from lmlab.model import build_model
     from lmlab.runs import summarize
     from lmlab.scaling import Plan, chinchilla_percent, format_duration
 
@@ -231,7 +231,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     run = summarize(target) if target.is_dir() else None
     cfg = with_vocab(load_config(target / "config.toml" if run else target, args.set))
     with torch.device("meta"):  # counts parameters without allocating them
-        model = GPT(cfg.model)
+        model = build_model(cfg.model)
     params, non_embedding = model.num_params(), model.num_params(embeddings=False)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
     if args.tokens:

@@ -1,4 +1,4 @@
-"""Sampling with a KV cache."""
+"""Sampling, carrying what the model keeps between tokens: a transformer's KV cache or a recurrent state."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import autocast, autocast_dtype, resolve_device
-from lmlab.model.gpt import GPT, KVCache
+from lmlab.model import LanguageModel
 from lmlab.runs import load_run_model
 
 
@@ -25,12 +25,12 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+def generate(model: LanguageModel, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[int]:
     """Continue `prompt` by `max_new_tokens` tokens; temperature 0 is greedy.
 
-    Learned positions stop at block_size, so when the cache is full the window restarts from the newest
-    half of the context (re-encoded in one pass) rather than recomputing the whole window every token.
+    The model was trained on block_size tokens at most, so when the cache is full the window restarts from the
+    newest half of the context (re-encoded in one pass) rather than recomputing the whole window every token.
     """
     device = next(model.parameters()).device
     block_size = model.config.block_size
@@ -39,7 +39,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
     for _ in range(max_new_tokens):
         if cache is None or cache.pos == block_size:
             window = ids[-block_size:] if cache is None else ids[-max(1, block_size // 2):]
-            cache = KVCache(model.config, 1, device, dtype)
+            cache = model.new_cache(1, device, dtype)
             step_input = window
         else:
             step_input = ids[-1:]

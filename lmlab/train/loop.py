@@ -29,7 +29,7 @@ from lmlab.device import autocast, autocast_dtype, configure, peak_flops, resolv
 from lmlab.errors import UserError
 from lmlab.evaluate import estimate_loss
 from lmlab.fileio import atomic_write_text
-from lmlab.model.gpt import GPT
+from lmlab.model import LanguageModel, build_model
 from lmlab.plots import plot_losses
 from lmlab.runs import MetricsLog, run_config
 from lmlab.scaling import flops_per_token
@@ -70,12 +70,12 @@ class TrainResult:
 
 
 def build_training(cfg: RunConfig, device: torch.device, dtype: torch.dtype
-                   ) -> tuple[GPT, Any, torch.optim.Optimizer, torch.amp.GradScaler]:
-    """The model on its device, its (maybe compiled) forward, AdamW and the fp16 grad scaler."""
+                   ) -> tuple[LanguageModel, Any, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model on its device, its (maybe compiled) forward, the optimizer and the fp16 grad scaler."""
     configure(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda")
     forward = torch.compile(model) if compiled else model
     optimizer = make_optimizer(model, cfg.train)
@@ -146,7 +146,7 @@ class Trainer:
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train",
                                   pin=self.device.type == "cuda")
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
-        self.flops_per_token = flops_per_token(mc, self.model.num_params())
+        self.flops_per_token = flops_per_token(self.model)
         self.peak_flops, self.peak_source = peak_flops(self.device, self.dtype)
         self.metrics = MetricsLog(self.run_dir)
         self.state = RunState()
@@ -274,7 +274,7 @@ class Trainer:
                                            tc.grad_accum_steps, self.device, self.dtype, tc.grad_clip)
         if not self.scaler.is_enabled():  # (the fp16 scaler sets this itself)
             # A non-finite loss or gradient never reaches the weights: the fused AdamW kernel skips the whole
-            # update, moments and step count included, when found_inf is 1, decided on the device.
+            # update, moments and step count included, when found_inf is 1, decided on the device (Muon: optim.py).
             self.optimizer.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -355,7 +355,7 @@ class Trainer:
         return f"loss {mean:.4f} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
 
     def run(self) -> TrainResult:
-        """Train to max_iters (or early stop, or a stop signal); `train.pid` marks the run as running meanwhile."""
+        """Train to max_iters (or early stop, max_seconds, a stop signal); `train.pid` marks the run as running."""
         pid_file = self.run_dir / "train.pid"
         pid_file.write_text(str(os.getpid()))
         try:
@@ -370,16 +370,18 @@ class Trainer:
         tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.cfg.model.block_size
         clock, elapsed_before = time.perf_counter(), s.elapsed
         step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
+        out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
         columns = [TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                    TextColumn("ETA"), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=True) as bar, _StopOnSignal() as stop:
             task = bar.add_task("train", total=tc.max_iters, completed=s.step, info="")
-            while s.step < tc.max_iters and not s.stopped_early and not stop.signal:
+            while s.step < tc.max_iters and not s.stopped_early and not stop.signal and not out_of_time:
                 started = time.perf_counter()
                 self._train_step()
                 s.step, s.tokens = s.step + 1, s.tokens + tokens_per_step
                 logging = s.step % tc.log_interval == 0
-                evaluating = s.step % tc.eval_interval == 0 or s.step == tc.max_iters
+                out_of_time = bool(tc.max_seconds) and elapsed_before + time.perf_counter() - clock >= tc.max_seconds
+                evaluating = s.step % tc.eval_interval == 0 or s.step == tc.max_iters or out_of_time
                 saving = s.step % tc.checkpoint_interval == 0
                 # The device runs ahead (and the next batch is prepared meanwhile) until a point that needs
                 # the losses: a log line, an eval, a checkpoint.

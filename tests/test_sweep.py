@@ -35,9 +35,10 @@ def test_the_grid_is_the_cartesian_product_under_one_token_budget(tmp_path, char
 @pytest.mark.slow
 def test_an_interrupted_sweep_skips_its_finished_trials(tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
-    command = [LMLAB, "sweep", config, "--set", "train.learning_rate=3e-3,1e-2", "--set", "model.n_layer=1",
-               "--budget-tokens", str(8 * 32 * 20), "--name", "lr", "--dir", tmp_path / "runs", "--device", "cpu"]
-    first, second = (tmp_path / "runs" / "lr" / f"learning_rate={lr}" for lr in ("3e-3", "1e-2"))
+    # The transformer against the recurrent model: the second trial also runs the recurrent one end to end.
+    command = [LMLAB, "sweep", config, "--set", "model.kind=gpt,recurrent", "--set", "model.n_layer=1",
+               "--budget-tokens", str(8 * 32 * 20), "--name", "arch", "--dir", tmp_path / "runs", "--device", "cpu"]
+    first, second = (tmp_path / "runs" / "arch" / f"kind={kind}" for kind in ("gpt", "recurrent"))
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while summarize(first).status != "finished" and proc.poll() is None:
@@ -46,10 +47,10 @@ def test_an_interrupted_sweep_skips_its_finished_trials(tmp_path, char_dataset):
     proc.kill()  # mid-way through the second trial (or just before it starts)
     proc.wait()
     out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300).stdout
-    assert "learning_rate=3e-3: already finished, skipped" in out
+    assert "kind=gpt: already finished, skipped" in out
     assert summarize(first).steps == 20 and summarize(second).status == "finished"
     assert summarize(second).steps == 20 and summarize(second).tokens == 8 * 32 * 20
-    assert "Compared with learning_rate=3e-3" in out and "best setting: learning_rate=" in out
+    assert "Compared with kind=gpt" in out and "best setting: kind=" in out
 
 
 def test_a_wall_clock_budget_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path, char_dataset):

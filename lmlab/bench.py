@@ -50,7 +50,7 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2) -> BenchRow:
-    """Time `steps` full training steps (forward, backward, clip, AdamW) at one micro-batch size."""
+    """Time `steps` full training steps (forward, backward, clip, optimizer) at one micro-batch size."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)

@@ -1,5 +1,6 @@
-"""The training loop: AdamW + warmup/cosine, grad accumulation and clipping, periodic eval, early stopping,
-best/latest checkpoints with exact resume, a loss-spike/NaN guard, metrics.jsonl and a live progress bar."""
+"""The training loop: the configured optimizer and LR schedule, grad accumulation and clipping, periodic eval,
+early stopping, best/latest checkpoints with exact resume, a loss-spike/NaN guard, metrics.jsonl and a live
+progress bar."""
 
 from __future__ import annotations
 

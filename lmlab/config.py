@@ -56,6 +56,12 @@ class ModelConfig:
         for name, choices in MODEL_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise UserError(f"model.{name} is '{getattr(self, name)}'; use {' or '.join(choices)}.")
+        if self.kind == "gpt":  # the recurrent model has no heads
+            self._check_heads()
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
+
+    def _check_heads(self) -> None:
         if self.n_embd % self.n_head:
             raise UserError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
@@ -67,8 +73,6 @@ class ModelConfig:
         if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
             raise UserError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head}); "
                             "use 0 for as many as n_head.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
 
     @property
     def kv_heads(self) -> int:

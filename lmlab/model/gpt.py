@@ -95,7 +95,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:  # bounds the attention logits, which otherwise can grow and spike the loss
-            q, k = self.q_norm(q), self.k_norm(k)
+            # In fp32, as autocast runs LayerNorm: under bf16 the norm would get bf16 input and fp32 gains.
+            q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         mask, causal = None, True

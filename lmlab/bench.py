@@ -50,7 +50,7 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2) -> BenchRow:
-    """Time `steps` full training steps (forward, backward, clip, AdamW) at one micro-batch size."""
+    """Time `steps` full training steps (forward, backward, clip, optimizer) at one micro-batch size."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
@@ -73,7 +73,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
         seconds = (time.perf_counter() - started) / steps
         rate = batch_size * tc.grad_accum_steps * T / seconds
         peak, _ = peak_flops(device, dtype)
-        return BenchRow(batch_size, rate, 1000 * seconds, rate * flops_per_token(cfg.model, model.num_params()) / peak,
+        return BenchRow(batch_size, rate, 1000 * seconds, rate * flops_per_token(model) / peak,
                         _peak_memory(device))
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)

@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from lmlab.errors import UserError
+
+if TYPE_CHECKING:
+    from lmlab.runs import RunSummary
 
 # Piped output (logs, CI, tests) is not cut to 80 columns: tables stay whole and greppable.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -245,12 +249,28 @@ def cmd_runs(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from lmlab.plots import plot_comparison
     from lmlab.runs import summarize
-    from lmlab.scaling import chinchilla_percent
 
     runs = [summarize(Path(r)) for r in args.runs]
     for s in runs:
         if s.best_val_loss is None or not s.params:
             raise UserError(f"{s.path} has no evaluation to compare ({s.status}); train it past one eval_interval.")
+    console.print(comparison_table(runs))
+    if args.plot:
+        console.print(f"plot: {plot_comparison(runs, Path(args.plot), args.x, args.log)}")
+    if args.prompt is not None:
+        from lmlab.generate import sample_run
+
+        samples = Table(title=f"Samples, prompt {args.prompt!r}, seed {args.seed}", show_lines=True)
+        for s in runs:
+            samples.add_column(s.name, overflow="fold")
+        samples.add_row(*(sample_run(s.path, args.prompt, args.max_new_tokens, seed=args.seed)[0] for s in runs))
+        console.print(samples)
+
+
+def comparison_table(runs: list[RunSummary]) -> Table:
+    """Runs (RunSummary objects with an evaluation) side by side, each figure relative to the first run."""
+    from lmlab.scaling import chinchilla_percent
+
     base = runs[0]
     table = Table(title=f"Compared with {base.name}")
     rows = {
@@ -270,17 +290,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
         table.add_column(s.name, justify="right")
     for label, cell in rows.items():
         table.add_row(label, *(cell(s) for s in runs))
-    console.print(table)
-    if args.plot:
-        console.print(f"plot: {plot_comparison(runs, Path(args.plot), args.x, args.log)}")
-    if args.prompt is not None:
-        from lmlab.generate import sample_run
+    return table
 
-        samples = Table(title=f"Samples, prompt {args.prompt!r}, seed {args.seed}", show_lines=True)
-        for s in runs:
-            samples.add_column(s.name, overflow="fold")
-        samples.add_row(*(sample_run(s.path, args.prompt, args.max_new_tokens, seed=args.seed)[0] for s in runs))
-        console.print(samples)
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from lmlab.sweep import run_sweep
+
+    result = run_sweep(Path(args.config), args.set, args.name, Path(args.dir), args.budget_tokens or 0,
+                       args.budget_seconds or 0.0, args.device, console)
+    evaluated = [s for s in result.summaries if s.best_val_loss is not None and s.params]
+    if evaluated:
+        console.print(comparison_table(evaluated))
+    if result.stopped_by:
+        console.print(f"sweep stopped by {result.stopped_by}; run the same command again to continue it.")
+    best = result.best
+    if best:
+        console.print(f"best setting: {best.name} (best val loss {best.best_val_loss:.4f}, run {best.path})")
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
@@ -346,7 +371,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.bench import bench_batch, with_vocab
     from lmlab.config import load_config
     from lmlab.device import resolve_device
-    from lmlab.model.gpt import GPT
+    from lmlab.model import build_model
     from lmlab.runs import summarize
     from lmlab.scaling import Plan, chinchilla_percent, format_duration
 
@@ -354,7 +379,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     run = summarize(target) if target.is_dir() else None
     cfg = with_vocab(load_config(target / "config.toml" if run else target, args.set))
     with torch.device("meta"):  # counts parameters without allocating them
-        model = GPT(cfg.model)
+        model = build_model(cfg.model)
     params, non_embedding = model.num_params(), model.num_params(embeddings=False)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
     if args.tokens:
@@ -560,6 +585,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="train every combination of a few settings under one budget, then compare")
+    p.add_argument("config", help="TOML preset the trials start from")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="values to sweep, comma-separated (one value: a setting for every trial); repeatable")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-tokens", type=int, help="training tokens per trial (sets train.max_iters)")
+    budget.add_argument("--budget-seconds", type=float, help="wall-clock seconds per trial (sets train.max_seconds)")
+    p.add_argument("--name", help="sweep name: trials go to DIR/NAME/<trial> (default: <config name>-sweep)")
+    p.add_argument("--dir", default="runs", help="where the sweep folder goes (default: runs)")
+    _add_device(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("scaling", help="fit best val loss against compute and parameters as power laws")
     p.add_argument("runs", nargs="+")

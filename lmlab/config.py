@@ -21,30 +21,64 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
+# The choices of each string-valued model option; the first is the default.
+MODEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "kind": ("gpt", "recurrent"),
+    "pos_emb": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu"),
+    "gelu_approx": ("none", "tanh"),
+    "rnn_cell": ("gru", "lstm"),
+}
+
+
 @dataclass
 class ModelConfig:
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256  # context length in tokens
+    kind: str = "gpt"  # gpt | recurrent: a transformer, or stacked GRU/LSTM layers carrying a state token to token
+    n_layer: int = 6  # transformer blocks, or stacked recurrent layers
+    n_head: int = 6  # attention (query) heads; unused by the recurrent model
+    n_embd: int = 384  # residual width, or the recurrent model's embedding and hidden-state width
+    block_size: int = 256  # context length in tokens (the recurrent model trains on sequences this long)
     dropout: float = 0.0
-    bias: bool = True  # biases in linear layers and LayerNorms
+    bias: bool = True  # biases in linear layers and norms (the recurrent cells always keep theirs)
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
     gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
+    pos_emb: str = "learned"  # learned | rope: a learned position table, or rotary embeddings of q and k
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu: 4x GELU MLP, or a gated SiLU MLP with ~8/3x hidden width (same params)
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
+    tie_embeddings: bool = True  # the output head shares the token embedding's weights
+    n_kv_head: int = 0  # key/value heads; 0: n_head; fewer: grouped-query attention (must divide n_head)
+    rnn_cell: str = "gru"  # gru | lstm: the recurrent model's cell
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"model.{name} must be at least 1; set it to a positive integer.")
+        for name, choices in MODEL_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UserError(f"model.{name} is '{getattr(self, name)}'; use {' or '.join(choices)}.")
+        if self.kind == "gpt":  # the recurrent model has no heads
+            self._check_heads()
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
+
+    def _check_heads(self) -> None:
         if self.n_embd % self.n_head:
             raise UserError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
                 "change one of them."
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
-        if self.gelu_approx not in ("none", "tanh"):
-            raise UserError(f"model.gelu_approx is '{self.gelu_approx}'; use none or tanh.")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"model.pos_emb = \"rope\" needs an even head size; n_embd / n_head is "
+                            f"{self.n_embd // self.n_head}, change one of them.")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise UserError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head}); "
+                            "use 0 for as many as n_head.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
 
 @dataclass
@@ -52,10 +86,14 @@ class TrainConfig:
     batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
     grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
     max_iters: int = 5000  # optimizer steps
-    learning_rate: float = 1e-3  # peak LR, reached after warmup
-    min_lr: float = 1e-4  # floor of the cosine decay
+    max_seconds: float = 0.0  # wall-clock budget: end the run cleanly (final eval and checkpoint) after it; 0: none
+    optimizer: str = "adamw"  # adamw | muon: Muon for hidden 2-D weights, AdamW for embeddings, head and the rest
+    learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
+    min_lr: float = 1e-4  # the LR at the end of the decay
+    schedule: str = "cosine"  # cosine | wsd: warmup then cosine decay, or warmup-stable-decay
+    decay_fraction: float = 0.2  # wsd: share of the steps, at the end, over which the LR falls (1-sqrt) to min_lr
     warmup_iters: int = 100
-    lr_decay_iters: int = 0  # steps over which the LR decays to min_lr; 0: max_iters
+    lr_decay_iters: int = 0  # cosine: steps over which the LR decays to min_lr; 0: max_iters
     weight_decay: float = 0.1  # applied to 2-D weights only
     beta1: float = 0.9
     beta2: float = 0.99
@@ -84,6 +122,14 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be at least 1; set it to a positive integer.")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise UserError("train.learning_rate must be positive and train.min_lr in [0, learning_rate].")
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"train.optimizer is '{self.optimizer}'; use adamw or muon.")
+        if self.schedule not in ("cosine", "wsd"):
+            raise UserError(f"train.schedule is '{self.schedule}'; use cosine or wsd.")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
+        if self.max_seconds < 0:
+            raise UserError(f"train.max_seconds ({self.max_seconds}) must be 0 (no limit) or positive.")
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
         if self.tracker not in ("none", "tensorboard", "wandb"):
@@ -92,6 +138,10 @@ class TrainConfig:
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
         if self.parallel not in ("ddp", "fsdp"):
             raise UserError(f"train.parallel is '{self.parallel}'; use ddp or fsdp.")
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            # Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks.
+            raise UserError("train.optimizer = \"muon\" does not work with train.parallel = \"fsdp\" (Muon needs "
+                            "whole matrices, FSDP shards them); use parallel = \"ddp\" or optimizer = \"adamw\".")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"train.dtype is '{self.dtype}'; use auto, float32, bfloat16 or float16.")
 

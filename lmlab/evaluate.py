@@ -16,7 +16,7 @@ from lmlab.data.prepare import read_meta
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.device import autocast, autocast_dtype, resolve_device
 from lmlab.errors import UserError
-from lmlab.model.gpt import GPT
+from lmlab.model import LanguageModel
 from lmlab.runs import load_run_model, load_run_tokenizer
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def estimate_loss(forward: Callable, tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int,
                   seed: int, device: torch.device, dtype: torch.dtype, parallel: Parallel | None = None) -> float:
-    """Mean loss of `forward` (a GPT, compiled or not) over `n_batches` random batches drawn from a fixed
+    """Mean loss of `forward` (a model, compiled or not) over `n_batches` random batches drawn from a fixed
     seed: the same batches at every call.
 
     Under torchrun rank r scores batches r, r + N, ... and the sums are all-reduced. Every rank runs the same
@@ -48,7 +48,7 @@ def estimate_loss(forward: Callable, tokens: np.ndarray, block_size: int, batch_
 
 
 @torch.no_grad()
-def evaluate_split(model: GPT, tokens: np.ndarray, bytes_per_token: float, batch_size: int,
+def evaluate_split(model: LanguageModel, tokens: np.ndarray, bytes_per_token: float, batch_size: int,
                    device: torch.device, dtype: torch.dtype,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Score every token of a split once, in consecutive windows of block_size.

@@ -29,7 +29,7 @@ from lmlab.data.tokenizers import EOT, Tokenizer
 from lmlab.device import autocast, autocast_dtype, resolve_device
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, sha256_file
-from lmlab.model.gpt import GPT
+from lmlab.model import LanguageModel
 from lmlab.plots import plot_losses
 from lmlab.runs import MetricsLog, load_run_model, load_run_tokenizer
 from lmlab.train.checkpoint import model_tensors, prune_checkpoints, save_checkpoint
@@ -143,7 +143,7 @@ class FinetuneResult:
 class _Finetuner:
     """The state one fine-tuning run shares between its steps, evaluations and checkpoints."""
 
-    def __init__(self, model: GPT, cfg: RunConfig, run_dir: Path, device: torch.device, console: Console):
+    def __init__(self, model: LanguageModel, cfg: RunConfig, run_dir: Path, device: torch.device, console: Console):
         self.model, self.cfg, self.run_dir, self.device, self.console = model, cfg, run_dir, device, console
         self.dtype = autocast_dtype(device, cfg.train.dtype)
         self.optimizer = make_optimizer(model, cfg.train)
@@ -199,7 +199,7 @@ class _Finetuner:
 
 
 def _start_run(base: Path, run_dir: Path, cfg: RunConfig, fmt: PromptFormat, facts: dict[str, Any],
-               model: GPT) -> None:
+               model: LanguageModel) -> None:
     """Lay out the new run dir: config, the base's tokenizer and dataset facts, the prompt format, a start event."""
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"{run_dir} already has checkpoints; pick a new --run for the fine-tuned model.")

@@ -1,4 +1,4 @@
-"""Sampling with a KV cache."""
+"""Sampling, carrying what the model keeps between tokens: a transformer's KV cache or a recurrent state."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import autocast, autocast_dtype, resolve_device
 from lmlab.finetune import PromptFormat, prompt_format
-from lmlab.model.gpt import GPT, KVCache
+from lmlab.model import LanguageModel
 from lmlab.runs import load_run_model, load_run_tokenizer
 
 
@@ -33,13 +33,13 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
 
 
 @torch.no_grad()
-def stream_ids(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+def stream_ids(model: LanguageModel, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
                top_k: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                top_p: float = 1.0) -> Iterator[int]:
     """Yield up to `max_new_tokens` tokens continuing `prompt`, one at a time; temperature 0 is greedy.
 
-    Learned positions stop at block_size, so when the cache is full the window restarts from the newest
-    half of the context (re-encoded in one pass) rather than recomputing the whole window every token.
+    The model was trained on block_size tokens at most, so when the cache is full the window restarts from the
+    newest half of the context (re-encoded in one pass) rather than recomputing the whole window every token.
     """
     device = next(model.parameters()).device
     block_size = model.config.block_size
@@ -48,7 +48,7 @@ def stream_ids(model: GPT, prompt: list[int], max_new_tokens: int, temperature: 
     for _ in range(max_new_tokens):
         if cache is None or cache.pos == block_size:
             window = ids[-block_size:] if cache is None else ids[-max(1, block_size // 2):]
-            cache = KVCache(model.config, 1, device, dtype)
+            cache = model.new_cache(1, device, dtype)
             step_input = window
         else:
             step_input = ids[-1:]
@@ -58,7 +58,7 @@ def stream_ids(model: GPT, prompt: list[int], max_new_tokens: int, temperature: 
         yield ids[-1]
 
 
-def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+def generate(model: LanguageModel, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
              top_p: float = 1.0) -> list[int]:
     """All of `stream_ids` at once."""
@@ -78,7 +78,7 @@ class TextStream:
     string, at the end-of-text token or after max_new_tokens; then `finish_reason` is "stop" or "length"
     (OpenAI's words) and `tokens` the number of tokens generated."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int,
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int,
                  temperature: float, top_k: int | None, top_p: float, seed: int, stop: Sequence[str] = (),
                  dtype: torch.dtype = torch.float32):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
@@ -116,7 +116,7 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
 
 
-def instruct(model: GPT, tokenizer: Tokenizer, fmt: PromptFormat, instruction: str, input: str = "",
+def instruct(model: LanguageModel, tokenizer: Tokenizer, fmt: PromptFormat, instruction: str, input: str = "",
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
              seed: int = 1337, dtype: torch.dtype = torch.float32) -> str:
     """The model's answer to an instruction asked in `fmt`, up to the format's end marker."""

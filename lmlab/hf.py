@@ -56,6 +56,7 @@ EXPORTABLE: dict[str, tuple[Callable[[ModelConfig], bool], str]] = {
     "gelu_approx": (_ANY, ""),  # both exist in transformers: "gelu" and "gelu_new"
     "bias": (_is("bias", True), "GPT-2 has a bias in every linear layer and LayerNorm"),
     "kind": (_is("kind", "gpt"), "GPT-2 is a transformer, not a recurrent model"),
+    "rnn_cell": (_ANY, ""),  # read only by the recurrent model, which `kind` refuses
     "pos_emb": (_is("pos_emb", "learned"), "GPT-2 learns one embedding per position and has no rotary ones"),
     "norm": (_is("norm", "layernorm"), "GPT-2 normalises with LayerNorm, not RMSNorm"),
     "mlp": (_is("mlp", "gelu"), "GPT-2's MLP is a GELU feed-forward layer, not SwiGLU"),

@@ -15,7 +15,7 @@ from lmlab.config import RunConfig, load_config
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
-from lmlab.model.gpt import GPT
+from lmlab.model import LanguageModel, build_model
 from lmlab.train.checkpoint import load_checkpoint, resolve
 
 
@@ -59,12 +59,12 @@ def run_config(run_dir: Path) -> RunConfig:
     return load_config(path)
 
 
-def load_run_model(run_dir: Path, which: str, device: torch.device) -> tuple[GPT, RunConfig, dict[str, Any]]:
+def load_run_model(run_dir: Path, which: str, device: torch.device) -> tuple[LanguageModel, RunConfig, dict[str, Any]]:
     """The model of a run at its `best` or `latest` checkpoint, in eval mode on `device`."""
     if which not in ("best", "latest"):
         raise UserError(f"--checkpoint {which} is unknown; use best or latest.")
     cfg = run_config(run_dir)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     state = load_checkpoint(resolve(run_dir, which), model)
     return model.eval(), cfg, state
 
@@ -91,7 +91,7 @@ class RunSummary:
     params: int | None = None
     dataset: str | None = None
     tokenizer: str | None = None
-    model: str | None = None  # kind and shape, e.g. "gpt 4L/256"
+    model: str | None = None  # kind and shape, e.g. "gpt 4L/256" or "recurrent gru 2L/512"
     device: str | None = None
     steps: int = 0
     tokens: int = 0
@@ -142,7 +142,8 @@ def summarize(run_dir: Path) -> RunSummary:
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
     try:
         shape = run_config(run_dir).model
-        summary.model = f"gpt {shape.n_layer}L/{shape.n_embd}"
+        kind = f"recurrent {shape.rnn_cell}" if shape.kind == "recurrent" else shape.kind
+        summary.model = f"{kind} {shape.n_layer}L/{shape.n_embd}"
     except UserError:  # a config from another version or hand-edited: list the run anyway
         pass
     summary.evals = [e for e in events if e.get("event") == "eval" and "val_loss" in e]

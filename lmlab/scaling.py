@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmlab.config import ModelConfig
 from lmlab.errors import UserError
+from lmlab.model import LanguageModel
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
 
@@ -47,14 +47,18 @@ def fit_power_law(x: list[float], y: list[float], names: list[str], x_label: str
                        1.0 - ss_res / ss_tot if ss_tot else 1.0)
 
 
-def flops_per_token(cfg: ModelConfig, params: int) -> float:
-    """Training FLOPs per token, PaLM appendix B: 6N for the weights plus 12·L·H·Q·T for attention.
-
-    N excludes the position table (a lookup, not a matmul) but keeps the token embedding, which the tied
-    output head multiplies by every token.
+def flops_per_token(model: LanguageModel) -> float:
+    """Training FLOPs per token: 6N for the N weights that multiply every token (forward 2N, backward 4N),
+    which excludes lookup-only tables (the position table, an untied token table) but keeps a token table
+    the tied head multiplies by. A transformer adds 12·L·H·Q·T for attention (PaLM appendix B; unchanged
+    by grouped-query attention, which shares keys and values but still scores every query head); a
+    recurrent model has no such term: each layer's input and hidden matrices are applied once per token.
     """
-    non_lookup = params - cfg.block_size * cfg.n_embd
-    return 6.0 * non_lookup + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    cfg = model.config
+    weights = 6.0 * (model.num_params() - model.lookup_params())
+    if cfg.kind == "recurrent":
+        return weights
+    return weights + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
 @dataclass

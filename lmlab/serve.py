@@ -24,7 +24,7 @@ from lmlab.device import autocast_dtype, resolve_device
 from lmlab.errors import UserError
 from lmlab.finetune import PromptFormat, prompt_format
 from lmlab.generate import TextStream, document_start
-from lmlab.model.gpt import GPT
+from lmlab.model import LanguageModel
 from lmlab.runs import load_run_model, load_run_tokenizer
 
 
@@ -45,7 +45,7 @@ class Served:
     """The model behind the server and its limits."""
 
     name: str
-    model: GPT
+    model: LanguageModel
     tokenizer: Tokenizer
     fmt: PromptFormat | None  # the run's fine-tuning format; None: chats are rendered as a plain transcript
     dtype: torch.dtype

@@ -45,6 +45,16 @@ def test_invalid_values_are_rejected():
         build_config({"model": {"n_embd": 10, "n_head": 3}}, "x")
     with pytest.raises(UserError, match="train.dtype"):
         build_config({"train": {"dtype": "int8"}}, "x")
+    with pytest.raises(UserError, match="model.norm is 'batchnorm'; use layernorm or rmsnorm"):
+        build_config({"model": {"norm": "batchnorm"}}, "x")
+    with pytest.raises(UserError, match=r"model.n_kv_head \(4\) must divide model.n_head \(6\)"):
+        build_config({"model": {"n_kv_head": 4}}, "x")
+    with pytest.raises(UserError, match="even head size"):
+        build_config({"model": {"n_embd": 30, "n_head": 2, "pos_emb": "rope"}}, "x")
+    with pytest.raises(UserError, match="train.optimizer"):
+        build_config({"train": {"optimizer": "sgd"}}, "x")
+    with pytest.raises(UserError, match="train.decay_fraction"):
+        build_config({"train": {"schedule": "wsd", "decay_fraction": 0.0}}, "x")
 
 
 def test_missing_file_and_bad_override_syntax(tmp_path):

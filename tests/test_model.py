@@ -1,8 +1,13 @@
+import dataclasses
+
+import pytest
 import torch
 
 from lmlab.config import ModelConfig
 from lmlab.generate import generate
+from lmlab.model import build_model
 from lmlab.model.gpt import GPT
+from lmlab.scaling import flops_per_token
 
 CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
 
@@ -73,3 +78,76 @@ def test_a_large_vocab_is_padded_for_speed_without_changing_the_outputs():
     logits, loss = m(idx, idx)
     assert logits.shape == (2, 8, 1500)  # padded rows never reach the logits or the loss
     assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 1500), idx.reshape(-1)))
+
+
+# Each post-GPT-2 option alone, all of them together, and the recurrent model in both cells.
+VARIANTS = {
+    "rope": dict(pos_emb="rope"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "swiglu": dict(mlp="swiglu"),
+    "qk_norm": dict(qk_norm=True),
+    "no_bias": dict(bias=False),
+    "untied": dict(tie_embeddings=False),
+    "gqa": dict(n_head=4, n_kv_head=2),
+    "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False,
+                   tie_embeddings=False, n_head=4, n_kv_head=1),
+    "gru": dict(kind="recurrent"),
+    "lstm": dict(kind="recurrent", rnn_cell="lstm"),
+}
+
+
+def variant(name: str):
+    torch.manual_seed(0)
+    return build_model(dataclasses.replace(CONFIG, **VARIANTS[name])).eval()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_is_causal(name):
+    m = variant(name)
+    idx = torch.randint(0, 50, (1, 16))
+    base, _ = m(idx)
+    for t in (0, 7, 15):
+        changed = idx.clone()
+        changed[0, t] = (changed[0, t] + 1) % 50
+        logits, _ = m(changed)
+        assert torch.allclose(logits[0, :t], base[0, :t], atol=1e-6)
+        assert not torch.allclose(logits[0, t:], base[0, t:])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_steps_incrementally_as_it_runs_whole(name):
+    """Feeding tokens through the cache (a prompt, then one at a time) gives the logits of one full pass,
+    and greedy sampling through the cache equals recomputing the whole sequence every token."""
+    m = variant(name)
+    idx = torch.randint(0, 50, (2, 16))
+    full, _ = m(idx)
+    cache = m.new_cache(2, torch.device("cpu"), torch.float32)
+    steps = [m(idx[:, :5], cache=cache)[0]] + [m(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    prompt = [1, 2, 3]
+    cached = generate(m, prompt, max_new_tokens=12, temperature=0)
+    ids = list(prompt)
+    for _ in range(12):
+        ids.append(int(m(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert cached == ids[3:]
+
+
+def test_option_parameter_counts():
+    base = variant("rope").num_params()
+    assert base == model().num_params() - 16 * 32  # rotary positions replace the learned table
+    assert variant("untied").num_params() == model().num_params() + 50 * 32  # a head of its own
+    gqa = variant("gqa").transformer.h[0].attn.c_attn.weight
+    assert gqa.shape == ((4 + 2 * 2) * 8, 32)  # q for 4 heads, k and v for 2
+    mlp = variant("swiglu").transformer.h[0].mlp
+    assert mlp.c_fc.weight.numel() + mlp.c_proj.weight.numel() == 3 * 88 * 32  # ~ GPT-2's 2 * 4 * 32 * 32
+    gru = variant("gru")
+    assert gru.num_params() - gru.num_params(embeddings=False) == 50 * 32
+    assert gru.num_params() == 50 * 32 + 2 * 3 * (32 * 32 * 2 + 2 * 32)  # tied table + 2 GRU layers
+
+
+def test_flops_per_token_counts_matmul_weights_once_per_token():
+    gru = variant("gru")
+    assert flops_per_token(gru) == 6 * gru.num_params()  # the tied table is also the head: a matmul
+    untied = variant("untied")
+    attention = 12 * 2 * 32 * 16
+    assert flops_per_token(untied) == 6 * (untied.num_params() - 50 * 32 - 16 * 32) + attention

@@ -1,4 +1,6 @@
-"""A GPT-2-style decoder: learned positions, pre-LayerNorm blocks, causal SDPA attention, GELU MLP, tied head."""
+"""A decoder-only transformer: GPT-2 style by default (learned positions, pre-LayerNorm blocks, causal SDPA
+attention, GELU MLP, biases, tied head), with the post-GPT-2 changes behind config flags: rotary positions,
+RMSNorm, SwiGLU, QK-norm, no biases, an untied head and grouped-query attention."""
 
 from __future__ import annotations
 
@@ -11,42 +13,95 @@ import torch.nn.functional as F
 from lmlab.config import ModelConfig
 
 
+def padded_vocab(vocab_size: int) -> int:
+    """Large vocabularies are padded to a multiple of 64 so the head matmul tiles evenly on tensor cores
+    (GPT-2's 50257 -> 50304); the extra rows are never looked up and their logits are cut off."""
+    return math.ceil(vocab_size / 64) * 64 if vocab_size > 1024 else vocab_size
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    """SwiGLU has three matrices where GELU has two, so 8/3 of the width (rounded up to a multiple of 8)
+    keeps the MLP's parameters and FLOPs those of GPT-2's 4x MLP."""
+    return math.ceil(8 * n_embd / 3 / 8) * 8
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to the context length."""
+    """Keys and values of every layer for the tokens seen so far, preallocated to the context length.
+    Under grouped-query attention only the n_kv_head shared heads are cached."""
 
     def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.n_layer, batch, config.n_head, config.block_size, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch, config.kv_heads, config.block_size, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, nh, T, hs) keys/values after the cached ones and return everything cached so far."""
+        """Store (B, nkv, T, hs) keys/values after the cached ones and return everything cached so far."""
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021): each pair of query/key channels is rotated by an angle
+    proportional to the position, so attention scores depend on relative offsets only."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+        # Recomputed from the config, never saved: checkpoints hold only what training learned.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start:start + length], self.sin[start:start + length]  # (T, hs/2) each
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (B, h, T, hs) by the angles of its positions; the halves of the head are the pairs (GPT-NeoX)."""
+    cos, sin = (t.to(x.dtype) for t in rope)  # under autocast q/k are bf16; keep SDPA's inputs one dtype
+    x1, x2 = x.chunk(2, dim=-1)  # (B, h, T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_size = config.n_embd // config.n_head
+        # One fused projection for q (n_head heads) and k, v (n_kv_head heads each): 3C wide without GQA.
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = nn.RMSNorm(self.head_size) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_size) if config.qk_norm else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        hs, kv = self.head_size, self.n_kv_head
+        q, k, v = self.c_attn(x).split([C, kv * hs, kv * hs], dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:  # bounds the attention logits, which otherwise can grow and spike the loss
+            # In fp32, as autocast runs LayerNorm: under bf16 the norm would get bf16 input and fp32 gains.
+            q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         mask, causal = None, True
         if cache is not None and cache.pos > 0:
-            k, v = cache.update(self.layer, k, v)  # (B, nh, pos+T, hs)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, pos+T, hs)
             # Query i sits at absolute position pos+i and may see keys 0..pos+i.
             q_pos = torch.arange(cache.pos, cache.pos + T, device=x.device)
             mask = torch.arange(k.size(2), device=x.device)[None, :] <= q_pos[:, None]  # (T, pos+T)
@@ -54,7 +109,8 @@ class CausalSelfAttention(nn.Module):
         elif cache is not None:
             cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=kv != self.n_head,  # each group of n_head / n_kv_head query heads shares one k/v head
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -63,25 +119,35 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.swiglu = config.mlp == "swiglu"
+        hidden = swiglu_hidden(config.n_embd) if self.swiglu else 4 * config.n_embd
+        # SwiGLU's gate and value projections are fused into one matmul of twice the hidden width.
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.gelu_approx = config.gelu_approx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approx)))
+        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h, approximate=self.gelu_approx)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -90,18 +156,19 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the dataset and must be set before building"
         self.config = config
-        # Large vocabularies are padded to a multiple of 64 so the head matmul tiles evenly on tensor cores
-        # (GPT-2's 50257 -> 50304); the extra rows are never looked up and their logits are cut off.
-        padded = math.ceil(config.vocab_size / 64) * 64 if config.vocab_size > 1024 else config.vocab_size
+        padded = padded_vocab(config.vocab_size)
+        learned = config.pos_emb == "learned"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(padded, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
+        self.rotary = None if learned else Rotary(config.n_embd // config.n_head, config.block_size)
         self.lm_head = nn.Linear(config.n_embd, padded, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two of them.
         for name, p in self.named_parameters():
@@ -117,12 +184,23 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def lookup_params(self) -> int:
+        """Parameters used only as lookup tables (no matmul per token): the position table, and the token
+        table unless the tied head multiplies by it."""
+        n = self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+        return n + (0 if self.config.tie_embeddings else self.transformer.wte.weight.numel())
+
     def num_params(self, embeddings: bool = True) -> int:
         """Parameters (tied weights once); without embeddings excludes token and position tables."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= self.transformer.wte.weight.numel()
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
         return n
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """What `generate` carries from one step to the next: here the keys and values seen so far."""
+        return KVCache(self.config, batch, device, dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,10 +208,15 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size"
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(start, T)  # positions offset by what the cache already holds
+        else:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]  # (B, T, vocab)

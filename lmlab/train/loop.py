@@ -1,5 +1,6 @@
-"""The training loop: AdamW + warmup/cosine, grad accumulation and clipping, periodic eval, early stopping,
-best/latest checkpoints with exact resume, a loss-spike/NaN guard, metrics.jsonl and a live progress bar."""
+"""The training loop: the configured optimizer and LR schedule, grad accumulation and clipping, periodic eval,
+early stopping, best/latest checkpoints with exact resume, a loss-spike/NaN guard, metrics.jsonl and a live
+progress bar."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from lmlab.device import autocast, autocast_dtype, configure, peak_flops
 from lmlab.errors import UserError
 from lmlab.evaluate import estimate_loss
 from lmlab.fileio import atomic_write_text
-from lmlab.model.gpt import GPT
+from lmlab.model import LanguageModel, build_model
 from lmlab.plots import plot_losses
 from lmlab.runs import MetricsLog, run_config
 from lmlab.scaling import flops_per_token
@@ -71,13 +72,13 @@ class TrainResult:
 
 
 def build_training(cfg: RunConfig, device: torch.device, dtype: torch.dtype, parallel: Parallel | None = None
-                   ) -> tuple[GPT, Any, torch.optim.Optimizer, torch.amp.GradScaler]:
-    """The model on its device, its (maybe compiled, maybe DDP- or FSDP-wrapped) forward, AdamW and the fp16
-    grad scaler."""
+                   ) -> tuple[LanguageModel, Any, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model on its device, its (maybe compiled, maybe DDP- or FSDP-wrapped) forward, the optimizer and the
+    fp16 grad scaler."""
     configure(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     trained = parallel.wrap(model, cfg.train.parallel, dtype) if parallel else model
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda")
     forward = torch.compile(trained) if compiled else trained
@@ -153,7 +154,7 @@ class Trainer:
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train",
                                   pin=self.device.type == "cuda")
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
-        self.flops_per_token = flops_per_token(mc, self.model.num_params())
+        self.flops_per_token = flops_per_token(self.model)
         self.peak_flops, self.peak_source = peak_flops(self.device, self.dtype)
         self.peak_flops *= self.parallel.world_size  # tokens/s counts every rank's tokens
         self.metrics = MetricsLog(self.run_dir)
@@ -296,7 +297,7 @@ class Trainer:
         total, norm = self.parallel.reduce_step(total, norm)
         if not self.scaler.is_enabled():  # (the fp16 scaler sets this itself)
             # A non-finite loss or gradient never reaches the weights: the fused AdamW kernel skips the whole
-            # update, moments and step count included, when found_inf is 1, decided on the device.
+            # update, moments and step count included, when found_inf is 1, decided on the device (Muon: optim.py).
             self.optimizer.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -378,7 +379,7 @@ class Trainer:
         return f"loss {mean:.4f} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
 
     def run(self) -> TrainResult:
-        """Train to max_iters (or early stop, or a stop signal); `train.pid` marks the run as running meanwhile."""
+        """Train to max_iters (or early stop, max_seconds, a stop signal); `train.pid` marks the run as running."""
         pid_file = self.run_dir / "train.pid"
         if self.parallel.is_main:
             pid_file.write_text(str(os.getpid()))
@@ -396,16 +397,21 @@ class Trainer:
         tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.cfg.model.block_size
         clock, elapsed_before = time.perf_counter(), s.elapsed
         step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
+        out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
         columns = [TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                    TextColumn("ETA"), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=True) as bar, _StopOnSignal() as stop:
             task = bar.add_task("train", total=tc.max_iters, completed=s.step, info="")
-            while s.step < tc.max_iters and not s.stopped_early and not self.parallel.any(bool(stop.signal)):
+            while (s.step < tc.max_iters and not s.stopped_early and not out_of_time
+                   and not self.parallel.any(bool(stop.signal))):
                 started = time.perf_counter()
                 self._train_step()
                 s.step, s.tokens = s.step + 1, s.tokens + tokens_per_step
                 logging = s.step % tc.log_interval == 0
-                evaluating = s.step % tc.eval_interval == 0 or s.step == tc.max_iters
+                # Agreed by all ranks, as the eval it triggers is collective; the same config on every rank.
+                out_of_time = bool(tc.max_seconds) and self.parallel.any(
+                    elapsed_before + time.perf_counter() - clock >= tc.max_seconds)
+                evaluating = s.step % tc.eval_interval == 0 or s.step == tc.max_iters or out_of_time
                 saving = s.step % tc.checkpoint_interval == 0
                 # The device runs ahead (and the next batch is prepared meanwhile) until a point that needs
                 # the losses: a log line, an eval, a checkpoint.

@@ -1,18 +1,19 @@
-"""AdamW with decay on 2-D weights only, and a linear-warmup cosine LR schedule."""
+"""Optimizers (AdamW, or Muon for hidden matrices with AdamW for the rest) and LR schedules (warmup then
+cosine, or warmup-stable-decay)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from lmlab.config import TrainConfig
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     # Matrices (linear layers, embeddings) get weight decay; biases and norm gains do not,
     # since shrinking them toward zero only fights the normalisation.
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -22,10 +23,95 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+class MuonAdamW:
+    """torch.optim.Muon for the hidden 2-D weights and fused AdamW for everything else, as one optimizer.
+
+    Muon orthogonalises each matrix's momentum, which suits the weights that map hidden states to hidden
+    states; embeddings, the output head, norm gains and biases are not such maps (or are not matrices), so
+    they stay with AdamW (Jordan et al. 2024). `adjust_lr_fn="match_rms_adamw"` scales Muon's update to
+    the RMS of an AdamW update (Liu et al. 2025, "Muon is scalable"), so one learning rate, schedule and
+    weight decay serve both halves and no second LR needs tuning.
+
+    `param_groups`, `state_dict()` and `load_state_dict()` look like one torch optimizer's (Muon's groups
+    first), so the LR schedule, the grad scaler and the safetensors checkpoint format work unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        hidden = {id(p) for name, p in model.named_parameters() if p.dim() == 2 and _is_hidden(name)}
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.learning_rate,
+                                     weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+        self.adamw = _adamw([p for p in params if id(p) not in hidden], cfg)
+        self.found_inf: torch.Tensor | None = None  # set by the training loop: 1 skips the whole step
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        return {**self.muon.state, **self.adamw.state}
+
+    def step(self) -> None:
+        # Muon has no on-device `found_inf`, so a non-finite step is skipped, by both halves, after one host
+        # read of the flag: free on the CPU; on a GPU it ends the loop's queue-ahead once per step.
+        if self.found_inf is not None and self.found_inf.item():
+            return
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both halves as one torch-style state dict: AdamW's parameter indices follow Muon's."""
+        first, second = self.muon.state_dict(), self.adamw.state_dict()
+        offset = sum(len(g["params"]) for g in first["param_groups"])
+        state = {**first["state"], **{i + offset: s for i, s in second["state"].items()}}
+        groups = first["param_groups"] + [{**g, "params": [i + offset for i in g["params"]]}
+                                          for g in second["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        n_groups = len(self.muon.param_groups)
+        offset = sum(len(g["params"]) for g in self.muon.param_groups)
+        first, second = state_dict["param_groups"][:n_groups], state_dict["param_groups"][n_groups:]
+        state = {int(i): s for i, s in state_dict["state"].items()}
+        self.muon.load_state_dict({"param_groups": first, "state": {i: s for i, s in state.items() if i < offset}})
+        self.adamw.load_state_dict({
+            "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in second],
+            "state": {i - offset: s for i, s in state.items() if i >= offset},
+        })
+
+
+def _is_hidden(name: str) -> bool:
+    """Hidden weights: everything 2-D except the token/position tables and the output head."""
+    return not any(part in name for part in ("wte", "wpe", "lm_head"))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW | MuonAdamW:
+    if cfg.optimizer == "muon":
+        return MuonAdamW(model, cfg)
+    return _adamw([p for p in model.parameters() if p.requires_grad], cfg)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (default max_iters)."""
+    """Linear warmup to learning_rate, then the schedule's decay to min_lr.
+
+    cosine: a half cosine to min_lr at lr_decay_iters (default max_iters).
+    wsd (warmup-stable-decay): constant at the peak, then over the last decay_fraction of max_iters a
+    1-sqrt decay to min_lr (Hägele et al. 2024 found 1-sqrt better than linear). The constant phase makes
+    any earlier checkpoint a good start for a longer run: only the short decay has to be redone.
+    """
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, round(cfg.max_iters * (1.0 - cfg.decay_fraction)))
+        if step < decay_start:
+            return cfg.learning_rate
+        progress = min(1.0, (step - decay_start + 1) / max(1, cfg.max_iters - decay_start))
+        return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if step >= decay_iters:
         return cfg.min_lr

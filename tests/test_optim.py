@@ -1,0 +1,69 @@
+"""Muon + AdamW as one optimizer through checkpoints and the NaN guard, and the warmup-stable-decay schedule."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmlab.config import TrainConfig, load_config
+from lmlab.runs import read_metrics
+from lmlab.train.checkpoint import resolve
+from lmlab.train.loop import Trainer
+from lmlab.train.optim import MuonAdamW, lr_at
+from tests.conftest import write_config
+
+# A constant LR after warmup, so a run stopped at step 8 and resumed to 16 follows the same schedule as one
+# that ran to 16 straight.
+MUON = ["train.optimizer=muon", "train.warmup_iters=0", "train.min_lr=3e-3", "model.dropout=0.1",
+        "train.eval_interval=100", "train.checkpoint_interval=100"]
+
+
+def trainer(tmp_path, dataset, overrides, run, **kw) -> Trainer:
+    cfg = load_config(write_config(tmp_path / "tiny.toml", dataset), overrides)
+    return Trainer(cfg, tmp_path / run, "cpu", **kw)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "recurrent"])
+def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_dataset, kind):
+    overrides = [*MUON, f"model.kind={kind}"]
+    straight = trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=16"], "straight")
+    assert isinstance(straight.optimizer, MuonAdamW)
+    straight.run()
+    trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=8"], "resumed").run()
+    run = tmp_path / "resumed"
+    saved = load_file(str(resolve(run, "latest") / "optimizer.safetensors"))
+    assert any(k.endswith("momentum_buffer") for k in saved) and any(k.endswith("exp_avg") for k in saved)
+    cfg = load_config(run / "config.toml", ["train.max_iters=16"])
+    Trainer(cfg, run, "cpu", resume=True).run()
+    a = load_file(str(resolve(tmp_path / "straight", "latest") / "model.safetensors"))
+    b = load_file(str(resolve(run, "latest") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_muon_skips_a_non_finite_step_in_both_halves(tmp_path, char_dataset):
+    t = trainer(tmp_path, char_dataset, [*MUON, "train.max_iters=10"], "run")
+    clean_forward = t.forward
+
+    def nan_forward(x, y):
+        logits, loss = clean_forward(x, y)
+        return logits, loss * float("nan") if t.state.step == 4 else loss
+
+    t.forward = nan_forward
+    result = t.run()
+    assert [(e["event"], e["step"]) for e in read_metrics(result.run_dir) if e["event"] == "skip"] == [("skip", 5)]
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert t.optimizer.adamw.state_dict()["state"][0]["step"].item() == 9  # 10 steps, one skipped
+
+
+def test_warmup_stable_decay_schedule():
+    cfg = TrainConfig(schedule="wsd", max_iters=100, warmup_iters=10, learning_rate=1.0, min_lr=0.1,
+                      decay_fraction=0.2)
+    lrs = [lr_at(step, cfg) for step in range(100)]
+    assert lrs[0] < lrs[9] < 1.0  # warmup
+    assert all(lr == 1.0 for lr in lrs[10:80])  # stable
+    assert lrs[80] == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(1 / 20)))  # 1-sqrt decay over the last 20
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
+    assert lrs[99] == pytest.approx(0.1) and lr_at(150, cfg) == pytest.approx(0.1)

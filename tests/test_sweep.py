@@ -1,0 +1,64 @@
+"""`lmlab sweep`: the grid and its budgets in-process (fast); an interrupted sweep continued in real processes (slow)."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmlab.config import load_config
+from lmlab.errors import UserError
+from lmlab.runs import read_metrics, summarize
+from lmlab.sweep import plan_trials
+from lmlab.train.checkpoint import resolve
+from lmlab.train.loop import Trainer
+from tests.conftest import write_config
+
+LMLAB = str(Path(sys.executable).parent / "lmlab")
+
+
+def test_the_grid_is_the_cartesian_product_under_one_token_budget(tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    trials = plan_trials(config, ["train.learning_rate=1e-3,3e-3", "train.batch_size=4,8", "model.n_layer=1"],
+                         tmp_path / "sweep", budget_tokens=8 * 32 * 10)
+    assert [t.name for t in trials] == ["learning_rate=1e-3,batch_size=4", "learning_rate=1e-3,batch_size=8",
+                                        "learning_rate=3e-3,batch_size=4", "learning_rate=3e-3,batch_size=8"]
+    assert [t.config.train.max_iters for t in trials] == [20, 10, 20, 10]  # equal tokens: 2560 each
+    assert all(t.config.model.n_layer == 1 for t in trials)
+    seconds = plan_trials(config, ["train.learning_rate=1e-3,3e-3"], tmp_path / "s", budget_seconds=30)
+    assert [t.config.train.max_seconds for t in seconds] == [30.0, 30.0]
+    with pytest.raises(UserError, match="model.n_layer must be int"):
+        plan_trials(config, ["model.n_layer=2,two"], tmp_path / "s")
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_skips_its_finished_trials(tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    # The transformer against the recurrent model: the second trial also runs the recurrent one end to end.
+    command = [LMLAB, "sweep", config, "--set", "model.kind=gpt,recurrent", "--set", "model.n_layer=1",
+               "--budget-tokens", str(8 * 32 * 20), "--name", "arch", "--dir", tmp_path / "runs", "--device", "cpu"]
+    first, second = (tmp_path / "runs" / "arch" / f"kind={kind}" for kind in ("gpt", "recurrent"))
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while summarize(first).status != "finished" and proc.poll() is None:
+        assert time.monotonic() < deadline, "the first trial did not finish"
+        time.sleep(0.05)
+    proc.kill()  # mid-way through the second trial (or just before it starts)
+    proc.wait()
+    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300).stdout
+    assert "kind=gpt: already finished, skipped" in out
+    assert summarize(first).steps == 20 and summarize(second).status == "finished"
+    assert summarize(second).steps == 20 and summarize(second).tokens == 8 * 32 * 20
+    assert "Compared with kind=gpt" in out and "best setting: kind=" in out
+
+
+def test_a_wall_clock_budget_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path, char_dataset):
+    cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=1_000_000),
+                      ["train.max_seconds=1.0", "train.eval_interval=100000"])
+    result = Trainer(cfg, tmp_path / "run", "cpu").run()
+    events = read_metrics(result.run_dir)
+    assert 0 < result.steps < 1_000_000 and result.stopped_by is None
+    assert [e["step"] for e in events if e["event"] == "eval"] == [result.steps]
+    assert resolve(result.run_dir, "latest").name == f"step_{result.steps:06d}"
+    assert summarize(result.run_dir).status == "finished"

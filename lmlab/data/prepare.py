@@ -119,7 +119,8 @@ def scan(files: list[str], text_field: str, val_fraction: float, want_charset: b
             charset.update(doc.text)
         if first_cut is None:
             first_cut = _tail_cut(doc, val_fraction) if len(doc.text) > 1 else 0
-        progress.advance(task)
+        if len(keys) % 1024 == 0:  # per document, the bar's bookkeeping would cost more than the scan
+            progress.update(task, completed=len(keys))
     progress.remove_task(task)
     return Scan(np.frombuffer(keys, np.uint64), np.frombuffer(chars, np.int64), digest.hexdigest(), charset, first_cut)
 

@@ -57,6 +57,8 @@ def _print_stats(s: dict) -> None:
                       f"{100 * s['share_tokens_beyond']:.1f}% of tokens")
         if s["pack"] == "crop":
             table.add_row("tokens lost by cropping", f"{s['lost_tokens']:,} ({100 * s['share_tokens_lost']:.1f}%)")
+    if "share_padding" in s:
+        table.add_row("padding in the rows", f"{100 * s['share_padding']:.1f}% of the stored ids")
     console.print(table)
 
 
@@ -452,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
     p.add_argument("--pack", choices=["concat", "crop"], default="concat",
-                   help="concat: documents joined by end-of-text (default); crop: each cut to --block-size first")
+                   help="concat: documents joined by end-of-text (default); crop: one row per document, cut to "
+                   "--block-size + 1 tokens and padded with end-of-text (train with model.block_size = --block-size)")
     p.add_argument("--block-size", type=int, default=1024, help="context length for --pack crop and the stats "
                    "(default 1024)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset made from other inputs")

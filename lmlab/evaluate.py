@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lmlab.data.loader import BatchLoader, open_tokens
+from lmlab.data.loader import BatchLoader, check_block_size, open_tokens, pad_targets
 from lmlab.data.prepare import read_meta
+from lmlab.data.shards import row_layout
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.device import autocast, autocast_dtype, resolve_device
 from lmlab.errors import UserError
 from lmlab.model import LanguageModel
+from lmlab.model.loss import IGNORE, next_token_loss
 from lmlab.runs import load_run_model, load_run_tokenizer
 
 if TYPE_CHECKING:
@@ -51,24 +52,27 @@ def estimate_loss(forward: Callable, tokens: np.ndarray, block_size: int, batch_
 def evaluate_split(model: LanguageModel, tokens: np.ndarray, bytes_per_token: float, batch_size: int,
                    device: torch.device, dtype: torch.dtype,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Score every token of a split once, in consecutive windows of block_size.
+    """Score every token of a split once, in consecutive windows of block_size (of a row-packed split: every
+    row, its padding not counted).
 
     Bits per byte divides the loss in bits by the UTF-8 bytes each token stands for on average in this
     split, so models with different tokenizers can be compared on the same text.
     """
-    T = model.config.block_size
-    n_windows = (len(tokens) - 1) // T
+    T, rows = model.config.block_size, getattr(tokens, "rows", None)
+    step = rows.length if rows else T  # stream windows overlap by one token: the last target is the next input
+    n_windows = (len(tokens) - 1) // T if rows is None else len(tokens) // step
     loss_sum, correct, count = 0.0, 0, 0
     for first in range(0, n_windows, batch_size):
-        rows = np.stack([tokens[w * T:w * T + T + 1] for w in range(first, min(first + batch_size, n_windows))])
-        batch = torch.from_numpy(rows.astype(np.int64)).to(device)
+        windows = [tokens[w * step:w * step + T + 1] for w in range(first, min(first + batch_size, n_windows))]
+        batch = torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
         x, y = batch[:, :-1], batch[:, 1:]
+        if rows:
+            y = pad_targets(x, y, rows.pad_id)
         with autocast(device, dtype):
             logits, _ = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
+        loss_sum += next_token_loss(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()  # an IGNORE target never equals a token id
+        count += (y != IGNORE).sum().item()
         if progress:
             progress(min(first + batch_size, n_windows), n_windows)
     loss = loss_sum / count
@@ -96,6 +100,7 @@ def evaluate_run(run_dir: Path, dataset: Path | None = None, checkpoint: str = "
     dataset = dataset or Path(cfg.data.dataset)
     meta = read_meta(dataset)
     _check_same_tokenizer(run_dir, dataset, meta)
+    check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {dataset}")
     tokens = open_tokens(dataset, "val", meta["dtype"])
     scores = evaluate_split(model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, torch_device,
                             autocast_dtype(torch_device, cfg.train.dtype), progress)

@@ -30,12 +30,11 @@ from lmlab.device import autocast, autocast_dtype, resolve_device
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, sha256_file
 from lmlab.model import LanguageModel
+from lmlab.model.loss import IGNORE
 from lmlab.plots import plot_losses
 from lmlab.runs import MetricsLog, load_run_model, load_run_tokenizer
 from lmlab.train.checkpoint import model_tensors, prune_checkpoints, save_checkpoint
 from lmlab.train.optim import lr_at, make_optimizer
-
-IGNORE = -100  # F.cross_entropy's default ignore_index: labels that add nothing to the loss
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Streaming prepare: parquet / jsonl(.gz) sources, shards, resume after a kill, bounded memory, packing,
+"""Streaming prepare: parquet / jsonl(.gz) sources, shards, resume after a kill, bounded memory,
 dataset statistics and tiktoken tokenizers."""
 
 import base64
@@ -122,19 +122,6 @@ def test_val_tokens_sizes_the_val_split(tmp_path):
                          options=PrepareOptions(val_tokens=1500))
     assert 1500 <= meta["val"]["tokens"] < 1500 + 130
     assert meta["split"]["val_tokens"] == 1500
-
-
-def test_crop_cuts_documents_to_the_block_size_and_counts_what_is_lost(tmp_path):
-    texts = documents(80, words=(5, 200))
-    source = write_jsonl(tmp_path / "docs.jsonl", texts)
-    target, meta, _ = prepare([str(source)], "word:100", out_dir=tmp_path,
-                              options=PrepareOptions(pack="crop", block_size=64))
-    tok = Tokenizer.load(target / "tokenizer.json", meta["tokenizer"])
-    lengths = [len(tok.encode(t)) for t in texts]
-    assert meta["lost_tokens"] == sum(max(0, n - 64) for n in lengths) > 0
-    stats = dataset_stats(target)
-    assert stats["block_size"] == 64 and stats["max"] == 64
-    assert stats["share_tokens_lost"] == pytest.approx(meta["lost_tokens"] / sum(lengths))
 
 
 def test_data_stats_prints_document_lengths_and_draws_a_histogram(tmp_path):

@@ -63,8 +63,8 @@ class PrepareOptions:
 
     val_tokens: int | None = None  # size the val split in tokens instead of by --val-fraction of characters
     max_tokens: int | None = None  # stop at the first document boundary at or after this many train tokens
-    pack: str = "concat"  # concat: documents joined by end-of-text; crop: each cut to block_size tokens first
-    block_size: int = 1024  # the context length crop mode cuts to
+    pack: str = "concat"  # concat: documents joined by end-of-text; crop: one padded row of block_size + 1 each
+    block_size: int = 1024  # the context length crop mode cuts to (a row is its inputs and next-token targets)
     shard_tokens: int = 100_000_000  # tokens per shard file (200 MB as uint16)
     text_field: str = "text"  # the text column of .jsonl / .parquet / hf: sources
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -82,7 +82,14 @@ class PrepareOptions:
     def identity(self) -> dict[str, Any]:
         """The options that change the dataset's content or layout (workers and sampling limits do not)."""
         return {"val_tokens": self.val_tokens, "max_tokens": self.max_tokens, "pack": self.pack,
-                "block_size": self.block_size if self.pack == "crop" else None, "shard_tokens": self.shard_tokens}
+                "block_size": self.block_size if self.pack == "crop" else None, "shard_tokens": self.shard_tokens,
+                # Crop once joined cropped documents into a stream: a dataset made so is not reused as rows.
+                **({"row_length": self.row_length} if self.row_length else {})}
+
+    @property
+    def row_length(self) -> int | None:
+        """Tokens per row of a row-packed (crop) dataset: block_size inputs and their next-token targets."""
+        return self.block_size + 1 if self.pack == "crop" else None
 
 
 def _key(name: str) -> int:
@@ -171,7 +178,7 @@ def _pieces(doc: Document, index: int, plan: np.ndarray, cut: int | None) -> lis
 
 def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndarray, cut: int | None,
              start: int) -> Iterator[tuple[list[tuple], list[str]]]:
-    """(tags, texts) batches from document `start` on; a tag is (document index, split code, name, characters)."""
+    """(tags, texts) batches from document `start` on; a tag is (document index, split code, name)."""
     tags: list[tuple] = []
     texts: list[str] = []
     characters = 0
@@ -180,7 +187,7 @@ def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndar
             continue
         for code, name, text in _pieces(doc, index, plan, cut):
             texts.append(_doc_text(kind, text))
-            tags.append((index, code, name, len(texts[-1])))
+            tags.append((index, code, name))
             characters += len(texts[-1])
         if len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS:
             yield tags, texts
@@ -228,20 +235,27 @@ class _Output:
         self.val_index: list[tuple[int, int]] = []  # (key, tokens) of val documents since the last checkpoint
         self.completed = False  # whether the current batch finished a shard (then a checkpoint follows)
 
-    def add(self, tag: tuple, ids: np.ndarray, nbytes: int) -> bool:
-        """Write one document's ids; False when --max-tokens is reached and the pass should stop."""
-        _, code, name, characters = tag
+    def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int) -> bool:
+        """Write one document's ids; False when --max-tokens is reached and the pass should stop.
+
+        In crop mode the document becomes one row: its first row_length ids, or all of them, end-of-text and
+        end-of-text padding. Its token count is the real ones (the document's and one end-of-text) only.
+        """
+        _, code, name = tag
         full = self.options.val_tokens is not None and self.counts["val"]["tokens"] >= self.options.val_tokens
         split = "val" if code == VAL or (code == VAL_WHILE_BUDGET and not full) else "train"
         if split == "train" and self.options.max_tokens and self.counts["train"]["tokens"] >= self.options.max_tokens:
             return False
-        if self.options.pack == "crop":
-            self.lost_tokens += max(0, len(ids) - self.options.block_size)
-            ids = ids[:self.options.block_size]
-        if self.eot_id is not None:
+        row = self.options.row_length
+        if row:
+            self.lost_tokens += max(0, len(ids) - row)
+            real = min(len(ids) + 1, row)
+            ids = np.concatenate([ids[:row], np.full(row - min(len(ids), row), self.eot_id, ids.dtype)])
+        elif self.eot_id is not None:
             ids = np.append(ids, self.eot_id)
         self.completed |= self.writers["train" if split == "train" else "valstage"].append(ids)
-        for key, value in (("documents", 1), ("characters", characters), ("bytes", nbytes), ("tokens", len(ids))):
+        for key, value in (("documents", 1), ("characters", characters), ("bytes", nbytes),
+                           ("tokens", real if row else len(ids))):
             self.counts[split][key] += value
         if split == "val":
             key = _key(name)
@@ -253,8 +267,8 @@ class _Output:
 
     def add_batch(self, tags: list[tuple], encoded: Encoded) -> bool:
         self.completed, offset = False, 0
-        for tag, length, nbytes in zip(tags, encoded.lengths, encoded.nbytes):
-            if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes)):
+        for tag, length, nbytes, characters in zip(tags, encoded.lengths, encoded.nbytes, encoded.chars):
+            if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes), int(characters)):
                 return False
             offset += length
         self.docs_done = tags[-1][0] + 1
@@ -345,7 +359,7 @@ def _tokenize(work: Path, files: list[str], options: PrepareOptions, tokenizer: 
     task = progress.add_task("tokenizing", total=len(plan), completed=output.docs_done, tokens="")
     started, first_tokens = time.perf_counter(), output.counts["train"]["tokens"] + output.counts["val"]["tokens"]
     batches = _batches(files, options, tokenizer.kind, plan, found.first_cut, output.docs_done)
-    encoded = encode_in_order(batches, work / "tokenizer.json", tokenizer.spec, options.workers)
+    encoded = encode_in_order(batches, work / "tokenizer.json", tokenizer.spec, options.workers, options.row_length)
     try:
         for tags, result in encoded:
             if not output.add_batch(tags, result):
@@ -380,6 +394,9 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     an interrupted one is resumed from its last finished shard."""
     options = options or PrepareOptions()
     kind, _ = parse_spec(spec)
+    if options.pack == "crop" and kind == "char":
+        raise UserError("--pack crop pads each document's row with the end-of-text token, which the char tokenizer "
+                        "does not have; use --pack concat or a word, bpe, gpt2 or tiktoken tokenizer.")
     files = resolve_sources(sources)
     target = Path(out_dir) / f"{name or corpus_name(sources)}-{spec.replace(':', '')}"
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
@@ -414,6 +431,8 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
         "shards": {split: [{"file": p.name, "tokens": p.stat().st_size // np.dtype(dtype).itemsize} for p in paths]
                    for split, paths in shards.items()},
         "options": options.identity(), "lost_tokens": output.lost_tokens,
+        # A row-packed split: readers find its layout here (lmlab.data.shards.Rows), not in the options.
+        **({"rows": {"length": options.row_length, "pad_id": tokenizer.eot_id}} if options.row_length else {}),
         "tokenizer_sha256": sha256_file(work / "tokenizer.json"),
         # Of this process only: a resumed prepare times the part it did.
         "seconds": dict(zip(("scan", "tokenizer", "tokenize"), np.diff(clock).round(3).tolist())),

@@ -2,6 +2,9 @@
 
 A split is `train_00000.bin`, `train_00001.bin`, ... listed with their token counts in meta.json; a split that
 fits in one shard is the single file `train.bin`. Readers see the shards as one concatenated array.
+
+A row-packed split (`prepare --pack crop`, `rows` in meta.json) is the same array cut into rows of equal length:
+one document each, cropped and then filled with a padding id.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import bisect
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +22,22 @@ from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_bytes
 
 
-class TokenShards:
-    """The shards of a split as one read-only array: `len()` and slicing across shard boundaries."""
+@dataclass(frozen=True)
+class Rows:
+    """The layout of a row-packed split: rows of `length` tokens, each a document's first tokens, then (if it
+    was shorter) `pad_id` to the end. The pad id is end-of-text, which no document holds, so a row's first one
+    is its document's end, a real token, and every id after it is padding."""
 
-    def __init__(self, paths: list[Path], dtype: str):
+    length: int
+    pad_id: int
+
+
+class TokenShards:
+    """The shards of a split as one read-only array: `len()` and slicing across shard boundaries; `rows` is the
+    row layout of a row-packed split, None for a token stream."""
+
+    def __init__(self, paths: list[Path], dtype: str, rows: Rows | None = None):
+        self.rows = rows
         self.parts = [np.memmap(p, dtype=np.dtype(dtype), mode="r") if p.stat().st_size else
                       np.zeros(0, dtype=np.dtype(dtype)) for p in paths]
         self.starts = list(np.cumsum([0] + [len(p) for p in self.parts]))
@@ -62,7 +78,13 @@ def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
     for path in paths:
         if not path.exists():
             raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
-    return TokenShards(paths, dtype)
+    return TokenShards(paths, dtype, row_layout(meta))
+
+
+def row_layout(meta: dict) -> Rows | None:
+    """The row layout meta.json records for a row-packed dataset; None for a token stream."""
+    rows = meta.get("rows")
+    return Rows(rows["length"], rows["pad_id"]) if rows else None
 
 
 class ShardWriter:

@@ -1,7 +1,8 @@
 """What a dataset holds: documents, tokens, document lengths against the context length, chars per token.
 
-Document lengths come from the end-of-text separators in the token shards, so nothing is re-tokenized and
-nothing beyond the shards needs to be stored: a 10B-token dataset is scanned in memory-mapped chunks.
+Document lengths come from the end-of-text separators in the token shards (in a row-packed dataset, from where
+each row's padding starts), so nothing is re-tokenized and nothing beyond the shards needs to be stored: a
+10B-token dataset is scanned in memory-mapped chunks.
 """
 
 from __future__ import annotations
@@ -12,22 +13,40 @@ from typing import Any
 import numpy as np
 
 from lmlab.data.prepare import read_meta
-from lmlab.data.shards import open_tokens
+from lmlab.data.shards import Rows, TokenShards, open_tokens
+
+CHUNK_TOKENS = 1 << 24  # scanned at a time
+
+
+def _stream_lengths(tokens: TokenShards, eot: int) -> list[np.ndarray]:
+    lengths, previous, offset = [], -1, 0  # the separator before the first document, the chunk's place in the split
+    for chunk in tokens.chunks(CHUNK_TOKENS):
+        ends = np.flatnonzero(chunk == eot) + offset
+        lengths.append(np.diff(ends, prepend=previous) - 1)
+        previous = ends[-1] if len(ends) else previous
+        offset += len(chunk)
+    return lengths
+
+
+def _row_lengths(tokens: TokenShards, rows: Rows) -> list[np.ndarray]:
+    """Tokens before each row's first pad id; a row without one holds a document cropped to the whole row."""
+    lengths, per_chunk = [], max(1, CHUNK_TOKENS // rows.length)
+    for first in range(0, len(tokens) // rows.length, per_chunk):
+        pad = tokens[first * rows.length:(first + per_chunk) * rows.length].reshape(-1, rows.length) == rows.pad_id
+        lengths.append(np.where(pad.any(1), pad.argmax(1), rows.length))
+    return lengths
 
 
 def document_lengths(dataset: Path, meta: dict[str, Any]) -> np.ndarray | None:
-    """Tokens per document (the separator not counted), train then val; None without an end-of-text token."""
+    """Tokens per document (the separator not counted; after cropping, in a cropped dataset), train then val;
+    None without an end-of-text token."""
     eot = meta.get("eot_id")
     if eot is None:
         return None
     lengths = []
     for split in ("train", "val"):
-        previous, offset = -1, 0  # the separator before the first document, and the chunk's place in the split
-        for chunk in open_tokens(dataset, split, meta["dtype"]).chunks():
-            ends = np.flatnonzero(chunk == eot) + offset
-            lengths.append(np.diff(ends, prepend=previous) - 1)
-            previous = ends[-1] if len(ends) else previous
-            offset += len(chunk)
+        tokens = open_tokens(dataset, split, meta["dtype"])
+        lengths += _row_lengths(tokens, tokens.rows) if tokens.rows else _stream_lengths(tokens, eot)
     return np.concatenate(lengths)
 
 
@@ -44,6 +63,9 @@ def dataset_stats(dataset: Path, block_size: int | None = None) -> dict[str, Any
         "shards": {split: len(files) for split, files in meta.get("shards", {"train": [1], "val": [1]}).items()},
     }
     stats["chars_per_token"] = stats["characters"] / stats["tokens"]
+    if meta.get("rows"):  # what a row-packed dataset stores beyond its tokens, and a model computes on in vain
+        stored = sum(s["tokens"] for files in meta["shards"].values() for s in files)
+        stats["share_padding"] = 1 - stats["tokens"] / stored
     lengths = document_lengths(Path(dataset), meta)
     if lengths is not None and len(lengths):
         beyond = np.maximum(lengths - block_size, 0)

@@ -74,10 +74,11 @@ class Tokenizer:
         self.check(text, "the text")
         return self.backend.encode(text).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str]) -> list[tokenizers.Encoding]:
+        """Each text's encoding: its ids, and the character offsets each token came from."""
         for text in texts:
             self.check(text, "the corpus")
-        return [e.ids for e in self.backend.encode_batch(texts)]
+        return self.backend.encode_batch(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)

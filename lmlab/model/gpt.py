@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.model.loss import next_token_loss
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -222,5 +223,5 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = next_token_loss(logits, targets)
         return logits, loss

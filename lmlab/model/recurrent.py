@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.model.loss import next_token_loss
 
 
 class RecurrentState:
@@ -64,5 +64,5 @@ class RecurrentLM(nn.Module):
         logits = self.lm_head(self.drop(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = next_token_loss(logits, targets)
         return logits, loss

@@ -24,8 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import lmlab
 from lmlab.config import RunConfig, to_dict, to_toml
-from lmlab.data.loader import BatchLoader, open_tokens
+from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.prepare import read_meta
+from lmlab.data.shards import row_layout
 from lmlab.device import autocast, autocast_dtype, configure, peak_flops
 from lmlab.errors import UserError
 from lmlab.evaluate import estimate_loss
@@ -106,8 +107,10 @@ def accumulate_gradients(forward: Any, model: torch.nn.Module, optimizer: torch.
 
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
-    """Fill model.vocab_size from the dataset and check that a given one matches it."""
+    """Fill model.vocab_size from the dataset and check that a given one matches it, and that model.block_size
+    fits the rows of a row-packed dataset."""
     meta = read_meta(Path(cfg.data.dataset))
+    check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
     if cfg.model.vocab_size == 0:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
     elif cfg.model.vocab_size != meta["vocab_size"]:

@@ -24,7 +24,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/lmlab prepare shakespeare --tokenizer char
-	$(BIN)/lmlab train configs/shakespeare-char-cpu.toml --run $(DEMO_RUN) --device cpu
+	$(BIN)/lmlab train configs/shakespeare-char-modern-cpu.toml --run $(DEMO_RUN) --device cpu
 	@echo "--- a 500-character sample from $(DEMO_RUN):"
 	@$(BIN)/lmlab sample $(DEMO_RUN) --max-new-tokens 500
 

@@ -1,6 +1,6 @@
-"""Train the CPU preset and report the val loss it reaches after 60, 120 and 300 seconds.
+"""Train the demo preset (or --config) and report the val loss it reaches after 60, 120 and 300 seconds.
 
-    python benchmarks/cpu_time_to_loss.py [--config configs/shakespeare-char-cpu.toml] [--set k=v ...]
+    python benchmarks/cpu_time_to_loss.py [--config configs/shakespeare-char-modern-cpu.toml] [--set k=v ...]
 
 Prepares data/shakespeare-char if needed, trains into runs/bench-cpu-<time>, then prints one table from
 the run's metrics.jsonl: best val loss reached by each time mark (wall time, evaluations included), the
@@ -29,7 +29,7 @@ def first_time_below(evals: list[dict], target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/shakespeare-char-cpu.toml")
+    parser.add_argument("--config", default="configs/shakespeare-char-modern-cpu.toml")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--run", default=f"runs/bench-cpu-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args()

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from lmlab.data.prepare import prepare
+
+LMLAB = str(Path(sys.executable).with_name("lmlab"))  # the installed command, run as a user runs it
+
+
+def lmlab(*args, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run `lmlab ARGS` in `cwd` and check that it succeeded (or, with ok=False, that it failed)."""
+    done = subprocess.run([LMLAB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    return done
+
 
 SPEAKERS = ["ROMEO", "JULIET", "NURSE", "FRIAR", "TYBALT", "MERCUTIO"]
 WORDS = ("love night day sweet death fair heaven soul heart light dark moon sun star blood sword "

@@ -2,7 +2,6 @@
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from lmlab.errors import UserError
 from lmlab.runs import read_metrics
 from lmlab.train.checkpoint import resolve
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
+from tests.conftest import LMLAB, write_config
 
-LMLAB = str(Path(sys.executable).parent / "lmlab")
 VOLATILE = {"elapsed", "tokens_per_sec", "mfu", "peak_flops", "path"}
 
 

@@ -2,16 +2,11 @@
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lmlab.cli import main
-from tests.conftest import write_config, write_corpus
-
-LMLAB = str(Path(sys.executable).parent / "lmlab")
+from tests.conftest import lmlab, write_config, write_corpus
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -76,33 +71,31 @@ def test_run_refuses_a_dataset_with_another_vocab_and_unseen_prompt_characters(c
 
 @pytest.mark.slow
 def test_prepare_train_resume_eval_sample_through_the_real_command(tmp_path):
-    def lmlab(*args: str) -> str:
-        done = subprocess.run([LMLAB, *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+    def run(*args: str) -> str:
+        return lmlab(*args, cwd=tmp_path).stdout
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=8, speeches=120)
-    out = lmlab("prepare", corpus, "--tokenizer", "char", "--name", "plays")
+    out = run("prepare", corpus, "--tokenizer", "char", "--name", "plays")
     assert "train" in out and "val" in out and "chars/token" in out
     dataset = tmp_path / "data" / "plays-char"
     config = write_config(tmp_path / "tiny.toml", dataset, max_iters=30)
 
-    out = lmlab("train", config, "--run", "runs/e2e", "--device", "cpu")
+    out = run("train", config, "--run", "runs/e2e", "--device", "cpu")
     assert "best val loss" in out and "runs/e2e" in out and "loss.png" in out
     assert "| best!" in out
-    out = lmlab("train", "--resume", "runs/e2e", "--set", "train.max_iters=50")
+    out = run("train", "--resume", "runs/e2e", "--set", "train.max_iters=50")
     assert "Resumed runs/e2e from step_000030" in out
     events = [json.loads(line) for line in (tmp_path / "runs/e2e/metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "eval"] == [10, 20, 30, 40, 50]
 
-    result = json.loads(lmlab("eval", "runs/e2e", "--json", "--checkpoint", "latest"))
+    result = json.loads(run("eval", "runs/e2e", "--json", "--checkpoint", "latest"))
     assert result["step"] == 50
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))  # ASCII: one byte per char
     assert 0 < result["accuracy"] < 1
     assert result["loss"] < math.log(json.loads((dataset / "meta.json").read_text())["vocab_size"])
 
-    first = lmlab("sample", "runs/e2e", "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "5")
-    again = lmlab("sample", "runs/e2e", "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "5")
+    first = run("sample", "runs/e2e", "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "5")
+    again = run("sample", "runs/e2e", "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "5")
     assert first == again and first.startswith("ROMEO:") and len(first.rstrip("\n")) == len("ROMEO:") + 80
     assert (tmp_path / "runs/e2e/samples.txt").read_text().count("--- checkpoint best") == 2

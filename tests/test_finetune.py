@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lmlab.data.tokenizers import EOT, train_tokenizer
-from lmlab.finetune import IGNORE, _batch, alpaca_format, encode_example, read_records, split_records
+from lmlab.finetune import (
+    IGNORE,
+    _batch,
+    alpaca_format,
+    encode_example,
+    read_records,
+    split_records,
+)
 from lmlab.runs import load_run_tokenizer, read_metrics
-from tests.conftest import ALPACA_TINY
+from tests.conftest import ALPACA_TINY, LMLAB
 
-LMLAB = str(Path(sys.executable).with_name("lmlab"))
 RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}
 
 

@@ -7,8 +7,6 @@ import dataclasses
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,18 +18,9 @@ from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run
 from lmlab.hf import export_hf, export_problems, import_hf
 from lmlab.runs import load_run_model, load_run_tokenizer
-from tests.conftest import write_config, write_tiny_gpt2
+from tests.conftest import lmlab, write_config, write_tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
-LMLAB = str(Path(sys.executable).with_name("lmlab"))
-
-
-def lmlab(*args, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([LMLAB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert (done.returncode == 0) == ok, done.stdout + done.stderr
-    return done
-
-
 def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():

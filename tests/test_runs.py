@@ -3,7 +3,6 @@
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +15,7 @@ from lmlab.data.prepare import prepare
 from lmlab.runs import read_metrics, summarize
 from lmlab.scaling import fit_power_law
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
-
-LMLAB = str(Path(sys.executable).parent / "lmlab")
+from tests.conftest import LMLAB, write_config
 
 
 @pytest.fixture(scope="module")

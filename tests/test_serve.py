@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,11 +17,10 @@ from lmlab.errors import UserError
 from lmlab.finetune import finetune
 from lmlab.judge import judge_answers, parse_score
 from lmlab.serve import ApiError, Request, complete, load_served
-from tests.conftest import ALPACA_TINY
+from tests.conftest import ALPACA_TINY, LMLAB
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-LMLAB = str(Path(sys.executable).with_name("lmlab"))
 
 
 def free_port() -> int:

@@ -1,9 +1,7 @@
 """`lmlab sweep`: the grid and its budgets in-process (fast); an interrupted sweep continued in real processes (slow)."""
 
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -13,9 +11,7 @@ from lmlab.runs import read_metrics, summarize
 from lmlab.sweep import plan_trials
 from lmlab.train.checkpoint import resolve
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
-
-LMLAB = str(Path(sys.executable).parent / "lmlab")
+from tests.conftest import LMLAB, write_config
 
 
 def test_the_grid_is_the_cartesian_product_under_one_token_budget(tmp_path, char_dataset):

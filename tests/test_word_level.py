@@ -2,34 +2,27 @@
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_config, write_corpus
-
-LMLAB = str(Path(sys.executable).parent / "lmlab")
+from tests.conftest import lmlab, write_config, write_corpus
 
 
 @pytest.mark.slow
 def test_word_level_prepare_train_eval_sample(tmp_path):
-    def lmlab(*args: str) -> str:
-        done = subprocess.run([LMLAB, *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+    def run(*args: str) -> str:
+        return lmlab(*args, cwd=tmp_path).stdout
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=8, speeches=120)
-    lmlab("prepare", corpus, "--tokenizer", "word:1000", "--name", "plays")
+    run("prepare", corpus, "--tokenizer", "word:1000", "--name", "plays")
     dataset = tmp_path / "data" / "plays-word1000"
     config = write_config(tmp_path / "tiny.toml", dataset, max_iters=30)
-    lmlab("train", config, "--run", "runs/word", "--device", "cpu", "--set", "model.block_size=64")
-    result = json.loads(lmlab("eval", "runs/word", "--json"))
+    run("train", config, "--run", "runs/word", "--device", "cpu", "--set", "model.block_size=64")
+    result = json.loads(run("eval", "runs/word", "--json"))
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert result["loss"] < math.log(json.loads((dataset / "meta.json").read_text())["vocab_size"])
     assert 0 < result["accuracy"] < 1
-    table = lmlab("eval", "runs/word")
+    table = run("eval", "runs/word")
     assert "perplexity" in table and "accuracy" in table
-    text = lmlab("sample", "runs/word", "--prompt", "ROMEO:", "--max-new-tokens", "100", "--temperature", "0")
+    text = run("sample", "runs/word", "--prompt", "ROMEO:", "--max-new-tokens", "100", "--temperature", "0")
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 100  # 100 tokens: past the 64-token context

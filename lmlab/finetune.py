@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 import lmlab
 from lmlab.config import RunConfig, to_toml
@@ -34,6 +40,7 @@ from lmlab.model.loss import IGNORE
 from lmlab.plots import plot_losses
 from lmlab.runs import MetricsLog, load_run_model, load_run_tokenizer
 from lmlab.train.checkpoint import model_tensors, prune_checkpoints, save_checkpoint
+from lmlab.train.loop import accumulate_gradients
 from lmlab.train.optim import lr_at, make_optimizer
 
 
@@ -146,6 +153,7 @@ class _Finetuner:
         self.model, self.cfg, self.run_dir, self.device, self.console = model, cfg, run_dir, device, console
         self.dtype = autocast_dtype(device, cfg.train.dtype)
         self.optimizer = make_optimizer(model, cfg.train)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.metrics = MetricsLog(run_dir)
         self.step, self.tokens, self.clock = 0, 0, time.perf_counter()
 
@@ -170,12 +178,13 @@ class _Finetuner:
         lr = lr_at(self.step, self.cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, n = self.loss(examples)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or math.inf)
-        self.optimizer.step()
+        x, y = _batch(examples)
+        loss, _ = accumulate_gradients(self.model, self.model, self.optimizer, self.scaler, [(x, y)], 1, self.device,
+                                       self.dtype, self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step, self.tokens = self.step + 1, self.tokens + n
+        self.step, self.tokens = self.step + 1, self.tokens + int((y != IGNORE).sum())
         self.metrics.append({"event": "train", "step": self.step, "tokens": self.tokens, "loss": loss.item(),
                              "lr": lr, "elapsed": round(time.perf_counter() - self.clock, 3)})
         return loss.item()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.cli import console  # wide tables when piped to a file
+from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
 from lmlab.runs import RunSummary, summarize

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from lmlab.cli import console  # wide tables when piped to a file
+from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import ModelConfig, TrainConfig, load_config
 from lmlab.model.gpt import GPT
-from lmlab.train.checkpoint import load_checkpoint, model_tensors, save_checkpoint
+from lmlab.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.train.optim import make_optimizer
 
 MODELS = {

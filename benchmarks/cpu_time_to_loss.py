@@ -15,10 +15,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.cli import console  # wide tables when piped to a file
+from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.runs import read_metrics
+from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     prepare(["shakespeare"], "char", out_dir=Path(cfg.data.dataset).parent)
     Trainer(cfg, Path(args.run), "cpu", console=console).run()
 
-    events = read_metrics(Path(args.run))
+    events = RunDir(Path(args.run)).events()
     evals = [e for e in events if e["event"] == "eval"]
     steps = [e for e in events if e["event"] == "train"]
     end = next(e for e in events if e["event"] == "end")

@@ -17,7 +17,7 @@ import torch
 from rich.table import Table
 
 from lmlab.bench import bench_batch
-from lmlab.cli import console  # wide tables when piped to a file
+from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.device import resolve_device
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from lmlab.cli import console  # wide tables when piped to a file
+from lmlab.commands.common import console  # wide tables when piped to a file
 
 PROBE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
          "subprocess.run(sys.argv[1:], check=True, capture_output=True); "

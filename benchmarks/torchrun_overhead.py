@@ -24,10 +24,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.cli import console  # wide tables when piped to a file
+from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.runs import read_metrics
+from lmlab.rundir import RunDir
 
 CONFIG = "configs/shakespeare-char-cpu.toml"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -45,7 +45,7 @@ def train(launcher: list[str], settings: list[str], steps: int, run: Path) -> di
     subprocess.run([*launcher, "train", CONFIG, "--run", str(run), "--device", "cpu", *sets], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    train_events = [e for e in read_metrics(run) if e["event"] == "train"]
+    train_events = [e for e in RunDir(run).events() if e["event"] == "train"]
     rate = sum(e["tokens_per_sec"] for e in train_events) / len(train_events)
     return {"wall": wall, "rate": rate, "loss": train_events[-1]["loss"]}
 

@@ -1,3 +1,3 @@
-from lmlab.cli import main
+from lmlab.commands import main
 
 raise SystemExit(main())

@@ -14,12 +14,18 @@ import numpy as np
 import torch
 
 from lmlab.config import RunConfig
-from lmlab.data.prepare import read_meta
-from lmlab.device import autocast_dtype, peak_flops, resolve_device, synchronize
+from lmlab.data.shards import read_meta
+from lmlab.device import (
+    autocast_dtype,
+    configure,
+    peak_flops,
+    resolve_device,
+    synchronize,
+)
 from lmlab.errors import UserError
-from lmlab.evaluate import estimate_loss
-from lmlab.scaling import flops_per_token
-from lmlab.train.loop import accumulate_gradients, build_training
+from lmlab.model import build_model
+from lmlab.train.estimate import estimate_loss
+from lmlab.train.step import TrainStep
 
 
 @dataclass
@@ -49,8 +55,15 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _build(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TrainStep:
+    """The model and training step a run of `cfg` would build, on random weights."""
+    configure(device, cfg.train.threads)
+    return TrainStep(build_model(cfg.model).to(device), cfg.train, device, dtype)
+
+
 def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2) -> BenchRow:
-    """Time `steps` full training steps (forward, backward, clip, optimizer) at one micro-batch size."""
+    """Time `steps` training steps (the loop's own `TrainStep`: forward, backward, clip, non-finite check,
+    optimizer) at one micro-batch size."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
@@ -58,27 +71,24 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        model, forward, optimizer, scaler = build_training(cfg, device, dtype)
+        step = _build(cfg, device, dtype)
         x = torch.randint(0, cfg.model.vocab_size, (batch_size, T), device=device)
         batches = [(x, x)] * tc.grad_accum_steps
-        for step in range(warmup + steps):  # warmup steps compile, allocate and fill caches
-            if step == warmup:
+        for i in range(warmup + steps):  # warmup steps compile, allocate and fill caches
+            if i == warmup:
                 synchronize(device)
                 started = time.perf_counter()
-            accumulate_gradients(forward, model, optimizer, scaler, batches, len(batches), device, dtype, tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            step(batches, len(batches), tc.learning_rate)
         synchronize(device)
         seconds = (time.perf_counter() - started) / steps
         rate = batch_size * tc.grad_accum_steps * T / seconds
         peak, _ = peak_flops(device, dtype)
-        return BenchRow(batch_size, rate, 1000 * seconds, rate * flops_per_token(model) / peak,
+        return BenchRow(batch_size, rate, 1000 * seconds, rate * step.model.flops_per_token() / peak,
                         _peak_memory(device))
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)
     finally:
-        model = forward = optimizer = x = batches = None  # drop the references, so the memory can be freed
+        step = x = batches = None  # drop the references, so the memory can be freed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -121,8 +131,9 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> 
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
     tc = cfg.train
-    model, forward, _, _ = build_training(cfg, device, dtype)
-    model.eval()
+    step = _build(cfg, device, dtype)
+    step.model.eval()
+    forward = step.forward
     # The same evaluation the training loop runs, on random tokens: eval_iters batches per split, twice.
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 4 * tc.batch_size * cfg.model.block_size)
     estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, 1, 0, device, dtype)  # warm up

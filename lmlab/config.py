@@ -15,6 +15,8 @@ from typing import Any
 
 from lmlab.errors import UserError
 
+DEFAULT_SEED = 1337  # training, fine-tuning and sampling all start from it unless told otherwise
+
 
 @dataclass
 class DataConfig:
@@ -29,6 +31,13 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
     "mlp": ("gelu", "swiglu"),
     "gelu_approx": ("none", "tanh"),
     "rnn_cell": ("gru", "lstm"),
+}
+
+# The fields each model kind reads besides kind, n_layer, n_embd, block_size, dropout, vocab_size and
+# tie_embeddings; the others are ignored by that kind (`ModelConfig.ignored_fields` names any set anyway).
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head"),
+    "recurrent": ("rnn_cell",),
 }
 
 
@@ -80,6 +89,14 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
 
+    def ignored_fields(self) -> list[str]:
+        """Fields set away from their defaults that this model kind does not read (e.g. n_head of a recurrent
+        model): not an error, since one preset serves several kinds, but worth saying."""
+        read = set(KIND_FIELDS[self.kind])
+        unread = {name for fields in KIND_FIELDS.values() for name in fields} - read
+        return sorted(f.name for f in dataclasses.fields(self)
+                      if f.name in unread and getattr(self, f.name) != f.default)
+
 
 @dataclass
 class TrainConfig:
@@ -104,7 +121,7 @@ class TrainConfig:
     checkpoint_interval: int = 500  # steps between `latest` checkpoints
     keep_checkpoints: int = 3  # step folders kept besides `best`
     patience: int = 0  # evaluations without a new best before stopping; 0: never stop early
-    seed: int = 1337
+    seed: int = DEFAULT_SEED
     spike_zscore: float = 6.0  # a loss or grad norm this many std above its recent mean is a spike
     spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
@@ -147,13 +164,69 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`lmlab finetune`: Alpaca-format instruction tuning of a run's best checkpoint. The model, dtype, optimizer
+    and clipping come from the base run; these settings, and the schedule derived from them, replace its [train]."""
+
+    data: str = ""  # JSON list of {instruction, input, output} records
+    epochs: int = 3
+    learning_rate: float = 1e-4  # peak LR: 5% of the steps warm up to it, then a cosine to a tenth of it
+    batch_size: int = 8  # records per step
+    val_fraction: float = 0.1  # share of records held out (chosen by a hash of their content)
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"finetune.{name} must be at least 1; set it to a positive integer.")
+        if self.learning_rate <= 0:
+            raise UserError(f"finetune.learning_rate ({self.learning_rate}) must be positive.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"finetune.val_fraction ({self.val_fraction}) must be between 0 and 1, e.g. 0.1.")
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = None  # set in fine-tuned runs only
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue a prompt, passed whole from `sample`, `compare`, `answer` and `serve` to the sampler.
+
+    temperature 0 is greedy; top_k keeps the k likeliest tokens and top_p the smallest set whose probability
+    reaches p; the seed makes a draw repeatable; a continuation ends after max_new_tokens or before a stop string.
+    """
+
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int = DEFAULT_SEED
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = {
+            "max_new_tokens": (not self.max_new_tokens >= 1, "at least 1"),
+            "temperature": (not (math.isfinite(self.temperature) and self.temperature >= 0), "a number >= 0 "
+                            "(0 is greedy)"),
+            "top_k": (self.top_k is not None and not self.top_k >= 1, "at least 1, or left out"),
+            "top_p": (not 0 < self.top_p <= 1, "in (0, 1]"),
+            "seed": (not 0 <= self.seed < 2**63, "between 0 and 2**63 - 1"),
+        }
+        for name, (bad, rule) in problems.items():
+            if bad:
+                raise UserError(f"{name} is {getattr(self, name)}; it must be {rule}.")
+
+    def describe(self) -> str:
+        return f"seed {self.seed}, temperature {self.temperature}, top_k {self.top_k}, top_p {self.top_p}"
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                             "finetune": FinetuneConfig}
 
 
 def _coerce(where: str, value: Any, kind: type) -> Any:
@@ -173,55 +246,74 @@ def _parse_literal(text: str) -> Any:
         return text  # a bare word such as `bfloat16` or a path is a string
 
 
+def build_section(name: str, values: Any, source: str) -> Any:
+    """One section's dataclass from a dict of settings, each checked for type; errors name `source`."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: [{name}] must be a table of settings.")
+    types = {f.name: f.type for f in dataclasses.fields(SECTIONS[name])}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types:
+            raise UserError(f"{source}: unknown key {name}.{key}; valid keys in [{name}] are: {', '.join(types)}.")
+        kinds = [{"int": int, "float": float, "bool": bool, "str": str}[t] for t in types[key].split(" | ")]
+        if len(kinds) > 1 and type(value) in kinds:  # a field that takes either, e.g. compile = true or "auto"
+            kinds = [type(value)]
+        kwargs[key] = _coerce(f"{source}: {name}.{key}", value, kinds[0])
+    return SECTIONS[name](**kwargs)
+
+
 def build_config(raw: dict[str, Any], source: str) -> RunConfig:
     """Build a RunConfig from nested dicts, naming `source` in any error."""
-    sections = {}
-    for name, section_cls in SECTIONS.items():
-        values = raw.get(name, {})
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: [{name}] must be a table of settings.")
-        types = {f.name: f.type for f in dataclasses.fields(section_cls)}
-        kwargs = {}
-        for key, value in values.items():
-            if key not in types:
-                raise UserError(
-                    f"{source}: unknown key {name}.{key}; valid keys in [{name}] are: {', '.join(types)}."
-                )
-            kinds = [{"int": int, "float": float, "bool": bool, "str": str}[t] for t in types[key].split(" | ")]
-            if len(kinds) > 1 and type(value) in kinds:  # a field that takes either, e.g. compile = true or "auto"
-                kinds = [type(value)]
-            kwargs[key] = _coerce(f"{source}: {name}.{key}", value, kinds[0])
-        sections[name] = section_cls(**kwargs)
     for name in raw:
         if name not in SECTIONS:
             raise UserError(f"{source}: unknown section [{name}]; valid sections are: {', '.join(SECTIONS)}.")
-    return RunConfig(**sections)
+    return RunConfig(**{name: build_section(name, raw.get(name, {}), source) for name in SECTIONS
+                        if name in raw or name != "finetune"})
+
+
+def parse_override(item: str) -> tuple[str, str, str]:
+    """`section.key=value` as (section, key, value text); `sweep` splits the text into its values."""
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise UserError(f"--set {item!r} must look like section.key=value, e.g. train.learning_rate=3e-4.")
+    return section, name, text.strip()
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings on top of a raw config dict."""
     for item in overrides:
-        key, sep, text = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
-            raise UserError(f"--set {item!r} must look like section.key=value, e.g. train.learning_rate=3e-4.")
-        raw.setdefault(section, {})[name] = _parse_literal(text.strip())
+        section, name, text = parse_override(item)
+        raw.setdefault(section, {})[name] = _parse_literal(text)
     return raw
 
 
-def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a TOML preset and apply overrides; every error names the file or the field."""
+def read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
-    return build_config(apply_overrides(raw, list(overrides)), str(path))
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML preset and apply overrides; every error names the file or the field."""
+    return build_config(apply_overrides(read_toml(path), list(overrides)), str(path))
+
+
+def load_finetune_config(path: Path | None, overrides: list[str] = ()) -> FinetuneConfig:
+    """The [finetune] section of a TOML file (the base run supplies everything else), with overrides."""
+    raw = apply_overrides(read_toml(path) if path else {}, list(overrides))
+    others = sorted(set(raw) - {"finetune"})
+    if others:
+        raise UserError(f"{path or '--set'}: fine-tuning reads only [finetune] (the model and the rest come from the "
+                        f"base run); remove [{'], ['.join(others)}].")
+    return build_section("finetune", raw.get("finetune", {}), str(path or "--set"))
 
 
 def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
-    return dataclasses.asdict(config)
+    return {name: dataclasses.asdict(value) for name, value in vars(config).items() if value is not None}
 
 
 def to_toml(config: RunConfig) -> str:

@@ -27,8 +27,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure(device: torch.device) -> None:
-    """Process-wide fast-path switches: TF32 tensor-core matmuls for fp32 work on CUDA (Ampere and later)."""
+def configure(device: torch.device, threads: int = 0) -> None:
+    """Process-wide settings of a training process: `threads` CPU threads for torch (0 leaves one per core), and
+    TF32 tensor-core matmuls for fp32 work on CUDA (Ampere and later)."""
+    if threads:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -76,14 +79,21 @@ PEAK_TFLOPS = {
 _measured: dict[tuple[str, torch.dtype], float] = {}
 
 
+def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | None:
+    """The datasheet peak FLOP/s of a GPU (by the name CUDA reports) in `dtype`, and the table row it came from;
+    None for a GPU or dtype the table does not list."""
+    for key, peaks in PEAK_TFLOPS.items():  # most specific names first
+        if key in gpu_name and str(dtype).removeprefix("torch.") in peaks:
+            return peaks[str(dtype).removeprefix("torch.")] * 1e12, f"datasheet {key}"
+    return None
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """Peak FLOP/s for MFU and where it came from: the datasheet table, or a measured matmul for CPUs and
     GPUs the table does not know."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in PEAK_TFLOPS.items():  # most specific names first
-            if key in name and str(dtype).removeprefix("torch.") in peaks:
-                return peaks[str(dtype).removeprefix("torch.")] * 1e12, f"datasheet {key}"
+    listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
+    if listed:
+        return listed
     if (device.type, dtype) not in _measured:
         _measured[(device.type, dtype)] = _measure_matmul(device, dtype)
     return _measured[(device.type, dtype)], "measured matmul"

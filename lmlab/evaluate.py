@@ -5,47 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from lmlab.data.loader import BatchLoader, check_block_size, open_tokens, pad_targets
-from lmlab.data.prepare import read_meta
-from lmlab.data.shards import row_layout
+from lmlab.data.loader import check_block_size, open_tokens, pad_targets
+from lmlab.data.shards import read_meta, row_layout
 from lmlab.data.tokenizers import tokenizer_identity
-from lmlab.device import autocast, autocast_dtype, resolve_device
+from lmlab.device import autocast
 from lmlab.errors import UserError
 from lmlab.model import LanguageModel
 from lmlab.model.loss import IGNORE, next_token_loss
-from lmlab.runs import load_run_model, load_run_tokenizer
-
-if TYPE_CHECKING:
-    from lmlab.train.distributed import Parallel
-
-
-@torch.no_grad()
-def estimate_loss(forward: Callable, tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int,
-                  seed: int, device: torch.device, dtype: torch.dtype, parallel: Parallel | None = None) -> float:
-    """Mean loss of `forward` (a model, compiled or not) over `n_batches` random batches drawn from a fixed
-    seed: the same batches at every call.
-
-    Under torchrun rank r scores batches r, r + N, ... and the sums are all-reduced. Every rank runs the same
-    number of forwards, the last round padded with batches that do not count, as FSDP's all-gathers need."""
-    rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
-    loader = BatchLoader(tokens, block_size, batch_size, seed)
-    total = torch.zeros((), device=device)
-    for i in range(-(-n_batches // world) * world):
-        x, y = loader.next()
-        if i % world != rank:
-            continue
-        with autocast(device, dtype):
-            _, loss = forward(x.to(device), y.to(device))
-        if i < n_batches:
-            total += loss
-    if parallel:
-        total = parallel.all_reduce_sum(total)
-    return (total / n_batches).item()
+from lmlab.rundir import LoadedRun
 
 
 @torch.no_grad()
@@ -80,28 +52,27 @@ def evaluate_split(model: LanguageModel, tokens: np.ndarray, bytes_per_token: fl
             "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": count}
 
 
-def _check_same_tokenizer(run_dir: Path, dataset: Path, meta: dict[str, Any]) -> None:
+def _check_same_tokenizer(run: LoadedRun, dataset: Path, meta: dict[str, Any]) -> None:
     """Token ids only mean the same thing under the same vocabulary: refuse a dataset tokenized otherwise."""
-    theirs = load_run_tokenizer(run_dir)
-    if tokenizer_identity(run_dir / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):
-        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run_dir} (the dataset's "
-                        f"{meta['tokenizer']}, {meta['vocab_size']:,} tokens; the run's {theirs.spec}, "
+    theirs = run.tokenizer
+    if tokenizer_identity(run.run.path / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):
+        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run.run.path} (the "
+                        f"dataset's {meta['tokenizer']}, {meta['vocab_size']:,} tokens; the run's {theirs.spec}, "
                         f"{theirs.vocab_size:,} tokens; their vocabularies differ); prepare it with the run's tokenizer.")
 
 
-def evaluate_run(run_dir: Path, dataset: Path | None = None, checkpoint: str = "best", batch_size: int = 32,
-                 device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 32,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate a run on the val split of its own dataset or of another one with the same tokenizer."""
-    torch_device = resolve_device(device)
-    model, cfg, state = load_run_model(run_dir, checkpoint, torch_device)
-    if dataset is None and not cfg.data.dataset:
-        raise UserError(f"{run_dir} has no dataset of its own (it was imported, or fine-tuned from an imported run); pass --dataset DIR, a dataset "
-                        "prepared with the run's tokenizer.")
-    dataset = dataset or Path(cfg.data.dataset)
+    if dataset is None and not run.config.data.dataset:
+        raise UserError(f"{run.run.path} has no dataset of its own (it was imported, or fine-tuned from an imported "
+                        "run); pass --dataset DIR, a dataset prepared with the run's tokenizer.")
+    dataset = dataset or Path(run.config.data.dataset)
     meta = read_meta(dataset)
-    _check_same_tokenizer(run_dir, dataset, meta)
-    check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {dataset}")
+    _check_same_tokenizer(run, dataset, meta)
+    check_block_size(row_layout(meta), run.config.model.block_size, f"dataset {dataset}")
     tokens = open_tokens(dataset, "val", meta["dtype"])
-    scores = evaluate_split(model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, torch_device,
-                            autocast_dtype(torch_device, cfg.train.dtype), progress)
-    return {"run": str(run_dir), "checkpoint": checkpoint, "step": state["step"], "dataset": str(dataset), **scores}
+    scores = evaluate_split(run.model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, run.device,
+                            run.dtype, progress)
+    return {"run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step, "dataset": str(dataset),
+            **scores}

@@ -19,14 +19,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-import lmlab
-from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig, to_toml
+from lmlab.checkpoint import model_tensors
+from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.tokenizers import EOT, Tokenizer, load_gpt2, parse_spec
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
 from lmlab.model.gpt import GPT
-from lmlab.runs import load_run_model, load_run_tokenizer, run_config
-from lmlab.train.checkpoint import model_tensors, save_checkpoint
+from lmlab.rundir import RunDir
 
 # transformers stores these four as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in).
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -187,25 +186,16 @@ def import_hf(folder: Path, run_dir: Path) -> dict[str, Any]:
     try:
         # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
         cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
-        atomic_write_text(tmp / "config.toml", to_toml(cfg))
-        state = {"imported_from": str(folder.resolve()), "model_config": dataclasses.asdict(model_cfg)}
-        save_checkpoint(tmp, 0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), state,
-                        best=True)
         facts = {"tokenizer": None, "vocab_size": model_cfg.vocab_size}
         if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
-            facts.update(tokenizer="gpt2", eot_id=tokenizer.eot_id,
-                         tokenizer_sha256=sha256_file(tmp / "tokenizer.json"))
-        atomic_write_text(tmp / "dataset.json", json.dumps(facts, indent=2))
-        events = [
-            {"event": "start", "step": 0, "lmlab_version": lmlab.__version__, "params": model.num_params(),
-             "params_non_embedding": model.num_params(embeddings=False), "dataset": None,
-             "tokenizer": facts["tokenizer"], "init_from": None},
-            {"event": "import", "step": 0, "source": str(folder.resolve()), "format": "huggingface gpt2",
-             "weights_sha256": sha256_file(weights), "tokenizer": facts["tokenizer"]},
-            {"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False, "stopped_by": None},
-        ]
-        atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in events))
+            facts.update(tokenizer="gpt2", eot_id=tokenizer.eot_id)
+        run = RunDir(tmp)
+        run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()), "format": "huggingface gpt2",
+                                                         "weights_sha256": sha256_file(weights)})
+        run.write_setup(cfg, tokenizer, facts)
+        run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), None,
+                            best=True, keep=1)
+        run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False, "stopped_by": None})
         _move_into_place(tmp, run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,23 +224,23 @@ def _write_tokenizer(tokenizer: Tokenizer, out: Path, block_size: int) -> None:
 
 def export_hf(run_dir: Path, out: Path, checkpoint: str = "best") -> dict[str, Any]:
     """Write a run's model as a Hugging Face GPT-2 folder; returns what was written and what was left out."""
-    run_dir, out = Path(run_dir), Path(out)
-    problems = export_problems(run_config(run_dir).model)
+    problems = export_problems(RunDir(run_dir).config().model)
     if problems:
         raise UserError(f"{run_dir} cannot be exported as GPT-2: " + " ".join(problems))
-    model, cfg, state = load_run_model(run_dir, checkpoint, torch.device("cpu"))
-    tokenizer = load_run_tokenizer(run_dir) if (run_dir / "tokenizer.json").exists() else None
+    run = RunDir(run_dir).load(checkpoint, "cpu", need_tokenizer=False)
+    tokenizer = run.tokenizer
     # GPT2TokenizerFast reproduces byte-level BPE exactly; char and word tokenizers have no GPT-2 counterpart.
     byte_level = tokenizer is not None and parse_spec(tokenizer.spec)[0] in ("bpe", "gpt2")
+    out = Path(out)
     tmp = _fresh_dir(out, "output folder")
     try:
-        save_file(_lmlab_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(_lmlab_to_hf(run.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         eot_id = tokenizer.eot_id if byte_level else None
-        atomic_write_text(tmp / "config.json", json.dumps(_hf_config(cfg.model, eot_id), indent=2))
+        atomic_write_text(tmp / "config.json", json.dumps(_hf_config(run.config.model, eot_id), indent=2))
         if byte_level:
-            _write_tokenizer(tokenizer, tmp, cfg.model.block_size)
+            _write_tokenizer(tokenizer, tmp, run.config.model.block_size)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     skipped = None if byte_level else f"tokenizer {tokenizer.spec if tokenizer else '(none)'} is not byte-level BPE"
-    return {"out": str(out), "step": state["step"], "tokenizer_skipped": skipped}
+    return {"out": str(out), "step": run.step, "tokenizer_skipped": skipped}

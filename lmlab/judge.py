@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmlab.device import autocast_dtype, resolve_device
+from lmlab.config import SamplingParams
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
-from lmlab.finetune import prompt_format, read_records
 from lmlab.generate import instruct
-from lmlab.runs import load_run_model, load_run_tokenizer
+from lmlab.prompt import read_records
+from lmlab.rundir import LoadedRun
 
 RUBRIC = (
     "You are grading a response to a task against a reference answer.\n\n"
@@ -35,20 +35,15 @@ STRICTER = ("\n\nYour reply must be a single whole number between 0 and 100 and 
 Progress = Callable[[int, int], None]
 
 
-def write_answers(run_dir: Path, data: Path, out: Path, max_new_tokens: int = 256, checkpoint: str = "best",
-                  device: str = "auto", progress: Progress | None = None) -> int:
+def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams,
+                  progress: Progress | None = None) -> int:
     """Answer every record of an Alpaca JSON file with the run's model; returns how many were written."""
     records = read_records(data)
-    torch_device = resolve_device(device)
-    model, cfg, state = load_run_model(Path(run_dir), checkpoint, torch_device)
-    tokenizer = load_run_tokenizer(Path(run_dir))
-    fmt = prompt_format(Path(run_dir), tokenizer)
-    dtype = autocast_dtype(torch_device, cfg.train.dtype)
     lines = []
     for i, r in enumerate(records):
-        answer = instruct(model, tokenizer, fmt, r["instruction"], r.get("input", ""), max_new_tokens, dtype=dtype)
+        answer = instruct(run, r["instruction"], r.get("input", ""), params)
         lines.append(json.dumps({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"],
-                                 "model_answer": answer, "run": str(run_dir), "step": state["step"]}))
+                                 "model_answer": answer, "run": str(run.run.path), "step": run.step}))
         if progress:
             progress(i + 1, len(records))
     atomic_write_text(Path(out), "".join(line + "\n" for line in lines))
@@ -56,8 +51,9 @@ def write_answers(run_dir: Path, data: Path, out: Path, max_new_tokens: int = 25
 
 
 def parse_score(reply: str) -> int | None:
-    """The first whole number from 0 to 100 in a judge's reply (`87`, `Score: 87/100`), else None."""
-    for match in re.finditer(r"(?<![\d.])\d+(?![\d])", reply or ""):
+    """The first whole number from 0 to 100 in a judge's reply (`87`, `Score: 87/100`), else None; a decimal
+    (`7.5`) is not a whole number, and not read as one."""
+    for match in re.finditer(r"(?<![\d.])\d+(?!\.?\d)", reply or ""):
         value = int(match.group())
         if 0 <= value <= 100:
             return value

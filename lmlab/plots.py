@@ -8,17 +8,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
-
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
-from lmlab.runs import RunSummary, read_metrics  # noqa: E402
+from lmlab.rundir import RunDir  # noqa: E402
+from lmlab.runs import RunSummary  # noqa: E402
 from lmlab.scaling import PowerLawFit  # noqa: E402
 
 
-def plot_losses(run_dir: Path) -> Path:
-    """Draw train (per log interval) and val (per eval) loss against step into RUN/loss.png."""
-    events = read_metrics(run_dir)
+def plot_losses(run: RunDir) -> Path:
+    """Draw train (per log interval) and val (per eval) loss against step into the run's loss.png."""
+    events = run.events()
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
@@ -28,19 +28,19 @@ def plot_losses(run_dir: Path) -> Path:
         ax.plot(*zip(*evals), label="val", color="tab:orange", marker="o", markersize=3)
         best_step, best = min(evals, key=lambda p: p[1])
         ax.annotate(f"best val {best:.4f}", (best_step, best), textcoords="offset points", xytext=(-60, 12))
-    ax.set_title(f"{Path(run_dir).name}: loss")
+    ax.set_title(f"{run.name}: loss")
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    return _save(fig, Path(run_dir) / "loss.png")
+    return _save(fig, run.loss_plot)
 
 
 X_AXES = {
     "step": ("step (optimizer updates)", lambda s, e: e["step"]),
     "tokens": ("tokens seen", lambda s, e: e.get("tokens", 0)),
     "time": ("wall time (s)", lambda s, e: e.get("elapsed", 0.0)),
-    "flops": ("training compute, 6·N·D (FLOPs)", lambda s, e: 6.0 * (s.params or 0) * e.get("tokens", 0)),
+    "flops": ("training compute (FLOPs)", lambda s, e: (s.flops_per_token or 0) * e.get("tokens", 0)),
 }
 
 

@@ -1,85 +1,18 @@
-"""The run directory: resolved config, append-only metrics log, and loading a run's model back."""
+"""Listing and summarising run folders for `lmlab runs`, `compare`, `scaling` and `plan`: read without trusting
+them, so a half-written, old or foreign folder gets a status instead of a crash."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.config import RunConfig, load_config
-from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text
-from lmlab.model import LanguageModel, build_model
-from lmlab.train.checkpoint import load_checkpoint, resolve
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per event, appended and flushed so a crash loses at most one line."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-
-    def append(self, event: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
-
-    def read(self) -> list[dict[str, Any]]:
-        return read_metrics(self.path.parent)
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop events logged after the checkpoint (and the end of a stopped run), so the log
-        reads as one uninterrupted run."""
-        kept = [e for e in self.read() if e.get("step", 0) <= step and e.get("event") != "end"]
-        atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in kept))
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return events
-
-
-def run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.toml"
-    if not path.exists():
-        raise UserError(f"{run_dir} is not an lmlab run (no config.toml); pass a directory made by `lmlab train`.")
-    return load_config(path)
-
-
-def load_run_model(run_dir: Path, which: str, device: torch.device) -> tuple[LanguageModel, RunConfig, dict[str, Any]]:
-    """The model of a run at its `best` or `latest` checkpoint, in eval mode on `device`."""
-    if which not in ("best", "latest"):
-        raise UserError(f"--checkpoint {which} is unknown; use best or latest.")
-    cfg = run_config(run_dir)
-    model = build_model(cfg.model).to(device)
-    state = load_checkpoint(resolve(run_dir, which), model)
-    return model.eval(), cfg, state
-
-
-def load_run_tokenizer(run_dir: Path) -> Tokenizer:
-    """The tokenizer a run keeps (tokenizer.json, its spec in dataset.json), so it works without its dataset."""
-    run_dir = Path(run_dir)
-    try:
-        spec = json.loads((run_dir / "dataset.json").read_text(encoding="utf-8"))["tokenizer"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        spec = None
-    if not spec or not (run_dir / "tokenizer.json").exists():
-        raise UserError(f"{run_dir} has no tokenizer (tokenizer.json and its spec in dataset.json); import it from a "
-                        "folder that has the tokenizer files, or copy them in.")
-    return Tokenizer.load(run_dir / "tokenizer.json", spec)
+from lmlab.model import build_model
+from lmlab.rundir import RunDir
 
 
 @dataclass
@@ -91,7 +24,8 @@ class RunSummary:
     params: int | None = None
     dataset: str | None = None
     tokenizer: str | None = None
-    model: str | None = None  # kind and shape, e.g. "gpt 4L/256" or "recurrent gru 2L/512"
+    model: str | None = None  # LanguageModel.describe(), e.g. "gpt 4L/256 rope" or "recurrent gru 2L/512"
+    flops_per_token: float | None = None  # LanguageModel.flops_per_token()
     device: str | None = None
     steps: int = 0
     tokens: int = 0
@@ -110,11 +44,11 @@ class RunSummary:
 
     @property
     def flops(self) -> float | None:
-        """Training compute by the 6·N·D rule."""
-        return 6.0 * self.params * self.tokens if self.params else None
+        """Training compute: FLOPs per token (the model's one definition) × tokens seen."""
+        return self.flops_per_token * self.tokens if self.flops_per_token else None
 
 
-def _status(run_dir: Path, events: list[dict[str, Any]]) -> str:
+def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
     if not events or events[0].get("event") != "start":
         return "half-written"
     last = events[-1]
@@ -122,30 +56,33 @@ def _status(run_dir: Path, events: list[dict[str, Any]]) -> str:
         if last.get("stopped_by"):
             return f"stopped ({last['stopped_by']})"
         return "stopped early" if last.get("stopped_early") else "finished"
-    pid_file = Path(run_dir) / "train.pid"
+    return "running" if run.running() else "crashed"
+
+
+def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
+    """The model's description and FLOPs per token, from the start event or (older runs) its config."""
+    summary.model, summary.flops_per_token = start.get("model"), start.get("flops_per_token")
+    if summary.model and summary.flops_per_token:
+        return
     try:
-        os.kill(int(pid_file.read_text()), 0)
-        return "running"
-    except (OSError, ValueError):
-        return "crashed"
+        with torch.device("meta"):  # the shape alone, nothing allocated
+            model = build_model(run.config().model)
+    except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
+        return
+    summary.model, summary.flops_per_token = model.describe(), model.flops_per_token()
 
 
 def summarize(run_dir: Path) -> RunSummary:
     """Read a run dir without trusting it: a half-written, old or foreign dir gets a status, not a crash."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").exists() and not (run_dir / "metrics.jsonl").exists():
-        return RunSummary(run_dir, "not a run")
-    events = read_metrics(run_dir)
-    summary = RunSummary(run_dir, _status(run_dir, events))
+    run = RunDir(run_dir)
+    if not (run.path / "config.toml").exists() and not (run.path / "metrics.jsonl").exists():
+        return RunSummary(run.path, "not a run")
+    events = run.events()
+    summary = RunSummary(run.path, _status(run, events))
     start = events[0] if events and events[0].get("event") == "start" else {}
     summary.params, summary.device = start.get("params"), start.get("device")
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
-    try:
-        shape = run_config(run_dir).model
-        kind = f"recurrent {shape.rnn_cell}" if shape.kind == "recurrent" else shape.kind
-        summary.model = f"{kind} {shape.n_layer}L/{shape.n_embd}"
-    except UserError:  # a config from another version or hand-edited: list the run anyway
-        pass
+    _describe(run, start, summary)
     summary.evals = [e for e in events if e.get("event") == "eval" and "val_loss" in e]
     summary.trains = [e for e in events if e.get("event") == "train" and "loss" in e]
     progress = [e for e in events if "step" in e and "tokens" in e]
@@ -158,16 +95,16 @@ def summarize(run_dir: Path) -> RunSummary:
         if "train_eval_loss" in best:
             summary.gap = best["val_loss"] - best["train_eval_loss"]
         summary.still_falling = summary.evals[-1] is best
-        summary.best_bpb = _bits_per_byte(run_dir, best["val_loss"])
+        summary.best_bpb = _bits_per_byte(run, best["val_loss"])
     return summary
 
 
-def _bits_per_byte(run_dir: Path, loss: float) -> float | None:
+def _bits_per_byte(run: RunDir, loss: float) -> float | None:
     """Loss in bits per UTF-8 byte of the val text, from the dataset facts the run keeps."""
     try:
-        val = json.loads((run_dir / "dataset.json").read_text())["val"]
+        val = run.dataset()["val"]
         return loss / math.log(2) * val["tokens"] / val["bytes"]
-    except (OSError, KeyError, ValueError, ZeroDivisionError):
+    except (KeyError, TypeError, ZeroDivisionError):
         return None
 
 

@@ -17,15 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lmlab.data.tokenizers import Tokenizer
-from lmlab.device import autocast_dtype, resolve_device
+from lmlab.config import SamplingParams
 from lmlab.errors import UserError
-from lmlab.finetune import PromptFormat, prompt_format
 from lmlab.generate import TextStream, document_start
-from lmlab.model import LanguageModel
-from lmlab.runs import load_run_model, load_run_tokenizer
+from lmlab.rundir import LoadedRun, RunDir
 
 
 class ApiError(Exception):
@@ -42,28 +37,23 @@ class ApiError(Exception):
 
 @dataclass
 class Served:
-    """The model behind the server and its limits."""
+    """The run behind the server and its limits. Chats go through the run's prompt format if it was fine-tuned,
+    else they are rendered as a plain transcript."""
 
-    name: str
-    model: LanguageModel
-    tokenizer: Tokenizer
-    fmt: PromptFormat | None  # the run's fine-tuning format; None: chats are rendered as a plain transcript
-    dtype: torch.dtype
+    run: LoadedRun
     max_tokens_cap: int
     slots: threading.BoundedSemaphore
+
+    @property
+    def name(self) -> str:
+        return self.run.run.name
 
 
 def load_served(run_dir: Path, checkpoint: str = "best", device: str = "auto", max_tokens_cap: int = 512,
                 max_concurrent: int = 2) -> Served:
-    run_dir = Path(run_dir)
     if max_tokens_cap < 1 or max_concurrent < 1:
         raise UserError("--max-tokens-cap and --max-concurrent must be at least 1.")
-    torch_device = resolve_device(device)
-    model, cfg, _ = load_run_model(run_dir, checkpoint, torch_device)
-    tokenizer = load_run_tokenizer(run_dir)
-    fmt = prompt_format(run_dir, tokenizer) if (run_dir / "prompt.json").exists() else None
-    return Served(run_dir.name, model, tokenizer, fmt, autocast_dtype(torch_device, cfg.train.dtype),
-                  max_tokens_cap, threading.BoundedSemaphore(max_concurrent))
+    return Served(RunDir(run_dir).load(checkpoint, device), max_tokens_cap, threading.BoundedSemaphore(max_concurrent))
 
 
 def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any, low: float | None = None,
@@ -94,12 +84,7 @@ class Request:
     """A validated completion request: the prompt's token ids and how to sample."""
 
     ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int | None
-    seed: int
-    stop: list[str]
+    params: SamplingParams
     stream: bool
 
 
@@ -118,20 +103,25 @@ def parse_request(served: Served, body: Any, prompt: str, stop: list[str]) -> Re
     if _field(body, "n", (int,), 1) != 1:
         raise ApiError(400, "`n` must be 1: this server returns one choice per request.", "n")
     max_tokens = _field(body, "max_tokens", (int,), min(256, served.max_tokens_cap), 1, served.max_tokens_cap)
+    tokenizer = served.run.tokenizer
     try:
-        served.tokenizer.check(prompt, "the prompt")
+        tokenizer.check(prompt, "the prompt")
     except UserError as err:
         raise ApiError(400, str(err), "prompt")
-    ids = served.tokenizer.encode(prompt) if prompt else document_start(served.tokenizer)
-    block = served.model.config.block_size
+    ids = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
+    block = served.run.config.model.block_size
     if len(ids) > block:
         raise ApiError(400, f"the prompt is {len(ids)} tokens but this model's context is {block}; shorten it.",
                        "prompt", "context_length_exceeded")
     seed = _field(body, "seed", (int,), None)
-    return Request(ids, max_tokens, float(_field(body, "temperature", (int, float), 1.0, 0, 2)),
-                   float(_field(body, "top_p", (int, float), 1.0, 1e-6, 1)), _field(body, "top_k", (int,), None, 1),
-                   secrets.randbelow(2**31) if seed is None else seed, stop + _stop(body),
-                   _field(body, "stream", (bool,), False))
+    try:
+        params = SamplingParams(max_tokens, float(_field(body, "temperature", (int, float), 1.0, 0, 2)),
+                                _field(body, "top_k", (int,), None, 1),
+                                float(_field(body, "top_p", (int, float), 1.0, 1e-6, 1)),
+                                secrets.randbelow(2**31) if seed is None else seed, (*stop, *_stop(body)))
+    except UserError as err:  # a value no type check catches, such as NaN or a seed beyond 64 bits
+        raise ApiError(400, str(err))
+    return Request(ids, params, _field(body, "stream", (bool,), False))
 
 
 def chat_prompt(served: Served, messages: Any) -> tuple[str, list[str]]:
@@ -142,11 +132,12 @@ def chat_prompt(served: Served, messages: Any) -> tuple[str, list[str]]:
             isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages):
         raise ApiError(400, "`messages` must be a non-empty list of {role: system|user|assistant, content: text}.",
                        "messages")
-    if served.fmt is not None:
+    fmt = served.run.prompt_format
+    if fmt is not None:
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users:
             raise ApiError(400, "`messages` needs a user message: it is the instruction.", "messages")
-        return served.fmt.render(users[-1]), [served.fmt.end]
+        return fmt.render(users[-1]), [fmt.end]
     transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return transcript, ["\nuser:"]
 
@@ -185,8 +176,8 @@ def complete(served: Served, request: Request, chat: bool) -> dict[str, Any] | _
     if not served.slots.acquire(blocking=False):
         raise ApiError(429, "the server is busy with as many requests as --max-concurrent allows; retry shortly.",
                        code="server_busy", kind="rate_limit_exceeded")
-    stream = TextStream(served.model, served.tokenizer, request.ids, request.max_tokens, request.temperature,
-                        request.top_k, request.top_p, request.seed, request.stop, served.dtype)
+    run = served.run
+    stream = TextStream(run.model, run.tokenizer, request.ids, request.params, run.dtype)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": served.name}
     if request.stream:

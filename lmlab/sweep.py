@@ -11,9 +11,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lmlab.config import RunConfig, load_config
+from lmlab.config import RunConfig, load_config, parse_override
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
+from lmlab.rundir import RunDir
 from lmlab.runs import RunSummary, summarize
 from lmlab.train.loop import Trainer
 
@@ -46,10 +47,11 @@ def parse_grid(sets: list[str]) -> list[tuple[str, list[str]]]:
     """`section.key=v1,v2,...` items as (key, values); a single value is a setting shared by every trial."""
     grid = []
     for item in sets:
-        key, sep, values = item.partition("=")
-        if not sep or "." not in key or not values.strip():
+        section, name, text = parse_override(item)
+        values = [v.strip() for v in text.split(",")]
+        if not all(values):
             raise UserError(f"--set {item!r} must look like section.key=v1,v2,..., e.g. train.learning_rate=1e-3,3e-3.")
-        grid.append((key.strip(), [v.strip() for v in values.split(",")]))
+        grid.append((f"{section}.{name}", values))
     return grid
 
 
@@ -112,7 +114,7 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
             result.skipped.append(trial.name)
             console.print(f"trial {i}/{len(trials)} {trial.name}: already {status}, skipped")
             continue
-        resume = (trial.run_dir / "checkpoints" / "latest").exists()
+        resume = bool(RunDir(trial.run_dir).step_folders())
         console.print(f"trial {i}/{len(trials)} {trial.name}: {'resuming' if resume else 'training'} "
                       f"({' '.join(trial.overrides)})")
         outcome = Trainer(trial.config, trial.run_dir, device, resume=resume, console=console).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -50,6 +51,21 @@ def corpus_dir(tmp_path_factory) -> Path:
 def char_dataset(tmp_path_factory, corpus_dir) -> Path:
     target, _, _ = prepare([str(corpus_dir)], "char", name="tiny", out_dir=tmp_path_factory.mktemp("data"))
     return target
+
+
+@pytest.fixture(scope="session")
+def stable_root(tmp_path_factory) -> Path:
+    """A folder holding `corpus/` and `data/tiny-char`, prepared from the relative path `corpus`: document names,
+    which decide the split, are the paths as given, so this dataset is byte for byte the same on every machine
+    and in every temporary folder (tests/data/legacy/trained was trained on it; the golden curve too)."""
+    root = tmp_path_factory.mktemp("stable")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        prepare([str(write_corpus(Path("corpus")).name)], "char", name="tiny", out_dir=Path("data"))
+    finally:
+        os.chdir(here)
+    return root
 
 
 TINY_CONFIG = """

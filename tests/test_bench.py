@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from lmlab.cli import main
-from lmlab.device import PEAK_TFLOPS, peak_flops
-from lmlab.runs import read_metrics
+from lmlab.commands import main
+from lmlab.device import datasheet_peak, peak_flops
+from lmlab.rundir import RunDir
 from tests.conftest import write_config
 
 
@@ -38,7 +38,10 @@ def test_plan_arithmetic_for_gpt2_small(capsys):
     params = int(re.search(r"parameters\s+│ ([\d,]+) \(", out).group(1).replace(",", ""))
     assert 124_000_000 < params < 125_000_000
     assert f"{20 * params:,} (20 tokens per parameter" in out
-    assert f"{6 * params * 20 * params:.3g} FLOPs" in out
+    # The one FLOP definition: 6 × the weights that multiply each token (all but the position table, as the
+    # head shares the token table) + attention's 12·L·C·T, per token.
+    per_token = 6 * (params - 1024 * 768) + 12 * 12 * 768 * 1024
+    assert f"{per_token * 20 * params:.3g} FLOPs ({per_token:.3g} per token)" in out
     assert f"{20 * params / 100_000 / 3600:.1f} h" in out
 
 
@@ -48,7 +51,7 @@ def test_plan_for_a_run_says_where_it_stands(capsys, tmp_path, char_dataset):
     capsys.readouterr()
     assert main(["plan", str(tmp_path / "run"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    seen = read_metrics(tmp_path / "run")[-1]["tokens"]
+    seen = RunDir(tmp_path / "run").events()[-1]["tokens"]
     assert re.search(r"tokens seen so far\s+│ ([\d,]+) ", out).group(1) == f"{seen:,}"
     assert "measured here" in out
 
@@ -56,14 +59,19 @@ def test_plan_for_a_run_says_where_it_stands(capsys, tmp_path, char_dataset):
 def test_mfu_is_logged_against_a_measured_cpu_peak(tmp_path, char_dataset, capsys):
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
     assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
-    start, *events = read_metrics(tmp_path / "run")
+    start, *events = RunDir(tmp_path / "run").events()
     assert start["peak_source"] == "measured matmul" and start["peak_flops"] > 1e9
     train = [e for e in events if e["event"] == "train"]
     assert train and all(
         abs(e["mfu"] - e["tokens_per_sec"] * start["flops_per_token"] / start["peak_flops"]) < 1e-3 for e in train)
 
 
-def test_known_gpus_use_the_datasheet_peak():
-    assert PEAK_TFLOPS["H100"]["bfloat16"] == 989
+def test_gpus_are_matched_to_their_datasheet_row_and_cpus_are_measured():
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == (989e12, "datasheet H100")
+    assert datasheet_peak("NVIDIA H100 PCIe", torch.bfloat16) == (756e12, "datasheet H100 PCIe")  # not the SXM row
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32) == (156e12, "datasheet A100")
+    assert datasheet_peak("NVIDIA GeForce RTX 4090", torch.float16) == (165e12, "datasheet RTX 4090")
+    assert datasheet_peak("Tesla T4", torch.bfloat16) is None  # no bf16 tensor cores: measured instead
+    assert datasheet_peak("Some Future GPU", torch.bfloat16) is None
     value, source = peak_flops(torch.device("cpu"), torch.float32)
     assert source == "measured matmul" and value > 1e9

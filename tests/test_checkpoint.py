@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmlab.cli import main
+from lmlab.commands import main
 from lmlab.config import load_config
 from lmlab.errors import UserError
-from lmlab.runs import read_metrics
-from lmlab.train.checkpoint import resolve
+from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 
@@ -23,11 +22,11 @@ VOLATILE = {"elapsed", "tokens_per_sec", "mfu", "peak_flops", "path"}
 
 def stable_events(run: Path) -> list[dict]:
     """metrics.jsonl without the fields that depend on wall time or location."""
-    return [{k: v for k, v in e.items() if k not in VOLATILE} for e in read_metrics(run)]
+    return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events()]
 
 
 def weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
-    return load_file(str(resolve(run, which) / "model.safetensors"))
+    return load_file(str(RunDir(run).checkpoint(which) / "model.safetensors"))
 
 
 def trainer(tmp_path: Path, dataset: Path, overrides=(), run="run", **kw) -> Trainer:
@@ -53,7 +52,7 @@ def test_kill_9_at_arbitrary_points_then_resume_is_bitwise_identical(tmp_path, c
     command = [LMLAB, "train", config, "--run", run, *settings]
     for kill_after_lines in (9, 31, 58):  # metrics lines: lands mid-interval, between checkpoints
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: len(read_metrics(run)) >= kill_after_lines or proc.poll() is not None)
+        wait_for(lambda: len(RunDir(run).events()) >= kill_after_lines or proc.poll() is not None)
         proc.kill()
         proc.wait()
         command = [LMLAB, "train", "--resume", run]
@@ -72,20 +71,20 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path, char_datase
     run = tmp_path / "run"
     proc = subprocess.Popen([LMLAB, "train", config, "--run", run, "--set", "train.checkpoint_interval=100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(read_metrics(run)) >= 5)
+    wait_for(lambda: len(RunDir(run).events()) >= 5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert f"lmlab train --resume {run}" in out.replace("\n", "")
-    end = read_metrics(run)[-1]
+    end = RunDir(run).events()[-1]
     assert end["event"] == "end" and end["stopped_by"] == "SIGTERM"
-    assert resolve(run, "latest").name == f"step_{end['step']:06d}"
+    assert RunDir(run).checkpoint("latest").name == f"step_{end['step']:06d}"
 
 
 def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, char_dataset, capsys):
     trainer(tmp_path, char_dataset, ["train.max_iters=30", "train.eval_interval=100"]).run()
     run = tmp_path / "run"
-    latest = resolve(run, "latest")
+    latest = RunDir(run).checkpoint("latest")
     assert latest.name == "step_000030"
     data = (latest / "model.safetensors").read_bytes()
     (latest / "model.safetensors").write_bytes(data[: len(data) // 2])  # a torn write
@@ -95,7 +94,7 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, ch
     assert code == 0
     assert "step_000030/model.safetensors is truncated or corrupt" in out
     assert "Resumed" in out and "from step_000020" in out
-    assert resolve(run, "latest").name == "step_000040"
+    assert RunDir(run).checkpoint("latest").name == "step_000040"
     assert not list((run / "checkpoints").glob(".step_*"))
 
 
@@ -104,7 +103,7 @@ def test_only_the_last_k_checkpoints_and_best_are_kept(tmp_path, char_dataset):
                                      "train.learning_rate=1e-30", "train.min_lr=0", "train.warmup_iters=0"]).run()
     run = tmp_path / "run"
     kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
-    best = resolve(run, "best").name
+    best = RunDir(run).checkpoint("best").name
     assert kept == sorted({best, "step_000050", "step_000060"})
 
 
@@ -126,7 +125,7 @@ def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
     old = trainer(tmp_path, char_dataset, ["train.max_iters=60"], run="old").run()
     new = trainer(tmp_path, char_dataset, ["train.max_iters=10", "train.warmup_iters=10"], run="new",
                   init_from=f"{tmp_path / 'old'}:best").run()
-    first_eval = next(e for e in read_metrics(new.run_dir) if e["event"] == "eval")
+    first_eval = next(e for e in RunDir(new.run_dir).events() if e["event"] == "eval")
     assert first_eval["step"] == 10
     assert first_eval["val_loss"] < old.best_val_loss + 0.1  # far below a fresh model's loss
     with pytest.raises(UserError, match="model shape"):
@@ -137,7 +136,7 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
     t = trainer(tmp_path, char_dataset, ["train.max_iters=90"])
     counts = np.bincount(t.train_tokens, minlength=t.cfg.model.vocab_size)
     rarest = int(np.where(counts > 0, counts, counts.max() + 1).argmin())
-    clean_next, clean_forward = t.loader.next, t.forward
+    clean_next, clean_forward = t.loader.next, t.step.forward
     batches = []
 
     def poisoned_next():
@@ -149,11 +148,11 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
 
     def nan_forward(x, y):
         logits, loss = clean_forward(x, y)
-        return logits, loss * float("nan") if t.state.step == 40 else loss
+        return logits, loss * float("nan") if t.progress.step == 40 else loss
 
-    t.loader.next, t.forward = poisoned_next, nan_forward
+    t.loader.next, t.step.forward = poisoned_next, nan_forward
     result = t.run()
-    events = read_metrics(result.run_dir)
+    events = RunDir(result.run_dir).events()
     kinds = [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "spike", "rollback")]
     assert kinds == [("skip", 41), ("spike", 71), ("spike", 72), ("rollback", 73)]
     rollback = next(e for e in events if e["event"] == "rollback")
@@ -174,5 +173,5 @@ def test_a_bf16_checkpoint_continues_in_fp32_and_back(tmp_path, char_dataset):
         cfg = load_config(run / "config.toml", [f"train.dtype={dtype}", f"train.max_iters={steps}"])
         result = Trainer(cfg, run, "cpu", resume=True).run()
         assert result.steps == steps
-    evals = [e["val_loss"] for e in read_metrics(run) if e["event"] == "eval"]
+    evals = [e["val_loss"] for e in RunDir(run).events() if e["event"] == "eval"]
     assert len(evals) == 4 and evals[-1] < evals[0]

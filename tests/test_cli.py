@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lmlab.cli import main
+from lmlab.commands import main
 from tests.conftest import lmlab, write_config, write_corpus
 
 

@@ -18,6 +18,7 @@ from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run, evaluate_split
 from lmlab.model import GPT
 from lmlab.model.loss import IGNORE
+from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 from tests.test_large_corpora import documents, split_tokens, write_jsonl
@@ -74,9 +75,9 @@ def test_the_loader_draws_whole_rows_and_ignores_exactly_the_padding(crop_datase
             end = xr.index(eot) if eot in xr else BLOCK  # the document's end-of-text, a real target
             assert yr[:end] == row[1:end + 1]
             assert all(t == IGNORE for t in yr[end:]) and (end == 0 or yr[end - 1] != IGNORE)
-    state = loader.state()
+    state = loader.state_dict()
     after = loader.next()
-    loader.restore(state)
+    loader.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(after, loader.next()))
 
 
@@ -109,7 +110,7 @@ def test_a_model_trains_and_evaluates_on_a_crop_dataset(tmp_path, crop_dataset):
     result = Trainer(load_config(write_config(tmp_path / "tiny.toml", crop_dataset, max_iters=10)), tmp_path / "run",
                      "cpu").run()
     assert math.isfinite(result.best_val_loss) and result.best_val_loss < math.log(vocab)  # learned something
-    scores = evaluate_run(tmp_path / "run")
+    scores = evaluate_run(RunDir(tmp_path / "run").load("best", "cpu"))
     assert math.isfinite(scores["loss"]) and scores["tokens"] > 0
     out = subprocess.run([sys.executable, "-m", "lmlab", "data", "stats", str(crop_dataset)],
                          capture_output=True, text=True, check=True).stdout
@@ -127,7 +128,7 @@ def test_a_block_size_other_than_the_rows_is_refused_in_train_and_eval(tmp_path,
     Trainer(load_config(config, ["train.max_iters=1"]), tmp_path / "run", "cpu").run()
     with pytest.raises(UserError, match=f"dataset {other} holds documents cropped to 16 tokens .* model.block_size "
                                         f"is {BLOCK}; set model.block_size = 16"):
-        evaluate_run(tmp_path / "run", dataset=other)
+        evaluate_run(RunDir(tmp_path / "run").load("best", "cpu"), dataset=other)
     with pytest.raises(UserError, match="char tokenizer"):
         prepare([str(crop_dataset.parent / "docs.jsonl")], "char", out_dir=tmp_path,
                 options=PrepareOptions(pack="crop"))

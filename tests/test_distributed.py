@@ -13,7 +13,7 @@ import pytest
 
 from lmlab.config import load_config
 from lmlab.errors import UserError
-from lmlab.runs import read_metrics
+from lmlab.rundir import RunDir
 from lmlab.train.distributed import Parallel
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
@@ -25,13 +25,13 @@ TOLERANCE = 1e-5  # fp32; the ranks only change the order of a few sums
 
 
 def losses(run: Path) -> dict[int, float]:
-    train = [e for e in read_metrics(run) if e["event"] == "train"]
+    train = [e for e in RunDir(run).events() if e["event"] == "train"]
     assert len({e["step"] for e in train}) == len(train), "a step logged twice (by two ranks?)"
     return {e["step"]: e["loss"] for e in train}
 
 
 def val_losses(run: Path) -> dict[int, float]:
-    return {e["step"]: e["val_loss"] for e in read_metrics(run) if e["event"] == "eval"}
+    return {e["step"]: e["val_loss"] for e in RunDir(run).events() if e["event"] == "eval"}
 
 
 def assert_same(got: dict[int, float], want: dict[int, float], steps: range) -> None:
@@ -91,7 +91,7 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_on_either(tmp_path, confi
     finish(torchrun([str(config), "--run", str(run), *sets('train.parallel="fsdp"')]))
     assert_same(losses(run), losses(single), range(1, 21))
     assert max(abs(v - val_losses(single)[s]) for s, v in val_losses(run).items()) < TOLERANCE
-    assert next(e for e in read_metrics(run) if e["event"] == "start")["world_size"] == 2
+    assert next(e for e in RunDir(run).events() if e["event"] == "start")["world_size"] == 2
     # The gathered checkpoint continues in one process ...
     on_one = resumable_at(run, 10, tmp_path / "fsdp-then-one")
     Trainer(load_config(on_one / "config.toml"), on_one, "cpu", resume=True).run()
@@ -124,14 +124,14 @@ def test_ddp_matches_one_process_through_an_elastic_restart(tmp_path, config, si
     out = finish(job)
     assert "Resumed" in out
     assert_same(losses(run), losses(single), range(1, 61))
-    assert [e["event"] for e in read_metrics(run)].count("start") == 1
+    assert [e["event"] for e in RunDir(run).events()].count("start") == 1
 
 
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, config):
     run = tmp_path / "dies"
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=5000")])
-    wait_for(job, lambda: any(e["event"] == "train" for e in read_metrics(run)))
+    wait_for(job, lambda: any(e["event"] == "train" for e in RunDir(run).events()))
     pid = int((run / "train.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     out = output(job)

@@ -3,7 +3,7 @@
 import pytest
 
 from lmlab.config import load_config
-from lmlab.runs import read_metrics
+from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 
@@ -16,7 +16,7 @@ def losses(tmp_path, char_dataset, name: str, settings: list[str]) -> list[float
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=50),
                       ["train.log_interval=1", "train.eval_interval=50", *settings])
     run = Trainer(cfg, tmp_path / name, "cpu").run().run_dir
-    return [e["loss"] for e in read_metrics(run) if e["event"] == "train"]
+    return [e["loss"] for e in RunDir(run).events() if e["event"] == "train"]
 
 
 @pytest.mark.slow

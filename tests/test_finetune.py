@@ -9,15 +9,11 @@ import subprocess
 import pytest
 
 from lmlab.data.tokenizers import EOT, train_tokenizer
-from lmlab.finetune import (
-    IGNORE,
-    _batch,
-    alpaca_format,
-    encode_example,
-    read_records,
-    split_records,
-)
-from lmlab.runs import load_run_tokenizer, read_metrics
+from lmlab.errors import UserError
+from lmlab.finetune import _batch, encode_example, split_records
+from lmlab.model.loss import IGNORE
+from lmlab.prompt import alpaca_format, read_records
+from lmlab.rundir import RunDir
 from tests.conftest import ALPACA_TINY, LMLAB
 
 RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}
@@ -54,27 +50,32 @@ def test_bad_records_are_named(tmp_path):
     bad.write_text(json.dumps([RECORD, {"input": "x", "output": "y"}]))
     done = subprocess.run([LMLAB, "finetune", "runs/none", "--data", bad], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and "run" in done.stderr  # the base run is checked first
-    with pytest.raises(Exception, match="record 1 has no `instruction`"):
+    with pytest.raises(UserError, match="record 1 has no `instruction`"):
         read_records(bad)
 
 
 @pytest.mark.slow
 def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp_path, imported_gpt2):
     run = tmp_path / "runs/sft"
-    done = subprocess.run([LMLAB, "finetune", imported_gpt2, "--data", ALPACA_TINY, "--run", run, "--epochs", "2",
-                           "--learning-rate", "3e-3", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    settings = tmp_path / "sft.toml"
+    settings.write_text("[finetune]\nepochs = 3\nlearning_rate = 3e-3\n")
+    done = subprocess.run([LMLAB, "finetune", imported_gpt2, settings, "--data", ALPACA_TINY, "--run", run,
+                           "--set", "finetune.epochs=2", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "val loss by epoch:" in done.stdout and "best epoch" in done.stdout
-    events = read_metrics(run)
+    events = RunDir(run).events()
     evals = [e for e in events if e["event"] == "eval"]
-    assert [e["epoch"] for e in evals] == [1, 2]
-    assert events[0]["init_from"] == str(imported_gpt2) and events[0]["finetune"]["val_records"] == 8
+    assert [e["epoch"] for e in evals] == [1, 2]  # --set wins over the file
+    assert events[0]["init_from"] == str(imported_gpt2) and events[0]["origin"]["val_records"] == 8
+    assert events[0]["kind"] == RunDir(run).kind() == "fine-tuned"
+    ft = RunDir(run).config().finetune
+    assert (ft.epochs, ft.learning_rate, ft.data) == (2, 3e-3, str(ALPACA_TINY))
     best = min(evals, key=lambda e: e["val_loss"])
     assert (run / "checkpoints/best").read_text().strip() == f"step_{best['step']:06d}"
     assert evals[-1]["val_loss"] < events[-1]["base_val_loss"] - 0.5  # it learned something
     assert json.loads((run / "prompt.json").read_text())["end"] == EOT
     assert (run / "loss.png").exists() and (run / "config.toml").exists()
-    assert load_run_tokenizer(run).vocab == load_run_tokenizer(imported_gpt2).vocab
+    assert RunDir(run).tokenizer().vocab == RunDir(imported_gpt2).tokenizer().vocab
 
     answer = subprocess.run([LMLAB, "sample", run, "--instruction", "Repeat the word twice.", "--input", "moon",
                              "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"],

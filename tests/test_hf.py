@@ -17,7 +17,7 @@ from lmlab.data.prepare import prepare
 from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run
 from lmlab.hf import export_hf, export_problems, import_hf
-from lmlab.runs import load_run_model, load_run_tokenizer
+from lmlab.rundir import RunDir
 from tests.conftest import lmlab, write_config, write_tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
@@ -28,7 +28,7 @@ def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def lmlab_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
-    model, _, _ = load_run_model(run, "best", torch.device("cpu"))
+    model = RunDir(run).load("best", "cpu", need_tokenizer=False).model
     with torch.no_grad():
         return model(ids)[0]
 
@@ -42,14 +42,15 @@ def test_import_export_round_trip_matches_transformers(tmp_path, hf_gpt2):
     lmlab("import-hf", hf_gpt2, "--out", tmp_path / "runs/imported", cwd=tmp_path)
     run = tmp_path / "runs/imported"
     torch.testing.assert_close(lmlab_logits(run, ids), reference, atol=1e-4, rtol=0)
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["start", "import", "end"]
+    events = RunDir(run).events()
+    assert [e["event"] for e in events] == ["start", "end"]
+    assert events[0]["kind"] == "imported" and events[0]["origin"]["source"] == str(hf_gpt2.resolve())
 
     lmlab("export-hf", run, tmp_path / "exported", cwd=tmp_path)
     torch.testing.assert_close(hf_logits(tmp_path / "exported", ids), reference, atol=1e-4, rtol=0)
     text = "ROMEO: sweet night, fair moon<|endoftext|>"  # the exported tokenizer splits text as lmlab does
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
-    assert hf_tokenizer(text)["input_ids"] == load_run_tokenizer(run).encode(text)
+    assert hf_tokenizer(text)["input_ids"] == RunDir(run).tokenizer().encode(text)
     with pytest.raises(UserError, match="already exists"):  # never overwrites
         export_hf(run, tmp_path / "exported")
 
@@ -58,7 +59,7 @@ def test_a_padded_vocabulary_is_restored_on_import_and_cut_on_export(tmp_path):
     source = write_tiny_gpt2(tmp_path / "hf", None, vocab_size=1090, n_positions=64)  # lmlab pads it to 1152
     ids = torch.randint(0, 1090, (2, 40), generator=torch.Generator().manual_seed(0))
     import_hf(source, tmp_path / "run")
-    model, _, _ = load_run_model(tmp_path / "run", "best", torch.device("cpu"))
+    model = RunDir(tmp_path / "run").load("best", "cpu", need_tokenizer=False).model
     assert model.transformer.wte.weight.shape[0] == 1152
     torch.testing.assert_close(lmlab_logits(tmp_path / "run", ids), hf_logits(source, ids), atol=1e-4, rtol=0)
     skipped = export_hf(tmp_path / "run", tmp_path / "out")["tokenizer_skipped"]
@@ -100,7 +101,8 @@ def test_gpt2_tokenizer_from_local_files_and_eval_on_a_dataset(tmp_path, hf_gpt2
     vocab = json.loads((hf_gpt2 / "config.json").read_text())["vocab_size"]
     assert result["loss"] == pytest.approx(math.log(vocab), rel=0.05)  # a random model is near uniform
 
+    imported = RunDir(imported_gpt2).load("best", "cpu")
     with pytest.raises(UserError, match="pass --dataset DIR"):
-        evaluate_run(imported_gpt2, device="cpu")
+        evaluate_run(imported)
     with pytest.raises(UserError, match="different tokenizer .*the dataset's char, .*vocabularies differ"):
-        evaluate_run(imported_gpt2, char_dataset, device="cpu")
+        evaluate_run(imported, char_dataset)

@@ -8,8 +8,7 @@ import torch
 import lmlab
 from lmlab.config import load_config
 from lmlab.errors import UserError
-from lmlab.runs import load_run_model, read_metrics
-from lmlab.train.checkpoint import resolve
+from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import lr_at
 from tests.conftest import write_config
@@ -22,7 +21,7 @@ def train(tmp_path: Path, dataset: Path, overrides: list[str] = (), run: str = "
 
 def test_loss_falls_and_the_run_dir_is_complete(tmp_path, char_dataset):
     result = train(tmp_path, char_dataset, ["train.max_iters=60"])
-    events = read_metrics(result.run_dir)
+    events = RunDir(result.run_dir).events()
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [10, 20, 30, 40, 50, 60]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
@@ -30,7 +29,7 @@ def test_loss_falls_and_the_run_dir_is_complete(tmp_path, char_dataset):
     assert events[0]["event"] == "start" and events[0]["params"] > 0
     assert len([e for e in events if e["event"] == "train"]) == 12
     assert (result.run_dir / "loss.png").stat().st_size > 10_000
-    best = resolve(result.run_dir, "best")
+    best = RunDir(result.run_dir).checkpoint("best")
     assert best.name == f"step_{result.best_step:06d}"
     assert sorted(p.name for p in best.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
     folders = [p.name for p in (result.run_dir / "checkpoints").glob("step_*")]
@@ -39,7 +38,7 @@ def test_loss_falls_and_the_run_dir_is_complete(tmp_path, char_dataset):
 
 def test_train_loss_is_the_mean_since_the_last_eval(tmp_path, char_dataset):
     result = train(tmp_path, char_dataset, ["train.max_iters=20", "train.log_interval=1"])
-    events = read_metrics(result.run_dir)
+    events = RunDir(result.run_dir).events()
     steps = [e["loss"] for e in events if e["event"] == "train"]
     evals = [e for e in events if e["event"] == "eval"]
     assert evals[0]["train_loss"] == pytest.approx(sum(steps[:10]) / 10, rel=1e-5)
@@ -57,7 +56,7 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path, char_dataset):
     train(tmp_path, char_dataset, ["train.max_iters=20"])
     cfg = load_config(tmp_path / "run" / "config.toml", ["train.max_iters=40"])
     result = Trainer(cfg, tmp_path / "run", "cpu", resume=True).run()
-    steps = [e["step"] for e in read_metrics(result.run_dir) if e["event"] == "eval"]
+    steps = [e["step"] for e in RunDir(result.run_dir).events() if e["event"] == "eval"]
     assert steps == [10, 20, 30, 40]
     with pytest.raises(UserError, match="--resume"):
         train(tmp_path, char_dataset, ["train.max_iters=20"])
@@ -65,9 +64,10 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path, char_dataset):
 
 def test_a_run_loads_back_for_inference(tmp_path, char_dataset):
     result = train(tmp_path, char_dataset, ["train.max_iters=10"])
-    model, cfg, state = load_run_model(result.run_dir, "latest", torch.device("cpu"))
-    assert state["step"] == 10 and not model.training
-    assert cfg.model.vocab_size == json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
+    run = RunDir(result.run_dir).load("latest", "cpu")
+    assert run.step == 10 and not run.model.training and run.kind == "trained" and run.dtype == torch.float32
+    assert run.config.model.vocab_size == json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
+    assert run.tokenizer.decode(run.tokenizer.encode("ROMEO:")) == "ROMEO:" and run.prompt_format is None
 
 
 def test_vocab_mismatch_with_the_dataset_is_refused(tmp_path, char_dataset):

@@ -3,11 +3,11 @@ import dataclasses
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
-from lmlab.generate import generate
+from lmlab.config import ModelConfig, SamplingParams
+from lmlab.generate import stream_ids
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
-from lmlab.scaling import flops_per_token
+from lmlab.train.optim import muon_groups
 
 CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
 
@@ -15,6 +15,10 @@ CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=5
 def model() -> GPT:
     torch.manual_seed(0)
     return GPT(CONFIG).eval()
+
+
+def generate(m, prompt: list[int], **params) -> list[int]:
+    return list(stream_ids(m, prompt, SamplingParams(**params)))
 
 
 def test_shapes_loss_and_parameter_counts():
@@ -147,7 +151,37 @@ def test_option_parameter_counts():
 
 def test_flops_per_token_counts_matmul_weights_once_per_token():
     gru = variant("gru")
-    assert flops_per_token(gru) == 6 * gru.num_params()  # the tied table is also the head: a matmul
+    assert gru.flops_per_token() == 6 * gru.num_params()  # the tied table is also the head: a matmul
     untied = variant("untied")
     attention = 12 * 2 * 32 * 16
-    assert flops_per_token(untied) == 6 * (untied.num_params() - 50 * 32 - 16 * 32) + attention
+    assert untied.flops_per_token() == 6 * (untied.num_params() - 50 * 32 - 16 * 32) + attention
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_names_its_hidden_matrices_and_shard_units(name):
+    """Muon's group is exactly the block (or recurrent cell) matrices: every parameter lands in one group, and
+    tables, head, norms and biases stay with AdamW."""
+    m = variant(name)
+    hidden, rest = muon_groups(m)
+    assert {id(p) for p in hidden} | {id(p) for p in rest} == {id(p) for p in m.parameters()}
+    assert len(hidden) + len(rest) == len(list(m.parameters()))
+    assert all(p.dim() == 2 for p in hidden) and hidden
+    embeddings = {id(p) for p in m.embedding_params()} | {id(m.lm_head.weight)}
+    assert not embeddings & {id(p) for p in hidden}
+    units = m.shard_units()
+    assert len(units) == (0 if name in ("gru", "lstm") else CONFIG.n_layer)
+    assert m.describe().startswith(f"recurrent {name} 2L/32" if name in ("gru", "lstm") else "gpt 2L/32")
+
+
+def test_describe_names_the_options_away_from_gpt2():
+    assert model().describe() == "gpt 2L/32"
+    modern = build_model(dataclasses.replace(CONFIG, pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True,
+                                             bias=False, n_kv_head=1, tie_embeddings=False))
+    assert modern.describe() == "gpt 2L/32 rope rmsnorm swiglu qk-norm no-bias untied gqa1"
+
+
+def test_a_kind_that_ignores_a_field_says_so():
+    assert dataclasses.replace(CONFIG, kind="recurrent", n_head=4, pos_emb="rope").ignored_fields() == \
+        ["n_head", "pos_emb"]
+    assert dataclasses.replace(CONFIG, rnn_cell="lstm").ignored_fields() == ["rnn_cell"]
+    assert ModelConfig().ignored_fields() == []

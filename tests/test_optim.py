@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.config import TrainConfig, load_config
-from lmlab.runs import read_metrics
-from lmlab.train.checkpoint import resolve
+from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import MuonAdamW, lr_at
 from tests.conftest import write_config
@@ -28,16 +27,16 @@ def trainer(tmp_path, dataset, overrides, run, **kw) -> Trainer:
 def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_dataset, kind):
     overrides = [*MUON, f"model.kind={kind}"]
     straight = trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=16"], "straight")
-    assert isinstance(straight.optimizer, MuonAdamW)
+    assert isinstance(straight.step.optimizer, MuonAdamW)
     straight.run()
     trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=8"], "resumed").run()
     run = tmp_path / "resumed"
-    saved = load_file(str(resolve(run, "latest") / "optimizer.safetensors"))
+    saved = load_file(str(RunDir(run).checkpoint("latest") / "optimizer.safetensors"))
     assert any(k.endswith("momentum_buffer") for k in saved) and any(k.endswith("exp_avg") for k in saved)
     cfg = load_config(run / "config.toml", ["train.max_iters=16"])
     Trainer(cfg, run, "cpu", resume=True).run()
-    a = load_file(str(resolve(tmp_path / "straight", "latest") / "model.safetensors"))
-    b = load_file(str(resolve(run, "latest") / "model.safetensors"))
+    a = load_file(str(RunDir(tmp_path / "straight").checkpoint("latest") / "model.safetensors"))
+    b = load_file(str(RunDir(run).checkpoint("latest") / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -45,17 +44,17 @@ def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_da
 
 def test_muon_skips_a_non_finite_step_in_both_halves(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, [*MUON, "train.max_iters=10"], "run")
-    clean_forward = t.forward
+    clean_forward = t.step.forward
 
     def nan_forward(x, y):
         logits, loss = clean_forward(x, y)
-        return logits, loss * float("nan") if t.state.step == 4 else loss
+        return logits, loss * float("nan") if t.progress.step == 4 else loss
 
-    t.forward = nan_forward
+    t.step.forward = nan_forward
     result = t.run()
-    assert [(e["event"], e["step"]) for e in read_metrics(result.run_dir) if e["event"] == "skip"] == [("skip", 5)]
+    assert [(e["event"], e["step"]) for e in RunDir(result.run_dir).events() if e["event"] == "skip"] == [("skip", 5)]
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
-    assert t.optimizer.adamw.state_dict()["state"][0]["step"].item() == 9  # 10 steps, one skipped
+    assert t.step.optimizer.adamw.state_dict()["state"][0]["step"].item() == 9  # 10 steps, one skipped
 
 
 def test_warmup_stable_decay_schedule():

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmlab.cli import main
+from lmlab.commands import main
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.runs import read_metrics, summarize
+from lmlab.rundir import RunDir
+from lmlab.runs import summarize
 from lmlab.scaling import fit_power_law
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
@@ -41,9 +42,9 @@ def test_compare_table_ratios_match_the_metrics_files(three_runs, capsys, tmp_pa
     plot = tmp_path / "compare.png"
     assert main(["compare", *map(str, three_runs), "--plot", str(plot), "--x", "tokens", "--log"]) == 0
     out = capsys.readouterr().out
-    starts = [read_metrics(r)[0] for r in three_runs]
-    ends = [read_metrics(r)[-1] for r in three_runs]
-    best = [min(e["val_loss"] for e in read_metrics(r) if e["event"] == "eval") for r in three_runs]
+    starts = [RunDir(r).events()[0] for r in three_runs]
+    ends = [RunDir(r).events()[-1] for r in three_runs]
+    best = [min(e["val_loss"] for e in RunDir(r).events() if e["event"] == "eval") for r in three_runs]
     params = cells(out, "parameters")
     tokens = cells(out, "tokens seen")
     loss = cells(out, "best val loss")
@@ -73,7 +74,7 @@ def test_scaling_fits_compute_and_parameters(three_runs, capsys, tmp_path):
     plot = tmp_path / "scaling.png"
     assert main(["scaling", *map(str, three_runs), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
-    assert "compute (FLOPs, 6·N·D)" in out and "parameters" in out and "predicted loss at 10×" in out
+    assert "compute (FLOPs)" in out and "parameters" in out and "predicted loss at 10×" in out
     assert plot.stat().st_size > 20_000
 
 
@@ -109,7 +110,7 @@ def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
     run = Trainer(config, tmp_path / "tb", "cpu").run().run_dir
     events = EventAccumulator(str(run))
     events.Reload()
-    logged = read_metrics(run)
+    logged = RunDir(run).events()
     train = [(e["step"], e["loss"]) for e in logged if e["event"] == "train"]
     val = [(e["step"], e["val_loss"]) for e in logged if e["event"] == "eval"]
     assert [(s.step, pytest.approx(s.value)) for s in events.Scalars("train/loss")] == train

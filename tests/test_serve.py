@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.config import FinetuneConfig, SamplingParams
 from lmlab.errors import UserError
 from lmlab.finetune import finetune
+from lmlab.generate import TextStream
 from lmlab.judge import judge_answers, parse_score
+from lmlab.rundir import LoadedRun, RunDir
 from lmlab.serve import ApiError, Request, complete, load_served
 from tests.conftest import ALPACA_TINY, LMLAB
 
@@ -32,7 +35,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, imported_gpt2) -> Path:
     run = tmp_path_factory.mktemp("runs") / "sft"
-    finetune(imported_gpt2, ALPACA_TINY, run, epochs=1, learning_rate=3e-3, device="cpu")
+    finetune(imported_gpt2, run, FinetuneConfig(str(ALPACA_TINY), epochs=1, learning_rate=3e-3), device="cpu")
     return run
 
 
@@ -55,6 +58,12 @@ def server(sft_run):
     proc.wait(timeout=30)
 
 
+def expected(run: LoadedRun, prompt: list[int], **params) -> tuple[str, str, int]:
+    """What the sampler itself gives for a request: text, finish reason and tokens generated."""
+    stream = TextStream(run.model, run.tokenizer, prompt, SamplingParams(**params), run.dtype)
+    return stream.text(), stream.finish_reason, stream.tokens
+
+
 def post(url: str, data: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
@@ -65,12 +74,14 @@ def post(url: str, data: bytes) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_completions_chat_streaming_and_sampling_controls(server):
+def test_completions_chat_streaming_and_sampling_controls(server, sft_run):
     client = openai.OpenAI(base_url=server, api_key="unused")
     assert [m.id for m in client.models.list().data] == ["sft"]
     greedy = client.completions.create(model="sft", prompt="ROMEO: sweet", max_tokens=12, temperature=0)
     text = greedy.choices[0].text
-    assert greedy.choices[0].finish_reason in ("stop", "length") and 0 < greedy.usage.completion_tokens <= 12
+    run = RunDir(sft_run).load("best", "cpu")  # what the server runs, in this process
+    assert (text, greedy.choices[0].finish_reason, greedy.usage.completion_tokens) == \
+        expected(run, run.tokenizer.encode("ROMEO: sweet"), max_new_tokens=12, temperature=0)
     streamed = client.completions.create(model="sft", prompt="ROMEO: sweet", max_tokens=12, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed) == text
     if len(text) >= 4:  # the same greedy text, cut before a stop string taken from it
@@ -114,13 +125,15 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server):
 
 def test_a_request_beyond_max_concurrent_gets_429(sft_run):
     served = load_served(sft_run, device="cpu", max_concurrent=1)
-    request = Request([0], 2, 0.0, 1.0, None, 0, [], False)
+    request = Request([0], SamplingParams(max_new_tokens=2, temperature=0.0, seed=0), False)
     assert served.slots.acquire(blocking=False)  # one request is generating
     with pytest.raises(ApiError) as caught:
         complete(served, request, chat=False)
     assert caught.value.status == 429 and caught.value.body()["error"]["type"] == "rate_limit_exceeded"
     served.slots.release()
-    assert complete(served, request, chat=False)["choices"][0]["finish_reason"] in ("stop", "length")
+    answer = complete(served, request, chat=False)
+    assert (answer["choices"][0]["text"], answer["choices"][0]["finish_reason"],
+            answer["usage"]["completion_tokens"]) == expected(served.run, [0], max_new_tokens=2, temperature=0.0)
 
 
 def test_judge_replies_are_parsed_for_the_first_integer_in_range():
@@ -128,7 +141,7 @@ def test_judge_replies_are_parsed_for_the_first_integer_in_range():
     assert parse_score("Score: 87/100") == 87
     assert parse_score("I'd say 150, no, 90.") == 90
     assert parse_score("100") == 100 and parse_score("0") == 0
-    assert parse_score("about 7.5 out of ten") is None or parse_score("about 7.5 out of ten") == 7
+    assert parse_score("about 7.5 out of ten") is None and parse_score("Score: 87.") == 87
     assert parse_score("excellent!") is None and parse_score("") is None
 
 

@@ -7,9 +7,9 @@ import pytest
 
 from lmlab.config import load_config
 from lmlab.errors import UserError
-from lmlab.runs import read_metrics, summarize
+from lmlab.rundir import RunDir
+from lmlab.runs import summarize
 from lmlab.sweep import plan_trials
-from lmlab.train.checkpoint import resolve
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 
@@ -53,8 +53,8 @@ def test_a_wall_clock_budget_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=1_000_000),
                       ["train.max_seconds=1.0", "train.eval_interval=100000"])
     result = Trainer(cfg, tmp_path / "run", "cpu").run()
-    events = read_metrics(result.run_dir)
+    events = RunDir(result.run_dir).events()
     assert 0 < result.steps < 1_000_000 and result.stopped_by is None
     assert [e["step"] for e in events if e["event"] == "eval"] == [result.steps]
-    assert resolve(result.run_dir, "latest").name == f"step_{result.steps:06d}"
+    assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{result.steps:06d}"
     assert summarize(result.run_dir).status == "finished"

@@ -60,8 +60,8 @@ class BatchLoader:
             batch = batch.pin_memory()
         return batch[:, :-1], batch[:, 1:]
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return self.rng.bit_generator.state
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state

@@ -15,13 +15,11 @@ Memory: IN_FLIGHT_PER_WORKER × workers batches of at most BATCH_CHARS character
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import os
 import shutil
 import time
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +38,22 @@ from rich.progress import (
 
 import lmlab
 from lmlab.data.corpora import (
-    Document,
     corpus_name,
     iter_documents,
-    parquet_rows,
     resolve_sources,
 )
 from lmlab.data.encode import Encoded, encode_in_order
-from lmlab.data.shards import ShardWriter, TokenShards
+from lmlab.data.shards import ShardWriter, TokenShards, read_meta
+from lmlab.data.split import (
+    TRAIN,
+    VAL,
+    VAL_WHILE_BUDGET,
+    Scan,
+    pieces,
+    plan_split,
+    scan,
+    split_key,
+)
 from lmlab.data.tokenizers import Tokenizer, parse_spec, train_tokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
@@ -92,88 +98,9 @@ class PrepareOptions:
         return self.block_size + 1 if self.pack == "crop" else None
 
 
-def _key(name: str) -> int:
-    """A document's place in the split order: the first 8 bytes of sha256(name)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
-
-
-def _tail_cut(doc: Document, val_fraction: float) -> int:
-    """Where a corpus of one document is split: the line start nearest the tail fraction."""
-    text = doc.text
-    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
-    if not text[:cut].strip() or not text[cut:].strip():
-        raise UserError(f"{doc.name} is too short to split into train and val; give it more text.")
-    return cut
-
-
-@dataclass
-class Scan:
-    keys: np.ndarray  # uint64 split-order key per document
-    chars: np.ndarray  # int64 characters per document
-    sha256: str  # of every document's name and text, in order
-    charset: set[str]
-    first_cut: int | None  # the tail split point, used when the corpus is a single document
-
-
-def scan(files: list[str], text_field: str, val_fraction: float, want_charset: bool, progress: Progress) -> Scan:
-    keys, chars, digest, charset, first_cut = array("Q"), array("q"), hashlib.sha256(), set(), None
-    task = progress.add_task("scanning", total=parquet_rows(files), tokens="")
-    for doc in iter_documents(files, text_field):
-        keys.append(_key(doc.name))
-        chars.append(len(doc.text))
-        digest.update(doc.name.encode() + b"\0" + doc.text.encode() + b"\0")
-        if want_charset:
-            charset.update(doc.text)
-        if first_cut is None:
-            first_cut = _tail_cut(doc, val_fraction) if len(doc.text) > 1 else 0
-        if len(keys) % 1024 == 0:  # per document, the bar's bookkeeping would cost more than the scan
-            progress.update(task, completed=len(keys))
-    progress.remove_task(task)
-    return Scan(np.frombuffer(keys, np.uint64), np.frombuffer(chars, np.int64), digest.hexdigest(), charset, first_cut)
-
-
-TRAIN, VAL, VAL_WHILE_BUDGET = 0, 1, 2  # a document's place in the split plan
-
-
-def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: list[str]) -> tuple[np.ndarray, dict]:
-    """Each document's split: TRAIN, VAL, or (with val_tokens) VAL_WHILE_BUDGET.
-
-    By default the val split is whole documents in sha256-of-name order until they hold val_fraction of the
-    characters: the same corpus always splits the same way and adding a file moves few others. With
-    val_tokens, a document whose key falls in the lowest val_fraction of the key range goes to val, in corpus
-    order, until val holds val_tokens tokens; the rest go to train.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val-fraction is {val_fraction}; it must be between 0 and 1, e.g. 0.1.")
-    n = len(scan.keys)
-    if n == 0:
-        raise UserError(f"the corpus {' '.join(names)} is empty; give files that contain text.")
-    if n == 1:
-        if scan.first_cut == 0:
-            raise UserError(f"{names[0]} is too short to split into train and val; give it more text.")
-        return np.zeros(1, np.int8), {"rule": "tail of the only document", "val_fraction": val_fraction,
-                                   "cut_at_char": scan.first_cut}
-    if val_tokens:
-        candidate = scan.keys < np.uint64(val_fraction * 2.0**64)
-        return np.where(candidate, VAL_WHILE_BUDGET, TRAIN).astype(np.int8), {"rule": "documents with the lowest sha256 of name, up to a token "
-                                                  "budget", "val_fraction": val_fraction, "val_tokens": val_tokens}
-    order = np.lexsort((np.arange(n), scan.keys))
-    count = min(int(np.searchsorted(np.cumsum(scan.chars[order]), val_fraction * scan.chars.sum())) + 1, n - 1)
-    plan = np.full(n, TRAIN, np.int8)
-    plan[order[:count]] = VAL
-    return plan, {"rule": "whole documents by sha256 of name", "val_fraction": val_fraction}
-
-
 def _doc_text(kind: str, text: str) -> str:
     # Char datasets have no end-of-text token, so documents are kept apart by a blank line instead.
     return text.rstrip("\n") + "\n\n" if kind == "char" else text
-
-
-def _pieces(doc: Document, index: int, plan: np.ndarray, cut: int | None) -> list[tuple[int, str, str]]:
-    """(split code, name, text) of one document; the only document of a corpus is cut into a train and a val piece."""
-    if len(plan) == 1:
-        return [(TRAIN, doc.name, doc.text[:cut]), (VAL, doc.name + "#val", doc.text[cut:])]
-    return [(int(plan[index]), doc.name, doc.text)]
 
 
 def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndarray, cut: int | None,
@@ -185,7 +112,7 @@ def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndar
     for index, doc in enumerate(iter_documents(files, options.text_field)):
         if index < start:  # already in the shards of an interrupted run
             continue
-        for code, name, text in _pieces(doc, index, plan, cut):
+        for code, name, text in pieces(doc, index, plan, cut):
             texts.append(_doc_text(kind, text))
             tags.append((index, code, name))
             characters += len(texts[-1])
@@ -200,7 +127,7 @@ def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray,
     """The train documents' text, up to options.tokenizer_chars characters: what bpe/word tokenizers learn from."""
     used = 0
     for index, doc in enumerate(iter_documents(files, options.text_field)):
-        code, _, text = _pieces(doc, index, plan, cut)[0]
+        code, _, text = pieces(doc, index, plan, cut)[0]
         if code == TRAIN:
             yield text
             used += len(text)
@@ -258,7 +185,7 @@ class _Output:
                            ("tokens", real if row else len(ids))):
             self.counts[split][key] += value
         if split == "val":
-            key = _key(name)
+            key = split_key(name)
             self.val_index.append((key, len(ids)))
             heapq.heappush(self.val_names, (-key, name))
             if len(self.val_names) > LISTED_VAL_DOCUMENTS:
@@ -452,15 +379,3 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def read_meta(dataset: Path) -> dict[str, Any]:
-    """Read a dataset's meta.json, with one clear sentence if the dir is not a finished dataset."""
-    path = Path(dataset) / "meta.json"
-    if not path.exists():
-        raise UserError(f"dataset {dataset} does not exist or is unfinished (no meta.json); "
-                        "create it with `lmlab prepare`.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; re-run `lmlab prepare --force` for this dataset.")

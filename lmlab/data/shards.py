@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,9 +71,21 @@ class TokenShards:
                 yield part[at:at + size]
 
 
+def read_meta(dataset: Path) -> dict[str, Any]:
+    """Read a dataset's meta.json, with one clear sentence if the dir is not a finished dataset."""
+    path = Path(dataset) / "meta.json"
+    if not path.exists():
+        raise UserError(f"dataset {dataset} does not exist or is unfinished (no meta.json); "
+                        "create it with `lmlab prepare`.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; re-run `lmlab prepare --force` for this dataset.")
+
+
 def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
     """A split as one array over its shards (meta.json's index); a dataset without an index is SPLIT.bin alone."""
-    meta = json.loads((Path(dataset) / "meta.json").read_text(encoding="utf-8"))
+    meta = read_meta(dataset)
     files = [s["file"] for s in meta.get("shards", {}).get(split, [{"file": f"{split}.bin"}])]
     paths = [Path(dataset) / f for f in files]
     for path in paths:

@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.prepare import read_meta
-from lmlab.data.shards import Rows, TokenShards, open_tokens
+from lmlab.data.shards import Rows, TokenShards, open_tokens, read_meta
 
 CHUNK_TOKENS = 1 << 24  # scanned at a time
 

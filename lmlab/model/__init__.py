@@ -1,14 +1,13 @@
-"""The models lmlab trains, built from a ModelConfig by `build_model`."""
+"""The models lmlab trains, built from a ModelConfig by `build_model`; each implements `LanguageModel`."""
 
 from __future__ import annotations
 
 from lmlab.config import ModelConfig
+from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT
 from lmlab.model.recurrent import RecurrentLM
 
-# Both take (idx, targets=None, cache=None) -> (logits, loss), and offer num_params(), lookup_params() and
-# new_cache(batch, device, dtype) (what sampling carries from token to token: a KV cache or a hidden state).
-LanguageModel = GPT | RecurrentLM
+__all__ = ["LanguageModel", "build_model"]
 
 
 def build_model(config: ModelConfig) -> LanguageModel:

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.model.base import LanguageModel
 from lmlab.model.loss import next_token_loss
 
 
@@ -152,7 +153,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the dataset and must be set before building"
@@ -185,19 +186,28 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def embedding_params(self) -> list[nn.Parameter]:
+        return [self.transformer.wte.weight] + ([self.transformer.wpe.weight] if "wpe" in self.transformer else [])
+
     def lookup_params(self) -> int:
-        """Parameters used only as lookup tables (no matmul per token): the position table, and the token
-        table unless the tied head multiplies by it."""
         n = self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
         return n + (0 if self.config.tie_embeddings else self.transformer.wte.weight.numel())
 
-    def num_params(self, embeddings: bool = True) -> int:
-        """Parameters (tied weights once); without embeddings excludes token and position tables."""
-        n = sum(p.numel() for p in self.parameters())
-        if not embeddings:
-            n -= self.transformer.wte.weight.numel()
-            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
-        return n
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.h.parameters() if p.dim() == 2]
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.transformer.h)
+
+    def attention_flops(self) -> float:
+        return 12.0 * self.config.n_layer * self.config.n_embd * self.config.block_size
+
+    def describe(self) -> str:
+        c = self.config
+        options = [c.pos_emb if c.pos_emb != "learned" else "", c.norm if c.norm != "layernorm" else "",
+                   c.mlp if c.mlp != "gelu" else "", "qk-norm" if c.qk_norm else "", "" if c.bias else "no-bias",
+                   "" if c.tie_embeddings else "untied", f"gqa{c.kv_heads}" if c.kv_heads != c.n_head else ""]
+        return " ".join([f"gpt {c.n_layer}L/{c.n_embd}", *filter(None, options)])
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         """What `generate` carries from one step to the next: here the keys and values seen so far."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from lmlab.config import ModelConfig
+from lmlab.model.base import LanguageModel
 from lmlab.model.loss import next_token_loss
 
 
@@ -25,7 +26,7 @@ class RecurrentState:
         self.pos = 0
 
 
-class RecurrentLM(nn.Module):
+class RecurrentLM(LanguageModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the dataset and must be set before building"
@@ -42,14 +43,21 @@ class RecurrentLM(nn.Module):
         if config.tie_embeddings:
             self.wte.weight = self.lm_head.weight
 
+    def embedding_params(self) -> list[nn.Parameter]:
+        return [self.wte.weight]
+
     def lookup_params(self) -> int:
-        """Parameters used only as a lookup table: the token table unless the tied head multiplies by it."""
         return 0 if self.config.tie_embeddings else self.wte.weight.numel()
 
-    def num_params(self, embeddings: bool = True) -> int:
-        """Parameters (tied weights once); without embeddings excludes the token table."""
-        n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.wte.weight.numel()
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        return [p for p in self.rnn.parameters() if p.dim() == 2]
+
+    def shard_units(self) -> list[nn.Module]:
+        return []  # nn.GRU/nn.LSTM hold every layer in one module: it is sharded with the root
+
+    def describe(self) -> str:
+        c = self.config
+        return f"recurrent {c.rnn_cell} {c.n_layer}L/{c.n_embd}" + ("" if c.tie_embeddings else " untied")
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         return RecurrentState(self.config, batch, device, dtype)

@@ -34,16 +34,17 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lmlab.data.loader import BatchLoader
-from lmlab.device import resolve_device
-from lmlab.errors import UserError
-from lmlab.train.checkpoint import (
+from lmlab.checkpoint import (
     load_checkpoint,
     load_state,
     model_tensors,
     read_optimizer_state,
     tied_aliases,
 )
+from lmlab.data.loader import BatchLoader
+from lmlab.device import resolve_device
+from lmlab.errors import UserError
+from lmlab.model import LanguageModel
 
 # A collective that waits longer than this fails instead of hanging: a peer that is alive but stuck (a dead one
 # is noticed by torchrun within seconds). Generous, because every rank waits while rank 0 writes a checkpoint.
@@ -92,9 +93,9 @@ class Parallel:
                             "train.batch_size by as much to keep the tokens per step.")
         return grad_accum_steps // self.world_size
 
-    def wrap(self, model: torch.nn.Module, parallel: str, dtype: torch.dtype) -> torch.nn.Module:
+    def wrap(self, model: LanguageModel, parallel: str, dtype: torch.dtype) -> torch.nn.Module:
         """The module to train: the model itself in one process, else DDP around it or the model sharded in place
-        by FSDP2 (every layer of each ModuleList, then the rest), per train.parallel."""
+        by FSDP2 (each of its `shard_units`, then the rest), per train.parallel."""
         if not self.active:
             return model
         if parallel == "ddp":
@@ -107,10 +108,8 @@ class Parallel:
             # Parameters stay fp32 and autocast casts them, as in one process, so FSDP computes the same numbers
             # (at the price of fp32 all-gathers). The fused AdamW built afterwards steps the DTensor shards as
             # they are, found_inf skips included (checked on CPU/Gloo), so no fallback optimizer is needed.
-            for module in list(model.modules()):
-                if isinstance(module, torch.nn.ModuleList):
-                    for layer in module:
-                        fully_shard(layer)
+            for unit in model.shard_units():
+                fully_shard(unit)
             self._model = fully_shard(model)
         self.mode = parallel
         return self._model

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -34,7 +35,8 @@ class RunningStat:
 
 @dataclass
 class SpikeGuard:
-    """Says what to do with a step: apply it, skip it (non-finite), flag it (spike), or roll back.
+    """Says what to do with a step: apply it, skip it (non-finite), flag it (spike), or roll back; and keeps the
+    LR scale that each rollback lowers.
 
     Statistics learn only from good steps, so a run of spikes does not teach the guard that spikes
     are normal. The first `warmup` steps neither count nor are flagged: early losses fall so fast that
@@ -43,17 +45,14 @@ class SpikeGuard:
 
     zscore: float  # a loss or grad norm this many standard deviations above its running mean is a spike
     patience: int  # this many bad steps in a row trigger a rollback; 0 never rolls back
+    lr_factor: float = 0.5  # each rollback multiplies the LR scale by it
     warmup: int = 50
     min_samples: int = 20  # good steps after warmup before anything is flagged
-    loss: RunningStat | None = None
-    grad_norm: RunningStat | None = None
+    loss: RunningStat = field(default_factory=RunningStat)
+    grad_norm: RunningStat = field(default_factory=RunningStat)
     bad_in_row: int = 0
     seen: int = 0
-
-    def __post_init__(self) -> None:
-        self.loss = RunningStat(**self.loss) if isinstance(self.loss, dict) else self.loss or RunningStat()
-        self.grad_norm = (RunningStat(**self.grad_norm) if isinstance(self.grad_norm, dict)
-                          else self.grad_norm or RunningStat())
+    lr_scale: float = 1.0
 
     def judge(self, loss: float, grad_norm: float) -> str:
         """One of "ok", "skip" (non-finite: do not apply), "spike" (apply but count it), "rollback"."""
@@ -72,5 +71,14 @@ class SpikeGuard:
         self.bad_in_row += 1
         if self.patience and self.bad_in_row >= self.patience:
             self.bad_in_row = 0
+            self.lr_scale *= self.lr_factor
             return "rollback"
         return verdict
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": asdict(self.loss), "grad_norm": asdict(self.grad_norm), "bad_in_row": self.bad_in_row,
+                "seen": self.seen, "lr_scale": self.lr_scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss, self.grad_norm = RunningStat(**state["loss"]), RunningStat(**state["grad_norm"])
+        self.bad_in_row, self.seen, self.lr_scale = state["bad_in_row"], state["seen"], state["lr_scale"]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lmlab.config import TrainConfig
+from lmlab.model import LanguageModel
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -36,12 +37,11 @@ class MuonAdamW:
     first), so the LR schedule, the grad scaler and the safetensors checkpoint format work unchanged.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
-        hidden = {id(p) for name, p in model.named_parameters() if p.dim() == 2 and _is_hidden(name)}
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.learning_rate,
-                                     weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
-        self.adamw = _adamw([p for p in params if id(p) not in hidden], cfg)
+    def __init__(self, model: LanguageModel, cfg: TrainConfig):
+        hidden, rest = muon_groups(model)
+        self.muon = torch.optim.Muon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = _adamw(rest, cfg)
         self.found_inf: torch.Tensor | None = None  # set by the training loop: 1 skips the whole step
 
     @property
@@ -85,12 +85,20 @@ class MuonAdamW:
         })
 
 
-def _is_hidden(name: str) -> bool:
-    """Hidden weights: everything 2-D except the token/position tables and the output head."""
-    return not any(part in name for part in ("wte", "wpe", "lm_head"))
+def muon_groups(model: LanguageModel) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The model's hidden matrices (Muon) and every other trainable parameter (AdamW): each parameter in
+    exactly one of them, or a model kind's `hidden_matrices` is wrong."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = [p for p in model.hidden_matrices() if p.requires_grad]
+    ids = {id(p) for p in params}
+    assert len({id(p) for p in hidden}) == len(hidden) and all(id(p) in ids for p in hidden), \
+        f"{type(model).__name__}.hidden_matrices() repeats a parameter or names one the model does not have"
+    assert all(p.dim() == 2 for p in hidden), f"{type(model).__name__}.hidden_matrices() holds a non-matrix"
+    chosen = {id(p) for p in hidden}
+    return hidden, [p for p in params if id(p) not in chosen]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW | MuonAdamW:
+def make_optimizer(model: LanguageModel, cfg: TrainConfig) -> torch.optim.AdamW | MuonAdamW:
     if cfg.optimizer == "muon":
         return MuonAdamW(model, cfg)
     return _adamw([p for p in model.parameters() if p.requires_grad], cfg)

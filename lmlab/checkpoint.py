@@ -1,8 +1,9 @@
-"""Pickle-free, atomic, device-portable checkpoints.
+"""Pickle-free, atomic, device-portable checkpoints: the `checkpoints/` folder of a run.
 
-`checkpoints/step_000500/` holds `model.safetensors`, `optimizer.safetensors` and `state.json` (step,
-data position, RNG states, best val loss, checksums of the two tensor files). `checkpoints/latest` and
-`checkpoints/best` are one-line pointer files naming a step folder, replaced atomically.
+`step_000500/` holds `model.safetensors`, `optimizer.safetensors` and `state.json` (what its writer saves, plus
+the step, the optimizer's non-tensor state and the sha256 of the two tensor files). `latest` and `best` are
+one-line pointer files naming a step folder, replaced atomically. `lmlab.rundir` decides what goes into
+state.json; this module only writes, verifies and finds the folders.
 """
 
 from __future__ import annotations
@@ -69,13 +70,13 @@ def _check_free_space(root: Path, tensors: list[torch.Tensor]) -> None:
                         f"{free >> 20} MiB free); free some space, then resume the run with --resume.")
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                     state: dict[str, Any], best: bool) -> Path:
-    """Write step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it.
+    """Write root/step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it.
 
     `weights` is `model_tensors(model)` and `optimizer_state` the optimizer's state_dict (both gathered whole
     when the model is sharded, lmlab.train.distributed.full_state), so every run writes the same files."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors, plain = _flatten_optimizer(optimizer_state)
     _check_free_space(root, [*weights.values(), *tensors.values()])
@@ -102,23 +103,29 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     return final
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
+def step_folders(root: Path) -> list[Path]:
+    """The finished step folders, oldest first."""
+    return sorted(p for p in Path(root).glob("step_*") if p.is_dir())
+
+
+def pointer(root: Path, which: str) -> Path | None:
+    """The step folder that `best` or `latest` names, or None without that pointer."""
+    path = Path(root) / which
+    return Path(root) / path.read_text().strip() if path.exists() else None
+
+
+def remove_partial(root: Path) -> None:
+    """Delete step folders whose write a crash cut short (they never got their final name)."""
+    for leftover in Path(root).glob(".step_*.tmp-*"):
+        shutil.rmtree(leftover)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
     """Keep the newest `keep` step folders plus whichever `best` and `latest` point to."""
-    root = Path(run_dir) / "checkpoints"
-    pinned = {resolve(run_dir, which).name for which in ("best", "latest") if (root / which).exists()}
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep]:
+    pinned = {p.name for p in (pointer(root, "best"), pointer(root, "latest")) if p is not None}
+    for old in step_folders(root)[:-keep]:
         if old.name not in pinned:
             shutil.rmtree(old)
-
-
-def resolve(run_dir: Path, which: str = "latest") -> Path:
-    """The step folder that `best` or `latest` points to."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / which
-    if not pointer.exists():
-        raise UserError(f"{run_dir} has no {which} checkpoint; train it first (`lmlab train CONFIG --run {run_dir}`).")
-    return root / pointer.read_text().strip()
 
 
 def load_state(folder: Path) -> dict[str, Any]:

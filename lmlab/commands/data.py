@@ -1,0 +1,96 @@
+"""`lmlab prepare` and `lmlab data stats`: corpus to dataset dir, and what a dataset holds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from lmlab.commands.common import console
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from lmlab.data.prepare import PrepareOptions, prepare
+    from lmlab.data.stats import dataset_stats
+
+    options = PrepareOptions(val_tokens=args.val_tokens, max_tokens=args.max_tokens, pack=args.pack,
+                             block_size=args.block_size, shard_tokens=args.shard_tokens, text_field=args.text_field,
+                             gpt2_dir=args.gpt2_dir and Path(args.gpt2_dir),
+                             **({"workers": args.workers} if args.workers else {}))
+    target, meta, built = prepare(args.source, args.tokenizer, args.name, Path(args.out_dir), args.val_fraction,
+                                  args.force, options, console)
+    table = Table(title=f"{target} ({'written' if built else 'already up to date'})")
+    for column in ("split", "documents", "characters", "tokens", "chars/token"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split in ("train", "val"):
+        s = meta[split]
+        table.add_row(split, f"{s['documents']:,}", f"{s['characters']:,}", f"{s['tokens']:,}",
+                      f"{s['characters'] / s['tokens']:.2f}")
+    console.print(table)
+    console.print(f"tokenizer {meta['tokenizer']}: vocab size {meta['vocab_size']:,}, stored as {meta['dtype']}")
+    _print_stats(dataset_stats(target, args.block_size))
+
+
+def _print_stats(s: dict[str, Any]) -> None:
+    table = Table(title=f"{s['dataset']}: {s['tokenizer']}, pack {s['pack']}", show_header=False)
+    table.add_row("documents", f"{s['documents']:,}")
+    table.add_row("tokens", f"{s['tokens']:,} in {s['shards']['train']} train + {s['shards']['val']} val shards")
+    table.add_row("characters per token", f"{s['chars_per_token']:.2f}")
+    if s["lengths"] is None:
+        table.add_row("tokens per document", "not recorded: a char dataset has no end-of-text token between documents")
+    else:
+        table.add_row("tokens per document", f"mean {s['mean']:,.1f}, median {s['median']:,.0f}, p90 {s['p90']:,.0f}, "
+                      f"p99 {s['p99']:,.0f}, max {s['max']:,}")
+        table.add_row(f"beyond the context length {s['block_size']}",
+                      f"{100 * s['share_documents_beyond']:.1f}% of documents, "
+                      f"{100 * s['share_tokens_beyond']:.1f}% of tokens")
+        if s["pack"] == "crop":
+            table.add_row("tokens lost by cropping", f"{s['lost_tokens']:,} ({100 * s['share_tokens_lost']:.1f}%)")
+    if "share_padding" in s:
+        table.add_row("padding in the rows", f"{100 * s['share_padding']:.1f}% of the stored ids")
+    console.print(table)
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from lmlab.data.stats import dataset_stats
+    from lmlab.plots import plot_document_lengths
+
+    stats = dataset_stats(Path(args.dataset), args.block_size)
+    _print_stats(stats)
+    if stats["lengths"] is not None:
+        plot = plot_document_lengths(stats["lengths"], stats["block_size"], Path(args.dataset) / "doc_lengths.png")
+        console.print(f"histogram: {plot}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize a corpus into a dataset dir (token shards, tokenizer, meta.json)")
+    p.add_argument("source", nargs="+", help="`shakespeare`, hf:OWNER/NAME[:CONFIG], or .txt/.jsonl/.jsonl.gz/"
+                   ".parquet files or folders of them")
+    p.add_argument("--tokenizer", required=True,
+                   help="char, word:N, bpe:N, gpt2 (local files) or tiktoken:NAME (e.g. tiktoken:gpt2)")
+    p.add_argument("--gpt2-dir", help="with --tokenizer gpt2: folder with GPT-2's tokenizer.json, or vocab.json + "
+                   "merges.txt (default: $LMLAB_GPT2_DIR)")
+    p.add_argument("--name", help="dataset name (default: the corpus name); the dir is NAME-SPEC")
+    p.add_argument("--out-dir", default="data", help="where dataset dirs go (default: data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of characters held out (default 0.1)")
+    p.add_argument("--val-tokens", type=int, help="size the val split in tokens (documents in sha256-of-name order)")
+    p.add_argument("--max-tokens", type=int, help="stop after this many train tokens (at a document boundary)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet/hf: sources")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
+    p.add_argument("--pack", choices=["concat", "crop"], default="concat",
+                   help="concat: documents joined by end-of-text (default); crop: one row per document, cut to "
+                   "--block-size + 1 tokens and padded with end-of-text (train with model.block_size = --block-size)")
+    p.add_argument("--block-size", type=int, default=1024, help="context length for --pack crop and the stats "
+                   "(default 1024)")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset made from other inputs")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("data", help="inspect a prepared dataset")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("stats", help="documents, tokens, document lengths against the context, a histogram PNG")
+    p.add_argument("dataset", help="a dataset dir made by `lmlab prepare`")
+    p.add_argument("--block-size", type=int, help="context length to compare with (default: the dataset's, or 1024)")
+    p.set_defaults(func=cmd_data_stats)

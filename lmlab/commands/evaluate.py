@@ -1,0 +1,76 @@
+"""`lmlab eval` (loss, perplexity, accuracy, bits per byte on a val split) and `lmlab sample`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from lmlab.commands.common import (
+    add_checkpoint,
+    add_device,
+    add_sampling,
+    console,
+    sampling,
+)
+from lmlab.errors import UserError
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmlab.evaluate import evaluate_run
+    from lmlab.rundir import RunDir
+
+    run = RunDir(args.run).load(args.checkpoint, args.device)
+    with console.status("Evaluating the val split...") as status:
+        result = evaluate_run(run, args.dataset and Path(args.dataset), args.batch_size,
+                              lambda done, total: status.update(f"Evaluating the val split: {done}/{total} batches"))
+    if args.json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{args.run} ({args.checkpoint}, step {result['step']}) on {result['dataset']} val")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("loss", "perplexity", "accuracy", "bits_per_byte", "tokens"):
+        table.add_row(key.replace("_", " "), f"{result[key]:,}" if key == "tokens" else f"{result[key]:.4f}")
+    console.print(table)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from lmlab.generate import instruct, sample
+    from lmlab.rundir import RunDir
+
+    if args.input and args.instruction is None:
+        raise UserError("--input goes with --instruction; pass the instruction too.")
+    params = sampling(args)
+    run = RunDir(args.run).load(args.checkpoint, args.device)
+    if args.instruction is not None:
+        text = instruct(run, args.instruction, args.input, params)
+        asked = f"instruction {args.instruction!r}, input {args.input!r}"
+    else:
+        text, asked = sample(run, args.prompt, params), f"prompt {args.prompt!r}"
+    print(text)
+    run.run.add_sample(text, args.checkpoint, run.step, f"{params.describe()}, {asked}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="val loss, perplexity, accuracy and bits per byte of a run")
+    p.add_argument("run")
+    p.add_argument("--dataset", help="dataset dir (default: the run's); must share the run's tokenizer")
+    add_checkpoint(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    add_device(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text from a run")
+    p.add_argument("run")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
+    add_sampling(p)
+    add_checkpoint(p)
+    p.add_argument("--instruction", help="ask in the run's prompt format (Alpaca unless fine-tuned otherwise) "
+                   "and print the answer alone")
+    p.add_argument("--input", default="", help="with --instruction: the record's input")
+    add_device(p)
+    p.set_defaults(func=cmd_sample)

@@ -1,0 +1,96 @@
+"""`lmlab serve` (an OpenAI-compatible API), `lmlab answer` (a run's answers to instructions) and `lmlab judge`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from lmlab.commands.common import (
+    add_checkpoint,
+    add_device,
+    add_sampling,
+    console,
+    sampling,
+)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lmlab.serve import load_served, require_extras, run_server
+
+    require_extras()
+    with console.status(f"Loading {args.run}..."):
+        served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_concurrent)
+    fmt = served.run.prompt_format
+    chat = f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
+    console.print(f"serving {args.run} as model {served.name!r} at http://{args.host}:{args.port}/v1 "
+                  f"(chat rendered through {chat}); Ctrl-C stops it")
+    run_server(served, args.host, args.port)
+
+
+def cmd_answer(args: argparse.Namespace) -> None:
+    from lmlab.judge import write_answers
+    from lmlab.rundir import RunDir
+
+    params = sampling(args)
+    run = RunDir(args.run).load(args.checkpoint, args.device)
+    with console.status("Answering...") as status:
+        n = write_answers(run, Path(args.data), Path(args.out), params,
+                          lambda done, total: status.update(f"Answering: {done}/{total} records"))
+    console.print(f"wrote {n} answers to {args.out}")
+
+
+def cmd_judge(args: argparse.Namespace) -> None:
+    from lmlab.judge import judge_answers
+
+    answers = Path(args.answers)
+    out = Path(args.out or answers.with_name(f"{answers.stem}-judged.jsonl"))
+    with console.status("Judging...") as status:
+        summary = judge_answers(answers, args.endpoint, args.model, out, args.max_tokens,
+                                lambda done, total: status.update(f"Judging: {done}/{total} answers"))
+    total = len(summary.items)
+    mean = "-" if summary.mean is None else f"{summary.mean:.1f}"
+    console.print(f"judge {args.model}: mean score {mean} over {len(summary.scored)} of {total} answers scored "
+                  f"({total - len(summary.scored)} unscored: no number from 0 to 100 in two tries, or the request "
+                  "was refused)")
+    if summary.scored:
+        table = Table(title=f"Lowest-scored answers (of {len(summary.scored)})")
+        for column in ("score", "instruction", "input", "model answer", "reference"):
+            table.add_column(column, overflow="fold", justify="right" if column == "score" else "left")
+        for item in summary.scored[:args.lowest]:
+            table.add_row(str(item["score"]), item["instruction"], item.get("input", ""), item["model_answer"],
+                          item["output"])
+        console.print(table)
+    console.print(f"per-item scores: {summary.out}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API (needs the serve extra)")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    add_checkpoint(p)
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-concurrent", type=int, default=2,
+                   help="requests generating at once; one more gets HTTP 429 (default 2)")
+    add_device(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("answer", help="answer every Alpaca record with a run's model, for `lmlab judge`")
+    p.add_argument("run")
+    p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
+    p.add_argument("--out", required=True, help="JSON-lines file to write (instruction, input, output, model_answer)")
+    add_sampling(p, max_new_tokens=256, temperature=0.0)
+    add_checkpoint(p)
+    add_device(p)
+    p.set_defaults(func=cmd_answer)
+
+    p = sub.add_parser("judge", help="score answers 0-100 with a judge model behind an OpenAI-compatible endpoint")
+    p.add_argument("--answers", required=True, help="JSON-lines file written by `lmlab answer`")
+    p.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1 (key: $OPENAI_API_KEY)")
+    p.add_argument("--model", required=True, help="the judge model's name at that endpoint")
+    p.add_argument("--out", help="per-item scores, JSON lines (default: ANSWERS-judged.jsonl)")
+    p.add_argument("--max-tokens", type=int, default=16, help="longest judge reply read")
+    p.add_argument("--lowest", type=int, default=5, help="how many of the lowest-scored answers to show")
+    p.set_defaults(func=cmd_judge)

@@ -1,0 +1,38 @@
+"""`lmlab sweep`: every combination of a few settings under one budget, then the comparison."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmlab.commands.common import add_device, console
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from lmlab.commands.runs import comparison_table
+    from lmlab.sweep import run_sweep
+
+    result = run_sweep(Path(args.config), args.set, args.name, Path(args.dir), args.budget_tokens or 0,
+                       args.budget_seconds or 0.0, args.device, console)
+    evaluated = [s for s in result.summaries if s.best_val_loss is not None and s.params]
+    if evaluated:
+        console.print(comparison_table(evaluated))
+    if result.stopped_by:
+        console.print(f"sweep stopped by {result.stopped_by}; run the same command again to continue it.")
+    best = result.best
+    if best:
+        console.print(f"best setting: {best.name} (best val loss {best.best_val_loss:.4f}, run {best.path})")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="train every combination of a few settings under one budget, then compare")
+    p.add_argument("config", help="TOML preset the trials start from")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="values to sweep, comma-separated (one value: a setting for every trial); repeatable")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-tokens", type=int, help="training tokens per trial (sets train.max_iters)")
+    budget.add_argument("--budget-seconds", type=float, help="wall-clock seconds per trial (sets train.max_seconds)")
+    p.add_argument("--name", help="sweep name: trials go to DIR/NAME/<trial> (default: <config name>-sweep)")
+    p.add_argument("--dir", default="runs", help="where the sweep folder goes (default: runs)")
+    add_device(p)
+    p.set_defaults(func=cmd_sweep)

@@ -1,0 +1,86 @@
+"""`lmlab train` (a new run, a resumed one, or one started from another's weights) and `lmlab finetune`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmlab.commands.common import add_device, add_set, console
+from lmlab.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmlab.config import load_config
+    from lmlab.rundir import RunDir
+    from lmlab.train.loop import Trainer
+
+    if args.resume and (args.config or args.init_from):
+        raise UserError("--resume RUN continues a run; pass no CONFIG.toml or --init-from with it "
+                        "(use --set to change a resumed run).")
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = RunDir(run_dir).config(args.set)
+    elif args.config:
+        cfg = load_config(Path(args.config), args.set)
+        run_dir = Path(args.run or Path("runs") / Path(args.config).stem)
+    else:
+        raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
+    trainer = Trainer(cfg, run_dir, args.device, resume=bool(args.resume), console=console, force=args.force,
+                      init_from=args.init_from, keep_optimizer=args.keep_optimizer)
+    m = trainer.model
+    console.print(f"model: {m.describe()}, {m.num_params() / 1e6:.2f}M parameters ({m.num_params(False) / 1e6:.2f}M "
+                  f"without embeddings) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
+    ignored = trainer.cfg.model.ignored_fields()
+    if ignored:
+        console.print(f"note: a {trainer.cfg.model.kind} model does not use {', '.join(ignored)} (set in [model])")
+    result = trainer.run()
+    if result.stopped_by:
+        console.print(f"stopped by {result.stopped_by} at step {result.steps}; a checkpoint was written. "
+                      f"Continue with: lmlab train --resume {result.run_dir}")
+    if result.stopped_early:
+        console.print(f"stopped early at step {result.steps}: no new best val loss in {cfg.train.patience} evals")
+    console.print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}")
+    console.print(f"run: {result.run_dir}")
+    console.print(f"loss plot: {result.loss_plot}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from lmlab.config import load_finetune_config
+    from lmlab.finetune import finetune
+
+    ft = load_finetune_config(args.config and Path(args.config), args.set)
+    ft = dataclasses.replace(ft, data=args.data) if args.data else ft
+    run_dir = Path(args.run or Path("runs") / f"{Path(args.base).name}-{Path(ft.data).stem}")
+    result = finetune(Path(args.base), run_dir, ft, args.device, console)
+    if result.dropped:
+        console.print(f"[yellow]{result.dropped} records longer than the context were left out[/yellow]")
+    console.print(f"val loss by epoch: {', '.join(f'{v:.4f}' for v in result.val_losses)} (base model "
+                  f"{result.base_val_loss:.4f}); best epoch {result.best_epoch} is the `best` checkpoint")
+    console.print(f"run: {result.run_dir}")
+    console.print(f"loss plot: {result.loss_plot}")
+    console.print(f'ask it: lmlab sample {result.run_dir} --instruction "..." [--input "..."]')
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a TOML config, or resume a run")
+    p.add_argument("config", nargs="?", help="TOML preset, e.g. configs/shakespeare-char-cpu.toml")
+    add_set(p)
+    p.add_argument("--run", help="run dir (default: runs/<config name>)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
+    add_device(p, " (may differ from the original on resume)")
+    p.add_argument("--init-from", metavar="RUN[:best|latest]", help="start a new run from another run's weights")
+    p.add_argument("--keep-optimizer", action="store_true", help="with --init-from: carry the optimizer state too")
+    p.add_argument("--force", action="store_true", help="resume even though the dataset's content changed")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="instruction-tune a run on Alpaca-format records (loss on responses only)")
+    p.add_argument("base", metavar="RUN", help="the run whose best checkpoint is fine-tuned")
+    p.add_argument("config", nargs="?", help="TOML file with a [finetune] section (epochs, learning_rate, "
+                   "batch_size, val_fraction, seed, data)")
+    p.add_argument("--data", help="JSON list of {instruction, input, output} records (sets finetune.data)")
+    add_set(p, "finetune.epochs=5")
+    p.add_argument("--run", help="the new run dir (default: runs/<RUN name>-<data name>)")
+    add_device(p)
+    p.set_defaults(func=cmd_finetune)

@@ -1,0 +1,68 @@
+"""The interface every model kind implements, so that training, sampling, MFU, planning and FSDP never ask
+which kind they hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmlab.config import ModelConfig
+
+
+class LanguageModel(nn.Module):
+    """A next-token model built from a ModelConfig.
+
+    `forward(idx, targets=None, cache=None) -> (logits, loss)`: logits (B, T, vocab) for ids (B, T), the mean
+    next-token loss when targets are given, and `cache` (from `new_cache`) carried from step to step when
+    sampling. Each kind also says what its parameters are for (`lookup_params`, `embedding_params`,
+    `hidden_matrices`), how to shard it (`shard_units`) and what it is (`describe`).
+    """
+
+    config: ModelConfig
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """What sampling carries from one token to the next (a KV cache, a hidden state); has a `pos`."""
+        raise NotImplementedError
+
+    def embedding_params(self) -> list[nn.Parameter]:
+        """The token and position tables: left out of the parameters counted without embeddings."""
+        raise NotImplementedError
+
+    def lookup_params(self) -> int:
+        """Parameters used only as lookup tables, with no matmul per token: embeddings the head does not share."""
+        raise NotImplementedError
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights that map hidden states to hidden states: Muon's share of the parameters (embeddings,
+        the head, norm gains and biases are not such maps and stay with AdamW)."""
+        raise NotImplementedError
+
+    def shard_units(self) -> list[nn.Module]:
+        """Submodules FSDP shards one by one (each all-gathered just before it runs), before the root."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The kind and shape in a few words, e.g. `gpt 4L/256 rope rmsnorm swiglu qk-norm no-bias`."""
+        raise NotImplementedError
+
+    def attention_flops(self) -> float:
+        """Training FLOPs per token beyond the weights' (see `flops_per_token`); none unless the kind attends."""
+        return 0.0
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters, tied weights counted once; without embeddings, less the token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - sum(p.numel() for p in self.embedding_params())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: lmlab's one definition of compute, used for MFU, `plan`, `compare`,
+        `scaling` and the plots (training compute = flops_per_token × tokens).
+
+        6N for the N weights that multiply every token (forward 2N, backward 4N), which leaves out lookup-only
+        tables (a position table, an untied token table) but keeps a token table the tied head multiplies by,
+        plus the kind's `attention_flops`: a transformer's 12·L·C·T (PaLM, appendix B; grouped-query attention
+        shares keys and values but still scores every query head); a recurrent model has no such term.
+        """
+        return 6.0 * (self.num_params() - self.lookup_params()) + self.attention_flops()

@@ -1,0 +1,266 @@
+"""The run folder: the one module that writes a run directory, and the one way to load a run back.
+
+```
+runs/NAME/
+  config.toml     the resolved RunConfig ([finetune] too in a fine-tuned run)
+  metrics.jsonl   one JSON event per line, appended and flushed: `start` first (`RunDir.begin`), then train,
+                  eval, checkpoint, skip/spike/rollback, and `end` when the run finishes or stops
+  tokenizer.json  the run's tokenizer, and dataset.json the meta.json of its dataset (tokenizer spec, bytes per
+                  token), so the run samples and evaluates after its dataset is gone
+  prompt.json     a fine-tuned run's prompt format (`lmlab.prompt`)
+  samples.txt     what `lmlab sample` drew, each under a header line
+  loss.png        train and val loss, redrawn at every evaluation
+  train.pid       while a process trains the run
+  checkpoints/    step_NNNNNN/ folders and the latest/best pointers (`lmlab.checkpoint`); every state.json
+                  holds the STATE keys, `training` being what its writer needs to continue
+```
+
+A run is one of KINDS. Folders written before this module (no `kind` in the start event, no `format` in
+state.json) still load: `kind()` and `_upgrade` read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lmlab
+from lmlab import checkpoint as ckpt
+from lmlab.config import RunConfig, load_config, to_toml
+from lmlab.data.tokenizers import Tokenizer
+from lmlab.device import autocast_dtype, resolve_device
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text
+from lmlab.model import LanguageModel, build_model
+from lmlab.prompt import PromptFormat
+
+KINDS = ("trained", "fine-tuned", "imported")
+STATE_FORMAT = 2  # state.json: format, kind, lmlab_version, model_config, training (+ step, optimizer, files)
+
+Loader = Callable[[Path, torch.nn.Module, Any], dict[str, Any]]
+
+
+class RunDir:
+    """A run folder by path; nothing is read or written until asked."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.loss_plot = self.path / "loss.png"
+        self._metrics = self.path / "metrics.jsonl"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def config(self, overrides: list[str] = ()) -> RunConfig:
+        """The run's resolved config, with `--set` overrides applied."""
+        path = self.path / "config.toml"
+        if not path.exists():
+            raise UserError(f"{self.path} is not an lmlab run (no config.toml); pass a directory made by "
+                            "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
+        return load_config(path, overrides)
+
+    def kind(self) -> str:
+        """trained, fine-tuned or imported: from the start event, or for an older folder from what it holds."""
+        head = self.events(limit=2)
+        if head and head[0].get("kind") in KINDS:
+            return head[0]["kind"]
+        if (self.path / "prompt.json").exists():
+            return "fine-tuned"
+        return "imported" if len(head) > 1 and head[1].get("event") == "import" else "trained"
+
+    # -- writing a run ---------------------------------------------------------------------------------------
+
+    def check_new(self) -> None:
+        """Refuse to start a run where one already has checkpoints: nothing of it is overwritten."""
+        if self.checkpoints.exists() and any(self.checkpoints.iterdir()):
+            raise UserError(f"{self.path} already has checkpoints; pick a new --run, or continue a training run "
+                            f"with `lmlab train --resume {self.path}`.")
+
+    def write_setup(self, cfg: RunConfig, tokenizer: Tokenizer | Path | None, dataset: dict[str, Any],
+                    prompt: PromptFormat | None = None) -> None:
+        """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.toml", to_toml(cfg))
+        if isinstance(tokenizer, Tokenizer):
+            tokenizer.save(self.path / "tokenizer.json")
+        elif tokenizer is not None:
+            shutil.copyfile(tokenizer, self.path / "tokenizer.json")
+        atomic_write_text(self.path / "dataset.json", json.dumps(dataset, indent=2))
+        if prompt is not None:
+            atomic_write_text(self.path / "prompt.json", json.dumps(dataclasses.asdict(prompt), indent=2))
+
+    def begin(self, kind: str, model: LanguageModel, cfg: RunConfig, dataset: dict[str, Any], *,
+              init_from: str | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,
+              world_size: int = 1, parallel: str = "none", peak: tuple[float, str] | None = None,
+              origin: dict[str, Any] | None = None) -> None:
+        """Start a fresh metrics.jsonl with the start event, whose keys are the same for every kind (None where a
+        kind has no value); `origin` is where a fine-tuned or imported run came from."""
+        assert kind in KINDS, kind
+        self.check_new()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._metrics.unlink(missing_ok=True)
+        self.log({
+            "event": "start", "step": 0, "kind": kind, "lmlab_version": lmlab.__version__,
+            "model": model.describe(), "params": model.num_params(),
+            "params_non_embedding": model.num_params(embeddings=False), "flops_per_token": model.flops_per_token(),
+            "dataset": cfg.data.dataset or None, "tokenizer": dataset.get("tokenizer"), "init_from": init_from,
+            "device": str(device) if device else None, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+            "world_size": world_size, "parallel": parallel, "peak_flops": peak[0] if peak else None,
+            "peak_source": peak[1] if peak else None, "origin": origin,
+        })
+
+    def log(self, event: dict[str, Any]) -> None:
+        """Append one event, flushed, so a crash loses at most the line being written."""
+        with open(self._metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop events logged after the checkpoint (and the end of a stopped run), so the log reads as
+        one uninterrupted run."""
+        kept = [e for e in self.events() if e.get("step", 0) <= step and e.get("event") != "end"]
+        atomic_write_text(self._metrics, "".join(json.dumps(e) + "\n" for e in kept))
+
+    def add_sample(self, text: str, checkpoint_name: str, step: int, settings: str) -> None:
+        """Append a sample to samples.txt under a header naming its checkpoint and how it was drawn."""
+        with open(self.path / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"--- checkpoint {checkpoint_name} (step {step}), {settings}\n{text}\n\n")
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """`train.pid` names the process while it trains the run (`running()` reads it)."""
+        pid_file = self.path / "train.pid"
+        pid_file.write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+    def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                        training: dict[str, Any] | None, best: bool, keep: int) -> Path:
+        """A step folder holding the weights, the optimizer and `training` (what the writer needs to continue,
+        None for an import); then only the newest `keep` step folders, best and latest remain."""
+        state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": lmlab.__version__,
+                 "model_config": dataclasses.asdict(self.config().model), "training": training}
+        folder = ckpt.save_checkpoint(self.checkpoints, step, weights, optimizer_state, state, best)
+        ckpt.prune_checkpoints(self.checkpoints, keep)
+        return folder
+
+    # -- reading a run ---------------------------------------------------------------------------------------
+
+    def events(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The metrics events (the first `limit` of them), skipping a line cut short by a crash."""
+        if not self._metrics.exists():
+            return []
+        events = []
+        with open(self._metrics, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+                if limit is not None and len(events) >= limit:
+                    break
+        return events
+
+    def running(self) -> bool:
+        """Whether the process named in train.pid is alive."""
+        try:
+            os.kill(int((self.path / "train.pid").read_text()), 0)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def dataset(self) -> dict[str, Any]:
+        """The run's dataset.json ({} when it has none)."""
+        try:
+            return json.loads((self.path / "dataset.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def tokenizer(self) -> Tokenizer:
+        spec = self.dataset().get("tokenizer")
+        if not spec or not (self.path / "tokenizer.json").exists():
+            raise UserError(f"{self.path} has no tokenizer (tokenizer.json and its spec in dataset.json); import it "
+                            "from a folder that has the tokenizer files.")
+        return Tokenizer.load(self.path / "tokenizer.json", spec)
+
+    def prompt_format(self) -> PromptFormat | None:
+        """The format a fine-tuned run was taught with; None for other runs."""
+        path = self.path / "prompt.json"
+        if not path.exists():
+            return None
+        try:
+            return PromptFormat(**json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError):
+            raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
+
+    def checkpoint(self, which: str = "latest") -> Path:
+        """The step folder `best` or `latest` points to."""
+        folder = ckpt.pointer(self.checkpoints, which)
+        if folder is None:
+            raise UserError(f"{self.path} has no {which} checkpoint; train it first "
+                            f"(`lmlab train CONFIG --run {self.path}`).")
+        return folder
+
+    def step_folders(self) -> list[Path]:
+        return ckpt.step_folders(self.checkpoints)
+
+    def remove_partial_checkpoints(self) -> None:
+        ckpt.remove_partial(self.checkpoints)
+
+    def read_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: Any = None,
+                        load: Loader = ckpt.load_checkpoint) -> dict[str, Any]:
+        """Load a step folder into `model` (and `optimizer`) with `load` (a sharded model brings its own) and
+        return its state.json in the current format."""
+        return _upgrade(load(folder, model, optimizer), self)
+
+    def load(self, which: str = "best", device: str = "auto", need_tokenizer: bool = True) -> LoadedRun:
+        """The run's model at its `best` or `latest` checkpoint, in eval mode, with what using it takes; without
+        `need_tokenizer`, a run that has no tokenizer loads with None in its place."""
+        if which not in ("best", "latest"):
+            raise UserError(f"--checkpoint {which} is unknown; use best or latest.")
+        cfg = self.config()
+        tokenizer = self.tokenizer() if need_tokenizer or (self.path / "tokenizer.json").exists() else None
+        torch_device = resolve_device(device)
+        model = build_model(cfg.model).to(torch_device)
+        state = self.read_checkpoint(self.checkpoint(which), model)
+        return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
+                         autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"])
+
+
+def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
+    """state.json in the current format. Before it, each writer kept its own keys at the top level: those become
+    `training` (a trained run's progress, an epoch of fine-tuning), or nothing for an import."""
+    if state.get("format") == STATE_FORMAT:
+        return state
+    envelope = ("step", "optimizer", "files", "model_config", "lmlab_version")
+    own = {k: v for k, v in state.items() if k not in envelope and k != "imported_from"}
+    return {**{k: state.get(k) for k in envelope}, "format": STATE_FORMAT, "kind": run.kind(),
+            "training": own or None}
+
+
+@dataclass
+class LoadedRun:
+    """A run's model at one checkpoint, ready for inference (eval mode, on its device), with what using it takes."""
+
+    run: RunDir
+    kind: str
+    config: RunConfig
+    model: LanguageModel
+    tokenizer: Tokenizer | None  # None only when loaded without need_tokenizer
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype the run's config resolves to on this device
+    prompt_format: PromptFormat | None  # a fine-tuned run's; None for the others
+    checkpoint: str  # best or latest
+    step: int

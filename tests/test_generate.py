@@ -1,0 +1,81 @@
+"""Sampling on its own: top-k and top-p filtering, the stop-string hold-back of streamed text, and the checks on
+SamplingParams that every command and the server share."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmlab.config import ModelConfig, SamplingParams
+from lmlab.data.tokenizers import train_tokenizer
+from lmlab.errors import UserError
+from lmlab.generate import TextStream, filter_logits, held_back, stream_ids
+from lmlab.model import build_model
+
+LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return [i for i, v in enumerate(logits.tolist()) if v != -math.inf]
+
+
+def test_top_k_keeps_the_k_likeliest_and_top_p_the_smallest_set_reaching_p():
+    assert kept(filter_logits(LOGITS, 1.0, 2, 1.0)) == [0, 1]
+    assert kept(filter_logits(LOGITS, 1.0, 10, 1.0)) == [0, 1, 2, 3]  # k beyond the vocabulary keeps all
+    assert kept(filter_logits(LOGITS, 1.0, None, 0.5)) == [0]  # the first alone reaches 0.5
+    assert kept(filter_logits(LOGITS, 1.0, None, 0.7)) == [0, 1]
+    assert kept(filter_logits(LOGITS, 1.0, None, 0.76)) == [0, 1, 2]
+    assert kept(filter_logits(LOGITS, 1.0, None, 0.01)) == [0]  # the likeliest always stays
+    assert kept(filter_logits(LOGITS, 1.0, 3, 0.7)) == [0, 1]  # both rules at once
+    scaled = filter_logits(LOGITS, 2.0, None, 1.0)
+    torch.testing.assert_close(scaled, LOGITS / 2.0)  # temperature divides before anything is cut
+
+
+def test_sampling_draws_only_from_the_kept_tokens_and_repeats_with_the_seed():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=30)).eval()
+    draws = list(stream_ids(model, [1], SamplingParams(max_new_tokens=40, temperature=1.0, top_k=1, seed=1)))
+    greedy = list(stream_ids(model, [1], SamplingParams(max_new_tokens=40, temperature=0)))
+    assert draws == greedy  # top_k 1 is greedy, whatever the seed
+    params = SamplingParams(max_new_tokens=40, temperature=1.5, top_p=0.9, seed=7)
+    assert list(stream_ids(model, [1], params)) == list(stream_ids(model, [1], params))
+
+
+def test_the_hold_back_keeps_what_a_stop_string_or_a_utf8_sequence_may_still_complete():
+    assert held_back("ROMEO: hello", ["\nuser:"]) == 0
+    assert held_back("ROMEO: hello\nus", ["\nuser:"]) == 3  # "\nus" may become "\nuser:"
+    assert held_back("ROMEO: hello\n", ["\nuser:", "###"]) == 1
+    assert held_back("ROMEO: hello#", ["\nuser:", "###"]) == 1
+    assert held_back("caf\ufffd", []) == 1  # half a character: wait for its other bytes
+    assert held_back("done", ["done"]) == 0  # a whole stop string is cut by the stream, not held
+
+
+def test_streamed_text_ends_before_a_stop_string_and_says_why():
+    texts = ["to be or not to be that is the question"] * 3
+    tokenizer = train_tokenizer("char", texts, texts)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64,
+                                    vocab_size=tokenizer.vocab_size)).eval()
+    prompt = tokenizer.encode("to be")
+    whole = TextStream(model, tokenizer, prompt, SamplingParams(max_new_tokens=30, temperature=0))
+    text = whole.text()
+    assert whole.finish_reason == "length" and whole.tokens == 30 and len(text) == 30
+    stop = text[10:12]
+    cut = TextStream(model, tokenizer, prompt, SamplingParams(max_new_tokens=30, temperature=0, stop=(stop,)))
+    pieces = list(cut)
+    assert "".join(pieces) == text[:text.find(stop)] and cut.finish_reason == "stop"
+    assert all(stop not in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    ("max_new_tokens", 0, "at least 1"), ("max_new_tokens", -5, "at least 1"),
+    ("temperature", -1.0, "a number >= 0"), ("temperature", math.nan, "a number >= 0"),
+    ("temperature", math.inf, "a number >= 0"), ("top_k", 0, "at least 1"), ("top_k", -3, "at least 1"),
+    ("top_p", 0.0, r"in \(0, 1\]"), ("top_p", 1.5, r"in \(0, 1\]"), ("top_p", math.nan, r"in \(0, 1\]"),
+    ("seed", -1, "between 0 and"), ("seed", 10**23, "between 0 and"),
+])
+def test_sampling_params_refuse_what_cannot_be_sampled(field, value, rule):
+    with pytest.raises(UserError, match=f"{field} is .*; it must be {rule}"):
+        SamplingParams(**{field: value})

@@ -1,0 +1,101 @@
+"""Imports run one way, as docs/ARCHITECTURE.md draws the layers: no module imports one of a higher layer, no
+two modules import each other through any path, and serving a model never loads the trainer."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import lmlab
+
+PACKAGE = Path(lmlab.__file__).parent
+
+# docs/ARCHITECTURE.md's layers, lowest first: each top-level unit of the package (a module, or a subpackage
+# whole) imports only units of its own layer or below. A new module gets its row here and in the map.
+LAYERS = [
+    {"errors", "fileio", "progress"},
+    {"config", "device"},
+    {"model"},
+    {"data"},
+    {"prompt", "checkpoint", "rundir"},
+    {"train", "evaluate", "generate", "scaling", "runs", "plots", "tracking"},
+    {"finetune", "hf", "bench", "plan", "sweep", "serve", "judge"},
+    {"commands", "__main__"},
+]
+LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> dict[str, set[str]]:
+    """Every lmlab module and the lmlab modules it imports anywhere in its body (lazy imports included)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name, found = module_name(path), set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in found if m.startswith("lmlab")}
+    return {name: {m for m in deps if m in graph and m != name} for name, deps in graph.items()}
+
+
+def unit(module: str) -> str:
+    return module.split(".")[1] if "." in module else "lmlab"
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a path of nodes, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    units = {unit(m) for m in imports()} - {"lmlab"}
+    assert units <= set(LAYER), f"units missing from LAYERS (and the map): {sorted(units - set(LAYER))}"
+    upward = [f"{m} imports {d}" for m, deps in imports().items() for d in deps
+              if unit(m) != "lmlab" and unit(d) != "lmlab" and LAYER[unit(d)] > LAYER[unit(m)]]
+    assert upward == []
+
+
+def test_no_import_cycles_between_modules_or_subpackages():
+    modules = imports()
+    assert cycle(modules) is None, " -> ".join(cycle(modules))
+    units: dict[str, set[str]] = {}
+    for m, deps in modules.items():
+        units.setdefault(unit(m), set()).update(unit(d) for d in deps if unit(d) != unit(m))
+    units.pop("lmlab", None)  # the package's __init__ holds the version only
+    assert cycle(units) is None, " -> ".join(cycle(units))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_sampling_and_serving_load_neither_the_trainer_nor_fsdp_nor_matplotlib():
+    code = ("import sys, lmlab.generate, lmlab.serve; "
+            "print(' '.join(m for m in ('lmlab.train.loop', 'torch.distributed.fsdp', 'matplotlib') "
+            "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []

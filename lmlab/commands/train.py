@@ -77,8 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("finetune", help="instruction-tune a run on Alpaca-format records (loss on responses only)")
     p.add_argument("base", metavar="RUN", help="the run whose best checkpoint is fine-tuned")
-    p.add_argument("config", nargs="?", metavar="CONFIG.toml", help="TOML file with a [finetune] section (epochs, learning_rate, "
-                   "batch_size, val_fraction, seed, data)")
+    p.add_argument("config", nargs="?", metavar="CONFIG.toml", help="TOML file with a [finetune] section "
+                   "(epochs, learning_rate, batch_size, val_fraction, seed, data)")
     p.add_argument("--data", help="JSON list of {instruction, input, output} records (sets finetune.data)")
     add_set(p, "finetune.epochs=5")
     p.add_argument("--run", help="the new run dir (default: runs/<RUN name>-<data name>)")

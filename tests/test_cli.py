@@ -32,6 +32,14 @@ def test_bad_config_key_and_type(capsys, tmp_path, char_dataset):
     assert not (tmp_path / "r").exists()
 
 
+def test_training_names_the_model_and_the_fields_its_kind_does_not_use(capsys, tmp_path, char_dataset):
+    config = write_config(tmp_path / "c.toml", char_dataset, max_iters=2)
+    code, out, _ = run_cli(capsys, "train", config, "--set", "model.kind=recurrent", "--set", "train.eval_interval=2",
+                           "--run", tmp_path / "gru", "--device", "cpu")
+    assert code == 0 and "model: recurrent gru 2L/32," in out
+    assert "note: a recurrent model does not use model.n_head, set in its config" in out
+
+
 def test_missing_dataset_and_resume_without_checkpoint(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "c.toml", tmp_path / "no-such-dataset")
     code, _, err = run_cli(capsys, "train", config, "--run", tmp_path / "r")

@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                   f"without embeddings) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
     ignored = trainer.cfg.model.ignored_fields()
     if ignored:
-        console.print(f"note: a {trainer.cfg.model.kind} model does not use {', '.join(ignored)} (set in [model])")
+        console.print(f"note: a {trainer.cfg.model.kind} model does not use {', '.join('model.' + f for f in ignored)}, "
+                      "set in its config")
     result = trainer.run()
     if result.stopped_by:
         console.print(f"stopped by {result.stopped_by} at step {result.steps}; a checkpoint was written. "

@@ -115,7 +115,7 @@ def gpt2(scale: Scale, device: torch.device) -> list[tuple[str, str, str]]:
     cfg = load_config(ROOT / "configs/gpt2-small.toml", [*scale.gpt2, "train.compile=false"])
     with console.status("GPT-2 small: finding the largest micro-batch that fits..."):
         biggest = find_max_batch(cfg, str(device), scale.max_batch_limit)
-    rows.append(("GPT-2 small, largest micro-batch (eager, 10% headroom)", str(biggest), ""))
+    rows.append(("GPT-2 small, largest micro-batch that fits with headroom (eager)", str(biggest), ""))
     return rows
 
 

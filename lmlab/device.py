@@ -86,8 +86,9 @@ def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> t
     if has_triton:
         return setting is not False, None
     if setting is True:
-        raise UserError("train.compile = true needs Triton, which this PyTorch cannot use on this GPU (not installed, "
-                        "or the GPU is older than compute capability 7.0); install triton or set train.compile = false.")
+        raise UserError("train.compile = true needs Triton, which this PyTorch cannot use on this GPU (not "
+                        "installed, or the GPU is older than compute capability 7.0); install triton or set "
+                        "train.compile = false.")
     return False, "torch.compile needs Triton, which is missing here (or too old for this GPU): training runs eager."
 
 

@@ -61,15 +61,18 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def resume(run: Path, copy: Path, step: int, device: str, settings: list[str] = ()) -> dict[int, float]:
-    """Continue a copy of `run` from its checkpoint at `step` on `device`; the losses of the steps after it."""
+    """Continue a copy of `run` from its checkpoint at `step` on `device` to its end; the losses after `step`."""
     shutil.copytree(run, copy)
     (copy / "checkpoints" / "latest").write_text(f"step_{step:06d}")
     Trainer(load_config(copy / "config.toml", list(settings)), copy, device, resume=True).run()
-    return {s: v for s, v in losses(copy).items() if s > step}
+    after = {s: v for s, v in losses(copy).items() if s > step}
+    assert sorted(after) == [s for s in sorted(losses(run)) if s > step]
+    return after
 
 
 def close(got: dict[int, float], want: dict[int, float], tolerance: float) -> bool:
-    return sorted(got) == sorted(s for s in want if s in got) and max(abs(got[s] - want[s]) for s in got) < tolerance
+    """Whether the steps of `got` (at least one) were all taken in `want` too, with losses within `tolerance`."""
+    return bool(got) and set(got) <= set(want) and max(abs(got[s] - want[s]) for s in got) < tolerance
 
 
 def test_auto_picks_the_dtype_of_this_gpus_compute_capability():

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     skip = pytest.mark.skip(reason=f"no CUDA GPU visible to torch {torch.__version__}; run them on a GPU machine "
                                    "(`make gpu-report` does)")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda"):
             item.add_marker(skip)
 
 

@@ -22,9 +22,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
             biggest = find_max_batch(cfg, args.device)
         console.print(f"largest micro-batch that fits: {biggest}")
         sizes = sorted(set(sizes) | {biggest})
-    memory_note = {"cpu": "; peak memory is the process's high-water RSS",
-                   "cuda": "; peak memory is what the CUDA caching allocator reserved"}
-    memory_note = memory_note.get(resolve_device(args.device).type, "")
+    memory_notes = {"cpu": "; peak memory is the process's high-water RSS",
+                    "cuda": "; peak memory is what the CUDA caching allocator reserved"}
+    memory_note = memory_notes.get(resolve_device(args.device).type, "")
     table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({args.device}{memory_note})")
     for column in ("micro-batch", "tokens/s", "ms/step", "MFU", "peak memory"):
         table.add_column(column, justify="right")

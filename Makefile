@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench gpu-report clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/cpu_time_to_loss.py
+
+# Every GPU path measured on this machine's GPU, as one Markdown table (benchmarks/gpu_report.py; ARGS=--dry-run
+# runs it small on the CPU). A Python that already has a CUDA torch (a rented GPU's image) is used as it is, with
+# lmlab from this checkout on PYTHONPATH and nothing installed; otherwise the venv, built with TORCH=<a CUDA build>.
+gpu-report:
+	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+		echo "gpu-report: using $(PYTHON) and its CUDA torch"; \
+		PYTHONPATH="$(CURDIR)" $(PYTHON) benchmarks/gpu_report.py $(ARGS); \
+	else \
+		$(MAKE) $(VENV)/.installed-test && $(BIN)/python benchmarks/gpu_report.py $(ARGS); \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import ModelConfig, TrainConfig, load_config
+from lmlab.device import synchronize
 from lmlab.model.gpt import GPT
 from lmlab.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.train.optim import make_optimizer
@@ -28,22 +29,28 @@ MODELS = {
 }
 
 
-def measure(config: ModelConfig, repeats: int) -> tuple[int, float, float, float]:
+def measure(config: ModelConfig, repeats: int, device: torch.device = torch.device("cpu")
+            ) -> tuple[int, float, float, float]:
+    """Parameters, checkpoint bytes, and the best write and load seconds of a model living on `device` (a GPU's
+    copies to and from the host are part of both)."""
     if config.vocab_size == 0:
         config = ModelConfig(**{**config.__dict__, "vocab_size": 76})
-    model = GPT(config)
+    model = GPT(config).to(device)
     optimizer = make_optimizer(model, TrainConfig())
-    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    ids = torch.zeros(1, 8, dtype=torch.long, device=device)
+    model(ids, ids)[1].backward()
     optimizer.step()
     writes, loads = [], []
     with tempfile.TemporaryDirectory(dir=".") as run:
         for step in range(repeats):
+            synchronize(device)
             started = time.perf_counter()
             folder = save_checkpoint(Path(run), step, model_tensors(model), optimizer.state_dict(), {"bench": True},
                                      best=False)
             writes.append(time.perf_counter() - started)
             started = time.perf_counter()
             load_checkpoint(folder, model, optimizer)
+            synchronize(device)
             loads.append(time.perf_counter() - started)
         size = sum(p.stat().st_size for p in folder.iterdir())
     return model.num_params(), size, min(writes), min(loads)

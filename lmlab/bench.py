@@ -34,8 +34,9 @@ class BenchRow:
     tokens_per_sec: float | None = None
     ms_per_step: float | None = None
     mfu: float | None = None
-    peak_memory: int | None = None  # bytes: CUDA allocator peak, or the process's peak RSS on the CPU
+    peak_memory: int | None = None  # bytes: CUDA memory reserved at the peak, or the process's peak RSS on the CPU
     out_of_memory: bool = False
+    note: str | None = None  # why `compile = "auto"` ran eager here, if it did
 
 
 def with_vocab(cfg: RunConfig) -> RunConfig:
@@ -50,8 +51,10 @@ def with_vocab(cfg: RunConfig) -> RunConfig:
 
 
 def _peak_memory(device: torch.device) -> int:
+    """What the run would need: on CUDA the caching allocator's reserved peak (allocated memory plus the cached
+    blocks it cannot give back between steps, which the allocated peak leaves out), else the peak RSS."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_reserved(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -84,7 +87,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
         rate = batch_size * tc.grad_accum_steps * T / seconds
         peak, _ = peak_flops(device, dtype)
         return BenchRow(batch_size, rate, 1000 * seconds, rate * step.model.flops_per_token() / peak,
-                        _peak_memory(device))
+                        _peak_memory(device), note=step.note)
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)
     finally:
@@ -95,27 +98,47 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
 
 
 def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096) -> int:
-    """The largest micro-batch that trains without running out of memory: doubling, then bisection.
+    """The largest micro-batch that trains within the memory budget (`memory_budget`): doubling, then bisection.
 
-    On the CPU nothing raises an out-of-memory error before the kernel kills the process, so there a batch
-    "fits" while its measured peak RSS stays under 80% of the memory available at the start.
+    A batch that just fits leaves nothing for evaluation, a checkpoint's copies or fragmentation over a long run,
+    so the budget keeps headroom; on the CPU nothing raises an out-of-memory error before the kernel kills the
+    process, so there the budget is the only test.
     """
-    device = resolve_device(device_name)
-    budget = _available_memory() * 0.8 if device.type == "cpu" else None
+    budget = memory_budget(resolve_device(device_name))
 
     def fits(batch: int) -> bool:
-        row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
-        return not row.out_of_memory and (budget is None or row.peak_memory < budget)
+        return within(bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1), budget)
 
     if not fits(1):
         raise UserError("even a micro-batch of 1 does not fit on this device; use a smaller model or block_size.")
     low, high = 1, 2
     while high <= limit and fits(high):
         low, high = high, high * 2
+    high = min(high, limit + 1)  # the search stops at the limit
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
+
+
+GPU_HEADROOM = 0.1  # of the GPU memory free at the start, left for evaluation, checkpoints and fragmentation
+CPU_HEADROOM = 0.2  # of the available RAM: RSS also holds the dataset's pages, the interpreter, the libraries
+
+
+def memory_budget(device: torch.device) -> int | None:
+    """Bytes a micro-batch may take at its peak (`BenchRow.peak_memory`); None where it cannot be read."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (1 - GPU_HEADROOM))
+    if device.type == "cpu":
+        return int(_available_memory() * (1 - CPU_HEADROOM))
+    return None
+
+
+def within(row: BenchRow, budget: int | None) -> bool:
+    """Whether a timed batch ran and stayed within the budget."""
+    return not row.out_of_memory and (budget is None or row.peak_memory <= budget)
 
 
 def _available_memory() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 
 import torch
@@ -28,13 +29,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure(device: torch.device, threads: int = 0) -> None:
-    """Process-wide settings of a training process: `threads` CPU threads for torch (0 leaves one per core), and
-    TF32 tensor-core matmuls for fp32 work on CUDA (Ampere and later)."""
+    """Process-wide settings of a process that computes on `device`: `threads` CPU threads for torch (0 leaves
+    one per core), and TF32 tensor-core matmuls for fp32 work on CUDA (Ampere and later). Training, eval,
+    sampling and serving all call it, so an fp32 run's inference runs at the rate it trained at."""
     if threads:
         torch.set_num_threads(threads)
     if device.type == "cuda":
+        enable_tf32()
+
+
+def enable_tf32() -> None:
+    """TF32 for fp32 matmuls and convolutions, through `fp32_precision` where this torch has it (2.9 and later:
+    the `allow_tf32` flags warn there), else through the flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
+    """The autocast dtype `auto` picks on a CUDA GPU of this compute capability: bf16 where the tensor cores
+    compute in it (Ampere, 8.0, and later), fp16 with the grad scaler on Volta and Turing (7.x), fp32 below
+    (no tensor cores). Not `torch.cuda.is_bf16_supported()`, which counts emulation: on a T4 or V100 it says yes,
+    and bf16 there runs emulated matmuls and SDPA's math kernel."""
+    if capability >= (8, 0):
+        return torch.bfloat16
+    return torch.float16 if capability >= (7, 0) else torch.float32
 
 
 def autocast_dtype(device: torch.device, setting: str) -> torch.dtype:
@@ -46,10 +68,38 @@ def autocast_dtype(device: torch.device, setting: str) -> torch.dtype:
     if setting != "auto":
         return getattr(torch, setting)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dtype_for_capability(torch.cuda.get_device_capability(device))
     if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:
+    """Whether train.compile compiles on this device, and a line to print when `auto` falls back to eager.
+
+    `auto` compiles on CUDA, where Inductor generates Triton kernels; without a Triton that can build for this
+    GPU (Windows, GPUs older than compute capability 7.0) it would fail at the first forward, so it runs eager
+    instead. `true` without Triton is refused. The CPU backend generates C++ and needs no Triton.
+    """
+    if device_type != "cuda":
+        return setting is True, None
+    if has_triton:
+        return setting is not False, None
+    if setting is True:
+        raise UserError("train.compile = true needs Triton, which this PyTorch cannot use on this GPU (not "
+                        "installed, or the GPU is older than compute capability 7.0); install triton or set "
+                        "train.compile = false.")
+    return False, "torch.compile needs Triton, which is missing here (or too old for this GPU): training runs eager."
+
+
+def triton_available() -> bool:
+    """Whether Inductor can generate Triton kernels for the current CUDA device."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # moved or renamed in some later torch: at least ask whether the package is there
+        import importlib.util
+        return importlib.util.find_spec("triton") is not None
+    return has_triton()
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -60,31 +110,61 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 # Dense peak throughput in TFLOP/s from the vendors' datasheets (no sparsity), by the dtype the matmuls run
 # in. float32 on Ampere and later is counted at the TF32 tensor-core rate, since lmlab enables TF32 there.
+# GeForce cards are listed at their rate with fp32 accumulation (half the fp16-accumulate figure on
+# their spec sheets), which is how autocast's matmuls accumulate. Keys are matched by name tokens
+# (`_model_tokens`); a GPU not listed here is measured instead.
 PEAK_TFLOPS = {
-    "H200": {"bfloat16": 989, "float16": 989, "float32": 494},
-    "H100 NVL": {"bfloat16": 835, "float16": 835, "float32": 418},
-    "H100 PCIe": {"bfloat16": 756, "float16": 756, "float32": 378},
     "H100": {"bfloat16": 989, "float16": 989, "float32": 494},  # SXM, named e.g. "H100 80GB HBM3"
-    "A100": {"bfloat16": 312, "float16": 312, "float32": 156},
-    "A10G": {"bfloat16": 70, "float16": 70, "float32": 35},
+    "H100 PCIe": {"bfloat16": 756, "float16": 756, "float32": 378},
+    "H100 NVL": {"bfloat16": 835, "float16": 835, "float32": 418},
+    "H200": {"bfloat16": 989, "float16": 989, "float32": 494},
+    "H200 NVL": {"bfloat16": 835, "float16": 835, "float32": 418},
+    "GH200": {"bfloat16": 989, "float16": 989, "float32": 494},
+    "A100": {"bfloat16": 312, "float16": 312, "float32": 156},  # SXM4
+    "A100 PCIe": {"bfloat16": 312, "float16": 312, "float32": 156},
     "A10": {"bfloat16": 125, "float16": 125, "float32": 62.5},
-    "L40S": {"bfloat16": 362, "float16": 362, "float32": 183},
+    "A10G": {"bfloat16": 70, "float16": 70, "float32": 35},
+    "A40": {"bfloat16": 149.7, "float16": 149.7, "float32": 74.8},
+    "RTX A6000": {"bfloat16": 154.8, "float16": 154.8, "float32": 77.4},
     "L4": {"bfloat16": 121, "float16": 121, "float32": 60},
-    "RTX 4090": {"bfloat16": 165, "float16": 165, "float32": 82.6},
+    "L40": {"bfloat16": 181, "float16": 181, "float32": 90.5},
+    "L40S": {"bfloat16": 362, "float16": 362, "float32": 183},
+    "RTX 6000 Ada": {"bfloat16": 364.2, "float16": 364.2, "float32": 182.1},
+    "RTX 3080": {"bfloat16": 59.5, "float16": 59.5, "float32": 29.8},
     "RTX 3090": {"bfloat16": 71, "float16": 71, "float32": 35.6},
-    "V100": {"float16": 125, "float32": 15.7},
+    "RTX 3090 Ti": {"bfloat16": 80, "float16": 80, "float32": 40},
+    "RTX 4070 Ti": {"bfloat16": 80.2, "float16": 80.2, "float32": 40.1},
+    "RTX 4080": {"bfloat16": 97.5, "float16": 97.5, "float32": 48.7},
+    "RTX 4090": {"bfloat16": 165, "float16": 165, "float32": 82.6},
+    "V100": {"float16": 125, "float32": 15.7},  # SXM2
+    "V100 PCIe": {"float16": 112, "float32": 14},
+    "V100S PCIe": {"float16": 130, "float32": 16.4},
     "T4": {"float16": 65, "float32": 8.1},
 }
+
+# Name tokens that say nothing about the chip's speed: vendor and product-line words, memory size and type,
+# the SXM form factor (the table's default). PCIe and NVL stay: those parts run at lower clocks.
+_NOISE = re.compile(r"nvidia|geforce|tesla|quadro|rtx|generation|\d+gb|hbm\w*|sxm\d*")
 
 _measured: dict[tuple[str, torch.dtype], float] = {}
 
 
+def _model_tokens(name: str) -> frozenset[str]:
+    """What identifies a GPU model in a name, e.g. "NVIDIA A100-SXM4-80GB" -> {a100}, "NVIDIA L40S" -> {l40s}."""
+    return frozenset(t for t in re.split(r"[^a-z0-9]+", name.lower()) if t and not _NOISE.fullmatch(t))
+
+
 def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | None:
-    """The datasheet peak FLOP/s of a GPU (by the name CUDA reports) in `dtype`, and the table row it came from;
-    None for a GPU or dtype the table does not list."""
-    for key, peaks in PEAK_TFLOPS.items():  # most specific names first
-        if key in gpu_name and str(dtype).removeprefix("torch.") in peaks:
-            return peaks[str(dtype).removeprefix("torch.")] * 1e12, f"datasheet {key}"
+    """The datasheet peak FLOP/s of a GPU (by the name CUDA reports, or a user's spelling of it such as "RTX
+    4090") in `dtype`, and the table row it came from; None for a GPU or dtype the table does not list.
+
+    The model tokens must match a row exactly: a substring test would read "L40" as "L4" and "H200 NVL" as
+    "H200", and a variant the table lacks ("RTX 4070 Ti SUPER", a MIG slice) is better measured than guessed.
+    """
+    tokens, name = _model_tokens(gpu_name), str(dtype).removeprefix("torch.")
+    for key, peaks in PEAK_TFLOPS.items():
+        if _model_tokens(key) == tokens and name in peaks:
+            return peaks[name] * 1e12, f"datasheet {key}"
     return None
 
 
@@ -95,20 +175,23 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     if listed:
         return listed
     if (device.type, dtype) not in _measured:
-        _measured[(device.type, dtype)] = _measure_matmul(device, dtype)
+        _measured[(device.type, dtype)] = measured_peak(device, dtype)
     return _measured[(device.type, dtype)], "measured matmul"
 
 
-def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    """Best FLOP/s of an n×n matmul in `dtype` (under autocast, as training runs it).
+def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Best FLOP/s of a square matmul with inputs already in `dtype`, so no cast is timed.
 
-    The first half of the time only warms up: the first calls of a process (kernel JIT, clock ramp-up) were
-    measured at 60% of the settled rate on the CPU.
+    Big enough to reach the peak, since a low peak overstates MFU: 8192 wide on a GPU, where smaller matmuls
+    leave a large GPU's tensor cores partly idle; 2048 on the CPU, where bf16 reached 1.7-1.8 TFLOP/s on 2
+    AVX-512 cores against 1.1-1.25 at 1024 (fp32: 0.28 at both). The first half of the time only warms up: the
+    first calls of a process (kernel JIT, clock ramp-up) were measured at 60% of the settled rate on the CPU.
     """
+    n = 2048 if device.type == "cpu" else 8192
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
-    a, b = (torch.randn(n, n, device=device, generator=generator) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
     best, spent = 0.0, -seconds / 2
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad():
         while spent < seconds:
             synchronize(device)
             started = time.perf_counter()

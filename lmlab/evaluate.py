@@ -42,14 +42,30 @@ def evaluate_split(model: LanguageModel, tokens: np.ndarray, bytes_per_token: fl
             y = pad_targets(x, y, rows.pad_id)
         with autocast(device, dtype):
             logits, _ = model(x)
-        loss_sum += next_token_loss(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()  # an IGNORE target never equals a token id
+        batch_loss, batch_correct = score(logits, y)
+        loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
         count += (y != IGNORE).sum().item()
         if progress:
             progress(min(first + batch_size, n_windows), n_windows)
     loss = loss_sum / count
     return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / count,
             "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": count}
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 2**28) -> tuple[float, int]:
+    """Summed loss and correct next-token guesses of (B, T, vocab) logits, a few sequences at a time.
+
+    The loss is computed in fp32, and log-softmax makes another tensor the size of its input: over a whole
+    batch of GPT-2 small (32 x 1024 x 50257) that is 13 GB on top of the logits. Chunks of at most
+    `max_elements` logits (1 GiB in fp32) keep it small.
+    """
+    rows = max(1, max_elements // (logits.size(1) * logits.size(2)))
+    loss, correct = 0.0, 0
+    for first in range(0, logits.size(0), rows):
+        chunk, y = logits[first:first + rows], targets[first:first + rows]
+        loss += next_token_loss(chunk, y, reduction="sum").item()
+        correct += (chunk.argmax(-1) == y).sum().item()  # an IGNORE target never equals a token id
+    return loss, correct
 
 
 def _check_same_tokenizer(run: LoadedRun, dataset: Path, meta: dict[str, Any]) -> None:

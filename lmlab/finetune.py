@@ -84,6 +84,8 @@ class _Finetuner:
         self.model, self.cfg, self.run, self.console = base.model.train(), cfg, run, console
         self.device, self.dtype = base.device, base.dtype
         self.train_step = TrainStep(self.model, cfg.train, self.device, self.dtype)
+        if self.train_step.note:
+            console.print(f"[yellow]{self.train_step.note}[/yellow]")
         self.step, self.tokens, self.clock = 0, 0, Stopwatch()
         self.clock.start()
 

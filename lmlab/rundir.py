@@ -37,7 +37,7 @@ import lmlab
 from lmlab import checkpoint as ckpt
 from lmlab.config import RunConfig, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.device import autocast_dtype, resolve_device
+from lmlab.device import autocast_dtype, configure, resolve_device
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
 from lmlab.model import LanguageModel, build_model
@@ -233,6 +233,7 @@ class RunDir:
         cfg = self.config()
         tokenizer = self.tokenizer() if need_tokenizer or (self.path / "tokenizer.json").exists() else None
         torch_device = resolve_device(device)
+        configure(torch_device)  # TF32 for an fp32 run's inference on CUDA, as in its training
         model = build_model(cfg.model).to(torch_device)
         state = self.read_checkpoint(self.checkpoint(which), model)
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,

@@ -15,6 +15,19 @@ from lmlab.data.prepare import prepare
 LMLAB = str(Path(sys.executable).with_name("lmlab"))  # the installed command, run as a user runs it
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `cuda` run only where PyTorch sees a CUDA GPU; elsewhere they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"no CUDA GPU visible to torch {torch.__version__}; run them on a GPU machine "
+                                   "(`make gpu-report` does)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 def lmlab(*args, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     """Run `lmlab ARGS` in `cwd` and check that it succeeded (or, with ok=False, that it failed)."""
     done = subprocess.run([LMLAB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)

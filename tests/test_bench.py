@@ -66,12 +66,27 @@ def test_mfu_is_logged_against_a_measured_cpu_peak(tmp_path, char_dataset, capsy
         abs(e["mfu"] - e["tokens_per_sec"] * start["flops_per_token"] / start["peak_flops"]) < 1e-3 for e in train)
 
 
-def test_gpus_are_matched_to_their_datasheet_row_and_cpus_are_measured():
-    assert datasheet_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == (989e12, "datasheet H100")
-    assert datasheet_peak("NVIDIA H100 PCIe", torch.bfloat16) == (756e12, "datasheet H100 PCIe")  # not the SXM row
-    assert datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32) == (156e12, "datasheet A100")
-    assert datasheet_peak("NVIDIA GeForce RTX 4090", torch.float16) == (165e12, "datasheet RTX 4090")
-    assert datasheet_peak("Tesla T4", torch.bfloat16) is None  # no bf16 tensor cores: measured instead
-    assert datasheet_peak("Some Future GPU", torch.bfloat16) is None
+@pytest.mark.parametrize("name, dtype, row, tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, "H100", 989), ("NVIDIA H100 PCIe", torch.bfloat16, "H100 PCIe", 756),
+    ("NVIDIA H200", torch.bfloat16, "H200", 989), ("NVIDIA H200 NVL", torch.bfloat16, "H200 NVL", 835),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, "A100", 156), ("NVIDIA A100-PCIE-40GB", torch.bfloat16, "A100 PCIe", 312),
+    ("NVIDIA L4", torch.bfloat16, "L4", 121), ("NVIDIA L40", torch.bfloat16, "L40", 181),
+    ("NVIDIA L40S", torch.bfloat16, "L40S", 362), ("NVIDIA GeForce RTX 3090 Ti", torch.float16, "RTX 3090 Ti", 80),
+    ("NVIDIA GeForce RTX 4070 Ti", torch.bfloat16, "RTX 4070 Ti", 80.2),
+    ("NVIDIA RTX 6000 Ada Generation", torch.bfloat16, "RTX 6000 Ada", 364.2),
+    ("Tesla V100-SXM2-16GB", torch.float16, "V100", 125), ("RTX 4090", torch.float16, "RTX 4090", 165),
+])
+def test_gpus_are_matched_to_their_own_datasheet_row_by_the_model_in_the_name(name, dtype, row, tflops):
+    assert datasheet_peak(name, dtype) == (tflops * 1e12, f"datasheet {row}")
+
+
+@pytest.mark.parametrize("name", ["Some Future GPU", "NVIDIA GeForce RTX 4070 Ti SUPER",
+                                  "NVIDIA A100-SXM4-40GB MIG 3g.20gb", "Quadro RTX 6000"])
+def test_a_gpu_the_table_does_not_list_is_measured_not_matched_to_a_neighbour(name):
+    assert datasheet_peak(name, torch.bfloat16) is None
+
+
+def test_cpus_and_dtypes_without_tensor_cores_are_measured():
+    assert datasheet_peak("Tesla T4", torch.bfloat16) is None  # no bf16 tensor cores
     value, source = peak_flops(torch.device("cpu"), torch.float32)
     assert source == "measured matmul" and value > 1e9

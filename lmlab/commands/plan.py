@@ -22,7 +22,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
             biggest = find_max_batch(cfg, args.device)
         console.print(f"largest micro-batch that fits: {biggest}")
         sizes = sorted(set(sizes) | {biggest})
-    memory_note = "; peak memory is the process's high-water RSS" if resolve_device(args.device).type == "cpu" else ""
+    memory_notes = {"cpu": "; peak memory is the process's high-water RSS",
+                    "cuda": "; peak memory is what the CUDA caching allocator reserved"}
+    memory_note = memory_notes.get(resolve_device(args.device).type, "")
     table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({args.device}{memory_note})")
     for column in ("micro-batch", "tokens/s", "ms/step", "MFU", "peak memory"):
         table.add_column(column, justify="right")
@@ -37,6 +39,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             table.add_row(str(size), f"{r.tokens_per_sec:,.0f}", f"{r.ms_per_step:.1f}", f"{100 * r.mfu:.1f}%",
                           f"{r.peak_memory / 2**20:,.0f} MiB")
     console.print(table)
+    for note in {r.note for r in rows if r.note}:
+        console.print(f"[yellow]{note}[/yellow]")
     if args.eval:
         at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
         at_config = at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device)

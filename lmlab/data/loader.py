@@ -28,10 +28,16 @@ def pad_targets(x: torch.Tensor, y: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 class BatchLoader:
     """Samples windows (or, from a row-packed split, whole rows) uniformly at random; its whole position is the
-    generator state, so resume is exact."""
+    generator state, so resume is exact.
+
+    Batches come on `device`. For a CUDA device the (B, T+1) batch is built in page-locked memory and copied
+    whole with `non_blocking`, so the copy overlaps the step before it; inputs and targets are then two views
+    of it on the device. (Slices of a pinned batch are not contiguous, and copying those goes through a
+    pageable temporary, synchronously.)
+    """
 
     def __init__(self, tokens: np.ndarray | TokenShards, block_size: int, batch_size: int, seed: int, name: str = "data",
-                 pin: bool = False):
+                 device: torch.device | None = None):
         self.rows = getattr(tokens, "rows", None)
         if self.rows is None and len(tokens) < block_size + 2:
             raise UserError(
@@ -43,22 +49,28 @@ class BatchLoader:
         self.block_size = block_size
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
-        self.pin = pin  # page-locked batches copy to a GPU asynchronously (non_blocking=True)
+        self.device = device or torch.device("cpu")
+
+    def _starts(self) -> np.ndarray:
+        if self.rows is None:
+            return self.rng.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size)
+        return self.rng.integers(0, len(self.tokens) // self.rows.length, size=self.batch_size) * self.rows.length
+
+    def host_batch(self) -> torch.Tensor:
+        """The next (B, T+1) windows as one contiguous int64 CPU tensor, page-locked for a CUDA device."""
+        rows = np.stack([self.tokens[s:s + self.block_size + 1] for s in self._starts()]).astype(np.int64)
+        batch = torch.from_numpy(rows)
+        return batch.pin_memory() if self.device.type == "cuda" else batch
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (B, T) int64 on the CPU; padding targets are IGNORE."""
-        if self.rows is None:
-            starts = self.rng.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size)
-        else:
-            starts = self.rng.integers(0, len(self.tokens) // self.rows.length, size=self.batch_size) * self.rows.length
-        rows = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
-        batch = torch.from_numpy(rows)
-        if self.rows is not None:
-            x, y = batch[:, :-1], pad_targets(batch[:, :-1], batch[:, 1:], self.rows.pad_id)
-            return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
-        if self.pin:
-            batch = batch.pin_memory()
-        return batch[:, :-1], batch[:, 1:]
+        """Inputs and next-token targets, each (B, T) int64 on the loader's device; padding targets are IGNORE."""
+        batch = self.host_batch().to(self.device, non_blocking=True)
+        x, y = batch[:, :-1], batch[:, 1:]
+        return (x, pad_targets(x, y, self.rows.pad_id)) if self.rows is not None else (x, y)
+
+    def skip(self) -> None:
+        """Move past one batch without building it (a batch another torchrun rank trains on)."""
+        self._starts()
 
     def state_dict(self) -> dict[str, Any]:
         return self.rng.bit_generator.state

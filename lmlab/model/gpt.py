@@ -104,10 +104,11 @@ class CausalSelfAttention(nn.Module):
         mask, causal = None, True
         if cache is not None and cache.pos > 0:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, pos+T, hs)
-            # Query i sits at absolute position pos+i and may see keys 0..pos+i.
-            q_pos = torch.arange(cache.pos, cache.pos + T, device=x.device)
-            mask = torch.arange(k.size(2), device=x.device)[None, :] <= q_pos[:, None]  # (T, pos+T)
             causal = False
+            if T > 1:  # query i sits at absolute position pos+i and may see keys 0..pos+i
+                q_pos = torch.arange(cache.pos, cache.pos + T, device=x.device)
+                mask = torch.arange(k.size(2), device=x.device)[None, :] <= q_pos[:, None]  # (T, pos+T)
+            # One new token sees every cached key: no mask, which leaves SDPA free to pick flash attention.
         elif cache is not None:
             cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(

@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -30,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -74,6 +75,7 @@ class Parallel:
         self.mode = "none"  # none | ddp | fsdp, set by wrap()
         self._model: torch.nn.Module | None = None  # the DDP wrapper or the sharded model, for gradient sync
         self._flags: dist.ProcessGroup | None = None  # CPU group for stop flags
+        self._vote: tuple[dist.Work, torch.Tensor] | None = None  # the flags vote under way (see `agree`)
 
     @property
     def is_main(self) -> bool:
@@ -105,12 +107,12 @@ class Parallel:
             if dtype == torch.float16:
                 raise UserError('train.parallel = "fsdp" cannot use float16: its grad scaler would judge each '
                                 'shard alone; set train.dtype to bfloat16 or float32, or train.parallel to "ddp".')
-            # Parameters stay fp32 and autocast casts them, as in one process, so FSDP computes the same numbers
-            # (at the price of fp32 all-gathers). The fused AdamW built afterwards steps the DTensor shards as
-            # they are, found_inf skips included (checked on CPU/Gloo), so no fallback optimizer is needed.
+            # The fused AdamW built afterwards steps the DTensor shards as they are, found_inf skips included
+            # (checked on CPU/Gloo), so no fallback optimizer is needed.
+            policy = mixed_precision(dtype)
             for unit in model.shard_units():
-                fully_shard(unit)
-            self._model = fully_shard(model)
+                fully_shard(unit, mp_policy=policy)
+            self._model = fully_shard(model, mp_policy=policy)
         self.mode = parallel
         return self._model
 
@@ -120,9 +122,10 @@ class Parallel:
         local = self.local_steps(grad_accum_steps)
         first = self.rank * local
         for i in range(grad_accum_steps):
-            batch = loader.next()  # drawn by every rank, so all loaders stay at the same position
             if not first <= i < first + local:
+                loader.skip()  # another rank's: drawn but not built, so all loaders stay at the same position
                 continue
+            batch = loader.next()
             if i == first + local - 1:
                 yield batch
             else:
@@ -157,14 +160,29 @@ class Parallel:
             dist.all_reduce(tensor)
         return tensor
 
-    def any(self, flag: bool) -> bool:
-        """Whether any rank says yes, e.g. caught a stop signal: all ranks must leave the loop at the same step.
-        Goes through a CPU group, so asking every step costs no device sync."""
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether any rank raised it (caught a stop signal, ran out of time): all ranks must leave
+        the loop at the same step. In one process, the flags themselves. Under torchrun, the answer to the
+        previous call's flags: each call starts an all-reduce over a CPU group in the background and reads the
+        one started a step before, which has long finished, so asking every step costs neither a device sync
+        nor a round trip; every rank calls it at the same steps, so all get the same answers one step late."""
         if not self.active:
-            return flag
-        tensor = torch.tensor([int(flag)])
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._flags)
-        return bool(tensor.item())
+            return flags
+        answer = (False,) * len(flags)
+        if self._vote is not None:
+            work, votes = self._vote
+            work.wait()
+            answer = tuple(bool(v) for v in votes.tolist())
+        votes = torch.tensor([int(f) for f in flags])
+        self._vote = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self._flags, async_op=True), votes
+        return answer
+
+    def own_rng(self, seed: int, step: int) -> None:
+        """Ranks other than 0 draw their own dropout masks from here on, seeded by (seed, rank, step): one seed
+        for all would give every rank the same masks, and a checkpoint holds rank 0's generator state only.
+        Rank 0 keeps its stream, a single process's, so one process trains as it does without torchrun."""
+        if self.rank:
+            torch.manual_seed(int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1)[0]))
 
     def barrier(self) -> None:
         if self.active:
@@ -172,6 +190,8 @@ class Parallel:
 
     def close(self) -> None:
         if self.active:
+            if self._vote is not None:
+                self._vote[0].wait()  # every rank started it, so it ends
             dist.destroy_process_group()
 
     def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -209,6 +229,16 @@ class Parallel:
         return state
 
 
+def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """FSDP2's precision for a run of autocast `dtype`. Under bf16 the shards are all-gathered in bf16 (half the
+    traffic, and no per-micro-batch cast of the gathered fp32 weights by autocast) and gradients are reduced in
+    fp32, while the sharded master weights and the optimizer stay fp32. Otherwise everything stays fp32 and
+    FSDP computes what one process computes."""
+    if dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Parameter names in the order an optimizer state_dict numbers them (group by group)."""
     names = {id(p): name for name, p in model.named_parameters()}
@@ -225,10 +255,22 @@ def setup(device_name: str) -> tuple[Parallel, torch.device]:
     if device.type == "mps":
         raise UserError("torchrun is not supported on MPS; use --device cpu.")
     if device.type == "cuda":
-        device = torch.device("cuda", parallel.local_rank)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size))
+        device = torch.device("cuda", cuda_index(parallel.local_rank, local_world, torch.cuda.device_count()))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
-        parallel._flags = dist.new_group(backend="gloo", timeout=TIMEOUT)
     else:
         dist.init_process_group("gloo", timeout=TIMEOUT)
+    parallel._flags = dist.new_group(backend="gloo", timeout=TIMEOUT)  # its own, so its votes run beside the rest
     return parallel, device
+
+
+def cuda_index(local_rank: int, local_world: int, visible: int) -> int:
+    """The GPU of this process among the `visible` ones: its local rank when every process on the node sees all
+    of them, 0 when each sees only its own (SLURM's --gpus-per-task, a CUDA_VISIBLE_DEVICES per rank)."""
+    if visible >= local_world:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UserError(f"{local_world} processes on this node share {visible} visible GPUs, and NCCL needs one GPU per "
+                    f"process; start torchrun with --nproc_per_node={visible}.")

@@ -21,14 +21,15 @@ def estimate_loss(forward: Callable, tokens: np.ndarray, block_size: int, batch_
     Under torchrun rank r scores batches r, r + N, ... and the sums are all-reduced. Every rank runs the same
     number of forwards, the last round padded with batches that do not count, as FSDP's all-gathers need."""
     rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
-    loader = BatchLoader(tokens, block_size, batch_size, seed)
+    loader = BatchLoader(tokens, block_size, batch_size, seed, device=device)
     total = torch.zeros((), device=device)
     for i in range(-(-n_batches // world) * world):
-        x, y = loader.next()
         if i % world != rank:
+            loader.skip()
             continue
+        x, y = loader.next()
         with autocast(device, dtype):
-            _, loss = forward(x.to(device), y.to(device))
+            _, loss = forward(x, y)
         if i < n_batches:
             total += loss
     if parallel:

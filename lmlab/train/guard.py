@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+MAX_OVERFLOWS = 17  # fp16 grad-scaler skips in a row that are still the scaler's own (see SpikeGuard)
+
 
 @dataclass
 class RunningStat:
@@ -41,6 +43,11 @@ class SpikeGuard:
     Statistics learn only from good steps, so a run of spikes does not teach the guard that spikes
     are normal. The first `warmup` steps neither count nor are flagged: early losses fall so fast that
     they would inflate the variance and hide later spikes.
+
+    Under the fp16 grad scaler, a finite loss with non-finite gradients is the scaler's own business: it
+    skipped the update and halved its scale, as it does whenever the scaled gradients overflow fp16. Such a
+    step is an "overflow", not a bad step, unless MAX_OVERFLOWS of them come in a row: from its initial 2**16
+    the scale is below 1 after 17 halvings, so past that the gradients overflow unscaled.
     """
 
     zscore: float  # a loss or grad norm this many standard deviations above its running mean is a spike
@@ -51,12 +58,18 @@ class SpikeGuard:
     loss: RunningStat = field(default_factory=RunningStat)
     grad_norm: RunningStat = field(default_factory=RunningStat)
     bad_in_row: int = 0
+    overflows_in_row: int = 0
     seen: int = 0
     lr_scale: float = 1.0
 
-    def judge(self, loss: float, grad_norm: float) -> str:
-        """One of "ok", "skip" (non-finite: do not apply), "spike" (apply but count it), "rollback"."""
+    def judge(self, loss: float, grad_norm: float, scaled: bool = False) -> str:
+        """One of "ok", "skip" (non-finite: not applied), "spike" (applied but counted), "rollback", or with
+        `scaled` (the fp16 grad scaler is on) "overflow" (the scaler skipped it; not counted)."""
         self.seen += 1
+        overflow = scaled and math.isfinite(loss) and not math.isfinite(grad_norm)
+        self.overflows_in_row = self.overflows_in_row + 1 if overflow else 0
+        if overflow and self.overflows_in_row <= MAX_OVERFLOWS:
+            return "overflow"
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             verdict = "skip"
         elif self.loss.count >= self.min_samples and (self.loss.zscore(loss) > self.zscore
@@ -77,8 +90,9 @@ class SpikeGuard:
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": asdict(self.loss), "grad_norm": asdict(self.grad_norm), "bad_in_row": self.bad_in_row,
-                "seen": self.seen, "lr_scale": self.lr_scale}
+                "overflows_in_row": self.overflows_in_row, "seen": self.seen, "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss, self.grad_norm = RunningStat(**state["loss"]), RunningStat(**state["grad_norm"])
         self.bad_in_row, self.seen, self.lr_scale = state["bad_in_row"], state["seen"], state["lr_scale"]
+        self.overflows_in_row = state.get("overflows_in_row", 0)  # absent from checkpoints written before it

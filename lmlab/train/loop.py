@@ -19,7 +19,7 @@ from rich.console import Console
 from lmlab.config import RunConfig, to_dict
 from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
-from lmlab.device import autocast_dtype, configure, peak_flops
+from lmlab.device import autocast_dtype, configure, peak_flops, synchronize
 from lmlab.errors import UserError
 from lmlab.model import build_model
 from lmlab.plots import plot_losses
@@ -101,13 +101,15 @@ class Trainer:
         torch.manual_seed(tc.seed)
         configure(self.device, tc.threads)
         self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
-        self.model = build_model(mc).to(self.device)
+        self.model = build_model(mc).to(self.device)  # the same initial weights on every rank
+        self.parallel.own_rng(tc.seed, 0)
         self.step = TrainStep(self.model, tc, self.device, self.dtype, self.parallel.wrap(self.model, tc.parallel,
                               self.dtype), self.parallel.reduce_step)
+        if self.step.note:
+            self.console.print(f"[yellow]{self.step.note}[/yellow]")
         self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
         self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
-        self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train",
-                                  pin=self.device.type == "cuda")
+        self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         self.flops_per_token = self.model.flops_per_token()
         peak, source = peak_flops(self.device, self.dtype)
@@ -204,17 +206,19 @@ class Trainer:
     def _restore(self, training: dict[str, Any], rollback: bool) -> None:
         """Put a checkpoint's training state back, in place (the weights and optimizer are loaded already). A
         rollback keeps the data position (so the bad batches are not replayed), the guard (its statistics and
-        the LR scale it just lowered) and the clock."""
+        the LR scale it just lowered), the fp16 grad scaler (the scale it lowered: the checkpoint's would overflow
+        again) and the clock."""
         self.progress.load_state_dict(training["progress"])
         for name, mean in self.means.items():
             mean.load_state_dict(training["means"][name])
         set_rng_state(training["rng"], self.device)
-        if training["scaler"]:
-            self.step.scaler.load_state_dict(training["scaler"])
+        self.parallel.own_rng(self.cfg.train.seed, self.progress.step)
         if not rollback:
             self.loader.load_state_dict(training["loader"])
             self.guard.load_state_dict(training["guard"])
             self.clock.load_state_dict(training["clock"])
+            if training["scaler"]:
+                self.step.scaler.load_state_dict(training["scaler"])
 
     def _checkpoint(self, best: bool) -> None:
         step = self.progress.step
@@ -241,7 +245,7 @@ class Trainer:
         pending, self._pending = self._pending, []
         for step, lr, total, norm in pending:
             loss, grad_norm = total.item(), norm.item()
-            verdict = self.guard.judge(loss, grad_norm)
+            verdict = self.guard.judge(loss, grad_norm, scaled=self.step.scaler.is_enabled())
             if verdict in ("skip", "spike"):
                 self._log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             if verdict == "rollback":
@@ -296,13 +300,17 @@ class Trainer:
         p.stopped_early = bool(tc.patience) and p.evals_since_best >= tc.patience
         return is_best
 
-    def _log_train(self, rate: float) -> str:
+    def _log_train(self, rate: float | None) -> str:
+        """A train line; `rate` is None when the only step since the last line was the warm-up step."""
         p = self.progress
         mean = self.means["log"].take()
-        mfu = rate * self.flops_per_token / self.peak[0]
+        mfu = None if rate is None else rate * self.flops_per_token / self.peak[0]
         self._log({"event": "train", "step": p.step, "tokens": p.tokens, "loss": mean,
                    "lr": lr_at(p.step - 1, self.cfg.train) * self.guard.lr_scale, "grad_norm": self._grad_norm,
-                   "tokens_per_sec": round(rate, 1), "mfu": round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
+                   "tokens_per_sec": None if rate is None else round(rate, 1),
+                   "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
+        if rate is None:
+            return f"loss {mean:.4f}"
         return f"loss {mean:.4f} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
 
     def run(self) -> TrainResult:
@@ -320,26 +328,35 @@ class Trainer:
         tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.cfg.model.block_size
         self.clock.start()
         step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
+        # The first step of a process compiles, allocates and warms caches (a minute for GPT-2 under
+        # torch.compile): it is left out of tokens/s and MFU, on a first start and on every resume.
+        warm = False
         out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
         with progress_bar(self.console) as bar, _StopOnSignal() as stop:
             task = bar.add_task("train", total=tc.max_iters, completed=p.step, info="")
-            while (p.step < tc.max_iters and not p.stopped_early and not out_of_time
-                   and not self.parallel.any(bool(stop.signal))):
+            stopping = False  # a stop signal, agreed by all ranks
+            while p.step < tc.max_iters and not p.stopped_early and not out_of_time and not stopping:
                 started = time.perf_counter()
                 self._train_step()
                 p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
                 logging = p.step % tc.log_interval == 0
-                # Agreed by all ranks, as the eval it triggers is collective; the same config on every rank.
-                out_of_time = bool(tc.max_seconds) and self.parallel.any(self.clock.elapsed >= tc.max_seconds)
+                # Agreed by all ranks, as the eval that running out of time triggers is collective.
+                stopping, out_of_time = self.parallel.agree(
+                    bool(stop.signal), bool(tc.max_seconds) and self.clock.elapsed >= tc.max_seconds)
                 evaluating = p.step % tc.eval_interval == 0 or p.step == tc.max_iters or out_of_time
                 saving = p.step % tc.checkpoint_interval == 0
                 # The device runs ahead (and the next batch is prepared meanwhile) until a point that needs
                 # the losses: a log line, an eval, a checkpoint.
                 if (logging or evaluating or saving) and not self._judge_pending():
                     continue
-                step_seconds, timed_steps = step_seconds + time.perf_counter() - started, timed_steps + 1
+                if warm:
+                    step_seconds, timed_steps = step_seconds + time.perf_counter() - started, timed_steps + 1
+                else:
+                    synchronize(self.device)  # so none of its device work is timed with the next step
+                    warm = True
                 if logging:
-                    bar.update(task, info=self._log_train(tokens_per_step * timed_steps / step_seconds))
+                    bar.update(task, info=self._log_train(tokens_per_step * timed_steps / step_seconds
+                                                          if timed_steps else None))
                     step_seconds, timed_steps = 0.0, 0
                 best = evaluating and self._after_eval(*self._evaluate())
                 if best or saving:

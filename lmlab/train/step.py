@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from lmlab.config import TrainConfig
-from lmlab.device import autocast
+from lmlab.device import autocast, compile_choice, triton_available
 from lmlab.model import LanguageModel
 from lmlab.train.optim import make_optimizer
 
@@ -22,13 +22,18 @@ class TrainStep:
     update if the loss or the gradient is not finite, update, zero the gradients.
 
     `wrapped` is what runs forward when it is not the model itself (a DDP wrapper, an FSDP-sharded model);
-    `reduce` makes the loss and gradient norm global under torchrun, so every rank skips alike.
+    `reduce` makes the loss and gradient norm global under torchrun, so every rank skips alike. `note` is a line
+    for the user when `compile = "auto"` could not compile here, else None.
     """
 
     def __init__(self, model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                  wrapped: torch.nn.Module | None = None, reduce: Reduce | None = None):
         self.model, self.device, self.dtype, self.grad_clip, self.reduce = model, device, dtype, cfg.grad_clip, reduce
-        compiled = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+        compiled, self.note = compile_choice(cfg.compile, device.type, device.type == "cuda" and triton_available())
+        if compiled:
+            # One compiled model at a time per process: sweeps, bench and the GPU report build many, and past
+            # Dynamo's recompile limit (8 per function) it would silently run the next ones eager.
+            torch.compiler.reset()
         self.forward = torch.compile(wrapped or model) if compiled else (wrapped or model)
         self.optimizer = make_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -1,0 +1,222 @@
+"""The CUDA paths on a real GPU: bf16 and compiled training against fp32 eager, fused AdamW's non-finite skip,
+the fp16 grad scaler through a checkpoint, TF32, checkpoints that move between the GPU and the CPU, KV-cache
+sampling, torchrun over NCCL (DDP, and FSDP2 in bf16), a real out-of-memory in `bench --find-max-batch`, and the
+choices tests/test_gpu_paths.py checks on the CPU (dtype, pinning, compile, peak FLOP/s).
+
+Every test here is marked `cuda` and skipped, saying why, where PyTorch sees no GPU (tests/conftest.py);
+`python benchmarks/gpu_report.py` (`make gpu-report`) runs them and puts the result in its table. The tolerances
+follow the CPU's measured ones (tests/test_fast_path.py) with room for TF32 and CUDA's kernels; they have not yet
+been measured on a GPU.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lmlab.bench import bench_batch, find_max_batch, memory_budget
+from lmlab.checkpoint import model_tensors
+from lmlab.config import ModelConfig, SamplingParams, TrainConfig, load_config
+from lmlab.data.loader import BatchLoader
+from lmlab.device import (
+    autocast_dtype,
+    configure,
+    datasheet_peak,
+    dtype_for_capability,
+    measured_peak,
+    peak_flops,
+)
+from lmlab.generate import stream_ids
+from lmlab.model.gpt import GPT
+from lmlab.rundir import RunDir
+from lmlab.train.loop import Trainer
+from lmlab.train.step import TrainStep
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda")
+BF16_TOLERANCE = 2e-2  # per-step loss, bf16 autocast against fp32 (TF32) over 50 steps; the CPU measured 5e-4
+COMPILE_TOLERANCE = 1e-3  # compiled against eager, both fp32 (TF32); the CPU measured 5e-7
+DEVICE_TOLERANCE = 1e-2  # the same steps on the GPU (TF32) and on the CPU (fp32)
+REPEAT_TOLERANCE = 1e-4  # the same steps twice on the GPU: only CUDA's atomic adds differ
+
+
+def train(tmp_path: Path, dataset: Path, name: str, settings: list[str], device: str = "cuda",
+          max_iters: int = 20) -> Trainer:
+    cfg = load_config(write_config(tmp_path / f"{name}.toml", dataset, max_iters=max_iters),
+                      ["train.log_interval=1", "train.compile=false", *settings])
+    trainer = Trainer(cfg, tmp_path / name, device)
+    trainer.run()
+    return trainer
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in RunDir(run).events() if e["event"] == "train"}
+
+
+def resume(run: Path, copy: Path, step: int, device: str, settings: list[str] = ()) -> dict[int, float]:
+    """Continue a copy of `run` from its checkpoint at `step` on `device` to its end; the losses after `step`."""
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "latest").write_text(f"step_{step:06d}")
+    Trainer(load_config(copy / "config.toml", list(settings)), copy, device, resume=True).run()
+    after = {s: v for s, v in losses(copy).items() if s > step}
+    assert sorted(after) == [s for s in sorted(losses(run)) if s > step]
+    return after
+
+
+def close(got: dict[int, float], want: dict[int, float], tolerance: float) -> bool:
+    """Whether the steps of `got` (at least one) were all taken in `want` too, with losses within `tolerance`."""
+    return bool(got) and set(got) <= set(want) and max(abs(got[s] - want[s]) for s in got) < tolerance
+
+
+def test_auto_picks_the_dtype_of_this_gpus_compute_capability():
+    capability = torch.cuda.get_device_capability()
+    assert autocast_dtype(CUDA, "auto") == dtype_for_capability(capability)
+
+
+def test_batches_are_pinned_whole_and_sliced_on_the_gpu():
+    tokens = np.arange(1000, dtype=np.uint16)
+    gpu, cpu = BatchLoader(tokens, 8, 4, seed=1, device=CUDA), BatchLoader(tokens, 8, 4, seed=1)
+    assert gpu.host_batch().is_pinned()
+    cpu.next()
+    x, y = gpu.next()
+    assert x.device.type == "cuda" and x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    want = cpu.next()
+    assert torch.equal(x.cpu(), want[0]) and torch.equal(y.cpu(), want[1])
+
+
+def test_compile_auto_compiles_here():
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).to(CUDA)
+    assert TrainStep(model, TrainConfig(), CUDA, torch.float32).note is None  # Triton is there
+
+
+def test_the_datasheet_peak_is_not_below_what_a_matmul_reaches():
+    """A datasheet row below the measured rate would overstate MFU; an unlisted GPU is measured."""
+    configure(CUDA)  # fp32 runs at the TF32 rate, as the table counts it
+    for dtype in (autocast_dtype(CUDA, "auto"), torch.float32):
+        peak, source = peak_flops(CUDA, dtype)
+        listed = datasheet_peak(torch.cuda.get_device_name(), dtype)
+        assert source == (listed[1] if listed else "measured matmul")
+        assert 1e12 < measured_peak(CUDA, dtype) <= 1.05 * peak
+
+
+def test_bf16_and_compiled_training_track_fp32_eager_on_the_gpu(tmp_path, char_dataset):
+    reference = losses(train(tmp_path, char_dataset, "fp32", ["train.dtype=float32"], max_iters=50).run_dir.path)
+    bf16 = losses(train(tmp_path, char_dataset, "bf16", ["train.dtype=bfloat16"], max_iters=50).run_dir.path)
+    compiled = losses(train(tmp_path, char_dataset, "compiled", ["train.dtype=float32", "train.compile=true"],
+                            max_iters=50).run_dir.path)
+    assert len(reference) == 50 and reference[50] < reference[1] - 0.5
+    assert close(bf16, reference, BF16_TOLERANCE)
+    assert close(compiled, reference, COMPILE_TOLERANCE)
+
+
+def test_fused_adamw_skips_a_non_finite_step_on_the_gpu(tmp_path, char_dataset):
+    cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10),
+                      ["train.log_interval=1", "train.compile=false"])
+    trainer = Trainer(cfg, tmp_path / "run", "cuda")
+    clean = trainer.step.forward
+
+    def nan_at_step_5(x, y):
+        logits, loss = clean(x, y)
+        return logits, loss * float("nan") if trainer.progress.step == 5 else loss
+
+    trainer.step.forward = nan_at_step_5
+    trainer.run()
+    events = RunDir(tmp_path / "run").events()
+    assert [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "rollback")] == [("skip", 6)]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    steps = {float(s["step"]) for s in trainer.step.optimizer.state_dict()["state"].values()}
+    assert steps == {9.0}  # the skipped step moved neither the weights nor the moments nor the step count
+
+
+def test_the_fp16_grad_scaler_trains_and_resumes_from_its_checkpointed_state(tmp_path, char_dataset):
+    run = train(tmp_path, char_dataset, "fp16", ["train.dtype=float16"]).run_dir.path
+    state = json.loads((run / "checkpoints" / "step_000010" / "state.json").read_text())
+    assert state["training"]["scaler"]["scale"] > 0
+    assert close(resume(run, tmp_path / "again", 10, "cuda"), losses(run), REPEAT_TOLERANCE)
+    assert not [e for e in RunDir(run).events() if e["event"] in ("skip", "rollback")]  # overflows are the scaler's
+
+
+def test_tf32_is_on_for_training_and_for_every_loaded_run(tmp_path, char_dataset):
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    run = train(tmp_path, char_dataset, "fp32", ["train.dtype=float32"], max_iters=2).run_dir.path
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    RunDir(run).load("latest", "cuda")  # what eval, sample and serve do
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def test_a_gpu_checkpoint_continues_on_the_cpu_and_a_cpu_one_on_the_gpu(tmp_path, char_dataset):
+    fp32 = ["train.dtype=float32"]
+    on_gpu = train(tmp_path, char_dataset, "gpu", fp32).run_dir.path
+    on_cpu = train(tmp_path, char_dataset, "cpu", fp32, device="cpu").run_dir.path
+    assert close(losses(on_gpu), losses(on_cpu), DEVICE_TOLERANCE)
+    assert close(resume(on_gpu, tmp_path / "gpu-then-cpu", 10, "cpu"), losses(on_gpu), DEVICE_TOLERANCE)
+    assert close(resume(on_cpu, tmp_path / "cpu-then-gpu", 10, "cuda"), losses(on_cpu), DEVICE_TOLERANCE)
+    gpu_model, cpu_model = RunDir(on_gpu).load("latest", "cuda").model, RunDir(on_gpu).load("latest", "cpu").model
+    assert all(torch.equal(t.cpu(), model_tensors(cpu_model)[name]) for name, t in model_tensors(gpu_model).items())
+
+
+@pytest.mark.parametrize("extra", [{}, {"pos_emb": "rope", "norm": "rmsnorm", "n_kv_head": 1, "qk_norm": True}])
+def test_kv_cache_sampling_equals_recompute_on_the_gpu(extra, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")  # TF32 noise could flip a near tie
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=50, **extra)).to(CUDA).eval()
+    prompt = [1, 2, 3]
+    cached = list(stream_ids(model, prompt, SamplingParams(max_new_tokens=40, temperature=0)))  # past block_size
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(40):
+            ids.append(int(model(torch.tensor([ids[-32:]], device=CUDA))[0][0, -1].argmax()))
+    assert cached[:29] == ids[3:32]  # until the window restarts, where the two see different contexts
+
+
+def test_decoding_runs_on_flash_attention_alone():
+    """One new token needs no mask, so bf16 decoding works where only the flash kernel is allowed."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("flash attention needs compute capability 8.0")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50)).to(CUDA).eval()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        new = list(stream_ids(model, [1, 2, 3], SamplingParams(max_new_tokens=20), torch.bfloat16))
+    assert len(new) == 20
+
+
+def torchrun(config: Path, run: Path, *settings: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "--",
+               "lmlab", "train", str(config), "--run", str(run), "--device", "cuda",
+               *[arg for s in ["train.log_interval=1", "train.compile=false", *settings] for arg in ("--set", s)]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_torchrun_over_nccl_with_ddp_and_with_fsdp_in_bf16(tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
+    alone = train(tmp_path, char_dataset, "alone", ["train.dtype=float32"]).run_dir.path
+    torchrun(config, tmp_path / "ddp", "train.dtype=float32")
+    assert close(losses(tmp_path / "ddp"), losses(alone), REPEAT_TOLERANCE)
+    torchrun(config, tmp_path / "fsdp", "train.dtype=bfloat16", 'train.parallel="fsdp"')
+    start = RunDir(tmp_path / "fsdp").events()[0]
+    assert (start["parallel"], start["world_size"], start["dtype"]) == ("fsdp", 1, "bfloat16")
+    assert close(losses(tmp_path / "fsdp"), losses(alone), BF16_TOLERANCE)
+    gathered = RunDir(tmp_path / "fsdp").load("latest", "cpu").model  # whole fp32 weights, readable anywhere
+    assert all(p.dtype == torch.float32 for p in gathered.parameters())
+
+
+def test_find_max_batch_stops_at_a_real_out_of_memory_with_headroom(tmp_path):
+    """A model whose memory is mostly its 50k-token logits, so the GPU fills at a modest batch."""
+    config = tmp_path / "wide-vocab.toml"
+    config.write_text('[model]\nn_layer = 1\nn_head = 2\nn_embd = 64\nblock_size = 1024\nvocab_size = 50257\n'
+                      '[train]\ncompile = false\n')
+    cfg = load_config(config)
+    budget = memory_budget(CUDA)  # 90% of the free memory: what find_max_batch allows a batch
+    found = find_max_batch(cfg, "cuda")
+    assert bench_batch(cfg, 4 * found, 1, "cuda", warmup=1).out_of_memory  # caught, not raised
+    row = bench_batch(cfg, found, 1, "cuda", warmup=1)  # and the process trains on afterwards
+    assert not row.out_of_memory and row.peak_memory <= 1.02 * budget  # (the free memory moves a little)

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from lmlab.commands.common import add_device, add_set, console
+from lmlab.errors import UserError
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -48,16 +49,30 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.config import load_config
-    from lmlab.plan import format_duration, make_plan
+    from lmlab.humanize import format_duration
+    from lmlab.plan import estimate, gpu_hardware, local_hardware, make_plan, measure_tokens_per_sec, shape_of
     from lmlab.rundir import RunDir
     from lmlab.runs import summarize
     from lmlab.scaling import chinchilla_percent
 
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu {args.mfu} must be a fraction in (0, 1], e.g. 0.4 for 40%.")
+    if args.mfu is not None and (args.measure or args.tokens_per_sec):
+        raise UserError("--mfu goes with the estimate (alone or with --gpu), not with --measure or --tokens-per-sec.")
     target = Path(args.target)
     run = summarize(target) if target.is_dir() else None
     cfg = RunDir(target).config(args.set) if run else load_config(target, args.set)
-    with console.status("Measuring throughput..."):
-        plan = make_plan(cfg, args.tokens, args.chinchilla, args.tokens_per_sec, args.device)
+    if args.tokens_per_sec:
+        rate = args.tokens_per_sec, "given"
+    elif args.measure:
+        with console.status("Timing training steps..."):
+            rate = measure_tokens_per_sec(cfg, args.device)
+    else:
+        hardware = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else local_hardware(args.device,
+                                                                                          cfg.train.dtype)
+        guess = estimate(hardware, shape_of(cfg), args.mfu, Path(args.runs))
+        rate = guess.tokens_per_sec, "estimate: peak × MFU ÷ FLOPs per token; --measure times it here"
+    plan = make_plan(cfg, rate, args.tokens, args.chinchilla)
     table = Table(title=f"Plan for {target}", show_header=False)
     table.add_row("parameters", f"{plan.params:,} ({plan.params_non_embedding:,} without embeddings)")
     table.add_row("tokens per step", f"{plan.tokens_per_step:,}")
@@ -65,6 +80,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
                   "per parameter)")
     table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,}")
     table.add_row("training compute", f"{plan.flops:.3g} FLOPs ({plan.flops_per_token:.3g} per token)")
+    if not (args.tokens_per_sec or args.measure):
+        hw = guess.hardware
+        table.add_row("hardware", f"{hw.name}: {hw.peak / 1e12:,.4g} TFLOP/s {hw.dtype} ({hw.peak_source})")
+        table.add_row("MFU", f"{100 * guess.mfu:.1f}% ({guess.mfu_source})")
     table.add_row("throughput", f"{plan.tokens_per_sec:,.0f} tokens/s ({plan.rate_source})")
     table.add_row("wall time", format_duration(plan.seconds))
     if run:
@@ -76,7 +95,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="tokens/s, ms/step, MFU and peak memory per micro-batch size")
-    p.add_argument("config")
+    p.add_argument("config", metavar="CONFIG.toml", help="TOML preset to time (random tokens; the dataset gives "
+                   "only the vocab size)")
     add_set(p)
     p.add_argument("--batch-sizes", help="comma-separated micro-batch sizes (default: the config's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after 2 warmup steps)")
@@ -91,6 +111,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tokens", type=int, help="training tokens to plan for")
     group.add_argument("--chinchilla", action="store_true", help="plan for 20 tokens per parameter")
-    p.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of measuring it")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--gpu", metavar="NAME", help="estimate for this GPU from its datasheet peak (bf16 where it "
+                      "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine)")
+    rate.add_argument("--measure", action="store_true", help="time training steps here instead of estimating "
+                      "(a minute or more for large models on a CPU)")
+    rate.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of estimating it")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median of "
+                   "your newest run on that hardware under --runs, else 0.3)")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)
     p.set_defaults(func=cmd_plan)

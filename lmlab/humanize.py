@@ -18,6 +18,14 @@ def count(n: float | None, none: str = "-") -> str:
     return f"{n:,.0f}" if n == int(n) else f"{n:.3g}"
 
 
+def sci(x: float | None, digits: int = 2, none: str = "-") -> str:
+    """A large figure in short scientific notation: 3e8, 1.5e9, 2.1e18."""
+    if x is None:
+        return none
+    mantissa, _, exponent = f"{x:.{digits}g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
 def format_duration(seconds: float) -> str:
     """A duration in the unit a person would say it in: 45 s, 4.8 min, 2.5 h, 204.3 days."""
     if seconds < 120:

@@ -21,7 +21,7 @@ from lmlab.device import PEAK_TFLOPS, autocast_dtype, datasheet_peak, machine, p
 from lmlab.errors import UserError
 from lmlab.model import LanguageModel, build_model
 from lmlab.rundir import RunDir
-from lmlab.runs import find_runs, summarize
+from lmlab.runs import summarize
 from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM
 
 # The MFU assumed without a measurement: what the demo preset reaches on 2 CPU cores (30-33% in its log lines);
@@ -58,7 +58,7 @@ class Plan:
 class Hardware:
     """What a quick estimate assumes: the hardware and its peak FLOP/s in the dtype the run would use."""
 
-    name: str  # e.g. "H100 (datasheet)" or "cpu: Intel(R) Xeon(R) Processor"
+    name: str  # e.g. "H100" or "cpu: Intel(R) Xeon(R) Processor"
     dtype: str
     peak: float
     peak_source: str  # "datasheet H100", "measured matmul"
@@ -113,7 +113,7 @@ def gpu_hardware(name: str, dtype_setting: str) -> Hardware:
     for dtype in ("bfloat16", "float16") if dtype_setting == "auto" else (dtype_setting,):
         found = datasheet_peak(row, getattr(torch, dtype))
         if found:
-            return Hardware(f"{found[1].removeprefix('datasheet ')} (datasheet)", dtype, *found, local=None)
+            return Hardware(found[1].removeprefix("datasheet "), dtype, *found, local=None)
     raise UserError(f"the datasheet table has no {dtype_setting} figure for {row}; set train.dtype to another.")
 
 
@@ -126,20 +126,20 @@ def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
                     *peak_flops(device, dtype), local=facts)
 
 
-def mfu_from_runs(runs_dir: Path, hardware: Hardware, model: LanguageModel) -> tuple[float, str] | None:
-    """The median MFU logged by the newest run under `runs_dir` that trained on `hardware`, preferring runs of
-    the same model; None without one."""
+def mfu_from_runs(paths: list[Path], hardware: Hardware, model: LanguageModel) -> tuple[float, str] | None:
+    """The median MFU logged by a run (of `paths`) that trained on `hardware`: the first path if it did (the run
+    being planned), else the newest run of the same model, else the newest; None without one."""
     found = []
-    for path in find_runs(runs_dir) if runs_dir.is_dir() else []:
+    for order, path in enumerate(paths):
         start = RunDir(path).events(limit=1)
         mfu = start and start[0].get("event") == "start" and hardware.ran(start[0]) and summarize(path).mfu
         if mfu:
             same_model = start[0].get("model") == model.describe()
-            found.append((same_model, (path / "metrics.jsonl").stat().st_mtime, mfu, path))
+            found.append((order == 0, same_model, (path / "metrics.jsonl").stat().st_mtime, mfu, path))
     if not found:
         return None
-    same_model, _, mfu, path = max(found)
-    return mfu, f"the median of {path}{', the same model' if same_model else ''}"
+    *_, mfu, path = max(found)
+    return mfu, f"the median of {path}"
 
 
 @dataclass
@@ -152,12 +152,12 @@ class Estimate:
     tokens_per_sec: float
 
 
-def estimate(hardware: Hardware, model: LanguageModel, mfu: float | None, runs_dir: Path) -> Estimate:
-    """Tokens/s at `mfu` of the hardware's peak, else at the MFU of a run on it, else at DEFAULT_MFU."""
+def estimate(hardware: Hardware, model: LanguageModel, mfu: float | None, runs: list[Path]) -> Estimate:
+    """Tokens/s at `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it, else DEFAULT_MFU."""
     if mfu:
         chosen = mfu, "--mfu"
     else:
-        chosen = mfu_from_runs(runs_dir, hardware, model) or (DEFAULT_MFU, "assumed; --mfu sets it")
+        chosen = mfu_from_runs(runs, hardware, model) or (DEFAULT_MFU, "assumed; --mfu sets it")
     return Estimate(hardware, *chosen, chosen[0] * hardware.peak / model.flops_per_token())
 
 

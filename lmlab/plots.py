@@ -32,7 +32,8 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
     return _save(fig, Path(path or run.loss_plot))
 
 

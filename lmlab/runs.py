@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import UserError
-from lmlab.humanize import count, fmt, format_duration
+from lmlab.humanize import count, fmt, format_duration, sci
 from lmlab.model import build_model
 from lmlab.rundir import RunDir
 from lmlab.scaling import chinchilla_percent
@@ -198,7 +198,7 @@ COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
     Column("arch", 3, lambda r: r["architecture"] or "-", left=True),
     Column("params", 1, lambda r: count(r["params"]) + _times(r["params_ratio"])),
     Column("tokens", 4, lambda r: count(r["tokens"]) + _times(r["tokens_ratio"])),
-    Column("compute", 2, lambda r: f"{r['flops']:.2g}{_times(r['flops_ratio'])}"),
+    Column("compute", 2, lambda r: sci(r["flops"]) + _times(r["flops_ratio"])),
     Column("wall", 5, lambda r: format_duration(r["elapsed"]) + _times(r["elapsed_ratio"])),
     Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f} ({100 * r['best_val_loss_change']:+.1f}%)"),
     Column("bits/byte", 6, lambda r: fmt(r["bits_per_byte"], ".3f")),

@@ -39,7 +39,8 @@ def print_table(title: str, columns: list[Column], rows: list[Any], wide: bool =
     left_out = [c.header for c in columns if c not in shown]
     if left_out:
         table.caption = f"not shown, to fit {console.width} columns: {', '.join(left_out)} (--wide shows every column)"
-    console.print(table, width=max(width, console.width) if wide else None)
+    # A console prints no wider than itself: a wide table gets one of its own width, on the same output.
+    (Console(file=console.file, width=width) if wide and width > console.width else console).print(table)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -14,7 +14,7 @@ from lmlab.errors import UserError
 def cmd_bench(args: argparse.Namespace) -> None:
     from lmlab.bench import bench_batch, eval_cost, find_max_batch
     from lmlab.config import load_config
-    from lmlab.device import resolve_device
+    from lmlab.device import autocast_dtype, resolve_device
 
     cfg = load_config(Path(args.config), args.set)
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [cfg.train.batch_size]
@@ -23,8 +23,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
             biggest = find_max_batch(cfg, args.device)
         console.print(f"largest micro-batch that fits: {biggest}")
         sizes = sorted(set(sizes) | {biggest})
-    memory_note = "; peak memory is the process's high-water RSS" if resolve_device(args.device).type == "cpu" else ""
-    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({args.device}{memory_note})")
+    device = resolve_device(args.device)
+    memory_note = "; peak memory is the process's high-water RSS" if device.type == "cpu" else ""
+    dtype = str(autocast_dtype(device, cfg.train.dtype)).removeprefix("torch.")
+    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({device}, {dtype}{memory_note})")
     for column in ("micro-batch", "tokens/s", "ms/step", "MFU", "peak memory"):
         table.add_column(column, justify="right")
     rows = []
@@ -52,7 +54,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.humanize import format_duration
     from lmlab.plan import estimate, gpu_hardware, local_hardware, make_plan, measure_tokens_per_sec, shape_of
     from lmlab.rundir import RunDir
-    from lmlab.runs import summarize
+    from lmlab.runs import find_runs, summarize
     from lmlab.scaling import chinchilla_percent
 
     if args.mfu is not None and not 0 < args.mfu <= 1:
@@ -70,7 +72,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     else:
         hardware = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else local_hardware(args.device,
                                                                                           cfg.train.dtype)
-        guess = estimate(hardware, shape_of(cfg), args.mfu, Path(args.runs))
+        searched = find_runs(Path(args.runs)) if Path(args.runs).is_dir() else []
+        guess = estimate(hardware, shape_of(cfg), args.mfu, [target] * bool(run) + searched)
         rate = guess.tokens_per_sec, "estimate: peak × MFU ÷ FLOPs per token; --measure times it here"
     plan = make_plan(cfg, rate, args.tokens, args.chinchilla)
     table = Table(title=f"Plan for {target}", show_header=False)
@@ -117,8 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rate.add_argument("--measure", action="store_true", help="time training steps here instead of estimating "
                       "(a minute or more for large models on a CPU)")
     rate.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of estimating it")
-    p.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median of "
-                   "your newest run on that hardware under --runs, else 0.3)")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median MFU "
+                   "of the run planned, else of your newest run on that hardware under --runs, else 0.3)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)
     p.set_defaults(func=cmd_plan)

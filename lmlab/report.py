@@ -155,7 +155,8 @@ def _data(facts: list[RunFacts], out: Path) -> list[Block]:
         meta = f.run.dataset()
         if "train" not in meta:
             return "-"
-        return f"{sum(meta[s]['characters'] for s in ('train', 'val')) / sum(meta[s]['tokens'] for s in ('train', 'val')):.2f}"
+        splits = meta["train"], meta["val"]
+        return f"{sum(s['characters'] for s in splits) / sum(s['tokens'] for s in splits):.2f}"
 
     stats = {f.name: _dataset_stats(f) for f in facts}
     rows = [("dataset", lambda f: f"`{f.config.data.dataset}`" if f.config.data.dataset else "none"),

@@ -32,11 +32,11 @@ def rate(out: str) -> float:
     return float(re.search(r"throughput\s+│ ([\d,]+) tokens/s", out).group(1).replace(",", ""))
 
 
-@pytest.mark.parametrize("name, row, tflops, dtype", [("H100", "H100", 989, "bfloat16"), ("h100", "H100", 989, "bfloat16"),
-                                                      ("4090", "RTX 4090", 165, "bfloat16"),
-                                                      ("H100 PCIe", "H100 PCIe", 756, "bfloat16"),
-                                                      ("NVIDIA A100-SXM4-80GB", "A100", 312, "bfloat16"),
-                                                      ("T4", "T4", 65, "float16")])
+@pytest.mark.parametrize("name, row, tflops, dtype", [
+    ("H100", "H100", 989, "bfloat16"), ("h100", "H100", 989, "bfloat16"), ("4090", "RTX 4090", 165, "bfloat16"),
+    ("H100 PCIe", "H100 PCIe", 756, "bfloat16"), ("NVIDIA A100-SXM4-80GB", "A100", 312, "bfloat16"),
+    ("T4", "T4", 65, "float16"),
+])
 def test_a_gpu_is_estimated_from_its_datasheet_at_the_assumed_mfu(capsys, tmp_path, name, row, tflops, dtype):
     code, out, _ = plan(capsys, GPT2, "--chinchilla", "--gpu", name, "--runs", tmp_path)
     assert code == 0

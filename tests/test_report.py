@@ -125,7 +125,8 @@ def test_summary_chinchilla_and_samples(two_runs, report):
     assert (f"`{runs[best].name}` has the lowest val loss on the full val split: {losses[best]:.4f}, "
             f"{losses[other] - losses[best]:.4f}") in summary
     table = rows(md, "Summary")
-    assert table["modern"][1].startswith(f"{starts[1]['params'] / 1000:.3g}k {starts[1]['params'] / starts[0]['params']:.2f}×")
+    ratio = starts[1]["params"] / starts[0]["params"]
+    assert table["modern"][1].startswith(f"{starts[1]['params'] / 1000:.3g}k {ratio:.2f}×")
     chinchilla = rows(md, "Chinchilla")
     assert chinchilla["tokens per parameter"] == [f"{e['tokens'] / s['params']:.2f}" for e, s in zip(ends, starts)]
     assert chinchilla["share of Chinchilla-optimal"] == [f"{100 * e['tokens'] / (20 * s['params']):.1f}%"

@@ -15,6 +15,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from lmlab.commands import main
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
+from lmlab.errors import UserError
 from lmlab.rundir import RunDir
 from lmlab.runs import summarize
 from lmlab.scaling import fit_caveats, fit_power_law
@@ -173,6 +174,12 @@ def test_tensorboard_gets_the_hyperparameters_config_and_samples_without_changin
                                                           (run / "config.toml").read_text().splitlines()))]
     assert [step for step, _ in text["samples/text_summary"]] == [10, 20]
     assert all(len(sample.strip()) > 100 for _, sample in text["samples/text_summary"])
+
+
+@pytest.mark.parametrize("name", ["", "team/project", "what?", "x" * 129])
+def test_a_tracker_project_name_wandb_would_refuse_is_refused_first(tmp_path, char_dataset, name):
+    with pytest.raises(UserError, match=r"train.tracker_project .* must be 1-128 characters without any of"):
+        load_config(write_config(tmp_path / "tiny.toml", char_dataset), [f'train.tracker_project="{name}"'])
 
 
 @pytest.mark.slow

@@ -97,7 +97,8 @@ def to_html(title: str, blocks: list[Block], folder: Path) -> str:
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
          "table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem}"
-         "th{background:#f3f3f3}td.r{text-align:right;font-variant-numeric:tabular-nums}"
+         "th{background:#f3f3f3}td.r{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+         ".scroll{overflow-x:auto}"
          "pre{background:#f6f6f6;padding:.8rem;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}"
          "code{background:#f3f3f3;padding:0 .2rem}pre code{background:none;padding:0}")
 
@@ -114,7 +115,7 @@ def _html(block: Block, folder: Path) -> str:
         head = "".join(f"<th>{_inline(h)}</th>" for h in block.headers)
         rows = "".join("<tr>" + "".join(f"<td{' class=r' if r else ''}>{_inline(c)}</td>" for c, r in zip(row, right))
                        + "</tr>" for row in block.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        return f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
     if isinstance(block, Image):
         data = base64.b64encode((folder / block.file).read_bytes()).decode()
         return f"<p><img alt=\"{html.escape(block.alt)}\" src=\"data:image/png;base64,{data}\"></p>"

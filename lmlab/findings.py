@@ -14,6 +14,7 @@ from lmlab.scaling import chinchilla_percent
 
 NOT_RECORDED = "not recorded"  # a fact an older run's folder does not hold
 MAX_KEYS = 10  # differing settings named one by one
+GAP = 0.05  # a val - train loss gap worth a word (nats per token)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RunFacts:
 
     @property
     def name(self) -> str:
-        return self.run.name
+        return self.run.path.resolve().name  # "." names the folder it is
 
     @property
     def start(self) -> dict[str, Any]:
@@ -52,8 +53,8 @@ def describe_run(f: RunFacts) -> str:
     where = f.start.get("device") or "an unrecorded device"
     if m:
         where += f" ({m.get('gpu') or m.get('cpu')}, {m.get('cpu_cores')} cores)"
-    text = (f"`{f.name}` is a {s.architecture or ''} model ({s.model}) of {count(s.params)} parameters, trained "
-            f"{s.steps:,} steps on {count(s.tokens)} tokens "
+    text = (f"`{f.name}` is a {s.architecture or 'language'} model ({s.model}) of {count(s.params)} parameters, "
+            f"trained {s.steps:,} steps on {count(s.tokens)} tokens "
             f"({chinchilla_percent(s.tokens, s.params):.1f}% of Chinchilla-optimal) in {format_duration(s.elapsed)} "
             f"on {where}, {f.start.get('dtype') or 'dtype not recorded'}; status: {s.status}.")
     if f.evaluation:
@@ -82,9 +83,14 @@ def _differences(facts: list[RunFacts]) -> str:
     keys = sorted({k for d in flat for k in d if len({repr(other.get(k)) for other in flat}) > 1})
     if not keys:
         return "The runs share every config setting: they differ only in how they ran."
-    shown = "; ".join(f"`{k}` {' / '.join(str(d.get(k, '-')) for d in flat)}" for k in keys[:MAX_KEYS])
+    shown = "; ".join(f"`{k}` {' / '.join(_value(d.get(k, '-')) for d in flat)}" for k in keys[:MAX_KEYS])
     more = f"; and {len(keys) - MAX_KEYS} more" if len(keys) > MAX_KEYS else ""
     return f"The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)} (in run order): {shown}{more}."
+
+
+def _value(value: Any) -> str:
+    """A setting as the config file writes it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
@@ -131,9 +137,13 @@ def _caveats(facts: list[RunFacts]) -> list[str]:
         found.append(f"`{f.name}` stopped improving before its end (best at step {f.summary.best_step:,} of "
                      f"{f.summary.steps:,}): more of the same training will not lower its loss.")
     for f in facts:
-        if f.summary.gap is not None and f.summary.gap > 0.05:
-            found.append(f"`{f.name}` overfits: at its best evaluation its val loss is {f.summary.gap:.3f} above its "
-                         "train loss on the same number of batches.")
+        gap = f.summary.gap
+        if gap is not None and gap > GAP and f.summary.still_falling:
+            found.append(f"`{f.name}`'s val loss is {gap:.3f} above its train loss (the same number of batches) at its "
+                         "best evaluation, but still falling: a gap between the splits, not yet overfitting.")
+        elif gap is not None and gap > GAP:
+            found.append(f"`{f.name}` overfits: its val loss stopped improving at step {f.summary.best_step:,}, "
+                         f"{gap:.3f} above its train loss.")
     shares = [chinchilla_percent(f.summary.tokens, f.summary.params) for f in facts if f.summary.params]
     if shares and max(shares) < 50:
         found.append(f"Every run saw under half its Chinchilla-optimal tokens (at most {max(shares):.1f}%): this "

@@ -28,7 +28,7 @@ from lmlab.humanize import fmt, format_duration
 from lmlab.plan import make_plan
 from lmlab.plots import plot_comparison, plot_document_lengths, plot_losses
 from lmlab.rundir import RunDir
-from lmlab.runs import COMPARE_COLUMNS, comparison, summarize
+from lmlab.runs import COMPARE_COLUMNS, RunSummary, comparison, summarize
 from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM, chinchilla_percent
 
 
@@ -66,11 +66,11 @@ def gather(path: Path, prompt: str, params: SamplingParams, device: str, say: Ca
 def build_report(paths: list[Path], out: Path, prompt: str = "", params: SamplingParams = SamplingParams(300),
                  device: str = "auto", say: Callable[[str], None] = lambda _: None) -> Report:
     """Write out/report.md, its PNGs and out/report.html for the runs at `paths`."""
-    facts = [gather(Path(p), prompt, params, device, say) for p in paths]
-    names = [f.name for f in facts]
+    names = [Path(p).resolve().name for p in paths]
     if len(set(names)) < len(names):
         raise UserError(f"two of the runs share a folder name ({', '.join(names)}); the report names runs by it, so "
                         "copy or rename one.")
+    facts = [gather(Path(p), prompt, params, device, say) for p in paths]
     out.mkdir(parents=True, exist_ok=True)
     say("Drawing the plots...")
     blocks = [*_summary(facts, out), *_machine(facts), *_data(facts, out), *_model(facts), *_training(facts, out),
@@ -124,7 +124,9 @@ def _machine(facts: list[RunFacts]) -> list[Block]:
         memory = f.machine.get("gpu_memory_bytes")
         return f"{f.machine['gpu_count']} × {f.machine['gpu']}" + (f" ({memory / 2**30:.0f} GiB)" if memory else "")
 
-    start = lambda f, key: NOT_RECORDED if f.start.get(key) is None else str(f.start[key])  # noqa: E731
+    def start(f: RunFacts, key: str) -> str:
+        return NOT_RECORDED if f.start.get(key) is None else str(f.start[key])
+
     rows = [
         ("CPU", lambda f: recorded(f, "cpu")),
         ("cores (torch threads)", lambda f: f"{recorded(f, 'cpu_cores')} ({recorded(f, 'torch_threads')})"),
@@ -164,6 +166,8 @@ def _data(facts: list[RunFacts], out: Path) -> list[Block]:
             ("documents", lambda f: split(f, "documents")), ("tokens", lambda f: split(f, "tokens")),
             ("characters per token", chars_per_token),
             ("tokens per document", lambda f: stats[f.name][0])]
+    if any(f.run.kind() == "fine-tuned" for f in facts):
+        rows.append(("fine-tuning records", _records))
     blocks: list[Block] = [Heading("Data"), by_run(facts, rows)]
     drawn = set()
     for f in facts:
@@ -176,10 +180,20 @@ def _data(facts: list[RunFacts], out: Path) -> list[Block]:
     return blocks
 
 
+def _records(f: RunFacts) -> str:
+    origin = f.start.get("origin") or {}
+    if "train_records" not in origin:
+        return "-"
+    return (f"`{origin['data']}`: {origin['train_records']:,} train, {origin['val_records']:,} held out, "
+            f"{origin['dropped_records']:,} too long; {origin['epochs']} epochs, {origin['prompt_format']} format")
+
+
 def _dataset_stats(f: RunFacts) -> tuple[str, Any]:
     """Document lengths against the run's context as a sentence, and the lengths (None where not recorded)."""
-    dataset = Path(f.config.data.dataset) if f.config.data.dataset else None
-    if dataset is None or not (dataset / "meta.json").exists():
+    if not f.config.data.dataset:
+        return "-", None
+    dataset = Path(f.config.data.dataset)
+    if not (dataset / "meta.json").exists():
         return f"{NOT_RECORDED}: the dataset is not on this machine", None
     s = dataset_stats(dataset, f.config.model.block_size)
     if s["lengths"] is None:
@@ -209,7 +223,9 @@ def _training(facts: list[RunFacts], out: Path) -> list[Block]:
         return f"{len(steps)} (at step {', '.join(map(str, steps[:8]))}{', ...' if len(steps) > 8 else ''})" \
             if steps else "none"
 
-    s = lambda f: f.summary  # noqa: E731
+    def s(f: RunFacts) -> RunSummary:
+        return f.summary
+
     rows = [
         ("steps", lambda f: f"{s(f).steps:,} of {f.config.train.max_iters:,}"),
         ("tokens", lambda f: f"{s(f).tokens:,}"),

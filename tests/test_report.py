@@ -176,3 +176,25 @@ def test_a_run_without_a_checkpoint_is_reported_with_the_reason(tmp_path, char_d
     result = build_report([run.path], tmp_path / "out", device="cpu")
     evaluation = rows(result.markdown.read_text(), "Evaluation")
     assert evaluation["checkpoint"][0].startswith(f"{run.path} has no best checkpoint")
+
+
+@pytest.mark.slow
+def test_imported_and_fine_tuned_runs_are_reported_with_what_they_have(tmp_path, imported_gpt2):
+    from lmlab.config import FinetuneConfig
+    from lmlab.finetune import finetune
+    from tests.conftest import ALPACA_TINY
+
+    imported = tmp_path / "imported"
+    shutil.copytree(imported_gpt2, imported)
+    tuned = finetune(imported, tmp_path / "tuned", FinetuneConfig(str(ALPACA_TINY), epochs=1), device="cpu").run_dir
+    md = build_report([imported, tuned], tmp_path / "out", device="cpu").markdown.read_text()
+    origin = RunDir(tuned).events()[0]["origin"]
+    data = rows(md, "Data")
+    assert data["fine-tuning records"] == ["-", f"`{origin['data']}`: {origin['train_records']:,} train, "
+                                           f"{origin['val_records']:,} held out, {origin['dropped_records']:,} too "
+                                           f"long; 1 epochs, alpaca format"]
+    assert data["documents"][0] == "none (an imported run has no training data)"
+    evaluation = rows(md, "Evaluation")
+    assert evaluation["checkpoint"][0].startswith(f"{imported} has no dataset of its own")
+    assert rows(md, "Model and config")["kind"] == ["imported", f"fine-tuned from `{imported}`"]
+    assert "### `tuned`" in section(md, "Samples")

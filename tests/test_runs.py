@@ -176,6 +176,18 @@ def test_tensorboard_gets_the_hyperparameters_config_and_samples_without_changin
     assert all(len(sample.strip()) > 100 for _, sample in text["samples/text_summary"])
 
 
+def test_wandb_logs_under_the_configured_project_and_run_name(tmp_path, char_dataset, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the real client, writing its run file instead of uploading it
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10),
+                         ["train.tracker=wandb", 'train.tracker_project="lmlab-test-project"',
+                          'train.tracker_run="first-try-of-the-day"'])
+    run = Trainer(config, tmp_path / "wb", "cpu").run().run_dir
+    record = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"lmlab-test-project" in record and b"first-try-of-the-day" in record
+    assert b"train/loss" in record and b"val/loss" in record
+
+
 @pytest.mark.parametrize("name", ["", "team/project", "what?", "x" * 129])
 def test_a_tracker_project_name_wandb_would_refuse_is_refused_first(tmp_path, char_dataset, name):
     with pytest.raises(UserError, match=r"train.tracker_project .* must be 1-128 characters without any of"):

@@ -16,7 +16,7 @@ from lmlab.errors import UserError
 
 FAMILIES = (data, train, evaluate, hf, serve, plan, runs, report, sweep)  # the order of `lmlab --help`
 
-# One example per subcommand, shown at the end of its --help (tests/test_cli.py checks that each has one).
+# One example per subcommand, shown at the end of its --help (tests/test_terminal.py checks that each has one).
 EXAMPLES = {
     "prepare": "lmlab prepare shakespeare --tokenizer char",
     "data": "lmlab data stats data/shakespeare-char",

@@ -64,6 +64,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     target = Path(args.target)
     run = summarize(target) if target.is_dir() else None
     cfg = RunDir(target).config(args.set) if run else load_config(target, args.set)
+    guess = None
     if args.tokens_per_sec:
         rate = args.tokens_per_sec, "given"
     elif args.measure:
@@ -83,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
                   "per parameter)")
     table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,}")
     table.add_row("training compute", f"{plan.flops:.3g} FLOPs ({plan.flops_per_token:.3g} per token)")
-    if not (args.tokens_per_sec or args.measure):
+    if guess:
         hw = guess.hardware
         table.add_row("hardware", f"{hw.name}: {hw.peak / 1e12:,.4g} TFLOP/s {hw.dtype} ({hw.peak_source})")
         table.add_row("MFU", f"{100 * guess.mfu:.1f}% ({guess.mfu_source})")

@@ -15,14 +15,17 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 
 def progress_bar(console: Console, unit: str = "step", plain_every: int = 1) -> Progress | PlainProgress:
     """A bar whose tasks carry an `info` field (loss, tokens/s, ...) shown after the bar, gone when it ends; or,
     when the console is not a terminal, a `PlainProgress` printing every `plain_every`-th count that brings info."""
     if console.is_terminal or console.is_jupyter:
-        return Progress(TextColumn(unit), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+        # The bar takes what the count, the figures and the ETA leave: the line fits 80 columns.
+        return Progress(TextColumn(unit), MofNCompleteColumn(), BarColumn(None, table_column=Column(ratio=1)),
+                        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True)), TextColumn("ETA"),
+                        TimeRemainingColumn(compact=True), console=console, transient=True, expand=True)
     return PlainProgress(console, unit, plain_every)
 
 

@@ -39,7 +39,7 @@ def test_a_piped_train_logs_a_plain_line_every_log_interval(tmp_path, char_datas
     assert [int(step) for step, *_ in lines] == [e["step"] for e in trains]
     assert [int(step) for step, *_ in lines][:8] == [5, 10, 15, 20, 25, 30, 35, 40]
     for (_, loss, lr, rate, mfu), event in zip(lines, trains):
-        assert (loss, float(lr)) == (f"{event['loss']:.4f}", pytest.approx(event["lr"], rel=1e-2))
+        assert (loss, float(lr)) == (f"{event['loss']:.4f}", pytest.approx(event["lr"], rel=0.051))  # 2 digits
         # metrics.jsonl rounds tokens/s to 0.1 and MFU to 4 places; the line rounds the exact figures
         assert float(rate.replace(",", "")) == pytest.approx(event["tokens_per_sec"], abs=1)
         assert float(mfu) == pytest.approx(100 * event["mfu"], abs=0.06)

@@ -306,7 +306,7 @@ class Trainer:
                    "lr": lr_at(p.step - 1, self.cfg.train) * self.guard.lr_scale, "grad_norm": self._grad_norm,
                    "tokens_per_sec": round(rate, 1), "mfu": round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
         lr = lr_at(p.step - 1, self.cfg.train) * self.guard.lr_scale
-        return f"loss {mean:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
+        return f"loss {mean:.4f} | lr {lr:.1e} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
 
     def run(self) -> TrainResult:
         """Train to max_iters (or early stop, max_seconds, a stop signal); `train.pid` marks the run as running."""

@@ -126,39 +126,45 @@ def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
                     *peak_flops(device, dtype), local=facts)
 
 
-def mfu_from_runs(paths: list[Path], hardware: Hardware, model: LanguageModel) -> tuple[float, str] | None:
-    """The median MFU logged by a run (of `paths`) that trained on `hardware`: the first path if it did (the run
-    being planned), else the newest run of the same model, else the newest; None without one."""
+def mfu_from_runs(paths: list[Path], hardware: Hardware, model: LanguageModel) -> tuple[float, float, str] | None:
+    """The median MFU logged by a run (of `paths`) that trained on `hardware`, and the peak per device it is a share
+    of (the run's own: a CPU's measured peak varies from process to process): the first path if it trained there
+    (the run being planned), else the newest run of the same model, else the newest; None without one."""
     found = []
     for order, path in enumerate(paths):
         start = RunDir(path).events(limit=1)
         mfu = start and start[0].get("event") == "start" and hardware.ran(start[0]) and summarize(path).mfu
         if mfu:
+            recorded, world = start[0].get("peak_flops"), start[0].get("world_size") or 1  # the job's: every rank's
+            peak = recorded / world if recorded else hardware.peak
             same_model = start[0].get("model") == model.describe()
-            found.append((order == 0, same_model, (path / "metrics.jsonl").stat().st_mtime, mfu, path))
+            found.append((order == 0, same_model, (path / "metrics.jsonl").stat().st_mtime, mfu, peak, path))
     if not found:
         return None
-    *_, mfu, path = max(found)
-    return mfu, f"the median of {path}"
+    *_, mfu, peak, path = max(found)
+    return mfu, peak, f"the median of {path}, of the {peak / 1e12:.3g} TFLOP/s it recorded"
 
 
 @dataclass
 class Estimate:
-    """Tokens/s without a measurement: the hardware's peak × an MFU ÷ the model's FLOPs per token."""
+    """Tokens/s without a measurement: a peak × an MFU ÷ the model's FLOPs per token."""
 
     hardware: Hardware
     mfu: float
+    peak: float  # what the MFU is a share of: the hardware's, or that of the run the MFU came from
     mfu_source: str
-    tokens_per_sec: float
+
+    def tokens_per_sec(self, model: LanguageModel) -> float:
+        return self.mfu * self.peak / model.flops_per_token()
 
 
-def estimate(hardware: Hardware, model: LanguageModel, mfu: float | None, runs: list[Path]) -> Estimate:
-    """Tokens/s at `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it, else DEFAULT_MFU."""
+def estimate(hardware: Hardware, mfu: float | None, model: LanguageModel, runs: list[Path]) -> Estimate:
+    """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it, else at DEFAULT_MFU."""
     if mfu:
-        chosen = mfu, "--mfu"
-    else:
-        chosen = mfu_from_runs(runs, hardware, model) or (DEFAULT_MFU, "assumed; --mfu sets it")
-    return Estimate(hardware, *chosen, chosen[0] * hardware.peak / model.flops_per_token())
+        return Estimate(hardware, mfu, hardware.peak, "--mfu")
+    found = mfu_from_runs(runs, hardware, model)
+    return Estimate(hardware, *found) if found else Estimate(hardware, DEFAULT_MFU, hardware.peak,
+                                                               "assumed; --mfu sets it")
 
 
 def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None, chinchilla: bool = False) -> Plan:

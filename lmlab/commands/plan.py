@@ -74,8 +74,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         hardware = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else local_hardware(args.device,
                                                                                           cfg.train.dtype)
         searched = find_runs(Path(args.runs)) if Path(args.runs).is_dir() else []
-        guess = estimate(hardware, shape_of(cfg), args.mfu, [target] * bool(run) + searched)
-        rate = guess.tokens_per_sec, "estimate: peak × MFU ÷ FLOPs per token; --measure times it here"
+        model = shape_of(cfg)
+        guess = estimate(hardware, args.mfu, model, [target] * bool(run) + searched)
+        rate = guess.tokens_per_sec(model), "estimate: peak × MFU ÷ FLOPs per token; --measure times it here"
     plan = make_plan(cfg, rate, args.tokens, args.chinchilla)
     table = Table(title=f"Plan for {target}", show_header=False)
     table.add_row("parameters", f"{plan.params:,} ({plan.params_non_embedding:,} without embeddings)")

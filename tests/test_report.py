@@ -186,6 +186,7 @@ def test_imported_and_fine_tuned_runs_are_reported_with_what_they_have(tmp_path,
 
     imported = tmp_path / "imported"
     shutil.copytree(imported_gpt2, imported)
+    (imported / "evaluations.json").unlink(missing_ok=True)  # another test may have evaluated it on its own data
     tuned = finetune(imported, tmp_path / "tuned", FinetuneConfig(str(ALPACA_TINY), epochs=1), device="cpu").run_dir
     md = build_report([imported, tuned], tmp_path / "out", device="cpu").markdown.read_text()
     origin = RunDir(tuned).events()[0]["origin"]
@@ -198,3 +199,19 @@ def test_imported_and_fine_tuned_runs_are_reported_with_what_they_have(tmp_path,
     assert evaluation["checkpoint"][0].startswith(f"{imported} has no dataset of its own")
     assert rows(md, "Model and config")["kind"] == ["imported", f"fine-tuned from `{imported}`"]
     assert "### `tuned`" in section(md, "Samples")
+
+
+def test_a_dataset_with_documents_gets_its_length_histogram(tmp_path, corpus_dir):
+    from lmlab.data.prepare import prepare
+    from lmlab.data.stats import dataset_stats
+
+    dataset, _, _ = prepare([str(corpus_dir)], "word:100", name="plays", out_dir=tmp_path / "data")
+    config = load_config(write_config(tmp_path / "tiny.toml", dataset, max_iters=10))
+    run = Trainer(config, tmp_path / "runs" / "words", "cpu").run().run_dir
+    md = build_report([run], tmp_path / "out", device="cpu").markdown.read_text()
+    s = dataset_stats(dataset, 32)
+    assert rows(md, "Data")["tokens per document"] == [
+        f"mean {s['mean']:,.0f}, median {s['median']:,.0f}, p90 {s['p90']:,.0f}, max {s['max']:,}; "
+        f"{100 * s['share_documents_beyond']:.1f}% of documents longer than the context (32)"]
+    assert f"![document lengths of {dataset}](plays-word100-doc-lengths.png)" in md
+    assert (tmp_path / "out" / "plays-word100-doc-lengths.png").stat().st_size > 10_000

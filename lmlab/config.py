@@ -129,6 +129,8 @@ class TrainConfig:
     compile: bool | str = "auto"  # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
     threads: int = 0  # CPU threads for torch; 0: one per core
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
+    tracker_project: str = "lmlab"  # wandb: the project the run is logged under
+    tracker_run: str = ""  # wandb: the run's name there; "": the run dir's name
     parallel: str = "ddp"  # ddp | fsdp: under torchrun, a model replica per process, or sharded by FSDP2
 
     def __post_init__(self) -> None:
@@ -151,6 +153,10 @@ class TrainConfig:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
         if self.tracker not in ("none", "tensorboard", "wandb"):
             raise UserError(f"train.tracker is '{self.tracker}'; use none, tensorboard or wandb.")
+        bad = set(self.tracker_project) & set("/\\#?%:")
+        if not self.tracker_project or bad or len(self.tracker_project) > 128:
+            raise UserError(f"train.tracker_project ({self.tracker_project!r}) must be 1-128 characters without any "
+                            "of / \\ # ? % : (W&B's rule for project names); e.g. \"shakespeare\".")
         if self.compile not in (True, False, "auto"):
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
         if self.parallel not in ("ddp", "fsdp"):

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import re
+import subprocess
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -211,3 +216,41 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def machine(device: torch.device | None = None) -> dict[str, Any]:
+    """What a run ran on, for its record: the CPU, cores this process may use, memory, the GPU (of `device`),
+    and the software (torch, CUDA, Python, OS); None where this platform does not say."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_name(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": _memory_bytes(),
+        "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(), "os": platform.platform(terse=True),
+    }
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {"gpu": props.name, "gpu_count": torch.cuda.device_count(), "gpu_memory_bytes": props.total_memory}
+    elif device is not None and device.type == "mps":
+        info |= {"gpu": "Apple MPS", "gpu_count": 1}
+    return info
+
+
+def _cpu_name() -> str | None:
+    """The CPU's model name: Linux's /proc/cpuinfo, macOS's sysctl, else what the platform module knows."""
+    try:
+        if platform.system() == "Darwin":
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  check=True, timeout=5).stdout.strip() or None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or None
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on Windows
+        return None

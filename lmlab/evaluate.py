@@ -78,17 +78,26 @@ def _check_same_tokenizer(run: LoadedRun, dataset: Path, meta: dict[str, Any]) -
 
 
 def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 32,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate a run on the val split of its own dataset or of another one with the same tokenizer."""
+                 progress: Callable[[int, int], None] | None = None, fresh: bool = True) -> dict[str, Any]:
+    """Evaluate a run on the val split of its own dataset or of another one with the same tokenizer, and keep the
+    result in the run (`RunDir.save_evaluation`); unless `fresh`, a kept result of the same weights on the same
+    split in the same dtype is returned instead (with `"cached": true`)."""
     if dataset is None and not run.config.data.dataset:
         raise UserError(f"{run.run.path} has no dataset of its own (it was imported, or fine-tuned from an imported "
                         "run); pass --dataset DIR, a dataset prepared with the run's tokenizer.")
     dataset = dataset or Path(run.config.data.dataset)
     meta = read_meta(dataset)
+    key = {"weights_sha256": run.weights_sha256, "val_sha256": meta["val"]["sha256"],
+           "dtype": str(run.dtype).removeprefix("torch.")}
+    kept = [r for r in run.run.evaluations() if all(r.get(k) == v for k, v in key.items())]
+    if kept and not fresh and run.weights_sha256:
+        return {**kept[-1], "cached": True}
     _check_same_tokenizer(run, dataset, meta)
     check_block_size(row_layout(meta), run.config.model.block_size, f"dataset {dataset}")
     tokens = open_tokens(dataset, "val", meta["dtype"])
     scores = evaluate_split(run.model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, run.device,
                             run.dtype, progress)
-    return {"run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step, "dataset": str(dataset),
-            **scores}
+    result = {"run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step, "dataset": str(dataset),
+              **key, **scores}
+    run.run.save_evaluation(result)
+    return {**result, "cached": False}

@@ -188,7 +188,7 @@ def _epochs(tuner: _Finetuner, train: Examples, val: Examples, epochs: int, step
     """Train epoch by epoch (shuffled each time) under a progress bar; returns each epoch's val loss."""
     size = tuner.cfg.train.batch_size
     val_losses: list[float] = []
-    with progress_bar(tuner.console) as bar:
+    with progress_bar(tuner.console, plain_every=tuner.cfg.train.log_interval) as bar:
         task = bar.add_task("finetune", total=epochs * steps_per_epoch, info="")
         for epoch in range(1, epochs + 1):
             order = train[:]

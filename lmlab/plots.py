@@ -16,8 +16,8 @@ from lmlab.runs import RunSummary  # noqa: E402
 from lmlab.scaling import PowerLawFit  # noqa: E402
 
 
-def plot_losses(run: RunDir) -> Path:
-    """Draw train (per log interval) and val (per eval) loss against step into the run's loss.png."""
+def plot_losses(run: RunDir, path: Path | None = None) -> Path:
+    """Draw train (per log interval) and val (per eval) loss against step into `path` (the run's loss.png)."""
     events = run.events()
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval"]
@@ -32,8 +32,9 @@ def plot_losses(run: RunDir) -> Path:
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    return _save(fig, run.loss_plot)
+    if train or evals:
+        ax.legend()
+    return _save(fig, Path(path or run.loss_plot))
 
 
 X_AXES = {
@@ -67,8 +68,9 @@ def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", lo
     return _save(fig, Path(path))
 
 
-def plot_scaling(fits: list[PowerLawFit], path: Path) -> Path:
-    """Val loss against compute and against parameters, log-log, with each fitted power law."""
+def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Path:
+    """Val loss against compute and against parameters, log-log, with each fitted power law; `rough` when the
+    runs cannot support an extrapolation (`scaling.fit_caveats`), which the label then says."""
     fig, axes = plt.subplots(1, len(fits), figsize=(6 * len(fits), 5), dpi=120, squeeze=False)
     for ax, fit in zip(axes[0], fits):
         ax.scatter(fit.x, fit.y, color="C0", zorder=3, label="runs (best val loss)")
@@ -78,7 +80,8 @@ def plot_scaling(fits: list[PowerLawFit], path: Path) -> Path:
         ax.plot(grid, fit.predict(grid), color="C1",
                 label=f"fit: L = {fit.a:.3g} · x^{fit.b:.3f} (rmse {fit.rmse:.3f})")
         ax.axvline(10 * max(fit.x), color="gray", linestyle=":",
-                   label=f"10× the largest run: predicted {fit.predict(10 * max(fit.x)):.3f}")
+                   label=f"10× the largest run: {'a rough guess of' if rough else 'predicted'} "
+                         f"{fit.predict(10 * max(fit.x)):.3f}")
         _log_axes(ax)
         ax.set_xlabel(fit.x_label)
         ax.set_ylabel("best val loss (nats/token)")

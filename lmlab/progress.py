@@ -1,6 +1,11 @@
-"""The progress bar of long loops (training, fine-tuning): count, bar, a line of figures, ETA."""
+"""The progress of long loops (training, fine-tuning): on a terminal a live bar (count, bar, a line of figures,
+ETA); anywhere else (a log file under nohup or Slurm, `| tee`, CI) plain lines that a log keeps."""
 
 from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -10,9 +15,51 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 
-def progress_bar(console: Console, unit: str = "step") -> Progress:
-    """A bar whose tasks carry an `info` field (loss, tokens/s, ...) shown after the bar; gone when it ends."""
-    return Progress(TextColumn(unit), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+def progress_bar(console: Console, unit: str = "step", plain_every: int = 1) -> Progress | PlainProgress:
+    """A bar whose tasks carry an `info` field (loss, tokens/s, ...) shown after the bar, gone when it ends; or,
+    when the console is not a terminal, a `PlainProgress` printing every `plain_every`-th count that brings info."""
+    if console.is_terminal or console.is_jupyter:
+        # The bar takes what the count, the figures and the ETA leave: the line fits 80 columns.
+        return Progress(TextColumn(unit), MofNCompleteColumn(), BarColumn(None, table_column=Column(ratio=1)),
+                        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True)), TextColumn("ETA"),
+                        TimeRemainingColumn(compact=True), console=console, transient=True, expand=True)
+    return PlainProgress(console, unit, plain_every)
+
+
+def clock(seconds: float) -> str:
+    """0:04:10, as the bar writes times."""
+    return str(timedelta(seconds=round(seconds)))
+
+
+class PlainProgress:
+    """The bar's interface (one task) as lines such as `step 120/1500 | loss 2.0412 | ... | elapsed 0:00:31 |
+    ETA 0:06:10`, printed when an update brings `info` at a count that is a multiple of `every` (or the last).
+    Elapsed and ETA are this process's: the rate is that of the counts it has seen."""
+
+    def __init__(self, console: Console, unit: str, every: int):
+        self.console, self.unit, self.every = console, unit, max(1, every)
+        self.total, self.completed, self._first, self._started = 0, 0, 0, 0.0
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, completed: int = 0, **fields: Any) -> int:
+        self.total, self.completed, self._first = total, completed, completed
+        self._started = time.perf_counter()
+        return 0
+
+    def update(self, task: int, completed: int | None = None, advance: int = 0, info: str | None = None) -> None:
+        self.completed = (self.completed if completed is None else completed) + advance
+        if info is not None and (self.completed % self.every == 0 or self.completed == self.total):
+            self.console.print(self.line(info), highlight=False, soft_wrap=True)
+
+    def line(self, info: str) -> str:
+        elapsed, done = time.perf_counter() - self._started, self.completed - self._first
+        eta = clock(elapsed / done * (self.total - self.completed)) if done > 0 else "-"
+        return f"{self.unit} {self.completed:,}/{self.total:,} | {info} | elapsed {clock(elapsed)} | ETA {eta}"

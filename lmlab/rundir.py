@@ -9,6 +9,7 @@ runs/NAME/
                   token), so the run samples and evaluates after its dataset is gone
   prompt.json     a fine-tuned run's prompt format (`lmlab.prompt`)
   samples.txt     what `lmlab sample` drew, each under a header line
+  evaluations.json  full-split evaluations (`lmlab eval`, `lmlab report`), by weights, split and dtype
   loss.png        train and val loss, redrawn at every evaluation
   train.pid       while a process trains the run
   checkpoints/    step_NNNNNN/ folders and the latest/best pointers (`lmlab.checkpoint`); every state.json
@@ -37,7 +38,7 @@ import lmlab
 from lmlab import checkpoint as ckpt
 from lmlab.config import RunConfig, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.device import autocast_dtype, configure, resolve_device
+from lmlab.device import autocast_dtype, configure, machine, resolve_device
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
 from lmlab.model import LanguageModel, build_model
@@ -117,8 +118,13 @@ class RunDir:
             "dataset": cfg.data.dataset or None, "tokenizer": dataset.get("tokenizer"), "init_from": init_from,
             "device": str(device) if device else None, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
             "world_size": world_size, "parallel": parallel, "peak_flops": peak[0] if peak else None,
-            "peak_source": peak[1] if peak else None, "origin": origin,
+            "peak_source": peak[1] if peak else None, "origin": origin, "machine": machine(device),
         })
+
+    def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int) -> None:
+        """Log that training continues from a checkpoint, and on what: a resume may move to another machine."""
+        self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
+                  "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device)})
 
     def log(self, event: dict[str, Any]) -> None:
         """Append one event, flushed, so a crash loses at most the line being written."""
@@ -172,6 +178,19 @@ class RunDir:
                 if limit is not None and len(events) >= limit:
                     break
         return events
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The full-split evaluations kept in evaluations.json (by `lmlab eval` and `lmlab report`), oldest first."""
+        try:
+            return json.loads((self.path / "evaluations.json").read_text(encoding="utf-8"))["results"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return []
+
+    def save_evaluation(self, result: dict[str, Any]) -> None:
+        """Keep an evaluation, in place of an older one of the same weights on the same split in the same dtype."""
+        same = ("weights_sha256", "val_sha256", "dtype")
+        kept = [r for r in self.evaluations() if any(r.get(k) != result[k] for k in same)]
+        atomic_write_text(self.path / "evaluations.json", json.dumps({"results": [*kept, result]}, indent=1))
 
     def running(self) -> bool:
         """Whether the process named in train.pid is alive."""
@@ -237,7 +256,8 @@ class RunDir:
         model = build_model(cfg.model).to(torch_device)
         state = self.read_checkpoint(self.checkpoint(which), model)
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
-                         autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"])
+                         autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"],
+                         (state.get("files") or {}).get("model.safetensors"))
 
 
 def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
@@ -265,3 +285,4 @@ class LoadedRun:
     prompt_format: PromptFormat | None  # a fine-tuned run's; None for the others
     checkpoint: str  # best or latest
     step: int
+    weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of

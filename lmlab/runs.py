@@ -4,6 +4,8 @@ them, so a half-written, old or foreign folder gets a status instead of a crash.
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,10 @@ from typing import Any
 import torch
 
 from lmlab.errors import UserError
+from lmlab.humanize import count, fmt, format_duration, sci
 from lmlab.model import build_model
 from lmlab.rundir import RunDir
+from lmlab.scaling import chinchilla_percent
 
 
 @dataclass
@@ -25,6 +29,8 @@ class RunSummary:
     dataset: str | None = None
     tokenizer: str | None = None
     model: str | None = None  # LanguageModel.describe(), e.g. "gpt 4L/256 rope" or "recurrent gru 2L/512"
+    architecture: str | None = None  # LanguageModel.architecture(): GPT-2, modern, mixed, GRU, LSTM
+    shape: str | None = None  # layers/width, e.g. "4L/256"
     flops_per_token: float | None = None  # LanguageModel.flops_per_token()
     device: str | None = None
     steps: int = 0
@@ -35,6 +41,8 @@ class RunSummary:
     best_bpb: float | None = None
     gap: float | None = None  # val - train loss (same fixed batches, eval mode) at the best eval
     still_falling: bool | None = None  # the last eval was the best one
+    tokens_per_sec: float | None = None  # median of the logged intervals
+    mfu: float | None = None  # median of the logged intervals
     evals: list[dict[str, Any]] = field(default_factory=list)
     trains: list[dict[str, Any]] = field(default_factory=list)
 
@@ -46,6 +54,12 @@ class RunSummary:
     def flops(self) -> float | None:
         """Training compute: FLOPs per token (the model's one definition) × tokens seen."""
         return self.flops_per_token * self.tokens if self.flops_per_token else None
+
+    def figures(self) -> dict[str, Any]:
+        """Everything but the event lists, as plain JSON values (`lmlab runs --json`)."""
+        skip = ("evals", "trains")
+        return {"name": self.name, **{k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()
+                                      if k not in skip}, "flops": self.flops}
 
 
 def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
@@ -60,16 +74,18 @@ def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
 
 
 def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
-    """The model's description and FLOPs per token, from the start event or (older runs) its config."""
+    """The model's description and FLOPs per token from the start event (of older runs, from the config), and its
+    architecture and shape from the config."""
     summary.model, summary.flops_per_token = start.get("model"), start.get("flops_per_token")
-    if summary.model and summary.flops_per_token:
-        return
     try:
+        config = run.config().model
         with torch.device("meta"):  # the shape alone, nothing allocated
-            model = build_model(run.config().model)
+            model = build_model(config)
     except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
         return
-    summary.model, summary.flops_per_token = model.describe(), model.flops_per_token()
+    summary.architecture, summary.shape = model.architecture(), f"{config.n_layer}L/{config.n_embd}"
+    summary.model = summary.model or model.describe()
+    summary.flops_per_token = summary.flops_per_token or model.flops_per_token()
 
 
 def summarize(run_dir: Path) -> RunSummary:
@@ -85,6 +101,8 @@ def summarize(run_dir: Path) -> RunSummary:
     _describe(run, start, summary)
     summary.evals = [e for e in events if e.get("event") == "eval" and "val_loss" in e]
     summary.trains = [e for e in events if e.get("event") == "train" and "loss" in e]
+    summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
+    summary.mfu = _median([e.get("mfu") for e in summary.trains])
     progress = [e for e in events if "step" in e and "tokens" in e]
     if progress:
         summary.steps, summary.tokens = progress[-1]["step"], progress[-1]["tokens"]
@@ -97,6 +115,12 @@ def summarize(run_dir: Path) -> RunSummary:
         summary.still_falling = summary.evals[-1] is best
         summary.best_bpb = _bits_per_byte(run, best["val_loss"])
     return summary
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the known values: typical of a run, unmoved by a slow first interval or an eval's pause."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _bits_per_byte(run: RunDir, loss: float) -> float | None:
@@ -116,3 +140,71 @@ def find_runs(root: Path) -> list[Path]:
     runs = {p.parent for p in root.rglob("config.toml")} | {p.parent for p in root.rglob("metrics.jsonl")}
     runs |= {p for p in root.iterdir() if p.is_dir() and not any(r.is_relative_to(p) for r in runs)}
     return sorted(runs)
+
+
+def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
+    """Each run's figures beside the first run's (ratios to it), its share of Chinchilla-optimal tokens and its
+    overfitting: numbers, for `compare` (table and --json), `sweep` and the report. Every run has an evaluation."""
+    base = runs[0]
+    return [{
+        "run": s.name, "path": str(s.path), "status": s.status, "architecture": s.architecture, "model": s.model,
+        "params": s.params, "params_ratio": s.params / base.params, "tokens": s.tokens,
+        "tokens_ratio": _ratio(s.tokens, base.tokens), "flops": s.flops, "flops_ratio": _ratio(s.flops, base.flops),
+        "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed), "best_val_loss": s.best_val_loss,
+        "best_val_loss_change": s.best_val_loss / base.best_val_loss - 1, "bits_per_byte": s.best_bpb,
+        "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.tokens, s.params),
+        "gap": s.gap, "still_falling": s.still_falling,
+    } for s in runs]
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header, its priority (0 is kept longest when a table must be narrowed) and its cell."""
+
+    header: str
+    priority: int
+    cell: Callable[[Any], str]  # a row (a dict of figures, or an object) -> its text
+    left: bool = False  # text (left-aligned) rather than a figure
+
+
+def _times(value: float | None) -> str:
+    return "" if value is None else f" {value:.2f}×"
+
+
+RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under the listed folder
+    Column("run", 0, lambda r: r["run"], left=True),
+    Column("status", 1, lambda r: r["status"], left=True),
+    Column("arch", 2, lambda r: r["architecture"] or "-", left=True),
+    Column("shape", 9, lambda r: r["shape"] or "-", left=True),
+    Column("params", 3, lambda r: count(r["params"])),
+    Column("dataset", 7, lambda r: Path(r["dataset"]).name if r["dataset"] else "-", left=True),
+    Column("tokenizer", 11, lambda r: r["tokenizer"] or "-", left=True),
+    Column("tokens", 4, lambda r: count(r["tokens"])),
+    Column("steps", 8, lambda r: f"{r['steps']:,}"),
+    Column("best val", 0, lambda r: fmt(r["best_val_loss"])),
+    Column("bits/byte", 6, lambda r: fmt(r["best_bpb"], ".3f")),
+    Column("val-train", 10, lambda r: fmt(r["gap"], "+.3f")),
+    Column("wall", 5, lambda r: format_duration(r["elapsed"]) if r["elapsed"] else "-"),
+    Column("device", 12, lambda r: r["device"] or "-", left=True),
+    Column("model", 13, lambda r: r["model"] or "-", left=True),
+]
+
+COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
+    Column("run", 0, lambda r: r["run"], left=True),
+    Column("arch", 3, lambda r: r["architecture"] or "-", left=True),
+    Column("params", 1, lambda r: count(r["params"]) + _times(r["params_ratio"])),
+    Column("tokens", 4, lambda r: count(r["tokens"]) + _times(r["tokens_ratio"])),
+    Column("compute", 2, lambda r: sci(r["flops"]) + _times(r["flops_ratio"])),
+    Column("wall", 5, lambda r: format_duration(r["elapsed"]) + _times(r["elapsed_ratio"])),
+    Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f} ({100 * r['best_val_loss_change']:+.1f}%)"),
+    Column("bits/byte", 6, lambda r: fmt(r["bits_per_byte"], ".3f")),
+    Column("tok/param", 9, lambda r: f"{r['tokens_per_param']:.1f}"),
+    Column("Chinchilla", 7, lambda r: f"{r['chinchilla_percent']:.1f}%"),
+    Column("val-train", 10, lambda r: fmt(r["gap"], "+.3f")),
+    Column("falling", 8, lambda r: "yes" if r["still_falling"] else "no"),
+    Column("status", 11, lambda r: r["status"], left=True),
+]

@@ -45,3 +45,25 @@ def fit_power_law(x: list[float], y: list[float], names: list[str], x_label: str
     rmse = float(np.sqrt(np.mean((np.exp(fitted) - np.asarray(y)) ** 2)))
     return PowerLawFit(list(x), list(y), names, x_label, float(np.exp(log_a)), float(b), rmse,
                        1.0 - ss_res / ss_tot if ss_tot else 1.0)
+
+
+def fit_caveats(names: list[str], tokens: list[int], params: list[int], still_falling: list[bool | None]) -> list[str]:
+    """Why a power law through these runs would mislead, one sentence each: runs not converged (still falling,
+    a small share of Chinchilla-optimal tokens), compute and parameters not varied independently, two points."""
+    n, found = len(names), []
+    falling = [name for name, f in zip(names, still_falling) if f]
+    if falling:
+        found.append(f"{len(falling)} of {n} runs were still improving at their last evaluation "
+                     f"({', '.join(falling)}): their best losses are not what their sizes can reach.")
+    short = [name for name, t, p in zip(names, tokens, params) if chinchilla_percent(t, p) < 50]
+    if short:
+        found.append(f"{len(short)} of {n} runs saw under half their Chinchilla-optimal tokens ({', '.join(short)}): "
+                     "far from converged, so the fits measure training length as much as size.")
+    if max(tokens) <= 1.01 * min(tokens):
+        found.append("every run saw the same tokens, so compute is proportional to parameters and the two fits are "
+                     "one fit: vary tokens and sizes independently to tell them apart.")
+    if max(params) <= 1.01 * min(params):
+        found.append("every run has the same size, so nothing is learned about parameters; only tokens vary.")
+    if n == 2:
+        found.append("a line through two runs fits them exactly: its error says nothing; add runs.")
+    return found

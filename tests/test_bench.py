@@ -49,7 +49,7 @@ def test_plan_for_a_run_says_where_it_stands(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
     assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
     capsys.readouterr()
-    assert main(["plan", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert main(["plan", str(tmp_path / "run"), "--device", "cpu", "--measure"]) == 0
     out = capsys.readouterr().out
     seen = RunDir(tmp_path / "run").events()[-1]["tokens"]
     assert re.search(r"tokens seen so far\s+│ ([\d,]+) ", out).group(1) == f"{seen:,}"

@@ -15,13 +15,13 @@ PACKAGE = Path(lmlab.__file__).parent
 # docs/ARCHITECTURE.md's layers, lowest first: each top-level unit of the package (a module, or a subpackage
 # whole) imports only units of its own layer or below. A new module gets its row here and in the map.
 LAYERS = [
-    {"errors", "fileio", "progress"},
+    {"errors", "fileio", "progress", "humanize", "document"},
     {"config", "device"},
     {"model"},
     {"data"},
     {"prompt", "checkpoint", "rundir"},
     {"train", "evaluate", "generate", "scaling", "runs", "plots", "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "serve", "judge"},
+    {"finetune", "hf", "bench", "plan", "sweep", "serve", "judge", "findings", "report"},
     {"commands", "__main__"},
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

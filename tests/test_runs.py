@@ -1,6 +1,8 @@
 """Listing, comparing and fitting runs from their directories; streaming metrics to TensorBoard."""
 
+import json
 import re
+import os
 import signal
 import subprocess
 import time
@@ -8,13 +10,15 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lmlab.commands import main
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
+from lmlab.errors import UserError
 from lmlab.rundir import RunDir
 from lmlab.runs import summarize
-from lmlab.scaling import fit_power_law
+from lmlab.scaling import fit_caveats, fit_power_law
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 
@@ -32,33 +36,42 @@ def three_runs(tmp_path_factory) -> list[Path]:
     return runs
 
 
-def cells(out: str, label: str) -> list[str]:
-    """The cells of one row of a rich table in the captured output."""
-    line = next(line for line in out.splitlines() if line.startswith("│ " + label))
-    return [c.strip() for c in line.strip("│").split("│")][1:]
+def as_json(capsys, *args) -> dict:
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
-def test_compare_table_ratios_match_the_metrics_files(three_runs, capsys, tmp_path):
+def test_compare_figures_match_the_metrics_files(three_runs, capsys, tmp_path):
     plot = tmp_path / "compare.png"
-    assert main(["compare", *map(str, three_runs), "--plot", str(plot), "--x", "tokens", "--log"]) == 0
-    out = capsys.readouterr().out
+    out = as_json(capsys, "compare", *map(str, three_runs), "--plot", str(plot), "--x", "tokens", "--log")
     starts = [RunDir(r).events()[0] for r in three_runs]
     ends = [RunDir(r).events()[-1] for r in three_runs]
     best = [min(e["val_loss"] for e in RunDir(r).events() if e["event"] == "eval") for r in three_runs]
-    params = cells(out, "parameters")
-    tokens = cells(out, "tokens seen")
-    loss = cells(out, "best val loss")
-    for i in range(3):
-        assert params[i].endswith(f"({starts[i]['params'] / starts[0]['params']:.2f}×)")
-        assert tokens[i] == f"{ends[i]['tokens']:,} ({ends[i]['tokens'] / ends[0]['tokens']:.2f}×)"
-        assert loss[i] == f"{best[i]:.4f} ({100 * (best[i] / best[0] - 1):+.1f}%)"
-    per_param = cells(out, "tokens per parameter")
-    assert per_param[2] == f"{ends[2]['tokens'] / starts[2]['params']:.2f}"
-    chinchilla = cells(out, "% of Chinchilla-optimal")
-    assert chinchilla[1] == f"{100 * ends[1]['tokens'] / (20 * starts[1]['params']):.1f}%"
-    bpb = cells(out, "bits per byte")
-    assert all(float(v) > 0 for v in bpb)
-    assert plot.stat().st_size > 20_000
+    assert out["base"] == "small" and out["plot"] == str(plot) and plot.stat().st_size > 20_000
+    for i, row in enumerate(out["runs"]):
+        assert row["params"] == starts[i]["params"] and row["tokens"] == ends[i]["tokens"]
+        assert row["params_ratio"] == pytest.approx(starts[i]["params"] / starts[0]["params"])
+        assert row["tokens_ratio"] == pytest.approx(ends[i]["tokens"] / ends[0]["tokens"])
+        assert row["flops"] == pytest.approx(starts[i]["flops_per_token"] * ends[i]["tokens"])
+        assert row["best_val_loss"] == best[i]
+        assert row["best_val_loss_change"] == pytest.approx(best[i] / best[0] - 1)
+        assert row["tokens_per_param"] == pytest.approx(ends[i]["tokens"] / starts[i]["params"])
+        assert row["chinchilla_percent"] == pytest.approx(100 * ends[i]["tokens"] / (20 * starts[i]["params"]))
+        assert row["bits_per_byte"] > 0 and row["architecture"] == "GPT-2"
+
+
+def test_compare_fits_80_columns_and_shows_every_column_when_wide(three_runs):
+    table = subprocess.run([LMLAB, "compare", *map(str, three_runs)], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "80"}, check=True).stdout
+    assert max(map(len, table.splitlines())) <= 80 and "…" not in table
+    header = next(line for line in table.splitlines() if line.lstrip().startswith("run"))
+    assert header.split()[:2] == ["run", "arch"] and "best val" in header
+    row = next(line for line in table.splitlines() if line.lstrip().startswith("medium"))
+    assert f"{summarize(three_runs[1]).best_val_loss:.4f}" in row
+    assert "not shown, to fit 80 columns:" in table
+    wide = subprocess.run([LMLAB, "compare", *map(str, three_runs), "--wide"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "80"}, check=True).stdout
+    assert "not shown" not in wide and all(h in wide for h in ("Chinchilla", "val-train", "falling", "status"))
 
 
 def test_compare_samples_every_run_side_by_side(three_runs, capsys):
@@ -74,8 +87,24 @@ def test_scaling_fits_compute_and_parameters(three_runs, capsys, tmp_path):
     plot = tmp_path / "scaling.png"
     assert main(["scaling", *map(str, three_runs), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
-    assert "compute (FLOPs)" in out and "parameters" in out and "predicted loss at 10×" in out
+    assert "compute (FLOPs)" in out and "parameters" in out and "at 10× (rough)" in out
+    # 20 to 40 steps of a few thousand parameters: nowhere near converged, and the fit must say so
+    assert "Read the figure at 10× as a rough guess" in out
+    assert "runs saw under half their Chinchilla-optimal tokens (small, medium, large)" in out
     assert plot.stat().st_size > 20_000
+
+
+def test_scaling_names_what_its_runs_cannot_show():
+    names, tokens, params = ["a", "b", "c"], [10**6] * 3, [1000, 2000, 4000]
+    caveats = fit_caveats(names, tokens, params, [True, False, None])
+    assert caveats[0].startswith("1 of 3 runs were still improving at their last evaluation (a)")
+    assert any(c.startswith("every run saw the same tokens, so compute is proportional to parameters") for c in caveats)
+    assert not any("Chinchilla" in c for c in caveats)  # 250 to 1000 tokens per parameter
+    converged = fit_caveats(names, [20_000, 60_000, 200_000], params, [False] * 3)
+    assert converged == []
+    same_size = fit_caveats(["a", "b"], [40_000, 80_000], [1000, 1000], [False, False])
+    assert any(c.startswith("every run has the same size") for c in same_size)
+    assert any(c.startswith("a line through two runs") for c in same_size)
 
 
 def test_a_power_law_is_recovered_exactly():
@@ -94,14 +123,19 @@ def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, t
     (root / "broken" / "config.toml").write_text("[model]\n")
     (root / "old").mkdir(exist_ok=True)
     (root / "old" / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n{"event": "eval", "step": 5, "val_loss": 2.5}\n{"trunc')
-    assert main(["runs", str(root)]) == 0
-    out = capsys.readouterr().out
-    assert cells(out, "small")[0] == "finished"
-    assert cells(out, "notes")[0] == "not a run"
-    assert cells(out, "broken")[0] == "half-written"
-    assert cells(out, "old")[0] == "crashed" and cells(out, "old")[7] == "2.5000"
-    assert cells(out, "small")[1:3] == ["gpt 2L/16", f"{summarize(three_runs[0]).params / 1e6:.2f}M"]
-    assert cells(out, "small")[4] == "char"
+    listed = {r["run"]: r for r in as_json(capsys, "runs", str(root))["runs"]}
+    assert listed["small"]["status"] == "finished"
+    assert listed["notes"]["status"] == "not a run"
+    assert listed["broken"]["status"] == "half-written"
+    assert listed["old"]["status"] == "crashed" and listed["old"]["best_val_loss"] == 2.5
+    assert (listed["small"]["model"], listed["small"]["params"]) == ("gpt 2L/16", summarize(three_runs[0]).params)
+    assert (listed["small"]["architecture"], listed["small"]["shape"], listed["small"]["tokenizer"]) == \
+        ("GPT-2", "2L/16", "char")
+    table = subprocess.run([LMLAB, "runs", str(root)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "COLUMNS": "80"}).stdout
+    assert max(map(len, table.splitlines())) <= 80 and "…" not in table
+    small = next(line.split() for line in table.splitlines() if line.lstrip().startswith("small"))
+    assert small[:3] == ["small", "finished", "GPT-2"] and f"{listed['small']['best_val_loss']:.4f}" in small
 
 
 def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
@@ -116,6 +150,48 @@ def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
     assert [(s.step, pytest.approx(s.value)) for s in events.Scalars("train/loss")] == train
     assert [(s.step, pytest.approx(s.value)) for s in events.Scalars("val/loss")] == val
     assert {"train/lr", "train/grad_norm", "perf/tokens_per_sec"} <= set(events.Tags()["scalars"])
+
+
+def test_tensorboard_gets_the_hyperparameters_config_and_samples_without_changing_training(tmp_path, char_dataset):
+    def train(tracker: str) -> Path:
+        config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20),
+                             [f"train.tracker={tracker}", "model.dropout=0.1"])
+        return Trainer(config, tmp_path / tracker, "cpu").run().run_dir
+
+    run, plain = train("tensorboard"), train("none")
+    losses = [[e["loss"] for e in RunDir(r).events() if e["event"] == "train"] for r in (run, plain)]
+    assert losses[0] == losses[1]  # sampling at each eval leaves training's random state alone
+    events = EventAccumulator(str(run))
+    events.Reload()
+    plugin = {tag: HParamsPluginData.FromString(content)
+              for tag, content in events.PluginTagToContent("hparams").items()}
+    assert [m.name.tag for m in plugin["_hparams_/experiment"].experiment.metric_infos] == ["val/best_loss"]
+    session = plugin["_hparams_/session_start_info"].session_start_info.hparams
+    assert session["model.n_embd"].number_value == 32 and session["train.tracker"].string_value == "tensorboard"
+    text = {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
+            for tag in ("config/text_summary", "samples/text_summary")}
+    assert text["config/text_summary"] == [(0, "\n".join("    " + line for line in
+                                                          (run / "config.toml").read_text().splitlines()))]
+    assert [step for step, _ in text["samples/text_summary"]] == [10, 20]
+    assert all(len(sample.strip()) > 100 for _, sample in text["samples/text_summary"])
+
+
+def test_wandb_logs_under_the_configured_project_and_run_name(tmp_path, char_dataset, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the real client, writing its run file instead of uploading it
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10),
+                         ["train.tracker=wandb", 'train.tracker_project="lmlab-test-project"',
+                          'train.tracker_run="first-try-of-the-day"'])
+    run = Trainer(config, tmp_path / "wb", "cpu").run().run_dir
+    record = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"lmlab-test-project" in record and b"first-try-of-the-day" in record
+    assert b"train/loss" in record and b"val/loss" in record
+
+
+@pytest.mark.parametrize("name", ["", "team/project", "what?", "x" * 129])
+def test_a_tracker_project_name_wandb_would_refuse_is_refused_first(tmp_path, char_dataset, name):
+    with pytest.raises(UserError, match=r"train.tracker_project .* must be 1-128 characters without any of"):
+        load_config(write_config(tmp_path / "tiny.toml", char_dataset), [f'train.tracker_project="{name}"'])
 
 
 @pytest.mark.slow

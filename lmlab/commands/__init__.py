@@ -5,19 +5,58 @@ and a mistyped option answer at once."""
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
-from lmlab.commands import data, evaluate, hf, plan, runs, serve, sweep, train
+from lmlab import __version__
+from lmlab.commands import data, evaluate, hf, plan, report, runs, serve, sweep, train
+from lmlab.commands.common import describe_commands
 from lmlab.errors import UserError
 
-FAMILIES = (data, train, evaluate, hf, serve, plan, runs, sweep)  # the order of `lmlab --help`
+FAMILIES = (data, train, evaluate, hf, serve, plan, runs, report, sweep)  # the order of `lmlab --help`
+
+# One example per subcommand, shown at the end of its --help (tests/test_terminal.py checks that each has one).
+EXAMPLES = {
+    "prepare": "lmlab prepare shakespeare --tokenizer char",
+    "data": "lmlab data stats data/shakespeare-char",
+    "data stats": "lmlab data stats data/wikitext2-bpe8192 --block-size 512",
+    "train": "lmlab train configs/shakespeare-char-modern-cpu.toml --run runs/demo --set train.max_iters=300",
+    "finetune": "lmlab finetune runs/gpt2 --data alpaca.json --run runs/gpt2-sft --set finetune.epochs=3",
+    "eval": "lmlab eval runs/demo --checkpoint latest --json",
+    "sample": "lmlab sample runs/demo --prompt \"ROMEO:\" --max-new-tokens 300 --temperature 0.7",
+    "import-hf": "lmlab import-hf ~/models/gpt2 --out runs/gpt2",
+    "export-hf": "lmlab export-hf runs/gpt2-sft exported/gpt2-sft",
+    "serve": "lmlab serve runs/gpt2-sft --port 8000",
+    "answer": "lmlab answer runs/gpt2-sft --data test.json --out answers.jsonl",
+    "judge": "lmlab judge --answers answers.jsonl --endpoint http://127.0.0.1:8001/v1 --model judge",
+    "bench": "lmlab bench configs/gpt2-small.toml --batch-sizes 4,8,16 --find-max-batch",
+    "plan": "lmlab plan configs/gpt2-small.toml --chinchilla --gpu H100",
+    "runs": "lmlab runs runs --wide",
+    "compare": "lmlab compare runs/shakespeare-char-cpu runs/demo --plot compare.png --x flops",
+    "scaling": "lmlab scaling runs/depth-lr/* --plot scaling.png",
+    "report": "lmlab report runs/demo runs/shakespeare-char-cpu --out reports/modern-vs-gpt2",
+    "sweep": "lmlab sweep configs/shakespeare-char-cpu.toml --set train.learning_rate=1e-3,2e-3 "
+             "--budget-tokens 2000000",
+}
+
+
+def _version() -> str:
+    """lmlab's version, and torch's and Python's (what a bug report needs), without importing torch."""
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"lmlab {__version__} (torch {torch}, Python {platform.python_version()})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train GPT-style language models from scratch.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     for family in FAMILIES:
         family.register(sub)
+    describe_commands(parser, EXAMPLES)
     return parser
 
 

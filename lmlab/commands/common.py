@@ -3,15 +3,68 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from lmlab.config import SamplingParams
 
-# Piped output (logs, CI, tests) is not cut to 80 columns: tables stay whole and greppable.
-console = Console(width=None if sys.stdout.isatty() else 200)
+if TYPE_CHECKING:
+    from lmlab.runs import Column
+
+# Piped output (logs, CI, tests) is not cut to 80 columns unless COLUMNS says so: tables stay whole and greppable.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
+
+
+def print_table(title: str, columns: list[Column], rows: list[Any], wide: bool = False) -> None:
+    """Rows as a table that fits the console: the columns of lowest priority are left out until it does (the
+    caption names them); with `wide`, every column at its full width, however wide that is."""
+    shown = list(columns)
+    while True:
+        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, caption_justify="left")
+        for c in shown:
+            table.add_column(c.header, justify="left" if c.left else "right", no_wrap=c.priority > 0,
+                             overflow="fold")
+        for row in rows:
+            table.add_row(*(c.cell(row) for c in shown))
+        width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        if wide or width <= console.width or len(shown) <= 2:
+            break
+        shown.remove(max(reversed(shown), key=lambda c: c.priority))
+    left_out = [c.header for c in columns if c not in shown]
+    if left_out:
+        table.caption = f"not shown, to fit {console.width} columns: {', '.join(left_out)} (--wide shows every column)"
+    # A console prints no wider than itself: a wide table gets one of its own width, on the same output.
+    (Console(file=console.file, width=width) if wide and width > console.width else console).print(table)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default at the end of its help, unless the help names it already or there is none (a flag,
+    an option that is off or empty unless given); the example epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], "", argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def describe_commands(parser: argparse.ArgumentParser, examples: dict[str, str]) -> None:
+    """Give `parser` and every subcommand under it the help formatter, and each subcommand its example (by its
+    name after `lmlab`, e.g. "data stats"), shown after its options."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                name = sub.prog.removeprefix("lmlab ")
+                if name in examples:
+                    sub.epilog = f"example:\n  {examples[name]}"
+                describe_commands(sub, examples)
 
 
 def add_set(parser: argparse.ArgumentParser, example: str = "train.learning_rate=3e-4") -> None:
@@ -24,25 +77,21 @@ def add_device(parser: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def add_checkpoint(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="best", help="best or latest")
+    parser.add_argument("--checkpoint", default="best", help="best (lowest val loss) or latest")
 
 
 def add_sampling(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     """--max-new-tokens, --temperature, --top-k, --top-p and --seed, defaulting to SamplingParams' own values
     unless the command gives others (e.g. greedy answers)."""
     d = SamplingParams(**defaults)
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="sample only from the K likeliest tokens")
     parser.add_argument("--top-p", type=float, default=d.top_p, help="sample only from the likeliest tokens whose "
                         "probabilities sum to P (nucleus sampling)")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="the same seed draws the same text")
 
 
 def sampling(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams of the options `add_sampling` added (checked: a bad value is one sentence)."""
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-
-
-def fmt(value: float | None, spec: str = ".4f", none: str = "-") -> str:
-    return none if value is None else format(value, spec)

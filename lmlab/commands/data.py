@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("data", help="inspect a prepared dataset")
-    data = p.add_subparsers(dest="data_command", required=True)
+    data = p.add_subparsers(dest="data_command", required=True, help="what to inspect")
     p = data.add_parser("stats", help="documents, tokens, document lengths against the context, a histogram PNG")
     p.add_argument("dataset", help="a dataset dir made by `lmlab prepare`")
     p.add_argument("--block-size", type=int, help="context length to compare with (default: the dataset's, or 1024)")

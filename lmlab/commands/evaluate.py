@@ -56,16 +56,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="val loss, perplexity, accuracy and bits per byte of a run")
-    p.add_argument("run")
+    p.add_argument("run", metavar="RUN", help="a run dir (trained, fine-tuned or imported)")
     p.add_argument("--dataset", help="dataset dir (default: the run's); must share the run's tokenizer")
     add_checkpoint(p)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="windows of block_size tokens scored at once")
     add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run")
-    p.add_argument("run")
+    p.add_argument("run", metavar="RUN", help="a run dir (trained, fine-tuned or imported)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
     add_sampling(p)
     add_checkpoint(p)

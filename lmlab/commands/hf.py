@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help="write a GPT-2-architecture run as a Hugging Face folder")
-    p.add_argument("run")
+    p.add_argument("run", metavar="RUN", help="a run dir of a GPT-2-architecture model")
     p.add_argument("out", help="new folder for config.json, model.safetensors and tokenizer files")
     add_checkpoint(p)
     p.set_defaults(func=cmd_export_hf)

@@ -8,12 +8,13 @@ from pathlib import Path
 from rich.table import Table
 
 from lmlab.commands.common import add_device, add_set, console
+from lmlab.errors import UserError
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from lmlab.bench import bench_batch, eval_cost, find_max_batch
     from lmlab.config import load_config
-    from lmlab.device import resolve_device
+    from lmlab.device import autocast_dtype, resolve_device
 
     cfg = load_config(Path(args.config), args.set)
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [cfg.train.batch_size]
@@ -22,10 +23,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
             biggest = find_max_batch(cfg, args.device)
         console.print(f"largest micro-batch that fits: {biggest}")
         sizes = sorted(set(sizes) | {biggest})
+    device = resolve_device(args.device)
     memory_notes = {"cpu": "; peak memory is the process's high-water RSS",
                     "cuda": "; peak memory is what the CUDA caching allocator reserved"}
-    memory_note = memory_notes.get(resolve_device(args.device).type, "")
-    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({args.device}{memory_note})")
+    memory_note = memory_notes.get(device.type, "")
+    dtype = str(autocast_dtype(device, cfg.train.dtype)).removeprefix("torch.")
+    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({device}, {dtype}{memory_note})")
     for column in ("micro-batch", "tokens/s", "ms/step", "MFU", "peak memory"):
         table.add_column(column, justify="right")
     rows = []
@@ -52,16 +55,33 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.config import load_config
-    from lmlab.plan import format_duration, make_plan
+    from lmlab.humanize import format_duration
+    from lmlab.plan import estimate, gpu_hardware, local_hardware, make_plan, measure_tokens_per_sec, shape_of
     from lmlab.rundir import RunDir
-    from lmlab.runs import summarize
+    from lmlab.runs import find_runs, summarize
     from lmlab.scaling import chinchilla_percent
 
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu {args.mfu} must be a fraction in (0, 1], e.g. 0.4 for 40%.")
+    if args.mfu is not None and (args.measure or args.tokens_per_sec):
+        raise UserError("--mfu goes with the estimate (alone or with --gpu), not with --measure or --tokens-per-sec.")
     target = Path(args.target)
     run = summarize(target) if target.is_dir() else None
     cfg = RunDir(target).config(args.set) if run else load_config(target, args.set)
-    with console.status("Measuring throughput..."):
-        plan = make_plan(cfg, args.tokens, args.chinchilla, args.tokens_per_sec, args.device)
+    guess = None
+    if args.tokens_per_sec:
+        rate = args.tokens_per_sec, "given"
+    elif args.measure:
+        with console.status("Timing training steps..."):
+            rate = measure_tokens_per_sec(cfg, args.device)
+    else:
+        hardware = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else local_hardware(args.device,
+                                                                                          cfg.train.dtype)
+        searched = find_runs(Path(args.runs)) if Path(args.runs).is_dir() else []
+        model = shape_of(cfg)
+        guess = estimate(hardware, args.mfu, model, [target] * bool(run) + searched)
+        rate = guess.tokens_per_sec(model), "estimate: peak × MFU ÷ FLOPs per token; --measure times it here"
+    plan = make_plan(cfg, rate, args.tokens, args.chinchilla)
     table = Table(title=f"Plan for {target}", show_header=False)
     table.add_row("parameters", f"{plan.params:,} ({plan.params_non_embedding:,} without embeddings)")
     table.add_row("tokens per step", f"{plan.tokens_per_step:,}")
@@ -69,6 +89,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
                   "per parameter)")
     table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,}")
     table.add_row("training compute", f"{plan.flops:.3g} FLOPs ({plan.flops_per_token:.3g} per token)")
+    if guess:
+        hw = guess.hardware
+        table.add_row("hardware", f"{hw.name}: {hw.peak / 1e12:,.4g} TFLOP/s {hw.dtype} ({hw.peak_source})")
+        table.add_row("MFU", f"{100 * guess.mfu:.1f}% ({guess.mfu_source})")
     table.add_row("throughput", f"{plan.tokens_per_sec:,.0f} tokens/s ({plan.rate_source})")
     table.add_row("wall time", format_duration(plan.seconds))
     if run:
@@ -80,7 +104,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="tokens/s, ms/step, MFU and peak memory per micro-batch size")
-    p.add_argument("config")
+    p.add_argument("config", metavar="CONFIG.toml", help="TOML preset to time (random tokens; the dataset gives "
+                   "only the vocab size)")
     add_set(p)
     p.add_argument("--batch-sizes", help="comma-separated micro-batch sizes (default: the config's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after 2 warmup steps)")
@@ -95,6 +120,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tokens", type=int, help="training tokens to plan for")
     group.add_argument("--chinchilla", action="store_true", help="plan for 20 tokens per parameter")
-    p.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of measuring it")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--gpu", metavar="NAME", help="estimate for this GPU from its datasheet peak (bf16 where it "
+                      "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine)")
+    rate.add_argument("--measure", action="store_true", help="time training steps here instead of estimating "
+                      "(a minute or more for large models on a CPU)")
+    rate.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of estimating it")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median MFU "
+                   "of the run planned, else of your newest run on that hardware under --runs, else 0.3)")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)
     p.set_defaults(func=cmd_plan)

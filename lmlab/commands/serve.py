@@ -67,9 +67,9 @@ def cmd_judge(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API (needs the serve extra)")
-    p.add_argument("run")
+    p.add_argument("run", metavar="RUN", help="the run dir to serve; its folder name is the model id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     add_checkpoint(p)
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-concurrent", type=int, default=2,
@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("answer", help="answer every Alpaca record with a run's model, for `lmlab judge`")
-    p.add_argument("run")
+    p.add_argument("run", metavar="RUN", help="the run dir whose model answers")
     p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
     p.add_argument("--out", required=True, help="JSON-lines file to write (instruction, input, output, model_answer)")
     add_sampling(p, max_new_tokens=256, temperature=0.0)

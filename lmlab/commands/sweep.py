@@ -9,14 +9,14 @@ from lmlab.commands.common import add_device, console
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from lmlab.commands.runs import comparison_table
+    from lmlab.commands.runs import print_comparison
     from lmlab.sweep import run_sweep
 
     result = run_sweep(Path(args.config), args.set, args.name, Path(args.dir), args.budget_tokens or 0,
                        args.budget_seconds or 0.0, args.device, console)
     evaluated = [s for s in result.summaries if s.best_val_loss is not None and s.params]
     if evaluated:
-        console.print(comparison_table(evaluated))
+        print_comparison(evaluated)
     if result.stopped_by:
         console.print(f"sweep stopped by {result.stopped_by}; run the same command again to continue it.")
     best = result.best

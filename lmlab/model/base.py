@@ -47,6 +47,10 @@ class LanguageModel(nn.Module):
         """The kind and shape in a few words, e.g. `gpt 4L/256 rope rmsnorm swiglu qk-norm no-bias`."""
         raise NotImplementedError
 
+    def architecture(self) -> str:
+        """The family in a word, for tables that have no room for `describe()`: e.g. GPT-2, modern, GRU."""
+        raise NotImplementedError
+
     def attention_flops(self) -> float:
         """Training FLOPs per token beyond the weights' (see `flops_per_token`); none unless the kind attends."""
         return 0.0

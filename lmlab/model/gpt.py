@@ -210,6 +210,13 @@ class GPT(LanguageModel):
                    "" if c.tie_embeddings else "untied", f"gqa{c.kv_heads}" if c.kv_heads != c.n_head else ""]
         return " ".join([f"gpt {c.n_layer}L/{c.n_embd}", *filter(None, options)])
 
+    def architecture(self) -> str:
+        """GPT-2 (learned positions, LayerNorm, GELU MLP), modern (rotary, RMSNorm and SwiGLU, as in Llama) or
+        mixed (some of the three); `describe()` names every option."""
+        c = self.config
+        modern = (c.pos_emb == "rope", c.norm == "rmsnorm", c.mlp == "swiglu")
+        return "modern" if all(modern) else "mixed" if any(modern) else "GPT-2"
+
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         """What `generate` carries from one step to the next: here the keys and values seen so far."""
         return KVCache(self.config, batch, device, dtype)

@@ -59,6 +59,9 @@ class RecurrentLM(LanguageModel):
         c = self.config
         return f"recurrent {c.rnn_cell} {c.n_layer}L/{c.n_embd}" + ("" if c.tie_embeddings else " untied")
 
+    def architecture(self) -> str:
+        return self.config.rnn_cell.upper()
+
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         return RecurrentState(self.config, batch, device, dtype)
 

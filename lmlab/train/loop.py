@@ -127,8 +127,9 @@ class Trainer:
             self._resume(force)
         else:
             self._start(init_from, keep_optimizer)
-        self.tracker = Tracker(tc.tracker if self.parallel.is_main else "none", self.run_dir.path, to_dict(self.cfg),
-                               resume_step=self.progress.step if resume else None)
+        self.tracker = Tracker(tc.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
+                               resume_step=self.progress.step if resume else None,
+                               model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards
         if self.parallel.is_main:
             self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
 
@@ -179,6 +180,7 @@ class Trainer:
         self._restore(training, rollback=False)
         if self.parallel.is_main:
             self.run_dir.truncate_after(self.progress.step)
+            self.run_dir.resumed(self.progress.step, folder.name, self.device, self.dtype, self.parallel.world_size)
         self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {self.progress.step}).")
 
     def _load_newest_good(self, at_most: int | None = None) -> tuple[Path, dict[str, Any]]:
@@ -305,13 +307,14 @@ class Trainer:
         p = self.progress
         mean = self.means["log"].take()
         mfu = None if rate is None else rate * self.flops_per_token / self.peak[0]
+        lr = lr_at(p.step - 1, self.cfg.train) * self.guard.lr_scale
         self._log({"event": "train", "step": p.step, "tokens": p.tokens, "loss": mean,
-                   "lr": lr_at(p.step - 1, self.cfg.train) * self.guard.lr_scale, "grad_norm": self._grad_norm,
+                   "lr": lr, "grad_norm": self._grad_norm,
                    "tokens_per_sec": None if rate is None else round(rate, 1),
                    "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
         if rate is None:
-            return f"loss {mean:.4f}"
-        return f"loss {mean:.4f} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
+            return f"loss {mean:.4f} | lr {lr:.1e}"
+        return f"loss {mean:.4f} | lr {lr:.1e} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
 
     def run(self) -> TrainResult:
         """Train to max_iters (or early stop, max_seconds, a stop signal); `train.pid` marks the run as running."""
@@ -355,8 +358,8 @@ class Trainer:
                     synchronize(self.device)  # so none of its device work is timed with the next step
                     warm = True
                 if logging:
-                    bar.update(task, info=self._log_train(tokens_per_step * timed_steps / step_seconds
-                                                          if timed_steps else None))
+                    info = self._log_train(tokens_per_step * timed_steps / step_seconds if timed_steps else None)
+                    bar.update(task, completed=p.step, info=info)
                     step_seconds, timed_steps = 0.0, 0
                 best = evaluating and self._after_eval(*self._evaluate())
                 if best or saving:

@@ -1,0 +1,40 @@
+"""`lmlab report`: the write-up of one or several runs as Markdown with PNGs, and as one HTML page."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmlab.commands.common import add_device, add_sampling, console, sampling
+
+
+def default_folder(runs: list[str]) -> Path:
+    """RUN/report for one run; reports/A-vs-B(-vs-C) for several (the first and a count past three)."""
+    names = [Path(r).resolve().name for r in runs]
+    if len(names) == 1:
+        return Path(runs[0]) / "report"
+    return Path("reports") / ("-vs-".join(names) if len(names) <= 3 else f"{names[0]}-and-{len(names) - 1}-more")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from lmlab.report import build_report
+
+    params = sampling(args)
+    out = Path(args.out) if args.out else default_folder(args.runs)
+    with console.status("Reading the runs...") as status:
+        report = build_report([Path(r) for r in args.runs], out, args.prompt, params, args.device, status.update)
+    console.print(f"report: {report.markdown} (with {len(report.images)} PNGs beside it)")
+    console.print(f"one page: {report.html}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write up runs: machine, data, model, training, evaluation, Chinchilla, "
+                       "samples, comparison (Markdown + PNGs, and one HTML page)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs; with several, the first is the base of the "
+                   "comparison")
+    p.add_argument("--out", metavar="DIR", help="folder for report.md, its PNGs and report.html (default: RUN/report "
+                   "for one run, reports/A-vs-B for several)")
+    p.add_argument("--prompt", default="", help="what the samples continue (default: the start of a document)")
+    add_sampling(p, max_new_tokens=300)
+    add_device(p)
+    p.set_defaults(func=cmd_report)

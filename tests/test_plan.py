@@ -1,0 +1,100 @@
+"""`lmlab plan` estimates at once: a datasheet GPU (`--gpu`) or this device, times an MFU that is given, measured
+by the user's own runs on that hardware, or assumed; `--measure` times it instead."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.commands import main
+from lmlab.config import load_config
+from lmlab.device import machine, peak_flops
+from lmlab.plan import DEFAULT_MFU, shape_of
+from lmlab.rundir import RunDir
+from lmlab.train.loop import Trainer
+from tests.conftest import write_config
+
+GPT2 = "configs/gpt2-small.toml"
+
+
+def plan(capsys, *args) -> tuple[int, str, str]:
+    code = main(["plan", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def rate(out: str) -> float:
+    return float(re.search(r"throughput\s+│ ([\d,]+) tokens/s", out).group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize("name, row, tflops, dtype", [
+    ("H100", "H100", 989, "bfloat16"), ("h100", "H100", 989, "bfloat16"), ("4090", "RTX 4090", 165, "bfloat16"),
+    ("H100 PCIe", "H100 PCIe", 756, "bfloat16"), ("NVIDIA A100-SXM4-80GB", "A100", 312, "bfloat16"),
+    ("T4", "T4", 65, "float16"),
+])
+def test_a_gpu_is_estimated_from_its_datasheet_at_the_assumed_mfu(capsys, tmp_path, name, row, tflops, dtype):
+    code, out, _ = plan(capsys, GPT2, "--chinchilla", "--gpu", name, "--runs", tmp_path)
+    assert code == 0
+    per_token = shape_of(load_config(Path(GPT2))).flops_per_token()
+    assert rate(out) == pytest.approx(DEFAULT_MFU * tflops * 1e12 / per_token, abs=1)
+    assert re.search(rf"hardware\s+│ {row}: {tflops} TFLOP/s {dtype} \(datasheet {row}\)", out)
+    assert f"{100 * DEFAULT_MFU:.1f}% (assumed; --mfu sets it)" in out
+
+
+def test_the_mfu_can_be_given_or_comes_from_a_run_on_that_gpu(capsys, tmp_path):
+    code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--mfu", "0.45", "--runs", tmp_path)
+    assert code == 0 and "45.0% (--mfu)" in out
+    per_token = shape_of(load_config(Path(GPT2))).flops_per_token()
+    assert rate(out) == pytest.approx(0.45 * 989e12 / per_token, abs=1)
+    # A run folder from an H100 machine (as lmlab writes one there): its median MFU is used for that GPU only.
+    run = tmp_path / "gpt2-h100"
+    run.mkdir()
+    (run / "config.toml").write_text(Path(GPT2).read_text())
+    start = {"event": "start", "step": 0, "device": "cuda", "dtype": "bfloat16", "model": "gpt 12L/768",
+             "flops_per_token": per_token, "world_size": 8, "peak_flops": 8 * 989e12,
+             "machine": {"gpu": "NVIDIA H100 80GB HBM3", "cpu": "AMD EPYC"}}
+    trains = [{"event": "train", "step": 10 * i, "tokens": 5242880 * i, "loss": 5.0, "mfu": mfu, "tokens_per_sec": 1}
+              for i, mfu in enumerate([0.41, 0.47, 0.44], 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [start, *trains]))
+    code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path)
+    assert code == 0 and f"44.0% (the median of {run}, of the 989 TFLOP/s it recorded)" in " ".join(out.split())
+    assert rate(out) == pytest.approx(0.44 * 989e12 / per_token, abs=1)  # one GPU's share of the 8-GPU job's peak
+    code, out, _ = plan(capsys, GPT2, "--gpu", "A100", "--runs", tmp_path)
+    assert f"{100 * DEFAULT_MFU:.1f}% (assumed" in out
+
+
+def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(capsys, tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
+    Trainer(load_config(config), tmp_path / "runs" / "tiny", "cpu").run()
+    code, out, _ = plan(capsys, config, "--device", "cpu", "--runs", tmp_path / "runs")
+    assert code == 0
+    start, *events = RunDir(tmp_path / "runs" / "tiny").events()
+    mfu = statistics.median(e["mfu"] for e in events if e["event"] == "train")
+    per_token = shape_of(load_config(config)).flops_per_token()
+    # the MFU is a share of the peak the run measured (a CPU's varies from process to process): what it reached
+    assert rate(out) == pytest.approx(mfu * start["peak_flops"] / per_token, abs=1)
+    peak, source = peak_flops(torch.device("cpu"), torch.float32)  # measured once per process, as plan did
+    assert f"cpu: {machine()['cpu']}: {peak / 1e12:,.4g} TFLOP/s float32 ({source})" in " ".join(out.split())
+    assert (f"{100 * mfu:.1f}% (the median of {tmp_path / 'runs' / 'tiny'}, of the {start['peak_flops'] / 1e12:.3g} "
+            "TFLOP/s it recorded)") in " ".join(out.split())
+    code, out, _ = plan(capsys, tmp_path / "runs" / "tiny", "--device", "cpu", "--runs", tmp_path / "none")
+    assert code == 0 and f"(the median of {tmp_path / 'runs' / 'tiny'}," in out  # a run planned: its own MFU
+
+
+def test_bad_gpu_names_and_mfu_values_are_refused_with_the_fix(capsys, tmp_path):
+    code, _, err = plan(capsys, GPT2, "--gpu", "B200")
+    assert code == 2 and "--gpu B200 is not in the datasheet table; use one of " in err and "RTX 4090" in err
+    code, _, err = plan(capsys, GPT2, "--gpu", "RTX")
+    assert code == 2 and "--gpu RTX could be " in err and "RTX 4090" in err and "RTX 3090" in err
+    assert err.rstrip().endswith("; name one of them.")
+    code, _, err = plan(capsys, GPT2, "--gpu", "H100", "--mfu", "40")
+    assert code == 2 and "--mfu 40.0 must be a fraction in (0, 1]" in err
+    code, _, err = plan(capsys, GPT2, "--measure", "--mfu", "0.4")
+    assert code == 2 and "--mfu goes with the estimate" in err
+    with pytest.raises(SystemExit):  # argparse: one way to get the throughput
+        main(["plan", GPT2, "--gpu", "H100", "--measure"])

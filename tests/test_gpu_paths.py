@@ -99,10 +99,13 @@ def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_pa
     trainer.run()
     events = RunDir(tmp_path / "run").events()
     train = [e for e in events if e["event"] == "train"]
-    overflowed = [e["step"] for e in train if not math.isfinite(e["grad_norm"])]
-    assert len(overflowed) >= 3 and overflowed == list(range(1, len(overflowed) + 1))  # the first steps, in a row
+    finite = [math.isfinite(e["grad_norm"]) for e in train]
+    first_finite = finite.index(True)
+    # The first steps overflow in a row; a later step may overflow again at the halved scale (how often depends
+    # on fp16 rounding), and the scaler skips it the same way.
+    assert first_finite >= 3
     assert not [e for e in events if e["event"] in ("skip", "spike", "rollback")] and trainer.guard.lr_scale == 1.0
-    assert train[-1]["loss"] < train[len(overflowed)]["loss"] - 0.5  # and then it learned
+    assert train[-1]["loss"] < train[first_finite]["loss"] - 0.5  # and then it learned
 
 
 def test_tokens_per_second_leaves_out_the_warm_up_step(tmp_path, char_dataset):

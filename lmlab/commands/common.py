@@ -44,5 +44,16 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse then names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def fmt(value: float | None, spec: str = ".4f", none: str = "-") -> str:
     return none if value is None else format(value, spec)

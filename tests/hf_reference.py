@@ -5,9 +5,12 @@ on and `python -m benchmarks.hf_parity` tabulates: logits, greedy continuations,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from unittest import mock
 
 import torch
+from rich.console import Console
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -20,10 +23,13 @@ from transformers import (
 )
 
 from lmlab.config import SamplingParams, load_config
+from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.generate import stream_ids
+from lmlab.hf import export_hf
 from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
+from tests.conftest import tiny_tiktoken, write_config
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64)
@@ -58,6 +64,7 @@ EXPORTS: dict[str, tuple[str, list[str]]] = {
     "qwen3 untied": ("qwen3", [*LLAMA_OPTIONS, "model.qk_norm=true", "model.tie_embeddings=false",
                                "model.norm_eps=1e-6", "model.rope_theta=1e6"]),
 }
+KINDS = {"char": "char", "word": "word:200", "bpe": "bpe:300", "gpt2": "gpt2", "tiktoken": "tiktoken:tiny"}
 TRAIN = ["train.max_iters=20", "train.eval_interval=20", "train.eval_iters=2", "train.checkpoint_interval=20",
          "train.dtype=float32", "train.compile=false", "train.threads=1"]
 
@@ -89,7 +96,19 @@ def tiny_hf(folder: Path, case: str, tokenizer: Tokenizer | None, vocab_size: in
 
 def train_run(run: Path, config: Path, options: list[str]) -> Path:
     """A tiny lmlab run: 20 steps of `config` (conftest's TINY_CONFIG) with `options`."""
-    Trainer(load_config(config, [*TRAIN, *options]), run, "cpu").run()
+    Trainer(load_config(config, [*TRAIN, *options]), run, "cpu", console=Console(quiet=True)).run()
+    return run
+
+
+def kind_run(root: Path, kind: str, corpus: Path, gpt2_dir: Path) -> Path:
+    """A tiny run of tokenizer KINDS[kind] trained on `corpus` under `root`, exported to `root/<kind>-hf`
+    (gpt2 reads GPT-2-format files from `gpt2_dir`, tiktoken a tiny encoding written here)."""
+    tiny_tiktoken(root / "tiktoken")
+    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": str(root / "tiktoken")}):
+        dataset, _, _ = prepare([str(corpus)], KINDS[kind], out_dir=root / "data",
+                                options=PrepareOptions(gpt2_dir=gpt2_dir, workers=1))
+    run = train_run(root / kind, write_config(root / f"{kind}.toml", dataset), [])
+    export_hf(run, root / f"{kind}-hf")
     return run
 
 

@@ -23,7 +23,8 @@ from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import train_tokenizer
 from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run
-from lmlab.hf import export_hf, export_problems, import_hf
+from lmlab.hf import FAMILIES, export_hf, export_problems, import_hf
+from lmlab.model.gpt import GPT
 from lmlab.rundir import RunDir
 from tests.conftest import LMLAB, lmlab, write_config
 
@@ -113,6 +114,26 @@ def test_sharded_weights_and_a_shorter_context(tmp_path, bpe):
     gpt2 = tiny_hf(tmp_path / "gpt2", "gpt2", bpe)  # learned positions: the first rows of the table are kept
     import_hf(gpt2, tmp_path / "short-gpt2", block_size=16)
     assert max_diff(lmlab_logits(tmp_path / "short-gpt2", ids), hf_logits(gpt2, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Qwen3-0.6B"])
+def test_the_published_configs_map_onto_the_same_tensors(name):
+    """The config.json of GPT-2 small, SmolLM2-135M and Qwen3-0.6B, read by lmlab and by transformers, give the
+    same tensors under import's mapping, and the same parameter count (sized on the meta device: no memory)."""
+    path = Path(__file__).parent / "data" / "hf_configs" / f"{name}.json"
+    raw = json.loads(path.read_text())
+    family = FAMILIES[raw["model_type"]]
+    cfg = ModelConfig(**family.model_options(raw, path))
+    with torch.device("meta"):
+        ours = GPT(cfg)
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**raw))
+    state = theirs.state_dict()
+    used = {n for lmlab_name in ours.state_dict() for n in family.hf_names(lmlab_name)}
+    assert {n: v.shape for n, v in family.to_lmlab(state.get, ours)}  # every shape as lmlab's, or UserError
+    assert set(state) - used <= {"lm_head.weight"}  # nothing of theirs left behind (but a tied head)
+    assert ours.num_params() - theirs.num_parameters() == (50304 - 50257) * 768 * (name == "gpt2")  # padding
+    expected = {"gpt2": 124_439_808, "SmolLM2-135M": 134_515_008, "Qwen3-0.6B": 596_049_920}[name]
+    assert theirs.num_parameters() == expected
 
 
 def edit_config(folder: Path, **changes) -> Path:

@@ -14,38 +14,31 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmlab.config import SamplingParams
-from lmlab.data.prepare import PrepareOptions, prepare
+from lmlab.data.prepare import prepare
 from lmlab.data.shards import open_tokens
 from lmlab.data.tokenizers import EOT, Tokenizer, train_tokenizer
 from lmlab.errors import UserError
 from lmlab.generate import document_start, stream_ids
-from lmlab.hf import export_hf, import_hf
+from lmlab.hf import import_hf
 from lmlab.prompt import alpaca_format
 from lmlab.rundir import RunDir
-from tests.conftest import tiny_tiktoken, write_config, write_corpus
+from tests.conftest import write_corpus
 
 transformers = pytest.importorskip("transformers")
-from tests.hf_reference import tiny_hf, train_run  # noqa: E402  (needs transformers)
+from tests.hf_reference import KINDS, kind_run, tiny_hf  # noqa: E402  (needs transformers)
 
-KINDS = {"char": "char", "word": "word:200", "bpe": "bpe:300", "gpt2": "gpt2", "tiktoken": "tiktoken:tiny"}
 EACH_KIND = [pytest.param(k, marks=pytest.mark.slow if k in ("gpt2", "tiktoken") else ()) for k in KINDS]
 
 
 class KindRuns(dict):
-    """A tiny trained run of each tokenizer kind, made when first asked for and exported to `<run>-hf`."""
+    """A tiny trained run of each tokenizer kind (`kind_run`), made when a test first asks for it."""
 
     def __init__(self, root: Path, corpus: Path, gpt2_dir: Path):
         super().__init__()
         self.root, self.corpus, self.gpt2_dir = root, corpus, gpt2_dir
 
     def __missing__(self, kind: str) -> Path:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("TIKTOKEN_CACHE_DIR", str(self.root / "tiktoken"))
-            tiny_tiktoken(self.root / "tiktoken")
-            dataset, _, _ = prepare([str(self.corpus)], KINDS[kind], out_dir=self.root / "data",
-                                    options=PrepareOptions(gpt2_dir=self.gpt2_dir, workers=1))
-        self[kind] = train_run(self.root / kind, write_config(self.root / f"{kind}.toml", dataset), [])
-        export_hf(self[kind], self.root / f"{kind}-hf")
+        self[kind] = kind_run(self.root, kind, self.corpus, self.gpt2_dir)
         return self[kind]
 
 

@@ -66,7 +66,7 @@ EXPORTS: dict[str, tuple[str, list[str]]] = {
 }
 KINDS = {"char": "char", "word": "word:200", "bpe": "bpe:300", "gpt2": "gpt2", "tiktoken": "tiktoken:tiny"}
 TRAIN = ["train.max_iters=20", "train.eval_interval=20", "train.eval_iters=2", "train.checkpoint_interval=20",
-         "train.dtype=float32", "train.compile=false", "train.threads=1"]
+         "train.dtype=float32", "train.compile=false"]
 
 
 def write_tokenizer_files(folder: Path, tokenizer: Tokenizer) -> None:

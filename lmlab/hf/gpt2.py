@@ -10,17 +10,7 @@ from typing import Any
 import torch
 
 from lmlab.config import ModelConfig
-from lmlab.hf.family import (
-    Family,
-    Lookup,
-    Rule,
-    any_value,
-    default_eps,
-    equals,
-    own_eps,
-    read,
-    refuse,
-)
+from lmlab.hf.family import Family, Lookup, Rule, any_value, default_eps, equals, own_eps, read, refuse
 from lmlab.model.gpt import GPT, mlp_width
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -9,16 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config import ModelConfig
-from lmlab.hf.family import (
-    Family,
-    Rule,
-    any_value,
-    default_eps,
-    equals,
-    own_eps,
-    read,
-    refuse,
-)
+from lmlab.hf.family import Family, Rule, any_value, default_eps, equals, own_eps, read, refuse
 from lmlab.model.gpt import mlp_width, swiglu_hidden
 
 # lmlab's block tensors -> the family's, concatenated in this order (q, k, v; gate, up).

@@ -22,8 +22,6 @@ from rich.table import Table
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import train_tokenizer
-from lmlab.generate import stream_ids
-from lmlab.config import SamplingParams
 from lmlab.hf import export_hf, import_hf
 from lmlab.rundir import RunDir
 from tests.conftest import write_config, write_corpus, write_tiny_gpt2
@@ -37,7 +35,9 @@ from tests.hf_reference import (
     lmlab_greedy,
     lmlab_logits,
     max_diff,
+    pipeline_text,
     random_ids,
+    sampler_text,
     tiny_hf,
     tokenizer_ids,
     train_run,
@@ -78,18 +78,9 @@ def tokenizers(root: Path, corpus: Path, gpt2_dir: Path) -> dict[str, tuple[int,
         theirs, ours = tokenizer_ids(folder, run, texts)
         hf_tokenizer, tokenizer = transformers.AutoTokenizer.from_pretrained(folder), RunDir(run).tokenizer()
         decoded = sum(hf_tokenizer.decode(ids) == tokenizer.decode(ids) for ids in ours)
-        rows[kind] = (len(texts), sum(a == b for a, b in zip(theirs, ours)), decoded, pipeline_agrees(folder, run))
+        agrees = pipeline_text(folder, "ROMEO:") == sampler_text(run, "ROMEO:")
+        rows[kind] = (len(texts), sum(a == b for a, b in zip(theirs, ours)), decoded, agrees)
     return rows
-
-
-def pipeline_agrees(folder: Path, run: Path) -> bool:
-    """pipeline("text-generation") continues "ROMEO:" greedily as lmlab's sampler does, up to end-of-text."""
-    text = transformers.pipeline("text-generation", model=str(folder), device="cpu")(
-        "ROMEO:", max_new_tokens=12, do_sample=False)[0]["generated_text"]
-    loaded = RunDir(run).load("best", "cpu")
-    ids = list(stream_ids(loaded.model, loaded.tokenizer.encode("ROMEO:"), SamplingParams(12, temperature=0)))
-    eot = loaded.tokenizer.eot_id
-    return text == "ROMEO:" + loaded.tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)
 
 
 def main() -> None:

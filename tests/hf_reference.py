@@ -20,6 +20,7 @@ from transformers import (
     LlamaForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    pipeline,
 )
 
 from lmlab.config import SamplingParams, load_config
@@ -141,6 +142,20 @@ def hf_greedy(folder: Path, prompt: list[int], n: int = 20) -> list[int]:
 def lmlab_greedy(run: Path, prompt: list[int], n: int = 20) -> list[int]:
     model = RunDir(run).load("best", "cpu").model
     return list(stream_ids(model, prompt, SamplingParams(max_new_tokens=n, temperature=0)))
+
+
+def pipeline_text(folder: Path, prompt: str, n: int = 12) -> str:
+    """The prompt and its greedy continuation by transformers' pipeline("text-generation")."""
+    generate = pipeline("text-generation", model=str(folder), device="cpu")
+    return generate(prompt, max_new_tokens=n, do_sample=False)[0]["generated_text"]
+
+
+def sampler_text(run: Path, prompt: str, n: int = 12) -> str:
+    """The same by lmlab's sampler, cut where transformers stops: before the end-of-text token."""
+    loaded = RunDir(run).load("best", "cpu")
+    ids = list(stream_ids(loaded.model, loaded.tokenizer.encode(prompt), SamplingParams(n, temperature=0)))
+    eot = loaded.tokenizer.eot_id
+    return prompt + loaded.tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)
 
 
 def tokenizer_ids(folder: Path, run: Path, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:

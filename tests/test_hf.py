@@ -23,7 +23,7 @@ from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import train_tokenizer
 from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run
-from lmlab.hf import FAMILIES, export_hf, export_problems, import_hf
+from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
 from lmlab.model.gpt import GPT
 from lmlab.rundir import RunDir
 from tests.conftest import LMLAB, lmlab, write_config
@@ -116,6 +116,13 @@ def test_sharded_weights_and_a_shorter_context(tmp_path, bpe):
     assert max_diff(lmlab_logits(tmp_path / "short-gpt2", ids), hf_logits(gpt2, ids)) < 1e-4
 
 
+# config.json keys that change a model's logits (dropout and initialisation do not).
+LOGIT_KEYS = {"model_type", "architectures", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+              "activation_function", "layer_norm_epsilon", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+              "rms_norm_eps", "rope_theta", "attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"}
+
+
 @pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Qwen3-0.6B"])
 def test_the_published_configs_map_onto_the_same_tensors(name):
     """The config.json of GPT-2 small, SmolLM2-135M and Qwen3-0.6B, read by lmlab and by transformers, give the
@@ -134,6 +141,10 @@ def test_the_published_configs_map_onto_the_same_tensors(name):
     assert ours.num_params() - theirs.num_parameters() == (50304 - 50257) * 768 * (name == "gpt2")  # padding
     expected = {"gpt2": 124_439_808, "SmolLM2-135M": 134_515_008, "Qwen3-0.6B": 596_049_920}[name]
     assert theirs.num_parameters() == expected
+    # Exported again, the model is the same family with every number that shapes its logits as it was.
+    assert choose_family(cfg) is family
+    written = family.write_config(cfg, raw["eos_token_id"])
+    assert {k: written[k] for k in raw if k in LOGIT_KEYS} == {k: v for k, v in raw.items() if k in LOGIT_KEYS}
 
 
 def edit_config(folder: Path, **changes) -> Path:
@@ -210,7 +221,7 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
     assert (f"{run} cannot be exported as any of gpt2, llama, qwen3 (closest: gpt2): model.norm = 'rmsnorm' cannot "
             "be exported: GPT-2 normalises with LayerNorm, not RMSNorm.") in err
     with pytest.raises(UserError, match="cannot be exported as llama: model.pos_emb = 'learned' cannot be exported: "
-                                        "it rotates .* model.mlp = 'gelu' cannot be exported: its MLP is SwiGLU"):
+                                        "Llama and Qwen3 rotate .* model.mlp = 'gelu' cannot be exported: the MLP"):
         export_hf(run, tmp_path / "out", arch="llama")
     assert not (tmp_path / "out").exists()
     # A field no family's rules know is refused, so later options stay unexportable until a family is taught them.

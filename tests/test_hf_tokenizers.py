@@ -13,19 +13,18 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmlab.config import SamplingParams
 from lmlab.data.prepare import prepare
 from lmlab.data.shards import open_tokens
 from lmlab.data.tokenizers import EOT, Tokenizer, train_tokenizer
 from lmlab.errors import UserError
-from lmlab.generate import document_start, stream_ids
+from lmlab.generate import document_start
 from lmlab.hf import import_hf
 from lmlab.prompt import alpaca_format
 from lmlab.rundir import RunDir
 from tests.conftest import write_corpus
 
 transformers = pytest.importorskip("transformers")
-from tests.hf_reference import KINDS, kind_run, tiny_hf  # noqa: E402  (needs transformers)
+from tests.hf_reference import KINDS, kind_run, pipeline_text, sampler_text, tiny_hf  # noqa: E402
 
 EACH_KIND = [pytest.param(k, marks=pytest.mark.slow if k in ("gpt2", "tiktoken") else ()) for k in KINDS]
 
@@ -68,13 +67,7 @@ def test_autotokenizer_gives_the_runs_ids_and_text(kind, kind_runs, corpus_dir):
 @pytest.mark.parametrize("kind", EACH_KIND)
 def test_the_exported_folder_runs_in_a_text_generation_pipeline(kind, kind_runs):
     run, folder = kind_runs[kind], kind_runs[kind].with_name(f"{kind}-hf")
-    generate = transformers.pipeline("text-generation", model=str(folder), device="cpu")
-    text = generate("ROMEO:", max_new_tokens=12, do_sample=False)[0]["generated_text"]
-    loaded = RunDir(run).load("best", "cpu")
-    ids = list(stream_ids(loaded.model, loaded.tokenizer.encode("ROMEO:"), SamplingParams(12, temperature=0)))
-    eot = loaded.tokenizer.eot_id
-    expected = loaded.tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)  # transformers stops there
-    assert text == "ROMEO:" + expected
+    assert pipeline_text(folder, "ROMEO:") == sampler_text(run, "ROMEO:")
 
 
 @pytest.mark.parametrize("kind", EACH_KIND)
@@ -145,6 +138,11 @@ def test_import_needs_a_tokenizer_that_fits_the_model(tmp_path, corpus_dir, hf_g
                                         r"tokenizer\.$"):
         import_hf(bare, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="is neither a folder nor a tokenizer.json file"):
+        import_hf(bare, tmp_path / "run", tokenizer=tmp_path / "nowhere")
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(UserError, match="is not a tokenizer the tokenizers library reads"):
+        import_hf(bare, tmp_path / "run", tokenizer=tmp_path / "tokenizer.json")
     bpe.save(tmp_path / "tokenizer.json")
     import_hf(bare, tmp_path / "run", tokenizer=tmp_path / "tokenizer.json")
     assert RunDir(tmp_path / "run").tokenizer().encode("ROMEO:") == bpe.encode("ROMEO:")

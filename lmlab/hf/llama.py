@@ -28,10 +28,10 @@ COMMON: dict[str, Rule] = {
                                           "tie_embeddings", "n_kv_head", "head_dim", "mlp_hidden", "rope_theta",
                                           "norm_eps", "rnn_cell")},
     "gelu_approx": (any_value, ""),  # read only by the GELU MLP, which `mlp` refuses
-    "kind": (equals("kind", "gpt"), "it is a transformer, not a recurrent model"),
-    "pos_emb": (equals("pos_emb", "rope"), "it rotates queries and keys (RoPE) and has no learned position table"),
-    "norm": (equals("norm", "rmsnorm"), "it normalises with RMSNorm, not LayerNorm"),
-    "mlp": (equals("mlp", "swiglu"), "its MLP is SwiGLU (a SiLU-gated MLP), not GELU"),
+    "kind": (equals("kind", "gpt"), "Llama and Qwen3 are transformers, not recurrent models"),
+    "pos_emb": (equals("pos_emb", "rope"), "Llama and Qwen3 rotate queries and keys (RoPE), with no position table"),
+    "norm": (equals("norm", "rmsnorm"), "Llama and Qwen3 normalise with RMSNorm, not LayerNorm"),
+    "mlp": (equals("mlp", "swiglu"), "the MLP of Llama and Qwen3 is SwiGLU (SiLU-gated), not GELU"),
 }
 LLAMA_RULES = {**COMMON, "bias": (any_value, ""),  # attention_bias and mlp_bias both
                "qk_norm": (equals("qk_norm", False), "Llama does not normalise queries and keys; Qwen3 does "

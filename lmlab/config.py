@@ -36,7 +36,8 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
 # The fields each model kind reads besides kind, n_layer, n_embd, block_size, dropout, vocab_size and
 # tie_embeddings; the others are ignored by that kind (`ModelConfig.ignored_fields` names any set anyway).
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head"),
+    "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head", "head_dim",
+            "mlp_hidden", "rope_theta", "norm_eps"),
     "recurrent": ("rnn_cell",),
 }
 
@@ -58,6 +59,10 @@ class ModelConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
     n_kv_head: int = 0  # key/value heads; 0: n_head; fewer: grouped-query attention (must divide n_head)
+    head_dim: int = 0  # width of each attention head; 0: n_embd / n_head (Qwen3 models set it wider)
+    mlp_hidden: int = 0  # the MLP's hidden width; 0: 4 x n_embd (gelu), or ~8/3 x n_embd (swiglu, same params)
+    rope_theta: float = 10000.0  # rotary base: channel pair i turns by position x theta^(-2i / head width)
+    norm_eps: float = 0.0  # epsilon of every norm, QK-norm too; 0: torch's (LayerNorm 1e-5, RMSNorm machine eps)
     rnn_cell: str = "gru"  # gru | lstm: the recurrent model's cell
 
     def __post_init__(self) -> None:
@@ -71,6 +76,13 @@ class ModelConfig:
             self._check_heads()
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
+        for name in ("head_dim", "mlp_hidden"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.{name} ({getattr(self, name)}) must be positive, or 0 for the default.")
+        if self.rope_theta <= 0:
+            raise UserError(f"model.rope_theta ({self.rope_theta}) must be positive, e.g. 10000.")
+        if self.norm_eps < 0:
+            raise UserError(f"model.norm_eps ({self.norm_eps}) must be positive, or 0 for torch's default.")
 
     def _check_heads(self) -> None:
         if self.n_embd % self.n_head:
@@ -78,9 +90,9 @@ class ModelConfig:
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
                 "change one of them."
             )
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise UserError(f"model.pos_emb = \"rope\" needs an even head size; n_embd / n_head is "
-                            f"{self.n_embd // self.n_head}, change one of them.")
+        if self.pos_emb == "rope" and self.head_size % 2:
+            raise UserError(f"model.pos_emb = \"rope\" needs an even head size; it is {self.head_size} "
+                            "(model.head_dim, or n_embd / n_head), change it.")
         if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
             raise UserError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head}); "
                             "use 0 for as many as n_head.")
@@ -88,6 +100,10 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
 
     def ignored_fields(self) -> list[str]:
         """Fields set away from their defaults that this model kind does not read (e.g. n_head of a recurrent

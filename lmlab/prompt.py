@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmlab.data.tokenizers import EOT, Tokenizer
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
 
 
@@ -37,7 +37,7 @@ def alpaca_format(tokenizer: Tokenizer) -> PromptFormat:
                     "### Input:\n{input}\n\n### Response:\n"),
         without_input=(f"{head}. Write a response that appropriately completes the request.\n\n"
                        "### Instruction:\n{instruction}\n\n### Response:\n"),
-        end=EOT if tokenizer.eot_id is not None else "\n\n",
+        end=tokenizer.eot_token or "\n\n",
     )
 
 

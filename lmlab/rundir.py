@@ -208,11 +208,11 @@ class RunDir:
             return {}
 
     def tokenizer(self) -> Tokenizer:
-        spec = self.dataset().get("tokenizer")
-        if not spec or not (self.path / "tokenizer.json").exists():
-            raise UserError(f"{self.path} has no tokenizer (tokenizer.json and its spec in dataset.json); import it "
-                            "from a folder that has the tokenizer files.")
-        return Tokenizer.load(self.path / "tokenizer.json", spec)
+        facts = self.dataset()
+        if not facts.get("tokenizer") or not (self.path / "tokenizer.json").exists():
+            raise UserError(f"{self.path} has no tokenizer (tokenizer.json and its spec in dataset.json); import the "
+                            "model again with `lmlab import-hf DIR --tokenizer DIR_OR_FILE --out NEW_RUN`.")
+        return Tokenizer.load(self.path / "tokenizer.json", facts["tokenizer"], facts.get("eot_id"))
 
     def prompt_format(self) -> PromptFormat | None:
         """The format a fine-tuned run was taught with; None for other runs."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import subprocess
@@ -146,6 +147,16 @@ def imported_gpt2(tmp_path_factory, hf_gpt2) -> Path:
     from lmlab.hf import import_hf
 
     return Path(import_hf(hf_gpt2, tmp_path_factory.mktemp("runs") / "tiny-gpt2")["run"])
+
+
+def tiny_tiktoken(folder: Path) -> dict[bytes, int]:
+    """A small encoding in tiktoken's file format: every byte, then a few merges."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for token in (b"th", b"the", b" t", b" the", b"er", b" a", b"an", b"and", b" and", b"<|", b"|>", b"end"):
+        ranks[token] = len(ranks)
+    folder.mkdir(exist_ok=True)
+    (folder / "tiny.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
 
 
 ALPACA_TINY = Path(__file__).parent / "data" / "alpaca_tiny.json"

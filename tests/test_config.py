@@ -51,6 +51,12 @@ def test_invalid_values_are_rejected():
         build_config({"model": {"n_kv_head": 4}}, "x")
     with pytest.raises(UserError, match="even head size"):
         build_config({"model": {"n_embd": 30, "n_head": 2, "pos_emb": "rope"}}, "x")
+    with pytest.raises(UserError, match=r"even head size; it is 9 \(model.head_dim"):
+        build_config({"model": {"head_dim": 9, "pos_emb": "rope"}}, "x")
+    for field, value, rule in (("head_dim", -1, "positive, or 0 for the default"), ("mlp_hidden", -8, "positive"),
+                               ("rope_theta", 0.0, "positive, e.g. 10000"), ("norm_eps", -1e-6, "positive, or 0")):
+        with pytest.raises(UserError, match=rf"model.{field} \({value}\) must be {rule}"):
+            build_config({"model": {field: value}}, "x")
     with pytest.raises(UserError, match="train.optimizer"):
         build_config({"train": {"optimizer": "sgd"}}, "x")
     with pytest.raises(UserError, match="train.decay_fraction"):

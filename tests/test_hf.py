@@ -1,12 +1,18 @@
-"""GPT-2 import and export against transformers' own model, the gpt2 tokenizer from local files, and
-evaluating an imported run on a prepared dataset."""
+"""import-hf and export-hf against transformers' own models (tests/hf_reference.py): every family lmlab reads and
+writes, logits to 1e-4 and greedy continuations token for token, both ways; what is refused, and why."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,72 +20,267 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.data.prepare import prepare
+from lmlab.data.tokenizers import train_tokenizer
 from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run
-from lmlab.hf import export_hf, export_problems, import_hf
+from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
+from lmlab.model.gpt import GPT
 from lmlab.rundir import RunDir
-from tests.conftest import lmlab, write_config, write_tiny_gpt2
+from tests.conftest import LMLAB, lmlab, write_config
 
 transformers = pytest.importorskip("transformers")
-def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        return model(ids).logits
+from tests.hf_reference import (  # noqa: E402  (needs transformers)
+    EXPORTS,
+    IMPORTS,
+    hf_greedy,
+    hf_logits,
+    lmlab_greedy,
+    lmlab_logits,
+    max_diff,
+    random_ids,
+    tiny_hf,
+    train_run,
+)
+
+FAST = ("gpt2", "llama gqa untied bias", "qwen3")  # the exports `make test-fast` runs; `make test` runs them all
 
 
-def lmlab_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
-    model = RunDir(run).load("best", "cpu", need_tokenizer=False).model
-    with torch.no_grad():
-        return model(ids)[0]
+@pytest.fixture(scope="module")
+def bpe(corpus_dir):
+    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    return train_tokenizer("bpe:300", texts, texts)
+
+
+@pytest.mark.parametrize("case", IMPORTS)
+def test_an_imported_model_computes_what_transformers_does(tmp_path, case, bpe):
+    # Some models have more embedding rows than the tokenizer has tokens, as Qwen3's do.
+    source = tiny_hf(tmp_path / "hf", case, bpe, vocab_size=bpe.vocab_size + (7 if "untied" in case else 0))
+    result = import_hf(source, tmp_path / "run")
+    assert result["family"] == case.split()[0]
+    ids = random_ids(bpe.vocab_size)
+    assert max_diff(lmlab_logits(tmp_path / "run", ids), hf_logits(source, ids)) < 1e-4
+    prompt = bpe.encode("ROMEO:\nSweet")
+    assert lmlab_greedy(tmp_path / "run", prompt) == hf_greedy(source, prompt)
+    run = RunDir(tmp_path / "run")
+    start = run.events()[0]
+    assert start["kind"] == "imported" and start["origin"]["format"] == f"huggingface {case.split()[0]}"
+    assert run.tokenizer().encode("JULIET: fair moon") == bpe.encode("JULIET: fair moon")
+    assert run.tokenizer().eot_id == bpe.eot_id
+
+
+@pytest.mark.parametrize("case", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow)
+                                  for n in EXPORTS])
+def test_an_exported_run_computes_in_transformers_what_it_does_in_lmlab(tmp_path, case, char_dataset):
+    family, options = EXPORTS[case]
+    run = train_run(tmp_path / "run", write_config(tmp_path / "tiny.toml", char_dataset), options)
+    assert export_hf(run, tmp_path / "out")["family"] == family  # what --arch auto picks
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == family
+    ids = random_ids(RunDir(run).config().model.vocab_size)
+    assert max_diff(hf_logits(tmp_path / "out", ids), lmlab_logits(run, ids)) < 1e-4
+    prompt = RunDir(run).tokenizer().encode("ROMEO:\n")
+    assert hf_greedy(tmp_path / "out", prompt) == lmlab_greedy(run, prompt)
+    # And back in: the same options (norm epsilon, widths, heads, theta) and the same numbers.
+    import_hf(tmp_path / "out", tmp_path / "back")
+    assert RunDir(tmp_path / "back").config().model == RunDir(run).config().model
+    assert max_diff(lmlab_logits(tmp_path / "back", ids), lmlab_logits(run, ids)) == 0
+
+
+def test_a_padded_vocabulary_is_restored_on_import_and_cut_on_export(tmp_path, bpe):
+    source = tiny_hf(tmp_path / "hf", "llama gqa untied bias", bpe, vocab_size=1090)  # lmlab pads it to 1152
+    import_hf(source, tmp_path / "run")
+    model = RunDir(tmp_path / "run").load("best", "cpu").model
+    assert model.transformer.wte.weight.shape[0] == model.lm_head.weight.shape[0] == 1152
+    ids = random_ids(1090)
+    torch.testing.assert_close(lmlab_logits(tmp_path / "run", ids), hf_logits(source, ids), atol=1e-4, rtol=0)
+    export_hf(tmp_path / "run", tmp_path / "out")
+    torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(source, ids), atol=1e-4, rtol=0)
+    with pytest.raises(UserError, match="already exists"):  # never overwrites
+        export_hf(tmp_path / "run", tmp_path / "out")
+
+
+def test_sharded_weights_and_a_shorter_context(tmp_path, bpe):
+    source = tiny_hf(tmp_path / "hf", "qwen3", bpe)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    import_hf(tmp_path / "sharded", tmp_path / "run", block_size=16)
+    assert RunDir(tmp_path / "run").config().model.block_size == 16
+    ids = random_ids(bpe.vocab_size, length=16)
+    assert max_diff(lmlab_logits(tmp_path / "run", ids), hf_logits(source, ids)) < 1e-4
+    with pytest.raises(UserError, match="--block-size 65 must be between 1 and the model's context, 64"):
+        import_hf(source, tmp_path / "long", block_size=65)
+    gpt2 = tiny_hf(tmp_path / "gpt2", "gpt2", bpe)  # learned positions: the first rows of the table are kept
+    import_hf(gpt2, tmp_path / "short-gpt2", block_size=16)
+    assert max_diff(lmlab_logits(tmp_path / "short-gpt2", ids), hf_logits(gpt2, ids)) < 1e-4
+
+
+# config.json keys that change a model's logits (dropout and initialisation do not).
+LOGIT_KEYS = {"model_type", "architectures", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+              "activation_function", "layer_norm_epsilon", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+              "rms_norm_eps", "rope_theta", "attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Qwen3-0.6B"])
+def test_the_published_configs_map_onto_the_same_tensors(name):
+    """The config.json of GPT-2 small, SmolLM2-135M and Qwen3-0.6B, read by lmlab and by transformers, give the
+    same tensors under import's mapping, and the same parameter count (sized on the meta device: no memory)."""
+    path = Path(__file__).parent / "data" / "hf_configs" / f"{name}.json"
+    raw = json.loads(path.read_text())
+    family = FAMILIES[raw["model_type"]]
+    cfg = ModelConfig(**family.model_options(raw, path))
+    with torch.device("meta"):
+        ours = GPT(cfg)
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**raw))
+    state = theirs.state_dict()
+    used = {n for lmlab_name in ours.state_dict() for n in family.hf_names(lmlab_name)}
+    assert {n: v.shape for n, v in family.to_lmlab(state.get, ours)}  # every shape as lmlab's, or UserError
+    assert set(state) - used <= {"lm_head.weight"}  # nothing of theirs left behind (but a tied head)
+    assert ours.num_params() - theirs.num_parameters() == (50304 - 50257) * 768 * (name == "gpt2")  # padding
+    expected = {"gpt2": 124_439_808, "SmolLM2-135M": 134_515_008, "Qwen3-0.6B": 596_049_920}[name]
+    assert theirs.num_parameters() == expected
+    # Exported again, the model is the same family with every number that shapes its logits as it was.
+    assert choose_family(cfg) is family
+    written = family.write_config(cfg, raw["eos_token_id"])
+    assert {k: written[k] for k in raw if k in LOGIT_KEYS} == {k: v for k, v in raw.items() if k in LOGIT_KEYS}
+
+
+def edit_config(folder: Path, **changes) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("case, changes, message", [
+    ("llama", {"model_type": "mistral"}, "describes a 'mistral' model; import-hf reads gpt2, llama, qwen3 models"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
+     "rope_type = 'llama3' scales the rotary frequencies"),
+    ("llama", {"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     "rope_type = 'linear' scales the rotary frequencies"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' gates the MLP with another activation"),
+    ("llama", {"attention_bias": True}, "attention_bias = True with mlp_bias = False puts biases in one half"),
+    ("qwen3", {"use_sliding_window": True}, "use_sliding_window = True attends within a sliding window"),
+    ("qwen3", {"attention_bias": True}, "attention_bias = True puts biases in attention but not in the MLP"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is a GPT-2 variant"),
+    ("gpt2", {"n_head": 3}, "describes a model lmlab cannot build: model.n_embd .32. must be divisible by"),
+    ("gpt2", {"n_layer": "2"}, "n_layer is '2', not a positive int"),
+    ("llama", {"hidden_size": None}, "has no hidden_size"),
+    ("llama", {"quantization_config": {"quant_method": "bitsandbytes"}}, "describes a quantized checkpoint"),
+])
+def test_variants_lmlab_does_not_compute_are_refused_by_name(tmp_path, bpe, case, changes, message):
+    source = edit_config(tiny_hf(tmp_path / "hf", case, bpe), **changes)
+    with pytest.raises(UserError) as caught:
+        import_hf(source, tmp_path / "run")
+    assert re.search(message, str(caught.value)) and "\n" not in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_hf_refuses_in_one_sentence_and_writes_nothing(tmp_path, bpe):
+    source = edit_config(tiny_hf(tmp_path / "hf", "llama", bpe), rope_parameters={"rope_type": "yarn"})
+    err = lmlab("import-hf", source, "--out", tmp_path / "run", cwd=tmp_path, ok=False).stderr
+    assert err == f"error: {source / 'config.json'}: rope_type = 'yarn' scales the rotary frequencies, which " \
+                  "lmlab's model does not compute; import-hf takes the standard variant of the family.\n"
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.tmp-*"))
+    err = lmlab("import-hf", source, "--out", tmp_path / "run", "--block-size", "0", cwd=tmp_path, ok=False).stderr
+    assert "argument --block-size: '0' is not a whole number of at least 1" in err
+
+
+def test_weights_lmlab_cannot_read_are_refused_with_the_reason(tmp_path, bpe):
+    source = tiny_hf(tmp_path / "hf", "llama", bpe)
+    (source / "model.safetensors").rename(source / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"only in PyTorch's own format \(pytorch_model.bin\), which can run code"):
+        import_hf(source, tmp_path / "run")
+    (source / "model.safetensors").write_bytes(b"\x08" + bytes(20))  # not safetensors
+    with pytest.raises(UserError, match="is not a readable safetensors file"):
+        import_hf(source, tmp_path / "run")
+    other = tiny_hf(tmp_path / "other", "qwen3", bpe)  # a Qwen3's tensors under a Llama config
+    shutil.copy(other / "model.safetensors", source / "model.safetensors")
+    with pytest.raises(UserError, match="the weights' .* has shape .* but config.json implies"):
+        import_hf(source, tmp_path / "run")
+    edit_config(source, model_type="qwen3", head_dim=8)
+    shutil.copy(tiny_hf(tmp_path / "plain", "llama", bpe) / "model.safetensors", source / "model.safetensors")
+    with pytest.raises(UserError, match="no tensor model.layers.0.self_attn.q_norm.weight; the checkpoint is "
+                                        "incomplete or not qwen3"):
+        import_hf(source, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_dataset):
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    qwen = ModelConfig(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2)
+    assert export_problems(qwen, "qwen3") == []
+    assert export_problems(qwen, "llama") == ["model.qk_norm = True cannot be exported: Llama does not normalise "
+                                              "queries and keys; Qwen3 does (--arch qwen3)."]
+    assert export_problems(ModelConfig(), "gpt2") == []
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(config.read_text().replace("n_layer = 2", "n_layer = 2\nnorm = \"rmsnorm\""))
+    err = lmlab("export-hf", run, tmp_path / "out", cwd=tmp_path, ok=False).stderr
+    assert (f"{run} cannot be exported as any of gpt2, llama, qwen3 (closest: gpt2): model.norm = 'rmsnorm' cannot "
+            "be exported: GPT-2 normalises with LayerNorm, not RMSNorm.") in err
+    with pytest.raises(UserError, match="cannot be exported as llama: model.pos_emb = 'learned' cannot be exported: "
+                                        "Llama and Qwen3 rotate .* model.mlp = 'gelu' cannot be exported: the MLP"):
+        export_hf(run, tmp_path / "out", arch="llama")
+    assert not (tmp_path / "out").exists()
+    # A field no family's rules know is refused, so later options stay unexportable until a family is taught them.
+    later = dataclasses.make_dataclass("Later", [("sliding_window", int, 0)], bases=(ModelConfig,))
+    assert export_problems(later(), "gpt2") == ["model.sliding_window = 0 is an option export-hf does not know, so "
+                                                "it cannot tell whether gpt2 can express it."]
+
+
+def serve_once(run: Path, path: str, body: dict) -> str:
+    """Start `lmlab serve RUN` on a free local port, POST one request, stop it; the response body."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([LMLAB, "serve", run, "--port", str(port), "--device", "cpu"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
+                                                 {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.read().decode()
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
-def test_import_export_round_trip_matches_transformers(tmp_path, hf_gpt2):
-    vocab = json.loads((hf_gpt2 / "config.json").read_text())["vocab_size"]
-    ids = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(0))
-    reference = hf_logits(hf_gpt2, ids)
-
-    lmlab("import-hf", hf_gpt2, "--out", tmp_path / "runs/imported", cwd=tmp_path)
-    run = tmp_path / "runs/imported"
-    torch.testing.assert_close(lmlab_logits(run, ids), reference, atol=1e-4, rtol=0)
-    events = RunDir(run).events()
-    assert [e["event"] for e in events] == ["start", "end"]
-    assert events[0]["kind"] == "imported" and events[0]["origin"]["source"] == str(hf_gpt2.resolve())
-
-    lmlab("export-hf", run, tmp_path / "exported", cwd=tmp_path)
-    torch.testing.assert_close(hf_logits(tmp_path / "exported", ids), reference, atol=1e-4, rtol=0)
-    text = "ROMEO: sweet night, fair moon<|endoftext|>"  # the exported tokenizer splits text as lmlab does
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
-    assert hf_tokenizer(text)["input_ids"] == RunDir(run).tokenizer().encode(text)
-    with pytest.raises(UserError, match="already exists"):  # never overwrites
-        export_hf(run, tmp_path / "exported")
-
-
-def test_a_padded_vocabulary_is_restored_on_import_and_cut_on_export(tmp_path):
-    source = write_tiny_gpt2(tmp_path / "hf", None, vocab_size=1090, n_positions=64)  # lmlab pads it to 1152
-    ids = torch.randint(0, 1090, (2, 40), generator=torch.Generator().manual_seed(0))
-    import_hf(source, tmp_path / "run")
-    model = RunDir(tmp_path / "run").load("best", "cpu", need_tokenizer=False).model
-    assert model.transformer.wte.weight.shape[0] == 1152
-    torch.testing.assert_close(lmlab_logits(tmp_path / "run", ids), hf_logits(source, ids), atol=1e-4, rtol=0)
-    skipped = export_hf(tmp_path / "run", tmp_path / "out")["tokenizer_skipped"]
-    assert skipped == "tokenizer (none) is not byte-level BPE"
-    torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(source, ids), atol=1e-4, rtol=0)
-
-
-def test_export_refuses_what_gpt2_cannot_express(tmp_path, char_dataset):
-    run = tmp_path / "nobias"
-    run.mkdir()
-    config = write_config(tmp_path / "tiny.toml", char_dataset)
-    (run / "config.toml").write_text(config.read_text().replace("n_layer = 2", "n_layer = 2\nbias = false"))
-    err = lmlab("export-hf", run, tmp_path / "out", cwd=tmp_path, ok=False).stderr
-    assert "model.bias = False cannot be exported: GPT-2 has a bias in every linear layer" in err
-    assert not (tmp_path / "out").exists()
-    assert export_problems(ModelConfig()) == []
-    # A field the export table does not know is refused too, so later options stay unexportable until taught.
-    later = dataclasses.make_dataclass("Later", [("sliding_window", int, 0)], bases=(ModelConfig,))
-    assert export_problems(later()) == ["model.sliding_window = 0 is an option export-hf does not know, so it "
-                                        "cannot tell whether GPT-2 can express it."]
+def test_an_imported_llama_continues_pretraining_and_serves_through_the_cli(tmp_path, bpe, corpus_dir):
+    """The README's worked example, on a tiny Llama: import, prepare a corpus with its tokenizer, train from its
+    weights, evaluate, sample, fine-tune, serve, export again."""
+    # More embedding rows than the tokenizer has tokens, as Qwen3's models have: training takes it.
+    tiny_hf(tmp_path / "SmolLM", "llama gqa", bpe, vocab_size=bpe.vocab_size + 7, max_position_embeddings=256)
+    lmlab("import-hf", tmp_path / "SmolLM", "--out", "runs/smol", cwd=tmp_path)
+    out = lmlab("prepare", corpus_dir, "--tokenizer", "runs/smol", "--name", "plays", cwd=tmp_path).stdout
+    assert "tokenizer pretrained:SmolLM" in out
+    settings = ["--set", "data.dataset=data/plays-pretrainedSmolLM", "--set", "train.max_iters=10", "--set",
+                "train.eval_interval=5", "--set", "train.eval_iters=2", "--set", "train.batch_size=4", "--set",
+                "train.learning_rate=1e-3", "--set", "train.warmup_iters=2"]
+    lmlab("train", "runs/smol/config.toml", "--init-from", "runs/smol", "--run", "runs/more", *settings, cwd=tmp_path)
+    before = json.loads(lmlab("eval", "runs/smol", "--dataset", "data/plays-pretrainedSmolLM", "--json",
+                              cwd=tmp_path).stdout)
+    after = json.loads(lmlab("eval", "runs/more", "--json", cwd=tmp_path).stdout)
+    assert after["loss"] < before["loss"] and math.isfinite(after["bits_per_byte"])
+    sample = lmlab("sample", "runs/more", "--prompt", "ROMEO:", "--max-new-tokens", "12", cwd=tmp_path).stdout
+    assert "ROMEO:" in sample
+    lmlab("finetune", "runs/more", "--data", Path(__file__).parent / "data" / "alpaca_tiny.json", "--set",
+          "finetune.epochs=1", "--run", "runs/sft", cwd=tmp_path)
+    lmlab("sample", "runs/sft", "--instruction", "Name a colour.", "--max-new-tokens", "8", cwd=tmp_path)
+    reply = json.loads(serve_once(tmp_path / "runs/sft", "/v1/chat/completions", {
+        "model": "sft", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}))
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+    lmlab("export-hf", "runs/sft", "exported", cwd=tmp_path)
+    ids = random_ids(bpe.vocab_size)
+    assert max_diff(hf_logits(tmp_path / "exported", ids), lmlab_logits(tmp_path / "runs/sft", ids)) < 1e-4
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Streaming prepare: parquet / jsonl(.gz) sources, shards, resume after a kill, bounded memory,
 dataset statistics and tiktoken tokenizers."""
 
-import base64
 import gzip
 import importlib.util
 import json
@@ -23,7 +22,7 @@ from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
 from lmlab.data.tokenizers import EOT, GPT2_PATTERN, Tokenizer
 from lmlab.errors import UserError
-from tests.conftest import WORDS
+from tests.conftest import WORDS, tiny_tiktoken
 
 
 def documents(n: int, seed: int = 0, words: tuple[int, int] = (5, 120)) -> list[str]:
@@ -178,16 +177,6 @@ def test_memory_stays_bounded_as_the_corpus_grows(tmp_path):
     # Holding the extra ~9 MB of text and its ~2.6M token ids in Python lists, as a whole-corpus prepare
     # does, costs well over 50 MB; streaming holds a few batches and one 100k-token shard buffer.
     assert grown < 16 * 2**10, f"peak RSS grew by {grown / 2**10:.1f} MiB"
-
-
-def tiny_tiktoken(folder: Path) -> dict[bytes, int]:
-    """A small encoding in tiktoken's file format: every byte, then a few merges."""
-    ranks = {bytes([i]): i for i in range(256)}
-    for token in (b"th", b"the", b" t", b" the", b"er", b" a", b"an", b"and", b" and", b"<|", b"|>", b"end"):
-        ranks[token] = len(ranks)
-    folder.mkdir(exist_ok=True)
-    (folder / "tiny.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-    return ranks
 
 
 def test_tiktoken_encodes_end_of_text_in_a_document_as_text(tmp_path, monkeypatch):

@@ -95,6 +95,12 @@ VARIANTS = {
     "gqa": dict(n_head=4, n_kv_head=2),
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False,
                    tie_embeddings=False, n_head=4, n_kv_head=1),
+    "head_dim": dict(pos_emb="rope", n_head=4, head_dim=16),  # q is 64 wide in a 32-wide model
+    "mlp_hidden": dict(mlp_hidden=40),
+    "rope_theta": dict(pos_emb="rope", rope_theta=500000.0),
+    "norm_eps": dict(norm="rmsnorm", qk_norm=True, norm_eps=1e-5),
+    "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_head=4, n_kv_head=2,
+                  head_dim=16, mlp_hidden=48, rope_theta=1e6, norm_eps=1e-6),
     "gru": dict(kind="recurrent"),
     "lstm": dict(kind="recurrent", rnn_cell="lstm"),
 }
@@ -185,3 +191,22 @@ def test_a_kind_that_ignores_a_field_says_so():
         ["n_head", "pos_emb"]
     assert dataclasses.replace(CONFIG, rnn_cell="lstm").ignored_fields() == ["rnn_cell"]
     assert ModelConfig().ignored_fields() == []
+
+
+def test_the_options_transformers_families_need_reach_the_layers():
+    head = variant("head_dim")
+    attn = head.transformer.h[0].attn
+    assert attn.c_attn.weight.shape == (3 * 4 * 16, 32) and attn.c_proj.weight.shape == (32, 4 * 16)
+    assert head.flops_per_token() == 6 * head.num_params() + 12 * 2 * 4 * 16 * 16  # 12·L·H·Q·T
+    assert head.new_cache(1, torch.device("cpu"), torch.float32).k.shape[-1] == 16
+    assert variant("mlp_hidden").transformer.h[0].mlp.c_fc.weight.shape == (40, 32)
+    assert variant("qwen3").transformer.h[0].mlp.c_fc.weight.shape == (2 * 48, 32)  # gate and value
+    # Rotary angles of channel pair i turn by theta^(-2i/Q) per position, as transformers computes them.
+    rope = variant("rope_theta").rotary
+    assert torch.allclose(rope.cos[1], torch.cos(500000.0 ** (-torch.arange(0, 16, 2) / 16)))
+    eps = variant("norm_eps")
+    assert {m.eps for m in eps.modules() if isinstance(m, torch.nn.RMSNorm)} == {1e-5}
+    # The defaults are torch's own, so runs trained before these options compute exactly as they did.
+    assert {m.eps for m in variant("rmsnorm").modules() if isinstance(m, torch.nn.RMSNorm)} == {None}
+    assert {m.eps for m in model().modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    assert torch.allclose(variant("rope").rotary.cos[1], torch.cos(10000.0 ** (-torch.arange(0, 16, 2) / 16)))

@@ -95,3 +95,15 @@ def add_sampling(parser: argparse.ArgumentParser, **defaults: Any) -> None:
 def sampling(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams of the options `add_sampling` added (checked: a bad value is one sentence)."""
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse then names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+

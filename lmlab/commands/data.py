@@ -69,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", nargs="+", help="`shakespeare`, hf:OWNER/NAME[:CONFIG], or .txt/.jsonl/.jsonl.gz/"
                    ".parquet files or folders of them")
     p.add_argument("--tokenizer", required=True,
-                   help="char, word:N, bpe:N, gpt2 (local files) or tiktoken:NAME (e.g. tiktoken:gpt2)")
+                   help="char, word:N, bpe:N, gpt2 (local files), tiktoken:NAME (e.g. tiktoken:gpt2), or the folder "
+                   "of a tokenizer to use as it is: a Hugging Face model, an lmlab run or dataset (a path with /)")
     p.add_argument("--gpt2-dir", help="with --tokenizer gpt2: folder with GPT-2's tokenizer.json, or vocab.json + "
                    "merges.txt (default: $LMLAB_GPT2_DIR)")
     p.add_argument("--name", help="dataset name (default: the corpus name); the dir is NAME-SPEC")

@@ -54,7 +54,7 @@ from lmlab.data.split import (
     scan,
     split_key,
 )
-from lmlab.data.tokenizers import Tokenizer, parse_spec, train_tokenizer
+from lmlab.data.tokenizers import Tokenizer, is_path, load_pretrained, parse_spec, train_tokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
 
@@ -271,7 +271,7 @@ def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions,
                progress: Progress, fixed: Tokenizer | None) -> Tokenizer:
     """Train (or, on resume, reload; or take the fixed one) the tokenizer and save it where the workers read it."""
     path = work / "tokenizer.json"
-    if path.exists():
+    if path.exists() and fixed is None:
         return Tokenizer.load(path, spec)
     task = progress.add_task("training the tokenizer", total=None, tokens="")
     tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut),
@@ -305,7 +305,8 @@ def _reusable(target: Path, job: dict[str, Any], force: bool) -> dict[str, Any] 
     meta = read_meta(target)
     made_by = {"input_sha256": meta.get("input_sha256"), "tokenizer": meta.get("tokenizer"),
                "val_fraction": meta["split"].get("val_fraction"),
-               **meta.get("options", PrepareOptions().identity())}  # datasets from before the options existed
+               **meta.get("options", PrepareOptions().identity()),  # datasets from before the options existed
+               **({"tokenizer_identity": meta["tokenizer_identity"]} if "tokenizer_identity" in meta else {})}
     if made_by == job:
         return meta
     if not force:
@@ -318,8 +319,12 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
             val_fraction: float = 0.1, force: bool = False, options: PrepareOptions | None = None,
             console: Console | None = None) -> tuple[Path, dict[str, Any], bool]:
     """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, not rebuilt;
-    an interrupted one is resumed from its last finished shard."""
+    an interrupted one is resumed from its last finished shard. `spec` is a tokenizer kind, or the path of a folder
+    whose tokenizer to use as it is (a Hugging Face model's, an lmlab run's or dataset's: `load_pretrained`)."""
     options = options or PrepareOptions()
+    # A tokenizer that needs no training is loaded before the long scan: a missing file fails at once.
+    fixed = load_pretrained(Path(spec)) if is_path(spec) else None
+    spec = fixed.spec if fixed else spec
     kind, _ = parse_spec(spec)
     if options.pack == "crop" and kind == "char":
         raise UserError("--pack crop pads each document's row with the end-of-text token, which the char tokenizer "
@@ -328,13 +333,17 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     target = Path(out_dir) / f"{name or corpus_name(sources)}-{spec.replace(':', '')}"
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
-    # A tokenizer that needs no training is loaded before the long scan: a missing file fails at once.
-    fixed = train_tokenizer(spec, [], [], options.gpt2_dir) if kind in ("gpt2", "tiktoken") else None
+    # Another dataset of the same spec may have another tokenizer of that spec (a run's word:1000): its identity
+    # then tells the two apart.
+    same_tokenizer = {"tokenizer_identity": fixed.identity()} if fixed else {}
+    if kind in ("gpt2", "tiktoken", "pretrained") and not fixed:
+        fixed = train_tokenizer(spec, [], [], options.gpt2_dir)
     clock = [time.perf_counter()]
     with _progress(console) as progress:
         found = scan(files, options.text_field, val_fraction, kind == "char", progress)
         clock.append(time.perf_counter())
-        job = {"input_sha256": found.sha256, "tokenizer": spec, "val_fraction": val_fraction, **options.identity()}
+        job = {"input_sha256": found.sha256, "tokenizer": spec, "val_fraction": val_fraction, **options.identity(),
+               **same_tokenizer}
         meta = _reusable(target, job, force)
         if meta is not None:
             return target, meta, False
@@ -360,7 +369,7 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
         "options": options.identity(), "lost_tokens": output.lost_tokens,
         # A row-packed split: readers find its layout here (lmlab.data.shards.Rows), not in the options.
         **({"rows": {"length": options.row_length, "pad_id": tokenizer.eot_id}} if options.row_length else {}),
-        "tokenizer_sha256": sha256_file(work / "tokenizer.json"),
+        "tokenizer_sha256": sha256_file(work / "tokenizer.json"), **same_tokenizer,
         # Of this process only: a resumed prepare times the part it did.
         "seconds": dict(zip(("scan", "tokenizer", "tokenize"), np.diff(clock).round(3).tolist())),
         "lmlab_version": lmlab.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

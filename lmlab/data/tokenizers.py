@@ -7,7 +7,9 @@
 - `gpt2`: OpenAI's GPT-2 byte-level BPE, read from local Hugging Face files (see `load_gpt2`), never downloaded.
 - `tiktoken:NAME`: a fixed byte-level BPE (e.g. GPT-2's) read through the `tiktoken` library from a local file,
   converted to the same tokenizer.json format so every later command loads it like the others.
-The non-char tokenizers put `<|endoftext|>` between documents.
+- `pretrained:NAME`: any other model's tokenizer (Llama's, Qwen's, ...), read from the tokenizer.json of a Hugging
+  Face folder named NAME (see `load_pretrained`); its end-of-text is the model's own eos token.
+The non-char tokenizers put their end-of-text token (`<|endoftext|>` but for `pretrained`) between documents.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,15 +30,17 @@ from lmlab.errors import UserError
 EOT = "<|endoftext|>"
 UNK = "<unk>"
 GPT2_DIR_ENV = "LMLAB_GPT2_DIR"  # where `gpt2` looks for its files when no folder is passed
+NAME = re.compile(r"[A-Za-z0-9._-]+")  # a tiktoken encoding's or a pretrained tokenizer's name
+NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")  # what a folder's name loses to become a NAME
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
     """`char` -> ("char", 0); `word:1000` -> ("word", 1000); `bpe:4096` -> ("bpe", 4096); `gpt2` -> ("gpt2", 0);
-    `tiktoken:gpt2` -> ("tiktoken", 0)."""
+    `tiktoken:gpt2` -> ("tiktoken", 0); `pretrained:SmolLM2-135M` -> ("pretrained", 0)."""
     kind, _, size = spec.partition(":")
     if kind in ("char", "gpt2") and not size:
         return kind, 0
-    if kind == "tiktoken" and size.replace("_", "").replace("-", "").isalnum():
+    if kind in ("tiktoken", "pretrained") and NAME.fullmatch(size):
         return kind, 0
     if kind in ("word", "bpe") and size.isdigit():
         n = int(size)
@@ -43,22 +48,31 @@ def parse_spec(spec: str) -> tuple[str, int]:
         if n >= minimum:
             return kind, n
         raise UserError(f"tokenizer {spec}: {kind} needs N >= {minimum}.")
-    raise UserError(f"unknown tokenizer {spec!r}; use char, word:N, bpe:N (e.g. bpe:4096), gpt2 or tiktoken:NAME.")
+    raise UserError(f"unknown tokenizer {spec!r}; use char, word:N, bpe:N (e.g. bpe:4096), gpt2, tiktoken:NAME, or "
+                    "the path of a folder with a tokenizer.json (a Hugging Face model, an lmlab run or dataset).")
+
+
+def is_path(spec: str) -> bool:
+    """Whether a --tokenizer value names files (`runs/x`, `./model`, `tokenizer.json`) rather than a kind."""
+    return "/" in spec or os.sep in spec or spec.endswith(".json")
 
 
 class Tokenizer:
     """A trained tokenizer plus the lmlab facts about it (spec, end-of-text id)."""
 
-    def __init__(self, spec: str, backend: tokenizers.Tokenizer):
+    def __init__(self, spec: str, backend: tokenizers.Tokenizer, eot_id: int | None = None):
+        """`eot_id`: the end-of-text token's id where it is not `<|endoftext|>` (a pretrained tokenizer's eos)."""
         self.spec = spec
         self.kind, _ = parse_spec(spec)
         self.backend = backend
         self.vocab = backend.get_vocab()
-        self.eot_id = self.vocab.get(EOT)
+        self.eot_id = self.vocab.get(EOT) if eot_id is None else eot_id
+        # The rows an embedding needs: one past the largest id (ids of lmlab's own tokenizers have no gaps).
+        self.vocab_size = max(self.vocab.values(), default=-1) + 1
 
     @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size()
+    def eot_token(self) -> str | None:
+        return None if self.eot_id is None else self.backend.id_to_token(self.eot_id)
 
     def check(self, text: str, where: str) -> None:
         """Char tokenizers have no `<unk>`: refuse text with characters the corpus never had."""
@@ -86,28 +100,42 @@ class Tokenizer:
     def save(self, path: Path) -> None:
         self.backend.save(str(path))
 
+    def identity(self) -> str:
+        """See `tokenizer_identity`."""
+        return _identity(json.loads(self.backend.to_str()))
+
     @classmethod
-    def load(cls, path: Path, spec: str) -> Tokenizer:
-        return cls(spec, tokenizers.Tokenizer.from_file(str(path)))
+    def load(cls, path: Path, spec: str, eot_id: int | None = None) -> Tokenizer:
+        return cls(spec, tokenizers.Tokenizer.from_file(str(path)), eot_id)
+
+
+def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
+    """The tokenizer in a Hugging Face folder: its tokenizer.json, or OpenAI's vocab.json + merges.txt (built here
+    into the same byte-level BPE); None when it has neither."""
+    if (folder / "tokenizer.json").exists():
+        try:
+            return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise UserError(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library reads ({err}).")
+    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        backend = tokenizers.Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([EOT])  # already in GPT-2's vocab (id 50256); this keeps it whole in text
+        return backend
+    return None
 
 
 def load_gpt2(folder: Path | None = None) -> Tokenizer:
     """GPT-2's tokenizer from `folder`, else from $LMLAB_GPT2_DIR: a Hugging Face tokenizer dir with
-    tokenizer.json, or OpenAI's vocab.json + merges.txt (built here into the same byte-level BPE)."""
+    tokenizer.json, or OpenAI's vocab.json + merges.txt."""
     folder = folder or (Path(os.environ[GPT2_DIR_ENV]) if os.environ.get(GPT2_DIR_ENV) else None)
     where = f"--gpt2-dir DIR or ${GPT2_DIR_ENV}"
     if folder is None:
         raise UserError(f"tokenizer gpt2 reads GPT-2's tokenizer files from disk: pass {where} naming a folder "
                         "with tokenizer.json, or vocab.json and merges.txt (e.g. a downloaded Hugging Face gpt2).")
-    folder = Path(folder)
-    if (folder / "tokenizer.json").exists():
-        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        backend = tokenizers.Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens([EOT])  # already in GPT-2's vocab (id 50256); this keeps it whole in text
-    else:
+    backend = _read_backend(Path(folder))
+    if backend is None:
         raise UserError(f"{folder} holds neither tokenizer.json nor vocab.json + merges.txt; point {where} at "
                         "a folder with GPT-2's tokenizer files.")
     if EOT not in backend.get_vocab():
@@ -115,10 +143,65 @@ def load_gpt2(folder: Path | None = None) -> Tokenizer:
     return Tokenizer("gpt2", backend)
 
 
-def tokenizer_identity(path: Path) -> str:
-    """A digest of what a tokenizer.json maps (vocabulary, merges, special tokens) but not how the file is
-    laid out, so the same tokenizer saved from tokenizer.json or from vocab.json + merges.txt is equal."""
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+def _json(path: Path) -> dict:
+    """A JSON object file, or {} when it is missing or not one."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _eos_id(folder: Path, backend: tokenizers.Tokenizer) -> int | None:
+    """A Hugging Face model's end-of-text id: tokenizer_config.json's eos_token, else config.json's or
+    generation_config.json's eos_token_id (the first, if a list), else `<|endoftext|>`'s."""
+    eos = _json(folder / "tokenizer_config.json").get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if isinstance(eos, str) and backend.token_to_id(eos) is not None:
+        return backend.token_to_id(eos)
+    for name in ("generation_config.json", "config.json"):
+        ids = _json(folder / name).get("eos_token_id")
+        ids = ids[0] if isinstance(ids, list) and ids else ids
+        if isinstance(ids, int) and backend.id_to_token(ids) is not None:
+            return ids
+    return backend.token_to_id(EOT)
+
+
+def load_pretrained(path: Path) -> Tokenizer:
+    """The tokenizer in a folder, or a tokenizer.json file itself. An lmlab run or dataset (or a folder lmlab
+    exported) keeps its spec; any other Hugging Face tokenizer becomes `pretrained:NAME` (NAME: the folder's),
+    whose end-of-text is the model's eos token."""
+    path = Path(path).expanduser()
+    folder = path.parent if path.is_file() else path
+    if not folder.is_dir() or (path.is_file() and path.name != "tokenizer.json"):
+        raise UserError(f"{path} is neither a folder nor a tokenizer.json file; pass the folder of a Hugging Face "
+                        "model, an lmlab run or dataset, or its tokenizer.json.")
+    for facts in (_json(folder / "dataset.json"), _json(folder / "meta.json")):  # an lmlab run, a dataset
+        if isinstance(facts.get("tokenizer"), str) and (folder / "tokenizer.json").exists():
+            return Tokenizer.load(folder / "tokenizer.json", facts["tokenizer"], facts.get("eot_id"))
+    backend = _read_backend(folder)
+    if backend is None:
+        raise UserError(f"{folder} holds no tokenizer.json (nor vocab.json + merges.txt); pass the folder of a "
+                        "Hugging Face model that has one (a sentencepiece-only tokenizer.model is not read).")
+    spec = _json(folder / "tokenizer_config.json").get("lmlab_tokenizer")  # written by `lmlab export-hf`
+    if not isinstance(spec, str) or not _is_spec(spec):
+        spec = f"pretrained:{NAME_PART.sub('-', folder.resolve().name).strip('-.') or 'tokenizer'}"
+    tokenizer = Tokenizer(spec, backend, _eos_id(folder, backend))
+    if tokenizer.kind == "pretrained" and tokenizer.eot_id is None:
+        raise UserError(f"the tokenizer in {folder} names no end-of-text token (eos_token in tokenizer_config.json "
+                        "or eos_token_id in config.json), which lmlab puts between documents; add one.")
+    return tokenizer
+
+
+def _is_spec(spec: str) -> bool:
+    try:
+        parse_spec(spec)
+    except UserError:
+        return False
+    return True
+
+
+def _identity(raw: dict) -> str:
     model = raw.get("model", {})
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     specials = sorted(t["content"] for t in raw.get("added_tokens", []))
@@ -126,11 +209,20 @@ def tokenizer_identity(path: Path) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
+def tokenizer_identity(path: Path) -> str:
+    """A digest of what a tokenizer.json maps (vocabulary, merges, special tokens) but not how the file is
+    laid out, so the same tokenizer saved from tokenizer.json or from vocab.json + merges.txt is equal."""
+    return _identity(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
 def train_tokenizer(spec: str, train_texts: list[str], all_texts: list[str],
                     gpt2_dir: Path | None = None) -> Tokenizer:
     """Build the tokenizer for `spec`; char uses every character of the corpus, the others the train split,
     and gpt2 is read from `gpt2_dir` (see `load_gpt2`)."""
     kind, size = parse_spec(spec)
+    if kind == "pretrained":
+        raise UserError(f"{spec} is how lmlab records a tokenizer read from a folder; pass the folder itself, e.g. "
+                        "--tokenizer ./models/SmolLM2-135M or --tokenizer runs/NAME.")
     if kind == "gpt2":
         return load_gpt2(gpt2_dir)
     if kind == "tiktoken":

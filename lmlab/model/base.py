@@ -66,7 +66,8 @@ class LanguageModel(nn.Module):
 
         6N for the N weights that multiply every token (forward 2N, backward 4N), which leaves out lookup-only
         tables (a position table, an untied token table) but keeps a token table the tied head multiplies by,
-        plus the kind's `attention_flops`: a transformer's 12·L·C·T (PaLM, appendix B; grouped-query attention
-        shares keys and values but still scores every query head); a recurrent model has no such term.
+        plus the kind's `attention_flops`: a transformer's 12·L·H·Q·T for H heads of width Q, H·Q = C unless
+        model.head_dim says otherwise (PaLM, appendix B; grouped-query attention shares keys and values but still
+        scores every query head); a recurrent model has no such term.
         """
         return 6.0 * (self.num_params() - self.lookup_params()) + self.attention_flops()

@@ -27,10 +27,19 @@ def swiglu_hidden(n_embd: int) -> int:
     return math.ceil(8 * n_embd / 3 / 8) * 8
 
 
+def mlp_width(config: ModelConfig) -> int:
+    """The MLP's hidden width: model.mlp_hidden, else the default of the MLP kind."""
+    return config.mlp_hidden or (swiglu_hidden(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd)
+
+
+def rms_norm(config: ModelConfig, dim: int) -> nn.RMSNorm:
+    return nn.RMSNorm(dim, eps=config.norm_eps or None)  # None: the machine epsilon of the input's dtype
+
+
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim)
-    return nn.LayerNorm(dim, bias=config.bias)
+        return rms_norm(config, dim)
+    return nn.LayerNorm(dim, eps=config.norm_eps or 1e-5, bias=config.bias)
 
 
 class KVCache:
@@ -38,7 +47,7 @@ class KVCache:
     Under grouped-query attention only the n_kv_head shared heads are cached."""
 
     def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.n_layer, batch, config.kv_heads, config.block_size, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch, config.kv_heads, config.block_size, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached
@@ -79,20 +88,20 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
-        self.head_size = config.n_embd // config.n_head
+        self.head_size = config.head_size
         # One fused projection for q (n_head heads) and k, v (n_kv_head heads each): 3C wide without GQA.
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.q_norm = nn.RMSNorm(self.head_size) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_size) if config.qk_norm else None
+        self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
+        self.q_norm = rms_norm(config, self.head_size) if config.qk_norm else None
+        self.k_norm = rms_norm(config, self.head_size) if config.qk_norm else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.size()
+        B, T, _ = x.size()
         hs, kv = self.head_size, self.n_kv_head
-        q, k, v = self.c_attn(x).split([C, kv * hs, kv * hs], dim=2)
+        q, k, v = self.c_attn(x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
@@ -115,7 +124,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=kv != self.n_head,  # each group of n_head / n_kv_head query heads shares one k/v head
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -123,7 +132,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        hidden = swiglu_hidden(config.n_embd) if self.swiglu else 4 * config.n_embd
+        hidden = mlp_width(config)
         # SwiGLU's gate and value projections are fused into one matmul of twice the hidden width.
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -168,7 +177,7 @@ class GPT(LanguageModel):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=make_norm(config, config.n_embd),
         ))
-        self.rotary = None if learned else Rotary(config.n_embd // config.n_head, config.block_size)
+        self.rotary = None if learned else Rotary(config.head_size, config.block_size, config.rope_theta)
         self.lm_head = nn.Linear(config.n_embd, padded, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
@@ -201,7 +210,8 @@ class GPT(LanguageModel):
         return list(self.transformer.h)
 
     def attention_flops(self) -> float:
-        return 12.0 * self.config.n_layer * self.config.n_embd * self.config.block_size
+        c = self.config
+        return 12.0 * c.n_layer * c.n_head * c.head_size * c.block_size  # PaLM's 12·L·H·Q·T
 
     def describe(self) -> str:
         c = self.config

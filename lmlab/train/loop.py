@@ -53,16 +53,17 @@ class TrainResult:
 
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
-    """Fill model.vocab_size from the dataset and check that a given one matches it, and that model.block_size
-    fits the rows of a row-packed dataset."""
+    """Fill model.vocab_size from the dataset and check that a given one covers its ids (an imported model may
+    have more embedding rows than its tokenizer has tokens, as Qwen3's do), and that model.block_size fits the
+    rows of a row-packed dataset."""
     meta = read_meta(Path(cfg.data.dataset))
     check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
     if cfg.model.vocab_size == 0:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
-    elif cfg.model.vocab_size != meta["vocab_size"]:
+    elif cfg.model.vocab_size < meta["vocab_size"]:
         raise UserError(
             f"model.vocab_size is {cfg.model.vocab_size} but dataset {cfg.data.dataset} has {meta['vocab_size']} "
-            "tokens; point data.dataset at the dataset this run was trained on."
+            "tokens, more than the model has rows for; point data.dataset at a dataset of the run's tokenizer."
         )
     return cfg, meta
 

@@ -1,0 +1,162 @@
+"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama and Qwen3 families.
+
+`import_hf` turns a folder (config.json, safetensors weights, tokenizer files) into an ordinary run dir
+(config.toml, checkpoints/step_000000, tokenizer.json, dataset.json, metrics.jsonl) that `train --init-from`,
+`finetune`, `eval`, `sample` and `serve` accept. `export_hf` writes a run the other way, for transformers'
+`AutoModelForCausalLM`, `AutoTokenizer` and `pipeline("text-generation")`. Neither needs transformers.
+
+`family.py` says what a family is (which model options it expresses, its config.json, its tensor names);
+`gpt2.py` and `llama.py` (Llama and Qwen3) are the families; `folder.py` reads and writes the folder's files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmlab.checkpoint import model_tensors
+from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lmlab.data.tokenizers import GPT2_DIR_ENV, Tokenizer, load_gpt2, load_pretrained
+from lmlab.errors import UserError
+from lmlab.hf.family import Family
+from lmlab.hf.folder import (
+    Weights,
+    fresh_dir,
+    move_into_place,
+    read_config,
+    write_generation_config,
+    write_json,
+    write_tokenizer,
+)
+from lmlab.hf.gpt2 import FAMILY as GPT2
+from lmlab.hf.llama import LLAMA, QWEN3
+from lmlab.model.gpt import GPT
+from lmlab.rundir import RunDir
+
+FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN3)}  # `auto` takes the first that fits
+ARCHS = ("auto", *FAMILIES)
+
+
+def export_problems(cfg: ModelConfig, arch: str) -> list[str]:
+    """One sentence per model option the family `arch` cannot express; empty when export can go."""
+    return FAMILIES[arch].problems(cfg)
+
+
+def choose_family(cfg: ModelConfig, arch: str = "auto", what: str = "the model") -> Family:
+    """The family a model exports as: `arch`, or for `auto` the first of FAMILIES that expresses every option
+    (GPT-2's options: gpt2; rotary, RMSNorm, SwiGLU: llama; with QK-norm: qwen3). `what` names it in errors."""
+    if arch not in ARCHS:
+        raise UserError(f"--arch {arch} is unknown; use {', '.join(ARCHS)}.")
+    candidates = list(FAMILIES.values()) if arch == "auto" else [FAMILIES[arch]]
+    closest = min(candidates, key=lambda family: len(family.problems(cfg)))  # the first, on a tie
+    problems = closest.problems(cfg)
+    if problems:
+        which = f"as {arch}" if arch != "auto" else (f"as any of {', '.join(FAMILIES)} (closest: {closest.name})")
+        raise UserError(f"{what} cannot be exported {which}: " + " ".join(problems))
+    return closest
+
+
+def _family_of(raw: dict[str, Any], path: Path) -> Family:
+    for family in FAMILIES.values():
+        if raw.get("model_type") == family.model_type:
+            return family
+    raise UserError(f"{path} describes a {raw.get('model_type')!r} model; import-hf reads "
+                    f"{', '.join(f.model_type for f in FAMILIES.values())} models.")
+
+
+def _model_config(family: Family, raw: dict[str, Any], path: Path, block_size: int | None) -> ModelConfig:
+    options = family.model_options(raw, path)
+    try:
+        cfg = ModelConfig(**options)
+    except UserError as err:
+        raise UserError(f"{path} describes a model lmlab cannot build: {err}")
+    if block_size is None:
+        return cfg
+    if not 1 <= block_size <= cfg.block_size:
+        raise UserError(f"--block-size {block_size} must be between 1 and the model's context, {cfg.block_size} "
+                        "(a model does not know positions past the ones it was trained on).")
+    return dataclasses.replace(cfg, block_size=block_size)
+
+
+def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int) -> Tokenizer:
+    """The imported model's tokenizer: --tokenizer, else the folder's own, else (for GPT-2) $LMLAB_GPT2_DIR's.
+    A run without one could not sample, serve or be evaluated, so there is no importing without it."""
+    if given is not None or any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
+        where, tokenizer = given or folder, load_pretrained(given or folder)
+    elif family is GPT2 and os.environ.get(GPT2_DIR_ENV):
+        where, tokenizer = f"${GPT2_DIR_ENV}", load_gpt2()
+    else:
+        raise UserError(f"{folder} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt), and a run "
+                        "without a tokenizer cannot sample, serve or be evaluated; pass --tokenizer DIR_OR_FILE "
+                        f"naming the model's tokenizer{f' (or set ${GPT2_DIR_ENV})' if family is GPT2 else ''}.")
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer in {where} has {tokenizer.vocab_size:,} tokens but the model only "
+                        f"{vocab_size:,} embedding rows (vocab_size in config.json); it is not this model's tokenizer.")
+    return tokenizer
+
+
+@torch.no_grad()
+def _load(model: GPT, family: Family, weights: Weights) -> None:
+    """Copy the family's tensors into the model one at a time (no second copy of the whole model in memory)."""
+    state = model.state_dict()
+    for name, value in family.to_lmlab(weights, model):
+        state[name].copy_(value)
+
+
+def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
+              block_size: int | None = None) -> dict[str, Any]:
+    """Write a Hugging Face folder of a family lmlab computes as a run; `block_size` cuts its context shorter.
+    Returns what was imported."""
+    folder, run_dir = Path(folder), Path(run_dir)
+    raw = read_config(folder)
+    family = _family_of(raw, folder / "config.json")
+    model_cfg = _model_config(family, raw, folder / "config.json", block_size)
+    tok = _tokenizer(folder, tokenizer and Path(tokenizer), family, model_cfg.vocab_size)
+    weights = Weights(folder)
+    tmp = fresh_dir(run_dir, "--out run dir")
+    try:
+        model = GPT(model_cfg)
+        _load(model, family, weights)
+        # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
+        cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
+        facts = {"tokenizer": tok.spec, "vocab_size": model_cfg.vocab_size, "eot_id": tok.eot_id}
+        run = RunDir(tmp)
+        run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()),
+                                                         "format": f"huggingface {family.name}",
+                                                         "weights_sha256": weights.sha256()})
+        run.write_setup(cfg, tok, facts)
+        run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), None,
+                            best=True, keep=1)
+        run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False, "stopped_by": None})
+        move_into_place(tmp, run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"run": str(run_dir), "family": family.name, "params": model.num_params(), "model": model_cfg,
+            "tokenizer": tok.spec}
+
+
+def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "auto") -> dict[str, Any]:
+    """Write a run's model as a Hugging Face folder of the family `arch` (or the one `auto` picks): weights,
+    config.json, generation_config.json and, when the run has a tokenizer, its tokenizer files."""
+    run_dir, out = Path(run_dir), Path(out)
+    family = choose_family(RunDir(run_dir).config().model, arch, str(run_dir))
+    tmp = fresh_dir(out, "output folder")
+    try:
+        run = RunDir(run_dir).load(checkpoint, "cpu", need_tokenizer=False)
+        eot_id = run.tokenizer.eot_id if run.tokenizer else None
+        save_file(family.from_lmlab(run.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", family.write_config(run.config.model, eot_id))
+        write_generation_config(tmp, eot_id)
+        if run.tokenizer is not None:  # only runs imported without one, before import-hf refused that
+            write_tokenizer(tmp, run.tokenizer, run.config.model.block_size)
+        move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out), "family": family.name, "step": run.step,
+            "tokenizer": run.tokenizer.spec if run.tokenizer else None}

@@ -1,0 +1,153 @@
+"""What a Hugging Face model family is to lmlab: which model options it can express (the export check), how its
+config.json becomes a ModelConfig and back, and how its tensors are named and laid out against lmlab's GPT.
+
+Each family maps every lmlab tensor to one or more of its own (`hf_names`): q, k and v are one fused `c_attn`
+in lmlab (queries of n_head heads, then keys and values of n_kv_head heads each), as SwiGLU's gate and value are
+one `c_fc` (gate first), so those are concatenated on import and split on export along the output dimension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import ModelConfig
+from lmlab.errors import UserError
+from lmlab.model.gpt import GPT, mlp_width
+
+Rule = tuple[Callable[[ModelConfig], bool], str]
+Lookup = Callable[[str], torch.Tensor | None]  # a source tensor by name, as float32; None when it is missing
+REQUIRED = object()
+# What nn.RMSNorm(eps=None) uses on float32 input, the dtype lmlab exports and computes in by default.
+RMS_EPS = torch.finfo(torch.float32).eps
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default
+
+
+def any_value(cfg: ModelConfig) -> bool:
+    return True
+
+
+def equals(field: str, *allowed: Any) -> Callable[[ModelConfig], bool]:
+    return lambda cfg: getattr(cfg, field) in allowed
+
+
+def read(raw: dict[str, Any], key: str, path: Path, kind: type | tuple[type, ...] = int, default: Any = REQUIRED,
+         positive: bool = True) -> Any:
+    """config.json's `key`, checked for type (and sign): a file that lies gets one sentence, not a traceback."""
+    if key not in raw or raw[key] is None:
+        if default is REQUIRED:
+            raise UserError(f"{path} has no {key}; it is not a complete Hugging Face config.json.")
+        return default
+    value = raw[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)) or (
+            number and (not math.isfinite(value) or (positive and value <= 0))):
+        raise UserError(f"{path}: {key} is {value!r}, not a {'positive ' if positive else ''}"
+                        f"{getattr(kind, '__name__', 'number')}; the file is damaged or not a model's config.")
+    return value
+
+
+def refuse(path: Path, key: str, value: Any, why: str) -> UserError:
+    return UserError(f"{path}: {key} = {value!r} {why}, which lmlab's model does not compute; import-hf takes the "
+                     "standard variant of the family.")
+
+
+def default_eps(cfg: ModelConfig) -> float:
+    """The epsilon lmlab's norms use, as a number for config.json."""
+    return cfg.norm_eps or (RMS_EPS if cfg.norm == "rmsnorm" else LAYER_NORM_EPS)
+
+
+def own_eps(eps: float, norm: str) -> float:
+    """config.json's epsilon as model.norm_eps: torch's default of the norm becomes 0, so a run that went out
+    and came back has the config it left with."""
+    return 0.0 if eps == (RMS_EPS if norm == "rmsnorm" else LAYER_NORM_EPS) else float(eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One Hugging Face architecture. Subclasses fill in the mapping; `rules` names every ModelConfig field with
+    a check and the reason the family cannot hold what the check refuses. A field missing from the rules is
+    refused, so an option added to the model later stays unexportable until a family is taught it."""
+
+    name: str  # what --arch calls it
+    model_type: str  # config.json's
+    architecture: str  # config.json's architectures[0], the class AutoModelForCausalLM builds
+    rules: dict[str, Rule]
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        """One sentence per model option this family cannot express; empty when export can go."""
+        problems = []
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name not in self.rules:
+                problems.append(f"model.{f.name} = {value!r} is an option export-hf does not know, so it cannot tell "
+                                f"whether {self.name} can express it.")
+            elif not self.rules[f.name][0](cfg):
+                problems.append(f"model.{f.name} = {value!r} cannot be exported: {self.rules[f.name][1]}.")
+        return problems
+
+    def model_options(self, raw: dict[str, Any], path: Path) -> dict[str, Any]:
+        """The ModelConfig fields of a config.json of this family, refusing variants lmlab's model computes
+        otherwise."""
+        raise NotImplementedError
+
+    def write_config(self, cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def hf_names(self, name: str) -> list[str]:
+        """The family's tensor names that make up lmlab's tensor `name`, in the order they are concatenated."""
+        raise NotImplementedError
+
+    def transposed(self, hf_name: str) -> bool:
+        """Whether the family stores this tensor as (in, out) rather than nn.Linear's (out, in)."""
+        return False
+
+    def split_sizes(self, name: str, cfg: ModelConfig, rows: int) -> list[int]:
+        """How lmlab's tensor `name` of `rows` rows divides (along dim 0) into the family's tensors."""
+        parts = len(self.hf_names(name))
+        if parts == 1:
+            return [rows]
+        if ".attn.c_attn." in name:
+            return [cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.kv_heads * cfg.head_size]
+        return [mlp_width(cfg)] * parts
+
+    def to_lmlab(self, lookup: Lookup, model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each of the model's tensors built from the family's: renamed, transposed, concatenated, and the token
+        table and head padded to lmlab's padded vocabulary (rows that are never looked up)."""
+        for name, target in model.state_dict().items():
+            if name == "lm_head.weight" and model.config.tie_embeddings:
+                continue  # the token table, loaded under its own name
+            parts = []
+            for hf_name in self.hf_names(name):
+                value = lookup(hf_name)
+                if value is None:
+                    raise UserError(f"the weights have no tensor {hf_name}; the checkpoint is incomplete or not "
+                                    f"{self.name}.")
+                parts.append(value.t() if self.transposed(hf_name) else value)
+            value = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if name.endswith(("wte.weight", "lm_head.weight")) and value.shape[0] < target.shape[0]:
+                value = torch.cat([value, value.new_zeros(target.shape[0] - value.shape[0], *value.shape[1:])])
+            if name.endswith("wpe.weight"):
+                value = value[:target.shape[0]]  # a context cut short by import-hf --block-size
+            if value.shape != target.shape:
+                raise UserError(f"the weights' {'+'.join(self.hf_names(name))} has shape {tuple(value.shape)} but "
+                                f"config.json implies {tuple(target.shape)}; the two do not belong together.")
+            yield name, value
+
+    def from_lmlab(self, model: GPT) -> dict[str, torch.Tensor]:
+        """The model's tensors under the family's names and layouts, the vocabulary padding cut off."""
+        cfg, out = model.config, {}
+        for name, value in model.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # tie_word_embeddings: transformers ties it to the token table on load
+            if name.endswith(("wte.weight", "lm_head.weight")):
+                value = value[:cfg.vocab_size]
+            for hf_name, part in zip(self.hf_names(name), value.split(self.split_sizes(name, cfg, value.shape[0]))):
+                part = part.t() if self.transposed(hf_name) else part
+                out[hf_name] = part.detach().float().contiguous().cpu()
+        return out

@@ -1,0 +1,139 @@
+"""The files of a Hugging Face model folder: config.json and the safetensors weights read on import; the weights,
+config.json, generation_config.json and the tokenizer files written on export, built in a temporary sibling
+folder and renamed into place, so nothing is overwritten and a failed export leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lmlab.data.tokenizers import UNK, Tokenizer
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
+
+# PyTorch's own weight files, which may run code when loaded: lmlab never reads them.
+TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json of a model folder, as a JSON object."""
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; pass a Hugging Face model folder (config.json, model.safetensors).")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; pass a Hugging Face model folder (config.json + model.safetensors).")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; download the model again.")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a JSON object; download the model again.")
+    if raw.get("quantization_config"):
+        raise UserError(f"{path} describes a quantized checkpoint; lmlab trains full-precision weights, so import "
+                        "the model's unquantized release.")
+    return raw
+
+
+class Weights:
+    """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists, each read when asked
+    for (as float32), so importing holds one source tensor at a time besides the model."""
+
+    def __init__(self, folder: Path):
+        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+        if single.exists():
+            self.files = [single]
+        elif index.exists():
+            self.files = self._shards(index)
+        elif any((folder / name).exists() for name in TORCH_WEIGHTS):
+            raise UserError(f"{folder} holds its weights only in PyTorch's own format (pytorch_model.bin), which can "
+                            "run code when loaded, so lmlab does not read it; download the model's model.safetensors, "
+                            "or convert it where you trust the file: AutoModelForCausalLM.from_pretrained(DIR)"
+                            ".save_pretrained(NEW_DIR).")
+        else:
+            raise UserError(f"{folder} has no model.safetensors (nor model.safetensors.index.json); save the model "
+                            "with transformers' save_pretrained, which writes it.")
+        self.where: dict[str, Any] = {}
+        for path in self.files:
+            try:
+                handle = safe_open(str(path), "pt")
+            except (SafetensorError, OSError) as err:
+                raise UserError(f"{path} is not a readable safetensors file ({err}); download it again.")
+            self.where.update((name, (path, handle)) for name in handle.keys())
+
+    @staticmethod
+    def _shards(index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not all(isinstance(name, str) for name in names):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is not a safetensors index (a JSON object with a weight_map); download it again.")
+        # A shard is a file beside the index: a name with a folder in it is not followed.
+        missing = [str(name) for name in names if Path(name).name != name or not (index.parent / name).is_file()]
+        if missing or not names:
+            raise UserError(f"{index} lists shards that are not files beside it ({', '.join(missing) or 'none'}); "
+                            "download them too.")
+        return [index.parent / name for name in names]
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        if name not in self.where:
+            return None
+        path, handle = self.where[name]
+        try:
+            return handle.get_tensor(name).float()
+        except SafetensorError as err:
+            raise UserError(f"{path}: tensor {name} cannot be read ({err}); the file is damaged, download it again.")
+
+    def sha256(self) -> str:
+        """Of the weight files' bytes in order: one file's own digest, or that of the shards back to back."""
+        return sha256_file(*self.files)
+
+
+def fresh_dir(path: Path, what: str) -> Path:
+    """A temporary sibling of `path` to build in; `path` itself must be new or empty, as nothing is overwritten."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists; choose a new {what} or remove it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    fsync_dir(tmp)
+    if path.exists():
+        path.rmdir()  # empty, checked by fresh_dir
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int) -> None:
+    """tokenizer.json and a tokenizer_config.json that makes `AutoTokenizer` load it as it is (the fast tokenizer
+    of the `tokenizers` library, so every lmlab kind loads: char, word, bpe, gpt2, tiktoken, pretrained), with the
+    end-of-text token as eos and bos, `<unk>` for a word tokenizer, and the lmlab spec for `import-hf` to read back."""
+    tokenizer.save(out / "tokenizer.json")
+    settings: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+                                "clean_up_tokenization_spaces": False, "lmlab_tokenizer": tokenizer.spec}
+    if tokenizer.eot_token is not None:
+        settings.update(bos_token=tokenizer.eot_token, eos_token=tokenizer.eot_token)
+    if tokenizer.kind == "word":
+        settings["unk_token"] = UNK
+    write_json(out / "tokenizer_config.json", settings)
+
+
+def write_generation_config(out: Path, eot_id: int | None) -> None:
+    """What `generate` stops at: the end-of-text id (a char tokenizer has none, so it runs to max_new_tokens)."""
+    ids = {} if eot_id is None else {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
+    write_json(out / "generation_config.json", ids)

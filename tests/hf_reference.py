@@ -1,0 +1,165 @@
+"""transformers as the reference for import-hf and export-hf: tiny random models of every family lmlab reads and
+writes, built with transformers' own config classes (nothing downloads), and the measurements the tests assert
+on and `python -m benchmarks.hf_parity` tabulates: logits, greedy continuations, tokenizer ids."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from unittest import mock
+
+import torch
+from rich.console import Console
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    pipeline,
+)
+
+from lmlab.config import SamplingParams, load_config
+from lmlab.data.prepare import PrepareOptions, prepare
+from lmlab.data.tokenizers import Tokenizer
+from lmlab.generate import stream_ids
+from lmlab.hf import export_hf
+from lmlab.rundir import RunDir
+from lmlab.train.loop import Trainer
+from tests.conftest import tiny_tiktoken, write_config
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64)
+# Hugging Face models to import: every family, with and without grouped-query attention and a tied head, and
+# away from the defaults where lmlab has an option (rope theta, norm epsilon, MLP and head width, biases).
+IMPORTS: dict[str, tuple[type, type, dict]] = {
+    "gpt2": (GPT2Config, GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, n_inner=48,
+                                               layer_norm_epsilon=1e-6)),
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(TINY, tie_word_embeddings=True)),
+    "llama untied": (LlamaConfig, LlamaForCausalLM, dict(TINY, tie_word_embeddings=False, rms_norm_eps=1e-5)),
+    "llama gqa": (LlamaConfig, LlamaForCausalLM, dict(TINY, num_key_value_heads=2, tie_word_embeddings=True,
+                                                      rope_theta=50000.0)),
+    "llama gqa untied bias": (LlamaConfig, LlamaForCausalLM, dict(TINY, num_key_value_heads=1, attention_bias=True,
+                                                                  mlp_bias=True, tie_word_embeddings=False)),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(TINY, num_key_value_heads=2, head_dim=16,
+                                                  tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen3 untied": (Qwen3Config, Qwen3ForCausalLM, dict(TINY, num_key_value_heads=4, head_dim=8,
+                                                         tie_word_embeddings=False)),
+}
+LLAMA_OPTIONS = ['model.pos_emb="rope"', 'model.norm="rmsnorm"', 'model.mlp="swiglu"', "model.bias=false",
+                 "model.n_head=4"]
+# lmlab runs to train and export, one per family and head/tie variant; `auto` must pick the family named.
+EXPORTS: dict[str, tuple[str, list[str]]] = {
+    "gpt2": ("gpt2", ['model.gelu_approx="tanh"', "model.mlp_hidden=48"]),
+    "gpt2 untied": ("gpt2", ["model.tie_embeddings=false", "model.norm_eps=1e-6"]),
+    "llama": ("llama", LLAMA_OPTIONS),
+    "llama untied": ("llama", [*LLAMA_OPTIONS, "model.tie_embeddings=false", "model.norm_eps=1e-5"]),
+    "llama gqa": ("llama", [*LLAMA_OPTIONS, "model.n_kv_head=2", "model.rope_theta=50000.0"]),
+    "llama gqa untied bias": ("llama", [*LLAMA_OPTIONS, "model.n_kv_head=1", "model.tie_embeddings=false",
+                                        "model.bias=true", "model.mlp_hidden=40"]),
+    "qwen3": ("qwen3", [*LLAMA_OPTIONS, "model.qk_norm=true", "model.n_kv_head=2", "model.head_dim=16"]),
+    "qwen3 untied": ("qwen3", [*LLAMA_OPTIONS, "model.qk_norm=true", "model.tie_embeddings=false",
+                               "model.norm_eps=1e-6", "model.rope_theta=1e6"]),
+}
+KINDS = {"char": "char", "word": "word:200", "bpe": "bpe:300", "gpt2": "gpt2", "tiktoken": "tiktoken:tiny"}
+TRAIN = ["train.max_iters=20", "train.eval_interval=20", "train.eval_iters=2", "train.checkpoint_interval=20",
+         "train.dtype=float32", "train.compile=false"]
+
+
+def write_tokenizer_files(folder: Path, tokenizer: Tokenizer) -> None:
+    """A Hugging Face folder's tokenizer: tokenizer.json and the eos token in tokenizer_config.json."""
+    tokenizer.save(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokenizer.eot_token}))
+
+
+def tiny_hf(folder: Path, case: str, tokenizer: Tokenizer | None, vocab_size: int = 0, **changes) -> Path:
+    """A random model of IMPORTS[case] (with `changes` to its config) saved by transformers, with gains and biases
+    drawn away from 1 and 0 (as training leaves them) so that a mix-up of any two tensors shows in the logits."""
+    config_class, model_class, options = IMPORTS[case]
+    options = {**options, **changes}
+    torch.manual_seed(0)
+    vocab = vocab_size or tokenizer.vocab_size
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    model = model_class(config_class(vocab_size=vocab, bos_token_id=eot, eos_token_id=eot, **options))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        write_tokenizer_files(folder, tokenizer)
+    return folder
+
+
+def train_run(run: Path, config: Path, options: list[str]) -> Path:
+    """A tiny lmlab run: 20 steps of `config` (conftest's TINY_CONFIG) with `options`."""
+    Trainer(load_config(config, [*TRAIN, *options]), run, "cpu", console=Console(quiet=True)).run()
+    return run
+
+
+def kind_run(root: Path, kind: str, corpus: Path, gpt2_dir: Path) -> Path:
+    """A tiny run of tokenizer KINDS[kind] trained on `corpus` under `root`, exported to `root/<kind>-hf`
+    (gpt2 reads GPT-2-format files from `gpt2_dir`, tiktoken a tiny encoding written here)."""
+    tiny_tiktoken(root / "tiktoken")
+    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": str(root / "tiktoken")}):
+        dataset, _, _ = prepare([str(corpus)], KINDS[kind], out_dir=root / "data",
+                                options=PrepareOptions(gpt2_dir=gpt2_dir, workers=1))
+    run = train_run(root / kind, write_config(root / f"{kind}.toml", dataset), [])
+    export_hf(run, root / f"{kind}-hf")
+    return run
+
+
+def random_ids(vocab_size: int, length: int = 30, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    return AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+
+
+@torch.no_grad()
+def lmlab_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
+    return RunDir(run).load("best", "cpu").model(ids)[0]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+@torch.no_grad()
+def hf_greedy(folder: Path, prompt: list[int], n: int = 20) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def lmlab_greedy(run: Path, prompt: list[int], n: int = 20) -> list[int]:
+    model = RunDir(run).load("best", "cpu").model
+    return list(stream_ids(model, prompt, SamplingParams(max_new_tokens=n, temperature=0)))
+
+
+def pipeline_text(folder: Path, prompt: str, n: int = 12) -> str:
+    """The prompt and its greedy continuation by transformers' pipeline("text-generation")."""
+    generate = pipeline("text-generation", model=str(folder), device="cpu")
+    return generate(prompt, max_new_tokens=n, do_sample=False)[0]["generated_text"]
+
+
+def sampler_text(run: Path, prompt: str, n: int = 12) -> str:
+    """The same by lmlab's sampler, cut where transformers stops: before the end-of-text token."""
+    loaded = RunDir(run).load("best", "cpu")
+    ids = list(stream_ids(loaded.model, loaded.tokenizer.encode(prompt), SamplingParams(n, temperature=0)))
+    eot = loaded.tokenizer.eot_id
+    return prompt + loaded.tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)
+
+
+def tokenizer_ids(folder: Path, run: Path, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each text's ids by transformers' AutoTokenizer from an exported folder, and by the run's own tokenizer."""
+    theirs = AutoTokenizer.from_pretrained(folder)
+    ours = RunDir(run).tokenizer()
+    return [theirs(t)["input_ids"] for t in texts], [ours.encode(t) for t in texts]

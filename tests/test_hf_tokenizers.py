@@ -1,0 +1,159 @@
+"""Tokenizers across the boundary: every lmlab kind exported so that transformers' AutoTokenizer gives lmlab's ids
+and pipeline("text-generation") runs, and read back as the same kind; another model's tokenizer (a Llama's, whose
+end-of-text is `</s>`) in import-hf, prepare, sampling and fine-tuning; what import-hf refuses without one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmlab.data.prepare import prepare
+from lmlab.data.shards import open_tokens
+from lmlab.data.tokenizers import EOT, Tokenizer, train_tokenizer
+from lmlab.errors import UserError
+from lmlab.generate import document_start
+from lmlab.hf import import_hf
+from lmlab.prompt import alpaca_format
+from lmlab.rundir import RunDir
+from tests.conftest import write_corpus
+
+transformers = pytest.importorskip("transformers")
+from tests.hf_reference import KINDS, kind_run, pipeline_text, sampler_text, tiny_hf  # noqa: E402
+
+EACH_KIND = [pytest.param(k, marks=pytest.mark.slow if k in ("gpt2", "tiktoken") else ()) for k in KINDS]
+
+
+class KindRuns(dict):
+    """A tiny trained run of each tokenizer kind (`kind_run`), made when a test first asks for it."""
+
+    def __init__(self, root: Path, corpus: Path, gpt2_dir: Path):
+        super().__init__()
+        self.root, self.corpus, self.gpt2_dir = root, corpus, gpt2_dir
+
+    def __missing__(self, kind: str) -> Path:
+        self[kind] = kind_run(self.root, kind, self.corpus, self.gpt2_dir)
+        return self[kind]
+
+
+@pytest.fixture(scope="module")
+def kind_runs(tmp_path_factory, corpus_dir, hf_gpt2) -> KindRuns:
+    return KindRuns(tmp_path_factory.mktemp("kinds"), corpus_dir, hf_gpt2)
+
+
+def corpus_texts(corpus_dir: Path) -> list[str]:
+    play = (corpus_dir / "play0.txt").read_text()
+    return [play[:400], play[1000:1100], " love night", "ROMEO:"]
+
+
+@pytest.mark.parametrize("kind", EACH_KIND)
+def test_autotokenizer_gives_the_runs_ids_and_text(kind, kind_runs, corpus_dir):
+    run, folder = kind_runs[kind], kind_runs[kind].with_name(f"{kind}-hf")
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(folder), RunDir(run).tokenizer()
+    for text in corpus_texts(corpus_dir) + (["an unseen word: zebra"] if kind != "char" else []):
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == ids
+        assert theirs.decode(ids) == ours.decode(ids)
+    assert theirs.eos_token_id == ours.eot_id
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    assert settings["lmlab_tokenizer"] == KINDS[kind]
+
+
+@pytest.mark.parametrize("kind", EACH_KIND)
+def test_the_exported_folder_runs_in_a_text_generation_pipeline(kind, kind_runs):
+    run, folder = kind_runs[kind], kind_runs[kind].with_name(f"{kind}-hf")
+    assert pipeline_text(folder, "ROMEO:") == sampler_text(run, "ROMEO:")
+
+
+@pytest.mark.parametrize("kind", EACH_KIND)
+def test_an_exported_tokenizer_comes_back_as_the_same_kind(kind, kind_runs, tmp_path):
+    folder = kind_runs[kind].with_name(f"{kind}-hf")
+    import_hf(folder, tmp_path / "back")
+    back, original = RunDir(tmp_path / "back").tokenizer(), RunDir(kind_runs[kind]).tokenizer()
+    assert (back.spec, back.eot_id, back.identity()) == (original.spec, original.eot_id, original.identity())
+
+
+def test_prepare_with_a_runs_tokenizer_keeps_its_kind_and_ids(kind_runs, tmp_path):
+    corpus = write_corpus(tmp_path / "more", seed=1)
+    word_run = kind_runs["word"]
+    target, meta, _ = prepare([str(corpus)], str(word_run), name="more", out_dir=tmp_path / "data")
+    assert target.name == "more-word200" and meta["tokenizer"] == "word:200"
+    assert meta["tokenizer_identity"] == RunDir(word_run).tokenizer().identity()
+    assert prepare([str(corpus)], str(word_run), name="more", out_dir=tmp_path / "data")[2] is False  # reused
+    # The same spec trained afresh on this corpus is another tokenizer: not mistaken for the dataset above.
+    with pytest.raises(UserError, match="already holds a different dataset"):
+        prepare([str(corpus)], "word:200", name="more", out_dir=tmp_path / "data")
+    (tmp_path / "odd.txt").write_text("ROMEO:\nA zebra in Zürich,\n" * 20)
+    with pytest.raises(UserError, match="never saw"):  # a char run's tokenizer knows only its corpus' characters
+        prepare([str(tmp_path / "odd.txt")], str(kind_runs["char"]), out_dir=tmp_path / "data")
+    with pytest.raises(UserError, match="pretrained:x is how lmlab records a tokenizer read from a folder"):
+        prepare([str(corpus)], "pretrained:x", out_dir=tmp_path / "data")
+
+
+def llama_style_tokenizer(texts: list[str]) -> tokenizers.Tokenizer:
+    """A byte-level BPE whose end-of-text is `</s>`, as Llama's and Mistral's are: no `<|endoftext|>` at all."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+    return backend
+
+
+def test_another_models_end_of_text_is_used_in_prepare_sample_and_prompts(tmp_path, corpus_dir):
+    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    tokenizer = Tokenizer("pretrained:Llama-ish", llama_style_tokenizer(texts))
+    folder = tiny_hf(tmp_path / "Llama-ish", "llama", None, vocab_size=tokenizer.vocab_size)
+    tokenizer.save(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    import_hf(folder, tmp_path / "run")
+    run = RunDir(tmp_path / "run").load("best", "cpu")
+    eos = tokenizer.vocab["</s>"]
+    assert (run.tokenizer.spec, run.tokenizer.eot_id) == ("pretrained:Llama-ish", eos)
+    assert EOT not in run.tokenizer.vocab
+    assert alpaca_format(run.tokenizer).end == "</s>" and document_start(run.tokenizer) == [eos]
+    target, meta, _ = prepare([str(corpus_dir)], str(folder), name="plays", out_dir=tmp_path / "data")
+    assert target.name == "plays-pretrainedLlama-ish" and meta["eot_id"] == eos
+    tokens = np.concatenate([np.asarray(open_tokens(target, split, meta["dtype"])) for split in ("train", "val")])
+    assert (tokens == eos).sum() == meta["train"]["documents"] + meta["val"]["documents"]  # one after each
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()),
+                                                    "eos_token_id": None}))
+    os.remove(folder / "generation_config.json")
+    with pytest.raises(UserError, match="names no end-of-text token"):
+        import_hf(folder, tmp_path / "no-eos")
+
+
+def test_import_needs_a_tokenizer_that_fits_the_model(tmp_path, corpus_dir, hf_gpt2, monkeypatch):
+    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    bpe = train_tokenizer("bpe:300", texts, texts)
+    bare = tiny_hf(tmp_path / "bare", "qwen3", None, vocab_size=bpe.vocab_size)
+    with pytest.raises(UserError, match="has no tokenizer files .* pass --tokenizer DIR_OR_FILE naming the model's "
+                                        r"tokenizer\.$"):
+        import_hf(bare, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="is neither a folder nor a tokenizer.json file"):
+        import_hf(bare, tmp_path / "run", tokenizer=tmp_path / "nowhere")
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(UserError, match="is not a tokenizer the tokenizers library reads"):
+        import_hf(bare, tmp_path / "run", tokenizer=tmp_path / "tokenizer.json")
+    bpe.save(tmp_path / "tokenizer.json")
+    import_hf(bare, tmp_path / "run", tokenizer=tmp_path / "tokenizer.json")
+    assert RunDir(tmp_path / "run").tokenizer().encode("ROMEO:") == bpe.encode("ROMEO:")
+    small = tiny_hf(tmp_path / "small", "llama", None, vocab_size=bpe.vocab_size - 1)
+    with pytest.raises(UserError, match=f"has {bpe.vocab_size} tokens but the model only {bpe.vocab_size - 1} "
+                                        "embedding rows"):
+        import_hf(small, tmp_path / "small-run", tokenizer=tmp_path / "tokenizer.json")
+    # A GPT-2 without tokenizer files takes GPT-2's from $LMLAB_GPT2_DIR, as `prepare --tokenizer gpt2` does.
+    gpt2 = tiny_hf(tmp_path / "gpt2", "gpt2", None, vocab_size=400)
+    monkeypatch.delenv("LMLAB_GPT2_DIR", raising=False)
+    with pytest.raises(UserError, match=r"\(or set \$LMLAB_GPT2_DIR\)"):
+        import_hf(gpt2, tmp_path / "gpt2-run")
+    monkeypatch.setenv("LMLAB_GPT2_DIR", str(hf_gpt2))
+    assert import_hf(gpt2, tmp_path / "gpt2-run")["tokenizer"] == "gpt2"

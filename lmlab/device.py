@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,7 +82,10 @@ PEAK_TFLOPS = {
     "T4": {"float16": 65, "float32": 8.1},
 }
 
-_measured: dict[tuple[str, torch.dtype], float] = {}
+# A measured peak is kept on disk: measuring takes ~0.5 s, which every start of a run would otherwise pay. The
+# best of the first MEASUREMENTS measurements is kept, so one taken while the machine was busy does not stick.
+MEASUREMENTS = 3
+_measured: dict[str, float] = {}
 
 
 def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | None:
@@ -90,13 +99,61 @@ def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | Non
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """Peak FLOP/s for MFU and where it came from: the datasheet table, or a measured matmul for CPUs and
-    GPUs the table does not know."""
+    GPUs the table does not know (measured once per process, and kept in `peak_cache_path()`)."""
     listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
     if listed:
         return listed
-    if (device.type, dtype) not in _measured:
-        _measured[(device.type, dtype)] = _measure_matmul(device, dtype)
-    return _measured[(device.type, dtype)], "measured matmul"
+    key = peak_cache_key(device, dtype)
+    if key not in _measured:
+        _measured[key] = _cached_measurement(key, device, dtype)
+    return _measured[key], "measured matmul"
+
+
+def peak_cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmlab" / "peak_flops.json"
+
+
+def peak_cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak depends on: the processor, the threads torch uses on it, the dtype and torch."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name() if device.type == "cpu" else device.type
+        name += f", {torch.get_num_threads()} threads"
+    return f"{device.type}: {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}"
+
+
+def _cpu_name() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _cached_measurement(key: str, device: torch.device, dtype: torch.dtype) -> float:
+    """The cached peak once it holds MEASUREMENTS measurements; until then measure, and keep the best. The cache is
+    a convenience: an unreadable or unwritable one only means measuring again."""
+    path = peak_cache_path()
+    cache = _read_cache(path)
+    entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
+    count, best = entry.get("measurements", 0), float(entry.get("flops", 0.0))
+    if count >= MEASUREMENTS:
+        return best
+    best = max(best, _measure_matmul(device, dtype))
+    cache[key] = {"flops": best, "measurements": count + 1}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    return best
 
 
 def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:

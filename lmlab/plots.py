@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     import matplotlib.pyplot as plt
 
 
-def _pyplot() -> ModuleType:
-    """matplotlib.pyplot, imported at the first plot: its ~0.5 s import is not paid before a run's first step."""
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot, imported at the first plot (or when a budgeted run chooses): its ~0.5 s import is not
+    paid before a run's first step."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and in CI
@@ -31,7 +32,7 @@ def plot_losses(run: RunDir) -> Path:
     events = run.events()
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval"]
-    fig, ax = _pyplot().subplots(figsize=(8, 5), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
     if train:
         ax.plot(*zip(*train), label="train", color="tab:blue", alpha=0.6, linewidth=1)
     if evals:
@@ -57,7 +58,7 @@ X_AXES = {
 def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", log: bool = False) -> Path:
     """Overlay the val (solid, markers) and train (faint) curves of several runs on one x axis."""
     label, pick = X_AXES[x]
-    fig, ax = _pyplot().subplots(figsize=(9, 5.5), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(9, 5.5), dpi=120)
     for i, s in enumerate(summaries):
         color = f"C{i % 10}"
         if s.trains:
@@ -79,7 +80,7 @@ def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", lo
 
 def plot_scaling(fits: list[PowerLawFit], path: Path) -> Path:
     """Val loss against compute and against parameters, log-log, with each fitted power law."""
-    fig, axes = _pyplot().subplots(1, len(fits), figsize=(6 * len(fits), 5), dpi=120, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(fits), figsize=(6 * len(fits), 5), dpi=120, squeeze=False)
     for ax, fit in zip(axes[0], fits):
         ax.scatter(fit.x, fit.y, color="C0", zorder=3, label="runs (best val loss)")
         for x, y, name in zip(fit.x, fit.y, fit.names):
@@ -100,7 +101,7 @@ def plot_scaling(fits: list[PowerLawFit], path: Path) -> Path:
 
 def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> Path:
     """Histogram of tokens per document on a log x axis, with the context length marked."""
-    fig, ax = _pyplot().subplots(figsize=(8, 5), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
     bins = np.geomspace(max(1, min(int(lengths.min()), block_size)) / 1.1, max(int(lengths.max()), block_size) * 1.1, 60)
     ax.hist(np.maximum(lengths, 1), bins=bins, color="C0")
     beyond = (lengths > block_size).mean()
@@ -131,6 +132,6 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     tmp.replace(path)
     return path

@@ -5,12 +5,18 @@ and a mistyped option answer at once."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import sys
 
 from lmlab.commands import data, evaluate, hf, plan, runs, serve, sweep, train
 from lmlab.errors import UserError
 
 FAMILIES = (data, train, evaluate, hf, serve, plan, runs, sweep)  # the order of `lmlab --help`
+
+# At exit the interpreter collects every object it can reach, torch's and sympy's included: ~0.9 s on 2 cores
+# after a training run. Frozen objects are left for the OS to free at once: lmlab closes its own files.
+atexit.register(gc.freeze)
 
 
 def build_parser() -> argparse.ArgumentParser:

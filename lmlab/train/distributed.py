@@ -148,6 +148,13 @@ class Parallel:
             dist.all_reduce(tensor)
         return tensor
 
+    def mean(self, values: list[float], device: torch.device) -> list[float]:
+        """The mean over ranks of a few host numbers (the numbers themselves in one process), so that every rank
+        decides alike from measurements that differ a little from rank to rank."""
+        if not self.active:
+            return values
+        return (self.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)) / self.world_size).tolist()
+
     def any(self, flag: bool) -> bool:
         """Whether any rank says yes, e.g. caught a stop signal: all ranks must leave the loop at the same step.
         Goes through a CPU group, so asking every step costs no device sync."""

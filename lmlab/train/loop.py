@@ -22,10 +22,11 @@ from lmlab.data.shards import read_meta, row_layout
 from lmlab.device import autocast_dtype, configure, peak_flops
 from lmlab.errors import UserError
 from lmlab.model import build_model
-from lmlab.plots import plot_losses
+from lmlab.plots import plot_losses, pyplot
 from lmlab.progress import progress_bar
 from lmlab.rundir import RunDir
 from lmlab.tracking import Tracker
+from lmlab.train.budget import BudgetClock, BudgetPlan, make_plan, resumed_plan, schedule_for
 from lmlab.train.distributed import elastic_restart, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
@@ -87,7 +88,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
-                 keep_optimizer: bool = False):
+                 keep_optimizer: bool = False, started: float | None = None):
+        # A train.budget_seconds run counts from `started` (a time.perf_counter() reading; the CLI passes its own
+        # start), else from now.
+        self.started = time.perf_counter() if started is None else started
         self.run_dir = RunDir(run_dir)
         if resume:
             check_resumable(self.run_dir)
@@ -116,6 +120,7 @@ class Trainer:
         self.progress, self.clock = Progress(), Stopwatch()
         self.means = {"log": Mean(), "eval": Mean()}  # train loss since the last log line, since the last eval
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience, tc.rollback_lr_factor)
+        self.budget = BudgetPlan(tc.budget_seconds)  # fixed by a budgeted run after timing its first steps
         self._saved_step = -1  # the step of the newest checkpoint written by this process
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
@@ -125,6 +130,7 @@ class Trainer:
             self._resume(force)
         else:
             self._start(init_from, keep_optimizer)
+        self.schedule = schedule_for(self.cfg.train, self.budget)  # the steps and LR the loop goes by
         self.tracker = Tracker(tc.tracker if self.parallel.is_main else "none", self.run_dir.path, to_dict(self.cfg),
                                resume_step=self.progress.step if resume else None)
         if self.parallel.is_main:
@@ -175,6 +181,7 @@ class Trainer:
             raise UserError(f"dataset {self.cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
                             "on (train.bin checksum); pass --force to continue on the new data anyway.")
         self._restore(training, rollback=False)
+        self.budget = resumed_plan(self.budget, self.cfg.train.budget_seconds, self.run_dir.path)
         if self.parallel.is_main:
             self.run_dir.truncate_after(self.progress.step)
         self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {self.progress.step}).")
@@ -199,7 +206,7 @@ class Trainer:
                 "guard": self.guard.state_dict(), "clock": self.clock.state_dict(),
                 "loader": self.loader.state_dict(), "rng": rng_state(self.device),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "dataset_sha256": self.meta["train"]["sha256"]}
+                "dataset_sha256": self.meta["train"]["sha256"], "budget": self.budget.state_dict()}
 
     def _restore(self, training: dict[str, Any], rollback: bool) -> None:
         """Put a checkpoint's training state back, in place (the weights and optimizer are loaded already). A
@@ -215,6 +222,7 @@ class Trainer:
             self.loader.load_state_dict(training["loader"])
             self.guard.load_state_dict(training["guard"])
             self.clock.load_state_dict(training["clock"])
+            self.budget.load_state_dict(training.get("budget") or BudgetPlan().state_dict())
 
     def _checkpoint(self, best: bool) -> None:
         step = self.progress.step
@@ -230,7 +238,7 @@ class Trainer:
 
     def _train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
-        tc = self.cfg.train
+        tc = self.schedule
         lr = lr_at(self.progress.step, tc) * self.guard.lr_scale
         total, norm = self.step(self.parallel.micro_batches(self.loader, tc.grad_accum_steps), self.micro_steps, lr)
         self._pending.append((self.progress.step + 1, lr, total, norm))
@@ -267,12 +275,13 @@ class Trainer:
         self.console.print(f"[yellow]step {step}: {self.cfg.train.spike_patience} bad steps in a row; {where}; "
                            f"LR scaled by {scale:g}[/yellow]")
 
-    def _evaluate(self) -> tuple[float, float]:
+    def _evaluate(self, n_batches: int | None = None) -> tuple[float, float]:
         tc = self.cfg.train
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         train, val = (estimate_loss(self.step.forward, tokens, self.cfg.model.block_size, tc.batch_size,
-                                    tc.eval_iters, tc.seed + offset, self.device, self.dtype, self.parallel)
+                                    n_batches or tc.eval_iters, tc.seed + offset, self.device, self.dtype,
+                                    self.parallel)
                       for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
@@ -301,7 +310,7 @@ class Trainer:
         mean = self.means["log"].take()
         mfu = rate * self.flops_per_token / self.peak[0]
         self._log({"event": "train", "step": p.step, "tokens": p.tokens, "loss": mean,
-                   "lr": lr_at(p.step - 1, self.cfg.train) * self.guard.lr_scale, "grad_norm": self._grad_norm,
+                   "lr": lr_at(p.step - 1, self.schedule) * self.guard.lr_scale, "grad_norm": self._grad_norm,
                    "tokens_per_sec": round(rate, 1), "mfu": round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
         return f"loss {mean:.4f} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
 
@@ -315,41 +324,78 @@ class Trainer:
             self.parallel.close()
 
     def _loop(self) -> TrainResult:
-        p, tc = self.progress, self.cfg.train
+        p = self.progress
         self.model.train()
-        tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.cfg.model.block_size
+        tokens_per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum_steps * self.cfg.model.block_size
         self.clock.start()
+        # A budget still to plan: its steps are timed until the plan is fixed (then None).
+        timing = (BudgetClock(self.budget.seconds, self.started, self.clock.before, p.step)
+                  if self.budget.seconds and not self.budget.fixed else None)
         step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
         out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
         with progress_bar(self.console) as bar, _StopOnSignal() as stop:
-            task = bar.add_task("train", total=tc.max_iters, completed=p.step, info="")
-            while (p.step < tc.max_iters and not p.stopped_early and not out_of_time
+            task = bar.add_task("train", total=None if timing else self.schedule.max_iters, completed=p.step, info="")
+            while (p.step < self.schedule.max_iters and not p.stopped_early and not out_of_time
                    and not self.parallel.any(bool(stop.signal))):
+                tc = self.schedule
                 started = time.perf_counter()
                 self._train_step()
                 p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
                 logging = p.step % tc.log_interval == 0
                 # Agreed by all ranks, as the eval it triggers is collective; the same config on every rank.
                 out_of_time = bool(tc.max_seconds) and self.parallel.any(self.clock.elapsed >= tc.max_seconds)
-                evaluating = p.step % tc.eval_interval == 0 or p.step == tc.max_iters or out_of_time
-                saving = p.step % tc.checkpoint_interval == 0
+                planning = timing is not None and self.parallel.any(timing.timing_done())
+                evaluating = p.step % tc.eval_interval == 0 or p.step == tc.max_iters or out_of_time or planning
+                saving = p.step % tc.checkpoint_interval == 0 or (timing is not None and p.step == timing.warm_step)
                 # The device runs ahead (and the next batch is prepared meanwhile) until a point that needs
                 # the losses: a log line, an eval, a checkpoint.
                 if (logging or evaluating or saving) and not self._judge_pending():
                     continue
-                step_seconds, timed_steps = step_seconds + time.perf_counter() - started, timed_steps + 1
+                seconds = time.perf_counter() - started
+                step_seconds, timed_steps = step_seconds + seconds, timed_steps + 1
                 if logging:
                     bar.update(task, info=self._log_train(tokens_per_step * timed_steps / step_seconds))
                     step_seconds, timed_steps = 0.0, 0
-                best = evaluating and self._after_eval(*self._evaluate())
-                if best or saving:
-                    self._checkpoint(best)
+                if timing is not None:
+                    timing.add_step(p.step, seconds)
+                self._eval_and_checkpoint(evaluating, saving, timing, planning)
+                if planning:
+                    timing = None
+                    bar.update(task, total=self.schedule.max_iters)
                 bar.update(task, completed=p.step)
             # The end, an early stop or a signal (whenever in the step it came): the last step is always saved.
             self._judge_pending()
             if self._saved_step != p.step:
                 self._checkpoint(best=False)
         return self._finish(stop.signal)
+
+    def _eval_and_checkpoint(self, evaluating: bool, saving: bool, timing: BudgetClock | None,
+                             planning: bool) -> None:
+        """The eval and checkpoint due after a step. A budgeted run still to plan times the checkpoint of its warm
+        step (then pays the one-time costs of a first eval: the plot library, an eval batch) and the eval that
+        ends its step timing, then fixes the plan before that eval's checkpoint, which so holds it."""
+        began = time.perf_counter()
+        best = evaluating and self._after_eval(*self._evaluate())
+        if planning:
+            measured = self.parallel.mean(timing.measured(time.perf_counter() - began), self.device)
+            self._fix_plan(make_plan(timing.seconds, self.progress.step, measured, self.cfg.train))
+        began = time.perf_counter()
+        if best or saving:
+            self._checkpoint(best)
+        if timing is not None and self.progress.step == timing.warm_step:
+            timing.checkpoint_seconds = time.perf_counter() - began
+            pyplot()
+            self._evaluate(n_batches=1)
+
+    def _fix_plan(self, plan: BudgetPlan) -> None:
+        """Lay the run over the plan's steps: config.toml records them, and a `budget` event the plan."""
+        self.budget = plan
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, max_iters=plan.max_iters))
+        self.schedule = schedule_for(self.cfg.train, plan)
+        if self.parallel.is_main:
+            self.run_dir.write_config(self.cfg)
+        self._log({"event": "budget", **plan.state_dict()})
+        self.console.print(plan.describe())
 
     def _finish(self, stopped_by: str | None) -> TrainResult:
         p = self.progress

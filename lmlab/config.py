@@ -104,9 +104,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
     max_iters: int = 5000  # optimizer steps
     max_seconds: float = 0.0  # wall-clock limit: end the run cleanly (final eval and checkpoint) after it; 0: none
-    # Seconds from the command to the end of the run, start-up, evals and checkpoints included: the run times its
-    # first steps and sets max_iters to fill them, the LR schedule laid over those steps (lmlab/train/budget.py);
-    # 0: none (the run trains max_iters steps).
+    # Seconds from `lmlab train`'s start (or a library Trainer's run()) to the end of the run, evals and checkpoints
+    # included: the run times its first steps and sets max_iters to fill them, the LR schedule laid over those
+    # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps).
     budget_seconds: float = 0.0
     optimizer: str = "adamw"  # adamw | muon: Muon for hidden 2-D weights, AdamW for embeddings, head and the rest
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)

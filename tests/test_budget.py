@@ -41,21 +41,16 @@ def budgeted(tmp_path, dataset, seconds: float, overrides=()) -> Trainer:
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_that_fill_the_budget(
         tmp_path, char_dataset, schedule):
-    # 5 s: the first Trainer of a process spends ~2 s starting (torch.optim imports torch._dynamo; the CPU's peak
-    # FLOP/s is measured), which the budget counts.
-    result = budgeted(tmp_path, char_dataset, 5.0, [f"train.schedule={schedule}"]).run()
+    result = budgeted(tmp_path, char_dataset, 2.0, [f"train.schedule={schedule}"]).run()
     run = RunDir(result.run_dir)
     events = run.events()
     plan = BudgetPlan(**{k: v for k, v in next(e for e in events if e["event"] == "budget").items() if k != "event"})
     # max_iters = 7 in the config is replaced by the plan, which config.toml records.
     assert result.steps == plan.max_iters == run.config().train.max_iters > plan.step > 2
-    assert [(e["event"], e["step"]) for e in events if e["event"] in ("eval", "budget")][:2] == [
-        ("eval", plan.step), ("budget", plan.step)]
     assert next(e["step"] for e in events if e["event"] == "checkpoint") == 2  # the timed one
-    evals = [e["step"] for e in events if e["event"] == "eval"]
-    assert evals == [plan.step, *range(50, plan.max_iters, 50), plan.max_iters]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [*range(50, plan.max_iters, 50), plan.max_iters]
     # The plan fills what was left of the budget: one more step would not have fitted.
-    left = plan.seconds - plan.spent - plan.checkpoint_seconds
+    left = plan.seconds - plan.spent
     steps = plan.max_iters - plan.step
     assert seconds_needed(plan.step, steps, plan, 50, 40) <= left < seconds_needed(plan.step, steps + 1, plan, 50, 40)
     # Before the plan the LR warms up and holds its peak; after it, the schedule runs over max_iters to min_lr.
@@ -70,7 +65,7 @@ def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_th
     assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{plan.max_iters:06d}"
 
 
-def test_a_budget_used_up_before_its_plan_ends_the_run_at_the_timed_eval(tmp_path, char_dataset, capsys):
+def test_a_budget_used_up_before_its_plan_ends_the_run_at_the_plan(tmp_path, char_dataset, capsys):
     result = budgeted(tmp_path, char_dataset, 0.01).run()
     plan = next(e for e in RunDir(result.run_dir).events() if e["event"] == "budget")
     assert result.steps == plan["max_iters"] == plan["step"] == 13  # 2 untimed, then the 10 timed steps and one
@@ -91,9 +86,9 @@ def test_budget_settings_are_checked(tmp_path, char_dataset, capsys):
 
 
 def test_a_planned_run_resumes_with_its_budget_or_by_steps_but_not_with_another_budget(tmp_path, char_dataset):
-    result = budgeted(tmp_path, char_dataset, 3.0).run()
+    result = budgeted(tmp_path, char_dataset, 1.0).run()
     run = result.run_dir
-    with pytest.raises(UserError, match="planned its 3 s budget"):
+    with pytest.raises(UserError, match="planned its 1 s budget"):
         Trainer(load_config(run / "config.toml", ["train.budget_seconds=5"]), run, "cpu", resume=True)
     again = Trainer(load_config(run / "config.toml"), run, "cpu", resume=True).run()
     assert again.steps == result.steps  # nothing left to train: the plan is kept, not timed again

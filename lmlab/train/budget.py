@@ -1,10 +1,10 @@
 """`train.budget_seconds`: a run that fills a wall-clock budget, start-up, evaluations and checkpoints included.
 
-The run writes a checkpoint at step SKIP_STEPS (timed), times the steps after it for a few percent of the budget,
-then evaluates (timed) and fixes `max_iters`: the most steps whose training, evaluations and checkpoints end at
-the budget. The LR schedule (cosine or WSD) is laid over those steps; before they are known it warms up and holds
-the peak. The plan goes into every later checkpoint, so a resumed run trains to the same step without timing
-anything again; a run resumed from before its plan times its steps anew.
+After SKIP_STEPS steps the run times a checkpoint and an evaluation, then its steps for a few percent of the
+budget, and fixes `max_iters`: the most steps whose training, evaluations and checkpoints end at the budget. The
+LR schedule (cosine or WSD) is laid over those steps; before they are known it warms up and holds the peak. The
+plan goes into every later checkpoint, so a resumed run trains to the same step without timing anything again;
+a run resumed from before its plan times its steps anew.
 """
 
 from __future__ import annotations
@@ -105,9 +105,9 @@ class BudgetClock:
 
     def __init__(self, seconds: float, started: float, spent_before: float, first_step: int):
         self.seconds, self.started, self.spent_before = seconds, started, spent_before
-        self.warm_step = first_step + SKIP_STEPS  # the step of the timed checkpoint; later steps are timed
+        self.warm_step = first_step + SKIP_STEPS  # the eval and checkpoint are timed here; later steps are timed
         self.step_total, self.steps = 0.0, 0  # seconds in the steps timed so far (evaluations left out)
-        self.checkpoint_seconds = 0.0
+        self.eval_seconds = self.checkpoint_seconds = 0.0
 
     def spent(self) -> float:
         return self.spent_before + time.perf_counter() - self.started
@@ -121,15 +121,15 @@ class BudgetClock:
         wanted = min(MAX_TIMED_SECONDS, TIMED_SHARE * self.seconds)
         return self.steps >= MIN_TIMED_STEPS and self.step_total >= wanted
 
-    def measured(self, eval_seconds: float) -> list[float]:
+    def measured(self) -> list[float]:
         """What a plan is made of: seconds spent, per step, per evaluation, per checkpoint."""
-        return [self.spent(), self.step_total / self.steps, eval_seconds, self.checkpoint_seconds]
+        return [self.spent(), self.step_total / self.steps, self.eval_seconds, self.checkpoint_seconds]
 
 
 def make_plan(seconds: float, step: int, measured: list[float], train: TrainConfig) -> BudgetPlan:
-    """Fix max_iters at `step` (just evaluated, its checkpoint still to write): `step` plus the steps that fit in
-    what is left of the budget, by the `BudgetClock.measured` figures."""
+    """Fix max_iters at `step`: `step` plus the steps that fit in what is left of the budget, by the
+    `BudgetClock.measured` figures."""
     plan = BudgetPlan(seconds, 0, step, *measured)
-    left = seconds - plan.spent - plan.checkpoint_seconds
-    plan.max_iters = step + steps_that_fit(left, step, plan, train.eval_interval, train.checkpoint_interval)
+    plan.max_iters = step + steps_that_fit(seconds - plan.spent, step, plan, train.eval_interval,
+                                           train.checkpoint_interval)
     return plan

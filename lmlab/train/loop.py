@@ -89,9 +89,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
                  keep_optimizer: bool = False, started: float | None = None):
-        # A train.budget_seconds run counts from `started` (a time.perf_counter() reading; the CLI passes its own
-        # start), else from now.
-        self.started = time.perf_counter() if started is None else started
+        # A train.budget_seconds run counts from `started`, a time.perf_counter() reading (the CLI passes its own
+        # start), else from `run()`: so the trials of a sweep, in one process, compare on equal terms.
+        self.started = started
         self.run_dir = RunDir(run_dir)
         if resume:
             check_resumable(self.run_dir)
@@ -328,9 +328,10 @@ class Trainer:
         self.model.train()
         tokens_per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum_steps * self.cfg.model.block_size
         self.clock.start()
-        # A budget still to plan: its steps are timed until the plan is fixed (then None).
-        timing = (BudgetClock(self.budget.seconds, self.started, self.clock.before, p.step)
-                  if self.budget.seconds and not self.budget.fixed else None)
+        timing = None  # a budget still to plan: its steps are timed until the plan is fixed
+        if self.budget.seconds and not self.budget.fixed:
+            pyplot()  # imported now, so that no timed eval includes the one-time import
+            timing = BudgetClock(self.budget.seconds, self.started or time.perf_counter(), self.clock.before, p.step)
         step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
         out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
         with progress_bar(self.console) as bar, _StopOnSignal() as stop:
@@ -341,12 +342,16 @@ class Trainer:
                 started = time.perf_counter()
                 self._train_step()
                 p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
+                if timing is not None and self.parallel.any(timing.timing_done()):  # agreed, as the plan must be
+                    self._fix_plan(make_plan(timing.seconds, p.step, self.parallel.mean(timing.measured(),
+                                                                                          self.device), tc))
+                    timing, tc = None, self.schedule
+                    bar.update(task, total=tc.max_iters)
                 logging = p.step % tc.log_interval == 0
                 # Agreed by all ranks, as the eval it triggers is collective; the same config on every rank.
                 out_of_time = bool(tc.max_seconds) and self.parallel.any(self.clock.elapsed >= tc.max_seconds)
-                planning = timing is not None and self.parallel.any(timing.timing_done())
-                evaluating = p.step % tc.eval_interval == 0 or p.step == tc.max_iters or out_of_time or planning
-                saving = p.step % tc.checkpoint_interval == 0 or (timing is not None and p.step == timing.warm_step)
+                evaluating = p.step % tc.eval_interval == 0 or p.step == tc.max_iters or out_of_time
+                saving = p.step % tc.checkpoint_interval == 0
                 # The device runs ahead (and the next batch is prepared meanwhile) until a point that needs
                 # the losses: a log line, an eval, a checkpoint.
                 if (logging or evaluating or saving) and not self._judge_pending():
@@ -356,12 +361,13 @@ class Trainer:
                 if logging:
                     bar.update(task, info=self._log_train(tokens_per_step * timed_steps / step_seconds))
                     step_seconds, timed_steps = 0.0, 0
+                best = evaluating and self._after_eval(*self._evaluate())
+                if best or saving:
+                    self._checkpoint(best)
                 if timing is not None:
                     timing.add_step(p.step, seconds)
-                self._eval_and_checkpoint(evaluating, saving, timing, planning)
-                if planning:
-                    timing = None
-                    bar.update(task, total=self.schedule.max_iters)
+                    if p.step == timing.warm_step:
+                        self._time_costs(timing)
                 bar.update(task, completed=p.step)
             # The end, an early stop or a signal (whenever in the step it came): the last step is always saved.
             self._judge_pending()
@@ -369,23 +375,19 @@ class Trainer:
                 self._checkpoint(best=False)
         return self._finish(stop.signal)
 
-    def _eval_and_checkpoint(self, evaluating: bool, saving: bool, timing: BudgetClock | None,
-                             planning: bool) -> None:
-        """The eval and checkpoint due after a step. A budgeted run still to plan times the checkpoint of its warm
-        step (then pays the one-time costs of a first eval: the plot library, an eval batch) and the eval that
-        ends its step timing, then fixes the plan before that eval's checkpoint, which so holds it."""
+    def _time_costs(self, timing: BudgetClock) -> None:
+        """What a budgeted run's plan counts besides its steps, timed: a checkpoint, and an eval (of one batch per
+        split, after one that pays the eval's one-time costs, scaled to eval_iters) with the plot it redraws."""
         began = time.perf_counter()
-        best = evaluating and self._after_eval(*self._evaluate())
-        if planning:
-            measured = self.parallel.mean(timing.measured(time.perf_counter() - began), self.device)
-            self._fix_plan(make_plan(timing.seconds, self.progress.step, measured, self.cfg.train))
+        self._checkpoint(best=False)
+        timing.checkpoint_seconds = time.perf_counter() - began
+        self._evaluate(n_batches=1)
         began = time.perf_counter()
-        if best or saving:
-            self._checkpoint(best)
-        if timing is not None and self.progress.step == timing.warm_step:
-            timing.checkpoint_seconds = time.perf_counter() - began
-            pyplot()
-            self._evaluate(n_batches=1)
+        self._evaluate(n_batches=1)
+        batches = time.perf_counter() - began
+        if self.parallel.is_main:
+            plot_losses(self.run_dir)
+        timing.eval_seconds = self.cfg.train.eval_iters * batches + time.perf_counter() - began - batches
 
     def _fix_plan(self, plan: BudgetPlan) -> None:
         """Lay the run over the plan's steps: config.toml records them, and a `budget` event the plan."""

@@ -43,7 +43,8 @@ def plot_losses(run: RunDir) -> Path:
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if train or evals:  # a run before its first log line has nothing to label
+        ax.legend()
     return _save(fig, run.loss_plot)
 
 

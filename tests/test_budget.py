@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import torch
 
+from lmlab.checkpoint import pointer
 from lmlab.commands import main
 from lmlab.config import load_config
 from lmlab.errors import UserError
@@ -17,6 +18,7 @@ from lmlab.train.loop import Trainer
 from lmlab.train.optim import lr_at
 from tests.conftest import LMLAB, write_config
 from tests.test_checkpoint import stable_events, wait_for, weights
+from tests.test_distributed import finish, torchrun
 
 
 def test_the_plan_counts_steps_evals_at_their_interval_and_the_end_and_the_checkpoints_between():
@@ -69,6 +71,7 @@ def test_a_budget_used_up_before_its_plan_ends_the_run_at_the_plan(tmp_path, cha
     result = budgeted(tmp_path, char_dataset, 0.01).run()
     plan = next(e for e in RunDir(result.run_dir).events() if e["event"] == "budget")
     assert result.steps == plan["max_iters"] == plan["step"] == 13  # 2 untimed, then the 10 timed steps and one
+    assert "nothing is left, the run ends here" in " ".join(capsys.readouterr().out.split())
 
 
 def test_budget_settings_are_checked(tmp_path, char_dataset, capsys):
@@ -82,7 +85,7 @@ def test_budget_settings_are_checked(tmp_path, char_dataset, capsys):
                           (["--budget", "0s"], "not a positive duration"),
                           (["--resume", str(tmp_path / "run"), "--budget", "30s"], "keeps the plan it made")):
         assert main(["train", *([] if "--resume" in args else [str(config)]), *args, "--device", "cpu"]) == 2
-        assert message in capsys.readouterr().err.replace("\n", "")
+        assert message in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_planned_run_resumes_with_its_budget_or_by_steps_but_not_with_another_budget(tmp_path, char_dataset):
@@ -108,9 +111,11 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def checkpoints_after_plan(path, count):
-        events = RunDir(path).events()
-        planned = [e["step"] for e in events if e["event"] == "budget"]
-        return planned and len([e for e in events if e["event"] == "checkpoint" and e["step"] > planned[0]]) >= count
+        """On disk, with `latest` naming one: the checkpoint event is logged before the folder is written."""
+        planned = [e["step"] for e in RunDir(path).events() if e["event"] == "budget"]
+        latest = pointer(RunDir(path).checkpoints, "latest")
+        saved = [f for f in RunDir(path).step_folders() if planned and int(f.name[5:]) > planned[0]]
+        return planned and latest is not None and int(latest.name[5:]) > planned[0] and len(saved) >= count
 
     wait_for(lambda: checkpoints_after_plan(run, 1) or proc.poll() is not None)
     proc.kill()
@@ -130,3 +135,18 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
     assert len([e for e in RunDir(run).events() if e["event"] == "budget"]) == 1
     straight_weights, resumed_weights = weights(straight), weights(run)
     assert all(torch.equal(straight_weights[name], resumed_weights[name]) for name in straight_weights)
+
+
+@pytest.mark.slow
+def test_the_ranks_of_a_torchrun_job_make_one_plan_together(tmp_path, char_dataset):
+    """Each rank times its own steps; the plan is made from their mean, so both train and evaluate the same steps
+    (ranks that disagreed would wait for each other's collectives until the job timed out)."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    run = tmp_path / "run"
+    finish(torchrun([str(config), "--run", str(run), "--budget", "10s", "--set", "train.grad_accum_steps=2",
+                     "--set", "train.eval_interval=25"]))
+    events = RunDir(run).events()
+    plans = [e for e in events if e["event"] == "budget"]
+    assert len(plans) == 1 and plans[0]["max_iters"] > plans[0]["step"]
+    assert events[-1]["event"] == "end" and events[-1]["step"] == plans[0]["max_iters"]
+    assert [e["step"] for e in events if e["event"] == "eval"][-1] == plans[0]["max_iters"]

@@ -43,9 +43,10 @@ class BudgetPlan(Saved):
         return self.max_iters > 0
 
     def describe(self) -> str:
+        ends = "" if self.max_iters > self.step else ": nothing is left, the run ends here"
         return (f"budget {self.seconds:g} s: {self.max_iters} steps ({1000 * self.step_seconds:.1f} ms each, "
                 f"evaluation {self.eval_seconds:.2f} s, checkpoint {self.checkpoint_seconds:.2f} s), "
-                f"fixed at step {self.step} with {self.spent:.1f} s gone")
+                f"fixed at step {self.step} with {self.spent:.1f} s gone{ends}")
 
 
 def resumed_plan(saved: BudgetPlan, asked: float, run: Path) -> BudgetPlan:

@@ -119,7 +119,11 @@ class TrainConfig:
     batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
     grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
     max_iters: int = 5000  # optimizer steps
-    max_seconds: float = 0.0  # wall-clock budget: end the run cleanly (final eval and checkpoint) after it; 0: none
+    max_seconds: float = 0.0  # wall-clock limit: end the run cleanly (final eval and checkpoint) after it; 0: none
+    # Seconds from `lmlab train`'s start (or a library Trainer's run()) to the end of the run, evals and checkpoints
+    # included: the run times its first steps and sets max_iters to fill them, the LR schedule laid over those
+    # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps).
+    budget_seconds: float = 0.0
     optimizer: str = "adamw"  # adamw | muon: Muon for hidden 2-D weights, AdamW for embeddings, head and the rest
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
     min_lr: float = 1e-4  # the LR at the end of the decay
@@ -165,6 +169,7 @@ class TrainConfig:
             raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
         if self.max_seconds < 0:
             raise UserError(f"train.max_seconds ({self.max_seconds}) must be 0 (no limit) or positive.")
+        self._check_budget()
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
         if self.tracker not in ("none", "tensorboard", "wandb"):
@@ -183,6 +188,16 @@ class TrainConfig:
                             "whole matrices, FSDP shards them); use parallel = \"ddp\" or optimizer = \"adamw\".")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"train.dtype is '{self.dtype}'; use auto, float32, bfloat16 or float16.")
+
+    def _check_budget(self) -> None:
+        if self.budget_seconds < 0:
+            raise UserError(f"train.budget_seconds ({self.budget_seconds}) must be 0 (no budget) or positive.")
+        if self.budget_seconds and self.max_seconds:
+            raise UserError("train.budget_seconds plans the whole run to end at its budget, train.max_seconds cuts a "
+                            "run short; set one of them, the other to 0.")
+        if self.budget_seconds and self.lr_decay_iters:
+            raise UserError("train.lr_decay_iters fixes the decay in steps, while train.budget_seconds lays it over "
+                            "the steps the budget allows; set lr_decay_iters = 0.")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,7 +153,10 @@ PEAK_TFLOPS = {
 # the SXM form factor (the table's default). PCIe and NVL stay: those parts run at lower clocks.
 _NOISE = re.compile(r"nvidia|geforce|tesla|quadro|rtx|generation|\d+gb|hbm\w*|sxm\d*")
 
-_measured: dict[tuple[str, torch.dtype], float] = {}
+# A measured peak is kept on disk: measuring takes ~0.5 s, which every start of a run would otherwise pay. The
+# best of the first MEASUREMENTS measurements is kept, so one taken while the machine was busy does not stick.
+MEASUREMENTS = 3
+_measured: dict[str, float] = {}
 
 
 def _model_tokens(name: str) -> frozenset[str]:
@@ -175,13 +180,59 @@ def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | Non
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """Peak FLOP/s for MFU and where it came from: the datasheet table, or a measured matmul for CPUs and
-    GPUs the table does not know."""
+    GPUs the table does not know (measured once per process, and kept in `peak_cache_path()`)."""
     listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
     if listed:
         return listed
-    if (device.type, dtype) not in _measured:
-        _measured[(device.type, dtype)] = measured_peak(device, dtype)
-    return _measured[(device.type, dtype)], "measured matmul"
+    key = peak_cache_key(device, dtype)
+    if key not in _measured:
+        _measured[key] = _cached_measurement(key, device, dtype)
+    return _measured[key], "measured matmul"
+
+
+def peak_cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmlab" / "peak_flops.json"
+
+
+def peak_cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak depends on: the processor, the threads torch uses on it, the dtype, torch and the
+    matmul measured (a peak from a smaller one is lower, and would overstate MFU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = (_cpu_name() or platform.machine()) if device.type == "cpu" else device.type
+        name += f", {torch.get_num_threads()} threads"
+    return (f"{device.type}: {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+            f"{_matmul_size(device)}² matmul")
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _cached_measurement(key: str, device: torch.device, dtype: torch.dtype) -> float:
+    """The cached peak once it holds MEASUREMENTS measurements; until then measure, and keep the best. The cache is
+    a convenience: an unreadable or unwritable one only means measuring again."""
+    path = peak_cache_path()
+    cache = _read_cache(path)
+    entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
+    count, best = entry.get("measurements", 0), float(entry.get("flops", 0.0))
+    if count >= MEASUREMENTS:
+        return best
+    best = max(best, measured_peak(device, dtype))
+    cache[key] = {"flops": best, "measurements": count + 1}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    return best
+
+
+def _matmul_size(device: torch.device) -> int:
+    return 2048 if device.type == "cpu" else 8192
 
 
 def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
@@ -192,7 +243,7 @@ def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5
     AVX-512 cores against 1.1-1.25 at 1024 (fp32: 0.28 at both). The first half of the time only warms up: the
     first calls of a process (kernel JIT, clock ramp-up) were measured at 60% of the settled rate on the CPU.
     """
-    n = 2048 if device.type == "cpu" else 8192
+    n = _matmul_size(device)
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
     a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
     best, spent = 0.0, -seconds / 2

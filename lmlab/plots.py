@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
+from lmlab.rundir import RunDir
+from lmlab.runs import RunSummary
+from lmlab.scaling import PowerLawFit
 
-from lmlab.rundir import RunDir  # noqa: E402
-from lmlab.runs import RunSummary  # noqa: E402
-from lmlab.scaling import PowerLawFit  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+
+
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot, imported at the first plot (or when a budgeted run chooses): its ~0.5 s import is not
+    paid before a run's first step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_losses(run: RunDir, path: Path | None = None) -> Path:
@@ -21,7 +32,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     events = run.events()
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval"]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
     if train:
         ax.plot(*zip(*train), label="train", color="tab:blue", alpha=0.6, linewidth=1)
     if evals:
@@ -32,7 +43,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(True, alpha=0.3)
-    if train or evals:
+    if train or evals:  # a run before its first log line has nothing to label
         ax.legend()
     return _save(fig, Path(path or run.loss_plot))
 
@@ -48,7 +59,7 @@ X_AXES = {
 def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", log: bool = False) -> Path:
     """Overlay the val (solid, markers) and train (faint) curves of several runs on one x axis."""
     label, pick = X_AXES[x]
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(9, 5.5), dpi=120)
     for i, s in enumerate(summaries):
         color = f"C{i % 10}"
         if s.trains:
@@ -71,7 +82,7 @@ def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", lo
 def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Path:
     """Val loss against compute and against parameters, log-log, with each fitted power law; `rough` when the
     runs cannot support an extrapolation (`scaling.fit_caveats`), which the label then says."""
-    fig, axes = plt.subplots(1, len(fits), figsize=(6 * len(fits), 5), dpi=120, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(fits), figsize=(6 * len(fits), 5), dpi=120, squeeze=False)
     for ax, fit in zip(axes[0], fits):
         ax.scatter(fit.x, fit.y, color="C0", zorder=3, label="runs (best val loss)")
         for x, y, name in zip(fit.x, fit.y, fit.names):
@@ -93,7 +104,7 @@ def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Pa
 
 def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> Path:
     """Histogram of tokens per document on a log x axis, with the context length marked."""
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
     bins = np.geomspace(max(1, min(int(lengths.min()), block_size)) / 1.1, max(int(lengths.max()), block_size) * 1.1, 60)
     ax.hist(np.maximum(lengths, 1), bins=bins, color="C0")
     beyond = (lengths > block_size).mean()
@@ -110,6 +121,8 @@ def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> P
 
 def _log_axes(ax: plt.Axes) -> None:
     """Log-log axes with plain-number loss labels (not 1.6×10⁰) and no crowded minor labels on x."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -122,6 +135,6 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
+    pyplot().close(fig)
     tmp.replace(path)
     return path

@@ -49,17 +49,22 @@ class PlainProgress:
     def __exit__(self, *exc: Any) -> None:
         return None
 
-    def add_task(self, description: str, total: int, completed: int = 0, **fields: Any) -> int:
+    def add_task(self, description: str, total: int | None, completed: int = 0, **fields: Any) -> int:
         self.total, self.completed, self._first = total, completed, completed
         self._started = time.perf_counter()
         return 0
 
-    def update(self, task: int, completed: int | None = None, advance: int = 0, info: str | None = None) -> None:
+    def update(self, task: int, completed: int | None = None, advance: int = 0, info: str | None = None,
+               total: int | None = None) -> None:
+        """As the bar's: `total` is given once a count not known at the start is (a budgeted run's steps)."""
+        self.total = self.total if total is None else total
         self.completed = (self.completed if completed is None else completed) + advance
         if info is not None and (self.completed % self.every == 0 or self.completed == self.total):
             self.console.print(self.line(info), highlight=False, soft_wrap=True)
 
     def line(self, info: str) -> str:
         elapsed, done = time.perf_counter() - self._started, self.completed - self._first
+        if self.total is None:
+            return f"{self.unit} {self.completed:,} | {info} | elapsed {clock(elapsed)} | ETA -"
         eta = clock(elapsed / done * (self.total - self.completed)) if done > 0 else "-"
         return f"{self.unit} {self.completed:,}/{self.total:,} | {info} | elapsed {clock(elapsed)} | ETA {eta}"

@@ -91,8 +91,7 @@ class RunDir:
     def write_setup(self, cfg: RunConfig, tokenizer: Tokenizer | Path | None, dataset: dict[str, Any],
                     prompt: PromptFormat | None = None) -> None:
         """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / "config.toml", to_toml(cfg))
+        self.write_config(cfg)
         if isinstance(tokenizer, Tokenizer):
             tokenizer.save(self.path / "tokenizer.json")
         elif tokenizer is not None:
@@ -100,6 +99,11 @@ class RunDir:
         atomic_write_text(self.path / "dataset.json", json.dumps(dataset, indent=2))
         if prompt is not None:
             atomic_write_text(self.path / "prompt.json", json.dumps(dataclasses.asdict(prompt), indent=2))
+
+    def write_config(self, cfg: RunConfig) -> None:
+        """config.toml: the resolved config (rewritten when a budgeted run fixes its max_iters)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.toml", to_toml(cfg))
 
     def begin(self, kind: str, model: LanguageModel, cfg: RunConfig, dataset: dict[str, Any], *,
               init_from: str | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,

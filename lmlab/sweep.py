@@ -73,7 +73,7 @@ def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: i
         chosen = [(key, value) for (key, _), value in zip(swept, combo)]
         overrides = fixed + [f"{key}={value}" for key, value in chosen]
         if budget_seconds:
-            overrides.append(f"train.max_seconds={budget_seconds}")
+            overrides.append(f"train.budget_seconds={budget_seconds}")
         cfg = load_config(config, overrides)
         if budget_tokens:
             # Equal tokens for every trial, whatever its batch shape: the step count follows from them.

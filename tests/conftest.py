@@ -56,6 +56,14 @@ def write_corpus(folder: Path, n_docs: int = 6, speeches: int = 60, seed: int = 
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory) -> Path:
+    """The measured peak FLOP/s cache (lmlab.device) of the tests, and of the commands they start, is their own."""
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

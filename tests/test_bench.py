@@ -1,12 +1,16 @@
 """`lmlab bench` and `lmlab plan` on the CPU: real timings of a tiny model, arithmetic checked exactly."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.device import datasheet_peak, peak_flops
+from lmlab.device import MEASUREMENTS, datasheet_peak, peak_cache_key, peak_cache_path, peak_flops
 from lmlab.rundir import RunDir
 from tests.conftest import write_config
 
@@ -90,3 +94,24 @@ def test_cpus_and_dtypes_without_tensor_cores_are_measured():
     assert datasheet_peak("Tesla T4", torch.bfloat16) is None  # no bf16 tensor cores
     value, source = peak_flops(torch.device("cpu"), torch.float32)
     assert source == "measured matmul" and value > 1e9
+
+
+def test_a_measured_peak_is_kept_on_disk_as_the_best_of_the_first_measurements(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    keys = [peak_cache_key(cpu, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    cache = tmp_path / "lmlab" / "peak_flops.json"
+    assert peak_cache_path() != cache  # the tests' own cache (conftest), not this one
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({keys[0]: {"flops": 123e9, "measurements": MEASUREMENTS},  # settled: read back
+                                 keys[1]: {"flops": 1e30, "measurements": MEASUREMENTS - 1}}))  # measured once more
+    code = (f"import torch; torch.set_num_threads({threads}); from lmlab.device import peak_flops; "
+            "print(*(peak_flops(torch.device('cpu'), t)[0] for t in (torch.float32, torch.bfloat16)))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert [float(v) for v in done.stdout.split()] == [123e9, 1e30]  # a new measurement never beats 1e30
+    assert json.loads(cache.read_text())[keys[1]] == {"flops": 1e30, "measurements": MEASUREMENTS}
+    cache.write_text("{not json")  # a damaged cache is measured over, never an error
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert all(1e9 < float(v) < 1e30 for v in done.stdout.split())
+    assert json.loads(cache.read_text())[keys[0]]["measurements"] == 1

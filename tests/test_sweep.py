@@ -23,7 +23,7 @@ def test_the_grid_is_the_cartesian_product_under_one_token_budget(tmp_path, char
     assert [t.config.train.max_iters for t in trials] == [20, 10, 20, 10]  # equal tokens: 2560 each
     assert all(t.config.model.n_layer == 1 for t in trials)
     seconds = plan_trials(config, ["train.learning_rate=1e-3,3e-3"], tmp_path / "s", budget_seconds=30)
-    assert [t.config.train.max_seconds for t in seconds] == [30.0, 30.0]
+    assert [t.config.train.budget_seconds for t in seconds] == [30.0, 30.0]
     with pytest.raises(UserError, match="model.n_layer must be int"):
         plan_trials(config, ["model.n_layer=2,two"], tmp_path / "s")
 

@@ -5,6 +5,8 @@ and a mistyped option answer at once."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -48,6 +50,10 @@ def _version() -> str:
     except PackageNotFoundError:
         torch = "not installed"
     return f"lmlab {__version__} (torch {torch}, Python {platform.python_version()})"
+
+# At exit the interpreter collects every object it can reach, torch's and sympy's included: ~0.9 s on 2 cores
+# after a training run. Frozen objects are left for the OS to free at once: lmlab closes its own files.
+atexit.register(gc.freeze)
 
 
 def build_parser() -> argparse.ArgumentParser:

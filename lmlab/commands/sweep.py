@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="values to sweep, comma-separated (one value: a setting for every trial); repeatable")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-tokens", type=int, help="training tokens per trial (sets train.max_iters)")
-    budget.add_argument("--budget-seconds", type=float, help="wall-clock seconds per trial (sets train.max_seconds)")
+    budget.add_argument("--budget-seconds", type=float, help="wall-clock seconds per trial, evals included (sets "
+                        "train.budget_seconds: the LR schedule ends with the budget)")
     p.add_argument("--name", help="sweep name: trials go to DIR/NAME/<trial> (default: <config name>-sweep)")
     p.add_argument("--dir", default="runs", help="where the sweep folder goes (default: runs)")
     add_device(p)

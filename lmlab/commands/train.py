@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import re
+import time
 from pathlib import Path
 
 from lmlab.commands.common import add_device, add_set, console
 from lmlab.errors import UserError
 
 
+UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """`30s`, `5m`, `1.5h` or plain seconds, as seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--budget {text!r} is not a positive duration; use seconds, minutes or hours, e.g. 30s, 5m or 2h.")
+    return float(match.group(1)) * UNITS[match.group(2) or "s"]
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    started = time.perf_counter()  # a --budget counts from here: the imports below are part of it
     from lmlab.config import load_config
     from lmlab.rundir import RunDir
     from lmlab.train.loop import Trainer
 
+    if args.budget:
+        if args.resume:
+            raise UserError("--budget plans a new run; a resumed run keeps the plan it made (to train it on by "
+                            "steps: --set train.budget_seconds=0 --set train.max_iters=N).")
+        args.set.append(f"train.budget_seconds={parse_duration(args.budget)}")
     if args.resume and (args.config or args.init_from):
         raise UserError("--resume RUN continues a run; pass no CONFIG.toml or --init-from with it "
                         "(use --set to change a resumed run).")
@@ -26,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
     trainer = Trainer(cfg, run_dir, args.device, resume=bool(args.resume), console=console, force=args.force,
-                      init_from=args.init_from, keep_optimizer=args.keep_optimizer)
+                      init_from=args.init_from, keep_optimizer=args.keep_optimizer, started=started)
     m = trainer.model
     console.print(f"model: {m.describe()}, {m.num_params() / 1e6:.2f}M parameters ({m.num_params(False) / 1e6:.2f}M "
                   f"without embeddings) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
@@ -69,6 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="TOML preset, e.g. configs/shakespeare-char-cpu.toml")
     add_set(p)
     p.add_argument("--run", help="run dir (default: runs/<config name>)")
+    p.add_argument("--budget", metavar="30s|5m|2h", help="end the run, start-up and evals included, after this "
+                   "long: its steps are timed and max_iters set to fill it (sets train.budget_seconds)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     add_device(p, " (may differ from the original on resume)")
     p.add_argument("--init-from", metavar="RUN[:best|latest]", help="start a new run from another run's weights")

@@ -18,22 +18,12 @@ import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 from lmlab.checkpoint import (
     load_checkpoint,
@@ -47,12 +37,12 @@ from lmlab.device import resolve_device
 from lmlab.errors import UserError
 from lmlab.model import LanguageModel
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
 # A collective that waits longer than this fails instead of hanging: a peer that is alive but stuck (a dead one
 # is noticed by torchrun within seconds). Generous, because every rank waits while rank 0 writes a checkpoint.
 TIMEOUT = timedelta(minutes=10)
-
-# Whole tensors on rank 0's CPU: the same files a single-device run writes, at the cost of rank 0's host memory.
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 # Our GPT returns its logits as a slice of the padded head's output; nothing modifies them in place.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -100,6 +90,10 @@ class Parallel:
         by FSDP2 (each of its `shard_units`, then the rest), per train.parallel."""
         if not self.active:
             return model
+        # Imported here: FSDP, DDP and DTensor take ~1 s to import, which a single process need not wait for.
+        from torch.distributed.fsdp import fully_shard
+        from torch.nn.parallel import DistributedDataParallel
+
         if parallel == "ddp":
             device = next(model.parameters()).device
             self._model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -149,7 +143,7 @@ class Parallel:
     def reduce_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The global mean loss and grad norm of a step, as plain device tensors and without a host sync, so
         every rank's spike guard and non-finite skip decide alike."""
-        if isinstance(grad_norm, DTensor):  # FSDP's norm is already reduced over the shards
+        if self.mode == "fsdp":  # the norm is a DTensor, already reduced over the shards
             grad_norm = grad_norm.full_tensor()
         return self.all_reduce_sum(loss) / self.world_size, grad_norm
 
@@ -159,6 +153,13 @@ class Parallel:
             tensor = tensor.clone()
             dist.all_reduce(tensor)
         return tensor
+
+    def mean(self, values: list[float], device: torch.device) -> list[float]:
+        """The mean over ranks of a few host numbers (the numbers themselves in one process), so that every rank
+        decides alike from measurements that differ a little from rank to rank."""
+        if not self.active:
+            return values
+        return (self.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)) / self.world_size).tolist()
 
     def agree(self, *flags: bool) -> tuple[bool, ...]:
         """For each flag, whether any rank raised it (caught a stop signal, ran out of time): all ranks must leave
@@ -200,8 +201,16 @@ class Parallel:
         gathered from the shards under FSDP, which every rank must call together."""
         if self.mode != "fsdp":
             return (model_tensors(model), optimizer.state_dict()) if self.is_main else ({}, {})
-        weights = get_model_state_dict(model, options=_FULL)
-        by_name = get_optimizer_state_dict(model, optimizer, options=_FULL)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        # Whole tensors on rank 0's CPU: the files a single-device run writes, at the cost of rank 0's host memory.
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=full)
+        by_name = get_optimizer_state_dict(model, optimizer, options=full)
         if not self.is_main:
             return {}, {}
         aliases = tied_aliases(model)
@@ -215,6 +224,12 @@ class Parallel:
         """checkpoint.load_checkpoint, sharding whole tensors under FSDP: any checkpoint loads on any world size."""
         if self.mode != "fsdp":
             return load_checkpoint(folder, model, optimizer)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
         state = load_state(folder)
         weights = load_file(str(folder / "model.safetensors"))
         weights.update({alias: weights[kept] for alias, kept in tied_aliases(model).items()})
@@ -234,6 +249,8 @@ def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
     traffic, and no per-micro-batch cast of the gathered fp32 weights by autocast) and gradients are reduced in
     fp32, while the sharded master weights and the optimizer stay fp32. Otherwise everything stays fp32 and
     FSDP computes what one process computes."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     if dtype == torch.bfloat16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()

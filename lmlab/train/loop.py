@@ -22,10 +22,11 @@ from lmlab.data.shards import read_meta, row_layout
 from lmlab.device import autocast_dtype, configure, peak_flops, synchronize
 from lmlab.errors import UserError
 from lmlab.model import build_model
-from lmlab.plots import plot_losses
+from lmlab.plots import plot_losses, pyplot
 from lmlab.progress import progress_bar
 from lmlab.rundir import RunDir
 from lmlab.tracking import Tracker
+from lmlab.train.budget import BudgetClock, BudgetPlan, make_plan, resumed_plan, schedule_for
 from lmlab.train.distributed import elastic_restart, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
@@ -88,7 +89,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
-                 keep_optimizer: bool = False):
+                 keep_optimizer: bool = False, started: float | None = None):
+        # A train.budget_seconds run counts from `started`, a time.perf_counter() reading (the CLI passes its own
+        # start), else from `run()`: so the trials of a sweep, in one process, compare on equal terms.
+        self.started = started
         self.run_dir = RunDir(run_dir)
         if resume:
             check_resumable(self.run_dir)
@@ -119,6 +123,7 @@ class Trainer:
         self.progress, self.clock = Progress(), Stopwatch()
         self.means = {"log": Mean(), "eval": Mean()}  # train loss since the last log line, since the last eval
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience, tc.rollback_lr_factor)
+        self.budget = BudgetPlan(tc.budget_seconds)  # fixed by a budgeted run after timing its first steps
         self._saved_step = -1  # the step of the newest checkpoint written by this process
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
@@ -128,6 +133,7 @@ class Trainer:
             self._resume(force)
         else:
             self._start(init_from, keep_optimizer)
+        self.schedule = schedule_for(self.cfg.train, self.budget)  # the steps and LR the loop goes by
         self.tracker = Tracker(tc.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
                                resume_step=self.progress.step if resume else None,
                                model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards
@@ -179,6 +185,7 @@ class Trainer:
             raise UserError(f"dataset {self.cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
                             "on (train.bin checksum); pass --force to continue on the new data anyway.")
         self._restore(training, rollback=False)
+        self.budget = resumed_plan(self.budget, self.cfg.train.budget_seconds, self.run_dir.path)
         if self.parallel.is_main:
             self.run_dir.truncate_after(self.progress.step)
             self.run_dir.resumed(self.progress.step, folder.name, self.device, self.dtype, self.parallel.world_size)
@@ -204,7 +211,7 @@ class Trainer:
                 "guard": self.guard.state_dict(), "clock": self.clock.state_dict(),
                 "loader": self.loader.state_dict(), "rng": rng_state(self.device),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "dataset_sha256": self.meta["train"]["sha256"]}
+                "dataset_sha256": self.meta["train"]["sha256"], "budget": self.budget.state_dict()}
 
     def _restore(self, training: dict[str, Any], rollback: bool) -> None:
         """Put a checkpoint's training state back, in place (the weights and optimizer are loaded already). A
@@ -222,6 +229,7 @@ class Trainer:
             self.clock.load_state_dict(training["clock"])
             if training["scaler"]:
                 self.step.scaler.load_state_dict(training["scaler"])
+            self.budget.load_state_dict(training.get("budget") or BudgetPlan().state_dict())
 
     def _checkpoint(self, best: bool) -> None:
         step = self.progress.step
@@ -237,7 +245,7 @@ class Trainer:
 
     def _train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
-        tc = self.cfg.train
+        tc = self.schedule
         lr = lr_at(self.progress.step, tc) * self.guard.lr_scale
         total, norm = self.step(self.parallel.micro_batches(self.loader, tc.grad_accum_steps), self.micro_steps, lr)
         self._pending.append((self.progress.step + 1, lr, total, norm))
@@ -274,12 +282,13 @@ class Trainer:
         self.console.print(f"[yellow]step {step}: {self.cfg.train.spike_patience} bad steps in a row; {where}; "
                            f"LR scaled by {scale:g}[/yellow]")
 
-    def _evaluate(self) -> tuple[float, float]:
+    def _evaluate(self, n_batches: int | None = None) -> tuple[float, float]:
         tc = self.cfg.train
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         train, val = (estimate_loss(self.step.forward, tokens, self.cfg.model.block_size, tc.batch_size,
-                                    tc.eval_iters, tc.seed + offset, self.device, self.dtype, self.parallel)
+                                    n_batches or tc.eval_iters, tc.seed + offset, self.device, self.dtype,
+                                    self.parallel)
                       for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
@@ -308,7 +317,7 @@ class Trainer:
         p = self.progress
         mean = self.means["log"].take()
         mfu = None if rate is None else rate * self.flops_per_token / self.peak[0]
-        lr = lr_at(p.step - 1, self.cfg.train) * self.guard.lr_scale
+        lr = lr_at(p.step - 1, self.schedule) * self.guard.lr_scale
         self._log({"event": "train", "step": p.step, "tokens": p.tokens, "loss": mean,
                    "lr": lr, "grad_norm": self._grad_norm,
                    "tokens_per_sec": None if rate is None else round(rate, 1),
@@ -327,34 +336,47 @@ class Trainer:
             self.parallel.close()
 
     def _loop(self) -> TrainResult:
-        p, tc = self.progress, self.cfg.train
+        p = self.progress
         self.model.train()
-        tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.cfg.model.block_size
+        tokens_per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum_steps * self.cfg.model.block_size
         self.clock.start()
+        timing = None  # a budget still to plan: its steps are timed until the plan is fixed
+        if self.budget.seconds and not self.budget.fixed:
+            pyplot()  # imported now, so that no timed eval includes the one-time import
+            timing = BudgetClock(self.budget.seconds, self.started or time.perf_counter(), self.clock.before, p.step)
         step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
         # The first step of a process compiles, allocates and warms caches (a minute for GPT-2 under
         # torch.compile): it is left out of tokens/s and MFU, on a first start and on every resume.
         warm = False
         out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
         with progress_bar(self.console) as bar, _StopOnSignal() as stop:
-            task = bar.add_task("train", total=tc.max_iters, completed=p.step, info="")
+            task = bar.add_task("train", total=None if timing else self.schedule.max_iters, completed=p.step, info="")
             stopping = False  # a stop signal, agreed by all ranks
-            while p.step < tc.max_iters and not p.stopped_early and not out_of_time and not stopping:
+            while p.step < self.schedule.max_iters and not p.stopped_early and not out_of_time and not stopping:
+                tc = self.schedule
                 started = time.perf_counter()
                 self._train_step()
                 p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
+                # Agreed by all ranks, as the eval that running out of time triggers is collective, and a budget's
+                # plan must be the same everywhere.
+                stopping, out_of_time, timed = self.parallel.agree(
+                    bool(stop.signal), bool(tc.max_seconds) and self.clock.elapsed >= tc.max_seconds,
+                    timing is not None and timing.timing_done())
+                if timing is not None and timed:
+                    self._fix_plan(make_plan(timing.seconds, p.step, self.parallel.mean(timing.measured(),
+                                                                                          self.device), tc))
+                    timing, tc = None, self.schedule
+                    bar.update(task, total=tc.max_iters)
                 logging = p.step % tc.log_interval == 0
-                # Agreed by all ranks, as the eval that running out of time triggers is collective.
-                stopping, out_of_time = self.parallel.agree(
-                    bool(stop.signal), bool(tc.max_seconds) and self.clock.elapsed >= tc.max_seconds)
                 evaluating = p.step % tc.eval_interval == 0 or p.step == tc.max_iters or out_of_time
                 saving = p.step % tc.checkpoint_interval == 0
                 # The device runs ahead (and the next batch is prepared meanwhile) until a point that needs
                 # the losses: a log line, an eval, a checkpoint.
                 if (logging or evaluating or saving) and not self._judge_pending():
                     continue
+                seconds = time.perf_counter() - started
                 if warm:
-                    step_seconds, timed_steps = step_seconds + time.perf_counter() - started, timed_steps + 1
+                    step_seconds, timed_steps = step_seconds + seconds, timed_steps + 1
                 else:
                     synchronize(self.device)  # so none of its device work is timed with the next step
                     warm = True
@@ -365,12 +387,40 @@ class Trainer:
                 best = evaluating and self._after_eval(*self._evaluate())
                 if best or saving:
                     self._checkpoint(best)
+                if timing is not None:
+                    timing.add_step(p.step, seconds)
+                    if p.step == timing.warm_step:
+                        self._time_costs(timing)
                 bar.update(task, completed=p.step)
             # The end, an early stop or a signal (whenever in the step it came): the last step is always saved.
             self._judge_pending()
             if self._saved_step != p.step:
                 self._checkpoint(best=False)
         return self._finish(stop.signal)
+
+    def _time_costs(self, timing: BudgetClock) -> None:
+        """What a budgeted run's plan counts besides its steps, timed: a checkpoint, and an eval (of one batch per
+        split, after one that pays the eval's one-time costs, scaled to eval_iters) with the plot it redraws."""
+        began = time.perf_counter()
+        self._checkpoint(best=False)
+        timing.checkpoint_seconds = time.perf_counter() - began
+        self._evaluate(n_batches=1)
+        began = time.perf_counter()
+        self._evaluate(n_batches=1)
+        batches = time.perf_counter() - began
+        if self.parallel.is_main:
+            plot_losses(self.run_dir)
+        timing.eval_seconds = self.cfg.train.eval_iters * batches + time.perf_counter() - began - batches
+
+    def _fix_plan(self, plan: BudgetPlan) -> None:
+        """Lay the run over the plan's steps: config.toml records them, and a `budget` event the plan."""
+        self.budget = plan
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, max_iters=plan.max_iters))
+        self.schedule = schedule_for(self.cfg.train, plan)
+        if self.parallel.is_main:
+            self.run_dir.write_config(self.cfg)
+        self._log({"event": "budget", **plan.state_dict()})
+        self.console.print(plan.describe())
 
     def _finish(self, stopped_by: str | None) -> TrainResult:
         p = self.progress

@@ -1,0 +1,79 @@
+"""How long `lmlab train` takes from the command to its first training step, for the demo preset.
+
+    python benchmarks/startup.py [--config configs/shakespeare-char-modern-cpu.toml] [--repeats 5]
+        [--tree PATH ...]
+
+Prepares data/shakespeare-char if needed, then starts `python -m lmlab train CONFIG` (two steps, one log line
+per step, no eval until the end) --repeats times and watches the run's metrics.jsonl: the start event (the
+model built, the data opened, the run folder written) and the first `train` line (step 1 done, its loss read
+back) are timed from the moment the process was started. Each --tree is an lmlab source tree (a checkout's
+root) put first on PYTHONPATH (and the working directory left off sys.path: `python -P`), so two versions can be compared in one sitting: the trees take turns in every
+round, so a change in the machine's load hits them alike. Without --tree, the installed lmlab runs.
+Prints the median and the best over the repeats, and the whole command's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.config import load_config
+from lmlab.data.prepare import prepare
+from lmlab.rundir import RunDir
+
+
+def first_event_times(command: list[str], env: dict[str, str], run: Path) -> dict[str, float]:
+    """Seconds from starting `command` to its start event, its first train line, and its exit."""
+    seen: dict[str, float] = {}
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        for event in RunDir(run).events():
+            seen.setdefault(event["event"], time.perf_counter() - started)
+        time.sleep(0.002)
+    exited = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr.read()}")
+    return {"start event": seen["start"], "step 1 done": seen["train"], "exit": exited}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/shakespeare-char-modern-cpu.toml")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tree", action="append", default=[], help="an lmlab source tree to run (repeatable)")
+    args = parser.parse_args()
+    prepare(["shakespeare"], "char", out_dir=Path(load_config(Path(args.config)).data.dataset).parent)
+    trees = args.tree or [""]
+    settings = ["train.max_iters=2", "train.log_interval=1", "train.eval_interval=1000"]
+    times: dict[str, list[dict[str, float]]] = {tree: [] for tree in trees}
+    with tempfile.TemporaryDirectory(dir=".") as runs:
+        for round_ in range(args.repeats):
+            for i, tree in enumerate(trees):
+                env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())} if tree else dict(os.environ)
+                run = Path(runs) / f"{round_}-{i}"
+                command = [sys.executable, "-P", "-m", "lmlab", "train", args.config, "--run", str(run), "--device", "cpu",
+                           *(arg for s in settings for arg in ("--set", s))]
+                times[tree].append(first_event_times(command, env, run))
+    table = Table(title=f"`lmlab train {args.config}`: seconds from the command, median (best) of {args.repeats}")
+    table.add_column("lmlab")
+    for column in ("start event", "step 1 done", "exit"):
+        table.add_column(column, justify="right")
+    for tree, rows in times.items():
+        cells = [f"{statistics.median(r[c] for r in rows):.2f} ({min(r[c] for r in rows):.2f})"
+                 for c in ("start event", "step 1 done", "exit")]
+        table.add_row(tree or "installed", *cells)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

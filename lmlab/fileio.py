@@ -1,10 +1,19 @@
-"""Crash-safe file writes: write to a temporary name, fsync, rename over the target."""
+"""Crash-safe file writes (a temporary name, fsync, rename over the target; nothing left behind when a write
+fails), write failures as one sentence, and the one-writer lock of a run or dataset folder."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from lmlab.errors import UserError
 
 
 def sha256_file(*paths: Path) -> str:
@@ -26,16 +35,154 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def human_bytes(count: float) -> str:
+    """`512 bytes`, `3.1 MiB`, `2.0 TiB`."""
+    if count < 1024:
+        return f"{count:,.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        count /= 1024
+        if count < 1024 or unit == "PiB":
+            return f"{count:,.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def free_space(path: Path) -> str:
+    """The free space of the disk holding `path` (or its nearest existing parent), e.g. `3.1 MiB free`."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return f"{human_bytes(shutil.disk_usage(path).free)} free"
+
+
+class WriteError(UserError):
+    """A write that failed (a full disk, a quota, a file size limit, a read-only folder). `path` is the file and
+    `reason` the system's words; the message is one sentence with the fix."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason, self.free = Path(path), reason, f"{free_space(path)} on its disk"
+        super().__init__(f"could not write {self.path} ({self.reason}; {self.free}); free some space or choose "
+                         "another folder, then run the command again.")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Report an OSError raised while writing `path` as a WriteError."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteError(path, err.strerror or str(err)) from err
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a write that failed half-way leaves nothing behind
+        fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_whole(path: Path, text: str) -> None:
+    """Append `text` in one write under an exclusive lock of the file, so that appends by several processes
+    never interleave and each is whole or absent."""
+    with writing(path), open(path, "ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        data = text.encode("utf-8")
+        size = f.seek(0, os.SEEK_END)
+        try:
+            if os.write(f.fileno(), data) != len(data):
+                raise OSError(28, "No space left on device")
+        except OSError:
+            f.truncate(size)  # no half an entry: the next reader would take it for part of the next one
+            raise
+
+
+class WriterLock:
+    """The one-writer lock of a folder (a run or a dataset): an exclusive `flock` on `.NAME.lock` beside it.
+
+    The kernel releases it when its holder exits, however it exits, so a crashed writer never leaves it stuck;
+    the file names the holder (pid and command) for the sentence that refuses a second writer. It sits beside
+    the folder, not in it, so that a folder built elsewhere and renamed into place is covered too.
+    """
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}.lock"
+        self._fd: int | None = None
+
+    @property
+    def held_here(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, refusal: str) -> None:
+        """Take the lock, or raise UserError(`refusal`, with `{holder}` filled in) when another writer has it."""
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(refusal.format(holder=self.holder() or "another process"))
+            if self._same_file(fd):  # else the last holder removed the file between our open and our lock
+                self._fd = fd
+            else:
+                os.close(fd)
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"pid {os.getpid()}: {command}".encode())
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._same_file(self._fd):
+            self.path.unlink()  # while still locked: the next writer's inode check sees a new file
+        os.close(self._fd)
+        self._fd = None
+
+    def __del__(self) -> None:  # a holder dropped without releasing, e.g. a Trainer built but never run
+        with contextlib.suppress(Exception):
+            self.release()
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def held(self) -> bool:
+        """Whether some process (this one included) holds the lock now."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the shared lock, if it was taken
+
+    def holder(self) -> str | None:
+        """`pid N: COMMAND` of the holder, as it wrote it, or None."""
+        try:
+            return self.path.read_text(encoding="utf-8", errors="replace").strip() or None
+        except OSError:
+            return None
+
+    def holder_pid(self) -> int | None:
+        text = self.holder() or ""
+        return int(text.split()[1].rstrip(":")) if text.startswith("pid ") else None

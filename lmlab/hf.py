@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmlab.checkpoint import model_tensors
@@ -24,6 +25,7 @@ from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.tokenizers import EOT, Tokenizer, load_gpt2, parse_spec
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
+from lmlab.model import build_model
 from lmlab.model.gpt import GPT
 from lmlab.rundir import RunDir
 
@@ -95,7 +97,7 @@ def _read_hf_config(folder: Path) -> ModelConfig:
     differs = {
         "activation_function": activation not in ACTIVATIONS,
         "layer_norm_epsilon": raw.get("layer_norm_epsilon", LAYER_NORM_EPS) != LAYER_NORM_EPS,
-        "n_inner": raw.get("n_inner") not in (None, 4 * raw["n_embd"]),
+        "n_inner": raw.get("n_inner") not in (None, 4 * raw.get("n_embd", 0)),
         "scale_attn_weights": raw.get("scale_attn_weights", True) is not True,
         "scale_attn_by_inverse_layer_idx": raw.get("scale_attn_by_inverse_layer_idx", False) is not False,
         "tie_word_embeddings": raw.get("tie_word_embeddings", True) is not True,
@@ -104,9 +106,24 @@ def _read_hf_config(folder: Path) -> ModelConfig:
         if bad:
             raise UserError(f"{path}: {key} = {raw.get(key)!r} is a GPT-2 variant lmlab's model does not compute; "
                             "import-hf takes standard GPT-2 checkpoints.")
-    return ModelConfig(n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"],
-                       block_size=raw["n_positions"], dropout=0.0, bias=True, vocab_size=raw["vocab_size"],
+    sizes = {key: raw.get(key) for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+    for key, value in sizes.items():
+        if type(value) is not int or value < 1:
+            raise UserError(f"{path}: {key} is {value!r}; a GPT-2 config.json holds a positive integer there.")
+    return ModelConfig(n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"],
+                       block_size=sizes["n_positions"], dropout=0.0, bias=True, vocab_size=sizes["vocab_size"],
                        gelu_approx=ACTIVATIONS[activation])
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise UserError(f"{path} does not exist; import-hf reads safetensors weights (save the model with "
+                        "save_pretrained, which writes them).")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err}); it is truncated or not a checkpoint: "
+                        "download it again.")
 
 
 def _hf_to_lmlab(tensors: dict[str, torch.Tensor], model: GPT) -> dict[str, torch.Tensor]:
@@ -154,9 +171,12 @@ def _fresh_dir(path: Path, what: str) -> Path:
 
 def _move_into_place(tmp: Path, path: Path) -> None:
     fsync_dir(tmp)
-    if path.exists():
-        path.rmdir()  # empty, checked by _fresh_dir
-    os.replace(tmp, path)
+    try:
+        if path.exists():
+            path.rmdir()  # empty, checked by _fresh_dir
+        os.replace(tmp, path)
+    except OSError:  # another process wrote `path` meanwhile (not through lmlab, which locks it)
+        raise UserError(f"{path} was created by another process meanwhile; choose a new folder.")
     fsync_dir(path.parent)
 
 
@@ -174,32 +194,36 @@ def _hf_tokenizer(folder: Path, vocab_size: int) -> Tokenizer | None:
 def import_hf(folder: Path, run_dir: Path) -> dict[str, Any]:
     """Write a Hugging Face GPT-2 checkpoint folder as an lmlab run; returns what was imported."""
     folder, run_dir = Path(folder), Path(run_dir)
+    with RunDir(run_dir).locked():  # a second import into the same --out is refused, not raced
+        tmp = _fresh_dir(run_dir, "--out run dir")
+        try:
+            result = _import_into(folder, tmp)
+            _move_into_place(tmp, run_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"run": str(run_dir), **result}
+
+
+def _import_into(folder: Path, tmp: Path) -> dict[str, Any]:
+    """Write the run into the empty folder `tmp` (renamed into place once whole)."""
     model_cfg = _read_hf_config(folder)
     weights = folder / "model.safetensors"
-    if not weights.exists():
-        raise UserError(f"{weights} does not exist; import-hf reads safetensors weights (save the model with "
-                        "save_pretrained, which writes them).")
-    model = GPT(model_cfg)
-    model.load_state_dict(_hf_to_lmlab(load_file(str(weights)), model))
+    model = build_model(model_cfg)  # refuses a size this machine cannot hold, before allocating it
+    model.load_state_dict(_hf_to_lmlab(_read_weights(weights), model))
     tokenizer = _hf_tokenizer(folder, model_cfg.vocab_size)
-    tmp = _fresh_dir(run_dir, "--out run dir")
-    try:
-        # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
-        cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
-        facts = {"tokenizer": None, "vocab_size": model_cfg.vocab_size}
-        if tokenizer is not None:
-            facts.update(tokenizer="gpt2", eot_id=tokenizer.eot_id)
-        run = RunDir(tmp)
+    # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
+    cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
+    facts = {"tokenizer": None, "vocab_size": model_cfg.vocab_size}
+    if tokenizer is not None:
+        facts.update(tokenizer="gpt2", eot_id=tokenizer.eot_id)
+    with RunDir(tmp).locked() as run:
         run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()), "format": "huggingface gpt2",
                                                          "weights_sha256": sha256_file(weights)})
         run.write_setup(cfg, tokenizer, facts)
         run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), None,
                             best=True, keep=1)
         run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False, "stopped_by": None})
-        _move_into_place(tmp, run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"run": str(run_dir), "params": model.num_params(), "model": model_cfg, "tokenizer": facts["tokenizer"]}
+    return {"params": model.num_params(), "model": model_cfg, "tokenizer": facts["tokenizer"]}
 
 
 def _hf_config(cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:

@@ -235,10 +235,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         problems = {
-            "max_new_tokens": (not 1 <= self.max_new_tokens <= MAX_COUNT, "from 1 to 2**53"),
+            "max_new_tokens": (not 1 <= self.max_new_tokens <= MAX_COUNT, "at least 1 and at most 2**53"),
             "temperature": (not (math.isfinite(self.temperature) and self.temperature >= 0), "a number >= 0 "
                             "(0 is greedy)"),
-            "top_k": (self.top_k is not None and not 1 <= self.top_k <= MAX_COUNT, "from 1 to 2**53, or left out"),
+            "top_k": (self.top_k is not None and not 1 <= self.top_k <= MAX_COUNT, "at least 1 and at most 2**53, "
+                      "or left out"),
             "top_p": (not 0 < self.top_p <= 1, "in (0, 1]"),
             "seed": (not 0 <= self.seed <= MAX_SEED, "between 0 and 2**63 - 1"),
         }

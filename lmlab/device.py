@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,21 +25,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name} is unknown; use auto, cpu, cuda or mps.")
     return torch.device(name)
-
-
-def host_memory() -> int:
-    """Bytes a new allocation can have on this machine: the kernel's MemAvailable, within the container's memory
-    limit (cgroup v2) if there is one; the physical memory where /proc is absent (macOS)."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text().split("\n")
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
-        return min(available, int(limit) - int(used)) if limit != "max" else available
-    except (OSError, ValueError):
-        return available
 
 
 def configure(device: torch.device, threads: int = 0) -> None:

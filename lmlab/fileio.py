@@ -1,5 +1,6 @@
 """Crash-safe file writes (a temporary name, fsync, rename over the target; nothing left behind when a write
-fails), write failures as one sentence, and the one-writer lock of a run or dataset folder."""
+fails), write failures as one sentence, the room this machine has (free disk, available memory), and the
+one-writer lock of a run or dataset folder."""
 
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def plain_name(name: str, option: str, folder_option: str) -> str:
+    """`name` if it is a name and not a path, so a folder made from it stays inside the folder it is made in."""
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise UserError(f"{option} {name!r} is not a plain name (no slashes, not starting with a dot); choose the "
+                        f"folder with {folder_option} and name it with letters, digits, -, _ or dots.")
+    return name
+
+
 def human_bytes(count: float) -> str:
     """`512 bytes`, `3.1 MiB`, `2.0 TiB`."""
     if count < 1024:
@@ -52,6 +61,21 @@ def free_space(path: Path) -> str:
     while not path.exists() and path != path.parent:
         path = path.parent
     return f"{human_bytes(shutil.disk_usage(path).free)} free"
+
+
+def host_memory() -> int:
+    """Bytes a new allocation can have on this machine: the kernel's MemAvailable, within the container's memory
+    limit (cgroup v2) if there is one; the physical memory where /proc is absent (macOS)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split("\n")
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
+        return min(available, int(limit) - int(used)) if limit != "max" else available
+    except (OSError, ValueError):
+        return available
 
 
 class WriteError(UserError):
@@ -119,6 +143,7 @@ class WriterLock:
         self.target = Path(target)
         self.path = self.target.parent / f".{self.target.name}.lock"
         self._fd: int | None = None
+        self._made: list[Path] = []
 
     @property
     def held_here(self) -> bool:
@@ -128,6 +153,8 @@ class WriterLock:
         """Take the lock, or raise UserError(`refusal`, with `{holder}` filled in) when another writer has it."""
         if self._fd is not None:
             return
+        # The folders made for the lock file alone go again on release if nothing else was put in them.
+        self._made = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while self._fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -151,6 +178,9 @@ class WriterLock:
             self.path.unlink()  # while still locked: the next writer's inode check sees a new file
         os.close(self._fd)
         self._fd = None
+        for folder in self._made:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                folder.rmdir()
 
     def __del__(self) -> None:  # a holder dropped without releasing, e.g. a Trainer built but never run
         with contextlib.suppress(Exception):

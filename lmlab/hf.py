@@ -267,4 +267,4 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best") -> dict[str, A
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     skipped = None if byte_level else f"tokenizer {tokenizer.spec if tokenizer else '(none)'} is not byte-level BPE"
-    return {"out": str(out), "step": run.step, "tokenizer_skipped": skipped}
+    return {"out": str(out), "checkpoint": run.checkpoint, "step": run.step, "tokenizer_skipped": skipped}

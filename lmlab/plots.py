@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
+from lmlab.fileio import writing  # noqa: E402
 from lmlab.rundir import RunDir  # noqa: E402
 from lmlab.runs import RunSummary  # noqa: E402
 from lmlab.scaling import PowerLawFit  # noqa: E402
@@ -115,10 +116,15 @@ def _log_axes(ax: plt.Axes) -> None:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write through a temporary name, so a reader never sees half a PNG."""
+    """Write through a temporary name, so a reader never sees half a PNG; a failed write (a full disk) leaves
+    nothing behind and is one sentence (lmlab.fileio.WriteError)."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with writing(path):
+            fig.savefig(tmp)
+            tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

@@ -3,15 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from lmlab.config import SamplingParams
+from lmlab.config import MAX_COUNT, SamplingParams
+
+if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
+    from lmlab.rundir import LoadedRun
 
 # Piped output (logs, CI, tests) is not cut to 80 columns: tables stay whole and greppable.
 console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+# Types of the numeric options that go straight to a function (those of a dataclass, e.g. SamplingParams or
+# PrepareOptions, are checked by it): a bad value is refused by argparse, in one line, before anything loads.
+
+def count(low: int = 1) -> Callable[[str], int]:
+    """A whole number from `low` to 2**53."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to 2**53")
+        return value
+    return parse
+
+
+def counts(text: str) -> list[int]:
+    """Comma-separated whole numbers, e.g. 1,2,4."""
+    return [count()(part.strip()) for part in text.split(",")]
+
+
+def positive(text: str) -> float:
+    """A finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port to listen on."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
+    return int(text)
 
 
 def add_set(parser: argparse.ArgumentParser, example: str = "train.learning_rate=3e-4") -> None:
@@ -42,6 +86,21 @@ def add_sampling(parser: argparse.ArgumentParser, **defaults: Any) -> None:
 def sampling(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams of the options `add_sampling` added (checked: a bad value is one sentence)."""
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
+    """RunDir.load, with a note on stderr when the run has no best checkpoint and its latest is used instead."""
+    from lmlab.rundir import RunDir
+
+    run = RunDir(path).load(checkpoint, device)
+    note_checkpoint(path, checkpoint, run.checkpoint, run.step)
+    return run
+
+
+def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
+    if used != asked:
+        print(f"note: {path} has no {asked} checkpoint (it was never evaluated); using {used} (step {step})",
+              file=sys.stderr)
 
 
 def fmt(value: float | None, spec: str = ".4f", none: str = "-") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_checkpoint, console
+from lmlab.commands.common import add_checkpoint, console, note_checkpoint
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
@@ -24,7 +24,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
     with console.status(f"Exporting {args.run}..."):
         result = export_hf(Path(args.run), Path(args.out), args.checkpoint)
-    console.print(f"wrote {result['out']} (checkpoint {args.checkpoint}, step {result['step']}); load it with "
+    note_checkpoint(args.run, args.checkpoint, result["checkpoint"], result["step"])
+    console.print(f"wrote {result['out']} (checkpoint {result['checkpoint']}, step {result['step']}); load it with "
                   f"transformers.AutoModelForCausalLM.from_pretrained({result['out']!r})")
     if result["tokenizer_skipped"]:
         console.print(f"no tokenizer files written: {result['tokenizer_skipped']}, which GPT-2's tokenizer "

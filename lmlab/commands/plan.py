@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.commands.common import add_device, add_set, console
+from lmlab.commands.common import add_device, add_set, console, count, counts, positive
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -16,7 +16,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from lmlab.device import resolve_device
 
     cfg = load_config(Path(args.config), args.set)
-    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [cfg.train.batch_size]
+    sizes = args.batch_sizes or [cfg.train.batch_size]
     if args.find_max_batch:
         with console.status("Finding the largest micro-batch that fits..."):
             biggest = find_max_batch(cfg, args.device)
@@ -78,8 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="tokens/s, ms/step, MFU and peak memory per micro-batch size")
     p.add_argument("config")
     add_set(p)
-    p.add_argument("--batch-sizes", help="comma-separated micro-batch sizes (default: the config's)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after 2 warmup steps)")
+    p.add_argument("--batch-sizes", type=counts, help="comma-separated micro-batch sizes (default: the config's)")
+    p.add_argument("--steps", type=count(), default=5, help="timed steps per batch size (after 2 warmup steps)")
     add_device(p)
     p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", help="a TOML config or a run dir")
     add_set(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--tokens", type=int, help="training tokens to plan for")
+    group.add_argument("--tokens", type=count(), help="training tokens to plan for")
     group.add_argument("--chinchilla", action="store_true", help="plan for 20 tokens per parameter")
-    p.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of measuring it")
+    p.add_argument("--tokens-per-sec", type=positive, help="throughput to assume instead of measuring it")
     add_device(p)
     p.set_defaults(func=cmd_plan)

@@ -7,9 +7,8 @@ import dataclasses
 import torch
 
 from lmlab.config import ModelConfig
-from lmlab.device import host_memory
 from lmlab.errors import UserError
-from lmlab.fileio import human_bytes
+from lmlab.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT
 from lmlab.model.recurrent import RecurrentLM

@@ -259,7 +259,14 @@ class RunDir:
         tokenizer = self.tokenizer() if need_tokenizer or (self.path / "tokenizer.json").exists() else None
         torch_device = resolve_device(device)
         model = build_model(cfg.model).to(torch_device)
-        state = self.read_checkpoint(self.checkpoint(which), model)
+        for attempt in range(3):  # a run in training prunes old step folders: one may go while it is read
+            folder = self.checkpoint(which)
+            try:
+                state = self.read_checkpoint(folder, model)
+                break
+            except UserError:
+                if folder.exists() or attempt == 2:
+                    raise
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
                          autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"])
 

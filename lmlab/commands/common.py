@@ -24,7 +24,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 def count(low: int = 1) -> Callable[[str], int]:
     """A whole number from `low` to 2**53."""
-    def parse(text: str) -> int:
+    def whole_number(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
@@ -32,7 +32,7 @@ def count(low: int = 1) -> Callable[[str], int]:
         if value is None or not low <= value <= MAX_COUNT:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to 2**53")
         return value
-    return parse
+    return whole_number
 
 
 def counts(text: str) -> list[int]:
@@ -99,8 +99,8 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
 
 def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
     if used != asked:
-        print(f"note: {path} has no {asked} checkpoint (it was never evaluated); using {used} (step {step})",
-              file=sys.stderr)
+        print(f"note: {path} has no {asked} checkpoint (never evaluated, or its pointer is gone); using {used} "
+              f"(step {step})", file=sys.stderr)
 
 
 def fmt(value: float | None, spec: str = ".4f", none: str = "-") -> str:

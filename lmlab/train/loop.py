@@ -250,7 +250,8 @@ class Trainer:
         self._write(self.run_dir.save_checkpoint, step, weights, optimizer_state, self._training_state(), best,
                     self.cfg.train.keep_checkpoints)
         self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
-        self._saved_step = step
+        if self._write_error is None:
+            self._saved_step = step
 
     def _train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""

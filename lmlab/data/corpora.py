@@ -89,26 +89,22 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         try:
-            yield from _jsonl_records(path, f, text_field)
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{number} is not valid JSON; each line must be one JSON object.")
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise UserError(f'{path}:{number} has no string "{text_field}" field; each line needs '
+                                    f'{{"{text_field}": "..."}} (or pass --text-field).')
+                yield Document(f"{path}:{number}", record[text_field])
         except UnicodeDecodeError as err:
             raise UserError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8.")
         except (gzip.BadGzipFile, EOFError, zlib.error) as err:
             raise UserError(f"{path} is not a whole gzip file ({err or 'it ends early'}); it is truncated or not "
                             "compressed with gzip: download or compress it again.")
-
-
-def _jsonl_records(path: Path, f: Iterator[str], text_field: str) -> Iterator[Document]:
-    for number, line in enumerate(f, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number} is not valid JSON; each line must be one JSON object.")
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise UserError(f'{path}:{number} has no string "{text_field}" field; each line needs '
-                            f'{{"{text_field}": "..."}} (or pass --text-field).')
-        yield Document(f"{path}:{number}", record[text_field])
 
 
 def _parquet_file(path: Path):

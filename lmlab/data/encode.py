@@ -20,10 +20,9 @@ from lmlab.data.tokenizers import Tokenizer
 
 IN_FLIGHT_PER_WORKER = 2  # one batch being encoded, one queued, so a worker never waits for the reader
 
-_tokenizer: Tokenizer | None = None  # the worker process's own copy
-
-
 ENCODE_CHARS = 1 << 18  # characters handed to the tokenizer at once: its per-token objects are ~100 bytes each
+
+_tokenizer: Tokenizer | None = None  # the worker process's own copy
 
 
 class Encoded(NamedTuple):

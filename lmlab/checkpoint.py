@@ -73,10 +73,10 @@ def _check_free_space(folder: Path, tensors: list[torch.Tensor]) -> None:
         raise WriteError(folder, f"a checkpoint needs {human_bytes(need)}")
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, its I/O errors raised as the OSError they are."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
     try:
-        save_file(tensors, str(path))
+        save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as err:
         code = re.search(r"os error (\d+)", str(err))
         if code is None:
@@ -100,8 +100,8 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     try:
         with writing(final):
             tmp.mkdir()
-            _save_tensors({name: t.contiguous() for name, t in weights.items()}, tmp / "model.safetensors")
-            _save_tensors(tensors, tmp / "optimizer.safetensors")
+            save_tensors({name: t.contiguous() for name, t in weights.items()}, tmp / "model.safetensors")
+            save_tensors(tensors, tmp / "optimizer.safetensors")
             files = {}
             for name in ("model.safetensors", "optimizer.safetensors"):
                 _fsync_file(tmp / name)

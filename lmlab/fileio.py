@@ -183,7 +183,7 @@ class WriterLock:
                 folder.rmdir()
 
     def __del__(self) -> None:  # a holder dropped without releasing, e.g. a Trainer built but never run
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError):  # the file already removed by hand: the lock goes with the descriptor
             self.release()
 
     def _same_file(self, fd: int) -> bool:

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from lmlab.checkpoint import model_tensors
+from lmlab.checkpoint import model_tensors, save_tensors
 from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.tokenizers import EOT, Tokenizer, load_gpt2, parse_spec
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
+from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file, writing
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
 from lmlab.rundir import RunDir
@@ -258,7 +258,8 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best") -> dict[str, A
     out = Path(out)
     tmp = _fresh_dir(out, "output folder")
     try:
-        save_file(_lmlab_to_hf(run.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with writing(out):
+            save_tensors(_lmlab_to_hf(run.model), tmp / "model.safetensors", metadata={"format": "pt"})
         eot_id = tokenizer.eot_id if byte_level else None
         atomic_write_text(tmp / "config.json", json.dumps(_hf_config(run.config.model, eot_id), indent=2))
         if byte_level:

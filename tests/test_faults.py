@@ -1,5 +1,5 @@
 """Fault injection, as a careless user and a hostile client would (issue 18): real processes, real files, real
-limits. One test (or a few) per item of the issue; the server's items 1, 2 and 9 are in tests/test_serve_faults.py.
+limits. One test (or a few) per item of the issue but the server's (1, 2 and 9), which are issue 15's.
 
 Every refusal is one line starting with `error:`, status 2, and no traceback."""
 
@@ -293,6 +293,20 @@ def test_a_failed_write_keeps_the_newest_checkpoint_and_says_how_to_resume(tmp_p
     assert not leftovers and load_state(RunDir(run).checkpoint("latest"))["step"] == 20
     assert main(["train", "--resume", str(run), "--set", "train.max_iters=40"]) == 0
     assert events(run) == events(whole)  # resumed exactly, as after a stop signal
+
+
+def test_a_prepare_or_an_export_that_cannot_write_names_the_file(tmp_path, imported_gpt2):
+    """The same file size limit: prepare's shards (~150 kB) and export's model.safetensors are refused by it."""
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=4, speeches=300)
+    commands = {tmp_path / "data": ["prepare", corpus, "--tokenizer", "char", "--out-dir", tmp_path / "data"],
+                tmp_path / "out": ["export-hf", imported_gpt2, tmp_path / "out"]}
+    for folder, args in commands.items():
+        done = subprocess.run([LMLAB, *map(str, args)], capture_output=True, text=True, preexec_fn=small_files)
+        refused_process(done, f"could not write {folder}", "File too large", "free on its disk")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "corpus-char").exists()
 
 
 # 8 and 10. Plain mistakes: one sentence, status 2, nothing written --------------------------------------------

@@ -18,7 +18,7 @@ from lmlab.data.encode import Encoded
 from lmlab.data.shards import ShardWriter, TokenShards
 from lmlab.data.split import VAL, VAL_WHILE_BUDGET, split_key
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text, fsync_dir, host_memory, human_bytes
+from lmlab.fileio import atomic_write_text, fsync_dir, host_memory, human_bytes, writing
 
 LISTED_VAL_DOCUMENTS = 100  # meta.json names the first val documents (in split order), not millions
 
@@ -64,7 +64,6 @@ class PrepareOptions:
     def row_length(self) -> int | None:
         """Tokens per row of a row-packed (crop) dataset: block_size inputs and their next-token targets."""
         return self.block_size + 1 if self.pack == "crop" else None
-
 
 
 class Output:
@@ -201,8 +200,8 @@ class Output:
         return {"train": train, "val": val.close()}
 
     def checkpoint_val_index(self) -> None:
-        with open(self.val_index_path, "ab") as f:
-            np.asarray(self.val_index, dtype=np.uint64).reshape(-1, 2).tofile(f)
+        with writing(self.val_index_path), open(self.val_index_path, "ab") as f:
+            f.write(np.asarray(self.val_index, dtype=np.uint64).tobytes())
             f.flush()
             os.fsync(f.fileno())
         self.val_entries += len(self.val_index)

@@ -21,7 +21,7 @@ import numpy as np
 import tokenizers
 
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_bytes
+from lmlab.fileio import atomic_write_bytes, writing
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,9 @@ class ShardWriter:
         return completed
 
     def _write_shard(self) -> None:
-        with open(self.path(len(self.shards)), "wb") as f:
-            self.buffer[:self.fill].tofile(f)
+        path = self.path(len(self.shards))
+        with writing(path), open(path, "wb") as f:
+            f.write(self.buffer[:self.fill].data)  # not tofile, whose errors lose the system's reason
             f.flush()
             os.fsync(f.fileno())
         self.shards.append(self.fill)

@@ -10,7 +10,7 @@ Passes over the source (each streams it; nothing holds the corpus):
    progress record is written; a killed prepare resumes from it, and the dataset dir appears only by a rename
    once everything is written. One prepare writes a dataset at a time (a lock beside it, `.NAME.lock`).
 
-Memory: the largest document's text + IN_FLIGHT_PER_WORKER × workers batches of at most BATCH_CHARS characters
+Memory: the largest document's text + IN_FLIGHT_PER_WORKER × workers batches of at most 2 × BATCH_CHARS characters
 + one shard buffer per split (shard_tokens × 2 or 4 bytes) + 16 bytes per document for the split order. A long
 document goes to the tokenizer in chunks of tokenizers.CHUNK_CHARS characters (its working memory is ~100-400
 bytes a character), cut where the ids come out the same as whole.
@@ -51,7 +51,7 @@ from lmlab.data.tokenizers import Tokenizer, chunk_spans, parse_spec, train_toke
 from lmlab.errors import UserError
 from lmlab.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
 
-BATCH_DOCS = 512  # documents per worker task: large enough that inter-process overhead is small
+BATCH_DOCS = 512  # documents (chunks of long ones) per worker task: so many that inter-process overhead is small
 BATCH_CHARS = 2_000_000  # and small enough that in-flight batches stay a few MB each
 
 
@@ -78,7 +78,10 @@ def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndar
                 texts.append(doc.text[a:b] + (SEPARATOR if kind == "char" and last else ""))
                 tags.append((index, code, name, number == 0, last))
                 characters += len(texts[-1])
-                if len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS:
+                # A batch ends with a document where it can (progress is recorded after whole documents only), and
+                # inside one longer than a batch.
+                full = len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS
+                if (full and last) or characters >= 2 * BATCH_CHARS:
                     yield tags, texts
                     tags, texts, characters = [], [], 0
     if texts:

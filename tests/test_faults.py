@@ -148,7 +148,7 @@ def _peak_rss_mib(*args: str) -> float:
 @pytest.mark.parametrize("spec", ["char", "bpe:300"])
 def test_prepare_holds_a_50_mb_one_line_document_in_bounded_memory(tmp_path, spec):
     """The bound: 512 MiB for a 50 MB document, about 10× its text, shards of 100M tokens included (measured on 2
-    cores: ~230 MiB char, ~170 MiB bpe). Before chunking, char took 350× the document: 17.1 GB here."""
+    cores: ~250 MiB char, ~180 MiB bpe). Before chunking, char took 350× the document: 17.1 GB here."""
     words = "love night day sweet death fair heaven soul heart light dark moon sun star".split()
     rng = random.Random(0)
     line = " ".join(rng.choice(words) for _ in range(10_000_000))[:50_000_000]

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,7 +135,8 @@ def append_whole(path: Path, text: str) -> None:
 class WriterLock:
     """The one-writer lock of a folder (a run or a dataset): an exclusive `flock` on `.NAME.lock` beside it.
 
-    The kernel releases it when its holder exits, however it exits, so a crashed writer never leaves it stuck;
+    The kernel releases it when its holder exits, however it exits (forked children, such as prepare's workers,
+    close their copies at once: `_drop_in_child`), so a crashed writer never leaves it stuck;
     the file names the holder (pid and command) for the sentence that refuses a second writer. It sits beside
     the folder, not in it, so that a folder built elsewhere and renamed into place is covered too.
     """
@@ -165,6 +167,7 @@ class WriterLock:
                 raise UserError(refusal.format(holder=self.holder() or "another process"))
             if self._same_file(fd):  # else the last holder removed the file between our open and our lock
                 self._fd = fd
+                _HELD.add(self)
             else:
                 os.close(fd)
         command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
@@ -178,6 +181,7 @@ class WriterLock:
             self.path.unlink()  # while still locked: the next writer's inode check sees a new file
         os.close(self._fd)
         self._fd = None
+        _HELD.discard(self)
         for folder in self._made:
             with contextlib.suppress(OSError):  # not empty, or already gone
                 folder.rmdir()
@@ -216,3 +220,18 @@ class WriterLock:
     def holder_pid(self) -> int | None:
         text = self.holder() or ""
         return int(text.split()[1].rstrip(":")) if text.startswith("pid ") else None
+
+
+_HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()  # the locks this process holds
+
+
+def _drop_in_child() -> None:
+    """A forked child (a prepare's tokenizer worker) closes its copies of the parent's lock descriptors: an flock
+    lasts while any copy is open, so a worker outliving a killed parent would keep the lock from the next writer."""
+    for lock in list(_HELD):
+        os.close(lock._fd)
+        lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)

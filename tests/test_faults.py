@@ -200,6 +200,35 @@ def test_a_killed_writer_leaves_no_lock_behind(tmp_path, trained):
     assert "Resumed" in out and RunDir(run).events()[-1]["step"] == 30
 
 
+FORK_AND_DIE = """
+import os, sys, time
+from pathlib import Path
+from lmlab.fileio import WriterLock
+lock = WriterLock(Path(sys.argv[1]))
+lock.acquire("held")
+child = os.fork()
+if child == 0:
+    for fd in (1, 2):  # lets the caller's pipe close
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+os._exit(0)  # as after SIGKILL: no release, the child lives on
+"""
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path):
+    """prepare's tokenizer workers are forked: a prepare killed with SIGKILL must not leave them holding its lock."""
+    done = subprocess.run([sys.executable, "-c", FORK_AND_DIE, str(tmp_path / "data")], capture_output=True,
+                          text=True, check=True)
+    child = int(done.stdout)
+    try:
+        os.kill(child, 0)  # still alive
+        assert not WriterLock(tmp_path / "data").held()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_a_second_prepare_of_a_dataset_is_refused_and_a_killed_one_resumes(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=40, speeches=4000)  # ~10 MB: seconds of work

@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,11 +36,19 @@ def texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def crop_dataset(tmp_path_factory, texts):
+    """Prepared from the relative path docs.jsonl: a document's name (which decides the split, and so the words
+    word:100 learns) is its source path as given, so an absolute temporary path would change the dataset from
+    one test session to the next."""
     folder = tmp_path_factory.mktemp("crop")
-    source = write_jsonl(folder / "docs.jsonl", texts)
-    target, _, _ = prepare([str(source)], "word:100", out_dir=folder,
-                           options=PrepareOptions(pack="crop", block_size=BLOCK, workers=1))
-    return target
+    write_jsonl(folder / "docs.jsonl", texts)
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        target, _, _ = prepare(["docs.jsonl"], "word:100", out_dir=Path("."),
+                               options=PrepareOptions(pack="crop", block_size=BLOCK, workers=1))
+    finally:
+        os.chdir(here)
+    return folder / target
 
 
 def test_each_document_is_one_row_cut_to_block_size_plus_one_and_padded_with_end_of_text(crop_dataset, texts):
@@ -117,18 +127,19 @@ def test_a_model_trains_and_evaluates_on_a_crop_dataset(tmp_path, crop_dataset):
     assert "padding in the rows" in out and "tokens lost by cropping" in out
 
 
-def test_a_block_size_other_than_the_rows_is_refused_in_train_and_eval(tmp_path, crop_dataset):
+def test_a_block_size_other_than_the_rows_is_refused_in_train_and_eval(tmp_path, crop_dataset, monkeypatch):
     config = write_config(tmp_path / "tiny.toml", crop_dataset)
+    monkeypatch.chdir(crop_dataset.parent)  # the same document names, so the same vocabulary (see crop_dataset)
     message = (f"holds documents cropped to {BLOCK} tokens \\(--pack crop\\) but model.block_size is 16; set "
                f"model.block_size = {BLOCK} or prepare the dataset again with --pack crop --block-size 16")
     with pytest.raises(UserError, match=message):
         Trainer(load_config(config, ["model.block_size=16"]), tmp_path / "bad", "cpu")
-    other = prepare([str(crop_dataset.parent / "docs.jsonl")], "word:100", name="wide", out_dir=tmp_path,
+    other = prepare(["docs.jsonl"], "word:100", name="wide", out_dir=tmp_path,
                     options=PrepareOptions(pack="crop", block_size=16, workers=1))[0]
     Trainer(load_config(config, ["train.max_iters=1"]), tmp_path / "run", "cpu").run()
     with pytest.raises(UserError, match=f"dataset {other} holds documents cropped to 16 tokens .* model.block_size "
                                         f"is {BLOCK}; set model.block_size = 16"):
         evaluate_run(RunDir(tmp_path / "run").load("best", "cpu"), dataset=other)
     with pytest.raises(UserError, match="char tokenizer"):
-        prepare([str(crop_dataset.parent / "docs.jsonl")], "char", out_dir=tmp_path,
+        prepare(["docs.jsonl"], "char", out_dir=tmp_path,
                 options=PrepareOptions(pack="crop"))

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
+from lmlab.fileio import WriteError, atomic_write_text, fsync_dir, human_bytes, sha256_file, writing
+
+
+STEP_FOLDER = re.compile(r"step_\d{6,}")  # what a pointer may name: a step folder of the same run
 
 
 def _fsync_file(path: Path) -> None:
@@ -61,13 +66,22 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def _check_free_space(root: Path, tensors: list[torch.Tensor]) -> None:
+def _check_free_space(folder: Path, tensors: list[torch.Tensor]) -> None:
     """Refuse to start a checkpoint the disk cannot hold, rather than leave a half-written one."""
     need = sum(t.numel() * t.element_size() for t in tensors) + (16 << 20)
-    free = shutil.disk_usage(root).free
-    if free < need:
-        raise UserError(f"not enough free disk space in {root} for a checkpoint ({need >> 20} MiB needed, "
-                        f"{free >> 20} MiB free); free some space, then resume the run with --resume.")
+    if shutil.disk_usage(folder.parent).free < need:
+        raise WriteError(folder, f"a checkpoint needs {human_bytes(need)}")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
@@ -79,20 +93,25 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors, plain = _flatten_optimizer(optimizer_state)
-    _check_free_space(root, [*weights.values(), *tensors.values()])
     final = root / f"step_{step:06d}"
+    _check_free_space(final, [*weights.values(), *tensors.values()])
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({name: t.contiguous() for name, t in weights.items()}, str(tmp / "model.safetensors"))
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    files = {}
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        _fsync_file(tmp / name)
-        files[name] = sha256_file(tmp / name)
-    atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer": plain,
-                                                       "files": files}, indent=1))
-    fsync_dir(tmp)
+    try:
+        with writing(final):
+            tmp.mkdir()
+            save_tensors({name: t.contiguous() for name, t in weights.items()}, tmp / "model.safetensors")
+            save_tensors(tensors, tmp / "optimizer.safetensors")
+            files = {}
+            for name in ("model.safetensors", "optimizer.safetensors"):
+                _fsync_file(tmp / name)
+                files[name] = sha256_file(tmp / name)
+        atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer": plain,
+                                                           "files": files}, indent=1))
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint is whole or absent
+        raise
     if final.exists():  # a re-run of the same step after resume: replace the old copy only once the new one is whole
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -105,13 +124,19 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
 
 def step_folders(root: Path) -> list[Path]:
     """The finished step folders, oldest first."""
-    return sorted(p for p in Path(root).glob("step_*") if p.is_dir())
+    found = [p for p in Path(root).glob("step_*") if STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 def pointer(root: Path, which: str) -> Path | None:
-    """The step folder that `best` or `latest` names, or None without that pointer."""
-    path = Path(root) / which
-    return Path(root) / path.read_text().strip() if path.exists() else None
+    """The step folder that `best` or `latest` names; None without that pointer, or when it is unreadable or does
+    not name an existing step folder of this `root` (a pointer never leads into another run)."""
+    try:
+        name = (Path(root) / which).read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    folder = Path(root) / name
+    return folder if STEP_FOLDER.fullmatch(name) and folder.is_dir() else None
 
 
 def remove_partial(root: Path) -> None:
@@ -131,8 +156,10 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 def load_state(folder: Path) -> dict[str, Any]:
     """Read state.json and verify the tensor files against their stored checksums."""
     try:
-        state = json.loads((folder / "state.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
         raise UserError(f"{folder}/state.json is missing or corrupt; resume from another checkpoint.")
     for name, digest in state["files"].items():
         path = folder / name
@@ -146,7 +173,12 @@ def load_checkpoint(folder: Path, model: torch.nn.Module,
     """Load weights (and optimizer state) into objects already on their device; return the JSON state."""
     state = load_state(folder)
     device = next(model.parameters()).device
-    load_model(model, str(folder / "model.safetensors"), device=str(device))
+    try:
+        load_model(model, str(folder / "model.safetensors"), device=str(device))
+    except RuntimeError as err:  # missing, unexpected or differently shaped tensors
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+        raise UserError(f"{folder}/model.safetensors does not hold the model that config.toml describes "
+                        f"({detail}); restore the run's config.toml.")
     if optimizer is not None:
         optimizer.load_state_dict(read_optimizer_state(folder, state, device))
     return state

@@ -16,6 +16,21 @@ from typing import Any
 from lmlab.errors import UserError
 
 DEFAULT_SEED = 1337  # training, fine-tuning and sampling all start from it unless told otherwise
+MAX_COUNT = 2**53  # the largest count (tokens, steps, sizes) any setting takes: floats and JSON hold it exactly
+MAX_SEED = 2**63 - 1  # seeds are 64-bit
+
+
+def check_counts(section: str, values: dict[str, int], low: int = 1) -> None:
+    """Whole-number settings: each from `low` to MAX_COUNT, or one sentence naming it."""
+    for name, value in values.items():
+        if not low <= value <= MAX_COUNT:
+            floor = "a positive integer" if low == 1 else f"an integer from {low}"
+            raise UserError(f"{section}{name} is {value}; set it to {floor} up to 2**53.")
+
+
+def check_seed(where: str, seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{where} is {seed}; it must be between 0 and 2**63 - 1.")
 
 
 @dataclass
@@ -66,9 +81,8 @@ class ModelConfig:
     rnn_cell: str = "gru"  # gru | lstm: the recurrent model's cell
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"model.{name} must be at least 1; set it to a positive integer.")
+        check_counts("model.", {name: getattr(self, name) for name in ("n_layer", "n_head", "n_embd", "block_size")})
+        check_counts("model.", {"vocab_size": self.vocab_size, "n_kv_head": self.n_kv_head}, low=0)
         for name, choices in MODEL_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise UserError(f"model.{name} is '{getattr(self, name)}'; use {' or '.join(choices)}.")
@@ -76,13 +90,11 @@ class ModelConfig:
             self._check_heads()
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
-        for name in ("head_dim", "mlp_hidden"):
-            if getattr(self, name) < 0:
-                raise UserError(f"model.{name} ({getattr(self, name)}) must be positive, or 0 for the default.")
-        if self.rope_theta <= 0:
+        check_counts("model.", {"head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden}, low=0)  # 0: the default
+        if not self.rope_theta > 0:
             raise UserError(f"model.rope_theta ({self.rope_theta}) must be positive, e.g. 10000.")
-        if self.norm_eps < 0:
-            raise UserError(f"model.norm_eps ({self.norm_eps}) must be positive, or 0 for torch's default.")
+        if not 0 <= self.norm_eps < 1:
+            raise UserError(f"model.norm_eps ({self.norm_eps}) must be in [0, 1), e.g. 1e-6; 0 for torch's default.")
 
     def _check_heads(self) -> None:
         if self.n_embd % self.n_head:
@@ -156,11 +168,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
                     "log_interval", "checkpoint_interval", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be at least 1; set it to a positive integer.")
-        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
-            raise UserError("train.learning_rate must be positive and train.min_lr in [0, learning_rate].")
+        check_counts("train.", {name: getattr(self, name) for name in positive})
+        check_counts("train.", {name: getattr(self, name) for name in ("warmup_iters", "lr_decay_iters", "patience",
+                                                                        "spike_patience", "threads")}, low=0)
+        check_seed("train.seed", self.seed)
+        if not 0 < self.learning_rate <= 1 or not 0 <= self.min_lr <= self.learning_rate:
+            raise UserError(f"train.learning_rate ({self.learning_rate}) must be in (0, 1] and train.min_lr "
+                            f"({self.min_lr}) in [0, learning_rate].")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"train.{name} ({getattr(self, name)}) must be in [0, 1), e.g. 0.9.")
+        if not 0 <= self.weight_decay * self.learning_rate < 1:
+            # Decoupled decay multiplies the weights by (1 - lr * wd) each step: at 1 or more it zeroes or flips them.
+            raise UserError(f"train.weight_decay ({self.weight_decay}) must be >= 0 and below 1 / learning_rate.")
+        if self.grad_clip < 0:
+            raise UserError(f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 turns clipping off).")
+        if self.spike_zscore <= 0:
+            raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
         if self.optimizer not in ("adamw", "muon"):
             raise UserError(f"train.optimizer is '{self.optimizer}'; use adamw or muon.")
         if self.schedule not in ("cosine", "wsd"):
@@ -213,11 +237,10 @@ class FinetuneConfig:
     seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"finetune.{name} must be at least 1; set it to a positive integer.")
-        if self.learning_rate <= 0:
-            raise UserError(f"finetune.learning_rate ({self.learning_rate}) must be positive.")
+        check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size})
+        check_seed("finetune.seed", self.seed)
+        if not 0 < self.learning_rate <= 1:
+            raise UserError(f"finetune.learning_rate ({self.learning_rate}) must be in (0, 1], e.g. 1e-4.")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"finetune.val_fraction ({self.val_fraction}) must be between 0 and 1, e.g. 0.1.")
 
@@ -247,12 +270,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         problems = {
-            "max_new_tokens": (not self.max_new_tokens >= 1, "at least 1"),
+            "max_new_tokens": (not 1 <= self.max_new_tokens <= MAX_COUNT, "at least 1 and at most 2**53"),
             "temperature": (not (math.isfinite(self.temperature) and self.temperature >= 0), "a number >= 0 "
                             "(0 is greedy)"),
-            "top_k": (self.top_k is not None and not self.top_k >= 1, "at least 1, or left out"),
+            "top_k": (self.top_k is not None and not 1 <= self.top_k <= MAX_COUNT, "at least 1 and at most 2**53, "
+                      "or left out"),
             "top_p": (not 0 < self.top_p <= 1, "in (0, 1]"),
-            "seed": (not 0 <= self.seed < 2**63, "between 0 and 2**63 - 1"),
+            "seed": (not 0 <= self.seed <= MAX_SEED, "between 0 and 2**63 - 1"),
         }
         for name, (bad, rule) in problems.items():
             if bad:

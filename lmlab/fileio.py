@@ -1,10 +1,21 @@
-"""Crash-safe file writes: write to a temporary name, fsync, rename over the target."""
+"""Crash-safe file writes (a temporary name, fsync, rename over the target; nothing left behind when a write
+fails), write failures as one sentence, the room this machine has (free disk, available memory), and the
+one-writer lock of a run or dataset folder."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
+import sys
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from lmlab.errors import UserError
 
 
 def sha256_file(*paths: Path) -> str:
@@ -26,16 +37,201 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def plain_name(name: str, option: str, folder_option: str) -> str:
+    """`name` if it is a name and not a path, so a folder made from it stays inside the folder it is made in."""
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise UserError(f"{option} {name!r} is not a plain name (no slashes, not starting with a dot); choose the "
+                        f"folder with {folder_option} and name it with letters, digits, -, _ or dots.")
+    return name
+
+
+def human_bytes(count: float) -> str:
+    """`512 bytes`, `3.1 MiB`, `2.0 TiB`."""
+    if count < 1024:
+        return f"{count:,.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        count /= 1024
+        if count < 1024 or unit == "PiB":
+            return f"{count:,.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def free_space(path: Path) -> str:
+    """The free space of the disk holding `path` (or its nearest existing parent), e.g. `3.1 MiB free`."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return f"{human_bytes(shutil.disk_usage(path).free)} free"
+
+
+def host_memory() -> int:
+    """Bytes a new allocation can have on this machine: the kernel's MemAvailable, within the container's memory
+    limit (cgroup v2) if there is one; the physical memory where /proc is absent (macOS)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split("\n")
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
+        return min(available, int(limit) - int(used)) if limit != "max" else available
+    except (OSError, ValueError):
+        return available
+
+
+class WriteError(UserError):
+    """A write that failed (a full disk, a quota, a file size limit, a read-only folder). `path` is the file and
+    `reason` the system's words; the message is one sentence with the fix."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason, self.free = Path(path), reason, f"{free_space(path)} on its disk"
+        super().__init__(f"could not write {self.path} ({self.reason}; {self.free}); free some space or choose "
+                         "another folder, then run the command again.")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Report an OSError raised while writing `path` as a WriteError."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteError(path, err.strerror or str(err)) from err
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a write that failed half-way leaves nothing behind
+        fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_whole(path: Path, text: str) -> None:
+    """Append `text` in one write under an exclusive lock of the file, so that appends by several processes
+    never interleave and each is whole or absent."""
+    with writing(path), open(path, "ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        data = text.encode("utf-8")
+        size = f.seek(0, os.SEEK_END)
+        try:
+            if os.write(f.fileno(), data) != len(data):
+                raise OSError(28, "No space left on device")
+        except OSError:
+            f.truncate(size)  # no half an entry: the next reader would take it for part of the next one
+            raise
+
+
+class WriterLock:
+    """The one-writer lock of a folder (a run or a dataset): an exclusive `flock` on `.NAME.lock` beside it.
+
+    The kernel releases it when its holder exits, however it exits (forked children, such as prepare's workers,
+    close their copies at once: `_drop_in_child`), so a crashed writer never leaves it stuck;
+    the file names the holder (pid and command) for the sentence that refuses a second writer. It sits beside
+    the folder, not in it, so that a folder built elsewhere and renamed into place is covered too.
+    """
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}.lock"
+        self._fd: int | None = None
+        self._made: list[Path] = []
+
+    @property
+    def held_here(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, refusal: str) -> None:
+        """Take the lock, or raise UserError(`refusal`, with `{holder}` filled in) when another writer has it."""
+        if self._fd is not None:
+            return
+        # The folders made for the lock file alone go again on release if nothing else was put in them.
+        self._made = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(refusal.format(holder=self.holder() or "another process"))
+            if self._same_file(fd):  # else the last holder removed the file between our open and our lock
+                self._fd = fd
+                _HELD.add(self)
+            else:
+                os.close(fd)
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"pid {os.getpid()}: {command}".encode())
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._same_file(self._fd):
+            self.path.unlink()  # while still locked: the next writer's inode check sees a new file
+        os.close(self._fd)
+        self._fd = None
+        _HELD.discard(self)
+        for folder in self._made:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                folder.rmdir()
+
+    def __del__(self) -> None:  # a holder dropped without releasing, e.g. a Trainer built but never run
+        with contextlib.suppress(OSError):  # the file already removed by hand: the lock goes with the descriptor
+            self.release()
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def held(self) -> bool:
+        """Whether some process (this one included) holds the lock now."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the shared lock, if it was taken
+
+    def holder(self) -> str | None:
+        """`pid N: COMMAND` of the holder, as it wrote it, or None."""
+        try:
+            return self.path.read_text(encoding="utf-8", errors="replace").strip() or None
+        except OSError:
+            return None
+
+    def holder_pid(self) -> int | None:
+        text = self.holder() or ""
+        return int(text.split()[1].rstrip(":")) if text.startswith("pid ") else None
+
+
+_HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()  # the locks this process holds
+
+
+def _drop_in_child() -> None:
+    """A forked child (a prepare's tokenizer worker) closes its copies of the parent's lock descriptors: an flock
+    lasts while any copy is open, so a worker outliving a killed parent would keep the lock from the next writer."""
+    for lock in list(_HELD):
+        os.close(lock._fd)
+        lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)

@@ -148,13 +148,19 @@ def _fitting(tokenizer: Tokenizer, fmt: PromptFormat, ft: FinetuneConfig, block_
 def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "auto",
              console: Console | None = None) -> FinetuneResult:
     """Fine-tune the `best` model of run `base_dir` on the Alpaca records `ft.data` into the new run `run_dir`."""
-    console = console or Console()
     if not ft.data:
         raise UserError("fine-tuning needs records: pass --data FILE.json or set finetune.data.")
+    with RunDir(run_dir).locked() as run:  # one writer: a second fine-tune into the same --run is refused
+        return _finetune(base_dir, run, ft, device, console or Console())
+
+
+def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, console: Console) -> FinetuneResult:
     torch.manual_seed(ft.seed)
-    run = RunDir(run_dir)
     run.check_new()
     base = RunDir(base_dir).load("best", device)
+    if base.checkpoint != "best":
+        console.print(f"note: {base_dir} has no best checkpoint (it was never evaluated); fine-tuning its latest "
+                      f"(step {base.step})")
     fmt = alpaca_format(base.tokenizer)
     fits, dropped = _fitting(base.tokenizer, fmt, ft, base.config.model.block_size)
     steps_per_epoch = math.ceil(len(fits["train"]) / ft.batch_size)

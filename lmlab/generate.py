@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from lmlab.config import SamplingParams
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import autocast
+from lmlab.errors import UserError
 from lmlab.model import LanguageModel
 from lmlab.prompt import alpaca_format
 from lmlab.rundir import LoadedRun
@@ -112,20 +114,38 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
 
 
-def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
-    """The prompt and its continuation (an empty prompt starts a new document), in the run's own tokenizer."""
+def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams) -> Iterator[str]:
+    """The prompt, then its continuation piece by piece as it is generated (an empty prompt starts a new document),
+    in the run's own tokenizer, up to the end-of-text token or max_new_tokens; the prompt is checked at once."""
     tokenizer = run.tokenizer
     tokenizer.check(prompt, "--prompt")
     start = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
-    return prompt + tokenizer.decode(stream_ids(run.model, start, params, run.dtype))
+    return itertools.chain([prompt], TextStream(run.model, tokenizer, start, params, run.dtype))
+
+
+def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
+    """The prompt and its continuation, as `sample_stream` yields them."""
+    return "".join(sample_stream(run, prompt, params))
+
+
+def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams) -> TextStream:
+    """The model's answer to an instruction asked in the run's prompt format (Alpaca's for a run not fine-tuned),
+    up to the format's end marker, piece by piece. With a char tokenizer, characters it never saw are blamed on
+    the instruction or input that has them, or else on the prompt format (a run not tuned for instructions)."""
+    fmt = run.prompt_format or alpaca_format(run.tokenizer)
+    run.tokenizer.check(instruction, "the instruction")
+    run.tokenizer.check(input, "the input")
+    prompt = fmt.render(instruction, input)
+    unseen = run.tokenizer.unseen(prompt)
+    if unseen:
+        raise UserError(f"the {fmt.name} prompt format uses characters that {run.run.path}'s char tokenizer never saw "
+                        f"({unseen!r}), so this run cannot be asked instructions; sample it with --prompt, or "
+                        "fine-tune it with `lmlab finetune` first.")
+    ids = run.tokenizer.encode(prompt)[-run.config.model.block_size:]
+    params = dataclasses.replace(params, stop=(*params.stop, fmt.end))
+    return TextStream(run.model, run.tokenizer, ids, params, run.dtype)
 
 
 def instruct(run: LoadedRun, instruction: str, input: str, params: SamplingParams) -> str:
-    """The model's answer to an instruction asked in the run's prompt format (Alpaca's for a run not fine-tuned),
-    up to the format's end marker."""
-    fmt = run.prompt_format or alpaca_format(run.tokenizer)
-    prompt = fmt.render(instruction, input)
-    run.tokenizer.check(prompt, "the instruction")
-    ids = run.tokenizer.encode(prompt)[-run.config.model.block_size:]
-    params = dataclasses.replace(params, stop=(*params.stop, fmt.end))
-    return TextStream(run.model, run.tokenizer, ids, params, run.dtype).text()
+    """The whole answer `instruct_stream` gives."""
+    return instruct_stream(run, instruction, input, params).text()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmlab.fileio import writing
 from lmlab.rundir import RunDir
 from lmlab.runs import RunSummary
 from lmlab.scaling import PowerLawFit
@@ -131,10 +132,15 @@ def _log_axes(ax: plt.Axes) -> None:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write through a temporary name, so a reader never sees half a PNG."""
+    """Write through a temporary name, so a reader never sees half a PNG; a failed write (a full disk) leaves
+    nothing behind and is one sentence (lmlab.fileio.WriteError)."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    pyplot().close(fig)
-    tmp.replace(path)
+    try:
+        with writing(path):
+            fig.savefig(tmp)
+            tmp.replace(path)
+    finally:
+        pyplot().close(fig)
+        tmp.unlink(missing_ok=True)
     return path

@@ -11,10 +11,14 @@ runs/NAME/
   samples.txt     what `lmlab sample` drew, each under a header line
   evaluations.json  full-split evaluations (`lmlab eval`, `lmlab report`), by weights, split and dtype
   loss.png        train and val loss, redrawn at every evaluation
-  train.pid       while a process trains the run
   checkpoints/    step_NNNNNN/ folders and the latest/best pointers (`lmlab.checkpoint`); every state.json
                   holds the STATE keys, `training` being what its writer needs to continue
 ```
+
+One process writes a run at a time: training, resuming, fine-tuning and importing hold its lock
+(`../.NAME.lock` beside the folder, `lmlab.fileio.WriterLock`), and every writing method here checks that it is
+held. `samples.txt` is the exception: `lmlab sample` appends to it while the run trains, each entry whole,
+under a lock of the file itself.
 
 A run is one of KINDS. Folders written before this module (no `kind` in the start event, no `format` in
 state.json) still load: `kind()` and `_upgrade` read them.
@@ -24,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from lmlab.config import RunConfig, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import autocast_dtype, configure, machine, resolve_device
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text
 from lmlab.model import LanguageModel, build_model
 from lmlab.prompt import PromptFormat
 
@@ -58,6 +60,7 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.loss_plot = self.path / "loss.png"
         self._metrics = self.path / "metrics.jsonl"
+        self._lock = WriterLock(self.path)
 
     @property
     def name(self) -> str:
@@ -82,6 +85,26 @@ class RunDir:
 
     # -- writing a run ---------------------------------------------------------------------------------------
 
+    def lock(self) -> None:
+        """Become the run's one writer, before reading what a write depends on; a second writer is refused in one
+        sentence. The kernel releases the lock if this process dies, so a crash never leaves the run stuck."""
+        self._lock.acquire(f"{self.path} is being written by another process ({{holder}}); wait for it to finish, "
+                           "or choose another --run.")
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+    @contextmanager
+    def locked(self) -> Iterator[RunDir]:
+        self.lock()
+        try:
+            yield self
+        finally:
+            self.unlock()
+
+    def _check_writer(self) -> None:
+        assert self._lock.held_here, f"{self.path} written without its lock: call RunDir.lock() first"
+
     def check_new(self) -> None:
         """Refuse to start a run where one already has checkpoints: nothing of it is overwritten."""
         if self.checkpoints.exists() and any(self.checkpoints.iterdir()):
@@ -93,15 +116,16 @@ class RunDir:
         """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json."""
         self.write_config(cfg)
         if isinstance(tokenizer, Tokenizer):
-            tokenizer.save(self.path / "tokenizer.json")
+            atomic_write_text(self.path / "tokenizer.json", tokenizer.backend.to_str(pretty=True))
         elif tokenizer is not None:
-            shutil.copyfile(tokenizer, self.path / "tokenizer.json")
+            atomic_write_bytes(self.path / "tokenizer.json", Path(tokenizer).read_bytes())
         atomic_write_text(self.path / "dataset.json", json.dumps(dataset, indent=2))
         if prompt is not None:
             atomic_write_text(self.path / "prompt.json", json.dumps(dataclasses.asdict(prompt), indent=2))
 
     def write_config(self, cfg: RunConfig) -> None:
         """config.toml: the resolved config (rewritten when a budgeted run fixes its max_iters)."""
+        self._check_writer()
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / "config.toml", to_toml(cfg))
 
@@ -112,6 +136,7 @@ class RunDir:
         """Start a fresh metrics.jsonl with the start event, whose keys are the same for every kind (None where a
         kind has no value); `origin` is where a fine-tuned or imported run came from."""
         assert kind in KINDS, kind
+        self._check_writer()
         self.check_new()
         self.path.mkdir(parents=True, exist_ok=True)
         self._metrics.unlink(missing_ok=True)
@@ -131,35 +156,28 @@ class RunDir:
                   "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device)})
 
     def log(self, event: dict[str, Any]) -> None:
-        """Append one event, flushed, so a crash loses at most the line being written."""
-        with open(self._metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
+        """Append one event in one write: a crash or a full disk loses at most that line, never half of it."""
+        self._check_writer()
+        append_whole(self._metrics, json.dumps(event) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop events logged after the checkpoint (and the end of a stopped run), so the log reads as
         one uninterrupted run."""
+        self._check_writer()
         kept = [e for e in self.events() if e.get("step", 0) <= step and e.get("event") != "end"]
         atomic_write_text(self._metrics, "".join(json.dumps(e) + "\n" for e in kept))
 
     def add_sample(self, text: str, checkpoint_name: str, step: int, settings: str) -> None:
-        """Append a sample to samples.txt under a header naming its checkpoint and how it was drawn."""
-        with open(self.path / "samples.txt", "a", encoding="utf-8") as f:
-            f.write(f"--- checkpoint {checkpoint_name} (step {step}), {settings}\n{text}\n\n")
-
-    @contextmanager
-    def training(self) -> Iterator[None]:
-        """`train.pid` names the process while it trains the run (`running()` reads it)."""
-        pid_file = self.path / "train.pid"
-        pid_file.write_text(str(os.getpid()))
-        try:
-            yield
-        finally:
-            pid_file.unlink(missing_ok=True)
+        """Append a sample to samples.txt under a header naming its checkpoint and how it was drawn. It needs no
+        run lock (a run is sampled while it trains): each entry is appended whole, under a lock of the file."""
+        append_whole(self.path / "samples.txt", f"--- checkpoint {checkpoint_name} (step {step}), {settings}\n"
+                                                f"{text}\n\n")
 
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                         training: dict[str, Any] | None, best: bool, keep: int) -> Path:
         """A step folder holding the weights, the optimizer and `training` (what the writer needs to continue,
         None for an import); then only the newest `keep` step folders, best and latest remain."""
+        self._check_writer()
         state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": lmlab.__version__,
                  "model_config": dataclasses.asdict(self.config().model), "training": training}
         folder = ckpt.save_checkpoint(self.checkpoints, step, weights, optimizer_state, state, best)
@@ -197,12 +215,12 @@ class RunDir:
         atomic_write_text(self.path / "evaluations.json", json.dumps({"results": [*kept, result]}, indent=1))
 
     def running(self) -> bool:
-        """Whether the process named in train.pid is alive."""
-        try:
-            os.kill(int((self.path / "train.pid").read_text()), 0)
-            return True
-        except (OSError, ValueError):
-            return False
+        """Whether a process holds the run's lock: it is training, fine-tuning or importing it now."""
+        return self._lock.held()
+
+    def writer_pid(self) -> int | None:
+        """The process that holds the run's lock, if one does."""
+        return self._lock.holder_pid() if self.running() else None
 
     def dataset(self) -> dict[str, Any]:
         """The run's dataset.json ({} when it has none)."""
@@ -229,8 +247,11 @@ class RunDir:
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
     def checkpoint(self, which: str = "latest") -> Path:
-        """The step folder `best` or `latest` points to."""
+        """The step folder `best` or `latest` points to. Without a usable `latest` pointer (deleted, damaged, or
+        naming no step folder of this run) it is the newest step folder, which `latest` would name."""
         folder = ckpt.pointer(self.checkpoints, which)
+        if folder is None and which == "latest" and self.step_folders():
+            folder = self.step_folders()[-1]
         if folder is None:
             raise UserError(f"{self.path} has no {which} checkpoint; train it first "
                             f"(`lmlab train CONFIG --run {self.path}`).")
@@ -240,6 +261,7 @@ class RunDir:
         return ckpt.step_folders(self.checkpoints)
 
     def remove_partial_checkpoints(self) -> None:
+        self._check_writer()
         ckpt.remove_partial(self.checkpoints)
 
     def read_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: Any = None,
@@ -250,15 +272,25 @@ class RunDir:
 
     def load(self, which: str = "best", device: str = "auto", need_tokenizer: bool = True) -> LoadedRun:
         """The run's model at its `best` or `latest` checkpoint, in eval mode, with what using it takes; without
-        `need_tokenizer`, a run that has no tokenizer loads with None in its place."""
+        `need_tokenizer`, a run that has no tokenizer loads with None in its place. A run never evaluated (stopped
+        before its first eval) has no `best`: it loads `latest`, and `LoadedRun.checkpoint` says so."""
         if which not in ("best", "latest"):
             raise UserError(f"--checkpoint {which} is unknown; use best or latest.")
+        if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
+            which = "latest"
         cfg = self.config()
         tokenizer = self.tokenizer() if need_tokenizer or (self.path / "tokenizer.json").exists() else None
         torch_device = resolve_device(device)
         configure(torch_device)  # TF32 for an fp32 run's inference on CUDA, as in its training
         model = build_model(cfg.model).to(torch_device)
-        state = self.read_checkpoint(self.checkpoint(which), model)
+        for attempt in range(3):  # a run in training prunes old step folders: one may go while it is read
+            folder = self.checkpoint(which)
+            try:
+                state = self.read_checkpoint(folder, model)
+                break
+            except UserError:
+                if folder.exists() or attempt == 2:
+                    raise
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
                          autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"],
                          (state.get("files") or {}).get("model.safetensors"))
@@ -287,6 +319,6 @@ class LoadedRun:
     device: torch.device
     dtype: torch.dtype  # the autocast dtype the run's config resolves to on this device
     prompt_format: PromptFormat | None  # a fine-tuned run's; None for the others
-    checkpoint: str  # best or latest
+    checkpoint: str  # best or latest: the one loaded (latest when best was asked of a run never evaluated)
     step: int
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of

@@ -53,9 +53,11 @@ def test_invalid_values_are_rejected():
         build_config({"model": {"n_embd": 30, "n_head": 2, "pos_emb": "rope"}}, "x")
     with pytest.raises(UserError, match=r"even head size; it is 9 \(model.head_dim"):
         build_config({"model": {"head_dim": 9, "pos_emb": "rope"}}, "x")
-    for field, value, rule in (("head_dim", -1, "positive, or 0 for the default"), ("mlp_hidden", -8, "positive"),
-                               ("rope_theta", 0.0, "positive, e.g. 10000"), ("norm_eps", -1e-6, "positive, or 0")):
-        with pytest.raises(UserError, match=rf"model.{field} \({value}\) must be {rule}"):
+    for field, value, rule in (("head_dim", -1, r"is -1; set it to an integer from 0"),
+                               ("mlp_hidden", -8, r"is -8; set it to an integer from 0"),
+                               ("rope_theta", 0.0, r"\(0.0\) must be positive, e.g. 10000"),
+                               ("norm_eps", -1e-6, r"\(-1e-06\) must be in \[0, 1\)")):
+        with pytest.raises(UserError, match=rf"model.{field} {rule}"):
             build_config({"model": {field: value}}, "x")
     with pytest.raises(UserError, match="train.optimizer"):
         build_config({"train": {"optimizer": "sgd"}}, "x")

@@ -134,8 +134,8 @@ def test_ddp_matches_one_process_through_an_elastic_restart(tmp_path, config, si
     # Without it, a restarted worker can read its peers' addresses from the failed attempt (pytorch#135712).
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=60")], "--max-restarts=1", env=env)
-    wait_for(job, lambda: (run / "checkpoints" / "step_000010").exists() and (run / "train.pid").exists())
-    os.kill(int((run / "train.pid").read_text()), signal.SIGKILL)
+    wait_for(job, lambda: (run / "checkpoints" / "step_000010").exists() and RunDir(run).writer_pid())
+    os.kill(RunDir(run).writer_pid(), signal.SIGKILL)
     out = finish(job)
     assert "Resumed" in out
     assert_same(losses(run), losses(single), range(1, 61))
@@ -147,7 +147,7 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, config):
     run = tmp_path / "dies"
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=5000")])
     wait_for(job, lambda: any(e["event"] == "train" for e in RunDir(run).events()))
-    pid = int((run / "train.pid").read_text())
+    pid = RunDir(run).writer_pid()
     os.kill(pid, signal.SIGKILL)
     out = output(job)
     assert job.returncode != 0

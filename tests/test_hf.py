@@ -184,7 +184,7 @@ def test_import_hf_refuses_in_one_sentence_and_writes_nothing(tmp_path, bpe):
                   "lmlab's model does not compute; import-hf takes the standard variant of the family.\n"
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.tmp-*"))
     err = lmlab("import-hf", source, "--out", tmp_path / "run", "--block-size", "0", cwd=tmp_path, ok=False).stderr
-    assert "argument --block-size: '0' is not a whole number of at least 1" in err
+    assert "argument --block-size: '0' is not a whole number from 1 to 2**53" in err
 
 
 def test_weights_lmlab_cannot_read_are_refused_with_the_reason(tmp_path, bpe):

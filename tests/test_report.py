@@ -175,7 +175,7 @@ def test_a_run_without_a_checkpoint_is_reported_with_the_reason(tmp_path, char_d
     Trainer(load_config(config), run.path, "cpu")  # set up, never trained
     result = build_report([run.path], tmp_path / "out", device="cpu")
     evaluation = rows(result.markdown.read_text(), "Evaluation")
-    assert evaluation["checkpoint"][0].startswith(f"{run.path} has no best checkpoint")
+    assert evaluation["checkpoint"][0].startswith(f"{run.path} has no latest checkpoint")  # best falls back to it
 
 
 @pytest.mark.slow

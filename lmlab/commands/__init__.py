@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import json
+import os
 import platform
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, plan, report, runs, serve, sweep, train
@@ -56,14 +60,34 @@ def _version() -> str:
 atexit.register(gc.freeze)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistyped command line refused as every other mistake is: one line, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmlab", description="Train GPT-style language models from scratch.")
+    parser = Parser(prog="lmlab", description="Train GPT-style language models from scratch.")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)  # subcommands get the same Parser class
     for family in FAMILIES:
         family.register(sub)
     describe_commands(parser, EXAMPLES)
     return parser
+
+
+def report(message: str) -> None:
+    """Say why a command stopped, in one line on stderr. Under torchrun every rank usually stops for the same
+    reason: rank 0 alone prints it, and each rank leaves it in torchrun's error file, so that the launcher's
+    failure summary shows the sentence (instead of a link) for whichever rank it names."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        # torchrun's own format; its summary prints `py_callstack`, which here is the sentence, not a traceback.
+        info = {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": f"UserError: {message}", "extraInfo": info}}, f)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(str(err))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -12,7 +14,10 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from lmlab.config import SamplingParams
+from lmlab.config import MAX_COUNT, SamplingParams
+
+if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
+    from lmlab.rundir import LoadedRun
 
 if TYPE_CHECKING:
     from lmlab.runs import Column
@@ -67,6 +72,45 @@ def describe_commands(parser: argparse.ArgumentParser, examples: dict[str, str])
                 describe_commands(sub, examples)
 
 
+# Types of the numeric options that go straight to a function (those of a dataclass, e.g. SamplingParams or
+# PrepareOptions, are checked by it): a bad value is refused by argparse, in one line, before anything loads.
+
+def count(low: int = 1) -> Callable[[str], int]:
+    """A whole number from `low` to 2**53."""
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to 2**53")
+        return value
+    return whole_number
+
+
+def counts(text: str) -> list[int]:
+    """Comma-separated whole numbers, e.g. 1,2,4."""
+    return [count()(part.strip()) for part in text.split(",")]
+
+
+def positive(text: str) -> float:
+    """A finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port to listen on."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
+    return int(text)
+
+
 def add_set(parser: argparse.ArgumentParser, example: str = "train.learning_rate=3e-4") -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help=f"override a config setting, e.g. {example} (repeatable)")
@@ -97,13 +141,18 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (argparse then names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
+def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
+    """RunDir.load, with a note on stderr when the run has no best checkpoint and its latest is used instead."""
+    from lmlab.rundir import RunDir
+
+    run = RunDir(path).load(checkpoint, device)
+    note_checkpoint(path, checkpoint, run.checkpoint, run.step)
+    return run
+
+
+def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
+    if used != asked:
+        print(f"note: {path} has no {asked} checkpoint (never evaluated, or its pointer is gone); using {used} "
+              f"(step {step})", file=sys.stderr)
+
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from lmlab.commands.common import console
+from lmlab.commands.common import console, count
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -18,7 +18,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     options = PrepareOptions(val_tokens=args.val_tokens, max_tokens=args.max_tokens, pack=args.pack,
                              block_size=args.block_size, shard_tokens=args.shard_tokens, text_field=args.text_field,
                              gpt2_dir=args.gpt2_dir and Path(args.gpt2_dir),
-                             **({"workers": args.workers} if args.workers else {}))
+                             **({"workers": args.workers} if args.workers is not None else {}))
     target, meta, built = prepare(args.source, args.tokenizer, args.name, Path(args.out_dir), args.val_fraction,
                                   args.force, options, console)
     table = Table(title=f"{target} ({'written' if built else 'already up to date'})")
@@ -93,5 +93,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     data = p.add_subparsers(dest="data_command", required=True, help="what to inspect")
     p = data.add_parser("stats", help="documents, tokens, document lengths against the context, a histogram PNG")
     p.add_argument("dataset", help="a dataset dir made by `lmlab prepare`")
-    p.add_argument("--block-size", type=int, help="context length to compare with (default: the dataset's, or 1024)")
+    p.add_argument("--block-size", type=count(),
+                   help="context length to compare with (default: the dataset's, or 1024)")
     p.set_defaults(func=cmd_data_stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from rich.table import Table
@@ -13,6 +14,8 @@ from lmlab.commands.common import (
     add_device,
     add_sampling,
     console,
+    count,
+    load_run,
     sampling,
 )
 from lmlab.errors import UserError
@@ -20,16 +23,15 @@ from lmlab.errors import UserError
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from lmlab.evaluate import evaluate_run
-    from lmlab.rundir import RunDir
 
-    run = RunDir(args.run).load(args.checkpoint, args.device)
+    run = load_run(args.run, args.checkpoint, args.device)
     with console.status("Evaluating the val split...") as status:
         result = evaluate_run(run, args.dataset and Path(args.dataset), args.batch_size,
                               lambda done, total: status.update(f"Evaluating the val split: {done}/{total} batches"))
     if args.json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{args.run} ({args.checkpoint}, step {result['step']}) on {result['dataset']} val")
+    table = Table(title=f"{args.run} ({run.checkpoint}, step {result['step']}) on {result['dataset']} val")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("loss", "perplexity", "accuracy", "bits_per_byte", "tokens"):
@@ -38,20 +40,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from lmlab.generate import instruct, sample
-    from lmlab.rundir import RunDir
+    from lmlab.generate import instruct_stream, sample_stream
 
     if args.input and args.instruction is None:
         raise UserError("--input goes with --instruction; pass the instruction too.")
     params = sampling(args)
-    run = RunDir(args.run).load(args.checkpoint, args.device)
+    run = load_run(args.run, args.checkpoint, args.device)
     if args.instruction is not None:
-        text = instruct(run, args.instruction, args.input, params)
+        pieces = instruct_stream(run, args.instruction, args.input, params)
         asked = f"instruction {args.instruction!r}, input {args.input!r}"
     else:
-        text, asked = sample(run, args.prompt, params), f"prompt {args.prompt!r}"
-    print(text)
-    run.run.add_sample(text, args.checkpoint, run.step, f"{params.describe()}, {asked}")
+        pieces, asked = sample_stream(run, args.prompt, params), f"prompt {args.prompt!r}"
+    text = []
+    for piece in pieces:  # printed as it is generated, as `serve` streams it
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        text.append(piece)
+    print()
+    run.run.add_sample("".join(text), run.checkpoint, run.step, f"{params.describe()}, {asked}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="a run dir (trained, fine-tuned or imported)")
     p.add_argument("--dataset", help="dataset dir (default: the run's); must share the run's tokenizer")
     add_checkpoint(p)
-    p.add_argument("--batch-size", type=int, default=32, help="windows of block_size tokens scored at once")
+    p.add_argument("--batch-size", type=count(), default=32, help="windows of block_size tokens scored at once")
     add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_checkpoint, console, positive_int
+from lmlab.commands.common import add_checkpoint, console, count, note_checkpoint
 
 ARCHS = ("auto", "gpt2", "llama", "qwen3")  # lmlab.hf.ARCHS, named here so --help does not import torch
 
@@ -26,8 +26,9 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
     with console.status(f"Exporting {args.run}..."):
         result = export_hf(Path(args.run), Path(args.out), args.checkpoint, args.arch)
-    console.print(f"wrote {result['out']} ({result['family']}, checkpoint {args.checkpoint}, step {result['step']}); "
-                  f"load it with transformers.AutoModelForCausalLM.from_pretrained({result['out']!r})")
+    note_checkpoint(args.run, args.checkpoint, result["checkpoint"], result["step"])
+    console.print(f"wrote {result['out']} ({result['family']}, checkpoint {result['checkpoint']}, step "
+                  f"{result['step']}); load it with transformers.AutoModelForCausalLM.from_pretrained({result['out']!r})")
     if result["tokenizer"] is None:
         console.print("no tokenizer files written: the run has none (it was imported without one)")
 
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the new run dir, e.g. runs/smollm2")
     p.add_argument("--tokenizer", metavar="DIR_OR_FILE", help="the model's tokenizer when DIR has none: a folder "
                    "with tokenizer.json (or vocab.json + merges.txt), or the tokenizer.json itself")
-    p.add_argument("--block-size", type=positive_int, help="a shorter context than the model's (its "
+    p.add_argument("--block-size", type=count(), help="a shorter context than the model's (its "
                    "max_position_embeddings), e.g. to train and sample with less memory")
     p.set_defaults(func=cmd_import_hf)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.commands.common import add_device, add_set, console
+from lmlab.commands.common import add_device, add_set, console, count, counts, positive
 from lmlab.errors import UserError
 
 
@@ -17,7 +17,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from lmlab.device import autocast_dtype, resolve_device
 
     cfg = load_config(Path(args.config), args.set)
-    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [cfg.train.batch_size]
+    sizes = args.batch_sizes or [cfg.train.batch_size]
     if args.find_max_batch:
         with console.status("Finding the largest micro-batch that fits..."):
             biggest = find_max_batch(cfg, args.device)
@@ -107,8 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", metavar="CONFIG.toml", help="TOML preset to time (random tokens; the dataset gives "
                    "only the vocab size)")
     add_set(p)
-    p.add_argument("--batch-sizes", help="comma-separated micro-batch sizes (default: the config's)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after 2 warmup steps)")
+    p.add_argument("--batch-sizes", type=counts, help="comma-separated micro-batch sizes (default: the config's)")
+    p.add_argument("--steps", type=count(), default=5, help="timed steps per batch size (after 2 warmup steps)")
     add_device(p)
     p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
@@ -118,15 +118,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", help="a TOML config or a run dir")
     add_set(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--tokens", type=int, help="training tokens to plan for")
+    group.add_argument("--tokens", type=count(), help="training tokens to plan for")
     group.add_argument("--chinchilla", action="store_true", help="plan for 20 tokens per parameter")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--gpu", metavar="NAME", help="estimate for this GPU from its datasheet peak (bf16 where it "
                       "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine)")
     rate.add_argument("--measure", action="store_true", help="time training steps here instead of estimating "
                       "(a minute or more for large models on a CPU)")
-    rate.add_argument("--tokens-per-sec", type=float, help="throughput to assume instead of estimating it")
-    p.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median MFU "
+    rate.add_argument("--tokens-per-sec", type=positive, help="throughput to assume instead of estimating it")
+    p.add_argument("--mfu", type=positive, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median MFU "
                    "of the run planned, else of your newest run on that hardware under --runs, else 0.3)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)

@@ -12,6 +12,10 @@ from lmlab.commands.common import (
     add_device,
     add_sampling,
     console,
+    count,
+    load_run,
+    note_checkpoint,
+    port,
     sampling,
 )
 
@@ -22,6 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     require_extras()
     with console.status(f"Loading {args.run}..."):
         served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_concurrent)
+    note_checkpoint(args.run, args.checkpoint, served.run.checkpoint, served.run.step)
     fmt = served.run.prompt_format
     chat = f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
     console.print(f"serving {args.run} as model {served.name!r} at http://{args.host}:{args.port}/v1 "
@@ -31,10 +36,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_answer(args: argparse.Namespace) -> None:
     from lmlab.judge import write_answers
-    from lmlab.rundir import RunDir
 
     params = sampling(args)
-    run = RunDir(args.run).load(args.checkpoint, args.device)
+    run = load_run(args.run, args.checkpoint, args.device)
     with console.status("Answering...") as status:
         n = write_answers(run, Path(args.data), Path(args.out), params,
                           lambda done, total: status.update(f"Answering: {done}/{total} records"))
@@ -69,10 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API (needs the serve extra)")
     p.add_argument("run", metavar="RUN", help="the run dir to serve; its folder name is the model id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
     add_checkpoint(p)
-    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-concurrent", type=int, default=2,
+    p.add_argument("--max-tokens-cap", type=count(), default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-concurrent", type=count(), default=2,
                    help="requests generating at once; one more gets HTTP 429 (default 2)")
     add_device(p)
     p.set_defaults(func=cmd_serve)
@@ -91,6 +95,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1 (key: $OPENAI_API_KEY)")
     p.add_argument("--model", required=True, help="the judge model's name at that endpoint")
     p.add_argument("--out", help="per-item scores, JSON lines (default: ANSWERS-judged.jsonl)")
-    p.add_argument("--max-tokens", type=int, default=16, help="longest judge reply read")
-    p.add_argument("--lowest", type=int, default=5, help="how many of the lowest-scored answers to show")
+    p.add_argument("--max-tokens", type=count(), default=16, help="longest judge reply read")
+    p.add_argument("--lowest", type=count(0), default=5, help="how many of the lowest-scored answers to show")
     p.set_defaults(func=cmd_judge)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_device, console
+from lmlab.commands.common import add_device, console, count, positive
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="values to sweep, comma-separated (one value: a setting for every trial); repeatable")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-tokens", type=int, help="training tokens per trial (sets train.max_iters)")
-    budget.add_argument("--budget-seconds", type=float, help="wall-clock seconds per trial, evals included (sets "
+    budget.add_argument("--budget-tokens", type=count(), help="training tokens per trial (sets train.max_iters)")
+    budget.add_argument("--budget-seconds", type=positive, help="wall-clock seconds per trial, evals included (sets "
                         "train.budget_seconds: the LR schedule ends with the budget)")
     p.add_argument("--name", help="sweep name: trials go to DIR/NAME/<trial> (default: <config name>-sweep)")
     p.add_argument("--dir", default="runs", help="where the sweep folder goes (default: runs)")

@@ -10,6 +10,7 @@ import gzip
 import importlib.resources
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ class Document:
 _ESCAPE = re.compile(r"\\(.)")
 _INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]]*(\][_*]*|$)|_[^_\s][^_]*_")  # [Aside], or unclosed to the end
 _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
+_NON_BLANK = re.compile(r"\S")
 
 
 def play_to_text(markdown: str) -> str:
@@ -100,6 +102,9 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                 yield Document(f"{path}:{number}", record[text_field])
         except UnicodeDecodeError as err:
             raise UserError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8.")
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise UserError(f"{path} is not a whole gzip file ({err or 'it ends early'}); it is truncated or not "
+                            "compressed with gzip: download or compress it again.")
 
 
 def _parquet_file(path: Path):
@@ -118,12 +123,19 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
     if text_field not in table.schema_arrow.names:
         raise UserError(f"{path} has no column {text_field!r} (it has {', '.join(table.schema_arrow.names)}); "
                         "pass --text-field with the text column.")
+    kind = table.schema_arrow.field(text_field).type
+    if not str(kind).startswith(("string", "large_string")):
+        raise UserError(f"{path}: column {text_field!r} holds {kind}, not text; pass --text-field with the text "
+                        "column.")
     row = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if text is not None:
-                yield Document(f"{path}:{row}", text)
-            row += 1
+    try:
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield Document(f"{path}:{row}", text)
+                row += 1
+    except (OSError, ValueError) as err:  # a file cut short after its footer was written, or corrupt pages
+        raise UserError(f"{path} could not be read past row {row} ({err}); the file is truncated or corrupt.")
 
 
 def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
@@ -192,7 +204,7 @@ def iter_documents(files: list[str], text_field: str = "text") -> Iterator[Docum
             docs = iter([Document(source, _read_text(Path(source)))])
         else:
             docs = _jsonl_documents(Path(source), text_field)
-        yield from (d for d in docs if d.text.strip())
+        yield from (d for d in docs if _NON_BLANK.search(d.text))  # a search, not a copy of a long document
 
 
 def parquet_rows(files: list[str]) -> int | None:

@@ -11,7 +11,6 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator
-from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,14 +20,20 @@ from lmlab.data.tokenizers import Tokenizer
 
 IN_FLIGHT_PER_WORKER = 2  # one batch being encoded, one queued, so a worker never waits for the reader
 
+ENCODE_CHARS = 1 << 18  # characters handed to the tokenizer at once: its per-token objects are ~100 bytes each
+
 _tokenizer: Tokenizer | None = None  # the worker process's own copy
 
 
 class Encoded(NamedTuple):
-    ids: np.ndarray  # uint32, every document's ids back to back
-    lengths: np.ndarray  # int64, ids per document
-    nbytes: np.ndarray  # int64, UTF-8 bytes per document (bits per byte divides by them)
-    chars: np.ndarray  # int64, characters per document
+    ids: np.ndarray  # uint32, every text's ids back to back
+    lengths: np.ndarray  # int64, ids per text
+    nbytes: np.ndarray  # int64, UTF-8 bytes per text (bits per byte divides by them)
+    chars: np.ndarray  # int64, characters per text
+    # With `ends` (a cropped dataset, which keeps a document's first tokens only): for each id, the characters and
+    # UTF-8 bytes of its text up to the end of that token, so the kept part of a text can be counted.
+    char_ends: np.ndarray | None = None
+    byte_ends: np.ndarray | None = None
 
 
 def _start_worker(path: str, spec: str) -> None:
@@ -37,26 +42,58 @@ def _start_worker(path: str, spec: str) -> None:
     _tokenizer = Tokenizer.load(Path(path), spec)
 
 
-def encode_texts(tokenizer: Tokenizer, texts: list[str], keep: int | None = None) -> Encoded:
-    """Every document's ids; with `keep`, bytes and characters count only the text of its first `keep` tokens
-    (what a cropped dataset holds), so bits per byte and chars per token describe the kept text."""
-    encodings = tokenizer.encode_batch(texts)
-    ids = [e.ids for e in encodings]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
-    kept = [t if keep is None or len(e.ids) <= keep else t[:e.offsets[keep - 1][1]] for t, e in zip(texts, encodings)]
-    nbytes = np.fromiter((len(t.encode()) for t in kept), dtype=np.int64, count=len(texts))
-    chars = np.fromiter(map(len, kept), dtype=np.int64, count=len(texts))
-    return Encoded(flat, lengths, nbytes, chars)
+def _groups(texts: list[str]) -> Iterator[list[str]]:
+    """Consecutive texts of about ENCODE_CHARS characters (a longer text alone)."""
+    group: list[str] = []
+    size = 0
+    for text in texts:
+        if group and size + len(text) > ENCODE_CHARS:
+            yield group
+            group, size = [], 0
+        group.append(text)
+        size += len(text)
+    if group:
+        yield group
 
 
-def _encode_in_worker(texts: list[str], keep: int | None) -> Encoded:
-    return encode_texts(_tokenizer, texts, keep)
+def _ends(text: str, offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Characters and UTF-8 bytes of `text` up to the end of each token (tokens never end mid-character)."""
+    chars = np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    widths = 1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)
+    nbytes = np.concatenate([[0], np.cumsum(widths)])
+    return chars, nbytes[chars]
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], ends: bool = False) -> Encoded:
+    """Every text's ids, counts and (with `ends`) token end positions, encoded ENCODE_CHARS characters at a time so
+    that the tokenizer's per-token objects never exceed that; the texts are chunks of at most
+    tokenizers.CHUNK_CHARS characters."""
+    ids, lengths, char_ends, byte_ends = [], [], [], []
+    for group in _groups(texts):
+        for text, encoding in zip(group, tokenizer.encode_batch(group)):
+            ids.append(np.asarray(encoding.ids, dtype=np.uint32))
+            lengths.append(len(encoding.ids))
+            if ends:
+                chars, nbytes = _ends(text, encoding.offsets)
+                char_ends.append(chars)
+                byte_ends.append(nbytes)
+    nbytes = np.fromiter((len(t.encode()) for t in texts), dtype=np.int64, count=len(texts))
+    chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
+    if not ends:
+        return Encoded(flat, np.asarray(lengths, np.int64), nbytes, chars)
+    return Encoded(flat, np.asarray(lengths, np.int64), nbytes, chars, np.concatenate(char_ends),
+                   np.concatenate(byte_ends))
+
+
+def _encode_in_worker(texts: list[str], ends: bool) -> Encoded:
+    return encode_texts(_tokenizer, texts, ends)
 
 
 def encode_in_order(batches: Iterator[tuple[Any, list[str]]], tokenizer_path: Path, spec: str,
-                    workers: int, keep: int | None = None) -> Iterator[tuple[Any, Encoded]]:
-    """Yield (tag, Encoded) for each (tag, texts) batch, in input order (`keep`: see encode_texts).
+                    workers: int, ends: bool = False) -> Iterator[tuple[Any, Encoded]]:
+    """Yield (tag, Encoded) for each (tag, texts) batch, in input order (`ends`: see Encoded).
 
     At most `IN_FLIGHT_PER_WORKER * workers` batches are read ahead: `Pool.imap` would read the whole input
     ahead of the workers, and so the whole corpus into memory when the source is faster than tokenization.
@@ -64,7 +101,7 @@ def encode_in_order(batches: Iterator[tuple[Any, list[str]]], tokenizer_path: Pa
     with multiprocessing.Pool(workers, _start_worker, (str(tokenizer_path), spec)) as pool:
         pending: deque = deque()
         for tag, texts in batches:
-            pending.append((tag, pool.apply_async(_encode_in_worker, (texts, keep))))
+            pending.append((tag, pool.apply_async(_encode_in_worker, (texts, ends))))
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                 tag, result = pending.popleft()
                 yield tag, result.get()

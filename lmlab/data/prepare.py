@@ -5,23 +5,24 @@ Passes over the source (each streams it; nothing holds the corpus):
    and for `char` collect the character set. Keeps 16 bytes per document.
 2. tokenizer training (bpe/word only): the train documents, up to `tokenizer_chars` characters, streamed into
    `tokenizers`' trainer.
-3. tokenize: batches of documents encoded by worker processes (lmlab.data.encode), written in order to shards
-   (lmlab.data.shards) in a work dir `.NAME.partial`. After every finished shard a progress record is written;
-   a killed prepare resumes from it, and the dataset dir appears only by a rename once everything is written.
+3. tokenize: batches of document chunks encoded by worker processes (lmlab.data.encode), written in order to
+   shards (lmlab.data.output, lmlab.data.shards) in a work dir `.NAME.partial`. After every finished shard a
+   progress record is written; a killed prepare resumes from it, and the dataset dir appears only by a rename
+   once everything is written. One prepare writes a dataset at a time (a lock beside it, `.NAME.lock`).
 
-Memory: IN_FLIGHT_PER_WORKER × workers batches of at most BATCH_CHARS characters (or one larger document)
-+ one shard buffer per split (shard_tokens × 2 or 4 bytes) + 16 bytes per document for the split order.
+Memory: the largest document's text + IN_FLIGHT_PER_WORKER × workers batches of at most 2 × BATCH_CHARS characters
++ one shard buffer per split (shard_tokens × 2 or 4 bytes) + 16 bytes per document for the split order. A long
+document goes to the tokenizer in chunks of tokenizers.CHUNK_CHARS characters (its working memory is ~100-400
+bytes a character), cut where the ids come out the same as whole.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,208 +43,64 @@ from lmlab.data.corpora import (
     iter_documents,
     resolve_sources,
 )
-from lmlab.data.encode import Encoded, encode_in_order
-from lmlab.data.shards import ShardWriter, TokenShards, read_meta
-from lmlab.data.split import (
-    TRAIN,
-    VAL,
-    VAL_WHILE_BUDGET,
-    Scan,
-    pieces,
-    plan_split,
-    scan,
-    split_key,
-)
-from lmlab.data.tokenizers import Tokenizer, is_path, load_pretrained, parse_spec, train_tokenizer
+from lmlab.data.encode import encode_in_order
+from lmlab.data.output import Output, PrepareOptions
+from lmlab.data.shards import read_meta
+from lmlab.data.split import TRAIN, Scan, parts, plan_split, scan
+from lmlab.data.tokenizers import Tokenizer, chunk_spans, is_path, load_pretrained, parse_spec, train_tokenizer
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
+from lmlab.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
 
-BATCH_DOCS = 512  # documents per worker task: large enough that inter-process overhead is small
+BATCH_DOCS = 512  # documents (chunks of long ones) per worker task: so many that inter-process overhead is small
 BATCH_CHARS = 2_000_000  # and small enough that in-flight batches stay a few MB each
-LISTED_VAL_DOCUMENTS = 100  # meta.json names the first val documents (in split order), not millions
 
 
-@dataclass
-class PrepareOptions:
-    """How `prepare` reads, splits, packs and writes; the defaults reproduce the single-file datasets."""
-
-    val_tokens: int | None = None  # size the val split in tokens instead of by --val-fraction of characters
-    max_tokens: int | None = None  # stop at the first document boundary at or after this many train tokens
-    pack: str = "concat"  # concat: documents joined by end-of-text; crop: one padded row of block_size + 1 each
-    block_size: int = 1024  # the context length crop mode cuts to (a row is its inputs and next-token targets)
-    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB as uint16)
-    text_field: str = "text"  # the text column of .jsonl / .parquet / hf: sources
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    tokenizer_chars: int = 1_000_000_000  # characters of train text that bpe/word tokenizers are trained on
-    gpt2_dir: Path | None = None  # the gpt2 tokenizer's files (see tokenizers.load_gpt2)
-
-    def __post_init__(self) -> None:
-        if self.pack not in ("concat", "crop"):
-            raise UserError(f"--pack is {self.pack!r}; use concat or crop.")
-        for name in ("val_tokens", "max_tokens", "block_size", "shard_tokens", "workers", "tokenizer_chars"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} is {value}; it must be a positive number.")
-
-    def identity(self) -> dict[str, Any]:
-        """The options that change the dataset's content or layout (workers and sampling limits do not)."""
-        return {"val_tokens": self.val_tokens, "max_tokens": self.max_tokens, "pack": self.pack,
-                "block_size": self.block_size if self.pack == "crop" else None, "shard_tokens": self.shard_tokens,
-                # Crop once joined cropped documents into a stream: a dataset made so is not reused as rows.
-                **({"row_length": self.row_length} if self.row_length else {})}
-
-    @property
-    def row_length(self) -> int | None:
-        """Tokens per row of a row-packed (crop) dataset: block_size inputs and their next-token targets."""
-        return self.block_size + 1 if self.pack == "crop" else None
-
-
-def _doc_text(kind: str, text: str) -> str:
-    # Char datasets have no end-of-text token, so documents are kept apart by a blank line instead.
-    return text.rstrip("\n") + "\n\n" if kind == "char" else text
+SEPARATOR = "\n\n"  # what ends every document of a char dataset, which has no end-of-text token
 
 
 def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndarray, cut: int | None,
              start: int) -> Iterator[tuple[list[tuple], list[str]]]:
-    """(tags, texts) batches from document `start` on; a tag is (document index, split code, name)."""
+    """(tags, texts) batches from document `start` on: each text a chunk of a document (tokenizers.chunk_spans),
+    tagged (document index, split code, name, first chunk?, last chunk?); a long document spans several batches."""
     tags: list[tuple] = []
     texts: list[str] = []
     characters = 0
     for index, doc in enumerate(iter_documents(files, options.text_field)):
         if index < start:  # already in the shards of an interrupted run
             continue
-        for code, name, text in pieces(doc, index, plan, cut):
-            texts.append(_doc_text(kind, text))
-            tags.append((index, code, name))
-            characters += len(texts[-1])
-        if len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS:
-            yield tags, texts
-            tags, texts, characters = [], [], 0
+        for code, name, begin, end in parts(doc, index, plan, cut):
+            if kind == "char":  # documents are kept apart by a blank line instead
+                while end > begin and doc.text[end - 1] == "\n":
+                    end -= 1
+            spans = list(chunk_spans(doc.text, begin, end, kind))
+            for number, (a, b) in enumerate(spans):
+                last = number == len(spans) - 1
+                texts.append(doc.text[a:b] + (SEPARATOR if kind == "char" and last else ""))
+                tags.append((index, code, name, number == 0, last))
+                characters += len(texts[-1])
+                # A batch ends with a document where it can (progress is recorded after whole documents only), and
+                # inside one longer than a batch.
+                full = len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS
+                if (full and last) or characters >= 2 * BATCH_CHARS:
+                    yield tags, texts
+                    tags, texts, characters = [], [], 0
     if texts:
         yield tags, texts
 
 
-def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray, cut: int | None) -> Iterator[str]:
-    """The train documents' text, up to options.tokenizer_chars characters: what bpe/word tokenizers learn from."""
+def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray, cut: int | None,
+                    kind: str) -> Iterator[str]:
+    """The train documents' text in chunks, up to options.tokenizer_chars characters: what bpe/word tokenizers
+    learn from (cut where their pre-tokens are cut anyway, so the counts are those of the whole documents)."""
     used = 0
     for index, doc in enumerate(iter_documents(files, options.text_field)):
-        code, _, text = pieces(doc, index, plan, cut)[0]
+        code, _, begin, end = parts(doc, index, plan, cut)[0]
         if code == TRAIN:
-            yield text
-            used += len(text)
-            if used >= options.tokenizer_chars:
-                return
-
-
-class _Output:
-    """The tokenize pass's writing side: routes each document to train or val, counts, and checkpoints.
-
-    Val documents are staged in corpus order and reordered by their split key at the end, so the val split
-    reads in the same order whether it was chosen up front or while streaming.
-    """
-
-    def __init__(self, work: Path, job: dict[str, Any], dtype: str, eot_id: int | None, options: PrepareOptions,
-                 saved: dict[str, Any]):
-        self.work, self.job, self.options, self.eot_id = work, job, options, eot_id
-        self.docs_done = saved.get("docs_done", 0)
-        self.counts = saved.get("counts", {s: {"documents": 0, "characters": 0, "bytes": 0, "tokens": 0}
-                                           for s in ("train", "val")})
-        self.lost_tokens = saved.get("lost_tokens", 0)
-        # A heap of (-key, name): the first val documents in key order.
-        self.val_names = [tuple(entry) for entry in saved.get("val_names", [])]
-        self.writers = {split: ShardWriter(work, split, dtype, options.shard_tokens, saved.get("shards", {}).get(split))
-                        for split in ("train", "valstage")}
-        for split, count in saved.get("pending", {}).items():
-            self.writers[split].restore_pending(count)
-        self.val_index_path = work / "val_index.bin"
-        self.val_entries = saved.get("val_entries", 0)
-        with open(self.val_index_path, "ab") as f:
-            f.truncate(16 * self.val_entries)  # entries past the last checkpoint are written again
-        self.val_index: list[tuple[int, int]] = []  # (key, tokens) of val documents since the last checkpoint
-        self.completed = False  # whether the current batch finished a shard (then a checkpoint follows)
-
-    def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int) -> bool:
-        """Write one document's ids; False when --max-tokens is reached and the pass should stop.
-
-        In crop mode the document becomes one row: its first row_length ids, or all of them, end-of-text and
-        end-of-text padding. Its token count is the real ones (the document's and one end-of-text) only.
-        """
-        _, code, name = tag
-        full = self.options.val_tokens is not None and self.counts["val"]["tokens"] >= self.options.val_tokens
-        split = "val" if code == VAL or (code == VAL_WHILE_BUDGET and not full) else "train"
-        if split == "train" and self.options.max_tokens and self.counts["train"]["tokens"] >= self.options.max_tokens:
-            return False
-        row = self.options.row_length
-        if row:
-            self.lost_tokens += max(0, len(ids) - row)
-            real = min(len(ids) + 1, row)
-            ids = np.concatenate([ids[:row], np.full(row - min(len(ids), row), self.eot_id, ids.dtype)])
-        elif self.eot_id is not None:
-            ids = np.append(ids, self.eot_id)
-        self.completed |= self.writers["train" if split == "train" else "valstage"].append(ids)
-        for key, value in (("documents", 1), ("characters", characters), ("bytes", nbytes),
-                           ("tokens", real if row else len(ids))):
-            self.counts[split][key] += value
-        if split == "val":
-            key = split_key(name)
-            self.val_index.append((key, len(ids)))
-            heapq.heappush(self.val_names, (-key, name))
-            if len(self.val_names) > LISTED_VAL_DOCUMENTS:
-                heapq.heappop(self.val_names)
-        return True
-
-    def add_batch(self, tags: list[tuple], encoded: Encoded) -> bool:
-        self.completed, offset = False, 0
-        for tag, length, nbytes, characters in zip(tags, encoded.lengths, encoded.nbytes, encoded.chars):
-            if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes), int(characters)):
-                return False
-            offset += length
-        self.docs_done = tags[-1][0] + 1
-        if self.completed:
-            self.checkpoint()
-        return True
-
-    def checkpoint(self) -> None:
-        """Record everything up to docs_done: after this, a killed prepare resumes from here."""
-        pending = {split: w.save_pending() for split, w in self.writers.items()}
-        self.checkpoint_val_index()
-        fsync_dir(self.work)
-        state = {"job": self.job, "docs_done": self.docs_done, "counts": self.counts, "lost_tokens": self.lost_tokens,
-                 "val_names": self.val_names, "val_entries": self.val_entries, "pending": pending,
-                 "shards": {split: w.shards for split, w in self.writers.items()}}
-        atomic_write_text(self.work / "progress.json", json.dumps(state))
-
-    def finish(self) -> dict[str, list[Path]]:
-        """Close the shards and write val in split-key order; returns each split's shard files.
-
-        The progress record goes first: finishing renames and deletes the files a resume would read, so a
-        prepare killed while finishing starts over rather than resume from a state that is gone.
-        """
-        (self.work / "progress.json").unlink(missing_ok=True)
-        if not self.counts["train"]["documents"] or not self.counts["val"]["documents"]:
-            empty = "train" if not self.counts["train"]["documents"] else "val"
-            raise UserError(f"no document went to the {empty} split; raise --val-fraction / --val-tokens or give "
-                            "more documents.")
-        train = self.writers["train"].close()
-        staged = self.writers["valstage"].close()
-        self.checkpoint_val_index()
-        index = np.fromfile(self.val_index_path, dtype=np.uint64).reshape(-1, 2)
-        offsets = np.concatenate([[0], np.cumsum(index[:, 1].astype(np.int64))])
-        view = TokenShards(staged, str(self.writers["train"].buffer.dtype))
-        val = ShardWriter(self.work, "val", str(view.dtype), self.options.shard_tokens)
-        for doc in np.argsort(index[:, 0], kind="stable"):
-            val.append(view[offsets[doc]:offsets[doc + 1]])
-        for path in [*staged, self.val_index_path]:
-            path.unlink()
-        return {"train": train, "val": val.close()}
-
-    def checkpoint_val_index(self) -> None:
-        with open(self.val_index_path, "ab") as f:
-            np.asarray(self.val_index, dtype=np.uint64).reshape(-1, 2).tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        self.val_entries += len(self.val_index)
-        self.val_index = []
+            for a, b in chunk_spans(doc.text, begin, end, kind):
+                yield doc.text[a:b]
+                used += b - a
+                if used >= options.tokenizer_chars:
+                    return
 
 
 def _progress(console: Console | None) -> Progress:
@@ -274,19 +131,22 @@ def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions,
     if path.exists() and fixed is None:
         return Tokenizer.load(path, spec)
     task = progress.add_task("training the tokenizer", total=None, tokens="")
-    tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut),
-                                         ["".join(sorted(found.charset))])
+    kind = parse_spec(spec)[0]
+    # The separator is lmlab's, not the corpus's: a char vocabulary holds it even if no document has a line break.
+    tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut, kind),
+                                         ["".join(sorted(found.charset | set(SEPARATOR)))])
     progress.remove_task(task)
     tokenizer.save(path)
     return tokenizer
 
 
 def _tokenize(work: Path, files: list[str], options: PrepareOptions, tokenizer: Tokenizer, plan: np.ndarray,
-              found: Scan, output: _Output, progress: Progress) -> None:
+              found: Scan, output: Output, progress: Progress) -> None:
     task = progress.add_task("tokenizing", total=len(plan), completed=output.docs_done, tokens="")
     started, first_tokens = time.perf_counter(), output.counts["train"]["tokens"] + output.counts["val"]["tokens"]
     batches = _batches(files, options, tokenizer.kind, plan, found.first_cut, output.docs_done)
-    encoded = encode_in_order(batches, work / "tokenizer.json", tokenizer.spec, options.workers, options.row_length)
+    encoded = encode_in_order(batches, work / "tokenizer.json", tokenizer.spec, options.workers,
+                              ends=options.pack == "crop")
     try:
         for tags, result in encoded:
             if not output.add_batch(tags, result):
@@ -329,14 +189,31 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     if options.pack == "crop" and kind == "char":
         raise UserError("--pack crop pads each document's row with the end-of-text token, which the char tokenizer "
                         "does not have; use --pack concat or a word, bpe, gpt2 or tiktoken tokenizer.")
+    if not 0.0 < val_fraction < 1.0:  # (nan included) before the scan, which cuts a lone document by it
+        raise UserError(f"--val-fraction is {val_fraction}; it must be between 0 and 1, e.g. 0.1.")
     files = resolve_sources(sources)
-    target = Path(out_dir) / f"{name or corpus_name(sources)}-{spec.replace(':', '')}"
+    name = plain_name(name or corpus_name(sources), "--name", "--out-dir")
+    target = Path(out_dir) / f"{name}-{spec.replace(':', '')}"
+    lock = WriterLock(target)
+    lock.acquire(f"{target} is being prepared by another process ({{holder}}); wait for it to finish, or choose "
+                 "another --name.")
+    try:
+        return _prepare(sources, files, spec, target, val_fraction, force, options, console, fixed)
+    finally:
+        lock.release()
+
+
+def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_fraction: float, force: bool,
+             options: PrepareOptions, console: Console | None, fixed: Tokenizer | None
+             ) -> tuple[Path, dict[str, Any], bool]:
+    """`prepare` under the dataset's lock; `fixed`: the tokenizer a path named, already loaded."""
+    kind, _ = parse_spec(spec)
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
     # Another dataset of the same spec may have another tokenizer of that spec (a run's word:1000): its identity
     # then tells the two apart.
     same_tokenizer = {"tokenizer_identity": fixed.identity()} if fixed else {}
-    if kind in ("gpt2", "tiktoken", "pretrained") and not fixed:
+    if kind in ("gpt2", "tiktoken", "pretrained") and not fixed:  # loaded before the long scan: fails at once
         fixed = train_tokenizer(spec, [], [], options.gpt2_dir)
     clock = [time.perf_counter()]
     with _progress(console) as progress:
@@ -354,7 +231,7 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
         tokenizer = _tokenizer(work, spec, files, options, found, plan, progress, fixed)
         clock.append(time.perf_counter())
         dtype = "uint16" if tokenizer.vocab_size < 2**16 else "uint32"
-        output = _Output(work, job, dtype, tokenizer.eot_id, options, saved)
+        output = Output(work, job, dtype, tokenizer.eot_id, options, saved)
         _tokenize(work, files, options, tokenizer, plan, found, output, progress)
     shards = output.finish()
     clock.append(time.perf_counter())

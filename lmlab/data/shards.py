@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tokenizers
 
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_bytes
+from lmlab.fileio import atomic_write_bytes, writing
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class TokenShards:
     row layout of a row-packed split, None for a token stream."""
 
     def __init__(self, paths: list[Path], dtype: str, rows: Rows | None = None):
-        self.rows = rows
+        self.paths, self.rows = list(paths), rows
         self.parts = [np.memmap(p, dtype=np.dtype(dtype), mode="r") if p.stat().st_size else
                       np.zeros(0, dtype=np.dtype(dtype)) for p in paths]
         self.starts = list(np.cumsum([0] + [len(p) for p in self.parts]))
@@ -83,14 +84,42 @@ def read_meta(dataset: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON; re-run `lmlab prepare --force` for this dataset.")
 
 
+def _check_tokenizer(dataset: Path, meta: dict[str, Any]) -> None:
+    """meta.json's dtype and vocabulary must be those of the files: ids past the vocabulary, or read at the wrong
+    width, would train on garbage or fail deep inside the model."""
+    vocab, dtype = meta.get("vocab_size"), meta.get("dtype")
+    fix = "prepare the dataset again with `lmlab prepare ... --force`"
+    if not isinstance(vocab, int) or vocab < 1:
+        raise UserError(f"{dataset}/meta.json has no valid vocab_size ({vocab!r}); {fix}.")
+    if dtype != ("uint16" if vocab < 2**16 else "uint32"):
+        raise UserError(f"{dataset}/meta.json says dtype {dtype!r}, but ids of a vocabulary of {vocab:,} tokens are "
+                        f"stored as {'uint16' if vocab < 2**16 else 'uint32'}; {fix}.")
+    try:
+        actual = tokenizers.Tokenizer.from_file(str(Path(dataset) / "tokenizer.json")).get_vocab_size()
+    except Exception as err:  # the tokenizers library raises plain Exceptions for missing and malformed files
+        raise UserError(f"{dataset}/tokenizer.json is missing or unreadable ({err}); {fix}.")
+    if actual != vocab:
+        raise UserError(f"{dataset}/meta.json says vocab_size {vocab:,} but its tokenizer.json has {actual:,} tokens; "
+                        f"the files do not belong together: {fix}.")
+
+
 def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
-    """A split as one array over its shards (meta.json's index); a dataset without an index is SPLIT.bin alone."""
+    """A split as one array over its shards (meta.json's index; a dataset without an index is SPLIT.bin alone),
+    each file's size checked against the tokens meta.json lists, so a truncated or replaced shard is named."""
     meta = read_meta(dataset)
-    files = [s["file"] for s in meta.get("shards", {}).get(split, [{"file": f"{split}.bin"}])]
-    paths = [Path(dataset) / f for f in files]
-    for path in paths:
+    _check_tokenizer(dataset, meta)
+    width = np.dtype(dtype).itemsize
+    # Without an index, the file holds the split's token count (datasets from before the index were not cropped).
+    listed = meta.get("shards", {}).get(split, [{"file": f"{split}.bin", "tokens": meta.get(split, {}).get("tokens")}])
+    paths = [Path(dataset) / s["file"] for s in listed]
+    for path, shard in zip(paths, listed):
         if not path.exists():
             raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
+        size = path.stat().st_size
+        if size % width or (shard.get("tokens") is not None and size != shard["tokens"] * width):
+            raise UserError(f"{path} holds {size:,} bytes but meta.json lists {shard.get('tokens') or 0:,} {dtype} "
+                            f"tokens ({(shard.get('tokens') or 0) * width:,} bytes); it was truncated or replaced: "
+                            "prepare the dataset again with `lmlab prepare ... --force`.")
     return TokenShards(paths, dtype, row_layout(meta))
 
 
@@ -134,8 +163,9 @@ class ShardWriter:
         return completed
 
     def _write_shard(self) -> None:
-        with open(self.path(len(self.shards)), "wb") as f:
-            self.buffer[:self.fill].tofile(f)
+        path = self.path(len(self.shards))
+        with writing(path), open(path, "wb") as f:
+            f.write(self.buffer[:self.fill].data)  # not tofile, whose errors lose the system's reason
             f.flush()
             os.fsync(f.fileno())
         self.shards.append(self.fill)

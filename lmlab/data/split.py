@@ -4,6 +4,7 @@ size and content digest, then the plan that puts each document on one side."""
 from __future__ import annotations
 
 import hashlib
+import re
 from array import array
 from dataclasses import dataclass
 
@@ -19,11 +20,14 @@ def split_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
 
 
+_NON_BLANK = re.compile(r"\S")
+
+
 def _tail_cut(doc: Document, val_fraction: float) -> int:
     """Where a corpus of one document is split: the line start nearest the tail fraction."""
     text = doc.text
     cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
-    if not text[:cut].strip() or not text[cut:].strip():
+    if not _NON_BLANK.search(text, 0, cut) or not _NON_BLANK.search(text, cut):  # no copies of a long document
         raise UserError(f"{doc.name} is too short to split into train and val; give it more text.")
     return cut
 
@@ -43,7 +47,10 @@ def scan(files: list[str], text_field: str, val_fraction: float, want_charset: b
     for doc in iter_documents(files, text_field):
         keys.append(split_key(doc.name))
         chars.append(len(doc.text))
-        digest.update(doc.name.encode() + b"\0" + doc.text.encode() + b"\0")
+        digest.update(doc.name.encode() + b"\0")
+        for at in range(0, len(doc.text), 1 << 20):  # a long document is not copied whole
+            digest.update(doc.text[at:at + (1 << 20)].encode())
+        digest.update(b"\0")
         if want_charset:
             charset.update(doc.text)
         if first_cut is None:
@@ -65,8 +72,6 @@ def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: l
     val_tokens, a document whose key falls in the lowest val_fraction of the key range goes to val, in corpus
     order, until val holds val_tokens tokens; the rest go to train.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val-fraction is {val_fraction}; it must be between 0 and 1, e.g. 0.1.")
     n = len(scan.keys)
     if n == 0:
         raise UserError(f"the corpus {' '.join(names)} is empty; give files that contain text.")
@@ -86,8 +91,9 @@ def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: l
     return plan, {"rule": "whole documents by sha256 of name", "val_fraction": val_fraction}
 
 
-def pieces(doc: Document, index: int, plan: np.ndarray, cut: int | None) -> list[tuple[int, str, str]]:
-    """(split code, name, text) of one document; the only document of a corpus is cut into a train and a val piece."""
+def parts(doc: Document, index: int, plan: np.ndarray, cut: int | None) -> list[tuple[int, str, int, int]]:
+    """(split code, name, start, stop) of the parts of one document: all of it, or for the only document of a
+    corpus a train and a val part (spans, so a long document is not copied)."""
     if len(plan) == 1:
-        return [(TRAIN, doc.name, doc.text[:cut]), (VAL, doc.name + "#val", doc.text[cut:])]
-    return [(int(plan[index]), doc.name, doc.text)]
+        return [(TRAIN, doc.name, 0, cut), (VAL, doc.name + "#val", cut, len(doc.text))]
+    return [(int(plan[index]), doc.name, 0, len(doc.text))]

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tokenizers
@@ -32,6 +32,15 @@ UNK = "<unk>"
 GPT2_DIR_ENV = "LMLAB_GPT2_DIR"  # where `gpt2` looks for its files when no folder is passed
 NAME = re.compile(r"[A-Za-z0-9._-]+")  # a tiktoken encoding's or a pretrained tokenizer's name
 NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")  # what a folder's name loses to become a NAME
+
+CHUNK_CHARS = 1 << 16  # a longer text is tokenized in chunks of at most this many characters
+
+# Where every pre-tokenizer lmlab uses (GPT-2's regex, and tiktoken's cl100k/o200k ones) starts a new pre-token
+# whatever the text before and after: at a space or tab after a non-space (no pre-token holding a non-space
+# character runs into a following space), and at a line break after a letter or digit (only punctuation pre-tokens
+# take the line breaks after them). BPE merges and word lookups stay inside a pre-token, so text cut there encodes
+# to the same ids in chunks as whole.
+_SAFE_CUT = re.compile(r"(?<=\S)[ \t]|(?<=[^\W_])[\r\n]")
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
@@ -74,15 +83,16 @@ class Tokenizer:
     def eot_token(self) -> str | None:
         return None if self.eot_id is None else self.backend.id_to_token(self.eot_id)
 
+    def unseen(self, text: str) -> str:
+        """The characters of `text` a char tokenizer cannot encode (it has no `<unk>`), sorted; '' for the others."""
+        return "".join(sorted(set(text) - self.vocab.keys())) if self.kind == "char" else ""
+
     def check(self, text: str, where: str) -> None:
-        """Char tokenizers have no `<unk>`: refuse text with characters the corpus never had."""
-        if self.kind == "char":
-            unseen = sorted(set(text) - self.vocab.keys())
-            if unseen:
-                raise UserError(
-                    f"{where} contains characters the char tokenizer never saw ({''.join(unseen)!r}); "
-                    "remove them or prepare the dataset from a corpus that has them."
-                )
+        """Refuse text with characters the char tokenizer's corpus never had."""
+        unseen = self.unseen(text)
+        if unseen:
+            raise UserError(f"{where} contains characters the char tokenizer never saw ({unseen!r}); remove them or "
+                            "prepare the dataset from a corpus that has them.")
 
     def encode(self, text: str) -> list[int]:
         self.check(text, "the text")
@@ -124,6 +134,34 @@ def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
         backend.add_special_tokens([EOT])  # already in GPT-2's vocab (id 50256); this keeps it whole in text
         return backend
     return None
+
+
+def chunk_spans(text: str, start: int, stop: int, kind: str, size: int = CHUNK_CHARS) -> Iterator[tuple[int, int]]:
+    """(start, stop) spans of at most `size` characters covering text[start:stop], in order, cut where the
+    tokenizer `kind` gives the same ids in pieces as whole: anywhere for char, else at the last safe cut of each
+    span (_SAFE_CUT; a span of `size` characters with none, e.g. one long word, is cut at its end). So the tokenizer
+    never holds more than a span of a document, however long the document is (its cost is ~100-400 bytes a
+    character)."""
+    while stop - start > size:
+        cut = start + size
+        if kind != "char":
+            cut = _last_safe_cut(text, start + 1, cut) or cut
+        yield start, cut
+        start = cut
+    yield start, stop
+
+
+def _last_safe_cut(text: str, low: int, high: int) -> int | None:
+    """The last safe cut in text[low:high + 1], looked for in windows growing from the end (in ordinary text one
+    is a few characters away)."""
+    width = 64
+    while True:
+        found = None
+        for found in _SAFE_CUT.finditer(text, max(low, high - width), high + 1):
+            pass
+        if found or high - width <= low:
+            return found.start() if found else None
+        width *= 8
 
 
 def load_gpt2(folder: Path | None = None) -> Tokenizer:

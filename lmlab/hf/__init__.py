@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from lmlab.checkpoint import model_tensors
+from lmlab.checkpoint import model_tensors, save_tensors
 from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.tokenizers import GPT2_DIR_ENV, Tokenizer, load_gpt2, load_pretrained
 from lmlab.errors import UserError
+from lmlab.fileio import writing
 from lmlab.hf.family import Family
 from lmlab.hf.folder import (
     Weights,
@@ -36,6 +36,7 @@ from lmlab.hf.folder import (
 )
 from lmlab.hf.gpt2 import FAMILY as GPT2
 from lmlab.hf.llama import LLAMA, QWEN3
+from lmlab.model import build_model
 from lmlab.model.gpt import GPT
 from lmlab.rundir import RunDir
 
@@ -119,24 +120,26 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
     model_cfg = _model_config(family, raw, folder / "config.json", block_size)
     tok = _tokenizer(folder, tokenizer and Path(tokenizer), family, model_cfg.vocab_size)
     weights = Weights(folder)
-    tmp = fresh_dir(run_dir, "--out run dir")
-    try:
-        model = GPT(model_cfg)
-        _load(model, family, weights)
-        # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
-        cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
-        facts = {"tokenizer": tok.spec, "vocab_size": model_cfg.vocab_size, "eot_id": tok.eot_id}
-        run = RunDir(tmp)
-        run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()),
-                                                         "format": f"huggingface {family.name}",
-                                                         "weights_sha256": weights.sha256()})
-        run.write_setup(cfg, tok, facts)
-        run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), None,
-                            best=True, keep=1)
-        run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False, "stopped_by": None})
-        move_into_place(tmp, run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with RunDir(run_dir).locked():  # a second import into the same --out is refused, not raced
+        tmp = fresh_dir(run_dir, "--out run dir")
+        try:
+            model = build_model(model_cfg)  # refuses a size this machine cannot hold, before allocating it
+            _load(model, family, weights)
+            # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
+            cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
+            facts = {"tokenizer": tok.spec, "vocab_size": model_cfg.vocab_size, "eot_id": tok.eot_id}
+            with RunDir(tmp).locked() as run:
+                run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()),
+                                                                 "format": f"huggingface {family.name}",
+                                                                 "weights_sha256": weights.sha256()})
+                run.write_setup(cfg, tok, facts)
+                run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(),
+                                    None, best=True, keep=1)
+                run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False,
+                         "stopped_by": None})
+            move_into_place(tmp, run_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return {"run": str(run_dir), "family": family.name, "params": model.num_params(), "model": model_cfg,
             "tokenizer": tok.spec}
 
@@ -150,7 +153,8 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
     try:
         run = RunDir(run_dir).load(checkpoint, "cpu", need_tokenizer=False)
         eot_id = run.tokenizer.eot_id if run.tokenizer else None
-        save_file(family.from_lmlab(run.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with writing(out):
+            save_tensors(family.from_lmlab(run.model), tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", family.write_config(run.config.model, eot_id))
         write_generation_config(tmp, eot_id)
         if run.tokenizer is not None:  # only runs imported without one, before import-hf refused that
@@ -158,5 +162,5 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
         move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "family": family.name, "step": run.step,
+    return {"out": str(out), "family": family.name, "checkpoint": run.checkpoint, "step": run.step,
             "tokenizer": run.tokenizer.spec if run.tokenizer else None}

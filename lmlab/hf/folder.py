@@ -109,9 +109,12 @@ def fresh_dir(path: Path, what: str) -> Path:
 
 def move_into_place(tmp: Path, path: Path) -> None:
     fsync_dir(tmp)
-    if path.exists():
-        path.rmdir()  # empty, checked by fresh_dir
-    os.replace(tmp, path)
+    try:
+        if path.exists():
+            path.rmdir()  # empty, checked by fresh_dir
+        os.replace(tmp, path)
+    except OSError:  # another process wrote `path` meanwhile (not through lmlab, which locks it)
+        raise UserError(f"{path} was created by another process meanwhile; choose a new folder.")
     fsync_dir(path.parent)
 
 

@@ -161,6 +161,15 @@ class Parallel:
             return values
         return (self.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)) / self.world_size).tolist()
 
+    def any(self, flag: bool) -> bool:
+        """Whether any rank raised `flag`, now: a blocking round trip, for a question asked once (at the end of
+        a run), where `agree`'s answer a step late would come too late."""
+        if not self.active:
+            return flag
+        tensor = torch.tensor([int(flag)])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._flags)
+        return bool(tensor.item())
+
     def agree(self, *flags: bool) -> tuple[bool, ...]:
         """For each flag, whether any rank raised it (caught a stop signal, ran out of time): all ranks must leave
         the loop at the same step. In one process, the flags themselves. Under torchrun, the answer to the
@@ -262,13 +271,21 @@ def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> li
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def from_env() -> Parallel:
+    """This process's place in the torchrun job (one process without torchrun), before joining it: what can be
+    checked against the world size is refused before the processes connect."""
+    if not launched_by_torchrun():
+        return Parallel()
+    return Parallel(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
 def setup(device_name: str) -> tuple[Parallel, torch.device]:
     """Join the torchrun job if there is one (NCCL on CUDA, one GPU per local rank; Gloo on the CPU) and return
     this process's place in it and its device."""
     device = resolve_device(device_name)
+    parallel = from_env()
     if not launched_by_torchrun():
-        return Parallel(), device
-    parallel = Parallel(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+        return parallel, device
     if device.type == "mps":
         raise UserError("torchrun is not supported on MPS; use --device cpu.")
     if device.type == "cuda":

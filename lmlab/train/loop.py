@@ -5,10 +5,8 @@ live progress bar, on one device or under torchrun."""
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +19,14 @@ from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
 from lmlab.device import autocast_dtype, configure, peak_flops, synchronize
 from lmlab.errors import UserError
+from lmlab.fileio import WriteError, sha256_file
 from lmlab.model import build_model
 from lmlab.plots import plot_losses, pyplot
 from lmlab.progress import progress_bar
 from lmlab.rundir import RunDir
 from lmlab.tracking import Tracker
 from lmlab.train.budget import BudgetClock, BudgetPlan, make_plan, resumed_plan, schedule_for
-from lmlab.train.distributed import elastic_restart, setup
+from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import lr_at
@@ -40,6 +39,7 @@ from lmlab.train.state import (
     upgrade_training,
 )
 from lmlab.train.step import TrainStep
+from lmlab.train.stop import StopOnSignal, write_failure
 
 
 @dataclass
@@ -94,6 +94,18 @@ class Trainer:
         # start), else from `run()`: so the trials of a sweep, in one process, compare on equal terms.
         self.started = started
         self.run_dir = RunDir(run_dir)
+        job = from_env()
+        job.local_steps(cfg.train.grad_accum_steps)  # checked before the job's processes connect to each other
+        if job.is_main:
+            self.run_dir.lock()  # before anything of the run is read: one writer at a time, released by run()
+        try:
+            self._build(cfg, device, resume, console, force, init_from, keep_optimizer)
+        except BaseException:
+            self.run_dir.unlock()
+            raise
+
+    def _build(self, cfg: RunConfig, device: str, resume: bool, console: Console | None, force: bool,
+               init_from: str | None, keep_optimizer: bool) -> None:
         if resume:
             check_resumable(self.run_dir)
         self.cfg, self.meta = resolve_config(cfg)
@@ -125,6 +137,7 @@ class Trainer:
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience, tc.rollback_lr_factor)
         self.budget = BudgetPlan(tc.budget_seconds)  # fixed by a budgeted run after timing its first steps
         self._saved_step = -1  # the step of the newest checkpoint written by this process
+        self._write_error: WriteError | None = None  # a failed write of rank 0, which ends the run (see `_write`)
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
         # A torchrun worker restarted after a failure (--max-restarts) runs the same command: it continues.
@@ -140,10 +153,18 @@ class Trainer:
         if self.parallel.is_main:
             self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
 
+    def _write(self, write: Callable[..., Any], *args: Any) -> None:
+        """Rank 0 writes; a failed write (a full disk) ends the run like a stop signal, after the step, keeping the
+        newest checkpoint, and nothing more is written meanwhile (`_finish` says what happened)."""
+        if self.parallel.is_main and self._write_error is None:
+            try:
+                write(*args)
+            except WriteError as err:
+                self._write_error = err
+
     def _log(self, event: dict[str, Any]) -> None:
-        if self.parallel.is_main:
-            self.run_dir.log(event)
-            self.tracker.log(event)
+        self._write(self.run_dir.log, event)
+        self._write(self.tracker.log, event)
 
     def _start(self, init_from: str | None, keep_optimizer: bool) -> None:
         self.run_dir.check_new()
@@ -181,9 +202,13 @@ class Trainer:
             raise UserError(f"{self.run_dir.path} was trained with another model shape "
                             f"({_differences(trained, asked)}); resume with the run's own [model] settings.")
         folder, training = self._load_newest_good()
-        if training["dataset_sha256"] != self.meta["train"]["sha256"] and not force:
+        # The checksum of the bytes training will read, not the one meta.json claims: a shard edited in place
+        # since (its size unchanged, which open_tokens checks) is found here.
+        with self.console.status(f"Checking the checksum of {self.cfg.data.dataset}'s train split..."):
+            actual = sha256_file(*self.train_tokens.paths)
+        if training["dataset_sha256"] != actual and not force:
             raise UserError(f"dataset {self.cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
-                            "on (train.bin checksum); pass --force to continue on the new data anyway.")
+                            "on (train split checksum); pass --force to continue on the new data anyway.")
         self._restore(training, rollback=False)
         self.budget = resumed_plan(self.budget, self.cfg.train.budget_seconds, self.run_dir.path)
         if self.parallel.is_main:
@@ -237,11 +262,11 @@ class Trainer:
         # checkpoint it falls back to, while the other order could lose the event of a checkpoint that exists.
         self._log({"event": "checkpoint", "step": step, "best": best})
         weights, optimizer_state = self.parallel.full_state(self.model, self.step.optimizer)
-        if self.parallel.is_main:
-            self.run_dir.save_checkpoint(step, weights, optimizer_state, self._training_state(), best,
-                                         self.cfg.train.keep_checkpoints)
+        self._write(self.run_dir.save_checkpoint, step, weights, optimizer_state, self._training_state(), best,
+                    self.cfg.train.keep_checkpoints)
         self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
-        self._saved_step = step
+        if self._write_error is None:
+            self._saved_step = step
 
     def _train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
@@ -305,8 +330,7 @@ class Trainer:
         self._log({"event": "eval", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
                    "train_loss": avg_train, "train_eval_loss": train_eval, "val_loss": val,
                    "best_val_loss": p.best_val_loss, "is_best": is_best})
-        if self.parallel.is_main:
-            plot_losses(self.run_dir)  # kept current, so a long run can be watched while it goes
+        self._write(plot_losses, self.run_dir)  # kept current, so a long run can be watched while it goes
         mark = " | [bold green]best![/bold green]" if is_best else ""
         self.console.print(f"step {p.step} | train {avg_train:.4f} | val {val:.4f}{mark}")
         p.stopped_early = bool(tc.patience) and p.evals_since_best >= tc.patience
@@ -327,13 +351,14 @@ class Trainer:
         return f"loss {mean:.4f} | lr {lr:.1e} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
 
     def run(self) -> TrainResult:
-        """Train to max_iters (or early stop, max_seconds, a stop signal); `train.pid` marks the run as running."""
+        """Train to max_iters (or early stop, max_seconds, a stop signal, a failed write); then the run's lock is
+        released."""
         try:
-            with self.run_dir.training() if self.parallel.is_main else nullcontext():
-                return self._loop()
+            return self._loop()
         finally:
             self.tracker.close()
             self.parallel.close()
+            self.run_dir.unlock()
 
     def _loop(self) -> TrainResult:
         p = self.progress
@@ -349,9 +374,9 @@ class Trainer:
         # torch.compile): it is left out of tokens/s and MFU, on a first start and on every resume.
         warm = False
         out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
-        with progress_bar(self.console) as bar, _StopOnSignal() as stop:
+        with progress_bar(self.console) as bar, StopOnSignal() as stop:
             task = bar.add_task("train", total=None if timing else self.schedule.max_iters, completed=p.step, info="")
-            stopping = False  # a stop signal, agreed by all ranks
+            stopping = False  # a stop signal or a failed write, agreed by all ranks
             while p.step < self.schedule.max_iters and not p.stopped_early and not out_of_time and not stopping:
                 tc = self.schedule
                 started = time.perf_counter()
@@ -360,7 +385,7 @@ class Trainer:
                 # Agreed by all ranks, as the eval that running out of time triggers is collective, and a budget's
                 # plan must be the same everywhere.
                 stopping, out_of_time, timed = self.parallel.agree(
-                    bool(stop.signal), bool(tc.max_seconds) and self.clock.elapsed >= tc.max_seconds,
+                    bool(stop.signal) or self._write_error is not None, bool(tc.max_seconds) and self.clock.elapsed >= tc.max_seconds,
                     timing is not None and timing.timing_done())
                 if timing is not None and timed:
                     self._fix_plan(make_plan(timing.seconds, p.step, self.parallel.mean(timing.measured(),
@@ -392,10 +417,14 @@ class Trainer:
                     if p.step == timing.warm_step:
                         self._time_costs(timing)
                 bar.update(task, completed=p.step)
-            # The end, an early stop or a signal (whenever in the step it came): the last step is always saved.
+            # The end, an early stop or a signal (whenever in the step it came): the last step is always saved,
+            # unless a write failed, which leaves the newest checkpoint as it is.
             self._judge_pending()
-            if self._saved_step != p.step:
+            failed = self.parallel.any(self._write_error is not None)
+            if self._saved_step != p.step and not failed:
                 self._checkpoint(best=False)
+        if failed:
+            raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
         return self._finish(stop.signal)
 
     def _time_costs(self, timing: BudgetClock) -> None:
@@ -427,29 +456,8 @@ class Trainer:
         self._log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
                    "best_val_loss": p.best_val_loss, "best_step": p.best_step,
                    "stopped_early": p.stopped_early, "stopped_by": stopped_by})
-        if self.parallel.is_main:
-            plot_losses(self.run_dir)
+        self._write(plot_losses, self.run_dir)
+        if self._write_error is not None:
+            raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,
                            self.run_dir.loss_plot, stopped_by)
-
-
-class _StopOnSignal:
-    """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a second one aborts."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -1,0 +1,208 @@
+"""The tokenize pass's output: `PrepareOptions` (how a dataset is split, packed and sharded) and `Output`, which
+routes each document's ids to train or val, counts them, packs them (joined, or one cropped row each), writes
+the shards and records progress after every finished shard, so a killed prepare resumes where it stood."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmlab.config import check_counts
+from lmlab.data.encode import Encoded
+from lmlab.data.shards import ShardWriter, TokenShards
+from lmlab.data.split import VAL, VAL_WHILE_BUDGET, split_key
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text, fsync_dir, host_memory, human_bytes, writing
+
+LISTED_VAL_DOCUMENTS = 100  # meta.json names the first val documents (in split order), not millions
+
+
+@dataclass
+class PrepareOptions:
+    """How `prepare` reads, splits, packs and writes; the defaults reproduce the single-file datasets."""
+
+    val_tokens: int | None = None  # size the val split in tokens instead of by --val-fraction of characters
+    max_tokens: int | None = None  # stop at the first document boundary at or after this many train tokens
+    pack: str = "concat"  # concat: documents joined by end-of-text; crop: one padded row of block_size + 1 each
+    block_size: int = 1024  # the context length crop mode cuts to (a row is its inputs and next-token targets)
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB as uint16)
+    text_field: str = "text"  # the text column of .jsonl / .parquet / hf: sources
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    tokenizer_chars: int = 1_000_000_000  # characters of train text that bpe/word tokenizers are trained on
+    gpt2_dir: Path | None = None  # the gpt2 tokenizer's files (see tokenizers.load_gpt2)
+
+    def __post_init__(self) -> None:
+        if self.pack not in ("concat", "crop"):
+            raise UserError(f"--pack is {self.pack!r}; use concat or crop.")
+        names = ("val_tokens", "max_tokens", "block_size", "shard_tokens", "workers", "tokenizer_chars")
+        check_counts("--", {name.replace("_", "-"): getattr(self, name) for name in names
+                            if getattr(self, name) is not None})
+        cores = os.cpu_count() or 1
+        if self.workers > 4 * cores:
+            raise UserError(f"--workers {self.workers} is more than 4 per core ({cores} cores here); each worker is "
+                            f"a process tokenizing on one core: use at most {4 * cores}.")
+        need, have = 2 * 2 * self.shard_tokens, host_memory()  # a train and a val buffer, 2 bytes a token or more
+        if need > have:
+            raise UserError(f"--shard-tokens {self.shard_tokens:,} needs {human_bytes(need)} for its two shard "
+                            f"buffers, more than the {human_bytes(have)} of memory available; use a smaller value "
+                            "(the default is 100000000).")
+
+    def identity(self) -> dict[str, Any]:
+        """The options that change the dataset's content or layout (workers and sampling limits do not)."""
+        return {"val_tokens": self.val_tokens, "max_tokens": self.max_tokens, "pack": self.pack,
+                "block_size": self.block_size if self.pack == "crop" else None, "shard_tokens": self.shard_tokens,
+                # Crop once joined cropped documents into a stream: a dataset made so is not reused as rows.
+                **({"row_length": self.row_length} if self.row_length else {})}
+
+    @property
+    def row_length(self) -> int | None:
+        """Tokens per row of a row-packed (crop) dataset: block_size inputs and their next-token targets."""
+        return self.block_size + 1 if self.pack == "crop" else None
+
+
+class Output:
+    """The tokenize pass's writing side: routes each document to train or val, counts, and checkpoints.
+
+    Val documents are staged in corpus order and reordered by their split key at the end, so the val split
+    reads in the same order whether it was chosen up front or while streaming.
+    """
+
+    def __init__(self, work: Path, job: dict[str, Any], dtype: str, eot_id: int | None, options: PrepareOptions,
+                 saved: dict[str, Any]):
+        self.work, self.job, self.options, self.eot_id = work, job, options, eot_id
+        self.docs_done = saved.get("docs_done", 0)
+        self.counts = saved.get("counts", {s: {"documents": 0, "characters": 0, "bytes": 0, "tokens": 0}
+                                           for s in ("train", "val")})
+        self.lost_tokens = saved.get("lost_tokens", 0)
+        # A heap of (-key, name): the first val documents in key order.
+        self.val_names = [tuple(entry) for entry in saved.get("val_names", [])]
+        self.writers = {split: ShardWriter(work, split, dtype, options.shard_tokens, saved.get("shards", {}).get(split))
+                        for split in ("train", "valstage")}
+        for split, count in saved.get("pending", {}).items():
+            self.writers[split].restore_pending(count)
+        self.val_index_path = work / "val_index.bin"
+        self.val_entries = saved.get("val_entries", 0)
+        with open(self.val_index_path, "ab") as f:
+            f.truncate(16 * self.val_entries)  # entries past the last checkpoint are written again
+        self.val_index: list[tuple[int, int]] = []  # (key, tokens) of val documents since the last checkpoint
+        self.completed = False  # whether a shard was finished since the last checkpoint (then one follows)
+        self.split, self.doc_ids, self.doc_written = "train", 0, 0  # the document being written (`_begin_document`)
+
+    def _begin_document(self, code: int) -> bool:
+        """Choose the split of the document whose first chunk comes next; False at --max-tokens."""
+        full = self.options.val_tokens is not None and self.counts["val"]["tokens"] >= self.options.val_tokens
+        self.split = "val" if code == VAL or (code == VAL_WHILE_BUDGET and not full) else "train"
+        budget = self.options.max_tokens
+        if self.split == "train" and budget and self.counts["train"]["tokens"] >= budget:
+            return False
+        self.doc_ids = self.doc_written = 0  # of this document: ids encoded, ids written
+        return True
+
+    def _write(self, ids: np.ndarray) -> None:
+        self.completed |= self.writers["train" if self.split == "train" else "valstage"].append(ids)
+        self.doc_written += len(ids)
+
+    def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int, ends: tuple | None) -> bool:
+        """Write one chunk of a document's ids; False when --max-tokens is reached and the pass should stop.
+
+        In crop mode the document becomes one row: its first row_length ids, or all of them, end-of-text and
+        end-of-text padding; its bytes and characters are those of the kept text (`ends`: the chunk's per-token
+        character and byte ends). Its token count is the real ones (the document's and one end-of-text) only.
+        """
+        index, code, name, first, last = tag
+        if first and not self._begin_document(code):
+            return False
+        row, counts, encoded = self.options.row_length, self.counts[self.split], len(ids)
+        if row:
+            take = min(encoded, max(0, row - self.doc_ids))
+            if take < encoded:
+                characters, nbytes = (int(ends[0][take - 1]), int(ends[1][take - 1])) if take else (0, 0)
+                self.lost_tokens += encoded - take
+                ids = ids[:take]
+        counts["characters"] += characters
+        counts["bytes"] += nbytes
+        self.doc_ids += encoded
+        self._write(ids)
+        if last:
+            self._end_document(index, name)
+        return True
+
+    def _end_document(self, index: int, name: str) -> None:
+        row, counts = self.options.row_length, self.counts[self.split]
+        if row:
+            real = min(self.doc_written + 1, row)
+            self._write(np.full(row - self.doc_written, self.eot_id, np.uint32))
+        else:
+            if self.eot_id is not None:
+                self._write(np.array([self.eot_id], np.uint32))
+            real = self.doc_written
+        counts["documents"] += 1
+        counts["tokens"] += real
+        if self.split == "val":
+            key = split_key(name)
+            self.val_index.append((key, self.doc_written))
+            heapq.heappush(self.val_names, (-key, name))
+            if len(self.val_names) > LISTED_VAL_DOCUMENTS:
+                heapq.heappop(self.val_names)
+        self.docs_done = index + 1
+
+    def add_batch(self, tags: list[tuple], encoded: Encoded) -> bool:
+        offset = 0
+        for tag, length, nbytes, characters in zip(tags, encoded.lengths, encoded.nbytes, encoded.chars):
+            ends = None if encoded.char_ends is None else (encoded.char_ends[offset:offset + length],
+                                                           encoded.byte_ends[offset:offset + length])
+            if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes), int(characters), ends):
+                return False
+            offset += length
+        if self.completed and tags[-1][4]:  # a checkpoint records whole documents only
+            self.checkpoint()
+            self.completed = False
+        return True
+
+    def checkpoint(self) -> None:
+        """Record everything up to docs_done: after this, a killed prepare resumes from here."""
+        pending = {split: w.save_pending() for split, w in self.writers.items()}
+        self.checkpoint_val_index()
+        fsync_dir(self.work)
+        state = {"job": self.job, "docs_done": self.docs_done, "counts": self.counts, "lost_tokens": self.lost_tokens,
+                 "val_names": self.val_names, "val_entries": self.val_entries, "pending": pending,
+                 "shards": {split: w.shards for split, w in self.writers.items()}}
+        atomic_write_text(self.work / "progress.json", json.dumps(state))
+
+    def finish(self) -> dict[str, list[Path]]:
+        """Close the shards and write val in split-key order; returns each split's shard files.
+
+        The progress record goes first: finishing renames and deletes the files a resume would read, so a
+        prepare killed while finishing starts over rather than resume from a state that is gone.
+        """
+        (self.work / "progress.json").unlink(missing_ok=True)
+        if not self.counts["train"]["documents"] or not self.counts["val"]["documents"]:
+            empty = "train" if not self.counts["train"]["documents"] else "val"
+            raise UserError(f"no document went to the {empty} split; raise --val-fraction / --val-tokens or give "
+                            "more documents.")
+        train = self.writers["train"].close()
+        staged = self.writers["valstage"].close()
+        self.checkpoint_val_index()
+        index = np.fromfile(self.val_index_path, dtype=np.uint64).reshape(-1, 2)
+        offsets = np.concatenate([[0], np.cumsum(index[:, 1].astype(np.int64))])
+        view = TokenShards(staged, str(self.writers["train"].buffer.dtype))
+        val = ShardWriter(self.work, "val", str(view.dtype), self.options.shard_tokens)
+        for doc in np.argsort(index[:, 0], kind="stable"):
+            val.append(view[offsets[doc]:offsets[doc + 1]])
+        for path in [*staged, self.val_index_path]:
+            path.unlink()
+        return {"train": train, "val": val.close()}
+
+    def checkpoint_val_index(self) -> None:
+        with writing(self.val_index_path), open(self.val_index_path, "ab") as f:
+            f.write(np.asarray(self.val_index, dtype=np.uint64).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self.val_entries += len(self.val_index)
+        self.val_index = []

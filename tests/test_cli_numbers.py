@@ -1,0 +1,167 @@
+"""Every numeric option of the CLI, and every numeric setting `--set` reaches, against the values a careless user
+types: negative, 0, nan, inf, huge and not a number. Each is refused in one line with status 2, naming the option,
+before anything is loaded or written; or it is a value the option means to take, listed in its row as accepted.
+
+A new numeric option needs a row here: `test_every_numeric_option_has_a_row` fails until it has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lmlab.commands import build_parser, main
+from lmlab.commands.common import sampling
+from lmlab.config import FinetuneConfig, ModelConfig, TrainConfig, load_config, load_finetune_config
+from lmlab.train.loop import Trainer
+from tests.conftest import ALPACA_TINY, write_config
+
+CLASSES = ("negative", "zero", "nan", "inf", "huge", "wrong type")
+VALUES = {int: {"negative": "-5", "zero": "0", "nan": "nan", "inf": "inf", "huge": str(10**30), "wrong type": "abc"},
+          float: {"negative": "-5", "zero": "0", "nan": "nan", "inf": "inf", "huge": "1e300", "wrong type": "abc"}}
+
+
+@dataclass(frozen=True)
+class Row:
+    """`command` (with {run}, {corpus}, {dataset}, {config}, {out}, {alpaca} filled in) and then `option VALUE`, or
+    `--set option=VALUE` for a config setting; `accepted` are the classes the option means to take, and `check`
+    what else must accept them ("sampling", "train" or "finetune" settings), beyond argparse."""
+
+    command: str
+    option: str
+    kind: type
+    accepted: tuple[str, ...] = ()
+    check: str = ""
+
+    @property
+    def setting(self) -> bool:
+        return "." in self.option
+
+    @property
+    def subcommand(self) -> str:
+        """`sample`, `data stats`: the words before the first argument or option."""
+        words = []
+        for word in self.command.split():
+            if word.startswith(("{", "-")):
+                break
+            words.append(word)
+        return " ".join(words)
+
+    def argv(self, value: str, paths: dict[str, Path]) -> list[str]:
+        tail = ["--set", f"{self.option}={value}"] if self.setting else [self.option, value]
+        return [part.format(**paths) for part in self.command.split()] + tail
+
+    def names(self) -> tuple[str, ...]:
+        """What the refusal may call the option: itself, or the field it sets."""
+        return (self.option,) if self.setting else (self.option, self.option.lstrip("-").replace("-", "_"))
+
+
+def sampling_rows(command: str) -> list[Row]:
+    return [Row(command, "--max-new-tokens", int, check="sampling"),
+            Row(command, "--temperature", float, ("zero", "huge"), "sampling"),  # greedy; uniform
+            Row(command, "--top-k", int, check="sampling"), Row(command, "--top-p", float, check="sampling"),
+            Row(command, "--seed", int, ("zero",), "sampling")]
+
+
+def setting_rows(command: str, section: str, cls: type, accepted: dict[str, tuple[str, ...]], check: str) -> list[Row]:
+    kinds = {"int": int, "float": float}
+    return [Row(command, f"{section}.{f.name}", kinds[f.type], accepted.get(f.name, ()), check)
+            for f in dataclasses.fields(cls) if f.type in kinds]
+
+
+PREPARE = "prepare {corpus} --tokenizer char --out-dir {out}"
+TRAIN = "train {config} --run {out}/run"
+FINETUNE = "finetune {run} --data {alpaca} --run {out}/tuned"
+ROWS = [
+    Row(PREPARE, "--val-fraction", float), Row(PREPARE, "--val-tokens", int), Row(PREPARE, "--max-tokens", int),
+    Row(PREPARE, "--workers", int), Row(PREPARE, "--shard-tokens", int), Row(PREPARE, "--block-size", int),
+    Row("data stats {dataset}", "--block-size", int),
+    Row("eval {run}", "--batch-size", int),
+    *sampling_rows("sample {run}"), *sampling_rows("compare {run} {run} --prompt ROMEO"),
+    *sampling_rows("answer {run} --data {alpaca} --out {out}/answers.jsonl"),
+    Row("serve {run}", "--port", int), Row("serve {run}", "--max-tokens-cap", int),
+    Row("serve {run}", "--max-concurrent", int),
+    Row("judge --answers {out}/a.jsonl --endpoint http://127.0.0.1:9/v1 --model m", "--max-tokens", int),
+    Row("judge --answers {out}/a.jsonl --endpoint http://127.0.0.1:9/v1 --model m", "--lowest", int, ("zero",)),
+    Row("bench {config}", "--steps", int), Row("bench {config}", "--batch-sizes", int),
+    Row("plan {config}", "--tokens", int), Row("plan {config}", "--tokens-per-sec", float, ("huge",)),
+    Row("plan {config}", "--mfu", float),
+    Row("import-hf {out}/missing --out {out}/imported", "--block-size", int),
+    *sampling_rows("report {run} --out {out}/report"),
+    Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-tokens", int),
+    Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-seconds", float, ("huge",)),
+    *setting_rows(TRAIN, "model", ModelConfig, {"dropout": ("zero",), "vocab_size": ("zero",),
+                                                 "n_kv_head": ("zero",), "head_dim": ("zero",),
+                                                 "mlp_hidden": ("zero",), "rope_theta": ("huge",),
+                                                 "norm_eps": ("zero",)}, "train"),
+    *setting_rows(TRAIN, "train", TrainConfig, {
+        "max_seconds": ("zero", "huge"), "budget_seconds": ("zero", "huge"), "min_lr": ("zero",), "warmup_iters": ("zero",), "lr_decay_iters": ("zero",),
+        "weight_decay": ("zero",), "beta1": ("zero",), "beta2": ("zero",), "grad_clip": ("zero", "huge"),
+        "patience": ("zero",), "seed": ("zero",), "spike_zscore": ("huge",), "spike_patience": ("zero",),
+        "threads": ("zero",)}, "train"),
+    *setting_rows(FINETUNE, "finetune", FinetuneConfig, {"seed": ("zero",)}, "finetune"),
+]
+CELLS = [pytest.param(row, cls, id=f"{row.command.split()[0]} {row.option} {cls}") for row in ROWS for cls in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, corpus_dir, char_dataset) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("numbers")
+    config = write_config(root / "tiny.toml", char_dataset, max_iters=10)
+    run = Trainer(load_config(config), root / "run", "cpu").run().run_dir
+    return {"run": run, "corpus": corpus_dir, "dataset": char_dataset, "config": config, "alpaca": ALPACA_TINY,
+            "out": root / "out"}
+
+
+@pytest.mark.parametrize("row, cls", CELLS)
+def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls):
+    argv = row.argv(VALUES[row.kind][cls], paths)
+    if cls in row.accepted:
+        args = build_parser().parse_args(argv)
+        if row.check == "sampling":
+            sampling(args)
+        elif row.check == "train":
+            load_config(paths["config"], args.set)
+        elif row.check == "finetune":
+            load_finetune_config(None, args.set)
+        return
+    code = _run(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, out, err)
+    assert any(name in lines[0] for name in row.names()), (row.names(), lines[0])
+    assert not paths["out"].exists()  # nothing written
+
+
+def _run(argv: list[str]) -> int:
+    """main(), with argparse's exit (a value it cannot parse) as the status it exits with."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def _numeric_options(parser: argparse.ArgumentParser, prefix: str = "") -> set[tuple[str, str]]:
+    """(command, option) of every option with a type, through the subcommands."""
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= _numeric_options(sub, f"{prefix} {name}".strip())
+        elif action.type is not None and action.type is not str and action.option_strings:
+            found.add((prefix, action.option_strings[0]))
+    return found
+
+
+def test_every_numeric_option_has_a_row():
+    covered = {(row.subcommand, row.option) for row in ROWS if not row.setting}
+    missing = _numeric_options(build_parser()) - covered
+    assert not missing, f"give these options a row in ROWS: {sorted(missing)}"
+    settings = {f"{section}.{f.name}" for section, cls in (("model", ModelConfig), ("train", TrainConfig),
+                                                          ("finetune", FinetuneConfig))
+                for f in dataclasses.fields(cls) if f.type in ("int", "float")}
+    assert not settings - {row.option for row in ROWS if row.setting}

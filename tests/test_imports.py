@@ -20,7 +20,7 @@ LAYERS = [
     {"model"},
     {"data"},
     {"prompt", "checkpoint", "rundir"},
-    {"train", "evaluate", "generate", "scaling", "runs", "plots", "tracking"},
+    {"train", "evaluate", "sampling", "decode", "compiled", "generate", "scaling", "runs", "plots", "tracking"},
     {"finetune", "hf", "bench", "plan", "sweep", "serve", "judge"},
     {"commands", "__main__"},
 ]

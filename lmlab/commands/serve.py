@@ -9,9 +9,12 @@ from rich.table import Table
 
 from lmlab.commands.common import (
     add_checkpoint,
+    add_compile,
     add_device,
     add_sampling,
+    compiled_step,
     console,
+    positive,
     sampling,
 )
 
@@ -34,9 +37,11 @@ def cmd_answer(args: argparse.Namespace) -> None:
     from lmlab.rundir import RunDir
 
     params = sampling(args)
+    positive(args, "batch_size")
     run = RunDir(args.run).load(args.checkpoint, args.device)
+    step = compiled_step(args, run.model, args.batch_size, run.dtype)
     with console.status("Answering...") as status:
-        n = write_answers(run, Path(args.data), Path(args.out), params,
+        n = write_answers(run, Path(args.data), Path(args.out), params, args.batch_size, step,
                           lambda done, total: status.update(f"Answering: {done}/{total} records"))
     console.print(f"wrote {n} answers to {args.out}")
 
@@ -82,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
     p.add_argument("--out", required=True, help="JSON-lines file to write (instruction, input, output, model_answer)")
     add_sampling(p, max_new_tokens=256, temperature=0.0)
+    p.add_argument("--batch-size", type=int, default=16, help="instructions answered together (default 16)")
+    add_compile(p, default=False, why="worth its start-up minute for a few hundred answers or more")
     add_checkpoint(p)
     add_device(p)
     p.set_defaults(func=cmd_answer)

@@ -119,6 +119,10 @@ class Batch:
     def free(self) -> int:
         return self.decoder.free
 
+    @property
+    def capacity(self) -> int:
+        return self.decoder.capacity
+
     def __len__(self) -> int:
         return len(self.owner)
 

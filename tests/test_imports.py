@@ -21,7 +21,7 @@ LAYERS = [
     {"data"},
     {"prompt", "checkpoint", "rundir"},
     {"train", "evaluate", "sampling", "decode", "compiled", "generate", "scaling", "runs", "plots", "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "serve", "judge"},
+    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "serve", "judge"},
     {"commands", "__main__"},
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

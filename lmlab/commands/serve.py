@@ -23,12 +23,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lmlab.serve import load_served, require_extras, run_server
 
     require_extras()
-    with console.status(f"Loading {args.run}..."):
-        served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_concurrent)
+    doing = "Loading the run and compiling its decode step (once per start; --no-compile skips it)" if args.compile \
+        else f"Loading {args.run}"
+    with console.status(f"{doing}..."):
+        served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_batch,
+                             args.max_queue, args.compile, args.max_body_bytes)
     fmt = served.run.prompt_format
     chat = f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
     console.print(f"serving {args.run} as model {served.name!r} at http://{args.host}:{args.port}/v1 "
-                  f"(chat rendered through {chat}); Ctrl-C stops it")
+                  f"(chat rendered through {chat}; up to {args.max_batch} choices decoded at once, "
+                  f"{args.max_queue} requests queued); Ctrl-C stops it")
     run_server(served, args.host, args.port)
 
 
@@ -77,8 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     add_checkpoint(p)
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-concurrent", type=int, default=2,
-                   help="requests generating at once; one more gets HTTP 429 (default 2)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="choices decoded together in one batch; requests join it as rows free up (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for the batch; one more gets HTTP 429 with Retry-After (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000,
+                   help="largest request body; a larger one gets HTTP 413 unread (default 1000000)")
+    add_compile(p, default=True, why="compiling takes a minute at start-up; decoding runs several times faster")
     add_device(p)
     p.set_defaults(func=cmd_serve)
 

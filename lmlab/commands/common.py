@@ -13,6 +13,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from lmlab.config import SamplingParams
+from lmlab.errors import UserError
 
 if TYPE_CHECKING:
     from lmlab.runs import Column
@@ -90,6 +91,28 @@ def add_sampling(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     parser.add_argument("--top-p", type=float, default=d.top_p, help="sample only from the likeliest tokens whose "
                         "probabilities sum to P (nucleus sampling)")
     parser.add_argument("--seed", type=int, default=d.seed, help="the same seed draws the same text")
+
+
+def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default,
+                        help=f"decode with a compiled step ({why}; default {'on' if default else 'off'})")
+
+
+def compiled_step(args: argparse.Namespace, model: Any, capacity: int, dtype: Any) -> Any:
+    """The compiled decode step for `capacity` rows when --compile was given, else None (decode eagerly)."""
+    if not args.compile:
+        return None
+    from lmlab.compiled import compile_step
+
+    with console.status("Compiling the decode step..."):
+        return compile_step(model, capacity, dtype)
+
+
+def positive(args: argparse.Namespace, name: str) -> None:
+    """An integer option that must be at least 1; one sentence naming it otherwise."""
+    value = getattr(args, name)
+    if value < 1:
+        raise UserError(f"--{name.replace('_', '-')} is {value}; it must be at least 1.")
 
 
 def sampling(args: argparse.Namespace) -> SamplingParams:

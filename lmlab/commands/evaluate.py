@@ -10,9 +10,12 @@ from rich.table import Table
 
 from lmlab.commands.common import (
     add_checkpoint,
+    add_compile,
     add_device,
     add_sampling,
+    compiled_step,
     console,
+    positive,
     sampling,
 )
 from lmlab.errors import UserError
@@ -38,20 +41,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from lmlab.generate import instruct, sample
+    from lmlab.generate import instruct_all, samples, seeded
     from lmlab.rundir import RunDir
 
     if args.input and args.instruction is None:
         raise UserError("--input goes with --instruction; pass the instruction too.")
+    positive(args, "num_samples")
+    if args.num_samples > 1 and args.instruction is not None:
+        raise UserError("--num-samples draws continuations of --prompt; ask an --instruction one answer at a time.")
     params = sampling(args)
     run = RunDir(args.run).load(args.checkpoint, args.device)
+    step = compiled_step(args, run.model, args.num_samples, run.dtype)
     if args.instruction is not None:
-        text = instruct(run, args.instruction, args.input, params)
+        texts = instruct_all(run, [(args.instruction, args.input)], params, step=step)
         asked = f"instruction {args.instruction!r}, input {args.input!r}"
     else:
-        text, asked = sample(run, args.prompt, params), f"prompt {args.prompt!r}"
-    print(text)
-    run.run.add_sample(text, args.checkpoint, run.step, f"{params.describe()}, {asked}")
+        texts, asked = samples(run, args.prompt, params, args.num_samples, step), f"prompt {args.prompt!r}"
+    for i, (text, drawn) in enumerate(zip(texts, seeded(params, len(texts)))):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1} of {len(texts)} (seed {drawn.seed})")
+        print(text)
+        run.run.add_sample(text, args.checkpoint, run.step, f"{drawn.describe()}, {asked}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="a run dir (trained, fine-tuned or imported)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
     add_sampling(p)
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="continuations drawn in one batch, the i-th with seed SEED + i")
+    add_compile(p, default=False, why="pays off for thousands of tokens")
     add_checkpoint(p)
     p.add_argument("--instruction", help="ask in the run's prompt format (Alpaca unless fine-tuned otherwise) "
                    "and print the answer alone")

@@ -17,6 +17,9 @@ BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
 MODELS = {
     "gpt2-style": {},
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2),
+    # Qwen3's options (issue 14): heads wider than n_embd / n_head, its rotary base and norm epsilon, its MLP width
+    "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2,
+                  head_dim=16, rope_theta=1e6, norm_eps=1e-6, mlp_hidden=48),
     "gru": dict(kind="recurrent"),
     "lstm": dict(kind="recurrent", rnn_cell="lstm"),
 }
@@ -91,7 +94,7 @@ def test_top_k_and_top_p_filter_each_row_by_its_own_settings():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["modern", "gru"])
+@pytest.mark.parametrize("name", ["modern", "qwen3", "gru"])
 def test_the_compiled_step_gives_the_eager_logits_and_greedy_tokens(name):
     m = model(name)
     step = compile_step(m, 3, torch.float32)

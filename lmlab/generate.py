@@ -1,67 +1,44 @@
-"""Sampling, carrying what the model keeps between tokens: a transformer's KV cache or a recurrent state."""
+"""Sampling text: a prompt's continuation as text, ending before a stop string, at the end-of-text token or
+after max_new_tokens, alone or many at once through the batched decoder (lmlab.decode)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lmlab.config import SamplingParams
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.device import autocast
+from lmlab.decode import Decoder, Step
+from lmlab.decode import Sequence as Decoding
 from lmlab.errors import UserError
 from lmlab.model import LanguageModel
 from lmlab.prompt import alpaca_format
 from lmlab.rundir import LoadedRun
 
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
-    """(vocab,) logits scaled by the temperature, with the tokens top_k and top_p rule out set to -inf."""
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        # Nucleus: keep the likeliest tokens until their probabilities reach top_p (the first always stays).
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        outside = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return logits
+SETTLE_TOKENS = 16  # decoded text older than this many tokens is kept, not decoded again with every token
 
 
-def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    if params.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def decode_dtype(device: torch.device, dtype: torch.dtype, compiled: bool) -> torch.dtype:
+    """The dtype to decode in: the run's, except eagerly on the CPU, where autocast casts every weight at every
+    step and bf16 decoding ran at half the speed of fp32 (benchmarks/decode_speed.py); compiled, the casts are
+    done once and bf16 is the faster."""
+    return torch.float32 if device.type == "cpu" and not compiled else dtype
 
 
 @torch.no_grad()
 def stream_ids(model: LanguageModel, prompt: list[int], params: SamplingParams,
                dtype: torch.dtype = torch.float32) -> Iterator[int]:
-    """Yield up to `params.max_new_tokens` tokens continuing `prompt`, one at a time.
-
-    The model was trained on block_size tokens at most, so when the cache is full the window restarts from the
-    newest half of the context (re-encoded in one pass) rather than recomputing the whole window every token.
-    """
-    device = next(model.parameters()).device
-    block_size = model.config.block_size
-    generator = torch.Generator(device=device).manual_seed(params.seed)
-    ids, cache = list(prompt), None
-    for _ in range(params.max_new_tokens):
-        if cache is None or cache.pos == block_size:
-            window = ids[-block_size:] if cache is None else ids[-max(1, block_size // 2):]
-            cache = model.new_cache(1, device, dtype)
-            step_input = window
-        else:
-            step_input = ids[-1:]
-        with autocast(device, dtype):
-            logits, _ = model(torch.tensor([step_input], device=device), cache=cache)
-        ids.append(_pick(logits[0, -1], params, generator))
-        yield ids[-1]
+    """Yield up to `params.max_new_tokens` tokens continuing `prompt`, one at a time. Past the context the
+    window restarts from its newest half (see `Decoder.step`)."""
+    decoder = Decoder(model, 1, dtype)
+    seq = Decoding(list(prompt), params)
+    decoder.join(seq)
+    while not seq.exhausted:
+        yield decoder.step()[0]
 
 
 def held_back(text: str, stop: Sequence[str]) -> int:
@@ -72,37 +49,155 @@ def held_back(text: str, stop: Sequence[str]) -> int:
     return max(unfinished, partial)
 
 
+class Detokenizer:
+    """The text of a continuation as its tokens arrive. `feed` returns the text that can be sent now (holding
+    back what a stop string or the rest of a UTF-8 character may still change); a stop string, or the
+    end-of-text token unless `past_eot`, sets `finish_reason` to "stop", and `flush` returns what was held back.
+
+    Text older than SETTLE_TOKENS tokens is settled, and only the tokens after it are decoded again, so a long
+    continuation costs the same per token as a short one; lmlab's tokenizers (char and byte-level) decode a
+    list of tokens to the concatenation of its parts once no UTF-8 character is left unfinished.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], past_eot: bool = False):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.eot_id = None if past_eot else tokenizer.eot_id
+        self.settled, self.tail = "", []  # the text of the tokens before `tail`, and those tokens
+        self.text, self.sent = "", 0  # the text so far (cut before a stop string), and how much of it was sent
+        self.finish_reason: str | None = None
+
+    def feed(self, token: int) -> str:
+        if token == self.eot_id:
+            self.finish_reason = "stop"
+            return self.flush()
+        self.tail.append(token)
+        decoded = self.tokenizer.decode(self.tail)
+        text = self.settled + decoded
+        cuts = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if cuts:
+            self.finish_reason, self.text = "stop", text[:min(cuts)]
+            return self.flush()
+        self.text = text
+        if len(self.tail) >= SETTLE_TOKENS and not decoded.endswith("\ufffd"):
+            self.settled, self.tail = text, []
+        ready = len(text) - held_back(text, self.stop)
+        if ready <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent:ready], ready
+        return piece
+
+    def flush(self) -> str:
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
+
+
+@dataclass(eq=False)
+class Continuation:
+    """One prompt's continuation: its sequence in the decoder, its text, and once it has ended, why: "stop" (a
+    stop string or the end-of-text token) or "length" (max_new_tokens), OpenAI's words."""
+
+    decoding: Decoding
+    text: Detokenizer
+    prompt_tokens: int
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.decoding.generated
+
+
+class Batch:
+    """Continuations decoded together, up to `capacity` at once; each ends on its own and leaves at once, and
+    one may join or be dropped between any two steps (continuous batching). With `past_eot`, the end-of-text
+    token ends nothing: the text runs on into the next document."""
+
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, capacity: int, dtype: torch.dtype,
+                 step: Step | None = None, past_eot: bool = False):
+        self.decoder = Decoder(model, capacity, dtype, step)
+        self.tokenizer, self.past_eot = tokenizer, past_eot
+        self.owner: dict[Decoding, Continuation] = {}
+
+    @property
+    def free(self) -> int:
+        return self.decoder.free
+
+    @property
+    def capacity(self) -> int:
+        return self.decoder.capacity
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def add(self, prompt: list[int], params: SamplingParams) -> Continuation:
+        continuation = Continuation(Decoding(list(prompt), params), Detokenizer(self.tokenizer, params.stop, self.past_eot),
+                                    len(prompt))
+        self.decoder.join(continuation.decoding)
+        self.owner[continuation.decoding] = continuation
+        return continuation
+
+    def drop(self, continuation: Continuation) -> None:
+        """Stop decoding `continuation` now (ended, or no longer wanted)."""
+        if self.owner.pop(continuation.decoding, None) is not None:
+            self.decoder.leave(continuation.decoding)
+
+    def step(self) -> list[tuple[Continuation, str]]:
+        """One token more for every continuation: each with the text it adds (maybe ''). Those that ended have
+        their finish_reason and have left the batch."""
+        decodings = list(self.decoder.active)
+        events = []
+        for decoding, token in zip(decodings, self.decoder.step()):
+            continuation = self.owner[decoding]
+            piece = continuation.text.feed(token)
+            if continuation.text.finish_reason is None and decoding.exhausted:
+                continuation.text.finish_reason = "length"
+                piece += continuation.text.flush()
+            continuation.finish_reason = continuation.text.finish_reason
+            if continuation.finish_reason is not None:
+                self.drop(continuation)
+            events.append((continuation, piece))
+        return events
+
+
+def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[list[int]],
+                 params: Sequence[SamplingParams], capacity: int, dtype: torch.dtype, step: Step | None = None,
+                 progress: Callable[[int, int], None] | None = None, past_eot: bool = False) -> list[Continuation]:
+    """Every prompt's continuation, `capacity` decoded at once; the next prompt joins as soon as one ends."""
+    batch = Batch(model, tokenizer, capacity, dtype, step, past_eot)
+    waiting, done = list(zip(prompts, params))[::-1], []
+    results = []
+    while waiting or len(batch):
+        while waiting and batch.free:
+            results.append(batch.add(*waiting.pop()))
+        for continuation, _ in batch.step():
+            if continuation.finish_reason is not None:
+                done.append(continuation)
+                if progress:
+                    progress(len(done), len(prompts))
+    return results
+
+
 class TextStream:
-    """Iterating yields the decoded text of a continuation piece by piece, ending before the first stop
-    string, at the end-of-text token or after max_new_tokens; then `finish_reason` is "stop" or "length"
-    (OpenAI's words) and `tokens` the number of tokens generated."""
+    """Iterating yields the decoded text of one continuation piece by piece; then `finish_reason` is "stop" or
+    "length" and `tokens` the number of tokens generated."""
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
-                 dtype: torch.dtype = torch.float32):
-        self.tokenizer, self.stop = tokenizer, [s for s in params.stop if s]
-        self.ids = stream_ids(model, prompt, params, dtype)
-        self.finish_reason, self.tokens = "length", 0
+                 dtype: torch.dtype = torch.float32, step: Step | None = None, past_eot: bool = False):
+        self.batch = Batch(model, tokenizer, 1, dtype, step, past_eot)
+        self.continuation = self.batch.add(prompt, params)
 
     def __iter__(self) -> Iterator[str]:
-        ids: list[int] = []
-        text, sent = "", 0  # sent: characters of text already yielded
-        for token in self.ids:
-            self.tokens += 1
-            if token == self.tokenizer.eot_id:
-                self.finish_reason = "stop"
-                break
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
-            cuts = [i for i in (text.find(s, max(0, sent - len(s))) for s in self.stop) if i >= 0]
-            if cuts:
-                self.finish_reason, text = "stop", text[:min(cuts)]
-                break
-            ready = len(text) - held_back(text, self.stop)
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
-        if len(text) > sent:
-            yield text[sent:]
+        while len(self.batch):
+            piece = self.batch.step()[0][1]
+            if piece:
+                yield piece
+
+    @property
+    def finish_reason(self) -> str:
+        return self.continuation.finish_reason or "length"
+
+    @property
+    def tokens(self) -> int:
+        return self.continuation.tokens
 
     def text(self) -> str:
         return "".join(self)
@@ -114,24 +209,42 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
 
 
-def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams) -> Iterator[str]:
-    """The prompt, then its continuation piece by piece as it is generated (an empty prompt starts a new document),
-    in the run's own tokenizer, up to the end-of-text token or max_new_tokens; the prompt is checked at once."""
-    tokenizer = run.tokenizer
-    tokenizer.check(prompt, "--prompt")
-    start = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
-    return itertools.chain([prompt], TextStream(run.model, tokenizer, start, params, run.dtype))
+def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n copies of `params`, the i-th seeded seed + i: n different draws, each repeatable alone."""
+    return [dataclasses.replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
+
+
+def _start(run: LoadedRun, prompt: str) -> list[int]:
+    run.tokenizer.check(prompt, "--prompt")
+    return run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer)
+
+
+def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams, step: Step | None = None) -> Iterator[str]:
+    """The prompt, then its continuation piece by piece as it is generated: `samples`' first, streamed. The prompt
+    is checked at once."""
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    return itertools.chain([prompt], TextStream(run.model, run.tokenizer, _start(run, prompt), params, dtype, step,
+                                                past_eot=True))
+
+
+def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, step: Step | None = None) -> list[str]:
+    """n continuations of the prompt (an empty one starts a new document) drawn in one batch, the i-th with seed
+    params.seed + i, each with its prompt in front; like nanoGPT's samples, they run on across documents."""
+    start = _start(run, prompt)
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    done = continue_all(run.model, run.tokenizer, [start] * n, seeded(params, n), n, dtype, step, past_eot=True)
+    return [prompt + c.text.text for c in done]
 
 
 def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
-    """The prompt and its continuation, as `sample_stream` yields them."""
-    return "".join(sample_stream(run, prompt, params))
+    """The prompt and its continuation, in the run's own tokenizer."""
+    return samples(run, prompt, params)[0]
 
 
-def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams) -> TextStream:
-    """The model's answer to an instruction asked in the run's prompt format (Alpaca's for a run not fine-tuned),
-    up to the format's end marker, piece by piece. With a char tokenizer, characters it never saw are blamed on
-    the instruction or input that has them, or else on the prompt format (a run not tuned for instructions)."""
+def _instruction_prompt(run: LoadedRun, instruction: str, input: str) -> list[int]:
+    """An instruction asked in the run's prompt format (Alpaca's for a run not fine-tuned). With a char tokenizer,
+    characters it never saw are blamed on the instruction or input that has them, or else on the prompt format
+    (a run not tuned for instructions)."""
     fmt = run.prompt_format or alpaca_format(run.tokenizer)
     run.tokenizer.check(instruction, "the instruction")
     run.tokenizer.check(input, "the input")
@@ -141,11 +254,33 @@ def instruct_stream(run: LoadedRun, instruction: str, input: str, params: Sampli
         raise UserError(f"the {fmt.name} prompt format uses characters that {run.run.path}'s char tokenizer never saw "
                         f"({unseen!r}), so this run cannot be asked instructions; sample it with --prompt, or "
                         "fine-tune it with `lmlab finetune` first.")
-    ids = run.tokenizer.encode(prompt)[-run.config.model.block_size:]
-    params = dataclasses.replace(params, stop=(*params.stop, fmt.end))
-    return TextStream(run.model, run.tokenizer, ids, params, run.dtype)
+    return run.tokenizer.encode(prompt)[-run.config.model.block_size:]
+
+
+def _with_end(run: LoadedRun, params: SamplingParams) -> SamplingParams:
+    """`params`, stopping also at the prompt format's end marker."""
+    fmt = run.prompt_format or alpaca_format(run.tokenizer)
+    return dataclasses.replace(params, stop=(*params.stop, fmt.end))
+
+
+def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams,
+                    step: Step | None = None) -> Iterator[str]:
+    """The model's answer to an instruction, up to the format's end marker, piece by piece as it is generated."""
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    return TextStream(run.model, run.tokenizer, _instruction_prompt(run, instruction, input), _with_end(run, params),
+                      dtype, step)
+
+
+def instruct_all(run: LoadedRun, asks: Sequence[tuple[str, str]], params: SamplingParams, batch: int = 1,
+                 step: Step | None = None, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """The model's answers to (instruction, input) pairs, each up to the format's end marker, `batch` decoded at
+    once."""
+    prompts = [_instruction_prompt(run, instruction, input) for instruction, input in asks]
+    params = _with_end(run, params)
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    done = continue_all(run.model, run.tokenizer, prompts, [params] * len(prompts), batch, dtype, step, progress)
+    return [c.text.text for c in done]
 
 
 def instruct(run: LoadedRun, instruction: str, input: str, params: SamplingParams) -> str:
-    """The whole answer `instruct_stream` gives."""
-    return instruct_stream(run, instruction, input, params).text()
+    return instruct_all(run, [(instruction, input)], params)[0]

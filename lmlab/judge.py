@@ -19,7 +19,8 @@ from typing import Any
 from lmlab.config import SamplingParams
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
-from lmlab.generate import instruct
+from lmlab.decode import Step
+from lmlab.generate import instruct_all
 from lmlab.prompt import read_records
 from lmlab.rundir import LoadedRun
 
@@ -35,17 +36,16 @@ STRICTER = ("\n\nYour reply must be a single whole number between 0 and 100 and 
 Progress = Callable[[int, int], None]
 
 
-def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams,
-                  progress: Progress | None = None) -> int:
-    """Answer every record of an Alpaca JSON file with the run's model; returns how many were written."""
+def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams, batch: int = 16,
+                  step: Step | None = None, progress: Progress | None = None) -> int:
+    """Answer every record of an Alpaca JSON file with the run's model, `batch` decoded at once (compiled with
+    `step`); returns how many were written."""
     records = read_records(data)
-    lines = []
-    for i, r in enumerate(records):
-        answer = instruct(run, r["instruction"], r.get("input", ""), params)
-        lines.append(json.dumps({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"],
-                                 "model_answer": answer, "run": str(run.run.path), "step": run.step}))
-        if progress:
-            progress(i + 1, len(records))
+    answers = instruct_all(run, [(r["instruction"], r.get("input", "")) for r in records], params, batch, step,
+                           progress)
+    lines = [json.dumps({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"],
+                         "model_answer": answer, "run": str(run.run.path), "step": run.step})
+             for r, answer in zip(records, answers)]
     atomic_write_text(Path(out), "".join(line + "\n" for line in lines))
     return len(lines)
 

@@ -1,48 +1,60 @@
-"""An OpenAI-compatible HTTP server for a run's model: /v1/models, /v1/completions, /v1/chat/completions.
+"""An OpenAI-compatible HTTP server for a run's model: /v1/models, /v1/models/{id}, /v1/completions,
+/v1/chat/completions and /health, with every request decoded in one shared batch (lmlab.batcher).
 
-Limits: a prompt must fit the model's context (block_size tokens); max_tokens is capped (--max-tokens-cap);
-at most --max-concurrent requests generate at once and the next one gets 429 at once rather than queueing
-behind CPU-bound work. Every bad request gets a 400 with OpenAI's error body, never a crash.
+Limits: a body over --max-body-bytes gets 413 without being read whole; a prompt must fit the model's context
+(its length is checked before it is tokenized, where the tokenizer bounds the characters per token); max_tokens
+is capped (--max-tokens-cap); --max-batch choices decode at once and --max-queue requests wait for a row, and
+the next one gets 429 with Retry-After. JSON parsing and tokenizing run off the event loop and decoding on the
+batcher's thread, so a large or slow request never stalls the others; a client that goes away releases its rows
+at once. Every bad request gets OpenAI's error body, never a crash; one line per request goes to stderr.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
 # at run time to know what to pass them.
+import asyncio
 import json
 import secrets
-import threading
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmlab.config import SamplingParams
+from lmlab.batcher import Batcher, Event, Job, QueueFull
 from lmlab.errors import UserError
-from lmlab.generate import TextStream, document_start
+from lmlab.generate import Batch, decode_dtype, document_start
+from lmlab.openai_api import (
+    ApiError,
+    chat_messages,
+    check_fields,
+    chunk,
+    head,
+    model_object,
+    response,
+    sampling,
+    stream_fields,
+    usage,
+    usage_chunk,
+)
 from lmlab.rundir import LoadedRun, RunDir
 
-
-class ApiError(Exception):
-    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+ROUTES = "GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions"
 
 
 @dataclass
 class Served:
-    """The run behind the server and its limits. Chats go through the run's prompt format if it was fine-tuned,
-    else they are rendered as a plain transcript."""
+    """The run behind the server, its batcher and its limits. Chats go through the run's prompt format if it was
+    fine-tuned, else they are rendered as a plain transcript."""
 
     run: LoadedRun
+    batcher: Batcher
     max_tokens_cap: int
-    slots: threading.BoundedSemaphore
+    max_batch: int
+    max_body_bytes: int
+    created: int  # when the served checkpoint was written (the model's `created`)
+    max_prompt_chars: int | None  # the longest prompt that may fit the context; None when a token has no bound
 
     @property
     def name(self) -> str:
@@ -50,230 +62,317 @@ class Served:
 
 
 def load_served(run_dir: Path, checkpoint: str = "best", device: str = "auto", max_tokens_cap: int = 512,
-                max_concurrent: int = 2) -> Served:
-    if max_tokens_cap < 1 or max_concurrent < 1:
-        raise UserError("--max-tokens-cap and --max-concurrent must be at least 1.")
-    return Served(RunDir(run_dir).load(checkpoint, device), max_tokens_cap, threading.BoundedSemaphore(max_concurrent))
+                max_batch: int = 16, max_queue: int = 64, compile: bool = False,
+                max_body_bytes: int = 1_000_000) -> Served:
+    """Load the run and start its batcher (compiling the decode step first with `compile`)."""
+    from lmlab.compiled import compile_step
 
-
-def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any, low: float | None = None,
-           high: float | None = None) -> Any:
-    """A request field checked for type and range; a 400 naming it otherwise."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}.", name)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"`{name}` is {value}; it must be between {low} and {high}.", name)
-    return value
-
-
-def _stop(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
-        raise ApiError(400, "`stop` must be a string or a list of at most 4 strings.", "stop")
-    return stops
+    limits = {"--max-tokens-cap": (max_tokens_cap, 1), "--max-batch": (max_batch, 1), "--max-queue": (max_queue, 0),
+              "--max-body-bytes": (max_body_bytes, 1024)}
+    for option, (value, least) in limits.items():
+        if value < least:
+            raise UserError(f"{option} is {value}; it must be at least {least}.")
+    run = RunDir(run_dir).load(checkpoint, device)
+    step = compile_step(run.model, max_batch, run.dtype) if compile else None
+    batch = Batch(run.model, run.tokenizer, max_batch, decode_dtype(run.device, run.dtype, compile), step)
+    tokenizer = run.tokenizer
+    # A word tokenizer's <unk> stands for a word of any length; the others' tokens have a longest text.
+    longest = None if tokenizer.kind == "word" else max(len(token) for token in tokenizer.vocab)
+    block = run.config.model.block_size
+    created = int((run.run.checkpoint(checkpoint) / "state.json").stat().st_mtime)
+    return Served(run, Batcher(batch, max_queue), max_tokens_cap, max_batch, max_body_bytes, created,
+                  None if longest is None else block * longest)
 
 
 @dataclass
 class Request:
-    """A validated completion request: the prompt's token ids and how to sample."""
+    """A validated completion request: the prompt's token ids, how to sample each choice, how to answer."""
 
     ids: list[int]
-    params: SamplingParams
+    params: list  # SamplingParams, one per choice
     stream: bool
+    include_usage: bool
+    chat: bool
 
 
-# OpenAI fields this server does not implement, with the value that means "not used"; any other value is a
-# 400 rather than an answer that silently ignores what was asked.
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None,), "echo": (None, False), "best_of": (None, 1),
-               "suffix": (None,), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-               "logit_bias": (None, {}), "tools": (None, []), "response_format": (None,)}
+def chat_prompt(served: Served, messages: Any) -> tuple[str, tuple[str, ...]]:
+    """Render chat messages: through the fine-tuning format (the last user message is the instruction, the
+    format being single-turn), else as a `role: content` transcript ending with `assistant:`."""
+    turns = chat_messages(messages)
+    fmt = served.run.prompt_format
+    if fmt is not None:
+        users = [text for role, text in turns if role == "user"]
+        if not users:
+            raise ApiError(400, "`messages` needs a user message: it is the instruction.", "messages")
+        return fmt.render(users[-1]), (fmt.end,)
+    return "".join(f"{role}: {text}\n" for role, text in turns) + "assistant:", ("\nuser:",)
 
 
-def parse_request(served: Served, body: Any, prompt: str, stop: list[str]) -> Request:
-    """Check the sampling fields shared by both endpoints and encode the prompt within the context."""
-    for name, unused in UNSUPPORTED.items():
-        if body.get(name) not in unused:
-            raise ApiError(400, f"`{name}` is not supported by lmlab serve; leave it out.", name, "unsupported")
-    if _field(body, "n", (int,), 1) != 1:
-        raise ApiError(400, "`n` must be 1: this server returns one choice per request.", "n")
-    max_tokens = _field(body, "max_tokens", (int,), min(256, served.max_tokens_cap), 1, served.max_tokens_cap)
-    tokenizer = served.run.tokenizer
+def encode_prompt(served: Served, prompt: str) -> list[int]:
+    """The prompt's token ids, refused with context_length_exceeded when they cannot fit the context, before
+    tokenizing when its length alone says so."""
+    block, tokenizer = served.run.config.model.block_size, served.run.tokenizer
+    too_long = f"this model's context is {block} tokens; shorten the prompt."
+    if served.max_prompt_chars is not None and len(prompt) > served.max_prompt_chars:
+        raise ApiError(400, f"the prompt is {len(prompt):,} characters, more than fits: {too_long}", "prompt",
+                       "context_length_exceeded")
     try:
         tokenizer.check(prompt, "the prompt")
     except UserError as err:
         raise ApiError(400, str(err), "prompt")
     ids = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
-    block = served.run.config.model.block_size
     if len(ids) > block:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens but this model's context is {block}; shorten it.",
-                       "prompt", "context_length_exceeded")
-    seed = _field(body, "seed", (int,), None)
+        raise ApiError(400, f"the prompt is {len(ids)} tokens and {too_long}", "prompt", "context_length_exceeded")
+    return ids
+
+
+def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
+    """A request body checked and its prompt tokenized (CPU work: run it off the event loop)."""
     try:
-        params = SamplingParams(max_tokens, float(_field(body, "temperature", (int, float), 1.0, 0, 2)),
-                                _field(body, "top_k", (int,), None, 1),
-                                float(_field(body, "top_p", (int, float), 1.0, 1e-6, 1)),
-                                secrets.randbelow(2**31) if seed is None else seed, (*stop, *_stop(body)))
-    except UserError as err:  # a value no type check catches, such as NaN or a seed beyond 64 bits
-        raise ApiError(400, str(err))
-    return Request(ids, params, _field(body, "stream", (bool,), False))
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err}).")
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    check_fields(body, "chat" if chat else "completions")
+    if body.get("model") not in (None, served.name):
+        raise ApiError(404, f"model {body.get('model')!r} is not served here; use {served.name!r}.", "model",
+                       "model_not_found")
+    if chat:
+        prompt, stops = chat_prompt(served, body.get("messages"))
+    else:
+        prompt, stops = body.get("prompt", ""), ()
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "`prompt` must be a string (or a list of one string).", "prompt")
+    stream, include_usage = stream_fields(body)
+    params = sampling(body, served.max_tokens_cap, served.max_batch, stops, secrets.randbelow(2**63))
+    return Request(encode_prompt(served, prompt), params, stream, include_usage, chat)
 
 
-def chat_prompt(served: Served, messages: Any) -> tuple[str, list[str]]:
-    """Render chat messages: through the fine-tuning format (the last user message is the instruction, the
-    format being single-turn), else as a `role: content` transcript ending with `assistant:`."""
-    roles = ("system", "user", "assistant")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages):
-        raise ApiError(400, "`messages` must be a non-empty list of {role: system|user|assistant, content: text}.",
-                       "messages")
-    fmt = served.run.prompt_format
-    if fmt is not None:
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        if not users:
-            raise ApiError(400, "`messages` needs a user message: it is the instruction.", "messages")
-        return fmt.render(users[-1]), [fmt.end]
-    transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return transcript, ["\nuser:"]
+async def read_body(http: Any, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `limit` bytes (from Content-Length, before
+    reading any of it, else while reading), so a huge body never sits in memory."""
+    too_large = ApiError(413, f"the request body is over {limit:,} bytes, this server's limit (--max-body-bytes); "
+                         "send a shorter prompt.", code="request_too_large")
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for piece in http.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
-def _usage(request: Request, stream: TextStream) -> dict[str, int]:
-    n = len(request.ids)
-    return {"prompt_tokens": n, "completion_tokens": stream.tokens, "total_tokens": n + stream.tokens}
+GONE = object()  # put into an answer's events when its client disconnects
 
 
-class _Events:
-    """The server-sent events of one streamed response. Its concurrency slot goes back exactly once: when the
-    stream ends, or when the response is dropped, as it is if the client leaves before the first chunk (the
-    generator then never starts, so a `finally` in it would never run)."""
+class ClientGone(Exception):
+    """The client of a request went away before its answer was whole."""
 
-    def __init__(self, chunks: Iterator[dict[str, Any]], slot: threading.BoundedSemaphore):
-        self.chunks, self.slot, self.released = chunks, slot, False
 
-    def __iter__(self) -> Iterator[str]:
+class Answer:
+    """One request in the batcher, as the event loop sees it: events arrive through an asyncio queue, and the
+    request's counts go into `stats` (its log line)."""
+
+    def __init__(self, served: Served, request: Request, stats: dict[str, Any]):
+        self.served, self.request, self.stats = served, request, stats
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def deliver(events: list[Event] | str) -> None:  # on the batcher's thread
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, events)
+            except RuntimeError:  # the loop closed: the server is shutting down
+                pass
+
+        self.job = Job(request.ids, request.params, deliver)
+        self.texts, self.reasons = [""] * len(request.params), [None] * len(request.params)
+        self.stats["in"] = len(request.ids)
         try:
-            for chunk in self.chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            self.release()
+            served.batcher.submit(self.job)
+        except QueueFull:
+            raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, --max-queue); "
+                           "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+    async def next_events(self) -> list[Event]:
+        events = await self.events.get()
+        if events is GONE:
+            raise ClientGone
+        if isinstance(events, str):
+            raise ApiError(500, events, kind="server_error")
+        self.stats.setdefault("first", time.perf_counter())
+        for i, piece, reason in events:
+            self.texts[i] += piece
+            self.reasons[i] = reason
+        return events
+
+    @property
+    def finished(self) -> bool:
+        return all(self.reasons)
+
+    def usage(self) -> dict[str, int]:
+        self.stats["out"] = sum(c.tokens for c in self.job.choices)
+        return usage(len(self.request.ids), self.stats["out"])
 
     def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.slot.release()
-
-    __del__ = release
-
-
-def complete(served: Served, request: Request, chat: bool) -> dict[str, Any] | _Events:
-    """Run one request: the whole response, or server-sent events when it asked to stream."""
-    if not served.slots.acquire(blocking=False):
-        raise ApiError(429, "the server is busy with as many requests as --max-concurrent allows; retry shortly.",
-                       code="server_busy", kind="rate_limit_exceeded")
-    run = served.run
-    stream = TextStream(run.model, run.tokenizer, request.ids, request.params, run.dtype)
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": served.name}
-    if request.stream:
-        return _Events(_chunks(head, stream, chat), served.slots)
-    try:
-        text = stream.text()
-    finally:
-        served.slots.release()
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": stream.finish_reason}
-              if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason})
-    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-            "usage": _usage(request, stream)}
+        """Give the rows back, whatever ended the request (a no-op once it finished)."""
+        self.served.batcher.cancel(self.job)
+        if not self.finished:
+            self.stats["left"] = True
+            self.stats["out"] = sum(c.tokens for c in self.job.choices)
 
 
-def _chunks(head: dict[str, Any], stream: TextStream, chat: bool) -> Iterator[dict[str, Any]]:
-    """OpenAI's chunk objects: text pieces, then one with the finish reason."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
+async def server_sent_events(answer: Answer, top: dict[str, Any]) -> AsyncIterator[str]:
+    """OpenAI's chunk objects: (chat) each choice's role, text pieces and finish reasons as they come, (with
+    include_usage) a last chunk with the token counts, then [DONE]."""
+    request = answer.request
+    if request.include_usage:
+        top = {**top, "usage": None}  # OpenAI's other chunks carry a null usage when one comes at the end
+    if request.chat:
+        for i in range(len(request.params)):
+            yield f"data: {json.dumps(chunk(top, True, i, None, None, role=True))}\n\n"
+    while not answer.finished:
+        for i, piece, reason in await answer.next_events():
+            if piece:
+                yield f"data: {json.dumps(chunk(top, request.chat, i, piece, None))}\n\n"
+            if reason:
+                yield f"data: {json.dumps(chunk(top, request.chat, i, None, reason))}\n\n"
+    tokens = answer.usage()
+    if request.include_usage:
+        yield f"data: {json.dumps(usage_chunk(top, request.chat, tokens))}\n\n"
+    yield "data: [DONE]\n\n"
 
-    def chunk(piece: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-        if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
-            return {**head, "object": kind, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return {**head, "object": kind, "choices": [{"index": 0, "text": piece or "", "logprobs": None,
-                                                     "finish_reason": finish}]}
 
-    if chat:
-        yield chunk(None, None, role=True)
-    for piece in stream:
-        yield chunk(piece, None)
-    yield chunk(None, stream.finish_reason)
+async def watch_disconnect(http: Any, answer: Answer) -> None:
+    """Tell `answer` when its client goes away (the body is read: the next message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    answer.events.put_nowait(GONE)
 
 
 def create_app(served: Served) -> Any:
-    """The FastAPI application serving `served`."""
+    """The ASGI application serving `served`: FastAPI routes inside a per-request log."""
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title=f"lmlab: {served.name}")
 
+    class EventStream(StreamingResponse):
+        """A streamed answer that gives its rows back however it ends: finished, client gone (even before the
+        first chunk, when the stream never starts), or failed."""
+
+        def __init__(self, answer: Answer, top: dict[str, Any]):
+            super().__init__(server_sent_events(answer, top), media_type="text/event-stream")
+            self.answer = answer
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.answer.release()
+
     @app.exception_handler(ApiError)
     async def api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(HTTPException)
+    async def no_route(http: HttpRequest, err: HTTPException) -> JSONResponse:
+        where = f"{http.method} {http.url.path}"
+        if err.status_code == 405:
+            error = ApiError(405, f"{where} is not allowed; this route takes {err.headers.get('Allow')}.",
+                             code="method_not_allowed")
+        else:
+            error = ApiError(err.status_code, f"no route {where}; lmlab serve answers {ROUTES}.", code="not_found")
+        return JSONResponse(error.body(), status_code=error.status, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def server_error(_: HttpRequest, err: Exception) -> JSONResponse:
         # A bug of ours still answers in OpenAI's shape, and the server keeps running.
         return JSONResponse(ApiError(500, f"internal error: {err!r}", kind="server_error").body(), status_code=500)
 
-    async def read_body(http: HttpRequest) -> dict[str, Any]:
-        try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON ({err}).")
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object.")
-        if body.get("model") not in (None, served.name):
-            raise ApiError(404, f"model {body.get('model')!r} is not served here; use {served.name!r}.", "model",
-                           "model_not_found")
-        return body
-
-    def respond(result: dict[str, Any] | _Events) -> Any:
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream")
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        decoding, waiting = served.batcher.load()
+        return {"status": "ok", "model": served.name, "decoding": decoding, "max_batch": served.max_batch,
+                "waiting": waiting, "max_queue": served.batcher.max_queue}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "lmlab"}]}
+        return {"object": "list", "data": [model_object(served.name, served.created)]}
+
+    @app.get("/v1/models/{model_id}")
+    def model(model_id: str) -> dict[str, Any]:
+        if model_id != served.name:
+            raise ApiError(404, f"model {model_id!r} is not served here; use {served.name!r}.", "model",
+                           "model_not_found")
+        return model_object(served.name, served.created)
+
+    async def answer(http: HttpRequest, chat: bool) -> Any:
+        raw = await read_body(http, served.max_body_bytes)
+        request = await run_in_threadpool(parse_request, served, raw, chat)
+        pending = Answer(served, request, http.scope.setdefault("lmlab", {}))
+        top = head(chat, served.name, uuid.uuid4().hex)
+        if request.stream:
+            return EventStream(pending, top)
+        watcher = asyncio.create_task(watch_disconnect(http, pending))
+        try:
+            while not pending.finished:
+                await pending.next_events()
+        except ClientGone:
+            return Response(status_code=499)  # no one reads it; the log says the client left
+        finally:
+            watcher.cancel()
+            pending.release()
+        return JSONResponse(response(top, chat, pending.texts, pending.reasons, pending.usage()))
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest) -> Any:
-        body = await read_body(http)
-        prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "`prompt` must be a string (or a list of one string).", "prompt")
-        request = parse_request(served, body, prompt, [])
-        return respond(await _in_thread(complete, served, request, False))
+        return await answer(http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest) -> Any:
-        body = await read_body(http)
-        prompt, stops = chat_prompt(served, body.get("messages"))
-        request = parse_request(served, body, prompt, stops)
-        return respond(await _in_thread(complete, served, request, True))
+        return await answer(http, chat=True)
 
-    return app
+    return AccessLog(app, lambda line: print(line, file=sys.stderr, flush=True))
 
 
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    """Generation is CPU/GPU-bound: run it off the event loop so other requests are still answered."""
-    from starlette.concurrency import run_in_threadpool
+class AccessLog:
+    """ASGI middleware writing one line per request: method, path, status, tokens in and out, time to first
+    token and tokens/s (for completions), seconds; `(client left)` when the client went away first."""
 
-    return await run_in_threadpool(fn, *args)
+    def __init__(self, app: Any, write: Callable[[str], None]):
+        self.app, self.write = app, write
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [499]  # nginx's "client closed request" until a status is sent
+        stats = scope.setdefault("lmlab", {})
+
+        async def noting_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        finally:
+            seconds = time.perf_counter() - started
+            parts = [scope["method"], scope["path"], str(status[0])]
+            if "out" in stats:
+                first = stats.get("first")
+                ttft = f"{first - started:.3f}s" if first else "-"
+                parts += [f"in={stats['in']}", f"out={stats['out']}", f"ttft={ttft}",
+                          f"{stats['out'] / seconds:.1f} tok/s"]
+            parts.append(f"{seconds:.3f}s" + (" (client left)" if stats.get("left") else ""))
+            self.write(" ".join(parts))
 
 
 def require_extras() -> None:

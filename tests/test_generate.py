@@ -11,7 +11,8 @@ import torch
 from lmlab.config import ModelConfig, SamplingParams
 from lmlab.data.tokenizers import train_tokenizer
 from lmlab.errors import UserError
-from lmlab.generate import TextStream, filter_logits, held_back, stream_ids
+from lmlab.generate import TextStream, held_back, stream_ids
+from lmlab.sampling import filter_logits
 from lmlab.model import build_model
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))

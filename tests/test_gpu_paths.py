@@ -1,6 +1,6 @@
 """The decisions the CUDA paths rest on, checked on the CPU: the dtype a GPU gets, the pinned whole-batch copy,
 the grad scaler's skips under the spike guard, the compile fallback and reset, FSDP's precision, the chunked eval
-loss, the mask-free decode step, per-rank seeds, GPU choice and stop votes, the memory budget and TF32.
+loss, the mask-free prompt into a decode cache, per-rank seeds, GPU choice and stop votes, the memory budget and TF32.
 (tests/test_cuda.py runs the same paths on a GPU; the datasheet table is tested in tests/test_bench.py.)"""
 
 import math
@@ -176,14 +176,14 @@ class AttentionCalls(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("extra", [{}, {"pos_emb": "rope", "n_kv_head": 1}])
-def test_decoding_one_token_builds_no_attention_mask(extra):
+def test_the_prompt_into_an_empty_cache_builds_no_attention_mask(extra):
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=20, **extra)).eval()
     with AttentionCalls() as attention:
         list(stream_ids(model, [1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0)))
-    prefill, decode = attention.calls[:2], attention.calls[2:]
-    assert prefill == [(False, True)] * 2  # the prompt: causal, no mask
-    assert decode == [(False, False)] * 8  # 4 single-token steps x 2 layers: every cached key, no mask
+    # The prompt: causal, no mask, 2 layers. The single-token steps call no SDPA: they attend through
+    # gpt.attend_cached, whose per-row mask lets sequences at different positions decode in one batch.
+    assert attention.calls == [(False, True)] * 2
     cache = model.new_cache(1, torch.device("cpu"), torch.float32)
     model(torch.tensor([[1, 2, 3]]), cache=cache)
     with AttentionCalls() as attention:

@@ -20,8 +20,8 @@ LAYERS = [
     {"model"},
     {"data"},
     {"prompt", "checkpoint", "rundir"},
-    {"train", "evaluate", "generate", "scaling", "runs", "plots", "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "serve", "judge", "findings", "report"},
+    {"train", "evaluate", "sampling", "decode", "compiled", "generate", "scaling", "runs", "plots", "tracking"},
+    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "serve", "judge", "findings", "report"},
     {"commands", "__main__"},
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

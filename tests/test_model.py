@@ -198,7 +198,7 @@ def test_the_options_transformers_families_need_reach_the_layers():
     attn = head.transformer.h[0].attn
     assert attn.c_attn.weight.shape == (3 * 4 * 16, 32) and attn.c_proj.weight.shape == (32, 4 * 16)
     assert head.flops_per_token() == 6 * head.num_params() + 12 * 2 * 4 * 16 * 16  # 12·L·H·Q·T
-    assert head.new_cache(1, torch.device("cpu"), torch.float32).k.shape[-1] == 16
+    assert head.new_cache(1, torch.device("cpu"), torch.float32).k[0].shape[-1] == 16
     assert variant("mlp_hidden").transformer.h[0].mlp.c_fc.weight.shape == (40, 32)
     assert variant("qwen3").transformer.h[0].mlp.c_fc.weight.shape == (2 * 48, 32)  # gate and value
     # Rotary angles of channel pair i turn by theta^(-2i/Q) per position, as transformers computes them.

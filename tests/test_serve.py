@@ -1,25 +1,28 @@
-"""`lmlab serve` as a real process on a free local port, spoken to with the openai client (plain, streaming
-and bad requests), and `lmlab answer` + `lmlab judge` end to end with that server as the judge."""
+"""`lmlab serve` as a real process on a free local port, spoken to with the openai client (plain, streaming,
+several choices, concurrent requests in one batch, bad requests), and `lmlab answer` + `lmlab judge` end to end
+with that server as the judge; the batcher's queue bound in-process."""
 
 from __future__ import annotations
 
 import json
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from lmlab.batcher import Batcher, Job, QueueFull
 from lmlab.config import FinetuneConfig, SamplingParams
 from lmlab.errors import UserError
 from lmlab.finetune import finetune
-from lmlab.generate import TextStream
+from lmlab.generate import Batch, TextStream, decode_dtype, seeded
 from lmlab.judge import judge_answers, parse_score
 from lmlab.rundir import LoadedRun, RunDir
-from lmlab.serve import ApiError, Request, complete, load_served
 from tests.conftest import ALPACA_TINY, LMLAB
 
 openai = pytest.importorskip("openai")
@@ -39,28 +42,46 @@ def sft_run(tmp_path_factory, imported_gpt2) -> Path:
     return run
 
 
+class Server:
+    """`lmlab serve RUN OPTIONS` on a free port, its stderr (one line per request) collected."""
+
+    def __init__(self, run: Path, *options: str):
+        self.port = free_port()
+        self.proc = subprocess.Popen([LMLAB, "serve", run, "--port", str(self.port), "--device", "cpu",
+                                      "--no-compile", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.root, self.url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}/v1"
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.root}/health", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert self.proc.poll() is None, "".join(self.log)
+                assert time.monotonic() < deadline, "the server did not start within 120 s"
+                time.sleep(0.3)
+
+    def health(self) -> dict:
+        return json.loads(urllib.request.urlopen(f"{self.root}/health", timeout=10).read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(sft_run):
-    port = free_port()
-    proc = subprocess.Popen([LMLAB, "serve", sft_run, "--port", str(port), "--device", "cpu", "--max-tokens-cap", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=2)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    started = Server(sft_run, "--max-tokens-cap", "64", "--max-batch", "8")
+    yield started.url
+    started.stop()
 
 
 def expected(run: LoadedRun, prompt: list[int], **params) -> tuple[str, str, int]:
-    """What the sampler itself gives for a request: text, finish reason and tokens generated."""
-    stream = TextStream(run.model, run.tokenizer, prompt, SamplingParams(**params), run.dtype)
+    """What the sampler itself gives for a request, decoded alone: text, finish reason and tokens generated."""
+    stream = TextStream(run.model, run.tokenizer, prompt, SamplingParams(**params),
+                        decode_dtype(run.device, run.dtype, compiled=False))
     return stream.text(), stream.finish_reason, stream.tokens
 
 
@@ -102,9 +123,59 @@ def test_completions_chat_streaming_and_sampling_controls(server, sft_run):
 
 
 @pytest.mark.slow
+def test_the_openai_fields_clients_send_are_honoured(server, sft_run):
+    client = openai.OpenAI(base_url=server, api_key="unused")
+    assert client.models.retrieve("sft").id == "sft" and client.models.retrieve("sft").created > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    messages = [{"role": "developer", "content": "Answer briefly."},
+                {"role": "user", "content": [{"type": "text", "text": "Repeat the word"}, {"type": "text", "text": "twice."}]}]
+    short = client.chat.completions.create(model="sft", messages=messages, max_completion_tokens=5, temperature=0)
+    assert short.usage.completion_tokens <= 5 and short.choices[0].finish_reason in ("length", "stop")
+    chunks = list(client.chat.completions.create(model="sft", messages=messages, max_completion_tokens=5, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == short.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == short.choices[0].message.content
+
+    # n choices decode together, choice i drawn as seed + i draws alone
+    many = client.completions.create(model="sft", prompt="ROMEO:", max_tokens=10, temperature=1.0, seed=3, n=3)
+    run = RunDir(sft_run).load("best", "cpu")
+    ids = run.tokenizer.encode("ROMEO:")
+    alone = [expected(run, ids, **{**vars(p), "stop": ()}) for p in seeded(SamplingParams(10, 1.0, seed=3), 3)]
+    assert [(c.index, c.text, c.finish_reason) for c in many.choices] == [(i, t, r) for i, (t, r, _) in enumerate(alone)]
+    assert many.usage.completion_tokens == sum(tokens for _, _, tokens in alone)
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="sft", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    assert "'image_url'" in caught.value.body["message"]
+
+
+@pytest.mark.slow
+def test_concurrent_requests_share_the_batch_and_get_what_each_gets_alone(server, sft_run):
+    client = openai.OpenAI(base_url=server, api_key="unused")
+    asks = [dict(prompt=p, max_tokens=m, temperature=t, seed=s)
+            for p, m, t, s in [("ROMEO:", 30, 0, 0), ("JULIET: o", 12, 1.0, 5), ("", 25, 0.8, 9), ("NURSE", 40, 0, 0),
+                               ("FRIAR: love", 20, 1.2, 1), ("x", 8, 0, 0)]]
+
+    def ask(fields: dict) -> tuple[str, str, int]:
+        done = client.completions.create(model="sft", **fields)
+        return done.choices[0].text, done.choices[0].finish_reason, done.usage.completion_tokens
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(ask, asks))
+    run = RunDir(sft_run).load("best", "cpu")
+    for fields, got in zip(asks, together):
+        ids = run.tokenizer.encode(fields["prompt"]) if fields["prompt"] else [run.tokenizer.eot_id]
+        assert got == expected(run, ids, max_new_tokens=fields["max_tokens"], temperature=fields["temperature"],
+                               seed=fields["seed"])
+
+
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors_and_the_server_survives(server):
     client = openai.OpenAI(base_url=server, api_key="unused")
-    bad = [dict(temperature=5), dict(n=2), dict(max_tokens=65), dict(stop=[1, 2]), dict(top_p="high"),
+    bad = [dict(temperature=5), dict(n=9), dict(max_tokens=65), dict(stop=[1, 2]), dict(top_p="high"),
            dict(echo=True), dict(prompt="night " * 600)]
     for fields in bad:
         with pytest.raises(openai.BadRequestError) as caught:
@@ -112,6 +183,13 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server):
         error = caught.value.body
         assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["code"] == "context_length_exceeded"
+    for name, value in [("repetition_penalty", 1.1), ("min_p", 0.05), ("ignore_eos", True), ("foo", 1)]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="sft", prompt="x", max_tokens=2, extra_body={name: value})
+        assert caught.value.body["param"] == name and f"`{name}`" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                       max_completion_tokens=4)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
@@ -120,20 +198,46 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = post(f"{server}/chat/completions", b"[1, 2]")
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body = post(f"{server}/embeddings", b"{}")
+    assert status == 404 and body["error"]["code"] == "not_found" and "/v1/completions" in body["error"]["message"]
+    try:
+        urllib.request.urlopen(f"{server}/completions", timeout=10)
+    except urllib.error.HTTPError as err:
+        assert err.code == 405 and json.loads(err.read())["error"]["code"] == "method_not_allowed"
+    health = json.loads(urllib.request.urlopen(server.removesuffix("/v1") + "/health", timeout=10).read())
+    assert health["status"] == "ok" and health["model"] == "sft"
     assert client.completions.create(model="sft", prompt="x", max_tokens=2, temperature=0).choices  # still up
 
 
-def test_a_request_beyond_max_concurrent_gets_429(sft_run):
-    served = load_served(sft_run, device="cpu", max_concurrent=1)
-    request = Request([0], SamplingParams(max_new_tokens=2, temperature=0.0, seed=0), False)
-    assert served.slots.acquire(blocking=False)  # one request is generating
-    with pytest.raises(ApiError) as caught:
-        complete(served, request, chat=False)
-    assert caught.value.status == 429 and caught.value.body()["error"]["type"] == "rate_limit_exceeded"
-    served.slots.release()
-    answer = complete(served, request, chat=False)
-    assert (answer["choices"][0]["text"], answer["choices"][0]["finish_reason"],
-            answer["usage"]["completion_tokens"]) == expected(served.run, [0], max_new_tokens=2, temperature=0.0)
+def test_a_request_beyond_the_queue_is_refused_and_a_cancelled_one_leaves(sft_run):
+    run = RunDir(sft_run).load("best", "cpu")
+    # past_eot: only max_new_tokens ends a job, so the first one holds the one row until it is cancelled
+    batch = Batch(run.model, run.tokenizer, 1, decode_dtype(run.device, run.dtype, False), past_eot=True)
+    batcher = Batcher(batch, max_queue=1)
+    decoding, go_on = threading.Event(), threading.Event()
+
+    def held(events) -> None:  # the first job's client reads its first piece and then holds the batcher
+        decoding.set()
+        go_on.wait(30)
+
+    params = [SamplingParams(max_new_tokens=64, temperature=0)]
+    first = Job([0], params, held)
+    batcher.submit(first)
+    assert decoding.wait(30)
+    second = Job([0], params, lambda events: None)
+    batcher.submit(second)  # waits for the one row
+    with pytest.raises(QueueFull):
+        batcher.submit(Job([0], params, lambda events: None))
+    assert batcher.load() == (1, 1)
+    batcher.cancel(second)  # left the queue at once
+    assert batcher.load() == (1, 0)
+    batcher.cancel(first)
+    go_on.set()
+    deadline = time.monotonic() + 30
+    while batcher.load() != (0, 0):
+        assert time.monotonic() < deadline, "the cancelled job kept its row"
+        time.sleep(0.01)
+    assert first.choices[0].tokens < 64  # it left before its max_tokens
 
 
 def test_judge_replies_are_parsed_for_the_first_integer_in_range():

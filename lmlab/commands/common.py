@@ -136,6 +136,21 @@ def add_sampling(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="the same seed draws the same text")
 
 
+def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default,
+                        help=f"decode with a compiled step ({why}; default {'on' if default else 'off'})")
+
+
+def compiled_step(args: argparse.Namespace, model: Any, capacity: int, dtype: Any) -> Any:
+    """The compiled decode step for `capacity` rows when --compile was given, else None (decode eagerly)."""
+    if not args.compile:
+        return None
+    from lmlab.compiled import compile_step
+
+    with console.status("Compiling the decode step..."):
+        return compile_step(model, capacity, dtype)
+
+
 def sampling(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams of the options `add_sampling` added (checked: a bad value is one sentence)."""
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)

@@ -11,8 +11,10 @@ from rich.table import Table
 
 from lmlab.commands.common import (
     add_checkpoint,
+    add_compile,
     add_device,
     add_sampling,
+    compiled_step,
     console,
     count,
     load_run,
@@ -40,17 +42,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from lmlab.generate import instruct_stream, sample_stream
+    from lmlab.generate import instruct_stream, sample_stream, samples, seeded
 
     if args.input and args.instruction is None:
         raise UserError("--input goes with --instruction; pass the instruction too.")
+    if args.num_samples > 1 and args.instruction is not None:
+        raise UserError("--num-samples draws continuations of --prompt; ask an --instruction one answer at a time.")
     params = sampling(args)
     run = load_run(args.run, args.checkpoint, args.device)
+    step = compiled_step(args, run.model, args.num_samples, run.dtype)
+    if args.num_samples > 1:
+        texts = samples(run, args.prompt, params, args.num_samples, step)
+        for i, (text, drawn) in enumerate(zip(texts, seeded(params, len(texts)))):
+            print(f"--- sample {i + 1} of {len(texts)} (seed {drawn.seed})")
+            print(text)
+            run.run.add_sample(text, run.checkpoint, run.step, f"{drawn.describe()}, prompt {args.prompt!r}")
+        return
     if args.instruction is not None:
-        pieces = instruct_stream(run, args.instruction, args.input, params)
+        pieces = instruct_stream(run, args.instruction, args.input, params, step)
         asked = f"instruction {args.instruction!r}, input {args.input!r}"
     else:
-        pieces, asked = sample_stream(run, args.prompt, params), f"prompt {args.prompt!r}"
+        pieces, asked = sample_stream(run, args.prompt, params, step), f"prompt {args.prompt!r}"
     text = []
     for piece in pieces:  # printed as it is generated, as `serve` streams it
         sys.stdout.write(piece)
@@ -74,6 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="a run dir (trained, fine-tuned or imported)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
     add_sampling(p)
+    p.add_argument("--num-samples", type=count(), default=1,
+                   help="continuations drawn in one batch, the i-th with seed SEED + i")
+    add_compile(p, default=False, why="pays off for thousands of tokens")
     add_checkpoint(p)
     p.add_argument("--instruction", help="ask in the run's prompt format (Alpaca unless fine-tuned otherwise) "
                    "and print the answer alone")

@@ -9,8 +9,10 @@ from rich.table import Table
 
 from lmlab.commands.common import (
     add_checkpoint,
+    add_compile,
     add_device,
     add_sampling,
+    compiled_step,
     console,
     count,
     load_run,
@@ -24,13 +26,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lmlab.serve import load_served, require_extras, run_server
 
     require_extras()
-    with console.status(f"Loading {args.run}..."):
-        served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_concurrent)
+    doing = "Loading the run and compiling its decode step (once per start; --no-compile skips it)" if args.compile \
+        else f"Loading {args.run}"
+    with console.status(f"{doing}..."):
+        served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_batch,
+                             args.max_queue, args.compile, args.max_body_bytes)
     note_checkpoint(args.run, args.checkpoint, served.run.checkpoint, served.run.step)
     fmt = served.run.prompt_format
     chat = f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
     console.print(f"serving {args.run} as model {served.name!r} at http://{args.host}:{args.port}/v1 "
-                  f"(chat rendered through {chat}); Ctrl-C stops it")
+                  f"(chat rendered through {chat}; up to {args.max_batch} choices decoded at once, "
+                  f"{args.max_queue} requests queued); Ctrl-C stops it")
     run_server(served, args.host, args.port)
 
 
@@ -39,8 +45,9 @@ def cmd_answer(args: argparse.Namespace) -> None:
 
     params = sampling(args)
     run = load_run(args.run, args.checkpoint, args.device)
+    step = compiled_step(args, run.model, args.batch_size, run.dtype)
     with console.status("Answering...") as status:
-        n = write_answers(run, Path(args.data), Path(args.out), params,
+        n = write_answers(run, Path(args.data), Path(args.out), params, args.batch_size, step,
                           lambda done, total: status.update(f"Answering: {done}/{total} records"))
     console.print(f"wrote {n} answers to {args.out}")
 
@@ -76,8 +83,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
     add_checkpoint(p)
     p.add_argument("--max-tokens-cap", type=count(), default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-concurrent", type=count(), default=2,
-                   help="requests generating at once; one more gets HTTP 429 (default 2)")
+    p.add_argument("--max-batch", type=count(), default=16,
+                   help="choices decoded together in one batch; requests join it as rows free up")
+    p.add_argument("--max-queue", type=count(0), default=64,
+                   help="requests waiting for the batch; one more gets HTTP 429 with Retry-After")
+    p.add_argument("--max-body-bytes", type=count(), default=1_000_000,
+                   help="largest request body; a larger one gets HTTP 413 unread")
+    add_compile(p, default=True, why="compiling takes a minute at start-up; decoding runs several times faster")
     add_device(p)
     p.set_defaults(func=cmd_serve)
 
@@ -86,6 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
     p.add_argument("--out", required=True, help="JSON-lines file to write (instruction, input, output, model_answer)")
     add_sampling(p, max_new_tokens=256, temperature=0.0)
+    p.add_argument("--batch-size", type=count(), default=16, help="instructions answered together")
+    add_compile(p, default=False, why="worth its start-up minute for a few hundred answers or more")
     add_checkpoint(p)
     add_device(p)
     p.set_defaults(func=cmd_answer)

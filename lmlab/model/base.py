@@ -3,12 +3,44 @@ which kind they hold."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from lmlab.config import ModelConfig
+
+
+class DecodeState:
+    """What decoding carries from one step to the next for a batch of sequences (a KV cache, a hidden state):
+    a row per sequence, `pos[b]` the tokens row b holds, and state tensors with the row as their first dim.
+
+    `tensors()` lists pos and the state tensors, and `over(tensors)` makes a state of the same kind over given
+    tensors: so `rows` is a view that writes through, and a compiled decode step can take plain tensors.
+    """
+
+    pos: torch.Tensor  # (B,) long
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def over(cls, tensors: Sequence[torch.Tensor]) -> DecodeState:
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int) -> DecodeState:
+        """Rows start..stop-1 as a state of their own, sharing this one's memory (writes go through)."""
+        return self.over([t[start:stop] for t in self.tensors()])
+
+    def reset(self, row: int) -> None:
+        """Empty one row for a new sequence."""
+        for t in self.tensors():
+            t[row] = 0
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row src, which holds `length` tokens, into row dst."""
+        for t in self.tensors():
+            t[dst] = t[src]
 
 
 class LanguageModel(nn.Module):
@@ -22,8 +54,8 @@ class LanguageModel(nn.Module):
 
     config: ModelConfig
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
-        """What sampling carries from one token to the next (a KV cache, a hidden state); has a `pos`."""
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState:
+        """What decoding carries from one token to the next for `batch` rows, all empty."""
         raise NotImplementedError
 
     def embedding_params(self) -> list[nn.Parameter]:

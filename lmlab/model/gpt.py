@@ -5,13 +5,14 @@ RMSNorm, SwiGLU, QK-norm, no biases, an untied head and grouped-query attention.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
-from lmlab.model.base import LanguageModel
+from lmlab.model.base import DecodeState, LanguageModel
 from lmlab.model.loss import next_token_loss
 
 
@@ -42,22 +43,84 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps or 1e-5, bias=config.bias)
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to the context length.
-    Under grouped-query attention only the n_kv_head shared heads are cached."""
+class KVCache(DecodeState):
+    """Keys and values of every layer for a batch of sequences, preallocated to the context length, each row at
+    its own position: row b holds `pos[b]` tokens, fed at positions pos[b], pos[b] + 1, ... (under
+    grouped-query attention only the n_kv_head shared heads are cached).
+
+    Per-row offsets rather than left padding: a row's token at position p gets the rotary angle or position
+    embedding of p, as it would decoding alone, so batching changes no logit beyond summation order; a row can
+    leave, or a new sequence start in it, without shifting the others; and no compute goes to pad tokens. The
+    cost is a mask per step (each row's keys up to its own position), built once and shared by every layer.
+    Shapes never change, so one compiled decode step serves every step. A prompt fed into a cache known to be
+    empty (new, or one row just reset) needs no mask: it attends causally to itself, which leaves SDPA free to
+    pick flash attention on a GPU.
+    """
 
     def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.n_layer, batch, config.kv_heads, config.block_size, config.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # tokens already cached
+        shape = (batch, config.kv_heads, config.block_size, config.head_size)
+        # One tensor per layer: a compiled step updates each in place, where a slice of one tensor holding every
+        # layer was copied whole each step.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.where = self.mask = torch.empty(0)  # the step being run: set by `advance`
+        self.empty = True  # known on the host to hold nothing, so no mask is needed (and no sync to find out)
+        self.fresh = False  # the step being run starts from an empty cache
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.pos, *self.k, *self.v]
+
+    @classmethod
+    def over(cls, tensors: Sequence[torch.Tensor]) -> KVCache:
+        cache = object.__new__(cls)
+        layers = (len(tensors) - 1) // 2
+        cache.pos, cache.k, cache.v = tensors[0], list(tensors[1:1 + layers]), list(tensors[1 + layers:])
+        cache.where = cache.mask = torch.empty(0)
+        cache.empty = cache.fresh = False
+        return cache
+
+    def reset(self, row: int) -> None:
+        self.pos[row] = 0  # the old keys are masked out, then overwritten
+        self.empty = len(self.pos) == 1
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for cached in (*self.k, *self.v):
+            cached[dst, :, :length] = cached[src, :, :length]
+        self.pos[dst] = self.pos[src]
+
+    def advance(self, length: int) -> torch.Tensor:
+        """The positions (B, T) of the `length` tokens each row is fed now; moves the rows past them."""
+        self.where = self.pos[:, None] + torch.arange(length, device=self.pos.device)
+        self.fresh, self.empty = self.empty, False
+        if not self.fresh:
+            # The query at position p sees its row's keys 0..p (keys beyond p are an earlier sequence's).
+            keys = torch.arange(self.k[0].size(2), device=self.pos.device)
+            self.mask = (keys <= self.where[..., None]).unsqueeze(1)  # (B, 1, T, block_size)
+        self.pos += length
+        return self.where
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, nkv, T, hs) keys/values after the cached ones and return everything cached so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store (B, nkv, T, hs) keys/values at the rows' positions; return the layer's whole cache."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        self.k[layer][rows, :, self.where] = k.transpose(1, 2)
+        self.v[layer][rows, :, self.where] = v.transpose(1, 2)
+        return self.k[layer], self.v[layer]
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row, (B, nh, 1, hs), over the rows' cached keys (B, nkv, block_size, hs).
+
+    Written out rather than through SDPA: compiled, these few ops fuse into the step's own kernels, where an
+    SDPA call costs more than the whole attention at one query (measured, benchmarks/decode_speed.py). Each
+    group of query heads attends to its shared key/value head by broadcasting, without copying the cache.
+    """
+    B, nh, T, hs = q.shape
+    groups = q.view(B, k.size(1), nh // k.size(1), T, hs)  # (B, nkv, nh/nkv, T, hs)
+    scores = groups @ k.unsqueeze(2).transpose(-2, -1) * hs ** -0.5  # (B, nkv, nh/nkv, T, block_size)
+    scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))
+    y = torch.softmax(scores, dim=-1).type_as(v) @ v.unsqueeze(2)  # (B, nkv, nh/nkv, T, hs)
+    return y.view(B, nh, T, hs)
 
 
 class Rotary(nn.Module):
@@ -72,8 +135,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[start:start + length], self.sin[start:start + length]  # (T, hs/2) each
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The angles of (T,) positions shared by the batch, (T, hs/2) each, or of per-row (B, T) positions,
+        (B, 1, T, hs/2) each to broadcast over the heads."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -111,19 +177,18 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         mask, causal = None, True
-        if cache is not None and cache.pos > 0:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, pos+T, hs)
-            causal = False
-            if T > 1:  # query i sits at absolute position pos+i and may see keys 0..pos+i
-                q_pos = torch.arange(cache.pos, cache.pos + T, device=x.device)
-                mask = torch.arange(k.size(2), device=x.device)[None, :] <= q_pos[:, None]  # (T, pos+T)
-            # One new token sees every cached key: no mask, which leaves SDPA free to pick flash attention.
+        if cache is not None and cache.fresh:
+            cache.update(self.layer, k, v)  # the prompt sees only itself: causal, no mask
         elif cache is not None:
-            cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=kv != self.n_head,  # each group of n_head / n_kv_head query heads shares one k/v head
-        )  # (B, nh, T, hs)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, block_size, hs)
+            mask, causal = cache.mask, False
+        if mask is not None and T == 1:
+            y = attend_cached(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=kv != self.n_head,  # each group of n_head / n_kv_head query heads shares one k/v head
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
         return self.resid_dropout(self.c_proj(y))
 
@@ -235,19 +300,18 @@ class GPT(LanguageModel):
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given."""
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size"
+        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size"
+        # (T,) from 0, or (B, T) after what each row of the cache holds (its owner keeps that within block_size)
+        positions = torch.arange(T, device=idx.device) if cache is None else cache.advance(T)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.rotary is not None:
-            rope = self.rotary(start, T)  # positions offset by what the cache already holds
+            rope = self.rotary(positions)
         else:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache)
-        if cache is not None:
-            cache.pos += T
         logits = self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]  # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -3,27 +3,47 @@ LSTM layers that carry a hidden state (the context vector) from token to token, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 
 from lmlab.config import ModelConfig
-from lmlab.model.base import LanguageModel
+from lmlab.model.base import DecodeState, LanguageModel
 from lmlab.model.loss import next_token_loss
 
 
-class RecurrentState:
-    """What `generate` carries from one step to the next: the hidden state after the tokens seen so far.
-
-    `pos` counts them, so the sampler can restart the window at block_size as it does for the transformer:
-    the model was trained on sequences of that length from a zero state, and is kept within that regime.
-    """
+class RecurrentState(DecodeState):
+    """The hidden state of each row after the tokens it has seen (h, and c for an LSTM), kept row-first and
+    handed to the cells as (layers, rows, width). `pos` counts the tokens, so the sampler restarts the window at
+    block_size as it does for the transformer: the model was trained on sequences of that length from a zero
+    state, and is kept within that regime."""
 
     def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.n_layer, batch, config.n_embd)
-        zeros = torch.zeros(shape, device=device)  # the cells run in fp32 (autocast does not cover them on CPU)
-        self.hidden: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = (
-            (zeros, zeros.clone()) if config.rnn_cell == "lstm" else zeros)
-        self.pos = 0
+        # fp32 whatever the dtype: the cells run in fp32 (autocast does not cover them on CPU)
+        count = 2 if config.rnn_cell == "lstm" else 1
+        self.hidden = [torch.zeros(batch, config.n_layer, config.n_embd, device=device) for _ in range(count)]
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.pos, *self.hidden]
+
+    @classmethod
+    def over(cls, tensors: Sequence[torch.Tensor]) -> RecurrentState:
+        state = object.__new__(cls)
+        state.pos, state.hidden = tensors[0], list(tensors[1:])
+        return state
+
+    def state(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The hidden state as nn.GRU (one tensor) or nn.LSTM (h and c) takes it: (layers, rows, width)."""
+        layers_first = [h.transpose(0, 1).contiguous() for h in self.hidden]
+        return layers_first[0] if len(layers_first) == 1 else (layers_first[0], layers_first[1])
+
+    def store(self, hidden: torch.Tensor | tuple[torch.Tensor, torch.Tensor], length: int) -> None:
+        """Keep the state after `length` more tokens, in place, so that a view of some rows writes through."""
+        for mine, new in zip(self.hidden, hidden if isinstance(hidden, tuple) else (hidden,)):
+            mine.copy_(new.transpose(0, 1))
+        self.pos += length
 
 
 class RecurrentLM(LanguageModel):
@@ -69,9 +89,9 @@ class RecurrentLM(LanguageModel):
                 cache: RecurrentState | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T), starting from `cache`'s state (and updating it) or zeros."""
         x = self.drop(self.wte(idx))  # (B, T, C)
-        x, hidden = self.rnn(x, cache.hidden if cache is not None else None)  # (B, T, C)
+        x, hidden = self.rnn(x, cache.state() if cache is not None else None)  # (B, T, C)
         if cache is not None:
-            cache.hidden, cache.pos = hidden, cache.pos + idx.size(1)
+            cache.store(hidden, idx.size(1))
         logits = self.lm_head(self.drop(x))  # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -1,0 +1,207 @@
+"""`lmlab serve` under concurrent clients: continuous batching against one request at a time.
+
+    python benchmarks/serve_throughput.py [--shapes demo,gpt2] [--concurrency 1,4,16,64] [--no-compile]
+
+For each model shape (random weights: speed does not depend on them) a run folder is written, and two real
+servers are started on 127.0.0.1: one batching (--max-batch 64) and one decoding a request at a time
+(--max-batch 1); both queue up to 256 requests, so nothing is refused. At each concurrency C, C client threads
+send streamed completions (a fixed `max_tokens`, sampled, include_usage) until max(C, 8) requests have been
+sent, against each server in turn (alternating, so a slow moment of the machine hits both). Reported: requests/s
+and output tokens/s over the wall time, p50/p95 time to first token, and p50/p95 per-token latency (the time
+from a request's first token to its last, over the tokens after the first).
+
+Shapes: "demo" is configs/shakespeare-char-modern-cpu.toml's model (4 layers, 256 wide, context 128, a
+65-character vocabulary), 128 tokens per request; "gpt2" is GPT-2 small's (12 layers, 768 wide, context 1024,
+50,257 tokens), 32 tokens per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from lmlab.checkpoint import model_tensors
+from lmlab.commands.common import console
+from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lmlab.data.tokenizers import train_tokenizer
+from lmlab.model import build_model
+from lmlab.rundir import RunDir
+
+LMLAB = str(Path(sys.executable).with_name("lmlab"))
+WORDS = [f"w{i}" for i in range(50_255)]  # a word tokenizer of GPT-2's vocabulary size: 50,255 words + <unk>, EOT
+SHAPES = {
+    "demo": (ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=128, vocab_size=65, bias=False, pos_emb="rope",
+                         norm="rmsnorm", mlp="swiglu", qk_norm=True), "char", 128),
+    "gpt2": (ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50_257), "word:50255", 32),
+}
+CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Shakespeare's 65
+
+
+def write_run(folder: Path, config: ModelConfig, spec: str) -> Path:
+    """A run folder holding a randomly initialised model of `config` and a tokenizer of its vocabulary."""
+    texts = [CHARS] if spec == "char" else [" ".join(WORDS)]
+    tokenizer = train_tokenizer(spec, texts, texts)
+    assert tokenizer.vocab_size == config.vocab_size, (tokenizer.vocab_size, config.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(config)
+    cfg = RunConfig(DataConfig(dataset=""), config, TrainConfig())
+    facts = {"tokenizer": spec, "vocab_size": config.vocab_size, "eot_id": tokenizer.eot_id}
+    run = RunDir(folder)
+    run.begin("imported", model, cfg, facts, origin={"source": "random weights", "format": "benchmark"})
+    run.write_setup(cfg, tokenizer, facts)
+    run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), None,
+                        best=True, keep=1)
+    return folder
+
+
+class Server:
+    def __init__(self, run: Path, max_batch: int, compile: bool):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        options = ["--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens-cap", "1024",
+                   "--compile" if compile else "--no-compile"]
+        self.proc = subprocess.Popen([LMLAB, "serve", str(run), "--port", str(self.port), "--device", "cpu",
+                                      *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait(self) -> None:
+        while True:
+            assert self.proc.poll() is None, "the server exited; run it by hand to see why"
+            try:
+                http.client.HTTPConnection("127.0.0.1", self.port, timeout=5).request("GET", "/health")
+                return
+            except OSError:
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+@dataclass
+class Timing:
+    first: float  # seconds from sending to the first token
+    total: float  # seconds from sending to the last
+    tokens: int
+
+
+def complete(port: int, prompt: str, max_tokens: int, seed: int) -> Timing:
+    """One streamed completion, timed from the request to its first and last text chunk."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    started = time.perf_counter()
+    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    first = last = None
+    tokens = 0
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk["choices"] and chunk["choices"][0]["text"]:
+            last = time.perf_counter()
+            first = first or last
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    connection.close()
+    return Timing(first - started, last - started, tokens)
+
+
+def load(port: int, clients: int, requests: int, prompts: list[str], max_tokens: int) -> tuple[float, list[Timing]]:
+    """`clients` threads sending completions until `requests` have been sent; the wall time and each timing."""
+    timings: list[Timing] = []
+    next_one = iter(range(requests))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(next_one, None)
+            if i is None:
+                return
+            timing = complete(port, prompts[i % len(prompts)], max_tokens, i)
+            with lock:
+                timings.append(timing)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started, timings
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="demo,gpt2")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the servers' decode step, as lmlab serve does by default")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
+    levels = [int(c) for c in args.concurrency.split(",")]
+    table = Table(title=f"lmlab serve on the CPU ({torch.get_num_threads()} threads), "
+                        f"{'compiled' if args.compile else 'eager'} decode step, sampled, streamed")
+    for column in ("model", "C", "server", "requests", "req/s", "out tok/s", "TTFT p50", "TTFT p95",
+                   "ms/token p50", "ms/token p95"):
+        table.add_column(column, justify="left" if column in ("model", "server") else "right")
+    with tempfile.TemporaryDirectory() as folder:
+        for shape in args.shapes.split(","):
+            config, spec, max_tokens = SHAPES[shape]
+            run = write_run(Path(folder) / shape, config, spec)
+            servers = {"batched (max-batch 64)": Server(run, 64, args.compile),
+                       "one at a time": Server(run, 1, args.compile)}
+            try:
+                measure(shape, servers, spec, max_tokens, levels, args.compile, table)
+            finally:
+                for server in servers.values():
+                    server.stop()
+    console.print(table)
+
+
+def measure(shape: str, servers: dict[str, Server], spec: str, max_tokens: int, levels: list[int], compile: bool,
+            table: Table) -> None:
+    with console.status(f"{shape}: starting the servers{' (compiling)' if compile else ''}..."):
+        for server in servers.values():
+            server.wait()
+    prompts = (["ROMEO:", "JULIET:", "NURSE:", "FRIAR:"] if spec == "char"
+               else [" ".join(WORDS[6 * i:6 * i + 6]) for i in range(64)])
+    for server in servers.values():  # warm up: the first request pays for lazy set-up
+        complete(server.port, prompts[0], 4, 0)
+    for clients in levels:
+        requests = max(clients, 8)
+        for name, server in servers.items():
+            with console.status(f"{shape}: {name}, {clients} clients, {requests} requests..."):
+                wall, timings = load(server.port, clients, requests, prompts, max_tokens)
+            tokens = sum(t.tokens for t in timings)
+            per_token = [(t.total - t.first) / max(1, t.tokens - 1) * 1000 for t in timings]
+            firsts = [t.first for t in timings]
+            table.add_row(shape, str(clients), name, str(requests), f"{requests / wall:.2f}",
+                          f"{tokens / wall:,.0f}", f"{percentile(firsts, 50):.2f}s",
+                          f"{percentile(firsts, 95):.2f}s", f"{percentile(per_token, 50):.1f}",
+                          f"{percentile(per_token, 95):.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Decoding several sequences at once: one forward per step for every sequence in the batch, each in its own row
+of the model's decode state (a KV cache at per-row positions, or a hidden state per row).
+
+A sequence joins by prefilling its prompt into a free row, and leaves at once when it ends; the last row then
+moves into its place, so the active rows are always the first ones and a step computes no empty row. Results
+equal decoding each sequence alone: the prefill runs per sequence, a step's rows do not see each other, and each
+sequence draws from its own random stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmlab.config import SamplingParams
+from lmlab.device import autocast
+from lmlab.model import LanguageModel
+from lmlab.model.base import DecodeState
+from lmlab.sampling import choose, new_generator
+
+# One decode step: the newest token of each row (rows, 1) and the state of those rows -> logits (rows, vocab).
+Step = Callable[[torch.Tensor, DecodeState], torch.Tensor]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence being decoded: its tokens so far (the prompt, then what was generated) and how to choose the
+    next. `row` is its row in the decoder while it decodes; `pos`, how many tokens that row holds."""
+
+    ids: list[int]
+    params: SamplingParams
+    generated: int = 0
+    row: int = -1
+    pos: int = 0
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.generated >= self.params.max_new_tokens
+
+
+def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
+    device = next(model.parameters()).device
+
+    def step(idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        with autocast(device, dtype):
+            return model(idx, cache=state)[0][:, -1]
+
+    return step
+
+
+class Decoder:
+    """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled one)."""
+
+    def __init__(self, model: LanguageModel, capacity: int, dtype: torch.dtype = torch.float32,
+                 step: Step | None = None):
+        self.model, self.dtype = model, dtype
+        self.device = next(model.parameters()).device
+        self.block_size = model.config.block_size
+        self.state = model.new_cache(capacity, self.device, dtype)
+        self.capacity = capacity
+        self.step_fn = step or eager_step(model, dtype)
+        self.active: list[Sequence] = []
+        self._views: dict[int, DecodeState] = {}
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.active)
+
+    @torch.no_grad()
+    def join(self, seq: Sequence) -> None:
+        """Start decoding `seq` in the next free row; its first token comes with the next step."""
+        assert self.free, "no free row: check `free` before joining"
+        seq.row = len(self.active)
+        self.active.append(seq)
+        seq.generator = new_generator(seq.params, self.device)
+        self._fill(seq, seq.ids[-self.block_size:])
+
+    def leave(self, seq: Sequence) -> None:
+        """Stop decoding `seq` now; the last active row takes its place."""
+        last = self.active.pop()
+        if last is not seq:
+            self.state.move(last.row, seq.row, last.pos)
+            last.row = seq.row
+            self.active[seq.row] = last
+        seq.row = -1
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """Feed every active sequence its newest token, choose and append its next one; returns those tokens in
+        the order of `active`."""
+        for seq in self.active:
+            if seq.pos == self.block_size:
+                # The context is full: start the window over from the newest half, re-encoded in one pass,
+                # rather than recompute a whole window every token.
+                self._fill(seq, seq.ids[-max(1, self.block_size // 2):])
+        n = len(self.active)
+        idx = torch.tensor([[seq.ids[-1]] for seq in self.active], device=self.device)
+        logits = self.step_fn(idx, self.rows(n))
+        tokens = choose(logits, [seq.params for seq in self.active], [seq.generator for seq in self.active])
+        for seq, token in zip(self.active, tokens):
+            seq.ids.append(token)
+            seq.generated += 1
+            seq.pos += 1
+        return tokens
+
+    def rows(self, n: int) -> DecodeState:
+        """The state of the first n rows (views made once per n: a step should not pay for slicing)."""
+        if n not in self._views:
+            self._views[n] = self.state.rows(0, n)
+        return self._views[n]
+
+    def _fill(self, seq: Sequence, window: list[int]) -> None:
+        """Start seq's row over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step."""
+        row = self.state.rows(seq.row, seq.row + 1)
+        row.reset(0)  # through the one-row view, which then knows it is empty (see KVCache)
+        if len(window) > 1:
+            with autocast(self.device, self.dtype):
+                self.model(torch.tensor([window[:-1]], device=self.device), cache=row)
+        seq.pos = len(window) - 1

@@ -28,7 +28,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
         result = export_hf(Path(args.run), Path(args.out), args.checkpoint, args.arch)
     note_checkpoint(args.run, args.checkpoint, result["checkpoint"], result["step"])
     console.print(f"wrote {result['out']} ({result['family']}, checkpoint {result['checkpoint']}, step "
-                  f"{result['step']}); load it with transformers.AutoModelForCausalLM.from_pretrained({result['out']!r})")
+                  f"{result['step']}); load it with "
+                  f"transformers.AutoModelForCausalLM.from_pretrained({result['out']!r})")
     if result["tokenizer"] is None:
         console.print("no tokenizer files written: the run has none (it was imported without one)")
 

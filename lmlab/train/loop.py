@@ -385,7 +385,8 @@ class Trainer:
                 # Agreed by all ranks, as the eval that running out of time triggers is collective, and a budget's
                 # plan must be the same everywhere.
                 stopping, out_of_time, timed = self.parallel.agree(
-                    bool(stop.signal) or self._write_error is not None, bool(tc.max_seconds) and self.clock.elapsed >= tc.max_seconds,
+                    bool(stop.signal) or self._write_error is not None,
+                    bool(tc.max_seconds) and self.clock.elapsed >= tc.max_seconds,
                     timing is not None and timing.timing_done())
                 if timing is not None and timed:
                     self._fix_plan(make_plan(timing.seconds, p.step, self.parallel.mean(timing.measured(),

@@ -16,7 +16,7 @@ from lmlab.decode import Decoder, Step
 from lmlab.decode import Sequence as Decoding
 from lmlab.errors import UserError
 from lmlab.model import LanguageModel
-from lmlab.prompt import alpaca_format
+from lmlab.prompt import PromptFormat, alpaca_format
 from lmlab.rundir import LoadedRun
 
 SETTLE_TOKENS = 16  # decoded text older than this many tokens is kept, not decoded again with every token
@@ -241,11 +241,9 @@ def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
     return samples(run, prompt, params)[0]
 
 
-def _instruction_prompt(run: LoadedRun, instruction: str, input: str) -> list[int]:
-    """An instruction asked in the run's prompt format (Alpaca's for a run not fine-tuned). With a char tokenizer,
-    characters it never saw are blamed on the instruction or input that has them, or else on the prompt format
-    (a run not tuned for instructions)."""
-    fmt = run.prompt_format or alpaca_format(run.tokenizer)
+def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, input: str) -> list[int]:
+    """An instruction asked in the prompt format `fmt`. With a char tokenizer, characters it never saw are blamed
+    on the instruction or input that has them, or else on the prompt format (a run not tuned for instructions)."""
     run.tokenizer.check(instruction, "the instruction")
     run.tokenizer.check(input, "the input")
     prompt = fmt.render(instruction, input)
@@ -257,26 +255,26 @@ def _instruction_prompt(run: LoadedRun, instruction: str, input: str) -> list[in
     return run.tokenizer.encode(prompt)[-run.config.model.block_size:]
 
 
-def _with_end(run: LoadedRun, params: SamplingParams) -> SamplingParams:
-    """`params`, stopping also at the prompt format's end marker."""
+def _asking(run: LoadedRun, params: SamplingParams) -> tuple[PromptFormat, SamplingParams]:
+    """The run's prompt format (Alpaca's for a run not fine-tuned), and `params` stopping at its end marker too."""
     fmt = run.prompt_format or alpaca_format(run.tokenizer)
-    return dataclasses.replace(params, stop=(*params.stop, fmt.end))
+    return fmt, dataclasses.replace(params, stop=(*params.stop, fmt.end))
 
 
 def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams,
                     step: Step | None = None) -> Iterator[str]:
     """The model's answer to an instruction, up to the format's end marker, piece by piece as it is generated."""
+    fmt, params = _asking(run, params)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
-    return TextStream(run.model, run.tokenizer, _instruction_prompt(run, instruction, input), _with_end(run, params),
-                      dtype, step)
+    return TextStream(run.model, run.tokenizer, _instruction_prompt(run, fmt, instruction, input), params, dtype, step)
 
 
 def instruct_all(run: LoadedRun, asks: Sequence[tuple[str, str]], params: SamplingParams, batch: int = 1,
                  step: Step | None = None, progress: Callable[[int, int], None] | None = None) -> list[str]:
     """The model's answers to (instruction, input) pairs, each up to the format's end marker, `batch` decoded at
     once."""
-    prompts = [_instruction_prompt(run, instruction, input) for instruction, input in asks]
-    params = _with_end(run, params)
+    fmt, params = _asking(run, params)
+    prompts = [_instruction_prompt(run, fmt, instruction, input) for instruction, input in asks]
     dtype = decode_dtype(run.device, run.dtype, step is not None)
     done = continue_all(run.model, run.tokenizer, prompts, [params] * len(prompts), batch, dtype, step, progress)
     return [c.text.text for c in done]

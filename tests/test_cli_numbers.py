@@ -93,6 +93,7 @@ ROWS = [
     Row("bench {config}", "--steps", int), Row("bench {config}", "--batch-sizes", int),
     Row("plan {config}", "--tokens", int), Row("plan {config}", "--tokens-per-sec", float, ("huge",)),
     Row("plan {config}", "--mfu", float),
+    Row(TRAIN, "--budget", float),  # a duration (30s, 5m, 2h): typed by the command, so not found by argparse type
     Row("import-hf {out}/missing --out {out}/imported", "--block-size", int),
     *sampling_rows("report {run} --out {out}/report"),
     Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-tokens", int),
@@ -102,7 +103,8 @@ ROWS = [
                                                  "mlp_hidden": ("zero",), "rope_theta": ("huge",),
                                                  "norm_eps": ("zero",)}, "train"),
     *setting_rows(TRAIN, "train", TrainConfig, {
-        "max_seconds": ("zero", "huge"), "budget_seconds": ("zero", "huge"), "min_lr": ("zero",), "warmup_iters": ("zero",), "lr_decay_iters": ("zero",),
+        "max_seconds": ("zero", "huge"), "budget_seconds": ("zero", "huge"), "min_lr": ("zero",),
+        "warmup_iters": ("zero",), "lr_decay_iters": ("zero",),
         "weight_decay": ("zero",), "beta1": ("zero",), "beta2": ("zero",), "grad_clip": ("zero", "huge"),
         "patience": ("zero",), "seed": ("zero",), "spike_zscore": ("huge",), "spike_patience": ("zero",),
         "threads": ("zero",)}, "train"),

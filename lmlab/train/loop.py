@@ -438,8 +438,7 @@ class Trainer:
         began = time.perf_counter()
         self._evaluate(n_batches=1)
         batches = time.perf_counter() - began
-        if self.parallel.is_main:
-            plot_losses(self.run_dir)
+        self._write(plot_losses, self.run_dir)
         timing.eval_seconds = self.cfg.train.eval_iters * batches + time.perf_counter() - began - batches
 
     def _fix_plan(self, plan: BudgetPlan) -> None:
@@ -447,8 +446,7 @@ class Trainer:
         self.budget = plan
         self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, max_iters=plan.max_iters))
         self.schedule = schedule_for(self.cfg.train, plan)
-        if self.parallel.is_main:
-            self.run_dir.write_config(self.cfg)
+        self._write(self.run_dir.write_config, self.cfg)
         self._log({"event": "budget", **plan.state_dict()})
         self.console.print(plan.describe())
 

@@ -38,8 +38,7 @@ def checkpoint_name(spec: str) -> str:
         return spec
     match = re.fullmatch(r"(?:step_)?(\d{1,16})", spec.strip()) if isinstance(spec, str) else None
     if match is None or int(match[1]) > MAX_COUNT:
-        raise UserError(f"checkpoint {spec!r} is not one a run has a name for; use best, latest, or a step: step_N "
-                        "or N (e.g. 500).")
+        raise UserError(f"checkpoint {spec!r} is unknown; use best, latest, or a step: step_N or N (e.g. 500).")
     return f"step_{int(match[1]):06d}"
 
 

@@ -29,7 +29,7 @@ from lmlab.generate import sample
 from lmlab.humanize import fmt, format_duration
 from lmlab.plan import make_plan
 from lmlab.plots import plot_comparison, plot_document_lengths, plot_losses
-from lmlab.rundir import LoadedRun, RunDir
+from lmlab.rundir import LoadedRun, RunDir, check_steps
 from lmlab.runs import COMPARE_COLUMNS, RunSummary, comparison, judge_cell, score_cell, summarize, task_columns
 from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM, chinchilla_percent
 
@@ -109,6 +109,7 @@ def build_report(paths: list[Path], out: Path, options: Options | None = None, *
     """Write out/report.md, its PNGs and out/report.html for the runs at `paths`, made as `options` (or Options of
     the `fields` given, e.g. device="cpu") say."""
     options = options or Options(**fields)
+    check_steps(paths, options.checkpoint)
     names = [Path(p).resolve().name for p in paths]
     if len(set(names)) < len(names):
         raise UserError(f"two of the runs share a folder name ({', '.join(names)}); the report names runs by it, so "

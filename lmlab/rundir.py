@@ -364,6 +364,14 @@ class RunDir:
                          (state.get("files") or {}).get("model.safetensors"))
 
 
+def check_steps(paths: list[Path | str], which: str) -> None:
+    """Refuse, before anything is read or written, a checkpoint step (`step_N`, `N`) one of the runs does not have,
+    naming the steps it has; `best` and `latest` pass (a run without them falls back, or says so itself)."""
+    if checkpoint_name(which).startswith("step_"):
+        for path in paths:
+            RunDir(path).checkpoint(which)
+
+
 def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
     """state.json in the current format. Before it, each writer kept its own keys at the top level: those become
     `training` (a trained run's progress, an epoch of fine-tuning), or nothing for an import."""

@@ -94,12 +94,12 @@ def _json_lines(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
             hint = " (a JSON list: write one object per line instead)" if n == 1 and line.lstrip().startswith("[") \
                 else ""
             raise UserError(f"task file {path}, line {n}, is not a JSON object{hint}; each line is one item, "
                             f"e.g. {GENERIC}.")
-        if not isinstance(row, dict):
-            raise UserError(f"task file {path}, line {n}, is not a JSON object; each line is one item, e.g. {GENERIC}.")
         rows.append((n, row))
     return rows
 

@@ -29,8 +29,10 @@ def cmd_runs(args: argparse.Namespace) -> None:
 def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
     """The summaries of runs that can be compared: each has an evaluation, parameters and FLOPs (task and judge
     scores those kept for `checkpoint`)."""
+    from lmlab.rundir import check_steps
     from lmlab.runs import summarize
 
+    check_steps(paths, checkpoint)
     runs = [summarize(Path(r), checkpoint) for r in paths]
     for s in runs:
         if s.best_val_loss is None or not s.params or not s.flops:

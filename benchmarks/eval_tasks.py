@@ -6,7 +6,7 @@
 Two shapes with random weights: the demo model (configs/shakespeare-char-modern-cpu.toml: 4 layers, 256 wide,
 rope, rmsnorm, swiglu, qk-norm, context 128, a char tokenizer; trained 2 steps) and GPT-2 small (12 layers, 768
 wide, context 1024, 50,257 rows; imported from a random transformers GPT-2 with a 4,096-token byte-level BPE).
-The items are HellaSwag-shaped (a ~40-word context, four ~20-word endings), written in HellaSwag's layout from a
+The items are HellaSwag-shaped (a ~40-word context, four ~16-word endings), written in HellaSwag's layout from a
 play-like vocabulary, so both tools prepare them with HellaSwag's rules: a char model's are longer than its
 context and cut from the left, a GPT-2's fit and share their context.
 
@@ -34,6 +34,7 @@ from rich.table import Table
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
+from lmlab.generate import document_start
 from lmlab.rundir import RunDir
 from lmlab.scoring import loglikelihoods
 from lmlab.tasks import encode_task, load_task
@@ -50,11 +51,12 @@ def words(rng: random.Random, n: int) -> str:
 
 
 def write_items(path: Path, n: int, seed: int = 0) -> Path:
-    """n HellaSwag-shaped items in HellaSwag's layout: ~40 words of context, four endings of ~20 words."""
+    """n HellaSwag-shaped items in HellaSwag's layout: ~40 words of context, four endings of ~16 words (in the
+    characters of the generated corpus, which a char tokenizer knows)."""
     rng = random.Random(seed)
-    rows = [{"activity_label": rng.choice(SPEAKERS).capitalize(), "ctx_a": words(rng, rng.randint(25, 35)) + ".",
+    rows = [{"activity_label": rng.choice(SPEAKERS), "ctx_a": words(rng, rng.randint(25, 35)) + ",",
              "ctx_b": words(rng, rng.randint(5, 10)), "label": rng.randrange(4),
-             "endings": [words(rng, rng.randint(14, 26)) + "." for _ in range(4)]} for _ in range(n)]
+             "endings": [words(rng, rng.randint(12, 20)) + "," for _ in range(4)]} for _ in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -93,6 +95,7 @@ def items_per_second(run_dir: Path, task_file: Path) -> dict[str, float]:
         loglikelihoods(run.model, encoded.choices, **options)
         rates[name] = len(encoded.items) / (time.perf_counter() - started)
     rates["truncated"] = encoded.truncated
+    assert len(encoded.items) == len(load_task(str(task_file)).items), "items were skipped"
     return rates
 
 
@@ -106,11 +109,15 @@ def lmlab_command(run_dir: Path, task_file: Path, out: Path) -> tuple[float, dic
             [json.loads(line)["loglikelihoods"] for line in out.read_text().splitlines()])
 
 
-def lm_eval_command(export: Path, task_file: Path, root: Path, batch: int) -> tuple[float, dict]:
+def lm_eval_command(run_dir: Path, export: Path, task_file: Path, root: Path, batch: int) -> tuple[float, dict]:
+    """lm-eval's hf backend on the export, timed from its process's start. A char run's export has no end-of-text
+    token, which lm-eval takes as the start of a document: it is told lmlab's (a newline)."""
     include = root / f"lm_eval_tasks_{batch}"
     name = lm_eval_reference.write_task(include, "bench_hellaswag", task_file, "hellaswag")
+    prefix = document_start(RunDir(run_dir).tokenizer())[0]
     started = time.perf_counter()
-    found = lm_eval_reference.run("hf", f"pretrained={export},dtype=float32", [name], include, root, batch)
+    found = lm_eval_reference.run("hf", f"pretrained={export},dtype=float32,prefix_token_id={prefix}", [name],
+                                  include, root, batch)
     return time.perf_counter() - started, found["tasks"][name]
 
 
@@ -144,7 +151,7 @@ def main() -> None:
             export = root / "export"
             subprocess.run([LMLAB, "export-hf", str(run), str(export)], capture_output=True, check=True)
             for batch in map(int, args.lm_eval_batch.split(",")):
-                theirs_seconds, theirs = lm_eval_command(export, task, root, batch)
+                theirs_seconds, theirs = lm_eval_command(run, export, task, root, batch)
                 gap = max(abs(a - b) for mine, other in zip(lls, theirs["loglikelihoods"]) for a, b in zip(mine, other))
                 walls.add_row(shape, str(len(theirs["loglikelihoods"])), f"lm-eval --model hf, batch {batch}",
                               f"{theirs_seconds:.1f}", f"{theirs_seconds / seconds:.1f}×", f"{theirs['acc']:.4f}",

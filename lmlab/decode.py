@@ -91,7 +91,8 @@ class Decoder:
 
     def leave(self, seq: Sequence) -> None:
         """Stop decoding `seq` now; the last active row takes its place."""
-        self.scoring -= seq.logprobs is not None
+        if seq.logprobs is not None:
+            self.scoring -= 1
         last = self.active.pop()
         if last is not seq:
             self.state.move(last.row, seq.row, last.pos)

@@ -155,6 +155,12 @@ def _checked(where: str, context: str, choices: Any, answer: Any, field: str, ke
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         raise UserError(f"{where} `{field}` must be a list of at least two texts.")
     prepared = tuple(prepare(c) for c in choices)
+    for text in (context, *prepared):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate ("\ud800" in the JSON): no tokenizer encodes it
+            raise UserError(f"{where} holds {text[err.start]!r}, half of a UTF-16 pair and not a character; fix "
+                            "the text (or drop the item).")
     empty = [i for i, c in enumerate(prepared) if not c.strip()]
     if empty:
         raise UserError(f"{where} choice {empty[0]} of `{field}` is empty; every choice needs text to be scored.")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmlab.data.corpora import hf_datasets
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
 from lmlab.generate import document_start
@@ -107,11 +108,7 @@ def _json_lines(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
 def _hf_rows(source: str) -> tuple[str, list[dict[str, Any]]]:
     """`hf:OWNER/NAME[:SPLIT]` (split `validation` unless named) through the `datasets` library."""
     name, _, split = source.removeprefix("hf:").partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"--task {source} needs the Hugging Face `datasets` library, which is not installed; "
-                        "`pip install datasets`, or download the task as JSON lines and pass the file.")
+    datasets = hf_datasets(f"--task {source}", "the task as JSON lines")
     try:
         rows = [dict(row) for row in datasets.load_dataset(name, split=split or "validation")]
     except (ConnectionError, OSError, ValueError) as err:

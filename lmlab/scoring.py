@@ -14,8 +14,9 @@ positions only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -24,6 +25,7 @@ from lmlab.model.base import DecodeState
 
 LOGITS_ELEMENTS = 2**27  # the most logits (rows x positions x vocab) one forward may return: 512 MiB in fp32
 STATE_BYTES = 2**30  # the most memory the decode state of shared contexts may take
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,28 +79,39 @@ def loglikelihoods(model: LanguageModel, choices: Sequence[Choice], share: bool 
     """The summed log-probability of each choice's continuation given its context, in fp32.
 
     Consecutive choices with the same context share its forward when `share` (and every one of them fits the
-    context window); at most `max_rows` rows and `max_tokens` positions go into a forward. Each continuation must
-    hold from 1 to block_size tokens. `progress(n)` is told when n more choices are scored."""
-    block = model.config.block_size
+    context window); at most `max_rows` rows and `max_tokens` positions go into a forward, and the logits of at
+    most LOGITS_ELEMENTS. Each continuation must hold from 1 to block_size tokens. `progress(n)` is told when n
+    more choices are scored."""
+    block, vocab = model.config.block_size, model.config.vocab_size
     assert all(0 < len(c.continuation) <= block and c.context for c in choices), "a choice the window cannot hold"
-    rows = min(max_rows, max(1, LOGITS_ELEMENTS // (model.config.vocab_size * block)))
     scores: list[float] = [0.0] * len(choices)
     groups = _groups(choices, block) if share else [[i] for i in range(len(choices))]
     shared = [g for g in groups if len(g) > 1]
     if shared:
-        _score_shared(model, choices, shared, scores, rows, max_tokens, progress)
+        _score_shared(model, choices, shared, scores, max_rows, max_tokens, progress)
     # The others longest first, so that the rows of a forward are of similar lengths and pad little.
     alone = sorted((g[0] for g in groups if len(g) == 1), key=lambda i: -len(choices[i].window(block)))
-    batch: list[int] = []
-    for i in alone:
-        width = len(choices[batch[0]].window(block)) if batch else 0
-        if batch and (len(batch) == rows or (len(batch) + 1) * width > max_tokens):
-            _score_alone(model, choices, batch, scores, progress)
-            batch = []
-        batch.append(i)
-    if batch:
+
+    def fits(batch: list[int]) -> bool:
+        scored = sum(len(choices[i].continuation) for i in batch)
+        return (len(batch) <= max_rows and len(batch) * len(choices[batch[0]].window(block)) <= max_tokens
+                and scored * vocab <= LOGITS_ELEMENTS)
+
+    for batch in _batches(alone, fits):
         _score_alone(model, choices, batch, scores, progress)
     return scores
+
+
+def _batches(units: list[T], fits: Callable[[list[T]], bool]) -> Iterator[list[T]]:
+    """The units in order, in batches as large as `fits` allows (a unit alone is always a batch)."""
+    batch: list[T] = []
+    for unit in units:
+        if batch and not fits([*batch, unit]):
+            yield batch
+            batch = []
+        batch.append(unit)
+    if batch:
+        yield batch
 
 
 def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
@@ -117,61 +130,63 @@ def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
     return groups
 
 
-def _gather(logits: torch.Tensor, starts: list[int], targets: list[tuple[int, ...]]) -> list[float]:
-    """The summed log-probability of each row's targets, read at that row's positions from starts[row] on."""
-    device = logits.device
-    row_index = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=device)
+def _score_rows(model: LanguageModel, idx: torch.Tensor, starts: list[int], targets: list[tuple[int, ...]],
+                cache: DecodeState | None = None) -> list[float]:
+    """The summed log-probability of each row's targets, read at that row's positions from starts[row] on: the
+    model's head is applied at those positions only (`LanguageModel.logits_at`)."""
+    device = next(model.parameters()).device
+    rows = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=device)
     positions = torch.tensor([s + k for s, t in zip(starts, targets) for k in range(len(t))], device=device)
     flat = torch.tensor([token for t in targets for token in t], device=device)
-    per_token = torch.log_softmax(logits[row_index, positions].float(), dim=-1).gather(1, flat[:, None])[:, 0]
+    logits = model.logits_at(idx.to(device), rows, positions, cache)  # (tokens scored, vocab)
+    per_token = torch.log_softmax(logits.float(), dim=-1).gather(1, flat[:, None])[:, 0]
     sums = torch.zeros(len(targets), dtype=torch.float64, device=device)
-    sums.index_add_(0, row_index, per_token.double())
+    sums.index_add_(0, rows, per_token.double())
     return sums.tolist()
+
+
+def _padded(rows: list[tuple[int, ...]]) -> torch.Tensor:
+    """Token rows as one (rows, longest) tensor, padded on the right (a causal model's outputs at a position never
+    depend on what follows it)."""
+    idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for r, tokens in enumerate(rows):
+        idx[r, :len(tokens)] = torch.tensor(tokens)
+    return idx
 
 
 def _score_alone(model: LanguageModel, choices: Sequence[Choice], batch: list[int], scores: list[float],
                  progress: Callable[[int], None] | None) -> None:
-    """One forward for choices of their own, each a row from position 0, padded on the right (a causal model's
-    outputs at a position never depend on what follows it)."""
+    """One forward for choices of their own, each a row from position 0."""
     block = model.config.block_size
     windows = [choices[i].window(block) for i in batch]
-    width = max(map(len, windows))
-    idx = torch.zeros(len(batch), width, dtype=torch.long)
-    for r, w in enumerate(windows):
-        idx[r, :len(w)] = torch.tensor(w)
-    device = next(model.parameters()).device
-    logits, _ = model(idx.to(device))
     targets = [choices[i].continuation for i in batch]
     starts = [len(w) - len(t) for w, t in zip(windows, targets)]
-    for i, value in zip(batch, _gather(logits, starts, targets)):
+    for i, value in zip(batch, _score_rows(model, _padded(windows), starts, targets)):
         scores[i] = value
     if progress:
         progress(len(batch))
 
 
 def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[list[int]], scores: list[float],
-                  rows: int, max_tokens: int, progress: Callable[[int], None] | None) -> None:
-    """Groups of choices sharing a context, a forward for as many groups as the rows, the tokens and the
-    decode state's memory allow."""
+                  max_rows: int, max_tokens: int, progress: Callable[[int], None] | None) -> None:
+    """Groups of choices sharing a context, a forward for as many groups as the rows, the tokens, the logits and
+    the decode state's memory allow (the longest continuations first, so that rows pad little)."""
     device = next(model.parameters()).device
-    probe = model.new_cache(1, device, torch.float32)
-    per_row = sum(t.numel() * t.element_size() for t in probe.tensors())
-    capacity = max(max(map(len, groups)), min(rows, STATE_BYTES // max(1, per_row)))
+    per_row = sum(t.numel() * t.element_size() for t in model.new_cache(1, device, torch.float32).tensors())
+    capacity = max(max(map(len, groups)), min(max_rows, STATE_BYTES // max(1, per_row)))
     state = model.new_cache(capacity, device, torch.float32)
-    block = model.config.block_size
-    batch: list[list[int]] = []
-    for group in sorted(groups, key=lambda g: -max(len(choices[i].continuation) for i in g)):
-        trial = [*batch, group]
-        width = max(len(choices[i].continuation) for g in trial for i in g)
-        held = sum(map(len, trial))
-        deepest = max(len(choices[g[0]].context) - 1 for g in trial)
-        if batch and (held > capacity or held * width > max_tokens or deepest + width > block):
-            _forward_shared(model, choices, batch, state, scores)
-            if progress:
-                progress(sum(map(len, batch)))
-            trial = [group]
-        batch = trial
-    if batch:
+    block, vocab = model.config.block_size, model.config.vocab_size
+
+    def fits(batch: list[list[int]]) -> bool:
+        held = [i for group in batch for i in group]
+        width = max(len(choices[i].continuation) for i in held)
+        deepest = max(len(choices[group[0]].context) - 1 for group in batch)  # what a row holds before its choice
+        scored = sum(len(choices[i].continuation) for i in held)
+        return (len(held) <= capacity and len(held) * width <= max_tokens and deepest + width <= block
+                and scored * vocab <= LOGITS_ELEMENTS)
+
+    ordered = sorted(groups, key=lambda g: -max(len(choices[i].continuation) for i in g))
+    for batch in _batches(ordered, fits):
         _forward_shared(model, choices, batch, state, scores)
         if progress:
             progress(sum(map(len, batch)))
@@ -188,14 +203,16 @@ def _forward_shared(model: LanguageModel, choices: Sequence[Choice], batch: list
         context = choices[group[0]].context
         first = state.rows(row, row + 1)
         first.reset(0)
-        model(torch.tensor([context[:-1]], device=device), cache=first)
+        nothing = torch.zeros(0, dtype=torch.long, device=device)
+        model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)  # the states only
         for other in range(row + 1, row + len(group)):
             state.move(row, other, len(context) - 1)
         row += len(group)
     inputs = [(choices[i].context[-1],) + choices[i].continuation[:-1] for i in order]
-    idx = torch.zeros(len(order), max(map(len, inputs)), dtype=torch.long)
-    for r, tokens in enumerate(inputs):
-        idx[r, :len(tokens)] = torch.tensor(tokens)
-    logits, _ = model(idx.to(device), cache=state.rows(0, len(order)))
-    for i, value in zip(order, _gather(logits, [0] * len(order), [choices[i].continuation for i in order])):
+    targets = [choices[i].continuation for i in order]
+    idx = _padded(inputs)
+    # The rows hold their context but its last token; the choices go on from there, attending to no further.
+    held = max(len(choices[group[0]].context) for group in batch) - 1 + idx.size(1)
+    for i, value in zip(order, _score_rows(model, idx, [0] * len(order), targets,
+                                           state.rows(0, len(order)).shortened(held))):
         scores[i] = value

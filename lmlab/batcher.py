@@ -28,13 +28,25 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request: its prompt, one SamplingParams per choice, and where its events go."""
+    """One request: its prompt, one SamplingParams per choice, and where its events go. A request with a list
+    of prompts gives each choice its own (`prompts`, one per choice); `logprobs`, `echo` and `generate` are
+    `Batch.add`'s, the same for every choice."""
 
     prompt: list[int]
     params: list[SamplingParams]
     deliver: Callable[[list[Event] | str], None]  # a step's events, or the text of an error that ended the job
     choices: list[Continuation] = field(default_factory=list)
     cancelled: bool = False
+    prompts: list[list[int]] | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    generate: bool = True
+
+    def start(self, batch: Batch) -> list[Event]:
+        """Add every choice to the batch; the events of those that ended at once (nothing to generate)."""
+        self.choices = [batch.add(self.prompts[i] if self.prompts else self.prompt, params, self.logprobs,
+                                  self.echo, self.generate) for i, params in enumerate(self.params)]
+        return [(i, "", c.finish_reason) for i, c in enumerate(self.choices) if c.finish_reason is not None]
 
 
 class Batcher:
@@ -105,15 +117,15 @@ class Batcher:
     def _step(self, gone: list[Job], admitted: list[Job]) -> None:
         for job in gone:
             self._end(job)
-        for job in admitted:
-            job.choices = [self.batch.add(job.prompt, params) for params in job.params]
-        if not len(self.batch):
-            return
         events: dict[Job, list[Event]] = {}
-        index = {c: (job, i) for job in self.running for i, c in enumerate(job.choices)}
-        for continuation, piece in self.batch.step():
-            job, i = index[continuation]
-            events.setdefault(job, []).append((i, piece, continuation.finish_reason))
+        for job in admitted:
+            if ended := job.start(self.batch):
+                events[job] = ended
+        if len(self.batch):
+            index = {c: (job, i) for job in self.running for i, c in enumerate(job.choices)}
+            for continuation, piece in self.batch.step():
+                job, i = index[continuation]
+                events.setdefault(job, []).append((i, piece, continuation.finish_reason))
         for job, job_events in events.items():
             job.deliver(job_events)
             if all(c.finish_reason is not None for c in job.choices):

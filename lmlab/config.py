@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,24 @@ def check_counts(section: str, values: dict[str, int], low: int = 1) -> None:
         if not low <= value <= MAX_COUNT:
             floor = "a positive integer" if low == 1 else f"an integer from {low}"
             raise UserError(f"{section}{name} is {value}; set it to {floor} up to 2**53.")
+
+
+def checkpoint_name(spec: str) -> str:
+    """A checkpoint spec as a run names it: `best`, `latest`, or the step folder `step_NNNNNN` of `step_N` or `N`
+    (`183`, `step_183` and `step_000183` are one checkpoint). The one parser of --checkpoint (and of
+    --init-from's RUN:CHECKPOINT) for every command that chooses a checkpoint: `lmlab.rundir.RunDir.checkpoint`
+    finds the folder, and refuses a step the run has not with the steps it has."""
+    if spec in ("best", "latest"):
+        return spec
+    match = re.fullmatch(r"(?:step_)?(\d{1,16})", spec.strip()) if isinstance(spec, str) else None
+    if match is None or int(match[1]) > MAX_COUNT:
+        raise UserError(f"checkpoint {spec!r} is unknown; use best, latest, or a step: step_N or N (e.g. 500).")
+    return f"step_{int(match[1]):06d}"
+
+
+def checkpoint_label(name: str, step: int) -> str:
+    """A checkpoint as people read it: `best, step 1,500`, `latest, step 1,500`, or `step 500`."""
+    return f"step {step:,}" if name.startswith("step_") else f"{name}, step {step:,}"
 
 
 def check_seed(where: str, seed: int) -> None:

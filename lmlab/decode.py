@@ -19,6 +19,7 @@ from lmlab.device import autocast
 from lmlab.model import LanguageModel
 from lmlab.model.base import DecodeState
 from lmlab.sampling import choose, new_generator
+from lmlab.scoring import TokenScore, token_scores
 
 # One decode step: the newest token of each row (rows, 1) and the state of those rows -> logits (rows, vocab).
 Step = Callable[[torch.Tensor, DecodeState], torch.Tensor]
@@ -35,6 +36,11 @@ class Sequence:
     row: int = -1
     pos: int = 0
     generator: torch.Generator | None = field(default=None, repr=False)
+    # Log-probabilities, asked by the server's `logprobs` and `echo`: None records none (and costs nothing); N
+    # records each generated token's with the N likeliest alternatives, and with `echo` each prompt token's too.
+    logprobs: int | None = None
+    echo: bool = False
+    scores: list[TokenScore] = field(default_factory=list)
 
     @property
     def exhausted(self) -> bool:
@@ -64,6 +70,7 @@ class Decoder:
         self.step_fn = step or eager_step(model, dtype)
         self.active: list[Sequence] = []
         self._views: dict[int, DecodeState] = {}
+        self.scoring = 0  # active sequences that record log-probabilities
 
     @property
     def free(self) -> int:
@@ -76,10 +83,16 @@ class Decoder:
         seq.row = len(self.active)
         self.active.append(seq)
         seq.generator = new_generator(seq.params, self.device)
-        self._fill(seq, seq.ids[-self.block_size:])
+        logits = self._fill(seq, seq.ids[-self.block_size:])
+        if seq.logprobs is not None:
+            self.scoring += 1
+            if seq.echo:
+                self._score_prompt(seq, logits)
 
     def leave(self, seq: Sequence) -> None:
         """Stop decoding `seq` now; the last active row takes its place."""
+        if seq.logprobs is not None:
+            self.scoring -= 1
         last = self.active.pop()
         if last is not seq:
             self.state.move(last.row, seq.row, last.pos)
@@ -100,6 +113,8 @@ class Decoder:
         idx = torch.tensor([[seq.ids[-1]] for seq in self.active], device=self.device)
         logits = self.step_fn(idx, self.rows(n))
         tokens = choose(logits, [seq.params for seq in self.active], [seq.generator for seq in self.active])
+        if self.scoring:
+            self._score_step(logits, tokens)
         for seq, token in zip(self.active, tokens):
             seq.ids.append(token)
             seq.generated += 1
@@ -112,11 +127,36 @@ class Decoder:
             self._views[n] = self.state.rows(0, n)
         return self._views[n]
 
-    def _fill(self, seq: Sequence, window: list[int]) -> None:
-        """Start seq's row over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step."""
+    def _fill(self, seq: Sequence, window: list[int]) -> torch.Tensor | None:
+        """Start seq's row over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step.
+        Returns the prefill's logits (1, len(window) - 1, vocab), None for a window of one token."""
         row = self.state.rows(seq.row, seq.row + 1)
         row.reset(0)  # through the one-row view, which then knows it is empty (see KVCache)
+        logits = None
         if len(window) > 1:
             with autocast(self.device, self.dtype):
-                self.model(torch.tensor([window[:-1]], device=self.device), cache=row)
+                logits = self.model(torch.tensor([window[:-1]], device=self.device), cache=row)[0]
         seq.pos = len(window) - 1
+        return logits
+
+    # -- log-probabilities, only for sequences that ask for them -----------------------------------------------
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor | None) -> None:
+        """Each prompt token's log-probability given the tokens before it (the first has none), from the prefill."""
+        prompt = seq.ids[-self.block_size:]
+        seq.scores.append(TokenScore(prompt[0], None, [], []))
+        if logits is not None:
+            targets = torch.tensor(prompt[1:], device=logits.device)
+            scored = token_scores(logits[0], targets, seq.logprobs)
+            seq.scores += [TokenScore(t, lp, ids, lps) for t, lp, ids, lps in
+                           zip(prompt[1:], scored.logprobs, scored.top_ids, scored.top_logprobs)]
+
+    def _score_step(self, logits: torch.Tensor, tokens: list[int]) -> None:
+        """The chosen token's log-probability (and the likeliest alternatives) for the rows that record them."""
+        rows = [r for r, seq in enumerate(self.active) if seq.logprobs is not None]
+        top = max(self.active[r].logprobs for r in rows)
+        scored = token_scores(logits[rows], torch.tensor([tokens[r] for r in rows], device=logits.device), top)
+        for k, r in enumerate(rows):
+            n = self.active[r].logprobs
+            self.active[r].scores.append(TokenScore(tokens[r], scored.logprobs[k], scored.top_ids[k][:n],
+                                                    scored.top_logprobs[k][:n]))

@@ -20,23 +20,39 @@ from lmlab.model.loss import IGNORE, next_token_loss
 from lmlab.rundir import LoadedRun
 
 
+def split_windows(tokens: np.ndarray, block_size: int) -> int:
+    """How many windows `evaluate_split` cuts a split into: consecutive windows of block_size targets, or the rows
+    of a row-packed split."""
+    rows = getattr(tokens, "rows", None)
+    return (len(tokens) - 1) // block_size if rows is None else len(tokens) // rows.length
+
+
+def spread(total: int, wanted: int) -> list[int]:
+    """`wanted` of `total` window indices spread evenly over them (the first always): the subset `eval
+    --max-tokens` scores, the same every time, from every part of the split."""
+    n = min(total, wanted)
+    return [i * total // n for i in range(n)]
+
+
 @torch.no_grad()
 def evaluate_split(model: LanguageModel, tokens: np.ndarray, bytes_per_token: float, batch_size: int,
                    device: torch.device, dtype: torch.dtype,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                   progress: Callable[[int, int], None] | None = None,
+                   windows: list[int] | None = None) -> dict[str, float]:
     """Score every token of a split once, in consecutive windows of block_size (of a row-packed split: every
-    row, its padding not counted).
+    row, its padding not counted); or only the `windows` given (indices from `spread`).
 
     Bits per byte divides the loss in bits by the UTF-8 bytes each token stands for on average in this
     split, so models with different tokenizers can be compared on the same text.
     """
     T, rows = model.config.block_size, getattr(tokens, "rows", None)
     step = rows.length if rows else T  # stream windows overlap by one token: the last target is the next input
-    n_windows = (len(tokens) - 1) // T if rows is None else len(tokens) // step
+    chosen = list(range(split_windows(tokens, T))) if windows is None else windows
+    n_windows = len(chosen)
     loss_sum, correct, count = 0.0, 0, 0
     for first in range(0, n_windows, batch_size):
-        windows = [tokens[w * step:w * step + T + 1] for w in range(first, min(first + batch_size, n_windows))]
-        batch = torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
+        windows_ = [tokens[w * step:w * step + T + 1] for w in chosen[first:first + batch_size]]
+        batch = torch.from_numpy(np.stack(windows_).astype(np.int64)).to(device)
         x, y = batch[:, :-1], batch[:, 1:]
         if rows:
             y = pad_targets(x, y, rows.pad_id)
@@ -78,26 +94,55 @@ def _check_same_tokenizer(run: LoadedRun, dataset: Path, meta: dict[str, Any]) -
 
 
 def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 32,
-                 progress: Callable[[int, int], None] | None = None, fresh: bool = True) -> dict[str, Any]:
+                 progress: Callable[[int, int], None] | None = None, fresh: bool = True,
+                 max_tokens: int | None = None) -> dict[str, Any]:
     """Evaluate a run on the val split of its own dataset or of another one with the same tokenizer, and keep the
     result in the run (`RunDir.save_evaluation`); unless `fresh`, a kept result of the same weights on the same
-    split in the same dtype is returned instead (with `"cached": true`)."""
+    split (or subset) in the same dtype is returned instead (with `"cached": true`). With `max_tokens`, only
+    about that many tokens are scored: whole windows of block_size spread evenly over the split (`spread`), kept
+    apart from whole-split results."""
+    dataset, meta = _dataset(run, dataset)
+    key = {"weights_sha256": run.weights_sha256, "val_sha256": meta["val"]["sha256"],
+           "dtype": str(run.dtype).removeprefix("torch."), "max_tokens": max_tokens}
+    kept = kept_evaluation(run, key)
+    if kept and not fresh:
+        return kept
+    _check_same_tokenizer(run, dataset, meta)
+    check_block_size(row_layout(meta), run.config.model.block_size, f"dataset {dataset}")
+    tokens = open_tokens(dataset, "val", meta["dtype"])
+    total = split_windows(tokens, run.config.model.block_size)
+    windows = None if max_tokens is None else spread(total, -(-max_tokens // run.config.model.block_size))
+    scores = evaluate_split(run.model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, run.device,
+                            run.dtype, progress, windows)
+    result = {"run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step, "dataset": str(dataset),
+              **key, **scores, "windows": total if windows is None else len(windows), "split_windows": total,
+              "split_tokens": meta["val"]["tokens"]}
+    run.run.save_evaluation(result)
+    return {**result, "cached": False}
+
+
+def _dataset(run: LoadedRun, dataset: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The dataset a run is evaluated on (its own unless given) and its meta.json."""
     if dataset is None and not run.config.data.dataset:
         raise UserError(f"{run.run.path} has no dataset of its own (it was imported, or fine-tuned from an imported "
                         "run); pass --dataset DIR, a dataset prepared with the run's tokenizer.")
     dataset = dataset or Path(run.config.data.dataset)
-    meta = read_meta(dataset)
-    key = {"weights_sha256": run.weights_sha256, "val_sha256": meta["val"]["sha256"],
-           "dtype": str(run.dtype).removeprefix("torch.")}
+    return dataset, read_meta(dataset)
+
+
+def kept_evaluation(run: LoadedRun, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest kept evaluation matching `key` (weights, split, dtype, max_tokens), with `"cached": true`."""
+    if not run.weights_sha256:
+        return None
     kept = [r for r in run.run.evaluations() if all(r.get(k) == v for k, v in key.items())]
-    if kept and not fresh and run.weights_sha256:
-        return {**kept[-1], "cached": True}
-    _check_same_tokenizer(run, dataset, meta)
-    check_block_size(row_layout(meta), run.config.model.block_size, f"dataset {dataset}")
-    tokens = open_tokens(dataset, "val", meta["dtype"])
-    scores = evaluate_split(run.model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, run.device,
-                            run.dtype, progress)
-    result = {"run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step, "dataset": str(dataset),
-              **key, **scores}
-    run.run.save_evaluation(result)
-    return {**result, "cached": False}
+    return {**kept[-1], "cached": True} if kept else None
+
+
+def evaluation_cost(run: LoadedRun, dataset: Path | None = None, max_tokens: int | None = None) -> tuple[int, bool]:
+    """The tokens an evaluation would score, and whether a kept result makes it free: what `lmlab report` says
+    before it evaluates."""
+    dataset, meta = _dataset(run, dataset)
+    key = {"weights_sha256": run.weights_sha256, "val_sha256": meta["val"]["sha256"],
+           "dtype": str(run.dtype).removeprefix("torch."), "max_tokens": max_tokens}
+    total = meta["val"]["tokens"]
+    return (total if max_tokens is None else min(total, max_tokens)), kept_evaluation(run, key) is not None

@@ -132,6 +132,17 @@ def append_whole(path: Path, text: str) -> None:
             raise
 
 
+@contextmanager
+def locked_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if need be) for a read-modify-write of another file that several
+    processes may do at once; the kernel releases it however the holder ends."""
+    with writing(path):
+        f = open(path, "ab")
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
 class WriterLock:
     """The one-writer lock of a folder (a run or a dataset): an exclusive `flock` on `.NAME.lock` beside it.
 

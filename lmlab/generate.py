@@ -128,11 +128,20 @@ class Batch:
     def __len__(self) -> int:
         return len(self.owner)
 
-    def add(self, prompt: list[int], params: SamplingParams) -> Continuation:
-        continuation = Continuation(Decoding(list(prompt), params), Detokenizer(self.tokenizer, params.stop, self.past_eot),
-                                    len(prompt))
-        self.decoder.join(continuation.decoding)
-        self.owner[continuation.decoding] = continuation
+    def add(self, prompt: list[int], params: SamplingParams, logprobs: int | None = None, echo: bool = False,
+            generate: bool = True) -> Continuation:
+        """Start continuing `prompt`. With `logprobs` N, every generated token's log-probability is recorded with the
+        N likeliest alternatives (`decoding.scores`), and with `echo` the prompt's tokens' first; without
+        `generate` nothing is generated (the server's `max_tokens: 0`): the prompt is read and scored, and the
+        continuation has ended when this returns."""
+        decoding = Decoding(list(prompt), params, logprobs=logprobs, echo=echo)
+        continuation = Continuation(decoding, Detokenizer(self.tokenizer, params.stop, self.past_eot), len(prompt))
+        self.decoder.join(decoding)
+        if not generate:
+            self.decoder.leave(decoding)
+            continuation.finish_reason = "length"
+            return continuation
+        self.owner[decoding] = continuation
         return continuation
 
     def drop(self, continuation: Continuation) -> None:

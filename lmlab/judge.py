@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,11 @@ from typing import Any
 
 from lmlab.config import SamplingParams
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, sha256_file
 from lmlab.decode import Step
 from lmlab.generate import instruct_all
 from lmlab.prompt import read_records
-from lmlab.rundir import LoadedRun
+from lmlab.rundir import LoadedRun, RunDir
 
 RUBRIC = (
     "You are grading a response to a task against a reference answer.\n\n"
@@ -43,8 +44,10 @@ def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams,
     records = read_records(data)
     answers = instruct_all(run, [(r["instruction"], r.get("input", "")) for r in records], params, batch, step,
                            progress)
+    answered_by = {"run": str(run.run.path.resolve()), "checkpoint": run.checkpoint, "step": run.step,
+                   "weights_sha256": run.weights_sha256}  # so `lmlab judge` keeps its scores in this run
     lines = [json.dumps({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"],
-                         "model_answer": answer, "run": str(run.run.path), "step": run.step})
+                         "model_answer": answer, **answered_by})
              for r, answer in zip(records, answers)]
     atomic_write_text(Path(out), "".join(line + "\n" for line in lines))
     return len(lines)
@@ -88,6 +91,7 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
 class JudgeSummary:
     items: list[dict[str, Any]]  # each answer record with `score` (None: unscored) and the judge's replies
     out: Path
+    attached: str = ""  # the run the scores were kept in, or why they were not
     scored: list[dict[str, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,31 @@ class JudgeSummary:
     @property
     def mean(self) -> float | None:
         return sum(i["score"] for i in self.scored) / len(self.scored) if self.scored else None
+
+    @property
+    def refused(self) -> list[dict[str, Any]]:
+        """Unscored items the endpoint refused (the last request of the item got an error)."""
+        return [i for i in self.items if i["score"] is None and i["judge_replies"][-1] is None]
+
+    def unscored(self) -> str:
+        """Why items went unscored, in a sentence: refused by the endpoint (with its first error message), or no
+        number from 0 to 100 in the judge's replies; '' when every item was scored."""
+        refused = self.refused
+        wordless = len(self.items) - len(self.scored) - len(refused)
+        reasons = []
+        if refused:
+            reasons.append(f"{len(refused)} refused by the endpoint (the first: {refused[0]['judge_errors'][0]})")
+        if wordless:
+            reasons.append(f"{wordless} with no whole number from 0 to 100 in two replies")
+        return "; ".join(reasons)
+
+    def judgement(self, answers: Path) -> dict[str, Any]:
+        """What a run keeps of this judging (`RunDir.save_judgement`)."""
+        first = self.items[0]
+        return {"answers": str(answers), "answers_sha256": sha256_file(answers), "judge_model": first["judge_model"],
+                "mean": self.mean, "scored": len(self.scored), "total": len(self.items),
+                "refused": len(self.refused), "checkpoint": first.get("checkpoint"), "step": first.get("step"),
+                "weights_sha256": first.get("weights_sha256"), "judged": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def _client(endpoint: str) -> Any:
@@ -144,4 +173,21 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
         if progress:
             progress(n, len(records))
     atomic_write_text(Path(out), "".join(json.dumps(i) + "\n" for i in items))
-    return JudgeSummary(items, Path(out))
+    summary = JudgeSummary(items, Path(out))
+    if summary.scored:
+        summary.attached = attach(summary, Path(answers))
+    return summary
+
+
+def attach(summary: JudgeSummary, answers: Path) -> str:
+    """Keep the judgement in the run that answered (the answers file names it), so `runs`, `compare` and `report`
+    show it; the run it was kept in, or why it was not."""
+    runs = {item.get("run") for item in summary.items}
+    if len(runs) != 1 or None in runs:
+        return (f"not kept in a run: {answers} does not name one run that answered (written by an older lmlab, or "
+                "several files joined); write it again with `lmlab answer`")
+    run = RunDir(runs.pop())
+    if not (run.path / "config.toml").exists():
+        return f"not kept in a run: {run.path}, which answered, is not on this machine"
+    run.save_judgement(summary.judgement(answers))
+    return str(run.path)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lmlab.config import SamplingParams
 from lmlab.errors import UserError
 from lmlab.generate import seeded
+from lmlab.scoring import TokenScore
 
 
 class ApiError(Exception):
@@ -31,14 +33,15 @@ class ApiError(Exception):
 
 
 SAMPLING = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed")
-FIELDS = {"completions": (*SAMPLING, "prompt"), "chat": (*SAMPLING, "messages", "max_completion_tokens")}
+FIELDS = {"completions": (*SAMPLING, "prompt", "logprobs", "echo"),
+          "chat": (*SAMPLING, "messages", "max_completion_tokens", "logprobs", "top_logprobs")}
 HINTS = ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
          "metadata", "service_tier")
 # Each with the values that mean "not used".
 UNSUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {
-    "completions": {"logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+    "completions": {"best_of": (None, 1), "suffix": (None, ""),
                     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})},
-    "chat": {"logprobs": (None, False), "top_logprobs": (None,), "presence_penalty": (None, 0),
+    "chat": {"presence_penalty": (None, 0),
              "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
              "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
              "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "audio": (None,),
@@ -119,6 +122,123 @@ def sampling(body: dict[str, Any], cap: int, most_choices: int, stop: tuple[str,
     return seeded(params, n)
 
 
+# -- log-probabilities and prompts as tokens: what evaluators (lm-evaluation-harness's local-completions) send --
+
+MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits on the alternatives per token
+
+
+def logprobs_fields(body: dict[str, Any], chat: bool) -> tuple[int | None, bool]:
+    """The alternatives to return per token (None: no log-probabilities) and `echo` (completions: the prompt's
+    tokens too). Completions take `logprobs` 0-5 and `echo`; chat takes `logprobs: true` with `top_logprobs` 0-20."""
+    if chat:
+        wanted = field(body, "logprobs", (bool,), False)
+        top = field(body, "top_logprobs", (int,), None, 0, MAX_LOGPROBS["chat"])
+        if top is not None and not wanted:
+            raise ApiError(400, "`top_logprobs` goes with `logprobs: true`.", "top_logprobs")
+        return (top or 0) if wanted else None, False
+    top = field(body, "logprobs", (int,), None, 0, MAX_LOGPROBS["completions"])
+    echo = field(body, "echo", (bool,), False)
+    if echo and body.get("stream"):
+        raise ApiError(400, "`echo` cannot be streamed: the prompt's log-probabilities come whole; leave out `stream` "
+                       "or `echo`.", "echo")
+    return top, echo
+
+
+def generates(body: dict[str, Any], echo: bool) -> bool:
+    """Whether a completion generates: `max_tokens: 0` with `echo` only reads and scores the prompt (what
+    evaluators ask); without `echo` it asks for nothing, which is refused."""
+    value = body.get("max_tokens")
+    if type(value) is not int or value != 0:
+        return True
+    if not echo:
+        raise ApiError(400, "`max_tokens` is 0, which generates nothing; pass `echo: true` to score the prompt alone, "
+                       "or max_tokens of 1 or more.", "max_tokens")
+    return False
+
+
+def prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    """The prompts of a completion request: a string, a list of token ids, or a list of either (each prompt its own
+    choices). Token ids must be whole numbers of the model's vocabulary."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        odd = next((t for t in _flat(prompt) if not isinstance(t, str) and type(t) is not int), None)
+        why = f" ({odd!r} is not a token id: ids are whole numbers)" if isinstance(odd, (int, float)) else ""
+        raise ApiError(400, f"`prompt` must be a string, a list of token ids, or a non-empty list of strings or of "
+                       f"token-id lists{why}.", "prompt")
+    for i, ids in enumerate(prompts):
+        if isinstance(ids, list):
+            if not ids:
+                raise ApiError(400, f"`prompt` {i} is an empty list of token ids; give at least one.", "prompt")
+            wrong = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if wrong is not None:
+                raise ApiError(400, f"`prompt` {i} has token id {wrong}, outside this model's vocabulary (0 to "
+                               f"{vocab_size - 1}).", "prompt")
+    return prompts
+
+
+def _token_ids(value: Any) -> bool:
+    """A list of token ids: integers, not booleans (an empty one too, refused later by name)."""
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
+def _flat(value: Any) -> list[Any]:
+    """The values in a list and in the lists it holds (where a bad token id hides)."""
+    return [v for item in value for v in (item if isinstance(item, list) else [item])] if isinstance(value, list) \
+        else [value]
+
+
+def _top(score: TokenScore, text: str, piece: Callable[[int], str]) -> dict[str, float] | None:
+    """A token's likeliest alternatives by their text, likeliest first (the likelier kept where two tokens have one
+    text), and the token itself: OpenAI returns up to logprobs + 1 of them."""
+    if score.logprob is None:
+        return None
+    top: dict[str, float] = {}
+    for token, logprob in zip(score.top_ids, score.top_logprobs):
+        top.setdefault(piece(token), logprob)
+    top.setdefault(text, score.logprob)
+    return top
+
+
+def completion_logprobs(scores: list[TokenScore], piece: Callable[[int], str], start: int) -> dict[str, Any]:
+    """OpenAI's `logprobs` object of a completion choice: each token's text, its log-probability (None for a first
+    prompt token), the likeliest tokens there with theirs (and the token itself), and where its text starts
+    (counting from `start`: the prompt's length, unless it is echoed)."""
+    tokens = [piece(s.token) for s in scores]
+    offsets, at = [], start
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": [s.logprob for s in scores],
+            "top_logprobs": [_top(s, text, piece) for s, text in zip(scores, tokens)], "text_offset": offsets}
+
+
+def chat_logprobs(scores: list[TokenScore], piece: Callable[[int], str]) -> dict[str, Any]:
+    """OpenAI's `logprobs` object of a chat choice: `content`, each token with its log-probability, its UTF-8
+    bytes and its `top_logprobs`."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(s.token, s.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in zip(s.top_ids, s.top_logprobs)]}
+                        for s in scores], "refusal": None}
+
+
+def shown(scores: list[TokenScore], piece: Callable[[int], str], length: int) -> list[TokenScore]:
+    """The generated tokens whose text is in a completion of `length` characters: not those of a stop string or
+    of the end-of-text token that ended it."""
+    kept, at = [], 0
+    for s in scores:
+        if at >= length:
+            break
+        kept.append(s)
+        at += len(piece(s.token))
+    return kept
+
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MESSAGE_KEYS = ("role", "content", "name")
 NEUTRAL_MESSAGE_KEYS = ("refusal", "tool_calls", "function_call", "audio", "annotations")  # echoed back as null
@@ -173,26 +293,29 @@ def head(chat: bool, model: str, request_id: str) -> dict[str, Any]:
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", "created": int(time.time()), "model": model}
 
 
-def response(top: dict[str, Any], chat: bool, texts: list[str], reasons: list[str], tokens: dict[str, int]) -> dict[str, Any]:
-    """The whole answer to a request that did not stream."""
+def response(top: dict[str, Any], chat: bool, texts: list[str], reasons: list[str], tokens: dict[str, int],
+             logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole answer to a request that did not stream (with each choice's `logprobs` object, when asked)."""
+    logprobs = logprobs or [None] * len(texts)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": r}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
     return {**top, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": tokens}
 
 
 def chunk(top: dict[str, Any], chat: bool, index: int, piece: str | None, finish: str | None,
-          role: bool = False) -> dict[str, Any]:
-    """One streamed chunk: a choice's text piece, its finish reason, or (chat) the assistant role first."""
+          role: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed chunk: a choice's text piece (with its tokens' `logprobs`, when asked), its finish reason, or
+    (chat) the assistant role first."""
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
         return {**top, "object": "chat.completion.chunk",
-                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
     return {**top, "object": "text_completion",
-            "choices": [{"index": index, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def usage_chunk(top: dict[str, Any], chat: bool, tokens: dict[str, int]) -> dict[str, Any]:

@@ -3,32 +3,34 @@
 A report is `report.md` with its PNGs beside it (relative links, so the folder renders on a code host as is) and
 the same as one self-contained `report.html`. Its sections: a summary (with several runs: the comparison table,
 the overlay plot and a reading of what differs), the machine and software, the data, the model and config,
-training, the full-split evaluation (kept in each run's evaluations.json, so a second report is quick), the
-Chinchilla position with `plan`'s estimate to the compute-optimal point, and samples for one prompt.
+training, the full-split evaluation (kept in each run's evaluations.json, so a second report is quick), the task
+and judge scores kept for the reported weights, the Chinchilla position with `plan`'s estimate to the
+compute-optimal point, and samples for one prompt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import lmlab
-from lmlab.config import SamplingParams
+from lmlab.config import SamplingParams, checkpoint_label
 from lmlab.data.stats import dataset_stats
 from lmlab.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table, to_html, to_markdown
 from lmlab.errors import UserError
-from lmlab.evaluate import evaluate_run
+from lmlab.evaluate import evaluate_run, evaluation_cost
 from lmlab.fileio import atomic_write_text
 from lmlab.findings import NOT_RECORDED, RunFacts, describe_run, reading
 from lmlab.generate import sample
 from lmlab.humanize import fmt, format_duration
 from lmlab.plan import make_plan
 from lmlab.plots import plot_comparison, plot_document_lengths, plot_losses
-from lmlab.rundir import RunDir
-from lmlab.runs import COMPARE_COLUMNS, RunSummary, comparison, summarize
+from lmlab.rundir import LoadedRun, RunDir, check_steps
+from lmlab.runs import COMPARE_COLUMNS, RunSummary, comparison, judge_cell, score_cell, summarize, task_columns
 from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM, chinchilla_percent
 
 
@@ -39,42 +41,85 @@ class Report:
     images: list[Path] = field(default_factory=list)
 
 
-def gather(path: Path, prompt: str, params: SamplingParams, device: str, say: Callable[[str], None]) -> RunFacts:
-    """A run's facts: its folder read, its best checkpoint evaluated on the full val split (or the kept result)
-    and sampled; a run with no checkpoint yet is reported without those two, saying why."""
+Track = Callable[[str, str], AbstractContextManager[Callable[[int, int], None]]]  # (unit, title) -> a progress callback
+
+
+@dataclass
+class Options:
+    """How a report is made: the samples' prompt and settings, the device, the checkpoint reported on, whether to
+    evaluate the val split (else kept results only), and where it says what it does (`say` a line, `track` a
+    long step's progress)."""
+
+    prompt: str = ""
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(300))
+    device: str = "auto"
+    checkpoint: str = "best"
+    evaluate: bool = True
+    say: Callable[[str], None] = lambda _: None
+    track: Track | None = None
+
+
+def gather(path: Path, options: Options) -> RunFacts:
+    """A run's facts: its folder read, its checkpoint evaluated on the full val split (or the kept result; with
+    `evaluate` off, the kept result only) and sampled, and its kept task and judge scores; a run with no checkpoint
+    yet is reported without those, saying why."""
     run = RunDir(path)
-    facts = RunFacts(run, summarize(run.path), run.events(), run.config())
+    facts = RunFacts(run, summarize(run.path, options.checkpoint), run.events(), run.config())
     try:
-        loaded = run.load("best", device)
+        loaded = run.load(options.checkpoint, options.device)
     except UserError as err:
         facts.not_evaluated = facts.not_sampled = str(err)
         return facts
-    say(f"Evaluating {path} on its full val split...")
+    facts.evaluation, facts.not_evaluated = _evaluate(loaded, options, facts.summary.tokens_per_sec)
+    options.say(f"Sampling {path} ({checkpoint_label(loaded.checkpoint, loaded.step)}): "
+                f"{options.params.max_new_tokens} tokens at most...")
     try:
-        facts.evaluation = evaluate_run(loaded, fresh=False)
-    except UserError as err:  # e.g. its dataset is not on this machine: an earlier evaluation of the weights may be
-        kept = [r for r in run.evaluations() if r.get("weights_sha256") == loaded.weights_sha256]
-        facts.evaluation, facts.not_evaluated = ({**kept[-1], "cached": True}, "") if kept else (None, str(err))
-    say(f"Sampling {path}...")
-    try:
-        facts.sample = sample(loaded, prompt, params)
+        facts.sample = sample(loaded, options.prompt, options.params)
     except UserError as err:
         facts.not_sampled = str(err)
     return facts
 
 
-def build_report(paths: list[Path], out: Path, prompt: str = "", params: SamplingParams = SamplingParams(300),
-                 device: str = "auto", say: Callable[[str], None] = lambda _: None) -> Report:
-    """Write out/report.md, its PNGs and out/report.html for the runs at `paths`."""
+def _evaluate(loaded: LoadedRun, options: Options, speed: float | None) -> tuple[dict[str, Any] | None, str]:
+    """The full-split evaluation of a loaded checkpoint and, when there is none, why: a kept one is reused, a new
+    one is announced with its size and an estimate of its time (from the run's training speed, `speed` tokens/s)
+    before it runs, with its progress."""
+    name = f"{loaded.run.path} ({checkpoint_label(loaded.checkpoint, loaded.step)})"
+    kept = [r for r in loaded.run.evaluations() if r.get("weights_sha256") == loaded.weights_sha256
+            and r.get("max_tokens") is None]
+    try:
+        tokens, cached = evaluation_cost(loaded)
+    except UserError as err:  # e.g. its dataset is not on this machine: an earlier evaluation of the weights may be
+        return ({**kept[-1], "cached": True}, "") if kept else (None, str(err))
+    if cached or (kept and not options.evaluate):
+        options.say(f"{name}: reusing its kept full-split evaluation.")
+        return (evaluate_run(loaded, fresh=False) if cached else {**kept[-1], "cached": True}), ""
+    if not options.evaluate:
+        return None, "not evaluated (`lmlab report --no-eval`); `lmlab eval RUN` evaluates it"
+    about = f", about {format_duration(tokens / (3 * speed))} at its training speed" if speed else ""
+    title = f"Evaluating {name} on its full val split ({tokens:,} tokens{about}; --no-eval skips it)"
+    if options.track is None:
+        options.say(title + "...")
+        return evaluate_run(loaded, fresh=False), ""
+    with options.track("window", title) as tick:
+        return evaluate_run(loaded, fresh=False, progress=tick), ""
+
+
+def build_report(paths: list[Path], out: Path, options: Options | None = None, **fields: Any) -> Report:
+    """Write out/report.md, its PNGs and out/report.html for the runs at `paths`, made as `options` (or Options of
+    the `fields` given, e.g. device="cpu") say."""
+    options = options or Options(**fields)
+    check_steps(paths, options.checkpoint)
     names = [Path(p).resolve().name for p in paths]
     if len(set(names)) < len(names):
         raise UserError(f"two of the runs share a folder name ({', '.join(names)}); the report names runs by it, so "
                         "copy or rename one.")
-    facts = [gather(Path(p), prompt, params, device, say) for p in paths]
+    facts = [gather(Path(p), options) for p in paths]
     out.mkdir(parents=True, exist_ok=True)
-    say("Drawing the plots...")
+    options.say("Drawing the plots...")
     blocks = [*_summary(facts, out), *_machine(facts), *_data(facts, out), *_model(facts), *_training(facts, out),
-              *_evaluation(facts), *_chinchilla(facts), *_samples(facts, prompt, params)]
+              *_evaluation(facts, options.checkpoint), *_scores(facts), *_chinchilla(facts),
+              *_samples(facts, options)]
     title = f"Report: {', '.join(names)}"
     markdown, page = out / "report.md", out / "report.html"
     atomic_write_text(markdown, to_markdown(title, blocks))
@@ -104,10 +149,11 @@ def _summary(facts: list[RunFacts], out: Path) -> list[Block]:
     if len(compared) < 2:
         return blocks
     rows = comparison(compared)
+    columns = [*COMPARE_COLUMNS, *task_columns(rows)]
     blocks.append(Paragraph(f"Each run against `{compared[0].name}` (× its figure; best val loss: the fixed-batch "
                             "estimate at the evals, % change):"))
-    blocks.append(Table([c.header for c in COMPARE_COLUMNS], [[c.cell(r) for c in COMPARE_COLUMNS] for r in rows],
-                        [not c.left for c in COMPARE_COLUMNS]))
+    blocks.append(Table([c.header for c in columns], [[c.cell(r) for c in columns] for r in rows],
+                        [not c.left for c in columns]))
     plot_comparison(compared, out / "compare.png", x="tokens")
     return blocks + [Image("compare.png", "val and train loss of every run against tokens seen")]
 
@@ -259,12 +305,13 @@ def _ending(f: RunFacts) -> str:
     return "finished"
 
 
-def _evaluation(facts: list[RunFacts]) -> list[Block]:
+def _evaluation(facts: list[RunFacts], checkpoint: str) -> list[Block]:
     def figure(key: str, spec: str) -> Callable[[RunFacts], str]:
         return lambda f: format(f.evaluation[key], spec) if f.evaluation else "-"
 
     rows = [
-        ("checkpoint", lambda f: f"best, step {f.evaluation['step']:,}" if f.evaluation else f.not_evaluated),
+        ("checkpoint", lambda f: checkpoint_label(f.evaluation['checkpoint'], f.evaluation['step']) if f.evaluation
+         else f.not_evaluated),
         ("val split", lambda f: f"`{f.evaluation['dataset']}`, {f.evaluation['tokens']:,} tokens" if f.evaluation
          else "-"),
         ("loss", figure("loss", ".4f")), ("perplexity", figure("perplexity", ".3f")),
@@ -273,9 +320,33 @@ def _evaluation(facts: list[RunFacts]) -> list[Block]:
         ("", lambda f: ("kept from an earlier evaluation" if f.evaluation["cached"] else "evaluated now")
          if f.evaluation else ""),
     ]
-    note = Paragraph("Every token of the val split, scored once by the best checkpoint (`lmlab eval`); kept in the "
-                     "run's `evaluations.json`, by weights, split and dtype.")
+    note = Paragraph(f"Every token of the val split, scored once by the {checkpoint} checkpoint (`lmlab eval`); kept "
+                     "in the run's `evaluations.json`, by weights, split and dtype.")
     return [Heading("Evaluation"), note, by_run(facts, rows)]
+
+
+def _scores(facts: list[RunFacts]) -> list[Block]:
+    """The task scores (`lmlab eval --task`) and the judge's scores (`lmlab judge`) kept for the reported weights."""
+    tasks = sorted({name for f in facts for name in f.summary.tasks})
+    judged = any(f.summary.judge for f in facts)
+    if not tasks and not judged:
+        return [Heading("Tasks and judge"),
+                Paragraph("None kept for these weights: `lmlab eval RUN --task FILE` scores a multiple-choice task, "
+                          "`lmlab answer` and `lmlab judge` score answers to instructions.")]
+
+    def task(name: str, key: str) -> Callable[[RunFacts], str]:
+        def cell(f: RunFacts) -> str:
+            r = f.summary.tasks.get(name)
+            return "-" if r is None else f"{score_cell(r[key], r[key + '_stderr'])} ({r['items']:,} items)"
+        return cell
+
+    rows = [row for name in tasks for row in ((f"{name} acc", task(name, "acc")),
+                                              (f"{name} acc_norm", task(name, "acc_norm")))]
+    rows.append(("judge mean (scored of total, model)", lambda f: judge_cell(f.summary.judge)))
+    note = Paragraph("acc: the choice with the highest summed log-likelihood; acc_norm: the highest per character "
+                     "(lm-evaluation-harness's definitions), ± the standard error; the judge: mean 0-100 score of the "
+                     "run's answers, with the answers it scored.")
+    return [Heading("Tasks and judge"), note, by_run(facts, rows)]
 
 
 def _chinchilla(facts: list[RunFacts]) -> list[Block]:
@@ -299,11 +370,12 @@ def _chinchilla(facts: list[RunFacts]) -> list[Block]:
     return [Heading("Chinchilla"), note, by_run(facts, rows)]
 
 
-def _samples(facts: list[RunFacts], prompt: str, params: SamplingParams) -> list[Block]:
+def _samples(facts: list[RunFacts], options: Options) -> list[Block]:
+    prompt, params = options.prompt, options.params
     asked = f"prompt `{prompt}`" if prompt else "an empty prompt (the start of a document)"
-    blocks: list[Block] = [Heading("Samples"), Paragraph(f"From the best checkpoint, {asked}, {params.describe()}, "
-                                                         f"{params.max_new_tokens} tokens at most:")]
+    said = f"From the {options.checkpoint} checkpoint, {asked}, {params.describe()}, {params.max_new_tokens} tokens at " \
+        "most:"
+    blocks: list[Block] = [Heading("Samples"), Paragraph(said)]
     for f in facts:
         blocks += [Heading(f"`{f.name}`", 3), Code(f.sample) if f.sample is not None else Paragraph(f.not_sampled)]
     return blocks
-

@@ -9,7 +9,8 @@ runs/NAME/
                   token), so the run samples and evaluates after its dataset is gone
   prompt.json     a fine-tuned run's prompt format (`lmlab.prompt`)
   samples.txt     what `lmlab sample` drew, each under a header line
-  evaluations.json  full-split evaluations (`lmlab eval`, `lmlab report`), by weights, split and dtype
+  evaluations.json  what the run was measured at, by weights: val-split evaluations (`lmlab eval`, `lmlab report`),
+                  task scores (`lmlab eval --task`) and the judge's scores of its answers (`lmlab judge`)
   loss.png        train and val loss, redrawn at every evaluation
   checkpoints/    step_NNNNNN/ folders and the latest/best pointers (`lmlab.checkpoint`); every state.json
                   holds the STATE keys, `training` being what its writer needs to continue
@@ -38,11 +39,11 @@ import torch
 
 import lmlab
 from lmlab import checkpoint as ckpt
-from lmlab.config import RunConfig, load_config, to_toml
+from lmlab.config import RunConfig, checkpoint_name, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import autocast_dtype, configure, machine, resolve_device
 from lmlab.errors import UserError
-from lmlab.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text
+from lmlab.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file
 from lmlab.model import LanguageModel, build_model
 from lmlab.prompt import PromptFormat
 
@@ -202,17 +203,52 @@ class RunDir:
         return events
 
     def evaluations(self) -> list[dict[str, Any]]:
-        """The full-split evaluations kept in evaluations.json (by `lmlab eval` and `lmlab report`), oldest first."""
-        try:
-            return json.loads((self.path / "evaluations.json").read_text(encoding="utf-8"))["results"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            return []
+        """The val-split evaluations kept in evaluations.json (by `lmlab eval` and `lmlab report`), oldest first:
+        of the whole split, and of `--max-tokens` subsets (`max_tokens` set), told apart by that key."""
+        return self._kept("results")
+
+    def task_results(self) -> list[dict[str, Any]]:
+        """The task scores kept in evaluations.json (`lmlab eval --task`), oldest first."""
+        return self._kept("tasks")
+
+    def judgements(self) -> list[dict[str, Any]]:
+        """The judge's scores of this run's answers kept in evaluations.json (`lmlab judge`), oldest first."""
+        return self._kept("judgements")
 
     def save_evaluation(self, result: dict[str, Any]) -> None:
-        """Keep an evaluation, in place of an older one of the same weights on the same split in the same dtype."""
-        same = ("weights_sha256", "val_sha256", "dtype")
-        kept = [r for r in self.evaluations() if any(r.get(k) != result[k] for k in same)]
-        atomic_write_text(self.path / "evaluations.json", json.dumps({"results": [*kept, result]}, indent=1))
+        """Keep a val-split evaluation, in place of an older one of the same weights on the same split (or the same
+        subset of it) in the same dtype."""
+        self._keep("results", result, ("weights_sha256", "val_sha256", "dtype", "max_tokens"))
+
+    def save_task_result(self, result: dict[str, Any]) -> None:
+        """Keep a task's scores, in place of older ones of the same weights, task file and item limit."""
+        self._keep("tasks", result, ("weights_sha256", "task_sha256", "limit"))
+
+    def save_judgement(self, result: dict[str, Any]) -> None:
+        """Keep a judge's summary of this run's answers, in place of an older one of the same answers by the same
+        judge model."""
+        self._keep("judgements", result, ("answers_sha256", "judge_model"))
+
+    def _kept(self, section: str) -> list[dict[str, Any]]:
+        try:
+            kept = json.loads((self.path / "evaluations.json").read_text(encoding="utf-8")).get(section, [])
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return []
+        return [r for r in kept if isinstance(r, dict)] if isinstance(kept, list) else []
+
+    def _keep(self, section: str, result: dict[str, Any], key: tuple[str, ...]) -> None:
+        """Add `result` to a section of evaluations.json, dropping a kept one with the same `key` values. It needs no
+        run lock (runs are evaluated while they train): the file is read and replaced under a lock of its own, so
+        two evaluations kept at once are both kept."""
+        path = self.path / "evaluations.json"
+        with locked_file(self.path / ".evaluations.lock"):
+            try:
+                kept = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                kept = {}
+            kept = kept if isinstance(kept, dict) else {}
+            others = [r for r in self._kept(section) if any(r.get(k) != result.get(k) for k in key)]
+            atomic_write_text(path, json.dumps({**kept, section: [*others, result]}, indent=1))
 
     def running(self) -> bool:
         """Whether a process holds the run's lock: it is training, fine-tuning or importing it now."""
@@ -247,8 +283,17 @@ class RunDir:
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
     def checkpoint(self, which: str = "latest") -> Path:
-        """The step folder `best` or `latest` points to. Without a usable `latest` pointer (deleted, damaged, or
-        naming no step folder of this run) it is the newest step folder, which `latest` would name."""
+        """The step folder a checkpoint spec names (`best`, `latest`, `step_N` or `N`: see `checkpoint_name`).
+        Without a usable `latest` pointer (deleted, damaged, or naming no step folder of this run) `latest` is the
+        newest step folder, which the pointer would name. A step this run has no folder of is refused with the
+        steps it has."""
+        which = checkpoint_name(which)
+        if which.startswith("step_"):
+            folder = self.checkpoints / which
+            if not folder.is_dir():
+                raise UserError(f"{self.path} has no checkpoint at step {int(which.removeprefix('step_'))}; "
+                                f"{self.available_steps()}")
+            return folder
         folder = ckpt.pointer(self.checkpoints, which)
         if folder is None and which == "latest" and self.step_folders():
             folder = self.step_folders()[-1]
@@ -256,6 +301,29 @@ class RunDir:
             raise UserError(f"{self.path} has no {which} checkpoint; train it first "
                             f"(`lmlab train CONFIG --run {self.path}`).")
         return folder
+
+    def available_steps(self) -> str:
+        """The checkpoints a run has, as the sentence that ends a refusal: its steps, and which are best and
+        latest."""
+        steps = [int(f.name.removeprefix("step_")) for f in self.step_folders()]
+        if not steps:
+            return f"it has no checkpoints yet; train it first (`lmlab train CONFIG --run {self.path}`)."
+        named = [f"{which} {int(folder.name.removeprefix('step_'))}"
+                 for which in ("best", "latest") if (folder := ckpt.pointer(self.checkpoints, which))]
+        pointers = f" ({', '.join(named)})" if named else ""
+        return (f"it has step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}{pointers}; pass --checkpoint with "
+                "one of them, best or latest.")
+
+    def weights_sha256(self, which: str = "best") -> str | None:
+        """The sha256 of a checkpoint's model.safetensors, as its state.json records it, without loading the model
+        (None when the checkpoint or the record is missing): what evaluations kept in the run are keyed by."""
+        if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
+            which = "latest"
+        try:
+            state = json.loads((self.checkpoint(which) / "state.json").read_text(encoding="utf-8"))
+            return state["files"]["model.safetensors"]
+        except (UserError, OSError, ValueError, KeyError, TypeError):
+            return None
 
     def step_folders(self) -> list[Path]:
         return ckpt.step_folders(self.checkpoints)
@@ -271,11 +339,11 @@ class RunDir:
         return _upgrade(load(folder, model, optimizer), self)
 
     def load(self, which: str = "best", device: str = "auto", need_tokenizer: bool = True) -> LoadedRun:
-        """The run's model at its `best` or `latest` checkpoint, in eval mode, with what using it takes; without
-        `need_tokenizer`, a run that has no tokenizer loads with None in its place. A run never evaluated (stopped
-        before its first eval) has no `best`: it loads `latest`, and `LoadedRun.checkpoint` says so."""
-        if which not in ("best", "latest"):
-            raise UserError(f"--checkpoint {which} is unknown; use best or latest.")
+        """The run's model at a checkpoint (`best`, `latest`, `step_N` or `N`), in eval mode, with what using it
+        takes; without `need_tokenizer`, a run that has no tokenizer loads with None in its place. A run never
+        evaluated (stopped before its first eval) has no `best`: it loads `latest`, and `LoadedRun.checkpoint` says
+        so."""
+        which = checkpoint_name(which)
         if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
             which = "latest"
         cfg = self.config()
@@ -294,6 +362,14 @@ class RunDir:
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
                          autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"],
                          (state.get("files") or {}).get("model.safetensors"))
+
+
+def check_steps(paths: list[Path | str], which: str) -> None:
+    """Refuse, before anything is read or written, a checkpoint step (`step_N`, `N`) one of the runs does not have,
+    naming the steps it has; `best` and `latest` pass (a run without them falls back, or says so itself)."""
+    if checkpoint_name(which).startswith("step_"):
+        for path in paths:
+            RunDir(path).checkpoint(which)
 
 
 def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
@@ -319,6 +395,6 @@ class LoadedRun:
     device: torch.device
     dtype: torch.dtype  # the autocast dtype the run's config resolves to on this device
     prompt_format: PromptFormat | None  # a fine-tuned run's; None for the others
-    checkpoint: str  # best or latest: the one loaded (latest when best was asked of a run never evaluated)
+    checkpoint: str  # best, latest or step_NNNNNN: the one loaded (latest when best was asked of a run never evaluated)
     step: int
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of

@@ -43,6 +43,9 @@ class RunSummary:
     still_falling: bool | None = None  # the last eval was the best one
     tokens_per_sec: float | None = None  # median of the logged intervals
     mfu: float | None = None  # median of the logged intervals
+    checkpoint: str = "best"  # the checkpoint whose kept task and judge scores `tasks` and `judge` are
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> its kept result (eval --task)
+    judge: dict[str, Any] | None = None  # the judge's summary of the checkpoint's answers (lmlab judge)
     evals: list[dict[str, Any]] = field(default_factory=list)
     trains: list[dict[str, Any]] = field(default_factory=list)
 
@@ -56,7 +59,8 @@ class RunSummary:
         return self.flops_per_token * self.tokens if self.flops_per_token else None
 
     def figures(self) -> dict[str, Any]:
-        """Everything but the event lists, as plain JSON values (`lmlab runs --json`)."""
+        """Everything but the event lists, as plain JSON values (`lmlab runs --json`), kept task and judge scores
+    included."""
         skip = ("evals", "trains")
         return {"name": self.name, **{k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()
                                       if k not in skip}, "flops": self.flops}
@@ -88,13 +92,15 @@ def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
     summary.flops_per_token = summary.flops_per_token or model.flops_per_token()
 
 
-def summarize(run_dir: Path) -> RunSummary:
-    """Read a run dir without trusting it: a half-written, old or foreign dir gets a status, not a crash."""
+def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
+    """Read a run dir without trusting it: a half-written, old or foreign dir gets a status, not a crash. Task
+    and judge scores are those kept for the weights of `checkpoint`."""
     run = RunDir(run_dir)
     if not (run.path / "config.toml").exists() and not (run.path / "metrics.jsonl").exists():
         return RunSummary(run.path, "not a run")
     events = run.events()
-    summary = RunSummary(run.path, _status(run, events))
+    summary = RunSummary(run.path, _status(run, events), checkpoint=checkpoint)
+    summary.tasks, summary.judge = kept_scores(run, checkpoint)
     start = events[0] if events and events[0].get("event") == "start" else {}
     summary.params, summary.device = start.get("params"), start.get("device")
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
@@ -115,6 +121,22 @@ def summarize(run_dir: Path) -> RunSummary:
         summary.still_falling = summary.evals[-1] is best
         summary.best_bpb = _bits_per_byte(run, best["val_loss"])
     return summary
+
+
+def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The task results and the judge's summary kept in a run for the weights of one checkpoint: per task the
+    result over the most items (the newest of those), and the newest judgement."""
+    weights = run.weights_sha256(checkpoint)
+    if weights is None:
+        return {}, None
+    tasks: dict[str, dict[str, Any]] = {}
+    for result in run.task_results():
+        if result.get("weights_sha256") == weights and isinstance(result.get("items"), int):
+            held = tasks.get(result.get("task"))
+            if held is None or result["items"] >= held["items"]:
+                tasks[result.get("task")] = result
+    judged = [j for j in run.judgements() if j.get("weights_sha256") == weights]
+    return tasks, judged[-1] if judged else None
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -153,7 +175,8 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed), "best_val_loss": s.best_val_loss,
         "best_val_loss_change": s.best_val_loss / base.best_val_loss - 1, "bits_per_byte": s.best_bpb,
         "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.tokens, s.params),
-        "gap": s.gap, "still_falling": s.still_falling,
+        "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
+        "judge": s.judge,
     } for s in runs]
 
 
@@ -191,6 +214,45 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
     Column("wall", 5, lambda r: format_duration(r["elapsed"]) if r["elapsed"] else "-"),
     Column("device", 12, lambda r: r["device"] or "-", left=True),
     Column("model", 13, lambda r: r["model"] or "-", left=True),
+    Column("judge (scored, model)", 9, lambda r: judge_cell(r["judge"]), left=True),
+]
+
+def judge_cell(judge: dict[str, Any] | None) -> str:
+    """The judge's mean score with how many answers it scored and which model judged: `62.3 (18/20, NAME)`."""
+    if not judge:
+        return "-"
+    mean = "-" if judge.get("mean") is None else f"{judge['mean']:.1f}"
+    return f"{mean} ({judge.get('scored', 0)}/{judge.get('total', 0)}, {judge.get('judge_model')})"
+
+
+def score_cell(value: float | None, stderr: float | None) -> str:
+    """A task score with its standard error: `0.3120 ± 0.0046`."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None and math.isfinite(stderr) else "")
+
+
+def task_columns(rows: list[dict[str, Any]], priority: int = 2) -> list[Column]:
+    """A column per task any row has a kept result of (acc_norm, as HellaSwag is reported, with the items scored)."""
+    names = sorted({name for r in rows for name in (r.get("tasks") or {})})
+
+    def cell(name: str) -> Callable[[dict[str, Any]], str]:
+        def text(r: dict[str, Any]) -> str:
+            result = (r.get("tasks") or {}).get(name)
+            return "-" if result is None else f"{result['acc_norm']:.4f} ({result['items']:,})"
+        return text
+
+    return [Column(f"{name} acc_norm (items)", priority, cell(name)) for name in names]
+
+
+TASK_RESULT_COLUMNS = [  # `lmlab eval --task` and the report: kept task results
+    Column("task", 0, lambda r: r["task"], left=True),
+    Column("items", 1, lambda r: f"{r['items']:,}"),
+    Column("acc", 0, lambda r: score_cell(r["acc"], r["acc_stderr"])),
+    Column("acc_norm", 0, lambda r: score_cell(r["acc_norm"], r["acc_norm_stderr"])),
+    Column("chance", 2, lambda r: f"{r['chance']:.4f}"),
+    Column("step", 4, lambda r: f"{r['step']:,}"),
+    Column("time", 3, lambda r: format_duration(r["seconds"])),
 ]
 
 COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
@@ -207,4 +269,5 @@ COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
     Column("val-train", 10, lambda r: fmt(r["gap"], "+.3f")),
     Column("falling", 8, lambda r: "yes" if r["still_falling"] else "no"),
     Column("status", 11, lambda r: r["status"], left=True),
+    Column("judge (scored, model)", 6, lambda r: judge_cell(r["judge"]), left=True),
 ]

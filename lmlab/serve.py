@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,19 @@ from lmlab.errors import UserError
 from lmlab.generate import Batch, decode_dtype, document_start
 from lmlab.openai_api import (
     ApiError,
+    chat_logprobs,
     chat_messages,
     check_fields,
     chunk,
+    completion_logprobs,
+    generates,
     head,
+    logprobs_fields,
     model_object,
+    prompt_list,
     response,
     sampling,
+    shown,
     stream_fields,
     usage,
     usage_chunk,
@@ -79,20 +85,34 @@ def load_served(run_dir: Path, checkpoint: str = "best", device: str = "auto", m
     # A word tokenizer's <unk> stands for a word of any length; the others' tokens have a longest text.
     longest = None if tokenizer.kind == "word" else max(len(token) for token in tokenizer.vocab)
     block = run.config.model.block_size
-    created = int((run.run.checkpoint(checkpoint) / "state.json").stat().st_mtime)
+    created = int((run.run.checkpoint(run.checkpoint) / "state.json").stat().st_mtime)
     return Served(run, Batcher(batch, max_queue), max_tokens_cap, max_batch, max_body_bytes, created,
                   None if longest is None else block * longest)
 
 
 @dataclass
 class Request:
-    """A validated completion request: the prompt's token ids, how to sample each choice, how to answer."""
+    """A validated completion request: its prompts' token ids (a completion may send several, each with its own `n`
+    choices: choice i continues prompt i // n), how to sample each choice, how to answer."""
 
-    ids: list[int]
+    prompts: list[list[int]]
     params: list  # SamplingParams, one per choice
     stream: bool
     include_usage: bool
     chat: bool
+    texts: list[str] = field(default_factory=list)  # each prompt as text (echoed with `echo`)
+    logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
+    echo: bool = False
+    generate: bool = True  # False: `max_tokens: 0` with `echo`, the prompts scored only
+
+    @property
+    def n(self) -> int:
+        """Choices per prompt."""
+        return len(self.params) // len(self.prompts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
 
 
 def chat_prompt(served: Served, messages: Any) -> tuple[str, tuple[str, ...]]:
@@ -140,15 +160,31 @@ def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
                        "model_not_found")
     if chat:
         prompt, stops = chat_prompt(served, body.get("messages"))
+        prompts: list[str | list[int]] = [prompt]
     else:
-        prompt, stops = body.get("prompt", ""), ()
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "`prompt` must be a string (or a list of one string).", "prompt")
+        prompts, stops = prompt_list(body.get("prompt", ""), served.run.config.model.vocab_size), ()
+    logprobs, echo = logprobs_fields(body, chat)
+    generate = chat or generates(body, echo)
     stream, include_usage = stream_fields(body)
-    params = sampling(body, served.max_tokens_cap, served.max_batch, stops, secrets.randbelow(2**63))
-    return Request(encode_prompt(served, prompt), params, stream, include_usage, chat)
+    params = sampling(body if generate else {**body, "max_tokens": None}, served.max_tokens_cap, served.max_batch,
+                      stops, secrets.randbelow(2**63))
+    if len(prompts) * len(params) > served.max_batch:
+        raise ApiError(400, f"{len(prompts)} prompts × n = {len(params)} are {len(prompts) * len(params)} choices, "
+                       f"more than this server decodes at once (--max-batch {served.max_batch}); send at most "
+                       f"{served.max_batch // len(params)} prompts per request.", "prompt")
+    ids = [encode_prompt(served, p) if isinstance(p, str) else fitting(served, p) for p in prompts]
+    texts = [p if isinstance(p, str) and p else served.run.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+    return Request(ids, [p for _ in prompts for p in params], stream, include_usage, chat, texts, logprobs, echo,
+                   generate)
+
+
+def fitting(served: Served, ids: list[int]) -> list[int]:
+    """A prompt given as token ids, refused with context_length_exceeded when it is longer than the context."""
+    block = served.run.config.model.block_size
+    if len(ids) > block:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens and this model's context is {block} tokens; shorten "
+                       "the prompt.", "prompt", "context_length_exceeded")
+    return ids
 
 
 async def read_body(http: Any, limit: int) -> bytes:
@@ -189,9 +225,15 @@ class Answer:
             except RuntimeError:  # the loop closed: the server is shutting down
                 pass
 
-        self.job = Job(request.ids, request.params, deliver)
+        n = request.n
+        per_choice = [request.prompts[i // n] for i in range(len(request.params))]
+        self.job = Job(request.prompts[0], request.params, deliver, prompts=per_choice if len(request.prompts) > 1
+                       else None, logprobs=request.logprobs, echo=request.echo, generate=request.generate)
         self.texts, self.reasons = [""] * len(request.params), [None] * len(request.params)
-        self.stats["in"] = len(request.ids)
+        # Per choice, while streaming log-probabilities: the tokens sent so far, and where the next one's text starts.
+        self.scored = [0] * len(request.params)
+        self.offset = [len(request.texts[i // n]) if request.texts else 0 for i in range(len(request.params))]
+        self.stats["in"] = request.prompt_tokens
         try:
             served.batcher.submit(self.job)
         except QueueFull:
@@ -216,7 +258,47 @@ class Answer:
 
     def usage(self) -> dict[str, int]:
         self.stats["out"] = sum(c.tokens for c in self.job.choices)
-        return usage(len(self.request.ids), self.stats["out"])
+        return usage(self.request.prompt_tokens, self.stats["out"])
+
+    # -- log-probabilities, for requests that ask for them -----------------------------------------------------
+
+    def piece(self, token: int) -> str:
+        return self.served.run.tokenizer.decode([token])
+
+    def texts_out(self) -> list[str]:
+        """Each choice's text: its prompt's first with `echo`."""
+        if not self.request.echo:
+            return self.texts
+        return [self.request.texts[i // self.request.n] + text for i, text in enumerate(self.texts)]
+
+    def logprobs(self) -> list[dict[str, Any]] | None:
+        """Each choice's `logprobs` object, once it has ended (None when not asked for): its prompt's tokens with
+        `echo`, then the tokens of its text."""
+        if self.request.logprobs is None:
+            return None
+        objects = []
+        for i, choice in enumerate(self.job.choices):
+            prompt = len(self.request.prompts[i // self.request.n]) if self.request.echo else 0
+            scores = choice.decoding.scores
+            made = shown(scores[prompt:], self.piece, len(self.texts[i])) if self.request.generate else []
+            if self.request.chat:
+                objects.append(chat_logprobs(made, self.piece))
+            else:
+                start = 0 if self.request.echo else len(self.request.texts[i // self.request.n])
+                objects.append(completion_logprobs(scores[:prompt] + made, self.piece, start))
+        return objects
+
+    def streamed_logprobs(self, i: int) -> dict[str, Any] | None:
+        """The `logprobs` object of choice i's tokens generated since its last chunk (None when not asked for)."""
+        if self.request.logprobs is None:
+            return None
+        scores = self.job.choices[i].decoding.scores
+        new, self.scored[i] = scores[self.scored[i]:], len(scores)
+        if self.request.chat:
+            return chat_logprobs(new, self.piece)
+        made = completion_logprobs(new, self.piece, self.offset[i])
+        self.offset[i] += sum(map(len, made["tokens"]))
+        return made
 
     def release(self) -> None:
         """Give the rows back, whatever ended the request (a no-op once it finished)."""
@@ -237,8 +319,9 @@ async def server_sent_events(answer: Answer, top: dict[str, Any]) -> AsyncIterat
             yield f"data: {json.dumps(chunk(top, True, i, None, None, role=True))}\n\n"
     while not answer.finished:
         for i, piece, reason in await answer.next_events():
-            if piece:
-                yield f"data: {json.dumps(chunk(top, request.chat, i, piece, None))}\n\n"
+            logprobs = answer.streamed_logprobs(i)
+            if piece or (logprobs and (logprobs.get("tokens") or logprobs.get("content"))):
+                yield f"data: {json.dumps(chunk(top, request.chat, i, piece, None, logprobs=logprobs))}\n\n"
             if reason:
                 yield f"data: {json.dumps(chunk(top, request.chat, i, None, reason))}\n\n"
     tokens = answer.usage()
@@ -330,7 +413,8 @@ def create_app(served: Served) -> Any:
         finally:
             watcher.cancel()
             pending.release()
-        return JSONResponse(response(top, chat, pending.texts, pending.reasons, pending.usage()))
+        return JSONResponse(response(top, chat, pending.texts_out(), pending.reasons, pending.usage(),
+                                     pending.logprobs()))
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest) -> Any:

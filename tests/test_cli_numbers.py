@@ -80,7 +80,12 @@ ROWS = [
     Row(PREPARE, "--val-fraction", float), Row(PREPARE, "--val-tokens", int), Row(PREPARE, "--max-tokens", int),
     Row(PREPARE, "--workers", int), Row(PREPARE, "--shard-tokens", int), Row(PREPARE, "--block-size", int),
     Row("data stats {dataset}", "--block-size", int),
-    Row("eval {run}", "--batch-size", int),
+    Row("eval {run}", "--batch-size", int), Row("eval {run}", "--max-tokens", int),
+    Row("eval {run} --task {out}/task.jsonl", "--limit", int),
+    # a step the run does not have (0 here, as every negative, huge or non-numeric one) is refused with its steps
+    *[Row(command, "--checkpoint", int) for command in (
+        "eval {run}", "sample {run}", "compare {run} {run}", "answer {run} --data {alpaca} --out {out}/answers.jsonl",
+        "export-hf {run} {out}/exported", "report {run} --out {out}/report", "serve {run}")],
     *sampling_rows("sample {run}"), *sampling_rows("compare {run} {run} --prompt ROMEO"),
     *sampling_rows("answer {run} --data {alpaca} --out {out}/answers.jsonl"),
     Row("serve {run}", "--port", int), Row("serve {run}", "--max-tokens-cap", int),

@@ -20,7 +20,8 @@ LAYERS = [
     {"model"},
     {"data"},
     {"prompt", "checkpoint", "rundir"},
-    {"train", "evaluate", "sampling", "decode", "compiled", "generate", "scaling", "runs", "plots", "tracking"},
+    {"train", "evaluate", "sampling", "scoring", "decode", "compiled", "generate", "tasks", "scaling", "runs", "plots",
+     "tracking"},
     {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "serve", "judge", "findings", "report"},
     {"commands", "__main__"},
 ]

@@ -80,7 +80,7 @@ def test_resume_refuses_runs_that_were_not_trained(tmp_path):
 def test_loading_names_what_is_missing(tmp_path):
     with pytest.raises(UserError, match="is not an lmlab run"):
         RunDir(tmp_path).load()
-    with pytest.raises(UserError, match="--checkpoint newest is unknown"):
+    with pytest.raises(UserError, match="checkpoint 'newest' is unknown"):
         RunDir(LEGACY / "trained").load("newest")
     bare = tmp_path / "bare"
     shutil.copytree(LEGACY / "imported", bare)

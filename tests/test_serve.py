@@ -176,7 +176,7 @@ def test_concurrent_requests_share_the_batch_and_get_what_each_gets_alone(server
 def test_bad_requests_get_openai_errors_and_the_server_survives(server):
     client = openai.OpenAI(base_url=server, api_key="unused")
     bad = [dict(temperature=5), dict(n=9), dict(max_tokens=65), dict(stop=[1, 2]), dict(top_p="high"),
-           dict(echo=True), dict(prompt="night " * 600)]
+           dict(best_of=2), dict(prompt="night " * 600)]
     for fields in bad:
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(**{"model": "sft", "prompt": "x", "max_tokens": 4, **fields})
@@ -263,7 +263,6 @@ def test_answer_and_judge_end_to_end_with_lmlab_serve_as_the_judge(tmp_path, sft
 
     done = subprocess.run([LMLAB, "judge", "--answers", answers, "--endpoint", server, "--model", "sft",
                            "--out", scores, "--max-tokens", "6"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
     items = [json.loads(line) for line in scores.read_text().splitlines()]
     assert len(items) == 3
     for item in items:  # the tiny judge writes noise: each item is scored from its reply, or asked twice
@@ -272,9 +271,11 @@ def test_answer_and_judge_end_to_end_with_lmlab_serve_as_the_judge(tmp_path, sft
         else:
             assert item["score"] == parse_score(item["judge_replies"][-1])
     scored = [i["score"] for i in items if i["score"] is not None]
-    assert f"over {len(scored)} of 3 answers scored" in done.stdout
-    mean = "-" if not scored else f"{sum(scored) / len(scored):.1f}"
-    assert f"mean score {mean}" in done.stdout
+    if not scored:  # the tiny judge wrote no number at all (or was refused): said in one sentence, status 2
+        assert done.returncode == 2 and "scored none of the 3 answers: " in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        assert f"mean score {sum(scored) / len(scored):.1f} over {len(scored)} of 3 answers scored" in done.stdout
 
     with pytest.raises(UserError, match="cannot reach the judge"):
         judge_answers(answers, f"http://127.0.0.1:{free_port()}/v1", "sft", tmp_path / "never.jsonl")

@@ -6,7 +6,9 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -14,7 +16,9 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from lmlab.config import MAX_COUNT, SamplingParams
+from lmlab.config import MAX_COUNT, SamplingParams, checkpoint_name
+from lmlab.errors import UserError
+from lmlab.progress import progress_bar
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
     from lmlab.rundir import LoadedRun
@@ -120,8 +124,17 @@ def add_device(parser: argparse.ArgumentParser, note: str = "") -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps" + note)
 
 
-def add_checkpoint(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="best", help="best (lowest val loss) or latest")
+def checkpoint(text: str) -> str:
+    """A checkpoint spec (best, latest, step_N or N) as the run names it: `lmlab.config.checkpoint_name`."""
+    try:
+        return checkpoint_name(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err).rstrip(".")) from None
+
+
+def add_checkpoint(parser: argparse.ArgumentParser, what: str = "the checkpoint to use") -> None:
+    parser.add_argument("--checkpoint", type=checkpoint, default="best",
+                        help=f"{what}: best (lowest val loss), latest, or a step: step_N or N (e.g. 500)")
 
 
 def add_sampling(parser: argparse.ArgumentParser, **defaults: Any) -> None:
@@ -151,6 +164,27 @@ def compiled_step(args: argparse.Namespace, model: Any, capacity: int, dtype: An
         return compile_step(model, capacity, dtype)
 
 
+@contextmanager
+def ticking(unit: str, title: str, every: float = 5.0, stderr: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """Say `title`, then yield a progress callback (done, total) in `unit`s: a bar on a terminal, a plain line with
+    the rate and ETA every `every` seconds and at the end elsewhere (a log, a pipe), so no long step is silent.
+    With `stderr` (a command printing JSON), all of it goes to stderr."""
+    out = Console(stderr=True) if stderr else console
+    out.print(f"{title}...", highlight=False)
+    bar = progress_bar(out, unit)
+    with bar:
+        task, started, said = bar.add_task(unit, total=None, info=""), time.perf_counter(), [0.0]
+
+        def tick(done: int, total: int) -> None:
+            now = time.perf_counter() - started
+            if not out.is_terminal and done < total and now - said[0] < every:
+                return
+            said[0] = now
+            bar.update(task, completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")
+
+        yield tick
+
+
 def sampling(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams of the options `add_sampling` added (checked: a bad value is one sentence)."""
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
@@ -166,7 +200,7 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
 
 
 def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
-    if used != asked:
+    if used != checkpoint_name(asked):
         print(f"note: {path} has no {asked} checkpoint (never evaluated, or its pointer is gone); using {used} "
               f"(step {step})", file=sys.stderr)
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lmlab.commands.common import add_checkpoint, console, count, note_checkpoint
+from lmlab.config import checkpoint_label
 
 ARCHS = ("auto", "gpt2", "llama", "qwen3")  # lmlab.hf.ARCHS, named here so --help does not import torch
 
@@ -27,8 +28,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     with console.status(f"Exporting {args.run}..."):
         result = export_hf(Path(args.run), Path(args.out), args.checkpoint, args.arch)
     note_checkpoint(args.run, args.checkpoint, result["checkpoint"], result["step"])
-    console.print(f"wrote {result['out']} ({result['family']}, checkpoint {result['checkpoint']}, step "
-                  f"{result['step']}); load it with "
+    label = checkpoint_label(result["checkpoint"], result["step"])
+    console.print(f"wrote {result['out']} ({result['family']}, {label}); load it with "
                   f"transformers.AutoModelForCausalLM.from_pretrained({result['out']!r})")
     if result["tokenizer"] is None:
         console.print("no tokenizer files written: the run has none (it was imported without one)")

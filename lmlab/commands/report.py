@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_device, add_sampling, console, sampling
+from lmlab.commands.common import add_checkpoint, add_device, add_sampling, console, sampling, ticking
 
 
 def default_folder(runs: list[str]) -> Path:
@@ -17,12 +17,13 @@ def default_folder(runs: list[str]) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from lmlab.report import build_report
+    from lmlab.report import Options, build_report
 
     params = sampling(args)
     out = Path(args.out) if args.out else default_folder(args.runs)
-    with console.status("Reading the runs...") as status:
-        report = build_report([Path(r) for r in args.runs], out, args.prompt, params, args.device, status.update)
+    options = Options(args.prompt, params, args.device, args.checkpoint, not args.no_eval,
+                      lambda line: console.print(line, highlight=False), ticking)
+    report = build_report([Path(r) for r in args.runs], out, options)
     console.print(f"report: {report.markdown} (with {len(report.images)} PNGs beside it)")
     console.print(f"one page: {report.html}")
 
@@ -36,5 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "for one run, reports/A-vs-B for several)")
     p.add_argument("--prompt", default="", help="what the samples continue (default: the start of a document)")
     add_sampling(p, max_new_tokens=300)
+    add_checkpoint(p, "the checkpoint reported on (evaluated, sampled, its kept task and judge scores)")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate the val split: report kept evaluations "
+                   "only (a report evaluates each run's checkpoint once and keeps the result)")
     add_device(p)
     p.set_defaults(func=cmd_report)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from lmlab.commands.common import add_device, add_sampling, console, print_table, sampling
+from lmlab.commands.common import add_checkpoint, add_device, add_sampling, console, print_table, sampling
 from lmlab.errors import UserError
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
@@ -26,11 +26,14 @@ def cmd_runs(args: argparse.Namespace) -> None:
     print_table(f"Runs under {args.dir}", RUN_COLUMNS, rows, args.wide)
 
 
-def evaluated(paths: list[str]) -> list[RunSummary]:
-    """The summaries of runs that can be compared: each has an evaluation, parameters and FLOPs."""
+def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
+    """The summaries of runs that can be compared: each has an evaluation, parameters and FLOPs (task and judge
+    scores those kept for `checkpoint`)."""
+    from lmlab.rundir import check_steps
     from lmlab.runs import summarize
 
-    runs = [summarize(Path(r)) for r in paths]
+    check_steps(paths, checkpoint)
+    runs = [summarize(Path(r), checkpoint) for r in paths]
     for s in runs:
         if s.best_val_loss is None or not s.params or not s.flops:
             raise UserError(f"{s.path} has no evaluation to compare ({s.status}); train it past one eval_interval.")
@@ -38,10 +41,11 @@ def evaluated(paths: list[str]) -> list[RunSummary]:
 
 
 def print_comparison(runs: list[RunSummary], wide: bool = False) -> None:
-    from lmlab.runs import COMPARE_COLUMNS, comparison
+    from lmlab.runs import COMPARE_COLUMNS, comparison, task_columns
 
-    print_table(f"Compared with {runs[0].name} (× its figure; best val: % change)", COMPARE_COLUMNS,
-                comparison(runs), wide)
+    rows = comparison(runs)
+    print_table(f"Compared with {runs[0].name} (× its figure; best val: % change)",
+                [*COMPARE_COLUMNS, *task_columns(rows)], rows, wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -51,11 +55,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from lmlab.runs import comparison
 
     params = sampling(args)
-    runs = evaluated(args.runs)
+    runs = evaluated(args.runs, args.checkpoint)
     plot = plot_comparison(runs, Path(args.plot), args.x, args.log) if args.plot else None
     texts = None
     if args.prompt is not None:
-        texts = {s.name: sample(RunDir(s.path).load("best", args.device), args.prompt, params) for s in runs}
+        texts = {s.name: sample(RunDir(s.path).load(args.checkpoint, args.device), args.prompt, params) for s in runs}
     if args.json:
         print(json.dumps({"base": runs[0].name, "runs": comparison(runs), "plot": plot and str(plot),
                           "samples": texts and {"prompt": args.prompt, "settings": params.describe(), "text": texts}},
@@ -113,6 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--x", choices=["step", "tokens", "time", "flops"], default="step", help="x axis of the plot")
     p.add_argument("--log", action="store_true", help="log-scale axes")
     p.add_argument("--prompt", help="sample every run from this prompt with the same seed")
+    add_checkpoint(p, "the checkpoint --prompt samples and whose kept task and judge scores are shown")
     add_sampling(p, max_new_tokens=200)
     add_device(p, " (for --prompt)")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")

@@ -20,6 +20,7 @@ from lmlab.commands.common import (
     port,
     sampling,
 )
+from lmlab.errors import UserError
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -61,18 +62,22 @@ def cmd_judge(args: argparse.Namespace) -> None:
         summary = judge_answers(answers, args.endpoint, args.model, out, args.max_tokens,
                                 lambda done, total: status.update(f"Judging: {done}/{total} answers"))
     total = len(summary.items)
-    mean = "-" if summary.mean is None else f"{summary.mean:.1f}"
-    console.print(f"judge {args.model}: mean score {mean} over {len(summary.scored)} of {total} answers scored "
-                  f"({total - len(summary.scored)} unscored: no number from 0 to 100 in two tries, or the request "
-                  "was refused)")
-    if summary.scored:
-        table = Table(title=f"Lowest-scored answers (of {len(summary.scored)})")
-        for column in ("score", "instruction", "input", "model answer", "reference"):
-            table.add_column(column, overflow="fold", justify="right" if column == "score" else "left")
-        for item in summary.scored[:args.lowest]:
-            table.add_row(str(item["score"]), item["instruction"], item.get("input", ""), item["model_answer"],
-                          item["output"])
-        console.print(table)
+    if not summary.scored:
+        raise UserError(f"judge {args.model} scored none of the {total} answers: {summary.unscored()}; the replies are "
+                        f"in {summary.out}.")
+    unscored = f" ({total - len(summary.scored)} unscored: {summary.unscored()})" if summary.unscored() else ""
+    console.print(f"judge {args.model}: mean score {summary.mean:.1f} over {len(summary.scored)} of {total} answers "
+                  f"scored{unscored}", highlight=False)
+    not_kept = summary.attached.startswith("not kept")
+    console.print(summary.attached if not_kept else f"the mean is kept in run {summary.attached}: `lmlab runs`, "
+                  "`compare` and `report` show it", highlight=False)
+    table = Table(title=f"Lowest-scored answers (of {len(summary.scored)})")
+    for column in ("score", "instruction", "input", "model answer", "reference"):
+        table.add_column(column, overflow="fold", justify="right" if column == "score" else "left")
+    for item in summary.scored[:args.lowest]:
+        table.add_row(str(item["score"]), item["instruction"], item.get("input", ""), item["model_answer"],
+                      item["output"])
+    console.print(table)
     console.print(f"per-item scores: {summary.out}")
 
 

@@ -92,7 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "long: its steps are timed and max_iters set to fill it (sets train.budget_seconds)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     add_device(p, " (may differ from the original on resume)")
-    p.add_argument("--init-from", metavar="RUN[:best|latest]", help="start a new run from another run's weights")
+    p.add_argument("--init-from", metavar="RUN[:CHECKPOINT]", help="start a new run from another run's weights "
+                   "(CHECKPOINT: best, latest (the default), step_N or N)")
     p.add_argument("--keep-optimizer", action="store_true", help="with --init-from: carry the optimizer state too")
     p.add_argument("--force", action="store_true", help="resume even though the dataset's content changed")
     p.set_defaults(func=cmd_train)

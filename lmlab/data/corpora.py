@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmlab.errors import UserError
 
@@ -138,14 +139,21 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
         raise UserError(f"{path} could not be read past row {row} ({err}); the file is truncated or corrupt.")
 
 
-def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
-    """`hf:OWNER/NAME[:CONFIG]`, streamed by the `datasets` library (train split), never downloaded whole."""
-    name, _, config = source.removeprefix("hf:").partition(":")
+def hf_datasets(source: str, instead: str) -> Any:
+    """The Hugging Face `datasets` library that an `hf:` source needs, or one sentence saying how to install it or
+    what to download and pass `instead`."""
     try:
         import datasets
     except ImportError:
         raise UserError(f"{source} needs the Hugging Face `datasets` library, which is not installed; "
-                        "`pip install datasets`, or download the parquet files and pass them instead.")
+                        f"`pip install datasets`, or download {instead} and pass them instead.")
+    return datasets
+
+
+def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
+    """`hf:OWNER/NAME[:CONFIG]`, streamed by the `datasets` library (train split), never downloaded whole."""
+    name, _, config = source.removeprefix("hf:").partition(":")
+    datasets = hf_datasets(source, "the parquet files")
     try:
         stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
         for number, record in enumerate(stream):

@@ -38,7 +38,7 @@ from lmlab.hf.gpt2 import FAMILY as GPT2
 from lmlab.hf.llama import LLAMA, QWEN3
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
-from lmlab.rundir import RunDir
+from lmlab.rundir import RunDir, check_steps
 
 FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN3)}  # `auto` takes the first that fits
 ARCHS = ("auto", *FAMILIES)
@@ -149,6 +149,7 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
     config.json, generation_config.json and, when the run has a tokenizer, its tokenizer files."""
     run_dir, out = Path(run_dir), Path(out)
     family = choose_family(RunDir(run_dir).config().model, arch, str(run_dir))
+    check_steps([run_dir], checkpoint)  # a step the run has not is refused before anything is written
     tmp = fresh_dir(out, "output folder")
     try:
         run = RunDir(run_dir).load(checkpoint, "cpu", need_tokenizer=False)

@@ -32,6 +32,12 @@ class DecodeState:
         """Rows start..stop-1 as a state of their own, sharing this one's memory (writes go through)."""
         return self.over([t[start:stop] for t in self.tensors()])
 
+    def shortened(self, length: int) -> DecodeState:
+        """These rows, sharing their memory, holding at most `length` tokens each, so that a step over them attends
+        to that many positions rather than block_size (scoring choices after a short context). By default the
+        state itself: a recurrent state has no positions to leave out."""
+        return self
+
     def reset(self, row: int) -> None:
         """Empty one row for a new sequence."""
         for t in self.tensors():
@@ -82,6 +88,15 @@ class LanguageModel(nn.Module):
     def architecture(self) -> str:
         """The family in a word, for tables that have no room for `describe()`: e.g. GPT-2, modern, GRU."""
         raise NotImplementedError
+
+    def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                  cache: DecodeState | None = None) -> torch.Tensor:
+        """The logits (n, vocab) of ids (B, T) at (rows[i], positions[i]) only, `cache` advanced as `forward`
+        advances it: what scoring reads, where the other positions' logits would be computed for nothing (GPT-2
+        small's head is a third of its matmuls). By default the whole forward, then those positions; a kind may
+        compute only them (gpt.py does)."""
+        logits, _ = self(idx, cache=cache)
+        return logits[rows, positions]
 
     def attention_flops(self) -> float:
         """Training FLOPs per token beyond the weights' (see `flops_per_token`); none unless the kind attends."""

@@ -80,6 +80,9 @@ class KVCache(DecodeState):
         cache.empty = cache.fresh = False
         return cache
 
+    def shortened(self, length: int) -> KVCache:
+        return KVCache.over([self.pos, *(t[:, :, :length] for t in (*self.k, *self.v))])
+
     def reset(self, row: int) -> None:
         self.pos[row] = 0  # the old keys are masked out, then overwritten
         self.empty = len(self.pos) == 1
@@ -299,6 +302,19 @@ class GPT(LanguageModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given."""
+        logits = self.lm_head(self.hidden(idx, cache))[..., :self.config.vocab_size]  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = next_token_loss(logits, targets)
+        return logits, loss
+
+    def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                  cache: KVCache | None = None) -> torch.Tensor:
+        """The head applied at the positions asked for only (see LanguageModel.logits_at)."""
+        return self.lm_head(self.hidden(idx, cache)[rows, positions])[..., :self.config.vocab_size]  # (n, vocab)
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normed states (B, T, C) the head reads, for token ids (B, T)."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} exceeds block_size"
         # (T,) from 0, or (B, T) after what each row of the cache holds (its owner keeps that within block_size)
@@ -312,8 +328,4 @@ class GPT(LanguageModel):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache)
-        logits = self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = next_token_loss(logits, targets)
-        return logits, loss
+        return self.transformer.ln_f(x)

@@ -176,7 +176,7 @@ class Trainer:
                                peak=self.peak)
 
     def _init_from(self, source: str, keep_optimizer: bool) -> None:
-        """Start from another run's weights (`runs/OLD`, `runs/OLD:best` or `runs/OLD:latest`)."""
+        """Start from another run's weights (`runs/OLD`, or `runs/OLD:CHECKPOINT`: best, latest, step_N or N)."""
         old_dir, _, which = source.partition(":")
         old_run = RunDir(old_dir)
         old = old_run.config().model

@@ -1,0 +1,218 @@
+"""Log-likelihoods of continuations given their contexts, many per forward, in fp32: what multiple-choice tasks
+(`lmlab eval --task`) and the server's `logprobs` (`lmlab serve`) are made of.
+
+A choice is scored as lm-evaluation-harness scores a (context, continuation) pair of token ids: the model reads
+the last block_size + 1 tokens of context + continuation but the last (a longer pair loses its context from the
+left), and the log-probabilities it gives each continuation token are summed.
+
+Choices that share a context, all fitting the model's context window, share its forward: the context is read once
+into a row of the model's decode state (a KV cache, or a recurrent state), that row is copied to a row per choice,
+and then every choice is read on from there, all in one forward. Any other choice gets a row of its own. Rows are
+grouped into forwards by a token budget; the logits are taken to log-probabilities in fp32 at the continuation
+positions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from lmlab.model import LanguageModel
+from lmlab.model.base import DecodeState
+
+LOGITS_ELEMENTS = 2**27  # the most logits (rows x positions x vocab) one forward may return: 512 MiB in fp32
+STATE_BYTES = 2**30  # the most memory the decode state of shared contexts may take
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A continuation to score after a context, both token ids; the context holds at least one token."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+    def window(self, block_size: int) -> tuple[int, ...]:
+        """What the model reads: the last block_size + 1 tokens of context + continuation, but the last."""
+        return (self.context + self.continuation)[-(block_size + 1):-1]
+
+    def truncated(self, block_size: int) -> bool:
+        return len(self.context) + len(self.continuation) > block_size + 1
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """One token of a sequence with its log-probability (None for a first token, which nothing predicts) and the
+    likeliest tokens at its position with theirs, likeliest first."""
+
+    token: int
+    logprob: float | None
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per token of a sequence: its log-probability, and the `top` likeliest tokens there with theirs."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, top: int = 0) -> TokenScores:
+    """Log-probabilities in fp32 of `targets` (n,) under (n, vocab) logits, and of the `top` likeliest tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    if top <= 0:
+        return TokenScores(chosen, [[] for _ in chosen], [[] for _ in chosen])
+    values, ids = logprobs.topk(min(top, logprobs.size(-1)), dim=-1)
+    return TokenScores(chosen, ids.tolist(), values.tolist())
+
+
+@torch.no_grad()
+def loglikelihoods(model: LanguageModel, choices: Sequence[Choice], share: bool = True, max_rows: int = 64,
+                   max_tokens: int = 16384, progress: Callable[[int], None] | None = None) -> list[float]:
+    """The summed log-probability of each choice's continuation given its context, in fp32.
+
+    Consecutive choices with the same context share its forward when `share` (and every one of them fits the
+    context window); at most `max_rows` rows and `max_tokens` positions go into a forward, and the logits of at
+    most LOGITS_ELEMENTS. Each continuation must hold from 1 to block_size tokens. `progress(n)` is told when n
+    more choices are scored."""
+    block, vocab = model.config.block_size, model.config.vocab_size
+    assert all(0 < len(c.continuation) <= block and c.context for c in choices), "a choice the window cannot hold"
+    scores: list[float] = [0.0] * len(choices)
+    groups = _groups(choices, block) if share else [[i] for i in range(len(choices))]
+    shared = [g for g in groups if len(g) > 1]
+    if shared:
+        _score_shared(model, choices, shared, scores, max_rows, max_tokens, progress)
+    # The others longest first, so that the rows of a forward are of similar lengths and pad little.
+    alone = sorted((g[0] for g in groups if len(g) == 1), key=lambda i: -len(choices[i].window(block)))
+
+    def fits(batch: list[int]) -> bool:
+        scored = sum(len(choices[i].continuation) for i in batch)
+        return (len(batch) <= max_rows and len(batch) * len(choices[batch[0]].window(block)) <= max_tokens
+                and scored * vocab <= LOGITS_ELEMENTS)
+
+    for batch in _batches(alone, fits):
+        _score_alone(model, choices, batch, scores, progress)
+    return scores
+
+
+def _batches(units: list[T], fits: Callable[[list[T]], bool]) -> Iterator[list[T]]:
+    """The units in order, in batches as large as `fits` allows (a unit alone is always a batch)."""
+    batch: list[T] = []
+    for unit in units:
+        if batch and not fits([*batch, unit]):
+            yield batch
+            batch = []
+        batch.append(unit)
+    if batch:
+        yield batch
+
+
+def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
+    """Runs of consecutive choices with one context, when there is something to share: two or more choices, a
+    context of more than one token, and every choice fitting the window; every other choice alone."""
+    runs: list[list[int]] = []
+    for i, choice in enumerate(choices):
+        if runs and choices[runs[-1][0]].context == choice.context:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    groups = []
+    for run in runs:
+        shareable = len(choices[run[0]].context) > 1 and not any(choices[i].truncated(block) for i in run)
+        groups += [run] if shareable and len(run) > 1 else [[i] for i in run]
+    return groups
+
+
+def _score_rows(model: LanguageModel, idx: torch.Tensor, starts: list[int], targets: list[tuple[int, ...]],
+                cache: DecodeState | None = None) -> list[float]:
+    """The summed log-probability of each row's targets, read at that row's positions from starts[row] on: the
+    model's head is applied at those positions only (`LanguageModel.logits_at`)."""
+    device = next(model.parameters()).device
+    rows = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=device)
+    positions = torch.tensor([s + k for s, t in zip(starts, targets) for k in range(len(t))], device=device)
+    flat = torch.tensor([token for t in targets for token in t], device=device)
+    logits = model.logits_at(idx.to(device), rows, positions, cache)  # (tokens scored, vocab)
+    per_token = torch.log_softmax(logits.float(), dim=-1).gather(1, flat[:, None])[:, 0]
+    sums = torch.zeros(len(targets), dtype=torch.float64, device=device)
+    sums.index_add_(0, rows, per_token.double())
+    return sums.tolist()
+
+
+def _padded(rows: list[tuple[int, ...]]) -> torch.Tensor:
+    """Token rows as one (rows, longest) tensor, padded on the right (a causal model's outputs at a position never
+    depend on what follows it)."""
+    idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for r, tokens in enumerate(rows):
+        idx[r, :len(tokens)] = torch.tensor(tokens)
+    return idx
+
+
+def _score_alone(model: LanguageModel, choices: Sequence[Choice], batch: list[int], scores: list[float],
+                 progress: Callable[[int], None] | None) -> None:
+    """One forward for choices of their own, each a row from position 0."""
+    block = model.config.block_size
+    windows = [choices[i].window(block) for i in batch]
+    targets = [choices[i].continuation for i in batch]
+    starts = [len(w) - len(t) for w, t in zip(windows, targets)]
+    for i, value in zip(batch, _score_rows(model, _padded(windows), starts, targets)):
+        scores[i] = value
+    if progress:
+        progress(len(batch))
+
+
+def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[list[int]], scores: list[float],
+                  max_rows: int, max_tokens: int, progress: Callable[[int], None] | None) -> None:
+    """Groups of choices sharing a context, a forward for as many groups as the rows, the tokens, the logits and
+    the decode state's memory allow (the longest continuations first, so that rows pad little)."""
+    device = next(model.parameters()).device
+    per_row = sum(t.numel() * t.element_size() for t in model.new_cache(1, device, torch.float32).tensors())
+    capacity = max(max(map(len, groups)), min(max_rows, STATE_BYTES // max(1, per_row)))
+    state = model.new_cache(capacity, device, torch.float32)
+    block, vocab = model.config.block_size, model.config.vocab_size
+
+    def fits(batch: list[list[int]]) -> bool:
+        held = [i for group in batch for i in group]
+        width = max(len(choices[i].continuation) for i in held)
+        deepest = max(len(choices[group[0]].context) - 1 for group in batch)  # what a row holds before its choice
+        scored = sum(len(choices[i].continuation) for i in held)
+        return (len(held) <= capacity and len(held) * width <= max_tokens and deepest + width <= block
+                and scored * vocab <= LOGITS_ELEMENTS)
+
+    ordered = sorted(groups, key=lambda g: -max(len(choices[i].continuation) for i in g))
+    for batch in _batches(ordered, fits):
+        _forward_shared(model, choices, batch, state, scores)
+        if progress:
+            progress(sum(map(len, batch)))
+
+
+def _forward_shared(model: LanguageModel, choices: Sequence[Choice], batch: list[list[int]], state: DecodeState,
+                    scores: list[float]) -> None:
+    """Read each group's context (but its last token) into its first row, copy that row to the group's other rows,
+    then read every choice's last context token and its continuation (but the last) from there, in one forward."""
+    device = next(model.parameters()).device
+    order = [i for group in batch for i in group]
+    row = 0
+    for group in batch:
+        context = choices[group[0]].context
+        first = state.rows(row, row + 1)
+        first.reset(0)
+        nothing = torch.zeros(0, dtype=torch.long, device=device)
+        model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)  # the states only
+        for other in range(row + 1, row + len(group)):
+            state.move(row, other, len(context) - 1)
+        row += len(group)
+    inputs = [(choices[i].context[-1],) + choices[i].continuation[:-1] for i in order]
+    targets = [choices[i].continuation for i in order]
+    idx = _padded(inputs)
+    # The rows hold their context but its last token; the choices go on from there, attending to no further.
+    held = max(len(choices[group[0]].context) for group in batch) - 1 + idx.size(1)
+    for i, value in zip(order, _score_rows(model, idx, [0] * len(order), targets,
+                                           state.rows(0, len(order)).shortened(held))):
+        scores[i] = value

@@ -4,7 +4,7 @@ A GPU the datasheet table lists (`lmlab.device.PEAK_TFLOPS`) has its datasheet p
 the table lacks) is measured: the best rate of a square matmul with its inputs already in the dtype. A measurement
 says what the hardware can do only if nothing else ran on its cores meanwhile, so:
 
-- each measurement is taken inside a `LoadMeter`; one taken while other processes used more than a fifth of the
+- each measurement is taken inside a `LoadMeter`; one taken while other processes used more than a tenth of the
   cores is *busy*. A busy figure never stands: it is cached marked busy (for the record), MFU is not computed
   against it (a matmul measured on a loaded machine ran 3x to 40x below the hardware's rate, so MFU would read
   that much high), and the next process measures again;

@@ -206,18 +206,19 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
 
 
 @pytest.mark.slow
-def test_the_ranks_of_a_torchrun_job_make_one_plan_together(tmp_path, char_dataset):
-    """Each rank times its own steps; the plan is made from their mean, so both train and evaluate the same steps
-    (ranks that disagreed would wait for each other's collectives until the job timed out)."""
+def test_the_ranks_of_a_torchrun_job_make_their_plans_together(tmp_path, char_dataset):
+    """Each rank times its own steps; every plan (the first, at each evaluation, at a pace check) is made from their
+    mean, so both train and evaluate the same steps (ranks that disagreed would wait for each other's collectives
+    until the job timed out)."""
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     run = tmp_path / "run"
     finish(torchrun([str(config), "--run", str(run), "--budget", "10s", "--set", "train.grad_accum_steps=2",
                      "--set", "train.eval_interval=25"]))
-    events = RunDir(run).events()
-    plans = [e for e in events if e["event"] == "budget"]
-    assert len(plans) == 1 and plans[0]["max_iters"] > plans[0]["step"]
-    assert events[-1]["event"] == "end" and events[-1]["step"] == plans[0]["max_iters"]
-    assert [e["step"] for e in events if e["event"] == "eval"][-1] == plans[0]["max_iters"]
+    events, plans = RunDir(run).events(), plans_of(run)
+    assert plans[0].reason == "planned" and plans[0].max_iters > plans[0].step
+    assert {e["step"] for e in events if e["event"] == "eval"} - {plans[-1].max_iters} <= {p.step for p in plans}
+    assert events[-1]["event"] == "end" and events[-1]["step"] == plans[-1].max_iters
+    assert [e["step"] for e in events if e["event"] == "eval"][-1] == plans[-1].max_iters
 
 
 def budgeted_process(tmp_path, dataset, seconds: float, hog_at: float | None) -> tuple[float, Path]:

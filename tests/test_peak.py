@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -39,15 +40,17 @@ QUIET, BUSY = Load(0.75, 2, 0.01, 0.3), Load(0.75, 2, 0.6, 4.2)
 
 @contextmanager
 def hog(processes: int = 2):
-    """Other processes that keep every core busy (one spinning interpreter per core)."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    """Other processes that keep every core busy (one spinning interpreter per core), started through a shell that
+    exits at once: so they are no one's descendants here (a LoadMeter counts its own process tree as its own)."""
+    started = subprocess.run(["sh", "-c", f'for i in $(seq {processes}); do "{sys.executable}" -c "while True: pass" '
+                                          '& echo $!; done'], capture_output=True, text=True, check=True)
+    pids = [int(pid) for pid in started.stdout.split()]
     try:
         time.sleep(0.5)
         yield
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
 
 
 def settled_entry(dtype: torch.dtype, flops: float) -> dict:
@@ -157,7 +160,7 @@ def test_a_peak_measured_while_other_processes_use_the_cores_gives_no_mfu_and_is
     assert found["quiet"] is False and found["mfu"] is None and found["measurements"] == 0
     assert "measured while the machine was busy (other processes used" in found["describe"]
     entry = json.loads((tmp_path / "lmlab" / "peak_flops.json").read_text())["entries"][cache_key(CPU, torch.float32)]
-    assert entry["quiet"] is False and entry["load"]["others"] > 0.2  # on record, not settled: measured again
+    assert entry["quiet"] is False and entry["load"]["others"] > 0.1  # on record, not settled: measured again
     said = " ".join(bench.stdout.split())
     assert bench.returncode == 0 and "warning: no MFU: the peak, a 2048² float32 matmul measured while the machine " \
                                      "was busy" in said

@@ -25,13 +25,12 @@ from tests.conftest import LMLAB, write_config
 
 
 @pytest.fixture(scope="module")
-def three_runs(tmp_path_factory) -> list[Path]:
-    """Three real trainings of different widths on the embedded Shakespeare corpus."""
+def three_runs(tmp_path_factory, char_dataset) -> list[Path]:
+    """Three real trainings of different widths on the tests' play-like corpus."""
     root = tmp_path_factory.mktemp("compare")
-    dataset, _, _ = prepare(["shakespeare"], "char", out_dir=root / "data")
     runs = []
     for name, width, steps in (("small", 16, 20), ("medium", 32, 30), ("large", 48, 40)):
-        config = load_config(write_config(root / "tiny.toml", dataset, max_iters=steps),
+        config = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=steps),
                              [f"model.n_embd={width}"])
         runs.append(Trainer(config, root / "runs" / name, "cpu").run().run_dir)
     return runs
@@ -277,6 +276,7 @@ def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_t
     facts = json.loads((stripped / "dataset.json").read_text())
     (stripped / "dataset.json").write_text(json.dumps({k: v for k, v in facts.items() if k not in ("train", "val")}))
     assert main(["compare", str(two_tokenizers[0]), str(stripped), "--plot", str(tmp_path / "c.png")]) == 2
-    assert (f"these runs cannot share a loss axis: their tokenizers differ (bpe:300, char), and stripped keeps no byte "
-            "counts of its data (dataset.json) to draw it in bits per byte; plot them apart.") in \
+    assert ("these runs cannot share a loss axis: their tokenizers differ (bpe:300, char): a loss per token is per a "
+            "different unit, and stripped keeps no byte counts of its data (dataset.json) to draw it in bits per byte; "
+            "plot them apart.") in \
         " ".join(capsys.readouterr().err.split())

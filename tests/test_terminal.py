@@ -87,9 +87,11 @@ def test_help_shows_the_defaults(command, shown, capsys):
 def test_bench_names_the_dtype_it_trained_in(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     assert main(["bench", str(config), "--steps", "1", "--device", "cpu", "--set", "train.dtype=auto"]) == 0
-    title = " ".join(capsys.readouterr().out.split("┏")[0].split())
+    out = capsys.readouterr().out.split("┏")[0]
+    title = " ".join(out.split()).split("training steps per batch size")[1]
     used = str(autocast_dtype(torch.device("cpu"), "auto")).removeprefix("torch.")
-    assert f"(cpu, {used};" in title and "auto" not in title
+    assert title.startswith(f" (cpu, {used};") and "auto" not in title
+    assert out.startswith(f"dtype {used} (auto: ")  # and why, first
 
 
 @pytest.mark.parametrize("settings, label", [

@@ -31,6 +31,7 @@ from lmlab.busy import LoadMeter
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
+from lmlab.progress import ItemProgress
 from lmlab.rundir import RunDir
 
 
@@ -79,10 +80,10 @@ def main() -> None:
     for column in ("tree", "budget", "hog", "wall", "vs budget", "steps", "plans", "last LR / peak", "val",
                    "others' CPU"):
         table.add_column(column, justify="left" if column == "tree" else "right")
+    progress = ItemProgress(console, len(cases))
     with tempfile.TemporaryDirectory(dir=".") as runs:
         for i, (budget, hog, tree) in enumerate(cases, 1):
-            console.print(f"[{i}/{len(cases)}] budget {budget:g} s, {'hog' if hog else 'quiet'}"
-                          f"{', tree ' + tree if tree else ''} (about {budget:.0f} s)...", highlight=False)
+            progress.start(f"budget {budget:g} s, {'hog' if hog else 'quiet'}{', tree ' + tree if tree else ''}")
             r = train(args.config, Path(runs) / f"run{i}", budget, tree, args.hog_at * budget if hog else None,
                       args.hogs)
             others = "-" if r["load"].others is None else f"{100 * r['load'].others:.0f}%"

@@ -90,10 +90,6 @@ class Peak:
         """The share of this peak, or None against a busy measurement (it would read high)."""
         return flops_per_second / self.flops if self.quiet else None
 
-    def record(self) -> dict[str, Any]:
-        """The start event's fields: `peak_flops`, `peak_source` (how it was had), `peak_quiet`."""
-        return {"peak_flops": self.flops, "peak_source": self.describe(), "peak_quiet": self.quiet}
-
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
     """The peak of `device` in `dtype`: the datasheet's, or measured here (see the module's rules)."""
@@ -117,7 +113,7 @@ def cache_key(device: torch.device, dtype: torch.dtype) -> str:
     who = ", ".join(f"{k} {v}" for k, v in _identity(device).items() if v)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
-            f"{matmul_size(device)}² matmul")
+            f"{matmul_size(device, dtype)}² matmul")
 
 
 def _identity(device: torch.device) -> dict[str, Any]:
@@ -127,8 +123,16 @@ def _identity(device: torch.device) -> dict[str, Any]:
     return {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
 
-def matmul_size(device: torch.device) -> int:
-    return 2048 if device.type == "cpu" else 8192
+def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
+    """The side of the square matmul a peak is measured with (see `measured_peak`). On a CPU without a native kernel
+    for the dtype (fp16 on CPUs without AVX512-FP16 or AMX-FP16, bf16 without AVX512-BF16), torch falls back to
+    scalar loops: 2.5-4 GFLOP/s on this project's AMD EPYC at 128-512, falling with size, so a 2048² matmul took
+    7-60 s and stalled a run's start for minutes. 256 is the best of those sizes and takes about 10 ms."""
+    if device.type != "cpu":
+        return 8192
+    native = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+              torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype, lambda: True)
+    return 2048 if native() else 256
 
 
 def checksum(entry: dict[str, Any]) -> str:
@@ -216,7 +220,8 @@ def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.
     else:
         best = new if entry is None or flops > entry["flops"] else entry
     kept = {"processor": _identity(device), "threads": torch.get_num_threads(),
-            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "matmul": matmul_size(device),
+            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "matmul": matmul_size(device, dtype),
             **{k: best[k] for k in ("flops", "quiet", "measured_at", "load")}, "figures": figures}
     return {**kept, "sha256": checksum(kept)}
 
@@ -231,13 +236,14 @@ def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5
 
     Big enough to reach the peak, since a low peak overstates MFU: 8192 wide on a GPU, where smaller matmuls
     leave a large GPU's tensor cores partly idle; 2048 on the CPU, where bf16 reached 1.7-1.8 TFLOP/s on 2
-    AVX-512 cores against 1.1-1.25 at 1024 (fp32: 0.28 at both). The first half of the time only warms up: the
-    first calls of a process (kernel JIT, clock ramp-up) were measured at 60% of the settled rate on the CPU.
+    AVX-512 cores of one host against 1.1-1.25 at 1024 (fp32: 0.28 at both); 256 for a dtype the CPU has no native
+    kernel for (`matmul_size`), which is slow at any size. The first half of the time only warms
+    up: the first calls of a process (kernel JIT, clock ramp-up) were measured at 60% of the settled rate.
     """
-    n = matmul_size(device)
+    n = matmul_size(device, dtype)
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
     a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
-    repeats = 4 if device.type != "cpu" else 1  # one CPU matmul takes 10-60 ms quiet, and seconds on a busy machine
+    repeats = 4 if device.type != "cpu" else 1  # one CPU matmul takes 40-90 ms here quiet, and seconds when busy
     best, spent = 0.0, -seconds / 2
     with torch.no_grad():
         while spent < seconds or not best:
@@ -269,7 +275,8 @@ def choose_dtype(device: torch.device, setting: str) -> tuple[torch.dtype, str]:
     ratio = bf16.flops / fp32.flops
     chosen = torch.bfloat16 if ratio >= BF16_MARGIN else torch.float32
     how = "quiet" if fp32.quiet and bf16.quiet else "busy: measured again next time"
-    return chosen, (f"auto: a {matmul_size(device)}² matmul runs {bf16.flops / 1e12:.2f} TFLOP/s in bfloat16, "
+    side = matmul_size(device, torch.bfloat16)  # that of float32 too: this CPU has native bf16
+    return chosen, (f"auto: a {side}² matmul runs {bf16.flops / 1e12:.2f} TFLOP/s in bfloat16, "
                     f"{fp32.flops / 1e12:.2f} in float32 on this CPU, {ratio:.2f}x; bf16 pays from {BF16_MARGIN:g}x; "
                     f"measured {how}")
 

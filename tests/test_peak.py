@@ -26,6 +26,7 @@ from lmlab.peak import (
     cache_key,
     checksum,
     choose_dtype,
+    matmul_size,
     merged,
     peak_flops,
     read_cache,
@@ -146,6 +147,18 @@ def test_a_settled_quiet_peak_is_read_back_without_measuring(tmp_path):
     found = peak_in_subprocess(tmp_path)
     assert (found["flops"], found["quiet"], found["mfu"], found["notes"]) == (2.5e11, True, 1e9 / 2.5e11, [])
     assert found["describe"] == f"2048² float32 matmul measured quiet at {entry['measured_at']}, best of 3"
+
+
+def test_a_dtype_the_cpu_has_no_native_kernel_for_is_measured_on_a_small_matmul_that_says_its_size(tmp_path):
+    """fp16 on a CPU without AVX512-FP16/AMX-FP16 runs torch's scalar fallback: a 2048² matmul took 7-60 s, so an
+    fp16 run stalled for minutes before its first step. Its peak is measured on a 256² matmul, keyed and named so."""
+    side = 2048 if torch.ops.mkldnn._is_mkldnn_fp16_supported() else 256
+    assert matmul_size(CPU, torch.float16) == side and matmul_size(CPU, torch.float32) == 2048
+    assert cache_key(CPU, torch.float16).endswith(f"float16, torch {torch.__version__}, {side}² matmul")
+    found = peak_in_subprocess(tmp_path, "float16")
+    assert found["flops"] > 0 and found["describe"].startswith(f"{side}² float16 matmul measured")
+    entry = json.loads((tmp_path / "lmlab" / "peak_flops.json").read_text())["entries"][cache_key(CPU, torch.float16)]
+    assert entry["matmul"] == side
 
 
 @pytest.mark.slow

@@ -43,8 +43,9 @@ QUIET, BUSY = Load(0.75, 2, 0.01, 0.3), Load(0.75, 2, 0.6, 4.2)
 def hog(processes: int = 2):
     """Other processes that keep every core busy (one spinning interpreter per core), started through a shell that
     exits at once: so they are no one's descendants here (a LoadMeter counts its own process tree as its own)."""
-    started = subprocess.run(["sh", "-c", f'for i in $(seq {processes}); do "{sys.executable}" -c "while True: pass" '
-                                          '& echo $!; done'], capture_output=True, text=True, check=True)
+    spin = f'"{sys.executable}" -c "while True: pass" >/dev/null 2>&1'  # the pipe must not wait for them
+    started = subprocess.run(["sh", "-c", f"for i in $(seq {processes}); do {spin} & echo $!; done"],
+                             capture_output=True, text=True, check=True)
     pids = [int(pid) for pid in started.stdout.split()]
     try:
         time.sleep(0.5)

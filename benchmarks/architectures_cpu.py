@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
@@ -57,10 +58,11 @@ def main() -> None:
             raise SystemExit(f"stopped by {result.stopped_by}; run the script again to continue")
         return result.summaries
 
-    rows["GPT-2-style preset (4L/256)"] = train("baseline", BASE, [])[0]
-    rows["modern preset (rope, rmsnorm, swiglu, qk-norm, no bias)"] = train("modern", MODERN, [])[0]
-    rows["recurrent (GRU 2L/512)"] = train("recurrent", BASE, RECURRENT)[0]
-    deep = train("deep-lr-sweep", BASE, ["model.n_layer=8", f"train.learning_rate={','.join(DEEP_LRS)}"])
+    with LoadMeter() as meter:  # the trainings print their own progress
+        rows["GPT-2-style preset (4L/256)"] = train("baseline", BASE, [])[0]
+        rows["modern preset (rope, rmsnorm, swiglu, qk-norm, no bias)"] = train("modern", MODERN, [])[0]
+        rows["recurrent (GRU 2L/512)"] = train("recurrent", BASE, RECURRENT)[0]
+        deep = train("deep-lr-sweep", BASE, ["model.n_layer=8", f"train.learning_rate={','.join(DEEP_LRS)}"])
     unchanged = next(s for s, lr in zip(deep, DEEP_LRS) if float(lr) == base_lr)
     best = min(deep, key=lambda s: s.best_val_loss)
     rows[f"2x depth (8L/256), LR unchanged ({base_lr:g})"] = unchanged
@@ -80,6 +82,9 @@ def main() -> None:
     for s in deep:
         sweep.add_row(s.name, f"{s.best_val_loss:.4f}", f"{s.best_bpb:.4f}")
     console.print(sweep)
+    warning = busy_warning("the runs", meter.load, "their wall times and tokens/s read slow")
+    if warning:
+        console.print(warning, style="yellow", markup=False)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import ModelConfig, TrainConfig, load_config
 from lmlab.device import synchronize
 from lmlab.model.gpt import GPT
 from lmlab.checkpoint import load_checkpoint, model_tensors, save_checkpoint
+from lmlab.progress import ItemProgress
 from lmlab.train.optim import make_optimizer
 
 MODELS = {
@@ -63,10 +65,16 @@ def main() -> None:
     table = Table(title=f"Checkpoint I/O on this machine (best of {args.repeats})")
     for column in ("model", "parameters", "checkpoint size", "write (atomic, fsynced)", "verified load"):
         table.add_column(column, justify="left" if column == "model" else "right")
+    progress, warnings = ItemProgress(console, len(MODELS)), []
     for name, config in MODELS.items():
-        params, size, write, load = measure(config, args.repeats)
+        progress.start(f"{name}: building it, one optimizer step, then {args.repeats} writes and loads")
+        with LoadMeter() as meter:
+            params, size, write, load = measure(config, args.repeats)
         table.add_row(name, f"{params / 1e6:.1f}M", f"{size / 2**20:.1f} MiB", f"{write:.2f} s", f"{load:.2f} s")
+        warnings.append(busy_warning(name, meter.load, "its times read high"))
     console.print(table)
+    for warning in filter(None, warnings):
+        console.print(warning, style="yellow", markup=False)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,12 @@ from pathlib import Path
 
 from rich.table import Table
 
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
 from lmlab.evaluate import evaluate_run
+from lmlab.progress import ItemProgress
 from lmlab.rundir import RunDir
 
 SPEEDRUN, DEMO = "configs/shakespeare-char-speedrun-cpu.toml", "configs/shakespeare-char-modern-cpu.toml"
@@ -46,13 +48,17 @@ NANOGPT_LOSS = 1.885
 
 
 def train(config: str, run: Path, args: list[str]) -> float:
-    """Run `lmlab train` in its own process; its wall time."""
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-P", "-m", "lmlab", "train", config, "--run", str(run), "--device", "cpu",
-                           *args], capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    """Run `lmlab train` in its own process; its wall time (and a warning when the machine was busy meanwhile)."""
+    with LoadMeter() as meter:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-P", "-m", "lmlab", "train", config, "--run", str(run), "--device",
+                               "cpu", *args], capture_output=True, text=True)
+        wall = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"training {run} failed:\n{done.stdout}\n{done.stderr}")
+    warning = busy_warning(str(run), meter.load, "its steps and val read worse than the machine's")
+    if warning:
+        console.print(warning, style="yellow", markup=False)
     return wall
 
 
@@ -64,7 +70,8 @@ def measure(config: str, budget: int, run: Path) -> dict[str, float]:
     final = [e for e in events if e["event"] == "eval"][-1]
     full = evaluate_run(RunDir(run).load("latest", "cpu"))
     return {"wall": wall, "steps": end["step"], "tokens": end["tokens"],
-            "rate": statistics.mean(e["tokens_per_sec"] for e in trains), "mfu": statistics.mean(e["mfu"] for e in trains),
+            "rate": statistics.mean(e["tokens_per_sec"] for e in trains),
+            "mfu": statistics.mean(m) if (m := [e["mfu"] for e in trains if e["mfu"] is not None]) else None,
             "estimate": final["val_loss"], "full": full["loss"]}
 
 
@@ -97,13 +104,15 @@ def main() -> None:
     jobs = [(SPEEDRUN, int(b)) for b in args.budgets.split(",")] + ([(DEMO, args.demo_budget)] if args.demo_budget
                                                                      else [])
     results: dict[tuple[str, int], list[dict[str, float]]] = {job: [] for job in jobs}
-    peers = []
+    peers, progress = [], ItemProgress(console, args.repeats * (len(jobs) + args.peer))
     for round_ in range(args.repeats):
         for config, budget in jobs:
             run = Path(args.out) / f"{Path(config).stem}-{budget}s-{round_}"
+            progress.start(f"{Path(config).stem} with --budget {budget}s, round {round_ + 1}")
             results[(config, budget)].append(measure(config, budget, run))
             console.print(f"{run}: {results[(config, budget)][-1]}")
         if args.peer:
+            progress.start(f"nanoGPT's recipe, round {round_ + 1}")
             peers.append(peer(Path(args.out) / f"nanogpt-recipe-{round_}"))
             console.print(f"nanoGPT recipe: {peers[-1]}")
 
@@ -118,6 +127,7 @@ def main() -> None:
                       f"{statistics.median(r['wall'] for r in rows) / budget:.3f}",
                       f"{statistics.median(r['steps'] for r in rows):.0f}",
                       f"{statistics.median(r['rate'] for r in rows):,.0f}",
+                      "-" if any(r["mfu"] is None for r in rows) else
                       f"{100 * statistics.median(r['mfu'] for r in rows):.1f}%",
                       median_range([r["estimate"] for r in rows]), median_range([r["full"] for r in rows]),
                       "-" if target is None else f"<= {target} {'met' if met else 'MISSED'}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
@@ -36,7 +37,8 @@ def main() -> None:
 
     cfg = load_config(Path(args.config), args.set)
     prepare(["shakespeare"], "char", out_dir=Path(cfg.data.dataset).parent)
-    Trainer(cfg, Path(args.run), "cpu", console=console).run()
+    with LoadMeter() as meter:  # the run prints its progress as it trains
+        Trainer(cfg, Path(args.run), "cpu", console=console).run()
 
     events = RunDir(Path(args.run)).events()
     evals = [e for e in events if e["event"] == "eval"]
@@ -57,6 +59,9 @@ def main() -> None:
     table.add_row("tokens/s (training steps)", f"{rate:,.0f}")
     table.add_row("ms per optimizer step", f"{1000 * tokens_per_step / rate:.0f}")
     console.print(table)
+    warning = busy_warning("the run", meter.load, "its times read long and its tokens/s low")
+    if warning:
+        console.print(warning, style="yellow", markup=False)
 
 
 if __name__ == "__main__":

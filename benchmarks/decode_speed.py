@@ -19,12 +19,14 @@ import time
 import torch
 from rich.table import Table
 
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.compiled import compile_step
 from lmlab.config import ModelConfig, SamplingParams
 from lmlab.decode import Decoder, Sequence
 from lmlab.device import autocast, resolve_device
 from lmlab.model import build_model
+from lmlab.progress import ItemProgress
 
 SHAPES = {
     "nanoGPT CPU (4L/128, ctx 64)": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
@@ -68,11 +70,13 @@ def main() -> None:
                         f"threads, torch {torch.__version__})")
     for column in ("model", "path", "dtype", "tokens/s", "compile s"):
         table.add_column(column, justify="left" if column in ("model", "path", "dtype") else "right")
+    progress, warnings = ItemProgress(console, len(SHAPES) * (len(DTYPES) + args.repeats)), []
     for shape, config in SHAPES.items():
         torch.manual_seed(0)
         model = build_model(config).to(device).eval()
         runs, compile_seconds = {}, {}
         for name, dtype in DTYPES.items():
+            progress.start(f"{shape}: compiling the {name} decode step")
             runs[("no cache (nanoGPT generate)", name)] = lambda d=dtype: no_cache(model, args.tokens, d)
             runs[("lmlab eager", name)] = lambda d=dtype: decoder_run(model, args.tokens, d, None)
             started = time.perf_counter()
@@ -80,13 +84,19 @@ def main() -> None:
             compile_seconds[("lmlab compiled", name)] = time.perf_counter() - started
             runs[("lmlab compiled", name)] = lambda d=dtype, s=step: decoder_run(model, args.tokens, d, s)
         best = {key: 0.0 for key in runs}
-        for _ in range(args.repeats):  # alternate the paths, so that a slow moment of the machine hits all
-            for key, run in runs.items():
-                best[key] = max(best[key], run())
+        for repeat in range(args.repeats):  # alternate the paths, so that a slow moment of the machine hits all
+            progress.start(f"{shape}: decoding {args.tokens} tokens on each of {len(runs)} paths, round {repeat + 1}")
+            with LoadMeter() as meter:
+                for key, run in runs.items():
+                    best[key] = max(best[key], run())
+            warnings.append(busy_warning(f"{shape}, round {repeat + 1}", meter.load, "its tokens/s read low (the "
+                                         "best of the rounds is kept)"))
         for (path, name), rate in best.items():
             seconds = compile_seconds.get((path, name))
             table.add_row(shape, path, name, f"{rate:,.0f}", "-" if seconds is None else f"{seconds:.0f}")
     console.print(table)
+    for warning in filter(None, warnings):
+        console.print(warning, style="yellow", markup=False)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ from lmlab.bench import bench_batch, find_max_batch
 from lmlab.commands.common import console
 from lmlab.config import SamplingParams, load_config
 from lmlab.data.prepare import prepare
-from lmlab.device import autocast_dtype, configure, measured_peak, peak_flops, resolve_device
+from lmlab.device import configure, resolve_device
+from lmlab.peak import autocast_dtype, measured_peak, peak_flops
 from lmlab.generate import stream_ids
 from lmlab.model import build_model
 from lmlab.rundir import RunDir
@@ -95,12 +96,12 @@ def cuda_tests() -> tuple[str, str, str]:
 def peak(device: torch.device) -> tuple[str, str, str]:
     """The peak MFU divides by; a datasheet figure beside what a matmul reaches, which must not exceed it."""
     dtype = autocast_dtype(device, "auto")
-    flops, source = peak_flops(device, dtype)
+    found = peak_flops(device, dtype)
     what = f"peak FLOP/s in {str(dtype).removeprefix('torch.')} (MFU's denominator)"
-    if source == "measured matmul":
-        return what, f"{flops / 1e12:,.1f} TFLOP/s (measured matmul)", ""
+    if found.source == "measured matmul":
+        return what, f"{found.flops / 1e12:,.1f} TFLOP/s ({found.describe()})", ""
     matmul = measured_peak(device, dtype)
-    result = f"{flops / 1e12:,.1f} TFLOP/s ({source}); a matmul reaches {matmul / 1e12:,.1f}"
+    result = f"{found.flops / 1e12:,.1f} TFLOP/s ({found.source}); a matmul reaches {matmul / 1e12:,.1f}"
     return what, result, "datasheet ≥ matmul"
 
 
@@ -113,13 +114,14 @@ def gpt2(scale: Scale, device: torch.device) -> list[tuple[str, str, str]]:
                 r = bench_batch(cfg, batch, scale.steps, str(device))
             memory = "reserved" if device.type == "cuda" else "peak RSS"
             result = "out of memory" if r.out_of_memory else (
-                f"{r.tokens_per_sec:,.0f} tok/s, MFU {100 * r.mfu:.1f}%, {r.peak_memory / 2**30:.1f} GiB {memory}"
+                f"{r.tokens_per_sec:,.0f} tok/s, MFU {'-' if r.mfu is None else f'{100 * r.mfu:.1f}%'}, "
+                f"{r.peak_memory / 2**30:.1f} GiB {memory}"
                 + (f" ({r.note})" if r.note else ""))
             rows.append((f"GPT-2 small, micro-batch {batch}, compile {'on' if compiled else 'off'}", result,
                          "MFU ≥ 50% (bf16)" if compiled else ""))
     cfg = load_config(ROOT / "configs/gpt2-small.toml", [*scale.gpt2, "train.compile=false"])
     with console.status("GPT-2 small: finding the largest micro-batch that fits..."):
-        biggest = find_max_batch(cfg, str(device), scale.max_batch_limit)
+        biggest, _ = find_max_batch(cfg, str(device), scale.max_batch_limit)
     rows.append(("GPT-2 small, largest micro-batch that fits with headroom (eager)", str(biggest), ""))
     return rows
 

@@ -49,6 +49,7 @@ def imports(root: Path, corpus: Path) -> dict[str, tuple[float, bool]]:
     bpe = train_tokenizer("bpe:300", texts, texts)
     ids, prompt, rows = random_ids(bpe.vocab_size), bpe.encode("ROMEO:\nSweet"), {}
     for case in IMPORTS:
+        console.print(f"import-hf: {case}", highlight=False)
         source = tiny_hf(root / case, case, bpe, vocab_size=bpe.vocab_size + (7 if "untied" in case else 0))
         import_hf(source, root / f"{case}-run")
         rows[case] = (max_diff(lmlab_logits(root / f"{case}-run", ids), hf_logits(source, ids)),
@@ -59,6 +60,7 @@ def imports(root: Path, corpus: Path) -> dict[str, tuple[float, bool]]:
 def exports(root: Path, dataset: Path) -> dict[str, tuple[str, float, bool]]:
     rows = {}
     for case, (_, options) in EXPORTS.items():
+        console.print(f"export-hf: {case} (a short training first)", highlight=False)
         run = train_run(root / case, write_config(root / f"{case}.toml", dataset), options)
         family = export_hf(run, root / f"{case}-hf")["family"]
         ids = random_ids(RunDir(run).config().model.vocab_size)
@@ -73,6 +75,7 @@ def tokenizers(root: Path, corpus: Path, gpt2_dir: Path) -> dict[str, tuple[int,
     texts = [play[i:i + 300] for i in range(0, 3000, 300)] + [" love night", "ROMEO:"]
     rows = {}
     for kind in KINDS:
+        console.print(f"tokenizer: {KINDS[kind]}", highlight=False)
         run = kind_run(root, kind, corpus, gpt2_dir)
         folder = root / f"{kind}-hf"
         theirs, ours = tokenizer_ids(folder, run, texts)

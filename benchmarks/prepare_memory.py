@@ -29,6 +29,7 @@ WHOLE = """
 import json, sys
 from pathlib import Path
 from lmlab.data.tokenizers import Tokenizer
+from lmlab.progress import ItemProgress
 tok = Tokenizer.load(Path(sys.argv[2]), sys.argv[3])
 text = Path(sys.argv[1]).read_text(encoding="utf-8")
 print(len(tok.encode_batch([text])[0].ids))
@@ -60,10 +61,13 @@ def main() -> None:
     table = Table(title="lmlab prepare on a one-line document (peak RSS of the largest process)")
     for column in ("document", "tokenizer", "how", "seconds", "peak RSS", "peak / document"):
         table.add_column(column, justify="left" if column in ("tokenizer", "how") else "right")
+    sizes, specs = list(map(int, args.mb.split(","))), args.tokenizers.split(",")
+    progress = ItemProgress(console, len(sizes) * len(specs))
     with tempfile.TemporaryDirectory() as tmp:
-        for mb in map(int, args.mb.split(",")):
+        for mb in sizes:
             source = one_line(Path(tmp) / f"one{mb}.txt", mb)
-            for spec in args.tokenizers.split(","):
+            for spec in specs:
+                progress.start(f"a {mb} MB line, {spec}" + (" (and in one call)" if mb <= args.whole_mb else ""))
                 out = Path(tmp) / f"data-{mb}-{spec.replace(':', '')}"
                 seconds, peak = measure(lmlab, "prepare", str(source), "--tokenizer", spec, "--out-dir", str(out))
                 table.add_row(f"{mb} MB", spec, "prepare (chunks)", f"{seconds:.1f}", f"{peak:,.0f} MiB",

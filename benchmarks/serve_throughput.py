@@ -35,6 +35,7 @@ import torch
 from rich.table import Table
 
 from lmlab.checkpoint import model_tensors
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console
 from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.tokenizers import train_tokenizer
@@ -182,18 +183,24 @@ def main() -> None:
 
 def measure(shape: str, servers: dict[str, Server], spec: str, max_tokens: int, levels: list[int], compile: bool,
             table: Table) -> None:
-    with console.status(f"{shape}: starting the servers{' (compiling)' if compile else ''}..."):
-        for server in servers.values():
-            server.wait()
+    console.print(f"{shape}: starting the servers{' (compiling their decode steps)' if compile else ''}...",
+                  highlight=False)
+    for server in servers.values():
+        server.wait()
     prompts = (["ROMEO:", "JULIET:", "NURSE:", "FRIAR:"] if spec == "char"
                else [" ".join(WORDS[6 * i:6 * i + 6]) for i in range(64)])
     for server in servers.values():  # warm up: the first request pays for lazy set-up
         complete(server.port, prompts[0], 4, 0)
+    progress = ItemProgress(console, len(levels) * len(servers))
     for clients in levels:
         requests = max(clients, 8)
         for name, server in servers.items():
-            with console.status(f"{shape}: {name}, {clients} clients, {requests} requests..."):
+            progress.start(f"{shape}: {name}, {clients} clients, {requests} requests")
+            with LoadMeter() as meter:
                 wall, timings = load(server.port, clients, requests, prompts, max_tokens)
+            warning = busy_warning(f"{shape}, {name}, {clients} clients", meter.load, "its rates read low")
+            if warning:
+                console.print(warning, style="yellow", markup=False)
             tokens = sum(t.tokens for t in timings)
             per_token = [(t.total - t.first) / max(1, t.tokens - 1) * 1000 for t in timings]
             firsts = [t.first for t in timings]

@@ -25,9 +25,11 @@ from pathlib import Path
 
 from rich.table import Table
 
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
+from lmlab.progress import ItemProgress
 from lmlab.rundir import RunDir
 
 
@@ -56,9 +58,11 @@ def main() -> None:
     trees = args.tree or [""]
     settings = ["train.max_iters=2", "train.log_interval=1", "train.eval_interval=1000"]
     times: dict[str, list[dict[str, float]]] = {tree: [] for tree in trees}
-    with tempfile.TemporaryDirectory(dir=".") as runs:
+    progress = ItemProgress(console, args.repeats * len(trees))
+    with tempfile.TemporaryDirectory(dir=".") as runs, LoadMeter() as meter:
         for round_ in range(args.repeats):
             for i, tree in enumerate(trees):
+                progress.start(f"{tree or 'installed'}, round {round_ + 1}")
                 env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())} if tree else dict(os.environ)
                 run = Path(runs) / f"{round_}-{i}"
                 command = [sys.executable, "-P", "-m", "lmlab", "train", args.config, "--run", str(run), "--device", "cpu",
@@ -73,6 +77,9 @@ def main() -> None:
                  for c in ("start event", "step 1 done", "exit")]
         table.add_row(tree or "installed", *cells)
     console.print(table)
+    warning = busy_warning("the starts", meter.load, "they read slow")
+    if warning:
+        console.print(warning, style="yellow", markup=False)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 
 Rows: the CPU preset, the classic Shakespeare GPU recipe (6L/6H/384, block 256, batch 64) and GPT-2 small
 (12L/12H/768, block 1024, vocab 50257 padded to 50304). "eager fp32" is train.dtype = float32 with
-compile off; "default" is the preset as shipped plus train.dtype = auto (bf16 autocast where the hardware
-has it) and train.compile = true. Random tokens; no dataset needed.
+compile off; "default" is the preset as shipped plus train.dtype = auto (bf16 autocast where it runs fastest:
+on a CPU, where it measured faster than fp32) and train.compile = true. Random tokens; no dataset needed. A line
+says so when the machine was busy while a row was timed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import torch
 from rich.table import Table
 
 from lmlab.bench import bench_batch
+from lmlab.busy import busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.device import resolve_device
+from lmlab.progress import ItemProgress
 
 RECIPES = {
     "CPU preset (4L/256, block 128)": ("configs/shakespeare-char-cpu.toml", ["model.vocab_size=76"]),
@@ -41,6 +44,7 @@ def main() -> None:
     table = Table(title=f"Training throughput on {device} (torch {torch.__version__})")
     for column in ("recipe", "path", "micro-batch", "tokens/s", "ms/step", "MFU", "speed-up"):
         table.add_column(column, justify="left" if column in ("recipe", "path") else "right")
+    progress, warnings = ItemProgress(console, len(RECIPES) * len(PATHS)), []
     for recipe, (path, overrides) in RECIPES.items():
         base = None
         for name, settings in PATHS.items():
@@ -48,14 +52,18 @@ def main() -> None:
             batch = cfg.train.batch_size
             if "GPT-2" in recipe:
                 batch = args.gpt2_batch or (1 if device.type == "cpu" else 16)
+            progress.start(f"{recipe}, {name}, micro-batch {batch}")
             row = bench_batch(cfg, batch, args.steps, args.device)
             if row.out_of_memory:
                 table.add_row(recipe, name, str(batch), "out of memory", "-", "-", "-")
                 continue
             base = base or row.tokens_per_sec
             table.add_row(recipe, name, str(batch), f"{row.tokens_per_sec:,.0f}", f"{row.ms_per_step:.0f}",
-                          f"{100 * row.mfu:.1f}%", f"{row.tokens_per_sec / base:.2f}×")
+                          "-" if row.mfu is None else f"{100 * row.mfu:.1f}%", f"{row.tokens_per_sec / base:.2f}×")
+            warnings.append(busy_warning(f"{recipe}, {name}", row.load, "its tokens/s reads low"))
     console.print(table)
+    for warning in filter(None, warnings):
+        console.print(warning, style="yellow", markup=False)
 
 
 if __name__ == "__main__":

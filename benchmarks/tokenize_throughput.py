@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 
 PROBE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
@@ -34,6 +35,7 @@ NAIVE = """
 import json, sys
 from pathlib import Path
 from lmlab.data.tokenizers import Tokenizer
+from lmlab.progress import ItemProgress
 tok = Tokenizer.load(Path(sys.argv[2]), sys.argv[3])
 ids = []
 with open(sys.argv[1], encoding="utf-8") as f:
@@ -86,11 +88,16 @@ def main() -> None:
         sources = write_corpus(folder, args.mb)
         console.print(f"wrote {args.mb} MB as jsonl and parquet in {time.perf_counter() - started:.0f} s")
         reference = None  # the first jsonl dataset: its tokenizer and token count are the naive loop's
+        worker_counts = list(map(int, args.workers.split(",")))
+        progress, warnings = ItemProgress(console, len(sources) * len(worker_counts) + 1), []
         for source in sources:
-            for workers in map(int, args.workers.split(",")):
+            for workers in worker_counts:
+                progress.start(f"lmlab prepare {source.name}, {workers} worker{'s' * (workers > 1)}")
                 out = folder / f"data-{source.suffix[1:]}-{workers}"
-                wall, rss = measured([sys.executable, "-m", "lmlab", "prepare", str(source), "--tokenizer",
-                                      args.tokenizer, "--workers", str(workers), "--out-dir", str(out)])
+                with LoadMeter() as meter:
+                    wall, rss = measured([sys.executable, "-m", "lmlab", "prepare", str(source), "--tokenizer",
+                                          args.tokenizer, "--workers", str(workers), "--out-dir", str(out)])
+                warnings.append(busy_warning(f"{source.name} with {workers} workers", meter.load, "its rate reads low"))
                 dataset = next(out.iterdir())
                 meta = json.loads((dataset / "meta.json").read_text())
                 tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
@@ -99,6 +106,7 @@ def main() -> None:
                 table.add_row(source.suffix[1:], str(workers), f"{tokens:,}", f"{phase:.1f} s",
                               f"{tokens / phase:,.0f}", f"{wall:.1f} s", f"{rss:,.0f} MiB")
         dataset, tokens = reference
+        progress.start("the naive loop, one document at a time")
         wall, rss = measured([sys.executable, "-c", NAIVE, str(sources[0]), str(dataset / "tokenizer.json"),
                               args.tokenizer])
         table.add_row("jsonl, naive loop", "1", f"{tokens:,}", f"{wall:.1f} s", f"{tokens / wall:,.0f}",
@@ -106,6 +114,8 @@ def main() -> None:
     console.print(table)
     console.print("tokenize phase: encoding and writing shards, from meta.json; whole prepare adds the scan and "
                   "tokenizer training. The naive loop's time is all of it (startup included).")
+    for warning in filter(None, warnings):
+        console.print(warning, style="yellow", markup=False)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from rich.table import Table
 
+from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.config import load_config
 from lmlab.data.prepare import prepare
+from lmlab.progress import ItemProgress
 from lmlab.rundir import RunDir
 
 CONFIG = "configs/shakespeare-char-cpu.toml"
@@ -57,11 +59,12 @@ def main() -> None:
     args = parser.parse_args()
     prepare(["shakespeare"], "char", out_dir=Path(load_config(Path(CONFIG)).data.dataset).parent)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in LAUNCHERS}
-    with tempfile.TemporaryDirectory(dir=".") as runs:
+    progress = ItemProgress(console, args.repeats * len(LAUNCHERS))
+    with tempfile.TemporaryDirectory(dir=".") as runs, LoadMeter() as meter:
         for repeat in range(args.repeats):
             for i, (name, (launcher, settings)) in enumerate(LAUNCHERS.items()):
-                with console.status(f"{name}, repeat {repeat + 1}/{args.repeats}..."):
-                    results[name].append(train(launcher, settings, args.steps, Path(runs) / f"{repeat}-{i}"))
+                progress.start(f"{name}, repeat {repeat + 1}/{args.repeats}")
+                results[name].append(train(launcher, settings, args.steps, Path(runs) / f"{repeat}-{i}"))
     plain = max(r["rate"] for r in results[next(iter(LAUNCHERS))])
     table = Table(title=f"{CONFIG}, {args.steps} steps on the CPU (best of {args.repeats})")
     for column in ("launcher", "wall time", "tokens/s", "vs plain", f"loss at step {args.steps}"):
@@ -70,6 +73,9 @@ def main() -> None:
         wall, rate = min(r["wall"] for r in runs_of), max(r["rate"] for r in runs_of)
         table.add_row(name, f"{wall:.1f} s", f"{rate:,.0f}", f"{rate / plain:.2f}x", f"{runs_of[-1]['loss']:.4f}")
     console.print(table)
+    warning = busy_warning("the runs", meter.load, "their times read long")
+    if warning:
+        console.print(warning, style="yellow", markup=False)
 
 
 if __name__ == "__main__":

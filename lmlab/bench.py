@@ -3,27 +3,28 @@ fits, and what evaluation costs at the configured interval."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
+import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lmlab.busy import Load, LoadMeter
 from lmlab.config import RunConfig
 from lmlab.data.shards import read_meta
-from lmlab.device import (
-    autocast_dtype,
-    configure,
-    peak_flops,
-    resolve_device,
-    synchronize,
-)
+from lmlab.device import configure, resolve_device, synchronize
 from lmlab.errors import UserError
 from lmlab.model import build_model
+from lmlab.peak import autocast_dtype, peak_flops
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.step import TrainStep
 
@@ -37,6 +38,7 @@ class BenchRow:
     peak_memory: int | None = None  # bytes: CUDA memory reserved at the peak, or the process's peak RSS on the CPU
     out_of_memory: bool = False
     note: str | None = None  # why `compile = "auto"` ran eager here, if it did
+    load: Load | None = None  # what else used the machine while the steps were timed
 
 
 def with_vocab(cfg: RunConfig) -> RunConfig:
@@ -58,36 +60,55 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start the peak of `_peak_memory` afresh, so each batch size's is its own: on Linux the memory the previous
+    batch freed is handed back (glibc keeps small freed blocks resident) and the RSS high-water mark reset through
+    /proc/self/clear_refs. Elsewhere it stays the process's: a smaller batch timed after a larger one reports the
+    larger one's peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _build(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TrainStep:
     """The model and training step a run of `cfg` would build, on random weights."""
     configure(device, cfg.train.threads)
     return TrainStep(build_model(cfg.model).to(device), cfg.train, device, dtype)
 
 
-def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2) -> BenchRow:
-    """Time `steps` training steps (the loop's own `TrainStep`: forward, backward, clip, non-finite check,
-    optimizer) at one micro-batch size."""
+def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2,
+                seconds: float = 0.0) -> BenchRow:
+    """Time `steps` training steps, or more until `seconds` have passed (the loop's own `TrainStep`: forward,
+    backward over grad_accum_steps micro-batches, clip, non-finite check, optimizer) at one micro-batch size."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
     tc, T = cfg.train, cfg.model.block_size
     try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        gc.collect()  # the previous batch size's tensors go before this one's peak is counted
+        _reset_peak_memory(device)
         step = _build(cfg, device, dtype)
         x = torch.randint(0, cfg.model.vocab_size, (batch_size, T), device=device)
         batches = [(x, x)] * tc.grad_accum_steps
-        for i in range(warmup + steps):  # warmup steps compile, allocate and fill caches
-            if i == warmup:
-                synchronize(device)
-                started = time.perf_counter()
+        for _ in range(warmup):  # warmup steps compile, allocate and fill caches
             step(batches, len(batches), tc.learning_rate)
         synchronize(device)
-        seconds = (time.perf_counter() - started) / steps
+        with LoadMeter() as meter:
+            started, done = time.perf_counter(), 0
+            while done < steps or time.perf_counter() - started < seconds:
+                step(batches, len(batches), tc.learning_rate)
+                done += 1
+                if seconds:  # the clock read above must see the step done
+                    synchronize(device)
+            synchronize(device)
+            seconds = (time.perf_counter() - started) / done
         rate = batch_size * tc.grad_accum_steps * T / seconds
-        peak, _ = peak_flops(device, dtype)
-        return BenchRow(batch_size, rate, 1000 * seconds, rate * step.model.flops_per_token() / peak,
-                        _peak_memory(device), note=step.note)
+        mfu = peak_flops(device, dtype).mfu(rate * step.model.flops_per_token())
+        return BenchRow(batch_size, rate, 1000 * seconds, mfu, _peak_memory(device), note=step.note, load=meter.load)
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)
     finally:
@@ -97,28 +118,46 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
             torch.cuda.empty_cache()
 
 
-def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096) -> int:
-    """The largest micro-batch that trains within the memory budget (`memory_budget`): doubling, then bisection.
+Probe = Callable[[BenchRow, bool, "int | None"], None]
+
+
+def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096, seconds: float = math.inf,
+                   say: Probe = lambda row, fits, budget: None) -> tuple[int, bool]:
+    """The largest micro-batch that trains within the memory budget (`memory_budget`): doubling, then bisection;
+    each batch tried is told to `say` as it is found (the row, whether it fits, the budget). The search stops once
+    it has run `seconds` (each try is a model built and two steps, minutes for large batches on a CPU): then the
+    largest batch found so far is returned, with False for a search not finished.
 
     A batch that just fits leaves nothing for evaluation, a checkpoint's copies or fragmentation over a long run,
     so the budget keeps headroom; on the CPU nothing raises an out-of-memory error before the kernel kills the
     process, so there the budget is the only test.
     """
-    budget = memory_budget(resolve_device(device_name))
+    budget, started = memory_budget(resolve_device(device_name)), time.perf_counter()
 
     def fits(batch: int) -> bool:
-        return within(bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1), budget)
+        row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
+        say(row, within(row, budget), budget)
+        return within(row, budget)
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - started >= seconds
 
     if not fits(1):
         raise UserError("even a micro-batch of 1 does not fit on this device; use a smaller model or block_size.")
     low, high = 1, 2
-    while high <= limit and fits(high):
+    while high <= limit:
+        if out_of_time():
+            return low, False
+        if not fits(high):
+            break
         low, high = high, high * 2
     high = min(high, limit + 1)  # the search stops at the limit
     while high - low > 1:
+        if out_of_time():
+            return low, False
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return low, True
 
 
 GPU_HEADROOM = 0.1  # of the GPU memory free at the start, left for evaluation, checkpoints and fragmentation

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import os
 import platform
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,21 +62,6 @@ def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
     if capability >= (8, 0):
         return torch.bfloat16
     return torch.float16 if capability >= (7, 0) else torch.float32
-
-
-def autocast_dtype(device: torch.device, setting: str) -> torch.dtype:
-    """Resolve train.dtype; `auto` is bf16 where the hardware computes in it natively, else fp16/fp32.
-
-    On CPUs with AVX-512 BF16 or AMX, bf16 matmuls run several times faster than fp32 (training measured
-    1.6x to 2.7x the tokens/s of fp32 on 2 cores, benchmarks/throughput.py), so auto uses them there.
-    """
-    if setting != "auto":
-        return getattr(torch, setting)
-    if device.type == "cuda":
-        return dtype_for_capability(torch.cuda.get_device_capability(device))
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:
@@ -153,12 +136,6 @@ PEAK_TFLOPS = {
 # the SXM form factor (the table's default). PCIe and NVL stay: those parts run at lower clocks.
 _NOISE = re.compile(r"nvidia|geforce|tesla|quadro|rtx|generation|\d+gb|hbm\w*|sxm\d*")
 
-# A measured peak is kept on disk: measuring takes ~0.5 s, which every start of a run would otherwise pay. The
-# best of the first MEASUREMENTS measurements is kept, so one taken while the machine was busy does not stick.
-MEASUREMENTS = 3
-_measured: dict[str, float] = {}
-
-
 def _model_tokens(name: str) -> frozenset[str]:
     """What identifies a GPU model in a name, e.g. "NVIDIA A100-SXM4-80GB" -> {a100}, "NVIDIA L40S" -> {l40s}."""
     return frozenset(t for t in re.split(r"[^a-z0-9]+", name.lower()) if t and not _NOISE.fullmatch(t))
@@ -176,89 +153,6 @@ def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | Non
         if _model_tokens(key) == tokens and name in peaks:
             return peaks[name] * 1e12, f"datasheet {key}"
     return None
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """Peak FLOP/s for MFU and where it came from: the datasheet table, or a measured matmul for CPUs and
-    GPUs the table does not know (measured once per process, and kept in `peak_cache_path()`)."""
-    listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
-    if listed:
-        return listed
-    key = peak_cache_key(device, dtype)
-    if key not in _measured:
-        _measured[key] = _cached_measurement(key, device, dtype)
-    return _measured[key], "measured matmul"
-
-
-def peak_cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmlab" / "peak_flops.json"
-
-
-def peak_cache_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What a measured peak depends on: the processor, the threads torch uses on it, the dtype, torch and the
-    matmul measured (a peak from a smaller one is lower, and would overstate MFU)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = (_cpu_name() or platform.machine()) if device.type == "cpu" else device.type
-        name += f", {torch.get_num_threads()} threads"
-    return (f"{device.type}: {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
-            f"{_matmul_size(device)}² matmul")
-
-
-def _read_cache(path: Path) -> dict[str, Any]:
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
-
-
-def _cached_measurement(key: str, device: torch.device, dtype: torch.dtype) -> float:
-    """The cached peak once it holds MEASUREMENTS measurements; until then measure, and keep the best. The cache is
-    a convenience: an unreadable or unwritable one only means measuring again."""
-    path = peak_cache_path()
-    cache = _read_cache(path)
-    entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
-    count, best = entry.get("measurements", 0), float(entry.get("flops", 0.0))
-    if count >= MEASUREMENTS:
-        return best
-    best = max(best, measured_peak(device, dtype))
-    cache[key] = {"flops": best, "measurements": count + 1}
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(cache, indent=1))
-    return best
-
-
-def _matmul_size(device: torch.device) -> int:
-    return 2048 if device.type == "cpu" else 8192
-
-
-def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """Best FLOP/s of a square matmul with inputs already in `dtype`, so no cast is timed.
-
-    Big enough to reach the peak, since a low peak overstates MFU: 8192 wide on a GPU, where smaller matmuls
-    leave a large GPU's tensor cores partly idle; 2048 on the CPU, where bf16 reached 1.7-1.8 TFLOP/s on 2
-    AVX-512 cores against 1.1-1.25 at 1024 (fp32: 0.28 at both). The first half of the time only warms up: the
-    first calls of a process (kernel JIT, clock ramp-up) were measured at 60% of the settled rate on the CPU.
-    """
-    n = _matmul_size(device)
-    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
-    a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
-    best, spent = 0.0, -seconds / 2
-    with torch.no_grad():
-        while spent < seconds:
-            synchronize(device)
-            started = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            synchronize(device)
-            elapsed = time.perf_counter() - started
-            spent += elapsed
-            if spent > 0:
-                best = max(best, 4 * 2 * n ** 3 / elapsed)
-    return best
 
 
 def synchronize(device: torch.device) -> None:
@@ -298,6 +192,24 @@ def _cpu_name() -> str | None:
     except (OSError, subprocess.SubprocessError):
         pass
     return platform.processor() or None
+
+
+def processor() -> dict[str, str | None]:
+    """What tells this processor from another, for the peak cache: its model name, and on Linux its vendor,
+    family, model and stepping and a digest of its feature flags, since a name can be as vague as "AMD EPYC" or
+    "Intel Xeon Processor" on a cloud machine, where an Intel host and an AMD one differ in what runs fast."""
+    found: dict[str, str | None] = {"name": _cpu_name() or platform.machine()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return found
+    first = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    for key in ("vendor_id", "cpu family", "model", "stepping"):
+        found[key.replace(" ", "_")] = first.get(key)
+    flags = first.get("flags") or first.get("Features")  # x86, Arm
+    found["flags_sha256"] = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16] if flags else None
+    return found
 
 
 def _memory_bytes() -> int | None:

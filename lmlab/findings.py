@@ -10,7 +10,7 @@ from lmlab.config import RunConfig, to_dict
 from lmlab.humanize import count, format_duration
 from lmlab.rundir import RunDir
 from lmlab.runs import RunSummary
-from lmlab.scaling import chinchilla_percent
+from lmlab.scaling import chinchilla_percent, repeat_warning
 
 NOT_RECORDED = "not recorded"  # a fact an older run's folder does not hold
 MAX_KEYS = 10  # differing settings named one by one
@@ -54,9 +54,9 @@ def describe_run(f: RunFacts) -> str:
     if m:
         where += f" ({m.get('gpu') or m.get('cpu')}, {m.get('cpu_cores')} cores)"
     text = (f"`{f.name}` is a {s.architecture or 'language'} model ({s.model}) of {count(s.params)} parameters, "
-            f"trained {s.steps:,} steps on {count(s.tokens)} tokens "
-            f"({chinchilla_percent(s.tokens, s.params):.1f}% of Chinchilla-optimal) in {format_duration(s.elapsed)} "
-            f"on {where}, {f.start.get('dtype') or 'dtype not recorded'}; status: {s.status}.")
+            f"trained {s.steps:,} steps on {count(s.tokens)} tokens ({data_share(s)}) in "
+            f"{format_duration(s.elapsed)} on {where}, {f.start.get('dtype') or 'dtype not recorded'}; "
+            f"status: {s.status}.")
     if f.evaluation:
         e = f.evaluation
         text += (f" On the full val split its best checkpoint (step {e['step']:,}) scores a loss of {e['loss']:.4f} "
@@ -65,6 +65,17 @@ def describe_run(f: RunFacts) -> str:
         text += (" It was still improving at its last evaluation: more training would lower the loss." if
                  s.still_falling else f" Its best evaluation was at step {s.best_step:,}, before the end.")
     return text
+
+
+def data_share(s: RunSummary) -> str:
+    """Passes over the data and the share of Chinchilla-optimal in unique tokens, with the tokens seen beside."""
+    if not s.params:
+        return "size not recorded"
+    unique = f"{chinchilla_percent(s.unique_tokens, s.params):.1f}% of Chinchilla-optimal"
+    if s.epochs is None:
+        return unique
+    return (f"{s.epochs:.2f} passes over the {s.split_tokens:,}-token train split; {unique} in unique tokens, "
+            f"{chinchilla_percent(s.tokens, s.params):.1f}% in tokens seen")
 
 
 def reading(facts: list[RunFacts]) -> list[str]:
@@ -144,10 +155,14 @@ def _caveats(facts: list[RunFacts]) -> list[str]:
         elif gap is not None and gap > GAP:
             found.append(f"`{f.name}` overfits: its val loss stopped improving at step {f.summary.best_step:,}, "
                          f"{gap:.3f} above its train loss.")
-    shares = [chinchilla_percent(f.summary.tokens, f.summary.params) for f in facts if f.summary.params]
+    shares = [chinchilla_percent(f.summary.unique_tokens, f.summary.params) for f in facts if f.summary.params]
     if shares and max(shares) < 50:
-        found.append(f"Every run saw under half its Chinchilla-optimal tokens (at most {max(shares):.1f}%): this "
-                     "compares short trainings, not what the models can reach.")
+        found.append(f"Every run saw under half its Chinchilla-optimal tokens in unique tokens (at most "
+                     f"{max(shares):.1f}%): this compares short trainings, not what the models can reach.")
+    for f in facts:
+        warning = repeat_warning(f.summary.epochs, f.summary.split_tokens, f"`{f.name}`")
+        if warning:
+            found.append(warning[0].upper() + warning[1:])
     if len({f.config.data.dataset for f in facts}) > 1:
         found.append("The runs trained on different datasets: their losses measure different text.")
     return found

@@ -16,10 +16,13 @@ from typing import Any
 import torch
 
 from lmlab.bench import bench_batch, with_vocab
+from lmlab.busy import Load
 from lmlab.config import RunConfig
-from lmlab.device import PEAK_TFLOPS, autocast_dtype, datasheet_peak, machine, peak_flops, resolve_device
+from lmlab.data.shards import read_meta
+from lmlab.device import PEAK_TFLOPS, datasheet_peak, machine, resolve_device
 from lmlab.errors import UserError
 from lmlab.model import LanguageModel, build_model
+from lmlab.peak import Peak, autocast_dtype, peak_flops
 from lmlab.rundir import RunDir
 from lmlab.runs import summarize
 from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM
@@ -40,10 +43,23 @@ class Plan:
     tokens_source: str
     tokens_per_sec: float
     rate_source: str
+    split_tokens: int | None = None  # the train split's tokens (its unique tokens); None where it is not known
+    lookup_params: int = 0  # parameters used only as lookup tables (6·N·D counts them, lmlab's compute does not)
+    attention_flops: float = 0.0  # per token, beyond the weights' 6 per multiplying weight
 
     @property
     def flops(self) -> float:
         return self.flops_per_token * self.tokens
+
+    @property
+    def six_nd(self) -> float:
+        """The 6·N·D people check by hand: every parameter, no attention term."""
+        return 6.0 * self.params * self.tokens
+
+    @property
+    def passes(self) -> float | None:
+        """Passes over the train split the plan makes."""
+        return self.tokens / self.split_tokens if self.split_tokens else None
 
     @property
     def seconds(self) -> float:
@@ -60,9 +76,12 @@ class Hardware:
 
     name: str  # e.g. "H100" or "cpu: Intel(R) Xeon(R) Processor"
     dtype: str
-    peak: float
-    peak_source: str  # "datasheet H100", "measured matmul"
+    peak_figure: Peak  # the datasheet's or the measured one, with how it was had
     local: dict[str, Any] | None  # this machine (`device.machine`), or None for a GPU from the datasheet table
+
+    @property
+    def peak(self) -> float:
+        return self.peak_figure.flops
 
     def ran(self, start: dict[str, Any]) -> bool:
         """Whether a run (its start event) trained on this hardware in this dtype, so its MFU carries over."""
@@ -72,23 +91,24 @@ class Hardware:
         if self.local:
             return facts.get("gpu") == self.local["gpu"] and facts.get("cpu") == self.local["cpu"]
         found = facts.get("gpu") and datasheet_peak(facts["gpu"], getattr(torch, self.dtype))
-        return bool(found) and found[1] == self.peak_source
+        return bool(found) and found[1] == self.peak_figure.source
 
 
-def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str]:
-    """Training tokens/s of `cfg` on this device, and how it was measured.
+MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (one at least), after one warm-up step
 
-    Tokens/s does not depend on accumulation, so one micro-batch per step is timed. A CPU's matmuls are already
-    large at a micro-batch of 2, and a GPU-sized batch could exhaust a laptop's memory.
-    """
+
+def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str, Load | None]:
+    """Training tokens/s of `cfg` on this device as training runs it (the config's micro-batch, grad_accum_steps
+    micro-batches per step, the optimizer, in its dtype), how it was measured, and the machine's load meanwhile."""
     device = resolve_device(device_name)
-    micro = cfg.train.batch_size if device.type != "cpu" else min(cfg.train.batch_size, 2)
-    one_step = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=1))
-    row = bench_batch(one_step, micro, 3, device_name, warmup=1)
+    row = bench_batch(cfg, cfg.train.batch_size, 1, device_name, warmup=1, seconds=MEASURE_SECONDS)
     if row.out_of_memory:
         raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or pass "
                         "--tokens-per-sec.")
-    return row.tokens_per_sec, f"measured here on {device}, micro-batch {micro}"
+    dtype = autocast_dtype(device, cfg.train.dtype)
+    accumulation = f" x {cfg.train.grad_accum_steps} accumulated" if cfg.train.grad_accum_steps > 1 else ""
+    return row.tokens_per_sec, (f"measured here on {device} in {str(dtype).removeprefix('torch.')}, micro-batch "
+                                f"{cfg.train.batch_size}{accumulation}, as training runs"), row.load
 
 
 def gpu_row(name: str) -> str:
@@ -113,7 +133,7 @@ def gpu_hardware(name: str, dtype_setting: str) -> Hardware:
     for dtype in ("bfloat16", "float16") if dtype_setting == "auto" else (dtype_setting,):
         found = datasheet_peak(row, getattr(torch, dtype))
         if found:
-            return Hardware(found[1].removeprefix("datasheet "), dtype, *found, local=None)
+            return Hardware(found[1].removeprefix("datasheet "), dtype, Peak(found[0], dtype, found[1]), local=None)
     raise UserError(f"the datasheet table has no {dtype_setting} figure for {row}; set train.dtype to another.")
 
 
@@ -123,17 +143,21 @@ def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
     dtype = autocast_dtype(device, dtype_setting)
     facts = machine(device)
     return Hardware(f"{device.type}: {facts['gpu'] or facts['cpu']}", str(dtype).removeprefix("torch."),
-                    *peak_flops(device, dtype), local=facts)
+                    peak_flops(device, dtype), local=facts)
 
 
 def mfu_from_runs(paths: list[Path], hardware: Hardware, model: LanguageModel) -> tuple[float, float, str] | None:
     """The median MFU logged by a run (of `paths`) that trained on `hardware`, and the peak per device it is a share
     of (the run's own: a CPU's measured peak varies from process to process): the first path if it trained there
-    (the run being planned), else the newest run of the same model, else the newest; None without one."""
+    (the run being planned), else the newest run of the same model, else the newest; None without one. A run whose
+    peak was measured without a load check (before lmlab made one, or busy) is passed over: its MFU may be many
+    times too high."""
     found = []
+    datasheet = hardware.peak_figure.source.startswith("datasheet")
     for order, path in enumerate(paths):
         start = RunDir(path).events(limit=1)
-        mfu = start and start[0].get("event") == "start" and hardware.ran(start[0]) and summarize(path).mfu
+        trusted = start and start[0].get("event") == "start" and (datasheet or start[0].get("peak_quiet") is True)
+        mfu = trusted and hardware.ran(start[0]) and summarize(path).mfu
         if mfu:
             recorded, world = start[0].get("peak_flops"), start[0].get("world_size") or 1  # the job's: every rank's
             peak = recorded / world if recorded else hardware.peak
@@ -167,9 +191,11 @@ def estimate(hardware: Hardware, mfu: float | None, model: LanguageModel, runs: 
                                                                "assumed; --mfu sets it")
 
 
-def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None, chinchilla: bool = False) -> Plan:
+def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None, chinchilla: bool = False,
+              split_tokens: int | None = None) -> Plan:
     """The plan for `tokens` training tokens (or Chinchilla's 20 per parameter, or the config's max_iters steps)
-    at `rate`: tokens/s and where the figure came from (`estimate`, `measure_tokens_per_sec`, the user)."""
+    at `rate`: tokens/s and where the figure came from (`estimate`, `measure_tokens_per_sec`, the user);
+    `split_tokens`, the train split's tokens, say how often it repeats its data (else its dataset's, if here)."""
     model = shape_of(cfg)
     params = model.num_params()
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
@@ -180,10 +206,28 @@ def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None
     else:
         tokens, source = cfg.train.max_iters * tokens_per_step, "train.max_iters x tokens per step"
     return Plan(params, model.num_params(embeddings=False), model.flops_per_token(), tokens_per_step, tokens, source,
-                *rate)
+                *rate, split_tokens or train_split_tokens(cfg), model.lookup_params(), model.attention_flops())
+
+
+def train_split_tokens(cfg: RunConfig) -> int | None:
+    """The tokens of the train split of the config's dataset, if it is prepared here."""
+    try:
+        return read_meta(Path(cfg.data.dataset))["train"]["tokens"]
+    except (UserError, KeyError, TypeError):
+        return None
 
 
 def shape_of(cfg: RunConfig) -> LanguageModel:
     """The config's model on the meta device: its parameters counted and FLOPs known, nothing allocated."""
     with torch.device("meta"):
         return build_model(with_vocab(cfg).model)
+
+
+def compute_note(plan: Plan) -> str:
+    """6·N·D beside lmlab's compute, with what makes them differ, in a sentence."""
+    change = plan.six_nd / plan.flops - 1
+    lookup = f" (the {plan.lookup_params:,} of lookup-only tables among them)" if plan.lookup_params else ""
+    return (f"6·N·D counts all {plan.params:,} parameters{lookup} and no attention; lmlab counts 6 × the "
+            f"{plan.params - plan.lookup_params:,} weights that multiply each token plus attention's "
+            f"{plan.attention_flops:,.0f} FLOPs per token (PaLM's formula): 6·N·D is {100 * abs(change):.1f}% "
+            f"{'above' if change >= 0 else 'below'} it.")

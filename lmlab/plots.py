@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmlab.errors import UserError
 from lmlab.fileio import writing
 from lmlab.rundir import RunDir
-from lmlab.runs import RunSummary
+from lmlab.runs import RunSummary, unfair
 from lmlab.scaling import PowerLawFit
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval"]
     fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
     if train:
-        ax.plot(*zip(*train), label="train", color="tab:blue", alpha=0.6, linewidth=1)
+        ax.plot(*zip(*train), label="train (mean of the steps)", color="tab:blue", alpha=0.6, linewidth=1)
     if evals:
         ax.plot(*zip(*evals), label="val", color="tab:orange", marker="o", markersize=3)
         best_step, best = min(evals, key=lambda p: p[1])
@@ -58,21 +59,35 @@ X_AXES = {
 
 
 def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", log: bool = False) -> Path:
-    """Overlay the val (solid, markers) and train (faint) curves of several runs on one x axis."""
+    """Overlay the val (solid, markers) and train (faint: the mean of the steps) curves of several runs on one x
+    axis; in bits per byte when their tokenizers or data differ (a loss per token would compare different units),
+    which needs each run's byte counts."""
     label, pick = X_AXES[x]
+    reason = unfair(summaries)
+    if reason:
+        lacking = [s.name for s in summaries if "val" not in s.token_bytes]
+        if lacking:
+            raise UserError(f"these runs cannot share a loss axis: {reason}, and {', '.join(lacking)} keeps no byte "
+                            "counts of its data (dataset.json) to draw it in bits per byte; plot them apart.")
+
+    def y(s: RunSummary, loss: float, split: str) -> float:
+        return s.bits_per_byte(loss, split if split in s.token_bytes else "val") if reason else loss
+
     fig, ax = pyplot().subplots(figsize=(9, 5.5), dpi=120)
     for i, s in enumerate(summaries):
         color = f"C{i % 10}"
         if s.trains:
-            ax.plot([pick(s, e) for e in s.trains], [e["loss"] for e in s.trains], color=color, alpha=0.3,
-                    linewidth=1)
+            ax.plot([pick(s, e) for e in s.trains], [y(s, e["loss"], "train") for e in s.trains], color=color,
+                    alpha=0.3, linewidth=1)
         if s.evals:
-            ax.plot([pick(s, e) for e in s.evals], [e["val_loss"] for e in s.evals], color=color, marker="o",
-                    markersize=3, label=f"{s.name} val (best {s.best_val_loss:.3f})")
-    ax.plot([], [], color="gray", alpha=0.3, label="train (faint, same colour)")
-    ax.set_title("Val and train loss by run")
+            best = f"{s.best_bpb:.3f} bits/byte" if reason else f"{s.best_val_loss:.3f}"
+            ax.plot([pick(s, e) for e in s.evals], [y(s, e["val_loss"], "val") for e in s.evals], color=color,
+                    marker="o", markersize=3, label=f"{s.name} val (best {best})")
+    ax.plot([], [], color="gray", alpha=0.3, label="train: mean of the steps (faint, same colour)")
+    ax.set_title("Val and train loss by run" if not reason else f"Bits per byte by run: {reason}", fontsize=10)
     ax.set_xlabel(label)
-    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_ylabel("bits per byte (loss / ln 2 / bytes per token of its split)" if reason else
+                  "cross-entropy loss (nats/token)")
     if log:
         _log_axes(ax)
     ax.grid(True, alpha=0.3, which="both")

@@ -68,3 +68,19 @@ class PlainProgress:
             return f"{self.unit} {self.completed:,} | {info} | elapsed {clock(elapsed)} | ETA -"
         eta = clock(elapsed / done * (self.total - self.completed)) if done > 0 else "-"
         return f"{self.unit} {self.completed:,}/{self.total:,} | {info} | elapsed {clock(elapsed)} | ETA {eta}"
+
+
+class ItemProgress:
+    """A line as each of `total` units of work begins, e.g. `[3/12] GPT-2 small, micro-batch 8 | elapsed 0:01:10 |
+    ETA 0:03:20` (the ETA from the mean of the units done): what a benchmark or a batch of runs shows, on a terminal
+    and in a log alike."""
+
+    def __init__(self, console: Console, total: int):
+        self.console, self.total, self.done, self._started = console, total, 0, time.perf_counter()
+
+    def start(self, what: str) -> None:
+        elapsed = time.perf_counter() - self._started
+        eta = clock(elapsed / self.done * (self.total - self.done)) if self.done else "-"
+        self.done += 1
+        self.console.print(f"[{self.done}/{self.total}] {what} | elapsed {clock(elapsed)} | ETA {eta}",
+                           highlight=False, markup=False)

@@ -24,14 +24,15 @@ from lmlab.document import Block, Bullets, Code, Folded, Heading, Image, Paragra
 from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run, evaluation_cost
 from lmlab.fileio import atomic_write_text
-from lmlab.findings import NOT_RECORDED, RunFacts, describe_run, reading
+from lmlab.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading
 from lmlab.generate import sample
 from lmlab.humanize import fmt, format_duration
-from lmlab.plan import make_plan
+from lmlab.plan import compute_note, make_plan
 from lmlab.plots import plot_comparison, plot_document_lengths, plot_losses
 from lmlab.rundir import LoadedRun, RunDir, check_steps
-from lmlab.runs import COMPARE_COLUMNS, RunSummary, comparison, judge_cell, score_cell, summarize, task_columns
-from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM, chinchilla_percent
+from lmlab.runs import (COMPARE_COLUMNS, RunSummary, by_bytes_columns, comparison, judge_cell, score_cell, summarize,
+                        task_columns, unfair)
+from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT, chinchilla_percent
 
 
 @dataclass
@@ -148,14 +149,19 @@ def _summary(facts: list[RunFacts], out: Path) -> list[Block]:
     compared = [f.summary for f in facts if f.summary.best_val_loss is not None and f.summary.flops]
     if len(compared) < 2:
         return blocks
-    rows = comparison(compared)
-    columns = [*COMPARE_COLUMNS, *task_columns(rows)]
-    blocks.append(Paragraph(f"Each run against `{compared[0].name}` (× its figure; best val loss: the fixed-batch "
-                            "estimate at the evals, % change):"))
+    rows, reason = comparison(compared), unfair(compared)
+    columns = [*by_bytes_columns(COMPARE_COLUMNS, rows), *task_columns(rows)]
+    change = f"bits per byte, as {reason}" if reason else "best val loss"
+    blocks.append(Paragraph(f"Each run against `{compared[0].name}` (× its figure; % change of the {change}; the "
+                            "losses are the fixed-batch estimates at the evals):"))
     blocks.append(Table([c.header for c in columns], [[c.cell(r) for c in columns] for r in rows],
                         [not c.left for c in columns]))
-    plot_comparison(compared, out / "compare.png", x="tokens")
-    return blocks + [Image("compare.png", "val and train loss of every run against tokens seen")]
+    try:
+        plot_comparison(compared, out / "compare.png", x="tokens")
+    except UserError as err:  # runs that cannot share an axis: the report says why instead of drawing one
+        return blocks + [Paragraph(f"No overlay plot: {err}")]
+    what = "bits per byte" if reason else "val and train loss"
+    return blocks + [Image("compare.png", f"{what} of every run against tokens seen")]
 
 
 def _machine(facts: list[RunFacts]) -> list[Block]:
@@ -180,8 +186,7 @@ def _machine(facts: list[RunFacts]) -> list[Block]:
         ("GPU", gpu),
         ("device, dtype", lambda f: f"{start(f, 'device')}, {start(f, 'dtype')}"),
         ("processes", lambda f: f"{start(f, 'world_size')} ({start(f, 'parallel')})"),
-        ("peak for MFU", lambda f: NOT_RECORDED if not f.start.get("peak_flops") else
-         f"{f.start['peak_flops'] / 1e12:.3g} TFLOP/s ({f.start['peak_source']})"),
+        ("peak for MFU", _peak),
         ("torch (CUDA)", lambda f: f"{recorded(f, 'torch')} ({recorded(f, 'cuda')})"),
         ("Python", lambda f: recorded(f, "python")),
         ("OS", lambda f: recorded(f, "os")),
@@ -190,6 +195,18 @@ def _machine(facts: list[RunFacts]) -> list[Block]:
                                         for e in f.of("resume")) or "never"),
     ]
     return [Heading("Machine and software"), by_run(facts, rows)]
+
+
+def _peak(f: RunFacts) -> str:
+    """The peak MFU divided by, how and when it was had; a run from before lmlab checked the load says so."""
+    if not f.start.get("peak_flops"):
+        return NOT_RECORDED
+    text = f"{f.start['peak_flops'] / 1e12:.3g} TFLOP/s ({f.start['peak_source']})"
+    if f.start.get("peak_quiet") is False:
+        return text + ": measured busy, so no MFU was logged"
+    if "peak_quiet" not in f.start and f.start["peak_source"] == "measured matmul":
+        return text + ": measured before lmlab checked the machine's load; its MFU may read high"
+    return text
 
 
 def _data(facts: list[RunFacts], out: Path) -> list[Block]:
@@ -275,23 +292,38 @@ def _training(facts: list[RunFacts], out: Path) -> list[Block]:
     rows = [
         ("steps", lambda f: f"{s(f).steps:,} of {f.config.train.max_iters:,}"),
         ("tokens", lambda f: f"{s(f).tokens:,}"),
+        ("passes over the data", lambda f: "-" if s(f).epochs is None else
+         f"{s(f).epochs:.2f} over the {s(f).split_tokens:,}-token train split"),
         ("wall time", lambda f: format_duration(s(f).elapsed)),
         ("tokens/s (median)", lambda f: fmt(s(f).tokens_per_sec, ",.0f")),
         ("MFU (median)", lambda f: fmt(s(f).mfu and 100 * s(f).mfu, ".1f") + ("%" if s(f).mfu else "")),
         ("training compute", lambda f: fmt(s(f).flops, ".3g") + " FLOPs"),
+        ("6·N·D", _six_nd),
         ("best val loss (estimate)", lambda f: f"{fmt(s(f).best_val_loss)} at step {s(f).best_step}"
          if s(f).best_step is not None else "no evaluation yet"),
-        ("val - train at the best", lambda f: fmt(s(f).gap, "+.4f")),
+        ("val - train (eval) at the best", lambda f: fmt(s(f).gap, "+.4f")),
         ("still improving at the end", lambda f: {True: "yes", False: "no", None: "-"}[s(f).still_falling]),
         ("loss spikes", lambda f: events(f, "spike")), ("skipped steps", lambda f: events(f, "skip")),
         ("rollbacks", lambda f: events(f, "rollback")), ("resumes", lambda f: events(f, "resume")),
         ("ended", _ending),
     ]
-    blocks: list[Block] = [Heading("Training"), by_run(facts, rows)]
+    note = Paragraph("Two train losses: the curve's is the mean loss of the training steps (dropout on, weights moving), "
+                     "the val - train gap's is the train split scored like val (eval mode, the same number of batches). "
+                     "Compute is lmlab's FLOPs per token × tokens; 6·N·D, beside it, counts every parameter and no "
+                     "attention.")
+    blocks: list[Block] = [Heading("Training"), note, by_run(facts, rows)]
     for f in facts:
         plot_losses(f.run, out / f"{f.name}-loss.png")
         blocks.append(Image(f"{f.name}-loss.png", f"train and val loss of {f.name}"))
     return blocks
+
+
+def _six_nd(f: RunFacts) -> str:
+    s = f.summary
+    if not s.params or not s.tokens:
+        return "-"
+    plan = make_plan(f.config, (1.0, ""), tokens=s.tokens, split_tokens=s.split_tokens)
+    return f"{plan.six_nd:.3g} FLOPs: {compute_note(plan)}"
 
 
 def _ending(f: RunFacts) -> str:
@@ -354,18 +386,27 @@ def _chinchilla(facts: list[RunFacts]) -> list[Block]:
         s = f.summary
         if not s.tokens_per_sec or not s.params:
             return "no throughput recorded"
-        plan = make_plan(f.config, (s.tokens_per_sec, "this run's median"), chinchilla=True)
-        return (f"{plan.tokens:,} tokens, {plan.flops:.3g} FLOPs: {format_duration(plan.seconds)} at this run's "
+        plan = make_plan(f.config, (s.tokens_per_sec, "this run's median"), chinchilla=True,
+                         split_tokens=s.split_tokens)
+        text = (f"{plan.tokens:,} tokens, {plan.flops:.3g} FLOPs: {format_duration(plan.seconds)} at this run's "
                 f"{s.tokens_per_sec:,.0f} tokens/s, {format_duration(max(0.0, plan.seconds - s.elapsed))} more")
+        if plan.passes and plan.passes > 1:
+            text += (f"; but its train split holds only {plan.split_tokens:,} tokens: that is {plan.passes:.1f} "
+                     f"passes" + (f", past the ~{REPEAT_LIMIT:g} after which repeats are worth much less"
+                                  if plan.passes > REPEAT_LIMIT else "") + ": more text is the way there")
+        return text
 
     rows = [
-        ("tokens per parameter", lambda f: f"{f.summary.tokens / f.summary.params:.2f}" if f.summary.params else "-"),
-        ("share of Chinchilla-optimal", lambda f: f"{chinchilla_percent(f.summary.tokens, f.summary.params):.1f}%"
-         if f.summary.params else "-"),
+        ("tokens per parameter", lambda f: f"{f.summary.unique_tokens / f.summary.params:.2f} unique, "
+         f"{f.summary.tokens / f.summary.params:.2f} seen" if f.summary.params else "-"),
+        ("data", lambda f: data_share(f.summary)),
         ("to the compute-optimal point", to_optimal),
     ]
     note = Paragraph(f"Compute-optimal training sees about {CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter "
-                     "(Hoffmann et al. 2022); the time to get there is `lmlab plan RUN --chinchilla` at the run's own "
+                     "(Hoffmann et al. 2022), of distinct text: the share is stated in unique tokens (at most the "
+                     "train split's), with the tokens seen beside it. Past about "
+                     f"{REPEAT_LIMIT:g} passes over the same data a repeated token is worth much less than a new one "
+                     "(Muennighoff et al. 2023). The time to get there is `lmlab plan RUN --chinchilla` at the run's own "
                      "throughput.")
     return [Heading("Chinchilla"), note, by_run(facts, rows)]
 

@@ -41,10 +41,11 @@ import lmlab
 from lmlab import checkpoint as ckpt
 from lmlab.config import RunConfig, checkpoint_name, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.device import autocast_dtype, configure, machine, resolve_device
+from lmlab.device import configure, machine, resolve_device
 from lmlab.errors import UserError
 from lmlab.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file
 from lmlab.model import LanguageModel, build_model
+from lmlab.peak import Peak, autocast_dtype
 from lmlab.prompt import PromptFormat
 
 KINDS = ("trained", "fine-tuned", "imported")
@@ -132,10 +133,11 @@ class RunDir:
 
     def begin(self, kind: str, model: LanguageModel, cfg: RunConfig, dataset: dict[str, Any], *,
               init_from: str | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,
-              world_size: int = 1, parallel: str = "none", peak: tuple[float, str] | None = None,
-              origin: dict[str, Any] | None = None) -> None:
+              world_size: int = 1, parallel: str = "none", peak: Peak | None = None,
+              origin: dict[str, Any] | None = None, dtype_reason: str | None = None) -> None:
         """Start a fresh metrics.jsonl with the start event, whose keys are the same for every kind (None where a
-        kind has no value); `origin` is where a fine-tuned or imported run came from."""
+        kind has no value); `origin` is where a fine-tuned or imported run came from. `peak` is one device's (the
+        event holds the job's, every rank's); `train_tokens`, the train split's tokens, are what passes count."""
         assert kind in KINDS, kind
         self._check_writer()
         self.check_new()
@@ -147,14 +149,18 @@ class RunDir:
             "params_non_embedding": model.num_params(embeddings=False), "flops_per_token": model.flops_per_token(),
             "dataset": cfg.data.dataset or None, "tokenizer": dataset.get("tokenizer"), "init_from": init_from,
             "device": str(device) if device else None, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
-            "world_size": world_size, "parallel": parallel, "peak_flops": peak[0] if peak else None,
-            "peak_source": peak[1] if peak else None, "origin": origin, "machine": machine(device),
+            "dtype_reason": dtype_reason, "world_size": world_size, "parallel": parallel,
+            **_peak_fields(peak, world_size), "train_tokens": _train_tokens(kind, dataset),
+            "origin": origin, "machine": machine(device),
         })
 
-    def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int) -> None:
-        """Log that training continues from a checkpoint, and on what: a resume may move to another machine."""
+    def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int,
+                peak: Peak | None = None) -> None:
+        """Log that training continues from a checkpoint, and on what (a resume may move to another machine), with
+        the peak its MFU divides by from here on."""
         self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
-                  "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device)})
+                  "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device),
+                  **_peak_fields(peak, world_size)})
 
     def log(self, event: dict[str, Any]) -> None:
         """Append one event in one write: a crash or a full disk loses at most that line, never half of it."""
@@ -370,6 +376,19 @@ def check_steps(paths: list[Path | str], which: str) -> None:
     if checkpoint_name(which).startswith("step_"):
         for path in paths:
             RunDir(path).checkpoint(which)
+
+
+def _peak_fields(peak: Peak | None, world_size: int) -> dict[str, Any]:
+    """`peak_flops` (the job's: every rank's), `peak_source` (how and when it was had) and `peak_quiet`."""
+    if peak is None:
+        return {"peak_flops": None, "peak_source": None, "peak_quiet": None}
+    return {"peak_flops": peak.flops * world_size, "peak_source": peak.describe(), "peak_quiet": peak.quiet}
+
+
+def _train_tokens(kind: str, dataset: dict[str, Any]) -> int | None:
+    """The tokens of a trained run's train split (what its passes over the data count); none for a fine-tuned run
+    (it trains on records, not on its base's dataset) or an import."""
+    return (dataset.get("train") or {}).get("tokens") if kind == "trained" else None
 
 
 def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:

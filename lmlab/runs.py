@@ -3,6 +3,7 @@ them, so a half-written, old or foreign folder gets a status instead of a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from lmlab.errors import UserError
 from lmlab.humanize import count, fmt, format_duration, sci
 from lmlab.model import build_model
 from lmlab.rundir import RunDir
-from lmlab.scaling import chinchilla_percent
+from lmlab.scaling import chinchilla_percent, unique_tokens
 
 
 @dataclass
@@ -39,7 +40,10 @@ class RunSummary:
     best_val_loss: float | None = None
     best_step: int | None = None
     best_bpb: float | None = None
-    gap: float | None = None  # val - train loss (same fixed batches, eval mode) at the best eval
+    gap: float | None = None  # val - train (eval) loss: the same number of fixed batches, eval mode, at the best eval
+    split_tokens: int | None = None  # the train split's tokens (its unique tokens), of a trained run
+    token_bytes: dict[str, float] = field(default_factory=dict)  # UTF-8 bytes per token of each split: bits per byte
+    data_sha256: str | None = None  # of the val split: runs with the same one were scored on the same text
     still_falling: bool | None = None  # the last eval was the best one
     tokens_per_sec: float | None = None  # median of the logged intervals
     mfu: float | None = None  # median of the logged intervals
@@ -58,12 +62,27 @@ class RunSummary:
         """Training compute: FLOPs per token (the model's one definition) × tokens seen."""
         return self.flops_per_token * self.tokens if self.flops_per_token else None
 
+    @property
+    def epochs(self) -> float | None:
+        """Passes over the train split: tokens seen over its tokens."""
+        return self.tokens / self.split_tokens if self.split_tokens else None
+
+    @property
+    def unique_tokens(self) -> int:
+        return unique_tokens(self.tokens, self.split_tokens)
+
+    def bits_per_byte(self, loss: float, split: str = "val") -> float | None:
+        """A loss (nats per token) of one split in bits per UTF-8 byte of its text."""
+        per_token = self.token_bytes.get(split)
+        return loss / math.log(2) / per_token if per_token else None
+
     def figures(self) -> dict[str, Any]:
         """Everything but the event lists, as plain JSON values (`lmlab runs --json`), kept task and judge scores
     included."""
-        skip = ("evals", "trains")
+        skip = ("evals", "trains", "token_bytes")
         return {"name": self.name, **{k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()
-                                      if k not in skip}, "flops": self.flops}
+                                      if k not in skip}, "flops": self.flops, "epochs": self.epochs,
+                "unique_tokens": self.unique_tokens}
 
 
 def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
@@ -105,6 +124,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     summary.params, summary.device = start.get("params"), start.get("device")
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
     _describe(run, start, summary)
+    _data(run, start, summary)
     summary.evals = [e for e in events if e.get("event") == "eval" and "val_loss" in e]
     summary.trains = [e for e in events if e.get("event") == "train" and "loss" in e]
     summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
@@ -119,7 +139,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
         if "train_eval_loss" in best:
             summary.gap = best["val_loss"] - best["train_eval_loss"]
         summary.still_falling = summary.evals[-1] is best
-        summary.best_bpb = _bits_per_byte(run, best["val_loss"])
+        summary.best_bpb = summary.bits_per_byte(best["val_loss"])
     return summary
 
 
@@ -139,19 +159,25 @@ def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[s
     return tasks, judged[-1] if judged else None
 
 
+def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
+    """What the run's dataset facts say: the train split's tokens (a trained run's: the start event's, or of an
+    older run its dataset.json), bytes per token of each split, and the val split's checksum."""
+    meta = run.dataset()
+    splits = {split: meta.get(split) for split in ("train", "val")} if isinstance(meta, dict) else {}
+    splits = {split: facts for split, facts in splits.items() if isinstance(facts, dict)}
+    recorded = start.get("train_tokens")
+    older = (splits.get("train") or {}).get("tokens") if start and run.kind() == "trained" else None
+    summary.split_tokens = recorded if isinstance(recorded, int) and recorded > 0 else older
+    for split, facts in splits.items():
+        if facts.get("tokens") and facts.get("bytes"):
+            summary.token_bytes[split] = facts["bytes"] / facts["tokens"]
+    summary.data_sha256 = (splits.get("val") or {}).get("sha256")
+
+
 def _median(values: list[float | None]) -> float | None:
     """The median of the known values: typical of a run, unmoved by a slow first interval or an eval's pause."""
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
-
-
-def _bits_per_byte(run: RunDir, loss: float) -> float | None:
-    """Loss in bits per UTF-8 byte of the val text, from the dataset facts the run keeps."""
-    try:
-        val = run.dataset()["val"]
-        return loss / math.log(2) * val["tokens"] / val["bytes"]
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -165,19 +191,44 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
-    """Each run's figures beside the first run's (ratios to it), its share of Chinchilla-optimal tokens and its
-    overfitting: numbers, for `compare` (table and --json), `sweep` and the report. Every run has an evaluation."""
-    base = runs[0]
+    """Each run's figures beside the first run's (ratios to it), its passes over its data, its share of
+    Chinchilla-optimal tokens (unique tokens, with the tokens seen beside) and its overfitting: numbers, for
+    `compare` (table and --json), `sweep` and the report. Every run has an evaluation. When the tokenizers or the
+    data differ (`unfair`), the change against the first run is in bits per byte, which those do not change."""
+    base, by_bytes = runs[0], bool(unfair(runs))
     return [{
         "run": s.name, "path": str(s.path), "status": s.status, "architecture": s.architecture, "model": s.model,
-        "params": s.params, "params_ratio": s.params / base.params, "tokens": s.tokens,
+        "tokenizer": s.tokenizer, "params": s.params, "params_ratio": s.params / base.params, "tokens": s.tokens,
         "tokens_ratio": _ratio(s.tokens, base.tokens), "flops": s.flops, "flops_ratio": _ratio(s.flops, base.flops),
         "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed), "best_val_loss": s.best_val_loss,
         "best_val_loss_change": s.best_val_loss / base.best_val_loss - 1, "bits_per_byte": s.best_bpb,
-        "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.tokens, s.params),
+        "bits_per_byte_change": _ratio(s.best_bpb, base.best_bpb) and s.best_bpb / base.best_bpb - 1,
+        "by_bytes": by_bytes, "epochs": s.epochs, "unique_tokens": s.unique_tokens,
+        "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params),
+        "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params),
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
         "judge": s.judge,
     } for s in runs]
+
+
+def unfair(runs: list[RunSummary]) -> str | None:
+    """Why the runs' losses per token do not compare, or None: different tokenizers (a token is another unit), or
+    different text (val splits with other checksums)."""
+    tokenizers = sorted({str(s.tokenizer) for s in runs})
+    if len(tokenizers) > 1:
+        return f"their tokenizers differ ({', '.join(tokenizers)}): a loss per token is per a different unit"
+    if len({s.data_sha256 or str(s.dataset) for s in runs}) > 1:
+        return "they trained on different data: their losses are of different text"
+    return None
+
+
+def by_bytes_columns(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
+    """Where the rows' tokenizers differ, bits per byte is the figure that compares them: it is kept longest when a
+    table must be narrowed, and the loss per token goes early."""
+    if len({r.get("tokenizer") for r in rows}) <= 1 and not any(r.get("by_bytes") for r in rows):
+        return columns
+    swap = {"bits/byte": 0, "best val": 6}
+    return [dataclasses.replace(c, priority=swap.get(c.header, c.priority)) for c in columns]
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -198,6 +249,18 @@ def _times(value: float | None) -> str:
     return "" if value is None else f" {value:.2f}×"
 
 
+def _change(row: dict[str, Any], key: str, by_bytes: bool) -> str:
+    """The % change against the first run, on the column that compares: bits per byte when the tokenizers or data
+    differ, else the loss."""
+    return f" ({100 * row[key]:+.1f}%)" if row.get("by_bytes", False) == by_bytes and row[key] is not None else ""
+
+
+def _chinchilla(row: dict[str, Any]) -> str:
+    """The share of Chinchilla-optimal in unique tokens, and in tokens seen when repeats make them differ."""
+    unique, seen = row["chinchilla_percent"], row["chinchilla_seen_percent"]
+    return f"{unique:.1f}%" + (f" ({seen:.0f}% seen)" if seen > unique * 1.001 else "")
+
+
 RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under the listed folder
     Column("run", 0, lambda r: r["run"], left=True),
     Column("status", 1, lambda r: r["status"], left=True),
@@ -208,9 +271,10 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
     Column("tokenizer", 11, lambda r: r["tokenizer"] or "-", left=True),
     Column("tokens", 4, lambda r: count(r["tokens"])),
     Column("steps", 8, lambda r: f"{r['steps']:,}"),
+    Column("epochs", 14, lambda r: fmt(r["epochs"], ".2f")),
     Column("best val", 0, lambda r: fmt(r["best_val_loss"])),
     Column("bits/byte", 6, lambda r: fmt(r["best_bpb"], ".3f")),
-    Column("val-train", 10, lambda r: fmt(r["gap"], "+.3f")),
+    Column("val-train(eval)", 10, lambda r: fmt(r["gap"], "+.3f")),
     Column("wall", 5, lambda r: format_duration(r["elapsed"]) if r["elapsed"] else "-"),
     Column("device", 12, lambda r: r["device"] or "-", left=True),
     Column("model", 13, lambda r: r["model"] or "-", left=True),
@@ -262,11 +326,12 @@ COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
     Column("tokens", 4, lambda r: count(r["tokens"]) + _times(r["tokens_ratio"])),
     Column("compute", 2, lambda r: sci(r["flops"]) + _times(r["flops_ratio"])),
     Column("wall", 5, lambda r: format_duration(r["elapsed"]) + _times(r["elapsed_ratio"])),
-    Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f} ({100 * r['best_val_loss_change']:+.1f}%)"),
-    Column("bits/byte", 6, lambda r: fmt(r["bits_per_byte"], ".3f")),
+    Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f}" + _change(r, "best_val_loss_change", False)),
+    Column("bits/byte", 6, lambda r: fmt(r["bits_per_byte"], ".3f") + _change(r, "bits_per_byte_change", True)),
+    Column("epochs", 12, lambda r: fmt(r["epochs"], ".2f")),
     Column("tok/param", 9, lambda r: f"{r['tokens_per_param']:.1f}"),
-    Column("Chinchilla", 7, lambda r: f"{r['chinchilla_percent']:.1f}%"),
-    Column("val-train", 10, lambda r: fmt(r["gap"], "+.3f")),
+    Column("Chinchilla", 7, _chinchilla),
+    Column("val-train(eval)", 10, lambda r: fmt(r["gap"], "+.3f")),
     Column("falling", 8, lambda r: "yes" if r["still_falling"] else "no"),
     Column("status", 11, lambda r: r["status"], left=True),
     Column("judge (scored, model)", 6, lambda r: judge_cell(r["judge"]), left=True),

@@ -10,11 +10,30 @@ import numpy as np
 from lmlab.errors import UserError
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
+# Muennighoff et al. 2023 (Scaling Data-Constrained Language Models): up to about 4 passes over the same data, a
+# repeated token trains about as well as a new one; past that its worth falls fast (near nothing by ~16 passes).
+REPEAT_LIMIT = 4.0
 
 
 def chinchilla_percent(tokens: int, params: int) -> float:
-    """Tokens seen as a percentage of the compute-optimal 20 tokens per parameter."""
+    """Tokens as a percentage of the compute-optimal 20 tokens per parameter."""
     return 100.0 * tokens / (CHINCHILLA_TOKENS_PER_PARAM * params)
+
+
+def unique_tokens(tokens: int, split_tokens: int | None) -> int:
+    """The distinct tokens among `tokens` drawn from a split of `split_tokens` (at most the split; all of them when
+    the split is not known). Chinchilla's 20 per parameter are distinct tokens: repeats are not new data."""
+    return min(tokens, split_tokens) if split_tokens else tokens
+
+
+def repeat_warning(passes: float | None, split_tokens: int | None, what: str) -> str | None:
+    """A sentence when `what` passes over its data more than REPEAT_LIMIT times, else None."""
+    if passes is None or passes <= REPEAT_LIMIT:
+        return None
+    return (f"{what} passes over its {split_tokens:,}-token train split {passes:.1f} times: past about "
+            f"{REPEAT_LIMIT:g} passes a repeated token is worth much less than a new one (Muennighoff et al. 2023, "
+            f"Scaling Data-Constrained Language Models); {int(REPEAT_LIMIT * split_tokens):,} tokens are "
+            f"{REPEAT_LIMIT:g} passes, or prepare more text.")
 
 
 @dataclass

@@ -13,10 +13,10 @@ from typing import Any
 from lmlab.config import RunConfig, SamplingParams, to_dict, to_toml
 from lmlab.data.shards import read_meta
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.device import autocast_dtype
 from lmlab.errors import UserError
 from lmlab.generate import document_start, stream_ids
 from lmlab.model import LanguageModel
+from lmlab.peak import autocast_dtype
 
 # metrics.jsonl field -> tracker tag, per event kind
 TAGS = {

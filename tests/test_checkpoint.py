@@ -17,7 +17,8 @@ from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 
-VOLATILE = {"elapsed", "tokens_per_sec", "mfu", "peak_flops", "path"}
+VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_source", "peak_quiet", "dtype_reason",
+            "budget_spent", "path"}
 
 
 def stable_events(run: Path) -> list[dict]:

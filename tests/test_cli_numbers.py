@@ -96,6 +96,7 @@ ROWS = [
     Row("judge --answers {out}/a.jsonl --endpoint http://127.0.0.1:9/v1 --model m", "--max-tokens", int),
     Row("judge --answers {out}/a.jsonl --endpoint http://127.0.0.1:9/v1 --model m", "--lowest", int, ("zero",)),
     Row("bench {config}", "--steps", int), Row("bench {config}", "--batch-sizes", int),
+    Row("bench {config} --find-max-batch", "--search-seconds", float, ("huge",)),
     Row("plan {config}", "--tokens", int), Row("plan {config}", "--tokens-per-sec", float, ("huge",)),
     Row("plan {config}", "--mfu", float),
     Row(TRAIN, "--budget", float),  # a duration (30s, 5m, 2h): typed by the command, so not found by argparse type

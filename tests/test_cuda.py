@@ -24,16 +24,10 @@ from lmlab.bench import bench_batch, find_max_batch, memory_budget
 from lmlab.checkpoint import model_tensors
 from lmlab.config import ModelConfig, SamplingParams, TrainConfig, load_config
 from lmlab.data.loader import BatchLoader
-from lmlab.device import (
-    autocast_dtype,
-    configure,
-    datasheet_peak,
-    dtype_for_capability,
-    measured_peak,
-    peak_flops,
-)
+from lmlab.device import configure, datasheet_peak, dtype_for_capability
 from lmlab.generate import stream_ids
 from lmlab.model.gpt import GPT
+from lmlab.peak import autocast_dtype, measured_peak, peak_flops
 from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
@@ -100,10 +94,10 @@ def test_the_datasheet_peak_is_not_below_what_a_matmul_reaches():
     """A datasheet row below the measured rate would overstate MFU; an unlisted GPU is measured."""
     configure(CUDA)  # fp32 runs at the TF32 rate, as the table counts it
     for dtype in (autocast_dtype(CUDA, "auto"), torch.float32):
-        peak, source = peak_flops(CUDA, dtype)
+        peak = peak_flops(CUDA, dtype)
         listed = datasheet_peak(torch.cuda.get_device_name(), dtype)
-        assert source == (listed[1] if listed else "measured matmul")
-        assert 1e12 < measured_peak(CUDA, dtype) <= 1.05 * peak
+        assert peak.source == (listed[1] if listed else "measured matmul")
+        assert 1e12 < measured_peak(CUDA, dtype) <= 1.05 * peak.flops
 
 
 def test_bf16_and_compiled_training_track_fp32_eager_on_the_gpu(tmp_path, char_dataset):
@@ -216,7 +210,8 @@ def test_find_max_batch_stops_at_a_real_out_of_memory_with_headroom(tmp_path):
                       '[train]\ncompile = false\n')
     cfg = load_config(config)
     budget = memory_budget(CUDA)  # 90% of the free memory: what find_max_batch allows a batch
-    found = find_max_batch(cfg, "cuda")
+    found, finished = find_max_batch(cfg, "cuda")
+    assert finished
     assert bench_batch(cfg, 4 * found, 1, "cuda", warmup=1).out_of_memory  # caught, not raised
     row = bench_batch(cfg, found, 1, "cuda", warmup=1)  # and the process trains on afterwards
     assert not row.out_of_memory and row.peak_memory <= 1.02 * budget  # (the free memory moves a little)

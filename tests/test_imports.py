@@ -15,8 +15,8 @@ PACKAGE = Path(lmlab.__file__).parent
 # docs/ARCHITECTURE.md's layers, lowest first: each top-level unit of the package (a module, or a subpackage
 # whole) imports only units of its own layer or below. A new module gets its row here and in the map.
 LAYERS = [
-    {"errors", "fileio", "progress", "humanize", "document"},
-    {"config", "device"},
+    {"errors", "fileio", "progress", "humanize", "document", "busy"},
+    {"config", "device", "peak"},
     {"model"},
     {"data"},
     {"prompt", "checkpoint", "rundir"},

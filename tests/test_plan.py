@@ -13,7 +13,8 @@ import torch
 
 from lmlab.commands import main
 from lmlab.config import load_config
-from lmlab.device import machine, peak_flops
+from lmlab.device import machine
+from lmlab.peak import peak_flops
 from lmlab.plan import DEFAULT_MFU, shape_of
 from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
@@ -74,16 +75,66 @@ def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(cap
     code, out, _ = plan(capsys, config, "--device", "cpu", "--runs", tmp_path / "runs")
     assert code == 0
     start, *events = RunDir(tmp_path / "runs" / "tiny").events()
-    mfu = statistics.median(e["mfu"] for e in events if e["event"] == "train")
     per_token = shape_of(load_config(config)).flops_per_token()
+    peak = peak_flops(torch.device("cpu"), torch.float32)  # measured once per process, as plan did
+    assert f"cpu: {machine()['cpu']}: {peak.flops / 1e12:,.4g} TFLOP/s float32 ({peak.brief()})" in " ".join(out.split())
+    if not start["peak_quiet"]:  # measured on a busy machine: no MFU was logged, and none is taken from the run
+        assert all(e["mfu"] is None for e in events if e["event"] == "train")
+        assert f"{100 * DEFAULT_MFU:.1f}% (assumed" in out
+        return
+    mfu = statistics.median(e["mfu"] for e in events if e["event"] == "train")
     # the MFU is a share of the peak the run measured (a CPU's varies from process to process): what it reached
     assert rate(out) == pytest.approx(mfu * start["peak_flops"] / per_token, abs=1)
-    peak, source = peak_flops(torch.device("cpu"), torch.float32)  # measured once per process, as plan did
-    assert f"cpu: {machine()['cpu']}: {peak / 1e12:,.4g} TFLOP/s float32 ({source})" in " ".join(out.split())
     assert (f"{100 * mfu:.1f}% (the median of {tmp_path / 'runs' / 'tiny'}, of the {start['peak_flops'] / 1e12:.3g} "
             "TFLOP/s it recorded)") in " ".join(out.split())
     code, out, _ = plan(capsys, tmp_path / "runs" / "tiny", "--device", "cpu", "--runs", tmp_path / "none")
     assert code == 0 and f"(the median of {tmp_path / 'runs' / 'tiny'}," in out  # a run planned: its own MFU
+
+
+def test_a_run_whose_peak_was_not_checked_for_load_lends_no_mfu(capsys, tmp_path, char_dataset):
+    """The issue's case: a run whose start event recorded a peak measured before lmlab checked the load (or busy)
+    logged MFUs many times too high; plan must not reuse them."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(config.read_text())
+    start = {"event": "start", "step": 0, "device": "cpu", "dtype": "float32", "model": "gpt 2L/32",
+             "peak_flops": 0.0507e12, "peak_source": "measured matmul", "machine": machine()}
+    trains = [{"event": "train", "step": 5 * i, "tokens": 1280 * i, "loss": 3.0, "mfu": 1.7, "tokens_per_sec": 1}
+              for i in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [start, *trains]))
+    code, out, _ = plan(capsys, config, "--device", "cpu", "--runs", tmp_path / "runs")
+    assert code == 0 and f"{100 * DEFAULT_MFU:.1f}% (assumed" in out and "170.0%" not in out
+
+
+def test_the_plan_counts_passes_over_the_data_and_warns_past_four(capsys, tmp_path, char_dataset):
+    split = json.loads((char_dataset / "meta.json").read_text())["train"]["tokens"]
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=1000)  # 256 tokens a step
+    code, out, _ = plan(capsys, config, "--tokens-per-sec", "1000")
+    text = " ".join(out.split())
+    params = int(re.search(r"parameters\s+│ ([\d,]+) \(", out).group(1).replace(",", ""))
+    assert code == 0 and f"{256_000 / split:.2f} over the {split:,}-token train split" in text
+    unique, seen = 100 * split / (20 * params), 100 * 256_000 / (20 * params)
+    assert f"unique tokens {split:,} are {unique:.1f}% of it, tokens seen {seen:.1f}%" in text
+    assert f"this plan passes over its {split:,}-token train split {256_000 / split:.1f} times" in text
+    assert "Muennighoff et al. 2023" in text
+    code, out, _ = plan(capsys, config, "--tokens", str(2 * split), "--tokens-per-sec", "1000")
+    assert code == 0 and "2.00 over the" in out and "Muennighoff" not in out
+
+
+def test_six_n_d_is_shown_beside_lmlabs_compute_with_why_they_differ(capsys):
+    assert main(["plan", GPT2, "--tokens", "1000000", "--tokens-per-sec", "1000"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    model = shape_of(load_config(Path(GPT2)))
+    six_nd = 6 * model.num_params() * 1_000_000
+    change = six_nd / (model.flops_per_token() * 1_000_000) - 1
+    above = "above" if change >= 0 else "below"
+    assert f"6·N·D │ {six_nd:.3g} FLOPs, {100 * abs(change):.1f}% {above} lmlab's (below)" in text
+    assert (f"6·N·D and lmlab's compute: 6·N·D counts all {model.num_params():,} parameters (the "
+            f"{model.lookup_params():,} of lookup-only tables among them) and no attention; lmlab counts 6 × the "
+            f"{model.num_params() - model.lookup_params():,} weights that multiply each token plus attention's "
+            f"{model.attention_flops():,.0f} FLOPs per token (PaLM's formula): 6·N·D is {100 * abs(change):.1f}% "
+            f"{above} it.") in text
 
 
 def test_bad_gpu_names_and_mfu_values_are_refused_with_the_fix(capsys, tmp_path):

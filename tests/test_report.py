@@ -91,7 +91,14 @@ def test_every_section_matches_the_run_folders(two_runs, report):
         trains = [e for e in run.events() if e["event"] == "train"]
         evals = [e for e in run.events() if e["event"] == "eval"]
         assert training["tokens/s (median)"][i] == f"{statistics.median(e['tokens_per_sec'] for e in trains):,.0f}"
-        assert training["MFU (median)"][i] == f"{100 * statistics.median(e['mfu'] for e in trains):.1f}%"
+        assert training["MFU (median)"][i] == (f"{100 * statistics.median(e['mfu'] for e in trains):.1f}%"
+                                               if starts[i]["peak_quiet"] else "-")
+        split = meta["train"]["tokens"]
+        assert training["passes over the data"][i] == f"{ends[i]['tokens'] / split:.2f} over the {split:,}-token " \
+                                                      "train split"
+        six_nd = 6 * starts[i]["params"] * ends[i]["tokens"]
+        assert training["6·N·D"][i].startswith(f"{six_nd:.3g} FLOPs: 6·N·D counts all {starts[i]['params']:,} "
+                                               "parameters")
         best = min(evals, key=lambda e: e["val_loss"])
         assert training["best val loss (estimate)"][i] == f"{best['val_loss']:.4f} at step {best['step']}"
     assert training["resumes"] == ["none", "1 (at step 20)"]
@@ -128,9 +135,14 @@ def test_summary_chinchilla_and_samples(two_runs, report):
     ratio = starts[1]["params"] / starts[0]["params"]
     assert table["modern"][1].startswith(f"{starts[1]['params'] / 1000:.3g}k {ratio:.2f}×")
     chinchilla = rows(md, "Chinchilla")
-    assert chinchilla["tokens per parameter"] == [f"{e['tokens'] / s['params']:.2f}" for e, s in zip(ends, starts)]
-    assert chinchilla["share of Chinchilla-optimal"] == [f"{100 * e['tokens'] / (20 * s['params']):.1f}%"
-                                                         for e, s in zip(ends, starts)]
+    split = runs[0].dataset()["train"]["tokens"]  # 40 steps of 256 tokens: under one pass, so every token is new
+    assert all(e["tokens"] < split for e in ends)
+    assert chinchilla["tokens per parameter"] == [f"{e['tokens'] / s['params']:.2f} unique, "
+                                                  f"{e['tokens'] / s['params']:.2f} seen" for e, s in zip(ends, starts)]
+    share = [100 * e["tokens"] / (20 * s["params"]) for e, s in zip(ends, starts)]
+    assert chinchilla["data"] == [f"{e['tokens'] / split:.2f} passes over the {split:,}-token train split; "
+                                  f"{c:.1f}% of Chinchilla-optimal in unique tokens, {c:.1f}% in tokens seen"
+                                  for e, c in zip(ends, share)]
     assert chinchilla["to the compute-optimal point"][0].startswith(f"{20 * starts[0]['params']:,} tokens")
     samples = section(md, "Samples")
     for run in runs:

@@ -3,6 +3,7 @@
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,13 +25,12 @@ from tests.conftest import LMLAB, write_config
 
 
 @pytest.fixture(scope="module")
-def three_runs(tmp_path_factory) -> list[Path]:
-    """Three real trainings of different widths on the embedded Shakespeare corpus."""
+def three_runs(tmp_path_factory, char_dataset) -> list[Path]:
+    """Three real trainings of different widths on the tests' play-like corpus."""
     root = tmp_path_factory.mktemp("compare")
-    dataset, _, _ = prepare(["shakespeare"], "char", out_dir=root / "data")
     runs = []
     for name, width, steps in (("small", 16, 20), ("medium", 32, 30), ("large", 48, 40)):
-        config = load_config(write_config(root / "tiny.toml", dataset, max_iters=steps),
+        config = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=steps),
                              [f"model.n_embd={width}"])
         runs.append(Trainer(config, root / "runs" / name, "cpu").run().run_dir)
     return runs
@@ -219,3 +219,64 @@ def test_a_live_run_is_listed_as_running_with_a_current_plot(tmp_path, char_data
     proc.kill()
     proc.wait()
     assert summarize(run).status == "crashed"
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers(tmp_path_factory, corpus_dir, char_dataset) -> list[Path]:
+    """The same text as characters and as bpe:300 tokens; the bpe run passes over its split 4.3 times."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    bpe, _, _ = prepare([str(corpus_dir)], "bpe:300", name="tiny", out_dir=root / "data")
+    runs = []
+    for name, dataset, steps in (("char", char_dataset, 20), ("bpe", bpe, 200)):
+        config = load_config(write_config(root / f"{name}.toml", dataset, max_iters=steps), ["train.eval_interval=20"])
+        runs.append(Trainer(config, root / "runs" / name, "cpu").run().run_dir)
+    return runs
+
+
+def test_every_run_knows_its_passes_over_the_data_and_its_unique_tokens(two_tokenizers, capsys):
+    listed = {r["run"]: r for r in as_json(capsys, "runs", str(two_tokenizers[0].parent))["runs"]}
+    for run in two_tokenizers:
+        split = json.loads((run / "dataset.json").read_text())["train"]["tokens"]
+        start, *events = RunDir(run).events()
+        row = listed[run.name]
+        assert start["train_tokens"] == row["split_tokens"] == split
+        assert row["epochs"] == pytest.approx(row["tokens"] / split) and row["unique_tokens"] == min(row["tokens"], split)
+        assert all(e["epoch"] == pytest.approx(e["tokens"] / split, abs=1e-4) for e in events if "epoch" in e)
+    assert listed["bpe"]["epochs"] > 4 > listed["char"]["epochs"]
+    rows = {r["run"]: r for r in as_json(capsys, "compare", *map(str, two_tokenizers))["runs"]}
+    bpe = rows["bpe"]  # Chinchilla in unique tokens, the tokens seen beside it
+    assert bpe["chinchilla_percent"] == pytest.approx(100 * listed["bpe"]["split_tokens"] / (20 * bpe["params"]))
+    assert bpe["chinchilla_seen_percent"] == pytest.approx(100 * bpe["tokens"] / (20 * bpe["params"]))
+
+
+def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenizers, capsys, tmp_path):
+    rows = as_json(capsys, "compare", *map(str, two_tokenizers), "--plot", str(tmp_path / "compare.png"))["runs"]
+    char, bpe = (summarize(r) for r in two_tokenizers)
+    assert all(r["by_bytes"] for r in rows) and (tmp_path / "compare.png").stat().st_size > 20_000
+    assert rows[1]["bits_per_byte_change"] == pytest.approx(bpe.best_bpb / char.best_bpb - 1)
+    table = subprocess.run([LMLAB, "compare", *map(str, two_tokenizers)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "COLUMNS": "80"}).stdout
+    assert max(map(len, table.splitlines())) <= 80 and "bits/byte: % change, as their tokenizers differ (bpe:300, " \
+                                                        "char)" in " ".join(table.split())
+    header = next(line for line in table.splitlines() if line.lstrip().startswith("run"))
+    assert "bits/byte" in header and "best val" not in header  # the figure that compares them is kept longest
+    assert f"{bpe.best_bpb:.3f} ({100 * (bpe.best_bpb / char.best_bpb - 1):+.1f}%)" in table
+    listing = subprocess.run([LMLAB, "runs", str(two_tokenizers[0].parent)], capture_output=True, text=True,
+                             check=True, env={**os.environ, "COLUMNS": "80"}).stdout
+    assert "bits/byte" in next(line for line in listing.splitlines() if line.lstrip().startswith("run"))
+
+
+def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_tokenizers, capsys, tmp_path):
+    assert main(["scaling", *map(str, two_tokenizers), "--plot", str(tmp_path / "s.png")]) == 2
+    assert ("scaling fits one power law through runs of one tokenizer on one text, and their tokenizers differ "
+            "(bpe:300, char)") in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "s.png").exists()
+    stripped = tmp_path / "stripped"  # a run whose dataset facts hold no byte counts: no bits per byte to draw
+    shutil.copytree(two_tokenizers[1], stripped)
+    facts = json.loads((stripped / "dataset.json").read_text())
+    (stripped / "dataset.json").write_text(json.dumps({k: v for k, v in facts.items() if k not in ("train", "val")}))
+    assert main(["compare", str(two_tokenizers[0]), str(stripped), "--plot", str(tmp_path / "c.png")]) == 2
+    assert ("these runs cannot share a loss axis: their tokenizers differ (bpe:300, char): a loss per token is per a "
+            "different unit, and stripped keeps no byte counts of its data (dataset.json) to draw it in bits per byte; "
+            "plot them apart.") in \
+        " ".join(capsys.readouterr().err.split())

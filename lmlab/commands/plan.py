@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -12,22 +13,20 @@ from lmlab.errors import UserError
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from lmlab.bench import bench_batch, eval_cost, find_max_batch
+    from lmlab.bench import bench_batch, eval_cost
     from lmlab.config import load_config
-    from lmlab.device import autocast_dtype, resolve_device
+    from lmlab.device import configure, resolve_device
 
     cfg = load_config(Path(args.config), args.set)
+    device = resolve_device(args.device)
+    configure(device, cfg.train.threads)  # the threads the peak is measured with, as training's
+    dtype = say_hardware(device, cfg.train.dtype)
     sizes = args.batch_sizes or [cfg.train.batch_size]
     if args.find_max_batch:
-        with console.status("Finding the largest micro-batch that fits..."):
-            biggest = find_max_batch(cfg, args.device)
-        console.print(f"largest micro-batch that fits: {biggest}")
-        sizes = sorted(set(sizes) | {biggest})
-    device = resolve_device(args.device)
+        sizes = sorted(set(sizes) | {search_max_batch(cfg, args.device, args.search_seconds)})
     memory_notes = {"cpu": "; peak memory is the process's high-water RSS",
                     "cuda": "; peak memory is what the CUDA caching allocator reserved"}
     memory_note = memory_notes.get(device.type, "")
-    dtype = str(autocast_dtype(device, cfg.train.dtype)).removeprefix("torch.")
     table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({device}, {dtype}{memory_note})")
     for column in ("micro-batch", "tokens/s", "ms/step", "MFU", "peak memory"):
         table.add_column(column, justify="right")
@@ -39,11 +38,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if r.out_of_memory:
             table.add_row(str(size), "out of memory", "-", "-", "-")
         else:
-            table.add_row(str(size), f"{r.tokens_per_sec:,.0f}", f"{r.ms_per_step:.1f}", f"{100 * r.mfu:.1f}%",
-                          f"{r.peak_memory / 2**20:,.0f} MiB")
+            table.add_row(str(size), f"{r.tokens_per_sec:,.0f}", f"{r.ms_per_step:.1f}",
+                          "-" if r.mfu is None else f"{100 * r.mfu:.1f}%", f"{r.peak_memory / 2**20:,.0f} MiB")
     console.print(table)
     for note in {r.note for r in rows if r.note}:
         console.print(f"[yellow]{note}[/yellow]")
+    warn_busy([(f"micro-batch {r.batch_size}", r.load) for r in rows], "its tokens/s and MFU read low")
     if args.eval:
         at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
         at_config = at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device)
@@ -53,13 +53,70 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       f"eval_iters <= {cost['max_eval_iters_under_5pct']} keeps evaluation under 5%.")
 
 
+def say_hardware(device: Any, setting: str) -> str:
+    """Print the dtype `setting` resolves to here and why, and the peak MFU divides by (with any note on its
+    cache, and a warning when it was measured busy); the dtype's name."""
+    from lmlab.peak import choose_dtype, peak_flops
+
+    dtype, why = choose_dtype(device, setting)
+    name = str(dtype).removeprefix("torch.")
+    console.print(f"dtype {name} ({why})")
+    peak = peak_flops(device, dtype)
+    for note in peak.notes:
+        console.print(f"[yellow]note: {note}[/yellow]")
+    console.print(f"MFU against {peak.flops / 1e12:.3g} TFLOP/s: {peak.describe()}" if peak.quiet else
+                  f"[yellow]warning: no MFU: the peak, a {peak.describe()}, would overstate it; it is measured again "
+                  "next time[/yellow]")
+    return name
+
+
+def warn_busy(windows: list[tuple[str, Any]], effect: str) -> None:
+    """A warning line for each timed window (what, its `Load`) during which the machine was busy."""
+    from lmlab.busy import busy_warning
+
+    for what, load in windows:
+        warning = busy_warning(what, load, effect)
+        if warning:
+            console.print(warning, style="yellow", markup=False)
+
+
+def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
+    """The largest micro-batch that fits, each try printed as it is found, within `seconds`."""
+    from lmlab.bench import find_max_batch
+    from lmlab.fileio import human_bytes
+
+    console.print(f"Finding the largest micro-batch that fits (for at most {seconds:g} s; each try builds the model "
+                  "and times 2 steps):")
+
+    def say(row: Any, fits: bool, budget: int | None) -> None:
+        if row.out_of_memory:
+            found = "out of memory"
+        else:
+            found = f"peak memory {human_bytes(row.peak_memory)}" + (f" of {human_bytes(budget)} allowed" if budget
+                                                                     else "")
+        console.print(f"  micro-batch {row.batch_size}: {'fits' if fits else 'too large'}, {found}", highlight=False)
+
+    biggest, finished = find_max_batch(cfg, device, seconds=seconds, say=say)
+    console.print(f"largest micro-batch that fits: {biggest}" + ("" if finished else
+                  f" (the search stopped after {seconds:g} s, before trying larger ones; --search-seconds gives it "
+                  "longer)"))
+    return biggest
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.config import load_config
-    from lmlab.humanize import format_duration
-    from lmlab.plan import estimate, gpu_hardware, local_hardware, make_plan, measure_tokens_per_sec, shape_of
+    from lmlab.plan import (
+        compute_note,
+        estimate,
+        gpu_hardware,
+        local_hardware,
+        make_plan,
+        measure_tokens_per_sec,
+        shape_of,
+    )
     from lmlab.rundir import RunDir
     from lmlab.runs import find_runs, summarize
-    from lmlab.scaling import chinchilla_percent
+    from lmlab.scaling import repeat_warning
 
     if args.mfu is not None and not 0 < args.mfu <= 1:
         raise UserError(f"--mfu {args.mfu} must be a fraction in (0, 1], e.g. 0.4 for 40%.")
@@ -68,12 +125,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
     target = Path(args.target)
     run = summarize(target) if target.is_dir() else None
     cfg = RunDir(target).config(args.set) if run else load_config(target, args.set)
-    guess = None
+    guess, load = None, None
     if args.tokens_per_sec:
         rate = args.tokens_per_sec, "given"
     elif args.measure:
-        with console.status("Timing training steps..."):
-            rate = measure_tokens_per_sec(cfg, args.device)
+        micro = f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps}" if cfg.train.grad_accum_steps > 1 else \
+            f"{cfg.train.batch_size}"
+        console.print(f"Timing training steps of micro-batch {micro}, as training runs them...")
+        *rate, load = measure_tokens_per_sec(cfg, args.device)
     else:
         hardware = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else local_hardware(args.device,
                                                                                           cfg.train.dtype)
@@ -81,25 +140,52 @@ def cmd_plan(args: argparse.Namespace) -> None:
         model = shape_of(cfg)
         guess = estimate(hardware, args.mfu, model, [target] * bool(run) + searched)
         rate = guess.tokens_per_sec(model), "estimate: peak × MFU ÷ FLOPs per token; --measure times it here"
-    plan = make_plan(cfg, rate, args.tokens, args.chinchilla)
+    plan = make_plan(cfg, tuple(rate), args.tokens, args.chinchilla, run and run.split_tokens)
+    console.print(plan_table(target, plan, guess, run))
+    console.print(f"6·N·D and lmlab's compute: {compute_note(plan)}")
+    warn_busy([("the steps", load)], "the throughput reads low")
+    if guess and not guess.hardware.peak_figure.quiet:
+        console.print(f"[yellow]warning: this machine's peak ({guess.hardware.peak_figure.describe()}) reads low, "
+                      "so the estimate reads slow; run plan again on a quiet machine, or pass --measure.[/yellow]")
+    warning = repeat_warning(plan.passes, plan.split_tokens, "this plan")
+    if warning:
+        console.print(f"[yellow]warning: {warning}[/yellow]")
+
+
+def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
+    """`plan`'s table: size, tokens and passes over the data, Chinchilla on unique tokens, compute beside 6·N·D,
+    the throughput and its source, the wall time; where a run stands."""
+    from lmlab.humanize import format_duration
+    from lmlab.scaling import chinchilla_percent, unique_tokens
+
     table = Table(title=f"Plan for {target}", show_header=False)
     table.add_row("parameters", f"{plan.params:,} ({plan.params_non_embedding:,} without embeddings)")
     table.add_row("tokens per step", f"{plan.tokens_per_step:,}")
     table.add_row("training tokens", f"{plan.tokens:,} ({plan.tokens_source}; {plan.tokens / plan.params:.1f} "
                   "per parameter)")
-    table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,}")
+    table.add_row("passes over the data", "unknown (the dataset is not prepared here)" if plan.passes is None else
+                  f"{plan.passes:.2f} over the {plan.split_tokens:,}-token train split")
+    unique = unique_tokens(plan.tokens, plan.split_tokens)
+    table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,} (20 per parameter): unique tokens "
+                  f"{unique:,} are {chinchilla_percent(unique, plan.params):.1f}% of it, tokens seen "
+                  f"{chinchilla_percent(plan.tokens, plan.params):.1f}%")
     table.add_row("training compute", f"{plan.flops:.3g} FLOPs ({plan.flops_per_token:.3g} per token)")
+    change = plan.six_nd / plan.flops - 1
+    table.add_row("6·N·D", f"{plan.six_nd:.3g} FLOPs, {100 * abs(change):.1f}% {'above' if change >= 0 else 'below'} "
+                  "lmlab's (below)")
     if guess:
         hw = guess.hardware
-        table.add_row("hardware", f"{hw.name}: {hw.peak / 1e12:,.4g} TFLOP/s {hw.dtype} ({hw.peak_source})")
+        table.add_row("hardware", f"{hw.name}: {hw.peak / 1e12:,.4g} TFLOP/s {hw.dtype} ({hw.peak_figure.brief()})")
         table.add_row("MFU", f"{100 * guess.mfu:.1f}% ({guess.mfu_source})")
     table.add_row("throughput", f"{plan.tokens_per_sec:,.0f} tokens/s ({plan.rate_source})")
     table.add_row("wall time", format_duration(plan.seconds))
     if run:
-        table.add_row("tokens seen so far", f"{run.tokens:,} ({chinchilla_percent(run.tokens, plan.params):.1f}% of "
-                      f"Chinchilla-optimal; {run.status})")
+        seen = unique_tokens(run.tokens, run.split_tokens)
+        passes = "" if run.epochs is None else f"{run.epochs:.2f} passes; "
+        table.add_row("tokens seen so far", f"{run.tokens:,} ({passes}{chinchilla_percent(seen, plan.params):.1f}% of "
+                      f"Chinchilla-optimal in unique tokens; {run.status})")
         table.add_row("time to finish", format_duration(max(0, plan.tokens - run.tokens) / plan.tokens_per_sec))
-    console.print(table)
+    return table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -110,7 +196,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=counts, help="comma-separated micro-batch sizes (default: the config's)")
     p.add_argument("--steps", type=count(), default=5, help="timed steps per batch size (after 2 warmup steps)")
     add_device(p)
-    p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits")
+    p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits, printing "
+                   "each batch size tried")
+    p.add_argument("--search-seconds", type=positive, default=120.0, help="stop --find-max-batch after this long "
+                   "with the largest batch found so far")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
     p.set_defaults(func=cmd_bench)
 

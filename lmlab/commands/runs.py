@@ -17,13 +17,14 @@ if TYPE_CHECKING:  # the command modules import the library when a command runs,
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.runs import RUN_COLUMNS, find_runs, summarize
+    from lmlab.runs import RUN_COLUMNS, by_bytes_columns, find_runs, summarize
 
     rows = [{**summarize(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
     if args.json:
         print(json.dumps({"dir": str(args.dir), "runs": rows}, indent=1))
         return
-    print_table(f"Runs under {args.dir}", RUN_COLUMNS, rows, args.wide)
+    known = [r for r in rows if r["tokenizer"]]
+    print_table(f"Runs under {args.dir}", by_bytes_columns(RUN_COLUMNS, known), rows, args.wide)
 
 
 def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
@@ -41,11 +42,12 @@ def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
 
 
 def print_comparison(runs: list[RunSummary], wide: bool = False) -> None:
-    from lmlab.runs import COMPARE_COLUMNS, comparison, task_columns
+    from lmlab.runs import COMPARE_COLUMNS, by_bytes_columns, comparison, task_columns, unfair
 
-    rows = comparison(runs)
-    print_table(f"Compared with {runs[0].name} (× its figure; best val: % change)",
-                [*COMPARE_COLUMNS, *task_columns(rows)], rows, wide)
+    rows, reason = comparison(runs), unfair(runs)
+    change = f"bits/byte: % change, as {reason}" if reason else "best val: % change"
+    print_table(f"Compared with {runs[0].name} (× its figure; {change})",
+                [*by_bytes_columns(COMPARE_COLUMNS, rows), *task_columns(rows)], rows, wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -78,7 +80,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_scaling(args: argparse.Namespace) -> None:
     from lmlab.plots import plot_scaling
-    from lmlab.runs import Column, summarize
+    from lmlab.runs import Column, summarize, unfair
     from lmlab.scaling import fit_caveats, fit_power_law
 
     runs = [s for s in map(summarize, map(Path, args.runs)) if s.best_val_loss is not None and s.flops]
@@ -86,6 +88,10 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     axes = {"compute (FLOPs)": [s.flops for s in runs], "parameters": [s.params for s in runs]}
     if len(runs) < 2:
         raise UserError(f"scaling needs at least two runs with an evaluation; {len(runs)} of those given have one.")
+    reason = unfair(runs)
+    if reason:  # one law per tokenizer and text: a power law through two of them fits neither
+        raise UserError(f"scaling fits one power law through runs of one tokenizer on one text, and {reason}; fit "
+                        "each group apart, and compare them with `lmlab compare` (in bits per byte).")
     fits = [fit_power_law(x, losses, names, label) for label, x in axes.items() if len(set(x)) > 1]
     if not fits:
         raise UserError("every run has the same size and saw the same tokens: there is nothing to fit; pass runs "

@@ -23,7 +23,9 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    started = time.perf_counter()  # a --budget counts from here: the imports below are part of it
+    from lmlab.busy import process_age
+
+    started = time.perf_counter() - process_age()  # a --budget counts from the process's start
     from lmlab.config import load_config
     from lmlab.rundir import RunDir
     from lmlab.train.loop import Trainer
@@ -59,7 +61,15 @@ def cmd_train(args: argparse.Namespace) -> None:
                       f"Continue with: lmlab train --resume {result.run_dir}")
     if result.stopped_early:
         console.print(f"stopped early at step {result.steps}: no new best val loss in {cfg.train.patience} evals")
-    console.print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}")
+    if result.best_val_loss == float("inf"):
+        console.print(f"no evaluation ran: the run ended at step {result.steps}, before its first evaluation")
+    else:
+        console.print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}")
+    if result.budget_spent is not None:
+        spent, budget = result.budget_spent, trainer.cfg.train.budget_seconds
+        share = 100 * (spent / budget - 1)
+        console.print(f"budget {budget:g} s: the run ended {spent:.1f} s after the command started "
+                      f"({spent - budget:+.1f} s" + (f", {share:+.1f}%)" if abs(share) < 100 else ")"))
     console.print(f"run: {result.run_dir}")
     console.print(f"loss plot: {result.loss_plot}")
 

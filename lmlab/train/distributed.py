@@ -161,6 +161,14 @@ class Parallel:
             return values
         return (self.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)) / self.world_size).tolist()
 
+    def from_main(self, value: int) -> int:
+        """Rank 0's whole number on every rank: what rank 0 alone measured or chose (the dtype of `auto`)."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([value])
+        dist.broadcast(tensor, src=0, group=self._flags)
+        return int(tensor.item())
+
     def any(self, flag: bool) -> bool:
         """Whether any rank raised `flag`, now: a blocking round trip, for a question asked once (at the end of
         a run), where `agree`'s answer a step late would come too late."""

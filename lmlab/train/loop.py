@@ -17,15 +17,16 @@ from rich.console import Console
 from lmlab.config import RunConfig, to_dict
 from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
-from lmlab.device import autocast_dtype, configure, peak_flops, synchronize
+from lmlab.device import configure, synchronize
 from lmlab.errors import UserError
 from lmlab.fileio import WriteError, sha256_file
 from lmlab.model import build_model
-from lmlab.plots import plot_losses, pyplot
+from lmlab.peak import Peak, choose_dtype, peak_flops
+from lmlab.plots import plot_losses
 from lmlab.progress import progress_bar
 from lmlab.rundir import RunDir
 from lmlab.tracking import Tracker
-from lmlab.train.budget import BudgetClock, BudgetPlan, make_plan, resumed_plan, schedule_for
+from lmlab.train.budget import BudgetClock, BudgetPlan, resumed_plan, schedule_for
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
@@ -38,6 +39,7 @@ from lmlab.train.state import (
     set_rng_state,
     upgrade_training,
 )
+from lmlab.train.steering import Steering
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StopOnSignal, write_failure
 
@@ -51,6 +53,7 @@ class TrainResult:
     stopped_early: bool
     loss_plot: Path
     stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
+    budget_spent: float | None = None  # seconds from the process's start to the end, of a budget it planned
 
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
@@ -80,11 +83,14 @@ def check_resumable(run: RunDir) -> None:
                         f"weights with `lmlab train CONFIG --init-from {run.path}`.")
 
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by index, as rank 0 tells the others
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])
 
 
-class Trainer:
+class Trainer(Steering):
     """One run: build from a config, optionally resume or start from another run's weights, then `run()`."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
@@ -113,10 +119,10 @@ class Trainer:
         self.console = console or Console()
         if not self.parallel.is_main:
             self.console.quiet = True  # one voice for the whole job (the CLI's console too)
-        self.dtype = autocast_dtype(self.device, cfg.train.dtype)
         tc, mc = self.cfg.train, self.cfg.model
         torch.manual_seed(tc.seed)
         configure(self.device, tc.threads)
+        self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype)
         self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
         self.model = build_model(mc).to(self.device)  # the same initial weights on every rank
         self.parallel.own_rng(tc.seed, 0)
@@ -129,8 +135,7 @@ class Trainer:
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         self.flops_per_token = self.model.flops_per_token()
-        peak, source = peak_flops(self.device, self.dtype)
-        self.peak = (peak * self.parallel.world_size, source)  # tokens/s counts every rank's tokens
+        self.split_tokens = self.meta["train"]["tokens"]  # what a pass over the data is
         # The parts of the state a checkpoint holds, each restored in place (see `_restore`).
         self.progress, self.clock = Progress(), Stopwatch()
         self.means = {"log": Mean(), "eval": Mean()}  # train loss since the last log line, since the last eval
@@ -140,6 +145,7 @@ class Trainer:
         self._write_error: WriteError | None = None  # a failed write of rank 0, which ends the run (see `_write`)
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
+        self._lr = 0.0  # of the newest step, for the log
         # A torchrun worker restarted after a failure (--max-restarts) runs the same command: it continues.
         resume = resume or (elastic_restart() and bool(self.run_dir.step_folders()))
         if resume:
@@ -152,6 +158,26 @@ class Trainer:
                                model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards
         if self.parallel.is_main:
             self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
+
+    def _measure_hardware(self, setting: str) -> tuple[torch.dtype, str, Peak | None]:
+        """The autocast dtype (on a CPU, `auto` chooses by measurement), why, and the peak MFU divides by, each said
+        in a line. Under torchrun rank 0 measures while the other ranks wait, so none loads the cores it measures,
+        and every rank takes rank 0's dtype."""
+        self.parallel.barrier()
+        dtype, why, peak = torch.float32, "", None
+        if self.parallel.is_main:
+            dtype, why = choose_dtype(self.device, setting)
+            peak = peak_flops(self.device, dtype)
+        self.parallel.barrier()
+        dtype = DTYPES[self.parallel.from_main(DTYPES.index(dtype))]
+        self.console.print(f"dtype {str(dtype).removeprefix('torch.')} ({why})")
+        if peak is not None:
+            for note in peak.notes:
+                self.console.print(f"[yellow]note: {note}[/yellow]")
+            self.console.print(f"MFU against {peak.flops / 1e12:.3g} TFLOP/s: {peak.describe()}" if peak.quiet else
+                               f"[yellow]no MFU this run: the peak, a {peak.describe()}, would overstate it; it is "
+                               "measured again at the next start[/yellow]")
+        return dtype, why, peak
 
     def _write(self, write: Callable[..., Any], *args: Any) -> None:
         """Rank 0 writes; a failed write (a full disk) ends the run like a stop signal, after the step, keeping the
@@ -173,7 +199,7 @@ class Trainer:
         if self.parallel.is_main:
             self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from, device=self.device,
                                dtype=self.dtype, world_size=self.parallel.world_size, parallel=self.parallel.mode,
-                               peak=self.peak)
+                               peak=self.peak, dtype_reason=self.dtype_reason)
 
     def _init_from(self, source: str, keep_optimizer: bool) -> None:
         """Start from another run's weights (`runs/OLD`, or `runs/OLD:CHECKPOINT`: best, latest, step_N or N)."""
@@ -213,7 +239,8 @@ class Trainer:
         self.budget = resumed_plan(self.budget, self.cfg.train.budget_seconds, self.run_dir.path)
         if self.parallel.is_main:
             self.run_dir.truncate_after(self.progress.step)
-            self.run_dir.resumed(self.progress.step, folder.name, self.device, self.dtype, self.parallel.world_size)
+            self.run_dir.resumed(self.progress.step, folder.name, self.device, self.dtype, self.parallel.world_size,
+                                 self.peak)
         self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {self.progress.step}).")
 
     def _load_newest_good(self, at_most: int | None = None) -> tuple[Path, dict[str, Any]]:
@@ -270,10 +297,11 @@ class Trainer:
 
     def _train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
-        tc = self.schedule
-        lr = lr_at(self.progress.step, tc) * self.guard.lr_scale
+        tc, step = self.schedule, self.progress.step
+        base = self.budget.lr(step, self.cfg.train) if self.cfg.train.budget_seconds else lr_at(step, tc)
+        self._lr = lr = base * self.guard.lr_scale
         total, norm = self.step(self.parallel.micro_batches(self.loader, tc.grad_accum_steps), self.micro_steps, lr)
-        self._pending.append((self.progress.step + 1, lr, total, norm))
+        self._pending.append((step + 1, lr, total, norm))
 
     def _judge_pending(self) -> bool:
         """Read the queued steps' loss and grad norm (one host sync for all of them), let the guard judge
@@ -318,8 +346,9 @@ class Trainer:
         self.model.train()
         return train, val
 
-    def _after_eval(self, train_eval: float, val: float) -> bool:
-        """Log an eval (its train loss: the mean since the last eval) and return whether it is a new best."""
+    def _after_eval(self, train_eval: float, val: float, seconds: float) -> bool:
+        """Log an eval (its train loss: the mean since the last eval; how long it took) and return whether it is a
+        new best."""
         p, tc = self.progress, self.cfg.train
         is_best = val < p.best_val_loss
         if is_best:
@@ -327,28 +356,36 @@ class Trainer:
         else:
             p.evals_since_best += 1
         avg_train = self.means["eval"].take()
-        self._log({"event": "eval", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                   "train_loss": avg_train, "train_eval_loss": train_eval, "val_loss": val,
-                   "best_val_loss": p.best_val_loss, "is_best": is_best})
+        self._log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self._epoch(),
+                   "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train, "train_eval_loss": train_eval,
+                   "val_loss": val, "best_val_loss": p.best_val_loss, "is_best": is_best, "seconds": round(seconds, 3)})
         self._write(plot_losses, self.run_dir)  # kept current, so a long run can be watched while it goes
         mark = " | [bold green]best![/bold green]" if is_best else ""
-        self.console.print(f"step {p.step} | train {avg_train:.4f} | val {val:.4f}{mark}")
+        # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
+        self.console.print(f"step {p.step} | train (steps) {avg_train:.4f} | train (eval) {train_eval:.4f} | "
+                           f"val {val:.4f}{mark}")
         p.stopped_early = bool(tc.patience) and p.evals_since_best >= tc.patience
         return is_best
 
     def _log_train(self, rate: float | None) -> str:
         """A train line; `rate` is None when the only step since the last line was the warm-up step."""
         p = self.progress
-        mean = self.means["log"].take()
-        mfu = None if rate is None else rate * self.flops_per_token / self.peak[0]
-        lr = lr_at(p.step - 1, self.schedule) * self.guard.lr_scale
-        self._log({"event": "train", "step": p.step, "tokens": p.tokens, "loss": mean,
+        mean, lr, epoch = self.means["log"].take(), self._lr, self._epoch()
+        # tokens/s counts every rank's tokens, against every rank's peak; none against a peak measured busy
+        mfu = None if rate is None or self.peak is None else self.peak.mfu(
+            rate * self.flops_per_token / self.parallel.world_size)
+        self._log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
                    "lr": lr, "grad_norm": self._grad_norm,
                    "tokens_per_sec": None if rate is None else round(rate, 1),
                    "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
         if rate is None:
-            return f"loss {mean:.4f} | lr {lr:.1e}"
-        return f"loss {mean:.4f} | lr {lr:.1e} | {rate:,.0f} tok/s | MFU {100 * mfu:.1f}%"
+            return f"loss {mean:.4f} | lr {lr:.1e} | epoch {epoch:.2f}"
+        utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
+        return f"loss {mean:.4f} | lr {lr:.1e} | {rate:,.0f} tok/s{utilisation} | epoch {epoch:.2f}"
+
+    def _epoch(self) -> float:
+        """Passes over the train split so far: tokens seen over the split's tokens."""
+        return round(self.progress.tokens / self.split_tokens, 4)
 
     def run(self) -> TrainResult:
         """Train to max_iters (or early stop, max_seconds, a stop signal, a failed write); then the run's lock is
@@ -365,34 +402,31 @@ class Trainer:
         self.model.train()
         tokens_per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum_steps * self.cfg.model.block_size
         self.clock.start()
-        timing = None  # a budget still to plan: its steps are timed until the plan is fixed
-        if self.budget.seconds and not self.budget.fixed:
-            pyplot()  # imported now, so that no timed eval includes the one-time import
-            timing = BudgetClock(self.budget.seconds, self.started or time.perf_counter(), self.clock.before, p.step)
+        steering = self._steering()  # a budget this process plans: its steps timed, then its end steered
         step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
         # The first step of a process compiles, allocates and warms caches (a minute for GPT-2 under
         # torch.compile): it is left out of tokens/s and MFU, on a first start and on every resume.
         warm = False
         out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
         with progress_bar(self.console) as bar, StopOnSignal() as stop:
-            task = bar.add_task("train", total=None if timing else self.schedule.max_iters, completed=p.step, info="")
-            stopping = False  # a stop signal or a failed write, agreed by all ranks
+            planned = not steering or steering.planned
+            task = bar.add_task("train", total=self.schedule.max_iters if planned else None, completed=p.step, info="")
+            # a stop signal or a failed write, agreed by all ranks; or a budget start-up took
+            stopping = self.budget.reason == "start-up"
             while p.step < self.schedule.max_iters and not p.stopped_early and not out_of_time and not stopping:
-                tc = self.schedule
                 started = time.perf_counter()
                 self._train_step()
                 p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
                 # Agreed by all ranks, as the eval that running out of time triggers is collective, and a budget's
                 # plan must be the same everywhere.
-                stopping, out_of_time, timed = self.parallel.agree(
+                stopping, out_of_time, steer = self.parallel.agree(
                     bool(stop.signal) or self._write_error is not None,
-                    bool(tc.max_seconds) and self.clock.elapsed >= tc.max_seconds,
-                    timing is not None and timing.timing_done())
-                if timing is not None and timed:
-                    self._fix_plan(make_plan(timing.seconds, p.step, self.parallel.mean(timing.measured(),
-                                                                                          self.device), tc))
-                    timing, tc = None, self.schedule
-                    bar.update(task, total=tc.max_iters)
+                    bool(self.schedule.max_seconds) and self.clock.elapsed >= self.schedule.max_seconds,
+                    steering is not None and steering.due())
+                if steer:
+                    self._steer(steering, "pace")
+                    bar.update(task, total=self.schedule.max_iters)
+                tc = self.schedule
                 logging = p.step % tc.log_interval == 0
                 evaluating = p.step % tc.eval_interval == 0 or p.step == tc.max_iters or out_of_time
                 saving = p.step % tc.checkpoint_interval == 0
@@ -410,14 +444,18 @@ class Trainer:
                     info = self._log_train(tokens_per_step * timed_steps / step_seconds if timed_steps else None)
                     bar.update(task, completed=p.step, info=info)
                     step_seconds, timed_steps = 0.0, 0
-                best = evaluating and self._after_eval(*self._evaluate())
+                best = evaluating and self._evaluated(steering)
                 if best or saving:
+                    began = time.perf_counter()
                     self._checkpoint(best)
-                if timing is not None:
-                    timing.add_step(p.step, seconds)
-                    if p.step == timing.warm_step:
-                        self._time_costs(timing)
-                bar.update(task, completed=p.step)
+                    if steering is not None and steering.planned:
+                        steering.took("checkpoint", time.perf_counter() - began)
+                if steering is not None:
+                    steering.add_step(p.step, seconds)
+                    if p.step == steering.warm_step and not steering.planned:
+                        self._time_costs(steering)
+                bar.update(task, completed=p.step, total=self.schedule.max_iters if steering is None or
+                           steering.planned else None)
             # The end, an early stop or a signal (whenever in the step it came): the last step is always saved,
             # unless a write failed, which leaves the newest checkpoint as it is.
             self._judge_pending()
@@ -426,37 +464,16 @@ class Trainer:
                 self._checkpoint(best=False)
         if failed:
             raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
-        return self._finish(stop.signal)
+        return self._finish(stop.signal, steering)
 
-    def _time_costs(self, timing: BudgetClock) -> None:
-        """What a budgeted run's plan counts besides its steps, timed: a checkpoint, and an eval (of one batch per
-        split, after one that pays the eval's one-time costs, scaled to eval_iters) with the plot it redraws."""
-        began = time.perf_counter()
-        self._checkpoint(best=False)
-        timing.checkpoint_seconds = time.perf_counter() - began
-        self._evaluate(n_batches=1)
-        began = time.perf_counter()
-        self._evaluate(n_batches=1)
-        batches = time.perf_counter() - began
-        self._write(plot_losses, self.run_dir)
-        timing.eval_seconds = self.cfg.train.eval_iters * batches + time.perf_counter() - began - batches
-
-    def _fix_plan(self, plan: BudgetPlan) -> None:
-        """Lay the run over the plan's steps: config.toml records them, and a `budget` event the plan."""
-        self.budget = plan
-        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, max_iters=plan.max_iters))
-        self.schedule = schedule_for(self.cfg.train, plan)
-        self._write(self.run_dir.write_config, self.cfg)
-        self._log({"event": "budget", **plan.state_dict()})
-        self.console.print(plan.describe())
-
-    def _finish(self, stopped_by: str | None) -> TrainResult:
+    def _finish(self, stopped_by: str | None, steering: BudgetClock | None) -> TrainResult:
         p = self.progress
-        self._log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                   "best_val_loss": p.best_val_loss, "best_step": p.best_step,
-                   "stopped_early": p.stopped_early, "stopped_by": stopped_by})
         self._write(plot_losses, self.run_dir)
+        spent = steering and round(steering.spent(), 3)  # of a budget this process planned, at its end
+        self._log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
+                   "best_val_loss": p.best_val_loss, "best_step": p.best_step, "stopped_early": p.stopped_early,
+                   "stopped_by": stopped_by, "budget_spent": spent})
         if self._write_error is not None:
             raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,
-                           self.run_dir.loss_plot, stopped_by)
+                           self.run_dir.loss_plot, stopped_by, spent)

@@ -123,5 +123,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if step >= decay_iters:
         return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return _cosine((step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters), cfg)
+
+
+def _cosine(progress: float, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def lr_at_position(position: float, cfg: TrainConfig) -> float:
+    """The schedule's LR after warmup at `position`, from 0 (the peak) to 1 (min_lr), for a schedule laid over steps
+    that change as it goes (a time budget's): cosine, or wsd's constant peak and then its 1-sqrt decay over the last
+    decay_fraction of the positions."""
+    if cfg.schedule != "wsd":
+        return _cosine(position, cfg)
+    stable = 1.0 - cfg.decay_fraction
+    if position < stable:
+        return cfg.learning_rate
+    progress = (position - stable) / cfg.decay_fraction
+    return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)

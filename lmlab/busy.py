@@ -1,0 +1,151 @@
+"""Whether the machine was busy while something was measured: the CPU time other processes took on the cores this
+process may use, from /proc/stat, over the measured window, and the load average beside it; and how long this
+process has run (what a time budget counts from).
+
+Others' CPU time is the test, not the load average: the load average is a one-minute mean that still counts work
+which ended seconds ago, and it counts this process's own threads, so after a process's own warm-up it reads
+"busy" on a quiet machine. /proc/stat's per-core counters, less this process's own CPU time, say what else ran on
+those cores during the window itself (the hypervisor's steal time included). Where /proc/stat cannot be read
+(macOS, Windows), the load average at the start of the window, before this process's own work, is the test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Others' share of this process's cores above which a measurement is called busy. A tenth, not more: a matmul on
+# every core waits at each step for its slowest thread, and on 2 cores others' 15% halved a measured fp32 peak.
+BUSY_SHARE = 0.1
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (idle and iowait are not work)
+
+
+@dataclass(frozen=True)
+class Load:
+    """What else used the machine during a window: `others`, the share of this process's cores other processes
+    took (0.5: one of two cores), None where it cannot be read; `loadavg`, the one-minute load average."""
+
+    seconds: float
+    cores: int
+    others: float | None
+    loadavg: float | None
+
+    @property
+    def busy(self) -> bool:
+        if self.others is not None:
+            return self.others > BUSY_SHARE
+        return self.loadavg is not None and self.loadavg > self.cores
+
+    def describe(self) -> str:
+        """E.g. `other processes used 64% of the 2 cores, load average 5.31`."""
+        used = ("other processes' CPU use unknown" if self.others is None else
+                f"other processes used {100 * self.others:.0f}% of the {self.cores} core{'s' * (self.cores > 1)}")
+        return used + ("" if self.loadavg is None else f", load average {self.loadavg:.2f}")
+
+    def record(self) -> dict[str, float | int | None]:
+        """As JSON values, for a cache or an event."""
+        return {"seconds": round(self.seconds, 3), "cores": self.cores,
+                "others": None if self.others is None else round(self.others, 4), "loadavg": self.loadavg}
+
+
+def busy_warning(what: str, load: Load | None, effect: str) -> str | None:
+    """The warning for a figure measured while the machine was busy, e.g. `warning: the machine was busy while
+    micro-batch 8 was timed (other processes used 64% of the 2 cores, load average 5.31): its tokens/s reads low`;
+    None for a quiet one."""
+    if load is None or not load.busy:
+        return None
+    return f"warning: the machine was busy while {what} was timed ({load.describe()}): {effect}"
+
+
+def cores() -> list[int]:
+    """The CPUs this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def _busy_ticks(cpus: list[int]) -> int | None:
+    """Clock ticks of work (all processes) on `cpus` since boot, from /proc/stat; None where it cannot be read."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    wanted, total = {f"cpu{c}" for c in cpus}, 0
+    found = 0
+    for line in lines:
+        name, *values = line.split()
+        if name in wanted:
+            total += sum(int(values[i]) for i in _BUSY_FIELDS if i < len(values))
+            found += 1
+    return total if found == len(wanted) else None
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and its descendants (a benchmark's servers and training runs are its work, not
+    another's): from /proc, each process's own and waited-for children's time; elsewhere, this process's and its
+    waited-for children's."""
+    tree = _process_tree()
+    if tree is None:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+    ours, seen = [os.getpid()], set()
+    while ours:
+        pid = ours.pop()
+        seen.add(pid)
+        ours += [child for child, (parent, _) in tree.items() if parent == pid and child not in seen]
+    return sum(tree[pid][1] for pid in seen if pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree() -> dict[int, tuple[int, int]] | None:
+    """Every process's parent and clock ticks (user, system, and its waited-for children's), from /proc."""
+    tree = {}
+    try:
+        folders = [f for f in os.listdir("/proc") if f.isdigit()]
+    except OSError:
+        return None
+    for folder in folders:
+        try:
+            fields = Path(f"/proc/{folder}/stat").read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        tree[int(folder)] = int(fields[1]), sum(int(v) for v in fields[11:15])  # ppid; utime stime cutime cstime
+    return tree
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+class LoadMeter:
+    """Measures the load of a window: `with LoadMeter() as meter: ...`, then `meter.load`."""
+
+    def __enter__(self) -> LoadMeter:
+        self.cpus = cores()
+        self.load: Load | None = None
+        self._avg_before = loadavg()
+        self._ticks, self._own, self._started = _busy_ticks(self.cpus), _own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        seconds = time.perf_counter() - self._started
+        ticks, own = _busy_ticks(self.cpus), _own_cpu_seconds() - self._own
+        others = None
+        if ticks is not None and self._ticks is not None and seconds > 0:
+            work = (ticks - self._ticks) / os.sysconf("SC_CLK_TCK")
+            others = min(1.0, max(0.0, (work - own) / (len(self.cpus) * seconds)))
+        # Without /proc/stat, the average from before this process's own work in the window is the fairer one.
+        self.load = Load(seconds, len(self.cpus), others, self._avg_before if others is None else loadavg())
+
+
+def process_age() -> float:
+    """Seconds since this process started (its start time in /proc/self/stat against /proc/uptime), so a budget
+    counts the interpreter's start and imports too; 0.0 where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of the whole line: starttime
+        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0

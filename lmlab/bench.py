@@ -24,6 +24,7 @@ from lmlab.device import (
 )
 from lmlab.errors import UserError
 from lmlab.model import build_model
+from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.step import TrainStep
 
@@ -71,6 +72,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
     tc, T = cfg.train, cfg.model.block_size
+    check_training(cfg.model, batch_size, tc.optimizer, device, setting="--batch-sizes")
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -107,7 +109,10 @@ def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096)
     budget = memory_budget(resolve_device(device_name))
 
     def fits(batch: int) -> bool:
-        return within(bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1), budget)
+        try:
+            return within(bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1), budget)
+        except MemoryRefused:  # estimated not to fit: not tried
+            return False
 
     if not fits(1):
         raise UserError("even a micro-batch of 1 does not fit on this device; use a smaller model or block_size.")

@@ -235,9 +235,11 @@ class FinetuneConfig:
     batch_size: int = 8  # records per step
     val_fraction: float = 0.1  # share of records held out (chosen by a hash of their content)
     seed: int = DEFAULT_SEED
+    checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
 
     def __post_init__(self) -> None:
-        check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size})
+        check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size,
+                                   "checkpoint_interval": self.checkpoint_interval})
         check_seed("finetune.seed", self.seed)
         if not 0 < self.learning_rate <= 1:
             raise UserError(f"finetune.learning_rate ({self.learning_rate}) must be in (0, 1], e.g. 1e-4.")
@@ -345,7 +347,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply `section.key=value` strings on top of a raw config dict."""
     for item in overrides:
         section, name, text = parse_override(item)
-        raw.setdefault(section, {})[name] = _parse_literal(text)
+        try:
+            raw.setdefault(section, {})[name] = _parse_literal(text)
+        except ValueError:  # an integer of thousands of digits (beyond Python's int-parsing limit)
+            raise UserError(f"--set {section}.{name}: {text[:20]}... ({len(text):,} characters) is too large a number "
+                            "to read; give a number in the setting's range.")
+        except AttributeError:  # `section` is not a table in the file
+            raise UserError(f"--set {item[:80]!r}: [{section}] is not a section of settings; use section.key=value "
+                            "with a section such as model or train.")
     return raw
 
 
@@ -354,8 +363,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as err:  # ValueError: an int of 5,000 digits
         raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; pass a TOML file such as configs/shakespeare-char-cpu.toml.")
 
 
 def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:

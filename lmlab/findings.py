@@ -30,6 +30,12 @@ class RunFacts:
     not_evaluated: str = ""
     sample: str | None = None
     not_sampled: str = ""
+    checkpoint: str = "best"  # the one evaluated and sampled: latest for a run never evaluated during training
+
+    @property
+    def which(self) -> str:
+        """The checkpoint evaluated and sampled, as a reader should read it."""
+        return "best checkpoint" if self.checkpoint == "best" else "latest checkpoint (never evaluated, so no best)"
 
     @property
     def name(self) -> str:
@@ -59,7 +65,7 @@ def describe_run(f: RunFacts) -> str:
             f"on {where}, {f.start.get('dtype') or 'dtype not recorded'}; status: {s.status}.")
     if f.evaluation:
         e = f.evaluation
-        text += (f" On the full val split its best checkpoint (step {e['step']:,}) scores a loss of {e['loss']:.4f} "
+        text += (f" On the full val split its {f.which} (step {e['step']:,}) scores a loss of {e['loss']:.4f} "
                  f"(perplexity {e['perplexity']:.2f}, {e['bits_per_byte']:.3f} bits per byte).")
     if s.still_falling is not None:
         text += (" It was still improving at its last evaluation: more training would lower the loss." if

@@ -21,7 +21,7 @@ from lmlab.data.stats import dataset_stats
 from lmlab.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table, to_html, to_markdown
 from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, check_folder_name, check_writable
 from lmlab.findings import NOT_RECORDED, RunFacts, describe_run, reading
 from lmlab.generate import sample
 from lmlab.humanize import fmt, format_duration
@@ -49,6 +49,7 @@ def gather(path: Path, prompt: str, params: SamplingParams, device: str, say: Ca
     except UserError as err:
         facts.not_evaluated = facts.not_sampled = str(err)
         return facts
+    facts.checkpoint = loaded.checkpoint
     say(f"Evaluating {path} on its full val split...")
     try:
         facts.evaluation = evaluate_run(loaded, fresh=False)
@@ -70,8 +71,9 @@ def build_report(paths: list[Path], out: Path, prompt: str = "", params: Samplin
     if len(set(names)) < len(names):
         raise UserError(f"two of the runs share a folder name ({', '.join(names)}); the report names runs by it, so "
                         "copy or rename one.")
+    check_folder_name(out)
+    check_writable(out / "report.md")  # before the runs are evaluated: a folder that cannot be written is said at once
     facts = [gather(Path(p), prompt, params, device, say) for p in paths]
-    out.mkdir(parents=True, exist_ok=True)
     say("Drawing the plots...")
     blocks = [*_summary(facts, out), *_machine(facts), *_data(facts, out), *_model(facts), *_training(facts, out),
               *_evaluation(facts), *_chinchilla(facts), *_samples(facts, prompt, params)]
@@ -264,7 +266,7 @@ def _evaluation(facts: list[RunFacts]) -> list[Block]:
         return lambda f: format(f.evaluation[key], spec) if f.evaluation else "-"
 
     rows = [
-        ("checkpoint", lambda f: f"best, step {f.evaluation['step']:,}" if f.evaluation else f.not_evaluated),
+        ("checkpoint", lambda f: f"{f.which}, step {f.evaluation['step']:,}" if f.evaluation else f.not_evaluated),
         ("val split", lambda f: f"`{f.evaluation['dataset']}`, {f.evaluation['tokens']:,} tokens" if f.evaluation
          else "-"),
         ("loss", figure("loss", ".4f")), ("perplexity", figure("perplexity", ".3f")),
@@ -273,7 +275,8 @@ def _evaluation(facts: list[RunFacts]) -> list[Block]:
         ("", lambda f: ("kept from an earlier evaluation" if f.evaluation["cached"] else "evaluated now")
          if f.evaluation else ""),
     ]
-    note = Paragraph("Every token of the val split, scored once by the best checkpoint (`lmlab eval`); kept in the "
+    note = Paragraph("Every token of the val split, scored once by each run's best checkpoint, or its latest if it was "
+                     "never evaluated (`lmlab eval`); kept in the "
                      "run's `evaluations.json`, by weights, split and dtype.")
     return [Heading("Evaluation"), note, by_run(facts, rows)]
 
@@ -301,9 +304,11 @@ def _chinchilla(facts: list[RunFacts]) -> list[Block]:
 
 def _samples(facts: list[RunFacts], prompt: str, params: SamplingParams) -> list[Block]:
     asked = f"prompt `{prompt}`" if prompt else "an empty prompt (the start of a document)"
-    blocks: list[Block] = [Heading("Samples"), Paragraph(f"From the best checkpoint, {asked}, {params.describe()}, "
+    blocks: list[Block] = [Heading("Samples"), Paragraph(f"From each run's best checkpoint (its latest if it was never "
+                                                         f"evaluated), {asked}, {params.describe()}, "
                                                          f"{params.max_new_tokens} tokens at most:")]
     for f in facts:
-        blocks += [Heading(f"`{f.name}`", 3), Code(f.sample) if f.sample is not None else Paragraph(f.not_sampled)]
+        blocks += [Heading(f"`{f.name}`", 3), *([Paragraph(f"From its {f.which}.")] if f.checkpoint != "best" else []),
+                   Code(f.sample) if f.sample is not None else Paragraph(f.not_sampled)]
     return blocks
 

@@ -82,7 +82,7 @@ def test_a_well_formed_body_gets_a_request_or_a_400_naming_a_field(served, body)
 
 
 SETTING_VALUES = st.one_of(
-    TEXT, st.integers().map(str), st.integers(min_value=10**20, max_value=10**6000).map(str), st.floats().map(repr),
+    TEXT, st.integers().map(str), st.integers(20, 6000).map(lambda digits: "9" * digits), st.floats().map(repr),
     st.sampled_from(["[1, 2]", "{a = 1}", '"quoted"', "inf", "-inf", "nan", "1e400", "true", "0x10", "1_000",
                      "'''", "[[1]]", "1979-05-27", "", "=", "\\"]),
     st.text(string.printable, max_size=30))

@@ -27,6 +27,7 @@ from lmlab.config import FinetuneConfig, ModelConfig, load_config
 from lmlab.finetune import finetune
 from lmlab.model.memory import MemoryRefused, check_fits, training_need
 from lmlab.progress import clock
+from lmlab.report import build_report
 from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import ALPACA_TINY, LMLAB, write_config
@@ -394,6 +395,11 @@ def test_wording_names_the_way_out(capsys, tmp_path, run):
         RunDir(run).config().data.dataset, str(tmp_path / "gone")))
     refused(capsys, "eval", moved, needles=("which is not here", "pass --dataset DIR"))
     assert main(["eval", str(moved), "--dataset", RunDir(run).config().data.dataset]) == 0
+    never = Path(shutil.copytree(run, tmp_path / "never"))
+    (never / "checkpoints" / "best").unlink()  # as a run never evaluated during training has it
+    (never / "evaluations.json").unlink(missing_ok=True)
+    summary = build_report([never], tmp_path / "report", device="cpu").markdown.read_text()
+    assert "its latest checkpoint (never evaluated, so no best)" in summary and "its best checkpoint" not in summary
 
 
 def test_a_prepare_cleans_up_what_a_killed_one_left(tmp_path, corpus_dir):

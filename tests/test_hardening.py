@@ -311,6 +311,33 @@ def test_a_destination_that_cannot_be_written_is_one_sentence(tmp_path, run, imp
     assert sorted(p.name for p in locked.iterdir()) == ["shared"]
 
 
+READ_ONLY_MOUNT = """mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@" """
+
+
+@pytest.mark.slow
+def test_a_read_only_file_system_is_named_as_one(tmp_path, run):
+    """A real read-only mount (a bind mount remounted ro, in a mount namespace of its own): writes fail with EROFS,
+    which is said as such, never as a full disk."""
+    if subprocess.run(["unshare", "-m", "-r", "true"], capture_output=True).returncode:
+        pytest.skip("this machine allows no mount namespaces (unshare -m -r), so no read-only mount can be made")
+    source, mounted = Path(shutil.copytree(run, tmp_path / "source" / "run")).parent, tmp_path / "mounted"
+    mounted.mkdir()
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset))
+    commands = [["train", config, "--run", mounted / "new"], ["train", "--resume", mounted / "run", "--set",
+                                                              "train.max_iters=20"],
+                ["sample", mounted / "run", "--max-new-tokens", "5"], ["eval", mounted / "run", "--json"]]
+    done = subprocess.run(["unshare", "-m", "-r", "sh", "-c", READ_ONLY_MOUNT, "sh", source, mounted, sys.executable,
+                           "-c", DRIVER, json.dumps([[str(a) for a in c] for c in commands])], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    *said, statuses = done.stderr.split("<<<\n")[1:]
+    for status, err in zip(json.loads(statuses), said):
+        assert "read-only file system" in err and "free some space" not in err and "Traceback" not in err, err
+        assert status == (2 if "not kept in the run" not in err else 0), err
+    assert json.loads(statuses) == [2, 2, 0, 0]
+    assert sorted(p.name for p in source.iterdir()) == ["run"] and not list(mounted.iterdir())
+
+
 def test_a_file_where_a_folder_should_be_is_named(capsys, tmp_path, run, imported_gpt2, hf_gpt2, corpus_dir):
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")

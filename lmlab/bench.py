@@ -24,6 +24,7 @@ from lmlab.data.shards import read_meta
 from lmlab.device import configure, resolve_device, synchronize
 from lmlab.errors import UserError
 from lmlab.model import build_model
+from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.peak import autocast_dtype, peak_flops
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.step import TrainStep
@@ -88,6 +89,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
     tc, T = cfg.train, cfg.model.block_size
+    check_training(cfg.model, batch_size, tc.optimizer, device, setting="--batch-sizes")
     try:
         gc.collect()  # the previous batch size's tensors go before this one's peak is counted
         _reset_peak_memory(device)
@@ -135,7 +137,10 @@ def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096,
     budget, started = memory_budget(resolve_device(device_name)), time.perf_counter()
 
     def fits(batch: int) -> bool:
-        row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
+        try:
+            row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
+        except MemoryRefused:  # estimated not to fit: not tried
+            return False
         say(row, within(row, budget), budget)
         return within(row, budget)
 

@@ -8,6 +8,7 @@ state.json; this module only writes, verifies and finds the folders.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -66,11 +67,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def _check_free_space(folder: Path, tensors: list[torch.Tensor]) -> None:
+def checkpoint_bytes(tensors: list[torch.Tensor], state: dict[str, Any]) -> int:
+    """The disk a step folder takes: the tensors and their safetensors headers (a line of JSON each), state.json
+    (`state` as written, its two checksums still to come), and a block per file for the file system's rounding."""
+    sized = json.dumps({**state, "files": {"model.safetensors": "0" * 64, "optimizer.safetensors": "0" * 64}},
+                       indent=1)
+    return sum(t.numel() * t.element_size() + 256 for t in tensors) + len(sized.encode()) + 4 * 4096
+
+
+def _check_free_space(folder: Path, need: int) -> None:
     """Refuse to start a checkpoint the disk cannot hold, rather than leave a half-written one."""
-    need = sum(t.numel() * t.element_size() for t in tensors) + (16 << 20)
     if shutil.disk_usage(folder.parent).free < need:
-        raise WriteError(folder, f"a checkpoint needs {human_bytes(need)}")
+        raise WriteError(folder, f"a checkpoint needs {human_bytes(need)}", errno.ENOSPC)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -94,7 +102,8 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     root.mkdir(parents=True, exist_ok=True)
     tensors, plain = _flatten_optimizer(optimizer_state)
     final = root / f"step_{step:06d}"
-    _check_free_space(final, [*weights.values(), *tensors.values()])
+    _check_free_space(final, checkpoint_bytes([*weights.values(), *tensors.values()],
+                                              {**state, "step": step, "optimizer": plain}))
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

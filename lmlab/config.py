@@ -21,12 +21,20 @@ MAX_COUNT = 2**53  # the largest count (tokens, steps, sizes) any setting takes:
 MAX_SEED = 2**63 - 1  # seeds are 64-bit
 
 
+def _shown(value: Any) -> str:
+    """A user's name or value as a message quotes it: as typed if it is plain text, escaped if not, and cut short
+    (so a message stays one line)."""
+    text = str(value)
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_counts(section: str, values: dict[str, int], low: int = 1) -> None:
     """Whole-number settings: each from `low` to MAX_COUNT, or one sentence naming it."""
     for name, value in values.items():
         if not low <= value <= MAX_COUNT:
             floor = "a positive integer" if low == 1 else f"an integer from {low}"
-            raise UserError(f"{section}{name} is {value}; set it to {floor} up to 2**53.")
+            raise UserError(f"{section}{name} is {_shown(value)}; set it to {floor} up to 2**53.")
 
 
 def checkpoint_name(spec: str) -> str:
@@ -49,7 +57,7 @@ def checkpoint_label(name: str, step: int) -> str:
 
 def check_seed(where: str, seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
-        raise UserError(f"{where} is {seed}; it must be between 0 and 2**63 - 1.")
+        raise UserError(f"{where} is {_shown(seed)}; it must be between 0 and 2**63 - 1.")
 
 
 @dataclass
@@ -104,7 +112,7 @@ class ModelConfig:
         check_counts("model.", {"vocab_size": self.vocab_size, "n_kv_head": self.n_kv_head}, low=0)
         for name, choices in MODEL_CHOICES.items():
             if getattr(self, name) not in choices:
-                raise UserError(f"model.{name} is '{getattr(self, name)}'; use {' or '.join(choices)}.")
+                raise UserError(f"model.{name} is '{_shown(getattr(self, name))}'; use {' or '.join(choices)}.")
         if self.kind == "gpt":  # the recurrent model has no heads
             self._check_heads()
         if not 0.0 <= self.dropout < 1.0:
@@ -205,9 +213,9 @@ class TrainConfig:
         if self.spike_zscore <= 0:
             raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
         if self.optimizer not in ("adamw", "muon"):
-            raise UserError(f"train.optimizer is '{self.optimizer}'; use adamw or muon.")
+            raise UserError(f"train.optimizer is '{_shown(self.optimizer)}'; use adamw or muon.")
         if self.schedule not in ("cosine", "wsd"):
-            raise UserError(f"train.schedule is '{self.schedule}'; use cosine or wsd.")
+            raise UserError(f"train.schedule is '{_shown(self.schedule)}'; use cosine or wsd.")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
         if self.max_seconds < 0:
@@ -216,7 +224,7 @@ class TrainConfig:
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
         if self.tracker not in ("none", "tensorboard", "wandb"):
-            raise UserError(f"train.tracker is '{self.tracker}'; use none, tensorboard or wandb.")
+            raise UserError(f"train.tracker is '{_shown(self.tracker)}'; use none, tensorboard or wandb.")
         bad = set(self.tracker_project) & set("/\\#?%:")
         if not self.tracker_project or bad or len(self.tracker_project) > 128:
             raise UserError(f"train.tracker_project ({self.tracker_project!r}) must be 1-128 characters without any "
@@ -224,13 +232,13 @@ class TrainConfig:
         if self.compile not in (True, False, "auto"):
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
         if self.parallel not in ("ddp", "fsdp"):
-            raise UserError(f"train.parallel is '{self.parallel}'; use ddp or fsdp.")
+            raise UserError(f"train.parallel is '{_shown(self.parallel)}'; use ddp or fsdp.")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             # Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks.
             raise UserError("train.optimizer = \"muon\" does not work with train.parallel = \"fsdp\" (Muon needs "
                             "whole matrices, FSDP shards them); use parallel = \"ddp\" or optimizer = \"adamw\".")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"train.dtype is '{self.dtype}'; use auto, float32, bfloat16 or float16.")
+            raise UserError(f"train.dtype is '{_shown(self.dtype)}'; use auto, float32, bfloat16 or float16.")
 
     def _check_budget(self) -> None:
         if self.budget_seconds < 0:
@@ -254,9 +262,11 @@ class FinetuneConfig:
     batch_size: int = 8  # records per step
     val_fraction: float = 0.1  # share of records held out (chosen by a hash of their content)
     seed: int = DEFAULT_SEED
+    checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
 
     def __post_init__(self) -> None:
-        check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size})
+        check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size,
+                                   "checkpoint_interval": self.checkpoint_interval})
         check_seed("finetune.seed", self.seed)
         if not 0 < self.learning_rate <= 1:
             raise UserError(f"finetune.learning_rate ({self.learning_rate}) must be in (0, 1], e.g. 1e-4.")
@@ -299,7 +309,7 @@ class SamplingParams:
         }
         for name, (bad, rule) in problems.items():
             if bad:
-                raise UserError(f"{name} is {getattr(self, name)}; it must be {rule}.")
+                raise UserError(f"{name} is {_shown(getattr(self, name))}; it must be {rule}.")
 
     def describe(self) -> str:
         return f"seed {self.seed}, temperature {self.temperature}, top_k {self.top_k}, top_p {self.top_p}"
@@ -312,9 +322,12 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": 
 def _coerce(where: str, value: Any, kind: type) -> Any:
     """Check a TOML or command-line value against a field's type; ints widen to floats."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise UserError(f"{where} is an integer of {len(str(value)):,} digits, beyond any number it may be.")
     if type(value) is not kind or (kind is float and not math.isfinite(value)):
-        raise UserError(f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__}).")
+        raise UserError(f"{where} must be {kind.__name__}, got {_shown(repr(value))} ({type(value).__name__}).")
     return value
 
 
@@ -334,7 +347,8 @@ def build_section(name: str, values: Any, source: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in types:
-            raise UserError(f"{source}: unknown key {name}.{key}; valid keys in [{name}] are: {', '.join(types)}.")
+            raise UserError(f"{source}: unknown key {name}.{_shown(key)}; valid keys in [{name}] are: "
+                            f"{', '.join(types)}.")
         kinds = [{"int": int, "float": float, "bool": bool, "str": str}[t] for t in types[key].split(" | ")]
         if len(kinds) > 1 and type(value) in kinds:  # a field that takes either, e.g. compile = true or "auto"
             kinds = [type(value)]
@@ -346,7 +360,7 @@ def build_config(raw: dict[str, Any], source: str) -> RunConfig:
     """Build a RunConfig from nested dicts, naming `source` in any error."""
     for name in raw:
         if name not in SECTIONS:
-            raise UserError(f"{source}: unknown section [{name}]; valid sections are: {', '.join(SECTIONS)}.")
+            raise UserError(f"{source}: unknown section [{_shown(name)}]; valid sections are: {', '.join(SECTIONS)}.")
     return RunConfig(**{name: build_section(name, raw.get(name, {}), source) for name in SECTIONS
                         if name in raw or name != "finetune"})
 
@@ -356,7 +370,7 @@ def parse_override(item: str) -> tuple[str, str, str]:
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
-        raise UserError(f"--set {item!r} must look like section.key=value, e.g. train.learning_rate=3e-4.")
+        raise UserError(f"--set {_shown(repr(item))} must look like section.key=value, e.g. train.learning_rate=3e-4.")
     return section, name, text.strip()
 
 
@@ -364,7 +378,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply `section.key=value` strings on top of a raw config dict."""
     for item in overrides:
         section, name, text = parse_override(item)
-        raw.setdefault(section, {})[name] = _parse_literal(text)
+        try:
+            raw.setdefault(section, {})[name] = _parse_literal(text)
+        except ValueError:  # an integer of thousands of digits (beyond Python's int-parsing limit)
+            raise UserError(f"--set {_shown(section)}.{_shown(name)}: {text[:20]}... ({len(text):,} characters) is too "
+                            "large a number to read; give a number in the setting's range.")
+        except AttributeError:  # `section` is not a table in the file
+            raise UserError(f"--set {_shown(repr(item))}: [{_shown(section)}] is not a section of settings; use "
+                            "section.key=value "
+                            "with a section such as model or train.")
     return raw
 
 
@@ -373,8 +395,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as err:  # ValueError: an int of 5,000 digits
         raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; pass a TOML file such as configs/shakespeare-char-cpu.toml.")
 
 
 def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
@@ -388,7 +412,7 @@ def load_finetune_config(path: Path | None, overrides: list[str] = ()) -> Finetu
     others = sorted(set(raw) - {"finetune"})
     if others:
         raise UserError(f"{path or '--set'}: fine-tuning reads only [finetune] (the model and the rest come from the "
-                        f"base run); remove [{'], ['.join(others)}].")
+                        f"base run); remove [{'], ['.join(map(_shown, others))}].")
     return build_section("finetune", raw.get("finetune", {}), str(path or "--set"))
 
 

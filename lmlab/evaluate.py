@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,9 @@ from lmlab.data.shards import read_meta, row_layout
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.device import autocast
 from lmlab.errors import UserError
+from lmlab.fileio import WriteError
 from lmlab.model import LanguageModel
+from lmlab.model.memory import check_fits, scoring_need
 from lmlab.model.loss import IGNORE, next_token_loss
 from lmlab.rundir import LoadedRun
 
@@ -97,10 +100,10 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
                  progress: Callable[[int, int], None] | None = None, fresh: bool = True,
                  max_tokens: int | None = None) -> dict[str, Any]:
     """Evaluate a run on the val split of its own dataset or of another one with the same tokenizer, and keep the
-    result in the run (`RunDir.save_evaluation`); unless `fresh`, a kept result of the same weights on the same
-    split (or subset) in the same dtype is returned instead (with `"cached": true`). With `max_tokens`, only
-    about that many tokens are scored: whole windows of block_size spread evenly over the split (`spread`), kept
-    apart from whole-split results."""
+    result in the run (`RunDir.save_evaluation`; `not_kept` says why it could not be); unless `fresh`, a kept
+    result of the same weights on the same split (or subset) in the same dtype is returned instead (with
+    `"cached": true`). With `max_tokens`, only about that many tokens are scored: whole windows of block_size
+    spread evenly over the split (`spread`), kept apart from whole-split results."""
     dataset, meta = _dataset(run, dataset)
     key = {"weights_sha256": run.weights_sha256, "val_sha256": meta["val"]["sha256"],
            "dtype": str(run.dtype).removeprefix("torch."), "max_tokens": max_tokens}
@@ -108,16 +111,23 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
     if kept and not fresh:
         return kept
     _check_same_tokenizer(run, dataset, meta)
-    check_block_size(row_layout(meta), run.config.model.block_size, f"dataset {dataset}")
+    T = run.config.model.block_size
+    check_block_size(row_layout(meta), T, f"dataset {dataset}")
     tokens = open_tokens(dataset, "val", meta["dtype"])
-    total = split_windows(tokens, run.config.model.block_size)
-    windows = None if max_tokens is None else spread(total, -(-max_tokens // run.config.model.block_size))
+    total = split_windows(tokens, T)
+    windows = None if max_tokens is None else spread(total, -(-max_tokens // T))
+    need = scoring_need(run.config.model)  # the weights are loaded already: only the windows are checked
+    check_fits(dataclasses.replace(need, fixed=0), min(batch_size, total), "--batch-size", f"window of {T:,} tokens",
+               run.device)
     scores = evaluate_split(run.model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, run.device,
                             run.dtype, progress, windows)
     result = {"run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step, "dataset": str(dataset),
               **key, **scores, "windows": total if windows is None else len(windows), "split_windows": total,
               "split_tokens": meta["val"]["tokens"]}
-    run.run.save_evaluation(result)
+    try:
+        run.run.save_evaluation(result)
+    except WriteError as err:  # a run folder that is read-only to this user: the result is still the result
+        return {**result, "cached": False, "not_kept": f"{err.path} ({err.reason}); {err.fix} to keep the next."}
     return {**result, "cached": False}
 
 
@@ -126,6 +136,10 @@ def _dataset(run: LoadedRun, dataset: Path | None) -> tuple[Path, dict[str, Any]
     if dataset is None and not run.config.data.dataset:
         raise UserError(f"{run.run.path} has no dataset of its own (it was imported, or fine-tuned from an imported "
                         "run); pass --dataset DIR, a dataset prepared with the run's tokenizer.")
+    if dataset is None and not (Path(run.config.data.dataset) / "meta.json").exists():
+        raise UserError(f"{run.run.path} was trained on {run.config.data.dataset}, which is not here (moved or "
+                        "deleted); pass --dataset DIR, a dataset prepared with the run's tokenizer (`lmlab prepare "
+                        f"CORPUS --tokenizer {run.run.path}` makes one), or put the dataset back.")
     dataset = dataset or Path(run.config.data.dataset)
     return dataset, read_meta(dataset)
 

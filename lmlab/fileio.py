@@ -5,11 +5,13 @@ one-writer lock of a run or dataset folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import shutil
 import sys
+import tempfile
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,12 +39,39 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+NAME_BYTES = 200  # the longest folder name taken: the file systems' 255, less what lock and temporary names add
+
+
+def _name_problem(name: str) -> str | None:
+    """Why `name` cannot name a folder lmlab makes (empty, a control character, too long), or None."""
+    if not name:
+        return "is empty"
+    if any(not c.isprintable() for c in name):
+        return "holds a control character (a line break, a tab, ...)"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_BYTES:
+        return f"is {len(name.encode('utf-8', 'surrogateescape')):,} bytes long, more than the {NAME_BYTES} a name may be"
+    return None
+
+
 def plain_name(name: str, option: str, folder_option: str) -> str:
     """`name` if it is a name and not a path, so a folder made from it stays inside the folder it is made in."""
-    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
+    problem = _name_problem(name)
+    if problem:
+        raise UserError(f"{option} {name[:60]!r}{'...' if len(name) > 60 else ''} {problem}; give a name of "
+                        f"letters, digits, -, _ or dots (or leave {option} out for the default).")
+    if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
         raise UserError(f"{option} {name!r} is not a plain name (no slashes, not starting with a dot); choose the "
                         f"folder with {folder_option} and name it with letters, digits, -, _ or dots.")
     return name
+
+
+def check_folder_name(path: Path) -> None:
+    """Refuse a folder lmlab is to make (a run, a dataset, an export, a report) whose own name it cannot use."""
+    problem = _name_problem(Path(path).name)
+    if problem and str(path) not in ("", "."):
+        name = Path(path).name
+        raise UserError(f"the folder name {name[:60]!r}{'...' if len(name) > 60 else ''} (of {str(path)[:80]!r}) "
+                        f"{problem}; choose another.")
 
 
 def human_bytes(count: float) -> str:
@@ -79,14 +108,51 @@ def host_memory() -> int:
         return available
 
 
-class WriteError(UserError):
-    """A write that failed (a full disk, a quota, a file size limit, a read-only folder). `path` is the file and
-    `reason` the system's words; the message is one sentence with the fix."""
+SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
 
-    def __init__(self, path: Path, reason: str):
-        self.path, self.reason, self.free = Path(path), reason, f"{free_space(path)} on its disk"
-        super().__init__(f"could not write {self.path} ({self.reason}; {self.free}); free some space or choose "
-                         "another folder, then run the command again.")
+
+def _blocking_file(path: Path) -> Path | None:
+    """The part of `path` that exists as a file where a folder should be (`afile` of `afile/sub/x`), if any."""
+    for part in [*reversed(Path(path).parents), Path(path)][1:]:
+        if part.exists():
+            if not part.is_dir():
+                return part
+        else:
+            return None
+    return None
+
+
+def os_fix(err: OSError, path: Path, writing: bool = True) -> str:
+    """What to do about an OSError met writing (or, not `writing`, using) `path`, by its cause; one clause."""
+    code = err.errno
+    if code in SPACE_ERRORS:
+        return "free some space or choose another folder"
+    if code in (errno.EACCES, errno.EPERM):
+        return "make it writable for you or choose another folder" if writing else "check its permissions"
+    if code == errno.EROFS:
+        return "it is on a read-only file system: choose a folder on a writable disk"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocking = _blocking_file(path)
+        where = f"{blocking} is a file, not a folder" if blocking else "a part of the path is a file"
+        return f"{where}: choose another path"
+    if code == errno.ENAMETOOLONG:
+        return "a name in it is too long: choose a shorter one"
+    if code == errno.EISDIR:
+        return "it is a folder: name a file instead"
+    return "choose another folder"
+
+
+class WriteError(UserError):
+    """A write that failed (a full disk, a quota, a file size limit, a read-only folder, a file where a folder
+    should be). `path` is the file, `reason` the system's words, `free` the free space (for a full disk) and
+    `fix` what to do; the message is one sentence with the fix."""
+
+    def __init__(self, path: Path, reason: str, code: int | None = None):
+        self.path, self.reason = Path(path), reason
+        self.free = f"{free_space(path)} on its disk" if code in SPACE_ERRORS or code is None else None
+        self.fix = os_fix(OSError(code, reason), self.path)
+        detail = f"{self.reason}; {self.free}" if self.free else self.reason
+        super().__init__(f"could not write {self.path} ({detail}); {self.fix}, then run the command again.")
 
 
 @contextmanager
@@ -95,7 +161,18 @@ def writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        raise WriteError(path, err.strerror or str(err)) from err
+        raise WriteError(path, err.strerror or str(err), err.errno) from err
+
+
+def check_writable(path: Path) -> None:
+    """Make sure a file can be written at `path` (its folders made), before the work that produces it: a probe file
+    is created beside it and removed."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.probe-")
+        os.close(fd)
+        os.unlink(probe)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -166,10 +243,19 @@ class WriterLock:
         """Take the lock, or raise UserError(`refusal`, with `{holder}` filled in) when another writer has it."""
         if self._fd is not None:
             return
+        check_folder_name(self.target)
         # The folders made for the lock file alone go again on release if nothing else was put in them.
         self._made = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while self._fd is None:
+        with writing(self.target.parent):  # the first write of every writer: a folder it cannot write ends here
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._open_locked(refusal)
+        _HELD.add(self)
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"pid {os.getpid()}: {command}".encode())
+
+    def _open_locked(self, refusal: str) -> int:
+        while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -177,13 +263,8 @@ class WriterLock:
                 os.close(fd)
                 raise UserError(refusal.format(holder=self.holder() or "another process"))
             if self._same_file(fd):  # else the last holder removed the file between our open and our lock
-                self._fd = fd
-                _HELD.add(self)
-            else:
-                os.close(fd)
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"pid {os.getpid()}: {command}".encode())
+                return fd
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is None:

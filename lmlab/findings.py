@@ -30,6 +30,16 @@ class RunFacts:
     not_evaluated: str = ""
     sample: str | None = None
     not_sampled: str = ""
+    checkpoint: str = "best"  # the one evaluated and sampled
+    fell_back: bool = False  # best was asked for and latest used: a run never evaluated during training has no best
+
+    @property
+    def which(self) -> str:
+        """The checkpoint evaluated and sampled, as a reader should read it."""
+        if self.fell_back:
+            return "latest checkpoint (never evaluated, so no best)"
+        name = self.checkpoint
+        return f"step {int(name[5:]):,} checkpoint" if name.startswith("step_") else f"{name} checkpoint"
 
     @property
     def name(self) -> str:
@@ -59,7 +69,7 @@ def describe_run(f: RunFacts) -> str:
             f"status: {s.status}.")
     if f.evaluation:
         e = f.evaluation
-        text += (f" On the full val split its best checkpoint (step {e['step']:,}) scores a loss of {e['loss']:.4f} "
+        text += (f" On the full val split its {f.which} (step {e['step']:,}) scores a loss of {e['loss']:.4f} "
                  f"(perplexity {e['perplexity']:.2f}, {e['bits_per_byte']:.3f} bits per byte).")
     if s.still_falling is not None:
         text += (" It was still improving at its last evaluation: more training would lower the loss." if

@@ -14,9 +14,9 @@ from lmlab.config import SamplingParams
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.decode import Decoder, Step
 from lmlab.decode import Sequence as Decoding
-from lmlab.errors import UserError
 from lmlab.model import LanguageModel
-from lmlab.prompt import PromptFormat, alpaca_format
+from lmlab.model.memory import check_decoding
+from lmlab.prompt import PromptFormat, alpaca_format, check_format
 from lmlab.rundir import LoadedRun
 
 SETTLE_TOKENS = 16  # decoded text older than this many tokens is kept, not decoded again with every token
@@ -112,7 +112,12 @@ class Batch:
     token ends nothing: the text runs on into the next document."""
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, capacity: int, dtype: torch.dtype,
-                 step: Step | None = None, past_eot: bool = False):
+                 step: Step | None = None, past_eot: bool = False, setting: str = "the batch",
+                 tokens_per_row: int | None = None):
+        """`setting` names the capacity in the sentence that refuses one that would not fit in memory, checked
+        for rows of `tokens_per_row` tokens (default: the context)."""
+        check_decoding(model.config, capacity, tokens_per_row or model.config.block_size, setting,
+                       next(model.parameters()).device, dtype)
         self.decoder = Decoder(model, capacity, dtype, step)
         self.tokenizer, self.past_eot = tokenizer, past_eot
         self.owner: dict[Decoding, Continuation] = {}
@@ -169,9 +174,12 @@ class Batch:
 
 def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[list[int]],
                  params: Sequence[SamplingParams], capacity: int, dtype: torch.dtype, step: Step | None = None,
-                 progress: Callable[[int, int], None] | None = None, past_eot: bool = False) -> list[Continuation]:
-    """Every prompt's continuation, `capacity` decoded at once; the next prompt joins as soon as one ends."""
-    batch = Batch(model, tokenizer, capacity, dtype, step, past_eot)
+                 progress: Callable[[int, int], None] | None = None, past_eot: bool = False,
+                 setting: str = "--batch-size") -> list[Continuation]:
+    """Every prompt's continuation, `capacity` (the option `setting`) decoded at once; the next prompt joins as soon
+    as one ends."""
+    longest = max((len(p) + q.max_new_tokens for p, q in zip(prompts, params)), default=0)
+    batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest)
     waiting, done = list(zip(prompts, params))[::-1], []
     results = []
     while waiting or len(batch):
@@ -241,7 +249,10 @@ def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, ste
     params.seed + i, each with its prompt in front; like nanoGPT's samples, they run on across documents."""
     start = _start(run, prompt)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
-    done = continue_all(run.model, run.tokenizer, [start] * n, seeded(params, n), n, dtype, step, past_eot=True)
+    # Checked before the n rows' settings are made: a million of them are already too many to hold.
+    check_decoding(run.config.model, n, len(start) + params.max_new_tokens, "--num-samples", run.device, dtype)
+    done = continue_all(run.model, run.tokenizer, [start] * n, seeded(params, n), n, dtype, step, past_eot=True,
+                        setting="--num-samples")
     return [prompt + c.text.text for c in done]
 
 
@@ -255,13 +266,8 @@ def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, inp
     on the instruction or input that has them, or else on the prompt format (a run not tuned for instructions)."""
     run.tokenizer.check(instruction, "the instruction")
     run.tokenizer.check(input, "the input")
-    prompt = fmt.render(instruction, input)
-    unseen = run.tokenizer.unseen(prompt)
-    if unseen:
-        raise UserError(f"the {fmt.name} prompt format uses characters that {run.run.path}'s char tokenizer never saw "
-                        f"({unseen!r}), so this run cannot be asked instructions; sample it with --prompt, or "
-                        "fine-tune it with `lmlab finetune` first.")
-    return run.tokenizer.encode(prompt)[-run.config.model.block_size:]
+    check_format(run.tokenizer, fmt, run.run.path)
+    return run.tokenizer.encode(fmt.render(instruction, input))[-run.config.model.block_size:]
 
 
 def _asking(run: LoadedRun, params: SamplingParams) -> tuple[PromptFormat, SamplingParams]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from lmlab.config import SamplingParams
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text, sha256_file
+from lmlab.fileio import atomic_write_text, check_writable, sha256_file
 from lmlab.decode import Step
 from lmlab.generate import instruct_all
 from lmlab.prompt import read_records
@@ -42,6 +42,7 @@ def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams,
     """Answer every record of an Alpaca JSON file with the run's model, `batch` decoded at once (compiled with
     `step`); returns how many were written."""
     records = read_records(data)
+    check_writable(Path(out))  # before the answers, not after them
     answers = instruct_all(run, [(r["instruction"], r.get("input", "")) for r in records], params, batch, step,
                            progress)
     answered_by = {"run": str(run.run.path.resolve()), "checkpoint": run.checkpoint, "step": run.step,
@@ -157,6 +158,7 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
                   progress: Progress | None = None) -> JudgeSummary:
     """Score every answer 0-100 with the judge model; per-item results go to `out` (JSON lines)."""
     records = read_answers(answers)
+    check_writable(Path(out))  # before the judge is asked, not after
     client = _client(endpoint)
     items = []
     for n, record in enumerate(records, 1):

@@ -9,6 +9,7 @@ the server would silently half-answer must not get a 200.
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,25 @@ from lmlab.config import SamplingParams
 from lmlab.errors import UserError
 from lmlab.generate import seeded
 from lmlab.scoring import TokenScore
+
+
+_SHOWN = reprlib.Repr()  # short and shallow: a value of a megabyte or a thousand levels is quoted in a line
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxlong = 2, 60, 60, 4, 4, 40
+
+
+def shown(value: Any) -> str:
+    """A request's value as an error message quotes it: short, however long or deeply nested it is."""
+    return _SHOWN.repr(value)
+
+
+def key_name(key: str) -> str:
+    """A client's field name as an error names it: as sent, unless it is too long or not text a response can hold
+    (a lone surrogate)."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return shown(key)
+    return key if len(key) <= 60 else shown(key)
 
 
 class ApiError(Exception):
@@ -52,11 +72,11 @@ UNSUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {
 
 def check_fields(body: dict[str, Any], endpoint: str) -> None:
     """A 400 naming the first field this endpoint neither implements, ignores as a hint, nor leaves unused."""
-    for name, value in body.items():
-        unsupported = UNSUPPORTED[endpoint].get(name)
+    for key, value in body.items():
+        unsupported, name = UNSUPPORTED[endpoint].get(key), key_name(key)
         if unsupported is not None and value not in unsupported:
             raise ApiError(400, f"`{name}` is not supported by lmlab serve; leave it out.", name, "unsupported")
-        if unsupported is None and name not in FIELDS[endpoint] and name not in HINTS:
+        if unsupported is None and key not in FIELDS[endpoint] and key not in HINTS:
             known = ", ".join(FIELDS[endpoint])
             raise ApiError(400, f"unknown field `{name}`; this endpoint takes {known}.", name, "unknown_field")
 
@@ -68,11 +88,11 @@ def field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any
     if value is None:
         return default
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}.", name)
+        raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}, got {shown(value)}.", name)
     if isinstance(value, float) and not math.isfinite(value):
         raise ApiError(400, f"`{name}` is {value}; it must be a finite number.", name)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"`{name}` is {value}; it must be between {low} and {high}.", name)
+        raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {low} and {high}.", name)
     return value
 
 
@@ -227,7 +247,7 @@ def chat_logprobs(scores: list[TokenScore], piece: Callable[[int], str]) -> dict
                         for s in scores], "refusal": None}
 
 
-def shown(scores: list[TokenScore], piece: Callable[[int], str], length: int) -> list[TokenScore]:
+def within_text(scores: list[TokenScore], piece: Callable[[int], str], length: int) -> list[TokenScore]:
     """The generated tokens whose text is in a completion of `length` characters: not those of a stop string or
     of the end-of-text token that ended it."""
     kept, at = [], 0
@@ -254,7 +274,7 @@ def content_text(content: Any, where: str) -> str:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text":
-            raise ApiError(400, f"content part type {kind!r} in `{where}` is not supported: this model reads text "
+            raise ApiError(400, f"content part type {shown(kind)} in `{where}` is not supported: this model reads text "
                            "only; send {\"type\": \"text\", \"text\": ...} parts.", "messages", "unsupported")
         if not isinstance(part.get("text"), str):
             raise ApiError(400, f"a text part in `{where}` has no `text` string.", "messages")
@@ -269,12 +289,12 @@ def chat_messages(messages: Any) -> list[tuple[str, str]]:
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             role = m.get("role") if isinstance(m, dict) else None
-            raise ApiError(400, f"`{where}.role` is {role!r}; use one of {', '.join(ROLES)}.", "messages")
+            raise ApiError(400, f"`{where}.role` is {shown(role)}; use one of {', '.join(ROLES)}.", "messages")
         for key, value in m.items():
             if key not in MESSAGE_KEYS and not (key in NEUTRAL_MESSAGE_KEYS and not value):
-                raise ApiError(400, f"`{where}.{key}` is not supported by lmlab serve; leave it out.", "messages",
+                raise ApiError(400, f"`{where}.{key_name(key)}` is not supported by lmlab serve; leave it out.", "messages",
                                "unsupported")
         out.append((ROLES[m["role"]], content_text(m.get("content"), where)))
     return out

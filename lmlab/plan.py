@@ -8,7 +8,6 @@ training steps here instead; `--tokens-per-sec` takes a figure from elsewhere.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

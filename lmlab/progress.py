@@ -30,7 +30,9 @@ def progress_bar(console: Console, unit: str = "step", plain_every: int = 1) -> 
 
 
 def clock(seconds: float) -> str:
-    """0:04:10, as the bar writes times."""
+    """0:04:10, as the bar writes times; beyond what a timedelta holds (an ETA of a plan for millennia), in days."""
+    if not seconds < 10**9:
+        return f"{seconds / 86400:,.0f} days"
     return str(timedelta(seconds=round(seconds)))
 
 

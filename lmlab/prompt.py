@@ -41,6 +41,17 @@ def alpaca_format(tokenizer: Tokenizer) -> PromptFormat:
     )
 
 
+def check_format(tokenizer: Tokenizer, fmt: PromptFormat, run: Path) -> None:
+    """Refuse a prompt format the run's char tokenizer cannot write: a char model reads only the characters its
+    corpus had, so the way out is another tokenizer or another corpus, not fine-tuning this run."""
+    unseen = tokenizer.unseen(fmt.render("", "x") + fmt.render("", "") + fmt.end)
+    if unseen:
+        raise UserError(f"the {fmt.name} prompt format uses characters that {run}'s char tokenizer never saw "
+                        f"({unseen!r}), so this run can neither be taught nor asked instructions (a char model reads "
+                        "only the characters of its corpus); sample it with --prompt, or fine-tune a run whose "
+                        "tokenizer has them (bpe, word, or char from a corpus with these characters).")
+
+
 def read_records(path: Path) -> list[dict[str, str]]:
     """Alpaca records from a JSON list; every problem names the file and the record."""
     try:

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import lmlab
-from lmlab.config import SamplingParams, checkpoint_label
+from lmlab.config import SamplingParams, checkpoint_label, checkpoint_name
 from lmlab.data.stats import dataset_stats
 from lmlab.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table, to_html, to_markdown
 from lmlab.errors import UserError
 from lmlab.evaluate import evaluate_run, evaluation_cost
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, check_folder_name, check_writable
 from lmlab.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading
 from lmlab.generate import sample
 from lmlab.humanize import fmt, format_duration
@@ -32,7 +32,7 @@ from lmlab.plots import plot_comparison, plot_document_lengths, plot_losses
 from lmlab.rundir import LoadedRun, RunDir, check_steps
 from lmlab.runs import (COMPARE_COLUMNS, RunSummary, by_bytes_columns, comparison, judge_cell, score_cell, summarize,
                         task_columns, unfair)
-from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT, chinchilla_percent
+from lmlab.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
 
 
 @dataclass
@@ -71,6 +71,8 @@ def gather(path: Path, options: Options) -> RunFacts:
     except UserError as err:
         facts.not_evaluated = facts.not_sampled = str(err)
         return facts
+    facts.checkpoint = loaded.checkpoint
+    facts.fell_back = loaded.checkpoint != checkpoint_name(options.checkpoint)
     facts.evaluation, facts.not_evaluated = _evaluate(loaded, options, facts.summary.tokens_per_sec)
     options.say(f"Sampling {path} ({checkpoint_label(loaded.checkpoint, loaded.step)}): "
                 f"{options.params.max_new_tokens} tokens at most...")
@@ -115,8 +117,9 @@ def build_report(paths: list[Path], out: Path, options: Options | None = None, *
     if len(set(names)) < len(names):
         raise UserError(f"two of the runs share a folder name ({', '.join(names)}); the report names runs by it, so "
                         "copy or rename one.")
+    check_folder_name(out)
+    check_writable(out / "report.md")  # before the runs are evaluated: a folder that cannot be written is said at once
     facts = [gather(Path(p), options) for p in paths]
-    out.mkdir(parents=True, exist_ok=True)
     options.say("Drawing the plots...")
     blocks = [*_summary(facts, out), *_machine(facts), *_data(facts, out), *_model(facts), *_training(facts, out),
               *_evaluation(facts, options.checkpoint), *_scores(facts), *_chinchilla(facts),
@@ -342,8 +345,8 @@ def _evaluation(facts: list[RunFacts], checkpoint: str) -> list[Block]:
         return lambda f: format(f.evaluation[key], spec) if f.evaluation else "-"
 
     rows = [
-        ("checkpoint", lambda f: checkpoint_label(f.evaluation['checkpoint'], f.evaluation['step']) if f.evaluation
-         else f.not_evaluated),
+        ("checkpoint", lambda f: checkpoint_label(f.evaluation['checkpoint'], f.evaluation['step'])
+         + (" (never evaluated, so no best)" if f.fell_back else "") if f.evaluation else f.not_evaluated),
         ("val split", lambda f: f"`{f.evaluation['dataset']}`, {f.evaluation['tokens']:,} tokens" if f.evaluation
          else "-"),
         ("loss", figure("loss", ".4f")), ("perplexity", figure("perplexity", ".3f")),
@@ -352,8 +355,9 @@ def _evaluation(facts: list[RunFacts], checkpoint: str) -> list[Block]:
         ("", lambda f: ("kept from an earlier evaluation" if f.evaluation["cached"] else "evaluated now")
          if f.evaluation else ""),
     ]
-    note = Paragraph(f"Every token of the val split, scored once by the {checkpoint} checkpoint (`lmlab eval`); kept "
-                     "in the run's `evaluations.json`, by weights, split and dtype.")
+    fallback = ", or its latest if it was never evaluated" if checkpoint == "best" else ""
+    note = Paragraph(f"Every token of the val split, scored once by the {checkpoint} checkpoint{fallback} (`lmlab "
+                     "eval`); kept in the run's `evaluations.json`, by weights, split and dtype.")
     return [Heading("Evaluation"), note, by_run(facts, rows)]
 
 
@@ -414,9 +418,11 @@ def _chinchilla(facts: list[RunFacts]) -> list[Block]:
 def _samples(facts: list[RunFacts], options: Options) -> list[Block]:
     prompt, params = options.prompt, options.params
     asked = f"prompt `{prompt}`" if prompt else "an empty prompt (the start of a document)"
-    said = f"From the {options.checkpoint} checkpoint, {asked}, {params.describe()}, {params.max_new_tokens} tokens at " \
-        "most:"
+    fallback = " (its latest if it was never evaluated)" if options.checkpoint == "best" else ""
+    said = f"From the {options.checkpoint} checkpoint{fallback}, {asked}, {params.describe()}, " \
+        f"{params.max_new_tokens} tokens at most:"
     blocks: list[Block] = [Heading("Samples"), Paragraph(said)]
     for f in facts:
-        blocks += [Heading(f"`{f.name}`", 3), Code(f.sample) if f.sample is not None else Paragraph(f.not_sampled)]
+        blocks += [Heading(f"`{f.name}`", 3), *([Paragraph(f"From its {f.which}.")] if f.fell_back else []),
+                   Code(f.sample) if f.sample is not None else Paragraph(f.not_sampled)]
     return blocks

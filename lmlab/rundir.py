@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from lmlab.config import RunConfig, checkpoint_name, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import configure, machine, resolve_device
 from lmlab.errors import UserError
-from lmlab.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file
+from lmlab.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file
 from lmlab.model import LanguageModel, build_model
 from lmlab.peak import Peak, autocast_dtype
 from lmlab.prompt import PromptFormat
@@ -110,8 +111,42 @@ class RunDir:
     def check_new(self) -> None:
         """Refuse to start a run where one already has checkpoints: nothing of it is overwritten."""
         if self.checkpoints.exists() and any(self.checkpoints.iterdir()):
-            raise UserError(f"{self.path} already has checkpoints; pick a new --run, or continue a training run "
-                            f"with `lmlab train --resume {self.path}`.")
+            if self.kind() != "fine-tuned":
+                go_on = f"pick a new --run, or continue a training run with `{self.resume_command()}`"
+            elif self.unfinished():
+                go_on = f"pick a new --run, or continue this fine-tune with `{self.resume_command()}`"
+            else:
+                go_on = (f"pick a new --run: this fine-tune is finished (to tune it further, pass it as the base: "
+                         f"`lmlab finetune {self.path} --data FILE --run NEW`)")
+            raise UserError(f"{self.path} already has checkpoints; {go_on}.")
+
+    def resume_command(self) -> str:
+        """The command that continues this run: `lmlab train --resume RUN`, or for a fine-tune the fine-tuning
+        command that made it (the same command again continues it)."""
+        if self.kind() != "fine-tuned":
+            return f"lmlab train --resume {shlex.quote(str(self.path))}"
+        start = (self.events(limit=1) or [{}])[0]
+        ft = self.config().finetune
+        base, data = start.get("init_from") or "BASE_RUN", (start.get("origin") or {}).get("data") or ft.data
+        settings = [f"--set finetune.{f.name}={getattr(ft, f.name)}" for f in dataclasses.fields(ft)
+                    if f.name != "data" and getattr(ft, f.name) != f.default]
+        return " ".join(["lmlab finetune", shlex.quote(base), "--data", shlex.quote(data), "--run",
+                         shlex.quote(str(self.path)), *settings])
+
+    def unfinished(self) -> str | None:
+        """How a fine-tune that has not reached its end stands (being fine-tuned now, stopped, killed), else None;
+        None for other kinds, which are usable at any checkpoint."""
+        if self.kind() != "fine-tuned":
+            return None
+        events = self.events()
+        if events and events[-1].get("event") == "end" and not events[-1].get("stopped_by"):
+            return None
+        steps = [e["step"] for e in events if e.get("event") == "checkpoint"]
+        how = ("being fine-tuned now" if self.running() else f"stopped by {events[-1]['stopped_by']}"
+               if events and events[-1].get("event") == "end" else "killed or crashed")
+        done = f"its newest checkpoint is step {max(steps)} of {self.config().train.max_iters}" if steps else \
+            "no checkpoint yet"
+        return f"an unfinished fine-tune ({how}; {done})"
 
     def write_setup(self, cfg: RunConfig, tokenizer: Tokenizer | Path | None, dataset: dict[str, Any],
                     prompt: PromptFormat | None = None) -> None:
@@ -121,6 +156,8 @@ class RunDir:
             atomic_write_text(self.path / "tokenizer.json", tokenizer.backend.to_str(pretty=True))
         elif tokenizer is not None:
             atomic_write_bytes(self.path / "tokenizer.json", Path(tokenizer).read_bytes())
+        if tokenizer is not None:  # what `tokenizer()` checks the file against (a dataset's meta has it already)
+            dataset = {**dataset, "tokenizer_sha256": sha256_file(self.path / "tokenizer.json")}
         atomic_write_text(self.path / "dataset.json", json.dumps(dataset, indent=2))
         if prompt is not None:
             atomic_write_text(self.path / "prompt.json", json.dumps(dataclasses.asdict(prompt), indent=2))
@@ -272,11 +309,20 @@ class RunDir:
             return {}
 
     def tokenizer(self) -> Tokenizer:
-        facts = self.dataset()
-        if not facts.get("tokenizer") or not (self.path / "tokenizer.json").exists():
+        """The run's tokenizer, its file checked against the checksum dataset.json records for it (runs written
+        before the checksum have none to check)."""
+        facts, path = self.dataset(), self.path / "tokenizer.json"
+        if not facts.get("tokenizer") or not path.exists():
             raise UserError(f"{self.path} has no tokenizer (tokenizer.json and its spec in dataset.json); import the "
                             "model again with `lmlab import-hf DIR --tokenizer DIR_OR_FILE --out NEW_RUN`.")
-        return Tokenizer.load(self.path / "tokenizer.json", facts["tokenizer"], facts.get("eot_id"))
+        expected = facts.get("tokenizer_sha256")
+        if expected and sha256_file(path) != expected:
+            source = Path(self.config().data.dataset or "-") / "tokenizer.json"
+            intact = source.is_file() and sha256_file(source) == expected
+            fix = f"copy it back from {source}, which is intact" if intact else "restore it from a copy of the run"
+            raise UserError(f"{path} does not match the checksum {self.path}/dataset.json records for it (it was "
+                            f"edited or damaged, so token ids would mean other text); {fix}.")
+        return Tokenizer.load(path, facts["tokenizer"], facts.get("eot_id"))
 
     def prompt_format(self) -> PromptFormat | None:
         """The format a fine-tuned run was taught with; None for other runs."""

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.batcher import Batcher, Event, Job, QueueFull
+from lmlab.edge import ServeLimits, read_body, serve_forever
 from lmlab.errors import UserError
 from lmlab.generate import Batch, decode_dtype, document_start
+from lmlab.model.memory import check_decoding
 from lmlab.openai_api import (
     ApiError,
     chat_logprobs,
@@ -43,6 +45,7 @@ from lmlab.openai_api import (
     stream_fields,
     usage,
     usage_chunk,
+    within_text,
 )
 from lmlab.rundir import LoadedRun, RunDir
 
@@ -61,6 +64,7 @@ class Served:
     max_body_bytes: int
     created: int  # when the served checkpoint was written (the model's `created`)
     max_prompt_chars: int | None  # the longest prompt that may fit the context; None when a token has no bound
+    edge: ServeLimits = ServeLimits()  # what a connection may take (lmlab.edge)
 
     @property
     def name(self) -> str:
@@ -69,7 +73,7 @@ class Served:
 
 def load_served(run_dir: Path, checkpoint: str = "best", device: str = "auto", max_tokens_cap: int = 512,
                 max_batch: int = 16, max_queue: int = 64, compile: bool = False,
-                max_body_bytes: int = 1_000_000) -> Served:
+                max_body_bytes: int = 1_000_000, edge: ServeLimits = ServeLimits()) -> Served:
     """Load the run and start its batcher (compiling the decode step first with `compile`)."""
     from lmlab.compiled import compile_step
 
@@ -79,15 +83,18 @@ def load_served(run_dir: Path, checkpoint: str = "best", device: str = "auto", m
         if value < least:
             raise UserError(f"{option} is {value}; it must be at least {least}.")
     run = RunDir(run_dir).load(checkpoint, device)
+    tokens = run.config.model.block_size + max_tokens_cap  # a row's prompt fills the context at most
+    check_decoding(run.config.model, max_batch, tokens, "--max-batch", run.device)
     step = compile_step(run.model, max_batch, run.dtype) if compile else None
-    batch = Batch(run.model, run.tokenizer, max_batch, decode_dtype(run.device, run.dtype, compile), step)
+    batch = Batch(run.model, run.tokenizer, max_batch, decode_dtype(run.device, run.dtype, compile), step,
+                  setting="--max-batch", tokens_per_row=tokens)
     tokenizer = run.tokenizer
     # A word tokenizer's <unk> stands for a word of any length; the others' tokens have a longest text.
     longest = None if tokenizer.kind == "word" else max(len(token) for token in tokenizer.vocab)
     block = run.config.model.block_size
     created = int((run.run.checkpoint(run.checkpoint) / "state.json").stat().st_mtime)
     return Served(run, Batcher(batch, max_queue), max_tokens_cap, max_batch, max_body_bytes, created,
-                  None if longest is None else block * longest)
+                  None if longest is None else block * longest, edge)
 
 
 @dataclass
@@ -128,18 +135,18 @@ def chat_prompt(served: Served, messages: Any) -> tuple[str, tuple[str, ...]]:
     return "".join(f"{role}: {text}\n" for role, text in turns) + "assistant:", ("\nuser:",)
 
 
-def encode_prompt(served: Served, prompt: str) -> list[int]:
+def encode_prompt(served: Served, prompt: str, param: str = "prompt") -> list[int]:
     """The prompt's token ids, refused with context_length_exceeded when they cannot fit the context, before
-    tokenizing when its length alone says so."""
+    tokenizing when its length alone says so; `param` is the field it came from."""
     block, tokenizer = served.run.config.model.block_size, served.run.tokenizer
     too_long = f"this model's context is {block} tokens; shorten the prompt."
     if served.max_prompt_chars is not None and len(prompt) > served.max_prompt_chars:
         raise ApiError(400, f"the prompt is {len(prompt):,} characters, more than fits: {too_long}", "prompt",
                        "context_length_exceeded")
     try:
-        tokenizer.check(prompt, "the prompt")
+        tokenizer.check(prompt, "the prompt" if param == "prompt" else "the chat's rendered prompt")
     except UserError as err:
-        raise ApiError(400, str(err), "prompt")
+        raise ApiError(400, str(err), param)
     ids = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
     if len(ids) > block:
         raise ApiError(400, f"the prompt is {len(ids)} tokens and {too_long}", "prompt", "context_length_exceeded")
@@ -152,11 +159,16 @@ def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON ({err}).")
+    except ValueError:  # Python's limit on the digits of an integer it reads
+        raise ApiError(400, "the request body holds a number of more than 4,300 digits; no field takes one.")
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON arrays or objects too deeply; no field of this API nests "
+                       "more than a few levels.")
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.")
     check_fields(body, "chat" if chat else "completions")
     if body.get("model") not in (None, served.name):
-        raise ApiError(404, f"model {body.get('model')!r} is not served here; use {served.name!r}.", "model",
+        raise ApiError(404, f"model {shown(body.get('model'))} is not served here; use {served.name!r}.", "model",
                        "model_not_found")
     if chat:
         prompt, stops = chat_prompt(served, body.get("messages"))
@@ -172,7 +184,8 @@ def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
         raise ApiError(400, f"{len(prompts)} prompts × n = {len(params)} are {len(prompts) * len(params)} choices, "
                        f"more than this server decodes at once (--max-batch {served.max_batch}); send at most "
                        f"{served.max_batch // len(params)} prompts per request.", "prompt")
-    ids = [encode_prompt(served, p) if isinstance(p, str) else fitting(served, p) for p in prompts]
+    field = "messages" if chat else "prompt"
+    ids = [encode_prompt(served, p, field) if isinstance(p, str) else fitting(served, p) for p in prompts]
     texts = [p if isinstance(p, str) and p else served.run.tokenizer.decode(i) for p, i in zip(prompts, ids)]
     return Request(ids, [p for _ in prompts for p in params], stream, include_usage, chat, texts, logprobs, echo,
                    generate)
@@ -185,22 +198,6 @@ def fitting(served: Served, ids: list[int]) -> list[int]:
         raise ApiError(400, f"the prompt is {len(ids)} tokens and this model's context is {block} tokens; shorten "
                        "the prompt.", "prompt", "context_length_exceeded")
     return ids
-
-
-async def read_body(http: Any, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit` bytes (from Content-Length, before
-    reading any of it, else while reading), so a huge body never sits in memory."""
-    too_large = ApiError(413, f"the request body is over {limit:,} bytes, this server's limit (--max-body-bytes); "
-                         "send a shorter prompt.", code="request_too_large")
-    declared = http.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for piece in http.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
 
 
 GONE = object()  # put into an answer's events when its client disconnects
@@ -280,7 +277,7 @@ class Answer:
         for i, choice in enumerate(self.job.choices):
             prompt = len(self.request.prompts[i // self.request.n]) if self.request.echo else 0
             scores = choice.decoding.scores
-            made = shown(scores[prompt:], self.piece, len(self.texts[i])) if self.request.generate else []
+            made = within_text(scores[prompt:], self.piece, len(self.texts[i])) if self.request.generate else []
             if self.request.chat:
                 objects.append(chat_logprobs(made, self.piece))
             else:
@@ -398,7 +395,7 @@ def create_app(served: Served) -> Any:
         return model_object(served.name, served.created)
 
     async def answer(http: HttpRequest, chat: bool) -> Any:
-        raw = await read_body(http, served.max_body_bytes)
+        raw = await read_body(http, served.max_body_bytes, served.edge.body_timeout)
         request = await run_in_threadpool(parse_request, served, raw, chat)
         pending = Answer(served, request, http.scope.setdefault("lmlab", {}))
         top = head(chat, served.name, uuid.uuid4().hex)
@@ -468,8 +465,6 @@ def require_extras() -> None:
         raise UserError("lmlab serve needs FastAPI and uvicorn; install them with `pip install -e '.[serve]'`.")
 
 
-def run_server(served: Served, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted."""
-    import uvicorn
-
-    uvicorn.run(create_app(served), host=host, port=port, log_level="warning")
+def run_server(served: Served, sock: Any) -> None:
+    """Serve until interrupted, on a socket `lmlab.edge.bind` bound before the model loaded."""
+    serve_forever(create_app(served), sock, served.edge)

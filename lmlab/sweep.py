@@ -104,7 +104,7 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
     if budget_tokens and budget_seconds:
         raise UserError("pass --budget-tokens or --budget-seconds, not both: a sweep compares under one budget.")
     console = console or Console()
-    sweep_dir = Path(root) / plain_name(name or f"{Path(config).stem}-sweep", "--name", "--dir")
+    sweep_dir = Path(root) / plain_name(f"{Path(config).stem}-sweep" if name is None else name, "--name", "--dir")
     trials = plan_trials(Path(config), sets, sweep_dir, budget_tokens, budget_seconds)
     _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds)
     result = SweepResult(sweep_dir, trials, [])

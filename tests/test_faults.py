@@ -6,6 +6,7 @@ Every refusal is one line starting with `error:`, status 2, and no traceback."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -284,12 +285,18 @@ def test_data_files_that_do_not_match_their_meta_are_refused(capsys, tmp_path, c
 
 
 def test_resume_compares_the_checksum_of_the_bytes_it_reads(capsys, tmp_path, char_dataset):
+    """A dataset prepared again from other inputs (meta.json describes the new bytes) is another dataset: resume
+    needs --force for it. Bytes edited in place (meta.json no longer describes them) are refused by every command,
+    --force or not (tests/test_hardening.py)."""
     dataset = Path(shutil.copytree(char_dataset, tmp_path / "data"))
     config = write_config(tmp_path / "tiny.toml", dataset, max_iters=10)
     assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
     data = bytearray((dataset / "train.bin").read_bytes())
-    data[100:110] = data[200:210]  # same size, so meta.json still matches it
+    data[100:110] = data[200:210]  # same size
     (dataset / "train.bin").write_bytes(bytes(data))
+    meta = json.loads((dataset / "meta.json").read_text())
+    meta["train"]["sha256"] = hashlib.sha256(data).hexdigest()  # as `prepare --force` of other inputs writes it
+    (dataset / "meta.json").write_text(json.dumps(meta))
     capsys.readouterr()
     refused(capsys, "train", "--resume", tmp_path / "run", "--set", "train.max_iters=20",
             needles=("differs from the one", "--force"))

@@ -22,7 +22,8 @@ LAYERS = [
     {"prompt", "checkpoint", "rundir"},
     {"train", "evaluate", "sampling", "scoring", "decode", "compiled", "generate", "tasks", "scaling", "runs", "plots",
      "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "serve", "judge", "findings", "report"},
+    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "edge", "serve", "judge", "findings",
+     "report"},
     {"commands", "__main__"},
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

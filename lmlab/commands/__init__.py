@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import platform
+import re
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -64,6 +65,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, with a mistyped command line refused as every other mistake is: one line, status 2."""
 
     def error(self, message: str) -> NoReturn:
+        message = re.sub(r"\S{80,}", lambda long: long.group()[:40] + "...", message)  # a 5,000-digit value, cut
         self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
 
 
@@ -90,14 +92,49 @@ def report(message: str) -> None:
             json.dump({"message": {"message": f"UserError: {message}", "extraInfo": info}}, f)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing more (the interpreter's last flush included) writes to a pipe
+    whose reader has gone."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Whatever stops it, the user reads one line (status 2: a mistake, a refusal, a destination
+    that cannot be written; 130: interrupted), never a traceback; a reader that goes away (`| head`) ends it as
+    SIGPIPE ends any Unix tool, silently with status 141."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
     except UserError as err:
-        report(str(err))
-        return 2
+        return _say(str(err))
+    except OSError as err:  # a file or folder no command checked itself: named, with what to do
+        from lmlab.fileio import os_fix
+
+        path = err.filename or "a file"
+        return _say(f"{path}: {err.strerror or err}; {os_fix(err, path, writing=False)}, then run the command again.")
+    except MemoryError:
+        return _say("this machine ran out of memory; use a smaller size (batch, --num-samples, --max-batch) or model.")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        if type(err).__name__ != "OutOfMemoryError":  # torch's, raised by a GPU's caching allocator
+            raise
+        return _say(f"the device ran out of memory ({str(err).splitlines()[0]}); use a smaller batch size, "
+                    "--num-samples or --max-batch, or a smaller model.")
     return 0
+
+
+def _say(message: str) -> int:
+    """Report a refusal (status 2), even when stderr's reader has gone too."""
+    try:
+        report(message)
+    except BrokenPipeError:
+        pass
+    return 2

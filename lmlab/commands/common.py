@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -26,8 +27,17 @@ if TYPE_CHECKING:  # the command modules import the library when a command runs,
 if TYPE_CHECKING:
     from lmlab.runs import Column
 
+class PipeConsole(Console):
+    """rich's Console, whose output into a pipe that has no reader any more raises BrokenPipeError, as a print
+    does, for `main` to end the command as every Unix tool ends (rich's own exits with status 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 # Piped output (logs, CI, tests) is not cut to 80 columns unless COLUMNS says so: tables stay whole and greppable.
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
+console = PipeConsole(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
 
 
 def print_table(title: str, columns: list[Column], rows: list[Any], wide: bool = False) -> None:
@@ -49,7 +59,7 @@ def print_table(title: str, columns: list[Column], rows: list[Any], wide: bool =
     if left_out:
         table.caption = f"not shown, to fit {console.width} columns: {', '.join(left_out)} (--wide shows every column)"
     # A console prints no wider than itself: a wide table gets one of its own width, on the same output.
-    (Console(file=console.file, width=width) if wide and width > console.width else console).print(table)
+    (PipeConsole(file=console.file, width=width) if wide and width > console.width else console).print(table)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -154,14 +164,18 @@ def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> Non
                         help=f"decode with a compiled step ({why}; default {'on' if default else 'off'})")
 
 
-def compiled_step(args: argparse.Namespace, model: Any, capacity: int, dtype: Any) -> Any:
-    """The compiled decode step for `capacity` rows when --compile was given, else None (decode eagerly)."""
+def compiled_step(args: argparse.Namespace, run: LoadedRun, capacity: int, setting: str, tokens_per_row: int) -> Any:
+    """The compiled decode step for `capacity` rows (the option `setting`) when --compile was given, else None
+    (decode eagerly); first, rows of up to `tokens_per_row` tokens that would not fit in memory are refused."""
+    from lmlab.model.memory import check_decoding
+
+    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device)
     if not args.compile:
         return None
     from lmlab.compiled import compile_step
 
     with console.status("Compiling the decode step..."):
-        return compile_step(model, capacity, dtype)
+        return compile_step(run.model, capacity, run.dtype)
 
 
 @contextmanager
@@ -200,8 +214,17 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
 
 
 def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
+    """Notes on stderr on what is loaded: the latest checkpoint standing in for a best one that is missing; a
+    fine-tune that has not reached its end (its best so far is not its result)."""
+    from lmlab.rundir import RunDir
+
     if used != checkpoint_name(asked):
         print(f"note: {path} has no {asked} checkpoint (never evaluated, or its pointer is gone); using {used} "
               f"(step {step})", file=sys.stderr)
+    run = RunDir(path)
+    unfinished = run.unfinished()
+    if unfinished:
+        print(f"note: {path} is {unfinished}, not a finished result; finish it with: {run.resume_command()}",
+              file=sys.stderr)
 
 

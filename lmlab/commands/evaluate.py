@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -25,7 +25,10 @@ from lmlab.commands.common import (
 )
 from lmlab.config import checkpoint_label
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import WriteError, atomic_write_text
+
+if TYPE_CHECKING:
+    from lmlab.rundir import LoadedRun
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -41,6 +44,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     with ticking("window", f"Evaluating the val split{subset}", stderr=args.json) as tick:
         result = evaluate_run(run, args.dataset and Path(args.dataset), args.batch_size, tick,
                               max_tokens=args.max_tokens)
+    not_kept = result.pop("not_kept", None)
+    if not_kept:
+        print(f"note: the result is not kept in the run: {not_kept}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
         return
@@ -116,13 +122,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError("--num-samples draws continuations of --prompt; ask an --instruction one answer at a time.")
     params = sampling(args)
     run = load_run(args.run, args.checkpoint, args.device)
-    step = compiled_step(args, run.model, args.num_samples, run.dtype)
+    tokens = max(len(args.prompt), run.config.model.block_size) + args.max_new_tokens
+    step = compiled_step(args, run, args.num_samples, "--num-samples", tokens)
     if args.num_samples > 1:
         texts = samples(run, args.prompt, params, args.num_samples, step)
         for i, (text, drawn) in enumerate(zip(texts, seeded(params, len(texts)))):
             print(f"--- sample {i + 1} of {len(texts)} (seed {drawn.seed})")
             print(text)
-            run.run.add_sample(text, run.checkpoint, run.step, f"{drawn.describe()}, prompt {args.prompt!r}")
+            keep(run, text, f"{drawn.describe()}, prompt {args.prompt!r}")
         return
     if args.instruction is not None:
         pieces = instruct_stream(run, args.instruction, args.input, params, step)
@@ -135,7 +142,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sys.stdout.flush()
         text.append(piece)
     print()
-    run.run.add_sample("".join(text), run.checkpoint, run.step, f"{params.describe()}, {asked}")
+    keep(run, "".join(text), f"{params.describe()}, {asked}")
+
+
+def keep(run: LoadedRun, text: str, settings: str) -> None:
+    """Append a sample to the run's samples.txt; one that cannot be written (a run folder read-only to this user)
+    is only noted: the sample was printed."""
+    try:
+        run.run.add_sample(text, run.checkpoint, run.step, settings)
+    except WriteError as err:
+        print(f"note: the sample is not kept in the run: {err.path} ({err.reason}); {err.fix} to keep the next.",
+              file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

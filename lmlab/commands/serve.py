@@ -18,12 +18,17 @@ from lmlab.commands.common import (
     load_run,
     note_checkpoint,
     port,
+    positive,
     sampling,
 )
 from lmlab.errors import UserError
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from lmlab.edge import ServeLimits, bind
+
+    limits = ServeLimits(args.max_connections, args.header_timeout, args.body_timeout, args.idle_timeout)
+    sock = bind(args.host, args.port)  # a port in use is said at once, before torch and the model load
     from lmlab.serve import load_served, require_extras, run_server
 
     require_extras()
@@ -31,14 +36,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         else f"Loading {args.run}"
     with console.status(f"{doing}..."):
         served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_batch,
-                             args.max_queue, args.compile, args.max_body_bytes)
+                             args.max_queue, args.compile, args.max_body_bytes, limits)
     note_checkpoint(args.run, args.checkpoint, served.run.checkpoint, served.run.step)
     fmt = served.run.prompt_format
     chat = f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
     console.print(f"serving {args.run} as model {served.name!r} at http://{args.host}:{args.port}/v1 "
                   f"(chat rendered through {chat}; up to {args.max_batch} choices decoded at once, "
                   f"{args.max_queue} requests queued); Ctrl-C stops it")
-    run_server(served, args.host, args.port)
+    run_server(served, sock)
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
@@ -46,7 +51,8 @@ def cmd_answer(args: argparse.Namespace) -> None:
 
     params = sampling(args)
     run = load_run(args.run, args.checkpoint, args.device)
-    step = compiled_step(args, run.model, args.batch_size, run.dtype)
+    tokens = run.config.model.block_size + args.max_new_tokens
+    step = compiled_step(args, run, args.batch_size, "--batch-size", tokens)
     with console.status("Answering...") as status:
         n = write_answers(run, Path(args.data), Path(args.out), params, args.batch_size, step,
                           lambda done, total: status.update(f"Answering: {done}/{total} records"))
@@ -81,6 +87,21 @@ def cmd_judge(args: argparse.Namespace) -> None:
     console.print(f"per-item scores: {summary.out}")
 
 
+def add_edge_limits(p: argparse.ArgumentParser) -> None:
+    """The connection limit and the timeouts of lmlab.edge.ServeLimits, with its defaults."""
+    from lmlab.edge import ServeLimits
+
+    d = ServeLimits()
+    p.add_argument("--max-connections", type=count(), default=d.max_connections,
+                   help="connections open at once; one more gets HTTP 503 and is closed")
+    p.add_argument("--header-timeout", type=positive, default=d.header_timeout,
+                   help="seconds a request's headers may take to arrive whole, however slowly they come")
+    p.add_argument("--body-timeout", type=positive, default=d.body_timeout,
+                   help="seconds a request's body may take to arrive; then HTTP 408")
+    p.add_argument("--idle-timeout", type=positive, default=d.idle_timeout,
+                   help="seconds a kept-alive connection may wait for its next request, or an answer for its reader")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API (needs the serve extra)")
     p.add_argument("run", metavar="RUN", help="the run dir to serve; its folder name is the model id")
@@ -94,6 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting for the batch; one more gets HTTP 429 with Retry-After")
     p.add_argument("--max-body-bytes", type=count(), default=1_000_000,
                    help="largest request body; a larger one gets HTTP 413 unread")
+    add_edge_limits(p)
     add_compile(p, default=True, why="compiling takes a minute at start-up; decoding runs several times faster")
     add_device(p)
     p.set_defaults(func=cmd_serve)

@@ -29,6 +29,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.config import load_config
     from lmlab.rundir import RunDir
     from lmlab.train.loop import Trainer
+    from lmlab.train.stop import STOP_GRACE
 
     if args.budget:
         if args.resume:
@@ -56,6 +57,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         console.print(f"note: a {trainer.cfg.model.kind} model does not use {', '.join('model.' + f for f in ignored)}, "
                       "set in its config")
     result = trainer.run()
+    if result.abandoned:
+        kept = (f"its newest checkpoint ({result.saved.name}) is kept; continue with: lmlab train --resume "
+                f"{result.run_dir}" if result.saved else "no checkpoint was written yet; run the same command again "
+                "to start over")
+        console.print(f"stopped by {result.stopped_by} during step {result.steps + 1}, which was abandoned (a step "
+                      f"still running {STOP_GRACE:g} s after a stop signal is not waited for); {kept}")
+        return
     if result.stopped_by:
         console.print(f"stopped by {result.stopped_by} at step {result.steps}; a checkpoint was written. "
                       f"Continue with: lmlab train --resume {result.run_dir}")
@@ -79,11 +87,20 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     from lmlab.config import load_finetune_config
     from lmlab.finetune import finetune
+    from lmlab.rundir import RunDir
+    from lmlab.train.stop import STOP_GRACE
 
     ft = load_finetune_config(args.config and Path(args.config), args.set)
     ft = dataclasses.replace(ft, data=args.data) if args.data else ft
     run_dir = Path(args.run or Path("runs") / f"{Path(args.base).name}-{Path(ft.data).stem}")
     result = finetune(Path(args.base), run_dir, ft, args.device, console)
+    if result.stopped_by:
+        how = (f"during a step, which was abandoned (a step still running {STOP_GRACE:g} s after a stop signal is "
+               "not waited for)" if result.abandoned else "after a step, and a checkpoint was written")
+        again = "to continue it" if result.saved else "to start it over (no checkpoint was written yet)"
+        console.print(f"stopped by {result.stopped_by} {how}; run the same command again {again}: "
+                      f"{RunDir(result.run_dir).resume_command()}")
+        return
     if result.dropped:
         console.print(f"[yellow]{result.dropped} records longer than the context were left out[/yellow]")
     console.print(f"val loss by epoch: {', '.join(f'{v:.4f}' for v in result.val_losses)} (base model "

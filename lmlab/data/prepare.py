@@ -18,6 +18,7 @@ bytes a character), cut where the ids come out the same as whole.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -192,7 +193,7 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     if not 0.0 < val_fraction < 1.0:  # (nan included) before the scan, which cuts a lone document by it
         raise UserError(f"--val-fraction is {val_fraction}; it must be between 0 and 1, e.g. 0.1.")
     files = resolve_sources(sources)
-    name = plain_name(name or corpus_name(sources), "--name", "--out-dir")
+    name = plain_name(corpus_name(sources) if name is None else name, "--name", "--out-dir")
     target = Path(out_dir) / f"{name}-{spec.replace(':', '')}"
     lock = WriterLock(target)
     lock.acquire(f"{target} is being prepared by another process ({{holder}}); wait for it to finish, or choose "
@@ -208,6 +209,7 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
              ) -> tuple[Path, dict[str, Any], bool]:
     """`prepare` under the dataset's lock; `fixed`: the tokenizer a path named, already loaded."""
     kind, _ = parse_spec(spec)
+    _remove_old_copies(target)
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
     # Another dataset of the same spec may have another tokenizer of that spec (a run's word:1000): its identity
@@ -255,6 +257,13 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
     fsync_dir(work)
     _swap_into_place(work, target)
     return target, meta, True
+
+
+def _remove_old_copies(target: Path) -> None:
+    """Delete what a prepare killed while replacing the dataset left of the old one (`_swap_into_place`): only
+    the lock's holder, this process, swaps this dataset, so every such copy is a leftover."""
+    for old in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

@@ -10,6 +10,7 @@ one document each, cropped and then filled with a padding id.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import numpy as np
 import tokenizers
 
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_bytes, writing
+from lmlab.fileio import atomic_write_bytes, sha256_file, writing
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class TokenShards:
                       np.zeros(0, dtype=np.dtype(dtype)) for p in paths]
         self.starts = list(np.cumsum([0] + [len(p) for p in self.parts]))
         self.dtype = np.dtype(dtype)
+        self.sha256: str | None = None  # of the bytes, once `verify_split` has read them
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -98,14 +100,18 @@ def _check_tokenizer(dataset: Path, meta: dict[str, Any]) -> None:
         actual = tokenizers.Tokenizer.from_file(str(Path(dataset) / "tokenizer.json")).get_vocab_size()
     except Exception as err:  # the tokenizers library raises plain Exceptions for missing and malformed files
         raise UserError(f"{dataset}/tokenizer.json is missing or unreadable ({err}); {fix}.")
+    if meta.get("tokenizer_sha256") and sha256_file(Path(dataset) / "tokenizer.json") != meta["tokenizer_sha256"]:
+        raise UserError(f"{dataset}/tokenizer.json does not match the checksum meta.json records for it (it was "
+                        f"edited or damaged since the dataset was prepared, so its ids would mean other text); {fix}.")
     if actual != vocab:
         raise UserError(f"{dataset}/meta.json says vocab_size {vocab:,} but its tokenizer.json has {actual:,} tokens; "
                         f"the files do not belong together: {fix}.")
 
 
-def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
+def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True) -> TokenShards:
     """A split as one array over its shards (meta.json's index; a dataset without an index is SPLIT.bin alone),
-    each file's size checked against the tokens meta.json lists, so a truncated or replaced shard is named."""
+    each file's size checked against the tokens meta.json lists, so a truncated or replaced shard is named; with
+    `verify`, its bytes against meta.json's checksum too (`verify_split`)."""
     meta = read_meta(dataset)
     _check_tokenizer(dataset, meta)
     width = np.dtype(dtype).itemsize
@@ -120,7 +126,30 @@ def open_tokens(dataset: Path, split: str, dtype: str) -> TokenShards:
             raise UserError(f"{path} holds {size:,} bytes but meta.json lists {shard.get('tokens') or 0:,} {dtype} "
                             f"tokens ({(shard.get('tokens') or 0) * width:,} bytes); it was truncated or replaced: "
                             "prepare the dataset again with `lmlab prepare ... --force`.")
-    return TokenShards(paths, dtype, row_layout(meta))
+    tokens = TokenShards(paths, dtype, row_layout(meta))
+    if verify:
+        verify_split(dataset, split, tokens, meta)
+    return tokens
+
+
+def verify_split(dataset: Path, split: str, tokens: TokenShards, meta: dict[str, Any]) -> None:
+    """Read the split once: the sha256 of its bytes (kept as `tokens.sha256`) against meta.json's, and its largest
+    id against the vocabulary, so a shard edited in place (its size unchanged) is refused before anything trains
+    or scores on it."""
+    digest, top = hashlib.sha256(), -1
+    for chunk in tokens.chunks():
+        digest.update(chunk)
+        top = max(top, int(chunk.max()) if len(chunk) else -1)
+    tokens.sha256 = digest.hexdigest()
+    fix = "prepare the dataset again with `lmlab prepare ... --force`"
+    expected = meta.get(split, {}).get("sha256")
+    if expected and tokens.sha256 != expected:
+        raise UserError(f"the {split} split of {dataset} ({', '.join(p.name for p in tokens.paths)}) does not match "
+                        f"the checksum meta.json records for it: it was edited or damaged since it was prepared; "
+                        f"{fix}.")
+    if top >= meta["vocab_size"]:
+        raise UserError(f"the {split} split of {dataset} holds token id {top:,}, beyond its vocabulary of "
+                        f"{meta['vocab_size']:,} tokens; {fix}.")
 
 
 def row_layout(meta: dict) -> Rows | None:

@@ -40,6 +40,7 @@ CHUNK_CHARS = 1 << 16  # a longer text is tokenized in chunks of at most this ma
 # character runs into a following space), and at a line break after a letter or digit (only punctuation pre-tokens
 # take the line breaks after them). BPE merges and word lookups stay inside a pre-token, so text cut there encodes
 # to the same ids in chunks as whole.
+_SURROGATE = re.compile("[\ud800-\udfff]")  # never in text decoded strictly: a broken escape or a non-UTF-8 byte
 _SAFE_CUT = re.compile(r"(?<=\S)[ \t]|(?<=[^\W_])[\r\n]")
 
 
@@ -88,7 +89,15 @@ class Tokenizer:
         return "".join(sorted(set(text) - self.vocab.keys())) if self.kind == "char" else ""
 
     def check(self, text: str, where: str) -> None:
-        """Refuse text with characters the char tokenizer's corpus never had."""
+        """Refuse text that is not Unicode (a lone surrogate: from JSON's "\\ud800", or a byte of a command-line
+        argument that is not UTF-8), and text with characters the char tokenizer's corpus never had."""
+        bad = _SURROGATE.search(text)
+        if bad:
+            code = ord(bad.group())
+            what = (f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF else
+                    f"a lone surrogate (\\u{code:04x})")
+            raise UserError(f"{where} is not valid text: it holds {what} at character {bad.start():,}; send UTF-8 "
+                            "text (JSON's \\uXXXX escapes must pair surrogates).")
         unseen = self.unseen(text)
         if unseen:
             raise UserError(f"{where} contains characters the char tokenizer never saw ({unseen!r}); remove them or "

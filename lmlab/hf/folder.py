@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from lmlab.data.tokenizers import UNK, Tokenizer
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_text, fsync_dir, sha256_file
+from lmlab.fileio import atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
 
 # PyTorch's own weight files, which may run code when loaded: lmlab never reads them.
 TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
@@ -100,10 +100,12 @@ def fresh_dir(path: Path, what: str) -> Path:
     """A temporary sibling of `path` to build in; `path` itself must be new or empty, as nothing is overwritten."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{path} already exists; choose a new {what} or remove it first.")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_folder_name(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     return tmp
 
 

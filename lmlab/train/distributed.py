@@ -76,6 +76,11 @@ class Parallel:
     def active(self) -> bool:
         return dist.is_initialized()
 
+    @property
+    def local_world_size(self) -> int:
+        """The job's processes on this host, which share its memory."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.world_size > 1 else 1
+
     def local_steps(self, grad_accum_steps: int) -> int:
         """Micro-batches each rank runs per optimizer step (the batch rule in the module docstring)."""
         if grad_accum_steps % self.world_size:

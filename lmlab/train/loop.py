@@ -19,8 +19,9 @@ from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
 from lmlab.device import configure, synchronize
 from lmlab.errors import UserError
-from lmlab.fileio import WriteError, sha256_file
+from lmlab.fileio import WriteError
 from lmlab.model import build_model
+from lmlab.model.memory import check_training
 from lmlab.peak import Peak, choose_dtype, peak_flops
 from lmlab.plots import plot_losses
 from lmlab.progress import progress_bar
@@ -41,7 +42,7 @@ from lmlab.train.state import (
 )
 from lmlab.train.steering import Steering
 from lmlab.train.step import TrainStep
-from lmlab.train.stop import StopOnSignal, write_failure
+from lmlab.train.stop import StepAbandoned, StopOnSignal, write_failure
 
 
 @dataclass
@@ -54,6 +55,8 @@ class TrainResult:
     loss_plot: Path
     stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
     budget_spent: float | None = None  # seconds from the process's start to the end, of a budget it planned
+    abandoned: bool = False  # the signal came during a step that did not end within the grace period
+    saved: Path | None = None  # the newest step folder, what a resume continues from
 
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
@@ -76,8 +79,10 @@ def check_resumable(run: RunDir) -> None:
     """Only a trained run has a training state to continue."""
     kind = run.kind()
     if kind == "fine-tuned":
-        raise UserError(f"{run.path} was made by `lmlab finetune`, which does not resume; fine-tune its base run "
-                        "again, or fine-tune this run further into a new --run.")
+        go_on = (f"continue it with the fine-tuning command that made it: `{run.resume_command()}`" if run.unfinished()
+                 else f"it is finished; to tune it further, fine-tune it into a new run: `lmlab finetune {run.path} "
+                 "--data FILE --run NEW`")
+        raise UserError(f"{run.path} was made by `lmlab finetune`, not `lmlab train`; {go_on}.")
     if kind == "imported":
         raise UserError(f"{run.path} was imported, so it has no training to continue; start a new run from its "
                         f"weights with `lmlab train CONFIG --init-from {run.path}`.")
@@ -124,14 +129,17 @@ class Trainer(Steering):
         configure(self.device, tc.threads)
         self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype)
         self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
+        # Every byte training reads, against meta.json's checksums, before the model is built or the run is begun.
+        with self.console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
+            self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
+            self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
+        check_training(mc, tc.batch_size, tc.optimizer, self.device, self.parallel.local_world_size)
         self.model = build_model(mc).to(self.device)  # the same initial weights on every rank
         self.parallel.own_rng(tc.seed, 0)
         self.step = TrainStep(self.model, tc, self.device, self.dtype, self.parallel.wrap(self.model, tc.parallel,
                               self.dtype), self.parallel.reduce_step)
         if self.step.note:
             self.console.print(f"[yellow]{self.step.note}[/yellow]")
-        self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
-        self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         self.flops_per_token = self.model.flops_per_token()
@@ -146,6 +154,7 @@ class Trainer(Steering):
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
         self._lr = 0.0  # of the newest step, for the log
+        self._stop = StopOnSignal()  # what a stop signal may interrupt: installed while the loop runs
         # A torchrun worker restarted after a failure (--max-restarts) runs the same command: it continues.
         resume = resume or (elastic_restart() and bool(self.run_dir.step_folders()))
         if resume:
@@ -204,6 +213,9 @@ class Trainer(Steering):
     def _init_from(self, source: str, keep_optimizer: bool) -> None:
         """Start from another run's weights (`runs/OLD`, or `runs/OLD:CHECKPOINT`: best, latest, step_N or N)."""
         old_dir, _, which = source.partition(":")
+        if which not in ("", "best", "latest"):
+            raise UserError(f"--init-from {source}: {which!r} is not a checkpoint of a run; use {old_dir}, "
+                            f"{old_dir}:best or {old_dir}:latest.")
         old_run = RunDir(old_dir)
         old = old_run.config().model
         if old.vocab_size != self.cfg.model.vocab_size:
@@ -222,17 +234,16 @@ class Trainer(Steering):
         if self.parallel.is_main:
             self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
         self.run_dir.checkpoint("latest")  # says so if there is nothing to resume
+        self.run_dir.tokenizer()  # the run's copy is checked against its record, not silently written over
         trained, asked = dataclasses.asdict(self.run_dir.config().model), to_dict(self.cfg)["model"]
         trained["vocab_size"] = trained["vocab_size"] or asked["vocab_size"]  # 0 in a hand-written config
         if trained != asked:
             raise UserError(f"{self.run_dir.path} was trained with another model shape "
                             f"({_differences(trained, asked)}); resume with the run's own [model] settings.")
         folder, training = self._load_newest_good()
-        # The checksum of the bytes training will read, not the one meta.json claims: a shard edited in place
-        # since (its size unchanged, which open_tokens checks) is found here.
-        with self.console.status(f"Checking the checksum of {self.cfg.data.dataset}'s train split..."):
-            actual = sha256_file(*self.train_tokens.paths)
-        if training["dataset_sha256"] != actual and not force:
+        # The checksum of the bytes training reads (open_tokens verified them against meta.json): a dataset prepared
+        # again from other inputs is another dataset.
+        if training["dataset_sha256"] != self.train_tokens.sha256 and not force:
             raise UserError(f"dataset {self.cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
                             "on (train split checksum); pass --force to continue on the new data anyway.")
         self._restore(training, rollback=False)
@@ -300,7 +311,9 @@ class Trainer(Steering):
         tc, step = self.schedule, self.progress.step
         base = self.budget.lr(step, self.cfg.train) if self.cfg.train.budget_seconds else lr_at(step, tc)
         self._lr = lr = base * self.guard.lr_scale
-        total, norm = self.step(self.parallel.micro_batches(self.loader, tc.grad_accum_steps), self.micro_steps, lr)
+        with self._stop.interruptible():
+            total, norm = self.step(self.parallel.micro_batches(self.loader, tc.grad_accum_steps), self.micro_steps,
+                                    lr)
         self._pending.append((step + 1, lr, total, norm))
 
     def _judge_pending(self) -> bool:
@@ -339,10 +352,11 @@ class Trainer(Steering):
         tc = self.cfg.train
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
-        train, val = (estimate_loss(self.step.forward, tokens, self.cfg.model.block_size, tc.batch_size,
-                                    n_batches or tc.eval_iters, tc.seed + offset, self.device, self.dtype,
-                                    self.parallel)
-                      for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
+        with self._stop.interruptible():
+            train, val = (estimate_loss(self.step.forward, tokens, self.cfg.model.block_size, tc.batch_size,
+                                        n_batches or tc.eval_iters, tc.seed + offset, self.device, self.dtype,
+                                        self.parallel)
+                          for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
 
@@ -392,6 +406,8 @@ class Trainer(Steering):
         released."""
         try:
             return self._loop()
+        except StepAbandoned as abandoned:
+            return self._abandon(abandoned.signal)
         finally:
             self.tracker.close()
             self.parallel.close()
@@ -408,7 +424,7 @@ class Trainer(Steering):
         # torch.compile): it is left out of tokens/s and MFU, on a first start and on every resume.
         warm = False
         out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
-        with progress_bar(self.console) as bar, StopOnSignal() as stop:
+        with progress_bar(self.console) as bar, self._stop as stop:
             planned = not steering or steering.planned
             task = bar.add_task("train", total=self.schedule.max_iters if planned else None, completed=p.step, info="")
             # a stop signal or a failed write, agreed by all ranks; or a budget start-up took
@@ -465,6 +481,17 @@ class Trainer(Steering):
         if failed:
             raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
         return self._finish(stop.signal, steering)
+
+    def _abandon(self, signal_name: str) -> TrainResult:
+        """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be
+        half-applied), the newest checkpoint stays what a resume continues from."""
+        p = self.progress
+        self._log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
+                   "best_val_loss": p.best_val_loss, "best_step": p.best_step, "stopped_early": False,
+                   "stopped_by": signal_name})
+        saved = self.run_dir.step_folders()
+        return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, False, self.run_dir.loss_plot,
+                           signal_name, abandoned=True, saved=saved[-1] if saved else None)
 
     def _finish(self, stopped_by: str | None, steering: BudgetClock | None) -> TrainResult:
         p = self.progress

@@ -3,8 +3,11 @@ failed (the newest checkpoint is kept as it is, and the run ends with one senten
 
 from __future__ import annotations
 
+import _thread
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +20,72 @@ def write_failure(err: WriteError | None, run: Path, step: int, saved: list[Path
     are the run's step folders."""
     if err is None:
         return UserError("rank 0 could not write the run; its message says why.")
-    kept = (f"its newest checkpoint ({saved[-1].name}) is kept: free some space, then continue with "
+    kept = (f"its newest checkpoint ({saved[-1].name}) is kept: {err.fix}, then continue with "
             f"`lmlab train --resume {run}`" if saved else
-            "no checkpoint was written yet: free some space, then run the same command again")
-    return UserError(f"the run stopped at step {step} because {err.path} could not be written ({err.reason}; "
-                     f"{err.free}); {kept}.")
+            f"no checkpoint was written yet: {err.fix}, then run the same command again")
+    detail = f"{err.reason}; {err.free}" if err.free else err.reason
+    return UserError(f"the run stopped at step {step} because {err.path} could not be written ({detail}); {kept}.")
+
+
+STOP_GRACE = 3.0  # seconds a step may still run after a stop signal before it is abandoned
+
+
+class StepAbandoned(Exception):
+    """A step (or an evaluation) still running STOP_GRACE seconds after a stop signal, given up part-way: nothing
+    of it may be saved, and the run ends with its newest checkpoint as it is."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal = signal_name
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a second one aborts."""
+    """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a step still running
+    STOP_GRACE seconds later is abandoned (StepAbandoned is raised inside it: only code run in `interruptible()`
+    can be, never a checkpoint's write), so a run ends within seconds whatever its steps cost; a second signal
+    aborts at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = STOP_GRACE) -> None:
         self.signal: str | None = None
+        self.grace = grace
         self._previous: dict[int, Any] = {}
+        self._region = 0  # which interruptible stretch runs now (0: none), so a late timer cannot hit the next one
+        self._regions = 0
+        self._overdue = False
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self._overdue:
+            self._overdue = False
+            if self._region:
+                raise StepAbandoned(self.signal or signal.Signals(signum).name)
+            return  # the stretch ended as the timer fired: the loop stops after it as usual
         if self.signal:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        if self._region:
+            self._arm(self._region)
+
+    def _arm(self, region: int) -> None:
+        def overdue() -> None:
+            if self._region == region:
+                self._overdue = True
+                _thread.interrupt_main(signal.SIGTERM)  # runs `_handle` in the main thread, between two bytecodes
+
+        timer = threading.Timer(self.grace, overdue)
+        timer.daemon = True
+        timer.start()
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stretch (a training step, an evaluation) that a stop signal may abandon after the grace period."""
+        self._regions += 1
+        self._region = self._regions
+        if self.signal:  # the signal came between two stretches, while the ranks were still agreeing on it
+            self._arm(self._region)
+        try:
+            yield
+        finally:
+            self._region = 0
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
@@ -42,5 +93,6 @@ class StopOnSignal:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._region = 0
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

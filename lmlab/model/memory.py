@@ -1,0 +1,212 @@
+"""What a size costs in memory, estimated from the model and the shape before anything is allocated, and the one
+check every size-driven allocation passes: the weights (`build_model`), a training or fine-tuning micro-batch
+(activations, gradients, optimizer state), an evaluation batch, and decoding rows (sample --num-samples, serve
+--max-batch and `n`, answer --batch-size). A size that does not fit is refused in one sentence with the figure
+and the largest size that fits.
+
+Models are sized on the meta device, which allocates nothing: the weights of models of one and two layers, and
+the tensors their forward keeps for the backward pass (saved-tensor hooks), every layer being the same size, so a
+config asking for 10^12 of anything is sized at once. Attention score matrices (T x T) are left out: the fused
+attention kernels lmlab trains with (flash attention on the CPU and CUDA) do not keep them. Two measured factors
+turn what the forward keeps into the peak of a training step (benchmarks/memory_estimate.py compares them with
+the peak RSS on this machine's CPU): the backward's transient gradients (about 30% of the kept activations) and
+the logits, which exist twice more at the peak (the tensor and its gradient).
+
+On a CUDA device the estimate is not the check: the caching allocator raises its own out-of-memory error at the
+first step, which the command line reports in one sentence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from lmlab.config import ModelConfig
+from lmlab.errors import UserError
+from lmlab.fileio import host_memory, human_bytes
+from lmlab.model.base import LanguageModel
+from lmlab.model.gpt import GPT, padded_vocab
+from lmlab.model.recurrent import RecurrentLM
+
+BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (measured: 1.24-1.33)
+DECODE_ROW_OVERHEAD = 2048  # bytes of Python objects per decoding row: its sequence, sampler state, text
+BYTES_PER_DECODED_TOKEN = 40  # a token id in a row's Python list and its text, as held while decoding
+UNCOUNTABLE = 2**63  # what a shape whose size overflows even the meta device's arithmetic is taken to need
+
+
+def construct(config: ModelConfig) -> LanguageModel:
+    return RecurrentLM(config) if config.kind == "recurrent" else GPT(config)
+
+
+class _NoInit(TorchFunctionMode):
+    """Skips weight initialisation, which sizing does not need (and which on the meta device goes through torch's
+    reference implementations, the slowest part of building there)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", "") == "torch.nn.init":
+            return args[0] if args else next(iter(kwargs.values()))
+        return func(*args, **kwargs)
+
+
+def _on_meta(config: ModelConfig) -> LanguageModel:
+    with torch.device("meta"), _NoInit():
+        return construct(config)
+
+
+def _per_layer(config: ModelConfig, measure) -> int:  # noqa: ANN001 (a function of a model config)
+    """measure() of the whole model, from models of one and two layers (every layer is the same size); a shape too
+    large to count counts as UNCOUNTABLE."""
+    try:
+        one, two = (measure(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
+    except (RuntimeError, OverflowError, ValueError):  # "Storage size calculation overflowed", an int beyond int64
+        return UNCOUNTABLE
+    return one + (config.n_layer - 1) * (two - one)
+
+
+def _weight_bytes(config: ModelConfig) -> int:
+    model = _on_meta(config)
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def model_bytes(config: ModelConfig) -> int:
+    """Bytes of the weights and buffers a model of `config` holds."""
+    return _per_layer(config, _weight_bytes)
+
+
+def _kept_at(config: ModelConfig, T: int) -> int:
+    """Bytes the forward of one sequence of T tokens keeps for the backward pass (fp32), weights and attention
+    score matrices (..., T, T) left out."""
+    model = _on_meta(config)
+    weights = {id(p) for p in model.parameters()}
+    kept = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        scores = t.dim() >= 2 and t.shape[-1] == t.shape[-2] == T
+        if id(t) not in weights and (t._base is None or id(t._base) not in weights) and not scores:
+            kept[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = torch.zeros(1, T, dtype=torch.long)
+        model(x, x)
+    return kept[0]
+
+
+def _kept_bytes(config: ModelConfig) -> int:
+    """What one sequence of block_size tokens keeps, scores left out: linear in its length, so it is traced at two
+    short lengths (a recurrent cell's meta forward runs token by token) other than the head width, which a score
+    matrix's shape must not be mistaken for."""
+    T = config.block_size
+    short = [t for t in range(7, 16) if t != config.head_size][:2]
+    if T <= short[1]:
+        return _kept_at(config, T)
+    a, b = (_kept_at(config, t) for t in short)
+    return a + (T - short[0]) * (b - a) // (short[1] - short[0])
+
+
+def _hidden_bytes(config: ModelConfig) -> int:
+    return sum(p.numel() * p.element_size() for p in _on_meta(config).hidden_matrices())
+
+
+@dataclass(frozen=True)
+class Need:
+    """Memory as `fixed` bytes plus `each` bytes per unit of a size (a sequence, a window, a decoding row)."""
+
+    fixed: int
+    each: int
+
+    def at(self, size: int) -> int:
+        return self.fixed + size * self.each
+
+    def largest(self, have: int) -> int:
+        """The largest size that fits in `have` bytes (0 when not even the fixed part does)."""
+        return max(0, (have - self.fixed) // max(1, self.each))
+
+
+def training_need(config: ModelConfig, optimizer: str = "adamw") -> Need:
+    """A training step at a micro-batch of sequences of block_size tokens: the weights, their gradients and the
+    optimizer's state (AdamW: two moments; Muon: one for the hidden matrices, AdamW's two for the rest), plus per
+    sequence the activations and the logits."""
+    weights = model_bytes(config)
+    moments = 2 * weights if optimizer == "adamw" else 2 * weights - _per_layer(config, _hidden_bytes)
+    logits = config.block_size * padded_vocab(config.vocab_size) * 4
+    each = int(BACKWARD_FACTOR * _per_layer(config, _kept_bytes)) + 2 * logits
+    return Need(weights + weights + moments, min(each, UNCOUNTABLE))
+
+
+def scoring_need(config: ModelConfig) -> Need:
+    """A forward without gradients over windows of block_size tokens (an evaluation batch): per window its fp32
+    logits, the loss's copy of them and one layer's activations at a time."""
+    logits = config.block_size * padded_vocab(config.vocab_size) * 4
+    layer = _per_layer(config, _kept_bytes) // max(1, config.n_layer)
+    return Need(model_bytes(config), min(2 * logits + 2 * layer, UNCOUNTABLE))
+
+
+def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) -> Need:
+    """Decoding rows: each row's slot in the decode state (a KV cache of block_size positions, a hidden state), its
+    logits and sampling buffers, and its Python objects for `tokens_per_row` tokens (prompt and continuation); the
+    prompt's prefill, one row at a time, once."""
+
+    def state_bytes(c: ModelConfig) -> int:
+        with torch.device("meta"):
+            return sum(t.numel() * t.element_size() for t in _on_meta(c).new_cache(1, torch.device("meta"),
+                                                                                    dtype).tensors())
+
+    vocab = padded_vocab(config.vocab_size)
+    each = _per_layer(config, state_bytes) + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
+    return Need(model_bytes(config) + 2 * config.block_size * vocab * 4, min(each, UNCOUNTABLE))
+
+
+class MemoryRefused(UserError):
+    """A size refused before anything was allocated; `largest` is the largest that fits."""
+
+    def __init__(self, message: str, largest: int):
+        super().__init__(message)
+        self.largest = largest
+
+
+def check_fits(need: Need, size: int, setting: str, unit: str, device: torch.device | None = None,
+               have: int | None = None) -> None:
+    """Refuse `size` units (`setting` names it, `unit` says what one is) when `need` at that size is more than the
+    memory available now (`have`, default: this machine's), in one sentence with the figure and the largest size
+    that fits. On a CUDA `device` the allocator checks instead (see the module's docstring)."""
+    if device is not None and device.type == "cuda":
+        return
+    have = host_memory() if have is None else have
+    total = need.at(size)
+    if total <= have:
+        return
+    available = f"this machine has {human_bytes(have)} of memory available"
+    if need.fixed >= UNCOUNTABLE or need.each >= UNCOUNTABLE:
+        raise MemoryRefused(f"{setting} {size:,} needs more memory than can be counted (the model or its {unit} "
+                            f"is that large), but {available}; use a smaller model.", 0)
+    largest = need.largest(have)
+    if not largest:
+        raise MemoryRefused(f"the model alone needs about {human_bytes(need.fixed + need.each)} with one {unit} "
+                            f"({human_bytes(need.fixed)} before it), but {available}; use a smaller model or a "
+                            "shorter block_size.", 0)
+    parts = f"{human_bytes(need.fixed)} for the model and " if need.fixed else ""
+    raise MemoryRefused(f"{setting} {size:,} needs about {human_bytes(total)} ({parts}{human_bytes(need.each)} per "
+                        f"{unit}), but {available}; the largest that fits is {largest:,}: set {setting} to "
+                        f"{largest:,} or less.", largest)
+
+
+def check_training(config: ModelConfig, batch_size: int, optimizer: str, device: torch.device,
+                   processes: int = 1, setting: str = "train.batch_size") -> None:
+    """Refuse a micro-batch whose training step would not fit this machine's memory (shared by a torchrun job's
+    `processes` on this host), before the model is built."""
+    check_fits(training_need(config, optimizer), batch_size, setting, f"sequence of {config.block_size:,} tokens",
+               device, host_memory() // processes)
+
+
+def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting: str, device: torch.device,
+                   dtype: torch.dtype = torch.float32, loaded: bool = True) -> None:
+    """Refuse `rows` decoding rows of up to `tokens_per_row` tokens that would not fit, before their state is
+    allocated; `loaded`: the model's weights are in memory already (so not counted again)."""
+    need = decoding_need(config, dtype, tokens_per_row)
+    check_fits(Need(0, need.each) if loaded else need, rows, setting,
+               f"decoding row of up to {tokens_per_row:,} tokens", device)

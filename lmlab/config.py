@@ -51,8 +51,8 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
 # The fields each model kind reads besides kind, n_layer, n_embd, block_size, dropout, vocab_size and
 # tie_embeddings; the others are ignored by that kind (`ModelConfig.ignored_fields` names any set anyway).
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head", "head_dim",
-            "mlp_hidden", "rope_theta", "norm_eps"),
+    "gpt": ("n_head", "bias", "qkv_bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
+            "head_dim", "mlp_hidden", "rope_theta", "norm_eps"),
     "recurrent": ("rnn_cell",),
 }
 
@@ -66,6 +66,7 @@ class ModelConfig:
     block_size: int = 256  # context length in tokens (the recurrent model trains on sequences this long)
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and norms (the recurrent cells always keep theirs)
+    qkv_bias: bool = False  # biases on the query/key/value projection alone, with bias = false (as Qwen2 has)
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
     gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
     pos_emb: str = "learned"  # learned | rope: a learned position table, or rotary embeddings of q and k
@@ -95,6 +96,10 @@ class ModelConfig:
             raise UserError(f"model.rope_theta ({self.rope_theta}) must be positive, e.g. 10000.")
         if not 0 <= self.norm_eps < 1:
             raise UserError(f"model.norm_eps ({self.norm_eps}) must be in [0, 1), e.g. 1e-6; 0 for torch's default.")
+        if self.qkv_bias and self.bias:
+            raise UserError("model.qkv_bias = true adds biases to the query/key/value projection of a model that has "
+                            "no others (model.bias = false, as Qwen2); with model.bias = true every linear layer has "
+                            "them already: set one of the two to false.")
 
     def _check_heads(self) -> None:
         if self.n_embd % self.n_head:

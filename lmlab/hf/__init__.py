@@ -1,4 +1,4 @@
-"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama and Qwen3 families.
+"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama, Qwen2 and Qwen3 families.
 
 `import_hf` turns a folder (config.json, safetensors weights, tokenizer files) into an ordinary run dir
 (config.toml, checkpoints/step_000000, tokenizer.json, dataset.json, metrics.jsonl) that `train --init-from`,
@@ -6,7 +6,7 @@
 `AutoModelForCausalLM`, `AutoTokenizer` and `pipeline("text-generation")`. Neither needs transformers.
 
 `family.py` says what a family is (which model options it expresses, its config.json, its tensor names);
-`gpt2.py` and `llama.py` (Llama and Qwen3) are the families; `folder.py` reads and writes the folder's files.
+`gpt2.py` and `llama.py` (Llama, Qwen2 and Qwen3) are the families; `folder.py` reads and writes the folder's files.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from lmlab.hf.folder import (
     write_tokenizer,
 )
 from lmlab.hf.gpt2 import FAMILY as GPT2
-from lmlab.hf.llama import LLAMA, QWEN3
+from lmlab.hf.llama import LLAMA, QWEN2, QWEN3
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
 from lmlab.rundir import RunDir
 
-FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN3)}  # `auto` takes the first that fits
+FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN2, QWEN3)}  # `auto` takes the first that fits
 ARCHS = ("auto", *FAMILIES)
 
 
@@ -51,7 +51,8 @@ def export_problems(cfg: ModelConfig, arch: str) -> list[str]:
 
 def choose_family(cfg: ModelConfig, arch: str = "auto", what: str = "the model") -> Family:
     """The family a model exports as: `arch`, or for `auto` the first of FAMILIES that expresses every option
-    (GPT-2's options: gpt2; rotary, RMSNorm, SwiGLU: llama; with QK-norm: qwen3). `what` names it in errors."""
+    (GPT-2's options: gpt2; rotary, RMSNorm, SwiGLU: llama; with biases on q, k and v alone: qwen2; with QK-norm:
+    qwen3). `what` names it in errors."""
     if arch not in ARCHS:
         raise UserError(f"--arch {arch} is unknown; use {', '.join(ARCHS)}.")
     candidates = list(FAMILIES.values()) if arch == "auto" else [FAMILIES[arch]]
@@ -77,12 +78,18 @@ def _model_config(family: Family, raw: dict[str, Any], path: Path, block_size: i
         cfg = ModelConfig(**options)
     except UserError as err:
         raise UserError(f"{path} describes a model lmlab cannot build: {err}")
-    if block_size is None:
-        return cfg
-    if not 1 <= block_size <= cfg.block_size:
-        raise UserError(f"--block-size {block_size} must be between 1 and the model's context, {cfg.block_size} "
-                        "(a model does not know positions past the ones it was trained on).")
-    return dataclasses.replace(cfg, block_size=block_size)
+    if block_size is not None:
+        if not 1 <= block_size <= cfg.block_size:
+            raise UserError(f"--block-size {block_size} must be between 1 and the model's context, {cfg.block_size} "
+                            "(a model does not know positions past the ones it was trained on).")
+        cfg = dataclasses.replace(cfg, block_size=block_size)
+    window = family.window(raw, path)
+    if window is not None and window < cfg.block_size:
+        raise UserError(f"{path}: use_sliding_window = True with sliding_window = {window} attends to the last "
+                        f"{window} tokens alone in some layers, fewer than the context imported ({cfg.block_size}), "
+                        f"which lmlab's model does not compute; import it with --block-size {window} or less, "
+                        "where that is full attention.")
+    return cfg
 
 
 def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int) -> Tokenizer:

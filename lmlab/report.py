@@ -24,6 +24,7 @@ from lmlab.evaluate import evaluate_run
 from lmlab.fileio import atomic_write_text
 from lmlab.findings import NOT_RECORDED, RunFacts, describe_run, reading
 from lmlab.generate import sample
+from lmlab.grid import Grid, run_cells
 from lmlab.humanize import fmt, format_duration
 from lmlab.plan import make_plan
 from lmlab.plots import plot_comparison, plot_document_lengths, plot_losses
@@ -39,9 +40,11 @@ class Report:
     images: list[Path] = field(default_factory=list)
 
 
-def gather(path: Path, prompt: str, params: SamplingParams, device: str, say: Callable[[str], None]) -> RunFacts:
+def gather(path: Path, prompt: str, params: SamplingParams, device: str, say: Callable[[str], None],
+           grid: tuple[list[str], list[float]] | None = None) -> RunFacts:
     """A run's facts: its folder read, its best checkpoint evaluated on the full val split (or the kept result)
-    and sampled; a run with no checkpoint yet is reported without those two, saying why."""
+    and sampled (with `grid`, its cells of the prompt grid: prompts x temperatures); a run with no checkpoint yet
+    is reported without those two, saying why."""
     run = RunDir(path)
     facts = RunFacts(run, summarize(run.path), run.events(), run.config())
     try:
@@ -56,6 +59,9 @@ def gather(path: Path, prompt: str, params: SamplingParams, device: str, say: Ca
         kept = [r for r in run.evaluations() if r.get("weights_sha256") == loaded.weights_sha256]
         facts.evaluation, facts.not_evaluated = ({**kept[-1], "cached": True}, "") if kept else (None, str(err))
     say(f"Sampling {path}...")
+    if grid is not None:
+        facts.cells = run_cells(loaded, facts.name, *grid, params)
+        return facts
     try:
         facts.sample = sample(loaded, prompt, params)
     except UserError as err:
@@ -64,17 +70,19 @@ def gather(path: Path, prompt: str, params: SamplingParams, device: str, say: Ca
 
 
 def build_report(paths: list[Path], out: Path, prompt: str = "", params: SamplingParams = SamplingParams(300),
-                 device: str = "auto", say: Callable[[str], None] = lambda _: None) -> Report:
-    """Write out/report.md, its PNGs and out/report.html for the runs at `paths`."""
+                 device: str = "auto", say: Callable[[str], None] = lambda _: None,
+                 grid: tuple[list[str], list[float]] | None = None) -> Report:
+    """Write out/report.md, its PNGs and out/report.html for the runs at `paths`; with `grid` (prompts,
+    temperatures), its samples are the prompt grid of every run."""
     names = [Path(p).resolve().name for p in paths]
     if len(set(names)) < len(names):
         raise UserError(f"two of the runs share a folder name ({', '.join(names)}); the report names runs by it, so "
                         "copy or rename one.")
-    facts = [gather(Path(p), prompt, params, device, say) for p in paths]
+    facts = [gather(Path(p), prompt, params, device, say, grid) for p in paths]
     out.mkdir(parents=True, exist_ok=True)
     say("Drawing the plots...")
     blocks = [*_summary(facts, out), *_machine(facts), *_data(facts, out), *_model(facts), *_training(facts, out),
-              *_evaluation(facts), *_chinchilla(facts), *_samples(facts, prompt, params)]
+              *_evaluation(facts), *_chinchilla(facts), *_samples(facts, prompt, params, grid)]
     title = f"Report: {', '.join(names)}"
     markdown, page = out / "report.md", out / "report.html"
     atomic_write_text(markdown, to_markdown(title, blocks))
@@ -299,7 +307,12 @@ def _chinchilla(facts: list[RunFacts]) -> list[Block]:
     return [Heading("Chinchilla"), note, by_run(facts, rows)]
 
 
-def _samples(facts: list[RunFacts], prompt: str, params: SamplingParams) -> list[Block]:
+def _samples(facts: list[RunFacts], prompt: str, params: SamplingParams,
+             grid: tuple[list[str], list[float]] | None) -> list[Block]:
+    if grid is not None:
+        cells = [c for f in facts for c in f.cells]
+        unsampled = [Paragraph(f"`{f.name}`: {f.not_sampled}") for f in facts if f.not_sampled]
+        return [Heading("Samples"), *Grid([f.name for f in facts], *grid, params, cells).blocks(3), *unsampled]
     asked = f"prompt `{prompt}`" if prompt else "an empty prompt (the start of a document)"
     blocks: list[Block] = [Heading("Samples"), Paragraph(f"From the best checkpoint, {asked}, {params.describe()}, "
                                                          f"{params.max_new_tokens} tokens at most:")]

@@ -8,6 +8,7 @@ runs/NAME/
   tokenizer.json  the run's tokenizer, and dataset.json the meta.json of its dataset (tokenizer spec, bytes per
                   token), so the run samples and evaluates after its dataset is gone
   prompt.json     a fine-tuned run's prompt format (`lmlab.prompt`)
+  chat_template.json  an imported instruct model's chat template (`lmlab.chat`)
   samples.txt     what `lmlab sample` drew, each under a header line
   evaluations.json  full-split evaluations (`lmlab eval`, `lmlab report`), by weights, split and dtype
   loss.png        train and val loss, redrawn at every evaluation
@@ -38,6 +39,7 @@ import torch
 
 import lmlab
 from lmlab import checkpoint as ckpt
+from lmlab.chat import ChatTemplate
 from lmlab.config import RunConfig, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import autocast_dtype, configure, machine, resolve_device
@@ -112,8 +114,9 @@ class RunDir:
                             f"with `lmlab train --resume {self.path}`.")
 
     def write_setup(self, cfg: RunConfig, tokenizer: Tokenizer | Path | None, dataset: dict[str, Any],
-                    prompt: PromptFormat | None = None) -> None:
-        """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json."""
+                    prompt: PromptFormat | None = None, chat: ChatTemplate | None = None) -> None:
+        """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json,
+        chat_template.json."""
         self.write_config(cfg)
         if isinstance(tokenizer, Tokenizer):
             atomic_write_text(self.path / "tokenizer.json", tokenizer.backend.to_str(pretty=True))
@@ -122,6 +125,8 @@ class RunDir:
         atomic_write_text(self.path / "dataset.json", json.dumps(dataset, indent=2))
         if prompt is not None:
             atomic_write_text(self.path / "prompt.json", json.dumps(dataclasses.asdict(prompt), indent=2))
+        if chat is not None:
+            atomic_write_text(self.path / "chat_template.json", chat.to_json())
 
     def write_config(self, cfg: RunConfig) -> None:
         """config.toml: the resolved config (rewritten when a budgeted run fixes its max_iters)."""
@@ -246,6 +251,11 @@ class RunDir:
         except (json.JSONDecodeError, TypeError):
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
+    def chat_template(self) -> ChatTemplate | None:
+        """An imported instruct model's chat template; None for other runs (a fine-tuned one keeps its format)."""
+        path = self.path / "chat_template.json"
+        return ChatTemplate.from_json(path) if path.exists() else None
+
     def checkpoint(self, which: str = "latest") -> Path:
         """The step folder `best` or `latest` points to. Without a usable `latest` pointer (deleted, damaged, or
         naming no step folder of this run) it is the newest step folder, which `latest` would name."""
@@ -293,7 +303,7 @@ class RunDir:
                     raise
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
                          autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"],
-                         (state.get("files") or {}).get("model.safetensors"))
+                         (state.get("files") or {}).get("model.safetensors"), self.chat_template())
 
 
 def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
@@ -322,3 +332,4 @@ class LoadedRun:
     checkpoint: str  # best or latest: the one loaded (latest when best was asked of a run never evaluated)
     step: int
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of
+    chat_template: ChatTemplate | None = None  # an imported instruct model's; None for the others

@@ -24,7 +24,8 @@ from typing import Any
 
 from lmlab.batcher import Batcher, Event, Job, QueueFull
 from lmlab.errors import UserError
-from lmlab.generate import Batch, decode_dtype, document_start
+from lmlab.generate import Batch, ChatPrompt, decode_dtype, document_start
+from lmlab.generate import chat_prompt as conversation_prompt
 from lmlab.openai_api import (
     ApiError,
     chat_messages,
@@ -45,8 +46,8 @@ ROUTES = "GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions
 
 @dataclass
 class Served:
-    """The run behind the server, its batcher and its limits. Chats go through the run's prompt format if it was
-    fine-tuned, else they are rendered as a plain transcript."""
+    """The run behind the server, its batcher and its limits. Chats go through an imported instruct model's chat
+    template, the run's prompt format if it was fine-tuned, else a plain transcript (`generate.chat_prompt`)."""
 
     run: LoadedRun
     batcher: Batcher
@@ -95,20 +96,16 @@ class Request:
     chat: bool
 
 
-def chat_prompt(served: Served, messages: Any) -> tuple[str, tuple[str, ...]]:
-    """Render chat messages: through the fine-tuning format (the last user message is the instruction, the
-    format being single-turn), else as a `role: content` transcript ending with `assistant:`."""
-    turns = chat_messages(messages)
-    fmt = served.run.prompt_format
-    if fmt is not None:
-        users = [text for role, text in turns if role == "user"]
-        if not users:
-            raise ApiError(400, "`messages` needs a user message: it is the instruction.", "messages")
-        return fmt.render(users[-1]), (fmt.end,)
-    return "".join(f"{role}: {text}\n" for role, text in turns) + "assistant:", ("\nuser:",)
+def chat_prompt(served: Served, messages: Any) -> ChatPrompt:
+    """Chat messages as the run's prompt (`generate.chat_prompt`: its chat template, multi-turn; its fine-tuning
+    format; or a transcript); messages the template refuses get a 400 with the template's own words."""
+    try:
+        return conversation_prompt(served.run, chat_messages(messages))
+    except UserError as err:
+        raise ApiError(400, str(err), "messages")
 
 
-def encode_prompt(served: Served, prompt: str) -> list[int]:
+def encode_prompt(served: Served, prompt: str, special: bool = True) -> list[int]:
     """The prompt's token ids, refused with context_length_exceeded when they cannot fit the context, before
     tokenizing when its length alone says so."""
     block, tokenizer = served.run.config.model.block_size, served.run.tokenizer
@@ -120,7 +117,7 @@ def encode_prompt(served: Served, prompt: str) -> list[int]:
         tokenizer.check(prompt, "the prompt")
     except UserError as err:
         raise ApiError(400, str(err), "prompt")
-    ids = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
+    ids = tokenizer.encode(prompt, special) if prompt else document_start(tokenizer)
     if len(ids) > block:
         raise ApiError(400, f"the prompt is {len(ids)} tokens and {too_long}", "prompt", "context_length_exceeded")
     return ids
@@ -138,8 +135,10 @@ def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
     if body.get("model") not in (None, served.name):
         raise ApiError(404, f"model {body.get('model')!r} is not served here; use {served.name!r}.", "model",
                        "model_not_found")
+    special = True
     if chat:
-        prompt, stops = chat_prompt(served, body.get("messages"))
+        rendered = chat_prompt(served, body.get("messages"))
+        prompt, stops, special = rendered.text, rendered.stop, rendered.special
     else:
         prompt, stops = body.get("prompt", ""), ()
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -148,7 +147,7 @@ def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
             raise ApiError(400, "`prompt` must be a string (or a list of one string).", "prompt")
     stream, include_usage = stream_fields(body)
     params = sampling(body, served.max_tokens_cap, served.max_batch, stops, secrets.randbelow(2**63))
-    return Request(encode_prompt(served, prompt), params, stream, include_usage, chat)
+    return Request(encode_prompt(served, prompt, special), params, stream, include_usage, chat)
 
 
 async def read_body(http: Any, limit: int) -> bytes:

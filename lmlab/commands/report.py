@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_device, add_sampling, console, sampling
+from lmlab.commands.common import add_device, add_sampling, console, samplings
+from lmlab.errors import UserError
 
 
 def default_folder(runs: list[str]) -> Path:
@@ -17,12 +18,20 @@ def default_folder(runs: list[str]) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from lmlab.grid import read_prompts
     from lmlab.report import build_report
 
-    params = sampling(args)
+    params = samplings(args)
+    if args.prompts and args.prompt:
+        raise UserError("--prompt and --prompts both name what the samples continue; put the prompt in the file.")
+    grid = None
+    if args.prompts or len(params) > 1:
+        prompts = read_prompts(Path(args.prompts)) if args.prompts else [args.prompt]
+        grid = (prompts, [p.temperature for p in params])
     out = Path(args.out) if args.out else default_folder(args.runs)
     with console.status("Reading the runs...") as status:
-        report = build_report([Path(r) for r in args.runs], out, args.prompt, params, args.device, status.update)
+        report = build_report([Path(r) for r in args.runs], out, args.prompt, params[0], args.device, status.update,
+                              grid)
     console.print(f"report: {report.markdown} (with {len(report.images)} PNGs beside it)")
     console.print(f"one page: {report.html}")
 
@@ -35,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for report.md, its PNGs and report.html (default: RUN/report "
                    "for one run, reports/A-vs-B for several)")
     p.add_argument("--prompt", default="", help="what the samples continue (default: the start of a document)")
-    add_sampling(p, max_new_tokens=300)
+    p.add_argument("--prompts", metavar="FILE", help="the samples as a grid: every run continuing every prompt of "
+                   "FILE (one per line, \\n for a line break, or a JSON list) at every --temperature")
+    add_sampling(p, several=True, max_new_tokens=300)
     add_device(p)
     p.set_defaults(func=cmd_report)

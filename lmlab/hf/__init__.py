@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lmlab.chat import read_chat_template
 from lmlab.checkpoint import model_tensors, save_tensors
 from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.tokenizers import GPT2_DIR_ENV, Tokenizer, load_gpt2, load_pretrained
@@ -126,6 +127,7 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
     family = _family_of(raw, folder / "config.json")
     model_cfg = _model_config(family, raw, folder / "config.json", block_size)
     tok = _tokenizer(folder, tokenizer and Path(tokenizer), family, model_cfg.vocab_size)
+    chat = read_chat_template(folder, tok)
     weights = Weights(folder)
     with RunDir(run_dir).locked():  # a second import into the same --out is refused, not raced
         tmp = fresh_dir(run_dir, "--out run dir")
@@ -139,7 +141,7 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
                 run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()),
                                                                  "format": f"huggingface {family.name}",
                                                                  "weights_sha256": weights.sha256()})
-                run.write_setup(cfg, tok, facts)
+                run.write_setup(cfg, tok, facts, chat=chat)
                 run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(),
                                     None, best=True, keep=1)
                 run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False,
@@ -148,7 +150,7 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"run": str(run_dir), "family": family.name, "params": model.num_params(), "model": model_cfg,
-            "tokenizer": tok.spec}
+            "tokenizer": tok.spec, "chat_template": chat}
 
 
 def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "auto") -> dict[str, Any]:
@@ -163,9 +165,9 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
         with writing(out):
             save_tensors(family.from_lmlab(run.model), tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", family.write_config(run.config.model, eot_id))
-        write_generation_config(tmp, eot_id)
+        write_generation_config(tmp, run.tokenizer, run.chat_template)
         if run.tokenizer is not None:  # only runs imported without one, before import-hf refused that
-            write_tokenizer(tmp, run.tokenizer, run.config.model.block_size)
+            write_tokenizer(tmp, run.tokenizer, run.config.model.block_size, run.chat_template)
         move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

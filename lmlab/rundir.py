@@ -40,12 +40,13 @@ import torch
 import lmlab
 from lmlab import checkpoint as ckpt
 from lmlab.chat import ChatTemplate
-from lmlab.config import RunConfig, load_config, to_toml
+from lmlab.config import BUILT_IN_KINDS, RunConfig, UnknownKind, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import autocast_dtype, configure, machine, resolve_device
 from lmlab.errors import UserError
 from lmlab.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text
 from lmlab.model import LanguageModel, build_model
+from lmlab.model.plugins import provider
 from lmlab.prompt import PromptFormat
 
 KINDS = ("trained", "fine-tuned", "imported")
@@ -74,7 +75,15 @@ class RunDir:
         if not path.exists():
             raise UserError(f"{self.path} is not an lmlab run (no config.toml); pass a directory made by "
                             "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
-        return load_config(path, overrides)
+        try:
+            return load_config(path, overrides)
+        except UnknownKind as err:
+            source = (self.events(limit=1) or [{}])[0].get("plugin") or {}
+            if not source.get("package"):
+                raise
+            raise UserError(f"{self.path} is a model of kind {err.kind!r}, which the package {source['package']} "
+                            f"{source.get('version') or ''} provides, and it is not installed here; install it "
+                            f"(e.g. pip install {source['package']}) to use this run.")
 
     def kind(self) -> str:
         """trained, fine-tuned or imported: from the start event, or for an older folder from what it holds."""
@@ -153,6 +162,7 @@ class RunDir:
             "device": str(device) if device else None, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
             "world_size": world_size, "parallel": parallel, "peak_flops": peak[0] if peak else None,
             "peak_source": peak[1] if peak else None, "origin": origin, "machine": machine(device),
+            "plugin": None if cfg.model.kind in BUILT_IN_KINDS else provider(cfg.model.kind),
         })
 
     def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int) -> None:

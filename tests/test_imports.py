@@ -19,9 +19,10 @@ LAYERS = [
     {"config", "device"},
     {"model"},
     {"data"},
-    {"prompt", "checkpoint", "rundir"},
+    {"prompt", "chat", "checkpoint", "rundir"},
     {"train", "evaluate", "sampling", "decode", "compiled", "generate", "scaling", "runs", "plots", "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "serve", "judge", "findings", "report"},
+    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "serve", "judge", "findings", "grid",
+     "report"},
     {"commands", "__main__"},
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

@@ -157,7 +157,13 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
     """Write a run's model as a Hugging Face folder of the family `arch` (or the one `auto` picks): weights,
     config.json, generation_config.json and, when the run has a tokenizer, its tokenizer files."""
     run_dir, out = Path(run_dir), Path(out)
-    family = choose_family(RunDir(run_dir).config().model, arch, str(run_dir))
+    model = RunDir(run_dir).config().model
+    if model.kind != "gpt":
+        raise UserError(f"{run_dir} is a {model.kind} model, and export-hf writes lmlab's transformers (kind gpt) as "
+                        f"{', '.join(FAMILIES)}; its weights are safetensors already, in "
+                        f"{run_dir / 'checkpoints' / 'step_*' / 'model.safetensors'} (its own tensor names, each tied "
+                        "weight once).")
+    family = choose_family(model, arch, str(run_dir))
     tmp = fresh_dir(out, "output folder")
     try:
         run = RunDir(run_dir).load(checkpoint, "cpu", need_tokenizer=False)

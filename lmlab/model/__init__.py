@@ -1,4 +1,5 @@
-"""The models lmlab trains, built from a ModelConfig by `build_model`; each implements `LanguageModel`."""
+"""The models lmlab trains, built from a ModelConfig by `build_model`: its own kinds (gpt, recurrent) and the kinds
+installed packages register (`plugins`); each implements `LanguageModel`."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from lmlab.errors import UserError
 from lmlab.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT
+from lmlab.model.plugins import build_plugin
 from lmlab.model.recurrent import RecurrentLM
 
 __all__ = ["LanguageModel", "build_model", "model_bytes"]
 
 
 def _construct(config: ModelConfig) -> LanguageModel:
-    return RecurrentLM(config) if config.kind == "recurrent" else GPT(config)
+    if config.kind == "gpt":
+        return GPT(config)
+    return RecurrentLM(config) if config.kind == "recurrent" else build_plugin(config)
 
 
 def model_bytes(config: ModelConfig) -> int:

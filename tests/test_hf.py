@@ -245,11 +245,12 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
 
 
 def serve_once(run: Path, path: str, body: dict) -> str:
-    """Start `lmlab serve RUN` on a free local port, POST one request, stop it; the response body."""
+    """Start `lmlab serve RUN` on a free local port (eager: no compile at start), POST one request, stop it; the
+    response body."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([LMLAB, "serve", run, "--port", str(port), "--device", "cpu"],
+    server = subprocess.Popen([LMLAB, "serve", run, "--port", str(port), "--device", "cpu", "--no-compile"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -272,8 +273,13 @@ def test_an_imported_llama_continues_pretraining_and_serves_through_the_cli(tmp_
     """The README's worked example, on a tiny Llama: import, prepare a corpus with its tokenizer, train from its
     weights, evaluate, sample, fine-tune, serve, export again."""
     # More embedding rows than the tokenizer has tokens, as Qwen3's models have: training takes it.
-    tiny_hf(tmp_path / "SmolLM", "llama gqa", bpe, vocab_size=bpe.vocab_size + 7, max_position_embeddings=256)
+    source = tiny_hf(tmp_path / "SmolLM", "llama gqa", bpe, vocab_size=bpe.vocab_size + 7, max_position_embeddings=256)
+    settings = json.loads((source / "tokenizer_config.json").read_text())  # an instruct model's chat template
+    template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    (source / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": template}))
     lmlab("import-hf", tmp_path / "SmolLM", "--out", "runs/smol", cwd=tmp_path)
+    assert RunDir(tmp_path / "runs/smol").chat_template().end_of_turn == ("<|endoftext|>",)
     out = lmlab("prepare", corpus_dir, "--tokenizer", "runs/smol", "--name", "plays", cwd=tmp_path).stdout
     assert "tokenizer pretrained:SmolLM" in out
     settings = ["--set", "data.dataset=data/plays-pretrainedSmolLM", "--set", "train.max_iters=10", "--set",
@@ -288,6 +294,9 @@ def test_an_imported_llama_continues_pretraining_and_serves_through_the_cli(tmp_
     assert "ROMEO:" in sample
     lmlab("finetune", "runs/more", "--data", Path(__file__).parent / "data" / "alpaca_tiny.json", "--set",
           "finetune.epochs=1", "--run", "runs/sft", cwd=tmp_path)
+    # Trained on, then fine-tuned: the runs ask in the format they learned (Alpaca), not the import's template.
+    assert RunDir(tmp_path / "runs/more").chat_template() is None and RunDir(tmp_path / "runs/sft").chat_template() \
+        is None and RunDir(tmp_path / "runs/sft").prompt_format().name == "alpaca"
     lmlab("sample", "runs/sft", "--instruction", "Name a colour.", "--max-new-tokens", "8", cwd=tmp_path)
     reply = json.loads(serve_once(tmp_path / "runs/sft", "/v1/chat/completions", {
         "model": "sft", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}))

@@ -75,7 +75,7 @@ def load_served(run_dir: Path, checkpoint: str = "best", device: str = "auto", m
             raise UserError(f"{option} is {value}; it must be at least {least}.")
     run = RunDir(run_dir).load(checkpoint, device)
     step = compile_step(run.model, max_batch, run.dtype) if compile else None
-    batch = Batch(run.model, run.tokenizer, max_batch, decode_dtype(run.device, run.dtype, compile), step)
+    batch = Batch(run.model, run.tokenizer, max_batch, decode_dtype(run.device, run.dtype, step is not None), step)
     tokenizer = run.tokenizer
     # A word tokenizer's <unk> stands for a word of any length; the others' tokens have a longest text.
     longest = None if tokenizer.kind == "word" else max(len(token) for token in tokenizer.vocab)

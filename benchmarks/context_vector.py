@@ -2,7 +2,7 @@
 generate (tests/conftest.py's write_wikitext: Wikipedia-style articles, word-level, the most frequent words and
 <unk>): the same data, tokens, batches, schedule and dtype; early stopping as the WikiText-2 study had it.
 
-    python -m benchmarks.context_vector [--articles 1500] [--steps 1500] [--dir runs/bench-context-vector]
+    python -m benchmarks.context_vector [--articles 6000] [--steps 1500] [--dir runs/bench-context-vector]
 
 (from the repository root, with examples/context-vector installed: `make .venv/.installed-test` does it). Prints
 parameters, tokens, wall time, median training tokens/s, and the best checkpoint's val loss, perplexity and
@@ -56,7 +56,7 @@ KINDS = {"GPT (rope, 4L/128)": "gpt", "context vector (4L/128, context 171)": "c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--articles", type=int, default=1500, help="articles in the stand-in corpus")
+    parser.add_argument("--articles", type=int, default=6000, help="articles in the stand-in corpus")
     parser.add_argument("--steps", type=int, default=1500, help="training steps per run (at most: early stopping)")
     parser.add_argument("--dir", default="runs/bench-context-vector", help="where the corpus, data and runs go")
     args = parser.parse_args()

@@ -86,7 +86,14 @@ LLAMA3 = r"""{{- bos_token }}
 {%- endif %}
 """
 # Gemma's: no system role, roles that alternate (raise_exception otherwise), the assistant called "model".
-GEMMA = r"""{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"""
+GEMMA = (r"{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+         r"{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}"
+         r"{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+         r"{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+         r"{% set role = message['role'] %}{% endif %}"
+         r"{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+         r"{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 STYLES = {  # special tokens (the first, id 0, ends a turn), tokenizer_config.json, where the template is kept
     "qwen2.5": (["<|im_end|>", "<|endoftext|>", "<|im_start|>"],
                 {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, "tokenizer_config"),
@@ -113,8 +120,9 @@ def chat_folder(folder: Path, style: str, corpus: Path, template: str | None = N
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
     if style != "qwen2.5":  # Llama 3's and Gemma's tokenizers put their BOS before every text
         bos = settings["bos_token"]
         backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
@@ -150,8 +158,8 @@ def hf_chat_model(folder: Path, style: str, corpus: Path, silent: bool = False) 
 @pytest.mark.parametrize("style", STYLES)
 def test_the_rendered_prompt_and_its_ids_are_transformers(tmp_path, corpus_dir, style):
     folder = chat_folder(tmp_path / style, style, corpus_dir)
-    ours, theirs = read_chat_template(folder, load_pretrained(folder)), transformers.AutoTokenizer.from_pretrained(folder)
     tokenizer = load_pretrained(folder)
+    ours, theirs = read_chat_template(folder, tokenizer), transformers.AutoTokenizer.from_pretrained(folder)
     for messages in CONVERSATIONS:
         for generation in (True, False):
             if style == "gemma" and messages[0]["role"] == "system":  # refused by both, in the template's words

@@ -42,7 +42,8 @@ from tests.hf_reference import (  # noqa: E402  (needs transformers)
     train_run,
 )
 
-FAST = ("gpt2", "llama gqa untied bias", "qwen2", "qwen3")  # the exports `make test-fast` runs; `make test` runs them all
+# The exports `make test-fast` runs; `make test` runs them all.
+FAST = ("gpt2", "llama gqa untied bias", "qwen2", "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,8 @@ def edit_config(folder: Path, **changes) -> Path:
      "rope_type = 'linear' scales the rotary frequencies"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' gates the MLP with another activation"),
     ("llama", {"attention_bias": True}, "attention_bias = True with mlp_bias = False puts biases in one half"),
-    ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "layer_types": ["full_attention", "sliding_attention"]},
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16,
+               "layer_types": ["full_attention", "sliding_attention"]},
      r"use_sliding_window = True with sliding_window = 16 attends to the last 16 tokens alone in some layers, fewer "
      r"than the context imported \(64\), .*import it with --block-size 16 or less"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 0, "layer_types": None},
@@ -235,7 +237,8 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
     assert (f"{run} cannot be exported as any of gpt2, llama, qwen2, qwen3 (closest: gpt2): model.norm = 'rmsnorm' "
             "cannot be exported: GPT-2 normalises with LayerNorm, not RMSNorm.") in err
     with pytest.raises(UserError, match="cannot be exported as llama: model.pos_emb = 'learned' cannot be exported: "
-                                        "Llama, Qwen2 and Qwen3 rotate .* model.mlp = 'gelu' cannot be exported: the MLP"):
+                                        "Llama, Qwen2 and Qwen3 rotate .* model.mlp = 'gelu' cannot be exported: "
+                                        "the MLP"):
         export_hf(run, tmp_path / "out", arch="llama")
     assert not (tmp_path / "out").exists()
     # A field no family's rules know is refused, so later options stay unexportable until a family is taught them.

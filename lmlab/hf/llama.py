@@ -81,9 +81,9 @@ class Llama(Family):
         head_dim = read(raw, "head_dim", path, default=128 if self.model_type == "qwen3" else n_embd // n_head)
         hidden = read(raw, "intermediate_size", path)
         self.window(raw, path)  # a malformed window is refused at once, whatever the context
+        context = read(raw, "max_position_embeddings", path, default=2048 if self.model_type == "llama" else 32768)
         return dict(
-            n_layer=read(raw, "num_hidden_layers", path), n_head=n_head, n_embd=n_embd,
-            block_size=read(raw, "max_position_embeddings", path, default=2048 if self.model_type == "llama" else 32768),
+            n_layer=read(raw, "num_hidden_layers", path), n_head=n_head, n_embd=n_embd, block_size=context,
             dropout=0.0, bias=bias, qkv_bias=self.model_type == "qwen2", vocab_size=read(raw, "vocab_size", path),
             pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=self.model_type == "qwen3",
             tie_embeddings=read(raw, "tie_word_embeddings", path, bool, False),

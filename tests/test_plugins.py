@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -22,45 +21,21 @@ from lmlab.generate import continue_all, stream_ids
 from lmlab.rundir import RunDir
 from lmlab.runs import summarize
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB
-from tests.test_checkpoint import stable_events, wait_for, weights
+from tests.conftest import LMLAB, TINY_CONFIG
+from tests.test_checkpoint import kill_and_resume, stable_events, weights
 
 import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
-
-CONFIG = """
-[data]
-dataset = "{dataset}"
-
-[model]
-kind = "{kind}"
-n_layer = 2
-n_head = 2
-n_embd = 24
-block_size = 24
-dropout = {dropout}
-{extra}
-
-[model.options]
-{options}
-
-[train]
-batch_size = 8
-max_iters = {max_iters}
-learning_rate = 3e-3
-min_lr = 3e-4
-warmup_iters = 5
-eval_interval = 10
-eval_iters = 2
-log_interval = 3
-checkpoint_interval = 7
-dtype = "float32"
-"""
 
 
 def write(path: Path, dataset: Path, kind: str = "context-vector", options: str = "mlp_ratio = 2",
           max_iters: int = 30, dropout: float = 0.0, extra: str = "") -> Path:
-    path.write_text(CONFIG.format(dataset=dataset, kind=kind, options=options, max_iters=max_iters, dropout=dropout,
-                                  extra=extra))
+    """conftest's tiny config as a model of `kind` with [model.options] `options` (and `extra` [model] lines),
+    logging every 3 steps and checkpointing every 7, so a kill lands between checkpoints."""
+    text = TINY_CONFIG.format(dataset=dataset, max_iters=max_iters)
+    text = text.replace("[model]\n", f'[model]\nkind = "{kind}"\ndropout = {dropout}\n{extra}\n')
+    text = text.replace("log_interval = 5", "log_interval = 3").replace("checkpoint_interval = 10",
+                                                                        "checkpoint_interval = 7")
+    path.write_text(f"{text}\n[model.options]\n{options}\n")
     return path
 
 
@@ -81,19 +56,12 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
     config = write(tmp_path / "cv.toml", wikitext_dataset, options="", dropout=0.1)  # its default context width
     Trainer(load_config(config), tmp_path / "straight", "cpu").run()
     run = tmp_path / "killed"
-    command = [LMLAB, "train", config, "--run", run]
-    for kill_after_lines in (7, 16):  # metrics lines: mid-interval, between checkpoints
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: len(RunDir(run).events()) >= kill_after_lines or proc.poll() is not None)
-        proc.kill()
-        proc.wait()
-        command = [LMLAB, "train", "--resume", run]
-    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    kill_and_resume([LMLAB, "train", config, "--run", run], run, (7, 16))  # metrics lines: between checkpoints
     straight, resumed = weights(tmp_path / "straight"), weights(run)
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert stable_events(run) == stable_events(tmp_path / "straight")
     start = RunDir(run).events()[0]
-    assert start["plugin"]["package"] == "lmlab-context-vector" and start["model"].startswith("context-vector 2L/24")
+    assert start["plugin"]["package"] == "lmlab-context-vector" and start["model"].startswith("context-vector 2L/32")
 
     # A GPT of the same width and depth (rotary positions: no position table) has within 0.5% of its parameters.
     gpt = Trainer(load_config(write(tmp_path / "gpt.toml", wikitext_dataset, "gpt", "", dropout=0.1,
@@ -109,7 +77,7 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
                            "--max-new-tokens", "6", "--out", tmp_path / "report", "--device", "cpu")
     report = (tmp_path / "report" / "report.md").read_text()
     assert code == 0, err
-    assert "context vector: context-vector 2L/24 context 32" in report and "Prompt grid" in report
+    assert "context vector: context-vector 2L/32 context 43" in report and "Prompt grid" in report
     assert report.count("`killed`, temperature") == 4 and RunDir(run).evaluations()  # 2 prompts x 2 temperatures
 
     # Its weights are safetensors like every kind's; export-hf, which writes transformers, says where they are.

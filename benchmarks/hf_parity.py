@@ -22,10 +22,9 @@ import transformers
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.data.prepare import prepare
-from lmlab.data.tokenizers import train_tokenizer
 from lmlab.chat import read_chat_template
-from lmlab.data.tokenizers import load_pretrained
+from lmlab.data.prepare import prepare
+from lmlab.data.tokenizers import load_pretrained, train_tokenizer
 from lmlab.errors import UserError
 from lmlab.hf import export_hf, import_hf
 from lmlab.rundir import RunDir

@@ -127,8 +127,8 @@ LOGIT_KEYS = {"model_type", "architectures", "vocab_size", "n_positions", "n_emb
 @pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Qwen2.5-0.5B-Instruct", "Qwen3-0.6B"])
 def test_the_published_configs_map_onto_the_same_tensors(name):
     """The config.json of GPT-2 small, SmolLM2-135M, Qwen2.5-0.5B-Instruct and Qwen3-0.6B, read by lmlab and by
-    transformers, give the
-    same tensors under import's mapping, and the same parameter count (sized on the meta device: no memory)."""
+    transformers, give the same tensors under import's mapping, and the same parameter count (sized on the meta
+    device: no memory)."""
     path = Path(__file__).parent / "data" / "hf_configs" / f"{name}.json"
     raw = json.loads(path.read_text())
     family = FAMILIES[raw["model_type"]]

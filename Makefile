@@ -20,8 +20,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# The test extras, and examples/context-vector: the model plugin tests/test_plugins.py trains.
+$(VENV)/.installed-test: $(VENV)/.installed examples/context-vector/pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps -e examples/context-vector
 	touch $@
 
 demo: $(VENV)/.installed

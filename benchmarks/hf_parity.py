@@ -7,7 +7,9 @@ imported into lmlab, and tiny lmlab runs trained 20 steps and exported. For each
 difference on 2 x 30 random tokens (lmlab against the transformers model it came from, and transformers against
 the lmlab run it came from), and whether 20 greedy tokens are the same. For each tokenizer kind: whether
 transformers' AutoTokenizer, loading the exported folder, gives the run's ids for every test text and decodes
-them to the same text, and whether pipeline("text-generation") continues a prompt as lmlab does.
+them to the same text, and whether pipeline("text-generation") continues a prompt as lmlab does. For each chat
+template style of tests/test_chat.py (Qwen2.5, Llama 3, Gemma): whether lmlab renders and tokenizes each
+conversation as apply_chat_template does (or refuses it in the template's words where transformers raises).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import transformers
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.chat import read_chat_template
 from lmlab.data.prepare import prepare
-from lmlab.data.tokenizers import train_tokenizer
+from lmlab.data.tokenizers import load_pretrained, train_tokenizer
+from lmlab.errors import UserError
 from lmlab.hf import export_hf, import_hf
 from lmlab.rundir import RunDir
 from tests.conftest import write_config, write_corpus, write_tiny_gpt2
@@ -42,6 +46,7 @@ from tests.hf_reference import (
     tokenizer_ids,
     train_run,
 )
+from tests.test_chat import CONVERSATIONS, STYLES, chat_folder
 
 
 def imports(root: Path, corpus: Path) -> dict[str, tuple[float, bool]]:
@@ -86,6 +91,34 @@ def tokenizers(root: Path, corpus: Path, gpt2_dir: Path) -> dict[str, tuple[int,
     return rows
 
 
+def chat_templates(root: Path, corpus: Path) -> dict[str, tuple[int, int, int]]:
+    """Per style: renderings compared (conversations x with and without the generation prompt), texts equal, ids
+    equal (a conversation both refuse counts as equal)."""
+    rows = {}
+    for style in STYLES:
+        folder = chat_folder(root / style, style, corpus)
+        tokenizer = load_pretrained(folder)
+        ours, theirs = read_chat_template(folder, tokenizer), transformers.AutoTokenizer.from_pretrained(folder)
+        same_text, same_ids, cases = 0, 0, 0
+        for messages in CONVERSATIONS:
+            for generation in (True, False):
+                cases += 1
+                try:
+                    text = ours.render(messages, generation)
+                except UserError:
+                    text = None
+                try:
+                    expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+                    ids = theirs.apply_chat_template(messages, add_generation_prompt=generation, return_dict=False)
+                except Exception:  # the template's raise_exception: a TemplateError
+                    expected = ids = None
+                same_text += text == expected
+                same_ids += (text is None and ids is None) or (text is not None and
+                                                               tokenizer.encode(text, special=False) == ids)
+        rows[style] = (cases, same_text, same_ids)
+    return rows
+
+
 def main() -> None:
     transformers.logging.set_verbosity_error()
     started = time.perf_counter()
@@ -93,11 +126,12 @@ def main() -> None:
         root = Path(tmp)
         corpus = write_corpus(root / "corpus")
         dataset, _, _ = prepare([str(corpus)], "char", out_dir=root / "data")
-        for folder in ("imports", "exports", "kinds"):
+        for folder in ("imports", "exports", "kinds", "chat"):
             (root / folder).mkdir()
         imported = imports(root / "imports", corpus)
         exported = exports(root / "exports", dataset)
         kinds = tokenizers(root / "kinds", corpus, write_tiny_gpt2(root / "gpt2", corpus))
+        chats = chat_templates(root / "chat", corpus)
     table = Table(title="models across lmlab <-> transformers (max |logit difference|, 20 greedy tokens)")
     for column in ("case", "family", "import: max diff", "import: greedy equal", "export: max diff",
                    "export: greedy equal"):
@@ -115,6 +149,12 @@ def main() -> None:
         table.add_column(column, justify="left" if column == "kind" else "right")
     for kind, (n, same_ids, same_text, agrees) in kinds.items():
         table.add_row(KINDS[kind], str(n), str(same_ids), str(same_text), str(agrees))
+    console.print(table)
+    table = Table(title="chat templates: lmlab's rendering against apply_chat_template")
+    for column in ("style", "renderings", "text equal", "ids equal"):
+        table.add_column(column, justify="left" if column == "style" else "right")
+    for style, (cases, same_text, same_ids) in chats.items():
+        table.add_row(style, str(cases), str(same_text), str(same_ids))
     console.print(table)
     console.print(f"transformers {transformers.__version__}, {time.perf_counter() - started:.0f} s")
 

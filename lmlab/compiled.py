@@ -36,13 +36,17 @@ class _StepModule(nn.Module):
             return self.model(idx, cache=self.kind.over(state))[0][:, -1]
 
 
-def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype) -> Step:
-    """The decode step of `model` (in eval mode) for 1 to `capacity` rows, compiled; raises UserError when this
-    machine cannot compile it (no C++ compiler, a device AOTInductor does not support)."""
+def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype) -> Step | None:
+    """The decode step of `model` (in eval mode) for 1 to `capacity` rows, compiled; None for a model that keeps no
+    decode state (its context is recomputed every token, eagerly); raises UserError when this machine cannot
+    compile it (no C++ compiler, a device AOTInductor does not support)."""
     device = next(model.parameters()).device
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"the compiled decode step runs on cpu and cuda, not {device.type}; leave out --compile.")
-    sample = model.new_cache(max(2, capacity), device, dtype).rows(0, min(2, capacity))
+    state = model.new_cache(max(2, capacity), device, dtype)
+    if state is None:
+        return None
+    sample = state.rows(0, min(2, capacity))
     idx = torch.zeros(len(sample.pos), 1, dtype=torch.long, device=device)
     rows = torch.export.Dim("rows", min=1, max=capacity) if capacity > 1 else None
     shapes = ({0: rows}, tuple({0: rows} for _ in sample.tensors())) if rows else None

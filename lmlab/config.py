@@ -11,6 +11,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,11 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
+BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
+PLUGIN_GROUP = "lmlab.models"  # the entry point group a package registers a model kind under
+
 # The choices of each string-valued model option; the first is the default.
 MODEL_CHOICES: dict[str, tuple[str, ...]] = {
-    "kind": ("gpt", "recurrent"),
     "pos_emb": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
@@ -78,21 +81,51 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
 # The fields each model kind reads besides kind, n_layer, n_embd, block_size, dropout, vocab_size and
 # tie_embeddings; the others are ignored by that kind (`ModelConfig.ignored_fields` names any set anyway).
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head", "head_dim",
-            "mlp_hidden", "rope_theta", "norm_eps"),
+    "gpt": ("n_head", "bias", "qkv_bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
+            "head_dim", "mlp_hidden", "rope_theta", "norm_eps"),
     "recurrent": ("rnn_cell",),
 }
 
 
+class UnknownKind(UserError):
+    """model.kind names no built-in kind and no installed model plugin."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        plugins = ", ".join(plugin_kinds()) or "none"
+        super().__init__(f"model.kind is {kind!r}, which is neither one of lmlab's ({', '.join(BUILT_IN_KINDS)}) nor a "
+                         f"model plugin installed here (installed: {plugins}); install the package that registers it "
+                         f"under the {PLUGIN_GROUP} entry point group.")
+
+
+def plugin_kinds() -> list[str]:
+    """The model kinds installed packages register (entry points of PLUGIN_GROUP): names only, nothing imported."""
+    return sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)})
+
+
+def check_options(options: Any, where: str) -> dict[str, Any]:
+    """A plugin's [model.options]: a table of names to TOML values (text, numbers, booleans, lists of them)."""
+    if not isinstance(options, dict):
+        raise UserError(f"{where} must be a table of a model plugin's settings, e.g. [model.options] with "
+                        "context_size = 256.")
+    for key, value in options.items():
+        for item in value if isinstance(value, list) else [value]:
+            if type(item) not in (str, int, float, bool) or (type(item) is float and not math.isfinite(item)):
+                raise UserError(f"{where}.{key} is {value!r}; a plugin's setting is text, a finite number, true or "
+                                "false, or a list of them.")
+    return dict(options)
+
+
 @dataclass
 class ModelConfig:
-    kind: str = "gpt"  # gpt | recurrent: a transformer, or stacked GRU/LSTM layers carrying a state token to token
+    kind: str = "gpt"  # gpt | recurrent | an installed model plugin's name (its settings in [model.options])
     n_layer: int = 6  # transformer blocks, or stacked recurrent layers
     n_head: int = 6  # attention (query) heads; unused by the recurrent model
     n_embd: int = 384  # residual width, or the recurrent model's embedding and hidden-state width
     block_size: int = 256  # context length in tokens (the recurrent model trains on sequences this long)
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and norms (the recurrent cells always keep theirs)
+    qkv_bias: bool = False  # biases on the query/key/value projection alone, with bias = false (as Qwen2 has)
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
     gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
     pos_emb: str = "learned"  # learned | rope: a learned position table, or rotary embeddings of q and k
@@ -106,10 +139,13 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary base: channel pair i turns by position x theta^(-2i / head width)
     norm_eps: float = 0.0  # epsilon of every norm, QK-norm too; 0: torch's (LayerNorm 1e-5, RMSNorm machine eps)
     rnn_cell: str = "gru"  # gru | lstm: the recurrent model's cell
+    # A model plugin's own settings, the [model.options] table: what the plugin reads, checked by it.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_counts("model.", {name: getattr(self, name) for name in ("n_layer", "n_head", "n_embd", "block_size")})
         check_counts("model.", {"vocab_size": self.vocab_size, "n_kv_head": self.n_kv_head}, low=0)
+        self._check_kind()
         for name, choices in MODEL_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise UserError(f"model.{name} is '{_shown(getattr(self, name))}'; use {' or '.join(choices)}.")
@@ -122,6 +158,19 @@ class ModelConfig:
             raise UserError(f"model.rope_theta ({self.rope_theta}) must be positive, e.g. 10000.")
         if not 0 <= self.norm_eps < 1:
             raise UserError(f"model.norm_eps ({self.norm_eps}) must be in [0, 1), e.g. 1e-6; 0 for torch's default.")
+        if self.qkv_bias and self.bias:
+            raise UserError("model.qkv_bias = true adds biases to the query/key/value projection of a model that has "
+                            "no others (model.bias = false, as Qwen2); with model.bias = true every linear layer has "
+                            "them already: set one of the two to false.")
+
+    def _check_kind(self) -> None:
+        if self.kind not in BUILT_IN_KINDS and self.kind not in plugin_kinds():
+            raise UnknownKind(self.kind)
+        self.options = check_options(self.options, "model.options")
+        if self.options and self.kind in BUILT_IN_KINDS:
+            raise UserError(f"[model.options] ({', '.join(self.options)}) holds a model plugin's settings, and "
+                            f"model.kind {self.kind!r} is lmlab's own, which reads none: remove the table, or set "
+                            "model.kind to the plugin's name.")
 
     def _check_heads(self) -> None:
         if self.n_embd % self.n_head:
@@ -147,7 +196,7 @@ class ModelConfig:
     def ignored_fields(self) -> list[str]:
         """Fields set away from their defaults that this model kind does not read (e.g. n_head of a recurrent
         model): not an error, since one preset serves several kinds, but worth saying."""
-        read = set(KIND_FIELDS[self.kind])
+        read = set(KIND_FIELDS.get(self.kind, ()))  # a plugin reads the shared fields and its options
         unread = {name for fields in KIND_FIELDS.values() for name in fields} - read
         return sorted(f.name for f in dataclasses.fields(self)
                       if f.name in unread and getattr(self, f.name) != f.default)
@@ -349,6 +398,9 @@ def build_section(name: str, values: Any, source: str) -> Any:
         if key not in types:
             raise UserError(f"{source}: unknown key {name}.{_shown(key)}; valid keys in [{name}] are: "
                             f"{', '.join(types)}.")
+        if types[key].startswith("dict"):  # model.options: a plugin's table, checked by the plugin
+            kwargs[key] = check_options(value, f"{source}: {name}.{key}")
+            continue
         kinds = [{"int": int, "float": float, "bool": bool, "str": str}[t] for t in types[key].split(" | ")]
         if len(kinds) > 1 and type(value) in kinds:  # a field that takes either, e.g. compile = true or "auto"
             kinds = [type(value)]
@@ -375,18 +427,25 @@ def parse_override(item: str) -> tuple[str, str, str]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings on top of a raw config dict."""
+    """Apply `section.key=value` strings on top of a raw config dict; `model.options.NAME=value` sets a plugin's
+    setting."""
     for item in overrides:
         section, name, text = parse_override(item)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):  # `section` is not a table in the file
+            raise UserError(f"--set {_shown(repr(item))}: [{_shown(section)}] is not a section of settings; use "
+                            "section.key=value with a section such as model or train.")
+        *parents, leaf = name.split(".")
+        for parent in parents:
+            table = table.setdefault(parent, {}) if isinstance(table, dict) else None
+        if not isinstance(table, dict):
+            inside = f"{_shown(section)}.{_shown('.'.join(parents))}"
+            raise UserError(f"--set {_shown(repr(item))} sets a key inside {inside}, which is not a table.")
         try:
-            raw.setdefault(section, {})[name] = _parse_literal(text)
+            table[leaf] = _parse_literal(text)
         except ValueError:  # an integer of thousands of digits (beyond Python's int-parsing limit)
             raise UserError(f"--set {_shown(section)}.{_shown(name)}: {text[:20]}... ({len(text):,} characters) is too "
                             "large a number to read; give a number in the setting's range.")
-        except AttributeError:  # `section` is not a table in the file
-            raise UserError(f"--set {_shown(repr(item))}: [{_shown(section)}] is not a section of settings; use "
-                            "section.key=value "
-                            "with a section such as model or train.")
     return raw
 
 
@@ -420,18 +479,29 @@ def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(value) for name, value in vars(config).items() if value is not None}
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    return repr(value)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
 def to_toml(config: RunConfig) -> str:
-    """Write the resolved config as TOML (flat sections of scalars, so a tiny writer suffices)."""
+    """Write the resolved config as TOML: sections of scalars, and a plugin's settings as [model.options]."""
     lines = []
     for section, values in to_dict(config).items():
+        tables = {key: value for key, value in values.items() if isinstance(value, dict)}
         lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                text = repr(value)
-            lines.append(f"{key} = {text}")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if key not in tables]
         lines.append("")
+        for key, table in tables.items():
+            if table:
+                lines += [f"[{section}.{key}]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()), ""]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Decoding several sequences at once: one forward per step for every sequence in the batch, each in its own row
-of the model's decode state (a KV cache at per-row positions, or a hidden state per row).
+of the model's decode state (a KV cache at per-row positions, a hidden state per row, or, for a model that keeps
+none, the row's tokens, fed to it whole at every step: `ContextWindow`).
 
 A sequence joins by prefilling its prompt into a free row, and leaves at once when it ends; the last row then
 moves into its place, so the active rows are always the first ones and a step computes no empty row. Results
@@ -10,6 +11,7 @@ sequence draws from its own random stream.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence as Tensors
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +49,50 @@ class Sequence:
         return self.generated >= self.params.max_new_tokens
 
 
+class ContextWindow(DecodeState):
+    """The decode state of a model that carries none between tokens (a plugin without `new_cache`): each row's
+    tokens, up to the context length. Every step feeds the model the rows' whole windows and reads the logits at
+    each row's newest position: the context is recomputed at every token. Rows shorter than the longest are padded
+    on the right, which a causal model's earlier positions never see."""
+
+    def __init__(self, batch: int, block_size: int, device: torch.device):
+        self.ids = torch.zeros(batch, block_size, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.pos, self.ids]
+
+    @classmethod
+    def over(cls, tensors: Tensors[torch.Tensor]) -> ContextWindow:
+        window = object.__new__(cls)
+        window.pos, window.ids = tensors
+        return window
+
+    def feed(self, model: LanguageModel, idx: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+        """Append (B, T) tokens to the rows; the logits (B, T, vocab) the model gives them, if asked."""
+        rows = torch.arange(idx.size(0), device=idx.device)[:, None]
+        where = self.pos[:, None] + torch.arange(idx.size(1), device=idx.device)  # (B, T)
+        self.ids[rows, where] = idx
+        self.pos += idx.size(1)
+        if not logits:
+            return None
+        return model(self.ids[:, :int(self.pos.max())])[0][rows, where]
+
+
+def feed(model: LanguageModel, idx: torch.Tensor, state: DecodeState, logits: bool = True) -> torch.Tensor | None:
+    """The logits (B, T, vocab) of (B, T) tokens fed after what each row of `state` holds (and `state` moved past
+    them); without `logits`, a window-only state skips the forward (a prefill needs none)."""
+    if isinstance(state, ContextWindow):
+        return state.feed(model, idx, logits)
+    return model(idx, cache=state)[0]
+
+
 def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
     device = next(model.parameters()).device
 
     def step(idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
         with autocast(device, dtype):
-            return model(idx, cache=state)[0][:, -1]
+            return feed(model, idx, state)[:, -1]
 
     return step
 
@@ -65,7 +105,8 @@ class Decoder:
         self.model, self.dtype = model, dtype
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
-        self.state = model.new_cache(capacity, self.device, dtype)
+        self.state = model.new_cache(capacity, self.device, dtype) or ContextWindow(capacity, self.block_size,
+                                                                                    self.device)
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)
         self.active: list[Sequence] = []
@@ -135,7 +176,8 @@ class Decoder:
         logits = None
         if len(window) > 1:
             with autocast(self.device, self.dtype):
-                logits = self.model(torch.tensor([window[:-1]], device=self.device), cache=row)[0]
+                logits = feed(self.model, torch.tensor([window[:-1]], device=self.device), row,
+                              logits=seq.logprobs is not None and seq.echo)
         seq.pos = len(window) - 1
         return logits
 

@@ -3,7 +3,7 @@ settings differ, which run won and by how much, at what cost, whether the rankin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmlab.config import RunConfig, to_dict
@@ -40,6 +40,7 @@ class RunFacts:
             return "latest checkpoint (never evaluated, so no best)"
         name = self.checkpoint
         return f"step {int(name[5:]):,} checkpoint" if name.startswith("step_") else f"{name} checkpoint"
+    cells: list[Any] = field(default_factory=list)  # with report --prompts: the run's cells of the prompt grid
 
     @property
     def name(self) -> str:

@@ -1,5 +1,6 @@
 """Sampling text: a prompt's continuation as text, ending before a stop string, at the end-of-text token or
-after max_new_tokens, alone or many at once through the batched decoder (lmlab.decode)."""
+after max_new_tokens, alone or many at once through the batched decoder (lmlab.decode); instructions and chats
+put to a run in its own format (a chat template, a fine-tuning prompt format, or a plain transcript)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lmlab.config import SamplingParams
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.decode import Decoder, Step
 from lmlab.decode import Sequence as Decoding
+from lmlab.errors import UserError
 from lmlab.model import LanguageModel
 from lmlab.model.memory import check_decoding
 from lmlab.prompt import PromptFormat, alpaca_format, check_format
@@ -261,6 +263,46 @@ def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
     return samples(run, prompt, params)[0]
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation as a prompt: its text, what ends the reply, and whether the tokenizer adds its own special
+    tokens around the text (not when a chat template writes them itself, as transformers encodes it)."""
+
+    text: str
+    stop: tuple[str, ...]
+    special: bool = True
+
+    def ids(self, tokenizer: Tokenizer) -> list[int]:
+        return tokenizer.encode(self.text, self.special)
+
+
+def chat_prompt(run: LoadedRun, turns: Sequence[tuple[str, str]]) -> ChatPrompt:
+    """How a conversation, (role, text) turns, is put to a run: through an imported instruct model's chat template
+    (every turn, then the assistant's header), ending at its end-of-turn token; else through a fine-tuned run's
+    prompt format (single-turn: the last user message is the instruction); else as a `role: content` transcript
+    ending with `assistant:`."""
+    if run.chat_template is not None:
+        text = run.chat_template.render([{"role": role, "content": content} for role, content in turns],
+                                        where=str(run.run.path))
+        return ChatPrompt(text, run.chat_template.end_of_turn, special=False)
+    if run.prompt_format is not None:
+        users = [content for role, content in turns if role == "user"]
+        if not users:
+            raise UserError("a chat needs a user message: with the prompt format a run was fine-tuned in, the last "
+                            "one is the instruction.")
+        return ChatPrompt(run.prompt_format.render(users[-1]), (run.prompt_format.end,))
+    return ChatPrompt("".join(f"{role}: {content}\n" for role, content in turns) + "assistant:", ("\nuser:",))
+
+
+def chat_stream(run: LoadedRun, turns: Sequence[tuple[str, str]], params: SamplingParams,
+                step: Step | None = None) -> TextStream:
+    """The run's reply to a conversation (see `chat_prompt`), piece by piece as it is generated."""
+    prompt = chat_prompt(run, turns)
+    params = dataclasses.replace(params, stop=(*params.stop, *prompt.stop))
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    return TextStream(run.model, run.tokenizer, prompt.ids(run.tokenizer), params, dtype, step)
+
+
 def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, input: str) -> list[int]:
     """An instruction asked in the prompt format `fmt`. With a char tokenizer, characters it never saw are blamed
     on the instruction or input that has them, or else on the prompt format (a run not tuned for instructions)."""
@@ -270,26 +312,35 @@ def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, inp
     return run.tokenizer.encode(fmt.render(instruction, input))[-run.config.model.block_size:]
 
 
-def _asking(run: LoadedRun, params: SamplingParams) -> tuple[PromptFormat, SamplingParams]:
-    """The run's prompt format (Alpaca's for a run not fine-tuned), and `params` stopping at its end marker too."""
-    fmt = run.prompt_format or alpaca_format(run.tokenizer)
-    return fmt, dataclasses.replace(params, stop=(*params.stop, fmt.end))
+def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],
+            params: SamplingParams) -> tuple[list[list[int]], SamplingParams]:
+    """The prompts of (instruction, input) pairs in the run's own format, and `params` stopping at its end marker
+    too: an imported instruct model's chat template (the instruction, then the input, as the user's message), else
+    the run's prompt format (Alpaca's for a run not fine-tuned)."""
+    if run.chat_template is not None:
+        texts = [f"{instruction}\n\n{input}" if input else instruction for instruction, input in asks]
+        prompts = [chat_prompt(run, [("user", text)]).ids(run.tokenizer) for text in texts]
+        ends = run.chat_template.end_of_turn
+    else:
+        fmt = run.prompt_format or alpaca_format(run.tokenizer)
+        prompts = [_instruction_prompt(run, fmt, instruction, input) for instruction, input in asks]
+        ends = (fmt.end,)
+    return prompts, dataclasses.replace(params, stop=(*params.stop, *ends))
 
 
 def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams,
                     step: Step | None = None) -> Iterator[str]:
     """The model's answer to an instruction, up to the format's end marker, piece by piece as it is generated."""
-    fmt, params = _asking(run, params)
+    (prompt,), params = _asking(run, [(instruction, input)], params)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
-    return TextStream(run.model, run.tokenizer, _instruction_prompt(run, fmt, instruction, input), params, dtype, step)
+    return TextStream(run.model, run.tokenizer, prompt, params, dtype, step)
 
 
 def instruct_all(run: LoadedRun, asks: Sequence[tuple[str, str]], params: SamplingParams, batch: int = 1,
                  step: Step | None = None, progress: Callable[[int, int], None] | None = None) -> list[str]:
     """The model's answers to (instruction, input) pairs, each up to the format's end marker, `batch` decoded at
     once."""
-    fmt, params = _asking(run, params)
-    prompts = [_instruction_prompt(run, fmt, instruction, input) for instruction, input in asks]
+    prompts, params = _asking(run, asks, params)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
     done = continue_all(run.model, run.tokenizer, prompts, [params] * len(prompts), batch, dtype, step, progress)
     return [c.text.text for c in done]

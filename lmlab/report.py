@@ -26,6 +26,7 @@ from lmlab.evaluate import evaluate_run, evaluation_cost
 from lmlab.fileio import atomic_write_text, check_folder_name, check_writable
 from lmlab.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading
 from lmlab.generate import sample
+from lmlab.grid import Grid, run_cells
 from lmlab.humanize import fmt, format_duration
 from lmlab.plan import compute_note, make_plan
 from lmlab.plots import plot_comparison, plot_document_lengths, plot_losses
@@ -48,8 +49,8 @@ Track = Callable[[str, str], AbstractContextManager[Callable[[int, int], None]]]
 @dataclass
 class Options:
     """How a report is made: the samples' prompt and settings, the device, the checkpoint reported on, whether to
-    evaluate the val split (else kept results only), and where it says what it does (`say` a line, `track` a
-    long step's progress)."""
+    evaluate the val split (else kept results only), where it says what it does (`say` a line, `track` a long
+    step's progress), and `grid` (prompts, temperatures): samples as the prompt grid of every run."""
 
     prompt: str = ""
     params: SamplingParams = field(default_factory=lambda: SamplingParams(300))
@@ -58,12 +59,14 @@ class Options:
     evaluate: bool = True
     say: Callable[[str], None] = lambda _: None
     track: Track | None = None
+    grid: tuple[list[str], list[float]] | None = None
 
 
 def gather(path: Path, options: Options) -> RunFacts:
     """A run's facts: its folder read, its checkpoint evaluated on the full val split (or the kept result; with
-    `evaluate` off, the kept result only) and sampled, and its kept task and judge scores; a run with no checkpoint
-    yet is reported without those, saying why."""
+    `evaluate` off, the kept result only) and sampled (with a grid, its cells of the prompt grid: prompts x
+    temperatures), and its kept task and judge scores; a run with no checkpoint yet is reported without those,
+    saying why."""
     run = RunDir(path)
     facts = RunFacts(run, summarize(run.path, options.checkpoint), run.events(), run.config())
     try:
@@ -76,6 +79,9 @@ def gather(path: Path, options: Options) -> RunFacts:
     facts.evaluation, facts.not_evaluated = _evaluate(loaded, options, facts.summary.tokens_per_sec)
     options.say(f"Sampling {path} ({checkpoint_label(loaded.checkpoint, loaded.step)}): "
                 f"{options.params.max_new_tokens} tokens at most...")
+    if options.grid is not None:
+        facts.cells = run_cells(loaded, facts.name, *options.grid, options.params)
+        return facts
     try:
         facts.sample = sample(loaded, options.prompt, options.params)
     except UserError as err:
@@ -417,6 +423,11 @@ def _chinchilla(facts: list[RunFacts]) -> list[Block]:
 
 def _samples(facts: list[RunFacts], options: Options) -> list[Block]:
     prompt, params = options.prompt, options.params
+    if options.grid is not None:
+        cells = [c for f in facts for c in f.cells]
+        unsampled = [Paragraph(f"`{f.name}`: {f.not_sampled}") for f in facts if f.not_sampled]
+        return [Heading("Samples"), *Grid([f.name for f in facts], *options.grid, params, cells).blocks(3),
+                *unsampled]
     asked = f"prompt `{prompt}`" if prompt else "an empty prompt (the start of a document)"
     fallback = " (its latest if it was never evaluated)" if options.checkpoint == "best" else ""
     said = f"From the {options.checkpoint} checkpoint{fallback}, {asked}, {params.describe()}, " \

@@ -8,6 +8,7 @@ runs/NAME/
   tokenizer.json  the run's tokenizer, and dataset.json the meta.json of its dataset (tokenizer spec, bytes per
                   token), so the run samples and evaluates after its dataset is gone
   prompt.json     a fine-tuned run's prompt format (`lmlab.prompt`)
+  chat_template.json  an imported instruct model's chat template (`lmlab.chat`)
   samples.txt     what `lmlab sample` drew, each under a header line
   evaluations.json  what the run was measured at, by weights: val-split evaluations (`lmlab eval`, `lmlab report`),
                   task scores (`lmlab eval --task`) and the judge's scores of its answers (`lmlab judge`)
@@ -40,12 +41,14 @@ import torch
 
 import lmlab
 from lmlab import checkpoint as ckpt
-from lmlab.config import RunConfig, checkpoint_name, load_config, to_toml
+from lmlab.chat import ChatTemplate
+from lmlab.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name, load_config, to_toml
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.device import configure, machine, resolve_device
 from lmlab.errors import UserError
 from lmlab.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file
 from lmlab.model import LanguageModel, build_model
+from lmlab.model.plugins import provider
 from lmlab.peak import Peak, autocast_dtype
 from lmlab.prompt import PromptFormat
 
@@ -75,7 +78,15 @@ class RunDir:
         if not path.exists():
             raise UserError(f"{self.path} is not an lmlab run (no config.toml); pass a directory made by "
                             "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
-        return load_config(path, overrides)
+        try:
+            return load_config(path, overrides)
+        except UnknownKind as err:
+            source = (self.events(limit=1) or [{}])[0].get("plugin") or {}
+            if not source.get("package"):
+                raise
+            raise UserError(f"{self.path} is a model of kind {err.kind!r}, which the package {source['package']} "
+                            f"{source.get('version') or ''} provides, and it is not installed here; install it "
+                            f"(e.g. pip install {source['package']}) to use this run.")
 
     def kind(self) -> str:
         """trained, fine-tuned or imported: from the start event, or for an older folder from what it holds."""
@@ -149,8 +160,9 @@ class RunDir:
         return f"an unfinished fine-tune ({how}; {done})"
 
     def write_setup(self, cfg: RunConfig, tokenizer: Tokenizer | Path | None, dataset: dict[str, Any],
-                    prompt: PromptFormat | None = None) -> None:
-        """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json."""
+                    prompt: PromptFormat | None = None, chat: ChatTemplate | None = None) -> None:
+        """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json,
+        chat_template.json."""
         self.write_config(cfg)
         if isinstance(tokenizer, Tokenizer):
             atomic_write_text(self.path / "tokenizer.json", tokenizer.backend.to_str(pretty=True))
@@ -161,6 +173,8 @@ class RunDir:
         atomic_write_text(self.path / "dataset.json", json.dumps(dataset, indent=2))
         if prompt is not None:
             atomic_write_text(self.path / "prompt.json", json.dumps(dataclasses.asdict(prompt), indent=2))
+        if chat is not None:
+            atomic_write_text(self.path / "chat_template.json", chat.to_json())
 
     def write_config(self, cfg: RunConfig) -> None:
         """config.toml: the resolved config (rewritten when a budgeted run fixes its max_iters)."""
@@ -189,6 +203,7 @@ class RunDir:
             "dtype_reason": dtype_reason, "world_size": world_size, "parallel": parallel,
             **_peak_fields(peak, world_size), "train_tokens": _train_tokens(kind, dataset),
             "origin": origin, "machine": machine(device),
+            "plugin": None if cfg.model.kind in BUILT_IN_KINDS else provider(cfg.model.kind),
         })
 
     def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int,
@@ -334,6 +349,11 @@ class RunDir:
         except (json.JSONDecodeError, TypeError):
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
+    def chat_template(self) -> ChatTemplate | None:
+        """An imported instruct model's chat template; None for other runs (a fine-tuned one keeps its format)."""
+        path = self.path / "chat_template.json"
+        return ChatTemplate.from_json(path) if path.exists() else None
+
     def checkpoint(self, which: str = "latest") -> Path:
         """The step folder a checkpoint spec names (`best`, `latest`, `step_N` or `N`: see `checkpoint_name`).
         Without a usable `latest` pointer (deleted, damaged, or naming no step folder of this run) `latest` is the
@@ -413,7 +433,7 @@ class RunDir:
                     raise
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
                          autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"],
-                         (state.get("files") or {}).get("model.safetensors"))
+                         (state.get("files") or {}).get("model.safetensors"), self.chat_template())
 
 
 def check_steps(paths: list[Path | str], which: str) -> None:
@@ -463,3 +483,4 @@ class LoadedRun:
     checkpoint: str  # best, latest or step_NNNNNN: the one loaded (latest when best was asked of a run never evaluated)
     step: int
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of
+    chat_template: ChatTemplate | None = None  # an imported instruct model's; None for the others

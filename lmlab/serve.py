@@ -25,7 +25,8 @@ from typing import Any
 from lmlab.batcher import Batcher, Event, Job, QueueFull
 from lmlab.edge import ServeLimits, read_body, serve_forever
 from lmlab.errors import UserError
-from lmlab.generate import Batch, decode_dtype, document_start
+from lmlab.generate import Batch, ChatPrompt, decode_dtype, document_start
+from lmlab.generate import chat_prompt as conversation_prompt
 from lmlab.model.memory import check_decoding
 from lmlab.openai_api import (
     ApiError,
@@ -54,8 +55,8 @@ ROUTES = "GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions
 
 @dataclass
 class Served:
-    """The run behind the server, its batcher and its limits. Chats go through the run's prompt format if it was
-    fine-tuned, else they are rendered as a plain transcript."""
+    """The run behind the server, its batcher and its limits. Chats go through an imported instruct model's chat
+    template, the run's prompt format if it was fine-tuned, else a plain transcript (`generate.chat_prompt`)."""
 
     run: LoadedRun
     batcher: Batcher
@@ -86,7 +87,7 @@ def load_served(run_dir: Path, checkpoint: str = "best", device: str = "auto", m
     tokens = run.config.model.block_size + max_tokens_cap  # a row's prompt fills the context at most
     check_decoding(run.config.model, max_batch, tokens, "--max-batch", run.device)
     step = compile_step(run.model, max_batch, run.dtype) if compile else None
-    batch = Batch(run.model, run.tokenizer, max_batch, decode_dtype(run.device, run.dtype, compile), step,
+    batch = Batch(run.model, run.tokenizer, max_batch, decode_dtype(run.device, run.dtype, step is not None), step,
                   setting="--max-batch", tokens_per_row=tokens)
     tokenizer = run.tokenizer
     # A word tokenizer's <unk> stands for a word of any length; the others' tokens have a longest text.
@@ -122,20 +123,16 @@ class Request:
         return sum(map(len, self.prompts))
 
 
-def chat_prompt(served: Served, messages: Any) -> tuple[str, tuple[str, ...]]:
-    """Render chat messages: through the fine-tuning format (the last user message is the instruction, the
-    format being single-turn), else as a `role: content` transcript ending with `assistant:`."""
-    turns = chat_messages(messages)
-    fmt = served.run.prompt_format
-    if fmt is not None:
-        users = [text for role, text in turns if role == "user"]
-        if not users:
-            raise ApiError(400, "`messages` needs a user message: it is the instruction.", "messages")
-        return fmt.render(users[-1]), (fmt.end,)
-    return "".join(f"{role}: {text}\n" for role, text in turns) + "assistant:", ("\nuser:",)
+def chat_prompt(served: Served, messages: Any) -> ChatPrompt:
+    """Chat messages as the run's prompt (`generate.chat_prompt`: its chat template, multi-turn; its fine-tuning
+    format; or a transcript); messages the template refuses get a 400 with the template's own words."""
+    try:
+        return conversation_prompt(served.run, chat_messages(messages))
+    except UserError as err:
+        raise ApiError(400, str(err), "messages")
 
 
-def encode_prompt(served: Served, prompt: str, param: str = "prompt") -> list[int]:
+def encode_prompt(served: Served, prompt: str, param: str = "prompt", special: bool = True) -> list[int]:
     """The prompt's token ids, refused with context_length_exceeded when they cannot fit the context, before
     tokenizing when its length alone says so; `param` is the field it came from."""
     block, tokenizer = served.run.config.model.block_size, served.run.tokenizer
@@ -147,7 +144,7 @@ def encode_prompt(served: Served, prompt: str, param: str = "prompt") -> list[in
         tokenizer.check(prompt, "the prompt" if param == "prompt" else "the chat's rendered prompt")
     except UserError as err:
         raise ApiError(400, str(err), param)
-    ids = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
+    ids = tokenizer.encode(prompt, special) if prompt else document_start(tokenizer)
     if len(ids) > block:
         raise ApiError(400, f"the prompt is {len(ids)} tokens and {too_long}", "prompt", "context_length_exceeded")
     return ids
@@ -170,9 +167,11 @@ def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
     if body.get("model") not in (None, served.name):
         raise ApiError(404, f"model {shown(body.get('model'))} is not served here; use {served.name!r}.", "model",
                        "model_not_found")
+    special = True
     if chat:
-        prompt, stops = chat_prompt(served, body.get("messages"))
-        prompts: list[str | list[int]] = [prompt]
+        rendered = chat_prompt(served, body.get("messages"))
+        prompts: list[str | list[int]] = [rendered.text]
+        stops, special = rendered.stop, rendered.special
     else:
         prompts, stops = prompt_list(body.get("prompt", ""), served.run.config.model.vocab_size), ()
     logprobs, echo = logprobs_fields(body, chat)
@@ -185,7 +184,8 @@ def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
                        f"more than this server decodes at once (--max-batch {served.max_batch}); send at most "
                        f"{served.max_batch // len(params)} prompts per request.", "prompt")
     field = "messages" if chat else "prompt"
-    ids = [encode_prompt(served, p, field) if isinstance(p, str) else fitting(served, p) for p in prompts]
+    ids = [encode_prompt(served, p, field, special) if isinstance(p, str) else fitting(served, p)
+           for p in prompts]
     texts = [p if isinstance(p, str) and p else served.run.tokenizer.decode(i) for p, i in zip(prompts, ids)]
     return Request(ids, [p for _ in prompts for p in params], stream, include_usage, chat, texts, logprobs, echo,
                    generate)

@@ -58,9 +58,7 @@ class Tracker:
         # On resume, purge what was logged after the checkpoint, as metrics.jsonl does.
         self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
         if resume_step is None:  # the session (hyper-parameters) starts once; its metric is logged at each eval
-            values = {f"{section}.{key}": value for section, keys in to_dict(self._cfg).items()
-                      for key, value in keys.items()}
-            experiment, session_start, self._session_end = hparams(values, {METRIC: 0.0})
+            experiment, session_start, self._session_end = hparams(_hparams(self._cfg), {METRIC: 0.0})
             self._writer.file_writer.add_summary(experiment)
             self._writer.file_writer.add_summary(session_start)
         # Indented: TensorBoard renders text as Markdown, and this keeps the TOML as written.
@@ -104,3 +102,14 @@ class Tracker:
 
 def _preformatted(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
+
+
+def _hparams(cfg: RunConfig) -> dict[str, Any]:
+    """The config as TensorBoard's HParams take it: `section.key` scalars, a plugin's [model.options] as
+    `model.options.NAME` (a list as its text)."""
+    values = {}
+    for section, keys in to_dict(cfg).items():
+        for key, value in keys.items():
+            for name, item in (value.items() if isinstance(value, dict) else [("", value)]):
+                values[".".join(filter(None, (section, key, name)))] = str(item) if isinstance(item, list) else item
+    return values

@@ -178,3 +178,47 @@ def tiny_tiktoken(folder: Path) -> dict[bytes, int]:
 
 
 ALPACA_TINY = Path(__file__).parent / "data" / "alpaca_tiny.json"
+
+
+SYLLABLES = "ka ro mi te la vor an del sil qua bre no fen tor is gal mar ul ven dra os ith el bo".split()
+KINDS = {  # a WikiText-2-like article kind: its noun and the facts its sentences state
+    "river": ["The {name} River is a river in {place} .", "It flows for {n} kilometres into the {other} River .",
+              "The {name} River was first mapped in {year} by {person} .", "Its basin covers {n} square kilometres ."],
+    "town": ["{name} is a town in {place} , with a population of {n} .", "{name} was founded in {year} by {person} .",
+             "The town lies on the {other} River .", "In {year} , {name} became the seat of {place} ."],
+    "battle": ["The Battle of {name} was fought in {year} near the {other} River .",
+               "{person} led an army of {n} men at {name} .", "The battle of {name} ended the war in {place} .",
+               "About {n} soldiers died at {name} ."],
+}
+SECTIONS = ["History", "Geography", "Legacy", "Description"]
+
+
+def write_wikitext(folder: Path, articles: int = 40, seed: int = 0) -> Path:
+    """A WikiText-2 stand-in: Wikipedia-style articles (` = Title = ` headings, ` = = Section = = `, tokens spaced
+    as WikiText's are), each about one invented river, town or battle whose name, place, person and years come back
+    in its sentences: a long-range dependency a model of the context can learn. One .txt file per article."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def word() -> str:
+        return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+    for a in range(articles):
+        kind = rng.choice(sorted(KINDS))
+        facts = {"name": word(), "place": word(), "other": word(), "person": f"{word()} {word()}",
+                 "n": rng.randint(2, 900) * 10, "year": rng.randint(1500, 1990)}
+        lines = [f" = {facts['name']}{'' if kind == 'town' else ' ' + kind.capitalize()} = ", ""]
+        for section in rng.sample(SECTIONS, 3):
+            lines += [f" = = {section} = = ", ""]
+            sentences = [rng.choice(KINDS[kind]).format(**facts) for _ in range(rng.randint(3, 6))]
+            lines += [" " + " ".join(sentences) + " ", ""]
+        (folder / f"article{a:04d}.txt").write_text("\n".join(lines), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wikitext_dataset(tmp_path_factory) -> Path:
+    """The stand-in prepared as WikiText-2 is studied: words, the most frequent 300 and `<unk>`."""
+    root = tmp_path_factory.mktemp("wikitext")
+    target, _, _ = prepare([str(write_wikitext(root / "corpus"))], "word:300", name="wikitext", out_dir=root / "data")
+    return target

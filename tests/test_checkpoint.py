@@ -43,6 +43,18 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
+def kill_and_resume(command: list, run: Path, kill_after_lines: tuple[int, ...]) -> None:
+    """Run `command` (an `lmlab train` of `run`), kill -9 it once the run's metrics have each number of lines in
+    turn (resuming it in between), then resume it to the end."""
+    for lines in kill_after_lines:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: len(RunDir(run).events()) >= lines or proc.poll() is not None)
+        proc.kill()
+        proc.wait()
+        command = [LMLAB, "train", "--resume", run]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_kill_9_at_arbitrary_points_then_resume_is_bitwise_identical(tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=120)
@@ -51,14 +63,8 @@ def test_kill_9_at_arbitrary_points_then_resume_is_bitwise_identical(tmp_path, c
                    capture_output=True, timeout=300)
 
     run = tmp_path / "killed"
-    command = [LMLAB, "train", config, "--run", run, *settings]
-    for kill_after_lines in (9, 31, 58):  # metrics lines: lands mid-interval, between checkpoints
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: len(RunDir(run).events()) >= kill_after_lines or proc.poll() is not None)
-        proc.kill()
-        proc.wait()
-        command = [LMLAB, "train", "--resume", run]
-    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    # Metrics lines: lands mid-interval, between checkpoints.
+    kill_and_resume([LMLAB, "train", config, "--run", run, *settings], run, (9, 31, 58))
 
     straight, resumed = weights(tmp_path / "straight"), weights(run)
     assert straight.keys() == resumed.keys()

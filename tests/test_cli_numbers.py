@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmlab.commands import build_parser, main
 from lmlab.commands.common import sampling
 from lmlab.config import FinetuneConfig, ModelConfig, TrainConfig, load_config, load_finetune_config
+from lmlab.model import build_model
 from lmlab.train.loop import Trainer
 from tests.conftest import ALPACA_TINY, write_config
 
@@ -27,9 +29,10 @@ VALUES = {int: {"negative": "-5", "zero": "0", "nan": "nan", "inf": "inf", "huge
 
 @dataclass(frozen=True)
 class Row:
-    """`command` (with {run}, {corpus}, {dataset}, {config}, {out}, {alpaca} filled in) and then `option VALUE`, or
-    `--set option=VALUE` for a config setting; `accepted` are the classes the option means to take, and `check`
-    what else must accept them ("sampling", "train" or "finetune" settings), beyond argparse."""
+    """`command` (with {run}, {corpus}, {dataset}, {config}, {plugin_config}, {out}, {alpaca} filled in) and then
+    `option VALUE`, or `--set option=VALUE` for a config setting; `accepted` are the classes the option means to
+    take, and `check` what else must accept them ("sampling", "train", "plugin" or "finetune" settings), beyond
+    argparse."""
 
     command: str
     option: str
@@ -76,6 +79,7 @@ def setting_rows(command: str, section: str, cls: type, accepted: dict[str, tupl
 PREPARE = "prepare {corpus} --tokenizer char --out-dir {out}"
 TRAIN = "train {config} --run {out}/run"
 FINETUNE = "finetune {run} --data {alpaca} --run {out}/tuned"
+PLUGIN = "train {plugin_config} --run {out}/run"  # examples/context-vector's [model.options]
 ROWS = [
     Row(PREPARE, "--val-fraction", float), Row(PREPARE, "--val-tokens", int), Row(PREPARE, "--max-tokens", int),
     Row(PREPARE, "--workers", int), Row(PREPARE, "--shard-tokens", int), Row(PREPARE, "--block-size", int),
@@ -117,6 +121,8 @@ ROWS = [
         "patience": ("zero",), "seed": ("zero",), "spike_zscore": ("huge",), "spike_patience": ("zero",),
         "threads": ("zero",)}, "train"),
     *setting_rows(FINETUNE, "finetune", FinetuneConfig, {"seed": ("zero",)}, "finetune"),
+    Row(PLUGIN, "model.options.context_size", int, ("zero",), "plugin"),  # 0: the default width
+    Row(PLUGIN, "model.options.mlp_ratio", int, check="plugin"),
 ]
 CELLS = [pytest.param(row, cls, id=f"{row.command.split()[0]} {row.option} {cls}") for row in ROWS for cls in CLASSES]
 
@@ -125,9 +131,11 @@ CELLS = [pytest.param(row, cls, id=f"{row.command.split()[0]} {row.option} {cls}
 def paths(tmp_path_factory, corpus_dir, char_dataset) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("numbers")
     config = write_config(root / "tiny.toml", char_dataset, max_iters=10)
+    plugin_config = root / "context-vector.toml"
+    plugin_config.write_text(config.read_text().replace("n_layer = 2", 'kind = "context-vector"\nn_layer = 2'))
     run = Trainer(load_config(config), root / "run", "cpu").run().run_dir
     return {"run": run, "corpus": corpus_dir, "dataset": char_dataset, "config": config, "alpaca": ALPACA_TINY,
-            "out": root / "out"}
+            "plugin_config": plugin_config, "out": root / "out"}
 
 
 @pytest.mark.parametrize("row, cls", CELLS)
@@ -141,6 +149,10 @@ def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls):
             load_config(paths["config"], args.set)
         elif row.check == "finetune":
             load_finetune_config(None, args.set)
+        elif row.check == "plugin":  # a plugin checks its options when it builds its model
+            cfg = load_config(paths["plugin_config"], args.set).model
+            with torch.device("meta"):
+                build_model(dataclasses.replace(cfg, vocab_size=50))
         return
     code = _run(argv)
     out, err = capsys.readouterr()

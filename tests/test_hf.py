@@ -42,7 +42,8 @@ from tests.hf_reference import (  # noqa: E402  (needs transformers)
     train_run,
 )
 
-FAST = ("gpt2", "llama gqa untied bias", "qwen3")  # the exports `make test-fast` runs; `make test` runs them all
+# The exports `make test-fast` runs; `make test` runs them all.
+FAST = ("gpt2", "llama gqa untied bias", "qwen2", "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +124,11 @@ LOGIT_KEYS = {"model_type", "architectures", "vocab_size", "n_positions", "n_emb
               "rms_norm_eps", "rope_theta", "attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Qwen3-0.6B"])
+@pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Qwen2.5-0.5B-Instruct", "Qwen3-0.6B"])
 def test_the_published_configs_map_onto_the_same_tensors(name):
-    """The config.json of GPT-2 small, SmolLM2-135M and Qwen3-0.6B, read by lmlab and by transformers, give the
-    same tensors under import's mapping, and the same parameter count (sized on the meta device: no memory)."""
+    """The config.json of GPT-2 small, SmolLM2-135M, Qwen2.5-0.5B-Instruct and Qwen3-0.6B, read by lmlab and by
+    transformers, give the same tensors under import's mapping, and the same parameter count (sized on the meta
+    device: no memory)."""
     path = Path(__file__).parent / "data" / "hf_configs" / f"{name}.json"
     raw = json.loads(path.read_text())
     family = FAMILIES[raw["model_type"]]
@@ -139,7 +141,8 @@ def test_the_published_configs_map_onto_the_same_tensors(name):
     assert {n: v.shape for n, v in family.to_lmlab(state.get, ours)}  # every shape as lmlab's, or UserError
     assert set(state) - used <= {"lm_head.weight"}  # nothing of theirs left behind (but a tied head)
     assert ours.num_params() - theirs.num_parameters() == (50304 - 50257) * 768 * (name == "gpt2")  # padding
-    expected = {"gpt2": 124_439_808, "SmolLM2-135M": 134_515_008, "Qwen3-0.6B": 596_049_920}[name]
+    expected = {"gpt2": 124_439_808, "SmolLM2-135M": 134_515_008, "Qwen2.5-0.5B-Instruct": 494_032_768,
+                "Qwen3-0.6B": 596_049_920}[name]
     assert theirs.num_parameters() == expected
     # Exported again, the model is the same family with every number that shapes its logits as it was.
     assert choose_family(cfg) is family
@@ -154,14 +157,27 @@ def edit_config(folder: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("case, changes, message", [
-    ("llama", {"model_type": "mistral"}, "describes a 'mistral' model; import-hf reads gpt2, llama, qwen3 models"),
+    ("llama", {"model_type": "mistral"}, "describes a 'mistral' model; import-hf reads gpt2, llama, qwen2, qwen3 "
+                                         "models"),
     ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
      "rope_type = 'llama3' scales the rotary frequencies"),
     ("llama", {"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
      "rope_type = 'linear' scales the rotary frequencies"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' gates the MLP with another activation"),
     ("llama", {"attention_bias": True}, "attention_bias = True with mlp_bias = False puts biases in one half"),
-    ("qwen3", {"use_sliding_window": True}, "use_sliding_window = True attends within a sliding window"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16,
+               "layer_types": ["full_attention", "sliding_attention"]},
+     r"use_sliding_window = True with sliding_window = 16 attends to the last 16 tokens alone in some layers, fewer "
+     r"than the context imported \(64\), .*import it with --block-size 16 or less"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 0, "layer_types": None},
+     "sliding_window = 32 attends to the last 32 tokens alone"),
+    ("qwen2", {"use_sliding_window": True, "layer_types": ["full_attention", "chunked_attention"]},
+     "layer_types = .* names attention other than full_attention and sliding_attention"),
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+     "rope_type = 'yarn' scales the rotary frequencies"),
+    ("qwen2", {"hidden_act": "gelu"}, "hidden_act = 'gelu' gates the MLP with another activation"),
+    ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor = 0.5 rotates only part of each head"),
     ("qwen3", {"attention_bias": True}, "attention_bias = True puts biases in attention but not in the MLP"),
     ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is a GPT-2 variant"),
     ("gpt2", {"n_head": 3}, "describes a model lmlab cannot build: model.n_embd .32. must be divisible by"),
@@ -218,10 +234,11 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
     run.mkdir()
     (run / "config.toml").write_text(config.read_text().replace("n_layer = 2", "n_layer = 2\nnorm = \"rmsnorm\""))
     err = lmlab("export-hf", run, tmp_path / "out", cwd=tmp_path, ok=False).stderr
-    assert (f"{run} cannot be exported as any of gpt2, llama, qwen3 (closest: gpt2): model.norm = 'rmsnorm' cannot "
-            "be exported: GPT-2 normalises with LayerNorm, not RMSNorm.") in err
+    assert (f"{run} cannot be exported as any of gpt2, llama, qwen2, qwen3 (closest: gpt2): model.norm = 'rmsnorm' "
+            "cannot be exported: GPT-2 normalises with LayerNorm, not RMSNorm.") in err
     with pytest.raises(UserError, match="cannot be exported as llama: model.pos_emb = 'learned' cannot be exported: "
-                                        "Llama and Qwen3 rotate .* model.mlp = 'gelu' cannot be exported: the MLP"):
+                                        "Llama, Qwen2 and Qwen3 rotate .* model.mlp = 'gelu' cannot be exported: "
+                                        "the MLP"):
         export_hf(run, tmp_path / "out", arch="llama")
     assert not (tmp_path / "out").exists()
     # A field no family's rules know is refused, so later options stay unexportable until a family is taught them.
@@ -231,11 +248,12 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
 
 
 def serve_once(run: Path, path: str, body: dict) -> str:
-    """Start `lmlab serve RUN` on a free local port, POST one request, stop it; the response body."""
+    """Start `lmlab serve RUN` on a free local port (eager: no compile at start), POST one request, stop it; the
+    response body."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([LMLAB, "serve", run, "--port", str(port), "--device", "cpu"],
+    server = subprocess.Popen([LMLAB, "serve", run, "--port", str(port), "--device", "cpu", "--no-compile"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -258,8 +276,13 @@ def test_an_imported_llama_continues_pretraining_and_serves_through_the_cli(tmp_
     """The README's worked example, on a tiny Llama: import, prepare a corpus with its tokenizer, train from its
     weights, evaluate, sample, fine-tune, serve, export again."""
     # More embedding rows than the tokenizer has tokens, as Qwen3's models have: training takes it.
-    tiny_hf(tmp_path / "SmolLM", "llama gqa", bpe, vocab_size=bpe.vocab_size + 7, max_position_embeddings=256)
+    source = tiny_hf(tmp_path / "SmolLM", "llama gqa", bpe, vocab_size=bpe.vocab_size + 7, max_position_embeddings=256)
+    settings = json.loads((source / "tokenizer_config.json").read_text())  # an instruct model's chat template
+    template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    (source / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": template}))
     lmlab("import-hf", tmp_path / "SmolLM", "--out", "runs/smol", cwd=tmp_path)
+    assert RunDir(tmp_path / "runs/smol").chat_template().end_of_turn == ("<|endoftext|>",)
     out = lmlab("prepare", corpus_dir, "--tokenizer", "runs/smol", "--name", "plays", cwd=tmp_path).stdout
     assert "tokenizer pretrained:SmolLM" in out
     settings = ["--set", "data.dataset=data/plays-pretrainedSmolLM", "--set", "train.max_iters=10", "--set",
@@ -274,6 +297,9 @@ def test_an_imported_llama_continues_pretraining_and_serves_through_the_cli(tmp_
     assert "ROMEO:" in sample
     lmlab("finetune", "runs/more", "--data", Path(__file__).parent / "data" / "alpaca_tiny.json", "--set",
           "finetune.epochs=1", "--run", "runs/sft", cwd=tmp_path)
+    # Trained on, then fine-tuned: the runs ask in the format they learned (Alpaca), not the import's template.
+    assert RunDir(tmp_path / "runs/more").chat_template() is None and RunDir(tmp_path / "runs/sft").chat_template() \
+        is None and RunDir(tmp_path / "runs/sft").prompt_format().name == "alpaca"
     lmlab("sample", "runs/sft", "--instruction", "Name a colour.", "--max-new-tokens", "8", cwd=tmp_path)
     reply = json.loads(serve_once(tmp_path / "runs/sft", "/v1/chat/completions", {
         "model": "sft", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}))

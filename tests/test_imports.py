@@ -19,10 +19,10 @@ LAYERS = [
     {"config", "device", "peak"},
     {"model"},
     {"data"},
-    {"prompt", "checkpoint", "rundir"},
+    {"prompt", "chat", "checkpoint", "rundir"},
     {"train", "evaluate", "sampling", "scoring", "decode", "compiled", "generate", "tasks", "scaling", "runs", "plots",
      "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "edge", "serve", "judge", "findings",
+    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "edge", "serve", "judge", "findings", "grid",
      "report"},
     {"commands", "__main__"},
 ]

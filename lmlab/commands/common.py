@@ -147,12 +147,17 @@ def add_checkpoint(parser: argparse.ArgumentParser, what: str = "the checkpoint 
                         help=f"{what}: best (lowest val loss), latest, or a step: step_N or N (e.g. 500)")
 
 
-def add_sampling(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+def add_sampling(parser: argparse.ArgumentParser, several: bool = False, **defaults: Any) -> None:
     """--max-new-tokens, --temperature, --top-k, --top-p and --seed, defaulting to SamplingParams' own values
-    unless the command gives others (e.g. greedy answers)."""
+    unless the command gives others (e.g. greedy answers); with `several`, --temperature takes a list (a grid)."""
     d = SamplingParams(**defaults)
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy")
+    if several:
+        parser.add_argument("--temperature", type=temperatures, default=[d.temperature],
+                            help=f"0 is greedy; several, comma-separated (0,0.8), make a grid of them (default: "
+                            f"{d.temperature:g})")
+    else:
+        parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="sample only from the K likeliest tokens")
     parser.add_argument("--top-p", type=float, default=d.top_p, help="sample only from the likeliest tokens whose "
                         "probabilities sum to P (nucleus sampling)")
@@ -199,9 +204,28 @@ def ticking(unit: str, title: str, every: float = 5.0, stderr: bool = False) -> 
         yield tick
 
 
+def temperatures(text: str) -> list[float]:
+    """Comma-separated numbers, e.g. 0,0.8 (each checked as a temperature by SamplingParams)."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or comma-separated numbers, e.g. 0,0.8")
+
+
+def samplings(args: argparse.Namespace) -> list[SamplingParams]:
+    """The SamplingParams of the options `add_sampling` added, one per --temperature (checked: a bad value is one
+    sentence)."""
+    values = args.temperature if isinstance(args.temperature, list) else [args.temperature]
+    return [SamplingParams(args.max_new_tokens, t, args.top_k, args.top_p, args.seed) for t in values]
+
+
 def sampling(args: argparse.Namespace) -> SamplingParams:
-    """The SamplingParams of the options `add_sampling` added (checked: a bad value is one sentence)."""
-    return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    """The one SamplingParams of the options `add_sampling` added: several temperatures are refused."""
+    params = samplings(args)
+    if len(params) > 1:
+        raise UserError(f"--temperature {','.join(f'{p.temperature:g}' for p in params)} names several temperatures; "
+                        "several make a grid of prompts (--prompts FILE or several runs), give one here.")
+    return params[0]
 
 
 def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:

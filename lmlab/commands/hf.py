@@ -1,4 +1,4 @@
-"""`lmlab import-hf` and `lmlab export-hf`: Hugging Face GPT-2, Llama and Qwen3 folders in and out."""
+"""`lmlab import-hf` and `lmlab export-hf`: Hugging Face GPT-2, Llama, Qwen2 and Qwen3 folders in and out."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from lmlab.commands.common import add_checkpoint, console, count, note_checkpoint
 from lmlab.config import checkpoint_label
 
-ARCHS = ("auto", "gpt2", "llama", "qwen3")  # lmlab.hf.ARCHS, named here so --help does not import torch
+ARCHS = ("auto", "gpt2", "llama", "qwen2", "qwen3")  # lmlab.hf.ARCHS, named here so --help does not import torch
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
@@ -36,7 +36,7 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2, Llama or Qwen3 folder (config.json + "
+    p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder (config.json + "
                        "safetensors) into a run")
     p.add_argument("dir", help="folder with config.json, model.safetensors (or its shards) and tokenizer files")
     p.add_argument("--out", required=True, help="the new run dir, e.g. runs/smollm2")
@@ -46,10 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "max_position_embeddings), e.g. to train and sample with less memory")
     p.set_defaults(func=cmd_import_hf)
 
-    p = sub.add_parser("export-hf", help="write a run as a Hugging Face folder (GPT-2, Llama or Qwen3)")
+    p = sub.add_parser("export-hf", help="write a run as a Hugging Face folder (GPT-2, Llama, Qwen2 or Qwen3)")
     p.add_argument("run", metavar="RUN", help="the run dir to export")
     p.add_argument("out", help="new folder for config.json, model.safetensors and the tokenizer files")
     p.add_argument("--arch", choices=ARCHS, default="auto", help="the family to write; auto: gpt2 for GPT-2's "
-                   "options, llama for rope + rmsnorm + swiglu, qwen3 with qk_norm too")
+                   "options, llama for rope + rmsnorm + swiglu, qwen2 with qkv_bias too, qwen3 with qk_norm")
     add_checkpoint(p)
     p.set_defaults(func=cmd_export_hf)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_checkpoint, add_device, add_sampling, console, sampling, ticking
+from lmlab.commands.common import add_checkpoint, add_device, add_sampling, console, samplings, ticking
+from lmlab.errors import UserError
 
 
 def default_folder(runs: list[str]) -> Path:
@@ -17,12 +18,19 @@ def default_folder(runs: list[str]) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from lmlab.grid import read_prompts
     from lmlab.report import Options, build_report
 
-    params = sampling(args)
+    params = samplings(args)
+    if args.prompts and args.prompt:
+        raise UserError("--prompt and --prompts both name what the samples continue; put the prompt in the file.")
+    grid = None
+    if args.prompts or len(params) > 1:
+        prompts = read_prompts(Path(args.prompts)) if args.prompts else [args.prompt]
+        grid = (prompts, [p.temperature for p in params])
     out = Path(args.out) if args.out else default_folder(args.runs)
-    options = Options(args.prompt, params, args.device, args.checkpoint, not args.no_eval,
-                      lambda line: console.print(line, highlight=False), ticking)
+    options = Options(args.prompt, params[0], args.device, args.checkpoint, not args.no_eval,
+                      lambda line: console.print(line, highlight=False), ticking, grid)
     report = build_report([Path(r) for r in args.runs], out, options)
     console.print(f"report: {report.markdown} (with {len(report.images)} PNGs beside it)")
     console.print(f"one page: {report.html}")
@@ -36,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for report.md, its PNGs and report.html (default: RUN/report "
                    "for one run, reports/A-vs-B for several)")
     p.add_argument("--prompt", default="", help="what the samples continue (default: the start of a document)")
-    add_sampling(p, max_new_tokens=300)
+    p.add_argument("--prompts", metavar="FILE", help="the samples as a grid: every run continuing every prompt of "
+                   "FILE (one per line, \\n for a line break, or a JSON list) at every --temperature")
+    add_sampling(p, several=True, max_new_tokens=300)
     add_checkpoint(p, "the checkpoint reported on (evaluated, sampled, its kept task and judge scores)")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the val split: report kept evaluations "
                    "only (a report evaluates each run's checkpoint once and keeps the result)")

@@ -40,6 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     note_checkpoint(args.run, args.checkpoint, served.run.checkpoint, served.run.step)
     fmt = served.run.prompt_format
     chat = f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
+    if served.run.chat_template is not None:
+        chat = "the model's chat template"
     console.print(f"serving {args.run} as model {served.name!r} at http://{args.host}:{args.port}/v1 "
                   f"(chat rendered through {chat}; up to {args.max_batch} choices decoded at once, "
                   f"{args.max_queue} requests queued); Ctrl-C stops it")

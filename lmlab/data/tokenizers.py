@@ -103,9 +103,11 @@ class Tokenizer:
             raise UserError(f"{where} contains characters the char tokenizer never saw ({unseen!r}); remove them or "
                             "prepare the dataset from a corpus that has them.")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """The ids of `text`; without `special`, none of the tokens the tokenizer adds around a text (a BOS), as
+        for a chat template's prompt, which writes its own."""
         self.check(text, "the text")
-        return self.backend.encode(text).ids
+        return self.backend.encode(text, add_special_tokens=special).ids
 
     def encode_batch(self, texts: list[str]) -> list[tokenizers.Encoding]:
         """Each text's encoding: its ids, and the character offsets each token came from."""

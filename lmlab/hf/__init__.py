@@ -1,4 +1,4 @@
-"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama and Qwen3 families.
+"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama, Qwen2 and Qwen3 families.
 
 `import_hf` turns a folder (config.json, safetensors weights, tokenizer files) into an ordinary run dir
 (config.toml, checkpoints/step_000000, tokenizer.json, dataset.json, metrics.jsonl) that `train --init-from`,
@@ -6,7 +6,7 @@
 `AutoModelForCausalLM`, `AutoTokenizer` and `pipeline("text-generation")`. Neither needs transformers.
 
 `family.py` says what a family is (which model options it expresses, its config.json, its tensor names);
-`gpt2.py` and `llama.py` (Llama and Qwen3) are the families; `folder.py` reads and writes the folder's files.
+`gpt2.py` and `llama.py` (Llama, Qwen2 and Qwen3) are the families; `folder.py` reads and writes the folder's files.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lmlab.chat import read_chat_template
 from lmlab.checkpoint import model_tensors, save_tensors
 from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.tokenizers import GPT2_DIR_ENV, Tokenizer, load_gpt2, load_pretrained
@@ -35,12 +36,12 @@ from lmlab.hf.folder import (
     write_tokenizer,
 )
 from lmlab.hf.gpt2 import FAMILY as GPT2
-from lmlab.hf.llama import LLAMA, QWEN3
+from lmlab.hf.llama import LLAMA, QWEN2, QWEN3
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
 from lmlab.rundir import RunDir, check_steps
 
-FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN3)}  # `auto` takes the first that fits
+FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN2, QWEN3)}  # `auto` takes the first that fits
 ARCHS = ("auto", *FAMILIES)
 
 
@@ -51,7 +52,8 @@ def export_problems(cfg: ModelConfig, arch: str) -> list[str]:
 
 def choose_family(cfg: ModelConfig, arch: str = "auto", what: str = "the model") -> Family:
     """The family a model exports as: `arch`, or for `auto` the first of FAMILIES that expresses every option
-    (GPT-2's options: gpt2; rotary, RMSNorm, SwiGLU: llama; with QK-norm: qwen3). `what` names it in errors."""
+    (GPT-2's options: gpt2; rotary, RMSNorm, SwiGLU: llama; with biases on q, k and v alone: qwen2; with QK-norm:
+    qwen3). `what` names it in errors."""
     if arch not in ARCHS:
         raise UserError(f"--arch {arch} is unknown; use {', '.join(ARCHS)}.")
     candidates = list(FAMILIES.values()) if arch == "auto" else [FAMILIES[arch]]
@@ -77,12 +79,18 @@ def _model_config(family: Family, raw: dict[str, Any], path: Path, block_size: i
         cfg = ModelConfig(**options)
     except UserError as err:
         raise UserError(f"{path} describes a model lmlab cannot build: {err}")
-    if block_size is None:
-        return cfg
-    if not 1 <= block_size <= cfg.block_size:
-        raise UserError(f"--block-size {block_size} must be between 1 and the model's context, {cfg.block_size} "
-                        "(a model does not know positions past the ones it was trained on).")
-    return dataclasses.replace(cfg, block_size=block_size)
+    if block_size is not None:
+        if not 1 <= block_size <= cfg.block_size:
+            raise UserError(f"--block-size {block_size} must be between 1 and the model's context, {cfg.block_size} "
+                            "(a model does not know positions past the ones it was trained on).")
+        cfg = dataclasses.replace(cfg, block_size=block_size)
+    window = family.window(raw, path)
+    if window is not None and window < cfg.block_size:
+        raise UserError(f"{path}: use_sliding_window = True with sliding_window = {window} attends to the last "
+                        f"{window} tokens alone in some layers, fewer than the context imported ({cfg.block_size}), "
+                        f"which lmlab's model does not compute; import it with --block-size {window} or less, "
+                        "where that is full attention.")
+    return cfg
 
 
 def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int) -> Tokenizer:
@@ -119,6 +127,7 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
     family = _family_of(raw, folder / "config.json")
     model_cfg = _model_config(family, raw, folder / "config.json", block_size)
     tok = _tokenizer(folder, tokenizer and Path(tokenizer), family, model_cfg.vocab_size)
+    chat = read_chat_template(folder, tok)
     weights = Weights(folder)
     with RunDir(run_dir).locked():  # a second import into the same --out is refused, not raced
         tmp = fresh_dir(run_dir, "--out run dir")
@@ -132,7 +141,7 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
                 run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()),
                                                                  "format": f"huggingface {family.name}",
                                                                  "weights_sha256": weights.sha256()})
-                run.write_setup(cfg, tok, facts)
+                run.write_setup(cfg, tok, facts, chat=chat)
                 run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(),
                                     None, best=True, keep=1)
                 run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False,
@@ -141,14 +150,20 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"run": str(run_dir), "family": family.name, "params": model.num_params(), "model": model_cfg,
-            "tokenizer": tok.spec}
+            "tokenizer": tok.spec, "chat_template": chat}
 
 
 def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "auto") -> dict[str, Any]:
     """Write a run's model as a Hugging Face folder of the family `arch` (or the one `auto` picks): weights,
     config.json, generation_config.json and, when the run has a tokenizer, its tokenizer files."""
     run_dir, out = Path(run_dir), Path(out)
-    family = choose_family(RunDir(run_dir).config().model, arch, str(run_dir))
+    model = RunDir(run_dir).config().model
+    if model.kind != "gpt":
+        raise UserError(f"{run_dir} is a {model.kind} model, and export-hf writes lmlab's transformers (kind gpt) as "
+                        f"{', '.join(FAMILIES)}; its weights are safetensors already, in "
+                        f"{run_dir / 'checkpoints' / 'step_*' / 'model.safetensors'} (its own tensor names, each tied "
+                        "weight once).")
+    family = choose_family(model, arch, str(run_dir))
     check_steps([run_dir], checkpoint)  # a step the run has not is refused before anything is written
     tmp = fresh_dir(out, "output folder")
     try:
@@ -157,9 +172,9 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
         with writing(out):
             save_tensors(family.from_lmlab(run.model), tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", family.write_config(run.config.model, eot_id))
-        write_generation_config(tmp, eot_id)
+        write_generation_config(tmp, run.tokenizer, run.chat_template)
         if run.tokenizer is not None:  # only runs imported without one, before import-hf refused that
-            write_tokenizer(tmp, run.tokenizer, run.config.model.block_size)
+            write_tokenizer(tmp, run.tokenizer, run.config.model.block_size, run.chat_template)
         move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -96,6 +96,10 @@ class Family:
         otherwise."""
         raise NotImplementedError
 
+    def window(self, raw: dict[str, Any], path: Path) -> int | None:
+        """The sliding window some layers of a config.json attend within; None: every layer sees the whole context."""
+        return None
+
     def write_config(self, cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:
         raise NotImplementedError
 

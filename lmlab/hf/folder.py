@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lmlab.chat import ChatTemplate
 from lmlab.data.tokenizers import UNK, Tokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
@@ -124,10 +125,11 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
-def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int) -> None:
+def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int, chat: ChatTemplate | None = None) -> None:
     """tokenizer.json and a tokenizer_config.json that makes `AutoTokenizer` load it as it is (the fast tokenizer
     of the `tokenizers` library, so every lmlab kind loads: char, word, bpe, gpt2, tiktoken, pretrained), with the
-    end-of-text token as eos and bos, `<unk>` for a word tokenizer, and the lmlab spec for `import-hf` to read back."""
+    end-of-text token as eos and bos, `<unk>` for a word tokenizer, and the lmlab spec for `import-hf` to read back;
+    an imported instruct model's chat template with the special tokens it prints, as the model came."""
     tokenizer.save(out / "tokenizer.json")
     settings: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
                                 "clean_up_tokenization_spaces": False, "lmlab_tokenizer": tokenizer.spec}
@@ -135,10 +137,18 @@ def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int) -> None:
         settings.update(bos_token=tokenizer.eot_token, eos_token=tokenizer.eot_token)
     if tokenizer.kind == "word":
         settings["unk_token"] = UNK
+    if chat is not None:
+        settings.update(chat.tokens, chat_template=chat.template)
     write_json(out / "tokenizer_config.json", settings)
 
 
-def write_generation_config(out: Path, eot_id: int | None) -> None:
-    """What `generate` stops at: the end-of-text id (a char tokenizer has none, so it runs to max_new_tokens)."""
-    ids = {} if eot_id is None else {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
+def write_generation_config(out: Path, tokenizer: Tokenizer | None, chat: ChatTemplate | None = None) -> None:
+    """What `generate` stops at: the end-of-text id (a char tokenizer has none, so it runs to max_new_tokens), and
+    the end of an assistant's turn of a chat template."""
+    eot_id = tokenizer.eot_id if tokenizer is not None else None
+    ids: dict[str, Any] = {}
+    if eot_id is not None:
+        ends = [tokenizer.backend.token_to_id(t) for t in (chat.end_of_turn if chat else ())]
+        ends = [i for i in ends if i is not None and i != eot_id]
+        ids = {"bos_token_id": eot_id, "eos_token_id": [eot_id, *ends] if ends else eot_id, "pad_token_id": eot_id}
     write_json(out / "generation_config.json", ids)

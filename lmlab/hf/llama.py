@@ -1,6 +1,10 @@
-"""Llama (`LlamaForCausalLM`: SmolLM2, TinyLlama, ...) and Qwen3 (`Qwen3ForCausalLM`), which is Llama with
+"""Llama (`LlamaForCausalLM`: SmolLM2, TinyLlama, ...), Qwen2 (`Qwen2ForCausalLM`: Qwen2 and Qwen2.5, base and
+instruct), which is Llama with biases on q, k and v alone, and Qwen3 (`Qwen3ForCausalLM`), which is Llama with
 QK-norm: rotary positions (halves rotated, as transformers' `rotate_half`), RMSNorm, a SwiGLU MLP (SiLU gate),
-optional grouped-query attention, head width and untied head; lmlab's model options with those values."""
+optional grouped-query attention, head width and untied head; lmlab's model options with those values.
+
+Qwen2 and Qwen3 may attend within a sliding window in some layers; within a context no longer than the window
+that is full attention, so such a model imports with its context cut to the window (`window`)."""
 
 from __future__ import annotations
 
@@ -28,15 +32,26 @@ COMMON: dict[str, Rule] = {
                                           "tie_embeddings", "n_kv_head", "head_dim", "mlp_hidden", "rope_theta",
                                           "norm_eps", "rnn_cell")},
     "gelu_approx": (any_value, ""),  # read only by the GELU MLP, which `mlp` refuses
-    "kind": (equals("kind", "gpt"), "Llama and Qwen3 are transformers, not recurrent models"),
-    "pos_emb": (equals("pos_emb", "rope"), "Llama and Qwen3 rotate queries and keys (RoPE), with no position table"),
-    "norm": (equals("norm", "rmsnorm"), "Llama and Qwen3 normalise with RMSNorm, not LayerNorm"),
-    "mlp": (equals("mlp", "swiglu"), "the MLP of Llama and Qwen3 is SwiGLU (SiLU-gated), not GELU"),
+    "kind": (equals("kind", "gpt"), "Llama, Qwen2 and Qwen3 are transformers, lmlab's kind gpt"),
+    "options": (lambda cfg: not cfg.options, "Llama, Qwen2 and Qwen3 have no options of a model plugin"),
+    "pos_emb": (equals("pos_emb", "rope"), "Llama, Qwen2 and Qwen3 rotate queries and keys (RoPE), with no position "
+                "table"),
+    "norm": (equals("norm", "rmsnorm"), "Llama, Qwen2 and Qwen3 normalise with RMSNorm, not LayerNorm"),
+    "mlp": (equals("mlp", "swiglu"), "the MLP of Llama, Qwen2 and Qwen3 is SwiGLU (SiLU-gated), not GELU"),
 }
 LLAMA_RULES = {**COMMON, "bias": (any_value, ""),  # attention_bias and mlp_bias both
+               "qkv_bias": (equals("qkv_bias", False), "Llama has biases in all of attention and the MLP or in none; "
+                            "Qwen2 has them on q, k and v alone (--arch qwen2)"),
                "qk_norm": (equals("qk_norm", False), "Llama does not normalise queries and keys; Qwen3 does "
                            "(--arch qwen3)")}
+QWEN2_RULES = {**COMMON, "bias": (equals("bias", False), "Qwen2 has no biases but those of q, k and v"),
+               "qkv_bias": (equals("qkv_bias", True), "Qwen2 has biases on the query, key and value projections "
+                            "(model.qkv_bias = true); without them it is Llama (--arch llama)"),
+               "qk_norm": (equals("qk_norm", False), "Qwen2 does not normalise queries and keys; Qwen3 does "
+                           "(--arch qwen3)")}
 QWEN3_RULES = {**COMMON, "bias": (equals("bias", False), "Qwen3's MLP has no biases"),
+               "qkv_bias": (equals("qkv_bias", False), "Qwen3 has no biases in attention; Qwen2 has them on q, k and "
+                            "v (--arch qwen2)"),
                "qk_norm": (equals("qk_norm", True), "Qwen3 normalises queries and keys (QK-norm) in every layer; "
                            "Llama does not (--arch llama)")}
 
@@ -63,34 +78,51 @@ class Llama(Family):
         bias = self._bias(raw, path)
         n_embd, n_head = read(raw, "hidden_size", path), read(raw, "num_attention_heads", path)
         kv = read(raw, "num_key_value_heads", path, default=n_head)
-        head_dim = read(raw, "head_dim", path, default=128 if self.qwen3 else n_embd // n_head)
+        head_dim = read(raw, "head_dim", path, default=128 if self.model_type == "qwen3" else n_embd // n_head)
         hidden = read(raw, "intermediate_size", path)
+        self.window(raw, path)  # a malformed window is refused at once, whatever the context
+        context = read(raw, "max_position_embeddings", path, default=2048 if self.model_type == "llama" else 32768)
         return dict(
-            n_layer=read(raw, "num_hidden_layers", path), n_head=n_head, n_embd=n_embd,
-            block_size=read(raw, "max_position_embeddings", path, default=32768 if self.qwen3 else 2048),
-            dropout=0.0, bias=bias, vocab_size=read(raw, "vocab_size", path), pos_emb="rope", norm="rmsnorm",
-            mlp="swiglu", qk_norm=self.qwen3, tie_embeddings=read(raw, "tie_word_embeddings", path, bool, False),
+            n_layer=read(raw, "num_hidden_layers", path), n_head=n_head, n_embd=n_embd, block_size=context,
+            dropout=0.0, bias=bias, qkv_bias=self.model_type == "qwen2", vocab_size=read(raw, "vocab_size", path),
+            pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=self.model_type == "qwen3",
+            tie_embeddings=read(raw, "tie_word_embeddings", path, bool, False),
             n_kv_head=0 if kv == n_head else kv, head_dim=0 if head_dim * n_head == n_embd else head_dim,
             mlp_hidden=0 if hidden == swiglu_hidden(n_embd) else hidden, rope_theta=rope_theta(raw, path),
             norm_eps=own_eps(read(raw, "rms_norm_eps", path, (int, float), 1e-6), "rmsnorm"))
 
-    @property
-    def qwen3(self) -> bool:
-        return self.model_type == "qwen3"
-
     def _bias(self, raw: dict[str, Any], path: Path) -> bool:
-        """lmlab's model.bias is biases everywhere or nowhere: Llama's attention_bias and mlp_bias together."""
+        """lmlab's model.bias is biases everywhere or nowhere: Llama's attention_bias and mlp_bias together. Qwen2
+        has biases on q, k and v and nowhere else, whatever its config says (model.qkv_bias); Qwen3 has none."""
         attention = read(raw, "attention_bias", path, bool, False)
-        if self.qwen3:
+        if self.model_type == "qwen2":
+            return False
+        if self.model_type == "qwen3":
             if attention:
                 raise refuse(path, "attention_bias", attention, "puts biases in attention but not in the MLP")
-            if read(raw, "use_sliding_window", path, bool, False):
-                raise refuse(path, "use_sliding_window", True, "attends within a sliding window in some layers")
             return False
         if read(raw, "mlp_bias", path, bool, False) != attention:
             raise refuse(path, "attention_bias", attention, f"with mlp_bias = {raw.get('mlp_bias', False)} puts "
                          "biases in one half of each block")
         return attention
+
+    def window(self, raw: dict[str, Any], path: Path) -> int | None:
+        """The sliding window some layers attend within (Qwen2, Qwen3), or None when every layer attends to the
+        whole context. As transformers reads it: only with use_sliding_window, in the layers `layer_types` calls
+        sliding_attention, or else those from max_window_layers on."""
+        if self.model_type == "llama" or not read(raw, "use_sliding_window", path, bool, False):
+            return None
+        layers = read(raw, "num_hidden_layers", path)
+        types = raw.get("layer_types")
+        if types is None:
+            first = read(raw, "max_window_layers", path, default=layers, positive=False)
+            types = ["full_attention" if i < first else "sliding_attention" for i in range(layers)]
+        if not isinstance(types, list) or not set(types) <= {"full_attention", "sliding_attention"}:
+            raise refuse(path, "layer_types", types, "names attention other than full_attention and "
+                         "sliding_attention")
+        if "sliding_attention" not in types:
+            return None
+        return read(raw, "sliding_window", path)
 
     def write_config(self, cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:
         config = {
@@ -105,10 +137,12 @@ class Llama(Family):
             "bos_token_id": eot_id, "eos_token_id": eot_id, "initializer_range": 0.02, "use_cache": True,
             "torch_dtype": "float32",
         }
-        if self.qwen3:
-            return {**config, "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer,
-                    "layer_types": ["full_attention"] * cfg.n_layer}
-        return {**config, "mlp_bias": cfg.bias, "pretraining_tp": 1}
+        if self.model_type == "llama":
+            return {**config, "mlp_bias": cfg.bias, "pretraining_tp": 1}
+        if self.model_type == "qwen2":
+            del config["attention_bias"]  # Qwen2 always has biases on q, k and v, and no others
+        return {**config, "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer,
+                "layer_types": ["full_attention"] * cfg.n_layer}
 
     def hf_names(self, name: str) -> list[str]:
         if name in TOP:
@@ -118,4 +152,5 @@ class Llama(Family):
 
 
 LLAMA = Llama("llama", "llama", "LlamaForCausalLM", LLAMA_RULES)
+QWEN2 = Llama("qwen2", "qwen2", "Qwen2ForCausalLM", QWEN2_RULES)
 QWEN3 = Llama("qwen3", "qwen3", "Qwen3ForCausalLM", QWEN3_RULES)

@@ -1,4 +1,5 @@
-"""The models lmlab trains, built from a ModelConfig by `build_model`; each implements `LanguageModel`."""
+"""The models lmlab trains, built from a ModelConfig by `build_model`: its own kinds (gpt, recurrent) and the kinds
+installed packages register (`plugins`); each implements `LanguageModel`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The interface every model kind implements, so that training, sampling, MFU, planning and FSDP never ask
-which kind they hold."""
+which kind they hold. A model plugin (lmlab.model.plugins) needs only `__init__(config)` and `forward`: the rest
+has defaults read from its modules, which lmlab's own kinds replace with what they know."""
 
 from __future__ import annotations
 
@@ -60,34 +61,45 @@ class LanguageModel(nn.Module):
 
     config: ModelConfig
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState:
-        """What decoding carries from one token to the next for `batch` rows, all empty."""
-        raise NotImplementedError
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState | None:
+        """What decoding carries from one token to the next for `batch` rows, all empty; None for a model that
+        carries nothing, whose context the decoder feeds it whole at every token (lmlab.decode.ContextWindow)."""
+        return None
 
     def embedding_params(self) -> list[nn.Parameter]:
-        """The token and position tables: left out of the parameters counted without embeddings."""
-        raise NotImplementedError
+        """The token and position tables: left out of the parameters counted without embeddings (by default the
+        weights of every nn.Embedding)."""
+        return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
 
     def lookup_params(self) -> int:
-        """Parameters used only as lookup tables, with no matmul per token: embeddings the head does not share."""
-        raise NotImplementedError
+        """Parameters used only as lookup tables, with no matmul per token: embeddings the head does not share (by
+        default the nn.Embedding weights no other module holds)."""
+        shared = {id(p) for m in self.modules() if not isinstance(m, nn.Embedding) for p in m.parameters(False)}
+        return sum(p.numel() for p in self.embedding_params() if id(p) not in shared)
 
     def hidden_matrices(self) -> list[nn.Parameter]:
         """The 2-D weights that map hidden states to hidden states: Muon's share of the parameters (embeddings,
-        the head, norm gains and biases are not such maps and stay with AdamW)."""
-        raise NotImplementedError
+        the head, norm gains and biases are not such maps and stay with AdamW). By default the 2-D parameters
+        that are not embeddings and have no dimension as long as the vocabulary."""
+        tables = {id(p) for p in self.embedding_params()}
+        return [p for p in self.parameters() if p.dim() == 2 and id(p) not in tables
+                and self.config.vocab_size not in p.shape]
 
     def shard_units(self) -> list[nn.Module]:
-        """Submodules FSDP shards one by one (each all-gathered just before it runs), before the root."""
-        raise NotImplementedError
+        """Submodules FSDP shards one by one (each all-gathered just before it runs), before the root (by default
+        none: the root is sharded whole)."""
+        return []
 
     def describe(self) -> str:
-        """The kind and shape in a few words, e.g. `gpt 4L/256 rope rmsnorm swiglu qk-norm no-bias`."""
-        raise NotImplementedError
+        """The kind and shape in a few words, e.g. `gpt 4L/256 rope rmsnorm swiglu qk-norm no-bias` (by default
+        the kind, n_layer, n_embd and the plugin's options)."""
+        c = self.config
+        return " ".join([f"{c.kind} {c.n_layer}L/{c.n_embd}", *(f"{k}={v}" for k, v in c.options.items())])
 
     def architecture(self) -> str:
-        """The family in a word, for tables that have no room for `describe()`: e.g. GPT-2, modern, GRU."""
-        raise NotImplementedError
+        """The family in a word, for tables that have no room for `describe()`: e.g. GPT-2, modern, GRU (by
+        default the kind)."""
+        return self.config.kind
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: DecodeState | None = None) -> torch.Tensor:

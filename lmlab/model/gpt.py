@@ -1,6 +1,6 @@
 """A decoder-only transformer: GPT-2 style by default (learned positions, pre-LayerNorm blocks, causal SDPA
 attention, GELU MLP, biases, tied head), with the post-GPT-2 changes behind config flags: rotary positions,
-RMSNorm, SwiGLU, QK-norm, no biases, an untied head and grouped-query attention."""
+RMSNorm, SwiGLU, QK-norm, no biases (or biases on q, k and v alone), an untied head and grouped-query attention."""
 
 from __future__ import annotations
 
@@ -159,7 +159,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_size = config.head_size
         # One fused projection for q (n_head heads) and k, v (n_kv_head heads each): 3C wide without GQA.
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size,
+                                bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
         self.q_norm = rms_norm(config, self.head_size) if config.qk_norm else None
         self.k_norm = rms_norm(config, self.head_size) if config.qk_norm else None
@@ -284,7 +285,8 @@ class GPT(LanguageModel):
     def describe(self) -> str:
         c = self.config
         options = [c.pos_emb if c.pos_emb != "learned" else "", c.norm if c.norm != "layernorm" else "",
-                   c.mlp if c.mlp != "gelu" else "", "qk-norm" if c.qk_norm else "", "" if c.bias else "no-bias",
+                   c.mlp if c.mlp != "gelu" else "", "qk-norm" if c.qk_norm else "",
+                   "" if c.bias else "qkv-bias" if c.qkv_bias else "no-bias",
                    "" if c.tie_embeddings else "untied", f"gqa{c.kv_heads}" if c.kv_heads != c.n_head else ""]
         return " ".join([f"gpt {c.n_layer}L/{c.n_embd}", *filter(None, options)])
 

@@ -29,6 +29,7 @@ from lmlab.errors import UserError
 from lmlab.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT, padded_vocab
+from lmlab.model.plugins import build_plugin
 from lmlab.model.recurrent import RecurrentLM
 
 BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (measured: 1.24-1.33)
@@ -38,7 +39,10 @@ UNCOUNTABLE = 2**63  # what a shape whose size overflows even the meta device's 
 
 
 def construct(config: ModelConfig) -> LanguageModel:
-    return RecurrentLM(config) if config.kind == "recurrent" else GPT(config)
+    """The model `config.kind` names: lmlab's own kinds, or one an installed package registers (`plugins`)."""
+    if config.kind == "gpt":
+        return GPT(config)
+    return RecurrentLM(config) if config.kind == "recurrent" else build_plugin(config)
 
 
 class _NoInit(TorchFunctionMode):

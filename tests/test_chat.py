@@ -1,0 +1,315 @@
+"""Chat templates against transformers' `apply_chat_template`: a Qwen2.5-style and a Llama-3-style tokenizer folder
+built here (no download), rendered and tokenized the same for several conversations; an imported instruct model
+keeps its template and uses it in `sample --chat`, `serve` (multi-turn), `answer` and `judge`, stopping at the
+end of its turn; templates that cannot render are refused in the template's own words."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from lmlab.chat import read_chat_template
+from lmlab.config import SamplingParams
+from lmlab.data.tokenizers import load_pretrained
+from lmlab.errors import UserError
+from lmlab.generate import chat_stream
+from lmlab.hf import export_hf, import_hf
+from lmlab.judge import judge_prompt
+from lmlab.rundir import RunDir
+from tests.conftest import ALPACA_TINY, LMLAB
+from tests.test_plugins import run_cli
+
+transformers = pytest.importorskip("transformers")
+from tests.hf_reference import tiny_hf  # noqa: E402  (needs transformers)
+
+# Qwen2.5's template as it renders without tools: a default system message, <|im_start|>ROLE ... <|im_end|>.
+QWEN = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+    {{- "\n\n# Tools\n\n<tools>" }}
+    {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
+    {{- "\n</tools><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- for tool_call in message.tool_calls %}{{- '\n<tool_call>\n' + tool_call.function.name + '\n</tool_call>' }}{%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+# Llama 3.1's, without tools: the BOS, a dated system header, <|start_header_id|>ROLE<|end_header_id|>, <|eot_id|>.
+LLAMA3 = r"""{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = strftime_now("%d %b %Y") %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+# Gemma's: no system role, roles that alternate (raise_exception otherwise), the assistant called "model".
+GEMMA = (r"{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+         r"{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}"
+         r"{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+         r"{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+         r"{% set role = message['role'] %}{% endif %}"
+         r"{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+         r"{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+STYLES = {  # special tokens (the first, id 0, ends a turn), tokenizer_config.json, where the template is kept
+    "qwen2.5": (["<|im_end|>", "<|endoftext|>", "<|im_start|>"],
+                {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, "tokenizer_config"),
+    "llama3": (["<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"],
+               {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, "chat_template.jinja"),
+    "gemma": (["<end_of_turn>", "<bos>", "<eos>", "<start_of_turn>"], {"bos_token": "<bos>", "eos_token": "<eos>"},
+              "tokenizer_config"),
+}
+TEMPLATES = {"qwen2.5": QWEN, "llama3": LLAMA3, "gemma": GEMMA}
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who is Romeo?"}],
+    [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Who is Juliet?"}],
+    [{"role": "user", "content": "Name a star."}, {"role": "assistant", "content": "The sun."},
+     {"role": "user", "content": "Another,\nplease — in French: étoile?"}],
+    [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+]
+
+
+def chat_folder(folder: Path, style: str, corpus: Path, template: str | None = None) -> Path:
+    """A tokenizer folder as an instruct model ships it: a byte-level BPE whose special tokens are the style's
+    (Llama 3's tokenizer adds its BOS to every text, as the real one does), and its chat template."""
+    specials, settings, where = STYLES[style]
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    if style != "qwen2.5":  # Llama 3's and Gemma's tokenizers put their BOS before every text
+        bos = settings["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                               special_tokens=[(bos, backend.token_to_id(bos))])
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    template = template if template is not None else TEMPLATES[style]
+    config = {**settings, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 64}
+    if where == "chat_template.jinja":
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    else:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def hf_chat_model(folder: Path, style: str, corpus: Path, silent: bool = False) -> Path:
+    """A tiny random Qwen2 (context 512) saved by transformers with the style's tokenizer and template; `silent`: its
+    final norm zeroed, so every logit is 0 and greedy decoding picks id 0, the end of a turn, at once."""
+    chat_folder(folder, style, corpus)
+    tokenizer = load_pretrained(folder)
+    saved = {name: (folder / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+    tiny_hf(folder, "qwen2", tokenizer, max_position_embeddings=512, use_sliding_window=False)  # a judge's rubric fits
+    for name, data in saved.items():  # tiny_hf writes a plain tokenizer_config.json: the instruct one goes back
+        (folder / name).write_bytes(data)
+    if silent:
+        weights = load_file(str(folder / "model.safetensors"))
+        weights["model.norm.weight"].zero_()
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_rendered_prompt_and_its_ids_are_transformers(tmp_path, corpus_dir, style):
+    folder = chat_folder(tmp_path / style, style, corpus_dir)
+    tokenizer = load_pretrained(folder)
+    ours, theirs = read_chat_template(folder, tokenizer), transformers.AutoTokenizer.from_pretrained(folder)
+    for messages in CONVERSATIONS:
+        for generation in (True, False):
+            if style == "gemma" and messages[0]["role"] == "system":  # refused by both, in the template's words
+                with pytest.raises(UserError, match="cannot render these messages: System role not supported$"):
+                    ours.render(messages, generation)
+                with pytest.raises(Exception, match="System role not supported"):
+                    theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+                continue
+            text = ours.render(messages, generation)
+            assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+            assert tokenizer.encode(text, special=False) == theirs.apply_chat_template(
+                messages, add_generation_prompt=generation, return_dict=False)
+    assert ours.end_of_turn == (STYLES[style][0][0],)
+
+
+def test_an_imported_instruct_model_keeps_its_template_out_and_back_and_answers_through_it(tmp_path, corpus_dir,
+                                                                                         capsys):
+    source = hf_chat_model(tmp_path / "Qwen2.5-tiny-Instruct", "qwen2.5", corpus_dir)
+    import_hf(source, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    assert run.chat_template() == read_chat_template(source, load_pretrained(source))
+    messages = [{"role": "system", "content": "Speak as a nurse."}, {"role": "user", "content": "Where is Romeo?"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(source)
+    ids = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                   eos_token_id=theirs.convert_tokens_to_ids(["<|im_end|>"]))[0, len(ids):].tolist()
+    expected = theirs.decode(generated).split("<|im_end|>")[0]
+    code, out, err = run_cli(capsys, "sample", run.path, "--chat", "Where is Romeo?", "--system", "Speak as a nurse.",
+                             "--temperature", "0", "--max-new-tokens", "12", "--device", "cpu")
+    assert code == 0 and out == expected + "\n", err
+    assert "chat 'Where is Romeo?', system 'Speak as a nurse.'" in (run.path / "samples.txt").read_text()
+
+    # `answer` asks each instruction (and input) as the user's message, as transformers would.
+    code, _, err = run_cli(capsys, "answer", run.path, "--data", ALPACA_TINY, "--out", tmp_path / "answers.jsonl",
+                           "--max-new-tokens", "8", "--device", "cpu")
+    first = json.loads((tmp_path / "answers.jsonl").read_text().splitlines()[0])
+    asked = first["instruction"] + (f"\n\n{first['input']}" if first["input"] else "")
+    ids = theirs.apply_chat_template([{"role": "user", "content": asked}], add_generation_prompt=True,
+                                     return_dict=False)
+    with torch.no_grad():
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=theirs.convert_tokens_to_ids(["<|im_end|>"]))[0, len(ids):].tolist()
+    assert code == 0 and first["model_answer"] == theirs.decode(generated).split("<|im_end|>")[0], err
+
+    # Exported, the folder renders as the source did; imported again, the run has the same template.
+    export_hf(run.path, tmp_path / "out")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for conversation in CONVERSATIONS:
+        assert again.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == \
+            theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == theirs.convert_tokens_to_ids("<|im_end|>")
+    import_hf(tmp_path / "out", tmp_path / "back")
+    assert RunDir(tmp_path / "back").chat_template().template == QWEN
+
+
+def test_a_reply_stops_at_the_end_of_the_turn_not_only_at_the_eos(tmp_path, corpus_dir):
+    # Llama 3's eos (<|end_of_text|>) is not its end of turn (<|eot_id|>): a model that ends its turn at once
+    # gives an empty reply, where decoding to the eos would run to max_new_tokens.
+    import_hf(hf_chat_model(tmp_path / "Llama-3-tiny-Instruct", "llama3", corpus_dir, silent=True), tmp_path / "run")
+    run = RunDir(tmp_path / "run").load("best", "cpu")
+    assert run.chat_template.end_of_turn == ("<|eot_id|>",) and run.tokenizer.eot_token == "<|end_of_text|>"
+    stream = chat_stream(run, [("user", "Hello")], SamplingParams(20, temperature=0))
+    assert stream.text() == "" and stream.finish_reason == "stop" and stream.tokens == 1
+
+
+def start_server(run: Path) -> tuple[subprocess.Popen, str]:
+    """`lmlab serve RUN` on a free local port (eager: no compile at start); the process and its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([LMLAB, "serve", run, "--port", str(port), "--device", "cpu", "--no-compile"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=5):
+                return server, url
+        except (urllib.error.URLError, ConnectionError):
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            time.sleep(0.2)
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_serve_renders_multi_turn_chats_and_judge_asks_through_the_template(tmp_path, corpus_dir, capsys):
+    source = hf_chat_model(tmp_path / "gemma-tiny-it", "gemma", corpus_dir)
+    import_hf(source, tmp_path / "judge")
+    theirs = transformers.AutoTokenizer.from_pretrained(source)
+    server, url = start_server(tmp_path / "judge")
+    try:
+        conversation = CONVERSATIONS[2]  # user, assistant, user
+        status, reply = post(f"{url}/v1/chat/completions", {"messages": conversation, "max_tokens": 5,
+                                                            "temperature": 0})
+        assert status == 200 and reply["usage"]["prompt_tokens"] == len(
+            theirs.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False))
+        status, reply = post(f"{url}/v1/chat/completions", {"messages": CONVERSATIONS[1], "max_tokens": 5})
+        assert status == 400 and reply["error"]["param"] == "messages" and reply["error"]["message"] == \
+            f"the chat template of {tmp_path / 'judge'} cannot render these messages: System role not supported"
+        answers = tmp_path / "answers.jsonl"
+        answers.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Red.",
+                                       "model_answer": "Blue."}) + "\n")
+        code, out, err = run_cli(capsys, "judge", "--answers", answers, "--endpoint", f"{url}/v1", "--model", "judge")
+        assert code == 0, err
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[1]
+    judged = json.loads((tmp_path / "answers-judged.jsonl").read_text())
+    asked = [{"role": "user", "content": judge_prompt(judged)}]
+    tokens = len(theirs.apply_chat_template(asked, add_generation_prompt=True, return_dict=False))
+    assert re.search(rf"POST /v1/chat/completions 200 in={tokens} ", log), log  # the judge's first ask
+
+
+BAD_TEMPLATES = {
+    "not Jinja": ("{% for m in messages %}{{ m.content }}", r"the chat template is not valid Jinja \(line 1: "
+                  r"Unexpected end of template.*\); fix it, or remove it to import the model without one\."),
+    "an undefined name": ("{{ greeting }}{% for m in messages %}{{ m.content }}{% endfor %}",
+                          r"the chat template of .* uses 'greeting' is undefined, which nothing sets \(lmlab passes "
+                          r"messages, add_generation_prompt, tools, documents and the special tokens "),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TEMPLATES)
+def test_a_template_that_cannot_render_is_refused_at_import_and_nothing_is_written(tmp_path, corpus_dir, capsys,
+                                                                                  case):
+    template, message = BAD_TEMPLATES[case]
+    source = hf_chat_model(tmp_path / "model", "qwen2.5", corpus_dir)
+    chat_folder(tmp_path / "model", "qwen2.5", corpus_dir, template)
+    code, _, err = run_cli(capsys, "import-hf", source, "--out", tmp_path / "run")
+    assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_messages_a_template_refuses_get_its_own_words(tmp_path, corpus_dir, capsys):
+    # Gemma's rule: no system role. The template's raise_exception is the sentence (in serve too: a 400).
+    import_hf(hf_chat_model(tmp_path / "model", "gemma", corpus_dir), tmp_path / "run")
+    before = (tmp_path / "run" / "samples.txt").exists()
+    code, _, err = run_cli(capsys, "sample", tmp_path / "run", "--chat", "Hi", "--system", "Be kind.")
+    assert code == 2 and err == f"error: the chat template of {tmp_path / 'run'} cannot render these messages: " \
+                                "System role not supported\n"
+    assert (tmp_path / "run" / "samples.txt").exists() == before
+    assert RunDir(tmp_path / "run").chat_template().end_of_turn == ("<end_of_turn>",)

@@ -1,0 +1,245 @@
+"""Model kinds from other packages (the `lmlab.models` entry point group): examples/context-vector, installed by the
+test extras, trains, resumes bitwise after kill -9, guards, budgets, sweeps, evaluates, samples, compares and
+reports like a built-in kind, against a GPT of its size on the WikiText-2 stand-in; plugins that are broken,
+missing or not models are named with their package."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmlab.commands import main
+from lmlab.config import SamplingParams, load_config
+from lmlab.generate import continue_all, stream_ids
+from lmlab.rundir import RunDir
+from lmlab.runs import summarize
+from lmlab.train.loop import Trainer
+from tests.conftest import LMLAB, TINY_CONFIG
+from tests.test_checkpoint import kill_and_resume, stable_events, weights
+
+import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
+
+
+def write(path: Path, dataset: Path, kind: str = "context-vector", options: str = "mlp_ratio = 2",
+          max_iters: int = 30, dropout: float = 0.0, extra: str = "") -> Path:
+    """conftest's tiny config as a model of `kind` with [model.options] `options` (and `extra` [model] lines),
+    logging every 3 steps and checkpointing every 7, so a kill lands between checkpoints."""
+    text = TINY_CONFIG.format(dataset=dataset, max_iters=max_iters)
+    text = text.replace("[model]\n", f'[model]\nkind = "{kind}"\ndropout = {dropout}\n{extra}\n')
+    text = text.replace("log_interval = 5", "log_interval = 3").replace("checkpoint_interval = 10",
+                                                                        "checkpoint_interval = 7")
+    path.write_text(f"{text}\n[model.options]\n{options}\n")
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`lmlab ARGV` in this process (no interpreter start-up): status, stdout, stderr."""
+    capsys.readouterr()  # what came before is not this command's
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_its_size(tmp_path, wikitext_dataset,
+                                                                                      capsys):
+    config = write(tmp_path / "cv.toml", wikitext_dataset, options="", dropout=0.1)  # its default context width
+    Trainer(load_config(config), tmp_path / "straight", "cpu").run()
+    run = tmp_path / "killed"
+    kill_and_resume([LMLAB, "train", config, "--run", run], run, (7, 16))  # metrics lines: between checkpoints
+    straight, resumed = weights(tmp_path / "straight"), weights(run)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert stable_events(run) == stable_events(tmp_path / "straight")
+    start = RunDir(run).events()[0]
+    assert start["plugin"]["package"] == "lmlab-context-vector" and start["model"].startswith("context-vector 2L/32")
+
+    # A GPT of the same width and depth (rotary positions: no position table) has within 0.5% of its parameters.
+    gpt = Trainer(load_config(write(tmp_path / "gpt.toml", wikitext_dataset, "gpt", "", dropout=0.1,
+                                    extra='pos_emb = "rope"')), tmp_path / "gpt", "cpu").run().run_dir
+    ours, theirs = summarize(run).params, summarize(gpt).params
+    assert abs(ours - theirs) / theirs < 0.005, (ours, theirs)
+    code, out, _ = run_cli(capsys, "compare", gpt, run, "--json")
+    rows = {r["run"]: r for r in json.loads(out)["runs"]}
+    assert code == 0 and rows["killed"]["architecture"] == "context vector" and rows["killed"]["best_val_loss"]
+
+    (tmp_path / "prompts.txt").write_text("The\n = = History = =\\n\n")
+    code, _, err = run_cli(capsys, "report", gpt, run, "--prompts", tmp_path / "prompts.txt", "--temperature", "0,0.8",
+                           "--max-new-tokens", "6", "--out", tmp_path / "report", "--device", "cpu")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert code == 0, err
+    assert "context vector: context-vector 2L/32 context 43" in report and "Prompt grid" in report
+    assert report.count("`killed`, temperature") == 4 and RunDir(run).evaluations()  # 2 prompts x 2 temperatures
+
+    # Its weights are safetensors like every kind's; export-hf, which writes transformers, says where they are.
+    code, _, err = run_cli(capsys, "export-hf", run, tmp_path / "exported")
+    assert code == 2 and "model.safetensors" in err and not (tmp_path / "exported").exists()
+    model = RunDir(run).load("latest", "cpu").model
+    on_disk = load_file(str(RunDir(run).checkpoint("latest") / "model.safetensors"))
+    assert set(on_disk) == set(model.state_dict()) - {"wte.weight"}  # the tied table once, as the head
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, capsys):
+    t = Trainer(load_config(write(tmp_path / "cv.toml", wikitext_dataset, max_iters=20)), tmp_path / "guarded", "cpu")
+    clean_forward, poisoned = t.step.forward, []
+
+    def nan_forward(x, y):  # three non-finite training steps in a row, once: skipped, then rolled back
+        logits, loss = clean_forward(x, y)
+        if t.model.training and t.progress.step >= 14 and len(poisoned) < 3:
+            poisoned.append(t.progress.step)
+            loss = loss * float("nan")
+        return logits, loss
+
+    t.step.forward = nan_forward
+    events = RunDir(t.run().run_dir).events()
+    assert [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "rollback")] == \
+        [("skip", 15), ("skip", 16), ("rollback", 17)]
+    assert next(e for e in events if e["event"] == "rollback")["to_step"] == 14 and events[-1]["step"] == 20
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "guarded").values())
+
+    config = write(tmp_path / "sweep.toml", wikitext_dataset)
+    code, out, err = run_cli(capsys, "sweep", config, "--set", "model.options.mlp_ratio=1,3", "--budget-seconds", "2.5",
+                             "--name", "ratio", "--dir", tmp_path)
+    assert code == 0, err
+    for trial in ("options.mlp_ratio=1", "options.mlp_ratio=3"):
+        trial_run = RunDir(tmp_path / "ratio" / trial)
+        assert trial_run.config().model.options == {"mlp_ratio": int(trial[-1])}
+        assert [e["event"] for e in trial_run.events()].count("budget") == 1
+        assert summarize(trial_run.path).status == "finished"
+
+
+FAKE_MODEL = """
+import torch.nn as nn
+from lmlab.model import LanguageModel
+from lmlab.model.loss import next_token_loss
+
+
+class Tiny(LanguageModel):  # the least a plugin writes: __init__ and forward
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.mix = nn.Linear(2 * config.n_embd, config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size)
+
+    def forward(self, idx, targets=None, cache=None):
+        x = self.wte(idx)
+        previous = nn.functional.pad(x, (0, 0, 1, 0))[:, :-1]  # each token sees itself and the one before
+        logits = self.head(self.mix(torch.cat([x, previous], -1)).tanh())
+        return logits, None if targets is None else next_token_loss(logits, targets)
+
+
+import torch
+"""
+
+
+def install(site: Path, kind: str, package: str, source: str, target: str = "Tiny") -> Path:
+    """A package as pip leaves it on a path Python searches: its module, and a dist-info folder whose
+    entry_points.txt registers `kind` in the lmlab.models group."""
+    module = package.replace("-", "_")
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[lmlab.models]\n{kind} = {module}:{target}\n")
+    return info
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch) -> Path:
+    """A folder of installed packages for this test alone (the modules it imported are forgotten after it)."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    yield folder
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(folder)):
+            del sys.modules[name]
+
+
+def test_a_minimal_plugin_samples_by_recomputing_its_context_and_a_missing_one_names_its_package(
+        tmp_path, site, char_dataset, capsys):
+    info = install(site, "tiny-mix", "lmlab-tiny-mix", FAKE_MODEL)
+    result = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "tiny-mix", "", max_iters=10)),
+                     tmp_path / "run", "cpu").run()
+    run = RunDir(result.run_dir).load("best", "cpu")
+    assert run.model.new_cache(1, torch.device("cpu"), torch.float32) is None  # no decode state of its own
+    prompt = run.tokenizer.encode("ROMEO:")
+    ids = list(prompt)
+    with torch.no_grad():  # greedy by hand: the whole context through the model for every token
+        for _ in range(15):
+            ids.append(int(run.model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert list(stream_ids(run.model, prompt, SamplingParams(15, temperature=0))) == ids[len(prompt):]
+    # Rows of different lengths decode together (right-padded windows) as each does alone.
+    prompts = [run.tokenizer.encode(p) for p in ("ROMEO:", "JULIET: fair night,")]
+    together = continue_all(run.model, run.tokenizer, prompts, [SamplingParams(15, temperature=0)] * 2, 2,
+                            torch.float32)
+    assert [c.decoding.ids for c in together] == \
+        [prompt + list(stream_ids(run.model, prompt, SamplingParams(15, temperature=0))) for prompt in prompts]
+    assert summarize(result.run_dir).architecture == "tiny-mix"
+
+    # Uninstalled, the run names the package that provides its kind.
+    for path in sorted(info.iterdir()):
+        path.unlink()
+    info.rmdir()
+    code, _, err = run_cli(capsys, "sample", result.run_dir, "--max-new-tokens", "5")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is a model of kind 'tiny-mix', which the package lmlab-tiny-mix 0.1 provides, and it is not installed" \
+           in err
+    assert summarize(result.run_dir).status == "finished"  # `lmlab runs` still lists it
+
+
+BROKEN = {
+    "raises at import": ("raise RuntimeError('no GPU driver found')\n", "Tiny",
+                         "the model plugin 'broken' (package lmlab-broken, lmlab_broken:Tiny) fails to import "
+                         "(RuntimeError: no GPU driver found); fix or reinstall the package."),
+    "returns no model": ("def Tiny(config):\n    return {'layers': config.n_layer}\n", "Tiny",
+                         "the model plugin 'broken' (package lmlab-broken, lmlab_broken:Tiny) returned a dict, not a "
+                         "model: its entry point must build an lmlab.model.LanguageModel from the ModelConfig."),
+    "fails to build": ("def Tiny(config):\n    return config.options['width'] * 2\n", "Tiny",
+                       "the model plugin 'broken' (package lmlab-broken, lmlab_broken:Tiny) cannot build a model "
+                       "from [model] and [model.options] (KeyError: 'width')."),
+    "names nothing": ("x = 1\n", "Missing", "the model plugin 'broken' (package lmlab-broken, lmlab_broken:Missing) "
+                      "fails to import (AttributeError"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_plugin_is_named_with_its_package_and_nothing_is_written(tmp_path, site, char_dataset, capsys,
+                                                                          case):
+    source, target, message = BROKEN[case]
+    install(site, "broken", "lmlab-broken", source, target)
+    code, _, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "broken", ""), "--run",
+                           tmp_path / "run", "--device", "cpu")
+    assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("gpt", "width = 3", r"\[model.options\] \(width\) holds a model plugin's settings, and model.kind 'gpt' is "
+                         r"lmlab's own, which reads none: remove the table, or set model.kind to the plugin's name."),
+    ("my_models/cv.py", "", r"model.kind is 'my_models/cv.py', which is neither one of lmlab's \(gpt, recurrent\) nor "
+                            r"a model plugin installed here \(installed: context-vector\); install the package"),
+    ("context-vector", "depth = 3", "model.options.depth is not a setting of the context-vector model; it takes "
+                                    "context_size, mlp_ratio."),
+    ("context-vector", "mlp_ratio = 0", "model.options.mlp_ratio is 0; it must be a whole number from 1 to 2\\*\\*20"),
+    ("context-vector", "mlp_ratio = nan", r"model.options.mlp_ratio is nan; a plugin's setting is text, a finite "
+                                          r"number, true or false"),
+])
+def test_model_options_and_kinds_that_cannot_be_are_refused(tmp_path, char_dataset, capsys, kind, options, message):
+    code, _, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, kind, options), "--run",
+                           tmp_path / "run", "--device", "cpu")
+    assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+    assert not (Path.cwd() / "my_models").exists()  # nothing imported or created from a path a config names

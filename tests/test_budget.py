@@ -216,7 +216,10 @@ def test_the_ranks_of_a_torchrun_job_make_their_plans_together(tmp_path, char_da
                      "--set", "train.eval_interval=25"]))
     events, plans = RunDir(run).events(), plans_of(run)
     assert plans[0].reason == "planned" and plans[0].max_iters > plans[0].step
-    assert {e["step"] for e in events if e["event"] == "eval"} - {plans[-1].max_iters} <= {p.step for p in plans}
+    # Every evaluation after the first plan plans again (one before it, while the first steps are still being
+    # timed on a slow start, has nothing to re-plan).
+    evals = {e["step"] for e in events if e["event"] == "eval" and e["step"] >= plans[0].step}
+    assert evals - {plans[-1].max_iters} <= {p.step for p in plans}
     assert events[-1]["event"] == "end" and events[-1]["step"] == plans[-1].max_iters
     assert [e["step"] for e in events if e["event"] == "eval"][-1] == plans[-1].max_iters
 

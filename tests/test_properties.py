@@ -67,7 +67,7 @@ def test_the_request_parser_answers_every_body_with_a_request_or_a_400(served, b
         assert err.status in (400, 404) and err.message, err
         json.dumps(err.body(), ensure_ascii=False).encode("utf-8")  # as the response sends it: no lone surrogate
         return
-    assert isinstance(request, Request) and request.ids and 1 <= len(request.params) <= served.max_batch
+    assert isinstance(request, Request) and all(request.prompts) and 1 <= len(request.params) <= served.max_batch
 
 
 @EXAMPLES

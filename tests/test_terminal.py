@@ -73,7 +73,8 @@ def test_every_subcommand_has_an_example_and_help_on_every_argument():
 
 
 @pytest.mark.parametrize("command, shown", [
-    ("serve", ["--port PORT", "(default: 8000)", "(default: 512)", "best (lowest val loss) or latest (default: best)"]),
+    ("serve", ["--port PORT", "(default: 8000)", "(default: 512)",
+               "best (lowest val loss), latest, or a step: step_N or N (e.g. 500) (default: best)"]),
     ("sample", ["(default: 0.8)", "tokens to generate at most (default: 500)", "RUN "]),
     ("report", ["(default: 300)", "(default: auto)", "RUN [RUN ...]"]),
 ])

@@ -274,7 +274,8 @@ def test_serve_renders_multi_turn_chats_and_judge_asks_through_the_template(tmp_
         answers.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Red.",
                                        "model_answer": "Blue."}) + "\n")
         code, out, err = run_cli(capsys, "judge", "--answers", answers, "--endpoint", f"{url}/v1", "--model", "judge")
-        assert code == 0, err
+        # A tiny random judge answers without a score, so judge says why and exits 2; what matters here is the ask.
+        assert code == 2 and "scored none of the 1 answers: 1 with no whole number" in err, err
     finally:
         server.terminate()
         log = server.communicate(timeout=30)[1]

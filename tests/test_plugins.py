@@ -115,7 +115,7 @@ def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, 
     for trial in ("options.mlp_ratio=1", "options.mlp_ratio=3"):
         trial_run = RunDir(tmp_path / "ratio" / trial)
         assert trial_run.config().model.options == {"mlp_ratio": int(trial[-1])}
-        assert [e["event"] for e in trial_run.events()].count("budget") == 1
+        assert [e["event"] for e in trial_run.events()].count("budget") >= 1  # planned, and re-planned as it goes
         assert summarize(trial_run.path).status == "finished"
 
 

@@ -157,8 +157,10 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) 
 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
-            return sum(t.numel() * t.element_size() for t in _on_meta(c).new_cache(1, torch.device("meta"),
-                                                                                    dtype).tensors())
+            state = _on_meta(c).new_cache(1, torch.device("meta"), dtype)
+        if state is None:  # a model that keeps no state: the decoder keeps the row's tokens (decode.ContextWindow)
+            return (c.block_size + 1) * 8
+        return sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)
     each = _per_layer(config, state_bytes) + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row

@@ -12,9 +12,8 @@ import math
 import time
 from typing import Any
 
-from lmlab.config import SamplingParams
+from lmlab.config import SamplingParams, seeded
 from lmlab.errors import UserError
-from lmlab.generate import seeded
 
 
 class ApiError(Exception):
@@ -160,8 +159,9 @@ def chat_messages(messages: Any) -> list[tuple[str, str]]:
     return out
 
 
-def model_object(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "lmlab"}
+def model_object(name: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """A model as /v1/models lists it, with vLLM's `max_model_len` (the context, in tokens)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "lmlab", "max_model_len": max_model_len}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

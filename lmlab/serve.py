@@ -1,5 +1,12 @@
-"""An OpenAI-compatible HTTP server for a run's model: /v1/models, /v1/models/{id}, /v1/completions,
-/v1/chat/completions and /health, with every request decoded in one shared batch (lmlab.batcher).
+"""An OpenAI-compatible HTTP server for a run's model: /v1/models, /v1/models/{id}, /v1/completions and
+/v1/chat/completions; vLLM's /tokenize and /detokenize; /health and Prometheus' /metrics. Every request is
+decoded in one shared batch (lmlab.batcher), its tokens handed to the clients by lmlab.streaming.
+
+The port opens at once, before torch is imported: until the model is ready /health answers 503 with the phase
+of the start (lmlab.startup loads it in the background) and the API 503 `model_loading` with Retry-After. With
+an API key every route but /health and /metrics wants `Authorization: Bearer KEY`. A first SIGTERM or SIGINT
+drains: the port closes, running requests go on for up to --drain-seconds, then each ends with a last chunk
+(finish reason "abort") and the process exits 0; a second signal ends it at once.
 
 Limits: a body over --max-body-bytes gets 413 without being read whole; a prompt must fit the model's context
 (its length is checked before it is tokenized, where the tokenizer bounds the characters per token); max_tokens
@@ -12,271 +19,164 @@ at once. Every bad request gets OpenAI's error body, never a crash; one line per
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
 # at run time to know what to pass them.
 import asyncio
-import json
+import ipaddress
 import secrets
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmlab.batcher import Batcher, Event, Job, QueueFull
+from lmlab.batcher import Batcher, QueueFull
 from lmlab.errors import UserError
-from lmlab.generate import Batch, decode_dtype, document_start
-from lmlab.openai_api import (
-    ApiError,
-    chat_messages,
-    check_fields,
-    chunk,
-    head,
-    model_object,
-    response,
-    sampling,
-    stream_fields,
-    usage,
-    usage_chunk,
+from lmlab.openai_api import ApiError, head, model_object, response
+from lmlab.serve_metrics import CONTENT_TYPE, Metrics
+from lmlab.serve_requests import (
+    Request,
+    Served,
+    detokenize_request,
+    parse_request,
+    read_body,
+    tokenize_request,
 )
-from lmlab.rundir import LoadedRun, RunDir
+from lmlab.streaming import Answer, ClientGone, Relay, server_sent_events
 
-ROUTES = "GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions"
+ROUTES = ("GET /health, GET /metrics, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, "
+          "POST /v1/chat/completions, POST /tokenize and POST /detokenize")
+OPEN = ("/health", "/metrics")  # answered without the API key: health checks and scrapers have none
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+             "/detokenize")
 
 
 @dataclass
-class Served:
-    """The run behind the server, its batcher and its limits. Chats go through the run's prompt format if it was
-    fine-tuned, else they are rendered as a plain transcript."""
+class ServeOptions:
+    """What `lmlab serve` is asked to serve, and how."""
 
-    run: LoadedRun
-    batcher: Batcher
-    max_tokens_cap: int
-    max_batch: int
-    max_body_bytes: int
-    created: int  # when the served checkpoint was written (the model's `created`)
-    max_prompt_chars: int | None  # the longest prompt that may fit the context; None when a token has no bound
+    run: Path
+    checkpoint: str = "best"
+    device: str = "auto"
+    max_tokens_cap: int = 512
+    max_batch: int = 16
+    max_queue: int = 64
+    max_body_bytes: int = 1_000_000
+    compile: bool = False
+    threads: int = 0  # CPU threads of the decode step; 0: one fewer than the cores (see decode_threads)
+
+    def check(self) -> None:
+        limits = {"--max-tokens-cap": (self.max_tokens_cap, 1), "--max-batch": (self.max_batch, 1),
+                  "--max-queue": (self.max_queue, 0), "--max-body-bytes": (self.max_body_bytes, 1024),
+                  "--threads": (self.threads, 0)}
+        for option, (value, least) in limits.items():
+            if value < least:
+                raise UserError(f"{option} is {value}; it must be at least {least}.")
+        if not (self.run / "config.toml").is_file():  # said before the port opens (RunDir.config's words)
+            raise UserError(f"{self.run} is not an lmlab run (no config.toml); pass a directory made by "
+                            "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
+
+
+@dataclass
+class State:
+    """The server from its first moment: its names and key, the phase of its start (the run once served), the
+    decode step in use, whether it drains, and its metrics. `start` (given the state) begins loading once the
+    port is open."""
+
+    names: list[str]  # the model ids it answers to; the first is the one it answers with
+    api_key: str | None
+    start: Callable[["State"], None]
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    stop: Callable[[], None] = lambda: None  # ends the server (once it runs)
+    phase: str = "starting"
+    served: Served | None = None
+    decode_step: str = "eager"
+    threads: int = 0  # the decode step's CPU threads, once loaded
+    draining: bool = False
+    failure: str | None = None  # why loading failed: the server stops, and the command says it
+    relay: Relay | None = None
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.live)
 
     @property
     def name(self) -> str:
-        return self.run.run.name
+        return self.names[0]
+
+    def live(self) -> dict[str, Any]:
+        decoding, waiting = self.served.batcher.load() if self.served else (0, 0)
+        info = {"model": self.name, "phase": self.phase, "decode_step": self.decode_step}
+        if self.served:
+            info |= {"run": str(self.served.run.run.path), "checkpoint": self.served.run.checkpoint,
+                     "step": str(self.served.run.step), "max_model_len": str(self.served.context)}
+        return {"decoding": decoding, "waiting": waiting, "max_batch": self.served.max_batch if self.served else 0,
+                "ready": int(self.served is not None and not self.draining), "info": info}
 
 
-def load_served(run_dir: Path, checkpoint: str = "best", device: str = "auto", max_tokens_cap: int = 512,
-                max_batch: int = 16, max_queue: int = 64, compile: bool = False,
-                max_body_bytes: int = 1_000_000) -> Served:
-    """Load the run and start its batcher (compiling the decode step first with `compile`)."""
-    from lmlab.compiled import compile_step
-
-    limits = {"--max-tokens-cap": (max_tokens_cap, 1), "--max-batch": (max_batch, 1), "--max-queue": (max_queue, 0),
-              "--max-body-bytes": (max_body_bytes, 1024)}
-    for option, (value, least) in limits.items():
-        if value < least:
-            raise UserError(f"{option} is {value}; it must be at least {least}.")
-    run = RunDir(run_dir).load(checkpoint, device)
-    step = compile_step(run.model, max_batch, run.dtype) if compile else None
-    batch = Batch(run.model, run.tokenizer, max_batch, decode_dtype(run.device, run.dtype, compile), step)
-    tokenizer = run.tokenizer
-    # A word tokenizer's <unk> stands for a word of any length; the others' tokens have a longest text.
-    longest = None if tokenizer.kind == "word" else max(len(token) for token in tokenizer.vocab)
-    block = run.config.model.block_size
-    created = int((run.run.checkpoint(checkpoint) / "state.json").stat().st_mtime)
-    return Served(run, Batcher(batch, max_queue), max_tokens_cap, max_batch, max_body_bytes, created,
-                  None if longest is None else block * longest)
-
-
-@dataclass
-class Request:
-    """A validated completion request: the prompt's token ids, how to sample each choice, how to answer."""
-
-    ids: list[int]
-    params: list  # SamplingParams, one per choice
-    stream: bool
-    include_usage: bool
-    chat: bool
-
-
-def chat_prompt(served: Served, messages: Any) -> tuple[str, tuple[str, ...]]:
-    """Render chat messages: through the fine-tuning format (the last user message is the instruction, the
-    format being single-turn), else as a `role: content` transcript ending with `assistant:`."""
-    turns = chat_messages(messages)
-    fmt = served.run.prompt_format
-    if fmt is not None:
-        users = [text for role, text in turns if role == "user"]
-        if not users:
-            raise ApiError(400, "`messages` needs a user message: it is the instruction.", "messages")
-        return fmt.render(users[-1]), (fmt.end,)
-    return "".join(f"{role}: {text}\n" for role, text in turns) + "assistant:", ("\nuser:",)
-
-
-def encode_prompt(served: Served, prompt: str) -> list[int]:
-    """The prompt's token ids, refused with context_length_exceeded when they cannot fit the context, before
-    tokenizing when its length alone says so."""
-    block, tokenizer = served.run.config.model.block_size, served.run.tokenizer
-    too_long = f"this model's context is {block} tokens; shorten the prompt."
-    if served.max_prompt_chars is not None and len(prompt) > served.max_prompt_chars:
-        raise ApiError(400, f"the prompt is {len(prompt):,} characters, more than fits: {too_long}", "prompt",
-                       "context_length_exceeded")
+def loopback(host: str) -> bool:
+    """Whether `host` is an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
     try:
-        tokenizer.check(prompt, "the prompt")
-    except UserError as err:
-        raise ApiError(400, str(err), "prompt")
-    ids = tokenizer.encode(prompt) if prompt else document_start(tokenizer)
-    if len(ids) > block:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens and {too_long}", "prompt", "context_length_exceeded")
-    return ids
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve beyond this machine
+        return False
 
 
-def parse_request(served: Served, raw: bytes, chat: bool) -> Request:
-    """A request body checked and its prompt tokenized (CPU work: run it off the event loop)."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON ({err}).")
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object.")
-    check_fields(body, "chat" if chat else "completions")
-    if body.get("model") not in (None, served.name):
-        raise ApiError(404, f"model {body.get('model')!r} is not served here; use {served.name!r}.", "model",
-                       "model_not_found")
-    if chat:
-        prompt, stops = chat_prompt(served, body.get("messages"))
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse an empty key, and a server beyond loopback without one unless `insecure` says so."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key (or set LMLAB_API_KEY), or leave it out to serve without one.")
+    if api_key is None and not insecure and not loopback(host):
+        raise UserError(f"--host {host} serves beyond this machine, and without --api-key anyone who reaches it can "
+                        "use the model; give --api-key KEY (or set LMLAB_API_KEY), or --insecure if that is meant.")
+
+
+def unauthorized(headers: dict[bytes, bytes], api_key: str) -> ApiError | None:
+    """The 401 for a request without `Bearer api_key` (OpenAI's error body), or None."""
+    given = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = given.partition(" ")
+    if not given:
+        message = "no API key given; send it as `Authorization: Bearer KEY` (the openai client's api_key)."
+    elif scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        message = "the API key given is not this server's (--api-key); check the key sent as `Authorization: Bearer KEY`."
     else:
-        prompt, stops = body.get("prompt", ""), ()
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "`prompt` must be a string (or a list of one string).", "prompt")
-    stream, include_usage = stream_fields(body)
-    params = sampling(body, served.max_tokens_cap, served.max_batch, stops, secrets.randbelow(2**63))
-    return Request(encode_prompt(served, prompt), params, stream, include_usage, chat)
+        return None
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def read_body(http: Any, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit` bytes (from Content-Length, before
-    reading any of it, else while reading), so a huge body never sits in memory."""
-    too_large = ApiError(413, f"the request body is over {limit:,} bytes, this server's limit (--max-body-bytes); "
-                         "send a shorter prompt.", code="request_too_large")
-    declared = http.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for piece in http.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
-
-
-GONE = object()  # put into an answer's events when its client disconnects
-
-
-class ClientGone(Exception):
-    """The client of a request went away before its answer was whole."""
-
-
-class Answer:
-    """One request in the batcher, as the event loop sees it: events arrive through an asyncio queue, and the
-    request's counts go into `stats` (its log line)."""
-
-    def __init__(self, served: Served, request: Request, stats: dict[str, Any]):
-        self.served, self.request, self.stats = served, request, stats
-        self.events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def deliver(events: list[Event] | str) -> None:  # on the batcher's thread
-            try:
-                loop.call_soon_threadsafe(self.events.put_nowait, events)
-            except RuntimeError:  # the loop closed: the server is shutting down
-                pass
-
-        self.job = Job(request.ids, request.params, deliver)
-        self.texts, self.reasons = [""] * len(request.params), [None] * len(request.params)
-        self.stats["in"] = len(request.ids)
-        try:
-            served.batcher.submit(self.job)
-        except QueueFull:
-            raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, --max-queue); "
-                           "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
-
-    async def next_events(self) -> list[Event]:
-        events = await self.events.get()
-        if events is GONE:
-            raise ClientGone
-        if isinstance(events, str):
-            raise ApiError(500, events, kind="server_error")
-        self.stats.setdefault("first", time.perf_counter())
-        for i, piece, reason in events:
-            self.texts[i] += piece
-            self.reasons[i] = reason
-        return events
-
-    @property
-    def finished(self) -> bool:
-        return all(self.reasons)
-
-    def usage(self) -> dict[str, int]:
-        self.stats["out"] = sum(c.tokens for c in self.job.choices)
-        return usage(len(self.request.ids), self.stats["out"])
-
-    def release(self) -> None:
-        """Give the rows back, whatever ended the request (a no-op once it finished)."""
-        self.served.batcher.cancel(self.job)
-        if not self.finished:
-            self.stats["left"] = True
-            self.stats["out"] = sum(c.tokens for c in self.job.choices)
-
-
-async def server_sent_events(answer: Answer, top: dict[str, Any]) -> AsyncIterator[str]:
-    """OpenAI's chunk objects: (chat) each choice's role, text pieces and finish reasons as they come, (with
-    include_usage) a last chunk with the token counts, then [DONE]."""
-    request = answer.request
-    if request.include_usage:
-        top = {**top, "usage": None}  # OpenAI's other chunks carry a null usage when one comes at the end
-    if request.chat:
-        for i in range(len(request.params)):
-            yield f"data: {json.dumps(chunk(top, True, i, None, None, role=True))}\n\n"
-    while not answer.finished:
-        for i, piece, reason in await answer.next_events():
-            if piece:
-                yield f"data: {json.dumps(chunk(top, request.chat, i, piece, None))}\n\n"
-            if reason:
-                yield f"data: {json.dumps(chunk(top, request.chat, i, None, reason))}\n\n"
-    tokens = answer.usage()
-    if request.include_usage:
-        yield f"data: {json.dumps(usage_chunk(top, request.chat, tokens))}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-async def watch_disconnect(http: Any, answer: Answer) -> None:
-    """Tell `answer` when its client goes away (the body is read: the next message is the disconnect)."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-    answer.events.put_nowait(GONE)
-
-
-def create_app(served: Served) -> Any:
-    """The ASGI application serving `served`: FastAPI routes inside a per-request log."""
+def create_app(state: State) -> Any:
+    """The ASGI application of `state`: FastAPI routes behind the gate (key, loading, draining) and the log."""
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title=f"lmlab: {served.name}")
+    app = FastAPI(title=f"lmlab: {state.name}")
 
     class EventStream(StreamingResponse):
         """A streamed answer that gives its rows back however it ends: finished, client gone (even before the
         first chunk, when the stream never starts), or failed."""
 
-        def __init__(self, answer: Answer, top: dict[str, Any]):
-            super().__init__(server_sent_events(answer, top), media_type="text/event-stream")
+        def __init__(self, answer: Answer, request: Request, top: dict[str, Any]):
+            super().__init__(server_sent_events(answer, top, request.chat, request.include_usage),
+                             media_type="text/event-stream")
             self.answer = answer
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                self.answer.release()
+                release(self.answer)
+
+    def release(answer: Answer) -> None:
+        """Give the rows back, whatever ended the request (a no-op once it finished)."""
+        state.served.batcher.cancel(answer.job)
+        if not answer.finished:
+            answer.stats["left"] = True
+            answer.stats["out"] = answer.generated
 
     @app.exception_handler(ApiError)
     async def api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
@@ -298,29 +198,46 @@ def create_app(served: Served) -> Any:
         return JSONResponse(ApiError(500, f"internal error: {err!r}", kind="server_error").body(), status_code=500)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> JSONResponse:
+        served = state.served
+        if state.draining or served is None:
+            status = "draining" if state.draining else "loading"
+            return JSONResponse({"status": status, "phase": state.phase, "model": state.name}, status_code=503)
         decoding, waiting = served.batcher.load()
-        return {"status": "ok", "model": served.name, "decoding": decoding, "max_batch": served.max_batch,
-                "waiting": waiting, "max_queue": served.batcher.max_queue}
+        return JSONResponse({"status": "ok", "model": state.name, "decode_step": state.decode_step,
+                             "threads": state.threads, "decoding": decoding, "max_batch": served.max_batch,
+                             "waiting": waiting, "max_queue": served.batcher.max_queue})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_object(served.name, served.created)]}
+    async def models() -> dict[str, Any]:
+        served = state.served
+        return {"object": "list", "data": [model_object(name, served.created, served.context) for name in state.names]}
 
     @app.get("/v1/models/{model_id}")
-    def model(model_id: str) -> dict[str, Any]:
-        if model_id != served.name:
-            raise ApiError(404, f"model {model_id!r} is not served here; use {served.name!r}.", "model",
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id not in state.names:
+            raise ApiError(404, f"model {model_id!r} is not served here; use {state.name!r}.", "model",
                            "model_not_found")
-        return model_object(served.name, served.created)
+        return model_object(model_id, state.served.created, state.served.context)
 
     async def answer(http: HttpRequest, chat: bool) -> Any:
+        served = state.served
         raw = await read_body(http, served.max_body_bytes)
-        request = await run_in_threadpool(parse_request, served, raw, chat)
-        pending = Answer(served, request, http.scope.setdefault("lmlab", {}))
-        top = head(chat, served.name, uuid.uuid4().hex)
+        request = await run_in_threadpool(parse_request, served, state.names, raw, chat)
+        pending = Answer(request.ids, request.params, http.scope.setdefault("lmlab", {}), state.metrics.tokens)
+        try:
+            served.batcher.submit(pending.job)
+        except QueueFull:
+            raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, --max-queue); "
+                           "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+        state.metrics.prompt_tokens.inc(len(request.ids))
+        top = head(chat, state.name, uuid.uuid4().hex)
         if request.stream:
-            return EventStream(pending, top)
+            return EventStream(pending, request, top)
         watcher = asyncio.create_task(watch_disconnect(http, pending))
         try:
             while not pending.finished:
@@ -329,7 +246,7 @@ def create_app(served: Served) -> Any:
             return Response(status_code=499)  # no one reads it; the log says the client left
         finally:
             watcher.cancel()
-            pending.release()
+            release(pending)
         return JSONResponse(response(top, chat, pending.texts, pending.reasons, pending.usage()))
 
     @app.post("/v1/completions")
@@ -340,21 +257,81 @@ def create_app(served: Served) -> Any:
     async def chat_completions(http: HttpRequest) -> Any:
         return await answer(http, chat=True)
 
-    return AccessLog(app, lambda line: print(line, file=sys.stderr, flush=True))
+    @app.post("/tokenize")
+    async def tokenize(http: HttpRequest) -> Any:
+        raw = await read_body(http, state.served.max_body_bytes)
+        return await run_in_threadpool(tokenize_request, state.served, state.names, raw)
+
+    @app.post("/detokenize")
+    async def detokenize(http: HttpRequest) -> Any:
+        raw = await read_body(http, state.served.max_body_bytes)
+        return await run_in_threadpool(detokenize_request, state.served, state.names, raw)
+
+    return AccessLog(Gate(app, state), state)
+
+
+async def watch_disconnect(http: Any, answer: Answer) -> None:
+    """Tell `answer` when its client goes away (the body is read: the next message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    answer.leave()
+
+
+async def send_error(send: Any, error: ApiError) -> None:
+    """An ApiError as a whole response, sent from ASGI middleware (before any route runs)."""
+    import json
+
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gate:
+    """ASGI middleware in front of the routes: the API key (every route but /health and /metrics), then 503 for
+    the API while the model loads (`model_loading`) or once the server drains (`shutting_down`), with
+    Retry-After, before a body is read."""
+
+    def __init__(self, app: Any, state: State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN:
+            return await self.app(scope, receive, send)
+        state = self.state
+        error = unauthorized(dict(scope["headers"]), state.api_key) if state.api_key else None
+        if error is None and state.served is None:
+            error = ApiError(503, f"the model is loading ({state.phase}); retry shortly.", code="model_loading",
+                             kind="server_error", headers={"Retry-After": "1"})
+        if error is None and state.draining:
+            error = ApiError(503, "the server is shutting down and takes no new requests; send it to another.",
+                             code="shutting_down", kind="server_error", headers={"Connection": "close"})
+        if error is None:
+            return await self.app(scope, receive, send)
+        await send_error(send, error)
+
+
+def endpoint(path: str) -> str:
+    """The route a path is counted under in the metrics (unknown paths together, so they add no series)."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
 
 
 class AccessLog:
-    """ASGI middleware writing one line per request: method, path, status, tokens in and out, time to first
-    token and tokens/s (for completions), seconds; `(client left)` when the client went away first."""
+    """ASGI middleware writing one line per request (method, path, status, tokens in and out, time to first
+    token and tokens/s for completions, seconds; `(client left)` when the client went away first) and counting it
+    in the metrics."""
 
-    def __init__(self, app: Any, write: Callable[[str], None]):
-        self.app, self.write = app, write
+    def __init__(self, app: Any, state: State):
+        self.app, self.state = app, state
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), [499]  # nginx's "client closed request" until a status is sent
-        stats = scope.setdefault("lmlab", {})
+        stats = scope.setdefault("lmlab", {"started": started})
 
         async def noting_send(message: Any) -> None:
             if message["type"] == "http.response.start":
@@ -365,27 +342,59 @@ class AccessLog:
             await self.app(scope, receive, noting_send)
         finally:
             seconds = time.perf_counter() - started
+            self.state.metrics.requests.labels(endpoint(scope["path"]), str(status[0])).inc()
             parts = [scope["method"], scope["path"], str(status[0])]
             if "out" in stats:
+                self.state.metrics.duration.observe(seconds)
                 first = stats.get("first")
                 ttft = f"{first - started:.3f}s" if first else "-"
                 parts += [f"in={stats['in']}", f"out={stats['out']}", f"ttft={ttft}",
                           f"{stats['out'] / seconds:.1f} tok/s"]
             parts.append(f"{seconds:.3f}s" + (" (client left)" if stats.get("left") else ""))
-            self.write(" ".join(parts))
+            self.state.log(" ".join(parts))
 
 
 def require_extras() -> None:
     """Fail early, before the model loads, when the `serve` extra is missing."""
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise UserError("lmlab serve needs FastAPI and uvicorn; install them with `pip install -e '.[serve]'`.")
+        raise UserError("lmlab serve needs FastAPI, uvicorn and prometheus_client; install them with "
+                        "`pip install -e '.[serve]'`.")
 
 
-def run_server(served: Served, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted."""
+def run_server(state: State, host: str, port: int, drain_seconds: float) -> int:
+    """Serve until a signal; the exit status: 0 after a drain, 1 when a second signal cut it short, 2 when the
+    model failed to load (`state.failure` says why)."""
     import uvicorn
 
-    uvicorn.run(create_app(served), host=host, port=port, log_level="warning")
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            state.relay = Relay(asyncio.get_running_loop())
+            await super().startup(sockets)
+            state.start(state)  # the port is open: the model loads behind it
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn's own handler re-raises the signal once it has shut down (exit 143 for SIGTERM): not this one.
+            if state.draining:
+                state.log("lmlab serve: a second signal: stopping at once")
+                self.force_exit = self.should_exit = True
+                return
+            state.draining, state.phase, self.should_exit = True, "draining", True
+            running = state.served.batcher.load()[0] if state.served else 0
+            state.log(f"lmlab serve: draining: no new requests; {running} running may finish for {drain_seconds:g}s")
+            if state.served is not None:
+                timer = threading.Timer(drain_seconds, state.served.batcher.abort)
+                timer.daemon = True  # a drain that ends sooner exits without waiting for it
+                timer.start()
+
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=drain_seconds + 5)
+    server = Server(config)
+    state.stop = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.failure:
+        return 2
+    return 1 if server.force_exit else 0

@@ -21,7 +21,8 @@ LAYERS = [
     {"data"},
     {"prompt", "checkpoint", "rundir"},
     {"train", "evaluate", "sampling", "decode", "compiled", "generate", "scaling", "runs", "plots", "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "serve", "judge", "findings", "report"},
+    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "streaming",
+     "serve_requests", "serve_metrics", "serve", "startup", "judge", "findings", "report"},
     {"commands", "__main__"},
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

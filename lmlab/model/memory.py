@@ -157,8 +157,10 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) 
 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
-            return sum(t.numel() * t.element_size() for t in _on_meta(c).new_cache(1, torch.device("meta"),
-                                                                                    dtype).tensors())
+            state = _on_meta(c).new_cache(1, torch.device("meta"), dtype)
+        if state is None:  # no decode state: each step feeds the row's window whole (decode.ContextWindow), so a
+            return _kept_bytes(c)  # row costs a forward over the context (what a sequence keeps: an upper bound)
+        return sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)
     each = _per_layer(config, state_bytes) + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row

@@ -10,6 +10,14 @@ sent, against each server in turn (alternating, so a slow moment of the machine 
 and output tokens/s over the wall time, p50/p95 time to first token, and p50/p95 per-token latency (the time
 from a request's first token to its last, over the tokens after the first).
 
+"step alone" is what the server's decode step gives without the server: the same run loaded in this process,
+its step compiled for the same capacity and threads as that server's (or eager, as it decodes), as many rows as
+the server decodes at once (C, at most its --max-batch) stepped in a loop with the same sampling settings, each
+row from its prompt to `max_tokens`: output tokens/s and ms per step. "of step" is the server's out tok/s over
+the step's: what the server's per-token handling (detokenizing, stop checks, the hand-off to the event loop,
+SSE framing, HTTP) leaves of the step's speed. The step-alone row of one client is decode_speed.py's batch-1
+figure, sampled instead of greedy.
+
 Shapes: "demo" is configs/shakespeare-char-modern-cpu.toml's model (4 layers, 256 wide, context 128, a
 65-character vocabulary), 128 tokens per request; "gpt2" is GPT-2 small's (12 layers, 768 wide, context 1024,
 50,257 tokens), 32 tokens per request.
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import signal
 import socket
 import statistics
@@ -28,6 +37,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +48,12 @@ from rich.table import Table
 from lmlab.checkpoint import model_tensors
 from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console
-from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lmlab.compiled import compile_step
+from lmlab.config import DataConfig, ModelConfig, RunConfig, SamplingParams, TrainConfig
 from lmlab.data.tokenizers import train_tokenizer
+from lmlab.progress import ItemProgress
+from lmlab.decode import Decoder, Sequence
+from lmlab.generate import decode_dtype
 from lmlab.model import build_model
 from lmlab.rundir import RunDir
 
@@ -61,32 +76,44 @@ def write_run(folder: Path, config: ModelConfig, spec: str) -> Path:
     model = build_model(config)
     cfg = RunConfig(DataConfig(dataset=""), config, TrainConfig())
     facts = {"tokenizer": spec, "vocab_size": config.vocab_size, "eot_id": tokenizer.eot_id}
-    run = RunDir(folder)
-    run.begin("imported", model, cfg, facts, origin={"source": "random weights", "format": "benchmark"})
-    run.write_setup(cfg, tokenizer, facts)
-    run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), None,
-                        best=True, keep=1)
+    with RunDir(folder).locked() as run:
+        run.begin("imported", model, cfg, facts, origin={"source": "random weights", "format": "benchmark"})
+        run.write_setup(cfg, tokenizer, facts)
+        run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), None,
+                            best=True, keep=1)
     return folder
 
 
 class Server:
     def __init__(self, run: Path, max_batch: int, compile: bool):
+        self.max_batch = max_batch
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         options = ["--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens-cap", "1024",
                    "--compile" if compile else "--no-compile"]
+        # Compiled steps are kept beside the run, not in the user's cache.
+        env = {**os.environ, "XDG_CACHE_HOME": str(run.parent / "cache")}
         self.proc = subprocess.Popen([LMLAB, "serve", str(run), "--port", str(self.port), "--device", "cpu",
-                                      *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        self.threads = torch.get_num_threads()  # what a server that does not say decodes on
 
     def wait(self) -> None:
+        """Until the server answers /health 200 with its decode step in place (an lmlab that compiles behind
+        eager decoding says `eager, compiling` until then)."""
         while True:
             assert self.proc.poll() is None, "the server exited; run it by hand to see why"
             try:
-                http.client.HTTPConnection("127.0.0.1", self.port, timeout=5).request("GET", "/health")
-                return
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                connection.request("GET", "/health")
+                answer = connection.getresponse()
+                health = json.loads(answer.read()) if answer.status == 200 else {}
+                if health and health.get("decode_step") != "eager, compiling":
+                    self.threads = health.get("threads", self.threads)
+                    return
             except OSError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -102,7 +129,7 @@ class Timing:
 
 def complete(port: int, prompt: str, max_tokens: int, seed: int) -> Timing:
     """One streamed completion, timed from the request to its first and last text chunk."""
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE, "seed": seed,
                        "stream": True, "stream_options": {"include_usage": True}})
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     started = time.perf_counter()
@@ -149,6 +176,54 @@ def load(port: int, clients: int, requests: int, prompts: list[str], max_tokens:
     return time.perf_counter() - started, timings
 
 
+TEMPERATURE = 0.8  # what every request samples at, and the step alone too
+
+
+class StepAlone:
+    """The served run's decode step in this process, at a server's capacity, compiled as that server's is."""
+
+    def __init__(self, run: Path, capacity: int, compile: bool, threads: int):
+        self.run = RunDir(run).load("best", "cpu")
+        self.capacity, self.threads = capacity, threads
+        self.dtype = decode_dtype(self.run.device, self.run.dtype, compile)
+        with self.threaded():
+            self.step = compile_step(self.run.model, capacity, self.run.dtype) if compile else None
+
+    @contextmanager
+    def threaded(self) -> Iterator[None]:
+        """On the server's threads (baked into a compiled step's kernels, set for an eager one)."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def measure(self, rows: int, prompts: list[str], max_tokens: int, repeats: int = 2) -> tuple[float, float]:
+        """Output tokens/s and ms per step of `rows` sequences decoded together from their prompts to max_tokens;
+        the best of `repeats`."""
+        best = (0.0, float("inf"))
+        for _ in range(repeats):
+            with self.threaded():
+                best = max(best, self._decode(rows, prompts, max_tokens))
+        return best
+
+    def _decode(self, rows: int, prompts: list[str], max_tokens: int) -> tuple[float, float]:
+        decoder = Decoder(self.run.model, self.capacity, self.dtype, self.step)
+        started = time.perf_counter()
+        for i in range(rows):
+            ids = self.run.tokenizer.encode(prompts[i % len(prompts)])
+            decoder.join(Sequence(ids, SamplingParams(max_tokens, TEMPERATURE, seed=i)))
+        steps = 0
+        while decoder.active:
+            decoder.step()
+            steps += 1
+            for seq in [s for s in decoder.active if s.exhausted]:
+                decoder.leave(seq)
+        seconds = time.perf_counter() - started
+        return rows * max_tokens / seconds, seconds / steps * 1000
+
+
 def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -164,29 +239,33 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     table = Table(title=f"lmlab serve on the CPU ({torch.get_num_threads()} threads), "
                         f"{'compiled' if args.compile else 'eager'} decode step, sampled, streamed")
-    for column in ("model", "C", "server", "requests", "req/s", "out tok/s", "TTFT p50", "TTFT p95",
-                   "ms/token p50", "ms/token p95"):
+    for column in ("model", "C", "server", "requests", "req/s", "out tok/s", "step alone", "of step", "TTFT p50",
+                   "TTFT p95", "ms/token p50", "ms/token p95", "step ms"):
         table.add_column(column, justify="left" if column in ("model", "server") else "right")
     with tempfile.TemporaryDirectory() as folder:
         for shape in args.shapes.split(","):
             config, spec, max_tokens = SHAPES[shape]
             run = write_run(Path(folder) / shape, config, spec)
-            servers = {"batched (max-batch 64)": Server(run, 64, args.compile),
-                       "one at a time": Server(run, 1, args.compile)}
+            servers: dict[str, Server] = {}
             try:
-                measure(shape, servers, spec, max_tokens, levels, args.compile, table)
+                # One compile at a time: Inductor's autotuning times kernels, and a neighbour's compile would
+                # skew its choices.
+                for name, max_batch in (("batched (max-batch 64)", 64), ("one at a time", 1)):
+                    with console.status(f"{shape}: starting {name}{' (compiling)' if args.compile else ''}..."):
+                        servers[name] = Server(run, max_batch, args.compile)
+                        servers[name].wait()
+                with console.status(f"{shape}: the step alone{' (compiling)' if args.compile else ''}..."):
+                    alone = {name: StepAlone(run, server.max_batch, args.compile, server.threads)
+                             for name, server in servers.items()}
+                measure(shape, servers, alone, spec, max_tokens, levels, table)
             finally:
                 for server in servers.values():
                     server.stop()
     console.print(table)
 
 
-def measure(shape: str, servers: dict[str, Server], spec: str, max_tokens: int, levels: list[int], compile: bool,
-            table: Table) -> None:
-    console.print(f"{shape}: starting the servers{' (compiling their decode steps)' if compile else ''}...",
-                  highlight=False)
-    for server in servers.values():
-        server.wait()
+def measure(shape: str, servers: dict[str, Server], alone: dict[str, StepAlone], spec: str, max_tokens: int,
+            levels: list[int], table: Table) -> None:
     prompts = (["ROMEO:", "JULIET:", "NURSE:", "FRIAR:"] if spec == "char"
                else [" ".join(WORDS[6 * i:6 * i + 6]) for i in range(64)])
     for server in servers.values():  # warm up: the first request pays for lazy set-up
@@ -201,13 +280,14 @@ def measure(shape: str, servers: dict[str, Server], spec: str, max_tokens: int, 
             warning = busy_warning(f"{shape}, {name}, {clients} clients", meter.load, "its rates read low")
             if warning:
                 console.print(warning, style="yellow", markup=False)
+            step_rate, step_ms = alone[name].measure(min(clients, server.max_batch), prompts, max_tokens)
             tokens = sum(t.tokens for t in timings)
             per_token = [(t.total - t.first) / max(1, t.tokens - 1) * 1000 for t in timings]
             firsts = [t.first for t in timings]
             table.add_row(shape, str(clients), name, str(requests), f"{requests / wall:.2f}",
-                          f"{tokens / wall:,.0f}", f"{percentile(firsts, 50):.2f}s",
-                          f"{percentile(firsts, 95):.2f}s", f"{percentile(per_token, 50):.1f}",
-                          f"{percentile(per_token, 95):.1f}")
+                          f"{tokens / wall:,.0f}", f"{step_rate:,.0f}", f"{tokens / wall / step_rate:.0%}",
+                          f"{percentile(firsts, 50):.2f}s", f"{percentile(firsts, 95):.2f}s",
+                          f"{percentile(per_token, 50):.1f}", f"{percentile(per_token, 95):.1f}", f"{step_ms:.1f}")
 
 
 if __name__ == "__main__":

@@ -364,6 +364,11 @@ class SamplingParams:
         return f"seed {self.seed}, temperature {self.temperature}, top_k {self.top_k}, top_p {self.top_p}"
 
 
+def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n copies of `params`, the i-th seeded seed + i: n different draws, each repeatable alone."""
+    return [dataclasses.replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
+
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                              "finetune": FinetuneConfig}
 

@@ -21,7 +21,6 @@ import errno
 import json
 import math
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,14 +183,3 @@ async def read_body(http: Any, limit: int, timeout: float) -> bytes:
         http.scope.setdefault("lmlab", {})["left"] = True
         raise ApiError(499, "the client closed the connection before its request was whole.", code="client_left")
     return bytes(body)
-
-
-def serve_forever(app: Any, sock: socket.socket, limits: ServeLimits) -> None:
-    """Serve `app` on the bound `sock` until interrupted, with the edge's limits."""
-    import uvicorn
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    config = uvicorn.Config(app, log_level="warning", http=protocol(limits, log), timeout_keep_alive=limits.idle_timeout)
-    uvicorn.Server(config).run(sockets=[sock])

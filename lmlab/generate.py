@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmlab.config import SamplingParams
+from lmlab.config import SamplingParams, seeded
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.decode import Decoder, Step
 from lmlab.decode import Sequence as Decoding
@@ -226,11 +226,6 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
     """What an empty prompt stands for: the start of a document, after an end-of-text token (or, for char
     tokenizers, which have none, a newline)."""
     return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
-
-
-def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """n copies of `params`, the i-th seeded seed + i: n different draws, each repeatable alone."""
-    return [dataclasses.replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
 
 
 def _start(run: LoadedRun, prompt: str) -> list[int]:

@@ -12,12 +12,13 @@ import math
 import reprlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmlab.config import SamplingParams
+from lmlab.config import SamplingParams, seeded
 from lmlab.errors import UserError
-from lmlab.generate import seeded
-from lmlab.scoring import TokenScore
+
+if TYPE_CHECKING:  # the server imports this module before torch, to answer while the model loads
+    from lmlab.scoring import TokenScore
 
 
 _SHOWN = reprlib.Repr()  # short and shallow: a value of a megabyte or a thousand levels is quoted in a line
@@ -300,8 +301,9 @@ def chat_messages(messages: Any) -> list[tuple[str, str]]:
     return out
 
 
-def model_object(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "lmlab"}
+def model_object(name: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """A model as /v1/models lists it, with vLLM's `max_model_len` (the context, in tokens)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "lmlab", "max_model_len": max_model_len}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -22,7 +22,10 @@ def filter_logits(logits: torch.Tensor, temperature: float | Sequence[float], to
     rows = logits.float().reshape(-1, logits.size(-1))
     n, vocab = rows.shape
     temperatures, ks, ps = (_per_row(v, n) for v in (temperature, top_k, top_p))
-    rows = rows / torch.tensor(temperatures, device=rows.device)[:, None]
+    if len(set(temperatures)) > 1:
+        rows = rows / torch.tensor(temperatures, device=rows.device)[:, None]
+    elif temperatures[0] != 1:  # one temperature for every row (a server's usual step): no tensor to build
+        rows = rows / temperatures[0]
     ks = [min(k, vocab) if k else vocab for k in ks]
     if min(ks) < vocab:
         top = torch.topk(rows, max(ks), dim=-1).values  # (n, max k), descending
@@ -51,14 +54,21 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
     falls in its cumulative probabilities (inverse transform sampling), so its draws are the same whatever the
     other rows are; all rows are filtered and summed together, and read back to the host once.
     """
-    tokens = logits.argmax(-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-    if sampled:
-        chosen = [params[i] for i in sampled]
-        probs = torch.softmax(filter_logits(logits[sampled], [p.temperature for p in chosen],
-                                            [p.top_k for p in chosen], [p.top_p for p in chosen]), dim=-1)
-        cdf = probs.cumsum(-1)
-        draws = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in sampled])
-        picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
-        tokens[sampled] = picks.clamp_(max=logits.size(-1) - 1)
+    if not sampled:
+        return logits.argmax(-1).tolist()
+    # Every row sampled (a server's usual step): no argmax, no gather and scatter of the sampled rows. Each op
+    # here costs microseconds at a few rows, which is what a step costs in all at batch 1 (compiled).
+    every = len(sampled) == len(params)
+    chosen = params if every else [params[i] for i in sampled]
+    probs = torch.softmax(filter_logits(logits if every else logits[sampled], [p.temperature for p in chosen],
+                                        [p.top_k for p in chosen], [p.top_p for p in chosen]), dim=-1)
+    cdf = probs.cumsum(-1)
+    draws = [torch.rand(1, generator=generators[i], device=logits.device) for i in sampled]
+    draws = draws[0] if len(draws) == 1 else torch.cat(draws)
+    picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=logits.size(-1) - 1)
+    if every:
+        return picks.tolist()
+    tokens = logits.argmax(-1)
+    tokens[sampled] = picks
     return tokens.tolist()

@@ -96,7 +96,9 @@ ROWS = [
     Row("serve {run}", "--max-batch", int), Row("serve {run}", "--max-queue", int, ("zero",)),
     Row("serve {run}", "--max-body-bytes", int), Row("serve {run}", "--max-connections", int),
     Row("serve {run}", "--header-timeout", float), Row("serve {run}", "--body-timeout", float),
-    Row("serve {run}", "--idle-timeout", float),
+    Row("serve {run}", "--idle-timeout", float), Row("serve {run}", "--threads", int, ("zero",)),
+    Row("serve {run}", "--drain-seconds", float, ("zero",)),
+    Row("serve {run}", "--served-model-name", int, CLASSES),  # a name: every one of these is a valid one
     Row("sample {run}", "--num-samples", int),
     Row("answer {run} --data {alpaca} --out {out}/answers.jsonl", "--batch-size", int),
     Row("judge --answers {out}/a.jsonl --endpoint http://127.0.0.1:9/v1 --model m", "--max-tokens", int),

@@ -55,11 +55,20 @@ def corpus_texts(corpus_dir: Path) -> list[str]:
 def test_autotokenizer_gives_the_runs_ids_and_text(kind, kind_runs, corpus_dir):
     run, folder = kind_runs[kind], kind_runs[kind].with_name(f"{kind}-hf")
     theirs, ours = transformers.AutoTokenizer.from_pretrained(folder), RunDir(run).tokenizer()
-    for text in corpus_texts(corpus_dir) + (["an unseen word: zebra"] if kind != "char" else []):
+    texts = corpus_texts(corpus_dir) + (["an unseen word: zebra"] if kind != "char" else [])
+    for text in texts:
         ids = ours.encode(text)
         assert theirs(text)["input_ids"] == ids
         assert theirs.decode(ids) == ours.decode(ids)
-    assert theirs.eos_token_id == ours.eot_id
+    for side in ("right", "left"):  # a padded batch: each text's own ids where the attention mask is 1
+        theirs.padding_side = side
+        batch = theirs(texts, padding=True)
+        assert len({len(ids) for ids in batch["input_ids"]}) == 1
+        unpadded = [[i for i, m in zip(ids, mask) if m] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        assert unpadded == [ours.encode(text) for text in texts]
+    # A char run has no end-of-text token: its export adds one after the characters, its eos and pad.
+    eot = ours.vocab_size if kind == "char" else ours.eot_id
+    assert theirs.eos_token_id == theirs.pad_token_id == eot
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     assert settings["lmlab_tokenizer"] == KINDS[kind]
 
@@ -75,7 +84,11 @@ def test_an_exported_tokenizer_comes_back_as_the_same_kind(kind, kind_runs, tmp_
     folder = kind_runs[kind].with_name(f"{kind}-hf")
     import_hf(folder, tmp_path / "back")
     back, original = RunDir(tmp_path / "back").tokenizer(), RunDir(kind_runs[kind]).tokenizer()
-    assert (back.spec, back.eot_id, back.identity()) == (original.spec, original.eot_id, original.identity())
+    if kind == "char":  # with the end-of-text token its export gave it, after the characters
+        assert (back.spec, back.eot_id, back.vocab_size) == (original.spec, original.vocab_size, original.vocab_size + 1)
+        assert all(back.vocab[c] == i for c, i in original.vocab.items())
+    else:
+        assert (back.spec, back.eot_id, back.identity()) == (original.spec, original.eot_id, original.identity())
 
 
 def test_prepare_with_a_runs_tokenizer_keeps_its_kind_and_ids(kind_runs, tmp_path):

@@ -22,8 +22,8 @@ LAYERS = [
     {"prompt", "chat", "checkpoint", "rundir"},
     {"train", "evaluate", "sampling", "scoring", "decode", "compiled", "generate", "tasks", "scaling", "runs", "plots",
      "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "edge", "serve", "judge", "findings", "grid",
-     "report"},
+    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "edge", "streaming", "serve_requests",
+     "serve_metrics", "serve", "startup", "judge", "findings", "grid", "report"},
     {"commands", "__main__"},
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

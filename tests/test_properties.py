@@ -21,7 +21,8 @@ from tests.conftest import write_config
 
 pytest.importorskip("fastapi")
 
-from lmlab.serve import Request, Served, parse_request  # noqa: E402 (after the skip: serve needs fastapi)
+from lmlab.generate import document_start  # noqa: E402
+from lmlab.serve_requests import Request, Served, parse_request  # noqa: E402 (after the skip: serve needs fastapi)
 
 EXAMPLES = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -55,14 +56,14 @@ def served(imported_gpt2) -> Served:
     run = RunDir(imported_gpt2).load("best", "cpu")
     longest = max(len(token) for token in run.tokenizer.vocab)
     return Served(run, None, max_tokens_cap=64, max_batch=4, max_body_bytes=1_000_000, created=0,
-                  max_prompt_chars=run.config.model.block_size * longest)
+                  max_prompt_chars=run.config.model.block_size * longest, empty_prompt=document_start(run.tokenizer))
 
 
 @EXAMPLES
 @given(body=BODIES.flatmap(raw), chat=st.booleans())
 def test_the_request_parser_answers_every_body_with_a_request_or_a_400(served, body, chat):
     try:
-        request = parse_request(served, body, chat)
+        request = parse_request(served, ["gpt2"], body, chat)
     except ApiError as err:
         assert err.status in (400, 404) and err.message, err
         json.dumps(err.body(), ensure_ascii=False).encode("utf-8")  # as the response sends it: no lone surrogate
@@ -76,7 +77,7 @@ def test_the_request_parser_answers_every_body_with_a_request_or_a_400(served, b
     "stop": st.one_of(TEXT, st.lists(TEXT, max_size=5))}))
 def test_a_well_formed_body_gets_a_request_or_a_400_naming_a_field(served, body):
     try:
-        parse_request(served, json.dumps(body).encode(), chat=False)
+        parse_request(served, ["gpt2"], json.dumps(body).encode(), chat=False)
     except ApiError as err:
         assert err.status == 400 and err.param in (*body, None), err.body()
 

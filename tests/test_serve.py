@@ -213,21 +213,22 @@ def test_a_request_beyond_the_queue_is_refused_and_a_cancelled_one_leaves(sft_ru
     run = RunDir(sft_run).load("best", "cpu")
     # past_eot: only max_new_tokens ends a job, so the first one holds the one row until it is cancelled
     batch = Batch(run.model, run.tokenizer, 1, decode_dtype(run.device, run.dtype, False), past_eot=True)
-    batcher = Batcher(batch, max_queue=1)
     decoding, go_on = threading.Event(), threading.Event()
-
-    def held(events) -> None:  # the first job's client reads its first piece and then holds the batcher
-        decoding.set()
-        go_on.wait(30)
-
     params = [SamplingParams(max_new_tokens=64, temperature=0)]
-    first = Job([0], params, held)
+    first = Job([0], params)
+
+    def publish(news, at) -> None:  # the first job's client reads its first piece and then holds the batcher
+        if any(job is first for job, _ in news):
+            decoding.set()
+            go_on.wait(30)
+
+    batcher = Batcher(batch, 1, publish)
     batcher.submit(first)
     assert decoding.wait(30)
-    second = Job([0], params, lambda events: None)
+    second = Job([0], params)
     batcher.submit(second)  # waits for the one row
     with pytest.raises(QueueFull):
-        batcher.submit(Job([0], params, lambda events: None))
+        batcher.submit(Job([0], params))
     assert batcher.load() == (1, 1)
     batcher.cancel(second)  # left the queue at once
     assert batcher.load() == (1, 0)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import time
 from pathlib import Path
 
 from rich.table import Table
@@ -16,7 +19,6 @@ from lmlab.commands.common import (
     console,
     count,
     load_run,
-    note_checkpoint,
     port,
     positive,
     sampling,
@@ -24,28 +26,64 @@ from lmlab.commands.common import (
 from lmlab.errors import UserError
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from lmlab.edge import ServeLimits, bind
+def model_name(text: str) -> str:
+    """A model id: printable, no spaces, at most 256 characters (OpenAI's ids and vLLM's names are such)."""
+    if not text or len(text) > 256 or not text.isprintable() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model name: 1 to 256 printable characters, no spaces")
+    return text
 
-    limits = ServeLimits(args.max_connections, args.header_timeout, args.body_timeout, args.idle_timeout)
-    sock = bind(args.host, args.port)  # a port in use is said at once, before torch and the model load
-    from lmlab.serve import load_served, require_extras, run_server
+
+def seconds(text: str) -> float:
+    """A finite number of seconds, 0 or more (at most a day)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= 86_400):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    since = time.perf_counter()
+    from lmlab.edge import ServeLimits, bind
+    from lmlab.serve import ServeOptions, State, check_exposure, require_extras, run_server
 
     require_extras()
-    doing = "Loading the run and compiling its decode step (once per start; --no-compile skips it)" if args.compile \
-        else f"Loading {args.run}"
-    with console.status(f"{doing}..."):
-        served = load_served(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_batch,
-                             args.max_queue, args.compile, args.max_body_bytes, limits)
-    note_checkpoint(args.run, args.checkpoint, served.run.checkpoint, served.run.step)
-    fmt = served.run.prompt_format
-    chat = f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
-    if served.run.chat_template is not None:
-        chat = "the model's chat template"
-    console.print(f"serving {args.run} as model {served.name!r} at http://{args.host}:{args.port}/v1 "
-                  f"(chat rendered through {chat}; up to {args.max_batch} choices decoded at once, "
-                  f"{args.max_queue} requests queued); Ctrl-C stops it")
-    run_server(served, sock)
+    check_exposure(args.host, args.api_key, args.insecure)
+    limits = ServeLimits(args.max_connections, args.header_timeout, args.body_timeout, args.idle_timeout)
+    names = args.served_model_name or [Path(args.run).resolve().name]
+    if len(set(names)) < len(names):
+        raise UserError(f"--served-model-name lists a name twice ({' '.join(names)}); give each once.")
+    options = ServeOptions(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_batch,
+                           args.max_queue, args.max_body_bytes, args.compile, args.threads)
+    options.check()
+    startup = None
+
+    def begin(state: State) -> None:  # once the port answers: torch and the model load behind it
+        nonlocal startup
+        from lmlab.startup import Startup
+
+        startup = Startup(state, options, since)
+        startup.begin()
+
+    sock = bind(args.host, args.port)  # a port in use is said at once, before torch and the model load
+    state = State(names, args.api_key, begin, limits)
+    # On stdout, as a command's result: stderr is the log, and a refusal while loading is its only line.
+    console.print(f"lmlab serve: {args.run} as model {names[0]!r} at http://{args.host}:{args.port}/v1 (/health "
+                  f"says 503 until it has loaded; up to {args.max_batch} choices decoded at once, {args.max_queue} "
+                  f"requests queued{'; API key required' if args.api_key else ''}); a first Ctrl-C or SIGTERM "
+                  f"drains for up to {args.drain_seconds:g}s, a second stops at once", highlight=False, markup=False)
+    try:
+        status = run_server(state, sock, args.drain_seconds)
+    finally:
+        if startup is not None:
+            startup.stop()
+    if state.failure:
+        raise UserError(state.failure)
+    state.log("lmlab serve: stopped" + (" at once; requests still running were cut" if status else ""))
+    if status:
+        raise SystemExit(status)
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
@@ -118,7 +156,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=count(), default=1_000_000,
                    help="largest request body; a larger one gets HTTP 413 unread")
     add_edge_limits(p)
-    add_compile(p, default=True, why="compiling takes a minute at start-up; decoding runs several times faster")
+    add_compile(p, default=True, why="built in the background at the first start of a checkpoint (a minute or "
+                "more, decoding eagerly meanwhile) and kept on disk for the next; decoding runs several times faster")
+    p.add_argument("--threads", type=count(0), default=0,
+                   help="CPU threads of the decode step; 0: one fewer than the cores, leaving one to the HTTP side")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME", type=model_name,
+                   help="the model id(s) clients ask for, the first answering (default: the run folder's name)")
+    p.add_argument("--api-key", default=os.environ.get("LMLAB_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on every route but /health and /metrics (default: "
+                   "$LMLAB_API_KEY; none)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow serving beyond loopback (--host 0.0.0.0, ...) without an API key")
+    p.add_argument("--drain-seconds", type=seconds, default=10.0,
+                   help="on SIGTERM/SIGINT, how long running requests may go on before each is ended")
     add_device(p)
     p.set_defaults(func=cmd_serve)
 

@@ -10,11 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
 from safetensors import SafetensorError, safe_open
 
 from lmlab.chat import ChatTemplate
-from lmlab.data.tokenizers import UNK, Tokenizer
+from lmlab.data.tokenizers import EOT, UNK, Tokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
 
@@ -125,16 +126,36 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]")  # a vocabulary's own padding token, where it has one
+
+
+def exported_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer an export carries: the run's, and for a char run, which has no end-of-text token, the run's
+    with `<|endoftext|>` added after its characters (the next id), so the exported folder has an eos and a pad."""
+    if tokenizer.eot_id is not None:
+        return tokenizer
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
+    backend.add_special_tokens([EOT])
+    return Tokenizer(tokenizer.spec, backend)
+
+
+def pad_id(tokenizer: Tokenizer) -> int | None:
+    """The id to pad with: the vocabulary's own padding token, else the end-of-text token."""
+    return next((tokenizer.vocab[t] for t in PAD_TOKENS if t in tokenizer.vocab), tokenizer.eot_id)
+
+
 def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int, chat: ChatTemplate | None = None) -> None:
     """tokenizer.json and a tokenizer_config.json that makes `AutoTokenizer` load it as it is (the fast tokenizer
     of the `tokenizers` library, so every lmlab kind loads: char, word, bpe, gpt2, tiktoken, pretrained), with the
-    end-of-text token as eos and bos, `<unk>` for a word tokenizer, and the lmlab spec for `import-hf` to read back;
-    an imported instruct model's chat template with the special tokens it prints, as the model came."""
+    end-of-text token as eos and bos, a pad token (the vocabulary's own, else the end-of-text token: so
+    `tokenizer(texts, padding=True)` works), `<unk>` for a word tokenizer, and the lmlab spec for `import-hf` to
+    read back; an imported instruct model's chat template with the special tokens it prints, as the model came."""
     tokenizer.save(out / "tokenizer.json")
     settings: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
                                 "clean_up_tokenization_spaces": False, "lmlab_tokenizer": tokenizer.spec}
     if tokenizer.eot_token is not None:
-        settings.update(bos_token=tokenizer.eot_token, eos_token=tokenizer.eot_token)
+        settings.update(bos_token=tokenizer.eot_token, eos_token=tokenizer.eot_token,
+                        pad_token=tokenizer.backend.id_to_token(pad_id(tokenizer)))
     if tokenizer.kind == "word":
         settings["unk_token"] = UNK
     if chat is not None:
@@ -144,11 +165,12 @@ def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int, chat: Chat
 
 def write_generation_config(out: Path, tokenizer: Tokenizer | None, chat: ChatTemplate | None = None) -> None:
     """What `generate` stops at: the end-of-text id (a char tokenizer has none, so it runs to max_new_tokens), and
-    the end of an assistant's turn of a chat template."""
+    the end of an assistant's turn of a chat template; and what it pads with (`pad_id`)."""
     eot_id = tokenizer.eot_id if tokenizer is not None else None
     ids: dict[str, Any] = {}
     if eot_id is not None:
         ends = [tokenizer.backend.token_to_id(t) for t in (chat.end_of_turn if chat else ())]
         ends = [i for i in ends if i is not None and i != eot_id]
-        ids = {"bos_token_id": eot_id, "eos_token_id": [eot_id, *ends] if ends else eot_id, "pad_token_id": eot_id}
+        ids = {"bos_token_id": eot_id, "eos_token_id": [eot_id, *ends] if ends else eot_id,
+               "pad_token_id": pad_id(tokenizer)}
     write_json(out / "generation_config.json", ids)

@@ -158,8 +158,8 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
             state = _on_meta(c).new_cache(1, torch.device("meta"), dtype)
-        if state is None:  # a model that keeps no state: the decoder keeps the row's tokens (decode.ContextWindow)
-            return (c.block_size + 1) * 8
+        if state is None:  # no decode state: each step feeds the row's window whole (decode.ContextWindow), so a
+            return _kept_bytes(c)  # row costs a forward over the context (what a sequence keeps: an upper bound)
         return sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)

@@ -1,0 +1,329 @@
+"""`lmlab serve` as an operator runs it, against real server processes on 127.0.0.1: a start that binds at once
+and says what it loads, a compiled step kept on disk for the next start, Prometheus' /metrics, vLLM's /tokenize
+and /detokenize, model names and context length, an API key (and the refusal to serve beyond loopback without
+one), and SIGTERM/SIGINT draining to exit 0."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lmlab.config import load_config
+from lmlab.rundir import RunDir
+from lmlab.train.loop import Trainer
+from tests.conftest import LMLAB, write_config
+from tests.test_serve import free_port, sft_run  # noqa: F401 (sft_run is a fixture)
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+parser = pytest.importorskip("prometheus_client.parser")
+
+KEY = "sk-test-0123456789"
+
+
+class Process:
+    """`lmlab serve RUN OPTIONS` on a free port, watched from its first moment: every /health answer until the
+    first 200 (`starts`), and its stderr lines (`log`)."""
+
+    def __init__(self, run: Path, *options: str, ready: bool = True, env: dict | None = None):
+        self.port = free_port()
+        self.root, self.url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}/v1"
+        self.proc = subprocess.Popen([LMLAB, "serve", str(run), "--port", str(self.port), "--device", "cpu",
+                                      *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        self.starts: list[tuple[int, dict]] = []
+        if ready:
+            self.wait(lambda health: True)
+
+    def wait(self, done, timeout: float = 120) -> dict:
+        """Poll /health until it answers 200 with a body `done` accepts; returns that body."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = get(f"{self.root}/health")
+            if status is not None:
+                self.starts.append((status, body))
+            if status == 200 and done(body):
+                return body
+            assert self.proc.poll() is None, "".join(self.log)
+            assert time.monotonic() < deadline, f"not ready within {timeout} s: {self.starts[-1:]} {self.log}"
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int | None, dict | str]:
+    """Status and body (JSON, else text) of a GET; None when nothing answers."""
+    return call(urllib.request.Request(url, headers=headers or {}))
+
+
+def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int | None, dict | str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return call(urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})}))
+
+
+def call(request: urllib.request.Request) -> tuple[int | None, dict | str]:
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    except (urllib.error.URLError, ConnectionError):
+        return None, ""
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw.decode()
+
+
+@pytest.fixture(scope="module")
+def keyed(sft_run):  # noqa: F811
+    started = Process(sft_run, "--no-compile", "--api-key", KEY, "--served-model-name", "tiny-sft", "sft-alias",
+                      "--max-tokens-cap", "64", "--max-batch", "4")
+    yield started
+    started.stop()
+
+
+@pytest.mark.slow
+def test_the_port_answers_at_once_and_health_says_loading_until_ready(keyed):
+    loading = [body for status, body in keyed.starts if status == 503]
+    assert loading, "the first answer came when the model was already loaded"
+    assert all(b["status"] == "loading" and b["phase"] and b["model"] == "tiny-sft" for b in loading)
+    assert keyed.starts[-1][1]["status"] == "ok" and keyed.starts[-1][1]["decode_step"] == "eager"
+    lines = [line for line in keyed.log if line.startswith("lmlab serve: ")]
+    assert any(" in " in line and line.rstrip().endswith("s") and "loaded" in line for line in lines), lines
+    assert any("ready" in line and "after the command" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_the_api_loads_behind_a_503_with_retry_after(sft_run):  # noqa: F811
+    server = Process(sft_run, "--no-compile", ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while (answer := post(f"{server.url}/completions", {"prompt": "x", "max_tokens": 1}))[0] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, body = answer
+        if status == 503:  # the model loaded before the port was first reached: nothing to see (a fast machine)
+            assert body["error"]["code"] == "model_loading" and "loading" in body["error"]["message"]
+        server.wait(lambda health: True)
+        assert post(f"{server.url}/completions", {"prompt": "x", "max_tokens": 1})[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_the_compiled_step_is_built_behind_eager_decoding_and_kept_for_the_next_start(sft_run, tmp_path):  # noqa: F811
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = Process(sft_run, "--compile", "--max-batch", "2", env=cache)
+    try:
+        assert first.starts[-1][1]["decode_step"] == "eager, compiling"  # ready before the compiler is done
+        client = openai.OpenAI(base_url=first.url, api_key="unused")
+        assert client.completions.create(model="sft", prompt="ROMEO:", max_tokens=4).usage.completion_tokens
+        first.wait(lambda health: health["decode_step"] != "eager, compiling", timeout=600)
+        assert first.starts[-1][1]["decode_step"] == "compiled", first.log
+        eager_free = client.completions.create(model="sft", prompt="ROMEO:", max_tokens=6, temperature=0)
+    finally:
+        assert first.stop() == 0
+    kept = list((tmp_path / "cache" / "lmlab" / "compiled").glob("*.pt2"))
+    assert len(kept) == 1
+    again = Process(sft_run, "--compile", "--max-batch", "2", env=cache)
+    try:
+        assert again.starts[-1][1]["decode_step"] == "compiled"  # from its first 200: nothing compiled again
+        assert any("loaded the kept compiled step" in line for line in again.log), again.log
+        client = openai.OpenAI(base_url=again.url, api_key="unused")
+        assert client.completions.create(model="sft", prompt="ROMEO:", max_tokens=6, temperature=0).choices[0].text \
+            == eager_free.choices[0].text  # the same compiled step: the same greedy text
+    finally:
+        assert again.stop() == 0
+
+
+@pytest.mark.slow
+def test_an_api_key_guards_every_route_but_health_and_metrics(keyed):
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=keyed.url, api_key="sk-wrong", max_retries=0).models.list()
+    assert caught.value.status_code == 401
+    assert set(caught.value.body) == {"message", "type", "param", "code"} and caught.value.body["code"] == "invalid_api_key"
+    for headers in ({}, {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer"}):
+        status, body = post(f"{keyed.root}/tokenize", {"prompt": "x"}, headers)
+        assert status == 401 and body["error"]["type"] == "invalid_request_error", (headers, body)
+    assert get(f"{keyed.root}/health")[0] == 200 and get(f"{keyed.root}/metrics")[0] == 200
+    client = openai.OpenAI(base_url=keyed.url, api_key=KEY)
+    assert client.completions.create(model="tiny-sft", prompt="ROMEO:", max_tokens=3).choices
+
+
+@pytest.mark.slow
+def test_served_model_names_and_the_context_length(keyed, sft_run):  # noqa: F811
+    client = openai.OpenAI(base_url=keyed.url, api_key=KEY)
+    models = client.models.list().data
+    context = RunDir(sft_run).config().model.block_size
+    assert [(m.id, m.max_model_len) for m in models] == [("tiny-sft", context), ("sft-alias", context)]
+    assert client.models.retrieve("sft-alias").max_model_len == context
+    done = client.completions.create(model="sft-alias", prompt="ROMEO:", max_tokens=2)
+    assert done.model == "tiny-sft"  # the first name answers, as vLLM does
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="sft", prompt="ROMEO:", max_tokens=2)  # the run's name is not served
+
+
+@pytest.mark.slow
+def test_tokenize_and_detokenize_in_vllms_shapes(keyed, sft_run):  # noqa: F811
+    auth = {"Authorization": f"Bearer {KEY}"}
+    tokenizer = RunDir(sft_run).tokenizer()
+    context = RunDir(sft_run).config().model.block_size
+    text = "ROMEO: sweet night " * context  # longer than the context: counted, not refused
+    status, body = post(f"{keyed.root}/tokenize", {"model": "tiny-sft", "prompt": text}, auth)
+    assert status == 200 and body == {"count": len(tokenizer.encode(text)), "max_model_len": context,
+                                      "tokens": tokenizer.encode(text), "token_strs": None}
+    assert body["count"] > context
+    status, body = post(f"{keyed.root}/tokenize", {"prompt": "ROMEO:", "return_token_strs": True}, auth)
+    assert body["token_strs"] == [tokenizer.backend.id_to_token(i) for i in body["tokens"]]
+    assert post(f"{keyed.root}/detokenize", {"tokens": body["tokens"]}, auth) == (200, {"prompt": "ROMEO:"})
+    status, chat = post(f"{keyed.root}/tokenize", {"messages": [{"role": "user", "content": "Say hi."}]}, auth)
+    assert status == 200 and chat["count"] == len(chat["tokens"]) > 0
+    bad = [({"prompt": 7}, 400, "prompt"), ({"prompt": ["x"]}, 400, "prompt"), ({}, 400, "prompt"),
+           ({"prompt": "x", "messages": []}, 400, "prompt"), ({"prompt": "x", "add_special_tokens": "yes"}, 400,
+           "add_special_tokens"), ({"prompt": "x", "truncate": 5}, 400, "truncate"),
+           ({"prompt": "x", "model": "gpt-4"}, 404, "model"), (b"[1, 2]", 400, None), (b"{nope", 400, None)]
+    for request, want, param in bad:
+        status, body = post(f"{keyed.root}/tokenize", request, auth)
+        assert status == want and body["error"]["param"] == param and body["error"]["message"], (request, body)
+    status, body = post(f"{keyed.root}/tokenize", {"prompt": "x" * 2_000_000}, auth)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    for tokens in ([-1], [tokenizer.vocab_size], [1.5], [True], "1 2", None):
+        status, body = post(f"{keyed.root}/detokenize", {"tokens": tokens}, auth)
+        assert status == 400 and body["error"]["param"] == "tokens", (tokens, body)
+    assert post(f"{keyed.root}/detokenize", {"tokens": []}, auth) == (200, {"prompt": ""})
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus text page, by name and labels, read by prometheus_client's own parser."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in parser.text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.slow
+def test_metrics_count_requests_tokens_and_latencies_in_prometheus_text(keyed):
+    before = metric_values(get(f"{keyed.root}/metrics")[1])
+    client = openai.OpenAI(base_url=keyed.url, api_key=KEY)
+    done = [client.completions.create(model="tiny-sft", prompt="ROMEO:", max_tokens=m, temperature=0) for m in (5, 9)]
+    streamed = list(client.completions.create(model="tiny-sft", prompt="ROMEO:", max_tokens=6, stream=True,
+                                              stream_options={"include_usage": True}))
+    post(f"{keyed.root}/tokenize", {"prompt": 5}, {"Authorization": f"Bearer {KEY}"})
+    after = metric_values(get(f"{keyed.root}/metrics")[1])
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    generated = sum(d.usage.completion_tokens for d in done) + streamed[-1].usage.completion_tokens
+    assert grew("lmlab_requests_total", endpoint="/v1/completions", status="200") == 3
+    assert grew("lmlab_requests_total", endpoint="/tokenize", status="400") == 1
+    assert grew("lmlab_generation_tokens_total") == generated
+    assert grew("lmlab_prompt_tokens_total") == 3 * done[0].usage.prompt_tokens
+    assert grew("lmlab_time_to_first_token_seconds_count") == 3
+    assert grew("lmlab_inter_token_latency_seconds_count") == generated - 3  # every token after a request's first
+    assert grew("lmlab_e2e_request_latency_seconds_count") == 3
+    assert after[("lmlab_num_requests_running", ())] == 0 and after[("lmlab_max_batch", ())] == 4
+    assert after[("lmlab_ready", ())] == 1
+    info = next(dict(labels) for (name, labels), _ in after.items() if name == "lmlab_server_info")
+    assert info["model"] == "tiny-sft" and info["decode_step"] == "eager"
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+def test_metrics_answers_64_concurrent_scrapers_within_a_second(keyed):
+    def scrape(_: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        status, _ = get(f"{keyed.root}/metrics")
+        return status, time.perf_counter() - started
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(scrape, range(64)))
+    assert all(status == 200 for status, _ in answers)
+    assert max(seconds for _, seconds in answers) < 1.0, sorted(seconds for _, seconds in answers)[-5:]
+    assert get(f"{keyed.root}/health")[0] == 200  # unharmed
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--host", "0.0.0.0"], "--api-key"),
+    (["--host", "192.168.1.10"], "--insecure"),
+    (["--api-key", ""], "--api-key is empty"),
+    (["--api-key", "   "], "--api-key is empty"),
+    (["--served-model-name", "two words"], "--served-model-name"),
+    (["--served-model-name", "a", "a"], "--served-model-name"),
+    ([], "not an lmlab run"),
+])
+def test_serving_beyond_loopback_needs_a_key_and_a_bad_key_or_name_is_refused(tmp_path, options, says):
+    done = subprocess.run([LMLAB, "serve", str(tmp_path / "no-run"), "--port", str(free_port()), *options],
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory, char_dataset) -> Path:
+    """A tiny char-level run: it has no end-of-text token, so it decodes until max_tokens."""
+    root = tmp_path_factory.mktemp("drain")
+    config = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10))
+    return Trainer(config, root / "run", "cpu").run().run_dir
+
+
+def stream_and_signal(server: Process, signals: list[int], max_tokens: int) -> tuple[list[dict], bool]:
+    """A streamed completion: after its first chunk the server gets `signals`, one after another; the chunks it
+    read, and whether it saw [DONE]."""
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": max_tokens, "stream": True, "temperature": 1.0}).encode()
+    request = urllib.request.Request(f"{server.url}/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    chunks, done = [], False
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            for line in response:
+                if line.startswith(b"data: {"):
+                    chunks.append(json.loads(line[6:]))
+                    if len(chunks) == 1:
+                        for sig in signals:
+                            server.proc.send_signal(sig)
+                            time.sleep(0.3)
+                done = done or line.strip() == b"data: [DONE]"
+    except (ConnectionError, urllib.error.URLError, http.client.IncompleteRead):
+        pass
+    return chunks, done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drain, max_tokens, reason", [("30", 200, "length"), ("0", 100_000, "abort")])
+def test_sigterm_drains_running_streams_then_exits_0(char_run, drain, max_tokens, reason):
+    server = Process(char_run, "--no-compile", "--drain-seconds", drain, "--max-tokens-cap", "100000")
+    chunks, done = stream_and_signal(server, [signal.SIGTERM], max_tokens)
+    assert done and chunks[-1]["choices"][0]["finish_reason"] == reason
+    if reason == "length":
+        assert sum(len(c["choices"][0]["text"]) for c in chunks) == max_tokens  # one character per token
+    assert server.proc.wait(timeout=30) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    assert any("draining" in line for line in server.log) and any("stopped" in line for line in server.log)
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once(char_run):
+    server = Process(char_run, "--no-compile", "--drain-seconds", "600", "--max-tokens-cap", "100000")
+    started = time.monotonic()
+    chunks, done = stream_and_signal(server, [signal.SIGTERM, signal.SIGINT], 100_000)
+    assert server.proc.wait(timeout=30) == 1 and time.monotonic() - started < 30
+    assert not done and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert any("second signal" in line for line in server.log)

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.progress import ItemProgress
 
 PROBE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
          "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
@@ -29,7 +30,6 @@ WHOLE = """
 import json, sys
 from pathlib import Path
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.progress import ItemProgress
 tok = Tokenizer.load(Path(sys.argv[2]), sys.argv[3])
 text = Path(sys.argv[1]).read_text(encoding="utf-8")
 print(len(tok.encode_batch([text])[0].ids))

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from lmlab.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.progress import ItemProgress
 
 PROBE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
          "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
@@ -35,7 +36,6 @@ NAIVE = """
 import json, sys
 from pathlib import Path
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.progress import ItemProgress
 tok = Tokenizer.load(Path(sys.argv[2]), sys.argv[3])
 ids = []
 with open(sys.argv[1], encoding="utf-8") as f:

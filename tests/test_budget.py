@@ -86,7 +86,11 @@ def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_th
     for s in range(first.step + 1, last.max_iters + 1):
         in_force = [p for p in plans if p.step < s][-1]
         assert lrs[s] == pytest.approx(in_force.lr(s - 1, cfg))
-    assert lrs[last.max_iters] == pytest.approx(cfg.min_lr)
+    # The last plan's own last step is at min_lr; the step the run ended on was set by the plan in force before a
+    # plan made at the end (timed steps drift), so it is near min_lr, or, cut by a slow moment, still decaying.
+    assert last.lr(last.max_iters - 1, cfg) == pytest.approx(cfg.min_lr)
+    near = cfg.learning_rate if last.reason == "out of time" else cfg.min_lr + 0.1 * (cfg.learning_rate - cfg.min_lr)
+    assert lrs[last.max_iters] < near
     assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{last.max_iters:06d}"
     # every checkpoint holds the plan in force when it was written
     for folder in run.step_folders():

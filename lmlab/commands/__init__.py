@@ -79,17 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PEER_GRACE_SECONDS = 2.0
+
+
 def report(message: str) -> None:
     """Say why a command stopped, in one line on stderr. Under torchrun every rank usually stops for the same
     reason: rank 0 alone prints it, and each rank leaves it in torchrun's error file, so that the launcher's
     failure summary shows the sentence (instead of a link) for whichever rank it names."""
-    if os.environ.get("RANK", "0") == "0":
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
         print(f"error: {message}", file=sys.stderr)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         # torchrun's own format; its summary prints `py_callstack`, which here is the sentence, not a traceback.
         info = {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}
         with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:
             json.dump({"message": {"message": f"UserError: {message}", "extraInfo": info}}, f)
+    if not rank0:
+        # torchrun stops every rank once one exits: a rank that got here first waits for rank 0, which stops for the
+        # same reason a moment later, to say it (else the sentence is only in the launcher's summary).
+        time.sleep(PEER_GRACE_SECONDS)
 
 
 def _silence_stdout() -> None:

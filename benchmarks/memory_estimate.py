@@ -36,6 +36,8 @@ from lmlab.config import ModelConfig, TrainConfig
 from lmlab.model import build_model
 from lmlab.train.step import TrainStep
 cfg, batch, dtype = ModelConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3]
+if len(sys.argv) > 4:
+    torch.set_num_threads(int(sys.argv[4]))
 step = TrainStep(build_model(cfg), TrainConfig(batch_size=batch, compile=False, dtype=dtype), torch.device("cpu"),
                  getattr(torch, dtype))
 x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
@@ -49,9 +51,12 @@ print(status("VmHWM:") - base)
 """
 
 
-def measured(shape: dict, batch: int, dtype: str) -> int:
-    done = subprocess.run([sys.executable, "-c", STEP, json.dumps(shape), str(batch), dtype], capture_output=True,
-                          text=True, check=True)
+def measured(shape: dict, batch: int, dtype: str, threads: int | None = None) -> int:
+    """The high-water RSS of two training steps above what was resident before them, in a process of its own
+    (with `threads`, torch pinned to that many)."""
+    extra = [] if threads is None else [str(threads)]
+    done = subprocess.run([sys.executable, "-c", STEP, json.dumps(shape), str(batch), dtype, *extra],
+                          capture_output=True, text=True, check=True)
     return int(done.stdout)
 
 

@@ -127,7 +127,7 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
     try:
         run.run.save_evaluation(result)
     except WriteError as err:  # a run folder that is read-only to this user: the result is still the result
-        return {**result, "cached": False, "not_kept": f"{err.path} ({err.reason}); {err.fix} to keep the next."}
+        return {**result, "cached": False, "not_kept": err.not_kept()}
     return {**result, "cached": False}
 
 

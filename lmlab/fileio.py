@@ -154,6 +154,10 @@ class WriteError(UserError):
         detail = f"{self.reason}; {self.free}" if self.free else self.reason
         super().__init__(f"could not write {self.path} ({detail}); {self.fix}, then run the command again.")
 
+    def not_kept(self) -> str:
+        """Why a result that was still printed is not kept, and what keeps the next one."""
+        return f"{self.path} ({self.reason}); {self.fix} to keep the next."
+
 
 @contextmanager
 def writing(path: Path) -> Iterator[None]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.memory_estimate import measured
 from lmlab.checkpoint import checkpoint_bytes
 from lmlab.commands import main
 from lmlab.config import FinetuneConfig, ModelConfig, load_config
@@ -30,7 +31,7 @@ from lmlab.progress import clock
 from lmlab.report import build_report
 from lmlab.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, LMLAB, write_config
+from tests.conftest import ALPACA_TINY, write_config
 from tests.test_faults import events, refused, spawn, wait_until
 from tests.test_serve import free_port
 
@@ -74,38 +75,15 @@ def test_the_largest_size_that_fits_fits_and_one_more_does_not():
     assert refusal.value.largest == 1000
 
 
-MEASURE = """
-import json, sys, torch
-from lmlab.config import ModelConfig, TrainConfig
-from lmlab.model import build_model
-from lmlab.train.step import TrainStep
-torch.set_num_threads(1)
-cfg = ModelConfig(**json.loads(sys.argv[1]))
-model = build_model(cfg)
-step = TrainStep(model, TrainConfig(batch_size=int(sys.argv[2]), compile=False, dtype="float32"), torch.device("cpu"),
-                 torch.float32)
-x = torch.randint(0, cfg.vocab_size, (int(sys.argv[2]), cfg.block_size))
-def rss(key):
-    return int(open("/proc/self/status").read().split(key)[1].split()[0]) * 1024
-base = rss("VmRSS:")
-open("/proc/self/clear_refs", "w").write("5")  # the high-water mark from here on
-for _ in range(2):
-    step([(x, x)], 1, 1e-3)
-print(rss("VmHWM:") - base)
-"""
-
-
 def test_the_training_estimate_is_near_the_peak_a_step_measures():
     """The estimate of a step's memory beside the peak RSS a real step reaches (weights already resident), for
     a shape whose activations dominate; benchmarks/memory_estimate.py measures more shapes."""
     shape = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128, "vocab_size": 65, "pos_emb": "rope",
              "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": False}
-    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(shape), "16"], capture_output=True, text=True,
-                          check=True)
-    measured = int(done.stdout)
+    peak = measured(shape, 16, "float32", threads=1)
     need = training_need(ModelConfig(**shape))
     estimate = need.at(16) - need.fixed // 4  # the weights (a quarter of the fixed part) were in memory before
-    assert 0.8 < estimate / measured < 1.5, (estimate, measured)
+    assert 0.8 < estimate / peak < 1.5, (estimate, peak)
 
 
 @pytest.mark.slow

@@ -169,8 +169,7 @@ def keep(run: LoadedRun, text: str, settings: str) -> None:
     try:
         run.run.add_sample(text, run.checkpoint, run.step, settings)
     except WriteError as err:
-        print(f"note: the sample is not kept in the run: {err.path} ({err.reason}); {err.fix} to keep the next.",
-              file=sys.stderr)
+        print(f"note: the sample is not kept in the run: {err.not_kept()}", file=sys.stderr)
 
 
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:

@@ -482,13 +482,17 @@ class Trainer(Steering):
             raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
         return self._finish(stop.signal, steering)
 
+    def _log_end(self, stopped_early: bool, stopped_by: str | None, **more: Any) -> None:
+        p = self.progress
+        self._log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
+                   "best_val_loss": p.best_val_loss, "best_step": p.best_step, "stopped_early": stopped_early,
+                   "stopped_by": stopped_by, **more})
+
     def _abandon(self, signal_name: str) -> TrainResult:
         """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be
         half-applied), the newest checkpoint stays what a resume continues from."""
         p = self.progress
-        self._log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                   "best_val_loss": p.best_val_loss, "best_step": p.best_step, "stopped_early": False,
-                   "stopped_by": signal_name})
+        self._log_end(False, signal_name)
         saved = self.run_dir.step_folders()
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, False, self.run_dir.loss_plot,
                            signal_name, abandoned=True, saved=saved[-1] if saved else None)
@@ -497,9 +501,7 @@ class Trainer(Steering):
         p = self.progress
         self._write(plot_losses, self.run_dir)
         spent = steering and round(steering.spent(), 3)  # of a budget this process planned, at its end
-        self._log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                   "best_val_loss": p.best_val_loss, "best_step": p.best_step, "stopped_early": p.stopped_early,
-                   "stopped_by": stopped_by, "budget_spent": spent})
+        self._log_end(p.stopped_early, stopped_by, budget_spent=spent)
         if self._write_error is not None:
             raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,

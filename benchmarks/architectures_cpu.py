@@ -3,7 +3,7 @@ recurrent model of about the same size, and the preset at twice the depth with i
 
     python benchmarks/architectures_cpu.py [--budget-tokens 2000000] [--threads 0] [--dir runs/bench-arch]
 
-Prepares data/shakespeare-char if needed. Every row trains through `lmlab.sweep.run_sweep` under the same
+Prepares data/shakespeare-char if needed. Every row trains through `lmlab.experiments.sweep.run_sweep` under the same
 token budget, so re-running the script skips the rows already finished and resumes an interrupted one.
 The 2x-depth row with the unchanged LR is the sweep trial at the preset's own LR; the re-tuned row is the
 sweep's best. Best val loss and bits per byte at a fixed token budget do not depend on the machine's load;
@@ -17,12 +17,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.busy import LoadMeter, busy_warning
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.runs import RunSummary, summarize
-from lmlab.sweep import run_sweep
+from lmlab.analysis.runs import RunSummary, summarize
+from lmlab.experiments.sweep import run_sweep
 
 BASE = Path("configs/shakespeare-char-cpu.toml")
 MODERN = Path("configs/shakespeare-char-modern-cpu.toml")

@@ -27,12 +27,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.busy import LoadMeter
+from lmlab.core.busy import LoadMeter
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.progress import ItemProgress
-from lmlab.rundir import RunDir
+from lmlab.core.progress import ItemProgress
+from lmlab.run.rundir import RunDir
 
 
 def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None, hogs: int) -> dict:

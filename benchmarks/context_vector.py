@@ -18,11 +18,11 @@ from pathlib import Path
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.evaluate import evaluate_run
-from lmlab.rundir import RunDir
-from lmlab.runs import summarize
+from lmlab.evals.evaluate import evaluate_run
+from lmlab.run.rundir import RunDir
+from lmlab.analysis.runs import summarize
 from lmlab.train.loop import Trainer
 from tests.conftest import write_wikitext
 

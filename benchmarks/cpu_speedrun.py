@@ -29,13 +29,13 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.busy import LoadMeter, busy_warning
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.evaluate import evaluate_run
-from lmlab.progress import ItemProgress
-from lmlab.rundir import RunDir
+from lmlab.evals.evaluate import evaluate_run
+from lmlab.core.progress import ItemProgress
+from lmlab.run.rundir import RunDir
 
 SPEEDRUN, DEMO = "configs/shakespeare-char-speedrun-cpu.toml", "configs/shakespeare-char-modern-cpu.toml"
 TARGETS = {30: 1.885, 120: 1.60, 300: 1.48}  # issue 17: val loss within the budget, process start to end

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.busy import LoadMeter, busy_warning
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 
 

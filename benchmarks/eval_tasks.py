@@ -32,12 +32,12 @@ from rich.console import Console
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.generate import document_start
-from lmlab.rundir import RunDir
-from lmlab.scoring import loglikelihoods
-from lmlab.tasks import encode_task, load_task
+from lmlab.inference.generate import document_start
+from lmlab.run.rundir import RunDir
+from lmlab.inference.scoring import loglikelihoods
+from lmlab.evals.tasks import encode_task, load_task
 from lmlab.train.loop import Trainer
 from tests import lm_eval_reference
 from tests.conftest import SPEAKERS, WORDS, write_corpus

@@ -33,15 +33,15 @@ from pathlib import Path
 import torch
 
 from checkpoint_io import measure  # benchmarks/checkpoint_io.py, beside this script
-from lmlab.bench import bench_batch, find_max_batch
+from lmlab.experiments.bench import bench_batch, find_max_batch
 from lmlab.commands.common import console
-from lmlab.config import SamplingParams, load_config
+from lmlab.core.config import SamplingParams, load_config
 from lmlab.data.prepare import prepare
-from lmlab.device import configure, resolve_device
-from lmlab.peak import autocast_dtype, measured_peak, peak_flops
-from lmlab.generate import stream_ids
+from lmlab.core.device import configure, resolve_device
+from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
+from lmlab.inference.generate import stream_ids
 from lmlab.model import build_model
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent

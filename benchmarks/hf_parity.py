@@ -22,12 +22,12 @@ import transformers
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.chat import read_chat_template
+from lmlab.run.chat import read_chat_template
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import load_pretrained, train_tokenizer
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 from lmlab.hf import export_hf, import_hf
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from tests.conftest import write_config, write_corpus, write_tiny_gpt2
 from tests.hf_reference import (
     EXPORTS,

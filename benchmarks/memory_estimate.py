@@ -17,8 +17,8 @@ import sys
 from rich.table import Table
 
 from lmlab.commands.common import console, counts
-from lmlab.config import ModelConfig
-from lmlab.humanize import fmt
+from lmlab.core.config import ModelConfig
+from lmlab.core.humanize import fmt
 from lmlab.model.memory import model_bytes, training_need
 
 SHAPES = {
@@ -32,7 +32,7 @@ SHAPES = {
 
 STEP = """
 import json, sys, torch
-from lmlab.config import ModelConfig, TrainConfig
+from lmlab.core.config import ModelConfig, TrainConfig
 from lmlab.model import build_model
 from lmlab.train.step import TrainStep
 cfg, batch, dtype = ModelConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3]

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.progress import ItemProgress
+from lmlab.core.progress import ItemProgress
 
 PROBE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
          "subprocess.run(sys.argv[1:], check=True, capture_output=True); "

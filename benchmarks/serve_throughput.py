@@ -45,17 +45,17 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from lmlab.checkpoint import model_tensors
-from lmlab.busy import LoadMeter, busy_warning
+from lmlab.run.checkpoint import model_tensors
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console
-from lmlab.compiled import compile_step
-from lmlab.config import DataConfig, ModelConfig, RunConfig, SamplingParams, TrainConfig
+from lmlab.inference.compiled import compile_step
+from lmlab.core.config import DataConfig, ModelConfig, RunConfig, SamplingParams, TrainConfig
 from lmlab.data.tokenizers import train_tokenizer
-from lmlab.progress import ItemProgress
-from lmlab.decode import Decoder, Sequence
-from lmlab.generate import decode_dtype
+from lmlab.core.progress import ItemProgress
+from lmlab.inference.decode import Decoder, Sequence
+from lmlab.inference.generate import decode_dtype
 from lmlab.model import build_model
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 
 LMLAB = str(Path(sys.executable).with_name("lmlab"))
 WORDS = [f"w{i}" for i in range(50_255)]  # a word tokenizer of GPT-2's vocabulary size: 50,255 words + <unk>, EOT

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.busy import LoadMeter, busy_warning
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.progress import ItemProgress
-from lmlab.rundir import RunDir
+from lmlab.core.progress import ItemProgress
+from lmlab.run.rundir import RunDir
 
 
 def first_event_times(command: list[str], env: dict[str, str], run: Path) -> dict[str, float]:

@@ -58,12 +58,12 @@ def write_corpus(folder: Path, n_docs: int = 6, speeches: int = 60, seed: int = 
 
 @pytest.fixture(scope="session", autouse=True)
 def own_cache(tmp_path_factory) -> Path:
-    """The measured peak FLOP/s cache (lmlab.peak) of the tests, and of the commands they start, is their own. Its
+    """The measured peak FLOP/s cache (lmlab.core.peak) of the tests, and of the commands they start, is their own. Its
     CPU peaks are measured for real first, until settled (a few more tries if the machine is busy), so the tests'
     runs do not each measure them again; on a machine that stays busy they stay busy, and MFU is not logged."""
     import torch
 
-    from lmlab.peak import QUIET_MEASUREMENTS, measure_into_cache
+    from lmlab.core.peak import QUIET_MEASUREMENTS, measure_into_cache
 
     folder = tmp_path_factory.mktemp("cache")
     os.environ["XDG_CACHE_HOME"] = str(folder)

@@ -25,12 +25,12 @@ from transformers import (
     pipeline,
 )
 
-from lmlab.config import SamplingParams, load_config
+from lmlab.core.config import SamplingParams, load_config
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.generate import stream_ids
+from lmlab.inference.generate import stream_ids
 from lmlab.hf import export_hf
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import tiny_tiktoken, write_config
 

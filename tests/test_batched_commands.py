@@ -7,9 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-from lmlab.config import SamplingParams
-from lmlab.generate import instruct, instruct_all, sample, samples
-from lmlab.rundir import RunDir
+from lmlab.core.config import SamplingParams
+from lmlab.inference.generate import instruct, instruct_all, sample, samples
+from lmlab.run.rundir import RunDir
 from tests.conftest import ALPACA_TINY, lmlab
 
 LEGACY = Path(__file__).parent / "data" / "legacy"

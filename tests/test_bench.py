@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.device import datasheet_peak
-from lmlab.peak import peak_flops
-from lmlab.rundir import RunDir
+from lmlab.core.device import datasheet_peak
+from lmlab.core.peak import peak_flops
+from lmlab.run.rundir import RunDir
 from tests.conftest import write_config
 
 

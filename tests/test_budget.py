@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.checkpoint import pointer
+from lmlab.run.checkpoint import pointer
 from lmlab.commands import main
-from lmlab.config import load_config
-from lmlab.errors import UserError
-from lmlab.rundir import RunDir
+from lmlab.core.config import load_config
+from lmlab.core.errors import UserError
+from lmlab.run.rundir import RunDir
 from lmlab.train.budget import BudgetPlan, seconds_needed, steps_that_fit
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import lr_at

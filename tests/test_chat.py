@@ -21,14 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from lmlab.chat import read_chat_template
-from lmlab.config import SamplingParams
+from lmlab.run.chat import read_chat_template
+from lmlab.core.config import SamplingParams
 from lmlab.data.tokenizers import load_pretrained
-from lmlab.errors import UserError
-from lmlab.generate import chat_stream
+from lmlab.core.errors import UserError
+from lmlab.inference.generate import chat_stream
 from lmlab.hf import export_hf, import_hf
-from lmlab.judge import judge_prompt
-from lmlab.rundir import RunDir
+from lmlab.evals.judge import judge_prompt
+from lmlab.run.rundir import RunDir
 from tests.conftest import ALPACA_TINY, LMLAB
 from tests.test_plugins import run_cli
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.commands import main
-from lmlab.config import load_config
-from lmlab.errors import UserError
-from lmlab.rundir import RunDir
+from lmlab.core.config import load_config
+from lmlab.core.errors import UserError
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 

@@ -17,7 +17,7 @@ import torch
 
 from lmlab.commands import build_parser, main
 from lmlab.commands.common import sampling
-from lmlab.config import FinetuneConfig, ModelConfig, TrainConfig, load_config, load_finetune_config
+from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig, load_config, load_finetune_config
 from lmlab.model import build_model
 from lmlab.train.loop import Trainer
 from tests.conftest import ALPACA_TINY, write_config

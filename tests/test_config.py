@@ -1,7 +1,7 @@
 import pytest
 
-from lmlab.config import RunConfig, build_config, load_config, to_toml
-from lmlab.errors import UserError
+from lmlab.core.config import RunConfig, build_config, load_config, to_toml
+from lmlab.core.errors import UserError
 
 
 def test_overrides_are_typed_and_applied(tmp_path):

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.config import ModelConfig, load_config
+from lmlab.core.config import ModelConfig, load_config
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.errors import UserError
-from lmlab.evaluate import evaluate_run, evaluate_split
+from lmlab.core.errors import UserError
+from lmlab.evals.evaluate import evaluate_run, evaluate_split
 from lmlab.model import GPT
 from lmlab.model.loss import IGNORE
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 from tests.test_large_corpora import documents, split_tokens, write_jsonl

@@ -20,15 +20,15 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lmlab.bench import bench_batch, find_max_batch, memory_budget
-from lmlab.checkpoint import model_tensors
-from lmlab.config import ModelConfig, SamplingParams, TrainConfig, load_config
+from lmlab.experiments.bench import bench_batch, find_max_batch, memory_budget
+from lmlab.run.checkpoint import model_tensors
+from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
 from lmlab.data.loader import BatchLoader
-from lmlab.device import configure, datasheet_peak, dtype_for_capability
-from lmlab.generate import stream_ids
+from lmlab.core.device import configure, datasheet_peak, dtype_for_capability
+from lmlab.inference.generate import stream_ids
 from lmlab.model.gpt import GPT
-from lmlab.peak import autocast_dtype, measured_peak, peak_flops
-from lmlab.rundir import RunDir
+from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
 from tests.conftest import write_config

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.config import load_config
-from lmlab.errors import UserError
-from lmlab.rundir import RunDir
+from lmlab.core.config import load_config
+from lmlab.core.errors import UserError
+from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config

@@ -17,10 +17,10 @@ import torch
 from rich.console import Console
 
 from lmlab.commands import main
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.rundir import RunDir
-from lmlab.scoring import token_scores
+from lmlab.run.rundir import RunDir
+from lmlab.inference.scoring import token_scores
 from lmlab.train.loop import Trainer
 from tests.conftest import SPEAKERS, WORDS, write_config
 

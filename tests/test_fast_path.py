@@ -2,8 +2,8 @@
 
 import pytest
 
-from lmlab.config import load_config
-from lmlab.rundir import RunDir
+from lmlab.core.config import load_config
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 

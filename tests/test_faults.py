@@ -26,13 +26,13 @@ import pytest
 import tokenizers
 from tokenizers import Regex, pre_tokenizers
 
-from lmlab.checkpoint import load_state
+from lmlab.run.checkpoint import load_state
 from lmlab.commands import main
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import GPT2_PATTERN, chunk_spans
-from lmlab.fileio import WriterLock
-from lmlab.rundir import RunDir
+from lmlab.core.fileio import WriterLock
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import ALPACA_TINY, LMLAB, lmlab, write_config, write_corpus
 
@@ -207,7 +207,7 @@ def test_a_killed_writer_leaves_no_lock_behind(tmp_path, trained):
 FORK_AND_DIE = """
 import os, sys, time
 from pathlib import Path
-from lmlab.fileio import WriterLock
+from lmlab.core.fileio import WriterLock
 lock = WriterLock(Path(sys.argv[1]))
 lock.acquire("held")
 child = os.fork()

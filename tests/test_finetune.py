@@ -9,11 +9,11 @@ import subprocess
 import pytest
 
 from lmlab.data.tokenizers import EOT, train_tokenizer
-from lmlab.errors import UserError
-from lmlab.finetune import _batch, encode_example, split_records
+from lmlab.core.errors import UserError
+from lmlab.train.finetune import _batch, encode_example, split_records
 from lmlab.model.loss import IGNORE
-from lmlab.prompt import alpaca_format, read_records
-from lmlab.rundir import RunDir
+from lmlab.run.prompt import alpaca_format, read_records
+from lmlab.run.rundir import RunDir
 from tests.conftest import ALPACA_TINY, LMLAB
 
 RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from lmlab.config import ModelConfig, SamplingParams
+from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.data.tokenizers import train_tokenizer
-from lmlab.errors import UserError
-from lmlab.generate import TextStream, held_back, stream_ids
-from lmlab.sampling import filter_logits
+from lmlab.core.errors import UserError
+from lmlab.inference.generate import TextStream, held_back, stream_ids
+from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))

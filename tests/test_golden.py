@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lmlab.config import load_config
-from lmlab.rundir import RunDir
+from lmlab.core.config import load_config
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 

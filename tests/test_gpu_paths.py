@@ -14,16 +14,16 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 from torch.overrides import TorchFunctionMode
 
-from lmlab.bench import BenchRow, memory_budget, within
-from lmlab.config import ModelConfig, SamplingParams, TrainConfig, load_config
+from lmlab.experiments.bench import BenchRow, memory_budget, within
+from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
 from lmlab.data.loader import BatchLoader
-from lmlab.device import compile_choice, configure, dtype_for_capability
-from lmlab.errors import UserError
-from lmlab.evaluate import score
-from lmlab.generate import stream_ids
+from lmlab.core.device import compile_choice, configure, dtype_for_capability
+from lmlab.core.errors import UserError
+from lmlab.evals.evaluate import score
+from lmlab.inference.generate import stream_ids
 from lmlab.model.gpt import GPT
 from lmlab.model.loss import IGNORE, next_token_loss
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel, cuda_index, mixed_precision
 from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
 from lmlab.train.loop import Trainer

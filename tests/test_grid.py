@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 from tests.test_plugins import run_cli

@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 
 from benchmarks.memory_estimate import measured
-from lmlab.checkpoint import checkpoint_bytes
+from lmlab.run.checkpoint import checkpoint_bytes
 from lmlab.commands import main
-from lmlab.config import FinetuneConfig, ModelConfig, load_config
-from lmlab.finetune import finetune
+from lmlab.core.config import FinetuneConfig, ModelConfig, load_config
+from lmlab.train.finetune import finetune
 from lmlab.model.memory import MemoryRefused, check_fits, training_need
-from lmlab.progress import clock
-from lmlab.report import build_report
-from lmlab.rundir import RunDir
+from lmlab.core.progress import clock
+from lmlab.writeup.report import build_report
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import ALPACA_TINY, write_config
 from tests.test_faults import events, refused, spawn, wait_until

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.core.config import ModelConfig
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import train_tokenizer
-from lmlab.errors import UserError
-from lmlab.evaluate import evaluate_run
+from lmlab.core.errors import UserError
+from lmlab.evals.evaluate import evaluate_run
 from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
 from lmlab.model.gpt import GPT
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from tests.conftest import LMLAB, lmlab, write_config
 
 transformers = pytest.importorskip("transformers")

@@ -16,11 +16,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmlab.data.prepare import prepare
 from lmlab.data.shards import open_tokens
 from lmlab.data.tokenizers import EOT, Tokenizer, train_tokenizer
-from lmlab.errors import UserError
-from lmlab.generate import document_start
+from lmlab.core.errors import UserError
+from lmlab.inference.generate import document_start
 from lmlab.hf import import_hf
-from lmlab.prompt import alpaca_format
-from lmlab.rundir import RunDir
+from lmlab.run.prompt import alpaca_format
+from lmlab.run.rundir import RunDir
 from tests.conftest import write_corpus
 
 transformers = pytest.importorskip("transformers")

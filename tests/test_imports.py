@@ -12,19 +12,17 @@ import lmlab
 
 PACKAGE = Path(lmlab.__file__).parent
 
-# docs/ARCHITECTURE.md's layers, lowest first: each top-level unit of the package (a module, or a subpackage
-# whole) imports only units of its own layer or below. A new module gets its row here and in the map.
+# docs/ARCHITECTURE.md's layers, lowest first: each unit of the package (a subpackage whole, or __main__) imports
+# only units of its own layer or below, so the tree shows the layers. A new subpackage gets its row here and in the map.
 LAYERS = [
-    {"errors", "fileio", "progress", "humanize", "document", "busy"},
-    {"config", "device", "peak"},
-    {"model"},
-    {"data"},
-    {"prompt", "chat", "checkpoint", "rundir"},
-    {"train", "evaluate", "sampling", "scoring", "decode", "compiled", "generate", "tasks", "scaling", "runs", "plots",
-     "tracking"},
-    {"finetune", "hf", "bench", "plan", "sweep", "openai_api", "batcher", "edge", "streaming", "serve_requests",
-     "serve_metrics", "serve", "startup", "judge", "findings", "grid", "report"},
-    {"commands", "__main__"},
+    {"core"},                                            # errors, files, progress; config, device, peak
+    {"model"},                                           # the model kinds and their interface
+    {"data"},                                            # corpora, tokenizers, prepare, shards, the loader
+    {"run"},                                             # the run folder: its files, checkpoints, prompts
+    {"inference", "analysis"},                           # decoding a loaded run; runs read back as tables and plots
+    {"train", "evals"},                                  # training and fine-tuning; evaluating, tasks, judging
+    {"hf", "serving", "experiments", "writeup"},         # what a command does, built from the layers below
+    {"commands", "__main__"},                            # parse, call the library, print
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 
@@ -96,7 +94,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_sampling_and_serving_load_neither_the_trainer_nor_fsdp_nor_matplotlib():
-    code = ("import sys, lmlab.generate, lmlab.serve; "
+    code = ("import sys, lmlab.inference.generate, lmlab.serving.app; "
             "print(' '.join(m for m in ('lmlab.train.loop', 'torch.distributed.fsdp', 'matplotlib') "
             "if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

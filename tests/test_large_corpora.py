@@ -21,7 +21,7 @@ from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
 from lmlab.data.tokenizers import EOT, GPT2_PATTERN, Tokenizer
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 from tests.conftest import WORDS, tiny_tiktoken
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import lmlab
-from lmlab.config import load_config
-from lmlab.errors import UserError
-from lmlab.rundir import RunDir
+from lmlab.core.config import load_config
+from lmlab.core.errors import UserError
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import lr_at
 from tests.conftest import write_config

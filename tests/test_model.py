@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from lmlab.config import ModelConfig, SamplingParams
-from lmlab.generate import stream_ids
+from lmlab.core.config import ModelConfig, SamplingParams
+from lmlab.inference.generate import stream_ids
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
 from lmlab.train.optim import muon_groups

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmlab.config import TrainConfig, load_config
-from lmlab.rundir import RunDir
+from lmlab.core.config import TrainConfig, load_config
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import MuonAdamW, lr_at
 from tests.conftest import write_config

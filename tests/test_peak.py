@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.busy import Load, LoadMeter
-from lmlab.device import processor
-from lmlab.peak import (
+from lmlab.core.busy import Load, LoadMeter
+from lmlab.core.device import processor
+from lmlab.core.peak import (
     BF16_MARGIN,
     CACHE_FORMAT,
     QUIET_MEASUREMENTS,
@@ -32,7 +32,7 @@ from lmlab.peak import (
     read_cache,
     settled,
 )
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from tests.conftest import LMLAB, write_config
 
 CPU = torch.device("cpu")
@@ -72,7 +72,7 @@ def write_cache(folder: Path, entries: dict) -> Path:
 
 def peak_in_subprocess(cache: Path, dtype: str = "float32") -> dict:
     """peak_flops in a fresh process (as a command measures it) with `cache` as XDG_CACHE_HOME."""
-    code = ("import json, torch; from lmlab.peak import peak_flops; "
+    code = ("import json, torch; from lmlab.core.peak import peak_flops; "
             f"p = peak_flops(torch.device('cpu'), torch.{dtype}); "
             "print(json.dumps({'flops': p.flops, 'quiet': p.quiet, 'mfu': p.mfu(1e9), 'notes': p.notes, "
             "'describe': p.describe(), 'measurements': p.measurements}))")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.config import load_config
-from lmlab.device import machine
-from lmlab.peak import peak_flops
-from lmlab.plan import DEFAULT_MFU, shape_of
-from lmlab.rundir import RunDir
+from lmlab.core.config import load_config
+from lmlab.core.device import machine
+from lmlab.core.peak import peak_flops
+from lmlab.experiments.plan import DEFAULT_MFU, shape_of
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 

@@ -6,7 +6,7 @@ import pytest
 from lmlab.data.corpora import play_to_text, shakespeare
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 PLAY = """# A Play
 

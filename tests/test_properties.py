@@ -13,16 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmlab.config import SECTIONS, load_config, load_finetune_config
-from lmlab.errors import UserError
-from lmlab.openai_api import ApiError
-from lmlab.rundir import RunDir
+from lmlab.core.config import SECTIONS, load_config, load_finetune_config
+from lmlab.core.errors import UserError
+from lmlab.serving.openai_api import ApiError
+from lmlab.run.rundir import RunDir
 from tests.conftest import write_config
 
 pytest.importorskip("fastapi")
 
-from lmlab.generate import document_start  # noqa: E402
-from lmlab.serve_requests import Request, Served, parse_request  # noqa: E402 (after the skip: serve needs fastapi)
+from lmlab.inference.generate import document_start  # noqa: E402
+from lmlab.serving.requests import Request, Served, parse_request  # noqa: E402 (after the skip: serve needs fastapi)
 
 EXAMPLES = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from lmlab.commands import main
-from lmlab.config import SamplingParams, load_config
-from lmlab.evaluate import evaluate_run
-from lmlab.generate import sample
-from lmlab.humanize import format_duration
-from lmlab.report import build_report
-from lmlab.rundir import RunDir
+from lmlab.core.config import SamplingParams, load_config
+from lmlab.evals.evaluate import evaluate_run
+from lmlab.inference.generate import sample
+from lmlab.core.humanize import format_duration
+from lmlab.writeup.report import build_report
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import write_config
 
@@ -192,8 +192,8 @@ def test_a_run_without_a_checkpoint_is_reported_with_the_reason(tmp_path, char_d
 
 @pytest.mark.slow
 def test_imported_and_fine_tuned_runs_are_reported_with_what_they_have(tmp_path, imported_gpt2):
-    from lmlab.config import FinetuneConfig
-    from lmlab.finetune import finetune
+    from lmlab.core.config import FinetuneConfig
+    from lmlab.train.finetune import finetune
     from tests.conftest import ALPACA_TINY
 
     imported = tmp_path / "imported"

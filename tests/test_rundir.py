@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.config import FinetuneConfig, SamplingParams, load_config
-from lmlab.errors import UserError
-from lmlab.finetune import finetune
-from lmlab.generate import instruct, sample
-from lmlab.rundir import STATE_FORMAT, RunDir
+from lmlab.core.config import FinetuneConfig, SamplingParams, load_config
+from lmlab.core.errors import UserError
+from lmlab.train.finetune import finetune
+from lmlab.inference.generate import instruct, sample
+from lmlab.run.rundir import STATE_FORMAT, RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import ALPACA_TINY, lmlab, write_config
 

@@ -14,12 +14,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lmlab.commands import main
-from lmlab.config import load_config
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.errors import UserError
-from lmlab.rundir import RunDir
-from lmlab.runs import summarize
-from lmlab.scaling import fit_caveats, fit_power_law
+from lmlab.core.errors import UserError
+from lmlab.run.rundir import RunDir
+from lmlab.analysis.runs import summarize
+from lmlab.analysis.scaling import fit_caveats, fit_power_law
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.config import load_config
-from lmlab.rundir import RunDir
+from lmlab.core.config import load_config
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 from tests.test_serve import free_port, sft_run  # noqa: F401 (sft_run is a fixture)

@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from lmlab.config import load_config
-from lmlab.errors import UserError
-from lmlab.rundir import RunDir
-from lmlab.runs import summarize
-from lmlab.sweep import plan_trials
+from lmlab.core.config import load_config
+from lmlab.core.errors import UserError
+from lmlab.run.rundir import RunDir
+from lmlab.analysis.runs import summarize
+from lmlab.experiments.sweep import plan_trials
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 

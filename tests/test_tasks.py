@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.config import ModelConfig, checkpoint_name
+from lmlab.core.config import ModelConfig, checkpoint_name
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 from lmlab.model import build_model
-from lmlab.rundir import RunDir
-from lmlab.scoring import Choice, loglikelihoods
-from lmlab.tasks import encode_pair, encode_task, load_task
+from lmlab.run.rundir import RunDir
+from lmlab.inference.scoring import Choice, loglikelihoods
+from lmlab.evals.tasks import encode_pair, encode_task, load_task
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 

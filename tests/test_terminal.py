@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from lmlab.commands import EXAMPLES, build_parser, main
-from lmlab.config import ModelConfig
-from lmlab.peak import autocast_dtype
+from lmlab.core.config import ModelConfig
+from lmlab.core.peak import autocast_dtype
 from lmlab.model import build_model
-from lmlab.rundir import RunDir
+from lmlab.run.rundir import RunDir
 from tests.conftest import LMLAB, lmlab, write_config
 
 

@@ -19,7 +19,7 @@ from typing import NoReturn
 from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, plan, report, runs, serve, sweep, train
 from lmlab.commands.common import describe_commands
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 FAMILIES = (data, train, evaluate, hf, serve, plan, runs, report, sweep)  # the order of `lmlab --help`
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         return _say(str(err))
     except OSError as err:  # a file or folder no command checked itself: named, with what to do
-        from lmlab.fileio import os_fix
+        from lmlab.core.fileio import os_fix
 
         path = err.filename or "a file"
         return _say(f"{path}: {err.strerror or err}; {os_fix(err, path, writing=False)}, then run the command again.")

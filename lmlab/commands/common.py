@@ -17,15 +17,15 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from lmlab.config import MAX_COUNT, SamplingParams, checkpoint_name
-from lmlab.errors import UserError
-from lmlab.progress import progress_bar
+from lmlab.core.config import MAX_COUNT, SamplingParams, checkpoint_name
+from lmlab.core.errors import UserError
+from lmlab.core.progress import progress_bar
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
-    from lmlab.rundir import LoadedRun
+    from lmlab.run.rundir import LoadedRun
 
 if TYPE_CHECKING:
-    from lmlab.runs import Column
+    from lmlab.analysis.runs import Column
 
 class PipeConsole(Console):
     """rich's Console, whose output into a pipe that has no reader any more raises BrokenPipeError, as a print
@@ -135,7 +135,7 @@ def add_device(parser: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def checkpoint(text: str) -> str:
-    """A checkpoint spec (best, latest, step_N or N) as the run names it: `lmlab.config.checkpoint_name`."""
+    """A checkpoint spec (best, latest, step_N or N) as the run names it: `lmlab.core.config.checkpoint_name`."""
     try:
         return checkpoint_name(text)
     except UserError as err:
@@ -177,7 +177,7 @@ def compiled_step(args: argparse.Namespace, run: LoadedRun, capacity: int, setti
     check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device)
     if not args.compile:
         return None
-    from lmlab.compiled import compile_step
+    from lmlab.inference.compiled import compile_step
 
     with console.status("Compiling the decode step..."):
         return compile_step(run.model, capacity, run.dtype)
@@ -230,7 +230,7 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
 
 def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
     """RunDir.load, with a note on stderr when the run has no best checkpoint and its latest is used instead."""
-    from lmlab.rundir import RunDir
+    from lmlab.run.rundir import RunDir
 
     run = RunDir(path).load(checkpoint, device)
     note_checkpoint(path, checkpoint, run.checkpoint, run.step)
@@ -240,7 +240,7 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
 def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
     """Notes on stderr on what is loaded: the latest checkpoint standing in for a best one that is missing; a
     fine-tune that has not reached its end (its best so far is not its result)."""
-    from lmlab.rundir import RunDir
+    from lmlab.run.rundir import RunDir
 
     if used != checkpoint_name(asked):
         print(f"note: {path} has no {asked} checkpoint (never evaluated, or its pointer is gone); using {used} "

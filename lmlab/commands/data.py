@@ -55,7 +55,7 @@ def _print_stats(s: dict[str, Any]) -> None:
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from lmlab.data.stats import dataset_stats
-    from lmlab.plots import plot_document_lengths
+    from lmlab.analysis.plots import plot_document_lengths
 
     stats = dataset_stats(Path(args.dataset), args.block_size)
     _print_stats(stats)

@@ -23,12 +23,12 @@ from lmlab.commands.common import (
     samplings,
     ticking,
 )
-from lmlab.config import SamplingParams, checkpoint_label
-from lmlab.errors import UserError
-from lmlab.fileio import WriteError, atomic_write_text
+from lmlab.core.config import SamplingParams, checkpoint_label
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriteError, atomic_write_text
 
 if TYPE_CHECKING:
-    from lmlab.rundir import LoadedRun
+    from lmlab.run.rundir import LoadedRun
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -37,7 +37,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for option in ("limit", "samples"):
         if getattr(args, option) is not None:
             raise UserError(f"--{option} goes with --task; the val split is cut with --max-tokens N.")
-    from lmlab.evaluate import evaluate_run
+    from lmlab.evals.evaluate import evaluate_run
 
     run = load_run(args.run, args.checkpoint, args.device)
     subset = f" (about {args.max_tokens:,} tokens of it: --max-tokens)" if args.max_tokens else ""
@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
-    from lmlab.tasks import evaluate_task, load_task
+    from lmlab.evals.tasks import evaluate_task, load_task
 
     for option, why in (("max_tokens", "cuts the val split"), ("dataset", "names the val split's dataset")):
         if getattr(args, option) is not None:
@@ -91,7 +91,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
 def print_task_results(title: str, results: list[dict[str, Any]]) -> None:
     """The scores of each task (acc and acc_norm with their standard errors, beside chance), then what was left
     out or cut, in a sentence per task."""
-    from lmlab.runs import TASK_RESULT_COLUMNS
+    from lmlab.analysis.runs import TASK_RESULT_COLUMNS
 
     print_table(title, TASK_RESULT_COLUMNS, results)
     for r in results:
@@ -134,7 +134,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
-    from lmlab.generate import chat_stream, instruct_stream, sample_stream, samples, seeded
+    from lmlab.inference.generate import chat_stream, instruct_stream, sample_stream, samples, seeded
 
     run = load_run(args.runs[0], args.checkpoint, args.device)
     tokens = max(len(args.prompt), run.config.model.block_size) + args.max_new_tokens
@@ -173,9 +173,9 @@ def keep(run: LoadedRun, text: str, settings: str) -> None:
 
 
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:
-    from lmlab.document import to_markdown
-    from lmlab.fileio import atomic_write_text
-    from lmlab.grid import read_prompts, sample_grid
+    from lmlab.writeup.document import to_markdown
+    from lmlab.core.fileio import atomic_write_text
+    from lmlab.writeup.grid import read_prompts, sample_grid
 
     for option, given in (("--instruction", args.instruction), ("--chat", args.chat), ("--input", args.input),
                           ("--system", args.system)):

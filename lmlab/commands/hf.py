@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lmlab.commands.common import add_checkpoint, console, count, note_checkpoint
-from lmlab.config import checkpoint_label
+from lmlab.core.config import checkpoint_label
 
 ARCHS = ("auto", "gpt2", "llama", "qwen2", "qwen3")  # lmlab.hf.ARCHS, named here so --help does not import torch
 

@@ -9,13 +9,13 @@ from typing import Any
 from rich.table import Table
 
 from lmlab.commands.common import add_device, add_set, console, count, counts, positive
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from lmlab.bench import bench_batch, eval_cost
-    from lmlab.config import load_config
-    from lmlab.device import configure, resolve_device
+    from lmlab.experiments.bench import bench_batch, eval_cost
+    from lmlab.core.config import load_config
+    from lmlab.core.device import configure, resolve_device
 
     cfg = load_config(Path(args.config), args.set)
     device = resolve_device(args.device)
@@ -56,7 +56,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def say_hardware(device: Any, setting: str) -> str:
     """Print the dtype `setting` resolves to here and why, and the peak MFU divides by (with any note on its
     cache, and a warning when it was measured busy); the dtype's name."""
-    from lmlab.peak import choose_dtype, peak_flops
+    from lmlab.core.peak import choose_dtype, peak_flops
 
     dtype, why = choose_dtype(device, setting)
     name = str(dtype).removeprefix("torch.")
@@ -72,7 +72,7 @@ def say_hardware(device: Any, setting: str) -> str:
 
 def warn_busy(windows: list[tuple[str, Any]], effect: str) -> None:
     """A warning line for each timed window (what, its `Load`) during which the machine was busy."""
-    from lmlab.busy import busy_warning
+    from lmlab.core.busy import busy_warning
 
     for what, load in windows:
         warning = busy_warning(what, load, effect)
@@ -82,8 +82,8 @@ def warn_busy(windows: list[tuple[str, Any]], effect: str) -> None:
 
 def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
     """The largest micro-batch that fits, each try printed as it is found, within `seconds`."""
-    from lmlab.bench import find_max_batch
-    from lmlab.fileio import human_bytes
+    from lmlab.experiments.bench import find_max_batch
+    from lmlab.core.fileio import human_bytes
 
     console.print(f"Finding the largest micro-batch that fits (for at most {seconds:g} s; each try builds the model "
                   "and times 2 steps):")
@@ -104,8 +104,8 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from lmlab.config import load_config
-    from lmlab.plan import (
+    from lmlab.core.config import load_config
+    from lmlab.experiments.plan import (
         compute_note,
         estimate,
         gpu_hardware,
@@ -114,9 +114,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         measure_tokens_per_sec,
         shape_of,
     )
-    from lmlab.rundir import RunDir
-    from lmlab.runs import find_runs, summarize
-    from lmlab.scaling import repeat_warning
+    from lmlab.run.rundir import RunDir
+    from lmlab.analysis.runs import find_runs, summarize
+    from lmlab.analysis.scaling import repeat_warning
 
     if args.mfu is not None and not 0 < args.mfu <= 1:
         raise UserError(f"--mfu {args.mfu} must be a fraction in (0, 1], e.g. 0.4 for 40%.")
@@ -155,8 +155,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
     """`plan`'s table: size, tokens and passes over the data, Chinchilla on unique tokens, compute beside 6·N·D,
     the throughput and its source, the wall time; where a run stands."""
-    from lmlab.humanize import format_duration
-    from lmlab.scaling import chinchilla_percent, unique_tokens
+    from lmlab.core.humanize import format_duration
+    from lmlab.analysis.scaling import chinchilla_percent, unique_tokens
 
     table = Table(title=f"Plan for {target}", show_header=False)
     table.add_row("parameters", f"{plan.params:,} ({plan.params_non_embedding:,} without embeddings)")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lmlab.commands.common import add_checkpoint, add_device, add_sampling, console, samplings, ticking
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 
 def default_folder(runs: list[str]) -> Path:
@@ -18,8 +18,8 @@ def default_folder(runs: list[str]) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from lmlab.grid import read_prompts
-    from lmlab.report import Options, build_report
+    from lmlab.writeup.grid import read_prompts
+    from lmlab.writeup.report import Options, build_report
 
     params = samplings(args)
     if args.prompts and args.prompt:

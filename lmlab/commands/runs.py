@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from lmlab.commands.common import add_checkpoint, add_device, add_sampling, console, print_table, sampling
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
-    from lmlab.runs import RunSummary
+    from lmlab.analysis.runs import RunSummary
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.runs import RUN_COLUMNS, by_bytes_columns, find_runs, summarize
+    from lmlab.analysis.runs import RUN_COLUMNS, by_bytes_columns, find_runs, summarize
 
     rows = [{**summarize(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
     if args.json:
@@ -30,8 +30,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
 def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
     """The summaries of runs that can be compared: each has an evaluation, parameters and FLOPs (task and judge
     scores those kept for `checkpoint`)."""
-    from lmlab.rundir import check_steps
-    from lmlab.runs import summarize
+    from lmlab.run.rundir import check_steps
+    from lmlab.analysis.runs import summarize
 
     check_steps(paths, checkpoint)
     runs = [summarize(Path(r), checkpoint) for r in paths]
@@ -42,7 +42,7 @@ def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
 
 
 def print_comparison(runs: list[RunSummary], wide: bool = False) -> None:
-    from lmlab.runs import COMPARE_COLUMNS, by_bytes_columns, comparison, task_columns, unfair
+    from lmlab.analysis.runs import COMPARE_COLUMNS, by_bytes_columns, comparison, task_columns, unfair
 
     rows, reason = comparison(runs), unfair(runs)
     change = f"bits/byte: % change, as {reason}" if reason else "best val: % change"
@@ -51,10 +51,10 @@ def print_comparison(runs: list[RunSummary], wide: bool = False) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from lmlab.generate import sample
-    from lmlab.plots import plot_comparison
-    from lmlab.rundir import RunDir
-    from lmlab.runs import comparison
+    from lmlab.inference.generate import sample
+    from lmlab.analysis.plots import plot_comparison
+    from lmlab.run.rundir import RunDir
+    from lmlab.analysis.runs import comparison
 
     params = sampling(args)
     runs = evaluated(args.runs, args.checkpoint)
@@ -79,9 +79,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
-    from lmlab.plots import plot_scaling
-    from lmlab.runs import Column, summarize, unfair
-    from lmlab.scaling import fit_caveats, fit_power_law
+    from lmlab.analysis.plots import plot_scaling
+    from lmlab.analysis.runs import Column, summarize, unfair
+    from lmlab.analysis.scaling import fit_caveats, fit_power_law
 
     runs = [s for s in map(summarize, map(Path, args.runs)) if s.best_val_loss is not None and s.flops]
     names, losses = [s.name for s in runs], [s.best_val_loss for s in runs]

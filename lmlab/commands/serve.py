@@ -23,7 +23,7 @@ from lmlab.commands.common import (
     positive,
     sampling,
 )
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 
 def model_name(text: str) -> str:
@@ -46,8 +46,8 @@ def seconds(text: str) -> float:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     since = time.perf_counter()
-    from lmlab.edge import ServeLimits, bind
-    from lmlab.serve import ServeOptions, State, check_exposure, require_extras, run_server
+    from lmlab.serving.edge import ServeLimits, bind
+    from lmlab.serving.app import ServeOptions, State, check_exposure, require_extras, run_server
 
     require_extras()
     check_exposure(args.host, args.api_key, args.insecure)
@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     def begin(state: State) -> None:  # once the port answers: torch and the model load behind it
         nonlocal startup
-        from lmlab.startup import Startup
+        from lmlab.serving.startup import Startup
 
         startup = Startup(state, options, since)
         startup.begin()
@@ -87,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
-    from lmlab.judge import write_answers
+    from lmlab.evals.judge import write_answers
 
     params = sampling(args)
     run = load_run(args.run, args.checkpoint, args.device)
@@ -100,7 +100,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
 
 
 def cmd_judge(args: argparse.Namespace) -> None:
-    from lmlab.judge import judge_answers
+    from lmlab.evals.judge import judge_answers
 
     answers = Path(args.answers)
     out = Path(args.out or answers.with_name(f"{answers.stem}-judged.jsonl"))
@@ -128,8 +128,8 @@ def cmd_judge(args: argparse.Namespace) -> None:
 
 
 def add_edge_limits(p: argparse.ArgumentParser) -> None:
-    """The connection limit and the timeouts of lmlab.edge.ServeLimits, with its defaults."""
-    from lmlab.edge import ServeLimits
+    """The connection limit and the timeouts of lmlab.serving.edge.ServeLimits, with its defaults."""
+    from lmlab.serving.edge import ServeLimits
 
     d = ServeLimits()
     p.add_argument("--max-connections", type=count(), default=d.max_connections,

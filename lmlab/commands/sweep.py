@@ -10,7 +10,7 @@ from lmlab.commands.common import add_device, console, count, positive
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from lmlab.commands.runs import print_comparison
-    from lmlab.sweep import run_sweep
+    from lmlab.experiments.sweep import run_sweep
 
     result = run_sweep(Path(args.config), args.set, args.name, Path(args.dir), args.budget_tokens or 0,
                        args.budget_seconds or 0.0, args.device, console)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from lmlab.commands.common import add_device, add_set, console
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -23,11 +23,11 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmlab.busy import process_age
+    from lmlab.core.busy import process_age
 
     started = time.perf_counter() - process_age()  # a --budget counts from the process's start
-    from lmlab.config import load_config
-    from lmlab.rundir import RunDir
+    from lmlab.core.config import load_config
+    from lmlab.run.rundir import RunDir
     from lmlab.train.loop import Trainer
     from lmlab.train.stop import STOP_GRACE
 
@@ -85,9 +85,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from lmlab.config import load_finetune_config
-    from lmlab.finetune import finetune
-    from lmlab.rundir import RunDir
+    from lmlab.core.config import load_finetune_config
+    from lmlab.train.finetune import finetune
+    from lmlab.run.rundir import RunDir
     from lmlab.train.stop import STOP_GRACE
 
     ft = load_finetune_config(args.config and Path(args.config), args.set)

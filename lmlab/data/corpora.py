@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ from lmlab.data.output import Output, PrepareOptions
 from lmlab.data.shards import read_meta
 from lmlab.data.split import TRAIN, Scan, parts, plan_split, scan
 from lmlab.data.tokenizers import Tokenizer, chunk_spans, is_path, load_pretrained, parse_spec, train_tokenizer
-from lmlab.errors import UserError
-from lmlab.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
 
 BATCH_DOCS = 512  # documents (chunks of long ones) per worker task: so many that inter-process overhead is small
 BATCH_CHARS = 2_000_000  # and small enough that in-flight batches stay a few MB each

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from lmlab.errors import UserError
-from lmlab.fileio import atomic_write_bytes, sha256_file, writing
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import atomic_write_bytes, sha256_file, writing
 
 
 @dataclass(frozen=True)

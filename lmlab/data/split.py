@@ -12,7 +12,7 @@ import numpy as np
 from rich.progress import Progress
 
 from lmlab.data.corpora import Document, iter_documents, parquet_rows
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 
 def split_key(name: str) -> int:

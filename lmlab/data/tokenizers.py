@@ -25,7 +25,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from lmlab.errors import UserError
+from lmlab.core.errors import UserError
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"

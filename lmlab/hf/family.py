@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from lmlab.config import ModelConfig
-from lmlab.errors import UserError
+from lmlab.core.config import ModelConfig
+from lmlab.core.errors import UserError
 from lmlab.model.gpt import GPT, mlp_width
 
 Rule = tuple[Callable[[ModelConfig], bool], str]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.core.config import ModelConfig
 from lmlab.hf.family import Family, Lookup, Rule, any_value, default_eps, equals, own_eps, read, refuse
 from lmlab.model.gpt import GPT, mlp_width
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lmlab.config import ModelConfig
+from lmlab.core.config import ModelConfig
 from lmlab.hf.family import Family, Rule, any_value, default_eps, equals, own_eps, read, refuse
 from lmlab.model.gpt import mlp_width, swiglu_hidden
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from lmlab.config import ModelConfig
-from lmlab.errors import UserError
-from lmlab.fileio import host_memory, human_bytes
+from lmlab.core.config import ModelConfig
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT
 from lmlab.model.memory import UNCOUNTABLE, construct, model_bytes

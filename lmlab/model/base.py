@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from lmlab.config import ModelConfig
+from lmlab.core.config import ModelConfig
 
 
 class DecodeState:
@@ -63,7 +63,8 @@ class LanguageModel(nn.Module):
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState | None:
         """What decoding carries from one token to the next for `batch` rows, all empty; None for a model that
-        carries nothing, whose context the decoder feeds it whole at every token (lmlab.decode.ContextWindow)."""
+        carries nothing, whose context the decoder feeds it whole at every token
+        (lmlab.inference.decode.ContextWindow)."""
         return None
 
     def embedding_params(self) -> list[nn.Parameter]:

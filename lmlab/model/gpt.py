@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.config import ModelConfig
+from lmlab.core.config import ModelConfig
 from lmlab.model.base import DecodeState, LanguageModel
 from lmlab.model.loss import next_token_loss
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lmlab.config import ModelConfig
-from lmlab.errors import UserError
-from lmlab.fileio import host_memory, human_bytes
+from lmlab.core.config import ModelConfig
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT, padded_vocab
 from lmlab.model.plugins import build_plugin

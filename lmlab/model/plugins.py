@@ -13,8 +13,8 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from lmlab.config import PLUGIN_GROUP, ModelConfig, UnknownKind
-from lmlab.errors import UserError
+from lmlab.core.config import PLUGIN_GROUP, ModelConfig, UnknownKind
+from lmlab.core.errors import UserError
 from lmlab.model.base import LanguageModel
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from lmlab.config import ModelConfig
+from lmlab.core.config import ModelConfig
 from lmlab.model.base import DecodeState, LanguageModel
 from lmlab.model.loss import next_token_loss
 

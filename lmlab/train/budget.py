@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmlab.config import TrainConfig
-from lmlab.errors import UserError
+from lmlab.core.config import TrainConfig
+from lmlab.core.errors import UserError
 from lmlab.train.optim import lr_at, lr_at_position
 from lmlab.train.state import Saved
 

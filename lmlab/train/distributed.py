@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from lmlab.checkpoint import (
+from lmlab.run.checkpoint import (
     load_checkpoint,
     load_state,
     model_tensors,
@@ -33,8 +33,8 @@ from lmlab.checkpoint import (
     tied_aliases,
 )
 from lmlab.data.loader import BatchLoader
-from lmlab.device import resolve_device
-from lmlab.errors import UserError
+from lmlab.core.device import resolve_device
+from lmlab.core.errors import UserError
 from lmlab.model import LanguageModel
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lmlab.data.loader import BatchLoader
-from lmlab.device import autocast
+from lmlab.core.device import autocast
 from lmlab.train.distributed import Parallel
 
 

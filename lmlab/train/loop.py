@@ -14,19 +14,19 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.config import RunConfig, to_dict
+from lmlab.core.config import RunConfig, to_dict
 from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
-from lmlab.device import configure, synchronize
-from lmlab.errors import UserError
-from lmlab.fileio import WriteError
+from lmlab.core.device import configure, synchronize
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriteError
 from lmlab.model import build_model
 from lmlab.model.memory import check_training
-from lmlab.peak import Peak, choose_dtype, peak_flops
-from lmlab.plots import plot_losses
-from lmlab.progress import progress_bar
-from lmlab.rundir import RunDir
-from lmlab.tracking import Tracker
+from lmlab.core.peak import Peak, choose_dtype, peak_flops
+from lmlab.analysis.plots import plot_losses
+from lmlab.core.progress import progress_bar
+from lmlab.run.rundir import RunDir
+from lmlab.train.tracking import Tracker
 from lmlab.train.budget import BudgetClock, BudgetPlan, resumed_plan, schedule_for
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lmlab.config import TrainConfig
+from lmlab.core.config import TrainConfig
 from lmlab.model import LanguageModel
 
 

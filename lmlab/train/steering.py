@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from lmlab.plots import plot_losses, pyplot
+from lmlab.analysis.plots import plot_losses, pyplot
 from lmlab.train.budget import BudgetClock, BudgetPlan, drifted, ended_by_start_up, make_plan, schedule_for
 
 # The process's exit after the end's plot (torch's and Python's teardown), which a budget counts: measured ~0.2 s.

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from lmlab.config import TrainConfig
-from lmlab.device import autocast, compile_choice, triton_available
+from lmlab.core.config import TrainConfig
+from lmlab.core.device import autocast, compile_choice, triton_available
 from lmlab.model import LanguageModel
 from lmlab.train.optim import make_optimizer
 

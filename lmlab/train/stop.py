@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import UserError
-from lmlab.fileio import WriteError
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriteError
 
 
 def write_failure(err: WriteError | None, run: Path, step: int, saved: list[Path]) -> UserError:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lmlab.config import ModelConfig
-from lmlab.errors import UserError
+from lmlab.core.config import ModelConfig
+from lmlab.core.errors import UserError
 from lmlab.model import LanguageModel
 from lmlab.model.loss import next_token_loss
 

@@ -1,0 +1,1 @@
+"""Runs read back from their folders: summaries and comparisons, scaling-law fits, plots."""

@@ -1,0 +1,161 @@
+"""Loss curves, run comparisons and scaling fits as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import writing
+from lmlab.run.rundir import RunDir
+from lmlab.analysis.runs import RunSummary, unfair
+from lmlab.analysis.scaling import PowerLawFit
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+
+
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot, imported at the first plot (or when a budgeted run chooses): its ~0.5 s import is not
+    paid before a run's first step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(run: RunDir, path: Path | None = None) -> Path:
+    """Draw train (per log interval) and val (per eval) loss against step into `path` (the run's loss.png)."""
+    events = run.events()
+    train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
+    evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval"]
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train (mean of the steps)", color="tab:blue", alpha=0.6, linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), label="val", color="tab:orange", marker="o", markersize=3)
+        best_step, best = min(evals, key=lambda p: p[1])
+        ax.annotate(f"best val {best:.4f}", (best_step, best), textcoords="offset points", xytext=(-60, 12))
+    ax.set_title(f"{run.name}: loss")
+    ax.set_xlabel("step (optimizer updates)")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.grid(True, alpha=0.3)
+    if train or evals:  # a run before its first log line has nothing to label
+        ax.legend()
+    return _save(fig, Path(path or run.loss_plot))
+
+
+X_AXES = {
+    "step": ("step (optimizer updates)", lambda s, e: e["step"]),
+    "tokens": ("tokens seen", lambda s, e: e.get("tokens", 0)),
+    "time": ("wall time (s)", lambda s, e: e.get("elapsed", 0.0)),
+    "flops": ("training compute (FLOPs)", lambda s, e: (s.flops_per_token or 0) * e.get("tokens", 0)),
+}
+
+
+def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", log: bool = False) -> Path:
+    """Overlay the val (solid, markers) and train (faint: the mean of the steps) curves of several runs on one x
+    axis; in bits per byte when their tokenizers or data differ (a loss per token would compare different units),
+    which needs each run's byte counts."""
+    label, pick = X_AXES[x]
+    reason = unfair(summaries)
+    if reason:
+        lacking = [s.name for s in summaries if "val" not in s.token_bytes]
+        if lacking:
+            raise UserError(f"these runs cannot share a loss axis: {reason}, and {', '.join(lacking)} keeps no byte "
+                            "counts of its data (dataset.json) to draw it in bits per byte; plot them apart.")
+
+    def y(s: RunSummary, loss: float, split: str) -> float:
+        return s.bits_per_byte(loss, split if split in s.token_bytes else "val") if reason else loss
+
+    fig, ax = pyplot().subplots(figsize=(9, 5.5), dpi=120)
+    for i, s in enumerate(summaries):
+        color = f"C{i % 10}"
+        if s.trains:
+            ax.plot([pick(s, e) for e in s.trains], [y(s, e["loss"], "train") for e in s.trains], color=color,
+                    alpha=0.3, linewidth=1)
+        if s.evals:
+            best = f"{s.best_bpb:.3f} bits/byte" if reason else f"{s.best_val_loss:.3f}"
+            ax.plot([pick(s, e) for e in s.evals], [y(s, e["val_loss"], "val") for e in s.evals], color=color,
+                    marker="o", markersize=3, label=f"{s.name} val (best {best})")
+    ax.plot([], [], color="gray", alpha=0.3, label="train: mean of the steps (faint, same colour)")
+    ax.set_title("Val and train loss by run" if not reason else f"Bits per byte by run: {reason}", fontsize=10)
+    ax.set_xlabel(label)
+    ax.set_ylabel("bits per byte (loss / ln 2 / bytes per token of its split)" if reason else
+                  "cross-entropy loss (nats/token)")
+    if log:
+        _log_axes(ax)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Path:
+    """Val loss against compute and against parameters, log-log, with each fitted power law; `rough` when the
+    runs cannot support an extrapolation (`scaling.fit_caveats`), which the label then says."""
+    fig, axes = pyplot().subplots(1, len(fits), figsize=(6 * len(fits), 5), dpi=120, squeeze=False)
+    for ax, fit in zip(axes[0], fits):
+        ax.scatter(fit.x, fit.y, color="C0", zorder=3, label="runs (best val loss)")
+        for x, y, name in zip(fit.x, fit.y, fit.names):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        grid = np.geomspace(min(fit.x), 10 * max(fit.x), 50)
+        ax.plot(grid, fit.predict(grid), color="C1",
+                label=f"fit: L = {fit.a:.3g} · x^{fit.b:.3f} (rmse {fit.rmse:.3f})")
+        ax.axvline(10 * max(fit.x), color="gray", linestyle=":",
+                   label=f"10× the largest run: {'a rough guess of' if rough else 'predicted'} "
+                         f"{fit.predict(10 * max(fit.x)):.3f}")
+        _log_axes(ax)
+        ax.set_xlabel(fit.x_label)
+        ax.set_ylabel("best val loss (nats/token)")
+        ax.set_title(f"Val loss against {fit.x_label.split(' (')[0]}")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> Path:
+    """Histogram of tokens per document on a log x axis, with the context length marked."""
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
+    bins = np.geomspace(max(1, min(int(lengths.min()), block_size)) / 1.1, max(int(lengths.max()), block_size) * 1.1, 60)
+    ax.hist(np.maximum(lengths, 1), bins=bins, color="C0")
+    beyond = (lengths > block_size).mean()
+    ax.axvline(block_size, color="C1", linestyle="--",
+               label=f"context length {block_size}: {100 * beyond:.1f}% of documents are longer")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens per document (log scale)")
+    ax.set_ylabel("documents")
+    ax.set_title(f"Document lengths: {len(lengths):,} documents, median {np.median(lengths):,.0f} tokens")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def _log_axes(ax: plt.Axes) -> None:
+    """Log-log axes with plain-number loss labels (not 1.6×10⁰) and no crowded minor labels on x."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write through a temporary name, so a reader never sees half a PNG; a failed write (a full disk) leaves
+    nothing behind and is one sentence (lmlab.core.fileio.WriteError)."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        with writing(path):
+            fig.savefig(tmp)
+            tmp.replace(path)
+    finally:
+        pyplot().close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

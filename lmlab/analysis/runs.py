@@ -1,0 +1,338 @@
+"""Listing and summarising run folders for `lmlab runs`, `compare`, `scaling` and `plan`: read without trusting
+them, so a half-written, old or foreign folder gets a status instead of a crash."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.core.errors import UserError
+from lmlab.core.humanize import count, fmt, format_duration, sci
+from lmlab.model import build_model
+from lmlab.run.rundir import RunDir
+from lmlab.analysis.scaling import chinchilla_percent, unique_tokens
+
+
+@dataclass
+class RunSummary:
+    """What `lmlab runs` and `lmlab compare` show about one run directory; None where it is unknown."""
+
+    path: Path
+    status: str  # finished | stopped early | stopped (SIGTERM) | running | crashed | half-written | not a run
+    params: int | None = None
+    dataset: str | None = None
+    tokenizer: str | None = None
+    model: str | None = None  # LanguageModel.describe(), e.g. "gpt 4L/256 rope" or "recurrent gru 2L/512"
+    architecture: str | None = None  # LanguageModel.architecture(): GPT-2, modern, mixed, GRU, LSTM
+    shape: str | None = None  # layers/width, e.g. "4L/256"
+    flops_per_token: float | None = None  # LanguageModel.flops_per_token()
+    device: str | None = None
+    steps: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    best_bpb: float | None = None
+    gap: float | None = None  # val - train (eval) loss: the same number of fixed batches, eval mode, at the best eval
+    split_tokens: int | None = None  # the train split's tokens (its unique tokens), of a trained run
+    token_bytes: dict[str, float] = field(default_factory=dict)  # UTF-8 bytes per token of each split: bits per byte
+    data_sha256: str | None = None  # of the val split: runs with the same one were scored on the same text
+    still_falling: bool | None = None  # the last eval was the best one
+    tokens_per_sec: float | None = None  # median of the logged intervals
+    mfu: float | None = None  # median of the logged intervals
+    checkpoint: str = "best"  # the checkpoint whose kept task and judge scores `tasks` and `judge` are
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> its kept result (eval --task)
+    judge: dict[str, Any] | None = None  # the judge's summary of the checkpoint's answers (lmlab judge)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    trains: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def flops(self) -> float | None:
+        """Training compute: FLOPs per token (the model's one definition) × tokens seen."""
+        return self.flops_per_token * self.tokens if self.flops_per_token else None
+
+    @property
+    def epochs(self) -> float | None:
+        """Passes over the train split: tokens seen over its tokens."""
+        return self.tokens / self.split_tokens if self.split_tokens else None
+
+    @property
+    def unique_tokens(self) -> int:
+        return unique_tokens(self.tokens, self.split_tokens)
+
+    def bits_per_byte(self, loss: float, split: str = "val") -> float | None:
+        """A loss (nats per token) of one split in bits per UTF-8 byte of its text."""
+        per_token = self.token_bytes.get(split)
+        return loss / math.log(2) / per_token if per_token else None
+
+    def figures(self) -> dict[str, Any]:
+        """Everything but the event lists, as plain JSON values (`lmlab runs --json`), kept task and judge scores
+    included."""
+        skip = ("evals", "trains", "token_bytes")
+        return {"name": self.name, **{k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()
+                                      if k not in skip}, "flops": self.flops, "epochs": self.epochs,
+                "unique_tokens": self.unique_tokens}
+
+
+def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
+    if not events or events[0].get("event") != "start":
+        return "half-written"
+    last = events[-1]
+    if last.get("event") == "end":
+        if last.get("stopped_by"):
+            return f"stopped ({last['stopped_by']})"
+        return "stopped early" if last.get("stopped_early") else "finished"
+    return "running" if run.running() else "crashed"
+
+
+def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
+    """The model's description and FLOPs per token from the start event (of older runs, from the config), and its
+    architecture and shape from the config."""
+    summary.model, summary.flops_per_token = start.get("model"), start.get("flops_per_token")
+    try:
+        config = run.config().model
+        with torch.device("meta"):  # the shape alone, nothing allocated
+            model = build_model(config)
+    except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
+        return
+    summary.architecture, summary.shape = model.architecture(), f"{config.n_layer}L/{config.n_embd}"
+    summary.model = summary.model or model.describe()
+    summary.flops_per_token = summary.flops_per_token or model.flops_per_token()
+
+
+def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
+    """Read a run dir without trusting it: a half-written, old or foreign dir gets a status, not a crash. Task
+    and judge scores are those kept for the weights of `checkpoint`."""
+    run = RunDir(run_dir)
+    if not (run.path / "config.toml").exists() and not (run.path / "metrics.jsonl").exists():
+        return RunSummary(run.path, "not a run")
+    events = run.events()
+    summary = RunSummary(run.path, _status(run, events), checkpoint=checkpoint)
+    summary.tasks, summary.judge = kept_scores(run, checkpoint)
+    start = events[0] if events and events[0].get("event") == "start" else {}
+    summary.params, summary.device = start.get("params"), start.get("device")
+    summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
+    _describe(run, start, summary)
+    _data(run, start, summary)
+    summary.evals = [e for e in events if e.get("event") == "eval" and "val_loss" in e]
+    summary.trains = [e for e in events if e.get("event") == "train" and "loss" in e]
+    summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
+    summary.mfu = _median([e.get("mfu") for e in summary.trains])
+    progress = [e for e in events if "step" in e and "tokens" in e]
+    if progress:
+        summary.steps, summary.tokens = progress[-1]["step"], progress[-1]["tokens"]
+        summary.elapsed = max(e.get("elapsed", 0.0) for e in progress)
+    if summary.evals:
+        best = min(summary.evals, key=lambda e: e["val_loss"])
+        summary.best_val_loss, summary.best_step = best["val_loss"], best["step"]
+        if "train_eval_loss" in best:
+            summary.gap = best["val_loss"] - best["train_eval_loss"]
+        summary.still_falling = summary.evals[-1] is best
+        summary.best_bpb = summary.bits_per_byte(best["val_loss"])
+    return summary
+
+
+def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The task results and the judge's summary kept in a run for the weights of one checkpoint: per task the
+    result over the most items (the newest of those), and the newest judgement."""
+    weights = run.weights_sha256(checkpoint)
+    if weights is None:
+        return {}, None
+    tasks: dict[str, dict[str, Any]] = {}
+    for result in run.task_results():
+        if result.get("weights_sha256") == weights and isinstance(result.get("items"), int):
+            held = tasks.get(result.get("task"))
+            if held is None or result["items"] >= held["items"]:
+                tasks[result.get("task")] = result
+    judged = [j for j in run.judgements() if j.get("weights_sha256") == weights]
+    return tasks, judged[-1] if judged else None
+
+
+def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
+    """What the run's dataset facts say: the train split's tokens (a trained run's: the start event's, or of an
+    older run its dataset.json), bytes per token of each split, and the val split's checksum."""
+    meta = run.dataset()
+    splits = {split: meta.get(split) for split in ("train", "val")} if isinstance(meta, dict) else {}
+    splits = {split: facts for split, facts in splits.items() if isinstance(facts, dict)}
+    recorded = start.get("train_tokens")
+    older = (splits.get("train") or {}).get("tokens") if start and run.kind() == "trained" else None
+    summary.split_tokens = recorded if isinstance(recorded, int) and recorded > 0 else older
+    for split, facts in splits.items():
+        if facts.get("tokens") and facts.get("bytes"):
+            summary.token_bytes[split] = facts["bytes"] / facts["tokens"]
+    summary.data_sha256 = (splits.get("val") or {}).get("sha256")
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the known values: typical of a run, unmoved by a slow first interval or an eval's pause."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every directory under root that looks like a run, plus the direct children that do not (to list them)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory; pass the folder that holds your runs (default: runs).")
+    runs = {p.parent for p in root.rglob("config.toml")} | {p.parent for p in root.rglob("metrics.jsonl")}
+    runs |= {p for p in root.iterdir() if p.is_dir() and not any(r.is_relative_to(p) for r in runs)}
+    return sorted(runs)
+
+
+def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
+    """Each run's figures beside the first run's (ratios to it), its passes over its data, its share of
+    Chinchilla-optimal tokens (unique tokens, with the tokens seen beside) and its overfitting: numbers, for
+    `compare` (table and --json), `sweep` and the report. Every run has an evaluation. When the tokenizers or the
+    data differ (`unfair`), the change against the first run is in bits per byte, which those do not change."""
+    base, by_bytes = runs[0], bool(unfair(runs))
+    return [{
+        "run": s.name, "path": str(s.path), "status": s.status, "architecture": s.architecture, "model": s.model,
+        "tokenizer": s.tokenizer, "params": s.params, "params_ratio": s.params / base.params, "tokens": s.tokens,
+        "tokens_ratio": _ratio(s.tokens, base.tokens), "flops": s.flops, "flops_ratio": _ratio(s.flops, base.flops),
+        "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed), "best_val_loss": s.best_val_loss,
+        "best_val_loss_change": s.best_val_loss / base.best_val_loss - 1, "bits_per_byte": s.best_bpb,
+        "bits_per_byte_change": _ratio(s.best_bpb, base.best_bpb) and s.best_bpb / base.best_bpb - 1,
+        "by_bytes": by_bytes, "epochs": s.epochs, "unique_tokens": s.unique_tokens,
+        "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params),
+        "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params),
+        "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
+        "judge": s.judge,
+    } for s in runs]
+
+
+def unfair(runs: list[RunSummary]) -> str | None:
+    """Why the runs' losses per token do not compare, or None: different tokenizers (a token is another unit), or
+    different text (val splits with other checksums)."""
+    tokenizers = sorted({str(s.tokenizer) for s in runs})
+    if len(tokenizers) > 1:
+        return f"their tokenizers differ ({', '.join(tokenizers)}): a loss per token is per a different unit"
+    if len({s.data_sha256 or str(s.dataset) for s in runs}) > 1:
+        return "they trained on different data: their losses are of different text"
+    return None
+
+
+def by_bytes_columns(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
+    """Where the rows' tokenizers differ, bits per byte is the figure that compares them: it is kept longest when a
+    table must be narrowed, and the loss per token goes early."""
+    if len({r.get("tokenizer") for r in rows}) <= 1 and not any(r.get("by_bytes") for r in rows):
+        return columns
+    swap = {"bits/byte": 0, "best val": 6}
+    return [dataclasses.replace(c, priority=swap.get(c.header, c.priority)) for c in columns]
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header, its priority (0 is kept longest when a table must be narrowed) and its cell."""
+
+    header: str
+    priority: int
+    cell: Callable[[Any], str]  # a row (a dict of figures, or an object) -> its text
+    left: bool = False  # text (left-aligned) rather than a figure
+
+
+def _times(value: float | None) -> str:
+    return "" if value is None else f" {value:.2f}×"
+
+
+def _change(row: dict[str, Any], key: str, by_bytes: bool) -> str:
+    """The % change against the first run, on the column that compares: bits per byte when the tokenizers or data
+    differ, else the loss."""
+    return f" ({100 * row[key]:+.1f}%)" if row.get("by_bytes", False) == by_bytes and row[key] is not None else ""
+
+
+def _chinchilla(row: dict[str, Any]) -> str:
+    """The share of Chinchilla-optimal in unique tokens, and in tokens seen when repeats make them differ."""
+    unique, seen = row["chinchilla_percent"], row["chinchilla_seen_percent"]
+    return f"{unique:.1f}%" + (f" ({seen:.0f}% seen)" if seen > unique * 1.001 else "")
+
+
+RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under the listed folder
+    Column("run", 0, lambda r: r["run"], left=True),
+    Column("status", 1, lambda r: r["status"], left=True),
+    Column("arch", 2, lambda r: r["architecture"] or "-", left=True),
+    Column("shape", 9, lambda r: r["shape"] or "-", left=True),
+    Column("params", 3, lambda r: count(r["params"])),
+    Column("dataset", 7, lambda r: Path(r["dataset"]).name if r["dataset"] else "-", left=True),
+    Column("tokenizer", 11, lambda r: r["tokenizer"] or "-", left=True),
+    Column("tokens", 4, lambda r: count(r["tokens"])),
+    Column("steps", 8, lambda r: f"{r['steps']:,}"),
+    Column("epochs", 14, lambda r: fmt(r["epochs"], ".2f")),
+    Column("best val", 0, lambda r: fmt(r["best_val_loss"])),
+    Column("bits/byte", 6, lambda r: fmt(r["best_bpb"], ".3f")),
+    Column("val-train(eval)", 10, lambda r: fmt(r["gap"], "+.3f")),
+    Column("wall", 5, lambda r: format_duration(r["elapsed"]) if r["elapsed"] else "-"),
+    Column("device", 12, lambda r: r["device"] or "-", left=True),
+    Column("model", 13, lambda r: r["model"] or "-", left=True),
+    Column("judge (scored, model)", 9, lambda r: judge_cell(r["judge"]), left=True),
+]
+
+def judge_cell(judge: dict[str, Any] | None) -> str:
+    """The judge's mean score with how many answers it scored and which model judged: `62.3 (18/20, NAME)`."""
+    if not judge:
+        return "-"
+    mean = "-" if judge.get("mean") is None else f"{judge['mean']:.1f}"
+    return f"{mean} ({judge.get('scored', 0)}/{judge.get('total', 0)}, {judge.get('judge_model')})"
+
+
+def score_cell(value: float | None, stderr: float | None) -> str:
+    """A task score with its standard error: `0.3120 ± 0.0046`."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None and math.isfinite(stderr) else "")
+
+
+def task_columns(rows: list[dict[str, Any]], priority: int = 2) -> list[Column]:
+    """A column per task any row has a kept result of (acc_norm, as HellaSwag is reported, with the items scored)."""
+    names = sorted({name for r in rows for name in (r.get("tasks") or {})})
+
+    def cell(name: str) -> Callable[[dict[str, Any]], str]:
+        def text(r: dict[str, Any]) -> str:
+            result = (r.get("tasks") or {}).get(name)
+            return "-" if result is None else f"{result['acc_norm']:.4f} ({result['items']:,})"
+        return text
+
+    return [Column(f"{name} acc_norm (items)", priority, cell(name)) for name in names]
+
+
+TASK_RESULT_COLUMNS = [  # `lmlab eval --task` and the report: kept task results
+    Column("task", 0, lambda r: r["task"], left=True),
+    Column("items", 1, lambda r: f"{r['items']:,}"),
+    Column("acc", 0, lambda r: score_cell(r["acc"], r["acc_stderr"])),
+    Column("acc_norm", 0, lambda r: score_cell(r["acc_norm"], r["acc_norm_stderr"])),
+    Column("chance", 2, lambda r: f"{r['chance']:.4f}"),
+    Column("step", 4, lambda r: f"{r['step']:,}"),
+    Column("time", 3, lambda r: format_duration(r["seconds"])),
+]
+
+COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
+    Column("run", 0, lambda r: r["run"], left=True),
+    Column("arch", 3, lambda r: r["architecture"] or "-", left=True),
+    Column("params", 1, lambda r: count(r["params"]) + _times(r["params_ratio"])),
+    Column("tokens", 4, lambda r: count(r["tokens"]) + _times(r["tokens_ratio"])),
+    Column("compute", 2, lambda r: sci(r["flops"]) + _times(r["flops_ratio"])),
+    Column("wall", 5, lambda r: format_duration(r["elapsed"]) + _times(r["elapsed_ratio"])),
+    Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f}" + _change(r, "best_val_loss_change", False)),
+    Column("bits/byte", 6, lambda r: fmt(r["bits_per_byte"], ".3f") + _change(r, "bits_per_byte_change", True)),
+    Column("epochs", 12, lambda r: fmt(r["epochs"], ".2f")),
+    Column("tok/param", 9, lambda r: f"{r['tokens_per_param']:.1f}"),
+    Column("Chinchilla", 7, _chinchilla),
+    Column("val-train(eval)", 10, lambda r: fmt(r["gap"], "+.3f")),
+    Column("falling", 8, lambda r: "yes" if r["still_falling"] else "no"),
+    Column("status", 11, lambda r: r["status"], left=True),
+    Column("judge (scored, model)", 6, lambda r: judge_cell(r["judge"]), left=True),
+]

@@ -1,0 +1,512 @@
+"""Typed run configuration: TOML presets plus `--set section.key=value` overrides.
+
+Names follow nanoGPT so its users feel at home. Every field is checked for type on load; an unknown
+key is an error that lists the valid ones. The fully resolved config is written into every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from lmlab.core.errors import UserError
+
+DEFAULT_SEED = 1337  # training, fine-tuning and sampling all start from it unless told otherwise
+MAX_COUNT = 2**53  # the largest count (tokens, steps, sizes) any setting takes: floats and JSON hold it exactly
+MAX_SEED = 2**63 - 1  # seeds are 64-bit
+
+
+def _shown(value: Any) -> str:
+    """A user's name or value as a message quotes it: as typed if it is plain text, escaped if not, and cut short
+    (so a message stays one line)."""
+    text = str(value)
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_counts(section: str, values: dict[str, int], low: int = 1) -> None:
+    """Whole-number settings: each from `low` to MAX_COUNT, or one sentence naming it."""
+    for name, value in values.items():
+        if not low <= value <= MAX_COUNT:
+            floor = "a positive integer" if low == 1 else f"an integer from {low}"
+            raise UserError(f"{section}{name} is {_shown(value)}; set it to {floor} up to 2**53.")
+
+
+def checkpoint_name(spec: str) -> str:
+    """A checkpoint spec as a run names it: `best`, `latest`, or the step folder `step_NNNNNN` of `step_N` or `N`
+    (`183`, `step_183` and `step_000183` are one checkpoint). The one parser of --checkpoint (and of
+    --init-from's RUN:CHECKPOINT) for every command that chooses a checkpoint: `lmlab.run.rundir.RunDir.checkpoint`
+    finds the folder, and refuses a step the run has not with the steps it has."""
+    if spec in ("best", "latest"):
+        return spec
+    match = re.fullmatch(r"(?:step_)?(\d{1,16})", spec.strip()) if isinstance(spec, str) else None
+    if match is None or int(match[1]) > MAX_COUNT:
+        raise UserError(f"checkpoint {spec!r} is unknown; use best, latest, or a step: step_N or N (e.g. 500).")
+    return f"step_{int(match[1]):06d}"
+
+
+def checkpoint_label(name: str, step: int) -> str:
+    """A checkpoint as people read it: `best, step 1,500`, `latest, step 1,500`, or `step 500`."""
+    return f"step {step:,}" if name.startswith("step_") else f"{name}, step {step:,}"
+
+
+def check_seed(where: str, seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{where} is {_shown(seed)}; it must be between 0 and 2**63 - 1.")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
+
+
+BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
+PLUGIN_GROUP = "lmlab.models"  # the entry point group a package registers a model kind under
+
+# The choices of each string-valued model option; the first is the default.
+MODEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "pos_emb": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu"),
+    "gelu_approx": ("none", "tanh"),
+    "rnn_cell": ("gru", "lstm"),
+}
+
+# The fields each model kind reads besides kind, n_layer, n_embd, block_size, dropout, vocab_size and
+# tie_embeddings; the others are ignored by that kind (`ModelConfig.ignored_fields` names any set anyway).
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "gpt": ("n_head", "bias", "qkv_bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
+            "head_dim", "mlp_hidden", "rope_theta", "norm_eps"),
+    "recurrent": ("rnn_cell",),
+}
+
+
+class UnknownKind(UserError):
+    """model.kind names no built-in kind and no installed model plugin."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        plugins = ", ".join(plugin_kinds()) or "none"
+        super().__init__(f"model.kind is {kind!r}, which is neither one of lmlab's ({', '.join(BUILT_IN_KINDS)}) nor a "
+                         f"model plugin installed here (installed: {plugins}); install the package that registers it "
+                         f"under the {PLUGIN_GROUP} entry point group.")
+
+
+def plugin_kinds() -> list[str]:
+    """The model kinds installed packages register (entry points of PLUGIN_GROUP): names only, nothing imported."""
+    return sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)})
+
+
+def check_options(options: Any, where: str) -> dict[str, Any]:
+    """A plugin's [model.options]: a table of names to TOML values (text, numbers, booleans, lists of them)."""
+    if not isinstance(options, dict):
+        raise UserError(f"{where} must be a table of a model plugin's settings, e.g. [model.options] with "
+                        "context_size = 256.")
+    for key, value in options.items():
+        for item in value if isinstance(value, list) else [value]:
+            if type(item) not in (str, int, float, bool) or (type(item) is float and not math.isfinite(item)):
+                raise UserError(f"{where}.{key} is {value!r}; a plugin's setting is text, a finite number, true or "
+                                "false, or a list of them.")
+    return dict(options)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "gpt"  # gpt | recurrent | an installed model plugin's name (its settings in [model.options])
+    n_layer: int = 6  # transformer blocks, or stacked recurrent layers
+    n_head: int = 6  # attention (query) heads; unused by the recurrent model
+    n_embd: int = 384  # residual width, or the recurrent model's embedding and hidden-state width
+    block_size: int = 256  # context length in tokens (the recurrent model trains on sequences this long)
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and norms (the recurrent cells always keep theirs)
+    qkv_bias: bool = False  # biases on the query/key/value projection alone, with bias = false (as Qwen2 has)
+    vocab_size: int = 0  # 0: taken from the dataset's meta.json
+    gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
+    pos_emb: str = "learned"  # learned | rope: a learned position table, or rotary embeddings of q and k
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu: 4x GELU MLP, or a gated SiLU MLP with ~8/3x hidden width (same params)
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
+    tie_embeddings: bool = True  # the output head shares the token embedding's weights
+    n_kv_head: int = 0  # key/value heads; 0: n_head; fewer: grouped-query attention (must divide n_head)
+    head_dim: int = 0  # width of each attention head; 0: n_embd / n_head (Qwen3 models set it wider)
+    mlp_hidden: int = 0  # the MLP's hidden width; 0: 4 x n_embd (gelu), or ~8/3 x n_embd (swiglu, same params)
+    rope_theta: float = 10000.0  # rotary base: channel pair i turns by position x theta^(-2i / head width)
+    norm_eps: float = 0.0  # epsilon of every norm, QK-norm too; 0: torch's (LayerNorm 1e-5, RMSNorm machine eps)
+    rnn_cell: str = "gru"  # gru | lstm: the recurrent model's cell
+    # A model plugin's own settings, the [model.options] table: what the plugin reads, checked by it.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_counts("model.", {name: getattr(self, name) for name in ("n_layer", "n_head", "n_embd", "block_size")})
+        check_counts("model.", {"vocab_size": self.vocab_size, "n_kv_head": self.n_kv_head}, low=0)
+        self._check_kind()
+        for name, choices in MODEL_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UserError(f"model.{name} is '{_shown(getattr(self, name))}'; use {' or '.join(choices)}.")
+        if self.kind == "gpt":  # the recurrent model has no heads
+            self._check_heads()
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
+        check_counts("model.", {"head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden}, low=0)  # 0: the default
+        if not self.rope_theta > 0:
+            raise UserError(f"model.rope_theta ({self.rope_theta}) must be positive, e.g. 10000.")
+        if not 0 <= self.norm_eps < 1:
+            raise UserError(f"model.norm_eps ({self.norm_eps}) must be in [0, 1), e.g. 1e-6; 0 for torch's default.")
+        if self.qkv_bias and self.bias:
+            raise UserError("model.qkv_bias = true adds biases to the query/key/value projection of a model that has "
+                            "no others (model.bias = false, as Qwen2); with model.bias = true every linear layer has "
+                            "them already: set one of the two to false.")
+
+    def _check_kind(self) -> None:
+        if self.kind not in BUILT_IN_KINDS and self.kind not in plugin_kinds():
+            raise UnknownKind(self.kind)
+        self.options = check_options(self.options, "model.options")
+        if self.options and self.kind in BUILT_IN_KINDS:
+            raise UserError(f"[model.options] ({', '.join(self.options)}) holds a model plugin's settings, and "
+                            f"model.kind {self.kind!r} is lmlab's own, which reads none: remove the table, or set "
+                            "model.kind to the plugin's name.")
+
+    def _check_heads(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
+                "change one of them."
+            )
+        if self.pos_emb == "rope" and self.head_size % 2:
+            raise UserError(f"model.pos_emb = \"rope\" needs an even head size; it is {self.head_size} "
+                            "(model.head_dim, or n_embd / n_head), change it.")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise UserError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head}); "
+                            "use 0 for as many as n_head.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    def ignored_fields(self) -> list[str]:
+        """Fields set away from their defaults that this model kind does not read (e.g. n_head of a recurrent
+        model): not an error, since one preset serves several kinds, but worth saying."""
+        read = set(KIND_FIELDS.get(self.kind, ()))  # a plugin reads the shared fields and its options
+        unread = {name for fields in KIND_FIELDS.values() for name in fields} - read
+        return sorted(f.name for f in dataclasses.fields(self)
+                      if f.name in unread and getattr(self, f.name) != f.default)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
+    max_iters: int = 5000  # optimizer steps
+    max_seconds: float = 0.0  # wall-clock limit: end the run cleanly (final eval and checkpoint) after it; 0: none
+    # Seconds from `lmlab train`'s start (or a library Trainer's run()) to the end of the run, evals and checkpoints
+    # included: the run times its first steps and sets max_iters to fill them, the LR schedule laid over those
+    # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps).
+    budget_seconds: float = 0.0
+    optimizer: str = "adamw"  # adamw | muon: Muon for hidden 2-D weights, AdamW for embeddings, head and the rest
+    learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
+    min_lr: float = 1e-4  # the LR at the end of the decay
+    schedule: str = "cosine"  # cosine | wsd: warmup then cosine decay, or warmup-stable-decay
+    decay_fraction: float = 0.2  # wsd: share of the steps, at the end, over which the LR falls (1-sqrt) to min_lr
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # cosine: steps over which the LR decays to min_lr; 0: max_iters
+    weight_decay: float = 0.1  # applied to 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_interval: int = 250  # steps between evaluations
+    eval_iters: int = 50  # batches per split in each evaluation (the same batches every time)
+    log_interval: int = 10  # steps between train lines in metrics.jsonl
+    checkpoint_interval: int = 500  # steps between `latest` checkpoints
+    keep_checkpoints: int = 3  # step folders kept besides `best`
+    patience: int = 0  # evaluations without a new best before stopping; 0: never stop early
+    seed: int = DEFAULT_SEED
+    spike_zscore: float = 6.0  # a loss or grad norm this many std above its recent mean is a spike
+    spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
+    rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
+    compile: bool | str = "auto"  # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
+    threads: int = 0  # CPU threads for torch; 0: one per core
+    tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
+    tracker_project: str = "lmlab"  # wandb: the project the run is logged under
+    tracker_run: str = ""  # wandb: the run's name there; "": the run dir's name
+    parallel: str = "ddp"  # ddp | fsdp: under torchrun, a model replica per process, or sharded by FSDP2
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
+                    "log_interval", "checkpoint_interval", "keep_checkpoints")
+        check_counts("train.", {name: getattr(self, name) for name in positive})
+        check_counts("train.", {name: getattr(self, name) for name in ("warmup_iters", "lr_decay_iters", "patience",
+                                                                        "spike_patience", "threads")}, low=0)
+        check_seed("train.seed", self.seed)
+        if not 0 < self.learning_rate <= 1 or not 0 <= self.min_lr <= self.learning_rate:
+            raise UserError(f"train.learning_rate ({self.learning_rate}) must be in (0, 1] and train.min_lr "
+                            f"({self.min_lr}) in [0, learning_rate].")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"train.{name} ({getattr(self, name)}) must be in [0, 1), e.g. 0.9.")
+        if not 0 <= self.weight_decay * self.learning_rate < 1:
+            # Decoupled decay multiplies the weights by (1 - lr * wd) each step: at 1 or more it zeroes or flips them.
+            raise UserError(f"train.weight_decay ({self.weight_decay}) must be >= 0 and below 1 / learning_rate.")
+        if self.grad_clip < 0:
+            raise UserError(f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 turns clipping off).")
+        if self.spike_zscore <= 0:
+            raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"train.optimizer is '{_shown(self.optimizer)}'; use adamw or muon.")
+        if self.schedule not in ("cosine", "wsd"):
+            raise UserError(f"train.schedule is '{_shown(self.schedule)}'; use cosine or wsd.")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
+        if self.max_seconds < 0:
+            raise UserError(f"train.max_seconds ({self.max_seconds}) must be 0 (no limit) or positive.")
+        self._check_budget()
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
+        if self.tracker not in ("none", "tensorboard", "wandb"):
+            raise UserError(f"train.tracker is '{_shown(self.tracker)}'; use none, tensorboard or wandb.")
+        bad = set(self.tracker_project) & set("/\\#?%:")
+        if not self.tracker_project or bad or len(self.tracker_project) > 128:
+            raise UserError(f"train.tracker_project ({self.tracker_project!r}) must be 1-128 characters without any "
+                            "of / \\ # ? % : (W&B's rule for project names); e.g. \"shakespeare\".")
+        if self.compile not in (True, False, "auto"):
+            raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UserError(f"train.parallel is '{_shown(self.parallel)}'; use ddp or fsdp.")
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            # Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks.
+            raise UserError("train.optimizer = \"muon\" does not work with train.parallel = \"fsdp\" (Muon needs "
+                            "whole matrices, FSDP shards them); use parallel = \"ddp\" or optimizer = \"adamw\".")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"train.dtype is '{_shown(self.dtype)}'; use auto, float32, bfloat16 or float16.")
+
+    def _check_budget(self) -> None:
+        if self.budget_seconds < 0:
+            raise UserError(f"train.budget_seconds ({self.budget_seconds}) must be 0 (no budget) or positive.")
+        if self.budget_seconds and self.max_seconds:
+            raise UserError("train.budget_seconds plans the whole run to end at its budget, train.max_seconds cuts a "
+                            "run short; set one of them, the other to 0.")
+        if self.budget_seconds and self.lr_decay_iters:
+            raise UserError("train.lr_decay_iters fixes the decay in steps, while train.budget_seconds lays it over "
+                            "the steps the budget allows; set lr_decay_iters = 0.")
+
+
+@dataclass
+class FinetuneConfig:
+    """`lmlab finetune`: Alpaca-format instruction tuning of a run's best checkpoint. The model, dtype, optimizer
+    and clipping come from the base run; these settings, and the schedule derived from them, replace its [train]."""
+
+    data: str = ""  # JSON list of {instruction, input, output} records
+    epochs: int = 3
+    learning_rate: float = 1e-4  # peak LR: 5% of the steps warm up to it, then a cosine to a tenth of it
+    batch_size: int = 8  # records per step
+    val_fraction: float = 0.1  # share of records held out (chosen by a hash of their content)
+    seed: int = DEFAULT_SEED
+    checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
+
+    def __post_init__(self) -> None:
+        check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size,
+                                   "checkpoint_interval": self.checkpoint_interval})
+        check_seed("finetune.seed", self.seed)
+        if not 0 < self.learning_rate <= 1:
+            raise UserError(f"finetune.learning_rate ({self.learning_rate}) must be in (0, 1], e.g. 1e-4.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"finetune.val_fraction ({self.val_fraction}) must be between 0 and 1, e.g. 0.1.")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = None  # set in fine-tuned runs only
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue a prompt, passed whole from `sample`, `compare`, `answer` and `serve` to the sampler.
+
+    temperature 0 is greedy; top_k keeps the k likeliest tokens and top_p the smallest set whose probability
+    reaches p; the seed makes a draw repeatable; a continuation ends after max_new_tokens or before a stop string.
+    """
+
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int = DEFAULT_SEED
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = {
+            "max_new_tokens": (not 1 <= self.max_new_tokens <= MAX_COUNT, "at least 1 and at most 2**53"),
+            "temperature": (not (math.isfinite(self.temperature) and self.temperature >= 0), "a number >= 0 "
+                            "(0 is greedy)"),
+            "top_k": (self.top_k is not None and not 1 <= self.top_k <= MAX_COUNT, "at least 1 and at most 2**53, "
+                      "or left out"),
+            "top_p": (not 0 < self.top_p <= 1, "in (0, 1]"),
+            "seed": (not 0 <= self.seed <= MAX_SEED, "between 0 and 2**63 - 1"),
+        }
+        for name, (bad, rule) in problems.items():
+            if bad:
+                raise UserError(f"{name} is {_shown(getattr(self, name))}; it must be {rule}.")
+
+    def describe(self) -> str:
+        return f"seed {self.seed}, temperature {self.temperature}, top_k {self.top_k}, top_p {self.top_p}"
+
+
+def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n copies of `params`, the i-th seeded seed + i: n different draws, each repeatable alone."""
+    return [dataclasses.replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                             "finetune": FinetuneConfig}
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
+    """Check a TOML or command-line value against a field's type; ints widen to floats."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise UserError(f"{where} is an integer of {len(str(value)):,} digits, beyond any number it may be.")
+    if type(value) is not kind or (kind is float and not math.isfinite(value)):
+        raise UserError(f"{where} must be {kind.__name__}, got {_shown(repr(value))} ({type(value).__name__}).")
+    return value
+
+
+def _parse_literal(text: str) -> Any:
+    """A `--set` value is read as a TOML value, so `3e-4`, `true` and `"x"` mean what they do in a preset."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word such as `bfloat16` or a path is a string
+
+
+def build_section(name: str, values: Any, source: str) -> Any:
+    """One section's dataclass from a dict of settings, each checked for type; errors name `source`."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: [{name}] must be a table of settings.")
+    types = {f.name: f.type for f in dataclasses.fields(SECTIONS[name])}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types:
+            raise UserError(f"{source}: unknown key {name}.{_shown(key)}; valid keys in [{name}] are: "
+                            f"{', '.join(types)}.")
+        if types[key].startswith("dict"):  # model.options: a plugin's table, checked by the plugin
+            kwargs[key] = check_options(value, f"{source}: {name}.{key}")
+            continue
+        kinds = [{"int": int, "float": float, "bool": bool, "str": str}[t] for t in types[key].split(" | ")]
+        if len(kinds) > 1 and type(value) in kinds:  # a field that takes either, e.g. compile = true or "auto"
+            kinds = [type(value)]
+        kwargs[key] = _coerce(f"{source}: {name}.{key}", value, kinds[0])
+    return SECTIONS[name](**kwargs)
+
+
+def build_config(raw: dict[str, Any], source: str) -> RunConfig:
+    """Build a RunConfig from nested dicts, naming `source` in any error."""
+    for name in raw:
+        if name not in SECTIONS:
+            raise UserError(f"{source}: unknown section [{_shown(name)}]; valid sections are: {', '.join(SECTIONS)}.")
+    return RunConfig(**{name: build_section(name, raw.get(name, {}), source) for name in SECTIONS
+                        if name in raw or name != "finetune"})
+
+
+def parse_override(item: str) -> tuple[str, str, str]:
+    """`section.key=value` as (section, key, value text); `sweep` splits the text into its values."""
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise UserError(f"--set {_shown(repr(item))} must look like section.key=value, e.g. train.learning_rate=3e-4.")
+    return section, name, text.strip()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings on top of a raw config dict; `model.options.NAME=value` sets a plugin's
+    setting."""
+    for item in overrides:
+        section, name, text = parse_override(item)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):  # `section` is not a table in the file
+            raise UserError(f"--set {_shown(repr(item))}: [{_shown(section)}] is not a section of settings; use "
+                            "section.key=value with a section such as model or train.")
+        *parents, leaf = name.split(".")
+        for parent in parents:
+            table = table.setdefault(parent, {}) if isinstance(table, dict) else None
+        if not isinstance(table, dict):
+            inside = f"{_shown(section)}.{_shown('.'.join(parents))}"
+            raise UserError(f"--set {_shown(repr(item))} sets a key inside {inside}, which is not a table.")
+        try:
+            table[leaf] = _parse_literal(text)
+        except ValueError:  # an integer of thousands of digits (beyond Python's int-parsing limit)
+            raise UserError(f"--set {_shown(section)}.{_shown(name)}: {text[:20]}... ({len(text):,} characters) is too "
+                            "large a number to read; give a number in the setting's range.")
+    return raw
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as err:  # ValueError: an int of 5,000 digits
+        raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; pass a TOML file such as configs/shakespeare-char-cpu.toml.")
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML preset and apply overrides; every error names the file or the field."""
+    return build_config(apply_overrides(read_toml(path), list(overrides)), str(path))
+
+
+def load_finetune_config(path: Path | None, overrides: list[str] = ()) -> FinetuneConfig:
+    """The [finetune] section of a TOML file (the base run supplies everything else), with overrides."""
+    raw = apply_overrides(read_toml(path) if path else {}, list(overrides))
+    others = sorted(set(raw) - {"finetune"})
+    if others:
+        raise UserError(f"{path or '--set'}: fine-tuning reads only [finetune] (the model and the rest come from the "
+                        f"base run); remove [{'], ['.join(map(_shown, others))}].")
+    return build_section("finetune", raw.get("finetune", {}), str(path or "--set"))
+
+
+def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(value) for name, value in vars(config).items() if value is not None}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    return repr(value)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def to_toml(config: RunConfig) -> str:
+    """Write the resolved config as TOML: sections of scalars, and a plugin's settings as [model.options]."""
+    lines = []
+    for section, values in to_dict(config).items():
+        tables = {key: value for key, value in values.items() if isinstance(value, dict)}
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if key not in tables]
+        lines.append("")
+        for key, table in tables.items():
+            if table:
+                lines += [f"[{section}.{key}]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""Device choice and the mixed-precision setting that is fastest on it."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.core.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available here; use --device cpu or auto.")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name} is unknown; use auto, cpu, cuda or mps.")
+    return torch.device(name)
+
+
+def configure(device: torch.device, threads: int = 0) -> None:
+    """Process-wide settings of a process that computes on `device`: `threads` CPU threads for torch (0 leaves
+    one per core), and TF32 tensor-core matmuls for fp32 work on CUDA (Ampere and later). Training, eval,
+    sampling and serving all call it, so an fp32 run's inference runs at the rate it trained at."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        enable_tf32()
+
+
+def enable_tf32() -> None:
+    """TF32 for fp32 matmuls and convolutions, through `fp32_precision` where this torch has it (2.9 and later:
+    the `allow_tf32` flags warn there), else through the flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
+    """The autocast dtype `auto` picks on a CUDA GPU of this compute capability: bf16 where the tensor cores
+    compute in it (Ampere, 8.0, and later), fp16 with the grad scaler on Volta and Turing (7.x), fp32 below
+    (no tensor cores). Not `torch.cuda.is_bf16_supported()`, which counts emulation: on a T4 or V100 it says yes,
+    and bf16 there runs emulated matmuls and SDPA's math kernel."""
+    if capability >= (8, 0):
+        return torch.bfloat16
+    return torch.float16 if capability >= (7, 0) else torch.float32
+
+
+def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:
+    """Whether train.compile compiles on this device, and a line to print when `auto` falls back to eager.
+
+    `auto` compiles on CUDA, where Inductor generates Triton kernels; without a Triton that can build for this
+    GPU (Windows, GPUs older than compute capability 7.0) it would fail at the first forward, so it runs eager
+    instead. `true` without Triton is refused. The CPU backend generates C++ and needs no Triton.
+    """
+    if device_type != "cuda":
+        return setting is True, None
+    if has_triton:
+        return setting is not False, None
+    if setting is True:
+        raise UserError("train.compile = true needs Triton, which this PyTorch cannot use on this GPU (not "
+                        "installed, or the GPU is older than compute capability 7.0); install triton or set "
+                        "train.compile = false.")
+    return False, "torch.compile needs Triton, which is missing here (or too old for this GPU): training runs eager."
+
+
+def triton_available() -> bool:
+    """Whether Inductor can generate Triton kernels for the current CUDA device."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # moved or renamed in some later torch: at least ask whether the package is there
+        import importlib.util
+        return importlib.util.find_spec("triton") is not None
+    return has_triton()
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Dense peak throughput in TFLOP/s from the vendors' datasheets (no sparsity), by the dtype the matmuls run
+# in. float32 on Ampere and later is counted at the TF32 tensor-core rate, since lmlab enables TF32 there.
+# GeForce cards are listed at their rate with fp32 accumulation (half the fp16-accumulate figure on
+# their spec sheets), which is how autocast's matmuls accumulate. Keys are matched by name tokens
+# (`_model_tokens`); a GPU not listed here is measured instead.
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989, "float16": 989, "float32": 494},  # SXM, named e.g. "H100 80GB HBM3"
+    "H100 PCIe": {"bfloat16": 756, "float16": 756, "float32": 378},
+    "H100 NVL": {"bfloat16": 835, "float16": 835, "float32": 418},
+    "H200": {"bfloat16": 989, "float16": 989, "float32": 494},
+    "H200 NVL": {"bfloat16": 835, "float16": 835, "float32": 418},
+    "GH200": {"bfloat16": 989, "float16": 989, "float32": 494},
+    "A100": {"bfloat16": 312, "float16": 312, "float32": 156},  # SXM4
+    "A100 PCIe": {"bfloat16": 312, "float16": 312, "float32": 156},
+    "A10": {"bfloat16": 125, "float16": 125, "float32": 62.5},
+    "A10G": {"bfloat16": 70, "float16": 70, "float32": 35},
+    "A40": {"bfloat16": 149.7, "float16": 149.7, "float32": 74.8},
+    "RTX A6000": {"bfloat16": 154.8, "float16": 154.8, "float32": 77.4},
+    "L4": {"bfloat16": 121, "float16": 121, "float32": 60},
+    "L40": {"bfloat16": 181, "float16": 181, "float32": 90.5},
+    "L40S": {"bfloat16": 362, "float16": 362, "float32": 183},
+    "RTX 6000 Ada": {"bfloat16": 364.2, "float16": 364.2, "float32": 182.1},
+    "RTX 3080": {"bfloat16": 59.5, "float16": 59.5, "float32": 29.8},
+    "RTX 3090": {"bfloat16": 71, "float16": 71, "float32": 35.6},
+    "RTX 3090 Ti": {"bfloat16": 80, "float16": 80, "float32": 40},
+    "RTX 4070 Ti": {"bfloat16": 80.2, "float16": 80.2, "float32": 40.1},
+    "RTX 4080": {"bfloat16": 97.5, "float16": 97.5, "float32": 48.7},
+    "RTX 4090": {"bfloat16": 165, "float16": 165, "float32": 82.6},
+    "V100": {"float16": 125, "float32": 15.7},  # SXM2
+    "V100 PCIe": {"float16": 112, "float32": 14},
+    "V100S PCIe": {"float16": 130, "float32": 16.4},
+    "T4": {"float16": 65, "float32": 8.1},
+}
+
+# Name tokens that say nothing about the chip's speed: vendor and product-line words, memory size and type,
+# the SXM form factor (the table's default). PCIe and NVL stay: those parts run at lower clocks.
+_NOISE = re.compile(r"nvidia|geforce|tesla|quadro|rtx|generation|\d+gb|hbm\w*|sxm\d*")
+
+def _model_tokens(name: str) -> frozenset[str]:
+    """What identifies a GPU model in a name, e.g. "NVIDIA A100-SXM4-80GB" -> {a100}, "NVIDIA L40S" -> {l40s}."""
+    return frozenset(t for t in re.split(r"[^a-z0-9]+", name.lower()) if t and not _NOISE.fullmatch(t))
+
+
+def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | None:
+    """The datasheet peak FLOP/s of a GPU (by the name CUDA reports, or a user's spelling of it such as "RTX
+    4090") in `dtype`, and the table row it came from; None for a GPU or dtype the table does not list.
+
+    The model tokens must match a row exactly: a substring test would read "L40" as "L4" and "H200 NVL" as
+    "H200", and a variant the table lacks ("RTX 4070 Ti SUPER", a MIG slice) is better measured than guessed.
+    """
+    tokens, name = _model_tokens(gpu_name), str(dtype).removeprefix("torch.")
+    for key, peaks in PEAK_TFLOPS.items():
+        if _model_tokens(key) == tokens and name in peaks:
+            return peaks[name] * 1e12, f"datasheet {key}"
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a clock read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def machine(device: torch.device | None = None) -> dict[str, Any]:
+    """What a run ran on, for its record: the CPU, cores this process may use, memory, the GPU (of `device`),
+    and the software (torch, CUDA, Python, OS); None where this platform does not say."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_name(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": _memory_bytes(),
+        "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(), "os": platform.platform(terse=True),
+    }
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {"gpu": props.name, "gpu_count": torch.cuda.device_count(), "gpu_memory_bytes": props.total_memory}
+    elif device is not None and device.type == "mps":
+        info |= {"gpu": "Apple MPS", "gpu_count": 1}
+    return info
+
+
+def _cpu_name() -> str | None:
+    """The CPU's model name: Linux's /proc/cpuinfo, macOS's sysctl, else what the platform module knows."""
+    try:
+        if platform.system() == "Darwin":
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  check=True, timeout=5).stdout.strip() or None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or None
+
+
+def processor() -> dict[str, str | None]:
+    """What tells this processor from another, for the peak cache: its model name, and on Linux its vendor,
+    family, model and stepping and a digest of its feature flags, since a name can be as vague as "AMD EPYC" or
+    "Intel Xeon Processor" on a cloud machine, where an Intel host and an AMD one differ in what runs fast."""
+    found: dict[str, str | None] = {"name": _cpu_name() or platform.machine()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return found
+    first = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    for key in ("vendor_id", "cpu family", "model", "stepping"):
+        found[key.replace(" ", "_")] = first.get(key)
+    flags = first.get("flags") or first.get("Features")  # x86, Arm
+    found["flags_sha256"] = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16] if flags else None
+    return found
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on Windows
+        return None

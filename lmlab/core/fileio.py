@@ -1,0 +1,333 @@
+"""Crash-safe file writes (a temporary name, fsync, rename over the target; nothing left behind when a write
+fails), write failures as one sentence, the room this machine has (free disk, available memory), and the
+one-writer lock of a run or dataset folder."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lmlab.core.errors import UserError
+
+
+def sha256_file(*paths: Path) -> str:
+    """The sha256 of the files' bytes in order (of a split's shards: the same digest as one file would have)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (the renames into it) on POSIX file systems."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+NAME_BYTES = 200  # the longest folder name taken: the file systems' 255, less what lock and temporary names add
+
+
+def _name_problem(name: str) -> str | None:
+    """Why `name` cannot name a folder lmlab makes (empty, a control character, too long), or None."""
+    if not name:
+        return "is empty"
+    if any(not c.isprintable() for c in name):
+        return "holds a control character (a line break, a tab, ...)"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_BYTES:
+        return f"is {len(name.encode('utf-8', 'surrogateescape')):,} bytes long, more than the {NAME_BYTES} a name may be"
+    return None
+
+
+def plain_name(name: str, option: str, folder_option: str) -> str:
+    """`name` if it is a name and not a path, so a folder made from it stays inside the folder it is made in."""
+    problem = _name_problem(name)
+    if problem:
+        raise UserError(f"{option} {name[:60]!r}{'...' if len(name) > 60 else ''} {problem}; give a name of "
+                        f"letters, digits, -, _ or dots (or leave {option} out for the default).")
+    if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise UserError(f"{option} {name!r} is not a plain name (no slashes, not starting with a dot); choose the "
+                        f"folder with {folder_option} and name it with letters, digits, -, _ or dots.")
+    return name
+
+
+def check_folder_name(path: Path) -> None:
+    """Refuse a folder lmlab is to make (a run, a dataset, an export, a report) whose own name it cannot use."""
+    problem = _name_problem(Path(path).name)
+    if problem and str(path) not in ("", "."):
+        name = Path(path).name
+        raise UserError(f"the folder name {name[:60]!r}{'...' if len(name) > 60 else ''} (of {str(path)[:80]!r}) "
+                        f"{problem}; choose another.")
+
+
+def human_bytes(count: float) -> str:
+    """`512 bytes`, `3.1 MiB`, `2.0 TiB`."""
+    if count < 1024:
+        return f"{count:,.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        count /= 1024
+        if count < 1024 or unit == "PiB":
+            return f"{count:,.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def free_space(path: Path) -> str:
+    """The free space of the disk holding `path` (or its nearest existing parent), e.g. `3.1 MiB free`."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return f"{human_bytes(shutil.disk_usage(path).free)} free"
+
+
+def host_memory() -> int:
+    """Bytes a new allocation can have on this machine: the kernel's MemAvailable, within the container's memory
+    limit (cgroup v2) if there is one; the physical memory where /proc is absent (macOS)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split("\n")
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
+        return min(available, int(limit) - int(used)) if limit != "max" else available
+    except (OSError, ValueError):
+        return available
+
+
+SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The part of `path` that exists as a file where a folder should be (`afile` of `afile/sub/x`), if any."""
+    for part in [*reversed(Path(path).parents), Path(path)][1:]:
+        if part.exists():
+            if not part.is_dir():
+                return part
+        else:
+            return None
+    return None
+
+
+def os_fix(err: OSError, path: Path, writing: bool = True) -> str:
+    """What to do about an OSError met writing (or, not `writing`, using) `path`, by its cause; one clause."""
+    code = err.errno
+    if code in SPACE_ERRORS:
+        return "free some space or choose another folder"
+    if code in (errno.EACCES, errno.EPERM):
+        return "make it writable for you or choose another folder" if writing else "check its permissions"
+    if code == errno.EROFS:
+        return "it is on a read-only file system: choose a folder on a writable disk"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocking = _blocking_file(path)
+        where = f"{blocking} is a file, not a folder" if blocking else "a part of the path is a file"
+        return f"{where}: choose another path"
+    if code == errno.ENAMETOOLONG:
+        return "a name in it is too long: choose a shorter one"
+    if code == errno.EISDIR:
+        return "it is a folder: name a file instead"
+    return "choose another folder"
+
+
+class WriteError(UserError):
+    """A write that failed (a full disk, a quota, a file size limit, a read-only folder, a file where a folder
+    should be). `path` is the file, `reason` the system's words, `free` the free space (for a full disk) and
+    `fix` what to do; the message is one sentence with the fix."""
+
+    def __init__(self, path: Path, reason: str, code: int | None = None):
+        self.path, self.reason = Path(path), reason
+        self.free = f"{free_space(path)} on its disk" if code in SPACE_ERRORS or code is None else None
+        self.fix = os_fix(OSError(code, reason), self.path)
+        detail = f"{self.reason}; {self.free}" if self.free else self.reason
+        super().__init__(f"could not write {self.path} ({detail}); {self.fix}, then run the command again.")
+
+    def not_kept(self) -> str:
+        """Why a result that was still printed is not kept, and what keeps the next one."""
+        return f"{self.path} ({self.reason}); {self.fix} to keep the next."
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Report an OSError raised while writing `path` as a WriteError."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteError(path, err.strerror or str(err), err.errno) from err
+
+
+def check_writable(path: Path) -> None:
+    """Make sure a file can be written at `path` (its folders made), before the work that produces it: a probe file
+    is created beside it and removed."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.probe-")
+        os.close(fd)
+        os.unlink(probe)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a write that failed half-way leaves nothing behind
+        fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_whole(path: Path, text: str) -> None:
+    """Append `text` in one write under an exclusive lock of the file, so that appends by several processes
+    never interleave and each is whole or absent."""
+    with writing(path), open(path, "ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        data = text.encode("utf-8")
+        size = f.seek(0, os.SEEK_END)
+        try:
+            if os.write(f.fileno(), data) != len(data):
+                raise OSError(28, "No space left on device")
+        except OSError:
+            f.truncate(size)  # no half an entry: the next reader would take it for part of the next one
+            raise
+
+
+@contextmanager
+def locked_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if need be) for a read-modify-write of another file that several
+    processes may do at once; the kernel releases it however the holder ends."""
+    with writing(path):
+        f = open(path, "ab")
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+class WriterLock:
+    """The one-writer lock of a folder (a run or a dataset): an exclusive `flock` on `.NAME.lock` beside it.
+
+    The kernel releases it when its holder exits, however it exits (forked children, such as prepare's workers,
+    close their copies at once: `_drop_in_child`), so a crashed writer never leaves it stuck;
+    the file names the holder (pid and command) for the sentence that refuses a second writer. It sits beside
+    the folder, not in it, so that a folder built elsewhere and renamed into place is covered too.
+    """
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}.lock"
+        self._fd: int | None = None
+        self._made: list[Path] = []
+
+    @property
+    def held_here(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, refusal: str) -> None:
+        """Take the lock, or raise UserError(`refusal`, with `{holder}` filled in) when another writer has it."""
+        if self._fd is not None:
+            return
+        check_folder_name(self.target)
+        # The folders made for the lock file alone go again on release if nothing else was put in them.
+        self._made = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
+        with writing(self.target.parent):  # the first write of every writer: a folder it cannot write ends here
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._open_locked(refusal)
+        _HELD.add(self)
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"pid {os.getpid()}: {command}".encode())
+
+    def _open_locked(self, refusal: str) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(refusal.format(holder=self.holder() or "another process"))
+            if self._same_file(fd):  # else the last holder removed the file between our open and our lock
+                return fd
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._same_file(self._fd):
+            self.path.unlink()  # while still locked: the next writer's inode check sees a new file
+        os.close(self._fd)
+        self._fd = None
+        _HELD.discard(self)
+        for folder in self._made:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                folder.rmdir()
+
+    def __del__(self) -> None:  # a holder dropped without releasing, e.g. a Trainer built but never run
+        with contextlib.suppress(OSError):  # the file already removed by hand: the lock goes with the descriptor
+            self.release()
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def held(self) -> bool:
+        """Whether some process (this one included) holds the lock now."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the shared lock, if it was taken
+
+    def holder(self) -> str | None:
+        """`pid N: COMMAND` of the holder, as it wrote it, or None."""
+        try:
+            return self.path.read_text(encoding="utf-8", errors="replace").strip() or None
+        except OSError:
+            return None
+
+    def holder_pid(self) -> int | None:
+        text = self.holder() or ""
+        return int(text.split()[1].rstrip(":")) if text.startswith("pid ") else None
+
+
+_HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()  # the locks this process holds
+
+
+def _drop_in_child() -> None:
+    """A forked child (a prepare's tokenizer worker) closes its copies of the parent's lock descriptors: an flock
+    lasts while any copy is open, so a worker outliving a killed parent would keep the lock from the next writer."""
+    for lock in list(_HELD):
+        os.close(lock._fd)
+        lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)

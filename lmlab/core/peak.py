@@ -1,0 +1,286 @@
+"""Peak FLOP/s, what MFU divides by, and the dtype `train.dtype = "auto"` trains in.
+
+A GPU the datasheet table lists (`lmlab.core.device.PEAK_TFLOPS`) has its datasheet peak. Anything else (every CPU,
+a GPU the table lacks) is measured: the best rate of a square matmul with its inputs already in the dtype. A measurement
+says what the hardware can do only if nothing else ran on its cores meanwhile, so:
+
+- each measurement is taken inside a `LoadMeter`; one taken while other processes used more than a tenth of the
+  cores is *busy*. A busy figure never stands: it is cached marked busy (for the record), MFU is not computed
+  against it (a matmul measured on a loaded machine ran 3x to 40x below the hardware's rate, so MFU would read
+  that much high), and the next process measures again;
+- quiet measurements are kept as their best (load only ever slows a matmul, so the best is the nearest to the
+  hardware), and the measuring goes on, one 0.5 s measurement per process start, until QUIET_MEASUREMENTS of them
+  agree with the best (within AGREE of it): a machine that looked quiet but was not (a frequency dip, a neighbour
+  below the busy share) gives a low figure that the next ones outvote. Then the figure is settled;
+- the cache is keyed by the processor (`device.processor()`: name, vendor, family, model, stepping, a digest of the
+  feature flags), the threads, dtype, torch and matmul size, so a cache copied from another machine is never read
+  for this one;
+- every entry holds a checksum of its fields: an entry edited by hand is refused and measured again, and so is a
+  file that is not JSON or was written by an older lmlab (which let busy figures stand), each with a note.
+
+The peak is not derived from the processor's description: a CPU's peak needs its vector width, FMA units and the
+clock it holds under AVX-512 load, which /proc/cpuinfo does not give (a cloud machine may say only "AMD EPYC").
+
+On a CPU, `auto` picks bf16 only where it measured faster: CPU flags say what a CPU can run, not what is fast
+(avx512_bf16 hosts have bf16 matmuls from 6x faster than fp32 to half as fast, by vendor and generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.core.busy import Load, LoadMeter
+from lmlab.core.device import datasheet_peak, dtype_for_capability, processor, synchronize
+from lmlab.core.fileio import atomic_write_text
+
+QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
+AGREE = 0.9  # a measurement agrees with the best when it reached this share of it
+KEPT = 10  # quiet figures kept in an entry (the newest)
+CACHE_FORMAT = 2  # 1 (no "format" key): lmlab before load checks, whose figures may have been measured busy
+# bf16 autocast casts weights and activations around every matmul: it pays only where bf16 matmuls clearly win
+# (on this project's AMD EPYC, a 6.5x faster bf16 matmul gave the demo 1.6x the tokens/s of fp32).
+BF16_MARGIN = 1.5
+_memo: dict[str, Peak] = {}  # measured once per process
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A peak FLOP/s and how it was had: from a datasheet, or measured (when, under what load, how often)."""
+
+    flops: float
+    dtype: str
+    source: str  # "datasheet H100" or "measured matmul"
+    quiet: bool = True  # measured while nothing else used the cores (a datasheet figure is quiet)
+    measured_at: str | None = None  # local time of the best measurement
+    load: dict[str, Any] | None = None  # `Load.record()` of that measurement
+    measurements: int = 0  # quiet measurements the figure is the best of
+    matmul: int = 0  # its size
+    settled: bool = True  # enough quiet measurements agree with it: no more are taken (a datasheet figure is)
+    notes: tuple[str, ...] = field(default=(), compare=False)  # one sentence per thing found wrong with the cache
+
+    def describe(self) -> str:
+        """How the figure was had, for a log line, an event and a report: e.g. `2048² bfloat16 matmul measured
+        quiet at 2025-11-22 17:40, best of 3`."""
+        if self.source != "measured matmul":
+            return self.source
+        how = f"{self.matmul}² {self.dtype} matmul measured"
+        if not self.quiet:
+            busy = Load(**self.load).describe() if self.load else "a busy machine"
+            return f"{how} while the machine was busy ({busy}) at {self.measured_at}"
+        return f"{how} quiet at {self.measured_at}, best of {self.measurements}"
+
+    def brief(self) -> str:
+        """`describe` for a table cell: `datasheet H100`, `measured quiet, best of 3, 2025-11-22 17:40:03`."""
+        if self.source != "measured matmul":
+            return self.source
+        return (f"measured quiet, best of {self.measurements}, {self.measured_at}" if self.quiet else
+                f"measured busy, {self.measured_at}")
+
+    def mfu(self, flops_per_second: float) -> float | None:
+        """The share of this peak, or None against a busy measurement (it would read high)."""
+        return flops_per_second / self.flops if self.quiet else None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
+    """The peak of `device` in `dtype`: the datasheet's, or measured here (see the module's rules)."""
+    name = str(dtype).removeprefix("torch.")
+    listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
+    if listed:
+        return Peak(listed[0], name, listed[1])
+    key = cache_key(device, dtype)
+    if key not in _memo:
+        _memo[key] = _measured(key, device, dtype)
+    return _memo[key]
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmlab" / "peak_flops.json"
+
+
+def cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak depends on: the processor, the threads torch uses on it, the dtype, torch and the matmul
+    size (a smaller matmul peaks lower and would overstate MFU)."""
+    who = ", ".join(f"{k} {v}" for k, v in _identity(device).items() if v)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+            f"{matmul_size(device, dtype)}² matmul")
+
+
+def _identity(device: torch.device) -> dict[str, Any]:
+    """The processor a measurement is of, as the cache records it."""
+    if device.type == "cpu":
+        return processor()
+    return {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+
+
+def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
+    """The side of the square matmul a peak is measured with (see `measured_peak`). On a CPU without a native kernel
+    for the dtype (fp16 on CPUs without AVX512-FP16 or AMX-FP16, bf16 without AVX512-BF16), torch falls back to
+    scalar loops: 2.5-4 GFLOP/s on this project's AMD EPYC at 128-512, falling with size, so a 2048² matmul took
+    7-60 s and stalled a run's start for minutes. 256 is the best of those sizes and takes about 10 ms."""
+    if device.type != "cpu":
+        return 8192
+    native = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+              torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype, lambda: True)
+    return 2048 if native() else 256
+
+
+def checksum(entry: dict[str, Any]) -> str:
+    """An entry's `sha256`: of its other fields as sorted JSON."""
+    return hashlib.sha256(json.dumps({k: v for k, v in entry.items() if k != "sha256"}, sort_keys=True)
+                          .encode()).hexdigest()
+
+
+def read_cache(path: Path, key: str, who: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+    """The cache's entries, this key's entry if it can be trusted, and one sentence per thing wrong with it (`who`:
+    this processor, to tell a cache of other machines). The cache is a convenience: whatever is wrong with it means
+    measuring again, never an error."""
+    try:
+        cache = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, None, []
+    except (OSError, ValueError):
+        return {}, None, [f"the peak cache {path} is not valid JSON (damaged, or edited by hand): the peak is "
+                          "measured again and the file rewritten."]
+    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or not isinstance(cache.get("entries"), dict):
+        return {}, None, [f"the peak cache {path} was written by an older lmlab, which kept peaks measured while the "
+                          "machine was busy: they are measured again."]
+    entries, entry = cache["entries"], cache["entries"].get(key)
+    if entry is None:
+        others = [e.get("processor") for e in entries.values() if isinstance(e, dict)]
+        if not others or who in others:
+            return entries, None, []
+        names = sorted({str((e or {}).get("name")) for e in others})
+        return entries, None, [f"the peak cache {path} holds peaks of other processors only ({', '.join(names)}; "
+                               "copied from another machine?): this one is measured."]
+    if not _valid(entry):
+        return entries, None, [f"the peak cache entry for this processor in {path} does not match its checksum "
+                               "(edited by hand, or damaged): the peak is measured again."]
+    return entries, entry, []
+
+
+def _valid(entry: Any) -> bool:
+    if not isinstance(entry, dict) or entry.get("sha256") != checksum(entry):
+        return False
+    flops, figures = entry.get("flops"), entry.get("figures")
+    return (isinstance(flops, float) and math.isfinite(flops) and flops > 0 and isinstance(figures, list)
+            and all(isinstance(f, float) and 0 < f <= flops for f in figures) and isinstance(entry.get("quiet"), bool))
+
+
+def settled(entry: dict[str, Any]) -> bool:
+    """Whether enough quiet measurements agree with the best for it to stand without measuring again."""
+    return entry["quiet"] and sum(f >= AGREE * entry["flops"] for f in entry["figures"]) >= QUIET_MEASUREMENTS
+
+
+def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
+    """The cached peak once settled; until then a measurement more (`measure_into_cache`)."""
+    entries, entry, notes = read_cache(cache_path(), key, _identity(device))
+    if entry and settled(entry):
+        return _as_peak(entry, notes)
+    return measure_into_cache(device, dtype, notes)
+
+
+def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: list[str] = ()) -> Peak:
+    """Measure the peak once under a `LoadMeter`, merge the figure into the cache by the module's rules, and
+    return what the cache now holds (`notes`: what was found wrong with the cache before)."""
+    path, key = cache_path(), cache_key(device, dtype)
+    entries, entry, _ = read_cache(path, key, _identity(device))
+    with LoadMeter() as meter:
+        flops = measured_peak(device, dtype)
+    entries[key] = entry = merged(entry, flops, meter.load, dtype, device)
+    with contextlib.suppress(OSError):  # an unwritable cache only means measuring again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
+    return _as_peak(entry, list(notes))
+
+
+def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.dtype,
+           device: torch.device) -> dict[str, Any]:
+    """The entry after one more measurement. A quiet one joins the quiet figures and may raise the best; a busy one
+    replaces only a busy entry (kept for the record), never a quiet figure. The best's time and load go with it."""
+    quiet = not load.busy
+    new = {"flops": float(flops), "quiet": quiet, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "load": load.record()}
+    figures = list(entry["figures"]) if entry and entry["quiet"] else []
+    if quiet:
+        figures = [*figures, float(flops)][-KEPT:]
+        best = new if not figures[:-1] or flops > entry["flops"] else entry
+    elif entry and entry["quiet"]:
+        best = entry
+    else:
+        best = new if entry is None or flops > entry["flops"] else entry
+    kept = {"processor": _identity(device), "threads": torch.get_num_threads(),
+            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "matmul": matmul_size(device, dtype),
+            **{k: best[k] for k in ("flops", "quiet", "measured_at", "load")}, "figures": figures}
+    return {**kept, "sha256": checksum(kept)}
+
+
+def _as_peak(entry: dict[str, Any], notes: list[str]) -> Peak:
+    return Peak(entry["flops"], entry["dtype"], "measured matmul", entry["quiet"], entry["measured_at"], entry["load"],
+                len(entry["figures"]), entry["matmul"], settled(entry), tuple(notes))
+
+
+def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Best FLOP/s of a square matmul with inputs already in `dtype`, so no cast is timed.
+
+    Big enough to reach the peak, since a low peak overstates MFU: 8192 wide on a GPU, where smaller matmuls
+    leave a large GPU's tensor cores partly idle; 2048 on the CPU, where bf16 reached 1.7-1.8 TFLOP/s on 2
+    AVX-512 cores of one host against 1.1-1.25 at 1024 (fp32: 0.28 at both); 256 for a dtype the CPU has no native
+    kernel for (`matmul_size`), which is slow at any size. The first half of the time only warms
+    up: the first calls of a process (kernel JIT, clock ramp-up) were measured at 60% of the settled rate.
+    """
+    n = matmul_size(device, dtype)
+    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
+    a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
+    repeats = 4 if device.type != "cpu" else 1  # one CPU matmul takes 40-90 ms here quiet, and seconds when busy
+    best, spent = 0.0, -seconds / 2
+    with torch.no_grad():
+        while spent < seconds or not best:
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            synchronize(device)
+            elapsed = time.perf_counter() - started
+            spent += elapsed
+            if spent > 0:
+                best = max(best, repeats * 2 * n ** 3 / elapsed)
+    return best
+
+
+def choose_dtype(device: torch.device, setting: str) -> tuple[torch.dtype, str]:
+    """The autocast dtype of train.dtype on `device`, and why, in words. `auto` is bf16 on CUDA GPUs that compute in
+    it (fp16 on Volta and Turing, fp32 below); on a CPU with native bf16, whichever of bf16 and fp32 measured
+    faster (by BF16_MARGIN, see above), from the same quiet, cached measurements as the peak."""
+    if setting != "auto":
+        return getattr(torch, setting), "train.dtype"
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        chosen = dtype_for_capability(capability)
+        return chosen, f"auto: {str(chosen).removeprefix('torch.')} at compute capability {capability[0]}.{capability[1]}"
+    if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32, f"auto: float32 ({device.type} without native bf16)"
+    fp32, bf16 = peak_flops(device, torch.float32), peak_flops(device, torch.bfloat16)
+    ratio = bf16.flops / fp32.flops
+    chosen = torch.bfloat16 if ratio >= BF16_MARGIN else torch.float32
+    how = "quiet" if fp32.quiet and bf16.quiet else "busy: measured again next time"
+    side = matmul_size(device, torch.bfloat16)  # that of float32 too: this CPU has native bf16
+    return chosen, (f"auto: a {side}² matmul runs {bf16.flops / 1e12:.2f} TFLOP/s in bfloat16, "
+                    f"{fp32.flops / 1e12:.2f} in float32 on this CPU, {ratio:.2f}x; bf16 pays from {BF16_MARGIN:g}x; "
+                    f"measured {how}")
+
+
+def autocast_dtype(device: torch.device, setting: str) -> torch.dtype:
+    """The dtype of `choose_dtype`, without the reason."""
+    return choose_dtype(device, setting)[0]

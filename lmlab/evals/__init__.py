@@ -1,0 +1,1 @@
+"""A run scored: the loss of a split, multiple-choice tasks, answers judged by another model."""

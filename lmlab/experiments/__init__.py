@@ -1,0 +1,1 @@
+"""Many runs planned and measured: benchmarks of a step, plans of a run's time and compute, sweeps."""

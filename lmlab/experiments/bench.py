@@ -1,0 +1,215 @@
+"""Measure training speed: tokens/s, ms/step, MFU and peak memory per batch size, the largest batch that
+fits, and what evaluation costs at the configured interval."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmlab.core.busy import Load, LoadMeter
+from lmlab.core.config import RunConfig
+from lmlab.data.shards import read_meta
+from lmlab.core.device import configure, resolve_device, synchronize
+from lmlab.core.errors import UserError
+from lmlab.model import build_model
+from lmlab.model.memory import MemoryRefused, check_training
+from lmlab.core.peak import autocast_dtype, peak_flops
+from lmlab.train.estimate import estimate_loss
+from lmlab.train.step import TrainStep
+
+
+@dataclass
+class BenchRow:
+    batch_size: int
+    tokens_per_sec: float | None = None
+    ms_per_step: float | None = None
+    mfu: float | None = None
+    peak_memory: int | None = None  # bytes: CUDA memory reserved at the peak, or the process's peak RSS on the CPU
+    out_of_memory: bool = False
+    note: str | None = None  # why `compile = "auto"` ran eager here, if it did
+    load: Load | None = None  # what else used the machine while the steps were timed
+
+
+def with_vocab(cfg: RunConfig) -> RunConfig:
+    """Benchmarks run on random tokens, so only the vocab size is needed: from the config or the dataset."""
+    if cfg.model.vocab_size:
+        return cfg
+    if not (Path(cfg.data.dataset) / "meta.json").exists():
+        raise UserError(f"set model.vocab_size or prepare {cfg.data.dataset} first; the benchmark needs the "
+                        "vocab size.")
+    vocab = read_meta(Path(cfg.data.dataset))["vocab_size"]
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def _peak_memory(device: torch.device) -> int:
+    """What the run would need: on CUDA the caching allocator's reserved peak (allocated memory plus the cached
+    blocks it cannot give back between steps, which the allocated peak leaves out), else the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start the peak of `_peak_memory` afresh, so each batch size's is its own: on Linux the memory the previous
+    batch freed is handed back (glibc keeps small freed blocks resident) and the RSS high-water mark reset through
+    /proc/self/clear_refs. Elsewhere it stays the process's: a smaller batch timed after a larger one reports the
+    larger one's peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _build(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TrainStep:
+    """The model and training step a run of `cfg` would build, on random weights."""
+    configure(device, cfg.train.threads)
+    return TrainStep(build_model(cfg.model).to(device), cfg.train, device, dtype)
+
+
+def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2,
+                seconds: float = 0.0) -> BenchRow:
+    """Time `steps` training steps, or more until `seconds` have passed (the loop's own `TrainStep`: forward,
+    backward over grad_accum_steps micro-batches, clip, non-finite check, optimizer) at one micro-batch size."""
+    cfg = with_vocab(cfg)
+    device = resolve_device(device_name)
+    dtype = autocast_dtype(device, cfg.train.dtype)
+    tc, T = cfg.train, cfg.model.block_size
+    check_training(cfg.model, batch_size, tc.optimizer, device, setting="--batch-sizes")
+    try:
+        gc.collect()  # the previous batch size's tensors go before this one's peak is counted
+        _reset_peak_memory(device)
+        step = _build(cfg, device, dtype)
+        x = torch.randint(0, cfg.model.vocab_size, (batch_size, T), device=device)
+        batches = [(x, x)] * tc.grad_accum_steps
+        for _ in range(warmup):  # warmup steps compile, allocate and fill caches
+            step(batches, len(batches), tc.learning_rate)
+        synchronize(device)
+        with LoadMeter() as meter:
+            started, done = time.perf_counter(), 0
+            while done < steps or time.perf_counter() - started < seconds:
+                step(batches, len(batches), tc.learning_rate)
+                done += 1
+                if seconds:  # the clock read above must see the step done
+                    synchronize(device)
+            synchronize(device)
+            seconds = (time.perf_counter() - started) / done
+        rate = batch_size * tc.grad_accum_steps * T / seconds
+        mfu = peak_flops(device, dtype).mfu(rate * step.model.flops_per_token())
+        return BenchRow(batch_size, rate, 1000 * seconds, mfu, _peak_memory(device), note=step.note, load=meter.load)
+    except torch.OutOfMemoryError:
+        return BenchRow(batch_size, out_of_memory=True)
+    finally:
+        step = x = batches = None  # drop the references, so the memory can be freed
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+Probe = Callable[[BenchRow, bool, "int | None"], None]
+
+
+def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096, seconds: float = math.inf,
+                   say: Probe = lambda row, fits, budget: None) -> tuple[int, bool]:
+    """The largest micro-batch that trains within the memory budget (`memory_budget`): doubling, then bisection;
+    each batch tried is told to `say` as it is found (the row, whether it fits, the budget). The search stops once
+    it has run `seconds` (each try is a model built and two steps, minutes for large batches on a CPU): then the
+    largest batch found so far is returned, with False for a search not finished.
+
+    A batch that just fits leaves nothing for evaluation, a checkpoint's copies or fragmentation over a long run,
+    so the budget keeps headroom; on the CPU nothing raises an out-of-memory error before the kernel kills the
+    process, so there the budget is the only test.
+    """
+    budget, started = memory_budget(resolve_device(device_name)), time.perf_counter()
+
+    def fits(batch: int) -> bool:
+        try:
+            row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
+        except MemoryRefused:  # estimated not to fit: not tried
+            return False
+        say(row, within(row, budget), budget)
+        return within(row, budget)
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - started >= seconds
+
+    if not fits(1):
+        raise UserError("even a micro-batch of 1 does not fit on this device; use a smaller model or block_size.")
+    low, high = 1, 2
+    while high <= limit:
+        if out_of_time():
+            return low, False
+        if not fits(high):
+            break
+        low, high = high, high * 2
+    high = min(high, limit + 1)  # the search stops at the limit
+    while high - low > 1:
+        if out_of_time():
+            return low, False
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low, True
+
+
+GPU_HEADROOM = 0.1  # of the GPU memory free at the start, left for evaluation, checkpoints and fragmentation
+CPU_HEADROOM = 0.2  # of the available RAM: RSS also holds the dataset's pages, the interpreter, the libraries
+
+
+def memory_budget(device: torch.device) -> int | None:
+    """Bytes a micro-batch may take at its peak (`BenchRow.peak_memory`); None where it cannot be read."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (1 - GPU_HEADROOM))
+    if device.type == "cpu":
+        return int(_available_memory() * (1 - CPU_HEADROOM))
+    return None
+
+
+def within(row: BenchRow, budget: int | None) -> bool:
+    """Whether a timed batch ran and stayed within the budget."""
+    return not row.out_of_memory and (budget is None or row.peak_memory <= budget)
+
+
+def _available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise UserError("cannot read the available memory from /proc/meminfo; pass --batch-sizes instead.")
+
+
+def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> dict[str, float]:
+    """Time one evaluation (eval_iters batches on each of two splits) and size it to under 5% of training."""
+    cfg = with_vocab(cfg)
+    device = resolve_device(device_name)
+    dtype = autocast_dtype(device, cfg.train.dtype)
+    tc = cfg.train
+    step = _build(cfg, device, dtype)
+    step.model.eval()
+    forward = step.forward
+    # The same evaluation the training loop runs, on random tokens: eval_iters batches per split, twice.
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 4 * tc.batch_size * cfg.model.block_size)
+    estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, 1, 0, device, dtype)  # warm up
+    started = time.perf_counter()
+    for split in range(2):
+        estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, tc.eval_iters, split, device, dtype)
+    eval_seconds = time.perf_counter() - started
+    train_seconds = tc.eval_interval * ms_per_step / 1000
+    per_batch = eval_seconds / (2 * tc.eval_iters)
+    return {"eval_seconds": eval_seconds, "train_seconds_per_interval": train_seconds,
+            "share": eval_seconds / (eval_seconds + train_seconds),
+            "max_eval_iters_under_5pct": int(0.05 / 0.95 * train_seconds / (2 * per_batch))}

@@ -1,0 +1,232 @@
+"""What a training run will cost before it starts (`lmlab plan`): parameters, tokens, FLOPs and wall time.
+
+The wall time needs a throughput. By default it is estimated at once, without timing the model: the peak FLOP/s
+of the hardware (a datasheet GPU with `--gpu NAME`, else this machine's device) × an MFU (given, else the median
+MFU of the user's own runs on that hardware, else DEFAULT_MFU), ÷ the model's FLOPs per token. `--measure` times
+training steps here instead; `--tokens-per-sec` takes a figure from elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.experiments.bench import bench_batch, with_vocab
+from lmlab.core.busy import Load
+from lmlab.core.config import RunConfig
+from lmlab.data.shards import read_meta
+from lmlab.core.device import PEAK_TFLOPS, datasheet_peak, machine, resolve_device
+from lmlab.core.errors import UserError
+from lmlab.model import LanguageModel, build_model
+from lmlab.core.peak import Peak, autocast_dtype, peak_flops
+from lmlab.run.rundir import RunDir
+from lmlab.analysis.runs import summarize
+from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM
+
+# The MFU assumed without a measurement: what the demo preset reaches on 2 CPU cores (30-33% in its log lines);
+# compiled bf16 training of larger models on a GPU often does better, so for a rented GPU pass --mfu or train a
+# short run on it first (its MFU is then used).
+DEFAULT_MFU = 0.3
+
+
+@dataclass
+class Plan:
+    params: int
+    params_non_embedding: int
+    flops_per_token: float  # LanguageModel.flops_per_token(): compute is this × tokens, as everywhere in lmlab
+    tokens_per_step: int
+    tokens: int
+    tokens_source: str
+    tokens_per_sec: float
+    rate_source: str
+    split_tokens: int | None = None  # the train split's tokens (its unique tokens); None where it is not known
+    lookup_params: int = 0  # parameters used only as lookup tables (6·N·D counts them, lmlab's compute does not)
+    attention_flops: float = 0.0  # per token, beyond the weights' 6 per multiplying weight
+
+    @property
+    def flops(self) -> float:
+        return self.flops_per_token * self.tokens
+
+    @property
+    def six_nd(self) -> float:
+        """The 6·N·D people check by hand: every parameter, no attention term."""
+        return 6.0 * self.params * self.tokens
+
+    @property
+    def passes(self) -> float | None:
+        """Passes over the train split the plan makes."""
+        return self.tokens / self.split_tokens if self.split_tokens else None
+
+    @property
+    def seconds(self) -> float:
+        return self.tokens / self.tokens_per_sec
+
+    @property
+    def chinchilla_tokens(self) -> int:
+        return CHINCHILLA_TOKENS_PER_PARAM * self.params
+
+
+@dataclass
+class Hardware:
+    """What a quick estimate assumes: the hardware and its peak FLOP/s in the dtype the run would use."""
+
+    name: str  # e.g. "H100" or "cpu: Intel(R) Xeon(R) Processor"
+    dtype: str
+    peak_figure: Peak  # the datasheet's or the measured one, with how it was had
+    local: dict[str, Any] | None  # this machine (`device.machine`), or None for a GPU from the datasheet table
+
+    @property
+    def peak(self) -> float:
+        return self.peak_figure.flops
+
+    def ran(self, start: dict[str, Any]) -> bool:
+        """Whether a run (its start event) trained on this hardware in this dtype, so its MFU carries over."""
+        facts = start.get("machine") or {}
+        if start.get("dtype") != self.dtype:
+            return False
+        if self.local:
+            return facts.get("gpu") == self.local["gpu"] and facts.get("cpu") == self.local["cpu"]
+        found = facts.get("gpu") and datasheet_peak(facts["gpu"], getattr(torch, self.dtype))
+        return bool(found) and found[1] == self.peak_figure.source
+
+
+MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (one at least), after one warm-up step
+
+
+def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str, Load | None]:
+    """Training tokens/s of `cfg` on this device as training runs it (the config's micro-batch, grad_accum_steps
+    micro-batches per step, the optimizer, in its dtype), how it was measured, and the machine's load meanwhile."""
+    device = resolve_device(device_name)
+    row = bench_batch(cfg, cfg.train.batch_size, 1, device_name, warmup=1, seconds=MEASURE_SECONDS)
+    if row.out_of_memory:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or pass "
+                        "--tokens-per-sec.")
+    dtype = autocast_dtype(device, cfg.train.dtype)
+    accumulation = f" x {cfg.train.grad_accum_steps} accumulated" if cfg.train.grad_accum_steps > 1 else ""
+    return row.tokens_per_sec, (f"measured here on {device} in {str(dtype).removeprefix('torch.')}, micro-batch "
+                                f"{cfg.train.batch_size}{accumulation}, as training runs"), row.load
+
+
+def gpu_row(name: str) -> str:
+    """The name to look a GPU up by in the datasheet table: a name as CUDA reports it or as the table lists it, or
+    the table's one row whose words include the given ones ("4090" is RTX 4090; "h100" is H100, not H100 PCIe)."""
+    if any(datasheet_peak(name, getattr(torch, dtype)) for dtype in ("bfloat16", "float16", "float32")):
+        return name
+    words = name.lower().split()
+    exact = [key for key in PEAK_TFLOPS if key.lower().split() == words]
+    matches = exact or [key for key in PEAK_TFLOPS if set(words) <= set(key.lower().split())]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UserError(f"--gpu {name} could be {', '.join(matches)}; name one of them.")
+    raise UserError(f"--gpu {name} is not in the datasheet table; use one of {', '.join(PEAK_TFLOPS)}, or pass "
+                    "--tokens-per-sec.")
+
+
+def gpu_hardware(name: str, dtype_setting: str) -> Hardware:
+    """A datasheet GPU running the config's dtype (auto: bf16 where the GPU has it, else fp16)."""
+    row = gpu_row(name)
+    for dtype in ("bfloat16", "float16") if dtype_setting == "auto" else (dtype_setting,):
+        found = datasheet_peak(row, getattr(torch, dtype))
+        if found:
+            return Hardware(found[1].removeprefix("datasheet "), dtype, Peak(found[0], dtype, found[1]), local=None)
+    raise UserError(f"the datasheet table has no {dtype_setting} figure for {row}; set train.dtype to another.")
+
+
+def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
+    """This machine's device: a datasheet GPU, or anything else by a half-second matmul measurement."""
+    device = resolve_device(device_name)
+    dtype = autocast_dtype(device, dtype_setting)
+    facts = machine(device)
+    return Hardware(f"{device.type}: {facts['gpu'] or facts['cpu']}", str(dtype).removeprefix("torch."),
+                    peak_flops(device, dtype), local=facts)
+
+
+def mfu_from_runs(paths: list[Path], hardware: Hardware, model: LanguageModel) -> tuple[float, float, str] | None:
+    """The median MFU logged by a run (of `paths`) that trained on `hardware`, and the peak per device it is a share
+    of (the run's own: a CPU's measured peak varies from process to process): the first path if it trained there
+    (the run being planned), else the newest run of the same model, else the newest; None without one. A run whose
+    peak was measured without a load check (before lmlab made one, or busy) is passed over: its MFU may be many
+    times too high."""
+    found = []
+    datasheet = hardware.peak_figure.source.startswith("datasheet")
+    for order, path in enumerate(paths):
+        start = RunDir(path).events(limit=1)
+        trusted = start and start[0].get("event") == "start" and (datasheet or start[0].get("peak_quiet") is True)
+        mfu = trusted and hardware.ran(start[0]) and summarize(path).mfu
+        if mfu:
+            recorded, world = start[0].get("peak_flops"), start[0].get("world_size") or 1  # the job's: every rank's
+            peak = recorded / world if recorded else hardware.peak
+            same_model = start[0].get("model") == model.describe()
+            found.append((order == 0, same_model, (path / "metrics.jsonl").stat().st_mtime, mfu, peak, path))
+    if not found:
+        return None
+    *_, mfu, peak, path = max(found)
+    return mfu, peak, f"the median of {path}, of the {peak / 1e12:.3g} TFLOP/s it recorded"
+
+
+@dataclass
+class Estimate:
+    """Tokens/s without a measurement: a peak × an MFU ÷ the model's FLOPs per token."""
+
+    hardware: Hardware
+    mfu: float
+    peak: float  # what the MFU is a share of: the hardware's, or that of the run the MFU came from
+    mfu_source: str
+
+    def tokens_per_sec(self, model: LanguageModel) -> float:
+        return self.mfu * self.peak / model.flops_per_token()
+
+
+def estimate(hardware: Hardware, mfu: float | None, model: LanguageModel, runs: list[Path]) -> Estimate:
+    """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it, else at DEFAULT_MFU."""
+    if mfu:
+        return Estimate(hardware, mfu, hardware.peak, "--mfu")
+    found = mfu_from_runs(runs, hardware, model)
+    return Estimate(hardware, *found) if found else Estimate(hardware, DEFAULT_MFU, hardware.peak,
+                                                               "assumed; --mfu sets it")
+
+
+def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None, chinchilla: bool = False,
+              split_tokens: int | None = None) -> Plan:
+    """The plan for `tokens` training tokens (or Chinchilla's 20 per parameter, or the config's max_iters steps)
+    at `rate`: tokens/s and where the figure came from (`estimate`, `measure_tokens_per_sec`, the user);
+    `split_tokens`, the train split's tokens, say how often it repeats its data (else its dataset's, if here)."""
+    model = shape_of(cfg)
+    params = model.num_params()
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+    if tokens:
+        source = "--tokens"
+    elif chinchilla:
+        tokens, source = CHINCHILLA_TOKENS_PER_PARAM * params, "20 tokens per parameter (Chinchilla)"
+    else:
+        tokens, source = cfg.train.max_iters * tokens_per_step, "train.max_iters x tokens per step"
+    return Plan(params, model.num_params(embeddings=False), model.flops_per_token(), tokens_per_step, tokens, source,
+                *rate, split_tokens or train_split_tokens(cfg), model.lookup_params(), model.attention_flops())
+
+
+def train_split_tokens(cfg: RunConfig) -> int | None:
+    """The tokens of the train split of the config's dataset, if it is prepared here."""
+    try:
+        return read_meta(Path(cfg.data.dataset))["train"]["tokens"]
+    except (UserError, KeyError, TypeError):
+        return None
+
+
+def shape_of(cfg: RunConfig) -> LanguageModel:
+    """The config's model on the meta device: its parameters counted and FLOPs known, nothing allocated."""
+    with torch.device("meta"):
+        return build_model(with_vocab(cfg).model)
+
+
+def compute_note(plan: Plan) -> str:
+    """6·N·D beside lmlab's compute, with what makes them differ, in a sentence."""
+    change = plan.six_nd / plan.flops - 1
+    lookup = f" (the {plan.lookup_params:,} of lookup-only tables among them)" if plan.lookup_params else ""
+    return (f"6·N·D counts all {plan.params:,} parameters{lookup} and no attention; lmlab counts 6 × the "
+            f"{plan.params - plan.lookup_params:,} weights that multiply each token plus attention's "
+            f"{plan.attention_flops:,.0f} FLOPs per token (PaLM's formula): 6·N·D is {100 * abs(change):.1f}% "
+            f"{'above' if change >= 0 else 'below'} it.")

@@ -1,0 +1,125 @@
+"""Grid sweeps: every combination of a few settings, each trial a normal run under runs/<sweep>/<trial>/,
+all under one token or wall-clock budget; a re-run skips finished trials and resumes an interrupted one."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from lmlab.core.config import RunConfig, load_config, parse_override
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import atomic_write_text, plain_name
+from lmlab.run.rundir import RunDir
+from lmlab.analysis.runs import RunSummary, summarize
+from lmlab.train.loop import Trainer
+
+DONE = ("finished", "stopped early")  # statuses of a trial that a re-run skips
+
+
+@dataclass
+class Trial:
+    name: str  # readable, from the swept values, e.g. "learning_rate=3e-3,n_layer=4"
+    overrides: list[str]  # `section.key=value` strings on top of the config (swept, fixed and budget ones)
+    run_dir: Path
+    config: RunConfig
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    trials: list[Trial]
+    summaries: list[RunSummary]
+    skipped: list[str] = field(default_factory=list)  # trials already finished by an earlier run of the sweep
+    stopped_by: str | None = None  # a signal that ended the sweep early (the current trial was checkpointed)
+
+    @property
+    def best(self) -> RunSummary | None:
+        scored = [s for s in self.summaries if s.best_val_loss is not None and s.status in DONE]
+        return min(scored, key=lambda s: s.best_val_loss) if scored else None
+
+
+def parse_grid(sets: list[str]) -> list[tuple[str, list[str]]]:
+    """`section.key=v1,v2,...` items as (key, values); a single value is a setting shared by every trial."""
+    grid = []
+    for item in sets:
+        section, name, text = parse_override(item)
+        values = [v.strip() for v in text.split(",")]
+        if not all(values):
+            raise UserError(f"--set {item!r} must look like section.key=v1,v2,..., e.g. train.learning_rate=1e-3,3e-3.")
+        grid.append((f"{section}.{name}", values))
+    return grid
+
+
+def _trial_name(swept: list[tuple[str, str]]) -> str:
+    """`learning_rate=3e-3,n_layer=4`: the field names and the values as typed, safe as a folder name."""
+    text = ",".join(f"{key.partition('.')[2]}={value}" for key, value in swept) or "base"
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "-", text)
+
+
+def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: int = 0,
+                budget_seconds: float = 0.0) -> list[Trial]:
+    """The Cartesian product of the swept values, every trial's config loaded (so a bad value stops the sweep
+    before anything trains) and given the same budget."""
+    grid = parse_grid(sets)
+    fixed = [f"{key}={values[0]}" for key, values in grid if len(values) == 1]
+    swept = [(key, values) for key, values in grid if len(values) > 1]
+    trials = []
+    for combo in itertools.product(*(values for _, values in swept)):
+        chosen = [(key, value) for (key, _), value in zip(swept, combo)]
+        overrides = fixed + [f"{key}={value}" for key, value in chosen]
+        if budget_seconds:
+            overrides.append(f"train.budget_seconds={budget_seconds}")
+        cfg = load_config(config, overrides)
+        if budget_tokens:
+            # Equal tokens for every trial, whatever its batch shape: the step count follows from them.
+            tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+            overrides.append(f"train.max_iters={max(1, round(budget_tokens / tokens_per_step))}")
+            cfg = load_config(config, overrides)
+        name = _trial_name(chosen)
+        trials.append(Trial(name, overrides, sweep_dir / name, cfg))
+    return trials
+
+
+def _record(sweep_dir: Path, config: Path, sets: list[str], budget_tokens: int, budget_seconds: float) -> None:
+    """sweep.json says what the sweep is; a re-run must be the same sweep, or its trials would not compare."""
+    record = {"config": str(config), "set": list(sets), "budget_tokens": budget_tokens,
+              "budget_seconds": budget_seconds}
+    path = sweep_dir / "sweep.json"
+    if path.exists() and json.loads(path.read_text()) != record:
+        raise UserError(f"{sweep_dir} holds a sweep with other settings ({path}); pass another --name, or "
+                        "repeat that sweep's command to continue it.")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2))
+
+
+def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path = Path("runs"),
+              budget_tokens: int = 0, budget_seconds: float = 0.0, device: str = "auto",
+              console: Console | None = None) -> SweepResult:
+    """Run (or continue) every trial in turn; a stop signal ends the sweep after checkpointing the current one."""
+    if budget_tokens and budget_seconds:
+        raise UserError("pass --budget-tokens or --budget-seconds, not both: a sweep compares under one budget.")
+    console = console or Console()
+    sweep_dir = Path(root) / plain_name(f"{Path(config).stem}-sweep" if name is None else name, "--name", "--dir")
+    trials = plan_trials(Path(config), sets, sweep_dir, budget_tokens, budget_seconds)
+    _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds)
+    result = SweepResult(sweep_dir, trials, [])
+    for i, trial in enumerate(trials, 1):
+        status = summarize(trial.run_dir).status
+        if status in DONE:
+            result.skipped.append(trial.name)
+            console.print(f"trial {i}/{len(trials)} {trial.name}: already {status}, skipped")
+            continue
+        resume = bool(RunDir(trial.run_dir).step_folders())
+        console.print(f"trial {i}/{len(trials)} {trial.name}: {'resuming' if resume else 'training'} "
+                      f"({' '.join(trial.overrides)})")
+        outcome = Trainer(trial.config, trial.run_dir, device, resume=resume, console=console).run()
+        if outcome.stopped_by:
+            result.stopped_by = outcome.stopped_by
+            break
+    result.summaries = [summarize(t.run_dir) for t in trials]
+    return result

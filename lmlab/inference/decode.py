@@ -1,0 +1,204 @@
+"""Decoding several sequences at once: one forward per step for every sequence in the batch, each in its own row
+of the model's decode state (a KV cache at per-row positions, a hidden state per row, or, for a model that keeps
+none, the row's tokens, fed to it whole at every step: `ContextWindow`).
+
+A sequence joins by prefilling its prompt into a free row, and leaves at once when it ends; the last row then
+moves into its place, so the active rows are always the first ones and a step computes no empty row. Results
+equal decoding each sequence alone: the prefill runs per sequence, a step's rows do not see each other, and each
+sequence draws from its own random stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence as Tensors
+from dataclasses import dataclass, field
+
+import torch
+
+from lmlab.core.config import SamplingParams
+from lmlab.core.device import autocast
+from lmlab.model import LanguageModel
+from lmlab.model.base import DecodeState
+from lmlab.inference.sampling import choose, new_generator
+from lmlab.inference.scoring import TokenScore, token_scores
+
+# One decode step: the newest token of each row (rows, 1) and the state of those rows -> logits (rows, vocab).
+Step = Callable[[torch.Tensor, DecodeState], torch.Tensor]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence being decoded: its tokens so far (the prompt, then what was generated) and how to choose the
+    next. `row` is its row in the decoder while it decodes; `pos`, how many tokens that row holds."""
+
+    ids: list[int]
+    params: SamplingParams
+    generated: int = 0
+    row: int = -1
+    pos: int = 0
+    generator: torch.Generator | None = field(default=None, repr=False)
+    # Log-probabilities, asked by the server's `logprobs` and `echo`: None records none (and costs nothing); N
+    # records each generated token's with the N likeliest alternatives, and with `echo` each prompt token's too.
+    logprobs: int | None = None
+    echo: bool = False
+    scores: list[TokenScore] = field(default_factory=list)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.generated >= self.params.max_new_tokens
+
+
+class ContextWindow(DecodeState):
+    """The decode state of a model that carries none between tokens (a plugin without `new_cache`): each row's
+    tokens, up to the context length. Every step feeds the model the rows' whole windows and reads the logits at
+    each row's newest position: the context is recomputed at every token. Rows shorter than the longest are padded
+    on the right, which a causal model's earlier positions never see."""
+
+    def __init__(self, batch: int, block_size: int, device: torch.device):
+        self.ids = torch.zeros(batch, block_size, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.pos, self.ids]
+
+    @classmethod
+    def over(cls, tensors: Tensors[torch.Tensor]) -> ContextWindow:
+        window = object.__new__(cls)
+        window.pos, window.ids = tensors
+        return window
+
+    def feed(self, model: LanguageModel, idx: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+        """Append (B, T) tokens to the rows; the logits (B, T, vocab) the model gives them, if asked."""
+        rows = torch.arange(idx.size(0), device=idx.device)[:, None]
+        where = self.pos[:, None] + torch.arange(idx.size(1), device=idx.device)  # (B, T)
+        self.ids[rows, where] = idx
+        self.pos += idx.size(1)
+        if not logits:
+            return None
+        return model(self.ids[:, :int(self.pos.max())])[0][rows, where]
+
+
+def feed(model: LanguageModel, idx: torch.Tensor, state: DecodeState, logits: bool = True) -> torch.Tensor | None:
+    """The logits (B, T, vocab) of (B, T) tokens fed after what each row of `state` holds (and `state` moved past
+    them); without `logits`, a window-only state skips the forward (a prefill needs none)."""
+    if isinstance(state, ContextWindow):
+        return state.feed(model, idx, logits)
+    return model(idx, cache=state)[0]
+
+
+def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
+    device = next(model.parameters()).device
+
+    def step(idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        with autocast(device, dtype):
+            return feed(model, idx, state)[:, -1]
+
+    return step
+
+
+class Decoder:
+    """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled one)."""
+
+    def __init__(self, model: LanguageModel, capacity: int, dtype: torch.dtype = torch.float32,
+                 step: Step | None = None):
+        self.model, self.dtype = model, dtype
+        self.device = next(model.parameters()).device
+        self.block_size = model.config.block_size
+        self.state = model.new_cache(capacity, self.device, dtype) or ContextWindow(capacity, self.block_size,
+                                                                                    self.device)
+        self.capacity = capacity
+        self.step_fn = step or eager_step(model, dtype)
+        self.active: list[Sequence] = []
+        self._views: dict[int, DecodeState] = {}
+        self.scoring = 0  # active sequences that record log-probabilities
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.active)
+
+    @torch.no_grad()
+    def join(self, seq: Sequence) -> None:
+        """Start decoding `seq` in the next free row; its first token comes with the next step."""
+        assert self.free, "no free row: check `free` before joining"
+        seq.row = len(self.active)
+        self.active.append(seq)
+        seq.generator = new_generator(seq.params, self.device)
+        logits = self._fill(seq, seq.ids[-self.block_size:])
+        if seq.logprobs is not None:
+            self.scoring += 1
+            if seq.echo:
+                self._score_prompt(seq, logits)
+
+    def leave(self, seq: Sequence) -> None:
+        """Stop decoding `seq` now; the last active row takes its place."""
+        if seq.logprobs is not None:
+            self.scoring -= 1
+        last = self.active.pop()
+        if last is not seq:
+            self.state.move(last.row, seq.row, last.pos)
+            last.row = seq.row
+            self.active[seq.row] = last
+        seq.row = -1
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """Feed every active sequence its newest token, choose and append its next one; returns those tokens in
+        the order of `active`."""
+        for seq in self.active:
+            if seq.pos == self.block_size:
+                # The context is full: start the window over from the newest half, re-encoded in one pass,
+                # rather than recompute a whole window every token.
+                self._fill(seq, seq.ids[-max(1, self.block_size // 2):])
+        n = len(self.active)
+        idx = torch.tensor([[seq.ids[-1]] for seq in self.active], device=self.device)
+        logits = self.step_fn(idx, self.rows(n))
+        tokens = choose(logits, [seq.params for seq in self.active], [seq.generator for seq in self.active])
+        if self.scoring:
+            self._score_step(logits, tokens)
+        for seq, token in zip(self.active, tokens):
+            seq.ids.append(token)
+            seq.generated += 1
+            seq.pos += 1
+        return tokens
+
+    def rows(self, n: int) -> DecodeState:
+        """The state of the first n rows (views made once per n: a step should not pay for slicing)."""
+        if n not in self._views:
+            self._views[n] = self.state.rows(0, n)
+        return self._views[n]
+
+    def _fill(self, seq: Sequence, window: list[int]) -> torch.Tensor | None:
+        """Start seq's row over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step.
+        Returns the prefill's logits (1, len(window) - 1, vocab), None for a window of one token."""
+        row = self.state.rows(seq.row, seq.row + 1)
+        row.reset(0)  # through the one-row view, which then knows it is empty (see KVCache)
+        logits = None
+        if len(window) > 1:
+            with autocast(self.device, self.dtype):
+                logits = feed(self.model, torch.tensor([window[:-1]], device=self.device), row,
+                              logits=seq.logprobs is not None and seq.echo)
+        seq.pos = len(window) - 1
+        return logits
+
+    # -- log-probabilities, only for sequences that ask for them -----------------------------------------------
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor | None) -> None:
+        """Each prompt token's log-probability given the tokens before it (the first has none), from the prefill."""
+        prompt = seq.ids[-self.block_size:]
+        seq.scores.append(TokenScore(prompt[0], None, [], []))
+        if logits is not None:
+            targets = torch.tensor(prompt[1:], device=logits.device)
+            scored = token_scores(logits[0], targets, seq.logprobs)
+            seq.scores += [TokenScore(t, lp, ids, lps) for t, lp, ids, lps in
+                           zip(prompt[1:], scored.logprobs, scored.top_ids, scored.top_logprobs)]
+
+    def _score_step(self, logits: torch.Tensor, tokens: list[int]) -> None:
+        """The chosen token's log-probability (and the likeliest alternatives) for the rows that record them."""
+        rows = [r for r, seq in enumerate(self.active) if seq.logprobs is not None]
+        top = max(self.active[r].logprobs for r in rows)
+        scored = token_scores(logits[rows], torch.tensor([tokens[r] for r in rows], device=logits.device), top)
+        for k, r in enumerate(rows):
+            n = self.active[r].logprobs
+            self.active[r].scores.append(TokenScore(tokens[r], scored.logprobs[k], scored.top_ids[k][:n],
+                                                    scored.top_logprobs[k][:n]))

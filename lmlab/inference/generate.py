@@ -1,0 +1,345 @@
+"""Sampling text: a prompt's continuation as text, ending before a stop string, at the end-of-text token or
+after max_new_tokens, alone or many at once through the batched decoder (lmlab.inference.decode); instructions and chats
+put to a run in its own format (a chat template, a fine-tuning prompt format, or a plain transcript)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmlab.core.config import SamplingParams, seeded
+from lmlab.data.tokenizers import Tokenizer
+from lmlab.inference.decode import Decoder, Step
+from lmlab.inference.decode import Sequence as Decoding
+from lmlab.core.errors import UserError
+from lmlab.model import LanguageModel
+from lmlab.model.memory import check_decoding
+from lmlab.run.prompt import PromptFormat, alpaca_format, check_format
+from lmlab.run.rundir import LoadedRun
+
+SETTLE_TOKENS = 16  # decoded text older than this many tokens is kept, not decoded again with every token
+
+
+def decode_dtype(device: torch.device, dtype: torch.dtype, compiled: bool) -> torch.dtype:
+    """The dtype to decode in: the run's, except eagerly on the CPU, where autocast casts every weight at every
+    step and bf16 decoding ran at half the speed of fp32 (benchmarks/decode_speed.py); compiled, the casts are
+    done once and bf16 is the faster."""
+    return torch.float32 if device.type == "cpu" and not compiled else dtype
+
+
+@torch.no_grad()
+def stream_ids(model: LanguageModel, prompt: list[int], params: SamplingParams,
+               dtype: torch.dtype = torch.float32) -> Iterator[int]:
+    """Yield up to `params.max_new_tokens` tokens continuing `prompt`, one at a time. Past the context the
+    window restarts from its newest half (see `Decoder.step`)."""
+    decoder = Decoder(model, 1, dtype)
+    seq = Decoding(list(prompt), params)
+    decoder.join(seq)
+    while not seq.exhausted:
+        yield decoder.step()[0]
+
+
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """Characters at the end of `text` not to send yet: an unfinished UTF-8 sequence (decoded as U+FFFD) or
+    the beginning of a stop string, which the next tokens may complete."""
+    unfinished = len(text) - len(text.rstrip("\ufffd"))
+    partial = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return max(unfinished, partial)
+
+
+class Detokenizer:
+    """The text of a continuation as its tokens arrive. `feed` returns the text that can be sent now (holding
+    back what a stop string or the rest of a UTF-8 character may still change); a stop string, or the
+    end-of-text token unless `past_eot`, sets `finish_reason` to "stop", and `flush` returns what was held back.
+
+    Text older than SETTLE_TOKENS tokens is settled, and only the tokens after it are decoded again, so a long
+    continuation costs the same per token as a short one; lmlab's tokenizers (char and byte-level) decode a
+    list of tokens to the concatenation of its parts once no UTF-8 character is left unfinished.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], past_eot: bool = False):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.eot_id = None if past_eot else tokenizer.eot_id
+        self.settled, self.tail = "", []  # the text of the tokens before `tail`, and those tokens
+        self.text, self.sent = "", 0  # the text so far (cut before a stop string), and how much of it was sent
+        self.finish_reason: str | None = None
+
+    def feed(self, token: int) -> str:
+        if token == self.eot_id:
+            self.finish_reason = "stop"
+            return self.flush()
+        self.tail.append(token)
+        decoded = self.tokenizer.decode(self.tail)
+        text = self.settled + decoded
+        cuts = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if cuts:
+            self.finish_reason, self.text = "stop", text[:min(cuts)]
+            return self.flush()
+        self.text = text
+        if len(self.tail) >= SETTLE_TOKENS and not decoded.endswith("\ufffd"):
+            self.settled, self.tail = text, []
+        ready = len(text) - held_back(text, self.stop)
+        if ready <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent:ready], ready
+        return piece
+
+    def flush(self) -> str:
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
+
+
+@dataclass(eq=False)
+class Continuation:
+    """One prompt's continuation: its sequence in the decoder, its text, and once it has ended, why: "stop" (a
+    stop string or the end-of-text token) or "length" (max_new_tokens), OpenAI's words."""
+
+    decoding: Decoding
+    text: Detokenizer
+    prompt_tokens: int
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.decoding.generated
+
+
+class Batch:
+    """Continuations decoded together, up to `capacity` at once; each ends on its own and leaves at once, and
+    one may join or be dropped between any two steps (continuous batching). With `past_eot`, the end-of-text
+    token ends nothing: the text runs on into the next document."""
+
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, capacity: int, dtype: torch.dtype,
+                 step: Step | None = None, past_eot: bool = False, setting: str = "the batch",
+                 tokens_per_row: int | None = None):
+        """`setting` names the capacity in the sentence that refuses one that would not fit in memory, checked
+        for rows of `tokens_per_row` tokens (default: the context)."""
+        check_decoding(model.config, capacity, tokens_per_row or model.config.block_size, setting,
+                       next(model.parameters()).device, dtype)
+        self.decoder = Decoder(model, capacity, dtype, step)
+        self.tokenizer, self.past_eot = tokenizer, past_eot
+        self.owner: dict[Decoding, Continuation] = {}
+
+    @property
+    def free(self) -> int:
+        return self.decoder.free
+
+    @property
+    def capacity(self) -> int:
+        return self.decoder.capacity
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def add(self, prompt: list[int], params: SamplingParams, logprobs: int | None = None, echo: bool = False,
+            generate: bool = True) -> Continuation:
+        """Start continuing `prompt`. With `logprobs` N, every generated token's log-probability is recorded with the
+        N likeliest alternatives (`decoding.scores`), and with `echo` the prompt's tokens' first; without
+        `generate` nothing is generated (the server's `max_tokens: 0`): the prompt is read and scored, and the
+        continuation has ended when this returns."""
+        decoding = Decoding(list(prompt), params, logprobs=logprobs, echo=echo)
+        continuation = Continuation(decoding, Detokenizer(self.tokenizer, params.stop, self.past_eot), len(prompt))
+        self.decoder.join(decoding)
+        if not generate:
+            self.decoder.leave(decoding)
+            continuation.finish_reason = "length"
+            return continuation
+        self.owner[decoding] = continuation
+        return continuation
+
+    def drop(self, continuation: Continuation) -> None:
+        """Stop decoding `continuation` now (ended, or no longer wanted)."""
+        if self.owner.pop(continuation.decoding, None) is not None:
+            self.decoder.leave(continuation.decoding)
+
+    def step(self) -> list[tuple[Continuation, str]]:
+        """One token more for every continuation: each with the text it adds (maybe ''). Those that ended have
+        their finish_reason and have left the batch."""
+        decodings = list(self.decoder.active)
+        events = []
+        for decoding, token in zip(decodings, self.decoder.step()):
+            continuation = self.owner[decoding]
+            piece = continuation.text.feed(token)
+            if continuation.text.finish_reason is None and decoding.exhausted:
+                continuation.text.finish_reason = "length"
+                piece += continuation.text.flush()
+            continuation.finish_reason = continuation.text.finish_reason
+            if continuation.finish_reason is not None:
+                self.drop(continuation)
+            events.append((continuation, piece))
+        return events
+
+
+def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[list[int]],
+                 params: Sequence[SamplingParams], capacity: int, dtype: torch.dtype, step: Step | None = None,
+                 progress: Callable[[int, int], None] | None = None, past_eot: bool = False,
+                 setting: str = "--batch-size") -> list[Continuation]:
+    """Every prompt's continuation, `capacity` (the option `setting`) decoded at once; the next prompt joins as soon
+    as one ends."""
+    longest = max((len(p) + q.max_new_tokens for p, q in zip(prompts, params)), default=0)
+    batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest)
+    waiting, done = list(zip(prompts, params))[::-1], []
+    results = []
+    while waiting or len(batch):
+        while waiting and batch.free:
+            results.append(batch.add(*waiting.pop()))
+        for continuation, _ in batch.step():
+            if continuation.finish_reason is not None:
+                done.append(continuation)
+                if progress:
+                    progress(len(done), len(prompts))
+    return results
+
+
+class TextStream:
+    """Iterating yields the decoded text of one continuation piece by piece; then `finish_reason` is "stop" or
+    "length" and `tokens` the number of tokens generated."""
+
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+                 dtype: torch.dtype = torch.float32, step: Step | None = None, past_eot: bool = False):
+        self.batch = Batch(model, tokenizer, 1, dtype, step, past_eot)
+        self.continuation = self.batch.add(prompt, params)
+
+    def __iter__(self) -> Iterator[str]:
+        while len(self.batch):
+            piece = self.batch.step()[0][1]
+            if piece:
+                yield piece
+
+    @property
+    def finish_reason(self) -> str:
+        return self.continuation.finish_reason or "length"
+
+    @property
+    def tokens(self) -> int:
+        return self.continuation.tokens
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+def document_start(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt stands for: the start of a document, after an end-of-text token (or, for char
+    tokenizers, which have none, a newline)."""
+    return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
+
+
+def _start(run: LoadedRun, prompt: str) -> list[int]:
+    run.tokenizer.check(prompt, "--prompt")
+    return run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer)
+
+
+def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams, step: Step | None = None) -> Iterator[str]:
+    """The prompt, then its continuation piece by piece as it is generated: `samples`' first, streamed. The prompt
+    is checked at once."""
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    return itertools.chain([prompt], TextStream(run.model, run.tokenizer, _start(run, prompt), params, dtype, step,
+                                                past_eot=True))
+
+
+def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, step: Step | None = None) -> list[str]:
+    """n continuations of the prompt (an empty one starts a new document) drawn in one batch, the i-th with seed
+    params.seed + i, each with its prompt in front; like nanoGPT's samples, they run on across documents."""
+    start = _start(run, prompt)
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    # Checked before the n rows' settings are made: a million of them are already too many to hold.
+    check_decoding(run.config.model, n, len(start) + params.max_new_tokens, "--num-samples", run.device, dtype)
+    done = continue_all(run.model, run.tokenizer, [start] * n, seeded(params, n), n, dtype, step, past_eot=True,
+                        setting="--num-samples")
+    return [prompt + c.text.text for c in done]
+
+
+def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
+    """The prompt and its continuation, in the run's own tokenizer."""
+    return samples(run, prompt, params)[0]
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation as a prompt: its text, what ends the reply, and whether the tokenizer adds its own special
+    tokens around the text (not when a chat template writes them itself, as transformers encodes it)."""
+
+    text: str
+    stop: tuple[str, ...]
+    special: bool = True
+
+    def ids(self, tokenizer: Tokenizer) -> list[int]:
+        return tokenizer.encode(self.text, self.special)
+
+
+def chat_prompt(run: LoadedRun, turns: Sequence[tuple[str, str]]) -> ChatPrompt:
+    """How a conversation, (role, text) turns, is put to a run: through an imported instruct model's chat template
+    (every turn, then the assistant's header), ending at its end-of-turn token; else through a fine-tuned run's
+    prompt format (single-turn: the last user message is the instruction); else as a `role: content` transcript
+    ending with `assistant:`."""
+    if run.chat_template is not None:
+        text = run.chat_template.render([{"role": role, "content": content} for role, content in turns],
+                                        where=str(run.run.path))
+        return ChatPrompt(text, run.chat_template.end_of_turn, special=False)
+    if run.prompt_format is not None:
+        users = [content for role, content in turns if role == "user"]
+        if not users:
+            raise UserError("a chat needs a user message: with the prompt format a run was fine-tuned in, the last "
+                            "one is the instruction.")
+        return ChatPrompt(run.prompt_format.render(users[-1]), (run.prompt_format.end,))
+    return ChatPrompt("".join(f"{role}: {content}\n" for role, content in turns) + "assistant:", ("\nuser:",))
+
+
+def chat_stream(run: LoadedRun, turns: Sequence[tuple[str, str]], params: SamplingParams,
+                step: Step | None = None) -> TextStream:
+    """The run's reply to a conversation (see `chat_prompt`), piece by piece as it is generated."""
+    prompt = chat_prompt(run, turns)
+    params = dataclasses.replace(params, stop=(*params.stop, *prompt.stop))
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    return TextStream(run.model, run.tokenizer, prompt.ids(run.tokenizer), params, dtype, step)
+
+
+def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, input: str) -> list[int]:
+    """An instruction asked in the prompt format `fmt`. With a char tokenizer, characters it never saw are blamed
+    on the instruction or input that has them, or else on the prompt format (a run not tuned for instructions)."""
+    run.tokenizer.check(instruction, "the instruction")
+    run.tokenizer.check(input, "the input")
+    check_format(run.tokenizer, fmt, run.run.path)
+    return run.tokenizer.encode(fmt.render(instruction, input))[-run.config.model.block_size:]
+
+
+def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],
+            params: SamplingParams) -> tuple[list[list[int]], SamplingParams]:
+    """The prompts of (instruction, input) pairs in the run's own format, and `params` stopping at its end marker
+    too: an imported instruct model's chat template (the instruction, then the input, as the user's message), else
+    the run's prompt format (Alpaca's for a run not fine-tuned)."""
+    if run.chat_template is not None:
+        texts = [f"{instruction}\n\n{input}" if input else instruction for instruction, input in asks]
+        prompts = [chat_prompt(run, [("user", text)]).ids(run.tokenizer) for text in texts]
+        ends = run.chat_template.end_of_turn
+    else:
+        fmt = run.prompt_format or alpaca_format(run.tokenizer)
+        prompts = [_instruction_prompt(run, fmt, instruction, input) for instruction, input in asks]
+        ends = (fmt.end,)
+    return prompts, dataclasses.replace(params, stop=(*params.stop, *ends))
+
+
+def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams,
+                    step: Step | None = None) -> Iterator[str]:
+    """The model's answer to an instruction, up to the format's end marker, piece by piece as it is generated."""
+    (prompt,), params = _asking(run, [(instruction, input)], params)
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    return TextStream(run.model, run.tokenizer, prompt, params, dtype, step)
+
+
+def instruct_all(run: LoadedRun, asks: Sequence[tuple[str, str]], params: SamplingParams, batch: int = 1,
+                 step: Step | None = None, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """The model's answers to (instruction, input) pairs, each up to the format's end marker, `batch` decoded at
+    once."""
+    prompts, params = _asking(run, asks, params)
+    dtype = decode_dtype(run.device, run.dtype, step is not None)
+    done = continue_all(run.model, run.tokenizer, prompts, [params] * len(prompts), batch, dtype, step, progress)
+    return [c.text.text for c in done]
+
+
+def instruct(run: LoadedRun, instruction: str, input: str, params: SamplingParams) -> str:
+    return instruct_all(run, [(instruction, input)], params)[0]

@@ -1,0 +1,199 @@
+"""Pickle-free, atomic, device-portable checkpoints: the `checkpoints/` folder of a run.
+
+`step_000500/` holds `model.safetensors`, `optimizer.safetensors` and `state.json` (what its writer saves, plus
+the step, the optimizer's non-tensor state and the sha256 of the two tensor files). `latest` and `best` are
+one-line pointer files naming a step folder, replaced atomically. `lmlab.run.rundir` decides what goes into
+state.json; this module only writes, verifies and finds the folders.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file
+
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriteError, atomic_write_text, fsync_dir, human_bytes, sha256_file, writing
+
+
+STEP_FOLDER = re.compile(r"step_\d{6,}")  # what a pointer may name: a step folder of the same run
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """The names of tied weights that model.safetensors leaves out, each mapped to the name it keeps (the first in
+    sorted order, as safetensors' save_model chooses: files written before and after read the same)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {alias: min(group) for group in names.values() for alias in group if alias != min(group)}
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: the state dict with each tied weight once."""
+    aliases = tied_aliases(model)
+    return {name: t for name, t in model.state_dict().items() if name not in aliases}
+
+
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (for safetensors) and plain values (for JSON)."""
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *plain["scalars"].items()]:
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def checkpoint_bytes(tensors: list[torch.Tensor], state: dict[str, Any]) -> int:
+    """The disk a step folder takes: the tensors and their safetensors headers (a line of JSON each), state.json
+    (`state` as written, its two checksums still to come), and a block per file for the file system's rounding."""
+    sized = json.dumps({**state, "files": {"model.safetensors": "0" * 64, "optimizer.safetensors": "0" * 64}},
+                       indent=1)
+    return sum(t.numel() * t.element_size() + 256 for t in tensors) + len(sized.encode()) + 4 * 4096
+
+
+def _check_free_space(folder: Path, need: int) -> None:
+    """Refuse to start a checkpoint the disk cannot hold, rather than leave a half-written one."""
+    if shutil.disk_usage(folder.parent).free < need:
+        raise WriteError(folder, f"a checkpoint needs {human_bytes(need)}", errno.ENOSPC)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
+
+
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    state: dict[str, Any], best: bool) -> Path:
+    """Write root/step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it.
+
+    `weights` is `model_tensors(model)` and `optimizer_state` the optimizer's state_dict (both gathered whole
+    when the model is sharded, lmlab.train.distributed.full_state), so every run writes the same files."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors, plain = _flatten_optimizer(optimizer_state)
+    final = root / f"step_{step:06d}"
+    _check_free_space(final, checkpoint_bytes([*weights.values(), *tensors.values()],
+                                              {**state, "step": step, "optimizer": plain}))
+    tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(final):
+            tmp.mkdir()
+            save_tensors({name: t.contiguous() for name, t in weights.items()}, tmp / "model.safetensors")
+            save_tensors(tensors, tmp / "optimizer.safetensors")
+            files = {}
+            for name in ("model.safetensors", "optimizer.safetensors"):
+                _fsync_file(tmp / name)
+                files[name] = sha256_file(tmp / name)
+        atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer": plain,
+                                                           "files": files}, indent=1))
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint is whole or absent
+        raise
+    if final.exists():  # a re-run of the same step after resume: replace the old copy only once the new one is whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    atomic_write_text(root / "latest", final.name)
+    if best:
+        atomic_write_text(root / "best", final.name)
+    return final
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The finished step folders, oldest first."""
+    found = [p for p in Path(root).glob("step_*") if STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def pointer(root: Path, which: str) -> Path | None:
+    """The step folder that `best` or `latest` names; None without that pointer, or when it is unreadable or does
+    not name an existing step folder of this `root` (a pointer never leads into another run)."""
+    try:
+        name = (Path(root) / which).read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    folder = Path(root) / name
+    return folder if STEP_FOLDER.fullmatch(name) and folder.is_dir() else None
+
+
+def remove_partial(root: Path) -> None:
+    """Delete step folders whose write a crash cut short (they never got their final name)."""
+    for leftover in Path(root).glob(".step_*.tmp-*"):
+        shutil.rmtree(leftover)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep` step folders plus whichever `best` and `latest` point to."""
+    pinned = {p.name for p in (pointer(root, "best"), pointer(root, "latest")) if p is not None}
+    for old in step_folders(root)[:-keep]:
+        if old.name not in pinned:
+            shutil.rmtree(old)
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """Read state.json and verify the tensor files against their stored checksums."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
+        raise UserError(f"{folder}/state.json is missing or corrupt; resume from another checkpoint.")
+    for name, digest in state["files"].items():
+        path = folder / name
+        if not path.exists() or sha256_file(path) != digest:
+            raise UserError(f"{path} is truncated or corrupt (checksum mismatch); resume from another checkpoint.")
+    return state
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer state) into objects already on their device; return the JSON state."""
+    state = load_state(folder)
+    device = next(model.parameters()).device
+    try:
+        load_model(model, str(folder / "model.safetensors"), device=str(device))
+    except RuntimeError as err:  # missing, unexpected or differently shaped tensors
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+        raise UserError(f"{folder}/model.safetensors does not hold the model that config.toml describes "
+                        f"({detail}); restore the run's config.toml.")
+    if optimizer is not None:
+        optimizer.load_state_dict(read_optimizer_state(folder, state, device))
+    return state
+
+
+def read_optimizer_state(folder: Path, state: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The optimizer state_dict a checkpoint holds (`state` is its verified state.json)."""
+    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
+    return _unflatten_optimizer(tensors, state["optimizer"])

@@ -1,0 +1,486 @@
+"""The run folder: the one module that writes a run directory, and the one way to load a run back.
+
+```
+runs/NAME/
+  config.toml     the resolved RunConfig ([finetune] too in a fine-tuned run)
+  metrics.jsonl   one JSON event per line, appended and flushed: `start` first (`RunDir.begin`), then train,
+                  eval, checkpoint, skip/spike/rollback, and `end` when the run finishes or stops
+  tokenizer.json  the run's tokenizer, and dataset.json the meta.json of its dataset (tokenizer spec, bytes per
+                  token), so the run samples and evaluates after its dataset is gone
+  prompt.json     a fine-tuned run's prompt format (`lmlab.run.prompt`)
+  chat_template.json  an imported instruct model's chat template (`lmlab.run.chat`)
+  samples.txt     what `lmlab sample` drew, each under a header line
+  evaluations.json  what the run was measured at, by weights: val-split evaluations (`lmlab eval`, `lmlab report`),
+                  task scores (`lmlab eval --task`) and the judge's scores of its answers (`lmlab judge`)
+  loss.png        train and val loss, redrawn at every evaluation
+  checkpoints/    step_NNNNNN/ folders and the latest/best pointers (`lmlab.run.checkpoint`); every state.json
+                  holds the STATE keys, `training` being what its writer needs to continue
+```
+
+One process writes a run at a time: training, resuming, fine-tuning and importing hold its lock
+(`../.NAME.lock` beside the folder, `lmlab.core.fileio.WriterLock`), and every writing method here checks that it is
+held. `samples.txt` is the exception: `lmlab sample` appends to it while the run trains, each entry whole,
+under a lock of the file itself.
+
+A run is one of KINDS. Folders written before this module (no `kind` in the start event, no `format` in
+state.json) still load: `kind()` and `_upgrade` read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lmlab
+from lmlab.run import checkpoint as ckpt
+from lmlab.run.chat import ChatTemplate
+from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name, load_config, to_toml
+from lmlab.data.tokenizers import Tokenizer
+from lmlab.core.device import configure, machine, resolve_device
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file
+from lmlab.model import LanguageModel, build_model
+from lmlab.model.plugins import provider
+from lmlab.core.peak import Peak, autocast_dtype
+from lmlab.run.prompt import PromptFormat
+
+KINDS = ("trained", "fine-tuned", "imported")
+STATE_FORMAT = 2  # state.json: format, kind, lmlab_version, model_config, training (+ step, optimizer, files)
+
+Loader = Callable[[Path, torch.nn.Module, Any], dict[str, Any]]
+
+
+class RunDir:
+    """A run folder by path; nothing is read or written until asked."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.loss_plot = self.path / "loss.png"
+        self._metrics = self.path / "metrics.jsonl"
+        self._lock = WriterLock(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def config(self, overrides: list[str] = ()) -> RunConfig:
+        """The run's resolved config, with `--set` overrides applied."""
+        path = self.path / "config.toml"
+        if not path.exists():
+            raise UserError(f"{self.path} is not an lmlab run (no config.toml); pass a directory made by "
+                            "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
+        try:
+            return load_config(path, overrides)
+        except UnknownKind as err:
+            source = (self.events(limit=1) or [{}])[0].get("plugin") or {}
+            if not source.get("package"):
+                raise
+            raise UserError(f"{self.path} is a model of kind {err.kind!r}, which the package {source['package']} "
+                            f"{source.get('version') or ''} provides, and it is not installed here; install it "
+                            f"(e.g. pip install {source['package']}) to use this run.")
+
+    def kind(self) -> str:
+        """trained, fine-tuned or imported: from the start event, or for an older folder from what it holds."""
+        head = self.events(limit=2)
+        if head and head[0].get("kind") in KINDS:
+            return head[0]["kind"]
+        if (self.path / "prompt.json").exists():
+            return "fine-tuned"
+        return "imported" if len(head) > 1 and head[1].get("event") == "import" else "trained"
+
+    # -- writing a run ---------------------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Become the run's one writer, before reading what a write depends on; a second writer is refused in one
+        sentence. The kernel releases the lock if this process dies, so a crash never leaves the run stuck."""
+        self._lock.acquire(f"{self.path} is being written by another process ({{holder}}); wait for it to finish, "
+                           "or choose another --run.")
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+    @contextmanager
+    def locked(self) -> Iterator[RunDir]:
+        self.lock()
+        try:
+            yield self
+        finally:
+            self.unlock()
+
+    def _check_writer(self) -> None:
+        assert self._lock.held_here, f"{self.path} written without its lock: call RunDir.lock() first"
+
+    def check_new(self) -> None:
+        """Refuse to start a run where one already has checkpoints: nothing of it is overwritten."""
+        if self.checkpoints.exists() and any(self.checkpoints.iterdir()):
+            if self.kind() != "fine-tuned":
+                go_on = f"pick a new --run, or continue a training run with `{self.resume_command()}`"
+            elif self.unfinished():
+                go_on = f"pick a new --run, or continue this fine-tune with `{self.resume_command()}`"
+            else:
+                go_on = (f"pick a new --run: this fine-tune is finished (to tune it further, pass it as the base: "
+                         f"`lmlab finetune {self.path} --data FILE --run NEW`)")
+            raise UserError(f"{self.path} already has checkpoints; {go_on}.")
+
+    def resume_command(self) -> str:
+        """The command that continues this run: `lmlab train --resume RUN`, or for a fine-tune the fine-tuning
+        command that made it (the same command again continues it)."""
+        if self.kind() != "fine-tuned":
+            return f"lmlab train --resume {shlex.quote(str(self.path))}"
+        start = (self.events(limit=1) or [{}])[0]
+        ft = self.config().finetune
+        base, data = start.get("init_from") or "BASE_RUN", (start.get("origin") or {}).get("data") or ft.data
+        settings = [f"--set finetune.{f.name}={getattr(ft, f.name)}" for f in dataclasses.fields(ft)
+                    if f.name != "data" and getattr(ft, f.name) != f.default]
+        return " ".join(["lmlab finetune", shlex.quote(base), "--data", shlex.quote(data), "--run",
+                         shlex.quote(str(self.path)), *settings])
+
+    def unfinished(self) -> str | None:
+        """How a fine-tune that has not reached its end stands (being fine-tuned now, stopped, killed), else None;
+        None for other kinds, which are usable at any checkpoint."""
+        if self.kind() != "fine-tuned":
+            return None
+        events = self.events()
+        if events and events[-1].get("event") == "end" and not events[-1].get("stopped_by"):
+            return None
+        steps = [e["step"] for e in events if e.get("event") == "checkpoint"]
+        how = ("being fine-tuned now" if self.running() else f"stopped by {events[-1]['stopped_by']}"
+               if events and events[-1].get("event") == "end" else "killed or crashed")
+        done = f"its newest checkpoint is step {max(steps)} of {self.config().train.max_iters}" if steps else \
+            "no checkpoint yet"
+        return f"an unfinished fine-tune ({how}; {done})"
+
+    def write_setup(self, cfg: RunConfig, tokenizer: Tokenizer | Path | None, dataset: dict[str, Any],
+                    prompt: PromptFormat | None = None, chat: ChatTemplate | None = None) -> None:
+        """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json,
+        chat_template.json."""
+        self.write_config(cfg)
+        if isinstance(tokenizer, Tokenizer):
+            atomic_write_text(self.path / "tokenizer.json", tokenizer.backend.to_str(pretty=True))
+        elif tokenizer is not None:
+            atomic_write_bytes(self.path / "tokenizer.json", Path(tokenizer).read_bytes())
+        if tokenizer is not None:  # what `tokenizer()` checks the file against (a dataset's meta has it already)
+            dataset = {**dataset, "tokenizer_sha256": sha256_file(self.path / "tokenizer.json")}
+        atomic_write_text(self.path / "dataset.json", json.dumps(dataset, indent=2))
+        if prompt is not None:
+            atomic_write_text(self.path / "prompt.json", json.dumps(dataclasses.asdict(prompt), indent=2))
+        if chat is not None:
+            atomic_write_text(self.path / "chat_template.json", chat.to_json())
+
+    def write_config(self, cfg: RunConfig) -> None:
+        """config.toml: the resolved config (rewritten when a budgeted run fixes its max_iters)."""
+        self._check_writer()
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.toml", to_toml(cfg))
+
+    def begin(self, kind: str, model: LanguageModel, cfg: RunConfig, dataset: dict[str, Any], *,
+              init_from: str | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,
+              world_size: int = 1, parallel: str = "none", peak: Peak | None = None,
+              origin: dict[str, Any] | None = None, dtype_reason: str | None = None) -> None:
+        """Start a fresh metrics.jsonl with the start event, whose keys are the same for every kind (None where a
+        kind has no value); `origin` is where a fine-tuned or imported run came from. `peak` is one device's (the
+        event holds the job's, every rank's); `train_tokens`, the train split's tokens, are what passes count."""
+        assert kind in KINDS, kind
+        self._check_writer()
+        self.check_new()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._metrics.unlink(missing_ok=True)
+        self.log({
+            "event": "start", "step": 0, "kind": kind, "lmlab_version": lmlab.__version__,
+            "model": model.describe(), "params": model.num_params(),
+            "params_non_embedding": model.num_params(embeddings=False), "flops_per_token": model.flops_per_token(),
+            "dataset": cfg.data.dataset or None, "tokenizer": dataset.get("tokenizer"), "init_from": init_from,
+            "device": str(device) if device else None, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+            "dtype_reason": dtype_reason, "world_size": world_size, "parallel": parallel,
+            **_peak_fields(peak, world_size), "train_tokens": _train_tokens(kind, dataset),
+            "origin": origin, "machine": machine(device),
+            "plugin": None if cfg.model.kind in BUILT_IN_KINDS else provider(cfg.model.kind),
+        })
+
+    def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int,
+                peak: Peak | None = None) -> None:
+        """Log that training continues from a checkpoint, and on what (a resume may move to another machine), with
+        the peak its MFU divides by from here on."""
+        self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
+                  "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device),
+                  **_peak_fields(peak, world_size)})
+
+    def log(self, event: dict[str, Any]) -> None:
+        """Append one event in one write: a crash or a full disk loses at most that line, never half of it."""
+        self._check_writer()
+        append_whole(self._metrics, json.dumps(event) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop events logged after the checkpoint (and the end of a stopped run), so the log reads as
+        one uninterrupted run."""
+        self._check_writer()
+        kept = [e for e in self.events() if e.get("step", 0) <= step and e.get("event") != "end"]
+        atomic_write_text(self._metrics, "".join(json.dumps(e) + "\n" for e in kept))
+
+    def add_sample(self, text: str, checkpoint_name: str, step: int, settings: str) -> None:
+        """Append a sample to samples.txt under a header naming its checkpoint and how it was drawn. It needs no
+        run lock (a run is sampled while it trains): each entry is appended whole, under a lock of the file."""
+        append_whole(self.path / "samples.txt", f"--- checkpoint {checkpoint_name} (step {step}), {settings}\n"
+                                                f"{text}\n\n")
+
+    def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                        training: dict[str, Any] | None, best: bool, keep: int) -> Path:
+        """A step folder holding the weights, the optimizer and `training` (what the writer needs to continue,
+        None for an import); then only the newest `keep` step folders, best and latest remain."""
+        self._check_writer()
+        state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": lmlab.__version__,
+                 "model_config": dataclasses.asdict(self.config().model), "training": training}
+        folder = ckpt.save_checkpoint(self.checkpoints, step, weights, optimizer_state, state, best)
+        ckpt.prune_checkpoints(self.checkpoints, keep)
+        return folder
+
+    # -- reading a run ---------------------------------------------------------------------------------------
+
+    def events(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The metrics events (the first `limit` of them), skipping a line cut short by a crash."""
+        if not self._metrics.exists():
+            return []
+        events = []
+        with open(self._metrics, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+                if limit is not None and len(events) >= limit:
+                    break
+        return events
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The val-split evaluations kept in evaluations.json (by `lmlab eval` and `lmlab report`), oldest first:
+        of the whole split, and of `--max-tokens` subsets (`max_tokens` set), told apart by that key."""
+        return self._kept("results")
+
+    def task_results(self) -> list[dict[str, Any]]:
+        """The task scores kept in evaluations.json (`lmlab eval --task`), oldest first."""
+        return self._kept("tasks")
+
+    def judgements(self) -> list[dict[str, Any]]:
+        """The judge's scores of this run's answers kept in evaluations.json (`lmlab judge`), oldest first."""
+        return self._kept("judgements")
+
+    def save_evaluation(self, result: dict[str, Any]) -> None:
+        """Keep a val-split evaluation, in place of an older one of the same weights on the same split (or the same
+        subset of it) in the same dtype."""
+        self._keep("results", result, ("weights_sha256", "val_sha256", "dtype", "max_tokens"))
+
+    def save_task_result(self, result: dict[str, Any]) -> None:
+        """Keep a task's scores, in place of older ones of the same weights, task file and item limit."""
+        self._keep("tasks", result, ("weights_sha256", "task_sha256", "limit"))
+
+    def save_judgement(self, result: dict[str, Any]) -> None:
+        """Keep a judge's summary of this run's answers, in place of an older one of the same answers by the same
+        judge model."""
+        self._keep("judgements", result, ("answers_sha256", "judge_model"))
+
+    def _kept(self, section: str) -> list[dict[str, Any]]:
+        try:
+            kept = json.loads((self.path / "evaluations.json").read_text(encoding="utf-8")).get(section, [])
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return []
+        return [r for r in kept if isinstance(r, dict)] if isinstance(kept, list) else []
+
+    def _keep(self, section: str, result: dict[str, Any], key: tuple[str, ...]) -> None:
+        """Add `result` to a section of evaluations.json, dropping a kept one with the same `key` values. It needs no
+        run lock (runs are evaluated while they train): the file is read and replaced under a lock of its own, so
+        two evaluations kept at once are both kept."""
+        path = self.path / "evaluations.json"
+        with locked_file(self.path / ".evaluations.lock"):
+            try:
+                kept = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                kept = {}
+            kept = kept if isinstance(kept, dict) else {}
+            others = [r for r in self._kept(section) if any(r.get(k) != result.get(k) for k in key)]
+            atomic_write_text(path, json.dumps({**kept, section: [*others, result]}, indent=1))
+
+    def running(self) -> bool:
+        """Whether a process holds the run's lock: it is training, fine-tuning or importing it now."""
+        return self._lock.held()
+
+    def writer_pid(self) -> int | None:
+        """The process that holds the run's lock, if one does."""
+        return self._lock.holder_pid() if self.running() else None
+
+    def dataset(self) -> dict[str, Any]:
+        """The run's dataset.json ({} when it has none)."""
+        try:
+            return json.loads((self.path / "dataset.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer, its file checked against the checksum dataset.json records for it (runs written
+        before the checksum have none to check)."""
+        facts, path = self.dataset(), self.path / "tokenizer.json"
+        if not facts.get("tokenizer") or not path.exists():
+            raise UserError(f"{self.path} has no tokenizer (tokenizer.json and its spec in dataset.json); import the "
+                            "model again with `lmlab import-hf DIR --tokenizer DIR_OR_FILE --out NEW_RUN`.")
+        expected = facts.get("tokenizer_sha256")
+        if expected and sha256_file(path) != expected:
+            source = Path(self.config().data.dataset or "-") / "tokenizer.json"
+            intact = source.is_file() and sha256_file(source) == expected
+            fix = f"copy it back from {source}, which is intact" if intact else "restore it from a copy of the run"
+            raise UserError(f"{path} does not match the checksum {self.path}/dataset.json records for it (it was "
+                            f"edited or damaged, so token ids would mean other text); {fix}.")
+        return Tokenizer.load(path, facts["tokenizer"], facts.get("eot_id"))
+
+    def prompt_format(self) -> PromptFormat | None:
+        """The format a fine-tuned run was taught with; None for other runs."""
+        path = self.path / "prompt.json"
+        if not path.exists():
+            return None
+        try:
+            return PromptFormat(**json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError):
+            raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
+
+    def chat_template(self) -> ChatTemplate | None:
+        """An imported instruct model's chat template; None for other runs (a fine-tuned one keeps its format)."""
+        path = self.path / "chat_template.json"
+        return ChatTemplate.from_json(path) if path.exists() else None
+
+    def checkpoint(self, which: str = "latest") -> Path:
+        """The step folder a checkpoint spec names (`best`, `latest`, `step_N` or `N`: see `checkpoint_name`).
+        Without a usable `latest` pointer (deleted, damaged, or naming no step folder of this run) `latest` is the
+        newest step folder, which the pointer would name. A step this run has no folder of is refused with the
+        steps it has."""
+        which = checkpoint_name(which)
+        if which.startswith("step_"):
+            folder = self.checkpoints / which
+            if not folder.is_dir():
+                raise UserError(f"{self.path} has no checkpoint at step {int(which.removeprefix('step_'))}; "
+                                f"{self.available_steps()}")
+            return folder
+        folder = ckpt.pointer(self.checkpoints, which)
+        if folder is None and which == "latest" and self.step_folders():
+            folder = self.step_folders()[-1]
+        if folder is None:
+            raise UserError(f"{self.path} has no {which} checkpoint; train it first "
+                            f"(`lmlab train CONFIG --run {self.path}`).")
+        return folder
+
+    def available_steps(self) -> str:
+        """The checkpoints a run has, as the sentence that ends a refusal: its steps, and which are best and
+        latest."""
+        steps = [int(f.name.removeprefix("step_")) for f in self.step_folders()]
+        if not steps:
+            return f"it has no checkpoints yet; train it first (`lmlab train CONFIG --run {self.path}`)."
+        named = [f"{which} {int(folder.name.removeprefix('step_'))}"
+                 for which in ("best", "latest") if (folder := ckpt.pointer(self.checkpoints, which))]
+        pointers = f" ({', '.join(named)})" if named else ""
+        return (f"it has step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}{pointers}; pass --checkpoint with "
+                "one of them, best or latest.")
+
+    def weights_sha256(self, which: str = "best") -> str | None:
+        """The sha256 of a checkpoint's model.safetensors, as its state.json records it, without loading the model
+        (None when the checkpoint or the record is missing): what evaluations kept in the run are keyed by."""
+        if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
+            which = "latest"
+        try:
+            state = json.loads((self.checkpoint(which) / "state.json").read_text(encoding="utf-8"))
+            return state["files"]["model.safetensors"]
+        except (UserError, OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def step_folders(self) -> list[Path]:
+        return ckpt.step_folders(self.checkpoints)
+
+    def remove_partial_checkpoints(self) -> None:
+        self._check_writer()
+        ckpt.remove_partial(self.checkpoints)
+
+    def read_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: Any = None,
+                        load: Loader = ckpt.load_checkpoint) -> dict[str, Any]:
+        """Load a step folder into `model` (and `optimizer`) with `load` (a sharded model brings its own) and
+        return its state.json in the current format."""
+        return _upgrade(load(folder, model, optimizer), self)
+
+    def load(self, which: str = "best", device: str = "auto", need_tokenizer: bool = True) -> LoadedRun:
+        """The run's model at a checkpoint (`best`, `latest`, `step_N` or `N`), in eval mode, with what using it
+        takes; without `need_tokenizer`, a run that has no tokenizer loads with None in its place. A run never
+        evaluated (stopped before its first eval) has no `best`: it loads `latest`, and `LoadedRun.checkpoint` says
+        so."""
+        which = checkpoint_name(which)
+        if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
+            which = "latest"
+        cfg = self.config()
+        tokenizer = self.tokenizer() if need_tokenizer or (self.path / "tokenizer.json").exists() else None
+        torch_device = resolve_device(device)
+        configure(torch_device)  # TF32 for an fp32 run's inference on CUDA, as in its training
+        model = build_model(cfg.model).to(torch_device)
+        for attempt in range(3):  # a run in training prunes old step folders: one may go while it is read
+            folder = self.checkpoint(which)
+            try:
+                state = self.read_checkpoint(folder, model)
+                break
+            except UserError:
+                if folder.exists() or attempt == 2:
+                    raise
+        return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
+                         autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"],
+                         (state.get("files") or {}).get("model.safetensors"), self.chat_template())
+
+
+def check_steps(paths: list[Path | str], which: str) -> None:
+    """Refuse, before anything is read or written, a checkpoint step (`step_N`, `N`) one of the runs does not have,
+    naming the steps it has; `best` and `latest` pass (a run without them falls back, or says so itself)."""
+    if checkpoint_name(which).startswith("step_"):
+        for path in paths:
+            RunDir(path).checkpoint(which)
+
+
+def _peak_fields(peak: Peak | None, world_size: int) -> dict[str, Any]:
+    """`peak_flops` (the job's: every rank's), `peak_source` (how and when it was had) and `peak_quiet`."""
+    if peak is None:
+        return {"peak_flops": None, "peak_source": None, "peak_quiet": None}
+    return {"peak_flops": peak.flops * world_size, "peak_source": peak.describe(), "peak_quiet": peak.quiet}
+
+
+def _train_tokens(kind: str, dataset: dict[str, Any]) -> int | None:
+    """The tokens of a trained run's train split (what its passes over the data count); none for a fine-tuned run
+    (it trains on records, not on its base's dataset) or an import."""
+    return (dataset.get("train") or {}).get("tokens") if kind == "trained" else None
+
+
+def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
+    """state.json in the current format. Before it, each writer kept its own keys at the top level: those become
+    `training` (a trained run's progress, an epoch of fine-tuning), or nothing for an import."""
+    if state.get("format") == STATE_FORMAT:
+        return state
+    envelope = ("step", "optimizer", "files", "model_config", "lmlab_version")
+    own = {k: v for k, v in state.items() if k not in envelope and k != "imported_from"}
+    return {**{k: state.get(k) for k in envelope}, "format": STATE_FORMAT, "kind": run.kind(),
+            "training": own or None}
+
+
+@dataclass
+class LoadedRun:
+    """A run's model at one checkpoint, ready for inference (eval mode, on its device), with what using it takes."""
+
+    run: RunDir
+    kind: str
+    config: RunConfig
+    model: LanguageModel
+    tokenizer: Tokenizer | None  # None only when loaded without need_tokenizer
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype the run's config resolves to on this device
+    prompt_format: PromptFormat | None  # a fine-tuned run's; None for the others
+    checkpoint: str  # best, latest or step_NNNNNN: the one loaded (latest when best was asked of a run never evaluated)
+    step: int
+    weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of
+    chat_template: ChatTemplate | None = None  # an imported instruct model's; None for the others

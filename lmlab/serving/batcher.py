@@ -1,0 +1,185 @@
+"""Continuous batching for the server: one thread decodes every admitted request together, one forward per step
+for all of them; a request that arrives while others decode joins at the next step, and one that ends or is
+cancelled leaves at once.
+
+Requests (jobs) wait in a bounded queue, first come first served, until the batch has a row free for each of
+their choices; `submit` refuses one beyond the queue. What a step gives every job goes out in one call of
+`publish`, on the batcher's thread, so the server hands a step over to its event loop with one wake-up however
+many requests share the batch. Cancelling is deterministic: a waiting job leaves the queue at once, a decoding
+one the batch before the next step, whatever the caller's garbage collector does. `use` switches to another
+batch (the compiled step, once it is built) without stopping: new jobs join it, running ones finish where they
+are. `abort` ends every job at the next step, with what it has so far (a server draining for shutdown).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lmlab.core.config import SamplingParams
+
+if TYPE_CHECKING:  # the server imports this module before torch, to answer while the model loads
+    from lmlab.inference.generate import Batch, Continuation
+
+# (choice index, text piece, finish reason once it ended)
+Event = tuple[int, str, str | None]
+ABORT = "abort"  # the finish reason of a choice the server ended (vLLM's word for it)
+
+
+class QueueFull(Exception):
+    """The waiting queue holds as many requests as it may."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its prompt, one SamplingParams per choice, and who waits for its events (`owner`). A
+    request with a list of prompts gives each choice its own (`prompts`, one per choice); `logprobs`, `echo` and
+    `generate` are `Batch.add`'s, the same for every choice."""
+
+    prompt: list[int]
+    params: list[SamplingParams]
+    owner: Any = None
+    choices: list[Continuation] = field(default_factory=list)
+    batch: Batch | None = None  # the batch its choices decode in, once admitted
+    cancelled: bool = False
+    prompts: list[list[int]] | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    generate: bool = True
+
+    def start(self) -> list[Event]:
+        """Add every choice to its batch; the events of those that ended at once (nothing to generate)."""
+        self.choices = [self.batch.add(self.prompts[i] if self.prompts else self.prompt, params, self.logprobs,
+                                       self.echo, self.generate) for i, params in enumerate(self.params)]
+        return [(i, "", c.finish_reason) for i, c in enumerate(self.choices) if c.finish_reason is not None]
+
+
+# A step's news: for each job, its events (or the text of an error that ended it); and when the step ended.
+Publish = Callable[[list[tuple[Job, list[Event] | str]], float], None]
+
+
+class Batcher:
+    def __init__(self, batch: Batch, max_queue: int, publish: Publish):
+        self.batch, self.max_queue, self.publish = batch, max_queue, publish
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.retiring: list[Batch] = []  # batches switched from, until their jobs end
+        self.incoming: Batch | None = None
+        self.aborting = False
+        self.owner_of: dict[Continuation, tuple[Job, int]] = {}
+        self.wake = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="lmlab-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue `job` to join the batch at the next step; QueueFull when it would wait behind `max_queue` others
+        for a row (a job the free rows can take does not count as waiting)."""
+        with self.wake:
+            self.waiting.append(job)
+            if self._queued() > self.max_queue:
+                self.waiting.pop()
+                raise QueueFull
+            self.wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop `job` (its client went away); a no-op once it has ended."""
+        with self.wake:
+            job.cancelled = True
+            if job in self.waiting:
+                self.waiting.remove(job)
+            self.wake.notify()
+
+    def use(self, batch: Batch) -> None:
+        """Decode new jobs in `batch` from the next step on; jobs running in the old one finish there."""
+        with self.wake:
+            self.incoming = batch
+            self.wake.notify()
+
+    def abort(self) -> None:
+        """End every job, waiting or decoding, at the next step: each choice with the text it has and
+        finish reason "abort"."""
+        with self.wake:
+            self.aborting = True
+            self.wake.notify()
+
+    def load(self) -> tuple[int, int]:
+        """Rows held by running requests, and requests waiting."""
+        with self.wake:
+            return sum(len(job.params) for job in self.running), len(self.waiting)
+
+    def _free(self) -> int:
+        """Rows of the current batch no running job holds. A job holds a row per choice from the moment it is
+        admitted until it ends (even choices that ended early), so a job admitted here always finds its rows
+        free in the batch."""
+        return self.batch.capacity - sum(len(job.params) for job in self.running if job.batch is self.batch)
+
+    def _queued(self) -> int:
+        """Waiting jobs that the free rows cannot take, first come first served."""
+        free = self._free()
+        for i, job in enumerate(self.waiting):
+            free -= len(job.params)
+            if free < 0:
+                return len(self.waiting) - i
+        return 0
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:  # what changes hands between threads changes under the lock
+                while not self.waiting and not self.running and not self.incoming:
+                    self.wake.wait()
+                if self.incoming is not None:
+                    self.retiring.append(self.batch)
+                    self.batch, self.incoming = self.incoming, None
+                gone = [job for job in self.running if job.cancelled]
+                for job in gone:
+                    self.running.remove(job)
+                aborted = list(self.waiting) if self.aborting else []
+                self.waiting = deque() if self.aborting else self.waiting
+                admitted = []
+                while self.waiting and self._free() >= len(self.waiting[0].params):
+                    admitted.append(self.waiting.popleft())
+                    admitted[-1].batch = self.batch
+                    self.running.append(admitted[-1])
+            try:
+                self._step(gone, admitted, aborted)
+            except Exception as err:  # a bug of ours: every job in the batch gets the error, the server goes on
+                self.publish([(job, f"internal error while decoding: {err!r}") for job in self.running],
+                             time.perf_counter())
+                for job in list(self.running):
+                    self._end(job)
+
+    def _step(self, gone: list[Job], admitted: list[Job], aborted: list[Job]) -> None:
+        for job in gone:
+            self._end(job)
+        news: dict[Job, list[Event]] = {job: [(i, "", ABORT) for i in range(len(job.params))] for job in aborted}
+        for job in admitted:
+            if ended := job.start():
+                news[job] = ended
+            self.owner_of.update((c, (job, i)) for i, c in enumerate(job.choices))
+        if self.aborting:
+            for job in list(self.running):
+                news.setdefault(job, []).extend(
+                    (i, c.text.flush(), ABORT) for i, c in enumerate(job.choices) if c.finish_reason is None)
+                self._end(job)
+        for batch in [*self.retiring, self.batch]:
+            for continuation, piece in batch.step() if len(batch) else ():
+                job, i = self.owner_of[continuation]
+                news.setdefault(job, []).append((i, piece, continuation.finish_reason))
+        self.retiring = [batch for batch in self.retiring if len(batch)]
+        if news:
+            self.publish(list(news.items()), time.perf_counter())
+        for job in news:
+            if job in self.running and all(c.finish_reason is not None for c in job.choices):
+                self._end(job)
+
+    def _end(self, job: Job) -> None:
+        for continuation in job.choices:
+            job.batch.drop(continuation)
+            self.owner_of.pop(continuation, None)
+        with self.wake:
+            if job in self.running:
+                self.running.remove(job)

@@ -1,0 +1,185 @@
+"""The server's HTTP edge: what a connection may cost `lmlab serve` before any request reaches the model.
+
+- The listening socket is bound before the model loads (`bind`), so a port in use or an address this machine
+  does not have is one sentence at once, not an error after a minute of loading.
+- Connections: at most `max_connections` open at once; one more is answered 503 and closed, so no client can hold
+  the process's file descriptors.
+- Timeouts: a request's headers must be whole `header_timeout` seconds after its connection opened (or after the
+  previous response on a kept-alive connection, plus `idle_timeout`), however slowly they trickle in; its body
+  must arrive within `body_timeout` seconds (408); a kept-alive connection idle for `idle_timeout` seconds is
+  closed, as is one whose client stops reading an answer for that long.
+- A client that goes away while uploading ends its request with one log line, `(client left)`.
+
+The limits are `ServeLimits`, set by `lmlab serve`'s options; the HTTP server is uvicorn, with its h11 protocol
+extended here by the connection limit and the timeouts uvicorn does not have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import math
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from lmlab.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one connection may take; each checked in `__post_init__` (option names in the messages)."""
+
+    max_connections: int = 256  # open at once; one more gets 503
+    header_timeout: float = 10.0  # seconds for a request's headers to be whole
+    body_timeout: float = 30.0  # seconds for its body to arrive
+    idle_timeout: float = 5.0  # seconds a kept-alive connection may wait for a request, or a reader stall
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise UserError(f"--max-connections is {self.max_connections}; it must be from 1 to 1,000,000.")
+        for option in ("header_timeout", "body_timeout", "idle_timeout"):
+            value = getattr(self, option)
+            if not (math.isfinite(value) and 0 < value <= 86_400):
+                raise UserError(f"--{option.replace('_', '-')} is {value}; it must be a number of seconds above 0 and "
+                                "at most a day (86400).")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (not yet listening), or one sentence saying why it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UserError(f"--host {host!r} is not an address or a name this machine can resolve ({err}); use "
+                        "127.0.0.1 (this machine only) or 0.0.0.0 (every interface).")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT, not one in use
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use by another process; stop it or choose another --port.")
+        if err.errno == errno.EACCES:
+            raise UserError(f"binding port {port} needs privileges this user does not have (ports below 1024 do); "
+                            "choose a --port from 1024.")
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --host or --port.")
+    return sock
+
+
+def _refusal(status: int, message: str, code: str) -> bytes:
+    """A whole HTTP response with OpenAI's error body, for a connection refused before any request was read."""
+    from lmlab.serving.openai_api import ApiError
+
+    body = json.dumps(ApiError(status, message, code=code).body()).encode()
+    reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "retry-after: 1\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def protocol(limits: ServeLimits, log: Any) -> type:
+    """uvicorn's h11 protocol with the connection limit and the header and stall timeouts of `limits`; `log` writes
+    one line per connection it refuses or closes."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class EdgeProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._deadline: asyncio.TimerHandle | None = None
+            self._stalled: asyncio.TimerHandle | None = None
+            if len(self.connections) > limits.max_connections:
+                log(f"- - 503 {self._client()}: more than {limits.max_connections} connections (--max-connections)")
+                self._refuse(503, f"this server takes {limits.max_connections} connections at once "
+                             "(--max-connections); retry shortly.", "too_many_connections")
+                return
+            self._expect_headers(limits.header_timeout)
+
+        def _client(self) -> str:
+            return ":".join(map(str, self.client)) if self.client else "a client"
+
+        def _refuse(self, status: int, message: str, code: str) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(_refusal(status, message, code))
+                self.transport.close()
+
+        def _expect_headers(self, seconds: float) -> None:
+            """Close the connection unless a request's headers are whole within `seconds`."""
+            self._cancel("_deadline")
+            self._deadline = self.loop.call_later(seconds, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if self.cycle is not None and not self.cycle.response_complete:  # a pipelined request is being answered
+                return
+            log(f"- - 408 {self._client()}: no whole request headers within {limits.header_timeout:g} s "
+                "(--header-timeout)")
+            self._refuse(408, f"the request headers did not arrive within {limits.header_timeout:g} s "
+                         "(--header-timeout).", "request_timeout")
+
+        def _cancel(self, name: str) -> None:
+            timer = getattr(self, name, None)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers are whole: the body and the answer have their own
+                self._cancel("_deadline")
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()  # arms uvicorn's keep-alive timer (idle_timeout), or starts a pipelined one
+            if self.cycle is cycle and not self.transport.is_closing():  # bytes that trickle in later need whole
+                self._expect_headers(limits.idle_timeout + limits.header_timeout)  # headers in time too
+
+        def pause_writing(self) -> None:  # the client stopped reading: its answer may wait idle_timeout at most
+            super().pause_writing()
+            self._cancel("_stalled")
+            self._stalled = self.loop.call_later(limits.idle_timeout, self._reader_stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._cancel("_stalled")
+
+        def _reader_stalled(self) -> None:
+            log(f"- - {self._client()}: the client read nothing for {limits.idle_timeout:g} s (--idle-timeout); closed")
+            self.transport.abort()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel("_deadline")
+            self._cancel("_stalled")
+            super().connection_lost(exc)
+
+    return EdgeProtocol
+
+
+async def read_body(http: Any, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `limit` bytes (from Content-Length, before
+    reading any of it, else while reading), so a huge body never sits in memory; with 408 when it does not arrive
+    within `timeout` seconds; a client that leaves while sending it ends the request with 499 (nginx's "client
+    closed request"), which nobody reads and the access log marks `(client left)`, not a traceback."""
+    from starlette.requests import ClientDisconnect
+
+    from lmlab.serving.openai_api import ApiError
+
+    too_large = ApiError(413, f"the request body is over {limit:,} bytes, this server's limit (--max-body-bytes); "
+                         "send a shorter prompt.", code="request_too_large")
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for piece in http.stream():
+                body += piece
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout); send it at once.",
+                       code="request_timeout", headers={"Connection": "close"})
+    except ClientDisconnect:
+        http.scope.setdefault("lmlab", {})["left"] = True
+        raise ApiError(499, "the client closed the connection before its request was whole.", code="client_left")
+    return bytes(body)

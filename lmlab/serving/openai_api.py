@@ -1,0 +1,345 @@
+"""The OpenAI request bodies `lmlab serve` takes, checked field by field, and the objects it answers with.
+
+One rule for fields: an endpoint takes the fields it implements (FIELDS); OpenAI fields that only tag or route a
+request (HINTS: `user`, cache keys) are accepted and change nothing; OpenAI fields it cannot honour (UNSUPPORTED)
+are accepted only with the value that means "not used"; anything else gets a 400 naming the field, as a request
+the server would silently half-answer must not get a 200.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from lmlab.core.config import SamplingParams, seeded
+from lmlab.core.errors import UserError
+
+if TYPE_CHECKING:  # the server imports this module before torch, to answer while the model loads
+    from lmlab.inference.scoring import TokenScore
+
+
+_SHOWN = reprlib.Repr()  # short and shallow: a value of a megabyte or a thousand levels is quoted in a line
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxlong = 2, 60, 60, 4, 4, 40
+
+
+def shown(value: Any) -> str:
+    """A request's value as an error message quotes it: short, however long or deeply nested it is."""
+    return _SHOWN.repr(value)
+
+
+def key_name(key: str) -> str:
+    """A client's field name as an error names it: as sent, unless it is too long or not text a response can hold
+    (a lone surrogate)."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return shown(key)
+    return key if len(key) <= 60 else shown(key)
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+SAMPLING = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed")
+FIELDS = {"completions": (*SAMPLING, "prompt", "logprobs", "echo"),
+          "chat": (*SAMPLING, "messages", "max_completion_tokens", "logprobs", "top_logprobs")}
+HINTS = ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+         "metadata", "service_tier")
+# Each with the values that mean "not used".
+UNSUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {
+    "completions": {"best_of": (None, 1), "suffix": (None, ""),
+                    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})},
+    "chat": {"presence_penalty": (None, 0),
+             "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+             "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
+             "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "audio": (None,),
+             "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+             "verbosity": (None,), "web_search_options": (None,), "store": (None, False), "moderation": (None,)},
+}
+
+
+def check_fields(body: dict[str, Any], endpoint: str) -> None:
+    """A 400 naming the first field this endpoint neither implements, ignores as a hint, nor leaves unused."""
+    for key, value in body.items():
+        unsupported, name = UNSUPPORTED[endpoint].get(key), key_name(key)
+        if unsupported is not None and value not in unsupported:
+            raise ApiError(400, f"`{name}` is not supported by lmlab serve; leave it out.", name, "unsupported")
+        if unsupported is None and key not in FIELDS[endpoint] and key not in HINTS:
+            known = ", ".join(FIELDS[endpoint])
+            raise ApiError(400, f"unknown field `{name}`; this endpoint takes {known}.", name, "unknown_field")
+
+
+def field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any, low: float | None = None,
+          high: float | None = None) -> Any:
+    """A request field checked for type and range; a 400 naming it otherwise."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}, got {shown(value)}.", name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(400, f"`{name}` is {value}; it must be a finite number.", name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {low} and {high}.", name)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
+        raise ApiError(400, "`stop` must be a string or a list of at most 4 strings.", "stop")
+    return tuple(stops)
+
+
+def max_new_tokens(body: dict[str, Any], cap: int) -> int:
+    """`max_completion_tokens` (chat's current name) or `max_tokens`; both given must agree."""
+    given = {name: field(body, name, (int,), None, 1, cap) for name in ("max_completion_tokens", "max_tokens")}
+    values = {v for v in given.values() if v is not None}
+    if len(values) > 1:
+        raise ApiError(400, "`max_completion_tokens` and `max_tokens` differ; give one of them.", "max_tokens")
+    return values.pop() if values else min(256, cap)
+
+
+def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream`, and whether the stream ends with a usage chunk (`stream_options.include_usage`)."""
+    stream = field(body, "stream", (bool,), False)
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise ApiError(400, "`stream_options` goes with `stream: true`.", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise ApiError(400, "`stream_options` takes only `include_usage` (true or false).", "stream_options")
+    return stream, field(options, "include_usage", (bool,), False)
+
+
+def sampling(body: dict[str, Any], cap: int, most_choices: int, stop: tuple[str, ...], seed: int) -> list[SamplingParams]:
+    """The SamplingParams of each of the `n` choices asked for: choice i draws with seed + i (`seed` is the
+    request's, else a random one)."""
+    n = field(body, "n", (int,), 1, 1, most_choices)
+    try:
+        params = SamplingParams(max_new_tokens(body, cap), float(field(body, "temperature", (int, float), 1.0, 0, 2)),
+                                field(body, "top_k", (int,), None, 1),
+                                float(field(body, "top_p", (int, float), 1.0, 1e-6, 1)),
+                                field(body, "seed", (int,), seed), (*stop, *_stop(body)))
+    except UserError as err:  # what no type check catches, such as a seed beyond 63 bits
+        raise ApiError(400, str(err), str(err).split(" ")[0])
+    return seeded(params, n)
+
+
+# -- log-probabilities and prompts as tokens: what evaluators (lm-evaluation-harness's local-completions) send --
+
+MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits on the alternatives per token
+
+
+def logprobs_fields(body: dict[str, Any], chat: bool) -> tuple[int | None, bool]:
+    """The alternatives to return per token (None: no log-probabilities) and `echo` (completions: the prompt's
+    tokens too). Completions take `logprobs` 0-5 and `echo`; chat takes `logprobs: true` with `top_logprobs` 0-20."""
+    if chat:
+        wanted = field(body, "logprobs", (bool,), False)
+        top = field(body, "top_logprobs", (int,), None, 0, MAX_LOGPROBS["chat"])
+        if top is not None and not wanted:
+            raise ApiError(400, "`top_logprobs` goes with `logprobs: true`.", "top_logprobs")
+        return (top or 0) if wanted else None, False
+    top = field(body, "logprobs", (int,), None, 0, MAX_LOGPROBS["completions"])
+    echo = field(body, "echo", (bool,), False)
+    if echo and body.get("stream"):
+        raise ApiError(400, "`echo` cannot be streamed: the prompt's log-probabilities come whole; leave out `stream` "
+                       "or `echo`.", "echo")
+    return top, echo
+
+
+def generates(body: dict[str, Any], echo: bool) -> bool:
+    """Whether a completion generates: `max_tokens: 0` with `echo` only reads and scores the prompt (what
+    evaluators ask); without `echo` it asks for nothing, which is refused."""
+    value = body.get("max_tokens")
+    if type(value) is not int or value != 0:
+        return True
+    if not echo:
+        raise ApiError(400, "`max_tokens` is 0, which generates nothing; pass `echo: true` to score the prompt alone, "
+                       "or max_tokens of 1 or more.", "max_tokens")
+    return False
+
+
+def prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    """The prompts of a completion request: a string, a list of token ids, or a list of either (each prompt its own
+    choices). Token ids must be whole numbers of the model's vocabulary."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        odd = next((t for t in _flat(prompt) if not isinstance(t, str) and type(t) is not int), None)
+        why = f" ({odd!r} is not a token id: ids are whole numbers)" if isinstance(odd, (int, float)) else ""
+        raise ApiError(400, f"`prompt` must be a string, a list of token ids, or a non-empty list of strings or of "
+                       f"token-id lists{why}.", "prompt")
+    for i, ids in enumerate(prompts):
+        if isinstance(ids, list):
+            if not ids:
+                raise ApiError(400, f"`prompt` {i} is an empty list of token ids; give at least one.", "prompt")
+            wrong = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if wrong is not None:
+                raise ApiError(400, f"`prompt` {i} has token id {wrong}, outside this model's vocabulary (0 to "
+                               f"{vocab_size - 1}).", "prompt")
+    return prompts
+
+
+def _token_ids(value: Any) -> bool:
+    """A list of token ids: integers, not booleans (an empty one too, refused later by name)."""
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
+def _flat(value: Any) -> list[Any]:
+    """The values in a list and in the lists it holds (where a bad token id hides)."""
+    return [v for item in value for v in (item if isinstance(item, list) else [item])] if isinstance(value, list) \
+        else [value]
+
+
+def _top(score: TokenScore, text: str, piece: Callable[[int], str]) -> dict[str, float] | None:
+    """A token's likeliest alternatives by their text, likeliest first (the likelier kept where two tokens have one
+    text), and the token itself: OpenAI returns up to logprobs + 1 of them."""
+    if score.logprob is None:
+        return None
+    top: dict[str, float] = {}
+    for token, logprob in zip(score.top_ids, score.top_logprobs):
+        top.setdefault(piece(token), logprob)
+    top.setdefault(text, score.logprob)
+    return top
+
+
+def completion_logprobs(scores: list[TokenScore], piece: Callable[[int], str], start: int) -> dict[str, Any]:
+    """OpenAI's `logprobs` object of a completion choice: each token's text, its log-probability (None for a first
+    prompt token), the likeliest tokens there with theirs (and the token itself), and where its text starts
+    (counting from `start`: the prompt's length, unless it is echoed)."""
+    tokens = [piece(s.token) for s in scores]
+    offsets, at = [], start
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": [s.logprob for s in scores],
+            "top_logprobs": [_top(s, text, piece) for s, text in zip(scores, tokens)], "text_offset": offsets}
+
+
+def chat_logprobs(scores: list[TokenScore], piece: Callable[[int], str]) -> dict[str, Any]:
+    """OpenAI's `logprobs` object of a chat choice: `content`, each token with its log-probability, its UTF-8
+    bytes and its `top_logprobs`."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(s.token, s.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in zip(s.top_ids, s.top_logprobs)]}
+                        for s in scores], "refusal": None}
+
+
+def within_text(scores: list[TokenScore], piece: Callable[[int], str], length: int) -> list[TokenScore]:
+    """The generated tokens whose text is in a completion of `length` characters: not those of a stop string or
+    of the end-of-text token that ended it."""
+    kept, at = [], 0
+    for s in scores:
+        if at >= length:
+            break
+        kept.append(s)
+        at += len(piece(s.token))
+    return kept
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_KEYS = ("role", "content", "name")
+NEUTRAL_MESSAGE_KEYS = ("refusal", "tool_calls", "function_call", "audio", "annotations")  # echoed back as null
+
+
+def content_text(content: Any, where: str) -> str:
+    """A message's text: a string, or text parts joined by newlines (OpenAI's content parts; no other kind)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise ApiError(400, f"`{where}.content` must be text or a list of content parts.", "messages")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise ApiError(400, f"content part type {shown(kind)} in `{where}` is not supported: this model reads text "
+                           "only; send {\"type\": \"text\", \"text\": ...} parts.", "messages", "unsupported")
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"a text part in `{where}` has no `text` string.", "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def chat_messages(messages: Any) -> list[tuple[str, str]]:
+    """(role, text) of each message; `developer` is OpenAI's newer name for `system`."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "`messages` must be a non-empty list of {role, content}.", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else None
+            raise ApiError(400, f"`{where}.role` is {shown(role)}; use one of {', '.join(ROLES)}.", "messages")
+        for key, value in m.items():
+            if key not in MESSAGE_KEYS and not (key in NEUTRAL_MESSAGE_KEYS and not value):
+                raise ApiError(400, f"`{where}.{key_name(key)}` is not supported by lmlab serve; leave it out.", "messages",
+                               "unsupported")
+        out.append((ROLES[m["role"]], content_text(m.get("content"), where)))
+    return out
+
+
+def model_object(name: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """A model as /v1/models lists it, with vLLM's `max_model_len` (the context, in tokens)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "lmlab", "max_model_len": max_model_len}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def head(chat: bool, model: str, request_id: str) -> dict[str, Any]:
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", "created": int(time.time()), "model": model}
+
+
+def response(top: dict[str, Any], chat: bool, texts: list[str], reasons: list[str], tokens: dict[str, int],
+             logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole answer to a request that did not stream (with each choice's `logprobs` object, when asked)."""
+    logprobs = logprobs or [None] * len(texts)
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": r}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
+    else:
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
+    return {**top, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": tokens}
+
+
+def chunk(top: dict[str, Any], chat: bool, index: int, piece: str | None, finish: str | None,
+          role: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed chunk: a choice's text piece (with its tokens' `logprobs`, when asked), its finish reason, or
+    (chat) the assistant role first."""
+    if chat:
+        delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
+        return {**top, "object": "chat.completion.chunk",
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+    return {**top, "object": "text_completion",
+            "choices": [{"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def usage_chunk(top: dict[str, Any], chat: bool, tokens: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream asked to include usage: no choices, the request's token counts."""
+    return {**top, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [], "usage": tokens}

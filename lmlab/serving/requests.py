@@ -1,0 +1,213 @@
+"""The bodies `lmlab serve` reads, checked and tokenized: completions and chats (OpenAI's fields, through
+lmlab.serving.openai_api), and vLLM's /tokenize and /detokenize. The parsers do CPU work (JSON, the tokenizer): the
+server runs them off its event loop."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lmlab.serving.batcher import Batcher
+from lmlab.core.errors import UserError
+from lmlab.serving.openai_api import (
+    ApiError,
+    chat_messages,
+    check_fields,
+    generates,
+    key_name,
+    logprobs_fields,
+    prompt_list,
+    sampling,
+    shown,
+    stream_fields,
+)
+from lmlab.serving.openai_api import field as body_field
+
+if TYPE_CHECKING:  # lmlab.inference.generate imports torch, which the server imports only once the port is open
+    from lmlab.inference.generate import ChatPrompt
+
+
+@dataclass
+class Served:
+    """The run behind the server once it is loaded, its batcher and its limits. Chats go through an imported
+    instruct model's chat template, the run's prompt format if it was fine-tuned, else a plain transcript
+    (`generate.chat_prompt`)."""
+
+    run: Any  # the LoadedRun (its module imports torch, which this one does not)
+    batcher: Batcher
+    max_tokens_cap: int
+    max_batch: int
+    max_body_bytes: int
+    created: int  # when the served checkpoint was written (the model's `created`)
+    max_prompt_chars: int | None  # the longest prompt that may fit the context; None when a token has no bound
+    empty_prompt: list[int]  # what an empty prompt stands for: the start of a document
+
+    @property
+    def context(self) -> int:
+        return self.run.config.model.block_size
+
+
+@dataclass
+class Request:
+    """A validated completion request: its prompts' token ids (a completion may send several, each with its own `n`
+    choices: choice i continues prompt i // n), how to sample each choice, how to answer."""
+
+    prompts: list[list[int]]
+    params: list  # SamplingParams, one per choice
+    stream: bool
+    include_usage: bool
+    chat: bool
+    texts: list[str] = field(default_factory=list)  # each prompt as text (echoed with `echo`)
+    logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
+    echo: bool = False
+    generate: bool = True  # False: `max_tokens: 0` with `echo`, the prompts scored only
+
+    @property
+    def n(self) -> int:
+        """Choices per prompt."""
+        return len(self.params) // len(self.prompts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err}).")
+    except ValueError:  # Python's limit on the digits of an integer it reads
+        raise ApiError(400, "the request body holds a number of more than 4,300 digits; no field takes one.")
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON arrays or objects too deeply; no field of this API nests "
+                       "more than a few levels.")
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    return body
+
+
+def check_model(body: dict[str, Any], names: list[str]) -> None:
+    if body.get("model") not in (None, *names):
+        raise ApiError(404, f"model {shown(body.get('model'))} is not served here; use {names[0]!r}.", "model",
+                       "model_not_found")
+
+
+def chat_prompt(served: Served, messages: Any) -> ChatPrompt:
+    """Chat messages as the run's prompt (`generate.chat_prompt`: its chat template, multi-turn; its fine-tuning
+    format; or a transcript); messages the template refuses get a 400 with the template's own words."""
+    from lmlab.inference.generate import chat_prompt as conversation_prompt
+
+    try:
+        return conversation_prompt(served.run, chat_messages(messages))
+    except UserError as err:
+        raise ApiError(400, str(err), "messages")
+
+
+def encode_prompt(served: Served, prompt: str, param: str = "prompt", special: bool = True) -> list[int]:
+    """The prompt's token ids, refused with context_length_exceeded when they cannot fit the context, before
+    tokenizing when its length alone says so; `param` is the field it came from."""
+    block = served.context
+    too_long = f"this model's context is {block} tokens; shorten the prompt."
+    if served.max_prompt_chars is not None and len(prompt) > served.max_prompt_chars:
+        raise ApiError(400, f"the prompt is {len(prompt):,} characters, more than fits: {too_long}", "prompt",
+                       "context_length_exceeded")
+    ids = encode(served, prompt, param, special) if prompt else served.empty_prompt
+    if len(ids) > block:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens and {too_long}", "prompt", "context_length_exceeded")
+    return ids
+
+
+def encode(served: Served, text: str, param: str, special: bool = True) -> list[int]:
+    """`text`'s token ids (with the special tokens the tokenizer adds, e.g. a BOS, unless not `special`); text the
+    tokenizer cannot take (a char tokenizer's unseen characters, a lone surrogate) gets a 400 naming `param`."""
+    tokenizer = served.run.tokenizer
+    try:
+        tokenizer.check(text, "the prompt" if param == "prompt" else "the chat's rendered prompt")
+    except UserError as err:
+        raise ApiError(400, str(err), param)
+    return tokenizer.encode(text, special)
+
+
+def fitting(served: Served, ids: list[int]) -> list[int]:
+    """A prompt given as token ids, refused with context_length_exceeded when it is longer than the context."""
+    if len(ids) > served.context:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens and this model's context is {served.context} tokens; "
+                       "shorten the prompt.", "prompt", "context_length_exceeded")
+    return ids
+
+
+def parse_request(served: Served, names: list[str], raw: bytes, chat: bool) -> Request:
+    """A request body checked and its prompts tokenized (CPU work: run it off the event loop)."""
+    body = json_object(raw)
+    check_fields(body, "chat" if chat else "completions")
+    check_model(body, names)
+    special = True
+    if chat:
+        rendered = chat_prompt(served, body.get("messages"))
+        prompts: list[str | list[int]] = [rendered.text]
+        stops, special = rendered.stop, rendered.special
+    else:
+        prompts, stops = prompt_list(body.get("prompt", ""), served.run.config.model.vocab_size), ()
+    logprobs, echo = logprobs_fields(body, chat)
+    generate = chat or generates(body, echo)
+    stream, include_usage = stream_fields(body)
+    params = sampling(body if generate else {**body, "max_tokens": None}, served.max_tokens_cap, served.max_batch,
+                      stops, secrets.randbelow(2**63))
+    if len(prompts) * len(params) > served.max_batch:
+        raise ApiError(400, f"{len(prompts)} prompts × n = {len(params)} are {len(prompts) * len(params)} choices, "
+                       f"more than this server decodes at once (--max-batch {served.max_batch}); send at most "
+                       f"{served.max_batch // len(params)} prompts per request.", "prompt")
+    param = "messages" if chat else "prompt"
+    ids = [encode_prompt(served, p, param, special) if isinstance(p, str) else fitting(served, p) for p in prompts]
+    texts = [p if isinstance(p, str) and p else served.run.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+    return Request(ids, [p for _ in prompts for p in params], stream, include_usage, chat, texts, logprobs, echo,
+                   generate)
+
+
+TOKENIZE = ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "continue_final_message",
+            "return_token_strs")
+
+
+def tokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
+    """vLLM's /tokenize: `prompt` (a string) or `messages` (a chat, rendered as /v1/chat/completions renders it)
+    to {count, max_model_len, tokens, token_strs}. A text longer than the context is counted, not refused."""
+    body = json_object(raw)
+    unknown = [name for name in body if name not in TOKENIZE]
+    if unknown:
+        raise ApiError(400, f"unknown field `{key_name(unknown[0])}`; /tokenize takes {', '.join(TOKENIZE)}.", unknown[0],
+                       "unknown_field")
+    check_model(body, names)
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "/tokenize takes `prompt` (a string) or `messages` (a chat), one of them.", "prompt")
+    flags = {name: body_field(body, name, (bool,), default) for name, default in
+             (("add_special_tokens", "prompt" in body), ("add_generation_prompt", True),
+              ("continue_final_message", False), ("return_token_strs", False))}
+    if not flags["add_generation_prompt"] or flags["continue_final_message"]:
+        raise ApiError(400, "lmlab renders a chat ending in the assistant's turn: `add_generation_prompt` must be "
+                       "true and `continue_final_message` false.", "add_generation_prompt", "unsupported")
+    if "messages" in body:
+        text, param = chat_prompt(served, body["messages"]).text, "messages"
+    elif isinstance(body["prompt"], str):
+        text, param = body["prompt"], "prompt"
+    else:
+        raise ApiError(400, f"`prompt` must be a string, got {type(body['prompt']).__name__}.", "prompt")
+    ids = encode(served, text, param, flags["add_special_tokens"])
+    strings = [served.run.tokenizer.backend.id_to_token(i) for i in ids] if flags["return_token_strs"] else None
+    return {"count": len(ids), "max_model_len": served.context, "tokens": ids, "token_strs": strings}
+
+
+def detokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
+    """vLLM's /detokenize: `tokens` (ids of this model's vocabulary) to {prompt: their text}."""
+    body = json_object(raw)
+    unknown = [name for name in body if name not in ("model", "tokens")]
+    if unknown:
+        raise ApiError(400, f"unknown field `{key_name(unknown[0])}`; /detokenize takes model and tokens.", unknown[0],
+                       "unknown_field")
+    check_model(body, names)
+    tokens, vocab = body.get("tokens"), served.run.tokenizer.vocab_size
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
+        raise ApiError(400, f"`tokens` must be a list of token ids from 0 to {vocab - 1}.", "tokens")
+    return {"prompt": served.run.tokenizer.decode(tokens)}

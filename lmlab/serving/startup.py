@@ -1,0 +1,180 @@
+"""The server's start, done in the background while its port already answers (lmlab.serving.app): load the run, then
+decode with the step asked for. A compiled step kept on disk from an earlier start loads in about a second;
+otherwise the server decodes eagerly at once and builds the compiled step in a process of its own, switching to
+it when it is ready (requests decoding then finish eagerly; new ones decode compiled). Each phase is one plain
+log line with its duration, and /health names the phase under way.
+
+Both, because each covers what the other cannot: the first start of a checkpoint has nothing kept, and eager
+decoding serves it from the first seconds instead of after a minute or more of compiling (144 s on a busy
+2-core machine); a restart, the common case of a server, then loads the kept step instead of compiling again or
+serving eagerly for minutes. The compiler runs in a process of its own so it neither holds the server's
+interpreter while it traces nor, if it crashes, takes the server down.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from lmlab.serving.batcher import Batcher
+from lmlab.run.checkpoint import step_folders
+from lmlab.inference.compiled import compilable, forget_old_steps, kept_step, load_step, step_key, weights_sha256
+from lmlab.inference.decode import Step
+from lmlab.core.errors import UserError
+from lmlab.inference.generate import Batch, decode_dtype, document_start
+from lmlab.model.memory import check_decoding
+from lmlab.run.rundir import LoadedRun, RunDir
+from lmlab.serving.app import ServeOptions, State
+from lmlab.serving.requests import Served
+
+
+def decode_threads(device: torch.device, asked: int) -> int:
+    """CPU threads for decoding: as asked, else one fewer than the cores this process may use (at least one).
+    The core left over runs the event loop and HTTP beside the step: with every core in the step, each step's
+    parallel kernels wait for a thread the loop has preempted, and one streaming client got a tenth of the step's
+    speed on 2 cores (benchmarks/serve_throughput.py)."""
+    if asked or device.type != "cpu":
+        return asked or torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+class Startup:
+    """Loads `options.run` for `state` on a thread of its own (`begin`); `stop` ends a compiler still running."""
+
+    def __init__(self, state: State, options: ServeOptions, since: float):
+        self.state, self.options, self.since = state, options, since
+        self.compiler: subprocess.Popen | None = None
+
+    def begin(self) -> None:
+        threading.Thread(target=self._load, name="lmlab-startup", daemon=True).start()
+
+    def stop(self) -> None:
+        if self.compiler is not None and self.compiler.poll() is None:
+            self.compiler.kill()
+            self.compiler.wait()
+
+    def _phase(self, name: str) -> float:
+        self.state.phase = name
+        return time.perf_counter()
+
+    def _log(self, what: str, since: float) -> None:
+        self.state.log(f"lmlab serve: {what} in {time.perf_counter() - since:.2f}s")
+
+    def _load(self) -> None:
+        state, options = self.state, self.options
+        try:
+            started = self._phase("loading the run")
+            run = RunDir(options.run).load(options.checkpoint, options.device)
+            # Rows that cannot fit in memory are refused before anything is said to be loaded or compiled: the
+            # refusal is then the command's one line.
+            check_decoding(run.config.model, options.max_batch, self._row_tokens(run), "--max-batch", run.device)
+            self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
+            state.threads = decode_threads(run.device, options.threads)
+            torch.set_num_threads(state.threads)
+            folder = served_folder(run)
+            # A model that keeps no decode state has nothing to compile: it decodes eagerly (lmlab.inference.compiled).
+            compiles = options.compile and compilable(run.model)
+            batch = self._kept(run, folder) if compiles else None
+            if batch is None:
+                batch = self._batch(run, decode_dtype(run.device, run.dtype, False))
+                state.decode_step = "eager, compiling" if compiles else "eager"
+            state.served = self._served(run, batch, folder)
+            state.phase = "ready"
+            state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "
+                      f"{state.decode_step} on {state.threads} thread{'s' * (state.threads > 1)}; chats rendered "
+                      f"through {chat_rendering(run)}")
+        except Exception as err:  # the server stops; the command says why (its one line) and exits 2
+            state.failure = str(err) if isinstance(err, UserError) else f"loading failed: {err!r}"
+            state.stop()
+            return
+        if state.decode_step == "eager, compiling":
+            try:
+                self._compile(run, folder)
+            except Exception as err:  # the server goes on decoding eagerly
+                state.decode_step = "eager"
+                state.log(f"lmlab serve: compiling the decode step failed ({err!r}); decoding eagerly")
+
+    def _row_tokens(self, run: LoadedRun) -> int:
+        return run.config.model.block_size + self.options.max_tokens_cap  # a row's prompt fills the context at most
+
+    def _batch(self, run: LoadedRun, dtype: torch.dtype, step: Step | None = None) -> Batch:
+        """A batch of --max-batch rows, refused in one sentence (the memory preflight) when they cannot fit."""
+        return Batch(run.model, run.tokenizer, self.options.max_batch, dtype, step, setting="--max-batch",
+                     tokens_per_row=self._row_tokens(run))
+
+    def _served(self, run: LoadedRun, batch: Batch, folder: Path) -> Served:
+        options, tokenizer = self.options, run.tokenizer
+        # A word tokenizer's <unk> stands for a word of any length; the others' tokens have a longest text.
+        longest = None if tokenizer.kind == "word" else max(len(token) for token in tokenizer.vocab)
+        block = run.config.model.block_size
+        created = int((folder / "state.json").stat().st_mtime)
+        return Served(run, Batcher(batch, options.max_queue, self.state.relay.publish), options.max_tokens_cap,
+                      options.max_batch, options.max_body_bytes, created, None if longest is None else block * longest,
+                      document_start(tokenizer))
+
+    def _key(self, run: LoadedRun, folder: Path) -> str:
+        return step_key(run.config.model, weights_sha256(folder), self.options.max_batch, run.dtype, run.device)
+
+    def _kept(self, run: LoadedRun, folder: Path) -> Batch | None:
+        """A batch decoding with the kept compiled step of the served weights, or None when none is kept (or it
+        fails to load: then it is deleted, and built again)."""
+        path = kept_step(self._key(run, folder))
+        if path is None:
+            return None
+        started = self._phase("loading the kept compiled step")
+        try:
+            step = load_step(path)
+        except Exception as err:
+            self.state.log(f"lmlab serve: the kept compiled step {path} did not load ({err!r}); compiling it again")
+            path.unlink(missing_ok=True)
+            return None
+        self.state.decode_step = "compiled"
+        self._log(f"loaded the kept compiled step {path}", started)
+        return self._batch(run, run.dtype, step)
+
+    def _compile(self, run: LoadedRun, folder: Path) -> None:
+        """Build the compiled step in a process of its own, then switch the batcher to it."""
+        state, options = self.state, self.options
+        started = time.perf_counter()
+        state.log("lmlab serve: compiling the decode step in the background (a minute or more; decoding eagerly "
+                  "until then)")
+        command = [sys.executable, "-m", "lmlab.inference.compiled", str(options.run), str(folder),
+                   weights_sha256(folder), str(options.max_batch), str(run.dtype).removeprefix("torch."),
+                   str(torch.get_num_threads()), run.device.type]
+        self.compiler = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = self.compiler.communicate()
+        if self.compiler.returncode or state.draining:
+            reason = (err.strip().splitlines() or [f"status {self.compiler.returncode}"])[-1]
+            state.decode_step = "eager"
+            if not state.draining:
+                state.log(f"lmlab serve: compiling the decode step failed ({reason}); decoding eagerly")
+            return
+        path = Path(out.strip().splitlines()[-1])
+        state.served.batcher.use(self._batch(run, run.dtype, load_step(path)))
+        state.decode_step = "compiled"
+        forget_old_steps()
+        self._log(f"compiled the decode step (kept in {path}: the next start of this checkpoint loads it), "
+                  "decoding with it from now on; built", started)
+
+
+def chat_rendering(run: LoadedRun) -> str:
+    """How the server puts a chat to the run (`generate.chat_prompt`), for the log."""
+    if run.chat_template is not None:
+        return "the model's chat template"
+    fmt = run.prompt_format
+    return f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
+
+
+def served_folder(run: LoadedRun) -> Path:
+    """The step folder of the checkpoint `run` loaded."""
+    for folder in step_folders(run.run.checkpoints):
+        if int(folder.name.removeprefix("step_")) == run.step:
+            return folder
+    raise UserError(f"{run.run.path}'s step {run.step} checkpoint was removed while it loaded; start again.")

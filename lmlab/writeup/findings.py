@@ -1,0 +1,179 @@
+"""What a report says in words: one run described in a paragraph, or several read against each other (which
+settings differ, which run won and by how much, at what cost, whether the ranking can still change)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmlab.core.config import RunConfig, to_dict
+from lmlab.core.humanize import count, format_duration
+from lmlab.run.rundir import RunDir
+from lmlab.analysis.runs import RunSummary
+from lmlab.analysis.scaling import chinchilla_percent, repeat_warning
+
+NOT_RECORDED = "not recorded"  # a fact an older run's folder does not hold
+MAX_KEYS = 10  # differing settings named one by one
+GAP = 0.05  # a val - train loss gap worth a word (nats per token)
+
+
+@dataclass
+class RunFacts:
+    """What a report says about one run, read once: its folder, summary, events, config, the full-split
+    evaluation of its best checkpoint and a sample (each None with the reason when it could not be had)."""
+
+    run: RunDir
+    summary: RunSummary
+    events: list[dict[str, Any]]
+    config: RunConfig
+    evaluation: dict[str, Any] | None = None
+    not_evaluated: str = ""
+    sample: str | None = None
+    not_sampled: str = ""
+    checkpoint: str = "best"  # the one evaluated and sampled
+    fell_back: bool = False  # best was asked for and latest used: a run never evaluated during training has no best
+
+    @property
+    def which(self) -> str:
+        """The checkpoint evaluated and sampled, as a reader should read it."""
+        if self.fell_back:
+            return "latest checkpoint (never evaluated, so no best)"
+        name = self.checkpoint
+        return f"step {int(name[5:]):,} checkpoint" if name.startswith("step_") else f"{name} checkpoint"
+    cells: list[Any] = field(default_factory=list)  # with report --prompts: the run's cells of the prompt grid
+
+    @property
+    def name(self) -> str:
+        return self.run.path.resolve().name  # "." names the folder it is
+
+    @property
+    def start(self) -> dict[str, Any]:
+        return self.events[0] if self.events and self.events[0].get("event") == "start" else {}
+
+    @property
+    def machine(self) -> dict[str, Any]:
+        return self.start.get("machine") or {}
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == kind]
+
+
+def describe_run(f: RunFacts) -> str:
+    """One paragraph: what was trained, how long and on what, how good it is, and whether it was still learning."""
+    s, m = f.summary, f.machine
+    where = f.start.get("device") or "an unrecorded device"
+    if m:
+        where += f" ({m.get('gpu') or m.get('cpu')}, {m.get('cpu_cores')} cores)"
+    text = (f"`{f.name}` is a {s.architecture or 'language'} model ({s.model}) of {count(s.params)} parameters, "
+            f"trained {s.steps:,} steps on {count(s.tokens)} tokens ({data_share(s)}) in "
+            f"{format_duration(s.elapsed)} on {where}, {f.start.get('dtype') or 'dtype not recorded'}; "
+            f"status: {s.status}.")
+    if f.evaluation:
+        e = f.evaluation
+        text += (f" On the full val split its {f.which} (step {e['step']:,}) scores a loss of {e['loss']:.4f} "
+                 f"(perplexity {e['perplexity']:.2f}, {e['bits_per_byte']:.3f} bits per byte).")
+    if s.still_falling is not None:
+        text += (" It was still improving at its last evaluation: more training would lower the loss." if
+                 s.still_falling else f" Its best evaluation was at step {s.best_step:,}, before the end.")
+    return text
+
+
+def data_share(s: RunSummary) -> str:
+    """Passes over the data and the share of Chinchilla-optimal in unique tokens, with the tokens seen beside."""
+    if not s.params:
+        return "size not recorded"
+    unique = f"{chinchilla_percent(s.unique_tokens, s.params):.1f}% of Chinchilla-optimal"
+    if s.epochs is None:
+        return unique
+    return (f"{s.epochs:.2f} passes over the {s.split_tokens:,}-token train split; {unique} in unique tokens, "
+            f"{chinchilla_percent(s.tokens, s.params):.1f}% in tokens seen")
+
+
+def reading(facts: list[RunFacts]) -> list[str]:
+    """Sentences comparing several runs, most important first."""
+    found = [_differences(facts)]
+    ranked, measure = _ranking(facts)
+    if len(ranked) >= 2:
+        found += [_winner(ranked, measure), _cost(ranked[0][0].summary, ranked[1][0].summary)]
+    found += _caveats(facts)
+    return found
+
+
+def _differences(facts: list[RunFacts]) -> str:
+    flat = [{f"{section}.{key}": value for section, keys in to_dict(f.config).items() for key, value in keys.items()}
+            for f in facts]
+    keys = sorted({k for d in flat for k in d if len({repr(other.get(k)) for other in flat}) > 1})
+    if not keys:
+        return "The runs share every config setting: they differ only in how they ran."
+    shown = "; ".join(f"`{k}` {' / '.join(_value(d.get(k, '-')) for d in flat)}" for k in keys[:MAX_KEYS])
+    more = f"; and {len(keys) - MAX_KEYS} more" if len(keys) > MAX_KEYS else ""
+    return f"The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)} (in run order): {shown}{more}."
+
+
+def _value(value: Any) -> str:
+    """A setting as the config file writes it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
+    """The runs best first by the fairest measure they share: the full-split evaluation when every run has one
+    on the same split, else the fixed-batch estimate; bits per byte when the tokenizers differ."""
+    same_split = all(f.evaluation for f in facts) and len({f.evaluation["val_sha256"] for f in facts}) == 1
+    by_bytes = len({f.run.dataset().get("tokenizer") for f in facts}) > 1
+    if same_split:
+        value = {f.name: f.evaluation["bits_per_byte" if by_bytes else "loss"] for f in facts}
+    else:
+        value = {f.name: f.summary.best_bpb if by_bytes else f.summary.best_val_loss for f in facts}
+    measure = ("bits per byte" if by_bytes else "val loss") + (" on the full val split" if same_split
+                                                               else " (fixed-batch estimate at the evals)")
+    ranked = sorted(((f, value[f.name]) for f in facts if value[f.name] is not None), key=lambda p: p[1])
+    return ranked, measure
+
+
+def _winner(ranked: list[tuple[RunFacts, float]], measure: str) -> str:
+    (best, low), (second, next_low) = ranked[:2]
+    text = (f"`{best.name}` has the lowest {measure}: {low:.4f}, {next_low - low:.4f} "
+            f"({100 * (1 - low / next_low):.1f}%) below `{second.name}` ({next_low:.4f})")
+    rest = ", ".join(f"`{f.name}` {v:.4f}" for f, v in ranked[2:])
+    return text + (f"; then {rest}." if rest else ".")
+
+
+def _cost(best: RunSummary, next_: RunSummary) -> str:
+    def times(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}×" if a and b else "-"
+
+    return (f"`{best.name}` used {times(best.params, next_.params)} the parameters, {times(best.tokens, next_.tokens)} "
+            f"the tokens, {times(best.flops, next_.flops)} the compute and {times(best.elapsed, next_.elapsed)} the "
+            f"wall time of `{next_.name}`.")
+
+
+def _caveats(facts: list[RunFacts]) -> list[str]:
+    """Why the ranking may not hold: runs still improving, overfitting, short training, different data."""
+    found = []
+    falling = [f"`{f.name}`" for f in facts if f.summary.still_falling]
+    settled = [f for f in facts if f.summary.still_falling is False]
+    if falling:
+        found.append(f"Still improving at the last evaluation: {', '.join(falling)}; longer training can change the "
+                     "ranking.")
+    for f in settled:
+        found.append(f"`{f.name}` stopped improving before its end (best at step {f.summary.best_step:,} of "
+                     f"{f.summary.steps:,}): more of the same training will not lower its loss.")
+    for f in facts:
+        gap = f.summary.gap
+        if gap is not None and gap > GAP and f.summary.still_falling:
+            found.append(f"`{f.name}`'s val loss is {gap:.3f} above its train loss (the same number of batches) at its "
+                         "best evaluation, but still falling: a gap between the splits, not yet overfitting.")
+        elif gap is not None and gap > GAP:
+            found.append(f"`{f.name}` overfits: its val loss stopped improving at step {f.summary.best_step:,}, "
+                         f"{gap:.3f} above its train loss.")
+    shares = [chinchilla_percent(f.summary.unique_tokens, f.summary.params) for f in facts if f.summary.params]
+    if shares and max(shares) < 50:
+        found.append(f"Every run saw under half its Chinchilla-optimal tokens in unique tokens (at most "
+                     f"{max(shares):.1f}%): this compares short trainings, not what the models can reach.")
+    for f in facts:
+        warning = repeat_warning(f.summary.epochs, f.summary.split_tokens, f"`{f.name}`")
+        if warning:
+            found.append(warning[0].upper() + warning[1:])
+    if len({f.config.data.dataset for f in facts}) > 1:
+        found.append("The runs trained on different datasets: their losses measure different text.")
+    return found

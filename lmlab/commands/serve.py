@@ -47,7 +47,8 @@ def seconds(text: str) -> float:
 def cmd_serve(args: argparse.Namespace) -> None:
     since = time.perf_counter()
     from lmlab.serving.edge import ServeLimits, bind
-    from lmlab.serving.app import ServeOptions, State, check_exposure, require_extras, run_server
+    from lmlab.serving.app import check_exposure, require_extras, run_server
+    from lmlab.serving.state import ServeOptions, State
 
     require_extras()
     check_exposure(args.host, args.api_key, args.insecure)

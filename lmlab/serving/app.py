@@ -2,11 +2,11 @@
 /v1/chat/completions; vLLM's /tokenize and /detokenize; /health and Prometheus' /metrics. Every request is
 decoded in one shared batch (lmlab.serving.batcher), its tokens handed to the clients by lmlab.serving.streaming.
 
-The port is bound at once, before torch is imported (lmlab.serving.edge: a port in use is said before anything loads),
-and answers at once: until the model is ready /health answers 503 with the phase of the start (lmlab.serving.startup
-loads it in the background) and the API 503 `model_loading` with Retry-After. lmlab.serving.edge's limits (connections,
-header, body and idle timeouts) hold from the first connection. With
-an API key every route but /health and /metrics wants `Authorization: Bearer KEY`. A first SIGTERM or SIGINT
+The port is bound at once, before torch is imported (lmlab.serving.edge: a port in use is said before anything
+loads), and answers at once: until the model is ready /health answers 503 with the phase of the start
+(lmlab.serving.startup loads it in the background) and the API 503 `model_loading` with Retry-After. The edge's
+limits (connections, header, body and idle timeouts) hold from the first connection. The routes are
+lmlab.serving.routes'. With an API key every route but /health and /metrics wants `Authorization: Bearer KEY`. A first SIGTERM or SIGINT
 drains: the port closes, running requests go on for up to --drain-seconds, then each ends with a last chunk
 (finish reason "abort") and the process exits 0; a second signal ends it at once.
 
@@ -19,102 +19,29 @@ batcher's thread, so a large or slow request never stalls the others; a client t
 at once. Every bad request gets OpenAI's error body, never a crash; one line per request goes to stderr.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
-# at run time to know what to pass them.
+from __future__ import annotations
+
 import asyncio
 import ipaddress
 import secrets
-import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from lmlab.serving.batcher import QueueFull
-from lmlab.serving.edge import ServeLimits, protocol, read_body
 from lmlab.core.errors import UserError
-from lmlab.serving.openai_api import ApiError, head, model_object, response
-from lmlab.serving.metrics import CONTENT_TYPE, Metrics
-from lmlab.serving.requests import (
-    Served,
-    detokenize_request,
-    parse_request,
-    tokenize_request,
+from lmlab.serving.edge import protocol
+from lmlab.serving.openai_api import ApiError
+from lmlab.serving.routes import (
+    ENDPOINTS,
+    add_completion_routes,
+    add_error_handlers,
+    add_status_routes,
+    add_token_routes,
 )
-from lmlab.serving.streaming import Answer, ClientGone, Relay, server_sent_events
+from lmlab.serving.state import State
+from lmlab.serving.streaming import Relay
 
-ROUTES = ("GET /health, GET /metrics, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, "
-          "POST /v1/chat/completions, POST /tokenize and POST /detokenize")
 OPEN = ("/health", "/metrics")  # answered without the API key: health checks and scrapers have none
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
-             "/detokenize")
-
-
-@dataclass
-class ServeOptions:
-    """What `lmlab serve` is asked to serve, and how."""
-
-    run: Path
-    checkpoint: str = "best"
-    device: str = "auto"
-    max_tokens_cap: int = 512
-    max_batch: int = 16
-    max_queue: int = 64
-    max_body_bytes: int = 1_000_000
-    compile: bool = False
-    threads: int = 0  # CPU threads of the decode step; 0: one fewer than the cores (see decode_threads)
-
-    def check(self) -> None:
-        limits = {"--max-tokens-cap": (self.max_tokens_cap, 1), "--max-batch": (self.max_batch, 1),
-                  "--max-queue": (self.max_queue, 0), "--max-body-bytes": (self.max_body_bytes, 1024),
-                  "--threads": (self.threads, 0)}
-        for option, (value, least) in limits.items():
-            if value < least:
-                raise UserError(f"{option} is {value}; it must be at least {least}.")
-        if not (self.run / "config.toml").is_file():  # said before the port opens (RunDir.config's words)
-            raise UserError(f"{self.run} is not an lmlab run (no config.toml); pass a directory made by "
-                            "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
-
-
-@dataclass
-class State:
-    """The server from its first moment: its names and key, the phase of its start (the run once served), the
-    decode step in use, whether it drains, and its metrics. `start` (given the state) begins loading once the
-    port is open."""
-
-    names: list[str]  # the model ids it answers to; the first is the one it answers with
-    api_key: str | None
-    start: Callable[["State"], None]
-    edge: ServeLimits = ServeLimits()  # what a connection may take (lmlab.serving.edge)
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
-    stop: Callable[[], None] = lambda: None  # ends the server (once it runs)
-    phase: str = "starting"
-    served: Served | None = None
-    decode_step: str = "eager"
-    threads: int = 0  # the decode step's CPU threads, once loaded
-    draining: bool = False
-    failure: str | None = None  # why loading failed: the server stops, and the command says it
-    relay: Relay | None = None
-    metrics: Metrics = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.metrics = Metrics(self.live)
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
-
-    def live(self) -> dict[str, Any]:
-        decoding, waiting = self.served.batcher.load() if self.served else (0, 0)
-        info = {"model": self.name, "phase": self.phase, "decode_step": self.decode_step}
-        if self.served:
-            info |= {"run": str(self.served.run.run.path), "checkpoint": self.served.run.checkpoint,
-                     "step": str(self.served.run.step), "max_model_len": str(self.served.context)}
-        return {"decoding": decoding, "waiting": waiting, "max_batch": self.served.max_batch if self.served else 0,
-                "ready": int(self.served is not None and not self.draining), "info": info}
 
 
 def loopback(host: str) -> bool:
@@ -150,138 +77,16 @@ def unauthorized(headers: dict[bytes, bytes], api_key: str) -> ApiError | None:
 
 
 def create_app(state: State) -> Any:
-    """The ASGI application of `state`: FastAPI routes behind the gate (key, loading, draining) and the log."""
+    """The ASGI application of `state`: FastAPI's routes, group by group, behind the gate (key, loading,
+    draining) and the log."""
     from fastapi import FastAPI
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
 
     app = FastAPI(title=f"lmlab: {state.name}")
-
-    class EventStream(StreamingResponse):
-        """A streamed answer that gives its rows back however it ends: finished, client gone (even before the
-        first chunk, when the stream never starts), or failed."""
-
-        def __init__(self, answer: Answer, top: dict[str, Any]):
-            super().__init__(server_sent_events(answer, top), media_type="text/event-stream")
-            self.answer = answer
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                release(self.answer)
-
-    def release(answer: Answer) -> None:
-        """Give the rows back, whatever ended the request (a no-op once it finished)."""
-        state.served.batcher.cancel(answer.job)
-        if not answer.finished:
-            answer.stats["left"] = True
-            answer.stats["out"] = answer.generated
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(HTTPException)
-    async def no_route(http: HttpRequest, err: HTTPException) -> JSONResponse:
-        where = f"{http.method} {http.url.path}"
-        if err.status_code == 405:
-            error = ApiError(405, f"{where} is not allowed; this route takes {err.headers.get('Allow')}.",
-                             code="method_not_allowed")
-        else:
-            error = ApiError(err.status_code, f"no route {where}; lmlab serve answers {ROUTES}.", code="not_found")
-        return JSONResponse(error.body(), status_code=error.status, headers=err.headers)
-
-    @app.exception_handler(Exception)
-    async def server_error(_: HttpRequest, err: Exception) -> JSONResponse:
-        # A bug of ours still answers in OpenAI's shape, and the server keeps running.
-        return JSONResponse(ApiError(500, f"internal error: {err!r}", kind="server_error").body(), status_code=500)
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        served = state.served
-        if state.draining or served is None:
-            status = "draining" if state.draining else "loading"
-            return JSONResponse({"status": status, "phase": state.phase, "model": state.name}, status_code=503)
-        decoding, waiting = served.batcher.load()
-        return JSONResponse({"status": "ok", "model": state.name, "decode_step": state.decode_step,
-                             "threads": state.threads, "decoding": decoding, "max_batch": served.max_batch,
-                             "waiting": waiting, "max_queue": served.batcher.max_queue})
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(state.metrics.text(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        served = state.served
-        return {"object": "list", "data": [model_object(name, served.created, served.context) for name in state.names]}
-
-    @app.get("/v1/models/{model_id}")
-    async def model(model_id: str) -> dict[str, Any]:
-        if model_id not in state.names:
-            raise ApiError(404, f"model {model_id!r} is not served here; use {state.name!r}.", "model",
-                           "model_not_found")
-        return model_object(model_id, state.served.created, state.served.context)
-
-    def piece(token: int) -> str:
-        """A token's text, as log-probabilities name it."""
-        return state.served.run.tokenizer.decode([token])
-
-    async def answer(http: HttpRequest, chat: bool) -> Any:
-        served = state.served
-        raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
-        request = await run_in_threadpool(parse_request, served, state.names, raw, chat)
-        pending = Answer(request, http.scope.setdefault("lmlab", {}), piece, state.metrics.tokens)
-        try:
-            served.batcher.submit(pending.job)
-        except QueueFull:
-            raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, --max-queue); "
-                           "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
-        state.metrics.prompt_tokens.inc(request.prompt_tokens)
-        top = head(chat, state.name, uuid.uuid4().hex)
-        if request.stream:
-            return EventStream(pending, top)
-        watcher = asyncio.create_task(watch_disconnect(http, pending))
-        try:
-            while not pending.finished:
-                await pending.next_events()
-        except ClientGone:
-            return Response(status_code=499)  # no one reads it; the log says the client left
-        finally:
-            watcher.cancel()
-            release(pending)
-        return JSONResponse(response(top, chat, pending.texts_out(), pending.reasons, pending.usage(),
-                                     pending.logprobs()))
-
-    @app.post("/v1/completions")
-    async def completions(http: HttpRequest) -> Any:
-        return await answer(http, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: HttpRequest) -> Any:
-        return await answer(http, chat=True)
-
-    @app.post("/tokenize")
-    async def tokenize(http: HttpRequest) -> Any:
-        raw = await read_body(http, state.served.max_body_bytes, state.edge.body_timeout)
-        return await run_in_threadpool(tokenize_request, state.served, state.names, raw)
-
-    @app.post("/detokenize")
-    async def detokenize(http: HttpRequest) -> Any:
-        raw = await read_body(http, state.served.max_body_bytes, state.edge.body_timeout)
-        return await run_in_threadpool(detokenize_request, state.served, state.names, raw)
-
+    add_error_handlers(app)
+    add_status_routes(app, state)
+    add_token_routes(app, state)
+    add_completion_routes(app, state)
     return AccessLog(Gate(app, state), state)
-
-
-async def watch_disconnect(http: Any, answer: Answer) -> None:
-    """Tell `answer` when its client goes away (the body is read: the next message is the disconnect)."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-    answer.leave()
 
 
 async def send_error(send: Any, error: ApiError) -> None:

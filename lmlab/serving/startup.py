@@ -30,7 +30,7 @@ from lmlab.core.errors import UserError
 from lmlab.inference.generate import Batch, decode_dtype, document_start
 from lmlab.model.memory import check_decoding
 from lmlab.run.rundir import LoadedRun, RunDir
-from lmlab.serving.app import ServeOptions, State
+from lmlab.serving.state import ServeOptions, State
 from lmlab.serving.requests import Served
 
 

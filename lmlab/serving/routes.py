@@ -1,0 +1,186 @@
+"""The routes of `lmlab serve`, in groups, each a function that registers its routes on the FastAPI app: errors
+in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. FastAPI is
+imported inside them: this module loads without the `serve` extra, which `app.require_extras` asks for first."""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
+# at run time to know what to pass them.
+import asyncio
+import uuid
+from typing import Any
+
+from lmlab.serving.batcher import QueueFull
+from lmlab.serving.edge import read_body
+from lmlab.serving.metrics import CONTENT_TYPE
+from lmlab.serving.openai_api import ApiError, head, model_object, response
+from lmlab.serving.requests import detokenize_request, parse_request, tokenize_request
+from lmlab.serving.state import State
+from lmlab.serving.streaming import Answer, ClientGone, server_sent_events
+
+ROUTES = ("GET /health, GET /metrics, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, "
+          "POST /v1/chat/completions, POST /tokenize and POST /detokenize")
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+             "/detokenize")
+
+
+def add_error_handlers(app: Any) -> None:
+    """Every error as OpenAI's error body: ours (ApiError), a route or method that does not exist, and a bug."""
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(HTTPException)
+    async def no_route(http: HttpRequest, err: HTTPException) -> JSONResponse:
+        where = f"{http.method} {http.url.path}"
+        if err.status_code == 405:
+            error = ApiError(405, f"{where} is not allowed; this route takes {err.headers.get('Allow')}.",
+                             code="method_not_allowed")
+        else:
+            error = ApiError(err.status_code, f"no route {where}; lmlab serve answers {ROUTES}.", code="not_found")
+        return JSONResponse(error.body(), status_code=error.status, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: HttpRequest, err: Exception) -> JSONResponse:
+        # A bug of ours still answers in OpenAI's shape, and the server keeps running.
+        return JSONResponse(ApiError(500, f"internal error: {err!r}", kind="server_error").body(), status_code=500)
+
+
+def add_status_routes(app: Any, state: State) -> None:
+    """/health (503 with the phase while loading or draining), /metrics, /v1/models and /v1/models/{id}."""
+    from fastapi.responses import JSONResponse, Response
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        served = state.served
+        if state.draining or served is None:
+            status = "draining" if state.draining else "loading"
+            return JSONResponse({"status": status, "phase": state.phase, "model": state.name}, status_code=503)
+        decoding, waiting = served.batcher.load()
+        return JSONResponse({"status": "ok", "model": state.name, "decode_step": state.decode_step,
+                             "threads": state.threads, "decoding": decoding, "max_batch": served.max_batch,
+                             "waiting": waiting, "max_queue": served.batcher.max_queue})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.text(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        served = state.served
+        return {"object": "list", "data": [model_object(name, served.created, served.context) for name in state.names]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id not in state.names:
+            raise ApiError(404, f"model {model_id!r} is not served here; use {state.name!r}.", "model",
+                           "model_not_found")
+        return model_object(model_id, state.served.created, state.served.context)
+
+
+def add_token_routes(app: Any, state: State) -> None:
+    """vLLM's /tokenize and /detokenize, parsed off the event loop."""
+    from fastapi import Request as HttpRequest
+    from starlette.concurrency import run_in_threadpool
+
+    @app.post("/tokenize")
+    async def tokenize(http: HttpRequest) -> Any:
+        raw = await read_body(http, state.served.max_body_bytes, state.edge.body_timeout)
+        return await run_in_threadpool(tokenize_request, state.served, state.names, raw)
+
+    @app.post("/detokenize")
+    async def detokenize(http: HttpRequest) -> Any:
+        raw = await read_body(http, state.served.max_body_bytes, state.edge.body_timeout)
+        return await run_in_threadpool(detokenize_request, state.served, state.names, raw)
+
+
+def add_completion_routes(app: Any, state: State) -> None:
+    """/v1/completions and /v1/chat/completions: a request parsed off the event loop, admitted to the batch (429
+    when it and its queue are full), and answered whole or streamed as server-sent events."""
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    class EventStream(StreamingResponse):
+        """A streamed answer that gives its rows back however it ends: finished, client gone (even before the
+        first chunk, when the stream never starts), or failed."""
+
+        def __init__(self, answer: Answer, top: dict[str, Any]):
+            super().__init__(server_sent_events(answer, top), media_type="text/event-stream")
+            self.answer = answer
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                release(state, self.answer)
+
+    async def answer(http: HttpRequest, chat: bool) -> Any:
+        served = state.served
+        raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
+        request = await run_in_threadpool(parse_request, served, state.names, raw, chat)
+        pending = Answer(request, http.scope.setdefault("lmlab", {}), lambda token: piece(state, token),
+                         state.metrics.tokens)
+        admit(state, pending)
+        state.metrics.prompt_tokens.inc(request.prompt_tokens)
+        top = head(chat, state.name, uuid.uuid4().hex)
+        if request.stream:
+            return EventStream(pending, top)
+        if not await whole(http, state, pending):
+            return Response(status_code=499)  # no one reads it; the log says the client left
+        return JSONResponse(response(top, chat, pending.texts_out(), pending.reasons, pending.usage(),
+                                     pending.logprobs()))
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest) -> Any:
+        return await answer(http, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest) -> Any:
+        return await answer(http, chat=True)
+
+
+def piece(state: State, token: int) -> str:
+    """A token's text, as log-probabilities name it."""
+    return state.served.run.tokenizer.decode([token])
+
+
+def admit(state: State, pending: Answer) -> None:
+    """Put a request into the batch's queue, or refuse it with 429 when the batch and its queue are full."""
+    try:
+        state.served.batcher.submit(pending.job)
+    except QueueFull:
+        raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, --max-queue); "
+                       "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+
+async def whole(http: Any, state: State, pending: Answer) -> bool:
+    """Wait for a request answered whole; False when its client went away first. Its rows are given back either
+    way."""
+    watcher = asyncio.create_task(watch_disconnect(http, pending))
+    try:
+        while not pending.finished:
+            await pending.next_events()
+    except ClientGone:
+        return False
+    finally:
+        watcher.cancel()
+        release(state, pending)
+    return True
+
+
+def release(state: State, answer: Answer) -> None:
+    """Give the rows back, whatever ended the request (a no-op once it finished)."""
+    state.served.batcher.cancel(answer.job)
+    if not answer.finished:
+        answer.stats["left"] = True
+        answer.stats["out"] = answer.generated
+
+
+async def watch_disconnect(http: Any, answer: Answer) -> None:
+    """Tell `answer` when its client goes away (the body is read: the next message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    answer.leave()

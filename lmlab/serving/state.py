@@ -1,0 +1,80 @@
+"""What `lmlab serve` is asked to serve (`ServeOptions`), and the server's `State` from its first moment: what
+the app, its routes and the start in the background share. No torch at the top: the port opens first."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmlab.core.errors import UserError
+from lmlab.serving.edge import ServeLimits
+from lmlab.serving.metrics import Metrics
+from lmlab.serving.requests import Served
+from lmlab.serving.streaming import Relay
+
+
+@dataclass
+class ServeOptions:
+    """What `lmlab serve` is asked to serve, and how."""
+
+    run: Path
+    checkpoint: str = "best"
+    device: str = "auto"
+    max_tokens_cap: int = 512
+    max_batch: int = 16
+    max_queue: int = 64
+    max_body_bytes: int = 1_000_000
+    compile: bool = False
+    threads: int = 0  # CPU threads of the decode step; 0: one fewer than the cores (see decode_threads)
+
+    def check(self) -> None:
+        limits = {"--max-tokens-cap": (self.max_tokens_cap, 1), "--max-batch": (self.max_batch, 1),
+                  "--max-queue": (self.max_queue, 0), "--max-body-bytes": (self.max_body_bytes, 1024),
+                  "--threads": (self.threads, 0)}
+        for option, (value, least) in limits.items():
+            if value < least:
+                raise UserError(f"{option} is {value}; it must be at least {least}.")
+        if not (self.run / "config.toml").is_file():  # said before the port opens (RunDir.config's words)
+            raise UserError(f"{self.run} is not an lmlab run (no config.toml); pass a directory made by "
+                            "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
+
+
+@dataclass
+class State:
+    """The server from its first moment: its names and key, the phase of its start (the run once served), the
+    decode step in use, whether it drains, and its metrics. `start` (given the state) begins loading once the
+    port is open."""
+
+    names: list[str]  # the model ids it answers to; the first is the one it answers with
+    api_key: str | None
+    start: Callable[[State], None]
+    edge: ServeLimits = ServeLimits()  # what a connection may take (lmlab.serving.edge)
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    stop: Callable[[], None] = lambda: None  # ends the server (once it runs)
+    phase: str = "starting"
+    served: Served | None = None
+    decode_step: str = "eager"
+    threads: int = 0  # the decode step's CPU threads, once loaded
+    draining: bool = False
+    failure: str | None = None  # why loading failed: the server stops, and the command says it
+    relay: Relay | None = None
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.live)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def live(self) -> dict[str, Any]:
+        decoding, waiting = self.served.batcher.load() if self.served else (0, 0)
+        info = {"model": self.name, "phase": self.phase, "decode_step": self.decode_step}
+        if self.served:
+            info |= {"run": str(self.served.run.run.path), "checkpoint": self.served.run.checkpoint,
+                     "step": str(self.served.run.step), "max_model_len": str(self.served.context)}
+        return {"decoding": decoding, "waiting": waiting, "max_batch": self.served.max_batch if self.served else 0,
+                "ready": int(self.served is not None and not self.draining), "info": info}

@@ -1,6 +1,6 @@
 """The training loop: the configured optimizer and LR schedule, grad accumulation and clipping (`TrainStep`),
-periodic eval, early stopping, best/latest checkpoints with exact resume, a loss-spike/NaN guard, metrics and a
-live progress bar, on one device or under torchrun."""
+periodic eval, early stopping, best/latest checkpoints with exact resume (lmlab.train.resume), a loss-spike/NaN
+guard, a time budget (lmlab.train.steering), metrics and a live progress bar, on one device or under torchrun."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.core.config import RunConfig, to_dict
+from lmlab.core.config import RunConfig
 from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
 from lmlab.core.device import configure, synchronize
@@ -27,19 +27,13 @@ from lmlab.analysis.plots import plot_losses
 from lmlab.core.progress import progress_bar
 from lmlab.run.rundir import RunDir
 from lmlab.train.tracking import Tracker
-from lmlab.train.budget import BudgetClock, BudgetPlan, resumed_plan, schedule_for
+from lmlab.train.budget import BudgetClock, BudgetPlan, schedule_for
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import lr_at
-from lmlab.train.state import (
-    Mean,
-    Progress,
-    Stopwatch,
-    rng_state,
-    set_rng_state,
-    upgrade_training,
-)
+from lmlab.train.resume import Resuming, check_resumable
+from lmlab.train.state import Mean, Progress, Stopwatch
 from lmlab.train.steering import Steering
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StepAbandoned, StopOnSignal, write_failure
@@ -75,27 +69,10 @@ def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
     return cfg, meta
 
 
-def check_resumable(run: RunDir) -> None:
-    """Only a trained run has a training state to continue."""
-    kind = run.kind()
-    if kind == "fine-tuned":
-        go_on = (f"continue it with the fine-tuning command that made it: `{run.resume_command()}`" if run.unfinished()
-                 else f"it is finished; to tune it further, fine-tune it into a new run: `lmlab finetune {run.path} "
-                 "--data FILE --run NEW`")
-        raise UserError(f"{run.path} was made by `lmlab finetune`, not `lmlab train`; {go_on}.")
-    if kind == "imported":
-        raise UserError(f"{run.path} was imported, so it has no training to continue; start a new run from its "
-                        f"weights with `lmlab train CONFIG --init-from {run.path}`.")
-
-
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by index, as rank 0 tells the others
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])
-
-
-class Trainer(Steering):
+class Trainer(Steering, Resuming):
     """One run: build from a config, optionally resume or start from another run's weights, then `run()`."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
@@ -201,111 +178,6 @@ class Trainer(Steering):
         self._write(self.run_dir.log, event)
         self._write(self.tracker.log, event)
 
-    def _start(self, init_from: str | None, keep_optimizer: bool) -> None:
-        self.run_dir.check_new()
-        if init_from:
-            self._init_from(init_from, keep_optimizer)
-        if self.parallel.is_main:
-            self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from, device=self.device,
-                               dtype=self.dtype, world_size=self.parallel.world_size, parallel=self.parallel.mode,
-                               peak=self.peak, dtype_reason=self.dtype_reason)
-
-    def _init_from(self, source: str, keep_optimizer: bool) -> None:
-        """Start from another run's weights (`runs/OLD`, or `runs/OLD:CHECKPOINT`: best, latest, step_N or N)."""
-        old_dir, _, which = source.partition(":")
-        if which not in ("", "best", "latest"):
-            raise UserError(f"--init-from {source}: {which!r} is not a checkpoint of a run; use {old_dir}, "
-                            f"{old_dir}:best or {old_dir}:latest.")
-        old_run = RunDir(old_dir)
-        old = old_run.config().model
-        if old.vocab_size != self.cfg.model.vocab_size:
-            raise UserError(f"--init-from {old_dir} has vocab size {old.vocab_size} but dataset "
-                            f"{self.cfg.data.dataset} has {self.cfg.model.vocab_size}; use a dataset prepared "
-                            "with the same tokenizer.")
-        if dataclasses.asdict(old) != dataclasses.asdict(self.cfg.model):
-            raise UserError(f"--init-from {old_dir} has another model shape "
-                            f"({_differences(dataclasses.asdict(old), dataclasses.asdict(self.cfg.model))}); "
-                            "use the same [model] settings as that run.")
-        old_run.read_checkpoint(old_run.checkpoint(which or "latest"), self.model,
-                                self.step.optimizer if keep_optimizer else None, self.parallel.load_checkpoint)
-
-    def _resume(self, force: bool) -> None:
-        """Continue from `latest`; if it is damaged, fall back to the newest step folder that verifies."""
-        if self.parallel.is_main:
-            self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
-        self.run_dir.checkpoint("latest")  # says so if there is nothing to resume
-        self.run_dir.tokenizer()  # the run's copy is checked against its record, not silently written over
-        trained, asked = dataclasses.asdict(self.run_dir.config().model), to_dict(self.cfg)["model"]
-        trained["vocab_size"] = trained["vocab_size"] or asked["vocab_size"]  # 0 in a hand-written config
-        if trained != asked:
-            raise UserError(f"{self.run_dir.path} was trained with another model shape "
-                            f"({_differences(trained, asked)}); resume with the run's own [model] settings.")
-        folder, training = self._load_newest_good()
-        # The checksum of the bytes training reads (open_tokens verified them against meta.json): a dataset prepared
-        # again from other inputs is another dataset.
-        if training["dataset_sha256"] != self.train_tokens.sha256 and not force:
-            raise UserError(f"dataset {self.cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
-                            "on (train split checksum); pass --force to continue on the new data anyway.")
-        self._restore(training, rollback=False)
-        self.budget = resumed_plan(self.budget, self.cfg.train.budget_seconds, self.run_dir.path)
-        if self.parallel.is_main:
-            self.run_dir.truncate_after(self.progress.step)
-            self.run_dir.resumed(self.progress.step, folder.name, self.device, self.dtype, self.parallel.world_size,
-                                 self.peak)
-        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {self.progress.step}).")
-
-    def _load_newest_good(self, at_most: int | None = None) -> tuple[Path, dict[str, Any]]:
-        """Load the newest checkpoint (at most `at_most` steps in) that verifies; its folder and training state."""
-        latest = self.run_dir.checkpoint("latest")
-        for folder in [latest, *(p for p in reversed(self.run_dir.step_folders()) if p != latest)]:
-            if at_most is not None and int(folder.name.removeprefix("step_")) > at_most:
-                continue
-            try:
-                state = self.run_dir.read_checkpoint(folder, self.model, self.step.optimizer,
-                                                     self.parallel.load_checkpoint)
-                return folder, upgrade_training(state["training"])
-            except UserError as err:
-                self.console.print(f"[yellow]{err} Trying an older checkpoint.[/yellow]")
-        raise UserError(f"no checkpoint of {self.run_dir.path} could be loaded; start the run again.")
-
-    def _training_state(self) -> dict[str, Any]:
-        scaler = self.step.scaler
-        return {"progress": self.progress.state_dict(), "means": {k: m.state_dict() for k, m in self.means.items()},
-                "guard": self.guard.state_dict(), "clock": self.clock.state_dict(),
-                "loader": self.loader.state_dict(), "rng": rng_state(self.device),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "dataset_sha256": self.meta["train"]["sha256"], "budget": self.budget.state_dict()}
-
-    def _restore(self, training: dict[str, Any], rollback: bool) -> None:
-        """Put a checkpoint's training state back, in place (the weights and optimizer are loaded already). A
-        rollback keeps the data position (so the bad batches are not replayed), the guard (its statistics and
-        the LR scale it just lowered), the fp16 grad scaler (the scale it lowered: the checkpoint's would overflow
-        again) and the clock."""
-        self.progress.load_state_dict(training["progress"])
-        for name, mean in self.means.items():
-            mean.load_state_dict(training["means"][name])
-        set_rng_state(training["rng"], self.device)
-        self.parallel.own_rng(self.cfg.train.seed, self.progress.step)
-        if not rollback:
-            self.loader.load_state_dict(training["loader"])
-            self.guard.load_state_dict(training["guard"])
-            self.clock.load_state_dict(training["clock"])
-            if training["scaler"]:
-                self.step.scaler.load_state_dict(training["scaler"])
-            self.budget.load_state_dict(training.get("budget") or BudgetPlan().state_dict())
-
-    def _checkpoint(self, best: bool) -> None:
-        step = self.progress.step
-        # Logged first: a crash between the two leaves an event that resume drops with everything after the
-        # checkpoint it falls back to, while the other order could lose the event of a checkpoint that exists.
-        self._log({"event": "checkpoint", "step": step, "best": best})
-        weights, optimizer_state = self.parallel.full_state(self.model, self.step.optimizer)
-        self._write(self.run_dir.save_checkpoint, step, weights, optimizer_state, self._training_state(), best,
-                    self.cfg.train.keep_checkpoints)
-        self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
-        if self._write_error is None:
-            self._saved_step = step
-
     def _train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
         tc, step = self.schedule, self.progress.step
@@ -333,20 +205,6 @@ class Trainer(Steering):
                     mean.add(loss)
             self._grad_norm = grad_norm
         return True
-
-    def _rollback(self, step: int) -> None:
-        """`step` completed a streak of bad steps: reload the newest checkpoint from before the streak (the guard
-        has lowered the LR scale already)."""
-        try:
-            folder, training = self._load_newest_good(at_most=step - self.cfg.train.spike_patience)
-            self._restore(training, rollback=True)
-        except UserError:  # no checkpoint from before the streak yet: all we can do is lower the LR
-            folder = None
-        scale = self.guard.lr_scale
-        self._log({"event": "rollback", "step": step, "to_step": self.progress.step, "lr_scale": scale})
-        where = f"rolled back to {folder.name}" if folder else "no earlier checkpoint to roll back to"
-        self.console.print(f"[yellow]step {step}: {self.cfg.train.spike_patience} bad steps in a row; {where}; "
-                           f"LR scaled by {scale:g}[/yellow]")
 
     def _evaluate(self, n_batches: int | None = None) -> tuple[float, float]:
         tc = self.cfg.train
@@ -425,8 +283,7 @@ class Trainer(Steering):
         warm = False
         out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
         with progress_bar(self.console) as bar, self._stop as stop:
-            planned = not steering or steering.planned
-            task = bar.add_task("train", total=self.schedule.max_iters if planned else None, completed=p.step, info="")
+            task = bar.add_task("train", total=self._bar_total(steering), completed=p.step, info="")
             # a stop signal or a failed write, agreed by all ranks; or a budget start-up took
             stopping = self.budget.reason == "start-up"
             while p.step < self.schedule.max_iters and not p.stopped_early and not out_of_time and not stopping:
@@ -462,16 +319,9 @@ class Trainer(Steering):
                     step_seconds, timed_steps = 0.0, 0
                 best = evaluating and self._evaluated(steering)
                 if best or saving:
-                    began = time.perf_counter()
-                    self._checkpoint(best)
-                    if steering is not None and steering.planned:
-                        steering.took("checkpoint", time.perf_counter() - began)
-                if steering is not None:
-                    steering.add_step(p.step, seconds)
-                    if p.step == steering.warm_step and not steering.planned:
-                        self._time_costs(steering)
-                bar.update(task, completed=p.step, total=self.schedule.max_iters if steering is None or
-                           steering.planned else None)
+                    self._timed_checkpoint(best, steering)
+                self._stepped(steering, seconds)
+                bar.update(task, completed=p.step, total=self._bar_total(steering))
             # The end, an early stop or a signal (whenever in the step it came): the last step is always saved,
             # unless a write failed, which leaves the newest checkpoint as it is.
             self._judge_pending()

@@ -15,8 +15,9 @@ EXIT_SECONDS = 0.3
 
 
 class Steering:
-    """What `Trainer` does for a budget: `_steering` (the clock of a budget this process plans), `_evaluated` (an
-    evaluation, and a plan from it), `_steer` (plan now), `_time_costs`, `_time_eval`, `_fix_plan`."""
+    """What `Trainer` does for a budget: `_steering` (the clock of a budget this process plans), `_stepped` (a
+    step timed), `_timed_checkpoint`, `_evaluated` (an evaluation, and a plan from it), `_steer` (plan now),
+    `_time_costs`, `_time_eval`, `_fix_plan`, and `_bar_total` (none while the first steps are timed)."""
 
     def _steering(self) -> BudgetClock | None:
         """The clock of a budget this process plans (a new run's, or one resumed before its first plan); a budget
@@ -31,6 +32,26 @@ class Steering:
             clock.planned = True
             self._fix_plan(ended_by_start_up(clock.seconds, spent, self.progress.step))
         return clock
+
+    def _bar_total(self, clock: BudgetClock | None) -> int | None:
+        """The progress bar's total: the schedule's steps, unknown while a budget's first steps are being timed."""
+        return self.schedule.max_iters if clock is None or clock.planned else None
+
+    def _stepped(self, clock: BudgetClock | None, seconds: float) -> None:
+        """A step's time, for the pace of a budget this process steers; at its warm step, before the first plan,
+        what the plan counts besides steps is timed."""
+        if clock is None:
+            return
+        clock.add_step(self.progress.step, seconds)
+        if self.progress.step == clock.warm_step and not clock.planned:
+            self._time_costs(clock)
+
+    def _timed_checkpoint(self, best: bool, clock: BudgetClock | None) -> None:
+        """A checkpoint; a budget this process steers (once planned) keeps how long it took."""
+        began = time.perf_counter()
+        self._checkpoint(best)
+        if clock is not None and clock.planned:
+            clock.took("checkpoint", time.perf_counter() - began)
 
     def _evaluated(self, steering: BudgetClock | None) -> bool:
         """Evaluate, log it, and whether it is a new best; a budget this process steers plans again from it, unless

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.core.busy import LoadMeter, busy_warning
+from lmlab.analysis.runs import RunSummary, summarize
 from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.analysis.runs import RunSummary, summarize
 from lmlab.experiments.sweep import run_sweep
 
 BASE = Path("configs/shakespeare-char-cpu.toml")

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import ModelConfig, TrainConfig, load_config
 from lmlab.core.device import synchronize
+from lmlab.core.progress import ItemProgress
 from lmlab.model.gpt import GPT
 from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
-from lmlab.core.progress import ItemProgress
 from lmlab.train.optim import make_optimizer
 
 MODELS = {

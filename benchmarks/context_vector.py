@@ -17,12 +17,12 @@ from pathlib import Path
 
 from rich.table import Table
 
+from lmlab.analysis.runs import summarize
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
 from lmlab.evals.evaluate import evaluate_run
 from lmlab.run.rundir import RunDir
-from lmlab.analysis.runs import summarize
 from lmlab.train.loop import Trainer
 from tests.conftest import write_wikitext
 

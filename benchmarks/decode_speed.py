@@ -19,14 +19,14 @@ import time
 import torch
 from rich.table import Table
 
-from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.inference.compiled import compile_step
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import ModelConfig, SamplingParams
-from lmlab.inference.decode import Decoder, Sequence
 from lmlab.core.device import autocast, resolve_device
-from lmlab.model import build_model
 from lmlab.core.progress import ItemProgress
+from lmlab.inference.compiled import compile_step
+from lmlab.inference.decode import Decoder, Sequence
+from lmlab.model import build_model
 
 SHAPES = {
     "nanoGPT CPU (4L/128, ctx 64)": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),

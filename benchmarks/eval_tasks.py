@@ -34,10 +34,10 @@ from rich.table import Table
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.inference.generate import document_start
-from lmlab.run.rundir import RunDir
-from lmlab.inference.scoring import loglikelihoods
 from lmlab.evals.tasks import encode_task, load_task
+from lmlab.inference.generate import document_start
+from lmlab.inference.scoring import loglikelihoods
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests import lm_eval_reference
 from tests.conftest import SPEAKERS, WORDS, write_corpus

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 from checkpoint_io import measure  # benchmarks/checkpoint_io.py, beside this script
-from lmlab.experiments.bench import bench_batch, find_max_batch
 from lmlab.commands.common import console
 from lmlab.core.config import SamplingParams, load_config
-from lmlab.data.prepare import prepare
 from lmlab.core.device import configure, resolve_device
 from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
+from lmlab.data.prepare import prepare
+from lmlab.experiments.bench import bench_batch, find_max_batch
 from lmlab.inference.generate import stream_ids
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir

@@ -22,11 +22,11 @@ import transformers
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.run.chat import read_chat_template
+from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import load_pretrained, train_tokenizer
-from lmlab.core.errors import UserError
 from lmlab.hf import export_hf, import_hf
+from lmlab.run.chat import read_chat_template
 from lmlab.run.rundir import RunDir
 from tests.conftest import write_config, write_corpus, write_tiny_gpt2
 from tests.hf_reference import (

@@ -45,16 +45,16 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from lmlab.run.checkpoint import model_tensors
-from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console
-from lmlab.inference.compiled import compile_step
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import DataConfig, ModelConfig, RunConfig, SamplingParams, TrainConfig
-from lmlab.data.tokenizers import train_tokenizer
 from lmlab.core.progress import ItemProgress
+from lmlab.data.tokenizers import train_tokenizer
+from lmlab.inference.compiled import compile_step
 from lmlab.inference.decode import Decoder, Sequence
 from lmlab.inference.generate import decode_dtype
 from lmlab.model import build_model
+from lmlab.run.checkpoint import model_tensors
 from lmlab.run.rundir import RunDir
 
 LMLAB = str(Path(sys.executable).with_name("lmlab"))

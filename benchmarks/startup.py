@@ -25,11 +25,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import load_config
-from lmlab.data.prepare import prepare
 from lmlab.core.progress import ItemProgress
+from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 
 

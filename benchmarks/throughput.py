@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from lmlab.experiments.bench import bench_batch
-from lmlab.core.busy import busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.core.busy import busy_warning
 from lmlab.core.config import load_config
 from lmlab.core.device import resolve_device
 from lmlab.core.progress import ItemProgress
+from lmlab.experiments.bench import bench_batch
 
 RECIPES = {
     "CPU preset (4L/256, block 128)": ("configs/shakespeare-char-cpu.toml", ["model.vocab_size=76"]),

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.commands.common import console  # wide tables when piped to a file
+from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.progress import ItemProgress
 
 PROBE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "

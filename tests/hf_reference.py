@@ -28,8 +28,8 @@ from transformers import (
 from lmlab.core.config import SamplingParams, load_config
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.inference.generate import stream_ids
 from lmlab.hf import export_hf
+from lmlab.inference.generate import stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import tiny_tiktoken, write_config

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.run.checkpoint import pointer
 from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.core.errors import UserError
+from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import BudgetPlan, seconds_needed, steps_that_fit
 from lmlab.train.loop import Trainer

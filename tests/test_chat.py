@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from lmlab.run.chat import read_chat_template
 from lmlab.core.config import SamplingParams
-from lmlab.data.tokenizers import load_pretrained
 from lmlab.core.errors import UserError
-from lmlab.inference.generate import chat_stream
-from lmlab.hf import export_hf, import_hf
+from lmlab.data.tokenizers import load_pretrained
 from lmlab.evals.judge import judge_prompt
+from lmlab.hf import export_hf, import_hf
+from lmlab.inference.generate import chat_stream
+from lmlab.run.chat import read_chat_template
 from lmlab.run.rundir import RunDir
 from tests.conftest import ALPACA_TINY, LMLAB
 from tests.test_plugins import run_cli

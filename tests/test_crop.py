@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from lmlab.core.config import ModelConfig, load_config
+from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.core.errors import UserError
 from lmlab.evals.evaluate import evaluate_run, evaluate_split
 from lmlab.model import GPT
 from lmlab.model.loss import IGNORE

@@ -20,14 +20,14 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lmlab.experiments.bench import bench_batch, find_max_batch, memory_budget
-from lmlab.run.checkpoint import model_tensors
 from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
-from lmlab.data.loader import BatchLoader
 from lmlab.core.device import configure, datasheet_peak, dtype_for_capability
+from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
+from lmlab.data.loader import BatchLoader
+from lmlab.experiments.bench import bench_batch, find_max_batch, memory_budget
 from lmlab.inference.generate import stream_ids
 from lmlab.model.gpt import GPT
-from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
+from lmlab.run.checkpoint import model_tensors
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.inference.compiled import compile_step
 from lmlab.core.config import ModelConfig, SamplingParams
+from lmlab.inference.compiled import compile_step
 from lmlab.inference.decode import Decoder, Sequence
-from lmlab.model import build_model
 from lmlab.inference.sampling import filter_logits
+from lmlab.model import build_model
 
 BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
 MODELS = {

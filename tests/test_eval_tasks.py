@@ -19,8 +19,8 @@ from rich.console import Console
 from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.run.rundir import RunDir
 from lmlab.inference.scoring import token_scores
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import SPEAKERS, WORDS, write_config
 

@@ -26,12 +26,12 @@ import pytest
 import tokenizers
 from tokenizers import Regex, pre_tokenizers
 
-from lmlab.run.checkpoint import load_state
 from lmlab.commands import main
 from lmlab.core.config import load_config
+from lmlab.core.fileio import WriterLock
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import GPT2_PATTERN, chunk_spans
-from lmlab.core.fileio import WriterLock
+from lmlab.run.checkpoint import load_state
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import ALPACA_TINY, LMLAB, lmlab, write_config, write_corpus

@@ -8,12 +8,12 @@ import subprocess
 
 import pytest
 
-from lmlab.data.tokenizers import EOT, train_tokenizer
 from lmlab.core.errors import UserError
-from lmlab.train.finetune import _batch, encode_example, split_records
+from lmlab.data.tokenizers import EOT, train_tokenizer
 from lmlab.model.loss import IGNORE
 from lmlab.run.prompt import alpaca_format, read_records
 from lmlab.run.rundir import RunDir
+from lmlab.train.finetune import _batch, encode_example, split_records
 from tests.conftest import ALPACA_TINY, LMLAB
 
 RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmlab.core.config import ModelConfig, SamplingParams
-from lmlab.data.tokenizers import train_tokenizer
 from lmlab.core.errors import UserError
+from lmlab.data.tokenizers import train_tokenizer
 from lmlab.inference.generate import TextStream, held_back, stream_ids
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model

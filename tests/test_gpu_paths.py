@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 from torch.overrides import TorchFunctionMode
 
-from lmlab.experiments.bench import BenchRow, memory_budget, within
 from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
-from lmlab.data.loader import BatchLoader
 from lmlab.core.device import compile_choice, configure, dtype_for_capability
 from lmlab.core.errors import UserError
+from lmlab.data.loader import BatchLoader
 from lmlab.evals.evaluate import score
+from lmlab.experiments.bench import BenchRow, memory_budget, within
 from lmlab.inference.generate import stream_ids
 from lmlab.model.gpt import GPT
 from lmlab.model.loss import IGNORE, next_token_loss

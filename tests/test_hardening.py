@@ -22,15 +22,15 @@ import numpy as np
 import pytest
 
 from benchmarks.memory_estimate import measured
-from lmlab.run.checkpoint import checkpoint_bytes
 from lmlab.commands import main
 from lmlab.core.config import FinetuneConfig, ModelConfig, load_config
-from lmlab.train.finetune import finetune
-from lmlab.model.memory import MemoryRefused, check_fits, training_need
 from lmlab.core.progress import clock
-from lmlab.writeup.report import build_report
+from lmlab.model.memory import MemoryRefused, check_fits, training_need
+from lmlab.run.checkpoint import checkpoint_bytes
 from lmlab.run.rundir import RunDir
+from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
+from lmlab.writeup.report import build_report
 from tests.conftest import ALPACA_TINY, write_config
 from tests.test_faults import events, refused, spawn, wait_until
 from tests.test_serve import free_port

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from lmlab.core.config import ModelConfig
+from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import train_tokenizer
-from lmlab.core.errors import UserError
 from lmlab.evals.evaluate import evaluate_run
 from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
 from lmlab.model.gpt import GPT

@@ -13,12 +13,12 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.data.shards import open_tokens
 from lmlab.data.tokenizers import EOT, Tokenizer, train_tokenizer
-from lmlab.core.errors import UserError
-from lmlab.inference.generate import document_start
 from lmlab.hf import import_hf
+from lmlab.inference.generate import document_start
 from lmlab.run.prompt import alpaca_format
 from lmlab.run.rundir import RunDir
 from tests.conftest import write_corpus

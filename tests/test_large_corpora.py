@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
+from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
 from lmlab.data.tokenizers import EOT, GPT2_PATTERN, Tokenizer
-from lmlab.core.errors import UserError
 from tests.conftest import WORDS, tiny_tiktoken
 
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmlab.analysis.runs import summarize
 from lmlab.commands import main
 from lmlab.core.config import SamplingParams, load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
-from lmlab.analysis.runs import summarize
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, TINY_CONFIG
 from tests.test_checkpoint import kill_and_resume, stable_events, weights

@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
+from lmlab.core.errors import UserError
 from lmlab.data.corpora import play_to_text, shakespeare
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.core.errors import UserError
 
 PLAY = """# A Play
 

@@ -14,12 +14,12 @@ import pytest
 
 from lmlab.commands import main
 from lmlab.core.config import SamplingParams, load_config
+from lmlab.core.humanize import format_duration
 from lmlab.evals.evaluate import evaluate_run
 from lmlab.inference.generate import sample
-from lmlab.core.humanize import format_duration
-from lmlab.writeup.report import build_report
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.writeup.report import build_report
 from tests.conftest import write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"

@@ -13,9 +13,9 @@ import torch
 
 from lmlab.core.config import FinetuneConfig, SamplingParams, load_config
 from lmlab.core.errors import UserError
-from lmlab.train.finetune import finetune
 from lmlab.inference.generate import instruct, sample
 from lmlab.run.rundir import STATE_FORMAT, RunDir
+from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
 from tests.conftest import ALPACA_TINY, lmlab, write_config
 

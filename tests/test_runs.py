@@ -13,13 +13,13 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from lmlab.commands import main
-from lmlab.core.config import load_config
-from lmlab.data.prepare import prepare
-from lmlab.core.errors import UserError
-from lmlab.run.rundir import RunDir
 from lmlab.analysis.runs import summarize
 from lmlab.analysis.scaling import fit_caveats, fit_power_law
+from lmlab.commands import main
+from lmlab.core.config import load_config
+from lmlab.core.errors import UserError
+from lmlab.data.prepare import prepare
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.serving.batcher import Batcher, Job, QueueFull
 from lmlab.core.config import FinetuneConfig, SamplingParams
 from lmlab.core.errors import UserError
-from lmlab.train.finetune import finetune
-from lmlab.inference.generate import Batch, TextStream, decode_dtype, seeded
 from lmlab.evals.judge import judge_answers, parse_score
+from lmlab.inference.generate import Batch, TextStream, decode_dtype, seeded
 from lmlab.run.rundir import LoadedRun, RunDir
+from lmlab.serving.batcher import Batcher, Job, QueueFull
+from lmlab.train.finetune import finetune
 from tests.conftest import ALPACA_TINY, LMLAB
 
 openai = pytest.importorskip("openai")

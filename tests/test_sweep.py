@@ -5,11 +5,11 @@ import time
 
 import pytest
 
+from lmlab.analysis.runs import summarize
 from lmlab.core.config import load_config
 from lmlab.core.errors import UserError
-from lmlab.run.rundir import RunDir
-from lmlab.analysis.runs import summarize
 from lmlab.experiments.sweep import plan_trials
+from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
 

@@ -17,12 +17,12 @@ import torch
 
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig, checkpoint_name
-from lmlab.data.tokenizers import Tokenizer
 from lmlab.core.errors import UserError
+from lmlab.data.tokenizers import Tokenizer
+from lmlab.evals.tasks import encode_pair, encode_task, load_task
+from lmlab.inference.scoring import Choice, loglikelihoods
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.inference.scoring import Choice, loglikelihoods
-from lmlab.evals.tasks import encode_pair, encode_task, load_task
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 

@@ -1,7 +1,7 @@
 import pytest
 
-from lmlab.data.tokenizers import EOT, UNK, parse_spec, train_tokenizer
 from lmlab.core.errors import UserError
+from lmlab.data.tokenizers import EOT, UNK, parse_spec, train_tokenizer
 
 TRAIN = ["The cat sat on the mat.\nThe dog sat on the log!\n", "A cat, a dog; the end.\n\n  Spaces   stay.\n"]
 ARBITRARY = "Ünïcödé — “quotes”, emoji 🙂, tabs\tand\r\nCRLF, 12345 numbers & symbols {}[]<>\n"

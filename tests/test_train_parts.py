@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.run.checkpoint import pointer, prune_checkpoints, save_checkpoint, step_folders
-from lmlab.data.loader import BatchLoader
 from lmlab.core.errors import UserError
+from lmlab.data.loader import BatchLoader
+from lmlab.run.checkpoint import pointer, prune_checkpoints, save_checkpoint, step_folders
 from lmlab.train.distributed import Parallel
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.state import Mean, Progress

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmlab.analysis.runs import RunSummary, unfair
+from lmlab.analysis.scaling import PowerLawFit
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import writing
 from lmlab.run.rundir import RunDir
-from lmlab.analysis.runs import RunSummary, unfair
-from lmlab.analysis.scaling import PowerLawFit
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
+from lmlab.analysis.scaling import chinchilla_percent, unique_tokens
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import count, fmt, format_duration, sci
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.analysis.scaling import chinchilla_percent, unique_tokens
 
 
 @dataclass

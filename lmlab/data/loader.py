@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmlab.data.shards import Rows, TokenShards, open_tokens  # noqa: F401  (its callers import it from here)
 from lmlab.core.errors import UserError
+from lmlab.data.shards import Rows, TokenShards, open_tokens  # noqa: F401  (its callers import it from here)
 from lmlab.model.loss import IGNORE
 
 

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from lmlab.core.config import check_counts
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import atomic_write_text, fsync_dir, host_memory, human_bytes, writing
 from lmlab.data.encode import Encoded
 from lmlab.data.shards import ShardWriter, TokenShards
 from lmlab.data.split import VAL, VAL_WHILE_BUDGET, split_key
-from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_text, fsync_dir, host_memory, human_bytes, writing
 
 LISTED_VAL_DOCUMENTS = 100  # meta.json names the first val documents (in split order), not millions
 

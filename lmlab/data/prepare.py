@@ -39,6 +39,8 @@ from rich.progress import (
 )
 
 import lmlab
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
 from lmlab.data.corpora import (
     corpus_name,
     iter_documents,
@@ -49,8 +51,6 @@ from lmlab.data.output import Output, PrepareOptions
 from lmlab.data.shards import read_meta
 from lmlab.data.split import TRAIN, Scan, parts, plan_split, scan
 from lmlab.data.tokenizers import Tokenizer, chunk_spans, is_path, load_pretrained, parse_spec, train_tokenizer
-from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
 
 BATCH_DOCS = 512  # documents (chunks of long ones) per worker task: so many that inter-process overhead is small
 BATCH_CHARS = 2_000_000  # and small enough that in-flight batches stay a few MB each

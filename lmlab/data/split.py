@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from rich.progress import Progress
 
-from lmlab.data.corpora import Document, iter_documents, parquet_rows
 from lmlab.core.errors import UserError
+from lmlab.data.corpora import Document, iter_documents, parquet_rows
 
 
 def split_key(name: str) -> int:

@@ -11,15 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmlab.data.loader import check_block_size, open_tokens, pad_targets
-from lmlab.data.shards import read_meta, row_layout
-from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError
+from lmlab.data.loader import check_block_size, open_tokens, pad_targets
+from lmlab.data.shards import read_meta, row_layout
+from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
-from lmlab.model.memory import check_fits, scoring_need
 from lmlab.model.loss import IGNORE, next_token_loss
+from lmlab.model.memory import check_fits, scoring_need
 from lmlab.run.rundir import LoadedRun
 
 

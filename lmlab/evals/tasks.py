@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmlab.core.errors import UserError
 from lmlab.data.corpora import hf_datasets
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.core.errors import UserError
 from lmlab.inference.generate import document_start
-from lmlab.run.rundir import LoadedRun
 from lmlab.inference.scoring import Choice, loglikelihoods
+from lmlab.run.rundir import LoadedRun
 
 LAYOUTS = {"hellaswag": ("activity_label", "endings", "label"), "generic": ("context", "choices", "answer")}
 GENERIC = '{"context": "...", "choices": ["...", "..."], "answer": 0}'

@@ -20,12 +20,12 @@ import torch
 
 from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.config import RunConfig
-from lmlab.data.shards import read_meta
 from lmlab.core.device import configure, resolve_device, synchronize
 from lmlab.core.errors import UserError
+from lmlab.core.peak import autocast_dtype, peak_flops
+from lmlab.data.shards import read_meta
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
-from lmlab.core.peak import autocast_dtype, peak_flops
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.step import TrainStep
 

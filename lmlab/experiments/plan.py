@@ -14,17 +14,17 @@ from typing import Any
 
 import torch
 
-from lmlab.experiments.bench import bench_batch, with_vocab
-from lmlab.core.busy import Load
-from lmlab.core.config import RunConfig
-from lmlab.data.shards import read_meta
-from lmlab.core.device import PEAK_TFLOPS, datasheet_peak, machine, resolve_device
-from lmlab.core.errors import UserError
-from lmlab.model import LanguageModel, build_model
-from lmlab.core.peak import Peak, autocast_dtype, peak_flops
-from lmlab.run.rundir import RunDir
 from lmlab.analysis.runs import summarize
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM
+from lmlab.core.busy import Load
+from lmlab.core.config import RunConfig
+from lmlab.core.device import PEAK_TFLOPS, datasheet_peak, machine, resolve_device
+from lmlab.core.errors import UserError
+from lmlab.core.peak import Peak, autocast_dtype, peak_flops
+from lmlab.data.shards import read_meta
+from lmlab.experiments.bench import bench_batch, with_vocab
+from lmlab.model import LanguageModel, build_model
+from lmlab.run.rundir import RunDir
 
 # The MFU assumed without a measurement: what the demo preset reaches on 2 CPU cores (30-33% in its log lines);
 # compiled bf16 training of larger models on a GPU often does better, so for a rented GPU pass --mfu or train a

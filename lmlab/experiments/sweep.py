@@ -11,11 +11,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lmlab.analysis.runs import RunSummary, summarize
 from lmlab.core.config import RunConfig, load_config, parse_override
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, plain_name
 from lmlab.run.rundir import RunDir
-from lmlab.analysis.runs import RunSummary, summarize
 from lmlab.train.loop import Trainer
 
 DONE = ("finished", "stopped early")  # statuses of a trial that a re-run skips

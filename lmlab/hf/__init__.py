@@ -19,12 +19,10 @@ from typing import Any
 
 import torch
 
-from lmlab.run.chat import read_chat_template
-from lmlab.run.checkpoint import model_tensors, save_tensors
 from lmlab.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from lmlab.data.tokenizers import GPT2_DIR_ENV, Tokenizer, load_gpt2, load_pretrained
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import writing
+from lmlab.data.tokenizers import GPT2_DIR_ENV, Tokenizer, load_gpt2, load_pretrained
 from lmlab.hf.family import Family
 from lmlab.hf.folder import (
     Weights,
@@ -40,6 +38,8 @@ from lmlab.hf.gpt2 import FAMILY as GPT2
 from lmlab.hf.llama import LLAMA, QWEN2, QWEN3
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
+from lmlab.run.chat import read_chat_template
+from lmlab.run.checkpoint import model_tensors, save_tensors
 from lmlab.run.rundir import RunDir, check_steps
 
 FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN2, QWEN3)}  # `auto` takes the first that fits

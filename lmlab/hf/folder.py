@@ -14,10 +14,10 @@ import tokenizers
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lmlab.run.chat import ChatTemplate
-from lmlab.data.tokenizers import EOT, UNK, Tokenizer
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
+from lmlab.data.tokenizers import EOT, UNK, Tokenizer
+from lmlab.run.chat import ChatTemplate
 
 # PyTorch's own weight files, which may run code when loaded: lmlab never reads them.
 TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")

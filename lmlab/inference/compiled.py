@@ -32,10 +32,10 @@ import torch.nn as nn
 
 import lmlab
 from lmlab.core.config import ModelConfig
-from lmlab.inference.decode import Step
 from lmlab.core.device import autocast, machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
+from lmlab.inference.decode import Step
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.base import DecodeState
 

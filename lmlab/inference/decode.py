@@ -18,10 +18,10 @@ import torch
 
 from lmlab.core.config import SamplingParams
 from lmlab.core.device import autocast
-from lmlab.model import LanguageModel
-from lmlab.model.base import DecodeState
 from lmlab.inference.sampling import choose, new_generator
 from lmlab.inference.scoring import TokenScore, token_scores
+from lmlab.model import LanguageModel
+from lmlab.model.base import DecodeState
 
 # One decode step: the newest token of each row (rows, 1) and the state of those rows -> logits (rows, vocab).
 Step = Callable[[torch.Tensor, DecodeState], torch.Tensor]

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from lmlab.core.config import SamplingParams, seeded
+from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.inference.decode import Decoder, Step
 from lmlab.inference.decode import Sequence as Decoding
-from lmlab.core.errors import UserError
 from lmlab.model import LanguageModel
 from lmlab.model.memory import check_decoding
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format

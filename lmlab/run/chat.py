@@ -27,8 +27,8 @@ import jinja2.nodes
 import jinja2.sandbox
 from jinja2.utils import missing
 
-from lmlab.data.tokenizers import Tokenizer
 from lmlab.core.errors import UserError
+from lmlab.data.tokenizers import Tokenizer
 
 # The special tokens transformers passes to a template (a tokenizer's `special_tokens_map`), when the tokenizer
 # has them.

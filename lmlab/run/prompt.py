@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmlab.data.tokenizers import Tokenizer
 from lmlab.core.errors import UserError
+from lmlab.data.tokenizers import Tokenizer
 
 
 @dataclass

@@ -40,16 +40,16 @@ from typing import Any
 import torch
 
 import lmlab
-from lmlab.run import checkpoint as ckpt
-from lmlab.run.chat import ChatTemplate
 from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name, load_config, to_toml
-from lmlab.data.tokenizers import Tokenizer
 from lmlab.core.device import configure, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file
+from lmlab.core.peak import Peak, autocast_dtype
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.plugins import provider
-from lmlab.core.peak import Peak, autocast_dtype
+from lmlab.run import checkpoint as ckpt
+from lmlab.run.chat import ChatTemplate
 from lmlab.run.prompt import PromptFormat
 
 KINDS = ("trained", "fine-tuned", "imported")

@@ -9,8 +9,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lmlab.serving.batcher import Batcher
 from lmlab.core.errors import UserError
+from lmlab.serving.batcher import Batcher
 from lmlab.serving.openai_api import (
     ApiError,
     chat_messages,

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from lmlab.serving.batcher import Batcher
-from lmlab.run.checkpoint import step_folders
+from lmlab.core.errors import UserError
 from lmlab.inference.compiled import compilable, forget_old_steps, kept_step, load_step, step_key, weights_sha256
 from lmlab.inference.decode import Step
-from lmlab.core.errors import UserError
 from lmlab.inference.generate import Batch, decode_dtype, document_start
 from lmlab.model.memory import check_decoding
+from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
-from lmlab.serving.state import ServeOptions, State
+from lmlab.serving.batcher import Batcher
 from lmlab.serving.requests import Served
+from lmlab.serving.state import ServeOptions, State
 
 
 def decode_threads(device: torch.device, asked: int) -> int:

@@ -25,6 +25,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from lmlab.core.device import resolve_device
+from lmlab.core.errors import UserError
+from lmlab.data.loader import BatchLoader
+from lmlab.model import LanguageModel
 from lmlab.run.checkpoint import (
     load_checkpoint,
     load_state,
@@ -32,10 +36,6 @@ from lmlab.run.checkpoint import (
     read_optimizer_state,
     tied_aliases,
 )
-from lmlab.data.loader import BatchLoader
-from lmlab.core.device import resolve_device
-from lmlab.core.errors import UserError
-from lmlab.model import LanguageModel
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy

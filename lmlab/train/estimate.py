@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lmlab.data.loader import BatchLoader
 from lmlab.core.device import autocast
+from lmlab.data.loader import BatchLoader
 from lmlab.train.distributed import Parallel
 
 

@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.run.checkpoint import model_tensors
+from lmlab.analysis.plots import plot_losses
 from lmlab.core.config import FinetuneConfig, RunConfig
-from lmlab.data.tokenizers import Tokenizer
 from lmlab.core.device import autocast, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
+from lmlab.core.progress import progress_bar
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.model.loss import IGNORE
 from lmlab.model.memory import check_training
-from lmlab.analysis.plots import plot_losses
-from lmlab.core.progress import progress_bar
+from lmlab.run.checkpoint import model_tensors
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format, read_records
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.train.optim import lr_at

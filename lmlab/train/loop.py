@@ -14,19 +14,18 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from lmlab.analysis.plots import plot_losses
 from lmlab.core.config import RunConfig
-from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
-from lmlab.data.shards import read_meta, row_layout
 from lmlab.core.device import configure, synchronize
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError
+from lmlab.core.peak import Peak, choose_dtype, peak_flops
+from lmlab.core.progress import progress_bar
+from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
+from lmlab.data.shards import read_meta, row_layout
 from lmlab.model import build_model
 from lmlab.model.memory import check_training
-from lmlab.core.peak import Peak, choose_dtype, peak_flops
-from lmlab.analysis.plots import plot_losses
-from lmlab.core.progress import progress_bar
 from lmlab.run.rundir import RunDir
-from lmlab.train.tracking import Tracker
 from lmlab.train.budget import BudgetClock, BudgetPlan, schedule_for
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
@@ -37,6 +36,7 @@ from lmlab.train.state import Mean, Progress, Stopwatch
 from lmlab.train.steering import Steering
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StepAbandoned, StopOnSignal, write_failure
+from lmlab.train.tracking import Tracker
 
 
 @dataclass

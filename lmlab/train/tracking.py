@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.config import RunConfig, SamplingParams, to_dict, to_toml
+from lmlab.core.errors import UserError
+from lmlab.core.peak import autocast_dtype
 from lmlab.data.shards import read_meta
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.core.errors import UserError
 from lmlab.inference.generate import document_start, stream_ids
 from lmlab.model import LanguageModel
-from lmlab.core.peak import autocast_dtype
 
 # metrics.jsonl field -> tracker tag, per event kind
 TAGS = {

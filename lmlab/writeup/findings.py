@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmlab.analysis.runs import RunSummary
+from lmlab.analysis.scaling import chinchilla_percent, repeat_warning
 from lmlab.core.config import RunConfig, to_dict
 from lmlab.core.humanize import count, format_duration
 from lmlab.run.rundir import RunDir
-from lmlab.analysis.runs import RunSummary
-from lmlab.analysis.scaling import chinchilla_percent, repeat_warning
 
 NOT_RECORDED = "not recorded"  # a fact an older run's folder does not hold
 MAX_KEYS = 10  # differing settings named one by one

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.config import SamplingParams
-from lmlab.inference.decode import Step
-from lmlab.writeup.document import Block, Code, Heading, Paragraph
 from lmlab.core.errors import UserError
+from lmlab.inference.decode import Step
 from lmlab.inference.generate import continue_all, decode_dtype, document_start
 from lmlab.run.rundir import LoadedRun, RunDir
+from lmlab.writeup.document import Block, Code, Heading, Paragraph
 
 MOST_AT_ONCE = 8  # cells of one run decoded together (each row holds a KV cache of the run's whole context)
 

@@ -18,22 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import lmlab
-from lmlab.core.config import SamplingParams, checkpoint_label, checkpoint_name
-from lmlab.data.stats import dataset_stats
-from lmlab.writeup.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table, to_html, to_markdown
-from lmlab.core.errors import UserError
-from lmlab.evals.evaluate import evaluate_run, evaluation_cost
-from lmlab.core.fileio import atomic_write_text, check_folder_name, check_writable
-from lmlab.writeup.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading
-from lmlab.inference.generate import sample
-from lmlab.writeup.grid import Grid, run_cells
-from lmlab.core.humanize import fmt, format_duration
-from lmlab.experiments.plan import compute_note, make_plan
 from lmlab.analysis.plots import plot_comparison, plot_document_lengths, plot_losses
-from lmlab.run.rundir import LoadedRun, RunDir, check_steps
 from lmlab.analysis.runs import (COMPARE_COLUMNS, RunSummary, by_bytes_columns, comparison, judge_cell, score_cell,
                                  summarize, task_columns, unfair)
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
+from lmlab.core.config import SamplingParams, checkpoint_label, checkpoint_name
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import atomic_write_text, check_folder_name, check_writable
+from lmlab.core.humanize import fmt, format_duration
+from lmlab.data.stats import dataset_stats
+from lmlab.evals.evaluate import evaluate_run, evaluation_cost
+from lmlab.experiments.plan import compute_note, make_plan
+from lmlab.inference.generate import sample
+from lmlab.run.rundir import LoadedRun, RunDir, check_steps
+from lmlab.writeup.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table, to_html, to_markdown
+from lmlab.writeup.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading
+from lmlab.writeup.grid import Grid, run_cells
 
 
 @dataclass

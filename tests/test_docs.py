@@ -31,6 +31,7 @@ GUIDES = sorted((DOCS / "guides").glob("*.md"))
 PAGES_CHECKED = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
 DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append)\b:?\s*(.*?)\s*-->\s*$")
+PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')
 RUN = {"bash", "python"}  # the fences a guide's reader runs; ```text is what they see, ```toml a file shown
 
 
@@ -73,9 +74,9 @@ def blocks(page: Path) -> list[Block]:
             if kind in ("skip", "background"):
                 pending[kind] = rest or kind
             else:
-                pair = shlex.split(rest)
-                assert len(pair) == 2, f"{page.name}:{number}: docs-test {kind} takes two quoted texts, got {rest!r}"
-                (replaces if kind == "replace" else appends).append(tuple(pair))
+                pair = PAIR.match(rest)  # what follows the two texts is the reason, for the reader
+                assert pair, f"{page.name}:{number}: docs-test {kind} takes two quoted texts, got {rest!r}"
+                (replaces if kind == "replace" else appends).append((pair[1], pair[2]))
             continue
         if not (fence := FENCE.match(line)):
             if line.strip():
@@ -110,17 +111,32 @@ def lmlab_commands(block: Block) -> list[list[str]]:
     for line in text.replace("\\\n", " ").splitlines():
         if not re.search(r"(^|\s)lmlab\s", line):
             continue
+        line = re.sub(r"\s\d?(>>?|<)(&\d|\s*[^\s&|;]+)", " ", line)  # `> file`, `2>&1`: the shell's, not the command's
         lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;<>")
         lexer.whitespace_split, lexer.commenters = True, "#"
         words, command = list(lexer), []
         for word in words + [";"]:
-            if word and set(word) <= set("|&;<>"):
-                if "lmlab" in command:
-                    found.append(command[command.index("lmlab") + 1:])
+            if word and set(word) <= set("|&;"):
+                if (args := lmlab_args(command)) is not None:
+                    found.append(args)
                 command = []
             else:
                 command.append(word)
     return found
+
+
+def lmlab_args(words: list[str]) -> list[str] | None:
+    """The arguments of one simple command if it runs lmlab (`lmlab ...`, `python -m lmlab ...`, `torchrun ... -m
+    lmlab ...`, after any VAR=value), else None."""
+    while words and re.match(r"^\w+=", words[0]):
+        words = words[1:]
+    if words[:1] == ["lmlab"]:
+        return words[1:]
+    if words[:1] in (["python"], ["python3"], ["torchrun"]) and "-m" in words:
+        rest = words[words.index("-m") + 1:]
+        rest = rest[1:] if rest[:1] == ["--"] else rest
+        return rest[1:] if rest[:1] == ["lmlab"] else None
+    return None
 
 
 def check_command(args: list[str]) -> str | None:
@@ -168,8 +184,11 @@ def test_the_command_check_catches_a_renamed_option_and_an_unknown_key():
     assert "no config key train.lerning_rate" in check_command(["train", "c.toml", "--set", "train.lerning_rate=1"])
     assert "invalid choice" in check_command(["trian", "c.toml"])
     block = Block(ROOT / "README.md", 1, "bash", "lmlab runs runs | head\nFOO=1 python -m lmlab plan c.toml \\\n"
-                                                "  --chinchilla && echo done\ncat > a.txt <<'EOF'\nlmlab x\nEOF\n")
-    assert lmlab_commands(block) == [["runs", "runs"], ["plan", "c.toml", "--chinchilla"]]
+                  "  --chinchilla && echo done\ncat > a.txt <<'EOF'\nlmlab x\nEOF\ngit clone x lmlab && cd lmlab\n"
+                  "torchrun --nproc_per_node=2 -m -- lmlab train c.toml --run runs/a\ngit clone <url> lmlab\n"
+                  "lmlab runs > runs.txt 2>&1\n")
+    assert lmlab_commands(block) == [["runs", "runs"], ["plan", "c.toml", "--chinchilla"],
+                                     ["train", "c.toml", "--run", "runs/a"], ["runs"]]
 
 
 def test_append_and_replace_shrink_a_command_where_it_stands():

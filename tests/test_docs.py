@@ -228,6 +228,24 @@ def test_every_link_in_readme_and_docs_resolves():
     assert broken == [], "\n".join(broken)
 
 
+def test_every_file_and_test_the_docs_name_exists():
+    """A path such as `lmlab/train/budget.py`, `configs/x.toml` or `tests/test_x.py::test_y` (the guarantees
+    table names the tests that hold each promise) must name a file, and a test in it, that exist."""
+    missing = []
+    for page in PAGES_CHECKED:
+        text = page.read_text(encoding="utf-8")
+        for path, tests in re.findall(r"`((?:lmlab|tests|benchmarks|configs|examples|docs)/[\w/.\-]*\w)((?:::\w+)?)`",
+                                      text):
+            if not (ROOT / path).exists():
+                missing.append(f"{page.relative_to(ROOT)}: {path}")
+            elif tests and f"def {tests[2:]}(" not in (ROOT / path).read_text(encoding="utf-8"):
+                missing.append(f"{page.relative_to(ROOT)}: {path}{tests}")
+        for test in re.findall(r"`::(test_\w+)`", text):  # `::test_y` after a named file: anywhere in tests/
+            if not any(f"def {test}(" in f.read_text(encoding="utf-8") for f in (ROOT / "tests").glob("test_*.py")):
+                missing.append(f"{page.relative_to(ROOT)}: ::{test}")
+    assert missing == [], "named in the docs but not in the tree: " + ", ".join(missing)
+
+
 @pytest.mark.parametrize("name", sorted(PAGES))
 def test_the_generated_reference_is_up_to_date(name):
     page = DOCS / "reference" / name

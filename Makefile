@@ -9,7 +9,7 @@ DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # The demo trains for this long, start-up and evaluations included, on any machine, slow or busy.
 DEMO_BUDGET ?= 5m
 
-.PHONY: demo test test-fast bench gpu-report clean
+.PHONY: demo test test-fast bench docs gpu-report clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/cpu_time_to_loss.py
+
+# The reference pages written from the code (docs/reference/commands.md, config.md); tests/test_docs.py fails when
+# they are stale.
+docs: $(VENV)/.installed
+	$(BIN)/python -m lmlab.commands.reference docs/reference
 
 # Every GPU path measured on this machine's GPU, as one Markdown table (benchmarks/gpu_report.py; ARGS=--dry-run
 # runs it small on the CPU). A Python that already has a CUDA torch (a rented GPU's image) is used as it is, with

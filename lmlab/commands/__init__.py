@@ -41,7 +41,7 @@ EXAMPLES = {
     "plan": "lmlab plan configs/gpt2-small.toml --chinchilla --gpu H100",
     "runs": "lmlab runs runs --wide",
     "compare": "lmlab compare runs/shakespeare-char-cpu runs/demo --plot compare.png --x flops",
-    "scaling": "lmlab scaling runs/depth-lr/* --plot scaling.png",
+    "scaling": "lmlab scaling runs/depth-lr/*/ --plot scaling.png",
     "report": "lmlab report runs/demo runs/shakespeare-char-cpu --out reports/modern-vs-gpt2",
     "sweep": "lmlab sweep configs/shakespeare-char-cpu.toml --set train.learning_rate=1e-3,2e-3 "
              "--budget-tokens 2000000",

@@ -123,7 +123,7 @@ class ModelConfig:
     n_head: int = 6  # attention (query) heads; unused by the recurrent model
     n_embd: int = 384  # residual width, or the recurrent model's embedding and hidden-state width
     block_size: int = 256  # context length in tokens (the recurrent model trains on sequences this long)
-    dropout: float = 0.0
+    dropout: float = 0.0  # share of activations zeroed in training (attention, residual and MLP outputs)
     bias: bool = True  # biases in linear layers and norms (the recurrent cells always keep theirs)
     qkv_bias: bool = False  # biases on the query/key/value projection alone, with bias = false (as Qwen2 has)
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
@@ -217,11 +217,11 @@ class TrainConfig:
     min_lr: float = 1e-4  # the LR at the end of the decay
     schedule: str = "cosine"  # cosine | wsd: warmup then cosine decay, or warmup-stable-decay
     decay_fraction: float = 0.2  # wsd: share of the steps, at the end, over which the LR falls (1-sqrt) to min_lr
-    warmup_iters: int = 100
+    warmup_iters: int = 100  # steps over which the LR rises linearly from 0 to learning_rate
     lr_decay_iters: int = 0  # cosine: steps over which the LR decays to min_lr; 0: max_iters
     weight_decay: float = 0.1  # applied to 2-D weights only
-    beta1: float = 0.9
-    beta2: float = 0.99
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.99  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_interval: int = 250  # steps between evaluations
     eval_iters: int = 50  # batches per split in each evaluation (the same batches every time)
@@ -229,7 +229,7 @@ class TrainConfig:
     checkpoint_interval: int = 500  # steps between `latest` checkpoints
     keep_checkpoints: int = 3  # step folders kept besides `best`
     patience: int = 0  # evaluations without a new best before stopping; 0: never stop early
-    seed: int = DEFAULT_SEED
+    seed: int = DEFAULT_SEED  # seeds the weights, the batches and dropout: the same seed, the same run
     spike_zscore: float = 6.0  # a loss or grad norm this many std above its recent mean is a spike
     spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
@@ -306,11 +306,11 @@ class FinetuneConfig:
     and clipping come from the base run; these settings, and the schedule derived from them, replace its [train]."""
 
     data: str = ""  # JSON list of {instruction, input, output} records
-    epochs: int = 3
+    epochs: int = 3  # passes over the training records
     learning_rate: float = 1e-4  # peak LR: 5% of the steps warm up to it, then a cosine to a tenth of it
     batch_size: int = 8  # records per step
     val_fraction: float = 0.1  # share of records held out (chosen by a hash of their content)
-    seed: int = DEFAULT_SEED
+    seed: int = DEFAULT_SEED  # seeds the split of records, their order and dropout
     checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
 
     def __post_init__(self) -> None:

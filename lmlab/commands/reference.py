@@ -1,0 +1,150 @@
+"""docs/reference/commands.md and config.md, written from the argparse parsers and the config dataclasses
+themselves, so that the reference cannot disagree with the code: `make docs` writes them, and tests/test_docs.py
+fails when a page differs from what this module makes of the code it documents."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import sys
+import tokenize
+from io import StringIO
+from pathlib import Path
+
+from lmlab import config
+
+WIDTH = 100  # the usage lines' width, fixed so the page is the same on every terminal
+GENERATED = ("<!-- Written by `make docs` from {source}; do not edit: change the code and run `make docs`. -->\n")
+SECTIONS = {"data": config.DataConfig, "model": config.ModelConfig, "train": config.TrainConfig,
+            "finetune": config.FinetuneConfig}
+
+
+def cell(text: str) -> str:
+    """Text inside a Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """Every command under `parser`, depth first: (name after `lmlab`, its one-line help, its parser)."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                found.append((sub.prog.removeprefix("lmlab "), helps.get(name, ""), sub))
+                found += subcommands(sub)
+    return found
+
+
+def option_rows(parser: argparse.ArgumentParser) -> list[str]:
+    formatter = parser._get_formatter()
+    rows = []
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        if action.option_strings:
+            takes = "" if action.nargs == 0 else " " + formatter._format_args(action, action.dest.upper())
+            name = ", ".join(f"`{flag}{takes}`" for flag in action.option_strings)
+        else:
+            name = f"`{formatter._format_args(action, action.dest)}`"
+        text = formatter._expand_help(action) if action.help else ""
+        rows.append(f"| {name} | {cell(text)} |")
+    return rows
+
+
+def commands_page() -> str:
+    from lmlab.commands import build_parser
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(WIDTH)  # argparse wraps usage to the terminal's width
+    try:
+        parser = build_parser()
+        lines = [GENERATED.format(source="the command-line parsers (lmlab/commands)"), "# Commands and options", "",
+                 "Every `lmlab` command and option, as `lmlab COMMAND --help` prints them. The guides in "
+                 "[docs/guides](../guides/) show them at work.", ""]
+        lines += [f"- [`lmlab {name}`](#lmlab-{name.replace(' ', '-')}): {cell(help_)}"
+                  for name, help_, _ in subcommands(parser)]
+        for name, help_, sub in subcommands(parser):
+            summary = cell(help_ or sub.description or "")
+            lines += ["", f"## lmlab {name}", "", summary[:1].upper() + summary[1:] + ".", "", "```text",
+                      sub.format_usage().strip(), "```", ""]
+            if sub.description and help_:
+                lines += [cell(sub.description), ""]
+            lines += ["| option | what it does |", "|---|---|", *option_rows(sub)]
+            if sub.epilog:
+                example = sub.epilog.removeprefix("example:").strip()
+                lines += ["", "Example:", "", "```bash", example, "```"]
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS")
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n".join(lines) + "\n"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in the class's source: the comment at the end of its line, or the comment lines just
+    above it."""
+    source = inspect.getsource(cls)
+    docs, above, comments = {}, [], {}
+    for token in tokenize.generate_tokens(StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = (token.line.strip().startswith("#"), token.string.lstrip("# ").strip())
+    for number, line in enumerate(source.splitlines(), start=1):
+        alone, text = comments.get(number, (False, ""))
+        if alone:
+            above.append(text)
+            continue
+        name = line.strip().partition(":")[0]
+        if name.isidentifier() and name in {f.name for f in dataclasses.fields(cls)}:
+            docs[name] = " ".join(above + ([text] if text else []))
+        above = []
+    return docs
+
+
+def default_text(field: dataclasses.Field) -> str:
+    if field.default_factory is not dataclasses.MISSING:
+        return "{}" if isinstance(field.default_factory(), dict) else "[]"
+    value = field.default
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def config_page() -> str:
+    lines = [GENERATED.format(source="the config dataclasses (lmlab/config.py)"), "# Config files", "",
+             "A run's config is a TOML file with the sections below (`configs/` holds the presets). Every key can "
+             "be set on the command line too, `--set section.key=value`, e.g. `--set train.learning_rate=3e-4`; "
+             "a key left out takes its default. A run folder's `config.toml` holds every key as the run used it.",
+             ""]
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        intro = inspect.getdoc(cls) if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""
+        lines += ["", f"## [{section}]", ""] + ([cell(intro), ""] if intro else [])
+        lines += ["| key | type | default | what it sets |", "|---|---|---|---|"]
+        for field in dataclasses.fields(cls):
+            if not docs.get(field.name):
+                raise ValueError(f"{cls.__name__}.{field.name} has no comment to document it; add one in "
+                                 "lmlab/config.py.")
+            kind = field.type if isinstance(field.type, str) else field.type.__name__
+            lines.append(f"| `{field.name}` | `{cell(kind)}` | `{default_text(field)}` | {cell(docs[field.name])} |")
+    return "\n".join(lines) + "\n"
+
+
+PAGES = {"commands.md": commands_page, "config.md": config_page}
+
+
+def main(argv: list[str]) -> int:
+    """Write the pages into the folder given (docs/reference by default)."""
+    folder = Path(argv[0] if argv else "docs/reference")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, page in PAGES.items():
+        (folder / name).write_text(page(), encoding="utf-8")
+        print(f"wrote {folder / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

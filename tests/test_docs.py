@@ -1,0 +1,339 @@
+"""Docs that cannot rot. Every guide in docs/guides runs top to bottom at a tiny scale (the `docs-test` directives
+in each guide say how it is shrunk: docs/README.md); every `lmlab` command anywhere in README.md and docs/ parses
+with the real parser and sets only config keys that exist; every link resolves; the generated reference pages
+equal what the code makes of itself."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import random
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import ALPACA_TINY, SPEAKERS, WORDS, write_corpus, write_tiny_gpt2, write_wikitext
+from lmlab.commands import build_parser
+from lmlab.commands.reference import PAGES, SECTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+GUIDES = sorted((DOCS / "guides").glob("*.md"))
+PAGES_CHECKED = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
+DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append)\b:?\s*(.*?)\s*-->\s*$")
+PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')
+RUN = {"bash", "python"}  # the fences a guide's reader runs; ```text is what they see, ```toml a file shown
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # of the opening fence, 1-based
+    lang: str
+    text: str
+    skip: str = ""
+    background: str = ""
+    replaces: list[tuple[str, str]] = field(default_factory=list)
+    appends: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    def to_run(self, port: int) -> str:
+        """The block as the test runs it: each `replace` made, each `append` added to the commands it names."""
+        text = self.text
+        for old, new in self.replaces:
+            text = text.replace(old, new.replace("{port}", str(port)))
+        commands = text.replace("\\\n", " ").splitlines()
+        for prefix, args in self.appends:
+            commands = [append_to(command, prefix, args) for command in commands]
+        return "\n".join(commands)
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced blocks of a Markdown page, each with the directives in force where it stands."""
+    found, pending, replaces, appends = [], {}, [], []
+    lines = page.read_text(encoding="utf-8").splitlines()
+    number = 0
+    while number < len(lines):
+        line = lines[number]
+        number += 1
+        if directive := DIRECTIVE.match(line.strip()):
+            kind, rest = directive.groups()
+            if kind in ("skip", "background"):
+                pending[kind] = rest or kind
+            else:
+                pair = PAIR.match(rest)  # what follows the two texts is the reason, for the reader
+                assert pair, f"{page.name}:{number}: docs-test {kind} takes two quoted texts, got {rest!r}"
+                (replaces if kind == "replace" else appends).append((pair[1], pair[2]))
+            continue
+        if not (fence := FENCE.match(line)):
+            if line.strip():
+                pending = {}  # a directive about a block stands on the line just before it
+            continue
+        start, body = number, []
+        while number < len(lines) and lines[number].strip() != fence.group(1):
+            body.append(lines[number])
+            number += 1
+        number += 1
+        found.append(Block(page, start, fence.group(2), "\n".join(body) + "\n", pending.get("skip", ""),
+                           pending.get("background", ""), list(replaces), list(appends)))
+        pending = {}
+    return found
+
+
+def append_to(command: str, prefix: str, args: str) -> str:
+    """`command` with `args` added at the end of its `prefix` part, before any pipe, redirection or `&&`."""
+    at = command.find(prefix)
+    if at < 0 or command[:at].strip():
+        return command
+    end = re.search(r"\s(\||&&|;|>|>>|2>|&)(\s|$)", command[at:])
+    cut = at + end.start() if end else len(command)
+    return f"{command[:cut].rstrip()} {args}{command[cut:]}"
+
+
+def lmlab_commands(block: Block) -> list[list[str]]:
+    """The argument lists of every `lmlab` command in a bash block (after `lmlab`, `python -m lmlab` or
+    `torchrun ... -m lmlab`), one per command of a pipeline or list."""
+    found = []
+    text = re.sub(r"<<'?(\w+)'?\n.*?\n\1\n", "\n", block.text, flags=re.S)  # a here-document is a file's text
+    for line in text.replace("\\\n", " ").splitlines():
+        if not re.search(r"(^|\s)lmlab\s", line):
+            continue
+        line = re.sub(r"\s\d?(>>?|<)(&\d|\s*[^\s&|;]+)", " ", line)  # `> file`, `2>&1`: the shell's, not the command's
+        lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;<>")
+        lexer.whitespace_split, lexer.commenters = True, "#"
+        words, command = list(lexer), []
+        for word in words + [";"]:
+            if word and set(word) <= set("|&;"):
+                if (args := lmlab_args(command)) is not None:
+                    found.append(args)
+                command = []
+            else:
+                command.append(word)
+    return found
+
+
+def lmlab_args(words: list[str]) -> list[str] | None:
+    """The arguments of one simple command if it runs lmlab (`lmlab ...`, `python -m lmlab ...`, `torchrun ... -m
+    lmlab ...`, after any VAR=value), else None."""
+    while words and re.match(r"^\w+=", words[0]):
+        words = words[1:]
+    if words[:1] == ["lmlab"]:
+        return words[1:]
+    if words[:1] in (["python"], ["python3"], ["torchrun"]) and "-m" in words:
+        rest = words[words.index("-m") + 1:]
+        rest = rest[1:] if rest[:1] == ["--"] else rest
+        return rest[1:] if rest[:1] == ["lmlab"] else None
+    return None
+
+
+def check_command(args: list[str]) -> str | None:
+    """Why `lmlab ARGS` would be refused by its parser or names a config key that does not exist, or None."""
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+            parsed = parser.parse_args(args)
+    except SystemExit as exit_:
+        return None if exit_.code == 0 else err.getvalue().strip()
+    for item in getattr(parsed, "set", None) or []:
+        section, _, name = item.partition("=")[0].partition(".")
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else set()
+        if name.split(".")[0] not in fields:
+            return f"--set {item}: no config key {section}.{name} (docs/reference/config.md lists them)"
+    return None
+
+
+def all_blocks() -> list[Block]:
+    return [block for page in PAGES_CHECKED for block in blocks(page)]
+
+
+def test_every_lmlab_command_in_the_docs_parses_and_sets_keys_that_exist():
+    checked, wrong = 0, []
+    for block in all_blocks():
+        if block.lang != "bash":
+            continue
+        for args in lmlab_commands(block):
+            checked += 1
+            if (why := check_command(args)) is not None:
+                wrong.append(f"{block.where}: lmlab {shlex.join(args)}\n    {why}")
+    assert checked > 50, f"only {checked} lmlab commands found in README.md and docs/"
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_every_fence_says_its_language():
+    """An untagged block would escape the command check: commands are ```bash, output ```text."""
+    untagged = [block.where for block in all_blocks() if not block.lang]
+    assert untagged == [], f"fences without a language (bash, text, python, toml, ...): {untagged}"
+
+
+def test_the_command_check_catches_a_renamed_option_and_an_unknown_key():
+    assert check_command(["train", "configs/x.toml", "--budget", "5m"]) is None
+    assert "--bugdet" in check_command(["train", "configs/x.toml", "--bugdet", "5m"])
+    assert "no config key train.lerning_rate" in check_command(["train", "c.toml", "--set", "train.lerning_rate=1"])
+    assert "invalid choice" in check_command(["trian", "c.toml"])
+    block = Block(ROOT / "README.md", 1, "bash", "lmlab runs runs | head\nFOO=1 python -m lmlab plan c.toml \\\n"
+                  "  --chinchilla && echo done\ncat > a.txt <<'EOF'\nlmlab x\nEOF\ngit clone x lmlab && cd lmlab\n"
+                  "torchrun --nproc_per_node=2 -m -- lmlab train c.toml --run runs/a\ngit clone <url> lmlab\n"
+                  "lmlab runs > runs.txt 2>&1\n")
+    assert lmlab_commands(block) == [["runs", "runs"], ["plan", "c.toml", "--chinchilla"],
+                                     ["train", "c.toml", "--run", "runs/a"], ["runs"]]
+
+
+def test_append_and_replace_shrink_a_command_where_it_stands():
+    block = Block(ROOT / "x.md", 1, "bash", "lmlab train c.toml --run runs/a | tail -3\nlmlab serve r --port 8000 &&"
+                  " echo ok\n", replaces=[("8000", "{port}")], appends=[("lmlab train", "--set train.max_iters=2")])
+    assert block.to_run(1234).splitlines() == ["lmlab train c.toml --run runs/a --set train.max_iters=2 | tail -3",
+                                               "lmlab serve r --port 1234 && echo ok"]
+
+
+def anchors(page: Path) -> set[str]:
+    """The #anchors GitHub makes from a page's headings (lowercase, punctuation dropped, spaces as hyphens)."""
+    made: dict[str, int] = {}
+    inside = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line):
+            inside = not inside
+        if inside or not (heading := re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)):
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower().replace("`", "")).replace(" ", "-")
+        made[slug] = made.get(slug, -1) + 1
+    return {slug if n == 0 else f"{slug}-{i}" for slug, n in made.items() for i in range(n + 1)} | set(made)
+
+
+def test_every_link_in_readme_and_docs_resolves():
+    broken = []
+    for page in PAGES_CHECKED:
+        text = re.sub(r"^(`{3,}).*?^\1\s*$", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s):, mailto:: not followed offline
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no heading makes #{anchor})")
+    assert broken == [], "\n".join(broken)
+
+
+def test_every_file_and_test_the_docs_name_exists():
+    """A path such as `lmlab/train/budget.py`, `configs/x.toml` or `tests/test_x.py::test_y` (the guarantees
+    table names the tests that hold each promise) must name a file, and a test in it, that exist."""
+    missing = []
+    for page in PAGES_CHECKED:
+        text = page.read_text(encoding="utf-8")
+        for path, tests in re.findall(r"`((?:lmlab|tests|benchmarks|configs|examples|docs)/[\w/.\-]*\w)((?:::\w+)?)`",
+                                      text):
+            if not (ROOT / path).exists():
+                missing.append(f"{page.relative_to(ROOT)}: {path}")
+            elif tests and f"def {tests[2:]}(" not in (ROOT / path).read_text(encoding="utf-8"):
+                missing.append(f"{page.relative_to(ROOT)}: {path}{tests}")
+        for test in re.findall(r"`::(test_\w+)`", text):  # `::test_y` after a named file: anywhere in tests/
+            if not any(f"def {test}(" in f.read_text(encoding="utf-8") for f in (ROOT / "tests").glob("test_*.py")):
+                missing.append(f"{page.relative_to(ROOT)}: ::{test}")
+    assert missing == [], "named in the docs but not in the tree: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("name", sorted(PAGES))
+def test_the_generated_reference_is_up_to_date(name):
+    page = DOCS / "reference" / name
+    assert page.exists() and page.read_text(encoding="utf-8") == PAGES[name](), (
+        f"docs/reference/{name} differs from the code it documents: run `make docs` and commit it")
+
+
+# --- the guides, run ---
+
+def write_hellaswag(path: Path, items: int = 12, seed: int = 0) -> Path:
+    """A HellaSwag-layout task as distributed (activity_label, ctx_a, ctx_b, endings, label), in the corpus's words."""
+    rng = random.Random(seed)
+
+    def phrase(low: int, high: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+    rows = [{"activity_label": rng.choice(SPEAKERS).capitalize(), "ctx_a": phrase(3, 6).capitalize() + ".",
+             "ctx_b": phrase(1, 3), "ctx": "", "label": str(rng.randrange(4)),
+             "endings": [phrase(2, 5) + "." for _ in range(4)]} for _ in range(items)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory) -> Path:
+    """The files docs/README.md promises a guide's test run: small, generated, offline."""
+    tiny = tmp_path_factory.mktemp("docs") / "tiny"
+    corpus = write_corpus(tiny / "corpus", n_docs=8, speeches=80)
+    with open(tiny / "corpus.jsonl", "w", encoding="utf-8") as out:
+        for doc in sorted(corpus.glob("*.txt")):
+            out.write(json.dumps({"text": doc.read_text(encoding="utf-8")}) + "\n")
+    write_wikitext(tiny / "wikitext")
+    write_hellaswag(tiny / "hellaswag.jsonl")
+    (tiny / "alpaca.json").write_bytes(ALPACA_TINY.read_bytes())
+    write_tiny_gpt2(tiny / "gpt2", corpus)
+    return tiny
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WAIT_FOR = """import sys, time, urllib.request
+for _ in range(480):
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=2)
+        sys.exit(0)
+    except Exception:
+        time.sleep(0.25)
+sys.exit(f"docs-test: {sys.argv[1]} did not answer in 120 s")
+"""
+
+
+def script(guide: Path, folder: Path, port: int) -> str:
+    """One bash script running the guide's blocks in order, as a reader's terminal would."""
+    lines = ["set -euo pipefail", "BACKGROUND=()",
+             'trap \'for p in "${BACKGROUND[@]}"; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done\' EXIT']
+    (folder / ".wait_for.py").write_text(WAIT_FOR, encoding="utf-8")
+    for n, block in enumerate(blocks(guide)):
+        if block.lang not in RUN or block.skip:
+            continue
+        lines.append(f"echo '>>> docs-test: {block.where}' >&2")
+        text = block.to_run(port)
+        if block.lang == "python":
+            (folder / f".block{n}.py").write_text(text, encoding="utf-8")
+            lines.append(f"python .block{n}.py")
+        elif block.background:
+            url = block.background.replace("{port}", str(port))
+            lines += [f"( {text.strip()} ) > .background{n}.log 2>&1 &", 'BACKGROUND+=("$!")',
+                      f"python .wait_for.py {shlex.quote(url)} || {{ cat .background{n}.log >&2; exit 1; }}"]
+        else:
+            lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guide", GUIDES, ids=[g.stem for g in GUIDES])
+def test_the_guide_runs_top_to_bottom(guide, fixtures, tmp_path):
+    for name in ("configs", "examples"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "tiny").symlink_to(fixtures)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "80"}
+    (tmp_path / ".guide.sh").write_text(script(guide, tmp_path, free_port()), encoding="utf-8")
+    done = subprocess.run(["bash", ".guide.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        said = done.stderr.rsplit(">>> docs-test: ", 1)
+        where = said[1].split("\n", 1)[0] if len(said) == 2 else guide.name
+        pytest.fail(f"the block at {where} failed (status {done.returncode}):\n{done.stdout[-3000:]}\n"
+                    f"{said[-1][-3000:]}")

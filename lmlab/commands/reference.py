@@ -13,7 +13,7 @@ import tokenize
 from io import StringIO
 from pathlib import Path
 
-from lmlab import config
+from lmlab.core import config
 
 WIDTH = 100  # the usage lines' width, fixed so the page is the same on every terminal
 GENERATED = ("<!-- Written by `make docs` from {source}; do not edit: change the code and run `make docs`. -->\n")
@@ -114,7 +114,7 @@ def default_text(field: dataclasses.Field) -> str:
 
 
 def config_page() -> str:
-    lines = [GENERATED.format(source="the config dataclasses (lmlab/config.py)"), "# Config files", "",
+    lines = [GENERATED.format(source="the config dataclasses (lmlab/core/config.py)"), "# Config files", "",
              "A run's config is a TOML file with the sections below (`configs/` holds the presets). Every key can "
              "be set on the command line too, `--set section.key=value`, e.g. `--set train.learning_rate=3e-4`; "
              "a key left out takes its default. A run folder's `config.toml` holds every key as the run used it.",
@@ -127,7 +127,7 @@ def config_page() -> str:
         for field in dataclasses.fields(cls):
             if not docs.get(field.name):
                 raise ValueError(f"{cls.__name__}.{field.name} has no comment to document it; add one in "
-                                 "lmlab/config.py.")
+                                 "lmlab/core/config.py.")
             kind = field.type if isinstance(field.type, str) else field.type.__name__
             lines.append(f"| `{field.name}` | `{cell(kind)}` | `{default_text(field)}` | {cell(docs[field.name])} |")
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import os
@@ -183,6 +184,7 @@ def test_the_command_check_catches_a_renamed_option_and_an_unknown_key():
     assert "--bugdet" in check_command(["train", "configs/x.toml", "--bugdet", "5m"])
     assert "no config key train.lerning_rate" in check_command(["train", "c.toml", "--set", "train.lerning_rate=1"])
     assert "invalid choice" in check_command(["trian", "c.toml"])
+    assert resolves("lmlab.core.errors.UserError") and not resolves("lmlab.errors.UserError")
     block = Block(ROOT / "README.md", 1, "bash", "lmlab runs runs | head\nFOO=1 python -m lmlab plan c.toml \\\n"
                   "  --chinchilla && echo done\ncat > a.txt <<'EOF'\nlmlab x\nEOF\ngit clone x lmlab && cd lmlab\n"
                   "torchrun --nproc_per_node=2 -m -- lmlab train c.toml --run runs/a\ngit clone <url> lmlab\n"
@@ -244,6 +246,31 @@ def test_every_file_and_test_the_docs_name_exists():
             if not any(f"def {test}(" in f.read_text(encoding="utf-8") for f in (ROOT / "tests").glob("test_*.py")):
                 missing.append(f"{page.relative_to(ROOT)}: ::{test}")
     assert missing == [], "named in the docs but not in the tree: " + ", ".join(missing)
+
+
+def resolves(dotted: str) -> bool:
+    """Whether `lmlab.a.b.C` names a module, or a module's attribute, that exists."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(found, name):
+                return False
+            found = getattr(found, name)
+        return True
+    return False
+
+
+def test_every_module_and_name_the_docs_name_exists():
+    """`lmlab.core.errors.UserError` in a page must import; `lmlab.models` is the plugins' entry point group."""
+    named = {(page, name) for page in PAGES_CHECKED
+             for name in re.findall(r"`(lmlab(?:\.\w+)+)`", page.read_text(encoding="utf-8"))}
+    missing = [f"{page.relative_to(ROOT)}: {name}" for page, name in sorted(named)
+               if name != "lmlab.models" and not resolves(name)]
+    assert len(named) > 3 and missing == [], missing
 
 
 @pytest.mark.parametrize("name", sorted(PAGES))

@@ -41,6 +41,19 @@ WORDS = ("love night day sweet death fair heaven soul heart light dark moon sun 
          "thou thee thy art hath doth shall will not the a of and to my your me his her").split()
 
 
+def phrase(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def hellaswag_items(rng: random.Random, count: int) -> list[dict]:
+    """HellaSwag lines as distributed (activity_label, ctx_a, ctx_b, endings, label) in the corpus's words, one
+    ending with WikiHow's bracketed markup."""
+    return [{"activity_label": rng.choice(SPEAKERS).capitalize(), "ctx_a": phrase(rng, 2, 3).capitalize() + ".",
+             "ctx_b": phrase(rng, 1, 2), "ctx": "unused", "label": str(rng.randrange(3)),
+             "endings": [phrase(rng, 1, 3), f"[title] {phrase(rng, 1, 2)} [step] {phrase(rng, 1, 2)}",
+                         phrase(rng, 2, 4) + "."]} for _ in range(count)]
+
+
 def write_corpus(folder: Path, n_docs: int = 6, speeches: int = 60, seed: int = 0) -> Path:
     """Play-like documents: `SPEAKER:` lines and short verse lines from a small vocabulary."""
     rng = random.Random(seed)

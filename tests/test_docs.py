@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import io
 import json
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALPACA_TINY, SPEAKERS, WORDS, write_corpus, write_tiny_gpt2, write_wikitext
+from conftest import ALPACA_TINY, hellaswag_items, write_corpus, write_tiny_gpt2, write_wikitext
 from lmlab.commands import build_parser
 from lmlab.commands.reference import PAGES, SECTIONS
 
@@ -33,6 +34,7 @@ PAGES_CHECKED = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
 DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append)\b:?\s*(.*?)\s*-->\s*$")
 PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')
+PARSER = build_parser()  # parsing leaves it as it was: one serves every command checked
 RUN = {"bash", "python"}  # the fences a guide's reader runs; ```text is what they see, ```toml a file shown
 
 
@@ -142,10 +144,9 @@ def lmlab_args(words: list[str]) -> list[str] | None:
 
 def check_command(args: list[str]) -> str | None:
     """Why `lmlab ARGS` would be refused by its parser or names a config key that does not exist, or None."""
-    parser = build_parser()
     try:
         with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
-            parsed = parser.parse_args(args)
+            parsed = PARSER.parse_args(args)
     except SystemExit as exit_:
         return None if exit_.code == 0 else err.getvalue().strip()
     for item in getattr(parsed, "set", None) or []:
@@ -200,6 +201,7 @@ def test_append_and_replace_shrink_a_command_where_it_stands():
                                                "lmlab serve r --port 1234 && echo ok"]
 
 
+@functools.cache
 def anchors(page: Path) -> set[str]:
     """The #anchors GitHub makes from a page's headings (lowercase, punctuation dropped, spaces as hyphens)."""
     made: dict[str, int] = {}
@@ -282,20 +284,6 @@ def test_the_generated_reference_is_up_to_date(name):
 
 # --- the guides, run ---
 
-def write_hellaswag(path: Path, items: int = 12, seed: int = 0) -> Path:
-    """A HellaSwag-layout task as distributed (activity_label, ctx_a, ctx_b, endings, label), in the corpus's words."""
-    rng = random.Random(seed)
-
-    def phrase(low: int, high: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
-
-    rows = [{"activity_label": rng.choice(SPEAKERS).capitalize(), "ctx_a": phrase(3, 6).capitalize() + ".",
-             "ctx_b": phrase(1, 3), "ctx": "", "label": str(rng.randrange(4)),
-             "endings": [phrase(2, 5) + "." for _ in range(4)]} for _ in range(items)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory) -> Path:
     """The files docs/README.md promises a guide's test run: small, generated, offline."""
@@ -305,7 +293,8 @@ def fixtures(tmp_path_factory) -> Path:
         for doc in sorted(corpus.glob("*.txt")):
             out.write(json.dumps({"text": doc.read_text(encoding="utf-8")}) + "\n")
     write_wikitext(tiny / "wikitext")
-    write_hellaswag(tiny / "hellaswag.jsonl")
+    rows = hellaswag_items(random.Random(0), 12)
+    (tiny / "hellaswag.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     (tiny / "alpaca.json").write_bytes(ALPACA_TINY.read_bytes())
     write_tiny_gpt2(tiny / "gpt2", corpus)
     return tiny

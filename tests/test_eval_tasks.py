@@ -22,7 +22,7 @@ from lmlab.data.prepare import prepare
 from lmlab.inference.scoring import token_scores
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import SPEAKERS, WORDS, write_config
+from tests.conftest import SPEAKERS, hellaswag_items, phrase, write_config
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("fastapi")
@@ -44,10 +44,6 @@ def bpe_run(tmp_path_factory, corpus_dir) -> Path:
     return run
 
 
-def phrase(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
-
-
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> dict[str, Path]:
     """A generic-layout task (24 items: an empty context and a context ending in a space among them) and a
@@ -57,10 +53,7 @@ def tasks(tmp_path_factory) -> dict[str, Path]:
                 "choices": [phrase(rng, 1, 4) + "," for _ in range(3)] + ["zq xv qqq"]} for _ in range(22)]
     generic += [{"context": "", "choices": ["ROMEO:", "night"], "answer": 0},
                 {"context": "JULIET:\nSweet love ", "choices": ["thy heart", "of"], "answer": 1}]
-    hellaswag = [{"activity_label": rng.choice(SPEAKERS).capitalize(), "ctx_a": phrase(rng, 2, 3).capitalize() + ".",
-                  "ctx_b": phrase(rng, 1, 2), "ctx": "unused", "label": str(rng.randrange(3)),
-                  "endings": [phrase(rng, 1, 3), f"[title] {phrase(rng, 1, 2)} [step] {phrase(rng, 1, 2)}",
-                              phrase(rng, 2, 4) + "."]} for _ in range(8)]
+    hellaswag = hellaswag_items(rng, 8)
     files = {"generic": root / "generic.jsonl", "hellaswag": root / "hellaswag.jsonl"}
     for layout, rows in (("generic", generic), ("hellaswag", hellaswag)):
         files[layout].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

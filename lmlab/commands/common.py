@@ -73,17 +73,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def describe_commands(parser: argparse.ArgumentParser, examples: dict[str, str]) -> None:
-    """Give `parser` and every subcommand under it the help formatter, and each subcommand its example (by its
-    name after `lmlab`, e.g. "data stats"), shown after its options."""
-    parser.formatter_class = HelpFormatter
+def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """Every command under `parser`, depth first: (its name after `lmlab`, e.g. "data stats", its one-line help,
+    its parser)."""
+    found = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                name = sub.prog.removeprefix("lmlab ")
-                if name in examples:
-                    sub.epilog = f"example:\n  {examples[name]}"
-                describe_commands(sub, examples)
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                found.append((sub.prog.removeprefix("lmlab "), helps.get(name, ""), sub))
+                found += subcommands(sub)
+    return found
+
+
+def describe_commands(parser: argparse.ArgumentParser, examples: dict[str, str]) -> None:
+    """Give `parser` and every subcommand under it the help formatter, and each subcommand its example (by its
+    name after `lmlab`), shown after its options."""
+    parser.formatter_class = HelpFormatter
+    for name, _, sub in subcommands(parser):
+        sub.formatter_class = HelpFormatter
+        if name in examples:
+            sub.epilog = f"example:\n  {examples[name]}"
 
 
 # Types of the numeric options that go straight to a function (those of a dataclass, e.g. SamplingParams or

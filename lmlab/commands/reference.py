@@ -13,6 +13,7 @@ import tokenize
 from io import StringIO
 from pathlib import Path
 
+from lmlab.commands.common import subcommands
 from lmlab.core import config
 
 WIDTH = 100  # the usage lines' width, fixed so the page is the same on every terminal
@@ -24,18 +25,6 @@ SECTIONS = {"data": config.DataConfig, "model": config.ModelConfig, "train": con
 def cell(text: str) -> str:
     """Text inside a Markdown table cell."""
     return " ".join(text.split()).replace("|", "\\|")
-
-
-def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
-    """Every command under `parser`, depth first: (name after `lmlab`, its one-line help, its parser)."""
-    found = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
-            for name, sub in action.choices.items():
-                found.append((sub.prog.removeprefix("lmlab "), helps.get(name, ""), sub))
-                found += subcommands(sub)
-    return found
 
 
 def option_rows(parser: argparse.ArgumentParser) -> list[str]:
@@ -60,13 +49,13 @@ def commands_page() -> str:
     saved = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = str(WIDTH)  # argparse wraps usage to the terminal's width
     try:
-        parser = build_parser()
+        commands = subcommands(build_parser())
         lines = [GENERATED.format(source="the command-line parsers (lmlab/commands)"), "# Commands and options", "",
                  "Every `lmlab` command and option, as `lmlab COMMAND --help` prints them. The guides in "
                  "[docs/guides](../guides/) show them at work.", ""]
         lines += [f"- [`lmlab {name}`](#lmlab-{name.replace(' ', '-')}): {cell(help_)}"
-                  for name, help_, _ in subcommands(parser)]
-        for name, help_, sub in subcommands(parser):
+                  for name, help_, _ in commands]
+        for name, help_, sub in commands:
             summary = cell(help_ or sub.description or "")
             lines += ["", f"## lmlab {name}", "", summary[:1].upper() + summary[1:] + ".", "", "```text",
                       sub.format_usage().strip(), "```", ""]

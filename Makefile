@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # The demo trains for this long, start-up and evaluations included, on any machine, slow or busy.
 DEMO_BUDGET ?= 5m
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test test-fast bench docs gpu-report clean
 
@@ -20,11 +21,21 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# The test extras, and examples/context-vector: the model plugin tests/test_plugins.py trains.
-$(VENV)/.installed-test: $(VENV)/.installed examples/context-vector/pyproject.toml
+# The test extras, and examples/context-vector: the model plugin tests/test_plugins.py trains. The extras include
+# llama-cpp-python, compiled from its source distribution the first time (minutes; pip's wheel cache after). The
+# two-host tests (tests/hosts.py) need `ip` (iproute2) and root: a root machine without it gets it here; elsewhere
+# they skip.
+$(VENV)/.installed-test: $(VENV)/.installed examples/context-vector/pyproject.toml $(CHROMIUM)
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps -e examples/context-vector
+	@command -v ip >/dev/null || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && apt-get install -y -qq iproute2; } >/dev/null || echo "could not install iproute2"
 	touch $@
+
+# The browser tests/test_page.py drives: Debian's Chromium, installed where it is missing (as root, or with sudo).
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium
 
 demo: $(VENV)/.installed
 	$(BIN)/lmlab prepare shakespeare --tokenizer char

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.analysis.runs import RunSummary, summarize
+from lmlab.analysis.runs import RunSummary
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import load_config

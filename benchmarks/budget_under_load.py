@@ -12,7 +12,11 @@ must be otherwise idle: run it under the heavy lock.
 
 Prints a row per tree, budget and load: wall time against the budget, steps, the plans made (the first and those
 after it), the LR at the last step as a share of the peak, the run's final val estimate (train.eval_iters
-batches), and the machine's load while it ran (other processes' share of the cores, hogs excluded).
+batches), the threads it changed to and at which step (`threads` events: 1@0 is one thread from the start), and the
+machine's load while it ran (other processes' share of the cores, hogs excluded). Before and after choosing threads
+from the load, one hog from the start, a 60 s budget:
+
+    python benchmarks/budget_under_load.py --budgets 60 --hogs 1 --hog-at 0 --tree ../main --tree .
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None
     trains = [e for e in events if e["event"] == "train"]
     plans = [e for e in events if e["event"] == "budget"]
     evals = [e for e in events if e["event"] == "eval"]
-    return {"wall": wall, "steps": events[-1]["step"], "plans": len(plans), "lr": trains[-1]["lr"] / cfg.learning_rate,
-            "val": evals[-1]["val_loss"] if evals else float("nan"), "load": meter.load}
+    threads = " ".join(f"{e['threads']}@{e['step']}" for e in events if e["event"] == "threads") or "-"
+    last_lr = trains[-1]["lr"] / cfg.learning_rate if trains else float("nan")  # none: start-up took the budget
+    return {"wall": wall, "steps": events[-1]["step"], "plans": len(plans), "lr": last_lr,
+            "val": evals[-1]["val_loss"] if evals else float("nan"), "threads": threads, "load": meter.load}
 
 
 def main() -> None:
@@ -78,7 +84,7 @@ def main() -> None:
     table = Table(title=f"{args.config} with --budget, quiet and with {args.hogs} CPU hogs from {args.hog_at:.0%} of "
                         "the budget (wall: process start to exit)")
     for column in ("tree", "budget", "hog", "wall", "vs budget", "steps", "plans", "last LR / peak", "val",
-                   "others' CPU"):
+                   "threads", "others' CPU"):
         table.add_column(column, justify="left" if column == "tree" else "right")
     progress = ItemProgress(console, len(cases))
     with tempfile.TemporaryDirectory(dir=".") as runs:
@@ -91,7 +97,7 @@ def main() -> None:
                           f"{r['plans']} plans, val {r['val']:.4f}", highlight=False)
             table.add_row(tree or "installed", f"{budget:g} s", "yes" if hog else "no", f"{r['wall']:.1f} s",
                           f"{100 * (r['wall'] / budget - 1):+.1f}%", f"{r['steps']:,}", str(r["plans"]),
-                          f"{r['lr']:.3f}", f"{r['val']:.4f}", others)
+                          f"{r['lr']:.3f}", f"{r['val']:.4f}", r["threads"], others)
     console.print(table)
 
 

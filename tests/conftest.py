@@ -29,6 +29,13 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+def waits_for_lock(pid: int, path: Path) -> bool:
+    """Whether process `pid` is blocked waiting for an `flock` on `path` (a `->` line of /proc/locks)."""
+    inode = f":{path.stat().st_ino} "
+    return any(line.split()[1:2] == ["->"] and f" {pid} " in line and inode in line
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
 def lmlab(*args, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     """Run `lmlab ARGS` in `cwd` and check that it succeeded (or, with ok=False, that it failed)."""
     done = subprocess.run([LMLAB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
@@ -165,6 +172,23 @@ def write_tiny_gpt2(folder: Path, corpus: Path | None, vocab_size: int = 400, n_
                         bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def writing_char_run(tmp_path_factory, char_dataset) -> Path:
+    """A char run (GPT-2's shape, context 80) trained long enough that its greedy text has words, not only line
+    breaks: what a continuation compared token for token, or shown on a page, needs."""
+    from rich.console import Console
+
+    from lmlab.core.config import load_config
+    from lmlab.train.loop import Trainer
+
+    root = tmp_path_factory.mktemp("writing")
+    overrides = ["model.block_size=80", "train.max_iters=60", "train.eval_interval=60", "train.eval_iters=2",
+                 "train.checkpoint_interval=60", "train.learning_rate=1e-2", "train.dtype=float32",
+                 "train.compile=false"]
+    config = load_config(write_config(root / "plays.toml", char_dataset), overrides)
+    return Trainer(config, root / "plays", "cpu", console=Console(quiet=True)).run().run_dir
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import BudgetPlan, seconds_needed, steps_that_fit
 from lmlab.train.loop import Trainer
-from lmlab.train.optim import lr_at
 from tests.conftest import LMLAB, write_config
 from tests.test_checkpoint import stable_events, wait_for, weights
 from tests.test_distributed import finish, torchrun
@@ -185,7 +184,8 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     run = tmp_path / "killed"
     settings = ["--budget", "8s", "--set", "train.checkpoint_interval=7", "--set", "train.log_interval=3",
-                "--set", "train.eval_interval=25", "--set", "model.dropout=0.1", "--set", "train.keep_checkpoints=50"]
+                "--set", "train.eval_interval=25", "--set", "model.dropout=0.1", "--set", "train.keep_checkpoints=50",
+                "--set", "train.threads=1"]  # bitwise: one thread in every process (lmlab.core.threads)
     proc = subprocess.Popen([LMLAB, "train", config, "--run", run, "--device", "cpu", *settings],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

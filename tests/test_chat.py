@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -241,7 +242,7 @@ def start_server(run: Path) -> tuple[subprocess.Popen, str]:
         try:
             with urllib.request.urlopen(f"{url}/v1/models", timeout=5):
                 return server, url
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, reset, or timed out while the server imports torch
             assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
             time.sleep(0.2)
 
@@ -286,7 +287,7 @@ def test_serve_renders_multi_turn_chats_and_judge_asks_through_the_template(tmp_
 
 
 BAD_TEMPLATES = {
-    "not Jinja": ("{% for m in messages %}{{ m.content }}", r"the chat template is not valid Jinja \(line 1: "
+    "not Jinja": ("{% for m in messages %}{{ m.content }}", r"the chat template of .* is not valid Jinja \(line 1: "
                   r"Unexpected end of template.*\); fix it, or remove it to import the model without one\."),
     "an undefined name": ("{{ greeting }}{% for m in messages %}{{ m.content }}{% endfor %}",
                           r"the chat template of .* uses 'greeting' is undefined, which nothing sets \(lmlab passes "
@@ -314,3 +315,97 @@ def test_messages_a_template_refuses_get_its_own_words(tmp_path, corpus_dir, cap
                                 "System role not supported\n"
     assert (tmp_path / "run" / "samples.txt").exists() == before
     assert RunDir(tmp_path / "run").chat_template().end_of_turn == ("<end_of_turn>",)
+
+
+# Templates a hostile or careless author ships (issue 34, item 1): each bounded, in one sentence, never a stuck thread.
+HOSTILE = {
+    "a loop": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}",
+               "takes more than 2 s to render"),
+    "a recursive macro": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses without end"),
+    "nothing": ("{% for m in messages %}{% endfor %}", "renders nothing"),
+    "300 MB": ("{% for i in range(3000) %}{{ 'x' * 100000 }}{% endfor %}", "renders more than 4,000,000 characters"),
+    "a gigabyte at once": ("{{ 'x'.ljust(1000000000) }}", "needs more than 256 MiB"),
+}
+# Fine for "Hi", but its work grows with the square of a message: the import's long probe finds it.
+QUADRATIC = ("{% for m in messages %}{% for a in m.content %}{% for b in m.content %}{% endfor %}{% endfor %}"
+             "{{ m.content }}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def qwen_source(tmp_path_factory, corpus_dir) -> Path:
+    return hf_chat_model(tmp_path_factory.mktemp("hostile") / "Qwen2.5-tiny-Instruct", "qwen2.5", corpus_dir)
+
+
+def with_template(source: Path, folder: Path, template: str) -> Path:
+    """A copy of `source` whose tokenizer_config.json holds `template`."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return folder
+
+
+def run_with_template(source: Path, folder: Path, template: str) -> Path:
+    """An imported run whose chat_template.json was edited afterwards to hold `template` (no import checks it)."""
+    import_hf(source, folder)
+    kept = json.loads((folder / "chat_template.json").read_text())
+    (folder / "chat_template.json").write_text(json.dumps({**kept, "template": template}))
+    return folder
+
+
+@pytest.mark.parametrize("case", [*HOSTILE, "quadratic"])
+def test_a_hostile_template_is_refused_at_import_in_one_sentence(tmp_path, qwen_source, capsys, case):
+    template, says = HOSTILE.get(case, (QUADRATIC, "takes more than 2 s to render a chat of 31 messages"))
+    source = with_template(qwen_source, tmp_path / "model", template)
+    code, _, err = run_cli(capsys, "import-hf", source, "--out", tmp_path / "run")
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["a loop", "nothing", "300 MB"])
+def test_sample_and_answer_refuse_a_hostile_template_in_one_sentence(tmp_path, qwen_source, capsys, case):
+    template, says = HOSTILE[case]
+    run = run_with_template(qwen_source, tmp_path / "run", template)
+    code, _, err = run_cli(capsys, "sample", run, "--chat", "Hi", "--max-new-tokens", "2", "--device", "cpu")
+    assert code == 2 and err.startswith(f"error: the chat template of {run} {says}") and len(err.splitlines()) == 1, err
+    if case == "nothing":  # answer renders through the same template (a loop there costs what it costs here)
+        code, _, err = run_cli(capsys, "answer", run, "--data", ALPACA_TINY, "--out", tmp_path / "answers.jsonl",
+                               "--max-new-tokens", "2", "--device", "cpu")
+        assert code == 2 and says in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "answers.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_chats_through_a_looping_template_get_400_while_completions_are_served_and_sigterm_drains(
+        tmp_path, qwen_source):
+    from tests.test_serve import Server
+
+    run = run_with_template(qwen_source, tmp_path / "run", HOSTILE["a loop"][0])
+    server = Server(run, "--drain-seconds", "5")
+    chat = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+    try:
+        with ThreadPoolExecutor(4) as pool:  # chats each of which would loop for good
+            chats = [pool.submit(post_raw, f"{server.url}/chat/completions", chat) for _ in range(3)]
+            chats.append(pool.submit(post_raw, f"{server.root}/tokenize", json.dumps(
+                {"messages": [{"role": "user", "content": "Hi"}]}).encode()))
+            completion = post_raw(f"{server.url}/completions", json.dumps({"prompt": "Hi", "max_tokens": 3}).encode())
+            assert completion[0] == 200 and completion[1]["usage"]["completion_tokens"] <= 3
+            for status, body in (future.result() for future in chats):
+                assert status in (400, 429), body  # refused in one sentence, or busy: never a stuck thread
+                if status == 400:
+                    assert body["error"]["param"] == "messages" and body["error"]["message"] == \
+                        f"the chat template of {run} takes more than 2 s to render these messages (a loop that " \
+                        "does not end?); fix the template."
+    finally:
+        server.proc.terminate()
+        assert server.proc.wait(timeout=60) == 0  # drained and stopped, with no thread left spinning
+    assert not any("Traceback" in line for line in server.log)
+
+
+def post_raw(url: str, data: bytes) -> tuple[int, dict]:
+    """A POST's status and JSON body, waiting as long as a stuck server would make a client wait."""
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())

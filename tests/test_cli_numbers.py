@@ -32,13 +32,14 @@ class Row:
     """`command` (with {run}, {corpus}, {dataset}, {config}, {plugin_config}, {out}, {alpaca} filled in) and then
     `option VALUE`, or `--set option=VALUE` for a config setting; `accepted` are the classes the option means to
     take, and `check` what else must accept them ("sampling", "train", "plugin" or "finetune" settings), beyond
-    argparse."""
+    argparse; `beyond` are values just past a bound of its own, refused like the classes it does not take."""
 
     command: str
     option: str
     kind: type
     accepted: tuple[str, ...] = ()
     check: str = ""
+    beyond: tuple[str, ...] = ()
 
     @property
     def setting(self) -> bool:
@@ -70,10 +71,11 @@ def sampling_rows(command: str) -> list[Row]:
             Row(command, "--seed", int, ("zero",), "sampling")]
 
 
-def setting_rows(command: str, section: str, cls: type, accepted: dict[str, tuple[str, ...]], check: str) -> list[Row]:
+def setting_rows(command: str, section: str, cls: type, accepted: dict[str, tuple[str, ...]], check: str,
+                 beyond: dict[str, tuple[str, ...]] | None = None) -> list[Row]:
     kinds = {"int": int, "float": float}
-    return [Row(command, f"{section}.{f.name}", kinds[f.type], accepted.get(f.name, ()), check)
-            for f in dataclasses.fields(cls) if f.type in kinds]
+    return [Row(command, f"{section}.{f.name}", kinds[f.type], accepted.get(f.name, ()), check,
+                (beyond or {}).get(f.name, ())) for f in dataclasses.fields(cls) if f.type in kinds]
 
 
 PREPARE = "prepare {corpus} --tokenizer char --out-dir {out}"
@@ -83,18 +85,23 @@ PLUGIN = "train {plugin_config} --run {out}/run"  # examples/context-vector's [m
 ROWS = [
     Row(PREPARE, "--val-fraction", float), Row(PREPARE, "--val-tokens", int), Row(PREPARE, "--max-tokens", int),
     Row(PREPARE, "--workers", int), Row(PREPARE, "--shard-tokens", int), Row(PREPARE, "--block-size", int),
+    Row(PREPARE, "--normalize", int),  # none of these is a normalisation
+    Row(PREPARE, "--keep-chars", int),  # characters, but a char dataset must keep its line break
+    Row(PREPARE, "--drop-chars", int, CLASSES),  # characters to drop: any text names some
     Row("data stats {dataset}", "--block-size", int),
     Row("eval {run}", "--batch-size", int), Row("eval {run}", "--max-tokens", int),
     Row("eval {run} --task {out}/task.jsonl", "--limit", int),
     # a step the run does not have (0 here, as every negative, huge or non-numeric one) is refused with its steps
     *[Row(command, "--checkpoint", int) for command in (
         "eval {run}", "sample {run}", "compare {run} {run}", "answer {run} --data {alpaca} --out {out}/answers.jsonl",
-        "export-hf {run} {out}/exported", "report {run} --out {out}/report", "serve {run}")],
+        "export-hf {run} {out}/exported", "export-gguf {run} {out}/exported.gguf", "report {run} --out {out}/report",
+        "serve {run}")],
     *sampling_rows("sample {run}"), *sampling_rows("compare {run} {run} --prompt ROMEO"),
     *sampling_rows("answer {run} --data {alpaca} --out {out}/answers.jsonl"),
     Row("serve {run}", "--port", int), Row("serve {run}", "--max-tokens-cap", int),
     Row("serve {run}", "--max-batch", int), Row("serve {run}", "--max-queue", int, ("zero",)),
     Row("serve {run}", "--max-body-bytes", int), Row("serve {run}", "--max-connections", int),
+    Row("serve {run}", "--max-client-connections", int),
     Row("serve {run}", "--header-timeout", float), Row("serve {run}", "--body-timeout", float),
     Row("serve {run}", "--idle-timeout", float), Row("serve {run}", "--threads", int, ("zero",)),
     Row("serve {run}", "--drain-seconds", float, ("zero",)),
@@ -105,28 +112,35 @@ ROWS = [
     Row("judge --answers {out}/a.jsonl --endpoint http://127.0.0.1:9/v1 --model m", "--lowest", int, ("zero",)),
     Row("bench {config}", "--steps", int), Row("bench {config}", "--batch-sizes", int),
     Row("bench {config} --find-max-batch", "--search-seconds", float, ("huge",)),
-    Row("plan {config}", "--tokens", int), Row("plan {config}", "--tokens-per-sec", float, ("huge",)),
+    Row("plan {config}", "--tokens", int),
+    Row("plan {config}", "--tokens-per-sec", float, ("huge",), beyond=("1e-300", "0.999")),  # at least 1 token/s
     Row("plan {config}", "--mfu", float),
-    Row(TRAIN, "--budget", float),  # a duration (30s, 5m, 2h): typed by the command, so not found by argparse type
+    # a duration (30s, 5m, 2h): typed by the command, so not found by argparse type; at most 366 days
+    Row(TRAIN, "--budget", float, beyond=("99999999999h", "8785h", "31622401")),
     Row("import-hf {out}/missing --out {out}/imported", "--block-size", int),
     *sampling_rows("report {run} --out {out}/report"),
     Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-tokens", int),
-    Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-seconds", float, ("huge",)),
+    Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-seconds", float, beyond=("31622401",)),
     *setting_rows(TRAIN, "model", ModelConfig, {"dropout": ("zero",), "vocab_size": ("zero",),
                                                  "n_kv_head": ("zero",), "head_dim": ("zero",),
                                                  "mlp_hidden": ("zero",), "rope_theta": ("huge",),
                                                  "norm_eps": ("zero",)}, "train"),
     *setting_rows(TRAIN, "train", TrainConfig, {
-        "max_seconds": ("zero", "huge"), "budget_seconds": ("zero", "huge"), "min_lr": ("zero",),
+        "max_seconds": ("zero", "huge"), "budget_seconds": ("zero",), "min_lr": ("zero",),
         "warmup_iters": ("zero",), "lr_decay_iters": ("zero",),
         "weight_decay": ("zero",), "beta1": ("zero",), "beta2": ("zero",), "grad_clip": ("zero", "huge"),
         "patience": ("zero",), "seed": ("zero",), "spike_zscore": ("huge",), "spike_patience": ("zero",),
-        "threads": ("zero",)}, "train"),
+        "threads": ("zero",)}, "train", beyond={"budget_seconds": ("31622401",)}),
+    Row(TRAIN, "train.eval_every", float, check="train"),  # passes between evaluations (or "steps", "epoch")
+    Row(TRAIN, "model.bias", int, check="train"),  # true, false, or the places that have biases: no number
     *setting_rows(FINETUNE, "finetune", FinetuneConfig, {"seed": ("zero",)}, "finetune"),
     Row(PLUGIN, "model.options.context_size", int, ("zero",), "plugin"),  # 0: the default width
     Row(PLUGIN, "model.options.mlp_ratio", int, check="plugin"),
 ]
-CELLS = [pytest.param(row, cls, id=f"{row.command.split()[0]} {row.option} {cls}") for row in ROWS for cls in CLASSES]
+CELLS = [*(pytest.param(row, cls, VALUES[row.kind][cls], id=f"{row.command.split()[0]} {row.option} {cls}")
+           for row in ROWS for cls in CLASSES),
+         *(pytest.param(row, "beyond", value, id=f"{row.command.split()[0]} {row.option} {value}")
+           for row in ROWS for value in row.beyond)]
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +154,9 @@ def paths(tmp_path_factory, corpus_dir, char_dataset) -> dict[str, Path]:
             "plugin_config": plugin_config, "out": root / "out"}
 
 
-@pytest.mark.parametrize("row, cls", CELLS)
-def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls):
-    argv = row.argv(VALUES[row.kind][cls], paths)
+@pytest.mark.parametrize("row, cls, value", CELLS)
+def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls, value):
+    argv = row.argv(value, paths)
     if cls in row.accepted:
         args = build_parser().parse_args(argv)
         if row.check == "sampling":
@@ -164,6 +178,22 @@ def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls):
     assert not paths["out"].exists()  # nothing written
 
 
+# Every thread option against counts OpenMP cannot take (20,000 aborted in libgomp, 100,000 crashed with SIGSEGV):
+# refused past the cores this process may use, before anything loads.
+THREAD_ROWS = [Row(TRAIN, "train.threads", int), Row("bench {config}", "train.threads", int),
+               Row("plan {config} --measure", "train.threads", int), Row("serve {run}", "--threads", int)]
+
+
+@pytest.mark.parametrize("row", THREAD_ROWS, ids=lambda row: f"{row.subcommand} {row.option}")
+@pytest.mark.parametrize("value", ["20000", "100000"])
+def test_a_thread_count_past_the_cores_is_refused_in_one_line(capsys, paths, row, value):
+    code = _run(row.argv(value, paths))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"is {int(value):,}, more than the" in lines[0], lines
+    assert any(name in lines[0] for name in row.names()) and "or 0 to let lmlab choose" in lines[0]
+    assert not paths["out"].exists()
+
+
 def _run(argv: list[str]) -> int:
     """main(), with argparse's exit (a value it cannot parse) as the status it exits with."""
     try:
@@ -179,7 +209,7 @@ def _numeric_options(parser: argparse.ArgumentParser, prefix: str = "") -> set[t
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 found |= _numeric_options(sub, f"{prefix} {name}".strip())
-        elif action.type is not None and action.type is not str and action.option_strings:
+        elif action.type not in (None, str) and action.option_strings and not hasattr(action.type, "destination"):
             found.add((prefix, action.option_strings[0]))
     return found
 

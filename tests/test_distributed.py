@@ -4,6 +4,7 @@ same run in one process, resume across world sizes, and a worker that dies."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
+from tests.conftest import LMLAB, write_config
 
 # A fixed LR schedule (lr_decay_iters), so runs of different lengths take the same first steps; two micro-batches
 # per step, one per rank under two processes.
@@ -157,3 +158,33 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, config):
 def test_accumulation_that_cannot_split_over_the_ranks_is_refused():
     with pytest.raises(UserError, match=r"grad_accum_steps \(3\) must be a multiple of the number of processes \(2\)"):
         Parallel(rank=1, local_rank=1, world_size=2).local_steps(3)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peer_died_ends_with_one_line(tmp_path, config):
+    """Two ranks started with torchrun's environment but no launcher, so none stops the survivor first: rank 0 is
+    killed while both train, and rank 1, in a collective with it, says why it stops in one line (it printed a
+    traceback from `barrier()`)."""
+    with socket.socket() as s:  # a free port for the job's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    job = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([LMLAB, "train", str(config), "--run", str(run), *sets("train.max_iters=100000"),
+                               "--device", "cpu"], env={**job, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        wait_for(ranks[0], lambda: any(e["event"] == "train" for e in RunDir(run).events()))
+        ranks[0].kill()
+        ranks[0].wait()
+        err = ranks[1].communicate(timeout=120)[1]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+    lines = err.strip().splitlines()
+    assert ranks[1].returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: rank 1 on host ") and " lost rank 0 on host " in lines[0], err
+    assert f"lmlab train --resume {run}" in lines[0] or "run the same command on each again" in lines[0], err

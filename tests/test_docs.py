@@ -1,7 +1,7 @@
 """Docs that cannot rot. Every guide in docs/guides runs top to bottom at a tiny scale (the `docs-test` directives
 in each guide say how it is shrunk: docs/README.md); every `lmlab` command anywhere in README.md and docs/ parses
-with the real parser and sets only config keys that exist; every link resolves; the generated reference pages
-equal what the code makes of itself."""
+with the real parser and sets only config keys that exist (in examples/*/README.md too); every link resolves; the
+generated reference pages equal what the code makes of itself."""
 
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ from pathlib import Path
 import pytest
 
 from conftest import ALPACA_TINY, hellaswag_items, write_corpus, write_tiny_gpt2, write_wikitext
+from hosts import two_hosts
 from lmlab.commands import build_parser
 from lmlab.commands.reference import PAGES, SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 GUIDES = sorted((DOCS / "guides").glob("*.md"))
-PAGES_CHECKED = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+PAGES_CHECKED = [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), *sorted(ROOT.glob("examples/*/README.md"))]
 FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
-DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append)\b:?\s*(.*?)\s*-->\s*$")
+DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append|on)\b:?\s*(.*?)\s*-->\s*$")
 PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')
 PARSER = build_parser()  # parsing leaves it as it was: one serves every command checked
 RUN = {"bash", "python"}  # the fences a guide's reader runs; ```text is what they see, ```toml a file shown
@@ -46,6 +47,7 @@ class Block:
     text: str
     skip: str = ""
     background: str = ""
+    hosts: str = ""  # the test hosts (tests/hosts.py: node0, node1) a recipe's block runs on, at once
     replaces: list[tuple[str, str]] = field(default_factory=list)
     appends: list[tuple[str, str]] = field(default_factory=list)
 
@@ -74,7 +76,7 @@ def blocks(page: Path) -> list[Block]:
         number += 1
         if directive := DIRECTIVE.match(line.strip()):
             kind, rest = directive.groups()
-            if kind in ("skip", "background"):
+            if kind in ("skip", "background", "on"):
                 pending[kind] = rest or kind
             else:
                 pair = PAIR.match(rest)  # what follows the two texts is the reason, for the reader
@@ -91,7 +93,7 @@ def blocks(page: Path) -> list[Block]:
             number += 1
         number += 1
         found.append(Block(page, start, fence.group(2), "\n".join(body) + "\n", pending.get("skip", ""),
-                           pending.get("background", ""), list(replaces), list(appends)))
+                           pending.get("background", ""), pending.get("on", ""), list(replaces), list(appends)))
         pending = {}
     return found
 
@@ -143,7 +145,11 @@ def lmlab_args(words: list[str]) -> list[str] | None:
 
 
 def check_command(args: list[str]) -> str | None:
-    """Why `lmlab ARGS` would be refused by its parser or names a config key that does not exist, or None."""
+    """Why `lmlab ARGS` would be refused by its parser, or names a preset (configs/NAME.toml) or a config key that
+    does not exist, or None."""
+    missing = [arg for arg in args if re.fullmatch(r"configs/[\w.-]+\.toml", arg) and not (ROOT / arg).exists()]
+    if missing:
+        return f"{missing[0]}: no such preset in configs/"
     try:
         with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
             parsed = PARSER.parse_args(args)
@@ -181,10 +187,11 @@ def test_every_fence_says_its_language():
 
 
 def test_the_command_check_catches_a_renamed_option_and_an_unknown_key():
-    assert check_command(["train", "configs/x.toml", "--budget", "5m"]) is None
-    assert "--bugdet" in check_command(["train", "configs/x.toml", "--bugdet", "5m"])
+    assert check_command(["train", "configs/gpt2-small.toml", "--budget", "5m"]) is None
+    assert "--bugdet" in check_command(["train", "c.toml", "--bugdet", "5m"])
     assert "no config key train.lerning_rate" in check_command(["train", "c.toml", "--set", "train.lerning_rate=1"])
     assert "invalid choice" in check_command(["trian", "c.toml"])
+    assert "no such preset" in check_command(["train", "configs/wikitext-word-cpu.toml"])
     assert resolves("lmlab.core.errors.UserError") and not resolves("lmlab.errors.UserError")
     block = Block(ROOT / "README.md", 1, "bash", "lmlab runs runs | head\nFOO=1 python -m lmlab plan c.toml \\\n"
                   "  --chinchilla && echo done\ncat > a.txt <<'EOF'\nlmlab x\nEOF\ngit clone x lmlab && cd lmlab\n"
@@ -339,13 +346,18 @@ def script(guide: Path, folder: Path, port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reader_folder(folder: Path, fixtures: Path) -> dict[str, str]:
+    """A reader's folder (configs/, examples/ and the fixtures in tiny/) and the environment of their shell."""
+    for name in ("configs", "examples"):
+        (folder / name).symlink_to(ROOT / name)
+    (folder / "tiny").symlink_to(fixtures)
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "80"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("guide", GUIDES, ids=[g.stem for g in GUIDES])
 def test_the_guide_runs_top_to_bottom(guide, fixtures, tmp_path):
-    for name in ("configs", "examples"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    (tmp_path / "tiny").symlink_to(fixtures)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "80"}
+    env = reader_folder(tmp_path, fixtures)
     (tmp_path / ".guide.sh").write_text(script(guide, tmp_path, free_port()), encoding="utf-8")
     done = subprocess.run(["bash", ".guide.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
@@ -353,3 +365,27 @@ def test_the_guide_runs_top_to_bottom(guide, fixtures, tmp_path):
         where = said[1].split("\n", 1)[0] if len(said) == 2 else guide.name
         pytest.fail(f"the block at {where} failed (status {done.returncode}):\n{done.stdout[-3000:]}\n"
                     f"{said[-1][-3000:]}")
+
+
+RECIPES = [page for page in PAGES_CHECKED if any(block.hosts for block in blocks(page))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", RECIPES, ids=[page.stem for page in RECIPES])
+def test_the_multi_host_recipe_runs_on_two_hosts(page, fixtures, tmp_path):
+    """The blocks a page marks `on node0` or `on node0 node1` run in order on two test hosts (network namespaces
+    joined by a virtual link: tests/hosts.py), each on the hosts it names at once, in a folder they share."""
+    env = {**reader_folder(tmp_path, fixtures), "OMP_NUM_THREADS": "1"}  # two hosts on the test's cores
+    with two_hosts() as hosts:
+        for n, block in enumerate(block for block in blocks(page) if block.hosts):
+            runs = {}
+            for name in block.hosts.split():  # each host's output in a file: a pipe read after the other's fills
+                with open(tmp_path / f".{name}.{n}.log", "w", encoding="utf-8") as log:
+                    runs[name] = hosts.popen(hosts.names.index(name), ["bash", "-c", f"set -euo pipefail\n"
+                                             f"{block.to_run(0)}"], cwd=tmp_path, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT)
+            for name, run in runs.items():
+                if run.wait(timeout=600):
+                    out = (tmp_path / f".{name}.{n}.log").read_text(encoding="utf-8")
+                    pytest.fail(f"the block at {block.where} failed on {name} (status {run.returncode}):\n"
+                                f"{out[-3000:]}")

@@ -19,6 +19,7 @@ from rich.console import Console
 from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
+from lmlab.inference.generate import document_start
 from lmlab.inference.scoring import token_scores
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
@@ -121,6 +122,11 @@ def test_the_server_returns_the_models_own_log_probabilities(bpe_run, served):
     for top, ids_, values in zip(lp["top_logprobs"][1:], exact.top_ids, exact.top_logprobs):
         assert [run.tokenizer.decode([t]) for t in ids_] == list(top)[:3]
         assert max(abs(a - b) for a, b in zip(top.values(), values)) < 1e-5
+    # an empty prompt stands for the start of a document, whose end-of-text token is not text to echo
+    status, empty = completion(served, prompt="", max_tokens=3, echo=True, logprobs=1, temperature=0)
+    choice = empty["choices"][0]
+    assert status == 200 and choice["text"] == "".join(choice["logprobs"]["tokens"]) and "<|endoftext|>" not in \
+        choice["text"] and choice["logprobs"]["text_offset"][:1] in ([], [0])
     # a string prompt is its token ids; a list of prompts gives each its n choices, in order, in one batch
     status, same = completion(served, prompt="ROMEO:\nSweet love thy", max_tokens=0, echo=True, logprobs=3)
     assert same["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"]
@@ -290,3 +296,30 @@ def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained
         assert len(RunDir(bpe_run).judgements()) == 1  # nothing kept of a judging that scored nothing
     finally:
         judge.stop()
+
+
+def test_lm_evaluation_harness_hf_on_a_char_runs_export_gives_its_task_scores(writing_char_run, tmp_path, capsys):
+    """A char run's export is the model: its vocabulary no wider than the model's rows, lm-eval's hf backend scores
+    every choice as `lmlab eval --task` does. A char run has no end-of-text token, so lm-eval is told what an
+    empty context starts from (`prefix_token_id`): lmlab's document start, a line break."""
+    rng = random.Random(5)
+    rows = [{"context": f"{rng.choice(SPEAKERS)}:\n{phrase(rng, 1, 3).capitalize()}", "answer": rng.randrange(3),
+             "choices": [phrase(rng, 1, 2) + "," for _ in range(3)]} for _ in range(15)]
+    rows.append({"context": "", "choices": ["ROMEO:", "night"], "answer": 0})
+    task = tmp_path / "plays.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    samples = tmp_path / "samples.jsonl"
+    assert main(["eval", str(writing_char_run), "--task", str(task), "--samples", str(samples), "--json",
+                 "--device", "cpu"]) == 0
+    ours = json.loads(capsys.readouterr().out)["tasks"][0]
+    assert ours["items"] == 16 and ours["skipped_unseen"] == 0
+    lls = [json.loads(line)["loglikelihoods"] for line in samples.read_text().splitlines()]
+    exported = tmp_path / "exported"
+    assert main(["export-hf", str(writing_char_run), str(exported)]) == 0
+    name = lm_eval_reference.write_task(tmp_path / "lm_eval_tasks", "lmlab_chars", task, "generic")
+    start = document_start(RunDir(writing_char_run).tokenizer())[0]
+    theirs = lm_eval_reference.run("hf", f"pretrained={exported},dtype=float32,prefix_token_id={start}", [name],
+                                   tmp_path / "lm_eval_tasks", tmp_path, batch_size=4)["tasks"][name]
+    assert (theirs["acc"], theirs["acc_norm"]) == (ours["acc"], ours["acc_norm"])
+    gap = max(abs(a - b) for mine, other in zip(lls, theirs["loglikelihoods"]) for a, b in zip(mine, other))
+    assert gap < 1e-4, gap

@@ -168,7 +168,7 @@ def test_prepare_holds_a_50_mb_one_line_document_in_bounded_memory(tmp_path, spe
 
 @pytest.mark.slow
 def test_a_second_writer_of_a_run_is_refused_and_the_first_is_unharmed(tmp_path, char_dataset, hf_gpt2):
-    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=100_000)
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10**9)  # still training when stopped
     run = tmp_path / "run"
     first = spawn("train", config, "--run", run, "--device", "cpu", cwd=tmp_path)
     try:

@@ -1,5 +1,6 @@
-"""Sampling on its own: top-k and top-p filtering, the stop-string hold-back of streamed text, and the checks on
-SamplingParams that every command and the server share."""
+"""Sampling on its own: top-k and top-p filtering, stop strings found and held back in streamed text (against a
+plain reference, and in time linear in the text), and the checks on SamplingParams that every command and the
+server share."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import train_tokenizer
-from lmlab.inference.generate import TextStream, held_back, stream_ids
+from lmlab.inference.generate import Detokenizer, StopStrings, TextStream, stream_ids
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
 
@@ -44,13 +47,46 @@ def test_sampling_draws_only_from_the_kept_tokens_and_repeats_with_the_seed():
     assert list(stream_ids(model, [1], params)) == list(stream_ids(model, [1], params))
 
 
-def test_the_hold_back_keeps_what_a_stop_string_or_a_utf8_sequence_may_still_complete():
-    assert held_back("ROMEO: hello", ["\nuser:"]) == 0
-    assert held_back("ROMEO: hello\nus", ["\nuser:"]) == 3  # "\nus" may become "\nuser:"
-    assert held_back("ROMEO: hello\n", ["\nuser:", "###"]) == 1
-    assert held_back("ROMEO: hello#", ["\nuser:", "###"]) == 1
-    assert held_back("caf\ufffd", []) == 1  # half a character: wait for its other bytes
-    assert held_back("done", ["done"]) == 0  # a whole stop string is cut by the stream, not held
+def reference(text: str, stop: list[str]) -> tuple[str, int]:
+    """What a stream of `text` may send, by the definition: the text up to the first stop string whole (the one
+    that ends first, the longest of those), else all but an unfinished character (U+FFFD) at the end and the
+    longest beginning of a stop string before it."""
+    final = len(text.rstrip("\ufffd"))
+    read = text[:final]
+    ends = [(i + len(s), -len(s), i) for s in stop if s for i in range(final) if read.startswith(s, i)]
+    if ends:
+        return "stop", min(ends)[2]
+    return "held", final - max((k for s in stop for k in range(1, len(s)) if read.endswith(s[:k])), default=0)
+
+
+ALPHABET = "ab\ufffd"
+CHARS = train_tokenizer("char", [ALPHABET * 2], [ALPHABET])
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(ALPHABET, max_size=30), stop=st.lists(st.text("ab", max_size=6), max_size=4))
+def test_a_stream_sends_what_no_stop_string_or_unfinished_character_may_still_change(text, stop):
+    stream, sent = Detokenizer(CHARS, stop), ""
+    for n in range(1, len(text) + 1):
+        sent += stream.feed(CHARS.encode(text[n - 1])[0])
+        verdict, at = reference(text[:n], stop)
+        assert sent == text[:at], (text[:n], stop, verdict)
+        if verdict == "stop":
+            assert stream.finish_reason == "stop"
+            return
+    assert stream.finish_reason is None and sent + stream.flush() == text
+
+
+def test_stop_strings_are_read_once_however_long():
+    # "aaa...ab" against a text of a's: the longest partial match at every character, the case that made the
+    # hold-back quadratic in the stop string per token. Counted, not timed: each character is read once.
+    stop = StopStrings(["a" * 999 + "b", "c" * 1000])
+    text = ""
+    for _ in range(2000):
+        text += "a"
+        assert stop.advance(text, len(text)) is None
+    assert stop.partial == 999 and stop.read == 2000
+    assert stop.advance(text + "b", len(text) + 1) == len(text) - 999
 
 
 def test_streamed_text_ends_before_a_stop_string_and_says_why():
@@ -76,6 +112,7 @@ def test_streamed_text_ends_before_a_stop_string_and_says_why():
     ("temperature", math.inf, "a number >= 0"), ("top_k", 0, "at least 1"), ("top_k", -3, "at least 1"),
     ("top_p", 0.0, r"in \(0, 1\]"), ("top_p", 1.5, r"in \(0, 1\]"), ("top_p", math.nan, r"in \(0, 1\]"),
     ("seed", -1, "between 0 and"), ("seed", 10**23, "between 0 and"),
+    ("stop", ("x" * 1001,), "strings of at most 1,000 characters"),
 ])
 def test_sampling_params_refuse_what_cannot_be_sampled(field, value, rule):
     with pytest.raises(UserError, match=f"{field} is .*; it must be {rule}"):

@@ -69,7 +69,8 @@ def test_a_prompts_file_with_no_prompts_or_not_utf8_is_refused_and_nothing_is_wr
 
 def test_grid_options_that_do_not_go_together_are_refused(two_runs, capsys):
     for extra, message in ((["--prompt", "A", "--prompts", "x.txt"], "--prompt and --prompts both name prompts"),
-                           (["--chat", "Hi"], "a prompt grid continues prompts; ask --chat of one run at a time"),
+                           (["--chat", "Hi", "--prompts", "x.txt"], "--prompts and --chat TEXT both name prompts"),
+                           (["--system", "Be brief."], "ask --system of one run at a time"),
                            (["--num-samples", "2"], "--num-samples draws several continuations of one prompt")):
         code, _, err = run_cli(capsys, "sample", *two_runs, *extra)
         assert code == 2 and message in err, err

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tokenizers
+import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmlab.core.errors import UserError
@@ -24,7 +25,17 @@ from lmlab.run.rundir import RunDir
 from tests.conftest import write_corpus
 
 transformers = pytest.importorskip("transformers")
-from tests.hf_reference import KINDS, kind_run, pipeline_text, sampler_text, tiny_hf  # noqa: E402
+from tests.hf_reference import (  # noqa: E402
+    KINDS,
+    hf_logits,
+    kind_run,
+    lmlab_logits,
+    max_diff,
+    pipeline_text,
+    random_ids,
+    sampler_text,
+    tiny_hf,
+)
 
 EACH_KIND = [pytest.param(k, marks=pytest.mark.slow if k in ("gpt2", "tiktoken") else ()) for k in KINDS]
 
@@ -60,17 +71,49 @@ def test_autotokenizer_gives_the_runs_ids_and_text(kind, kind_runs, corpus_dir):
         ids = ours.encode(text)
         assert theirs(text)["input_ids"] == ids
         assert theirs.decode(ids) == ours.decode(ids)
+    # A char run has no end-of-text token, so neither eos nor pad: a pad named by the user is any character.
+    eot = None if kind == "char" else ours.eot_id
+    assert theirs.eos_token_id == theirs.pad_token_id == eot
+    if kind == "char":
+        theirs.pad_token = ours.decode([0])
     for side in ("right", "left"):  # a padded batch: each text's own ids where the attention mask is 1
         theirs.padding_side = side
         batch = theirs(texts, padding=True)
         assert len({len(ids) for ids in batch["input_ids"]}) == 1
         unpadded = [[i for i, m in zip(ids, mask) if m] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         assert unpadded == [ours.encode(text) for text in texts]
-    # A char run has no end-of-text token: its export adds one after the characters, its eos and pad.
-    eot = ours.vocab_size if kind == "char" else ours.eot_id
-    assert theirs.eos_token_id == theirs.pad_token_id == eot
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     assert settings["lmlab_tokenizer"] == KINDS[kind]
+
+
+@pytest.mark.parametrize("kind", EACH_KIND)
+def test_the_exported_model_is_the_runs_distribution_over_its_whole_vocabulary(kind, kind_runs):
+    run, folder = kind_runs[kind], kind_runs[kind].with_name(f"{kind}-hf")
+    ids = random_ids(RunDir(run).config().model.vocab_size)
+    theirs, ours = hf_logits(folder, ids), lmlab_logits(run, ids)
+    assert theirs.shape == ours.shape  # not a row more than the model has
+    assert max_diff(theirs.log_softmax(-1), ours.log_softmax(-1)) < 1e-4
+    # A padded batch gives each text's own next-token logits at its last token.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.decode([0])
+    texts = ["ROMEO:", "JULIET: sweet love"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        padded = model(**batch).logits
+    for row, text in enumerate(texts):
+        alone = lmlab_logits(run, torch.tensor([RunDir(run).tokenizer().encode(text)]))[0, -1]
+        assert max_diff(padded[row, batch["attention_mask"][row].sum() - 1], alone) < 1e-4
+
+
+def test_a_char_export_generates_to_max_new_tokens_as_lmlab_sample_does(kind_runs):
+    folder = kind_runs["char"].with_name("char-hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = torch.tensor([RunDir(kind_runs["char"]).tokenizer().encode("ROMEO:")])
+    for seed in range(10):  # within the context of 32
+        torch.manual_seed(seed)
+        out = model.generate(prompt, do_sample=True, max_new_tokens=25)
+        assert out.shape[1] == prompt.shape[1] + 25
 
 
 @pytest.mark.parametrize("kind", EACH_KIND)
@@ -84,11 +127,7 @@ def test_an_exported_tokenizer_comes_back_as_the_same_kind(kind, kind_runs, tmp_
     folder = kind_runs[kind].with_name(f"{kind}-hf")
     import_hf(folder, tmp_path / "back")
     back, original = RunDir(tmp_path / "back").tokenizer(), RunDir(kind_runs[kind]).tokenizer()
-    if kind == "char":  # with the end-of-text token its export gave it, after the characters
-        assert (back.spec, back.eot_id, back.vocab_size) == (original.spec, original.vocab_size, original.vocab_size + 1)
-        assert all(back.vocab[c] == i for c, i in original.vocab.items())
-    else:
-        assert (back.spec, back.eot_id, back.identity()) == (original.spec, original.eot_id, original.identity())
+    assert (back.spec, back.eot_id, back.identity()) == (original.spec, original.eot_id, original.identity())
 
 
 def test_prepare_with_a_runs_tokenizer_keeps_its_kind_and_ids(kind_runs, tmp_path):
@@ -170,3 +209,28 @@ def test_import_needs_a_tokenizer_that_fits_the_model(tmp_path, corpus_dir, hf_g
         import_hf(gpt2, tmp_path / "gpt2-run")
     monkeypatch.setenv("LMLAB_GPT2_DIR", str(hf_gpt2))
     assert import_hf(gpt2, tmp_path / "gpt2-run")["tokenizer"] == "gpt2"
+
+
+@pytest.mark.parametrize("kind", EACH_KIND)
+def test_llama_cpp_tokenizes_every_exported_kind_as_lmlab_does(kind, kind_runs, corpus_dir, tmp_path):
+    """export-gguf's vocabulary for each tokenizer kind, read by llama.cpp itself. Refused: word-level, and the tests'
+    tiny tiktoken table, whose ` and` its merges never make (` a` comes first), which tiktoken takes whole and
+    llama.cpp's BPE cannot."""
+    pytest.importorskip("llama_cpp")
+    from lmlab.gguf import export_gguf
+    from tests.gguf_reference import llama, llama_tokens
+
+    run, out = kind_runs[kind], tmp_path / f"{kind}.gguf"
+    refusals = {"word": "word-level tokenizer", "tiktoken": "has tokens its merges never make, such as ' and'"}
+    if kind in refusals:
+        with pytest.raises(UserError, match=refusals[kind]):
+            export_gguf(run, out)
+        assert not out.exists()
+        return
+    export_gguf(run, out)
+    ours = RunDir(run).tokenizer()
+    texts = corpus_texts(corpus_dir) + (["an unseen word: zebra, 42 times!"] if kind != "char" else [])
+    with llama(out, RunDir(run).config().model.block_size) as model:
+        for text in texts:
+            assert llama_tokens(model, text) == ours.encode(text), text
+            assert model.detokenize(ours.encode(text)).decode() == ours.decode(ours.encode(text))

@@ -1,5 +1,6 @@
 """Imports run one way, as docs/ARCHITECTURE.md draws the layers: no module imports one of a higher layer, no
-two modules import each other through any path, and serving a model never loads the trainer."""
+two modules import each other through any path, serving a model never loads the trainer, and no function is longer
+than a screen."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ LAYERS = [
     {"run"},                                             # the run folder: its files, checkpoints, prompts
     {"inference", "analysis"},                           # decoding a loaded run; runs read back as tables and plots
     {"train", "evals"},                                  # training and fine-tuning; evaluating, tasks, judging
-    {"hf", "serving", "experiments", "writeup"},         # what a command does, built from the layers below
+    {"hf", "gguf", "serving", "experiments", "writeup"},  # what a command does, built from the layers below
     {"commands", "__main__"},                            # parse, call the library, print
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
@@ -99,3 +100,15 @@ def test_sampling_and_serving_load_neither_the_trainer_nor_fsdp_nor_matplotlib()
             "if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == []
+
+
+LONGEST_FUNCTION = 70  # lines, decorators left out; the style asks for functions short enough to see whole
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(PACKAGE.rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
+    assert not long, long

@@ -5,6 +5,7 @@ import gzip
 import importlib.util
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
+from lmlab.commands import main
 from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare
@@ -105,14 +107,21 @@ def test_a_dataset_without_a_shard_index_still_loads(tmp_path, char_dataset):
     assert np.array_equal(split_tokens(old, "train"), split_tokens(char_dataset, "train"))
 
 
-def test_max_tokens_stops_at_a_document_boundary_of_the_same_stream(tmp_path):
-    source = write_jsonl(tmp_path / "docs.jsonl", documents(200))
-    full, _, _ = prepare([str(source)], "word:100", name="full", out_dir=tmp_path)
+def test_max_tokens_stops_at_a_document_boundary_and_takes_val_from_the_cut(tmp_path):
+    texts = documents(200)
+    source = write_jsonl(tmp_path / "docs.jsonl", texts)
     cut, meta, _ = prepare([str(source)], "word:100", name="cut", out_dir=tmp_path,
                            options=PrepareOptions(max_tokens=2000))
     train = split_tokens(cut, "train")
     assert 2000 <= len(train) < 2000 + 130 and train[-1] == meta["eot_id"]
-    assert np.array_equal(train, split_tokens(full, "train")[:len(train)])
+    # val is --val-fraction of the cut (train being the rest), in whole documents: not a tenth of the whole corpus
+    asked = meta["split"]["val_tokens"]
+    assert asked == 223 and asked <= meta["val"]["tokens"] < asked + 130  # ceil(2000 x 0.1 / 0.9)
+    # train is the corpus's documents in order, the val ones left out, until the cut
+    tokenizer, val = Tokenizer.load(cut / "tokenizer.json", "word:100"), set(meta["split"]["val_documents"])
+    stream = [i for n, text in enumerate(texts) if f"{source}:{n + 1}" not in val
+              for i in [*tokenizer.encode(text), meta["eot_id"]]]
+    assert np.array_equal(train, stream[:len(train)])
 
 
 def test_val_tokens_sizes_the_val_split(tmp_path):
@@ -204,3 +213,23 @@ def test_hf_sources_without_the_datasets_library_say_so(tmp_path):
     with pytest.raises(UserError, match="needs the Hugging Face `datasets` library"):
         prepare(["hf:HuggingFaceFW/fineweb:sample-10BT"], "bpe:300", out_dir=tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_val_tokens_gives_at_least_what_is_asked_or_refuses_with_what_it_can(tmp_path, capsys):
+    """Asked 1,500 val tokens, prepare gave fewer when the documents in the lowest --val-fraction of the key range
+    held fewer, silently; now the candidates are sized at the tokenizer's measured characters per token."""
+    source = write_jsonl(tmp_path / "docs.jsonl", documents(200))
+    out = tmp_path / "data"
+    for asked in (1500, 6000):  # 6,000: more than the lowest tenth of the keys holds
+        assert main(["prepare", str(source), "--tokenizer", "word:100", "--out-dir", str(out), "--name",
+                     f"v{asked}", "--val-tokens", str(asked)]) == 0
+        meta = json.loads((out / f"v{asked}-word100" / "meta.json").read_text())
+        assert asked <= meta["val"]["tokens"] < asked + 130 and meta["split"]["val_tokens"] == asked
+    capsys.readouterr()
+    assert main(["prepare", str(source), "--tokenizer", "word:100", "--out-dir", str(out), "--name", "all",
+                 "--val-tokens", "1000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: --val-tokens 1000000 asks for a val split of 1,000,000 tokens, but this corpus's "
+                        r"documents, less one for train, hold about [\d,]+ \(at [\d.]+ characters a token\); ask for "
+                        r"at most that, or give a larger corpus\.", err), err
+    assert not (out / "all-word100").exists() and not list(out.glob(".all*"))  # nothing left behind

@@ -23,11 +23,13 @@ from lmlab.core.peak import (
     BF16_MARGIN,
     CACHE_FORMAT,
     QUIET_MEASUREMENTS,
+    Peak,
     cache_key,
     checksum,
     choose_dtype,
     matmul_size,
     merged,
+    native_kernel,
     peak_flops,
     read_cache,
     settled,
@@ -48,11 +50,18 @@ def hog(processes: int = 2):
                              capture_output=True, text=True, check=True)
     pids = [int(pid) for pid in started.stdout.split()]
     try:
-        time.sleep(0.5)
+        while not all(_cpu_ticks(pid) for pid in pids):  # each has begun to spin, however long it took to start
+            time.sleep(0.01)
         yield
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
+
+
+def _cpu_ticks(pid: int) -> int:
+    """The clock ticks process `pid` has run on a CPU (utime + stime in /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def settled_entry(dtype: torch.dtype, flops: float) -> dict:
@@ -176,8 +185,8 @@ def test_a_peak_measured_while_other_processes_use_the_cores_gives_no_mfu_and_is
     entry = json.loads((tmp_path / "lmlab" / "peak_flops.json").read_text())["entries"][cache_key(CPU, torch.float32)]
     assert entry["quiet"] is False and entry["load"]["others"] > 0.1  # on record, not settled: measured again
     said = " ".join(bench.stdout.split())
-    assert bench.returncode == 0 and "warning: no MFU: the peak, a 2048² float32 matmul measured while the machine " \
-                                     "was busy" in said
+    assert bench.returncode == 0 and "no MFU: the peak, a 2048² float32 matmul measured while the machine was busy" \
+                                     in said
     assert "warning: the machine was busy while micro-batch 8 was timed (other processes used" in said
     assert re.search(r"│\s+8 │.*│\s+- │", bench.stdout)  # the MFU column of the table
 
@@ -229,3 +238,36 @@ def test_a_load_meter_counts_other_processes_not_this_one():
         time.sleep(1.0)
     assert meter.load.others >= 0.8 / meter.load.cores and meter.load.busy
     assert "other processes used" in meter.load.describe()
+
+
+def test_a_peak_below_what_training_computes_is_called_wrong_and_gives_no_mfu(tmp_path, char_dataset):
+    """MFU is never printed above 100%: a peak that a tiny model's training outruns (a cache figure of 1 MFLOP/s) is
+    wrong, and the run says so and logs no MFU from it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the key and entry of the one-thread process below
+    try:
+        write_cache(tmp_path, {cache_key(CPU, torch.float32): settled_entry(torch.float32, 1e6)})
+    finally:
+        torch.set_num_threads(threads)
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
+    done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path),
+                                                       "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stdout.split())
+    assert "MFU against 1e-06 TFLOP/s: 2048² float32 matmul measured quiet" in said
+    assert re.search(r"warning: [\d.e+-]+ TFLOP/s were computed, more than the peak of 1e-06 \(2048² float32 matmul "
+                     r"measured quiet at .*\), so that peak is wrong: no MFU from it", said)
+    assert "| MFU" not in said  # on no train line
+    assert all(e["mfu"] is None for e in RunDir(tmp_path / "run").events() if e["event"] == "train")
+
+
+def test_a_dtype_without_a_native_kernel_gives_no_mfu():
+    emulated = Peak(0.0028e12, "float16", "measured matmul", matmul=256, measured_at="2025-11-22 17:40",
+                    measurements=3, native=False)
+    assert emulated.mfu(0.005e12) is None and emulated.wrong(0.005e12) is None  # 191%: its peak is no hardware's
+    assert emulated.standing().startswith("no MFU: float16 has no native kernel here, so its peak (a 256² float16 "
+                                          "matmul measured quiet")
+    assert Peak(1e12, "float32", "measured matmul").mfu(1.01e12) is None  # never above 100%
+    assert native_kernel(CPU, torch.float32)
+    assert native_kernel(CPU, torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()

@@ -132,7 +132,8 @@ def test_six_n_d_is_shown_beside_lmlabs_compute_with_why_they_differ(capsys):
     assert f"6·N·D │ {six_nd:.3g} FLOPs, {100 * abs(change):.1f}% {above} lmlab's (below)" in text
     assert (f"6·N·D and lmlab's compute: 6·N·D counts all {model.num_params():,} parameters (the "
             f"{model.lookup_params():,} of lookup-only tables among them) and no attention; lmlab counts 6 × the "
-            f"{model.num_params() - model.lookup_params():,} weights that multiply each token plus attention's "
+            f"{model.num_params() + model.padding_params() - model.lookup_params():,} weights that multiply each token "
+            f"(with the {model.padding_params():,} of vocabulary padding rows) plus attention's "
             f"{model.attention_flops():,.0f} FLOPs per token (PaLM's formula): 6·N·D is {100 * abs(change):.1f}% "
             f"{above} it.") in text
 

@@ -54,6 +54,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_its_size(tmp_path, wikitext_dataset,
                                                                                       capsys):
     config = write(tmp_path / "cv.toml", wikitext_dataset, options="", dropout=0.1)  # its default context width
+    config.write_text(config.read_text().replace("[train]\n", "[train]\nthreads = 1\n"))  # bitwise: same threads
     Trainer(load_config(config), tmp_path / "straight", "cpu").run()
     run = tmp_path / "killed"
     kill_and_resume([LMLAB, "train", config, "--run", run], run, (7, 16))  # metrics lines: between checkpoints
@@ -83,6 +84,8 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
     # Its weights are safetensors like every kind's; export-hf, which writes transformers, says where they are.
     code, _, err = run_cli(capsys, "export-hf", run, tmp_path / "exported")
     assert code == 2 and "model.safetensors" in err and not (tmp_path / "exported").exists()
+    code, _, err = run_cli(capsys, "export-gguf", run, tmp_path / "exported.gguf")  # llama.cpp has no such kind
+    assert code == 2 and "is a context-vector model" in err and not (tmp_path / "exported.gguf").exists()
     model = RunDir(run).load("latest", "cpu").model
     on_disk = load_file(str(RunDir(run).checkpoint("latest") / "model.safetensors"))
     assert set(on_disk) == set(model.state_dict()) - {"wte.weight"}  # the tied table once, as the head
@@ -243,3 +246,62 @@ def test_model_options_and_kinds_that_cannot_be_are_refused(tmp_path, char_datas
     assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
     assert not (Path.cwd() / "my_models").exists()  # nothing imported or created from a path a config names
+
+
+# A plugin whose forward gets something wrong: FAKE_MODEL with its return line replaced.
+BAD_FORWARDS = {
+    "raises": ("raise RuntimeError('no kernel for this shape')",
+               "raised RuntimeError: no kernel for this shape in its forward of 4x3 token ids with targets on the meta "
+               "device, where lmlab sizes a model before building it; fix the plugin's forward."),
+    "returns logits alone": ("return logits", "returned a float32 tensor of shape (4, 3, {vocab}), not the pair "
+                                              "(logits, loss)"),
+    "returns (None, None)": ("return None, None", "returned None as its logits, not a tensor of floats"),
+    "returns a loss per token": (
+        "return logits, None if targets is None else nn.functional.cross_entropy(logits.flatten(0, 1), "
+        "targets.flatten(), reduction='none')",
+        "returned a float32 tensor of shape (12,) as its loss, not one number (a 0-dimensional tensor of floats)"),
+    "returns time before batch": (
+        "return logits.transpose(0, 1), None if targets is None else next_token_loss(logits, targets)",
+        "returned logits of shape (3, 4, {vocab}) (time before batch), not (4, 3, {vocab})"),
+    "returns a column too many": ("return nn.functional.pad(logits, (0, 1)), None if targets is None else "
+                                  "next_token_loss(logits, targets)",
+                                  "returned logits of shape (4, 3, {more}), not (4, 3, {vocab})"),
+    "returns NaN logits to a sampler": (
+        "return (logits * float('nan') if targets is None else logits), None if targets is None else "
+        "next_token_loss(logits, targets)",
+        "its forward of 4x3 token ids without targets returned logits or a loss that are not finite (NaN or "
+        "infinite)"),
+}
+RETURN = "        return logits, None if targets is None else next_token_loss(logits, targets)\n"
+
+
+@pytest.mark.parametrize("case", BAD_FORWARDS)
+def test_a_plugins_forward_is_checked_once_before_it_is_used(tmp_path, site, char_dataset, capsys, case):
+    """Before the fix: "needs more memory than can be counted" for a raise, tracebacks for the wrong outputs, and
+    transposed or NaN logits trained or sampled silently."""
+    body, message = BAD_FORWARDS[case]
+    install(site, "bad", "lmlab-bad", FAKE_MODEL.replace(RETURN, f"        {body}\n"))
+    vocab = json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
+    code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "bad", ""), "--run",
+                             tmp_path / "run", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: the model plugin 'bad' (package lmlab-bad, lmlab_bad:Tiny)"), err
+    assert message.format(vocab=vocab, more=vocab + 1) in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plugin_whose_trained_weights_give_nan_is_one_sentence_when_loaded(tmp_path, site, char_dataset, capsys,
+                                                                            monkeypatch):
+    """The weights a run keeps are checked when it loads, as `sample`, `eval` and `serve` load it: logits that are not
+    finite were sampled as text (and a 500 with a traceback under `logprobs`)."""
+    install(site, "flaky", "lmlab-flaky", FAKE_MODEL.replace(
+        RETURN, "        logits = logits * float(os.environ.get('FLAKY_SCALE', '1'))\n" + RETURN) + "import os\n")
+    run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "flaky", "", max_iters=3)), tmp_path / "run",
+                  "cpu").run().run_dir
+    monkeypatch.setenv("FLAKY_SCALE", "nan")  # the same module, now computing NaN
+    for command in (["sample", run, "--max-new-tokens", "3"], ["eval", run]):
+        code, out, err = run_cli(capsys, *command)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out, err
+        assert "the model plugin 'flaky'" in err and "not finite (NaN or infinite)" in err, err
+    monkeypatch.delenv("FLAKY_SCALE")
+    assert run_cli(capsys, "sample", run, "--max-new-tokens", "3")[0] == 0

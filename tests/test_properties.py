@@ -22,7 +22,13 @@ from tests.conftest import write_config
 pytest.importorskip("fastapi")
 
 from lmlab.inference.generate import document_start  # noqa: E402
-from lmlab.serving.requests import Request, Served, parse_request  # noqa: E402 (after the skip: serve needs fastapi)
+from lmlab.serving.requests import (  # noqa: E402 (after the skip: serve needs fastapi)
+    Request,
+    Served,
+    parse_request,
+    read_request,
+    render_chat,
+)
 
 EXAMPLES = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -59,11 +65,17 @@ def served(imported_gpt2) -> Served:
                   max_prompt_chars=run.config.model.block_size * longest, empty_prompt=document_start(run.tokenizer))
 
 
+def parsed(served: Served, raw: bytes, chat: bool) -> Request:
+    """A body through the server's stages, one after another (the server runs each in a lane)."""
+    body = read_request(["gpt2"], raw, chat)
+    return parse_request(served, body, render_chat(served, body.turns) if chat else None)
+
+
 @EXAMPLES
 @given(body=BODIES.flatmap(raw), chat=st.booleans())
 def test_the_request_parser_answers_every_body_with_a_request_or_a_400(served, body, chat):
     try:
-        request = parse_request(served, ["gpt2"], body, chat)
+        request = parsed(served, body, chat)
     except ApiError as err:
         assert err.status in (400, 404) and err.message, err
         json.dumps(err.body(), ensure_ascii=False).encode("utf-8")  # as the response sends it: no lone surrogate
@@ -77,7 +89,7 @@ def test_the_request_parser_answers_every_body_with_a_request_or_a_400(served, b
     "stop": st.one_of(TEXT, st.lists(TEXT, max_size=5))}))
 def test_a_well_formed_body_gets_a_request_or_a_400_naming_a_field(served, body):
     try:
-        parse_request(served, ["gpt2"], json.dumps(body).encode(), chat=False)
+        parsed(served, json.dumps(body).encode(), chat=False)
     except ApiError as err:
         assert err.status == 400 and err.param in (*body, None), err.body()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.analysis.runs import summarize
 from lmlab.commands import main
 from lmlab.core.config import SamplingParams, load_config
 from lmlab.core.humanize import format_duration
@@ -19,6 +20,7 @@ from lmlab.evals.evaluate import evaluate_run
 from lmlab.inference.generate import sample
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
 from tests.conftest import write_config
 
@@ -227,3 +229,27 @@ def test_a_dataset_with_documents_gets_its_length_histogram(tmp_path, corpus_dir
         f"{100 * s['share_documents_beyond']:.1f}% of documents longer than the context (32)"]
     assert f"![document lengths of {dataset}](plays-word100-doc-lengths.png)" in md
     assert (tmp_path / "out" / "plays-word100-doc-lengths.png").stat().st_size > 10_000
+
+
+def with_vals(run: Path, copy: Path, rise: float) -> RunFacts:
+    """A copy of `run` whose evaluations after the first read `rise` above it (its metrics.jsonl edited)."""
+    shutil.copytree(run, copy)
+    events = RunDir(copy).events()
+    first = next(e["val_loss"] for e in events if e["event"] == "eval")
+    lines = [{**e, "val_loss": first + rise} if e["event"] == "eval" and e["step"] > 10 else e for e in events]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return RunFacts(RunDir(copy), summarize(copy), RunDir(copy).events(), RunDir(copy).config())
+
+
+def test_a_flat_val_is_called_settled_only_past_the_noise_of_its_eval_batches(two_runs, tmp_path):
+    """A val that stays within the noise of its 4 eval batches is not a run that stopped improving."""
+    gpt2 = two_runs[0]
+    flat, risen = with_vals(gpt2, tmp_path / "flat", 0.0005), with_vals(gpt2, tmp_path / "risen", 1.0)
+    noise = eval_noise(flat.summary.trains, 5, 4)
+    assert noise is not None and 0.0005 < 2 * noise < 1.0  # the tiny run's batches differ by far more than 0.0005
+    said = " ".join(reading([flat, risen]))
+    assert (f"`flat`'s val loss has been flat since its best evaluation (best at step 10 of 40; the later ones are "
+            f"within the ±{noise:.3f} noise of its 4 eval batches): whether more training lowers it is not told") in said
+    assert re.search(r"`risen` stopped improving before its end \(best at step 10 of 40; its last evaluation is 1\.000 "
+                     r"higher, over twice the ±[\d.]+ noise of its 4 eval batches\): more of the same training will "
+                     r"not lower its loss\.", said)

@@ -21,7 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
+from tests.conftest import ALPACA_TINY, LMLAB, write_config
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +280,33 @@ def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_t
             "different unit, and stripped keeps no byte counts of its data (dataset.json) to draw it in bits per byte; "
             "plot them apart.") in \
         " ".join(capsys.readouterr().err.split())
+
+
+def test_kept_evaluations_give_perplexity_and_accuracy_columns(three_runs, capsys):
+    small, medium = map(str, three_runs[:2])
+    columns = " ".join(capsys.readouterr().out.split()) if main(["compare", small, medium, "--wide"]) == 0 else ""
+    assert "perplexity" not in columns  # nothing kept yet: no empty columns
+    assert main(["eval", small, "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    rows = {r["run"]: r for r in as_json(capsys, "compare", small, medium)["runs"]}
+    assert rows["small"]["evaluation"]["perplexity"] == kept["perplexity"] and rows["medium"]["evaluation"] is None
+    assert main(["compare", small, medium, "--wide"]) == 0
+    table = capsys.readouterr().out
+    cells = [line for line in table.splitlines() if line.split()[:1] == ["small"]][0]
+    assert "perplexity" in table and "accuracy" in table
+    assert f"{kept['perplexity']:.2f}" in cells and f"{kept['accuracy']:.3f}" in cells
+    assert main(["runs", str(Path(small).parent), "--wide"]) == 0
+    assert f"{kept['perplexity']:.2f}" in capsys.readouterr().out
+
+
+def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tokenizers, tmp_path, capsys):
+    # bpe:300 reads the Alpaca records; a context of 512 holds them with their prompt
+    config = load_config(two_tokenizers[1] / "config.toml", ["model.block_size=512", "train.max_iters=10"])
+    base, tuned = Trainer(config, tmp_path / "base", "cpu").run().run_dir, tmp_path / "tuned"
+    assert main(["finetune", str(base), "--data", str(ALPACA_TINY), "--run", str(tuned), "--set",
+                 "finetune.epochs=1", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(base), str(tuned), "--wide"]) == 0
+    said = " ".join(re.sub("[│┃]", " ", capsys.readouterr().out).split())
+    assert ("bits/byte: % change, as they were scored on different text (tuned: held-out instruction records, not "
+            "a val split): their losses are of different text") in said

@@ -58,13 +58,22 @@ class Server:
             try:
                 urllib.request.urlopen(f"{self.root}/health", timeout=2)
                 break
-            except (urllib.error.URLError, ConnectionError):
+            except OSError:  # refused, reset, or timed out while the server imports torch
                 assert self.proc.poll() is None, "".join(self.log)
                 assert time.monotonic() < deadline, "the server did not start within 120 s"
                 time.sleep(0.3)
 
     def health(self) -> dict:
         return json.loads(urllib.request.urlopen(f"{self.root}/health", timeout=10).read())
+
+    def logged(self, predicate, count: int = 1, timeout: float = 60) -> list[str]:
+        """The log lines `predicate` accepts, once there are `count` of them (a line is written as its request
+        ends, and read here by a thread of its own)."""
+        deadline = time.monotonic() + timeout
+        while len(found := [line for line in self.log if predicate(line)]) < count:
+            assert time.monotonic() < deadline, f"not logged within {timeout} s: {self.log[-5:]}"
+            time.sleep(0.05)
+        return found
 
     def stop(self) -> None:
         self.proc.terminate()

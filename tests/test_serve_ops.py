@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.core.config import load_config
+from lmlab.core.fileio import sha256_file
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, write_config
@@ -48,6 +49,14 @@ class Process:
         self.starts: list[tuple[int, dict]] = []
         if ready:
             self.wait(lambda health: True)
+
+    def wait_for_log(self, start: str, holds=lambda line: True, timeout: float = 30) -> str:
+        """The first line of the log that starts with `start` (and `holds`), once it is written."""
+        deadline = time.monotonic() + timeout
+        while not (found := [line for line in self.log if line.startswith(start) and holds(line)]):
+            assert time.monotonic() < deadline, self.log[-5:]
+            time.sleep(0.05)
+        return found[0]
 
     def wait(self, done, timeout: float = 120) -> dict:
         """Poll /health until it answers 200 with a body `done` accepts; returns that body."""
@@ -83,7 +92,7 @@ def call(request: urllib.request.Request) -> tuple[int | None, dict | str]:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as err:
         status, raw = err.code, err.read()
-    except (urllib.error.URLError, ConnectionError):
+    except OSError:  # refused, reset, or timed out while the server imports torch
         return None, ""
     try:
         return status, json.loads(raw)
@@ -140,17 +149,42 @@ def test_the_compiled_step_is_built_behind_eager_decoding_and_kept_for_the_next_
         eager_free = client.completions.create(model="sft", prompt="ROMEO:", max_tokens=6, temperature=0)
     finally:
         assert first.stop() == 0
-    kept = list((tmp_path / "cache" / "lmlab" / "compiled").glob("*.pt2"))
-    assert len(kept) == 1
+    folder = tmp_path / "cache" / "lmlab" / "compiled"
+    (kept,) = folder.glob("*.pt2")
+    digest = sha256_file(kept)
+    assert (folder / f"{kept.stem}.sha256").read_text() == f"{digest}  {kept.name}\n"  # `sha256sum -c` reads it
+    good = {path.name: path.read_bytes() for path in folder.iterdir()}
     again = Process(sft_run, "--compile", "--max-batch", "2", env=cache)
     try:
-        assert again.starts[-1][1]["decode_step"] == "compiled"  # from its first 200: nothing compiled again
+        first = again.starts[-1][1]
+        assert first["decode_step"] == "compiled"  # from its first 200: nothing compiled again
+        assert first["compiled_step"] == {"file": str(kept), "sha256": digest}  # which step, as checked
         assert any("loaded the kept compiled step" in line for line in again.log), again.log
         client = openai.OpenAI(base_url=again.url, api_key="unused")
         assert client.completions.create(model="sft", prompt="ROMEO:", max_tokens=6, temperature=0).choices[0].text \
             == eager_free.choices[0].text  # the same compiled step: the same greedy text
     finally:
         assert again.stop() == 0
+    damaged = bytearray(good[kept.name])
+    for at in range(len(damaged) // 3, len(damaged) // 3 + 2000):  # issue 34: it loaded, said "compiled", decoded junk
+        damaged[at] ^= 0xFF
+    kept.write_bytes(damaged)
+    assert refused_at_start(sft_run, cache, "is not the one built there") and not kept.exists()
+    for name, data in good.items():  # the good step back, in a folder anyone may write
+        (folder / name).write_bytes(data)
+    folder.chmod(0o777)
+    assert refused_at_start(sft_run, cache, "the folder is writable by others")
+
+
+def refused_at_start(run: Path, env: dict, why: str) -> bool:
+    """Whether a server started on `run` decodes without the kept compiled step from its first 200, saying `why`."""
+    server = Process(run, "--compile", "--max-batch", "2", env=env)
+    try:
+        first = server.starts[-1][1]
+        server.wait_for_log("lmlab serve: ", lambda line: why in line)
+        return first["decode_step"] != "compiled" and first["compiled_step"] is None
+    finally:
+        assert server.stop() == 0
 
 
 @pytest.mark.slow
@@ -165,6 +199,40 @@ def test_an_api_key_guards_every_route_but_health_and_metrics(keyed):
     assert get(f"{keyed.root}/health")[0] == 200 and get(f"{keyed.root}/metrics")[0] == 200
     client = openai.OpenAI(base_url=keyed.url, api_key=KEY)
     assert client.completions.create(model="tiny-sft", prompt="ROMEO:", max_tokens=3).choices
+
+
+def answer_until_closed(server: Process, request: bytes) -> bytes:
+    """Everything the server sends for a raw `request` until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request)
+        got = b""
+        while piece := sock.recv(4096):
+            got += piece
+    return got
+
+
+@pytest.mark.slow
+def test_a_wrong_key_closes_its_connection_and_the_log_escapes_what_a_path_decodes_to(keyed):
+    # %0A decodes to a newline: unescaped, the rest of the path was a line of its own in the log, a forged request.
+    forged = b"/v1/models%0AGET%20/admin%20200%200.001s"
+    said = answer_until_closed(keyed, b"GET " + forged + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n\r\n")
+    assert said.startswith(b"HTTP/1.1 401") and b"\r\nconnection: close\r\n" in said.lower()
+    keyed.wait_for_log(f"GET {forged.decode()} 401 ")
+    assert not any(line.startswith("GET /admin") for line in keyed.log)
+
+
+@pytest.mark.slow
+def test_an_api_key_beyond_ascii_is_compared_as_the_utf_8_a_client_sends(sft_run):  # noqa: F811
+    key = "clé-ü-秘密"
+    server = Process(sft_run, "--no-compile", "--api-key", key)
+    try:
+        double = key.encode("utf-8").decode("latin-1").encode("utf-8")  # what the server compared before
+        for sent, status in ((key.encode("utf-8"), b"200"), (key.encode("utf-8")[:-1], b"401"), (double, b"401")):
+            said = answer_until_closed(server, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                       b"Authorization: Bearer " + sent + b"\r\n\r\n")
+            assert said.startswith(b"HTTP/1.1 " + status), (sent, said[:200])
+    finally:
+        assert server.stop() == 0
 
 
 @pytest.mark.slow
@@ -202,8 +270,11 @@ def test_tokenize_and_detokenize_in_vllms_shapes(keyed, sft_run):  # noqa: F811
     for request, want, param in bad:
         status, body = post(f"{keyed.root}/tokenize", request, auth)
         assert status == want and body["error"]["param"] == param and body["error"]["message"], (request, body)
-    status, body = post(f"{keyed.root}/tokenize", {"prompt": "x" * 2_000_000}, auth)
-    assert status == 413 and body["error"]["code"] == "request_too_large"
+    # 2 MB announced, none sent: refused from the header alone (a client still uploading when the server closed
+    # the connection was reset before it read the 413, now and then)
+    said = answer_until_closed(keyed, b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 2000000\r\n\r\n")
+    assert said.startswith(b"HTTP/1.1 413") and b"request_too_large" in said
     for tokens in ([-1], [tokenizer.vocab_size], [1.5], [True], "1 2", None):
         status, body = post(f"{keyed.root}/detokenize", {"tokens": tokens}, auth)
         assert status == 400 and body["error"]["param"] == "tokens", (tokens, body)

@@ -34,16 +34,20 @@ def test_a_piped_train_logs_a_plain_line_every_log_interval(tmp_path, char_datas
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
     lines = re.findall(r"^step (\d+)/100,000 \| loss ([\d.]+) \| lr ([\d.e+-]+) \| ([\d,]+) tok/s(?: \| MFU ([\d.]+)%)? \| "
-                       r"epoch ([\d.]+) \| elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d$", seen + rest, re.MULTILINE)
+                       r"epoch ([\d.]+), ([\d.]+) (s|min|h|days)/epoch \| elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d$",
+                       seen + rest, re.MULTILINE)
     trains = [e for e in RunDir(tmp_path / "run").events() if e["event"] == "train"]
     assert [int(step) for step, *_ in lines] == [e["step"] for e in trains]
     assert [int(step) for step, *_ in lines][:8] == [5, 10, 15, 20, 25, 30, 35, 40]
-    for (_, loss, lr, rate, mfu, epoch), event in zip(lines, trains):
+    for (_, loss, lr, rate, mfu, epoch, per_epoch, unit), event in zip(lines, trains):
         assert (loss, float(lr)) == (f"{event['loss']:.4f}", pytest.approx(event["lr"], rel=0.051))  # 2 digits
         # metrics.jsonl rounds tokens/s to 0.1 and MFU to 4 places; the line rounds the exact figures
         assert float(rate.replace(",", "")) == pytest.approx(event["tokens_per_sec"], abs=1)
         assert (float(mfu) == pytest.approx(100 * event["mfu"], abs=0.06)) if mfu else event["mfu"] is None
         assert float(epoch) == pytest.approx(event["epoch"], abs=0.006)
+        # the wall time per pass so far: elapsed / epoch (as the event rounds them, and the line its unit)
+        seconds = float(per_epoch) * {"s": 1, "min": 60, "h": 3600, "days": 86400}[unit]
+        assert seconds == pytest.approx(event["elapsed"] / event["epoch"], rel=0.05, abs=0.5)
     # the eval lines too, each train loss by its name, and no terminal codes
     assert re.search(r"step 10 \| train \(steps\) [\d.]+ \| train \(eval\) [\d.]+ \| val", seen)
     assert "\x1b[" not in seen + rest
@@ -91,7 +95,7 @@ def test_bench_names_the_dtype_it_trained_in(capsys, tmp_path, char_dataset):
     out = capsys.readouterr().out.split("┏")[0]
     title = " ".join(out.split()).split("training steps per batch size")[1]
     used = str(autocast_dtype(torch.device("cpu"), "auto")).removeprefix("torch.")
-    assert title.startswith(f" (cpu, {used};") and "auto" not in title
+    assert title.startswith(f" (cpu, {used}, ") and "auto" not in title  # then the threads it timed on
     assert out.startswith(f"dtype {used} (auto: ")  # and why, first
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -11,7 +16,7 @@ import numpy as np
 from lmlab.analysis.runs import RunSummary, unfair
 from lmlab.analysis.scaling import PowerLawFit
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import writing
+from lmlab.core.fileio import WriteError, check_writable, writing
 from lmlab.run.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -21,6 +26,7 @@ if TYPE_CHECKING:
 def pyplot() -> ModuleType:
     """matplotlib.pyplot, imported at the first plot (or when a budgeted run chooses): its ~0.5 s import is not
     paid before a run's first step."""
+    _font_cache()
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and in CI
@@ -29,11 +35,24 @@ def pyplot() -> ModuleType:
     return plt
 
 
+def _font_cache() -> None:
+    """Where matplotlib's cache folder cannot be written (a read-only home), give it a temporary one, as it would
+    make itself, but without its three lines of warning on every command that plots: the cache only saves
+    rebuilding the font list, a second at the first plot."""
+    if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
+        return
+    try:
+        check_writable(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "matplotlib" / "fontlist")
+    except WriteError:
+        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="lmlab-matplotlib-")
+        atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], ignore_errors=True)
+
+
 def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     """Draw train (per log interval) and val (per eval) loss against step into `path` (the run's loss.png)."""
-    events = run.events()
-    train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
-    evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval"]
+    events = run.events()  # a figure that was not finite is null (`rundir.as_json`): not drawn
+    train = [(e["step"], e["loss"]) for e in events if e["event"] == "train" and e["loss"] is not None]
+    evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval" and e["val_loss"] is not None]
     fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
     if train:
         ax.plot(*zip(*train), label="train (mean of the steps)", color="tab:blue", alpha=0.6, linewidth=1)

@@ -26,7 +26,8 @@ class RunSummary:
 
     path: Path
     status: str  # finished | stopped early | stopped (SIGTERM) | running | crashed | half-written | not a run
-    params: int | None = None
+    params: int | None = None  # of the real vocabulary (LanguageModel.num_params)
+    padding: int = 0  # weights of vocabulary padding rows, not counted in params
     dataset: str | None = None
     tokenizer: str | None = None
     model: str | None = None  # LanguageModel.describe(), e.g. "gpt 4L/256 rope" or "recurrent gru 2L/512"
@@ -44,6 +45,9 @@ class RunSummary:
     split_tokens: int | None = None  # the train split's tokens (its unique tokens), of a trained run
     token_bytes: dict[str, float] = field(default_factory=dict)  # UTF-8 bytes per token of each split: bits per byte
     data_sha256: str | None = None  # of the val split: runs with the same one were scored on the same text
+    kind: str | None = None  # trained | fine-tuned | imported
+    scored_on: str | None = None  # what its val loss is of: the val split (its sha256), a fine-tune's held-out records
+    evaluation: dict[str, Any] | None = None  # the kept `lmlab eval` of the checkpoint's weights (perplexity, accuracy)
     still_falling: bool | None = None  # the last eval was the best one
     tokens_per_sec: float | None = None  # median of the logged intervals
     mfu: float | None = None  # median of the logged intervals
@@ -66,6 +70,11 @@ class RunSummary:
     def epochs(self) -> float | None:
         """Passes over the train split: tokens seen over its tokens."""
         return self.tokens / self.split_tokens if self.split_tokens else None
+
+    @property
+    def epoch_seconds(self) -> float | None:
+        """Wall seconds per pass over the train split, evaluations included."""
+        return self.elapsed / self.epochs if self.epochs and self.elapsed else None
 
     @property
     def unique_tokens(self) -> int:
@@ -107,6 +116,9 @@ def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
     except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
         return
     summary.architecture, summary.shape = model.architecture(), f"{config.n_layer}L/{config.n_embd}"
+    summary.padding = model.padding_params()
+    if summary.params and "params_padding" not in start:  # recorded before params left the padding out
+        summary.params -= summary.padding
     summary.model = summary.model or model.describe()
     summary.flops_per_token = summary.flops_per_token or model.flops_per_token()
 
@@ -120,15 +132,19 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     events = run.events()
     summary = RunSummary(run.path, _status(run, events), checkpoint=checkpoint)
     summary.tasks, summary.judge = kept_scores(run, checkpoint)
+    summary.evaluation = kept_evaluation(run, checkpoint)
     start = events[0] if events and events[0].get("event") == "start" else {}
-    summary.params, summary.device = start.get("params"), start.get("device")
+    summary.params, summary.device, summary.kind = start.get("params"), start.get("device"), start.get("kind")
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
     _describe(run, start, summary)
     _data(run, start, summary)
-    summary.evals = [e for e in events if e.get("event") == "eval" and "val_loss" in e]
-    summary.trains = [e for e in events if e.get("event") == "train" and "loss" in e]
+    # A figure that was not finite is null in metrics.jsonl (`rundir.as_json`): such lines draw and count nothing.
+    summary.evals = [e for e in events if e.get("event") == "eval" and isinstance(e.get("val_loss"), (int, float))]
+    summary.trains = [e for e in events if e.get("event") == "train" and isinstance(e.get("loss"), (int, float))]
     summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
-    summary.mfu = _median([e.get("mfu") for e in summary.trains])
+    logged = [e.get("mfu") for e in summary.trains]
+    # Above 100% the run's peak was wrong (an emulated kernel's, before lmlab checked): none of its MFU stands.
+    summary.mfu = None if any(m is not None and m > 1 for m in logged) else _median(logged)
     progress = [e for e in events if "step" in e and "tokens" in e]
     if progress:
         summary.steps, summary.tokens = progress[-1]["step"], progress[-1]["tokens"]
@@ -136,7 +152,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     if summary.evals:
         best = min(summary.evals, key=lambda e: e["val_loss"])
         summary.best_val_loss, summary.best_step = best["val_loss"], best["step"]
-        if "train_eval_loss" in best:
+        if isinstance(best.get("train_eval_loss"), (int, float)):
             summary.gap = best["val_loss"] - best["train_eval_loss"]
         summary.still_falling = summary.evals[-1] is best
         summary.best_bpb = summary.bits_per_byte(best["val_loss"])
@@ -159,9 +175,18 @@ def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[s
     return tasks, judged[-1] if judged else None
 
 
+def kept_evaluation(run: RunDir, checkpoint: str = "best") -> dict[str, Any] | None:
+    """The newest whole-split val evaluation (`lmlab eval`) kept in a run for the weights of one checkpoint."""
+    weights = run.weights_sha256(checkpoint)
+    whole = [r for r in run.evaluations() if weights and r.get("weights_sha256") == weights
+             and r.get("max_tokens") is None and isinstance(r.get("perplexity"), float)]
+    return whole[-1] if whole else None
+
+
 def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
     """What the run's dataset facts say: the train split's tokens (a trained run's: the start event's, or of an
-    older run its dataset.json), bytes per token of each split, and the val split's checksum."""
+    older run its dataset.json), bytes per token of each split, and the val split's checksum; and the text its val
+    loss is of (a fine-tune's: its held-out records, not the base's val split)."""
     meta = run.dataset()
     splits = {split: meta.get(split) for split in ("train", "val")} if isinstance(meta, dict) else {}
     splits = {split: facts for split, facts in splits.items() if isinstance(facts, dict)}
@@ -172,6 +197,9 @@ def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
         if facts.get("tokens") and facts.get("bytes"):
             summary.token_bytes[split] = facts["bytes"] / facts["tokens"]
     summary.data_sha256 = (splits.get("val") or {}).get("sha256")
+    origin = start.get("origin") if isinstance(start.get("origin"), dict) else {}
+    summary.scored_on = (f"held-out records {origin.get('data_sha256')}" if summary.kind == "fine-tuned" else
+                         summary.data_sha256 or summary.dataset)
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -203,11 +231,12 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed), "best_val_loss": s.best_val_loss,
         "best_val_loss_change": s.best_val_loss / base.best_val_loss - 1, "bits_per_byte": s.best_bpb,
         "bits_per_byte_change": _ratio(s.best_bpb, base.best_bpb) and s.best_bpb / base.best_bpb - 1,
-        "by_bytes": by_bytes, "epochs": s.epochs, "unique_tokens": s.unique_tokens,
+        "by_bytes": by_bytes, "epochs": s.epochs, "epoch_seconds": s.epoch_seconds, "unique_tokens": s.unique_tokens,
+        "params_padding": s.padding,
         "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params),
         "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params),
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
-        "judge": s.judge,
+        "judge": s.judge, "evaluation": s.evaluation,
     } for s in runs]
 
 
@@ -217,8 +246,10 @@ def unfair(runs: list[RunSummary]) -> str | None:
     tokenizers = sorted({str(s.tokenizer) for s in runs})
     if len(tokenizers) > 1:
         return f"their tokenizers differ ({', '.join(tokenizers)}): a loss per token is per a different unit"
-    if len({s.data_sha256 or str(s.dataset) for s in runs}) > 1:
-        return "they trained on different data: their losses are of different text"
+    if len({s.scored_on for s in runs}) > 1:
+        tuned = [s.name for s in runs if s.kind == "fine-tuned"]
+        how = (f" ({', '.join(tuned)}: held-out instruction records, not a val split)" if tuned else "")
+        return f"they were scored on different text{how}: their losses are of different text"
     return None
 
 
@@ -281,6 +312,18 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
     Column("judge (scored, model)", 9, lambda r: judge_cell(r["judge"]), left=True),
 ]
 
+def evaluation_columns(rows: list[dict[str, Any]], priority: int = 8) -> list[Column]:
+    """Perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint (`lmlab eval RUN` keeps them), where
+    any row has one: exp of the loss on the whole val split, and the share of its next tokens guessed right."""
+    if not any(r.get("evaluation") for r in rows):
+        return []
+    def figure(key: str, spec: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: fmt((r.get("evaluation") or {}).get(key), spec)
+
+    return [Column("perplexity", priority, figure("perplexity", ".2f")),
+            Column("accuracy", priority + 1, figure("accuracy", ".3f"))]
+
+
 def judge_cell(judge: dict[str, Any] | None) -> str:
     """The judge's mean score with how many answers it scored and which model judged: `62.3 (18/20, NAME)`."""
     if not judge:
@@ -329,6 +372,7 @@ COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
     Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f}" + _change(r, "best_val_loss_change", False)),
     Column("bits/byte", 6, lambda r: fmt(r["bits_per_byte"], ".3f") + _change(r, "bits_per_byte_change", True)),
     Column("epochs", 12, lambda r: fmt(r["epochs"], ".2f")),
+    Column("time/epoch", 13, lambda r: format_duration(r["epoch_seconds"]) if r["epoch_seconds"] else "-"),
     Column("tok/param", 9, lambda r: f"{r['tokens_per_param']:.1f}"),
     Column("Chinchilla", 7, _chinchilla),
     Column("val-train(eval)", 10, lambda r: fmt(r["gap"], "+.3f")),

@@ -17,11 +17,11 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
 from lmlab import __version__
-from lmlab.commands import data, evaluate, hf, plan, report, runs, serve, sweep, train
-from lmlab.commands.common import describe_commands
-from lmlab.core.errors import UserError
+from lmlab.commands import data, evaluate, hf, log, plan, report, runs, serve, sweep, train
+from lmlab.commands.common import describe_commands, silence_stdout
+from lmlab.core.errors import PeerLost, UserError
 
-FAMILIES = (data, train, evaluate, hf, serve, plan, runs, report, sweep)  # the order of `lmlab --help`
+FAMILIES = (data, train, evaluate, hf, serve, plan, runs, log, report, sweep)  # the order of `lmlab --help`
 
 # One example per subcommand, shown at the end of its --help (tests/test_terminal.py checks that each has one).
 EXAMPLES = {
@@ -34,12 +34,14 @@ EXAMPLES = {
     "sample": "lmlab sample runs/demo --prompt \"ROMEO:\" --max-new-tokens 300 --temperature 0.7",
     "import-hf": "lmlab import-hf ~/models/gpt2 --out runs/gpt2",
     "export-hf": "lmlab export-hf runs/gpt2-sft exported/gpt2-sft",
+    "export-gguf": "lmlab export-gguf runs/demo exported/demo.gguf --type q8_0",
     "serve": "lmlab serve runs/gpt2-sft --port 8000",
     "answer": "lmlab answer runs/gpt2-sft --data test.json --out answers.jsonl",
     "judge": "lmlab judge --answers answers.jsonl --endpoint http://127.0.0.1:8001/v1 --model judge",
     "bench": "lmlab bench configs/gpt2-small.toml --batch-sizes 4,8,16 --find-max-batch",
     "plan": "lmlab plan configs/gpt2-small.toml --chinchilla --gpu H100",
     "runs": "lmlab runs runs --wide",
+    "log": "lmlab log runs/demo --csv > demo-evals.csv",
     "compare": "lmlab compare runs/shakespeare-char-cpu runs/demo --plot compare.png --x flops",
     "scaling": "lmlab scaling runs/depth-lr/*/ --plot scaling.png",
     "report": "lmlab report runs/demo runs/shakespeare-char-cpu --out reports/modern-vs-gpt2",
@@ -82,45 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
 PEER_GRACE_SECONDS = 2.0
 
 
-def report(message: str) -> None:
+def report(message: str, own: bool = False) -> None:
     """Say why a command stopped, in one line on stderr. Under torchrun every rank usually stops for the same
-    reason: rank 0 alone prints it, and each rank leaves it in torchrun's error file, so that the launcher's
-    failure summary shows the sentence (instead of a link) for whichever rank it names."""
-    rank0 = os.environ.get("RANK", "0") == "0"
-    if rank0:
+    reason: the first process of each node alone prints it (a node's terminal shows only its own processes, and
+    its launcher may end without a summary when the rendezvous host's goes first), and each rank leaves it in
+    torchrun's error file, so that the launcher's failure summary shows the sentence (instead of a link) for
+    whichever rank it names. A rank's `own` reason (a peer it lost: the node's first process may be the one gone)
+    it says itself, at once."""
+    says = own or os.environ.get("LOCAL_RANK", "0") == "0"
+    if says:
         print(f"error: {message}", file=sys.stderr)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         # torchrun's own format; its summary prints `py_callstack`, which here is the sentence, not a traceback.
         info = {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}
         with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:
             json.dump({"message": {"message": f"UserError: {message}", "extraInfo": info}}, f)
-    if not rank0:
-        # torchrun stops every rank once one exits: a rank that got here first waits for rank 0, which stops for the
-        # same reason a moment later, to say it (else the sentence is only in the launcher's summary).
+    if not says:
+        # torchrun stops every rank once one exits: a rank that got here first waits for its node's first process,
+        # which stops for the same reason a moment later, to say it (else the sentence is only in the summary).
         time.sleep(PEER_GRACE_SECONDS)
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so that nothing more (the interpreter's last flush included) writes to a pipe
-    whose reader has gone."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Whatever stops it, the user reads one line (status 2: a mistake, a refusal, a destination
     that cannot be written; 130: interrupted), never a traceback; a reader that goes away (`| head`) ends it as
     SIGPIPE ends any Unix tool, silently with status 141."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # a destination option's refusal is a UserError (common.destination)
         args.func(args)
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         return 141
     except UserError as err:
-        return _say(str(err))
+        return _say(str(err), own=isinstance(err, PeerLost))
     except OSError as err:  # a file or folder no command checked itself: named, with what to do
         from lmlab.core.fileio import os_fix
 
@@ -132,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:
+        if _peer_gone(err):
+            return _say(f"rank {os.environ['RANK']} stops: another process of this torchrun job ended first "
+                        f"({_peer_words(err)}); torchrun's summary says which and why.", own=True)
         if type(err).__name__ != "OutOfMemoryError":  # torch's, raised by a GPU's caching allocator
             raise
         return _say(f"the device ran out of memory ({str(err).splitlines()[0]}); use a smaller batch size, "
@@ -139,10 +138,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _say(message: str) -> int:
+# How Gloo and NCCL say, in a collective, that a peer process went away (it died, or its launcher stopped it).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited", "Socket Timeout")
+
+
+def _peer_gone(err: RuntimeError) -> bool:
+    """Whether `err` is a torchrun job's collective failing because another of its processes ended."""
+    dist = sys.modules.get("torch.distributed")
+    if "RANK" not in os.environ or dist is None:
+        return False
+    return isinstance(err, getattr(dist, "DistError", ())) or any(words in str(err) for words in PEER_GONE)
+
+
+def _peer_words(err: RuntimeError) -> str:
+    """The library's first sentence, without the source file it names: `Connection closed by peer [::1]:6539`."""
+    return re.sub(r"^\[[^\]]*\] ", "", (str(err).strip() or type(err).__name__).splitlines()[0]).split(". ")[0][:200]
+
+
+def _say(message: str, own: bool = False) -> int:
     """Report a refusal (status 2), even when stderr's reader has gone too."""
     try:
-        report(message)
+        report(message, own)
     except BrokenPipeError:
         pass
     return 2

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -22,18 +23,34 @@ from lmlab.core.errors import UserError
 from lmlab.core.progress import progress_bar
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
+    from lmlab.core.threads import ThreadChooser
     from lmlab.run.rundir import LoadedRun
 
 if TYPE_CHECKING:
     from lmlab.analysis.runs import Column
 
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing more (the interpreter's last flush included) writes to a pipe
+    whose reader has gone."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        pass
+
+
 class PipeConsole(Console):
     """rich's Console, whose output into a pipe that has no reader any more raises BrokenPipeError, as a print
-    does, for `main` to end the command as every Unix tool ends (rich's own exits with status 1)."""
+    does, for `main` to end the command as every Unix tool ends (rich's own exits with status 1). While a run
+    trains, the output only goes quiet and the run stops as SIGTERM stops it (checkpoint first)."""
 
     def on_broken_pipe(self) -> None:
+        from lmlab.train.stop import stop_for_closed_output
+
         self.quiet = True
-        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        silence_stdout()
+        if not stop_for_closed_output():
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 # Piped output (logs, CI, tests) is not cut to 80 columns unless COLUMNS says so: tables stay whole and greppable.
@@ -119,13 +136,22 @@ def counts(text: str) -> list[int]:
 
 def positive(text: str) -> float:
     """A finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
-    return value
+    return within(0, math.inf, above=True)(text)
+
+
+def within(low: float, high: float, above: bool = False) -> Callable[[str], float]:
+    """A finite number from `low` (with `above`, above it) to `high`."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            bounds = f"{'above' if above else 'of at least'} {low:g}"
+            bounds += f", at most {high:,.0f}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number {bounds}")
+        return value
+    return number
 
 
 def port(text: str) -> int:
@@ -133,6 +159,47 @@ def port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
     return int(text)
+
+
+RUN_FILES = ("config.toml", "metrics.jsonl")  # what every run folder holds (docs/ARCHITECTURE.md: a run dir)
+DATASET_FILES = ("meta.json", "tokenizer.json")  # what every finished dataset dir holds
+KEPT = {"run folder": "its weights, config and history", "dataset dir": "its tokens, tokenizer and meta.json"}
+
+
+def _kept_folder(folder: Path) -> str | None:
+    """`run folder` or `dataset dir` when `folder` is one, else None (os.path.isfile: a name too long to look up is
+    no such folder, and is refused later in its own words)."""
+    if all(os.path.isfile(folder / name) for name in RUN_FILES):
+        return "run folder"
+    return "dataset dir" if all(os.path.isfile(folder / name) for name in DATASET_FILES) else None
+
+
+def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
+    """`path`, refused in one sentence when it is a run folder or a dataset dir, or lies in one: what a command
+    writes there could replace the files lmlab keeps in it. `kind` "run": a run folder to make, which may be one
+    already (its command decides about that) but not a dataset dir; "report": a report's folder, which may be a
+    run's own report/."""
+    path = Path(path)
+    resolved = path.resolve()
+    for folder in [resolved, *resolved.parents]:
+        what = _kept_folder(folder)
+        allowed = (folder == resolved and kind == "run" and what == "run folder") or (
+            kind == "report" and what == "run folder" and resolved == folder / "report")
+        if what and not allowed:
+            where = f"is the {what} {folder}" if folder == resolved else f"is inside the {what} {folder}"
+            raise UserError(f"{option} {path} {where}, where a command's output could replace {KEPT[what]}; "
+                            "choose a path outside it.")
+    return path
+
+
+def destination(option: str, kind: str = "") -> Callable[[str], str]:
+    """The type of an option naming where a command writes (`check_destination`), checked as the command line is
+    parsed, before anything loads; its refusal is the command's one line."""
+    def where(text: str) -> str:
+        check_destination(text, option, kind)
+        return text
+    where.destination = True  # tells it from the numeric types (tests/test_cli_numbers.py)
+    return where
 
 
 def add_set(parser: argparse.ArgumentParser, example: str = "train.learning_rate=3e-4") -> None:
@@ -245,6 +312,16 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
     run = RunDir(path).load(checkpoint, device)
     note_checkpoint(path, checkpoint, run.checkpoint, run.step)
     return run
+
+
+def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int, doing: str) -> None:
+    """The threads of `run`'s work (`rows` sequences of `length` tokens; 1 for decoding) from `chooser`, made before
+    the run loaded (lmlab.core.threads); a note on stderr when they were lowered."""
+    from lmlab.core.threads import forward_probe
+
+    choice = chooser.choose(forward_probe(run.model, rows, length, run.device, run.dtype), run.device)
+    if choice.lowered:
+        print(f"note: {doing} on {choice.describe('OMP_NUM_THREADS')}", file=sys.stderr)
 
 
 def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:

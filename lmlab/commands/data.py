@@ -8,16 +8,18 @@ from typing import Any
 
 from rich.table import Table
 
-from lmlab.commands.common import console, count
+from lmlab.commands.common import console, count, destination
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from lmlab.data.normalize import Normalization
     from lmlab.data.prepare import PrepareOptions, prepare
     from lmlab.data.stats import dataset_stats
 
+    normalization = Normalization.parse(args.normalize, args.keep_chars, args.drop_chars)
     options = PrepareOptions(val_tokens=args.val_tokens, max_tokens=args.max_tokens, pack=args.pack,
                              block_size=args.block_size, shard_tokens=args.shard_tokens, text_field=args.text_field,
-                             gpt2_dir=args.gpt2_dir and Path(args.gpt2_dir),
+                             gpt2_dir=args.gpt2_dir and Path(args.gpt2_dir), normalization=normalization,
                              **({"workers": args.workers} if args.workers is not None else {}))
     target, meta, built = prepare(args.source, args.tokenizer, args.name, Path(args.out_dir), args.val_fraction,
                                   args.force, options, console)
@@ -30,6 +32,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                       f"{s['characters'] / s['tokens']:.2f}")
     console.print(table)
     console.print(f"tokenizer {meta['tokenizer']}: vocab size {meta['vocab_size']:,}, stored as {meta['dtype']}")
+    if normalization:
+        console.print(f"normalised ({normalization.describe()}): prompts, tasks and requests to its runs are too")
     _print_stats(dataset_stats(target, args.block_size))
 
 
@@ -74,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpt2-dir", help="with --tokenizer gpt2: folder with GPT-2's tokenizer.json, or vocab.json + "
                    "merges.txt (default: $LMLAB_GPT2_DIR)")
     p.add_argument("--name", help="dataset name (default: the corpus name); the dir is NAME-SPEC")
-    p.add_argument("--out-dir", default="data", help="where dataset dirs go (default: data)")
+    p.add_argument("--out-dir", default="data", type=destination("--out-dir"),
+                   help="where dataset dirs go (default: data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of characters held out (default 0.1)")
     p.add_argument("--val-tokens", type=int, help="size the val split in tokens (documents in sha256-of-name order)")
     p.add_argument("--max-tokens", type=int, help="stop after this many train tokens (at a document boundary)")
@@ -86,6 +91,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--block-size + 1 tokens and padded with end-of-text (train with model.block_size = --block-size)")
     p.add_argument("--block-size", type=int, default=1024, help="context length for --pack crop and the stats "
                    "(default 1024)")
+    p.add_argument("--normalize", action="append", metavar="lower|nfkc|ascii",
+                   help="normalise the text first: lower-case, NFKC, fold to ASCII; combinable (nfkc,lower or the "
+                   "option again), applied nfkc, ascii, lower whatever the order; kept in the tokenizer, so text "
+                   "sampled, evaluated or served later is normalised the same way")
+    chars = p.add_mutually_exclusive_group()
+    chars.add_argument("--keep-chars", metavar="CHARS", help="keep only these characters (after --normalize), e.g. "
+                       "'a-z \\n': ranges, and \\n \\t \\s (space) \\\\ \\- escapes; a char dataset must keep \\n")
+    chars.add_argument("--drop-chars", metavar="CHARS", help="remove these characters (after --normalize), written "
+                       "as for --keep-chars")
     p.add_argument("--force", action="store_true", help="replace an existing dataset made from other inputs")
     p.set_defaults(func=cmd_prepare)
 

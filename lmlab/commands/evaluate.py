@@ -15,10 +15,13 @@ from lmlab.commands.common import (
     add_compile,
     add_device,
     add_sampling,
+    check_destination,
     compiled_step,
     console,
     count,
+    destination,
     load_run,
+    pick_threads,
     print_table,
     samplings,
     ticking,
@@ -37,9 +40,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for option in ("limit", "samples"):
         if getattr(args, option) is not None:
             raise UserError(f"--{option} goes with --task; the val split is cut with --max-tokens N.")
+    from lmlab.core.threads import ThreadChooser
     from lmlab.evals.evaluate import evaluate_run
 
+    chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.run, args.checkpoint, args.device)
+    pick_threads(chooser, run, args.batch_size, run.config.model.block_size, "evaluating")
     subset = f" (about {args.max_tokens:,} tokens of it: --max-tokens)" if args.max_tokens else ""
     with ticking("window", f"Evaluating the val split{subset}", stderr=args.json) as tick:
         result = evaluate_run(run, args.dataset and Path(args.dataset), args.batch_size, tick,
@@ -63,6 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from lmlab.core.threads import ThreadChooser
     from lmlab.evals.tasks import evaluate_task, load_task
 
     for option, why in (("max_tokens", "cuts the val split"), ("dataset", "names the val split's dataset")):
@@ -72,7 +79,9 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     if args.samples and len(args.task) > 1:
         raise UserError("--samples writes the items of one task; pass one --task with it.")
     tasks = [load_task(source, args.limit) for source in args.task]  # every file checked before the model loads
+    chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.run, args.checkpoint, args.device)
+    pick_threads(chooser, run, 1, run.config.model.block_size, "scoring")
     results = []
     for task in tasks:
         with ticking("choice", f"Scoring {task.name} ({len(task.items):,} items)", stderr=args.json) as tick:
@@ -115,7 +124,7 @@ def task_notes(result: dict[str, Any]) -> list[str]:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     params = samplings(args)
-    if len(args.runs) > 1 or args.prompts or len(params) > 1:
+    if len(args.runs) > 1 or args.prompts or len(params) > 1 or args.chat is True:
         return _sample_grid(args, params)
     for option, value in (("--json", args.json), ("--out", args.out)):
         if value:
@@ -134,9 +143,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
+    from lmlab.core.threads import ThreadChooser
     from lmlab.inference.generate import chat_stream, instruct_stream, sample_stream, samples, seeded
 
+    chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.runs[0], args.checkpoint, args.device)
+    pick_threads(chooser, run, args.num_samples, 1, "decoding")
     tokens = max(len(args.prompt), run.config.model.block_size) + args.max_new_tokens
     step = compiled_step(args, run, args.num_samples, "--num-samples", tokens)
     if args.num_samples > 1:
@@ -177,19 +189,27 @@ def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None
     from lmlab.core.fileio import atomic_write_text
     from lmlab.writeup.grid import read_prompts, sample_grid
 
-    for option, given in (("--instruction", args.instruction), ("--chat", args.chat), ("--input", args.input),
-                          ("--system", args.system)):
+    for option, given in (("--instruction", args.instruction), ("--input", args.input), ("--system", args.system)):
         if given:
-            raise UserError(f"a prompt grid continues prompts; ask {option} of one run at a time.")
+            raise UserError(f"a prompt grid puts its prompts to every run (--chat: as a user's message where a run "
+                            f"has a chat template or prompt format); ask {option} of one run at a time.")
     if args.num_samples > 1:
         raise UserError("--num-samples draws several continuations of one prompt; a grid draws one per cell.")
-    if args.prompts and args.prompt:
-        raise UserError("--prompt and --prompts both name prompts; put the prompt in the file.")
-    prompts = read_prompts(Path(args.prompts)) if args.prompts else [args.prompt]
-    out = Path(args.out or ("prompt-grid.json" if args.json else "prompt-grid.md"))
-    with console.status("Sampling...") as status:
+    named = [option for option, given in (("--prompt", args.prompt), ("--prompts", args.prompts),
+                                          ("--chat TEXT", isinstance(args.chat, str))) if given]
+    if len(named) > 1:
+        raise UserError(f"{' and '.join(named)} both name prompts; put them in the --prompts file (with --chat alone "
+                        "to ask them as chat).")
+    if args.chat is True and not (args.prompts or len(args.runs) > 1 or len(params) > 1):
+        raise UserError("--chat alone asks a grid's prompts (--prompts FILE, or several runs) as chat; give the "
+                        "message of one run's chat as --chat TEXT.")
+    prompts = read_prompts(Path(args.prompts)) if args.prompts else [args.chat if isinstance(args.chat, str)
+                                                                      else args.prompt]
+    out = check_destination(args.out or ("prompt-grid.json" if args.json else "prompt-grid.md"), "--out")
+    cells = f"{len(args.runs)} run(s) × {len(prompts):,} prompt(s) × {len(params)} temperature(s)"
+    with ticking("cell", f"Sampling {cells}", stderr=True) as tick:  # stdout is the grid's
         grid = sample_grid([Path(r) for r in args.runs], prompts, [p.temperature for p in params], params[0],
-                           args.checkpoint, args.device, status.update)
+                           args.checkpoint, args.device, tick, chat=args.chat is not None)
     if args.json:
         text = json.dumps(grid.to_json(), indent=1, ensure_ascii=False) + "\n"
     else:
@@ -210,7 +230,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "val split: JSON lines in HellaSwag's layout or {context, choices, answer}, or "
                    "hf:OWNER/NAME[:SPLIT] (repeatable; README: Evaluating)")
     p.add_argument("--limit", type=count(), help="with --task: score only the first N items of each task")
-    p.add_argument("--samples", metavar="OUT.jsonl", help="with --task: write each item's log-likelihoods and picks")
+    p.add_argument("--samples", metavar="OUT.jsonl", type=destination("--samples"),
+                   help="with --task: write each item's log-likelihoods and picks")
     add_checkpoint(p)
     p.add_argument("--batch-size", type=count(), default=32, help="windows of block_size tokens scored at once")
     add_device(p)
@@ -231,11 +252,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instruction", help="ask in the run's own format (an imported instruct model's chat template; "
                    "Alpaca unless fine-tuned otherwise) and print the answer alone")
     p.add_argument("--input", default="", help="with --instruction: the record's input")
-    p.add_argument("--chat", metavar="TEXT", help="a user's message, put through an imported instruct model's chat "
-                   "template (else the run's prompt format, or a role: content transcript); prints the reply")
+    p.add_argument("--chat", metavar="TEXT", nargs="?", const=True,
+                   help="a user's message, put through an imported instruct model's chat template (else the run's "
+                   "prompt format, or a role: content transcript); prints the reply. In a grid (several runs, "
+                   "--prompts), alone or with TEXT as the prompt: runs with a chat template or prompt format are "
+                   "asked each prompt in it, the others continue it")
     p.add_argument("--system", metavar="TEXT", help="with --chat: the system message before it")
     p.add_argument("--json", action="store_true", help="a grid as one JSON object instead of Markdown")
-    p.add_argument("--out", metavar="FILE", help="where a grid is written too (default: prompt-grid.md, or "
-                   "prompt-grid.json with --json)")
+    p.add_argument("--out", metavar="FILE", type=destination("--out"), help="where a grid is written too (default: "
+                   "prompt-grid.md, or prompt-grid.json with --json)")
     add_device(p)
     p.set_defaults(func=cmd_sample)

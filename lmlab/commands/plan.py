@@ -3,37 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from lmlab.commands.common import add_device, add_set, console, count, counts, positive
+from lmlab.commands.common import add_device, add_set, console, count, counts, positive, within
 from lmlab.core.errors import UserError
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from lmlab.experiments.bench import bench_batch, eval_cost
+    import torch
+
+    from lmlab.experiments.bench import bench_batch, bench_threads, eval_cost
     from lmlab.core.config import load_config
-    from lmlab.core.device import configure, resolve_device
+    from lmlab.core.device import resolve_device
+    from lmlab.core.threads import ThreadChooser
 
     cfg = load_config(Path(args.config), args.set)
+    chooser = ThreadChooser(cfg.train.threads, "train.threads")  # the peak is measured on every core, as training's
     device = resolve_device(args.device)
-    configure(device, cfg.train.threads)  # the threads the peak is measured with, as training's
-    dtype = say_hardware(device, cfg.train.dtype)
+    dtype, peak = say_hardware(device, cfg.train.dtype)
+    threads = bench_threads(cfg, device, getattr(torch, dtype), chooser)
+    if threads.lowered:
+        console.print(f"timing on {threads.describe('train.threads')}", style="yellow", highlight=False)
     sizes = args.batch_sizes or [cfg.train.batch_size]
     if args.find_max_batch:
         sizes = sorted(set(sizes) | {search_max_batch(cfg, args.device, args.search_seconds)})
     memory_notes = {"cpu": "; peak memory is the process's high-water RSS",
                     "cuda": "; peak memory is what the CUDA caching allocator reserved"}
     memory_note = memory_notes.get(device.type, "")
-    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({device}, {dtype}{memory_note})")
+    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({device}, {dtype}, "
+                        f"{threads.threads} thread{'s' * (threads.threads > 1)}{memory_note})")
     for column in ("micro-batch", "tokens/s", "ms/step", "MFU", "peak memory"):
         table.add_column(column, justify="right")
     rows = []
     for size in sizes:
         with console.status(f"Timing micro-batch {size}..."):
-            rows.append(bench_batch(cfg, size, args.steps, args.device))
+            rows.append(bench_batch(cfg, size, args.steps, args.device, peak=peak))
         r = rows[-1]
         if r.out_of_memory:
             table.add_row(str(size), "out of memory", "-", "-", "-")
@@ -41,33 +49,34 @@ def cmd_bench(args: argparse.Namespace) -> None:
             table.add_row(str(size), f"{r.tokens_per_sec:,.0f}", f"{r.ms_per_step:.1f}",
                           "-" if r.mfu is None else f"{100 * r.mfu:.1f}%", f"{r.peak_memory / 2**20:,.0f} MiB")
     console.print(table)
-    for note in {r.note for r in rows if r.note}:
-        console.print(f"[yellow]{note}[/yellow]")
+    for note in dict.fromkeys(note for r in rows for note in (r.note, r.peak_note) if note):
+        console.print(note, style="yellow", highlight=False)
     warn_busy([(f"micro-batch {r.batch_size}", r.load) for r in rows], "its tokens/s and MFU read low")
     if args.eval:
         at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
-        at_config = at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device)
+        at_config = at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device, peak=peak)
         cost = eval_cost(cfg, at_config.ms_per_step, args.device)
         console.print(f"one evaluation ({cfg.train.eval_iters} batches per split) takes {cost['eval_seconds']:.2f} s, "
                       f"{100 * cost['share']:.1f}% of the time at eval_interval {cfg.train.eval_interval}; "
                       f"eval_iters <= {cost['max_eval_iters_under_5pct']} keeps evaluation under 5%.")
 
 
-def say_hardware(device: Any, setting: str) -> str:
+def say_hardware(device: Any, setting: str) -> tuple[str, Any]:
     """Print the dtype `setting` resolves to here and why, and the peak MFU divides by (with any note on its
-    cache, and a warning when it was measured busy); the dtype's name."""
-    from lmlab.core.peak import choose_dtype, peak_flops
+    cache, and a warning when it was measured busy); the dtype's name and the peak."""
+    from lmlab.core.peak import choose_dtype, emulated_warning, peak_flops
 
     dtype, why = choose_dtype(device, setting)
     name = str(dtype).removeprefix("torch.")
     console.print(f"dtype {name} ({why})")
+    slow = emulated_warning(device, dtype)
+    if slow:
+        console.print(slow, style="yellow", highlight=False)
     peak = peak_flops(device, dtype)
     for note in peak.notes:
         console.print(f"[yellow]note: {note}[/yellow]")
-    console.print(f"MFU against {peak.flops / 1e12:.3g} TFLOP/s: {peak.describe()}" if peak.quiet else
-                  f"[yellow]warning: no MFU: the peak, a {peak.describe()}, would overstate it; it is measured again "
-                  "next time[/yellow]")
-    return name
+    console.print(peak.standing(), style=None if peak.quiet and peak.native else "yellow", highlight=False)
+    return name, peak
 
 
 def warn_busy(windows: list[tuple[str, Any]], effect: str) -> None:
@@ -82,6 +91,8 @@ def warn_busy(windows: list[tuple[str, Any]], effect: str) -> None:
 
 def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
     """The largest micro-batch that fits, each try printed as it is found, within `seconds`."""
+    import time
+
     from lmlab.experiments.bench import find_max_batch
     from lmlab.core.fileio import human_bytes
 
@@ -96,10 +107,11 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
                                                                      else "")
         console.print(f"  micro-batch {row.batch_size}: {'fits' if fits else 'too large'}, {found}", highlight=False)
 
+    began = time.perf_counter()
     biggest, finished = find_max_batch(cfg, device, seconds=seconds, say=say)
     console.print(f"largest micro-batch that fits: {biggest}" + ("" if finished else
-                  f" (the search stopped after {seconds:g} s, before trying larger ones; --search-seconds gives it "
-                  "longer)"))
+                  f" (the search stopped after {time.perf_counter() - began:.1f} s: a larger try would have ended "
+                  f"past {seconds:g} s; --search-seconds gives it longer)"))
     return biggest
 
 
@@ -159,7 +171,8 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
     from lmlab.analysis.scaling import chinchilla_percent, unique_tokens
 
     table = Table(title=f"Plan for {target}", show_header=False)
-    table.add_row("parameters", f"{plan.params:,} ({plan.params_non_embedding:,} without embeddings)")
+    padding = f"; {plan.padding_params:,} more in vocabulary padding rows" if plan.padding_params else ""
+    table.add_row("parameters", f"{plan.params:,} ({plan.params_non_embedding:,} without embeddings{padding})")
     table.add_row("tokens per step", f"{plan.tokens_per_step:,}")
     table.add_row("training tokens", f"{plan.tokens:,} ({plan.tokens_source}; {plan.tokens / plan.params:.1f} "
                   "per parameter)")
@@ -198,8 +211,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits, printing "
                    "each batch size tried")
-    p.add_argument("--search-seconds", type=positive, default=120.0, help="stop --find-max-batch after this long "
-                   "with the largest batch found so far")
+    p.add_argument("--search-seconds", type=positive, default=120.0, help="--find-max-batch begins no try that "
+                   "would end past this (foreseen from the newest try) and keeps the largest batch found so far")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
     p.set_defaults(func=cmd_bench)
 
@@ -214,7 +227,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine)")
     rate.add_argument("--measure", action="store_true", help="time training steps here instead of estimating "
                       "(a minute or more for large models on a CPU)")
-    rate.add_argument("--tokens-per-sec", type=positive, help="throughput to assume instead of estimating it")
+    # Below a token a second the plan's times run past any machine's life (1e-300 gave a 170-digit number of days).
+    rate.add_argument("--tokens-per-sec", type=within(1, math.inf), help="throughput to assume instead of "
+                      "estimating it (at least 1)")
     p.add_argument("--mfu", type=positive, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median MFU "
                    "of the run planned, else of your newest run on that hardware under --runs, else 0.3)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")

@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from lmlab.commands.common import add_checkpoint, add_device, add_sampling, console, print_table, sampling
+from lmlab.commands.common import (
+    add_checkpoint,
+    add_device,
+    add_sampling,
+    console,
+    destination,
+    print_table,
+    sampling,
+)
 from lmlab.core.errors import UserError
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
@@ -17,14 +25,15 @@ if TYPE_CHECKING:  # the command modules import the library when a command runs,
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.analysis.runs import RUN_COLUMNS, by_bytes_columns, find_runs, summarize
+    from lmlab.analysis.runs import RUN_COLUMNS, by_bytes_columns, evaluation_columns, find_runs, summarize
 
     rows = [{**summarize(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
     if args.json:
         print(json.dumps({"dir": str(args.dir), "runs": rows}, indent=1))
         return
     known = [r for r in rows if r["tokenizer"]]
-    print_table(f"Runs under {args.dir}", by_bytes_columns(RUN_COLUMNS, known), rows, args.wide)
+    print_table(f"Runs under {args.dir}", [*by_bytes_columns(RUN_COLUMNS, known), *evaluation_columns(rows)], rows,
+                args.wide)
 
 
 def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
@@ -42,12 +51,19 @@ def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
 
 
 def print_comparison(runs: list[RunSummary], wide: bool = False) -> None:
-    from lmlab.analysis.runs import COMPARE_COLUMNS, by_bytes_columns, comparison, task_columns, unfair
+    from lmlab.analysis.runs import (
+        COMPARE_COLUMNS,
+        by_bytes_columns,
+        comparison,
+        evaluation_columns,
+        task_columns,
+        unfair,
+    )
 
     rows, reason = comparison(runs), unfair(runs)
     change = f"bits/byte: % change, as {reason}" if reason else "best val: % change"
     print_table(f"Compared with {runs[0].name} (× its figure; {change})",
-                [*by_bytes_columns(COMPARE_COLUMNS, rows), *task_columns(rows)], rows, wide)
+                [*by_bytes_columns(COMPARE_COLUMNS, rows), *evaluation_columns(rows), *task_columns(rows)], rows, wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -119,7 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compare", help="compare runs against the first: table, overlay plot, samples")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs; the first is the base of every ratio")
-    p.add_argument("--plot", help="write an overlay of the loss curves to this PNG")
+    p.add_argument("--plot", type=destination("--plot"), help="write an overlay of the loss curves to this PNG")
     p.add_argument("--x", choices=["step", "tokens", "time", "flops"], default="step", help="x axis of the plot")
     p.add_argument("--log", action="store_true", help="log-scale axes")
     p.add_argument("--prompt", help="sample every run from this prompt with the same seed")
@@ -132,6 +148,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("scaling", help="fit best val loss against compute and parameters as power laws")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs with at least one evaluation (two or more)")
-    p.add_argument("--plot", default="scaling.png", help="where to draw the fits")
+    p.add_argument("--plot", default="scaling.png", type=destination("--plot"), help="where to draw the fits")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.set_defaults(func=cmd_scaling)

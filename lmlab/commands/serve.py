@@ -15,9 +15,11 @@ from lmlab.commands.common import (
     add_compile,
     add_device,
     add_sampling,
+    check_destination,
     compiled_step,
     console,
     count,
+    destination,
     load_run,
     port,
     positive,
@@ -52,7 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     require_extras()
     check_exposure(args.host, args.api_key, args.insecure)
-    limits = ServeLimits(args.max_connections, args.header_timeout, args.body_timeout, args.idle_timeout)
+    limits = ServeLimits(args.max_connections, args.max_client_connections, args.header_timeout, args.body_timeout,
+                         args.idle_timeout)
     names = args.served_model_name or [Path(args.run).resolve().name]
     if len(set(names)) < len(names):
         raise UserError(f"--served-model-name lists a name twice ({' '.join(names)}); give each once.")
@@ -104,7 +107,7 @@ def cmd_judge(args: argparse.Namespace) -> None:
     from lmlab.evals.judge import judge_answers
 
     answers = Path(args.answers)
-    out = Path(args.out or answers.with_name(f"{answers.stem}-judged.jsonl"))
+    out = check_destination(args.out or answers.with_name(f"{answers.stem}-judged.jsonl"), "--out")
     with console.status("Judging...") as status:
         summary = judge_answers(answers, args.endpoint, args.model, out, args.max_tokens,
                                 lambda done, total: status.update(f"Judging: {done}/{total} answers"))
@@ -134,7 +137,11 @@ def add_edge_limits(p: argparse.ArgumentParser) -> None:
 
     d = ServeLimits()
     p.add_argument("--max-connections", type=count(), default=d.max_connections,
-                   help="connections open at once; one more gets HTTP 503 and is closed")
+                   help="connections open at once; one more closes the oldest idle one, or gets HTTP 503 when every "
+                   "one has a request under way")
+    p.add_argument("--max-client-connections", type=count(), default=d.max_client_connections,
+                   help="connections open at once from one address, counted as --max-connections (raise it behind a "
+                   "proxy, whose clients share its address)")
     p.add_argument("--header-timeout", type=positive, default=d.header_timeout,
                    help="seconds a request's headers may take to arrive whole, however slowly they come")
     p.add_argument("--body-timeout", type=positive, default=d.body_timeout,
@@ -160,7 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_compile(p, default=True, why="built in the background at the first start of a checkpoint (a minute or "
                 "more, decoding eagerly meanwhile) and kept on disk for the next; decoding runs several times faster")
     p.add_argument("--threads", type=count(0), default=0,
-                   help="CPU threads of the decode step; 0: one fewer than the cores, leaving one to the HTTP side")
+                   help="CPU threads of the decode step, at most the cores; 0: chosen from the load on them, one fewer "
+                   "than the cores at most, leaving one to the HTTP side")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME", type=model_name,
                    help="the model id(s) clients ask for, the first answering (default: the run folder's name)")
     p.add_argument("--api-key", default=os.environ.get("LMLAB_API_KEY"),
@@ -176,7 +184,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("answer", help="answer every Alpaca record with a run's model, for `lmlab judge`")
     p.add_argument("run", metavar="RUN", help="the run dir whose model answers")
     p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
-    p.add_argument("--out", required=True, help="JSON-lines file to write (instruction, input, output, model_answer)")
+    p.add_argument("--out", required=True, type=destination("--out"),
+                   help="JSON-lines file to write (instruction, input, output, model_answer)")
     add_sampling(p, max_new_tokens=256, temperature=0.0)
     p.add_argument("--batch-size", type=count(), default=16, help="instructions answered together")
     add_compile(p, default=False, why="worth its start-up minute for a few hundred answers or more")
@@ -188,7 +197,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answers", required=True, help="JSON-lines file written by `lmlab answer`")
     p.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1 (key: $OPENAI_API_KEY)")
     p.add_argument("--model", required=True, help="the judge model's name at that endpoint")
-    p.add_argument("--out", help="per-item scores, JSON lines (default: ANSWERS-judged.jsonl)")
+    p.add_argument("--out", type=destination("--out"),
+                   help="per-item scores, JSON lines (default: ANSWERS-judged.jsonl)")
     p.add_argument("--max-tokens", type=count(), default=16, help="longest judge reply read")
     p.add_argument("--lowest", type=count(0), default=5, help="how many of the lowest-scored answers to show")
     p.set_defaults(func=cmd_judge)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_device, console, count, positive
+from lmlab.commands.common import add_device, console, count, destination, within
+from lmlab.core.config import MAX_BUDGET_SECONDS
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -31,9 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="values to sweep, comma-separated (one value: a setting for every trial); repeatable")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-tokens", type=count(), help="training tokens per trial (sets train.max_iters)")
-    budget.add_argument("--budget-seconds", type=positive, help="wall-clock seconds per trial, evals included (sets "
+    budget.add_argument("--budget-seconds", type=within(0, MAX_BUDGET_SECONDS, above=True),
+                        help="wall-clock seconds per trial, evals included, at most 366 days (sets "
                         "train.budget_seconds: the LR schedule ends with the budget)")
     p.add_argument("--name", help="sweep name: trials go to DIR/NAME/<trial> (default: <config name>-sweep)")
-    p.add_argument("--dir", default="runs", help="where the sweep folder goes (default: runs)")
+    p.add_argument("--dir", default="runs", type=destination("--dir"),
+                   help="where the sweep folder goes (default: runs)")
     add_device(p)
     p.set_defaults(func=cmd_sweep)

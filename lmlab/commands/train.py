@@ -7,7 +7,8 @@ import re
 import time
 from pathlib import Path
 
-from lmlab.commands.common import add_device, add_set, console
+from lmlab.commands.common import add_device, add_set, check_destination, console, destination
+from lmlab.core.config import MAX_BUDGET_SECONDS
 from lmlab.core.errors import UserError
 
 
@@ -15,11 +16,13 @@ UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
 def parse_duration(text: str) -> float:
-    """`30s`, `5m`, `1.5h` or plain seconds, as seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text)
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"--budget {text!r} is not a positive duration; use seconds, minutes or hours, e.g. 30s, 5m or 2h.")
-    return float(match.group(1)) * UNITS[match.group(2) or "s"]
+    """`30s`, `5m`, `1.5h` or plain seconds, as seconds: above 0, at most MAX_BUDGET_SECONDS (366 days)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text[:100])
+    seconds = float(match.group(1)) * UNITS[match.group(2) or "s"] if match else 0
+    if not 0 < seconds <= MAX_BUDGET_SECONDS:
+        raise UserError(f"--budget {text[:60]!r} is not a duration above 0 and up to 366 days (8784h); use seconds, "
+                        "minutes or hours, e.g. 30s, 5m or 2h.")
+    return seconds
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -44,14 +47,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = RunDir(run_dir).config(args.set)
     elif args.config:
         cfg = load_config(Path(args.config), args.set)
-        run_dir = Path(args.run or Path("runs") / Path(args.config).stem)
+        run_dir = check_destination(args.run or Path("runs") / Path(args.config).stem, "--run", "run")
     else:
         raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
     trainer = Trainer(cfg, run_dir, args.device, resume=bool(args.resume), console=console, force=args.force,
                       init_from=args.init_from, keep_optimizer=args.keep_optimizer, started=started)
     m = trainer.model
+    padding = f"; {m.padding_params():,} more in vocabulary padding" if m.padding_params() else ""
     console.print(f"model: {m.describe()}, {m.num_params() / 1e6:.2f}M parameters ({m.num_params(False) / 1e6:.2f}M "
-                  f"without embeddings) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
+                  f"without embeddings{padding}) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
     ignored = trainer.cfg.model.ignored_fields()
     if ignored:
         console.print(f"note: a {trainer.cfg.model.kind} model does not use {', '.join('model.' + f for f in ignored)}, "
@@ -68,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         console.print(f"stopped by {result.stopped_by} at step {result.steps}; a checkpoint was written. "
                       f"Continue with: lmlab train --resume {result.run_dir}")
     if result.stopped_early:
-        console.print(f"stopped early at step {result.steps}: no new best val loss in {cfg.train.patience} evals")
+        console.print(f"stopped early at step {result.steps}: no new best val loss in {cfg.train.patience_words()}")
     if result.best_val_loss == float("inf"):
         console.print(f"no evaluation ran: the run ended at step {result.steps}, before its first evaluation")
     else:
@@ -92,7 +96,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     ft = load_finetune_config(args.config and Path(args.config), args.set)
     ft = dataclasses.replace(ft, data=args.data) if args.data else ft
-    run_dir = Path(args.run or Path("runs") / f"{Path(args.base).name}-{Path(ft.data).stem}")
+    run_dir = check_destination(args.run or Path("runs") / f"{Path(args.base).name}-{Path(ft.data).stem}", "--run",
+                                "run")
     result = finetune(Path(args.base), run_dir, ft, args.device, console)
     if result.stopped_by:
         how = (f"during a step, which was abandoned (a step still running {STOP_GRACE:g} s after a stop signal is "
@@ -114,9 +119,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a TOML config, or resume a run")
     p.add_argument("config", nargs="?", help="TOML preset, e.g. configs/shakespeare-char-cpu.toml")
     add_set(p)
-    p.add_argument("--run", help="run dir (default: runs/<config name>)")
+    p.add_argument("--run", type=destination("--run", "run"), help="run dir (default: runs/<config name>)")
     p.add_argument("--budget", metavar="30s|5m|2h", help="end the run, start-up and evals included, after this "
-                   "long: its steps are timed and max_iters set to fill it (sets train.budget_seconds)")
+                   "long (at most 366 days): its steps are timed and max_iters set to fill it (sets "
+                   "train.budget_seconds)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     add_device(p, " (may differ from the original on resume)")
     p.add_argument("--init-from", metavar="RUN[:CHECKPOINT]", help="start a new run from another run's weights "
@@ -131,6 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(epochs, learning_rate, batch_size, val_fraction, seed, data)")
     p.add_argument("--data", help="JSON list of {instruction, input, output} records (sets finetune.data)")
     add_set(p, "finetune.epochs=5")
-    p.add_argument("--run", help="the new run dir (default: runs/<RUN name>-<data name>)")
+    p.add_argument("--run", type=destination("--run", "run"), help="the new run dir (default: runs/<RUN name>-<data "
+                   "name>)")
     add_device(p)
     p.set_defaults(func=cmd_finetune)

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.core.errors import UserError
+
 # Others' share of this process's cores above which a measurement is called busy. A tenth, not more: a matmul on
 # every core waits at each step for its slowest thread, and on 2 cores others' 15% halved a measured fp32 peak.
 BUSY_SHARE = 0.1
@@ -62,6 +64,15 @@ def busy_warning(what: str, load: Load | None, effect: str) -> str | None:
 def cores() -> list[int]:
     """The CPUs this process may run on."""
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def check_threads(name: str, threads: int) -> None:
+    """Refuse more threads than cores: past them a job only waits on itself, and OpenMP aborts (20,000) or crashes
+    (100,000) on too many."""
+    available = len(cores())
+    if threads > available:
+        raise UserError(f"{name} is {threads:,}, more than the {available} core{'s' * (available > 1)} this process "
+                        f"may use; set it to at most {available}, or 0 to let lmlab choose.")
 
 
 def _busy_ticks(cpus: list[int]) -> int | None:
@@ -123,13 +134,24 @@ class LoadMeter:
     """Measures the load of a window: `with LoadMeter() as meter: ...`, then `meter.load`."""
 
     def __enter__(self) -> LoadMeter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> LoadMeter:
+        """Open the window (a window that spans a job's steps is opened and closed as they go)."""
         self.cpus = cores()
         self.load: Load | None = None
         self._avg_before = loadavg()
         self._ticks, self._own, self._started = _busy_ticks(self.cpus), _own_cpu_seconds(), time.perf_counter()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._started
+
+    def stop(self) -> Load:
+        """Close the window: its `Load`."""
         seconds = time.perf_counter() - self._started
         ticks, own = _busy_ticks(self.cpus), _own_cpu_seconds() - self._own
         others = None
@@ -138,6 +160,7 @@ class LoadMeter:
             others = min(1.0, max(0.0, (work - own) / (len(self.cpus) * seconds)))
         # Without /proc/stat, the average from before this process's own work in the window is the fairer one.
         self.load = Load(seconds, len(self.cpus), others, self._avg_before if others is None else loadavg())
+        return self.load
 
 
 def process_age() -> float:

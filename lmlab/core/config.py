@@ -20,6 +20,8 @@ from lmlab.core.errors import UserError
 DEFAULT_SEED = 1337  # training, fine-tuning and sampling all start from it unless told otherwise
 MAX_COUNT = 2**53  # the largest count (tokens, steps, sizes) any setting takes: floats and JSON hold it exactly
 MAX_SEED = 2**63 - 1  # seeds are 64-bit
+MAX_BUDGET_SECONDS = 366 * 86_400  # a year: a longer budget is a typo (an hour count where minutes were meant)
+STOP_CHARS = 1_000  # the longest stop string: each is matched against the text as it grows, a table per string
 
 
 def _shown(value: Any) -> str:
@@ -66,6 +68,7 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
+BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
 BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
 PLUGIN_GROUP = "lmlab.models"  # the entry point group a package registers a model kind under
 
@@ -124,7 +127,10 @@ class ModelConfig:
     n_embd: int = 384  # residual width, or the recurrent model's embedding and hidden-state width
     block_size: int = 256  # context length in tokens (the recurrent model trains on sequences this long)
     dropout: float = 0.0  # share of activations zeroed in training (attention, residual and MLP outputs)
-    bias: bool = True  # biases in linear layers and norms (the recurrent cells always keep theirs)
+    # Biases: true in every linear layer and norm (GPT-2), false in none, or only in the places listed, of qkv (the
+    # query/key/value projection), proj (attention's output), mlp, norm: "proj,mlp,norm" is the book's GPT, no bias
+    # on q, k and v. The recurrent cells always keep theirs.
+    bias: bool | str = True
     qkv_bias: bool = False  # biases on the query/key/value projection alone, with bias = false (as Qwen2 has)
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
     gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
@@ -158,10 +164,33 @@ class ModelConfig:
             raise UserError(f"model.rope_theta ({self.rope_theta}) must be positive, e.g. 10000.")
         if not 0 <= self.norm_eps < 1:
             raise UserError(f"model.norm_eps ({self.norm_eps}) must be in [0, 1), e.g. 1e-6; 0 for torch's default.")
-        if self.qkv_bias and self.bias:
+        self._check_bias()
+
+    def _check_bias(self) -> None:
+        """One spelling per layout: a list of every place is true, q/k/v alone is bias = false + qkv_bias = true (as
+        Qwen2 is written), any other list is kept in BIAS_PLACES order."""
+        if self.qkv_bias and self.bias is not False:
             raise UserError("model.qkv_bias = true adds biases to the query/key/value projection of a model that has "
-                            "no others (model.bias = false, as Qwen2); with model.bias = true every linear layer has "
-                            "them already: set one of the two to false.")
+                            "no others (model.bias = false, as Qwen2); with model.bias set every place it names has "
+                            "them already: set model.qkv_bias = false, or list qkv in model.bias.")
+        if not isinstance(self.bias, str):
+            return
+        places = {p.strip() for p in self.bias.split(",")}
+        if not self.bias.strip() or places - set(BIAS_PLACES):
+            raise UserError(f"model.bias is '{_shown(self.bias)}'; use true, false, or the places that have biases, "
+                            f"comma-separated, from {', '.join(BIAS_PLACES)} (e.g. \"proj,mlp,norm\": all but q/k/v).")
+        if places == set(BIAS_PLACES):
+            self.bias = True
+        elif places == {"qkv"}:
+            self.bias, self.qkv_bias = False, True
+        else:
+            self.bias = ",".join(p for p in BIAS_PLACES if p in places)
+
+    def has_bias(self, place: str) -> bool:
+        """Whether the layers at `place` (one of BIAS_PLACES) have biases."""
+        if isinstance(self.bias, str):
+            return place in self.bias.split(",")
+        return self.bias or (place == "qkv" and self.qkv_bias)
 
     def _check_kind(self) -> None:
         if self.kind not in BUILT_IN_KINDS and self.kind not in plugin_kinds():
@@ -210,7 +239,7 @@ class TrainConfig:
     max_seconds: float = 0.0  # wall-clock limit: end the run cleanly (final eval and checkpoint) after it; 0: none
     # Seconds from `lmlab train`'s start (or a library Trainer's run()) to the end of the run, evals and checkpoints
     # included: the run times its first steps and sets max_iters to fill them, the LR schedule laid over those
-    # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps).
+    # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps); at most 366 days.
     budget_seconds: float = 0.0
     optimizer: str = "adamw"  # adamw | muon: Muon for hidden 2-D weights, AdamW for embeddings, head and the rest
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
@@ -223,23 +252,31 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.99  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_interval: int = 250  # steps between evaluations
+    eval_interval: int = 250  # steps between evaluations (with eval_every = "steps")
+    # What evaluations are spaced by: "steps" (eval_interval), "epoch" (one per pass over the train split) or a number
+    # of passes (0.5: two a pass), each at the first step past them (eval_interval is set to the steps nearest,
+    # what a time budget plans with); patience counts these evaluations, so with "epoch" it is in epochs.
+    eval_every: float | str = "steps"
     eval_iters: int = 50  # batches per split in each evaluation (the same batches every time)
     log_interval: int = 10  # steps between train lines in metrics.jsonl
     checkpoint_interval: int = 500  # steps between `latest` checkpoints
     keep_checkpoints: int = 3  # step folders kept besides `best`
-    patience: int = 0  # evaluations without a new best before stopping; 0: never stop early
+    patience: int = 0  # evaluations without a new best before stopping (epochs, with eval_every = "epoch"); 0: never
     seed: int = DEFAULT_SEED  # seeds the weights, the batches and dropout: the same seed, the same run
     spike_zscore: float = 6.0  # a loss or grad norm this many std above its recent mean is a spike
     spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
     compile: bool | str = "auto"  # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
-    threads: int = 0  # CPU threads for torch; 0: one per core
+    threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them (core/threads.py)
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
     tracker_project: str = "lmlab"  # wandb: the project the run is logged under
     tracker_run: str = ""  # wandb: the run's name there; "": the run dir's name
     parallel: str = "ddp"  # ddp | fsdp: under torchrun, a model replica per process, or sharded by FSDP2
+    # Under torchrun, seconds a process waits for the others in one collective before the job ends naming the host
+    # it waited for (a network down between hosts, a stuck process); above the longest pause one process makes the
+    # others wait: rank 0 writing a checkpoint, a first step under torch.compile.
+    collective_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
@@ -269,7 +306,11 @@ class TrainConfig:
             raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
         if self.max_seconds < 0:
             raise UserError(f"train.max_seconds ({self.max_seconds}) must be 0 (no limit) or positive.")
+        if not 0 < self.collective_timeout <= 86400:
+            raise UserError(f"train.collective_timeout ({self.collective_timeout}) must be a positive number of "
+                            "seconds up to a day (86400), e.g. 600.")
         self._check_budget()
+        self._check_eval_every()
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
         if self.tracker not in ("none", "tensorboard", "wandb"):
@@ -289,9 +330,38 @@ class TrainConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"train.dtype is '{_shown(self.dtype)}'; use auto, float32, bfloat16 or float16.")
 
+    def _check_eval_every(self) -> None:
+        if isinstance(self.eval_every, str) and self.eval_every not in ("steps", "epoch"):
+            raise UserError(f"train.eval_every is '{_shown(self.eval_every)}'; use \"steps\" (every eval_interval "
+                            "steps), \"epoch\", or a number of passes over the train split such as 0.5.")
+        if not isinstance(self.eval_every, str) and not 0 < self.eval_every <= MAX_COUNT:
+            raise UserError(f"train.eval_every is {_shown(self.eval_every)}; a number of passes over the train split "
+                            "must be above 0 and at most 2**53 (0.5: two evaluations a pass), or use \"epoch\".")
+
+    @property
+    def passes_per_eval(self) -> float | None:
+        """The passes over the train split between evaluations, or None when they are spaced by steps."""
+        return None if self.eval_every == "steps" else 1.0 if self.eval_every == "epoch" else float(self.eval_every)
+
+    def patience_words(self) -> str:
+        """The patience as a stop message says it: `15 evaluations`, `15 epochs`, `4 evaluations (2 passes)`."""
+        passes = self.passes_per_eval
+        if self.eval_every == "epoch":
+            return f"{self.patience} epoch{'s' * (self.patience != 1)}"
+        return f"{self.patience} evaluations" + ("" if passes is None else f" ({self.patience * passes:g} passes)")
+
+    def eval_steps(self, split_tokens: int, tokens_per_step: int) -> int:
+        """The eval_interval a run goes by: its own, or for evaluations spaced by passes the whole steps nearest
+        passes_per_eval passes of a split of `split_tokens`, at least one, at most MAX_COUNT."""
+        passes = self.passes_per_eval
+        if passes is None:
+            return self.eval_interval
+        return int(min(MAX_COUNT, max(1, round(passes * split_tokens / tokens_per_step))))
+
     def _check_budget(self) -> None:
-        if self.budget_seconds < 0:
-            raise UserError(f"train.budget_seconds ({self.budget_seconds}) must be 0 (no budget) or positive.")
+        if not 0 <= self.budget_seconds <= MAX_BUDGET_SECONDS:
+            raise UserError(f"train.budget_seconds ({self.budget_seconds}) must be 0 (no budget) or positive, at most "
+                            f"{MAX_BUDGET_SECONDS:,} (366 days).")
         if self.budget_seconds and self.max_seconds:
             raise UserError("train.budget_seconds plans the whole run to end at its budget, train.max_seconds cuts a "
                             "run short; set one of them, the other to 0.")
@@ -355,6 +425,7 @@ class SamplingParams:
                       "or left out"),
             "top_p": (not 0 < self.top_p <= 1, "in (0, 1]"),
             "seed": (not 0 <= self.seed <= MAX_SEED, "between 0 and 2**63 - 1"),
+            "stop": (any(len(s) > STOP_CHARS for s in self.stop), f"strings of at most {STOP_CHARS:,} characters"),
         }
         for name, (bad, rule) in problems.items():
             if bad:

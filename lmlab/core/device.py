@@ -33,12 +33,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure(device: torch.device, threads: int = 0) -> None:
-    """Process-wide settings of a process that computes on `device`: `threads` CPU threads for torch (0 leaves
-    one per core), and TF32 tensor-core matmuls for fp32 work on CUDA (Ampere and later). Training, eval,
-    sampling and serving all call it, so an fp32 run's inference runs at the rate it trained at."""
-    if threads:
-        torch.set_num_threads(threads)
+def configure(device: torch.device) -> None:
+    """Process-wide settings of a process that computes on `device`: TF32 tensor-core matmuls for fp32 work on CUDA
+    (Ampere and later). Training, eval, sampling and serving all call it, so an fp32 run's inference runs at the
+    rate it trained at. (Its CPU threads are `lmlab.core.threads`'.)"""
     if device.type == "cuda":
         enable_tf32()
 

@@ -3,3 +3,8 @@ class UserError(Exception):
 
     The CLI prints it and exits with status 2; nothing on disk is left half-written.
     """
+
+
+class PeerLost(UserError):
+    """A torchrun job's collective failed because another of its processes ended or stopped answering: said by
+    the rank that saw it, since the process that speaks for its node may be the one gone."""

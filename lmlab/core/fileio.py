@@ -43,11 +43,14 @@ NAME_BYTES = 200  # the longest folder name taken: the file systems' 255, less w
 
 
 def _name_problem(name: str) -> str | None:
-    """Why `name` cannot name a folder lmlab makes (empty, a control character, too long), or None."""
+    """Why `name` cannot name a folder lmlab makes (empty, a control character, a space, too long), or None. A space
+    would split the name in every command lmlab prints for a user to paste (a resume, a sample)."""
     if not name:
         return "is empty"
     if any(not c.isprintable() for c in name):
         return "holds a control character (a line break, a tab, ...)"
+    if any(c.isspace() for c in name):
+        return "holds a space"
     if len(name.encode("utf-8", "surrogateescape")) > NAME_BYTES:
         return f"is {len(name.encode('utf-8', 'surrogateescape')):,} bytes long, more than the {NAME_BYTES} a name may be"
     return None

@@ -27,7 +27,7 @@ On a CPU, `auto` picks bf16 only where it measured faster: CPU flags say what a 
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,7 +41,7 @@ import torch
 
 from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.device import datasheet_peak, dtype_for_capability, processor, synchronize
-from lmlab.core.fileio import atomic_write_text
+from lmlab.core.fileio import WriteError, atomic_write_text, writing
 
 QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
 AGREE = 0.9  # a measurement agrees with the best when it reached this share of it
@@ -67,6 +67,7 @@ class Peak:
     matmul: int = 0  # its size
     settled: bool = True  # enough quiet measurements agree with it: no more are taken (a datasheet figure is)
     notes: tuple[str, ...] = field(default=(), compare=False)  # one sentence per thing found wrong with the cache
+    native: bool = True  # the dtype's own kernel, not a conversion to float32 in scalar loops (`native_kernel`)
 
     def describe(self) -> str:
         """How the figure was had, for a log line, an event and a report: e.g. `2048² bfloat16 matmul measured
@@ -87,8 +88,28 @@ class Peak:
                 f"measured busy, {self.measured_at}")
 
     def mfu(self, flops_per_second: float) -> float | None:
-        """The share of this peak, or None against a busy measurement (it would read high)."""
-        return flops_per_second / self.flops if self.quiet else None
+        """The share of this peak; None against a busy measurement or an emulated kernel's (either reads high), and
+        above 1: that peak is wrong (`wrong` says so)."""
+        share = flops_per_second / self.flops
+        return share if self.quiet and self.native and share <= 1 else None
+
+    def wrong(self, flops_per_second: float) -> str | None:
+        """The warning when a quiet native peak is below what a job computed: MFU above 100% means the peak is
+        wrong, so none is given."""
+        if not (self.quiet and self.native) or flops_per_second <= self.flops:
+            return None
+        return (f"warning: {flops_per_second / 1e12:.3g} TFLOP/s were computed, more than the peak of "
+                f"{self.flops / 1e12:.3g} ({self.describe()}), so that peak is wrong: no MFU from it (delete "
+                f"{cache_path()} to measure it again)")
+
+    def standing(self) -> str:
+        """What MFU divides by, in a line, or why there is none."""
+        if not self.native:
+            return (f"no MFU: {self.dtype} has no native kernel here, so its peak (a {self.describe()}) is an "
+                    "emulation's")
+        if not self.quiet:
+            return f"no MFU: the peak, a {self.describe()}, would overstate it; it is measured again at the next start"
+        return f"MFU against {self.flops / 1e12:.3g} TFLOP/s: {self.describe()}"
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
@@ -99,8 +120,32 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
         return Peak(listed[0], name, listed[1])
     key = cache_key(device, dtype)
     if key not in _memo:
-        _memo[key] = _measured(key, device, dtype)
+        _memo[key] = dataclasses.replace(_measured(key, device, dtype), native=native_kernel(device, dtype))
     return _memo[key]
+
+
+def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `device` multiplies `dtype` matrices in a kernel of the dtype's own: not on a CPU without AVX512-FP16
+    or AMX-FP16 (fp16) or AVX512-BF16 (bf16), where torch converts to float32 in scalar loops (fp16 trained 16x
+    slower than bf16 on this project's AMD EPYC), nor bf16 on a CUDA GPU before Ampere, which emulates it."""
+    if device.type == "cpu":
+        check = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+                 torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype)
+        return check is None or check()
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return True
+
+
+def emulated_warning(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The warning for training in a dtype this device has no native kernel for, with what its matmuls measured
+    against float32's; None for a native one."""
+    if native_kernel(device, dtype):
+        return None
+    own, fp32 = peak_flops(device, dtype), peak_flops(device, torch.float32)
+    return (f"warning: {own.dtype} has no native kernel on this {device.type.upper()}: a {own.matmul}² {own.dtype} "
+            f"matmul ran {own.flops / 1e12:.2g} TFLOP/s, a {fp32.matmul}² float32 one {fp32.flops / 1e12:.2g} "
+            f"({fp32.flops / own.flops:.0f}x faster); train.dtype = \"auto\" or \"float32\" trains faster here")
 
 
 def cache_path() -> Path:
@@ -130,9 +175,7 @@ def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
     7-60 s and stalled a run's start for minutes. 256 is the best of those sizes and takes about 10 ms."""
     if device.type != "cpu":
         return 8192
-    native = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
-              torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype, lambda: True)
-    return 2048 if native() else 256
+    return 2048 if native_kernel(device, dtype) else 256
 
 
 def checksum(entry: dict[str, Any]) -> str:
@@ -198,9 +241,13 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: list[str
     with LoadMeter() as meter:
         flops = measured_peak(device, dtype)
     entries[key] = entry = merged(entry, flops, meter.load, dtype, device)
-    with contextlib.suppress(OSError):  # an unwritable cache only means measuring again next time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
+    except WriteError as err:  # a cache only saves measuring again: a read-only home or a full disk stops nothing
+        notes = [*notes, f"the peak cache {err.path} cannot be written ({err.reason}): the peak is measured again "
+                         "at every start until it can (XDG_CACHE_HOME names another folder for it)."]
     return _as_peak(entry, list(notes))
 
 

@@ -11,7 +11,7 @@ import importlib.resources
 import json
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,17 +190,21 @@ def resolve_sources(sources: list[str]) -> list[str]:
 
 
 def corpus_name(sources: list[str]) -> str:
+    """The default name of a dataset of `sources`: the file's or folder's name (blanks as -, which a folder name
+    lmlab makes may not hold), an hf: dataset's, or `corpus` for several."""
     if len(sources) != 1:
         return "corpus"
     source = sources[0]
     if source.startswith("hf:"):
         return re.sub(r"[^\w.-]", "-", source.removeprefix("hf:"))
     path = Path(source)
-    return path.name.removesuffix(_kind(path)) if _kind(path) else path.stem
+    return re.sub(r"\s+", "-", path.name.removesuffix(_kind(path)) if _kind(path) else path.stem)
 
 
-def iter_documents(files: list[str], text_field: str = "text") -> Iterator[Document]:
-    """The non-empty documents of resolved sources, in a fixed order: the same corpus always streams the same."""
+def iter_documents(files: list[str], text_field: str = "text",
+                   normalize: Callable[[str], str] | None = None) -> Iterator[Document]:
+    """The non-empty documents of resolved sources, in a fixed order: the same corpus always streams the same;
+    each text put through `normalize` first (lmlab.data.normalize), where there is one."""
     for source in files:
         if source == "shakespeare":
             docs: Iterator[Document] = iter(shakespeare())
@@ -212,6 +216,8 @@ def iter_documents(files: list[str], text_field: str = "text") -> Iterator[Docum
             docs = iter([Document(source, _read_text(Path(source)))])
         else:
             docs = _jsonl_documents(Path(source), text_field)
+        if normalize is not None:
+            docs = (Document(d.name, normalize(d.text)) for d in docs)
         yield from (d for d in docs if _NON_BLANK.search(d.text))  # a search, not a copy of a long document
 
 

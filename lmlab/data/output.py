@@ -17,6 +17,7 @@ from lmlab.core.config import check_counts
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, fsync_dir, host_memory, human_bytes, writing
 from lmlab.data.encode import Encoded
+from lmlab.data.normalize import Normalization
 from lmlab.data.shards import ShardWriter, TokenShards
 from lmlab.data.split import VAL, VAL_WHILE_BUDGET, split_key
 
@@ -36,6 +37,7 @@ class PrepareOptions:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     tokenizer_chars: int = 1_000_000_000  # characters of train text that bpe/word tokenizers are trained on
     gpt2_dir: Path | None = None  # the gpt2 tokenizer's files (see tokenizers.load_gpt2)
+    normalization: Normalization = field(default_factory=Normalization)  # what the text goes through first
 
     def __post_init__(self) -> None:
         if self.pack not in ("concat", "crop"):
@@ -58,7 +60,8 @@ class PrepareOptions:
         return {"val_tokens": self.val_tokens, "max_tokens": self.max_tokens, "pack": self.pack,
                 "block_size": self.block_size if self.pack == "crop" else None, "shard_tokens": self.shard_tokens,
                 # Crop once joined cropped documents into a stream: a dataset made so is not reused as rows.
-                **({"row_length": self.row_length} if self.row_length else {})}
+                **({"row_length": self.row_length} if self.row_length else {}),
+                **({"normalize": self.normalization.record()} if self.normalization else {})}
 
     @property
     def row_length(self) -> int | None:
@@ -74,8 +77,9 @@ class Output:
     """
 
     def __init__(self, work: Path, job: dict[str, Any], dtype: str, eot_id: int | None, options: PrepareOptions,
-                 saved: dict[str, Any]):
+                 saved: dict[str, Any], val_tokens: int | None = None):
         self.work, self.job, self.options, self.eot_id = work, job, options, eot_id
+        self.val_tokens = val_tokens  # the val split's size in tokens (--val-tokens, or a --max-tokens cut's share)
         self.docs_done = saved.get("docs_done", 0)
         self.counts = saved.get("counts", {s: {"documents": 0, "characters": 0, "bytes": 0, "tokens": 0}
                                            for s in ("train", "val")})
@@ -95,12 +99,15 @@ class Output:
         self.split, self.doc_ids, self.doc_written = "train", 0, 0  # the document being written (`_begin_document`)
 
     def _begin_document(self, code: int) -> bool:
-        """Choose the split of the document whose first chunk comes next; False at --max-tokens."""
-        full = self.options.val_tokens is not None and self.counts["val"]["tokens"] >= self.options.val_tokens
+        """Choose the split of the document whose first chunk comes next; False at --max-tokens once val is full
+        too (until then the pass reads on for val's candidates, skipping train documents past the cut)."""
+        full = self.val_tokens is not None and self.counts["val"]["tokens"] >= self.val_tokens
         self.split = "val" if code == VAL or (code == VAL_WHILE_BUDGET and not full) else "train"
         budget = self.options.max_tokens
         if self.split == "train" and budget and self.counts["train"]["tokens"] >= budget:
-            return False
+            if full or self.val_tokens is None:
+                return False
+            self.split = "skip"
         self.doc_ids = self.doc_written = 0  # of this document: ids encoded, ids written
         return True
 
@@ -118,6 +125,9 @@ class Output:
         index, code, name, first, last = tag
         if first and not self._begin_document(code):
             return False
+        if self.split == "skip":
+            self.docs_done = index + 1 if last else self.docs_done
+            return True
         row, counts, encoded = self.options.row_length, self.counts[self.split], len(ids)
         if row:
             take = min(encoded, max(0, row - self.doc_ids))
@@ -182,10 +192,16 @@ class Output:
         prepare killed while finishing starts over rather than resume from a state that is gone.
         """
         (self.work / "progress.json").unlink(missing_ok=True)
-        if not self.counts["train"]["documents"] or not self.counts["val"]["documents"]:
-            empty = "train" if not self.counts["train"]["documents"] else "val"
-            raise UserError(f"no document went to the {empty} split; raise --val-fraction / --val-tokens or give "
-                            "more documents.")
+        if not self.counts["train"]["documents"]:
+            raise UserError("no document went to the train split: val took them all; lower --val-fraction / "
+                            "--val-tokens or give more documents.")
+        if not self.counts["val"]["documents"]:
+            raise UserError("no document went to the val split; raise --val-fraction / --val-tokens or give more "
+                            "documents.")
+        val, asked = self.counts["val"]["tokens"], self.options.val_tokens
+        if asked and val < asked:  # the candidates held fewer tokens than their characters promised
+            raise UserError(f"--val-tokens {asked} asks for {asked:,} val tokens, and the val split got {val:,} of "
+                            f"whole documents; ask for at most {val:,}, or give a larger corpus.")
         train = self.writers["train"].close()
         staged = self.writers["valstage"].close()
         self.checkpoint_val_index()

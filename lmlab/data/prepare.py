@@ -18,7 +18,9 @@ bytes a character), cut where the ids come out the same as whole.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -47,13 +49,15 @@ from lmlab.data.corpora import (
     resolve_sources,
 )
 from lmlab.data.encode import encode_in_order
+from lmlab.data.normalize import with_normalizer
 from lmlab.data.output import Output, PrepareOptions
 from lmlab.data.shards import read_meta
-from lmlab.data.split import TRAIN, Scan, parts, plan_split, scan
+from lmlab.data.split import FIRST_GUESS, TRAIN, Scan, parts, plan_split, scan, val_refusal
 from lmlab.data.tokenizers import Tokenizer, chunk_spans, is_path, load_pretrained, parse_spec, train_tokenizer
 
 BATCH_DOCS = 512  # documents (chunks of long ones) per worker task: so many that inter-process overhead is small
 BATCH_CHARS = 2_000_000  # and small enough that in-flight batches stay a few MB each
+SAMPLE_CHARS = 1_000_000  # of train text, to measure a tokenizer's characters per token
 
 
 SEPARATOR = "\n\n"  # what ends every document of a char dataset, which has no end-of-text token
@@ -66,7 +70,7 @@ def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndar
     tags: list[tuple] = []
     texts: list[str] = []
     characters = 0
-    for index, doc in enumerate(iter_documents(files, options.text_field)):
+    for index, doc in enumerate(iter_documents(files, options.text_field, options.normalization.function())):
         if index < start:  # already in the shards of an interrupted run
             continue
         for code, name, begin, end in parts(doc, index, plan, cut):
@@ -94,7 +98,7 @@ def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray,
     """The train documents' text in chunks, up to options.tokenizer_chars characters: what bpe/word tokenizers
     learn from (cut where their pre-tokens are cut anyway, so the counts are those of the whole documents)."""
     used = 0
-    for index, doc in enumerate(iter_documents(files, options.text_field)):
+    for index, doc in enumerate(iter_documents(files, options.text_field, options.normalization.function())):
         code, _, begin, end = parts(doc, index, plan, cut)[0]
         if code == TRAIN:
             for a, b in chunk_spans(doc.text, begin, end, kind):
@@ -102,6 +106,15 @@ def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray,
                 used += b - a
                 if used >= options.tokenizer_chars:
                     return
+
+
+def _chars_per_token(tokenizer: Tokenizer, files: list[str], options: PrepareOptions, plan: np.ndarray,
+                     cut: int | None) -> float:
+    """Characters per token of the tokenizer on up to SAMPLE_CHARS of the train documents' text."""
+    texts = list(itertools.islice(_training_texts(files, dataclasses.replace(options, tokenizer_chars=SAMPLE_CHARS),
+                                                  plan, cut, tokenizer.kind), 1000))
+    tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+    return sum(map(len, texts)) / tokens if tokens else FIRST_GUESS
 
 
 def _progress(console: Console | None) -> Progress:
@@ -190,10 +203,14 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     if options.pack == "crop" and kind == "char":
         raise UserError("--pack crop pads each document's row with the end-of-text token, which the char tokenizer "
                         "does not have; use --pack concat or a word, bpe, gpt2 or tiktoken tokenizer.")
+    if kind == "char" and options.normalization.drops("\n"):
+        raise UserError("the char tokenizer separates documents with a line break, which --keep-chars / --drop-chars "
+                        "would remove; keep \\n (e.g. --keep-chars 'a-z \\n').")
     if not 0.0 < val_fraction < 1.0:  # (nan included) before the scan, which cuts a lone document by it
         raise UserError(f"--val-fraction is {val_fraction}; it must be between 0 and 1, e.g. 0.1.")
     files = resolve_sources(sources)
-    name = plain_name(corpus_name(sources) if name is None else name, "--name", "--out-dir")
+    name = plain_name(corpus_name(sources) + options.normalization.suffix() if name is None else name, "--name",
+                      "--out-dir")
     target = Path(out_dir) / f"{name}-{spec.replace(':', '')}"
     lock = WriterLock(target)
     lock.acquire(f"{target} is being prepared by another process ({{holder}}); wait for it to finish, or choose "
@@ -219,29 +236,41 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
         fixed = train_tokenizer(spec, [], [], options.gpt2_dir)
     clock = [time.perf_counter()]
     with _progress(console) as progress:
-        found = scan(files, options.text_field, val_fraction, kind == "char", progress)
+        found = scan(files, options.text_field, val_fraction, kind == "char", progress,
+                     options.normalization.function())
         clock.append(time.perf_counter())
         job = {"input_sha256": found.sha256, "tokenizer": spec, "val_fraction": val_fraction, **options.identity(),
                **same_tokenizer}
         meta = _reusable(target, job, force)
         if meta is not None:
             return target, meta, False
-        plan, rule = plan_split(found, val_fraction, options.val_tokens, sources)
+        plan, rule = plan_split(found, val_fraction, options.val_tokens, sources, max_tokens=options.max_tokens)
         target.parent.mkdir(parents=True, exist_ok=True)
         work = target.parent / f".{target.name}.partial"
         saved = _resume_or_start(work, job)
         tokenizer = _tokenizer(work, spec, files, options, found, plan, progress, fixed)
+        if options.val_tokens and not options.max_tokens:  # the candidates again, at the tokenizer's own ratio
+            ratio = _chars_per_token(tokenizer, files, options, plan, found.first_cut)
+            refusal = val_refusal(found, options.val_tokens, ratio)
+            if refusal:
+                shutil.rmtree(work, ignore_errors=True)  # its tokenizer is of no use to another --val-tokens
+                raise UserError(refusal)
+            plan, rule = plan_split(found, val_fraction, options.val_tokens, sources, ratio)
         clock.append(time.perf_counter())
         dtype = "uint16" if tokenizer.vocab_size < 2**16 else "uint32"
-        output = Output(work, job, dtype, tokenizer.eot_id, options, saved)
+        output = Output(work, job, dtype, tokenizer.eot_id, options, saved, rule.get("val_tokens"))
         _tokenize(work, files, options, tokenizer, plan, found, output, progress)
     shards = output.finish()
+    # Only now: the workers encoded text already normalised, the separator of a char dataset included.
+    if options.normalization:
+        with_normalizer(tokenizer.backend, options.normalization)
+        tokenizer.save(work / "tokenizer.json")
     clock.append(time.perf_counter())
     rule |= {"val_documents": [n for _, n in sorted(output.val_names, reverse=True)]} if len(plan) > 1 else {}
     meta = {
         "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind,
         "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
-        "input_sha256": found.sha256, "split": rule,
+        "input_sha256": found.sha256, "split": rule, "normalize": options.normalization.record(),
         **{split: {**output.counts[split], "sha256": sha256_file(*shards[split])} for split in ("train", "val")},
         "shards": {split: [{"file": p.name, "tokens": p.stat().st_size // np.dtype(dtype).itemsize} for p in paths]
                    for split, paths in shards.items()},

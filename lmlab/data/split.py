@@ -4,8 +4,10 @@ size and content digest, then the plan that puts each document on one side."""
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +43,11 @@ class Scan:
     first_cut: int | None  # the tail split point, used when the corpus is a single document
 
 
-def scan(files: list[str], text_field: str, val_fraction: float, want_charset: bool, progress: Progress) -> Scan:
+def scan(files: list[str], text_field: str, val_fraction: float, want_charset: bool, progress: Progress,
+         normalize: Callable[[str], str] | None = None) -> Scan:
     keys, chars, digest, charset, first_cut = array("Q"), array("q"), hashlib.sha256(), set(), None
     task = progress.add_task("scanning", total=parquet_rows(files), tokens="")
-    for doc in iter_documents(files, text_field):
+    for doc in iter_documents(files, text_field, normalize):
         keys.append(split_key(doc.name))
         chars.append(len(doc.text))
         digest.update(doc.name.encode() + b"\0")
@@ -62,15 +65,34 @@ def scan(files: list[str], text_field: str, val_fraction: float, want_charset: b
 
 
 TRAIN, VAL, VAL_WHILE_BUDGET = 0, 1, 2  # a document's place in the split plan
+# A val split sized in tokens draws from the documents with the lowest keys whose characters hold POOL_MARGIN times
+# the tokens asked at the tokenizer's measured characters per token: the chars per token of a document varies, and
+# "at least N" must hold. Before the tokenizer exists (it learns from the other documents) FIRST_GUESS is assumed.
+POOL_MARGIN = 1.25
+FIRST_GUESS = 8.0
 
 
-def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: list[str]) -> tuple[np.ndarray, dict]:
-    """Each document's split: TRAIN, VAL, or (with val_tokens) VAL_WHILE_BUDGET.
+def val_target(val_fraction: float, val_tokens: int | None, max_tokens: int | None) -> int | None:
+    """The val split's size in tokens: --val-tokens; else, for a --max-tokens cut, val_fraction of the cut (train
+    being the rest: a small cut must not lose half its tokens to a val split sized by the whole corpus); else None
+    (val_fraction of the characters)."""
+    if val_tokens or not max_tokens:
+        return val_tokens
+    return math.ceil(max_tokens * val_fraction / (1.0 - val_fraction))
+
+
+def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: list[str],
+               chars_per_token: float = FIRST_GUESS, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
+    """Each document's split: TRAIN, VAL, or (with a size in tokens) VAL_WHILE_BUDGET; the rule, with that size as
+    `val_tokens`.
 
     By default the val split is whole documents in sha256-of-name order until they hold val_fraction of the
-    characters: the same corpus always splits the same way and adding a file moves few others. With
-    val_tokens, a document whose key falls in the lowest val_fraction of the key range goes to val, in corpus
-    order, until val holds val_tokens tokens; the rest go to train.
+    characters: the same corpus always splits the same way and adding a file moves few others. With val_tokens,
+    the documents with the lowest keys that hold about POOL_MARGIN x val_tokens tokens (at `chars_per_token`) are
+    candidates; they go to val in corpus order until it holds val_tokens, the rest to train. A --max-tokens cut
+    reads only the start of the corpus, so there the candidates are the documents whose keys fall in the share of
+    the key range val takes of the cut (val_fraction, or POOL_MARGIN x val_tokens / (train + val) when asked):
+    spread through the corpus, they fill val as the cut's train tokens come (at least the lowest key's document).
     """
     n = len(scan.keys)
     if n == 0:
@@ -80,15 +102,34 @@ def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: l
             raise UserError(f"{names[0]} is too short to split into train and val; give it more text.")
         return np.zeros(1, np.int8), {"rule": "tail of the only document", "val_fraction": val_fraction,
                                    "cut_at_char": scan.first_cut}
-    if val_tokens:
-        candidate = scan.keys < np.uint64(val_fraction * 2.0**64)
-        return np.where(candidate, VAL_WHILE_BUDGET, TRAIN).astype(np.int8), {"rule": "documents with the lowest sha256 of name, up to a token "
-                                                  "budget", "val_fraction": val_fraction, "val_tokens": val_tokens}
     order = np.lexsort((np.arange(n), scan.keys))
-    count = min(int(np.searchsorted(np.cumsum(scan.chars[order]), val_fraction * scan.chars.sum())) + 1, n - 1)
     plan = np.full(n, TRAIN, np.int8)
+    target = val_target(val_fraction, val_tokens, max_tokens)
+    if max_tokens:
+        share = POOL_MARGIN * target / (target + max_tokens) if val_tokens else val_fraction
+        plan[scan.keys < np.uint64(share * 2.0**64) if share < 1 else slice(None)] = VAL_WHILE_BUDGET
+        plan[order[0]] = VAL_WHILE_BUDGET
+    elif val_tokens:
+        held = np.cumsum(scan.chars[order])
+        count = min(int(np.searchsorted(held, POOL_MARGIN * val_tokens * chars_per_token)) + 1, n - 1)
+        plan[order[:count]] = VAL_WHILE_BUDGET
+    if target:
+        return plan, {"rule": "documents with the lowest sha256 of name, up to a token budget",
+                      "val_fraction": val_fraction, "val_tokens": target}
+    count = min(int(np.searchsorted(np.cumsum(scan.chars[order]), val_fraction * scan.chars.sum())) + 1, n - 1)
     plan[order[:count]] = VAL
     return plan, {"rule": "whole documents by sha256 of name", "val_fraction": val_fraction}
+
+
+def val_refusal(scan: Scan, val_tokens: int, chars_per_token: float) -> str | None:
+    """Why --val-tokens cannot be given with a train split beside it: all the corpus's documents but the largest
+    hold fewer tokens at the tokenizer's `chars_per_token`; None when it can."""
+    spare = (int(scan.chars.sum()) - int(scan.chars.max())) / chars_per_token
+    if len(scan.keys) < 2 or spare >= val_tokens:
+        return None
+    return (f"--val-tokens {val_tokens} asks for a val split of {val_tokens:,} tokens, but this corpus's documents, "
+            f"less one for train, hold about {spare:,.0f} (at {chars_per_token:.2f} characters a token); ask for at "
+            "most that, or give a larger corpus.")
 
 
 def parts(doc: Document, index: int, plan: np.ndarray, cut: int | None) -> list[tuple[int, str, int, int]]:

@@ -84,9 +84,14 @@ class Tokenizer:
     def eot_token(self) -> str | None:
         return None if self.eot_id is None else self.backend.id_to_token(self.eot_id)
 
+    def normalize(self, text: str) -> str:
+        """`text` as the tokenizer sees it: through the normalisation its dataset was prepared with, if any."""
+        normalizer = self.backend.normalizer
+        return text if normalizer is None else normalizer.normalize_str(text)
+
     def unseen(self, text: str) -> str:
         """The characters of `text` a char tokenizer cannot encode (it has no `<unk>`), sorted; '' for the others."""
-        return "".join(sorted(set(text) - self.vocab.keys())) if self.kind == "char" else ""
+        return "".join(sorted(set(self.normalize(text)) - self.vocab.keys())) if self.kind == "char" else ""
 
     def check(self, text: str, where: str) -> None:
         """Refuse text that is not Unicode (a lone surrogate: from JSON's "\\ud800", or a byte of a command-line
@@ -105,9 +110,11 @@ class Tokenizer:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """The ids of `text`; without `special`, none of the tokens the tokenizer adds around a text (a BOS), as
-        for a chat template's prompt, which writes its own."""
+        for a chat template's prompt, which writes its own. Encoded as a batch of one: `tokenizers` lets other
+        threads run while it encodes a batch, not a single text (a megabyte holds a server's other threads for a
+        second otherwise)."""
         self.check(text, "the text")
-        return self.backend.encode(text, add_special_tokens=special).ids
+        return self.backend.encode_batch([text], add_special_tokens=special)[0].ids
 
     def encode_batch(self, texts: list[str]) -> list[tokenizers.Encoding]:
         """Each text's encoding: its ids, and the character offsets each token came from."""

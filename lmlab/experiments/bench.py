@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import gc
 import math
 import resource
@@ -22,7 +23,8 @@ from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.device import configure, resolve_device, synchronize
 from lmlab.core.errors import UserError
-from lmlab.core.peak import autocast_dtype, peak_flops
+from lmlab.core.peak import Peak, autocast_dtype, peak_flops
+from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.shards import read_meta
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
@@ -39,6 +41,7 @@ class BenchRow:
     peak_memory: int | None = None  # bytes: CUDA memory reserved at the peak, or the process's peak RSS on the CPU
     out_of_memory: bool = False
     note: str | None = None  # why `compile = "auto"` ran eager here, if it did
+    peak_note: str | None = None  # that the peak is wrong (below what the steps computed), if it is
     load: Load | None = None  # what else used the machine while the steps were timed
 
 
@@ -77,14 +80,15 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 def _build(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TrainStep:
     """The model and training step a run of `cfg` would build, on random weights."""
-    configure(device, cfg.train.threads)
+    configure(device)
     return TrainStep(build_model(cfg.model).to(device), cfg.train, device, dtype)
 
 
 def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2,
-                seconds: float = 0.0) -> BenchRow:
+                seconds: float = 0.0, peak: Peak | None = None) -> BenchRow:
     """Time `steps` training steps, or more until `seconds` have passed (the loop's own `TrainStep`: forward,
-    backward over grad_accum_steps micro-batches, clip, non-finite check, optimizer) at one micro-batch size."""
+    backward over grad_accum_steps micro-batches, clip, non-finite check, optimizer) at one micro-batch size. MFU
+    divides by `peak`, the one said before timing (by default the device's at the threads in use)."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
@@ -109,8 +113,9 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
             synchronize(device)
             seconds = (time.perf_counter() - started) / done
         rate = batch_size * tc.grad_accum_steps * T / seconds
-        mfu = peak_flops(device, dtype).mfu(rate * step.model.flops_per_token())
-        return BenchRow(batch_size, rate, 1000 * seconds, mfu, _peak_memory(device), note=step.note, load=meter.load)
+        peak, computed = peak or peak_flops(device, dtype), rate * step.model.flops_per_token()
+        return BenchRow(batch_size, rate, 1000 * seconds, peak.mfu(computed), _peak_memory(device), note=step.note,
+                        peak_note=peak.wrong(computed), load=meter.load)
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)
     finally:
@@ -120,47 +125,65 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
             torch.cuda.empty_cache()
 
 
+def bench_threads(cfg: RunConfig, device: torch.device, dtype: torch.dtype, chooser: ThreadChooser) -> Choice:
+    """The threads a run of `cfg` would train on here now (lmlab.core.threads), timed, where the load asks for it,
+    on a model of its shape built for the purpose."""
+    cfg = with_vocab(cfg)
+
+    @functools.cache
+    def forward() -> Callable[[], None]:
+        model = build_model(cfg.model).to(device)
+        return forward_probe(model, cfg.train.batch_size, cfg.model.block_size, device, dtype)
+
+    return chooser.choose(lambda: forward()(), device)
+
+
 Probe = Callable[[BenchRow, bool, "int | None"], None]
 
 
 def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096, seconds: float = math.inf,
                    say: Probe = lambda row, fits, budget: None) -> tuple[int, bool]:
     """The largest micro-batch that trains within the memory budget (`memory_budget`): doubling, then bisection;
-    each batch tried is told to `say` as it is found (the row, whether it fits, the budget). The search stops once
-    it has run `seconds` (each try is a model built and two steps, minutes for large batches on a CPU): then the
-    largest batch found so far is returned, with False for a search not finished.
+    each batch tried is told to `say` as it is found (the row, whether it fits, the budget). The search stops before
+    a try that would end past `seconds` (each try is a model built and two steps, minutes for large batches on a
+    CPU; a try is foreseen from the newest one, its time scaled by the batch): then the largest batch found so far
+    is returned, with False for a search not finished.
 
     A batch that just fits leaves nothing for evaluation, a checkpoint's copies or fragmentation over a long run,
     so the budget keeps headroom; on the CPU nothing raises an out-of-memory error before the kernel kills the
     process, so there the budget is the only test.
     """
     budget, started = memory_budget(resolve_device(device_name)), time.perf_counter()
+    newest = [1, 0.0]  # the newest try: its batch and seconds
 
     def fits(batch: int) -> bool:
+        began = time.perf_counter()
         try:
             row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
         except MemoryRefused:  # estimated not to fit: not tried
             return False
+        newest[:] = batch, time.perf_counter() - began
         say(row, within(row, budget), budget)
         return within(row, budget)
 
-    def out_of_time() -> bool:
-        return time.perf_counter() - started >= seconds
+    def out_of_time(batch: int) -> bool:
+        foreseen = newest[1] * max(1.0, batch / newest[0])
+        return time.perf_counter() - started + foreseen > seconds
 
     if not fits(1):
         raise UserError("even a micro-batch of 1 does not fit on this device; use a smaller model or block_size.")
     low, high = 1, 2
     while high <= limit:
-        if out_of_time():
+        if out_of_time(high):
             return low, False
         if not fits(high):
             break
         low, high = high, high * 2
     high = min(high, limit + 1)  # the search stops at the limit
     while high - low > 1:
-        if out_of_time():
-            return low, False
         mid = (low + high) // 2
+        if out_of_time(mid):
+            return low, False
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low, True
 

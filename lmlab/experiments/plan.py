@@ -21,8 +21,9 @@ from lmlab.core.config import RunConfig
 from lmlab.core.device import PEAK_TFLOPS, datasheet_peak, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.peak import Peak, autocast_dtype, peak_flops
+from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
-from lmlab.experiments.bench import bench_batch, with_vocab
+from lmlab.experiments.bench import bench_batch, bench_threads, with_vocab
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
 
@@ -44,6 +45,7 @@ class Plan:
     rate_source: str
     split_tokens: int | None = None  # the train split's tokens (its unique tokens); None where it is not known
     lookup_params: int = 0  # parameters used only as lookup tables (6·N·D counts them, lmlab's compute does not)
+    padding_params: int = 0  # vocabulary padding rows, not parameters (lmlab's compute counts what the head multiplies)
     attention_flops: float = 0.0  # per token, beyond the weights' 6 per multiplying weight
 
     @property
@@ -99,15 +101,18 @@ MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (on
 def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str, Load | None]:
     """Training tokens/s of `cfg` on this device as training runs it (the config's micro-batch, grad_accum_steps
     micro-batches per step, the optimizer, in its dtype), how it was measured, and the machine's load meanwhile."""
+    chooser = ThreadChooser(cfg.train.threads, "train.threads")
     device = resolve_device(device_name)
+    dtype = autocast_dtype(device, cfg.train.dtype)
+    threads = bench_threads(cfg, device, dtype, chooser).threads
     row = bench_batch(cfg, cfg.train.batch_size, 1, device_name, warmup=1, seconds=MEASURE_SECONDS)
     if row.out_of_memory:
         raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or pass "
                         "--tokens-per-sec.")
-    dtype = autocast_dtype(device, cfg.train.dtype)
     accumulation = f" x {cfg.train.grad_accum_steps} accumulated" if cfg.train.grad_accum_steps > 1 else ""
     return row.tokens_per_sec, (f"measured here on {device} in {str(dtype).removeprefix('torch.')}, micro-batch "
-                                f"{cfg.train.batch_size}{accumulation}, as training runs"), row.load
+                                f"{cfg.train.batch_size}{accumulation}, {threads} thread{'s' * (threads > 1)}, as "
+                                "training runs"), row.load
 
 
 def gpu_row(name: str) -> str:
@@ -205,7 +210,8 @@ def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None
     else:
         tokens, source = cfg.train.max_iters * tokens_per_step, "train.max_iters x tokens per step"
     return Plan(params, model.num_params(embeddings=False), model.flops_per_token(), tokens_per_step, tokens, source,
-                *rate, split_tokens or train_split_tokens(cfg), model.lookup_params(), model.attention_flops())
+                *rate, split_tokens or train_split_tokens(cfg), model.lookup_params(), model.padding_params(),
+                model.attention_flops())
 
 
 def train_split_tokens(cfg: RunConfig) -> int | None:
@@ -226,7 +232,9 @@ def compute_note(plan: Plan) -> str:
     """6·N·D beside lmlab's compute, with what makes them differ, in a sentence."""
     change = plan.six_nd / plan.flops - 1
     lookup = f" (the {plan.lookup_params:,} of lookup-only tables among them)" if plan.lookup_params else ""
+    padding = f" (with the {plan.padding_params:,} of vocabulary padding rows)" if plan.padding_params else ""
     return (f"6·N·D counts all {plan.params:,} parameters{lookup} and no attention; lmlab counts 6 × the "
-            f"{plan.params - plan.lookup_params:,} weights that multiply each token plus attention's "
+            f"{plan.params + plan.padding_params - plan.lookup_params:,} weights that multiply each token{padding} "
+            "plus attention's "
             f"{plan.attention_flops:,.0f} FLOPs per token (PaLM's formula): 6·N·D is {100 * abs(change):.1f}% "
             f"{'above' if change >= 0 else 'below'} it.")

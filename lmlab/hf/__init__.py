@@ -26,7 +26,6 @@ from lmlab.data.tokenizers import GPT2_DIR_ENV, Tokenizer, load_gpt2, load_pretr
 from lmlab.hf.family import Family
 from lmlab.hf.folder import (
     Weights,
-    exported_tokenizer,
     fresh_dir,
     move_into_place,
     read_config,
@@ -156,8 +155,9 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
 
 def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "auto") -> dict[str, Any]:
     """Write a run's model as a Hugging Face folder of the family `arch` (or the one `auto` picks): weights,
-    config.json, generation_config.json and, when the run has a tokenizer, its tokenizer files (a char run's
-    with an end-of-text token added: `exported_tokenizer`)."""
+    config.json, generation_config.json and, when the run has a tokenizer, its tokenizer files. The vocabulary is
+    exactly the model's rows, so transformers' next-token distribution is lmlab's: a char run has no end-of-text
+    token (nothing it could learn to emit), so `generate` runs to max_new_tokens, as `lmlab sample` does."""
     run_dir, out = Path(run_dir), Path(out)
     model = RunDir(run_dir).config().model
     if model.kind != "gpt":
@@ -170,18 +170,13 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
     tmp = fresh_dir(out, "output folder")
     try:
         run = RunDir(run_dir).load(checkpoint, "cpu", need_tokenizer=False)
-        tokenizer = run.tokenizer and exported_tokenizer(run.tokenizer)
-        eot_id = tokenizer.eot_id if tokenizer else None
-        # A char run's end-of-text token is new: one row more, which the model never produced.
-        model_cfg = dataclasses.replace(run.config.model,
-                                        vocab_size=max(run.config.model.vocab_size, (eot_id or 0) + 1))
+        eot_id = run.tokenizer.eot_id if run.tokenizer else None
         with writing(out):
-            save_tensors(family.from_lmlab(run.model, model_cfg.vocab_size), tmp / "model.safetensors",
-                         metadata={"format": "pt"})
-        write_json(tmp / "config.json", family.write_config(model_cfg, eot_id))
-        write_generation_config(tmp, tokenizer, run.chat_template)
-        if tokenizer is not None:  # only runs imported without one, before import-hf refused that
-            write_tokenizer(tmp, tokenizer, model_cfg.block_size, run.chat_template)
+            save_tensors(family.from_lmlab(run.model), tmp / "model.safetensors", metadata={"format": "pt"})
+        write_json(tmp / "config.json", family.write_config(run.config.model, eot_id))
+        write_generation_config(tmp, run.tokenizer, run.chat_template)
+        if run.tokenizer is not None:  # only runs imported without one, before import-hf refused that
+            write_tokenizer(tmp, run.tokenizer, run.config.model.block_size, run.chat_template)
         move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -143,18 +143,14 @@ class Family:
                                 f"config.json implies {tuple(target.shape)}; the two do not belong together.")
             yield name, value
 
-    def from_lmlab(self, model: GPT, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
-        """The model's tensors under the family's names and layouts, the vocabulary padding cut off; with a
-        `vocab_size` beyond the model's, the token table and head end in zero rows up to it (tokens the model
-        never produced: its logit for them is 0)."""
+    def from_lmlab(self, model: GPT) -> dict[str, torch.Tensor]:
+        """The model's tensors under the family's names and layouts, the vocabulary padding cut off."""
         cfg, out = model.config, {}
-        vocab_size = vocab_size or cfg.vocab_size
         for name, value in model.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # tie_word_embeddings: transformers ties it to the token table on load
             if name.endswith(("wte.weight", "lm_head.weight")):
-                value = value[:vocab_size]
-                value = torch.cat([value, value.new_zeros(vocab_size - len(value), *value.shape[1:])])
+                value = value[:cfg.vocab_size]
             for hf_name, part in zip(self.hf_names(name), value.split(self.split_sizes(name, cfg, value.shape[0]))):
                 part = part.t() if self.transposed(hf_name) else part
                 out[hf_name] = part.detach().float().contiguous().cpu()

@@ -10,13 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import tokenizers
 import torch
 from safetensors import SafetensorError, safe_open
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
-from lmlab.data.tokenizers import EOT, UNK, Tokenizer
+from lmlab.data.tokenizers import UNK, Tokenizer
 from lmlab.run.chat import ChatTemplate
 
 # PyTorch's own weight files, which may run code when loaded: lmlab never reads them.
@@ -129,16 +128,6 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
 PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]")  # a vocabulary's own padding token, where it has one
 
 
-def exported_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
-    """The tokenizer an export carries: the run's, and for a char run, which has no end-of-text token, the run's
-    with `<|endoftext|>` added after its characters (the next id), so the exported folder has an eos and a pad."""
-    if tokenizer.eot_id is not None:
-        return tokenizer
-    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
-    backend.add_special_tokens([EOT])
-    return Tokenizer(tokenizer.spec, backend)
-
-
 def pad_id(tokenizer: Tokenizer) -> int | None:
     """The id to pad with: the vocabulary's own padding token, else the end-of-text token."""
     return next((tokenizer.vocab[t] for t in PAD_TOKENS if t in tokenizer.vocab), tokenizer.eot_id)
@@ -149,7 +138,10 @@ def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int, chat: Chat
     of the `tokenizers` library, so every lmlab kind loads: char, word, bpe, gpt2, tiktoken, pretrained), with the
     end-of-text token as eos and bos, a pad token (the vocabulary's own, else the end-of-text token: so
     `tokenizer(texts, padding=True)` works), `<unk>` for a word tokenizer, and the lmlab spec for `import-hf` to
-    read back; an imported instruct model's chat template with the special tokens it prints, as the model came."""
+    read back; an imported instruct model's chat template with the special tokens it prints, as the model came.
+    A char tokenizer has no end-of-text token, and no pad token either: transformers would hide whichever
+    character it named pad from every decoded text (a pad token is special to it), so a batch of a char run's
+    texts is padded after `tokenizer.pad_token = ...` names a character, the attention mask hiding it."""
     tokenizer.save(out / "tokenizer.json")
     settings: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
                                 "clean_up_tokenization_spaces": False, "lmlab_tokenizer": tokenizer.spec}

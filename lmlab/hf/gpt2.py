@@ -59,8 +59,10 @@ class GPT2(Family):
     def write_config(self, cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:
         return {
             "architectures": [self.architecture], "model_type": self.model_type, "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "n_inner": mlp_width(cfg), "activation_function": "gelu_new" if cfg.gelu_approx == "tanh" else "gelu",
+            # n_ctx: OpenAI's configs carry it, and llama.cpp's converter reads the context from it.
+            "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_inner": mlp_width(cfg),
+            "activation_function": "gelu_new" if cfg.gelu_approx == "tanh" else "gelu",
             "layer_norm_epsilon": default_eps(cfg), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
             "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot_id, "eos_token_id": eot_id,

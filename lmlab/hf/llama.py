@@ -39,7 +39,8 @@ COMMON: dict[str, Rule] = {
     "norm": (equals("norm", "rmsnorm"), "Llama, Qwen2 and Qwen3 normalise with RMSNorm, not LayerNorm"),
     "mlp": (equals("mlp", "swiglu"), "the MLP of Llama, Qwen2 and Qwen3 is SwiGLU (SiLU-gated), not GELU"),
 }
-LLAMA_RULES = {**COMMON, "bias": (any_value, ""),  # attention_bias and mlp_bias both
+LLAMA_RULES = {**COMMON, "bias": (equals("bias", True, False), "Llama has biases in all of attention and the MLP or "
+                                  "in none (attention_bias and mlp_bias)"),
                "qkv_bias": (equals("qkv_bias", False), "Llama has biases in all of attention and the MLP or in none; "
                             "Qwen2 has them on q, k and v alone (--arch qwen2)"),
                "qk_norm": (equals("qk_norm", False), "Llama does not normalise queries and keys; Qwen3 does "

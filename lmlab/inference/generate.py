@@ -43,12 +43,49 @@ def stream_ids(model: LanguageModel, prompt: list[int], params: SamplingParams,
         yield decoder.step()[0]
 
 
-def held_back(text: str, stop: Sequence[str]) -> int:
-    """Characters at the end of `text` not to send yet: an unfinished UTF-8 sequence (decoded as U+FFFD) or
-    the beginning of a stop string, which the next tokens may complete."""
-    unfinished = len(text) - len(text.rstrip("\ufffd"))
-    partial = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return max(unfinished, partial)
+class StopStrings:
+    """Where a growing text first holds one of the stop strings, read once: each string's KMP automaton is advanced
+    over the characters not read yet, so a token costs what its own characters cost however long the text or the
+    strings (SamplingParams bounds them). `partial` is the longest beginning of a stop string the text read ends
+    with: what the next tokens may still complete."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.fallback = [_borders(s) for s in self.stop]
+        self.matched = [0] * len(self.stop)  # per string: how much of it the text read ends with
+        self.read = 0
+
+    def advance(self, text: str, upto: int) -> int | None:
+        """Read `text` up to `upto` (the part no later token can change); where the first stop string read
+        whole begins (the longest, of those ending at the same character), else None."""
+        for at in range(self.read, upto):
+            char, ended = text[at], None
+            for i, s in enumerate(self.stop):
+                k = self.matched[i]
+                while k and s[k] != char:
+                    k = self.fallback[i][k - 1]
+                k = self.matched[i] = k + (s[k] == char)
+                if k == len(s) and (ended is None or k > len(ended)):
+                    ended = s
+            if ended is not None:
+                return at + 1 - len(ended)
+        self.read = max(self.read, upto)
+        return None
+
+    @property
+    def partial(self) -> int:
+        return max(self.matched, default=0)
+
+
+def _borders(s: str) -> list[int]:
+    """KMP's table: for each prefix of `s`, the length of its longest proper prefix that is also its suffix."""
+    table, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        k += s[i] == s[k]
+        table[i] = k
+    return table
 
 
 class Detokenizer:
@@ -58,11 +95,12 @@ class Detokenizer:
 
     Text older than SETTLE_TOKENS tokens is settled, and only the tokens after it are decoded again, so a long
     continuation costs the same per token as a short one; lmlab's tokenizers (char and byte-level) decode a
-    list of tokens to the concatenation of its parts once no UTF-8 character is left unfinished.
+    list of tokens to the concatenation of its parts once no UTF-8 character is left unfinished, so only an
+    unfinished character at the end (decoded as U+FFFD) may still change.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], past_eot: bool = False):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.tokenizer, self.stops = tokenizer, StopStrings(stop)
         self.eot_id = None if past_eot else tokenizer.eot_id
         self.settled, self.tail = "", []  # the text of the tokens before `tail`, and those tokens
         self.text, self.sent = "", 0  # the text so far (cut before a stop string), and how much of it was sent
@@ -75,14 +113,15 @@ class Detokenizer:
         self.tail.append(token)
         decoded = self.tokenizer.decode(self.tail)
         text = self.settled + decoded
-        cuts = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if cuts:
-            self.finish_reason, self.text = "stop", text[:min(cuts)]
+        final = len(text.rstrip("\ufffd"))  # what no later token changes
+        cut = self.stops.advance(text, final)
+        if cut is not None:
+            self.finish_reason, self.text = "stop", text[:cut]
             return self.flush()
         self.text = text
         if len(self.tail) >= SETTLE_TOKENS and not decoded.endswith("\ufffd"):
             self.settled, self.tail = text, []
-        ready = len(text) - held_back(text, self.stop)
+        ready = final - self.stops.partial
         if ready <= self.sent:
             return ""
         piece, self.sent = text[self.sent:ready], ready
@@ -228,7 +267,26 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
 
 
+def prompt_chars(run: LoadedRun) -> int | None:
+    """The most characters a prompt can have and still fit the run's context, whatever its tokens: block_size times
+    the longest token's text (None for a word tokenizer, whose <unk> stands for a word of any length). A longer
+    prompt is refused (or, put in a prompt format that keeps its end, cut) before it is tokenized: only its last
+    block_size tokens would be read, and tokenizing all of it takes memory by its length (a 21 MB prompt, 3.6 GB)."""
+    tokenizer = run.tokenizer
+    return None if tokenizer.kind == "word" else run.config.model.block_size * max(map(len, tokenizer.vocab))
+
+
+def check_prompt_length(run: LoadedRun, text: str, what: str, limit: int | None = None) -> None:
+    """Refuse `text` (`what` names it) when it is longer than `prompt_chars` (or `limit`, that figure if known)."""
+    limit = limit or prompt_chars(run)
+    if limit is not None and len(text) > limit:
+        raise UserError(f"{what} is {len(text):,} characters, more than the {run.config.model.block_size:,} tokens "
+                        f"of {run.run.path}'s context can hold (at most {limit:,} of its tokenizer's characters); "
+                        "shorten it.")
+
+
 def _start(run: LoadedRun, prompt: str) -> list[int]:
+    check_prompt_length(run, prompt, "--prompt")
     run.tokenizer.check(prompt, "--prompt")
     return run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer)
 
@@ -293,6 +351,7 @@ def chat_stream(run: LoadedRun, turns: Sequence[tuple[str, str]], params: Sampli
                 step: Step | None = None) -> TextStream:
     """The run's reply to a conversation (see `chat_prompt`), piece by piece as it is generated."""
     prompt = chat_prompt(run, turns)
+    check_prompt_length(run, prompt.text, "the chat's rendered prompt")
     params = dataclasses.replace(params, stop=(*params.stop, *prompt.stop))
     dtype = decode_dtype(run.device, run.dtype, step is not None)
     return TextStream(run.model, run.tokenizer, prompt.ids(run.tokenizer), params, dtype, step)
@@ -304,7 +363,10 @@ def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, inp
     run.tokenizer.check(instruction, "the instruction")
     run.tokenizer.check(input, "the input")
     check_format(run.tokenizer, fmt, run.run.path)
-    return run.tokenizer.encode(fmt.render(instruction, input))[-run.config.model.block_size:]
+    text = fmt.render(instruction, input)
+    # Its end is what the model answers from: a prompt longer than the context is cut on the left, in characters
+    # first, so that no more of it is tokenized than can be read.
+    return run.tokenizer.encode(text[-(prompt_chars(run) or len(text)):])[-run.config.model.block_size:]
 
 
 def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],

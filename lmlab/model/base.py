@@ -115,10 +115,20 @@ class LanguageModel(nn.Module):
         """Training FLOPs per token beyond the weights' (see `flops_per_token`); none unless the kind attends."""
         return 0.0
 
+    def padding_params(self, embeddings: bool = True) -> int:
+        """Weights of vocabulary padding rows (never looked up, their logits cut off) among the parameters: those
+        `num_params` leaves out, of the token table and head (without `embeddings`, of the head alone); by default
+        none."""
+        return 0
+
     def num_params(self, embeddings: bool = True) -> int:
-        """Parameters, tied weights counted once; without embeddings, less the token and position tables."""
+        """Parameters of the real vocabulary, tied weights counted once, padding rows left out (`padding_params`):
+        GPT-2 small counts 124,439,808, as transformers counts it; without embeddings, less the
+        token and position tables."""
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - sum(p.numel() for p in self.embedding_params())
+        if embeddings:
+            return n - self.padding_params()
+        return n - sum(p.numel() for p in self.embedding_params()) - self.padding_params(embeddings=False)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: lmlab's one definition of compute, used for MFU, `plan`, `compare`,
@@ -130,4 +140,5 @@ class LanguageModel(nn.Module):
         model.head_dim says otherwise (PaLM, appendix B; grouped-query attention shares keys and values but still
         scores every query head); a recurrent model has no such term.
         """
-        return 6.0 * (self.num_params() - self.lookup_params()) + self.attention_flops()
+        # The padding rows of a tied table or a head are multiplied too: compute counts them (MFU is of the work).
+        return 6.0 * (self.num_params() + self.padding_params() - self.lookup_params()) + self.attention_flops()

@@ -40,7 +40,7 @@ def rms_norm(config: ModelConfig, dim: int) -> nn.RMSNorm:
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return rms_norm(config, dim)
-    return nn.LayerNorm(dim, eps=config.norm_eps or 1e-5, bias=config.bias)
+    return nn.LayerNorm(dim, eps=config.norm_eps or 1e-5, bias=config.has_bias("norm"))
 
 
 class KVCache(DecodeState):
@@ -160,8 +160,8 @@ class CausalSelfAttention(nn.Module):
         self.head_size = config.head_size
         # One fused projection for q (n_head heads) and k, v (n_kv_head heads each): 3C wide without GQA.
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size,
-                                bias=config.bias or config.qkv_bias)
-        self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
+                                bias=config.has_bias("qkv"))
+        self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.has_bias("proj"))
         self.q_norm = rms_norm(config, self.head_size) if config.qk_norm else None
         self.k_norm = rms_norm(config, self.head_size) if config.qk_norm else None
         self.dropout = config.dropout
@@ -203,8 +203,8 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         hidden = mlp_width(config)
         # SwiGLU's gate and value projections are fused into one matmul of twice the hidden width.
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.has_bias("mlp"))
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.has_bias("mlp"))
         self.dropout = nn.Dropout(config.dropout)
         self.gelu_approx = config.gelu_approx
 
@@ -275,6 +275,11 @@ class GPT(LanguageModel):
     def hidden_matrices(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]
 
+    def padding_params(self, embeddings: bool = True) -> int:
+        rows = (padded_vocab(self.config.vocab_size) - self.config.vocab_size) * self.config.n_embd
+        tables = 1 if self.config.tie_embeddings else 2  # the token table, and a head of its own
+        return rows * (tables if embeddings else tables - 1)
+
     def shard_units(self) -> list[nn.Module]:
         return list(self.transformer.h)
 
@@ -286,7 +291,7 @@ class GPT(LanguageModel):
         c = self.config
         options = [c.pos_emb if c.pos_emb != "learned" else "", c.norm if c.norm != "layernorm" else "",
                    c.mlp if c.mlp != "gelu" else "", "qk-norm" if c.qk_norm else "",
-                   "" if c.bias else "qkv-bias" if c.qkv_bias else "no-bias",
+                   "" if c.bias is True else f"bias({c.bias})" if c.bias else "qkv-bias" if c.qkv_bias else "no-bias",
                    "" if c.tie_embeddings else "untied", f"gqa{c.kv_heads}" if c.kv_heads != c.n_head else ""]
         return " ".join([f"gpt {c.n_layer}L/{c.n_embd}", *filter(None, options)])
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+import torch
+
 from lmlab.core.config import PLUGIN_GROUP, ModelConfig, UnknownKind
 from lmlab.core.errors import UserError
 from lmlab.model.base import LanguageModel
@@ -56,4 +58,76 @@ def build_plugin(config: ModelConfig) -> LanguageModel:
         raise UserError(f"{who} returned a {type(model).__name__}, not a model: its entry point must build an "
                         "lmlab.model.LanguageModel from the ModelConfig.")
     model.config = config  # what training, sampling and checkpoints read the shape from
+    model.lmlab_plugin = who
+    check_forward(model)
     return model
+
+
+# What a plugin's own mistake raises; not an out-of-memory error, a stop signal or an interrupt.
+PLUGIN_ERRORS = (ArithmeticError, AssertionError, AttributeError, LookupError, RuntimeError, TypeError, ValueError)
+
+
+@torch.no_grad()
+def check_forward(model: LanguageModel) -> None:
+    """Try a plugin's forward once with targets and once without (as sampling calls it), on a few ids on its device
+    (on the meta device too, where models are sized before they are built: there without the finiteness check),
+    and refuse what would otherwise fail deep inside training or sampling, or train silently on garbage, in one
+    sentence naming the plugin: a raise, outputs that are not (logits, loss), logits not (B, T, vocab_size) floats,
+    a loss that is not one number, and values that are not finite. lmlab's own kinds are not tried."""
+    who, vocab = getattr(model, "lmlab_plugin", None), model.config.vocab_size
+    if who is None or vocab < 1:  # no vocabulary yet (a config sized before its dataset is read): nothing to index
+        return
+    T = min(3, model.config.block_size)
+    B = T + 1  # a batch unlike its length, so logits with the two swapped are told apart
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)
+    for targets in (idx, None):
+        how = f"its forward of {B}x{T} token ids {'with' if targets is not None else 'without'} targets"
+        problem = _output_problem(_forward(model, idx, targets, who, how), B, T, vocab, targets is not None,
+                                  check_values=device.type != "meta")
+        if problem:
+            raise UserError(f"{who}: {how} {problem}; forward(idx, targets=None) must return (logits of shape (B, T, "
+                            "vocab_size), the mean loss as one number, or None without targets).")
+
+
+def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | None, who: str, how: str) -> Any:
+    """The plugin's outputs, in eval mode and on a copy of the random state, so that trying it draws no dropout
+    mask training would have drawn; a raise of the plugin's own is one sentence naming it."""
+    training = model.training
+    try:
+        with torch.random.fork_rng(devices=[idx.device] if idx.device.type == "cuda" else []):
+            return model.eval()(idx, targets)
+    except PLUGIN_ERRORS as err:
+        if type(err).__name__ == "OutOfMemoryError" or "overflow" in str(err).lower():
+            raise  # a size too large to hold or to count, which the caller says as such
+        where = " on the meta device, where lmlab sizes a model before building it" if idx.device.type == "meta" else ""
+        raise UserError(f"{who} raised {_first_line(err)} in {how}{where}; fix the plugin's forward.") from err
+    finally:
+        model.train(training)
+
+
+def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool, check_values: bool) -> str | None:
+    """What is wrong with a forward's outputs for (B, T) ids (with `targets` or not), in a clause; None when
+    nothing is."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        return f"returned {_kind(out)}, not the pair (logits, loss)"
+    logits, loss = out
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        return f"returned {_kind(logits)} as its logits, not a tensor of floats"
+    if tuple(logits.shape) != (B, T, vocab):
+        swapped = " (time before batch)" if tuple(logits.shape) == (T, B, vocab) else ""
+        return f"returned logits of shape {tuple(logits.shape)}{swapped}, not ({B}, {T}, {vocab})"
+    if targets and (not isinstance(loss, torch.Tensor) or not loss.is_floating_point() or loss.dim() != 0):
+        return f"returned {_kind(loss)} as its loss, not one number (a 0-dimensional tensor of floats)"
+    if check_values and not (torch.isfinite(logits).all() and (not targets or torch.isfinite(loss))):
+        return "returned logits or a loss that are not finite (NaN or infinite)"
+    return None
+
+
+def _kind(value: Any) -> str:
+    """A value as an error names it: `None`, `a tuple of 3`, `a tensor of shape (4, 3)` of dtype ..."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return "None" if value is None else f"a {type(value).__name__}"

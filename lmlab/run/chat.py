@@ -8,101 +8,33 @@ One thing is stricter than transformers: a template that uses a variable nobody 
 tokenizer does not have, a name only another program passes) is refused with its name instead of rendering it as
 empty text. A key missing from a message (`message.tool_calls`) is empty, as templates expect.
 
+Every render runs in lmlab.run.sandbox's worker processes, bounded in time, memory and output: a template that
+passes a bound is refused in one sentence, as is one that renders nothing. Import renders a short exchange and
+hostile probes (a long conversation of long messages) and refuses a template that fails them.
+
 The end of the assistant's turn is the special token the template writes after an assistant message
 (`<|im_end|>` for Qwen, `<|eot_id|>` for Llama 3), found by rendering one exchange: generation stops there.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.sandbox
-from jinja2.utils import missing
-
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import Tokenizer
+from lmlab.run.sandbox import RENDER_CHARS, RENDER_MEMORY, RENDER_SECONDS, RenderError, render
 
 # The special tokens transformers passes to a template (a tokenizer's `special_tokens_map`), when the tokenizer
 # has them.
 TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 PROBE = "lmlab-probe-7f3a"  # an assistant message whose end shows what the template writes after one
-
-
-class _Unset(jinja2.Undefined):
-    """A variable nobody passed fails where it is used (printed, tested, looped over, compared); a missing key or
-    attribute of a value the template was given is empty, as in transformers. `is defined` works for both."""
-
-    __slots__ = ()
-
-    def _top_level(self) -> bool:
-        return self._undefined_obj is missing
-
-    def _check(self) -> None:
-        if self._top_level():
-            self._fail_with_undefined_error()
-
-    def __str__(self) -> str:
-        self._check()
-        return ""
-
-    def __bool__(self) -> bool:
-        self._check()
-        return False
-
-    def __iter__(self):
-        self._check()
-        return iter(())
-
-    def __len__(self) -> int:
-        self._check()
-        return 0
-
-    def __eq__(self, other: object) -> bool:
-        self._check()
-        return type(self) is type(other)
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    __hash__ = jinja2.Undefined.__hash__
-
-
-class _Generation(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; rendering a prompt
-    only needs its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-def _raise(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@functools.lru_cache(maxsize=8)
-def _compile(template: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=_Unset,
-                                                       extensions=[jinja2.ext.loopcontrols, _Generation])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    return env.from_string(template)
+# A hostile probe: a long chat of long messages, turns alternating as strict templates want. A template whose work
+# grows faster than its input (a loop over a message's characters inside another) passes a bound on it at import,
+# rather than on a client's chat later.
+LONG_CHAT = [{"role": ("user", "assistant")[i % 2], "content": "words of a message " * 200} for i in range(31)]
 
 
 @dataclass(frozen=True)
@@ -114,19 +46,37 @@ class ChatTemplate:
     end_of_turn: tuple[str, ...]  # token texts: a reply stops before the first of them
     source: str = ""  # the file it came from
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, where: str = "") -> str:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, where: str = "",
+               what: str = "these messages") -> str:
         """The prompt for `messages` ({role, content} each), ending with the assistant's header when
-        `add_generation_prompt`; a template that refuses them, or fails, is one sentence naming `where`."""
+        `add_generation_prompt`; a template that refuses them, fails, passes a bound of lmlab.run.sandbox or
+        renders nothing is one sentence naming `where` (and `what` it was asked to render)."""
+        variables = {"messages": messages, "tools": None, "documents": None,
+                     "add_generation_prompt": add_generation_prompt, **self.tokens}
         try:
-            return _compile(self.template).render(messages=messages, tools=None, documents=None,
-                                                  add_generation_prompt=add_generation_prompt, **self.tokens)
-        except jinja2.UndefinedError as err:
-            raise UserError(f"the chat template of {where or self.source} uses {_first_line(err)}, which nothing "
-                            f"sets (lmlab passes messages, add_generation_prompt, tools, documents and the special "
-                            f"tokens {', '.join(self.tokens) or 'none'}); fix the template.")
-        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as err:
-            raise UserError(f"the chat template of {where or self.source} cannot render these messages: "
-                            f"{_first_line(err)}")
+            text = render(self.template, variables)
+        except RenderError as err:
+            raise UserError(f"the chat template of {where or self.source} {self._failure(err, what)}")
+        if not text:
+            raise UserError(f"the chat template of {where or self.source} renders nothing for {what}; fix the "
+                            "template.")
+        return text
+
+    def _failure(self, err: RenderError, what: str) -> str:
+        """What went wrong, as the end of a sentence about the template."""
+        fix = "fix the template."
+        return {
+            "syntax": f"is not valid Jinja (line {err.line}: {err.detail}); fix it, or remove it to import the model "
+                      "without one.",
+            "undefined": f"uses {err.detail}, which nothing sets (lmlab passes messages, add_generation_prompt, tools, "
+                         f"documents and the special tokens {', '.join(self.tokens) or 'none'}); {fix}",
+            "refused": f"cannot render {what}: {err.detail}",
+            "time": f"takes more than {RENDER_SECONDS:g} s to render {what} (a loop that does not end?); {fix}",
+            "memory": f"needs more than {RENDER_MEMORY >> 20} MiB to render {what}; {fix}",
+            "recursion": f"recurses without end on {what} (a macro that calls itself?); {fix}",
+            "size": f"renders more than {RENDER_CHARS:,} characters for {what}, longer than any prompt; {fix}",
+            "crashed": f"crashed the process rendering it on {what}; {fix}",
+        }[err.kind]
 
     def to_json(self) -> str:
         return json.dumps({"template": self.template, "tokens": self.tokens, "end_of_turn": list(self.end_of_turn),
@@ -140,11 +90,6 @@ class ChatTemplate:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UserError(f"{path} is not a chat template written by `lmlab import-hf` ({err}); restore or "
                             "delete it.")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def _token_text(value: Any) -> str | None:
@@ -184,9 +129,9 @@ def _config(path: Path) -> dict[str, Any]:
 
 
 def read_chat_template(folder: Path, tokenizer: Tokenizer) -> ChatTemplate | None:
-    """The chat template of a Hugging Face folder, checked by rendering one exchange (a template that cannot is
-    refused with its own error), with the special tokens it may print and its end-of-turn token; None when the
-    folder has none."""
+    """The chat template of a Hugging Face folder, checked by rendering one exchange and the hostile probes (a
+    template that cannot, or passes a bound on them, is refused in one sentence), with the special tokens it may
+    print and its end-of-turn token; None when the folder has none."""
     found = _read_template(Path(folder))
     if found is None:
         return None
@@ -195,13 +140,10 @@ def read_chat_template(folder: Path, tokenizer: Tokenizer) -> ChatTemplate | Non
     tokens = {name: text for name in TOKEN_NAMES if (text := _token_text(settings.get(name))) is not None}
     if tokenizer.eot_token is not None:
         tokens.setdefault("eos_token", tokenizer.eot_token)
-    try:
-        _compile(template)
-    except jinja2.TemplateSyntaxError as err:
-        raise UserError(f"{path}: the chat template is not valid Jinja (line {err.lineno}: {err.message}); fix it, or "
-                        "remove it to import the model without one.")
     chat = ChatTemplate(template, tokens, (), str(path))
-    rendered = chat.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}], False)
+    rendered = chat.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}], False,
+                           what="a user's message and a reply")
+    chat.render(LONG_CHAT, what=f"a chat of {len(LONG_CHAT)} messages of {len(LONG_CHAT[0]['content']):,} characters")
     after = rendered[rendered.rfind(PROBE) + len(PROBE):].lstrip() if PROBE in rendered else ""
     # The longest special token the text after the assistant's message starts with (none: the eos ends a turn).
     specials = sorted((t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special),

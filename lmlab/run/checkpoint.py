@@ -154,12 +154,22 @@ def remove_partial(root: Path) -> None:
         shutil.rmtree(leftover)
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Keep the newest `keep` step folders plus whichever `best` and `latest` point to."""
-    pinned = {p.name for p in (pointer(root, "best"), pointer(root, "latest")) if p is not None}
-    for old in step_folders(root)[:-keep]:
-        if old.name not in pinned:
-            shutil.rmtree(old)
+def prune_checkpoints(root: Path, keep: int, pinned: set[str] = frozenset()) -> None:
+    """Keep the newest `keep` step folders plus whichever `best` and `latest` point to and those `pinned` (the steps
+    a run was resumed from)."""
+    for old in to_prune(root, keep, pinned):
+        shutil.rmtree(old)
+
+
+def to_prune(root: Path, keep: int, pinned: set[str] = frozenset(), coming: tuple[int, ...] = ()) -> list[Path]:
+    """The step folders `prune_checkpoints` deletes, now or, with `coming`, once checkpoints of those steps are
+    written too (`latest` is then the newest of them)."""
+    pointers = ("best",) if coming else ("best", "latest")
+    kept = set(pinned) | {folder.name for which in pointers if (folder := pointer(root, which))}
+    existing = step_folders(root)
+    steps = sorted({int(p.name.removeprefix("step_")) for p in existing} | set(coming))
+    newest = set(steps[-keep:])
+    return [p for p in existing if int(p.name.removeprefix("step_")) not in newest and p.name not in kept]
 
 
 def load_state(folder: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atom
 from lmlab.core.peak import Peak, autocast_dtype
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel, build_model
-from lmlab.model.plugins import provider
+from lmlab.model.plugins import check_forward, provider
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.chat import ChatTemplate
 from lmlab.run.prompt import PromptFormat
@@ -67,6 +68,7 @@ class RunDir:
         self.loss_plot = self.path / "loss.png"
         self._metrics = self.path / "metrics.jsonl"
         self._lock = WriterLock(self.path)
+        self._resume_points: set[str] | None = None  # read from the events when a checkpoint is first saved
 
     @property
     def name(self) -> str:
@@ -197,7 +199,8 @@ class RunDir:
         self.log({
             "event": "start", "step": 0, "kind": kind, "lmlab_version": lmlab.__version__,
             "model": model.describe(), "params": model.num_params(),
-            "params_non_embedding": model.num_params(embeddings=False), "flops_per_token": model.flops_per_token(),
+            "params_non_embedding": model.num_params(embeddings=False), "params_padding": model.padding_params(),
+            "flops_per_token": model.flops_per_token(),
             "dataset": cfg.data.dataset or None, "tokenizer": dataset.get("tokenizer"), "init_from": init_from,
             "device": str(device) if device else None, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
             "dtype_reason": dtype_reason, "world_size": world_size, "parallel": parallel,
@@ -213,18 +216,19 @@ class RunDir:
         self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device),
                   **_peak_fields(peak, world_size)})
+        self._resume_points = None
 
     def log(self, event: dict[str, Any]) -> None:
         """Append one event in one write: a crash or a full disk loses at most that line, never half of it."""
         self._check_writer()
-        append_whole(self._metrics, json.dumps(event) + "\n")
+        append_whole(self._metrics, as_json(event) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop events logged after the checkpoint (and the end of a stopped run), so the log reads as
         one uninterrupted run."""
         self._check_writer()
         kept = [e for e in self.events() if e.get("step", 0) <= step and e.get("event") != "end"]
-        atomic_write_text(self._metrics, "".join(json.dumps(e) + "\n" for e in kept))
+        atomic_write_text(self._metrics, "".join(as_json(e) + "\n" for e in kept))
 
     def add_sample(self, text: str, checkpoint_name: str, step: int, settings: str) -> None:
         """Append a sample to samples.txt under a header naming its checkpoint and how it was drawn. It needs no
@@ -235,13 +239,26 @@ class RunDir:
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                         training: dict[str, Any] | None, best: bool, keep: int) -> Path:
         """A step folder holding the weights, the optimizer and `training` (what the writer needs to continue,
-        None for an import); then only the newest `keep` step folders, best and latest remain."""
+        None for an import); then only the newest `keep` step folders, best, latest and the steps the run was resumed
+        from remain."""
         self._check_writer()
         state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": lmlab.__version__,
                  "model_config": dataclasses.asdict(self.config().model), "training": training}
         folder = ckpt.save_checkpoint(self.checkpoints, step, weights, optimizer_state, state, best)
-        ckpt.prune_checkpoints(self.checkpoints, keep)
+        ckpt.prune_checkpoints(self.checkpoints, keep, self.resume_points())
         return folder
+
+    def to_prune(self, keep: int, coming: tuple[int, ...]) -> list[Path]:
+        """The step folders retention deletes once checkpoints of the steps `coming` are written."""
+        return ckpt.to_prune(self.checkpoints, keep, self.resume_points(), coming)
+
+    def resume_points(self) -> set[str]:
+        """The step folders the run was resumed from (its `resume` events): retention never deletes them, so the
+        checkpoint a run continued from can still be sampled and compared with what came after."""
+        if self._resume_points is None:
+            self._resume_points = {e["checkpoint"] for e in self.events()
+                                   if e.get("event") == "resume" and isinstance(e.get("checkpoint"), str)}
+        return self._resume_points
 
     # -- reading a run ---------------------------------------------------------------------------------------
 
@@ -431,9 +448,24 @@ class RunDir:
             except UserError:
                 if folder.exists() or attempt == 2:
                     raise
+        check_forward(model)  # a plugin's, with these weights: NaN logits are one sentence, not NaN text
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
                          autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"],
                          (state.get("files") or {}).get("model.safetensors"), self.chat_template())
+
+
+def as_json(value: Any) -> str:
+    """`value` as standard JSON, every non-finite number (a NaN loss, an infinite grad norm, the best val loss of a
+    run stopped before its first evaluation) as null: Python's json writes them as NaN and Infinity, which other
+    readers (jq, JavaScript, pandas' strict parser) refuse."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(finite(value), allow_nan=False)
 
 
 def check_steps(paths: list[Path | str], which: str) -> None:

@@ -6,7 +6,8 @@ The port is bound at once, before torch is imported (lmlab.serving.edge: a port 
 loads), and answers at once: until the model is ready /health answers 503 with the phase of the start
 (lmlab.serving.startup loads it in the background) and the API 503 `model_loading` with Retry-After. The edge's
 limits (connections, header, body and idle timeouts) hold from the first connection. The routes are
-lmlab.serving.routes'. With an API key every route but /health and /metrics wants `Authorization: Bearer KEY`. A first SIGTERM or SIGINT
+lmlab.serving.routes', and the page at / is lmlab.serving.page's. With an API key every route but /, /health and
+/metrics wants `Authorization: Bearer KEY`. A first SIGTERM or SIGINT
 drains: the port closes, running requests go on for up to --drain-seconds, then each ends with a last chunk
 (finish reason "abort") and the process exits 0; a second signal ends it at once.
 
@@ -31,6 +32,7 @@ from typing import Any
 from lmlab.core.errors import UserError
 from lmlab.serving.edge import protocol
 from lmlab.serving.openai_api import ApiError
+from lmlab.serving.page import add_page_route
 from lmlab.serving.routes import (
     ENDPOINTS,
     add_completion_routes,
@@ -38,10 +40,12 @@ from lmlab.serving.routes import (
     add_status_routes,
     add_token_routes,
 )
+from lmlab.serving.schema import add_openapi
 from lmlab.serving.state import State
 from lmlab.serving.streaming import Relay
 
-OPEN = ("/health", "/metrics")  # answered without the API key: health checks and scrapers have none
+OPEN = ("/", "/health", "/metrics")  # answered without the API key: the page (it asks for the key), health checks
+# and scrapers
 
 
 def loopback(host: str) -> bool:
@@ -64,16 +68,24 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 def unauthorized(headers: dict[bytes, bytes], api_key: str) -> ApiError | None:
-    """The 401 for a request without `Bearer api_key` (OpenAI's error body), or None."""
-    given = headers.get(b"authorization", b"").decode("latin-1")
-    scheme, _, token = given.partition(" ")
+    """The 401 for a request without `Bearer api_key` (OpenAI's error body), or None. The key is compared as the
+    UTF-8 bytes a client sends (a key from the environment that is not UTF-8, as its bytes); the 401 closes the
+    connection, so a client without the key holds none open (lmlab.serving.edge)."""
+    given = headers.get(b"authorization", b"")
+    scheme, _, token = given.partition(b" ")
     if not given:
         message = "no API key given; send it as `Authorization: Bearer KEY` (the openai client's api_key)."
-    elif scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+    elif scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), key_bytes(api_key)):
         message = "the API key given is not this server's (--api-key); check the key sent as `Authorization: Bearer KEY`."
     else:
         return None
-    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return ApiError(401, message, code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+
+
+def key_bytes(api_key: str) -> bytes:
+    """The key's bytes: UTF-8, and an environment's bytes that are not UTF-8 as they were (surrogateescape)."""
+    return api_key.encode("utf-8", "surrogateescape")
 
 
 def create_app(state: State) -> Any:
@@ -86,6 +98,8 @@ def create_app(state: State) -> Any:
     add_status_routes(app, state)
     add_token_routes(app, state)
     add_completion_routes(app, state)
+    add_page_route(app)
+    add_openapi(app, state)
     return AccessLog(Gate(app, state), state)
 
 
@@ -113,6 +127,8 @@ class Gate:
             return await self.app(scope, receive, send)
         state = self.state
         error = unauthorized(dict(scope["headers"]), state.api_key) if state.api_key else None
+        if error is None:
+            scope.setdefault("lmlab", {})["trusted"] = True  # the edge closes connections never trusted first
         if error is None and state.served is None:
             error = ApiError(503, f"the model is loading ({state.phase}); retry shortly.", code="model_loading",
                              kind="server_error", headers={"Retry-After": "1"})
@@ -155,7 +171,7 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - started
             self.state.metrics.requests.labels(endpoint(scope["path"]), str(status[0])).inc()
-            parts = [scope["method"], scope["path"], str(status[0])]
+            parts = [scope["method"], printable(scope["path"]), str(status[0])]
             if "out" in stats:
                 self.state.metrics.duration.observe(seconds)
                 first = stats.get("first")
@@ -164,6 +180,13 @@ class AccessLog:
                           f"{stats['out'] / seconds:.1f} tok/s"]
             parts.append(f"{seconds:.3f}s" + (" (client left)" if stats.get("left") else ""))
             self.state.log(" ".join(parts))
+
+
+def printable(path: str) -> str:
+    """A request's path as the log writes it: what is not printable ASCII percent-encoded as UTF-8 (a `%0A` in a
+    URL decodes to a newline, which would begin a forged line)."""
+    return "".join(c if " " < c < "\x7f" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+                   for c in path)
 
 
 def require_extras() -> None:

@@ -2,8 +2,13 @@
 
 - The listening socket is bound before the model loads (`bind`), so a port in use or an address this machine
   does not have is one sentence at once, not an error after a minute of loading.
-- Connections: at most `max_connections` open at once; one more is answered 503 and closed, so no client can hold
-  the process's file descriptors.
+- Connections: at most `max_connections` open at once, and `max_client_connections` from one address. A
+  connection with no request under way is the first to go: at a limit, a new connection closes the oldest idle
+  one (of that address, at its own limit), those that never passed the key check before those that did, silent
+  ones before those that sent something; only
+  when every connection has a request under way is the new one answered 503 and closed. So no client holds the
+  process's file descriptors, and idle connections, however many and however fast they come back, never keep
+  out a client with a request. A request refused for its key (401) closes its connection.
 - Timeouts: a request's headers must be whole `header_timeout` seconds after its connection opened (or after the
   previous response on a kept-alive connection, plus `idle_timeout`), however slowly they trickle in; its body
   must arrive within `body_timeout` seconds (408); a kept-alive connection idle for `idle_timeout` seconds is
@@ -31,14 +36,17 @@ from lmlab.core.errors import UserError
 class ServeLimits:
     """What one connection may take; each checked in `__post_init__` (option names in the messages)."""
 
-    max_connections: int = 256  # open at once; one more gets 503
+    max_connections: int = 256  # open at once; one more closes an idle one, or gets 503
+    max_client_connections: int = 64  # open at once from one address (a proxy's clients share one: raise it)
     header_timeout: float = 10.0  # seconds for a request's headers to be whole
     body_timeout: float = 30.0  # seconds for its body to arrive
     idle_timeout: float = 5.0  # seconds a kept-alive connection may wait for a request, or a reader stall
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_connections <= 1_000_000:
-            raise UserError(f"--max-connections is {self.max_connections}; it must be from 1 to 1,000,000.")
+        for option in ("max_connections", "max_client_connections"):
+            if not 1 <= getattr(self, option) <= 1_000_000:
+                raise UserError(f"--{option.replace('_', '-')} is {getattr(self, option)}; it must be from 1 to "
+                                "1,000,000.")
         for option in ("header_timeout", "body_timeout", "idle_timeout"):
             value = getattr(self, option)
             if not (math.isfinite(value) and 0 < value <= 86_400):
@@ -79,80 +87,116 @@ def _refusal(status: int, message: str, code: str) -> bytes:
 
 
 def protocol(limits: ServeLimits, log: Any) -> type:
-    """uvicorn's h11 protocol with the connection limit and the header and stall timeouts of `limits`; `log` writes
+    """uvicorn's h11 protocol with the connection limits and the header and stall timeouts of `limits`; `log` writes
     one line per connection it refuses or closes."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class EdgeProtocol(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
-            self._deadline: asyncio.TimerHandle | None = None
-            self._stalled: asyncio.TimerHandle | None = None
-            if len(self.connections) > limits.max_connections:
-                log(f"- - 503 {self._client()}: more than {limits.max_connections} connections (--max-connections)")
-                self._refuse(503, f"this server takes {limits.max_connections} connections at once "
-                             "(--max-connections); retry shortly.", "too_many_connections")
-                return
-            self._expect_headers(limits.header_timeout)
+    return type("EdgeProtocol", (Edge, H11Protocol), {"limits": limits, "log": staticmethod(log)})
 
-        def _client(self) -> str:
-            return ":".join(map(str, self.client)) if self.client else "a client"
 
-        def _refuse(self, status: int, message: str, code: str) -> None:
-            if not self.transport.is_closing():
-                self.transport.write(_refusal(status, message, code))
-                self.transport.close()
+class Edge:
+    """What `protocol` adds to uvicorn's h11 protocol (a mixin: `super()` is uvicorn's)."""
 
-        def _expect_headers(self, seconds: float) -> None:
-            """Close the connection unless a request's headers are whole within `seconds`."""
+    limits: ServeLimits
+    log: Any
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._stalled: asyncio.TimerHandle | None = None
+        # trusted: a request of it passed the key check; spoke: it sent something
+        self.opened, self.trusted, self.spoke = self.loop.time(), False, False
+        refusal = admit(self, self.connections, self.limits, self.log)
+        if refusal is not None:
+            self.log(f"- - 503 {client_name(self)}: {refusal}")
+            self._refuse(503, f"this server has {refusal}; retry shortly.", "too_many_connections")
+            return
+        self._expect_headers(self.limits.header_timeout)
+
+    def idle(self) -> bool:
+        """No request under way: waiting for one (or for the rest of its headers)."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(_refusal(status, message, code))
+            self.transport.close()
+
+    def _expect_headers(self, seconds: float) -> None:
+        """Close the connection unless a request's headers are whole within `seconds`."""
+        self._cancel("_deadline")
+        self._deadline = self.loop.call_later(seconds, self._headers_late)
+
+    def _headers_late(self) -> None:
+        if not self.idle():  # a pipelined request is being answered
+            return
+        seconds = self.limits.header_timeout
+        self.log(f"- - 408 {client_name(self)}: no whole request headers within {seconds:g} s (--header-timeout)")
+        self._refuse(408, f"the request headers did not arrive within {seconds:g} s (--header-timeout).",
+                     "request_timeout")
+
+    def _cancel(self, name: str) -> None:
+        timer = getattr(self, name, None)
+        if timer is not None:
+            timer.cancel()
+            setattr(self, name, None)
+
+    def data_received(self, data: bytes) -> None:
+        self.spoke, cycle = True, self.cycle
+        super().data_received(data)
+        if self.cycle is not cycle:  # a request's headers are whole: the body and the answer have their own clocks
             self._cancel("_deadline")
-            self._deadline = self.loop.call_later(seconds, self._headers_late)
 
-        def _headers_late(self) -> None:
-            if self.cycle is not None and not self.cycle.response_complete:  # a pipelined request is being answered
-                return
-            log(f"- - 408 {self._client()}: no whole request headers within {limits.header_timeout:g} s "
-                "(--header-timeout)")
-            self._refuse(408, f"the request headers did not arrive within {limits.header_timeout:g} s "
-                         "(--header-timeout).", "request_timeout")
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        self.trusted = self.trusted or cycle.scope.get("lmlab", {}).get("trusted", False)
+        super().on_response_complete()  # arms uvicorn's keep-alive timer (idle_timeout), or starts a pipelined one
+        if self.cycle is cycle and not self.transport.is_closing():  # bytes that trickle in later need whole
+            self._expect_headers(self.limits.idle_timeout + self.limits.header_timeout)  # headers in time too
 
-        def _cancel(self, name: str) -> None:
-            timer = getattr(self, name, None)
-            if timer is not None:
-                timer.cancel()
-                setattr(self, name, None)
+    def pause_writing(self) -> None:  # the client stopped reading: its answer may wait idle_timeout at most
+        super().pause_writing()
+        self._cancel("_stalled")
+        self._stalled = self.loop.call_later(self.limits.idle_timeout, self._reader_stalled)
 
-        def data_received(self, data: bytes) -> None:
-            cycle = self.cycle
-            super().data_received(data)
-            if self.cycle is not cycle:  # a request's headers are whole: the body and the answer have their own
-                self._cancel("_deadline")
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel("_stalled")
 
-        def on_response_complete(self) -> None:
-            cycle = self.cycle
-            super().on_response_complete()  # arms uvicorn's keep-alive timer (idle_timeout), or starts a pipelined one
-            if self.cycle is cycle and not self.transport.is_closing():  # bytes that trickle in later need whole
-                self._expect_headers(limits.idle_timeout + limits.header_timeout)  # headers in time too
+    def _reader_stalled(self) -> None:
+        self.log(f"- - {client_name(self)}: the client read nothing for {self.limits.idle_timeout:g} s "
+                 "(--idle-timeout); closed")
+        self.transport.abort()
 
-        def pause_writing(self) -> None:  # the client stopped reading: its answer may wait idle_timeout at most
-            super().pause_writing()
-            self._cancel("_stalled")
-            self._stalled = self.loop.call_later(limits.idle_timeout, self._reader_stalled)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel("_deadline")
+        self._cancel("_stalled")
+        super().connection_lost(exc)
 
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            self._cancel("_stalled")
 
-        def _reader_stalled(self) -> None:
-            log(f"- - {self._client()}: the client read nothing for {limits.idle_timeout:g} s (--idle-timeout); closed")
-            self.transport.abort()
+def client_name(connection: Any) -> str:
+    return ":".join(map(str, connection.client)) if connection.client else "a client"
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel("_deadline")
-            self._cancel("_stalled")
-            super().connection_lost(exc)
 
-    return EdgeProtocol
+def admit(new: Any, connections: set[Any], limits: ServeLimits, log: Any) -> str | None:
+    """Make room for `new` within the limits by closing idle connections (of its address first, at that limit):
+    those that never passed the key check before those that did, those that sent nothing before those that did (a
+    request's first bytes may be on their way), the oldest first; None when it fits, else which limit is full."""
+    address = new.client[0] if new.client else None
+    for option, most, where, counted in (
+            ("--max-client-connections", limits.max_client_connections, f" from {address}",
+             lambda c: c.client and c.client[0] == address),
+            ("--max-connections", limits.max_connections, "", lambda c: True)):
+        mine = [c for c in connections if counted(c) and not c.transport.is_closing()]
+        while len(mine) > most:
+            idle = [c for c in mine if c is not new and c.idle()]
+            if not idle:
+                return f"{most} connections{where} with requests under way ({option})"
+            oldest = min(idle, key=lambda c: (c.trusted, c.spoke, c.opened))
+            log(f"- - {client_name(oldest)}: idle, closed to make room for {client_name(new)} ({option} {most})")
+            oldest.transport.close()
+            mine.remove(oldest)
+    return None
 
 
 async def read_body(http: Any, limit: int, timeout: float) -> bytes:

@@ -88,6 +88,8 @@ def field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any
     value = body.get(name)
     if value is None:
         return default
+    if kinds == (int,) and whole(value):
+        value = int(value)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}, got {shown(value)}.", name)
     if isinstance(value, float) and not math.isfinite(value):
@@ -168,8 +170,7 @@ def logprobs_fields(body: dict[str, Any], chat: bool) -> tuple[int | None, bool]
 def generates(body: dict[str, Any], echo: bool) -> bool:
     """Whether a completion generates: `max_tokens: 0` with `echo` only reads and scores the prompt (what
     evaluators ask); without `echo` it asks for nothing, which is refused."""
-    value = body.get("max_tokens")
-    if type(value) is not int or value != 0:
+    if not whole(body.get("max_tokens")) or body["max_tokens"] != 0:
         return True
     if not echo:
         raise ApiError(400, "`max_tokens` is 0, which generates nothing; pass `echo: true` to score the prompt alone, "
@@ -185,7 +186,7 @@ def prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
         prompts = prompt
     else:
-        odd = next((t for t in _flat(prompt) if not isinstance(t, str) and type(t) is not int), None)
+        odd = next((t for t in _flat(prompt) if not isinstance(t, str) and not whole(t)), None)
         why = f" ({odd!r} is not a token id: ids are whole numbers)" if isinstance(odd, (int, float)) else ""
         raise ApiError(400, f"`prompt` must be a string, a list of token ids, or a non-empty list of strings or of "
                        f"token-id lists{why}.", "prompt")
@@ -195,14 +196,20 @@ def prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
                 raise ApiError(400, f"`prompt` {i} is an empty list of token ids; give at least one.", "prompt")
             wrong = next((t for t in ids if not 0 <= t < vocab_size), None)
             if wrong is not None:
-                raise ApiError(400, f"`prompt` {i} has token id {wrong}, outside this model's vocabulary (0 to "
-                               f"{vocab_size - 1}).", "prompt")
-    return prompts
+                raise ApiError(400, f"`prompt` {i} has token id {shown(wrong)}, outside this model's vocabulary (0 "
+                               f"to {vocab_size - 1}).", "prompt")
+    return [p if isinstance(p, str) else list(map(int, p)) for p in prompts]
 
 
 def _token_ids(value: Any) -> bool:
-    """A list of token ids: integers, not booleans (an empty one too, refused later by name)."""
-    return isinstance(value, list) and all(type(t) is int for t in value)
+    """A list of token ids: whole numbers, not booleans (an empty one too, refused later by name)."""
+    return isinstance(value, list) and all(map(whole, value))
+
+
+def whole(value: Any) -> bool:
+    """A whole number as JSON has it: an integer, or a number with no fraction (5.0 is 5, as JSON Schema's
+    "integer" says); not a boolean."""
+    return type(value) is int or type(value) is float and value.is_integer()
 
 
 def _flat(value: Any) -> list[Any]:

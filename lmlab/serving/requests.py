@@ -1,6 +1,8 @@
 """The bodies `lmlab serve` reads, checked and tokenized: completions and chats (OpenAI's fields, through
-lmlab.serving.openai_api), and vLLM's /tokenize and /detokenize. The parsers do CPU work (JSON, the tokenizer): the
-server runs them off its event loop."""
+lmlab.serving.openai_api), and vLLM's /tokenize and /detokenize. The parsers do CPU work (JSON, the tokenizer, a
+chat's template): the server runs them off its event loop, in stages: `read_*` (JSON and field names, a chat's
+messages as turns), `render_chat` (the template, in a lane of its own), then `parse_request` or
+`tokenize_request` (the values and the tokens)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from lmlab.serving.openai_api import (
     sampling,
     shown,
     stream_fields,
+    whole,
 )
 from lmlab.serving.openai_api import field as body_field
 
@@ -95,13 +98,29 @@ def check_model(body: dict[str, Any], names: list[str]) -> None:
                        "model_not_found")
 
 
-def chat_prompt(served: Served, messages: Any) -> ChatPrompt:
-    """Chat messages as the run's prompt (`generate.chat_prompt`: its chat template, multi-turn; its fine-tuning
-    format; or a transcript); messages the template refuses get a 400 with the template's own words."""
-    from lmlab.inference.generate import chat_prompt as conversation_prompt
+@dataclass
+class Body:
+    """A body read, its field names and model checked; a chat's messages as (role, text) turns, to be rendered."""
+
+    fields: dict[str, Any]
+    turns: list[tuple[str, str]] | None = None
+
+
+def read_request(names: list[str], raw: bytes, chat: bool) -> Body:
+    """A completion or chat body: JSON, the fields this endpoint takes, the model, a chat's messages."""
+    body = json_object(raw)
+    check_fields(body, "chat" if chat else "completions")
+    check_model(body, names)
+    return Body(body, chat_messages(body.get("messages")) if chat else None)
+
+
+def render_chat(served: Served, turns: list[tuple[str, str]]) -> ChatPrompt:
+    """A chat's turns as the run's prompt (`generate.chat_prompt`: its chat template, multi-turn; its fine-tuning
+    format; or a transcript); turns the template refuses, or fails on, get a 400 with its one sentence."""
+    from lmlab.inference.generate import chat_prompt
 
     try:
-        return conversation_prompt(served.run, chat_messages(messages))
+        return chat_prompt(served.run, turns)
     except UserError as err:
         raise ApiError(400, str(err), "messages")
 
@@ -111,7 +130,9 @@ def encode_prompt(served: Served, prompt: str, param: str = "prompt", special: b
     tokenizing when its length alone says so; `param` is the field it came from."""
     block = served.context
     too_long = f"this model's context is {block} tokens; shorten the prompt."
-    if served.max_prompt_chars is not None and len(prompt) > served.max_prompt_chars:
+    limit = served.max_prompt_chars
+    # Counted as the tokenizer sees it: a dataset prepared with --keep-chars drops characters from every prompt.
+    if limit is not None and len(prompt) > limit and len(served.run.tokenizer.normalize(prompt)) > limit:
         raise ApiError(400, f"the prompt is {len(prompt):,} characters, more than fits: {too_long}", "prompt",
                        "context_length_exceeded")
     ids = encode(served, prompt, param, special) if prompt else served.empty_prompt
@@ -139,30 +160,27 @@ def fitting(served: Served, ids: list[int]) -> list[int]:
     return ids
 
 
-def parse_request(served: Served, names: list[str], raw: bytes, chat: bool) -> Request:
-    """A request body checked and its prompts tokenized (CPU work: run it off the event loop)."""
-    body = json_object(raw)
-    check_fields(body, "chat" if chat else "completions")
-    check_model(body, names)
-    special = True
+def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None) -> Request:
+    """A body read by `read_request` checked and its prompts tokenized; a chat's as `render_chat` rendered it."""
+    chat, fields, special = body.turns is not None, body.fields, True
     if chat:
-        rendered = chat_prompt(served, body.get("messages"))
         prompts: list[str | list[int]] = [rendered.text]
         stops, special = rendered.stop, rendered.special
     else:
-        prompts, stops = prompt_list(body.get("prompt", ""), served.run.config.model.vocab_size), ()
-    logprobs, echo = logprobs_fields(body, chat)
-    generate = chat or generates(body, echo)
-    stream, include_usage = stream_fields(body)
-    params = sampling(body if generate else {**body, "max_tokens": None}, served.max_tokens_cap, served.max_batch,
-                      stops, secrets.randbelow(2**63))
+        prompts, stops = prompt_list(fields.get("prompt", ""), served.run.config.model.vocab_size), ()
+    logprobs, echo = logprobs_fields(fields, chat)
+    generate = chat or generates(fields, echo)
+    stream, include_usage = stream_fields(fields)
+    params = sampling(fields if generate else {**fields, "max_tokens": None}, served.max_tokens_cap,
+                      served.max_batch, stops, secrets.randbelow(2**63))
     if len(prompts) * len(params) > served.max_batch:
         raise ApiError(400, f"{len(prompts)} prompts × n = {len(params)} are {len(prompts) * len(params)} choices, "
                        f"more than this server decodes at once (--max-batch {served.max_batch}); send at most "
                        f"{served.max_batch // len(params)} prompts per request.", "prompt")
     param = "messages" if chat else "prompt"
     ids = [encode_prompt(served, p, param, special) if isinstance(p, str) else fitting(served, p) for p in prompts]
-    texts = [p if isinstance(p, str) and p else served.run.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+    # An empty prompt echoes as empty text: the start of a document it stands for is not the client's.
+    texts = [p if isinstance(p, str) else served.run.tokenizer.decode(i) for p, i in zip(prompts, ids)]
     return Request(ids, [p for _ in prompts for p in params], stream, include_usage, chat, texts, logprobs, echo,
                    generate)
 
@@ -171,9 +189,9 @@ TOKENIZE = ("model", "prompt", "messages", "add_special_tokens", "add_generation
             "return_token_strs")
 
 
-def tokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
-    """vLLM's /tokenize: `prompt` (a string) or `messages` (a chat, rendered as /v1/chat/completions renders it)
-    to {count, max_model_len, tokens, token_strs}. A text longer than the context is counted, not refused."""
+def read_tokenize(names: list[str], raw: bytes) -> Body:
+    """vLLM's /tokenize body: `prompt` (a string) or `messages` (a chat, rendered as /v1/chat/completions renders
+    it), and its flags."""
     body = json_object(raw)
     unknown = [name for name in body if name not in TOKENIZE]
     if unknown:
@@ -188,15 +206,21 @@ def tokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, 
     if not flags["add_generation_prompt"] or flags["continue_final_message"]:
         raise ApiError(400, "lmlab renders a chat ending in the assistant's turn: `add_generation_prompt` must be "
                        "true and `continue_final_message` false.", "add_generation_prompt", "unsupported")
-    if "messages" in body:
-        text, param = chat_prompt(served, body["messages"]).text, "messages"
-    elif isinstance(body["prompt"], str):
-        text, param = body["prompt"], "prompt"
-    else:
+    if "prompt" in body and not isinstance(body["prompt"], str):
         raise ApiError(400, f"`prompt` must be a string, got {type(body['prompt']).__name__}.", "prompt")
-    ids = encode(served, text, param, flags["add_special_tokens"])
-    strings = [served.run.tokenizer.backend.id_to_token(i) for i in ids] if flags["return_token_strs"] else None
-    return {"count": len(ids), "max_model_len": served.context, "tokens": ids, "token_strs": strings}
+    turns = chat_messages(body["messages"]) if "messages" in body else None
+    return Body({"prompt": body.get("prompt"), **flags}, turns)
+
+
+def tokenize_request(served: Served, body: Body, rendered: ChatPrompt | None = None) -> bytes:
+    """/tokenize's answer, {count, max_model_len, tokens, token_strs}, as JSON (made here, off the event loop: a
+    megabyte of text is a list of a million ids). A text longer than the context is counted, not refused."""
+    fields = body.fields
+    text, param = (rendered.text, "messages") if rendered is not None else (fields["prompt"], "prompt")
+    ids = encode(served, text, param, fields["add_special_tokens"])
+    strings = [served.run.tokenizer.backend.id_to_token(i) for i in ids] if fields["return_token_strs"] else None
+    return json.dumps({"count": len(ids), "max_model_len": served.context, "tokens": ids,
+                       "token_strs": strings}).encode()
 
 
 def detokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
@@ -208,6 +232,6 @@ def detokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str
                        "unknown_field")
     check_model(body, names)
     tokens, vocab = body.get("tokens"), served.run.tokenizer.vocab_size
-    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
+    if not isinstance(tokens, list) or not all(whole(t) and 0 <= t < vocab for t in tokens):
         raise ApiError(400, f"`tokens` must be a list of token ids from 0 to {vocab - 1}.", "tokens")
-    return {"prompt": served.run.tokenizer.decode(tokens)}
+    return {"prompt": served.run.tokenizer.decode(list(map(int, tokens)))}

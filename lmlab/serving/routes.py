@@ -10,9 +10,17 @@ from typing import Any
 
 from lmlab.serving.batcher import QueueFull
 from lmlab.serving.edge import read_body
+from lmlab.serving.lanes import Busy, Lane
 from lmlab.serving.metrics import CONTENT_TYPE
 from lmlab.serving.openai_api import ApiError, head, model_object, response
-from lmlab.serving.requests import detokenize_request, parse_request, tokenize_request
+from lmlab.serving.requests import (
+    detokenize_request,
+    parse_request,
+    read_request,
+    read_tokenize,
+    render_chat,
+    tokenize_request,
+)
 from lmlab.serving.state import State
 from lmlab.serving.streaming import Answer, ClientGone, server_sent_events
 
@@ -60,8 +68,8 @@ def add_status_routes(app: Any, state: State) -> None:
             return JSONResponse({"status": status, "phase": state.phase, "model": state.name}, status_code=503)
         decoding, waiting = served.batcher.load()
         return JSONResponse({"status": "ok", "model": state.name, "decode_step": state.decode_step,
-                             "threads": state.threads, "decoding": decoding, "max_batch": served.max_batch,
-                             "waiting": waiting, "max_queue": served.batcher.max_queue})
+                             "compiled_step": state.compiled, "threads": state.threads, "decoding": decoding,
+                             "max_batch": served.max_batch, "waiting": waiting, "max_queue": served.batcher.max_queue})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -81,27 +89,45 @@ def add_status_routes(app: Any, state: State) -> None:
 
 
 def add_token_routes(app: Any, state: State) -> None:
-    """vLLM's /tokenize and /detokenize, parsed off the event loop."""
+    """vLLM's /tokenize and /detokenize, parsed in the lanes, off the event loop."""
     from fastapi import Request as HttpRequest
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.responses import Response
 
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest) -> Any:
-        raw = await read_body(http, state.served.max_body_bytes, state.edge.body_timeout)
-        return await run_in_threadpool(tokenize_request, state.served, state.names, raw)
+        return Response(await parsed(http, state, read_tokenize, tokenize_request), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(http: HttpRequest) -> Any:
         raw = await read_body(http, state.served.max_body_bytes, state.edge.body_timeout)
-        return await run_in_threadpool(detokenize_request, state.served, state.names, raw)
+        return await in_lane(state.lanes.parse, len(raw), detokenize_request, state.served, state.names, raw)
+
+
+async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) -> Any:
+    """A body through the lanes: `read` (JSON, field names, a chat's turns) and `finish` (values, tokens) in the
+    parse lane, a chat's turns rendered between them in the render lane."""
+    served, lanes = state.served, state.lanes
+    raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
+    body = await in_lane(lanes.parse, len(raw), read, state.names, raw, *args)
+    rendered = None if body.turns is None else await in_lane(lanes.render, len(raw), render_chat, served, body.turns)
+    return await in_lane(lanes.parse, len(raw), finish, served, body, rendered)
+
+
+async def in_lane(lane: Lane, cost: int, fn: Any, *args: Any) -> Any:
+    """`fn(*args)` run in `lane`; a 429 with Retry-After when as many jobs wait there as it holds."""
+    try:
+        return await lane.run(cost, fn, *args)
+    except Busy:
+        what = "chats wait to be rendered" if lane.name == "render" else "requests wait to be read"
+        raise ApiError(429, f"the server is busy: {lane.max_waiting} {what}; retry shortly.", code="server_busy",
+                       kind="rate_limit_exceeded", headers={"Retry-After": "1"})
 
 
 def add_completion_routes(app: Any, state: State) -> None:
-    """/v1/completions and /v1/chat/completions: a request parsed off the event loop, admitted to the batch (429
+    """/v1/completions and /v1/chat/completions: a request parsed in the lanes, admitted to the batch (429
     when it and its queue are full), and answered whole or streamed as server-sent events."""
     from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
 
     class EventStream(StreamingResponse):
         """A streamed answer that gives its rows back however it ends: finished, client gone (even before the
@@ -118,9 +144,7 @@ def add_completion_routes(app: Any, state: State) -> None:
                 release(state, self.answer)
 
     async def answer(http: HttpRequest, chat: bool) -> Any:
-        served = state.served
-        raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
-        request = await run_in_threadpool(parse_request, served, state.names, raw, chat)
+        request = await parsed(http, state, read_request, parse_request, chat)
         pending = Answer(request, http.scope.setdefault("lmlab", {}), lambda token: piece(state, token),
                          state.metrics.tokens)
         admit(state, pending)

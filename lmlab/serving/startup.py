@@ -13,7 +13,6 @@ interpreter while it traces nor, if it crashes, takes the server down.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -22,10 +21,20 @@ from pathlib import Path
 
 import torch
 
+from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
-from lmlab.inference.compiled import compilable, forget_old_steps, kept_step, load_step, step_key, weights_sha256
+from lmlab.core.threads import ThreadChooser, forward_probe
+from lmlab.inference.compiled import (
+    StepRefused,
+    compilable,
+    forget_old_steps,
+    kept_step,
+    load_kept,
+    step_key,
+    weights_sha256,
+)
 from lmlab.inference.decode import Step
-from lmlab.inference.generate import Batch, decode_dtype, document_start
+from lmlab.inference.generate import Batch, decode_dtype, document_start, prompt_chars
 from lmlab.model.memory import check_decoding
 from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
@@ -34,15 +43,14 @@ from lmlab.serving.requests import Served
 from lmlab.serving.state import ServeOptions, State
 
 
-def decode_threads(device: torch.device, asked: int) -> int:
-    """CPU threads for decoding: as asked, else one fewer than the cores this process may use (at least one).
-    The core left over runs the event loop and HTTP beside the step: with every core in the step, each step's
-    parallel kernels wait for a thread the loop has preempted, and one streaming client got a tenth of the step's
-    speed on 2 cores (benchmarks/serve_throughput.py)."""
-    if asked or device.type != "cpu":
-        return asked or torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
+def decode_threads(run: LoadedRun, chooser: ThreadChooser, rows: int) -> int:
+    """CPU threads for decoding: as asked (--threads), else chosen (lmlab.core.threads: a decoding step of `rows`
+    timed where the machine is busy) from one fewer than the cores this process may use (at least one). The core
+    left over runs the event loop and HTTP beside the step: with every core in the step, each step's parallel
+    kernels wait for a thread the loop has preempted, and one streaming client got a tenth of the step's speed on 2
+    cores (benchmarks/serve_throughput.py)."""
+    choice = chooser.choose(forward_probe(run.model, rows, 1, run.device, run.dtype), run.device)
+    return choice.threads
 
 
 class Startup:
@@ -70,14 +78,14 @@ class Startup:
     def _load(self) -> None:
         state, options = self.state, self.options
         try:
+            chooser = ThreadChooser(options.threads, "--threads", most=max(1, len(cores()) - 1))
             started = self._phase("loading the run")
             run = RunDir(options.run).load(options.checkpoint, options.device)
             # Rows that cannot fit in memory are refused before anything is said to be loaded or compiled: the
             # refusal is then the command's one line.
             check_decoding(run.config.model, options.max_batch, self._row_tokens(run), "--max-batch", run.device)
             self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
-            state.threads = decode_threads(run.device, options.threads)
-            torch.set_num_threads(state.threads)
+            state.threads = decode_threads(run, chooser, options.max_batch)
             folder = served_folder(run)
             # A model that keeps no decode state has nothing to compile: it decodes eagerly (lmlab.inference.compiled).
             compiles = options.compile and compilable(run.model)
@@ -110,34 +118,44 @@ class Startup:
                      tokens_per_row=self._row_tokens(run))
 
     def _served(self, run: LoadedRun, batch: Batch, folder: Path) -> Served:
-        options, tokenizer = self.options, run.tokenizer
-        # A word tokenizer's <unk> stands for a word of any length; the others' tokens have a longest text.
-        longest = None if tokenizer.kind == "word" else max(len(token) for token in tokenizer.vocab)
-        block = run.config.model.block_size
+        options = self.options
         created = int((folder / "state.json").stat().st_mtime)
         return Served(run, Batcher(batch, options.max_queue, self.state.relay.publish), options.max_tokens_cap,
-                      options.max_batch, options.max_body_bytes, created, None if longest is None else block * longest,
-                      document_start(tokenizer))
+                      options.max_batch, options.max_body_bytes, created, prompt_chars(run),
+                      document_start(run.tokenizer))
 
     def _key(self, run: LoadedRun, folder: Path) -> str:
         return step_key(run.config.model, weights_sha256(folder), self.options.max_batch, run.dtype, run.device)
 
     def _kept(self, run: LoadedRun, folder: Path) -> Batch | None:
-        """A batch decoding with the kept compiled step of the served weights, or None when none is kept (or it
-        fails to load: then it is deleted, and built again)."""
-        path = kept_step(self._key(run, folder))
+        """A batch decoding with the kept compiled step of the served weights, or None when none is kept, or it is
+        refused (a folder others may write, a package that is not the one built there: said, and built again) or
+        fails to load (then it is deleted, and built again)."""
+        try:
+            path = kept_step(self._key(run, folder))
+        except StepRefused as err:
+            self.state.log(f"lmlab serve: {err}")
+            return None
         if path is None:
             return None
         started = self._phase("loading the kept compiled step")
         try:
-            step = load_step(path)
+            step = self._use(path)
+        except StepRefused as err:
+            self.state.log(f"lmlab serve: {err}; compiling it again")
+            return None
         except Exception as err:
             self.state.log(f"lmlab serve: the kept compiled step {path} did not load ({err!r}); compiling it again")
             path.unlink(missing_ok=True)
             return None
-        self.state.decode_step = "compiled"
-        self._log(f"loaded the kept compiled step {path}", started)
+        self._log(f"loaded the kept compiled step {path} (sha256 {self.state.compiled['sha256'][:16]}...)", started)
         return self._batch(run, run.dtype, step)
+
+    def _use(self, path: Path) -> Step:
+        """The kept package `path`'s step, checked (`load_kept`); the state says which step it decodes with."""
+        step, digest = load_kept(path)
+        self.state.decode_step, self.state.compiled = "compiled", {"file": str(path), "sha256": digest}
+        return step
 
     def _compile(self, run: LoadedRun, folder: Path) -> None:
         """Build the compiled step in a process of its own, then switch the batcher to it."""
@@ -157,8 +175,13 @@ class Startup:
                 state.log(f"lmlab serve: compiling the decode step failed ({reason}); decoding eagerly")
             return
         path = Path(out.strip().splitlines()[-1])
-        state.served.batcher.use(self._batch(run, run.dtype, load_step(path)))
-        state.decode_step = "compiled"
+        try:
+            step = self._use(path)
+        except StepRefused as err:
+            state.decode_step = "eager"
+            state.log(f"lmlab serve: {err}; decoding eagerly")
+            return
+        state.served.batcher.use(self._batch(run, run.dtype, step))
         forget_old_steps()
         self._log(f"compiled the decode step (kept in {path}: the next start of this checkpoint loads it), "
                   "decoding with it from now on; built", started)

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmlab.core.busy import check_threads
 from lmlab.core.errors import UserError
 from lmlab.serving.edge import ServeLimits
+from lmlab.serving.lanes import Lanes
 from lmlab.serving.metrics import Metrics
 from lmlab.serving.requests import Served
 from lmlab.serving.streaming import Relay
@@ -28,7 +30,7 @@ class ServeOptions:
     max_queue: int = 64
     max_body_bytes: int = 1_000_000
     compile: bool = False
-    threads: int = 0  # CPU threads of the decode step; 0: one fewer than the cores (see decode_threads)
+    threads: int = 0  # CPU threads of the decode step; 0: chosen, one fewer than the cores at most (see decode_threads)
 
     def check(self) -> None:
         limits = {"--max-tokens-cap": (self.max_tokens_cap, 1), "--max-batch": (self.max_batch, 1),
@@ -37,6 +39,7 @@ class ServeOptions:
         for option, (value, least) in limits.items():
             if value < least:
                 raise UserError(f"{option} is {value}; it must be at least {least}.")
+        check_threads("--threads", self.threads)
         if not (self.run / "config.toml").is_file():  # said before the port opens (RunDir.config's words)
             raise UserError(f"{self.run} is not an lmlab run (no config.toml); pass a directory made by "
                             "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
@@ -45,8 +48,8 @@ class ServeOptions:
 @dataclass
 class State:
     """The server from its first moment: its names and key, the phase of its start (the run once served), the
-    decode step in use, whether it drains, and its metrics. `start` (given the state) begins loading once the
-    port is open."""
+    decode step in use, whether it drains, its metrics and the lanes its requests are parsed in. `start` (given
+    the state) begins loading once the port is open."""
 
     names: list[str]  # the model ids it answers to; the first is the one it answers with
     api_key: str | None
@@ -57,14 +60,17 @@ class State:
     phase: str = "starting"
     served: Served | None = None
     decode_step: str = "eager"
+    compiled: dict[str, str] | None = None  # the compiled step decoding: its file and sha256 (checked as loaded)
     threads: int = 0  # the decode step's CPU threads, once loaded
     draining: bool = False
     failure: str | None = None  # why loading failed: the server stops, and the command says it
     relay: Relay | None = None
     metrics: Metrics = field(init=False)
+    lanes: Lanes = field(init=False)  # where requests' CPU work runs, bounded (lmlab.serving.lanes)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.live)
+        self.lanes = Lanes()
 
     @property
     def name(self) -> str:
@@ -72,7 +78,8 @@ class State:
 
     def live(self) -> dict[str, Any]:
         decoding, waiting = self.served.batcher.load() if self.served else (0, 0)
-        info = {"model": self.name, "phase": self.phase, "decode_step": self.decode_step}
+        info = {"model": self.name, "phase": self.phase, "decode_step": self.decode_step,
+                "compiled_sha256": self.compiled["sha256"] if self.compiled else ""}
         if self.served:
             info |= {"run": str(self.served.run.run.path), "checkpoint": self.served.run.checkpoint,
                      "step": str(self.served.run.step), "max_model_len": str(self.served.context)}

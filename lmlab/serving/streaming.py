@@ -154,14 +154,16 @@ class Answer:
             return None
         objects = []
         for i, choice in enumerate(self.job.choices):
+            text = request.texts[i // request.n]
             prompt = len(request.prompts[i // request.n]) if request.echo else 0
             scores = choice.decoding.scores
             made = within_text(scores[prompt:], self.piece, len(self.texts[i])) if request.generate else []
             if request.chat:
                 objects.append(chat_logprobs(made, self.piece))
             else:
-                start = 0 if request.echo else len(request.texts[i // request.n])
-                objects.append(completion_logprobs(scores[:prompt] + made, self.piece, start))
+                # An empty prompt's tokens are the start of a document it stands for, not text to echo.
+                echoed = scores[:prompt] if text else []
+                objects.append(completion_logprobs(echoed + made, self.piece, 0 if request.echo else len(text)))
         return objects
 
     def streamed_logprobs(self, i: int) -> dict[str, Any] | None:

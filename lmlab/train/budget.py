@@ -25,7 +25,7 @@ from typing import Any
 
 from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
-from lmlab.train.optim import lr_at, lr_at_position
+from lmlab.train.optim import lr_at, lr_at_position, position_between
 from lmlab.train.state import Saved
 
 SKIP_STEPS = 2  # the first steps build kernels (or compile): not timed; then a timed checkpoint
@@ -76,14 +76,11 @@ class BudgetPlan(Saved):
         super().load_state_dict({**defaults, **state})
 
     def position_at(self, step: int) -> float:
-        """Where the schedule stands at `step`: from `position` at the anchor to 1 at the plan's last step (0, the
-        peak after warmup, before any plan)."""
+        """Where the schedule stands at `step`: from `position` at the anchor to 1 at the plan's last step (before any
+        plan, `position`: 0, the peak after warmup, or where a resumed run's schedule stood)."""
         if not self.fixed:
-            return 0.0
-        left = self.max_iters - 1 - self.anchor
-        if left <= 0:
-            return 1.0
-        return min(1.0, self.position + (1.0 - self.position) * max(0, step - self.anchor) / left)
+            return self.position
+        return position_between(step, self.anchor, self.position, self.max_iters - 1)
 
     def lr(self, step: int, train: TrainConfig) -> float:
         """The LR of `step` (its index, from 0): the warmup, then the schedule's shape at `position_at(step)`."""

@@ -13,7 +13,10 @@ run resumes on any number of processes in the same data order.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import socket
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -40,10 +43,6 @@ from lmlab.run.checkpoint import (
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-# A collective that waits longer than this fails instead of hanging: a peer that is alive but stuck (a dead one
-# is noticed by torchrun within seconds). Generous, because every rank waits while rank 0 writes a checkpoint.
-TIMEOUT = timedelta(minutes=10)
-
 # Our GPT returns its logits as a slice of the padded head's output; nothing modifies them in place.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
@@ -62,6 +61,8 @@ class Parallel:
 
     def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1):
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.hosts = [socket.gethostname()] * world_size  # each rank's host name, gathered by `setup`
+        self.timeout = 0.0  # train.collective_timeout, set by `setup`
         self.mode = "none"  # none | ddp | fsdp, set by wrap()
         self._model: torch.nn.Module | None = None  # the DDP wrapper or the sharded model, for gradient sync
         self._flags: dist.ProcessGroup | None = None  # CPU group for stop flags
@@ -211,11 +212,60 @@ class Parallel:
         if self.active:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Leave the job; after a failed collective (`failed`), without waiting for the vote under way, which
+        involves the peer that failed."""
         if self.active:
-            if self._vote is not None:
+            if self._vote is not None and not failed:
                 self._vote[0].wait()  # every rank started it, so it ends
             dist.destroy_process_group()
+
+    def where(self, rank: int) -> str:
+        return f"rank {rank} on host {self.hosts[rank]}"
+
+    def gather_text(self, text: str) -> list[str]:
+        """Every rank's `text`, in rank order, on every rank (its UTF-8 bytes in tensors, no Python objects)."""
+        if not self.active:
+            return [text]
+        data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([len(data)]), group=self._flags)
+        longest = max(int(size) for size in sizes)
+        chunks = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        dist.all_gather(chunks, torch.cat([data, torch.zeros(longest - len(data), dtype=torch.uint8)]),
+                        group=self._flags)
+        return [bytes(chunk[:int(size)].tolist()).decode() for chunk, size in zip(chunks, sizes)]
+
+    def check_same(self, what: str, facts: dict[str, Any], fix: str) -> None:
+        """Refuse, on every rank alike, a job whose ranks hold different `facts` (flat, JSON-able) about `what` (their
+        config, their dataset): a rank trained on other inputs would change every step without saying so."""
+        found = [json.loads(text) for text in self.gather_text(json.dumps(facts, sort_keys=True))]
+        for rank, theirs in enumerate(found):
+            if theirs != found[0]:
+                keys = sorted(set(found[0]) | set(theirs), key=str)
+                differ = ", ".join(f"{k} {found[0].get(k)} -> {theirs.get(k)}" for k in keys
+                                   if found[0].get(k) != theirs.get(k))
+                raise UserError(f"{self.where(rank)} was started with another {what} than {self.where(0)} "
+                                f"({differ}); {fix}.")
+
+    def lost(self, err: BaseException) -> str | None:
+        """Who a failed collective lost and how, said from this rank ("rank 0 on host a lost rank 1 on host b:
+        ..."), or None when `err` is not a collective's failure."""
+        text = str(err)
+        if not self.active or not (isinstance(err, dist.DistError) or isinstance(err, RuntimeError) and "gloo" in text):
+            return None
+        others = [r for r in range(self.world_size) if r != self.rank]
+        if "timed out" in text.lower():
+            how = (f"waited {self.timeout:g} s (train.collective_timeout) for an answer: the network between the hosts "
+                   "is down or a process is stuck")
+        else:
+            # Gloo names the address of the peer whose connection closed: a rank of the host that has it.
+            address = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", text)
+            there = address and [r for r in others if _address(self.hosts[r]) == address.group(1)]
+            others = there or others
+            how = "its connection closed: the process died or its host went down"
+        peers = ", ".join(self.where(r) for r in others[:3]) + (f" and {len(others) - 3} more" if others[3:] else "")
+        return f"{self.where(self.rank)} lost {peers} ({how})"
 
     def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -292,9 +342,17 @@ def from_env() -> Parallel:
     return Parallel(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
 
 
-def setup(device_name: str) -> tuple[Parallel, torch.device]:
-    """Join the torchrun job if there is one (NCCL on CUDA, one GPU per local rank; Gloo on the CPU) and return
-    this process's place in it and its device."""
+def _address(host: str) -> str | None:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def setup(device_name: str, timeout: float) -> tuple[Parallel, torch.device]:
+    """Join the torchrun job if there is one (NCCL on CUDA, one GPU per local rank; Gloo on the CPU), a collective
+    failing after `timeout` seconds without an answer (train.collective_timeout), and return this process's place
+    in it, with every rank's host name, and its device."""
     device = resolve_device(device_name)
     parallel = from_env()
     if not launched_by_torchrun():
@@ -305,10 +363,13 @@ def setup(device_name: str) -> tuple[Parallel, torch.device]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size))
         device = torch.device("cuda", cuda_index(parallel.local_rank, local_world, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout), device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
-    parallel._flags = dist.new_group(backend="gloo", timeout=TIMEOUT)  # its own, so its votes run beside the rest
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    # its own, so its votes run beside the rest
+    parallel._flags = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    parallel.timeout = timeout
+    parallel.hosts = parallel.gather_text(socket.gethostname())
     return parallel, device
 
 

@@ -141,3 +141,21 @@ def lr_at_position(position: float, cfg: TrainConfig) -> float:
         return cfg.learning_rate
     progress = (position - stable) / cfg.decay_fraction
     return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def position_between(step: int, anchor: int, position: float, last: int) -> float:
+    """A schedule laid from `position` at step `anchor` to 1 (min_lr) at step `last`, linear in the steps: where it
+    stands at `step`."""
+    if last <= anchor:
+        return 1.0
+    return min(1.0, position + (1.0 - position) * max(0, step - anchor) / (last - anchor))
+
+
+def position_of(lr: float, cfg: TrainConfig) -> float:
+    """Where the schedule's LR is `lr` (`lr_at_position`'s inverse, clipped to [0, 1]): the peak is 0, even in wsd's
+    stable stretch, which continues from there."""
+    span = cfg.learning_rate - cfg.min_lr
+    share = 1.0 if span <= 0 else min(1.0, max(0.0, (lr - cfg.min_lr) / span))
+    if cfg.schedule == "wsd":
+        return 0.0 if share >= 1.0 else 1.0 - cfg.decay_fraction + cfg.decay_fraction * (1.0 - share) ** 2
+    return math.acos(2.0 * share - 1.0) / math.pi

@@ -16,7 +16,7 @@ EXIT_SECONDS = 0.3
 
 class Steering:
     """What `Trainer` does for a budget: `_steering` (the clock of a budget this process plans), `_stepped` (a
-    step timed), `_timed_checkpoint`, `_evaluated` (an evaluation, and a plan from it), `_steer` (plan now),
+    step timed; the threads look at it too), `_timed_checkpoint`, `_evaluated` (an evaluation, and a plan from it), `_steer` (plan now),
     `_time_costs`, `_time_eval`, `_fix_plan`, and `_bar_total` (none while the first steps are timed)."""
 
     def _steering(self) -> BudgetClock | None:
@@ -38,8 +38,12 @@ class Steering:
         return self.schedule.max_iters if clock is None or clock.planned else None
 
     def _stepped(self, clock: BudgetClock | None, seconds: float) -> None:
-        """A step's time, for the pace of a budget this process steers; at its warm step, before the first plan,
-        what the plan counts besides steps is timed."""
+        """A step's time, for the threads' look at the load and pace (lmlab.core.threads) and the pace of a budget
+        this process steers; at its warm step, before the first plan, what the plan counts besides steps is
+        timed."""
+        changed = self.threads.stepped(seconds)
+        if changed:
+            self._threads_changed(changed)
         if clock is None:
             return
         clock.add_step(self.progress.step, seconds)

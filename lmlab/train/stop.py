@@ -43,7 +43,9 @@ class StopOnSignal:
     """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a step still running
     STOP_GRACE seconds later is abandoned (StepAbandoned is raised inside it: only code run in `interruptible()`
     can be, never a checkpoint's write), so a run ends within seconds whatever its steps cost; a second signal
-    aborts at once."""
+    aborts at once. An output whose reader has gone (`lmlab train ... | head`) is a stop like SIGTERM, named
+    SIGPIPE, asked for by `stop_for_closed_output`: no handler of SIGPIPE itself, which Python ignores so that
+    every other pipe or socket (a tracker's, a peer rank's) reports its own broken write where it happens."""
 
     def __init__(self, grace: float = STOP_GRACE) -> None:
         self.signal: str | None = None
@@ -61,9 +63,14 @@ class StopOnSignal:
             return  # the stretch ended as the timer fired: the loop stops after it as usual
         if self.signal:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        if self._region:
-            self._arm(self._region)
+        self.request(signal.Signals(signum).name)
+
+    def request(self, name: str) -> None:
+        """Stop after the current step, as a first stop signal does."""
+        if not self.signal:
+            self.signal = name
+            if self._region:
+                self._arm(self._region)
 
     def _arm(self, region: int) -> None:
         def overdue() -> None:
@@ -90,9 +97,23 @@ class StopOnSignal:
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
             self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        _IN_FORCE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        _IN_FORCE.remove(self)
         self._region = 0
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+_IN_FORCE: list[StopOnSignal] = []  # the stops of this process's runs, innermost last
+
+
+def stop_for_closed_output() -> bool:
+    """Ask the stop in force, if any, to end its run after the current step (checkpointed, `stopped_by`
+    SIGPIPE): the output's reader has gone. False when no run is stopping this way (the command ends at once)."""
+    if not _IN_FORCE:
+        return False
+    _IN_FORCE[-1].request("SIGPIPE")
+    return True

@@ -3,6 +3,8 @@ settings differ, which run won and by how much, at what cost, whether the rankin
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,15 +101,23 @@ def reading(facts: list[RunFacts]) -> list[str]:
     return found
 
 
+UNUSED = {"imported": ("data", "train")}  # the sections a run of a kind holds defaults of and never used
+
+
 def _differences(facts: list[RunFacts]) -> str:
-    flat = [{f"{section}.{key}": value for section, keys in to_dict(f.config).items() for key, value in keys.items()}
-            for f in facts]
-    keys = sorted({k for d in flat for k in d if len({repr(other.get(k)) for other in flat}) > 1})
+    """The config settings the runs differ in, leaving out what a run never used (an import never trained)."""
+    flat = [{f"{section}.{key}": value for section, keys in to_dict(f.config).items() for key, value in keys.items()
+             if section not in UNUSED.get(f.run.kind(), ())} for f in facts]
+    unused = [set(UNUSED.get(f.run.kind(), ())) for f in facts]
+    keys = sorted({k for d in flat for k in d if len({repr(other.get(k)) for other, skip in zip(flat, unused)
+                                                      if k.partition(".")[0] not in skip}) > 1})
+    imported = [f"`{f.name}`" for f in facts if f.run.kind() == "imported"]
+    left_out = f" ({', '.join(imported)} imported: its [data] and [train] left out, never used)" if imported else ""
     if not keys:
-        return "The runs share every config setting: they differ only in how they ran."
+        return f"The runs share every config setting{left_out}: they differ only in how they ran."
     shown = "; ".join(f"`{k}` {' / '.join(_value(d.get(k, '-')) for d in flat)}" for k in keys[:MAX_KEYS])
     more = f"; and {len(keys) - MAX_KEYS} more" if len(keys) > MAX_KEYS else ""
-    return f"The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)} (in run order): {shown}{more}."
+    return f"The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)}{left_out} (in run order): {shown}{more}."
 
 
 def _value(value: Any) -> str:
@@ -147,6 +157,36 @@ def _cost(best: RunSummary, next_: RunSummary) -> str:
             f"wall time of `{next_.name}`.")
 
 
+def eval_noise(trains: list[dict[str, Any]], log_interval: int, eval_iters: int) -> float | None:
+    """The standard error of an evaluation's val estimate (a mean over eval_iters batches): the spread of one
+    batch's loss, read from the train lines (each the mean of log_interval steps; successive ones differ by twice
+    their variance, the trend being small between two), over the square root of eval_iters. None with under 8
+    lines."""
+    losses = [e["loss"] for e in trains[-64:] if isinstance(e.get("loss"), float) and math.isfinite(e["loss"])]
+    if len(losses) < 8:
+        return None
+    steps = [b - a for a, b in zip(losses, losses[1:])]
+    per_batch = statistics.pstdev(steps) * math.sqrt(log_interval / 2)
+    return per_batch / math.sqrt(eval_iters)
+
+
+def _settled(f: RunFacts) -> str:
+    """A run whose best evaluation is not its last: stopped improving, when its evaluations since rose by more than
+    twice the noise of their batches; else flat within that noise, which says nothing about more training."""
+    s, train = f.summary, f.config.train
+    best = f"best at step {s.best_step:,} of {s.steps:,}"
+    noise = eval_noise(s.trains, train.log_interval, train.eval_iters)
+    rise = s.evals[-1]["val_loss"] - s.best_val_loss
+    if noise is not None and rise > 2 * noise:
+        return (f"`{f.name}` stopped improving before its end ({best}; its last evaluation is {rise:.3f} higher, "
+                f"over twice the ±{noise:.3f} noise of its {train.eval_iters} eval batches): more of the same "
+                "training will not lower its loss.")
+    within = f"within the ±{noise:.3f} noise of" if noise is not None else "within what can be told from"
+    return (f"`{f.name}`'s val loss has been flat since its best evaluation ({best}; the later ones are {within} "
+            f"its {train.eval_iters} eval batches): whether more training lowers it is not told; more eval batches "
+            "(train.eval_iters) would tell.")
+
+
 def _caveats(facts: list[RunFacts]) -> list[str]:
     """Why the ranking may not hold: runs still improving, overfitting, short training, different data."""
     found = []
@@ -156,8 +196,7 @@ def _caveats(facts: list[RunFacts]) -> list[str]:
         found.append(f"Still improving at the last evaluation: {', '.join(falling)}; longer training can change the "
                      "ranking.")
     for f in settled:
-        found.append(f"`{f.name}` stopped improving before its end (best at step {f.summary.best_step:,} of "
-                     f"{f.summary.steps:,}): more of the same training will not lower its loss.")
+        found.append(_settled(f))
     for f in facts:
         gap = f.summary.gap
         if gap is not None and gap > GAP and f.summary.still_falling:
@@ -174,6 +213,6 @@ def _caveats(facts: list[RunFacts]) -> list[str]:
         warning = repeat_warning(f.summary.epochs, f.summary.split_tokens, f"`{f.name}`")
         if warning:
             found.append(warning[0].upper() + warning[1:])
-    if len({f.config.data.dataset for f in facts}) > 1:
+    if len({f.config.data.dataset for f in facts if "data" not in UNUSED.get(f.run.kind(), ())}) > 1:
         found.append("The runs trained on different datasets: their losses measure different text.")
     return found

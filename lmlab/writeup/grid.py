@@ -1,6 +1,9 @@
 """Prompt grids: every run continuing every prompt at every temperature, with the same seed and settings, as the
 table a write-up comparing models needs (`lmlab sample RUN RUN --prompts FILE --temperature 0,0.8`, and the
-samples of `lmlab report --prompts FILE`). A prompt a run's tokenizer cannot encode is a cell saying why.
+samples of `lmlab report --prompts FILE`). A prompt a run's tokenizer cannot encode is a cell saying why. With
+`chat`, a run that has a chat template (an imported instruct model) or a fine-tune's prompt format is asked each
+prompt as a user's message in it and answers up to its end of turn, while the others continue it, in one grid: a
+base model beside an instruct model.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from typing import Any
 from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.inference.decode import Step
-from lmlab.inference.generate import continue_all, decode_dtype, document_start
+from lmlab.inference.generate import (
+    chat_prompt,
+    check_prompt_length,
+    continue_all,
+    decode_dtype,
+    document_start,
+    prompt_chars,
+)
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.writeup.document import Block, Code, Heading, Paragraph
 
@@ -34,6 +44,7 @@ class Cell:
     why_not: str | None = None  # why there is no text: the run's tokenizer cannot encode the prompt
     tokens: int = 0
     finish_reason: str | None = None
+    asked: str = "continued"  # how the prompt was put: continued, or through the run's chat template or format
 
 
 @dataclass
@@ -43,11 +54,12 @@ class Grid:
     temperatures: list[float]
     params: SamplingParams  # the settings every cell shares but its temperature
     cells: list[Cell]
+    chat: bool = False  # runs with a chat template or prompt format were asked in it
 
     def to_json(self) -> dict[str, Any]:
         p = self.params
         return {"runs": self.runs, "prompts": self.prompts, "temperatures": self.temperatures, "seed": p.seed,
-                "top_k": p.top_k, "top_p": p.top_p, "max_new_tokens": p.max_new_tokens,
+                "top_k": p.top_k, "top_p": p.top_p, "max_new_tokens": p.max_new_tokens, "chat": self.chat,
                 "cells": [dataclasses.asdict(c) for c in self.cells]}
 
     def blocks(self, level: int = 2) -> list[Block]:
@@ -59,13 +71,17 @@ class Grid:
             Paragraph(f"{len(self.runs)} runs × {len(self.prompts)} prompts × {len(self.temperatures)} temperatures "
                       f"({', '.join(map(_number, self.temperatures))}), each drawn with seed {p.seed}, top_k "
                       f"{p.top_k}, top_p {p.top_p}, {p.max_new_tokens} tokens at most, from "
-                      + "; ".join(f"`{run}` ({checkpoints.get(run, '-')})" for run in self.runs) + "."),
+                      + "; ".join(f"`{run}` ({checkpoints.get(run, '-')})" for run in self.runs) + "."
+                      + (" A run with a chat template or a fine-tune's prompt format is asked each prompt as a "
+                         "user's message and answers to its end of turn; the others continue the prompt."
+                         if self.chat else "")),
         ]
         for i, prompt in enumerate(self.prompts, 1):
             blocks.append(Heading(f"Prompt {i}", level + 1))
             blocks.append(Code(prompt) if prompt else Paragraph("(empty: the start of a document)"))
             for cell in (c for c in self.cells if c.prompt == prompt):
-                blocks.append(Paragraph(f"`{cell.run}`, temperature {_number(cell.temperature)}"
+                how = f", {cell.asked}" if self.chat else ""
+                blocks.append(Paragraph(f"`{cell.run}`{how}, temperature {_number(cell.temperature)}"
                                         + ("" if cell.text is None else f" ({cell.tokens} tokens):")))
                 blocks.append(Code(cell.text) if cell.text is not None else Paragraph(f"no text: {cell.why_not}"))
         return blocks
@@ -102,37 +118,68 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def _how(run: LoadedRun, chat: bool) -> str:
+    """How a run is put the grid's prompts: with `chat`, through its chat template or prompt format where it has
+    one, else continued."""
+    if chat and run.chat_template is not None:
+        return "asked through its chat template"
+    if chat and run.prompt_format is not None:
+        return f"asked through its {run.prompt_format.name} format"
+    return "continued"
+
+
+def _asking(run: LoadedRun, prompt: str, talking: bool) -> tuple[list[int], tuple[str, ...]]:
+    """A prompt's ids as a run is asked it and what ends its answer: as a user's message (`chat_prompt`), or
+    continued (an empty prompt: the start of a document)."""
+    if talking:
+        asked = chat_prompt(run, [("user", prompt)])
+        return asked.ids(run.tokenizer), asked.stop
+    run.tokenizer.check(prompt, "the prompt")
+    return run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer), ()
+
+
 def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: Sequence[float],
-              params: SamplingParams, step: Step | None = None) -> list[Cell]:
+              params: SamplingParams, step: Step | None = None, chat: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> list[Cell]:
     """One loaded run's cells, prompt by prompt and temperature by temperature, decoded together; each drawn with
-    `params.seed`, so a cell is the text `lmlab sample RUN --prompt P --temperature T --seed S` prints."""
-    cells, todo, checkpoint = [], [], f"{run.checkpoint}, step {run.step}"
+    `params.seed`, so a cell is the text `lmlab sample RUN --prompt P --temperature T --seed S` prints (with
+    `chat`, of a run that has a chat template or prompt format, `lmlab sample RUN --chat P ...`). `progress`
+    hears (cells done, cells) as they end."""
+    cells, todo, checkpoint, how = [], [], f"{run.checkpoint}, step {run.step}", _how(run, chat)
+    talking, limit = how != "continued", prompt_chars(run)
     for prompt in prompts:
         try:
-            run.tokenizer.check(prompt, "the prompt")
-            ids = run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer)
+            check_prompt_length(run, prompt, "the prompt", limit)  # before it is tokenized
+            ids, stop = _asking(run, prompt, talking)
         except UserError as err:
-            cells += [Cell(name, checkpoint, prompt, t, why_not=str(err)) for t in temperatures]
+            cells += [Cell(name, checkpoint, prompt, t, why_not=str(err), asked=how) for t in temperatures]
             continue
         for t in temperatures:
-            cells.append(Cell(name, checkpoint, prompt, t))
-            todo.append((cells[-1], ids, dataclasses.replace(params, temperature=t)))
+            cells.append(Cell(name, checkpoint, prompt, t, asked=how))
+            todo.append((cells[-1], ids, dataclasses.replace(params, temperature=t, stop=(*params.stop, *stop))))
+    skipped = len(cells) - len(todo)
+    if progress:
+        progress(skipped, len(cells))
     if todo:
         dtype = decode_dtype(run.device, run.dtype, step is not None)
+        # A continuation runs on across documents, as `sample` does; an answer ends with its turn.
         done = continue_all(run.model, run.tokenizer, [ids for _, ids, _ in todo], [p for _, _, p in todo],
-                            min(MOST_AT_ONCE, len(todo)), dtype, step, past_eot=True)
+                            min(MOST_AT_ONCE, len(todo)), dtype, step, past_eot=not talking,
+                            progress=progress and (lambda finished, _: progress(skipped + finished, len(cells))))
         for (cell, _, drawn), continuation in zip(todo, done):
             cell.text, cell.tokens = continuation.text.text, continuation.tokens
             cell.finish_reason = continuation.finish_reason
-            run.run.add_sample(cell.prompt + cell.text, run.checkpoint, run.step,
-                               f"{drawn.describe()}, prompt {cell.prompt!r}")
+            kept, asked = (cell.text, f"chat {cell.prompt!r}") if talking else (cell.prompt + cell.text,
+                                                                                 f"prompt {cell.prompt!r}")
+            run.run.add_sample(kept, run.checkpoint, run.step, f"{drawn.describe()}, {asked}")
     return cells
 
 
 def sample_grid(paths: Sequence[Path], prompts: Sequence[str], temperatures: Sequence[float],
                 params: SamplingParams, checkpoint: str = "best", device: str = "auto",
-                say: Callable[[str], None] = lambda _: None) -> Grid:
-    """Every run x prompt x temperature, a run loaded at a time."""
+                progress: Callable[[int, int], None] = lambda done, total: None, chat: bool = False) -> Grid:
+    """Every run x prompt x temperature, a run loaded at a time; with `chat`, put to each run as `run_cells` says;
+    `progress` hears (cells done, cells) as they end."""
     names = [Path(p).resolve().name for p in paths]
     if len(set(names)) < len(names):
         raise UserError(f"two of the runs share a folder name ({', '.join(names)}); the grid names runs by it, so "
@@ -140,9 +187,11 @@ def sample_grid(paths: Sequence[Path], prompts: Sequence[str], temperatures: Seq
     for path in paths:  # every run checked before any is sampled (sampling appends to its samples.txt)
         RunDir(path).config()
         RunDir(path).checkpoint("latest")
-    cells = []
+    cells, total = [], len(paths) * len(prompts) * len(temperatures)
+    progress(0, total)
     for path, name in zip(paths, names):
-        say(f"Sampling {path}...")
         run = RunDir(path).load(checkpoint, device)  # one at a time: the next loads into the memory this one held
-        cells += run_cells(run, name, prompts, temperatures, params)
-    return Grid(names, list(prompts), list(temperatures), params, cells)
+        before = len(cells)
+        cells += run_cells(run, name, prompts, temperatures, params, chat=chat,
+                           progress=lambda done, _, before=before: progress(before + done, total))
+    return Grid(names, list(prompts), list(temperatures), params, cells, chat)

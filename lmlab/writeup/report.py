@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lmlab
+from lmlab.analysis.history import EVAL_COLUMNS, evaluations
 from lmlab.analysis.plots import plot_comparison, plot_document_lengths, plot_losses
 from lmlab.analysis.runs import (COMPARE_COLUMNS, RunSummary, by_bytes_columns, comparison, judge_cell, score_cell,
                                  summarize, task_columns, unfair)
@@ -50,7 +51,7 @@ Track = Callable[[str, str], AbstractContextManager[Callable[[int, int], None]]]
 class Options:
     """How a report is made: the samples' prompt and settings, the device, the checkpoint reported on, whether to
     evaluate the val split (else kept results only), where it says what it does (`say` a line, `track` a long
-    step's progress), and `grid` (prompts, temperatures): samples as the prompt grid of every run."""
+    step's progress), and `grid` (prompts, temperatures): samples as the prompt grid of every run, `chat` or not."""
 
     prompt: str = ""
     params: SamplingParams = field(default_factory=lambda: SamplingParams(300))
@@ -60,6 +61,7 @@ class Options:
     say: Callable[[str], None] = lambda _: None
     track: Track | None = None
     grid: tuple[list[str], list[float]] | None = None
+    chat: bool = False  # in the grid, runs with a chat template or prompt format are asked in it
 
 
 def gather(path: Path, options: Options) -> RunFacts:
@@ -80,7 +82,7 @@ def gather(path: Path, options: Options) -> RunFacts:
     options.say(f"Sampling {path} ({checkpoint_label(loaded.checkpoint, loaded.step)}): "
                 f"{options.params.max_new_tokens} tokens at most...")
     if options.grid is not None:
-        facts.cells = run_cells(loaded, facts.name, *options.grid, options.params)
+        facts.cells = run_cells(loaded, facts.name, *options.grid, options.params, chat=options.chat)
         return facts
     try:
         facts.sample = sample(loaded, options.prompt, options.params)
@@ -279,7 +281,8 @@ def _model(facts: list[RunFacts]) -> list[Block]:
     rows = [
         ("kind", lambda f: f.run.kind() + (f" from `{f.start['init_from']}`" if f.start.get("init_from") else "")),
         ("architecture", lambda f: f"{f.summary.architecture or '-'}: {f.summary.model or '-'}"),
-        ("parameters", lambda f: fmt(f.summary.params, ",")),
+        ("parameters", lambda f: fmt(f.summary.params, ",") + (f" (and {f.summary.padding:,} in vocabulary padding "
+                                                                "rows)" if f.summary.padding else "")),
         ("without embeddings", lambda f: fmt(f.start.get("params_non_embedding"), ",", NOT_RECORDED)),
         ("FLOPs per token", lambda f: fmt(f.summary.flops_per_token, ".3g")),
         ("context", lambda f: f"{f.config.model.block_size:,} tokens"),
@@ -324,6 +327,11 @@ def _training(facts: list[RunFacts], out: Path) -> list[Block]:
     for f in facts:
         plot_losses(f.run, out / f"{f.name}-loss.png")
         blocks.append(Image(f"{f.name}-loss.png", f"train and val loss of {f.name}"))
+        rows = evaluations(f.run)
+        if rows:  # the write-ups' "iter / train / val" table (`lmlab log RUN`)
+            table = Table([c.header for c in EVAL_COLUMNS], [[c.cell(r) for c in EVAL_COLUMNS] for r in rows],
+                          [True] * len(EVAL_COLUMNS))
+            blocks.append(Folded(f"every evaluation of {f.name} ({len(rows)})", [table]))
     return blocks
 
 
@@ -342,7 +350,7 @@ def _ending(f: RunFacts) -> str:
     if end.get("stopped_by"):
         return f"stopped by {end['stopped_by']} at step {end['step']:,}"
     if end.get("stopped_early"):
-        return f"stopped early at step {end['step']:,}: no new best in {f.config.train.patience} evaluations"
+        return f"stopped early at step {end['step']:,}: no new best in {f.config.train.patience_words()}"
     return "finished"
 
 
@@ -426,7 +434,8 @@ def _samples(facts: list[RunFacts], options: Options) -> list[Block]:
     if options.grid is not None:
         cells = [c for f in facts for c in f.cells]
         unsampled = [Paragraph(f"`{f.name}`: {f.not_sampled}") for f in facts if f.not_sampled]
-        return [Heading("Samples"), *Grid([f.name for f in facts], *options.grid, params, cells).blocks(3),
+        grid = Grid([f.name for f in facts], *options.grid, params, cells, options.chat)
+        return [Heading("Samples"), *grid.blocks(3),
                 *unsampled]
     asked = f"prompt `{prompt}`" if prompt else "an empty prompt (the start of a document)"
     fallback = " (its latest if it was never evaluated)" if options.checkpoint == "best" else ""

@@ -1,0 +1,47 @@
+"""A run's evaluations one by one, as the tables of the write-ups ("iter / train / val"): `lmlab log RUN` (a table
+of 80 columns, JSON or CSV) and the report's table of every evaluation."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from lmlab.analysis.runs import Column
+from lmlab.core.humanize import count, fmt, format_duration
+from lmlab.run.rundir import RunDir
+
+FIELDS = ("step", "epoch", "tokens", "elapsed", "train_loss", "train_eval_loss", "val_loss", "best_val_loss",
+          "is_best")  # of each row, in the order JSON and CSV give them
+
+
+def evaluations(run: RunDir) -> list[dict[str, Any]]:
+    """Every eval event of the run in the order it was logged, each with FIELDS (None where the event has none: a
+    fine-tune scores no train split, an older run logged no epoch)."""
+    return [{name: event.get(name) for name in FIELDS} for event in run.events()
+            if event.get("event") == "eval" and isinstance(event.get("val_loss"), (int, float))]
+
+
+def _mark(row: dict[str, Any]) -> str:
+    return ("* " if row["is_best"] else "") + fmt(row["best_val_loss"])
+
+
+EVAL_COLUMNS = [  # `lmlab log` and the report
+    Column("step", 0, lambda r: f"{r['step']:,}"),
+    Column("epoch", 3, lambda r: fmt(r["epoch"], ".2f")),
+    Column("tokens", 2, lambda r: count(r["tokens"])),
+    Column("elapsed", 4, lambda r: "-" if r["elapsed"] is None else format_duration(r["elapsed"])),
+    Column("train (steps)", 5, lambda r: fmt(r["train_loss"])),
+    Column("train (eval)", 1, lambda r: fmt(r["train_eval_loss"])),
+    Column("val", 0, lambda r: fmt(r["val_loss"])),
+    Column("best (*: new)", 0, _mark),
+]
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV with a header of FIELDS: numbers as logged, empty where unknown."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

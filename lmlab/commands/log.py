@@ -1,0 +1,43 @@
+"""`lmlab log RUN`: every evaluation of one run, as a table, JSON or CSV (the `runs` command lists many runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmlab.commands.common import console, print_table
+from lmlab.core.errors import UserError
+
+
+def cmd_log(args: argparse.Namespace) -> None:
+    from lmlab.analysis.history import EVAL_COLUMNS, evaluations, to_csv
+    from lmlab.run.rundir import RunDir
+
+    run = RunDir(Path(args.run))
+    run.config()  # a folder that is no run is refused as every command refuses it
+    rows = evaluations(run)
+    if args.json:
+        print(json.dumps({"run": str(run.path), "evaluations": rows}, indent=1))
+        return
+    if args.csv:
+        sys.stdout.write(to_csv(rows))
+        return
+    if not rows:
+        raise UserError(f"{run.path} has no evaluation yet ({run.kind()}); a trained run logs one every "
+                        "train.eval_interval steps (or train.eval_every), a fine-tune one an epoch.")
+    print_table(f"Evaluations of {run.path}", EVAL_COLUMNS, rows, args.wide)
+    console.print("train (steps): the mean loss of the steps since the evaluation before; train (eval): the train "
+                  "split scored as val is", highlight=False)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("log", help="every evaluation of a run: step, epoch, tokens, elapsed, train and val loss, "
+                       "best")
+    p.add_argument("run", metavar="RUN", help="a run dir")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the evaluations as JSON instead of a table")
+    shape.add_argument("--csv", action="store_true", help="print the evaluations as CSV (a header, a row each)")
+    p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
+    p.set_defaults(func=cmd_log)

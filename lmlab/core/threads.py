@@ -1,0 +1,219 @@
+"""How many CPU threads torch computes with: as set (train.threads, serve --threads, OMP_NUM_THREADS), else chosen
+from what the cores can give now.
+
+A parallel kernel on every core waits at each of its steps for its slowest thread. When another process holds one of
+the cores, that thread gets a share of a time slice and every kernel waits for it: on 2 cores with one CPU hog the
+demo's steps ran 3 to 20 times slower on 2 threads than on 1. Neither a peak measured quiet nor the core count says
+so; only what the machine does now does. So a job's threads are chosen when its work can first be timed:
+
+- on a machine that stayed quiet while the job set up (other processes' CPU time on this process's cores,
+  `busy.LoadMeter`, over at least MIN_WINDOW seconds), every core: nothing is timed, a quiet machine loses nothing;
+- otherwise its own work (a forward pass, `forward_probe`) is timed on every core, on the cores the others leave
+  free, and on one, in turns, for about PROBE_SECONDS (MIN_ROUNDS to MAX_ROUNDS each; a count LOSING times
+  slower than the best drops out at once); the most threads within MARGIN of the fastest win.
+
+A long job (training) checks again every CHECK_SECONDS of its steps (`ThreadChooser.stepped`): back to every core
+when the machine is quiet again, timed again when the load on its cores moved by half a core or more or its step
+time drifted by RETIME either way, at most once every RETIME_SECONDS.
+
+Results differ in the last bits between thread counts (reductions split differently), so a run resumes bitwise as it
+would have run when both ran on the same threads: train.threads fixes them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmlab.core.busy import Load, LoadMeter, check_threads, cores
+from lmlab.core.device import autocast
+
+MIN_WINDOW = 0.25  # seconds: a shorter window's load is a handful of clock ticks, too few to call it quiet
+PROBE_SECONDS = 0.3  # the candidates are timed in turns for about this long
+MIN_ROUNDS = 2  # and at least this many times each,
+MAX_ROUNDS = 8  # but no more: a small model's forward takes a millisecond, and every start of a job pays the timing
+MARGIN = 1.1  # fewer threads win only when they are this much faster: more threads are what a quiet machine wants
+LOSING = 2.0  # a count this many times slower than the best is out of the timing
+PROBE_TOKENS = 512  # a probe's forward pass covers at most this many tokens, so a large model's takes no seconds
+CHECK_SECONDS = 5.0  # a long job looks at the load on its cores and at its pace this often
+RETIME = 1.5  # a pace this far from the one after the last choice, either way, times the candidates again
+RETIME_SECONDS = 30.0  # and so does a load that moved by half a core, but no more often than this
+
+
+def most_threads() -> tuple[int, str | None]:
+    """The threads a job may use, and what fixed them: OMP_NUM_THREADS when set (torchrun sets 1), else the cores
+    this process may use (None: lmlab chooses)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    return len(cores()), None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A job's threads and why: `reason` is the setting that fixed them, `one core`, `quiet` (no other process used
+    the cores), `quiet again` or `timed` (the work's mean `seconds` by thread count, under `load`)."""
+
+    threads: int
+    most: int
+    reason: str
+    seconds: dict[int, float] = field(default_factory=dict)
+    load: Load | None = None
+
+    @property
+    def lowered(self) -> bool:
+        return self.threads < self.most
+
+    def describe(self, override: str) -> str:
+        """E.g. `1 of 2 threads: other processes used 52% of the 2 cores; a forward pass took 14 ms on 1 thread, 95 ms
+        on 2 (train.threads sets them)`."""
+        count = (f"{self.threads} of {self.most} threads" if self.lowered else
+                 f"{self.threads} thread{'s' * (self.threads > 1)}")
+        if self.reason not in ("timed", "quiet", "quiet again"):
+            return f"{count} ({self.reason})"
+        why = ["the cores are quiet again"] if self.reason == "quiet again" else []
+        if self.load and self.load.others is not None:
+            why.append(f"other processes used {100 * self.load.others:.0f}% of the {self.load.cores} cores")
+        if self.seconds:
+            timed = [f"{1000 * s:.{0 if s >= 0.01 else 1}f} ms on {n}" for n, s in sorted(self.seconds.items())]
+            timed[0] += " thread" + "s" * (min(self.seconds) > 1)
+            why.append("a forward pass took " + ", ".join(timed))
+        return f"{count}: {'; '.join(why)} ({override} sets them)"
+
+    def record(self, step: int) -> dict[str, Any]:
+        """A `threads` event of metrics.jsonl."""
+        return {"event": "threads", "step": step, "threads": self.threads, "most": self.most, "reason": self.reason,
+                "ms": {str(n): round(1000 * s, 3) for n, s in sorted(self.seconds.items())},
+                "others": None if self.load is None or self.load.others is None else round(self.load.others, 4)}
+
+
+def pick(seconds: dict[int, float]) -> int:
+    """The most threads whose time is within MARGIN of the fastest."""
+    best = min(seconds.values())
+    return max(n for n, s in seconds.items() if s <= MARGIN * best)
+
+
+def time_threads(candidates: list[int], probe: Callable[[], None]) -> dict[int, float]:
+    """The mean seconds of `probe` at each thread count, timed in turns (so a load that comes or goes meanwhile
+    weighs on each alike), after one untimed call that warms the caches. A count that took LOSING times the best
+    count's mean is timed no more: on a busy machine one call of it can take a second, and it cannot win."""
+    torch.set_num_threads(min(candidates))
+    probe()
+    times: dict[int, list[float]] = {n: [] for n in candidates}
+    racing, began = sorted(candidates), time.perf_counter()
+    for rounds in range(MAX_ROUNDS):
+        if len(racing) < 2 or (rounds >= MIN_ROUNDS and time.perf_counter() - began >= PROBE_SECONDS):
+            break
+        for n in racing:
+            torch.set_num_threads(n)
+            started = time.perf_counter()
+            probe()
+            times[n].append(time.perf_counter() - started)
+        means = {n: sum(times[n]) / len(times[n]) for n in racing}
+        racing = [n for n in racing if means[n] <= LOSING * min(means.values())]
+    return {n: sum(t) / len(t) for n, t in times.items()}
+
+
+def forward_probe(model: torch.nn.Module, rows: int, length: int, device: torch.device,
+                  dtype: torch.dtype) -> Callable[[], None]:
+    """A forward pass of `rows` sequences of `length` tokens (at most PROBE_TOKENS in all), without gradients,
+    dropout or a random draw, so timing it changes nothing a run computes; the ids are 0: time does not depend on
+    them. `length` 1 stands for a decoding step."""
+    rows = max(1, min(rows, PROBE_TOKENS // max(1, length)))
+    ids = torch.zeros(rows, min(length, PROBE_TOKENS), dtype=torch.long, device=device)
+
+    def forward() -> None:
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast(device, dtype):
+                model(ids)
+        finally:
+            model.train(training)
+    return forward
+
+
+class ThreadChooser:
+    """The threads of one job. Made before the job sets up (the load of that window is what a quiet machine is
+    told by); `choose` once its work can be timed; in a long job, `stepped` after every step. `override` names
+    the setting that fixes them (train.threads, --threads), `setting` its value (0: choose), `most` a ceiling below
+    the cores (serve leaves one to its HTTP side), `fixed` a reason not to choose (torchrun's ranks would each
+    time their own)."""
+
+    def __init__(self, setting: int, override: str, most: int = 0, fixed: str | None = None):
+        check_threads(override, setting)
+        cap, env = most_threads()
+        self.override, self.most = override, setting or max(1, min(most or cap, cap))
+        self.fixed = override if setting else env or fixed
+        torch.set_num_threads(self.most)  # whatever an earlier job of this process chose
+        self.meter = LoadMeter().start()
+        self.probe: Callable[[], None] = lambda: None
+        self.choice = Choice(self.most, self.most, self.fixed or "")
+        self._pace, self._steps, self._count, self._timed_at = 0.0, 0.0, 0, 0.0
+
+    def choose(self, probe: Callable[[], None], device: torch.device) -> Choice:
+        """Decide from the load since the chooser was made, timing `probe` when it was busy (or too short to tell).
+        Off the CPU the threads only feed the device: all of them, untimed."""
+        self.probe = probe
+        load = self.meter.stop()
+        if device.type != "cpu" and not self.fixed:
+            self.fixed = f"{device.type}: the CPU only feeds it"
+        if self.fixed:
+            choice = Choice(self.most, self.most, self.fixed)
+        elif self.most == 1:
+            choice = Choice(1, 1, "one core", load=load)
+        elif load.seconds >= MIN_WINDOW and load.others is not None and not load.busy:
+            choice = Choice(self.most, self.most, "quiet", load=load)
+        else:
+            choice = self._timed(load)
+        return self._set(choice)
+
+    def stepped(self, seconds: float) -> Choice | None:
+        """After a step of `seconds`: every CHECK_SECONDS, a look at the load and the pace; the new choice when it
+        changed the threads."""
+        if self.fixed or self.most == 1:
+            return None
+        self._steps, self._count = self._steps + seconds, self._count + 1
+        if self.meter.elapsed() < CHECK_SECONDS:
+            return None
+        load, pace = self.meter.stop(), self._steps / self._count
+        self.meter.start()
+        self._steps, self._count = 0.0, 0
+        if load.others is None:
+            return None
+        if not load.busy:
+            if self.choice.lowered:
+                return self._set(Choice(self.most, self.most, "quiet again", load=load))
+            self._pace = pace
+            return None
+        then = self.choice.load.others if self.choice.load and self.choice.load.others is not None else 0.0
+        moved = abs(load.others - then) * self.most >= 0.5
+        drifted = bool(self._pace) and not 1 / RETIME <= pace / self._pace <= RETIME
+        if (moved or drifted) and time.perf_counter() - self._timed_at >= RETIME_SECONDS:
+            before = self.choice.threads
+            choice = self._set(self._timed(load))
+            return choice if choice.threads != before else None
+        self._pace = self._pace or pace
+        return None
+
+    def _timed(self, load: Load) -> Choice:
+        """Time the work on every core, on the cores others leave free, and on one."""
+        candidates = {self.most, 1}
+        if load.others is not None:
+            candidates.add(max(1, round(self.most * (1 - load.others))))
+        seconds = time_threads(sorted(candidates, reverse=True), self.probe)
+        self._timed_at, self._pace = time.perf_counter(), 0.0  # the pace under this load is measured next
+        return Choice(pick(seconds), self.most, "timed", seconds, load)
+
+    def _set(self, choice: Choice) -> Choice:
+        if choice.threads != self.choice.threads:
+            self._pace = 0.0  # the pace at the new count is measured next
+        torch.set_num_threads(choice.threads)
+        self.choice = choice
+        self.meter.start()
+        return choice

@@ -1,0 +1,153 @@
+"""Text normalisation a dataset is prepared with (`lmlab prepare --normalize lower,nfkc,ascii`, `--keep-chars`,
+`--drop-chars`): the corpus's documents are normalised before the scan, so the char vocabulary, the counts and the
+split are those of the normalised text; and the same steps go into the dataset's tokenizer.json as its
+`tokenizers` normalizer, so every text the run's tokenizer encodes later (a prompt, a task, a served request, an
+exported model in transformers) is normalised as the corpus was.
+
+The steps apply in one fixed order whatever order they are given in: nfkc, ascii, lower, then the kept or dropped
+characters. Lower-casing last keeps the result lower-case (NFKC and the ASCII folding can make capitals: `ℌ` is
+`H`), and filtering last sees the characters the others made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tokenizers import Regex, normalizers
+
+from lmlab.core.errors import UserError
+
+STEPS = ("nfkc", "ascii", "lower")  # the order they apply in
+# What folding to ASCII maps rather than drops: typographic punctuation and letters that do not decompose.
+ASCII_MAP = {"‘": "'", "’": "'", "‚": "'", "‛": "'", "“": '"', "”": '"', "„": '"', "‟": '"', "«": '"', "»": '"',
+             "‹": "'", "›": "'", "–": "-", "—": "-", "―": "-", "−": "-", "ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe",
+             "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ı": "i"}
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "-": "-", "s": " "}
+
+
+def _items(text: str, option: str) -> list[tuple[str, bool]]:
+    """The characters of a --keep-chars / --drop-chars value, each with whether it is a range's `-`."""
+    items, at = [], 0
+    while at < len(text):
+        if text[at] != "\\":
+            items.append((text[at], text[at] == "-"))
+            at += 1
+            continue
+        if text[at + 1:at + 2] not in ESCAPES:
+            raise UserError(f"{option} {text!r}: {text[at:at + 2]!r} is no escape it knows; write \\n, \\t, \\r, \\s "
+                            "(a space), \\\\ or \\- (or the character itself).")
+        items.append((ESCAPES[text[at + 1]], False))
+        at += 2
+    return items
+
+
+def parse_chars(text: str, option: str) -> str:
+    """The characters a --keep-chars / --drop-chars value names, sorted: itself, where `a-z` is a range and `\\n`,
+    `\\t`, `\\r`, `\\s` (a space), `\\\\` and `\\-` stand for those characters (a `-` first or last is itself)."""
+    items, chars, at = _items(text, option), set(), 0
+    while at < len(items):
+        if at + 2 < len(items) and items[at + 1][1]:  # low, -, high
+            low, high = items[at][0], items[at + 2][0]
+            if ord(high) < ord(low):
+                raise UserError(f"{option} {text!r}: the range {low!r}-{high!r} runs backwards; write it low to high, "
+                                "e.g. a-z.")
+            chars |= {chr(c) for c in range(ord(low), ord(high) + 1)}
+            at += 3
+        else:
+            chars.add(items[at][0])
+            at += 1
+    if not chars:
+        raise UserError(f"{option} is empty; name the characters, e.g. {option} 'a-z \\n'.")
+    return "".join(sorted(chars))
+
+
+def _char_class(chars: str) -> str:
+    """An Oniguruma character class body matching exactly `chars`, runs of code points written as ranges."""
+    points, parts, at = sorted(map(ord, chars)), [], 0
+    while at < len(points):
+        end = at
+        while end + 1 < len(points) and points[end + 1] == points[end] + 1:
+            end += 1
+        parts.append(f"\\x{{{points[at]:x}}}" + (f"-\\x{{{points[end]:x}}}" if end > at else ""))
+        at = end + 1
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """What `prepare` does to the text before anything else: STEPS, then keep only `keep` or drop `drop`."""
+
+    steps: tuple[str, ...] = ()
+    keep: str | None = None  # the characters kept (sorted); every other one is dropped
+    drop: str | None = None  # the characters dropped (sorted)
+
+    @classmethod
+    def parse(cls, normalize: list[str] | None, keep: str | None, drop: str | None) -> Normalization:
+        """From the command line: --normalize values (each one step or a comma-separated list), --keep-chars and
+        --drop-chars (one of the two)."""
+        asked = {step.strip() for value in normalize or () for step in value.split(",")}
+        unknown = sorted(asked - set(STEPS))
+        if unknown:
+            raise UserError(f"--normalize {','.join(unknown)!r} is no normalisation lmlab knows; use lower, nfkc or "
+                            "ascii, or several of them (--normalize nfkc,lower).")
+        if keep is not None and drop is not None:
+            raise UserError("--keep-chars names every character kept, --drop-chars the ones removed; give one of "
+                            "them.")
+        return cls(tuple(s for s in STEPS if s in asked), None if keep is None else parse_chars(keep, "--keep-chars"),
+                   None if drop is None else parse_chars(drop, "--drop-chars"))
+
+    def __bool__(self) -> bool:
+        return bool(self.steps or self.keep or self.drop)
+
+    def drops(self, char: str) -> bool:
+        """Whether the kept or dropped characters remove `char`."""
+        return (self.keep is not None and char not in self.keep) or (self.drop is not None and char in self.drop)
+
+    def normalizer(self) -> normalizers.Normalizer | None:
+        """The steps as a `tokenizers` normalizer (None when there are none): what the dataset's tokenizer.json
+        holds, and what the documents go through."""
+        parts: list[normalizers.Normalizer] = []
+        for step in self.steps:
+            if step == "nfkc":
+                parts.append(normalizers.NFKC())
+            elif step == "lower":
+                parts.append(normalizers.Lowercase())
+            else:  # accents off the letters they decompose from, typographic marks mapped, the rest dropped
+                parts += [normalizers.NFKD(), normalizers.StripAccents(),
+                          *(normalizers.Replace(old, new) for old, new in ASCII_MAP.items()),
+                          normalizers.Replace(Regex(r"[^\x{0}-\x{7f}]"), "")]
+        if self.keep or self.drop:
+            kept = f"[^{_char_class(self.keep)}]" if self.keep else f"[{_char_class(self.drop)}]"
+            parts.append(normalizers.Replace(Regex(kept), ""))
+        return normalizers.Sequence(parts) if parts else None
+
+    def function(self) -> Callable[[str], str] | None:
+        """The normalisation of one text (None when there is none): what each document of the corpus goes through."""
+        normalizer = self.normalizer()
+        return None if normalizer is None else normalizer.normalize_str
+
+    def describe(self) -> str:
+        """In a few words: `nfkc, lower, 28 characters kept`."""
+        chars = [f"{len(chars)} characters {what}" for what, chars in (("kept", self.keep), ("dropped", self.drop))
+                 if chars]
+        return ", ".join([*self.steps, *chars])
+
+    def record(self) -> dict[str, object] | None:
+        """meta.json's `normalize`: the steps in the order they apply, and the kept or dropped characters."""
+        return {"steps": list(self.steps), "keep_chars": self.keep, "drop_chars": self.drop} if self else None
+
+    def suffix(self) -> str:
+        """What a dataset's default name gains: `-lower`, `-nfkc-lower-keep28` (28 characters kept); '' for none."""
+        chars = [f"{what}{len(chars)}" for what, chars in (("keep", self.keep), ("drop", self.drop)) if chars]
+        return "".join(f"-{part}" for part in (*self.steps, *chars))
+
+
+def with_normalizer(backend: object, normalization: Normalization) -> None:
+    """Put the normalisation in front of whatever normalizer a tokenizer has (a pretrained one may have its own),
+    so encoding a text does to it what prepare did to the corpus."""
+    ours = normalization.normalizer()
+    if ours is None:
+        return
+    theirs = backend.normalizer  # type: ignore[attr-defined]
+    backend.normalizer = ours if theirs is None else normalizers.Sequence([ours, theirs])  # type: ignore[attr-defined]

@@ -1,0 +1,118 @@
+"""The model card beside an exported GGUF file (NAME.md) and an Ollama Modelfile (NAME.Modelfile): what the file
+holds, and how to run it in llama.cpp, Ollama and LM Studio.
+
+Ollama puts a chat's message into the Modelfile's TEMPLATE and stops at its `stop` strings. The template is the
+prompt `lmlab serve` builds for a one-message chat (`generate.chat_prompt`: an imported instruct model's chat
+template, a fine-tuned run's prompt format, else a `user: ... assistant:` transcript) with the message replaced by
+Ollama's `{{ .Prompt }}`, and the stops are what ends lmlab's reply there, with the end-of-text token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmlab.core.fileio import atomic_write_text
+from lmlab.gguf.vocab import Vocab
+from lmlab.inference.generate import chat_prompt
+from lmlab.run.rundir import LoadedRun
+
+MESSAGE = "\x00lmlab-message\x00"  # stands for the user's message while the prompt is rendered
+
+CARD = """# {name}
+
+Exported by `lmlab export-gguf` from run `{run}`, checkpoint {checkpoint} (step {step}).
+
+| | |
+|---|---|
+| architecture | `{arch}`, {layers} layers, {width} wide, {heads} heads, context {context} |
+| parameters | {params} |
+| weights | {kind} |
+| tokenizer | `{spec}`: {tokenizer}, {tokens} tokens |
+| end of text | {ends} |
+| chat | {template} |
+
+## llama.cpp
+
+```
+llama-cli -m {file} -p "{prompt}" -n 200 --temp 0.8
+llama-server -m {file} --port 8080
+```
+
+From Python (`pip install llama-cpp-python`):
+
+```python
+from llama_cpp import Llama
+llm = Llama("{file}", n_ctx={context})
+print(llm("{prompt}", max_tokens=200, temperature=0.8)["choices"][0]["text"])
+```
+
+## Ollama
+
+`{model_file}` (beside this card) holds the prompt template and stop strings of a chat, as `lmlab serve`
+puts a message to this run:
+
+```
+ollama create {name} -f {model_file}
+ollama run {name}
+```
+
+## LM Studio
+
+```
+lms import {file}
+```
+
+or copy `{file}` to `~/.lmstudio/models/lmlab/{name}/`, then load it from the model list.
+"""
+
+
+def card_paths(out: Path) -> tuple[Path, Path]:
+    """The model card and the Modelfile written beside `out`."""
+    return out.with_suffix(".md"), out.with_suffix(".Modelfile")
+
+
+def ollama_template(run: LoadedRun, vocab: Vocab) -> tuple[str, list[str]]:
+    """The Modelfile's TEMPLATE (Go template text) and its stop strings."""
+    prompt = chat_prompt(run, [("user", MESSAGE)])
+    before, _, after = prompt.text.partition(MESSAGE)
+    template = before.replace("{{", "{{ \"{{\" }}") + "{{ .Prompt }}" + after.replace("{{", "{{ \"{{\" }}")
+    stops = list(prompt.stop)
+    if vocab.eos is not None:
+        stops.append(run.tokenizer.eot_token)
+    return template, list(dict.fromkeys(stops))
+
+
+def modelfile(out: Path, run: LoadedRun, vocab: Vocab) -> str:
+    template, stops = ollama_template(run, vocab)
+    lines = [f"FROM ./{out.name}", f'TEMPLATE """{template}"""',
+             *(f"PARAMETER stop {_quoted(stop)}" for stop in stops),
+             f"PARAMETER num_ctx {run.config.model.block_size}"]
+    return "\n".join(lines) + "\n"
+
+
+def _quoted(text: str) -> str:
+    """A stop string as a Modelfile writes it: in double quotes, with escapes for quotes, backslashes and line
+    breaks."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) -> None:
+    """NAME.md and NAME.Modelfile beside the GGUF file `out`."""
+    card, model_file = card_paths(out)
+    cfg, name = run.config.model, out.stem
+    tokenizer = ("the run's characters (llama.cpp's `rwkv` tokenizer: one token per character)"
+                 if vocab.model == "rwkv" else f"byte-level BPE, pre-tokenizer `{vocab.pre}`")
+    ends = f"`{run.tokenizer.eot_token}` (id {vocab.eos})" if vocab.eos is not None else \
+        "none (a char model has no end-of-text token: generation runs to its length, as `lmlab sample` does)"
+    template = "its chat template (`tokenizer.chat_template`)" if run.chat_template else "no chat template"
+    # A prompt the run can read: a char model knows only its corpus' characters.
+    prompt = "ROMEO:" if not run.tokenizer.unseen("ROMEO:") else next(
+        (c for c in sorted(run.tokenizer.vocab) if c.isalpha()), "")
+    text = CARD.format(name=name, run=run.run.path, checkpoint=run.checkpoint, step=run.step, arch=arch,
+                       layers=cfg.n_layer, width=cfg.n_embd, heads=cfg.n_head, context=cfg.block_size,
+                       params=f"{run.model.num_params():,}", kind=kind, spec=run.tokenizer.spec, tokenizer=tokenizer,
+                       tokens=f"{len(vocab.tokens):,}", ends=ends, template=template, file=out.name, prompt=prompt,
+                       model_file=model_file.name)
+    atomic_write_text(model_file, modelfile(out, run, vocab))
+    atomic_write_text(card, text)

@@ -1,0 +1,107 @@
+"""A run's model as one of llama.cpp's architectures: its hyperparameter keys, and its tensors under GGUF's names
+(the gguf package's own map from a Hugging Face family's names, which `lmlab.hf` already gives each tensor) in
+nn.Linear's (out, in) layout, which is GGUF's, at the precision `--type` asks for.
+
+lmlab rotates the two halves of each head (as GPT-NeoX and transformers' Llama do); llama.cpp's `llama`
+architecture rotates adjacent pairs, so its query and key rows are interleaved on the way out. `qwen2` and `qwen3`
+rotate halves, as lmlab does. llama.cpp's `qwen2` has heads n_embd / n_head wide; one with wider or narrower heads
+goes as `llama`, which is Qwen2 with free head widths (and its q, k and v biases).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+
+from lmlab.core.config import ModelConfig
+from lmlab.hf.family import Family, default_eps
+from lmlab.model.gpt import GPT, mlp_width
+
+# --type -> (the GGML type of a matrix, general.file_type); vectors (norms, biases) stay float32.
+TYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A llama.cpp architecture and how lmlab's tensors go into it."""
+
+    name: str  # general.architecture
+    family: Family  # whose tensor names lead to GGUF's
+    interleave: bool  # rotary pairs are adjacent channels (llama), not halves: q and k rows are reordered
+
+    def keys(self, writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+        """The hyperparameters llama.cpp reads for this architecture."""
+        writer.add_context_length(cfg.block_size)
+        writer.add_embedding_length(cfg.n_embd)
+        writer.add_feed_forward_length(mlp_width(cfg))
+        writer.add_block_count(cfg.n_layer)
+        writer.add_head_count(cfg.n_head)
+        if self.name == "gpt2":
+            writer.add_layer_norm_eps(default_eps(cfg))
+            return
+        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_layer_norm_rms_eps(default_eps(cfg))
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(cfg.head_size)
+        writer.add_key_length(cfg.head_size)
+        writer.add_value_length(cfg.head_size)
+
+
+def arch_for(family: Family, cfg: ModelConfig) -> Arch:
+    """The llama.cpp architecture of a model the Hugging Face `family` expresses."""
+    if family.name == "qwen2" and cfg.head_size * cfg.n_head != cfg.n_embd:
+        return Arch("llama", family, interleave=True)
+    return Arch(family.name, family, interleave=family.name == "llama")
+
+
+def _interleaved(part: torch.Tensor, head_size: int) -> torch.Tensor:
+    """Rows of (heads * head_size, ...) reordered within each head from halves (x0..xn, y0..yn) to pairs
+    (x0, y0, x1, y1, ...)."""
+    heads = part.shape[0] // head_size
+    halves = part.reshape(heads, 2, head_size // 2, *part.shape[1:])
+    return halves.transpose(1, 2).reshape(part.shape)
+
+
+def model_tensors(model: GPT, arch: Arch, rows: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor) of every weight, the token table and head cut to the vocabulary's `rows`."""
+    cfg, family = model.config, arch.family
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], cfg.n_layer)
+    for name, value in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # llama.cpp uses the token table as the head when there is no output.weight
+        if name.endswith(("wte.weight", "lm_head.weight")):
+            value = value[:rows]
+        parts = value.split(family.split_sizes(name, cfg, value.shape[0]))
+        for hf_name, part in zip(family.hf_names(name), parts):
+            if arch.interleave and hf_name.split(".")[-2] in ("q_proj", "k_proj"):
+                part = _interleaved(part, cfg.head_size)
+            yield names.get_name(hf_name, try_suffixes=(".weight", ".bias")), part.detach().float().cpu()
+
+
+def ggml_type(tensor: torch.Tensor, wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """What a tensor is stored as: vectors in float32; a matrix as asked, but float16 for q8_0 when its rows do
+    not divide into q8_0's blocks of 32."""
+    if tensor.dim() < 2:
+        return F32
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    return wanted if tensor.shape[-1] % block == 0 else F16
+
+
+def encoded(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """The tensor's bytes in GGML type `qtype` (float32 and float16 as numpy arrays of that dtype)."""
+    array = tensor.contiguous().numpy()
+    if qtype == F32:
+        return array
+    if qtype == F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, qtype)

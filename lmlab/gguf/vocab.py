@@ -1,0 +1,158 @@
+"""A run's tokenizer as GGUF's vocabulary keys, so that llama.cpp tokenizes a text into lmlab's ids.
+
+Byte-level BPE (`bpe:N`, `gpt2`, `tiktoken:NAME` with GPT-2's split, and an imported model's byte-level BPE with
+that split) goes as GGUF's `gpt2` tokenizer: the tokens in their byte-level spelling, the merges in rank order, and
+the pre-tokenizer declared by name (`gpt-2`), which llama.cpp otherwise guesses by hashing the ids a test string
+encodes to and so refuses for every newly trained vocabulary.
+
+A char vocabulary goes as GGUF's `rwkv` tokenizer: each token is its character's bytes, and llama.cpp's greedy
+longest match over them is lmlab's one-token-per-character split. It is not a byte-level BPE (whose merges could
+rebuild each character just as well) because llama.cpp gives every BPE vocabulary an end-of-text token, id 11
+unless the file names another, and stops generating there: a char model has none, so its twelfth character would
+end every reply. The `rwkv` tokenizer has no default end-of-text, so generation runs to its length, as
+`lmlab sample` does.
+
+Word-level vocabularies map an unknown word to `<unk>`, which no GGUF tokenizer does: refused, as are other
+tokenizers whose pre-tokenizer llama.cpp cannot be told (`SPLITS`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import tokenizers
+
+from lmlab.core.errors import UserError
+from lmlab.data.tokenizers import GPT2_PATTERN, Tokenizer
+from lmlab.hf.folder import pad_id
+
+# GGUF token types (gguf.TokenType): what llama.cpp shows as text and what it treats as a control token.
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# The pre-tokenizer splits llama.cpp can be told by name: GPT-2's regex, as the tokenizers library's ByteLevel
+# writes it and as lmlab's tiktoken conversion does.
+HF_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+SPLITS = {GPT2_PATTERN: "gpt-2", HF_GPT2_SPLIT: "gpt-2"}
+KINDS = "char, bpe:N, gpt2, tiktoken:NAME (with GPT-2's split) and imported byte-level BPE tokenizers"
+
+
+@dataclass
+class Vocab:
+    """GGUF's tokenizer keys: `model` (`gpt2` or `rwkv`), `pre` (the pre-tokenizer's name), one token and type per
+    model row, the merges, and the special ids (None where the run has none)."""
+
+    model: str
+    pre: str | None
+    tokens: list[str]
+    types: list[int]
+    merges: list[str] = field(default_factory=list)
+    bos: int | None = None
+    eos: int | None = None
+    pad: int | None = None
+    add_bos: bool = False
+
+
+def gguf_vocab(tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
+    """The tokenizer's GGUF keys for a model of `rows` embedding rows (rows past the tokenizer's tokens become
+    unused tokens); `what` names the run in a refusal."""
+    raw = json.loads(tokenizer.backend.to_str())
+    if tokenizer.kind == "word":
+        raise UserError(f"{what} has a word-level tokenizer ({tokenizer.spec}), which turns an unknown word into "
+                        f"<unk>, and no GGUF tokenizer does that; export-gguf takes {KINDS}.")
+    vocab = _char_vocab(tokenizer, rows) if tokenizer.kind == "char" else _bpe_vocab(raw, tokenizer, rows, what)
+    # bos and eos: the end-of-text token lmlab puts between documents (a char run has none), unless the tokenizer
+    # starts every text with a token of its own; pad: the vocabulary's padding token, else the end-of-text token.
+    vocab.eos, vocab.pad = tokenizer.eot_id, pad_id(tokenizer)
+    vocab.bos = vocab.bos if vocab.add_bos else tokenizer.eot_id
+    if vocab.eos is not None:
+        vocab.types[vocab.eos] = CONTROL
+    return vocab
+
+
+def _unused(rows: int, start: int, spell: Callable[[int], str]) -> tuple[list[str], list[int]]:
+    """Tokens for the model's rows past the tokenizer's (a Hugging Face model's spare rows): spelled, unused."""
+    return [spell(i) for i in range(start, rows)], [UNUSED] * (rows - start)
+
+
+def _by_id(tokenizer: Tokenizer, rows: int, what: str) -> dict[int, str]:
+    ids = {i: token for token, i in tokenizer.vocab.items()}
+    if tokenizer.vocab_size > rows:
+        raise UserError(f"{what}'s tokenizer has {tokenizer.vocab_size:,} tokens but its model {rows:,} rows; the "
+                        "run's tokenizer.json is not its model's.")
+    missing = [i for i in range(tokenizer.vocab_size) if i not in ids]
+    if missing:
+        raise UserError(f"{what}'s tokenizer has no token with id {missing[0]}, and a GGUF vocabulary lists every id "
+                        "in order; export-gguf cannot write it.")
+    return ids
+
+
+def _char_vocab(tokenizer: Tokenizer, rows: int) -> Vocab:
+    """Each character's bytes in the `rwkv` escaping (a backslash starts \\n, \\t, \\r, \\xHH or a literal); rows
+    beyond the characters start with the byte 0xFF, which no UTF-8 text holds, so nothing tokenizes to them."""
+    ids = _by_id(tokenizer, rows, "the run")
+    special = {t["content"] for t in json.loads(tokenizer.backend.to_str()).get("added_tokens", [])}
+    tokens = [_rwkv_escape(ids[i]) for i in range(tokenizer.vocab_size)]
+    types = [CONTROL if ids[i] in special else NORMAL for i in range(tokenizer.vocab_size)]
+    extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"\\xffunused{i}")
+    return Vocab("rwkv", None, tokens + extra, types + extra_types)
+
+
+def _rwkv_escape(text: str) -> str:
+    return "".join({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, c) for c in text)
+
+
+def _bpe_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
+    model = raw.get("model") or {}
+    pre = _pre_tokenizer(raw, what)
+    if model.get("type") != "BPE" or raw.get("normalizer") or (raw.get("decoder") or {}).get("type") != "ByteLevel":
+        raise UserError(f"{what}'s tokenizer ({tokenizer.spec}) is not a byte-level BPE without a normalizer, which "
+                        f"is what export-gguf can declare to llama.cpp; it takes {KINDS}.")
+    ids = _by_id(tokenizer, rows, what)
+    added = {t["id"]: t for t in raw.get("added_tokens", [])}
+    tokens = [ids[i] for i in range(tokenizer.vocab_size)]
+    types = [(CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL
+             for i in range(tokenizer.vocab_size)]
+    extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"[PAD{i}]")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if model.get("ignore_merges"):
+        _check_merges_reach(raw, tokenizer, what)
+    vocab = Vocab("gpt2", pre, tokens + extra, types + extra_types, merges)
+    # A pretrained tokenizer's post-processor may put a first token before every text: llama.cpp's add_bos.
+    plain, marked = (tokenizer.backend.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+    if len(marked) > len(plain) and marked[len(marked) - len(plain):] == plain:
+        vocab.bos, vocab.add_bos = marked[0], True
+    return vocab
+
+
+def _check_merges_reach(raw: dict[str, Any], tokenizer: Tokenizer, what: str) -> None:
+    """A vocabulary converted from tiktoken takes a text that is one of its tokens whole (`ignore_merges`, as tiktoken
+    does); llama.cpp's BPE with GPT-2's split always merges. The two agree when every token's text merges into that
+    token, as in a vocabulary trained by BPE (OpenAI's GPT-2); else the export is refused, naming such a token."""
+    merging = tokenizers.Tokenizer.from_str(json.dumps({**raw, "model": {**raw["model"], "ignore_merges": False}}))
+    texts = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+    for text, whole, merged in zip(texts, tokenizer.backend.encode_batch(texts), merging.encode_batch(texts)):
+        if whole.ids != merged.ids:
+            raise UserError(f"{what}'s tokenizer ({tokenizer.spec}) has tokens its merges never make, such as "
+                            f"{text!r}, which tiktoken takes whole and llama.cpp's BPE cannot; export-gguf takes a "
+                            "tiktoken vocabulary whose every token its merges make (OpenAI's gpt2 or r50k_base).")
+
+
+def _pre_tokenizer(raw: dict[str, Any], what: str) -> str:
+    """llama.cpp's name for the tokenizer's split: GPT-2's regex, either as ByteLevel's own or as a Split before
+    a ByteLevel that does not split again."""
+    pre = raw.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    split = None
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
+        split = HF_GPT2_SPLIT
+    elif (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated"
+          and not steps[0].get("invert") and steps[1].get("type") == "ByteLevel"
+          and not steps[1].get("use_regex", True)):
+        split = (steps[0].get("pattern") or {}).get("Regex")
+    byte_level = next((s for s in steps if s.get("type") == "ByteLevel"), {})
+    if split not in SPLITS or byte_level.get("add_prefix_space"):
+        raise UserError(f"{what}'s tokenizer splits text in a way export-gguf cannot name to llama.cpp (it names "
+                        f"GPT-2's split); it takes {KINDS}.")
+    return SPLITS[split]

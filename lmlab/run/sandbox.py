@@ -1,0 +1,286 @@
+"""Chat templates rendered in a process of their own, bounded in time, memory and output.
+
+A chat template is code from the Hub. Jinja's immutable sandbox keeps it from Python's internals, as transformers
+renders it, but not from looping for hours, recursing without end or printing gigabytes: in the process that
+serves a model, one such template held a thread per request for good. So every render runs in a worker process
+(`python -m lmlab.run.sandbox`, which imports jinja2 and nothing of torch) that:
+
+- stops a render after RENDER_SECONDS: an interval timer raises inside it; a soft CPU-time limit kills a worker
+  stuck in one C call beyond that, and the caller kills one that has not answered RENDER_SECONDS + GRACE after it
+  was asked;
+- has RENDER_MEMORY bytes of address space at most (an allocation past it fails inside the render);
+- stops reading the template's output once it passes the caller's limit of characters.
+
+A render that passes a bound, or that the template refuses, is a `RenderError` naming what happened; the caller
+waits RENDER_SECONDS + GRACE at most, whatever the template does. Workers are reused: one per render under way at
+once (the server bounds how many), each started when first needed and ended when its caller's process ends (its
+input closes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+RENDER_SECONDS = 2.0  # a real template renders a long conversation in milliseconds
+GRACE = 3.0  # for a worker to answer once its timer has fired (a long C call finishes first)
+RENDER_MEMORY = 256 << 20  # bytes of address space a worker may have (a 4M-character render peaks near 100 MB)
+RENDER_CHARS = 4_000_000  # the longest prompt a render may give (more than any model's context holds)
+
+
+class RenderError(Exception):
+    """Why a render failed: `kind` is one of syntax (with `line`), undefined, refused (the template's own error),
+    time, memory, recursion, size, crashed; `detail` the template's words where it has some."""
+
+    def __init__(self, kind: str, detail: str = "", line: int | None = None):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail, self.line = kind, detail, line
+
+
+def render(template: str, variables: dict[str, Any], limit: int = RENDER_CHARS) -> str:
+    """`template` rendered with `variables` (JSON values) by a worker, at most `limit` characters long; a
+    RenderError otherwise."""
+    request = _line_of({"template": template, "variables": variables, "limit": limit})
+    with _lock:
+        worker = _idle.pop() if _idle else None
+    worker = worker or _Worker()
+    try:
+        return worker.ask(request)
+    finally:
+        if worker.alive():
+            with _lock:
+                _idle.append(worker)
+
+
+_idle: list[_Worker] = []
+_lock = threading.Lock()
+
+
+def _line_of(value: Any) -> bytes:
+    """A JSON line as the two sides send it: UTF-8, a lone surrogate (what a JSON "\\ud800" decodes to) kept."""
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+
+
+class _Worker:
+    """One worker process and its pipes; used by one thread at a time."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmlab.run.sandbox"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buffer = b""
+        if self._line(time.monotonic() + 120) != b"ready":  # a busy machine may take seconds to start Python
+            self._end()
+            raise RenderError("crashed")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def ask(self, request: bytes) -> str:
+        try:
+            self.proc.stdin.write(request)
+            self.proc.stdin.flush()
+            line = self._line(time.monotonic() + RENDER_SECONDS + GRACE)
+        except OSError:  # it died (killed from outside)
+            line = None
+        if line is None:
+            died = self.proc.poll()
+            self._end()
+            raise RenderError("time" if died in (None, -signal.SIGXCPU, -signal.SIGKILL) else "crashed")
+        reply = json.loads(line.decode("utf-8", "surrogatepass"))
+        if "text" in reply:
+            return reply["text"]
+        if reply["error"] in ("memory", "recursion"):  # recovered from, but a fresh worker is surer
+            self._end()
+        raise RenderError(reply["error"], reply.get("detail", ""), reply.get("line"))
+
+    def _line(self, deadline: float) -> bytes | None:
+        """The worker's next line, or None when it has not written one by `deadline` or died."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            piece = os.read(fd, 1 << 20)
+            if not piece:
+                return None
+            self.buffer += piece
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+    def _end(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+# -- the worker's side ------------------------------------------------------------------------------------------
+
+
+class _Expired(BaseException):
+    """Raised inside a render by the interval timer; a BaseException, so no `except Exception` in Jinja stops it."""
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Any:
+    """Jinja's immutable sandbox as transformers sets it up: trim_blocks, lstrip_blocks, loop controls,
+    `{% generation %}`, a `tojson` that keeps non-ASCII text, `raise_exception` and `strftime_now`; and one thing
+    stricter: a variable nobody passed fails where it is used (lmlab.run.chat says which)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.sandbox
+    from jinja2.utils import missing
+
+    class Unset(jinja2.Undefined):
+        """A variable nobody passed fails where it is used (printed, tested, looped over, compared); a missing key
+        or attribute of a value the template was given is empty, as in transformers. `is defined` works for both."""
+
+        __slots__ = ()
+
+        def _check(self) -> None:
+            if self._undefined_obj is missing:
+                self._fail_with_undefined_error()
+
+        def __str__(self) -> str:
+            self._check()
+            return ""
+
+        def __bool__(self) -> bool:
+            self._check()
+            return False
+
+        def __iter__(self):
+            self._check()
+            return iter(())
+
+        def __len__(self) -> int:
+            self._check()
+            return 0
+
+        def __eq__(self, other: object) -> bool:
+            self._check()
+            return type(self) is type(other)
+
+        def __ne__(self, other: object) -> bool:
+            return not self.__eq__(other)
+
+        __hash__ = jinja2.Undefined.__hash__
+
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; rendering a
+        prompt only needs its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> jinja2.nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def refuse(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=Unset,
+                                                       extensions=[jinja2.ext.loopcontrols, Generation])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=refuse, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env
+
+
+@lru_cache(maxsize=8)
+def _compiled(template: str) -> Any:
+    return _environment().from_string(template)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def _render(request: dict[str, Any]) -> dict[str, Any]:
+    """One request answered: {"text"} or {"error", "detail", "line"}."""
+    import jinja2
+
+    try:
+        template = _compiled(request["template"])
+        pieces, size = [], 0
+        for piece in template.generate(**request["variables"]):
+            size += len(piece)
+            if size > request["limit"]:
+                return {"error": "size"}
+            pieces.append(piece)
+        return {"text": "".join(pieces)}
+    except _Expired:
+        return {"error": "time"}
+    except jinja2.TemplateSyntaxError as err:
+        return {"error": "syntax", "detail": err.message or "", "line": err.lineno}
+    except jinja2.UndefinedError as err:
+        return {"error": "undefined", "detail": _first_line(err)}
+    except RecursionError:
+        return {"error": "recursion"}
+    except MemoryError:
+        return {"error": "memory"}
+    except Exception as err:  # the template's own refusal (raise_exception), or what it did wrong
+        return {"error": "refused", "detail": _first_line(err)}
+
+
+def _bounded(request: dict[str, Any]) -> dict[str, Any]:
+    """`_render` under the timer and, past it, the CPU-time limit (raised from this process's CPU time so far)."""
+    import resource
+
+    spent = resource.getrusage(resource.RUSAGE_SELF)
+    budget = int(spent.ru_utime + spent.ru_stime + RENDER_SECONDS + GRACE) + 1
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    resource.setrlimit(resource.RLIMIT_CPU, (budget if hard == resource.RLIM_INFINITY else min(budget, hard), hard))
+    _timer["on"] = True
+    signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+    try:
+        return _render(request)
+    except _Expired:  # fired between the render's end and here
+        return {"error": "time"}
+    finally:
+        _timer["on"] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+_timer = {"on": False}
+
+
+def _expire(signum: int, frame: Any) -> None:
+    if _timer["on"]:
+        _timer["on"] = False
+        raise _Expired
+
+
+def main() -> None:
+    """The worker: a request per line on stdin (JSON), a reply per line on stdout, until stdin closes."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
+    signal.signal(signal.SIGALRM, _expire)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the command; it ends this worker's input
+    out = sys.stdout.buffer
+    out.write(b"ready\n")
+    out.flush()
+    for line in sys.stdin.buffer:
+        try:
+            reply = _line_of(_bounded(json.loads(line.decode("utf-8", "surrogatepass"))))
+        except MemoryError:
+            reply = _line_of({"error": "memory"})
+        out.write(reply)
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()

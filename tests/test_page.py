@@ -1,0 +1,220 @@
+"""The page at `lmlab serve`'s root, in a real headless Chromium (Debian's, driven by Playwright; no browser is
+downloaded), against a real server: completion and chat streamed, the token probabilities on hover, temperatures
+side by side, the API key, and a message on the page for a prompt the tokenizer cannot encode, a server still
+loading, and a stream the server cut. One browser for every check."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LMLAB
+from tests.test_serve import free_port
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.slow
+sync_api.expect.set_options(timeout=30_000)  # a page on a busy 2-core machine: seconds, not the default 5
+
+CHROMIUM = "/usr/bin/chromium"
+# As root Chromium needs --no-sandbox; the rest keep it off the network it would otherwise call (updates, sync).
+FLAGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", "--disable-gpu", "--disable-quic", "--disable-dev-shm-usage"]
+KEY = "page-test-key"
+# Where the screenshots go: the test's own folder, or LMLAB_SCREENSHOTS (how docs/guides/images/serve-page-*.png are
+# made: LMLAB_SCREENSHOTS=docs/guides/images pytest tests/test_page.py).
+SHOTS = os.environ.get("LMLAB_SCREENSHOTS")
+
+
+class Serving:
+    """`lmlab serve RUN --api-key KEY` on a free port, its stderr collected; it may still be loading."""
+
+    def __init__(self, run: Path, *options: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([LMLAB, "serve", str(run), "--port", str(self.port), "--device", "cpu",
+                                      "--no-compile", "--api-key", KEY, *options], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        self.wait(lambda status: status is not None)
+
+    def health(self) -> int | None:
+        try:
+            return urllib.request.urlopen(f"{self.url}/health", timeout=5).status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except (urllib.error.URLError, OSError):  # not listening yet, or busy importing torch for its start
+            return None
+
+    def wait(self, ready) -> None:
+        """Until /health's status satisfies `ready` (polled: it is the server's own observable state)."""
+        deadline = time.monotonic() + 120
+        while not ready(self.health()):
+            assert self.proc.poll() is None, "".join(self.log)
+            assert time.monotonic() < deadline, "".join(self.log)
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def run(writing_char_run) -> Path:
+    return writing_char_run
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    started = Serving(run, "--max-tokens-cap", "2000")
+    started.wait(lambda status: status == 200)
+    yield started
+    started.stop()
+
+
+def api(server: Serving, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{server.url}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def open_page(browser, url: str, key: str | None = KEY):
+    page = browser.new_page(viewport={"width": 1280, "height": 760})
+    page.goto(url)
+    if key:
+        page.fill("#api-key", key)
+        page.dispatch_event("#api-key", "change")
+    return page
+
+
+def shot(page, folder: Path, name: str) -> None:
+    page.screenshot(path=str(Path(SHOTS or folder) / f"serve-page-{name}.png"))
+
+
+def generate(page, text: str, temperature: str = "0", compare: str = "", tokens: int = 24) -> None:
+    page.fill("#compare", compare)
+    page.dispatch_event("#compare", "change")
+    page.eval_on_selector("#temperature", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+                          temperature)
+    page.fill("#max-tokens", str(tokens))
+    page.fill("#input", text)
+    page.click("#send")
+    sync_api.expect(page.locator("#send")).not_to_have_text("Stop", timeout=60_000)
+
+
+def test_the_page_is_small_self_contained_and_served_without_the_key(server):
+    with urllib.request.urlopen(f"{server.url}/", timeout=10) as response:
+        html, policy = response.read().decode(), response.headers["Content-Security-Policy"]
+    assert 10_000 < len(html.encode()) < 60_000  # tens of KB, script and style inline
+    assert re.findall(r"(?:src|href)=\"[^\"#]", html) == [] and "http://" not in html and "https://" not in html
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    with pytest.raises(urllib.error.HTTPError) as err:  # the API itself still wants the key
+        urllib.request.urlopen(f"{server.url}/v1/models", timeout=10)
+    assert err.value.code == 401
+
+
+def test_completion_chat_probabilities_and_temperatures_side_by_side(browser, server, run, tmp_path):
+    page = open_page(browser, server.url, key=None)
+    sync_api.expect(page.locator("#status")).to_contain_text("API key")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    sync_api.expect(page.locator("#status")).to_have_text("ready")
+    assert run.name in page.text_content("#model")
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+
+    page.click("#mode-complete")
+    generate(page, "ROMEO:\n")
+    greedy = api(server, "/v1/completions", {"prompt": "ROMEO:\n", "max_tokens": 24, "temperature": 0})
+    column = page.locator(".col .log").first
+    assert column.inner_text() == "ROMEO:\n" + greedy["choices"][0]["text"] + "\n(stopped at max tokens)"
+    spans = page.locator(".col .tok")
+    assert 12 <= spans.count() <= 24  # each streamed piece (a token, or the few that came together) and its tokens
+    spans.filter(has_text=re.compile(r"\w")).nth(1).hover()
+    tip = page.locator("#tip")
+    shot(page, tmp_path, "complete")
+    assert tip.is_visible() and re.search(r"\d%", tip.inner_text()) and tip.locator("tr").count() >= 2
+    assert tip.locator("tr.chosen").count() >= 1  # the token shown is among the alternatives, marked
+    shot(page, tmp_path, "complete")
+
+    generate(page, "JULIET:\n", compare="0, 0.8, 1.6", tokens=60)
+    logs = page.locator(".col .log")
+    assert logs.count() == 3 and [h.inner_text() for h in page.locator(".col h2").all()] == [
+        "temperature 0", "temperature 0.8", "temperature 1.6"]
+    texts = [logs.nth(i).inner_text() for i in range(3)]
+    assert all(t.startswith("JULIET:\n") and len(t) > 40 for t in texts) and len(set(texts)) > 1
+    shot(page, tmp_path, "temperatures")
+
+    page.click("#mode-chat")
+    generate(page, "sweet love", temperature="0.8", compare="")  # as `user: sweet love`, `assistant:`: its transcript
+    assert page.locator(".col .error").count() == 0
+    reply = page.locator(".col .msg").nth(1).inner_text()
+    assert reply.startswith("MODEL\n") and len(reply) > len("MODEL\n")
+    shot(page, tmp_path, "chat")
+    assert all(url.startswith(server.url) for url in requests)  # nothing from anywhere else
+    page.close()
+
+
+def test_the_page_says_what_went_wrong_never_blank(browser, server, run, tmp_path):
+    page = open_page(browser, server.url)
+    sync_api.expect(page.locator("#status")).to_have_text("ready")
+    page.click("#mode-complete")
+    generate(page, "A snowman \u2603 in Z\u00fcrich")  # characters the char tokenizer never saw
+    assert "never saw" in page.locator(".col .error").first.inner_text()
+    page.close()
+
+    # A server still loading: its run's dataset.json is a pipe, which the load reads when this test writes it.
+    loading = tmp_path / "loading"
+    shutil.copytree(run, loading)
+    facts = (loading / "dataset.json").read_bytes()
+    (loading / "dataset.json").unlink()
+    os.mkfifo(loading / "dataset.json")
+    slow = Serving(loading, "--max-tokens-cap", "2000")
+    try:
+        slow.wait(lambda status: status == 503)  # its port answers; its run waits on the pipe
+        page = open_page(browser, slow.url)
+        sync_api.expect(page.locator("#status")).to_contain_text("loading")
+        assert "loading the run" in page.text_content("#status")
+        shot(page, tmp_path, "loading")
+        with open(loading / "dataset.json", "wb") as pipe:
+            pipe.write(facts)
+        sync_api.expect(page.locator("#status")).to_have_text("ready", timeout=60_000)
+
+        # A stream the server cuts: it is killed once the page shows the first words of a long completion.
+        page.click("#mode-complete")
+        page.fill("#max-tokens", "2000")
+        page.fill("#input", "ROMEO:\n")
+        page.click("#send")
+        page.locator(".col .tok").nth(2).wait_for()
+        slow.proc.send_signal(signal.SIGKILL)
+        page.locator(".col .error").first.wait_for()
+        assert "cut" in page.locator(".col .error").first.inner_text()
+        sync_api.expect(page.locator("#status")).to_contain_text("cannot reach the server")
+        assert page.locator(".col .tok").count() > 2  # what came before the cut is still shown
+        shot(page, tmp_path, "cut")
+    finally:
+        slow.stop()
+    page.close()

@@ -1,0 +1,89 @@
+"""The threads torch computes with: as set (train.threads, OMP_NUM_THREADS), one on one core, else chosen from what
+the cores give now: every core after a quiet set-up, otherwise the job's own forward pass timed on every core, on the
+cores others leave free and on one. Which count wins on a busy machine is a timing, measured by
+benchmarks/busy_threads.py, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from lmlab.core.busy import Load, cores
+from lmlab.commands import main
+from lmlab.core.config import ModelConfig
+from lmlab.core.threads import MARGIN, Choice, ThreadChooser, forward_probe, pick
+from lmlab.model import build_model
+from lmlab.run.rundir import RunDir
+from tests.conftest import write_config
+from tests.test_peak import hog
+
+
+def test_the_most_threads_within_the_margin_of_the_fastest_win():
+    assert pick({2: 0.100, 1: 0.102}) == 2  # a quiet machine: fewer threads are not faster enough to give cores up
+    assert pick({2: 0.100, 1: 0.100 / MARGIN - 0.001}) == 1
+    assert pick({16: 0.30, 15: 0.05, 1: 0.20}) == 15  # the cores a hog leaves free
+    assert pick({2: 0.05}) == 2
+
+
+def test_a_lowered_choice_says_why_in_words_and_in_its_event():
+    choice = Choice(1, 2, "timed", {1: 0.154, 2: 0.3438}, Load(1.0, 2, 0.47, 1.2))
+    assert choice.lowered
+    assert choice.describe("train.threads") == ("1 of 2 threads: other processes used 47% of the 2 cores; a forward "
+                                                "pass took 154 ms on 1 thread, 344 ms on 2 (train.threads sets them)")
+    assert choice.record(40) == {"event": "threads", "step": 40, "threads": 1, "most": 2, "reason": "timed",
+                                 "ms": {"1": 154.0, "2": 343.8}, "others": 0.47}
+    assert Choice(1, 1, "one core").describe("x") == "1 thread (one core)"
+
+
+def train(tmp_path, char_dataset) -> dict:
+    """A tiny run through the command; its start event."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=5)
+    assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    events = RunDir(tmp_path / "run").events()
+    assert not any(e["event"] == "threads" for e in events)  # nothing was lowered: nothing to say
+    return events[0]
+
+
+def test_a_set_thread_count_is_kept_untimed(tmp_path, char_dataset, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert train(tmp_path, char_dataset)["machine"]["torch_threads"] == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_a_process_on_one_core_trains_on_one_thread(tmp_path, char_dataset, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    everything = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(everything)})
+    try:
+        start = train(tmp_path, char_dataset)
+    finally:
+        os.sched_setaffinity(0, everything)
+    assert start["machine"]["cpu_cores"] == start["machine"]["torch_threads"] == 1
+
+
+@pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
+def test_on_cores_that_others_hold_the_work_is_timed_on_each_count(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=40))
+    ids = torch.randint(0, 40, (2, 8))
+    before = model(ids)[0]
+    with hog(len(cores())):  # a set-up too short to call quiet, on busy cores: timed either way
+        chooser = ThreadChooser(0, "train.threads")
+        choice = chooser.choose(forward_probe(model, 8, 32, torch.device("cpu"), torch.float32), torch.device("cpu"))
+    assert choice.reason == "timed" and choice.load is not None and choice.most == len(cores())
+    assert {choice.most, 1} <= set(choice.seconds) and choice.threads in choice.seconds
+    assert all(s > 0 for s in choice.seconds.values()) and torch.get_num_threads() == choice.threads
+    assert model.training and torch.allclose(model(ids)[0], before)  # timing it changed nothing the model holds
+    assert json.dumps(choice.record(0))  # an event metrics.jsonl can hold
+
+
+def test_the_choice_restarts_from_every_core_and_a_gpu_job_keeps_them(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(1)  # what an earlier job of this process chose
+    chooser = ThreadChooser(0, "train.threads")
+    assert torch.get_num_threads() == len(cores())
+    choice = chooser.choose(lambda: pytest.fail("a GPU job's CPU threads are not timed"), torch.device("cuda"))
+    assert (choice.threads, choice.reason) == (len(cores()), "cuda: the CPU only feeds it")

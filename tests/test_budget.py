@@ -159,8 +159,8 @@ def test_budget_settings_are_checked(tmp_path, char_dataset, capsys):
                                (["train.budget_seconds=30", "train.lr_decay_iters=100"], "lr_decay_iters = 0")):
         with pytest.raises(UserError, match=message):
             load_config(config, overrides)
-    for args, message in ((["--budget", "5 days"], "'5 days' is not a positive duration"),
-                          (["--budget", "0s"], "not a positive duration"),
+    for args, message in ((["--budget", "5 days"], "'5 days' is not a duration above 0 and up to 366 days"),
+                          (["--budget", "0s"], "not a duration above 0"),
                           (["--resume", str(tmp_path / "run"), "--budget", "30s"], "keeps the plan it made")):
         assert main(["train", *([] if "--resume" in args else [str(config)]), *args, "--device", "cpu"]) == 2
         assert message in " ".join(capsys.readouterr().err.split())

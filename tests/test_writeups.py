@@ -25,7 +25,7 @@ from lmlab.hf import export_hf
 from lmlab.inference.generate import document_start
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.serving.requests import Served, parse_request
+from lmlab.serving.requests import Served, parse_request, read_request
 from tests.conftest import LMLAB, write_config, write_corpus
 from tests.test_plugins import run_cli
 
@@ -80,7 +80,8 @@ def test_a_char_shakespeare_lower_cased_to_28_characters_in_one_command_and_prom
     served = Served(loaded, None, max_tokens_cap=8, max_batch=1, max_body_bytes=10_000, created=0,
                     max_prompt_chars=32, empty_prompt=document_start(loaded.tokenizer))
     prompt = "ROMEO!!! WHERE??? 1,2,3... Où, JULIET?!"
-    request = parse_request(served, ["run"], json.dumps({"model": "run", "prompt": prompt}).encode(), chat=False)
+    request = parse_request(served, read_request(["run"], json.dumps({"model": "run", "prompt": prompt}).encode(),
+                                                 chat=False))
     assert request.prompts == [tokenizer.encode("romeo where  o juliet")]  # lower-cased, `ù` not kept
 
 

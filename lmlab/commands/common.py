@@ -314,14 +314,22 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
     return run
 
 
-def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int, doing: str) -> None:
+def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int, doing: str) -> str | None:
     """The threads of `run`'s work (`rows` sequences of `length` tokens; 1 for decoding) from `chooser`, made before
-    the run loaded (lmlab.core.threads); a note on stderr when they were lowered."""
+    the run loaded (lmlab.core.threads); the note to print when other processes' load lowered them (a small model
+    that is faster on fewer threads of a quiet machine is no news), else None. The caller prints it once its input
+    has passed its checks, so that a refusal stays one line."""
     from lmlab.core.threads import forward_probe
 
     choice = chooser.choose(forward_probe(run.model, rows, length, run.device, run.dtype), run.device)
-    if choice.lowered:
-        print(f"note: {doing} on {choice.describe('OMP_NUM_THREADS')}", file=sys.stderr)
+    if choice.lowered and choice.load is not None and choice.load.busy:
+        return f"note: {doing} on {choice.describe('OMP_NUM_THREADS')}"
+    return None
+
+
+def print_note(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr)
 
 
 def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:

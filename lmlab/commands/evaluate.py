@@ -22,6 +22,7 @@ from lmlab.commands.common import (
     destination,
     load_run,
     pick_threads,
+    print_note,
     print_table,
     samplings,
     ticking,
@@ -45,7 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.run, args.checkpoint, args.device)
-    pick_threads(chooser, run, args.batch_size, run.config.model.block_size, "evaluating")
+    print_note(pick_threads(chooser, run, args.batch_size, run.config.model.block_size, "evaluating"))
     subset = f" (about {args.max_tokens:,} tokens of it: --max-tokens)" if args.max_tokens else ""
     with ticking("window", f"Evaluating the val split{subset}", stderr=args.json) as tick:
         result = evaluate_run(run, args.dataset and Path(args.dataset), args.batch_size, tick,
@@ -81,7 +82,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     tasks = [load_task(source, args.limit) for source in args.task]  # every file checked before the model loads
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.run, args.checkpoint, args.device)
-    pick_threads(chooser, run, 1, run.config.model.block_size, "scoring")
+    print_note(pick_threads(chooser, run, 1, run.config.model.block_size, "scoring"))
     results = []
     for task in tasks:
         with ticking("choice", f"Scoring {task.name} ({len(task.items):,} items)", stderr=args.json) as tick:
@@ -148,11 +149,12 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
 
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.runs[0], args.checkpoint, args.device)
-    pick_threads(chooser, run, args.num_samples, 1, "decoding")
+    note = pick_threads(chooser, run, args.num_samples, 1, "decoding")
     tokens = max(len(args.prompt), run.config.model.block_size) + args.max_new_tokens
     step = compiled_step(args, run, args.num_samples, "--num-samples", tokens)
     if args.num_samples > 1:
         texts = samples(run, args.prompt, params, args.num_samples, step)
+        print_note(note)
         for i, (text, drawn) in enumerate(zip(texts, seeded(params, len(texts)))):
             print(f"--- sample {i + 1} of {len(texts)} (seed {drawn.seed})")
             print(text)
@@ -166,6 +168,7 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
         asked = f"instruction {args.instruction!r}, input {args.input!r}"
     else:
         pieces, asked = sample_stream(run, args.prompt, params, step), f"prompt {args.prompt!r}"
+    print_note(note)
     text = []
     for piece in pieces:  # printed as it is generated, as `serve` streams it
         sys.stdout.write(piece)

@@ -94,7 +94,7 @@ def test_top_k_and_top_p_filter_each_row_by_its_own_settings():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["modern", "qwen3", "gru"])
+@pytest.mark.parametrize("name", ["modern", "gru"])  # a KV cache and a hidden state; qwen3 is modern's code, resized
 def test_the_compiled_step_gives_the_eager_logits_and_greedy_tokens(name):
     m = model(name)
     step = compile_step(m, 3, torch.float32)

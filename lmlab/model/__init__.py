@@ -10,7 +10,7 @@ from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT
-from lmlab.model.memory import UNCOUNTABLE, construct, model_bytes
+from lmlab.model.memory import UNCOUNTABLE, NoInit, construct, model_bytes
 from lmlab.model.recurrent import RecurrentLM
 
 __all__ = ["GPT", "LanguageModel", "RecurrentLM", "build_model", "model_bytes"]
@@ -19,8 +19,11 @@ __all__ = ["GPT", "LanguageModel", "RecurrentLM", "build_model", "model_bytes"]
 def build_model(config: ModelConfig) -> LanguageModel:
     """The model `config.kind` names, freshly initialised (on the default device). Weights that would not fit in
     this machine's memory are refused in one sentence before anything is allocated (every model is built on the
-    CPU first); on the meta device, which allocates nothing, any size is built."""
-    if torch.get_default_device().type != "meta" and config.vocab_size > 0:
+    CPU first); on the meta device, which allocates nothing, any size is built, uninitialised (a shape)."""
+    if torch.get_default_device().type == "meta":
+        with NoInit():
+            return construct(config)
+    if config.vocab_size > 0:
         need, have = model_bytes(config), host_memory()
         if need > have:
             figure = "more memory than can be counted" if need >= UNCOUNTABLE else human_bytes(need)

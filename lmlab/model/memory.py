@@ -45,9 +45,10 @@ def construct(config: ModelConfig) -> LanguageModel:
     return RecurrentLM(config) if config.kind == "recurrent" else build_plugin(config)
 
 
-class _NoInit(TorchFunctionMode):
-    """Skips weight initialisation, which sizing does not need (and which on the meta device goes through torch's
-    reference implementations, the slowest part of building there)."""
+class NoInit(TorchFunctionMode):
+    """Skips weight initialisation, which a shape on the meta device does not need (and which there goes through
+    torch's reference implementations: the slowest part of building there, and their first call imports
+    torch._dynamo, ~0.7 s of a command's start)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
         kwargs = kwargs or {}
@@ -57,7 +58,7 @@ class _NoInit(TorchFunctionMode):
 
 
 def _on_meta(config: ModelConfig) -> LanguageModel:
-    with torch.device("meta"), _NoInit():
+    with torch.device("meta"), NoInit():
         return construct(config)
 
 

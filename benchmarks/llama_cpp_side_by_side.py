@@ -29,22 +29,21 @@ from rich.table import Table
 
 from lmlab.commands.common import console
 from lmlab.core.busy import LoadMeter, busy_warning
-from lmlab.core.config import DataConfig, ModelConfig, RunConfig, SamplingParams, TrainConfig
+from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.core.progress import ItemProgress
 from lmlab.data.tokenizers import Tokenizer, train_tokenizer
 from lmlab.gguf import export_gguf
 from lmlab.inference.compiled import compile_step
 from lmlab.inference.decode import Decoder, Sequence
-from lmlab.model import build_model
-from lmlab.run.checkpoint import model_tensors
 from lmlab.run.rundir import RunDir
+
+from benchmarks.serve_throughput import CHARS, write_run  # the same random run folder
 
 SHAPES = {
     "gpt2": (ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50_257), "bpe:50257"),
     "demo": (ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=128, vocab_size=65, bias=False, pos_emb="rope",
                          norm="rmsnorm", mlp="swiglu", qk_norm=True), "char"),
 }
-CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Shakespeare's 65
 GGUF_TYPES = ("f32", "f16", "q8_0")
 
 
@@ -57,22 +56,6 @@ def tokenizer(spec: str) -> Tokenizer:
     words = " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
                      for _ in range(300_000))
     return train_tokenizer(spec, [words[i:i + 100_000] for i in range(0, len(words), 100_000)], [])
-
-
-def write_run(folder: Path, config: ModelConfig, spec: str) -> Path:
-    """A run folder holding a randomly initialised model of `config` and its tokenizer."""
-    tok = tokenizer(spec)
-    assert tok.vocab_size == config.vocab_size, (tok.vocab_size, config.vocab_size)
-    torch.manual_seed(0)
-    model = build_model(config)
-    cfg = RunConfig(DataConfig(dataset=""), config, TrainConfig())
-    facts = {"tokenizer": spec, "vocab_size": config.vocab_size, "eot_id": tok.eot_id}
-    with RunDir(folder).locked() as run:
-        run.begin("imported", model, cfg, facts, origin={"source": "random weights", "format": "benchmark"})
-        run.write_setup(cfg, tok, facts)
-        run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(), None,
-                            best=True, keep=1)
-    return folder
 
 
 def prompt_ids(vocab_size: int, length: int) -> list[int]:
@@ -134,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
             config, spec = SHAPES[shape]
-            run = write_run(Path(tmp) / shape, config, spec)
+            run = write_run(Path(tmp) / shape, config, spec, tokenizer(spec))
             files = {kind: Path(export_gguf(run, Path(tmp) / f"{shape}-{kind}.gguf", kind=kind)["out"])
                      for kind in GGUF_TYPES}
             prompt, context = prompt_ids(config.vocab_size, min(args.prompt, config.block_size // 2)), config.block_size

@@ -49,7 +49,7 @@ from lmlab.commands.common import console
 from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import DataConfig, ModelConfig, RunConfig, SamplingParams, TrainConfig
 from lmlab.core.progress import ItemProgress
-from lmlab.data.tokenizers import train_tokenizer
+from lmlab.data.tokenizers import Tokenizer, train_tokenizer
 from lmlab.inference.compiled import compile_step
 from lmlab.inference.decode import Decoder, Sequence
 from lmlab.inference.generate import decode_dtype
@@ -67,10 +67,12 @@ SHAPES = {
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Shakespeare's 65
 
 
-def write_run(folder: Path, config: ModelConfig, spec: str) -> Path:
-    """A run folder holding a randomly initialised model of `config` and a tokenizer of its vocabulary."""
-    texts = [CHARS] if spec == "char" else [" ".join(WORDS)]
-    tokenizer = train_tokenizer(spec, texts, texts)
+def write_run(folder: Path, config: ModelConfig, spec: str, tokenizer: Tokenizer | None = None) -> Path:
+    """A run folder holding a randomly initialised model of `config` and `tokenizer` (by default one of `spec`
+    made to the vocabulary's size: Shakespeare's characters, or WORDS)."""
+    if tokenizer is None:
+        texts = [CHARS] if spec == "char" else [" ".join(WORDS)]
+        tokenizer = train_tokenizer(spec, texts, texts)
     assert tokenizer.vocab_size == config.vocab_size, (tokenizer.vocab_size, config.vocab_size)
     torch.manual_seed(0)
     model = build_model(config)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.data.prepare import prepare
+from lmlab.run.rundir import RunDir
 
 LMLAB = str(Path(sys.executable).with_name("lmlab"))  # the installed command, run as a user runs it
 
@@ -259,3 +260,16 @@ def wikitext_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wikitext")
     target, _, _ = prepare([str(write_wikitext(root / "corpus"))], "word:300", name="wikitext", out_dir=root / "data")
     return target
+
+
+# Fields of metrics.jsonl that depend on wall time, the machine's load or the run's location, not on what it learned.
+VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_source", "peak_quiet", "dtype_reason",
+            "budget_spent", "path"}
+
+
+def stable_events(run: Path) -> list[dict]:
+    """metrics.jsonl without the VOLATILE fields and without the resume and threads events: the history of how the
+    run was trained (how often it resumed; the threads the load at each start made lmlab choose), not what it
+    learned."""
+    return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events()
+            if e["event"] not in ("resume", "threads")]

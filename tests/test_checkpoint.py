@@ -15,16 +15,7 @@ from lmlab.core.config import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
-
-VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_source", "peak_quiet", "dtype_reason",
-            "budget_spent", "path"}
-
-
-def stable_events(run: Path) -> list[dict]:
-    """metrics.jsonl without the fields that depend on wall time or location, and without the resume events (the
-    history of how the run was trained, not what it learned)."""
-    return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events() if e["event"] != "resume"]
+from tests.conftest import LMLAB, stable_events, write_config
 
 
 def weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:

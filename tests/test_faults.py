@@ -34,10 +34,8 @@ from lmlab.data.tokenizers import GPT2_PATTERN, chunk_spans
 from lmlab.run.checkpoint import load_state
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, LMLAB, lmlab, write_config, write_corpus
+from tests.conftest import ALPACA_TINY, LMLAB, lmlab, stable_events, write_config, write_corpus
 
-VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_source", "peak_quiet", "dtype_reason",
-            "budget_spent"}
 
 
 def refused(capsys, *args, needles: tuple[str, ...] = ()) -> str:
@@ -75,10 +73,6 @@ def wait_until(predicate, proc: subprocess.Popen | None = None, timeout: float =
         time.sleep(0.05)
 
 
-def events(run: Path) -> list[dict]:
-    """The run's record without what differs between two runs of the same steps: times, and the resume events
-    (one per resume, failed ones included)."""
-    return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events() if e["event"] != "resume"]
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +326,7 @@ def test_a_failed_write_keeps_the_newest_checkpoint_and_says_how_to_resume(tmp_p
     leftovers = [p.name for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".")]
     assert not leftovers and load_state(RunDir(run).checkpoint("latest"))["step"] == 20
     assert main(["train", "--resume", str(run), "--set", "train.max_iters=40"]) == 0
-    assert events(run) == events(whole)  # resumed exactly, as after a stop signal
+    assert stable_events(run) == stable_events(whole)  # resumed exactly, as after a stop signal
 
 
 def test_a_prepare_or_an_export_that_cannot_write_names_the_file(tmp_path, imported_gpt2):

@@ -16,8 +16,9 @@ EXIT_SECONDS = 0.3
 
 class Steering:
     """What `Trainer` does for a budget: `_steering` (the clock of a budget this process plans), `_stepped` (a
-    step timed; the threads look at it too), `_timed_checkpoint`, `_evaluated` (an evaluation, and a plan from it), `_steer` (plan now),
-    `_time_costs`, `_time_eval`, `_fix_plan`, and `_bar_total` (none while the first steps are timed)."""
+    step timed; the threads look at it too), `_timed_checkpoint`, `_evaluated` (an evaluation, and a plan from it),
+    `_steer` (plan now), `_time_costs`, `_time_eval`, `_fix_plan`, and `_bar_total` (none while the first steps are
+    timed)."""
 
     def _steering(self) -> BudgetClock | None:
         """The clock of a budget this process plans (a new run's, or one resumed before its first plan); a budget

@@ -87,3 +87,24 @@ def test_the_choice_restarts_from_every_core_and_a_gpu_job_keeps_them(monkeypatc
     assert torch.get_num_threads() == len(cores())
     choice = chooser.choose(lambda: pytest.fail("a GPU job's CPU threads are not timed"), torch.device("cuda"))
     assert (choice.threads, choice.reason) == (len(cores()), "cuda: the CPU only feeds it")
+
+
+@pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
+def test_on_busy_cores_a_refusal_stays_one_line_and_a_sample_says_its_threads_after_its_prompt(
+        tmp_path, char_dataset, monkeypatch, capsys):
+    """The thread note of `sample` and `eval` comes once their input passed its checks: CI's loaded host printed it
+    before a refusal, which is one line."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    train(tmp_path, char_dataset)
+    capsys.readouterr()
+    run = str(tmp_path / "run")
+    with hog(len(cores())):
+        refused = main(["sample", run, "--prompt", "ROMEO: Zzyzx §", "--device", "cpu"])
+        _, refusal = capsys.readouterr()
+        sampled = main(["sample", run, "--prompt", "ROMEO:", "--max-new-tokens", "5", "--device", "cpu"])
+        out, notes = capsys.readouterr()
+    assert refused == 2 and len(refusal.splitlines()) == 1 and refusal.startswith("error: "), refusal
+    assert sampled == 0 and out.startswith("ROMEO:")
+    # Whether the load lowered the threads is a timing; when it did, the note says so and why.
+    assert all(line.startswith("note: decoding on 1 of ") and "other processes used" in line
+               for line in notes.splitlines()), notes

@@ -46,11 +46,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.run, args.checkpoint, args.device)
-    print_note(pick_threads(chooser, run, args.batch_size, run.config.model.block_size, "evaluating"))
+    note = pick_threads(chooser, run, args.batch_size, run.config.model.block_size, "evaluated")
     subset = f" (about {args.max_tokens:,} tokens of it: --max-tokens)" if args.max_tokens else ""
     with ticking("window", f"Evaluating the val split{subset}", stderr=args.json) as tick:
         result = evaluate_run(run, args.dataset and Path(args.dataset), args.batch_size, tick,
                               max_tokens=args.max_tokens)
+    print_note(note)  # after the work, so that a refusal of its input stays one line
     not_kept = result.pop("not_kept", None)
     if not_kept:
         print(f"note: the result is not kept in the run: {not_kept}", file=sys.stderr)
@@ -82,11 +83,12 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     tasks = [load_task(source, args.limit) for source in args.task]  # every file checked before the model loads
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.run, args.checkpoint, args.device)
-    print_note(pick_threads(chooser, run, 1, run.config.model.block_size, "scoring"))
+    note = pick_threads(chooser, run, 1, run.config.model.block_size, "scored")
     results = []
     for task in tasks:
         with ticking("choice", f"Scoring {task.name} ({len(task.items):,} items)", stderr=args.json) as tick:
             results.append(evaluate_task(run, task, args.limit, progress=tick))
+    print_note(note)
     if args.samples:
         atomic_write_text(Path(args.samples), "".join(json.dumps(s) + "\n" for s in results[0].samples()))
     if args.json:
@@ -149,7 +151,7 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
 
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.runs[0], args.checkpoint, args.device)
-    note = pick_threads(chooser, run, args.num_samples, 1, "decoding")
+    note = pick_threads(chooser, run, args.num_samples, 1, "decoding")  # said once the prompt passed its checks
     tokens = max(len(args.prompt), run.config.model.block_size) + args.max_new_tokens
     step = compiled_step(args, run, args.num_samples, "--num-samples", tokens)
     if args.num_samples > 1:

@@ -20,8 +20,8 @@ from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import BudgetPlan, seconds_needed, steps_that_fit
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
-from tests.test_checkpoint import stable_events, wait_for, weights
+from tests.conftest import LMLAB, stable_events, write_config
+from tests.test_checkpoint import wait_for, weights
 from tests.test_distributed import finish, torchrun
 
 

@@ -313,19 +313,20 @@ def test_a_failed_write_keeps_the_newest_checkpoint_and_says_how_to_resume(tmp_p
     at step 30, while metrics.jsonl and the run's small files can."""
     run = copy_run(trained, tmp_path)
     whole = copy_run(trained, tmp_path, "whole")
-    assert main(["train", "--resume", str(whole), "--set", "train.max_iters=40"]) == 0
+    more = ["--set", "train.max_iters=40", "--set", "train.threads=1"]  # bitwise: the same threads in each process
+    assert main(["train", "--resume", str(whole), *more]) == 0
 
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    done = subprocess.run([LMLAB, "train", "--resume", str(run), "--set", "train.max_iters=40"], capture_output=True,
-                          text=True, preexec_fn=small_files)
+    done = subprocess.run([LMLAB, "train", "--resume", str(run), *more], capture_output=True, text=True,
+                          preexec_fn=small_files)
     # Agreed like a stop signal caught during step 30's eval: the run ends after the next step, writing nothing more.
     refused_process(done, "stopped at step 31", "loss.png could not be written", "File too large",
                     "newest checkpoint (step_000020) is kept", f"lmlab train --resume {run}")
     leftovers = [p.name for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".")]
     assert not leftovers and load_state(RunDir(run).checkpoint("latest"))["step"] == 20
-    assert main(["train", "--resume", str(run), "--set", "train.max_iters=40"]) == 0
+    assert main(["train", "--resume", str(run), *more]) == 0
     assert stable_events(run) == stable_events(whole)  # resumed exactly, as after a stop signal
 
 

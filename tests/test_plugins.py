@@ -21,8 +21,8 @@ from lmlab.core.config import SamplingParams, load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, TINY_CONFIG
-from tests.test_checkpoint import kill_and_resume, stable_events, weights
+from tests.conftest import LMLAB, TINY_CONFIG, stable_events
+from tests.test_checkpoint import kill_and_resume, weights
 
 import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
 

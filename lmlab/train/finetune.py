@@ -31,6 +31,7 @@ from lmlab.core.device import autocast, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
 from lmlab.core.progress import progress_bar
+from lmlab.core.threads import most_threads
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model.loss import IGNORE
 from lmlab.model.memory import check_training
@@ -245,6 +246,9 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
 
 def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, console: Console) -> FinetuneResult:
     torch.manual_seed(ft.seed)
+    # Every core this process may use (OMP_NUM_THREADS when set), not what an earlier job of the process chose: a
+    # step's last bits depend on the count, so a fine-tune continued in another process is equal only on the same.
+    torch.set_num_threads(most_threads()[0])
     base_run = RunDir(base_dir)
     base_cfg = base_run.config()
     check_training(base_cfg.model, ft.batch_size, base_cfg.train.optimizer, resolve_device(device),

@@ -95,9 +95,10 @@ def test_on_busy_cores_a_refusal_stays_one_line_and_a_sample_says_its_threads_af
     """The thread note of `sample` and `eval` comes once their input passed its checks: CI's loaded host printed it
     before a refusal, which is one line."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    train(tmp_path, char_dataset)
-    capsys.readouterr()
     run = str(tmp_path / "run")
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=5)
+    assert main(["train", str(config), "--run", run, "--device", "cpu", "--set", "train.threads=1"]) == 0
+    capsys.readouterr()
     with hog(len(cores())):
         refused = main(["sample", run, "--prompt", "ROMEO: Zzyzx §", "--device", "cpu"])
         _, refusal = capsys.readouterr()

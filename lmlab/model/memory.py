@@ -47,8 +47,7 @@ def construct(config: ModelConfig) -> LanguageModel:
 
 class NoInit(TorchFunctionMode):
     """Skips weight initialisation, which a shape on the meta device does not need (and which there goes through
-    torch's reference implementations: the slowest part of building there, and their first call imports
-    torch._dynamo, ~0.7 s of a command's start)."""
+    torch's reference implementations, the slowest part of building there)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
         kwargs = kwargs or {}

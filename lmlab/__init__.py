@@ -15,6 +15,8 @@ torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 from lmlab.core.errors import UserError
 from lmlab.core.version import __version__
@@ -38,3 +40,17 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(API))
+
+
+class _Package(types.ModuleType):
+    """The package, whose API names stay what they are when a subpackage of the same name is imported: Python binds
+    an imported subpackage on its parent, and the training loop's package (lmlab.train, imported by its full name:
+    `from lmlab.train.loop import Trainer`) would hide the function `lmlab.train`."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

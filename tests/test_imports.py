@@ -114,3 +114,17 @@ def test_no_function_is_longer_than_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
     assert not long, long
+
+
+def test_import_lmlab_names_the_api_without_loading_torch():
+    """The command line imports the package first, and the server's app opens its port before torch loads: the
+    API's names are imported at their first use."""
+    code = ("import sys, lmlab; names = sorted(set(lmlab.__all__) - set(dir(lmlab))); "
+            "print('torch' in sys.modules, names, lmlab.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "[]", lmlab.__version__]
+    # The training loop's package, imported first by its full name, does not hide the function lmlab.train.
+    code = "import lmlab.train.loop, lmlab; print(lmlab.train.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["lmlab.api.training"]
+    assert lmlab.Run.__module__ == "lmlab.api.run" and set(lmlab.API) <= set(lmlab.__all__)

@@ -58,8 +58,9 @@ def test_the_quickstart_runs_on_a_kernel(tmp_path, corpus_dir):
     assert any("train step" in text for text in outputs(training, "text/plain"))  # the bar, updated in place
     assert any("<progress" in text for text in outputs(training, "text/html"))
     assert any("best val loss" in text for text in outputs(training, "text/plain"))
-    table = "".join(outputs(cell_with(notebook, "comparison = lmlab.compare("), "text/html"))
-    assert all(f">{run.name}<" in table for run in runs)
+    compared = cell_with(notebook, "comparison = lmlab.compare(")
+    assert [out.output_type for out in compared.outputs] == ["execute_result"]  # the HTML table, and nothing else
+    assert all(f">{run.name}<" in compared.outputs[0].data["text/html"] for run in runs)
     for plot in ("first.plot()", "comparison.plot("):
         assert len(outputs(cell_with(notebook, plot), "image/png")) == 1  # shown once, inline
     assert "GPT," in "".join(outputs(cell_with(notebook, "model = second.model("), "text/plain"))

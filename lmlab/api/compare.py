@@ -53,7 +53,7 @@ class Comparison:
         return html_table(self.title, self.columns, self.rows)
 
     def __str__(self) -> str:
-        out = Console(file=io.StringIO(), width=120, color_system=None)
+        out = Console(file=io.StringIO(), width=120, color_system=None, force_jupyter=False)
         out.print(self)
         return out.file.getvalue()
 

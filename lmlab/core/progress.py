@@ -111,32 +111,31 @@ class _Task:
     fields: dict[str, Any] = field(default_factory=dict)
     first: int = 0  # the count when the task was added: the rate is that of the counts this process has seen
     started: float = field(default_factory=time.perf_counter)
+    said: float = 0.0  # when a log last printed its line (0: never)
+    said_count: int = -1  # the count that line showed
 
 
-class NotebookProgress:
+class TaskLines:
     """The bar's interface (`add_task`, `update`, `remove_task`: tasks with a description, a count, a total and
-    fields such as `info`) as one output of a notebook's cell updated in place: per task an HTML progress bar
-    beside the line a log would keep (`train step 120/1,500 | loss 2.0412 | elapsed 0:00:31 | ETA 0:06:10`), that
-    line alone where HTML is not shown. The last state stays when the work ends; a quiet console shows nothing."""
+    fields such as `info` or `tokens`), each task shown as the line a log keeps: `train step 120/1,500 | loss 2.0412
+    | elapsed 0:00:31 | ETA 0:06:10`. Where the lines go is the subclass's (`_changed`, told of each task added,
+    updated and ended)."""
 
     def __init__(self, console: Console, unit: str = "step"):
         self.console, self.unit = console, unit
         self.tasks: dict[int, _Task] = {}
-        self._handle: Any = None
-        self._shown_at = 0.0
 
-    def __enter__(self) -> NotebookProgress:
-        if not self.console.quiet:
-            self._handle = show(self._bundle())
+    def __enter__(self) -> TaskLines:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._refresh(force=True)
+        for t in list(self.tasks.values()):
+            self._changed(t, "ended")
 
     def add_task(self, description: str, total: int | None = None, completed: int = 0, **fields: Any) -> int:
         task = len(self.tasks)
         self.tasks[task] = _Task(description, total, completed, dict(fields), completed)
-        self._refresh(force=True)
+        self._changed(self.tasks[task], "added")
         return task
 
     def update(self, task: int, completed: int | None = None, advance: int = 0, total: int | None = None,
@@ -146,18 +145,14 @@ class NotebookProgress:
         t.total = t.total if total is None else total
         t.completed = (t.completed if completed is None else completed) + advance
         t.fields.update(fields)
-        self._refresh(force=t.completed == t.total)
+        self._changed(t, "updated")
 
     def remove_task(self, task: int) -> None:
-        self.tasks.pop(task, None)
-        self._refresh(force=True)
+        if task in self.tasks:
+            self._changed(self.tasks.pop(task), "ended")
 
-    def _refresh(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if self._handle is None or not (force or now - self._shown_at >= REFRESH_SECONDS):
-            return
-        self._shown_at = now
-        show(self._bundle(), self._handle)
+    def _changed(self, t: _Task, event: str) -> None:
+        raise NotImplementedError
 
     def line(self, t: _Task) -> str:
         """A task as a log line: what, how far, its fields, elapsed and ETA."""
@@ -168,6 +163,29 @@ class NotebookProgress:
         figures = [str(v) for v in t.fields.values() if str(v)]
         return " | ".join([f"{head} {count}", *figures, f"elapsed {clock(elapsed)}", f"ETA {eta}"])
 
+
+class NotebookProgress(TaskLines):
+    """Tasks as one output of a notebook's cell updated in place: per task an HTML progress bar beside its line,
+    the line alone where HTML is not shown, redrawn at most every REFRESH_SECONDS and at each task's end. The last
+    state stays when the work ends; a quiet console shows nothing."""
+
+    def __init__(self, console: Console, unit: str = "step"):
+        super().__init__(console, unit)
+        self._handle: Any = None
+        self._shown_at = 0.0
+
+    def __enter__(self) -> NotebookProgress:
+        if not self.console.quiet:
+            self._handle = show(self._bundle())
+        return self
+
+    def _changed(self, t: _Task, event: str) -> None:
+        now, due = time.perf_counter(), event != "updated" or t.completed == t.total
+        if self._handle is None or not (due or now - self._shown_at >= REFRESH_SECONDS):
+            return
+        self._shown_at = now
+        show(self._bundle(), self._handle)
+
     def _bundle(self) -> dict[str, str]:
         lines = [(t, self.line(t)) for t in self.tasks.values()]
         rows = "".join(
@@ -175,6 +193,30 @@ class NotebookProgress:
             f'style="width:14em;vertical-align:middle"></progress> {html.escape(text)}</div>' for t, text in lines)
         return {"text/plain": "\n".join(text for _, text in lines),
                 "text/html": f'<div style="font-family:monospace;font-size:12px">{rows}</div>'}
+
+
+class LogProgress(TaskLines):
+    """Tasks as plain lines for a log or a pipe: each task's line every `every` seconds while it runs, and its last
+    when it ends if it printed any (a short task prints nothing)."""
+
+    def __init__(self, console: Console, unit: str = "step", every: float = 5.0):
+        super().__init__(console, unit)
+        self.every = every
+
+    def _changed(self, t: _Task, event: str) -> None:
+        now = time.perf_counter()
+        last = event == "ended" and t.said and t.said_count != t.completed
+        if last or (event == "updated" and now - (t.said or t.started) >= self.every):
+            t.said, t.said_count = now, t.completed
+            self.console.print(self.line(t), highlight=False, soft_wrap=True)
+
+
+def task_lines(console: Console, unit: str, every: float = 5.0) -> NotebookProgress | LogProgress | None:
+    """Progress as lines where a live bar is not drawn: a notebook's output updated in place, or a log's lines
+    every `every` seconds; None on a terminal, where the caller draws rich's bar with its own columns."""
+    if console.is_jupyter:
+        return NotebookProgress(console, unit)
+    return None if console.is_terminal else LogProgress(console, unit, every)
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from rich.progress import (
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
-from lmlab.core.progress import NotebookProgress
+from lmlab.core.progress import TaskLines, task_lines
 from lmlab.core.version import __version__
 from lmlab.data.corpora import (
     corpus_name,
@@ -118,10 +118,12 @@ def _chars_per_token(tokenizer: Tokenizer, files: list[str], options: PrepareOpt
     return sum(map(len, texts)) / tokens if tokens else FIRST_GUESS
 
 
-def _progress(console: Console | None) -> Progress | NotebookProgress:
-    """The scan's, the tokenizer's and the tokenizing's bars (a notebook's output updated in place)."""
-    if console is not None and console.is_jupyter:
-        return NotebookProgress(console, "documents")
+def _progress(console: Console | None) -> Progress | TaskLines:
+    """The scan's, the tokenizer's and the tokenizing's bars: live on a terminal, an output updated in place in a
+    notebook, lines every few seconds in a log or a pipe."""
+    lines = console and task_lines(console, "documents")
+    if lines:
+        return lines
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
                     TextColumn("{task.fields[tokens]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=console, disable=console is None)

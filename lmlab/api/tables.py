@@ -39,11 +39,12 @@ def fitted_table(console: Console, width: int, title: str, columns: list[Column]
 
 
 def html_table(title: str, columns: list[Column], rows: list[Any]) -> str:
-    """Every column of the rows as an HTML table (a notebook scrolls a wide one), figures aligned right."""
+    """Every column of the rows as an HTML table, scrolled sideways where it is wider than the page, figures
+    aligned right."""
     def cell(tag: str, text: str, left: bool) -> str:
         return f'<{tag} style="text-align:{"left" if left else "right"}">{html.escape(text)}</{tag}>'
 
     head = "".join(cell("th", c.header, c.left) for c in columns)
     body = "".join("<tr>" + "".join(cell("td", c.cell(row), c.left) for c in columns) + "</tr>" for row in rows)
-    return (f"<table><caption style=\"text-align:left\">{html.escape(title)}</caption><thead><tr>{head}</tr>"
-            f"</thead><tbody>{body}</tbody></table>")
+    return (f'<div style="overflow-x:auto"><table><caption style="text-align:left">{html.escape(title)}</caption>'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")

@@ -47,7 +47,8 @@ class Comparison:
                         *task_columns(self.rows)]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        yield fitted_table(console, options.max_width, self.title, self.columns, self.rows)[0]
+        yield fitted_table(console, options.max_width, self.title, self.columns, self.rows,
+                           every="`rows` holds every figure")[0]
 
     def _repr_html_(self) -> str:
         return html_table(self.title, self.columns, self.rows)

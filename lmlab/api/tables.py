@@ -16,10 +16,10 @@ if TYPE_CHECKING:
 
 
 def fitted_table(console: Console, width: int, title: str, columns: list[Column], rows: list[Any],
-                 wide: bool = False) -> tuple[Table, int]:
+                 wide: bool = False, every: str = "--wide shows every column") -> tuple[Table, int]:
     """Rows as a table no wider than `width` on `console`: the columns of lowest priority are left out until it
-    fits (the caption names them); with `wide`, every column at its full width, however wide that is. Returns the
-    table and its width."""
+    fits (the caption names them, and `every`: where the others are); with `wide`, every column at its full
+    width, however wide that is. Returns the table and its width."""
     shown = list(columns)
     while True:
         table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, caption_justify="left")
@@ -34,7 +34,7 @@ def fitted_table(console: Console, width: int, title: str, columns: list[Column]
         shown.remove(max(reversed(shown), key=lambda c: c.priority))
     left_out = [c.header for c in columns if c not in shown]
     if left_out:
-        table.caption = f"not shown, to fit {width} columns: {', '.join(left_out)} (--wide shows every column)"
+        table.caption = f"not shown, to fit {width} columns: {', '.join(left_out)} ({every})"
     return table, measured
 
 

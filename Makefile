@@ -52,8 +52,8 @@ test-fast: $(VENV)/.installed-test
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/cpu_time_to_loss.py
 
-# The reference pages written from the code (docs/reference/commands.md, config.md); tests/test_docs.py fails when
-# they are stale.
+# The reference pages written from the code (docs/reference/commands.md, config.md, api.md); tests/test_docs.py
+# fails when they are stale.
 docs: $(VENV)/.installed
 	$(BIN)/python -m lmlab.commands.reference docs/reference
 

@@ -23,7 +23,8 @@ LAYERS = [
     {"inference", "analysis"},                           # decoding a loaded run; runs read back as tables and plots
     {"train", "evals"},                                  # training and fine-tuning; evaluating, tasks, judging
     {"hf", "gguf", "serving", "experiments", "writeup"},  # what a command does, built from the layers below
-    {"commands", "__main__"},                            # parse, call the library, print
+    {"api"},                                             # lmlab.train, lmlab.Run, ...: what the commands call
+    {"commands", "__main__"},                            # parse, call the API and the library, print
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 
@@ -44,6 +45,7 @@ def imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
         graph[name] = {m for m in found if m.startswith("lmlab")}
+    graph["lmlab"] |= set(lmlab.API.values())  # the package's names, each imported from its module at first use
     return {name: {m for m in deps if m in graph and m != name} for name, deps in graph.items()}
 
 
@@ -85,7 +87,7 @@ def test_no_import_cycles_between_modules_or_subpackages():
     units: dict[str, set[str]] = {}
     for m, deps in modules.items():
         units.setdefault(unit(m), set()).update(unit(d) for d in deps if unit(d) != unit(m))
-    units.pop("lmlab", None)  # the package's __init__ holds the version only
+    units.pop("lmlab", None)  # the package's __init__: the version, and the API's names imported lazily
     assert cycle(units) is None, " -> ".join(cycle(units))
 
 
@@ -112,3 +114,17 @@ def test_no_function_is_longer_than_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
     assert not long, long
+
+
+def test_import_lmlab_names_the_api_without_loading_torch():
+    """The command line imports the package first, and the server's app opens its port before torch loads: the
+    API's names are imported at their first use."""
+    code = ("import sys, lmlab; names = sorted(set(lmlab.__all__) - set(dir(lmlab))); "
+            "print('torch' in sys.modules, names, lmlab.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "[]", lmlab.__version__]
+    # The training loop's package, imported first by its full name, does not hide the function lmlab.train.
+    code = "import lmlab.train.loop, lmlab; print(lmlab.train.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["lmlab.api.training"]
+    assert lmlab.Run.__module__ == "lmlab.api.run" and set(lmlab.API) <= set(lmlab.__all__)

@@ -1,4 +1,5 @@
-"""Loss curves, run comparisons and scaling fits as PNG files."""
+"""Loss curves, run comparisons and scaling fits as matplotlib Figures (what `lmlab.Run.plot` and a comparison's
+`plot` return, shown inline in a notebook) and as PNG files."""
 
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ if TYPE_CHECKING:
 
 def pyplot() -> ModuleType:
     """matplotlib.pyplot, imported at the first plot (or when a budgeted run chooses): its ~0.5 s import is not
-    paid before a run's first step."""
+    paid before a run's first step. Its backend draws files only (no display on servers and in CI), unless one was
+    chosen for the process (MPLBACKEND: a notebook's kernel sets its inline backend, which shows a Figure)."""
     _font_cache()
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    if not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -50,6 +53,11 @@ def _font_cache() -> None:
 
 def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     """Draw train (per log interval) and val (per eval) loss against step into `path` (the run's loss.png)."""
+    return _save(loss_figure(run), Path(path or run.loss_plot))
+
+
+def loss_figure(run: RunDir) -> plt.Figure:
+    """Train (per log interval) and val (per eval) loss against step."""
     events = run.events()  # a figure that was not finite is null (`rundir.as_json`): not drawn
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train" and e["loss"] is not None]
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval" and e["val_loss"] is not None]
@@ -66,7 +74,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     ax.grid(True, alpha=0.3)
     if train or evals:  # a run before its first log line has nothing to label
         ax.legend()
-    return _save(fig, Path(path or run.loss_plot))
+    return _done(fig)
 
 
 X_AXES = {
@@ -78,6 +86,11 @@ X_AXES = {
 
 
 def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", log: bool = False) -> Path:
+    """Draw `comparison_figure` into `path`."""
+    return _save(comparison_figure(summaries, x, log), Path(path))
+
+
+def comparison_figure(summaries: list[RunSummary], x: str = "step", log: bool = False) -> plt.Figure:
     """Overlay the val (solid, markers) and train (faint: the mean of the steps) curves of several runs on one x
     axis; in bits per byte when their tokenizers or data differ (a loss per token would compare different units),
     which needs each run's byte counts."""
@@ -111,7 +124,7 @@ def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", lo
         _log_axes(ax)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return _done(fig)
 
 
 def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Path:
@@ -163,6 +176,14 @@ def _log_axes(ax: plt.Axes) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+
+
+def _done(fig: plt.Figure) -> plt.Figure:
+    """A drawn figure, laid out and closed in pyplot: a notebook shows it once, where the caller returns it (an
+    open one its inline backend would show again at the cell's end), and a file is written from it all the same."""
+    fig.tight_layout()
+    pyplot().close(fig)
+    return fig
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

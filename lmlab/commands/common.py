@@ -7,23 +7,20 @@ import errno
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich import box
 from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
 
+from lmlab.api.loading import decode_step
+from lmlab.api.paths import check_destination
+from lmlab.api.tables import fitted_table
 from lmlab.core.config import MAX_COUNT, SamplingParams, checkpoint_name
 from lmlab.core.errors import UserError
-from lmlab.core.progress import progress_bar
+from lmlab.core.progress import ticking as progress_ticking
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
-    from lmlab.core.threads import ThreadChooser
     from lmlab.run.rundir import LoadedRun
 
 if TYPE_CHECKING:
@@ -58,23 +55,8 @@ console = PipeConsole(width=None if sys.stdout.isatty() or os.environ.get("COLUM
 
 
 def print_table(title: str, columns: list[Column], rows: list[Any], wide: bool = False) -> None:
-    """Rows as a table that fits the console: the columns of lowest priority are left out until it does (the
-    caption names them); with `wide`, every column at its full width, however wide that is."""
-    shown = list(columns)
-    while True:
-        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, caption_justify="left")
-        for c in shown:
-            table.add_column(c.header, justify="left" if c.left else "right", no_wrap=c.priority > 0,
-                             overflow="fold")
-        for row in rows:
-            table.add_row(*(c.cell(row) for c in shown))
-        width = Measurement.get(console, console.options.update_width(10_000), table).maximum
-        if wide or width <= console.width or len(shown) <= 2:
-            break
-        shown.remove(max(reversed(shown), key=lambda c: c.priority))
-    left_out = [c.header for c in columns if c not in shown]
-    if left_out:
-        table.caption = f"not shown, to fit {console.width} columns: {', '.join(left_out)} (--wide shows every column)"
+    """Rows as a table that fits the console (`lmlab.api.tables.fitted_table`); with `wide`, every column."""
+    table, width = fitted_table(console, console.width, title, columns, rows, wide)
     # A console prints no wider than itself: a wide table gets one of its own width, on the same output.
     (PipeConsole(file=console.file, width=width) if wide and width > console.width else console).print(table)
 
@@ -161,37 +143,6 @@ def port(text: str) -> int:
     return int(text)
 
 
-RUN_FILES = ("config.toml", "metrics.jsonl")  # what every run folder holds (docs/ARCHITECTURE.md: a run dir)
-DATASET_FILES = ("meta.json", "tokenizer.json")  # what every finished dataset dir holds
-KEPT = {"run folder": "its weights, config and history", "dataset dir": "its tokens, tokenizer and meta.json"}
-
-
-def _kept_folder(folder: Path) -> str | None:
-    """`run folder` or `dataset dir` when `folder` is one, else None (os.path.isfile: a name too long to look up is
-    no such folder, and is refused later in its own words)."""
-    if all(os.path.isfile(folder / name) for name in RUN_FILES):
-        return "run folder"
-    return "dataset dir" if all(os.path.isfile(folder / name) for name in DATASET_FILES) else None
-
-
-def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
-    """`path`, refused in one sentence when it is a run folder or a dataset dir, or lies in one: what a command
-    writes there could replace the files lmlab keeps in it. `kind` "run": a run folder to make, which may be one
-    already (its command decides about that) but not a dataset dir; "report": a report's folder, which may be a
-    run's own report/."""
-    path = Path(path)
-    resolved = path.resolve()
-    for folder in [resolved, *resolved.parents]:
-        what = _kept_folder(folder)
-        allowed = (folder == resolved and kind == "run" and what == "run folder") or (
-            kind == "report" and what == "run folder" and resolved == folder / "report")
-        if what and not allowed:
-            where = f"is the {what} {folder}" if folder == resolved else f"is inside the {what} {folder}"
-            raise UserError(f"{option} {path} {where}, where a command's output could replace {KEPT[what]}; "
-                            "choose a path outside it.")
-    return path
-
-
 def destination(option: str, kind: str = "") -> Callable[[str], str]:
     """The type of an option naming where a command writes (`check_destination`), checked as the command line is
     parsed, before anything loads; its refusal is the command's one line."""
@@ -246,39 +197,16 @@ def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> Non
                         help=f"decode with a compiled step ({why}; default {'on' if default else 'off'})")
 
 
-def compiled_step(args: argparse.Namespace, run: LoadedRun, capacity: int, setting: str, tokens_per_row: int) -> Any:
-    """The compiled decode step for `capacity` rows (the option `setting`) when --compile was given, else None
-    (decode eagerly); first, rows of up to `tokens_per_row` tokens that would not fit in memory are refused."""
-    from lmlab.model.memory import check_decoding
-
-    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device)
-    if not args.compile:
-        return None
-    from lmlab.inference.compiled import compile_step
-
-    with console.status("Compiling the decode step..."):
-        return compile_step(run.model, capacity, run.dtype)
-
-
 @contextmanager
 def ticking(unit: str, title: str, every: float = 5.0, stderr: bool = False) -> Iterator[Callable[[int, int], None]]:
-    """Say `title`, then yield a progress callback (done, total) in `unit`s: a bar on a terminal, a plain line with
-    the rate and ETA every `every` seconds and at the end elsewhere (a log, a pipe), so no long step is silent.
-    With `stderr` (a command printing JSON), all of it goes to stderr."""
-    out = Console(stderr=True) if stderr else console
-    out.print(f"{title}...", highlight=False)
-    bar = progress_bar(out, unit)
-    with bar:
-        task, started, said = bar.add_task(unit, total=None, info=""), time.perf_counter(), [0.0]
-
-        def tick(done: int, total: int) -> None:
-            now = time.perf_counter() - started
-            if not out.is_terminal and done < total and now - said[0] < every:
-                return
-            said[0] = now
-            bar.update(task, completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")
-
+    """`lmlab.core.progress.ticking` on the commands' console; with `stderr` (a command printing JSON), on stderr."""
+    with progress_ticking(Console(stderr=True) if stderr else console, unit, title, every) as tick:
         yield tick
+
+
+def compiled_step(args: argparse.Namespace, run: LoadedRun, capacity: int, setting: str, tokens_per_row: int) -> Any:
+    """The decode step of `lmlab.api.loading.decode_step`, compiled when --compile was given."""
+    return decode_step(run, capacity, setting, tokens_per_row, args.compile, console)
 
 
 def temperatures(text: str) -> list[float]:
@@ -303,47 +231,3 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
         raise UserError(f"--temperature {','.join(f'{p.temperature:g}' for p in params)} names several temperatures; "
                         "several make a grid of prompts (--prompts FILE or several runs), give one here.")
     return params[0]
-
-
-def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
-    """RunDir.load, with a note on stderr when the run has no best checkpoint and its latest is used instead."""
-    from lmlab.run.rundir import RunDir
-
-    run = RunDir(path).load(checkpoint, device)
-    note_checkpoint(path, checkpoint, run.checkpoint, run.step)
-    return run
-
-
-def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int, doing: str) -> str | None:
-    """The threads of `run`'s work (`rows` sequences of `length` tokens; 1 for decoding) from `chooser`, made before
-    the run loaded (lmlab.core.threads); the note to print when other processes' load lowered them (a small model
-    that is faster on fewer threads of a quiet machine is no news), else None. The caller prints it once its input
-    has passed its checks, so that a refusal stays one line."""
-    from lmlab.core.threads import forward_probe
-
-    choice = chooser.choose(forward_probe(run.model, rows, length, run.device, run.dtype), run.device)
-    if choice.lowered and choice.load is not None and choice.load.busy:
-        return f"note: {doing} on {choice.describe('OMP_NUM_THREADS')}"
-    return None
-
-
-def print_note(note: str | None) -> None:
-    if note:
-        print(note, file=sys.stderr)
-
-
-def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
-    """Notes on stderr on what is loaded: the latest checkpoint standing in for a best one that is missing; a
-    fine-tune that has not reached its end (its best so far is not its result)."""
-    from lmlab.run.rundir import RunDir
-
-    if used != checkpoint_name(asked):
-        print(f"note: {path} has no {asked} checkpoint (never evaluated, or its pointer is gone); using {used} "
-              f"(step {step})", file=sys.stderr)
-    run = RunDir(path)
-    unfinished = run.unfinished()
-    if unfinished:
-        print(f"note: {path} is {unfinished}, not a finished result; finish it with: {run.resume_command()}",
-              file=sys.stderr)
-
-

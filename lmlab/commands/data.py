@@ -1,4 +1,4 @@
-"""`lmlab prepare` and `lmlab data stats`: corpus to dataset dir, and what a dataset holds."""
+"""`lmlab prepare` (`lmlab.prepare`) and `lmlab data stats`: corpus to dataset dir, and what a dataset holds."""
 
 from __future__ import annotations
 
@@ -12,17 +12,15 @@ from lmlab.commands.common import console, count, destination
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from lmlab.data.normalize import Normalization
-    from lmlab.data.prepare import PrepareOptions, prepare
-    from lmlab.data.stats import dataset_stats
+    from lmlab.api.data import prepare
 
-    normalization = Normalization.parse(args.normalize, args.keep_chars, args.drop_chars)
-    options = PrepareOptions(val_tokens=args.val_tokens, max_tokens=args.max_tokens, pack=args.pack,
-                             block_size=args.block_size, shard_tokens=args.shard_tokens, text_field=args.text_field,
-                             gpt2_dir=args.gpt2_dir and Path(args.gpt2_dir), normalization=normalization,
-                             **({"workers": args.workers} if args.workers is not None else {}))
-    target, meta, built = prepare(args.source, args.tokenizer, args.name, Path(args.out_dir), args.val_fraction,
-                                  args.force, options, console)
+    dataset = prepare(args.source, args.tokenizer, name=args.name, out_dir=args.out_dir,
+                      val_fraction=args.val_fraction, val_tokens=args.val_tokens, max_tokens=args.max_tokens,
+                      pack=args.pack, block_size=args.block_size, shard_tokens=args.shard_tokens,
+                      text_field=args.text_field, workers=args.workers, gpt2_dir=args.gpt2_dir,
+                      normalize=args.normalize, keep_chars=args.keep_chars, drop_chars=args.drop_chars,
+                      force=args.force, console=console)
+    target, meta, built = dataset.path, dataset.meta, dataset.built
     table = Table(title=f"{target} ({'written' if built else 'already up to date'})")
     for column in ("split", "documents", "characters", "tokens", "chars/token"):
         table.add_column(column, justify="left" if column == "split" else "right")
@@ -32,9 +30,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                       f"{s['characters'] / s['tokens']:.2f}")
     console.print(table)
     console.print(f"tokenizer {meta['tokenizer']}: vocab size {meta['vocab_size']:,}, stored as {meta['dtype']}")
-    if normalization:
-        console.print(f"normalised ({normalization.describe()}): prompts, tasks and requests to its runs are too")
-    _print_stats(dataset_stats(target, args.block_size))
+    if dataset.normalized:
+        console.print(f"normalised ({dataset.normalized}): prompts, tasks and requests to its runs are too")
+    _print_stats(dataset.stats(args.block_size))
 
 
 def _print_stats(s: dict[str, Any]) -> None:

@@ -1,38 +1,35 @@
-"""`lmlab eval` (loss, perplexity, accuracy, bits per byte on a val split) and `lmlab sample`."""
+"""`lmlab eval` (loss, perplexity, accuracy, bits per byte on a val split: `lmlab.Run.eval`; or task scores) and
+`lmlab sample` (one run: `lmlab.Run.sample` and its kin; or a grid)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
+from lmlab.api.loading import load_run, pick_threads, print_note
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
     add_device,
     add_sampling,
     check_destination,
-    compiled_step,
     console,
     count,
     destination,
-    load_run,
-    pick_threads,
-    print_note,
     print_table,
     samplings,
     ticking,
 )
 from lmlab.core.config import SamplingParams, checkpoint_label
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriteError, atomic_write_text
-
-if TYPE_CHECKING:
-    from lmlab.run.rundir import LoadedRun
+from lmlab.core.fileio import atomic_write_text
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -41,24 +38,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for option in ("limit", "samples"):
         if getattr(args, option) is not None:
             raise UserError(f"--{option} goes with --task; the val split is cut with --max-tokens N.")
-    from lmlab.core.threads import ThreadChooser
-    from lmlab.evals.evaluate import evaluate_run
+    from lmlab.api.run import Run
 
-    chooser = ThreadChooser(0, "OMP_NUM_THREADS")
-    run = load_run(args.run, args.checkpoint, args.device)
-    note = pick_threads(chooser, run, args.batch_size, run.config.model.block_size, "evaluated")
-    subset = f" (about {args.max_tokens:,} tokens of it: --max-tokens)" if args.max_tokens else ""
-    with ticking("window", f"Evaluating the val split{subset}", stderr=args.json) as tick:
-        result = evaluate_run(run, args.dataset and Path(args.dataset), args.batch_size, tick,
-                              max_tokens=args.max_tokens)
-    print_note(note)  # after the work, so that a refusal of its input stays one line
-    not_kept = result.pop("not_kept", None)
-    if not_kept:
-        print(f"note: the result is not kept in the run: {not_kept}", file=sys.stderr)
+    run = Run(args.run, Console(stderr=True) if args.json else console)
+    result = run.eval(args.checkpoint, dataset=args.dataset, max_tokens=args.max_tokens,
+                      batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{args.run} ({checkpoint_label(run.checkpoint, run.step)}) on {result['dataset']} val")
+    table = Table(title=f"{args.run} ({checkpoint_label(result['checkpoint'], result['step'])}) on "
+                        f"{result['dataset']} val")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("loss", "perplexity", "accuracy", "bits_per_byte", "tokens"):
@@ -146,47 +135,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
-    from lmlab.core.threads import ThreadChooser
-    from lmlab.inference.generate import chat_stream, instruct_stream, sample_stream, samples, seeded
+    from lmlab.api.run import Run
+    from lmlab.core.config import seeded
 
-    chooser = ThreadChooser(0, "OMP_NUM_THREADS")
-    run = load_run(args.runs[0], args.checkpoint, args.device)
-    note = pick_threads(chooser, run, args.num_samples, 1, "decoding")  # said once the prompt passed its checks
-    tokens = max(len(args.prompt), run.config.model.block_size) + args.max_new_tokens
-    step = compiled_step(args, run, args.num_samples, "--num-samples", tokens)
+    run = Run(args.runs[0], console)
+    how = {"checkpoint": args.checkpoint, "device": args.device, "compile": args.compile, **asdict(params)}
     if args.num_samples > 1:
-        texts = samples(run, args.prompt, params, args.num_samples, step)
-        print_note(note)
+        texts = run.samples(args.prompt, args.num_samples, **how)
         for i, (text, drawn) in enumerate(zip(texts, seeded(params, len(texts)))):
             print(f"--- sample {i + 1} of {len(texts)} (seed {drawn.seed})")
             print(text)
-            keep(run, text, f"{drawn.describe()}, prompt {args.prompt!r}")
         return
     if args.chat is not None:
-        turns = [("system", args.system)] * (args.system is not None) + [("user", args.chat)]
-        pieces, asked = chat_stream(run, turns, params, step), f"chat {args.chat!r}, system {args.system!r}"
+        pieces = run.chat(args.chat, system=args.system, stream=True, **how)
     elif args.instruction is not None:
-        pieces = instruct_stream(run, args.instruction, args.input, params, step)
-        asked = f"instruction {args.instruction!r}, input {args.input!r}"
+        pieces = run.instruct(args.instruction, args.input, stream=True, **how)
     else:
-        pieces, asked = sample_stream(run, args.prompt, params, step), f"prompt {args.prompt!r}"
-    print_note(note)
-    text = []
+        pieces = run.sample(args.prompt, stream=True, **how)
     for piece in pieces:  # printed as it is generated, as `serve` streams it
         sys.stdout.write(piece)
         sys.stdout.flush()
-        text.append(piece)
     print()
-    keep(run, "".join(text), f"{params.describe()}, {asked}")
-
-
-def keep(run: LoadedRun, text: str, settings: str) -> None:
-    """Append a sample to the run's samples.txt; one that cannot be written (a run folder read-only to this user)
-    is only noted: the sample was printed."""
-    try:
-        run.run.add_sample(text, run.checkpoint, run.step, settings)
-    except WriteError as err:
-        print(f"note: the sample is not kept in the run: {err.not_kept()}", file=sys.stderr)
 
 
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:

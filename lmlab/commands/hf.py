@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_checkpoint, console, count, destination, note_checkpoint, ticking
+from lmlab.api.loading import note_checkpoint
+from lmlab.commands.common import add_checkpoint, console, count, destination, ticking
 from lmlab.core.config import checkpoint_label
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import human_bytes

@@ -1,23 +1,22 @@
-"""`lmlab log RUN`: every evaluation of one run, as a table, JSON or CSV (the `runs` command lists many runs)."""
+"""`lmlab log RUN`: every evaluation of one run (`lmlab.Run.history`), as a table, JSON or CSV (the `runs` command
+lists many runs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from lmlab.commands.common import console, print_table
 from lmlab.core.errors import UserError
 
 
 def cmd_log(args: argparse.Namespace) -> None:
-    from lmlab.analysis.history import EVAL_COLUMNS, evaluations, to_csv
-    from lmlab.run.rundir import RunDir
+    from lmlab.analysis.history import EVAL_COLUMNS, to_csv
+    from lmlab.api.run import Run
 
-    run = RunDir(Path(args.run))
-    run.config()  # a folder that is no run is refused as every command refuses it
-    rows = evaluations(run)
+    run = Run(args.run, console)  # a folder that is no run is refused as every command refuses it
+    rows = run.history
     if args.json:
         print(json.dumps({"run": str(run.path), "evaluations": rows}, indent=1))
         return
@@ -25,7 +24,7 @@ def cmd_log(args: argparse.Namespace) -> None:
         sys.stdout.write(to_csv(rows))
         return
     if not rows:
-        raise UserError(f"{run.path} has no evaluation yet ({run.kind()}); a trained run logs one every "
+        raise UserError(f"{run.path} has no evaluation yet ({run.kind}); a trained run logs one every "
                         "train.eval_interval steps (or train.eval_every), a fine-tune one an epoch.")
     print_table(f"Evaluations of {run.path}", EVAL_COLUMNS, rows, args.wide)
     console.print("train (steps): the mean loss of the steps since the evaluation before; train (eval): the train "

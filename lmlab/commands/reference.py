@@ -1,5 +1,5 @@
-"""docs/reference/commands.md and config.md, written from the argparse parsers and the config dataclasses
-themselves, so that the reference cannot disagree with the code: `make docs` writes them, and tests/test_docs.py
+"""docs/reference/commands.md, config.md and api.md, written from the argparse parsers, the config dataclasses and
+the Python API themselves, so that the reference cannot disagree with the code: `make docs` writes them, and tests/test_docs.py
 fails when a page differs from what this module makes of the code it documents."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 import tokenize
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 from lmlab.commands.common import subcommands
 from lmlab.core import config
@@ -122,7 +123,73 @@ def config_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-PAGES = {"commands.md": commands_page, "config.md": config_page}
+def signature(func: Any, name: str) -> str:
+    """`name(params) -> result` as the code declares it (annotations as written, not evaluated: some name types
+    imported only for type checkers)."""
+    parts, star = [], False
+    for param in inspect.signature(func).parameters.values():
+        if param.name == "self":
+            continue
+        if param.kind is param.KEYWORD_ONLY and not star:
+            parts.append("*")
+        star = star or param.kind in (param.KEYWORD_ONLY, param.VAR_POSITIONAL)
+        text = {param.VAR_POSITIONAL: "*", param.VAR_KEYWORD: "**"}.get(param.kind, "") + param.name
+        if param.annotation is not param.empty:
+            text += f": {param.annotation}"
+        if param.default is not param.empty:
+            text += f" = {param.default!r}" if param.annotation is not param.empty else f"={param.default!r}"
+        parts.append(text)
+    returns = inspect.signature(func).return_annotation
+    arrow = "" if returns in (inspect.Signature.empty, None, "None") else f" -> {returns}"
+    line = f"{name}({', '.join(parts)}){arrow}"
+    return line if len(line) <= WIDTH else f"{name}(\n" + "".join(f"    {part},\n" for part in parts) + f"){arrow}"
+
+
+def _members(cls: type) -> list[tuple[str, Any]]:
+    """A class's public methods and properties, in the order its source defines them."""
+    return [(name, value) for name, value in vars(cls).items() if not name.startswith("_")
+            and (inspect.isfunction(value) or isinstance(value, property))]
+
+
+def _class_lines(name: str, cls: type) -> list[str]:
+    lines = ["```python", signature(cls.__init__, f"lmlab.{name}"), "```", "", inspect.getdoc(cls) or "", ""]
+    if dataclasses.is_dataclass(cls):
+        docs = field_docs(cls)
+        lines += ["| field | type | what it is |", "|---|---|---|"]
+        lines += [f"| `{f.name}` | `{cell(str(f.type))}` | {cell(docs.get(f.name, ''))} |"
+                  for f in dataclasses.fields(cls)]
+        lines.append("")
+    for member, value in _members(cls):
+        if isinstance(value, property):
+            returns = inspect.signature(value.fget).return_annotation
+            lines += [f"### `{name}.{member}`", "", f"A property: `{returns}`. {inspect.getdoc(value) or ''}", ""]
+        else:
+            lines += [f"### `{name}.{member}`", "", "```python", signature(value, member), "```", "",
+                      inspect.getdoc(value) or "", ""]
+    return lines
+
+
+def api_page() -> str:
+    import lmlab
+
+    lines = [GENERATED.format(source="the Python API's code (lmlab/api)"), "# The Python API", "",
+             "What `import lmlab` names: the same runs as the command line, which is built on them (`lmlab train` "
+             "calls `lmlab.train`, `lmlab eval` calls `Run.eval`). [docs/notebooks](../notebooks/) shows them at "
+             "work. A bad input raises `lmlab.UserError` with the sentence the command prints; in a notebook it "
+             "shows as that sentence alone.", ""]
+    lines += [f"- [`lmlab.{name}`](#lmlab{name.lower()})" for name in [*lmlab.API, "UserError"]]
+    for name in lmlab.API:
+        value = getattr(lmlab, name)
+        lines += ["", f"## lmlab.{name}", ""]
+        if inspect.isclass(value):
+            lines += _class_lines(name, value)
+        else:
+            lines += ["```python", signature(value, f"lmlab.{name}"), "```", "", inspect.getdoc(value) or "", ""]
+    lines += ["## lmlab.UserError", "", inspect.getdoc(lmlab.UserError) or ""]
+    return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1])).rstrip() + "\n"
+
+
+PAGES = {"commands.md": commands_page, "config.md": config_page, "api.md": api_page}
 
 
 def main(argv: list[str]) -> int:

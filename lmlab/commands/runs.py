@@ -1,4 +1,5 @@
-"""`lmlab runs`, `lmlab compare` and `lmlab scaling`: what the run folders say, side by side and as power laws."""
+"""`lmlab runs`, `lmlab compare` (`lmlab.compare`) and `lmlab scaling`: what the run folders say, side by side and
+as power laws."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from lmlab.commands.common import (
 from lmlab.core.errors import UserError
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
-    from lmlab.analysis.runs import RunSummary
+    from lmlab.api.compare import Comparison
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -36,54 +37,29 @@ def cmd_runs(args: argparse.Namespace) -> None:
                 args.wide)
 
 
-def evaluated(paths: list[str], checkpoint: str = "best") -> list[RunSummary]:
-    """The summaries of runs that can be compared: each has an evaluation, parameters and FLOPs (task and judge
-    scores those kept for `checkpoint`)."""
-    from lmlab.run.rundir import check_steps
-    from lmlab.analysis.runs import summarize
-
-    check_steps(paths, checkpoint)
-    runs = [summarize(Path(r), checkpoint) for r in paths]
-    for s in runs:
-        if s.best_val_loss is None or not s.params or not s.flops:
-            raise UserError(f"{s.path} has no evaluation to compare ({s.status}); train it past one eval_interval.")
-    return runs
-
-
-def print_comparison(runs: list[RunSummary], wide: bool = False) -> None:
-    from lmlab.analysis.runs import (
-        COMPARE_COLUMNS,
-        by_bytes_columns,
-        comparison,
-        evaluation_columns,
-        task_columns,
-        unfair,
-    )
-
-    rows, reason = comparison(runs), unfair(runs)
-    change = f"bits/byte: % change, as {reason}" if reason else "best val: % change"
-    print_table(f"Compared with {runs[0].name} (× its figure; {change})",
-                [*by_bytes_columns(COMPARE_COLUMNS, rows), *evaluation_columns(rows), *task_columns(rows)], rows, wide)
+def print_comparison(compared: Comparison, wide: bool = False) -> None:
+    print_table(compared.title, compared.columns, compared.rows, wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from lmlab.inference.generate import sample
     from lmlab.analysis.plots import plot_comparison
+    from lmlab.api.compare import compare
+    from lmlab.inference.generate import sample
     from lmlab.run.rundir import RunDir
-    from lmlab.analysis.runs import comparison
 
     params = sampling(args)
-    runs = evaluated(args.runs, args.checkpoint)
+    compared = compare(args.runs, args.checkpoint)
+    runs = compared.summaries
     plot = plot_comparison(runs, Path(args.plot), args.x, args.log) if args.plot else None
     texts = None
     if args.prompt is not None:
         texts = {s.name: sample(RunDir(s.path).load(args.checkpoint, args.device), args.prompt, params) for s in runs}
     if args.json:
-        print(json.dumps({"base": runs[0].name, "runs": comparison(runs), "plot": plot and str(plot),
+        print(json.dumps({"base": runs[0].name, "runs": compared.rows, "plot": plot and str(plot),
                           "samples": texts and {"prompt": args.prompt, "settings": params.describe(), "text": texts}},
                          indent=1))
         return
-    print_comparison(runs, args.wide)
+    print_comparison(compared, args.wide)
     if plot:
         console.print(f"plot: {plot}")
     if texts:

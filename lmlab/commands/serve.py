@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from lmlab.api.loading import load_run
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
@@ -20,7 +21,6 @@ from lmlab.commands.common import (
     console,
     count,
     destination,
-    load_run,
     port,
     positive,
     sampling,

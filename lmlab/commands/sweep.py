@@ -10,6 +10,7 @@ from lmlab.core.config import MAX_BUDGET_SECONDS
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from lmlab.api.compare import Comparison
     from lmlab.commands.runs import print_comparison
     from lmlab.experiments.sweep import run_sweep
 
@@ -17,7 +18,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                        args.budget_seconds or 0.0, args.device, console)
     evaluated = [s for s in result.summaries if s.best_val_loss is not None and s.params]
     if evaluated:
-        print_comparison(evaluated)
+        print_comparison(Comparison(evaluated))
     if result.stopped_by:
         console.print(f"sweep stopped by {result.stopped_by}; run the same command again to continue it.")
     best = result.best

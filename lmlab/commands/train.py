@@ -1,89 +1,24 @@
-"""`lmlab train` (a new run, a resumed one, or one started from another's weights) and `lmlab finetune`."""
+"""`lmlab train` (a new run, a resumed one, or one started from another's weights: `lmlab.train`) and
+`lmlab finetune`."""
 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
 from lmlab.commands.common import add_device, add_set, check_destination, console, destination
-from lmlab.core.config import MAX_BUDGET_SECONDS
-from lmlab.core.errors import UserError
-
-
-UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str) -> float:
-    """`30s`, `5m`, `1.5h` or plain seconds, as seconds: above 0, at most MAX_BUDGET_SECONDS (366 days)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text[:100])
-    seconds = float(match.group(1)) * UNITS[match.group(2) or "s"] if match else 0
-    if not 0 < seconds <= MAX_BUDGET_SECONDS:
-        raise UserError(f"--budget {text[:60]!r} is not a duration above 0 and up to 366 days (8784h); use seconds, "
-                        "minutes or hours, e.g. 30s, 5m or 2h.")
-    return seconds
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.core.busy import process_age
 
     started = time.perf_counter() - process_age()  # a --budget counts from the process's start
-    from lmlab.core.config import load_config
-    from lmlab.run.rundir import RunDir
-    from lmlab.train.loop import Trainer
-    from lmlab.train.stop import STOP_GRACE
+    from lmlab.api.training import train
 
-    if args.budget:
-        if args.resume:
-            raise UserError("--budget plans a new run; a resumed run keeps the plan it made (to train it on by "
-                            "steps: --set train.budget_seconds=0 --set train.max_iters=N).")
-        args.set.append(f"train.budget_seconds={parse_duration(args.budget)}")
-    if args.resume and (args.config or args.init_from):
-        raise UserError("--resume RUN continues a run; pass no CONFIG.toml or --init-from with it "
-                        "(use --set to change a resumed run).")
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg = RunDir(run_dir).config(args.set)
-    elif args.config:
-        cfg = load_config(Path(args.config), args.set)
-        run_dir = check_destination(args.run or Path("runs") / Path(args.config).stem, "--run", "run")
-    else:
-        raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
-    trainer = Trainer(cfg, run_dir, args.device, resume=bool(args.resume), console=console, force=args.force,
-                      init_from=args.init_from, keep_optimizer=args.keep_optimizer, started=started)
-    m = trainer.model
-    padding = f"; {m.padding_params():,} more in vocabulary padding" if m.padding_params() else ""
-    console.print(f"model: {m.describe()}, {m.num_params() / 1e6:.2f}M parameters ({m.num_params(False) / 1e6:.2f}M "
-                  f"without embeddings{padding}) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
-    ignored = trainer.cfg.model.ignored_fields()
-    if ignored:
-        console.print(f"note: a {trainer.cfg.model.kind} model does not use {', '.join('model.' + f for f in ignored)}, "
-                      "set in its config")
-    result = trainer.run()
-    if result.abandoned:
-        kept = (f"its newest checkpoint ({result.saved.name}) is kept; continue with: lmlab train --resume "
-                f"{result.run_dir}" if result.saved else "no checkpoint was written yet; run the same command again "
-                "to start over")
-        console.print(f"stopped by {result.stopped_by} during step {result.steps + 1}, which was abandoned (a step "
-                      f"still running {STOP_GRACE:g} s after a stop signal is not waited for); {kept}")
-        return
-    if result.stopped_by:
-        console.print(f"stopped by {result.stopped_by} at step {result.steps}; a checkpoint was written. "
-                      f"Continue with: lmlab train --resume {result.run_dir}")
-    if result.stopped_early:
-        console.print(f"stopped early at step {result.steps}: no new best val loss in {cfg.train.patience_words()}")
-    if result.best_val_loss == float("inf"):
-        console.print(f"no evaluation ran: the run ended at step {result.steps}, before its first evaluation")
-    else:
-        console.print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}")
-    if result.budget_spent is not None:
-        spent, budget = result.budget_spent, trainer.cfg.train.budget_seconds
-        share = 100 * (spent / budget - 1)
-        console.print(f"budget {budget:g} s: the run ended {spent:.1f} s after the command started "
-                      f"({spent - budget:+.1f} s" + (f", {share:+.1f}%)" if abs(share) < 100 else ")"))
-    console.print(f"run: {result.run_dir}")
-    console.print(f"loss plot: {result.loss_plot}")
+    train(args.config, run=args.run, resume=args.resume, budget=args.budget, device=args.device,
+          init_from=args.init_from, keep_optimizer=args.keep_optimizer, force=args.force, set=args.set,
+          console=console, started=started)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

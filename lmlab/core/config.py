@@ -555,18 +555,19 @@ def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(value) for name, value in vars(config).items() if value is not None}
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (and as a `--set` value is read)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(map(_toml_value, value)) + "]"
+        return "[" + ", ".join(map(toml_value, value)) + "]"
     return repr(value)
 
 
 def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
 
 
 def to_toml(config: RunConfig) -> str:
@@ -575,9 +576,9 @@ def to_toml(config: RunConfig) -> str:
     for section, values in to_dict(config).items():
         tables = {key: value for key, value in values.items() if isinstance(value, dict)}
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if key not in tables]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if key not in tables]
         lines.append("")
         for key, table in tables.items():
             if table:
-                lines += [f"[{section}.{key}]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()), ""]
+                lines += [f"[{section}.{key}]", *(f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()), ""]
     return "\n".join(lines)

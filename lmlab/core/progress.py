@@ -1,9 +1,15 @@
-"""The progress of long loops (training, fine-tuning): on a terminal a live bar (count, bar, a line of figures,
-ETA); anywhere else (a log file under nohup or Slurm, `| tee`, CI) plain lines that a log keeps."""
+"""The progress of long loops (training, fine-tuning, evaluating, exporting), suited to where it runs: on a
+terminal a live bar (count, bar, a line of figures, ETA); in a Jupyter or Colab notebook one output updated in
+place (a bar and the line a log would keep); anywhere else (a log file under nohup or Slurm, `| tee`, CI) plain
+lines that a log keeps."""
 
 from __future__ import annotations
 
+import html
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -17,11 +23,17 @@ from rich.progress import (
 )
 from rich.table import Column
 
+from lmlab.core.notebook import show
 
-def progress_bar(console: Console, unit: str = "step", plain_every: int = 1) -> Progress | PlainProgress:
-    """A bar whose tasks carry an `info` field (loss, tokens/s, ...) shown after the bar, gone when it ends; or,
-    when the console is not a terminal, a `PlainProgress` printing every `plain_every`-th count that brings info."""
-    if console.is_terminal or console.is_jupyter:
+
+def progress_bar(console: Console, unit: str = "step",
+                 plain_every: int = 1) -> Progress | NotebookProgress | PlainProgress:
+    """A bar whose tasks carry an `info` field (loss, tokens/s, ...) shown after the bar, gone when it ends; in a
+    notebook, a `NotebookProgress`; elsewhere a `PlainProgress` printing every `plain_every`-th count that brings
+    info."""
+    if console.is_jupyter:
+        return NotebookProgress(console, unit)
+    if console.is_terminal:
         # The bar takes what the count, the figures and the ETA leave: the line fits 80 columns.
         return Progress(TextColumn(unit), MofNCompleteColumn(), BarColumn(None, table_column=Column(ratio=1)),
                         TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True)), TextColumn("ETA"),
@@ -86,3 +98,143 @@ class ItemProgress:
         self.done += 1
         self.console.print(f"[{self.done}/{self.total}] {what} | elapsed {clock(elapsed)} | ETA {eta}",
                            highlight=False, markup=False)
+
+
+REFRESH_SECONDS = 0.2  # a notebook's bar is redrawn at most this often (each redraw is a message to the browser)
+
+
+@dataclass
+class _Task:
+    description: str
+    total: int | None
+    completed: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    first: int = 0  # the count when the task was added: the rate is that of the counts this process has seen
+    started: float = field(default_factory=time.perf_counter)
+    said: float = 0.0  # when a log last printed its line (0: never)
+    said_count: int = -1  # the count that line showed
+
+
+class TaskLines:
+    """The bar's interface (`add_task`, `update`, `remove_task`: tasks with a description, a count, a total and
+    fields such as `info` or `tokens`), each task shown as the line a log keeps: `train step 120/1,500 | loss 2.0412
+    | elapsed 0:00:31 | ETA 0:06:10`. Where the lines go is the subclass's (`_changed`, told of each task added,
+    updated and ended)."""
+
+    def __init__(self, console: Console, unit: str = "step"):
+        self.console, self.unit = console, unit
+        self.tasks: dict[int, _Task] = {}
+
+    def __enter__(self) -> TaskLines:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for t in list(self.tasks.values()):
+            self._changed(t, "ended")
+
+    def add_task(self, description: str, total: int | None = None, completed: int = 0, **fields: Any) -> int:
+        task = len(self.tasks)
+        self.tasks[task] = _Task(description, total, completed, dict(fields), completed)
+        self._changed(self.tasks[task], "added")
+        return task
+
+    def update(self, task: int, completed: int | None = None, advance: int = 0, total: int | None = None,
+               **fields: Any) -> None:
+        """As the bar's: `total` is given once a count not known at the start is (a budgeted run's steps)."""
+        t = self.tasks[task]
+        t.total = t.total if total is None else total
+        t.completed = (t.completed if completed is None else completed) + advance
+        t.fields.update(fields)
+        self._changed(t, "updated")
+
+    def remove_task(self, task: int) -> None:
+        if task in self.tasks:
+            self._changed(self.tasks.pop(task), "ended")
+
+    def _changed(self, t: _Task, event: str) -> None:
+        raise NotImplementedError
+
+    def line(self, t: _Task) -> str:
+        """A task as a log line: what, how far, its fields, elapsed and ETA."""
+        head = self.unit if t.description == self.unit else f"{t.description} {self.unit}"
+        count = f"{t.completed:,}" if t.total is None else f"{t.completed:,}/{t.total:,}"
+        elapsed, done = time.perf_counter() - t.started, t.completed - t.first
+        eta = "-" if t.total is None or done <= 0 else clock(elapsed / done * max(0, t.total - t.completed))
+        figures = [str(v) for v in t.fields.values() if str(v)]
+        return " | ".join([f"{head} {count}", *figures, f"elapsed {clock(elapsed)}", f"ETA {eta}"])
+
+
+class NotebookProgress(TaskLines):
+    """Tasks as one output of a notebook's cell updated in place: per task an HTML progress bar beside its line,
+    the line alone where HTML is not shown, redrawn at most every REFRESH_SECONDS and at each task's end. The last
+    state stays when the work ends; a quiet console shows nothing."""
+
+    def __init__(self, console: Console, unit: str = "step"):
+        super().__init__(console, unit)
+        self._handle: Any = None
+        self._shown_at = 0.0
+
+    def __enter__(self) -> NotebookProgress:
+        if not self.console.quiet:
+            self._handle = show(self._bundle())
+        return self
+
+    def _changed(self, t: _Task, event: str) -> None:
+        now, due = time.perf_counter(), event != "updated" or t.completed == t.total
+        if self._handle is None or not (due or now - self._shown_at >= REFRESH_SECONDS):
+            return
+        self._shown_at = now
+        show(self._bundle(), self._handle)
+
+    def _bundle(self) -> dict[str, str]:
+        lines = [(t, self.line(t)) for t in self.tasks.values()]
+        rows = "".join(
+            f'<div><progress {"" if t.total is None else f"value={t.completed} max={max(t.total, 1)} "}'
+            f'style="width:14em;vertical-align:middle"></progress> {html.escape(text)}</div>' for t, text in lines)
+        return {"text/plain": "\n".join(text for _, text in lines),
+                "text/html": f'<div style="font-family:monospace;font-size:12px">{rows}</div>'}
+
+
+class LogProgress(TaskLines):
+    """Tasks as plain lines for a log or a pipe: each task's line every `every` seconds while it runs, and its last
+    when it ends if it printed any (a short task prints nothing)."""
+
+    def __init__(self, console: Console, unit: str = "step", every: float = 5.0):
+        super().__init__(console, unit)
+        self.every = every
+
+    def _changed(self, t: _Task, event: str) -> None:
+        now = time.perf_counter()
+        last = event == "ended" and t.said and t.said_count != t.completed
+        if last or (event == "updated" and now - (t.said or t.started) >= self.every):
+            t.said, t.said_count = now, t.completed
+            self.console.print(self.line(t), highlight=False, soft_wrap=True)
+
+
+def task_lines(console: Console, unit: str, every: float = 5.0) -> NotebookProgress | LogProgress | None:
+    """Progress as lines where a live bar is not drawn: a notebook's output updated in place, or a log's lines
+    every `every` seconds; None on a terminal, where the caller draws rich's bar with its own columns."""
+    if console.is_jupyter:
+        return NotebookProgress(console, unit)
+    return None if console.is_terminal else LogProgress(console, unit, every)
+
+
+@contextmanager
+def ticking(out: Console, unit: str, title: str, every: float = 5.0) -> Iterator[Callable[[int, int], None]]:
+    """Say `title` on `out`, then yield a progress callback (done, total) in `unit`s: a bar on a terminal and in a
+    notebook, a plain line with the rate and ETA every `every` seconds and at the end elsewhere (a log, a pipe), so
+    no long step is silent."""
+    out.print(f"{title}...", highlight=False)
+    bar = progress_bar(out, unit)
+    live = out.is_terminal or out.is_jupyter
+    with bar:
+        task, started, said = bar.add_task(unit, total=None, info=""), time.perf_counter(), [0.0]
+
+        def tick(done: int, total: int) -> None:
+            now = time.perf_counter() - started
+            if not live and done < total and now - said[0] < every:
+                return
+            said[0] = now
+            bar.update(task, completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")
+
+        yield tick

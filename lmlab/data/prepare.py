@@ -40,9 +40,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-import lmlab
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
+from lmlab.core.progress import TaskLines, task_lines
+from lmlab.core.version import __version__
 from lmlab.data.corpora import (
     corpus_name,
     iter_documents,
@@ -117,7 +118,12 @@ def _chars_per_token(tokenizer: Tokenizer, files: list[str], options: PrepareOpt
     return sum(map(len, texts)) / tokens if tokens else FIRST_GUESS
 
 
-def _progress(console: Console | None) -> Progress:
+def _progress(console: Console | None) -> Progress | TaskLines:
+    """The scan's, the tokenizer's and the tokenizing's bars: live on a terminal, an output updated in place in a
+    notebook, lines every few seconds in a log or a pipe."""
+    lines = console and task_lines(console, "documents")
+    if lines:
+        return lines
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
                     TextColumn("{task.fields[tokens]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=console, disable=console is None)
@@ -280,7 +286,7 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
         "tokenizer_sha256": sha256_file(work / "tokenizer.json"), **same_tokenizer,
         # Of this process only: a resumed prepare times the part it did.
         "seconds": dict(zip(("scan", "tokenizer", "tokenize"), np.diff(clock).round(3).tolist())),
-        "lmlab_version": lmlab.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "lmlab_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_text(work / "meta.json", json.dumps(meta, indent=2))
     fsync_dir(work)

@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import lmlab
 from lmlab.core.config import ModelConfig
 from lmlab.core.device import autocast, machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
+from lmlab.core.version import __version__
 from lmlab.inference.decode import Step
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.base import DecodeState
@@ -118,7 +118,7 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
     facts = {"weights": weights_sha256, "model": asdict(config), "capacity": capacity, "dtype": str(dtype),
              "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
              "cpu": machine()["cpu"], "isa": torch.backends.cpu.get_cpu_capability(), "source": source.hexdigest(),
-             "lmlab": lmlab.__version__}
+             "lmlab": __version__}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
 

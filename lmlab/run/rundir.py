@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
-import lmlab
 from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name, load_config, to_toml
 from lmlab.core.device import configure, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file
 from lmlab.core.peak import Peak, autocast_dtype
+from lmlab.core.version import __version__
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.plugins import check_forward, provider
@@ -197,7 +197,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self._metrics.unlink(missing_ok=True)
         self.log({
-            "event": "start", "step": 0, "kind": kind, "lmlab_version": lmlab.__version__,
+            "event": "start", "step": 0, "kind": kind, "lmlab_version": __version__,
             "model": model.describe(), "params": model.num_params(),
             "params_non_embedding": model.num_params(embeddings=False), "params_padding": model.padding_params(),
             "flops_per_token": model.flops_per_token(),
@@ -242,7 +242,7 @@ class RunDir:
         None for an import); then only the newest `keep` step folders, best, latest and the steps the run was resumed
         from remain."""
         self._check_writer()
-        state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": lmlab.__version__,
+        state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": __version__,
                  "model_config": dataclasses.asdict(self.config().model), "training": training}
         folder = ckpt.save_checkpoint(self.checkpoints, step, weights, optimizer_state, state, best)
         ckpt.prune_checkpoints(self.checkpoints, keep, self.resume_points())

@@ -1,0 +1,73 @@
+"""A run loaded to be used (sampled, scored, served): its checkpoint, with notes on what stands in for what was
+asked; the CPU threads its work computes with, chosen from the machine's load; the decode step, checked against
+memory and compiled where asked. The commands and `lmlab.Run` load through here."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from lmlab.core.config import checkpoint_name
+
+if TYPE_CHECKING:  # the commands import this module at start; the library loads when a run is loaded
+    from lmlab.core.threads import ThreadChooser
+    from lmlab.run.rundir import LoadedRun
+
+
+def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
+    """RunDir.load, with a note on stderr when the run has no best checkpoint and its latest is used instead."""
+    from lmlab.run.rundir import RunDir
+
+    run = RunDir(path).load(checkpoint, device)
+    note_checkpoint(path, checkpoint, run.checkpoint, run.step)
+    return run
+
+
+def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int, doing: str) -> str | None:
+    """The threads of `run`'s work (`rows` sequences of `length` tokens; 1 for decoding) from `chooser`, made before
+    the run loaded (lmlab.core.threads); the note to print when other processes' load lowered them (a small model
+    that is faster on fewer threads of a quiet machine is no news), else None. The caller prints it once its input
+    has passed its checks, so that a refusal stays one line."""
+    from lmlab.core.threads import forward_probe
+
+    choice = chooser.choose(forward_probe(run.model, rows, length, run.device, run.dtype), run.device)
+    if choice.lowered and choice.load is not None and choice.load.busy:
+        return f"note: {doing} on {choice.describe('OMP_NUM_THREADS')}"
+    return None
+
+
+def print_note(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr)
+
+
+def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
+    """Notes on stderr on what is loaded: the latest checkpoint standing in for a best one that is missing; a
+    fine-tune that has not reached its end (its best so far is not its result)."""
+    from lmlab.run.rundir import RunDir
+
+    if used != checkpoint_name(asked):
+        print(f"note: {path} has no {asked} checkpoint (never evaluated, or its pointer is gone); using {used} "
+              f"(step {step})", file=sys.stderr)
+    run = RunDir(path)
+    unfinished = run.unfinished()
+    if unfinished:
+        print(f"note: {path} is {unfinished}, not a finished result; finish it with: {run.resume_command()}",
+              file=sys.stderr)
+
+
+def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int, compile: bool,
+                console: Console) -> Any:
+    """The compiled decode step for `capacity` rows (the option `setting`) when `compile`, else None (decode
+    eagerly); first, rows of up to `tokens_per_row` tokens that would not fit in memory are refused."""
+    from lmlab.model.memory import check_decoding
+
+    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device)
+    if not compile:
+        return None
+    from lmlab.inference.compiled import compile_step
+
+    with console.status("Compiling the decode step..."):
+        return compile_step(run.model, capacity, run.dtype)

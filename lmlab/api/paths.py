@@ -1,0 +1,39 @@
+"""Where a command or an API call may write: never into a run folder or a dataset dir (their files are what lmlab
+keeps), unless it makes that run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lmlab.core.errors import UserError
+
+RUN_FILES = ("config.toml", "metrics.jsonl")  # what every run folder holds (docs/ARCHITECTURE.md: a run dir)
+DATASET_FILES = ("meta.json", "tokenizer.json")  # what every finished dataset dir holds
+KEPT = {"run folder": "its weights, config and history", "dataset dir": "its tokens, tokenizer and meta.json"}
+
+
+def _kept_folder(folder: Path) -> str | None:
+    """`run folder` or `dataset dir` when `folder` is one, else None (os.path.isfile: a name too long to look up is
+    no such folder, and is refused later in its own words)."""
+    if all(os.path.isfile(folder / name) for name in RUN_FILES):
+        return "run folder"
+    return "dataset dir" if all(os.path.isfile(folder / name) for name in DATASET_FILES) else None
+
+
+def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
+    """`path`, refused in one sentence when it is a run folder or a dataset dir, or lies in one: what a command
+    writes there could replace the files lmlab keeps in it. `kind` "run": a run folder to make, which may be one
+    already (its command decides about that) but not a dataset dir; "report": a report's folder, which may be a
+    run's own report/."""
+    path = Path(path)
+    resolved = path.resolve()
+    for folder in [resolved, *resolved.parents]:
+        what = _kept_folder(folder)
+        allowed = (folder == resolved and kind == "run" and what == "run folder") or (
+            kind == "report" and what == "run folder" and resolved == folder / "report")
+        if what and not allowed:
+            where = f"is the {what} {folder}" if folder == resolved else f"is inside the {what} {folder}"
+            raise UserError(f"{option} {path} {where}, where a command's output could replace {KEPT[what]}; "
+                            "choose a path outside it.")
+    return path

@@ -1,0 +1,250 @@
+"""`lmlab.Run`: a run folder from Python, as the commands read it: its config, its evaluations, its checkpoints,
+its model as a torch module, its tokenizer; sampled, evaluated and plotted the way `lmlab sample`, `lmlab eval` and
+its loss.png do (the commands call these methods)."""
+
+from __future__ import annotations
+
+import html
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from lmlab.analysis.history import FIELDS, evaluations
+from lmlab.analysis.plots import loss_figure
+from lmlab.api.checks import sampling_params, whole
+from lmlab.api.loading import decode_step, note_checkpoint, pick_threads, print_note
+from lmlab.core.config import RunConfig, SamplingParams, checkpoint_name, seeded
+from lmlab.core.fileio import WriteError
+from lmlab.core.notebook import console_here
+from lmlab.core.progress import ticking
+from lmlab.core.threads import ThreadChooser
+from lmlab.data.tokenizers import Tokenizer
+from lmlab.inference.generate import chat_stream, instruct_stream, sample_stream, samples
+from lmlab.model import LanguageModel
+from lmlab.run import checkpoint as ckpt
+from lmlab.run.rundir import LoadedRun, RunDir
+
+if TYPE_CHECKING:
+    import matplotlib.figure
+    import pandas
+
+    from lmlab.train.loop import TrainResult
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One step folder of a run."""
+
+    name: str  # the folder's name, step_NNNNNN: what `checkpoint=` takes, as do best and latest
+    step: int  # the optimizer steps its weights had taken
+    path: Path  # the step folder: model.safetensors, optimizer.safetensors, state.json
+    best: bool  # the run's `best` pointer names it (the lowest val loss)
+    latest: bool  # the run's `latest` pointer names it (what a resume continues from)
+
+
+class Run:
+    """A run folder (made by `lmlab.train`, `lmlab train`, `finetune` or `import-hf`), read from Python. A folder
+    that is no run is refused at once. Loading is lazy: `model`, `sample` and `eval` load a checkpoint the first
+    time and keep it until its weights change on disk. `console` is where progress and messages go (default: a
+    bar in a terminal, an output updated in place in a notebook, plain lines in a pipe). `path` is the folder;
+    `result`, on a Run that `lmlab.train` returned, how that training ended (`steps`, `best_val_loss`,
+    `best_step`, `stopped_by`: the signal that stopped it, `stopped_early`, `budget_spent`), else None."""
+
+    def __init__(self, path: str | Path, console: Console | None = None):
+        self.path = Path(path)
+        self._dir = RunDir(self.path)
+        self._dir.config()  # a folder that is no run is refused as every command refuses it
+        self.console = console or console_here()
+        self.result: TrainResult | None = None  # what `lmlab.train` returned it with: steps, best, how it stopped
+        self._loaded: dict[tuple[str, str], LoadedRun] = {}
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def _repr_html_(self) -> str:
+        best = [c for c in self.checkpoints if c.best]
+        history = self.history
+        last = f", val loss {history[-1]['val_loss']:.4f} at step {history[-1]['step']:,}" if history else ""
+        at = f", best {best[0].name}" if best else ""
+        return (f"<code>lmlab.Run({html.escape(str(self.path))!r})</code>: {html.escape(self.kind)}, "
+                f"{len(history)} evaluation(s){html.escape(last)}{html.escape(at)}")
+
+    @property
+    def name(self) -> str:
+        """The run folder's name."""
+        return self.path.name
+
+    @property
+    def config(self) -> RunConfig:
+        """The run's resolved config (config.toml) as the typed dataclasses."""
+        return self._dir.config()
+
+    @property
+    def kind(self) -> str:
+        """trained, fine-tuned or imported."""
+        return self._dir.kind()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer (`encode(text)`, `decode(ids)`), checked against the checksum the run keeps."""
+        return self._dir.tokenizer()
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """metrics.jsonl: every event the run logged (start, train, eval, checkpoint, end, ...), in order."""
+        return self._dir.events()
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every evaluation, in order, as records: step, epoch, tokens, elapsed, train_loss (the mean of the steps
+        since the one before), train_eval_loss (the train split scored as val is), val_loss, best_val_loss,
+        is_best (`lmlab log`'s rows)."""
+        return evaluations(self._dir)
+
+    def history_frame(self) -> pandas.DataFrame:
+        """`history` as a pandas DataFrame, one row per evaluation indexed by step (pandas must be installed)."""
+        try:
+            import pandas
+        except ImportError:
+            from lmlab.core.errors import UserError
+
+            raise UserError("history_frame() needs pandas, which is not installed; `pip install pandas`, or read "
+                            "Run.history (the same evaluations as a list of records).") from None
+        return pandas.DataFrame(self.history, columns=list(FIELDS)).set_index("step")
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """The run's step folders, oldest first."""
+        pointed = {which: ckpt.pointer(self._dir.checkpoints, which) for which in ("best", "latest")}
+        return [Checkpoint(folder.name, int(folder.name.removeprefix("step_")), folder, folder == pointed["best"],
+                           folder == pointed["latest"]) for folder in self._dir.step_folders()]
+
+    def plot(self) -> matplotlib.figure.Figure:
+        """Train and val loss against step (what loss.png shows), as a matplotlib Figure: a notebook shows it
+        inline; `savefig` writes it."""
+        return loss_figure(self._dir)
+
+    def model(self, checkpoint: str = "best", device: str = "auto") -> LanguageModel:
+        """The model at `checkpoint` (best, latest, step_N or N; a run never evaluated has no best: its latest) as a
+        torch module in eval mode on `device` (auto, cpu, cuda, mps). The same module is returned, and sampled
+        and evaluated, while that checkpoint's weights are unchanged on disk."""
+        return self.load(checkpoint, device).model
+
+    def load(self, checkpoint: str = "best", device: str = "auto") -> LoadedRun:
+        """The model at `checkpoint` with what using it takes: `.model`, `.tokenizer`, `.device`, `.dtype` (the
+        autocast dtype of the run's config here), `.checkpoint` and `.step` (those loaded), `.config`."""
+        return self._use(checkpoint, device, 0, 0, "")[0]
+
+    def _use(self, checkpoint: str, device: str, rows: int, length: int, doing: str) -> tuple[LoadedRun, str | None]:
+        """The loaded checkpoint, and the note to print once the caller's input passed its checks when other
+        processes' load lowered the threads its work (`rows` of `length` tokens) computes with. A checkpoint
+        already loaded is used as it is while its weights are unchanged on disk."""
+        key = (checkpoint_name(checkpoint), device)
+        kept, sha = self._loaded.get(key), self._dir.weights_sha256(key[0])
+        if kept is not None and sha is not None and kept.weights_sha256 == sha:
+            return kept, None
+        chooser = ThreadChooser(0, "OMP_NUM_THREADS") if rows else None  # made before the load: see ThreadChooser
+        loaded = self._dir.load(checkpoint, device)
+        note_checkpoint(str(self.path), checkpoint, loaded.checkpoint, loaded.step)
+        self._loaded[key] = loaded
+        return loaded, chooser and pick_threads(chooser, loaded, rows, length, doing)
+
+    def eval(self, checkpoint: str = "best", *, dataset: str | Path | None = None, max_tokens: int | None = None,
+             batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
+        """Val loss, perplexity, accuracy and bits per byte of `checkpoint` on the val split of the run's dataset
+        (or of `dataset`, which must share the run's tokenizer), or on about `max_tokens` of it in whole windows
+        spread evenly over it; kept in the run's evaluations.json, as `lmlab eval` keeps it. Returns the record:
+        loss, perplexity, accuracy, bits_per_byte, tokens, windows, checkpoint, step, dataset and what it is of."""
+        whole("batch_size", batch_size)
+        if max_tokens is not None:
+            whole("max_tokens", max_tokens)
+        from lmlab.evals.evaluate import evaluate_run
+
+        run, note = self._use(checkpoint, device, batch_size, self.config.model.block_size, "evaluated")
+        subset = f" (about {max_tokens:,} tokens of it: --max-tokens)" if max_tokens else ""
+        with ticking(self.console, "window", f"Evaluating the val split{subset}") as tick:
+            result = evaluate_run(run, dataset and Path(dataset), batch_size, tick, max_tokens=max_tokens)
+        print_note(note)  # after the work, so that a refusal of its input stays one line
+        not_kept = result.pop("not_kept", None)
+        if not_kept:
+            print(f"note: the result is not kept in the run: {not_kept}", file=sys.stderr)
+        return result
+
+    def sample(self, prompt: str = "", *, checkpoint: str = "best", device: str = "auto", stream: bool = False,
+               compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
+        """The prompt and its continuation (an empty prompt starts a new document), as `lmlab sample` draws it;
+        `settings` are max_new_tokens, temperature (0: greedy), top_k, top_p and seed (the same seed, the same
+        text). With `stream`, an iterator of the pieces as they are generated (the prompt first). With `compile`,
+        decoded by a compiled step (worth it for thousands of tokens). Kept in the run's samples.txt unless not
+        `keep`."""
+        params = sampling_params(settings)
+        return self._text(lambda run, step: sample_stream(run, prompt, params, step), len(prompt), params,
+                          f"prompt {prompt!r}", checkpoint, device, stream, compile, keep)
+
+    def samples(self, prompt: str = "", num_samples: int = 2, *, checkpoint: str = "best", device: str = "auto",
+                compile: bool = False, keep: bool = True, **settings: Any) -> list[str]:
+        """`num_samples` continuations of the prompt drawn in one batch, the i-th with seed `seed` + i (settings as
+        `sample`'s), each kept in samples.txt unless not `keep`."""
+        whole("num_samples", num_samples)
+        params = sampling_params(settings)
+        run, note = self._use(checkpoint, device, num_samples, 1, "decoding")
+        tokens = max(len(prompt), run.config.model.block_size) + params.max_new_tokens
+        step = decode_step(run, num_samples, "--num-samples", tokens, compile, self.console)
+        texts = samples(run, prompt, params, num_samples, step)
+        print_note(note)
+        if keep:
+            for text, drawn in zip(texts, seeded(params, len(texts))):
+                _keep(run, text, f"{drawn.describe()}, prompt {prompt!r}")
+        return texts
+
+    def chat(self, message: str, *, system: str | None = None, checkpoint: str = "best", device: str = "auto",
+             stream: bool = False, compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
+        """The reply to a user's `message` (after `system`'s, where given), through an imported instruct model's
+        chat template, else the run's prompt format or a role: content transcript; settings as `sample`'s."""
+        params = sampling_params(settings)
+        turns = [("system", system)] * (system is not None) + [("user", message)]
+        return self._text(lambda run, step: chat_stream(run, turns, params, step), 0, params,
+                          f"chat {message!r}, system {system!r}", checkpoint, device, stream, compile, keep)
+
+    def instruct(self, instruction: str, input: str = "", *, checkpoint: str = "best", device: str = "auto",
+                 stream: bool = False, compile: bool = False, keep: bool = True,
+                 **settings: Any) -> str | Iterator[str]:
+        """The answer to an instruction (and its record's input) asked in the run's own format: an imported
+        instruct model's chat template, Alpaca's unless fine-tuned with another; settings as `sample`'s."""
+        params = sampling_params(settings)
+        return self._text(lambda run, step: instruct_stream(run, instruction, input, params, step), 0, params,
+                          f"instruction {instruction!r}, input {input!r}", checkpoint, device, stream, compile, keep)
+
+    def _text(self, pieces_of: Callable[[LoadedRun, Any], Iterator[str]], prompt_chars: int, params: SamplingParams,
+              asked: str, checkpoint: str, device: str, stream: bool, compile: bool, keep: bool) -> str | Iterator[str]:
+        """One text generated by `pieces_of` (whose prompt is checked at once), whole or streamed."""
+        run, note = self._use(checkpoint, device, 1, 1, "decoding")
+        tokens = max(prompt_chars, run.config.model.block_size) + params.max_new_tokens
+        pieces = pieces_of(run, decode_step(run, 1, "--num-samples", tokens, compile, self.console))
+        print_note(note)  # once the prompt passed its checks
+        flowing = _flow(run, pieces, f"{params.describe()}, {asked}" if keep else None)
+        return flowing if stream else "".join(flowing)
+
+
+def _flow(run: LoadedRun, pieces: Iterator[str], settings: str | None) -> Iterator[str]:
+    """The pieces as they come; the whole text kept in the run's samples.txt at the end (unless `settings` is
+    None)."""
+    text = []
+    for piece in pieces:
+        text.append(piece)
+        yield piece
+    if settings is not None:
+        _keep(run, "".join(text), settings)
+
+
+def _keep(run: LoadedRun, text: str, settings: str) -> None:
+    """Append a sample to the run's samples.txt; one that cannot be written (a run folder read-only to this user)
+    is only noted: the sample was returned."""
+    try:
+        run.run.add_sample(text, run.checkpoint, run.step, settings)
+    except WriteError as err:
+        print(f"note: the sample is not kept in the run: {err.not_kept()}", file=sys.stderr)

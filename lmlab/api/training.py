@@ -1,0 +1,159 @@
+"""`lmlab.train`: a new run from a config, a run continued, or one started from another's weights, as
+`lmlab train` trains it (the command calls it), with progress that suits where it runs and a stop signal (Ctrl-C, a
+notebook's Kernel > Interrupt) that ends it after a checkpoint it resumes from."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from lmlab.api.checks import shown
+from lmlab.api.paths import check_destination
+from lmlab.api.run import Run
+from lmlab.core.config import (
+    MAX_BUDGET_SECONDS,
+    SECTIONS,
+    RunConfig,
+    apply_overrides,
+    build_config,
+    load_config,
+    to_dict,
+    toml_value,
+)
+from lmlab.core.errors import UserError
+from lmlab.core.notebook import console_here
+from lmlab.run.rundir import RunDir
+from lmlab.train.loop import Trainer, TrainResult
+from lmlab.train.stop import STOP_GRACE
+
+UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """`30s`, `5m`, `1.5h` or plain seconds, as seconds: above 0, at most MAX_BUDGET_SECONDS (366 days)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text[:100])
+    seconds = float(match.group(1)) * UNITS[match.group(2) or "s"] if match else 0
+    if not 0 < seconds <= MAX_BUDGET_SECONDS:
+        raise UserError(f"--budget {text[:60]!r} is not a duration above 0 and up to 366 days (8784h); use seconds, "
+                        "minutes or hours, e.g. 30s, 5m or 2h.")
+    return seconds
+
+
+def train(config: str | Path | RunConfig | None = None, *, run: str | Path | None = None,
+          resume: str | Path | Run | None = None, budget: str | float | None = None, device: str = "auto",
+          init_from: str | None = None, keep_optimizer: bool = False, force: bool = False, set: Sequence[str] = (),
+          console: Console | None = None, started: float | None = None, **overrides: Any) -> Run:
+    """Train a run and return it, as `lmlab train` does: from `config` (a TOML preset, or a RunConfig such as
+    another run's `.config`) into `run` (default: runs/<config name>), or continuing the run `resume` from its
+    newest checkpoint. `overrides` set config keys by name (`max_iters=300`, `n_layer=4`, `dataset="data/x"`);
+    `set` takes them as the command line does (`["train.max_iters=300"]`). `budget` ("30s", "5m", "2h" or
+    seconds) ends the run, start-up and evaluations included, after that long, counted from `started` (a
+    time.perf_counter() reading; default: this call). `init_from` ("RUN" or "RUN:CHECKPOINT") starts from
+    another run's weights (with its optimizer state too when `keep_optimizer`); `force` resumes although the
+    dataset's content changed. A stop signal (Ctrl-C; Kernel > Interrupt in a notebook) ends the run after the
+    current step with a checkpoint: `train(resume=run)` continues it exactly. The returned Run's `result` says
+    how it ended."""
+    started = time.perf_counter() if started is None else started
+    out = console or console_here()
+    settings = [*set, *_settings(overrides)]
+    if budget is not None:
+        if resume is not None:
+            raise UserError("--budget plans a new run; a resumed run keeps the plan it made (to train it on by "
+                            "steps: --set train.budget_seconds=0 --set train.max_iters=N).")
+        settings.append(f"train.budget_seconds={parse_duration(str(budget))}")
+    cfg, run_dir = _config(config, run, resume, init_from, settings)
+    trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
+                      init_from=init_from, keep_optimizer=keep_optimizer, started=started)
+    _describe(trainer, out)
+    result = trainer.run()
+    _report(result, trainer.cfg, out)
+    trained = Run(result.run_dir, out)
+    trained.result = result
+    return trained
+
+
+def _config(config: str | Path | RunConfig | None, run: str | Path | None, resume: str | Path | Run | None,
+            init_from: str | None, settings: list[str]) -> tuple[RunConfig, Path]:
+    """The resolved config with `settings` applied, and the run folder it trains."""
+    if resume is not None and (config is not None or init_from):
+        raise UserError("--resume RUN continues a run; pass no CONFIG.toml or --init-from with it "
+                        "(use --set to change a resumed run).")
+    if resume is not None:
+        run_dir = resume.path if isinstance(resume, Run) else Path(resume)
+        return RunDir(run_dir).config(settings), run_dir
+    if isinstance(config, RunConfig):
+        if run is None:
+            raise UserError("a RunConfig has no file name to name its run after; pass run=\"runs/NAME\".")
+        return build_config(apply_overrides(to_dict(config), settings), "the config"), check_destination(run, "--run",
+                                                                                                         "run")
+    if config is None:
+        raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
+    cfg = load_config(Path(config), settings)
+    return cfg, check_destination(run or Path("runs") / Path(config).stem, "--run", "run")
+
+
+SECTION_OF = {f.name: section for section in ("data", "model", "train") for f in dataclasses.fields(SECTIONS[section])}
+
+
+def _settings(overrides: dict[str, Any]) -> list[str]:
+    """Keyword overrides (`max_iters=300`) as the command line's `section.key=value`, each key found in the one
+    section that has it."""
+    settings = []
+    for key, value in overrides.items():
+        if key not in SECTION_OF:
+            raise UserError(f"{key} is no config key of [data], [model] or [train]; docs/reference/config.md lists "
+                            "them (e.g. max_iters=300, n_layer=4, dataset=\"data/NAME\").")
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, (int, float, str)):  # bool is an int
+            raise UserError(f"{key}={shown(value)}: a config key takes a number, text or True/False.")
+        settings.append(f"{SECTION_OF[key]}.{key}={toml_value(value)}")
+    return settings
+
+
+def _describe(trainer: Trainer, out: Console) -> None:
+    """The model a run trains, where, and the settings its kind ignores."""
+    m = trainer.model
+    padding = f"; {m.padding_params():,} more in vocabulary padding" if m.padding_params() else ""
+    out.print(f"model: {m.describe()}, {m.num_params() / 1e6:.2f}M parameters ({m.num_params(False) / 1e6:.2f}M "
+              f"without embeddings{padding}) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
+    ignored = trainer.cfg.model.ignored_fields()
+    if ignored:
+        out.print(f"note: a {trainer.cfg.model.kind} model does not use {', '.join('model.' + f for f in ignored)}, "
+                  "set in its config")
+
+
+def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
+    """How the run ended and what to do next. A notebook is told how to continue in Python, elsewhere with the
+    command (which a Python script may run too)."""
+    go_on = (f'lmlab.train(resume="{result.run_dir}")' if out.is_jupyter else
+             f"lmlab train --resume {result.run_dir}")
+    if result.abandoned:
+        kept = (f"its newest checkpoint ({result.saved.name}) is kept; continue with: {go_on}" if result.saved else
+                "no checkpoint was written yet; run the same command again to start over")
+        out.print(f"stopped by {result.stopped_by} during step {result.steps + 1}, which was abandoned (a step "
+                  f"still running {STOP_GRACE:g} s after a stop signal is not waited for); {kept}")
+        return
+    if result.stopped_by:
+        out.print(f"stopped by {result.stopped_by} at step {result.steps}; a checkpoint was written. "
+                  f"Continue with: {go_on}")
+    if result.stopped_early:
+        out.print(f"stopped early at step {result.steps}: no new best val loss in {cfg.train.patience_words()}")
+    if result.best_val_loss == float("inf"):
+        out.print(f"no evaluation ran: the run ended at step {result.steps}, before its first evaluation")
+    else:
+        out.print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}")
+    if result.budget_spent is not None:
+        spent, budget = result.budget_spent, cfg.train.budget_seconds
+        share = 100 * (spent / budget - 1)
+        out.print(f"budget {budget:g} s: the run ended {spent:.1f} s after the command started "
+                  f"({spent - budget:+.1f} s" + (f", {share:+.1f}%)" if abs(share) < 100 else ")"))
+    out.print(f"run: {result.run_dir}")
+    out.print(f"loss plot: {result.loss_plot}")

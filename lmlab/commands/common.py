@@ -249,9 +249,11 @@ def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> Non
 def compiled_step(args: argparse.Namespace, run: LoadedRun, capacity: int, setting: str, tokens_per_row: int) -> Any:
     """The compiled decode step for `capacity` rows (the option `setting`) when --compile was given, else None
     (decode eagerly); first, rows of up to `tokens_per_row` tokens that would not fit in memory are refused."""
+    from lmlab.inference.generate import decoding_only
     from lmlab.model.memory import check_decoding
 
-    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device)
+    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device,
+                   decoding_only(run, args.compile))
     if not args.compile:
         return None
     from lmlab.inference.compiled import compile_step

@@ -243,7 +243,9 @@ class GPT(LanguageModel):
         assert T <= self.config.block_size, f"sequence of {T} exceeds block_size"
         # (T,) from 0, or (B, T) after what each row of the cache holds (its owner keeps that within block_size)
         positions = torch.arange(T, device=idx.device) if cache is None else cache.advance(T)
-        x = self.transformer.wte(idx)  # (B, T, C)
+        # The residual stream in fp32, as autocast keeps it, also when the token table is held in bf16 for decoding
+        # (inference/decode.hold_weights): a no-op for fp32 weights.
+        x = self.transformer.wte(idx).float()  # (B, T, C)
         rope = None
         if self.rotary is not None:
             rope = self.rotary(positions)

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmlab.core.config import ModelConfig, SamplingParams
-from lmlab.inference.compiled import compile_step
+from lmlab.inference.compiled import compile_step, step_key
 from lmlab.inference.decode import Decoder, Sequence, eager_step, hold_weights
 from lmlab.inference.generate import decoding_only
 from lmlab.inference.sampling import filter_logits
@@ -205,3 +205,14 @@ def test_a_run_loaded_to_decode_eagerly_on_a_gpu_holds_its_weights_in_its_dtype(
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
     assert decoding_only(on_gpu, compiled=False) == torch.bfloat16
     assert {p.dtype for p in run.model.lm_head.parameters()} == {torch.bfloat16}
+
+
+def test_a_kept_compiled_step_is_keyed_by_the_gpu_it_was_built_for(fake_gpu):
+    config, cuda = ModelConfig(**BASE), torch.device("cuda")
+    keys = set()
+    for name, capability, version in [("NVIDIA A100-SXM4-80GB", (8, 0), "12.8"), ("NVIDIA L4", (8, 9), "12.8"),
+                                      ("NVIDIA A100-SXM4-80GB", (8, 0), "13.0")]:
+        fake_gpu(name=name, capability=capability, cuda=version)
+        keys.add(step_key(config, "ab" * 32, 4, torch.bfloat16, cuda))
+        assert step_key(config, "ab" * 32, 4, torch.bfloat16, cuda) in keys  # the same GPU: the same key
+    assert len(keys) == 3  # another GPU, or another CUDA, compiles its own

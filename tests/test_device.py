@@ -2,6 +2,7 @@
 kernels for it and the driver runs it, checked with torch.cuda's answers faked where there is no GPU."""
 
 import importlib
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from lmlab.core.device import TORCH_APIS, TORCH_FLOOR, check_torch, resolve_device, runs_on
 from lmlab.core.errors import UserError
+from lmlab.core.peak import choose_dtype
+from lmlab.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = "\n".join(p.read_text() for p in (ROOT / "lmlab").rglob("*.py"))
@@ -89,3 +92,36 @@ def test_a_driver_older_than_the_builds_cuda_is_named_as_the_cause(fake_gpu, mon
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(UserError, match=r"is built without CUDA; install a CUDA build of torch"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("capability, born, dtype", [
+    ((7, 5), "bfloat16", torch.float32), ((7, 0), "bfloat16", torch.float32),  # T4, V100: no bf16, fp16 overflows
+    ((7, 5), "float32", torch.float16), ((7, 5), None, torch.float16),  # fp16 with the scaler, as before
+    ((8, 0), "bfloat16", torch.bfloat16), ((8, 6), "float32", torch.bfloat16),
+])
+def test_auto_takes_fp32_over_fp16_for_weights_born_in_bf16(fake_gpu, capability, born, dtype):
+    fake_gpu(name="Tesla T4", capability=capability)
+    chosen, why = choose_dtype(torch.device("cuda"), "auto", born)
+    assert chosen == dtype
+    if dtype == torch.float32:
+        assert why == (f"auto: float32, not float16: these weights were trained in bfloat16, which this GPU (compute "
+                       f"capability {capability[0]}.{capability[1]}) lacks, and their activations can overflow float16")
+    assert choose_dtype(torch.device("cuda"), "float16", born)[0] == torch.float16  # as set, it is kept
+
+
+def test_a_runs_weights_dtype_is_what_it_trained_or_was_published_in(tmp_path, writing_char_run, imported_gpt2):
+    assert RunDir(writing_char_run).weights_dtype() == "float32"  # trained on the CPU
+    assert RunDir(imported_gpt2).weights_dtype() == "float32"
+    events = [json.loads(line) for line in (imported_gpt2 / "metrics.jsonl").read_text().splitlines()]
+    for published, recorded in [("bfloat16", "bfloat16"), (None, "bfloat16")]:  # None: imported before it was kept
+        events[0]["origin"] = {**events[0]["origin"], "format": "huggingface qwen3", "dtype": published}
+        run = tmp_path / f"qwen-{published}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        assert RunDir(run).weights_dtype() == recorded
+    trained = tmp_path / "trained-bf16"
+    trained.mkdir()
+    lines = (writing_char_run / "metrics.jsonl").read_text().splitlines()
+    resumed = {"event": "resume", "step": 1, "checkpoint": "step_000001", "dtype": "bfloat16"}
+    (trained / "metrics.jsonl").write_text("\n".join([lines[0], json.dumps(resumed), *lines[1:]]) + "\n")
+    assert RunDir(trained).weights_dtype() == "bfloat16"  # a resume on an A100 trained it in bf16

@@ -308,11 +308,14 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
-    """RunDir.load, with a note on stderr when the run has no best checkpoint and its latest is used instead."""
+    """RunDir.load, with notes on stderr on what it chose: the latest checkpoint when the run has no best one, fp32
+    over fp16 for bf16-born weights (`LoadedRun.notes`)."""
     from lmlab.run.rundir import RunDir
 
     run = RunDir(path).load(checkpoint, device)
     note_checkpoint(path, checkpoint, run.checkpoint, run.step)
+    for note in run.notes:
+        print_note(note)
     return run
 
 

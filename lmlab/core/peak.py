@@ -306,16 +306,21 @@ def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5
     return best
 
 
-def choose_dtype(device: torch.device, setting: str) -> tuple[torch.dtype, str]:
+def choose_dtype(device: torch.device, setting: str, born: str | None = None) -> tuple[torch.dtype, str]:
     """The autocast dtype of train.dtype on `device`, and why, in words. `auto` is bf16 on CUDA GPUs that compute in
-    it (fp16 on Volta and Turing, fp32 below); on a CPU with native bf16, whichever of bf16 and fp32 measured
-    faster (by BF16_MARGIN, see above), from the same quiet, cached measurements as the peak."""
+    it (fp16 on Volta and Turing, fp32 below), but fp32 for weights `born` in bfloat16 (trained or published in it:
+    `RunDir.weights_dtype`) on a GPU without bf16, whose activations can exceed fp16's range (an imported Qwen in
+    fp16 on a T4 gives NaN, "!!!!" text); on a CPU with native bf16, whichever of bf16 and fp32 measured faster (by
+    BF16_MARGIN, see above), from the same quiet, cached measurements as the peak."""
     if setting != "auto":
         return getattr(torch, setting), "train.dtype"
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
-        chosen = dtype_for_capability(capability)
-        return chosen, f"auto: {str(chosen).removeprefix('torch.')} at compute capability {capability[0]}.{capability[1]}"
+        chosen, at = dtype_for_capability(capability), f"compute capability {capability[0]}.{capability[1]}"
+        if chosen == torch.float16 and born == "bfloat16":
+            return torch.float32, (f"auto: float32, not float16: these weights were trained in bfloat16, which this "
+                                   f"GPU ({at}) lacks, and their activations can overflow float16")
+        return chosen, f"auto: {str(chosen).removeprefix('torch.')} at {at}"
     if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.float32, f"auto: float32 ({device.type} without native bf16)"
     fp32, bf16 = peak_flops(device, torch.float32), peak_flops(device, torch.bfloat16)

@@ -86,6 +86,8 @@ class Startup:
             check_decoding(run.config.model, options.max_batch, self._row_tokens(run), "--max-batch", run.device,
                            decode_dtype(run.device, run.dtype, False))
             self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
+            for note in run.notes:
+                state.log(f"lmlab serve: {note}")
             state.threads = decode_threads(run, chooser, options.max_batch)
             folder = served_folder(run)
             # A model that keeps no decode state has nothing to compile: it decodes eagerly (lmlab.inference.compiled).

@@ -97,7 +97,7 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
     from lmlab.core.fileio import human_bytes
 
     console.print(f"Finding the largest micro-batch that fits (for at most {seconds:g} s; each try builds the model "
-                  "and times 2 steps):")
+                  "and times 2 steps of one micro-batch, eager: what fits eagerly fits compiled and accumulated):")
 
     def say(row: Any, fits: bool, budget: int | None) -> None:
         if row.out_of_memory:
@@ -210,7 +210,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=count(), default=5, help="timed steps per batch size (after 2 warmup steps)")
     add_device(p)
     p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits, printing "
-                   "each batch size tried")
+                   "each batch size tried (each eager, over one micro-batch)")
     p.add_argument("--search-seconds", type=positive, default=120.0, help="--find-max-batch begins no try that "
                    "would end past this (foreseen from the newest try) and keeps the largest batch found so far")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")

@@ -239,6 +239,15 @@ PEAK_TFLOPS = {
     "T4": {"float16": 65, "float32": 8.1},
 }
 
+# Memory bandwidth in GB/s from the same datasheets (the SXM and 80 GB parts where a row covers several): what the
+# kernels that are not matmuls (norms, activations, softmax, the optimizer) run at, lmlab.experiments.gputime.
+BANDWIDTH_GBS = {
+    "H100": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "H200 NVL": 4800, "GH200": 4000,
+    "A100": 2039, "A100 PCIe": 1935, "A10": 600, "A10G": 600, "A40": 696, "RTX A6000": 768, "L4": 300, "L40": 864,
+    "L40S": 864, "RTX 6000 Ada": 960, "RTX 3080": 760, "RTX 3090": 936, "RTX 3090 Ti": 1008, "RTX 4070 Ti": 504,
+    "RTX 4080": 717, "RTX 4090": 1008, "V100": 900, "V100 PCIe": 900, "V100S PCIe": 1134, "T4": 320,
+}
+
 # Name tokens that say nothing about the chip's speed: vendor and product-line words, memory size and type,
 # the SXM form factor (the table's default). PCIe and NVL stay: those parts run at lower clocks.
 _NOISE = re.compile(r"nvidia|geforce|tesla|quadro|rtx|generation|\d+gb|hbm\w*|sxm\d*")

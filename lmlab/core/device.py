@@ -58,7 +58,7 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda was asked for but {no_gpu_reason()}.")
+        raise UserError(f"--device cuda was asked for but {no_gpu_reason()}; or use --device cpu or auto.")
     if name == "cuda" and (problem := unusable_gpu()):
         raise UserError(f"--device cuda: {problem}.")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -82,7 +82,7 @@ def no_gpu_reason() -> str:
     """Why this torch sees no CUDA GPU, in words: a CPU build, a driver older than the build's CUDA, or no GPU."""
     if torch.version.cuda is None:
         return (f"this PyTorch ({torch.__version__}) is built without CUDA; install a CUDA build of torch "
-                "(docs/guides/laptop-to-gpu.md, section 9), or use --device cpu or auto")
+                "(docs/guides/laptop-to-gpu.md, section 9)")
     try:
         torch.cuda.init()
     except (RuntimeError, AssertionError) as err:
@@ -91,10 +91,10 @@ def no_gpu_reason() -> str:
             driver = f" (it supports CUDA {int(found[1]) // 1000}.{int(found[1]) % 1000 // 10})" if found else ""
             return (f"the NVIDIA driver is older than CUDA {torch.version.cuda}, which this PyTorch "
                     f"({torch.__version__}) was built for{driver}; update the driver, or install a torch built for "
-                    "the CUDA it supports (e.g. https://download.pytorch.org/whl/cu126), or use --device cpu")
-        return f"this PyTorch ({torch.__version__}) cannot use the GPU ({str(err).splitlines()[0]}); use --device cpu"
+                    "the CUDA it supports (e.g. https://download.pytorch.org/whl/cu126)")
+        return f"this PyTorch ({torch.__version__}) cannot use the GPU: {str(err).splitlines()[0]}"
     return (f"this PyTorch ({torch.__version__}, CUDA {torch.version.cuda}) sees no CUDA GPU (CUDA_VISIBLE_DEVICES "
-            "may hide them); use --device cpu or auto")
+            "may hide them)")
 
 
 def _arch(name: str) -> tuple[int, int, str]:

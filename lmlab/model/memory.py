@@ -7,7 +7,8 @@ and the largest size that fits.
 Models are sized on the meta device, which allocates nothing: the weights of models of one and two layers, and
 the tensors their forward keeps for the backward pass (saved-tensor hooks), every layer being the same size, so a
 config asking for 10^12 of anything is sized at once. Attention score matrices (T x T) are left out: the fused
-attention kernels lmlab trains with (flash attention on the CPU and CUDA) do not keep them. Two measured factors
+attention kernels lmlab trains with (flash attention on the CPU and on CUDA from compute capability 8.0, the
+memory-efficient kernel before) do not keep them. Two measured factors
 turn what the forward keeps into the peak of a training step (benchmarks/memory_estimate.py compares them with
 the peak RSS on this machine's CPU): the backward's transient gradients (about 30% of the kept activations) and
 the logits, which exist twice more at the peak (the tensor and its gradient).

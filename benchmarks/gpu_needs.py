@@ -4,10 +4,10 @@ often has torch and numpy and nothing else lmlab imports).
     python benchmarks/gpu_needs.py --venv .venv-gpu    # the image's Python: a venv over it, its packages seen there
     .venv-gpu/bin/python benchmarks/gpu_needs.py       # the venv's: the pip requirements it still lacks, one line
 
-The venv reads the folders the image's Python imports from after its own (a .pth line: an image whose Python is a venv
-itself works too), so the image's CUDA torch is the one imported and only what is missing is installed beside it: lmlab's
-dependencies but torch (pyproject.toml), and pytest for the CUDA tests. torch is never installed: one older than
-lmlab's floor is refused in a sentence (exit 2), as is a Python without torch or pip.
+The venv reads the folders the image's Python imports from after its own (a .pth line: an image whose Python is a
+venv itself works too), so the image's CUDA torch is the one imported and only what is missing is installed beside
+it: lmlab's dependencies but torch (pyproject.toml), and pytest for the CUDA tests. torch is never installed: one
+older than lmlab's floor is refused in a sentence (exit 2), as is a Python without torch or pip.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def make_venv(folder: Path) -> None:
                  "(apt-get install python3-pip, or python -m ensurepip).")
     if not (folder / "bin" / "python").exists():
         venv.EnvBuilder(with_pip=False).create(folder)
-    ours = subprocess.run([folder / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    ours = subprocess.run([folder / "bin" / "python", "-c", where], capture_output=True, text=True,
+                          check=True).stdout.strip()
     (Path(ours) / "gpu-image.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in packages()))
 
 

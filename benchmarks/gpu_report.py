@@ -229,7 +229,8 @@ def checkpoint(scale: Scale, device: torch.device) -> Row:
             "model on the device)", "")
 
 
-def checklist(results: dict[str, tuple[str, dict[str, str]]], memory: dict[str, int], device: torch.device) -> list[Row]:
+def checklist(results: dict[str, tuple[str, dict[str, str]]], memory: dict[str, int],
+              device: torch.device) -> list[Row]:
     """The first hour's checklist, each item with what this GPU said."""
     rows = []
     for item, source in CHECKLIST.items():

@@ -7,9 +7,6 @@ import dataclasses
 import re
 from pathlib import Path
 
-import pytest
-import torch
-
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig, load_config
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS
@@ -75,7 +72,8 @@ def test_kernels_and_bytes_are_counted_from_the_model_itself():
 def test_plan_on_a_datasheet_gpu_says_what_bounds_a_step(capsys):
     assert main(["plan", str(CONFIGS / "shakespeare-char.toml"), "--set", "model.vocab_size=65", "--gpu", "T4"]) == 0
     out = " ".join(capsys.readouterr().out.split()).replace("│ │", "")
-    assert re.search(r"a step │ [\d.,]+ ms: bound by \w+", out) and "(what the GPU time model gives; --mfu sets it)" in out
+    assert re.search(r"a step │ [\d.,]+ ms: bound by \w+", out)
+    assert "(what the GPU time model gives; --mfu sets it)" in out
     assert re.search(r"wall time │ [\d.]+ min \([\d.]+ \w+ of it evaluating\)", out)
 
 

@@ -13,8 +13,8 @@ torch; the processor it was built for, and the GPU: its name, compute capability
 the model and of this step), so a restart loads it in about a second instead of compiling again. A package is
 native code the server runs: it is loaded only from a folder that no one else may write (owned by this user, not
 writable by group or others), and only when its sha256 is the one written beside it when it was built
-(`KEY.sha256`); a damaged or changed package is refused (`StepRefused`), not run. `python -m lmlab.inference.compiled` builds one in a process of its own,
-which the server runs while it decodes eagerly.
+(`KEY.sha256`); a damaged or changed package is refused (`StepRefused`), not run. `python -m
+lmlab.inference.compiled` builds one in a process of its own, which the server runs while it decodes eagerly.
 """
 
 from __future__ import annotations

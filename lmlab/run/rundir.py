@@ -465,7 +465,8 @@ class RunDir:
                 if folder.exists() or attempt == 2:
                     raise
         check_forward(model)  # a plugin's, with these weights: NaN logits are one sentence, not NaN text
-        dtype, why = choose_dtype(torch_device, cfg.train.dtype, self.weights_dtype())
+        born = self.weights_dtype() if torch_device.type == "cuda" else None  # what a GPU without bf16 must heed
+        dtype, why = choose_dtype(torch_device, cfg.train.dtype, born)
         # Said where the weights' own dtype changed the choice (fp32 over fp16 on a GPU without bf16).
         notes = (f"note: {self.path} computes in {why}.",) if dtype != choose_dtype(torch_device, cfg.train.dtype)[0] \
             else ()

@@ -57,16 +57,22 @@ bench: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(BIN)/python -m lmlab.commands.reference docs/reference
 
-# Every GPU path measured on this machine's GPU, as one Markdown table (benchmarks/gpu_report.py; ARGS=--dry-run
-# runs it small on the CPU). A Python that already has a CUDA torch (a rented GPU's image) is used as it is, with
-# lmlab from this checkout on PYTHONPATH and nothing installed; otherwise the venv, built with TORCH=<a CUDA build>.
+# Every GPU path measured on this machine's GPU, as one Markdown table, and the first hour's checklist of what only a
+# GPU can settle (benchmarks/gpu_report.py; ARGS=--dry-run runs it small on the CPU). A Python that has torch (a
+# rented GPU's image, often torch and numpy alone) is used through $(GPU_VENV), a venv over it that sees its torch
+# and gets what else lmlab needs installed beside it (benchmarks/gpu_needs.py; never torch); otherwise the venv,
+# built with TORCH=<a CUDA build>.
+GPU_VENV := .venv-gpu
 gpu-report:
-	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
-		echo "gpu-report: using $(PYTHON) and its CUDA torch"; \
-		PYTHONPATH="$(CURDIR)" $(PYTHON) benchmarks/gpu_report.py $(ARGS); \
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "gpu-report: $(GPU_VENV), a venv over $(PYTHON) and its torch"; \
+		$(PYTHON) benchmarks/gpu_needs.py --venv $(GPU_VENV) || exit 2; \
+		need="$$($(GPU_VENV)/bin/python benchmarks/gpu_needs.py)" || exit 2; \
+		[ -z "$$need" ] || $(GPU_VENV)/bin/python -m pip install --quiet $$need || exit 2; \
+		PYTHONPATH="$(CURDIR)" $(GPU_VENV)/bin/python benchmarks/gpu_report.py $(ARGS); \
 	else \
 		$(MAKE) $(VENV)/.installed-test && $(BIN)/python benchmarks/gpu_report.py $(ARGS); \
 	fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info .pytest_cache

@@ -273,3 +273,25 @@ def stable_events(run: Path) -> list[dict]:
     learned."""
     return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events()
             if e["event"] not in ("resume", "threads")]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Makes torch.cuda report one GPU (what lmlab reads of it: availability, name, compute capability, the arch
+    list of this torch build, the CUDA version, free and held memory), for the CUDA paths' decisions on a machine
+    without one; `install(...)` with other figures changes it."""
+    import torch
+
+    def install(name: str = "NVIDIA A100-SXM4-80GB", capability: tuple[int, int] = (8, 0),
+                arch: tuple[str, ...] = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"), cuda: str = "12.8",
+                free: int = 70 * 2**30, total: int = 80 * 2**30, reserved: int = 0, allocated: int = 0) -> None:
+        facts = {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
+                 "get_device_name": lambda device=None: name, "get_device_capability": lambda device=None: capability,
+                 "get_arch_list": lambda: list(arch), "mem_get_info": lambda device=None: (free, total),
+                 "memory_reserved": lambda device=None: reserved, "memory_allocated": lambda device=None: allocated}
+        for attribute, value in facts.items():
+            monkeypatch.setattr(torch.cuda, attribute, value)
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+
+    install()
+    return install

@@ -4,12 +4,13 @@ import re
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from lmlab.commands import main
 from lmlab.core.device import datasheet_peak
 from lmlab.core.config import load_config
 from lmlab.core.peak import peak_flops
-from lmlab.experiments.bench import with_vocab
+from lmlab.experiments.bench import find_max_batch, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from tests.conftest import write_config
@@ -141,3 +142,17 @@ def test_cpus_and_dtypes_without_tensor_cores_are_measured():
     assert datasheet_peak("Tesla T4", torch.bfloat16) is None  # no bf16 tensor cores
     peak = peak_flops(torch.device("cpu"), torch.float32)
     assert peak.source == "measured matmul" and peak.flops > 1e9
+
+
+def test_find_max_batch_tries_each_batch_eagerly_over_one_micro_batch(tmp_path, char_dataset):
+    """A compiled try recompiles at every batch size (minutes on a GPU) and its time, mostly compiling, would foresee
+    the next try wrongly; accumulation only adds time. So each try is one eager micro-batch, whatever the config."""
+    cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset), ["train.compile=true",
+                                                                            "train.grad_accum_steps=4"])
+    tried = []
+    graphs = counters["stats"]["unique_graphs"]
+    biggest, finished = find_max_batch(cfg, "cpu", limit=2, say=lambda row, fits, budget: tried.append(row))
+    assert (biggest, finished) == (2, True) and [row.batch_size for row in tried] == [1, 2]
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled
+    for row in tried:  # tokens/s x seconds per step = the tokens of one micro-batch
+        assert row.tokens_per_sec * row.ms_per_step / 1000 == pytest.approx(row.batch_size * 32)

@@ -11,10 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config import ModelConfig, TrainConfig, load_config
 from lmlab.core.errors import UserError
+from lmlab.model.gpt import GPT
+from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.step import TrainStep
 from tests.conftest import LMLAB, stable_events, write_config
 
 
@@ -177,3 +180,36 @@ def test_a_bf16_checkpoint_continues_in_fp32_and_back(tmp_path, char_dataset):
         assert result.steps == steps
     evals = [e["val_loss"] for e in RunDir(run).events() if e["event"] == "eval"]
     assert len(evals) == 4 and evals[-1] < evals[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_checkpoint_loads_into_the_tensors_training_holds_without_a_second_copy(tmp_path, optimizer):
+    """A rollback mid-run: the weights and optimizer state come back into the very tensors training allocated (on a
+    GPU, nothing more on its device than before); a fresh optimizer, as at a resume, gets its state made once."""
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+    torch.manual_seed(0)
+    model = GPT(config)
+    step = TrainStep(model, TrainConfig(optimizer=optimizer, compile=False), torch.device("cpu"), torch.float32)
+    x = torch.randint(0, 20, (2, 8))
+    step([(x, x)], 1, 1e-2)
+    folder = save_checkpoint(tmp_path, 1, model_tensors(model), step.optimizer.state_dict(), {}, best=False)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_state = {i: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                   for i, s in step.optimizer.state_dict()["state"].items()}
+    step([(x, x)], 1, 1e-2)  # training moves on from it
+    held = _addresses(model, step.optimizer)
+    load_checkpoint(folder, model, step.optimizer)
+    assert _addresses(model, step.optimizer) == held
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    for i, entries in step.optimizer.state_dict()["state"].items():
+        assert all(torch.equal(entries[k], v) for k, v in saved_state[i].items())
+    fresh = TrainStep(model, TrainConfig(optimizer=optimizer, compile=False), torch.device("cpu"), torch.float32)
+    load_checkpoint(folder, model, fresh.optimizer)  # a resume: no state yet, made from the file
+    for i, entries in fresh.optimizer.state_dict()["state"].items():
+        assert all(torch.equal(entries[k], v) for k, v in saved_state[i].items())
+
+
+def _addresses(model, optimizer) -> dict:
+    """Where each weight and each tensor of the optimizer's state lives."""
+    return {**{name: t.data_ptr() for name, t in model.state_dict().items()},
+            **{(i, k): v.data_ptr() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}}

@@ -1,17 +1,24 @@
 """Batched decoding equals decoding each sequence alone (per-step logits, greedy tokens, seeded draws), with
 sequences of different lengths joining and leaving mid-way and running past the context; the compiled step
-equals the eager one."""
+equals the eager one. What decoding costs: no head over a prompt nobody scores, attention over the live part of
+the cache, weights cast to the decode dtype once."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmlab.core.config import ModelConfig, SamplingParams
-from lmlab.inference.compiled import compile_step
-from lmlab.inference.decode import Decoder, Sequence
+from lmlab.inference.compiled import compile_step, step_key
+from lmlab.inference.decode import Decoder, Sequence, eager_step, hold_weights
+from lmlab.inference.generate import decoding_only
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
+from lmlab.run.rundir import RunDir
 
 BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
 MODELS = {
@@ -105,3 +112,107 @@ def test_the_compiled_step_gives_the_eager_logits_and_greedy_tokens(name):
     for (tokens, logits), (eager_tokens, eager_logits) in zip(compiled, eager):
         assert tokens == eager_tokens
         assert (logits - eager_logits).abs().max() < 1e-4
+
+
+class HeadRows:
+    """Records how many positions each call of a model's head computes logits for."""
+
+    def __init__(self, model):
+        self.rows: list[int] = []
+        model.lm_head.register_forward_hook(lambda module, args, out: self.rows.append(args[0][..., 0].numel()))
+
+
+@pytest.mark.parametrize("name", ["gpt2-style", "gru"])
+def test_a_prompt_is_prefilled_without_the_head_unless_its_tokens_are_scored(name):
+    m = model(name)
+    head = HeadRows(m)
+    decoder = Decoder(m, 2)
+    decoder.join(Sequence(list(range(1, 15)), GREEDY))  # 13 tokens prefilled, the 14th fed by the first step
+    assert head.rows == [0]
+    decoder.join(Sequence(list(range(1, 15)), GREEDY, logprobs=2, echo=True))  # its prompt's tokens are scored
+    assert head.rows == [0, 13]
+    decoder.step()
+    assert head.rows == [0, 13, 2]  # a step: one position per row
+
+
+class Softmaxes(TorchFunctionMode):
+    """Records the length of each softmax: the cache positions a decoding step attends over."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.softmax:
+            self.lengths.append(args[0].shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_each_step_attends_over_the_live_part_of_the_cache_with_the_logits_of_the_whole():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(**{**BASE, "block_size": 512}, **MODELS["modern"])).eval()
+    prompts = [[1, 2, 3], [4] * 60]
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (90, 20)]
+    with Softmaxes() as attention:
+        shortened = decode(m, prompts, params, 2)
+    assert set(attention.lengths) == {64, 128}  # the rows hold at most 64 tokens, then 128; never 512
+    whole = decode(m, prompts, params, 2, step=eager_step(m, torch.float32))  # a given step: the whole cache
+    for (tokens, logits), (whole_tokens, whole_logits) in zip(shortened, whole):
+        assert tokens == whole_tokens and (logits - whole_logits).abs().max() < 1e-5
+
+
+class WeightCasts(TorchDispatchMode):
+    """Records each copy of a tensor into another dtype whose shape is one of the model's weights'."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in self.weights:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_weights_held_in_the_decode_dtype_are_cast_once_not_at_every_token():
+    torch.manual_seed(0)
+    config = ModelConfig(**BASE, **MODELS["modern"], tie_embeddings=False)
+    m, held = build_model(config).eval(), build_model(config).eval()
+    held.load_state_dict(m.state_dict())
+    hold_weights(held, torch.bfloat16)
+    assert {p.dtype for n, p in held.named_parameters() if "ln" in n or "norm" in n} == {torch.float32}
+    results = []
+    for each in (m, held):
+        decoder = Decoder(each, 1, torch.bfloat16)
+        decoder.join(Sequence([1, 2, 3], GREEDY))
+        with WeightCasts(m) as casts:
+            logits = [decoder.step_fn(torch.tensor([[5]]), decoder.rows(1)) for _ in range(3)]
+        results.append((casts.casts, torch.stack(logits)))
+    (casts_each_step, logits), (held_casts, held_logits) = results
+    assert casts_each_step >= 3 * len([p for p in m.parameters() if p.dim() == 2]) - 3 and held_casts == 0
+    assert torch.equal(logits, held_logits)  # the same bf16 values, cast once rather than at each step
+    with torch.autocast("cpu", torch.bfloat16):
+        assert held.hidden(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream stays fp32
+
+
+def test_a_run_loaded_to_decode_eagerly_on_a_gpu_holds_its_weights_in_its_dtype(writing_char_run):
+    run = RunDir(writing_char_run).load("latest", "cpu")
+    assert decoding_only(run, compiled=False) == torch.float32  # eager on a CPU decodes in fp32
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+    on_gpu = dataclasses.replace(run, device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert decoding_only(on_gpu, compiled=True) == torch.bfloat16  # the compiled step freezes its own copies
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+    assert decoding_only(on_gpu, compiled=False) == torch.bfloat16
+    assert {p.dtype for p in run.model.lm_head.parameters()} == {torch.bfloat16}
+
+
+def test_a_kept_compiled_step_is_keyed_by_the_gpu_it_was_built_for(fake_gpu):
+    config, cuda = ModelConfig(**BASE), torch.device("cuda")
+    keys = set()
+    for name, capability, version in [("NVIDIA A100-SXM4-80GB", (8, 0), "12.8"), ("NVIDIA L4", (8, 9), "12.8"),
+                                      ("NVIDIA A100-SXM4-80GB", (8, 0), "13.0")]:
+        fake_gpu(name=name, capability=capability, cuda=version)
+        keys.add(step_key(config, "ab" * 32, 4, torch.bfloat16, cuda))
+        assert step_key(config, "ab" * 32, 4, torch.bfloat16, cuda) in keys  # the same GPU: the same key
+    assert len(keys) == 3  # another GPU, or another CUDA, compiles its own

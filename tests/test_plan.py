@@ -15,6 +15,8 @@ from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.core.device import machine
 from lmlab.core.peak import peak_flops
+from lmlab.experiments.bench import with_vocab
+from lmlab.experiments.gputime import gpu_step_time
 from lmlab.experiments.plan import DEFAULT_MFU, shape_of
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
@@ -38,13 +40,15 @@ def rate(out: str) -> float:
     ("H100 PCIe", "H100 PCIe", 756, "bfloat16"), ("NVIDIA A100-SXM4-80GB", "A100", 312, "bfloat16"),
     ("T4", "T4", 65, "float16"),
 ])
-def test_a_gpu_is_estimated_from_its_datasheet_at_the_assumed_mfu(capsys, tmp_path, name, row, tflops, dtype):
+def test_a_gpu_is_estimated_from_its_datasheet_step_by_step(capsys, tmp_path, name, row, tflops, dtype):
     code, out, _ = plan(capsys, GPT2, "--chinchilla", "--gpu", name, "--runs", tmp_path)
     assert code == 0
-    per_token = shape_of(load_config(Path(GPT2))).flops_per_token()
-    assert rate(out) == pytest.approx(DEFAULT_MFU * tflops * 1e12 / per_token, abs=1)
+    cfg = with_vocab(load_config(Path(GPT2)))
+    step = gpu_step_time(cfg, row, dtype, compiled=True)  # train.compile = "auto": compiled on a GPU
+    assert rate(out) == pytest.approx(524_288 / step.seconds, abs=1)  # a step's tokens in the time of its parts
     assert re.search(rf"hardware\s+│ {row}: {tflops} TFLOP/s {dtype} \(datasheet {row}\)", out)
-    assert f"{100 * DEFAULT_MFU:.1f}% (assumed; --mfu sets it)" in out
+    mfu = 100 * rate(out) * shape_of(cfg).flops_per_token() / (tflops * 1e12)
+    assert f"{mfu:.1f}% (what the GPU time model gives; --mfu sets it)" in out
 
 
 def test_the_mfu_can_be_given_or_comes_from_a_run_on_that_gpu(capsys, tmp_path):
@@ -66,7 +70,7 @@ def test_the_mfu_can_be_given_or_comes_from_a_run_on_that_gpu(capsys, tmp_path):
     assert code == 0 and f"44.0% (the median of {run}, of the 989 TFLOP/s it recorded)" in " ".join(out.split())
     assert rate(out) == pytest.approx(0.44 * 989e12 / per_token, abs=1)  # one GPU's share of the 8-GPU job's peak
     code, out, _ = plan(capsys, GPT2, "--gpu", "A100", "--runs", tmp_path)
-    assert f"{100 * DEFAULT_MFU:.1f}% (assumed" in out
+    assert "(what the GPU time model gives" in out  # no run on an A100
 
 
 def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(capsys, tmp_path, char_dataset):

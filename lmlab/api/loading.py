@@ -17,11 +17,14 @@ if TYPE_CHECKING:  # the commands import this module at start; the library loads
 
 
 def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
-    """RunDir.load, with a note on stderr when the run has no best checkpoint and its latest is used instead."""
+    """RunDir.load, with notes on stderr on what it chose: the latest checkpoint when the run has no best one, fp32
+    over fp16 for bf16-born weights (`LoadedRun.notes`)."""
     from lmlab.run.rundir import RunDir
 
     run = RunDir(path).load(checkpoint, device)
     note_checkpoint(path, checkpoint, run.checkpoint, run.step)
+    for note in run.notes:
+        print_note(note)
     return run
 
 
@@ -62,9 +65,10 @@ def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int
                 console: Console) -> Any:
     """The compiled decode step for `capacity` rows (the option `setting`) when `compile`, else None (decode
     eagerly); first, rows of up to `tokens_per_row` tokens that would not fit in memory are refused."""
+    from lmlab.inference.generate import decoding_only
     from lmlab.model.memory import check_decoding
 
-    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device)
+    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, decoding_only(run, compile))
     if not compile:
         return None
     from lmlab.inference.compiled import compile_step

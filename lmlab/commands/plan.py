@@ -97,7 +97,7 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
     from lmlab.core.fileio import human_bytes
 
     console.print(f"Finding the largest micro-batch that fits (for at most {seconds:g} s; each try builds the model "
-                  "and times 2 steps):")
+                  "and times 2 steps of one micro-batch, eager: what fits eagerly fits compiled and accumulated):")
 
     def say(row: Any, fits: bool, budget: int | None) -> None:
         if row.out_of_memory:
@@ -117,6 +117,7 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.core.config import load_config
+    from lmlab.experiments.bench import with_vocab
     from lmlab.experiments.plan import (
         compute_note,
         estimate,
@@ -150,9 +151,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
                                                                                           cfg.train.dtype)
         searched = find_runs(Path(args.runs)) if Path(args.runs).is_dir() else []
         model = shape_of(cfg)
-        guess = estimate(hardware, args.mfu, model, [target] * bool(run) + searched)
-        rate = guess.tokens_per_sec(model), "estimate: peak × MFU ÷ FLOPs per token; --measure times it here"
-    plan = make_plan(cfg, tuple(rate), args.tokens, args.chinchilla, run and run.split_tokens)
+        guess = estimate(hardware, args.mfu, model, [target] * bool(run) + searched, with_vocab(cfg))
+        rate = guess.tokens_per_sec(model), ("estimate: a step's parts on this GPU (above)" if guess.step else
+                                             "estimate: peak × MFU ÷ FLOPs per token") + "; --measure times it here"
+    plan = make_plan(cfg, tuple(rate), args.tokens, args.chinchilla, run and run.split_tokens,
+                     guess.step if guess else None)
     console.print(plan_table(target, plan, guess, run))
     console.print(f"6·N·D and lmlab's compute: {compute_note(plan)}")
     warn_busy([("the steps", load)], "the throughput reads low")
@@ -190,8 +193,11 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
         hw = guess.hardware
         table.add_row("hardware", f"{hw.name}: {hw.peak / 1e12:,.4g} TFLOP/s {hw.dtype} ({hw.peak_figure.brief()})")
         table.add_row("MFU", f"{100 * guess.mfu:.1f}% ({guess.mfu_source})")
+        if guess.step:
+            table.add_row("a step", f"{1000 * guess.step.seconds:,.1f} ms: {guess.step.describe()}")
     table.add_row("throughput", f"{plan.tokens_per_sec:,.0f} tokens/s ({plan.rate_source})")
-    table.add_row("wall time", format_duration(plan.seconds))
+    evaluating = f" ({format_duration(plan.eval_seconds)} of it evaluating)" if plan.eval_seconds else ""
+    table.add_row("wall time", format_duration(plan.seconds) + evaluating)
     if run:
         seen = unique_tokens(run.tokens, run.split_tokens)
         passes = "" if run.epochs is None else f"{run.epochs:.2f} passes; "
@@ -210,7 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=count(), default=5, help="timed steps per batch size (after 2 warmup steps)")
     add_device(p)
     p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits, printing "
-                   "each batch size tried")
+                   "each batch size tried (each eager, over one micro-batch)")
     p.add_argument("--search-seconds", type=positive, default=120.0, help="--find-max-batch begins no try that "
                    "would end past this (foreseen from the newest try) and keeps the largest batch found so far")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +16,130 @@ import torch
 
 from lmlab.core.errors import UserError
 
+# The newest of the torch APIs lmlab calls, each with the release that brought it: pyproject.toml's floor is the
+# latest of them (tests/test_device.py holds the two together and finds each name in lmlab's source).
+TORCH_APIS = {
+    "torch.optim.Muon": (2, 9),  # train.optimizer = "muon"
+    "torch.distributed.fsdp.fully_shard": (2, 6),  # train.parallel = "fsdp", public from 2.6
+    "torch._inductor.aoti_compile_and_package": (2, 6),  # the compiled decode step, its package_path= form
+    "torch.OutOfMemoryError": (2, 5),  # bench and the command line's one line for a device out of memory
+    "enable_gqa": (2, 5),  # scaled_dot_product_attention's grouped-query heads, in every forward
+    "torch.nn.RMSNorm": (2, 4),
+}
+TORCH_FLOOR = max(TORCH_APIS.values())
+
+
+def torch_version(text: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as `2.13.0+cu128` (default: this torch's)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", text or torch.__version__).groups()
+    return int(major), int(minor)
+
+
+def check_torch() -> None:
+    """Refuse a torch older than what lmlab calls, in one sentence, rather than fail deep inside a run (a rented
+    GPU's image brings whatever torch it has)."""
+    if torch_version() < TORCH_FLOOR:
+        needs = ", ".join(api for api, version in TORCH_APIS.items() if version > torch_version())
+        raise UserError(f"this is torch {torch.__version__}, and lmlab needs {TORCH_FLOOR[0]}.{TORCH_FLOOR[1]} or "
+                        f"later (for {needs}); install a newer torch (docs/guides/laptop-to-gpu.md, section 9).")
+
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; a CUDA GPU this torch build has no kernels for is passed
+    over with a note (`auto`) or refused (`cuda`) in one sentence naming the torch build that runs it."""
+    check_torch()
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            problem = unusable_gpu()
+            if problem is None:
+                return torch.device("cuda")
+            _note(f"note: {problem}; computing on the CPU (--device cpu says so and hides this note).")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu or auto.")
+        raise UserError(f"--device cuda was asked for but {no_gpu_reason()}; or use --device cpu or auto.")
+    if name == "cuda" and (problem := unusable_gpu()):
+        raise UserError(f"--device cuda: {problem}.")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but MPS is not available here; use --device cpu or auto.")
     if name not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name} is unknown; use auto, cpu, cuda or mps.")
     return torch.device(name)
+
+
+_said: set[str] = set()
+
+
+def _note(text: str) -> None:
+    """A note on stderr, once per process."""
+    if text not in _said:
+        _said.add(text)
+        print(text, file=sys.stderr)
+
+
+def no_gpu_reason() -> str:
+    """Why this torch sees no CUDA GPU, in words: a CPU build, a driver older than the build's CUDA, or no GPU."""
+    if torch.version.cuda is None:
+        return (f"this PyTorch ({torch.__version__}) is built without CUDA; install a CUDA build of torch "
+                "(docs/guides/laptop-to-gpu.md, section 9)")
+    try:
+        torch.cuda.init()
+    except (RuntimeError, AssertionError) as err:
+        if "driver" in str(err).lower() and "too old" in str(err).lower():
+            found = re.search(r"found version (\d+)", str(err))
+            driver = f" (it supports CUDA {int(found[1]) // 1000}.{int(found[1]) % 1000 // 10})" if found else ""
+            return (f"the NVIDIA driver is older than CUDA {torch.version.cuda}, which this PyTorch "
+                    f"({torch.__version__}) was built for{driver}; update the driver, or install a torch built for "
+                    "the CUDA it supports (e.g. https://download.pytorch.org/whl/cu126)")
+        return f"this PyTorch ({torch.__version__}) cannot use the GPU: {str(err).splitlines()[0]}"
+    return (f"this PyTorch ({torch.__version__}, CUDA {torch.version.cuda}) sees no CUDA GPU (CUDA_VISIBLE_DEVICES "
+            "may hide them)")
+
+
+def _arch(name: str) -> tuple[int, int, str]:
+    """`sm_86` -> (8, 6, ""), `sm_90a` -> (9, 0, "a"), `compute_120` -> (12, 0, "")."""
+    number, suffix = re.fullmatch(r"(?:sm|compute)_(\d+)([a-z]?)", name).groups()
+    return int(number) // 10, int(number) % 10, suffix
+
+
+def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list()'s sm_ and compute_ names) has kernels for
+    a GPU of `capability`: a cubin of the same major version and a minor no higher (sm_80 runs on 8.6, sm_90a only
+    on 9.0), or PTX of a capability no higher, which the driver compiles for it."""
+    for name in arch_list:
+        major, minor, suffix = _arch(name)
+        if name.startswith("compute_") and (major, minor) <= capability:
+            return True
+        if name.startswith("sm_") and major == capability[0] and (minor == capability[1] or
+                                                                   suffix != "a" and minor < capability[1]):
+            return True
+    return False
+
+
+def wheel_for(capability: tuple[int, int]) -> str:
+    """What to install for a GPU of `capability`: PyTorch's CUDA 12.6 builds keep Maxwell to Volta (5.0-7.0), which
+    those for CUDA 12.8 and later dropped (torch 2.8 dropped 5.0-6.x, 2.11 Volta); from Turing (7.5) on, any."""
+    if capability < (5, 0):
+        return "no PyTorch build runs compute capability below 5.0 any more: use --device cpu"
+    if capability < (7, 5):
+        return ("install PyTorch's CUDA 12.6 build, the last with kernels for 5.0 to 7.0 "
+                "(pip install torch --index-url https://download.pytorch.org/whl/cu126)")
+    return ("install a PyTorch build for CUDA 12.8 or later "
+            "(pip install torch --index-url https://download.pytorch.org/whl/cu128)")
+
+
+def unusable_gpu() -> str | None:
+    """Why the visible CUDA GPU cannot run this torch build (its first kernel would fail with "no kernel image is
+    available"), with what to install instead; None when it can, and for a build that names no NVIDIA
+    architectures (ROCm)."""
+    capability, arch = torch.cuda.get_device_capability(), torch.cuda.get_arch_list()
+    nvidia = [name for name in arch if re.fullmatch(r"(?:sm|compute)_\d+[a-z]?", name)]
+    if not nvidia or runs_on(capability, nvidia):
+        return None
+    return (f"the GPU {torch.cuda.get_device_name()} (compute capability {capability[0]}.{capability[1]}) has no "
+            f"kernels in this PyTorch ({torch.__version__}, built for {' '.join(nvidia)}); "
+            f"{wheel_for(capability)}")
 
 
 def configure(device: torch.device) -> None:
@@ -128,6 +237,15 @@ PEAK_TFLOPS = {
     "V100 PCIe": {"float16": 112, "float32": 14},
     "V100S PCIe": {"float16": 130, "float32": 16.4},
     "T4": {"float16": 65, "float32": 8.1},
+}
+
+# Memory bandwidth in GB/s from the same datasheets (the SXM and 80 GB parts where a row covers several): what the
+# kernels that are not matmuls (norms, activations, softmax, the optimizer) run at, lmlab.experiments.gputime.
+BANDWIDTH_GBS = {
+    "H100": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "H200 NVL": 4800, "GH200": 4000,
+    "A100": 2039, "A100 PCIe": 1935, "A10": 600, "A10G": 600, "A40": 696, "RTX A6000": 768, "L4": 300, "L40": 864,
+    "L40S": 864, "RTX 6000 Ada": 960, "RTX 3080": 760, "RTX 3090": 936, "RTX 3090 Ti": 1008, "RTX 4070 Ti": 504,
+    "RTX 4080": 717, "RTX 4090": 1008, "V100": 900, "V100 PCIe": 900, "V100S PCIe": 1134, "T4": 320,
 }
 
 # Name tokens that say nothing about the chip's speed: vendor and product-line words, memory size and type,

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from lmlab.core.busy import Load, LoadMeter
-from lmlab.core.device import datasheet_peak, dtype_for_capability, processor, synchronize
+from lmlab.core.device import configure, datasheet_peak, dtype_for_capability, processor, synchronize
 from lmlab.core.fileio import WriteError, atomic_write_text, writing
 
 QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
@@ -113,7 +113,9 @@ class Peak:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
-    """The peak of `device` in `dtype`: the datasheet's, or measured here (see the module's rules)."""
+    """The peak of `device` in `dtype`: the datasheet's, or measured here (see the module's rules). On CUDA, TF32 is
+    set first (`configure`): lmlab's fp32 runs use it, so an fp32 peak measured without it is one a run exceeds."""
+    configure(device)
     name = str(dtype).removeprefix("torch.")
     listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
     if listed:
@@ -157,7 +159,8 @@ def cache_key(device: torch.device, dtype: torch.dtype) -> str:
     size (a smaller matmul peaks lower and would overstate MFU)."""
     who = ", ".join(f"{k} {v}" for k, v in _identity(device).items() if v)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+    tf32 = " (TF32)" if device.type == "cuda" and dtype == torch.float32 else ""  # not a figure measured without it
+    return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}{tf32}, torch {torch.__version__}, "
             f"{matmul_size(device, dtype)}² matmul")
 
 
@@ -254,8 +257,10 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: list[str
 def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.dtype,
            device: torch.device) -> dict[str, Any]:
     """The entry after one more measurement. A quiet one joins the quiet figures and may raise the best; a busy one
-    replaces only a busy entry (kept for the record), never a quiet figure. The best's time and load go with it."""
-    quiet = not load.busy
+    replaces only a busy entry (kept for the record), never a quiet figure. The best's time and load go with it. A
+    GPU's is quiet whatever the CPU's load (recorded still): the cores others use do not slow a GPU's matmul, and a
+    torchrun job's own spinning barriers would otherwise refuse every GPU peak the table does not list."""
+    quiet = not load.busy or device.type == "cuda"
     new = {"flops": float(flops), "quiet": quiet, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load": load.record()}
     figures = list(entry["figures"]) if entry and entry["quiet"] else []
@@ -306,16 +311,21 @@ def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5
     return best
 
 
-def choose_dtype(device: torch.device, setting: str) -> tuple[torch.dtype, str]:
+def choose_dtype(device: torch.device, setting: str, born: str | None = None) -> tuple[torch.dtype, str]:
     """The autocast dtype of train.dtype on `device`, and why, in words. `auto` is bf16 on CUDA GPUs that compute in
-    it (fp16 on Volta and Turing, fp32 below); on a CPU with native bf16, whichever of bf16 and fp32 measured
-    faster (by BF16_MARGIN, see above), from the same quiet, cached measurements as the peak."""
+    it (fp16 on Volta and Turing, fp32 below), but fp32 for weights `born` in bfloat16 (trained or published in it:
+    `RunDir.weights_dtype`) on a GPU without bf16, whose activations can exceed fp16's range (an imported Qwen in
+    fp16 on a T4 gives NaN, "!!!!" text); on a CPU with native bf16, whichever of bf16 and fp32 measured faster (by
+    BF16_MARGIN, see above), from the same quiet, cached measurements as the peak."""
     if setting != "auto":
         return getattr(torch, setting), "train.dtype"
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
-        chosen = dtype_for_capability(capability)
-        return chosen, f"auto: {str(chosen).removeprefix('torch.')} at compute capability {capability[0]}.{capability[1]}"
+        chosen, at = dtype_for_capability(capability), f"compute capability {capability[0]}.{capability[1]}"
+        if chosen == torch.float16 and born == "bfloat16":
+            return torch.float32, (f"auto: float32, not float16: these weights were trained in bfloat16, which this "
+                                   f"GPU ({at}) lacks, and their activations can overflow float16")
+        return chosen, f"auto: {str(chosen).removeprefix('torch.')} at {at}"
     if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.float32, f"auto: float32 ({device.type} without native bf16)"
     fp32, bf16 = peak_flops(device, torch.float32), peak_flops(device, torch.bfloat16)

@@ -152,7 +152,13 @@ def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096,
     A batch that just fits leaves nothing for evaluation, a checkpoint's copies or fragmentation over a long run,
     so the budget keeps headroom; on the CPU nothing raises an out-of-memory error before the kernel kills the
     process, so there the budget is the only test.
+
+    Each try measures memory, not speed: eagerly (compiled, every batch size would compile anew, minutes on a GPU,
+    and the next try would be foreseen from a time that was mostly compiling; eager keeps more activations than
+    compiled, so what fits eagerly fits compiled) and over one micro-batch (accumulation adds time, not memory: the
+    gradients accumulate in the same tensors).
     """
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False, grad_accum_steps=1))
     budget, started = memory_budget(resolve_device(device_name)), time.perf_counter()
     newest = [1, 0.0]  # the newest try: its batch and seconds
 

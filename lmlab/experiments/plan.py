@@ -1,9 +1,11 @@
 """What a training run will cost before it starts (`lmlab plan`): parameters, tokens, FLOPs and wall time.
 
 The wall time needs a throughput. By default it is estimated at once, without timing the model: the peak FLOP/s
-of the hardware (a datasheet GPU with `--gpu NAME`, else this machine's device) × an MFU (given, else the median
-MFU of the user's own runs on that hardware, else DEFAULT_MFU), ÷ the model's FLOPs per token. `--measure` times
-training steps here instead; `--tokens-per-sec` takes a figure from elsewhere.
+of the hardware (a datasheet GPU with `--gpu NAME`, else this machine's device) × an MFU (given, or the median MFU
+of the user's own runs on that hardware), ÷ the model's FLOPs per token; without either, a datasheet GPU's step is
+estimated part by part (`gputime`: FLOPs and what they leave out, which is most of a small model's step, and the
+evaluations), anything else's at DEFAULT_MFU. `--measure` times training steps here instead; `--tokens-per-sec`
+takes a figure from elsewhere.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from lmlab.core.peak import Peak, autocast_dtype, peak_flops
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import bench_batch, bench_threads, with_vocab
+from lmlab.experiments.gputime import StepTime, gpu_step_time, peak_of, run_seconds
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
 
-# The MFU assumed without a measurement: what the demo preset reaches on 2 CPU cores (30-33% in its log lines);
-# compiled bf16 training of larger models on a GPU often does better, so for a rented GPU pass --mfu or train a
-# short run on it first (its MFU is then used).
+# The MFU assumed without a measurement on hardware the datasheet table does not list (a CPU): what the demo preset
+# reaches on 2 CPU cores (30-33% in its log lines). A datasheet GPU's step is estimated part by part (gputime).
 DEFAULT_MFU = 0.3
 
 
@@ -47,6 +49,7 @@ class Plan:
     lookup_params: int = 0  # parameters used only as lookup tables (6·N·D counts them, lmlab's compute does not)
     padding_params: int = 0  # vocabulary padding rows, not parameters (lmlab's compute counts what the head multiplies)
     attention_flops: float = 0.0  # per token, beyond the weights' 6 per multiplying weight
+    eval_seconds: float = 0.0  # the evaluations' share of the wall time, where it is estimated (gputime)
 
     @property
     def flops(self) -> float:
@@ -64,7 +67,7 @@ class Plan:
 
     @property
     def seconds(self) -> float:
-        return self.tokens / self.tokens_per_sec
+        return self.tokens / self.tokens_per_sec + self.eval_seconds
 
     @property
     def chinchilla_tokens(self) -> int:
@@ -132,13 +135,16 @@ def gpu_row(name: str) -> str:
 
 
 def gpu_hardware(name: str, dtype_setting: str) -> Hardware:
-    """A datasheet GPU running the config's dtype (auto: bf16 where the GPU has it, else fp16)."""
+    """A datasheet GPU running the config's dtype (auto: bf16 where the GPU has it, else fp16; bf16 asked of a GPU
+    without it is emulated, at its fp32 rate)."""
     row = gpu_row(name)
     for dtype in ("bfloat16", "float16") if dtype_setting == "auto" else (dtype_setting,):
         found = datasheet_peak(row, getattr(torch, dtype))
         if found:
             return Hardware(found[1].removeprefix("datasheet "), dtype, Peak(found[0], dtype, found[1]), local=None)
-    raise UserError(f"the datasheet table has no {dtype_setting} figure for {row}; set train.dtype to another.")
+    flops, _ = peak_of(row, dtype_setting)
+    return Hardware(row, dtype_setting, Peak(flops, dtype_setting, f"datasheet {row} float32: {dtype_setting} "
+                                                                  "emulated", native=False), local=None)
 
 
 def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
@@ -175,31 +181,44 @@ def mfu_from_runs(paths: list[Path], hardware: Hardware, model: LanguageModel) -
 
 @dataclass
 class Estimate:
-    """Tokens/s without a measurement: a peak × an MFU ÷ the model's FLOPs per token."""
+    """Tokens/s without a measurement: a peak × an MFU ÷ the model's FLOPs per token; where the MFU is the GPU time
+    model's, its `step` too."""
 
     hardware: Hardware
     mfu: float
     peak: float  # what the MFU is a share of: the hardware's, or that of the run the MFU came from
     mfu_source: str
+    step: StepTime | None = None  # a datasheet GPU's step, part by part (gputime)
 
     def tokens_per_sec(self, model: LanguageModel) -> float:
         return self.mfu * self.peak / model.flops_per_token()
 
 
-def estimate(hardware: Hardware, mfu: float | None, model: LanguageModel, runs: list[Path]) -> Estimate:
-    """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it, else at DEFAULT_MFU."""
+def estimate(hardware: Hardware, mfu: float | None, model: LanguageModel, runs: list[Path],
+             cfg: RunConfig | None = None) -> Estimate:
+    """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it, else, for a datasheet GPU, at
+    the MFU its step's parts give (`gputime`, for `cfg`'s micro-batch, accumulation and compile), else at
+    DEFAULT_MFU."""
     if mfu:
         return Estimate(hardware, mfu, hardware.peak, "--mfu")
     found = mfu_from_runs(runs, hardware, model)
-    return Estimate(hardware, *found) if found else Estimate(hardware, DEFAULT_MFU, hardware.peak,
-                                                               "assumed; --mfu sets it")
+    if found:
+        return Estimate(hardware, *found)
+    row = hardware.name if hardware.local is None else hardware.peak_figure.source.removeprefix("datasheet ")
+    if cfg is not None and row in PEAK_TFLOPS:  # a datasheet GPU, --gpu or this machine's
+        step = gpu_step_time(cfg, row, hardware.dtype, cfg.train.compile is not False)
+        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+        implied = tokens / step.seconds * model.flops_per_token() / hardware.peak
+        return Estimate(hardware, implied, hardware.peak, "what the GPU time model gives; --mfu sets it", step)
+    return Estimate(hardware, DEFAULT_MFU, hardware.peak, "assumed; --mfu sets it")
 
 
 def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None, chinchilla: bool = False,
-              split_tokens: int | None = None) -> Plan:
+              split_tokens: int | None = None, step: StepTime | None = None) -> Plan:
     """The plan for `tokens` training tokens (or Chinchilla's 20 per parameter, or the config's max_iters steps)
     at `rate`: tokens/s and where the figure came from (`estimate`, `measure_tokens_per_sec`, the user);
-    `split_tokens`, the train split's tokens, say how often it repeats its data (else its dataset's, if here)."""
+    `split_tokens`, the train split's tokens, say how often it repeats its data (else its dataset's, if here);
+    `step`, a GPU time model's step, adds its evaluations to the wall time."""
     model = shape_of(cfg)
     params = model.num_params()
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
@@ -209,9 +228,10 @@ def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None
         tokens, source = CHINCHILLA_TOKENS_PER_PARAM * params, "20 tokens per parameter (Chinchilla)"
     else:
         tokens, source = cfg.train.max_iters * tokens_per_step, "train.max_iters x tokens per step"
+    evaluations = run_seconds(cfg, step, tokens / tokens_per_step)[1] if step else 0.0
     return Plan(params, model.num_params(embeddings=False), model.flops_per_token(), tokens_per_step, tokens, source,
                 *rate, split_tokens or train_split_tokens(cfg), model.lookup_params(), model.padding_params(),
-                model.attention_flops())
+                model.attention_flops(), evaluations)
 
 
 def train_split_tokens(cfg: RunConfig) -> int | None:

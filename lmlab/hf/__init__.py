@@ -138,9 +138,13 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
             cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
             facts = {"tokenizer": tok.spec, "vocab_size": model_cfg.vocab_size, "eot_id": tok.eot_id}
             with RunDir(tmp).locked() as run:
+                # The dtype the weights were published in (transformers 4's torch_dtype, 5's dtype): an fp16 GPU
+                # computes bf16-born weights in fp32 (RunDir.weights_dtype).
+                published = raw.get("torch_dtype") or raw.get("dtype")
                 run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()),
                                                                  "format": f"huggingface {family.name}",
-                                                                 "weights_sha256": weights.sha256()})
+                                                                 "weights_sha256": weights.sha256(),
+                                                                 "dtype": published})
                 run.write_setup(cfg, tok, facts, chat=chat)
                 run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(),
                                     None, best=True, keep=1)

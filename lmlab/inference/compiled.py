@@ -9,12 +9,12 @@ is for a long-lived server or a long generation, not a short sample.
 
 The server keeps what it compiles (`kept_step`, `load_kept`): a package on disk, keyed by everything the compiled
 code depends on (the weights, frozen into it; the model's shape; rows; dtype; threads, baked into its kernels;
-torch; the processor it was built for; the source of the model and of this step), so a restart loads it in
-about a second instead of compiling again. A package is native code the server runs: it is loaded only from a
-folder that no one else may write (owned by this user, not writable by group or others), and only when its sha256
-is the one written beside it when it was built (`KEY.sha256`); a damaged or changed package is refused
-(`StepRefused`), not run. `python -m lmlab.inference.compiled` builds one in a process of its own,
-which the server runs while it decodes eagerly.
+torch; the processor it was built for, and the GPU: its name, compute capability and CUDA version; the source of
+the model and of this step), so a restart loads it in about a second instead of compiling again. A package is
+native code the server runs: it is loaded only from a folder that no one else may write (owned by this user, not
+writable by group or others), and only when its sha256 is the one written beside it when it was built
+(`KEY.sha256`); a damaged or changed package is refused (`StepRefused`), not run. `python -m
+lmlab.inference.compiled` builds one in a process of its own, which the server runs while it decodes eagerly.
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
              "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
              "cpu": machine()["cpu"], "isa": torch.backends.cpu.get_cpu_capability(), "source": source.hexdigest(),
              "lmlab": __version__}
+    if device.type == "cuda":  # its kernels are built for this GPU's architecture and this CUDA: a shared cache
+        facts["gpu"] = {"name": torch.cuda.get_device_name(device),  # may hold another GPU's
+                        "capability": list(torch.cuda.get_device_capability(device)), "cuda": torch.version.cuda}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
 

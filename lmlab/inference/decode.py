@@ -81,10 +81,34 @@ class ContextWindow(DecodeState):
 
 def feed(model: LanguageModel, idx: torch.Tensor, state: DecodeState, logits: bool = True) -> torch.Tensor | None:
     """The logits (B, T, vocab) of (B, T) tokens fed after what each row of `state` holds (and `state` moved past
-    them); without `logits`, a window-only state skips the forward (a prefill needs none)."""
+    them); without `logits` none are computed: a prefill that echoes nothing needs no head over its prompt (a 4k
+    prompt's logits in a 32k vocabulary are half a gigabyte), and a window-only state skips the forward."""
     if isinstance(state, ContextWindow):
         return state.feed(model, idx, logits)
+    if not logits:
+        nowhere = torch.zeros(0, dtype=torch.long, device=idx.device)
+        model.logits_at(idx, nowhere, nowhere, cache=state)  # the state moves past idx; the head reads no position
+        return None
     return model(idx, cache=state)[0]
+
+
+def hold_weights(model: LanguageModel, dtype: torch.dtype) -> LanguageModel:
+    """Hold `model`'s matmul weights (every nn.Linear's, a head's tied token table with them) in `dtype`, in place,
+    for a model loaded to decode only: autocast then finds them cast and casts nothing, where it would read every
+    fp32 weight and write its `dtype` copy at every token (twice the weight traffic of a step bound by it). Norms
+    and the residual stream stay fp32, as under autocast. A no-op for float32."""
+    if dtype != torch.float32:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(dtype)
+    return model
+
+
+def live_length(longest: int, block_size: int) -> int:
+    """The cache positions a step attends over when its rows hold at most `longest` tokens: the next power of two
+    from 64, up to the context, so a short chat in a 32k context reads a few hundred positions of each row's cache,
+    not all of them, with few distinct lengths."""
+    return min(block_size, max(64, 1 << (longest - 1).bit_length()))
 
 
 def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
@@ -109,8 +133,11 @@ class Decoder:
                                                                                     self.device)
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)
+        # An eager step attends over the live part of the cache (`live_length`); a compiled one was built for its
+        # whole length.
+        self.shorten = step is None
         self.active: list[Sequence] = []
-        self._views: dict[int, DecodeState] = {}
+        self._views: dict[tuple[int, int], DecodeState] = {}
         self.scoring = 0  # active sequences that record log-probabilities
 
     @property
@@ -124,7 +151,7 @@ class Decoder:
         seq.row = len(self.active)
         self.active.append(seq)
         seq.generator = new_generator(seq.params, self.device)
-        logits = self._fill(seq, seq.ids[-self.block_size:])
+        logits = self._fill(seq, seq.ids[-self.block_size:], echo=seq.logprobs is not None and seq.echo)
         if seq.logprobs is not None:
             self.scoring += 1
             if seq.echo:
@@ -149,10 +176,11 @@ class Decoder:
             if seq.pos == self.block_size:
                 # The context is full: start the window over from the newest half, re-encoded in one pass,
                 # rather than recompute a whole window every token.
-                self._fill(seq, seq.ids[-max(1, self.block_size // 2):])
+                self._fill(seq, seq.ids[-max(1, self.block_size // 2):], echo=False)
         n = len(self.active)
         idx = torch.tensor([[seq.ids[-1]] for seq in self.active], device=self.device)
-        logits = self.step_fn(idx, self.rows(n))
+        longest = max(seq.pos for seq in self.active) + 1  # with the token fed now
+        logits = self.step_fn(idx, self.rows(n, live_length(longest, self.block_size) if self.shorten else None))
         tokens = choose(logits, [seq.params for seq in self.active], [seq.generator for seq in self.active])
         if self.scoring:
             self._score_step(logits, tokens)
@@ -162,22 +190,25 @@ class Decoder:
             seq.pos += 1
         return tokens
 
-    def rows(self, n: int) -> DecodeState:
-        """The state of the first n rows (views made once per n: a step should not pay for slicing)."""
-        if n not in self._views:
-            self._views[n] = self.state.rows(0, n)
-        return self._views[n]
+    def rows(self, n: int, length: int | None = None) -> DecodeState:
+        """The state of the first n rows, holding `length` positions each (default: the context); views made once
+        per shape, as a step should not pay for slicing."""
+        length = length or self.block_size
+        if (n, length) not in self._views:
+            rows = self.state.rows(0, n)
+            self._views[n, length] = rows if length == self.block_size else rows.shortened(length)
+        return self._views[n, length]
 
-    def _fill(self, seq: Sequence, window: list[int]) -> torch.Tensor | None:
+    def _fill(self, seq: Sequence, window: list[int], echo: bool) -> torch.Tensor | None:
         """Start seq's row over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step.
-        Returns the prefill's logits (1, len(window) - 1, vocab), None for a window of one token."""
+        Returns the prefill's logits (1, len(window) - 1, vocab) with `echo` (a prompt scored token by token), else
+        None: nothing else reads them."""
         row = self.state.rows(seq.row, seq.row + 1)
         row.reset(0)  # through the one-row view, which then knows it is empty (see KVCache)
         logits = None
         if len(window) > 1:
             with autocast(self.device, self.dtype):
-                logits = feed(self.model, torch.tensor([window[:-1]], device=self.device), row,
-                              logits=seq.logprobs is not None and seq.echo)
+                logits = feed(self.model, torch.tensor([window[:-1]], device=self.device), row, logits=echo)
         seq.pos = len(window) - 1
         return logits
 

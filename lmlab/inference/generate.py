@@ -14,7 +14,7 @@ import torch
 from lmlab.core.config import SamplingParams, seeded
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.inference.decode import Decoder, Step
+from lmlab.inference.decode import Decoder, Step, hold_weights
 from lmlab.inference.decode import Sequence as Decoding
 from lmlab.model import LanguageModel
 from lmlab.model.memory import check_decoding
@@ -29,6 +29,16 @@ def decode_dtype(device: torch.device, dtype: torch.dtype, compiled: bool) -> to
     step and bf16 decoding ran at half the speed of fp32 (benchmarks/decode_speed.py); compiled, the casts are
     done once and bf16 is the faster."""
     return torch.float32 if device.type == "cpu" and not compiled else dtype
+
+
+def decoding_only(run: LoadedRun, compiled: bool) -> torch.dtype:
+    """The dtype `run` decodes in (`decode_dtype`), with its matmul weights held in it when it decodes eagerly
+    (`hold_weights`: cast once here, not by autocast at every token), for a run loaded to decode and nothing else
+    (sample, answer, serve): nothing reads those weights in fp32 afterwards."""
+    dtype = decode_dtype(run.device, run.dtype, compiled)
+    if not compiled:
+        hold_weights(run.model, dtype)
+    return dtype
 
 
 @torch.no_grad()

@@ -107,7 +107,7 @@ class LanguageModel(nn.Module):
         """The logits (n, vocab) of ids (B, T) at (rows[i], positions[i]) only, `cache` advanced as `forward`
         advances it: what scoring reads, where the other positions' logits would be computed for nothing (GPT-2
         small's head is a third of its matmuls). By default the whole forward, then those positions; a kind may
-        compute only them (gpt.py does)."""
+        compute only them (gpt.py and recurrent.py do)."""
         logits, _ = self(idx, cache=cache)
         return logits[rows, positions]
 

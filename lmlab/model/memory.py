@@ -7,13 +7,17 @@ and the largest size that fits.
 Models are sized on the meta device, which allocates nothing: the weights of models of one and two layers, and
 the tensors their forward keeps for the backward pass (saved-tensor hooks), every layer being the same size, so a
 config asking for 10^12 of anything is sized at once. Attention score matrices (T x T) are left out: the fused
-attention kernels lmlab trains with (flash attention on the CPU and CUDA) do not keep them. Two measured factors
+attention kernels lmlab trains with (flash attention on the CPU and on CUDA from compute capability 8.0, the
+memory-efficient kernel before) do not keep them. Two measured factors
 turn what the forward keeps into the peak of a training step (benchmarks/memory_estimate.py compares them with
 the peak RSS on this machine's CPU): the backward's transient gradients (about 30% of the kept activations) and
 the logits, which exist twice more at the peak (the tensor and its gradient).
 
-On a CUDA device the estimate is not the check: the caching allocator raises its own out-of-memory error at the
-first step, which the command line reports in one sentence.
+On a CUDA device decoding rows are checked against the GPU's free memory (`mem_get_info`, with the blocks PyTorch's
+caching allocator holds unused): a KV cache's size is exact, and an imported model's long context can ask for tens
+of gigabytes at the server's default batch. A training step is not: its estimate is of fp32 activations, which
+autocast and the fused kernels change, so there the allocator raises its own out-of-memory error at the first
+step, which the command line reports in one sentence.
 """
 
 from __future__ import annotations
@@ -175,18 +179,30 @@ class MemoryRefused(UserError):
         self.largest = largest
 
 
+def device_memory(device: torch.device | None) -> tuple[int, str]:
+    """The bytes free for new tensors on `device` now, and where they are, for a sentence: a CUDA GPU's free memory
+    and what PyTorch's allocator holds unused (it hands those blocks out first), else this machine's memory."""
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        name = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        return free + held, f"the GPU ({name}) has {human_bytes(free + held)} free"
+    have = host_memory()
+    return have, f"this machine has {human_bytes(have)} of memory available"
+
+
 def check_fits(need: Need, size: int, setting: str, unit: str, device: torch.device | None = None,
                have: int | None = None) -> None:
     """Refuse `size` units (`setting` names it, `unit` says what one is) when `need` at that size is more than the
-    memory available now (`have`, default: this machine's), in one sentence with the figure and the largest size
-    that fits. On a CUDA `device` the allocator checks instead (see the module's docstring)."""
-    if device is not None and device.type == "cuda":
-        return
-    have = host_memory() if have is None else have
+    memory available now (`have` bytes of this machine's, by default `device_memory(device)`), in one sentence with
+    the figure and the largest size that fits."""
+    if have is None:
+        have, available = device_memory(device)
+    else:
+        available = f"this machine has {human_bytes(have)} of memory available"
     total = need.at(size)
     if total <= have:
         return
-    available = f"this machine has {human_bytes(have)} of memory available"
     if need.fixed >= UNCOUNTABLE or need.each >= UNCOUNTABLE:
         raise MemoryRefused(f"{setting} {size:,} needs more memory than can be counted (the model or its {unit} "
                             f"is that large), but {available}; use a smaller model.", 0)
@@ -204,7 +220,10 @@ def check_fits(need: Need, size: int, setting: str, unit: str, device: torch.dev
 def check_training(config: ModelConfig, batch_size: int, optimizer: str, device: torch.device,
                    processes: int = 1, setting: str = "train.batch_size") -> None:
     """Refuse a micro-batch whose training step would not fit this machine's memory (shared by a torchrun job's
-    `processes` on this host), before the model is built."""
+    `processes` on this host), before the model is built; on a CUDA `device` the allocator checks instead (see the
+    module's docstring)."""
+    if device.type == "cuda":
+        return
     check_fits(training_need(config, optimizer), batch_size, setting, f"sequence of {config.block_size:,} tokens",
                device, host_memory() // processes)
 

@@ -88,12 +88,21 @@ class RecurrentLM(LanguageModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: RecurrentState | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T), starting from `cache`'s state (and updating it) or zeros."""
-        x = self.drop(self.wte(idx))  # (B, T, C)
-        x, hidden = self.rnn(x, cache.state() if cache is not None else None)  # (B, T, C)
-        if cache is not None:
-            cache.store(hidden, idx.size(1))
-        logits = self.lm_head(self.drop(x))  # (B, T, vocab)
+        logits = self.lm_head(self.hidden(idx, cache))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = next_token_loss(logits, targets)
         return logits, loss
+
+    def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                  cache: RecurrentState | None = None) -> torch.Tensor:
+        """The head applied at the positions asked for only (see LanguageModel.logits_at)."""
+        return self.lm_head(self.hidden(idx, cache)[rows, positions])  # (n, vocab)
+
+    def hidden(self, idx: torch.Tensor, cache: RecurrentState | None = None) -> torch.Tensor:
+        """The states (B, T, C) the head reads, for token ids (B, T), from `cache`'s state (updated) or zeros."""
+        x = self.drop(self.wte(idx).float())  # (B, T, C), fp32 also from a table held in bf16 (decode.hold_weights)
+        x, hidden = self.rnn(x, cache.state() if cache is not None else None)  # (B, T, C)
+        if cache is not None:
+            cache.store(hidden, idx.size(1))
+        return self.drop(x)

@@ -189,18 +189,37 @@ def load_state(folder: Path) -> dict[str, Any]:
 
 def load_checkpoint(folder: Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load weights (and optimizer state) into objects already on their device; return the JSON state."""
+    """Load weights (and optimizer state) into objects already on their device; return the JSON state.
+
+    The files are read into host memory and copied into the tensors the model and optimizer hold, so a GPU never
+    holds a second copy: a rollback or resume in the middle of training (whose batch was sized to the memory left
+    with 10% headroom) adds nothing to its device's memory. Only state the optimizer does not have yet (a resume's
+    first load) is allocated there, once."""
     state = load_state(folder)
-    device = next(model.parameters()).device
     try:
-        load_model(model, str(folder / "model.safetensors"), device=str(device))
+        load_model(model, str(folder / "model.safetensors"), device="cpu")
     except RuntimeError as err:  # missing, unexpected or differently shaped tensors
         detail = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
         raise UserError(f"{folder}/model.safetensors does not hold the model that config.toml describes "
                         f"({detail}); restore the run's config.toml.")
     if optimizer is not None:
-        optimizer.load_state_dict(read_optimizer_state(folder, state, device))
+        optimizer.load_state_dict(into_place(optimizer, read_optimizer_state(folder, state)))
     return state
+
+
+def into_place(optimizer: Any, saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` (an optimizer state_dict read into host memory) with each tensor the optimizer already holds in the
+    same shape and dtype copied into that tensor and put in its place, so that `load_state_dict`, which moves the
+    rest to their parameters' device, keeps the tensors it has rather than allocating new ones beside them."""
+    live = optimizer.state_dict()["state"]
+    with torch.no_grad():
+        for index, entries in saved["state"].items():
+            for key, value in entries.items():
+                mine = live.get(index, {}).get(key)
+                if isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor) and mine.shape == value.shape \
+                        and mine.dtype == value.dtype:
+                    entries[key] = mine.copy_(value)
+    return saved
 
 
 def read_optimizer_state(folder: Path, state: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:

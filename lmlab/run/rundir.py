@@ -44,7 +44,7 @@ from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint
 from lmlab.core.device import configure, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file
-from lmlab.core.peak import Peak, autocast_dtype
+from lmlab.core.peak import Peak, choose_dtype
 from lmlab.core.version import __version__
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel, build_model
@@ -98,6 +98,22 @@ class RunDir:
         if (self.path / "prompt.json").exists():
             return "fine-tuned"
         return "imported" if len(head) > 1 and head[1].get("event") == "import" else "trained"
+
+    def weights_dtype(self) -> str | None:
+        """The dtype the weights were born in, as the autocast dtype of inference must respect it: bfloat16 when any
+        training of the run (or of the base it was fine-tuned from) ran in it, else the last one's; for an import,
+        what its config.json says they were published in (before imports recorded it: float32 for GPT-2, bfloat16
+        for the other families, as they are published); None where nothing says."""
+        start = (self.events(limit=1) or [{}])[0]
+        origin = start.get("origin") or {}
+        if self.kind() == "imported":
+            family = str(origin.get("format", "")).removeprefix("huggingface ")
+            return origin.get("dtype") or ("float32" if family == "gpt2" else "bfloat16" if family else None)
+        trained = [e.get("dtype") for e in self.events() if e.get("event") in ("start", "resume") and e.get("dtype")]
+        base = origin.get("base") and Path(origin["base"]) != self.path and RunDir(Path(origin["base"]))
+        if "bfloat16" in trained or (base and base.path.is_dir() and base.weights_dtype() == "bfloat16"):
+            return "bfloat16"
+        return trained[-1] if trained else None
 
     # -- writing a run ---------------------------------------------------------------------------------------
 
@@ -449,9 +465,14 @@ class RunDir:
                 if folder.exists() or attempt == 2:
                     raise
         check_forward(model)  # a plugin's, with these weights: NaN logits are one sentence, not NaN text
-        return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device,
-                         autocast_dtype(torch_device, cfg.train.dtype), self.prompt_format(), which, state["step"],
-                         (state.get("files") or {}).get("model.safetensors"), self.chat_template())
+        born = self.weights_dtype() if torch_device.type == "cuda" else None  # what a GPU without bf16 must heed
+        dtype, why = choose_dtype(torch_device, cfg.train.dtype, born)
+        # Said where the weights' own dtype changed the choice (fp32 over fp16 on a GPU without bf16).
+        notes = (f"note: {self.path} computes in {why}.",) if dtype != choose_dtype(torch_device, cfg.train.dtype)[0] \
+            else ()
+        return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device, dtype, self.prompt_format(),
+                         which, state["step"], (state.get("files") or {}).get("model.safetensors"),
+                         self.chat_template(), notes)
 
 
 def as_json(value: Any) -> str:
@@ -516,3 +537,4 @@ class LoadedRun:
     step: int
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of
     chat_template: ChatTemplate | None = None  # an imported instruct model's; None for the others
+    notes: tuple[str, ...] = ()  # what loading it chose that a command should say (fp32 over fp16, and why)

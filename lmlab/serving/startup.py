@@ -34,7 +34,7 @@ from lmlab.inference.compiled import (
     weights_sha256,
 )
 from lmlab.inference.decode import Step
-from lmlab.inference.generate import Batch, decode_dtype, document_start, prompt_chars
+from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, prompt_chars
 from lmlab.model.memory import check_decoding
 from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
@@ -83,15 +83,18 @@ class Startup:
             run = RunDir(options.run).load(options.checkpoint, options.device)
             # Rows that cannot fit in memory are refused before anything is said to be loaded or compiled: the
             # refusal is then the command's one line.
-            check_decoding(run.config.model, options.max_batch, self._row_tokens(run), "--max-batch", run.device)
+            check_decoding(run.config.model, options.max_batch, self._row_tokens(run), "--max-batch", run.device,
+                           decode_dtype(run.device, run.dtype, False))
             self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
+            for note in run.notes:
+                state.log(f"lmlab serve: {note}")
             state.threads = decode_threads(run, chooser, options.max_batch)
             folder = served_folder(run)
             # A model that keeps no decode state has nothing to compile: it decodes eagerly (lmlab.inference.compiled).
             compiles = options.compile and compilable(run.model)
             batch = self._kept(run, folder) if compiles else None
             if batch is None:
-                batch = self._batch(run, decode_dtype(run.device, run.dtype, False))
+                batch = self._batch(run, decoding_only(run, compiled=False))
                 state.decode_step = "eager, compiling" if compiles else "eager"
             state.served = self._served(run, batch, folder)
             state.phase = "ready"

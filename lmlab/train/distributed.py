@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader
-from lmlab.model import LanguageModel
+from lmlab.core.config import ModelConfig
+from lmlab.model import LanguageModel, build_model
 from lmlab.run.checkpoint import (
     load_checkpoint,
     load_state,
@@ -91,13 +92,42 @@ class Parallel:
                             "train.batch_size by as much to keep the tokens per step.")
         return grad_accum_steps // self.world_size
 
+    def build(self, config: ModelConfig, parallel: str, device: torch.device, dtype: torch.dtype
+              ) -> tuple[LanguageModel, torch.nn.Module]:
+        """The model to train, freshly initialised on `device`, and the module that runs its forward (`wrap`).
+
+        Under FSDP no rank holds the whole model on its device, so a model larger than one GPU trains: it is built on
+        the meta device (a shape), sharded, its shards allocated on `device`, and every rank given rank 0's initial
+        weights, built on rank 0's CPU from the global RNG as one process builds them (so the run starts where a
+        single process would), each rank receiving its shards alone (`broadcast_from_rank0`)."""
+        if not (self.active and parallel == "fsdp"):
+            model = build_model(config).to(device)
+            return model, self.wrap(model, parallel, dtype)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        with torch.device("meta"):
+            model = build_model(config)
+        wrapped = self.wrap(model, parallel, dtype)
+        model.to_empty(device=device)
+        whole = build_model(config) if self.is_main else None  # on rank 0's CPU: host memory, not the GPU's
+        set_model_state_dict(model, whole.state_dict() if whole is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Buffers are not sharded, and those a model recomputes rather than saves (rotary tables) are in no state
+        # dict: rank 0's, to every rank.
+        mine = dict(whole.named_buffers()) if whole is not None else {}
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if whole is not None:
+                    buffer.copy_(mine[name])
+                dist.broadcast(buffer, src=0)
+        return model, wrapped
+
     def wrap(self, model: LanguageModel, parallel: str, dtype: torch.dtype) -> torch.nn.Module:
         """The module to train: the model itself in one process, else DDP around it or the model sharded in place
-        by FSDP2 (each of its `shard_units`, then the rest), per train.parallel."""
+        by FSDP2 (`shard`), per train.parallel."""
         if not self.active:
             return model
         # Imported here: FSDP, DDP and DTensor take ~1 s to import, which a single process need not wait for.
-        from torch.distributed.fsdp import fully_shard
         from torch.nn.parallel import DistributedDataParallel
 
         if parallel == "ddp":
@@ -109,10 +139,7 @@ class Parallel:
                                 'shard alone; set train.dtype to bfloat16 or float32, or train.parallel to "ddp".')
             # The fused AdamW built afterwards steps the DTensor shards as they are, found_inf skips included
             # (checked on CPU/Gloo), so no fallback optimizer is needed.
-            policy = mixed_precision(dtype)
-            for unit in model.shard_units():
-                fully_shard(unit, mp_policy=policy)
-            self._model = fully_shard(model, mp_policy=policy)
+            self._model = shard(model, dtype)
         self.mode = parallel
         return self._model
 
@@ -316,15 +343,34 @@ class Parallel:
         return state
 
 
+def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:
+    """Shard `model` in place with FSDP2 so that it computes what one process computes under autocast of `dtype`.
+
+    In fp32, each of its `shard_units`, then the rest. Under bf16, each unit's matmul layers (its nn.Linear modules)
+    are one group, all-gathered in bf16 (`mixed_precision`: half the traffic, and the very values autocast would
+    cast them to); the rest (embeddings, the head, the norms) goes with the root in fp32, which autocast casts as it
+    casts a single process's: FSDP's bf16 policy over whole blocks would also round the norms' gains and, casting
+    each block's input, the residual stream to bf16, which autocast keeps in fp32."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in model.shard_units():
+        matmuls = [m for m in unit.modules() if isinstance(m, torch.nn.Linear)]
+        if dtype == torch.bfloat16 and matmuls:
+            fully_shard(matmuls, mp_policy=mixed_precision(dtype))
+        else:
+            fully_shard(unit)
+    return fully_shard(model)
+
+
 def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """FSDP2's precision for a run of autocast `dtype`. Under bf16 the shards are all-gathered in bf16 (half the
-    traffic, and no per-micro-batch cast of the gathered fp32 weights by autocast) and gradients are reduced in
-    fp32, while the sharded master weights and the optimizer stay fp32. Otherwise everything stays fp32 and
-    FSDP computes what one process computes."""
+    """FSDP2's precision for the matmul layers of a run of autocast `dtype` (see `shard`). Under bf16 they are
+    all-gathered in bf16 and their gradients reduced in fp32, while the sharded master weights and the optimizer stay
+    fp32; their inputs are left to autocast, which casts them at the matmul (FSDP would cast the residual stream).
+    Otherwise everything stays fp32 and FSDP computes what one process computes."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if dtype == torch.bfloat16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
 
@@ -351,8 +397,8 @@ def _address(host: str) -> str | None:
 
 def setup(device_name: str, timeout: float) -> tuple[Parallel, torch.device]:
     """Join the torchrun job if there is one (NCCL on CUDA, one GPU per local rank; Gloo on the CPU), a collective
-    failing after `timeout` seconds without an answer (train.collective_timeout), and return this process's place
-    in it, with every rank's host name, and its device."""
+    failing after `timeout` seconds without an answer (train.collective_timeout; NCCL's later, `nccl_timeout`), and
+    return this process's place in it, with every rank's host name, and its device."""
     device = resolve_device(device_name)
     parallel = from_env()
     if not launched_by_torchrun():
@@ -363,7 +409,7 @@ def setup(device_name: str, timeout: float) -> tuple[Parallel, torch.device]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size))
         device = torch.device("cuda", cuda_index(parallel.local_rank, local_world, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout), device_id=device)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=nccl_timeout(timeout)), device_id=device)
     else:
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     # its own, so its votes run beside the rest
@@ -371,6 +417,14 @@ def setup(device_name: str, timeout: float) -> tuple[Parallel, torch.device]:
     parallel.timeout = timeout
     parallel.hosts = parallel.gather_text(socket.gethostname())
     return parallel, device
+
+
+def nccl_timeout(timeout: float) -> float:
+    """NCCL's own timeout for a job whose collectives fail after `timeout` seconds: longer, so that the loop's Gloo
+    vote (every step, on the CPU) fails first and the job ends with the sentence naming the host it lost; when an
+    NCCL collective times out, NCCL's watchdog aborts the process (SIGABRT and its own log) before any sentence.
+    Twice the timeout and a minute more: a step under way when the peer went may have started a timeout earlier."""
+    return 2 * timeout + 60
 
 
 def cuda_index(local_rank: int, local_world: int, visible: int) -> int:

@@ -1,0 +1,271 @@
+"""How long a training step takes on a datasheet GPU, before one is at hand (`lmlab plan --gpu`).
+
+FLOPs at a peak × an MFU say it for a large model. A small one on a GPU is bound by what FLOPs leave out, so a step is
+its parts (`StepTime`):
+- matmuls: the model's FLOPs (`flops_per_token`) at the share of the datasheet peak a training step's matmuls reach
+  on that GPU (`MATMUL_SHARE`; bf16 on a GPU without it at the fp32 rate, emulated);
+- memory: the bytes the kernels that are not matmuls read and write (norms, activations, dropout, the residual
+  adds, the loss over the vocabulary, a loop's indexing), at a share of the GPU's memory bandwidth;
+- recurrence: the tokens an RNN layer (cuDNN's GRU and LSTM) must take one after another, each a kernel's latency;
+- the optimizer's pass over every weight and its state, and the batch's copy from the host;
+- launches: the host's time to launch each kernel a step runs (Python and PyTorch's dispatch, `LAUNCH_SECONDS`),
+  which the GPU waits for when its own work is shorter: CUDA runs ahead of the host, so a step takes the longer
+  of the two.
+The kernels and bytes are counted from the model itself: a forward and backward of one sequence on the meta device
+(which computes nothing), every op recorded as PyTorch dispatches it, layers extrapolated from models of one and two
+(`trace`); a plugin is counted like lmlab's own kinds. Fused attention is assumed (its scores never written out);
+under compile, Inductor fuses the elementwise kernels (`COMPILE_FUSION`). Evaluation is the same forward-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lmlab.core.config import ModelConfig, RunConfig
+from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS, datasheet_peak
+from lmlab.model import build_model
+
+# The share of the datasheet peak a training step's matmuls reach: data-centre parts held at their clocks run GEMMs
+# of a small model's widths at about half of it; GeForce cards (whose fp32-accumulate figure is the table's) and the
+# 70 W inference cards, which lower their clocks under load, at about 40%.
+MATMUL_SHARE = {"default": 0.5, "RTX": 0.4, "T4": 0.4, "L4": 0.4}
+BANDWIDTH_SHARE = 0.7  # of the datasheet bandwidth, that streaming kernels of a few MB reach
+LAUNCH_SECONDS = 7e-6  # host time per kernel an eager step launches: Python, PyTorch's dispatch, the launch itself
+VIEW_SECONDS = 1.5e-6  # host time per op that launches nothing (a view, a transpose)
+RECURRENCE_SECONDS = 4e-6  # one time step of one cuDNN RNN layer: a kernel's latency, its GEMM being tiny
+COMPILE_FUSION = 0.3  # under torch.compile, the kernels and bytes left of the elementwise ones (matmuls stay)
+MIXED_BYTES = 0.75  # bytes under bf16/fp16 autocast per fp32 byte: matmul outputs halve, norms and loss stay fp32
+OPTIMIZER_BYTES = 28  # per weight, fused AdamW: weight, gradient and two moments read, three written (fp32)
+PCIE_BYTES_PER_SECOND = 12e9  # a pinned batch's copy to the device
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "convolution_backward"}
+FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach"}
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What one sequence of block_size tokens costs a step besides its FLOPs, forward and backward (`step_`) or
+    forward only (`forward_`): kernels launched and host-only ops (both the same at any batch), bytes the kernels
+    that are not matmuls move, and the serial steps of a recurrence."""
+
+    step_launches: float
+    step_matmuls: float
+    step_views: float
+    step_bytes: float
+    forward_launches: float
+    forward_matmuls: float
+    forward_views: float
+    forward_bytes: float
+    serial: float  # time steps an RNN layer takes one after another, forward and backward, summed over its layers
+
+
+class _Count(TorchDispatchMode):
+    """Counts the ops PyTorch dispatches: kernels (matmuls apart), ops that launch none, and the bytes the kernels
+    that are not matmuls read and write."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = self.matmuls = self.views = self.bytes = self.serial = 0.0
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if self.paused or name in FREE:
+            return out
+        returns = func._schema.returns
+        if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            self.views += 1  # a view: metadata, no kernel
+        elif name in MATMULS:
+            self.launches, self.matmuls = self.launches + 1, self.matmuls + 1
+        else:
+            self.launches += 1
+            self.bytes += sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
+        return out
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return [t for v in value.values() for t in _tensors(v)] if isinstance(value, dict) else []
+
+
+class _Fused(torch.autograd.Function):
+    """A fused kernel (attention, a cuDNN RNN) as the GPU runs it: one launch forward, two backward, moving its
+    inputs and outputs; `shapes` are its outputs'. The meta device would run its reference ops instead."""
+
+    @staticmethod
+    def forward(ctx, count: _Count, serial: float, shapes: tuple, *inputs: torch.Tensor):  # noqa: ANN001, ANN205
+        ctx.count, ctx.serial, ctx.shapes = count, serial, [t.shape for t in inputs]
+        count.paused = True
+        outs = tuple(inputs[0].new_empty(shape) for shape in shapes)
+        count.paused = False
+        moved = sum(t.numel() * t.element_size() for t in (*inputs, *outs))
+        count.launches, count.bytes, count.serial = count.launches + 1, count.bytes + moved, count.serial + serial
+        ctx.moved = moved
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # noqa: ANN001, ANN205
+        count = ctx.count
+        count.paused = True
+        inputs = tuple(grads[0].new_empty(shape) for shape in ctx.shapes)
+        count.paused = False
+        count.launches, count.bytes, count.serial = count.launches + 2, count.bytes + 2 * ctx.moved, \
+            count.serial + 2 * ctx.serial
+        return (None, None, None, *inputs)
+
+
+class _AsOnGpu(TorchFunctionMode):
+    """Runs attention and cuDNN's RNNs as the GPU's fused kernels (`_Fused`), for `_Count`."""
+
+    def __init__(self, count: _Count):
+        super().__init__()
+        self.count = count
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            return _Fused.apply(self.count, 0.0, (q.shape[:-1] + v.shape[-1:],), q, k, v)[0]
+        if getattr(func, "__name__", "") in ("gru", "lstm") and len(args) == 9:  # (input, hx, weights, ...)
+            x, hx, weights, _, layers, _, _, bidirectional, batch_first = args
+            hidden = hx[0] if isinstance(hx, (list, tuple)) else hx
+            steps = x.shape[1 if batch_first else 0] * layers * (1 + bidirectional)
+            out = x.shape[:-1] + (hidden.shape[-1] * (1 + bidirectional),)
+            states = [h.shape for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
+            return _Fused.apply(self.count, float(steps), (out, *states), x, *weights)  # (output, h) or (output, h, c)
+        return func(*args, **kwargs)
+
+
+def _counted(config: ModelConfig, backward: bool) -> _Count:
+    with torch.device("meta"):
+        model = build_model(config)
+        x = torch.zeros(1, config.block_size, dtype=torch.long)
+        count = _Count()
+        with _AsOnGpu(count), count:
+            _, loss = model(x, x)
+            if backward:
+                loss.backward()
+    return count
+
+
+def trace(config: ModelConfig) -> Trace:
+    """The model's `Trace`, from models of one and two layers (every layer alike) run on the meta device."""
+    return _trace(json.dumps(dataclasses.asdict(config), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _trace(key: str) -> Trace:
+    config = ModelConfig(**json.loads(key))
+    figures = {}
+    for backward in (True, False):
+        one, two = (_counted(dataclasses.replace(config, n_layer=n), backward) for n in (1, 2))
+        for field in ("launches", "matmuls", "views", "bytes", "serial"):
+            a, b = getattr(one, field), getattr(two, field)
+            figures[(backward, field)] = a + (config.n_layer - 1) * (b - a)
+    return Trace(*(figures[True, f] for f in ("launches", "matmuls", "views", "bytes")),
+                 *(figures[False, f] for f in ("launches", "matmuls", "views", "bytes")), figures[True, "serial"])
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step's parts on one GPU, and of one evaluation."""
+
+    matmuls: float
+    memory: float
+    recurrence: float
+    optimizer: float
+    copy: float
+    launches: float  # the host's
+    kernels: int  # launched per step
+    evaluation: float  # one evaluation: eval_iters batches of each split, forward only
+
+    @property
+    def device(self) -> float:
+        return self.matmuls + self.memory + self.recurrence + self.optimizer + self.copy
+
+    @property
+    def seconds(self) -> float:
+        """The host launches while the GPU computes: the longer of the two."""
+        return max(self.device, self.launches)
+
+    def dominant(self) -> str:
+        parts = {"matmuls": self.matmuls, "memory traffic": self.memory, "the recurrence": self.recurrence,
+                 "the optimizer": self.optimizer, "kernel launches": self.launches}
+        return max(parts, key=parts.get)
+
+    def describe(self) -> str:
+        """E.g. `bound by kernel launches: the host launches 2,506 kernels in 19.0 ms, the GPU's work takes 16.2 ms
+        (matmuls 1.2, memory traffic 14.4, optimizer 0.6)`."""
+        parts = [(name, value) for name, value in (("matmuls", self.matmuls), ("memory traffic", self.memory),
+                                                   ("recurrence", self.recurrence), ("optimizer", self.optimizer),
+                                                   ("batch copy", self.copy)) if value >= 5e-5]
+        work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts)
+        return (f"bound by {self.dominant()}: the host launches {self.kernels:,} kernels in {1000 * self.launches:,.1f}"
+                f" ms, the GPU's work takes {1000 * self.device:,.1f} ms ({work})")
+
+
+def matmul_share(row: str) -> float:
+    """`MATMUL_SHARE` of a datasheet row: its own, else its family's (GeForce `RTX` cards), else the default."""
+    return MATMUL_SHARE.get(row) or MATMUL_SHARE.get(row.split()[0] if row.startswith("RTX ") and
+                                                     "A6000" not in row and "Ada" not in row else "",
+                                                     MATMUL_SHARE["default"])
+
+
+def peak_of(row: str, dtype: str) -> tuple[float, bool]:
+    """The datasheet peak of `row` in `dtype` and whether it is the dtype's own: bf16 on a GPU without it runs at the
+    fp32 rate (emulated)."""
+    found = datasheet_peak(row, getattr(torch, dtype))
+    if found:
+        return found[0], True
+    return datasheet_peak(row, torch.float32)[0], False
+
+
+def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool) -> StepTime:
+    """The time of one optimizer step of `cfg` (its micro-batch and grad_accum_steps) on the datasheet GPU `row`
+    (a key of PEAK_TFLOPS) in autocast `dtype`, compiled or eager, and of one evaluation."""
+    assert row in PEAK_TFLOPS and row in BANDWIDTH_GBS, row
+    tc, mc = cfg.train, cfg.model
+    with torch.device("meta"):
+        model = build_model(mc)
+    found = trace(mc)
+    flops = peak_of(row, dtype)[0] * matmul_share(row)
+    bandwidth = BANDWIDTH_GBS[row] * 1e9 * BANDWIDTH_SHARE
+    scale = (MIXED_BYTES if dtype != "float32" else 1.0) * (COMPILE_FUSION if compiled else 1.0)
+    fused = COMPILE_FUSION if compiled else 1.0
+
+    def kernels(launches: float, matmuls: float) -> float:
+        return matmuls + (launches - matmuls) * fused
+
+    def host(launches: float, matmuls: float, views: float) -> float:
+        return kernels(launches, matmuls) * LAUNCH_SECONDS + (0 if compiled else views * VIEW_SECONDS)
+
+    tokens = tc.batch_size * mc.block_size
+    micro = (model.flops_per_token() * tokens / flops, found.step_bytes * tc.batch_size * scale / bandwidth,
+             found.serial * RECURRENCE_SECONDS, host(found.step_launches, found.step_matmuls, found.step_views))
+    params = sum(p.numel() for p in model.parameters())
+    groups = 4  # fused AdamW: a kernel or so per parameter group (decayed, not) and dtype
+    forward = max(micro[0] / 3 + found.forward_bytes * tc.batch_size * scale / bandwidth + micro[2] / 3,
+                  host(found.forward_launches, found.forward_matmuls, found.forward_views))
+    copy = 2 * tokens * 8 / PCIE_BYTES_PER_SECOND
+    steps = tc.grad_accum_steps
+    return StepTime(steps * micro[0], steps * micro[1], steps * micro[2], params * OPTIMIZER_BYTES / bandwidth,
+                    steps * copy, steps * micro[3] + groups * LAUNCH_SECONDS,
+                    round(steps * kernels(found.step_launches, found.step_matmuls) + groups),
+                    2 * tc.eval_iters * (forward + copy / 2))
+
+
+def run_seconds(cfg: RunConfig, step: StepTime, steps: float) -> tuple[float, float]:
+    """Seconds of `steps` optimizer steps and of the evaluations among them (every eval_interval steps)."""
+    return steps * step.seconds, math.ceil(steps / cfg.train.eval_interval) * step.evaluation

@@ -1,0 +1,94 @@
+"""The transformer's decode state: every layer's keys and values for a batch of sequences, each row at its own
+position, and the attention of one new token per row over them (gpt.py's attention calls both while decoding)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lmlab.core.config import ModelConfig
+from lmlab.model.base import DecodeState
+
+
+class KVCache(DecodeState):
+    """Keys and values of every layer for a batch of sequences, preallocated to the context length, each row at
+    its own position: row b holds `pos[b]` tokens, fed at positions pos[b], pos[b] + 1, ... (under
+    grouped-query attention only the n_kv_head shared heads are cached).
+
+    Per-row offsets rather than left padding: a row's token at position p gets the rotary angle or position
+    embedding of p, as it would decoding alone, so batching changes no logit beyond summation order; a row can
+    leave, or a new sequence start in it, without shifting the others; and no compute goes to pad tokens. The
+    cost is a mask per step (each row's keys up to its own position), built once and shared by every layer.
+    Shapes never change, so one compiled decode step serves every step. A prompt fed into a cache known to be
+    empty (new, or one row just reset) needs no mask: it attends causally to itself, which leaves SDPA free to
+    pick flash attention on a GPU.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch, config.kv_heads, config.block_size, config.head_size)
+        # One tensor per layer: a compiled step updates each in place, where a slice of one tensor holding every
+        # layer was copied whole each step.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.where = self.mask = torch.empty(0)  # the step being run: set by `advance`
+        self.empty = True  # known on the host to hold nothing, so no mask is needed (and no sync to find out)
+        self.fresh = False  # the step being run starts from an empty cache
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.pos, *self.k, *self.v]
+
+    @classmethod
+    def over(cls, tensors: Sequence[torch.Tensor]) -> KVCache:
+        cache = object.__new__(cls)
+        layers = (len(tensors) - 1) // 2
+        cache.pos, cache.k, cache.v = tensors[0], list(tensors[1:1 + layers]), list(tensors[1 + layers:])
+        cache.where = cache.mask = torch.empty(0)
+        cache.empty = cache.fresh = False
+        return cache
+
+    def shortened(self, length: int) -> KVCache:
+        return KVCache.over([self.pos, *(t[:, :, :length] for t in (*self.k, *self.v))])
+
+    def reset(self, row: int) -> None:
+        self.pos[row] = 0  # the old keys are masked out, then overwritten
+        self.empty = len(self.pos) == 1
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for cached in (*self.k, *self.v):
+            cached[dst, :, :length] = cached[src, :, :length]
+        self.pos[dst] = self.pos[src]
+
+    def advance(self, length: int) -> torch.Tensor:
+        """The positions (B, T) of the `length` tokens each row is fed now; moves the rows past them."""
+        self.where = self.pos[:, None] + torch.arange(length, device=self.pos.device)
+        self.fresh, self.empty = self.empty, False
+        if not self.fresh:
+            # The query at position p sees its row's keys 0..p (keys beyond p are an earlier sequence's).
+            keys = torch.arange(self.k[0].size(2), device=self.pos.device)
+            self.mask = (keys <= self.where[..., None]).unsqueeze(1)  # (B, 1, T, block_size)
+        self.pos += length
+        return self.where
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, nkv, T, hs) keys/values at the rows' positions; return the layer's whole cache."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        self.k[layer][rows, :, self.where] = k.transpose(1, 2)
+        self.v[layer][rows, :, self.where] = v.transpose(1, 2)
+        return self.k[layer], self.v[layer]
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row, (B, nh, 1, hs), over the rows' cached keys (B, nkv, block_size, hs).
+
+    Written out rather than through SDPA: compiled, these few ops fuse into the step's own kernels, where an
+    SDPA call costs more than the whole attention at one query (measured, benchmarks/decode_speed.py). Each
+    group of query heads attends to its shared key/value head by broadcasting, without copying the cache.
+    """
+    B, nh, T, hs = q.shape
+    groups = q.view(B, k.size(1), nh // k.size(1), T, hs)  # (B, nkv, nh/nkv, T, hs)
+    scores = groups @ k.unsqueeze(2).transpose(-2, -1) * hs ** -0.5  # (B, nkv, nh/nkv, T, block_size)
+    scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))
+    y = torch.softmax(scores, dim=-1).type_as(v) @ v.unsqueeze(2)  # (B, nkv, nh/nkv, T, hs)
+    return y.view(B, nh, T, hs)

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from lmlab.core.config import TrainConfig, load_config
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from lmlab.train.optim import MuonAdamW, lr_at
+from lmlab.train.optim import MuonAdamW
+from lmlab.train.schedule import lr_at
 from tests.conftest import write_config
 
 # A constant LR after warmup, so a run stopped at step 8 and resumed to 16 follows the same schedule as one

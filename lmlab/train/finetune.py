@@ -38,7 +38,7 @@ from lmlab.model.memory import check_training
 from lmlab.run.checkpoint import model_tensors
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format, read_records
 from lmlab.run.rundir import LoadedRun, RunDir
-from lmlab.train.optim import lr_at
+from lmlab.train.schedule import lr_at
 from lmlab.train.state import Stopwatch, rng_state, set_rng_state
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StepAbandoned, StopOnSignal

@@ -1,9 +1,7 @@
-"""Optimizers (AdamW, or Muon for hidden matrices with AdamW for the rest) and LR schedules (warmup then
-cosine, or warmup-stable-decay)."""
+"""Optimizers: AdamW, or Muon for hidden matrices with AdamW for the rest."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -102,60 +100,3 @@ def make_optimizer(model: LanguageModel, cfg: TrainConfig) -> torch.optim.AdamW 
     if cfg.optimizer == "muon":
         return MuonAdamW(model, cfg)
     return _adamw([p for p in model.parameters() if p.requires_grad], cfg)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then the schedule's decay to min_lr.
-
-    cosine: a half cosine to min_lr at lr_decay_iters (default max_iters).
-    wsd (warmup-stable-decay): constant at the peak, then over the last decay_fraction of max_iters a
-    1-sqrt decay to min_lr (Hägele et al. 2024 found 1-sqrt better than linear). The constant phase makes
-    any earlier checkpoint a good start for a longer run: only the short decay has to be redone.
-    """
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if cfg.schedule == "wsd":
-        decay_start = max(cfg.warmup_iters, round(cfg.max_iters * (1.0 - cfg.decay_fraction)))
-        if step < decay_start:
-            return cfg.learning_rate
-        progress = min(1.0, (step - decay_start + 1) / max(1, cfg.max_iters - decay_start))
-        return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step >= decay_iters:
-        return cfg.min_lr
-    return _cosine((step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters), cfg)
-
-
-def _cosine(progress: float, cfg: TrainConfig) -> float:
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def lr_at_position(position: float, cfg: TrainConfig) -> float:
-    """The schedule's LR after warmup at `position`, from 0 (the peak) to 1 (min_lr), for a schedule laid over steps
-    that change as it goes (a time budget's): cosine, or wsd's constant peak and then its 1-sqrt decay over the last
-    decay_fraction of the positions."""
-    if cfg.schedule != "wsd":
-        return _cosine(position, cfg)
-    stable = 1.0 - cfg.decay_fraction
-    if position < stable:
-        return cfg.learning_rate
-    progress = (position - stable) / cfg.decay_fraction
-    return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def position_between(step: int, anchor: int, position: float, last: int) -> float:
-    """A schedule laid from `position` at step `anchor` to 1 (min_lr) at step `last`, linear in the steps: where it
-    stands at `step`."""
-    if last <= anchor:
-        return 1.0
-    return min(1.0, position + (1.0 - position) * max(0, step - anchor) / (last - anchor))
-
-
-def position_of(lr: float, cfg: TrainConfig) -> float:
-    """Where the schedule's LR is `lr` (`lr_at_position`'s inverse, clipped to [0, 1]): the peak is 0, even in wsd's
-    stable stretch, which continues from there."""
-    span = cfg.learning_rate - cfg.min_lr
-    share = 1.0 if span <= 0 else min(1.0, max(0.0, (lr - cfg.min_lr) / span))
-    if cfg.schedule == "wsd":
-        return 0.0 if share >= 1.0 else 1.0 - cfg.decay_fraction + cfg.decay_fraction * (1.0 - share) ** 2
-    return math.acos(2.0 * share - 1.0) / math.pi

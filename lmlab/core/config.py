@@ -68,6 +68,7 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
+OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
 BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
 PLUGIN_GROUP = "lmlab.models"  # the entry point group a package registers a model kind under
@@ -298,8 +299,8 @@ class TrainConfig:
             raise UserError(f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 turns clipping off).")
         if self.spike_zscore <= 0:
             raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
-        if self.optimizer not in ("adamw", "muon"):
-            raise UserError(f"train.optimizer is '{_shown(self.optimizer)}'; use adamw or muon.")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise UserError(f"train.optimizer is '{_shown(self.optimizer)}'; use {' or '.join(OPTIMIZER_NAMES)}.")
         if self.schedule not in ("cosine", "wsd"):
             raise UserError(f"train.schedule is '{_shown(self.schedule)}'; use cosine or wsd.")
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -323,10 +324,6 @@ class TrainConfig:
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
         if self.parallel not in ("ddp", "fsdp"):
             raise UserError(f"train.parallel is '{_shown(self.parallel)}'; use ddp or fsdp.")
-        if self.parallel == "fsdp" and self.optimizer == "muon":
-            # Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks.
-            raise UserError("train.optimizer = \"muon\" does not work with train.parallel = \"fsdp\" (Muon needs "
-                            "whole matrices, FSDP shards them); use parallel = \"ddp\" or optimizer = \"adamw\".")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"train.dtype is '{_shown(self.dtype)}'; use auto, float32, bfloat16 or float16.")
 

@@ -29,6 +29,7 @@ from lmlab.data.shards import read_meta
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.estimate import estimate_loss
+from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
 
@@ -93,7 +94,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
     tc, T = cfg.train, cfg.model.block_size
-    check_training(cfg.model, batch_size, tc.optimizer, device, setting="--batch-sizes")
+    check_training(cfg.model, batch_size, optimizer_of(tc).state_bytes, device, setting="--batch-sizes")
     try:
         gc.collect()  # the previous batch size's tensors go before this one's peak is counted
         _reset_peak_memory(device)

@@ -38,6 +38,7 @@ from lmlab.model.memory import check_training
 from lmlab.run.checkpoint import model_tensors
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format, read_records
 from lmlab.run.rundir import LoadedRun, RunDir
+from lmlab.train.optim import optimizer_of
 from lmlab.train.schedule import lr_at
 from lmlab.train.state import Stopwatch, rng_state, set_rng_state
 from lmlab.train.step import TrainStep
@@ -251,7 +252,7 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
     torch.set_num_threads(most_threads()[0])
     base_run = RunDir(base_dir)
     base_cfg = base_run.config()
-    check_training(base_cfg.model, ft.batch_size, base_cfg.train.optimizer, resolve_device(device),
+    check_training(base_cfg.model, ft.batch_size, optimizer_of(base_cfg.train).state_bytes, resolve_device(device),
                    setting="finetune.batch_size")
     base = base_run.load("best", device)
     fmt = alpaca_format(base.tokenizer)

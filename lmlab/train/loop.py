@@ -36,6 +36,7 @@ from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
+from lmlab.train.optim import optimizer_of
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import (
     Mean,
@@ -152,7 +153,7 @@ class Trainer:
             self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
             self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
         self._check_same_inputs()
-        check_training(mc, tc.batch_size, tc.optimizer, self.device, self.parallel.local_world_size)
+        check_training(mc, tc.batch_size, optimizer_of(tc).state_bytes, self.device, self.parallel.local_world_size)
         self.model = build_model(mc).to(self.device)  # the same initial weights on every rank
         self.parallel.own_rng(tc.seed, 0)
         self.step = TrainStep(self.model, tc, self.device, self.dtype, self.parallel.wrap(self.model, tc.parallel,

@@ -1,13 +1,19 @@
-"""Optimizers: AdamW, or Muon for hidden matrices with AdamW for the rest."""
+"""The optimizers `train.optimizer` names (`OPTIMIZERS`, one per name of core/config.py's OPTIMIZER_NAMES): AdamW, or
+Muon for hidden matrices with AdamW for the rest; each with what the memory check counts of its state and whether
+FSDP may shard what it updates."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmlab.core.config import TrainConfig
+from lmlab.core.errors import UserError
 from lmlab.model import LanguageModel
+from lmlab.model.memory import two_moments
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -96,7 +102,34 @@ def muon_groups(model: LanguageModel) -> tuple[list[torch.nn.Parameter], list[to
     return hidden, [p for p in params if id(p) not in chosen]
 
 
-def make_optimizer(model: LanguageModel, cfg: TrainConfig) -> torch.optim.AdamW | MuonAdamW:
-    if cfg.optimizer == "muon":
-        return MuonAdamW(model, cfg)
-    return _adamw([p for p in model.parameters() if p.requires_grad], cfg)
+def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer lmlab trains with: `build` for a model and the train settings; `state_bytes(weights, hidden)`,
+    the bytes of its state for weights of `weights` bytes of which `hidden` are the model's hidden matrices (what
+    the memory check counts before a model is built); `unsharded`, why FSDP cannot shard what it updates (None: it
+    can)."""
+
+    build: Callable[[LanguageModel, TrainConfig], Any]
+    state_bytes: Callable[[int, int], int]
+    unsharded: str | None = None
+
+
+OPTIMIZERS = {
+    "adamw": Optimizer(lambda model, cfg: _adamw(_trainable(model), cfg), two_moments),
+    # Muon's one momentum for the hidden matrices, AdamW's two moments for the rest.
+    "muon": Optimizer(MuonAdamW, lambda weights, hidden: two_moments(weights, hidden) - hidden,
+                      "Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks"),
+}
+
+
+def optimizer_of(cfg: TrainConfig) -> Optimizer:
+    """The optimizer `cfg` names, refused with `train.parallel = "fsdp"` when FSDP cannot shard it."""
+    chosen = OPTIMIZERS[cfg.optimizer]
+    if cfg.parallel == "fsdp" and chosen.unsharded:
+        raise UserError(f"train.optimizer = \"{cfg.optimizer}\" does not work with train.parallel = \"fsdp\" "
+                        f"({chosen.unsharded}); use parallel = \"ddp\" or optimizer = \"adamw\".")
+    return chosen

@@ -232,7 +232,10 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> 
     for split in range(2):
         estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, tc.eval_iters, split, device, dtype)
     eval_seconds = time.perf_counter() - started
-    train_seconds = tc.eval_interval * ms_per_step / 1000
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.model.block_size
+    steps = tc.eval_interval if tc.passes_per_eval is None else tc.eval_steps(
+        read_meta(Path(cfg.data.dataset))["train"]["tokens"], tokens_per_step)
+    train_seconds = steps * ms_per_step / 1000
     per_batch = eval_seconds / (2 * tc.eval_iters)
     return {"eval_seconds": eval_seconds, "train_seconds_per_interval": train_seconds,
             "share": eval_seconds / (eval_seconds + train_seconds),

@@ -22,9 +22,9 @@ class Due:
 
 class Cadence:
     """A train line every log_interval steps, a checkpoint every checkpoint_interval, an evaluation every
-    `eval_steps` steps or, spaced by passes over the train split (train.eval_every), at the first step past each
-    spacing (never drifting from the passes it stands for, however the steps per pass round: `eval_steps`, the
-    steps nearest one spacing, is what a time budget plans with); and an evaluation at the last step."""
+    `eval_steps` steps or, spaced by passes over the train split (an eval_interval in epochs), at the first step
+    past each spacing (never drifting from the passes it stands for, however the steps per pass round:
+    `eval_steps`, the steps nearest one spacing, is what a time budget plans with); and one at the last step."""
 
     def __init__(self, train: TrainConfig, eval_steps: int, tokens_per_step: int, split_tokens: int):
         self.log_interval, self.checkpoint_interval = train.log_interval, train.checkpoint_interval

@@ -70,8 +70,8 @@ class TrainResult:
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
     """Fill model.vocab_size from the dataset and check that a given one covers its ids (an imported model may
-    have more embedding rows than its tokenizer has tokens, as Qwen3's do), that model.block_size fits the
-    rows of a row-packed dataset, and set train.eval_interval of evaluations spaced by passes (train.eval_every)."""
+    have more embedding rows than its tokenizer has tokens, as Qwen3's do), and that model.block_size fits the
+    rows of a row-packed dataset."""
     meta = read_meta(Path(cfg.data.dataset))
     check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
     if cfg.model.vocab_size == 0:
@@ -81,9 +81,6 @@ def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
             f"model.vocab_size is {cfg.model.vocab_size} but dataset {cfg.data.dataset} has {meta['vocab_size']} "
             "tokens, more than the model has rows for; point data.dataset at a dataset of the run's tokenizer."
         )
-    tc = cfg.train  # evaluations by passes: eval_interval is the steps nearest them
-    steps = tc.eval_steps(meta["train"]["tokens"], tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_interval=steps))
     return cfg, meta
 
 
@@ -178,7 +175,8 @@ class Trainer:
         self.means = Means(log=Mean(), eval=Mean())  # train loss since the last log line, since the last eval
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience, tc.rollback_lr_factor)
         self.schedule = Schedule(self.run_dir.config().train if resuming else tc, lambda: self.guard.lr_scale)
-        self.cadence = Cadence(tc, tc.eval_interval, self.tokens_per_step, self.split_tokens)
+        self.cadence = Cadence(tc, tc.eval_steps(self.split_tokens, self.tokens_per_step), self.tokens_per_step,
+                               self.split_tokens)
         self.writes = Writes(self.run_dir, self.parallel.is_main)
         probes = Probes(lambda: self.checkpointer.save(best=False), lambda: self._evaluate(n_batches=1),
                         lambda: self.writes(plot_losses, self.run_dir))

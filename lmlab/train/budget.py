@@ -335,7 +335,7 @@ class Budget:
         """Seconds from the process's start, of a budget this process planned."""
         return None if self.clock is None else round(self.clock.spent(), 3)
 
-    def stepped(self, step: int, seconds: float) -> None:
+    def step_timed(self, step: int, seconds: float) -> None:
         """A step's time, for the pace; at the warm step, before the first plan, the costs besides steps timed."""
         if self.clock is not None:
             self.clock.add_step(step, seconds)
@@ -350,9 +350,9 @@ class Budget:
         """An evaluation's time; the plan made again from it, unless it was the plan's last step."""
         if self.clock is not None and self.clock.planned and step < self.schedule.last_step:
             self.clock.took("eval", seconds)
-            self.steer(step, "evaluation")
+            self.replan(step, "evaluation")
 
-    def steer(self, step: int, reason: str) -> None:
+    def replan(self, step: int, reason: str) -> None:
         """Plan, or plan again, from the time left at the recent pace: the first plan once the steps are timed or the
         budget is gone; then at every evaluation, and at a check of the pace when the end it foresees has drifted
         from the budget."""

@@ -313,10 +313,10 @@ class Trainer:
                 started = time.perf_counter()
                 self._train_step()
                 # Agreed by all ranks: a stop (a signal, a failed write); whether to plan (the same plan everywhere).
-                stopping, steer = self.parallel.agree(bool(stop.signal) or self.writes.error is not None,
+                stopping, replan = self.parallel.agree(bool(stop.signal) or self.writes.error is not None,
                                                       self.budget.due())
-                if steer:
-                    self.budget.steer(p.step, "pace")
+                if replan:
+                    self.budget.replan(p.step, "pace")
                     bar.update(task, total=schedule.last_step)
                 due = self.cadence.after(p.step, p.tokens, schedule.last_step)
                 # The device runs ahead (the next batch prepared meanwhile) until a point that needs the losses.
@@ -329,7 +329,7 @@ class Trainer:
                 best = due.evaluate and self._evaluate_and_log()
                 if best or due.save:
                     self._checkpoint(best)
-                self._paced(seconds)
+                self._note_step_time(seconds)
                 bar.update(task, completed=p.step, total=self._bar_total())
             # The end, an early stop or a signal (whenever in the step it came): the last step is always saved,
             # unless a write failed, which leaves the newest checkpoint as it is.
@@ -368,12 +368,12 @@ class Trainer:
             self._grad_norm = grad_norm
         return True
 
-    def _paced(self, seconds: float) -> None:
+    def _note_step_time(self, seconds: float) -> None:
         """A step's time, for the threads' look at the load and pace (lmlab.core.threads) and a budget's pace."""
         changed = self.threads.stepped(seconds)
         if changed:
             self._say_threads(changed)
-        self.budget.stepped(self.progress.step, seconds)
+        self.budget.step_timed(self.progress.step, seconds)
 
     def _checkpoint(self, best: bool) -> None:
         began = time.perf_counter()

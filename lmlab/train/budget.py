@@ -1,18 +1,8 @@
-"""`train.budget_seconds`: a run that ends when its wall-clock budget does, counted from the process's start, with
-start-up, evaluations, checkpoints and the end included, however busy the machine gets meanwhile.
-
-After SKIP_STEPS steps the run times a checkpoint and an evaluation, then its steps for a few percent of the
-budget, and plans: `max_iters` is the most steps whose training, evaluations and checkpoints end at the budget.
-Then it steers: at every evaluation, and whenever the pace of its steps says the end would miss the budget, it
-plans again from the time actually left at the pace of its recent steps (the evaluation's and checkpoint's costs
-scaled with it: a busier machine slows them alike). Each plan lays the rest of the LR schedule over the steps that
-now fit, continuing from where the schedule stands, so the LR never jumps and still ends decayed.
-
-Every plan is a `budget` event in metrics.jsonl and is kept by every later checkpoint. A resumed run goes by the plan
-of its checkpoint and plans no more (the budget was its first process's; steering from another process's timing
-would make resume inexact), so it trains to the same step, bitwise as if it had not stopped. A run resumed before
-its first plan times its steps anew. `Budget` is the part the training loop holds: the plan, its clock, and the
-schedule it lays.
+"""`train.budget_seconds` (`Budget`): a run that ends when its wall-clock budget does, start-up and evaluations
+included, however busy the machine gets. It times its first steps, an evaluation and a checkpoint, plans the steps
+that fill the budget, and plans again at evaluations and whenever the pace says the end would miss; each plan lays
+the rest of the LR decay over the steps that now fit, so the LR never jumps and still ends at min_lr. A resumed run
+goes by its checkpoint's plan and plans no more: timing another process's steps would make resume inexact.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last.
-
-The shape is a linear warmup, then a cosine or warmup-stable-decay (WSD) fall to min_lr. Two things lay its decay
-again, from where it stands, so that the LR never jumps: a time budget's plans (lmlab/train/budget.py), which change
-the last step as the run goes, and a resume with another length (`--set train.max_iters=N`), which would otherwise
-restart the decay from a point far above the LR the run had. Both are a `Decay`: from a position (0 the peak, 1
-min_lr) at an anchor step to min_lr at the last step. A checkpoint keeps the schedule its run followed, so a later
-resume continues it.
+"""The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last. Its shape is a
+warmup, then a cosine or warmup-stable-decay fall to min_lr; a time budget's plans and a resume with another length
+lay the decay again from where it stands (a `Decay`), so the LR never jumps, and a checkpoint keeps what it followed.
 """
 
 from __future__ import annotations

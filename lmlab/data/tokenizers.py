@@ -48,7 +48,8 @@ _SAFE_CUT = re.compile(r"(?<=\S)[ \t]|(?<=[^\W_])[\r\n]")
 @dataclass(frozen=True)
 class TokenizerKind:
     """A kind of tokenizer, and what lmlab's commands ask of it. Written `name`, `name:N` (`argument` "N": its size,
-    at least `minimum`) or `name:NAME`."""
+    at least `minimum`) or `name:NAME`. Every kind exports to Hugging Face as its tokenizer.json (`unknown` names
+    its unk_token there); to GGUF as `gguf` says."""
 
     name: str
     argument: str = ""

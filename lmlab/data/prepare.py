@@ -86,7 +86,7 @@ def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, pla
             if not kind.end_of_text:  # documents are kept apart by a blank line instead
                 while end > begin and doc.text[end - 1] == "\n":
                     end -= 1
-            spans = list(chunk_spans(doc.text, begin, end, kind))
+            spans = list(chunk_spans(doc.text, begin, end, kind.name))
             for number, (a, b) in enumerate(spans):
                 last = number == len(spans) - 1
                 texts.append(doc.text[a:b] + (SEPARATOR if not kind.end_of_text and last else ""))
@@ -110,7 +110,7 @@ def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray,
     for index, doc in enumerate(iter_documents(files, options.text_field, options.normalization.function())):
         code, _, begin, end = parts(doc, index, plan, cut)[0]
         if code == TRAIN:
-            for a, b in chunk_spans(doc.text, begin, end, kind):
+            for a, b in chunk_spans(doc.text, begin, end, kind.name):
                 yield doc.text[a:b]
                 used += b - a
                 if used >= options.tokenizer_chars:

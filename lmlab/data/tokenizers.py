@@ -206,16 +206,15 @@ def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
     return None
 
 
-def chunk_spans(text: str, start: int, stop: int, kind: TokenizerKind,
-                size: int = CHUNK_CHARS) -> Iterator[tuple[int, int]]:
+def chunk_spans(text: str, start: int, stop: int, kind: str, size: int = CHUNK_CHARS) -> Iterator[tuple[int, int]]:
     """(start, stop) spans of at most `size` characters covering text[start:stop], in order, cut where a tokenizer
-    of `kind` gives the same ids in pieces as whole: anywhere for char, else at the last safe cut of each
+    of `kind` (its name) gives the same ids in pieces as whole: anywhere for char, else at the last safe cut of each
     span (_SAFE_CUT; a span of `size` characters with none, e.g. one long word, is cut at its end). So the tokenizer
     never holds more than a span of a document, however long the document is (its cost is ~100-400 bytes a
     character)."""
     while stop - start > size:
         cut = start + size
-        if not kind.per_character:
+        if not KINDS[kind].per_character:
             cut = _last_safe_cut(text, start + 1, cut) or cut
         yield start, cut
         start = cut

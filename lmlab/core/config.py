@@ -486,22 +486,19 @@ def _eval_every(value: Any, values: dict[str, Any], where: str) -> dict[str, Any
 
 # Older spellings of a setting, still read from runs' config.toml, presets and --set: each as the settings it
 # stands for today (nothing when it is its default), said to be deprecated once a process.
-OLD_SPELLINGS = {
-    "model": {"qkv_bias": (_qkv_bias, 'model.bias = "qkv"')},
-    "train": {"max_seconds": (_max_seconds, "train.budget_seconds"),
-              "eval_every": (_eval_every, 'train.eval_interval ("epoch", "0.5 epochs")')},
-}
+OLD_SPELLINGS = {"model": {"qkv_bias": _qkv_bias}, "train": {"max_seconds": _max_seconds, "eval_every": _eval_every}}
 _SAID: set[str] = set()
 
 
 def _todays_spelling(name: str, values: dict[str, Any], source: str) -> dict[str, Any]:
     values = dict(values)
-    for key, (read, today) in OLD_SPELLINGS.get(name, {}).items():
+    for key, read in OLD_SPELLINGS.get(name, {}).items():
         if key in values:
             settings = read(values.pop(key), values, f"{source}: {name}.{key}")
             values.update(settings)
             if settings and f"{name}.{key}" not in _SAID:
                 _SAID.add(f"{name}.{key}")
+                today = ", ".join(f"{name}.{k} = {_toml_value(v)}" for k, v in settings.items())
                 print(f"note: {name}.{key} is deprecated and read as {today}; write that instead.", file=sys.stderr)
     return values
 

@@ -23,7 +23,7 @@ from lmlab.core.device import synchronize
 from lmlab.core.progress import ItemProgress
 from lmlab.model.gpt import GPT
 from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
-from lmlab.train.optim import make_optimizer
+from lmlab.train.optim import optimizer_of
 
 MODELS = {
     "CPU preset (char)": load_config(Path("configs/shakespeare-char-cpu.toml")).model,
@@ -38,7 +38,7 @@ def measure(config: ModelConfig, repeats: int, device: torch.device = torch.devi
     if config.vocab_size == 0:
         config = ModelConfig(**{**config.__dict__, "vocab_size": 76})
     model = GPT(config).to(device)
-    optimizer = make_optimizer(model, TrainConfig())
+    optimizer = optimizer_of(TrainConfig()).build(model, TrainConfig())
     ids = torch.zeros(1, 8, dtype=torch.long, device=device)
     model(ids, ids)[1].backward()
     optimizer.step()

@@ -131,7 +131,9 @@ ROWS = [
         "weight_decay": ("zero",), "beta1": ("zero",), "beta2": ("zero",), "grad_clip": ("zero", "huge"),
         "patience": ("zero",), "seed": ("zero",), "spike_zscore": ("huge",), "spike_patience": ("zero",),
         "threads": ("zero",)}, "train", beyond={"budget_seconds": ("31622401",)}),
-    Row(TRAIN, "train.eval_every", float, check="train"),  # passes between evaluations (or "steps", "epoch")
+    Row(TRAIN, "train.eval_interval", int, check="train"),  # steps between evaluations (or "epoch", "N epochs")
+    Row(TRAIN, "train.eval_every", float, check="train"),  # eval_interval's older spelling, in passes
+    Row(TRAIN, "train.max_seconds", float, ("zero",), "train"),  # budget_seconds' older name
     Row(TRAIN, "model.bias", int, check="train"),  # true, false, or the places that have biases: no number
     *setting_rows(FINETUNE, "finetune", FinetuneConfig, {"seed": ("zero",)}, "finetune"),
     Row(PLUGIN, "model.options.context_size", int, ("zero",), "plugin"),  # 0: the default width

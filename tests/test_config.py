@@ -1,5 +1,6 @@
 import pytest
 
+from lmlab.core import config
 from lmlab.core.config import RunConfig, build_config, load_config, to_toml
 from lmlab.core.errors import UserError
 
@@ -89,3 +90,18 @@ def test_compile_takes_a_bool_or_auto():
         build_config({"train": {"compile": "yes"}}, "x")
     with pytest.raises(UserError, match="train.compile"):
         build_config({"train": {"compile": 1}}, "x")
+
+
+def test_older_spellings_are_read_as_today_s_and_said_to_be_deprecated_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(config, "_SAID", set())  # a fresh process: none said yet
+    old = tmp_path / "config.toml"  # as a run written before one option per idea holds them
+    old.write_text('[model]\nbias = false\nqkv_bias = true\n[train]\nmax_seconds = 30.0\neval_every = 0.5\n'
+                   'eval_interval = 17\n')
+    for _ in range(2):
+        cfg = load_config(old)
+        assert (cfg.model.bias, cfg.train.budget_seconds, cfg.train.eval_interval) == ("qkv", 30.0, "0.5 epochs")
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 3 and 'model.qkv_bias is deprecated and read as model.bias = "qkv"' in notes[0]
+    # at their defaults, as every config.toml of those days holds them, nothing is said
+    old.write_text('[model]\nqkv_bias = false\n[train]\nmax_seconds = 0.0\neval_every = "steps"\neval_interval = 5\n')
+    assert load_config(old).train.eval_interval == 5 and not capsys.readouterr().err

@@ -31,7 +31,8 @@ from lmlab.commands.reference import PAGES, SECTIONS
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 GUIDES = sorted((DOCS / "guides").glob("*.md"))
-PAGES_CHECKED = [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), *sorted(ROOT.glob("examples/*/README.md"))]
+PAGES_CHECKED = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.rglob("*.md")),
+                 *sorted(ROOT.glob("examples/*/README.md"))]
 FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
 DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append|on)\b:?\s*(.*?)\s*-->\s*$")
 PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')

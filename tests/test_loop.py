@@ -10,7 +10,7 @@ from lmlab.core.config import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from lmlab.train.optim import lr_at
+from lmlab.train.schedule import lr_at
 from tests.conftest import write_config
 
 

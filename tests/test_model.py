@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 import torch
 
-from lmlab.core.config import ModelConfig, SamplingParams
+from lmlab.core.config import BUILT_IN_KINDS, KIND_FIELDS, ModelConfig, SamplingParams
 from lmlab.inference.generate import stream_ids
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
+from lmlab.model.kinds import KINDS
 from lmlab.train.optim import muon_groups
 
 CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
@@ -210,3 +211,10 @@ def test_the_options_transformers_families_need_reach_the_layers():
     assert {m.eps for m in variant("rmsnorm").modules() if isinstance(m, torch.nn.RMSNorm)} == {None}
     assert {m.eps for m in model().modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
     assert torch.allclose(variant("rope").rotary.cos[1], torch.cos(10000.0 ** (-torch.arange(0, 16, 2) / 16)))
+
+
+def test_every_built_in_kind_the_config_takes_is_one_build_model_builds():
+    assert set(KINDS) == set(BUILT_IN_KINDS) == set(KIND_FIELDS)
+    for name, cls in KINDS.items():
+        assert type(build_model(ModelConfig(kind=name, n_layer=1, n_head=2, n_embd=16, block_size=8,
+                                            vocab_size=11))) is cls

@@ -6,10 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmlab.core.config import TrainConfig, load_config
+from lmlab.core.config import OPTIMIZER_NAMES, ModelConfig, TrainConfig, load_config
+from lmlab.core.errors import UserError
+from lmlab.model.memory import training_need
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from lmlab.train.optim import MuonAdamW, lr_at
+from lmlab.train.optim import OPTIMIZERS, MuonAdamW, optimizer_of
+from lmlab.train.schedule import lr_at
 from tests.conftest import write_config
 
 # A constant LR after warmup, so a run stopped at step 8 and resumed to 16 follows the same schedule as one
@@ -66,3 +69,13 @@ def test_warmup_stable_decay_schedule():
     assert lrs[80] == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(1 / 20)))  # 1-sqrt decay over the last 20
     assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
     assert lrs[99] == pytest.approx(0.1) and lr_at(150, cfg) == pytest.approx(0.1)
+
+
+def test_every_optimizer_name_has_an_optimizer_whose_state_the_memory_check_counts():
+    assert set(OPTIMIZERS) == set(OPTIMIZER_NAMES)  # a name train.optimizer takes is one lmlab builds
+    shape = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=43)
+    adamw, muon = (training_need(shape, OPTIMIZERS[name].state_bytes).fixed for name in ("adamw", "muon"))
+    assert muon < adamw  # Muon keeps one momentum for the hidden matrices, AdamW two moments for every weight
+    with pytest.raises(UserError, match='optimizer = "muon" does not work with train.parallel = "fsdp"'):
+        optimizer_of(TrainConfig(optimizer="muon", parallel="fsdp"))
+    assert optimizer_of(TrainConfig(parallel="fsdp")) is OPTIMIZERS["adamw"]

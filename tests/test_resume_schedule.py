@@ -12,7 +12,7 @@ from lmlab.commands import main
 from lmlab.core.config import TrainConfig, load_config
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from lmlab.train.optim import lr_at, lr_at_position, position_of
+from lmlab.train.schedule import lr_at, lr_at_position, position_of
 from tests.conftest import write_config
 
 MIN_LR = 3e-4  # conftest's tiny config

@@ -1,7 +1,7 @@
 import pytest
 
 from lmlab.core.errors import UserError
-from lmlab.data.tokenizers import EOT, UNK, parse_spec, train_tokenizer
+from lmlab.data.tokenizers import EOT, KINDS, UNK, parse_spec, train_tokenizer
 
 TRAIN = ["The cat sat on the mat.\nThe dog sat on the log!\n", "A cat, a dog; the end.\n\n  Spaces   stay.\n"]
 ARBITRARY = "Ünïcödé — “quotes”, emoji 🙂, tabs\tand\r\nCRLF, 12345 numbers & symbols {}[]<>\n"
@@ -53,3 +53,20 @@ def test_word_keeps_only_the_most_frequent_words():
     tok = train_tokenizer("word:3", TRAIN, TRAIN)
     assert tok.vocab_size == 3 + 2
     assert "Ġthe" in tok.vocab  # the most frequent word, with its leading space
+
+
+def test_each_tokenizer_kind_answers_what_the_commands_ask_of_it():
+    texts = ["the cat sat on the mat\n", "a dog ran\n"]
+    char, word, bpe = (train_tokenizer(spec, texts, texts) for spec in ("char", "word:10", "bpe:300"))
+    assert (char.eot_id, char.kind.end_of_text) == (None, False)  # documents apart by a blank line
+    assert word.kind.end_of_text and bpe.kind.end_of_text and word.eot_id is not None
+    assert (word.kind.unknown, bpe.kind.unknown) == (UNK, None)
+    # the longest prompt that may fit 8 tokens, and the longest that surely does
+    assert word.most_chars(8) is None and char.most_chars(8) == 8
+    assert bpe.most_chars(8) == 8 * max(map(len, bpe.vocab))
+    assert (char.fewest_chars(10), word.fewest_chars(10), bpe.fewest_chars(10)) == (10, 10, 2)
+    assert [k.gguf for k in (char.kind, word.kind, bpe.kind)] == ["rwkv", None, "gpt2"]
+    assert [k.name for k in KINDS.values() if k.trained] == ["char", "word", "bpe"]
+    for kind in KINDS.values():  # every kind's spec as written reads back as that kind
+        spec = kind.written.replace(":N", f":{max(kind.minimum, 1)}").replace(":NAME", ":gpt2")
+        assert parse_spec(spec)[0] == kind.name

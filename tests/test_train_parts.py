@@ -66,7 +66,7 @@ def test_means_and_progress_save_and_restore_in_place():
         mean.add(value)
     copy = Mean()
     copy.load_state_dict(mean.state_dict())
-    assert copy.take() == mean.take() == 3.0 and mean.take() == 0.0  # taking resets
+    assert copy.pop_mean() == mean.pop_mean() == 3.0 and mean.pop_mean() == 0.0  # popping resets
     progress = Progress(step=7, tokens=70, best_val_loss=1.5)
     alias = progress
     progress.load_state_dict(Progress(step=3).state_dict())

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lmlab.commands.common import console
-from lmlab.core.config import ModelConfig
+from lmlab.core.config import ModelConfig, build_config
 from lmlab.core.errors import UserError
 from lmlab.data.normalize import Normalization, parse_chars
 from lmlab.hf import export_hf
@@ -118,7 +118,9 @@ def test_evaluation_and_patience_by_epoch_with_the_time_per_epoch_and_the_table_
     assert code == 0, err
     run = tmp_path / "run"
     evals, end = _events(run, "eval"), _events(run, "end")[-1]
-    steps_per_epoch = RunDir(run).config().train.eval_interval
+    assert RunDir(run).config().train.eval_interval == "epoch"  # the spacing as given
+    steps_per_epoch = RunDir(run).config().train.eval_steps(json.loads((dataset / "meta.json").read_text())["train"][
+        "tokens"], 4 * 32)
     split = json.loads((dataset / "meta.json").read_text())["train"]["tokens"]
     assert steps_per_epoch == round(split / (4 * 32))  # the steps nearest one pass of batch 4 x 32 tokens
     # Each at the first step past a pass: never drifting from it, whatever the rounding of the steps per epoch.
@@ -214,9 +216,10 @@ def test_the_books_gpt2_layout_and_gpt2_small_are_counted_exactly(tmp_path, caps
     assert "transformer.h.0.attn.c_attn.bias" not in names
     assert {"transformer.h.0.attn.c_proj.bias", "transformer.h.0.mlp.c_fc.bias", "transformer.h.0.ln_1.bias"} <= names
     assert model.config.bias == "proj,mlp,norm" and "bias(proj,mlp,norm)" in model.describe()
-    # One spelling per layout: every place is true, q/k/v alone is Qwen2's bias = false, qkv_bias = true.
+    # One spelling per layout: every place is true, q/k/v alone is Qwen2's "qkv" (once bias = false, qkv_bias = true).
     assert ModelConfig(bias="qkv,proj,mlp,norm").bias is True
-    assert (ModelConfig(bias="qkv").bias, ModelConfig(bias="qkv").qkv_bias) == (False, True)
+    assert (ModelConfig(bias="qkv").bias, build_config({"model": {"bias": False, "qkv_bias": True}}, "old").model.bias
+            ) == ("qkv", "qkv")
     for bad, message in (("attn", "model.bias is 'attn'"), ("", "model.bias is ''")):
         with pytest.raises(UserError, match=message):
             ModelConfig(bias=bad)

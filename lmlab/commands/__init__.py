@@ -19,7 +19,7 @@ from typing import NoReturn
 from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, log, plan, report, runs, serve, sweep, train
 from lmlab.commands.common import describe_commands, silence_stdout
-from lmlab.core.errors import PeerLost, UserError
+from lmlab.core.errors import PeerLost, UserError, classify
 
 FAMILIES = (data, train, evaluate, hf, serve, plan, runs, log, report, sweep)  # the order of `lmlab --help`
 
@@ -128,27 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:
-        if _peer_gone(err):
+        failed = classify(err)
+        if "RANK" in os.environ and failed in ("peer", "timeout"):  # a collective of this torchrun job
             return _say(f"rank {os.environ['RANK']} stops: another process of this torchrun job ended first "
                         f"({_peer_words(err)}); torchrun's summary says which and why.", own=True)
-        if type(err).__name__ != "OutOfMemoryError":  # torch's, raised by a GPU's caching allocator
+        if failed != "memory":  # torch's OutOfMemoryError, raised by a GPU's caching allocator
             raise
         return _say(f"the device ran out of memory ({str(err).splitlines()[0]}); use a smaller batch size, "
                     "--num-samples or --max-batch, or a smaller model.")
     return 0
-
-
-# How Gloo and NCCL say, in a collective, that a peer process went away (it died, or its launcher stopped it).
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
-             "remote process exited", "Socket Timeout")
-
-
-def _peer_gone(err: RuntimeError) -> bool:
-    """Whether `err` is a torchrun job's collective failing because another of its processes ended."""
-    dist = sys.modules.get("torch.distributed")
-    if "RANK" not in os.environ or dist is None:
-        return False
-    return isinstance(err, getattr(dist, "DistError", ())) or any(words in str(err) for words in PEER_GONE)
 
 
 def _peer_words(err: RuntimeError) -> str:

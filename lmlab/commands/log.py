@@ -25,7 +25,7 @@ def cmd_log(args: argparse.Namespace) -> None:
         return
     if not rows:
         raise UserError(f"{run.path} has no evaluation yet ({run.kind}); a trained run logs one every "
-                        "train.eval_interval steps (or train.eval_every), a fine-tune one an epoch.")
+                        "train.eval_interval, a fine-tune one an epoch.")
     print_table(f"Evaluations of {run.path}", EVAL_COLUMNS, rows, args.wide)
     console.print("train (steps): the mean loss of the steps since the evaluation before; train (eval): the train "
                   "split scored as val is", highlight=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -68,6 +69,7 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
+OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
 BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
 PLUGIN_GROUP = "lmlab.models"  # the entry point group a package registers a model kind under
@@ -84,7 +86,7 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
 # The fields each model kind reads besides kind, n_layer, n_embd, block_size, dropout, vocab_size and
 # tie_embeddings; the others are ignored by that kind (`ModelConfig.ignored_fields` names any set anyway).
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "gpt": ("n_head", "bias", "qkv_bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
+    "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
             "head_dim", "mlp_hidden", "rope_theta", "norm_eps"),
     "recurrent": ("rnn_cell",),
 }
@@ -119,6 +121,11 @@ def check_options(options: Any, where: str) -> dict[str, Any]:
     return dict(options)
 
 
+def bias_spelling(places: set[str]) -> bool | str:
+    """The one spelling of biases at `places`: true for every place, else the list in BIAS_PLACES order."""
+    return True if places == set(BIAS_PLACES) else ",".join(p for p in BIAS_PLACES if p in places)
+
+
 @dataclass
 class ModelConfig:
     kind: str = "gpt"  # gpt | recurrent | an installed model plugin's name (its settings in [model.options])
@@ -129,9 +136,8 @@ class ModelConfig:
     dropout: float = 0.0  # share of activations zeroed in training (attention, residual and MLP outputs)
     # Biases: true in every linear layer and norm (GPT-2), false in none, or only in the places listed, of qkv (the
     # query/key/value projection), proj (attention's output), mlp, norm: "proj,mlp,norm" is the book's GPT, no bias
-    # on q, k and v. The recurrent cells always keep theirs.
+    # on q, k and v; "qkv" is Qwen2's. The recurrent cells always keep theirs.
     bias: bool | str = True
-    qkv_bias: bool = False  # biases on the query/key/value projection alone, with bias = false (as Qwen2 has)
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
     gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
     pos_emb: str = "learned"  # learned | rope: a learned position table, or rotary embeddings of q and k
@@ -167,30 +173,18 @@ class ModelConfig:
         self._check_bias()
 
     def _check_bias(self) -> None:
-        """One spelling per layout: a list of every place is true, q/k/v alone is bias = false + qkv_bias = true (as
-        Qwen2 is written), any other list is kept in BIAS_PLACES order."""
-        if self.qkv_bias and self.bias is not False:
-            raise UserError("model.qkv_bias = true adds biases to the query/key/value projection of a model that has "
-                            "no others (model.bias = false, as Qwen2); with model.bias set every place it names has "
-                            "them already: set model.qkv_bias = false, or list qkv in model.bias.")
+        """One spelling per layout (`bias_spelling`), and only places there are."""
         if not isinstance(self.bias, str):
             return
         places = {p.strip() for p in self.bias.split(",")}
         if not self.bias.strip() or places - set(BIAS_PLACES):
             raise UserError(f"model.bias is '{_shown(self.bias)}'; use true, false, or the places that have biases, "
                             f"comma-separated, from {', '.join(BIAS_PLACES)} (e.g. \"proj,mlp,norm\": all but q/k/v).")
-        if places == set(BIAS_PLACES):
-            self.bias = True
-        elif places == {"qkv"}:
-            self.bias, self.qkv_bias = False, True
-        else:
-            self.bias = ",".join(p for p in BIAS_PLACES if p in places)
+        self.bias = bias_spelling(places)
 
     def has_bias(self, place: str) -> bool:
         """Whether the layers at `place` (one of BIAS_PLACES) have biases."""
-        if isinstance(self.bias, str):
-            return place in self.bias.split(",")
-        return self.bias or (place == "qkv" and self.qkv_bias)
+        return place in self.bias.split(",") if isinstance(self.bias, str) else self.bias
 
     def _check_kind(self) -> None:
         if self.kind not in BUILT_IN_KINDS and self.kind not in plugin_kinds():
@@ -236,7 +230,6 @@ class TrainConfig:
     batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
     grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
     max_iters: int = 5000  # optimizer steps
-    max_seconds: float = 0.0  # wall-clock limit: end the run cleanly (final eval and checkpoint) after it; 0: none
     # Seconds from `lmlab train`'s start (or a library Trainer's run()) to the end of the run, evals and checkpoints
     # included: the run times its first steps and sets max_iters to fill them, the LR schedule laid over those
     # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps); at most 366 days.
@@ -252,16 +245,15 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.99  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_interval: int = 250  # steps between evaluations (with eval_every = "steps")
-    # What evaluations are spaced by: "steps" (eval_interval), "epoch" (one per pass over the train split) or a number
-    # of passes (0.5: two a pass), each at the first step past them (eval_interval is set to the steps nearest,
-    # what a time budget plans with); patience counts these evaluations, so with "epoch" it is in epochs.
-    eval_every: float | str = "steps"
+    # Steps between evaluations, or passes over the train split: "epoch" (one a pass) or "N epochs" ("0.5 epochs": two
+    # a pass), each at the first step past them (a time budget plans with the steps nearest); patience counts these
+    # evaluations, so with "epoch" it is in epochs.
+    eval_interval: int | str = 250
     eval_iters: int = 50  # batches per split in each evaluation (the same batches every time)
     log_interval: int = 10  # steps between train lines in metrics.jsonl
     checkpoint_interval: int = 500  # steps between `latest` checkpoints
     keep_checkpoints: int = 3  # step folders kept besides `best`
-    patience: int = 0  # evaluations without a new best before stopping (epochs, with eval_every = "epoch"); 0: never
+    patience: int = 0  # evaluations without a new best before stopping (epochs, with eval_interval "epoch"); 0: never
     seed: int = DEFAULT_SEED  # seeds the weights, the batches and dropout: the same seed, the same run
     spike_zscore: float = 6.0  # a loss or grad norm this many std above its recent mean is a spike
     spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
@@ -279,8 +271,8 @@ class TrainConfig:
     collective_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
-                    "log_interval", "checkpoint_interval", "keep_checkpoints")
+        positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_iters", "log_interval",
+                    "checkpoint_interval", "keep_checkpoints")
         check_counts("train.", {name: getattr(self, name) for name in positive})
         check_counts("train.", {name: getattr(self, name) for name in ("warmup_iters", "lr_decay_iters", "patience",
                                                                         "spike_patience", "threads")}, low=0)
@@ -298,19 +290,17 @@ class TrainConfig:
             raise UserError(f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 turns clipping off).")
         if self.spike_zscore <= 0:
             raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
-        if self.optimizer not in ("adamw", "muon"):
-            raise UserError(f"train.optimizer is '{_shown(self.optimizer)}'; use adamw or muon.")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise UserError(f"train.optimizer is '{_shown(self.optimizer)}'; use {' or '.join(OPTIMIZER_NAMES)}.")
         if self.schedule not in ("cosine", "wsd"):
             raise UserError(f"train.schedule is '{_shown(self.schedule)}'; use cosine or wsd.")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
-        if self.max_seconds < 0:
-            raise UserError(f"train.max_seconds ({self.max_seconds}) must be 0 (no limit) or positive.")
         if not 0 < self.collective_timeout <= 86400:
             raise UserError(f"train.collective_timeout ({self.collective_timeout}) must be a positive number of "
                             "seconds up to a day (86400), e.g. 600.")
         self._check_budget()
-        self._check_eval_every()
+        self._check_eval_interval()
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
         if self.tracker not in ("none", "tensorboard", "wandb"):
@@ -323,36 +313,40 @@ class TrainConfig:
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
         if self.parallel not in ("ddp", "fsdp"):
             raise UserError(f"train.parallel is '{_shown(self.parallel)}'; use ddp or fsdp.")
-        if self.parallel == "fsdp" and self.optimizer == "muon":
-            # Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks.
-            raise UserError("train.optimizer = \"muon\" does not work with train.parallel = \"fsdp\" (Muon needs "
-                            "whole matrices, FSDP shards them); use parallel = \"ddp\" or optimizer = \"adamw\".")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"train.dtype is '{_shown(self.dtype)}'; use auto, float32, bfloat16 or float16.")
 
-    def _check_eval_every(self) -> None:
-        if isinstance(self.eval_every, str) and self.eval_every not in ("steps", "epoch"):
-            raise UserError(f"train.eval_every is '{_shown(self.eval_every)}'; use \"steps\" (every eval_interval "
-                            "steps), \"epoch\", or a number of passes over the train split such as 0.5.")
-        if not isinstance(self.eval_every, str) and not 0 < self.eval_every <= MAX_COUNT:
-            raise UserError(f"train.eval_every is {_shown(self.eval_every)}; a number of passes over the train split "
-                            "must be above 0 and at most 2**53 (0.5: two evaluations a pass), or use \"epoch\".")
+    def _check_eval_interval(self) -> None:
+        if isinstance(self.eval_interval, str):
+            if self.passes_per_eval is None or not 0 < self.passes_per_eval <= MAX_COUNT:
+                raise UserError(f"train.eval_interval is '{_shown(self.eval_interval)}'; use a number of steps (250), "
+                                "\"epoch\", or a number of passes over the train split such as \"0.5 epochs\".")
+        else:
+            check_counts("train.", {"eval_interval": self.eval_interval})
 
     @property
     def passes_per_eval(self) -> float | None:
-        """The passes over the train split between evaluations, or None when they are spaced by steps."""
-        return None if self.eval_every == "steps" else 1.0 if self.eval_every == "epoch" else float(self.eval_every)
+        """The passes over the train split between evaluations, or None when they are spaced by steps (or the text
+        is none of "epoch", "N epochs")."""
+        words = self.eval_interval.split() if isinstance(self.eval_interval, str) else []
+        if words == ["epoch"]:
+            return 1.0
+        try:
+            passes = float(words[0]) if len(words) == 2 and words[1] in ("epoch", "epochs") else math.nan
+        except ValueError:
+            return None
+        return passes if math.isfinite(passes) else None
 
     def patience_words(self) -> str:
         """The patience as a stop message says it: `15 evaluations`, `15 epochs`, `4 evaluations (2 passes)`."""
         passes = self.passes_per_eval
-        if self.eval_every == "epoch":
+        if passes == 1.0:
             return f"{self.patience} epoch{'s' * (self.patience != 1)}"
         return f"{self.patience} evaluations" + ("" if passes is None else f" ({self.patience * passes:g} passes)")
 
     def eval_steps(self, split_tokens: int, tokens_per_step: int) -> int:
-        """The eval_interval a run goes by: its own, or for evaluations spaced by passes the whole steps nearest
-        passes_per_eval passes of a split of `split_tokens`, at least one, at most MAX_COUNT."""
+        """The steps between evaluations: eval_interval's, or for evaluations spaced by passes the whole steps
+        nearest passes_per_eval passes of a split of `split_tokens`, at least one, at most MAX_COUNT."""
         passes = self.passes_per_eval
         if passes is None:
             return self.eval_interval
@@ -362,9 +356,6 @@ class TrainConfig:
         if not 0 <= self.budget_seconds <= MAX_BUDGET_SECONDS:
             raise UserError(f"train.budget_seconds ({self.budget_seconds}) must be 0 (no budget) or positive, at most "
                             f"{MAX_BUDGET_SECONDS:,} (366 days).")
-        if self.budget_seconds and self.max_seconds:
-            raise UserError("train.budget_seconds plans the whole run to end at its budget, train.max_seconds cuts a "
-                            "run short; set one of them, the other to 0.")
         if self.budget_seconds and self.lr_decay_iters:
             raise UserError("train.lr_decay_iters fixes the decay in steps, while train.budget_seconds lays it over "
                             "the steps the budget allows; set lr_decay_iters = 0.")
@@ -464,10 +455,59 @@ def _parse_literal(text: str) -> Any:
         return text  # a bare word such as `bfloat16` or a path is a string
 
 
+def _qkv_bias(value: Any, values: dict[str, Any], where: str) -> dict[str, Any]:
+    if not _coerce(where, value, bool):
+        return {}
+    if values.get("bias", True) is not False:
+        raise UserError(f"{where} = true adds biases to the query/key/value projection of a model that has no others "
+                        "(model.bias = false, as Qwen2); with model.bias set every place it names has them already: "
+                        "set model.qkv_bias = false, or list qkv in model.bias.")
+    return {"bias": "qkv"}
+
+
+def _max_seconds(value: Any, values: dict[str, Any], where: str) -> dict[str, Any]:
+    seconds = _coerce(where, value, float)
+    if not 0 <= seconds <= MAX_BUDGET_SECONDS:
+        raise UserError(f"{where} ({seconds}) must be 0 (no limit) or positive, at most {MAX_BUDGET_SECONDS:,} (366 "
+                        "days).")
+    if seconds and values.get("budget_seconds"):
+        raise UserError(f"{where} is the older name of train.budget_seconds; set one of them, the other to 0.")
+    return {"budget_seconds": seconds} if seconds else {}
+
+
+def _eval_every(value: Any, values: dict[str, Any], where: str) -> dict[str, Any]:
+    if value in ("steps", "epoch"):
+        return {"eval_interval": value} if value == "epoch" else {}
+    if type(value) in (int, float) and math.isfinite(value) and 0 < value <= MAX_COUNT:
+        return {"eval_interval": f"{value} epochs"}
+    raise UserError(f"{where} is {_shown(value)}; use \"steps\" (every eval_interval steps), \"epoch\", or a number "
+                    "of passes over the train split above 0 and at most 2**53, such as 0.5.")
+
+
+# Older spellings of a setting, still read from runs' config.toml, presets and --set: each as the settings it
+# stands for today (nothing when it is its default), said to be deprecated once a process.
+OLD_SPELLINGS = {"model": {"qkv_bias": _qkv_bias}, "train": {"max_seconds": _max_seconds, "eval_every": _eval_every}}
+_SAID: set[str] = set()
+
+
+def _todays_spelling(name: str, values: dict[str, Any], source: str) -> dict[str, Any]:
+    values = dict(values)
+    for key, read in OLD_SPELLINGS.get(name, {}).items():
+        if key in values:
+            settings = read(values.pop(key), values, f"{source}: {name}.{key}")
+            values.update(settings)
+            if settings and f"{name}.{key}" not in _SAID:
+                _SAID.add(f"{name}.{key}")
+                today = ", ".join(f"{name}.{k} = {toml_value(v)}" for k, v in settings.items())
+                print(f"note: {name}.{key} is deprecated and read as {today}; write that instead.", file=sys.stderr)
+    return values
+
+
 def build_section(name: str, values: Any, source: str) -> Any:
     """One section's dataclass from a dict of settings, each checked for type; errors name `source`."""
     if not isinstance(values, dict):
         raise UserError(f"{source}: [{name}] must be a table of settings.")
+    values = _todays_spelling(name, values, source)
     types = {f.name: f.type for f in dataclasses.fields(SECTIONS[name])}
     kwargs = {}
     for key, value in values.items():

@@ -1,3 +1,11 @@
+"""The errors lmlab says in its own words: `UserError` (one sentence, exit 2), `PeerLost`; and `classify`, the one
+place that tells other libraries' failures apart (torch's, Gloo's, NCCL's) by their type and words."""
+
+from __future__ import annotations
+
+import sys
+
+
 class UserError(Exception):
     """Bad input from the user: the message is one sentence naming the file or field and the fix.
 
@@ -13,3 +21,23 @@ class UserError(Exception):
 class PeerLost(UserError):
     """A torchrun job's collective failed because another of its processes ended or stopped answering: said by
     the rank that saw it, since the process that speaks for its node may be the one gone."""
+
+
+# How Gloo and NCCL say, in a collective, that a peer process went away (it died, or its launcher stopped it).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited", "Socket Timeout")
+
+
+def classify(err: BaseException) -> str | None:
+    """What failed, for the failures lmlab says in a sentence: "memory" (the host or a device's allocator ran out),
+    "overflow" (a size too large for the arithmetic that counts it), "timeout" (a torchrun collective waited past
+    train.collective_timeout), "peer" (a collective's other process went away), or None (anything else)."""
+    text = str(err)
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return "memory"
+    dist = sys.modules.get("torch.distributed")  # loaded by any job that has collectives
+    collective = (dist is not None and isinstance(err, getattr(dist, "DistError", ()))
+                  or isinstance(err, RuntimeError) and ("gloo" in text or any(words in text for words in PEER_GONE)))
+    if collective:
+        return "timeout" if "timed out" in text.lower() else "peer"
+    return "overflow" if "overflow" in text.lower() else None

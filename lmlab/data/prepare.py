@@ -54,7 +54,16 @@ from lmlab.data.normalize import with_normalizer
 from lmlab.data.output import Output, PrepareOptions
 from lmlab.data.shards import read_meta
 from lmlab.data.split import FIRST_GUESS, TRAIN, Scan, parts, plan_split, scan, val_refusal
-from lmlab.data.tokenizers import Tokenizer, chunk_spans, is_path, load_pretrained, parse_spec, train_tokenizer
+from lmlab.data.tokenizers import (
+    KINDS,
+    Tokenizer,
+    TokenizerKind,
+    chunk_spans,
+    is_path,
+    load_pretrained,
+    parse_spec,
+    train_tokenizer,
+)
 
 BATCH_DOCS = 512  # documents (chunks of long ones) per worker task: so many that inter-process overhead is small
 BATCH_CHARS = 2_000_000  # and small enough that in-flight batches stay a few MB each
@@ -64,7 +73,7 @@ SAMPLE_CHARS = 1_000_000  # of train text, to measure a tokenizer's characters p
 SEPARATOR = "\n\n"  # what ends every document of a char dataset, which has no end-of-text token
 
 
-def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndarray, cut: int | None,
+def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, plan: np.ndarray, cut: int | None,
              start: int) -> Iterator[tuple[list[tuple], list[str]]]:
     """(tags, texts) batches from document `start` on: each text a chunk of a document (tokenizers.chunk_spans),
     tagged (document index, split code, name, first chunk?, last chunk?); a long document spans several batches."""
@@ -75,13 +84,13 @@ def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndar
         if index < start:  # already in the shards of an interrupted run
             continue
         for code, name, begin, end in parts(doc, index, plan, cut):
-            if kind == "char":  # documents are kept apart by a blank line instead
+            if not kind.end_of_text:  # documents are kept apart by a blank line instead
                 while end > begin and doc.text[end - 1] == "\n":
                     end -= 1
-            spans = list(chunk_spans(doc.text, begin, end, kind))
+            spans = list(chunk_spans(doc.text, begin, end, kind.name))
             for number, (a, b) in enumerate(spans):
                 last = number == len(spans) - 1
-                texts.append(doc.text[a:b] + (SEPARATOR if kind == "char" and last else ""))
+                texts.append(doc.text[a:b] + (SEPARATOR if not kind.end_of_text and last else ""))
                 tags.append((index, code, name, number == 0, last))
                 characters += len(texts[-1])
                 # A batch ends with a document where it can (progress is recorded after whole documents only), and
@@ -95,14 +104,14 @@ def _batches(files: list[str], options: PrepareOptions, kind: str, plan: np.ndar
 
 
 def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray, cut: int | None,
-                    kind: str) -> Iterator[str]:
+                    kind: TokenizerKind) -> Iterator[str]:
     """The train documents' text in chunks, up to options.tokenizer_chars characters: what bpe/word tokenizers
     learn from (cut where their pre-tokens are cut anyway, so the counts are those of the whole documents)."""
     used = 0
     for index, doc in enumerate(iter_documents(files, options.text_field, options.normalization.function())):
         code, _, begin, end = parts(doc, index, plan, cut)[0]
         if code == TRAIN:
-            for a, b in chunk_spans(doc.text, begin, end, kind):
+            for a, b in chunk_spans(doc.text, begin, end, kind.name):
                 yield doc.text[a:b]
                 used += b - a
                 if used >= options.tokenizer_chars:
@@ -151,7 +160,7 @@ def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions,
     if path.exists() and fixed is None:
         return Tokenizer.load(path, spec)
     task = progress.add_task("training the tokenizer", total=None, tokens="")
-    kind = parse_spec(spec)[0]
+    kind = KINDS[parse_spec(spec)[0]]
     # The separator is lmlab's, not the corpus's: a char vocabulary holds it even if no document has a line break.
     tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut, kind),
                                          ["".join(sorted(found.charset | set(SEPARATOR)))])
@@ -205,11 +214,11 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     # A tokenizer that needs no training is loaded before the long scan: a missing file fails at once.
     fixed = load_pretrained(Path(spec)) if is_path(spec) else None
     spec = fixed.spec if fixed else spec
-    kind, _ = parse_spec(spec)
-    if options.pack == "crop" and kind == "char":
+    kind = KINDS[parse_spec(spec)[0]]
+    if options.pack == "crop" and not kind.end_of_text:
         raise UserError("--pack crop pads each document's row with the end-of-text token, which the char tokenizer "
                         "does not have; use --pack concat or a word, bpe, gpt2 or tiktoken tokenizer.")
-    if kind == "char" and options.normalization.drops("\n"):
+    if not kind.end_of_text and options.normalization.drops("\n"):
         raise UserError("the char tokenizer separates documents with a line break, which --keep-chars / --drop-chars "
                         "would remove; keep \\n (e.g. --keep-chars 'a-z \\n').")
     if not 0.0 < val_fraction < 1.0:  # (nan included) before the scan, which cuts a lone document by it
@@ -231,18 +240,18 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
              options: PrepareOptions, console: Console | None, fixed: Tokenizer | None
              ) -> tuple[Path, dict[str, Any], bool]:
     """`prepare` under the dataset's lock; `fixed`: the tokenizer a path named, already loaded."""
-    kind, _ = parse_spec(spec)
+    kind = KINDS[parse_spec(spec)[0]]
     _remove_old_copies(target)
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
     # Another dataset of the same spec may have another tokenizer of that spec (a run's word:1000): its identity
     # then tells the two apart.
     same_tokenizer = {"tokenizer_identity": fixed.identity()} if fixed else {}
-    if kind in ("gpt2", "tiktoken", "pretrained") and not fixed:  # loaded before the long scan: fails at once
+    if not kind.trained and not fixed:  # loaded before the long scan: fails at once
         fixed = train_tokenizer(spec, [], [], options.gpt2_dir)
     clock = [time.perf_counter()]
     with _progress(console) as progress:
-        found = scan(files, options.text_field, val_fraction, kind == "char", progress,
+        found = scan(files, options.text_field, val_fraction, kind.per_character, progress,
                      options.normalization.function())
         clock.append(time.perf_counter())
         job = {"input_sha256": found.sha256, "tokenizer": spec, "val_fraction": val_fraction, **options.identity(),
@@ -274,7 +283,7 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
     clock.append(time.perf_counter())
     rule |= {"val_documents": [n for _, n in sorted(output.val_names, reverse=True)]} if len(plan) > 1 else {}
     meta = {
-        "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind,
+        "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind.name,
         "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
         "input_sha256": found.sha256, "split": rule, "normalize": options.normalization.record(),
         **{split: {**output.counts[split], "sha256": sha256_file(*shards[split])} for split in ("train", "val")},

@@ -20,6 +20,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
@@ -44,22 +45,64 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # never in text decoded strictly: a 
 _SAFE_CUT = re.compile(r"(?<=\S)[ \t]|(?<=[^\W_])[\r\n]")
 
 
+@dataclass(frozen=True)
+class TokenizerKind:
+    """A kind of tokenizer, and what lmlab's commands ask of it. Written `name`, `name:N` (`argument` "N": its size,
+    at least `minimum`) or `name:NAME`. Every kind exports to Hugging Face as its tokenizer.json (`unknown` names
+    its unk_token there); to GGUF as `gguf` says."""
+
+    name: str
+    argument: str = ""
+    minimum: int = 0
+    trained: bool = False  # built from the corpus by `prepare`; else read as it is, from files
+    named: bool = True  # a --tokenizer value; else only how lmlab records a tokenizer read from a folder
+    # One token per character of the corpus: documents kept apart by a blank line (no end-of-text token), text cut
+    # anywhere, a character the corpus never had refused (no token stands for it).
+    per_character: bool = False
+    unknown: str | None = None  # the token that stands for text it has no tokens for (an export names it)
+    tokens_per_char: int = 4  # the most tokens one character may take: its UTF-8 bytes, in a byte-level vocabulary
+    gguf: str | None = "gpt2"  # the tokenizer model GGUF holds it as; None: none can (export-gguf refuses it)
+
+    @property
+    def end_of_text(self) -> bool:
+        """Whether it puts an end-of-text token between documents (`<|endoftext|>`, or a model's eos)."""
+        return not self.per_character
+
+    @property
+    def written(self) -> str:
+        return f"{self.name}:{self.argument}" if self.argument else self.name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+KINDS = {kind.name: kind for kind in (
+    TokenizerKind("char", trained=True, per_character=True, tokens_per_char=1, gguf="rwkv"),
+    # <unk> stands for a whole word, of any length, and GGUF has no tokenizer that maps unknown words to it
+    TokenizerKind("word", "N", 1, trained=True, unknown=UNK, tokens_per_char=1, gguf=None),
+    TokenizerKind("bpe", "N", 257, trained=True),  # byte-level BPE starts from 256 bytes + EOT
+    TokenizerKind("gpt2"),
+    TokenizerKind("tiktoken", "NAME"),
+    TokenizerKind("pretrained", "NAME", named=False),
+)}
+
+
 def parse_spec(spec: str) -> tuple[str, int]:
     """`char` -> ("char", 0); `word:1000` -> ("word", 1000); `bpe:4096` -> ("bpe", 4096); `gpt2` -> ("gpt2", 0);
     `tiktoken:gpt2` -> ("tiktoken", 0); `pretrained:SmolLM2-135M` -> ("pretrained", 0)."""
-    kind, _, size = spec.partition(":")
-    if kind in ("char", "gpt2") and not size:
-        return kind, 0
-    if kind in ("tiktoken", "pretrained") and NAME.fullmatch(size):
-        return kind, 0
-    if kind in ("word", "bpe") and size.isdigit():
-        n = int(size)
-        minimum = 257 if kind == "bpe" else 1  # byte-level BPE starts from 256 bytes + EOT
-        if n >= minimum:
-            return kind, n
-        raise UserError(f"tokenizer {spec}: {kind} needs N >= {minimum}.")
-    raise UserError(f"unknown tokenizer {spec!r}; use char, word:N, bpe:N (e.g. bpe:4096), gpt2, tiktoken:NAME, or "
-                    "the path of a folder with a tokenizer.json (a Hugging Face model, an lmlab run or dataset).")
+    name, _, argument = spec.partition(":")
+    kind = KINDS.get(name)
+    if kind is not None and not kind.argument and not argument:
+        return name, 0
+    if kind is not None and kind.argument == "NAME" and NAME.fullmatch(argument):
+        return name, 0
+    if kind is not None and kind.argument == "N" and argument.isdigit():
+        if int(argument) >= kind.minimum:
+            return name, int(argument)
+        raise UserError(f"tokenizer {spec}: {name} needs N >= {kind.minimum}.")
+    named = ", ".join(kind.written for kind in KINDS.values() if kind.named)
+    raise UserError(f"unknown tokenizer {spec!r}; use {named} (e.g. bpe:4096), or the path of a folder with a "
+                    "tokenizer.json (a Hugging Face model, an lmlab run or dataset).")
 
 
 def is_path(spec: str) -> bool:
@@ -73,7 +116,7 @@ class Tokenizer:
     def __init__(self, spec: str, backend: tokenizers.Tokenizer, eot_id: int | None = None):
         """`eot_id`: the end-of-text token's id where it is not `<|endoftext|>` (a pretrained tokenizer's eos)."""
         self.spec = spec
-        self.kind, _ = parse_spec(spec)
+        self.kind = KINDS[parse_spec(spec)[0]]
         self.backend = backend
         self.vocab = backend.get_vocab()
         self.eot_id = self.vocab.get(EOT) if eot_id is None else eot_id
@@ -84,6 +127,15 @@ class Tokenizer:
     def eot_token(self) -> str | None:
         return None if self.eot_id is None else self.backend.id_to_token(self.eot_id)
 
+    def most_chars(self, tokens: int) -> int | None:
+        """The most characters `tokens` tokens can stand for: each the longest token's text (None when a token has
+        no bound: a word tokenizer's <unk> stands for a word of any length). A longer text cannot fit."""
+        return None if self.kind.unknown else tokens * max(map(len, self.vocab), default=1)
+
+    def fewest_chars(self, tokens: int) -> int:
+        """The characters that take at most `tokens` tokens whatever they are."""
+        return max(0, tokens) // self.kind.tokens_per_char
+
     def normalize(self, text: str) -> str:
         """`text` as the tokenizer sees it: through the normalisation its dataset was prepared with, if any."""
         normalizer = self.backend.normalizer
@@ -91,7 +143,7 @@ class Tokenizer:
 
     def unseen(self, text: str) -> str:
         """The characters of `text` a char tokenizer cannot encode (it has no `<unk>`), sorted; '' for the others."""
-        return "".join(sorted(set(self.normalize(text)) - self.vocab.keys())) if self.kind == "char" else ""
+        return "".join(sorted(set(self.normalize(text)) - self.vocab.keys())) if self.kind.per_character else ""
 
     def check(self, text: str, where: str) -> None:
         """Refuse text that is not Unicode (a lone surrogate: from JSON's "\\ud800", or a byte of a command-line
@@ -155,14 +207,14 @@ def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
 
 
 def chunk_spans(text: str, start: int, stop: int, kind: str, size: int = CHUNK_CHARS) -> Iterator[tuple[int, int]]:
-    """(start, stop) spans of at most `size` characters covering text[start:stop], in order, cut where the
-    tokenizer `kind` gives the same ids in pieces as whole: anywhere for char, else at the last safe cut of each
+    """(start, stop) spans of at most `size` characters covering text[start:stop], in order, cut where a tokenizer
+    of `kind` (its name) gives the same ids in pieces as whole: anywhere for char, else at the last safe cut of each
     span (_SAFE_CUT; a span of `size` characters with none, e.g. one long word, is cut at its end). So the tokenizer
     never holds more than a span of a document, however long the document is (its cost is ~100-400 bytes a
     character)."""
     while stop - start > size:
         cut = start + size
-        if kind != "char":
+        if not KINDS[kind].per_character:
             cut = _last_safe_cut(text, start + 1, cut) or cut
         yield start, cut
         start = cut
@@ -243,7 +295,7 @@ def load_pretrained(path: Path) -> Tokenizer:
     if not isinstance(spec, str) or not _is_spec(spec):
         spec = f"pretrained:{NAME_PART.sub('-', folder.resolve().name).strip('-.') or 'tokenizer'}"
     tokenizer = Tokenizer(spec, backend, _eos_id(folder, backend))
-    if tokenizer.kind == "pretrained" and tokenizer.eot_id is None:
+    if tokenizer.kind.end_of_text and tokenizer.eot_id is None:
         raise UserError(f"the tokenizer in {folder} names no end-of-text token (eos_token in tokenizer_config.json "
                         "or eos_token_id in config.json), which lmlab puts between documents; add one.")
     return tokenizer
@@ -276,7 +328,7 @@ def train_tokenizer(spec: str, train_texts: list[str], all_texts: list[str],
     """Build the tokenizer for `spec`; char uses every character of the corpus, the others the train split,
     and gpt2 is read from `gpt2_dir` (see `load_gpt2`)."""
     kind, size = parse_spec(spec)
-    if kind == "pretrained":
+    if not KINDS[kind].named:
         raise UserError(f"{spec} is how lmlab records a tokenizer read from a folder; pass the folder itself, e.g. "
                         "--tokenizer ./models/SmolLM2-135M or --tokenizer runs/NAME.")
     if kind == "gpt2":

@@ -29,6 +29,7 @@ from lmlab.data.shards import read_meta
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.estimate import estimate_loss
+from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
 
@@ -93,7 +94,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
     tc, T = cfg.train, cfg.model.block_size
-    check_training(cfg.model, batch_size, tc.optimizer, device, setting="--batch-sizes")
+    check_training(cfg.model, batch_size, optimizer_of(tc).state_bytes, device, setting="--batch-sizes")
     try:
         gc.collect()  # the previous batch size's tensors go before this one's peak is counted
         _reset_peak_memory(device)
@@ -237,7 +238,10 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> 
     for split in range(2):
         estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, tc.eval_iters, split, device, dtype)
     eval_seconds = time.perf_counter() - started
-    train_seconds = tc.eval_interval * ms_per_step / 1000
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.model.block_size
+    steps = tc.eval_interval if tc.passes_per_eval is None else tc.eval_steps(
+        read_meta(Path(cfg.data.dataset))["train"]["tokens"], tokens_per_step)
+    train_seconds = steps * ms_per_step / 1000
     per_batch = eval_seconds / (2 * tc.eval_iters)
     return {"eval_seconds": eval_seconds, "train_seconds_per_interval": train_seconds,
             "share": eval_seconds / (eval_seconds + train_seconds),

@@ -35,7 +35,7 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 # writes it and as lmlab's tiktoken conversion does.
 HF_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 SPLITS = {GPT2_PATTERN: "gpt-2", HF_GPT2_SPLIT: "gpt-2"}
-KINDS = "char, bpe:N, gpt2, tiktoken:NAME (with GPT-2's split) and imported byte-level BPE tokenizers"
+TAKES = "char, bpe:N, gpt2, tiktoken:NAME (with GPT-2's split) and imported byte-level BPE tokenizers"
 
 
 @dataclass
@@ -58,10 +58,10 @@ def gguf_vocab(tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     """The tokenizer's GGUF keys for a model of `rows` embedding rows (rows past the tokenizer's tokens become
     unused tokens); `what` names the run in a refusal."""
     raw = json.loads(tokenizer.backend.to_str())
-    if tokenizer.kind == "word":
-        raise UserError(f"{what} has a word-level tokenizer ({tokenizer.spec}), which turns an unknown word into "
-                        f"<unk>, and no GGUF tokenizer does that; export-gguf takes {KINDS}.")
-    vocab = _char_vocab(tokenizer, rows) if tokenizer.kind == "char" else _bpe_vocab(raw, tokenizer, rows, what)
+    if tokenizer.kind.gguf is None:
+        raise UserError(f"{what} has a {tokenizer.kind}-level tokenizer ({tokenizer.spec}), which turns an unknown "
+                        f"word into {tokenizer.kind.unknown}, and no GGUF tokenizer does that; export-gguf takes {TAKES}.")
+    vocab = _char_vocab(tokenizer, rows) if tokenizer.kind.gguf == "rwkv" else _bpe_vocab(raw, tokenizer, rows, what)
     # bos and eos: the end-of-text token lmlab puts between documents (a char run has none), unless the tokenizer
     # starts every text with a token of its own; pad: the vocabulary's padding token, else the end-of-text token.
     vocab.eos, vocab.pad = tokenizer.eot_id, pad_id(tokenizer)
@@ -108,7 +108,7 @@ def _bpe_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) 
     pre = _pre_tokenizer(raw, what)
     if model.get("type") != "BPE" or raw.get("normalizer") or (raw.get("decoder") or {}).get("type") != "ByteLevel":
         raise UserError(f"{what}'s tokenizer ({tokenizer.spec}) is not a byte-level BPE without a normalizer, which "
-                        f"is what export-gguf can declare to llama.cpp; it takes {KINDS}.")
+                        f"is what export-gguf can declare to llama.cpp; it takes {TAKES}.")
     ids = _by_id(tokenizer, rows, what)
     added = {t["id"]: t for t in raw.get("added_tokens", [])}
     tokens = [ids[i] for i in range(tokenizer.vocab_size)]
@@ -154,5 +154,5 @@ def _pre_tokenizer(raw: dict[str, Any], what: str) -> str:
     byte_level = next((s for s in steps if s.get("type") == "ByteLevel"), {})
     if split not in SPLITS or byte_level.get("add_prefix_space"):
         raise UserError(f"{what}'s tokenizer splits text in a way export-gguf cannot name to llama.cpp (it names "
-                        f"GPT-2's split); it takes {KINDS}.")
+                        f"GPT-2's split); it takes {TAKES}.")
     return SPLITS[split]

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
-from lmlab.data.tokenizers import UNK, Tokenizer
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.run.chat import ChatTemplate
 
 # PyTorch's own weight files, which may run code when loaded: lmlab never reads them.
@@ -148,8 +148,8 @@ def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int, chat: Chat
     if tokenizer.eot_token is not None:
         settings.update(bos_token=tokenizer.eot_token, eos_token=tokenizer.eot_token,
                         pad_token=tokenizer.backend.id_to_token(pad_id(tokenizer)))
-    if tokenizer.kind == "word":
-        settings["unk_token"] = UNK
+    if tokenizer.kind.unknown:
+        settings["unk_token"] = tokenizer.kind.unknown
     if chat is not None:
         settings.update(chat.tokens, chat_template=chat.template)
     write_json(out / "tokenizer_config.json", settings)

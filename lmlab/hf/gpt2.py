@@ -26,8 +26,6 @@ RULES: dict[str, Rule] = {
     "bias": (equals("bias", True), "GPT-2 has a bias in every linear layer and LayerNorm"),
     "kind": (equals("kind", "gpt"), "GPT-2 is a transformer, lmlab's kind gpt"),
     "options": (lambda cfg: not cfg.options, "GPT-2 has no options of a model plugin"),
-    "qkv_bias": (equals("qkv_bias", False), "GPT-2 has a bias in every linear layer (model.bias), not in q, k and v "
-                 "alone"),
     "pos_emb": (equals("pos_emb", "learned"), "GPT-2 learns one embedding per position and has no rotary ones"),
     "norm": (equals("norm", "layernorm"), "GPT-2 normalises with LayerNorm, not RMSNorm"),
     "mlp": (equals("mlp", "gelu"), "GPT-2's MLP is a GELU feed-forward layer, not SwiGLU"),

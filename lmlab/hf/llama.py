@@ -40,19 +40,16 @@ COMMON: dict[str, Rule] = {
     "mlp": (equals("mlp", "swiglu"), "the MLP of Llama, Qwen2 and Qwen3 is SwiGLU (SiLU-gated), not GELU"),
 }
 LLAMA_RULES = {**COMMON, "bias": (equals("bias", True, False), "Llama has biases in all of attention and the MLP or "
-                                  "in none (attention_bias and mlp_bias)"),
-               "qkv_bias": (equals("qkv_bias", False), "Llama has biases in all of attention and the MLP or in none; "
-                            "Qwen2 has them on q, k and v alone (--arch qwen2)"),
+                                  "in none (attention_bias and mlp_bias); Qwen2 has them on q, k and v alone (--arch "
+                                  "qwen2)"),
                "qk_norm": (equals("qk_norm", False), "Llama does not normalise queries and keys; Qwen3 does "
                            "(--arch qwen3)")}
-QWEN2_RULES = {**COMMON, "bias": (equals("bias", False), "Qwen2 has no biases but those of q, k and v"),
-               "qkv_bias": (equals("qkv_bias", True), "Qwen2 has biases on the query, key and value projections "
-                            "(model.qkv_bias = true); without them it is Llama (--arch llama)"),
+QWEN2_RULES = {**COMMON, "bias": (equals("bias", "qkv"), "Qwen2 has biases on the query, key and value projections "
+                                  "and no others (model.bias = \"qkv\"); without them it is Llama (--arch llama)"),
                "qk_norm": (equals("qk_norm", False), "Qwen2 does not normalise queries and keys; Qwen3 does "
                            "(--arch qwen3)")}
-QWEN3_RULES = {**COMMON, "bias": (equals("bias", False), "Qwen3's MLP has no biases"),
-               "qkv_bias": (equals("qkv_bias", False), "Qwen3 has no biases in attention; Qwen2 has them on q, k and "
-                            "v (--arch qwen2)"),
+QWEN3_RULES = {**COMMON, "bias": (equals("bias", False), "Qwen3 has no biases, in attention or the MLP; Qwen2 has "
+                                  "them on q, k and v (--arch qwen2)"),
                "qk_norm": (equals("qk_norm", True), "Qwen3 normalises queries and keys (QK-norm) in every layer; "
                            "Llama does not (--arch llama)")}
 
@@ -85,19 +82,19 @@ class Llama(Family):
         context = read(raw, "max_position_embeddings", path, default=2048 if self.model_type == "llama" else 32768)
         return dict(
             n_layer=read(raw, "num_hidden_layers", path), n_head=n_head, n_embd=n_embd, block_size=context,
-            dropout=0.0, bias=bias, qkv_bias=self.model_type == "qwen2", vocab_size=read(raw, "vocab_size", path),
+            dropout=0.0, bias=bias, vocab_size=read(raw, "vocab_size", path),
             pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=self.model_type == "qwen3",
             tie_embeddings=read(raw, "tie_word_embeddings", path, bool, False),
             n_kv_head=0 if kv == n_head else kv, head_dim=0 if head_dim * n_head == n_embd else head_dim,
             mlp_hidden=0 if hidden == swiglu_hidden(n_embd) else hidden, rope_theta=rope_theta(raw, path),
             norm_eps=own_eps(read(raw, "rms_norm_eps", path, (int, float), 1e-6), "rmsnorm"))
 
-    def _bias(self, raw: dict[str, Any], path: Path) -> bool:
-        """lmlab's model.bias is biases everywhere or nowhere: Llama's attention_bias and mlp_bias together. Qwen2
-        has biases on q, k and v and nowhere else, whatever its config says (model.qkv_bias); Qwen3 has none."""
+    def _bias(self, raw: dict[str, Any], path: Path) -> bool | str:
+        """Llama's biases are everywhere or nowhere: its attention_bias and mlp_bias together. Qwen2 has biases on
+        q, k and v and nowhere else, whatever its config says (model.bias = "qkv"); Qwen3 has none."""
         attention = read(raw, "attention_bias", path, bool, False)
         if self.model_type == "qwen2":
-            return False
+            return "qkv"
         if self.model_type == "qwen3":
             if attention:
                 raise refuse(path, "attention_bias", attention, "puts biases in attention but not in the MLP")

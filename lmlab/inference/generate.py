@@ -278,12 +278,11 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
 
 
 def prompt_chars(run: LoadedRun) -> int | None:
-    """The most characters a prompt can have and still fit the run's context, whatever its tokens: block_size times
-    the longest token's text (None for a word tokenizer, whose <unk> stands for a word of any length). A longer
-    prompt is refused (or, put in a prompt format that keeps its end, cut) before it is tokenized: only its last
-    block_size tokens would be read, and tokenizing all of it takes memory by its length (a 21 MB prompt, 3.6 GB)."""
-    tokenizer = run.tokenizer
-    return None if tokenizer.kind == "word" else run.config.model.block_size * max(map(len, tokenizer.vocab))
+    """The most characters a prompt can have and still fit the run's context, whatever its tokens
+    (`Tokenizer.most_chars` of block_size; None: no bound). A longer prompt is refused (or, put in a prompt format
+    that keeps its end, cut) before it is tokenized: only its last block_size tokens would be read, and tokenizing
+    all of it takes memory by its length (a 21 MB prompt, 3.6 GB)."""
+    return run.tokenizer.most_chars(run.config.model.block_size)
 
 
 def check_prompt_length(run: LoadedRun, text: str, what: str, limit: int | None = None) -> None:

@@ -1,5 +1,5 @@
-"""The models lmlab trains, built from a ModelConfig by `build_model`: its own kinds (gpt, recurrent) and the kinds
-installed packages register (`plugins`); each implements `LanguageModel`."""
+"""The models lmlab trains, built from a ModelConfig by `build_model`: its own kinds (`kinds.KINDS`: gpt,
+recurrent) and the kinds installed packages register (`plugins`); each implements `LanguageModel`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT
-from lmlab.model.memory import UNCOUNTABLE, NoInit, construct, model_bytes
+from lmlab.model.kinds import construct
+from lmlab.model.memory import UNCOUNTABLE, NoInit, model_bytes
 from lmlab.model.recurrent import RecurrentLM
 
 __all__ = ["GPT", "LanguageModel", "RecurrentLM", "build_model", "model_bytes"]

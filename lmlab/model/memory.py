@@ -23,6 +23,7 @@ step, which the command line reports in one sentence.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,21 +33,13 @@ from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
-from lmlab.model.gpt import GPT, padded_vocab
-from lmlab.model.plugins import build_plugin
-from lmlab.model.recurrent import RecurrentLM
+from lmlab.model.gpt import padded_vocab
+from lmlab.model.kinds import construct
 
 BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (measured: 1.24-1.33)
 DECODE_ROW_OVERHEAD = 2048  # bytes of Python objects per decoding row: its sequence, sampler state, text
 BYTES_PER_DECODED_TOKEN = 40  # a token id in a row's Python list and its text, as held while decoding
 UNCOUNTABLE = 2**63  # what a shape whose size overflows even the meta device's arithmetic is taken to need
-
-
-def construct(config: ModelConfig) -> LanguageModel:
-    """The model `config.kind` names: lmlab's own kinds, or one an installed package registers (`plugins`)."""
-    if config.kind == "gpt":
-        return GPT(config)
-    return RecurrentLM(config) if config.kind == "recurrent" else build_plugin(config)
 
 
 class NoInit(TorchFunctionMode):
@@ -135,12 +128,20 @@ class Need:
         return max(0, (have - self.fixed) // max(1, self.each))
 
 
-def training_need(config: ModelConfig, optimizer: str = "adamw") -> Need:
+StateBytes = Callable[[int, int], int]  # an optimizer's state for weights of N bytes, M of them hidden matrices
+
+
+def two_moments(weights: int, hidden: int) -> int:
+    """AdamW's state: two moments per weight."""
+    return 2 * weights
+
+
+def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) -> Need:
     """A training step at a micro-batch of sequences of block_size tokens: the weights, their gradients and the
-    optimizer's state (AdamW: two moments; Muon: one for the hidden matrices, AdamW's two for the rest), plus per
-    sequence the activations and the logits."""
+    optimizer's state (`state_bytes`: lmlab.train.optim.Optimizer's), plus per sequence the activations and the
+    logits."""
     weights = model_bytes(config)
-    moments = 2 * weights if optimizer == "adamw" else 2 * weights - _per_layer(config, _hidden_bytes)
+    moments = state_bytes(weights, _per_layer(config, _hidden_bytes))
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
     each = int(BACKWARD_FACTOR * _per_layer(config, _kept_bytes)) + 2 * logits
     return Need(weights + weights + moments, min(each, UNCOUNTABLE))
@@ -217,14 +218,14 @@ def check_fits(need: Need, size: int, setting: str, unit: str, device: torch.dev
                         f"{largest:,} or less.", largest)
 
 
-def check_training(config: ModelConfig, batch_size: int, optimizer: str, device: torch.device,
+def check_training(config: ModelConfig, batch_size: int, state_bytes: StateBytes, device: torch.device,
                    processes: int = 1, setting: str = "train.batch_size") -> None:
     """Refuse a micro-batch whose training step would not fit this machine's memory (shared by a torchrun job's
-    `processes` on this host), before the model is built; on a CUDA `device` the allocator checks instead (see the
-    module's docstring)."""
+    `processes` on this host), before the model is built; `state_bytes` sizes the optimizer's state. On a CUDA
+    `device` the allocator checks instead (see the module's docstring)."""
     if device.type == "cuda":
         return
-    check_fits(training_need(config, optimizer), batch_size, setting, f"sequence of {config.block_size:,} tokens",
+    check_fits(training_need(config, state_bytes), batch_size, setting, f"sequence of {config.block_size:,} tokens",
                device, host_memory() // processes)
 
 

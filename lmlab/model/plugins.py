@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmlab.core.config import PLUGIN_GROUP, ModelConfig, UnknownKind
-from lmlab.core.errors import UserError
+from lmlab.core.errors import UserError, classify
 from lmlab.model.base import LanguageModel
 
 
@@ -98,7 +98,7 @@ def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | No
         with torch.random.fork_rng(devices=[idx.device] if idx.device.type == "cuda" else []):
             return model.eval()(idx, targets)
     except PLUGIN_ERRORS as err:
-        if type(err).__name__ == "OutOfMemoryError" or "overflow" in str(err).lower():
+        if classify(err) in ("memory", "overflow"):
             raise  # a size too large to hold or to count, which the caller says as such
         where = " on the meta device, where lmlab sizes a model before building it" if idx.device.type == "meta" else ""
         raise UserError(f"{who} raised {_first_line(err)} in {how}{where}; fix the plugin's forward.") from err

@@ -34,18 +34,17 @@ from lmlab.serving.edge import protocol
 from lmlab.serving.openai_api import ApiError
 from lmlab.serving.page import add_page_route
 from lmlab.serving.routes import (
-    ENDPOINTS,
+    OPEN,
     add_completion_routes,
     add_error_handlers,
     add_status_routes,
     add_token_routes,
+    label,
 )
 from lmlab.serving.schema import add_openapi
 from lmlab.serving.state import State
 from lmlab.serving.streaming import Relay
 
-OPEN = ("/", "/health", "/metrics")  # answered without the API key: the page (it asks for the key), health checks
-# and scrapers
 
 
 def loopback(host: str) -> bool:
@@ -140,13 +139,6 @@ class Gate:
         await send_error(send, error)
 
 
-def endpoint(path: str) -> str:
-    """The route a path is counted under in the metrics (unknown paths together, so they add no series)."""
-    if path in ENDPOINTS:
-        return path
-    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
-
-
 class AccessLog:
     """ASGI middleware writing one line per request (method, path, status, tokens in and out, time to first
     token and tokens/s for completions, seconds; `(client left)` when the client went away first) and counting it
@@ -170,7 +162,7 @@ class AccessLog:
             await self.app(scope, receive, noting_send)
         finally:
             seconds = time.perf_counter() - started
-            self.state.metrics.requests.labels(endpoint(scope["path"]), str(status[0])).inc()
+            self.state.metrics.requests.labels(label(scope["path"]), str(status[0])).inc()
             parts = [scope["method"], printable(scope["path"]), str(status[0])]
             if "out" in stats:
                 self.state.metrics.duration.observe(seconds)

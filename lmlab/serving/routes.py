@@ -1,11 +1,13 @@
-"""The routes of `lmlab serve`, in groups, each a function that registers its routes on the FastAPI app: errors
-in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. FastAPI is
-imported inside them: this module loads without the `serve` extra, which `app.require_extras` asks for first."""
+"""The routes of `lmlab serve`: `ROUTES`, the table the 404's text, the metrics' labels, the API key's exemptions
+and the OpenAPI document are read from; and the groups that register them on the FastAPI app, each a function:
+errors in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. FastAPI
+is imported inside them: this module loads without the `serve` extra, which `app.require_extras` asks for first."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
 # at run time to know what to pass them.
 import asyncio
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from lmlab.serving.batcher import QueueFull
@@ -24,10 +26,58 @@ from lmlab.serving.requests import (
 from lmlab.serving.state import State
 from lmlab.serving.streaming import Answer, ClientGone, server_sent_events
 
-ROUTES = ("GET /health, GET /metrics, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, "
-          "POST /v1/chat/completions, POST /tokenize and POST /detokenize")
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
-             "/detokenize")
+
+@dataclass(frozen=True)
+class Route:
+    """One route: its method and path as FastAPI registers it; `keyed`: it asks for the API key (the page, health
+    checks and scrapers do not); `loading`: it answers 503 while the model loads or the server drains; `streamed`:
+    it may answer as server-sent events; `statuses`: what else it may answer with, besides those of every route of
+    its method."""
+
+    method: str
+    path: str
+    keyed: bool = True
+    loading: bool = True
+    streamed: bool = False
+    statuses: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The route as people and the metrics name it: `{model_id}` as `{id}`."""
+        return self.path.replace("{model_id}", "{id}")
+
+    @property
+    def prefix(self) -> str | None:
+        """What a request's path starts with for a route with a parameter; None for a fixed path."""
+        return self.path.split("{")[0] if "{" in self.path else None
+
+
+ROUTES = (
+    Route("GET", "/health", keyed=False),
+    Route("GET", "/metrics", keyed=False, loading=False),
+    Route("GET", "/v1/models"),
+    Route("GET", "/v1/models/{model_id}", statuses=(404,)),
+    Route("POST", "/v1/completions", streamed=True),
+    Route("POST", "/v1/chat/completions", streamed=True),
+    Route("POST", "/tokenize"),
+    Route("POST", "/detokenize"),
+)
+OPEN = ("/", *(r.path for r in ROUTES if not r.keyed))  # answered without the API key: the page asks for it
+
+
+def answered() -> str:
+    """The routes as the 404 lists them: `GET /health, ..., POST /tokenize and POST /detokenize`."""
+    names = [f"{r.method} {r.label}" for r in ROUTES]
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def label(path: str) -> str:
+    """The route a request's path is counted under in the metrics (unknown paths together, so they add no
+    series)."""
+    for route in ROUTES:
+        if path == route.path or (route.prefix and path.startswith(route.prefix)):
+            return route.label
+    return "other"
 
 
 def add_error_handlers(app: Any) -> None:
@@ -47,7 +97,8 @@ def add_error_handlers(app: Any) -> None:
             error = ApiError(405, f"{where} is not allowed; this route takes {err.headers.get('Allow')}.",
                              code="method_not_allowed")
         else:
-            error = ApiError(err.status_code, f"no route {where}; lmlab serve answers {ROUTES}.", code="not_found")
+            error = ApiError(err.status_code, f"no route {where}; lmlab serve answers {answered()}.",
+                             code="not_found")
         return JSONResponse(error.body(), status_code=error.status, headers=err.headers)
 
     @app.exception_handler(Exception)

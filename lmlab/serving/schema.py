@@ -18,6 +18,7 @@ from lmlab.core.config import MAX_COUNT, MAX_SEED, STOP_CHARS
 from lmlab.core.errors import UserError
 from lmlab.serving.openai_api import FIELDS, HINTS, MAX_LOGPROBS, NEUTRAL_MESSAGE_KEYS, ROLES, UNSUPPORTED
 from lmlab.serving.requests import TOKENIZE, Served
+from lmlab.serving.routes import ROUTES
 
 EVENT = {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}  # a streamed event's data: a chunk, then [DONE]
 MESSAGES = 4  # the most messages a described chat holds, so that their text fits the context together
@@ -44,16 +45,15 @@ def text(served: Served, most: int) -> dict[str, Any]:
     """A string of at most `most` characters, of those the tokenizer knows (a char tokenizer refuses others)."""
     schema: dict[str, Any] = {"type": "string", "maxLength": most}
     tokenizer = served.run.tokenizer
-    if tokenizer.kind == "char":
+    if tokenizer.kind.per_character:
         schema["pattern"] = "^[" + "".join(f"\\u{ord(c):04x}" for c in sorted(tokenizer.vocab) if len(c) == 1
                                            and ord(c) < 0x10000) + "]*$"
     return schema
 
 
 def prompt_chars(served: Served, tokens: int) -> int:
-    """The characters that take at most `tokens` tokens whatever they are: one each for a char tokenizer, else up to
-    four (the UTF-8 bytes of a character a byte-level vocabulary has no merge for); two kept for special tokens."""
-    return max(0, tokens - 2) // (1 if served.run.tokenizer.kind == "char" else 4)
+    """The characters that take at most `tokens` tokens whatever they are, two kept for special tokens."""
+    return served.run.tokenizer.fewest_chars(tokens - 2)
 
 
 def sampling(served: Served, chat: bool) -> dict[str, Any]:
@@ -173,23 +173,21 @@ BODIES = {"/v1/completions": completions, "/v1/chat/completions": chat, "/tokeni
 
 
 def describe(document: dict[str, Any], served: Served, names: list[str], keyed: bool) -> None:
-    """Add the request bodies and the statuses each route answers with to FastAPI's `document`."""
+    """Add the request bodies and the statuses each route of `ROUTES` answers with to FastAPI's `document`."""
     document.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
-    for path, operations in document["paths"].items():
-        for method, operation in operations.items():
-            statuses = [*([401] if keyed and path not in ("/health", "/metrics") else []),
-                        *([503] if path != "/metrics" else []),
-                        *([400, 404, 408, 413, 429] if method == "post" else []),
-                        *([404] if path == "/v1/models/{model_id}" else [])]
-            operation["responses"].pop("422", None)  # FastAPI's own validation error: these routes never give it
-            for status in statuses:
-                operation["responses"][str(status)] = {"description": WHY[status], "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-            if path in BODIES:
-                operation["requestBody"] = {"required": True, "content": {"application/json": {
-                    "schema": BODIES[path](served, names)}}}
-            if path in ("/v1/completions", "/v1/chat/completions"):  # answered whole, or streamed
-                operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": EVENT}
+    for route in ROUTES:
+        operation = document["paths"][route.path][route.method.lower()]
+        statuses = [*([401] if keyed and route.keyed else []), *([503] if route.loading else []),
+                    *([400, 404, 408, 413, 429] if route.method == "POST" else []), *route.statuses]
+        operation["responses"].pop("422", None)  # FastAPI's own validation error: these routes never give it
+        for status in statuses:
+            operation["responses"][str(status)] = {"description": WHY[status], "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if route.method == "POST":
+            operation["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": BODIES[route.path](served, names)}}}
+        if route.streamed:  # answered whole, or streamed
+            operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": EVENT}
     document["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = {
         "text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}}
 

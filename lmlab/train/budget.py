@@ -1,38 +1,32 @@
-"""`train.budget_seconds`: a run that ends when its wall-clock budget does, counted from the process's start, with
-start-up, evaluations, checkpoints and the end included, however busy the machine gets meanwhile.
-
-After SKIP_STEPS steps the run times a checkpoint and an evaluation, then its steps for a few percent of the
-budget, and plans: `max_iters` is the most steps whose training, evaluations and checkpoints end at the budget.
-Then it steers: at every evaluation, and whenever the pace of its steps says the end would miss the budget, it
-plans again from the time actually left at the pace of its recent steps (the evaluation's and checkpoint's costs
-scaled with it: a busier machine slows them alike). Each plan lays the rest of the LR schedule over the steps that
-now fit, continuing from where the schedule stands, so the LR never jumps and still ends decayed.
-
-Every plan is a `budget` event in metrics.jsonl and is kept by every later checkpoint. A resumed run goes by the plan
-of its checkpoint and plans no more (the budget was its first process's; steering from another process's timing
-would make resume inexact), so it trains to the same step, bitwise as if it had not stopped. A run resumed before
-its first plan times its steps anew.
+"""`train.budget_seconds` (`Budget`): a run that ends when its wall-clock budget does, start-up and evaluations
+included, however busy the machine gets. It times its first steps, an evaluation and a checkpoint, plans the steps
+that fill the budget, and plans again at evaluations and whenever the pace says the end would miss; each plan lays
+the rest of the LR decay over the steps that now fit, so the LR never jumps and still ends at min_lr. A resumed run
+goes by its checkpoint's plan and plans no more: timing another process's steps would make resume inexact.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lmlab.analysis.plots import pyplot
 from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
-from lmlab.train.optim import lr_at, lr_at_position, position_between
-from lmlab.train.state import Saved
+from lmlab.train.distributed import Parallel
+from lmlab.train.schedule import Decay, Schedule, lr_at_position, position_of
+from lmlab.train.state import Checkpointed
 
 SKIP_STEPS = 2  # the first steps build kernels (or compile): not timed; then a timed checkpoint
 MIN_TIMED_STEPS = 10
 TIMED_SHARE = 0.03  # of the budget spent timing steps (at least MIN_TIMED_STEPS of them), at most MAX_TIMED_SECONDS
 MAX_TIMED_SECONDS = 60.0
-UNPLANNED = 10**9  # max_iters before the plan: the loop runs on and the schedule holds its peak after warmup
 CHECK_SHARE = 0.01  # the pace is checked each time this share of the budget has gone into steps (at least 0.5 s)
 MIN_CHECK_SECONDS = 0.5
 # The pace is the mean step over the newest steps that fill this share of the budget (at least 2 s, at least 8
@@ -47,10 +41,12 @@ DRIFT_LEFT_SHARE = 0.05
 # An evaluation is timed again (one batch a split) when the pace has moved this much from the one it was timed at:
 # under load a training step slows more than an evaluation's forward passes, so scaling one by the other misleads.
 RETIME_RATIO = 1.5
+# The process's exit after the end's plot (torch's and Python's teardown), which a budget counts: measured ~0.2 s.
+EXIT_SECONDS = 0.3
 
 
 @dataclass
-class BudgetPlan(Saved):
+class BudgetPlan(Checkpointed):
     """How a budget is being spent: the newest plan (`max_iters` > 0 once there is one), restored on resume."""
 
     seconds: float = 0.0  # the budget
@@ -75,18 +71,16 @@ class BudgetPlan(Saved):
                     "reason": "planned" if state.get("max_iters") else ""}
         super().load_state_dict({**defaults, **state})
 
-    def position_at(self, step: int) -> float:
-        """Where the schedule stands at `step`: from `position` at the anchor to 1 at the plan's last step (before any
-        plan, `position`: 0, the peak after warmup, or where a resumed run's schedule stood)."""
-        if not self.fixed:
-            return self.position
-        return position_between(step, self.anchor, self.position, self.max_iters - 1)
+    def decay(self) -> Decay:
+        """The schedule's decay under this plan: from `position` at the anchor to min_lr at its last step (before any
+        plan, held at `position`: 0, the peak after warmup, or where a resumed run's schedule stood)."""
+        return Decay(self.anchor, self.position, self.max_iters if self.fixed else None)
 
     def lr(self, step: int, train: TrainConfig) -> float:
-        """The LR of `step` (its index, from 0): the warmup, then the schedule's shape at `position_at(step)`."""
-        if step < train.warmup_iters:
-            return lr_at(step, train)
-        return lr_at_position(self.position_at(step), train)
+        """The LR of `step` (its index, from 0) while this plan is in force: what the schedule laid over it says."""
+        schedule = Schedule(train)
+        schedule.follow_plan(self.max_iters, self.decay(), self.fixed)
+        return schedule.unscaled_lr(step)
 
     def describe(self, before: BudgetPlan | None = None) -> str:
         """The plan in a sentence: the first one, a new one against `before`, or the end it calls."""
@@ -109,23 +103,6 @@ class BudgetPlan(Saved):
         return (f"budget {self.seconds:g} s: {self.max_iters} steps, was {before.max_iters} (planned again at step "
                 f"{self.step}, {self.reason}: {pace}, was {1000 * before.step_seconds:.1f}; "
                 f"{self.seconds - self.spent:.1f} s left)")
-
-
-def resumed_plan(saved: BudgetPlan, asked: float, run: Path) -> BudgetPlan:
-    """The plan a resumed run goes by: its own once made (another budget would need steps it has not timed), a
-    fresh one while still to plan, none when resumed with train.budget_seconds = 0 (it trains on by max_iters)."""
-    if asked and saved.fixed and asked != saved.seconds:
-        raise UserError(f"{run} planned its {saved.seconds:g} s budget as {saved.max_iters} steps; resume it with "
-                        "that budget, or with train.budget_seconds=0 and train.max_iters to train on by steps.")
-    return saved if asked and saved.fixed else BudgetPlan(asked)
-
-
-def schedule_for(train: TrainConfig, plan: BudgetPlan) -> TrainConfig:
-    """The TrainConfig the loop steps by: max_iters is the plan's, or UNPLANNED until there is a plan (a plan of no
-    steps at all, start-up having taken the budget, ends the loop by its reason)."""
-    if not train.budget_seconds:
-        return train
-    return dataclasses.replace(train, max_iters=max(1, plan.max_iters) if plan.fixed else UNPLANNED)
 
 
 def count_multiples(interval: int, after: int, upto: int) -> int:
@@ -232,29 +209,29 @@ class BudgetClock:
         return [self.spent(), self.pace, *scaled]
 
 
-def make_plan(before: BudgetPlan, step: int, measured: list[float], train: TrainConfig, reason: str) -> BudgetPlan:
+def make_plan(before: BudgetPlan, step: int, measured: list[float], warmup_iters: int,
+              intervals: tuple[int, int], reason: str) -> BudgetPlan:
     """The plan at `step` from the `BudgetClock.measured` figures: `step` plus the steps whose end is nearest what is
-    left of the budget (none when nothing was timed yet), the LR schedule continuing from where `before` has it at
-    the new anchor."""
+    left of the budget (none when nothing was timed yet), evaluating and checkpointing every `intervals` steps, the
+    LR schedule continuing from where `before` has it at the new anchor."""
     plan = BudgetPlan(before.seconds, 0, step, *measured, reason=reason)
-    left, intervals = plan.seconds - plan.spent, (train.eval_interval, train.checkpoint_interval)
+    left = plan.seconds - plan.spent
     steps = steps_that_fit(left, step, plan, *intervals) if plan.step_seconds > 0 and left > 0 else 0
     # The end nearest the budget, one step over it or not: a budget is missed either way, by less this way.
     if steps and seconds_needed(step, steps + 1, plan, *intervals) - left < left - seconds_needed(step, steps, plan,
                                                                                                *intervals):
         steps += 1
     plan.max_iters = step + steps
-    plan.anchor = max(step, train.warmup_iters)
-    plan.position = before.position_at(plan.anchor)
+    plan.anchor = max(step, warmup_iters)
+    plan.position = before.decay().position_at(plan.anchor)
     return plan
 
 
-def drifted(plan: BudgetPlan, step: int, measured: list[float], train: TrainConfig) -> bool:
+def drifted(plan: BudgetPlan, step: int, measured: list[float], intervals: tuple[int, int]) -> bool:
     """Whether the end `plan` foresees, at the pace `measured` now, misses the budget by more than it tolerates
     (DRIFT_SHARE, DRIFT_LEFT_SHARE)."""
     now = BudgetPlan(plan.seconds, plan.max_iters, step, *measured)
-    foreseen = now.spent + seconds_needed(step, max(0, plan.max_iters - step), now, train.eval_interval,
-                                          train.checkpoint_interval)
+    foreseen = now.spent + seconds_needed(step, max(0, plan.max_iters - step), now, *intervals)
     left = plan.seconds - now.spent
     return abs(foreseen - plan.seconds) > max(DRIFT_SHARE * plan.seconds, DRIFT_LEFT_SHARE * left,
                                               2 * now.step_seconds)
@@ -263,3 +240,150 @@ def drifted(plan: BudgetPlan, step: int, measured: list[float], train: TrainConf
 def ended_by_start_up(seconds: float, spent: float, step: int) -> BudgetPlan:
     """The plan of a budget gone before the first step of this process: it ends where it stands."""
     return BudgetPlan(seconds, step, step, spent, reason="start-up", anchor=step, position=1.0)
+
+
+@dataclass
+class Probes:
+    """What a budget times besides steps, done by the training loop: a checkpoint, an evaluation of one batch a
+    split, and a redraw of loss.png."""
+
+    checkpoint: Callable[[], None]
+    evaluate: Callable[[], None]
+    plot: Callable[[], None]
+
+
+class Budget:
+    """`train.budget_seconds` as the training loop holds it: the newest plan (restored on resume), laid over the
+    schedule; and, in the process that plans it, its clock: the steps, an evaluation, a checkpoint and the end
+    timed, a plan made once they are and made again at evaluations and pace checks. Every rank plans from the same
+    mean figures. `announce` records each plan (config.toml, the `budget` event) with the line to print, if any."""
+
+    def __init__(self, seconds: float, schedule: Schedule, parallel: Parallel, device: torch.device,
+                 intervals: tuple[int, int], probes: Probes, announce: Callable[[BudgetPlan, str | None], None]):
+        self.plan = BudgetPlan(seconds)
+        self.schedule, self.parallel, self.device = schedule, parallel, device
+        self.intervals, self.probes, self.announce = intervals, probes, announce  # eval and checkpoint steps
+        self.clock: BudgetClock | None = None  # while this process plans
+        self._lay()
+
+    def _lay(self) -> None:
+        if self.plan.seconds:
+            self.schedule.follow_plan(self.plan.max_iters, self.plan.decay(), self.plan.fixed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plan.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.plan.load_state_dict(state or BudgetPlan().state_dict())
+        self._lay()
+
+    def resume(self, new: TrainConfig, step: int, run: Path) -> str | None:
+        """Go on at `step` under `new`: a plan once made is the run's (another budget would need steps it has not
+        timed), one still to make is made afresh, with the LR held where the run had it until then; no budget trains
+        on by steps (`Schedule.resume_with`). The line that says what happens to the schedule, if anything."""
+        old_lr, asked, saved = self.schedule.unscaled_lr(step), new.budget_seconds, self.plan
+        if asked and saved.fixed and asked != saved.seconds:
+            raise UserError(f"{run} planned its {saved.seconds:g} s budget as {saved.max_iters} steps; resume it with "
+                            "that budget, or with train.budget_seconds=0 and train.max_iters to train on by steps.")
+        self.plan = saved if asked and saved.fixed else BudgetPlan(asked)
+        line = self.schedule.resume_with(new, step, old_lr)
+        if not asked or self.plan.fixed:
+            self._lay()
+            return line
+        self.plan.position = 0.0 if step < new.warmup_iters else position_of(old_lr, new)
+        self._lay()
+        if not self.plan.position:
+            return None
+        return (f"schedule re-laid from step {step}: lr {lr_at_position(self.plan.position, new):.1e}, held until the "
+                f"budget's first plan decays it to {new.min_lr:.1e} at its end")
+
+    @property
+    def ended_by_start_up(self) -> bool:
+        return self.plan.reason == "start-up"
+
+    @property
+    def end_known(self) -> bool:
+        """Whether the last step is known: not while a budget's first steps are being timed."""
+        return self.clock is None or self.clock.planned
+
+    def start(self, started: float | None, spent_before: float, step: int) -> None:
+        """Start the clock of a budget this process plans (a new run's, or one resumed before its first plan), from
+        `started` (a time.perf_counter() reading; None: now); a budget gone before the first step ends the run."""
+        if not self.plan.seconds or self.plan.fixed:
+            return
+        pyplot()  # imported now, so that no timed evaluation includes the one-time import
+        self.clock = clock = BudgetClock(self.plan.seconds, started or time.perf_counter(), spent_before, step)
+        spent = self.parallel.mean([clock.spent()], self.device)[0]
+        if spent >= clock.seconds:
+            clock.planned = True
+            self._fix(ended_by_start_up(clock.seconds, spent, step))
+
+    def due(self) -> bool:
+        return self.clock is not None and self.clock.due()
+
+    def spent(self) -> float | None:
+        """Seconds from the process's start, of a budget this process planned."""
+        return None if self.clock is None else round(self.clock.spent(), 3)
+
+    def step_timed(self, step: int, seconds: float) -> None:
+        """A step's time, for the pace; at the warm step, before the first plan, the costs besides steps timed."""
+        if self.clock is not None:
+            self.clock.add_step(step, seconds)
+            if step == self.clock.warm_step and not self.clock.planned:
+                self._time_costs()
+
+    def checkpointed(self, seconds: float) -> None:
+        if self.clock is not None and self.clock.planned:
+            self.clock.took("checkpoint", seconds)
+
+    def evaluated(self, step: int, seconds: float) -> None:
+        """An evaluation's time; the plan made again from it, unless it was the plan's last step."""
+        if self.clock is not None and self.clock.planned and step < self.schedule.last_step:
+            self.clock.took("eval", seconds)
+            self.replan(step, "evaluation")
+
+    def replan(self, step: int, reason: str) -> None:
+        """Plan, or plan again, from the time left at the recent pace: the first plan once the steps are timed or the
+        budget is gone; then at every evaluation, and at a check of the pace when the end it foresees has drifted
+        from the budget."""
+        clock = self.clock
+        measured = self.parallel.mean(clock.measured(), self.device)
+        if clock.planned and self.parallel.any(clock.eval_stale(measured[1])):
+            self._time_eval()  # under the load of now, not the pace's guess of it
+            measured = self.parallel.mean(clock.measured(), self.device)
+        if not clock.planned:
+            clock.planned, reason = True, "out of time" if measured[0] >= clock.seconds else "planned"
+        elif reason == "pace" and measured[0] < clock.seconds and not drifted(self.plan, step, measured,
+                                                                                self.intervals):
+            return
+        self._fix(make_plan(self.plan, step, measured, self.schedule.train.warmup_iters, self.intervals, reason))
+
+    def _time_costs(self) -> None:
+        """What the plan counts besides steps: a checkpoint, an evaluation (of one batch per split, after one that
+        pays the evaluation's one-time costs, scaled to eval_iters) with the plot it redraws, and the end (a plot,
+        and the process's exit)."""
+        clock, began = self.clock, time.perf_counter()
+        self.probes.checkpoint()
+        clock.took("checkpoint", time.perf_counter() - began)
+        self.probes.evaluate()
+        began = time.perf_counter()
+        self.probes.plot()
+        clock.plot_seconds = time.perf_counter() - began
+        clock.took("finish", clock.plot_seconds + EXIT_SECONDS)
+        self._time_eval()
+
+    def _time_eval(self) -> None:
+        """An evaluation's cost at the load of now: one batch a split, scaled to eval_iters, and its plot."""
+        began = time.perf_counter()
+        self.probes.evaluate()
+        self.clock.took("eval", self.schedule.train.eval_iters * (time.perf_counter() - began)
+                        + self.clock.plot_seconds)
+
+    def _fix(self, plan: BudgetPlan) -> None:
+        """Lay the run over the plan and record it; said when it is the first, ends the run, or moves the end by a
+        tenth or more."""
+        before, self.plan = self.plan, plan
+        self._lay()
+        moved = abs(plan.max_iters - before.max_iters) > max(2, 0.1 * before.max_iters)
+        said = not before.fixed or plan.max_iters <= plan.step or moved
+        self.announce(plan, plan.describe(before) if said else None)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from lmlab.core.device import resolve_device
-from lmlab.core.errors import UserError
+from lmlab.core.errors import UserError, classify
 from lmlab.data.loader import BatchLoader
 from lmlab.core.config import ModelConfig
 from lmlab.model import LanguageModel, build_model
@@ -278,16 +278,16 @@ class Parallel:
     def lost(self, err: BaseException) -> str | None:
         """Who a failed collective lost and how, said from this rank ("rank 0 on host a lost rank 1 on host b:
         ..."), or None when `err` is not a collective's failure."""
-        text = str(err)
-        if not self.active or not (isinstance(err, dist.DistError) or isinstance(err, RuntimeError) and "gloo" in text):
+        failed = classify(err)
+        if not self.active or failed not in ("peer", "timeout"):
             return None
         others = [r for r in range(self.world_size) if r != self.rank]
-        if "timed out" in text.lower():
+        if failed == "timeout":
             how = (f"waited {self.timeout:g} s (train.collective_timeout) for an answer: the network between the hosts "
                    "is down or a process is stuck")
         else:
             # Gloo names the address of the peer whose connection closed: a rank of the host that has it.
-            address = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", text)
+            address = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", str(err))
             there = address and [r for r in others if _address(self.hosts[r]) == address.group(1)]
             others = there or others
             how = "its connection closed: the process died or its host went down"

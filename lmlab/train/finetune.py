@@ -1,14 +1,7 @@
-"""Instruction fine-tuning on Alpaca-format records (`instruction`, optional `input`, `output`).
-
-Each record becomes the Alpaca prompt followed by the response and an end marker; the loss is taken on the
-response and the end marker only (the prompt's labels are ignore_index). A deterministic held-out split is
-scored after every epoch and the best epoch is the run's `best` checkpoint. The prompt format is saved in
-RUN/prompt.json, so `sample --instruction`, `answer` and `serve` ask the model the way it was taught.
-
-A fine-tune is resumable as training is: a checkpoint every `finetune.checkpoint_interval` steps and at each
-epoch's end holds the position in the epoch, the losses so far and the RNG state, and the same command again
-(after a stop signal, a crash or kill -9) continues from the newest one, to weights and metrics bitwise equal to
-an uninterrupted fine-tune. A different command into the same run is refused.
+"""Instruction fine-tuning on Alpaca-format records: the loss on the response and its end marker only, a held-out
+split scored each epoch (the best epoch is `best`), the prompt format kept in RUN/prompt.json so that sampling and
+serving ask the model as it was taught. The same command again continues an unfinished fine-tune from its newest
+checkpoint, which holds its place in the epoch, to the weights an uninterrupted one reaches; another is refused.
 """
 
 from __future__ import annotations
@@ -38,7 +31,8 @@ from lmlab.model.memory import check_training
 from lmlab.run.checkpoint import model_tensors
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format, read_records
 from lmlab.run.rundir import LoadedRun, RunDir
-from lmlab.train.optim import lr_at
+from lmlab.train.optim import optimizer_of
+from lmlab.train.schedule import lr_at
 from lmlab.train.state import Stopwatch, rng_state, set_rng_state
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StepAbandoned, StopOnSignal
@@ -251,7 +245,7 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
     torch.set_num_threads(most_threads()[0])
     base_run = RunDir(base_dir)
     base_cfg = base_run.config()
-    check_training(base_cfg.model, ft.batch_size, base_cfg.train.optimizer, resolve_device(device),
+    check_training(base_cfg.model, ft.batch_size, optimizer_of(base_cfg.train).state_bytes, resolve_device(device),
                    setting="finetune.batch_size")
     base = base_run.load("best", device)
     fmt = alpaca_format(base.tokenizer)

@@ -1,13 +1,15 @@
-"""The training loop: the configured optimizer and LR schedule, grad accumulation and clipping (`TrainStep`),
-periodic eval, early stopping, best/latest checkpoints with exact resume (lmlab.train.resume), a loss-spike/NaN
-guard, a time budget (lmlab.train.steering), metrics and a live progress bar, on one device or under torchrun."""
+"""The training loop (`Trainer`): optimizer steps (`TrainStep`) one after another, each followed by what the
+`Cadence` says is due (a train line, an evaluation, a checkpoint), at the LR the `Schedule` gives, until its last
+step, an early stop, a stop signal or a failed write; on one device or under torchrun. The parts it owns each decide
+their own concern: the checkpoints (`Checkpointer`), a time budget (`Budget`), bad steps (`SpikeGuard`), the CPU
+threads (`ThreadChooser`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,9 @@ import torch
 from rich.console import Console
 
 from lmlab.analysis.plots import plot_losses
-from lmlab.core.config import RunConfig, TrainConfig, to_dict
-from lmlab.core.device import configure, synchronize
+from lmlab.core.config import RunConfig, to_dict
+from lmlab.core.device import configure
 from lmlab.core.errors import PeerLost, UserError
-from lmlab.core.fileio import WriteError
 from lmlab.core.humanize import format_duration
 from lmlab.core.peak import Peak, choose_dtype, emulated_warning, peak_flops
 from lmlab.core.progress import progress_bar
@@ -29,17 +30,27 @@ from lmlab.data.shards import read_meta, row_layout
 from lmlab.model import build_model
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import BudgetClock, BudgetPlan, schedule_for
+from lmlab.train.budget import Budget, BudgetPlan, Probes
+from lmlab.train.cadence import Cadence
+from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
-from lmlab.train.optim import lr_at
-from lmlab.train.resume import Resuming, check_resumable
-from lmlab.train.schedule import Relaid
-from lmlab.train.state import Mean, Progress, Stopwatch
-from lmlab.train.steering import Steering
+from lmlab.train.optim import optimizer_of
+from lmlab.train.schedule import Schedule
+from lmlab.train.state import (
+    Mean,
+    Means,
+    Progress,
+    Recorded,
+    RngState,
+    ScalerState,
+    Stopwatch,
+    Throughput,
+    TrainingState,
+)
 from lmlab.train.step import TrainStep
-from lmlab.train.stop import StepAbandoned, StopOnSignal, write_failure
+from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes
 from lmlab.train.tracking import Tracker
 
 
@@ -59,8 +70,8 @@ class TrainResult:
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
     """Fill model.vocab_size from the dataset and check that a given one covers its ids (an imported model may
-    have more embedding rows than its tokenizer has tokens, as Qwen3's do), that model.block_size fits the
-    rows of a row-packed dataset, and set train.eval_interval of evaluations spaced by passes (train.eval_every)."""
+    have more embedding rows than its tokenizer has tokens, as Qwen3's do), and that model.block_size fits the
+    rows of a row-packed dataset."""
     meta = read_meta(Path(cfg.data.dataset))
     check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
     if cfg.model.vocab_size == 0:
@@ -70,17 +81,17 @@ def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
             f"model.vocab_size is {cfg.model.vocab_size} but dataset {cfg.data.dataset} has {meta['vocab_size']} "
             "tokens, more than the model has rows for; point data.dataset at a dataset of the run's tokenizer."
         )
-    tc = cfg.train  # evaluations by passes: eval_interval is the steps nearest them
-    steps = tc.eval_steps(meta["train"]["tokens"], tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_interval=steps))
     return cfg, meta
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by index, as rank 0 tells the others
 
 
-class Trainer(Steering, Resuming):
-    """One run: build from a config, optionally resume or start from another run's weights, then `run()`."""
+class Trainer:
+    """One run: built from a config (a new run, one resumed, or one from another run's weights), then `run()`. The
+    run's lock is held from the construction to the end of `run()`. Its parts: `step` (the model's optimizer step),
+    `schedule`, `cadence`, `budget`, `checkpointer`, `guard`, `threads`, and the state a checkpoint holds
+    (`progress`, `means`, `clock`, `loader`)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
@@ -94,20 +105,37 @@ class Trainer(Steering, Resuming):
         # Made before the set-up, whose load tells a quiet machine; each torchrun rank would time its own threads.
         self.threads = ThreadChooser(cfg.train.threads, "train.threads",
                                      fixed="torchrun" if job.world_size > 1 else None)
-        if job.is_main:
-            self.run_dir.lock()  # before anything of the run is read: one writer at a time, released by run()
+        self._lock = ExitStack()  # one writer at a time, from before anything of the run is read to run()'s end
+        with self._unlocked_on_failure():
+            if job.is_main:
+                self._lock.enter_context(self.run_dir.locked())
+            if resume:
+                check_resumable(self.run_dir, cfg.data.dataset)
+            threads = self._build(cfg, device, console)
+            resume = resume or self._restarted()
+            self._parts(resume)
+            self._begin(resume, force, init_from, keep_optimizer)
+            if threads.lowered:
+                self._say_threads(threads)
+
+    @contextmanager
+    def _unlocked_on_failure(self) -> Iterator[None]:
         try:
-            self._build(cfg, device, resume, console, force, init_from, keep_optimizer)
+            yield
         except BaseException as err:
-            self.run_dir.unlock()
+            self._lock.close()
             if (lost := self._lost(err)) is not None:
                 raise lost from None
             raise
 
-    def _build(self, cfg: RunConfig, device: str, resume: bool, console: Console | None, force: bool,
-               init_from: str | None, keep_optimizer: bool) -> None:
-        if resume:
-            check_resumable(self.run_dir, cfg.data.dataset)
+    def _restarted(self) -> bool:
+        """A torchrun worker restarted after a failure (--max-restarts) runs the same command: it continues, and so do
+        the workers of a host started again beside it, which its own launcher never restarted."""
+        return self.parallel.any(elastic_restart()) and bool(self.run_dir.step_folders())
+
+    def _build(self, cfg: RunConfig, device: str, console: Console | None) -> Choice:
+        """The job, the device and dtype, the data (every byte checked against meta.json before the model is built),
+        the model and its optimizer step; the CPU threads chosen by timing it."""
         self.cfg, self.meta = resolve_config(cfg)
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         self.console = console or Console()
@@ -118,12 +146,11 @@ class Trainer(Steering, Resuming):
         configure(self.device)
         self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype)
         self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
-        # Every byte training reads, against meta.json's checksums, before the model is built or the run is begun.
         with self.console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
             self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
             self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
         self._check_same_inputs()
-        check_training(mc, tc.batch_size, tc.optimizer, self.device, self.parallel.local_world_size)
+        check_training(mc, tc.batch_size, optimizer_of(tc).state_bytes, self.device, self.parallel.local_world_size)
         self.model = build_model(mc).to(self.device)  # the same initial weights on every rank
         self.parallel.own_rng(tc.seed, 0)
         self.step = TrainStep(self.model, tc, self.device, self.dtype, self.parallel.wrap(self.model, tc.parallel,
@@ -134,35 +161,67 @@ class Trainer(Steering, Resuming):
                                                     self.dtype), self.device)
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
-        self.flops_per_token = self.model.flops_per_token()
+        return threads
+
+    def _parts(self, resuming: bool) -> None:
+        """What the loop holds besides the model: where the run stands and what a checkpoint keeps of it, the
+        schedule (a resumed run's starts as the one its config.toml has, which the checkpoint's completes), what is
+        due after a step, the budget, the checkpoints."""
+        tc, mc = self.cfg.train, self.cfg.model
+        self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.block_size
         self.split_tokens = self.meta["train"]["tokens"]  # what a pass over the data is
-        # The parts of the state a checkpoint holds, each restored in place (see `_restore`).
-        self.progress, self.clock = Progress(), Stopwatch()
-        self.means = {"log": Mean(), "eval": Mean()}  # train loss since the last log line, since the last eval
+        self.flops_per_token = self.model.flops_per_token()
+        self.progress, self.clock, self.throughput = Progress(), Stopwatch(), Throughput(self.device)
+        self.means = Means(log=Mean(), eval=Mean())  # train loss since the last log line, since the last eval
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience, tc.rollback_lr_factor)
-        self.budget = BudgetPlan(tc.budget_seconds)  # fixed by a budgeted run after timing its first steps
-        self.relaid: Relaid | None = None  # the schedule of a run resumed with another length (train/schedule.py)
-        self._saved_step = -1  # the step of the newest checkpoint written by this process
-        self._write_error: WriteError | None = None  # a failed write of rank 0, which ends the run (see `_write`)
-        self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
+        self.schedule = Schedule(self.run_dir.config().train if resuming else tc, lambda: self.guard.lr_scale)
+        self.cadence = Cadence(tc, tc.eval_steps(self.split_tokens, self.tokens_per_step), self.tokens_per_step,
+                               self.split_tokens)
+        self.writes = Writes(self.run_dir, self.parallel.is_main)
+        probes = Probes(lambda: self.checkpointer.save(best=False), lambda: self._evaluate(n_batches=1),
+                        lambda: self.writes(plot_losses, self.run_dir))
+        self.budget = Budget(tc.budget_seconds, self.schedule, self.parallel, self.device, self.cadence.intervals,
+                             probes, self._planned)
+        state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
+                              loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.step.scaler),
+                              dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
+                              budget=self.budget)
+        self.checkpointer = Checkpointer(self.run_dir, self.model, self.step.optimizer, self.parallel, state,
+                                         self.writes, tc, self.console)
+        self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
         self._lr = 0.0  # of the newest step, for the log
         self._stop = StopOnSignal()  # what a stop signal may interrupt: installed while the loop runs
-        # A torchrun worker restarted after a failure (--max-restarts) runs the same command: it continues, and so do
-        # the workers of a host started again beside it, which its own launcher never restarted.
-        resume = resume or (self.parallel.any(elastic_restart()) and bool(self.run_dir.step_folders()))
-        if resume:
+
+    def _begin(self, resuming: bool, force: bool, init_from: str | None, keep_optimizer: bool) -> None:
+        """The run begun or resumed, its tracker opened, its config, tokenizer and dataset's facts written."""
+        if resuming:
             self._resume(force)
         else:
-            self._start(init_from, keep_optimizer)
-        self.schedule = schedule_for(self.cfg.train, self.budget)  # the steps and LR the loop goes by
-        self.tracker = Tracker(tc.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
-                               resume_step=self.progress.step if resume else None,
+            self.checkpointer.start(self.cfg, init_from, keep_optimizer)
+            if self.parallel.is_main:
+                self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from,
+                                   device=self.device, dtype=self.dtype, world_size=self.parallel.world_size,
+                                   parallel=self.parallel.mode, peak=self.peak, dtype_reason=self.dtype_reason)
+        self.tracker = Tracker(self.cfg.train.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
+                               resume_step=self.progress.step if resuming else None,
                                model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards
+        self.writes.trackers.append(self.tracker)
         if self.parallel.is_main:
             self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
-        if threads.lowered:
-            self._threads_changed(threads)
+
+    def _resume(self, force: bool) -> None:
+        """Continue from the newest checkpoint that verifies, the schedule laid on from where it stood."""
+        folder = self.checkpointer.resume(self.cfg, self.train_tokens.sha256, force)
+        step = self.progress.step
+        line = self.budget.resume(self.cfg.train, step, self.run_dir.path)
+        if line:
+            self.console.print(line, highlight=False)
+        if self.parallel.is_main:
+            self.run_dir.truncate_after(step)
+            self.run_dir.resumed(step, folder.name, self.device, self.dtype, self.parallel.world_size, self.peak)
+            self.checkpointer.say_retention(self.schedule.last_step)
+        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}).")
 
     def _check_same_inputs(self) -> None:
         """Under torchrun, refuse before the first step a job whose hosts were started with different configs or
@@ -211,58 +270,123 @@ class Trainer(Steering, Resuming):
                                highlight=False)
         return dtype, why, peak
 
-    def _threads_changed(self, choice: Choice) -> None:
+    def _say_threads(self, choice: Choice) -> None:
         """Say and log threads lowered at the start, or changed by a check as the run goes."""
-        self._log(choice.record(self.progress.step))
+        self.writes.log(choice.record(self.progress.step))
         style = "yellow" if choice.lowered else "default"
         self.console.print(f"step {self.progress.step}: training on {choice.describe('train.threads')}", style=style,
                            highlight=False)
 
-    def _write(self, write: Callable[..., Any], *args: Any) -> None:
-        """Rank 0 writes; a failed write (a full disk) ends the run like a stop signal, after the step, keeping the
-        newest checkpoint, and nothing more is written meanwhile (`_finish` says what happened)."""
-        if self.parallel.is_main and self._write_error is None:
+    def run(self) -> TrainResult:
+        """Train to the schedule's last step (or an early stop, a stop signal, a failed write); then the run's lock
+        is released."""
+        with self._lock, self._closed_at_end():
             try:
-                write(*args)
-            except WriteError as err:
-                self._write_error = err
+                return self._loop()
+            except StepAbandoned as abandoned:
+                return self._abandon(abandoned.signal)
 
-    def _log(self, event: dict[str, Any]) -> None:
-        self._write(self.run_dir.log, event)
-        self._write(self.tracker.log, event)
+    @contextmanager
+    def _closed_at_end(self) -> Iterator[None]:
+        """The tracker closed and the job left however the run ends; a collective that failed because another
+        process went is one sentence (`_lost`)."""
+        lost = None
+        try:
+            yield
+        except RuntimeError as err:
+            if (lost := self._lost(err)) is None:
+                raise
+            raise lost from None
+        finally:
+            self.tracker.close()
+            self.parallel.close(failed=lost is not None)
+
+    def _loop(self) -> TrainResult:
+        p, schedule = self.progress, self.schedule
+        self.model.train()
+        self.clock.start()
+        self.budget.start(self.started, self.clock.before, p.step)  # a budget this process plans: steps timed first
+        with progress_bar(self.console) as bar, self._stop as stop:
+            task = bar.add_task("train", total=self._bar_total(), completed=p.step, info="")
+            stopping = self.budget.ended_by_start_up
+            while p.step < schedule.last_step and not p.stopped_early and not stopping:
+                started = time.perf_counter()
+                self._train_step()
+                # Agreed by all ranks: a stop (a signal, a failed write); whether to plan (the same plan everywhere).
+                stopping, replan = self.parallel.agree(bool(stop.signal) or self.writes.error is not None,
+                                                      self.budget.due())
+                if replan:
+                    self.budget.replan(p.step, "pace")
+                    bar.update(task, total=schedule.last_step)
+                due = self.cadence.after(p.step, p.tokens, schedule.last_step)
+                # The device runs ahead (the next batch prepared meanwhile) until a point that needs the losses.
+                if due and not self._judge_queued_steps():
+                    continue  # rolled back
+                seconds = time.perf_counter() - started
+                self.throughput.add(seconds)
+                if due.log:
+                    bar.update(task, completed=p.step, info=self._log_train())
+                best = due.evaluate and self._evaluate_and_log()
+                if best or due.save:
+                    self._checkpoint(best)
+                self._note_step_time(seconds)
+                bar.update(task, completed=p.step, total=self._bar_total())
+            # The end, an early stop or a signal (whenever in the step it came): the last step is always saved,
+            # unless a write failed, which leaves the newest checkpoint as it is.
+            self._judge_queued_steps()
+            failed = self.parallel.any(self.writes.error is not None)
+            if self.checkpointer.saved_step != p.step and not failed:
+                self.checkpointer.save(best=False)
+        if failed:
+            raise self.writes.failure(p.step)
+        return self._finish(stop.signal)
 
     def _train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
-        tc, step = self.schedule, self.progress.step
-        self._lr = lr = self._lr_at(step, self.cfg.train) * self.guard.lr_scale
+        p = self.progress
+        self._lr = lr = self.schedule.lr(p.step)
         with self._stop.interruptible():
-            total, norm = self.step(self.parallel.micro_batches(self.loader, tc.grad_accum_steps), self.micro_steps,
-                                    lr)
-        self._pending.append((step + 1, lr, total, norm))
+            total, norm = self.step(self.parallel.micro_batches(self.loader, self.cfg.train.grad_accum_steps),
+                                    self.micro_steps, lr)
+        p.step, p.tokens = p.step + 1, p.tokens + self.tokens_per_step
+        self._queued.append((p.step, lr, total, norm))
 
-    def _lr_at(self, step: int, train: TrainConfig) -> float:
-        """The LR of `step` under `train`: a budget's plan, a resumed run's re-laid schedule, or the config's own."""
-        if train.budget_seconds:
-            return self.budget.lr(step, train)
-        return self.relaid.lr(step, train) if self.relaid else lr_at(step, train)
-
-    def _judge_pending(self) -> bool:
+    def _judge_queued_steps(self) -> bool:
         """Read the queued steps' loss and grad norm (one host sync for all of them), let the guard judge
         them in order and keep the means; False if the guard rolled the run back."""
-        pending, self._pending = self._pending, []
-        for step, lr, total, norm in pending:
+        queued, self._queued = self._queued, []
+        for step, lr, total, norm in queued:
             loss, grad_norm = total.item(), norm.item()
             verdict = self.guard.judge(loss, grad_norm, scaled=self.step.scaler.is_enabled())
             if verdict in ("skip", "spike"):
-                self._log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
+                self.writes.log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             if verdict == "rollback":
-                self._rollback(step)  # the steps queued after it belong to the discarded history
+                self.checkpointer.rollback(step, self.guard.lr_scale)  # the steps queued after it are undone too
                 return False
             if verdict != "skip":  # a non-finite loss would poison the means
-                for mean in self.means.values():
-                    mean.add(loss)
+                self.means.add(loss)
             self._grad_norm = grad_norm
         return True
+
+    def _note_step_time(self, seconds: float) -> None:
+        """A step's time, for the threads' look at the load and pace (lmlab.core.threads) and a budget's pace."""
+        changed = self.threads.stepped(seconds)
+        if changed:
+            self._say_threads(changed)
+        self.budget.step_timed(self.progress.step, seconds)
+
+    def _checkpoint(self, best: bool) -> None:
+        began = time.perf_counter()
+        self.checkpointer.save(best)
+        self.budget.checkpointed(time.perf_counter() - began)
+
+    def _evaluate_and_log(self) -> bool:
+        """Evaluate and log it (a budget plans again from it); whether it is a new best."""
+        began = time.perf_counter()
+        train_eval, val = self._evaluate()
+        best = self._log_eval(train_eval, val, time.perf_counter() - began)
+        self.budget.evaluated(self.progress.step, time.perf_counter() - began)
+        return best
 
     def _evaluate(self, n_batches: int | None = None) -> tuple[float, float]:
         tc = self.cfg.train
@@ -276,7 +400,7 @@ class Trainer(Steering, Resuming):
         self.model.train()
         return train, val
 
-    def _after_eval(self, train_eval: float, val: float, seconds: float) -> bool:
+    def _log_eval(self, train_eval: float, val: float, seconds: float) -> bool:
         """Log an eval (its train loss: the mean since the last eval; how long it took) and return whether it is a
         new best."""
         p, tc = self.progress, self.cfg.train
@@ -285,11 +409,12 @@ class Trainer(Steering, Resuming):
             p.best_val_loss, p.best_step, p.evals_since_best = val, p.step, 0
         else:
             p.evals_since_best += 1
-        avg_train = self.means["eval"].take()
-        self._log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self._epoch(),
-                   "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train, "train_eval_loss": train_eval,
-                   "val_loss": val, "best_val_loss": p.best_val_loss, "is_best": is_best, "seconds": round(seconds, 3)})
-        self._write(plot_losses, self.run_dir)  # kept current, so a long run can be watched while it goes
+        avg_train = self.means["eval"].pop_mean()
+        self.writes.log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self._epoch(),
+                         "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
+                         "train_eval_loss": train_eval, "val_loss": val, "best_val_loss": p.best_val_loss,
+                         "is_best": is_best, "seconds": round(seconds, 3)})
+        self.writes(plot_losses, self.run_dir)  # kept current, so a long run can be watched while it goes
         mark = " | [bold green]best![/bold green]" if is_best else ""
         # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
         # Spaced by passes, an evaluation is named by its epoch (its step is in the train line and `lmlab log`).
@@ -299,10 +424,10 @@ class Trainer(Steering, Resuming):
         p.stopped_early = bool(tc.patience) and p.evals_since_best >= tc.patience
         return is_best
 
-    def _log_train(self, rate: float | None) -> str:
-        """A train line; `rate` is None when the only step since the last line was the warm-up step."""
-        p = self.progress
-        mean, lr, epoch = self.means["log"].take(), self._lr, self._epoch()
+    def _log_train(self) -> str:
+        """A train line (without tokens/s and MFU when the only step since the last was the warm-up step)."""
+        p, rate = self.progress, self.throughput.pop_rate(self.tokens_per_step)
+        mean, lr, epoch = self.means["log"].pop_mean(), self._lr, self._epoch()
         # tokens/s counts every rank's tokens, against every rank's peak; none against a peak measured busy
         computed = None if rate is None else rate * self.flops_per_token / self.parallel.world_size
         wrong = self.peak and computed and self.peak.wrong(computed)
@@ -310,10 +435,10 @@ class Trainer(Steering, Resuming):
             self.console.print(wrong, style="yellow", highlight=False)
             self.peak = None  # no MFU for the rest of the run
         mfu = None if computed is None or self.peak is None else self.peak.mfu(computed)
-        self._log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
-                   "lr": lr, "grad_norm": self._grad_norm,
-                   "tokens_per_sec": None if rate is None else round(rate, 1),
-                   "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
+        self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
+                         "lr": lr, "grad_norm": self._grad_norm,
+                         "tokens_per_sec": None if rate is None else round(rate, 1),
+                         "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
         # Wall time per pass, evaluations included: what a write-up derives from wall time and passes.
         passes = f"epoch {epoch:.2f}" + (f", {format_duration(self.clock.elapsed / epoch)}/epoch" if epoch else "")
         if rate is None:
@@ -321,103 +446,27 @@ class Trainer(Steering, Resuming):
         utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
         return f"loss {mean:.4f} | lr {lr:.1e} | {rate:,.0f} tok/s{utilisation} | {passes}"
 
-    def _eval_due(self, tokens_per_step: int) -> bool:
-        """Whether the step just taken is evaluated: every eval_interval steps, or spaced by passes
-        (train.eval_every), the first step past each (eval_interval, the steps nearest, is what a budget plans
-        with), so evaluations never drift from the passes they stand for."""
-        passes = self.cfg.train.passes_per_eval
-        if passes is None:
-            return self.progress.step % self.schedule.eval_interval == 0
-        tokens, unit = self.progress.tokens, passes * self.split_tokens
-        return math.floor(tokens / unit) > math.floor((tokens - tokens_per_step) / unit)
-
     def _epoch(self) -> float:
         """Passes over the train split so far: tokens seen over the split's tokens."""
         return round(self.progress.tokens / self.split_tokens, 4)
 
-    def run(self) -> TrainResult:
-        """Train to max_iters (or early stop, max_seconds, a stop signal, a failed write); then the run's lock is
-        released."""
-        lost = None
-        try:
-            return self._loop()
-        except StepAbandoned as abandoned:
-            return self._abandon(abandoned.signal)
-        except RuntimeError as err:
-            if (lost := self._lost(err)) is None:
-                raise
-            raise lost from None
-        finally:
-            self.tracker.close()
-            self.parallel.close(failed=lost is not None)
-            self.run_dir.unlock()
+    def _bar_total(self) -> int | None:
+        """The progress bar's total: the last step, unknown while a budget's first steps are being timed."""
+        return self.schedule.last_step if self.budget.end_known else None
 
-    def _loop(self) -> TrainResult:
-        p = self.progress
-        self.model.train()
-        tokens_per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum_steps * self.cfg.model.block_size
-        self.clock.start()
-        steering = self._steering()  # a budget this process plans: its steps timed, then its end steered
-        step_seconds, timed_steps = 0.0, 0  # time in training steps (not evals) since the last log line
-        # The first step of a process compiles, allocates and warms caches (a minute for GPT-2 under
-        # torch.compile): it is left out of tokens/s and MFU, on a first start and on every resume.
-        warm = False
-        out_of_time = False  # train.max_seconds reached: the step that crosses it ends with an eval
-        with progress_bar(self.console) as bar, self._stop as stop:
-            task = bar.add_task("train", total=self._bar_total(steering), completed=p.step, info="")
-            # a stop signal or a failed write, agreed by all ranks; or a budget start-up took
-            stopping = self.budget.reason == "start-up"
-            while p.step < self.schedule.max_iters and not p.stopped_early and not out_of_time and not stopping:
-                started = time.perf_counter()
-                self._train_step()
-                p.step, p.tokens = p.step + 1, p.tokens + tokens_per_step
-                # Agreed by all ranks, as the eval that running out of time triggers is collective, and a budget's
-                # plan must be the same everywhere.
-                stopping, out_of_time, steer = self.parallel.agree(
-                    bool(stop.signal) or self._write_error is not None,
-                    bool(self.schedule.max_seconds) and self.clock.elapsed >= self.schedule.max_seconds,
-                    steering is not None and steering.due())
-                if steer:
-                    self._steer(steering, "pace")
-                    bar.update(task, total=self.schedule.max_iters)
-                tc = self.schedule
-                logging = p.step % tc.log_interval == 0
-                evaluating = self._eval_due(tokens_per_step) or p.step == tc.max_iters or out_of_time
-                saving = p.step % tc.checkpoint_interval == 0
-                # The device runs ahead (and the next batch is prepared meanwhile) until a point that needs
-                # the losses: a log line, an eval, a checkpoint.
-                if (logging or evaluating or saving) and not self._judge_pending():
-                    continue
-                seconds = time.perf_counter() - started
-                if warm:
-                    step_seconds, timed_steps = step_seconds + seconds, timed_steps + 1
-                else:
-                    synchronize(self.device)  # so none of its device work is timed with the next step
-                    warm = True
-                if logging:
-                    info = self._log_train(tokens_per_step * timed_steps / step_seconds if timed_steps else None)
-                    bar.update(task, completed=p.step, info=info)
-                    step_seconds, timed_steps = 0.0, 0
-                best = evaluating and self._evaluated(steering)
-                if best or saving:
-                    self._timed_checkpoint(best, steering)
-                self._stepped(steering, seconds)
-                bar.update(task, completed=p.step, total=self._bar_total(steering))
-            # The end, an early stop or a signal (whenever in the step it came): the last step is always saved,
-            # unless a write failed, which leaves the newest checkpoint as it is.
-            self._judge_pending()
-            failed = self.parallel.any(self._write_error is not None)
-            if self._saved_step != p.step and not failed:
-                self._checkpoint(best=False)
-        if failed:
-            raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
-        return self._finish(stop.signal, steering)
+    def _planned(self, plan: BudgetPlan, line: str | None) -> None:
+        """A budget's plan recorded: config.toml holds its max_iters, a `budget` event the plan."""
+        self.cfg = dataclasses.replace(self.cfg, train=self.schedule.train)
+        self.writes(self.run_dir.write_config, self.cfg)
+        self.writes.log({"event": "budget", **plan.state_dict()})
+        if line:
+            self.console.print(line)
 
     def _log_end(self, stopped_early: bool, stopped_by: str | None, **more: Any) -> None:
         p = self.progress
-        self._log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                   "best_val_loss": p.best_val_loss, "best_step": p.best_step, "stopped_early": stopped_early,
-                   "stopped_by": stopped_by, **more})
+        self.writes.log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
+                         "best_val_loss": p.best_val_loss, "best_step": p.best_step, "stopped_early": stopped_early,
+                         "stopped_by": stopped_by, **more})
 
     def _abandon(self, signal_name: str) -> TrainResult:
         """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be
@@ -428,12 +477,12 @@ class Trainer(Steering, Resuming):
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, False, self.run_dir.loss_plot,
                            signal_name, abandoned=True, saved=saved[-1] if saved else None)
 
-    def _finish(self, stopped_by: str | None, steering: BudgetClock | None) -> TrainResult:
+    def _finish(self, stopped_by: str | None) -> TrainResult:
         p = self.progress
-        self._write(plot_losses, self.run_dir)
-        spent = steering and round(steering.spent(), 3)  # of a budget this process planned, at its end
+        self.writes(plot_losses, self.run_dir)
+        spent = self.budget.spent()  # of a budget this process planned, at its end
         self._log_end(p.stopped_early, stopped_by, budget_spent=spent)
-        if self._write_error is not None:
-            raise write_failure(self._write_error, self.run_dir.path, p.step, self.run_dir.step_folders())
+        if self.writes.error is not None:
+            raise self.writes.failure(p.step)
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,
                            self.run_dir.loss_plot, stopped_by, spent)

@@ -1,15 +1,19 @@
-"""Optimizers (AdamW, or Muon for hidden matrices with AdamW for the rest) and LR schedules (warmup then
-cosine, or warmup-stable-decay)."""
+"""The optimizers `train.optimizer` names (`OPTIMIZERS`, one per name of core/config.py's OPTIMIZER_NAMES): AdamW, or
+Muon for hidden matrices with AdamW for the rest; each with what the memory check counts of its state and whether
+FSDP may shard what it updates."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmlab.core.config import TrainConfig
+from lmlab.core.errors import UserError
 from lmlab.model import LanguageModel
+from lmlab.model.memory import two_moments
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -98,64 +102,34 @@ def muon_groups(model: LanguageModel) -> tuple[list[torch.nn.Parameter], list[to
     return hidden, [p for p in params if id(p) not in chosen]
 
 
-def make_optimizer(model: LanguageModel, cfg: TrainConfig) -> torch.optim.AdamW | MuonAdamW:
-    if cfg.optimizer == "muon":
-        return MuonAdamW(model, cfg)
-    return _adamw([p for p in model.parameters() if p.requires_grad], cfg)
+def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then the schedule's decay to min_lr.
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer lmlab trains with: `build` for a model and the train settings; `state_bytes(weights, hidden)`,
+    the bytes of its state for weights of `weights` bytes of which `hidden` are the model's hidden matrices (what
+    the memory check counts before a model is built); `unsharded`, why FSDP cannot shard what it updates (None: it
+    can)."""
 
-    cosine: a half cosine to min_lr at lr_decay_iters (default max_iters).
-    wsd (warmup-stable-decay): constant at the peak, then over the last decay_fraction of max_iters a
-    1-sqrt decay to min_lr (Hägele et al. 2024 found 1-sqrt better than linear). The constant phase makes
-    any earlier checkpoint a good start for a longer run: only the short decay has to be redone.
-    """
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if cfg.schedule == "wsd":
-        decay_start = max(cfg.warmup_iters, round(cfg.max_iters * (1.0 - cfg.decay_fraction)))
-        if step < decay_start:
-            return cfg.learning_rate
-        progress = min(1.0, (step - decay_start + 1) / max(1, cfg.max_iters - decay_start))
-        return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step >= decay_iters:
-        return cfg.min_lr
-    return _cosine((step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters), cfg)
+    build: Callable[[LanguageModel, TrainConfig], Any]
+    state_bytes: Callable[[int, int], int]
+    unsharded: str | None = None
 
 
-def _cosine(progress: float, cfg: TrainConfig) -> float:
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+OPTIMIZERS = {
+    "adamw": Optimizer(lambda model, cfg: _adamw(_trainable(model), cfg), two_moments),
+    # Muon's one momentum for the hidden matrices, AdamW's two moments for the rest.
+    "muon": Optimizer(MuonAdamW, lambda weights, hidden: two_moments(weights, hidden) - hidden,
+                      "Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks"),
+}
 
 
-def lr_at_position(position: float, cfg: TrainConfig) -> float:
-    """The schedule's LR after warmup at `position`, from 0 (the peak) to 1 (min_lr), for a schedule laid over steps
-    that change as it goes (a time budget's): cosine, or wsd's constant peak and then its 1-sqrt decay over the last
-    decay_fraction of the positions."""
-    if cfg.schedule != "wsd":
-        return _cosine(position, cfg)
-    stable = 1.0 - cfg.decay_fraction
-    if position < stable:
-        return cfg.learning_rate
-    progress = (position - stable) / cfg.decay_fraction
-    return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def position_between(step: int, anchor: int, position: float, last: int) -> float:
-    """A schedule laid from `position` at step `anchor` to 1 (min_lr) at step `last`, linear in the steps: where it
-    stands at `step`."""
-    if last <= anchor:
-        return 1.0
-    return min(1.0, position + (1.0 - position) * max(0, step - anchor) / (last - anchor))
-
-
-def position_of(lr: float, cfg: TrainConfig) -> float:
-    """Where the schedule's LR is `lr` (`lr_at_position`'s inverse, clipped to [0, 1]): the peak is 0, even in wsd's
-    stable stretch, which continues from there."""
-    span = cfg.learning_rate - cfg.min_lr
-    share = 1.0 if span <= 0 else min(1.0, max(0.0, (lr - cfg.min_lr) / span))
-    if cfg.schedule == "wsd":
-        return 0.0 if share >= 1.0 else 1.0 - cfg.decay_fraction + cfg.decay_fraction * (1.0 - share) ** 2
-    return math.acos(2.0 * share - 1.0) / math.pi
+def optimizer_of(cfg: TrainConfig) -> Optimizer:
+    """The optimizer `cfg` names, refused with `train.parallel = "fsdp"` when FSDP cannot shard it."""
+    chosen = OPTIMIZERS[cfg.optimizer]
+    if cfg.parallel == "fsdp" and chosen.unsharded:
+        raise UserError(f"train.optimizer = \"{cfg.optimizer}\" does not work with train.parallel = \"fsdp\" "
+                        f"({chosen.unsharded}); use parallel = \"ddp\" or optimizer = \"adamw\".")
+    return chosen

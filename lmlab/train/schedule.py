@@ -1,81 +1,169 @@
-"""A resumed run's LR schedule when its length changed: `--set train.max_iters=N`, `train.lr_decay_iters`, a budget
-dropped for steps (`train.budget_seconds=0`) or steps given a budget.
-
-Laid by the new config as it stands, the schedule would jump: a cosine over 1,000 steps is far above the one over
-500 that the run followed to step 240 (2.3e-4 became 1.4e-3, and val rose), and a run extended past an end it had
-decayed to would climb again. So a resume whose schedule changed goes on from the LR it had at the step it resumed
-from (no warmup again) and decays to min_lr at the new end, in the schedule's own shape (`Relaid`), and says so in one
-line. Where the new config's own schedule is already continuous there (still in warmup; wsd in its stable stretch,
-whose decay simply moves), it is kept. The re-laid schedule is kept by every later checkpoint, so a further resume
-continues it.
+"""The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last. Its shape is a
+warmup, then a cosine or warmup-stable-decay fall to min_lr; a time budget's plans and a resume with another length
+lay the decay again from where it stands (a `Decay`), so the LR never jumps, and a checkpoint keeps what it followed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lmlab.core.config import TrainConfig
-from lmlab.train.optim import lr_at, lr_at_position, position_between, position_of
 
-# What the LR of a step depends on, besides max_iters and lr_decay_iters: a change of any of them re-lays too.
+UNPLANNED = 10**9  # a budgeted run's last step before its first plan: it runs on, the LR held after warmup
+
+# What the LR of a step depends on besides max_iters and lr_decay_iters: a resume that changes any re-lays the decay.
 _SHAPE = ("learning_rate", "min_lr", "schedule", "decay_fraction", "warmup_iters", "budget_seconds")
 FIELDS = ("max_iters", "lr_decay_iters", *_SHAPE)  # what a checkpoint keeps of the schedule it followed
 
 
-@dataclass(frozen=True)
-class Relaid:
-    """The schedule from `position` (0 the peak, 1 min_lr) at step `anchor` to min_lr at step `end`."""
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then the schedule's decay to min_lr.
 
-    anchor: int
-    position: float
-    end: int
+    cosine: a half cosine to min_lr at lr_decay_iters (default max_iters).
+    wsd (warmup-stable-decay): constant at the peak, then over the last decay_fraction of max_iters a
+    1-sqrt decay to min_lr (Hägele et al. 2024 found 1-sqrt better than linear). The constant phase makes
+    any earlier checkpoint a good start for a longer run: only the short decay has to be redone.
+    """
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, round(cfg.max_iters * (1.0 - cfg.decay_fraction)))
+        if step < decay_start:
+            return cfg.learning_rate
+        progress = min(1.0, (step - decay_start + 1) / max(1, cfg.max_iters - decay_start))
+        return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    return _cosine((step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters), cfg)
 
-    def lr(self, step: int, train: TrainConfig) -> float:
-        return lr_at_position(position_between(step, self.anchor, self.position, self.end - 1), train)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+def _cosine(progress: float, cfg: TrainConfig) -> float:
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def followed(train: TrainConfig, relaid: Relaid | None) -> dict[str, Any]:
-    """What a checkpoint keeps of the schedule its run followed: config.toml may be rewritten by a resume that
-    did not get as far as a checkpoint, so a later resume compares against this."""
-    return {"train": {k: getattr(train, k) for k in FIELDS}, "relaid": relaid and relaid.state_dict()}
+def lr_at_position(position: float, cfg: TrainConfig) -> float:
+    """The schedule's LR after warmup at `position`, from 0 (the peak) to 1 (min_lr), for a decay laid over steps
+    that change as it goes: cosine, or wsd's constant peak and then its 1-sqrt decay over the last decay_fraction of
+    the positions."""
+    if cfg.schedule != "wsd":
+        return _cosine(position, cfg)
+    stable = 1.0 - cfg.decay_fraction
+    if position < stable:
+        return cfg.learning_rate
+    progress = (position - stable) / cfg.decay_fraction
+    return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def schedule_end(train: TrainConfig) -> int:
+def position_between(step: int, anchor: int, position: float, last: int) -> float:
+    """A decay laid from `position` at step `anchor` to 1 (min_lr) at step `last`, linear in the steps: where it
+    stands at `step`."""
+    if last <= anchor:
+        return 1.0
+    return min(1.0, position + (1.0 - position) * max(0, step - anchor) / (last - anchor))
+
+
+def position_of(lr: float, cfg: TrainConfig) -> float:
+    """Where the schedule's LR is `lr` (`lr_at_position`'s inverse, clipped to [0, 1]): the peak is 0, even in wsd's
+    stable stretch, which continues from there."""
+    span = cfg.learning_rate - cfg.min_lr
+    share = 1.0 if span <= 0 else min(1.0, max(0.0, (lr - cfg.min_lr) / span))
+    if cfg.schedule == "wsd":
+        return 0.0 if share >= 1.0 else 1.0 - cfg.decay_fraction + cfg.decay_fraction * (1.0 - share) ** 2
+    return math.acos(2.0 * share - 1.0) / math.pi
+
+
+def decay_end(train: TrainConfig) -> int:
     """The step at which the LR reaches min_lr: lr_decay_iters (cosine) or max_iters."""
     return (train.lr_decay_iters if train.schedule == "cosine" else 0) or train.max_iters
 
 
-def relay(old: TrainConfig, new: TrainConfig, step: int, old_lr: float,
-          kept: Relaid | None) -> tuple[Relaid | None, str | None]:
-    """The schedule a run resumed at `step` trains by under `new` (None: `new`'s own), after following `old` to an LR
-    of `old_lr` (by `kept`, an earlier re-laying, if any), and the line that says what happens to it (None when its
-    length is as it was). A budget's own plan lays the schedule of a budgeted `new`."""
-    end = schedule_end(new)
-    same = schedule_end(old) == end and all(getattr(old, k) == getattr(new, k) for k in _SHAPE)
-    if new.budget_seconds or (same and old.max_iters == new.max_iters):
-        return kept, None
-    laid = kept
-    if not same:
-        own = lr_at(step, new)
-        continuous = step < new.warmup_iters or end <= step or math.isclose(own, old_lr, rel_tol=1e-6)
-        laid = None if continuous else Relaid(step, position_of(old_lr, new), end)
-    lr = laid.lr(step, new) if laid else lr_at(step, new)
-    how = "kept" if laid is kept else "re-laid"
-    if end <= step:
-        return laid, f"schedule {how} from step {step}: lr {lr:.1e}, min_lr since step {end}"
-    return laid, f"schedule {how} from step {step}: lr {lr:.1e} -> {new.min_lr:.1e} at step {end}"
+@dataclass(frozen=True)
+class Decay:
+    """The decay from `position` (0 the peak, 1 min_lr) at step `anchor` to min_lr at step `end`; held at
+    `position` while `end` is None (a budget not planned yet)."""
+
+    anchor: int
+    position: float
+    end: int | None
+
+    def position_at(self, step: int) -> float:
+        return self.position if self.end is None else position_between(step, self.anchor, self.position, self.end - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-def budget_position(old_lr: float, step: int, new: TrainConfig) -> tuple[float, str | None]:
-    """Where the schedule of a run resumed with a budget it has not planned yet stands (its plans lay the rest from
-    there), and the line that says so when that is past the peak."""
-    position = 0.0 if step < new.warmup_iters else position_of(old_lr, new)
-    if not position:
-        return 0.0, None
-    return position, (f"schedule re-laid from step {step}: lr {lr_at_position(position, new):.1e}, held until the "
-                      f"budget's first plan decays it to {new.min_lr:.1e} at its end")
+class Schedule:
+    """The LR of every step and the last step of a run: the config's own warmup and decay, a resumed run's decay
+    laid again from where it stood, or a time budget's newest plan (`follow_plan`); times the LR scale that the
+    spike guard's rollbacks lower (`scale`)."""
+
+    def __init__(self, train: TrainConfig, scale: Callable[[], float] = lambda: 1.0):
+        self.train = train  # the settings it follows: the config's, with a budget's max_iters once planned
+        self.decay: Decay | None = None  # laid again by a resume with another length, or by a budget
+        self.planned = False  # a budgeted run has its first plan
+        self._scale = scale
+
+    @property
+    def last_step(self) -> int:
+        """The step the run trains to: max_iters, or a budget's plan (UNPLANNED until it has one; a plan of no steps,
+        start-up having taken the budget, still counts one, which the loop ends before by its reason)."""
+        if not self.train.budget_seconds:
+            return self.train.max_iters
+        return max(1, self.train.max_iters) if self.planned else UNPLANNED
+
+    def lr(self, step: int) -> float:
+        """The LR of `step` (its index, from 0), the guard's scale included."""
+        return self.unscaled_lr(step) * self._scale()
+
+    def unscaled_lr(self, step: int) -> float:
+        train = self.train
+        if self.decay is None or (train.budget_seconds and step < train.warmup_iters):
+            return lr_at(step, train)
+        return lr_at_position(self.decay.position_at(step), train)
+
+    def follow_plan(self, max_iters: int, decay: Decay, planned: bool) -> None:
+        """Lay the rest of a budgeted run over a plan: its steps (none: the config's stand) and its decay."""
+        if max_iters:
+            self.train = dataclasses.replace(self.train, max_iters=max_iters)
+        self.decay, self.planned = decay, planned
+
+    def resume_with(self, new: TrainConfig, step: int, old_lr: float) -> str | None:
+        """Go on at `step` under `new`, the run having had `old_lr` there under this schedule: `new`'s own where it
+        is continuous there (still in warmup; wsd in its stable stretch, whose decay simply moves), else a decay laid
+        from `old_lr` (no warmup again) to min_lr at the new end; the line that says so (None: its length is as it
+        was). A budgeted `new` is laid by its budget."""
+        old, kept = self.train, None if self.train.budget_seconds else self.decay
+        self.train, self.decay = new, kept
+        end = decay_end(new)
+        same = decay_end(old) == end and all(getattr(old, k) == getattr(new, k) for k in _SHAPE)
+        if new.budget_seconds or (same and old.max_iters == new.max_iters):
+            return None
+        if not same:
+            own = lr_at(step, new)
+            continuous = step < new.warmup_iters or end <= step or math.isclose(own, old_lr, rel_tol=1e-6)
+            self.decay = None if continuous else Decay(step, position_of(old_lr, new), end)
+        how = "kept" if self.decay is kept else "re-laid"
+        lr = self.unscaled_lr(step)
+        if end <= step:
+            return f"schedule {how} from step {step}: lr {lr:.1e}, min_lr since step {end}"
+        return f"schedule {how} from step {step}: lr {lr:.1e} -> {new.min_lr:.1e} at step {end}"
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the schedule its run followed (config.toml may be rewritten by a resume that
+        did not get as far as a checkpoint, so a later resume compares against this)."""
+        relaid = self.decay if self.decay is not None and not self.train.budget_seconds else None
+        return {"train": {k: getattr(self.train, k) for k in FIELDS}, "relaid": relaid and relaid.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """A checkpoint's schedule over the one its run's config.toml has (all of it, before lmlab kept it); a
+        budget's decay is its plan's, which the budget lays again as it restores it, after this."""
+        kept, relaid = (state or {}).get("train"), (state or {}).get("relaid")
+        if kept:
+            self.train = dataclasses.replace(self.train, **kept)
+        self.decay = Decay(**relaid) if relaid and not self.train.budget_seconds else None

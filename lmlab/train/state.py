@@ -1,5 +1,5 @@
-"""What the training loop keeps besides weights and optimizer, each part saving and restoring itself in place
-(`state_dict` / `load_state_dict`), so nothing holds a stale copy after a resume or a rollback."""
+"""What a checkpoint of a trained run holds besides weights and optimizer (`TrainingState`), each part saving and
+restoring itself in place, so nothing holds a stale copy after a resume or a rollback; and the loop's throughput."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from lmlab.core.device import synchronize
 
-class Saved:
+
+class Checkpointed:
     """A dataclass whose fields are its checkpointed state, restored into the same object."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -24,7 +26,7 @@ class Saved:
 
 
 @dataclass
-class Progress(Saved):
+class Progress(Checkpointed):
     """Where the run stands: what a rollback takes back to the checkpoint's values."""
 
     step: int = 0
@@ -36,7 +38,7 @@ class Progress(Saved):
 
 
 @dataclass
-class Mean(Saved):
+class Mean(Checkpointed):
     """The mean of the values added since it was last taken (train loss per log line, per eval)."""
 
     total: float = 0.0
@@ -45,14 +47,30 @@ class Mean(Saved):
     def add(self, value: float) -> None:
         self.total, self.count = self.total + value, self.count + 1
 
-    def take(self) -> float:
+    def pop_mean(self) -> float:
+        """The mean of the values added since the last call, starting anew."""
         mean = self.total / max(1, self.count)
         self.total, self.count = 0.0, 0
         return mean
 
 
+class Means(dict):
+    """The named means of the train loss (`log`: since the last log line; `eval`: since the last evaluation)."""
+
+    def add(self, value: float) -> None:
+        for mean in self.values():
+            mean.add(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: mean.state_dict() for name, mean in self.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, mean in self.items():
+            mean.load_state_dict(state[name])
+
+
 class Stopwatch:
-    """Wall seconds of training, summed over resumes: what `train.max_seconds` and the `elapsed` fields count."""
+    """Wall seconds of training, summed over resumes: what the `elapsed` fields count."""
 
     def __init__(self) -> None:
         self.before, self.started = 0.0, None
@@ -101,3 +119,86 @@ def upgrade_training(saved: dict[str, Any]) -> dict[str, Any]:
         "loader": saved["loader"], "rng": {"torch": saved["torch_rng"], "cuda": saved.get("cuda_rng")},
         "scaler": saved.get("scaler"), "dataset_sha256": saved["dataset_sha256"],
     }
+
+
+class RngState:
+    """The torch (and CUDA) generators, as a part of the training state."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, str | None]:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict[str, str | None]) -> None:
+        set_rng_state(state, self.device)
+
+
+class ScalerState:
+    """The fp16 grad scaler's scale and growth tracker; None when it is off (other dtypes)."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.scaler.load_state_dict(state)
+
+
+class Recorded:
+    """A fact the checkpoint records and nothing restores (the dataset's checksum, which resume compares)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def state_dict(self) -> Any:
+        return self.value
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
+class TrainingState:
+    """state.json's `training` of a trained run: its parts by name, each restored in place. A rollback puts back
+    only where the run stood (ROLLED_BACK); it keeps the data position (so the bad batches are not replayed), the
+    guard (its statistics and the LR scale it just lowered), the fp16 grad scaler (the scale it lowered: the
+    checkpoint's would overflow again), the clock, the schedule and the budget."""
+
+    ROLLED_BACK = ("progress", "means", "rng")
+
+    def __init__(self, **parts: Any):
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any], rollback: bool = False) -> None:
+        """Put a checkpoint's state back (parts it lacks, being older than them, get None: their defaults)."""
+        for name, part in self.parts.items():
+            if not rollback or name in self.ROLLED_BACK:
+                part.load_state_dict(state.get(name))
+
+
+class Throughput:
+    """The seconds of the training steps since the last log line, for tokens/s and MFU. A process's first step
+    compiles, allocates and warms caches (a minute for GPT-2 under torch.compile): it is left out, on a first start
+    and on every resume, and waited for, so that none of its device work is timed with the next."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.warm, self.seconds, self.steps = device, False, 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        if self.warm:
+            self.seconds, self.steps = self.seconds + seconds, self.steps + 1
+        else:
+            synchronize(self.device)
+            self.warm = True
+
+    def pop_rate(self, tokens_per_step: int) -> float | None:
+        """Tokens per second since the last call; None when no step since was timed (only the warm-up step)."""
+        rate = tokens_per_step * self.steps / self.seconds if self.steps else None
+        self.seconds, self.steps = 0.0, 0
+        return rate

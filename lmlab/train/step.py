@@ -10,7 +10,7 @@ import torch
 from lmlab.core.config import TrainConfig
 from lmlab.core.device import autocast, compile_choice, triton_available
 from lmlab.model import LanguageModel
-from lmlab.train.optim import make_optimizer
+from lmlab.train.optim import optimizer_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -35,7 +35,7 @@ class TrainStep:
             # Dynamo's recompile limit (8 per function) it would silently run the next ones eager.
             torch.compiler.reset()
         self.forward = torch.compile(wrapped or model) if compiled else (wrapped or model)
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = optimizer_of(cfg).build(model, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def __call__(self, batches: Iterable[Batch], n_batches: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,25 +6,49 @@ from __future__ import annotations
 import _thread
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError
 
+if TYPE_CHECKING:  # a closed output asks for a stop (`stop_for_closed_output`) without loading torch
+    from lmlab.run.rundir import RunDir
 
-def write_failure(err: WriteError | None, run: Path, step: int, saved: list[Path]) -> UserError:
-    """The sentence a run ends with when rank 0 could not write (`err`, None on the other ranks) at `step`; `saved`
-    are the run's step folders."""
-    if err is None:
-        return UserError("rank 0 could not write the run; its message says why.")
-    kept = (f"its newest checkpoint ({saved[-1].name}) is kept: {err.fix}, then continue with "
-            f"`lmlab train --resume {run}`" if saved else
-            f"no checkpoint was written yet: {err.fix}, then run the same command again")
-    detail = f"{err.reason}; {err.free}" if err.free else err.reason
-    return UserError(f"the run stopped at step {step} because {err.path} could not be written ({detail}); {kept}.")
+
+class Writes:
+    """A run's writes, by rank 0 alone: a failed one (a full disk) is kept, ends the run like a stop signal after
+    the step, keeping the newest checkpoint, and nothing more is written meanwhile (`failure` says what happened).
+    `log` writes an event to metrics.jsonl and to the tracker, once it has one."""
+
+    def __init__(self, run_dir: RunDir, is_main: bool):
+        self.run_dir, self.is_main = run_dir, is_main
+        self.error: WriteError | None = None
+        self.trackers: list[Any] = []  # each with a `log(event)`
+
+    def __call__(self, write: Callable[..., Any], *args: Any) -> None:
+        if self.is_main and self.error is None:
+            try:
+                write(*args)
+            except WriteError as err:
+                self.error = err
+
+    def log(self, event: dict[str, Any]) -> None:
+        self(self.run_dir.log, event)
+        for tracker in self.trackers:
+            self(tracker.log, event)
+
+    def failure(self, step: int) -> UserError:
+        """The sentence a run ends with when rank 0 could not write at `step` (on the other ranks, `error` is None)."""
+        err, saved, run = self.error, self.run_dir.step_folders(), self.run_dir.path
+        if err is None:
+            return UserError("rank 0 could not write the run; its message says why.")
+        kept = (f"its newest checkpoint ({saved[-1].name}) is kept: {err.fix}, then continue with "
+                f"`lmlab train --resume {run}`" if saved else
+                f"no checkpoint was written yet: {err.fix}, then run the same command again")
+        detail = f"{err.reason}; {err.free}" if err.free else err.reason
+        return UserError(f"the run stopped at step {step} because {err.path} could not be written ({detail}); {kept}.")
 
 
 STOP_GRACE = 3.0  # seconds a step may still run after a stop signal before it is abandoned

@@ -1,0 +1,178 @@
+"""A trained run's checkpoints (`Checkpointer`): a new run begun, from scratch or another run's weights; a run
+resumed from its newest checkpoint that verifies; checkpoints saved, with what retention will delete said; and the
+rollback after a streak of bad steps."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from lmlab.core.config import RunConfig, TrainConfig, to_dict
+from lmlab.core.errors import UserError
+from lmlab.data.tokenizers import tokenizer_identity
+from lmlab.model import LanguageModel
+from lmlab.run.checkpoint import pointer
+from lmlab.run.rundir import RunDir
+from lmlab.train.distributed import Parallel
+from lmlab.train.state import TrainingState, upgrade_training
+from lmlab.train.stop import Writes
+
+
+def check_resumable(run: RunDir, dataset: str) -> None:
+    """Only a trained run has a training state to continue, and only on a dataset that is here (`dataset`, what the
+    run's config names, --set included)."""
+    kind = run.kind()
+    if kind == "fine-tuned":
+        go_on = (f"continue it with the fine-tuning command that made it: `{run.resume_command()}`" if run.unfinished()
+                 else f"it is finished; to tune it further, fine-tune it into a new run: `lmlab finetune {run.path} "
+                 "--data FILE --run NEW`")
+        raise UserError(f"{run.path} was made by `lmlab finetune`, not `lmlab train`; {go_on}.")
+    if kind == "imported":
+        raise UserError(f"{run.path} was imported, so it has no training to continue; start a new run from its "
+                        f"weights with `lmlab train CONFIG --init-from {run.path}`.")
+    if dataset == run.config().data.dataset and not (Path(dataset) / "meta.json").exists():
+        raise UserError(f"{run.path} was trained on {dataset}, which is not here (moved or deleted); continue it on "
+                        f"the dataset where it is now with `lmlab train --resume {run.path} --set data.dataset=DIR`, "
+                        "or put the dataset back.")
+
+
+def check_tokenizer(run: RunDir, dataset: str, name: str) -> None:
+    """A run's weights are those of its tokenizer's vocabulary: continuing them on the ids of another tokenizer, even
+    one of the same size, would give every id other text (and `sample` would decode the run's best checkpoint with
+    the wrong one), so no --force lets it. `name` names the run as the command line does."""
+    ours, theirs = run.path / "tokenizer.json", Path(dataset) / "tokenizer.json"
+    if ours.exists() and tokenizer_identity(ours) != tokenizer_identity(theirs):
+        raise UserError(f"dataset {dataset} has another tokenizer than {name} (the same ids stand for other text), "
+                        "and a run's weights continue with their own tokenizer only, --force or not; point "
+                        f"data.dataset at a dataset prepared with it (`lmlab prepare CORPUS --tokenizer {run.path}` "
+                        "makes one).")
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])
+
+
+class Checkpointer:
+    """The checkpoints of one trained run, saving and restoring `state` (state.json's `training`) with the model and
+    optimizer: `start` (a new run), `resume`, `save`, `rollback`, `say_retention`. `saved_step` is the step of the
+    newest checkpoint this process wrote."""
+
+    def __init__(self, run_dir: RunDir, model: LanguageModel, optimizer: torch.optim.Optimizer, parallel: Parallel,
+                 state: TrainingState, writes: Writes, train: TrainConfig, console: Console):
+        self.run_dir, self.model, self.optimizer, self.parallel = run_dir, model, optimizer, parallel
+        self.state, self.writes, self.train, self.console = state, writes, train, console
+        self.progress = state.parts["progress"]
+        self.saved_step = -1
+
+    def start(self, cfg: RunConfig, init_from: str | None, keep_optimizer: bool) -> None:
+        """A new run: nothing of an earlier one is overwritten; its weights (and optimizer) from another run's, if
+        asked (`runs/OLD`, or `runs/OLD:CHECKPOINT`: best or latest)."""
+        self.run_dir.check_new()
+        if not init_from:
+            return
+        old_dir, _, which = init_from.partition(":")
+        if which not in ("", "best", "latest"):
+            raise UserError(f"--init-from {init_from}: {which!r} is not a checkpoint of a run; use {old_dir}, "
+                            f"{old_dir}:best or {old_dir}:latest.")
+        old_run = RunDir(old_dir)
+        old = old_run.config().model
+        if old.vocab_size != cfg.model.vocab_size:
+            raise UserError(f"--init-from {old_dir} has vocab size {old.vocab_size} but dataset "
+                            f"{cfg.data.dataset} has {cfg.model.vocab_size}; use a dataset prepared "
+                            "with the same tokenizer.")
+        check_tokenizer(old_run, cfg.data.dataset, f"--init-from {old_dir}")
+        if dataclasses.asdict(old) != dataclasses.asdict(cfg.model):
+            raise UserError(f"--init-from {old_dir} has another model shape "
+                            f"({_differences(dataclasses.asdict(old), dataclasses.asdict(cfg.model))}); "
+                            "use the same [model] settings as that run.")
+        old_run.read_checkpoint(old_run.checkpoint(which or "latest"), self.model,
+                                self.optimizer if keep_optimizer else None, self.parallel.load_checkpoint)
+
+    def resume(self, cfg: RunConfig, train_sha256: str, force: bool) -> Path:
+        """Restore the newest checkpoint that verifies (`latest`, else an older step folder), of this model on this
+        run's tokenizer and, without `force`, on data of the same checksum (`train_sha256`: of the bytes training
+        reads, verified against meta.json: a dataset prepared again from other inputs is another dataset); the step
+        folder it came from."""
+        if self.parallel.is_main:
+            self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
+        self.run_dir.checkpoint("latest")  # says so if there is nothing to resume
+        self.run_dir.tokenizer()  # the run's copy is checked against its record, not silently written over
+        check_tokenizer(self.run_dir, cfg.data.dataset, str(self.run_dir.path))
+        trained, asked = dataclasses.asdict(self.run_dir.config().model), to_dict(cfg)["model"]
+        trained["vocab_size"] = trained["vocab_size"] or asked["vocab_size"]  # 0 in a hand-written config
+        if trained != asked:
+            raise UserError(f"{self.run_dir.path} was trained with another model shape "
+                            f"({_differences(trained, asked)}); resume with the run's own [model] settings.")
+        folder, training = self._load_newest_good()
+        self.parallel.check_same("checkpoint", {"resumed from": folder.name},
+                                 "every host must see the same run folder: keep it on the filesystem they share")
+        if training["dataset_sha256"] != train_sha256 and not force:
+            raise UserError(f"dataset {cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
+                            "on (train split checksum); pass --force to continue on the new data anyway.")
+        self._restore(training, rollback=False)
+        return folder
+
+    def save(self, best: bool) -> None:
+        step = self.progress.step
+        # Logged first: a crash between the two leaves an event that resume drops with everything after the
+        # checkpoint it falls back to, while the other order could lose the event of a checkpoint that exists.
+        self.writes.log({"event": "checkpoint", "step": step, "best": best})
+        weights, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
+        self.writes(self.run_dir.save_checkpoint, step, weights, optimizer_state, self.state.state_dict(), best,
+                    self.train.keep_checkpoints)
+        self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
+        if self.writes.error is None:
+            self.saved_step = step
+
+    def rollback(self, step: int, lr_scale: float) -> None:
+        """`step` completed a streak of bad steps: reload the newest checkpoint from before the streak (the guard
+        has lowered the LR scale to `lr_scale` already)."""
+        patience = self.train.spike_patience
+        try:
+            folder, training = self._load_newest_good(at_most=step - patience)
+            self._restore(training, rollback=True)
+        except UserError:  # no checkpoint from before the streak yet: all we can do is lower the LR
+            folder = None
+        self.writes.log({"event": "rollback", "step": step, "to_step": self.progress.step, "lr_scale": lr_scale})
+        where = f"rolled back to {folder.name}" if folder else "no earlier checkpoint to roll back to"
+        self.console.print(f"[yellow]step {step}: {patience} bad steps in a row; {where}; "
+                           f"LR scaled by {lr_scale:g}[/yellow]")
+
+    def say_retention(self, last_step: int) -> None:
+        """Name the step folders that retention will delete as the resumed run's checkpoints come (those of its
+        interval and its end; a new best adds more), and what it keeps."""
+        tc, step = self.train, self.progress.step
+        end, every = last_step, tc.checkpoint_interval
+        coming = (end, *range(end // every * every, step, -every)[:tc.keep_checkpoints]) if end > step else ()
+        going = self.run_dir.to_prune(tc.keep_checkpoints, coming) if coming else []
+        if going:
+            best = pointer(self.run_dir.checkpoints, "best")
+            kept = {name: ["resumed from"] for name in self.run_dir.resume_points()}
+            if best:
+                kept.setdefault(best.name, []).append("best")
+            stay = ", ".join(f"{name} ({' and '.join(why)})" for name, why in sorted(kept.items()))
+            self.console.print(f"note: with train.keep_checkpoints = {tc.keep_checkpoints}, the checkpoints to come "
+                               f"delete {', '.join(p.name for p in going)}; {stay} stay; raise keep_checkpoints to "
+                               "keep more", style="yellow", highlight=False)
+
+    def _load_newest_good(self, at_most: int | None = None) -> tuple[Path, dict[str, Any]]:
+        """Load the newest checkpoint (at most `at_most` steps in) that verifies; its folder and training state."""
+        latest = self.run_dir.checkpoint("latest")
+        for folder in [latest, *(p for p in reversed(self.run_dir.step_folders()) if p != latest)]:
+            if at_most is not None and int(folder.name.removeprefix("step_")) > at_most:
+                continue
+            try:
+                state = self.run_dir.read_checkpoint(folder, self.model, self.optimizer, self.parallel.load_checkpoint)
+                return folder, upgrade_training(state["training"])
+            except UserError as err:
+                self.console.print(f"[yellow]{err} Trying an older checkpoint.[/yellow]")
+        raise UserError(f"no checkpoint of {self.run_dir.path} could be loaded; start the run again.")
+
+    def _restore(self, training: dict[str, Any], rollback: bool) -> None:
+        """Put a checkpoint's training state back, in place (the weights and optimizer are loaded already)."""
+        self.state.load_state_dict(training, rollback)
+        self.parallel.own_rng(self.train.seed, self.progress.step)

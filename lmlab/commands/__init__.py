@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Whatever stops it, the user reads one line (status 2: a mistake, a refusal, a destination
     that cannot be written; 130: interrupted), never a traceback; a reader that goes away (`| head`) ends it as
     SIGPIPE ends any Unix tool, silently with status 141."""
+    args = None
     try:
         args = build_parser().parse_args(argv)  # a destination option's refusal is a UserError (common.destination)
         args.func(args)
@@ -117,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except UserError as err:
         return _say(str(err), own=isinstance(err, PeerLost))
+    except ModuleNotFoundError as err:  # an optional package a command imported without asking first
+        from lmlab.core.extras import OPTIONAL, refusal
+
+        module = (err.name or "").partition(".")[0]
+        if module not in OPTIONAL:
+            raise
+        return _say(refusal(f"lmlab {getattr(args, 'command', '') or ''}".strip(), [module]))
     except OSError as err:  # a file or folder no command checked itself: named, with what to do
         from lmlab.core.fileio import os_fix
 

@@ -33,6 +33,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.run.rundir import RunDir
     from lmlab.train.loop import Trainer
     from lmlab.train.stop import STOP_GRACE
+    from lmlab.train.tracking import require_tracker
 
     if args.budget:
         if args.resume:
@@ -50,6 +51,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_dir = check_destination(args.run or Path("runs") / Path(args.config).stem, "--run", "run")
     else:
         raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
+    require_tracker(cfg.train.tracker)  # before the run is begun
     trainer = Trainer(cfg, run_dir, args.device, resume=bool(args.resume), console=console, force=args.force,
                       init_from=args.init_from, keep_optimizer=args.keep_optimizer, started=started)
     m = trainer.model

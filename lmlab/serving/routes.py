@@ -1,6 +1,6 @@
 """The routes of `lmlab serve`, in groups, each a function that registers its routes on the FastAPI app: errors
 in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. FastAPI is
-imported inside them: this module loads without the `serve` extra, which `app.require_extras` asks for first."""
+imported inside them; `lmlab serve` asks for the `serve` extra (lmlab.core.extras) before it imports this."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
 # at run time to know what to pass them.

@@ -133,7 +133,7 @@ ROWS = [
         "threads": ("zero",)}, "train", beyond={"budget_seconds": ("31622401",)}),
     Row(TRAIN, "train.eval_every", float, check="train"),  # passes between evaluations (or "steps", "epoch")
     Row(TRAIN, "model.bias", int, check="train"),  # true, false, or the places that have biases: no number
-    *setting_rows(FINETUNE, "finetune", FinetuneConfig, {"seed": ("zero",)}, "finetune"),
+    *setting_rows(FINETUNE, "finetune", FinetuneConfig, {"seed": ("zero",), "threads": ("zero",)}, "finetune"),
     Row(PLUGIN, "model.options.context_size", int, ("zero",), "plugin"),  # 0: the default width
     Row(PLUGIN, "model.options.mlp_ratio", int, check="plugin"),
 ]
@@ -181,7 +181,8 @@ def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls, v
 # Every thread option against counts OpenMP cannot take (20,000 aborted in libgomp, 100,000 crashed with SIGSEGV):
 # refused past the cores this process may use, before anything loads.
 THREAD_ROWS = [Row(TRAIN, "train.threads", int), Row("bench {config}", "train.threads", int),
-               Row("plan {config} --measure", "train.threads", int), Row("serve {run}", "--threads", int)]
+               Row("plan {config} --measure", "train.threads", int), Row("serve {run}", "--threads", int),
+               Row(FINETUNE, "finetune.threads", int)]
 
 
 @pytest.mark.parametrize("row", THREAD_ROWS, ids=lambda row: f"{row.subcommand} {row.option}")

@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.memory_estimate import measured
 from lmlab.commands import main
+from lmlab.core.busy import cores
 from lmlab.core.config import FinetuneConfig, ModelConfig, load_config
 from lmlab.core.progress import clock
 from lmlab.model.memory import MemoryRefused, check_fits, training_need
@@ -194,17 +195,20 @@ def stop_inside_the_loop(proc: subprocess.Popen, metrics: Path) -> None:
 def test_a_fine_tune_killed_or_stopped_at_any_point_then_run_again_ends_bitwise_equal(capsys, tmp_path,
                                                                                       imported_gpt2):
     data = _records(tmp_path)
+    # On every core, fixed: a step's last bits depend on the count, which a load that comes or goes would change.
     settings = ["--set", "finetune.epochs=2", "--set", "finetune.batch_size=4", "--set",
-                "finetune.checkpoint_interval=2", "--set", "finetune.learning_rate=0.003"]
+                "finetune.checkpoint_interval=2", "--set", "finetune.learning_rate=0.003", "--set",
+                f"finetune.threads={len(cores())}"]
 
     def command(name: str) -> list[str]:
         return ["finetune", str(imported_gpt2), "--data", str(data), "--run", str(tmp_path / name), "--device", "cpu",
                 *settings]
 
     whole = tmp_path / "whole"
-    ft = FinetuneConfig(str(data), epochs=2, batch_size=4, checkpoint_interval=2, learning_rate=0.003)
+    ft = FinetuneConfig(str(data), epochs=2, batch_size=4, checkpoint_interval=2, learning_rate=0.003,
+                        threads=len(cores()))
     # What an earlier command in this process may have left (a sample on a small model chooses one thread): the
-    # fine-tune here must still equal those of its child processes, which start on every core.
+    # fine-tune here must still equal those of its child processes.
     torch.set_num_threads(1)
     finetune(imported_gpt2, whole, ft, "cpu")
     killed = tmp_path / "killed"

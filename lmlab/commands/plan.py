@@ -150,7 +150,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
                                                                                           cfg.train.dtype)
         searched = find_runs(Path(args.runs)) if Path(args.runs).is_dir() else []
         model = shape_of(cfg)
-        guess = estimate(hardware, args.mfu, model, [target] * bool(run) + searched)
+        guess = estimate(hardware, args.mfu, cfg, [target] * bool(run) + searched)
         rate = guess.tokens_per_sec(model), "estimate: peak × MFU ÷ FLOPs per token; --measure times it here"
     plan = make_plan(cfg, tuple(rate), args.tokens, args.chinchilla, run and run.split_tokens)
     console.print(plan_table(target, plan, guess, run))
@@ -178,10 +178,13 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
                   "per parameter)")
     table.add_row("passes over the data", "unknown (the dataset is not prepared here)" if plan.passes is None else
                   f"{plan.passes:.2f} over the {plan.split_tokens:,}-token train split")
-    unique = unique_tokens(plan.tokens, plan.split_tokens)
-    table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,} (20 per parameter): unique tokens "
-                  f"{unique:,} are {chinchilla_percent(unique, plan.params):.1f}% of it, tokens seen "
-                  f"{chinchilla_percent(plan.tokens, plan.params):.1f}%")
+    seen = f"tokens seen {chinchilla_percent(plan.tokens, plan.params):.1f}%"
+    if plan.split_tokens is None:  # the unique tokens are at most the train split's, which is not known here
+        unique = "unique tokens unknown (at most the train split's)"
+    else:
+        unique = unique_tokens(plan.tokens, plan.split_tokens)
+        unique = f"unique tokens {unique:,} are {chinchilla_percent(unique, plan.params):.1f}% of it"
+    table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,} (20 per parameter): {unique}, {seen}")
     table.add_row("training compute", f"{plan.flops:.3g} FLOPs ({plan.flops_per_token:.3g} per token)")
     change = plan.six_nd / plan.flops - 1
     table.add_row("6·N·D", f"{plan.six_nd:.3g} FLOPs, {100 * abs(change):.1f}% {'above' if change >= 0 else 'below'} "

@@ -234,7 +234,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rate.add_argument("--tokens-per-sec", type=within(1, math.inf), help="throughput to assume instead of "
                       "estimating it (at least 1)")
     p.add_argument("--mfu", type=positive, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median MFU "
-                   "of the run planned, else of your newest run on that hardware under --runs, else 0.3)")
+                   "of the run planned, else of a run on that hardware under --runs, one of the same config first, "
+                   "else 0.3)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)
     p.set_defaults(func=cmd_plan)

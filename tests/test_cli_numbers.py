@@ -80,7 +80,7 @@ def setting_rows(command: str, section: str, cls: type, accepted: dict[str, tupl
 
 PREPARE = "prepare {corpus} --tokenizer char --out-dir {out}"
 TRAIN = "train {config} --run {out}/run"
-FINETUNE = "finetune {run} --data {alpaca} --run {out}/tuned"
+FINETUNE = "finetune {run} --data {alpaca} --out {out}/tuned"
 PLUGIN = "train {plugin_config} --run {out}/run"  # examples/context-vector's [model.options]
 ROWS = [
     Row(PREPARE, "--val-fraction", float), Row(PREPARE, "--val-tokens", int), Row(PREPARE, "--max-tokens", int),

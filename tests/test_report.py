@@ -269,7 +269,7 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
     base, tuned, out = tmp_path / "base", tmp_path / "tuned", tmp_path / "reports"
     assert main(["train", str(config), "--run", str(base), "--set", "model.block_size=256", "--set",
                  "train.eval_interval=20", "--set", "train.threads=1"]) == 0
-    assert main(["finetune", str(base), "--data", str(ALPACA_TINY), "--run", str(tuned), "--set",
+    assert main(["finetune", str(base), "--data", str(ALPACA_TINY), "--out", str(tuned), "--set",
                  "finetune.epochs=1", "--set", "finetune.threads=1"]) == 0
     assert main(["report", str(base), str(tuned), str(imported_gpt2), "--out", str(out / "three"),
                  "--no-eval"]) == 0
@@ -288,3 +288,19 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
     assert f"`base` passes over its {s.split_tokens:,}-token train split {s.epochs:.1f} times" in said and s.epochs > 4
     gap = f"{s.gap:.3f} above its train loss"
     assert (gap in said) == (s.gap > 0.05), (s.gap, said)
+
+
+def test_the_evaluation_says_how_long_it_will_take_once_it_has_timed_its_second_batch(tmp_path, char_dataset,
+                                                                                       capsys):
+    """The estimate from the run's training speed was off by twice; this one is the evaluation's own pace."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
+    run = Trainer(load_config(config, ["model.block_size=8"]), tmp_path / "short", "cpu").run().run_dir
+    windows = (json.loads((char_dataset / "meta.json").read_text())["val"]["tokens"] - 1) // 8
+    assert windows > 2 * 32  # three batches at least: the pace of the second says how long the rest takes
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = next(i for i, line in enumerate(lines) if line.startswith(f"Evaluating {run} (best, step 10) on its full "
+                                                                       f"val split ("))
+    assert re.fullmatch(rf"{re.escape(str(run))} \(best, step 10\): about [\d.]+ (s|min) more, at the pace of its "
+                        r"second batch of windows", lines[said + 1]), lines[said:said + 3]

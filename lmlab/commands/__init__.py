@@ -29,7 +29,7 @@ EXAMPLES = {
     "data": "lmlab data stats data/shakespeare-char",
     "data stats": "lmlab data stats data/wikitext2-bpe8192 --block-size 512",
     "train": "lmlab train configs/shakespeare-char-modern-cpu.toml --run runs/demo --set train.max_iters=300",
-    "finetune": "lmlab finetune runs/gpt2 --data alpaca.json --run runs/gpt2-sft --set finetune.epochs=3",
+    "finetune": "lmlab finetune runs/gpt2 --data alpaca.json --out runs/gpt2-sft --set finetune.epochs=3",
     "eval": "lmlab eval runs/demo --checkpoint latest --json",
     "sample": "lmlab sample runs/demo --prompt \"ROMEO:\" --max-new-tokens 300 --temperature 0.7",
     "import-hf": "lmlab import-hf ~/models/gpt2 --out runs/gpt2",

@@ -52,13 +52,34 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for note in dict.fromkeys(note for r in rows for note in (r.note, r.peak_note) if note):
         console.print(note, style="yellow", highlight=False)
     warn_busy([(f"micro-batch {r.batch_size}", r.load) for r in rows], "its tokens/s and MFU read low")
-    if args.eval:
+    if args.eval or args.checkpoint:
         at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
         at_config = at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device, peak=peak)
+    if args.eval:
         cost = eval_cost(cfg, at_config.ms_per_step, args.device)
         console.print(f"one evaluation ({cfg.train.eval_iters} batches per split) takes {cost['eval_seconds']:.2f} s, "
                       f"{100 * cost['share']:.1f}% of the time at eval_interval {cfg.train.eval_interval}; "
                       f"eval_iters <= {cost['max_eval_iters_under_5pct']} keeps evaluation under 5%.")
+    if args.checkpoint:
+        say_checkpoint(cfg, args.device, at_config.ms_per_step)
+
+
+def say_checkpoint(cfg: Any, device: str, ms_per_step: float) -> None:
+    """Time a checkpoint of the config's run written where runs go (runs/, else here) and loaded back; say it with
+    its share of the training time at train.checkpoint_interval."""
+    from lmlab.core.fileio import human_bytes
+    from lmlab.experiments.bench import checkpoint_cost
+
+    folder = Path("runs") if Path("runs").is_dir() else Path(".")
+    with console.status(f"Writing a checkpoint of this model and its optimizer state in {folder}/ and loading it..."):
+        cost = checkpoint_cost(cfg, device, folder, repeats=2)
+    every = cfg.train.checkpoint_interval * ms_per_step / 1000
+    console.print(f"a checkpoint (the model and its optimizer state, {human_bytes(cost.bytes)}) is written in "
+                  f"{cost.write_seconds:.2f} s (atomic, fsynced) and loaded in {cost.load_seconds:.2f} s (checksums "
+                  f"verified) in {folder}/; every {cfg.train.checkpoint_interval} steps (train.checkpoint_interval) "
+                  f"that is {_share(cost.write_seconds / (cost.write_seconds + every))} of the training time",
+                  highlight=False)
+    warn_busy([("the checkpoint", cost.load)], "its times read long")
 
 
 def say_hardware(device: Any, setting: str) -> tuple[str, Any]:
@@ -77,6 +98,10 @@ def say_hardware(device: Any, setting: str) -> tuple[str, Any]:
         console.print(f"[yellow]note: {note}[/yellow]")
     console.print(peak.standing(), style=None if peak.quiet and peak.native else "yellow", highlight=False)
     return name, peak
+
+
+def _share(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%" if fraction >= 0.001 else "under 0.1%"
 
 
 def warn_busy(windows: list[tuple[str, Any]], effect: str) -> None:
@@ -217,6 +242,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-seconds", type=positive, default=120.0, help="--find-max-batch begins no try that "
                    "would end past this (foreseen from the newest try) and keeps the largest batch found so far")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
+    p.add_argument("--checkpoint", action="store_true", help="time writing a checkpoint (model and optimizer state) "
+                   "where runs go, and loading it back, with its share of the time at train.checkpoint_interval")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="parameters, tokens, FLOPs and wall time of a config, or where a run stands")

@@ -10,6 +10,7 @@ compute-optimal point, and samples for one prompt.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ def gather(path: Path, options: Options) -> RunFacts:
         return facts
     facts.checkpoint = loaded.checkpoint
     facts.fell_back = loaded.checkpoint != checkpoint_name(options.checkpoint)
-    facts.evaluation, facts.not_evaluated = _evaluate(loaded, options, facts.summary.tokens_per_sec)
+    facts.evaluation, facts.not_evaluated = _evaluate(loaded, options)
     options.say(f"Sampling {path} ({checkpoint_label(loaded.checkpoint, loaded.step)}): "
                 f"{options.params.max_new_tokens} tokens at most...")
     if options.grid is not None:
@@ -91,10 +92,10 @@ def gather(path: Path, options: Options) -> RunFacts:
     return facts
 
 
-def _evaluate(loaded: LoadedRun, options: Options, speed: float | None) -> tuple[dict[str, Any] | None, str]:
+def _evaluate(loaded: LoadedRun, options: Options) -> tuple[dict[str, Any] | None, str]:
     """The full-split evaluation of a loaded checkpoint and, when there is none, why: a kept one is reused, a new
-    one is announced with its size and an estimate of its time (from the run's training speed, `speed` tokens/s)
-    before it runs, with its progress."""
+    one is announced with its size, and its time once its first batches are timed (`_foretold`), with its
+    progress."""
     name = f"{loaded.run.path} ({checkpoint_label(loaded.checkpoint, loaded.step)})"
     kept = [r for r in loaded.run.evaluations() if r.get("weights_sha256") == loaded.weights_sha256
             and r.get("max_tokens") is None]
@@ -107,13 +108,30 @@ def _evaluate(loaded: LoadedRun, options: Options, speed: float | None) -> tuple
         return (evaluate_run(loaded, fresh=False) if cached else {**kept[-1], "cached": True}), ""
     if not options.evaluate:
         return None, "not evaluated (`lmlab report --no-eval`); `lmlab eval RUN` evaluates it"
-    about = f", about {format_duration(tokens / (3 * speed))} at its training speed" if speed else ""
-    title = f"Evaluating {name} on its full val split ({tokens:,} tokens{about}; --no-eval skips it)"
+    title = f"Evaluating {name} on its full val split ({tokens:,} tokens; --no-eval skips it)"
     if options.track is None:
         options.say(title + "...")
-        return evaluate_run(loaded, fresh=False), ""
+        return evaluate_run(loaded, fresh=False, progress=_foretold(options.say, name)), ""
     with options.track("window", title) as tick:
-        return evaluate_run(loaded, fresh=False, progress=tick), ""
+        return evaluate_run(loaded, fresh=False, progress=_foretold(options.say, name, tick)), ""
+
+
+def _foretold(say: Callable[[str], None], name: str, tick: Callable[[int, int], None] | None = None
+              ) -> Callable[[int, int], None]:
+    """A progress callback that says once, at the end of the evaluation's second batch (the first warms it up), how
+    long the rest will take at that batch's pace: measured on the run as it is evaluated now, where a guess from its
+    training speed was off by twice either way (other threads, batch and load than its training had)."""
+    marks: list[tuple[float, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        marks.append((time.perf_counter(), done))
+        if len(marks) == 2 and done < total:
+            (then, before), (now, _) = marks
+            rest = (total - done) * (now - then) / (done - before)
+            say(f"{name}: about {format_duration(rest)} more, at the pace of its second batch of windows")
+        if tick:
+            tick(done, total)
+    return progress
 
 
 def build_report(paths: list[Path], out: Path, options: Options | None = None, **fields: Any) -> Report:

@@ -17,33 +17,15 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
-from importlib.metadata import PackageNotFoundError, distribution, distributions
+from importlib.metadata import distributions
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from conftest import write_config
+from conftest import closure, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def closure(requirements: list[str]) -> set[str]:
-    """The distributions `requirements` install, with their own dependencies, transitively (extras left out)."""
-    names: set[str] = set()
-    todo = [Requirement(r) for r in requirements]
-    while todo:
-        req = todo.pop()
-        name = canonicalize_name(req.name)
-        if name in names or (req.marker and not req.marker.evaluate({"extra": ""})):
-            continue
-        names.add(name)
-        try:
-            todo += [Requirement(r) for r in distribution(req.name).requires or []]
-        except PackageNotFoundError:  # an optional dependency of a dependency, on a platform that has none
-            names.discard(name)
-    return names
 
 
 def link_site_packages(names: set[str], target: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from lmlab.commands.common import add_device, add_set, check_destination, console, destination
 from lmlab.core.config import MAX_BUDGET_SECONDS
@@ -30,10 +32,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     started = time.perf_counter() - process_age()  # a --budget counts from the process's start
     from lmlab.core.config import load_config
-    from lmlab.run.rundir import RunDir
-    from lmlab.train.loop import Trainer
-    from lmlab.train.stop import STOP_GRACE
-    from lmlab.train.tracking import require_tracker
 
     if args.budget:
         if args.resume:
@@ -43,14 +41,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and (args.config or args.init_from):
         raise UserError("--resume RUN continues a run; pass no CONFIG.toml or --init-from with it "
                         "(use --set to change a resumed run).")
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg = RunDir(run_dir).config(args.set)
-    elif args.config:
-        cfg = load_config(Path(args.config), args.set)
-        run_dir = check_destination(args.run or Path("runs") / Path(args.config).stem, "--run", "run")
-    else:
+    if not args.resume and not args.config:
         raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
+    cfg = None if args.resume else load_config(Path(args.config), args.set)
+    run_dir = Path(args.resume) if args.resume else check_destination(args.run or Path("runs") /
+                                                                      Path(args.config).stem, "--run", "run")
+    say_starting(run_dir, args.config, cfg)
+    from lmlab.run.rundir import RunDir  # PyTorch: seconds
+    from lmlab.train.loop import Trainer
+    from lmlab.train.stop import STOP_GRACE
+    from lmlab.train.tracking import require_tracker
+
+    cfg = cfg or RunDir(run_dir).config(args.set)
     require_tracker(cfg.train.tracker)  # before the run is begun
     trainer = Trainer(cfg, run_dir, args.device, resume=bool(args.resume), console=console, force=args.force,
                       init_from=args.init_from, keep_optimizer=args.keep_optimizer, started=started)
@@ -86,6 +88,22 @@ def cmd_train(args: argparse.Namespace) -> None:
                       f"({spent - budget:+.1f} s" + (f", {share:+.1f}%)" if abs(share) < 100 else ")"))
     console.print(f"run: {result.run_dir}")
     console.print(f"loss plot: {result.loss_plot}")
+
+
+def say_starting(run_dir: Path, config: str | None, cfg: Any) -> None:
+    """The command's first line, at once: what it trains, before the seconds that PyTorch, the data's checks and
+    the model take (once per torchrun job: its first process)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if cfg is None:
+        console.print(f"resuming {run_dir}; setting up (PyTorch, the data, the model)...", highlight=False)
+        return
+    from lmlab.core.humanize import format_duration
+
+    length = (f"for {format_duration(cfg.train.budget_seconds)}" if cfg.train.budget_seconds else
+              f"{cfg.train.max_iters:,} steps")
+    console.print(f"training {run_dir} from {config}, {length}; setting up (PyTorch, the data, the model)...",
+                  highlight=False)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

@@ -79,6 +79,9 @@ def test_the_bare_venv_has_lmlab_and_its_dependencies_and_no_extra(bare_python, 
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(ROOT / "lmlab" / "__init__.py"), "[]"]
+    for command in ([], ["serve"], ["export-gguf"], ["judge"]):  # every command's help, each extra's included
+        shown = in_bare(bare_python, *command, "--help", cwd=tmp_path)
+        assert shown.returncode == 0 and shown.stdout.startswith("usage: lmlab"), shown.stderr
 
 
 def refused(done: subprocess.CompletedProcess, needs: str, install: str) -> None:

@@ -79,10 +79,13 @@ def install_command(modules: list[str]) -> str:
 
 def _installed_lmlab() -> str | None:
     """`lmlab` for an installed copy, the checkout's folder ('.' when it is the working directory) for an editable
-    one, None when the lmlab running is not the one pip installed (a source tree on PYTHONPATH)."""
+    one, None when the lmlab running is not the one pip installed (a source tree on PYTHONPATH, with or without
+    the egg-info a build left in it)."""
     try:
         dist = distribution("lmlab")
     except PackageNotFoundError:
+        return None
+    if not dist.read_text("INSTALLER"):  # metadata no installer wrote: a build's leftover in a source tree
         return None
     running = Path(sys.modules["lmlab"].__file__).resolve().parent
     url = json.loads(dist.read_text("direct_url.json") or "{}")

@@ -221,9 +221,13 @@ def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "a
     # Made before the set-up, whose load tells a quiet machine, and from every core, not what an earlier job of this
     # process chose. A step's last bits depend on the count: a fine-tune continued in another process is bitwise the
     # same on the same threads, which finetune.threads fixes.
+    before = torch.get_num_threads()  # given back at the end: a caller's process keeps its own threads
     threads = ThreadChooser(ft.threads, "finetune.threads")
-    with RunDir(run_dir).locked() as run:  # one writer: a second fine-tune into the same --run is refused
-        return _finetune(base_dir, run, ft, device, console or Console(), threads)
+    try:
+        with RunDir(run_dir).locked() as run:  # one writer: a second fine-tune into the same --run is refused
+            return _finetune(base_dir, run, ft, device, console or Console(), threads)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _origin(base: LoadedRun, base_dir: Path, ft: FinetuneConfig, fits: dict, dropped: int,

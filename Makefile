@@ -16,9 +16,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# lmlab with the extras the README's tour uses: serve (`lmlab serve`) and gguf (`lmlab export-gguf`). Every other
+# extra a command needs is named by that command, with the pip command that installs it, when it is missing.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[serve,gguf]"
 	touch $@
 
 # The test extras, and examples/context-vector: the model plugin tests/test_plugins.py trains. The extras include

@@ -3,14 +3,14 @@
     python benchmarks/checkpoint_io.py [--repeats 3]
 
 Each model gets a real AdamW state (one optimizer step) so the optimizer file is full size. Writes go
-through the same atomic path as training (temp folder, fsync, rename, pointer switch).
+through the same atomic path as training (temp folder, fsync, rename, pointer switch). `lmlab bench CONFIG
+--checkpoint` measures the same for one config, where its runs go.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,12 +18,10 @@ from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter, busy_warning
-from lmlab.core.config import ModelConfig, TrainConfig, load_config
-from lmlab.core.device import synchronize
+from lmlab.core.config import ModelConfig, RunConfig, TrainConfig, load_config
 from lmlab.core.progress import ItemProgress
-from lmlab.model.gpt import GPT
-from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
-from lmlab.train.optim import optimizer_of
+from lmlab.experiments.bench import checkpoint_cost
+from lmlab.experiments.plan import shape_of
 
 MODELS = {
     "CPU preset (char)": load_config(Path("configs/shakespeare-char-cpu.toml")).model,
@@ -34,28 +32,13 @@ MODELS = {
 def measure(config: ModelConfig, repeats: int, device: torch.device = torch.device("cpu")
             ) -> tuple[int, float, float, float]:
     """Parameters, checkpoint bytes, and the best write and load seconds of a model living on `device` (a GPU's
-    copies to and from the host are part of both)."""
+    copies to and from the host are part of both): `lmlab bench --checkpoint`'s measurement, in a temporary folder
+    here."""
     if config.vocab_size == 0:
-        config = ModelConfig(**{**config.__dict__, "vocab_size": 76})
-    model = GPT(config).to(device)
-    optimizer = optimizer_of(TrainConfig()).build(model, TrainConfig())
-    ids = torch.zeros(1, 8, dtype=torch.long, device=device)
-    model(ids, ids)[1].backward()
-    optimizer.step()
-    writes, loads = [], []
-    with tempfile.TemporaryDirectory(dir=".") as run:
-        for step in range(repeats):
-            synchronize(device)
-            started = time.perf_counter()
-            folder = save_checkpoint(Path(run), step, model_tensors(model), optimizer.state_dict(), {"bench": True},
-                                     best=False)
-            writes.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            load_checkpoint(folder, model, optimizer)
-            synchronize(device)
-            loads.append(time.perf_counter() - started)
-        size = sum(p.stat().st_size for p in folder.iterdir())
-    return model.num_params(), size, min(writes), min(loads)
+        config = dataclasses.replace(config, vocab_size=76)
+    cfg = RunConfig(model=config, train=TrainConfig(dtype="float32"))
+    cost = checkpoint_cost(cfg, device.type, Path("."), repeats)
+    return shape_of(cfg).num_params(), cost.bytes, cost.write_seconds, cost.load_seconds
 
 
 def main() -> None:

@@ -1,15 +1,18 @@
-"""How long `lmlab train` takes from the command to its first training step, for the demo preset.
+"""How long `lmlab train` takes from the command to its first line and to its first training step.
 
     python benchmarks/startup.py [--config configs/shakespeare-char-modern-cpu.toml] [--repeats 5]
-        [--tree PATH ...]
+        [--tree PATH ...] [--cold]
 
 Prepares data/shakespeare-char if needed, then starts `python -m lmlab train CONFIG` (two steps, one log line
-per step, no eval until the end) --repeats times and watches the run's metrics.jsonl: the start event (the
-model built, the data opened, the run folder written) and the first `train` line (step 1 done, its loss read
-back) are timed from the moment the process was started. Each --tree is an lmlab source tree (a checkout's
-root) put first on PYTHONPATH (and the working directory left off sys.path: `python -P`), so two versions can be compared in one sitting: the trees take turns in every
-round, so a change in the machine's load hits them alike. Without --tree, the installed lmlab runs.
-Prints the median and the best over the repeats, and the whole command's wall time.
+per step, no eval until the end) --repeats times, reads its output and watches the run's metrics.jsonl: its first
+line of output, the start event (the model built, the data opened, the run folder written) and the first `train`
+line (step 1 done, its loss read back) are timed from the moment the process was started. Each --tree is an lmlab
+source tree (a checkout's root) put first on PYTHONPATH (and the working directory left off sys.path: `python
+-P`), so two versions can be compared in one sitting: the trees take turns in every round, so a change in the
+machine's load hits them alike. Without --tree, the installed lmlab runs. Each tree has a cache folder of its own
+(XDG_CACHE_HOME: the measured peak, the memory estimates), filled by one untimed start first, as a user's machine
+has it after their first run; with --cold, every start gets an empty one. Prints the median and the best over the
+repeats, and the whole command's wall time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,19 +37,33 @@ from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 
 
+COLUMNS = ("first line", "start event", "step 1 done", "exit")
+
+
 def first_event_times(command: list[str], env: dict[str, str], run: Path) -> dict[str, float]:
-    """Seconds from starting `command` to its start event, its first train line, and its exit."""
+    """Seconds from starting `command` to its first line of output, its start event, its first train line, and its
+    exit."""
     seen: dict[str, float] = {}
     started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def first_line() -> None:
+        output = proc.stdout.readline()
+        seen.setdefault("first line", time.perf_counter() - started)
+        seen["output"] = output + proc.stdout.read()
+
+    reader = threading.Thread(target=first_line)
+    reader.start()
     while proc.poll() is None:
         for event in RunDir(run).events():
             seen.setdefault(event["event"], time.perf_counter() - started)
         time.sleep(0.002)
     exited = time.perf_counter() - started
+    reader.join()
     if proc.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr.read()}")
-    return {"start event": seen["start"], "step 1 done": seen["train"], "exit": exited}
+        raise SystemExit(f"{' '.join(command)} failed:\n{seen['output']}")
+    return {"first line": seen["first line"], "start event": seen["start"], "step 1 done": seen["train"],
+            "exit": exited}
 
 
 def main() -> None:
@@ -53,6 +71,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/shakespeare-char-modern-cpu.toml")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tree", action="append", default=[], help="an lmlab source tree to run (repeatable)")
+    parser.add_argument("--cold", action="store_true", help="an empty cache folder for every start")
     args = parser.parse_args()
     prepare(["shakespeare"], "char", out_dir=Path(load_config(Path(args.config)).data.dataset).parent)
     trees = args.tree or [""]
@@ -60,21 +79,27 @@ def main() -> None:
     times: dict[str, list[dict[str, float]]] = {tree: [] for tree in trees}
     progress = ItemProgress(console, args.repeats * len(trees))
     with tempfile.TemporaryDirectory(dir=".") as runs, LoadMeter() as meter:
-        for round_ in range(args.repeats):
+        for round_ in range(-1, args.repeats):  # round -1 fills each tree's cache, untimed
             for i, tree in enumerate(trees):
-                progress.start(f"{tree or 'installed'}, round {round_ + 1}")
-                env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())} if tree else dict(os.environ)
+                if round_ >= 0:
+                    progress.start(f"{tree or 'installed'}, round {round_ + 1}")
+                cache = Path(runs) / f"cache-{i}" / (f"{round_}" if args.cold else "")
+                env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+                env |= {"PYTHONPATH": str(Path(tree).resolve())} if tree else {}
                 run = Path(runs) / f"{round_}-{i}"
-                command = [sys.executable, "-P", "-m", "lmlab", "train", args.config, "--run", str(run), "--device", "cpu",
-                           *(arg for s in settings for arg in ("--set", s))]
-                times[tree].append(first_event_times(command, env, run))
-    table = Table(title=f"`lmlab train {args.config}`: seconds from the command, median (best) of {args.repeats}")
+                command = [sys.executable, "-P", "-m", "lmlab", "train", args.config, "--run", str(run), "--device",
+                           "cpu", *(arg for s in settings for arg in ("--set", s))]
+                timed = first_event_times(command, env, run)
+                if round_ >= 0:
+                    times[tree].append(timed)
+    cache = "an empty cache each" if args.cold else "a cache filled by a first start"
+    table = Table(title=f"`lmlab train {args.config}`: seconds from the command, median (best) of {args.repeats}, "
+                        f"{cache}")
     table.add_column("lmlab")
-    for column in ("start event", "step 1 done", "exit"):
+    for column in COLUMNS:
         table.add_column(column, justify="right")
     for tree, rows in times.items():
-        cells = [f"{statistics.median(r[c] for r in rows):.2f} ({min(r[c] for r in rows):.2f})"
-                 for c in ("start event", "step 1 done", "exit")]
+        cells = [f"{statistics.median(r[c] for r in rows):.2f} ({min(r[c] for r in rows):.2f})" for c in COLUMNS]
         table.add_row(tree or "installed", *cells)
     console.print(table)
     warning = busy_warning("the starts", meter.load, "they read slow")

@@ -5,11 +5,18 @@ from __future__ import annotations
 import base64
 import os
 import random
+import re
+import shlex
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
@@ -295,3 +302,137 @@ def fake_gpu(monkeypatch):
 
     install()
     return install
+
+
+# --- the docs' blocks, as a reader runs them (tests/test_docs.py runs the guides, tests/test_demo.py the README's tour)
+
+ROOT = Path(__file__).resolve().parent.parent
+FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
+DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append|on)\b:?\s*(.*?)\s*-->\s*$")
+PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')
+RUN = {"bash", "python"}  # the fences a guide's reader runs; ```text is what they see, ```toml a file shown
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # of the opening fence, 1-based
+    lang: str
+    text: str
+    skip: str = ""
+    background: str = ""
+    hosts: str = ""  # the test hosts (tests/hosts.py: node0, node1) a recipe's block runs on, at once
+    replaces: list[tuple[str, str]] = field(default_factory=list)
+    appends: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    def to_run(self, port: int) -> str:
+        """The block as the test runs it: each `replace` made, each `append` added to the commands it names."""
+        text = self.text
+        for old, new in self.replaces:
+            text = text.replace(old, new.replace("{port}", str(port)))
+        commands = text.replace("\\\n", " ").splitlines()
+        for prefix, args in self.appends:
+            commands = [append_to(command, prefix, args) for command in commands]
+        return "\n".join(commands)
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced blocks of a Markdown page, each with the directives in force where it stands."""
+    found, pending, replaces, appends = [], {}, [], []
+    lines = page.read_text(encoding="utf-8").splitlines()
+    number = 0
+    while number < len(lines):
+        line = lines[number]
+        number += 1
+        if directive := DIRECTIVE.match(line.strip()):
+            kind, rest = directive.groups()
+            if kind in ("skip", "background", "on"):
+                pending[kind] = rest or kind
+            else:
+                pair = PAIR.match(rest)  # what follows the two texts is the reason, for the reader
+                assert pair, f"{page.name}:{number}: docs-test {kind} takes two quoted texts, got {rest!r}"
+                (replaces if kind == "replace" else appends).append((pair[1], pair[2]))
+            continue
+        if not (fence := FENCE.match(line)):
+            if line.strip():
+                pending = {}  # a directive about a block stands on the line just before it
+            continue
+        start, body = number, []
+        while number < len(lines) and lines[number].strip() != fence.group(1):
+            body.append(lines[number])
+            number += 1
+        number += 1
+        found.append(Block(page, start, fence.group(2), "\n".join(body) + "\n", pending.get("skip", ""),
+                           pending.get("background", ""), pending.get("on", ""), list(replaces), list(appends)))
+        pending = {}
+    return found
+
+
+def append_to(command: str, prefix: str, args: str) -> str:
+    """`command` with `args` added at the end of its `prefix` part, before any pipe, redirection, `&&` or comment."""
+    at = command.find(prefix)
+    if at < 0 or command[:at].strip():
+        return command
+    end = re.search(r"\s(\||&&|;|>|>>|2>|&|#)(\s|$)", command[at:])
+    cut = at + end.start() if end else len(command)
+    return f"{command[:cut].rstrip()} {args}{command[cut:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WAIT_FOR = """import sys, time, urllib.request
+for _ in range(480):
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=2)
+        sys.exit(0)
+    except Exception:
+        time.sleep(0.25)
+sys.exit(f"docs-test: {sys.argv[1]} did not answer in 120 s")
+"""
+
+
+def script(guide: Path, folder: Path, port: int) -> str:
+    """One bash script running the guide's blocks in order, as a reader's terminal would."""
+    lines = ["set -euo pipefail", "BACKGROUND=()",
+             'trap \'for p in "${BACKGROUND[@]}"; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done\' EXIT']
+    (folder / ".wait_for.py").write_text(WAIT_FOR, encoding="utf-8")
+    for n, block in enumerate(blocks(guide)):
+        if block.lang not in RUN or block.skip:
+            continue
+        lines.append(f"echo '>>> docs-test: {block.where}' >&2")
+        text = block.to_run(port)
+        if block.lang == "python":
+            (folder / f".block{n}.py").write_text(text, encoding="utf-8")
+            lines.append(f"python .block{n}.py")
+        elif block.background:
+            url = block.background.replace("{port}", str(port))
+            lines += [f"( {text.strip()}\n) > .background{n}.log 2>&1 &", 'BACKGROUND+=("$!")',  # after a comment
+                      f"python .wait_for.py {shlex.quote(url)} || {{ cat .background{n}.log >&2; exit 1; }}"]
+        else:
+            lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def closure(requirements: list[str]) -> set[str]:
+    """The distributions `requirements` install, with their own dependencies, transitively (extras left out)."""
+    names: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in names or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        names.add(name)
+        try:
+            todo += [Requirement(r) for r in distribution(req.name).requires or []]
+        except PackageNotFoundError:  # an optional dependency of a dependency, on a platform that has none
+            names.discard(name)
+    return names

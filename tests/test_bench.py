@@ -37,6 +37,20 @@ def test_bench_times_each_batch_size_and_sizes_evaluation(capsys, tmp_path, char
     assert re.search(r"eval_iters <= \d+ keeps evaluation under 5%", out)
 
 
+def test_bench_times_a_checkpoint_where_runs_go(capsys, tmp_path, char_dataset, monkeypatch):
+    """Checkpoint write and load times were only in a benchmark script: `bench --checkpoint` says them, measured as
+    training writes one and a resume loads it, in runs/ (where checkpoints go), leaving nothing there."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", str(config), "--steps", "1", "--checkpoint", "--device", "cpu"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"a checkpoint \(the model and its optimizer state, [\d.]+ [KM]iB\) is written in [\d.]+ s "
+                     r"\(atomic, fsynced\) and loaded in [\d.]+ s \(checksums verified\) in runs/; every 10 steps "
+                     r"\(train.checkpoint_interval\) that is ([\d.]+%|under 0.1%) of the training time", said), said
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 def test_each_batch_size_counts_its_own_peak_memory(capsys, tmp_path, char_dataset):
     """The RSS high-water mark is the process's: without resetting it, a small batch timed after a large one would
     report the large one's peak, and --find-max-batch's bisection would find nothing fits below it."""

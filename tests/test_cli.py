@@ -38,6 +38,11 @@ def test_training_names_the_model_and_the_fields_its_kind_does_not_use(capsys, t
                            "--run", tmp_path / "gru", "--device", "cpu")
     assert code == 0 and "model: recurrent gru 2L/32," in out
     assert "note: a recurrent model does not use model.n_head, set in its config" in out
+    # Its first line comes before PyTorch loads (the seconds of set-up after it), and says what it trains
+    assert " ".join(out.split()).startswith(f"training {tmp_path / 'gru'} from {config}, 2 steps; setting up "
+                                            "(PyTorch, the data, the model)... ")
+    code, out, _ = run_cli(capsys, "train", "--resume", tmp_path / "gru", "--set", "train.max_iters=3")
+    assert code == 0 and out.startswith(f"resuming {tmp_path / 'gru'}; setting up (PyTorch, the data, the model)...")
 
 
 def test_missing_dataset_and_resume_without_checkpoint(capsys, tmp_path, char_dataset):

@@ -80,7 +80,7 @@ def setting_rows(command: str, section: str, cls: type, accepted: dict[str, tupl
 
 PREPARE = "prepare {corpus} --tokenizer char --out-dir {out}"
 TRAIN = "train {config} --run {out}/run"
-FINETUNE = "finetune {run} --data {alpaca} --run {out}/tuned"
+FINETUNE = "finetune {run} --data {alpaca} --out {out}/tuned"
 PLUGIN = "train {plugin_config} --run {out}/run"  # examples/context-vector's [model.options]
 ROWS = [
     Row(PREPARE, "--val-fraction", float), Row(PREPARE, "--val-tokens", int), Row(PREPARE, "--max-tokens", int),
@@ -135,7 +135,7 @@ ROWS = [
     Row(TRAIN, "train.eval_every", float, check="train"),  # eval_interval's older spelling, in passes
     Row(TRAIN, "train.max_seconds", float, ("zero",), "train"),  # budget_seconds' older name
     Row(TRAIN, "model.bias", int, check="train"),  # true, false, or the places that have biases: no number
-    *setting_rows(FINETUNE, "finetune", FinetuneConfig, {"seed": ("zero",)}, "finetune"),
+    *setting_rows(FINETUNE, "finetune", FinetuneConfig, {"seed": ("zero",), "threads": ("zero",)}, "finetune"),
     Row(PLUGIN, "model.options.context_size", int, ("zero",), "plugin"),  # 0: the default width
     Row(PLUGIN, "model.options.mlp_ratio", int, check="plugin"),
 ]
@@ -183,7 +183,8 @@ def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls, v
 # Every thread option against counts OpenMP cannot take (20,000 aborted in libgomp, 100,000 crashed with SIGSEGV):
 # refused past the cores this process may use, before anything loads.
 THREAD_ROWS = [Row(TRAIN, "train.threads", int), Row("bench {config}", "train.threads", int),
-               Row("plan {config} --measure", "train.threads", int), Row("serve {run}", "--threads", int)]
+               Row("plan {config} --measure", "train.threads", int), Row("serve {run}", "--threads", int),
+               Row(FINETUNE, "finetune.threads", int)]
 
 
 @pytest.mark.parametrize("row", THREAD_ROWS, ids=lambda row: f"{row.subcommand} {row.option}")

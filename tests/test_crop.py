@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmlab.commands import main
 from lmlab.core.config import ModelConfig, load_config
 from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
@@ -124,7 +125,7 @@ def test_a_model_trains_and_evaluates_on_a_crop_dataset(tmp_path, crop_dataset):
     assert math.isfinite(scores["loss"]) and scores["tokens"] > 0
     out = subprocess.run([sys.executable, "-m", "lmlab", "data", "stats", str(crop_dataset)],
                          capture_output=True, text=True, check=True).stdout
-    assert "padding in the rows" in out and "tokens lost by cropping" in out
+    assert "padding in the rows" in out and f"cut to a row of {ROW} tokens" in out and "tokens lost" not in out
 
 
 def test_a_block_size_other_than_the_rows_is_refused_in_train_and_eval(tmp_path, crop_dataset, monkeypatch):
@@ -143,3 +144,33 @@ def test_a_block_size_other_than_the_rows_is_refused_in_train_and_eval(tmp_path,
     with pytest.raises(UserError, match="char tokenizer"):
         prepare(["docs.jsonl"], "char", out_dir=tmp_path,
                 options=PrepareOptions(pack="crop"))
+
+
+def test_crop_and_concat_of_one_corpus_hold_out_the_same_documents(tmp_path, texts, capsys):
+    """The --max-tokens cut and a val split sized in tokens are counted in the documents' tokens before a crop cuts
+    them: packed either way, a corpus holds out the same documents (crop read on past the cut for more, and held out
+    740 documents where concat held out 102), and a crop no corpus can give is refused before the tokenize pass,
+    in the sentence concat gets."""
+    source = write_jsonl(tmp_path / "docs.jsonl", texts)
+    common = ["prepare", str(source), "--tokenizer", "word:100", "--out-dir", str(tmp_path), "--max-tokens", "1500"]
+    metas = {}
+    for pack in ("concat", "crop"):
+        assert main([*common, "--name", pack, "--pack", pack, "--block-size", str(BLOCK)]) == 0
+        metas[pack] = json.loads((tmp_path / f"{pack}-word100" / "meta.json").read_text())
+    said = " ".join(capsys.readouterr().out.split())
+    assert metas["crop"]["split"]["val_documents"] == metas["concat"]["split"]["val_documents"]
+    for split in ("train", "val"):
+        assert metas["crop"][split]["documents"] == metas["concat"][split]["documents"]
+        assert metas["crop"][split]["uncropped_tokens"] == metas["concat"][split]["tokens"]
+    # A row is at most the context by design: crop's stats say how many documents were cut, not "beyond" it.
+    cut = dataset_stats(tmp_path / "crop-word100")["share_documents_cropped"]
+    assert f"cut to a row of {ROW} tokens │ {100 * cut:.1f}% of documents, losing" in said and cut > 0
+    assert said.count("beyond the context length") == 1  # concat's
+    assert f"train: {metas['concat']['train']['tokens']:,} tokens before cropping," in said
+    refusals = []
+    for pack in ("concat", "crop"):
+        assert main([*common[:-2], "--name", f"all-{pack}", "--pack", pack, "--block-size", str(BLOCK),
+                     "--val-tokens", "100000"]) == 2
+        refusals.append(capsys.readouterr().err)
+    assert refusals[0] == refusals[1] and "but this corpus's documents, less one for train, hold about" in refusals[0]
+    assert not list(tmp_path.glob(".all-*")) and not list(tmp_path.glob("all-*"))

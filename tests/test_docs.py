@@ -15,15 +15,24 @@ import os
 import random
 import re
 import shlex
-import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import ALPACA_TINY, hellaswag_items, write_corpus, write_tiny_gpt2, write_wikitext
+from conftest import (
+    ALPACA_TINY,
+    FENCE,
+    Block,
+    blocks,
+    free_port,
+    hellaswag_items,
+    script,
+    write_corpus,
+    write_tiny_gpt2,
+    write_wikitext,
+)
 from hosts import two_hosts
 from lmlab.commands import build_parser
 from lmlab.commands.reference import PAGES, SECTIONS
@@ -33,80 +42,7 @@ DOCS = ROOT / "docs"
 GUIDES = sorted((DOCS / "guides").glob("*.md"))
 PAGES_CHECKED = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.rglob("*.md")),
                  *sorted(ROOT.glob("examples/*/README.md"))]
-FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
-DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append|on)\b:?\s*(.*?)\s*-->\s*$")
-PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')
 PARSER = build_parser()  # parsing leaves it as it was: one serves every command checked
-RUN = {"bash", "python"}  # the fences a guide's reader runs; ```text is what they see, ```toml a file shown
-
-
-@dataclass
-class Block:
-    page: Path
-    line: int  # of the opening fence, 1-based
-    lang: str
-    text: str
-    skip: str = ""
-    background: str = ""
-    hosts: str = ""  # the test hosts (tests/hosts.py: node0, node1) a recipe's block runs on, at once
-    replaces: list[tuple[str, str]] = field(default_factory=list)
-    appends: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def where(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
-
-    def to_run(self, port: int) -> str:
-        """The block as the test runs it: each `replace` made, each `append` added to the commands it names."""
-        text = self.text
-        for old, new in self.replaces:
-            text = text.replace(old, new.replace("{port}", str(port)))
-        commands = text.replace("\\\n", " ").splitlines()
-        for prefix, args in self.appends:
-            commands = [append_to(command, prefix, args) for command in commands]
-        return "\n".join(commands)
-
-
-def blocks(page: Path) -> list[Block]:
-    """The fenced blocks of a Markdown page, each with the directives in force where it stands."""
-    found, pending, replaces, appends = [], {}, [], []
-    lines = page.read_text(encoding="utf-8").splitlines()
-    number = 0
-    while number < len(lines):
-        line = lines[number]
-        number += 1
-        if directive := DIRECTIVE.match(line.strip()):
-            kind, rest = directive.groups()
-            if kind in ("skip", "background", "on"):
-                pending[kind] = rest or kind
-            else:
-                pair = PAIR.match(rest)  # what follows the two texts is the reason, for the reader
-                assert pair, f"{page.name}:{number}: docs-test {kind} takes two quoted texts, got {rest!r}"
-                (replaces if kind == "replace" else appends).append((pair[1], pair[2]))
-            continue
-        if not (fence := FENCE.match(line)):
-            if line.strip():
-                pending = {}  # a directive about a block stands on the line just before it
-            continue
-        start, body = number, []
-        while number < len(lines) and lines[number].strip() != fence.group(1):
-            body.append(lines[number])
-            number += 1
-        number += 1
-        found.append(Block(page, start, fence.group(2), "\n".join(body) + "\n", pending.get("skip", ""),
-                           pending.get("background", ""), pending.get("on", ""), list(replaces), list(appends)))
-        pending = {}
-    return found
-
-
-def append_to(command: str, prefix: str, args: str) -> str:
-    """`command` with `args` added at the end of its `prefix` part, before any pipe, redirection or `&&`."""
-    at = command.find(prefix)
-    if at < 0 or command[:at].strip():
-        return command
-    end = re.search(r"\s(\||&&|;|>|>>|2>|&)(\s|$)", command[at:])
-    cut = at + end.start() if end else len(command)
-    return f"{command[:cut].rstrip()} {args}{command[cut:]}"
 
 
 def lmlab_commands(block: Block) -> list[list[str]]:
@@ -204,9 +140,11 @@ def test_the_command_check_catches_a_renamed_option_and_an_unknown_key():
 
 def test_append_and_replace_shrink_a_command_where_it_stands():
     block = Block(ROOT / "x.md", 1, "bash", "lmlab train c.toml --run runs/a | tail -3\nlmlab serve r --port 8000 &&"
-                  " echo ok\n", replaces=[("8000", "{port}")], appends=[("lmlab train", "--set train.max_iters=2")])
+                  " echo ok\nlmlab train c.toml   # a comment\n", replaces=[("8000", "{port}")],
+                  appends=[("lmlab train", "--set train.max_iters=2")])
     assert block.to_run(1234).splitlines() == ["lmlab train c.toml --run runs/a --set train.max_iters=2 | tail -3",
-                                               "lmlab serve r --port 1234 && echo ok"]
+                                               "lmlab serve r --port 1234 && echo ok",
+                                               "lmlab train c.toml --set train.max_iters=2 # a comment"]
 
 
 @functools.cache
@@ -306,45 +244,6 @@ def fixtures(tmp_path_factory) -> Path:
     (tiny / "alpaca.json").write_bytes(ALPACA_TINY.read_bytes())
     write_tiny_gpt2(tiny / "gpt2", corpus)
     return tiny
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-WAIT_FOR = """import sys, time, urllib.request
-for _ in range(480):
-    try:
-        urllib.request.urlopen(sys.argv[1], timeout=2)
-        sys.exit(0)
-    except Exception:
-        time.sleep(0.25)
-sys.exit(f"docs-test: {sys.argv[1]} did not answer in 120 s")
-"""
-
-
-def script(guide: Path, folder: Path, port: int) -> str:
-    """One bash script running the guide's blocks in order, as a reader's terminal would."""
-    lines = ["set -euo pipefail", "BACKGROUND=()",
-             'trap \'for p in "${BACKGROUND[@]}"; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done\' EXIT']
-    (folder / ".wait_for.py").write_text(WAIT_FOR, encoding="utf-8")
-    for n, block in enumerate(blocks(guide)):
-        if block.lang not in RUN or block.skip:
-            continue
-        lines.append(f"echo '>>> docs-test: {block.where}' >&2")
-        text = block.to_run(port)
-        if block.lang == "python":
-            (folder / f".block{n}.py").write_text(text, encoding="utf-8")
-            lines.append(f"python .block{n}.py")
-        elif block.background:
-            url = block.background.replace("{port}", str(port))
-            lines += [f"( {text.strip()} ) > .background{n}.log 2>&1 &", 'BACKGROUND+=("$!")',
-                      f"python .wait_for.py {shlex.quote(url)} || {{ cat .background{n}.log >&2; exit 1; }}"]
-        else:
-            lines.append(text)
-    return "\n".join(lines) + "\n"
 
 
 def reader_folder(folder: Path, fixtures: Path) -> dict[str, str]:

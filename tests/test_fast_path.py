@@ -1,11 +1,15 @@
 """The fast path trains like the reference: bf16 autocast and torch.compile against fp32 eager, 50 steps."""
 
+import os
+import subprocess
+
 import pytest
 
 from lmlab.core.config import load_config
+from lmlab.core.device import CPU_COMPILE
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
+from tests.conftest import LMLAB, write_config
 
 # Documented tolerances on the per-step training loss over the first 50 steps of a seeded run.
 BF16_TOLERANCE = 1e-2  # bf16 keeps 8 bits of mantissa; measured max difference 5e-4 on this test
@@ -28,3 +32,23 @@ def test_bf16_and_compiled_losses_track_fp32_eager(tmp_path, char_dataset):
     assert reference[-1] < reference[0] - 0.5  # it learned, so the comparison means something
     assert max(abs(a - b) for a, b in zip(reference, bf16)) < BF16_TOLERANCE
     assert max(abs(a - b) for a, b in zip(reference, compiled)) < COMPILE_TOLERANCE
+
+
+def test_compiling_on_a_cpu_says_what_it_costs_before_the_first_step(tmp_path, char_dataset):
+    """A write-up's tip (`train.compile = true`) printed nothing for 131 s on a CPU, then trained no faster: the
+    line comes before the first step waits for the compiler (the test stops the run there)."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    proc = subprocess.Popen([LMLAB, "train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu", "--set",
+                             "train.compile=true"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    try:
+        said = []
+        for line in proc.stdout:
+            said.append(line)
+            if "trains eager at once." in line or line.startswith("step "):
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert CPU_COMPILE in " ".join("".join(said).split()), said  # the console wraps it at its width
+    assert not any(line.startswith("step ") for line in said)

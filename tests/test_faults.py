@@ -170,7 +170,7 @@ def test_a_second_writer_of_a_run_is_refused_and_the_first_is_unharmed(tmp_path,
         assert RunDir(run).writer_pid() == first.pid and RunDir(run).running()
         for args in (["train", config, "--run", run, "--set", "train.learning_rate=2e-3"],
                      ["train", "--resume", run],
-                     ["finetune", run, "--data", ALPACA_TINY, "--run", run],
+                     ["finetune", run, "--data", ALPACA_TINY, "--out", run],
                      ["import-hf", hf_gpt2, "--out", run]):
             refused_process(lmlab(*args, cwd=tmp_path, ok=False), f"{run} is being written by another process",
                             f"pid {first.pid}")

@@ -4,10 +4,13 @@ best epoch kept, and the prompt format used again by `sample --instruction`."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
 
+from lmlab.commands import main
+from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import EOT, train_tokenizer
 from lmlab.model.loss import IGNORE
@@ -15,6 +18,7 @@ from lmlab.run.prompt import alpaca_format, read_records
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import _batch, encode_example, split_records
 from tests.conftest import ALPACA_TINY, LMLAB
+from tests.test_peak import hog
 
 RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}
 
@@ -59,7 +63,7 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
     run = tmp_path / "runs/sft"
     settings = tmp_path / "sft.toml"
     settings.write_text("[finetune]\nepochs = 3\nlearning_rate = 3e-3\n")
-    done = subprocess.run([LMLAB, "finetune", imported_gpt2, settings, "--data", ALPACA_TINY, "--run", run,
+    done = subprocess.run([LMLAB, "finetune", imported_gpt2, settings, "--data", ALPACA_TINY, "--out", run,
                            "--set", "finetune.epochs=2", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "val loss by epoch:" in done.stdout and "best epoch" in done.stdout
@@ -82,3 +86,46 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
                             capture_output=True, text=True, timeout=120)
     assert answer.returncode == 0, answer.stderr
     assert "instruction 'Repeat the word twice.'" in (run / "samples.txt").read_text()
+
+
+@pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
+def test_a_fine_tune_chooses_its_threads_as_training_does(tmp_path, imported_gpt2, monkeypatch, capsys):
+    """As set (finetune.threads) they are kept; on busy cores they are chosen by timing its forward pass, and a
+    lowered choice is said in a line and kept as a `threads` event (whether the load lowered them is a timing)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    data = tmp_path / "few.json"
+    data.write_text(json.dumps(read_records(ALPACA_TINY)[:12]))
+    command = ["finetune", str(imported_gpt2), "--data", str(data), "--device", "cpu", "--set", "finetune.epochs=1"]
+    assert main([*command, "--out", str(tmp_path / "one"), "--set", "finetune.threads=1"]) == 0
+    start = RunDir(tmp_path / "one").events()[0]
+    assert start["machine"]["torch_threads"] == 1 and RunDir(tmp_path / "one").config().finetune.threads == 1
+    capsys.readouterr()
+    with hog(len(cores())):
+        assert main([*command, "--out", str(tmp_path / "busy")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    events = RunDir(tmp_path / "busy").events()
+    lowered = [e for e in events if e["event"] == "threads"]
+    assert all(e["reason"] == "timed" and e["threads"] < e["most"] == len(cores()) for e in lowered), lowered
+    said = re.findall(r"step (\d+): fine-tuning on (\d+) of (\d+) threads: other processes used \d+% of the \d+ "
+                      r"cores; a forward pass took [^()]+\(finetune.threads sets them\)", out)
+    assert [(e["step"], e["threads"]) for e in lowered] == [(int(s), int(n)) for s, n, _ in said], out
+    assert events[0]["machine"]["torch_threads"] == (lowered[0]["threads"] if lowered and lowered[0]["step"] == 0
+                                                     else len(cores()))
+
+
+def test_the_new_run_is_named_by_out_as_import_hf_and_answer_name_theirs(tmp_path, imported_gpt2, capsys):
+    """`--run`, the spelling before, still works and says so once; both at once is refused."""
+    data = tmp_path / "few.json"
+    data.write_text(json.dumps(read_records(ALPACA_TINY)[:12]))
+    command = ["finetune", str(imported_gpt2), "--data", str(data), "--set", "finetune.epochs=1", "--device", "cpu",
+               "--set", "finetune.threads=1"]
+    assert main([*command, "--run", str(tmp_path / "old")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("note: `finetune --run` is now `finetune --out`, as import-hf and answer spell it; --run still "
+                     "works") == 1
+    assert RunDir(tmp_path / "old").kind() == "fine-tuned"
+    assert RunDir(tmp_path / "old").resume_command().startswith(f"lmlab finetune {imported_gpt2} --data {data} "
+                                                                f"--out {tmp_path / 'old'}")
+    assert main([*command, "--run", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == "error: --run is the old spelling of --out; pass --out alone.\n"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -20,7 +20,7 @@ WIKITEXT2_TRAIN_TOKENS = 2_088_628  # its word-level train split
 def planned(config: str, overrides: list[str], gpu: str, tokens: int):
     cfg = load_config(CONFIGS / config, overrides)
     hardware = gpu_hardware(gpu, cfg.train.dtype)
-    guess = estimate(hardware, None, shape_of(cfg), [], cfg)
+    guess = estimate(hardware, None, cfg, [])
     plan = make_plan(cfg, (guess.tokens_per_sec(shape_of(cfg)), "estimate"), tokens, step=guess.step)
     return plan, guess.step
 

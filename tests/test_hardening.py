@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.memory_estimate import measured
 from lmlab.commands import main
+from lmlab.core.busy import cores
 from lmlab.core.config import FinetuneConfig, ModelConfig, load_config
 from lmlab.core.progress import clock
 from lmlab.model.memory import MemoryRefused, check_fits, training_need
@@ -50,7 +51,7 @@ def test_every_size_that_multiplies_memory_is_refused_before_it_is_allocated(cap
     config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset))
     huge = "100000000"
     cases = [(["train", config, "--run", tmp_path / "new", "--set", f"train.batch_size={huge}"], "train.batch_size"),
-             (["finetune", imported_gpt2, "--data", ALPACA_TINY, "--run", tmp_path / "tuned", "--set",
+             (["finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / "tuned", "--set",
                f"finetune.batch_size={huge}"], "finetune.batch_size"),
              (["bench", config, "--batch-sizes", huge], "--batch-sizes"),
              (["sample", run, "--num-samples", huge], "--num-samples"),
@@ -194,17 +195,20 @@ def stop_inside_the_loop(proc: subprocess.Popen, metrics: Path) -> None:
 def test_a_fine_tune_killed_or_stopped_at_any_point_then_run_again_ends_bitwise_equal(capsys, tmp_path,
                                                                                       imported_gpt2):
     data = _records(tmp_path)
+    # On every core, fixed: a step's last bits depend on the count, which a load that comes or goes would change.
     settings = ["--set", "finetune.epochs=2", "--set", "finetune.batch_size=4", "--set",
-                "finetune.checkpoint_interval=2", "--set", "finetune.learning_rate=0.003"]
+                "finetune.checkpoint_interval=2", "--set", "finetune.learning_rate=0.003", "--set",
+                f"finetune.threads={len(cores())}"]
 
     def command(name: str) -> list[str]:
-        return ["finetune", str(imported_gpt2), "--data", str(data), "--run", str(tmp_path / name), "--device", "cpu",
+        return ["finetune", str(imported_gpt2), "--data", str(data), "--out", str(tmp_path / name), "--device", "cpu",
                 *settings]
 
     whole = tmp_path / "whole"
-    ft = FinetuneConfig(str(data), epochs=2, batch_size=4, checkpoint_interval=2, learning_rate=0.003)
+    ft = FinetuneConfig(str(data), epochs=2, batch_size=4, checkpoint_interval=2, learning_rate=0.003,
+                        threads=len(cores()))
     # What an earlier command in this process may have left (a sample on a small model chooses one thread): the
-    # fine-tune here must still equal those of its child processes, which start on every core.
+    # fine-tune here must still equal those of its child processes.
     torch.set_num_threads(1)
     finetune(imported_gpt2, whole, ft, "cpu")
     killed = tmp_path / "killed"
@@ -215,7 +219,7 @@ def test_a_fine_tune_killed_or_stopped_at_any_point_then_run_again_ends_bitwise_
     assert main(["sample", str(killed), "--instruction", "Say hi", "--max-new-tokens", "3"]) == 0
     note = capsys.readouterr().err
     assert "is an unfinished fine-tune" in note and f"finish it with: lmlab finetune {imported_gpt2}" in note
-    refused(capsys, "train", "--resume", killed, needles=("was made by `lmlab finetune`", "--run", "--data"))
+    refused(capsys, "train", "--resume", killed, needles=("was made by `lmlab finetune`", "--out", "--data"))
     refused(capsys, *command("killed")[:-2], "--set", "finetune.learning_rate=0.001",
             needles=("unfinished fine-tune made by another command", "finetune.learning_rate 0.003 -> 0.001"))
     assert main(command("killed")) == 0 and "Resumed" in " ".join(capsys.readouterr().out.split())
@@ -287,7 +291,7 @@ def test_a_destination_that_cannot_be_written_is_one_sentence(tmp_path, run, imp
     try:
         results = _run_all([["train", config, "--run", locked / "run"],
                             ["train", "--resume", shared, "--set", "train.max_iters=20"],
-                            ["finetune", imported_gpt2, "--data", ALPACA_TINY, "--run", locked / "tuned"],
+                            ["finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", locked / "tuned"],
                             ["prepare", corpus_dir, "--tokenizer", "char", "--out-dir", locked / "data"],
                             ["import-hf", hf_gpt2, "--out", locked / "imported"],
                             ["export-hf", run, locked / "exported"],
@@ -386,7 +390,7 @@ def test_text_that_is_not_unicode_is_refused_naming_the_byte(capsys, run, import
 def test_a_char_run_blames_the_prompt_format_and_leads_somewhere(capsys, tmp_path, run):
     records = tmp_path / "records.json"
     records.write_text(json.dumps([{"instruction": "say love", "output": "love"}] * 10))
-    for args in (["finetune", run, "--data", records, "--run", tmp_path / "tuned"], ["sample", run, "--instruction",
+    for args in (["finetune", run, "--data", records, "--out", tmp_path / "tuned"], ["sample", run, "--instruction",
                                                                                      "say love"]):
         line = refused(capsys, *args, needles=("the alpaca prompt format uses characters", "never saw",
                                                "a run whose tokenizer has them"))

@@ -123,13 +123,14 @@ OUTPUTS = {
     ("export-gguf", "OUT"): "export-gguf {run} {target}",
     ("import-hf", "--out"): "import-hf {run} --out {target}",
     ("train", "--run"): "train {config} --run {target}",
-    ("finetune", "--run"): "finetune {run} --data {alpaca} --run {target}",
+    ("finetune", "--out"): "finetune {run} --data {alpaca} --out {target}",
+    ("finetune", "--run"): "finetune {run} --data {alpaca} --run {target}",  # --out's old spelling
     ("prepare", "--out-dir"): "prepare {corpus} --tokenizer char --out-dir {target}",
     ("sweep", "--dir"): "sweep {config} --set train.max_iters=1,2 --dir {target}",
 }
 
 
-MAKE_RUNS = {("train", "--run"), ("finetune", "--run"), ("import-hf", "--out")}  # `destination(..., "run")`
+MAKE_RUNS = {("train", "--run"), ("finetune", "--out"), ("finetune", "--run"), ("import-hf", "--out")}  # `destination(..., "run")`
 
 
 @pytest.fixture(scope="module")

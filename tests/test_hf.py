@@ -301,7 +301,7 @@ def test_an_imported_llama_continues_pretraining_and_serves_through_the_cli(tmp_
     sample = lmlab("sample", "runs/more", "--prompt", "ROMEO:", "--max-new-tokens", "12", cwd=tmp_path).stdout
     assert "ROMEO:" in sample
     lmlab("finetune", "runs/more", "--data", Path(__file__).parent / "data" / "alpaca_tiny.json", "--set",
-          "finetune.epochs=1", "--run", "runs/sft", cwd=tmp_path)
+          "finetune.epochs=1", "--out", "runs/sft", cwd=tmp_path)
     # Trained on, then fine-tuned: the runs ask in the format they learned (Alpaca), not the import's template.
     assert RunDir(tmp_path / "runs/more").chat_template() is None and RunDir(tmp_path / "runs/sft").chat_template() \
         is None and RunDir(tmp_path / "runs/sft").prompt_format().name == "alpaca"

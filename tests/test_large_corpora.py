@@ -2,7 +2,6 @@
 dataset statistics and tiktoken tokenizers."""
 
 import gzip
-import importlib.util
 import json
 import random
 import re
@@ -124,6 +123,30 @@ def test_max_tokens_stops_at_a_document_boundary_and_takes_val_from_the_cut(tmp_
     assert np.array_equal(train, stream[:len(train)])
 
 
+def test_prepare_says_how_far_from_each_ask_its_split_landed(tmp_path, capsys):
+    """Whole documents pass an ask by part of one, and a cut larger than the corpus stops short: each said in a line
+    with the tokens, the ask and the gap, by prepare and by data stats."""
+    source = write_jsonl(tmp_path / "docs.jsonl", documents(200))
+    for name, cut in (("cut", 2000), ("all", 10**9)):
+        assert main(["prepare", str(source), "--tokenizer", "word:100", "--out-dir", str(tmp_path), "--name", name,
+                     "--max-tokens", str(cut)]) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        meta = json.loads((tmp_path / f"{name}-word100" / "meta.json").read_text())
+        train, val, asked = meta["train"], meta["val"], meta["split"]["val_tokens"]
+        if cut == 2000:
+            assert (f"train: {train['tokens']:,} tokens, {100 * (train['tokens'] / 2000 - 1):.1f}% over the 2,000 "
+                    f"asked (--max-tokens): whole documents, of {train['tokens'] / train['documents']:,.0f} tokens "
+                    "on average") in said
+            assert (f"val: {val['tokens']:,} tokens, {100 * (val['tokens'] / asked - 1):.1f}% over the {asked:,} "
+                    "asked (--val-fraction 0.1 of the --max-tokens cut)") in said
+        else:
+            assert (f"train: {train['tokens']:,} tokens, {100 * (1 - train['tokens'] / cut):.1f}% short of the "
+                    f"{cut:,} asked (--max-tokens): the corpus ended first") in said
+        assert main(["data", "stats", str(tmp_path / f"{name}-word100")]) == 0
+        landing = said[said.index("train: "):]  # the last lines: data stats says them too
+        assert landing in " ".join(capsys.readouterr().out.split())
+
+
 def test_val_tokens_sizes_the_val_split(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(300))
     _, meta, _ = prepare([str(source)], "word:100", out_dir=tmp_path, val_fraction=0.5,
@@ -205,14 +228,6 @@ def test_tiktoken_encodes_end_of_text_in_a_document_as_text(tmp_path, monkeypatc
         assert tok.decode(tok.encode(text)) == text
     with pytest.raises(UserError, match="not available here"):
         prepare([str(source)], "tiktoken:nosuchencoding", out_dir=tmp_path / "data")
-
-
-def test_hf_sources_without_the_datasets_library_say_so(tmp_path):
-    if importlib.util.find_spec("datasets"):
-        pytest.skip("the datasets library is installed here")
-    with pytest.raises(UserError, match="needs the Hugging Face `datasets` library"):
-        prepare(["hf:HuggingFaceFW/fineweb:sample-10BT"], "bpe:300", out_dir=tmp_path / "data")
-    assert not (tmp_path / "data").exists()
 
 
 def test_val_tokens_gives_at_least_what_is_asked_or_refuses_with_what_it_can(tmp_path, capsys):

@@ -4,6 +4,7 @@ by the user's own runs on that hardware, or assumed; `--measure` times it instea
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -67,10 +68,46 @@ def test_the_mfu_can_be_given_or_comes_from_a_run_on_that_gpu(capsys, tmp_path):
               for i, mfu in enumerate([0.41, 0.47, 0.44], 1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [start, *trains]))
     code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path)
-    assert code == 0 and f"44.0% (the median of {run}, of the 989 TFLOP/s it recorded)" in " ".join(out.split())
+    said = " ".join(out.split())
+    assert code == 0 and f"44.0% (the median of {run}, of this config, of the 989 TFLOP/s it recorded)" in said
     assert rate(out) == pytest.approx(0.44 * 989e12 / per_token, abs=1)  # one GPU's share of the 8-GPU job's peak
     code, out, _ = plan(capsys, GPT2, "--gpu", "A100", "--runs", tmp_path)
     assert "(what the GPU time model gives" in out  # no run on an A100
+
+
+def h100_run(folder: Path, config: str, mfus: list[float], finished: bool, when: float) -> Path:
+    """A run folder as lmlab writes one on an H100 (GPT-2 small's shape), its median MFU `mfus`'s, last written at
+    `when`."""
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(config)
+    start = {"event": "start", "step": 0, "device": "cuda", "dtype": "bfloat16", "model": "gpt 12L/768",
+             "flops_per_token": 1e9, "world_size": 1, "peak_flops": 989e12,
+             "machine": {"gpu": "NVIDIA H100 80GB HBM3", "cpu": "AMD EPYC"}}
+    trains = [{"event": "train", "step": 10 * i, "tokens": 5242880 * i, "loss": 5.0, "mfu": mfu, "tokens_per_sec": 1}
+              for i, mfu in enumerate(mfus, 1)]
+    end = [{"event": "end", "step": 10 * len(mfus), "tokens": 5242880 * len(mfus), "elapsed": 60.0,
+            "stopped_early": False, "stopped_by": None}] * finished
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [start, *trains, *end]))
+    os.utime(folder / "metrics.jsonl", (when, when))
+    return folder
+
+
+def test_the_mfu_comes_from_a_finished_run_of_the_same_config_before_a_newer_short_one(capsys, tmp_path):
+    """The issue's case: plan took its MFU from an unrelated 7-second run of the same model rather than a finished
+    run of the identical config."""
+    config = Path(GPT2).read_text()
+    same = h100_run(tmp_path / "same", config, [0.40, 0.42, 0.41, 0.43, 0.42], True, 1_000_000)
+    h100_run(tmp_path / "short", config.replace("batch_size = ", "batch_size = 1"), [0.12], False, 2_000_000)
+    code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path)
+    assert code == 0 and f"42.0% (the median of {same}, of this config, of the 989 TFLOP/s" in " ".join(out.split())
+
+
+def test_an_unprepared_dataset_leaves_unique_tokens_unknown(capsys, tmp_path):
+    code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path)
+    text = " ".join(out.split())
+    assert code == 0 and "unknown (the dataset is not prepared here)" in text
+    assert "(20 per parameter): unique tokens unknown (at most the train split's), tokens seen" in text
+    assert "100.0% of it" not in text
 
 
 def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(capsys, tmp_path, char_dataset):
@@ -89,8 +126,8 @@ def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(cap
     mfu = statistics.median(e["mfu"] for e in events if e["event"] == "train")
     # the MFU is a share of the peak the run measured (a CPU's varies from process to process): what it reached
     assert rate(out) == pytest.approx(mfu * start["peak_flops"] / per_token, abs=1)
-    assert (f"{100 * mfu:.1f}% (the median of {tmp_path / 'runs' / 'tiny'}, of the {start['peak_flops'] / 1e12:.3g} "
-            "TFLOP/s it recorded)") in " ".join(out.split())
+    assert (f"{100 * mfu:.1f}% (the median of {tmp_path / 'runs' / 'tiny'}, of this config, of the "
+            f"{start['peak_flops'] / 1e12:.3g} TFLOP/s it recorded)") in " ".join(out.split())
     code, out, _ = plan(capsys, tmp_path / "runs" / "tiny", "--device", "cpu", "--runs", tmp_path / "none")
     assert code == 0 and f"(the median of {tmp_path / 'runs' / 'tiny'}," in out  # a run planned: its own MFU
 

@@ -253,3 +253,54 @@ def test_a_flat_val_is_called_settled_only_past_the_noise_of_its_eval_batches(tw
     assert re.search(r"`risen` stopped improving before its end \(best at step 10 of 40; its last evaluation is 1\.000 "
                      r"higher, over twice the ±[\d.]+ noise of its 4 eval batches\): more of the same training will "
                      r"not lower its loss\.", said)
+
+
+@pytest.mark.slow
+def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_path, imported_gpt2, corpus_dir):
+    """A fine-tune's val loss is of its held-out records, its base's of a val split: without an evaluation of both on
+    one split they are not ranked. An import was never trained here: it is no 'short training'. A report of one
+    run says what the report of several says of it: repeated data, a gap to its train loss."""
+    from tests.conftest import ALPACA_TINY
+
+    # A base that can read instructions: the imported model's byte-level BPE, a model trained from scratch on it.
+    assert main(["prepare", str(corpus_dir), "--tokenizer", str(imported_gpt2), "--name", "plays", "--out-dir",
+                 str(tmp_path / "data")]) == 0
+    config = write_config(tmp_path / "tiny.toml", next((tmp_path / "data").glob("plays-*")), max_iters=60)
+    base, tuned, out = tmp_path / "base", tmp_path / "tuned", tmp_path / "reports"
+    assert main(["train", str(config), "--run", str(base), "--set", "model.block_size=256", "--set",
+                 "train.eval_interval=20", "--set", "train.threads=1"]) == 0
+    assert main(["finetune", str(base), "--data", str(ALPACA_TINY), "--out", str(tuned), "--set",
+                 "finetune.epochs=1", "--set", "finetune.threads=1"]) == 0
+    assert main(["report", str(base), str(tuned), str(imported_gpt2), "--out", str(out / "three"),
+                 "--no-eval"]) == 0
+    summary = section((out / "three" / "report.md").read_text(), "Summary")
+    assert ("The runs are not ranked: their val losses are of different text (`tuned`: held-out instruction "
+            "records, not a val split), and they have no evaluation on one val split in common.") in summary
+    assert "has the lowest" not in summary
+    assert "Every run trained here saw under half its Chinchilla-optimal tokens" in summary  # `base` alone
+    assert main(["report", str(imported_gpt2), "--out", str(out / "imported"), "--no-eval"]) == 0
+    said = section((out / "imported" / "report.md").read_text(), "Summary")
+    assert f"imported from {RunDir(imported_gpt2).events()[0]['origin']['source']}" in said
+    assert "lmlab did not train it" in said and "trained 0 steps" not in said
+    assert main(["report", str(base), "--out", str(out / "base"), "--no-eval"]) == 0
+    said = " ".join(section((out / "base" / "report.md").read_text(), "Summary").split())
+    s = summarize(base)
+    assert f"`base` passes over its {s.split_tokens:,}-token train split {s.epochs:.1f} times" in said and s.epochs > 4
+    gap = f"{s.gap:.3f} above its train loss"
+    assert (gap in said) == (s.gap > 0.05), (s.gap, said)
+
+
+def test_the_evaluation_says_how_long_it_will_take_once_it_has_timed_its_second_batch(tmp_path, char_dataset,
+                                                                                       capsys):
+    """The estimate from the run's training speed was off by twice; this one is the evaluation's own pace."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
+    run = Trainer(load_config(config, ["model.block_size=8"]), tmp_path / "short", "cpu").run().run_dir
+    windows = (json.loads((char_dataset / "meta.json").read_text())["val"]["tokens"] - 1) // 8
+    assert windows > 2 * 32  # three batches at least: the pace of the second says how long the rest takes
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = next(i for i, line in enumerate(lines) if line.startswith(f"Evaluating {run} (best, step 10) on its full "
+                                                                       f"val split ("))
+    assert re.fullmatch(rf"{re.escape(str(run))} \(best, step 10\): about [\d.]+ (s|min) more, at the pace of its "
+                        r"second batch of windows", lines[said + 1]), lines[said:said + 3]

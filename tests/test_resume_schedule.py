@@ -94,3 +94,23 @@ def test_retention_keeps_the_step_resumed_from_and_says_what_it_deletes(tmp_path
                      r"\(resumed from( and best)?\) stay", said(capsys))
     assert [p.name for p in RunDir(run).step_folders()] == ["step_000030", "step_000050", "step_000060",
                                                             "step_000065", "step_000070"]
+
+
+def test_the_loss_plot_marks_where_a_run_was_resumed(tmp_path, char_dataset):
+    """A dashed line at the step resumed from, the full height of the axes: a resume that changed the machine,
+    the threads or the schedule shows where the curve changes."""
+    from matplotlib.image import imread
+
+    config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20), tmp_path / "run"
+    assert main(["train", str(config), "--run", str(run), "--device", "cpu"]) == 0
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=40"]) == 0
+    resumed = imread(run / "loss.png")
+    # The same run's plot without its resume event: what differs is the line (and its legend entry)
+    (run / "metrics.jsonl").write_text("".join(line for line in (run / "metrics.jsonl").open()
+                                               if '"event": "resume"' not in line))
+    from lmlab.analysis.plots import plot_losses
+
+    plain = imread(plot_losses(RunDir(run), tmp_path / "plain.png"))
+    differs = (abs(resumed - plain).sum(axis=2) > 0.1)
+    tall = differs.sum(axis=0)  # per column of pixels
+    assert tall.max() > 0.5 * differs.shape[0] and (tall > 0.5 * differs.shape[0]).sum() <= 4  # one thin line

@@ -303,7 +303,7 @@ def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tok
     # bpe:300 reads the Alpaca records; a context of 512 holds them with their prompt
     config = load_config(two_tokenizers[1] / "config.toml", ["model.block_size=512", "train.max_iters=10"])
     base, tuned = Trainer(config, tmp_path / "base", "cpu").run().run_dir, tmp_path / "tuned"
-    assert main(["finetune", str(base), "--data", str(ALPACA_TINY), "--run", str(tuned), "--set",
+    assert main(["finetune", str(base), "--data", str(ALPACA_TINY), "--out", str(tuned), "--set",
                  "finetune.epochs=1", "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(["compare", str(base), str(tuned), "--wide"]) == 0

@@ -9,7 +9,6 @@ import json
 import multiprocessing
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -104,12 +103,6 @@ def test_unreadable_and_empty_task_files(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"context": "caf\xe9"}\n')
     with pytest.raises(UserError, match="is not UTF-8 text"):
         load_task(str(tmp_path / "latin1.jsonl"))
-
-
-def test_an_hf_task_without_the_datasets_library_is_refused_in_one_sentence(monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
-    with pytest.raises(UserError, match=r"--task hf:Rowan/hellaswag needs the Hugging Face `datasets` library"):
-        load_task("hf:Rowan/hellaswag")
 
 
 def test_a_bad_task_file_stops_eval_with_one_line_and_status_2(tmp_path, capsys):

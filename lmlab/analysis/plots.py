@@ -57,7 +57,8 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path:
 
 
 def loss_figure(run: RunDir) -> plt.Figure:
-    """Train (per log interval) and val (per eval) loss against step."""
+    """Train (per log interval) and val (per eval) loss against step, with a dashed line where the run was resumed
+    (a change of machine, threads or schedule shows there)."""
     events = run.events()  # a figure that was not finite is null (`rundir.as_json`): not drawn
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train" and e["loss"] is not None]
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval" and e["val_loss"] is not None]
@@ -68,11 +69,15 @@ def loss_figure(run: RunDir) -> plt.Figure:
         ax.plot(*zip(*evals), label="val", color="tab:orange", marker="o", markersize=3)
         best_step, best = min(evals, key=lambda p: p[1])
         ax.annotate(f"best val {best:.4f}", (best_step, best), textcoords="offset points", xytext=(-60, 12))
+    resumed = sorted({e["step"] for e in events if e["event"] == "resume"})
+    for i, step in enumerate(resumed):
+        ax.axvline(step, color="tab:gray", linestyle="--", linewidth=1,
+                   label=f"resumed (at step{'s' * (len(resumed) > 1)} {', '.join(map(str, resumed))})" if not i else None)
     ax.set_title(f"{run.name}: loss")
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(True, alpha=0.3)
-    if train or evals:  # a run before its first log line has nothing to label
+    if train or evals or resumed:  # a run before its first log line has nothing to label
         ax.legend()
     return _done(fig)
 

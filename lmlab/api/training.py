@@ -10,13 +10,12 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from lmlab.api.checks import shown
 from lmlab.api.paths import check_destination
-from lmlab.api.run import Run
 from lmlab.core.config import (
     MAX_BUDGET_SECONDS,
     SECTIONS,
@@ -28,10 +27,12 @@ from lmlab.core.config import (
     toml_value,
 )
 from lmlab.core.errors import UserError
+from lmlab.core.humanize import format_duration
 from lmlab.core.notebook import console_here
-from lmlab.run.rundir import RunDir
-from lmlab.train.loop import Trainer, TrainResult
-from lmlab.train.stop import STOP_GRACE
+
+if TYPE_CHECKING:  # PyTorch and the trainer load after the first line is said (`_say_starting`)
+    from lmlab.api.run import Run
+    from lmlab.train.loop import Trainer, TrainResult
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -69,6 +70,14 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
                             "steps: --set train.budget_seconds=0 --set train.max_iters=N).")
         settings.append(f"train.budget_seconds={parse_duration(str(budget))}")
     cfg, run_dir = _config(config, run, resume, init_from, settings)
+    _say_starting(run_dir, config, cfg, out)
+    from lmlab.api.run import Run  # PyTorch: seconds
+    from lmlab.run.rundir import RunDir
+    from lmlab.train.loop import Trainer
+    from lmlab.train.tracking import require_tracker
+
+    cfg = cfg or RunDir(run_dir).config(settings)
+    require_tracker(cfg.train.tracker)  # before the run is begun
     trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
                       init_from=init_from, keep_optimizer=keep_optimizer, started=started)
     _describe(trainer, out)
@@ -80,14 +89,14 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
 
 
 def _config(config: str | Path | RunConfig | None, run: str | Path | None, resume: str | Path | Run | None,
-            init_from: str | None, settings: list[str]) -> tuple[RunConfig, Path]:
-    """The resolved config with `settings` applied, and the run folder it trains."""
+            init_from: str | None, settings: list[str]) -> tuple[RunConfig | None, Path]:
+    """The resolved config with `settings` applied, and the run folder it trains; a resumed run's config is read
+    by the caller, once PyTorch is loaded (None here)."""
     if resume is not None and (config is not None or init_from):
         raise UserError("--resume RUN continues a run; pass no CONFIG.toml or --init-from with it "
                         "(use --set to change a resumed run).")
     if resume is not None:
-        run_dir = resume.path if isinstance(resume, Run) else Path(resume)
-        return RunDir(run_dir).config(settings), run_dir
+        return None, Path(resume) if isinstance(resume, (str, os.PathLike)) else resume.path
     if isinstance(config, RunConfig):
         if run is None:
             raise UserError("a RunConfig has no file name to name its run after; pass run=\"runs/NAME\".")
@@ -118,6 +127,20 @@ def _settings(overrides: dict[str, Any]) -> list[str]:
     return settings
 
 
+def _say_starting(run_dir: Path, config: str | Path | RunConfig | None, cfg: RunConfig | None, out: Console) -> None:
+    """The first line, at once: what is trained, before the seconds that PyTorch, the data's checks and the model
+    take (once per torchrun job: its first process)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if cfg is None:
+        out.print(f"resuming {run_dir}; setting up (PyTorch, the data, the model)...", highlight=False)
+        return
+    source = "" if isinstance(config, RunConfig) else f" from {config}"
+    length = (f"for {format_duration(cfg.train.budget_seconds)}" if cfg.train.budget_seconds else
+              f"{cfg.train.max_iters:,} steps")
+    out.print(f"training {run_dir}{source}, {length}; setting up (PyTorch, the data, the model)...", highlight=False)
+
+
 def _describe(trainer: Trainer, out: Console) -> None:
     """The model a run trains, where, and the settings its kind ignores."""
     m = trainer.model
@@ -133,6 +156,8 @@ def _describe(trainer: Trainer, out: Console) -> None:
 def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
     """How the run ended and what to do next. A notebook is told how to continue in Python, elsewhere with the
     command (which a Python script may run too)."""
+    from lmlab.train.stop import STOP_GRACE
+
     go_on = (f'lmlab.train(resume="{result.run_dir}")' if out.is_jupyter else
              f"lmlab train --resume {result.run_dir}")
     if result.abandoned:

@@ -43,16 +43,21 @@ def _print_stats(s: dict[str, Any]) -> None:
     if s["lengths"] is None:
         table.add_row("tokens per document", "not recorded: a char dataset has no end-of-text token between documents")
     else:
-        table.add_row("tokens per document", f"mean {s['mean']:,.1f}, median {s['median']:,.0f}, p90 {s['p90']:,.0f}, "
-                      f"p99 {s['p99']:,.0f}, max {s['max']:,}")
-        table.add_row(f"beyond the context length {s['block_size']}",
-                      f"{100 * s['share_documents_beyond']:.1f}% of documents, "
-                      f"{100 * s['share_tokens_beyond']:.1f}% of tokens")
-        if s["pack"] == "crop":
-            table.add_row("tokens lost by cropping", f"{s['lost_tokens']:,} ({100 * s['share_tokens_lost']:.1f}%)")
+        cropped = " (as cropped)" if "row_length" in s else ""
+        table.add_row(f"tokens per document{cropped}", f"mean {s['mean']:,.1f}, median {s['median']:,.0f}, p90 "
+                      f"{s['p90']:,.0f}, p99 {s['p99']:,.0f}, max {s['max']:,}")
+        if "row_length" in s:  # every row is at most the context by design: what was cut is what counts
+            table.add_row(f"cut to a row of {s['row_length']} tokens", f"{100 * s['share_documents_cropped']:.1f}% "
+                          f"of documents, losing {s['lost_tokens']:,} tokens ({100 * s['share_tokens_lost']:.1f}%)")
+        else:
+            table.add_row(f"beyond the context length {s['block_size']}",
+                          f"{100 * s['share_documents_beyond']:.1f}% of documents, "
+                          f"{100 * s['share_tokens_beyond']:.1f}% of tokens")
     if "share_padding" in s:
         table.add_row("padding in the rows", f"{100 * s['share_padding']:.1f}% of the stored ids")
     console.print(table)
+    for line in s["landing"]:
+        console.print(line, highlight=False)
 
 
 def cmd_data_stats(args: argparse.Namespace) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from lmlab.api.loading import note_checkpoint
 from lmlab.commands.common import add_checkpoint, console, count, destination, ticking
 from lmlab.core.config import checkpoint_label
-from lmlab.core.errors import UserError
 from lmlab.core.fileio import human_bytes
 
 ARCHS = ("auto", "gpt2", "llama", "qwen2", "qwen3")  # lmlab.hf.ARCHS, named here so --help does not import torch
@@ -41,11 +40,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
-    try:
-        import gguf  # noqa: F401  (the GGML project's writer, an extra)
-    except ImportError:
-        raise UserError("lmlab export-gguf writes with the gguf package, which is not installed; install it with "
-                        "`pip install -e '.[gguf]'`.")
+    # First: without the gguf package (the GGML project's writer, an extra) this import fails before anything is
+    # read, and `main` says which extra to install.
     from lmlab.gguf import export_gguf
 
     with ticking("tensor", f"Writing {args.out}") as tick:

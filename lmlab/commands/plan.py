@@ -52,13 +52,34 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for note in dict.fromkeys(note for r in rows for note in (r.note, r.peak_note) if note):
         console.print(note, style="yellow", highlight=False)
     warn_busy([(f"micro-batch {r.batch_size}", r.load) for r in rows], "its tokens/s and MFU read low")
-    if args.eval:
+    if args.eval or args.checkpoint:
         at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
         at_config = at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device, peak=peak)
+    if args.eval:
         cost = eval_cost(cfg, at_config.ms_per_step, args.device)
         console.print(f"one evaluation ({cfg.train.eval_iters} batches per split) takes {cost['eval_seconds']:.2f} s, "
                       f"{100 * cost['share']:.1f}% of the time at eval_interval {cfg.train.eval_interval}; "
                       f"eval_iters <= {cost['max_eval_iters_under_5pct']} keeps evaluation under 5%.")
+    if args.checkpoint:
+        say_checkpoint(cfg, args.device, at_config.ms_per_step)
+
+
+def say_checkpoint(cfg: Any, device: str, ms_per_step: float) -> None:
+    """Time a checkpoint of the config's run written where runs go (runs/, else here) and loaded back; say it with
+    its share of the training time at train.checkpoint_interval."""
+    from lmlab.core.fileio import human_bytes
+    from lmlab.experiments.bench import checkpoint_cost
+
+    folder = Path("runs") if Path("runs").is_dir() else Path(".")
+    with console.status(f"Writing a checkpoint of this model and its optimizer state in {folder}/ and loading it..."):
+        cost = checkpoint_cost(cfg, device, folder, repeats=2)
+    every = cfg.train.checkpoint_interval * ms_per_step / 1000
+    console.print(f"a checkpoint (the model and its optimizer state, {human_bytes(cost.bytes)}) is written in "
+                  f"{cost.write_seconds:.2f} s (atomic, fsynced) and loaded in {cost.load_seconds:.2f} s (checksums "
+                  f"verified) in {folder}/; every {cfg.train.checkpoint_interval} steps (train.checkpoint_interval) "
+                  f"that is {_share(cost.write_seconds / (cost.write_seconds + every))} of the training time",
+                  highlight=False)
+    warn_busy([("the checkpoint", cost.load)], "its times read long")
 
 
 def say_hardware(device: Any, setting: str) -> tuple[str, Any]:
@@ -77,6 +98,10 @@ def say_hardware(device: Any, setting: str) -> tuple[str, Any]:
         console.print(f"[yellow]note: {note}[/yellow]")
     console.print(peak.standing(), style=None if peak.quiet and peak.native else "yellow", highlight=False)
     return name, peak
+
+
+def _share(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%" if fraction >= 0.001 else "under 0.1%"
 
 
 def warn_busy(windows: list[tuple[str, Any]], effect: str) -> None:
@@ -151,7 +176,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
                                                                                           cfg.train.dtype)
         searched = find_runs(Path(args.runs)) if Path(args.runs).is_dir() else []
         model = shape_of(cfg)
-        guess = estimate(hardware, args.mfu, model, [target] * bool(run) + searched, with_vocab(cfg))
+        guess = estimate(hardware, args.mfu, with_vocab(cfg), [target] * bool(run) + searched)
         rate = guess.tokens_per_sec(model), ("estimate: a step's parts on this GPU (above)" if guess.step else
                                              "estimate: peak × MFU ÷ FLOPs per token") + "; --measure times it here"
     plan = make_plan(cfg, tuple(rate), args.tokens, args.chinchilla, run and run.split_tokens,
@@ -181,10 +206,13 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
                   "per parameter)")
     table.add_row("passes over the data", "unknown (the dataset is not prepared here)" if plan.passes is None else
                   f"{plan.passes:.2f} over the {plan.split_tokens:,}-token train split")
-    unique = unique_tokens(plan.tokens, plan.split_tokens)
-    table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,} (20 per parameter): unique tokens "
-                  f"{unique:,} are {chinchilla_percent(unique, plan.params):.1f}% of it, tokens seen "
-                  f"{chinchilla_percent(plan.tokens, plan.params):.1f}%")
+    seen = f"tokens seen {chinchilla_percent(plan.tokens, plan.params):.1f}%"
+    if plan.split_tokens is None:  # the unique tokens are at most the train split's, which is not known here
+        unique = "unique tokens unknown (at most the train split's)"
+    else:
+        unique = unique_tokens(plan.tokens, plan.split_tokens)
+        unique = f"unique tokens {unique:,} are {chinchilla_percent(unique, plan.params):.1f}% of it"
+    table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,} (20 per parameter): {unique}, {seen}")
     table.add_row("training compute", f"{plan.flops:.3g} FLOPs ({plan.flops_per_token:.3g} per token)")
     change = plan.six_nd / plan.flops - 1
     table.add_row("6·N·D", f"{plan.six_nd:.3g} FLOPs, {100 * abs(change):.1f}% {'above' if change >= 0 else 'below'} "
@@ -220,6 +248,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-seconds", type=positive, default=120.0, help="--find-max-batch begins no try that "
                    "would end past this (foreseen from the newest try) and keeps the largest batch found so far")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
+    p.add_argument("--checkpoint", action="store_true", help="time writing a checkpoint (model and optimizer state) "
+                   "where runs go, and loading it back, with its share of the time at train.checkpoint_interval")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="parameters, tokens, FLOPs and wall time of a config, or where a run stands")
@@ -237,7 +267,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rate.add_argument("--tokens-per-sec", type=within(1, math.inf), help="throughput to assume instead of "
                       "estimating it (at least 1)")
     p.add_argument("--mfu", type=positive, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median MFU "
-                   "of the run planned, else of your newest run on that hardware under --runs, else 0.3)")
+                   "of the run planned, else of a run on that hardware under --runs, one of the same config first, "
+                   "else 0.3)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)
     p.set_defaults(func=cmd_plan)

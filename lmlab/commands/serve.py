@@ -48,11 +48,13 @@ def seconds(text: str) -> float:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     since = time.perf_counter()
+    from lmlab.core.extras import SERVE, require
+
+    require(*SERVE, user="lmlab serve")  # before the serving modules, which import them
+    from lmlab.serving.app import check_exposure, run_server
     from lmlab.serving.edge import ServeLimits, bind
-    from lmlab.serving.app import check_exposure, require_extras, run_server
     from lmlab.serving.state import ServeOptions, State
 
-    require_extras()
     check_exposure(args.host, args.api_key, args.insecure)
     limits = ServeLimits(args.max_connections, args.max_client_connections, args.header_timeout, args.body_timeout,
                          args.idle_timeout)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from lmlab.commands.common import add_device, add_set, check_destination, console, destination
+from lmlab.core.errors import UserError
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -29,10 +30,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from lmlab.run.rundir import RunDir
     from lmlab.train.stop import STOP_GRACE
 
+    if args.run:  # the spelling before --out, which import-hf and answer use: it still works, and says so
+        if args.out:
+            raise UserError("--run is the old spelling of --out; pass --out alone.")
+        console.print("note: `finetune --run` is now `finetune --out`, as import-hf and answer spell it; --run still "
+                      "works", style="yellow", highlight=False)
     ft = load_finetune_config(args.config and Path(args.config), args.set)
     ft = dataclasses.replace(ft, data=args.data) if args.data else ft
-    run_dir = check_destination(args.run or Path("runs") / f"{Path(args.base).name}-{Path(ft.data).stem}", "--run",
-                                "run")
+    run_dir = check_destination(args.out or args.run or Path("runs") / f"{Path(args.base).name}-{Path(ft.data).stem}",
+                                "--out", "run")
     result = finetune(Path(args.base), run_dir, ft, args.device, console)
     if result.stopped_by:
         how = (f"during a step, which was abandoned (a step still running {STOP_GRACE:g} s after a stop signal is "
@@ -72,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(epochs, learning_rate, batch_size, val_fraction, seed, data)")
     p.add_argument("--data", help="JSON list of {instruction, input, output} records (sets finetune.data)")
     add_set(p, "finetune.epochs=5")
-    p.add_argument("--run", type=destination("--run", "run"), help="the new run dir (default: runs/<RUN name>-<data "
+    p.add_argument("--out", type=destination("--out", "run"), help="the new run dir (default: runs/<RUN name>-<data "
                    "name>)")
+    p.add_argument("--run", type=destination("--run", "run"), help=argparse.SUPPRESS)  # --out's old spelling
     add_device(p)
     p.set_defaults(func=cmd_finetune)

@@ -53,12 +53,12 @@ class Load:
 
 
 def busy_warning(what: str, load: Load | None, effect: str) -> str | None:
-    """The warning for a figure measured while the machine was busy, e.g. `warning: the machine was busy while
-    micro-batch 8 was timed (other processes used 64% of the 2 cores, load average 5.31): its tokens/s reads low`;
-    None for a quiet one."""
+    """The warning for a figure measured while the machine was busy, e.g. `warning: the machine was busy while it
+    timed micro-batch 8 (other processes used 64% of the 2 cores, load average 5.31): its tokens/s reads low` (or
+    `timed the steps`: `what` may be plural); None for a quiet one."""
     if load is None or not load.busy:
         return None
-    return f"warning: the machine was busy while {what} was timed ({load.describe()}): {effect}"
+    return f"warning: the machine was busy while it timed {what} ({load.describe()}): {effect}"
 
 
 def cores() -> list[int]:

@@ -373,10 +373,12 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # share of records held out (chosen by a hash of their content)
     seed: int = DEFAULT_SEED  # seeds the split of records, their order and dropout
     checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
+    threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them, as training's
 
     def __post_init__(self) -> None:
         check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size,
                                    "checkpoint_interval": self.checkpoint_interval})
+        check_counts("finetune.", {"threads": self.threads}, low=0)
         check_seed("finetune.seed", self.seed)
         if not 0 < self.learning_rate <= 1:
             raise UserError(f"finetune.learning_rate ({self.learning_rate}) must be in (0, 1], e.g. 1e-4.")

@@ -171,15 +171,26 @@ def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
     return torch.float16 if capability >= (7, 0) else torch.float32
 
 
+# What `train.compile = true` costs on a CPU, said before the first step waits for it. A write-up replayed on 2 busy
+# cores (the demo preset) waited 131 s for its first step, where the docs said 20, then trained at 1,025-1,288
+# tokens/s against eager's 1,299-2,739, and its 2-batch final evaluation took 90 s; benchmarks/compile_cpu.py
+# measures a machine. So `auto` is eager on a CPU.
+CPU_COMPILE = ("train.compile = true on a CPU: the first step waits while Inductor compiles the model to C++ (minutes "
+               "on a small CPU), and so does the first evaluation; on 2 cores it trained no faster than eager "
+               "(benchmarks/compile_cpu.py measures this machine); false or \"auto\" trains eager at once.")
+
+
 def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:
-    """Whether train.compile compiles on this device, and a line to print when `auto` falls back to eager.
+    """Whether train.compile compiles on this device, and a line to print before the first step: when `auto`
+    falls back to eager, and what compiling costs on a CPU.
 
     `auto` compiles on CUDA, where Inductor generates Triton kernels; without a Triton that can build for this
     GPU (Windows, GPUs older than compute capability 7.0) it would fail at the first forward, so it runs eager
-    instead. `true` without Triton is refused. The CPU backend generates C++ and needs no Triton.
+    instead. `true` without Triton is refused. The CPU backend generates C++ and needs no Triton; `auto` leaves
+    it off (CPU_COMPILE).
     """
     if device_type != "cuda":
-        return setting is True, None
+        return setting is True, CPU_COMPILE if setting is True and device_type == "cpu" else None
     if has_triton:
         return setting is not False, None
     if setting is True:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.errors import UserError
+from lmlab.core.extras import require
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,9 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
 
 
 def _parquet_file(path: Path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"reading {path} needs pyarrow; install it with `pip install 'lmlab[data]'`.")
+    require("pyarrow", user=f"reading {path}")
+    import pyarrow.parquet as pq
+
     try:
         return pq.ParquetFile(path)
     except (OSError, ValueError) as err:  # pyarrow's ArrowIOError / ArrowInvalid
@@ -142,11 +142,9 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
 def hf_datasets(source: str, instead: str) -> Any:
     """The Hugging Face `datasets` library that an `hf:` source needs, or one sentence saying how to install it or
     what to download and pass `instead`."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{source} needs the Hugging Face `datasets` library, which is not installed; "
-                        f"`pip install datasets`, or download {instead} and pass them instead.")
+    require("datasets", user=source, otherwise=f", or download {instead} and pass them instead")
+    import datasets
+
     return datasets
 
 

@@ -73,7 +73,9 @@ class Output:
     """The tokenize pass's writing side: routes each document to train or val, counts, and checkpoints.
 
     Val documents are staged in corpus order and reordered by their split key at the end, so the val split
-    reads in the same order whether it was chosen up front or while streaming.
+    reads in the same order whether it was chosen up front or while streaming. Which documents go where (the
+    --max-tokens cut, a val split sized in tokens) is decided on their tokens before a crop cuts them (`routed`):
+    a corpus packed both ways holds out the same documents, and its val losses are of the same ones.
     """
 
     def __init__(self, work: Path, job: dict[str, Any], dtype: str, eot_id: int | None, options: PrepareOptions,
@@ -84,6 +86,8 @@ class Output:
         self.counts = saved.get("counts", {s: {"documents": 0, "characters": 0, "bytes": 0, "tokens": 0}
                                            for s in ("train", "val")})
         self.lost_tokens = saved.get("lost_tokens", 0)
+        # Each split's documents' tokens before a crop cut them (a progress record older than it: the kept ones).
+        self.routed = saved.get("routed") or {split: self.counts[split]["tokens"] for split in ("train", "val")}
         # A heap of (-key, name): the first val documents in key order.
         self.val_names = [tuple(entry) for entry in saved.get("val_names", [])]
         self.writers = {split: ShardWriter(work, split, dtype, options.shard_tokens, saved.get("shards", {}).get(split))
@@ -101,10 +105,10 @@ class Output:
     def _begin_document(self, code: int) -> bool:
         """Choose the split of the document whose first chunk comes next; False at --max-tokens once val is full
         too (until then the pass reads on for val's candidates, skipping train documents past the cut)."""
-        full = self.val_tokens is not None and self.counts["val"]["tokens"] >= self.val_tokens
+        full = self.val_tokens is not None and self.routed["val"] >= self.val_tokens
         self.split = "val" if code == VAL or (code == VAL_WHILE_BUDGET and not full) else "train"
         budget = self.options.max_tokens
-        if self.split == "train" and budget and self.counts["train"]["tokens"] >= budget:
+        if self.split == "train" and budget and self.routed["train"] >= budget:
             if full or self.val_tokens is None:
                 return False
             self.split = "skip"
@@ -154,6 +158,7 @@ class Output:
             real = self.doc_written
         counts["documents"] += 1
         counts["tokens"] += real
+        self.routed[self.split] += self.doc_ids + (self.eot_id is not None)
         if self.split == "val":
             key = split_key(name)
             self.val_index.append((key, self.doc_written))
@@ -181,8 +186,8 @@ class Output:
         self.checkpoint_val_index()
         fsync_dir(self.work)
         state = {"job": self.job, "docs_done": self.docs_done, "counts": self.counts, "lost_tokens": self.lost_tokens,
-                 "val_names": self.val_names, "val_entries": self.val_entries, "pending": pending,
-                 "shards": {split: w.shards for split, w in self.writers.items()}}
+                 "routed": self.routed, "val_names": self.val_names, "val_entries": self.val_entries,
+                 "pending": pending, "shards": {split: w.shards for split, w in self.writers.items()}}
         atomic_write_text(self.work / "progress.json", json.dumps(state))
 
     def finish(self) -> dict[str, list[Path]]:
@@ -198,7 +203,7 @@ class Output:
         if not self.counts["val"]["documents"]:
             raise UserError("no document went to the val split; raise --val-fraction / --val-tokens or give more "
                             "documents.")
-        val, asked = self.counts["val"]["tokens"], self.options.val_tokens
+        val, asked = self.routed["val"], self.options.val_tokens
         if asked and val < asked:  # the candidates held fewer tokens than their characters promised
             raise UserError(f"--val-tokens {asked} asks for {asked:,} val tokens, and the val split got {val:,} of "
                             f"whole documents; ask for at most {val:,}, or give a larger corpus.")

@@ -286,7 +286,9 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
         "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind.name,
         "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
         "input_sha256": found.sha256, "split": rule, "normalize": options.normalization.record(),
-        **{split: {**output.counts[split], "sha256": sha256_file(*shards[split])} for split in ("train", "val")},
+        **{split: {**output.counts[split], "sha256": sha256_file(*shards[split]),
+                   **({"uncropped_tokens": output.routed[split]} if options.row_length else {})}
+           for split in ("train", "val")},
         "shards": {split: [{"file": p.name, "tokens": p.stat().st_size // np.dtype(dtype).itemsize} for p in paths]
                    for split, paths in shards.items()},
         "options": options.identity(), "lost_tokens": output.lost_tokens,

@@ -49,6 +49,28 @@ def document_lengths(dataset: Path, meta: dict[str, Any]) -> np.ndarray | None:
     return np.concatenate(lengths)
 
 
+def landing(meta: dict[str, Any]) -> list[str]:
+    """Where each split sized in tokens landed against its ask, in a sentence each: whole documents pass the ask by
+    part of one (a document of 40,000 tokens makes a val split of 20,000 hold 40,000), and a --max-tokens cut
+    larger than the corpus stops short. Counted as the split was chosen: before a crop cut the documents."""
+    options, rule, lines = meta.get("options", {}), meta["split"], []
+    max_tokens, val_tokens = options.get("max_tokens"), rule.get("val_tokens")
+    share = f"--val-fraction {rule.get('val_fraction')} of the --max-tokens cut"
+    asks = [("train", max_tokens, "--max-tokens"),
+            ("val", val_tokens, "--val-tokens" if options.get("val_tokens") else share)]
+    for split, asked, what in asks:
+        if not asked:
+            continue
+        got, documents = meta[split].get("uncropped_tokens", meta[split]["tokens"]), meta[split]["documents"]
+        off = (f"{100 * (1 - got / asked):.1f}% short of" if got < asked else
+               f"{100 * (got / asked - 1):.1f}% over")
+        why = ("the corpus ended first" if got < asked else
+               f"whole documents, of {got / max(documents, 1):,.0f} tokens on average")
+        cropped = " before cropping" if meta.get("rows") else ""
+        lines.append(f"{split}: {got:,} tokens{cropped}, {off} the {asked:,} asked ({what}): {why}")
+    return lines
+
+
 def dataset_stats(dataset: Path, block_size: int | None = None) -> dict[str, Any]:
     """Counts and document-length figures; block_size defaults to the crop length of a cropped dataset, else 1024."""
     meta = read_meta(dataset)
@@ -60,6 +82,7 @@ def dataset_stats(dataset: Path, block_size: int | None = None) -> dict[str, Any
         "block_size": block_size, "documents": sum(s["documents"] for s in splits),
         "tokens": sum(s["tokens"] for s in splits), "characters": sum(s["characters"] for s in splits),
         "shards": {split: len(files) for split, files in meta.get("shards", {"train": [1], "val": [1]}).items()},
+        "landing": landing(meta),
     }
     stats["chars_per_token"] = stats["characters"] / stats["tokens"]
     if meta.get("rows"):  # what a row-packed dataset stores beyond its tokens, and a model computes on in vain
@@ -77,4 +100,7 @@ def dataset_stats(dataset: Path, block_size: int | None = None) -> dict[str, Any
             "share_tokens_beyond": float(beyond.sum() / max(lengths.sum(), 1)),
             "lost_tokens": lost, "share_tokens_lost": lost / (int(lengths.sum()) + lost),
         }
+        if meta.get("rows"):  # a row without padding is a document that was longer than its row, and was cut
+            stats |= {"row_length": meta["rows"]["length"],
+                      "share_documents_cropped": float((lengths >= meta["rows"]["length"]).mean())}
     return {**stats, "lengths": lengths}

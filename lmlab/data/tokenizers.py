@@ -27,6 +27,7 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from lmlab.core.errors import UserError
+from lmlab.core.extras import require
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -386,11 +387,10 @@ def _tiktoken_ranks(name: str) -> tuple[dict[bytes, int], str, int]:
     if local and local.exists():
         ranks = read_tiktoken_file(local)
         return ranks, GPT2_PATTERN, len(ranks)
-    try:
-        import tiktoken
-    except ImportError:
-        raise UserError(f"tokenizer tiktoken:{name} needs the tiktoken library; install it with "
-                        "`pip install 'lmlab[data]'`.")
+    require("tiktoken", user=f"tokenizer tiktoken:{name}",
+            otherwise=f", or put its file {name}.tiktoken in a folder named by TIKTOKEN_CACHE_DIR")
+    import tiktoken
+
     try:
         enc = tiktoken.get_encoding(name)
     except (ValueError, OSError) as err:  # an unknown name, or tiktoken's download failing offline

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
+from lmlab.core.extras import require
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import instruct_all
@@ -129,10 +130,9 @@ class JudgeSummary:
 
 
 def _client(endpoint: str) -> Any:
-    try:
-        import openai
-    except ImportError:
-        raise UserError("lmlab judge needs the openai client; install it with `pip install -e '.[judge]'`.")
+    require("openai", user="lmlab judge")
+    import openai
+
     # Local servers (lmlab serve, vLLM, llama.cpp) ignore the key; OpenAI itself reads it from the environment.
     return openai.OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=1)
 

@@ -11,6 +11,7 @@ import functools
 import gc
 import math
 import resource
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.shards import read_meta
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
+from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
@@ -220,6 +222,42 @@ def _available_memory() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     raise UserError("cannot read the available memory from /proc/meminfo; pass --batch-sizes instead.")
+
+
+@dataclass
+class CheckpointCost:
+    """What one checkpoint of a config's run costs here: its bytes, and the best seconds to write it and to load it."""
+
+    bytes: int
+    write_seconds: float
+    load_seconds: float
+    load: Load | None  # of the machine while they were timed
+
+
+def checkpoint_cost(cfg: RunConfig, device_name: str = "auto", folder: Path = Path("."),
+                    repeats: int = 1) -> CheckpointCost:
+    """Write a checkpoint of `cfg`'s model and its optimizer state (after one step, so at its full size) as
+    training writes one (a temporary folder, fsync, rename, the pointer), in a temporary folder inside `folder`
+    (the disk runs go to), and load it back as a resume does (checksums verified); the best of `repeats` each."""
+    cfg = with_vocab(cfg)
+    device = resolve_device(device_name)
+    step = _build(cfg, device, autocast_dtype(device, cfg.train.dtype))
+    ids = torch.zeros(1, min(8, cfg.model.block_size) + 1, dtype=torch.long, device=device)
+    step([(ids[:, :-1], ids[:, 1:])], 1, cfg.train.learning_rate)
+    writes, loads = [], []
+    with LoadMeter() as meter, tempfile.TemporaryDirectory(dir=folder, prefix=".lmlab-checkpoint-") as run:
+        for number in range(repeats):
+            synchronize(device)
+            started = time.perf_counter()
+            saved = save_checkpoint(Path(run), number, model_tensors(step.model), step.optimizer.state_dict(),
+                                    {"bench": True}, best=False)
+            writes.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            load_checkpoint(saved, step.model, step.optimizer)
+            synchronize(device)
+            loads.append(time.perf_counter() - started)
+        size = sum(p.stat().st_size for p in saved.iterdir())
+    return CheckpointCost(size, min(writes), min(loads), meter.load)
 
 
 def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> dict[str, float]:

@@ -156,27 +156,46 @@ def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
                     peak_flops(device, dtype), local=facts)
 
 
-def mfu_from_runs(paths: list[Path], hardware: Hardware, model: LanguageModel) -> tuple[float, float, str] | None:
+# The settings besides the model's that make a step faster or slower: a run that shares them ran what a plan plans.
+SPEED_SETTINGS = ("batch_size", "grad_accum_steps", "dtype", "compile", "optimizer", "threads", "parallel")
+
+
+def same_config(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two configs train the same model the same way, as far as speed goes (not for how long)."""
+    return a.model == b.model and all(getattr(a.train, k) == getattr(b.train, k) for k in SPEED_SETTINGS)
+
+
+def mfu_from_runs(paths: list[Path], hardware: Hardware, cfg: RunConfig) -> tuple[float, float, str] | None:
     """The median MFU logged by a run (of `paths`) that trained on `hardware`, and the peak per device it is a share
     of (the run's own: a CPU's measured peak varies from process to process): the first path if it trained there
-    (the run being planned), else the newest run of the same model, else the newest; None without one. A run whose
-    peak was measured without a load check (before lmlab made one, or busy) is passed over: its MFU may be many
-    times too high."""
+    (the run being planned), else a run of the same config (`same_config`), else of the same model; among those a
+    finished run before one that stopped or crashed, the one of more steps (a short run's first steps are slow)
+    before the newest. None without one. A run whose peak was measured without a load check (before lmlab made
+    one, or busy) is passed over: its MFU may be many times too high."""
     found = []
-    datasheet = hardware.peak_figure.source.startswith("datasheet")
+    datasheet, model = hardware.peak_figure.source.startswith("datasheet"), shape_of(cfg).describe()
     for order, path in enumerate(paths):
         start = RunDir(path).events(limit=1)
         trusted = start and start[0].get("event") == "start" and (datasheet or start[0].get("peak_quiet") is True)
-        mfu = trusted and hardware.ran(start[0]) and summarize(path).mfu
-        if mfu:
+        summary = trusted and hardware.ran(start[0]) and summarize(path)
+        if summary and summary.mfu:
             recorded, world = start[0].get("peak_flops"), start[0].get("world_size") or 1  # the job's: every rank's
             peak = recorded / world if recorded else hardware.peak
-            same_model = start[0].get("model") == model.describe()
-            found.append((order == 0, same_model, (path / "metrics.jsonl").stat().st_mtime, mfu, peak, path))
+            found.append((order == 0, _same_config(path, cfg), start[0].get("model") == model,
+                          summary.status == "finished", summary.steps, (path / "metrics.jsonl").stat().st_mtime,
+                          summary.mfu, peak, path))
     if not found:
         return None
-    *_, mfu, peak, path = max(found)
-    return mfu, peak, f"the median of {path}, of the {peak / 1e12:.3g} TFLOP/s it recorded"
+    _, same, *_, mfu, peak, path = max(found)
+    which = "of this config, " * same
+    return mfu, peak, f"the median of {path}, {which}of the {peak / 1e12:.3g} TFLOP/s it recorded"
+
+
+def _same_config(path: Path, cfg: RunConfig) -> bool:
+    try:
+        return same_config(RunDir(path).config(), cfg)
+    except UserError:  # a folder whose config.toml cannot be read: not the same
+        return False
 
 
 @dataclass
@@ -194,21 +213,20 @@ class Estimate:
         return self.mfu * self.peak / model.flops_per_token()
 
 
-def estimate(hardware: Hardware, mfu: float | None, model: LanguageModel, runs: list[Path],
-             cfg: RunConfig | None = None) -> Estimate:
-    """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it, else, for a datasheet GPU, at
-    the MFU its step's parts give (`gputime`, for `cfg`'s micro-batch, accumulation and compile), else at
-    DEFAULT_MFU."""
+def estimate(hardware: Hardware, mfu: float | None, cfg: RunConfig, runs: list[Path]) -> Estimate:
+    """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it with `cfg` or the nearest to it,
+    else, for a datasheet GPU, at the MFU its step's parts give (`gputime`, for `cfg`'s micro-batch, accumulation and
+    compile), else at DEFAULT_MFU."""
     if mfu:
         return Estimate(hardware, mfu, hardware.peak, "--mfu")
-    found = mfu_from_runs(runs, hardware, model)
+    found = mfu_from_runs(runs, hardware, cfg)
     if found:
         return Estimate(hardware, *found)
     row = hardware.name if hardware.local is None else hardware.peak_figure.source.removeprefix("datasheet ")
-    if cfg is not None and row in PEAK_TFLOPS:  # a datasheet GPU, --gpu or this machine's
+    if row in PEAK_TFLOPS:  # a datasheet GPU, --gpu or this machine's
         step = gpu_step_time(cfg, row, hardware.dtype, cfg.train.compile is not False)
         tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-        implied = tokens / step.seconds * model.flops_per_token() / hardware.peak
+        implied = tokens / step.seconds * shape_of(cfg).flops_per_token() / hardware.peak
         return Estimate(hardware, implied, hardware.peak, "what the GPU time model gives; --mfu sets it", step)
     return Estimate(hardware, DEFAULT_MFU, hardware.peak, "assumed; --mfu sets it")
 

@@ -17,6 +17,7 @@ from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, plain_name
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.tracking import require_tracker
 
 DONE = ("finished", "stopped early")  # statuses of a trial that a re-run skips
 
@@ -106,6 +107,8 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
     console = console or Console()
     sweep_dir = Path(root) / plain_name(f"{Path(config).stem}-sweep" if name is None else name, "--name", "--dir")
     trials = plan_trials(Path(config), sets, sweep_dir, budget_tokens, budget_seconds)
+    for tracker in {trial.config.train.tracker for trial in trials}:
+        require_tracker(tracker)
     _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds)
     result = SweepResult(sweep_dir, trials, [])
     for i, trial in enumerate(trials, 1):

@@ -35,6 +35,7 @@ from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import padded_vocab
 from lmlab.model.kinds import construct
+from lmlab.model.sized import remembered
 
 BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (measured: 1.24-1.33)
 DECODE_ROW_OVERHEAD = 2048  # bytes of Python objects per decoding row: its sequence, sampler state, text
@@ -74,8 +75,8 @@ def _weight_bytes(config: ModelConfig) -> int:
 
 
 def model_bytes(config: ModelConfig) -> int:
-    """Bytes of the weights and buffers a model of `config` holds."""
-    return _per_layer(config, _weight_bytes)
+    """Bytes of the weights and buffers a model of `config` holds (kept between processes: `sized`)."""
+    return remembered("weights", config, (), lambda: Need(_per_layer(config, _weight_bytes), 0), Need).fixed
 
 
 def _kept_at(config: ModelConfig, T: int) -> int:
@@ -139,17 +140,25 @@ def two_moments(weights: int, hidden: int) -> int:
 def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) -> Need:
     """A training step at a micro-batch of sequences of block_size tokens: the weights, their gradients and the
     optimizer's state (`state_bytes`: lmlab.train.optim.Optimizer's), plus per sequence the activations and the
-    logits."""
+    logits. What is measured (the hidden matrices' bytes, what a sequence keeps) is kept between processes
+    (`sized`): measuring runs the forward on the meta device, which imports torch's compiler stack, seconds at every
+    start."""
     weights = model_bytes(config)
-    moments = state_bytes(weights, _per_layer(config, _hidden_bytes))
+    measured = remembered("training", config, (), lambda: Need(_per_layer(config, _hidden_bytes),
+                                                                _per_layer(config, _kept_bytes)), Need)
+    moments = state_bytes(weights, measured.fixed)
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
-    each = int(BACKWARD_FACTOR * _per_layer(config, _kept_bytes)) + 2 * logits
+    each = int(BACKWARD_FACTOR * measured.each) + 2 * logits
     return Need(weights + weights + moments, min(each, UNCOUNTABLE))
 
 
 def scoring_need(config: ModelConfig) -> Need:
     """A forward without gradients over windows of block_size tokens (an evaluation batch): per window its fp32
-    logits, the loss's copy of them and one layer's activations at a time."""
+    logits, the loss's copy of them and one layer's activations at a time (kept between processes: `sized`)."""
+    return remembered("scoring", config, (), lambda: _scoring_need(config), Need)
+
+
+def _scoring_need(config: ModelConfig) -> Need:
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
     layer = _per_layer(config, _kept_bytes) // max(1, config.n_layer)
     return Need(model_bytes(config), min(2 * logits + 2 * layer, UNCOUNTABLE))
@@ -158,7 +167,7 @@ def scoring_need(config: ModelConfig) -> Need:
 def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) -> Need:
     """Decoding rows: each row's slot in the decode state (a KV cache of block_size positions, a hidden state), its
     logits and sampling buffers, and its Python objects for `tokens_per_row` tokens (prompt and continuation); the
-    prompt's prefill, one row at a time, once."""
+    prompt's prefill, one row at a time, once. A row's state is kept between processes (`sized`)."""
 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
@@ -168,7 +177,8 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) 
         return sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)
-    each = _per_layer(config, state_bytes) + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
+    state = remembered("decode state", config, (dtype,), lambda: Need(0, _per_layer(config, state_bytes)), Need).each
+    each = state + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
     return Need(model_bytes(config) + 2 * config.block_size * vocab * 4, min(each, UNCOUNTABLE))
 
 

@@ -159,7 +159,7 @@ class RunDir:
         base, data = start.get("init_from") or "BASE_RUN", (start.get("origin") or {}).get("data") or ft.data
         settings = [f"--set finetune.{f.name}={getattr(ft, f.name)}" for f in dataclasses.fields(ft)
                     if f.name != "data" and getattr(ft, f.name) != f.default]
-        return " ".join(["lmlab finetune", shlex.quote(base), "--data", shlex.quote(data), "--run",
+        return " ".join(["lmlab finetune", shlex.quote(base), "--data", shlex.quote(data), "--out",
                          shlex.quote(str(self.path)), *settings])
 
     def unfinished(self) -> str | None:

@@ -181,17 +181,6 @@ def printable(path: str) -> str:
                    for c in path)
 
 
-def require_extras() -> None:
-    """Fail early, before the model loads, when the `serve` extra is missing."""
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise UserError("lmlab serve needs FastAPI, uvicorn and prometheus_client; install them with "
-                        "`pip install -e '.[serve]'`.")
-
-
 def run_server(state: State, sock: Any, drain_seconds: float) -> int:
     """Serve on `sock` (bound by `lmlab.serving.edge.bind` before anything loaded, with the edge's limits) until a
     signal; the exit status: 0 after a drain, 1 when a second signal cut it short, 2 when the model failed to load

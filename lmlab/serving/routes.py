@@ -1,7 +1,7 @@
 """The routes of `lmlab serve`: `ROUTES`, the table the 404's text, the metrics' labels, the API key's exemptions
 and the OpenAPI document are read from; and the groups that register them on the FastAPI app, each a function:
 errors in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. FastAPI
-is imported inside them: this module loads without the `serve` extra, which `app.require_extras` asks for first."""
+is imported inside them; `lmlab serve` asks for the `serve` extra (lmlab.core.extras) before it imports this."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
 # at run time to know what to pass them.

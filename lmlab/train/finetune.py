@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from lmlab.core.device import autocast, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
 from lmlab.core.progress import progress_bar
-from lmlab.core.threads import most_threads
+from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model.loss import IGNORE
 from lmlab.model.memory import check_training
@@ -98,8 +99,8 @@ class Position:
 class _Finetuner:
     """The state one fine-tuning run shares between its steps, evaluations and checkpoints."""
 
-    def __init__(self, base: LoadedRun, cfg: RunConfig, run: RunDir, console: Console):
-        self.model, self.cfg, self.run, self.console = base.model.train(), cfg, run, console
+    def __init__(self, base: LoadedRun, cfg: RunConfig, run: RunDir, console: Console, threads: ThreadChooser):
+        self.model, self.cfg, self.run, self.console, self.threads = base.model.train(), cfg, run, console, threads
         self.device, self.dtype = base.device, base.dtype
         self.train_step = TrainStep(self.model, cfg.train, self.device, self.dtype)
         if self.train_step.note:
@@ -131,9 +132,12 @@ class _Finetuner:
         """One optimizer step on a batch of records; its loss, or None if it was not finite (and so skipped)."""
         lr = lr_at(self.step, self.cfg.train)
         x, y = _batch(examples)
+        started = time.perf_counter()
         with self.stop.interruptible():
             loss, norm = (t.item() for t in self.train_step([(x, y)], 1, lr))
         self.step, self.tokens = self.step + 1, self.tokens + int((y != IGNORE).sum())
+        if changed := self.threads.stepped(time.perf_counter() - started):
+            self.threads_changed(changed)
         self.at.batch += 1
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.run.log({"event": "skip", "step": self.step, "loss": loss, "grad_norm": norm, "lr": lr})
@@ -142,6 +146,12 @@ class _Finetuner:
         self.run.log({"event": "train", "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
                       "grad_norm": norm, "elapsed": round(self.clock.elapsed, 3)})
         return loss
+
+    def threads_changed(self, choice: Choice) -> None:
+        """Say and log threads lowered at the start, or changed by a look at the load as the fine-tune goes."""
+        self.run.log(choice.record(self.step))
+        self.console.print(f"step {self.step}: fine-tuning on {choice.describe('finetune.threads')}", highlight=False,
+                           style="yellow" if choice.lowered else "default")
 
     def checkpoint(self, best: bool) -> None:
         self.run.log({"event": "checkpoint", "step": self.step, "best": best})
@@ -202,8 +212,16 @@ def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "a
     continue an unfinished fine-tune there made by the same command."""
     if not ft.data:
         raise UserError("fine-tuning needs records: pass --data FILE.json or set finetune.data.")
-    with RunDir(run_dir).locked() as run:  # one writer: a second fine-tune into the same --run is refused
-        return _finetune(base_dir, run, ft, device, console or Console())
+    # Made before the set-up, whose load tells a quiet machine, and from every core, not what an earlier job of this
+    # process chose. A step's last bits depend on the count: a fine-tune continued in another process is bitwise the
+    # same on the same threads, which finetune.threads fixes.
+    before = torch.get_num_threads()  # given back at the end: a caller's process keeps its own threads
+    threads = ThreadChooser(ft.threads, "finetune.threads")
+    try:
+        with RunDir(run_dir).locked() as run:  # one writer: a second fine-tune into the same --run is refused
+            return _finetune(base_dir, run, ft, device, console or Console(), threads)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _origin(base: LoadedRun, base_dir: Path, ft: FinetuneConfig, fits: dict, dropped: int,
@@ -226,7 +244,7 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
     if "base" not in theirs:
         raise UserError(f"{run.path} holds an unfinished fine-tune written by an earlier version of lmlab, whose "
                         "fine-tunes cannot be continued; choose a new --run.")
-    old = dataclasses.replace(run.config().finetune, checkpoint_interval=ft.checkpoint_interval)
+    old = dataclasses.replace(run.config().finetune, checkpoint_interval=ft.checkpoint_interval, threads=ft.threads)
     changed = [f"finetune.{f.name} {getattr(old, f.name)} -> {getattr(ft, f.name)}" for f in dataclasses.fields(ft)
                if getattr(old, f.name) != getattr(ft, f.name)]
     changed += [f"the {what} changed since" for key, what in (("base", "base run"), ("data_sha256", "records"),
@@ -238,11 +256,9 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
     return True
 
 
-def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, console: Console) -> FinetuneResult:
+def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, console: Console,
+              threads: ThreadChooser) -> FinetuneResult:
     torch.manual_seed(ft.seed)
-    # Every core this process may use (OMP_NUM_THREADS when set), not what an earlier job of the process chose: a
-    # step's last bits depend on the count, so a fine-tune continued in another process is equal only on the same.
-    torch.set_num_threads(most_threads()[0])
     base_run = RunDir(base_dir)
     base_cfg = base_run.config()
     check_training(base_cfg.model, ft.batch_size, optimizer_of(base_cfg.train).state_bytes, resolve_device(device),
@@ -261,6 +277,8 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
     cfg = dataclasses.replace(base.config, train=train_cfg, finetune=ft)
     origin = _origin(base, base_dir, ft, fits, dropped, fmt)
     continuing = _continuing(run, ft, origin)
+    longest = max(len(ids) for ids, _ in fits["train"]) - 1  # the start event records the threads chosen
+    choice = threads.choose(forward_probe(base.model, ft.batch_size, longest, base.device, base.dtype), base.device)
     if not continuing:
         if base.checkpoint != "best":
             console.print(f"note: {base_dir} has no best checkpoint (it was never evaluated); fine-tuning its latest "
@@ -271,14 +289,16 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
         run.write_setup(cfg, base.run.path / "tokenizer.json", dataset, fmt)
     else:
         run.write_config(cfg)  # a changed checkpoint_interval is the only difference it may have
-    tuner = _Finetuner(base, cfg, run, console)
+    tuner = _Finetuner(base, cfg, run, console, threads)
     if continuing:
         run.remove_partial_checkpoints()
         folder = run.checkpoint("latest")
         tuner.restore(folder)
         console.print(f"Resumed {run.path} from {folder.name} (step {tuner.step}, epoch {tuner.at.epoch + 1} of "
                       f"{ft.epochs}).")
-    else:
+    if choice.lowered:
+        tuner.threads_changed(choice)
+    if not continuing:
         tuner.at.base_val_loss = tuner.val_loss(fits["val"])
         console.print(f"base model val loss on the held-out records: {tuner.at.base_val_loss:.4f}")
     try:

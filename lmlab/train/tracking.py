@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.config import RunConfig, SamplingParams, to_dict, to_toml
-from lmlab.core.errors import UserError
+from lmlab.core.extras import require
 from lmlab.core.peak import autocast_dtype
 from lmlab.data.shards import read_meta
 from lmlab.data.tokenizers import Tokenizer
@@ -28,6 +28,12 @@ METRIC = "val/best_loss"  # what the HParams plugin ranks runs by
 SAMPLE = SamplingParams(max_new_tokens=256)  # drawn at each eval from the start of a document, the same seed each time
 
 
+def require_tracker(kind: str) -> None:
+    """Refuse `train.tracker = KIND` in one sentence where its package is missing: before a run is begun."""
+    if kind in ("tensorboard", "wandb"):
+        require(kind, user=f'train.tracker = "{kind}"', otherwise=' or set train.tracker = "none"')
+
+
 class Tracker:
     """`train.tracker`: none, tensorboard (event files in the run dir) or wandb (when installed). `model` draws the
     samples TensorBoard shows at each eval (None: no samples, e.g. a sharded model rank 0 cannot run alone)."""
@@ -36,24 +42,19 @@ class Tracker:
                  model: LanguageModel | None = None):
         self._writer = self._wandb = self._session_end = None
         self._cfg, self._model = cfg, model
+        require_tracker(kind)
         if kind == "tensorboard":
             self._open_tensorboard(Path(run_dir), resume_step)
         elif kind == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("train.tracker = \"wandb\" needs the wandb package; `pip install wandb` "
-                                "or set train.tracker = \"none\".")
+            import wandb
+
             self._wandb = wandb.init(project=cfg.train.tracker_project, dir=str(run_dir), config=to_dict(cfg),
                                      name=cfg.train.tracker_run or Path(run_dir).name, resume="allow")
 
     def _open_tensorboard(self, run_dir: Path, resume_step: int | None) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
-        except ImportError:
-            raise UserError("train.tracker = \"tensorboard\" needs the tensorboard package; "
-                            "`pip install tensorboard` or set train.tracker = \"none\".")
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
         # Events go into the run dir itself, so `tensorboard --logdir runs` shows every run by name.
         # On resume, purge what was logged after the checkpoint, as metrics.jsonl does.
         self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=None if resume_step is None else resume_step + 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lmlab.analysis.runs import RunSummary
@@ -61,15 +62,23 @@ class RunFacts:
 
 
 def describe_run(f: RunFacts) -> str:
-    """One paragraph: what was trained, how long and on what, how good it is, and whether it was still learning."""
+    """One paragraph: what was trained (or imported, or fine-tuned from what), how long and on what, how good it is,
+    and whether it was still learning."""
     s, m = f.summary, f.machine
     where = f.start.get("device") or "an unrecorded device"
     if m:
         where += f" ({m.get('gpu') or m.get('cpu')}, {m.get('cpu_cores')} cores)"
-    text = (f"`{f.name}` is a {s.architecture or 'language'} model ({s.model}) of {count(s.params)} parameters, "
-            f"trained {s.steps:,} steps on {count(s.tokens)} tokens ({data_share(s)}) in "
-            f"{format_duration(s.elapsed)} on {where}, {f.start.get('dtype') or 'dtype not recorded'}; "
-            f"status: {s.status}.")
+    origin = f.start.get("origin") or {}
+    model = f"`{f.name}` is a {s.architecture or 'language'} model ({s.model}) of {count(s.params)} parameters"
+    if s.kind == "imported":
+        text = (f"{model}, imported from {origin.get('source') or 'an unrecorded folder'} "
+                f"({origin.get('format') or 'format not recorded'}): lmlab did not train it.")
+    else:
+        how = (f"fine-tuned from `{Path(origin['base']).name}` {s.steps:,} steps on {count(s.tokens)} tokens of "
+               f"{origin.get('train_records', '?')} instruction records" if s.kind == "fine-tuned" and
+               origin.get("base") else f"trained {s.steps:,} steps on {count(s.tokens)} tokens ({data_share(s)})")
+        text = (f"{model}, {how} in {format_duration(s.elapsed)} on {where}, "
+                f"{f.start.get('dtype') or 'dtype not recorded'}; status: {s.status}.")
     if f.evaluation:
         e = f.evaluation
         text += (f" On the full val split its {f.which} (step {e['step']:,}) scores a loss of {e['loss']:.4f} "
@@ -97,8 +106,19 @@ def reading(facts: list[RunFacts]) -> list[str]:
     ranked, measure = _ranking(facts)
     if len(ranked) >= 2:
         found += [_winner(ranked, measure), _cost(ranked[0][0].summary, ranked[1][0].summary)]
+    elif measure:  # why they are not ranked
+        found.append(measure)
     found += _caveats(facts)
     return found
+
+
+def run_caveats(f: RunFacts) -> list[str]:
+    """What a reader of one run's figures must know: it stopped improving (or is flat within the noise), its val
+    loss stands well above its train loss, it repeated its data past what repeats are worth."""
+    found = [_settled(f)] if f.summary.still_falling is False else []
+    found += _gap(f)
+    warning = repeat_warning(f.summary.epochs, f.summary.split_tokens, f"`{f.name}`")
+    return found + ([warning[0].upper() + warning[1:]] if warning else [])
 
 
 UNUSED = {"imported": ("data", "train")}  # the sections a run of a kind holds defaults of and never used
@@ -127,8 +147,14 @@ def _value(value: Any) -> str:
 
 def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
     """The runs best first by the fairest measure they share: the full-split evaluation when every run has one
-    on the same split, else the fixed-batch estimate; bits per byte when the tokenizers differ."""
+    on the same split, else the fixed-batch estimate; bits per byte when the tokenizers differ. None, and why,
+    when the estimates are of different text (a fine-tune's held-out records against its base's val split)."""
     same_split = all(f.evaluation for f in facts) and len({f.evaluation["val_sha256"] for f in facts}) == 1
+    if not same_split and len({f.summary.scored_on for f in facts}) > 1:
+        tuned = ", ".join(f"`{f.name}`" for f in facts if f.summary.kind == "fine-tuned")
+        of = f" ({tuned}: held-out instruction records, not a val split)" if tuned else ""
+        return [], (f"The runs are not ranked: their val losses are of different text{of}, and they have no "
+                    "evaluation on one val split in common.")
     by_bytes = len({f.run.dataset().get("tokenizer") for f in facts}) > 1
     if same_split:
         value = {f.name: f.evaluation["bits_per_byte" if by_bytes else "loss"] for f in facts}
@@ -187,32 +213,34 @@ def _settled(f: RunFacts) -> str:
             "(train.eval_iters) would tell.")
 
 
+def _gap(f: RunFacts) -> list[str]:
+    """A val loss well above the train loss (GAP or more): overfitting once it stopped falling."""
+    gap = f.summary.gap
+    if gap is None or gap <= GAP:
+        return []
+    if f.summary.still_falling:
+        return [f"`{f.name}`'s val loss is {gap:.3f} above its train loss (the same number of batches) at its best "
+                "evaluation, but still falling: a gap between the splits, not yet overfitting."]
+    return [f"`{f.name}` overfits: its val loss stopped improving at step {f.summary.best_step:,}, {gap:.3f} above its "
+            "train loss."]
+
+
 def _caveats(facts: list[RunFacts]) -> list[str]:
     """Why the ranking may not hold: runs still improving, overfitting, short training, different data."""
     found = []
     falling = [f"`{f.name}`" for f in facts if f.summary.still_falling]
-    settled = [f for f in facts if f.summary.still_falling is False]
     if falling:
         found.append(f"Still improving at the last evaluation: {', '.join(falling)}; longer training can change the "
                      "ranking.")
-    for f in settled:
-        found.append(_settled(f))
     for f in facts:
-        gap = f.summary.gap
-        if gap is not None and gap > GAP and f.summary.still_falling:
-            found.append(f"`{f.name}`'s val loss is {gap:.3f} above its train loss (the same number of batches) at its "
-                         "best evaluation, but still falling: a gap between the splits, not yet overfitting.")
-        elif gap is not None and gap > GAP:
-            found.append(f"`{f.name}` overfits: its val loss stopped improving at step {f.summary.best_step:,}, "
-                         f"{gap:.3f} above its train loss.")
-    shares = [chinchilla_percent(f.summary.unique_tokens, f.summary.params) for f in facts if f.summary.params]
+        found += run_caveats(f)
+    # Of the runs lmlab trained from scratch: an import's tokens are not its training, a fine-tune's not its base's.
+    shares = [chinchilla_percent(f.summary.unique_tokens, f.summary.params) for f in facts
+              if f.summary.params and f.summary.kind in (None, "trained")]
     if shares and max(shares) < 50:
-        found.append(f"Every run saw under half its Chinchilla-optimal tokens in unique tokens (at most "
+        every = "Every run trained here" if len(shares) < len(facts) else "Every run"
+        found.append(f"{every} saw under half its Chinchilla-optimal tokens in unique tokens (at most "
                      f"{max(shares):.1f}%): this compares short trainings, not what the models can reach.")
-    for f in facts:
-        warning = repeat_warning(f.summary.epochs, f.summary.split_tokens, f"`{f.name}`")
-        if warning:
-            found.append(warning[0].upper() + warning[1:])
     if len({f.config.data.dataset for f in facts if "data" not in UNUSED.get(f.run.kind(), ())}) > 1:
         found.append("The runs trained on different datasets: their losses measure different text.")
     return found

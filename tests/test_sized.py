@@ -1,0 +1,70 @@
+"""Memory estimates are kept between processes (lmlab.model.sized): measuring one runs the model's forward on the
+meta device, which imports torch's compiler stack (seconds at every start of eval, train, sample, serve); a second
+start of the same model reads the estimate instead. Which modules a command imported is read from `python -X
+importtime`, never from a clock."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmlab.core.config import ModelConfig
+from lmlab.model.memory import training_need
+from lmlab.train.optim import OPTIMIZERS
+from tests.conftest import write_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, char_dataset) -> Path:
+    from lmlab.core.config import load_config
+    from lmlab.train.loop import Trainer
+
+    root = tmp_path_factory.mktemp("sized")
+    return Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=2), ["train.eval_interval=2"]),
+                   root / "run", "cpu").run().run_dir
+
+
+def evaluate(run: Path, cache: Path) -> tuple[bool, str]:
+    """`lmlab eval RUN` in its own process with `cache` as its cache folder: whether it imported torch._dynamo, and
+    its output."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "lmlab", "eval", str(run), "--max-tokens", "64",
+                           "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return any(line.endswith("| torch._dynamo") for line in done.stderr.splitlines()), done.stdout
+
+
+def test_a_second_start_reads_the_estimate_instead_of_measuring_it(run, tmp_path):
+    first, out = evaluate(run, tmp_path)
+    kept = json.loads((tmp_path / "lmlab" / "memory.json").read_text())
+    assert first and kept["format"] == 1 and kept["entries"]  # measured on the meta device, and kept
+    second, again = evaluate(run, tmp_path)
+    assert not second and json.loads(again)["loss"] == json.loads(out)["loss"]
+
+
+def test_a_damaged_or_unwritable_cache_is_passed_over(run, tmp_path):
+    (tmp_path / "lmlab").mkdir()
+    (tmp_path / "lmlab" / "memory.json").write_text("{not json")
+    measured, _ = evaluate(run, tmp_path)
+    assert measured and json.loads((tmp_path / "lmlab" / "memory.json").read_text())["entries"]  # written anew
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    assert evaluate(run, blocked)[0]  # measured each time, and no error
+
+
+def test_each_model_keeps_its_own_estimate_and_each_optimizer_sizes_its_state_from_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = ModelConfig(n_layer=3, n_head=2, n_embd=48, block_size=40, vocab_size=70, pos_emb="rope")
+    adamw, muon = (training_need(config, OPTIMIZERS[name].state_bytes) for name in ("adamw", "muon"))
+    wider = training_need(dataclasses.replace(config, n_embd=64), OPTIMIZERS["adamw"].state_bytes)
+    kept = json.loads((tmp_path / "lmlab" / "memory.json").read_text())["entries"]
+    assert len(kept) == 4  # weights and training measurements per shape; the optimizer's state is arithmetic on them
+    assert muon.fixed < adamw.fixed < wider.fixed  # one moment for Muon's matrices; a wider model
+    assert muon.each == adamw.each  # the activations do not depend on the optimizer
+    assert training_need(config, OPTIMIZERS["adamw"].state_bytes) == adamw

@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_text(argv: list[str]) -> None:
+    """Refuse an argument holding bytes that are not UTF-8 (a Latin-1 file name, a stray byte): Python keeps each as
+    a lone surrogate, which every later write of the text (a lock's holder, a log line, JSON) fails on."""
+    for arg in map(str, argv):
+        bad = re.search("[\udc80-\udcff]", arg)
+        if bad:
+            shown = repr(arg.encode("utf-8", "surrogateescape"))[1:]  # its bytes, escaped: one line whatever they are
+            raise UserError(f"the argument {shown} holds the byte 0x{ord(bad.group()) - 0xdc00:02x}, which is not "
+                            "UTF-8; lmlab reads its command line as UTF-8 text: retype it, or rename the file to a "
+                            "UTF-8 name.")
+
+
 PEER_GRACE_SECONDS = 2.0
 
 
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     that cannot be written; 130: interrupted), never a traceback; a reader that goes away (`| head`) ends it as
     SIGPIPE ends any Unix tool, silently with status 141."""
     try:
+        check_text(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)  # a destination option's refusal is a UserError (common.destination)
         args.func(args)
     except BrokenPipeError:

@@ -19,6 +19,7 @@ from typing import NoReturn
 from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, log, plan, report, runs, serve, sweep, train
 from lmlab.commands.common import describe_commands, silence_stdout
+from lmlab.core.busy import env_threads
 from lmlab.core.errors import PeerLost, UserError
 
 FAMILIES = (data, train, evaluate, hf, serve, plan, runs, log, report, sweep)  # the order of `lmlab --help`
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_text(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)  # a destination option's refusal is a UserError (common.destination)
+        env_threads()  # torch's first parallel kernel starts that many threads, whatever the command
         args.func(args)
     except BrokenPipeError:
         silence_stdout()

@@ -6,6 +6,7 @@ end of its turn; templates that cannot render are refused in the template's own 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -409,3 +410,25 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_the_render_worker_imports_nothing_from_the_working_folder_and_a_failed_start_is_said_as_itself(
+        tmp_path, qwen_source):
+    """Before: the worker ran as `python -m`, the command's folder first on its path: a jinja2.py there ran inside
+    the sandbox, and its failure read "the chat template takes more than 2 s to render"."""
+    run = tmp_path / "run"
+    import_hf(qwen_source, run)
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "jinja2.py").write_text(f"open({str(here / 'ran')!r}, 'w').close()\nraise RuntimeError('a planted jinja2')\n")
+    chat = [LMLAB, "sample", run, "--chat", "Hi", "--max-new-tokens", "2", "--device", "cpu"]
+    done = subprocess.run(chat, cwd=here, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and not (here / "ran").exists(), done.stderr
+    # A folder the command imports from itself (PYTHONPATH) is the worker's too: a Jinja broken there is named.
+    path = os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(chat, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert done.returncode == 2 and done.stderr == (
+        f"error: the chat template of {run} could not be rendered: lmlab's process that renders chat templates did "
+        "not start (RuntimeError: a planted jinja2); reinstall lmlab and jinja2.\n")

@@ -11,6 +11,8 @@ import json
 import os
 import platform
 import re
+import signal
+import subprocess
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -20,6 +22,7 @@ from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, log, plan, report, runs, serve, sweep, train
 from lmlab.commands.common import describe_commands, silence_stdout
 from lmlab.core.busy import env_threads
+from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.errors import PeerLost, UserError
 
 FAMILIES = (data, train, evaluate, hf, serve, plan, runs, log, report, sweep)  # the order of `lmlab --help`
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         check_text(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)  # a destination option's refusal is a UserError (common.destination)
         env_threads()  # torch's first parallel kernel starts that many threads, whatever the command
+        discard_partial_builds()  # a kernel a signal cut short would be loaded by this command's first compile
         args.func(args)
     except BrokenPipeError:
         silence_stdout()
@@ -143,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:
+        if (stop := _compile_stopped(err)) is not None:
+            discard_partial_builds()
+            print(f"stopped by {stop} while torch.compile compiled (train.compile): nothing of the unfinished step "
+                  "was kept, nor the builds the signal cut short", file=sys.stderr)
+            return 130
         if _peer_gone(err):
             return _say(f"rank {os.environ['RANK']} stops: another process of this torchrun job ended first "
                         f"({_peer_words(err)}); torchrun's summary says which and why.", own=True)
@@ -151,6 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         return _say(f"the device ran out of memory ({str(err).splitlines()[0]}); use a smaller batch size, "
                     "--num-samples or --max-batch, or a smaller model.")
     return 0
+
+
+def _compile_stopped(err: BaseException) -> str | None:
+    """The stop signal that ended a compile, as torch.compile reports it (its error wraps what the signal did: the
+    step abandoned after the stop's grace, or a C++ compiler the terminal's Ctrl-C killed), else None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ == "StepAbandoned":  # lmlab.train.stop's, raised inside the compiling step
+            return err.signal
+        if isinstance(err, subprocess.CalledProcessError) and err.returncode < 0:
+            return signal.Signals(-err.returncode).name
+        err = err.__cause__ or err.__context__ or getattr(err, "inner_exception", None)
+    return None
 
 
 # How Gloo and NCCL say, in a collective, that a peer process went away (it died, or its launcher stopped it).

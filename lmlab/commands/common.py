@@ -6,6 +6,7 @@ import argparse
 import errno
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -279,6 +280,26 @@ def ticking(unit: str, title: str, every: float = 5.0, stderr: bool = False) -> 
             bar.update(task, completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")
 
         yield tick
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt (`signal` names which)."""
+
+    signal = "SIGTERM"
+
+
+@contextmanager
+def terminating() -> Iterator[None]:
+    """Within it, SIGTERM stops the command as Ctrl-C does (`Terminated`), so what it finished is kept and said;
+    Python's default ends the process silently, mid-write."""
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def temperatures(text: str) -> list[float]:

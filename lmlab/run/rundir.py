@@ -423,6 +423,14 @@ class RunDir:
     def step_folders(self) -> list[Path]:
         return ckpt.step_folders(self.checkpoints)
 
+    def saved_through(self) -> int | None:
+        """The step of the newest checkpoint when no process writes the run, else None. Events past it are those a
+        resume drops: an evaluation logged before its checkpoint, which a failed write or a kill never wrote."""
+        folders = self.step_folders()
+        if not folders or self.running():
+            return None
+        return int(folders[-1].name.removeprefix("step_"))
+
     def remove_partial_checkpoints(self) -> None:
         self._check_writer()
         ckpt.remove_partial(self.checkpoints)

@@ -374,6 +374,13 @@ def test_a_prepare_or_an_export_that_cannot_write_names_the_file(tmp_path, impor
         refused_process(done, f"could not write {folder}", "File too large", "free on its disk")
     assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "corpus-char").exists()
 
+    def no_files() -> None:  # nothing of 10 bytes or more: the first file prepare writes, its tokenizer.json, fails
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10, 10))
+
+    done = subprocess.run([LMLAB, "prepare", str(corpus), "--tokenizer", "char", "--out-dir", str(tmp_path / "data")],
+                          capture_output=True, text=True, preexec_fn=no_files)  # before: Exception, a traceback
+    refused_process(done, "tokenizer.json (File too large", "free on its disk")
+
 
 # 8 and 10. Plain mistakes: one sentence, status 2, nothing written --------------------------------------------
 

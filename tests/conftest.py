@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -66,6 +67,15 @@ def hellaswag_items(rng: random.Random, count: int) -> list[dict]:
              "ctx_b": phrase(rng, 1, 2), "ctx": "unused", "label": str(rng.randrange(3)),
              "endings": [phrase(rng, 1, 3), f"[title] {phrase(rng, 1, 2)} [step] {phrase(rng, 1, 2)}",
                          phrase(rng, 2, 4) + "."]} for _ in range(count)]
+
+
+LOAD_NOTE = re.compile(r"note: \w+ on \d+ of \d+ threads: other processes used ")
+
+
+def besides_load_notes(err: str) -> str:
+    """`err` without lmlab's notes that other processes' load lowered a command's threads: what a busy machine
+    rightly adds to a command's stderr."""
+    return "".join(line for line in err.splitlines(keepends=True) if not LOAD_NOTE.match(line))
 
 
 def write_corpus(folder: Path, n_docs: int = 6, speeches: int = 60, seed: int = 0) -> Path:

@@ -28,10 +28,14 @@ def python_command(module: str, *args: str) -> list[str]:
 
 
 def worker_path() -> list[str]:
-    """This process's sys.path without the working directory (`''`, `.` or its absolute name), and lmlab's own
-    folder where lmlab was found there only (a checkout run from its root): after everything else."""
-    here = os.path.realpath(os.getcwd())
-    path = [p for p in sys.path if p and os.path.realpath(p) != here]
+    """This process's sys.path without the folder Python put first because it was started there (`''`, or the
+    working directory itself for `python -m`), nor `''` anywhere; folders named on purpose (PYTHONPATH) stay, even
+    the working directory. lmlab's own folder, where it was found only there (a checkout run as `python -m lmlab`
+    from its root), goes last."""
+    path = list(sys.path)
+    if path and not sys.flags.safe_path and (not path[0] or os.path.realpath(path[0]) == os.path.realpath(".")):
+        path = path[1:]
+    path = [p for p in path if p]
     root = str(Path(lmlab.__file__).resolve().parents[1])
     if not any(os.path.realpath(p) == root for p in path):
         path.append(root)

@@ -85,16 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # how Python keeps a command-line byte that is not UTF-8
+
+
 def check_text(argv: list[str]) -> None:
-    """Refuse an argument holding bytes that are not UTF-8 (a Latin-1 file name, a stray byte): Python keeps each as
-    a lone surrogate, which every later write of the text (a lock's holder, a log line, JSON) fails on."""
-    for arg in map(str, argv):
-        bad = re.search("[\udc80-\udcff]", arg)
-        if bad:
-            shown = repr(arg.encode("utf-8", "surrogateescape"))[1:]  # its bytes, escaped: one line whatever they are
-            raise UserError(f"the argument {shown} holds the byte 0x{ord(bad.group()) - 0xdc00:02x}, which is not "
-                            "UTF-8; lmlab reads its command line as UTF-8 text: retype it, or rename the file to a "
-                            "UTF-8 name.")
+    """Refuse an argument holding bytes that are not UTF-8 (a Latin-1 file name, a stray byte), naming its option:
+    Python keeps each as a lone surrogate, which every later write of the text (a lock's holder, a log line, JSON)
+    fails on."""
+    args = list(map(str, argv))
+    for i, arg in enumerate(args):
+        option, value = ("", arg) if not (arg.startswith("--") and "=" in arg) else arg.split("=", 1)
+        bad = NOT_UTF8.search(value) or NOT_UTF8.search(option)
+        if bad is None:
+            continue
+        option = option or (args[i - 1] if i and args[i - 1].startswith("-") else "the argument")
+        shown = repr(value.encode("utf-8", "surrogateescape"))[1:]  # its bytes, escaped: one line whatever they are
+        raise UserError(f"{option} is not valid text ({shown}): it holds the byte 0x{ord(bad.group()) - 0xdc00:02x}, "
+                        f"which is not UTF-8, at character {bad.start():,}; lmlab reads its command line as UTF-8: "
+                        "retype it, or rename the file to a UTF-8 name.")
 
 
 PEER_GRACE_SECONDS = 2.0

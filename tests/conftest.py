@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import re
@@ -10,6 +11,10 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -67,6 +72,15 @@ def hellaswag_items(rng: random.Random, count: int) -> list[dict]:
              "ctx_b": phrase(rng, 1, 2), "ctx": "unused", "label": str(rng.randrange(3)),
              "endings": [phrase(rng, 1, 3), f"[title] {phrase(rng, 1, 2)} [step] {phrase(rng, 1, 2)}",
                          phrase(rng, 2, 4) + "."]} for _ in range(count)]
+
+
+LOAD_NOTE = re.compile(r"note: \w+ on \d+ of \d+ threads: other processes used ")
+
+
+def besides_load_notes(err: str) -> str:
+    """`err` without lmlab's notes that other processes' load lowered a command's threads: what a busy machine
+    rightly adds to a command's stderr."""
+    return "".join(line for line in err.splitlines(keepends=True) if not LOAD_NOTE.match(line))
 
 
 def write_corpus(folder: Path, n_docs: int = 6, speeches: int = 60, seed: int = 0) -> Path:
@@ -436,3 +450,73 @@ def closure(requirements: list[str]) -> set[str]:
         except PackageNotFoundError:  # an optional dependency of a dependency, on a platform that has none
             names.discard(name)
     return names
+
+
+class Server:
+    """`lmlab serve RUN OPTIONS` on a free port, its stderr (one line per request) collected."""
+
+    def __init__(self, run: Path, *options: str):
+        self.port = free_port()
+        self.proc = subprocess.Popen([LMLAB, "serve", run, "--port", str(self.port), "--device", "cpu",
+                                      "--no-compile", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.root, self.url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}/v1"
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.root}/health", timeout=2)
+                break
+            except OSError:  # refused, reset, or timed out while the server imports torch
+                assert self.proc.poll() is None, "".join(self.log)
+                assert time.monotonic() < deadline, "the server did not start within 120 s"
+                time.sleep(0.3)
+
+    def health(self) -> dict:
+        return json.loads(urllib.request.urlopen(f"{self.root}/health", timeout=10).read())
+
+    def logged(self, predicate, count: int = 1, timeout: float = 60) -> list[str]:
+        """The log lines `predicate` accepts, once there are `count` of them (a line is written as its request
+        ends, and read here by a thread of its own)."""
+        deadline = time.monotonic() + timeout
+        while len(found := [line for line in self.log if predicate(line)]) < count:
+            assert time.monotonic() < deadline, f"not logged within {timeout} s: {self.log[-5:]}"
+            time.sleep(0.05)
+        return found
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def post(url: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def sent(server: Server, address: str, path: str, body: bytes) -> socket.socket:
+    """A POST from `address` (another of the loopback network's, 127.0.0.2, ..., standing for another machine), sent
+    whole, its answer left unread."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30, source_address=(address, 0))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the answer on `sock` (the server closes nothing: read to its length)."""
+    with sock:
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += sock.recv(65536)
+        head, _, rest = got.partition(b"\r\n\r\n")
+        fields = dict(line.lower().split(b":", 1) for line in head.split(b"\r\n")[1:])
+        length = int(fields[b"content-length"])
+        while len(rest) < length:
+            rest += sock.recv(65536)
+    return int(head.split()[1]), json.loads(rest)

@@ -121,7 +121,10 @@ def test_mfu_is_logged_against_a_measured_cpu_peak(tmp_path, char_dataset, capsy
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
     assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
     start, *events = RunDir(tmp_path / "run").events()
-    peak = peak_flops(torch.device("cpu"), torch.float32)  # the tests' cache: the same figure the run read
+    # The figure the run read (this process's, kept per thread count): measured on every core, before the run chose
+    # its threads; asked on another count, a busy machine's second measurement would differ.
+    torch.set_num_threads(start["machine"]["cpu_cores"])
+    peak = peak_flops(torch.device("cpu"), torch.float32)
     assert (start["peak_flops"], start["peak_source"], start["peak_quiet"]) == (peak.flops, peak.describe(), peak.quiet)
     train = [e for e in events if e["event"] == "train"]
     assert train and all(

@@ -6,6 +6,7 @@ end of its turn; templates that cannot render are refused in the template's own 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -30,7 +31,7 @@ from lmlab.hf import export_hf, import_hf
 from lmlab.inference.generate import chat_stream
 from lmlab.run.chat import read_chat_template
 from lmlab.run.rundir import RunDir
-from tests.conftest import ALPACA_TINY, LMLAB
+from tests.conftest import ALPACA_TINY, LMLAB, Server, read_answer, sent
 from tests.test_plugins import run_cli
 
 transformers = pytest.importorskip("transformers")
@@ -377,8 +378,6 @@ def test_sample_and_answer_refuse_a_hostile_template_in_one_sentence(tmp_path, q
 @pytest.mark.slow
 def test_chats_through_a_looping_template_get_400_while_completions_are_served_and_sigterm_drains(
         tmp_path, qwen_source):
-    from tests.test_serve import Server
-
     run = run_with_template(qwen_source, tmp_path / "run", HOSTILE["a loop"][0])
     server = Server(run, "--drain-seconds", "5")
     chat = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
@@ -409,3 +408,58 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_the_render_worker_imports_nothing_from_the_working_folder_and_a_failed_start_is_said_as_itself(
+        tmp_path, qwen_source):
+    """Before: the worker ran as `python -m`, the command's folder first on its path: a jinja2.py there ran inside
+    the sandbox, and its failure read "the chat template takes more than 2 s to render"."""
+    run = tmp_path / "run"
+    import_hf(qwen_source, run)
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "jinja2.py").write_text(f"open({str(here / 'ran')!r}, 'w').close()\nraise RuntimeError('a planted jinja2')\n")
+    chat = [LMLAB, "sample", run, "--chat", "Hi", "--max-new-tokens", "2", "--device", "cpu"]
+    done = subprocess.run(chat, cwd=here, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and not (here / "ran").exists(), done.stderr
+    # A folder the command imports from itself (PYTHONPATH) is the worker's too: a Jinja broken there is named.
+    path = os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(chat, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert done.returncode == 2 and done.stderr == (
+        f"error: the chat template of {run} could not be rendered: lmlab's process that renders chat templates did "
+        "not start (RuntimeError: a planted jinja2); reinstall lmlab and jinja2.\n")
+
+
+# Renders "Hi" at once and spins for good on a message "spin": a template that one client's chats make slow.
+SPINNING = ("{% for m in messages %}{% if m.content == 'spin' %}{% for i in range(100000) %}"
+            "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}"
+            "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.slow
+def test_chats_one_client_makes_slow_to_render_hold_up_no_other_clients_chat(tmp_path, qwen_source):
+    """Before: each hostile chat held one of the two render threads for its 2 s limit, and the others' chats waited
+    behind every one of them (70 made a normal chat wait 62 s)."""
+    run = run_with_template(qwen_source, tmp_path / "run", SPINNING)
+    server = Server(run)
+    spin = json.dumps({"messages": [{"role": "user", "content": "spin"}], "max_tokens": 2}).encode()
+    hostile = [sent(server, "127.0.0.2", "/v1/chat/completions", spin) for _ in range(6)]
+    try:
+        deadline = time.monotonic() + 120
+        while sum(server.health()["lanes"]["render"].values()) < len(hostile):  # every one of them in the lane
+            assert time.monotonic() < deadline, server.health()
+            time.sleep(0.1)
+        assert server.health()["lanes"]["render"]["running"] == 1  # the other thread is left to other clients
+        hi = json.dumps({"messages": [{"role": "user", "content": "Hi, how are you today?"}], "max_tokens": 2})
+        status, answer = read_answer(sent(server, "127.0.0.3", "/v1/chat/completions", hi.encode()))
+        assert status == 200 and answer["usage"]["completion_tokens"] <= 2, answer
+        assert server.health()["lanes"]["render"]["waiting"] >= 2  # rendered around the spinning chats' queue
+        status, answer = read_answer(hostile[0])
+        assert status == 400 and "takes more than 2 s to render" in answer["error"]["message"], answer
+    finally:
+        for sock in hostile:
+            sock.close()
+        server.stop()

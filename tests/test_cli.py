@@ -66,6 +66,23 @@ def test_bad_corpora(capsys, tmp_path):
     assert_one_sentence_error(code, err, "bpe")
     assert not (tmp_path / "d").exists()
 
+@pytest.mark.parametrize("args, shown", [
+    (["prepare", "caf\udce9.txt", "--tokenizer", "char", "--name", "cafe"],
+     r"the argument is not valid text ('caf\xe9.txt'): it holds the byte 0xe9, which is not UTF-8, at character 3"),
+    (["prepare", "corpus", "--tokenizer", "char", "--keep-chars", "a-z \n\udcff"],
+     r"--keep-chars is not valid text ('a-z \n\xff'): it holds the byte 0xff"),
+])
+def test_command_line_bytes_that_are_not_utf8_are_one_sentence(capsys, tmp_path, monkeypatch, args, shown):
+    """Before: a traceback (UnicodeEncodeError) where the dataset's lock names its holder. A byte that is not UTF-8
+    reaches Python as a lone surrogate (os.fsdecode's escape), which is what these arguments hold."""
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "play0.txt").rename(tmp_path / "caf\udce9.txt")  # a file that is there: refused anyway
+    code, _, err = run_cli(capsys, *args)
+    assert_one_sentence_error(code, err, shown)
+    assert not (tmp_path / "data").exists()
+
+
 
 def test_run_refuses_a_dataset_with_another_vocab_and_unseen_prompt_characters(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "c.toml", char_dataset, max_iters=10)

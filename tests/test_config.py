@@ -41,6 +41,17 @@ def test_wrong_type_and_unknown_section_are_named():
         build_config({"optim": {}}, "x")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_float_that_is_no_number_is_said_so(tmp_path, value):
+    """Before: "must be float, got nan (float)", for a TOML value or a --set one."""
+    (tmp_path / "bad.toml").write_text(f"[train]\nlearning_rate = {value}\n")
+    (tmp_path / "good.toml").write_text("[train]\n")
+    with pytest.raises(UserError, match=rf"train.learning_rate is {value}; it must be a finite number\.$"):
+        load_config(tmp_path / "bad.toml")
+    with pytest.raises(UserError, match=rf"model.dropout is {value}; it must be a finite number\.$"):
+        load_config(tmp_path / "good.toml", [f"model.dropout={value}"])
+
+
 def test_invalid_values_are_rejected():
     with pytest.raises(UserError, match="divisible"):
         build_config({"model": {"n_embd": 10, "n_head": 3}}, "x")

@@ -330,6 +330,37 @@ def test_a_failed_write_keeps_the_newest_checkpoint_and_says_how_to_resume(tmp_p
     assert stable_events(run) == stable_events(whole)  # resumed exactly, as after a stop signal
 
 
+def test_after_a_failed_checkpoint_log_and_runs_hold_the_best_the_run_kept(tmp_path, trained, capsys):
+    """Before: `log` marked step 30 a new best, and `runs` gave its val loss, though its checkpoint was never written
+    (the file size limit fails it): the best the run holds, and resumes from, is step 20's."""
+    run = copy_run(trained, tmp_path)
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # loss.png fits, a checkpoint does not
+
+    done = subprocess.run([LMLAB, "train", "--resume", str(run), "--set", "train.max_iters=40"], capture_output=True,
+                          text=True, preexec_fn=small_files)
+    refused_process(done, "step_000030 could not be written", "newest checkpoint (step_000020) is kept")
+    capsys.readouterr()
+    assert main(["log", str(run), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["evaluations"]
+    assert [r["step"] for r in rows] == [10, 20, 30] and rows[2]["val_loss"] < rows[1]["best_val_loss"]
+    assert not rows[2]["is_best"] and rows[2]["best_val_loss"] == rows[1]["best_val_loss"]
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["best_val_loss"] == rows[1]["best_val_loss"]
+    assert RunDir(run).checkpoint("best").name == "step_000020"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full: a file every write to fails")
+def test_a_lock_file_that_cannot_be_written_is_named(tmp_path, trained, capsys):
+    """Before: `error: a file: ...`: the lock's holder line, the first write of every writer, was the one write
+    outside the reporting of failed writes. /dev/full fails every write, as a full disk does."""
+    run = copy_run(trained, tmp_path)
+    (tmp_path / ".run.lock").symlink_to("/dev/full")
+    refused(capsys, "train", "--resume", run, needles=(f"could not write {tmp_path / '.run.lock'} (",))
+    assert load_state(RunDir(run).checkpoint("latest"))["step"] == 20  # nothing was trained, nothing lost
+
+
 def test_a_prepare_or_an_export_that_cannot_write_names_the_file(tmp_path, imported_gpt2):
     """The same file size limit: prepare's shards (~150 kB) and export's model.safetensors are refused by it."""
     def small_files() -> None:
@@ -342,6 +373,13 @@ def test_a_prepare_or_an_export_that_cannot_write_names_the_file(tmp_path, impor
         done = subprocess.run([LMLAB, *map(str, args)], capture_output=True, text=True, preexec_fn=small_files)
         refused_process(done, f"could not write {folder}", "File too large", "free on its disk")
     assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "corpus-char").exists()
+
+    def no_files() -> None:  # nothing of 10 bytes or more: the first file prepare writes, its tokenizer.json, fails
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10, 10))
+
+    done = subprocess.run([LMLAB, "prepare", str(corpus), "--tokenizer", "char", "--out-dir", str(tmp_path / "data")],
+                          capture_output=True, text=True, preexec_fn=no_files)  # before: Exception, a traceback
+    refused_process(done, "tokenizer.json (File too large", "free on its disk")
 
 
 # 8 and 10. Plain mistakes: one sentence, status 2, nothing written --------------------------------------------

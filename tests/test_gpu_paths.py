@@ -111,9 +111,12 @@ def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_pa
 def test_tokens_per_second_leaves_out_the_warm_up_step(tmp_path, char_dataset):
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=4), ["train.log_interval=1"])
     Trainer(cfg, tmp_path / "run", "cpu").run()
-    train = [e for e in RunDir(tmp_path / "run").events() if e["event"] == "train"]
+    start, *events = RunDir(tmp_path / "run").events()
+    train = [e for e in events if e["event"] == "train"]
     assert train[0]["tokens_per_sec"] is None and train[0]["mfu"] is None  # the first step's line has no rate
-    assert all(e["tokens_per_sec"] > 0 and e["mfu"] > 0 for e in train[1:])
+    # MFU where the peak it divides by was measured quiet; a busy machine's peak gives none (lmlab.core.peak)
+    assert all(e["tokens_per_sec"] > 0 and (e["mfu"] > 0 if start["peak_quiet"] else e["mfu"] is None)
+               for e in train[1:])
 
 
 @pytest.mark.parametrize("setting, device, triton, compiled, note", [

@@ -37,8 +37,9 @@ def test_the_dry_run_writes_every_row_of_the_report_and_the_checklist(tmp_path):
     rows = rows_of(table)
     assert [r for r in ROWS if not any(what.startswith(r) for what in rows)] == []
     assert re.fullmatch(r"\d+ skipped in \d+ s", rows["CUDA tests (tests/test_cuda.py)"])  # no GPU here
-    assert all(re.match(r"[\d,]+ tok/s, MFU ([\d.]+%|-)", v) for k, v in rows.items()
-               if k.startswith("GPT-2 small, micro"))
+    # MFU "-" where the peak was measured while the machine was busy: it would overstate it (lmlab.core.peak)
+    micro = [v for k, v in rows.items() if k.startswith("GPT-2 small, micro")]
+    assert micro and all(re.match(r"[\d,]+ tok/s, MFU ([\d.]+%|-)", v) for v in micro)
     biggest = int(rows["GPT-2 small, largest micro-batch that fits with headroom"])
     assert 1 <= biggest <= 4  # the dry run stops its search at 4
     assert re.match(r"\d\.\d{4} \(best, step 30\)", rows["Shakespeare-char: final val"])

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from lmlab.core.config import load_config
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
+from tests.conftest import LMLAB, write_config
 from tests.test_plugins import run_cli
 
 
@@ -78,3 +81,36 @@ def test_grid_options_that_do_not_go_together_are_refused(two_runs, capsys):
     assert code == 2 and "--json goes with a prompt grid" in err
     code, _, err = run_cli(capsys, "compare", *two_runs, "--prompt", "A", "--temperature", "0,1")
     assert code == 2 and "--temperature" in err
+
+
+@pytest.mark.slow
+def test_a_stopped_grid_keeps_and_writes_the_cells_that_ended(tmp_path, two_runs):
+    """Before: SIGTERM ended `sample --prompts` silently (status -15) and a stop kept none of the finished cells:
+    each run's samples were kept only once all its cells had ended, and the grid only once every run's had."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"ROMEO: {word}" for word in ("fair", "sweet", "night", "love", "day")))
+    samples = [run / "samples.txt" for run in two_runs]
+
+    def entries(path: Path) -> int:
+        return path.read_text().count("--- checkpoint ") if path.exists() else 0
+
+    kept = [entries(path) for path in samples]
+    out = tmp_path / "grid.json"
+    proc = subprocess.Popen([LMLAB, "sample", *map(str, two_runs), "--prompts", str(prompts), "--temperature",
+                             "0,0.8", "--max-new-tokens", "1000", "--json", "--out", str(out), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while entries(samples[0]) <= kept[0]:  # a cell has ended
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    ended = [c for c in json.loads(out.read_text())["cells"] if c["text"] is not None]
+    assert proc.returncode == 143 and not stdout, stderr
+    assert stderr.splitlines()[-1] == (f"stopped by SIGTERM after {len(ended)} of 20 cells: the {len(ended)} that "
+                                       f"ended are written to {out} (and each to its run's samples.txt)")
+    added = sum(map(entries, samples)) - sum(kept)
+    assert 1 <= len(ended) == added < 20
+    cells = json.loads(out.read_text())["cells"]
+    assert len(cells) == 20 and {c["why_not"] for c in cells if c["text"] is None} == {
+        "stopped by SIGTERM before it ended"}

@@ -228,6 +228,25 @@ def test_weights_lmlab_cannot_read_are_refused_with_the_reason(tmp_path, bpe):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("label, holds", [("bpe:300", "a WordLevel vocabulary of"), ("gpt2", "a WordLevel"),
+                                          ("word:1000", "each one character (a char tokenizer)"), ("char", None)])
+def test_an_exported_folder_whose_tokenizer_is_not_the_one_its_label_names_is_refused(tmp_path, label, holds):
+    """Before: a char vocabulary under a bpe:N label imported with status 0, and `sample` printed no continuation
+    (the ids the file lacks decode to nothing)."""
+    source = tmp_path / "hf"
+    export_hf(Path(__file__).parent / "data" / "legacy" / "trained", source)  # a char run
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "lmlab_tokenizer": label}))
+    if holds is None:
+        assert import_hf(source, tmp_path / "run")["tokenizer"] == "char"
+        return
+    with pytest.raises(UserError) as caught:
+        import_hf(source, tmp_path / "run")
+    assert str(caught.value).startswith(f"the tokenizer in {source} is labelled {label} (lmlab_tokenizer in "
+                                        "tokenizer_config.json") and holds in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     qwen = ModelConfig(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2)

@@ -305,3 +305,49 @@ def test_a_plugin_whose_trained_weights_give_nan_is_one_sentence_when_loaded(tmp
         assert "the model plugin 'flaky'" in err and "not finite (NaN or infinite)" in err, err
     monkeypatch.delenv("FLAKY_SCALE")
     assert run_cli(capsys, "sample", run, "--max-new-tokens", "3")[0] == 0
+
+
+# A plugin right on the 4x3 probe and wrong on the batches training gives it (32 tokens): FAKE_MODEL's return line
+# behind `if idx.shape[1] > 3:`.
+LATE_FORWARDS = {
+    "raises": ("raise RuntimeError('no kernel past 3 tokens')",
+               "raised RuntimeError: no kernel past 3 tokens in its forward of "),
+    "returns a tuple of 3": ("return logits, next_token_loss(logits, targets) if targets is not None else None, 0",
+                             "returned a tuple of 3, not the pair (logits, loss)"),
+    "returns a loss per token": (
+        "return logits, None if targets is None else nn.functional.cross_entropy(logits.flatten(0, 1), "
+        "targets.flatten(), reduction='none')", "as its loss, not one number"),
+    "returns a column short": ("return logits[..., :-1], None if targets is None else next_token_loss(logits, "
+                               "targets)", "returned logits of shape "),
+}
+
+
+@pytest.mark.parametrize("case", LATE_FORWARDS)
+def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(tmp_path, site, char_dataset, capsys,
+                                                                               case):
+    """Before: "needs more memory than can be counted" (the raise, on the meta device where the batch is sized),
+    tracebacks (a tuple, a loss per token) or a run trained silently on a vocabulary short of a column."""
+    body, message = LATE_FORWARDS[case]
+    install(site, "late", "lmlab-late", FAKE_MODEL.replace(RETURN, f"        if idx.shape[1] > 3:\n            {body}\n"
+                                                                   f"{RETURN}"))
+    code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "late", "", max_iters=3),
+                             "--run", tmp_path / "run", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: the model plugin 'late' (package lmlab-late, lmlab_late:Tiny)"), err
+    assert message in err and err.strip().endswith(("fix the plugin's forward.", "None without targets).")), err
+
+
+def test_a_plugin_that_goes_wrong_after_training_is_named_by_sample_and_eval(tmp_path, site, char_dataset, capsys,
+                                                                            monkeypatch):
+    """Loading checks a plugin's forward on a 4x3 batch; what sampling and evaluating give it afterwards is checked
+    too (before: a traceback at the unpacking of its outputs)."""
+    install(site, "moody", "lmlab-moody", FAKE_MODEL.replace(
+        RETURN, "        if os.environ.get('MOODY') and idx.shape[1] > 3:\n            return logits, None, None\n"
+        + RETURN) + "import os\n")
+    run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "moody", "", max_iters=3)), tmp_path / "run",
+                  "cpu").run().run_dir
+    monkeypatch.setenv("MOODY", "1")
+    for command in (["sample", run, "--prompt", "ROMEO: sweet", "--max-new-tokens", "3"], ["eval", run]):
+        code, out, err = run_cli(capsys, *command)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out, err
+        assert "the model plugin 'moody'" in err and "returned a tuple of 3, not the pair (logits, loss)" in err, err

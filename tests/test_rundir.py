@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmlab.analysis.runs import summarize
+from lmlab.commands import main
 from lmlab.core.config import FinetuneConfig, SamplingParams, load_config
 from lmlab.core.errors import UserError
 from lmlab.inference.generate import instruct, sample
@@ -98,3 +100,35 @@ def test_samples_are_recorded_by_the_run_layer_with_how_they_were_drawn(tmp_path
     header, text = (run / "samples.txt").read_text().split("\n", 1)
     assert header == "--- checkpoint best (step 10), seed 4, temperature 0.8, top_k None, top_p 0.9, prompt 'ROMEO:'"
     assert text.strip() == out.strip()
+
+
+def test_damaged_lines_of_metrics_jsonl_are_skipped_with_one_note_by_every_reader(tmp_path, stable_root, monkeypatch,
+                                                                                  capsys):
+    """Before: one byte that is not UTF-8 or one JSON line that is not an object gave a traceback in `log`, `runs`,
+    `report`, `compare` and `train --resume`; `runs` listed no run at all."""
+    monkeypatch.chdir(stable_root)  # the dataset the legacy run names, for its resume
+    runs = tmp_path / "runs"
+    run, intact = runs / "damaged", runs / "intact"
+    shutil.copytree(LEGACY / "trained", intact)
+    shutil.copytree(LEGACY / "trained", run)
+    first, *rest = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    damage = [b"\xff\xfe not UTF-8\n", b"[1, 2]\n", b"null\n", b'{"event": "eval", "step": "ten"}\n']
+    (run / "metrics.jsonl").write_bytes(b"".join([first, *damage, *rest, b'{"event": "tra']))  # and a cut last line
+    note = (f"note: {run / 'metrics.jsonl'}: lines 2, 3, 4 and 5 are damaged (not a JSON event in UTF-8) and "
+            "skipped; the run reads as if they were not there.")
+
+    def lmlab_here(*args) -> tuple[str, str]:
+        capsys.readouterr()
+        assert main([str(a) for a in args]) == 0
+        return capsys.readouterr()
+
+    out, err = lmlab_here("runs", runs, "--json")
+    assert err.splitlines() == [note]  # said once in a process, however often the run is read
+    assert {r["run"]: r["best_val_loss"] for r in json.loads(out)["runs"]} == \
+        {"damaged": summarize(intact).best_val_loss, "intact": summarize(intact).best_val_loss}
+    assert "val" in lmlab_here("log", run)[0]
+    assert "damaged" in lmlab_here("compare", intact, run)[0]
+    lmlab_here("report", run, "--no-eval", "--out", tmp_path / "report", "--max-new-tokens", "4")
+    lmlab_here("train", "--resume", run, "--set", "train.max_iters=12", "--device", "cpu")
+    assert [e["step"] for e in RunDir(run).events() if e["event"] == "eval"] == [5, 10, 12]
+    assert b"\xff" not in (run / "metrics.jsonl").read_bytes()  # the resume's rewrite keeps whole events only

@@ -5,7 +5,6 @@ with that server as the judge; the batcher's queue bound in-process."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -23,16 +22,10 @@ from lmlab.inference.generate import Batch, TextStream, decode_dtype, seeded
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher, Job, QueueFull
 from lmlab.train.finetune import finetune
-from tests.conftest import ALPACA_TINY, LMLAB
+from tests.conftest import ALPACA_TINY, LMLAB, Server, free_port, post  # noqa: F401 (free_port: other files' import)
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,44 +33,6 @@ def sft_run(tmp_path_factory, imported_gpt2) -> Path:
     run = tmp_path_factory.mktemp("runs") / "sft"
     finetune(imported_gpt2, run, FinetuneConfig(str(ALPACA_TINY), epochs=1, learning_rate=3e-3), device="cpu")
     return run
-
-
-class Server:
-    """`lmlab serve RUN OPTIONS` on a free port, its stderr (one line per request) collected."""
-
-    def __init__(self, run: Path, *options: str):
-        self.port = free_port()
-        self.proc = subprocess.Popen([LMLAB, "serve", run, "--port", str(self.port), "--device", "cpu",
-                                      "--no-compile", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        self.root, self.url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}/v1"
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.root}/health", timeout=2)
-                break
-            except OSError:  # refused, reset, or timed out while the server imports torch
-                assert self.proc.poll() is None, "".join(self.log)
-                assert time.monotonic() < deadline, "the server did not start within 120 s"
-                time.sleep(0.3)
-
-    def health(self) -> dict:
-        return json.loads(urllib.request.urlopen(f"{self.root}/health", timeout=10).read())
-
-    def logged(self, predicate, count: int = 1, timeout: float = 60) -> list[str]:
-        """The log lines `predicate` accepts, once there are `count` of them (a line is written as its request
-        ends, and read here by a thread of its own)."""
-        deadline = time.monotonic() + timeout
-        while len(found := [line for line in self.log if predicate(line)]) < count:
-            assert time.monotonic() < deadline, f"not logged within {timeout} s: {self.log[-5:]}"
-            time.sleep(0.05)
-        return found
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +47,6 @@ def expected(run: LoadedRun, prompt: list[int], **params) -> tuple[str, str, int
     stream = TextStream(run.model, run.tokenizer, prompt, SamplingParams(**params),
                         decode_dtype(run.device, run.dtype, compiled=False))
     return stream.text(), stream.finish_reason, stream.tokens
-
-
-def post(url: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 @pytest.mark.slow

@@ -6,12 +6,15 @@ messages in a short context) and an imported chat template's pass too (`st run U
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import post
 from tests.test_serve import Server, sft_run  # noqa: F401 (sft_run is a fixture)
 
 pytest.importorskip("fastapi")
@@ -34,3 +37,25 @@ def test_the_openapi_document_describes_what_the_server_takes_and_answers(reques
     finally:
         server.stop()
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+@pytest.mark.slow
+def test_a_chat_of_as_many_messages_as_the_context_holds_is_described(writing_char_run):
+    """Before: the document allowed 4 messages, where the server took 5 and more. Described now: up to the most that
+    fit the context with some text in each, each count with its own bound, and the longest chat of each the
+    document allows is one the server takes."""
+    server = Server(writing_char_run)
+    try:
+        document = json.loads(urllib.request.urlopen(f"{server.root}/openapi.json", timeout=60).read())
+        body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+        chat = body["schema"]["properties"]["messages"]
+        longest = {shape["maxItems"]: shape["items"]["properties"]["content"]["anyOf"][0]["maxLength"]
+                   for shape in chat.get("anyOf", [chat])}
+        assert max(longest) > 4 and longest[1] > longest[max(longest)] >= 1  # the fewer, the longer each
+        for count, chars in longest.items():  # the role that takes most, every message as long as it may be
+            turns = [{"role": "assistant", "content": "a" * chars}] * count
+            status, answer = post(f"{server.url}/chat/completions",
+                                  json.dumps({"messages": turns, "max_tokens": 1}).encode())
+            assert status == 200, (count, chars, answer)
+    finally:
+        server.stop()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +16,11 @@ import torch
 from lmlab.core.busy import Load, cores
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig
+from lmlab.core.errors import UserError
 from lmlab.core.threads import MARGIN, Choice, ThreadChooser, forward_probe, pick
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import write_config
+from tests.conftest import LMLAB, write_config
 from tests.test_peak import hog
 
 
@@ -109,3 +112,19 @@ def test_on_busy_cores_a_refusal_stays_one_line_and_a_sample_says_its_threads_af
     # Whether the load lowered the threads is a timing; when it did, the note says so and why.
     assert all(line.startswith("note: decoding on 1 of ") and "other processes used" in line
                for line in notes.splitlines()), notes
+
+
+def test_an_omp_num_threads_above_the_cores_is_refused_like_the_thread_options(monkeypatch):
+    """Before: OMP_NUM_THREADS=100000 killed `sample` and `train` with SIGSEGV (after a Rust panic in tokenizers:
+    torch's 100,000 OpenMP threads left the system none to give), where `--threads 100000` was one sentence."""
+    legacy = Path(__file__).parent / "data" / "legacy" / "trained"
+    done = subprocess.run([LMLAB, "sample", legacy, "--max-new-tokens", "3"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "100000"}, timeout=300)
+    assert done.returncode == 2 and not done.stdout and done.stderr == (
+        f"error: OMP_NUM_THREADS is 100,000, more than the {len(cores())} core{'s' * (len(cores()) > 1)} this "
+        f"process may use; set it to at most {len(cores())}, or unset it to let lmlab choose.\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(len(cores()) + 1))  # the library's readers refuse it too
+    with pytest.raises(UserError, match="OMP_NUM_THREADS is"):
+        ThreadChooser(0, "train.threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(len(cores())))
+    assert ThreadChooser(0, "train.threads").most == len(cores())

@@ -96,7 +96,10 @@ def test_normalisation_steps_apply_in_one_order_and_bad_values_are_one_sentence(
            (["--keep-chars", ""], "--keep-chars is empty"),
            (["--keep-chars", "a-z"], "the char tokenizer separates documents with a line break"),
            (["--drop-chars", "\\n"], "the char tokenizer separates documents with a line break"),
-           (["--keep-chars", "a", "--drop-chars", "b"], "not allowed with argument")]
+           (["--keep-chars", "a", "--drop-chars", "b"], "not allowed with argument"),
+           # before: all of Unicode kept, a 26 MB meta.json (the characters listed) and not a word
+           (["--keep-chars", "\\n -\U0010ffff"], "nearly every one text can hold: it removes next to nothing"),
+           (["--drop-chars", "\x01-\U0010ffff"], "--drop-chars names 1,114,111 characters; name at most 200,000")]
     for extra, message in bad:
         code, _, err = run_cli(capsys, "prepare", corpus_dir, "--tokenizer", "char", "--out-dir", tmp_path, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)

@@ -17,9 +17,16 @@ FIELDS = ("step", "epoch", "tokens", "elapsed", "train_loss", "train_eval_loss",
 
 def evaluations(run: RunDir) -> list[dict[str, Any]]:
     """Every eval event of the run in the order it was logged, each with FIELDS (None where the event has none: a
-    fine-tune scores no train split, an older run logged no epoch)."""
-    return [{name: event.get(name) for name in FIELDS} for event in run.events()
+    fine-tune scores no train split, an older run logged no epoch). One past the run's newest checkpoint (its
+    checkpoint never written: a full disk, a kill) is no new best: the best the run holds is the one before."""
+    rows = [{name: event.get(name) for name in FIELDS} for event in run.events()
             if event.get("event") == "eval" and isinstance(event.get("val_loss"), (int, float))]
+    saved, best = run.saved_through(), None
+    for row in rows:
+        if saved is not None and isinstance(row["step"], int) and row["step"] > saved:
+            row["is_best"], row["best_val_loss"] = False, best
+        best = row["best_val_loss"]
+    return rows
 
 
 def _mark(row: dict[str, Any]) -> str:

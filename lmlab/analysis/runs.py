@@ -149,8 +149,10 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     if progress:
         summary.steps, summary.tokens = progress[-1]["step"], progress[-1]["tokens"]
         summary.elapsed = max(e.get("elapsed", 0.0) for e in progress)
-    if summary.evals:
-        best = min(summary.evals, key=lambda e: e["val_loss"])
+    saved = run.saved_through()  # an evaluation past the newest checkpoint is none the run holds
+    held = [e for e in summary.evals if saved is None or not isinstance(e.get("step"), int) or e["step"] <= saved]
+    if held:
+        best = min(held, key=lambda e: e["val_loss"])
         summary.best_val_loss, summary.best_step = best["val_loss"], best["step"]
         if isinstance(best.get("train_eval_loss"), (int, float)):
             summary.gap = best["val_loss"] - best["train_eval_loss"]

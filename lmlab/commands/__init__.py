@@ -11,6 +11,8 @@ import json
 import os
 import platform
 import re
+import signal
+import subprocess
 import sys
 import time
 from typing import Any, NoReturn
@@ -18,6 +20,8 @@ from typing import Any, NoReturn
 from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, log, plan, report, runs, serve, sweep, train
 from lmlab.commands.common import describe_commands, silence_stdout
+from lmlab.core.busy import env_threads
+from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.errors import PeerLost, UserError, classify
 
 FAMILIES = (data, train, evaluate, hf, serve, plan, runs, log, report, sweep)  # the order of `lmlab --help`
@@ -95,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # how Python keeps a command-line byte that is not UTF-8
+
+
+def check_text(argv: list[str]) -> None:
+    """Refuse an argument holding bytes that are not UTF-8 (a Latin-1 file name, a stray byte), naming its option:
+    Python keeps each as a lone surrogate, which every later write of the text (a lock's holder, a log line, JSON)
+    fails on."""
+    args = list(map(str, argv))
+    for i, arg in enumerate(args):
+        option, value = ("", arg) if not (arg.startswith("--") and "=" in arg) else arg.split("=", 1)
+        bad = NOT_UTF8.search(value) or NOT_UTF8.search(option)
+        if bad is None:
+            continue
+        option = option or (args[i - 1] if i and args[i - 1].startswith("-") else "the argument")
+        shown = repr(value.encode("utf-8", "surrogateescape"))[1:]  # its bytes, escaped: one line whatever they are
+        raise UserError(f"{option} is not valid text ({shown}): it holds the byte 0x{ord(bad.group()) - 0xdc00:02x}, "
+                        f"which is not UTF-8, at character {bad.start():,}; lmlab reads its command line as UTF-8: "
+                        "retype it, or rename the file to a UTF-8 name.")
+
+
 PEER_GRACE_SECONDS = 2.0
 
 
@@ -125,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     SIGPIPE ends any Unix tool, silently with status 141."""
     args = None
     try:
+        check_text(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)  # a destination option's refusal is a UserError (common.destination)
+        env_threads()  # torch's first parallel kernel starts that many threads, whatever the command
+        discard_partial_builds()  # a kernel a signal cut short would be loaded by this command's first compile
         args.func(args)
     except BrokenPipeError:
         silence_stdout()
@@ -150,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:
+        if (stop := _compile_stopped(err)) is not None:
+            discard_partial_builds()
+            print(f"stopped by {stop} while torch.compile compiled (train.compile): nothing of the unfinished step "
+                  "was kept, nor the builds the signal cut short", file=sys.stderr)
+            return 130
         failed = classify(err)
         if "RANK" in os.environ and failed in ("peer", "timeout"):  # a collective of this torchrun job
             return _say(f"rank {os.environ['RANK']} stops: another process of this torchrun job ended first "
@@ -159,6 +191,20 @@ def main(argv: list[str] | None = None) -> int:
         return _say(f"the device ran out of memory ({str(err).splitlines()[0]}); use a smaller batch size, "
                     "--num-samples or --max-batch, or a smaller model.")
     return 0
+
+
+def _compile_stopped(err: BaseException) -> str | None:
+    """The stop signal that ended a compile, as torch.compile reports it (its error wraps what the signal did: the
+    step abandoned after the stop's grace, or a C++ compiler the terminal's Ctrl-C killed), else None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ == "StepAbandoned":  # lmlab.train.stop's, raised inside the compiling step
+            return err.signal
+        if isinstance(err, subprocess.CalledProcessError) and err.returncode < 0:
+            return signal.Signals(-err.returncode).name
+        err = err.__cause__ or err.__context__ or getattr(err, "inner_exception", None)
+    return None
 
 
 def _peer_words(err: RuntimeError) -> str:

@@ -6,6 +6,7 @@ import argparse
 import errno
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -207,6 +208,26 @@ def ticking(unit: str, title: str, every: float = 5.0, stderr: bool = False) -> 
 def compiled_step(args: argparse.Namespace, run: LoadedRun, capacity: int, setting: str, tokens_per_row: int) -> Any:
     """The decode step of `lmlab.api.loading.decode_step`, compiled when --compile was given."""
     return decode_step(run, capacity, setting, tokens_per_row, args.compile, console)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt (`signal` names which)."""
+
+    signal = "SIGTERM"
+
+
+@contextmanager
+def terminating() -> Iterator[None]:
+    """Within it, SIGTERM stops the command as Ctrl-C does (`Terminated`), so what it finished is kept and said;
+    Python's default ends the process silently, mid-write."""
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def temperatures(text: str) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from lmlab.commands.common import (
     destination,
     print_table,
     samplings,
+    terminating,
     ticking,
 )
 from lmlab.core.config import SamplingParams, checkpoint_label
@@ -161,7 +163,7 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:
     from lmlab.writeup.document import to_markdown
     from lmlab.core.fileio import atomic_write_text
-    from lmlab.writeup.grid import read_prompts, sample_grid
+    from lmlab.writeup.grid import GridStopped, read_prompts, sample_grid
 
     for option, given in (("--instruction", args.instruction), ("--input", args.input), ("--system", args.system)):
         if given:
@@ -181,14 +183,22 @@ def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None
                                                                       else args.prompt]
     out = check_destination(args.out or ("prompt-grid.json" if args.json else "prompt-grid.md"), "--out")
     cells = f"{len(args.runs)} run(s) × {len(prompts):,} prompt(s) × {len(params)} temperature(s)"
-    with ticking("cell", f"Sampling {cells}", stderr=True) as tick:  # stdout is the grid's
-        grid = sample_grid([Path(r) for r in args.runs], prompts, [p.temperature for p in params], params[0],
-                           args.checkpoint, args.device, tick, chat=args.chat is not None)
+    stopped = None
+    with ticking("cell", f"Sampling {cells}", stderr=True) as tick, terminating():  # stdout is the grid's
+        try:
+            grid = sample_grid([Path(r) for r in args.runs], prompts, [p.temperature for p in params], params[0],
+                               args.checkpoint, args.device, tick, chat=args.chat is not None)
+        except GridStopped as stop:  # the cells that ended are kept, and said to be
+            grid, stopped = stop.grid, stop
     if args.json:
         text = json.dumps(grid.to_json(), indent=1, ensure_ascii=False) + "\n"
     else:
         text = to_markdown(f"Prompt grid: {', '.join(grid.runs)}", grid.blocks())
     atomic_write_text(out, text)
+    if stopped is not None:
+        print(f"{stopped}: the {stopped.done} that ended are written to {out} (and each to its run's samples.txt)",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[stopped.signal].value)
     sys.stdout.write(text)
     print(f"written to {out}", file=sys.stderr)
 

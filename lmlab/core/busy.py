@@ -66,13 +66,23 @@ def cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
-def check_threads(name: str, threads: int) -> None:
+def check_threads(name: str, threads: int, fix: str = "0 to let lmlab choose") -> None:
     """Refuse more threads than cores: past them a job only waits on itself, and OpenMP aborts (20,000) or crashes
     (100,000) on too many."""
     available = len(cores())
     if threads > available:
         raise UserError(f"{name} is {threads:,}, more than the {available} core{'s' * (available > 1)} this process "
-                        f"may use; set it to at most {available}, or 0 to let lmlab choose.")
+                        f"may use; set it to at most {available}, or {fix}.")
+
+
+def env_threads() -> int | None:
+    """OMP_NUM_THREADS when it sets a count (torch computes on that many threads from its first parallel kernel),
+    refused like the thread options above the cores; None when unset or not a count."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not (env.isdigit() and int(env) > 0):
+        return None
+    check_threads("OMP_NUM_THREADS", int(env), "unset it to let lmlab choose")
+    return int(env)
 
 
 def _busy_ticks(cpus: list[int]) -> int | None:

@@ -444,7 +444,9 @@ def _coerce(where: str, value: Any, kind: type) -> Any:
             value = float(value)
         except OverflowError:  # an integer of hundreds of digits
             raise UserError(f"{where} is an integer of {len(str(value)):,} digits, beyond any number it may be.")
-    if type(value) is not kind or (kind is float and not math.isfinite(value)):
+    if kind is float and type(value) is float and not math.isfinite(value):  # a float, but no number to use
+        raise UserError(f"{where} is {value}; it must be a finite number.")
+    if type(value) is not kind:
         raise UserError(f"{where} must be {kind.__name__}, got {_shown(repr(value))} ({type(value).__name__}).")
     return value
 

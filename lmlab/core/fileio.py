@@ -258,8 +258,13 @@ class WriterLock:
             self._fd = self._open_locked(refusal)
         _HELD.add(self)
         command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"pid {os.getpid()}: {command}".encode())
+        try:
+            with writing(self.path):  # its holder's line: on a full disk the lock file is what cannot be written
+                os.ftruncate(self._fd, 0)
+                os.write(self._fd, f"pid {os.getpid()}: {command}".encode())
+        except WriteError:
+            self.release()
+            raise
 
     def _open_locked(self, refusal: str) -> int:
         while True:

@@ -22,7 +22,6 @@ would have run when both ran on the same threads: train.threads fixes them.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lmlab.core.busy import Load, LoadMeter, check_threads, cores
+from lmlab.core.busy import Load, LoadMeter, check_threads, cores, env_threads
 from lmlab.core.device import autocast
 
 MIN_WINDOW = 0.25  # seconds: a shorter window's load is a handful of clock ticks, too few to call it quiet
@@ -46,12 +45,10 @@ RETIME_SECONDS = 30.0  # and so does a load that moved by half a core, but no mo
 
 
 def most_threads() -> tuple[int, str | None]:
-    """The threads a job may use, and what fixed them: OMP_NUM_THREADS when set (torchrun sets 1), else the cores
-    this process may use (None: lmlab chooses)."""
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env), "OMP_NUM_THREADS"
-    return len(cores()), None
+    """The threads a job may use, and what fixed them: OMP_NUM_THREADS when set (torchrun sets 1; refused above the
+    cores), else the cores this process may use (None: lmlab chooses)."""
+    env = env_threads()
+    return (env, "OMP_NUM_THREADS") if env else (len(cores()), None)
 
 
 @dataclass(frozen=True)

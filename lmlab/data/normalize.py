@@ -59,7 +59,18 @@ def parse_chars(text: str, option: str) -> str:
             at += 1
     if not chars:
         raise UserError(f"{option} is empty; name the characters, e.g. {option} 'a-z \\n'.")
+    if len(chars) > MOST_CHARS:  # each is written into meta.json and the tokenizer: all of Unicode made 26 MB
+        if option == "--keep-chars" and len(chars) >= 0.99 * TEXT_CHARS:
+            raise UserError(f"--keep-chars names {len(chars):,} characters, nearly every one text can hold: it removes "
+                            "next to nothing; leave it out.")
+        other = "--drop-chars" if option == "--keep-chars" else "--keep-chars"
+        raise UserError(f"{option} names {len(chars):,} characters; name at most {MOST_CHARS:,} (the scripts a "
+                        f"corpus is written in, e.g. {option} 'a-z \\n'), or give the others to {other}.")
     return "".join(sorted(chars))
+
+
+MOST_CHARS = 200_000  # more than every script a corpus is written in (CJK's ideographs are ~98,000)
+TEXT_CHARS = 0x110000 - 0x800  # Unicode's code points less the surrogates, which no text holds
 
 
 def _char_class(chars: str) -> str:

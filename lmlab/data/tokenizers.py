@@ -28,6 +28,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
+from lmlab.core.fileio import atomic_write_text
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -179,7 +180,9 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path: Path) -> None:
-        self.backend.save(str(path))
+        """tokenizer.json, written as the library writes it (pretty), atomically: a write that fails (a full disk) is
+        a WriteError naming the file, where the library's own save raised a bare Exception."""
+        atomic_write_text(Path(path), self.backend.to_str(pretty=True))
 
     def identity(self) -> str:
         """See `tokenizer_identity`."""

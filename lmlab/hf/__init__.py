@@ -22,7 +22,7 @@ import torch
 from lmlab.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import writing
-from lmlab.data.tokenizers import GPT2_DIR_ENV, Tokenizer, load_gpt2, load_pretrained
+from lmlab.data.tokenizers import EOT, GPT2_DIR_ENV, UNK, Tokenizer, load_gpt2, load_pretrained, parse_spec
 from lmlab.hf.family import Family
 from lmlab.hf.folder import (
     Weights,
@@ -107,7 +107,33 @@ def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"the tokenizer in {where} has {tokenizer.vocab_size:,} tokens but the model only "
                         f"{vocab_size:,} embedding rows (vocab_size in config.json); it is not this model's tokenizer.")
+    _check_label(tokenizer, where)
     return tokenizer
+
+
+# What the tokenizers library's model is for each kind of lmlab's labels (pretrained: anything).
+LABEL_MODELS = {"char": "WordLevel", "word": "WordLevel", "bpe": "BPE", "gpt2": "BPE", "tiktoken": "BPE"}
+
+
+def _check_label(tokenizer: Tokenizer, where: Path | str) -> None:
+    """Refuse a tokenizer.json that is not the tokenizer its label says (an exported folder's `lmlab_tokenizer`, a
+    run's or dataset's spec): imported, ids the file lacks would decode to nothing, a sample to no text."""
+    expected = LABEL_MODELS.get(tokenizer.kind)
+    if expected is None:
+        return
+    model, size = type(tokenizer.backend.model).__name__, parse_spec(tokenizer.spec)[1]
+    plain = [t for t in tokenizer.vocab if t not in (UNK, EOT)]
+    single = all(len(t) == 1 for t in plain)
+    if model != expected or (tokenizer.kind == "char") != single:
+        found = (f"a {model} vocabulary of {len(tokenizer.vocab):,} tokens" +
+                 (", each one character (a char tokenizer)" if model == "WordLevel" and single else ""))
+    elif size and tokenizer.vocab_size > size + (2 if tokenizer.kind == "word" else 0):
+        found = f"a vocabulary of {tokenizer.vocab_size:,} tokens"
+    else:
+        return
+    raise UserError(f"the tokenizer in {where} is labelled {tokenizer.spec} (lmlab_tokenizer in tokenizer_config.json, "
+                    f"or the spec of the run or dataset) but its tokenizer.json holds {found}; it is not the tokenizer "
+                    "the label names: put the model's own tokenizer.json back, or correct the label.")
 
 
 @torch.no_grad()

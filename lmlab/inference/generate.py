@@ -226,19 +226,23 @@ class Batch:
 def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[list[int]],
                  params: Sequence[SamplingParams], capacity: int, dtype: torch.dtype, step: Step | None = None,
                  progress: Callable[[int, int], None] | None = None, past_eot: bool = False,
-                 setting: str = "--batch-size") -> list[Continuation]:
+                 setting: str = "--batch-size",
+                 ended: Callable[[int, Continuation], None] | None = None) -> list[Continuation]:
     """Every prompt's continuation, `capacity` (the option `setting`) decoded at once; the next prompt joins as soon
-    as one ends."""
+    as one ends. `ended` hears each as it ends (the prompt's index, its continuation): what a stop keeps."""
     longest = max((len(p) + q.max_new_tokens for p, q in zip(prompts, params)), default=0)
     batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest)
     waiting, done = list(zip(prompts, params))[::-1], []
-    results = []
+    results, index = [], {}
     while waiting or len(batch):
         while waiting and batch.free:
             results.append(batch.add(*waiting.pop()))
+            index[id(results[-1])] = len(results) - 1
         for continuation, _ in batch.step():
             if continuation.finish_reason is not None:
                 done.append(continuation)
+                if ended:
+                    ended(index[id(continuation)], continuation)
                 if progress:
                     progress(len(done), len(prompts))
     return results

@@ -10,6 +10,8 @@ are loaded (importlib.metadata): nothing is imported from a path a config or a r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -60,7 +62,28 @@ def build_plugin(config: ModelConfig) -> LanguageModel:
     model.config = config  # what training, sampling and checkpoints read the shape from
     model.lmlab_plugin = who
     check_forward(model)
+    model.forward = _checked(model.forward, who, config.vocab_size)
     return model
+
+
+def _checked(forward: Any, who: str, vocab: int) -> Any:
+    """`forward`, its raises and its outputs checked on every call, as on the probe's: a plugin right on a 4x3 batch
+    may fail on a real one (a raise past some length, a loss per token, a column short), and training, sizing and
+    sampling would otherwise say it as a traceback, as an uncountable size, or not at all. Shapes only: its values
+    are the trainer's guard's and the loader's to check."""
+
+    def checked_forward(idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        targets = args[0] if args else kwargs.get("targets")
+        how = (f"its forward of {'x'.join(map(str, idx.shape))} token ids "
+               f"{'with' if targets is not None else 'without'} targets")
+        with _named(who, how, idx.device):
+            out = forward(idx, *args, **kwargs)
+        problem = _output_problem(out, *idx.shape[:2], vocab, targets is not None, check_values=False)
+        if problem:
+            raise UserError(f"{who}: {how} {problem}; {CONTRACT}")
+        return out
+
+    return checked_forward
 
 
 # What a plugin's own mistake raises; not an out-of-memory error, a stop signal or an interrupt.
@@ -86,8 +109,11 @@ def check_forward(model: LanguageModel) -> None:
         problem = _output_problem(_forward(model, idx, targets, who, how), B, T, vocab, targets is not None,
                                   check_values=device.type != "meta")
         if problem:
-            raise UserError(f"{who}: {how} {problem}; forward(idx, targets=None) must return (logits of shape (B, T, "
-                            "vocab_size), the mean loss as one number, or None without targets).")
+            raise UserError(f"{who}: {how} {problem}; {CONTRACT}")
+
+
+CONTRACT = ("forward(idx, targets=None) must return (logits of shape (B, T, vocab_size), the mean loss as one number, "
+            "or None without targets).")
 
 
 def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | None, who: str, how: str) -> Any:
@@ -95,15 +121,23 @@ def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | No
     mask training would have drawn; a raise of the plugin's own is one sentence naming it."""
     training = model.training
     try:
-        with torch.random.fork_rng(devices=[idx.device] if idx.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[idx.device] if idx.device.type == "cuda" else []), \
+                _named(who, how, idx.device):
             return model.eval()(idx, targets)
+    finally:
+        model.train(training)
+
+
+@contextmanager
+def _named(who: str, how: str, device: torch.device) -> Iterator[None]:
+    """A raise of the plugin's own mistakes inside as one sentence naming it and `how` it was called."""
+    try:
+        yield
     except PLUGIN_ERRORS as err:
         if classify(err) in ("memory", "overflow"):
             raise  # a size too large to hold or to count, which the caller says as such
-        where = " on the meta device, where lmlab sizes a model before building it" if idx.device.type == "meta" else ""
+        where = " on the meta device, where lmlab sizes a model before building it" if device.type == "meta" else ""
         raise UserError(f"{who} raised {_first_line(err)} in {how}{where}; fix the plugin's forward.") from err
-    finally:
-        model.train(training)
 
 
 def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool, check_values: bool) -> str | None:

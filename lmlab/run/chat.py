@@ -37,6 +37,11 @@ PROBE = "lmlab-probe-7f3a"  # an assistant message whose end shows what the temp
 LONG_CHAT = [{"role": ("user", "assistant")[i % 2], "content": "words of a message " * 200} for i in range(31)]
 
 
+class Unrendered(UserError):
+    """No template could be rendered: the sandbox's worker did not start (this installation's fault, not the
+    template's nor the messages')."""
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A model's chat template, the special tokens it may print, and the tokens that end the assistant's turn."""
@@ -56,7 +61,8 @@ class ChatTemplate:
         try:
             text = render(self.template, variables)
         except RenderError as err:
-            raise UserError(f"the chat template of {where or self.source} {self._failure(err, what)}")
+            error = Unrendered if err.kind == "start" else UserError
+            raise error(f"the chat template of {where or self.source} {self._failure(err, what)}")
         if not text:
             raise UserError(f"the chat template of {where or self.source} renders nothing for {what}; fix the "
                             "template.")
@@ -76,6 +82,8 @@ class ChatTemplate:
             "recursion": f"recurses without end on {what} (a macro that calls itself?); {fix}",
             "size": f"renders more than {RENDER_CHARS:,} characters for {what}, longer than any prompt; {fix}",
             "crashed": f"crashed the process rendering it on {what}; {fix}",
+            "start": f"could not be rendered: lmlab's process that renders chat templates did not start "
+                     f"({err.detail}); reinstall lmlab and jinja2.",
         }[err.kind]
 
     def to_json(self) -> str:

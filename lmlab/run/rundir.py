@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import shlex
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -279,18 +280,23 @@ class RunDir:
     # -- reading a run ---------------------------------------------------------------------------------------
 
     def events(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """The metrics events (the first `limit` of them), skipping a line cut short by a crash."""
+        """The metrics events (the first `limit` of them). A damaged line (bytes that are not UTF-8, JSON that is
+        not an event object) is skipped, said once per file on stderr; a last line cut short by a crash silently."""
         if not self._metrics.exists():
             return []
-        events = []
-        with open(self._metrics, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
+        events, damaged = [], []
+        with open(self._metrics, "rb") as f:
+            for number, line in enumerate(f, 1):
+                event = _event(line)
+                if event is None:
+                    if line.endswith(b"\n"):  # not the unfinished end of a killed writer's last append
+                        damaged.append(number)
                     continue
+                events.append(event)
                 if limit is not None and len(events) >= limit:
                     break
+        if damaged:
+            _say_damaged(self._metrics, damaged)
         return events
 
     def evaluations(self) -> list[dict[str, Any]]:
@@ -433,6 +439,14 @@ class RunDir:
     def step_folders(self) -> list[Path]:
         return ckpt.step_folders(self.checkpoints)
 
+    def saved_through(self) -> int | None:
+        """The step of the newest checkpoint when no process writes the run, else None. Events past it are those a
+        resume drops: an evaluation logged before its checkpoint, which a failed write or a kill never wrote."""
+        folders = self.step_folders()
+        if not folders or self.running():
+            return None
+        return int(folders[-1].name.removeprefix("step_"))
+
     def remove_partial_checkpoints(self) -> None:
         self._check_writer()
         ckpt.remove_partial(self.checkpoints)
@@ -538,3 +552,31 @@ class LoadedRun:
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of
     chat_template: ChatTemplate | None = None  # an imported instruct model's; None for the others
     notes: tuple[str, ...] = ()  # what loading it chose that a command should say (fp32 over fp16, and why)
+
+
+def _event(line: bytes) -> dict[str, Any] | None:
+    """One line of metrics.jsonl as an event, or None when it is not one: an object with an `event` name and an
+    integer `step` where it has one."""
+    try:
+        event = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return None
+    step = event.get("step", 0)
+    return event if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+_said: set[tuple[Path, tuple[int, ...]]] = set()  # damaged lines already reported by this process
+
+
+def _say_damaged(path: Path, lines: list[int]) -> None:
+    """One line on stderr naming a file's damaged lines, once per process (a command reads a run's events often)."""
+    key = (path.resolve(), tuple(lines))
+    if key in _said:
+        return
+    _said.add(key)
+    named = [str(n) for n in lines[:5]] + ([f"{len(lines) - 5} more"] if len(lines) > 5 else [])
+    shown = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+    print(f"note: {path}: line{'s' * (len(lines) > 1)} {shown} {'are' if len(lines) > 1 else 'is'} damaged (not a "
+          "JSON event in UTF-8) and skipped; the run reads as if they were not there.", file=sys.stderr)

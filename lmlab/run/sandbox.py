@@ -3,7 +3,8 @@
 A chat template is code from the Hub. Jinja's immutable sandbox keeps it from Python's internals, as transformers
 renders it, but not from looping for hours, recursing without end or printing gigabytes: in the process that
 serves a model, one such template held a thread per request for good. So every render runs in a worker process
-(`python -m lmlab.run.sandbox`, which imports jinja2 and nothing of torch) that:
+(`python -m lmlab.run.sandbox`, which imports jinja2 and nothing of torch, started apart from the working directory:
+lmlab.core.workers) that:
 
 - stops a render after RENDER_SECONDS: an interval timer raises inside it; a soft CPU-time limit kills a worker
   stuck in one C call beyond that, and the caller kills one that has not answered RENDER_SECONDS + GRACE after it
@@ -24,11 +25,14 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
+
+from lmlab.core.workers import python_command
 
 RENDER_SECONDS = 2.0  # a real template renders a long conversation in milliseconds
 GRACE = 3.0  # for a worker to answer once its timer has fired (a long C call finishes first)
@@ -38,7 +42,8 @@ RENDER_CHARS = 4_000_000  # the longest prompt a render may give (more than any 
 
 class RenderError(Exception):
     """Why a render failed: `kind` is one of syntax (with `line`), undefined, refused (the template's own error),
-    time, memory, recursion, size, crashed; `detail` the template's words where it has some."""
+    time, memory, recursion, size, crashed, start (the worker did not start: `detail` says why); `detail` the
+    template's words where it has some."""
 
     def __init__(self, kind: str, detail: str = "", line: int | None = None):
         super().__init__(f"{kind}: {detail}")
@@ -73,12 +78,23 @@ class _Worker:
     """One worker process and its pipes; used by one thread at a time."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "lmlab.run.sandbox"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.errors = tempfile.TemporaryFile()  # what a worker that fails to start says (a file never fills up)
+        self.proc = subprocess.Popen(python_command("lmlab.run.sandbox"), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.errors)
         self.buffer = b""
-        if self._line(time.monotonic() + 120) != b"ready":  # a busy machine may take seconds to start Python
+        line = self._line(time.monotonic() + 120)  # a busy machine may take seconds to start Python
+        if line != b"ready":
             self._end()
-            raise RenderError("crashed")
+            raise RenderError("start", self._start_failure(line))
+
+    def _start_failure(self, line: bytes | None) -> str:
+        """Why the worker did not start: its own report (an import that failed), else its last line on stderr."""
+        try:
+            return json.loads(line)["detail"]
+        except (TypeError, ValueError, KeyError):
+            self.errors.seek(0)
+            said = self.errors.read().decode("utf-8", "replace").strip().splitlines()
+            return said[-1] if said else f"it exited with status {self.proc.returncode}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -118,6 +134,7 @@ class _Worker:
     def _end(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        self.errors.close()
 
 
 # -- the worker's side ------------------------------------------------------------------------------------------
@@ -271,6 +288,12 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _expire)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the command; it ends this worker's input
     out = sys.stdout.buffer
+    try:
+        _environment()  # Jinja imported before the worker says it is ready: a failed import is said as itself
+    except Exception as err:
+        out.write(_line_of({"error": "start", "detail": f"{type(err).__name__}: {_first_line(err)}"}))
+        out.flush()
+        return
     out.write(b"ready\n")
     out.flush()
     for line in sys.stdin.buffer:

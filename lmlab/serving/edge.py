@@ -27,9 +27,11 @@ import json
 import math
 import socket
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from lmlab.core.errors import UserError
+from lmlab.serving.lanes import GONE
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class ServeLimits:
             if not (math.isfinite(value) and 0 < value <= 86_400):
                 raise UserError(f"--{option.replace('_', '-')} is {value}; it must be a number of seconds above 0 and "
                                 "at most a day (86400).")
+
+
+LINGER = 2.0  # seconds a refused connection is read, its bytes dropped, before it is closed
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -104,8 +109,8 @@ class Edge:
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
         self._stalled: asyncio.TimerHandle | None = None
-        # trusted: a request of it passed the key check; spoke: it sent something
-        self.opened, self.trusted, self.spoke = self.loop.time(), False, False
+        # trusted: a request of it passed the key check; spoke: it sent something; refused: answered and closing
+        self.opened, self.trusted, self.spoke, self.refused = self.loop.time(), False, False, False
         refusal = admit(self, self.connections, self.limits, self.log)
         if refusal is not None:
             self.log(f"- - 503 {client_name(self)}: {refusal}")
@@ -118,9 +123,17 @@ class Edge:
         return self.cycle is None or self.cycle.response_complete
 
     def _refuse(self, status: int, message: str, code: str) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(_refusal(status, message, code))
-            self.transport.close()
+        """Answer `status` and close, reading (and dropping) what the client still sends for up to LINGER seconds
+        first: a socket closed with a request unread is reset by the kernel, and the client may lose the answer."""
+        if self.transport.is_closing() or self.refused:
+            return
+        self.refused = True
+        self.transport.write(_refusal(status, message, code))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self._cancel("_deadline")
+        self._deadline = self.loop.call_later(LINGER, self.transport.close)
 
     def _expect_headers(self, seconds: float) -> None:
         """Close the connection unless a request's headers are whole within `seconds`."""
@@ -142,10 +155,17 @@ class Edge:
             setattr(self, name, None)
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:  # answered already: what comes after is dropped
+            return
         self.spoke, cycle = True, self.cycle
         super().data_received(data)
         if self.cycle is not cycle:  # a request's headers are whole: the body and the answer have their own clocks
             self._cancel("_deadline")
+            self.cycle.scope[GONE] = partial(getattr, self.cycle, "disconnected")  # a lane drops its jobs once true
+        if self.cycle is not None and not self.cycle.more_body and self.flow.read_paused:
+            # The body is whole, and uvicorn paused reading at a large one: reading on lets the client's going
+            # away be seen while its request waits (h11 holds a pipelined request's bytes, pausing itself).
+            self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
         cycle = self.cycle
@@ -187,7 +207,7 @@ def admit(new: Any, connections: set[Any], limits: ServeLimits, log: Any) -> str
             ("--max-client-connections", limits.max_client_connections, f" from {address}",
              lambda c: c.client and c.client[0] == address),
             ("--max-connections", limits.max_connections, "", lambda c: True)):
-        mine = [c for c in connections if counted(c) and not c.transport.is_closing()]
+        mine = [c for c in connections if counted(c) and not c.transport.is_closing() and not c.refused]
         while len(mine) > most:
             idle = [c for c in mine if c is not new and c.idle()]
             if not idle:

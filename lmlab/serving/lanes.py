@@ -1,13 +1,21 @@
 """The CPU work of requests, off the event loop and bounded: reading and tokenizing bodies in one lane, rendering
-chats through their templates in another.
+chats through their templates in another, each shared fairly between clients (addresses).
 
-A lane is a few threads and a bounded heap of waiting jobs, the smallest body first, and large bodies never take
-its last thread: a flood of megabyte bodies is read one at a time, a three-token completion waits neither behind
-the flood nor for one of its jobs to end, and one more job than the heap holds is refused at once (`Busy`, a 429)
-instead of queueing memory without end. A chat's
-template runs in a lane of its own (its renders bounded by lmlab.run.sandbox), so chats a template makes slow hold
-none of the threads that read completions. After a large job the C heap's free memory goes back to the system
-(`malloc_trim`): a flood's pages are not kept for good.
+A lane is a few threads and a bounded number of waiting jobs, each client's cheapest first:
+
+- No client holds every thread: one runs at most all but one of a lane's threads at once (PER_CLIENT), so a
+  client flooding it with slow jobs (megabyte bodies, chats through a template that loops for its two seconds)
+  leaves a thread to the others. Large bodies never take a lane's last thread either, whoever sends them: a
+  three-token completion waits neither behind a flood nor for one of its jobs to end.
+- The next job is of the client running fewest, then waiting longest: one client's queue is its own.
+- When as many jobs wait as the lane holds, a new job is refused (`Busy`, a 429) only if its client already has as
+  many waiting as any other; otherwise the newest job of the client with the most waiting gives way to it (that
+  request is the one answered 429). A flood fills the lane for no one but the flooder.
+- A job whose client has gone (its connection closed) is dropped, not run (`Left`).
+
+A chat's template runs in a lane of its own (its renders bounded by lmlab.run.sandbox), so chats a template makes
+slow hold none of the threads that read completions. After a large job the C heap's free memory goes back to the
+system (`malloc_trim`): a flood's pages are not kept for good.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import ctypes
 import heapq
 import itertools
 import threading
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 PARSE_THREADS = 2  # one job's JSON or tokenizer work beside another's; more would take cores from decoding
@@ -28,56 +38,152 @@ TRIM_BYTES = 256 << 10  # a body this large leaves garbage worth giving back
 
 
 class Busy(Exception):
-    """A lane's heap is full."""
+    """A lane is full and the job's client has as many waiting as any other, or its job gave way to another
+    client's: `waiting` jobs wait in the lane, `mine` of them the client's."""
+
+    def __init__(self, waiting: int, mine: int):
+        super().__init__(f"{waiting} waiting, {mine} of them this client's")
+        self.waiting, self.mine = waiting, mine
+
+
+class Left(Exception):
+    """The job's client went away before the job ran: it was dropped."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who a job is for: `name`, the address a lane shares its threads by; `gone`, whether its connection closed."""
+
+    name: str
+    gone: Callable[[], bool] = field(default=lambda: False, compare=False)
+
+
+def client_of(scope: dict[str, Any]) -> Client:
+    """The client of an ASGI request: its address, and its connection's end (lmlab.serving.edge puts it there)."""
+    address = scope.get("client") or ("unknown",)
+    return Client(str(address[0]), scope.get(GONE, lambda: False))
+
+
+GONE = "lmlab.gone"  # the scope key of a request's "has its connection closed?" (set by lmlab.serving.edge)
+
+
+@dataclass(eq=False)
+class _Job:
+    client: Client
+    cost: int
+    order: int  # first come first served among a client's jobs of equal cost, and between clients
+    call: Callable[[], Any]
+    future: asyncio.Future
+
+    def settle(self, setter: str, value: Any) -> None:
+        """Resolve the future on its loop (from any thread); not when its request was cancelled meanwhile."""
+        try:
+            self.future.get_loop().call_soon_threadsafe(_settle, self.future, getattr(self.future, setter), value)
+        except RuntimeError:  # the loop closed: the server is shutting down
+            pass
 
 
 class Lane:
-    """`threads` daemon threads running jobs, the cheapest waiting first, large ones on all but one of them; at
-    most `max_waiting` wait."""
+    """`threads` daemon threads running jobs fairly between clients; at most `max_waiting` wait."""
 
     def __init__(self, name: str, threads: int, max_waiting: int = MAX_WAITING):
         self.name, self.max_waiting, self.threads = name, max_waiting, threads
-        self.waiting: list[tuple[int, int, Callable[[], Any], asyncio.Future]] = []
+        self.per_client = max(1, threads - 1)  # jobs one client may run at once: never every thread
+        self.waiting: dict[str, list[tuple[int, int, _Job]]] = {}  # by client, a heap of (cost, order, job)
+        self.count = 0  # jobs waiting
+        self.running: Counter[str] = Counter()
         self.large = 0  # large jobs running
-        self.order = itertools.count()  # first come first served among equal costs
+        self.order = itertools.count()
         self.wake = threading.Condition()
         for i in range(threads):
             threading.Thread(target=self._work, name=f"lmlab-{name}-{i}", daemon=True).start()
 
-    async def run(self, cost: int, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` on one of the lane's threads, after the waiting jobs of lower `cost` (bytes of body);
-        Busy when as many jobs wait as the lane holds."""
-        future = asyncio.get_running_loop().create_future()
+    async def run(self, client: Client, cost: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on one of the lane's threads, for `client`, `cost` bytes of body; Busy when the lane is full
+        for this client, or when the job gives way to another client's later; Left when its client goes first."""
+        job = _Job(client, cost, next(self.order), lambda: fn(*args), asyncio.get_running_loop().create_future())
         with self.wake:
-            if len(self.waiting) >= self.max_waiting:
-                raise Busy(self.name)
-            heapq.heappush(self.waiting, (cost, next(self.order), lambda: fn(*args), future))
+            self._drop_abandoned()
+            if self.count >= self.max_waiting:
+                self._make_room(client.name)
+            heapq.heappush(self.waiting.setdefault(client.name, []), (cost, job.order, job))
+            self.count += 1
             self.wake.notify()
-        return await future
+        return await job.future
+
+    def load(self) -> dict[str, int]:
+        """Jobs running and waiting now (for /health)."""
+        with self.wake:
+            return {"running": sum(self.running.values()), "waiting": self.count}
+
+    def _make_room(self, name: str) -> None:
+        """Give up the newest waiting job of the client with the most waiting, when it has more than `name` would
+        with one more; else refuse `name`'s."""
+        mine = len(self.waiting.get(name, ()))
+        most = max(self.waiting, key=lambda c: len(self.waiting[c]), default=name)
+        if len(self.waiting.get(most, ())) <= mine + 1:
+            raise Busy(self.count, mine)
+        heap = self.waiting[most]
+        newest = max(range(len(heap)), key=lambda i: heap[i][1])
+        job = heap.pop(newest)[2]
+        heapq.heapify(heap)
+        self.count -= 1
+        job.settle("set_exception", Busy(self.count + 1, len(heap) + 1))
+
+    def _drop_abandoned(self) -> None:
+        """Drop the waiting jobs whose client went away, or whose request was cancelled."""
+        for name, heap in list(self.waiting.items()):
+            kept = [entry for entry in heap if not (entry[2].future.done() or entry[2].client.gone())]
+            for _, _, job in heap:
+                if job.client.gone() and not job.future.done():
+                    job.settle("set_exception", Left())
+            if len(kept) != len(heap):
+                self.count -= len(heap) - len(kept)
+                heapq.heapify(kept)
+                self.waiting[name] = kept
+            if not kept:
+                del self.waiting[name]
+
+    def _next(self) -> _Job | None:
+        """The job to run next: the cheapest of the client running fewest (then waiting longest) that may run one
+        more, large ones only while another thread stays free; None when none may."""
+        self._drop_abandoned()
+        choices = [(self.running[name], heap[0][1], name) for name, heap in self.waiting.items()
+                   if self.running[name] < self.per_client
+                   and (heap[0][0] < LARGE or self.large < max(1, self.threads - 1))]
+        if not choices:
+            return None
+        name = min(choices)[2]
+        job = heapq.heappop(self.waiting[name])[2]
+        if not self.waiting[name]:
+            del self.waiting[name]
+        self.count -= 1
+        self.running[name] += 1
+        self.large += job.cost >= LARGE
+        return job
 
     def _work(self) -> None:
         while True:
             with self.wake:
-                while not self.waiting or (self.waiting[0][0] >= LARGE and self.large >= max(1, self.threads - 1)):
+                while (job := self._next()) is None:
                     self.wake.wait()
-                cost, _, job, future = heapq.heappop(self.waiting)
-                self.large += cost >= LARGE
+            call, job.call = job.call, None  # the body goes with the call, before the memory is given back
             try:
-                outcome = (future.set_result, job())
+                outcome = ("set_result", call())
             except BaseException as err:  # handed to the request, which answers it
-                outcome = (future.set_exception, err)
-            del job
-            try:
-                future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
-            except RuntimeError:  # the loop closed: the server is shutting down
-                pass
+                outcome = ("set_exception", err)
+            del call
+            job.settle(*outcome)
             del outcome
-            if cost >= TRIM_BYTES:
+            if job.cost >= TRIM_BYTES:
                 give_back_memory()
-            if cost >= LARGE:
-                with self.wake:
-                    self.large -= 1
-                    self.wake.notify_all()
+            with self.wake:
+                self.running[job.client.name] -= 1
+                if not self.running[job.client.name]:
+                    del self.running[job.client.name]
+                self.large -= job.cost >= LARGE
+                self.wake.notify_all()
+            del job
 
 
 def _settle(future: asyncio.Future, setter: Callable[[Any], None], value: Any) -> None:
@@ -99,3 +205,6 @@ class Lanes:
     def __init__(self) -> None:
         self.parse = Lane("parse", PARSE_THREADS)
         self.render = Lane("render", RENDER_THREADS)
+
+    def load(self) -> dict[str, dict[str, int]]:
+        return {"parse": self.parse.load(), "render": self.render.load()}

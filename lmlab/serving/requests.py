@@ -118,9 +118,12 @@ def render_chat(served: Served, turns: list[tuple[str, str]]) -> ChatPrompt:
     """A chat's turns as the run's prompt (`generate.chat_prompt`: its chat template, multi-turn; its fine-tuning
     format; or a transcript); turns the template refuses, or fails on, get a 400 with its one sentence."""
     from lmlab.inference.generate import chat_prompt
+    from lmlab.run.chat import Unrendered
 
     try:
         return chat_prompt(served.run, turns)
+    except Unrendered as err:  # the server's own failure, not the request's
+        raise ApiError(500, str(err), kind="server_error")
     except UserError as err:
         raise ApiError(400, str(err), "messages")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from lmlab.serving.batcher import QueueFull
 from lmlab.serving.edge import read_body
-from lmlab.serving.lanes import Busy, Lane
+from lmlab.serving.lanes import Busy, Lane, Left, client_of
 from lmlab.serving.metrics import CONTENT_TYPE
 from lmlab.serving.openai_api import ApiError, head, model_object, response
 from lmlab.serving.requests import (
@@ -120,7 +120,8 @@ def add_status_routes(app: Any, state: State) -> None:
         decoding, waiting = served.batcher.load()
         return JSONResponse({"status": "ok", "model": state.name, "decode_step": state.decode_step,
                              "compiled_step": state.compiled, "threads": state.threads, "decoding": decoding,
-                             "max_batch": served.max_batch, "waiting": waiting, "max_queue": served.batcher.max_queue})
+                             "max_batch": served.max_batch, "waiting": waiting, "max_queue": served.batcher.max_queue,
+                             "lanes": state.lanes.load()})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -151,7 +152,7 @@ def add_token_routes(app: Any, state: State) -> None:
     @app.post("/detokenize")
     async def detokenize(http: HttpRequest) -> Any:
         raw = await read_body(http, state.served.max_body_bytes, state.edge.body_timeout)
-        return await in_lane(state.lanes.parse, len(raw), detokenize_request, state.served, state.names, raw)
+        return await in_lane(http, state.lanes.parse, len(raw), detokenize_request, state.served, state.names, raw)
 
 
 async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) -> Any:
@@ -159,19 +160,26 @@ async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) ->
     parse lane, a chat's turns rendered between them in the render lane."""
     served, lanes = state.served, state.lanes
     raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
-    body = await in_lane(lanes.parse, len(raw), read, state.names, raw, *args)
-    rendered = None if body.turns is None else await in_lane(lanes.render, len(raw), render_chat, served, body.turns)
-    return await in_lane(lanes.parse, len(raw), finish, served, body, rendered)
+    body = await in_lane(http, lanes.parse, len(raw), read, state.names, raw, *args)
+    rendered = None if body.turns is None else await in_lane(http, lanes.render, len(raw), render_chat, served,
+                                                              body.turns)
+    return await in_lane(http, lanes.parse, len(raw), finish, served, body, rendered)
 
 
-async def in_lane(lane: Lane, cost: int, fn: Any, *args: Any) -> Any:
-    """`fn(*args)` run in `lane`; a 429 with Retry-After when as many jobs wait there as it holds."""
+async def in_lane(http: Any, lane: Lane, cost: int, fn: Any, *args: Any) -> Any:
+    """`fn(*args)` run in `lane` for the request's client; a 429 with Retry-After when the lane is full and this
+    client has as many waiting as any other (lmlab.serving.lanes), and the request's end, unrun, once its client
+    has gone."""
+    client = client_of(http.scope)
     try:
-        return await lane.run(cost, fn, *args)
-    except Busy:
+        return await lane.run(client, cost, fn, *args)
+    except Busy as busy:
         what = "chats wait to be rendered" if lane.name == "render" else "requests wait to be read"
-        raise ApiError(429, f"the server is busy: {lane.max_waiting} {what}; retry shortly.", code="server_busy",
-                       kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+        raise ApiError(429, f"the server is busy: {busy.waiting} {what}, {busy.mine} of them from {client.name}; "
+                       "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+    except Left:
+        http.scope.setdefault("lmlab", {})["left"] = True
+        raise ApiError(499, "the client closed the connection before its request was read.", code="client_left")
 
 
 def add_completion_routes(app: Any, state: State) -> None:

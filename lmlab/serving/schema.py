@@ -6,8 +6,8 @@ lmlab.serving.openai_api), so FastAPI sees no body to describe. The schemas here
 from the served run (its names, context, vocabulary, --max-tokens-cap and --max-batch), once it is loaded: a body
 they accept is one the server accepts (tests/test_serve_schema.py runs schemathesis on it). They are stricter where
 JSON Schema cannot say what the server checks: a prompt is at most the characters that fit the context whatever
-they tokenize to, at most four messages share it, and a chat's template may still refuse a conversation (a 400 in
-its own words, documented like every 400).
+they tokenize to, a chat's messages share it (the fewer, the longer each may be), and a chat's template may still
+refuse a conversation (a 400 in its own words, documented like every 400).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lmlab.serving.requests import TOKENIZE, Served
 from lmlab.serving.routes import ROUTES
 
 EVENT = {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}  # a streamed event's data: a chunk, then [DONE]
-MESSAGES = 4  # the most messages a described chat holds, so that their text fits the context together
+MESSAGES = 64  # the most messages a described chat holds (each with a character of text at least)
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -112,20 +112,36 @@ def chat(served: Served, names: list[str]) -> dict[str, Any]:
 
 
 def messages(served: Served) -> dict[str, Any]:
-    """A chat of as many messages (MESSAGES at most) as fit the context with some text each, however they are put
-    to the run, their text bounded so that together they fit."""
-    count = next((n for n in range(MESSAGES, 1, -1) if chars_each(served, n) > 0), 1)
-    content = text(served, chars_each(served, count))
-    message = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
-               "properties": {"role": {"enum": list(ROLES)}, "name": {},
-                              "content": {"anyOf": [content, {"type": "array", "minItems": 1, "maxItems": 1, "items": {
-                                  "type": "object", "required": ["type", "text"], "additionalProperties": False,
-                                  "properties": {"type": {"const": "text"}, "text": content}}}]},
-                              **{key: {"enum": [None, False, 0, "", [], {}]} for key in NEUTRAL_MESSAGE_KEYS}}}
-    schema: dict[str, Any] = {"type": "array", "items": message, "minItems": 1, "maxItems": count}
+    """A chat of up to as many messages as fit the context with some text each, however they are put to the run:
+    one shape per count of `counts` (a chat of n messages is one of the first count at least n), its text bounded so
+    that that many fit together."""
+    shapes = []
+    for count in counts(served):
+        content = text(served, chars_each(served, count))
+        message = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
+                   "properties": {"role": {"enum": list(ROLES)}, "name": {}, "content": {"anyOf": [content, {
+                       "type": "array", "minItems": 1, "maxItems": 1, "items": {
+                           "type": "object", "required": ["type", "text"], "additionalProperties": False,
+                           "properties": {"type": {"const": "text"}, "text": content}}}]},
+                       **{key: {"enum": [None, False, 0, "", [], {}]} for key in NEUTRAL_MESSAGE_KEYS}}}
+        shapes.append({"type": "array", "items": message, "minItems": 1, "maxItems": count})
+    schema: dict[str, Any] = shapes[0] if len(shapes) == 1 else {"type": "array", "anyOf": shapes}
     if served.run.chat_template is None and served.run.prompt_format is not None:
         schema["contains"] = {"properties": {"role": {"const": "user"}}}  # its instruction is a user's message
     return schema
+
+
+def counts(served: Served) -> list[int]:
+    """The message counts a chat is described at: 1, 2, 4, ... below the most messages that fit the context with a
+    character each (at most MESSAGES), and that most, found by halving between the counts that fit and not."""
+    fit, past = 1, 2
+    while past <= MESSAGES and chars_each(served, past) > 0:
+        fit, past = past, 2 * past
+    past = min(past, MESSAGES + 1)
+    while past - fit > 1:
+        middle = (fit + past) // 2
+        fit, past = (middle, past) if chars_each(served, middle) > 0 else (fit, middle)
+    return sorted({*(2 ** i for i in range(fit.bit_length()) if 2 ** i < fit), fit})
 
 
 def chars_each(served: Served, count: int) -> int:

@@ -14,7 +14,6 @@ interpreter while it traces nor, if it crashes, takes the server down.
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
 from lmlab.core.threads import ThreadChooser, forward_probe
+from lmlab.core.workers import python_command
 from lmlab.inference.compiled import (
     StepRefused,
     compilable,
@@ -166,9 +166,9 @@ class Startup:
         started = time.perf_counter()
         state.log("lmlab serve: compiling the decode step in the background (a minute or more; decoding eagerly "
                   "until then)")
-        command = [sys.executable, "-m", "lmlab.inference.compiled", str(options.run), str(folder),
-                   weights_sha256(folder), str(options.max_batch), str(run.dtype).removeprefix("torch."),
-                   str(torch.get_num_threads()), run.device.type]
+        command = python_command("lmlab.inference.compiled", str(options.run), str(folder), weights_sha256(folder),
+                                 str(options.max_batch), str(run.dtype).removeprefix("torch."),
+                                 str(torch.get_num_threads()), run.device.type)
         self.compiler = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = self.compiler.communicate()
         if self.compiler.returncode or state.draining:

@@ -19,6 +19,7 @@ from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import (
+    Continuation,
     chat_prompt,
     check_prompt_length,
     continue_all,
@@ -140,12 +141,14 @@ def _asking(run: LoadedRun, prompt: str, talking: bool) -> tuple[list[int], tupl
 
 def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: Sequence[float],
               params: SamplingParams, step: Step | None = None, chat: bool = False,
-              progress: Callable[[int, int], None] | None = None) -> list[Cell]:
+              progress: Callable[[int, int], None] | None = None, into: list[Cell] | None = None) -> list[Cell]:
     """One loaded run's cells, prompt by prompt and temperature by temperature, decoded together; each drawn with
     `params.seed`, so a cell is the text `lmlab sample RUN --prompt P --temperature T --seed S` prints (with
     `chat`, of a run that has a chat template or prompt format, `lmlab sample RUN --chat P ...`). `progress`
-    hears (cells done, cells) as they end."""
-    cells, todo, checkpoint, how = [], [], f"{run.checkpoint}, step {run.step}", _how(run, chat)
+    hears (cells done, cells) as they end; each is kept in the run's samples.txt as it ends, and `into` (a list the
+    caller holds) has them all from the start, their text as it comes: what a stop leaves."""
+    cells = [] if into is None else into
+    first, todo, checkpoint, how = len(cells), [], f"{run.checkpoint}, step {run.step}", _how(run, chat)
     talking, limit = how != "continued", prompt_chars(run)
     for prompt in prompts:
         try:
@@ -157,22 +160,26 @@ def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: S
         for t in temperatures:
             cells.append(Cell(name, checkpoint, prompt, t, asked=how))
             todo.append((cells[-1], ids, dataclasses.replace(params, temperature=t, stop=(*params.stop, *stop))))
-    skipped = len(cells) - len(todo)
+    total = len(cells) - first
+    skipped = total - len(todo)
     if progress:
-        progress(skipped, len(cells))
+        progress(skipped, total)
+
+    def ended(i: int, continuation: Continuation) -> None:
+        cell, _, drawn = todo[i]
+        cell.text, cell.tokens = continuation.text.text, continuation.tokens
+        cell.finish_reason = continuation.finish_reason
+        kept, asked = (cell.text, f"chat {cell.prompt!r}") if talking else (cell.prompt + cell.text,
+                                                                            f"prompt {cell.prompt!r}")
+        run.run.add_sample(kept, run.checkpoint, run.step, f"{drawn.describe()}, {asked}")
+
     if todo:
         dtype = decode_dtype(run.device, run.dtype, step is not None)
         # A continuation runs on across documents, as `sample` does; an answer ends with its turn.
-        done = continue_all(run.model, run.tokenizer, [ids for _, ids, _ in todo], [p for _, _, p in todo],
-                            min(MOST_AT_ONCE, len(todo)), dtype, step, past_eot=not talking,
-                            progress=progress and (lambda finished, _: progress(skipped + finished, len(cells))))
-        for (cell, _, drawn), continuation in zip(todo, done):
-            cell.text, cell.tokens = continuation.text.text, continuation.tokens
-            cell.finish_reason = continuation.finish_reason
-            kept, asked = (cell.text, f"chat {cell.prompt!r}") if talking else (cell.prompt + cell.text,
-                                                                                 f"prompt {cell.prompt!r}")
-            run.run.add_sample(kept, run.checkpoint, run.step, f"{drawn.describe()}, {asked}")
-    return cells
+        continue_all(run.model, run.tokenizer, [ids for _, ids, _ in todo], [p for _, _, p in todo],
+                     min(MOST_AT_ONCE, len(todo)), dtype, step, past_eot=not talking,
+                     progress=progress and (lambda finished, _: progress(skipped + finished, total)), ended=ended)
+    return cells[first:]
 
 
 def sample_grid(paths: Sequence[Path], prompts: Sequence[str], temperatures: Sequence[float],
@@ -187,11 +194,32 @@ def sample_grid(paths: Sequence[Path], prompts: Sequence[str], temperatures: Seq
     for path in paths:  # every run checked before any is sampled (sampling appends to its samples.txt)
         RunDir(path).config()
         RunDir(path).checkpoint("latest")
-    cells, total = [], len(paths) * len(prompts) * len(temperatures)
+    cells: list[Cell] = []
+    total = len(paths) * len(prompts) * len(temperatures)
     progress(0, total)
-    for path, name in zip(paths, names):
-        run = RunDir(path).load(checkpoint, device)  # one at a time: the next loads into the memory this one held
-        before = len(cells)
-        cells += run_cells(run, name, prompts, temperatures, params, chat=chat,
-                           progress=lambda done, _, before=before: progress(before + done, total))
+    try:
+        for path, name in zip(paths, names):
+            run = RunDir(path).load(checkpoint, device)  # one at a time: the next loads into the memory this one held
+            before = len(cells)
+            run_cells(run, name, prompts, temperatures, params, chat=chat, into=cells,
+                      progress=lambda done, _, before=before: progress(before + done, total))
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it: the grid as far as it got
+        signal = getattr(stop, "signal", "SIGINT")
+        done = sum(c.text is not None or c.why_not is not None for c in cells)
+        begun = {c.run for c in cells}
+        cells += [Cell(name, "-", prompt, t) for name in names if name not in begun for prompt in prompts
+                  for t in temperatures]
+        for cell in cells:
+            if cell.text is None and cell.why_not is None:
+                cell.why_not = f"stopped by {signal} before it ended"
+        raise GridStopped(Grid(names, list(prompts), list(temperatures), params, cells, chat), signal, done, total)
     return Grid(names, list(prompts), list(temperatures), params, cells, chat)
+
+
+class GridStopped(Exception):
+    """A grid a stop signal ended: `grid` holds every cell begun, those that had ended with their text (each kept
+    in its run's samples.txt already), `done` of `total` cells."""
+
+    def __init__(self, grid: Grid, signal: str, done: int, total: int):
+        super().__init__(f"stopped by {signal} after {done} of {total} cells")
+        self.grid, self.signal, self.done, self.total = grid, signal, done, total

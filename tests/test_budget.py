@@ -18,7 +18,7 @@ from lmlab.core.config import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import BudgetPlan, seconds_needed, steps_that_fit
+from lmlab.train.planning import BudgetPlan, seconds_needed, steps_that_fit
 from lmlab.train.loop import Trainer
 from tests.conftest import LMLAB, stable_events, write_config
 from tests.test_checkpoint import wait_for, weights
@@ -148,17 +148,23 @@ def test_a_budget_start_up_used_up_ends_before_the_first_step_with_a_checkpoint(
     assert RunDir(tmp_path / "run").events()[-1]["event"] == "end"
 
 
-def test_a_budget_too_small_for_one_evaluation_ends_with_it_and_a_checkpoint(tmp_path, char_dataset, capsys):
-    """The evaluation alone (2,000 batches a split) takes longer than the whole budget."""
+def test_a_budget_too_small_for_a_whole_evaluation_ends_with_a_shorter_one_and_a_checkpoint(tmp_path, char_dataset,
+                                                                                             capsys):
+    """An evaluation at train.eval_iters (2,000 batches a split) takes longer than the whole budget: the run scores
+    as few batches as fit, and says so with the figures its sentence adds up."""
     result = budgeted(tmp_path, char_dataset, 1.0, ["train.eval_iters=2000"]).run()
     plan = plans_of(result.run_dir)[-1]
-    assert result.steps == plan.max_iters == plan.step and plan.eval_seconds > 1.0
+    assert result.steps == plan.max_iters and 1 <= plan.eval_iters < 2000
+    assert RunDir(result.run_dir).config().train.eval_iters == plan.eval_iters  # what its evaluations scored
     said = " ".join(capsys.readouterr().out.split())
-    assert (f"less than one more step ({1000 * plan.step_seconds:.1f} ms a step) with the final evaluation "
-            f"({plan.eval_seconds:.2f} s) and checkpoint: the run ends here, with them.") in said
+    assert f"evaluations of {plan.eval_iters} batch" in said and "not 2000 (train.eval_iters)" in said
+    if plan.max_iters == plan.step:  # the sentence's sum is the one its figures make
+        needed = plan.needed(1, (50, 40))
+        assert needed > plan.seconds - plan.spent
+        assert f"less than one more step needs ({needed:.1f} s: {1000 * plan.step_seconds:.1f} ms a step" in said
     events = RunDir(result.run_dir).events()
-    assert [e["step"] for e in events if e["event"] == "eval"] == [plan.step]
-    assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{plan.step:06d}"
+    assert [e["step"] for e in events if e["event"] == "eval"][-1] == plan.max_iters
+    assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{plan.max_iters:06d}"
 
 
 def test_a_step_longer_than_the_budget_left_ends_the_run_with_its_evaluation_and_checkpoint(tmp_path, char_dataset,

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from lmlab.core.config import TrainConfig
-from lmlab.train.budget import BudgetPlan
+from lmlab.train.planning import BudgetPlan
 from lmlab.train.schedule import UNPLANNED, Decay, Schedule, lr_at
 
 

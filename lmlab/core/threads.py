@@ -61,6 +61,7 @@ class Choice:
     reason: str
     seconds: dict[int, float] = field(default_factory=dict)
     load: Load | None = None
+    timed: str = "a forward pass"  # what `seconds` are of: a forward pass, or a training step (the sizing's)
 
     @property
     def lowered(self) -> bool:
@@ -79,7 +80,7 @@ class Choice:
         if self.seconds:
             timed = [f"{1000 * s:.{0 if s >= 0.01 else 1}f} ms on {n}" for n, s in sorted(self.seconds.items())]
             timed[0] += " thread" + "s" * (min(self.seconds) > 1)
-            why.append("a forward pass took " + ", ".join(timed))
+            why.append(f"{self.timed} took " + ", ".join(timed))
         return f"{count}: {'; '.join(why)} ({override} sets them)"
 
     def record(self, step: int) -> dict[str, Any]:
@@ -151,24 +152,45 @@ class ThreadChooser:
         self.meter = LoadMeter().start()
         self.probe: Callable[[], None] = lambda: None
         self.choice = Choice(self.most, self.most, self.fixed or "")
+        self.decided = False  # by `decide` (a sizing's timed steps); `choose` then times nothing
+        self._window: Load | None = None  # the load from the chooser's making to its first decision
         self._pace, self._steps, self._count, self._timed_at = 0.0, 0.0, 0, 0.0
 
     def choose(self, probe: Callable[[], None], device: torch.device) -> Choice:
         """Decide from the load since the chooser was made, timing `probe` when it was busy (or too short to tell).
-        Off the CPU the threads only feed the device: all of them, untimed."""
+        Off the CPU the threads only feed the device: all of them, untimed. A chooser that decided already (from the
+        steps a sizing timed: `counts`, `decide`) keeps its choice, and times `probe` when it looks again."""
         self.probe = probe
-        load = self.meter.stop()
+        if self.decided:
+            return self.choice
+        counts = self.counts(device)
+        if len(counts) == 1:
+            return self.decide({})
+        return self._set(self._timed(self._window))
+
+    def counts(self, device: torch.device) -> list[int]:
+        """The thread counts to time a job's work on, the window since the chooser was made closed: every core
+        alone where nothing is to be timed (set, one core, a GPU's job, a machine that stayed quiet), else every
+        core, the cores others leave free and one, fewest first."""
+        self._window = load = self.meter.stop()
         if device.type != "cpu" and not self.fixed:
             self.fixed = f"{device.type}: the CPU only feeds it"
+        if self.fixed or self.most == 1 or (load.seconds >= MIN_WINDOW and load.others is not None and not load.busy):
+            return [self.most]
+        return sorted(self._candidates(load))
+
+    def decide(self, seconds: dict[int, float], timed: str = "a training step") -> Choice:
+        """The choice once `counts` were timed (`seconds`: the work's mean time by count; empty when one count was
+        all there was to time): the most threads within MARGIN of the fastest."""
+        load, self.decided = self._window, True
         if self.fixed:
-            choice = Choice(self.most, self.most, self.fixed)
-        elif self.most == 1:
-            choice = Choice(1, 1, "one core", load=load)
-        elif load.seconds >= MIN_WINDOW and load.others is not None and not load.busy:
-            choice = Choice(self.most, self.most, "quiet", load=load)
-        else:
-            choice = self._timed(load)
-        return self._set(choice)
+            return self._set(Choice(self.most, self.most, self.fixed))
+        if self.most == 1:
+            return self._set(Choice(1, 1, "one core", load=load))
+        if len(seconds) < 2:
+            return self._set(Choice(self.most, self.most, "quiet", load=load))
+        self._timed_at, self._pace = time.perf_counter(), 0.0
+        return self._set(Choice(pick(seconds), self.most, "timed", dict(seconds), load, timed))
 
     def stepped(self, seconds: float) -> Choice | None:
         """After a step of `seconds`: every CHECK_SECONDS, a look at the load and the pace; the new choice when it
@@ -198,12 +220,16 @@ class ThreadChooser:
         self._pace = self._pace or pace
         return None
 
-    def _timed(self, load: Load) -> Choice:
-        """Time the work on every core, on the cores others leave free, and on one."""
+    def _candidates(self, load: Load) -> set[int]:
+        """Every core, the cores others leave free, and one."""
         candidates = {self.most, 1}
         if load.others is not None:
             candidates.add(max(1, round(self.most * (1 - load.others))))
-        seconds = time_threads(sorted(candidates, reverse=True), self.probe)
+        return candidates
+
+    def _timed(self, load: Load) -> Choice:
+        """Time the work on every core, on the cores others leave free, and on one."""
+        seconds = time_threads(sorted(self._candidates(load), reverse=True), self.probe)
         self._timed_at, self._pace = time.perf_counter(), 0.0  # the pace under this load is measured next
         return Choice(pick(seconds), self.most, "timed", seconds, load)
 

@@ -7,6 +7,7 @@ goes by its checkpoint's plan and plans no more: timing another process's steps 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -20,12 +21,15 @@ from lmlab.analysis.plots import pyplot
 from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.train.distributed import Parallel
-from lmlab.train.schedule import Decay, Schedule, lr_at_position, position_of
-from lmlab.train.state import Checkpointed
+from lmlab.train.planning import BudgetPlan, Measured, drifted, ended_by_start_up, make_plan
+from lmlab.train.schedule import Schedule, lr_at_position, position_of
 
 SKIP_STEPS = 2  # the first steps build kernels (or compile): not timed; then a timed checkpoint
 MIN_TIMED_STEPS = 10
 TIMED_SHARE = 0.03  # of the budget spent timing steps (at least MIN_TIMED_STEPS of them), at most MAX_TIMED_SECONDS
+# Steps of seconds each: as many as fill this many times the timing's share are pace enough for the first plan, where
+# waiting for MIN_TIMED_STEPS of them would spend the budget (6 steps of a 60 s budget took 90 s).
+SLOW_TIMING = 3.0
 MAX_TIMED_SECONDS = 60.0
 CHECK_SHARE = 0.01  # the pace is checked each time this share of the budget has gone into steps (at least 0.5 s)
 MIN_CHECK_SECONDS = 0.5
@@ -34,110 +38,11 @@ MIN_CHECK_SECONDS = 0.5
 PACE_SHARE = 0.03
 MIN_PACE_SECONDS = 2.0
 MIN_PACE_STEPS = 8
-# A check plans again when the end it foresees misses the budget by more than this share of the budget (or of the
-# time left, early on, when the pace has the most time to change, or two steps).
-DRIFT_SHARE = 0.01
-DRIFT_LEFT_SHARE = 0.05
 # An evaluation is timed again (one batch a split) when the pace has moved this much from the one it was timed at:
 # under load a training step slows more than an evaluation's forward passes, so scaling one by the other misleads.
 RETIME_RATIO = 1.5
 # The process's exit after the end's plot (torch's and Python's teardown), which a budget counts: measured ~0.2 s.
 EXIT_SECONDS = 0.3
-
-
-@dataclass
-class BudgetPlan(Checkpointed):
-    """How a budget is being spent: the newest plan (`max_iters` > 0 once there is one), restored on resume."""
-
-    seconds: float = 0.0  # the budget
-    max_iters: int = 0  # the steps that fill it
-    step: int = 0  # the step at which this plan was made
-    spent: float = 0.0  # seconds of the budget gone by then, start-up included
-    step_seconds: float = 0.0  # one optimizer step at the recent pace (log lines included)
-    eval_seconds: float = 0.0  # one evaluation with its log line and plot, at that pace
-    checkpoint_seconds: float = 0.0  # one checkpoint, at that pace
-    finish_seconds: float = 0.0  # the end after the last checkpoint: the final plot and the process's exit
-    anchor: int = 0  # the step from which the LR follows this plan
-    position: float = 0.0  # where the schedule stands at `anchor`: 0 at its peak (after warmup), 1 at min_lr
-    reason: str = ""  # what made it: planned, evaluation, pace, out of time, start-up; "" before any plan
-
-    @property
-    def fixed(self) -> bool:
-        return bool(self.reason)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Older checkpoints' plans lack the newer fields: their defaults hold (one plan, anchored at its step)."""
-        defaults = {"anchor": state.get("step", 0), "position": 0.0, "finish_seconds": 0.0,
-                    "reason": "planned" if state.get("max_iters") else ""}
-        super().load_state_dict({**defaults, **state})
-
-    def decay(self) -> Decay:
-        """The schedule's decay under this plan: from `position` at the anchor to min_lr at its last step (before any
-        plan, held at `position`: 0, the peak after warmup, or where a resumed run's schedule stood)."""
-        return Decay(self.anchor, self.position, self.max_iters if self.fixed else None)
-
-    def lr(self, step: int, train: TrainConfig) -> float:
-        """The LR of `step` (its index, from 0) while this plan is in force: what the schedule laid over it says."""
-        schedule = Schedule(train)
-        schedule.follow_plan(self.max_iters, self.decay(), self.fixed)
-        return schedule.unscaled_lr(step)
-
-    def describe(self, before: BudgetPlan | None = None) -> str:
-        """The plan in a sentence: the first one, a new one against `before`, or the end it calls."""
-        if self.reason == "start-up":
-            return (f"budget {self.seconds:g} s: start-up alone took {self.spent:.1f} s, so no step fits; the run ends "
-                    "before its first step, with a checkpoint of its initial weights (a budget must hold start-up, "
-                    "steps and an evaluation).")
-        pace = f"{1000 * self.step_seconds:.1f} ms a step"
-        if self.max_iters <= self.step and not self.step_seconds:
-            return (f"budget {self.seconds:g} s: used up at step {self.step} ({self.spent:.1f} s), before its steps "
-                    "could be timed: the run ends here, with its evaluation and checkpoint.")
-        if self.max_iters <= self.step:
-            return (f"budget {self.seconds:g} s: {max(0.0, self.seconds - self.spent):.1f} s left at step {self.step}, "
-                    f"less than one more step ({pace}) with the final evaluation ({self.eval_seconds:.2f} s) and "
-                    f"checkpoint: the run ends here, with them.")
-        if before is None or not before.fixed:
-            return (f"budget {self.seconds:g} s: {self.max_iters} steps ({pace}, evaluation {self.eval_seconds:.2f} s, "
-                    f"checkpoint {self.checkpoint_seconds:.2f} s), planned at step {self.step} with "
-                    f"{self.spent:.1f} s gone")
-        return (f"budget {self.seconds:g} s: {self.max_iters} steps, was {before.max_iters} (planned again at step "
-                f"{self.step}, {self.reason}: {pace}, was {1000 * before.step_seconds:.1f}; "
-                f"{self.seconds - self.spent:.1f} s left)")
-
-
-def count_multiples(interval: int, after: int, upto: int) -> int:
-    """Multiples of `interval` in (after, upto]."""
-    return upto // interval - after // interval
-
-
-def seconds_needed(step: int, steps: int, plan: BudgetPlan, eval_interval: int, checkpoint_interval: int) -> float:
-    """Seconds to train from `step` to `step + steps` and end: the steps, an evaluation (with the checkpoint of its
-    new best, as the evaluations of a short run mostly are) at every multiple of eval_interval and at the last step,
-    a checkpoint at every other multiple of checkpoint_interval, and the end's plot and exit."""
-    if not steps:
-        return 0.0
-    end = step + steps
-    last_apart = end % eval_interval != 0  # the last step is evaluated even off the interval
-    evals = count_multiples(eval_interval, step, end) + last_apart
-    checkpoints_apart = (count_multiples(checkpoint_interval, step, end)
-                         - count_multiples(math.lcm(eval_interval, checkpoint_interval), step, end)
-                         - (last_apart and end % checkpoint_interval == 0))
-    return (steps * plan.step_seconds + evals * (plan.eval_seconds + plan.checkpoint_seconds)
-            + checkpoints_apart * plan.checkpoint_seconds + plan.finish_seconds)
-
-
-def steps_that_fit(seconds: float, step: int, plan: BudgetPlan, eval_interval: int, checkpoint_interval: int) -> int:
-    """The most steps after `step` that `seconds_needed` fits in `seconds` (0 if not even one)."""
-    low, high = 0, 1
-    while seconds_needed(step, high, plan, eval_interval, checkpoint_interval) <= seconds:
-        low, high = high, high * 2
-    while high - low > 1:  # seconds_needed grows with the steps: bisect between a fit and a miss
-        mid = (low + high) // 2
-        if seconds_needed(step, mid, plan, eval_interval, checkpoint_interval) <= seconds:
-            low = mid
-        else:
-            high = mid
-    return low
 
 
 class BudgetClock:
@@ -153,7 +58,8 @@ class BudgetClock:
         self.recent: list[float] = []  # seconds of each timed step (evaluations left out), newest last
         self.since_check = 0.0  # seconds of steps since the last plan or check
         self.pace = 0.0  # seconds per step at the newest plan or check
-        self.costs = {"eval": (0.0, 0.0), "checkpoint": (0.0, 0.0), "finish": (0.0, 0.0)}  # (seconds, pace then)
+        # (seconds, pace then) of an evaluation's batch (one a split), a checkpoint and the end
+        self.costs = {"eval": (0.0, 0.0), "checkpoint": (0.0, 0.0), "finish": (0.0, 0.0)}
         self.plot_seconds = 0.0  # a redraw of loss.png, part of every evaluation
         self.planned = False
 
@@ -168,13 +74,15 @@ class BudgetClock:
                 del self.recent[:100_000]
 
     def due(self) -> bool:
-        """Whether to plan now: the first plan once enough steps are timed (a few percent of the budget, at least
-        MIN_TIMED_STEPS) or the budget is gone; then a check of the pace each CHECK_SHARE of the budget."""
+        """Whether to plan now: the first plan once enough steps are timed (a few percent of the budget, and at
+        least MIN_TIMED_STEPS or as many as fill SLOW_TIMING times that) or the budget is gone; then a check of the
+        pace each CHECK_SHARE of the budget."""
         if self.spent() >= self.seconds:
             return True
         if not self.planned:
             wanted = min(MAX_TIMED_SECONDS, TIMED_SHARE * self.seconds)
-            return len(self.recent) >= MIN_TIMED_STEPS and self.since_check >= wanted
+            enough = len(self.recent) >= MIN_TIMED_STEPS or self.since_check >= SLOW_TIMING * wanted
+            return bool(self.recent) and self.since_check >= wanted and enough
         return self.since_check >= max(MIN_CHECK_SECONDS, CHECK_SHARE * self.seconds)
 
     def current_pace(self) -> float:
@@ -188,8 +96,8 @@ class BudgetClock:
         return total / count if count else self.pace
 
     def took(self, cost: str, seconds: float) -> None:
-        """What an evaluation, a checkpoint or the end (`cost`) took just now, at the current pace (the pace of the
-        steps after it, when none is known yet: those before the first plan)."""
+        """What an evaluation's batch, a checkpoint or the end (`cost`) took just now, at the current pace (the pace
+        of the steps after it, when none is known yet: those before the first plan)."""
         self.costs[cost] = seconds, self.current_pace()
 
     def eval_stale(self, pace: float) -> bool:
@@ -198,48 +106,16 @@ class BudgetClock:
         return bool(then and pace) and not 1 / RETIME_RATIO <= pace / then <= RETIME_RATIO
 
     def measured(self) -> list[float]:
-        """What a plan is made of, the check restarted: seconds spent; per step (the pace), evaluation (scaled to
-        it), checkpoint and end."""
+        """What a plan is made of (`Measured`'s fields, as numbers every rank averages), the check restarted:
+        seconds spent; per step (the pace), an evaluation's batch (scaled to it) and its plot, checkpoint and end."""
         self.pace, self.since_check = self.current_pace(), 0.0
         scaled = []
         for name, (seconds, then) in self.costs.items():
             if not then:  # timed before any step was: taken at the pace of the steps timed next
                 self.costs[name] = seconds, then = seconds, self.pace
             scaled.append(seconds * self.pace / then if name == "eval" and then and self.pace else seconds)
-        return [self.spent(), self.pace, *scaled]
-
-
-def make_plan(before: BudgetPlan, step: int, measured: list[float], warmup_iters: int,
-              intervals: tuple[int, int], reason: str) -> BudgetPlan:
-    """The plan at `step` from the `BudgetClock.measured` figures: `step` plus the steps whose end is nearest what is
-    left of the budget (none when nothing was timed yet), evaluating and checkpointing every `intervals` steps, the
-    LR schedule continuing from where `before` has it at the new anchor."""
-    plan = BudgetPlan(before.seconds, 0, step, *measured, reason=reason)
-    left = plan.seconds - plan.spent
-    steps = steps_that_fit(left, step, plan, *intervals) if plan.step_seconds > 0 and left > 0 else 0
-    # The end nearest the budget, one step over it or not: a budget is missed either way, by less this way.
-    if steps and seconds_needed(step, steps + 1, plan, *intervals) - left < left - seconds_needed(step, steps, plan,
-                                                                                               *intervals):
-        steps += 1
-    plan.max_iters = step + steps
-    plan.anchor = max(step, warmup_iters)
-    plan.position = before.decay().position_at(plan.anchor)
-    return plan
-
-
-def drifted(plan: BudgetPlan, step: int, measured: list[float], intervals: tuple[int, int]) -> bool:
-    """Whether the end `plan` foresees, at the pace `measured` now, misses the budget by more than it tolerates
-    (DRIFT_SHARE, DRIFT_LEFT_SHARE)."""
-    now = BudgetPlan(plan.seconds, plan.max_iters, step, *measured)
-    foreseen = now.spent + seconds_needed(step, max(0, plan.max_iters - step), now, *intervals)
-    left = plan.seconds - now.spent
-    return abs(foreseen - plan.seconds) > max(DRIFT_SHARE * plan.seconds, DRIFT_LEFT_SHARE * left,
-                                              2 * now.step_seconds)
-
-
-def ended_by_start_up(seconds: float, spent: float, step: int) -> BudgetPlan:
-    """The plan of a budget gone before the first step of this process: it ends where it stands."""
-    return BudgetPlan(seconds, step, step, spent, reason="start-up", anchor=step, position=1.0)
+        eval_batch, checkpoint, finish = scaled
+        return [self.spent(), self.pace, eval_batch, self.plot_seconds, checkpoint, finish]
 
 
 @dataclass
@@ -267,8 +143,11 @@ class Budget:
         self._lay()
 
     def _lay(self) -> None:
+        """The schedule follows the plan: its steps, warmup and decay, and its evaluations' batches."""
         if self.plan.seconds:
-            self.schedule.follow_plan(self.plan.max_iters, self.plan.decay(), self.plan.fixed)
+            self.schedule.follow_plan(self.plan.max_iters, self.plan.decay(), self.plan.fixed, self.plan.ramp())
+            if self.plan.eval_iters:
+                self.schedule.train = dataclasses.replace(self.schedule.train, eval_iters=self.plan.eval_iters)
 
     def state_dict(self) -> dict[str, Any]:
         return self.plan.state_dict()
@@ -337,9 +216,11 @@ class Budget:
             self.clock.took("checkpoint", seconds)
 
     def evaluated(self, step: int, seconds: float) -> None:
-        """An evaluation's time; the plan made again from it, unless it was the plan's last step."""
+        """An evaluation's time (its batches, the log line and the plot); the plan made again from it, unless it was
+        the plan's last step."""
         if self.clock is not None and self.clock.planned and step < self.schedule.last_step:
-            self.clock.took("eval", seconds)
+            batches = self.schedule.train.eval_iters
+            self.clock.took("eval", max(0.0, seconds - self.clock.plot_seconds) / batches)
             self.replan(step, "evaluation")
 
     def replan(self, step: int, reason: str) -> None:
@@ -347,21 +228,22 @@ class Budget:
         budget is gone; then at every evaluation, and at a check of the pace when the end it foresees has drifted
         from the budget."""
         clock = self.clock
-        measured = self.parallel.mean(clock.measured(), self.device)
-        if clock.planned and self.parallel.any(clock.eval_stale(measured[1])):
+        measured = Measured(*self.parallel.mean(clock.measured(), self.device))
+        if clock.planned and self.parallel.any(clock.eval_stale(measured.pace)):
             self._time_eval()  # under the load of now, not the pace's guess of it
-            measured = self.parallel.mean(clock.measured(), self.device)
+            measured = Measured(*self.parallel.mean(clock.measured(), self.device))
         if not clock.planned:
-            clock.planned, reason = True, "out of time" if measured[0] >= clock.seconds else "planned"
-        elif reason == "pace" and measured[0] < clock.seconds and not drifted(self.plan, step, measured,
-                                                                                self.intervals):
+            clock.planned, reason = True, "out of time" if measured.spent >= clock.seconds else "planned"
+        elif reason == "pace" and measured.spent < clock.seconds and not drifted(self.plan, step, measured,
+                                                                                   self.intervals):
             return
-        self._fix(make_plan(self.plan, step, measured, self.schedule.train.warmup_iters, self.intervals, reason))
+        train = self.schedule.train
+        share_now = self.schedule.unscaled_lr(step - 1) / train.learning_rate if step else 0.0
+        self._fix(make_plan(self.plan, step, measured, train, self.intervals, reason, share_now))
 
     def _time_costs(self) -> None:
-        """What the plan counts besides steps: a checkpoint, an evaluation (of one batch per split, after one that
-        pays the evaluation's one-time costs, scaled to eval_iters) with the plot it redraws, and the end (a plot,
-        and the process's exit)."""
+        """What the plan counts besides steps: a checkpoint, an evaluation (a batch per split, after one that pays the
+        evaluation's one-time costs) with the plot it redraws, and the end (a plot, and the process's exit)."""
         clock, began = self.clock, time.perf_counter()
         self.probes.checkpoint()
         clock.took("checkpoint", time.perf_counter() - began)
@@ -373,17 +255,14 @@ class Budget:
         self._time_eval()
 
     def _time_eval(self) -> None:
-        """An evaluation's cost at the load of now: one batch a split, scaled to eval_iters, and its plot."""
+        """An evaluation's cost at the load of now: a batch a split."""
         began = time.perf_counter()
         self.probes.evaluate()
-        self.clock.took("eval", self.schedule.train.eval_iters * (time.perf_counter() - began)
-                        + self.clock.plot_seconds)
+        self.clock.took("eval", time.perf_counter() - began)
 
     def _fix(self, plan: BudgetPlan) -> None:
-        """Lay the run over the plan and record it; said when it is the first, ends the run, or moves the end by a
-        tenth or more."""
+        """Lay the run over the plan and record it, with its line where it is worth one (`BudgetPlan.said`)."""
         before, self.plan = self.plan, plan
+        train = self.schedule.train  # the config's, before the plan's evaluations are laid over it
         self._lay()
-        moved = abs(plan.max_iters - before.max_iters) > max(2, 0.1 * before.max_iters)
-        said = not before.fixed or plan.max_iters <= plan.step or moved
-        self.announce(plan, plan.describe(before) if said else None)
+        self.announce(plan, plan.describe(before, train, self.intervals) if plan.said(before) else None)

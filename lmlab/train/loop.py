@@ -30,7 +30,8 @@ from lmlab.data.shards import read_meta, row_layout
 from lmlab.model import build_model
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import Budget, BudgetPlan, Probes
+from lmlab.train.budget import Budget, Probes
+from lmlab.train.planning import BudgetPlan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup

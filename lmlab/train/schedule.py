@@ -83,6 +83,19 @@ def decay_end(train: TrainConfig) -> int:
 
 
 @dataclass(frozen=True)
+class Ramp:
+    """A warmup a budget's plan shortened: from `share` of the peak LR (where step `start` - 1 stood) linearly up to
+    the peak at step `end`, in the last steps of a warmup that the config's warmup_iters would have made longer."""
+
+    start: int
+    share: float
+    end: int
+
+    def share_at(self, step: int) -> float:
+        return self.share + (1.0 - self.share) * (step - self.start + 1) / (self.end - self.start + 1)
+
+
+@dataclass(frozen=True)
 class Decay:
     """The decay from `position` (0 the peak, 1 min_lr) at step `anchor` to min_lr at step `end`; held at
     `position` while `end` is None (a budget not planned yet)."""
@@ -106,6 +119,7 @@ class Schedule:
     def __init__(self, train: TrainConfig, scale: Callable[[], float] = lambda: 1.0):
         self.train = train  # the settings it follows: the config's, with a budget's max_iters once planned
         self.decay: Decay | None = None  # laid again by a resume with another length, or by a budget
+        self.ramp: Ramp | None = None  # a warmup a budget's plan shortened
         self.planned = False  # a budgeted run has its first plan
         self._scale = scale
 
@@ -122,16 +136,20 @@ class Schedule:
         return self.unscaled_lr(step) * self._scale()
 
     def unscaled_lr(self, step: int) -> float:
-        train = self.train
-        if self.decay is None or (train.budget_seconds and step < train.warmup_iters):
+        train, ramp = self.train, self.ramp if self.train.budget_seconds else None
+        if ramp and ramp.start <= step < ramp.end:
+            return train.learning_rate * ramp.share_at(step)
+        warm = ramp.end if ramp else train.warmup_iters
+        if self.decay is None or (train.budget_seconds and step < warm):
             return lr_at(step, train)
         return lr_at_position(self.decay.position_at(step), train)
 
-    def follow_plan(self, max_iters: int, decay: Decay, planned: bool) -> None:
-        """Lay the rest of a budgeted run over a plan: its steps (none: the config's stand) and its decay."""
+    def follow_plan(self, max_iters: int, decay: Decay, planned: bool, ramp: Ramp | None = None) -> None:
+        """Lay the rest of a budgeted run over a plan: its steps (none: the config's stand), its warmup where it
+        shortened it, and its decay."""
         if max_iters:
             self.train = dataclasses.replace(self.train, max_iters=max_iters)
-        self.decay, self.planned = decay, planned
+        self.decay, self.planned, self.ramp = decay, planned, ramp
 
     def resume_with(self, new: TrainConfig, step: int, old_lr: float) -> str | None:
         """Go on at `step` under `new`, the run having had `old_lr` there under this schedule: `new`'s own where it

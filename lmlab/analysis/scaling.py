@@ -86,3 +86,77 @@ def fit_caveats(names: list[str], tokens: list[int], params: list[int], still_fa
     if n == 2:
         found.append("a line through two runs fits them exactly: its error says nothing; add runs.")
     return found
+
+
+# The exponents a loss surface is searched over (Hoffmann et al. fit alpha 0.34, beta 0.28 on text; a character
+# model's need not match, so the grid spans small to steep), then refined around the best pair by REFINED steps.
+# Given the exponents the surface is linear in E, A, B.
+EXPONENTS = np.round(np.arange(0.05, 1.501, 0.05), 3)
+REFINED = 0.01
+
+
+@dataclass(frozen=True)
+class LossSurface:
+    """L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022's third approach): the val loss a model of N
+    parameters reaches after D training tokens at its family's settings, fitted on a miniseries of runs."""
+
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+    rmse: float  # of the fit, in loss units, over the runs it was fitted on
+
+    def predict(self, params: float, tokens: float) -> float:
+        return float(self.E + self.A / params ** self.alpha + self.B / tokens ** self.beta)
+
+    def describe(self) -> str:
+        return (f"L = {self.E:.3f} + {self.A:.4g} / N^{self.alpha:.3f} + {self.B:.4g} / D^{self.beta:.3f} "
+                f"(rmse {self.rmse:.4f})")
+
+
+def fit_loss_surface(params: list[float], tokens: list[float], losses: list[float]) -> LossSurface:
+    """The surface through (params, tokens, loss) points with the least squared error: every pair of exponents of
+    EXPONENTS, the non-negative E, A, B of each by least squares (a term that would be negative is left out)."""
+    if len(losses) < 5 or len(set(params)) < 2 or len(set(tokens)) < 2:
+        raise UserError(f"a loss surface L(N, D) needs at least 5 runs of at least 2 sizes and 2 lengths; there are "
+                        f"{len(losses)} runs of {len(set(params))} sizes and {len(set(tokens))} lengths.")
+    n, d, y = np.asarray(params, float), np.asarray(tokens, float), np.asarray(losses, float)
+    best = _best_exponents(n, d, y, EXPONENTS, EXPONENTS)
+    near = np.arange(-0.05, 0.051, REFINED)
+    best = _best_exponents(n, d, y, np.clip(best[2] + near, 0.01, None), np.clip(best[3] + near, 0.01, None))
+    error, (e, a, b), alpha, beta = best
+    return LossSurface(float(e), float(a), round(float(alpha), 3), float(b), round(float(beta), 3),
+                       float(np.sqrt(error)))
+
+
+def _best_exponents(n: np.ndarray, d: np.ndarray, y: np.ndarray, alphas: np.ndarray,
+                    betas: np.ndarray) -> tuple[float, np.ndarray, float, float]:
+    """(mean squared error, (E, A, B), alpha, beta) of the best pair of exponents of the two grids."""
+    best = None
+    for alpha in alphas:
+        for beta in betas:
+            terms = np.stack([np.ones_like(y), n ** -alpha, d ** -beta], axis=1)
+            coef = _nonnegative_lstsq(terms, y)
+            error = float(np.mean((terms @ coef - y) ** 2))
+            if best is None or error < best[0]:
+                best = error, coef, alpha, beta
+    return best
+
+
+def _nonnegative_lstsq(terms: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: of the subsets of the columns, the best solution whose
+    coefficients are all non-negative (three columns: eight subsets, checked whole)."""
+    columns = terms.shape[1]
+    best, coef = np.inf, np.zeros(columns)
+    for mask in range(1, 2 ** columns):
+        keep = [i for i in range(columns) if mask >> i & 1]
+        solved = np.linalg.lstsq(terms[:, keep], y, rcond=None)[0]
+        if (solved < 0).any():
+            continue
+        full = np.zeros(columns)
+        full[keep] = solved
+        error = float(((terms @ full - y) ** 2).sum())
+        if error < best:
+            best, coef = error, full
+    return coef

@@ -26,6 +26,7 @@ from lmlab.core.config import (
     to_dict,
     toml_value,
 )
+from lmlab.core.busy import LoadMeter
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.notebook import console_here
@@ -50,7 +51,8 @@ def parse_duration(text: str) -> float:
 def train(config: str | Path | RunConfig | None = None, *, run: str | Path | None = None,
           resume: str | Path | Run | None = None, budget: str | float | None = None, device: str = "auto",
           init_from: str | None = None, keep_optimizer: bool = False, force: bool = False, set: Sequence[str] = (),
-          console: Console | None = None, started: float | None = None, **overrides: Any) -> Run:
+          console: Console | None = None, started: float | None = None, size: str | int | None = None,
+          **overrides: Any) -> Run:
     """Train a run and return it, as `lmlab train` does: from `config` (a TOML preset, or a RunConfig such as
     another run's `.config`) into `run` (default: runs/<config name>), or continuing the run `resume` from its
     newest checkpoint. `overrides` set config keys by name (`max_iters=300`, `n_layer=4`, `dataset="data/x"`);
@@ -58,9 +60,12 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
     seconds) ends the run, start-up and evaluations included, after that long, counted from `started` (a
     time.perf_counter() reading; default: this call). `init_from` ("RUN" or "RUN:CHECKPOINT") starts from
     another run's weights (with its optimizer state too when `keep_optimizer`); `force` resumes although the
-    dataset's content changed. A stop signal (Ctrl-C; Kernel > Interrupt in a notebook) ends the run after the
-    current step with a checkpoint: `train(resume=run)` continues it exactly. The returned Run's `result` says
-    how it ended."""
+    dataset's content changed. `size` sizes the model to the budget: "auto" is the depth of the preset's family
+    that the fit kept beside it predicts trains to the lowest val loss in `budget` on this machine now (its
+    candidates timed first, within the budget), a number that depth (`lmlab.experiments.sizing`). A stop signal
+    (Ctrl-C; Kernel > Interrupt in a notebook) ends the run after the current step with a checkpoint:
+    `train(resume=run)` continues it exactly. The returned Run's `result` says how it ended."""
+    window = LoadMeter().start()  # the load while PyTorch loads: what a sizing's thread counts are told by
     started = time.perf_counter() if started is None else started
     out = console or console_here()
     settings = [*set, *_settings(overrides)]
@@ -69,6 +74,7 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
             raise UserError("--budget plans a new run; a resumed run keeps the plan it made (to train it on by "
                             "steps: --set train.budget_seconds=0 --set train.max_iters=N).")
         settings.append(f"train.budget_seconds={parse_duration(str(budget))}")
+    size = _size(size, config, resume, init_from)
     cfg, run_dir = _config(config, run, resume, init_from, settings)
     _say_starting(run_dir, config, cfg, out)
     from lmlab.api.run import Run  # PyTorch: seconds
@@ -78,14 +84,57 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
 
     cfg = cfg or RunDir(run_dir).config(settings)
     require_tracker(cfg.train.tracker)  # before the run is begun
+    cfg, threads, sizing = _sized(Path(config), cfg, size, started, device, window, out) if size else (cfg, None,
+                                                                                                        None)
     trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
-                      init_from=init_from, keep_optimizer=keep_optimizer, started=started)
+                      init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=threads,
+                      sizing=sizing)
     _describe(trainer, out)
     result = trainer.run()
     _report(result, trainer.cfg, out)
     trained = Run(result.run_dir, out)
     trained.result = result
     return trained
+
+
+def _size(size: str | int | None, config: str | Path | RunConfig | None, resume: Any,
+          init_from: str | None) -> str | int | None:
+    """--size, checked before anything loads: a new run's, from a preset file (its family's fit is kept beside it)."""
+    if size is None:
+        return None
+    from lmlab.experiments.sizing import parse_size
+
+    size = parse_size(size)
+    if resume is not None:
+        raise UserError("--size chooses the shape of a new run; a resumed run keeps its own.")
+    if init_from:
+        raise UserError("--size chooses a shape, and --init-from continues another run's: pass one of them.")
+    if isinstance(config, RunConfig):
+        raise UserError("--size sizes a preset's family from its file (its fit is kept beside it); pass the preset's "
+                        "path as config, not a RunConfig.")
+    return size
+
+
+def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, window: Any,
+           out: Console) -> tuple[RunConfig, Any, dict[str, Any] | None]:
+    """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose
+    (with the thread chooser its timing decided and the `sizing` event)."""
+    from lmlab.core.threads import ThreadChooser
+    from lmlab.experiments.sizing import choose_size, fit_notes, sized_config
+
+    if size != "auto":
+        cfg, line = sized_config(preset, cfg, size)
+        out.print(line, highlight=False)
+        return cfg, None, None
+    chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
+    with out.status("Timing sizes of the preset's family on this machine..."):
+        sizing = choose_size(preset, cfg, started, device, chooser)
+    from lmlab.experiments.family import read_fit
+
+    for note in fit_notes(preset, read_fit(preset), cfg.data.dataset):
+        out.print(f"note: {note}", style="yellow", highlight=False)
+    out.print(sizing.line(), highlight=False)
+    return sizing.config, chooser, sizing.record()
 
 
 def _config(config: str | Path | RunConfig | None, run: str | Path | None, resume: str | Path | Run | None,

@@ -15,9 +15,12 @@ from lmlab.commands.common import (
     add_device,
     add_sampling,
     console,
+    counts,
     destination,
+    positive,
     print_table,
     sampling,
+    within,
 )
 from lmlab.core.errors import UserError
 
@@ -75,6 +78,10 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import Column, summarize, unfair
     from lmlab.analysis.scaling import fit_caveats, fit_power_law
 
+    if len(args.runs) == 1 and Path(args.runs[0]).suffix == ".toml":
+        return show_fit(Path(args.runs[0]), args)
+    if args.refit:
+        raise UserError("--refit measures a preset's fit: pass one preset (lmlab scaling configs/NAME.toml --refit).")
     runs = [s for s in map(summarize, map(Path, args.runs)) if s.best_val_loss is not None and s.flops]
     names, losses = [s.name for s in runs], [s.best_val_loss for s in runs]
     axes = {"compute (FLOPs)": [s.flops for s in runs], "parameters": [s.params for s in runs]}
@@ -102,6 +109,67 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     console.print(f"plot: {plot_scaling(fits, Path(args.plot), rough=bool(caveats))}")
 
 
+def show_fit(preset: Path, args: argparse.Namespace) -> None:
+    """`lmlab scaling PRESET`: the fit kept beside the preset, its runs against what it predicts of them, its LR rule,
+    and where and how it was measured; with --refit, measured first (the miniseries trained or continued)."""
+    from lmlab.experiments.family import fit_path, read_fit
+    from lmlab.experiments.miniseries import Series, refit
+
+    if not preset.is_file():
+        raise UserError(f"{preset} is not a preset file; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
+    if args.refit:
+        given = {"depths": args.depths, "tokens": args.tokens, "lr_factors": args.lr_factors}
+        series = Series(**{k: tuple(v) for k, v in given.items() if v is not None}, max_flops=args.max_flops or 0.0)
+        refit(preset, series, Path(args.dir), args.device, console)
+    fit = read_fit(preset)
+    if fit is None:
+        raise UserError(f"{preset} has no fit ({fit_path(preset)}); measure it with `lmlab scaling {preset} --refit` "
+                        "(a miniseries of short runs: their sizes and lengths in --depths and --tokens).")
+    rows = [{**r, "fitted": fit.surface.predict(r["params"], r["tokens"])} for r in fit.runs]
+    print_table(f"{fit_path(preset)}: {fit.surface.describe()}", _fit_columns(), rows, args.wide)
+    lrs = ", ".join(f"{s['depth']} layers x{s['best']:.2f}" for s in fit.lr_search)
+    console.print(f"LR rule: the preset's LR x {fit.lr.scale:g} x ({_preset_width(preset)} / width)^"
+                  f"{fit.lr.exponent:g}, through each depth's best multiple of it ({lrs})", highlight=False)
+    m = fit.measured
+    where = (m.get("machine") or {}).get("cpu") or "?"
+    load = m.get("load") or {}
+    others = "" if load.get("others") is None else f", other processes using {100 * load['others']:.0f}% of the cores"
+    console.print(f"measured {m.get('when')} on {where} in {m.get('seconds', 0) / 60:.1f} min{others}; fit again "
+                  f"with: {m.get('command')}", highlight=False)
+
+
+def _fit_columns() -> list:
+    from lmlab.analysis.runs import Column
+
+    return [Column("depth", 0, lambda r: str(r["depth"])), Column("params", 1, lambda r: f"{r['params']:,}"),
+            Column("tokens", 0, lambda r: f"{r['tokens']:,}"),
+            Column("tokens/param", 3, lambda r: f"{r['tokens'] / r['params']:.2f}"),
+            Column("LR", 2, lambda r: f"{r['learning_rate']:g}"), Column("val", 0, lambda r: f"{r['val']:.4f}"),
+            Column("fitted", 0, lambda r: f"{r['fitted']:.4f}"),
+            Column("error", 1, lambda r: f"{100 * (r['fitted'] / r['val'] - 1):+.1f}%")]
+
+
+def _preset_width(preset: Path) -> int:
+    from lmlab.core.config import load_config
+
+    return load_config(preset).model.n_embd
+
+
+def tokens_list(text: str) -> tuple[int, ...]:
+    """`64k,256k,1M`: token counts."""
+    from lmlab.experiments.miniseries import parse_tokens
+
+    try:
+        return parse_tokens(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--tokens {text[:60]!r}: ").rstrip(".")) from None
+
+
+def factors(text: str) -> list[float]:
+    """Comma-separated multiples above 0, at most 100."""
+    return [within(0, 100, above=True)(part.strip()) for part in text.split(",")]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="one row per run: size, data, tokens, best val loss, status")
     p.add_argument("dir", nargs="?", default="runs", help="folder searched for runs, sweeps included")
@@ -122,8 +190,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the figures (and samples) as JSON instead of tables")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("scaling", help="fit best val loss against compute and parameters as power laws")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs with at least one evaluation (two or more)")
+    p = sub.add_parser("scaling", help="fit best val loss against compute and parameters as power laws; or show (and "
+                       "with --refit measure) the fit a preset's --size auto predicts with")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs with at least one evaluation (two or more), or "
+                   "one preset (CONFIG.toml): the fit kept beside it, PRESET.fit.json")
+    p.add_argument("--refit", action="store_true", help="with a preset: train its miniseries (each of --depths at each "
+                   "of --tokens, the LR searched over --lr-factors at the middle length; runs under --dir, finished "
+                   "ones kept) and keep the fit of L(N, D) and the LR rule beside the preset")
+    p.add_argument("--depths", type=counts, help="the family's depths the miniseries trains (default: 1,2,3,4,5,6)")
+    p.add_argument("--tokens", type=tokens_list, help="the lengths each depth trains for, in tokens (k, M: 2**10, "
+                   "2**20; default: 64k,256k,1M,4M)")
+    p.add_argument("--lr-factors", type=factors, help="multiples of the preset's LR each depth tries at the middle "
+                   "length (default: 0.5,1,2)")
+    p.add_argument("--max-flops", type=positive, help="leave out the runs whose 6·N·D is past this (the largest "
+                   "sizes' longest runs), e.g. 2e13")
+    p.add_argument("--dir", default="runs", type=destination("--dir"), help="where the miniseries' runs go "
+                   "(DIR/PRESET-miniseries/)")
+    add_device(p, " (for --refit)")
     p.add_argument("--plot", default="scaling.png", type=destination("--plot"), help="where to draw the fits")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.set_defaults(func=cmd_scaling)

@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from lmlab.commands.common import add_device, add_set, check_destination, console, destination
+from lmlab.commands.common import add_device, add_set, add_size, check_destination, console, destination
 from lmlab.core.errors import UserError
 
 
@@ -19,7 +19,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     train(args.config, run=args.run, resume=args.resume, budget=args.budget, device=args.device,
           init_from=args.init_from, keep_optimizer=args.keep_optimizer, force=args.force, set=args.set,
-          console=console, started=started)
+          console=console, started=started, size=args.size)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -64,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", metavar="30s|5m|2h", help="end the run, start-up and evals included, after this "
                    "long (at most 366 days): its steps are timed and max_iters set to fill it (sets "
                    "train.budget_seconds)")
+    add_size(p)
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     add_device(p, " (may differ from the original on resume)")
     p.add_argument("--init-from", metavar="RUN[:CHECKPOINT]", help="start a new run from another run's weights "

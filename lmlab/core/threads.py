@@ -137,19 +137,20 @@ def forward_probe(model: torch.nn.Module, rows: int, length: int, device: torch.
 
 
 class ThreadChooser:
-    """The threads of one job. Made before the job sets up (the load of that window is what a quiet machine is
-    told by); `choose` once its work can be timed; in a long job, `stepped` after every step. `override` names
-    the setting that fixes them (train.threads, --threads), `setting` its value (0: choose), `most` a ceiling below
-    the cores (serve leaves one to its HTTP side), `fixed` a reason not to choose (torchrun's ranks would each
-    time their own)."""
+    """The threads of one job. Made before the job sets up (the load of that window, or of `window` opened earlier,
+    is what a quiet machine is told by); `choose` once its work can be timed; in a long job, `stepped` after every
+    step. `override` names the setting that fixes them (train.threads, --threads), `setting` its value (0: choose),
+    `most` a ceiling below the cores (serve leaves one to its HTTP side), `fixed` a reason not to choose
+    (torchrun's ranks would each time their own)."""
 
-    def __init__(self, setting: int, override: str, most: int = 0, fixed: str | None = None):
+    def __init__(self, setting: int, override: str, most: int = 0, fixed: str | None = None,
+                 window: LoadMeter | None = None):
         check_threads(override, setting)
         cap, env = most_threads()
         self.override, self.most = override, setting or max(1, min(most or cap, cap))
         self.fixed = override if setting else env or fixed
         torch.set_num_threads(self.most)  # whatever an earlier job of this process chose
-        self.meter = LoadMeter().start()
+        self.meter = window or LoadMeter().start()  # a window opened earlier: a command's start, before torch
         self.probe: Callable[[], None] = lambda: None
         self.choice = Choice(self.most, self.most, self.fixed or "")
         self.decided = False  # by `decide` (a sizing's timed steps); `choose` then times nothing

@@ -96,16 +96,18 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
-                 keep_optimizer: bool = False, started: float | None = None):
+                 keep_optimizer: bool = False, started: float | None = None, threads: ThreadChooser | None = None,
+                 sizing: dict[str, Any] | None = None):
         # A train.budget_seconds run counts from `started`, a time.perf_counter() reading (the CLI passes its own
-        # start), else from `run()`: so the trials of a sweep, in one process, compare on equal terms.
-        self.started = started
+        # start), else from `run()`: so the trials of a sweep, in one process, compare on equal terms. `threads` is a
+        # chooser that decided already (from the steps `--size auto` timed), `sizing` the event that records it.
+        self.started, self.sizing = started, sizing
         self.run_dir = RunDir(run_dir)
         job = from_env()
         job.local_steps(cfg.train.grad_accum_steps)  # checked before the job's processes connect to each other
         # Made before the set-up, whose load tells a quiet machine; each torchrun rank would time its own threads.
-        self.threads = ThreadChooser(cfg.train.threads, "train.threads",
-                                     fixed="torchrun" if job.world_size > 1 else None)
+        self.threads = threads or ThreadChooser(cfg.train.threads, "train.threads",
+                                                fixed="torchrun" if job.world_size > 1 else None)
         self._lock = ExitStack()  # one writer at a time, from before anything of the run is read to run()'s end
         with self._unlocked_on_failure():
             if job.is_main:
@@ -204,6 +206,8 @@ class Trainer:
                 self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from,
                                    device=self.device, dtype=self.dtype, world_size=self.parallel.world_size,
                                    parallel=self.parallel.mode, peak=self.peak, dtype_reason=self.dtype_reason)
+                if self.sizing:
+                    self.writes.log(self.sizing)
         self.tracker = Tracker(self.cfg.train.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
                                resume_step=self.progress.step if resuming else None,
                                model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards

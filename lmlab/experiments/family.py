@@ -1,0 +1,149 @@
+"""A preset as a family of sizes along one dial, its depth (as nanochat's depth dial sets its models): depth d has d
+layers of d × the preset's width per layer, its heads of the preset's head size, its micro-batch and context, and
+its LR from the preset's by the family's LR rule; and the fit kept beside the preset (`PRESET.fit.json`, written by
+`lmlab scaling PRESET --refit`): the val loss a size reaches after so many tokens, L(N, D), and the LR rule, both
+measured on a miniseries of the family's runs on the preset's dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmlab.analysis.scaling import LossSurface
+from lmlab.core.config import RunConfig
+from lmlab.core.errors import UserError
+
+MAX_DEPTH = 48  # the deepest member a family has (48 layers of 64 per layer: 3072 wide)
+FIT_FORMAT = 1
+# A size whose parameters are this many times beyond the fit's largest run is not predicted: a power law carried
+# far past its points says little.
+EXTRAPOLATION = 4.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """The sizes of a preset: `config(depth)` is depth layers of `aspect` × depth wide (in whole heads of `head`),
+    the preset's other settings, its LR times `lr_factor(width)`."""
+
+    preset: RunConfig
+    depth: int  # the preset's own: its n_layer
+    aspect: float  # width per layer: the preset's n_embd / n_layer
+    head: int  # the width of a head, the preset's
+    kv_ratio: int  # query heads per key/value head (grouped-query attention), the preset's
+
+    @classmethod
+    def of(cls, cfg: RunConfig, where: str) -> Family:
+        """The family of a preset (`where` names it): a GPT whose width and heads follow from its depth."""
+        m = cfg.model
+        if m.kind != "gpt":
+            raise UserError(f"{where}: a size is a depth of a GPT's family (its width and heads follow from it), "
+                            f"and model.kind is {m.kind!r}; use a gpt preset, or set its shape by hand.")
+        if m.head_dim or m.mlp_hidden:
+            raise UserError(f"{where} sets model.head_dim or model.mlp_hidden, which do not scale with depth; leave "
+                            "them 0 (n_embd / n_head, and the MLP's own width) to size it by depth.")
+        return cls(cfg, m.n_layer, m.n_embd / m.n_layer, m.n_embd // m.n_head, m.n_head // m.kv_heads)
+
+    def width(self, depth: int) -> int:
+        unit = self.head * self.kv_ratio  # whole groups of heads
+        return max(unit, round(depth * self.aspect / unit) * unit)
+
+    def config(self, depth: int, fit: SizeFit | None = None) -> RunConfig:
+        """Depth `depth` of the family: its shape, and its LR by the fit's rule (without a fit, the preset's)."""
+        width = self.width(depth)
+        heads = width // self.head
+        model = dataclasses.replace(self.preset.model, n_layer=depth, n_embd=width, n_head=heads,
+                                    n_kv_head=heads // self.kv_ratio if self.preset.model.n_kv_head else 0)
+        factor = fit.lr_factor(width, self.preset.model.n_embd) if fit else 1.0
+        tc = self.preset.train
+        train = dataclasses.replace(tc, learning_rate=_lr(tc.learning_rate * factor),
+                                    min_lr=_lr(tc.min_lr * factor))
+        return dataclasses.replace(self.preset, model=model, train=train)
+
+    def describe(self, depth: int) -> str:
+        """E.g. `3 layers of 192, 3 heads`."""
+        heads = self.width(depth) // self.head
+        return f"{depth} layer{'s' * (depth > 1)} of {self.width(depth)}, {heads} head{'s' * (heads > 1)}"
+
+
+def _lr(value: float) -> float:
+    return float(f"{min(1.0, value):.3g}")  # as a person writes it in a preset; train.learning_rate is at most 1
+
+
+@dataclass(frozen=True)
+class LrRule:
+    """The LR of a width: the preset's LR × scale × (the preset's width / width)^exponent, from the best LR of each
+    depth's small search."""
+
+    scale: float = 1.0
+    exponent: float = 0.0
+
+    def factor(self, width: int, preset_width: int) -> float:
+        return self.scale * (preset_width / width) ** self.exponent
+
+
+@dataclass
+class SizeFit:
+    """A preset's fit (`PRESET.fit.json`): the loss surface and LR rule, the runs they came from, and where and how
+    they were measured."""
+
+    preset: str  # the preset's path as it was fitted
+    preset_sha256: str  # of the preset's text: a preset edited since is fitted again
+    dataset: dict[str, Any]  # `path`, `tokenizer`, `train_sha256` of the dataset the miniseries trained on
+    surface: LossSurface
+    lr: LrRule
+    runs: list[dict[str, Any]]  # `depth`, `params`, `tokens`, `learning_rate`, `val`, `run` of each point
+    lr_search: list[dict[str, Any]] = field(default_factory=list)  # `depth`, `width`, `factors`, `vals`, `best`
+    measured: dict[str, Any] = field(default_factory=dict)  # `when`, `machine`, `seconds`, `load`, `command`
+
+    def lr_factor(self, width: int, preset_width: int) -> float:
+        return self.lr.factor(width, preset_width)
+
+    @property
+    def largest(self) -> int:
+        return max(r["params"] for r in self.runs)
+
+    @property
+    def tokens_range(self) -> tuple[int, int]:
+        return min(r["tokens"] for r in self.runs), max(r["tokens"] for r in self.runs)
+
+    def predict(self, params: int, tokens: float) -> float | None:
+        """The val loss L(N, D); None beyond EXTRAPOLATION × the largest size fitted."""
+        if params > EXTRAPOLATION * self.largest or tokens <= 0:
+            return None
+        return self.surface.predict(params, tokens)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FIT_FORMAT, **{k: v for k, v in dataclasses.asdict(self).items()}}
+
+
+def fit_path(preset: Path) -> Path:
+    """Where a preset's fit is kept: beside it, `NAME.fit.json` for `NAME.toml`."""
+    return Path(preset).with_suffix(".fit.json")
+
+
+def preset_sha256(preset: Path) -> str:
+    return hashlib.sha256(Path(preset).read_bytes()).hexdigest()
+
+
+def read_fit(preset: Path) -> SizeFit | None:
+    """The fit kept beside `preset`, or None where there is none; one that cannot be read is refused."""
+    path = fit_path(preset)
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.pop("format", None) != FIT_FORMAT:
+            raise ValueError(f"format is not {FIT_FORMAT}")
+        fit = SizeFit(**{**raw, "surface": LossSurface(**raw["surface"]), "lr": LrRule(**raw["lr"])})
+        if not all(math.isfinite(fit.surface.predict(r["params"], r["tokens"])) for r in fit.runs) or not fit.runs:
+            raise ValueError("its surface does not predict its own runs")
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path} is not a fit lmlab can read ({err}); fit it again with `lmlab scaling {preset} "
+                        "--refit`.")
+    return fit

@@ -1,0 +1,227 @@
+"""`lmlab scaling PRESET --refit`: the miniseries a preset's fit (`PRESET.fit.json`, lmlab.experiments.family) is
+measured on. Each depth of its family trains at one length for a few LRs (the preset's × each factor), the LR rule is
+fitted through each depth's best, and each depth trains at the other lengths at the rule's LR; then L(N, D) is fitted
+through every run at its rule's LR (`analysis.scaling.fit_loss_surface`). Each run is an ordinary run (one evaluation,
+at its end, of the preset's eval_iters batches: those a budgeted run of the preset scores) under
+runs/<preset>-miniseries/; a re-fit skips the finished ones and resumes an interrupted one, as a sweep does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from lmlab.analysis.runs import summarize
+from lmlab.analysis.scaling import fit_loss_surface
+from lmlab.core.busy import LoadMeter
+from lmlab.core.config import RunConfig, load_config
+from lmlab.core.device import machine
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import atomic_write_text
+from lmlab.model import build_model
+from lmlab.data.shards import read_meta
+from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
+from lmlab.experiments.sizing import with_vocab
+from lmlab.run.rundir import RunDir
+from lmlab.train.loop import Trainer
+from lmlab.train.planning import WARMUP_SHARE
+
+DEPTHS = (1, 2, 3, 4, 5, 6)
+TOKENS = (2**16, 2**18, 2**20, 2**22)  # 64k to 4M: what a CPU's minutes train, and a GPU's seconds
+LR_FACTORS = (0.5, 1.0, 2.0)  # the LR search, at the middle length
+MIN_STEPS = 8  # a run of fewer steps is too short to say anything of its size
+UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_tokens(text: str) -> tuple[int, ...]:
+    """`64k,256k,1M`: token counts (k and M are 2**10 and 2**20)."""
+    found = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", item[:40])
+        value = float(match[1]) * UNITS[match[2].lower()] if match else 0
+        if not 1 <= value <= 2**40:
+            raise UserError(f"--tokens {text[:60]!r}: each length is a token count such as 64k, 256k or 1M, "
+                            "comma-separated.")
+        found.append(int(value))
+    return tuple(sorted(set(found)))
+
+
+@dataclass(frozen=True)
+class Series:
+    """What a miniseries trains: `depths` of the family, each at `tokens` (its LR searched at the middle length over
+    `lr_factors` of the preset's) but those past `max_flops` (6·N·D; 0: none), where larger sizes' longest runs
+    would cost the most and say the least about the budgets they are fitted for."""
+
+    depths: tuple[int, ...] = DEPTHS
+    tokens: tuple[int, ...] = TOKENS
+    lr_factors: tuple[float, ...] = LR_FACTORS
+    max_flops: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.depths) < 2 or len(self.tokens) < 2:
+            raise UserError("a miniseries needs at least 2 depths (--depths) and 2 lengths (--tokens): L(N, D) is "
+                            "fitted through sizes and lengths.")
+        if len(self.depths) * len(self.tokens) < 5:
+            raise UserError("a miniseries needs at least 5 runs to fit L(N, D)'s five numbers; add depths or lengths.")
+        if any(not 0 < f <= 100 for f in self.lr_factors):
+            raise UserError("--lr-factors are multiples of the preset's LR, above 0 and at most 100, e.g. 0.5,1,2.")
+        if any(not 1 <= d <= MAX_DEPTH for d in self.depths):
+            raise UserError(f"--depths are depths of the preset's family, from 1 to {MAX_DEPTH}, e.g. 1,2,3,4.")
+
+    def within(self, params: int, tokens: int) -> bool:
+        return not self.max_flops or 6 * params * tokens <= self.max_flops
+
+    @property
+    def searched(self) -> int:
+        """The length the LR is searched at: the middle one (the lower of two)."""
+        return self.tokens[(len(self.tokens) - 1) // 2]
+
+
+def best_factor(factors: list[float], vals: list[float]) -> float:
+    """The LR factor of lowest val: a parabola's vertex in log(factor) where three or more factors bracket it, else
+    the best one tried."""
+    best = factors[int(np.argmin(vals))]
+    if len(set(factors)) < 3:
+        return best
+    a, b, _ = np.polyfit(np.log(factors), vals, 2)
+    vertex = -b / (2 * a) if a > 0 else math.nan
+    inside = math.log(min(factors)) <= vertex <= math.log(max(factors))
+    return float(math.exp(vertex)) if inside else best
+
+
+def lr_rule(search: list[dict[str, Any]], preset_width: int) -> LrRule:
+    """log(best factor) = log(scale) + exponent × log(preset width / width), by least squares over the depths."""
+    x = [math.log(preset_width / s["width"]) for s in search]
+    y = [math.log(s["best"]) for s in search]
+    if len(set(x)) < 2:
+        return LrRule(float(math.exp(np.mean(y))), 0.0)
+    exponent, log_scale = np.polyfit(x, y, 1)
+    return LrRule(round(float(math.exp(log_scale)), 4), round(float(exponent), 4))
+
+
+class Miniseries:
+    """The runs of one preset's miniseries under `folder`, trained in turn (finished ones skipped)."""
+
+    def __init__(self, preset: Path, series: Series, folder: Path, device: str, console: Console):
+        self.preset, self.series, self.folder, self.device, self.console = preset, series, folder, device, console
+        self.family = Family.of(with_vocab(load_config(preset)), str(preset))
+        self.done, self.points = 0, {}  # the runs by folder, each trained once
+        self.total = sum(len(series.lr_factors) + sum(series.within(self.params(d), t) for t in series.tokens
+                                                      if t != series.searched) for d in series.depths)
+
+    def params(self, depth: int) -> int:
+        with torch.device("meta"):
+            return build_model(self.family.config(depth).model).num_params()
+
+    def config(self, depth: int, tokens: int, factor: float) -> RunConfig:
+        """Depth `depth` trained for `tokens` (whole steps, at least MIN_STEPS) at `factor` × the preset's LR, with
+        one evaluation and one checkpoint, at its end."""
+        cfg = self.family.config(depth)
+        tc = cfg.train
+        steps = max(MIN_STEPS, round(tokens / (tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)))
+        train = dataclasses.replace(tc, budget_seconds=0.0, max_iters=steps, eval_interval=steps,
+                                    checkpoint_interval=steps, lr_decay_iters=0, patience=0,
+                                    warmup_iters=min(tc.warmup_iters, round(WARMUP_SHARE * steps)),
+                                    learning_rate=float(f"{tc.learning_rate * factor:.3g}"),
+                                    min_lr=float(f"{tc.min_lr * factor:.3g}"))
+        return dataclasses.replace(cfg, train=train)
+
+    def search(self, depth: int) -> dict[str, Any]:
+        """The depth's LR search at the middle length: each factor's val, and the best factor."""
+        tried = [self.run(depth, self.series.searched, f) for f in self.series.lr_factors]
+        factors = [t["learning_rate"] / self.family.config(depth).train.learning_rate for t in tried]
+        vals = [t["val"] for t in tried]
+        return {"depth": depth, "width": self.family.width(depth), "factors": factors, "vals": vals,
+                "best": best_factor(factors, vals)}
+
+    def lengths(self, search: dict[str, Any], factor: float) -> list[dict[str, Any]]:
+        """The depth's points at the rule's LR (`factor` of the preset's): each length within the series' compute,
+        the middle one the search's run nearest that LR."""
+        depth = search["depth"]
+        points = []
+        for tokens in self.series.tokens:
+            if not self.series.within(self.params(depth), tokens):
+                continue
+            if tokens == self.series.searched:
+                nearest = min(search["factors"], key=lambda f: abs(math.log(f / factor)))
+                points.append(self.run(depth, tokens, nearest))
+            else:
+                points.append(self.run(depth, tokens, factor))
+        return points
+
+    def run(self, depth: int, tokens: int, factor: float) -> dict[str, Any]:
+        """Train one run (or keep it, finished before, or trained already by this series); its point: depth,
+        params, tokens, LR, val, run, the seconds it trained."""
+        cfg = self.config(depth, tokens, factor)
+        path = self.folder / f"d{depth}-t{tokens}-lr{cfg.train.learning_rate:g}"
+        if path in self.points:
+            return self.points[path]
+        summary = summarize(path)
+        self.done += 1
+        if summary.status != "finished":
+            resume = bool(RunDir(path).step_folders())
+            self.console.print(f"miniseries {self.done}/{self.total}: {self.family.describe(depth)}, {tokens:,} tokens "
+                               f"({cfg.train.max_iters} steps), LR {cfg.train.learning_rate:g}", highlight=False)
+            result = Trainer(cfg, path, self.device, resume=resume, console=self.console).run()
+            if result.stopped_by:
+                raise UserError(f"the miniseries was stopped by {result.stopped_by}; run the same command again to "
+                                "go on from where it stopped.")
+            summary = summarize(path)
+        self.points[path] = {"depth": depth, "params": summary.params, "tokens": summary.tokens,
+                             "learning_rate": cfg.train.learning_rate, "val": summary.best_val_loss, "run": str(path),
+                             "seconds": round(summary.elapsed, 1)}
+        return self.points[path]
+
+
+def refit(preset: Path, series: Series, root: Path, device: str, console: Console) -> SizeFit:
+    """Train (or continue) the preset's miniseries under root/<preset>-miniseries/, fit it, and keep the fit beside
+    the preset; the fit."""
+    cfg = load_config(preset)
+    folder = root / f"{preset.stem}-miniseries"
+    _record(folder, preset)
+    runs = Miniseries(preset, series, folder, device, console)
+    began = time.perf_counter()
+    with LoadMeter() as meter:
+        search = [runs.search(depth) for depth in series.depths]
+        rule = lr_rule(search, cfg.model.n_embd)
+        points = [point for s in search for point in runs.lengths(s, rule.factor(s["width"], cfg.model.n_embd))]
+    surface = fit_loss_surface([p["params"] for p in points], [p["tokens"] for p in points],
+                               [p["val"] for p in points])
+    meta = read_meta(Path(cfg.data.dataset))
+    dataset = {"path": cfg.data.dataset, "tokenizer": meta["tokenizer"], "train_sha256": meta["train"]["sha256"]}
+    measured = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
+                "seconds": round(sum(r["seconds"] for r in runs.points.values()), 1),  # the runs' own training
+                "refit_seconds": round(time.perf_counter() - began, 1), "load": meter.load.record(),
+                "command": _command(preset, series)}
+    fit = SizeFit(str(preset), preset_sha256(preset), dataset, surface, rule, points, search, measured)
+    atomic_write_text(fit_path(preset), json.dumps(fit.to_json(), indent=1) + "\n")
+    return fit
+
+
+def _command(preset: Path, series: Series) -> str:
+    tokens = ",".join(str(t) for t in series.tokens)
+    flops = f" --max-flops {series.max_flops:g}" if series.max_flops else ""
+    return (f"lmlab scaling {preset} --refit --depths {','.join(map(str, series.depths))} --tokens {tokens} "
+            f"--lr-factors {','.join(f'{f:g}' for f in series.lr_factors)}{flops}")
+
+
+def _record(folder: Path, preset: Path) -> None:
+    """miniseries.json says which preset the runs are of (each run's name says its depth, length and LR, so a series
+    of other depths or lengths reuses those it shares); the runs of a preset edited since would not belong."""
+    record = {"preset": str(preset), "preset_sha256": preset_sha256(preset)}
+    path = folder / "miniseries.json"
+    if path.exists() and json.loads(path.read_text()) != record:
+        raise UserError(f"{folder} holds the miniseries of another preset, or of this one before an edit ({path}); "
+                        "pass another --dir, or delete it to train the series again.")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2))

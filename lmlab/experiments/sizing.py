@@ -1,0 +1,351 @@
+"""`--size auto`: the depth of a preset's family (lmlab.experiments.family) that a time budget trains to the lowest
+val loss on this machine, as it runs now. Each candidate is timed briefly (a warm-up step, then a few steps on each
+thread count the load asks for, as a budget times its start), its steps in the budget planned as a budget plans them
+(start-up, evaluations, checkpoints and the end counted: lmlab.train.planning), and its val loss predicted by the fit
+kept beside the preset, L(N, D); the lowest wins. Going up from the smallest depth, the next is timed only while even
+OPTIMISM times the speed its FLOPs foretell (from the largest timed so far) could beat the best: a small model is
+overhead-bound, so a smaller shape is not simply a faster one, and only timing tells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.core.config import RunConfig
+from lmlab.core.device import autocast, resolve_device, synchronize
+from lmlab.core.errors import UserError
+from lmlab.core.humanize import format_duration
+from lmlab.core.peak import choose_dtype
+from lmlab.core.threads import LOSING, Choice, ThreadChooser, pick
+from lmlab.data.shards import read_meta
+from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
+from lmlab.model import build_model
+from lmlab.model.memory import MemoryRefused, check_training
+from lmlab.train.budget import EXIT_SECONDS
+from lmlab.train.optim import optimizer_of
+from lmlab.train.planning import WARMUP_SHARE, BudgetPlan, planned_steps
+from lmlab.train.step import TrainStep
+
+TIMED_SECONDS = 0.25  # a candidate's steps on a thread count are timed for at least this long,
+MAX_STEPS = 3  # but no more than this many (at least one)
+OPTIMISM = 2.0  # a depth is timed while this many times the speed its FLOPs foretell could beat the best so far
+TIMING_SHARE = 0.05  # and while its timing would take at most this share of the budget
+SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
+PLOT_SECONDS = 0.2  # an evaluation's redraw of loss.png, and the end's
+DISK_BYTES_PER_SECOND = 1e9  # a checkpoint's write (atomic, fsynced: a page cache's pace), after ~0.05 s of set-up
+
+
+@dataclass
+class Candidate:
+    """A depth of the family as the sizing weighed it: timed (a training step's seconds by thread count, an
+    evaluation's batch), its steps and tokens in the budget, its predicted val; or why it was not."""
+
+    depth: int
+    shape: str  # e.g. "3 layers of 192, 3 heads"
+    params: int
+    flops_per_token: float
+    tokens_per_step: int
+    seconds: dict[int, float] = field(default_factory=dict)  # a training step by thread count
+    threads: int = 0  # the count it trains fastest on (the most within ThreadChooser's margin of the fastest)
+    eval_batch: float = 0.0  # a forward pass of a micro-batch on each split: an evaluation's batch
+    steps: int = 0  # that fit the budget
+    eval_iters: int = 0  # batches a split its evaluations would score
+    predicted: float | None = None  # the val loss the fit predicts after its tokens
+    note: str = ""  # why it was not timed or not predicted
+
+    @property
+    def step_seconds(self) -> float:
+        return self.seconds.get(self.threads, 0.0)
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens_per_step / self.step_seconds if self.step_seconds else 0.0
+
+    def record(self) -> dict[str, Any]:
+        """As the `sizing` event lists it."""
+        return {"depth": self.depth, "shape": self.shape, "params": self.params,
+                "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
+                "steps": self.steps, "tokens": self.tokens,
+                "predicted_val": None if self.predicted is None else round(self.predicted, 4), "note": self.note}
+
+
+@dataclass
+class Sizing:
+    """What `--size auto` chose and why: every depth it weighed, the one with the lowest predicted val, and the
+    config that trains it (its shape, LR by the fit's rule, warmup laid over the steps it plans)."""
+
+    budget: float
+    spent: float  # seconds of the budget gone when it chose, its own timing included
+    candidates: list[Candidate]
+    chosen: Candidate
+    config: RunConfig
+    fit: str  # the fit file
+    threads: Choice
+
+    def line(self) -> str:
+        """The one line a run starts with: what was chosen, and why."""
+        c, timed = self.chosen, [c for c in self.candidates if c.seconds]
+        per_param = c.tokens / c.params
+        return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
+                f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
+                f"({', '.join(str(t.depth) for t in timed)} layers): {c.tokens_per_sec:,.0f} tokens/s measured on "
+                f"{c.threads} thread{'s' * (c.threads > 1)}, {c.steps:,} steps of {c.tokens:,} tokens in what is left "
+                f"of {format_duration(self.budget)} ({per_param:.2f} per parameter), predicted val "
+                f"{c.predicted:.4f} ({self.fit})")
+
+    def record(self) -> dict[str, Any]:
+        """The run's `sizing` event."""
+        return {"event": "sizing", "budget": self.budget, "spent": round(self.spent, 3), "fit": self.fit,
+                "depth": self.chosen.depth, "shape": self.chosen.shape, "params": self.chosen.params,
+                "tokens_per_sec": round(self.chosen.tokens_per_sec, 1), "threads": self.chosen.threads,
+                "steps": self.chosen.steps, "tokens": self.chosen.tokens,
+                "tokens_per_param": round(self.chosen.tokens / self.chosen.params, 4),
+                "predicted_val": round(self.chosen.predicted, 4),
+                "learning_rate": self.config.train.learning_rate, "warmup_iters": self.config.train.warmup_iters,
+                "candidates": [c.record() for c in self.candidates]}
+
+
+def time_candidate(cfg: RunConfig, device: torch.device, dtype: torch.dtype,
+                   counts: list[int]) -> tuple[dict[int, float], float]:
+    """A training step of `cfg`'s model (eager, on random tokens, its micro-batch and accumulation, its optimizer)
+    timed on each thread count of `counts` (fewest first, after a warm-up step on the fewest; a count LOSING times
+    slower than the best so far is timed once), and an evaluation's batch: a forward pass on each split."""
+    train = dataclasses.replace(cfg.train, compile=False)
+    step = TrainStep(build_model(cfg.model).to(device), train, device, dtype)
+    tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    batches = [(tokens, tokens)] * train.grad_accum_steps
+
+    def timed(run: Any) -> float:
+        began = time.perf_counter()
+        run()
+        synchronize(device)
+        return time.perf_counter() - began
+
+    torch.set_num_threads(counts[0])
+    timed(lambda: step(batches, len(batches), train.learning_rate))  # allocations, caches
+    seconds: dict[int, float] = {}
+    for n in counts:
+        torch.set_num_threads(n)
+        times: list[float] = []
+        while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS
+                            and times[-1] <= LOSING * min(seconds.values(), default=times[-1])):
+            times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
+        seconds[n] = sum(times) / len(times)
+    torch.set_num_threads(pick(seconds))
+    step.model.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        forward = timed(lambda: step.model(tokens, tokens))
+    return seconds, 2 * forward
+
+
+class Search:
+    """The depths weighed for a budget, from the smallest up (`weigh`), each planned from the seconds left now."""
+
+    def __init__(self, family: Family, fit: SizeFit, budget: float, started: float, device: torch.device,
+                 dtype: torch.dtype, counts: list[int], split_tokens: int):
+        self.family, self.fit, self.budget, self.started = family, fit, budget, started
+        self.device, self.dtype, self.counts, self.split_tokens = device, dtype, counts, split_tokens
+        self.candidates: list[Candidate] = []
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.started + SET_UP
+
+    def candidate(self, depth: int) -> Candidate:
+        cfg = self.family.config(depth, self.fit)
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+        return Candidate(depth, self.family.describe(depth), model.num_params(), model.flops_per_token(), tokens)
+
+    def plan(self, c: Candidate) -> None:
+        """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val."""
+        c.steps, c.eval_iters, c.predicted = self.planned(c, c.step_seconds, c.eval_batch)
+
+    def planned(self, c: Candidate, step_seconds: float, eval_batch: float) -> tuple[int, int, float | None]:
+        """The steps and evaluation batches of `c` at these figures, and its predicted val (None: no step fits)."""
+        plan = self.budget_plan(c, step_seconds)
+        train = self.family.config(c.depth, self.fit).train
+        intervals = (train.eval_steps(self.split_tokens, c.tokens_per_step), train.checkpoint_interval)
+        steps, batches = planned_steps(plan, self.budget - plan.spent, intervals, train.eval_iters,
+                                       lambda n: n * eval_batch + PLOT_SECONDS)
+        return steps, batches, self.fit.predict(c.params, steps * c.tokens_per_step) if steps else None
+
+    def budget_plan(self, c: Candidate, step_seconds: float) -> BudgetPlan:
+        """A budget's plan as it would stand at the first step of `c`: the seconds spent, a step, a checkpoint (its
+        weights and optimizer state written at a page cache's pace) and the end."""
+        weights = 4 * c.params
+        state = optimizer_of(self.family.preset.train).state_bytes(weights, 0)  # at most this
+        checkpoint = 0.05 + (weights + state) / DISK_BYTES_PER_SECOND
+        return BudgetPlan(self.budget, 0, 0, self.spent(), step_seconds, 0.0, checkpoint, PLOT_SECONDS + EXIT_SECONDS)
+
+    def worth_timing(self, c: Candidate, best: Candidate | None) -> bool:
+        """Whether to time `c`: not beyond the fit, not when its timing would take too long or it cannot win even
+        at OPTIMISM times the pace its FLOPs foretell; else `note` says why, and the search stops."""
+        if self.fit.predict(c.params, 1) is None:
+            c.note = f"beyond the fit's sizes (at most {self.fit.largest * 4 / 1e6:.2f}M parameters)"
+            return False
+        timed = [t for t in self.candidates if t.seconds]
+        if not timed or best is None:
+            return True
+        near = timed[-1]
+        ratio = c.flops_per_token * c.tokens_per_step / (near.flops_per_token * near.tokens_per_step)
+        guess = near.step_seconds * ratio
+        each = max(1, min(MAX_STEPS, math.ceil(TIMED_SECONDS / guess)))  # steps timed on each count
+        if (1 + each * len(self.counts)) * guess > TIMING_SHARE * self.budget:
+            c.note = f"not timed: about {guess:.2f} s a step, too long to time in this budget"
+            return False
+        hopeful = self.planned(c, guess / OPTIMISM, near.eval_batch * ratio / OPTIMISM)[2]
+        if hopeful is None or hopeful >= best.predicted:
+            c.note = (f"not timed: even at {OPTIMISM:g}x the speed its FLOPs foretell it would lose" +
+                      ("" if hopeful is None else f" ({hopeful:.4f})"))
+            return False
+        return True
+
+    def weigh(self, c: Candidate) -> bool:
+        """Time and plan `c`; whether the search goes on (it stops at a size that does not fit memory or the
+        budget)."""
+        cfg = self.family.config(c.depth, self.fit)
+        try:
+            check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.device)
+        except MemoryRefused:
+            c.note = "does not fit this machine's memory"
+            return False
+        c.seconds, c.eval_batch = time_candidate(cfg, self.device, self.dtype, self.counts)
+        c.threads = pick(c.seconds)
+        self.plan(c)
+        if not c.steps:
+            c.note = "no step fits what is left of the budget"
+        return bool(c.steps)
+
+
+def search(family: Family, fit: SizeFit, budget: float, started: float, device: torch.device, dtype: torch.dtype,
+           chooser: ThreadChooser, split_tokens: int, depths: list[int] | None = None) -> Search:
+    """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all
+    of `depths` where given, else from the smallest up while a larger one could win."""
+    found = Search(family, fit, budget, started, device, dtype, chooser.counts(device), split_tokens)
+    best = None
+    for depth in depths or range(1, MAX_DEPTH + 1):
+        c = found.candidate(depth)
+        found.candidates.append(c)
+        if not depths and not found.worth_timing(c, best):
+            break
+        if not found.weigh(c) and not depths:
+            break
+        if c.predicted is not None and (best is None or c.predicted < best.predicted):
+            best = c
+    for c in found.candidates:  # every timed one planned from the time its own timing left, the others' included
+        if c.seconds:
+            found.plan(c)
+    return found
+
+
+SIZES = "auto, or a depth of the preset's family from 1 to 48 (4: 4 layers of the preset's width per layer)"
+
+
+def parse_size(text: str | int) -> str | int:
+    """`--size`'s value: "auto", or a depth (its layers) of the preset's family."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return value
+    if value.isdigit() and 1 <= int(value) <= MAX_DEPTH:
+        return int(value)
+    raise UserError(f"--size {str(text)[:40]!r} is not a size; use {SIZES}.")
+
+
+def with_vocab(cfg: RunConfig) -> RunConfig:
+    """The config with its dataset's vocabulary size, where it leaves it to the dataset."""
+    vocab = cfg.model.vocab_size or read_meta(Path(cfg.data.dataset))["vocab_size"]
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, SizeFit | None]:
+    """The preset's family, its dataset's vocabulary filled in, and its fit (None without one; one fitted on a
+    dataset of another tokenizer is refused: its losses are of other units)."""
+    meta = read_meta(Path(cfg.data.dataset))
+    cfg = with_vocab(cfg)
+    fit = read_fit(preset)
+    if fit and fit.dataset.get("tokenizer") != meta["tokenizer"]:
+        raise UserError(f"{fit_path(preset)} was fitted on a {fit.dataset.get('tokenizer')} dataset and "
+                        f"{cfg.data.dataset} is {meta['tokenizer']}: its losses are in other units; fit the preset on "
+                        f"this dataset with `lmlab scaling {preset} --refit`.")
+    return Family.of(cfg, str(preset)), fit
+
+
+def fit_notes(preset: Path, fit: SizeFit, dataset: str) -> list[str]:
+    """What to know of a fit before trusting its predictions: the preset edited since, another text."""
+    notes = []
+    if fit.preset_sha256 != preset_sha256(preset):
+        notes.append(f"{preset} changed since {fit_path(preset)} was fitted: its predictions may not hold; fit it "
+                     f"again with `lmlab scaling {preset} --refit`")
+    train = read_meta(Path(dataset))["train"]["sha256"]
+    if fit.dataset.get("train_sha256") != train:
+        notes.append(f"{fit_path(preset)} was fitted on {fit.dataset.get('path')}, not {dataset}: its predictions "
+                     "hold as far as the texts are alike")
+    return notes
+
+
+def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, chooser: ThreadChooser,
+                depths: list[int] | None = None) -> Sizing:
+    """The depth of the preset's family that trains to the lowest predicted val in cfg.train.budget_seconds counted
+    from `started` (a time.perf_counter() reading of the process's start), on this machine as it runs now; or
+    `depths` alone, weighed (the preset's own depth, for `plan --budget` of a fixed shape)."""
+    budget = cfg.train.budget_seconds
+    if not budget:
+        raise UserError("--size auto chooses the size a time budget trains best; give one with --budget (e.g. "
+                        "--budget 5m), or a size by its depth (--size 4).")
+    family, fit = family_of(preset, cfg)
+    if fit is None:
+        raise UserError(f"--size auto predicts each size's val loss from the fit kept beside the preset, and "
+                        f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
+                        "miniseries of short runs), or give a size by its depth (--size 4).")
+    device = resolve_device(device_name)
+    dtype, _ = choose_dtype(device, cfg.train.dtype)
+    split = read_meta(Path(cfg.data.dataset))["train"]["tokens"]
+    found = search(family, fit, budget, started, device, dtype, chooser, split, depths)
+    planned = [c for c in found.candidates if c.steps and c.predicted is not None]
+    if not planned:
+        raise UserError(_refusal(found, preset))
+    best = min(planned, key=lambda c: c.predicted)
+    chosen = family.config(best.depth, fit)
+    warmup = min(chosen.train.warmup_iters, round(WARMUP_SHARE * best.steps))
+    chosen = dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, warmup_iters=warmup))
+    threads = chooser.decide(best.seconds)
+    return Sizing(budget, found.spent(), found.candidates, best, chosen, str(fit_path(preset)), threads)
+
+
+def _refusal(found: Search, preset: Path) -> str:
+    """Why no size can train: even the smallest depth weighed trains no step in what is left of the budget."""
+    smallest = found.candidates[0]
+    if not smallest.seconds:
+        return f"budget {found.budget:g} s: no size of {preset} could be weighed ({smallest.note})."
+    plan = found.budget_plan(smallest, smallest.step_seconds)
+    plan.eval_seconds = smallest.eval_batch + PLOT_SECONDS  # the fewest batches an evaluation may score
+    needed = plan.spent + plan.needed(1, (1, 1))
+    return (f"budget {found.budget:g} s: even the smallest size of {preset} ({smallest.shape}) cannot train one step "
+            f"with its evaluation and checkpoint in what is left after {plan.spent:.1f} s of start-up and timing "
+            f"(a step {1000 * smallest.step_seconds:.0f} ms, an evaluation of one batch a split "
+            f"{plan.eval_seconds:.2f} s); give a budget of at least {needed + 1:.0f} s.")
+
+
+def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, str]:
+    """Depth `depth` of the preset's family, its LR by the fit's rule where the preset has a fit; and the line that
+    says so."""
+    family, fit = family_of(preset, cfg)
+    chosen = family.config(depth, fit)
+    rule = f"by {fit_path(preset)}'s rule" if fit else f"the preset's ({fit_path(preset)} holds no rule)"
+    with torch.device("meta"):
+        params = build_model(chosen.model).num_params()
+    return chosen, (f"size {depth}: {family.describe(depth)} ({params / 1e6:.2f}M parameters), LR "
+                    f"{chosen.train.learning_rate:g} {rule}")

@@ -49,6 +49,7 @@ class RunSummary:
     scored_on: str | None = None  # what its val loss is of: the val split (its sha256), a fine-tune's held-out records
     evaluation: dict[str, Any] | None = None  # the kept `lmlab eval` of the checkpoint's weights (perplexity, accuracy)
     still_falling: bool | None = None  # the last eval was the best one
+    predicted_val: float | None = None  # what `--size auto` predicted it would reach (its `sizing` event)
     tokens_per_sec: float | None = None  # median of the logged intervals
     mfu: float | None = None  # median of the logged intervals
     checkpoint: str = "best"  # the checkpoint whose kept task and judge scores `tasks` and `judge` are
@@ -142,6 +143,8 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     summary.evals = [e for e in events if e.get("event") == "eval" and isinstance(e.get("val_loss"), (int, float))]
     summary.trains = [e for e in events if e.get("event") == "train" and isinstance(e.get("loss"), (int, float))]
     summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
+    sized = [e.get("predicted_val") for e in events if e.get("event") == "sizing"]
+    summary.predicted_val = sized[0] if sized and isinstance(sized[0], (int, float)) else None
     logged = [e.get("mfu") for e in summary.trains]
     # Above 100% the run's peak was wrong (an emulated kernel's, before lmlab checked): none of its MFU stands.
     summary.mfu = None if any(m is not None and m > 1 for m in logged) else _median(logged)
@@ -238,7 +241,8 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params),
         "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params),
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
-        "judge": s.judge, "evaluation": s.evaluation,
+        "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
+        "predicted_error": _ratio(s.predicted_val, s.best_val_loss) and s.predicted_val / s.best_val_loss - 1,
     } for s in runs]
 
 
@@ -313,6 +317,15 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
     Column("model", 13, lambda r: r["model"] or "-", left=True),
     Column("judge (scored, model)", 9, lambda r: judge_cell(r["judge"]), left=True),
 ]
+
+def predicted_columns(rows: list[dict[str, Any]], priority: int = 1) -> list[Column]:
+    """The val `--size auto` predicted for a run beside what it reached (its error as a share of it), where any row
+    was sized so."""
+    if not any(r.get("predicted_val") is not None for r in rows):
+        return []
+    return [Column("predicted val", priority, lambda r: fmt(r.get("predicted_val")) + (
+        "" if r.get("predicted_error") is None else f" ({100 * r['predicted_error']:+.1f}%)"))]
+
 
 def evaluation_columns(rows: list[dict[str, Any]], priority: int = 8) -> list[Column]:
     """Perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint (`lmlab eval RUN` keeps them), where

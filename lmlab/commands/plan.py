@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from lmlab.commands.common import add_device, add_set, console, count, counts, positive, within
+from lmlab.commands.common import add_device, add_set, add_size, console, count, counts, positive, print_table, within
 from lmlab.core.errors import UserError
 
 
@@ -141,6 +141,8 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    if args.budget or args.size:
+        return plan_budget(args)
     from lmlab.core.config import load_config
     from lmlab.experiments.bench import with_vocab
     from lmlab.experiments.plan import (
@@ -192,6 +194,67 @@ def cmd_plan(args: argparse.Namespace) -> None:
         console.print(f"[yellow]warning: {warning}[/yellow]")
 
 
+def plan_budget(args: argparse.Namespace) -> None:
+    """`plan PRESET --budget 5m [--size auto|DEPTH]`: the sizes weighed for the budget (timed here now, as `train
+    --budget` times them), the one chosen and its predicted val, and the plan of that run."""
+    import time
+
+    from lmlab.core.busy import LoadMeter, process_age
+
+    window, started = LoadMeter().start(), time.perf_counter() - process_age()  # as train counts its budget
+    from lmlab.api.training import parse_duration
+    from lmlab.core.config import load_config
+    from lmlab.core.threads import ThreadChooser
+    from lmlab.experiments.plan import make_plan
+    from lmlab.experiments.sizing import choose_size, parse_size, with_vocab
+
+    if not args.budget:
+        raise UserError("--size is planned for a time budget: give --budget (e.g. --budget 5m --size auto).")
+    if args.gpu or args.measure or args.tokens_per_sec or args.mfu:
+        raise UserError("--budget times the steps here, as training does: pass no --gpu, --measure, "
+                        "--tokens-per-sec or --mfu with it.")
+    target = Path(args.target)
+    if target.is_dir():
+        raise UserError(f"--budget plans a new run of a preset; {target} is a run (a run keeps the plan it made).")
+    size = parse_size(args.size) if args.size else None
+    cfg = with_vocab(load_config(target, [*args.set, f"train.budget_seconds={parse_duration(args.budget)}"]))
+    chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
+    depths = None if size == "auto" else [size or cfg.model.n_layer]
+    with console.status("Timing the sizes on this machine..." if size == "auto" else "Timing its steps..."):
+        sizing = choose_size(target, cfg, started, args.device, chooser, depths)
+    print_table(f"Sizes weighed for {args.budget} of {target} on this machine now", _size_columns(),
+                [{**c.record(), "chosen": c is sizing.chosen} for c in sizing.candidates])
+    for c in sizing.candidates:
+        if c.note:
+            console.print(f"{c.shape}: {c.note}", highlight=False)
+    console.print(sizing.line() if size == "auto" else sizing.line().replace("size auto: ", "", 1), highlight=False)
+    c = sizing.chosen
+    rate = (c.tokens_per_sec, f"measured here, {c.threads} thread{'s' * (c.threads > 1)}, as training runs")
+    plan = make_plan(sizing.config if size else cfg, rate, c.tokens, source=f"the steps that fit {args.budget}")
+    plan.eval_seconds, plan.besides = sizing.budget - c.steps * c.step_seconds, "start-up, timing, evaluating, ..."
+    console.print(plan_table(target, plan, None, None))
+    console.print(f"The budget as planned: {sizing.spending()}.", highlight=False)
+
+
+def _cell(value: Any, text: str) -> str:
+    return "-" if value is None else text
+
+
+def _size_columns() -> list:
+    """`plan --budget`'s sizes: lmlab.experiments.sizing.Candidate.record's figures."""
+    from lmlab.analysis.runs import Column
+
+    return [Column("", 0, lambda r: "chosen" if r["chosen"] else "", left=True),
+            Column("shape", 0, lambda r: r["shape"], left=True),
+            Column("params", 1, lambda r: f"{r['params']:,}"),
+            Column("tokens/s", 0, lambda r: _cell(r["tokens_per_sec"], f"{r['tokens_per_sec'] or 0:,.0f}")),
+            Column("threads", 4, lambda r: _cell(r["threads"], str(r["threads"]))),
+            Column("steps", 2, lambda r: f"{r['steps']:,}" if r["steps"] else "-"),
+            Column("tokens", 1, lambda r: f"{r['tokens']:,}" if r["tokens"] else "-"),
+            Column("tokens/param", 3, lambda r: f"{r['tokens'] / r['params']:.2f}" if r["tokens"] else "-"),
+            Column("predicted val", 0, lambda r: _cell(r["predicted_val"], f"{r['predicted_val'] or 0:.4f}"))]
+
+
 def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
     """`plan`'s table: size, tokens and passes over the data, Chinchilla on unique tokens, compute beside 6·N·D,
     the throughput and its source, the wall time; where a run stands."""
@@ -224,7 +287,7 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
         if guess.step:
             table.add_row("a step", f"{1000 * guess.step.seconds:,.1f} ms: {guess.step.describe()}")
     table.add_row("throughput", f"{plan.tokens_per_sec:,.0f} tokens/s ({plan.rate_source})")
-    evaluating = f" ({format_duration(plan.eval_seconds)} of it evaluating)" if plan.eval_seconds else ""
+    evaluating = f" ({format_duration(plan.eval_seconds)} of it {plan.besides})" if plan.eval_seconds else ""
     table.add_row("wall time", format_duration(plan.seconds) + evaluating)
     if run:
         seen = unique_tokens(run.tokens, run.split_tokens)
@@ -258,6 +321,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tokens", type=count(), help="training tokens to plan for")
     group.add_argument("--chinchilla", action="store_true", help="plan for 20 tokens per parameter")
+    group.add_argument("--budget", metavar="30s|5m|2h", help="plan a run of this long, start-up and evaluations "
+                       "included, as `lmlab train --budget` would: its steps timed here now, the steps and tokens "
+                       "that fit, the val the preset's fit predicts")
+    add_size(p)
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--gpu", metavar="NAME", help="estimate for this GPU from its datasheet peak (bf16 where it "
                       "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine)")

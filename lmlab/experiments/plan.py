@@ -50,6 +50,7 @@ class Plan:
     padding_params: int = 0  # vocabulary padding rows, not parameters (lmlab's compute counts what the head multiplies)
     attention_flops: float = 0.0  # per token, beyond the weights' 6 per multiplying weight
     eval_seconds: float = 0.0  # the evaluations' share of the wall time, where it is estimated (gputime)
+    besides: str = "evaluating"  # what eval_seconds are: a budget's plan counts start-up, checkpoints and the end too
 
     @property
     def flops(self) -> float:
@@ -232,19 +233,17 @@ def estimate(hardware: Hardware, mfu: float | None, cfg: RunConfig, runs: list[P
 
 
 def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None, chinchilla: bool = False,
-              split_tokens: int | None = None, step: StepTime | None = None) -> Plan:
-    """The plan for `tokens` training tokens (or Chinchilla's 20 per parameter, or the config's max_iters steps)
-    at `rate`: tokens/s and where the figure came from (`estimate`, `measure_tokens_per_sec`, the user);
-    `split_tokens`, the train split's tokens, say how often it repeats its data (else its dataset's, if here);
-    `step`, a GPU time model's step, adds its evaluations to the wall time."""
+              split_tokens: int | None = None, step: StepTime | None = None, source: str = "--tokens") -> Plan:
+    """The plan for `tokens` training tokens (`source` says whence; or Chinchilla's 20 per parameter, or the
+    config's max_iters steps) at `rate`: tokens/s and where the figure came from (`estimate`,
+    `measure_tokens_per_sec`, the user); `split_tokens`, the train split's tokens, say how often it repeats its data
+    (else its dataset's, if here); `step`, a GPU time model's step, adds its evaluations to the wall time."""
     model = shape_of(cfg)
     params = model.num_params()
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-    if tokens:
-        source = "--tokens"
-    elif chinchilla:
+    if chinchilla:
         tokens, source = CHINCHILLA_TOKENS_PER_PARAM * params, "20 tokens per parameter (Chinchilla)"
-    else:
+    elif not tokens:
         tokens, source = cfg.train.max_iters * tokens_per_step, "train.max_iters x tokens per step"
     evaluations = run_seconds(cfg, step, tokens / tokens_per_step)[1] if step else 0.0
     return Plan(params, model.num_params(embeddings=False), model.flops_per_token(), tokens_per_step, tokens, source,

@@ -30,13 +30,13 @@ from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import EXIT_SECONDS
 from lmlab.train.optim import optimizer_of
-from lmlab.train.planning import WARMUP_SHARE, BudgetPlan, planned_steps
+from lmlab.train.planning import WARMUP_SHARE, BudgetPlan, evaluations, planned_steps
 from lmlab.train.step import TrainStep
 
 TIMED_SECONDS = 0.25  # a candidate's steps on a thread count are timed for at least this long,
 MAX_STEPS = 3  # but no more than this many (at least one)
 OPTIMISM = 2.0  # a depth is timed while this many times the speed its FLOPs foretell could beat the best so far
-TIMING_SHARE = 0.05  # and while its timing would take at most this share of the budget
+TIMING_SHARE = 0.1  # and while the timing of all of them would take at most this share of the budget
 SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
 PLOT_SECONDS = 0.2  # an evaluation's redraw of loss.png, and the end's
 DISK_BYTES_PER_SECOND = 1e9  # a checkpoint's write (atomic, fsynced: a page cache's pace), after ~0.05 s of set-up
@@ -59,6 +59,8 @@ class Candidate:
     eval_iters: int = 0  # batches a split its evaluations would score
     predicted: float | None = None  # the val loss the fit predicts after its tokens
     note: str = ""  # why it was not timed or not predicted
+    plan: BudgetPlan | None = None  # as a budget would plan it, and the steps between its evaluations, checkpoints
+    intervals: tuple[int, int] = (1, 1)
 
     @property
     def step_seconds(self) -> float:
@@ -101,8 +103,19 @@ class Sizing:
                 f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
                 f"({', '.join(str(t.depth) for t in timed)} layers): {c.tokens_per_sec:,.0f} tokens/s measured on "
                 f"{c.threads} thread{'s' * (c.threads > 1)}, {c.steps:,} steps of {c.tokens:,} tokens in what is left "
-                f"of {format_duration(self.budget)} ({per_param:.2f} per parameter), predicted val "
-                f"{c.predicted:.4f} ({self.fit})")
+                f"of {format_duration(self.budget)} ({per_param:.2f} per parameter), " +
+                (f"predicted val {c.predicted:.4f} ({self.fit})" if c.predicted is not None else
+                 f"no val predicted ({self.fit} is to be made: `lmlab scaling PRESET --refit`)"))
+
+    def spending(self) -> str:
+        """Where the budget goes, as planned: start-up and the sizes' timing, the steps, the evaluations, the
+        checkpoints and the end."""
+        c, plan = self.chosen, self.chosen.plan
+        steps, evals = c.steps * plan.step_seconds, evaluations(0, c.steps, c.intervals[0])
+        rest = plan.needed(c.steps, c.intervals) - steps - evals * plan.eval_seconds
+        return (f"the {format_duration(self.budget)}: {self.spent:.1f} s of start-up and timing, {steps:.1f} s for "
+                f"{c.steps:,} steps, {evals * plan.eval_seconds:.1f} s for {evals} evaluation{'s' * (evals > 1)} of "
+                f"{c.eval_iters} batch{'es' * (c.eval_iters > 1)} a split, {rest:.1f} s for checkpoints and the end")
 
     def record(self) -> dict[str, Any]:
         """The run's `sizing` event."""
@@ -111,7 +124,7 @@ class Sizing:
                 "tokens_per_sec": round(self.chosen.tokens_per_sec, 1), "threads": self.chosen.threads,
                 "steps": self.chosen.steps, "tokens": self.chosen.tokens,
                 "tokens_per_param": round(self.chosen.tokens / self.chosen.params, 4),
-                "predicted_val": round(self.chosen.predicted, 4),
+                "predicted_val": None if self.chosen.predicted is None else round(self.chosen.predicted, 4),
                 "learning_rate": self.config.train.learning_rate, "warmup_iters": self.config.train.warmup_iters,
                 "candidates": [c.record() for c in self.candidates]}
 
@@ -153,11 +166,12 @@ def time_candidate(cfg: RunConfig, device: torch.device, dtype: torch.dtype,
 class Search:
     """The depths weighed for a budget, from the smallest up (`weigh`), each planned from the seconds left now."""
 
-    def __init__(self, family: Family, fit: SizeFit, budget: float, started: float, device: torch.device,
+    def __init__(self, family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device,
                  dtype: torch.dtype, counts: list[int], split_tokens: int):
         self.family, self.fit, self.budget, self.started = family, fit, budget, started
         self.device, self.dtype, self.counts, self.split_tokens = device, dtype, counts, split_tokens
         self.candidates: list[Candidate] = []
+        self.timing = 0.0  # seconds spent timing candidates
 
     def spent(self) -> float:
         return time.perf_counter() - self.started + SET_UP
@@ -171,16 +185,18 @@ class Search:
 
     def plan(self, c: Candidate) -> None:
         """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val."""
-        c.steps, c.eval_iters, c.predicted = self.planned(c, c.step_seconds, c.eval_batch)
+        c.steps, c.eval_iters, c.predicted, c.plan, c.intervals = self.planned(c, c.step_seconds, c.eval_batch)
 
-    def planned(self, c: Candidate, step_seconds: float, eval_batch: float) -> tuple[int, int, float | None]:
-        """The steps and evaluation batches of `c` at these figures, and its predicted val (None: no step fits)."""
+    def planned(self, c: Candidate, step_seconds: float, eval_batch: float) -> tuple[Any, ...]:
+        """The steps and evaluation batches of `c` at these figures, its predicted val (None: no step fits, or no
+        fit), the plan and the steps between its evaluations and checkpoints."""
         plan = self.budget_plan(c, step_seconds)
         train = self.family.config(c.depth, self.fit).train
         intervals = (train.eval_steps(self.split_tokens, c.tokens_per_step), train.checkpoint_interval)
         steps, batches = planned_steps(plan, self.budget - plan.spent, intervals, train.eval_iters,
                                        lambda n: n * eval_batch + PLOT_SECONDS)
-        return steps, batches, self.fit.predict(c.params, steps * c.tokens_per_step) if steps else None
+        predicted = self.fit.predict(c.params, steps * c.tokens_per_step) if steps and self.fit else None
+        return steps, batches, predicted, plan, intervals
 
     def budget_plan(self, c: Candidate, step_seconds: float) -> BudgetPlan:
         """A budget's plan as it would stand at the first step of `c`: the seconds spent, a step, a checkpoint (its
@@ -203,8 +219,9 @@ class Search:
         ratio = c.flops_per_token * c.tokens_per_step / (near.flops_per_token * near.tokens_per_step)
         guess = near.step_seconds * ratio
         each = max(1, min(MAX_STEPS, math.ceil(TIMED_SECONDS / guess)))  # steps timed on each count
-        if (1 + each * len(self.counts)) * guess > TIMING_SHARE * self.budget:
-            c.note = f"not timed: about {guess:.2f} s a step, too long to time in this budget"
+        if self.timing + (1 + each * len(self.counts)) * guess > TIMING_SHARE * self.budget:
+            c.note = (f"not timed: about {guess:.2f} s a step, too long to time in this budget (the timing of "
+                      f"sizes may take {TIMING_SHARE:.0%} of it)")
             return False
         hopeful = self.planned(c, guess / OPTIMISM, near.eval_batch * ratio / OPTIMISM)[2]
         if hopeful is None or hopeful >= best.predicted:
@@ -222,7 +239,9 @@ class Search:
         except MemoryRefused:
             c.note = "does not fit this machine's memory"
             return False
+        began = time.perf_counter()
         c.seconds, c.eval_batch = time_candidate(cfg, self.device, self.dtype, self.counts)
+        self.timing += time.perf_counter() - began
         c.threads = pick(c.seconds)
         self.plan(c)
         if not c.steps:
@@ -230,7 +249,7 @@ class Search:
         return bool(c.steps)
 
 
-def search(family: Family, fit: SizeFit, budget: float, started: float, device: torch.device, dtype: torch.dtype,
+def search(family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device, dtype: torch.dtype,
            chooser: ThreadChooser, split_tokens: int, depths: list[int] | None = None) -> Search:
     """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all
     of `depths` where given, else from the smallest up while a larger one could win."""
@@ -306,7 +325,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
         raise UserError("--size auto chooses the size a time budget trains best; give one with --budget (e.g. "
                         "--budget 5m), or a size by its depth (--size 4).")
     family, fit = family_of(preset, cfg)
-    if fit is None:
+    if fit is None and depths is None:
         raise UserError(f"--size auto predicts each size's val loss from the fit kept beside the preset, and "
                         f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
                         "miniseries of short runs), or give a size by its depth (--size 4).")
@@ -314,10 +333,10 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
     dtype, _ = choose_dtype(device, cfg.train.dtype)
     split = read_meta(Path(cfg.data.dataset))["train"]["tokens"]
     found = search(family, fit, budget, started, device, dtype, chooser, split, depths)
-    planned = [c for c in found.candidates if c.steps and c.predicted is not None]
+    planned = [c for c in found.candidates if c.steps]
     if not planned:
         raise UserError(_refusal(found, preset))
-    best = min(planned, key=lambda c: c.predicted)
+    best = min(planned, key=lambda c: (c.predicted is None, c.predicted or 0.0))
     chosen = family.config(best.depth, fit)
     warmup = min(chosen.train.warmup_iters, round(WARMUP_SHARE * best.steps))
     chosen = dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, warmup_iters=warmup))

@@ -332,6 +332,7 @@ def _training(facts: list[RunFacts], out: Path) -> list[Block]:
         ("6·N·D", _six_nd),
         ("best val loss (estimate)", lambda f: f"{fmt(s(f).best_val_loss)} at step {s(f).best_step}"
          if s(f).best_step is not None else "no evaluation yet"),
+        ("predicted by --size auto", _predicted),
         ("val - train (eval) at the best", lambda f: fmt(s(f).gap, "+.4f")),
         ("still improving at the end", lambda f: {True: "yes", False: "no", None: "-"}[s(f).still_falling]),
         ("loss spikes", lambda f: events(f, "spike")), ("skipped steps", lambda f: events(f, "skip")),
@@ -352,6 +353,17 @@ def _training(facts: list[RunFacts], out: Path) -> list[Block]:
                           [True] * len(EVAL_COLUMNS))
             blocks.append(Folded(f"every evaluation of {f.name} ({len(rows)})", [table]))
     return blocks
+
+
+def _predicted(f: RunFacts) -> str:
+    """The val `--size auto` predicted, against the best reached, and why it chose the size."""
+    sized = f.of("sizing")
+    if not sized or sized[0].get("predicted_val") is None:
+        return "-"
+    e, best = sized[0], f.summary.best_val_loss
+    reached = "" if best is None else f", {100 * (e['predicted_val'] / best - 1):+.1f}% against the {best:.4f} reached"
+    return (f"{e['predicted_val']:.4f}{reached} ({e['shape']}: {e['tokens_per_sec']:,.0f} tokens/s measured, "
+            f"{e['tokens_per_param']:.2f} tokens per parameter planned)")
 
 
 def _six_nd(f: RunFacts) -> str:

@@ -171,6 +171,23 @@ def write_config(path: Path, dataset: Path, max_iters: int = 40) -> Path:
     return path
 
 
+def write_fit(preset: Path, dataset: Path, largest: int) -> None:
+    """A fit beside `preset` (lmlab.experiments.family) whose runs reach `largest` parameters, its val falling with
+    size alone (B = 0): the largest depth it predicts (EXTRAPOLATION x `largest`) that trains a step is the best
+    for --size auto, whatever the machine's speed."""
+    from lmlab.analysis.scaling import LossSurface
+    from lmlab.data.shards import read_meta
+    from lmlab.experiments.family import LrRule, SizeFit, fit_path, preset_sha256
+
+    meta = read_meta(dataset)
+    fit = SizeFit(str(preset), preset_sha256(preset), {"path": str(dataset), "tokenizer": meta["tokenizer"],
+                  "train_sha256": meta["train"]["sha256"]}, LossSurface(1.0, 40.0, 0.3, 0.0, 0.3, 0.0),
+                  LrRule(1.5, 0.5),
+                  [{"depth": 1, "params": largest // 4, "tokens": 10_000, "learning_rate": 3e-3, "val": 2.5, "run": "a"},
+                   {"depth": 2, "params": largest, "tokens": 20_000, "learning_rate": 3e-3, "val": 2.2, "run": "b"}])
+    fit_path(preset).write_text(json.dumps(fit.to_json()))
+
+
 def write_tiny_gpt2(folder: Path, corpus: Path | None, vocab_size: int = 400, n_positions: int = 512) -> Path:
     """A random GPT-2 (2 layers, 32 wide) saved by transformers, with a byte-level BPE trained on `corpus` and
     saved in OpenAI's vocab.json + merges.txt format (none when corpus is None)."""

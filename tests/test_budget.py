@@ -3,6 +3,7 @@ a jump in the LR, budgets too small for anything, exact resume without timing an
 verdict on wall time) a budget that holds when a CPU hog starts mid-run. How close runs end to their budgets on a
 machine, with and without load, is measured by benchmarks/budget_under_load.py and benchmarks/cpu_speedrun.py."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,13 +15,14 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config import TrainConfig, load_config
 from lmlab.core.errors import UserError
 from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
-from lmlab.train.planning import BudgetPlan, seconds_needed, steps_that_fit
+from lmlab.train.planning import BudgetPlan, Measured, make_plan, seconds_needed, steps_that_fit
+from lmlab.train.schedule import lr_at
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, stable_events, write_config
+from tests.conftest import LMLAB, stable_events, write_config, write_fit
 from tests.test_checkpoint import wait_for, weights
 from tests.test_distributed import finish, torchrun
 
@@ -37,6 +39,45 @@ def test_the_plan_counts_steps_evals_at_their_interval_and_the_end_and_the_check
     assert steps_that_fit(0.05, 20, plan, 20, 30) == 0
     ended = BudgetPlan(60.0, step_seconds=0.1, eval_seconds=1.0, checkpoint_seconds=0.5, finish_seconds=0.3)
     assert seconds_needed(20, 80, ended, 20, 30) == pytest.approx(80 * 0.1 + 4 * 1.5 + 2 * 0.5 + 0.3)  # and the end
+
+
+def test_a_plan_shortens_a_warmup_longer_than_a_tenth_of_its_steps_rising_from_where_the_lr_stands():
+    """warmup_iters = 50 and 43 planned steps ended still warming up: now the LR rises from where step 11 left it to
+    the peak within a tenth of the steps left, then decays to min_lr at the plan's last step, never jumping."""
+    train = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, budget_seconds=60.0, eval_interval=1000,
+                        eval_iters=10)
+    measured = Measured(spent=14.0, pace=1.0, eval_batch=0.01, plot=0.1, checkpoint=0.1, finish=0.3)
+    share = lr_at(11, train) / train.learning_rate
+    plan = make_plan(BudgetPlan(60.0), 12, measured, train, (1000, 1000), "planned", share)
+    assert 12 < plan.warmup < 50 and plan.warmup - 12 == max(1, round(0.1 * (plan.max_iters - 12)))
+    lrs = [plan.lr(s, train) for s in range(11, plan.max_iters)]
+    rising = lrs[:plan.warmup - 11 + 1]
+    assert all(a < b for a, b in zip(rising, rising[1:])) and rising[-1] == pytest.approx(train.learning_rate)
+    assert max(b - a for a, b in zip(lrs, lrs[1:])) <= (1 - share) * train.learning_rate / 2  # no jump
+    assert lrs[-1] == pytest.approx(train.min_lr)
+    said = plan.describe(BudgetPlan(60.0), train, (1000, 1000))
+    assert f"the peak LR at step {plan.warmup}, not at 50 (train.warmup_iters" in said
+    # A warmup within a tenth of the steps is the config's own.
+    short = dataclasses.replace(train, warmup_iters=2)
+    assert make_plan(BudgetPlan(60.0), 1, measured, short, (1000, 1000), "planned", 0.3).warmup == 0
+
+
+def test_a_plan_scores_fewer_eval_batches_where_evaluations_would_take_more_than_a_tenth_of_the_budget():
+    """Each evaluation scores the first of its fixed batches; as many as keep them all within a tenth of the budget
+    (the count is eval_interval's), and the last one, when no step fits any more, within what is left."""
+    train = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=0, budget_seconds=60.0, eval_interval=100,
+                        eval_iters=50)
+    costly = Measured(spent=5.0, pace=0.1, eval_batch=0.2, plot=0.1, checkpoint=0.05, finish=0.3)
+    plan = make_plan(BudgetPlan(60.0), 12, costly, train, (100, 1000), "planned", 1.0)
+    evals = plan.max_iters // 100 + (plan.max_iters % 100 != 0)
+    assert 1 <= plan.eval_iters < 50 and evals * plan.eval_seconds <= 0.1 * 60.0
+    assert plan.eval_seconds == pytest.approx(costly.eval_seconds(plan.eval_iters))
+    cheap = dataclasses.replace(costly, eval_batch=0.0001)
+    assert make_plan(BudgetPlan(60.0), 12, cheap, train, (100, 1000), "planned", 1.0).eval_iters == 50
+    late = dataclasses.replace(costly, spent=59.0)  # 1 s left: no step with an evaluation of plan.eval_iters fits
+    end = make_plan(plan, 40, late, train, (100, 1000), "evaluation", 0.5)
+    assert end.eval_iters < plan.eval_iters and end.max_iters - 40 <= 1
+    assert end.needed(max(1, end.max_iters - 40), (100, 1000)) <= 1.0 + end.step_seconds
 
 
 def budgeted(tmp_path, dataset, seconds: float, overrides=()) -> Trainer:
@@ -210,11 +251,14 @@ def test_a_planned_run_resumes_with_its_budget_or_by_steps_but_not_with_another_
 
 
 @pytest.mark.slow
-def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_again(tmp_path, char_dataset):
+@pytest.mark.parametrize("size", [[], ["--size", "auto"]], ids=["preset", "size auto"])
+def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_again(tmp_path, char_dataset, size):
     """Two continuations of the same budgeted run, killed with -9 once its plan was checkpointed: one straight to
-    the end, one killed twice more on the way; both must end as one run, with the plan made once."""
+    the end, one killed twice more on the way; both must end as one run, with the plan made once (and a run sized
+    by --size auto as any other: its shape is its config.toml's)."""
     config = write_config(tmp_path / "tiny.toml", char_dataset)
-    settings = ["--set", "train.checkpoint_interval=7", "--set", "train.log_interval=3",
+    write_fit(config, char_dataset, 30_000)
+    settings = [*size, "--set", "train.checkpoint_interval=7", "--set", "train.log_interval=3",
                 "--set", "train.eval_interval=25", "--set", "model.dropout=0.1", "--set", "train.keep_checkpoints=50",
                 "--set", "train.threads=1"]  # bitwise: one thread in every process (lmlab.core.threads)
 
@@ -249,6 +293,8 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
     subprocess.run([LMLAB, "train", "--resume", run], check=True, capture_output=True, timeout=300)
     assert stable_events(run) == stable_events(straight)
     assert len([e for e in RunDir(run).events() if e["event"] == "budget"]) == 1
+    sized = [e for e in RunDir(run).events() if e["event"] == "sizing"]
+    assert len(sized) == bool(size) and all(RunDir(run).config().model.n_layer == e["depth"] for e in sized)
     straight_weights, resumed_weights = weights(straight), weights(run)
     assert all(torch.equal(straight_weights[name], resumed_weights[name]) for name in straight_weights)
 

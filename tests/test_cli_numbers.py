@@ -117,6 +117,14 @@ ROWS = [
     Row("plan {config}", "--mfu", float),
     # a duration (30s, 5m, 2h): typed by the command, so not found by argparse type; at most 366 days
     Row(TRAIN, "--budget", float, beyond=("99999999999h", "8785h", "31622401")),
+    # auto or a depth of the preset's family, at most 48 layers: typed by the command too
+    Row(TRAIN + " --budget 30s", "--size", int, beyond=("49", "1.5", "auto2")),
+    Row("plan {config}", "--budget", float, beyond=("8785h", "31622401")),
+    Row("plan {config} --budget 30s", "--size", int, beyond=("49",)),
+    Row("scaling {config} --refit", "--depths", int, beyond=("49",)),
+    Row("scaling {config} --refit", "--tokens", int, beyond=("0.1", "2000G")),
+    Row("scaling {config} --refit", "--lr-factors", float, beyond=("101",)),
+    Row("scaling {config} --refit", "--max-flops", float, ("huge",)),
     Row("import-hf {out}/missing --out {out}/imported", "--block-size", int),
     *sampling_rows("report {run} --out {out}/report"),
     Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-tokens", int),

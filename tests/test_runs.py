@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lmlab.analysis.runs import summarize
-from lmlab.analysis.scaling import fit_caveats, fit_power_law
+from lmlab.analysis.scaling import LossSurface, fit_caveats, fit_loss_surface, fit_power_law
 from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.core.errors import UserError
@@ -105,6 +105,18 @@ def test_scaling_names_what_its_runs_cannot_show():
     same_size = fit_caveats(["a", "b"], [40_000, 80_000], [1000, 1000], [False, False])
     assert any(c.startswith("every run has the same size") for c in same_size)
     assert any(c.startswith("a line through two runs") for c in same_size)
+
+
+def test_a_loss_surface_is_recovered_from_a_grid_of_sizes_and_lengths():
+    """L(N, D) = E + A / N^alpha + B / D^beta through 12 runs: the fit recovers the surface it was drawn from, and
+    refuses a grid too small to say anything."""
+    truth = LossSurface(1.2, 30.0, 0.3, 40.0, 0.35, 0.0)
+    grid = [(n, d) for n in (5e4, 4e5, 1.3e6, 3e6) for d in (6e4, 2.6e5, 1e6)]
+    fitted = fit_loss_surface([n for n, _ in grid], [d for _, d in grid], [truth.predict(n, d) for n, d in grid])
+    assert fitted.rmse < 1e-3 and (fitted.alpha, fitted.beta) == pytest.approx((0.3, 0.35), abs=0.02)
+    assert fitted.predict(2e6, 5e5) == pytest.approx(truth.predict(2e6, 5e5), abs=2e-3)
+    with pytest.raises(UserError, match="at least 5 runs of at least 2 sizes and 2 lengths"):
+        fit_loss_surface([1e5] * 6, [1e4 * i for i in range(1, 7)], [2.0] * 6)
 
 
 def test_a_power_law_is_recovered_exactly():

@@ -1,0 +1,128 @@
+"""`--size auto|DEPTH` (lmlab.experiments.sizing): the size a budget trains best, chosen from the fit kept beside a
+preset and the candidates timed here; recorded in the run's config.toml and its `sizing` event, which compare and
+the report read; `plan --budget` weighs the same sizes; refusals. The fit file itself: `lmlab scaling PRESET
+--refit` (lmlab.experiments.miniseries). Every verdict is on what the runs recorded, never on a timing."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.api.training import train
+from lmlab.commands import main
+from lmlab.core.config import load_config
+from lmlab.data.shards import read_meta
+from lmlab.experiments.family import Family, fit_path, read_fit
+from lmlab.experiments.sizing import with_vocab
+from lmlab.model import build_model
+from lmlab.run.rundir import RunDir
+from tests.conftest import LMLAB, write_config, write_fit
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory, char_dataset) -> Path:
+    """The tiny preset (2 layers of 32, heads of 16: depth d is d layers of 16 x d) with a fit reaching 2 layers."""
+    path = write_config(tmp_path_factory.mktemp("preset") / "tiny.toml", char_dataset)
+    with torch.device("meta"):
+        params = build_model(with_vocab(load_config(path)).model).num_params()
+    write_fit(path, char_dataset, params)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sized(preset, tmp_path_factory):
+    """A run sized by --size auto for an 8 s budget, on one thread."""
+    run = tmp_path_factory.mktemp("sized") / "run"
+    return train(preset, run=run, budget="8s", size="auto", device="cpu", set=["train.threads=1"]).path
+
+
+def sizing_of(run: Path) -> dict:
+    return next(e for e in RunDir(run).events() if e["event"] == "sizing")
+
+
+def test_size_auto_trains_the_size_it_predicts_best_and_records_it_as_an_ordinary_run(sized, preset):
+    event, cfg = sizing_of(sized), RunDir(sized).config()
+    planned = [c for c in event["candidates"] if c["steps"]]
+    assert event["depth"] == min(planned, key=lambda c: c["predicted_val"])["depth"]  # the lowest predicted val
+    fit = read_fit(preset)
+    chosen = Family.of(load_config(preset), "tiny").config(event["depth"], fit)
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (chosen.model.n_layer, chosen.model.n_embd,
+                                                                       chosen.model.n_head)
+    assert cfg.train.learning_rate == event["learning_rate"] == chosen.train.learning_rate  # the fit's LR rule
+    assert cfg.train.warmup_iters == event["warmup_iters"] <= max(1, event["steps"] // 10)  # laid over its steps
+    # Candidates the fit cannot predict (past EXTRAPOLATION x its largest run) are not timed, and say so.
+    assert any("beyond the fit" in c["note"] for c in event["candidates"])
+    assert event["predicted_val"] == pytest.approx(fit.predict(event["params"], event["tokens"]), abs=1e-4)
+    assert RunDir(sized).events()[-1]["event"] == "end"
+
+
+def test_compare_and_report_show_the_predicted_val_beside_the_reached(sized, capsys, tmp_path):
+    assert main(["compare", str(sized), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+    assert row["predicted_val"] == sizing_of(sized)["predicted_val"]
+    assert row["predicted_error"] == pytest.approx(row["predicted_val"] / row["best_val_loss"] - 1)
+    assert main(["report", str(sized), "--out", str(tmp_path / "report")]) == 0
+    assert f"| predicted by --size auto | {row['predicted_val']:.4f}" in (tmp_path / "report/report.md").read_text()
+
+
+def test_plan_weighs_the_sizes_train_weighs_and_chooses_alike(preset, sized):
+    """The fit's largest predicted size is the best at any speed: plan (a process of its own, whose start-up it
+    counts as train does) and train choose it alike."""
+    planned = subprocess.run([LMLAB, "plan", preset, "--budget", "20s", "--size", "auto", "--device", "cpu", "--set",
+                              "train.threads=1"], capture_output=True, text=True, timeout=300)
+    assert planned.returncode == 0, planned.stderr
+    out = " ".join(planned.stdout.split())
+    event = sizing_of(sized)
+    assert f"size auto: {event['shape']}" in out and "chosen" in out and "predicted val" in out
+    assert "The budget as planned: the 20 s:" in out
+
+
+def test_a_size_by_depth_takes_the_familys_shape_and_the_fits_lr(preset, tmp_path, capsys):
+    run = train(preset, run=tmp_path / "run", size=3, device="cpu", max_iters=2).path
+    cfg, fit = RunDir(run).config(), read_fit(preset)
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (3, 48, 3)
+    assert cfg.train.learning_rate == pytest.approx(3e-3 * fit.lr.factor(48, 32), rel=1e-2)
+    assert "size 3: 3 layers of 48, 3 heads" in capsys.readouterr().out
+    assert not [e for e in RunDir(run).events() if e["event"] == "sizing"]  # nothing was chosen
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0.5s", "--size", "auto"], "even the smallest size of"),
+    (["--size", "auto"], "--size auto chooses the size a time budget trains best; give one with --budget"),
+    (["--budget", "20s", "--size", "auto", "--init-from", "runs/x"], "pass one of them"),
+])
+def test_size_refusals_write_nothing(preset, tmp_path, capsys, args, message):
+    run = tmp_path / "run"
+    assert main(["train", str(preset), "--run", str(run), "--device", "cpu", *args]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not run.exists()
+
+
+def test_size_auto_needs_the_fit_beside_its_preset(tmp_path, char_dataset, capsys):
+    bare = write_config(tmp_path / "bare.toml", char_dataset)
+    assert main(["train", str(bare), "--run", str(tmp_path / "run"), "--budget", "20s", "--size", "auto"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{bare} has none ({fit_path(bare)}); make it with `lmlab scaling {bare} --refit`" in said
+
+
+def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_path, char_dataset, capsys):
+    preset = write_config(tmp_path / "mini.toml", char_dataset)
+    refit = ["scaling", str(preset), "--refit", "--depths", "1,2,3", "--tokens", "2k,4k", "--lr-factors", "1,2",
+             "--dir", str(tmp_path / "runs"), "--device", "cpu"]
+    assert main(refit) == 0
+    out = capsys.readouterr().out
+    fit = read_fit(preset)
+    assert len(fit.runs) == 6 and {r["depth"] for r in fit.runs} == {1, 2, 3}  # 3 depths x 2 lengths
+    assert [s["depth"] for s in fit.lr_search] == [1, 2, 3] and all(len(s["vals"]) == 2 for s in fit.lr_search)
+    assert out.count("miniseries ") == 9  # per depth: 2 LRs at 2k, then 4k at the rule's LR
+    assert fit.measured["command"].startswith(f"lmlab scaling {preset} --refit --depths 1,2,3 --tokens 2048,4096")
+    for r in fit.runs:  # each point is a finished run of its depth, at the rule's LR or the search's nearest
+        summary = RunDir(r["run"]).events()[-1]
+        assert summary["event"] == "end" and RunDir(r["run"]).config().model.n_layer == r["depth"]
+    assert main(refit) == 0  # again: every run is kept, nothing trains
+    assert "miniseries " not in capsys.readouterr().out
+    assert main(["scaling", str(preset)]) == 0
+    shown = capsys.readouterr().out
+    assert fit.surface.describe()[:20] in shown and "LR rule" in shown and "fit again with: lmlab scaling" in shown

@@ -1,22 +1,26 @@
-"""Whether `lmlab train --budget` ends when its budget does when the machine gets busy mid-run.
+"""Whether `lmlab train --budget` ends when its budget does when the machine gets busy mid-run, for every preset.
 
-    python benchmarks/budget_under_load.py [--budgets 30,60,120] [--hog-at 0.33] [--hogs 2]
-        [--config configs/shakespeare-char-speedrun-cpu.toml] [--tree PATH ...]
+    python benchmarks/budget_under_load.py [--budgets 30,60,120,300] [--hog-at 0.33] [--hogs 1,2]
+        [--configs PRESET,...] [--auto configs/shakespeare-char-modern-cpu.toml] [--tree PATH ...]
 
-Prepares data/shakespeare-char if needed, then for each budget trains the config twice as a user does
-(`python -m lmlab train CONFIG --budget Ns`, one process each): on a quiet machine, and with --hogs processes
-spinning on the CPU (one per core by default: `python -c "while True: pass"`) started --hog-at of the budget after
-the command and killed once it exits. Wall time is the process's, start to exit. Each --tree is an lmlab source
-tree put first on PYTHONPATH (`python -P`), so two versions compare in one sitting (they take turns). The machine
-must be otherwise idle: run it under the heavy lock.
+Prepares the Shakespeare datasets the presets need, then for each config and budget trains as a user does
+(`python -m lmlab train CONFIG --budget Ns`, one process each): on a quiet machine, and with each of --hogs
+processes spinning on the CPU (`python -c "while True: pass"`) started --hog-at of the budget after the command and
+killed once it exits. --auto adds that preset with `--size auto` (its sizes timed within the budget). The configs
+are every preset whose dataset is Shakespeare's (configs/gpt2-small.toml needs OpenWebText; the GPU recipe,
+configs/shakespeare-char.toml, takes seconds a step on 2 cores). Wall time is the process's, start to exit. Each
+--tree is an lmlab source tree put first on PYTHONPATH (`python -P`), so two versions compare in one sitting (they
+take turns). The machine must be otherwise idle: run it under the heavy lock.
 
-Prints a row per tree, budget and load: wall time against the budget, steps, the plans made (the first and those
-after it), the LR at the last step as a share of the peak, the run's final val estimate (train.eval_iters
-batches), the threads it changed to and at which step (`threads` events: 1@0 is one thread from the start), and the
-machine's load while it ran (other processes' share of the cores, hogs excluded). Before and after choosing threads
-from the load, one hog from the start, a 60 s budget:
+Prints a row per tree, config, budget and load: wall time against the budget (the target: within 5%), steps, the
+plans made, the LR at the last step as a share of the peak, the run's final val estimate, the batches each of its
+evaluations scored (fewer than train.eval_iters where the budget could not hold them), the threads it changed to
+and at which step (`threads` events: 1@0 is one thread from the start), and the machine's load while it ran
+(other processes' share of the cores, hogs excluded). The whole grid (6 configs x 4 budgets x 3 loads) takes
+about 2.5 hours. Before and after a change, one hog from the start, a 60 s budget of the speedrun preset:
 
-    python benchmarks/budget_under_load.py --budgets 60 --hogs 1 --hog-at 0 --tree ../main --tree .
+    python benchmarks/budget_under_load.py --budgets 60 --hogs 1 --hog-at 0 \
+        --configs configs/shakespeare-char-speedrun-cpu.toml --auto "" --tree ../main --tree .
 """
 
 from __future__ import annotations
@@ -39,11 +43,17 @@ from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 
 
-def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None, hogs: int) -> dict:
-    """One budgeted run in its own process, with a CPU hog from `hog_at` seconds after its start; its figures."""
+PRESETS = ("configs/shakespeare-char-speedrun-cpu.toml", "configs/shakespeare-char-modern-cpu.toml",
+           "configs/shakespeare-char-cpu.toml", "configs/shakespeare-word-cpu.toml", "configs/shakespeare-char.toml")
+
+
+def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None, hogs: int,
+          size: list[str]) -> dict:
+    """One budgeted run in its own process, with `hogs` CPU hogs from `hog_at` seconds after its start; its
+    figures."""
     env = {**os.environ, "PYTHONPATH": tree} if tree else dict(os.environ)
     command = [sys.executable, "-P", "-m", "lmlab", "train", config, "--run", str(run), "--device", "cpu",
-               "--budget", f"{budget:g}s"]
+               "--budget", f"{budget:g}s", *size]
     spinning: list[subprocess.Popen] = []
     with LoadMeter() as meter:
         started = time.perf_counter()
@@ -66,38 +76,46 @@ def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None
     threads = " ".join(f"{e['threads']}@{e['step']}" for e in events if e["event"] == "threads") or "-"
     last_lr = trains[-1]["lr"] / cfg.learning_rate if trains else float("nan")  # none: start-up took the budget
     return {"wall": wall, "steps": events[-1]["step"], "plans": len(plans), "lr": last_lr,
-            "val": evals[-1]["val_loss"] if evals else float("nan"), "threads": threads, "load": meter.load}
+            "val": evals[-1]["val_loss"] if evals else float("nan"), "threads": threads, "load": meter.load,
+            "eval_iters": cfg.eval_iters}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", default="30,60,120", help="comma-separated seconds")
-    parser.add_argument("--hog-at", type=float, default=1 / 3, help="when the hog starts, as a share of the budget")
-    parser.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="spinning processes")
-    parser.add_argument("--config", default="configs/shakespeare-char-speedrun-cpu.toml")
+    parser.add_argument("--budgets", default="30,60,120,300", help="comma-separated seconds")
+    parser.add_argument("--hog-at", type=float, default=1 / 3, help="when the hogs start, as a share of the budget")
+    parser.add_argument("--hogs", default="1,2", help="comma-separated counts of spinning processes, each a load")
+    parser.add_argument("--configs", default=",".join(PRESETS), help="comma-separated presets")
+    parser.add_argument("--auto", default="configs/shakespeare-char-modern-cpu.toml", help="a preset also trained "
+                        "with --size auto (\"\": none)")
     parser.add_argument("--tree", action="append", default=[], help="an lmlab source tree to run (repeatable)")
     args = parser.parse_args()
-    prepare(["shakespeare"], "char", out_dir=Path(load_config(Path(args.config)).data.dataset).parent)
+    configs = [(c, []) for c in args.configs.split(",") if c] + [(args.auto, ["--size", "auto"])] * bool(args.auto)
+    for dataset in {Path(load_config(Path(c)).data.dataset) for c, _ in configs}:
+        prepare(["shakespeare"], dataset.name.removeprefix("shakespeare-").replace("word", "word:"),
+                out_dir=dataset.parent)
     budgets = [float(b) for b in args.budgets.split(",")]
+    loads = [0, *(int(h) for h in args.hogs.split(","))]
     trees = args.tree or [""]
-    cases = [(b, hog, tree) for b in budgets for hog in (False, True) for tree in trees]
-    table = Table(title=f"{args.config} with --budget, quiet and with {args.hogs} CPU hogs from {args.hog_at:.0%} of "
-                        "the budget (wall: process start to exit)")
-    for column in ("tree", "budget", "hog", "wall", "vs budget", "steps", "plans", "last LR / peak", "val",
-                   "threads", "others' CPU"):
-        table.add_column(column, justify="left" if column == "tree" else "right")
+    cases = [(c, b, hogs, tree) for c in configs for b in budgets for hogs in loads for tree in trees]
+    table = Table(title=f"--budget, quiet and with CPU hogs from {args.hog_at:.0%} of the budget (wall: process start "
+                        "to exit)")
+    for column in ("tree", "config", "budget", "hogs", "wall", "vs budget", "steps", "plans", "last LR / peak", "val",
+                   "eval batches", "threads", "others' CPU"):
+        table.add_column(column, justify="left" if column in ("tree", "config") else "right")
     progress = ItemProgress(console, len(cases))
     with tempfile.TemporaryDirectory(dir=".") as runs:
-        for i, (budget, hog, tree) in enumerate(cases, 1):
-            progress.start(f"budget {budget:g} s, {'hog' if hog else 'quiet'}{', tree ' + tree if tree else ''}")
-            r = train(args.config, Path(runs) / f"run{i}", budget, tree, args.hog_at * budget if hog else None,
-                      args.hogs)
+        for i, ((config, size), budget, hogs, tree) in enumerate(cases, 1):
+            name = Path(config).stem.removeprefix("shakespeare-") + (" --size auto" if size else "")
+            progress.start(f"{name}, budget {budget:g} s, {hogs} hogs{', tree ' + tree if tree else ''}")
+            r = train(config, Path(runs) / f"run{i}", budget, tree, args.hog_at * budget if hogs else None, hogs,
+                      size)
             others = "-" if r["load"].others is None else f"{100 * r['load'].others:.0f}%"
             console.print(f"    wall {r['wall']:.1f} s ({100 * (r['wall'] / budget - 1):+.1f}%), {r['steps']} steps, "
                           f"{r['plans']} plans, val {r['val']:.4f}", highlight=False)
-            table.add_row(tree or "installed", f"{budget:g} s", "yes" if hog else "no", f"{r['wall']:.1f} s",
+            table.add_row(tree or "installed", name, f"{budget:g} s", str(hogs), f"{r['wall']:.1f} s",
                           f"{100 * (r['wall'] / budget - 1):+.1f}%", f"{r['steps']:,}", str(r["plans"]),
-                          f"{r['lr']:.3f}", f"{r['val']:.4f}", r["threads"], others)
+                          f"{r['lr']:.3f}", f"{r['val']:.4f}", str(r["eval_iters"]), r["threads"], others)
     console.print(table)
 
 

@@ -23,7 +23,7 @@ from lmlab.core.device import autocast, resolve_device, synchronize
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.peak import choose_dtype
-from lmlab.core.threads import LOSING, Choice, ThreadChooser, pick
+from lmlab.core.threads import Choice, ThreadChooser, forward_probe, pick, time_threads
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.model import build_model
@@ -44,17 +44,15 @@ DISK_BYTES_PER_SECOND = 1e9  # a checkpoint's write (atomic, fsynced: a page cac
 
 @dataclass
 class Candidate:
-    """A depth of the family as the sizing weighed it: timed (a training step's seconds by thread count, an
-    evaluation's batch), its steps and tokens in the budget, its predicted val; or why it was not."""
+    """A depth of the family as the sizing weighed it: timed (`Timing`), its steps and tokens in the budget, its
+    predicted val; or why it was not."""
 
     depth: int
     shape: str  # e.g. "3 layers of 192, 3 heads"
     params: int
     flops_per_token: float
     tokens_per_step: int
-    seconds: dict[int, float] = field(default_factory=dict)  # a training step by thread count
-    threads: int = 0  # the count it trains fastest on (the most within ThreadChooser's margin of the fastest)
-    eval_batch: float = 0.0  # a forward pass of a micro-batch on each split: an evaluation's batch
+    timing: Timing | None = None  # its forward by thread count, the threads that won, a step and an eval batch
     steps: int = 0  # that fit the budget
     eval_iters: int = 0  # batches a split its evaluations would score
     predicted: float | None = None  # the val loss the fit predicts after its tokens
@@ -64,7 +62,15 @@ class Candidate:
 
     @property
     def step_seconds(self) -> float:
-        return self.seconds.get(self.threads, 0.0)
+        return self.timing.step if self.timing else 0.0
+
+    @property
+    def threads(self) -> int:
+        return self.timing.threads if self.timing else 0
+
+    @property
+    def eval_batch(self) -> float:
+        return self.timing.eval_batch if self.timing else 0.0
 
     @property
     def tokens(self) -> int:
@@ -97,7 +103,7 @@ class Sizing:
 
     def line(self) -> str:
         """The one line a run starts with: what was chosen, and why."""
-        c, timed = self.chosen, [c for c in self.candidates if c.seconds]
+        c, timed = self.chosen, [c for c in self.candidates if c.timing]
         per_param = c.tokens / c.params
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
                 f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
@@ -129,11 +135,24 @@ class Sizing:
                 "candidates": [c.record() for c in self.candidates]}
 
 
-def time_candidate(cfg: RunConfig, device: torch.device, dtype: torch.dtype,
-                   counts: list[int]) -> tuple[dict[int, float], float]:
-    """A training step of `cfg`'s model (eager, on random tokens, its micro-batch and accumulation, its optimizer)
-    timed on each thread count of `counts` (fewest first, after a warm-up step on the fewest; a count LOSING times
-    slower than the best so far is timed once), and an evaluation's batch: a forward pass on each split."""
+@dataclass
+class Timing:
+    """A candidate timed: a forward pass by thread count (what picks its threads, as lmlab.core.threads times a
+    job's), a training step and an evaluation's batch on the threads picked."""
+
+    forward: dict[int, float]
+    threads: int
+    step: float
+    eval_batch: float
+    cost: float  # seconds the timing took, the model built (the imports of a first build are start-up's)
+
+
+def time_candidate(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int]) -> Timing:
+    """`cfg`'s model (eager, on random tokens, its micro-batch and accumulation, its optimizer): its forward pass
+    timed on each thread count of `counts` where there are several (`time_threads`: a count LOSING times slower
+    drops out after one call, so a busy core costs one slow forward, not a slow step), then on the threads that
+    wins, a warm-up step and training steps for at least TIMED_SECONDS (at most MAX_STEPS), and a forward pass of a
+    micro-batch on each split: an evaluation's batch."""
     train = dataclasses.replace(cfg.train, compile=False)
     step = TrainStep(build_model(cfg.model).to(device), train, device, dtype)
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
@@ -146,21 +165,19 @@ def time_candidate(cfg: RunConfig, device: torch.device, dtype: torch.dtype,
         synchronize(device)
         return time.perf_counter() - began
 
-    torch.set_num_threads(counts[0])
+    began = time.perf_counter()
+    forward = {} if len(counts) < 2 else time_threads(
+        counts, forward_probe(step.model, train.batch_size, cfg.model.block_size, device, dtype))
+    threads = pick(forward) if forward else counts[0]
+    torch.set_num_threads(threads)
     timed(lambda: step(batches, len(batches), train.learning_rate))  # allocations, caches
-    seconds: dict[int, float] = {}
-    for n in counts:
-        torch.set_num_threads(n)
-        times: list[float] = []
-        while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS
-                            and times[-1] <= LOSING * min(seconds.values(), default=times[-1])):
-            times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
-        seconds[n] = sum(times) / len(times)
-    torch.set_num_threads(pick(seconds))
+    times: list[float] = []
+    while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS):
+        times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
     step.model.eval()
     with torch.no_grad(), autocast(device, dtype):
-        forward = timed(lambda: step.model(tokens, tokens))
-    return seconds, 2 * forward
+        evaluation = timed(lambda: step.model(tokens, tokens))
+    return Timing(forward, threads, sum(times) / len(times), 2 * evaluation, time.perf_counter() - began)
 
 
 class Search:
@@ -171,7 +188,7 @@ class Search:
         self.family, self.fit, self.budget, self.started = family, fit, budget, started
         self.device, self.dtype, self.counts, self.split_tokens = device, dtype, counts, split_tokens
         self.candidates: list[Candidate] = []
-        self.timing = 0.0  # seconds spent timing candidates
+        self.timed = 0.0  # seconds spent timing candidates
 
     def spent(self) -> float:
         return time.perf_counter() - self.started + SET_UP
@@ -212,14 +229,14 @@ class Search:
         if self.fit.predict(c.params, 1) is None:
             c.note = f"beyond the fit's sizes (at most {self.fit.largest * 4 / 1e6:.2f}M parameters)"
             return False
-        timed = [t for t in self.candidates if t.seconds]
+        timed = [t for t in self.candidates if t.timing]
         if not timed or best is None:
             return True
         near = timed[-1]
         ratio = c.flops_per_token * c.tokens_per_step / (near.flops_per_token * near.tokens_per_step)
         guess = near.step_seconds * ratio
-        each = max(1, min(MAX_STEPS, math.ceil(TIMED_SECONDS / guess)))  # steps timed on each count
-        if self.timing + (1 + each * len(self.counts)) * guess > TIMING_SHARE * self.budget:
+        steps = 1 + max(1, min(MAX_STEPS, math.ceil(TIMED_SECONDS / guess)))  # a warm-up step and the timed ones
+        if self.timed + steps * guess > TIMING_SHARE * self.budget:
             c.note = (f"not timed: about {guess:.2f} s a step, too long to time in this budget (the timing of "
                       f"sizes may take {TIMING_SHARE:.0%} of it)")
             return False
@@ -239,10 +256,8 @@ class Search:
         except MemoryRefused:
             c.note = "does not fit this machine's memory"
             return False
-        began = time.perf_counter()
-        c.seconds, c.eval_batch = time_candidate(cfg, self.device, self.dtype, self.counts)
-        self.timing += time.perf_counter() - began
-        c.threads = pick(c.seconds)
+        c.timing = time_candidate(cfg, self.device, self.dtype, self.counts)
+        self.timed += c.timing.cost
         self.plan(c)
         if not c.steps:
             c.note = "no step fits what is left of the budget"
@@ -265,7 +280,7 @@ def search(family: Family, fit: SizeFit | None, budget: float, started: float, d
         if c.predicted is not None and (best is None or c.predicted < best.predicted):
             best = c
     for c in found.candidates:  # every timed one planned from the time its own timing left, the others' included
-        if c.seconds:
+        if c.timing:
             found.plan(c)
     return found
 
@@ -340,14 +355,14 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
     chosen = family.config(best.depth, fit)
     warmup = min(chosen.train.warmup_iters, round(WARMUP_SHARE * best.steps))
     chosen = dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, warmup_iters=warmup))
-    threads = chooser.decide(best.seconds)
+    threads = chooser.decide(best.timing.forward, "a forward pass")
     return Sizing(budget, found.spent(), found.candidates, best, chosen, str(fit_path(preset)), threads)
 
 
 def _refusal(found: Search, preset: Path) -> str:
     """Why no size can train: even the smallest depth weighed trains no step in what is left of the budget."""
     smallest = found.candidates[0]
-    if not smallest.seconds:
+    if not smallest.timing:
         return f"budget {found.budget:g} s: no size of {preset} could be weighed ({smallest.note})."
     plan = found.budget_plan(smallest, smallest.step_seconds)
     plan.eval_seconds = smallest.eval_batch + PLOT_SECONDS  # the fewest batches an evaluation may score

@@ -6,7 +6,8 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
-# The demo trains for this long, start-up and evaluations included, on any machine, slow or busy.
+# The demo trains for this long, start-up and evaluations included, on any machine, slow or busy: the model of the
+# demo preset's family that this machine trains best in that time (--size auto, from the fit beside the preset).
 DEMO_BUDGET ?= 5m
 CHROMIUM := /usr/bin/chromium
 
@@ -41,7 +42,8 @@ $(CHROMIUM):
 
 demo: $(VENV)/.installed
 	$(BIN)/lmlab prepare shakespeare --tokenizer char
-	$(BIN)/lmlab train configs/shakespeare-char-modern-cpu.toml --run $(DEMO_RUN) --device cpu --budget $(DEMO_BUDGET)
+	$(BIN)/lmlab train configs/shakespeare-char-modern-cpu.toml --run $(DEMO_RUN) --device cpu --budget $(DEMO_BUDGET) \
+		--size auto
 	@echo "--- a 500-character sample from $(DEMO_RUN):"
 	@$(BIN)/lmlab sample $(DEMO_RUN) --max-new-tokens 500
 

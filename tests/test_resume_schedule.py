@@ -36,6 +36,16 @@ def test_position_of_an_lr_is_where_the_schedule_has_it(schedule):
     assert position_of(1.0, cfg) == 0.0 and position_of(0.0, cfg) == 1.0  # clipped to the schedule
 
 
+def test_a_resume_still_warming_up_says_the_warmup_it_has_left(tmp_path, char_dataset, capsys):
+    """`schedule kept from step 40: lr 2.4e-04 -> 3.0e-05` hid the warmup still to run."""
+    config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=3), tmp_path / "run"
+    assert main(["train", str(config), "--run", str(run), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=20"]) == 0
+    assert ("schedule kept from step 3: lr 2.0e-03, rising to 3.0e-03 by step 5 (warmup), then -> 3.0e-04 at step "
+            "20") in said(capsys)
+
+
 def test_extending_a_run_goes_on_from_its_lr_and_decays_at_the_new_end(tmp_path, char_dataset, capsys):
     config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=40), tmp_path / "run"
     # to step 40 of a cosine laid over 100 steps: the LR there is mid-decay

@@ -170,7 +170,9 @@ class Schedule:
         lr = self.unscaled_lr(step)
         if end <= step:
             return f"schedule {how} from step {step}: lr {lr:.1e}, min_lr since step {end}"
-        return f"schedule {how} from step {step}: lr {lr:.1e} -> {new.min_lr:.1e} at step {end}"
+        rising = (f", rising to {new.learning_rate:.1e} by step {new.warmup_iters} (warmup), then"
+                  if self.decay is None and step < new.warmup_iters else "")
+        return f"schedule {how} from step {step}: lr {lr:.1e}{rising} -> {new.min_lr:.1e} at step {end}"
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the schedule its run followed (config.toml may be rewritten by a resume that

@@ -183,7 +183,8 @@ def write_fit(preset: Path, dataset: Path, largest: int) -> None:
     fit = SizeFit(str(preset), preset_sha256(preset), {"path": str(dataset), "tokenizer": meta["tokenizer"],
                   "train_sha256": meta["train"]["sha256"]}, LossSurface(1.0, 40.0, 0.3, 0.0, 0.3, 0.0),
                   LrRule(1.5, 0.5),
-                  [{"depth": 1, "params": largest // 4, "tokens": 10_000, "learning_rate": 3e-3, "val": 2.5, "run": "a"},
+                  [{"depth": 1, "params": largest // 4, "tokens": 10_000, "learning_rate": 3e-3, "val": 2.5,
+                    "run": "a"},
                    {"depth": 2, "params": largest, "tokens": 20_000, "learning_rate": 3e-3, "val": 2.2, "run": "b"}])
     fit_path(preset).write_text(json.dumps(fit.to_json()))
 

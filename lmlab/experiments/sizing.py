@@ -25,7 +25,7 @@ from lmlab.core.humanize import format_duration
 from lmlab.core.peak import choose_dtype
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe, pick, time_threads
 from lmlab.data.shards import read_meta
-from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
+from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import EXIT_SECONDS
@@ -119,9 +119,10 @@ class Sizing:
         c, plan = self.chosen, self.chosen.plan
         steps, evals = c.steps * plan.step_seconds, evaluations(0, c.steps, c.intervals[0])
         rest = plan.needed(c.steps, c.intervals) - steps - evals * plan.eval_seconds
-        return (f"the {format_duration(self.budget)}: {self.spent:.1f} s of start-up and timing, {steps:.1f} s for "
-                f"{c.steps:,} steps, {evals * plan.eval_seconds:.1f} s for {evals} evaluation{'s' * (evals > 1)} of "
-                f"{c.eval_iters} batch{'es' * (c.eval_iters > 1)} a split, {rest:.1f} s for checkpoints and the end")
+        return (f"the {format_duration(self.budget)}: {plan.spent:.1f} s of start-up, timing and the trainer's "
+                f"set-up, {steps:.1f} s for {c.steps:,} steps, {evals * plan.eval_seconds:.1f} s for {evals} "
+                f"evaluation{'s' * (evals > 1)} of {c.eval_iters} batch{'es' * (c.eval_iters > 1)} a split, "
+                f"{rest:.1f} s for checkpoints and the end")
 
     def record(self) -> dict[str, Any]:
         """The run's `sizing` event."""
@@ -227,7 +228,7 @@ class Search:
         """Whether to time `c`: not beyond the fit, not when its timing would take too long or it cannot win even
         at OPTIMISM times the pace its FLOPs foretell; else `note` says why, and the search stops."""
         if self.fit.predict(c.params, 1) is None:
-            c.note = f"beyond the fit's sizes (at most {self.fit.largest * 4 / 1e6:.2f}M parameters)"
+            c.note = f"beyond the fit's sizes (at most {self.fit.largest * EXTRAPOLATION / 1e6:.2f}M parameters)"
             return False
         timed = [t for t in self.candidates if t.timing]
         if not timed or best is None:
@@ -356,7 +357,8 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
     warmup = min(chosen.train.warmup_iters, round(WARMUP_SHARE * best.steps))
     chosen = dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, warmup_iters=warmup))
     threads = chooser.decide(best.timing.forward, "a forward pass")
-    return Sizing(budget, found.spent(), found.candidates, best, chosen, str(fit_path(preset)), threads)
+    return Sizing(budget, time.perf_counter() - started, found.candidates, best, chosen, str(fit_path(preset)),
+                  threads)
 
 
 def _refusal(found: Search, preset: Path) -> str:

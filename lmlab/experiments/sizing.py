@@ -254,10 +254,10 @@ class Search:
         cfg = self.family.config(c.depth, self.fit)
         try:
             check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.device)
-        except MemoryRefused:
-            c.note = "does not fit this machine's memory"
+            c.timing = time_candidate(cfg, self.device, self.dtype, self.counts)
+        except (MemoryRefused, torch.OutOfMemoryError):  # a GPU's allocator is the check there
+            c.note = f"does not fit the memory of {self.device.type}"
             return False
-        c.timing = time_candidate(cfg, self.device, self.dtype, self.counts)
         self.timed += c.timing.cost
         self.plan(c)
         if not c.steps:

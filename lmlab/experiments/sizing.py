@@ -380,7 +380,7 @@ def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, s
     says so."""
     family, fit = family_of(preset, cfg)
     chosen = family.config(depth, fit)
-    rule = f"by {fit_path(preset)}'s rule" if fit else f"the preset's ({fit_path(preset)} holds no rule)"
+    rule = f"by {fit_path(preset)}'s rule" if fit else f"the preset's (no fit beside it, {fit_path(preset)})"
     with torch.device("meta"):
         params = build_model(chosen.model).num_params()
     return chosen, (f"size {depth}: {family.describe(depth)} ({params / 1e6:.2f}M parameters), LR "

@@ -222,12 +222,12 @@ def plan_budget(args: argparse.Namespace) -> None:
     depths = None if size == "auto" else [size or cfg.model.n_layer]
     with console.status("Timing the sizes on this machine..." if size == "auto" else "Timing its steps..."):
         sizing = choose_size(target, cfg, started, args.device, chooser, depths)
-    print_table(f"Sizes weighed for {args.budget} of {target} on this machine now", _size_columns(),
+    print_table(f"Sizes weighed for {args.budget} of {target} on this machine now (* chosen)", _size_columns(),
                 [{**c.record(), "chosen": c is sizing.chosen} for c in sizing.candidates])
     for c in sizing.candidates:
         if c.note:
             console.print(f"{c.shape}: {c.note}", highlight=False)
-    console.print(sizing.line() if size == "auto" else sizing.line().replace("size auto: ", "", 1), highlight=False)
+    console.print(sizing.line() if size == "auto" else f"{sizing.chosen.shape}: {sizing.outlook()}", highlight=False)
     c = sizing.chosen
     rate = (c.tokens_per_sec, f"measured here, {c.threads} thread{'s' * (c.threads > 1)}, as training runs")
     plan = make_plan(sizing.config if size else cfg, rate, c.tokens, source=f"the steps that fit {args.budget}")
@@ -244,14 +244,14 @@ def _size_columns() -> list:
     """`plan --budget`'s sizes: lmlab.experiments.sizing.Candidate.record's figures."""
     from lmlab.analysis.runs import Column
 
-    return [Column("", 0, lambda r: "chosen" if r["chosen"] else "", left=True),
-            Column("shape", 0, lambda r: r["shape"], left=True),
-            Column("params", 1, lambda r: f"{r['params']:,}"),
+    return [Column("depth", 0, lambda r: f"{r['depth']}{' *' if r['chosen'] else ''}"),
+            Column("width", 1, lambda r: str(r["width"])),
+            Column("params", 2, lambda r: f"{r['params']:,}"),
             Column("tokens/s", 0, lambda r: _cell(r["tokens_per_sec"], f"{r['tokens_per_sec'] or 0:,.0f}")),
-            Column("threads", 4, lambda r: _cell(r["threads"], str(r["threads"]))),
-            Column("steps", 2, lambda r: f"{r['steps']:,}" if r["steps"] else "-"),
+            Column("threads", 5, lambda r: _cell(r["threads"], str(r["threads"]))),
+            Column("steps", 3, lambda r: f"{r['steps']:,}" if r["steps"] else "-"),
             Column("tokens", 1, lambda r: f"{r['tokens']:,}" if r["tokens"] else "-"),
-            Column("tokens/param", 3, lambda r: f"{r['tokens'] / r['params']:.2f}" if r["tokens"] else "-"),
+            Column("tok/param", 4, lambda r: f"{r['tokens'] / r['params']:.2f}" if r["tokens"] else "-"),
             Column("predicted val", 0, lambda r: _cell(r["predicted_val"], f"{r['predicted_val'] or 0:.4f}"))]
 
 

@@ -32,6 +32,7 @@ from lmlab.model import build_model
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
 from lmlab.experiments.sizing import with_vocab
+from lmlab.experiments.sweep import keep_record
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.planning import WARMUP_SHARE
@@ -218,10 +219,7 @@ def _command(preset: Path, series: Series) -> str:
 def _record(folder: Path, preset: Path) -> None:
     """miniseries.json says which preset the runs are of (each run's name says its depth, length and LR, so a series
     of other depths or lengths reuses those it shares); the runs of a preset edited since would not belong."""
-    record = {"preset": str(preset), "preset_sha256": preset_sha256(preset)}
     path = folder / "miniseries.json"
-    if path.exists() and json.loads(path.read_text()) != record:
-        raise UserError(f"{folder} holds the miniseries of another preset, or of this one before an edit ({path}); "
-                        "pass another --dir, or delete it to train the series again.")
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2))
+    keep_record(path, {"preset": str(preset), "preset_sha256": preset_sha256(preset)},
+                f"{folder} holds the miniseries of another preset, or of this one before an edit ({path}); pass "
+                "another --dir, or delete it to train the series again.")

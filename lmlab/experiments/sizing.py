@@ -49,6 +49,7 @@ class Candidate:
 
     depth: int
     shape: str  # e.g. "3 layers of 192, 3 heads"
+    width: int
     params: int
     flops_per_token: float
     tokens_per_step: int
@@ -82,7 +83,7 @@ class Candidate:
 
     def record(self) -> dict[str, Any]:
         """As the `sizing` event lists it."""
-        return {"depth": self.depth, "shape": self.shape, "params": self.params,
+        return {"depth": self.depth, "shape": self.shape, "width": self.width, "params": self.params,
                 "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
                 "steps": self.steps, "tokens": self.tokens,
                 "predicted_val": None if self.predicted is None else round(self.predicted, 4), "note": self.note}
@@ -104,14 +105,19 @@ class Sizing:
     def line(self) -> str:
         """The one line a run starts with: what was chosen, and why."""
         c, timed = self.chosen, [c for c in self.candidates if c.timing]
-        per_param = c.tokens / c.params
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
                 f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
-                f"({', '.join(str(t.depth) for t in timed)} layers): {c.tokens_per_sec:,.0f} tokens/s measured on "
-                f"{c.threads} thread{'s' * (c.threads > 1)}, {c.steps:,} steps of {c.tokens:,} tokens in what is left "
-                f"of {format_duration(self.budget)} ({per_param:.2f} per parameter), " +
+                f"({', '.join(str(t.depth) for t in timed)} layers): {self.outlook()}")
+
+    def outlook(self) -> str:
+        """What the chosen size would do with the budget: its speed measured, its steps and tokens, its predicted
+        val."""
+        c = self.chosen
+        return (f"{c.tokens_per_sec:,.0f} tokens/s measured on {c.threads} thread{'s' * (c.threads > 1)}, "
+                f"{c.steps:,} steps of {c.tokens:,} tokens in what is left of {format_duration(self.budget)} "
+                f"({c.tokens / c.params:.2f} per parameter), " +
                 (f"predicted val {c.predicted:.4f} ({self.fit})" if c.predicted is not None else
-                 f"no val predicted ({self.fit} is to be made: `lmlab scaling PRESET --refit`)"))
+                 f"no val predicted (no fit beside the preset: {self.fit})"))
 
     def spending(self) -> str:
         """Where the budget goes, as planned: start-up and the sizes' timing, the steps, the evaluations, the
@@ -199,7 +205,8 @@ class Search:
         with torch.device("meta"):
             model = build_model(cfg.model)
         tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-        return Candidate(depth, self.family.describe(depth), model.num_params(), model.flops_per_token(), tokens)
+        return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
+                         model.flops_per_token(), tokens)
 
     def plan(self, c: Candidate) -> None:
         """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val."""

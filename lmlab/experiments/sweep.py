@@ -91,10 +91,16 @@ def _record(sweep_dir: Path, config: Path, sets: list[str], budget_tokens: int, 
     record = {"config": str(config), "set": list(sets), "budget_tokens": budget_tokens,
               "budget_seconds": budget_seconds}
     path = sweep_dir / "sweep.json"
+    keep_record(path, record, f"{sweep_dir} holds a sweep with other settings ({path}); pass another --name, or "
+                "repeat that sweep's command to continue it.")
+
+
+def keep_record(path: Path, record: dict, refusal: str) -> None:
+    """Write `record`, what a folder of runs is (a sweep, a miniseries), as `path`; refused in `refusal` where the
+    folder holds another: runs of another record would not belong with them."""
     if path.exists() and json.loads(path.read_text()) != record:
-        raise UserError(f"{sweep_dir} holds a sweep with other settings ({path}); pass another --name, or "
-                        "repeat that sweep's command to continue it.")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+        raise UserError(refusal)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2))
 
 

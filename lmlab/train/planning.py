@@ -132,7 +132,7 @@ class BudgetPlan(Checkpointed):
                         f"{before.eval_iters or train.eval_iters} (train.eval_iters): at that many they would take "
                         f"more than {EVAL_SHARE:.0%} of the budget" + ("" if self.max_iters > self.step else
                                                              ", or more than is left"))
-        if self.warmup and self.warmup != before.warmup and self.warmup > self.step:
+        if self.warmup and self.warmup != before.warmup and self.step < self.warmup < train.warmup_iters:
             said.append(f"the peak LR at step {self.warmup}, not at {train.warmup_iters} (train.warmup_iters, more "
                         f"than {WARMUP_SHARE:.0%} of the {self.max_iters} steps)")
         return "".join(f"; {s}" for s in said)
@@ -221,8 +221,10 @@ def shortened_warmup(before: BudgetPlan, step: int, max_iters: int, warmup_iters
     cap = round(WARMUP_SHARE * max_iters)
     if not before.warmup and warmup_iters <= cap:
         return 0, 0.0
-    target = cap if step < cap else step + max(1, round(WARMUP_SHARE * (max_iters - step)))
-    return min(warmup_iters, target), share_now
+    target = min(warmup_iters, cap if step < cap else step + max(1, round(WARMUP_SHARE * (max_iters - step))))
+    if not before.warmup and target == warmup_iters:
+        return 0, 0.0  # already where the config's own warmup ends
+    return target, share_now
 
 
 def make_plan(before: BudgetPlan, step: int, measured: Measured, train: TrainConfig, intervals: tuple[int, int],

@@ -425,8 +425,9 @@ class Trainer:
         return is_best
 
     def _log_train(self) -> str:
-        """A train line (without tokens/s and MFU when the only step since the last was the warm-up step)."""
-        p, rate = self.progress, self.throughput.pop_rate(self.tokens_per_step)
+        """A train line (without ms/step, tokens/s and MFU when the only step since the last was the warm-up step)."""
+        p, step_seconds = self.progress, self.throughput.pop_step_seconds()
+        rate = None if step_seconds is None else self.tokens_per_step / step_seconds
         mean, lr, epoch = self.means["log"].pop_mean(), self._lr, self._epoch()
         # tokens/s counts every rank's tokens, against every rank's peak; none against a peak measured busy
         computed = None if rate is None else rate * self.flops_per_token / self.parallel.world_size
@@ -438,13 +439,16 @@ class Trainer:
         self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
                          "lr": lr, "grad_norm": self._grad_norm,
                          "tokens_per_sec": None if rate is None else round(rate, 1),
+                         "ms_per_step": None if step_seconds is None else round(1000 * step_seconds, 3),
                          "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
         # Wall time per pass, evaluations included: what a write-up derives from wall time and passes.
         passes = f"epoch {epoch:.2f}" + (f", {format_duration(self.clock.elapsed / epoch)}/epoch" if epoch else "")
         if rate is None:
             return f"loss {mean:.4f} | lr {lr:.1e} | {passes}"
         utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
-        return f"loss {mean:.4f} | lr {lr:.1e} | {rate:,.0f} tok/s{utilisation} | {passes}"
+        ms = 1000 * step_seconds  # as the write-ups log a step's time
+        pace = f"{rate:,.0f} tok/s | {ms:,.{0 if ms >= 10 else 1}f} ms/step"
+        return f"loss {mean:.4f} | lr {lr:.1e} | {pace}{utilisation} | {passes}"
 
     def _epoch(self) -> float:
         """Passes over the train split so far: tokens seen over the split's tokens."""

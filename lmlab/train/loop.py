@@ -102,13 +102,17 @@ class Trainer:
         self.run_dir = RunDir(run_dir)
         job = from_env()
         job.local_steps(cfg.train.grad_accum_steps)  # checked before the job's processes connect to each other
+        # Held from here to the end of run(), or given back if the construction fails: torch's threads as they were
+        # (a process goes on after its run: a notebook, the API, tests), and the run's lock, one writer at a time,
+        # from before anything of the run is read.
+        self._held = ExitStack()
+        self._held.callback(torch.set_num_threads, torch.get_num_threads())
         # Made before the set-up, whose load tells a quiet machine; each torchrun rank would time its own threads.
         self.threads = ThreadChooser(cfg.train.threads, "train.threads",
                                      fixed="torchrun" if job.world_size > 1 else None)
-        self._lock = ExitStack()  # one writer at a time, from before anything of the run is read to run()'s end
         with self._unlocked_on_failure():
             if job.is_main:
-                self._lock.enter_context(self.run_dir.locked())
+                self._held.enter_context(self.run_dir.locked())
             if resume:
                 check_resumable(self.run_dir, cfg.data.dataset)
             threads = self._build(cfg, device, console)
@@ -123,7 +127,7 @@ class Trainer:
         try:
             yield
         except BaseException as err:
-            self._lock.close()
+            self._held.close()
             if (lost := self._lost(err)) is not None:
                 raise lost from None
             raise
@@ -279,8 +283,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train to the schedule's last step (or an early stop, a stop signal, a failed write); then the run's lock
-        is released."""
-        with self._lock, self._closed_at_end():
+        is released and torch's threads are what they were before the run."""
+        with self._held, self._closed_at_end():
             try:
                 return self._loop()
             except StepAbandoned as abandoned:

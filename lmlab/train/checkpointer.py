@@ -5,6 +5,7 @@ rollback after a streak of bad steps."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,17 +117,22 @@ class Checkpointer:
         self._restore(training, rollback=False)
         return folder
 
-    def save(self, best: bool) -> None:
-        step = self.progress.step
-        # Logged first: a crash between the two leaves an event that resume drops with everything after the
-        # checkpoint it falls back to, while the other order could lose the event of a checkpoint that exists.
-        self.writes.log({"event": "checkpoint", "step": step, "best": best})
+    def save(self, best: bool) -> float:
+        """Checkpoint the run where it stands, and log it with the seconds it took (the weights gathered, written,
+        old step folders pruned); the seconds until every rank has it."""
+        step, began = self.progress.step, time.perf_counter()
         weights, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
         self.writes(self.run_dir.save_checkpoint, step, weights, optimizer_state, self.state.state_dict(), best,
                     self.train.keep_checkpoints)
+        # Logged once written, so it can say how long that took (a write that failed logs none; a kill between the
+        # two leaves a step folder without its event, which nothing reads: the folders are the record), and before
+        # the barrier, where the other ranks wait for rank 0.
+        self.writes.log({"event": "checkpoint", "step": step, "best": best,
+                         "seconds": round(time.perf_counter() - began, 3)})
         self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
         if self.writes.error is None:
             self.saved_step = step
+        return time.perf_counter() - began
 
     def rollback(self, step: int, lr_scale: float) -> None:
         """`step` completed a streak of bad steps: reload the newest checkpoint from before the streak (the guard

@@ -216,8 +216,9 @@ class Trainer:
 
     def _resume(self, force: bool) -> None:
         """Continue from the newest checkpoint that verifies, the schedule laid on from where it stood."""
+        began = time.perf_counter()
         folder = self.checkpointer.resume(self.cfg, self.train_tokens.sha256, force)
-        step = self.progress.step
+        loaded, step = time.perf_counter() - began, self.progress.step
         line = self.budget.resume(self.cfg.train, step, self.run_dir.path)
         if line:
             self.console.print(line, highlight=False)
@@ -225,7 +226,8 @@ class Trainer:
             self.run_dir.truncate_after(step)
             self.run_dir.resumed(step, folder.name, self.device, self.dtype, self.parallel.world_size, self.peak)
             self.checkpointer.say_retention(self.schedule.last_step)
-        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}).")
+        took = f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)  # checked and loaded
+        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}) in {took}.")
 
     def _check_same_inputs(self) -> None:
         """Under torchrun, refuse before the first step a job whose hosts were started with different configs or
@@ -380,9 +382,7 @@ class Trainer:
         self.budget.step_timed(self.progress.step, seconds)
 
     def _checkpoint(self, best: bool) -> None:
-        began = time.perf_counter()
-        self.checkpointer.save(best)
-        self.budget.checkpointed(time.perf_counter() - began)
+        self.budget.checkpointed(self.checkpointer.save(best))
 
     def _evaluate_and_log(self) -> bool:
         """Evaluate and log it (a budget plans again from it); whether it is a new best."""

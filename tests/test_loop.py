@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lmlab
+from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
@@ -90,3 +91,26 @@ def test_no_pickle_anywhere_in_the_package():
         assert "pickle" not in source, path
         for call in re.findall(r"torch\.load\([^)]*\)", source):
             assert "weights_only=True" in call, path
+
+
+def test_a_warmup_in_passes_is_the_steps_of_that_share_of_the_train_split(tmp_path, char_dataset, capsys):
+    """The write-ups warm up by epochs (`warmup_epochs` in the WikiText-2 notes): made steps as an eval_interval in
+    epochs is, which the schedule, a resume and config.toml then hold."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    tokens = json.loads((char_dataset / "meta.json").read_text())["train"]["tokens"]
+    steps = round(0.1 * tokens / (8 * 32))  # tiny.toml's batch of 8 rows of 32 tokens
+    settings = [arg for s in ("train.warmup_iters=0", "train.warmup_epochs=0.1", "train.max_iters=12",
+                              "train.log_interval=1") for arg in ("--set", s)]
+    assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu", *settings]) == 0
+    assert f"warmup: 0.1 passes over the train split, {steps} steps" in capsys.readouterr().out
+    lrs = {e["step"]: e["lr"] for e in RunDir(tmp_path / "run").events() if e["event"] == "train"}
+    assert [lrs[k] for k in range(1, steps + 2)] == pytest.approx([3e-3 * k / (steps + 1) for k in range(1, steps + 1)]
+                                                                  + [3e-3])
+    kept = RunDir(tmp_path / "run").config().train
+    assert (kept.warmup_iters, kept.warmup_epochs) == (steps, 0.0)
+    # tiny.toml's warmup_iters = 5 and a warmup in passes are two lengths for one warmup
+    assert main(["train", str(config), "--run", str(tmp_path / "both"), "--set", "train.warmup_epochs=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: train.warmup_epochs (0.1) and train.warmup_iters (5) both set the warmup's length; keep "
+                   "one: warmup_iters = 0 (or left out) to warm up by passes, or warmup_epochs = 0."]
+    assert not (tmp_path / "both").exists()

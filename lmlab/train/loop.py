@@ -71,8 +71,13 @@ class TrainResult:
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
     """Fill model.vocab_size from the dataset and check that a given one covers its ids (an imported model may
     have more embedding rows than its tokenizer has tokens, as Qwen3's do), and that model.block_size fits the
-    rows of a row-packed dataset."""
+    rows of a row-packed dataset; a warmup in passes made steps (warmup_iters: what the schedule, a checkpoint and
+    config.toml hold from then on)."""
     meta = read_meta(Path(cfg.data.dataset))
+    tc = cfg.train
+    if tc.warmup_epochs:
+        steps = tc.warmup_steps(meta["train"]["tokens"], tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, warmup_iters=steps, warmup_epochs=0.0))
     check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
     if cfg.model.vocab_size == 0:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
@@ -146,6 +151,9 @@ class Trainer:
         if not self.parallel.is_main:
             self.console.quiet = True  # one voice for the whole job (the CLI's console too)
         tc, mc = self.cfg.train, self.cfg.model
+        if cfg.train.warmup_epochs:
+            self.console.print(f"warmup: {cfg.train.warmup_epochs:g} passes over the train split, {tc.warmup_iters:,} "
+                               "steps", highlight=False)
         torch.manual_seed(tc.seed)
         configure(self.device)
         self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype)

@@ -89,6 +89,13 @@ def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
     return cfg, meta
 
 
+def weights_born_in(run_dir: RunDir, init_from: str | None) -> str | None:
+    """The dtype the weights a run starts from were born in (`RunDir.weights_dtype`), which `auto` heeds on a GPU
+    without bf16: another run's with --init-from, else the run's own (a resumed or restarted one's; a new run has
+    none yet)."""
+    return RunDir(Path(init_from.partition(":")[0])).weights_dtype() if init_from else run_dir.weights_dtype()
+
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by index, as rank 0 tells the others
 
 
@@ -120,7 +127,7 @@ class Trainer:
                 self._held.enter_context(self.run_dir.locked())
             if resume:
                 check_resumable(self.run_dir, cfg.data.dataset)
-            threads = self._build(cfg, device, console)
+            threads = self._build(cfg, device, console, init_from)
             resume = resume or self._restarted()
             self._parts(resume)
             self._begin(resume, force, init_from, keep_optimizer)
@@ -142,7 +149,7 @@ class Trainer:
         the workers of a host started again beside it, which its own launcher never restarted."""
         return self.parallel.any(elastic_restart()) and bool(self.run_dir.step_folders())
 
-    def _build(self, cfg: RunConfig, device: str, console: Console | None) -> Choice:
+    def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The job, the device and dtype, the data (every byte checked against meta.json before the model is built),
         the model and its optimizer step; the CPU threads chosen by timing it."""
         self.cfg, self.meta = resolve_config(cfg)
@@ -156,7 +163,8 @@ class Trainer:
                                "steps", highlight=False)
         torch.manual_seed(tc.seed)
         configure(self.device)
-        self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype)
+        born = weights_born_in(self.run_dir, init_from) if self.device.type == "cuda" else None  # (a GPU's concern)
+        self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype, born)
         self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
         with self.console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
             self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
@@ -263,14 +271,14 @@ class Trainer:
                  "on each again")
         return PeerLost(f"{said} {when}; {again}.")
 
-    def _measure_hardware(self, setting: str) -> tuple[torch.dtype, str, Peak | None]:
-        """The autocast dtype (on a CPU, `auto` chooses by measurement), why, and the peak MFU divides by, each said
-        in a line. Under torchrun rank 0 measures while the other ranks wait, so none loads the cores it measures,
-        and every rank takes rank 0's dtype."""
+    def _measure_hardware(self, setting: str, born: str | None) -> tuple[torch.dtype, str, Peak | None]:
+        """The autocast dtype (on a CPU, `auto` chooses by measurement; on a GPU, for weights `born` in it), why, and
+        the peak MFU divides by, each said in a line. Under torchrun rank 0 measures while the other ranks wait, so
+        none loads the cores it measures, and every rank takes rank 0's dtype."""
         self.parallel.barrier()
         dtype, why, peak, slow = torch.float32, "", None, None
         if self.parallel.is_main:
-            dtype, why = choose_dtype(self.device, setting)
+            dtype, why = choose_dtype(self.device, setting, born)
             peak, slow = peak_flops(self.device, dtype), emulated_warning(self.device, dtype)
         self.parallel.barrier()
         dtype = DTYPES[self.parallel.from_main(DTYPES.index(dtype))]

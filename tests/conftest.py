@@ -11,6 +11,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -211,6 +212,18 @@ def writing_char_run(tmp_path_factory, char_dataset) -> Path:
                  "train.compile=false"]
     config = load_config(write_config(root / "plays.toml", char_dataset), overrides)
     return Trainer(config, root / "plays", "cpu", console=Console(quiet=True)).run().run_dir
+
+
+def install_plugin(site: Path, kind: str, package: str, source: str, target: str = "Tiny") -> Path:
+    """A model plugin as pip leaves it on a path Python searches: its module, and a dist-info folder whose
+    entry_points.txt registers `kind` in the lmlab.models group."""
+    module = package.replace("-", "_")
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[lmlab.models]\n{kind} = {module}:{target}\n")
+    return info
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,6 @@ from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
-from lmlab.model import build_model
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import Budget, BudgetPlan, Probes
@@ -171,10 +170,11 @@ class Trainer:
             self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
         self._check_same_inputs()
         check_training(mc, tc.batch_size, optimizer_of(tc).state_bytes, self.device, self.parallel.local_world_size)
-        self.model = build_model(mc).to(self.device)  # the same initial weights on every rank
+        # The same initial weights on every rank; under FSDP, built on the meta device and sharded, so that no rank
+        # holds the whole model on its device.
+        self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
-        self.step = TrainStep(self.model, tc, self.device, self.dtype, self.parallel.wrap(self.model, tc.parallel,
-                              self.dtype), self.parallel.reduce_step)
+        self.step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step)
         if self.step.note:
             self.console.print(f"[yellow]{self.step.note}[/yellow]")
         threads = self.threads.choose(forward_probe(self.model, tc.batch_size, mc.block_size, self.device,

@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 
 from lmlab.analysis.plots import plot_losses
+from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.config import RunConfig, to_dict
 from lmlab.core.device import configure
 from lmlab.core.errors import PeerLost, UserError
@@ -306,6 +307,8 @@ class Trainer:
             try:
                 return self._loop()
             except StepAbandoned as abandoned:
+                if abandoned.__cause__ is not None:  # the signal made the step fail: a compiler it killed, say
+                    discard_partial_builds()  # whose cut-short kernels the next compile of this process would load
                 return self._abandon(abandoned.signal)
 
     @contextmanager

@@ -315,8 +315,8 @@ def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(
     """Before: "needs more memory than can be counted" (the raise, on the meta device where the batch is sized),
     tracebacks (a tuple, a loss per token) or a run trained silently on a vocabulary short of a column."""
     body, message = LATE_FORWARDS[case]
-    install_plugin(site, "late", "lmlab-late", FAKE_MODEL.replace(RETURN, f"        if idx.shape[1] > 3:\n            {body}\n"
-                                                                   f"{RETURN}"))
+    install_plugin(site, "late", "lmlab-late",
+                   FAKE_MODEL.replace(RETURN, f"        if idx.shape[1] > 3:\n            {body}\n{RETURN}"))
     code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "late", "", max_iters=3),
                              "--run", tmp_path / "run", "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1, err

@@ -175,7 +175,8 @@ class Trainer:
         # holds the whole model on its device.
         self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
-        self.step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step)
+        self.step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
+                              trial=self.parallel.from_main)
         if self.step.note:
             self.console.print(f"[yellow]{self.step.note}[/yellow]")
         threads = self.threads.choose(forward_probe(self.model, tc.batch_size, mc.block_size, self.device,
@@ -375,6 +376,9 @@ class Trainer:
                                     self.micro_steps, lr)
         p.step, p.tokens = p.step + 1, p.tokens + self.tokens_per_step
         self._queued.append((p.step, lr, total, norm))
+        if verdict := self.step.decided():  # whether compiling pays on this CPU
+            self.writes.log(verdict.record(p.step))
+            self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
 
     def _judge_queued_steps(self) -> bool:
         """Read the queued steps' loss and grad norm (one host sync for all of them), let the guard judge
@@ -416,7 +420,7 @@ class Trainer:
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         with self._stop.interruptible():
-            train, val = (estimate_loss(self.step.forward, tokens, self.cfg.model.block_size, tc.batch_size,
+            train, val = (estimate_loss(self.step.scoring, tokens, self.cfg.model.block_size, tc.batch_size,
                                         n_batches or tc.eval_iters, tc.seed + offset, self.device, self.dtype,
                                         self.parallel)
                           for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))

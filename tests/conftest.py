@@ -297,16 +297,16 @@ def wikitext_dataset(tmp_path_factory) -> Path:
 
 
 # Fields of metrics.jsonl that depend on wall time, the machine's load or the run's location, not on what it learned.
-VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_source", "peak_quiet", "dtype_reason",
-            "budget_spent", "path"}
+VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "ms_per_step", "mfu", "peak_flops", "peak_source", "peak_quiet",
+            "dtype_reason", "budget_spent", "path"}
 
 
 def stable_events(run: Path) -> list[dict]:
-    """metrics.jsonl without the VOLATILE fields and without the resume and threads events: the history of how the
-    run was trained (how often it resumed; the threads the load at each start made lmlab choose), not what it
-    learned."""
+    """metrics.jsonl without the VOLATILE fields and without the resume, threads and compile events: the history of
+    how the run was trained (how often it resumed; the threads the load at each start made lmlab choose; whether a
+    compiled step measured faster), not what it learned."""
     return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events()
-            if e["event"] not in ("resume", "threads")]
+            if e["event"] not in ("resume", "threads", "compile")]
 
 
 @pytest.fixture

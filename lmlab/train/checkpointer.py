@@ -118,17 +118,22 @@ class Checkpointer:
         return folder
 
     def save(self, best: bool) -> float:
-        """Checkpoint the run where it stands, and log it with the seconds it took (the weights gathered, written,
-        old step folders pruned); the seconds until every rank has it."""
+        """Checkpoint the run where it stands, its event saying how long the weights took to gather and write; the
+        seconds until every rank has it."""
         step, began = self.progress.step, time.perf_counter()
+
+        def log() -> None:
+            # Logged once the files are whole, before the folder takes its step's name: a kill before leaves neither,
+            # a kill after leaves an event that resume drops with the unfinished folder (the other order would lose
+            # the event of a checkpoint that exists); a failed write logs none, and a failed log keeps no folder.
+            self.writes.log({"event": "checkpoint", "step": step, "best": best,
+                             "seconds": round(time.perf_counter() - began, 3)})
+            if self.writes.error is not None:
+                raise self.writes.error
+
         weights, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
         self.writes(self.run_dir.save_checkpoint, step, weights, optimizer_state, self.state.state_dict(), best,
-                    self.train.keep_checkpoints)
-        # Logged once written, so it can say how long that took (a write that failed logs none; a kill between the
-        # two leaves a step folder without its event, which nothing reads: the folders are the record), and before
-        # the barrier, where the other ranks wait for rank 0.
-        self.writes.log({"event": "checkpoint", "step": step, "best": best,
-                         "seconds": round(time.perf_counter() - began, 3)})
+                    self.train.keep_checkpoints, log)
         self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
         if self.writes.error is None:
             self.saved_step = step

@@ -11,6 +11,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -231,6 +232,18 @@ def writing_char_run(tmp_path_factory, char_dataset) -> Path:
     return Trainer(config, root / "plays", "cpu", console=Console(quiet=True)).run().run_dir
 
 
+def install_plugin(site: Path, kind: str, package: str, source: str, target: str = "Tiny") -> Path:
+    """A model plugin as pip leaves it on a path Python searches: its module, and a dist-info folder whose
+    entry_points.txt registers `kind` in the lmlab.models group."""
+    module = package.replace("-", "_")
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[lmlab.models]\n{kind} = {module}:{target}\n")
+    return info
+
+
 @pytest.fixture(scope="session")
 def hf_gpt2(tmp_path_factory, corpus_dir) -> Path:
     return write_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", corpus_dir)
@@ -302,16 +315,16 @@ def wikitext_dataset(tmp_path_factory) -> Path:
 
 
 # Fields of metrics.jsonl that depend on wall time, the machine's load or the run's location, not on what it learned.
-VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_source", "peak_quiet", "dtype_reason",
-            "budget_spent", "path"}
+VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "ms_per_step", "mfu", "peak_flops", "peak_source", "peak_quiet",
+            "dtype_reason", "budget_spent", "path"}
 
 
 def stable_events(run: Path) -> list[dict]:
-    """metrics.jsonl without the VOLATILE fields and without the resume and threads events: the history of how the
-    run was trained (how often it resumed; the threads the load at each start made lmlab choose), not what it
-    learned."""
+    """metrics.jsonl without the VOLATILE fields and without the resume, threads and compile events: the history of
+    how the run was trained (how often it resumed; the threads the load at each start made lmlab choose; whether a
+    compiled step measured faster), not what it learned."""
     return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events()
-            if e["event"] not in ("resume", "threads")]
+            if e["event"] not in ("resume", "threads", "compile")]
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ BAD = [  # (what is called, what the sentence says)
     (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", max_iters=0), "train.max_iters"),
     (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", max_iters=10**20), "train.max_iters"),
     (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", max_iters="3"), "must be int, got '3' (str)"),
-    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", learning_rate=math.nan), "train.learning_rate must be"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", learning_rate=math.nan), "train.learning_rate is nan; it must be a finite number"),
     (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", layers=2), "layers is no config key"),
     (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", n_layer=[2]), "n_layer=[2]: a config key takes"),
     (lambda r, d: lmlab.train(d / "missing.toml", run=d / "x"), "does not exist"),

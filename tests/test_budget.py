@@ -94,6 +94,16 @@ def joined(plans: list[BudgetPlan]) -> list[tuple[BudgetPlan, BudgetPlan]]:
     return [(before, plan) for before, plan in zip(plans, plans[1:]) if plan.max_iters - 1 > plan.anchor]
 
 
+def assert_joined(plans: list[BudgetPlan], cfg) -> None:
+    """Each plan goes on from where the one before had the LR: a shortened warmup rises from the LR of the step
+    before it; a decay is laid from where the schedule stood at its anchor."""
+    for before, plan in joined(plans):
+        if plan.warmup > plan.step:
+            assert plan.warmup_from * cfg.learning_rate == pytest.approx(before.lr(plan.step - 1, cfg))
+        else:
+            assert before.lr(plan.anchor, cfg) == pytest.approx(plan.lr(plan.anchor, cfg))
+
+
 def plans_of(run) -> list[BudgetPlan]:
     return [BudgetPlan(**{k: v for k, v in e.items() if k != "event"}) for e in RunDir(run).events()
             if e["event"] == "budget"]
@@ -147,8 +157,7 @@ def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_th
     cfg = run.config().train
     lrs = {e["step"]: e["lr"] for e in events if e["event"] == "train"}
     assert all(lrs[s] == pytest.approx(cfg.learning_rate * min(1, s / (cfg.warmup_iters + 1))) for s in range(1, first.step + 1))
-    for before, plan in joined(plans):
-        assert before.lr(plan.anchor, cfg) == pytest.approx(plan.lr(plan.anchor, cfg))
+    assert_joined(plans, cfg)
     for s in range(first.step + 1, last.max_iters + 1):
         in_force = [p for p in plans if p.step < s][-1]
         assert lrs[s] == pytest.approx(in_force.lr(s - 1, cfg))
@@ -377,5 +386,4 @@ def test_a_budget_holds_when_the_machine_gets_busy_mid_run(tmp_path, char_datase
         # (by half or more where the hog was the only other load; on a machine busy already, by what it measured)
         slowed = max(p.step_seconds for p in plans) / first.step_seconds
         assert any(p.reason == "pace" and p.step_seconds >= min(1.5, slowed) * first.step_seconds for p in plans)
-        for before, plan in joined(plans):
-            assert before.lr(plan.anchor, cfg) == pytest.approx(plan.lr(plan.anchor, cfg))
+        assert_joined(plans, cfg)

@@ -1,5 +1,6 @@
 """Checkpoints a two-day run can trust: exact resume after kill -9, verified files, graceful stop, guards."""
 
+import re
 import signal
 import subprocess
 import time
@@ -101,6 +102,19 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, ch
     assert "Resumed" in out and "from step_000020" in out
     assert RunDir(run).checkpoint("latest").name == "step_000040"
     assert not list((run / "checkpoints").glob(".step_*"))
+
+
+def test_a_checkpoint_says_how_long_it_took_to_write_and_a_resume_how_long_its_load_took(tmp_path, char_dataset,
+                                                                                          capsys):
+    """Save and load times were only a benchmark's (bench --checkpoint); a run says its own."""
+    trainer(tmp_path, char_dataset, ["train.max_iters=20"]).run()
+    run = tmp_path / "run"
+    saves = [e for e in RunDir(run).events() if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saves] == [10, 20]
+    assert all(isinstance(e["seconds"], float) and e["seconds"] >= 0 for e in saves)
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=30", "--device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert re.search(rf"Resumed {re.escape(str(run))} from step_000020 \(step 20\) in \d+\.\d\d s\.", out), out
 
 
 def test_only_the_last_k_checkpoints_and_best_are_kept(tmp_path, char_dataset):

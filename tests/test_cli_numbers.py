@@ -135,7 +135,7 @@ ROWS = [
                                                  "norm_eps": ("zero",)}, "train"),
     *setting_rows(TRAIN, "train", TrainConfig, {
         "max_seconds": ("zero", "huge"), "budget_seconds": ("zero",), "min_lr": ("zero",),
-        "warmup_iters": ("zero",), "lr_decay_iters": ("zero",),
+        "warmup_iters": ("zero",), "warmup_epochs": ("zero",), "lr_decay_iters": ("zero",),
         "weight_decay": ("zero",), "beta1": ("zero",), "beta2": ("zero",), "grad_clip": ("zero", "huge"),
         "patience": ("zero",), "seed": ("zero",), "spike_zscore": ("huge",), "spike_patience": ("zero",),
         "threads": ("zero",)}, "train", beyond={"budget_seconds": ("31622401",)}),

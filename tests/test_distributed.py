@@ -22,7 +22,7 @@ from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel, setup
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
+from tests.conftest import LMLAB, install_plugin, write_config
 
 # A fixed LR schedule (lr_decay_iters), so runs of different lengths take the same first steps; two micro-batches
 # per step, one per rank under two processes.
@@ -279,3 +279,47 @@ def test_every_fsdp_rank_starts_from_the_weights_one_process_builds(tmp_path):
     for line in lines:
         held, whole = map(int, line.split("holds ")[1].split(" of "))
         assert held < 0.6 * whole  # each rank allocates about half of the weights
+
+
+# A model plugin that notes, in a file beside it, each rank's builds and the device each was built on.
+RECORDING_MODEL = """
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from lmlab.model import LanguageModel
+from lmlab.model.loss import next_token_loss
+
+
+class Tiny(LanguageModel):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size)
+        with open(Path(__file__).with_name("builds.txt"), "a") as builds:
+            builds.write(f"rank {os.environ.get('RANK')}: {self.head.weight.device.type}\\n")
+
+    def forward(self, idx, targets=None, cache=None):
+        logits = self.head(self.wte(idx))
+        return logits, None if targets is None else next_token_loss(logits, targets)
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_training_builds_the_model_whole_on_no_rank_but_rank_0s_host_copy(tmp_path, config):
+    """FSDP built the full model on every rank's device before sharding it, so a model larger than one GPU could not
+    be FSDP-trained. Now each rank builds a shape on the meta device and holds its shards alone; rank 0 builds the
+    initial weights once, in host memory."""
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site, "recording", "lmlab-recording", RECORDING_MODEL)
+    recipe = tmp_path / "recording.toml"
+    recipe.write_text(config.read_text().replace("[model]\n", '[model]\nkind = "recording"\n'))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    finish(torchrun([str(recipe), "--run", str(tmp_path / "run"), *sets('train.parallel="fsdp"',
+                                                                        "train.max_iters=2")], env=env))
+    builds = set((site / "builds.txt").read_text().splitlines())
+    assert "rank 1: cpu" not in builds and "rank 1: meta" in builds, builds
+    assert "rank 0: cpu" in builds  # the initial weights, given to every rank's shards

@@ -1,14 +1,18 @@
 """The fast path trains like the reference: bf16 autocast and torch.compile against fp32 eager, 50 steps."""
 
+import io
 import os
 import subprocess
 
 import pytest
+import torch
+from rich.console import Console
 
 from lmlab.core.config import load_config
 from lmlab.core.device import CPU_COMPILE
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.step import COMPILE_GAIN, TRIAL_STEPS
 from tests.conftest import LMLAB, write_config
 
 # Documented tolerances on the per-step training loss over the first 50 steps of a seeded run.
@@ -52,3 +56,24 @@ def test_compiling_on_a_cpu_says_what_it_costs_before_the_first_step(tmp_path, c
         proc.wait()
     assert CPU_COMPILE in " ".join("".join(said).split()), said  # the console wraps it at its width
     assert not any(line.startswith("step ") for line in said)
+
+
+@pytest.mark.slow
+def test_compiled_training_on_a_cpu_goes_on_with_what_its_steps_measured_faster_and_evaluates_eagerly(
+        tmp_path, char_dataset, monkeypatch):
+    """train.compile = true trained no faster than eager on 2 cores, and its 2-batch final evaluation took 90 s,
+    compiling the eval-mode graph too. Now the run times compiled steps against eager ones and says what it goes on
+    with; evaluations run the eager model (a recompile would raise here)."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10),
+                      ["train.compile=true", "train.eval_iters=2", "train.log_interval=1"])
+    console = Console(file=io.StringIO(), width=300)
+    run = Trainer(cfg, tmp_path / "run", "cpu", console=console).run().run_dir
+    events = RunDir(run).events()
+    [trial] = [e for e in events if e["event"] == "compile"]
+    # the step that compiles, an eager one that warms up, then three of each timed in turns
+    assert trial["step"] == 2 + 2 * TRIAL_STEPS and trial["compiled_ms"] > 0 and trial["eager_ms"] > 0
+    assert trial["compiled"] == (trial["compiled_ms"] <= COMPILE_GAIN * trial["eager_ms"])
+    went = "training goes on compiled" if trial["compiled"] else "training goes on eager, as compiling does not pay"
+    assert f"step {trial['step']}: a compiled step took" in console.file.getvalue() and went in console.file.getvalue()
+    assert [e["step"] for e in events if e["event"] == "eval"] == [10]

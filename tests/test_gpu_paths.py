@@ -3,6 +3,7 @@ the grad scaler's skips under the spike guard, the compile fallback and reset, F
 loss, the mask-free prompt into a decode cache, per-rank seeds, GPU choice and stop votes, the memory budget and TF32.
 (tests/test_cuda.py runs the same paths on a GPU; the datasheet table is tested in tests/test_bench.py.)"""
 
+import json
 import math
 import warnings
 
@@ -17,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
 from lmlab.core.device import compile_choice, configure, dtype_for_capability
 from lmlab.core.errors import UserError
+from lmlab.core.peak import choose_dtype
 from lmlab.data.loader import BatchLoader
 from lmlab.evals.evaluate import score
 from lmlab.experiments.bench import BenchRow, memory_budget, within
@@ -26,7 +28,7 @@ from lmlab.model.loss import IGNORE, next_token_loss
 from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel, cuda_index, mixed_precision
 from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
-from lmlab.train.loop import Trainer
+from lmlab.train.loop import Trainer, weights_born_in
 from lmlab.train.step import TrainStep
 from tests.conftest import write_config
 
@@ -251,3 +253,19 @@ def test_tf32_is_set_through_the_current_api_without_a_warning():
         assert torch.backends.cudnn.conv.fp32_precision == "tf32"
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+
+
+def test_a_run_on_weights_born_in_bf16_computes_in_fp32_on_a_gpu_without_bf16(tmp_path, fake_gpu):
+    """fp16 overflows the activations of weights trained in bf16 (NaN, "!!!!" text): training them further on a T4,
+    resumed or from another run's weights, takes fp32, as loading them does; a new run from scratch keeps fp16 and its
+    grad scaler."""
+    fake_gpu(name="Tesla T4", capability=(7, 5))
+    born = tmp_path / "bf16"  # a run trained in bf16 on an A100, as its start event says
+    born.mkdir()
+    (born / "metrics.jsonl").write_text(json.dumps({"event": "start", "step": 0, "kind": "trained",
+                                                    "dtype": "bfloat16"}) + "\n")
+    cuda, new = torch.device("cuda"), RunDir(tmp_path / "new")
+    for run, init_from in ((RunDir(born), None), (new, f"{born}:best"), (new, str(born))):
+        dtype, why = choose_dtype(cuda, "auto", weights_born_in(run, init_from))
+        assert dtype == torch.float32 and "trained in bfloat16" in why
+    assert choose_dtype(cuda, "auto", weights_born_in(new, None))[0] == torch.float16

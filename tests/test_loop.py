@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import lmlab
+from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.schedule import lr_at
-from tests.conftest import write_config
+from tests.conftest import install_plugin, write_config
 
 
 def train(tmp_path: Path, dataset: Path, overrides: list[str] = (), run: str = "run", **kw):
@@ -90,3 +91,68 @@ def test_no_pickle_anywhere_in_the_package():
         assert "pickle" not in source, path
         for call in re.findall(r"torch\.load\([^)]*\)", source):
             assert "weights_only=True" in call, path
+
+
+def test_a_warmup_in_passes_is_the_steps_of_that_share_of_the_train_split(tmp_path, char_dataset, capsys):
+    """The write-ups warm up by epochs (`warmup_epochs` in the WikiText-2 notes): made steps as an eval_interval in
+    epochs is, which the schedule, a resume and config.toml then hold."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    tokens = json.loads((char_dataset / "meta.json").read_text())["train"]["tokens"]
+    steps = round(0.1 * tokens / (8 * 32))  # tiny.toml's batch of 8 rows of 32 tokens
+    settings = [arg for s in ("train.warmup_iters=0", "train.warmup_epochs=0.1", "train.max_iters=12",
+                              "train.log_interval=1") for arg in ("--set", s)]
+    assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu", *settings]) == 0
+    assert f"warmup: 0.1 passes over the train split, {steps} steps" in capsys.readouterr().out
+    lrs = {e["step"]: e["lr"] for e in RunDir(tmp_path / "run").events() if e["event"] == "train"}
+    assert [lrs[k] for k in range(1, steps + 2)] == pytest.approx([3e-3 * k / (steps + 1) for k in range(1, steps + 1)]
+                                                                  + [3e-3])
+    kept = RunDir(tmp_path / "run").config().train
+    assert (kept.warmup_iters, kept.warmup_epochs) == (steps, 0.0)
+    # tiny.toml's warmup_iters = 5 and a warmup in passes are two lengths for one warmup
+    assert main(["train", str(config), "--run", str(tmp_path / "both"), "--set", "train.warmup_epochs=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: train.warmup_epochs (0.1) and train.warmup_iters (5) both set the warmup's length; keep "
+                   "one: warmup_iters = 0 (or left out) to warm up by passes, or warmup_epochs = 0."]
+    assert not (tmp_path / "both").exists()
+
+
+# A model plugin whose third training step fails just after a stop was asked for: as torch.compile's C++ compiler,
+# killed by the terminal's Ctrl-C that stopped the run, fails the step it was compiling.
+FAILING_ON_STOP = """
+import torch.nn as nn
+from lmlab.model import LanguageModel
+from lmlab.model.loss import next_token_loss
+from lmlab.train.stop import stop_for_closed_output
+
+
+class Tiny(LanguageModel):
+    def __init__(self, config):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size)
+        self.steps = 0
+
+    def forward(self, idx, targets=None, cache=None):
+        if self.training and targets is not None and idx.shape[0] == 8:  # a training step's batch
+            self.steps += 1
+            if self.steps == 3 and stop_for_closed_output():
+                raise RuntimeError("the C++ compiler died of the signal")
+        logits = self.head(self.wte(idx))
+        return logits, None if targets is None else next_token_loss(logits, targets)
+"""
+
+
+def test_a_step_that_fails_once_a_stop_was_asked_for_ends_the_run_as_that_stop(tmp_path, char_dataset, monkeypatch):
+    """A Ctrl-C while train.compile compiles killed the C++ compiler too, and the step failed with its error: the run
+    ended in a traceback (or main's one-line fallback) instead of the stop it was, with its end event, the lock
+    released and the run resumable."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    install_plugin(site, "failing-on-stop", "lmlab-failing-on-stop", FAILING_ON_STOP)
+    result = train(tmp_path, char_dataset, ['model.kind="failing-on-stop"', "train.max_iters=20",
+                                            "train.checkpoint_interval=2"])
+    assert result.abandoned and result.stopped_by == "SIGPIPE" and result.steps == 2
+    end = RunDir(result.run_dir).events()[-1]
+    assert (end["event"], end["stopped_by"], end["step"]) == ("end", "SIGPIPE", 2)
+    assert result.saved.name == "step_000002" and not RunDir(result.run_dir).running()  # resumable, the lock let go

@@ -240,15 +240,12 @@ def test_a_load_meter_counts_other_processes_not_this_one():
     assert "other processes used" in meter.load.describe()
 
 
-def test_a_peak_below_what_training_computes_is_called_wrong_and_gives_no_mfu(tmp_path, char_dataset):
+def test_a_peak_below_what_training_computes_is_called_wrong_and_gives_no_mfu(tmp_path, char_dataset, monkeypatch):
     """MFU is never printed above 100%: a peak that a tiny model's training outruns (a cache figure of 1 MFLOP/s) is
     wrong, and the run says so and logs no MFU from it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the key and entry of the one-thread process below
-    try:
+    with monkeypatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")  # the key and entry of the one-thread process below
         write_cache(tmp_path, {cache_key(CPU, torch.float32): settled_entry(torch.float32, 1e6)})
-    finally:
-        torch.set_num_threads(threads)
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
     done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu"], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path),

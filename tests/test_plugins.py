@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from lmlab.core.config import SamplingParams, load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, TINY_CONFIG, stable_events
+from tests.conftest import LMLAB, TINY_CONFIG, install_plugin, stable_events
 from tests.test_checkpoint import kill_and_resume, weights
 
 import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
@@ -147,18 +146,6 @@ import torch
 """
 
 
-def install(site: Path, kind: str, package: str, source: str, target: str = "Tiny") -> Path:
-    """A package as pip leaves it on a path Python searches: its module, and a dist-info folder whose
-    entry_points.txt registers `kind` in the lmlab.models group."""
-    module = package.replace("-", "_")
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{module}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[lmlab.models]\n{kind} = {module}:{target}\n")
-    return info
-
-
 @pytest.fixture
 def site(tmp_path, monkeypatch) -> Path:
     """A folder of installed packages for this test alone (the modules it imported are forgotten after it)."""
@@ -173,7 +160,7 @@ def site(tmp_path, monkeypatch) -> Path:
 
 def test_a_minimal_plugin_samples_by_recomputing_its_context_and_a_missing_one_names_its_package(
         tmp_path, site, char_dataset, capsys):
-    info = install(site, "tiny-mix", "lmlab-tiny-mix", FAKE_MODEL)
+    info = install_plugin(site, "tiny-mix", "lmlab-tiny-mix", FAKE_MODEL)
     result = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "tiny-mix", "", max_iters=10)),
                      tmp_path / "run", "cpu").run()
     run = RunDir(result.run_dir).load("best", "cpu")
@@ -222,7 +209,7 @@ BROKEN = {
 def test_a_broken_plugin_is_named_with_its_package_and_nothing_is_written(tmp_path, site, char_dataset, capsys,
                                                                           case):
     source, target, message = BROKEN[case]
-    install(site, "broken", "lmlab-broken", source, target)
+    install_plugin(site, "broken", "lmlab-broken", source, target)
     code, _, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "broken", ""), "--run",
                            tmp_path / "run", "--device", "cpu")
     assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
@@ -280,7 +267,7 @@ def test_a_plugins_forward_is_checked_once_before_it_is_used(tmp_path, site, cha
     """Before the fix: "needs more memory than can be counted" for a raise, tracebacks for the wrong outputs, and
     transposed or NaN logits trained or sampled silently."""
     body, message = BAD_FORWARDS[case]
-    install(site, "bad", "lmlab-bad", FAKE_MODEL.replace(RETURN, f"        {body}\n"))
+    install_plugin(site, "bad", "lmlab-bad", FAKE_MODEL.replace(RETURN, f"        {body}\n"))
     vocab = json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
     code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "bad", ""), "--run",
                              tmp_path / "run", "--device", "cpu")
@@ -294,7 +281,7 @@ def test_a_plugin_whose_trained_weights_give_nan_is_one_sentence_when_loaded(tmp
                                                                             monkeypatch):
     """The weights a run keeps are checked when it loads, as `sample`, `eval` and `serve` load it: logits that are not
     finite were sampled as text (and a 500 with a traceback under `logprobs`)."""
-    install(site, "flaky", "lmlab-flaky", FAKE_MODEL.replace(
+    install_plugin(site, "flaky", "lmlab-flaky", FAKE_MODEL.replace(
         RETURN, "        logits = logits * float(os.environ.get('FLAKY_SCALE', '1'))\n" + RETURN) + "import os\n")
     run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "flaky", "", max_iters=3)), tmp_path / "run",
                   "cpu").run().run_dir
@@ -328,8 +315,8 @@ def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(
     """Before: "needs more memory than can be counted" (the raise, on the meta device where the batch is sized),
     tracebacks (a tuple, a loss per token) or a run trained silently on a vocabulary short of a column."""
     body, message = LATE_FORWARDS[case]
-    install(site, "late", "lmlab-late", FAKE_MODEL.replace(RETURN, f"        if idx.shape[1] > 3:\n            {body}\n"
-                                                                   f"{RETURN}"))
+    install_plugin(site, "late", "lmlab-late",
+                   FAKE_MODEL.replace(RETURN, f"        if idx.shape[1] > 3:\n            {body}\n{RETURN}"))
     code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "late", "", max_iters=3),
                              "--run", tmp_path / "run", "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -341,7 +328,7 @@ def test_a_plugin_that_goes_wrong_after_training_is_named_by_sample_and_eval(tmp
                                                                             monkeypatch):
     """Loading checks a plugin's forward on a 4x3 batch; what sampling and evaluating give it afterwards is checked
     too (before: a traceback at the unpacking of its outputs)."""
-    install(site, "moody", "lmlab-moody", FAKE_MODEL.replace(
+    install_plugin(site, "moody", "lmlab-moody", FAKE_MODEL.replace(
         RETURN, "        if os.environ.get('MOODY') and idx.shape[1] > 3:\n            return logits, None, None\n"
         + RETURN) + "import os\n")
     run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "moody", "", max_iters=3)), tmp_path / "run",

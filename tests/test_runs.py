@@ -161,7 +161,7 @@ def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
     val = [(e["step"], e["val_loss"]) for e in logged if e["event"] == "eval"]
     assert [(s.step, pytest.approx(s.value)) for s in events.Scalars("train/loss")] == train
     assert [(s.step, pytest.approx(s.value)) for s in events.Scalars("val/loss")] == val
-    assert {"train/lr", "train/grad_norm", "perf/tokens_per_sec"} <= set(events.Tags()["scalars"])
+    assert {"train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/ms_per_step"} <= set(events.Tags()["scalars"])
 
 
 def test_tensorboard_gets_the_hyperparameters_config_and_samples_without_changing_training(tmp_path, char_dataset):

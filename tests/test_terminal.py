@@ -33,16 +33,20 @@ def test_a_piped_train_logs_a_plain_line_every_log_interval(tmp_path, char_datas
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
-    lines = re.findall(r"^step (\d+)/100,000 \| loss ([\d.]+) \| lr ([\d.e+-]+) \| ([\d,]+) tok/s(?: \| MFU ([\d.]+)%)? \| "
+    lines = re.findall(r"^step (\d+)/100,000 \| loss ([\d.]+) \| lr ([\d.e+-]+) \| ([\d,]+) tok/s \| ([\d,.]+) ms/step"
+                       r"(?: \| MFU ([\d.]+)%)? \| "
                        r"epoch ([\d.]+), ([\d.]+) (s|min|h|days)/epoch \| elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d$",
                        seen + rest, re.MULTILINE)
     trains = [e for e in RunDir(tmp_path / "run").events() if e["event"] == "train"]
     assert [int(step) for step, *_ in lines] == [e["step"] for e in trains]
     assert [int(step) for step, *_ in lines][:8] == [5, 10, 15, 20, 25, 30, 35, 40]
-    for (_, loss, lr, rate, mfu, epoch, per_epoch, unit), event in zip(lines, trains):
+    for (_, loss, lr, rate, ms, mfu, epoch, per_epoch, unit), event in zip(lines, trains):
         assert (loss, float(lr)) == (f"{event['loss']:.4f}", pytest.approx(event["lr"], rel=0.051))  # 2 digits
         # metrics.jsonl rounds tokens/s to 0.1 and MFU to 4 places; the line rounds the exact figures
         assert float(rate.replace(",", "")) == pytest.approx(event["tokens_per_sec"], abs=1)
+        # a step's milliseconds (to 0.1 below 10 ms, else whole), of the same steps: tokens per step over tokens/s
+        assert float(ms.replace(",", "")) == pytest.approx(event["ms_per_step"], abs=0.51)
+        assert event["ms_per_step"] == pytest.approx(1000 * 8 * 32 / event["tokens_per_sec"], rel=1e-3)
         assert (float(mfu) == pytest.approx(100 * event["mfu"], abs=0.06)) if mfu else event["mfu"] is None
         assert float(epoch) == pytest.approx(event["epoch"], abs=0.006)
         # the wall time per pass so far: elapsed / epoch (as the event rounds them, and the line its unit)

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import lmlab
 from lmlab.core.busy import Load, cores
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
+from lmlab.core.peak import peak_flops
 from lmlab.core.threads import MARGIN, Choice, ThreadChooser, forward_probe, pick
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
@@ -53,6 +55,25 @@ def train(tmp_path, char_dataset) -> dict:
 def test_a_set_thread_count_is_kept_untimed(tmp_path, char_dataset, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert train(tmp_path, char_dataset)["machine"]["torch_threads"] == 1
+
+
+@pytest.mark.skipif(len(cores()) < 2, reason="one core: every count is every core")
+def test_a_run_on_threads_it_set_divides_by_every_cores_peak_and_gives_the_process_its_threads_back(
+        tmp_path, char_dataset, monkeypatch):
+    """train.threads = 1 measured its peak on that one thread, where lmlab's own choice of one thread divided by the
+    peak of every core: a peak on another count, measured busy, gave no MFU. And the run left its caller (a notebook,
+    a script going on after `lmlab.train`) on its own count."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=5)
+        start = RunDir(lmlab.train(config, run=tmp_path / "run", device="cpu", threads=1).path).events()[0]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert start["machine"]["torch_threads"] == 1
+    assert start["peak_flops"] == peak_flops(torch.device("cpu"), torch.float32).flops  # every core's, this process's
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")

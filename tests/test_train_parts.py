@@ -1,5 +1,5 @@
-"""The training loop's parts on their own: the spike guard, the micro-batch split across ranks, checkpoint pruning
-and the saved state of each part."""
+"""The training loop's parts on their own: the spike guard, the micro-batch split across ranks, checkpoint pruning,
+the saved state of each part and the trial of a compiled step on a CPU."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lmlab.run.checkpoint import pointer, prune_checkpoints, save_checkpoint, st
 from lmlab.train.distributed import Parallel
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.state import Mean, Progress
+from lmlab.train.step import TRIAL_STEPS, CompileTrial
 
 
 def warmed_guard(**kw) -> SpikeGuard:
@@ -101,3 +102,23 @@ def test_pruning_keeps_the_newest_steps_and_whatever_best_and_latest_name(tmp_pa
     assert pointer(tmp_path, "best").name == "step_000020" and pointer(tmp_path, "latest").name == "step_000050"
     prune_checkpoints(tmp_path, keep=1)
     assert [p.name for p in step_folders(tmp_path)] == ["step_000020", "step_000050"]
+
+
+@pytest.mark.parametrize("compiled_ms, eager_ms, kept", [(9.4, 10.0, True), (9.6, 10.0, False), (12.0, 10.0, False)])
+def test_a_compiled_step_on_a_cpu_stays_only_when_its_best_time_beats_eagers_by_five_percent(compiled_ms, eager_ms,
+                                                                                             kept):
+    """The first step compiles and the second warms the eager path (neither is timed); then compiled and eager steps
+    in turns, each judged by its best time (load only slows a step), rank 0's verdict given to every rank."""
+    told = []
+    trial = CompileTrial(lambda verdict: told.append(verdict) or verdict)
+    order, verdict = [], None
+    for call in range(2 + 2 * TRIAL_STEPS):
+        compiled = trial.compiled_next()
+        order.append(compiled)
+        slow = 1000.0 if call < 2 or call in (2, 3) else 1.0  # untimed warm-ups, and one slow step of each kind
+        verdict = trial.timed(compiled, slow * (compiled_ms if compiled else eager_ms) / 1000)
+        assert (verdict is None) == (call < 1 + 2 * TRIAL_STEPS)
+    assert order == [True, False] * (1 + TRIAL_STEPS)
+    assert (verdict.compiled_ms, verdict.eager_ms, verdict.compiled) == (pytest.approx(compiled_ms),
+                                                                         pytest.approx(eager_ms), kept)
+    assert told == [int(kept)]

@@ -212,8 +212,8 @@ def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
     if result.abandoned:
         kept = (f"its newest checkpoint ({result.saved.name}) is kept; continue with: {go_on}" if result.saved else
                 "no checkpoint was written yet; run the same command again to start over")
-        out.print(f"stopped by {result.stopped_by} during step {result.steps + 1}, which was abandoned (a step "
-                  f"still running {STOP_GRACE:g} s after a stop signal is not waited for); {kept}")
+        out.print(f"stopped by {result.stopped_by} during step {result.steps + 1}, which was abandoned (a step that "
+                  f"fails once a stop signal came, or still runs {STOP_GRACE:g} s after it, is given up); {kept}")
         return
     if result.stopped_by:
         out.print(f"stopped by {result.stopped_by} at step {result.steps}; a checkpoint was written. "

@@ -41,8 +41,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                                 "--out", "run")
     result = finetune(Path(args.base), run_dir, ft, args.device, console)
     if result.stopped_by:
-        how = (f"during a step, which was abandoned (a step still running {STOP_GRACE:g} s after a stop signal is "
-               "not waited for)" if result.abandoned else "after a step, and a checkpoint was written")
+        how = (f"during a step, which was abandoned (a step that fails once a stop signal came, or still runs "
+               f"{STOP_GRACE:g} s after it, is given up)" if result.abandoned else
+               "after a step, and a checkpoint was written")
         again = "to continue it" if result.saved else "to start it over (no checkpoint was written yet)"
         console.print(f"stopped by {result.stopped_by} {how}; run the same command again {again}: "
                       f"{RunDir(result.run_dir).resume_command()}")

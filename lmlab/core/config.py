@@ -21,6 +21,7 @@ from lmlab.core.errors import UserError
 DEFAULT_SEED = 1337  # training, fine-tuning and sampling all start from it unless told otherwise
 MAX_COUNT = 2**53  # the largest count (tokens, steps, sizes) any setting takes: floats and JSON hold it exactly
 MAX_SEED = 2**63 - 1  # seeds are 64-bit
+WARMUP_ITERS = 100  # train.warmup_iters' default, which warmup_epochs may stand beside (it replaces it)
 MAX_BUDGET_SECONDS = 366 * 86_400  # a year: a longer budget is a typo (an hour count where minutes were meant)
 STOP_CHARS = 1_000  # the longest stop string: each is matched against the text as it grows, a table per string
 
@@ -239,7 +240,10 @@ class TrainConfig:
     min_lr: float = 1e-4  # the LR at the end of the decay
     schedule: str = "cosine"  # cosine | wsd: warmup then cosine decay, or warmup-stable-decay
     decay_fraction: float = 0.2  # wsd: share of the steps, at the end, over which the LR falls (1-sqrt) to min_lr
-    warmup_iters: int = 100  # steps over which the LR rises linearly from 0 to learning_rate
+    warmup_iters: int = WARMUP_ITERS  # steps over which the LR rises linearly from 0 to learning_rate
+    # Passes over the train split the LR warms up over instead ("0.5": half a pass), made steps at the start as an
+    # eval_interval in epochs is (config.toml then keeps those steps as warmup_iters); 0: warmup_iters says.
+    warmup_epochs: float = 0.0
     lr_decay_iters: int = 0  # cosine: steps over which the LR decays to min_lr; 0: max_iters
     weight_decay: float = 0.1  # applied to 2-D weights only
     beta1: float = 0.9  # AdamW's first-moment decay
@@ -301,6 +305,7 @@ class TrainConfig:
                             "seconds up to a day (86400), e.g. 600.")
         self._check_budget()
         self._check_eval_interval()
+        self._check_warmup_epochs()
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
         if self.tracker not in ("none", "tensorboard", "wandb"):
@@ -323,6 +328,15 @@ class TrainConfig:
                                 "\"epoch\", or a number of passes over the train split such as \"0.5 epochs\".")
         else:
             check_counts("train.", {"eval_interval": self.eval_interval})
+
+    def _check_warmup_epochs(self) -> None:
+        if not 0 <= self.warmup_epochs <= MAX_COUNT:
+            raise UserError(f"train.warmup_epochs ({self.warmup_epochs}) must be 0 (warmup_iters says) or a number of "
+                            "passes over the train split, e.g. 0.5.")
+        if self.warmup_epochs and self.warmup_iters not in (0, WARMUP_ITERS):
+            raise UserError(f"train.warmup_epochs ({self.warmup_epochs:g}) and train.warmup_iters "
+                            f"({self.warmup_iters}) both set the warmup's length; keep one: warmup_iters = 0 (or left "
+                            "out) to warm up by passes, or warmup_epochs = 0.")
 
     @property
     def passes_per_eval(self) -> float | None:
@@ -348,9 +362,12 @@ class TrainConfig:
         """The steps between evaluations: eval_interval's, or for evaluations spaced by passes the whole steps
         nearest passes_per_eval passes of a split of `split_tokens`, at least one, at most MAX_COUNT."""
         passes = self.passes_per_eval
-        if passes is None:
-            return self.eval_interval
-        return int(min(MAX_COUNT, max(1, round(passes * split_tokens / tokens_per_step))))
+        return self.eval_interval if passes is None else _steps(passes, split_tokens, tokens_per_step)
+
+    def warmup_steps(self, split_tokens: int, tokens_per_step: int) -> int:
+        """The steps the LR warms up over: warmup_iters, or the whole steps nearest warmup_epochs passes of a split
+        of `split_tokens` (as `eval_steps` counts them)."""
+        return _steps(self.warmup_epochs, split_tokens, tokens_per_step) if self.warmup_epochs else self.warmup_iters
 
     def _check_budget(self) -> None:
         if not 0 <= self.budget_seconds <= MAX_BUDGET_SECONDS:
@@ -359,6 +376,11 @@ class TrainConfig:
         if self.budget_seconds and self.lr_decay_iters:
             raise UserError("train.lr_decay_iters fixes the decay in steps, while train.budget_seconds lays it over "
                             "the steps the budget allows; set lr_decay_iters = 0.")
+
+
+def _steps(passes: float, split_tokens: int, tokens_per_step: int) -> int:
+    """The whole steps nearest `passes` passes over a split of `split_tokens`, at least one, at most MAX_COUNT."""
+    return int(min(MAX_COUNT, max(1, round(passes * split_tokens / tokens_per_step))))
 
 
 @dataclass

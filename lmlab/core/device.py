@@ -173,11 +173,13 @@ def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
 
 # What `train.compile = true` costs on a CPU, said before the first step waits for it. A write-up replayed on 2 busy
 # cores (the demo preset) waited 131 s for its first step, where the docs said 20, then trained at 1,025-1,288
-# tokens/s against eager's 1,299-2,739, and its 2-batch final evaluation took 90 s; benchmarks/compile_cpu.py
-# measures a machine. So `auto` is eager on a CPU.
+# tokens/s against eager's 1,299-2,739, and its 2-batch final evaluation took 90 s (now eager on a CPU);
+# benchmarks/compile_cpu.py measures a machine. So `auto` is eager on a CPU, and `true` goes on compiled only where
+# its first steps measured it faster (train/step.py's CompileTrial).
 CPU_COMPILE = ("train.compile = true on a CPU: the first step waits while Inductor compiles the model to C++ (minutes "
-               "on a small CPU), and so does the first evaluation; on 2 cores it trained no faster than eager "
-               "(benchmarks/compile_cpu.py measures this machine); false or \"auto\" trains eager at once.")
+               "on a small CPU); then a few compiled steps are timed against eager ones and training goes on eager "
+               "unless compiling pays here (on 2 cores it trained no faster; benchmarks/compile_cpu.py measures this "
+               "machine); false or \"auto\" trains eager at once.")
 
 
 def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:

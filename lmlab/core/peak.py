@@ -14,7 +14,9 @@ says what the hardware can do only if nothing else ran on its cores meanwhile, s
   below the busy share) gives a low figure that the next ones outvote. Then the figure is settled;
 - the cache is keyed by the processor (`device.processor()`: name, vendor, family, model, stepping, a digest of the
   feature flags), the threads, dtype, torch and matmul size, so a cache copied from another machine is never read
-  for this one;
+  for this one. A CPU's peak is the machine's, measured on every thread a job may use (`most_threads`) whatever
+  threads the job computes on: a run on threads it set (train.threads = 1) and one on the same count chosen by lmlab
+  divide by the same figure;
 - every entry holds a checksum of its fields: an entry edited by hand is refused and measured again, and so is a
   file that is not JSON or was written by an older lmlab (which let busy figures stand), each with a note.
 
@@ -27,12 +29,14 @@ On a CPU, `auto` picks bf16 only where it measured faster: CPU flags say what a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ import torch
 from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.device import configure, datasheet_peak, dtype_for_capability, processor, synchronize
 from lmlab.core.fileio import WriteError, atomic_write_text, writing
+from lmlab.core.threads import most_threads
 
 QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
 AGREE = 0.9  # a measurement agrees with the best when it reached this share of it
@@ -122,8 +127,22 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
         return Peak(listed[0], name, listed[1])
     key = cache_key(device, dtype)
     if key not in _memo:
-        _memo[key] = dataclasses.replace(_measured(key, device, dtype), native=native_kernel(device, dtype))
+        with every_thread(device):
+            _memo[key] = dataclasses.replace(_measured(key, device, dtype), native=native_kernel(device, dtype))
     return _memo[key]
+
+
+@contextlib.contextmanager
+def every_thread(device: torch.device) -> Iterator[None]:
+    """On a CPU, torch on every thread a job may use while a peak is measured (see the module's rules), then on the
+    threads it had."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(most_threads()[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
@@ -155,10 +174,10 @@ def cache_path() -> Path:
 
 
 def cache_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What a measured peak depends on: the processor, the threads torch uses on it, the dtype, torch and the matmul
-    size (a smaller matmul peaks lower and would overstate MFU)."""
+    """What a measured peak depends on: the processor, the threads it is measured on (every one a job may use), the
+    dtype, torch and the matmul size (a smaller matmul peaks lower and would overstate MFU)."""
     who = ", ".join(f"{k} {v}" for k, v in _identity(device).items() if v)
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    threads = f", {most_threads()[0]} threads" if device.type == "cpu" else ""
     tf32 = " (TF32)" if device.type == "cuda" and dtype == torch.float32 else ""  # not a figure measured without it
     return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}{tf32}, torch {torch.__version__}, "
             f"{matmul_size(device, dtype)}² matmul")
@@ -241,7 +260,7 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: list[str
     return what the cache now holds (`notes`: what was found wrong with the cache before)."""
     path, key = cache_path(), cache_key(device, dtype)
     entries, entry, _ = read_cache(path, key, _identity(device))
-    with LoadMeter() as meter:
+    with every_thread(device), LoadMeter() as meter:
         flops = measured_peak(device, dtype)
     entries[key] = entry = merged(entry, flops, meter.load, dtype, device)
     try:
@@ -271,7 +290,7 @@ def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.
         best = entry
     else:
         best = new if entry is None or flops > entry["flops"] else entry
-    kept = {"processor": _identity(device), "threads": torch.get_num_threads(),
+    kept = {"processor": _identity(device), "threads": most_threads()[0],
             "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "matmul": matmul_size(device, dtype),
             **{k: best[k] for k in ("flops", "quiet", "measured_at", "load")}, "figures": figures}

@@ -149,6 +149,7 @@ class ThreadChooser:
         cap, env = most_threads()
         self.override, self.most = override, setting or max(1, min(most or cap, cap))
         self.fixed = override if setting else env or fixed
+        self.before = torch.get_num_threads()  # what the process had: a job gives it back when it ends
         torch.set_num_threads(self.most)  # whatever an earlier job of this process chose
         self.meter = window or LoadMeter().start()  # a window opened earlier: a command's start, before torch
         self.probe: Callable[[], None] = lambda: None

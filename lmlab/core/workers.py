@@ -14,8 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import lmlab
-
 # Takes the path it is given, in its order, and runs the module as `python -m` would.
 _BOOT = ("import json, runpy, sys; module, path = sys.argv[1], json.loads(sys.argv[2]); del sys.argv[1:3]; "
          "sys.path[:] = path + [p for p in sys.path if p not in path]; runpy.run_module(module, run_name='__main__', "
@@ -36,7 +34,7 @@ def worker_path() -> list[str]:
     if path and not sys.flags.safe_path and (not path[0] or os.path.realpath(path[0]) == os.path.realpath(".")):
         path = path[1:]
     path = [p for p in path if p]
-    root = str(Path(lmlab.__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder lmlab/ is in
     if not any(os.path.realpath(p) == root for p in path):
         path.append(root)
     return path

@@ -268,7 +268,7 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> 
     tc = cfg.train
     step = _build(cfg, device, dtype)
     step.model.eval()
-    forward = step.forward
+    forward = step.scoring  # as the training loop evaluates: eager on a CPU
     # The same evaluation the training loop runs, on random tokens: eval_iters batches per split, twice.
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 4 * tc.batch_size * cfg.model.block_size)
     estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, 1, 0, device, dtype)  # warm up

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,10 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                    state: dict[str, Any], best: bool) -> Path:
-    """Write root/step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it.
+                    state: dict[str, Any], best: bool, whole: Callable[[], None] | None = None) -> Path:
+    """Write root/step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it; `whole` is
+    called once the temporary folder is whole, before it takes the step folder's name (what it raises leaves no
+    checkpoint).
 
     `weights` is `model_tensors(model)` and `optimizer_state` the optimizer's state_dict (both gathered whole
     when the model is sharded, lmlab.train.distributed.full_state), so every run writes the same files."""
@@ -118,6 +121,8 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
         atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer": plain,
                                                            "files": files}, indent=1))
         fsync_dir(tmp)
+        if whole is not None:
+            whole()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint is whole or absent
         raise

@@ -254,14 +254,15 @@ class RunDir:
                                                 f"{text}\n\n")
 
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                        training: dict[str, Any] | None, best: bool, keep: int) -> Path:
+                        training: dict[str, Any] | None, best: bool, keep: int,
+                        whole: Callable[[], None] | None = None) -> Path:
         """A step folder holding the weights, the optimizer and `training` (what the writer needs to continue,
-        None for an import); then only the newest `keep` step folders, best, latest and the steps the run was resumed
-        from remain."""
+        None for an import), `whole` called before it takes its name (`checkpoint.save_checkpoint`); then only the
+        newest `keep` step folders, best, latest and the steps the run was resumed from remain."""
         self._check_writer()
         state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": __version__,
                  "model_config": dataclasses.asdict(self.config().model), "training": training}
-        folder = ckpt.save_checkpoint(self.checkpoints, step, weights, optimizer_state, state, best)
+        folder = ckpt.save_checkpoint(self.checkpoints, step, weights, optimizer_state, state, best, whole)
         ckpt.prune_checkpoints(self.checkpoints, keep, self.resume_points())
         return folder
 

@@ -5,6 +5,7 @@ rollback after a streak of bad steps."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,17 +117,27 @@ class Checkpointer:
         self._restore(training, rollback=False)
         return folder
 
-    def save(self, best: bool) -> None:
-        step = self.progress.step
-        # Logged first: a crash between the two leaves an event that resume drops with everything after the
-        # checkpoint it falls back to, while the other order could lose the event of a checkpoint that exists.
-        self.writes.log({"event": "checkpoint", "step": step, "best": best})
+    def save(self, best: bool) -> float:
+        """Checkpoint the run where it stands, its event saying how long the weights took to gather and write; the
+        seconds until every rank has it."""
+        step, began = self.progress.step, time.perf_counter()
+
+        def log() -> None:
+            # Logged once the files are whole, before the folder takes its step's name: a kill before leaves neither,
+            # a kill after leaves an event that resume drops with the unfinished folder (the other order would lose
+            # the event of a checkpoint that exists); a failed write logs none, and a failed log keeps no folder.
+            self.writes.log({"event": "checkpoint", "step": step, "best": best,
+                             "seconds": round(time.perf_counter() - began, 3)})
+            if self.writes.error is not None:
+                raise self.writes.error
+
         weights, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
         self.writes(self.run_dir.save_checkpoint, step, weights, optimizer_state, self.state.state_dict(), best,
-                    self.train.keep_checkpoints)
+                    self.train.keep_checkpoints, log)
         self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
         if self.writes.error is None:
             self.saved_step = step
+        return time.perf_counter() - began
 
     def rollback(self, step: int, lr_scale: float) -> None:
         """`step` completed a streak of bad steps: reload the newest checkpoint from before the streak (the guard

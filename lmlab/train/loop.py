@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 
 from lmlab.analysis.plots import plot_losses
+from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.config import RunConfig, to_dict
 from lmlab.core.device import configure
 from lmlab.core.errors import PeerLost, UserError
@@ -27,7 +28,6 @@ from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
-from lmlab.model import build_model
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import Budget, Probes
@@ -72,8 +72,13 @@ class TrainResult:
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
     """Fill model.vocab_size from the dataset and check that a given one covers its ids (an imported model may
     have more embedding rows than its tokenizer has tokens, as Qwen3's do), and that model.block_size fits the
-    rows of a row-packed dataset."""
+    rows of a row-packed dataset; a warmup in passes made steps (warmup_iters: what the schedule, a checkpoint and
+    config.toml hold from then on)."""
     meta = read_meta(Path(cfg.data.dataset))
+    tc = cfg.train
+    if tc.warmup_epochs:
+        steps = tc.warmup_steps(meta["train"]["tokens"], tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, warmup_iters=steps, warmup_epochs=0.0))
     check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
     if cfg.model.vocab_size == 0:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
@@ -83,6 +88,13 @@ def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
             "tokens, more than the model has rows for; point data.dataset at a dataset of the run's tokenizer."
         )
     return cfg, meta
+
+
+def weights_born_in(run_dir: RunDir, init_from: str | None) -> str | None:
+    """The dtype the weights a run starts from were born in (`RunDir.weights_dtype`), which `auto` heeds on a GPU
+    without bf16: another run's with --init-from, else the run's own (a resumed or restarted one's; a new run has
+    none yet)."""
+    return RunDir(Path(init_from.partition(":")[0])).weights_dtype() if init_from else run_dir.weights_dtype()
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by index, as rank 0 tells the others
@@ -105,16 +117,20 @@ class Trainer:
         self.run_dir = RunDir(run_dir)
         job = from_env()
         job.local_steps(cfg.train.grad_accum_steps)  # checked before the job's processes connect to each other
+        # Held from here to the end of run(), or given back if the construction fails: torch's threads as they were
+        # (a process goes on after its run: a notebook, the API, tests), and the run's lock, one writer at a time,
+        # from before anything of the run is read.
+        self._held = ExitStack()
+        self._held.callback(torch.set_num_threads, threads.before if threads else torch.get_num_threads())
         # Made before the set-up, whose load tells a quiet machine; each torchrun rank would time its own threads.
         self.threads = threads or ThreadChooser(cfg.train.threads, "train.threads",
                                                 fixed="torchrun" if job.world_size > 1 else None)
-        self._lock = ExitStack()  # one writer at a time, from before anything of the run is read to run()'s end
         with self._unlocked_on_failure():
             if job.is_main:
-                self._lock.enter_context(self.run_dir.locked())
+                self._held.enter_context(self.run_dir.locked())
             if resume:
                 check_resumable(self.run_dir, cfg.data.dataset)
-            threads = self._build(cfg, device, console)
+            threads = self._build(cfg, device, console, init_from)
             resume = resume or self._restarted()
             self._parts(resume)
             self._begin(resume, force, init_from, keep_optimizer)
@@ -126,7 +142,7 @@ class Trainer:
         try:
             yield
         except BaseException as err:
-            self._lock.close()
+            self._held.close()
             if (lost := self._lost(err)) is not None:
                 raise lost from None
             raise
@@ -136,7 +152,7 @@ class Trainer:
         the workers of a host started again beside it, which its own launcher never restarted."""
         return self.parallel.any(elastic_restart()) and bool(self.run_dir.step_folders())
 
-    def _build(self, cfg: RunConfig, device: str, console: Console | None) -> Choice:
+    def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The job, the device and dtype, the data (every byte checked against meta.json before the model is built),
         the model and its optimizer step; the CPU threads chosen by timing it."""
         self.cfg, self.meta = resolve_config(cfg)
@@ -145,19 +161,25 @@ class Trainer:
         if not self.parallel.is_main:
             self.console.quiet = True  # one voice for the whole job (the CLI's console too)
         tc, mc = self.cfg.train, self.cfg.model
+        if cfg.train.warmup_epochs:
+            self.console.print(f"warmup: {cfg.train.warmup_epochs:g} passes over the train split, {tc.warmup_iters:,} "
+                               "steps", highlight=False)
         torch.manual_seed(tc.seed)
         configure(self.device)
-        self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype)
+        born = weights_born_in(self.run_dir, init_from) if self.device.type == "cuda" else None  # (a GPU's concern)
+        self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype, born)
         self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
         with self.console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
             self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
             self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
         self._check_same_inputs()
         check_training(mc, tc.batch_size, optimizer_of(tc).state_bytes, self.device, self.parallel.local_world_size)
-        self.model = build_model(mc).to(self.device)  # the same initial weights on every rank
+        # The same initial weights on every rank; under FSDP, built on the meta device and sharded, so that no rank
+        # holds the whole model on its device.
+        self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
-        self.step = TrainStep(self.model, tc, self.device, self.dtype, self.parallel.wrap(self.model, tc.parallel,
-                              self.dtype), self.parallel.reduce_step)
+        self.step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
+                              trial=self.parallel.from_main)
         if self.step.note:
             self.console.print(f"[yellow]{self.step.note}[/yellow]")
         threads = self.threads.choose(forward_probe(self.model, tc.batch_size, mc.block_size, self.device,
@@ -217,8 +239,9 @@ class Trainer:
 
     def _resume(self, force: bool) -> None:
         """Continue from the newest checkpoint that verifies, the schedule laid on from where it stood."""
+        began = time.perf_counter()
         folder = self.checkpointer.resume(self.cfg, self.train_tokens.sha256, force)
-        step = self.progress.step
+        loaded, step = time.perf_counter() - began, self.progress.step
         line = self.budget.resume(self.cfg.train, step, self.run_dir.path)
         if line:
             self.console.print(line, highlight=False)
@@ -226,7 +249,8 @@ class Trainer:
             self.run_dir.truncate_after(step)
             self.run_dir.resumed(step, folder.name, self.device, self.dtype, self.parallel.world_size, self.peak)
             self.checkpointer.say_retention(self.schedule.last_step)
-        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}).")
+        took = f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)  # checked and loaded
+        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}) in {took}.")
 
     def _check_same_inputs(self) -> None:
         """Under torchrun, refuse before the first step a job whose hosts were started with different configs or
@@ -254,14 +278,14 @@ class Trainer:
                  "on each again")
         return PeerLost(f"{said} {when}; {again}.")
 
-    def _measure_hardware(self, setting: str) -> tuple[torch.dtype, str, Peak | None]:
-        """The autocast dtype (on a CPU, `auto` chooses by measurement), why, and the peak MFU divides by, each said
-        in a line. Under torchrun rank 0 measures while the other ranks wait, so none loads the cores it measures,
-        and every rank takes rank 0's dtype."""
+    def _measure_hardware(self, setting: str, born: str | None) -> tuple[torch.dtype, str, Peak | None]:
+        """The autocast dtype (on a CPU, `auto` chooses by measurement; on a GPU, for weights `born` in it), why, and
+        the peak MFU divides by, each said in a line. Under torchrun rank 0 measures while the other ranks wait, so
+        none loads the cores it measures, and every rank takes rank 0's dtype."""
         self.parallel.barrier()
         dtype, why, peak, slow = torch.float32, "", None, None
         if self.parallel.is_main:
-            dtype, why = choose_dtype(self.device, setting)
+            dtype, why = choose_dtype(self.device, setting, born)
             peak, slow = peak_flops(self.device, dtype), emulated_warning(self.device, dtype)
         self.parallel.barrier()
         dtype = DTYPES[self.parallel.from_main(DTYPES.index(dtype))]
@@ -284,11 +308,13 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train to the schedule's last step (or an early stop, a stop signal, a failed write); then the run's lock
-        is released."""
-        with self._lock, self._closed_at_end():
+        is released and torch's threads are what they were before the run."""
+        with self._held, self._closed_at_end():
             try:
                 return self._loop()
             except StepAbandoned as abandoned:
+                if abandoned.__cause__ is not None:  # the signal made the step fail: a compiler it killed, say
+                    discard_partial_builds()  # whose cut-short kernels the next compile of this process would load
                 return self._abandon(abandoned.signal)
 
     @contextmanager
@@ -355,6 +381,9 @@ class Trainer:
                                     self.micro_steps, lr)
         p.step, p.tokens = p.step + 1, p.tokens + self.tokens_per_step
         self._queued.append((p.step, lr, total, norm))
+        if verdict := self.step.decided():  # whether compiling pays on this CPU
+            self.writes.log(verdict.record(p.step))
+            self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
 
     def _judge_queued_steps(self) -> bool:
         """Read the queued steps' loss and grad norm (one host sync for all of them), let the guard judge
@@ -381,9 +410,7 @@ class Trainer:
         self.budget.step_timed(self.progress.step, seconds)
 
     def _checkpoint(self, best: bool) -> None:
-        began = time.perf_counter()
-        self.checkpointer.save(best)
-        self.budget.checkpointed(time.perf_counter() - began)
+        self.budget.checkpointed(self.checkpointer.save(best))
 
     def _evaluate_and_log(self) -> bool:
         """Evaluate and log it (a budget plans again from it); whether it is a new best."""
@@ -398,7 +425,7 @@ class Trainer:
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         with self._stop.interruptible():
-            train, val = (estimate_loss(self.step.forward, tokens, self.cfg.model.block_size, tc.batch_size,
+            train, val = (estimate_loss(self.step.scoring, tokens, self.cfg.model.block_size, tc.batch_size,
                                         n_batches or tc.eval_iters, tc.seed + offset, self.device, self.dtype,
                                         self.parallel)
                           for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
@@ -430,8 +457,9 @@ class Trainer:
         return is_best
 
     def _log_train(self) -> str:
-        """A train line (without tokens/s and MFU when the only step since the last was the warm-up step)."""
-        p, rate = self.progress, self.throughput.pop_rate(self.tokens_per_step)
+        """A train line (without ms/step, tokens/s and MFU when the only step since the last was the warm-up step)."""
+        p, step_seconds = self.progress, self.throughput.pop_step_seconds()
+        rate = None if step_seconds is None else self.tokens_per_step / step_seconds
         mean, lr, epoch = self.means["log"].pop_mean(), self._lr, self._epoch()
         # tokens/s counts every rank's tokens, against every rank's peak; none against a peak measured busy
         computed = None if rate is None else rate * self.flops_per_token / self.parallel.world_size
@@ -443,13 +471,16 @@ class Trainer:
         self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
                          "lr": lr, "grad_norm": self._grad_norm,
                          "tokens_per_sec": None if rate is None else round(rate, 1),
+                         "ms_per_step": None if step_seconds is None else round(1000 * step_seconds, 3),
                          "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
         # Wall time per pass, evaluations included: what a write-up derives from wall time and passes.
         passes = f"epoch {epoch:.2f}" + (f", {format_duration(self.clock.elapsed / epoch)}/epoch" if epoch else "")
         if rate is None:
             return f"loss {mean:.4f} | lr {lr:.1e} | {passes}"
         utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
-        return f"loss {mean:.4f} | lr {lr:.1e} | {rate:,.0f} tok/s{utilisation} | {passes}"
+        ms = 1000 * step_seconds  # as the write-ups log a step's time
+        pace = f"{rate:,.0f} tok/s | {ms:,.{0 if ms >= 10 else 1}f} ms/step"
+        return f"loss {mean:.4f} | lr {lr:.1e} | {pace}{utilisation} | {passes}"
 
     def _epoch(self) -> float:
         """Passes over the train split so far: tokens seen over the split's tokens."""

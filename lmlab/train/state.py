@@ -183,7 +183,7 @@ class TrainingState:
 
 
 class Throughput:
-    """The seconds of the training steps since the last log line, for tokens/s and MFU. A process's first step
+    """The seconds of the training steps since the last log line, for ms/step, tokens/s and MFU. A process's first step
     compiles, allocates and warms caches (a minute for GPT-2 under torch.compile): it is left out, on a first start
     and on every resume, and waited for, so that none of its device work is timed with the next."""
 
@@ -197,8 +197,9 @@ class Throughput:
             synchronize(self.device)
             self.warm = True
 
-    def pop_rate(self, tokens_per_step: int) -> float | None:
-        """Tokens per second since the last call; None when no step since was timed (only the warm-up step)."""
-        rate = tokens_per_step * self.steps / self.seconds if self.steps else None
+    def pop_step_seconds(self) -> float | None:
+        """The mean seconds of a step since the last call; None when no step since was timed (only the warm-up
+        step)."""
+        mean = self.seconds / self.steps if self.steps else None
         self.seconds, self.steps = 0.0, 0
-        return rate
+        return mean

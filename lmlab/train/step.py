@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,6 +17,57 @@ from lmlab.train.optim import optimizer_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# On a CPU a compiled step may be no faster than an eager one (on 2 cores it trained at 1,025-1,288 tokens/s against
+# eager's 1,299-2,739): after the step that compiles and an eager one that warms up, this many of each are timed in
+# turns, and compiled stays only when its best is at most COMPILE_GAIN of eager's best (load only slows a step).
+TRIAL_STEPS = 3
+COMPILE_GAIN = 0.95
+
+
+@dataclass(frozen=True)
+class CompileVerdict:
+    """What the timed steps of a compiled model on a CPU found, and what the run goes on with."""
+
+    compiled_ms: float  # the best compiled step
+    eager_ms: float  # the best eager step
+    compiled: bool  # whether training goes on compiled
+
+    def line(self, step: int) -> str:
+        timed = (f"step {step}: a compiled step took {self.compiled_ms:,.1f} ms, an eager one {self.eager_ms:,.1f} ms "
+                 f"(the best of {TRIAL_STEPS} each)")
+        if self.compiled:
+            return f"{timed}: training goes on compiled"
+        return (f"{timed}: training goes on eager, as compiling does not pay on this CPU (it must be "
+                f"{100 * (1 - COMPILE_GAIN):.0f}% faster; train.compile = false skips the compile)")
+
+    def record(self, step: int) -> dict[str, Any]:
+        """The `compile` event of metrics.jsonl."""
+        return {"event": "compile", "step": step, "compiled_ms": round(self.compiled_ms, 3),
+                "eager_ms": round(self.eager_ms, 3), "compiled": self.compiled}
+
+
+class CompileTrial:
+    """Compiled and eager steps of one model on a CPU, in turns (a load that comes or goes weighs on both alike):
+    the first compiles, the second warms the eager path, then TRIAL_STEPS of each are timed. `agree` makes the
+    verdict every rank's (rank 0's)."""
+
+    def __init__(self, agree: Callable[[int], int]):
+        self.agree, self.calls = agree, 0
+        self.seconds: dict[bool, list[float]] = {True: [], False: []}
+
+    def compiled_next(self) -> bool:
+        return self.calls % 2 == 0
+
+    def timed(self, compiled: bool, seconds: float) -> CompileVerdict | None:
+        """A step of the trial done in `seconds`; the verdict after the last one."""
+        self.calls += 1
+        if self.calls > 2:
+            self.seconds[compiled].append(seconds)
+        if self.calls < 2 + 2 * TRIAL_STEPS:
+            return None
+        best, eager = min(self.seconds[True]), min(self.seconds[False])
+        keep = bool(self.agree(int(best <= COMPILE_GAIN * eager)))
+        return CompileVerdict(1000 * best, 1000 * eager, keep)
 
 
 class TrainStep:
@@ -23,31 +77,57 @@ class TrainStep:
 
     `wrapped` is what runs forward when it is not the model itself (a DDP wrapper, an FSDP-sharded model);
     `reduce` makes the loss and gradient norm global under torchrun, so every rank skips alike. `note` is a line
-    for the user when `compile = "auto"` could not compile here, else None.
+    for the user when `compile = "auto"` could not compile here, else None. With `trial` (the trainer's; rank 0's
+    verdict to every rank), a compiled model on a CPU is timed against eager over its first steps and left for
+    eager unless faster (`CompileTrial`); `verdict` is then what was found, once, for the trainer to say.
     """
 
     def __init__(self, model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                 wrapped: torch.nn.Module | None = None, reduce: Reduce | None = None):
+                 wrapped: torch.nn.Module | None = None, reduce: Reduce | None = None,
+                 trial: Callable[[int], int] | None = None):
         self.model, self.device, self.dtype, self.grad_clip, self.reduce = model, device, dtype, cfg.grad_clip, reduce
         compiled, self.note = compile_choice(cfg.compile, device.type, device.type == "cuda" and triton_available())
         if compiled:
             # One compiled model at a time per process: sweeps, bench and the GPU report build many, and past
             # Dynamo's recompile limit (8 per function) it would silently run the next ones eager.
             torch.compiler.reset()
-        self.forward = torch.compile(wrapped or model) if compiled else (wrapped or model)
+        self.eager = wrapped or model
+        self.forward = torch.compile(self.eager) if compiled else self.eager
+        # Evaluations run eager on a CPU: a compiled model would compile its eval-mode graph too (one 2-batch final
+        # evaluation took 90 s), for a few batches; on a GPU the compiled forward pays.
+        self.scoring = self.eager if device.type == "cpu" else self.forward
+        self.trial = CompileTrial(trial) if trial and compiled and device.type == "cpu" else None
+        self.verdict: CompileVerdict | None = None
         self.optimizer = optimizer_of(cfg).build(model, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def __call__(self, batches: Iterable[Batch], n_batches: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step at `lr` over `n_batches` micro-batches; returns (mean loss, gradient norm) as device
         tensors, without a host sync, so the caller decides when to read them."""
+        if self.trial is None:
+            return self._step(self.forward, batches, n_batches, lr)
+        compiled = self.trial.compiled_next()
+        began = time.perf_counter()  # a CPU's step is done when it returns
+        result = self._step(self.forward if compiled else self.eager, batches, n_batches, lr)
+        self.verdict = self.trial.timed(compiled, time.perf_counter() - began)
+        if self.verdict is not None:
+            self.trial, self.forward = None, self.forward if self.verdict.compiled else self.eager
+        return result
+
+    def decided(self) -> CompileVerdict | None:
+        """The compile trial's verdict, once, after the step that reached it."""
+        verdict, self.verdict = self.verdict, None
+        return verdict
+
+    def _step(self, forward: Callable[..., Any], batches: Iterable[Batch], n_batches: int, lr: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for x, y in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
-                _, loss = self.forward(x, y)
+                _, loss = forward(x, y)
             loss = loss / n_batches
             self.scaler.scale(loss).backward()
             total += loss.detach()

@@ -108,13 +108,20 @@ class StopOnSignal:
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
-        """A stretch (a training step, an evaluation) that a stop signal may abandon after the grace period."""
+        """A stretch (a training step, an evaluation) that a stop signal may abandon after the grace period. What
+        fails in it once a stop signal came is the signal's doing, and abandons it too: the terminal's Ctrl-C reaches
+        the process group, so torch.compile's C++ compiler dies of it and torch raises its own error, which would
+        otherwise end the run as a crash rather than as the stop it is."""
         self._regions += 1
         self._region = self._regions
         if self.signal:  # the signal came between two stretches, while the ranks were still agreeing on it
             self._arm(self._region)
         try:
             yield
+        except Exception as err:
+            if self.signal is None or isinstance(err, StepAbandoned):
+                raise
+            raise StepAbandoned(self.signal) from err
         finally:
             self._region = 0
 

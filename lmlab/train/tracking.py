@@ -21,7 +21,7 @@ from lmlab.model import LanguageModel
 # metrics.jsonl field -> tracker tag, per event kind
 TAGS = {
     "train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-              "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu"},
+              "tokens_per_sec": "perf/tokens_per_sec", "ms_per_step": "perf/ms_per_step", "mfu": "perf/mfu"},
     "eval": {"val_loss": "val/loss", "train_eval_loss": "train/eval_loss", "best_val_loss": "val/best_loss"},
 }
 METRIC = "val/best_loss"  # what the HParams plugin ranks runs by

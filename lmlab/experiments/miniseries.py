@@ -128,11 +128,12 @@ class Miniseries:
         """Depth `depth` trained for `tokens` (whole steps, at least MIN_STEPS) at `factor` × the preset's LR, with
         one evaluation and one checkpoint, at its end."""
         cfg = self.family.config(depth)
-        tc = cfg.train
-        steps = max(MIN_STEPS, round(tokens / (tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)))
+        tc, tokens_per_step = cfg.train, cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+        steps = max(MIN_STEPS, round(tokens / tokens_per_step))
+        warmup = tc.warmup_steps(read_meta(Path(cfg.data.dataset))["train"]["tokens"], tokens_per_step)
         train = dataclasses.replace(tc, budget_seconds=0.0, max_iters=steps, eval_interval=steps,
-                                    checkpoint_interval=steps, lr_decay_iters=0, patience=0,
-                                    warmup_iters=min(tc.warmup_iters, round(WARMUP_SHARE * steps)),
+                                    checkpoint_interval=steps, lr_decay_iters=0, patience=0, warmup_epochs=0.0,
+                                    warmup_iters=min(warmup, round(WARMUP_SHARE * steps)),
                                     learning_rate=float(f"{tc.learning_rate * factor:.3g}"),
                                     min_lr=float(f"{tc.min_lr * factor:.3g}"))
         return dataclasses.replace(cfg, train=train)

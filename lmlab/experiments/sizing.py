@@ -361,8 +361,9 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
         raise UserError(_refusal(found, preset))
     best = min(planned, key=lambda c: (c.predicted is None, c.predicted or 0.0))
     chosen = family.config(best.depth, fit)
-    warmup = min(chosen.train.warmup_iters, round(WARMUP_SHARE * best.steps))
-    chosen = dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, warmup_iters=warmup))
+    warmup = min(chosen.train.warmup_steps(split, best.tokens_per_step), round(WARMUP_SHARE * best.steps))
+    chosen = dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, warmup_iters=warmup,
+                                                                   warmup_epochs=0.0))
     threads = chooser.decide(best.timing.forward, "a forward pass")
     return Sizing(budget, time.perf_counter() - started, found.candidates, best, chosen, str(fit_path(preset)),
                   threads)

@@ -140,7 +140,7 @@ class ThreadChooser:
     told by); `choose` once its work can be timed; in a long job, `stepped` after every step. `override` names
     the setting that fixes them (train.threads, --threads), `setting` its value (0: choose), `most` a ceiling below
     the cores (serve leaves one to its HTTP side), `fixed` a reason not to choose (torchrun's ranks would each
-    time their own)."""
+    time their own). `held` keeps the count chosen at the start while it is true (a compiled step's)."""
 
     def __init__(self, setting: int, override: str, most: int = 0, fixed: str | None = None):
         check_threads(override, setting)
@@ -152,6 +152,7 @@ class ThreadChooser:
         self.probe: Callable[[], None] = lambda: None
         self.choice = Choice(self.most, self.most, self.fixed or "")
         self._pace, self._steps, self._count, self._timed_at = 0.0, 0.0, 0, 0.0
+        self.held = False
 
     def choose(self, probe: Callable[[], None], device: torch.device) -> Choice:
         """Decide from the load since the chooser was made, timing `probe` when it was busy (or too short to tell).
@@ -173,7 +174,7 @@ class ThreadChooser:
     def stepped(self, seconds: float) -> Choice | None:
         """After a step of `seconds`: every CHECK_SECONDS, a look at the load and the pace; the new choice when it
         changed the threads."""
-        if self.fixed or self.most == 1:
+        if self.fixed or self.held or self.most == 1:
             return None
         self._steps, self._count = self._steps + seconds, self._count + 1
         if self.meter.elapsed() < CHECK_SECONDS:

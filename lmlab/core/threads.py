@@ -141,7 +141,8 @@ class ThreadChooser:
     is what a quiet machine is told by); `choose` once its work can be timed; in a long job, `stepped` after every
     step. `override` names the setting that fixes them (train.threads, --threads), `setting` its value (0: choose),
     `most` a ceiling below the cores (serve leaves one to its HTTP side), `fixed` a reason not to choose
-    (torchrun's ranks would each time their own)."""
+    (torchrun's ranks would each time their own). `held` keeps the count chosen at the start while it is true (a
+    compiled step's)."""
 
     def __init__(self, setting: int, override: str, most: int = 0, fixed: str | None = None,
                  window: LoadMeter | None = None):
@@ -157,6 +158,7 @@ class ThreadChooser:
         self.decided = False  # by `decide` (a sizing's timed steps); `choose` then times nothing
         self._window: Load | None = None  # the load from the chooser's making to its first decision
         self._pace, self._steps, self._count, self._timed_at = 0.0, 0.0, 0, 0.0
+        self.held = False
 
     def choose(self, probe: Callable[[], None], device: torch.device) -> Choice:
         """Decide from the load since the chooser was made, timing `probe` when it was busy (or too short to tell).
@@ -197,7 +199,7 @@ class ThreadChooser:
     def stepped(self, seconds: float) -> Choice | None:
         """After a step of `seconds`: every CHECK_SECONDS, a look at the load and the pace; the new choice when it
         changed the threads."""
-        if self.fixed or self.most == 1:
+        if self.fixed or self.held or self.most == 1:
             return None
         self._steps, self._count = self._steps + seconds, self._count + 1
         if self.meter.elapsed() < CHECK_SECONDS:

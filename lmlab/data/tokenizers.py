@@ -64,6 +64,7 @@ class TokenizerKind:
     unknown: str | None = None  # the token that stands for text it has no tokens for (an export names it)
     tokens_per_char: int = 4  # the most tokens one character may take: its UTF-8 bytes, in a byte-level vocabulary
     gguf: str | None = "gpt2"  # the tokenizer model GGUF holds it as; None: none can (export-gguf refuses it)
+    model: str | None = "BPE"  # the tokenizers library's model its tokenizer.json holds; None: any (another model's)
 
     @property
     def end_of_text(self) -> bool:
@@ -79,13 +80,13 @@ class TokenizerKind:
 
 
 KINDS = {kind.name: kind for kind in (
-    TokenizerKind("char", trained=True, per_character=True, tokens_per_char=1, gguf="rwkv"),
+    TokenizerKind("char", trained=True, per_character=True, tokens_per_char=1, gguf="rwkv", model="WordLevel"),
     # <unk> stands for a whole word, of any length, and GGUF has no tokenizer that maps unknown words to it
-    TokenizerKind("word", "N", 1, trained=True, unknown=UNK, tokens_per_char=1, gguf=None),
+    TokenizerKind("word", "N", 1, trained=True, unknown=UNK, tokens_per_char=1, gguf=None, model="WordLevel"),
     TokenizerKind("bpe", "N", 257, trained=True),  # byte-level BPE starts from 256 bytes + EOT
     TokenizerKind("gpt2"),
     TokenizerKind("tiktoken", "NAME"),
-    TokenizerKind("pretrained", "NAME", named=False),
+    TokenizerKind("pretrained", "NAME", named=False, model=None),
 )}
 
 
@@ -299,7 +300,9 @@ def load_pretrained(path: Path) -> Tokenizer:
     if not isinstance(spec, str) or not _is_spec(spec):
         spec = f"pretrained:{NAME_PART.sub('-', folder.resolve().name).strip('-.') or 'tokenizer'}"
     tokenizer = Tokenizer(spec, backend, _eos_id(folder, backend))
-    if tokenizer.kind.end_of_text and tokenizer.eot_id is None:
+    # Another model's tokenizer ends documents with that model's eos, so it must name one. A folder labelled with
+    # one of lmlab's own kinds finds its end-of-text in its vocabulary; an importer checks it against its label.
+    if tokenizer.kind.name == "pretrained" and tokenizer.eot_id is None:
         raise UserError(f"the tokenizer in {folder} names no end-of-text token (eos_token in tokenizer_config.json "
                         "or eos_token_id in config.json), which lmlab puts between documents; add one.")
     return tokenizer

@@ -111,23 +111,19 @@ def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int
     return tokenizer
 
 
-# What the tokenizers library's model is for each kind of lmlab's labels (pretrained: anything).
-LABEL_MODELS = {"char": "WordLevel", "word": "WordLevel", "bpe": "BPE", "gpt2": "BPE", "tiktoken": "BPE"}
-
-
 def _check_label(tokenizer: Tokenizer, where: Path | str) -> None:
     """Refuse a tokenizer.json that is not the tokenizer its label says (an exported folder's `lmlab_tokenizer`, a
     run's or dataset's spec): imported, ids the file lacks would decode to nothing, a sample to no text."""
-    expected = LABEL_MODELS.get(tokenizer.kind)
+    expected = tokenizer.kind.model
     if expected is None:
         return
     model, size = type(tokenizer.backend.model).__name__, parse_spec(tokenizer.spec)[1]
     plain = [t for t in tokenizer.vocab if t not in (UNK, EOT)]
     single = all(len(t) == 1 for t in plain)
-    if model != expected or (tokenizer.kind == "char") != single:
+    if model != expected or tokenizer.kind.per_character != single:
         found = (f"a {model} vocabulary of {len(tokenizer.vocab):,} tokens" +
                  (", each one character (a char tokenizer)" if model == "WordLevel" and single else ""))
-    elif size and tokenizer.vocab_size > size + (2 if tokenizer.kind == "word" else 0):
+    elif size and tokenizer.vocab_size > size + (2 if tokenizer.kind.unknown else 0):
         found = f"a vocabulary of {tokenizer.vocab_size:,} tokens"
     else:
         return

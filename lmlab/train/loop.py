@@ -184,6 +184,9 @@ class Trainer:
             self.console.print(f"[yellow]{self.step.note}[/yellow]")
         threads = self.threads.choose(forward_probe(self.model, tc.batch_size, mc.block_size, self.device,
                                                     self.dtype), self.device)
+        # A compiled step is built for one thread count (Dynamo guards on it): another would recompile it, a minute
+        # on a CPU, so its threads stay as chosen while it runs compiled.
+        self.threads.held = self.step.compiled
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         return threads
@@ -382,6 +385,7 @@ class Trainer:
         p.step, p.tokens = p.step + 1, p.tokens + self.tokens_per_step
         self._queued.append((p.step, lr, total, norm))
         if verdict := self.step.decided():  # whether compiling pays on this CPU
+            self.threads.held = verdict.compiled
             self.writes.log(verdict.record(p.step))
             self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
 

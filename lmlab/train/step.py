@@ -114,6 +114,11 @@ class TrainStep:
             self.trial, self.forward = None, self.forward if self.verdict.compiled else self.eager
         return result
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the steps run (or are being tried) compiled."""
+        return self.forward is not self.eager
+
     def decided(self) -> CompileVerdict | None:
         """The compile trial's verdict, once, after the step that reached it."""
         verdict, self.verdict = self.verdict, None

@@ -16,7 +16,7 @@ from rich.console import Console
 
 import lmlab
 from lmlab.commands import main
-from tests.conftest import stable_events, write_config
+from tests.helpers import stable_events, write_config
 
 
 def quiet() -> Console:

@@ -10,7 +10,7 @@ from pathlib import Path
 from lmlab.core.config import SamplingParams
 from lmlab.inference.generate import instruct, instruct_all, sample, samples
 from lmlab.run.rundir import RunDir
-from tests.conftest import ALPACA_TINY, lmlab
+from tests.helpers import ALPACA_TINY, lmlab
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 

@@ -13,7 +13,7 @@ from lmlab.core.peak import peak_flops
 from lmlab.experiments.bench import find_max_batch, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 
 def test_bench_times_each_batch_size_and_sizes_evaluation(capsys, tmp_path, char_dataset):

@@ -22,9 +22,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.planning import BudgetPlan, Measured, make_plan, seconds_needed, steps_that_fit
 from lmlab.train.schedule import lr_at
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, stable_events, write_config, write_fit
-from tests.test_checkpoint import wait_for, weights
-from tests.test_distributed import finish, torchrun
+from tests.helpers import LMLAB, finish, stable_events, torchrun, wait_for, weights, write_config, write_fit
 
 
 def test_the_plan_counts_steps_evals_at_their_interval_and_the_end_and_the_checkpoints_between():
@@ -361,7 +359,7 @@ def budgeted_process(tmp_path, dataset, seconds: float, hog_at: float | None) ->
 @pytest.mark.serial
 @pytest.mark.parametrize("seconds, hog_at", [(60, 20), (20, None)])
 def test_a_budget_holds_when_the_machine_gets_busy_mid_run(tmp_path, char_dataset, seconds, hog_at):
-    """The issue's test: a 60 s budget with a CPU hog started 20 s in ends within 5% of 60 s, process start to exit,
+    """A 60 s budget with a CPU hog started 20 s in ends within 5% of 60 s, process start to exit,
     its LR decayed to the end; without the hog (20 s, to keep the suite short) it ends as it did before the hog."""
     share = hog_at / seconds if hog_at else None  # the hog comes a third of the way in
     for attempt in range(3):  # a machine whose start takes the budget gets a budget that leaves it steps

@@ -3,13 +3,11 @@
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig, TrainConfig, load_config
@@ -19,35 +17,12 @@ from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
-from tests.conftest import LMLAB, stable_events, write_config
-
-
-def weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
-    return load_file(str(RunDir(run).checkpoint(which) / "model.safetensors"))
+from tests.helpers import LMLAB, kill_and_resume, stable_events, wait_for, weights, write_config
 
 
 def trainer(tmp_path: Path, dataset: Path, overrides=(), run="run", **kw) -> Trainer:
     cfg = load_config(write_config(tmp_path / "tiny.toml", dataset), list(overrides))
     return Trainer(cfg, tmp_path / run, "cpu", **kw)
-
-
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def kill_and_resume(command: list, run: Path, kill_after_lines: tuple[int, ...]) -> None:
-    """Run `command` (an `lmlab train` of `run`), kill -9 it once the run's metrics have each number of lines in
-    turn (resuming it in between), then resume it to the end."""
-    for lines in kill_after_lines:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: len(RunDir(run).events()) >= lines or proc.poll() is not None)
-        proc.kill()
-        proc.wait()
-        command = [LMLAB, "train", "--resume", run]
-    subprocess.run(command, check=True, capture_output=True, timeout=300)
 
 
 @pytest.mark.slow

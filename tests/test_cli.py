@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lmlab.commands import main
-from tests.conftest import lmlab, write_config, write_corpus
+from tests.helpers import lmlab, write_config, write_corpus
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -23,8 +23,7 @@ from lmlab.model import GPT
 from lmlab.model.loss import IGNORE
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
-from tests.test_large_corpora import documents, split_tokens, write_jsonl
+from tests.helpers import documents, split_tokens, write_config, write_jsonl
 
 BLOCK = 32  # TINY_CONFIG's model.block_size
 ROW = BLOCK + 1

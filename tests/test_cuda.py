@@ -35,7 +35,7 @@ from lmlab.run.checkpoint import model_tensors
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

@@ -24,7 +24,7 @@ BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
 MODELS = {
     "gpt2-style": {},
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2),
-    # Qwen3's options (issue 14): heads wider than n_embd / n_head, its rotary base and norm epsilon, its MLP width
+    # Qwen3's options: heads wider than n_embd / n_head, its rotary base and norm epsilon, its MLP width
     "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2,
                   head_dim=16, rope_theta=1e6, norm_eps=1e-6, mlp_hidden=48),
     "gru": dict(kind="recurrent"),

@@ -23,12 +23,12 @@ from lmlab.inference.generate import document_start
 from lmlab.inference.scoring import token_scores
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import SPEAKERS, hellaswag_items, phrase, write_config
+from tests.helpers import SPEAKERS, Server, hellaswag_items, phrase, post, write_config
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("fastapi")
 from tests import lm_eval_reference  # noqa: E402  (needs lm_eval)
-from tests.test_serve import Server, post  # noqa: E402
+
 
 pytestmark = pytest.mark.slow
 

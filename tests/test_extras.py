@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from conftest import closure, write_config
+from tests.helpers import closure, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from lmlab.core.device import CPU_COMPILE
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import COMPILE_GAIN, TRIAL_STEPS
-from tests.conftest import LMLAB, write_config
+from tests.helpers import LMLAB, write_config
 
 # Documented tolerances on the per-step training loss over the first 50 steps of a seeded run.
 BF16_TOLERANCE = 1e-2  # bf16 keeps 8 bits of mantissa; measured max difference 5e-4 on this test

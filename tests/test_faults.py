@@ -34,45 +34,18 @@ from lmlab.data.tokenizers import GPT2_PATTERN, chunk_spans
 from lmlab.run.checkpoint import load_state
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, LMLAB, lmlab, stable_events, write_config, write_corpus
-
-
-
-def refused(capsys, *args, needles: tuple[str, ...] = ()) -> str:
-    """Run the CLI in this process and check the refusal: status 2, one `error:` line naming `needles`."""
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, out, err)
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def refused_process(done: subprocess.CompletedProcess, *needles: str) -> str:
-    """The same check for a real process."""
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout + done.stderr
-    assert lines and lines[-1].startswith("error: "), done.stderr
-    for needle in needles:
-        assert needle in lines[-1], (needle, lines[-1])
-    return lines[-1]
-
-
-def spawn(*args, cwd: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([LMLAB, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
-
-
-def wait_until(predicate, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the process ended first:\n{proc.communicate()}")
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
+from tests.helpers import (
+    ALPACA_TINY,
+    LMLAB,
+    lmlab,
+    refused,
+    refused_process,
+    spawn,
+    stable_events,
+    wait_until,
+    write_config,
+    write_corpus,
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from lmlab.model.loss import IGNORE
 from lmlab.run.prompt import alpaca_format, read_records
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import _batch, encode_example, split_records
-from tests.conftest import ALPACA_TINY, LMLAB
-from tests.test_peak import hog
+from tests.helpers import ALPACA_TINY, LMLAB, hog
 
 RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}
 

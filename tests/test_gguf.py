@@ -21,13 +21,13 @@ from lmlab.gguf import export_gguf
 from lmlab.hf import import_hf
 from lmlab.inference.generate import chat_prompt
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, lmlab, write_config
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
 from tests.gguf_reference import PROMPT, llama, llama_tokens, parity  # noqa: E402
-from tests.hf_reference import tiny_hf, train_run  # noqa: E402
-from tests.test_chat import chat_folder  # noqa: E402
+from tests.hf_reference import chat_folder, tiny_hf, train_run  # noqa: E402
+
 
 QWEN3 = ['model.pos_emb="rope"', 'model.norm="rmsnorm"', 'model.mlp="swiglu"', "model.bias=false", "model.n_head=4",
          "model.qk_norm=true", "model.n_kv_head=2"]

@@ -30,7 +30,7 @@ from lmlab.train.distributed import Parallel, cuda_index, mixed_precision
 from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
 from lmlab.train.loop import Trainer, weights_born_in
 from lmlab.train.step import TrainStep
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 
 @pytest.mark.parametrize("capability, dtype", [

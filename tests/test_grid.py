@@ -15,8 +15,7 @@ import pytest
 
 from lmlab.core.config import load_config
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
-from tests.test_plugins import run_cli
+from tests.helpers import LMLAB, run_cli, write_config
 
 
 @pytest.fixture(scope="module")

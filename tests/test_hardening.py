@@ -7,10 +7,8 @@ Every refusal is one line starting with `error:`, status 2, and no traceback."""
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,40 +22,39 @@ import torch
 from benchmarks.memory_estimate import measured
 from lmlab.commands import main
 from lmlab.core.busy import cores
-from lmlab.core.config import FinetuneConfig, ModelConfig, load_config
+from lmlab.core.config import FinetuneConfig, ModelConfig
 from lmlab.core.progress import clock
 from lmlab.model.memory import MemoryRefused, check_fits, training_need
 from lmlab.run.checkpoint import checkpoint_bytes
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import finetune
-from lmlab.train.loop import Trainer
 from lmlab.writeup.report import build_report
-from tests.conftest import ALPACA_TINY, stable_events, waits_for_lock, write_config
-from tests.test_faults import refused, spawn, wait_until
-from tests.test_serve import free_port
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, char_dataset) -> Path:
-    """A tiny char run trained 10 steps (tests that change it work on a copy)."""
-    root = tmp_path_factory.mktemp("hardening")
-    cfg = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10))
-    return Trainer(cfg, root / "run", "cpu").run().run_dir
+from tests.helpers import (
+    ALPACA_TINY,
+    drop_root_bypass,
+    free_port,
+    refused,
+    spawn,
+    stable_events,
+    wait_until,
+    waits_for_lock,
+    write_config,
+)
 
 
 # 1. One memory preflight for every size ------------------------------------------------------------------------
 
-def test_every_size_that_multiplies_memory_is_refused_before_it_is_allocated(capsys, tmp_path, run, imported_gpt2):
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset))
+def test_every_size_that_multiplies_memory_is_refused_before_it_is_allocated(capsys, tmp_path, tiny_run, imported_gpt2):
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
     huge = "100000000"
     cases = [(["train", config, "--run", tmp_path / "new", "--set", f"train.batch_size={huge}"], "train.batch_size"),
              (["finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / "tuned", "--set",
                f"finetune.batch_size={huge}"], "finetune.batch_size"),
              (["bench", config, "--batch-sizes", huge], "--batch-sizes"),
-             (["sample", run, "--num-samples", huge], "--num-samples"),
+             (["sample", tiny_run, "--num-samples", huge], "--num-samples"),
              (["answer", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl", "--batch-size", huge],
               "--batch-size"),
-             (["serve", run, "--max-batch", huge, "--port", free_port(), "--no-compile"], "--max-batch")]
+             (["serve", tiny_run, "--max-batch", huge, "--port", free_port(), "--no-compile"], "--max-batch")]
     for args, setting in cases:
         line = refused(capsys, *args, needles=(f"{setting} 100,000,000 needs about", "the largest that fits is"))
         largest = int(line.split("the largest that fits is ")[1].split(":")[0].replace(",", ""))
@@ -88,11 +85,11 @@ def test_the_training_estimate_is_near_the_peak_a_step_measures():
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_long_step_ends_the_run_within_seconds(tmp_path, run):
+def test_sigterm_during_a_long_step_ends_the_run_within_seconds(tmp_path, tiny_run):
     """A step of a million micro-batches takes far longer than the stop grace period on any machine: it is
     abandoned, nothing of it saved, the lock released, and the same command again starts over. The signal goes once
     the run's stop handler is in place (its loop has begun), whatever the speed of either process."""
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset))
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
     target = tmp_path / "long"
     proc = spawn("train", config, "--run", target, "--set", "train.grad_accum_steps=1000000", "--device", "cpu",
                  cwd=tmp_path)
@@ -108,11 +105,11 @@ def test_sigterm_during_a_long_step_ends_the_run_within_seconds(tmp_path, run):
 
 # 2 and 6. One integrity rule for every file a command reads ---------------------------------------------------
 
-def test_the_same_integrity_rule_holds_for_new_runs_resumes_and_evaluations(capsys, tmp_path, run):
-    dataset = Path(shutil.copytree(RunDir(run).config().data.dataset, tmp_path / "data"))
-    resumable = Path(shutil.copytree(run, tmp_path / "run"))
-    (resumable / "config.toml").write_text((run / "config.toml").read_text().replace(
-        RunDir(run).config().data.dataset, str(dataset)))
+def test_the_same_integrity_rule_holds_for_new_runs_resumes_and_evaluations(capsys, tmp_path, tiny_run):
+    dataset = Path(shutil.copytree(RunDir(tiny_run).config().data.dataset, tmp_path / "data"))
+    resumable = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    (resumable / "config.toml").write_text((tiny_run / "config.toml").read_text().replace(
+        RunDir(tiny_run).config().data.dataset, str(dataset)))
     config = write_config(tmp_path / "tiny.toml", dataset)
     ids = np.fromfile(dataset / "train.bin", dtype=np.uint16)
     edited = ids.copy()
@@ -125,7 +122,7 @@ def test_the_same_integrity_rule_holds_for_new_runs_resumes_and_evaluations(caps
     val = np.fromfile(dataset / "val.bin", dtype=np.uint16)
     val[:5] = val[5:10]
     val.tofile(dataset / "val.bin")
-    refused(capsys, "eval", run, "--dataset", dataset, needles=("the val split of", "does not match the checksum"))
+    refused(capsys, "eval", tiny_run, "--dataset", dataset, needles=("the val split of", "does not match the checksum"))
     # Ids beyond the vocabulary with a checksum that matches them: still refused, the id named.
     ids[50] = 60_000
     ids.tofile(dataset / "train.bin")
@@ -139,13 +136,13 @@ def test_the_same_integrity_rule_holds_for_new_runs_resumes_and_evaluations(caps
     assert not (tmp_path / "new").exists()
 
 
-def test_a_runs_edited_tokenizer_is_refused_by_every_command_that_reads_it(capsys, tmp_path, run):
-    copy = Path(shutil.copytree(run, tmp_path / "run"))
+def test_a_runs_edited_tokenizer_is_refused_by_every_command_that_reads_it(capsys, tmp_path, tiny_run):
+    copy = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     vocab = json.loads((copy / "tokenizer.json").read_text())
     table = vocab["model"]["vocab"]
     table["a"], table["e"] = table["e"], table["a"]  # one swapped pair: sampling would print other text
     (copy / "tokenizer.json").write_text(json.dumps(vocab))
-    intact = Path(RunDir(run).config().data.dataset) / "tokenizer.json"
+    intact = Path(RunDir(tiny_run).config().data.dataset) / "tokenizer.json"
     for args in (["sample", copy, "--max-new-tokens", "5"], ["eval", copy], ["export-hf", copy, tmp_path / "out"],
                  ["train", "--resume", copy, "--set", "train.max_iters=20"]):
         refused(capsys, *args, needles=(f"{copy}/tokenizer.json does not match the checksum",
@@ -163,8 +160,8 @@ def _records(tmp_path: Path) -> Path:
     return path
 
 
-def _weights(run: Path) -> bytes:
-    return (RunDir(run).checkpoint("latest") / "model.safetensors").read_bytes()
+def _weights(tiny_run: Path) -> bytes:
+    return (RunDir(tiny_run).checkpoint("latest") / "model.safetensors").read_bytes()
 
 
 def _catches_sigterm(pid: int) -> bool:
@@ -244,18 +241,6 @@ def test_a_fine_tune_killed_or_stopped_at_any_point_then_run_again_ends_bitwise_
 
 # 7 and 13. Destinations that cannot be written, readers that go away ------------------------------------------
 
-DROP_DAC = [1, 2, 3]  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER: what lets root write anywhere
-
-
-def _as_a_user() -> None:
-    """preexec_fn: permission bits apply to the process started, even as root (which keeps its uid, so it can run
-    this checkout's Python wherever it lives), by dropping the capabilities that bypass them."""
-    if os.geteuid() == 0:
-        libc = ctypes.CDLL(None, use_errno=True)
-        for cap in DROP_DAC:
-            if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP: gone for the program exec'd next
-                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
 
 DRIVER = """
 import json, sys
@@ -271,31 +256,31 @@ sys.stderr.write("<<<\\n" + json.dumps(results))
 def _run_all(commands: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
     """Each command through main() in one real process with permission bits enforced: (status, stderr)."""
     done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[str(a) for a in c] for c in commands])],
-                          cwd=cwd, capture_output=True, text=True, preexec_fn=_as_a_user, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, preexec_fn=drop_root_bypass, timeout=300)
     assert done.returncode == 0, done.stderr
     *said, results = done.stderr.split("<<<\n")[1:]
     return list(zip(json.loads(results), said))
 
 
 @pytest.mark.slow
-def test_a_destination_that_cannot_be_written_is_one_sentence(tmp_path, run, imported_gpt2, hf_gpt2, corpus_dir):
+def test_a_destination_that_cannot_be_written_is_one_sentence(tmp_path, tiny_run, imported_gpt2, hf_gpt2, corpus_dir):
     locked = tmp_path / "locked"
     locked.mkdir()
-    shared = Path(shutil.copytree(run, locked / "shared"))
+    shared = Path(shutil.copytree(tiny_run, locked / "shared"))
     locked.chmod(0o555)
     for folder in [shared, *shared.rglob("*")]:
         folder.chmod(0o555 if folder.is_dir() else 0o444)
-    probe = subprocess.run(["touch", locked / "probe"], preexec_fn=_as_a_user, capture_output=True)
+    probe = subprocess.run(["touch", locked / "probe"], preexec_fn=drop_root_bypass, capture_output=True)
     assert probe.returncode != 0, "the folder is writable: the test would prove nothing"
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset))
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
     try:
         results = _run_all([["train", config, "--run", locked / "run"],
                             ["train", "--resume", shared, "--set", "train.max_iters=20"],
                             ["finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", locked / "tuned"],
                             ["prepare", corpus_dir, "--tokenizer", "char", "--out-dir", locked / "data"],
                             ["import-hf", hf_gpt2, "--out", locked / "imported"],
-                            ["export-hf", run, locked / "exported"],
-                            ["report", run, "--out", locked / "report"],
+                            ["export-hf", tiny_run, locked / "exported"],
+                            ["report", tiny_run, "--out", locked / "report"],
                             ["answer", imported_gpt2, "--data", ALPACA_TINY, "--out", locked / "a.jsonl"],
                             ["sample", shared, "--max-new-tokens", "5"],
                             ["eval", shared, "--json"]], tmp_path)
@@ -316,14 +301,14 @@ READ_ONLY_MOUNT = """mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && 
 
 
 @pytest.mark.slow
-def test_a_read_only_file_system_is_named_as_one(tmp_path, run):
+def test_a_read_only_file_system_is_named_as_one(tmp_path, tiny_run):
     """A real read-only mount (a bind mount remounted ro, in a mount namespace of its own): writes fail with EROFS,
     which is said as such, never as a full disk."""
     if subprocess.run(["unshare", "-m", "-r", "true"], capture_output=True).returncode:
         pytest.skip("this machine allows no mount namespaces (unshare -m -r), so no read-only mount can be made")
-    source, mounted = Path(shutil.copytree(run, tmp_path / "source" / "run")).parent, tmp_path / "mounted"
+    source, mounted = Path(shutil.copytree(tiny_run, tmp_path / "source" / "run")).parent, tmp_path / "mounted"
     mounted.mkdir()
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset))
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
     commands = [["train", config, "--run", mounted / "new"], ["train", "--resume", mounted / "run", "--set",
                                                               "train.max_iters=20"],
                 ["sample", mounted / "run", "--max-new-tokens", "5"], ["eval", mounted / "run", "--json"]]
@@ -339,11 +324,11 @@ def test_a_read_only_file_system_is_named_as_one(tmp_path, run):
     assert sorted(p.name for p in source.iterdir()) == ["run"] and not list(mounted.iterdir())
 
 
-def test_a_file_where_a_folder_should_be_is_named(capsys, tmp_path, run, imported_gpt2, hf_gpt2, corpus_dir):
+def test_a_file_where_a_folder_should_be_is_named(capsys, tmp_path, tiny_run, imported_gpt2, hf_gpt2, corpus_dir):
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset))
-    for args in (["export-hf", run, blocker / "sub"], ["report", run, "--out", blocker / "sub"],
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
+    for args in (["export-hf", tiny_run, blocker / "sub"], ["report", tiny_run, "--out", blocker / "sub"],
                  ["import-hf", hf_gpt2, "--out", blocker / "sub"], ["train", config, "--run", blocker / "sub"],
                  ["prepare", corpus_dir, "--tokenizer", "char", "--out-dir", blocker],
                  ["answer", imported_gpt2, "--data", ALPACA_TINY, "--out", blocker / "a.jsonl"]):
@@ -368,10 +353,10 @@ sys.stderr.write(json.dumps(results))
 
 
 @pytest.mark.slow
-def test_a_reader_that_goes_away_ends_every_command_quietly(tmp_path, run):
-    commands = [["sample", run, "--max-new-tokens", "200"], ["sample", run, "--num-samples", "2"],
-                ["eval", run, "--json"], ["eval", run], ["runs", run.parent], ["compare", run, run, "--json"],
-                ["data", "stats", RunDir(run).config().data.dataset]]
+def test_a_reader_that_goes_away_ends_every_command_quietly(tmp_path, tiny_run):
+    commands = [["sample", tiny_run, "--max-new-tokens", "200"], ["sample", tiny_run, "--num-samples", "2"],
+                ["eval", tiny_run, "--json"], ["eval", tiny_run], ["runs", tiny_run.parent], ["compare", tiny_run, tiny_run, "--json"],
+                ["data", "stats", RunDir(tiny_run).config().data.dataset]]
     done = subprocess.run([sys.executable, "-c", PIPED, json.dumps([[str(a) for a in c] for c in commands])],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
@@ -380,17 +365,17 @@ def test_a_reader_that_goes_away_ends_every_command_quietly(tmp_path, run):
 
 # 5, 9, 10, 12, 14, 15, 16. One sentence for each, whatever the input -------------------------------------------
 
-def test_text_that_is_not_unicode_is_refused_naming_the_byte(capsys, run, imported_gpt2):
+def test_text_that_is_not_unicode_is_refused_naming_the_byte(capsys, tiny_run, imported_gpt2):
     # What Python makes of the command-line bytes ff fe: surrogate escapes, which no tokenizer can encode.
-    for target in (run, imported_gpt2):
+    for target in (tiny_run, imported_gpt2):
         refused(capsys, "sample", target, "--prompt", "\udcff\udcfeabc",
                 needles=("--prompt is not valid text", "the byte 0xff, which is not UTF-8", "character 0"))
 
 
-def test_a_char_run_blames_the_prompt_format_and_leads_somewhere(capsys, tmp_path, run):
+def test_a_char_run_blames_the_prompt_format_and_leads_somewhere(capsys, tmp_path, tiny_run):
     records = tmp_path / "records.json"
     records.write_text(json.dumps([{"instruction": "say love", "output": "love"}] * 10))
-    for args in (["finetune", run, "--data", records, "--out", tmp_path / "tuned"], ["sample", run, "--instruction",
+    for args in (["finetune", tiny_run, "--data", records, "--out", tmp_path / "tuned"], ["sample", tiny_run, "--instruction",
                                                                                      "say love"]):
         line = refused(capsys, *args, needles=("the alpaca prompt format uses characters", "never saw",
                                                "a run whose tokenizer has them"))
@@ -398,8 +383,8 @@ def test_a_char_run_blames_the_prompt_format_and_leads_somewhere(capsys, tmp_pat
     assert not (tmp_path / "tuned").exists()
 
 
-def test_names_and_extremes_are_one_sentence(capsys, tmp_path, run, corpus_dir):
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset))
+def test_names_and_extremes_are_one_sentence(capsys, tmp_path, tiny_run, corpus_dir):
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
     for name, needle in (("a" * 300, "is 300 bytes long"), ("new\nline", "control character"), ("", "is empty")):
         refused(capsys, "prepare", corpus_dir, "--tokenizer", "char", "--out-dir", tmp_path / "data", "--name", name,
                 needles=(needle,))
@@ -408,22 +393,22 @@ def test_names_and_extremes_are_one_sentence(capsys, tmp_path, run, corpus_dir):
     refused(capsys, "train", config, "--run", tmp_path / ("b" * 300), needles=("is 300 bytes long",))
     refused(capsys, "train", config, "--run", tmp_path / "x", "--set", "model.n_layer=" + "9" * 5000,
             needles=("--set model.n_layer", "too large a number"))
-    refused(capsys, "train", config, "--run", tmp_path / "x", "--init-from", f"{run}:nonsense",
-            needles=("'nonsense' is not a checkpoint", f"{run}:latest"))
+    refused(capsys, "train", config, "--run", tmp_path / "x", "--init-from", f"{tiny_run}:nonsense",
+            needles=("'nonsense' is not a checkpoint", f"{tiny_run}:latest"))
     assert not any(p.name != "tiny.toml" for p in tmp_path.iterdir())
     assert clock(99999999999 * 3600) == "4,166,666,667 days"  # an ETA of any length
     with pytest.raises(SystemExit) as exit:
-        main(["sample", str(run), "--seed", "9" * 5000])
+        main(["sample", str(tiny_run), "--seed", "9" * 5000])
     assert exit.value.code == 2 and len(capsys.readouterr().err) < 200
 
 
-def test_wording_names_the_way_out(capsys, tmp_path, run):
-    moved = Path(shutil.copytree(run, tmp_path / "moved"))
-    (moved / "config.toml").write_text((run / "config.toml").read_text().replace(
-        RunDir(run).config().data.dataset, str(tmp_path / "gone")))
+def test_wording_names_the_way_out(capsys, tmp_path, tiny_run):
+    moved = Path(shutil.copytree(tiny_run, tmp_path / "moved"))
+    (moved / "config.toml").write_text((tiny_run / "config.toml").read_text().replace(
+        RunDir(tiny_run).config().data.dataset, str(tmp_path / "gone")))
     refused(capsys, "eval", moved, needles=("which is not here", "pass --dataset DIR"))
-    assert main(["eval", str(moved), "--dataset", RunDir(run).config().data.dataset]) == 0
-    never = Path(shutil.copytree(run, tmp_path / "never"))
+    assert main(["eval", str(moved), "--dataset", RunDir(tiny_run).config().data.dataset]) == 0
+    never = Path(shutil.copytree(tiny_run, tmp_path / "never"))
     (never / "checkpoints" / "best").unlink()  # as a run never evaluated during training has it
     (never / "evaluations.json").unlink(missing_ok=True)
     summary = build_report([never], tmp_path / "report", device="cpu").markdown.read_text()
@@ -439,8 +424,8 @@ def test_a_prepare_cleans_up_what_a_killed_one_left(tmp_path, corpus_dir):
     assert not leftover.exists() and (data / f"{corpus_dir.name}-char" / "meta.json").exists()
 
 
-def test_a_checkpoints_disk_margin_is_its_own_size_not_a_fixed_16_mib(run):
-    folder = RunDir(run).checkpoint("latest")
+def test_a_checkpoints_disk_margin_is_its_own_size_not_a_fixed_16_mib(tiny_run):
+    folder = RunDir(tiny_run).checkpoint("latest")
     from safetensors.torch import load_file
 
     tensors = [*load_file(folder / "model.safetensors").values(), *load_file(folder / "optimizer.safetensors").values()]

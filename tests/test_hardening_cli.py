@@ -20,20 +20,17 @@ from pathlib import Path
 import pytest
 
 from lmlab.commands import build_parser, main
-from lmlab.core.config import load_config
 from lmlab.run.rundir import RunDir
-from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, LMLAB, besides_load_notes, write_config
-from tests.test_faults import refused, spawn, wait_until
-from tests.test_hardening import _as_a_user
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, char_dataset) -> Path:
-    """A tiny char run trained 10 steps, in float32 (tests that change it work on a copy)."""
-    root = tmp_path_factory.mktemp("hardening-cli")
-    return Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "run",
-                   "cpu").run().run_dir
+from tests.helpers import (
+    ALPACA_TINY,
+    LMLAB,
+    besides_load_notes,
+    drop_root_bypass,
+    refused,
+    spawn,
+    wait_until,
+    write_config,
+)
 
 
 def digests(*folders: Path) -> dict[Path, bytes]:
@@ -68,7 +65,7 @@ print(server.wait(timeout=30))
 
 
 @pytest.mark.slow
-def test_a_cache_folder_that_cannot_be_written_stops_nothing(tmp_path, run):
+def test_a_cache_folder_that_cannot_be_written_stops_nothing(tmp_path, tiny_run):
     """train, sample (of a run whose dtype `auto` measures the peaks), serve --no-compile and the compiler of the
     kept step, as a user for whom the cache folder is read-only: each works, the peak and the font list measured or
     built again, with a note where the command shows the peak; the compiler says so before compiling anything."""
@@ -76,14 +73,14 @@ def test_a_cache_folder_that_cannot_be_written_stops_nothing(tmp_path, run):
     (cache / "lmlab").mkdir(parents=True)
     for folder in (cache / "lmlab", cache):
         folder.chmod(0o555)
-    auto = Path(shutil.copytree(run, tmp_path / "auto"))
+    auto = Path(shutil.copytree(tiny_run, tmp_path / "auto"))
     (auto / "config.toml").write_text((auto / "config.toml").read_text().replace('dtype = "float32"', 'dtype = "auto"'))
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "COLUMNS": "200"}
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset), max_iters=2)
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset), max_iters=2)
 
     def as_a_user(*command: object) -> subprocess.CompletedProcess:
         return subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, cwd=tmp_path,
-                              preexec_fn=_as_a_user, timeout=300)
+                              preexec_fn=drop_root_bypass, timeout=300)
 
     try:
         trained = as_a_user(LMLAB, "train", config, "--run", tmp_path / "new", "--device", "cpu")
@@ -135,15 +132,15 @@ MAKE_RUNS = {("train", "--run"), ("finetune", "--out"), ("finetune", "--run"), (
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, run, corpus_dir) -> dict[str, Path]:
+def paths(tmp_path_factory, tiny_run, corpus_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("outputs")
-    victim = Path(shutil.copytree(run, root / "victim"))
+    victim = Path(shutil.copytree(tiny_run, root / "victim"))
     (root / "prompts.txt").write_text("ROMEO:\n")
     (root / "task.jsonl").write_text(json.dumps({"context": "ROMEO:", "choices": [" a", " b"], "answer": 0}) + "\n")
     (root / "answers.jsonl").write_text("")
-    return {"run": run, "victim": victim, "dataset": Path(RunDir(run).config().data.dataset), "corpus": corpus_dir,
+    return {"run": tiny_run, "victim": victim, "dataset": Path(RunDir(tiny_run).config().data.dataset), "corpus": corpus_dir,
             "prompts": root / "prompts.txt", "task": root / "task.jsonl", "answers": root / "answers.jsonl",
-            "alpaca": ALPACA_TINY, "config": write_config(root / "tiny.toml", Path(RunDir(run).config().data.dataset))}
+            "alpaca": ALPACA_TINY, "config": write_config(root / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))}
 
 
 def _outputs(parser: argparse.ArgumentParser, prefix: str = "") -> dict[tuple[str, str], argparse.Action]:
@@ -227,9 +224,9 @@ def other_tokenizer(tmp_path_factory, corpus_dir, char_dataset) -> Path:
     return target
 
 
-def test_a_resume_or_init_from_onto_another_tokenizer_is_refused_even_with_force(capsys, tmp_path, run,
+def test_a_resume_or_init_from_onto_another_tokenizer_is_refused_even_with_force(capsys, tmp_path, tiny_run,
                                                                                  other_tokenizer):
-    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    copy = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     kept = digests(copy)
     why = ("has another tokenizer than", "--force or not", f"`lmlab prepare CORPUS --tokenizer {copy}` makes one")
     refused(capsys, "train", "--resume", copy, "--set", f"data.dataset={other_tokenizer}", "--set",
@@ -241,9 +238,9 @@ def test_a_resume_or_init_from_onto_another_tokenizer_is_refused_even_with_force
     assert not (tmp_path / "new").exists()
 
 
-def test_a_resume_whose_dataset_moved_says_how_to_point_at_it(capsys, tmp_path, run):
-    dataset = RunDir(run).config().data.dataset
-    moved = Path(shutil.copytree(run, tmp_path / "moved"))
+def test_a_resume_whose_dataset_moved_says_how_to_point_at_it(capsys, tmp_path, tiny_run):
+    dataset = RunDir(tiny_run).config().data.dataset
+    moved = Path(shutil.copytree(tiny_run, tmp_path / "moved"))
     (moved / "config.toml").write_text((moved / "config.toml").read_text().replace(dataset, str(tmp_path / "gone")))
     refused(capsys, "train", "--resume", moved, "--set", "train.max_iters=20",
             needles=("which is not here (moved or deleted)",
@@ -255,20 +252,20 @@ def test_a_resume_whose_dataset_moved_says_how_to_point_at_it(capsys, tmp_path, 
 
 # 10. Prompts refused by their length before they are tokenized ---------------------------------------------------
 
-def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_it_is_tokenized(capsys, tmp_path, run):
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_it_is_tokenized(capsys, tmp_path, tiny_run):
     """The run's context is 32 tokens of one character each; a longer prompt was tokenized whole (a 21 MB line took
     3.6 GB): refused at once, and a grid's cell says why."""
     huge = "ROMEO: " * 20_000
-    refused(capsys, "sample", run, "--prompt", huge, needles=("--prompt is 140,000 characters", "32 tokens",
+    refused(capsys, "sample", tiny_run, "--prompt", huge, needles=("--prompt is 140,000 characters", "32 tokens",
                                                               "at most 32", "shorten it"))
-    refused(capsys, "sample", run, "--chat", huge, needles=("the chat's rendered prompt is",))
+    refused(capsys, "sample", tiny_run, "--chat", huge, needles=("the chat's rendered prompt is",))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{huge}\nROMEO:\n")
-    assert main(["sample", str(run), "--prompts", str(prompts), "--max-new-tokens", "3", "--json", "--out",
+    assert main(["sample", str(tiny_run), "--prompts", str(prompts), "--max-new-tokens", "3", "--json", "--out",
                  str(tmp_path / "grid.json")]) == 0
     cells = json.loads((tmp_path / "grid.json").read_text())["cells"]
     assert cells[0]["why_not"].startswith("the prompt is 140,000 characters") and cells[1]["text"] is not None
-    assert main(["sample", str(run), "--prompt", huge[:32], "--max-new-tokens", "2"]) == 0  # as long as fits
+    assert main(["sample", str(tiny_run), "--prompt", huge[:32], "--max-new-tokens", "2"]) == 0  # as long as fits
 
 
 def test_an_instruction_longer_than_the_context_is_cut_before_it_is_tokenized(capsys, imported_gpt2):
@@ -279,8 +276,8 @@ def test_an_instruction_longer_than_the_context_is_cut_before_it_is_tokenized(ca
 
 # 14. The minor ones ----------------------------------------------------------------------------------------------
 
-def test_names_with_a_space_are_refused_and_a_corpus_name_with_one_is_dashed(capsys, tmp_path, run, corpus_dir):
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset), max_iters=2)
+def test_names_with_a_space_are_refused_and_a_corpus_name_with_one_is_dashed(capsys, tmp_path, tiny_run, corpus_dir):
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset), max_iters=2)
     refused(capsys, "train", config, "--run", tmp_path / "with space", needles=("'with space'", "holds a space"))
     refused(capsys, "prepare", corpus_dir, "--tokenizer", "char", "--out-dir", tmp_path / "data", "--name", "my data",
             needles=("--name 'my data' holds a space",))
@@ -294,10 +291,10 @@ STRICT = {"parse_constant": lambda name: pytest.fail(f"metrics.jsonl holds {name
 
 
 @pytest.mark.slow
-def test_metrics_are_standard_json_a_non_finite_figure_is_null(tmp_path, run):
+def test_metrics_are_standard_json_a_non_finite_figure_is_null(tmp_path, tiny_run):
     """A run stopped before its first evaluation ends with no best val loss: `null`, where Python's json wrote
     `Infinity`, which jq, JavaScript and pandas refuse."""
-    config = write_config(tmp_path / "tiny.toml", Path(RunDir(run).config().data.dataset), max_iters=100_000)
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset), max_iters=100_000)
     proc = spawn("train", config, "--run", tmp_path / "run", "--set", "train.eval_interval=100000", "--device", "cpu",
                  cwd=tmp_path)
     wait_until(lambda: any(e["event"] == "train" for e in RunDir(tmp_path / "run").events()), proc)  # in its loop
@@ -310,10 +307,10 @@ def test_metrics_are_standard_json_a_non_finite_figure_is_null(tmp_path, run):
     assert main(["runs", str(tmp_path)]) == 0  # its readers take it
 
 
-def test_a_grid_of_many_prompts_shows_its_progress(capsys, tmp_path, run):
+def test_a_grid_of_many_prompts_shows_its_progress(capsys, tmp_path, tiny_run):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ROMEO:\nJULIET:\n" * 100)
-    assert main(["sample", str(run), "--prompts", str(prompts), "--max-new-tokens", "2", "--out",
+    assert main(["sample", str(tiny_run), "--prompts", str(prompts), "--max-new-tokens", "2", "--out",
                  str(tmp_path / "grid.md")]) == 0
     err = capsys.readouterr().err
     assert "Sampling 1 run(s) × 200 prompt(s) × 1 temperature(s)..." in err

@@ -25,7 +25,7 @@ from lmlab.evals.evaluate import evaluate_run
 from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
 from lmlab.model.gpt import GPT
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, lmlab, write_config
 
 transformers = pytest.importorskip("transformers")
 from tests.hf_reference import (  # noqa: E402  (needs transformers)

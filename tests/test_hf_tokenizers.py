@@ -22,7 +22,7 @@ from lmlab.hf import import_hf
 from lmlab.inference.generate import document_start
 from lmlab.run.prompt import alpaca_format
 from lmlab.run.rundir import RunDir
-from tests.conftest import write_corpus
+from tests.helpers import write_corpus
 
 transformers = pytest.importorskip("transformers")
 from tests.hf_reference import (  # noqa: E402

@@ -1,9 +1,7 @@
 """Streaming prepare: parquet / jsonl(.gz) sources, shards, resume after a kill, bounded memory,
 dataset statistics and tiktoken tokenizers."""
 
-import gzip
 import json
-import random
 import re
 import signal
 import subprocess
@@ -23,32 +21,12 @@ from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
 from lmlab.data.tokenizers import EOT, GPT2_PATTERN, Tokenizer
-from tests.conftest import WORDS, tiny_tiktoken
-
-
-def documents(n: int, seed: int = 0, words: tuple[int, int] = (5, 120)) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) + "." for _ in range(n)]
-
-
-def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
-    lines = "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts))
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(lines)
-    else:
-        path.write_text(lines, encoding="utf-8")
-    return path
+from tests.helpers import documents, split_tokens, tiny_tiktoken, write_jsonl
 
 
 def write_parquet(path: Path, texts: list[str], field: str = "text") -> Path:
     pq.write_table(pa.table({field: texts, "id": list(range(len(texts)))}), path, row_group_size=50)
     return path
-
-
-def split_tokens(dataset: Path, split: str) -> np.ndarray:
-    meta = json.loads((dataset / "meta.json").read_text())
-    return np.asarray(open_tokens(dataset, split, meta["dtype"])[:])
 
 
 def decoded_documents(dataset: Path) -> list[str]:

@@ -12,7 +12,7 @@ from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.schedule import lr_at
-from tests.conftest import install_plugin, write_config
+from tests.helpers import install_plugin, write_config
 
 
 def train(tmp_path: Path, dataset: Path, overrides: list[str] = (), run: str = "run", **kw):

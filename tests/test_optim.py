@@ -13,7 +13,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS, MuonAdamW, optimizer_of
 from lmlab.train.schedule import lr_at
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 # A constant LR after warmup, so a run stopped at step 8 and resumed to 16 follows the same schedule as one
 # that ran to 16 straight.

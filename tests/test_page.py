@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LMLAB
-from tests.test_serve import free_port
+from tests.helpers import LMLAB, free_port
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")

@@ -15,20 +15,18 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.analysis.runs import summarize
-from lmlab.commands import main
 from lmlab.core.config import SamplingParams, load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, TINY_CONFIG, install_plugin, stable_events
-from tests.test_checkpoint import kill_and_resume, weights
+from tests.helpers import LMLAB, TINY_CONFIG, install_plugin, kill_and_resume, run_cli, stable_events, weights
 
 import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
 
 
 def write(path: Path, dataset: Path, kind: str = "context-vector", options: str = "mlp_ratio = 2",
           max_iters: int = 30, dropout: float = 0.0, extra: str = "") -> Path:
-    """conftest's tiny config as a model of `kind` with [model.options] `options` (and `extra` [model] lines),
+    """tests/helpers.py's tiny config as a model of `kind` with [model.options] `options` (and `extra` [model] lines),
     logging every 3 steps and checkpointing every 7, so a kill lands between checkpoints."""
     text = TINY_CONFIG.format(dataset=dataset, max_iters=max_iters)
     text = text.replace("[model]\n", f'[model]\nkind = "{kind}"\ndropout = {dropout}\n{extra}\n')
@@ -36,17 +34,6 @@ def write(path: Path, dataset: Path, kind: str = "context-vector", options: str 
                                                                         "checkpoint_interval = 7")
     path.write_text(f"{text}\n[model.options]\n{options}\n")
     return path
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """`lmlab ARGV` in this process (no interpreter start-up): status, stdout, stderr."""
-    capsys.readouterr()  # what came before is not this command's
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from lmlab.core.config import SECTIONS, load_config, load_finetune_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.serving.openai_api import ApiError
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 pytest.importorskip("fastapi")
 

@@ -22,7 +22,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 MODERN = ["model.pos_emb=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"]
@@ -196,7 +196,7 @@ def test_a_run_without_a_checkpoint_is_reported_with_the_reason(tmp_path, char_d
 def test_imported_and_fine_tuned_runs_are_reported_with_what_they_have(tmp_path, imported_gpt2):
     from lmlab.core.config import FinetuneConfig
     from lmlab.train.finetune import finetune
-    from tests.conftest import ALPACA_TINY
+    from tests.helpers import ALPACA_TINY
 
     imported = tmp_path / "imported"
     shutil.copytree(imported_gpt2, imported)
@@ -260,7 +260,7 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
     """A fine-tune's val loss is of its held-out records, its base's of a val split: without an evaluation of both on
     one split they are not ranked. An import was never trained here: it is no 'short training'. A report of one
     run says what the report of several says of it: repeated data, a gap to its train loss."""
-    from tests.conftest import ALPACA_TINY
+    from tests.helpers import ALPACA_TINY
 
     # A base that can read instructions: the imported model's byte-level BPE, a model trained from scratch on it.
     assert main(["prepare", str(corpus_dir), "--tokenizer", str(imported_gpt2), "--name", "plays", "--out-dir",

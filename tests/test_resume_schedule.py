@@ -13,9 +13,9 @@ from lmlab.core.config import TrainConfig, load_config
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.schedule import lr_at, lr_at_position, position_of
-from tests.conftest import write_config
+from tests.helpers import write_config
 
-MIN_LR = 3e-4  # conftest's tiny config
+MIN_LR = 3e-4  # tests/helpers.py's tiny config
 
 
 def lrs(run) -> dict[int, float]:

@@ -19,7 +19,7 @@ from lmlab.inference.generate import instruct, sample
 from lmlab.run.rundir import STATE_FORMAT, RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, lmlab, write_config
+from tests.helpers import ALPACA_TINY, lmlab, write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 

@@ -21,7 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, LMLAB, write_config
+from tests.helpers import ALPACA_TINY, LMLAB, write_config
 
 
 @pytest.fixture(scope="module")

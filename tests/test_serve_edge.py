@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import LMLAB
-from tests.test_serve import Server, post
+from tests.helpers import LMLAB, Server, post
 
 pytest.importorskip("fastapi")
 

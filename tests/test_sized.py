@@ -17,7 +17,7 @@ import pytest
 from lmlab.core.config import ModelConfig
 from lmlab.model.memory import training_need
 from lmlab.train.optim import OPTIMIZERS
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 
 @pytest.fixture(scope="module")

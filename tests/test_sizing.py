@@ -18,7 +18,7 @@ from lmlab.experiments.family import Family, fit_path, read_fit
 from lmlab.experiments.sizing import with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, write_config, write_fit
+from tests.helpers import LMLAB, write_config, write_fit
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from lmlab.core.errors import UserError
 from lmlab.experiments.sweep import plan_trials
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
+from tests.helpers import LMLAB, write_config
 
 
 def test_the_grid_is_the_cartesian_product_under_one_token_budget(tmp_path, char_dataset):

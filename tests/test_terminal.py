@@ -18,7 +18,7 @@ from lmlab.core.config import ModelConfig
 from lmlab.core.peak import autocast_dtype
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, lmlab, write_config
 
 
 def test_a_piped_train_logs_a_plain_line_every_log_interval(tmp_path, char_dataset):

@@ -22,8 +22,7 @@ from lmlab.core.peak import peak_flops
 from lmlab.core.threads import MARGIN, Choice, ThreadChooser, forward_probe, pick
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, write_config
-from tests.test_peak import hog
+from tests.helpers import LMLAB, hog, write_config
 
 
 def test_the_most_threads_within_the_margin_of_the_fastest_win():

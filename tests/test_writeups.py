@@ -26,8 +26,7 @@ from lmlab.inference.generate import document_start
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.serving.requests import Served, parse_request, read_request
-from tests.conftest import LMLAB, write_config, write_corpus
-from tests.test_plugins import run_cli
+from tests.helpers import LMLAB, run_cli, write_config, write_corpus
 
 GPT2_SMALL = Path(__file__).resolve().parent.parent / "configs" / "gpt2-small.toml"
 
@@ -163,7 +162,7 @@ def base_and_instruct(tmp_path_factory, corpus_dir, char_dataset):
     from lmlab.core.config import load_config
 
     pytest.importorskip("transformers")
-    from tests.test_chat import hf_chat_model
+    from tests.hf_reference import hf_chat_model
 
     root = tmp_path_factory.mktemp("grid")
     base = Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "base",

@@ -24,7 +24,7 @@ from lmlab.data.prepare import prepare
 from lmlab.evals.evaluate import evaluate_run
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import write_wikitext
+from tests.helpers import write_wikitext
 
 CONFIG = """
 [data]

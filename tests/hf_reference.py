@@ -298,3 +298,13 @@ def hf_chat_model(folder: Path, style: str, corpus: Path, silent: bool = False) 
         weights["model.norm.weight"].zero_()
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who is Romeo?"}],
+    [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Who is Juliet?"}],
+    [{"role": "user", "content": "Name a star."}, {"role": "assistant", "content": "The sun."},
+     {"role": "user", "content": "Another,\nplease — in French: étoile?"}],
+    [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+]

@@ -31,16 +31,7 @@ from lmlab.run.rundir import RunDir
 from tests.helpers import ALPACA_TINY, LMLAB, Server, read_answer, run_cli, sent
 
 transformers = pytest.importorskip("transformers")
-from tests.hf_reference import QWEN, STYLES, chat_folder, hf_chat_model  # noqa: E402  (needs transformers)
-
-CONVERSATIONS = [
-    [{"role": "user", "content": "Who is Romeo?"}],
-    [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Who is Juliet?"}],
-    [{"role": "user", "content": "Name a star."}, {"role": "assistant", "content": "The sun."},
-     {"role": "user", "content": "Another,\nplease — in French: étoile?"}],
-    [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
-]
+from tests.hf_reference import CONVERSATIONS, QWEN, STYLES, chat_folder, hf_chat_model  # noqa: E402  (needs transformers)
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
+from lmlab.train.loop import Trainer
 from tests.helpers import ALPACA_TINY, write_config, write_corpus, write_tiny_gpt2, write_wikitext
 
 
@@ -133,9 +135,6 @@ def fake_gpu(monkeypatch):
 def tiny_run(tmp_path_factory, char_dataset) -> Path:
     """A tiny char run trained 10 steps in float32 (its checkpoint at step 10): the run the commands' refusals and
     faults are tried on (tests that change it work on a copy)."""
-    from lmlab.core.config import load_config
-    from lmlab.train.loop import Trainer
-
     root = tmp_path_factory.mktemp("tiny")
     return Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "run",
                    "cpu").run().run_dir
@@ -150,3 +149,11 @@ def sft_run(tmp_path_factory, imported_gpt2) -> Path:
     run = tmp_path_factory.mktemp("runs") / "sft"
     finetune(imported_gpt2, run, FinetuneConfig(str(ALPACA_TINY), epochs=1, learning_rate=3e-3), device="cpu")
     return run
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, char_dataset) -> Path:
+    """A tiny char run trained 20 steps (checkpoints at 10 and 20); tests that change it work on a copy."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=20))
+    return Trainer(cfg, root / "run", "cpu").run().run_dir

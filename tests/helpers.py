@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -624,3 +625,16 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
 def split_tokens(dataset: Path, split: str) -> np.ndarray:
     meta = json.loads((dataset / "meta.json").read_text())
     return np.asarray(open_tokens(dataset, split, meta["dtype"])[:])
+
+
+def digests(*folders: Path) -> dict[Path, bytes]:
+    """Every file under the folders, by path: what must come out of a refusal unchanged."""
+    return {p: p.read_bytes() for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
+    return Path(shutil.copytree(run, tmp_path / name))
+
+
+def events_of(run: Path, kind: str) -> list[dict]:
+    return [e for e in RunDir(run).events() if e.get("event") == kind]

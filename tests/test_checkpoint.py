@@ -1,5 +1,9 @@
-"""Checkpoints a two-day run can trust: exact resume after kill -9, verified files, graceful stop, guards."""
+"""Checkpoints a two-day run can trust: exact resume after kill -9, verified files, graceful stop, guards, and
+a disk margin of the checkpoint's own size."""
 
+from __future__ import annotations
+
+import json
 import re
 import signal
 import subprocess
@@ -13,7 +17,7 @@ from lmlab.commands import main
 from lmlab.core.config import ModelConfig, TrainConfig, load_config
 from lmlab.core.errors import UserError
 from lmlab.model.gpt import GPT
-from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
+from lmlab.run.checkpoint import checkpoint_bytes, load_checkpoint, model_tensors, save_checkpoint
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
@@ -202,3 +206,15 @@ def _addresses(model, optimizer) -> dict:
     """Where each weight and each tensor of the optimizer's state lives."""
     return {**{name: t.data_ptr() for name, t in model.state_dict().items()},
             **{(i, k): v.data_ptr() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}}
+
+
+def test_a_checkpoints_disk_margin_is_its_own_size_not_a_fixed_16_mib(tiny_run):
+    folder = RunDir(tiny_run).checkpoint("latest")
+    from safetensors.torch import load_file
+
+    tensors = [*load_file(folder / "model.safetensors").values(), *load_file(folder / "optimizer.safetensors").values()]
+    state = json.loads((folder / "state.json").read_text())
+    state.pop("files")
+    need = checkpoint_bytes(tensors, state)
+    on_disk = sum(p.stat().st_blocks * 512 for p in folder.iterdir())
+    assert on_disk <= need < on_disk + 64 * 1024

@@ -1,8 +1,7 @@
-"""`lmlab serve`'s HTTP edge against hostile clients (issue 29, items 4, 5, 8 and 15; issue 34, item 3), on a real
-server process on 127.0.0.1 with tight limits: clients that leave mid-upload, idle and slow connections, more
-connections than allowed (idle ones that keep coming back, busy ones from one address and from many), text that is
-not Unicode, JSON nested 200,000 deep, and a port already in use. Clients at other addresses of the loopback
-network (127.0.0.2, ...) stand for other machines."""
+"""`lmlab serve`'s HTTP edge against hostile clients, on a real server process on 127.0.0.1 with tight limits: clients
+that leave mid-upload, idle and slow connections, more connections than allowed (idle ones that keep coming back,
+busy ones from one address and from many), text that is not Unicode, JSON nested 200,000 deep, and a port already in
+use. Clients at other addresses of the loopback network (127.0.0.2, ...) stand for other machines."""
 
 from __future__ import annotations
 

@@ -163,6 +163,7 @@ def paths(tmp_path_factory, corpus_dir, char_dataset, tiny_run) -> dict[str, Pat
 
 
 @pytest.mark.parametrize("row, cls, value", CELLS)
+@pytest.mark.slow
 def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls, value):
     argv = row.argv(value, paths)
     if cls in row.accepted:

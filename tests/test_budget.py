@@ -127,6 +127,7 @@ def fits(run: Path, steps: int = 1) -> bool:
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.slow
 def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_that_fill_the_budget(
         tmp_path, char_dataset, schedule):
     seconds = 2.0
@@ -173,6 +174,7 @@ def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_th
         assert saved == ([p for p in plans if p.step <= step] or [BudgetPlan(seconds)])[-1]
 
 
+@pytest.mark.slow
 def test_a_budget_used_up_before_its_steps_are_timed_ends_the_run_at_once(tmp_path, char_dataset, capsys):
     result = budgeted(tmp_path, char_dataset, 0.01).run()
     plan = plans_of(result.run_dir)[-1]
@@ -183,6 +185,7 @@ def test_a_budget_used_up_before_its_steps_are_timed_ends_the_run_at_once(tmp_pa
     assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{plan.step:06d}"
 
 
+@pytest.mark.slow
 def test_a_budget_start_up_used_up_ends_before_the_first_step_with_a_checkpoint(tmp_path, char_dataset):
     """`--budget 0.001s`: before this, it trained 13 steps for 13 s."""
     config = write_config(tmp_path / "tiny.toml", char_dataset)
@@ -196,6 +199,7 @@ def test_a_budget_start_up_used_up_ends_before_the_first_step_with_a_checkpoint(
     assert RunDir(tmp_path / "run").events()[-1]["event"] == "end"
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_for_a_whole_evaluation_ends_with_a_shorter_one_and_a_checkpoint(tmp_path, char_dataset,
                                                                                              capsys):
     """An evaluation at train.eval_iters (2,000 batches a split) takes longer than the whole budget: the run scores
@@ -215,6 +219,7 @@ def test_a_budget_too_small_for_a_whole_evaluation_ends_with_a_shorter_one_and_a
     assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{plan.max_iters:06d}"
 
 
+@pytest.mark.slow
 def test_a_step_longer_than_the_budget_left_ends_the_run_with_its_evaluation_and_checkpoint(tmp_path, char_dataset,
                                                                                             capsys):
     """Steps of half a second or more (as a hog makes them) against a budget that has less than that left once
@@ -246,6 +251,7 @@ def test_budget_settings_are_checked(tmp_path, char_dataset, capsys):
         assert message in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow
 def test_a_planned_run_resumes_with_its_budget_or_by_steps_but_not_with_another_budget(tmp_path, char_dataset):
     result = budgeted(tmp_path, char_dataset, 1.0).run()
     run = result.run_dir

@@ -35,6 +35,7 @@ def test_evaluations_by_passes_come_at_the_first_step_past_each():
     assert cadence.intervals == (4, train.checkpoint_interval)  # the steps nearest half a pass, as budgets plan
 
 
+@pytest.mark.slow
 def test_evaluation_and_patience_by_epoch_with_the_time_per_epoch_and_the_table_of_every_evaluation(tmp_path, capsys,
                                                                                                      monkeypatch):
     """The WikiText-2 notes: an evaluation per epoch, stopped after 2 epochs without a new best; then the log as the

@@ -54,6 +54,7 @@ def test_the_rendered_prompt_and_its_ids_are_transformers(tmp_path, corpus_dir, 
     assert ours.end_of_turn == (STYLES[style][0][0],)
 
 
+@pytest.mark.slow
 def test_an_imported_instruct_model_keeps_its_template_out_and_back_and_answers_through_it(tmp_path, corpus_dir,
                                                                                          capsys):
     source = hf_chat_model(tmp_path / "Qwen2.5-tiny-Instruct", "qwen2.5", corpus_dir)
@@ -97,6 +98,7 @@ def test_an_imported_instruct_model_keeps_its_template_out_and_back_and_answers_
     assert RunDir(tmp_path / "back").chat_template().template == QWEN
 
 
+@pytest.mark.slow
 def test_a_reply_stops_at_the_end_of_the_turn_not_only_at_the_eos(tmp_path, corpus_dir):
     # Llama 3's eos (<|end_of_text|>) is not its end of turn (<|eot_id|>): a model that ends its turn at once
     # gives an empty reply, where decoding to the eos would run to max_new_tokens.
@@ -231,6 +233,7 @@ def run_with_template(source: Path, folder: Path, template: str) -> Path:
 
 
 @pytest.mark.parametrize("case", [*HOSTILE, "quadratic"])
+@pytest.mark.slow
 def test_a_hostile_template_is_refused_at_import_in_one_sentence(tmp_path, qwen_source, capsys, case):
     template, says = HOSTILE.get(case, (QUADRATIC, "takes more than 2 s to render a chat of 31 messages"))
     source = with_template(qwen_source, tmp_path / "model", template)
@@ -240,6 +243,7 @@ def test_a_hostile_template_is_refused_at_import_in_one_sentence(tmp_path, qwen_
 
 
 @pytest.mark.parametrize("case", ["a loop", "nothing", "300 MB"])
+@pytest.mark.slow
 def test_sample_and_answer_refuse_a_hostile_template_in_one_sentence(tmp_path, qwen_source, capsys, case):
     template, says = HOSTILE[case]
     run = run_with_template(qwen_source, tmp_path / "run", template)

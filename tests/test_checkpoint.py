@@ -66,6 +66,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path, char_datase
     assert RunDir(run).checkpoint("latest").name == f"step_{end['step']:06d}"
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, char_dataset, capsys):
     trainer(tmp_path, char_dataset, ["train.max_iters=30", "train.eval_interval=100"]).run()
     run = tmp_path / "run"
@@ -83,6 +84,7 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, ch
     assert not list((run / "checkpoints").glob(".step_*"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_says_how_long_it_took_to_write_and_a_resume_how_long_its_load_took(tmp_path, char_dataset,
                                                                                           capsys):
     """Save and load times were only a benchmark's (bench --checkpoint); a run says its own."""
@@ -96,6 +98,7 @@ def test_a_checkpoint_says_how_long_it_took_to_write_and_a_resume_how_long_its_l
     assert re.search(rf"Resumed {re.escape(str(run))} from step_000020 \(step 20\) in \d+\.\d\d s\.", out), out
 
 
+@pytest.mark.slow
 def test_only_the_last_k_checkpoints_and_best_are_kept(tmp_path, char_dataset):
     trainer(tmp_path, char_dataset, ["train.max_iters=60", "train.keep_checkpoints=2",
                                      "train.learning_rate=1e-30", "train.min_lr=0", "train.warmup_iters=0"]).run()
@@ -105,6 +108,7 @@ def test_only_the_last_k_checkpoints_and_best_are_kept(tmp_path, char_dataset):
     assert kept == sorted({best, "step_000050", "step_000060"})
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_shape_and_changed_data_without_force(tmp_path, char_dataset, corpus_dir):
     trainer(tmp_path, char_dataset, ["train.max_iters=10"]).run()
     run = tmp_path / "run"
@@ -119,6 +123,7 @@ def test_resume_refuses_another_model_shape_and_changed_data_without_force(tmp_p
     assert Trainer(cfg, run, "cpu", resume=True, force=True).run().steps == 20
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
     old = trainer(tmp_path, char_dataset, ["train.max_iters=60"], run="old").run()
     new = trainer(tmp_path, char_dataset, ["train.max_iters=10", "train.warmup_iters=10"], run="new",
@@ -130,6 +135,7 @@ def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
         trainer(tmp_path, char_dataset, ["model.n_embd=64"], run="wide", init_from=str(tmp_path / "old"))
 
 
+@pytest.mark.slow
 def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the_weights(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, ["train.max_iters=90"])
     counts = np.bincount(t.train_tokens, minlength=t.cfg.model.vocab_size)
@@ -161,6 +167,7 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
     assert all(e["lr"] <= 0.5 * 3e-3 for e in late)
 
 
+@pytest.mark.slow
 def test_a_bf16_checkpoint_continues_in_fp32_and_back(tmp_path, char_dataset):
     """The CPU stand-in for CUDA<->CPU portability: weights and optimizer state are fp32 whatever the
     autocast dtype, so a run continues under another precision (and, the same way, on another device)."""

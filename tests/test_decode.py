@@ -66,6 +66,7 @@ def decode(m, prompts, params, capacity, starts=None, step=None):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_a_batch_decodes_each_sequence_as_it_decodes_alone(name):
     m = model(name)
     prompts = [[1, 2, 3], [4] * 9, [7], list(range(20, 36))]  # the last fills the context at once
@@ -196,6 +197,7 @@ def test_weights_held_in_the_decode_dtype_are_cast_once_not_at_every_token():
         assert held.hidden(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream stays fp32
 
 
+@pytest.mark.slow
 def test_a_run_loaded_to_decode_eagerly_on_a_gpu_holds_its_weights_in_its_dtype(writing_char_run):
     run = RunDir(writing_char_run).load("latest", "cpu")
     assert decoding_only(run, compiled=False) == torch.float32  # eager on a CPU decodes in fp32

@@ -61,6 +61,7 @@ def test_names_and_extremes_are_one_sentence(capsys, tmp_path, tiny_run, corpus_
     assert exit.value.code == 2 and len(capsys.readouterr().err) < 200
 
 
+@pytest.mark.slow
 def test_wording_names_the_way_out(capsys, tmp_path, tiny_run):
     moved = Path(shutil.copytree(tiny_run, tmp_path / "moved"))
     (moved / "config.toml").write_text((tiny_run / "config.toml").read_text().replace(
@@ -138,6 +139,7 @@ def test_settings_that_cannot_train_are_one_sentence(capsys, tmp_path, char_data
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_sampling_mistakes_append_nothing(capsys, tmp_path, trained):
     run = copy_run(trained, tmp_path)
     for option, value in (("--max-new-tokens", "-5"), ("--temperature", "-1"), ("--temperature", "nan"),

@@ -298,6 +298,7 @@ def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained
         judge.stop()
 
 
+@pytest.mark.slow
 def test_lm_evaluation_harness_hf_on_a_char_runs_export_gives_its_task_scores(writing_char_run, tmp_path, capsys):
     """A char run's export is the model: its vocabulary no wider than the model's rows, lm-eval's hf backend scores
     every choice as `lmlab eval --task` does. A char run has no end-of-text token, so lm-eval is told what an

@@ -83,6 +83,7 @@ CHARS = train_tokenizer("char", [ALPHABET * 2], [ALPHABET])
 
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(ALPHABET, max_size=30), stop=st.lists(st.text("ab", max_size=6), max_size=4))
+@pytest.mark.slow
 def test_a_stream_sends_what_no_stop_string_or_unfinished_character_may_still_change(text, stop):
     stream, sent = Detokenizer(CHARS, stop), ""
     for n in range(1, len(text) + 1):
@@ -137,6 +138,7 @@ def test_sampling_params_refuse_what_cannot_be_sampled(field, value, rule):
         SamplingParams(**{field: value})
 
 
+@pytest.mark.slow
 def test_sample_prints_tokens_as_they_are_generated(tmp_path, trained):
     run = copy_run(trained, tmp_path)
     proc = spawn("sample", run, "--max-new-tokens", "1000000", "--prompt", "ROMEO:", cwd=tmp_path)
@@ -175,6 +177,7 @@ def test_answers_decoded_in_a_batch_are_the_answers_asked_alone():
     assert done[-1] == (5, 5)
 
 
+@pytest.mark.slow
 def test_sample_num_samples_prints_and_records_each_with_its_seed(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(LEGACY / "trained", run)

@@ -60,6 +60,7 @@ def runs(tmp_path_factory, writing_char_run, corpus_dir) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("case", ["char", "bpe", "llama", "qwen2"])
+@pytest.mark.slow
 def test_llama_cpp_tokenizes_continues_and_scores_as_lmlab_does(case, runs, tmp_path):
     run = RunDir(runs[case]).load("best", "cpu")
     for kind in ("f32", "f16", "q8_0"):
@@ -89,6 +90,7 @@ def test_the_cli_export_continues_in_llama_cpp_as_lmlab_sample_does(runs, tmp_pa
         assert len(llama_tokens(model, PROMPT + text)) == len(llama_tokens(model, PROMPT)) + 30
 
 
+@pytest.mark.slow
 def test_every_byte_level_tokenizer_and_a_head_dim_qwen2_goes_to_llama_cpp(runs, tmp_path, corpus_dir):
     """Characters outside ASCII, and a Qwen2 whose heads are not n_embd / n_head wide (llama.cpp's `llama`)."""
     odd = tmp_path / "odd"
@@ -110,6 +112,7 @@ def test_every_byte_level_tokenizer_and_a_head_dim_qwen2_goes_to_llama_cpp(runs,
     assert found.tokens_equal and found.greedy_equal and found.max_logit_diff < 1e-3, found
 
 
+@pytest.mark.slow
 def test_the_model_card_and_modelfile_say_how_to_run_it(runs, tmp_path):
     out = tmp_path / "bpe.gguf"
     export_gguf(runs["bpe"], out, kind="q8_0")

@@ -28,6 +28,7 @@ def two_runs(tmp_path_factory, char_dataset) -> tuple[Path, Path]:
                  for name, overrides in (("deep", []), ("shallow", ["model.n_layer=1"])))
 
 
+@pytest.mark.slow
 def test_a_grid_is_every_run_prompt_and_temperature_as_each_would_be_sampled_alone(tmp_path, two_runs, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ROMEO:\\n\n\nJULIET: fair night\nZ€\n", encoding="utf-8")  # \n: a line break; blank skipped
@@ -58,6 +59,7 @@ def test_a_grid_is_every_run_prompt_and_temperature_as_each_would_be_sampled_alo
     (b"\n  \n", "holds no prompts; write one per line"),
     (b"ROMEO:\n\xff\xfe JULIET\n", r"is not UTF-8 text \(byte 7 is b'\\xff'\); save it as UTF-8."),
 ])
+@pytest.mark.slow
 def test_a_prompts_file_with_no_prompts_or_not_utf8_is_refused_and_nothing_is_written(tmp_path, two_runs, capsys,
                                                                                       content, message):
     prompts = tmp_path / "prompts.txt"
@@ -71,6 +73,7 @@ def test_a_prompts_file_with_no_prompts_or_not_utf8_is_refused_and_nothing_is_wr
                        for run in two_runs]
 
 
+@pytest.mark.slow
 def test_grid_options_that_do_not_go_together_are_refused(two_runs, capsys):
     for extra, message in ((["--prompt", "A", "--prompts", "x.txt"], "--prompt and --prompts both name prompts"),
                            (["--chat", "Hi", "--prompts", "x.txt"], "--prompts and --chat TEXT both name prompts"),
@@ -144,6 +147,7 @@ def base_and_instruct(tmp_path_factory, corpus_dir, char_dataset):
     return base, root / "instruct"
 
 
+@pytest.mark.slow
 def test_a_chat_aware_grid_asks_an_instruct_model_in_its_template_and_continues_a_base_model(base_and_instruct,
                                                                                            tmp_path, capsys):
     base, instruct = base_and_instruct

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lmlab.commands import main
 from lmlab.run.rundir import RunDir
@@ -61,6 +62,7 @@ def test_a_runs_edited_tokenizer_is_refused_by_every_command_that_reads_it(capsy
     assert main(["sample", str(copy), "--max-new-tokens", "5"]) == 0
 
 
+@pytest.mark.slow
 def test_data_files_that_do_not_match_their_meta_are_refused(capsys, tmp_path, char_dataset):
     def broken(name: str, change) -> Path:
         dataset = Path(shutil.copytree(char_dataset, tmp_path / name))
@@ -87,10 +89,11 @@ def test_data_files_that_do_not_match_their_meta_are_refused(capsys, tmp_path, c
         assert not (tmp_path / f"run-{name}").exists()  # refused before the run folder is made
 
 
+@pytest.mark.slow
 def test_resume_compares_the_checksum_of_the_bytes_it_reads(capsys, tmp_path, char_dataset):
     """A dataset prepared again from other inputs (meta.json describes the new bytes) is another dataset: resume
     needs --force for it. Bytes edited in place (meta.json no longer describes them) are refused by every command,
-    --force or not (tests/test_hardening.py)."""
+    --force or not (test_the_same_integrity_rule_holds_for_new_runs_resumes_and_evaluations)."""
     dataset = Path(shutil.copytree(char_dataset, tmp_path / "data"))
     config = write_config(tmp_path / "tiny.toml", dataset, max_iters=10)
     assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0

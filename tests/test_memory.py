@@ -39,6 +39,7 @@ def test_a_training_step_on_a_gpu_is_left_to_the_allocator(fake_gpu):
     check_training(QWEN3, 64, "adamw", torch.device("cuda"))  # far beyond 1 GiB: the allocator says so itself
 
 
+@pytest.mark.slow
 def test_every_size_that_multiplies_memory_is_refused_before_it_is_allocated(capsys, tmp_path, tiny_run, imported_gpt2):
     config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
     huge = "100000000"
@@ -68,6 +69,7 @@ def test_the_largest_size_that_fits_fits_and_one_more_does_not():
     assert refusal.value.largest == 1000
 
 
+@pytest.mark.slow
 def test_the_training_estimate_is_near_the_peak_a_step_measures():
     """The estimate of a step's memory beside the peak RSS a real step reaches (weights already resident), for
     a shape whose activations dominate; benchmarks/memory_estimate.py measures more shapes."""

@@ -137,6 +137,7 @@ def test_every_variant_is_causal(name):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.slow
 def test_every_variant_steps_incrementally_as_it_runs_whole(name):
     """Feeding tokens through the cache (a prompt, then one at a time) gives the logits of one full pass,
     and greedy sampling through the cache equals recomputing the whole sequence every token."""
@@ -258,6 +259,7 @@ def test_the_books_gpt2_layout_and_gpt2_small_are_counted_exactly(tmp_path, caps
             ModelConfig(bias=bad)
 
 
+@pytest.mark.slow
 def test_the_books_layout_trains_counted_without_its_padding_and_gpt2_export_refuses_it(tmp_path, char_dataset,
                                                                                        capsys):
     """A run of 1,100 embedding rows (padded to 1,152 for the head's matmul): train, compare, the report and its

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lmlab.data.normalize import Normalization, parse_chars
 from lmlab.inference.generate import document_start
 from lmlab.run.rundir import RunDir
@@ -22,6 +24,7 @@ Sphinx of black quartz, judge my vow — 24 times.
 """
 
 
+@pytest.mark.slow
 def test_a_char_shakespeare_lower_cased_to_28_characters_in_one_command_and_prompts_normalised_alike(tmp_path,
                                                                                                     capsys):
     """The char write-up's 28 characters (a-z, space, line break) from text with capitals, digits, accents and
@@ -62,6 +65,7 @@ def test_a_char_shakespeare_lower_cased_to_28_characters_in_one_command_and_prom
     assert request.prompts == [tokenizer.encode("romeo where  o juliet")]  # lower-cased, `ù` not kept
 
 
+@pytest.mark.slow
 def test_normalisation_steps_apply_in_one_order_and_bad_values_are_one_sentence(tmp_path, corpus_dir, capsys):
     both = Normalization.parse(["lower", "nfkc,ascii"], None, "0-9")
     assert both.steps == ("nfkc", "ascii", "lower") and both.drop == "0123456789"

@@ -110,6 +110,7 @@ def test_the_cache_is_keyed_by_the_processor_and_refuses_what_it_cannot_trust(tm
     assert read_cache(path, key, who)[1:] == (ours, [])
 
 
+@pytest.mark.slow
 def test_a_command_measures_again_over_a_foreign_or_edited_cache_and_keeps_the_rest(tmp_path):
     key = cache_key(CPU, torch.float32)
     foreign = settled_entry(torch.float32, 1e30)
@@ -126,6 +127,7 @@ def test_a_command_measures_again_over_a_foreign_or_edited_cache_and_keeps_the_r
     assert entries[key]["sha256"] == checksum(entries[key]) and entries[key]["flops"] == found["flops"]
 
 
+@pytest.mark.slow
 def test_a_settled_quiet_peak_is_read_back_without_measuring(tmp_path):
     entry = settled_entry(torch.float32, 2.5e11)
     write_cache(tmp_path, {cache_key(CPU, torch.float32): entry})
@@ -134,6 +136,7 @@ def test_a_settled_quiet_peak_is_read_back_without_measuring(tmp_path):
     assert found["describe"] == f"2048² float32 matmul measured quiet at {entry['measured_at']}, best of 3"
 
 
+@pytest.mark.slow
 def test_a_dtype_the_cpu_has_no_native_kernel_for_is_measured_on_a_small_matmul_that_says_its_size(tmp_path):
     """fp16 on a CPU without AVX512-FP16/AMX-FP16 runs torch's scalar fallback: a 2048² matmul took 7-60 s, so an
     fp16 run stalled for minutes before its first step. Its peak is measured on a 256² matmul, keyed and named so."""
@@ -199,6 +202,7 @@ def test_auto_on_this_cpu_goes_by_a_real_measurement():
 
 
 @pytest.mark.serial
+@pytest.mark.slow
 def test_a_load_meter_counts_other_processes_not_this_one():
     with LoadMeter() as meter:  # this process alone, spinning one thread
         started = time.perf_counter()
@@ -215,6 +219,7 @@ def test_a_load_meter_counts_other_processes_not_this_one():
     assert "other processes used" in meter.load.describe()
 
 
+@pytest.mark.slow
 def test_a_peak_below_what_training_computes_is_called_wrong_and_gives_no_mfu(tmp_path, char_dataset, monkeypatch):
     """MFU is never printed above 100%: a peak that a tiny model's training outruns (a cache figure of 1 MFLOP/s) is
     wrong, and the run says so and logs no MFU from it."""

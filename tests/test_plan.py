@@ -41,6 +41,7 @@ def rate(out: str) -> float:
     ("H100 PCIe", "H100 PCIe", 756, "bfloat16"), ("NVIDIA A100-SXM4-80GB", "A100", 312, "bfloat16"),
     ("T4", "T4", 65, "float16"),
 ])
+@pytest.mark.slow
 def test_a_gpu_is_estimated_from_its_datasheet_step_by_step(capsys, tmp_path, name, row, tflops, dtype):
     code, out, _ = plan(capsys, GPT2, "--chinchilla", "--gpu", name, "--runs", tmp_path)
     assert code == 0
@@ -110,6 +111,7 @@ def test_an_unprepared_dataset_leaves_unique_tokens_unknown(capsys, tmp_path):
     assert "100.0% of it" not in text
 
 
+@pytest.mark.slow
 def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
     Trainer(load_config(config), tmp_path / "runs" / "tiny", "cpu").run()

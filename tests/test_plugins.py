@@ -145,6 +145,7 @@ def site(tmp_path, monkeypatch) -> Path:
             del sys.modules[name]
 
 
+@pytest.mark.slow
 def test_a_minimal_plugin_samples_by_recomputing_its_context_and_a_missing_one_names_its_package(
         tmp_path, site, char_dataset, capsys):
     info = install_plugin(site, "tiny-mix", "lmlab-tiny-mix", FAKE_MODEL)
@@ -250,6 +251,7 @@ RETURN = "        return logits, None if targets is None else next_token_loss(lo
 
 
 @pytest.mark.parametrize("case", BAD_FORWARDS)
+@pytest.mark.slow
 def test_a_plugins_forward_is_checked_once_before_it_is_used(tmp_path, site, char_dataset, capsys, case):
     """Before the fix: "needs more memory than can be counted" for a raise, tracebacks for the wrong outputs, and
     transposed or NaN logits trained or sampled silently."""
@@ -264,6 +266,7 @@ def test_a_plugins_forward_is_checked_once_before_it_is_used(tmp_path, site, cha
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_plugin_whose_trained_weights_give_nan_is_one_sentence_when_loaded(tmp_path, site, char_dataset, capsys,
                                                                             monkeypatch):
     """The weights a run keeps are checked when it loads, as `sample`, `eval` and `serve` load it: logits that are not
@@ -297,6 +300,7 @@ LATE_FORWARDS = {
 
 
 @pytest.mark.parametrize("case", LATE_FORWARDS)
+@pytest.mark.slow
 def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(tmp_path, site, char_dataset, capsys,
                                                                                case):
     """Before: "needs more memory than can be counted" (the raise, on the meta device where the batch is sized),
@@ -311,6 +315,7 @@ def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(
     assert message in err and err.strip().endswith(("fix the plugin's forward.", "None without targets).")), err
 
 
+@pytest.mark.slow
 def test_a_plugin_that_goes_wrong_after_training_is_named_by_sample_and_eval(tmp_path, site, char_dataset, capsys,
                                                                             monkeypatch):
     """Loading checks a plugin's forward on a 4x3 batch; what sampling and evaluating give it afterwards is checked

@@ -39,6 +39,7 @@ def test_play_markdown_becomes_speaker_lines_and_verse():
     assert play_to_text(PLAY) == "ROMEO:\nBut soft! what light\nthrough yonder window breaks?\n\nFIRST SERVANT:\nHere, sir-here.\n"
 
 
+@pytest.mark.slow
 def test_shakespeare_is_every_play_without_markup():
     plays = shakespeare()
     assert len(plays) == 38

@@ -46,6 +46,7 @@ def decoded_documents(dataset: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".jsonl.gz"])
+@pytest.mark.slow
 def test_parquet_and_jsonl_sources_hold_every_document(tmp_path, suffix):
     texts = documents(120)
     path = tmp_path / f"docs{suffix}"
@@ -106,6 +107,7 @@ def test_max_tokens_stops_at_a_document_boundary_and_takes_val_from_the_cut(tmp_
     assert np.array_equal(train, stream[:len(train)])
 
 
+@pytest.mark.slow
 def test_prepare_says_how_far_from_each_ask_its_split_landed(tmp_path, capsys):
     """Whole documents pass an ask by part of one, and a cut larger than the corpus stops short: each said in a line
     with the tokens, the ask and the gap, by prepare and by data stats."""
@@ -138,6 +140,7 @@ def test_val_tokens_sizes_the_val_split(tmp_path):
     assert meta["split"]["val_tokens"] == 1500
 
 
+@pytest.mark.slow
 def test_data_stats_prints_document_lengths_and_draws_a_histogram(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(100, words=(5, 60)) + documents(10, 1, (300, 400)))
     target, _, _ = prepare([str(source)], "word:100", out_dir=tmp_path)
@@ -151,6 +154,7 @@ def test_data_stats_prints_document_lengths_and_draws_a_histogram(tmp_path):
     assert (target / "doc_lengths.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_resumes_and_equals_an_uninterrupted_one(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(6000, words=(20, 200)))
     command = [sys.executable, "-m", "lmlab", "prepare", str(source), "--tokenizer", "word:100", "--workers", "1",
@@ -254,6 +258,7 @@ O200K = "|".join([
 
 
 @pytest.mark.parametrize("pattern", [GPT2_PATTERN, CL100K, O200K], ids=["gpt2", "cl100k", "o200k"])
+@pytest.mark.slow
 def test_chunks_are_cut_where_every_pre_tokenizer_cuts_anyway(pattern):
     split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     text = messy_text(20_000)
@@ -264,6 +269,7 @@ def test_chunks_are_cut_where_every_pre_tokenizer_cuts_anyway(pattern):
 
 
 @pytest.mark.parametrize("spec", ["char", "word:300", "bpe:400"])
+@pytest.mark.slow
 def test_a_long_document_gets_the_ids_it_would_get_whole(tmp_path, spec):
     source = tmp_path / "one.txt"
     source.write_text(messy_text(60_000, seed=1), encoding="utf-8")  # ~350k characters: chunks of 65,536

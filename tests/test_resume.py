@@ -61,6 +61,7 @@ def test_position_of_an_lr_is_where_the_schedule_has_it(schedule):
     assert position_of(1.0, cfg) == 0.0 and position_of(0.0, cfg) == 1.0  # clipped to the schedule
 
 
+@pytest.mark.slow
 def test_a_resume_still_warming_up_says_the_warmup_it_has_left(tmp_path, char_dataset, capsys):
     """`schedule kept from step 40: lr 2.4e-04 -> 3.0e-05` hid the warmup still to run."""
     config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=3), tmp_path / "run"
@@ -71,6 +72,7 @@ def test_a_resume_still_warming_up_says_the_warmup_it_has_left(tmp_path, char_da
             "20") in said(capsys)
 
 
+@pytest.mark.slow
 def test_extending_a_run_goes_on_from_its_lr_and_decays_at_the_new_end(tmp_path, char_dataset, capsys):
     config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=40), tmp_path / "run"
     # to step 40 of a cosine laid over 100 steps: the LR there is mid-decay
@@ -95,6 +97,7 @@ def test_extending_a_run_goes_on_from_its_lr_and_decays_at_the_new_end(tmp_path,
     assert "schedule" not in said(capsys) and lrs(run) == steps
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_extended_by_steps_keeps_its_lr(tmp_path, char_dataset, capsys):
     """training.md's recipe: `--set train.budget_seconds=0 --set train.max_iters=N` on a budgeted run."""
     run = tmp_path / "run"
@@ -110,6 +113,7 @@ def test_a_budgeted_run_extended_by_steps_keeps_its_lr(tmp_path, char_dataset, c
     assert all(steps[s + 1] <= steps[s] + 1e-12 for s in range(end - 1, end + 10))  # no jump back up at the resume
 
 
+@pytest.mark.slow
 def test_retention_keeps_the_step_resumed_from_and_says_what_it_deletes(tmp_path, char_dataset, capsys):
     config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=30), tmp_path / "run"
     every = ["--set", "train.checkpoint_interval=5", "--set", "train.eval_interval=100"]
@@ -131,6 +135,7 @@ def test_retention_keeps_the_step_resumed_from_and_says_what_it_deletes(tmp_path
                                                             "step_000065", "step_000070"]
 
 
+@pytest.mark.slow
 def test_the_loss_plot_marks_where_a_run_was_resumed(tmp_path, char_dataset):
     """A dashed line at the step resumed from, the full height of the axes: a resume that changed the machine,
     the threads or the schedule shows where the curve changes."""
@@ -284,6 +289,7 @@ def test_a_resume_or_init_from_onto_another_tokenizer_is_refused_even_with_force
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_whose_dataset_moved_says_how_to_point_at_it(capsys, tmp_path, tiny_run):
     dataset = RunDir(tiny_run).config().data.dataset
     moved = Path(shutil.copytree(tiny_run, tmp_path / "moved"))
@@ -296,6 +302,7 @@ def test_a_resume_whose_dataset_moved_says_how_to_point_at_it(capsys, tmp_path, 
     assert RunDir(moved).config().data.dataset == dataset and RunDir(moved).events()[-1]["step"] == 12
 
 
+@pytest.mark.slow
 def test_a_run_without_pointers_resumes_and_samples_from_its_step_folders(capsys, tmp_path, trained):
     run = copy_run(trained, tmp_path)
     (run / "checkpoints" / "latest").unlink()

@@ -40,6 +40,7 @@ def test_a_folder_written_before_the_run_layer_loads(name, kind, step):
         assert "<|endoftext|>" not in instruct(run, "Name a colour.", "", SamplingParams(max_new_tokens=30))
 
 
+@pytest.mark.slow
 def test_a_trained_run_written_before_the_run_layer_resumes(tmp_path, stable_root, monkeypatch):
     """The legacy run was trained on `stable_root`'s dataset (its config names it data/tiny-char): the same
     train.bin, so it resumes without --force, continuing its progress, guard and loss means from the old
@@ -93,6 +94,7 @@ def test_loading_names_what_is_missing(tmp_path):
     assert RunDir(bare).load("best", "cpu", need_tokenizer=False).tokenizer is None
 
 
+@pytest.mark.slow
 def test_samples_are_recorded_by_the_run_layer_with_how_they_were_drawn(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(LEGACY / "trained", run)
@@ -103,6 +105,7 @@ def test_samples_are_recorded_by_the_run_layer_with_how_they_were_drawn(tmp_path
     assert text.strip() == out.strip()
 
 
+@pytest.mark.slow
 def test_damaged_lines_of_metrics_jsonl_are_skipped_with_one_note_by_every_reader(tmp_path, stable_root, monkeypatch,
                                                                                   capsys):
     """Before: one byte that is not UTF-8 or one JSON line that is not an object gave a traceback in `log`, `runs`,

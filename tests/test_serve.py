@@ -155,6 +155,7 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server):
     assert client.completions.create(model="sft", prompt="x", max_tokens=2, temperature=0).choices  # still up
 
 
+@pytest.mark.slow
 def test_a_request_beyond_the_queue_is_refused_and_a_cancelled_one_leaves(sft_run):
     run = RunDir(sft_run).load("best", "cpu")
     # past_eot: only max_new_tokens ends a job, so the first one holds the one row until it is cancelled

@@ -338,6 +338,7 @@ def test_metrics_answers_64_concurrent_scrapers_within_a_second(keyed):
     (["--served-model-name", "a", "a"], "--served-model-name"),
     ([], "not an lmlab run"),
 ])
+@pytest.mark.slow
 def test_serving_beyond_loopback_needs_a_key_and_a_bad_key_or_name_is_refused(tmp_path, options, says):
     done = subprocess.run([LMLAB, "serve", str(tmp_path / "no-run"), "--port", str(free_port()), *options],
                           capture_output=True, text=True, timeout=60)

@@ -38,6 +38,7 @@ def test_bf16_and_compiled_losses_track_fp32_eager(tmp_path, char_dataset):
     assert max(abs(a - b) for a, b in zip(reference, compiled)) < COMPILE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_compiling_on_a_cpu_says_what_it_costs_before_the_first_step(tmp_path, char_dataset):
     """A write-up's tip (`train.compile = true`) printed nothing for 131 s on a CPU, then trained no faster: the
     line comes before the first step waits for the compiler (the test stops the run there)."""

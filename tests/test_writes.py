@@ -288,11 +288,12 @@ def _commands():
                                     "victim/config.toml", "victim", "victim/new", "dataset/meta.json",
                                     "dataset", "dataset/new"])
 @pytest.mark.parametrize("command, option", list(OUTPUTS))
+@pytest.mark.slow
 def test_no_output_option_writes_into_a_run_or_a_dataset(capsys, paths, command, option, inside):
     folder, _, rest = inside.partition("/")
     target = paths[folder] / rest if rest else paths[folder]
     if inside == "victim" and (command, option) in MAKE_RUNS:
-        return  # a run folder to make may be one already: its command refuses it or carries on (tests/test_faults.py)
+        return  # a run folder to make may be one already: its command refuses it or carries on (test_locks.py)
     kept = digests(paths["victim"], paths["dataset"])
     line = refused(capsys, *OUTPUTS[(command, option)].format(**paths, target=target).split(),
                    needles=(f"{option} {target}", "run folder" if folder == "victim" else "dataset dir",
@@ -301,6 +302,7 @@ def test_no_output_option_writes_into_a_run_or_a_dataset(capsys, paths, command,
     assert digests(paths["victim"], paths["dataset"]) == kept
 
 
+@pytest.mark.slow
 def test_a_runs_own_report_folder_and_paths_beside_runs_are_taken(capsys, paths, tmp_path):
     assert main(["report", str(paths["run"]), "--no-eval", "--out", str(paths["run"] / "report")]) == 0
     refused(capsys, "report", paths["run"], "--no-eval", "--out", paths["run"] / "report" / "deeper",
@@ -321,6 +323,7 @@ def test_a_grid_written_by_default_into_a_run_folder_is_refused(capsys, paths, m
     assert not (paths["victim"] / "prompt-grid.md").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_write_keeps_the_newest_checkpoint_and_says_how_to_resume(tmp_path, trained):
     """A file size limit (RLIMIT_FSIZE) fails writes the way a full disk does: loss.png (~50 kB) cannot be written
     at step 30, while metrics.jsonl and the run's small files can."""
@@ -343,6 +346,7 @@ def test_a_failed_write_keeps_the_newest_checkpoint_and_says_how_to_resume(tmp_p
     assert stable_events(run) == stable_events(whole)  # resumed exactly, as after a stop signal
 
 
+@pytest.mark.slow
 def test_after_a_failed_checkpoint_log_and_runs_hold_the_best_the_run_kept(tmp_path, trained, capsys):
     """Before: `log` marked step 30 a new best, and `runs` gave its val loss, though its checkpoint was never written
     (the file size limit fails it): the best the run holds, and resumes from, is step 20's."""
@@ -374,6 +378,7 @@ def test_a_lock_file_that_cannot_be_written_is_named(tmp_path, trained, capsys):
     assert load_state(RunDir(run).checkpoint("latest"))["step"] == 20  # nothing was trained, nothing lost
 
 
+@pytest.mark.slow
 def test_a_prepare_or_an_export_that_cannot_write_names_the_file(tmp_path, imported_gpt2):
     """The same file size limit: prepare's shards (~150 kB) and export's model.safetensors are refused by it."""
     def small_files() -> None:

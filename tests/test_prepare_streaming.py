@@ -303,7 +303,7 @@ def test_prepare_holds_a_50_mb_one_line_document_in_bounded_memory(tmp_path, spe
     rng = random.Random(0)
     line = " ".join(rng.choice(words) for _ in range(10_000_000))[:50_000_000]
     source = tmp_path / "one-line.txt"
-    source.write_text(line, encoding="utf-8")  # no line break at all (item 6 too)
+    source.write_text(line, encoding="utf-8")  # no line break at all
     peak = _peak_rss_mib("prepare", str(source), "--tokenizer", spec, "--out-dir", str(tmp_path / "data"))
     assert peak < 512, f"peak RSS {peak:.0f} MiB"
     meta = json.loads((tmp_path / "data" / f"one-line-{spec.replace(':', '')}" / "meta.json").read_text())

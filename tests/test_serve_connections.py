@@ -164,7 +164,7 @@ def test_a_refused_connection_that_sent_its_request_reads_the_503_not_a_reset(cr
 
 @pytest.mark.slow
 def test_idle_connections_that_keep_coming_back_never_keep_out_a_request(crowded):
-    # Issue 34's attack: every slot held by connections that send nothing, each reopened as soon as it closes.
+    # The attack: every slot held by connections that send nothing, each reopened as soon as it closes.
     stop, opened = threading.Event(), [0]
 
     def hog() -> None:

@@ -1,5 +1,5 @@
 """examples/context-vector (a model plugin) against a GPT of the same size, on the WikiText-2 stand-in the tests
-generate (tests/conftest.py's write_wikitext: Wikipedia-style articles, word-level, the most frequent words and
+generate (tests/helpers.py's write_wikitext: Wikipedia-style articles, word-level, the most frequent words and
 <unk>): the same data, tokens, batches, schedule and dtype; early stopping as the WikiText-2 study had it.
 
     python -m benchmarks.context_vector [--articles 6000] [--steps 1500] [--dir runs/bench-context-vector]
@@ -24,7 +24,7 @@ from lmlab.data.prepare import prepare
 from lmlab.evals.evaluate import evaluate_run
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import write_wikitext
+from tests.helpers import write_wikitext
 
 CONFIG = """
 [data]

@@ -40,7 +40,7 @@ from lmlab.inference.scoring import loglikelihoods
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests import lm_eval_reference
-from tests.conftest import SPEAKERS, WORDS, write_corpus
+from tests.helpers import SPEAKERS, WORDS, write_corpus
 
 LMLAB = str(Path(sys.executable).with_name("lmlab"))
 DEMO = Path(__file__).parent.parent / "configs" / "shakespeare-char-modern-cpu.toml"
@@ -72,7 +72,7 @@ def demo_run(root: Path) -> Path:
 def gpt2_run(root: Path) -> Path:
     """GPT-2 small with transformers' random init, imported with a byte-level BPE of 4,096 tokens."""
     from lmlab.hf import import_hf
-    from tests.conftest import write_tiny_gpt2
+    from tests.helpers import write_tiny_gpt2
 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -22,7 +22,7 @@ from lmlab.data.tokenizers import train_tokenizer
 from lmlab.gguf import export_gguf
 from lmlab.hf import import_hf
 from lmlab.run.rundir import RunDir
-from tests.conftest import write_config, write_corpus
+from tests.helpers import write_config, write_corpus
 from tests.gguf_reference import parity
 from tests.hf_reference import LLAMA_OPTIONS, tiny_hf, train_run
 

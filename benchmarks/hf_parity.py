@@ -28,11 +28,14 @@ from lmlab.data.tokenizers import load_pretrained, train_tokenizer
 from lmlab.hf import export_hf, import_hf
 from lmlab.run.chat import read_chat_template
 from lmlab.run.rundir import RunDir
-from tests.conftest import write_config, write_corpus, write_tiny_gpt2
+from tests.helpers import write_config, write_corpus, write_tiny_gpt2
 from tests.hf_reference import (
+    CONVERSATIONS,
     EXPORTS,
     IMPORTS,
     KINDS,
+    STYLES,
+    chat_folder,
     hf_greedy,
     hf_logits,
     kind_run,
@@ -46,7 +49,6 @@ from tests.hf_reference import (
     tokenizer_ids,
     train_run,
 )
-from tests.test_chat import CONVERSATIONS, STYLES, chat_folder
 
 
 def imports(root: Path, corpus: Path) -> dict[str, tuple[float, bool]]:

@@ -1,33 +1,17 @@
-"""Shared fixtures: a small generated corpus, prepared datasets and a tiny model config."""
+"""Shared fixtures: a small generated corpus, prepared datasets, tiny trained runs and a fake GPU (the plain
+helpers are in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-import random
-import re
-import shlex
-import socket
-import subprocess
-import sys
-import textwrap
-import threading
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
+from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
-from lmlab.run.rundir import RunDir
-
-LMLAB = str(Path(sys.executable).with_name("lmlab"))  # the installed command, run as a user runs it
+from lmlab.train.loop import Trainer
+from tests.helpers import ALPACA_TINY, write_config, write_corpus, write_tiny_gpt2, write_wikitext
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -41,62 +25,6 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
-
-
-def waits_for_lock(pid: int, path: Path) -> bool:
-    """Whether process `pid` is blocked waiting for an `flock` on `path` (a `->` line of /proc/locks)."""
-    inode = f":{path.stat().st_ino} "
-    return any(line.split()[1:2] == ["->"] and f" {pid} " in line and inode in line
-               for line in Path("/proc/locks").read_text().splitlines())
-
-
-def lmlab(*args, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
-    """Run `lmlab ARGS` in `cwd` and check that it succeeded (or, with ok=False, that it failed)."""
-    done = subprocess.run([LMLAB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert (done.returncode == 0) == ok, done.stdout + done.stderr
-    return done
-
-
-SPEAKERS = ["ROMEO", "JULIET", "NURSE", "FRIAR", "TYBALT", "MERCUTIO"]
-WORDS = ("love night day sweet death fair heaven soul heart light dark moon sun star blood sword "
-         "thou thee thy art hath doth shall will not the a of and to my your me his her").split()
-
-
-def phrase(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
-
-
-def hellaswag_items(rng: random.Random, count: int) -> list[dict]:
-    """HellaSwag lines as distributed (activity_label, ctx_a, ctx_b, endings, label) in the corpus's words, one
-    ending with WikiHow's bracketed markup."""
-    return [{"activity_label": rng.choice(SPEAKERS).capitalize(), "ctx_a": phrase(rng, 2, 3).capitalize() + ".",
-             "ctx_b": phrase(rng, 1, 2), "ctx": "unused", "label": str(rng.randrange(3)),
-             "endings": [phrase(rng, 1, 3), f"[title] {phrase(rng, 1, 2)} [step] {phrase(rng, 1, 2)}",
-                         phrase(rng, 2, 4) + "."]} for _ in range(count)]
-
-
-LOAD_NOTE = re.compile(r"note: \w+ on \d+ of \d+ threads: other processes used ")
-
-
-def besides_load_notes(err: str) -> str:
-    """`err` without lmlab's notes that other processes' load lowered a command's threads: what a busy machine
-    rightly adds to a command's stderr."""
-    return "".join(line for line in err.splitlines(keepends=True) if not LOAD_NOTE.match(line))
-
-
-def write_corpus(folder: Path, n_docs: int = 6, speeches: int = 60, seed: int = 0) -> Path:
-    """Play-like documents: `SPEAKER:` lines and short verse lines from a small vocabulary."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for d in range(n_docs):
-        lines = []
-        for _ in range(speeches):
-            lines.append(rng.choice(SPEAKERS) + ":")
-            for _ in range(rng.randint(1, 3)):
-                lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))).capitalize() + ",")
-            lines.append("")
-        (folder / f"play{d}.txt").write_text("\n".join(lines), encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -143,78 +71,6 @@ def stable_root(tmp_path_factory) -> Path:
     return root
 
 
-TINY_CONFIG = """
-[data]
-dataset = "{dataset}"
-
-[model]
-n_layer = 2
-n_head = 2
-n_embd = 32
-block_size = 32
-
-[train]
-batch_size = 8
-max_iters = {max_iters}
-learning_rate = 3e-3
-min_lr = 3e-4
-warmup_iters = 5
-eval_interval = 10
-eval_iters = 4
-log_interval = 5
-checkpoint_interval = 10
-dtype = "float32"
-"""
-
-
-def write_config(path: Path, dataset: Path, max_iters: int = 40) -> Path:
-    path.write_text(TINY_CONFIG.format(dataset=dataset, max_iters=max_iters), encoding="utf-8")
-    return path
-
-
-def write_fit(preset: Path, dataset: Path, largest: int) -> None:
-    """A fit beside `preset` (lmlab.experiments.family) whose runs reach `largest` parameters, its val falling with
-    size alone (B = 0): the largest depth it predicts (EXTRAPOLATION x `largest`) that trains a step is the best
-    for --size auto, whatever the machine's speed."""
-    from lmlab.analysis.scaling import LossSurface
-    from lmlab.data.shards import read_meta
-    from lmlab.experiments.family import LrRule, SizeFit, fit_path, preset_sha256
-
-    meta = read_meta(dataset)
-    fit = SizeFit(str(preset), preset_sha256(preset), {"path": str(dataset), "tokenizer": meta["tokenizer"],
-                  "train_sha256": meta["train"]["sha256"]}, LossSurface(1.0, 40.0, 0.3, 0.0, 0.3, 0.0),
-                  LrRule(1.5, 0.5),
-                  [{"depth": 1, "params": largest // 4, "tokens": 10_000, "learning_rate": 3e-3, "val": 2.5,
-                    "run": "a"},
-                   {"depth": 2, "params": largest, "tokens": 20_000, "learning_rate": 3e-3, "val": 2.2, "run": "b"}])
-    fit_path(preset).write_text(json.dumps(fit.to_json()))
-
-
-def write_tiny_gpt2(folder: Path, corpus: Path | None, vocab_size: int = 400, n_positions: int = 512) -> Path:
-    """A random GPT-2 (2 layers, 32 wide) saved by transformers, with a byte-level BPE trained on `corpus` and
-    saved in OpenAI's vocab.json + merges.txt format (none when corpus is None)."""
-    import tokenizers
-    import torch
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if corpus is not None:
-        backend = tokenizers.Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        backend.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
-        backend.model.save(str(folder))
-        vocab_size = backend.get_vocab_size()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def writing_char_run(tmp_path_factory, char_dataset) -> Path:
     """A char run (GPT-2's shape, context 80) trained long enough that its greedy text has words, not only line
@@ -232,18 +88,6 @@ def writing_char_run(tmp_path_factory, char_dataset) -> Path:
     return Trainer(config, root / "plays", "cpu", console=Console(quiet=True)).run().run_dir
 
 
-def install_plugin(site: Path, kind: str, package: str, source: str, target: str = "Tiny") -> Path:
-    """A model plugin as pip leaves it on a path Python searches: its module, and a dist-info folder whose
-    entry_points.txt registers `kind` in the lmlab.models group."""
-    module = package.replace("-", "_")
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{module}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[lmlab.models]\n{kind} = {module}:{target}\n")
-    return info
-
-
 @pytest.fixture(scope="session")
 def hf_gpt2(tmp_path_factory, corpus_dir) -> Path:
     return write_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", corpus_dir)
@@ -257,74 +101,12 @@ def imported_gpt2(tmp_path_factory, hf_gpt2) -> Path:
     return Path(import_hf(hf_gpt2, tmp_path_factory.mktemp("runs") / "tiny-gpt2")["run"])
 
 
-def tiny_tiktoken(folder: Path) -> dict[bytes, int]:
-    """A small encoding in tiktoken's file format: every byte, then a few merges."""
-    ranks = {bytes([i]): i for i in range(256)}
-    for token in (b"th", b"the", b" t", b" the", b"er", b" a", b"an", b"and", b" and", b"<|", b"|>", b"end"):
-        ranks[token] = len(ranks)
-    folder.mkdir(exist_ok=True)
-    (folder / "tiny.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-    return ranks
-
-
-ALPACA_TINY = Path(__file__).parent / "data" / "alpaca_tiny.json"
-
-
-SYLLABLES = "ka ro mi te la vor an del sil qua bre no fen tor is gal mar ul ven dra os ith el bo".split()
-KINDS = {  # a WikiText-2-like article kind: its noun and the facts its sentences state
-    "river": ["The {name} River is a river in {place} .", "It flows for {n} kilometres into the {other} River .",
-              "The {name} River was first mapped in {year} by {person} .", "Its basin covers {n} square kilometres ."],
-    "town": ["{name} is a town in {place} , with a population of {n} .", "{name} was founded in {year} by {person} .",
-             "The town lies on the {other} River .", "In {year} , {name} became the seat of {place} ."],
-    "battle": ["The Battle of {name} was fought in {year} near the {other} River .",
-               "{person} led an army of {n} men at {name} .", "The battle of {name} ended the war in {place} .",
-               "About {n} soldiers died at {name} ."],
-}
-SECTIONS = ["History", "Geography", "Legacy", "Description"]
-
-
-def write_wikitext(folder: Path, articles: int = 40, seed: int = 0) -> Path:
-    """A WikiText-2 stand-in: Wikipedia-style articles (` = Title = ` headings, ` = = Section = = `, tokens spaced
-    as WikiText's are), each about one invented river, town or battle whose name, place, person and years come back
-    in its sentences: a long-range dependency a model of the context can learn. One .txt file per article."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def word() -> str:
-        return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-
-    for a in range(articles):
-        kind = rng.choice(sorted(KINDS))
-        facts = {"name": word(), "place": word(), "other": word(), "person": f"{word()} {word()}",
-                 "n": rng.randint(2, 900) * 10, "year": rng.randint(1500, 1990)}
-        lines = [f" = {facts['name']}{'' if kind == 'town' else ' ' + kind.capitalize()} = ", ""]
-        for section in rng.sample(SECTIONS, 3):
-            lines += [f" = = {section} = = ", ""]
-            sentences = [rng.choice(KINDS[kind]).format(**facts) for _ in range(rng.randint(3, 6))]
-            lines += [" " + " ".join(sentences) + " ", ""]
-        (folder / f"article{a:04d}.txt").write_text("\n".join(lines), encoding="utf-8")
-    return folder
-
-
 @pytest.fixture(scope="session")
 def wikitext_dataset(tmp_path_factory) -> Path:
     """The stand-in prepared as WikiText-2 is studied: words, the most frequent 300 and `<unk>`."""
     root = tmp_path_factory.mktemp("wikitext")
     target, _, _ = prepare([str(write_wikitext(root / "corpus"))], "word:300", name="wikitext", out_dir=root / "data")
     return target
-
-
-# Fields of metrics.jsonl that depend on wall time, the machine's load or the run's location, not on what it learned.
-VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "ms_per_step", "mfu", "peak_flops", "peak_source", "peak_quiet",
-            "dtype_reason", "budget_spent", "path"}
-
-
-def stable_events(run: Path) -> list[dict]:
-    """metrics.jsonl without the VOLATILE fields and without the resume, threads and compile events: the history of
-    how the run was trained (how often it resumed; the threads the load at each start made lmlab choose; whether a
-    compiled step measured faster), not what it learned."""
-    return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events()
-            if e["event"] not in ("resume", "threads", "compile")]
 
 
 @pytest.fixture
@@ -349,205 +131,29 @@ def fake_gpu(monkeypatch):
     return install
 
 
-# --- the docs' blocks, as a reader runs them (tests/test_docs.py runs the guides, tests/test_demo.py the README's tour)
-
-ROOT = Path(__file__).resolve().parent.parent
-FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
-DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append|on)\b:?\s*(.*?)\s*-->\s*$")
-PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')
-RUN = {"bash", "python"}  # the fences a guide's reader runs; ```text is what they see, ```toml a file shown
-
-
-@dataclass
-class Block:
-    page: Path
-    line: int  # of the opening fence, 1-based
-    lang: str
-    text: str
-    skip: str = ""
-    background: str = ""
-    hosts: str = ""  # the test hosts (tests/hosts.py: node0, node1) a recipe's block runs on, at once
-    replaces: list[tuple[str, str]] = field(default_factory=list)
-    appends: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def where(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
-
-    def to_run(self, port: int) -> str:
-        """The block as the test runs it: each `replace` made, each `append` added to the commands it names."""
-        text = self.text
-        for old, new in self.replaces:
-            text = text.replace(old, new.replace("{port}", str(port)))
-        commands = text.replace("\\\n", " ").splitlines()
-        for prefix, args in self.appends:
-            commands = [append_to(command, prefix, args) for command in commands]
-        return "\n".join(commands)
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, char_dataset) -> Path:
+    """A tiny char run trained 10 steps in float32 (its checkpoint at step 10): the run the commands' refusals and
+    faults are tried on (tests that change it work on a copy)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "run",
+                   "cpu").run().run_dir
 
 
-def blocks(page: Path) -> list[Block]:
-    """The fenced blocks of a Markdown page, each with the directives in force where it stands."""
-    found, pending, replaces, appends = [], {}, [], []
-    lines = page.read_text(encoding="utf-8").splitlines()
-    number = 0
-    while number < len(lines):
-        line = lines[number]
-        number += 1
-        if directive := DIRECTIVE.match(line.strip()):
-            kind, rest = directive.groups()
-            if kind in ("skip", "background", "on"):
-                pending[kind] = rest or kind
-            else:
-                pair = PAIR.match(rest)  # what follows the two texts is the reason, for the reader
-                assert pair, f"{page.name}:{number}: docs-test {kind} takes two quoted texts, got {rest!r}"
-                (replaces if kind == "replace" else appends).append((pair[1], pair[2]))
-            continue
-        if not (fence := FENCE.match(line)):
-            if line.strip():
-                pending = {}  # a directive about a block stands on the line just before it
-            continue
-        start, body = number, []
-        while number < len(lines) and lines[number].strip() != fence.group(1):
-            body.append(lines[number])
-            number += 1
-        number += 1
-        found.append(Block(page, start, fence.group(2), "\n".join(body) + "\n", pending.get("skip", ""),
-                           pending.get("background", ""), pending.get("on", ""), list(replaces), list(appends)))
-        pending = {}
-    return found
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, imported_gpt2) -> Path:
+    """The tiny GPT-2 fine-tuned one epoch on tests/data/alpaca_tiny.json: the instruct model the servers serve."""
+    from lmlab.core.config import FinetuneConfig
+    from lmlab.train.finetune import finetune
+
+    run = tmp_path_factory.mktemp("runs") / "sft"
+    finetune(imported_gpt2, run, FinetuneConfig(str(ALPACA_TINY), epochs=1, learning_rate=3e-3), device="cpu")
+    return run
 
 
-def append_to(command: str, prefix: str, args: str) -> str:
-    """`command` with `args` added at the end of its `prefix` part, before any pipe, redirection, `&&` or comment."""
-    at = command.find(prefix)
-    if at < 0 or command[:at].strip():
-        return command
-    end = re.search(r"\s(\||&&|;|>|>>|2>|&|#)(\s|$)", command[at:])
-    cut = at + end.start() if end else len(command)
-    return f"{command[:cut].rstrip()} {args}{command[cut:]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-WAIT_FOR = """import sys, time, urllib.request
-for _ in range(480):
-    try:
-        urllib.request.urlopen(sys.argv[1], timeout=2)
-        sys.exit(0)
-    except Exception:
-        time.sleep(0.25)
-sys.exit(f"docs-test: {sys.argv[1]} did not answer in 120 s")
-"""
-
-
-def script(guide: Path, folder: Path, port: int) -> str:
-    """One bash script running the guide's blocks in order, as a reader's terminal would."""
-    lines = ["set -euo pipefail", "BACKGROUND=()",
-             'trap \'for p in "${BACKGROUND[@]}"; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done\' EXIT']
-    (folder / ".wait_for.py").write_text(WAIT_FOR, encoding="utf-8")
-    for n, block in enumerate(blocks(guide)):
-        if block.lang not in RUN or block.skip:
-            continue
-        lines.append(f"echo '>>> docs-test: {block.where}' >&2")
-        text = block.to_run(port)
-        if block.lang == "python":
-            (folder / f".block{n}.py").write_text(text, encoding="utf-8")
-            lines.append(f"python .block{n}.py")
-        elif block.background:
-            url = block.background.replace("{port}", str(port))
-            lines += [f"( {text.strip()}\n) > .background{n}.log 2>&1 &", 'BACKGROUND+=("$!")',  # after a comment
-                      f"python .wait_for.py {shlex.quote(url)} || {{ cat .background{n}.log >&2; exit 1; }}"]
-        else:
-            lines.append(text)
-    return "\n".join(lines) + "\n"
-
-
-def closure(requirements: list[str]) -> set[str]:
-    """The distributions `requirements` install, with their own dependencies, transitively (extras left out)."""
-    names: set[str] = set()
-    todo = [Requirement(r) for r in requirements]
-    while todo:
-        req = todo.pop()
-        name = canonicalize_name(req.name)
-        if name in names or (req.marker and not req.marker.evaluate({"extra": ""})):
-            continue
-        names.add(name)
-        try:
-            todo += [Requirement(r) for r in distribution(req.name).requires or []]
-        except PackageNotFoundError:  # an optional dependency of a dependency, on a platform that has none
-            names.discard(name)
-    return names
-
-
-class Server:
-    """`lmlab serve RUN OPTIONS` on a free port, its stderr (one line per request) collected."""
-
-    def __init__(self, run: Path, *options: str):
-        self.port = free_port()
-        self.proc = subprocess.Popen([LMLAB, "serve", run, "--port", str(self.port), "--device", "cpu",
-                                      "--no-compile", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        self.root, self.url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}/v1"
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.root}/health", timeout=2)
-                break
-            except OSError:  # refused, reset, or timed out while the server imports torch
-                assert self.proc.poll() is None, "".join(self.log)
-                assert time.monotonic() < deadline, "the server did not start within 120 s"
-                time.sleep(0.3)
-
-    def health(self) -> dict:
-        return json.loads(urllib.request.urlopen(f"{self.root}/health", timeout=10).read())
-
-    def logged(self, predicate, count: int = 1, timeout: float = 60) -> list[str]:
-        """The log lines `predicate` accepts, once there are `count` of them (a line is written as its request
-        ends, and read here by a thread of its own)."""
-        deadline = time.monotonic() + timeout
-        while len(found := [line for line in self.log if predicate(line)]) < count:
-            assert time.monotonic() < deadline, f"not logged within {timeout} s: {self.log[-5:]}"
-            time.sleep(0.05)
-        return found
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-def post(url: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def sent(server: Server, address: str, path: str, body: bytes) -> socket.socket:
-    """A POST from `address` (another of the loopback network's, 127.0.0.2, ..., standing for another machine), sent
-    whole, its answer left unread."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30, source_address=(address, 0))
-    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                 % (path.encode(), len(body), body))
-    return sock
-
-
-def read_answer(sock: socket.socket) -> tuple[int, dict]:
-    """The status and JSON body of the answer on `sock` (the server closes nothing: read to its length)."""
-    with sock:
-        got = b""
-        while b"\r\n\r\n" not in got:
-            got += sock.recv(65536)
-        head, _, rest = got.partition(b"\r\n\r\n")
-        fields = dict(line.lower().split(b":", 1) for line in head.split(b"\r\n")[1:])
-        length = int(fields[b"content-length"])
-        while len(rest) < length:
-            rest += sock.recv(65536)
-    return int(head.split()[1]), json.loads(rest)
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, char_dataset) -> Path:
+    """A tiny char run trained 20 steps (checkpoints at 10 and 20); tests that change it work on a copy."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=20))
+    return Trainer(cfg, root / "run", "cpu").run().run_dir

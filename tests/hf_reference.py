@@ -1,6 +1,7 @@
 """transformers as the reference for import-hf and export-hf: tiny random models of every family lmlab reads and
 writes, built with transformers' own config classes (nothing downloads), and the measurements the tests assert
-on and `python -m benchmarks.hf_parity` tabulates: logits, greedy continuations, tokenizer ids."""
+on and `python -m benchmarks.hf_parity` tabulates: logits, greedy continuations, tokenizer ids; and instruct
+models' tokenizer folders with the chat templates of Qwen2.5, Llama 3 and Gemma."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import os
 from pathlib import Path
 from unittest import mock
 
+import tokenizers
 import torch
 from rich.console import Console
+from safetensors.torch import load_file, save_file
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -27,12 +31,12 @@ from transformers import (
 
 from lmlab.core.config import SamplingParams, load_config
 from lmlab.data.prepare import PrepareOptions, prepare
-from lmlab.data.tokenizers import Tokenizer
+from lmlab.data.tokenizers import Tokenizer, load_pretrained
 from lmlab.hf import export_hf
 from lmlab.inference.generate import stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import tiny_tiktoken, write_config
+from tests.helpers import tiny_tiktoken, write_config
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64)
@@ -107,7 +111,7 @@ def tiny_hf(folder: Path, case: str, tokenizer: Tokenizer | None, vocab_size: in
 
 
 def train_run(run: Path, config: Path, options: list[str]) -> Path:
-    """A tiny lmlab run: 20 steps of `config` (conftest's TINY_CONFIG) with `options`."""
+    """A tiny lmlab run: 20 steps of `config` (tests/helpers.py's TINY_CONFIG) with `options`."""
     Trainer(load_config(config, [*TRAIN, *options]), run, "cpu", console=Console(quiet=True)).run()
     return run
 
@@ -174,3 +178,133 @@ def tokenizer_ids(folder: Path, run: Path, texts: list[str]) -> tuple[list[list[
     theirs = AutoTokenizer.from_pretrained(folder)
     ours = RunDir(run).tokenizer()
     return [theirs(t)["input_ids"] for t in texts], [ours.encode(t) for t in texts]
+
+
+# Qwen2.5's template as it renders without tools: a default system message, <|im_start|>ROLE ... <|im_end|>.
+QWEN = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+    {{- "\n\n# Tools\n\n<tools>" }}
+    {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
+    {{- "\n</tools><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- for tool_call in message.tool_calls %}{{- '\n<tool_call>\n' + tool_call.function.name + '\n</tool_call>' }}{%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+
+# Llama 3.1's, without tools: the BOS, a dated system header, <|start_header_id|>ROLE<|end_header_id|>, <|eot_id|>.
+LLAMA3 = r"""{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = strftime_now("%d %b %Y") %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
+
+# Gemma's: no system role, roles that alternate (raise_exception otherwise), the assistant called "model".
+GEMMA = (r"{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+         r"{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}"
+         r"{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+         r"{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+         r"{% set role = message['role'] %}{% endif %}"
+         r"{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+         r"{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+
+
+STYLES = {  # special tokens (the first, id 0, ends a turn), tokenizer_config.json, where the template is kept
+    "qwen2.5": (["<|im_end|>", "<|endoftext|>", "<|im_start|>"],
+                {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, "tokenizer_config"),
+    "llama3": (["<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"],
+               {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, "chat_template.jinja"),
+    "gemma": (["<end_of_turn>", "<bos>", "<eos>", "<start_of_turn>"], {"bos_token": "<bos>", "eos_token": "<eos>"},
+              "tokenizer_config"),
+}
+
+
+TEMPLATES = {"qwen2.5": QWEN, "llama3": LLAMA3, "gemma": GEMMA}
+
+
+def chat_folder(folder: Path, style: str, corpus: Path, template: str | None = None) -> Path:
+    """A tokenizer folder as an instruct model ships it: a byte-level BPE whose special tokens are the style's
+    (Llama 3's tokenizer adds its BOS to every text, as the real one does), and its chat template."""
+    specials, settings, where = STYLES[style]
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    if style != "qwen2.5":  # Llama 3's and Gemma's tokenizers put their BOS before every text
+        bos = settings["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                               special_tokens=[(bos, backend.token_to_id(bos))])
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    template = template if template is not None else TEMPLATES[style]
+    config = {**settings, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 64}
+    if where == "chat_template.jinja":
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    else:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def hf_chat_model(folder: Path, style: str, corpus: Path, silent: bool = False) -> Path:
+    """A tiny random Qwen2 (context 512) saved by transformers with the style's tokenizer and template; `silent`: its
+    final norm zeroed, so every logit is 0 and greedy decoding picks id 0, the end of a turn, at once."""
+    chat_folder(folder, style, corpus)
+    tokenizer = load_pretrained(folder)
+    saved = {name: (folder / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+    tiny_hf(folder, "qwen2", tokenizer, max_position_embeddings=512, use_sliding_window=False)  # a judge's rubric fits
+    for name, data in saved.items():  # tiny_hf writes a plain tokenizer_config.json: the instruct one goes back
+        (folder / name).write_bytes(data)
+    if silent:
+        weights = load_file(str(folder / "model.safetensors"))
+        weights["model.norm.weight"].zero_()
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who is Romeo?"}],
+    [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Who is Juliet?"}],
+    [{"role": "user", "content": "Name a star."}, {"role": "assistant", "content": "The sun."},
+     {"role": "user", "content": "Another,\nplease — in French: étoile?"}],
+    [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+]

@@ -16,7 +16,7 @@ from rich.console import Console
 
 import lmlab
 from lmlab.commands import main
-from tests.conftest import stable_events, write_config
+from tests.helpers import stable_events, write_config
 
 
 def quiet() -> Console:
@@ -32,6 +32,7 @@ def runs(tmp_path_factory, char_dataset) -> tuple[lmlab.Run, lmlab.Run]:
     return first, lmlab.train(first.config, run=root / "one", device="cpu", n_layer=1, console=quiet())
 
 
+@pytest.mark.slow
 def test_a_corpus_prepared_and_trained_in_python_reads_back(tmp_path, corpus_dir):
     data = lmlab.prepare(corpus_dir, tokenizer="char", name="plays", out_dir=tmp_path / "data", console=quiet())
     assert data.path == tmp_path / "data" / "plays-char" and data.built and data.tokens > 10_000
@@ -54,6 +55,7 @@ def test_a_corpus_prepared_and_trained_in_python_reads_back(tmp_path, corpus_dir
     assert run.tokenizer.decode(run.tokenizer.encode("ROMEO:")) == "ROMEO:"
 
 
+@pytest.mark.slow
 def test_the_commands_give_what_the_api_gives(tmp_path, runs, capsys):
     """`lmlab train`, `sample` and `eval` are the API's train, Run.sample and Run.eval: the same runs, texts and
     figures."""
@@ -76,6 +78,7 @@ def test_the_commands_give_what_the_api_gives(tmp_path, runs, capsys):
     assert result["loss"] == kept["loss"] and math.isclose(result["perplexity"], math.exp(result["loss"]))
 
 
+@pytest.mark.slow
 def test_a_run_continues_and_starts_from_another_in_python(tmp_path, runs):
     copy = lmlab.train(runs[0].config, run=tmp_path / "copy", device="cpu", console=quiet())
     more = lmlab.train(resume=copy, max_iters=30, console=quiet())
@@ -85,6 +88,7 @@ def test_a_run_continues_and_starts_from_another_in_python(tmp_path, runs):
     assert started.events[0]["init_from"] and started.result.steps == 10
 
 
+@pytest.mark.slow
 def test_runs_compare_as_a_table_for_a_terminal_and_a_notebook(runs):
     compared = lmlab.compare(runs)
     assert [row["run"] for row in compared.rows] == ["two", "one"] and compared.rows[1]["params_ratio"] < 1
@@ -100,6 +104,7 @@ def test_runs_compare_as_a_table_for_a_terminal_and_a_notebook(runs):
     assert compared.plot(x="tokens").axes[0].get_xlabel() == "tokens seen"
 
 
+@pytest.mark.slow
 def test_without_pandas_the_frames_are_refused_in_a_sentence(runs, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # as where pandas is not installed
     with pytest.raises(lmlab.UserError, match="needs pandas, which is not installed"):
@@ -167,6 +172,7 @@ BAD = [  # (what is called, what the sentence says)
 
 
 @pytest.mark.parametrize("call, words", BAD, ids=[words for _, words in BAD])
+@pytest.mark.slow
 def test_a_bad_argument_is_one_sentence(call, words, runs, tmp_path, corpus_dir):
     write_config(tmp_path / "tiny.toml", runs[0].config.data.dataset)
     (tmp_path / "corpus").symlink_to(corpus_dir)

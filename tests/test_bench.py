@@ -13,9 +13,10 @@ from lmlab.core.peak import peak_flops
 from lmlab.experiments.bench import find_max_batch, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 
+@pytest.mark.slow
 def test_bench_times_each_batch_size_and_sizes_evaluation(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     assert main(["bench", str(config), "--batch-sizes", "2,8", "--steps", "3", "--eval", "--device", "cpu"]) == 0
@@ -37,6 +38,7 @@ def test_bench_times_each_batch_size_and_sizes_evaluation(capsys, tmp_path, char
     assert re.search(r"eval_iters <= \d+ keeps evaluation under 5%", out)
 
 
+@pytest.mark.slow
 def test_bench_times_a_checkpoint_where_runs_go(capsys, tmp_path, char_dataset, monkeypatch):
     """Checkpoint write and load times were only in a benchmark script: `bench --checkpoint` says them, measured as
     training writes one and a resume loads it, in runs/ (where checkpoints go), leaving nothing there."""
@@ -51,6 +53,7 @@ def test_bench_times_a_checkpoint_where_runs_go(capsys, tmp_path, char_dataset, 
     assert list((tmp_path / "runs").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_each_batch_size_counts_its_own_peak_memory(capsys, tmp_path, char_dataset):
     """The RSS high-water mark is the process's: without resetting it, a small batch timed after a large one would
     report the large one's peak, and --find-max-batch's bisection would find nothing fits below it."""
@@ -61,6 +64,7 @@ def test_each_batch_size_counts_its_own_peak_memory(capsys, tmp_path, char_datas
     assert int(memory["1"].replace(",", "")) < int(memory["128"].replace(",", "")) - 20
 
 
+@pytest.mark.slow
 def test_find_max_batch_prints_each_try_and_stops_at_its_time_limit(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     assert main(["bench", str(config), "--find-max-batch", "--search-seconds", "0.001", "--steps", "1",
@@ -98,6 +102,7 @@ def test_plan_arithmetic_for_gpt2_small(capsys):
     assert f"{20 * params / 100_000 / 3600:.1f} h" in out
 
 
+@pytest.mark.slow
 def test_plan_for_a_run_says_where_it_stands(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
     assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
@@ -117,6 +122,7 @@ def test_plan_for_a_run_says_where_it_stands(capsys, tmp_path, char_dataset):
                      text)
 
 
+@pytest.mark.slow
 def test_mfu_is_logged_against_a_measured_cpu_peak(tmp_path, char_dataset, capsys):
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
     assert main(["train", str(config), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
@@ -161,6 +167,7 @@ def test_cpus_and_dtypes_without_tensor_cores_are_measured():
     assert peak.source == "measured matmul" and peak.flops > 1e9
 
 
+@pytest.mark.slow
 def test_find_max_batch_tries_each_batch_eagerly_over_one_micro_batch(tmp_path, char_dataset):
     """A compiled try recompiles at every batch size (minutes on a GPU) and its time, mostly compiling, would foresee
     the next try wrongly; accumulation only adds time. So each try is one eager micro-batch, whatever the config."""

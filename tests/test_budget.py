@@ -22,9 +22,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.planning import BudgetPlan, Measured, make_plan, seconds_needed, steps_that_fit
 from lmlab.train.schedule import lr_at
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, stable_events, write_config, write_fit
-from tests.test_checkpoint import wait_for, weights
-from tests.test_distributed import finish, torchrun
+from tests.helpers import LMLAB, finish, stable_events, torchrun, wait_for, weights, write_config, write_fit
 
 
 def test_the_plan_counts_steps_evals_at_their_interval_and_the_end_and_the_checkpoints_between():
@@ -129,6 +127,7 @@ def fits(run: Path, steps: int = 1) -> bool:
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.slow
 def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_that_fill_the_budget(
         tmp_path, char_dataset, schedule):
     seconds = 2.0
@@ -175,6 +174,7 @@ def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_th
         assert saved == ([p for p in plans if p.step <= step] or [BudgetPlan(seconds)])[-1]
 
 
+@pytest.mark.slow
 def test_a_budget_used_up_before_its_steps_are_timed_ends_the_run_at_once(tmp_path, char_dataset, capsys):
     result = budgeted(tmp_path, char_dataset, 0.01).run()
     plan = plans_of(result.run_dir)[-1]
@@ -185,6 +185,7 @@ def test_a_budget_used_up_before_its_steps_are_timed_ends_the_run_at_once(tmp_pa
     assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{plan.step:06d}"
 
 
+@pytest.mark.slow
 def test_a_budget_start_up_used_up_ends_before_the_first_step_with_a_checkpoint(tmp_path, char_dataset):
     """`--budget 0.001s`: before this, it trained 13 steps for 13 s."""
     config = write_config(tmp_path / "tiny.toml", char_dataset)
@@ -198,6 +199,7 @@ def test_a_budget_start_up_used_up_ends_before_the_first_step_with_a_checkpoint(
     assert RunDir(tmp_path / "run").events()[-1]["event"] == "end"
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_for_a_whole_evaluation_ends_with_a_shorter_one_and_a_checkpoint(tmp_path, char_dataset,
                                                                                              capsys):
     """An evaluation at train.eval_iters (2,000 batches a split) takes longer than the whole budget: the run scores
@@ -217,6 +219,7 @@ def test_a_budget_too_small_for_a_whole_evaluation_ends_with_a_shorter_one_and_a
     assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{plan.max_iters:06d}"
 
 
+@pytest.mark.slow
 def test_a_step_longer_than_the_budget_left_ends_the_run_with_its_evaluation_and_checkpoint(tmp_path, char_dataset,
                                                                                             capsys):
     """Steps of half a second or more (as a hog makes them) against a budget that has less than that left once
@@ -248,6 +251,7 @@ def test_budget_settings_are_checked(tmp_path, char_dataset, capsys):
         assert message in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow
 def test_a_planned_run_resumes_with_its_budget_or_by_steps_but_not_with_another_budget(tmp_path, char_dataset):
     result = budgeted(tmp_path, char_dataset, 1.0).run()
     run = result.run_dir
@@ -361,7 +365,7 @@ def budgeted_process(tmp_path, dataset, seconds: float, hog_at: float | None) ->
 @pytest.mark.serial
 @pytest.mark.parametrize("seconds, hog_at", [(60, 20), (20, None)])
 def test_a_budget_holds_when_the_machine_gets_busy_mid_run(tmp_path, char_dataset, seconds, hog_at):
-    """The issue's test: a 60 s budget with a CPU hog started 20 s in ends within 5% of 60 s, process start to exit,
+    """A 60 s budget with a CPU hog started 20 s in ends within 5% of 60 s, process start to exit,
     its LR decayed to the end; without the hog (20 s, to keep the suite short) it ends as it did before the hog."""
     share = hog_at / seconds if hog_at else None  # the hog comes a third of the way in
     for attempt in range(3):  # a machine whose start takes the budget gets a budget that leaves it steps

@@ -18,10 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import tokenizers
 import torch
-from safetensors.torch import load_file, save_file
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
@@ -31,130 +28,10 @@ from lmlab.hf import export_hf, import_hf
 from lmlab.inference.generate import chat_stream
 from lmlab.run.chat import read_chat_template
 from lmlab.run.rundir import RunDir
-from tests.conftest import ALPACA_TINY, LMLAB, Server, read_answer, sent
-from tests.test_plugins import run_cli
+from tests.helpers import ALPACA_TINY, LMLAB, Server, read_answer, run_cli, sent
 
 transformers = pytest.importorskip("transformers")
-from tests.hf_reference import tiny_hf  # noqa: E402  (needs transformers)
-
-# Qwen2.5's template as it renders without tools: a default system message, <|im_start|>ROLE ... <|im_end|>.
-QWEN = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
-    {{- "\n\n# Tools\n\n<tools>" }}
-    {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
-    {{- "\n</tools><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
-    {%- else %}
-        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role }}
-        {%- for tool_call in message.tool_calls %}{{- '\n<tool_call>\n' + tool_call.function.name + '\n</tool_call>' }}{%- endfor %}
-        {{- '<|im_end|>\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
-"""
-# Llama 3.1's, without tools: the BOS, a dated system header, <|start_header_id|>ROLE<|end_header_id|>, <|eot_id|>.
-LLAMA3 = r"""{{- bos_token }}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-{%- if not date_string is defined %}
-    {%- set date_string = strftime_now("%d %b %Y") %}
-{%- endif %}
-{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
-{{- "Cutting Knowledge Date: December 2023\n" }}
-{{- "Today Date: " + date_string + "\n\n" }}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{%- endif %}
-"""
-# Gemma's: no system role, roles that alternate (raise_exception otherwise), the assistant called "model".
-GEMMA = (r"{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-         r"{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}"
-         r"{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-         r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-         r"{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
-         r"{% set role = message['role'] %}{% endif %}"
-         r"{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-         r"{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
-STYLES = {  # special tokens (the first, id 0, ends a turn), tokenizer_config.json, where the template is kept
-    "qwen2.5": (["<|im_end|>", "<|endoftext|>", "<|im_start|>"],
-                {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, "tokenizer_config"),
-    "llama3": (["<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"],
-               {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, "chat_template.jinja"),
-    "gemma": (["<end_of_turn>", "<bos>", "<eos>", "<start_of_turn>"], {"bos_token": "<bos>", "eos_token": "<eos>"},
-              "tokenizer_config"),
-}
-TEMPLATES = {"qwen2.5": QWEN, "llama3": LLAMA3, "gemma": GEMMA}
-CONVERSATIONS = [
-    [{"role": "user", "content": "Who is Romeo?"}],
-    [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Who is Juliet?"}],
-    [{"role": "user", "content": "Name a star."}, {"role": "assistant", "content": "The sun."},
-     {"role": "user", "content": "Another,\nplease — in French: étoile?"}],
-    [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
-]
-
-
-def chat_folder(folder: Path, style: str, corpus: Path, template: str | None = None) -> Path:
-    """A tokenizer folder as an instruct model ships it: a byte-level BPE whose special tokens are the style's
-    (Llama 3's tokenizer adds its BOS to every text, as the real one does), and its chat template."""
-    specials, settings, where = STYLES[style]
-    backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
-    if style != "qwen2.5":  # Llama 3's and Gemma's tokenizers put their BOS before every text
-        bos = settings["bos_token"]
-        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
-                                                               special_tokens=[(bos, backend.token_to_id(bos))])
-    folder.mkdir(parents=True, exist_ok=True)
-    backend.save(str(folder / "tokenizer.json"))
-    template = template if template is not None else TEMPLATES[style]
-    config = {**settings, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 64}
-    if where == "chat_template.jinja":
-        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
-    else:
-        config["chat_template"] = template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
-
-
-def hf_chat_model(folder: Path, style: str, corpus: Path, silent: bool = False) -> Path:
-    """A tiny random Qwen2 (context 512) saved by transformers with the style's tokenizer and template; `silent`: its
-    final norm zeroed, so every logit is 0 and greedy decoding picks id 0, the end of a turn, at once."""
-    chat_folder(folder, style, corpus)
-    tokenizer = load_pretrained(folder)
-    saved = {name: (folder / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
-    tiny_hf(folder, "qwen2", tokenizer, max_position_embeddings=512, use_sliding_window=False)  # a judge's rubric fits
-    for name, data in saved.items():  # tiny_hf writes a plain tokenizer_config.json: the instruct one goes back
-        (folder / name).write_bytes(data)
-    if silent:
-        weights = load_file(str(folder / "model.safetensors"))
-        weights["model.norm.weight"].zero_()
-        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
+from tests.hf_reference import CONVERSATIONS, QWEN, STYLES, chat_folder, hf_chat_model  # noqa: E402  (needs transformers)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -177,6 +54,7 @@ def test_the_rendered_prompt_and_its_ids_are_transformers(tmp_path, corpus_dir, 
     assert ours.end_of_turn == (STYLES[style][0][0],)
 
 
+@pytest.mark.slow
 def test_an_imported_instruct_model_keeps_its_template_out_and_back_and_answers_through_it(tmp_path, corpus_dir,
                                                                                          capsys):
     source = hf_chat_model(tmp_path / "Qwen2.5-tiny-Instruct", "qwen2.5", corpus_dir)
@@ -220,6 +98,7 @@ def test_an_imported_instruct_model_keeps_its_template_out_and_back_and_answers_
     assert RunDir(tmp_path / "back").chat_template().template == QWEN
 
 
+@pytest.mark.slow
 def test_a_reply_stops_at_the_end_of_the_turn_not_only_at_the_eos(tmp_path, corpus_dir):
     # Llama 3's eos (<|end_of_text|>) is not its end of turn (<|eot_id|>): a model that ends its turn at once
     # gives an empty reply, where decoding to the eos would run to max_new_tokens.
@@ -318,7 +197,7 @@ def test_messages_a_template_refuses_get_its_own_words(tmp_path, corpus_dir, cap
     assert RunDir(tmp_path / "run").chat_template().end_of_turn == ("<end_of_turn>",)
 
 
-# Templates a hostile or careless author ships (issue 34, item 1): each bounded, in one sentence, never a stuck thread.
+# Templates a hostile or careless author ships: each bounded, in one sentence, never a stuck thread.
 HOSTILE = {
     "a loop": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}",
                "takes more than 2 s to render"),
@@ -354,6 +233,7 @@ def run_with_template(source: Path, folder: Path, template: str) -> Path:
 
 
 @pytest.mark.parametrize("case", [*HOSTILE, "quadratic"])
+@pytest.mark.slow
 def test_a_hostile_template_is_refused_at_import_in_one_sentence(tmp_path, qwen_source, capsys, case):
     template, says = HOSTILE.get(case, (QUADRATIC, "takes more than 2 s to render a chat of 31 messages"))
     source = with_template(qwen_source, tmp_path / "model", template)
@@ -363,6 +243,7 @@ def test_a_hostile_template_is_refused_at_import_in_one_sentence(tmp_path, qwen_
 
 
 @pytest.mark.parametrize("case", ["a loop", "nothing", "300 MB"])
+@pytest.mark.slow
 def test_sample_and_answer_refuse_a_hostile_template_in_one_sentence(tmp_path, qwen_source, capsys, case):
     template, says = HOSTILE[case]
     run = run_with_template(qwen_source, tmp_path / "run", template)

@@ -1,53 +1,32 @@
-"""Checkpoints a two-day run can trust: exact resume after kill -9, verified files, graceful stop, guards."""
+"""Checkpoints a two-day run can trust: exact resume after kill -9, verified files, graceful stop, guards, and
+a disk margin of the checkpoint's own size."""
 
+from __future__ import annotations
+
+import json
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig, TrainConfig, load_config
 from lmlab.core.errors import UserError
 from lmlab.model.gpt import GPT
-from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
+from lmlab.run.checkpoint import checkpoint_bytes, load_checkpoint, model_tensors, save_checkpoint
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
-from tests.conftest import LMLAB, stable_events, write_config
-
-
-def weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
-    return load_file(str(RunDir(run).checkpoint(which) / "model.safetensors"))
+from tests.helpers import LMLAB, kill_and_resume, stable_events, wait_for, weights, write_config
 
 
 def trainer(tmp_path: Path, dataset: Path, overrides=(), run="run", **kw) -> Trainer:
     cfg = load_config(write_config(tmp_path / "tiny.toml", dataset), list(overrides))
     return Trainer(cfg, tmp_path / run, "cpu", **kw)
-
-
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def kill_and_resume(command: list, run: Path, kill_after_lines: tuple[int, ...]) -> None:
-    """Run `command` (an `lmlab train` of `run`), kill -9 it once the run's metrics have each number of lines in
-    turn (resuming it in between), then resume it to the end."""
-    for lines in kill_after_lines:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: len(RunDir(run).events()) >= lines or proc.poll() is not None)
-        proc.kill()
-        proc.wait()
-        command = [LMLAB, "train", "--resume", run]
-    subprocess.run(command, check=True, capture_output=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -87,6 +66,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path, char_datase
     assert RunDir(run).checkpoint("latest").name == f"step_{end['step']:06d}"
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, char_dataset, capsys):
     trainer(tmp_path, char_dataset, ["train.max_iters=30", "train.eval_interval=100"]).run()
     run = tmp_path / "run"
@@ -104,6 +84,7 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, ch
     assert not list((run / "checkpoints").glob(".step_*"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_says_how_long_it_took_to_write_and_a_resume_how_long_its_load_took(tmp_path, char_dataset,
                                                                                           capsys):
     """Save and load times were only a benchmark's (bench --checkpoint); a run says its own."""
@@ -117,6 +98,7 @@ def test_a_checkpoint_says_how_long_it_took_to_write_and_a_resume_how_long_its_l
     assert re.search(rf"Resumed {re.escape(str(run))} from step_000020 \(step 20\) in \d+\.\d\d s\.", out), out
 
 
+@pytest.mark.slow
 def test_only_the_last_k_checkpoints_and_best_are_kept(tmp_path, char_dataset):
     trainer(tmp_path, char_dataset, ["train.max_iters=60", "train.keep_checkpoints=2",
                                      "train.learning_rate=1e-30", "train.min_lr=0", "train.warmup_iters=0"]).run()
@@ -126,6 +108,7 @@ def test_only_the_last_k_checkpoints_and_best_are_kept(tmp_path, char_dataset):
     assert kept == sorted({best, "step_000050", "step_000060"})
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_shape_and_changed_data_without_force(tmp_path, char_dataset, corpus_dir):
     trainer(tmp_path, char_dataset, ["train.max_iters=10"]).run()
     run = tmp_path / "run"
@@ -140,6 +123,7 @@ def test_resume_refuses_another_model_shape_and_changed_data_without_force(tmp_p
     assert Trainer(cfg, run, "cpu", resume=True, force=True).run().steps == 20
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
     old = trainer(tmp_path, char_dataset, ["train.max_iters=60"], run="old").run()
     new = trainer(tmp_path, char_dataset, ["train.max_iters=10", "train.warmup_iters=10"], run="new",
@@ -151,6 +135,7 @@ def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
         trainer(tmp_path, char_dataset, ["model.n_embd=64"], run="wide", init_from=str(tmp_path / "old"))
 
 
+@pytest.mark.slow
 def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the_weights(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, ["train.max_iters=90"])
     counts = np.bincount(t.train_tokens, minlength=t.cfg.model.vocab_size)
@@ -182,6 +167,7 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
     assert all(e["lr"] <= 0.5 * 3e-3 for e in late)
 
 
+@pytest.mark.slow
 def test_a_bf16_checkpoint_continues_in_fp32_and_back(tmp_path, char_dataset):
     """The CPU stand-in for CUDA<->CPU portability: weights and optimizer state are fp32 whatever the
     autocast dtype, so a run continues under another precision (and, the same way, on another device)."""
@@ -227,3 +213,15 @@ def _addresses(model, optimizer) -> dict:
     """Where each weight and each tensor of the optimizer's state lives."""
     return {**{name: t.data_ptr() for name, t in model.state_dict().items()},
             **{(i, k): v.data_ptr() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}}
+
+
+def test_a_checkpoints_disk_margin_is_its_own_size_not_a_fixed_16_mib(tiny_run):
+    folder = RunDir(tiny_run).checkpoint("latest")
+    from safetensors.torch import load_file
+
+    tensors = [*load_file(folder / "model.safetensors").values(), *load_file(folder / "optimizer.safetensors").values()]
+    state = json.loads((folder / "state.json").read_text())
+    state.pop("files")
+    need = checkpoint_bytes(tensors, state)
+    on_disk = sum(p.stat().st_blocks * 512 for p in folder.iterdir())
+    assert on_disk <= need < on_disk + 64 * 1024

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lmlab.commands import main
-from tests.conftest import lmlab, write_config, write_corpus
+from tests.helpers import lmlab, write_config, write_corpus
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -32,6 +32,7 @@ def test_bad_config_key_and_type(capsys, tmp_path, char_dataset):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_training_names_the_model_and_the_fields_its_kind_does_not_use(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "c.toml", char_dataset, max_iters=2)
     code, out, _ = run_cli(capsys, "train", config, "--set", "model.kind=recurrent", "--set", "train.eval_interval=2",
@@ -84,6 +85,7 @@ def test_command_line_bytes_that_are_not_utf8_are_one_sentence(capsys, tmp_path,
 
 
 
+@pytest.mark.slow
 def test_run_refuses_a_dataset_with_another_vocab_and_unseen_prompt_characters(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "c.toml", char_dataset, max_iters=10)
     assert run_cli(capsys, "train", config, "--run", tmp_path / "r", "--device", "cpu")[0] == 0

@@ -18,7 +18,7 @@ import pytest
 
 from lmlab.commands import main
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, write_config
+from tests.helpers import LMLAB, write_config
 
 def test_kernel_builds_cut_short_are_discarded_whole_ones_and_one_being_built_are_left(tmp_path, monkeypatch,
                                                                                         capsys):

@@ -23,8 +23,7 @@ from lmlab.model import GPT
 from lmlab.model.loss import IGNORE
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
-from tests.test_large_corpora import documents, split_tokens, write_jsonl
+from tests.helpers import documents, split_tokens, write_config, write_jsonl
 
 BLOCK = 32  # TINY_CONFIG's model.block_size
 ROW = BLOCK + 1
@@ -128,6 +127,7 @@ def test_a_model_trains_and_evaluates_on_a_crop_dataset(tmp_path, crop_dataset):
     assert "padding in the rows" in out and f"cut to a row of {ROW} tokens" in out and "tokens lost" not in out
 
 
+@pytest.mark.slow
 def test_a_block_size_other_than_the_rows_is_refused_in_train_and_eval(tmp_path, crop_dataset, monkeypatch):
     config = write_config(tmp_path / "tiny.toml", crop_dataset)
     monkeypatch.chdir(crop_dataset.parent)  # the same document names, so the same vocabulary (see crop_dataset)

@@ -1,12 +1,12 @@
 """The CUDA paths on a real GPU: bf16 and compiled training against fp32 eager, fused AdamW's non-finite skip,
 the fp16 grad scaler through a checkpoint, TF32, checkpoints that move between the GPU and the CPU, KV-cache
 sampling, the compiled decode step (AOTInductor on CUDA) against eager, torchrun over NCCL (DDP, FSDP2 in bf16, and
-FSDP with compile), a real out-of-memory in `bench --find-max-batch`, and the choices tests/test_gpu_paths.py checks
+FSDP with compile), a real out-of-memory in `bench --find-max-batch`, and the choices tests/test_cuda_on_cpu.py checks
 on the CPU (dtype, pinning, compile, peak FLOP/s).
 
 Every test here is marked `cuda` and skipped, saying why, where PyTorch sees no GPU (tests/conftest.py);
 `python benchmarks/gpu_report.py` (`make gpu-report`) runs them and puts the result in its table. The tolerances
-follow the CPU's measured ones (tests/test_fast_path.py) with room for TF32 and CUDA's kernels; they have not yet
+follow the CPU's measured ones (tests/test_train_compile.py) with room for TF32 and CUDA's kernels; they have not yet
 been measured on a GPU: each test records the gap it measured (`record_property`), which the report's first-hour
 checklist prints beside its bound.
 """
@@ -35,7 +35,7 @@ from lmlab.run.checkpoint import model_tensors
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

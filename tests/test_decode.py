@@ -24,7 +24,7 @@ BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
 MODELS = {
     "gpt2-style": {},
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2),
-    # Qwen3's options (issue 14): heads wider than n_embd / n_head, its rotary base and norm epsilon, its MLP width
+    # Qwen3's options: heads wider than n_embd / n_head, its rotary base and norm epsilon, its MLP width
     "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2,
                   head_dim=16, rope_theta=1e6, norm_eps=1e-6, mlp_hidden=48),
     "gru": dict(kind="recurrent"),
@@ -66,6 +66,7 @@ def decode(m, prompts, params, capacity, starts=None, step=None):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_a_batch_decodes_each_sequence_as_it_decodes_alone(name):
     m = model(name)
     prompts = [[1, 2, 3], [4] * 9, [7], list(range(20, 36))]  # the last fills the context at once
@@ -196,6 +197,7 @@ def test_weights_held_in_the_decode_dtype_are_cast_once_not_at_every_token():
         assert held.hidden(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream stays fp32
 
 
+@pytest.mark.slow
 def test_a_run_loaded_to_decode_eagerly_on_a_gpu_holds_its_weights_in_its_dtype(writing_char_run):
     run = RunDir(writing_char_run).load("latest", "cpu")
     assert decoding_only(run, compiled=False) == torch.float32  # eager on a CPU decodes in fp32

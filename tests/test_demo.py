@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, closure, free_port, script
+from tests.helpers import ROOT, closure, free_port, script
 
 LLAMA_CLI = '''#!{python}
 """llama-cli -m FILE -p PROMPT -n N, through llama.cpp's Python binding: the prompt and N tokens greedily."""

@@ -109,6 +109,7 @@ def test_auto_takes_fp32_over_fp16_for_weights_born_in_bf16(fake_gpu, capability
     assert choose_dtype(torch.device("cuda"), "float16", born)[0] == torch.float16  # as set, it is kept
 
 
+@pytest.mark.slow
 def test_a_runs_weights_dtype_is_what_it_trained_or_was_published_in(tmp_path, writing_char_run, imported_gpt2):
     assert RunDir(writing_char_run).weights_dtype() == "float32"  # trained on the CPU
     assert RunDir(imported_gpt2).weights_dtype() == "float32"

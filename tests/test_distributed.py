@@ -22,49 +22,22 @@ from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel, setup
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, install_plugin, write_config
+from tests.helpers import (
+    LMLAB,
+    TOLERANCE,
+    assert_same,
+    finish,
+    install_plugin,
+    losses,
+    output,
+    torchrun,
+    val_losses,
+    write_config,
+)
 
 # A fixed LR schedule (lr_decay_iters), so runs of different lengths take the same first steps; two micro-batches
 # per step, one per rank under two processes.
 SETTINGS = ["train.grad_accum_steps=2", "train.lr_decay_iters=20", "train.log_interval=1", "train.keep_checkpoints=9"]
-TOLERANCE = 1e-5  # fp32; the ranks only change the order of a few sums
-
-
-def losses(run: Path) -> dict[int, float]:
-    train = [e for e in RunDir(run).events() if e["event"] == "train"]
-    assert len({e["step"] for e in train}) == len(train), "a step logged twice (by two ranks?)"
-    return {e["step"]: e["loss"] for e in train}
-
-
-def val_losses(run: Path) -> dict[int, float]:
-    return {e["step"]: e["val_loss"] for e in RunDir(run).events() if e["event"] == "eval"}
-
-
-def assert_same(got: dict[int, float], want: dict[int, float], steps: range) -> None:
-    assert sorted(got) == list(steps)
-    assert max(abs(got[s] - want[s]) for s in steps) < TOLERANCE
-
-
-def torchrun(args: list[str], *extra: str, **kw) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra,
-               "-m", "--", "lmlab", "train", *args, "--device", "cpu"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def output(job: subprocess.Popen, timeout: float = 120) -> str:
-    """The job's output once it ends; a job still running after `timeout` is stopped, workers included."""
-    try:
-        return job.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        job.terminate()  # torchrun passes it on to the workers (each in its own session) and waits for them
-        job.communicate(timeout=60)
-        raise
-
-
-def finish(job: subprocess.Popen) -> str:
-    out = output(job)
-    assert job.returncode == 0, out
-    return out
 
 
 def resumable_at(run: Path, step: int, copy: Path) -> Path:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from lmlab.commands import build_parser
+from lmlab.commands.reference import PAGES, SECTIONS
+from tests.helpers import (
     ALPACA_TINY,
     FENCE,
     Block,
@@ -33,9 +35,7 @@ from conftest import (
     write_tiny_gpt2,
     write_wikitext,
 )
-from hosts import two_hosts
-from lmlab.commands import build_parser
-from lmlab.commands.reference import PAGES, SECTIONS
+from tests.hosts import two_hosts
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

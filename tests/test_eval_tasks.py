@@ -23,12 +23,12 @@ from lmlab.inference.generate import document_start
 from lmlab.inference.scoring import token_scores
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import SPEAKERS, hellaswag_items, phrase, write_config
+from tests.helpers import SPEAKERS, Server, hellaswag_items, phrase, post, write_config
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("fastapi")
 from tests import lm_eval_reference  # noqa: E402  (needs lm_eval)
-from tests.test_serve import Server, post  # noqa: E402
+
 
 pytestmark = pytest.mark.slow
 
@@ -298,6 +298,7 @@ def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained
         judge.stop()
 
 
+@pytest.mark.slow
 def test_lm_evaluation_harness_hf_on_a_char_runs_export_gives_its_task_scores(writing_char_run, tmp_path, capsys):
     """A char run's export is the model: its vocabulary no wider than the model's rows, lm-eval's hf backend scores
     every choice as `lmlab eval --task` does. A char run has no end-of-text token, so lm-eval is told what an

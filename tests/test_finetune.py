@@ -17,8 +17,7 @@ from lmlab.model.loss import IGNORE
 from lmlab.run.prompt import alpaca_format, read_records
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import _batch, encode_example, split_records
-from tests.conftest import ALPACA_TINY, LMLAB
-from tests.test_peak import hog
+from tests.helpers import ALPACA_TINY, LMLAB, hog
 
 RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}
 
@@ -49,6 +48,7 @@ def test_the_held_out_split_is_deterministic_and_disjoint():
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in val}
 
 
+@pytest.mark.slow
 def test_bad_records_are_named(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([RECORD, {"input": "x", "output": "y"}]))
@@ -89,6 +89,7 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
 
 
 @pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
+@pytest.mark.slow
 def test_a_fine_tune_chooses_its_threads_as_training_does(tmp_path, imported_gpt2, monkeypatch, capsys):
     """As set (finetune.threads) they are kept; on busy cores they are chosen by timing its forward pass, and a
     lowered choice is said in a line and kept as a `threads` event (whether the load lowered them is a timing)."""
@@ -113,6 +114,7 @@ def test_a_fine_tune_chooses_its_threads_as_training_does(tmp_path, imported_gpt
                                                      else len(cores()))
 
 
+@pytest.mark.slow
 def test_the_new_run_is_named_by_out_as_import_hf_and_answer_name_theirs(tmp_path, imported_gpt2, capsys):
     """`--run`, the spelling before, still works and says so once; both at once is refused."""
     data = tmp_path / "few.json"

@@ -1,10 +1,17 @@
 """Sampling on its own: top-k and top-p filtering, stop strings found and held back in streamed text (against a
 plain reference, and in time linear in the text), and the checks on SamplingParams that every command and the
-server share."""
+server share; `sample --num-samples N` and `answer` decoding in batches what one-at-a-time decoding gives, and
+`sample` printing tokens as they are generated."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import select
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +21,20 @@ from hypothesis import strategies as st
 from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import train_tokenizer
-from lmlab.inference.generate import Detokenizer, StopStrings, TextStream, stream_ids
+from lmlab.inference.generate import (
+    Detokenizer,
+    StopStrings,
+    TextStream,
+    instruct,
+    instruct_all,
+    sample,
+    samples,
+    stream_ids,
+)
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
+from lmlab.run.rundir import RunDir
+from tests.helpers import ALPACA_TINY, copy_run, lmlab, spawn
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
 
@@ -65,6 +83,7 @@ CHARS = train_tokenizer("char", [ALPHABET * 2], [ALPHABET])
 
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(ALPHABET, max_size=30), stop=st.lists(st.text("ab", max_size=6), max_size=4))
+@pytest.mark.slow
 def test_a_stream_sends_what_no_stop_string_or_unfinished_character_may_still_change(text, stop):
     stream, sent = Detokenizer(CHARS, stop), ""
     for n in range(1, len(text) + 1):
@@ -117,3 +136,61 @@ def test_streamed_text_ends_before_a_stop_string_and_says_why():
 def test_sampling_params_refuse_what_cannot_be_sampled(field, value, rule):
     with pytest.raises(UserError, match=f"{field} is .*; it must be {rule}"):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.slow
+def test_sample_prints_tokens_as_they_are_generated(tmp_path, trained):
+    run = copy_run(trained, tmp_path)
+    proc = spawn("sample", run, "--max-new-tokens", "1000000", "--prompt", "ROMEO:", cwd=tmp_path)
+    try:
+        seen, deadline = "", time.monotonic() + 120
+        while len(seen) < len("ROMEO:") + 20:  # a million tokens take far longer than this loop may wait
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"nothing printed yet: {seen!r}"
+            seen += os.read(proc.stdout.fileno(), 100).decode()
+        assert seen.startswith("ROMEO:") and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert not (run / "samples.txt").exists()  # interrupted: no half sample recorded
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
+
+
+def test_n_samples_drawn_in_one_batch_are_the_samples_seeded_one_by_one():
+    run = RunDir(LEGACY / "trained").load("best", "cpu")
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, seed=11)
+    batched = samples(run, "ROMEO:", params, 4)
+    alone = [sample(run, "ROMEO:", SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, seed=11 + i))
+             for i in range(4)]
+    assert batched == alone and len(set(batched)) > 1
+
+
+def test_answers_decoded_in_a_batch_are_the_answers_asked_alone():
+    run = RunDir(LEGACY / "finetuned").load("best", "cpu")
+    asks = [(r["instruction"], r.get("input", "")) for r in json.loads(ALPACA_TINY.read_text())[:5]]
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    done = []
+    batched = instruct_all(run, asks, params, batch=3, progress=lambda n, total: done.append((n, total)))
+    assert batched == [instruct(run, instruction, input, params) for instruction, input in asks]
+    assert done[-1] == (5, 5)
+
+
+@pytest.mark.slow
+def test_sample_num_samples_prints_and_records_each_with_its_seed(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY / "trained", run)
+    out = lmlab("sample", run, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "4", "--num-samples", "3",
+                "--device", "cpu", cwd=tmp_path).stdout
+    assert [line for line in out.splitlines() if line.startswith("--- sample")] == \
+        [f"--- sample {i + 1} of 3 (seed {4 + i})" for i in range(3)]
+    headers = [line for line in (run / "samples.txt").read_text().splitlines() if line.startswith("--- checkpoint")]
+    assert [h.split(", ")[1] for h in headers] == ["seed 4", "seed 5", "seed 6"]
+    for bad in ("0", "-2"):
+        refused = lmlab("sample", run, "--num-samples", bad, "--device", "cpu", cwd=tmp_path, ok=False)
+        assert refused.returncode == 2 and f"argument --num-samples: '{bad}' is not a whole number from 1" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    refused = lmlab("answer", run, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl", "--batch-size", "0",
+                    "--device", "cpu", cwd=tmp_path, ok=False)
+    assert "argument --batch-size: '0' is not a whole number from 1" in refused.stderr and not (tmp_path / "a.jsonl").exists()

@@ -21,13 +21,13 @@ from lmlab.gguf import export_gguf
 from lmlab.hf import import_hf
 from lmlab.inference.generate import chat_prompt
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, lmlab, write_config
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
 from tests.gguf_reference import PROMPT, llama, llama_tokens, parity  # noqa: E402
-from tests.hf_reference import tiny_hf, train_run  # noqa: E402
-from tests.test_chat import chat_folder  # noqa: E402
+from tests.hf_reference import chat_folder, tiny_hf, train_run  # noqa: E402
+
 
 QWEN3 = ['model.pos_emb="rope"', 'model.norm="rmsnorm"', 'model.mlp="swiglu"', "model.bias=false", "model.n_head=4",
          "model.qk_norm=true", "model.n_kv_head=2"]
@@ -60,6 +60,7 @@ def runs(tmp_path_factory, writing_char_run, corpus_dir) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("case", ["char", "bpe", "llama", "qwen2"])
+@pytest.mark.slow
 def test_llama_cpp_tokenizes_continues_and_scores_as_lmlab_does(case, runs, tmp_path):
     run = RunDir(runs[case]).load("best", "cpu")
     for kind in ("f32", "f16", "q8_0"):
@@ -89,6 +90,7 @@ def test_the_cli_export_continues_in_llama_cpp_as_lmlab_sample_does(runs, tmp_pa
         assert len(llama_tokens(model, PROMPT + text)) == len(llama_tokens(model, PROMPT)) + 30
 
 
+@pytest.mark.slow
 def test_every_byte_level_tokenizer_and_a_head_dim_qwen2_goes_to_llama_cpp(runs, tmp_path, corpus_dir):
     """Characters outside ASCII, and a Qwen2 whose heads are not n_embd / n_head wide (llama.cpp's `llama`)."""
     odd = tmp_path / "odd"
@@ -110,6 +112,7 @@ def test_every_byte_level_tokenizer_and_a_head_dim_qwen2_goes_to_llama_cpp(runs,
     assert found.tokens_equal and found.greedy_equal and found.max_logit_diff < 1e-3, found
 
 
+@pytest.mark.slow
 def test_the_model_card_and_modelfile_say_how_to_run_it(runs, tmp_path):
     out = tmp_path / "bpe.gguf"
     export_gguf(runs["bpe"], out, kind="q8_0")

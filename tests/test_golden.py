@@ -17,7 +17,7 @@ import torch
 from lmlab.core.config import load_config
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 GOLDEN = Path(__file__).parent / "data" / "golden_loss.json"
 SETTINGS = ["train.log_interval=1", "train.eval_interval=20", "train.dtype=float32", "train.compile=false",

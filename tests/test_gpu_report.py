@@ -59,6 +59,7 @@ def test_the_checklist_is_the_one_the_docs_give_and_each_item_has_its_test():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the report would run")
+@pytest.mark.slow
 def test_without_a_gpu_the_full_report_says_what_to_do():
     done = subprocess.run([sys.executable, "benchmarks/gpu_report.py"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1  # one sentence: why, and what to do
@@ -85,6 +86,7 @@ def stock_image(folder: Path) -> Path:
     return folder / "image" / "bin" / "python"
 
 
+@pytest.mark.slow
 def test_the_image_branch_installs_beside_the_images_torch_what_lmlab_needs(tmp_path):
     image = stock_image(tmp_path)
     lacks = subprocess.run([image, "-c", "import rich"], capture_output=True, text=True)

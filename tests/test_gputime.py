@@ -7,6 +7,8 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
+
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig, load_config
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS
@@ -25,6 +27,7 @@ def planned(config: str, overrides: list[str], gpu: str, tokens: int):
     return plan, guess.step
 
 
+@pytest.mark.slow
 def test_the_write_ups_own_gpu_figures_are_predicted_within_one_and_a_half_times():
     # nanoGPT's Shakespeare-char (10.8M) on a Colab T4, 5,000 iterations in 61.3 min, evaluations in: nanoGPT asks
     # for bf16 where torch.cuda.is_bf16_supported() says yes, as it does on a T4, which has none (emulated), eager.

@@ -1,6 +1,7 @@
 """Prompt grids: `sample RUN RUN --prompts FILE --temperature 0,0.8` draws every run x prompt x temperature, each
 cell the text `sample --prompt P --temperature T` gives alone; a prompt a run cannot encode is a cell saying why;
-prompts files that hold none, or are not UTF-8, are refused with nothing written."""
+prompts files that hold none, or are not UTF-8, are refused with nothing written; a grid of many prompts shows its
+progress; a chat-aware grid asks an instruct model in its template and continues a base model."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
-from tests.test_plugins import run_cli
+from tests.helpers import LMLAB, run_cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def two_runs(tmp_path_factory, char_dataset) -> tuple[Path, Path]:
                  for name, overrides in (("deep", []), ("shallow", ["model.n_layer=1"])))
 
 
+@pytest.mark.slow
 def test_a_grid_is_every_run_prompt_and_temperature_as_each_would_be_sampled_alone(tmp_path, two_runs, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ROMEO:\\n\n\nJULIET: fair night\nZ€\n", encoding="utf-8")  # \n: a line break; blank skipped
@@ -57,6 +59,7 @@ def test_a_grid_is_every_run_prompt_and_temperature_as_each_would_be_sampled_alo
     (b"\n  \n", "holds no prompts; write one per line"),
     (b"ROMEO:\n\xff\xfe JULIET\n", r"is not UTF-8 text \(byte 7 is b'\\xff'\); save it as UTF-8."),
 ])
+@pytest.mark.slow
 def test_a_prompts_file_with_no_prompts_or_not_utf8_is_refused_and_nothing_is_written(tmp_path, two_runs, capsys,
                                                                                       content, message):
     prompts = tmp_path / "prompts.txt"
@@ -70,6 +73,7 @@ def test_a_prompts_file_with_no_prompts_or_not_utf8_is_refused_and_nothing_is_wr
                        for run in two_runs]
 
 
+@pytest.mark.slow
 def test_grid_options_that_do_not_go_together_are_refused(two_runs, capsys):
     for extra, message in ((["--prompt", "A", "--prompts", "x.txt"], "--prompt and --prompts both name prompts"),
                            (["--chat", "Hi", "--prompts", "x.txt"], "--prompts and --chat TEXT both name prompts"),
@@ -114,3 +118,63 @@ def test_a_stopped_grid_keeps_and_writes_the_cells_that_ended(tmp_path, two_runs
     cells = json.loads(out.read_text())["cells"]
     assert len(cells) == 20 and {c["why_not"] for c in cells if c["text"] is None} == {
         "stopped by SIGTERM before it ended"}
+
+
+def test_a_grid_of_many_prompts_shows_its_progress(capsys, tmp_path, tiny_run):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET:\n" * 100)
+    assert main(["sample", str(tiny_run), "--prompts", str(prompts), "--max-new-tokens", "2", "--out",
+                 str(tmp_path / "grid.md")]) == 0
+    err = capsys.readouterr().err
+    assert "Sampling 1 run(s) × 200 prompt(s) × 1 temperature(s)..." in err
+    assert "cell 200/200" in err and "/s" in err and "written to" in err
+
+
+@pytest.fixture(scope="module")
+def base_and_instruct(tmp_path_factory, corpus_dir, char_dataset):
+    """A trained lmlab run (char) and an imported instruct model (Qwen2.5-style template), both tiny."""
+    from lmlab.hf import import_hf
+    from lmlab.train.loop import Trainer
+    from lmlab.core.config import load_config
+
+    pytest.importorskip("transformers")
+    from tests.hf_reference import hf_chat_model
+
+    root = tmp_path_factory.mktemp("grid")
+    base = Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "base",
+                   "cpu").run().run_dir
+    import_hf(hf_chat_model(root / "Qwen2.5-tiny-Instruct", "qwen2.5", corpus_dir), root / "instruct")
+    return base, root / "instruct"
+
+
+@pytest.mark.slow
+def test_a_chat_aware_grid_asks_an_instruct_model_in_its_template_and_continues_a_base_model(base_and_instruct,
+                                                                                           tmp_path, capsys):
+    base, instruct = base_and_instruct
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET: thou art fair\n")  # the base run's char tokenizer has their characters
+    code, out, err = run_cli(capsys, "sample", base, instruct, "--prompts", prompts, "--chat", "--temperature", "0",
+                             "--max-new-tokens", "8", "--json", "--out", tmp_path / "grid.json", "--device", "cpu")
+    assert code == 0, err
+    grid = json.loads((tmp_path / "grid.json").read_text())
+    assert grid["chat"] is True and len(grid["cells"]) == 4
+    asked = {(c["run"], c["prompt"]): c for c in grid["cells"]}
+    assert {c["asked"] for (run, _), c in asked.items() if run == "base"} == {"continued"}
+    assert {c["asked"] for (run, _), c in asked.items() if run == "instruct"} == {"asked through its chat template"}
+    for prompt in ("ROMEO:", "JULIET: thou art fair"):  # each cell is what one run alone answers or continues
+        code, alone, _ = run_cli(capsys, "sample", instruct, "--chat", prompt, "--temperature", "0",
+                                 "--max-new-tokens", "8", "--device", "cpu")
+        assert alone == asked[("instruct", prompt)]["text"] + "\n"
+        code, alone, _ = run_cli(capsys, "sample", base, "--prompt", prompt, "--temperature", "0",
+                                 "--max-new-tokens", "8", "--device", "cpu")
+        assert alone == prompt + asked[("base", prompt)]["text"] + "\n"
+    code, _, err = run_cli(capsys, "sample", base, "--chat")
+    assert code == 2 and "--chat alone asks a grid's prompts" in err
+
+    code, _, err = run_cli(capsys, "report", base, instruct, "--prompts", prompts, "--chat", "--temperature", "0",
+                           "--max-new-tokens", "8", "--no-eval", "--out", tmp_path / "report", "--device", "cpu")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert code == 0 and "`instruct`, asked through its chat template, temperature 0" in report, err
+    assert "`base`, continued, temperature 0" in report
+    summary = report.split("## Machine")[0]
+    assert "`instruct` imported: its [data] and [train] left out" in summary and "`train." not in summary

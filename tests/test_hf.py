@@ -25,7 +25,7 @@ from lmlab.evals.evaluate import evaluate_run
 from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
 from lmlab.model.gpt import GPT
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, lmlab, write_config
 
 transformers = pytest.importorskip("transformers")
 from tests.hf_reference import (  # noqa: E402  (needs transformers)
@@ -52,6 +52,7 @@ def bpe(corpus_dir):
 
 
 @pytest.mark.parametrize("case", IMPORTS)
+@pytest.mark.slow
 def test_an_imported_model_computes_what_transformers_does(tmp_path, case, bpe):
     # Some models have more embedding rows than the tokenizer has tokens, as Qwen3's do.
     source = tiny_hf(tmp_path / "hf", case, bpe, vocab_size=bpe.vocab_size + (7 if "untied" in case else 0))
@@ -70,6 +71,7 @@ def test_an_imported_model_computes_what_transformers_does(tmp_path, case, bpe):
 
 @pytest.mark.parametrize("case", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow)
                                   for n in EXPORTS])
+@pytest.mark.slow
 def test_an_exported_run_computes_in_transformers_what_it_does_in_lmlab(tmp_path, case, char_dataset):
     family, options = EXPORTS[case]
     run = train_run(tmp_path / "run", write_config(tmp_path / "tiny.toml", char_dataset), options)
@@ -129,6 +131,7 @@ LOGIT_KEYS = {"model_type", "architectures", "vocab_size", "n_positions", "n_emb
 
 
 @pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Qwen2.5-0.5B-Instruct", "Qwen3-0.6B"])
+@pytest.mark.slow
 def test_the_published_configs_map_onto_the_same_tensors(name):
     """The config.json of GPT-2 small, SmolLM2-135M, Qwen2.5-0.5B-Instruct and Qwen3-0.6B, read by lmlab and by
     transformers, give the same tensors under import's mapping, and the same parameter count (sized on the meta
@@ -198,6 +201,7 @@ def test_variants_lmlab_does_not_compute_are_refused_by_name(tmp_path, bpe, case
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_import_hf_refuses_in_one_sentence_and_writes_nothing(tmp_path, bpe):
     source = edit_config(tiny_hf(tmp_path / "hf", "llama", bpe), rope_parameters={"rope_type": "yarn"})
     err = lmlab("import-hf", source, "--out", tmp_path / "run", cwd=tmp_path, ok=False).stderr
@@ -247,6 +251,7 @@ def test_an_exported_folder_whose_tokenizer_is_not_the_one_its_label_names_is_re
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     qwen = ModelConfig(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2)

@@ -22,7 +22,7 @@ from lmlab.hf import import_hf
 from lmlab.inference.generate import document_start
 from lmlab.run.prompt import alpaca_format
 from lmlab.run.rundir import RunDir
-from tests.conftest import write_corpus
+from tests.helpers import write_corpus
 
 transformers = pytest.importorskip("transformers")
 from tests.hf_reference import (  # noqa: E402
@@ -63,6 +63,7 @@ def corpus_texts(corpus_dir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", EACH_KIND)
+@pytest.mark.slow
 def test_autotokenizer_gives_the_runs_ids_and_text(kind, kind_runs, corpus_dir):
     run, folder = kind_runs[kind], kind_runs[kind].with_name(f"{kind}-hf")
     theirs, ours = transformers.AutoTokenizer.from_pretrained(folder), RunDir(run).tokenizer()
@@ -87,6 +88,7 @@ def test_autotokenizer_gives_the_runs_ids_and_text(kind, kind_runs, corpus_dir):
 
 
 @pytest.mark.parametrize("kind", EACH_KIND)
+@pytest.mark.slow
 def test_the_exported_model_is_the_runs_distribution_over_its_whole_vocabulary(kind, kind_runs):
     run, folder = kind_runs[kind], kind_runs[kind].with_name(f"{kind}-hf")
     ids = random_ids(RunDir(run).config().model.vocab_size)
@@ -106,6 +108,7 @@ def test_the_exported_model_is_the_runs_distribution_over_its_whole_vocabulary(k
         assert max_diff(padded[row, batch["attention_mask"][row].sum() - 1], alone) < 1e-4
 
 
+@pytest.mark.slow
 def test_a_char_export_generates_to_max_new_tokens_as_lmlab_sample_does(kind_runs):
     folder = kind_runs["char"].with_name("char-hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -117,6 +120,7 @@ def test_a_char_export_generates_to_max_new_tokens_as_lmlab_sample_does(kind_run
 
 
 @pytest.mark.parametrize("kind", EACH_KIND)
+@pytest.mark.slow
 def test_the_exported_folder_runs_in_a_text_generation_pipeline(kind, kind_runs):
     run, folder = kind_runs[kind], kind_runs[kind].with_name(f"{kind}-hf")
     assert pipeline_text(folder, "ROMEO:") == sampler_text(run, "ROMEO:")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lmlab
 
 PACKAGE = Path(lmlab.__file__).parent
@@ -73,6 +75,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+@pytest.mark.slow
 def test_no_module_imports_a_layer_above_its_own():
     units = {unit(m) for m in imports()} - {"lmlab"}
     assert units <= set(LAYER), f"units missing from LAYERS (and the map): {sorted(units - set(LAYER))}"
@@ -81,6 +84,7 @@ def test_no_module_imports_a_layer_above_its_own():
     assert upward == []
 
 
+@pytest.mark.slow
 def test_no_import_cycles_between_modules_or_subpackages():
     modules = imports()
     assert cycle(modules) is None, " -> ".join(cycle(modules))
@@ -96,6 +100,7 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycle({"a": {"b"}, "b": set()}) is None
 
 
+@pytest.mark.slow
 def test_sampling_and_serving_load_neither_the_trainer_nor_fsdp_nor_matplotlib():
     code = ("import sys, lmlab.inference.generate, lmlab.serving.app; "
             "print(' '.join(m for m in ('lmlab.train.loop', 'torch.distributed.fsdp', 'matplotlib') "
@@ -107,6 +112,7 @@ def test_sampling_and_serving_load_neither_the_trainer_nor_fsdp_nor_matplotlib()
 LONGEST_FUNCTION = 70  # lines, decorators left out; the style asks for functions short enough to see whole
 
 
+@pytest.mark.slow
 def test_no_function_is_longer_than_a_screen():
     long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for path in sorted(PACKAGE.rglob("*.py"))
@@ -116,6 +122,7 @@ def test_no_function_is_longer_than_a_screen():
     assert not long, long
 
 
+@pytest.mark.slow
 def test_import_lmlab_names_the_api_without_loading_torch():
     """The command line imports the package first, and the server's app opens its port before torch loads: the
     API's names are imported at their first use."""

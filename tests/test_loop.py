@@ -12,7 +12,7 @@ from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.schedule import lr_at
-from tests.conftest import install_plugin, write_config
+from tests.helpers import install_plugin, write_config
 
 
 def train(tmp_path: Path, dataset: Path, overrides: list[str] = (), run: str = "run", **kw):
@@ -20,6 +20,7 @@ def train(tmp_path: Path, dataset: Path, overrides: list[str] = (), run: str = "
     return Trainer(cfg, tmp_path / run, "cpu", **kw).run()
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_run_dir_is_complete(tmp_path, char_dataset):
     result = train(tmp_path, char_dataset, ["train.max_iters=60"])
     events = RunDir(result.run_dir).events()
@@ -37,6 +38,7 @@ def test_loss_falls_and_the_run_dir_is_complete(tmp_path, char_dataset):
     assert len(folders) <= 3 + 1  # keep_checkpoints plus best
 
 
+@pytest.mark.slow
 def test_train_loss_is_the_mean_since_the_last_eval(tmp_path, char_dataset):
     result = train(tmp_path, char_dataset, ["train.max_iters=20", "train.log_interval=1"])
     events = RunDir(result.run_dir).events()
@@ -46,6 +48,7 @@ def test_train_loss_is_the_mean_since_the_last_eval(tmp_path, char_dataset):
     assert evals[1]["train_loss"] == pytest.approx(sum(steps[10:20]) / 10, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_early_stopping_after_patience_evals_without_a_new_best(tmp_path, char_dataset):
     # A learning rate far below fp32 resolution leaves the weights, and so val, as they were at the first eval.
     result = train(tmp_path, char_dataset, ["train.max_iters=200", "train.warmup_iters=0", "train.patience=2",
@@ -53,6 +56,7 @@ def test_early_stopping_after_patience_evals_without_a_new_best(tmp_path, char_d
     assert result.stopped_early and result.steps == 30 and result.best_step == 10
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(tmp_path, char_dataset):
     train(tmp_path, char_dataset, ["train.max_iters=20"])
     cfg = load_config(tmp_path / "run" / "config.toml", ["train.max_iters=40"])
@@ -63,6 +67,7 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path, char_dataset):
         train(tmp_path, char_dataset, ["train.max_iters=20"])
 
 
+@pytest.mark.slow
 def test_a_run_loads_back_for_inference(tmp_path, char_dataset):
     result = train(tmp_path, char_dataset, ["train.max_iters=10"])
     run = RunDir(result.run_dir).load("latest", "cpu")
@@ -93,6 +98,7 @@ def test_no_pickle_anywhere_in_the_package():
             assert "weights_only=True" in call, path
 
 
+@pytest.mark.slow
 def test_a_warmup_in_passes_is_the_steps_of_that_share_of_the_train_split(tmp_path, char_dataset, capsys):
     """The write-ups warm up by epochs (`warmup_epochs` in the WikiText-2 notes): made steps as an eval_interval in
     epochs is, which the schedule, a resume and config.toml then hold."""

@@ -1,11 +1,19 @@
 """What a size costs in memory and the checks that refuse one that does not fit (lmlab/model/memory.py), on a CUDA
-GPU too, from what torch.cuda reports of it."""
+GPU too, from what torch.cuda reports of it; every size that multiplies memory refused by every command before it is
+allocated, and the training estimate near the peak a step measures."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.memory_estimate import measured
 from lmlab.core.config import ModelConfig
-from lmlab.model.memory import MemoryRefused, check_decoding, check_training, decoding_need
+from lmlab.model.memory import MemoryRefused, check_decoding, check_fits, check_training, decoding_need, training_need
+from lmlab.run.rundir import RunDir
+from tests.helpers import ALPACA_TINY, free_port, refused, write_config
 
 # An imported Qwen3-0.6B's shape at its full context: 28 layers, 8 KV heads of 128, 40,960 positions.
 QWEN3 = ModelConfig(n_layer=28, n_head=16, n_kv_head=8, head_dim=128, n_embd=1024, block_size=40960,
@@ -29,3 +37,45 @@ def test_decoding_rows_on_a_gpu_are_checked_against_its_free_memory(fake_gpu):
 def test_a_training_step_on_a_gpu_is_left_to_the_allocator(fake_gpu):
     fake_gpu(free=2**30)
     check_training(QWEN3, 64, "adamw", torch.device("cuda"))  # far beyond 1 GiB: the allocator says so itself
+
+
+@pytest.mark.slow
+def test_every_size_that_multiplies_memory_is_refused_before_it_is_allocated(capsys, tmp_path, tiny_run, imported_gpt2):
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
+    huge = "100000000"
+    cases = [(["train", config, "--run", tmp_path / "new", "--set", f"train.batch_size={huge}"], "train.batch_size"),
+             (["finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / "tuned", "--set",
+               f"finetune.batch_size={huge}"], "finetune.batch_size"),
+             (["bench", config, "--batch-sizes", huge], "--batch-sizes"),
+             (["sample", tiny_run, "--num-samples", huge], "--num-samples"),
+             (["answer", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl", "--batch-size", huge],
+              "--batch-size"),
+             (["serve", tiny_run, "--max-batch", huge, "--port", free_port(), "--no-compile"], "--max-batch")]
+    for args, setting in cases:
+        line = refused(capsys, *args, needles=(f"{setting} 100,000,000 needs about", "the largest that fits is"))
+        largest = int(line.split("the largest that fits is ")[1].split(":")[0].replace(",", ""))
+        assert 0 < largest < 10**8, line
+    assert not (tmp_path / "new").exists() and not (tmp_path / "tuned").exists() and not (tmp_path / "a.jsonl").exists()
+    refused(capsys, "train", config, "--run", tmp_path / "new", "--set", "model.n_embd=1000000000000", "--set",
+            "model.n_head=1", needles=("more memory than can be counted",))
+
+
+def test_the_largest_size_that_fits_fits_and_one_more_does_not():
+    need = training_need(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=43))
+    have = need.at(1000) + need.each // 2
+    check_fits(need, 1000, "train.batch_size", "sequence", have=have)
+    with pytest.raises(MemoryRefused) as refusal:
+        check_fits(need, 1001, "train.batch_size", "sequence", have=have)
+    assert refusal.value.largest == 1000
+
+
+@pytest.mark.slow
+def test_the_training_estimate_is_near_the_peak_a_step_measures():
+    """The estimate of a step's memory beside the peak RSS a real step reaches (weights already resident), for
+    a shape whose activations dominate; benchmarks/memory_estimate.py measures more shapes."""
+    shape = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128, "vocab_size": 65, "pos_emb": "rope",
+             "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": False}
+    peak = measured(shape, 16, "float32", threads=1)
+    need = training_need(ModelConfig(**shape))
+    estimate = need.at(16) - need.fixed // 4  # the weights (a quarter of the fixed part) were in memory before
+    assert 0.8 < estimate / peak < 1.5, (estimate, peak)

@@ -1,14 +1,25 @@
+"""The model (lmlab/model): shapes, causality, the KV cache against a full recompute, every variant and built-in
+kind, parameter and FLOP counts (the book's GPT-2 layout and GPT-2 small counted exactly)."""
+
+from __future__ import annotations
+
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from lmlab.core.config import BUILT_IN_KINDS, KIND_FIELDS, ModelConfig, SamplingParams
+from lmlab.core.config import BUILT_IN_KINDS, KIND_FIELDS, ModelConfig, SamplingParams, build_config
+from lmlab.core.errors import UserError
+from lmlab.hf import export_hf
 from lmlab.inference.generate import stream_ids
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT
 from lmlab.model.kinds import KINDS
+from lmlab.run.rundir import RunDir
 from lmlab.train.optim import muon_groups
+from tests.helpers import run_cli, write_config
 
 CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
 
@@ -126,6 +137,7 @@ def test_every_variant_is_causal(name):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.slow
 def test_every_variant_steps_incrementally_as_it_runs_whole(name):
     """Feeding tokens through the cache (a prompt, then one at a time) gives the logits of one full pass,
     and greedy sampling through the cache equals recomputing the whole sequence every token."""
@@ -218,3 +230,57 @@ def test_every_built_in_kind_the_config_takes_is_one_build_model_builds():
     for name, cls in KINDS.items():
         assert type(build_model(ModelConfig(kind=name, n_layer=1, n_head=2, n_embd=16, block_size=8,
                                             vocab_size=11))) is cls
+
+
+GPT2_SMALL = Path(__file__).resolve().parent.parent / "configs" / "gpt2-small.toml"
+
+
+def test_the_books_gpt2_layout_and_gpt2_small_are_counted_exactly(tmp_path, capsys):
+    """Raschka's GPT-124M: biases everywhere but q/k/v, an untied head, 163,009,536 parameters; GPT-2 small itself
+    124,439,808, its 36,096 vocabulary padding weights said apart."""
+    code, out, err = run_cli(capsys, "plan", GPT2_SMALL, "--gpu", "H100")
+    assert code == 0 and "124,439,808 (" in out and "36,096 more in vocabulary padding rows" in out, err
+    book = ["--set", "model.bias=proj,mlp,norm", "--set", "model.tie_embeddings=false", "--set",
+            "model.gelu_approx=tanh"]
+    code, out, err = run_cli(capsys, "plan", GPT2_SMALL, *book, "--gpu", "H100")
+    assert code == 0 and "163,009,536 (" in out and "72,192 more in vocabulary padding rows" in out, err
+    with torch.device("meta"):
+        model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50, bias="norm,proj,mlp"))
+    names = {name for name, _ in model.named_parameters()}
+    assert "transformer.h.0.attn.c_attn.bias" not in names
+    assert {"transformer.h.0.attn.c_proj.bias", "transformer.h.0.mlp.c_fc.bias", "transformer.h.0.ln_1.bias"} <= names
+    assert model.config.bias == "proj,mlp,norm" and "bias(proj,mlp,norm)" in model.describe()
+    # One spelling per layout: every place is true, q/k/v alone is Qwen2's "qkv" (once bias = false, qkv_bias = true).
+    assert ModelConfig(bias="qkv,proj,mlp,norm").bias is True
+    assert (ModelConfig(bias="qkv").bias, build_config({"model": {"bias": False, "qkv_bias": True}}, "old").model.bias
+            ) == ("qkv", "qkv")
+    for bad, message in (("attn", "model.bias is 'attn'"), ("", "model.bias is ''")):
+        with pytest.raises(UserError, match=message):
+            ModelConfig(bias=bad)
+
+
+@pytest.mark.slow
+def test_the_books_layout_trains_counted_without_its_padding_and_gpt2_export_refuses_it(tmp_path, char_dataset,
+                                                                                       capsys):
+    """A run of 1,100 embedding rows (padded to 1,152 for the head's matmul): train, compare, the report and its
+    Chinchilla share count the 1,100, and say the 52 rows' weights apart."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=2)
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", config, "--run", run, "--device", "cpu", "--set",
+                             'model.bias="proj,mlp,norm"', "--set", "model.vocab_size=1100")
+    padding = (1152 - 1100) * 32
+    assert code == 0 and "bias(proj,mlp,norm)" in out and f"{padding:,} more in vocabulary padding" in out, err
+    start = RunDir(run).events()[0]
+    model = build_model(RunDir(run).config().model)
+    assert start["params"] == sum(p.numel() for p in model.parameters()) - padding == model.num_params()
+    assert start["params_padding"] == padding
+    code, out, _ = run_cli(capsys, "compare", run, run, "--json")
+    row = json.loads(out)["runs"][0]
+    assert (row["params"], row["params_padding"]) == (start["params"], padding)
+    assert row["tokens_per_param"] == pytest.approx(row["tokens"] / start["params"])  # Chinchilla's share too
+    code, _, err = run_cli(capsys, "report", run, "--out", tmp_path / "report", "--no-eval", "--max-new-tokens", "2",
+                           "--device", "cpu")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert code == 0 and f"{start['params']:,} (and {padding:,} in vocabulary padding rows)" in report, err
+    with pytest.raises(UserError, match="GPT-2 has a bias in every linear layer and LayerNorm"):
+        export_hf(run, tmp_path / "out", arch="gpt2")

@@ -27,9 +27,18 @@ from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import waits_for_lock, write_config, write_corpus
+from tests.helpers import (
+    TOLERANCE,
+    assert_same,
+    finish,
+    losses,
+    torchrun,
+    val_losses,
+    waits_for_lock,
+    write_config,
+    write_corpus,
+)
 from tests.hosts import TwoHosts, two_hosts, wait_until
-from tests.test_distributed import TOLERANCE, assert_same, finish, losses, torchrun, val_losses
 
 # A run of STEPS steps logging every LOG and checkpointing every EVERY, so that between any two of rank 0's
 # appends where a fault strikes, the ranks meet in a collective (see `held`); its LR schedule fixed in steps, and

@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 from rich.console import Console
 
 import lmlab
-from tests.conftest import stable_events, write_config
+from tests.helpers import stable_events, write_config
 
 NOTEBOOKS = Path(__file__).parent.parent / "docs" / "notebooks"
 

@@ -13,7 +13,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS, MuonAdamW, optimizer_of
 from lmlab.train.schedule import lr_at
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 # A constant LR after warmup, so a run stopped at step 8 and resumed to 16 follows the same schedule as one
 # that ran to 16 straight.
@@ -27,6 +27,7 @@ def trainer(tmp_path, dataset, overrides, run, **kw) -> Trainer:
 
 
 @pytest.mark.parametrize("kind", ["gpt", "recurrent"])
+@pytest.mark.slow
 def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_dataset, kind):
     overrides = [*MUON, f"model.kind={kind}", "train.threads=1"]  # bitwise: the same threads in both runs
     straight = trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=16"], "straight")
@@ -45,6 +46,7 @@ def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_da
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_muon_skips_a_non_finite_step_in_both_halves(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, [*MUON, "train.max_iters=10"], "run")
     clean_forward = t.step.forward

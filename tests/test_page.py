@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LMLAB
-from tests.test_serve import free_port
+from tests.helpers import LMLAB, free_port
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")
@@ -125,6 +124,7 @@ def generate(page, text: str, temperature: str = "0", compare: str = "", tokens:
     sync_api.expect(page.locator("#send")).not_to_have_text("Stop", timeout=60_000)
 
 
+@pytest.mark.slow
 def test_the_page_is_small_self_contained_and_served_without_the_key(server):
     with urllib.request.urlopen(f"{server.url}/", timeout=10) as response:
         html, policy = response.read().decode(), response.headers["Content-Security-Policy"]
@@ -136,6 +136,7 @@ def test_the_page_is_small_self_contained_and_served_without_the_key(server):
     assert err.value.code == 401
 
 
+@pytest.mark.slow
 def test_completion_chat_probabilities_and_temperatures_side_by_side(browser, server, run, tmp_path):
     page = open_page(browser, server.url, key=None)
     sync_api.expect(page.locator("#status")).to_contain_text("API key")
@@ -179,6 +180,7 @@ def test_completion_chat_probabilities_and_temperatures_side_by_side(browser, se
     page.close()
 
 
+@pytest.mark.slow
 def test_the_page_says_what_went_wrong_never_blank(browser, server, run, tmp_path):
     page = open_page(browser, server.url)
     sync_api.expect(page.locator("#status")).to_have_text("ready")
@@ -232,6 +234,7 @@ def event_stream(tokens: int) -> str:
     return "".join(chunks) + "data: [DONE]\n\n"
 
 
+@pytest.mark.slow
 def test_a_long_stream_is_laid_out_once_a_frame_not_once_a_token(browser, server):
     """Before: each token appended a span and read the log's height to scroll, laying the whole log out once per
     token: 3,000 tokens took 94 s (86 s of layout) on a loaded 2-core host, and 20,000 froze the tab. Here the stream

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,33 +33,10 @@ from lmlab.core.peak import (
     settled,
 )
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, write_config
+from tests.helpers import LMLAB, hog, write_config
 
 CPU = torch.device("cpu")
 QUIET, BUSY = Load(0.75, 2, 0.01, 0.3), Load(0.75, 2, 0.6, 4.2)
-
-
-@contextmanager
-def hog(processes: int = 2):
-    """Other processes that keep every core busy (one spinning interpreter per core), started through a shell that
-    exits at once: so they are no one's descendants here (a LoadMeter counts its own process tree as its own)."""
-    spin = f'"{sys.executable}" -c "while True: pass" >/dev/null 2>&1'  # the pipe must not wait for them
-    started = subprocess.run(["sh", "-c", f"for i in $(seq {processes}); do {spin} & echo $!; done"],
-                             capture_output=True, text=True, check=True)
-    pids = [int(pid) for pid in started.stdout.split()]
-    try:
-        while not all(_cpu_ticks(pid) for pid in pids):  # each has begun to spin, however long it took to start
-            time.sleep(0.01)
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-
-
-def _cpu_ticks(pid: int) -> int:
-    """The clock ticks process `pid` has run on a CPU (utime + stime in /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def settled_entry(dtype: torch.dtype, flops: float) -> dict:
@@ -114,7 +89,7 @@ def test_the_cache_is_keyed_by_the_processor_and_refuses_what_it_cannot_trust(tm
     _, entry, notes = read_cache(path, key, who)
     assert entry is None and notes == [f"the peak cache {path} is not valid JSON (damaged, or edited by hand): the "
                                        "peak is measured again and the file rewritten."]
-    # The issue's cache: an older lmlab's, holding a peak measured while the machine was busy, 40x too low.
+    # The case that was reported: an older lmlab's, holding a peak measured while the machine was busy, 40x too low.
     path.write_text(json.dumps({key: {"flops": 0.0507e12, "measurements": 3}}))
     _, entry, notes = read_cache(path, key, who)
     assert entry is None and "written by an older lmlab, which kept peaks measured while the machine was busy" in notes[0]
@@ -135,6 +110,7 @@ def test_the_cache_is_keyed_by_the_processor_and_refuses_what_it_cannot_trust(tm
     assert read_cache(path, key, who)[1:] == (ours, [])
 
 
+@pytest.mark.slow
 def test_a_command_measures_again_over_a_foreign_or_edited_cache_and_keeps_the_rest(tmp_path):
     key = cache_key(CPU, torch.float32)
     foreign = settled_entry(torch.float32, 1e30)
@@ -151,6 +127,7 @@ def test_a_command_measures_again_over_a_foreign_or_edited_cache_and_keeps_the_r
     assert entries[key]["sha256"] == checksum(entries[key]) and entries[key]["flops"] == found["flops"]
 
 
+@pytest.mark.slow
 def test_a_settled_quiet_peak_is_read_back_without_measuring(tmp_path):
     entry = settled_entry(torch.float32, 2.5e11)
     write_cache(tmp_path, {cache_key(CPU, torch.float32): entry})
@@ -159,6 +136,7 @@ def test_a_settled_quiet_peak_is_read_back_without_measuring(tmp_path):
     assert found["describe"] == f"2048² float32 matmul measured quiet at {entry['measured_at']}, best of 3"
 
 
+@pytest.mark.slow
 def test_a_dtype_the_cpu_has_no_native_kernel_for_is_measured_on_a_small_matmul_that_says_its_size(tmp_path):
     """fp16 on a CPU without AVX512-FP16/AMX-FP16 runs torch's scalar fallback: a 2048² matmul took 7-60 s, so an
     fp16 run stalled for minutes before its first step. Its peak is measured on a 256² matmul, keyed and named so."""
@@ -224,6 +202,7 @@ def test_auto_on_this_cpu_goes_by_a_real_measurement():
 
 
 @pytest.mark.serial
+@pytest.mark.slow
 def test_a_load_meter_counts_other_processes_not_this_one():
     with LoadMeter() as meter:  # this process alone, spinning one thread
         started = time.perf_counter()
@@ -240,6 +219,7 @@ def test_a_load_meter_counts_other_processes_not_this_one():
     assert "other processes used" in meter.load.describe()
 
 
+@pytest.mark.slow
 def test_a_peak_below_what_training_computes_is_called_wrong_and_gives_no_mfu(tmp_path, char_dataset, monkeypatch):
     """MFU is never printed above 100%: a peak that a tiny model's training outruns (a cache figure of 1 MFLOP/s) is
     wrong, and the run says so and logs no MFU from it."""

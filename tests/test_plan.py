@@ -21,7 +21,7 @@ from lmlab.experiments.gputime import gpu_step_time
 from lmlab.experiments.plan import DEFAULT_MFU, shape_of
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 GPT2 = "configs/gpt2-small.toml"
 
@@ -41,6 +41,7 @@ def rate(out: str) -> float:
     ("H100 PCIe", "H100 PCIe", 756, "bfloat16"), ("NVIDIA A100-SXM4-80GB", "A100", 312, "bfloat16"),
     ("T4", "T4", 65, "float16"),
 ])
+@pytest.mark.slow
 def test_a_gpu_is_estimated_from_its_datasheet_step_by_step(capsys, tmp_path, name, row, tflops, dtype):
     code, out, _ = plan(capsys, GPT2, "--chinchilla", "--gpu", name, "--runs", tmp_path)
     assert code == 0
@@ -93,7 +94,7 @@ def h100_run(folder: Path, config: str, mfus: list[float], finished: bool, when:
 
 
 def test_the_mfu_comes_from_a_finished_run_of_the_same_config_before_a_newer_short_one(capsys, tmp_path):
-    """The issue's case: plan took its MFU from an unrelated 7-second run of the same model rather than a finished
+    """The case that was reported: plan took its MFU from an unrelated 7-second run of the same model rather than a finished
     run of the identical config."""
     config = Path(GPT2).read_text()
     same = h100_run(tmp_path / "same", config, [0.40, 0.42, 0.41, 0.43, 0.42], True, 1_000_000)
@@ -110,6 +111,7 @@ def test_an_unprepared_dataset_leaves_unique_tokens_unknown(capsys, tmp_path):
     assert "100.0% of it" not in text
 
 
+@pytest.mark.slow
 def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
     Trainer(load_config(config), tmp_path / "runs" / "tiny", "cpu").run()
@@ -133,7 +135,7 @@ def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(cap
 
 
 def test_a_run_whose_peak_was_not_checked_for_load_lends_no_mfu(capsys, tmp_path, char_dataset):
-    """The issue's case: a run whose start event recorded a peak measured before lmlab checked the load (or busy)
+    """The case that was reported: a run whose start event recorded a peak measured before lmlab checked the load (or busy)
     logged MFUs many times too high; plan must not reuse them."""
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
     run = tmp_path / "runs" / "old"

@@ -15,20 +15,18 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.analysis.runs import summarize
-from lmlab.commands import main
 from lmlab.core.config import SamplingParams, load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, TINY_CONFIG, install_plugin, stable_events
-from tests.test_checkpoint import kill_and_resume, weights
+from tests.helpers import LMLAB, TINY_CONFIG, install_plugin, kill_and_resume, run_cli, stable_events, weights
 
 import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
 
 
 def write(path: Path, dataset: Path, kind: str = "context-vector", options: str = "mlp_ratio = 2",
           max_iters: int = 30, dropout: float = 0.0, extra: str = "") -> Path:
-    """conftest's tiny config as a model of `kind` with [model.options] `options` (and `extra` [model] lines),
+    """tests/helpers.py's tiny config as a model of `kind` with [model.options] `options` (and `extra` [model] lines),
     logging every 3 steps and checkpointing every 7, so a kill lands between checkpoints."""
     text = TINY_CONFIG.format(dataset=dataset, max_iters=max_iters)
     text = text.replace("[model]\n", f'[model]\nkind = "{kind}"\ndropout = {dropout}\n{extra}\n')
@@ -36,17 +34,6 @@ def write(path: Path, dataset: Path, kind: str = "context-vector", options: str 
                                                                         "checkpoint_interval = 7")
     path.write_text(f"{text}\n[model.options]\n{options}\n")
     return path
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """`lmlab ARGV` in this process (no interpreter start-up): status, stdout, stderr."""
-    capsys.readouterr()  # what came before is not this command's
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.slow
@@ -158,6 +145,7 @@ def site(tmp_path, monkeypatch) -> Path:
             del sys.modules[name]
 
 
+@pytest.mark.slow
 def test_a_minimal_plugin_samples_by_recomputing_its_context_and_a_missing_one_names_its_package(
         tmp_path, site, char_dataset, capsys):
     info = install_plugin(site, "tiny-mix", "lmlab-tiny-mix", FAKE_MODEL)
@@ -263,6 +251,7 @@ RETURN = "        return logits, None if targets is None else next_token_loss(lo
 
 
 @pytest.mark.parametrize("case", BAD_FORWARDS)
+@pytest.mark.slow
 def test_a_plugins_forward_is_checked_once_before_it_is_used(tmp_path, site, char_dataset, capsys, case):
     """Before the fix: "needs more memory than can be counted" for a raise, tracebacks for the wrong outputs, and
     transposed or NaN logits trained or sampled silently."""
@@ -277,6 +266,7 @@ def test_a_plugins_forward_is_checked_once_before_it_is_used(tmp_path, site, cha
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_plugin_whose_trained_weights_give_nan_is_one_sentence_when_loaded(tmp_path, site, char_dataset, capsys,
                                                                             monkeypatch):
     """The weights a run keeps are checked when it loads, as `sample`, `eval` and `serve` load it: logits that are not
@@ -310,6 +300,7 @@ LATE_FORWARDS = {
 
 
 @pytest.mark.parametrize("case", LATE_FORWARDS)
+@pytest.mark.slow
 def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(tmp_path, site, char_dataset, capsys,
                                                                                case):
     """Before: "needs more memory than can be counted" (the raise, on the meta device where the batch is sized),
@@ -324,6 +315,7 @@ def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(
     assert message in err and err.strip().endswith(("fix the plugin's forward.", "None without targets).")), err
 
 
+@pytest.mark.slow
 def test_a_plugin_that_goes_wrong_after_training_is_named_by_sample_and_eval(tmp_path, site, char_dataset, capsys,
                                                                             monkeypatch):
     """Loading checks a plugin's forward on a 4x3 batch; what sampling and evaluating give it afterwards is checked

@@ -1,8 +1,15 @@
+"""`lmlab prepare` on plain corpora: the plays' markup, tokens, tokenizer and meta.json written, the split by
+document, a dataset reused or refused, bad corpora named, and what a killed prepare left cleaned up. Large and
+streamed sources are tests/test_prepare_streaming.py."""
+
+from __future__ import annotations
+
 import json
 
 import numpy as np
 import pytest
 
+from lmlab.commands import main
 from lmlab.core.errors import UserError
 from lmlab.data.corpora import play_to_text, shakespeare
 from lmlab.data.prepare import prepare
@@ -32,6 +39,7 @@ def test_play_markdown_becomes_speaker_lines_and_verse():
     assert play_to_text(PLAY) == "ROMEO:\nBut soft! what light\nthrough yonder window breaks?\n\nFIRST SERVANT:\nHere, sir-here.\n"
 
 
+@pytest.mark.slow
 def test_shakespeare_is_every_play_without_markup():
     plays = shakespeare()
     assert len(plays) == 38
@@ -118,3 +126,19 @@ def test_bad_jsonl_and_missing_paths_are_named(tmp_path):
         prepare([str(path)], "char", out_dir=tmp_path / "data")
     with pytest.raises(UserError, match="does not exist"):
         prepare([str(tmp_path / "missing.txt")], "char", out_dir=tmp_path / "data")
+
+
+def test_a_prepare_cleans_up_what_a_killed_one_left(tmp_path, corpus_dir):
+    data = tmp_path / "data"
+    leftover = data / f".{corpus_dir.name}-char.old-99999999"
+    (leftover / "train.bin").parent.mkdir(parents=True)
+    (leftover / "train.bin").write_bytes(b"\0" * 1000)  # what a prepare --force killed in its clean-up leaves
+    assert main(["prepare", str(corpus_dir), "--tokenizer", "char", "--out-dir", str(data)]) == 0
+    assert not leftover.exists() and (data / f"{corpus_dir.name}-char" / "meta.json").exists()
+
+
+def test_a_char_corpus_without_a_line_break_prepares(tmp_path):
+    (tmp_path / "one.txt").write_text("to be or not to be, that is the question " * 200)
+    target, meta, _ = prepare([str(tmp_path / "one.txt")], "char", out_dir=tmp_path / "data")
+    assert "\n" in json.loads((target / "tokenizer.json").read_text())["model"]["vocab"]
+    assert meta["train"]["tokens"] + meta["val"]["tokens"] == 200 * 41 + 4  # and a "\n\n" after each part

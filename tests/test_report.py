@@ -22,7 +22,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 MODERN = ["model.pos_emb=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"]
@@ -61,6 +61,7 @@ def rows(markdown: str, heading: str) -> dict[str, list[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_every_section_matches_the_run_folders(two_runs, report):
     md = (report / "report.md").read_text()
     runs = [RunDir(p) for p in two_runs]
@@ -107,6 +108,7 @@ def test_every_section_matches_the_run_folders(two_runs, report):
     assert training["ended"] == ["finished", "finished"]
 
 
+@pytest.mark.slow
 def test_the_evaluation_is_the_full_split_one_and_is_kept_in_the_run(two_runs, report):
     md = (report / "report.md").read_text()
     evaluation = rows(md, "Evaluation")
@@ -123,6 +125,7 @@ def test_the_evaluation_is_the_full_split_one_and_is_kept_in_the_run(two_runs, r
     assert evaluation[""] == ["evaluated now", "evaluated now"]
 
 
+@pytest.mark.slow
 def test_summary_chinchilla_and_samples(two_runs, report):
     md = (report / "report.md").read_text()
     runs = [RunDir(p) for p in two_runs]
@@ -152,6 +155,7 @@ def test_summary_chinchilla_and_samples(two_runs, report):
         assert f"### `{run.name}`\n\n```text\n{text.rstrip()}\n```" in samples
 
 
+@pytest.mark.slow
 def test_images_are_linked_relatively_and_inlined_in_the_html(report):
     md = (report / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
@@ -163,6 +167,7 @@ def test_images_are_linked_relatively_and_inlined_in_the_html(report):
     assert "<details><summary>config.toml of modern</summary>" in page
 
 
+@pytest.mark.slow
 def test_a_second_report_reuses_the_kept_evaluation(two_runs, tmp_path, report, capsys):
     assert main(["report", str(two_runs[0]), "--out", str(tmp_path / "again"), "--device", "cpu"]) == 0
     md = (tmp_path / "again" / "report.md").read_text()
@@ -196,7 +201,7 @@ def test_a_run_without_a_checkpoint_is_reported_with_the_reason(tmp_path, char_d
 def test_imported_and_fine_tuned_runs_are_reported_with_what_they_have(tmp_path, imported_gpt2):
     from lmlab.core.config import FinetuneConfig
     from lmlab.train.finetune import finetune
-    from tests.conftest import ALPACA_TINY
+    from tests.helpers import ALPACA_TINY
 
     imported = tmp_path / "imported"
     shutil.copytree(imported_gpt2, imported)
@@ -215,6 +220,7 @@ def test_imported_and_fine_tuned_runs_are_reported_with_what_they_have(tmp_path,
     assert "### `tuned`" in section(md, "Samples")
 
 
+@pytest.mark.slow
 def test_a_dataset_with_documents_gets_its_length_histogram(tmp_path, corpus_dir):
     from lmlab.data.prepare import prepare
     from lmlab.data.stats import dataset_stats
@@ -241,6 +247,7 @@ def with_vals(run: Path, copy: Path, rise: float) -> RunFacts:
     return RunFacts(RunDir(copy), summarize(copy), RunDir(copy).events(), RunDir(copy).config())
 
 
+@pytest.mark.slow
 def test_a_flat_val_is_called_settled_only_past_the_noise_of_its_eval_batches(two_runs, tmp_path):
     """A val that stays within the noise of its 4 eval batches is not a run that stopped improving."""
     gpt2 = two_runs[0]
@@ -260,7 +267,7 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
     """A fine-tune's val loss is of its held-out records, its base's of a val split: without an evaluation of both on
     one split they are not ranked. An import was never trained here: it is no 'short training'. A report of one
     run says what the report of several says of it: repeated data, a gap to its train loss."""
-    from tests.conftest import ALPACA_TINY
+    from tests.helpers import ALPACA_TINY
 
     # A base that can read instructions: the imported model's byte-level BPE, a model trained from scratch on it.
     assert main(["prepare", str(corpus_dir), "--tokenizer", str(imported_gpt2), "--name", "plays", "--out-dir",
@@ -290,6 +297,7 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
     assert (gap in said) == (s.gap > 0.05), (s.gap, said)
 
 
+@pytest.mark.slow
 def test_the_evaluation_says_how_long_it_will_take_once_it_has_timed_its_second_batch(tmp_path, char_dataset,
                                                                                        capsys):
     """The estimate from the run's training speed was off by twice; this one is the evaluation's own pace."""

@@ -1,11 +1,12 @@
 """The run layer: one schema for trained, fine-tuned and imported runs, one way to load any of them, and folders
-written before it (tests/data/legacy, made by commit 6c7e0db) still loading, sampling and resuming."""
+written before it (tests/data/legacy, made by commit 6c7e0db) still loading, sampling and resuming; metrics.jsonl as standard JSON."""
 
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from lmlab.inference.generate import instruct, sample
 from lmlab.run.rundir import STATE_FORMAT, RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, lmlab, write_config
+from tests.helpers import ALPACA_TINY, lmlab, spawn, wait_until, write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 
@@ -39,6 +40,7 @@ def test_a_folder_written_before_the_run_layer_loads(name, kind, step):
         assert "<|endoftext|>" not in instruct(run, "Name a colour.", "", SamplingParams(max_new_tokens=30))
 
 
+@pytest.mark.slow
 def test_a_trained_run_written_before_the_run_layer_resumes(tmp_path, stable_root, monkeypatch):
     """The legacy run was trained on `stable_root`'s dataset (its config names it data/tiny-char): the same
     train.bin, so it resumes without --force, continuing its progress, guard and loss means from the old
@@ -92,6 +94,7 @@ def test_loading_names_what_is_missing(tmp_path):
     assert RunDir(bare).load("best", "cpu", need_tokenizer=False).tokenizer is None
 
 
+@pytest.mark.slow
 def test_samples_are_recorded_by_the_run_layer_with_how_they_were_drawn(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(LEGACY / "trained", run)
@@ -102,6 +105,7 @@ def test_samples_are_recorded_by_the_run_layer_with_how_they_were_drawn(tmp_path
     assert text.strip() == out.strip()
 
 
+@pytest.mark.slow
 def test_damaged_lines_of_metrics_jsonl_are_skipped_with_one_note_by_every_reader(tmp_path, stable_root, monkeypatch,
                                                                                   capsys):
     """Before: one byte that is not UTF-8 or one JSON line that is not an object gave a traceback in `log`, `runs`,
@@ -132,3 +136,23 @@ def test_damaged_lines_of_metrics_jsonl_are_skipped_with_one_note_by_every_reade
     lmlab_here("train", "--resume", run, "--set", "train.max_iters=12", "--device", "cpu")
     assert [e["step"] for e in RunDir(run).events() if e["event"] == "eval"] == [5, 10, 12]
     assert b"\xff" not in (run / "metrics.jsonl").read_bytes()  # the resume's rewrite keeps whole events only
+
+
+STRICT = {"parse_constant": lambda name: pytest.fail(f"metrics.jsonl holds {name}, which is not JSON")}
+
+
+@pytest.mark.slow
+def test_metrics_are_standard_json_a_non_finite_figure_is_null(tmp_path, tiny_run):
+    """A run stopped before its first evaluation ends with no best val loss: `null`, where Python's json wrote
+    `Infinity`, which jq, JavaScript and pandas refuse."""
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset), max_iters=100_000)
+    proc = spawn("train", config, "--run", tmp_path / "run", "--set", "train.eval_interval=100000", "--device", "cpu",
+                 cwd=tmp_path)
+    wait_until(lambda: any(e["event"] == "train" for e in RunDir(tmp_path / "run").events()), proc)  # in its loop
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    end = json.loads(lines[-1], **STRICT)
+    assert end["event"] == "end" and end["stopped_by"] == "SIGTERM" and end["best_val_loss"] is None
+    assert all(json.loads(line, **STRICT) for line in lines)
+    assert main(["runs", str(tmp_path)]) == 0  # its readers take it

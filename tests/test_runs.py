@@ -21,7 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, LMLAB, write_config
+from tests.helpers import ALPACA_TINY, LMLAB, write_config
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def as_json(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_compare_figures_match_the_metrics_files(three_runs, capsys, tmp_path):
     plot = tmp_path / "compare.png"
     out = as_json(capsys, "compare", *map(str, three_runs), "--plot", str(plot), "--x", "tokens", "--log")
@@ -60,6 +61,7 @@ def test_compare_figures_match_the_metrics_files(three_runs, capsys, tmp_path):
         assert row["bits_per_byte"] > 0 and row["architecture"] == "GPT-2"
 
 
+@pytest.mark.slow
 def test_compare_fits_80_columns_and_shows_every_column_when_wide(three_runs):
     table = subprocess.run([LMLAB, "compare", *map(str, three_runs)], capture_output=True, text=True,
                            env={**os.environ, "COLUMNS": "80"}, check=True).stdout
@@ -74,6 +76,7 @@ def test_compare_fits_80_columns_and_shows_every_column_when_wide(three_runs):
     assert "not shown" not in wide and all(h in wide for h in ("Chinchilla", "val-train", "falling", "status"))
 
 
+@pytest.mark.slow
 def test_compare_samples_every_run_side_by_side(three_runs, capsys):
     assert main(["compare", *map(str, three_runs), "--prompt", "ROMEO:", "--max-new-tokens", "20"]) == 0
     out = capsys.readouterr().out
@@ -83,6 +86,7 @@ def test_compare_samples_every_run_side_by_side(three_runs, capsys):
         assert run.name in out
 
 
+@pytest.mark.slow
 def test_scaling_fits_compute_and_parameters(three_runs, capsys, tmp_path):
     plot = tmp_path / "scaling.png"
     assert main(["scaling", *map(str, three_runs), "--plot", str(plot)]) == 0
@@ -127,6 +131,7 @@ def test_a_power_law_is_recovered_exactly():
     assert fit.predict(1e16) == pytest.approx(5.0 * 1e16 ** -0.1)
 
 
+@pytest.mark.slow
 def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, tmp_path):
     root = three_runs[0].parent
     (root / "notes").mkdir(exist_ok=True)
@@ -150,6 +155,7 @@ def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, t
     assert small[:3] == ["small", "finished", "GPT-2"] and f"{listed['small']['best_val_loss']:.4f}" in small
 
 
+@pytest.mark.slow
 def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
     config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20),
                          ["train.tracker=tensorboard"])
@@ -164,6 +170,7 @@ def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
     assert {"train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/ms_per_step"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_hyperparameters_config_and_samples_without_changing_training(tmp_path, char_dataset):
     def train(tracker: str) -> Path:
         config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20),
@@ -188,6 +195,7 @@ def test_tensorboard_gets_the_hyperparameters_config_and_samples_without_changin
     assert all(len(sample.strip()) > 100 for _, sample in text["samples/text_summary"])
 
 
+@pytest.mark.slow
 def test_wandb_logs_under_the_configured_project_and_run_name(tmp_path, char_dataset, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # the real client, writing its run file instead of uploading it
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -245,6 +253,7 @@ def two_tokenizers(tmp_path_factory, corpus_dir, char_dataset) -> list[Path]:
     return runs
 
 
+@pytest.mark.slow
 def test_every_run_knows_its_passes_over_the_data_and_its_unique_tokens(two_tokenizers, capsys):
     listed = {r["run"]: r for r in as_json(capsys, "runs", str(two_tokenizers[0].parent))["runs"]}
     for run in two_tokenizers:
@@ -261,6 +270,7 @@ def test_every_run_knows_its_passes_over_the_data_and_its_unique_tokens(two_toke
     assert bpe["chinchilla_seen_percent"] == pytest.approx(100 * bpe["tokens"] / (20 * bpe["params"]))
 
 
+@pytest.mark.slow
 def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenizers, capsys, tmp_path):
     rows = as_json(capsys, "compare", *map(str, two_tokenizers), "--plot", str(tmp_path / "compare.png"))["runs"]
     char, bpe = (summarize(r) for r in two_tokenizers)
@@ -278,6 +288,7 @@ def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenize
     assert "bits/byte" in next(line for line in listing.splitlines() if line.lstrip().startswith("run"))
 
 
+@pytest.mark.slow
 def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_tokenizers, capsys, tmp_path):
     assert main(["scaling", *map(str, two_tokenizers), "--plot", str(tmp_path / "s.png")]) == 2
     assert ("scaling fits one power law through runs of one tokenizer on one text, and their tokenizers differ "
@@ -294,6 +305,7 @@ def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_t
         " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow
 def test_kept_evaluations_give_perplexity_and_accuracy_columns(three_runs, capsys):
     small, medium = map(str, three_runs[:2])
     columns = " ".join(capsys.readouterr().out.split()) if main(["compare", small, medium, "--wide"]) == 0 else ""
@@ -311,6 +323,7 @@ def test_kept_evaluations_give_perplexity_and_accuracy_columns(three_runs, capsy
     assert f"{kept['perplexity']:.2f}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tokenizers, tmp_path, capsys):
     # bpe:300 reads the Alpaca records; a context of 512 holds them with their prompt
     config = load_config(two_tokenizers[1] / "config.toml", ["model.block_size=512", "train.max_iters=10"])

@@ -11,28 +11,19 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from lmlab.core.config import FinetuneConfig, SamplingParams
+from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.evals.judge import judge_answers, parse_score
 from lmlab.inference.generate import Batch, TextStream, decode_dtype, seeded
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher, Job, QueueFull
-from lmlab.train.finetune import finetune
-from tests.conftest import ALPACA_TINY, LMLAB, Server, free_port, post  # noqa: F401 (free_port: other files' import)
+from tests.helpers import ALPACA_TINY, LMLAB, Server, free_port, post
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, imported_gpt2) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "sft"
-    finetune(imported_gpt2, run, FinetuneConfig(str(ALPACA_TINY), epochs=1, learning_rate=3e-3), device="cpu")
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +155,7 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server):
     assert client.completions.create(model="sft", prompt="x", max_tokens=2, temperature=0).choices  # still up
 
 
+@pytest.mark.slow
 def test_a_request_beyond_the_queue_is_refused_and_a_cancelled_one_leaves(sft_run):
     run = RunDir(sft_run).load("best", "cpu")
     # past_eot: only max_new_tokens ends a job, so the first one holds the one row until it is cancelled

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import Server, read_answer, sent
+from tests.helpers import Server, read_answer, sent
 
 pytest.importorskip("fastapi")
 

@@ -1,7 +1,7 @@
-"""What a careless or hostile client does to `lmlab serve` (issue 18, items 1, 2 and 9; issue 34, items 2 and 6),
-against a real server process on 127.0.0.1: clients that drop mid-stream give their rows back at once, a huge body
-is refused unread while others are served, a flood of large /tokenize bodies neither starves a completion nor keeps
-the memory it took, stop strings are bounded, and values no type check catches get 400, not 500."""
+"""What a careless or hostile client does to `lmlab serve`, against a real server process on 127.0.0.1: clients that
+drop mid-stream give their rows back at once, a huge body is refused unread while others are served, a flood of large
+/tokenize bodies neither starves a completion nor keeps the memory it took, stop strings are bounded, and values no
+type check catches get 400, not 500."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_serve import Server, post, sft_run  # noqa: F401 (sft_run is a fixture)
+from tests.helpers import Server, post
 
 pytest.importorskip("fastapi")
 
 
 @pytest.fixture(scope="module")
-def one_row(sft_run):  # noqa: F811
+def one_row(sft_run):
     """A server that decodes one request at a time and lets none wait: the tightest place to leak a row."""
     started = Server(sft_run, "--max-batch", "1", "--max-queue", "0")
     yield started
@@ -48,7 +48,7 @@ def wait_idle(server: Server) -> dict:
 
 @pytest.mark.slow
 def test_clients_that_drop_mid_stream_give_their_rows_back(one_row):
-    for _ in range(5):  # issue 18's repro was two; one leaked row already locked this server out
+    for _ in range(5):  # the reported case was two; one leaked row already locked this server out
         dropped_stream(one_row.port)
         wait_idle(one_row)  # the row comes back once the server has seen the client go
     deadline = time.monotonic() + 30

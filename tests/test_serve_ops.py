@@ -24,8 +24,7 @@ from lmlab.core.config import load_config
 from lmlab.core.fileio import sha256_file
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
-from tests.test_serve import free_port, sft_run  # noqa: F401 (sft_run is a fixture)
+from tests.helpers import LMLAB, free_port, write_config
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -101,7 +100,7 @@ def call(request: urllib.request.Request) -> tuple[int | None, dict | str]:
 
 
 @pytest.fixture(scope="module")
-def keyed(sft_run):  # noqa: F811
+def keyed(sft_run):
     started = Process(sft_run, "--no-compile", "--api-key", KEY, "--served-model-name", "tiny-sft", "sft-alias",
                       "--max-tokens-cap", "64", "--max-batch", "4")
     yield started
@@ -120,7 +119,7 @@ def test_the_port_answers_at_once_and_health_says_loading_until_ready(keyed):
 
 
 @pytest.mark.slow
-def test_the_api_loads_behind_a_503_with_retry_after(sft_run):  # noqa: F811
+def test_the_api_loads_behind_a_503_with_retry_after(sft_run):
     server = Process(sft_run, "--no-compile", ready=False)
     try:
         deadline = time.monotonic() + 60
@@ -137,7 +136,7 @@ def test_the_api_loads_behind_a_503_with_retry_after(sft_run):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_the_compiled_step_is_built_behind_eager_decoding_and_kept_for_the_next_start(sft_run, tmp_path):  # noqa: F811
+def test_the_compiled_step_is_built_behind_eager_decoding_and_kept_for_the_next_start(sft_run, tmp_path):
     cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     first = Process(sft_run, "--compile", "--max-batch", "2", env=cache)
     try:
@@ -166,7 +165,7 @@ def test_the_compiled_step_is_built_behind_eager_decoding_and_kept_for_the_next_
     finally:
         assert again.stop() == 0
     damaged = bytearray(good[kept.name])
-    for at in range(len(damaged) // 3, len(damaged) // 3 + 2000):  # issue 34: it loaded, said "compiled", decoded junk
+    for at in range(len(damaged) // 3, len(damaged) // 3 + 2000):  # what it once did: it loaded, said "compiled", decoded junk
         damaged[at] ^= 0xFF
     kept.write_bytes(damaged)
     assert refused_at_start(sft_run, cache, "is not the one built there") and not kept.exists()
@@ -222,7 +221,7 @@ def test_a_wrong_key_closes_its_connection_and_the_log_escapes_what_a_path_decod
 
 
 @pytest.mark.slow
-def test_an_api_key_beyond_ascii_is_compared_as_the_utf_8_a_client_sends(sft_run):  # noqa: F811
+def test_an_api_key_beyond_ascii_is_compared_as_the_utf_8_a_client_sends(sft_run):
     key = "clé-ü-秘密"
     server = Process(sft_run, "--no-compile", "--api-key", key)
     try:
@@ -236,7 +235,7 @@ def test_an_api_key_beyond_ascii_is_compared_as_the_utf_8_a_client_sends(sft_run
 
 
 @pytest.mark.slow
-def test_served_model_names_and_the_context_length(keyed, sft_run):  # noqa: F811
+def test_served_model_names_and_the_context_length(keyed, sft_run):
     client = openai.OpenAI(base_url=keyed.url, api_key=KEY)
     models = client.models.list().data
     context = RunDir(sft_run).config().model.block_size
@@ -249,7 +248,7 @@ def test_served_model_names_and_the_context_length(keyed, sft_run):  # noqa: F81
 
 
 @pytest.mark.slow
-def test_tokenize_and_detokenize_in_vllms_shapes(keyed, sft_run):  # noqa: F811
+def test_tokenize_and_detokenize_in_vllms_shapes(keyed, sft_run):
     auth = {"Authorization": f"Bearer {KEY}"}
     tokenizer = RunDir(sft_run).tokenizer()
     context = RunDir(sft_run).config().model.block_size
@@ -339,6 +338,7 @@ def test_metrics_answers_64_concurrent_scrapers_within_a_second(keyed):
     (["--served-model-name", "a", "a"], "--served-model-name"),
     ([], "not an lmlab run"),
 ])
+@pytest.mark.slow
 def test_serving_beyond_loopback_needs_a_key_and_a_bad_key_or_name_is_refused(tmp_path, options, says):
     done = subprocess.run([LMLAB, "serve", str(tmp_path / "no-run"), "--port", str(free_port()), *options],
                           capture_output=True, text=True, timeout=60)

@@ -1,4 +1,4 @@
-"""/openapi.json of `lmlab serve` (issue 34, item 12) against schemathesis on a real server: every request body it
+"""/openapi.json of `lmlab serve` against schemathesis on a real server: every request body it
 describes is one the server takes, every status the server answers with is documented (the 400s too), and nothing
 it is sent, described or not, gets a 5xx, on a fine-tuned byte-level BPE run (its prompt format wants a user's
 message). One run keeps it cheap; benchmarks-style runs by hand on a char run (its characters only, a chat of few
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import post
-from tests.test_serve import Server, sft_run  # noqa: F401 (sft_run is a fixture)
+from tests.helpers import Server, post
 
 pytest.importorskip("fastapi")
 pytest.importorskip("schemathesis")

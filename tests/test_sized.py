@@ -17,7 +17,7 @@ import pytest
 from lmlab.core.config import ModelConfig
 from lmlab.model.memory import training_need
 from lmlab.train.optim import OPTIMIZERS
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def evaluate(run: Path, cache: Path) -> tuple[bool, str]:
     return any(line.endswith("| torch._dynamo") for line in done.stderr.splitlines()), done.stdout
 
 
+@pytest.mark.slow
 def test_a_second_start_reads_the_estimate_instead_of_measuring_it(run, tmp_path):
     first, out = evaluate(run, tmp_path)
     kept = json.loads((tmp_path / "lmlab" / "memory.json").read_text())
@@ -48,6 +49,7 @@ def test_a_second_start_reads_the_estimate_instead_of_measuring_it(run, tmp_path
     assert not second and json.loads(again)["loss"] == json.loads(out)["loss"]
 
 
+@pytest.mark.slow
 def test_a_damaged_or_unwritable_cache_is_passed_over(run, tmp_path):
     (tmp_path / "lmlab").mkdir()
     (tmp_path / "lmlab" / "memory.json").write_text("{not json")

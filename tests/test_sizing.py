@@ -18,7 +18,7 @@ from lmlab.experiments.family import Family, fit_path, read_fit
 from lmlab.experiments.sizing import with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, write_config, write_fit
+from tests.helpers import LMLAB, write_config, write_fit
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def sizing_of(run: Path) -> dict:
     return next(e for e in RunDir(run).events() if e["event"] == "sizing")
 
 
+@pytest.mark.slow
 def test_size_auto_trains_the_size_it_predicts_best_and_records_it_as_an_ordinary_run(sized, preset):
     event, cfg = sizing_of(sized), RunDir(sized).config()
     assert event["depth"] == 2 and "beyond the fit" in event["candidates"][-1]["note"]
@@ -66,6 +67,7 @@ def test_size_auto_trains_the_size_it_predicts_best_and_records_it_as_an_ordinar
     assert RunDir(sized).events()[-1]["event"] == "end"
 
 
+@pytest.mark.slow
 def test_compare_and_report_show_the_predicted_val_beside_the_reached(sized, capsys, tmp_path):
     assert main(["compare", str(sized), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["runs"][0]
@@ -75,6 +77,7 @@ def test_compare_and_report_show_the_predicted_val_beside_the_reached(sized, cap
     assert f"| predicted by --size auto | {row['predicted_val']:.4f}" in (tmp_path / "report/report.md").read_text()
 
 
+@pytest.mark.slow
 def test_plan_weighs_the_sizes_train_weighs_and_chooses_alike(preset, sized):
     """The fit's largest predicted size is the best at any speed: plan (a process of its own, whose start-up it
     counts as train does) and train choose it alike."""
@@ -88,6 +91,7 @@ def test_plan_weighs_the_sizes_train_weighs_and_chooses_alike(preset, sized):
     assert f"The budget as planned: the {sizing_of(sized)['budget']:g} s:" in out
 
 
+@pytest.mark.slow
 def test_a_size_by_depth_takes_the_familys_shape_and_the_fits_lr(preset, tmp_path, capsys):
     run = train(preset, run=tmp_path / "run", size=3, device="cpu", max_iters=2).path
     cfg, fit = RunDir(run).config(), read_fit(preset)
@@ -116,6 +120,7 @@ def test_size_auto_needs_the_fit_beside_its_preset(tmp_path, char_dataset, capsy
     assert f"{bare} has none ({fit_path(bare)}); make it with `lmlab scaling {bare} --refit`" in said
 
 
+@pytest.mark.slow
 def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_path, char_dataset, capsys):
     preset = write_config(tmp_path / "mini.toml", char_dataset)
     refit = ["scaling", str(preset), "--refit", "--depths", "1,2,3", "--tokens", "2k,4k", "--lr-factors", "1,2",

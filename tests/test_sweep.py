@@ -11,7 +11,7 @@ from lmlab.core.errors import UserError
 from lmlab.experiments.sweep import plan_trials
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.conftest import LMLAB, write_config
+from tests.helpers import LMLAB, write_config
 
 
 def test_the_grid_is_the_cartesian_product_under_one_token_budget(tmp_path, char_dataset):
@@ -49,6 +49,7 @@ def test_an_interrupted_sweep_skips_its_finished_trials(tmp_path, char_dataset):
     assert "Compared with kind=gpt" in out and "best setting: kind=" in out
 
 
+@pytest.mark.slow
 def test_a_wall_clock_budget_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path, char_dataset):
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=1_000_000),
                       ["train.max_seconds=1.0", "train.eval_interval=100000"])

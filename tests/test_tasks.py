@@ -141,6 +141,7 @@ def reference(model, choice: Choice) -> float:
 
 
 @pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.slow
 def test_batched_scoring_equals_scoring_each_choice_alone(kind):
     torch.manual_seed(0)
     model = build_model(MODELS[kind]).eval()

@@ -18,9 +18,10 @@ from lmlab.core.config import ModelConfig
 from lmlab.core.peak import autocast_dtype
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, lmlab, write_config
 
 
+@pytest.mark.slow
 def test_a_piped_train_logs_a_plain_line_every_log_interval(tmp_path, char_dataset):
     """As under nohup, Slurm or `| tee`: each line arrives while the run trains (this one until it is stopped)."""
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=100_000)
@@ -93,6 +94,7 @@ def test_help_shows_the_defaults(command, shown, capsys):
     assert all(" ".join(s.split()) in out for s in shown)
 
 
+@pytest.mark.slow
 def test_bench_names_the_dtype_it_trained_in(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     assert main(["bench", str(config), "--steps", "1", "--device", "cpu", "--set", "train.dtype=auto"]) == 0
@@ -113,6 +115,7 @@ def test_the_architecture_column_tells_the_families_apart(settings, label):
     assert model.architecture() == label
 
 
+@pytest.mark.slow
 def test_tables_fit_the_columns_they_are_given(tmp_path, char_dataset):
     """COLUMNS narrows piped output too, as a terminal of that width would."""
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)

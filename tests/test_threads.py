@@ -22,8 +22,7 @@ from lmlab.core.peak import peak_flops
 from lmlab.core.threads import MARGIN, Choice, ThreadChooser, forward_probe, pick
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.conftest import LMLAB, write_config
-from tests.test_peak import hog
+from tests.helpers import LMLAB, hog, write_config
 
 
 def test_the_most_threads_within_the_margin_of_the_fastest_win():
@@ -52,12 +51,14 @@ def train(tmp_path, char_dataset) -> dict:
     return events[0]
 
 
+@pytest.mark.slow
 def test_a_set_thread_count_is_kept_untimed(tmp_path, char_dataset, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert train(tmp_path, char_dataset)["machine"]["torch_threads"] == 1
 
 
 @pytest.mark.skipif(len(cores()) < 2, reason="one core: every count is every core")
+@pytest.mark.slow
 def test_a_run_on_threads_it_set_divides_by_every_cores_peak_and_gives_the_process_its_threads_back(
         tmp_path, char_dataset, monkeypatch):
     """train.threads = 1 measured its peak on that one thread, where lmlab's own choice of one thread divided by the
@@ -77,6 +78,7 @@ def test_a_run_on_threads_it_set_divides_by_every_cores_peak_and_gives_the_proce
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+@pytest.mark.slow
 def test_a_process_on_one_core_trains_on_one_thread(tmp_path, char_dataset, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     everything = os.sched_getaffinity(0)
@@ -114,6 +116,7 @@ def test_the_choice_restarts_from_every_core_and_a_gpu_job_keeps_them(monkeypatc
 
 
 @pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
+@pytest.mark.slow
 def test_on_busy_cores_a_refusal_stays_one_line_and_a_sample_says_its_threads_after_its_prompt(
         tmp_path, char_dataset, monkeypatch, capsys):
     """The thread note of `sample` and `eval` comes once their input passed its checks: CI's loaded host printed it

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tests.conftest import lmlab, write_config, write_corpus
+from tests.helpers import lmlab, write_config, write_corpus
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from lmlab.core.config import SECTIONS, load_config, load_finetune_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.serving.openai_api import ApiError
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 pytest.importorskip("fastapi")
 
@@ -73,6 +73,7 @@ def parsed(served: Served, raw: bytes, chat: bool) -> Request:
 
 @EXAMPLES
 @given(body=BODIES.flatmap(raw), chat=st.booleans())
+@pytest.mark.slow
 def test_the_request_parser_answers_every_body_with_a_request_or_a_400(served, body, chat):
     try:
         request = parsed(served, body, chat)
@@ -87,6 +88,7 @@ def test_the_request_parser_answers_every_body_with_a_request_or_a_400(served, b
 @given(body=st.fixed_dictionaries({"prompt": TEXT}, optional={
     "max_tokens": st.integers(-5, 100), "temperature": NUMBERS, "n": st.integers(0, 6), "seed": st.integers(),
     "stop": st.one_of(TEXT, st.lists(TEXT, max_size=5))}))
+@pytest.mark.slow
 def test_a_well_formed_body_gets_a_request_or_a_400_naming_a_field(served, body):
     try:
         parsed(served, json.dumps(body).encode(), chat=False)

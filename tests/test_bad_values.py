@@ -19,8 +19,7 @@ from lmlab.commands import build_parser, main
 from lmlab.commands.common import sampling
 from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig, load_config, load_finetune_config
 from lmlab.model import build_model
-from lmlab.train.loop import Trainer
-from tests.conftest import ALPACA_TINY, write_config
+from tests.helpers import ALPACA_TINY, write_config
 
 CLASSES = ("negative", "zero", "nan", "inf", "huge", "wrong type")
 VALUES = {int: {"negative": "-5", "zero": "0", "nan": "nan", "inf": "inf", "huge": str(10**30), "wrong type": "abc"},
@@ -154,17 +153,17 @@ CELLS = [*(pytest.param(row, cls, VALUES[row.kind][cls], id=f"{row.command.split
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, corpus_dir, char_dataset) -> dict[str, Path]:
+def paths(tmp_path_factory, corpus_dir, char_dataset, tiny_run) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("numbers")
     config = write_config(root / "tiny.toml", char_dataset, max_iters=10)
     plugin_config = root / "context-vector.toml"
     plugin_config.write_text(config.read_text().replace("n_layer = 2", 'kind = "context-vector"\nn_layer = 2'))
-    run = Trainer(load_config(config), root / "run", "cpu").run().run_dir
-    return {"run": run, "corpus": corpus_dir, "dataset": char_dataset, "config": config, "alpaca": ALPACA_TINY,
+    return {"run": tiny_run, "corpus": corpus_dir, "dataset": char_dataset, "config": config, "alpaca": ALPACA_TINY,
             "plugin_config": plugin_config, "out": root / "out"}
 
 
 @pytest.mark.parametrize("row, cls, value", CELLS)
+@pytest.mark.slow
 def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls, value):
     argv = row.argv(value, paths)
     if cls in row.accepted:

@@ -30,7 +30,7 @@ from lmlab.train.distributed import Parallel, cuda_index, mixed_precision
 from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
 from lmlab.train.loop import Trainer, weights_born_in
 from lmlab.train.step import TrainStep
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 
 @pytest.mark.parametrize("capability, dtype", [
@@ -90,6 +90,7 @@ def test_the_scalers_overflow_skips_are_not_bad_steps_unless_they_never_end():
     assert restored.overflows_in_row == 0
 
 
+@pytest.mark.slow
 def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_path, char_dataset):
     """A real fp16 run (autocast and the grad scaler work on the CPU too) whose scaler starts at 2**28: its first
     steps overflow fp16 and are skipped by the scaler while it halves its scale. Before, the guard counted them
@@ -110,6 +111,7 @@ def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_pa
     assert train[-1]["loss"] < train[first_finite]["loss"] - 0.5  # and then it learned
 
 
+@pytest.mark.slow
 def test_tokens_per_second_leaves_out_the_warm_up_step(tmp_path, char_dataset):
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=4), ["train.log_interval=1"])
     Trainer(cfg, tmp_path / "run", "cpu").run()
@@ -135,6 +137,7 @@ def test_compile_true_without_triton_on_a_gpu_is_refused():
         compile_choice(True, "cuda", False)
 
 
+@pytest.mark.slow
 def test_each_compiled_model_starts_from_a_reset_compiler():
     """Dynamo's caches are per process: a sweep that compiled model after model would pass the recompile limit
     and run the rest eager. Building a compiled step resets them (a function compiled before compiles again)."""

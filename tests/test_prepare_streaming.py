@@ -1,7 +1,8 @@
 """Streaming prepare: parquet / jsonl(.gz) sources, shards, resume after a kill, bounded memory,
-dataset statistics and tiktoken tokenizers."""
+dataset statistics and tiktoken tokenizers; a document of any length reaching the tokenizer in chunks."""
 
-import gzip
+from __future__ import annotations
+
 import json
 import random
 import re
@@ -16,39 +17,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
+import tokenizers
+from tokenizers import Regex, pre_tokenizers
 
 from lmlab.commands import main
 from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
-from lmlab.data.tokenizers import EOT, GPT2_PATTERN, Tokenizer
-from tests.conftest import WORDS, tiny_tiktoken
-
-
-def documents(n: int, seed: int = 0, words: tuple[int, int] = (5, 120)) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) + "." for _ in range(n)]
-
-
-def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
-    lines = "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts))
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(lines)
-    else:
-        path.write_text(lines, encoding="utf-8")
-    return path
+from lmlab.data.tokenizers import EOT, GPT2_PATTERN, Tokenizer, chunk_spans
+from tests.helpers import LMLAB, documents, split_tokens, tiny_tiktoken, write_jsonl
 
 
 def write_parquet(path: Path, texts: list[str], field: str = "text") -> Path:
     pq.write_table(pa.table({field: texts, "id": list(range(len(texts)))}), path, row_group_size=50)
     return path
-
-
-def split_tokens(dataset: Path, split: str) -> np.ndarray:
-    meta = json.loads((dataset / "meta.json").read_text())
-    return np.asarray(open_tokens(dataset, split, meta["dtype"])[:])
 
 
 def decoded_documents(dataset: Path) -> list[str]:
@@ -63,6 +46,7 @@ def decoded_documents(dataset: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".jsonl.gz"])
+@pytest.mark.slow
 def test_parquet_and_jsonl_sources_hold_every_document(tmp_path, suffix):
     texts = documents(120)
     path = tmp_path / f"docs{suffix}"
@@ -123,6 +107,7 @@ def test_max_tokens_stops_at_a_document_boundary_and_takes_val_from_the_cut(tmp_
     assert np.array_equal(train, stream[:len(train)])
 
 
+@pytest.mark.slow
 def test_prepare_says_how_far_from_each_ask_its_split_landed(tmp_path, capsys):
     """Whole documents pass an ask by part of one, and a cut larger than the corpus stops short: each said in a line
     with the tokens, the ask and the gap, by prepare and by data stats."""
@@ -155,6 +140,7 @@ def test_val_tokens_sizes_the_val_split(tmp_path):
     assert meta["split"]["val_tokens"] == 1500
 
 
+@pytest.mark.slow
 def test_data_stats_prints_document_lengths_and_draws_a_histogram(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(100, words=(5, 60)) + documents(10, 1, (300, 400)))
     target, _, _ = prepare([str(source)], "word:100", out_dir=tmp_path)
@@ -168,6 +154,7 @@ def test_data_stats_prints_document_lengths_and_draws_a_histogram(tmp_path):
     assert (target / "doc_lengths.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_resumes_and_equals_an_uninterrupted_one(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(6000, words=(20, 200)))
     command = [sys.executable, "-m", "lmlab", "prepare", str(source), "--tokenizer", "word:100", "--workers", "1",
@@ -248,3 +235,76 @@ def test_val_tokens_gives_at_least_what_is_asked_or_refuses_with_what_it_can(tmp
                         r"documents, less one for train, hold about [\d,]+ \(at [\d.]+ characters a token\); ask for "
                         r"at most that, or give a larger corpus\.", err), err
     assert not (out / "all-word100").exists() and not list(out.glob(".all*"))  # nothing left behind
+
+
+def messy_text(n_pieces: int, seed: int = 0) -> str:
+    """Words, numbers, punctuation, contractions, runs of spaces, tabs and line breaks, accents, CJK, emoji."""
+    rng = random.Random(seed)
+    words = ["the", "Thou", "it's", "WE'LL", "café", "naïve", "12", "3.14", "1999,", "(see", "this)", "—", "...",
+             "中文", "句子。", "🙂", "a/b", "x_y", "HTTPServer", "don't"]
+    gaps = [" ", " ", " ", "  ", "\t", "\n", "\n\n", " \n", ".\n", "!\n\n", "\r\n", "   \n "]
+    return "".join(rng.choice(words) + rng.choice(gaps) for _ in range(n_pieces))
+
+
+CL100K = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
+          r"""\s+(?!\S)|\s+""")
+
+
+O200K = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+""",
+])
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, CL100K, O200K], ids=["gpt2", "cl100k", "o200k"])
+@pytest.mark.slow
+def test_chunks_are_cut_where_every_pre_tokenizer_cuts_anyway(pattern):
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    text = messy_text(20_000)
+    whole = [piece for piece, _ in split.pre_tokenize_str(text)]
+    spans = list(chunk_spans(text, 0, len(text), "bpe", size=500))
+    assert len(spans) > 100 and all(b - a <= 500 for a, b in spans)
+    assert [piece for a, b in spans for piece, _ in split.pre_tokenize_str(text[a:b])] == whole
+
+
+@pytest.mark.parametrize("spec", ["char", "word:300", "bpe:400"])
+@pytest.mark.slow
+def test_a_long_document_gets_the_ids_it_would_get_whole(tmp_path, spec):
+    source = tmp_path / "one.txt"
+    source.write_text(messy_text(60_000, seed=1), encoding="utf-8")  # ~350k characters: chunks of 65,536
+    text = source.read_text(encoding="utf-8")  # as prepare reads it (\r\n as \n)
+    target, meta, _ = prepare([str(source)], spec, out_dir=tmp_path / "data")
+    tok = tokenizers.Tokenizer.from_file(str(target / "tokenizer.json"))
+    ids = np.concatenate([np.fromfile(target / f"{split}.bin", dtype=meta["dtype"]) for split in ("train", "val")])
+    cut = meta["split"]["cut_at_char"]
+    parts = [text[:cut], text[cut:]]
+    if spec == "char":
+        expected = [i for part in parts for i in tok.encode(part.rstrip("\n") + "\n\n").ids]
+    else:
+        expected = [i for part in parts for i in [*tok.encode(part).ids, meta["eot_id"]]]
+    assert ids.tolist() == expected
+
+
+def _peak_rss_mib(*args: str) -> float:
+    """The high-water RSS of the largest process of `lmlab ARGS` (the command or one of its workers)."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", probe, LMLAB, *args], capture_output=True, text=True, check=True)
+    return int(done.stdout) / 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["char", "bpe:300"])
+def test_prepare_holds_a_50_mb_one_line_document_in_bounded_memory(tmp_path, spec):
+    """The bound: 512 MiB for a 50 MB document, about 10× its text, shards of 100M tokens included (measured on 2
+    cores: ~250 MiB char, ~180 MiB bpe). Before chunking, char took 350× the document: 17.1 GB here."""
+    words = "love night day sweet death fair heaven soul heart light dark moon sun star".split()
+    rng = random.Random(0)
+    line = " ".join(rng.choice(words) for _ in range(10_000_000))[:50_000_000]
+    source = tmp_path / "one-line.txt"
+    source.write_text(line, encoding="utf-8")  # no line break at all
+    peak = _peak_rss_mib("prepare", str(source), "--tokenizer", spec, "--out-dir", str(tmp_path / "data"))
+    assert peak < 512, f"peak RSS {peak:.0f} MiB"
+    meta = json.loads((tmp_path / "data" / f"one-line-{spec.replace(':', '')}" / "meta.json").read_text())
+    assert meta["train"]["characters"] + meta["val"]["characters"] >= 50_000_000

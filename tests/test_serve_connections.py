@@ -1,8 +1,7 @@
-"""`lmlab serve`'s HTTP edge against hostile clients (issue 29, items 4, 5, 8 and 15; issue 34, item 3), on a real
-server process on 127.0.0.1 with tight limits: clients that leave mid-upload, idle and slow connections, more
-connections than allowed (idle ones that keep coming back, busy ones from one address and from many), text that is
-not Unicode, JSON nested 200,000 deep, and a port already in use. Clients at other addresses of the loopback
-network (127.0.0.2, ...) stand for other machines."""
+"""`lmlab serve`'s HTTP edge against hostile clients, on a real server process on 127.0.0.1 with tight limits: clients
+that leave mid-upload, idle and slow connections, more connections than allowed (idle ones that keep coming back,
+busy ones from one address and from many), text that is not Unicode, JSON nested 200,000 deep, and a port already in
+use. Clients at other addresses of the loopback network (127.0.0.2, ...) stand for other machines."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import LMLAB
-from tests.test_serve import Server, post
+from tests.helpers import LMLAB, Server, post
 
 pytest.importorskip("fastapi")
 
@@ -166,7 +164,7 @@ def test_a_refused_connection_that_sent_its_request_reads_the_503_not_a_reset(cr
 
 @pytest.mark.slow
 def test_idle_connections_that_keep_coming_back_never_keep_out_a_request(crowded):
-    # Issue 34's attack: every slot held by connections that send nothing, each reopened as soon as it closes.
+    # The attack: every slot held by connections that send nothing, each reopened as soon as it closes.
     stop, opened = threading.Event(), [0]
 
     def hog() -> None:

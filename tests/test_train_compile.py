@@ -1,4 +1,4 @@
-"""The fast path trains like the reference: bf16 autocast and torch.compile against fp32 eager, 50 steps."""
+"""Training in bf16 and compiled trains like the reference: bf16 autocast and torch.compile against fp32 eager, 50 steps."""
 
 import io
 import os
@@ -13,7 +13,7 @@ from lmlab.core.device import CPU_COMPILE
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import COMPILE_GAIN, TRIAL_STEPS
-from tests.conftest import LMLAB, write_config
+from tests.helpers import LMLAB, write_config
 
 # Documented tolerances on the per-step training loss over the first 50 steps of a seeded run.
 BF16_TOLERANCE = 1e-2  # bf16 keeps 8 bits of mantissa; measured max difference 5e-4 on this test
@@ -38,6 +38,7 @@ def test_bf16_and_compiled_losses_track_fp32_eager(tmp_path, char_dataset):
     assert max(abs(a - b) for a, b in zip(reference, compiled)) < COMPILE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_compiling_on_a_cpu_says_what_it_costs_before_the_first_step(tmp_path, char_dataset):
     """A write-up's tip (`train.compile = true`) printed nothing for 131 s on a CPU, then trained no faster: the
     line comes before the first step waits for the compiler (the test stops the run there)."""

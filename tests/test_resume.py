@@ -1,0 +1,339 @@
+"""Stop and resume: a stop signal ends a run within seconds and a kill -9 at any point resumes bitwise (fine-tunes too);
+a resume never swaps a run's tokenizer and says how to find a moved dataset; a run without pointers resumes from its
+step folders. A run resumed with another length says what happens to its schedule and goes on from the LR it had,
+decaying to min_lr at the new end; the checkpoint it resumed from, and the best, outlive retention, and a resume that
+will delete step folders names them."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.commands import main
+from lmlab.core.busy import cores
+from lmlab.core.config import FinetuneConfig, TrainConfig, load_config
+from lmlab.run.rundir import RunDir
+from lmlab.train.finetune import finetune
+from lmlab.train.loop import Trainer
+from lmlab.train.schedule import lr_at, lr_at_position, position_of
+from tests.helpers import (
+    ALPACA_TINY,
+    LMLAB,
+    copy_run,
+    digests,
+    events_of,
+    refused,
+    run_cli,
+    spawn,
+    stable_events,
+    wait_until,
+    waits_for_lock,
+    write_config,
+)
+
+MIN_LR = 3e-4  # tests/helpers.py's tiny config
+
+
+def lrs(run) -> dict[int, float]:
+    """The LR of each logged step (a line's last step)."""
+    return {e["step"]: e["lr"] for e in RunDir(run).events() if e["event"] == "train"}
+
+
+def said(capsys) -> str:
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_position_of_an_lr_is_where_the_schedule_has_it(schedule):
+    cfg = TrainConfig(schedule=schedule, learning_rate=1e-3, min_lr=1e-4)
+    for position in (0.81, 0.9, 1.0) if schedule == "wsd" else (0.0, 0.25, 0.5, 0.99, 1.0):
+        assert position_of(lr_at_position(position, cfg), cfg) == pytest.approx(position, abs=1e-9)
+    assert position_of(cfg.learning_rate, cfg) == 0.0  # the peak: wsd's stable stretch goes on from its start
+    assert position_of(1.0, cfg) == 0.0 and position_of(0.0, cfg) == 1.0  # clipped to the schedule
+
+
+@pytest.mark.slow
+def test_a_resume_still_warming_up_says_the_warmup_it_has_left(tmp_path, char_dataset, capsys):
+    """`schedule kept from step 40: lr 2.4e-04 -> 3.0e-05` hid the warmup still to run."""
+    config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=3), tmp_path / "run"
+    assert main(["train", str(config), "--run", str(run), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=20"]) == 0
+    assert ("schedule kept from step 3: lr 2.0e-03, rising to 3.0e-03 by step 5 (warmup), then -> 3.0e-04 at step "
+            "20") in said(capsys)
+
+
+@pytest.mark.slow
+def test_extending_a_run_goes_on_from_its_lr_and_decays_at_the_new_end(tmp_path, char_dataset, capsys):
+    config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=40), tmp_path / "run"
+    # to step 40 of a cosine laid over 100 steps: the LR there is mid-decay
+    assert main(["train", str(config), "--run", str(run), "--device", "cpu", "--set", "train.log_interval=1",
+                 "--set", "train.lr_decay_iters=100"]) == 0
+    over_100 = TrainConfig(max_iters=100, learning_rate=3e-3, min_lr=MIN_LR, warmup_iters=5)
+    capsys.readouterr()
+    # max_iters alone: the schedule's end (lr_decay_iters) stands, and the line says so
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=60", "--set", "train.log_interval=1"]) == 0
+    assert f"schedule kept from step 40: lr {lr_at(40, over_100):.1e} -> {MIN_LR:.1e} at step 100" in said(capsys)
+    # then the end moves to 90: laid anew from the LR of step 60 (no warmup again), min_lr at 90
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=90", "--set", "train.lr_decay_iters=0",
+                 "--set", "train.log_interval=1"]) == 0
+    line = re.search(r"schedule re-laid from step 60: lr ([\d.e+-]+) -> 3\.0e-04 at step 90", said(capsys))
+    steps = lrs(run)  # a line's LR is its last step's: line 61 is step index 60
+    assert line and float(line[1]) == pytest.approx(lr_at(60, over_100), rel=0.05)
+    assert steps[61] == pytest.approx(lr_at(60, over_100)) and steps[90] == pytest.approx(MIN_LR)
+    assert all(steps[s + 1] <= steps[s] + 1e-12 for s in range(40, 90))  # continuous and falling throughout
+    # a resume of the same length keeps it: nothing said, nothing changed
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=90", "--set", "train.lr_decay_iters=0",
+                 "--set", "train.log_interval=1"]) == 0
+    assert "schedule" not in said(capsys) and lrs(run) == steps
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_extended_by_steps_keeps_its_lr(tmp_path, char_dataset, capsys):
+    """training.md's recipe: `--set train.budget_seconds=0 --set train.max_iters=N` on a budgeted run."""
+    run = tmp_path / "run"
+    cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset), [
+        "train.budget_seconds=3", "train.log_interval=1", "train.warmup_iters=0", "train.min_lr=1e-5",
+        "train.eval_interval=50"])
+    end = Trainer(cfg, run, "cpu").run().steps  # the budget counts from run(): the test's process is old
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.budget_seconds=0", "--set",
+                 f"train.max_iters={end + 10}", "--set", "train.log_interval=1"]) == 0
+    assert re.search(rf"schedule re-laid from step {end}: lr [\d.e+-]+ -> 1\.0e-05 at step {end + 10}", said(capsys))
+    steps = lrs(run)
+    assert all(steps[s + 1] <= steps[s] + 1e-12 for s in range(end - 1, end + 10))  # no jump back up at the resume
+
+
+@pytest.mark.slow
+def test_retention_keeps_the_step_resumed_from_and_says_what_it_deletes(tmp_path, char_dataset, capsys):
+    config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=30), tmp_path / "run"
+    every = ["--set", "train.checkpoint_interval=5", "--set", "train.eval_interval=100"]
+    assert main(["train", str(config), "--run", str(run), "--device", "cpu", *every]) == 0
+    assert [p.name for p in RunDir(run).step_folders()] == ["step_000020", "step_000025", "step_000030"]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=50", *every]) == 0
+    assert ("note: with train.keep_checkpoints = 3, the checkpoints to come delete step_000020, step_000025; "
+            "step_000030 (resumed from and best) stay") in said(capsys)
+    assert [p.name for p in RunDir(run).step_folders()] == ["step_000030", "step_000040", "step_000045",
+                                                            "step_000050"]
+    assert main(["sample", str(run), "--checkpoint", "30", "--max-new-tokens", "5"]) == 0  # the write-up's sample
+    capsys.readouterr()
+    # resumed twice: both steps it went on from stay, and best (one of them, or the end)
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=70", *every]) == 0
+    assert re.search(r"delete step_000040, step_000045; step_000030 \(resumed from( and best)?\), step_000050 "
+                     r"\(resumed from( and best)?\) stay", said(capsys))
+    assert [p.name for p in RunDir(run).step_folders()] == ["step_000030", "step_000050", "step_000060",
+                                                            "step_000065", "step_000070"]
+
+
+@pytest.mark.slow
+def test_the_loss_plot_marks_where_a_run_was_resumed(tmp_path, char_dataset):
+    """A dashed line at the step resumed from, the full height of the axes: a resume that changed the machine,
+    the threads or the schedule shows where the curve changes."""
+    from matplotlib.image import imread
+
+    config, run = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20), tmp_path / "run"
+    assert main(["train", str(config), "--run", str(run), "--device", "cpu"]) == 0
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=40"]) == 0
+    resumed = imread(run / "loss.png")
+    # The same run's plot without its resume event: what differs is the line (and its legend entry)
+    (run / "metrics.jsonl").write_text("".join(line for line in (run / "metrics.jsonl").open()
+                                               if '"event": "resume"' not in line))
+    from lmlab.analysis.plots import plot_losses
+
+    plain = imread(plot_losses(RunDir(run), tmp_path / "plain.png"))
+    differs = (abs(resumed - plain).sum(axis=2) > 0.1)
+    tall = differs.sum(axis=0)  # per column of pixels
+    assert tall.max() > 0.5 * differs.shape[0] and (tall > 0.5 * differs.shape[0]).sum() <= 4  # one thin line
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_long_step_ends_the_run_within_seconds(tmp_path, tiny_run):
+    """A step of a million micro-batches takes far longer than the stop grace period on any machine: it is
+    abandoned, nothing of it saved, the lock released, and the same command again starts over. The signal goes once
+    the run's stop handler is in place (its loop has begun), whatever the speed of either process."""
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
+    target = tmp_path / "long"
+    proc = spawn("train", config, "--run", target, "--set", "train.grad_accum_steps=1000000", "--device", "cpu",
+                 cwd=tmp_path)
+    wait_until(lambda: RunDir(target).events() and _catches_sigterm(proc.pid), proc)  # in the first step
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)  # the step alone would take hours
+    assert proc.returncode == 0, (out, err)
+    said = " ".join(out.split())  # as printed, wrapped or not
+    assert "stopped by SIGTERM during step 1, which was abandoned" in said and "run the same command again" in said
+    assert not RunDir(target).step_folders() and not RunDir(target).running()
+    assert RunDir(target).events()[-1]["stopped_by"] == "SIGTERM"
+
+
+def _records(tmp_path: Path) -> Path:
+    """24 records: 22 train (6 steps an epoch at batch 4), 2 held out."""
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(json.loads(ALPACA_TINY.read_text())[:24]))
+    return path
+
+
+def _weights(tiny_run: Path) -> bytes:
+    return (RunDir(tiny_run).checkpoint("latest") / "model.safetensors").read_bytes()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a SIGTERM handler installed (its SigCgt mask in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    caught = int(next(line.split()[1] for line in status if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+def stop_inside_the_loop(proc: subprocess.Popen, metrics: Path) -> None:
+    """SIGTERM `proc` inside its training loop, whatever the speed of either process: holding the lock its events
+    are appended under (the run's metrics.jsonl, once its start event made it), wait until `proc` waits for that lock;
+    if its stop handler is in place by then, signal it and let it go (it stops after the step whose event it was
+    writing); if not, it is still starting: let that event through and hold the next."""
+    wait_until(metrics.exists, proc)
+    while True:
+        with open(metrics, "ab") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            wait_until(lambda: waits_for_lock(proc.pid, metrics), proc, timeout=60)
+            if _catches_sigterm(proc.pid):
+                proc.send_signal(signal.SIGTERM)
+                return
+            size = metrics.stat().st_size
+        wait_until(lambda: metrics.stat().st_size > size, proc)
+
+
+@pytest.mark.slow
+def test_a_fine_tune_killed_or_stopped_at_any_point_then_run_again_ends_bitwise_equal(capsys, tmp_path,
+                                                                                      imported_gpt2):
+    data = _records(tmp_path)
+    # On every core, fixed: a step's last bits depend on the count, which a load that comes or goes would change.
+    settings = ["--set", "finetune.epochs=2", "--set", "finetune.batch_size=4", "--set",
+                "finetune.checkpoint_interval=2", "--set", "finetune.learning_rate=0.003", "--set",
+                f"finetune.threads={len(cores())}"]
+
+    def command(name: str) -> list[str]:
+        return ["finetune", str(imported_gpt2), "--data", str(data), "--out", str(tmp_path / name), "--device", "cpu",
+                *settings]
+
+    whole = tmp_path / "whole"
+    ft = FinetuneConfig(str(data), epochs=2, batch_size=4, checkpoint_interval=2, learning_rate=0.003,
+                        threads=len(cores()))
+    # What an earlier command in this process may have left (a sample on a small model chooses one thread): the
+    # fine-tune here must still equal those of its child processes.
+    torch.set_num_threads(1)
+    finetune(imported_gpt2, whole, ft, "cpu")
+    killed = tmp_path / "killed"
+    proc = spawn(*command("killed"), cwd=tmp_path)
+    wait_until(lambda: (killed / "checkpoints" / "step_000004").exists(), proc)
+    proc.kill()  # mid-epoch, wherever it stands
+    proc.wait()
+    assert main(["sample", str(killed), "--instruction", "Say hi", "--max-new-tokens", "3"]) == 0
+    note = capsys.readouterr().err
+    assert "is an unfinished fine-tune" in note and f"finish it with: lmlab finetune {imported_gpt2}" in note
+    refused(capsys, "train", "--resume", killed, needles=("was made by `lmlab finetune`", "--out", "--data"))
+    refused(capsys, *command("killed")[:-2], "--set", "finetune.learning_rate=0.001",
+            needles=("unfinished fine-tune made by another command", "finetune.learning_rate 0.003 -> 0.001"))
+    assert main(command("killed")) == 0 and "Resumed" in " ".join(capsys.readouterr().out.split())
+    # A stop signal during the first epoch, to a child process held where it cannot go on without the test: then the
+    # same command again.
+    stopped = tmp_path / "stopped"
+    proc = spawn(*command("stopped"), cwd=tmp_path)
+    stop_inside_the_loop(proc, stopped / "metrics.jsonl")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in " ".join(out.split()), (out, err)
+    assert RunDir(stopped).unfinished()
+    assert main(command("stopped")) == 0
+    for other in (killed, stopped):
+        assert _weights(other) == _weights(whole) and RunDir(other).unfinished() is None
+    assert stable_events(killed) == stable_events(whole)
+    # The stop's own checkpoint is in the record (it was written); where the stop fell between the interval's
+    # checkpoints it is one more than the uninterrupted run has, and nothing else differs.
+    stop_step = next(e["step"] for e in RunDir(stopped).events() if e["event"] == "resume")
+    stops = {"event": "checkpoint", "step": stop_step, "best": False}
+    assert [e for e in stable_events(stopped) if e != stops or stops in stable_events(whole)] == stable_events(whole)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory, corpus_dir, char_dataset) -> Path:
+    """A char dataset of as many characters as the runs' but not the same ones (w and W become Q and Z)."""
+    from lmlab.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("other")
+    (root / "corpus").mkdir()
+    for doc in corpus_dir.glob("*.txt"):
+        (root / "corpus" / doc.name).write_text(doc.read_text().replace("w", "Q").replace("W", "Z"))
+    target, meta, _ = prepare([str(root / "corpus")], "char", name="other", out_dir=root / "data")
+    assert meta["vocab_size"] == json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
+    return target
+
+
+def test_a_resume_or_init_from_onto_another_tokenizer_is_refused_even_with_force(capsys, tmp_path, tiny_run,
+                                                                                 other_tokenizer):
+    copy = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    kept = digests(copy)
+    why = ("has another tokenizer than", "--force or not", f"`lmlab prepare CORPUS --tokenizer {copy}` makes one")
+    refused(capsys, "train", "--resume", copy, "--set", f"data.dataset={other_tokenizer}", "--set",
+            "train.max_iters=20", "--force", needles=(f"dataset {other_tokenizer}", f"than {copy}", *why))
+    assert digests(copy) == kept
+    config = write_config(tmp_path / "tiny.toml", other_tokenizer, max_iters=2)
+    refused(capsys, "train", config, "--run", tmp_path / "new", "--init-from", copy,
+            needles=(f"than --init-from {copy}", "has another tokenizer"))
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_whose_dataset_moved_says_how_to_point_at_it(capsys, tmp_path, tiny_run):
+    dataset = RunDir(tiny_run).config().data.dataset
+    moved = Path(shutil.copytree(tiny_run, tmp_path / "moved"))
+    (moved / "config.toml").write_text((moved / "config.toml").read_text().replace(dataset, str(tmp_path / "gone")))
+    refused(capsys, "train", "--resume", moved, "--set", "train.max_iters=20",
+            needles=("which is not here (moved or deleted)",
+                     f"lmlab train --resume {moved} --set data.dataset=DIR", "or put the dataset back"))
+    assert main(["train", "--resume", str(moved), "--set", "train.max_iters=12", "--set",
+                 f"data.dataset={dataset}"]) == 0
+    assert RunDir(moved).config().data.dataset == dataset and RunDir(moved).events()[-1]["step"] == 12
+
+
+@pytest.mark.slow
+def test_a_run_without_pointers_resumes_and_samples_from_its_step_folders(capsys, tmp_path, trained):
+    run = copy_run(trained, tmp_path)
+    (run / "checkpoints" / "latest").unlink()
+    (run / "checkpoints" / "best").write_bytes(b"\xff\xfe\x00 not utf-8")  # damaged: as good as missing
+    assert main(["sample", str(run), "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert "no best checkpoint" in err and "using latest (step 20)" in err
+    assert "--- checkpoint latest (step 20)" in (run / "samples.txt").read_text()
+    refused(capsys, "train", write_config(tmp_path / "c.toml", Path(RunDir(run).config().data.dataset)), "--run",
+            run, needles=("already has checkpoints", "--resume"))
+    assert main(["train", "--resume", str(run), "--set", "train.max_iters=30"]) == 0
+    assert "Resumed" in capsys.readouterr().out and RunDir(run).checkpoint("latest").name == "step_000030"
+
+
+@pytest.mark.slow
+def test_train_piped_into_head_stops_as_sigterm_does_and_resumes(tmp_path, char_dataset, capsys):
+    """`lmlab train ... | head`: the reader goes, the next line written raises SIGPIPE, and the run ends after its
+    step with a checkpoint, `stopped_by` SIGPIPE, status 0, and resumes."""
+    config = write_config(tmp_path / "long.toml", char_dataset, max_iters=1_000_000)
+    run = tmp_path / "run"
+    child = subprocess.Popen([LMLAB, "train", str(config), "--run", str(run), "--device", "cpu", "--set",
+                              "train.log_interval=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in child.stdout:  # the loop's first line: the stop handler is in place
+        if line.startswith("step "):
+            break
+    child.stdout.close()  # as `head` does once it has its lines
+    assert child.wait(timeout=120) == 0, child.stderr.read()
+    end = events_of(run, "end")[-1]
+    assert end["stopped_by"] == "SIGPIPE" and RunDir(run).checkpoint("latest").name == f"step_{end['step']:06d}"
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--device", "cpu", "--set",
+                           f"train.max_iters={end['step'] + 2}")
+    assert code == 0, err
+    assert events_of(run, "resume")[-1]["step"] == end["step"] and events_of(run, "end")[-1]["step"] == end["step"] + 2

@@ -238,6 +238,7 @@ OUTPUTS = {
     ("finetune", "--run"): "finetune {run} --data {alpaca} --run {target}",  # --out's old spelling
     ("prepare", "--out-dir"): "prepare {corpus} --tokenizer char --out-dir {target}",
     ("sweep", "--dir"): "sweep {config} --set train.max_iters=1,2 --dir {target}",
+    ("scaling", "--dir"): "scaling {config} --refit --dir {target}",
 }
 
 

@@ -150,7 +150,7 @@ def destination(option: str, kind: str = "") -> Callable[[str], str]:
     def where(text: str) -> str:
         check_destination(text, option, kind)
         return text
-    where.destination = True  # tells it from the numeric types (tests/test_cli_numbers.py)
+    where.destination = True  # tells it from the numeric types (tests/test_bad_values.py)
     return where
 
 

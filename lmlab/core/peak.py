@@ -126,9 +126,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
     if listed:
         return Peak(listed[0], name, listed[1])
     key = cache_key(device, dtype)
-    if key not in _memo:
-        with every_thread(device):
-            _memo[key] = dataclasses.replace(_measured(key, device, dtype), native=native_kernel(device, dtype))
+    if key not in _memo:  # measured on every thread (`measure_into_cache`), read under any
+        _memo[key] = dataclasses.replace(_measured(key, device, dtype), native=native_kernel(device, dtype))
     return _memo[key]
 
 

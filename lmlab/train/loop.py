@@ -117,14 +117,14 @@ class Trainer:
         self.run_dir = RunDir(run_dir)
         job = from_env()
         job.local_steps(cfg.train.grad_accum_steps)  # checked before the job's processes connect to each other
-        # Held from here to the end of run(), or given back if the construction fails: torch's threads as they were
-        # (a process goes on after its run: a notebook, the API, tests), and the run's lock, one writer at a time,
-        # from before anything of the run is read.
-        self._held = ExitStack()
-        self._held.callback(torch.set_num_threads, threads.before if threads else torch.get_num_threads())
         # Made before the set-up, whose load tells a quiet machine; each torchrun rank would time its own threads.
         self.threads = threads or ThreadChooser(cfg.train.threads, "train.threads",
                                                 fixed="torchrun" if job.world_size > 1 else None)
+        # Held from here to the end of run(), or given back if the construction fails: torch's threads as they were
+        # before the chooser (a process goes on after its run: a notebook, the API, tests), and the run's lock, one
+        # writer at a time, from before anything of the run is read.
+        self._held = ExitStack()
+        self._held.callback(torch.set_num_threads, self.threads.before)
         with self._unlocked_on_failure():
             if job.is_main:
                 self._held.enter_context(self.run_dir.locked())

@@ -132,6 +132,12 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
     assert [s["depth"] for s in fit.lr_search] == [1, 2, 3] and all(len(s["vals"]) == 2 for s in fit.lr_search)
     assert out.count("miniseries ") == 9  # per depth: 2 LRs at 2k, then 4k at the rule's LR
     assert fit.measured["command"].startswith(f"lmlab scaling {preset} --refit --depths 1,2,3 --tokens 2048,4096")
+    # each depth's longer run against the surface through the other five: a figure the fit did not bend to
+    assert [h["depth"] for h in fit.held_out] == [1, 2, 3]
+    for h in fit.held_out:
+        longest = max((r for r in fit.runs if r["depth"] == h["depth"]), key=lambda r: r["tokens"])
+        assert (h["tokens"], h["val"]) == (longest["tokens"], longest["val"])
+        assert h["predicted"] != fit.surface.predict(h["params"], h["tokens"])
     for r in fit.runs:  # each point is a finished run of its depth, at the rule's LR or the search's nearest
         summary = RunDir(r["run"]).events()[-1]
         assert summary["event"] == "end" and RunDir(r["run"]).config().model.n_layer == r["depth"]
@@ -140,3 +146,4 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
     assert main(["scaling", str(preset)]) == 0
     shown = capsys.readouterr().out
     assert fit.surface.describe()[:20] in shown and "LR rule" in shown and "fit again with: lmlab scaling" in shown
+    assert "held out: each depth's longest run against the fit through the other runs: depth 1 " in shown

@@ -130,6 +130,10 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
     lrs = ", ".join(f"{s['depth']} layers x{s['best']:.2f}" for s in fit.lr_search)
     console.print(f"LR rule: the preset's LR x {fit.lr.scale:g} x ({_preset_width(preset)} / width)^"
                   f"{fit.lr.exponent:g}, through each depth's best multiple of it ({lrs})", highlight=False)
+    if fit.held_out:
+        errors = ", ".join(f"depth {h['depth']} {100 * (h['predicted'] / h['val'] - 1):+.1f}%" for h in fit.held_out)
+        console.print(f"held out: each depth's longest run against the fit through the other runs: {errors}",
+                      highlight=False)
     m = fit.measured
     where = (m.get("machine") or {}).get("cpu") or "?"
     load = m.get("load") or {}
@@ -199,7 +203,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "ones kept) and keep the fit of L(N, D) and the LR rule beside the preset")
     p.add_argument("--depths", type=counts, help="the family's depths the miniseries trains (default: 1,2,3,4,5,6)")
     p.add_argument("--tokens", type=tokens_list, help="the lengths each depth trains for, in tokens (k, M: 2**10, "
-                   "2**20; default: 64k,256k,1M,4M)")
+                   "2**20; default: 256k,1M,4M,8M)")
     p.add_argument("--lr-factors", type=factors, help="multiples of the preset's LR each depth tries at the middle "
                    "length (default: 0.5,1,2)")
     p.add_argument("--max-flops", type=positive, help="leave out the runs whose 6·N·D is past this (the largest "

@@ -100,6 +100,7 @@ class SizeFit:
     runs: list[dict[str, Any]]  # `depth`, `params`, `tokens`, `learning_rate`, `val`, `run` of each point
     lr_search: list[dict[str, Any]] = field(default_factory=list)  # `depth`, `width`, `factors`, `vals`, `best`
     measured: dict[str, Any] = field(default_factory=dict)  # `when`, `machine`, `seconds`, `load`, `command`
+    held_out: list[dict[str, Any]] = field(default_factory=list)  # `depth`, `params`, `tokens`, `val`, `predicted`
 
     def lr_factor(self, width: int, preset_width: int) -> float:
         return self.lr.factor(width, preset_width)

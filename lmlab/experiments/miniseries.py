@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from lmlab.analysis.runs import summarize
-from lmlab.analysis.scaling import fit_loss_surface
+from lmlab.analysis.scaling import LossSurface, fit_loss_surface
 from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig, load_config
 from lmlab.core.device import machine
@@ -38,7 +38,10 @@ from lmlab.train.loop import Trainer
 from lmlab.train.planning import WARMUP_SHARE
 
 DEPTHS = (1, 2, 3, 4, 5, 6)
-TOKENS = (2**16, 2**18, 2**20, 2**22)  # 64k to 4M: what a CPU's minutes train, and a GPU's seconds
+# 256k to 8M: what a CPU's budgets of one to five minutes train (a GPU's seconds), the lengths --size auto predicts
+# at. A fit through shorter runs (64k: a few dozen steps, mostly warmup) bent the surface to them and predicted
+# 300-second budgets 5-8% low.
+TOKENS = (2**18, 2**20, 2**22, 2**23)
 LR_FACTORS = (0.5, 1.0, 2.0)  # the LR search, at the middle length
 MIN_STEPS = 8  # a run of fewer steps is too short to say anything of its size
 UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
@@ -197,17 +200,37 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
         search = [runs.search(depth) for depth in series.depths]
         rule = lr_rule(search, cfg.model.n_embd)
         points = [point for s in search for point in runs.lengths(s, rule.factor(s["width"], cfg.model.n_embd))]
-    surface = fit_loss_surface([p["params"] for p in points], [p["tokens"] for p in points],
-                               [p["val"] for p in points])
+    surface = _surface(points)
     meta = read_meta(Path(cfg.data.dataset))
     dataset = {"path": cfg.data.dataset, "tokenizer": meta["tokenizer"], "train_sha256": meta["train"]["sha256"]}
     measured = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
                 "seconds": round(sum(r["seconds"] for r in runs.points.values()), 1),  # the runs' own training
                 "refit_seconds": round(time.perf_counter() - began, 1), "load": meter.load.record(),
                 "command": _command(preset, series)}
-    fit = SizeFit(str(preset), preset_sha256(preset), dataset, surface, rule, points, search, measured)
+    fit = SizeFit(str(preset), preset_sha256(preset), dataset, surface, rule, points, search, measured,
+                  held_out(points))
     atomic_write_text(fit_path(preset), json.dumps(fit.to_json(), indent=1) + "\n")
     return fit
+
+
+def _surface(points: list[dict[str, Any]]) -> LossSurface:
+    return fit_loss_surface([p["params"] for p in points], [p["tokens"] for p in points], [p["val"] for p in points])
+
+
+def held_out(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each depth's longest run predicted by the surface through the other runs: how far the fit's figure is from
+    a run it has not seen, at the lengths budgets train for (its own rmse says only how well it bends to its
+    points). A depth whose longest run the others cannot be fitted without is left out."""
+    found = []
+    for depth in sorted({p["depth"] for p in points}):
+        longest = max((p for p in points if p["depth"] == depth), key=lambda p: p["tokens"])
+        try:
+            surface = _surface([p for p in points if p is not longest])
+        except UserError:
+            continue
+        found.append({"depth": depth, "params": longest["params"], "tokens": longest["tokens"], "val": longest["val"],
+                      "predicted": surface.predict(longest["params"], longest["tokens"])})
+    return found
 
 
 def _command(preset: Path, series: Series) -> str:

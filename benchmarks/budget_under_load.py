@@ -37,14 +37,27 @@ from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter
-from lmlab.core.config import load_config
+from lmlab.core.config import TrainConfig, load_config
 from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
+from lmlab.train.planning import BudgetPlan
 
 
 PRESETS = ("configs/shakespeare-char-speedrun-cpu.toml", "configs/shakespeare-char-modern-cpu.toml",
            "configs/shakespeare-char-cpu.toml", "configs/shakespeare-word-cpu.toml", "configs/shakespeare-char.toml")
+
+
+def last_lr(plans: list[dict], steps: int, cfg: TrainConfig) -> float:
+    """The LR of the last step trained (index steps - 1) as a share of the peak, under the plan in force then: the
+    newest made at or before it (one made at the end lays nothing more). Train lines are logged every
+    log_interval steps, so the last of them can be steps before the end, mid-decay."""
+    made = [e for e in plans if e["step"] < steps]
+    if not made:
+        return float("nan")  # start-up took the budget
+    plan = BudgetPlan()
+    plan.load_state_dict({k: v for k, v in made[-1].items() if k != "event"})
+    return plan.lr(steps - 1, cfg) / cfg.learning_rate
 
 
 def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None, hogs: int,
@@ -70,12 +83,11 @@ def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None
         raise SystemExit(f"training {run} failed:\n{proc.stdout.read()}")
     events = RunDir(run).events()
     cfg = RunDir(run).config().train
-    trains = [e for e in events if e["event"] == "train"]
     plans = [e for e in events if e["event"] == "budget"]
     evals = [e for e in events if e["event"] == "eval"]
     threads = " ".join(f"{e['threads']}@{e['step']}" for e in events if e["event"] == "threads") or "-"
-    last_lr = trains[-1]["lr"] / cfg.learning_rate if trains else float("nan")  # none: start-up took the budget
-    return {"wall": wall, "steps": events[-1]["step"], "plans": len(plans), "lr": last_lr,
+    steps = events[-1]["step"]
+    return {"wall": wall, "steps": steps, "plans": len(plans), "lr": last_lr(plans, steps, cfg),
             "val": evals[-1]["val_loss"] if evals else float("nan"), "threads": threads, "load": meter.load,
             "eval_iters": cfg.eval_iters}
 

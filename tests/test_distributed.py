@@ -221,6 +221,9 @@ def test_nccls_own_timeout_outlasts_the_collectives_so_the_vote_says_who_was_los
 
 
 RANK_BUILDS = """
+import sys
+from pathlib import Path
+
 import torch
 from lmlab.core.config import ModelConfig
 from lmlab.model import build_model
@@ -234,8 +237,9 @@ torch.manual_seed(3)
 alone = build_model(config)
 same = all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), alone.parameters()))
 local = sum(p.to_local().numel() for p in model.parameters())
-print(f"rank {parallel.rank}: same {same}, buffers {torch.equal(model.rotary.sin, alone.rotary.sin)}, "
-      f"holds {local} of {sum(q.numel() for q in alone.parameters())}")
+Path(sys.argv[1], f"rank{parallel.rank}.txt").write_text(
+    f"same {same}, buffers {torch.equal(model.rotary.sin, alone.rotary.sin)}, "
+    f"holds {local} of {sum(q.numel() for q in alone.parameters())}")
 parallel.close()
 """
 
@@ -245,10 +249,11 @@ def test_every_fsdp_rank_starts_from_the_weights_one_process_builds(tmp_path):
     script = tmp_path / "build.py"
     script.write_text(RANK_BUILDS)
     job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, timeout=300)
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stdout + job.stderr
-    lines = sorted(line for line in job.stdout.splitlines() if line.startswith("rank "))
-    assert [line.split(":")[1].split(", holds")[0] for line in lines] == [" same True, buffers True"] * 2
+    # each rank's own file: two processes printing to one pipe can run their lines together
+    lines = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert [line.split(", holds")[0] for line in lines] == ["same True, buffers True"] * 2
     for line in lines:
         held, whole = map(int, line.split("holds ")[1].split(" of "))
         assert held < 0.6 * whole  # each rank allocates about half of the weights

@@ -53,20 +53,33 @@ def decode_threads(run: LoadedRun, chooser: ThreadChooser, rows: int) -> int:
     return choice.threads
 
 
+# How long a stopping server waits for its loading thread to finish what it is doing: a process that exits while
+# that thread is inside torch can abort (status -6) rather than exit 0 (a server stopped as it began to compile, on a
+# busy machine). A model still loading after this is left behind, as before.
+STOP_WAIT = 30.0
+
+
 class Startup:
-    """Loads `options.run` for `state` on a thread of its own (`begin`); `stop` ends a compiler still running."""
+    """Loads `options.run` for `state` on a thread of its own (`begin`); `stop` ends a compiler still running and
+    lets the loading thread end."""
 
     def __init__(self, state: State, options: ServeOptions, since: float):
         self.state, self.options, self.since = state, options, since
         self.compiler: subprocess.Popen | None = None
+        self.thread = threading.Thread(target=self._load, name="lmlab-startup", daemon=True)
 
     def begin(self) -> None:
-        threading.Thread(target=self._load, name="lmlab-startup", daemon=True).start()
+        self.thread.start()
 
     def stop(self) -> None:
-        if self.compiler is not None and self.compiler.poll() is None:
-            self.compiler.kill()
-            self.compiler.wait()
+        """Kill the compiler (one started while this waits too) and wait up to STOP_WAIT for the thread to end."""
+        deadline = time.monotonic() + STOP_WAIT
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            compiler = self.compiler
+            if compiler is not None and compiler.poll() is None:
+                compiler.kill()
+                compiler.wait()
+            self.thread.join(timeout=0.1)
 
     def _phase(self, name: str) -> float:
         self.state.phase = name
@@ -105,7 +118,7 @@ class Startup:
             state.failure = str(err) if isinstance(err, UserError) else f"loading failed: {err!r}"
             state.stop()
             return
-        if state.decode_step == "eager, compiling":
+        if state.decode_step == "eager, compiling" and not state.draining:
             try:
                 self._compile(run, folder)
             except Exception as err:  # the server goes on decoding eagerly

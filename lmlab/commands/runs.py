@@ -199,12 +199,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs with at least one evaluation (two or more), or "
                    "one preset (CONFIG.toml): the fit kept beside it, PRESET.fit.json")
     p.add_argument("--refit", action="store_true", help="with a preset: train its miniseries (each of --depths at each "
-                   "of --tokens, the LR searched over --lr-factors at the middle length; runs under --dir, finished "
+                   "of --tokens, the LR searched over --lr-factors at the shortest length; runs under --dir, finished "
                    "ones kept) and keep the fit of L(N, D) and the LR rule beside the preset")
     p.add_argument("--depths", type=counts, help="the family's depths the miniseries trains (default: 1,2,3,4,5,6)")
     p.add_argument("--tokens", type=tokens_list, help="the lengths each depth trains for, in tokens (k, M: 2**10, "
-                   "2**20; default: 256k,1M,4M,8M)")
-    p.add_argument("--lr-factors", type=factors, help="multiples of the preset's LR each depth tries at the middle "
+                   "2**20; default: 1M,4M,8M)")
+    p.add_argument("--lr-factors", type=factors, help="multiples of the preset's LR each depth tries at the shortest "
                    "length (default: 0.5,1,2)")
     p.add_argument("--max-flops", type=positive, help="leave out the runs whose 6·N·D is past this (the largest "
                    "sizes' longest runs), e.g. 2e13")

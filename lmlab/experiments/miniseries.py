@@ -1,5 +1,5 @@
 """`lmlab scaling PRESET --refit`: the miniseries a preset's fit (`PRESET.fit.json`, lmlab.experiments.family) is
-measured on. Each depth of its family trains at one length for a few LRs (the preset's × each factor), the LR rule is
+measured on. Each depth of its family trains at its shortest length for a few LRs (the preset's × each factor), the LR rule is
 fitted through each depth's best, and each depth trains at the other lengths at the rule's LR; then L(N, D) is fitted
 through every run at its rule's LR (`analysis.scaling.fit_loss_surface`). Each run is an ordinary run (one evaluation,
 at its end, of the preset's eval_iters batches: those a budgeted run of the preset scores) under
@@ -38,11 +38,12 @@ from lmlab.train.loop import Trainer
 from lmlab.train.planning import WARMUP_SHARE
 
 DEPTHS = (1, 2, 3, 4, 5, 6)
-# 256k to 8M: what a CPU's budgets of one to five minutes train (a GPU's seconds), the lengths --size auto predicts
-# at. A fit through shorter runs (64k: a few dozen steps, mostly warmup) bent the surface to them and predicted
-# 300-second budgets 5-8% low.
-TOKENS = (2**18, 2**20, 2**22, 2**23)
-LR_FACTORS = (0.5, 1.0, 2.0)  # the LR search, at the middle length
+# 1M to 8M: what a CPU's budgets of one to five minutes train (a GPU's seconds), the lengths --size auto predicts at.
+# A fit through shorter runs (64k and 256k: 32 and 128 steps, still falling steeply from warmup, not yet on a power
+# law) bent the surface to them: it predicted 300-second budgets 2-8% low and missed runs it was not fitted on by
+# up to 6%; without them, by under 2%.
+TOKENS = (2**20, 2**22, 2**23)
+LR_FACTORS = (0.5, 1.0, 2.0)  # the LR search, at the shortest length
 MIN_STEPS = 8  # a run of fewer steps is too short to say anything of its size
 UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 
@@ -62,7 +63,7 @@ def parse_tokens(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Series:
-    """What a miniseries trains: `depths` of the family, each at `tokens` (its LR searched at the middle length over
+    """What a miniseries trains: `depths` of the family, each at `tokens` (its LR searched at the shortest over
     `lr_factors` of the preset's) but those past `max_flops` (6·N·D; 0: none), where larger sizes' longest runs
     would cost the most and say the least about the budgets they are fitted for."""
 
@@ -87,8 +88,8 @@ class Series:
 
     @property
     def searched(self) -> int:
-        """The length the LR is searched at: the middle one (the lower of two)."""
-        return self.tokens[(len(self.tokens) - 1) // 2]
+        """The length the LR is searched at: the shortest, where the search's runs cost least."""
+        return self.tokens[0]
 
 
 def best_factor(factors: list[float], vals: list[float]) -> float:
@@ -142,7 +143,7 @@ class Miniseries:
         return dataclasses.replace(cfg, train=train)
 
     def search(self, depth: int) -> dict[str, Any]:
-        """The depth's LR search at the middle length: each factor's val, and the best factor."""
+        """The depth's LR search at the shortest length: each factor's val, and the best factor."""
         tried = [self.run(depth, self.series.searched, f) for f in self.series.lr_factors]
         factors = [t["learning_rate"] / self.family.config(depth).train.learning_rate for t in tried]
         vals = [t["val"] for t in tried]
@@ -151,7 +152,7 @@ class Miniseries:
 
     def lengths(self, search: dict[str, Any], factor: float) -> list[dict[str, Any]]:
         """The depth's points at the rule's LR (`factor` of the preset's): each length within the series' compute,
-        the middle one the search's run nearest that LR."""
+        the shortest the search's run nearest that LR."""
         depth = search["depth"]
         points = []
         for tokens in self.series.tokens:

@@ -80,11 +80,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
                   f"says 503 until it has loaded; up to {args.max_batch} choices decoded at once, {args.max_queue} "
                   f"requests queued{'; API key required' if args.api_key else ''}); a first Ctrl-C or SIGTERM "
                   f"drains for up to {args.drain_seconds:g}s, a second stops at once", highlight=False, markup=False)
+    status = 1  # cut short, unless the server says otherwise
     try:
         status = run_server(state, sock, args.drain_seconds)
     finally:
         if startup is not None:
-            startup.stop()
+            startup.stop(wait=status != 1)
     if state.failure:
         raise UserError(state.failure)
     state.log("lmlab serve: stopped" + (" at once; requests still running were cut" if status else ""))

@@ -1,7 +1,7 @@
 """`lmlab scaling PRESET --refit`: the miniseries a preset's fit (`PRESET.fit.json`, lmlab.experiments.family) is
-measured on. Each depth of its family trains at its shortest length for a few LRs (the preset's × each factor), the LR rule is
-fitted through each depth's best, and each depth trains at the other lengths at the rule's LR; then L(N, D) is fitted
-through every run at its rule's LR (`analysis.scaling.fit_loss_surface`). Each run is an ordinary run (one evaluation,
+measured on. Each depth of its family trains at its shortest length for a few LRs (the preset's × each factor), the
+LR rule is fitted through each depth's best, and each depth trains at the other lengths at the rule's LR; then
+L(N, D) is fitted through every run at its rule's LR (`analysis.scaling.fit_loss_surface`). Each run is an ordinary run (one evaluation,
 at its end, of the preset's eval_iters batches: those a budgeted run of the preset scores) under
 runs/<preset>-miniseries/; a re-fit skips the finished ones and resumes an interrupted one, as a sweep does.
 """
@@ -63,7 +63,7 @@ def parse_tokens(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Series:
-    """What a miniseries trains: `depths` of the family, each at `tokens` (its LR searched at the shortest over
+    """What a miniseries trains: `depths` of the family, each at `tokens` (its LR searched at the shortest length over
     `lr_factors` of the preset's) but those past `max_flops` (6·N·D; 0: none), where larger sizes' longest runs
     would cost the most and say the least about the budgets they are fitted for."""
 

@@ -53,9 +53,9 @@ def decode_threads(run: LoadedRun, chooser: ThreadChooser, rows: int) -> int:
     return choice.threads
 
 
-# How long a stopping server waits for its loading thread to finish what it is doing: a process that exits while
+# How long a drained server waits for its loading thread to finish what it is doing: a process that exits while
 # that thread is inside torch can abort (status -6) rather than exit 0 (a server stopped as it began to compile, on a
-# busy machine). A model still loading after this is left behind, as before.
+# busy machine). A model still loading after this is left behind, as before; a second signal waits for nothing.
 STOP_WAIT = 30.0
 
 
@@ -71,14 +71,17 @@ class Startup:
     def begin(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        """Kill the compiler (one started while this waits too) and wait up to STOP_WAIT for the thread to end."""
-        deadline = time.monotonic() + STOP_WAIT
-        while self.thread.is_alive() and time.monotonic() < deadline:
+    def stop(self, wait: bool = True) -> None:
+        """Kill the compiler (one started while this waits too) and, with `wait`, wait up to STOP_WAIT for the
+        thread to end."""
+        deadline = time.monotonic() + STOP_WAIT * wait
+        while True:
             compiler = self.compiler
             if compiler is not None and compiler.poll() is None:
                 compiler.kill()
                 compiler.wait()
+            if not self.thread.is_alive() or time.monotonic() >= deadline:
+                return
             self.thread.join(timeout=0.1)
 
     def _phase(self, name: str) -> float:

@@ -11,7 +11,7 @@ from lmlab.core.errors import UserError
 from lmlab.model.memory import training_need
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from lmlab.train.optim import OPTIMIZERS, MuonAdamW, optimizer_of
+from lmlab.train.optim import OPTIMIZERS, Muon, MuonAdamW, optimizer_of, orthogonal_dtype
 from lmlab.train.schedule import lr_at
 from tests.helpers import write_config
 
@@ -32,6 +32,7 @@ def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_da
     overrides = [*MUON, f"model.kind={kind}", "train.threads=1"]  # bitwise: the same threads in both runs
     straight = trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=16"], "straight")
     assert isinstance(straight.step.optimizer, MuonAdamW)
+    assert straight.step.optimizer.muon.ns_dtype == torch.float32  # a float32 run on a CPU: resumed exactly too
     straight.run()
     trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=8"], "resumed").run()
     run = tmp_path / "resumed"
@@ -60,6 +61,36 @@ def test_muon_skips_a_non_finite_step_in_both_halves(tmp_path, char_dataset):
     assert [(e["event"], e["step"]) for e in RunDir(result.run_dir).events() if e["event"] == "skip"] == [("skip", 5)]
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
     assert t.step.optimizer.adamw.state_dict()["state"][0]["step"].item() == 9  # 10 steps, one skipped
+
+
+def _muon_moves(optimizer: type, **settings) -> list[torch.Tensor]:
+    """How far four Muon steps on seeded random gradients move three matrices (wide, tall, square)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((24, 40), (48, 16), (32, 32))]
+    before = [p.detach().clone() for p in params]
+    opt = optimizer(params, lr=0.01, weight_decay=0.1, **settings)
+    grads = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=grads)
+        opt.step()
+    return [p.detach() - b for p, b in zip(params, before)]
+
+
+def test_muon_is_torchs_in_bfloat16_and_orthogonalises_in_float32_where_bfloat16_is_emulated(monkeypatch):
+    torchs = _muon_moves(torch.optim.Muon, adjust_lr_fn="match_rms_adamw")
+    assert all(torch.equal(a, b) for a, b in zip(torchs, _muon_moves(Muon, ns_dtype=torch.bfloat16)))
+    for a, b in zip(torchs, _muon_moves(Muon, ns_dtype=torch.float32)):
+        assert 0 < (a - b).abs().max() < 0.02 * a.abs().max()  # the same moves but for bf16's rounding
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2 CPU
+    assert orthogonal_dtype(cpu) == torch.float32
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # AVX512-BF16 or AMX
+    assert orthogonal_dtype(cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert orthogonal_dtype(cuda) == torch.bfloat16  # Ampere on
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert orthogonal_dtype(cuda) == torch.float32  # Turing emulates bf16
 
 
 def test_warmup_stable_decay_schedule():

@@ -98,7 +98,7 @@ class TrainStep:
         self.scoring = self.eager if device.type == "cpu" else self.forward
         self.trial = CompileTrial(trial) if trial and compiled and device.type == "cpu" else None
         self.verdict: CompileVerdict | None = None
-        self.optimizer = optimizer_of(cfg).build(model, cfg)
+        self.optimizer = optimizer_of(cfg).build(model, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def __call__(self, batches: Iterable[Batch], n_batches: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:

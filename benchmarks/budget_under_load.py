@@ -50,13 +50,15 @@ PRESETS = ("configs/shakespeare-char-speedrun-cpu.toml", "configs/shakespeare-ch
 
 def last_lr(plans: list[dict], steps: int, cfg: TrainConfig) -> float:
     """The LR of the last step trained (index steps - 1) as a share of the peak, under the plan in force then: the
-    newest made at or before it (one made at the end lays nothing more). Train lines are logged every
-    log_interval steps, so the last of them can be steps before the end, mid-decay."""
-    made = [e for e in plans if e["step"] < steps]
-    if not made:
+    newest made at or before it (one made at the end lays nothing more), else the config's own schedule (steps of
+    seconds: the first plan can come at the end). Train lines are logged every log_interval steps, so the last of
+    them can be steps before the end, mid-decay."""
+    if not steps:
         return float("nan")  # start-up took the budget
     plan = BudgetPlan()
-    plan.load_state_dict({k: v for k, v in made[-1].items() if k != "event"})
+    made = [e for e in plans if e["step"] < steps]
+    if made:
+        plan.load_state_dict({k: v for k, v in made[-1].items() if k != "event"})
     return plan.lr(steps - 1, cfg) / cfg.learning_rate
 
 

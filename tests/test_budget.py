@@ -19,8 +19,10 @@ from lmlab.core.config import TrainConfig, load_config
 from lmlab.core.errors import UserError
 from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
+from lmlab.train.budget import Budget, BudgetClock, Probes
+from lmlab.train.distributed import Parallel
 from lmlab.train.planning import BudgetPlan, Measured, make_plan, seconds_needed, steps_that_fit
-from lmlab.train.schedule import lr_at
+from lmlab.train.schedule import Schedule, lr_at
 from lmlab.train.loop import Trainer
 from tests.helpers import LMLAB, finish, stable_events, torchrun, wait_for, weights, write_config, write_fit
 
@@ -102,6 +104,50 @@ def assert_joined(plans: list[BudgetPlan], cfg) -> None:
             assert before.lr(plan.anchor, cfg) == pytest.approx(plan.lr(plan.anchor, cfg))
 
 
+def test_steps_of_seconds_are_planned_before_any_is_timed_where_one_more_would_leave_the_budget():
+    """A 60 s budget of 13 s steps (the GPU preset on an AVX2 CPU) had no time left when its first step was timed and
+    ended at 76 s: once the costs are timed (after the first step), the untimed steps are the pace, and one more with
+    the smallest end (an evaluation of a batch a split, a checkpoint, the exit) must fit, or the run is planned now."""
+    def clock(spent: float) -> BudgetClock:
+        made = BudgetClock(60.0, time.perf_counter() - spent, 0.0, first_step=0)
+        for step in (1, 2):
+            made.add_step(step, 13.0)
+        made.plot_seconds = 0.3
+        for cost, seconds in (("checkpoint", 0.3), ("finish", 0.6), ("eval", 5.0)):
+            made.took(cost, seconds)
+        return made
+
+    assert not clock(30.0).due()  # 30 + 13 + 6.2 s: it trains on, and times that step
+    untimed = BudgetClock(60.0, time.perf_counter() - 50.0, 0.0, first_step=0)
+    untimed.add_step(1, 13.0)
+    assert not untimed.due()  # before its costs are timed nothing but a budget gone makes a plan
+    late = clock(42.0)
+    assert late.due()  # 42 + 13 + 6.2 s
+    measured = Measured(*late.measured())
+    assert measured.pace == 13.0 and measured.eval_batch == 5.0
+    plan = make_plan(BudgetPlan(60.0), 2, measured, TrainConfig(eval_iters=200, warmup_iters=100), (250, 1000),
+                     "planned", 0.0)
+    assert plan.max_iters == 2 and 1 <= plan.eval_iters < 200  # it ends here, with an evaluation of what is left
+    assert plan.spent + plan.eval_seconds + plan.checkpoint_seconds + plan.finish_seconds <= 60.0
+
+
+def test_a_costly_first_evaluation_on_a_cpu_is_not_made_twice():
+    """The evaluation a budget times comes after one that pays one-time costs; on a CPU evaluations run eager, so
+    where that one took a share of the budget (an evaluation of seconds) it paid no compile, and is the cost."""
+    def evaluations(seconds: float, device: str) -> int:
+        calls = []
+        probes = Probes(lambda: None, lambda: calls.append(time.sleep(0.35)), lambda: None)
+        budget = Budget(seconds, Schedule(TrainConfig()), Parallel(), torch.device(device), (250, 1000), probes,
+                        lambda plan, line: None)
+        budget.start(None, 0.0, 0)
+        budget.step_timed(1, 2.0)
+        return len(calls)
+
+    assert evaluations(10.0, "cpu") == 1  # 0.35 s: more than 3% of the budget
+    assert evaluations(100.0, "cpu") == 2  # under 3%: its one-time costs could be much of it
+    assert evaluations(10.0, "meta") == 2  # elsewhere the first may have compiled
+
+
 def plans_of(run) -> list[BudgetPlan]:
     return [BudgetPlan(**{k: v for k, v in e.items() if k != "event"}) for e in RunDir(run).events()
             if e["event"] == "budget"]
@@ -143,7 +189,7 @@ def test_a_budgeted_run_times_its_start_then_lays_the_schedule_over_the_steps_th
     first, last = plans[0], plans[-1]
     # max_iters = 7 in the config is replaced by the newest plan, which config.toml records.
     assert result.steps == last.max_iters == run.config().train.max_iters > first.step > 2
-    assert next(e["step"] for e in events if e["event"] == "checkpoint") == 2  # the timed one
+    assert next(e["step"] for e in events if e["event"] == "checkpoint") == 1  # the timed one, after the first step
     assert [e["step"] for e in events if e["event"] == "eval"] == [*range(50, last.max_iters, 50), last.max_iters]
     # The first plan filled what was left of the budget: its end is the nearest to it, a step either way.
     left, steps = first.seconds - first.spent, first.max_iters - first.step

@@ -1,8 +1,9 @@
 """`train.budget_seconds` (`Budget`): a run that ends when its wall-clock budget does, start-up and evaluations
-included, however busy the machine gets. It times its first steps, an evaluation and a checkpoint, plans the steps
-that fill the budget, and plans again at evaluations and whenever the pace says the end would miss; each plan lays
-the rest of the LR decay over the steps that now fit, so the LR never jumps and still ends at min_lr. A resumed run
-goes by its checkpoint's plan and plans no more: timing another process's steps would make resume inexact.
+included, however busy the machine gets. It times its first steps, an evaluation and a checkpoint (or plans at once
+where one more step of seconds would leave the budget), plans the steps that fill the budget, and plans again at
+evaluations and whenever the pace says the end would miss; each plan lays the rest of the LR decay over the steps
+that now fit, so the LR never jumps and still ends at min_lr. A resumed run goes by its checkpoint's plan and plans
+no more: timing another process's steps would make resume inexact.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from lmlab.train.distributed import Parallel
 from lmlab.train.planning import BudgetPlan, Measured, drifted, ended_by_start_up, make_plan
 from lmlab.train.schedule import Schedule, lr_at_position, position_of
 
-SKIP_STEPS = 2  # the first steps build kernels (or compile): not timed; then a timed checkpoint
+SKIP_STEPS = 2  # the first steps build kernels (or compile): not timed
+# The checkpoint, evaluation and end are timed after the first step (its kernels built), so that the check after the
+# next one can end a run whose steps take seconds (`last_call`) before it trains a step the budget has no room for.
+COSTS_STEP = 1
 MIN_TIMED_STEPS = 10
 TIMED_SHARE = 0.03  # of the budget spent timing steps (at least MIN_TIMED_STEPS of them), at most MAX_TIMED_SECONDS
 # Steps of seconds each: as many as fill this many times the timing's share are pace enough for the first plan, where
@@ -54,8 +58,10 @@ class BudgetClock:
 
     def __init__(self, seconds: float, started: float, spent_before: float, first_step: int):
         self.seconds, self.started, self.spent_before = seconds, started, spent_before
-        self.warm_step = first_step + SKIP_STEPS  # the eval and checkpoint are timed here; later steps are timed
+        self.costs_step = first_step + COSTS_STEP
+        self.warm_step = first_step + SKIP_STEPS  # the steps after it are timed
         self.recent: list[float] = []  # seconds of each timed step (evaluations left out), newest last
+        self.untimed: list[float] = []  # seconds of the steps before them: the pace until one is timed
         self.since_check = 0.0  # seconds of steps since the last plan or check
         self.pace = 0.0  # seconds per step at the newest plan or check
         # (seconds, pace then) of an evaluation's batch (one a split), a checkpoint and the end
@@ -67,7 +73,9 @@ class BudgetClock:
         return self.spent_before + time.perf_counter() - self.started
 
     def add_step(self, step: int, seconds: float) -> None:
-        if step > self.warm_step:
+        if step <= self.warm_step:
+            self.untimed.append(seconds)
+        else:
             self.recent.append(seconds)
             self.since_check += seconds
             if len(self.recent) > 200_000:  # a long run's: the pace needs only the newest
@@ -75,15 +83,30 @@ class BudgetClock:
 
     def due(self) -> bool:
         """Whether to plan now: the first plan once enough steps are timed (a few percent of the budget, and at
-        least MIN_TIMED_STEPS or as many as fill SLOW_TIMING times that) or the budget is gone; then a check of the
-        pace each CHECK_SHARE of the budget."""
+        least MIN_TIMED_STEPS or as many as fill SLOW_TIMING times that), or sooner where one more step and the
+        smallest end (`last_call`) would leave the budget, or once it is gone; then a check of the pace each
+        CHECK_SHARE of the budget."""
         if self.spent() >= self.seconds:
             return True
         if not self.planned:
             wanted = min(MAX_TIMED_SECONDS, TIMED_SHARE * self.seconds)
             enough = len(self.recent) >= MIN_TIMED_STEPS or self.since_check >= SLOW_TIMING * wanted
-            return bool(self.recent) and self.since_check >= wanted and enough
+            return bool(self.recent) and self.since_check >= wanted and enough or self.last_call()
         return self.since_check >= max(MIN_CHECK_SECONDS, CHECK_SHARE * self.seconds)
+
+    def last_call(self) -> bool:
+        """Whether, before the first plan, one more step at the pace so far and an end of one evaluation batch a
+        split, a checkpoint and the exit would end past the budget: steps of seconds each leave no time to wait for
+        timed ones (a 60 s budget of 13 s steps had none left when the first was timed and ended at 76 s). Known
+        once the costs are timed (`COSTS_STEP`)."""
+        if not self.costs["finish"][0]:
+            return False
+        end = sum(seconds for seconds, _ in self.costs.values()) + self.plot_seconds
+        return self.spent() + (self.current_pace() or self.untimed_pace()) + end >= self.seconds
+
+    def untimed_pace(self) -> float:
+        """The mean of the steps before the timed ones (slow: they include building kernels), all a `last_call` has."""
+        return sum(self.untimed) / len(self.untimed) if self.untimed else 0.0
 
     def current_pace(self) -> float:
         """The mean of the newest steps that fill PACE_SHARE of the budget (all of them before the first plan)."""
@@ -108,7 +131,9 @@ class BudgetClock:
     def measured(self) -> list[float]:
         """What a plan is made of (`Measured`'s fields, as numbers every rank averages), the check restarted:
         seconds spent; per step (the pace), an evaluation's batch (scaled to it) and its plot, checkpoint and end."""
-        self.pace, self.since_check = self.current_pace(), 0.0
+        # Before any step is timed: a last call's pace, or none where the budget is gone (it was used up before).
+        self.pace = self.current_pace() or (self.untimed_pace() if self.spent() < self.seconds else 0.0)
+        self.since_check = 0.0
         scaled = []
         for name, (seconds, then) in self.costs.items():
             if not then:  # timed before any step was: taken at the pace of the steps timed next
@@ -205,10 +230,10 @@ class Budget:
         return None if self.clock is None else round(self.clock.spent(), 3)
 
     def step_timed(self, step: int, seconds: float) -> None:
-        """A step's time, for the pace; at the warm step, before the first plan, the costs besides steps timed."""
+        """A step's time, for the pace; after the first step, before the first plan, the costs besides steps timed."""
         if self.clock is not None:
             self.clock.add_step(step, seconds)
-            if step == self.clock.warm_step and not self.clock.planned:
+            if step == self.clock.costs_step and not self.clock.planned:
                 self._time_costs()
 
     def checkpointed(self, seconds: float) -> None:
@@ -243,16 +268,23 @@ class Budget:
 
     def _time_costs(self) -> None:
         """What the plan counts besides steps: a checkpoint, an evaluation (a batch per split, after one that pays the
-        evaluation's one-time costs) with the plot it redraws, and the end (a plot, and the process's exit)."""
+        evaluation's one-time costs) with the plot it redraws, and the end (a plot, and the process's exit). On a CPU,
+        where evaluations run eager (`TrainStep.scoring`), a first evaluation that took a share of the budget paid
+        no compile worth timing again: it stands (a 13 s step's took 5 s)."""
         clock, began = self.clock, time.perf_counter()
         self.probes.checkpoint()
         clock.took("checkpoint", time.perf_counter() - began)
+        began = time.perf_counter()
         self.probes.evaluate()
+        first = time.perf_counter() - began
         began = time.perf_counter()
         self.probes.plot()
         clock.plot_seconds = time.perf_counter() - began
         clock.took("finish", clock.plot_seconds + EXIT_SECONDS)
-        self._time_eval()
+        if self.device.type == "cpu" and first >= TIMED_SHARE * clock.seconds:
+            clock.took("eval", first)
+        else:
+            self._time_eval()
 
     def _time_eval(self) -> None:
         """An evaluation's cost at the load of now: a batch a split."""

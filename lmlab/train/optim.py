@@ -93,8 +93,7 @@ class MuonAdamW:
 
     def __init__(self, model: LanguageModel, cfg: TrainConfig, device: torch.device):
         hidden, rest = muon_groups(model)
-        self.muon = Muon(hidden, orthogonal_dtype(device), lr=cfg.learning_rate,
-                         weight_decay=cfg.weight_decay)
+        self.muon = Muon(hidden, orthogonal_dtype(device), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.adamw = _adamw(rest, cfg)
         self.found_inf: torch.Tensor | None = None  # set by the training loop: 1 skips the whole step
 
@@ -159,10 +158,9 @@ def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
 @dataclass(frozen=True)
 class Optimizer:
     """An optimizer lmlab trains with: `build` for a model, the train settings and its device; `state_bytes(weights,
-    hidden)`,
-    the bytes of its state for weights of `weights` bytes of which `hidden` are the model's hidden matrices (what
-    the memory check counts before a model is built); `unsharded`, why FSDP cannot shard what it updates (None: it
-    can)."""
+    hidden)`, the bytes of its state for weights of `weights` bytes of which `hidden` are the model's hidden matrices
+    (what the memory check counts before a model is built); `unsharded`, why FSDP cannot shard what it updates (None:
+    it can)."""
 
     build: Callable[[LanguageModel, TrainConfig, torch.device], Any]
     state_bytes: Callable[[int, int], int]

@@ -32,7 +32,6 @@ def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_da
     overrides = [*MUON, f"model.kind={kind}", "train.threads=1"]  # bitwise: the same threads in both runs
     straight = trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=16"], "straight")
     assert isinstance(straight.step.optimizer, MuonAdamW)
-    assert straight.step.optimizer.muon.ns_dtype == torch.float32  # a float32 run on a CPU: resumed exactly too
     straight.run()
     trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=8"], "resumed").run()
     run = tmp_path / "resumed"

@@ -80,6 +80,19 @@ def test_a_plan_scores_fewer_eval_batches_where_evaluations_would_take_more_than
     assert end.needed(max(1, end.max_iters - 40), (100, 1000)) <= 1.0 + end.step_seconds
 
 
+def test_a_plan_trains_the_steps_that_fit_before_its_last_evaluation_takes_what_is_left():
+    """The GPU preset on an AVX2 CPU (13 s steps, 8 s an evaluation batch, eval_iters 200) planned at 100 s of a
+    300 s budget: no more steps and a last evaluation of 24 batches a split (192 s). Now the steps that fit beside
+    evaluations within a tenth of the budget; the last evaluation takes what is left only where none fits."""
+    train, intervals = TrainConfig(eval_iters=200, warmup_iters=100), (250, 1000)
+    measured = Measured(spent=100.0, pace=13.0, eval_batch=8.0, plot=0.3, checkpoint=0.6, finish=0.6)
+    plan = make_plan(BudgetPlan(300.0), 5, measured, train, intervals, "planned", 0.0)
+    assert plan.max_iters - 5 >= 12 and plan.eval_seconds <= 0.1 * 300.0  # 13 more (192 s), 3 batches a split
+    assert abs(plan.spent + plan.needed(plan.max_iters - 5, intervals) - 300.0) <= measured.pace
+    late = make_plan(plan, 19, dataclasses.replace(measured, spent=280.0), train, intervals, "evaluation", 0.5)
+    assert late.max_iters == 19 and 1 < late.eval_iters < 3 and late.eval_seconds <= 20.0 - 1.2
+
+
 def budgeted(tmp_path, dataset, seconds: float, overrides=()) -> Trainer:
     cfg = load_config(write_config(tmp_path / "tiny.toml", dataset, max_iters=7),
                       [f"train.budget_seconds={seconds}", "train.eval_interval=50", "train.checkpoint_interval=40",

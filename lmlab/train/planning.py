@@ -194,20 +194,29 @@ def planned_steps(plan: BudgetPlan, left: float, intervals: tuple[int, int], mos
                   eval_seconds: Callable[[int], float]) -> tuple[int, int]:
     """The steps after plan.step whose end is nearest `left` seconds from now, and the batches a split each
     evaluation scores: `most_batches`, or fewer where the evaluations would take more than EVAL_SHARE of the budget
-    (or the last one, when no step fits, more than is left); `eval_seconds(batches)` is one evaluation's cost. Sets
-    plan.eval_seconds to that of the batches chosen."""
+    (or the last one, where no step fits beside evaluations of that share, more than is left); `eval_seconds(batches)`
+    is one evaluation's cost. Sets plan.eval_seconds to that of the batches chosen."""
+    def fitting(room: float, batches: int) -> int:
+        batch = eval_seconds(1) - eval_seconds(0)
+        return batches if batch <= 0 else max(1, min(batches, int((room - eval_seconds(0)) / batch)))
+
+    def steps_beside(batches: int) -> int:
+        plan.eval_seconds = eval_seconds(batches)
+        return nearest_end(left, plan, intervals)
+
     batches = most_batches
     for _ in range(4):  # fewer batches leave room for more steps, and so more evaluations: settled in a pass or two
-        plan.eval_seconds = eval_seconds(batches)
-        steps = nearest_end(left, plan, intervals)
-        room = EVAL_SHARE * plan.seconds if steps else left - plan.checkpoint_seconds - plan.finish_seconds
-        each, batch = room / evaluations(plan.step, steps, intervals[0]), eval_seconds(1) - eval_seconds(0)
-        fewer = batches if batch <= 0 else max(1, min(batches, int((each - eval_seconds(0)) / batch)))
+        fewer = fitting(EVAL_SHARE * plan.seconds / evaluations(plan.step, steps_beside(batches), intervals[0]),
+                        batches)
         if fewer == batches:
-            return steps, batches
+            break
         batches = fewer
-    plan.eval_seconds = eval_seconds(batches)
-    return nearest_end(left, plan, intervals), batches
+    if steps := steps_beside(batches):
+        return steps, batches
+    # Only now may the end's evaluation take what is left: sized to it first, it left no room for the steps that fit
+    # beside a smaller one (a 300 s budget of 13 s steps planned none in the 200 s left and evaluated 49 batches).
+    batches = fitting(left - plan.checkpoint_seconds - plan.finish_seconds, most_batches)
+    return steps_beside(batches), batches
 
 
 def shortened_warmup(before: BudgetPlan, step: int, max_iters: int, warmup_iters: int,

@@ -14,11 +14,11 @@ from lmlab.api.training import train
 from lmlab.commands import main
 from lmlab.core.config import load_config
 from lmlab.data.shards import read_meta
-from lmlab.experiments.family import Family, fit_path, read_fit
+from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
 from lmlab.experiments.sizing import with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, write_config, write_fit
+from tests.helpers import LMLAB, ROOT, write_config, write_fit
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,25 @@ def test_size_auto_trains_the_size_it_predicts_best_and_records_it_as_an_ordinar
     # budget) are not timed, and say why.
     assert all(c["note"] for c in event["candidates"] if c["tokens_per_sec"] is None)
     assert event["predicted_val"] == pytest.approx(fit.predict(event["params"], event["tokens"]), abs=1e-4)
+    assert event["extrapolated"] == (not 10_000 <= event["tokens"] <= 20_000)  # the fit's runs: 10k and 20k tokens
     assert RunDir(sized).events()[-1]["event"] == "end"
+
+
+def test_a_prediction_past_the_lengths_the_fit_trained_says_it_is_extrapolated(preset):
+    fit = read_fit(preset)
+    assert fit.beyond(10_000) == fit.beyond(20_000) == ""
+    assert fit.beyond(4_096) == "extrapolated: 4,096 tokens, fewer than the fit's shortest run (10,000)"
+    assert fit.beyond(65_536) == "extrapolated: 65,536 tokens, more than the fit's longest run (20,000)"
+
+
+@pytest.mark.parametrize("fitted", sorted((ROOT / "configs").glob("*.fit.json")), ids=lambda p: p.name)
+def test_each_fit_shipped_is_of_its_preset_as_it_is_now(fitted):
+    """A preset edited after its fit (its comments too: the fit is of the file's bytes) gets a note at every sized
+    run; the edit should come with `lmlab scaling PRESET --refit`."""
+    preset = fitted.with_name(fitted.name.removesuffix(".fit.json") + ".toml")
+    fit = read_fit(preset)
+    assert fit is not None and fit.preset_sha256 == preset_sha256(preset), f"refit {preset}: edited since its fit"
+    assert fit.dataset["path"] == load_config(preset).data.dataset
 
 
 @pytest.mark.slow

@@ -109,9 +109,15 @@ class SizeFit:
     def largest(self) -> int:
         return max(r["params"] for r in self.runs)
 
-    @property
-    def tokens_range(self) -> tuple[int, int]:
-        return min(r["tokens"] for r in self.runs), max(r["tokens"] for r in self.runs)
+    def beyond(self, tokens: int) -> str:
+        """Where `tokens` lies outside the lengths the miniseries trained, what a prediction there is ("" inside):
+        a power law carried past its points, on a curve that bends most where runs are shortest."""
+        shortest, longest = min(r["tokens"] for r in self.runs), max(r["tokens"] for r in self.runs)
+        if tokens < shortest:
+            return f"extrapolated: {tokens:,} tokens, fewer than the fit's shortest run ({shortest:,})"
+        if tokens > longest:
+            return f"extrapolated: {tokens:,} tokens, more than the fit's longest run ({longest:,})"
+        return ""
 
     def predict(self, params: int, tokens: float) -> float | None:
         """The val loss L(N, D); None beyond EXTRAPOLATION × the largest size fitted."""

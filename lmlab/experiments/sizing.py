@@ -101,6 +101,7 @@ class Sizing:
     config: RunConfig
     fit: str  # the fit file
     threads: Choice
+    beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
 
     def line(self) -> str:
         """The one line a run starts with: what was chosen, and why."""
@@ -116,7 +117,8 @@ class Sizing:
         return (f"{c.tokens_per_sec:,.0f} tokens/s measured on {c.threads} thread{'s' * (c.threads > 1)}, "
                 f"{c.steps:,} steps of {c.tokens:,} tokens in what is left of {format_duration(self.budget)} "
                 f"({c.tokens / c.params:.2f} per parameter), " +
-                (f"predicted val {c.predicted:.4f} ({self.fit})" if c.predicted is not None else
+                (f"predicted val {c.predicted:.4f} ({self.fit}{'; ' * bool(self.beyond)}{self.beyond})"
+                 if c.predicted is not None else
                  f"no val predicted (no fit beside the preset: {self.fit})"))
 
     def spending(self) -> str:
@@ -138,7 +140,8 @@ class Sizing:
                 "steps": self.chosen.steps, "tokens": self.chosen.tokens,
                 "tokens_per_param": round(self.chosen.tokens / self.chosen.params, 4),
                 "predicted_val": None if self.chosen.predicted is None else round(self.chosen.predicted, 4),
-                "learning_rate": self.config.train.learning_rate, "warmup_iters": self.config.train.warmup_iters,
+                "extrapolated": bool(self.beyond), "learning_rate": self.config.train.learning_rate,
+                "warmup_iters": self.config.train.warmup_iters,
                 "candidates": [c.record() for c in self.candidates]}
 
 
@@ -366,7 +369,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
                                                                    warmup_epochs=0.0))
     threads = chooser.decide(best.timing.forward, "a forward pass")
     return Sizing(budget, time.perf_counter() - started, found.candidates, best, chosen, str(fit_path(preset)),
-                  threads)
+                  threads, fit.beyond(best.tokens) if fit and best.predicted is not None else "")
 
 
 def _refusal(found: Search, preset: Path) -> str:

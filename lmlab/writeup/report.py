@@ -362,8 +362,9 @@ def _predicted(f: RunFacts) -> str:
         return "-"
     e, best = sized[0], f.summary.best_val_loss
     reached = "" if best is None else f", {100 * (e['predicted_val'] / best - 1):+.1f}% against the {best:.4f} reached"
+    beyond = ", fewer or more tokens than the fit's runs: extrapolated" if e.get("extrapolated") else ""
     return (f"{e['predicted_val']:.4f}{reached} ({e['shape']}: {e['tokens_per_sec']:,.0f} tokens/s measured, "
-            f"{e['tokens_per_param']:.2f} tokens per parameter planned)")
+            f"{e['tokens_per_param']:.2f} tokens per parameter planned{beyond})")
 
 
 def _six_nd(f: RunFacts) -> str:

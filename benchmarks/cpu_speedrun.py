@@ -4,10 +4,11 @@
 
 Prepares data/shakespeare-char if needed, then runs `lmlab train CONFIG --budget Ns` as a user does, one process
 per run, for configs/shakespeare-char-speedrun-cpu.toml at each of --budgets and the demo preset at
---demo-budget (0 leaves it out), and with --auto the demo preset sized to each of --budgets (`--size auto`, as
-`make demo` trains it); the runs take turns within each of --repeats rounds, so a change in the
-machine's load hits all of them alike. Each run's wall time is the process's, start-up and exit included.
-After a run (outside its time) its final weights are scored on the whole val split (`lmlab eval`).
+--demo-budget (0 leaves it out), and with --auto both presets sized to each of --budgets (`--size auto`, as
+`make demo` trains the demo preset: the depths of the preset's family timed here, the fit beside it choosing); the
+runs take turns within each of --repeats rounds, so a change in the machine's load hits all of them alike. Each
+run's wall time is the process's, start-up and exit included. After a run (outside its time) its final weights are
+scored on the whole val split (`lmlab eval`).
 
 --peer also trains nanoGPT's CPU recipe with lmlab's own code (4 layers, 4 heads, 128 wide, GPT-2 blocks without
 biases, block 64, batch 12, 2,000 iterations, AdamW at LR 1e-3 with 100 warmup steps and a cosine to 1e-4,
@@ -102,14 +103,14 @@ def main() -> None:
     parser.add_argument("--demo-budget", type=int, default=300, help="seconds for the demo preset; 0: skip it")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer", action="store_true", help="also train nanoGPT's recipe with lmlab's code")
-    parser.add_argument("--auto", action="store_true", help="also train the demo preset with --size auto at each "
-                        "of --budgets")
+    parser.add_argument("--auto", action="store_true", help="also train the speedrun and demo presets with --size "
+                        "auto at each of --budgets")
     parser.add_argument("--out", default=f"runs/cpu-speedrun-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args()
     prepare(["shakespeare"], "char", out_dir=Path(load_config(Path(SPEEDRUN)).data.dataset).parent)
     budgets = [int(b) for b in args.budgets.split(",")]
     jobs = ([(SPEEDRUN, b, "") for b in budgets] + ([(DEMO, args.demo_budget, "")] if args.demo_budget else []) +
-            ([(DEMO, b, "auto") for b in budgets] if args.auto else []))
+            ([(preset, b, "auto") for preset in (SPEEDRUN, DEMO) for b in budgets] if args.auto else []))
     results: dict[tuple[str, int, str], list[dict[str, float]]] = {job: [] for job in jobs}
     peers, progress = [], ItemProgress(console, args.repeats * (len(jobs) + args.peer))
     for round_ in range(args.repeats):

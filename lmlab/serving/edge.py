@@ -5,7 +5,7 @@
 - Connections: at most `max_connections` open at once, and `max_client_connections` from one address. A
   connection with no request under way is the first to go: at a limit, a new connection closes the oldest idle
   one (of that address, at its own limit), those that never passed the key check before those that did, silent
-  ones before those that sent something; only
+  ones before those that sent something, answering it 503 with Retry-After (its request may be on its way); only
   when every connection has a request under way is the new one answered 503 and closed. So no client holds the
   process's file descriptors, and idle connections, however many and however fast they come back, never keep
   out a client with a request. A request refused for its key (401) closes its connection.
@@ -114,7 +114,7 @@ class Edge:
         refusal = admit(self, self.connections, self.limits, self.log)
         if refusal is not None:
             self.log(f"- - 503 {client_name(self)}: {refusal}")
-            self._refuse(503, f"this server has {refusal}; retry shortly.", "too_many_connections")
+            self.refuse(503, f"this server has {refusal}; retry shortly.", "too_many_connections")
             return
         self._expect_headers(self.limits.header_timeout)
 
@@ -122,7 +122,7 @@ class Edge:
         """No request under way: waiting for one (or for the rest of its headers)."""
         return self.cycle is None or self.cycle.response_complete
 
-    def _refuse(self, status: int, message: str, code: str) -> None:
+    def refuse(self, status: int, message: str, code: str) -> None:
         """Answer `status` and close, reading (and dropping) what the client still sends for up to LINGER seconds
         first: a socket closed with a request unread is reset by the kernel, and the client may lose the answer."""
         if self.transport.is_closing() or self.refused:
@@ -145,7 +145,7 @@ class Edge:
             return
         seconds = self.limits.header_timeout
         self.log(f"- - 408 {client_name(self)}: no whole request headers within {seconds:g} s (--header-timeout)")
-        self._refuse(408, f"the request headers did not arrive within {seconds:g} s (--header-timeout).",
+        self.refuse(408, f"the request headers did not arrive within {seconds:g} s (--header-timeout).",
                      "request_timeout")
 
     def _cancel(self, name: str) -> None:
@@ -214,7 +214,10 @@ def admit(new: Any, connections: set[Any], limits: ServeLimits, log: Any) -> str
                 return f"{most} connections{where} with requests under way ({option})"
             oldest = min(idle, key=lambda c: (c.trusted, c.spoke, c.opened))
             log(f"- - {client_name(oldest)}: idle, closed to make room for {client_name(new)} ({option} {most})")
-            oldest.transport.close()
+            # Answered, not cut: a request may be on its way that the server has not read yet (on a busy machine,
+            # a client's first bytes wait for the event loop), and a socket closed under it is reset.
+            oldest.refuse(503, f"this server closed this idle connection to make room for another ({option} "
+                                f"{most}); retry.", "too_many_connections")
             mine.remove(oldest)
     return None
 

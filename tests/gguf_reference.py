@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from llama_cpp import GGML_TYPE_F32, Llama
+from llama_cpp import GGML_TYPE_F32, Llama, llama_cpp
 
 from lmlab.core.config import SamplingParams
 from lmlab.inference.generate import stream_ids
@@ -24,8 +24,22 @@ PROMPT = "ROMEO:\nSweet love, "
 def llama(path: Path, context: int, cache: int = GGML_TYPE_F32) -> Iterator[Llama]:
     """The file as llama.cpp loads it, one thread, every position's logits kept, its keys and values cached as
     `cache` (float32: llama.cpp's default, float16, rounds them, which alone moves a logit by ~1e-3); closed after
-    use."""
-    model = Llama(str(path), n_ctx=context, n_threads=1, logits_all=True, verbose=False, type_k=cache, type_v=cache)
+    use. Its weights stay as the file has them (`use_extra_bufts` off): llama.cpp built for a CPU with AMX repacks
+    q8_0 weights for its AMX kernels, which crash (SIGSEGV) on the tests' 32-wide matrices, and repacking only
+    changes the speed of the same arithmetic."""
+    default = llama_cpp.llama_model_default_params
+
+    def as_stored() -> llama_cpp.llama_model_params:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = as_stored  # what Llama() builds its model's parameters from
+    try:
+        model = Llama(str(path), n_ctx=context, n_threads=1, logits_all=True, verbose=False, type_k=cache,
+                      type_v=cache)
+    finally:
+        llama_cpp.llama_model_default_params = default
     try:
         yield model
     finally:

@@ -9,6 +9,7 @@ import ctypes
 import gzip
 import json
 import os
+import queue
 import random
 import re
 import shlex
@@ -22,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
@@ -283,8 +285,9 @@ class Block:
     def where(self) -> str:
         return f"{self.page.relative_to(ROOT)}:{self.line}"
 
-    def to_run(self, port: int) -> str:
-        """The block as the test runs it: each `replace` made, each `append` added to the commands it names."""
+    def to_run(self, port: int | str) -> str:
+        """The block as the test runs it: each `replace` made (`{port}` in it as `port`), each `append` added to the
+        commands it names."""
         text = self.text
         for old, new in self.replaces:
             text = text.replace(old, new.replace("{port}", str(port)))
@@ -336,40 +339,102 @@ def append_to(command: str, prefix: str, args: str) -> str:
     return f"{command[:cut].rstrip()} {args}{command[cut:]}"
 
 
-def free_port() -> int:
+SERVING_AT = re.compile(r"\bat\s+http://\S+?:(\d+)/v1")  # the address `lmlab serve` says in its first line
+
+
+def serve_process(argv: list, env: dict | None = None, timeout: float = 120) -> tuple[subprocess.Popen, int, list[str]]:
+    """`argv` (an `lmlab serve` command line) started with `--port 0`: the process, the port the system gave it (as
+    its first line says), and its stderr lines, collected as they come. No port is chosen in advance, where another
+    process could take it meanwhile. A server that exits before saying its address fails at once, with what it
+    said."""
+    proc = subprocess.Popen([*map(str, argv), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    log: list[str] = []
+    errors = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+    errors.start()
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True).start()
+    said, deadline = "", time.monotonic() + timeout
+    while not (found := SERVING_AT.search(said)):
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError(f"lmlab serve said no address within {timeout} s: {said}{''.join(log)}") from None
+        if line is None:
+            proc.wait(timeout=30)
+            errors.join(timeout=5)
+            raise AssertionError(f"lmlab serve exited {proc.returncode} before saying its address: {said}"
+                                 f"{''.join(log)}")
+        said += line
+    return proc, int(found[1]), log
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port bound and not listening while the block runs: a connection to it is refused, and no other process can
+    take it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
-WAIT_FOR = """import sys, time, urllib.request
-for _ in range(480):
+WAIT_FOR = """import re, sys, time, urllib.request
+log, pid, url = sys.argv[1:]
+
+
+def ended() -> bool:  # the background command's process is gone (or a zombie)
     try:
-        urllib.request.urlopen(sys.argv[1], timeout=2)
-        sys.exit(0)
-    except Exception:
-        time.sleep(0.25)
-sys.exit(f"docs-test: {sys.argv[1]} did not answer in 120 s")
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+port, deadline = "", time.monotonic() + 120
+while time.monotonic() < deadline:
+    said = open(log, encoding="utf-8", errors="replace").read()
+    if not port and (found := re.search(r"\\bat\\s+http://\\S+?:(\\d+)/v1", said)):
+        port = found[1]
+    if port or "{port}" not in url:
+        try:
+            urllib.request.urlopen(url.replace("{port}", port), timeout=2)
+            print(port)
+            sys.exit(0)
+        except Exception:
+            pass
+    if ended():
+        sys.exit(f"docs-test: the background command ended before {url} answered:\\n{said}")
+    time.sleep(0.25)
+sys.exit(f"docs-test: {url} did not answer in 120 s:\\n{open(log).read()}")
 """
 
 
-def script(guide: Path, folder: Path, port: int) -> str:
-    """One bash script running the guide's blocks in order, as a reader's terminal would."""
-    lines = ["set -euo pipefail", "BACKGROUND=()",
+def script(guide: Path, folder: Path) -> str:
+    """One bash script running the guide's blocks in order, as a reader's terminal would. A background block's
+    `{port}` is 0: the server takes a free port from the system and says which, and the blocks after it are given
+    that port as they run (`PORT`), so no port is chosen in advance, where another process could take it."""
+    lines = ["set -euo pipefail", "BACKGROUND=()", "PORT=0",
              'trap \'for p in "${BACKGROUND[@]}"; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done\' EXIT']
     (folder / ".wait_for.py").write_text(WAIT_FOR, encoding="utf-8")
     for n, block in enumerate(blocks(guide)):
         if block.lang not in RUN or block.skip:
             continue
         lines.append(f"echo '>>> docs-test: {block.where}' >&2")
-        text = block.to_run(port)
-        if block.lang == "python":
-            (folder / f".block{n}.py").write_text(text, encoding="utf-8")
-            lines.append(f"python .block{n}.py")
-        elif block.background:
-            url = block.background.replace("{port}", str(port))
-            lines += [f"( {text.strip()}\n) > .background{n}.log 2>&1 &", 'BACKGROUND+=("$!")',  # after a comment
-                      f"python .wait_for.py {shlex.quote(url)} || {{ cat .background{n}.log >&2; exit 1; }}"]
+        if block.background:
+            url = shlex.quote(block.background)
+            lines += [f"( {block.to_run(0).strip()}\n) > .background{n}.log 2>&1 &", 'BACKGROUND+=("$!")',
+                      f'PORT=$(python .wait_for.py .background{n}.log "${{BACKGROUND[-1]}}" {url}) || exit 1']
+            continue
+        text, name = block.to_run("{port}"), f".block{n}.{'py' if block.lang == 'python' else 'sh'}"
+        if "{port}" in text:  # the port the server said, put in as the block runs
+            (folder / name).write_text(text, encoding="utf-8")
+            text = f'sed "s/{{port}}/$PORT/g" {name}' + (f" > {name}.run\npython {name}.run"
+                                                      if block.lang == "python" else "")
+            lines.append(text if block.lang == "python" else f'eval "$({text})"')
+        elif block.lang == "python":
+            (folder / name).write_text(text, encoding="utf-8")
+            lines.append(f"python {name}")
         else:
             lines.append(text)
     return "\n".join(lines) + "\n"
@@ -393,16 +458,12 @@ def closure(requirements: list[str]) -> set[str]:
 
 
 class Server:
-    """`lmlab serve RUN OPTIONS` on a free port, its stderr (one line per request) collected."""
+    """`lmlab serve RUN OPTIONS` on the port the system gives it, its stderr (one line per request) collected."""
 
     def __init__(self, run: Path, *options: str):
-        self.port = free_port()
-        self.proc = subprocess.Popen([LMLAB, "serve", run, "--port", str(self.port), "--device", "cpu",
-                                      "--no-compile", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc, self.port, self.log = serve_process([LMLAB, "serve", run, "--device", "cpu", "--no-compile",
+                                                        *options])
         self.root, self.url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}/v1"
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -523,6 +584,42 @@ def finish(job: subprocess.Popen) -> str:
     out = output(job)
     assert job.returncode == 0, out
     return out
+
+
+# The CPU kinds this project meets, as torch's oneDNN checks answer for them (native bf16 matmuls, native fp16 ones).
+CPU_KINDS = {"avx2": (False, False), "avx512-bf16": (True, False), "amx-bf16": (True, False),
+             "amx-fp16": (True, True)}
+
+
+def fake_cpu(monkeypatch, kind: str) -> None:
+    """This process answers the CPU capability checks lmlab asks (`lmlab.core.peak.native_kernel`) as a CPU of `kind`
+    (`CPU_KINDS`) would, whatever the host is: every path of every kind runs on every host."""
+    bf16, fp16 = CPU_KINDS[kind]
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: fp16)
+
+
+# Skip reasons that name a CPU capability. CI runs on whichever CPU kind the machine has that day, so a test that
+# skips for one of these runs nowhere on the others: it must name its faked twin, which runs its path on every host.
+HOST_CAPABILITY = re.compile(r"\b(bf16|bfloat16|fp16|float16|avx[\w-]*|amx[\w-]*|native kernel)\b", re.IGNORECASE)
+
+
+class HostTwins:
+    """A pytest plugin (conftest.py registers it): a test that skips for a host capability (`HOST_CAPABILITY`) fails
+    instead unless it is marked `@pytest.mark.twin("test_name")` naming a test of its module that fakes the
+    capability (`fake_cpu`), so the path the host lacks still runs on it."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = (yield).get_result()
+        if not report.skipped or not (found := HOST_CAPABILITY.search(str(report.longrepr))):
+            return
+        twin = item.get_closest_marker("twin")
+        if twin is None or not callable(getattr(item.module, twin.args[0], None)):
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} skipped on this host's CPU ({found[0]}: {report.longrepr[2]}) with no "
+                               "faked twin: mark it @pytest.mark.twin(\"test_...\") naming a test of its module that "
+                               "runs the path this host lacks with tests.helpers.fake_cpu")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -97,7 +97,8 @@ ROWS = [
         "serve {run}")],
     *sampling_rows("sample {run}"), *sampling_rows("compare {run} {run} --prompt ROMEO"),
     *sampling_rows("answer {run} --data {alpaca} --out {out}/answers.jsonl"),
-    Row("serve {run}", "--port", int), Row("serve {run}", "--max-tokens-cap", int),
+    Row("serve {run}", "--port", int, ("zero",), beyond=("65536",)),  # 0: a free port
+    Row("serve {run}", "--max-tokens-cap", int),
     Row("serve {run}", "--max-batch", int), Row("serve {run}", "--max-queue", int, ("zero",)),
     Row("serve {run}", "--max-body-bytes", int), Row("serve {run}", "--max-connections", int),
     Row("serve {run}", "--max-client-connections", int),

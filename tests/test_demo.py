@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, closure, free_port, script
+from tests.helpers import ROOT, closure, script
 
 LLAMA_CLI = '''#!{python}
 """llama-cli -m FILE -p PROMPT -n N, through llama.cpp's Python binding: the prompt and N tokens greedily."""
@@ -110,7 +110,7 @@ def test_make_demo_in_a_fresh_copy_then_the_readme_tour(tmp_path):
     assert installed.stdout.strip() == "['fastapi', 'uvicorn', 'prometheus_client', 'gguf']", installed.stderr
 
     env["PATH"] = f"{venv}{os.pathsep}{bin_}{os.pathsep}{env['PATH']}"  # `source .venv/bin/activate`
-    text = script(ROOT / "README.md", repo, free_port())
+    text = script(ROOT / "README.md", repo)
     (repo / ".tour.sh").write_text(text, encoding="utf-8")
     done = subprocess.run(["bash", ".tour.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

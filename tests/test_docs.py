@@ -28,7 +28,6 @@ from tests.helpers import (
     FENCE,
     Block,
     blocks,
-    free_port,
     hellaswag_items,
     script,
     write_corpus,
@@ -258,7 +257,7 @@ def reader_folder(folder: Path, fixtures: Path) -> dict[str, str]:
 @pytest.mark.parametrize("guide", GUIDES, ids=[g.stem for g in GUIDES])
 def test_the_guide_runs_top_to_bottom(guide, fixtures, tmp_path):
     env = reader_folder(tmp_path, fixtures)
-    (tmp_path / ".guide.sh").write_text(script(guide, tmp_path, free_port()), encoding="utf-8")
+    (tmp_path / ".guide.sh").write_text(script(guide, tmp_path), encoding="utf-8")
     done = subprocess.run(["bash", ".guide.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         said = done.stderr.rsplit(">>> docs-test: ", 1)

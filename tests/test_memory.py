@@ -13,7 +13,7 @@ from benchmarks.memory_estimate import measured
 from lmlab.core.config import ModelConfig
 from lmlab.model.memory import MemoryRefused, check_decoding, check_fits, check_training, decoding_need, training_need
 from lmlab.run.rundir import RunDir
-from tests.helpers import ALPACA_TINY, free_port, refused, write_config
+from tests.helpers import ALPACA_TINY, refused, write_config
 
 # An imported Qwen3-0.6B's shape at its full context: 28 layers, 8 KV heads of 128, 40,960 positions.
 QWEN3 = ModelConfig(n_layer=28, n_head=16, n_kv_head=8, head_dim=128, n_embd=1024, block_size=40960,
@@ -50,7 +50,7 @@ def test_every_size_that_multiplies_memory_is_refused_before_it_is_allocated(cap
              (["sample", tiny_run, "--num-samples", huge], "--num-samples"),
              (["answer", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl", "--batch-size", huge],
               "--batch-size"),
-             (["serve", tiny_run, "--max-batch", huge, "--port", free_port(), "--no-compile"], "--max-batch")]
+             (["serve", tiny_run, "--max-batch", huge, "--port", "0", "--no-compile"], "--max-batch")]
     for args, setting in cases:
         line = refused(capsys, *args, needles=(f"{setting} 100,000,000 needs about", "the largest that fits is"))
         largest = int(line.split("the largest that fits is ")[1].split(":")[0].replace(",", ""))

@@ -10,15 +10,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import LMLAB, free_port
+from tests.helpers import LMLAB, serve_process
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")
@@ -36,16 +34,13 @@ SHOTS = os.environ.get("LMLAB_SCREENSHOTS")
 
 
 class Serving:
-    """`lmlab serve RUN --api-key KEY` on a free port, its stderr collected; it may still be loading."""
+    """`lmlab serve RUN --api-key KEY` on the port the system gives it, its stderr collected; it may still be
+    loading."""
 
     def __init__(self, run: Path, *options: str):
-        self.port = free_port()
+        self.proc, self.port, self.log = serve_process([LMLAB, "serve", run, "--device", "cpu", "--no-compile",
+                                                        "--api-key", KEY, *options])
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([LMLAB, "serve", str(run), "--port", str(self.port), "--device", "cpu",
-                                      "--no-compile", "--api-key", KEY, *options], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
         self.wait(lambda status: status is not None)
 
     def health(self) -> int | None:

@@ -20,7 +20,7 @@ from lmlab.evals.judge import judge_answers, parse_score
 from lmlab.inference.generate import Batch, TextStream, decode_dtype, seeded
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher, Job, QueueFull
-from tests.helpers import ALPACA_TINY, LMLAB, Server, free_port, post
+from tests.helpers import ALPACA_TINY, LMLAB, Server, post, refusing_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -225,5 +225,5 @@ def test_answer_and_judge_end_to_end_with_lmlab_serve_as_the_judge(tmp_path, sft
         assert done.returncode == 0, done.stderr
         assert f"mean score {sum(scored) / len(scored):.1f} over {len(scored)} of 3 answers scored" in done.stdout
 
-    with pytest.raises(UserError, match="cannot reach the judge"):
-        judge_answers(answers, f"http://127.0.0.1:{free_port()}/v1", "sft", tmp_path / "never.jsonl")
+    with refusing_port() as port, pytest.raises(UserError, match="cannot reach the judge"):
+        judge_answers(answers, f"http://127.0.0.1:{port}/v1", "sft", tmp_path / "never.jsonl")

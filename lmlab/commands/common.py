@@ -138,9 +138,9 @@ def within(low: float, high: float, above: bool = False) -> Callable[[str], floa
 
 
 def port(text: str) -> int:
-    """A TCP port to listen on."""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
+    """A TCP port to listen on: 0 asks the system for a free one, which the command prints."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 (any free one) to 65535")
     return int(text)
 
 

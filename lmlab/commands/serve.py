@@ -74,9 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         startup.begin()
 
     sock = bind(args.host, args.port)  # a port in use is said at once, before torch and the model load
+    bound = sock.getsockname()[1]  # --port 0's is the one the system chose: this line is where a client learns it
     state = State(names, args.api_key, begin, limits)
     # On stdout, as a command's result: stderr is the log, and a refusal while loading is its only line.
-    console.print(f"lmlab serve: {args.run} as model {names[0]!r} at http://{args.host}:{args.port}/v1 (/health "
+    console.print(f"lmlab serve: {args.run} as model {names[0]!r} at http://{args.host}:{bound}/v1 (/health "
                   f"says 503 until it has loaded; up to {args.max_batch} choices decoded at once, {args.max_queue} "
                   f"requests queued{'; API key required' if args.api_key else ''}); a first Ctrl-C or SIGTERM "
                   f"drains for up to {args.drain_seconds:g}s, a second stops at once", highlight=False, markup=False)
@@ -157,7 +158,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API (needs the serve extra)")
     p.add_argument("run", metavar="RUN", help="the run dir to serve; its folder name is the model id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=port, default=8000,
+                   help="TCP port to listen on (0: a free one the system chooses, printed in the first line)")
     add_checkpoint(p)
     p.add_argument("--max-tokens-cap", type=count(), default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-batch", type=count(), default=16,

@@ -11,7 +11,14 @@ import pytest
 from lmlab.core.config import load_config
 from lmlab.data.prepare import prepare
 from lmlab.train.loop import Trainer
-from tests.helpers import ALPACA_TINY, write_config, write_corpus, write_tiny_gpt2, write_wikitext
+from tests.helpers import ALPACA_TINY, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext
+
+
+pytest_plugins = ["pytester"]  # tests/test_host_twins.py runs a suite of its own
+
+
+def pytest_configure(config) -> None:
+    config.pluginmanager.register(HostTwins(), "host-twins")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

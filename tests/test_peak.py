@@ -11,10 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from lmlab.core import busy, peak
 from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.device import processor
 from lmlab.core.peak import (
@@ -33,7 +35,7 @@ from lmlab.core.peak import (
     settled,
 )
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, hog, write_config
+from tests.helpers import LMLAB, fake_cpu, hog, run_cli, write_config
 
 CPU = torch.device("cpu")
 QUIET, BUSY = Load(0.75, 2, 0.01, 0.3), Load(0.75, 2, 0.6, 4.2)
@@ -150,7 +152,6 @@ def test_a_dtype_the_cpu_has_no_native_kernel_for_is_measured_on_a_small_matmul_
 
 
 @pytest.mark.slow
-@pytest.mark.serial
 def test_a_peak_measured_while_other_processes_use_the_cores_gives_no_mfu_and_is_measured_again(tmp_path,
                                                                                                  char_dataset):
     with hog():
@@ -169,23 +170,27 @@ def test_a_peak_measured_while_other_processes_use_the_cores_gives_no_mfu_and_is
     assert re.search(r"│\s+8 │.*│\s+- │", bench.stdout)  # the MFU column of the table
 
 
-@pytest.mark.parametrize("bf16, fp32, chosen", [(0.12e12, 0.21e12, "float32"),  # the Intel hosts: bf16 is slower
-                                                (1.8e12, 0.28e12, "bfloat16")])  # this project's AMD EPYC
-def test_auto_trains_in_the_dtype_that_measured_faster_and_says_why(tmp_path, char_dataset, bf16, fp32, chosen):
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("this CPU has no native bf16: auto is float32 without measuring")
+@pytest.mark.parametrize("cpu, bf16, fp32, chosen", [("amx-bf16", 0.12e12, 0.21e12, "float32"),  # the Intel hosts
+                                                     ("avx512-bf16", 1.8e12, 0.28e12, "bfloat16"),  # the AMD EPYC
+                                                     ("avx2", 1.8e12, 0.28e12, "float32")])  # no bf16: not measured
+def test_auto_trains_in_the_dtype_that_measured_faster_and_says_why(tmp_path, char_dataset, monkeypatch, capsys, cpu,
+                                                                    bf16, fp32, chosen):
+    """On every host, each CPU kind faked: its capability check and its peak cache."""
+    fake_cpu(monkeypatch, cpu)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(peak, "_memo", {})  # this process's peaks are read from the faked cache
     write_cache(tmp_path, {cache_key(CPU, torch.bfloat16): settled_entry(torch.bfloat16, bf16),
                            cache_key(CPU, torch.float32): settled_entry(torch.float32, fp32)})
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=2)
-    done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu", "--set",
-                           "train.dtype=auto"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
-    assert done.returncode == 0, done.stdout + done.stderr
-    first = " ".join(done.stdout.split("\n")[0].split())
-    assert first.startswith(f"dtype {chosen} (auto: a 2048² matmul runs {bf16 / 1e12:.2f} TFLOP/s in bfloat16, "
-                            f"{fp32 / 1e12:.2f} in float32 on this CPU, {bf16 / fp32:.2f}x")
+    code, out, err = run_cli(capsys, "train", config, "--run", tmp_path / "run", "--device", "cpu", "--set",
+                             "train.dtype=auto")
+    assert code == 0, out + err
+    said = [" ".join(line.split()) for line in out.splitlines() if line.startswith("dtype ")]
+    why = (f"auto: a 2048² matmul runs {bf16 / 1e12:.2f} TFLOP/s in bfloat16, {fp32 / 1e12:.2f} in float32 on this "
+           f"CPU, {bf16 / fp32:.2f}x" if cpu != "avx2" else "auto: float32 (cpu without native bf16)")
+    assert len(said) == 1 and said[0].startswith(f"dtype {chosen} ({why}"), out
     start = RunDir(tmp_path / "run").events()[0]
-    assert start["dtype"] == chosen and start["dtype_reason"] == first.removeprefix(f"dtype {chosen} (")[:-1]
+    assert start["dtype"] == chosen and start["dtype_reason"] == said[0].removeprefix(f"dtype {chosen} (")[:-1]
     assert start["peak_flops"] == (bf16 if chosen == "bfloat16" else fp32) and start["peak_quiet"] is True
 
 
@@ -199,6 +204,24 @@ def test_auto_on_this_cpu_goes_by_a_real_measurement():
     bf16, fp32 = peak_flops(CPU, torch.bfloat16), peak_flops(CPU, torch.float32)
     assert (dtype == torch.bfloat16) == (bf16.flops / fp32.flops >= BF16_MARGIN)
     assert f"runs {bf16.flops / 1e12:.2f} TFLOP/s in bfloat16, {fp32.flops / 1e12:.2f} in float32" in why
+
+
+@pytest.mark.parametrize("own, work, others", [(0.9, 0.9, 0.0),  # this process alone, spinning: not counted
+                                                (0.9, 2.2, 0.65),  # others took 1.3 of the 2 cores' 2 s
+                                                (0.0, 5.0, 1.0)])  # more than every core: at most all of them
+def test_a_load_meter_counts_other_processes_not_this_one_on_a_faked_clock(monkeypatch, own, work, others):
+    """The meter's arithmetic on faked counters: the cores' work in the window, less this process's own CPU time,
+    over the window's core-seconds, whatever else the host runs meanwhile."""
+    tick = os.sysconf("SC_CLK_TCK")
+    clock, ticks, cpu = iter([100.0, 101.0, 101.0]), iter([5_000, 5_000 + round(work * tick)]), iter([3.0, 3.0 + own])
+    monkeypatch.setattr(busy, "cores", lambda: [0, 1])
+    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: next(ticks))
+    monkeypatch.setattr(busy, "_own_cpu_seconds", lambda: next(cpu))
+    monkeypatch.setattr(busy, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    with LoadMeter() as meter:
+        pass
+    assert meter.load.seconds == 1.0 and meter.load.cores == 2
+    assert meter.load.others == pytest.approx(others) and meter.load.busy == (others > busy.BUSY_SHARE)
 
 
 @pytest.mark.serial

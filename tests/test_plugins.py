@@ -78,7 +78,6 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
 
 
 @pytest.mark.slow
-@pytest.mark.serial
 def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, capsys):
     t = Trainer(load_config(write(tmp_path / "cv.toml", wikitext_dataset, max_iters=20)), tmp_path / "guarded", "cpu")
     clean_forward, poisoned = t.step.forward, []

@@ -344,7 +344,7 @@ def choose_dtype(device: torch.device, setting: str, born: str | None = None) ->
             return torch.float32, (f"auto: float32, not float16: these weights were trained in bfloat16, which this "
                                    f"GPU ({at}) lacks, and their activations can overflow float16")
         return chosen, f"auto: {str(chosen).removeprefix('torch.')} at {at}"
-    if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type != "cpu" or not native_kernel(device, torch.bfloat16):
         return torch.float32, f"auto: float32 ({device.type} without native bf16)"
     fp32, bf16 = peak_flops(device, torch.float32), peak_flops(device, torch.bfloat16)
     ratio = bf16.flops / fp32.flops

@@ -61,7 +61,8 @@ def missing() -> list[str]:
             found = "no torch"
         sys.exit(f"gpu_needs: {sys.executable} has {found}, and lmlab needs {torch}; use a Python with a CUDA build "
                  "of torch that new (make gpu-report PYTHON=...), or build lmlab's own venv with "
-                 "make gpu-report TORCH=\"torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128\".")
+                 "make gpu-report TORCH=\"torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130\" "
+                 "(CUDA 13.0: NVIDIA driver 580 or newer; whl/cu126 for an older one).")
     return [r for r in requirements() if _name(r) != "torch" and not satisfied(r)]
 
 

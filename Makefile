@@ -73,7 +73,8 @@ docs: $(VENV)/.installed
 GPU_VENV := .venv-gpu
 # Why the image's torch is not used, "" where it is: evaluated once, and only for gpu-report (it imports torch).
 GPU_WHY = $(eval GPU_WHY := $(if $(filter command line,$(origin TORCH)),TORCH is given,$(shell \
-	$(PYTHON) benchmarks/gpu_needs.py --usable 2>/dev/null || echo "$(PYTHON) cannot run benchmarks/gpu_needs.py")))$(GPU_WHY)
+	$(PYTHON) benchmarks/gpu_needs.py --usable 2>/dev/null || \
+	echo "$(PYTHON) cannot run benchmarks/gpu_needs.py")))$(GPU_WHY)
 
 define GPU_REPORT_IMAGE
 @echo "gpu-report: $(GPU_VENV), a venv over $(PYTHON) and its torch"

@@ -1,7 +1,9 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
 # Pinned: an unpinned torch pulls several GB of CUDA wheels. Override for a GPU build, e.g.
-# make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
+# (CUDA 13.0: Turing and later, NVIDIA driver 580 or newer; whl/cu126 for an older driver or GPU; torch 2.12 on
+# publishes no cu128. lmlab.core.device.TORCH_BUILDS, which tests/test_device.py holds every such command to.)
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
@@ -69,21 +71,33 @@ docs: $(VENV)/.installed
 	$(BIN)/python -m lmlab.commands.reference docs/reference
 
 # Every GPU path measured on this machine's GPU, as one Markdown table, and the first hour's checklist of what only a
-# GPU can settle (benchmarks/gpu_report.py; ARGS=--dry-run runs it small on the CPU). A Python that has torch (a
-# rented GPU's image, often torch and numpy alone) is used through $(GPU_VENV), a venv over it that sees its torch
-# and gets what else lmlab needs installed beside it (benchmarks/gpu_needs.py; never torch); otherwise the venv,
-# built with TORCH=<a CUDA build>.
+# GPU can settle (benchmarks/gpu_report.py; ARGS=--dry-run runs it small on the CPU). A Python that has a CUDA torch
+# at lmlab's floor (a rented GPU's image, often torch and numpy alone) is used through $(GPU_VENV), a venv over it
+# that sees its torch and gets what else lmlab needs installed beside it (benchmarks/gpu_needs.py; never torch).
+# Otherwise, and whenever TORCH=<a CUDA build> is given on the command line, the venv, built with TORCH. Make picks
+# the branch, so `make -n gpu-report` shows which (tests/test_gpu_report.py).
 GPU_VENV := .venv-gpu
+# Why the image's torch is not used, "" where it is: evaluated once, and only for gpu-report (it imports torch).
+GPU_WHY = $(eval GPU_WHY := $(if $(filter command line,$(origin TORCH)),TORCH is given,$(shell \
+	$(PYTHON) benchmarks/gpu_needs.py --usable 2>/dev/null || \
+	echo "$(PYTHON) cannot run benchmarks/gpu_needs.py")))$(GPU_WHY)
+
+define GPU_REPORT_IMAGE
+@echo "gpu-report: $(GPU_VENV), a venv over $(PYTHON) and its torch"
+$(PYTHON) benchmarks/gpu_needs.py --venv $(GPU_VENV)
+need="$$($(GPU_VENV)/bin/python benchmarks/gpu_needs.py)" && \
+	{ [ -z "$$need" ] || $(GPU_VENV)/bin/python -m pip install --quiet $$need; }
+PYTHONPATH="$(CURDIR)" $(GPU_VENV)/bin/python benchmarks/gpu_report.py $(ARGS)
+endef
+
+define GPU_REPORT_VENV
+@echo "gpu-report: $(VENV) with TORCH=$(TORCH), as $(GPU_WHY)"
+$(MAKE) $(VENV)/.installed-test
+$(BIN)/python benchmarks/gpu_report.py $(ARGS)
+endef
+
 gpu-report:
-	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
-		echo "gpu-report: $(GPU_VENV), a venv over $(PYTHON) and its torch"; \
-		$(PYTHON) benchmarks/gpu_needs.py --venv $(GPU_VENV) || exit 2; \
-		need="$$($(GPU_VENV)/bin/python benchmarks/gpu_needs.py)" || exit 2; \
-		[ -z "$$need" ] || $(GPU_VENV)/bin/python -m pip install --quiet $$need || exit 2; \
-		PYTHONPATH="$(CURDIR)" $(GPU_VENV)/bin/python benchmarks/gpu_report.py $(ARGS); \
-	else \
-		$(MAKE) $(VENV)/.installed-test && $(BIN)/python benchmarks/gpu_report.py $(ARGS); \
-	fi
+	$(if $(GPU_WHY),$(GPU_REPORT_VENV),$(GPU_REPORT_IMAGE))
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) build *.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """What `make gpu-report` needs beside a rented GPU image's own torch, with the standard library alone (such an image
 often has torch and numpy and nothing else lmlab imports).
 
+    python benchmarks/gpu_needs.py --usable            # why this Python's torch cannot serve (nothing: it can)
     python benchmarks/gpu_needs.py --venv .venv-gpu    # the image's Python: a venv over it, its packages seen there
     .venv-gpu/bin/python benchmarks/gpu_needs.py       # the venv's: the pip requirements it still lacks, one line
 
@@ -47,8 +48,13 @@ def satisfied(requirement: str) -> bool:
         have = importlib.metadata.version(_name(requirement))
     except importlib.metadata.PackageNotFoundError:
         return False
+    return meets(requirement, have)
+
+
+def meets(requirement: str, version: str) -> bool:
+    """Whether `version` is at the floor `requirement` names (`name>=X.Y`, or any version)."""
     floor = re.search(r">=\s*([\d.]+)", requirement)
-    return floor is None or _version(have) >= _version(floor[1])
+    return floor is None or _version(version) >= _version(floor[1])
 
 
 def missing() -> list[str]:
@@ -61,8 +67,24 @@ def missing() -> list[str]:
             found = "no torch"
         sys.exit(f"gpu_needs: {sys.executable} has {found}, and lmlab needs {torch}; use a Python with a CUDA build "
                  "of torch that new (make gpu-report PYTHON=...), or build lmlab's own venv with "
-                 "make gpu-report TORCH=\"torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128\".")
+                 "make gpu-report TORCH=\"torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130\" "
+                 "(CUDA 13.0: NVIDIA driver 580 or newer; whl/cu126 for an older one).")
     return [r for r in requirements() if _name(r) != "torch" and not satisfied(r)]
+
+
+def unusable() -> str:
+    """Why this Python's torch cannot run the report, as `make gpu-report` prints it: it has none, one below lmlab's
+    floor, or one built without CUDA (or ROCm); "" when it can."""
+    floor = next(r for r in requirements() if _name(r) == "torch")
+    try:
+        import torch
+    except ImportError:
+        return f"{sys.executable} has no torch"
+    if not meets(floor, torch.__version__):
+        return f"{sys.executable} has torch {torch.__version__}, and lmlab needs {floor}"
+    if not (torch.version.cuda or getattr(torch.version, "hip", None)):
+        return f"{sys.executable} has torch {torch.__version__}, built without CUDA"
+    return ""
 
 
 def make_venv(folder: Path) -> None:
@@ -94,8 +116,12 @@ def packages() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--venv", type=Path, help="make this venv over this Python (else: print what is missing)")
+    parser.add_argument("--usable", action="store_true", help="print why this Python's torch cannot run the report "
+                                                              "(nothing where it can)")
     args = parser.parse_args()
-    if args.venv:
+    if args.usable:
+        print(unusable())
+    elif args.venv:
         missing()  # this Python's torch is the one the venv will use: refused here, before anything is made
         make_venv(args.venv)
     else:

@@ -18,6 +18,7 @@ from lmlab.inference.decode import Decoder, Sequence, eager_step, hold_weights
 from lmlab.inference.generate import decoding_only
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
+from lmlab.model.kvcache import attend_cached
 from lmlab.run.rundir import RunDir
 
 BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
@@ -195,6 +196,59 @@ def test_weights_held_in_the_decode_dtype_are_cast_once_not_at_every_token():
     assert torch.equal(logits, held_logits)  # the same bf16 values, cast once rather than at each step
     with torch.autocast("cpu", torch.bfloat16):
         assert held.hidden(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream stays fp32
+
+
+class CacheCopies(TorchDispatchMode):
+    """Records the size of every tensor a clone or copy makes that holds at least `size` elements."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.copies = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if ("clone" in name or "copy" in name) and isinstance(out, torch.Tensor) and out.numel() >= self.size:
+            self.copies.append((name, tuple(out.shape)))
+        return out
+
+
+def test_grouped_query_decoding_reads_the_cache_without_copying_it_per_group():
+    # Qwen2.5-0.5B's grouping: 7 query heads share each key/value head
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(**{**BASE, **MODELS["modern"], "n_head": 14, "n_embd": 56, "block_size": 64})).eval()
+    decoder = Decoder(m, 2)
+    for prompt in ([1, 2, 3], [4] * 9):
+        decoder.join(Sequence(prompt, GREEDY))
+    # the cache as the group dimension's broadcast would make it: (B, nkv, g, block_size, hs)
+    with CacheCopies(2 * 14 * 64 * m.config.head_size) as recorded:
+        decoder.step_fn(torch.tensor([[5], [6]]), decoder.rows(2))
+    assert recorded.copies == []
+
+
+def broadcast_attention(q, k, v, mask):
+    """attend_cached as it was: each group of query heads over its key/value head by broadcasting."""
+    B, nh, T, hs = q.shape
+    groups = q.view(B, k.size(1), nh // k.size(1), T, hs)  # (B, nkv, nh/nkv, T, hs)
+    scores = groups @ k.unsqueeze(2).transpose(-2, -1) * hs ** -0.5  # (B, nkv, nh/nkv, T, block_size)
+    scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))
+    y = torch.softmax(scores, dim=-1).type_as(v) @ v.unsqueeze(2)  # (B, nkv, nh/nkv, T, hs)
+    return y.view(B, nh, T, hs)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("nkv", [1, 2, 14])
+def test_cached_attention_of_grouped_heads_equals_the_broadcast_and_sdpa(T, nkv):
+    torch.manual_seed(0)
+    B, nh, L, hs = 3, 14, 16, 8
+    q = torch.randn(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs), laid out as the attention makes it
+    k, v = torch.randn(B, nkv, L, hs), torch.randn(B, nkv, L, hs)
+    where = torch.tensor([[0], [5], [11]]) + torch.arange(T)  # (B, T): each row at its own position
+    mask = (torch.arange(L) <= where[..., None]).unsqueeze(1)  # (B, 1, T, L): each query its row's keys up to it
+    y = attend_cached(q, k, v, mask)
+    assert (y - broadcast_attention(q, k, v, mask)).abs().max() < 1e-5
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
+    assert (y - sdpa).abs().max() < 1e-5
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ kernels for it and the driver runs it, checked with torch.cuda's answers faked w
 
 import importlib
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.core.device import TORCH_APIS, TORCH_FLOOR, check_torch, resolve_device, runs_on
+from lmlab.core.device import (TORCH_APIS, TORCH_BUILDS, TORCH_FLOOR, TORCH_RELEASE, check_torch, resolve_device,
+                               runs_on, wheel_for)
 from lmlab.core.errors import UserError
 from lmlab.core.peak import choose_dtype
 from lmlab.run.rundir import RunDir
@@ -61,7 +63,9 @@ def test_a_gpu_this_build_cannot_run_is_refused_naming_the_build_that_does(fake_
                                         r"CUDA 12\.6 build.*whl/cu126"):
         resolve_device("cuda")
     fake_gpu(name="NVIDIA GeForce RTX 5090", capability=(12, 0), arch=CU126)
-    with pytest.raises(UserError, match=r"CUDA 12\.8 or later .*whl/cu128"):
+    with pytest.raises(UserError, match=r"CUDA 13\.0 build \(pip install torch==2\.13\.0 --index-url \S+/whl/cu130\), "
+                                        r"which needs NVIDIA driver 580 or newer; with an older driver, its CUDA 12\.6 "
+                                        r"build \(pip install torch==2\.13\.0 --index-url \S+/whl/cu126\)"):
         resolve_device("cuda")
     fake_gpu(name="Tesla T4", capability=(7, 5), arch=CU128)
     assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda")
@@ -86,12 +90,53 @@ def test_a_driver_older_than_the_builds_cuda_is_named_as_the_cause(fake_gpu, mon
 
     monkeypatch.setattr(torch.cuda, "init", init)
     with pytest.raises(UserError, match=r"the NVIDIA driver is older than CUDA 12\.8, which this PyTorch .* was built "
-                                        r"for \(it supports CUDA 11\.4\); update the driver"):
+                                        r"for \(it supports CUDA 11\.4\); update the driver \(580 or newer runs every "
+                                        r"build\), or .*pip install torch==2\.13\.0 --index-url \S+/whl/cu126\)"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(UserError, match=r"is built without CUDA; install a CUDA build of torch"):
         resolve_device("cuda")
+
+
+def texts():
+    """Every text file of the checkout but the tests (not its runs, data or hidden folders)."""
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "data", "tests", "__pycache__")]
+        for name in files:
+            if name == "Makefile" or name.endswith((".md", ".py", ".toml", ".txt", ".sh", ".yml", ".yaml")):
+                yield Path(folder) / name
+
+
+def named_builds(text: str) -> list[tuple[str | None, str]]:
+    """Each (torch version, CUDA build) a text names as a wheel index `whl/cuNNN` (the version None where the line
+    pins none)."""
+    found = []
+    for line in text.splitlines():
+        for build in re.finditer(r"whl/(cu\d+)", line):
+            version = re.findall(r"torch==([\w.]+)", line[:build.start()])
+            found.append((version[-1] if version else None, build[1]))
+    return found
+
+
+def test_every_torch_wheel_index_named_is_one_pytorch_publishes_for_that_torch():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^TORCH \?= torch==(\S+)$", makefile, re.M)[1] == TORCH_RELEASE  # the release the table holds
+    named = {}
+    for path in texts():
+        for version, build in named_builds(path.read_text(errors="replace")):
+            named.setdefault((version or TORCH_RELEASE, build), []).append(str(path.relative_to(ROOT)))
+    for line in (wheel_for(capability) for capability in [(5, 0), (6, 1), (7, 0), (7, 5), (8, 6), (9, 0), (12, 0)]):
+        assert re.search(r"pip install torch==\S+ --index-url https://download\.pytorch\.org/whl/cu\d+", line)
+        for version, build in named_builds(line):
+            named.setdefault((version, build), []).append("lmlab.core.device.wheel_for")
+    assert ("2.13.0", "cu130") in named and ("2.13.0", "cu126") in named  # README and wheel_for name both
+    for (version, build), where in named.items():
+        assert build in TORCH_BUILDS.get(version, ()), f"torch {version} has no {build} build, named in {where}"
+    for path in texts():  # a command that installs from PyTorch's index pins the torch it means
+        for line in path.read_text(errors="replace").splitlines():
+            if re.search(r"--index-url https://download\.pytorch\.org/whl/cu", line):
+                assert re.search(r"torch==[\w.]+ --index-url", line), f"{path}: an unpinned torch: {line.strip()}"
 
 
 @pytest.mark.parametrize("capability, born, dtype", [

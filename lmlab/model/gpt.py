@@ -208,7 +208,8 @@ class GPT(LanguageModel):
         c = self.config
         options = [c.pos_emb if c.pos_emb != "learned" else "", c.norm if c.norm != "layernorm" else "",
                    c.mlp if c.mlp != "gelu" else "", "qk-norm" if c.qk_norm else "",
-                   "" if c.bias is True else "qkv-bias" if c.bias == "qkv" else f"bias({c.bias})" if c.bias else "no-bias",
+                   ("" if c.bias is True else "qkv-bias" if c.bias == "qkv" else f"bias({c.bias})" if c.bias
+                    else "no-bias"),
                    "" if c.tie_embeddings else "untied", f"gqa{c.kv_heads}" if c.kv_heads != c.n_head else ""]
         return " ".join([f"gpt {c.n_layer}L/{c.n_embd}", *filter(None, options)])
 

@@ -24,7 +24,6 @@ from safetensors.torch import load_file, load_model, save_file
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, fsync_dir, human_bytes, sha256_file, writing
 
-
 STEP_FOLDER = re.compile(r"step_\d{6,}")  # what a pointer may name: a step folder of the same run
 
 

@@ -11,6 +11,7 @@ import math
 import re
 import sys
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -363,7 +364,10 @@ class TrainConfig:
         """The steps between evaluations: eval_interval's, or for evaluations spaced by passes the whole steps
         nearest passes_per_eval passes of a split of `split_tokens`, at least one, at most MAX_COUNT."""
         passes = self.passes_per_eval
-        return self.eval_interval if passes is None else _steps(passes, split_tokens, tokens_per_step)
+        if passes is None:
+            assert isinstance(self.eval_interval, int), "__post_init__ refuses any other text"
+            return self.eval_interval
+        return _steps(passes, split_tokens, tokens_per_step)
 
     def warmup_steps(self, split_tokens: int, tokens_per_step: int) -> int:
         """The steps the LR warms up over: warmup_iters, or the whole steps nearest warmup_epochs passes of a split
@@ -604,12 +608,12 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is a folder; pass a TOML file such as configs/shakespeare-char-cpu.toml.")
 
 
-def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a TOML preset and apply overrides; every error names the file or the field."""
     return build_config(apply_overrides(read_toml(path), list(overrides)), str(path))
 
 
-def load_finetune_config(path: Path | None, overrides: list[str] = ()) -> FinetuneConfig:
+def load_finetune_config(path: Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """The [finetune] section of a TOML file (the base run supplies everything else), with overrides."""
     raw = apply_overrides(read_toml(path) if path else {}, list(overrides))
     others = sorted(set(raw) - {"finetune"})

@@ -334,7 +334,8 @@ def _drop_in_child() -> None:
     """A forked child (a prepare's tokenizer worker) closes its copies of the parent's lock descriptors: an flock
     lasts while any copy is open, so a worker outliving a killed parent would keep the lock from the next writer."""
     for lock in list(_HELD):
-        os.close(lock._fd)
+        if lock._fd is not None:  # a held lock has one
+            os.close(lock._fd)
         lock._fd = None
     _HELD.clear()
 

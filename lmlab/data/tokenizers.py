@@ -330,7 +330,7 @@ def tokenizer_identity(path: Path) -> str:
     return _identity(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def train_tokenizer(spec: str, train_texts: list[str], all_texts: list[str],
+def train_tokenizer(spec: str, train_texts: Iterable[str], all_texts: list[str],
                     gpt2_dir: Path | None = None) -> Tokenizer:
     """Build the tokenizer for `spec`; char uses every character of the corpus, the others the train split,
     and gpt2 is read from `gpt2_dir` (see `load_gpt2`)."""
@@ -348,6 +348,7 @@ def train_tokenizer(spec: str, train_texts: list[str], all_texts: list[str],
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
         return Tokenizer(spec, backend)
+    trainer: trainers.Trainer
     if kind == "word":
         backend = tokenizers.Tokenizer(models.WordLevel(unk_token=UNK))
         trainer = trainers.WordLevelTrainer(vocab_size=size + 2, special_tokens=[UNK, EOT], show_progress=False)

@@ -71,8 +71,8 @@ def loss_figure(run: RunDir) -> plt.Figure:
         ax.annotate(f"best val {best:.4f}", (best_step, best), textcoords="offset points", xytext=(-60, 12))
     resumed = sorted({e["step"] for e in events if e["event"] == "resume"})
     for i, step in enumerate(resumed):
-        ax.axvline(step, color="tab:gray", linestyle="--", linewidth=1,
-                   label=f"resumed (at step{'s' * (len(resumed) > 1)} {', '.join(map(str, resumed))})" if not i else None)
+        label = f"resumed (at step{'s' * (len(resumed) > 1)} {', '.join(map(str, resumed))})"
+        ax.axvline(step, color="tab:gray", linestyle="--", linewidth=1, label=label if not i else None)
     ax.set_title(f"{run.name}: loss")
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
@@ -158,7 +158,8 @@ def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Pa
 def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> Path:
     """Histogram of tokens per document on a log x axis, with the context length marked."""
     fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
-    bins = np.geomspace(max(1, min(int(lengths.min()), block_size)) / 1.1, max(int(lengths.max()), block_size) * 1.1, 60)
+    bins = np.geomspace(max(1, min(int(lengths.min()), block_size)) / 1.1,
+                        max(int(lengths.max()), block_size) * 1.1, 60)
     ax.hist(np.maximum(lengths, 1), bins=bins, color="C0")
     beyond = (lengths > block_size).mean()
     ax.axvline(block_size, color="C1", linestyle="--",

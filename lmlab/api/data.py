@@ -14,8 +14,8 @@ from lmlab.api.checks import integer, number, whole
 from lmlab.api.paths import check_destination
 from lmlab.core.notebook import console_here
 from lmlab.data.normalize import Normalization
-from lmlab.data.prepare import prepare as prepare_dataset
 from lmlab.data.output import PrepareOptions
+from lmlab.data.prepare import prepare as prepare_dataset
 from lmlab.data.stats import dataset_stats
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from lmlab.api.checks import shown
 from lmlab.api.paths import check_destination
+from lmlab.core.busy import LoadMeter
 from lmlab.core.config import (
     MAX_BUDGET_SECONDS,
     SECTIONS,
@@ -26,7 +27,6 @@ from lmlab.core.config import (
     to_dict,
     toml_value,
 )
-from lmlab.core.busy import LoadMeter
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.notebook import console_here

@@ -61,8 +61,8 @@ def _print_stats(s: dict[str, Any]) -> None:
 
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
-    from lmlab.data.stats import dataset_stats
     from lmlab.analysis.plots import plot_document_lengths
+    from lmlab.data.stats import dataset_stats
 
     stats = dataset_stats(Path(args.dataset), args.block_size)
     _print_stats(stats)

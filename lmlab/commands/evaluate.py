@@ -161,8 +161,8 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
 
 
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:
-    from lmlab.writeup.document import to_markdown
     from lmlab.core.fileio import atomic_write_text
+    from lmlab.writeup.document import to_markdown
     from lmlab.writeup.grid import GridStopped, read_prompts, sample_grid
 
     for option, given in (("--instruction", args.instruction), ("--input", args.input), ("--system", args.system)):

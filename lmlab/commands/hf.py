@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=destination("OUT"),
                    help="new folder for config.json, model.safetensors and the tokenizer files")
     p.add_argument("--arch", choices=ARCHS, default="auto", help="the family to write; auto: gpt2 for GPT-2's "
-                   "options, llama for rope + rmsnorm + swiglu, qwen2 with biases on q, k and v alone, qwen3 with qk_norm")
+                   "options, llama for rope + rmsnorm + swiglu, qwen2 with biases on q, k and v alone, qwen3 with "
+                   "qk_norm")
     add_checkpoint(p)
     p.set_defaults(func=cmd_export_hf)
 

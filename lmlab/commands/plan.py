@@ -16,10 +16,10 @@ from lmlab.core.errors import UserError
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from lmlab.experiments.bench import bench_batch, bench_threads, eval_cost
     from lmlab.core.config import load_config
     from lmlab.core.device import resolve_device
     from lmlab.core.threads import ThreadChooser
+    from lmlab.experiments.bench import bench_batch, bench_threads, eval_cost
 
     cfg = load_config(Path(args.config), args.set)
     chooser = ThreadChooser(cfg.train.threads, "train.threads")  # the peak is measured on every core, as training's
@@ -118,8 +118,8 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
     """The largest micro-batch that fits, each try printed as it is found, within `seconds`."""
     import time
 
-    from lmlab.experiments.bench import find_max_batch
     from lmlab.core.fileio import human_bytes
+    from lmlab.experiments.bench import find_max_batch
 
     console.print(f"Finding the largest micro-batch that fits (for at most {seconds:g} s; each try builds the model "
                   "and times 2 steps of one micro-batch, eager: what fits eagerly fits compiled and accumulated):")
@@ -143,6 +143,8 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
 def cmd_plan(args: argparse.Namespace) -> None:
     if args.budget or args.size:
         return plan_budget(args)
+    from lmlab.analysis.runs import find_runs, summarize
+    from lmlab.analysis.scaling import repeat_warning
     from lmlab.core.config import load_config
     from lmlab.experiments.bench import with_vocab
     from lmlab.experiments.plan import (
@@ -155,8 +157,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
         shape_of,
     )
     from lmlab.run.rundir import RunDir
-    from lmlab.analysis.runs import find_runs, summarize
-    from lmlab.analysis.scaling import repeat_warning
 
     if args.mfu is not None and not 0 < args.mfu <= 1:
         raise UserError(f"--mfu {args.mfu} must be a fraction in (0, 1], e.g. 0.4 for 40%.")
@@ -258,8 +258,8 @@ def _size_columns() -> list:
 def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
     """`plan`'s table: size, tokens and passes over the data, Chinchilla on unique tokens, compute beside 6·N·D,
     the throughput and its source, the wall time; where a run stands."""
-    from lmlab.core.humanize import format_duration
     from lmlab.analysis.scaling import chinchilla_percent, unique_tokens
+    from lmlab.core.humanize import format_duration
 
     table = Table(title=f"Plan for {target}", show_header=False)
     padding = f"; {plan.padding_params:,} more in vocabulary padding rows" if plan.padding_params else ""

@@ -1,6 +1,6 @@
 """docs/reference/commands.md, config.md and api.md, written from the argparse parsers, the config dataclasses and
-the Python API themselves, so that the reference cannot disagree with the code: `make docs` writes them, and tests/test_docs.py
-fails when a page differs from what this module makes of the code it documents."""
+the Python API themselves, so that the reference cannot disagree with the code: `make docs` writes them, and
+tests/test_docs.py fails when a page differs from what this module makes of the code it documents."""
 
 from __future__ import annotations
 

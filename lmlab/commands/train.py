@@ -26,8 +26,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     import dataclasses
 
     from lmlab.core.config import load_finetune_config
-    from lmlab.train.finetune import finetune
     from lmlab.run.rundir import RunDir
+    from lmlab.train.finetune import finetune
     from lmlab.train.stop import STOP_GRACE
 
     if args.run:  # the spelling before --out, which import-hf and answer use: it still works, and says so

@@ -11,6 +11,7 @@ import math
 import re
 import sys
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -263,7 +264,8 @@ class TrainConfig:
     spike_patience: int = 3  # bad steps (spikes or non-finite) in a row before rolling back; 0: never
     rollback_lr_factor: float = 0.5  # LR multiplier applied at each rollback
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
-    compile: bool | str = "auto"  # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
+    # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
+    compile: bool | str = "auto"
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them (core/threads.py)
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
     tracker_project: str = "lmlab"  # wandb: the project the run is logged under
@@ -362,7 +364,10 @@ class TrainConfig:
         """The steps between evaluations: eval_interval's, or for evaluations spaced by passes the whole steps
         nearest passes_per_eval passes of a split of `split_tokens`, at least one, at most MAX_COUNT."""
         passes = self.passes_per_eval
-        return self.eval_interval if passes is None else _steps(passes, split_tokens, tokens_per_step)
+        if passes is None:
+            assert isinstance(self.eval_interval, int), "__post_init__ refuses any other text"
+            return self.eval_interval
+        return _steps(passes, split_tokens, tokens_per_step)
 
     def warmup_steps(self, split_tokens: int, tokens_per_step: int) -> int:
         """The steps the LR warms up over: warmup_iters, or the whole steps nearest warmup_epochs passes of a split
@@ -595,19 +600,20 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
+        raise UserError(f"config file {path} does not exist; pass a TOML preset such as "
+                        "configs/shakespeare-char-cpu.toml.")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as err:  # ValueError: an int of 5,000 digits
         raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
     except IsADirectoryError:
         raise UserError(f"{path} is a folder; pass a TOML file such as configs/shakespeare-char-cpu.toml.")
 
 
-def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a TOML preset and apply overrides; every error names the file or the field."""
     return build_config(apply_overrides(read_toml(path), list(overrides)), str(path))
 
 
-def load_finetune_config(path: Path | None, overrides: list[str] = ()) -> FinetuneConfig:
+def load_finetune_config(path: Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """The [finetune] section of a TOML file (the base run supplies everything else), with overrides."""
     raw = apply_overrides(read_toml(path) if path else {}, list(overrides))
     others = sorted(set(raw) - {"finetune"})

@@ -46,7 +46,9 @@ def install_command(build: str, release: str = TORCH_RELEASE) -> str:
 
 def torch_version(text: str | None = None) -> tuple[int, int]:
     """(major, minor) of a torch version string such as `2.13.0+cu130` (default: this torch's)."""
-    major, minor = re.match(r"(\d+)\.(\d+)", text or torch.__version__).groups()
+    found = re.match(r"(\d+)\.(\d+)", text or torch.__version__)
+    assert found, f"{text or torch.__version__} is not a torch version"
+    major, minor = found.groups()
     return int(major), int(minor)
 
 
@@ -115,7 +117,9 @@ def no_gpu_reason() -> str:
 
 def _arch(name: str) -> tuple[int, int, str]:
     """`sm_86` -> (8, 6, ""), `sm_90a` -> (9, 0, "a"), `compute_120` -> (12, 0, "")."""
-    number, suffix = re.fullmatch(r"(?:sm|compute)_(\d+)([a-z]?)", name).groups()
+    found = re.fullmatch(r"(?:sm|compute)_(\d+)([a-z]?)", name)
+    assert found, f"{name} is not a CUDA architecture"
+    number, suffix = found.groups()
     return int(number) // 10, int(number) % 10, suffix
 
 
@@ -171,7 +175,7 @@ def enable_tf32() -> None:
     the `allow_tf32` flags warn there), else through the flags."""
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # not in torch's stubs
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -239,7 +243,7 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 # GeForce cards are listed at their rate with fp32 accumulation (half the fp16-accumulate figure on
 # their spec sheets), which is how autocast's matmuls accumulate. Keys are matched by name tokens
 # (`_model_tokens`); a GPU not listed here is measured instead.
-PEAK_TFLOPS = {
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100": {"bfloat16": 989, "float16": 989, "float32": 494},  # SXM, named e.g. "H100 80GB HBM3"
     "H100 PCIe": {"bfloat16": 756, "float16": 756, "float32": 378},
     "H100 NVL": {"bfloat16": 835, "float16": 835, "float32": 418},

@@ -66,7 +66,7 @@ def install_command(modules: list[str]) -> str:
     """The pip command that installs `modules` for the lmlab running here: its extras (`pip install -e '.[serve]'`
     from the checkout it was installed from, `pip install 'lmlab[serve]'` for an installed one), else the packages;
     this interpreter's pip (`.venv/bin/python -m pip` when the `pip` on PATH is another Python's)."""
-    extras = list(dict.fromkeys(OPTIONAL[m][0] for m in modules if m in OPTIONAL and OPTIONAL[m][0]))
+    extras = list(dict.fromkeys(e for m in modules if m in OPTIONAL and (e := OPTIONAL[m][0])))
     installed = _installed_lmlab() if extras else None
     named = [m for m in modules if not (installed and m in OPTIONAL and OPTIONAL[m][0])]
     words = list(dict.fromkeys(OPTIONAL.get(m, (None, m))[1] for m in named))
@@ -87,7 +87,7 @@ def _installed_lmlab() -> str | None:
         return None
     if not dist.read_text("INSTALLER"):  # metadata no installer wrote: a build's leftover in a source tree
         return None
-    running = Path(sys.modules["lmlab"].__file__).resolve().parent
+    running = Path(str(sys.modules["lmlab"].__file__)).resolve().parent
     url = json.loads(dist.read_text("direct_url.json") or "{}")
     if not url.get("dir_info", {}).get("editable"):
         return "lmlab" if running == Path(str(dist.locate_file("lmlab"))).resolve() else None

@@ -51,8 +51,9 @@ def _name_problem(name: str) -> str | None:
         return "holds a control character (a line break, a tab, ...)"
     if any(c.isspace() for c in name):
         return "holds a space"
-    if len(name.encode("utf-8", "surrogateescape")) > NAME_BYTES:
-        return f"is {len(name.encode('utf-8', 'surrogateescape')):,} bytes long, more than the {NAME_BYTES} a name may be"
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > NAME_BYTES:
+        return f"is {size:,} bytes long, more than the {NAME_BYTES} a name may be"
     return None
 
 
@@ -333,7 +334,8 @@ def _drop_in_child() -> None:
     """A forked child (a prepare's tokenizer worker) closes its copies of the parent's lock descriptors: an flock
     lasts while any copy is open, so a worker outliving a killed parent would keep the lock from the next writer."""
     for lock in list(_HELD):
-        os.close(lock._fd)
+        if lock._fd is not None:  # a held lock has one
+            os.close(lock._fd)
         lock._fd = None
     _HELD.clear()
 

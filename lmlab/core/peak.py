@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,13 +254,14 @@ def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
     return measure_into_cache(device, dtype, notes)
 
 
-def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: list[str] = ()) -> Peak:
+def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence[str] = ()) -> Peak:
     """Measure the peak once under a `LoadMeter`, merge the figure into the cache by the module's rules, and
     return what the cache now holds (`notes`: what was found wrong with the cache before)."""
     path, key = cache_path(), cache_key(device, dtype)
     entries, entry, _ = read_cache(path, key, _identity(device))
     with every_thread(device), LoadMeter() as meter:
         flops = measured_peak(device, dtype)
+    assert meter.load is not None, "a LoadMeter has its load once its block ends"
     entries[key] = entry = merged(entry, flops, meter.load, dtype, device)
     try:
         with writing(path):
@@ -282,9 +283,10 @@ def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.
     new = {"flops": float(flops), "quiet": quiet, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load": load.record()}
     figures = list(entry["figures"]) if entry and entry["quiet"] else []
+    best: dict[str, Any]
     if quiet:
         figures = [*figures, float(flops)][-KEPT:]
-        best = new if not figures[:-1] or flops > entry["flops"] else entry
+        best = new if entry is None or not figures[:-1] or flops > entry["flops"] else entry
     elif entry and entry["quiet"]:
         best = entry
     else:

@@ -18,6 +18,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -55,7 +56,8 @@ class PlainProgress:
 
     def __init__(self, console: Console, unit: str, every: int):
         self.console, self.unit, self.every = console, unit, max(1, every)
-        self.total, self.completed, self._first, self._started = 0, 0, 0, 0.0
+        self.total: int | None = 0
+        self.completed, self._first, self._started = 0, 0, 0.0
 
     def __enter__(self) -> PlainProgress:
         return self
@@ -132,8 +134,8 @@ class TaskLines:
         for t in list(self.tasks.values()):
             self._changed(t, "ended")
 
-    def add_task(self, description: str, total: int | None = None, completed: int = 0, **fields: Any) -> int:
-        task = len(self.tasks)
+    def add_task(self, description: str, total: int | None = None, completed: int = 0, **fields: Any) -> TaskID:
+        task = TaskID(len(self.tasks))  # an int, typed as the bar's task ids are
         self.tasks[task] = _Task(description, total, completed, dict(fields), completed)
         self._changed(self.tasks[task], "added")
         return task
@@ -235,6 +237,6 @@ def ticking(out: Console, unit: str, title: str, every: float = 5.0) -> Iterator
             if not live and done < total and now - said[0] < every:
                 return
             said[0] = now
-            bar.update(task, completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")
+            bar.update(TaskID(task), completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")
 
         yield tick

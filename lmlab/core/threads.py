@@ -170,6 +170,7 @@ class ThreadChooser:
         counts = self.counts(device)
         if len(counts) == 1:
             return self.decide({})
+        assert self._window is not None, "the chooser's making measured the load"
         return self._set(self._timed(self._window))
 
     def counts(self, device: torch.device) -> list[int]:

@@ -196,7 +196,8 @@ def corpus_name(sources: list[str]) -> str:
     if source.startswith("hf:"):
         return re.sub(r"[^\w.-]", "-", source.removeprefix("hf:"))
     path = Path(source)
-    return re.sub(r"\s+", "-", path.name.removesuffix(_kind(path)) if _kind(path) else path.stem)
+    kind = _kind(path)
+    return re.sub(r"\s+", "-", path.name.removesuffix(kind) if kind else path.stem)
 
 
 def iter_documents(files: list[str], text_field: str = "text",

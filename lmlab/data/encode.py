@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,11 +88,12 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], ends: bool = False) -> 
 
 
 def _encode_in_worker(texts: list[str], ends: bool) -> Encoded:
+    assert _tokenizer is not None, "the pool's initializer loads it"
     return encode_texts(_tokenizer, texts, ends)
 
 
 def encode_in_order(batches: Iterator[tuple[Any, list[str]]], tokenizer_path: Path, spec: str,
-                    workers: int, ends: bool = False) -> Iterator[tuple[Any, Encoded]]:
+                    workers: int, ends: bool = False) -> Generator[tuple[Any, Encoded], None, None]:
     """Yield (tag, Encoded) for each (tag, texts) batch, in input order (`ends`: see Encoded).
 
     At most `IN_FLIGHT_PER_WORKER * workers` batches are read ahead: `Pool.imap` would read the whole input

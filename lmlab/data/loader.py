@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ class BatchLoader:
     pageable temporary, synchronously.)
     """
 
-    def __init__(self, tokens: np.ndarray | TokenShards, block_size: int, batch_size: int, seed: int, name: str = "data",
-                 device: torch.device | None = None):
+    def __init__(self, tokens: np.ndarray | TokenShards, block_size: int, batch_size: int, seed: int,
+                 name: str = "data", device: torch.device | None = None):
         self.rows = getattr(tokens, "rows", None)
         if self.rows is None and len(tokens) < block_size + 2:
             raise UserError(
@@ -73,7 +73,7 @@ class BatchLoader:
         self._starts()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.rng.bit_generator.state
+        return cast(dict[str, Any], self.rng.bit_generator.state)  # a dict; numpy's stubs say a Mapping
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state

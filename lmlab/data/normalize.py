@@ -128,9 +128,10 @@ class Normalization:
                 parts += [normalizers.NFKD(), normalizers.StripAccents(),
                           *(normalizers.Replace(old, new) for old, new in ASCII_MAP.items()),
                           normalizers.Replace(Regex(r"[^\x{0}-\x{7f}]"), "")]
-        if self.keep or self.drop:
-            kept = f"[^{_char_class(self.keep)}]" if self.keep else f"[{_char_class(self.drop)}]"
-            parts.append(normalizers.Replace(Regex(kept), ""))
+        if self.keep:
+            parts.append(normalizers.Replace(Regex(f"[^{_char_class(self.keep)}]"), ""))
+        elif self.drop:
+            parts.append(normalizers.Replace(Regex(f"[{_char_class(self.drop)}]"), ""))
         return normalizers.Sequence(parts) if parts else None
 
     def function(self) -> Callable[[str], str] | None:

@@ -136,6 +136,7 @@ class Output:
         if row:
             take = min(encoded, max(0, row - self.doc_ids))
             if take < encoded:
+                assert ends is not None, "crop mode, the one with rows, encodes with ends"
                 characters, nbytes = (int(ends[0][take - 1]), int(ends[1][take - 1])) if take else (0, 0)
                 self.lost_tokens += encoded - take
                 ids = ids[:take]
@@ -170,8 +171,8 @@ class Output:
     def add_batch(self, tags: list[tuple], encoded: Encoded) -> bool:
         offset = 0
         for tag, length, nbytes, characters in zip(tags, encoded.lengths, encoded.nbytes, encoded.chars):
-            ends = None if encoded.char_ends is None else (encoded.char_ends[offset:offset + length],
-                                                           encoded.byte_ends[offset:offset + length])
+            ends = None if encoded.char_ends is None or encoded.byte_ends is None else (
+                encoded.char_ends[offset:offset + length], encoded.byte_ends[offset:offset + length])
             if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes), int(characters), ends):
                 return False
             offset += length

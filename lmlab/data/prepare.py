@@ -154,7 +154,7 @@ def _resume_or_start(work: Path, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions, found: Scan, plan: np.ndarray,
-               progress: Progress, fixed: Tokenizer | None) -> Tokenizer:
+               progress: Progress | TaskLines, fixed: Tokenizer | None) -> Tokenizer:
     """Train (or, on resume, reload; or take the fixed one) the tokenizer and save it where the workers read it."""
     path = work / "tokenizer.json"
     if path.exists() and fixed is None:
@@ -170,7 +170,7 @@ def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions,
 
 
 def _tokenize(work: Path, files: list[str], options: PrepareOptions, tokenizer: Tokenizer, plan: np.ndarray,
-              found: Scan, output: Output, progress: Progress) -> None:
+              found: Scan, output: Output, progress: Progress | TaskLines) -> None:
     task = progress.add_task("tokenizing", total=len(plan), completed=output.docs_done, tokens="")
     started, first_tokens = time.perf_counter(), output.counts["train"]["tokens"] + output.counts["val"]["tokens"]
     batches = _batches(files, options, tokenizer.kind, plan, found.first_cut, output.docs_done)

@@ -138,7 +138,7 @@ def verify_split(dataset: Path, split: str, tokens: TokenShards, meta: dict[str,
     or scores on it."""
     digest, top = hashlib.sha256(), -1
     for chunk in tokens.chunks():
-        digest.update(chunk)
+        digest.update(chunk)  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs do not say so
         top = max(top, int(chunk.max()) if len(chunk) else -1)
     tokens.sha256 = digest.hexdigest()
     fix = "prepare the dataset again with `lmlab prepare ... --force`"
@@ -206,7 +206,9 @@ class ShardWriter:
         return self.fill
 
     def restore_pending(self, count: int) -> None:
-        tokens = np.fromfile(self.pending_path, dtype=self.buffer.dtype, count=count) if count else []
+        tokens: np.ndarray | list[int] = []
+        if count:
+            tokens = np.fromfile(self.pending_path, dtype=self.buffer.dtype, count=count)
         self.buffer[:count] = tokens
         self.fill = count
 

@@ -14,6 +14,7 @@ import numpy as np
 from rich.progress import Progress
 
 from lmlab.core.errors import UserError
+from lmlab.core.progress import TaskLines
 from lmlab.data.corpora import Document, iter_documents, parquet_rows
 
 
@@ -43,9 +44,12 @@ class Scan:
     first_cut: int | None  # the tail split point, used when the corpus is a single document
 
 
-def scan(files: list[str], text_field: str, val_fraction: float, want_charset: bool, progress: Progress,
+def scan(files: list[str], text_field: str, val_fraction: float, want_charset: bool,
+         progress: Progress | TaskLines,
          normalize: Callable[[str], str] | None = None) -> Scan:
-    keys, chars, digest, charset, first_cut = array("Q"), array("q"), hashlib.sha256(), set(), None
+    keys, chars, digest = array("Q"), array("q"), hashlib.sha256()
+    charset: set[str] = set()
+    first_cut: int | None = None
     task = progress.add_task("scanning", total=parquet_rows(files), tokens="")
     for doc in iter_documents(files, text_field, normalize):
         keys.append(split_key(doc.name))
@@ -106,6 +110,7 @@ def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: l
     plan = np.full(n, TRAIN, np.int8)
     target = val_target(val_fraction, val_tokens, max_tokens)
     if max_tokens:
+        assert target is not None, "a --max-tokens cut sizes the val split"
         share = POOL_MARGIN * target / (target + max_tokens) if val_tokens else val_fraction
         plan[scan.keys < np.uint64(share * 2.0**64) if share < 1 else slice(None)] = VAL_WHILE_BUDGET
         plan[order[0]] = VAL_WHILE_BUDGET
@@ -136,5 +141,6 @@ def parts(doc: Document, index: int, plan: np.ndarray, cut: int | None) -> list[
     """(split code, name, start, stop) of the parts of one document: all of it, or for the only document of a
     corpus a train and a val part (spans, so a long document is not copied)."""
     if len(plan) == 1:
+        assert cut is not None, "the only document of a corpus has its cut (scan's first_cut)"
         return [(TRAIN, doc.name, 0, cut), (VAL, doc.name + "#val", cut, len(doc.text))]
     return [(int(plan[index]), doc.name, 0, len(doc.text))]

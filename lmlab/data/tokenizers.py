@@ -232,7 +232,7 @@ def _last_safe_cut(text: str, low: int, high: int) -> int | None:
     width = 64
     while True:
         found = None
-        for found in _SAFE_CUT.finditer(text, max(low, high - width), high + 1):
+        for found in _SAFE_CUT.finditer(text, max(low, high - width), high + 1):  # noqa: B007 (the last match is used)
             pass
         if found or high - width <= low:
             return found.start() if found else None
@@ -330,7 +330,7 @@ def tokenizer_identity(path: Path) -> str:
     return _identity(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def train_tokenizer(spec: str, train_texts: list[str], all_texts: list[str],
+def train_tokenizer(spec: str, train_texts: Iterable[str], all_texts: list[str],
                     gpt2_dir: Path | None = None) -> Tokenizer:
     """Build the tokenizer for `spec`; char uses every character of the corpus, the others the train split,
     and gpt2 is read from `gpt2_dir` (see `load_gpt2`)."""
@@ -348,6 +348,7 @@ def train_tokenizer(spec: str, train_texts: list[str], all_texts: list[str],
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
         return Tokenizer(spec, backend)
+    trainer: trainers.Trainer
     if kind == "word":
         backend = tokenizers.Tokenizer(models.WordLevel(unk_token=UNK))
         trainer = trainers.WordLevelTrainer(vocab_size=size + 2, special_tokens=[UNK, EOT], show_progress=False)
@@ -423,7 +424,7 @@ def tiktoken_backend(name: str) -> tokenizers.Tokenizer:
         return "".join(to_text[b] for b in token)
 
     merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+    for token, _rank in sorted(ranks.items(), key=lambda item: item[1]):
         splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
         merges.extend(sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]])))
     vocab = {text(token): rank for token, rank in ranks.items()} | {EOT: eot_id}

@@ -93,7 +93,8 @@ def _check_same_tokenizer(run: LoadedRun, dataset: Path, meta: dict[str, Any]) -
     if tokenizer_identity(run.run.path / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):
         raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run.run.path} (the "
                         f"dataset's {meta['tokenizer']}, {meta['vocab_size']:,} tokens; the run's {theirs.spec}, "
-                        f"{theirs.vocab_size:,} tokens; their vocabularies differ); prepare it with the run's tokenizer.")
+                        f"{theirs.vocab_size:,} tokens; their vocabularies differ); prepare it with the run's "
+                        "tokenizer.")
 
 
 def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 32,

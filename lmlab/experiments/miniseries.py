@@ -1,8 +1,8 @@
 """`lmlab scaling PRESET --refit`: the miniseries a preset's fit (`PRESET.fit.json`, lmlab.experiments.family) is
 measured on. Each depth of its family trains at its shortest length for a few LRs (the preset's × each factor), the
 LR rule is fitted through each depth's best, and each depth trains at the other lengths at the rule's LR; then
-L(N, D) is fitted through every run at its rule's LR (`analysis.scaling.fit_loss_surface`). Each run is an ordinary run (one evaluation,
-at its end, of the preset's eval_iters batches: those a budgeted run of the preset scores) under
+L(N, D) is fitted through every run at its rule's LR (`analysis.scaling.fit_loss_surface`). Each run is an ordinary
+run (one evaluation, at its end, of the preset's eval_iters batches: those a budgeted run of the preset scores) under
 runs/<preset>-miniseries/; a re-fit skips the finished ones and resumes an interrupted one, as a sweep does.
 """
 
@@ -28,11 +28,11 @@ from lmlab.core.config import RunConfig, load_config
 from lmlab.core.device import machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
-from lmlab.model import build_model
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
 from lmlab.experiments.sizing import with_vocab
 from lmlab.experiments.sweep import keep_record
+from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.planning import WARMUP_SHARE

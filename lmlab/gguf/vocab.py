@@ -60,7 +60,8 @@ def gguf_vocab(tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     raw = json.loads(tokenizer.backend.to_str())
     if tokenizer.kind.gguf is None:
         raise UserError(f"{what} has a {tokenizer.kind}-level tokenizer ({tokenizer.spec}), which turns an unknown "
-                        f"word into {tokenizer.kind.unknown}, and no GGUF tokenizer does that; export-gguf takes {TAKES}.")
+                        f"word into {tokenizer.kind.unknown}, and no GGUF tokenizer does that; export-gguf takes "
+                        f"{TAKES}.")
     vocab = _char_vocab(tokenizer, rows) if tokenizer.kind.gguf == "rwkv" else _bpe_vocab(raw, tokenizer, rows, what)
     # bos and eos: the end-of-text token lmlab puts between documents (a char run has none), unless the tokenizer
     # starts every text with a token of its own; pad: the vocabulary's padding token, else the end-of-text token.

@@ -67,7 +67,7 @@ class LanguageModel(nn.Module):
         (lmlab.inference.decode.ContextWindow)."""
         return None
 
-    def embedding_params(self) -> list[nn.Parameter]:
+    def embedding_params(self) -> list[torch.Tensor]:
         """The token and position tables: left out of the parameters counted without embeddings (by default the
         weights of every nn.Embedding)."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]

@@ -5,6 +5,7 @@ RMSNorm, SwiGLU, QK-norm, no biases (or biases on q, k and v alone), an untied h
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,9 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 class Rotary(nn.Module):
     """Rotary position embeddings (Su et al. 2021): each pair of query/key channels is rotated by an angle
     proportional to the position, so attention scores depend on relative offsets only."""
+
+    cos: torch.Tensor  # buffers, (block_size, hs/2) each
+    sin: torch.Tensor
 
     def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
         super().__init__()
@@ -92,7 +96,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if self.q_norm is not None:  # bounds the attention logits, which otherwise can grow and spike the loss
+        # qk-norm (q_norm and k_norm, both or neither) bounds the attention logits, which otherwise can grow and spike
+        # the loss.
+        if self.q_norm is not None and self.k_norm is not None:
             # In fp32, as autocast runs LayerNorm: under bf16 the norm would get bf16 input and fp32 gains.
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
@@ -156,8 +162,10 @@ class GPT(LanguageModel):
         self.config = config
         padded = padded_vocab(config.vocab_size)
         learned = config.pos_emb == "learned"
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(padded, config.n_embd),
+        wte = nn.Embedding(padded, config.n_embd)
+        # Any: its parts are reached by name (wte, wpe, h...), which torch's stubs type as `Tensor | Module`.
+        self.transformer: Any = nn.ModuleDict(dict(
+            wte=wte,
             **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -166,7 +174,7 @@ class GPT(LanguageModel):
         self.rotary = None if learned else Rotary(config.head_size, config.block_size, config.rope_theta)
         self.lm_head = nn.Linear(config.n_embd, padded, bias=False)
         if config.tie_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight
+            wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two of them.
         for name, p in self.named_parameters():
@@ -182,7 +190,7 @@ class GPT(LanguageModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def embedding_params(self) -> list[nn.Parameter]:
+    def embedding_params(self) -> list[torch.Tensor]:
         return [self.transformer.wte.weight] + ([self.transformer.wpe.weight] if "wpe" in self.transformer else [])
 
     def lookup_params(self) -> int:
@@ -208,7 +216,8 @@ class GPT(LanguageModel):
         c = self.config
         options = [c.pos_emb if c.pos_emb != "learned" else "", c.norm if c.norm != "layernorm" else "",
                    c.mlp if c.mlp != "gelu" else "", "qk-norm" if c.qk_norm else "",
-                   "" if c.bias is True else "qkv-bias" if c.bias == "qkv" else f"bias({c.bias})" if c.bias else "no-bias",
+                   ("" if c.bias is True else "qkv-bias" if c.bias == "qkv" else f"bias({c.bias})" if c.bias
+                    else "no-bias"),
                    "" if c.tie_embeddings else "untied", f"gqa{c.kv_heads}" if c.kv_heads != c.n_head else ""]
         return " ".join([f"gpt {c.n_layer}L/{c.n_embd}", *filter(None, options)])
 
@@ -233,7 +242,7 @@ class GPT(LanguageModel):
         return logits, loss
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                  cache: KVCache | None = None) -> torch.Tensor:
+                  cache: KVCache | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
         """The head applied at the positions asked for only (see LanguageModel.logits_at)."""
         return self.lm_head(self.hidden(idx, cache)[rows, positions])[..., :self.config.vocab_size]  # (n, vocab)
 

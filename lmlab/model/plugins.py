@@ -60,7 +60,7 @@ def build_plugin(config: ModelConfig) -> LanguageModel:
         raise UserError(f"{who} returned a {type(model).__name__}, not a model: its entry point must build an "
                         "lmlab.model.LanguageModel from the ModelConfig.")
     model.config = config  # what training, sampling and checkpoints read the shape from
-    model.lmlab_plugin = who
+    model.lmlab_plugin = who  # type: ignore[assignment]  # torch's stubs let a Module hold tensors and modules only
     check_forward(model)
     model.forward = _checked(model.forward, who, config.vocab_size)
     return model
@@ -78,7 +78,7 @@ def _checked(forward: Any, who: str, vocab: int) -> Any:
                f"{'with' if targets is not None else 'without'} targets")
         with _named(who, how, idx.device):
             out = forward(idx, *args, **kwargs)
-        problem = _output_problem(out, *idx.shape[:2], vocab, targets is not None, check_values=False)
+        problem = _output_problem(out, idx.shape[0], idx.shape[1], vocab, targets is not None, check_values=False)
         if problem:
             raise UserError(f"{who}: {how} {problem}; {CONTRACT}")
         return out

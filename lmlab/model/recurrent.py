@@ -63,7 +63,7 @@ class RecurrentLM(LanguageModel):
         if config.tie_embeddings:
             self.wte.weight = self.lm_head.weight
 
-    def embedding_params(self) -> list[nn.Parameter]:
+    def embedding_params(self) -> list[torch.Tensor]:
         return [self.wte.weight]
 
     def lookup_params(self) -> int:
@@ -95,7 +95,7 @@ class RecurrentLM(LanguageModel):
         return logits, loss
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                  cache: RecurrentState | None = None) -> torch.Tensor:
+                  cache: RecurrentState | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
         """The head applied at the positions asked for only (see LanguageModel.logits_at)."""
         return self.lm_head(self.hidden(idx, cache)[rows, positions])  # (n, vocab)
 

@@ -14,15 +14,18 @@ import os
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from lmlab.core.config import BUILT_IN_KINDS, ModelConfig
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 from lmlab.core.fileio import WriteError, atomic_write_text
 
 FORMAT = 1
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")  # what `kind` makes, from the fields asdict keeps
 KEPT = 256  # estimates kept, the newest: a sweep over many shapes does not grow the file without end
 
 

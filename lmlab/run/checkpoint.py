@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from safetensors.torch import load_file, load_model, save_file
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, fsync_dir, human_bytes, sha256_file, writing
-
 
 STEP_FOLDER = re.compile(r"step_\d{6,}")  # what a pointer may name: a step folder of the same run
 
@@ -159,14 +159,14 @@ def remove_partial(root: Path) -> None:
         shutil.rmtree(leftover)
 
 
-def prune_checkpoints(root: Path, keep: int, pinned: set[str] = frozenset()) -> None:
+def prune_checkpoints(root: Path, keep: int, pinned: AbstractSet[str] = frozenset()) -> None:
     """Keep the newest `keep` step folders plus whichever `best` and `latest` point to and those `pinned` (the steps
     a run was resumed from)."""
     for old in to_prune(root, keep, pinned):
         shutil.rmtree(old)
 
 
-def to_prune(root: Path, keep: int, pinned: set[str] = frozenset(), coming: tuple[int, ...] = ()) -> list[Path]:
+def to_prune(root: Path, keep: int, pinned: AbstractSet[str] = frozenset(), coming: tuple[int, ...] = ()) -> list[Path]:
     """The step folders `prune_checkpoints` deletes, now or, with `coming`, once checkpoints of those steps are
     written too (`latest` is then the newest of them)."""
     pointers = ("best",) if coming else ("best", "latest")

@@ -33,7 +33,7 @@ import json
 import math
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +75,7 @@ class RunDir:
     def name(self) -> str:
         return self.path.name
 
-    def config(self, overrides: list[str] = ()) -> RunConfig:
+    def config(self, overrides: Sequence[str] = ()) -> RunConfig:
         """The run's resolved config, with `--set` overrides applied."""
         path = self.path / "config.toml"
         if not path.exists():
@@ -157,6 +157,7 @@ class RunDir:
             return f"lmlab train --resume {shlex.quote(str(self.path))}"
         start = (self.events(limit=1) or [{}])[0]
         ft = self.config().finetune
+        assert ft is not None, "a fine-tuned run's config has its finetune section"
         base, data = start.get("init_from") or "BASE_RUN", (start.get("origin") or {}).get("data") or ft.data
         settings = [f"--set finetune.{f.name}={getattr(ft, f.name)}" for f in dataclasses.fields(ft)
                     if f.name != "data" and getattr(ft, f.name) != f.default]
@@ -406,13 +407,13 @@ class RunDir:
                 raise UserError(f"{self.path} has no checkpoint at step {int(which.removeprefix('step_'))}; "
                                 f"{self.available_steps()}")
             return folder
-        folder = ckpt.pointer(self.checkpoints, which)
-        if folder is None and which == "latest" and self.step_folders():
-            folder = self.step_folders()[-1]
-        if folder is None:
+        pointed = ckpt.pointer(self.checkpoints, which)
+        if pointed is None and which == "latest" and self.step_folders():
+            pointed = self.step_folders()[-1]
+        if pointed is None:
             raise UserError(f"{self.path} has no {which} checkpoint; train it first "
                             f"(`lmlab train CONFIG --run {self.path}`).")
-        return folder
+        return pointed
 
     def available_steps(self) -> str:
         """The checkpoints a run has, as the sentence that ends a refusal: its steps, and which are best and

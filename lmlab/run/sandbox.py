@@ -90,7 +90,7 @@ class _Worker:
     def _start_failure(self, line: bytes | None) -> str:
         """Why the worker did not start: its own report (an import that failed), else its last line on stderr."""
         try:
-            return json.loads(line)["detail"]
+            return json.loads(line)["detail"]  # type: ignore[arg-type]  # None: the TypeError below
         except (TypeError, ValueError, KeyError):
             self.errors.seek(0)
             said = self.errors.read().decode("utf-8", "replace").strip().splitlines()
@@ -100,6 +100,7 @@ class _Worker:
         return self.proc.poll() is None
 
     def ask(self, request: bytes) -> str:
+        assert self.proc.stdin is not None, "started with stdin=PIPE"
         try:
             self.proc.stdin.write(request)
             self.proc.stdin.flush()
@@ -119,6 +120,7 @@ class _Worker:
 
     def _line(self, deadline: float) -> bytes | None:
         """The worker's next line, or None when it has not written one by `deadline` or died."""
+        assert self.proc.stdout is not None, "started with stdout=PIPE"
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()

@@ -46,7 +46,6 @@ from lmlab.serving.state import State
 from lmlab.serving.streaming import Relay
 
 
-
 def loopback(host: str) -> bool:
     """Whether `host` is an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":
@@ -75,7 +74,8 @@ def unauthorized(headers: dict[bytes, bytes], api_key: str) -> ApiError | None:
     if not given:
         message = "no API key given; send it as `Authorization: Bearer KEY` (the openai client's api_key)."
     elif scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), key_bytes(api_key)):
-        message = "the API key given is not this server's (--api-key); check the key sent as `Authorization: Bearer KEY`."
+        message = ("the API key given is not this server's (--api-key); check the key sent as "
+                   "`Authorization: Bearer KEY`.")
     else:
         return None
     return ApiError(401, message, code="invalid_api_key",

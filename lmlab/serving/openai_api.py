@@ -131,7 +131,8 @@ def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, field(options, "include_usage", (bool,), False)
 
 
-def sampling(body: dict[str, Any], cap: int, most_choices: int, stop: tuple[str, ...], seed: int) -> list[SamplingParams]:
+def sampling(body: dict[str, Any], cap: int, most_choices: int, stop: tuple[str, ...],
+             seed: int) -> list[SamplingParams]:
     """The SamplingParams of each of the `n` choices asked for: choice i draws with seed + i (`seed` is the
     request's, else a random one)."""
     n = field(body, "n", (int,), 1, 1, most_choices)
@@ -302,8 +303,8 @@ def chat_messages(messages: Any) -> list[tuple[str, str]]:
             raise ApiError(400, f"`{where}.role` is {shown(role)}; use one of {', '.join(ROLES)}.", "messages")
         for key, value in m.items():
             if key not in MESSAGE_KEYS and not (key in NEUTRAL_MESSAGE_KEYS and not value):
-                raise ApiError(400, f"`{where}.{key_name(key)}` is not supported by lmlab serve; leave it out.", "messages",
-                               "unsupported")
+                raise ApiError(400, f"`{where}.{key_name(key)}` is not supported by lmlab serve; leave it out.",
+                               "messages", "unsupported")
         out.append((ROLES[m["role"]], content_text(m.get("content"), where)))
     return out
 

@@ -198,8 +198,8 @@ def read_tokenize(names: list[str], raw: bytes) -> Body:
     body = json_object(raw)
     unknown = [name for name in body if name not in TOKENIZE]
     if unknown:
-        raise ApiError(400, f"unknown field `{key_name(unknown[0])}`; /tokenize takes {', '.join(TOKENIZE)}.", unknown[0],
-                       "unknown_field")
+        raise ApiError(400, f"unknown field `{key_name(unknown[0])}`; /tokenize takes {', '.join(TOKENIZE)}.",
+                       unknown[0], "unknown_field")
     check_model(body, names)
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "/tokenize takes `prompt` (a string) or `messages` (a chat), one of them.", "prompt")

@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from lmlab.core.config import ModelConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError, classify
 from lmlab.data.loader import BatchLoader
-from lmlab.core.config import ModelConfig
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.checkpoint import (
     load_checkpoint,
@@ -192,7 +192,8 @@ class Parallel:
         decides alike from measurements that differ a little from rank to rank."""
         if not self.active:
             return values
-        return (self.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)) / self.world_size).tolist()
+        total = self.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
+        return (total / self.world_size).tolist()
 
     def from_main(self, value: int) -> int:
         """Rank 0's whole number on every rank: what rank 0 alone measured or chose (the dtype of `auto`)."""

@@ -31,13 +31,13 @@ from lmlab.data.shards import read_meta, row_layout
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import Budget, Probes
-from lmlab.train.planning import BudgetPlan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
+from lmlab.train.planning import BudgetPlan
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import (
     Mean,

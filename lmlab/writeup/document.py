@@ -11,7 +11,6 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Folded:
     blocks: list[Block]
 
 
-Block = Union[Heading, Paragraph, Bullets, Table, Image, Code, Folded]
+Block = Heading | Paragraph | Bullets | Table | Image | Code | Folded
 
 
 def to_markdown(title: str, blocks: list[Block]) -> str:

@@ -20,8 +20,17 @@ from typing import Any
 
 from lmlab.analysis.history import EVAL_COLUMNS, evaluations
 from lmlab.analysis.plots import plot_comparison, plot_document_lengths, plot_losses
-from lmlab.analysis.runs import (COMPARE_COLUMNS, RunSummary, by_bytes_columns, comparison, judge_cell, score_cell,
-                                 summarize, task_columns, unfair)
+from lmlab.analysis.runs import (
+    COMPARE_COLUMNS,
+    RunSummary,
+    by_bytes_columns,
+    comparison,
+    judge_cell,
+    score_cell,
+    summarize,
+    task_columns,
+    unfair,
+)
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
 from lmlab.core.config import SamplingParams, checkpoint_label, checkpoint_name
 from lmlab.core.errors import UserError
@@ -339,10 +348,10 @@ def _training(facts: list[RunFacts], out: Path) -> list[Block]:
         ("rollbacks", lambda f: events(f, "rollback")), ("resumes", lambda f: events(f, "resume")),
         ("ended", _ending),
     ]
-    note = Paragraph("Two train losses: the curve's is the mean loss of the training steps (dropout on, weights moving), "
-                     "the val - train gap's is the train split scored like val (eval mode, the same number of batches). "
-                     "Compute is lmlab's FLOPs per token × tokens; 6·N·D, beside it, counts every parameter and no "
-                     "attention.")
+    note = Paragraph("Two train losses: the curve's is the mean loss of the training steps (dropout on, weights "
+                     "moving), the val - train gap's is the train split scored like val (eval mode, the same number of "
+                     "batches). Compute is lmlab's FLOPs per token × tokens; 6·N·D, beside it, counts every parameter "
+                     "and no attention.")
     blocks: list[Block] = [Heading("Training"), note, by_run(facts, rows)]
     for f in facts:
         plot_losses(f.run, out / f"{f.name}-loss.png")
@@ -456,8 +465,8 @@ def _chinchilla(facts: list[RunFacts]) -> list[Block]:
                      "(Hoffmann et al. 2022), of distinct text: the share is stated in unique tokens (at most the "
                      "train split's), with the tokens seen beside it. Past about "
                      f"{REPEAT_LIMIT:g} passes over the same data a repeated token is worth much less than a new one "
-                     "(Muennighoff et al. 2023). The time to get there is `lmlab plan RUN --chinchilla` at the run's own "
-                     "throughput.")
+                     "(Muennighoff et al. 2023). The time to get there is `lmlab plan RUN --chinchilla` at the run's "
+                     "own throughput.")
     return [Heading("Chinchilla"), note, by_run(facts, rows)]
 
 

@@ -601,13 +601,14 @@ def fake_cpu(monkeypatch, kind: str) -> None:
 
 # Skip reasons that name a CPU capability. CI runs on whichever CPU kind the machine has that day, so a test that
 # skips for one of these runs nowhere on the others: it must name its faked twin, which runs its path on every host.
-HOST_CAPABILITY = re.compile(r"\b(bf16|bfloat16|fp16|float16|avx[\w-]*|amx[\w-]*|native kernel)\b", re.IGNORECASE)
+HOST_CAPABILITY = re.compile(r"\b(bf16|bfloat16|fp16|float16|avx[\w-]*|amx[\w-]*|native kernel|cores?)\b", re.IGNORECASE)
 
 
 class HostTwins:
     """A pytest plugin (conftest.py registers it): a test that skips for a host capability (`HOST_CAPABILITY`) fails
-    instead unless it is marked `@pytest.mark.twin("test_name")` naming a test of its module that fakes the
-    capability (`fake_cpu`), so the path the host lacks still runs on it."""
+    instead unless it is marked `@pytest.mark.twin("test_name")` naming a test of its module (or
+    "tests/test_file.py::test_name") that fakes the capability (`fake_cpu`, a faked core list), so the path the host
+    lacks still runs on it."""
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -615,11 +616,20 @@ class HostTwins:
         if not report.skipped or not (found := HOST_CAPABILITY.search(str(report.longrepr))):
             return
         twin = item.get_closest_marker("twin")
-        if twin is None or not callable(getattr(item.module, twin.args[0], None)):
+        if twin is None or not _test_exists(item, twin.args[0]):
             report.outcome = "failed"
             report.longrepr = (f"{item.nodeid} skipped on this host's CPU ({found[0]}: {report.longrepr[2]}) with no "
                                "faked twin: mark it @pytest.mark.twin(\"test_...\") naming a test of its module that "
                                "runs the path this host lacks with tests.helpers.fake_cpu")
+
+
+def _test_exists(item, twin: str) -> bool:
+    """Whether `twin` names a test: of `item`'s module, or "tests/test_file.py::test_name" of the checkout."""
+    path, _, name = twin.rpartition("::")
+    if not path:
+        return callable(getattr(item.module, name, None))
+    source = ROOT / path
+    return source.is_file() and f"def {name}(" in source.read_text(encoding="utf-8")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

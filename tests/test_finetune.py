@@ -88,6 +88,7 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
     assert "instruction 'Repeat the word twice.'" in (run / "samples.txt").read_text()
 
 
+@pytest.mark.twin("tests/test_threads.py::test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one")
 @pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
 @pytest.mark.slow
 def test_a_fine_tune_chooses_its_threads_as_training_does(tmp_path, imported_gpt2, monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """The suite runs every CPU kind's path on every host: a test that skips for a capability the host lacks (native
-bf16, fp16, AVX-512, AMX) fails unless it names a twin that fakes the capability (`tests.helpers.HostTwins`), and
-the fakes answer lmlab's capability checks as each kind does."""
+bf16, fp16, AVX-512, AMX, a second core) fails unless it names a twin that fakes the capability
+(`tests.helpers.HostTwins`), and the fakes answer lmlab's capability checks as each kind does."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def test_named_wrong():
 
 def test_other_reason():
     pytest.skip("no /dev/full: a file every write to fails")
+
+@pytest.mark.twin("tests/test_threads.py::test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one")
+def test_named_elsewhere():
+    pytest.skip("one core: there is nothing to choose")
 '''
 
 
@@ -41,7 +45,7 @@ def test_a_capability_skip_without_a_faked_twin_fails(pytester):
                           "    config.addinivalue_line('markers', 'twin(name): a faked twin')\n")
     pytester.makepyfile(test_suite=SUITE)
     result = pytester.runpytest("-p", "no:cacheprovider", "-rs")
-    result.assert_outcomes(passed=1, skipped=2, failed=2)
+    result.assert_outcomes(passed=1, skipped=3, failed=2)
     said = result.stdout.str()
     assert "test_unnamed skipped on this host's CPU (AVX512" in said and "mark it @pytest.mark.twin" in said
     assert "test_named_wrong skipped on this host's CPU (AMX" in said

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lmlab
+from lmlab.core import busy, threads
 from lmlab.core.busy import Load, cores
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig
@@ -57,6 +58,7 @@ def test_a_set_thread_count_is_kept_untimed(tmp_path, char_dataset, monkeypatch)
     assert train(tmp_path, char_dataset)["machine"]["torch_threads"] == 1
 
 
+@pytest.mark.twin("test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one")
 @pytest.mark.skipif(len(cores()) < 2, reason="one core: every count is every core")
 @pytest.mark.slow
 def test_a_run_on_threads_it_set_divides_by_every_cores_peak_and_gives_the_process_its_threads_back(
@@ -90,6 +92,32 @@ def test_a_process_on_one_core_trains_on_one_thread(tmp_path, char_dataset, monk
     assert start["machine"]["cpu_cores"] == start["machine"]["torch_threads"] == 1
 
 
+@pytest.mark.parametrize("others, timed, chosen", [(0.5, {4: 0.30, 2: 0.05, 1: 0.09}, 2),  # a hog on two of four
+                                                   (0.0, {4: 0.10, 1: 0.30}, 4),  # a quiet window too short to tell
+                                                   (0.25, {4: 0.10, 3: 0.104, 1: 0.35}, 4)])  # within the margin
+def test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one(monkeypatch, others, timed, chosen):
+    """The chooser on four faked cores, whatever the host has, with the others' share of them and the forward pass's
+    times by count faked: every core, the cores the others leave free and one are timed, and the most threads
+    within MARGIN of the fastest win."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cores", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(busy, "cores", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)  # the faked cores' counters: unknown
+    load = Load(0.1, 4, others, None)  # a window too short to call quiet: timed
+    monkeypatch.setattr(threads.LoadMeter, "stop", lambda meter: load)
+    asked = []
+    monkeypatch.setattr(threads, "time_threads", lambda counts, probe: asked.append(counts) or
+                        {n: timed.get(n, 1.0) for n in counts})
+    before = torch.get_num_threads()
+    try:
+        choice = ThreadChooser(0, "train.threads").choose(lambda: None, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert asked == [sorted({4, 1, max(1, round(4 * (1 - others)))}, reverse=True)]
+    assert (choice.threads, choice.most, choice.reason, choice.load) == (chosen, 4, "timed", load)
+
+
+@pytest.mark.twin("test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one")
 @pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
 def test_on_cores_that_others_hold_the_work_is_timed_on_each_count(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -115,6 +143,7 @@ def test_the_choice_restarts_from_every_core_and_a_gpu_job_keeps_them(monkeypatc
     assert (choice.threads, choice.reason) == (len(cores()), "cuda: the CPU only feeds it")
 
 
+@pytest.mark.twin("test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one")
 @pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
 @pytest.mark.slow
 def test_on_busy_cores_a_refusal_stays_one_line_and_a_sample_says_its_threads_after_its_prompt(

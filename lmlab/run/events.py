@@ -30,10 +30,12 @@ def _fields(required: str, optional: str = "") -> dict[str, tuple[str, bool]]:
 
 
 _PEAK = "peak_flops:number peak_source:string|null peak_quiet:boolean|null"
-_STEP_FIGURES = "step:integer loss:number grad_norm:number lr:number"
+_STEP = "step:integer"
+_FIGURES = "loss:number grad_norm:number lr:number"
 
-# Each event's fields: required ones are written by every lmlab that wrote the event (tests/data/legacy holds the
-# oldest); optional ones are checked when present (older runs lack some; see docs/ARCHITECTURE.md).
+# Each event's fields: required ones are what readers cannot do without (a train line's loss, an eval's val_loss);
+# the others are checked when present (older runs, and runs written by hand or by other tools, lack some; readers
+# take them with .get). docs/ARCHITECTURE.md says what each field is.
 SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "start": _fields("", "step:integer kind:string lmlab_version:string|null model:string|null params:integer "
                          "params_non_embedding:integer params_padding:integer flops_per_token:number "
@@ -41,30 +43,29 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
                          "dtype:string|null dtype_reason:string|null world_size:integer parallel:string|null "
                          f"{_PEAK} train_tokens:integer|null origin:object|null machine:object|null "
                          "plugin:object|null"),
-    "train": _fields("step:integer tokens:integer loss:number lr:number elapsed:number",
-                     "grad_norm:number epoch:number tokens_per_sec:number ms_per_step:number mfu:number"),
-    "eval": _fields("step:integer tokens:integer elapsed:number train_loss:number val_loss:number "
-                    "best_val_loss:number is_best:boolean", "train_eval_loss:number epoch:number seconds:number"),
-    "checkpoint": _fields("step:integer best:boolean", "seconds:number"),
-    "skip": _fields(_STEP_FIGURES),
-    "spike": _fields(_STEP_FIGURES),
-    "rollback": _fields("step:integer to_step:integer lr_scale:number"),
-    "resume": _fields("step:integer checkpoint:string", "device:string|null dtype:string|null world_size:integer "
-                                                        f"machine:object|null {_PEAK}"),
-    "threads": _fields("step:integer threads:integer", "most:integer reason:string|null ms:object|null "
-                                                       "others:number"),
-    "compile": _fields("step:integer compiled_ms:number eager_ms:number compiled:boolean"),
-    "budget": _fields("step:integer", "seconds:number max_iters:integer spent:number step_seconds:number "
-                                      "eval_seconds:number checkpoint_seconds:number finish_seconds:number "
-                                      "anchor:integer position:number reason:string eval_iters:integer "
-                                      "warmup:integer warmup_from:number"),
+    "train": _fields(f"{_STEP} loss:number", "tokens:integer lr:number elapsed:number grad_norm:number epoch:number "
+                                             "tokens_per_sec:number ms_per_step:number mfu:number"),
+    "eval": _fields(f"{_STEP} val_loss:number", "tokens:integer elapsed:number train_loss:number "
+                                                "best_val_loss:number is_best:boolean train_eval_loss:number "
+                                                "epoch:number seconds:number"),
+    "checkpoint": _fields(_STEP, "best:boolean seconds:number"),
+    "skip": _fields(_STEP, _FIGURES),
+    "spike": _fields(_STEP, _FIGURES),
+    "rollback": _fields(_STEP, "to_step:integer lr_scale:number"),
+    "resume": _fields(_STEP, "checkpoint:string device:string|null dtype:string|null world_size:integer "
+                             f"machine:object|null {_PEAK}"),
+    "threads": _fields(_STEP, "threads:integer most:integer reason:string|null ms:object|null others:number"),
+    "compile": _fields(_STEP, "compiled_ms:number eager_ms:number compiled:boolean"),
+    "budget": _fields(_STEP, "seconds:number max_iters:integer spent:number step_seconds:number eval_seconds:number "
+                             "checkpoint_seconds:number finish_seconds:number anchor:integer position:number "
+                             "reason:string eval_iters:integer warmup:integer warmup_from:number"),
     "sizing": _fields("", "budget:number spent:number fit:string|null depth:integer shape:string|null "
                           "params:integer tokens_per_sec:number threads:integer|null steps:integer tokens:integer "
                           "tokens_per_param:number predicted_val:number extrapolated:boolean learning_rate:number "
                           "warmup_iters:integer candidates:list"),
-    "end": _fields("step:integer tokens:integer elapsed:number stopped_early:boolean stopped_by:string|null",
-                   "best_val_loss:number best_step:integer|null best_epoch:integer base_val_loss:number "
-                   "budget_spent:number"),
+    "end": _fields(_STEP, "tokens:integer elapsed:number stopped_early:boolean stopped_by:string|null "
+                          "best_val_loss:number best_step:integer|null best_epoch:integer base_val_loss:number "
+                          "budget_spent:number"),
 }
 
 

@@ -120,7 +120,7 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
     """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose
     (with the thread chooser its timing decided and the `sizing` event)."""
     from lmlab.core.threads import ThreadChooser
-    from lmlab.experiments.sizing import choose_size, fit_notes, sized_config
+    from lmlab.experiments.sizing import choose_size, sized_config
 
     if size != "auto":
         cfg, line = sized_config(preset, cfg, size)
@@ -129,9 +129,7 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     with out.status("Timing sizes of the preset's family on this machine..."):
         sizing = choose_size(preset, cfg, started, device, chooser)
-    from lmlab.experiments.family import read_fit
-
-    for note in fit_notes(preset, read_fit(preset), cfg.data.dataset):
+    for note in sizing.notes:
         out.print(f"note: {note}", style="yellow", highlight=False)
     out.print(sizing.line(), highlight=False)
     return sizing.config, chooser, sizing.record()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from lmlab.api.checks import shown
+from lmlab.api.checks import checked, shown
 from lmlab.api.paths import check_destination
 from lmlab.core.config import (
     MAX_BUDGET_SECONDS,
@@ -48,6 +48,8 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+@checked(config="config?", run="path?", resume="run?", budget="duration?", device="name", init_from="name?",
+         keep_optimizer="flag", force="flag", set="texts", console="console?", started="number?", size="size?")
 def train(config: str | Path | RunConfig | None = None, *, run: str | Path | None = None,
           resume: str | Path | Run | None = None, budget: str | float | None = None, device: str = "auto",
           init_from: str | None = None, keep_optimizer: bool = False, force: bool = False, set: Sequence[str] = (),

@@ -228,7 +228,7 @@ WRONG_TYPES = [
     (lambda r, d: r.plot(5), "plot(): too many positional arguments"),
     (lambda r, d: lmlab.compare(None), "runs is None; it must be a run folder's path or an lmlab.Run, or a list"),
     (lambda r, d: lmlab.compare([r, 5]), "runs is [Run("),
-    (lambda r, d: lmlab.compare(iter([r])), "runs is <list_iterator"),
+    (lambda r, d: lmlab.compare(r for r in (r, 5)), "runs is [Run("),  # a generator, read once
     (lambda r, d: lmlab.compare([r], checkpoint=None), "checkpoint is None"),
     (lambda r, d: lmlab.compare([r]).plot(x=5), "x is 5; it must be a string"),
     (lambda r, d: lmlab.compare([r]).plot(log="yes"), "log is 'yes'"),

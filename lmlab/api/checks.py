@@ -78,11 +78,8 @@ def _run(value: Any) -> bool:
 
 
 def _many(one: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    """One such value, or a collection of them (a list, a tuple: not a generator, which checking would use up)."""
-    def test(v: Any) -> bool:
-        collection = isinstance(v, Iterable) and not isinstance(v, (str, bytes, Iterator))
-        return one(v) or (collection and all(one(x) for x in v))
-    return test
+    """One such value, or a collection of them (a generator is made a list first: `checked`)."""
+    return lambda v: one(v) or (isinstance(v, Iterable) and not isinstance(v, (str, bytes)) and all(map(one, v)))
 
 
 def _int(value: Any) -> bool:
@@ -113,6 +110,9 @@ KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
+MANY = ("texts", "paths", "words", "runs")  # the kinds that take a collection
+
+
 def checked(**kinds: str) -> Callable[[F], F]:
     """The public function or method it decorates refuses, in one sentence naming the argument, a value not of its
     kind (`name="path?"`: a path or None), and a thread variable above the cores (`env_threads`), before it runs."""
@@ -126,9 +126,13 @@ def checked(**kinds: str) -> Callable[[F], F]:
         @functools.wraps(func)
         def entry(*args: Any, **kwargs: Any) -> Any:
             try:
-                given = signature.bind(*args, **kwargs).arguments
+                bound = signature.bind(*args, **kwargs)
             except TypeError as err:
                 raise UserError(f"{func.__qualname__}(): {err}; see help({func.__qualname__}).") from None
+            given = bound.arguments
+            for name, kind in kinds.items():
+                if kind.rstrip("?") in MANY and isinstance(given.get(name), Iterator):
+                    given[name] = list(given[name])  # read once: checked, then passed on
             for name, kind in kinds.items():
                 if name in given and not (kind.endswith("?") and given[name] is None):
                     what, test = KINDS[kind.rstrip("?")]
@@ -136,7 +140,7 @@ def checked(**kinds: str) -> Callable[[F], F]:
                         raise UserError(f"{name} is {shown(given[name])}; it must be {what}"
                                         f"{' or None' if kind.endswith('?') else ''}.")
             env_threads()
-            return func(*args, **kwargs)
+            return func(*bound.args, **bound.kwargs)
 
         entry.__checked__ = kinds  # what tests/test_api.py finds on every public entry
         return entry  # type: ignore[return-value]

@@ -47,7 +47,7 @@ class Dataset:
         return dataset_stats(self.path, block_size if block_size is None else whole("block_size", block_size))
 
 
-@checked(source="paths", tokenizer="spec", name="name?", out_dir="path", val_fraction="number",
+@checked(source="paths", tokenizer="spec", name="text?", out_dir="path", val_fraction="number",
          val_tokens="integer?", max_tokens="integer?", pack="name", block_size="integer", shard_tokens="integer",
          text_field="name", workers="integer?", gpt2_dir="path?", normalize="words?", keep_chars="text?",
          drop_chars="text?", force="flag", console="console?")

@@ -236,7 +236,7 @@ WRONG_TYPES = [
     (lambda r, d: lmlab.prepare(d / "corpus", tokenizer=5, out_dir=d), "tokenizer is 5; it must be a name or a path"),
     (lambda r, d: lmlab.prepare(None, tokenizer="char", out_dir=d), "source is None; it must be a path"),
     (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=""), "out_dir is ''"),
-    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, name=""), "name is ''"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, name=""), "--name '' is empty"),
     (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, normalize=5), "normalize is 5"),
     (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, force=None), "force is None"),
     (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, keep_chars=5), "keep_chars is 5"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -72,9 +73,10 @@ def _path(value: Any) -> bool:
 
 
 def _run(value: Any) -> bool:
-    from lmlab.api.run import Run  # the module that holds Run checks its own arguments here
-
-    return isinstance(value, Run) or _path(value)
+    """A run's path, or an lmlab.Run: looked up, not imported (lmlab.api.run imports this module); where it is not
+    loaded, no Run exists to be given."""
+    module = sys.modules.get("lmlab.api.run")
+    return _path(value) or (module is not None and isinstance(value, module.Run))
 
 
 def _many(one: Callable[[Any], bool]) -> Callable[[Any], bool]:

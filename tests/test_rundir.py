@@ -147,11 +147,11 @@ BAD_LINES = [
     (b'{"event": "x", "pad": "' + b"y" * (1 << 20) + b'"}', "longer than 1,048,576 bytes"),
     (b'{"event": "x", "step": 1' + b"0" * 5000 + b"}", "not JSON in UTF-8"),  # past Python's 4,300 digits
     (b'{"event": "eval", "step": 50}', "an eval event without val_loss"),
-    (b'{"event": "eval", "step": 50, "tokens": 1, "elapsed": 1, "train_loss": 1, "best_val_loss": 1, "is_best": '
-     b'true}', "an eval event without val_loss"),
+    ((b'{"event": "eval", "step": 50, "tokens": 1, "elapsed": 1, "train_loss": 1, "best_val_loss": 1, "is_best": '
+      b'true}'), "an eval event without val_loss"),
     (b'{"event": "eval", "step": 50, "val_loss": 1, "is_best": "yes"}', "an eval event whose is_best is not a boolean"),
-    (b'{"event": "eval", "step": 50, "tokens": 1, "elapsed": 1, "train_loss": 1, "val_loss": "low", '
-     b'"best_val_loss": 1, "is_best": true}', "an eval event whose val_loss is not a number"),
+    ((b'{"event": "eval", "step": 50, "tokens": 1, "elapsed": 1, "train_loss": 1, "val_loss": "low", '
+      b'"best_val_loss": 1, "is_best": true}'), "an eval event whose val_loss is not a number"),
     (b'{"event": "train", "step": 51, "tokens": 1, "elapsed": 1, "loss": true, "lr": 1}',
      "a train event whose loss is not a number"),
     (b'{"event": "checkpoint", "step": 52, "best": 1}', "a checkpoint event whose best is not a boolean"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -180,3 +181,96 @@ def test_a_bad_argument_is_one_sentence(call, words, runs, tmp_path, corpus_dir)
         call(runs[0], tmp_path)
     assert words in str(raised.value) and "\n" not in str(raised.value)
     assert not (tmp_path / "x").exists()
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy" / "trained"
+
+
+def _dataset(d: Path) -> lmlab.Dataset:
+    from lmlab.api.data import Dataset
+
+    return Dataset(d, {"tokenizer": "char"}, False)
+
+
+# A value of the wrong kind for every argument kind of every public function and method, refused in the sentence
+# lmlab.api.checks gives it before anything loads. Before: raw TypeError and AttributeError (`train(resume=5)`:
+# "'int' object has no attribute 'path'"), and `train(run="")` trained into runs/NAME.
+WRONG_TYPES = [
+    (lambda r, d: lmlab.train(resume=5), "resume is 5; it must be a run folder's path or an lmlab.Run or None."),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=""), "run is ''; it must be a path that is not empty"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", set="train.max_iters=3"), "set is 'train.max_iters=3'"),
+    (lambda r, d: lmlab.train(5), "config is 5; it must be a TOML config's path or a RunConfig"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", budget=[1]), "budget is [1]; it must be seconds"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", device=None), "device is None"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", init_from=3), "init_from is 3"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", force="yes"), "force is 'yes'; it must be True or False"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", keep_optimizer=1), "keep_optimizer is 1"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", started="now"), "started is 'now'; it must be a number"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", size=2.5), "size is 2.5"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", run=d / "x", console=5), "console is 5"),
+    (lambda r, d: lmlab.train(d / "tiny.toml", d / "x"), "train(): too many positional arguments"),
+    (lambda r, d: lmlab.Run(5), "path is 5; it must be a path that is not empty"),
+    (lambda r, d: lmlab.Run(None), "path is None"),
+    (lambda r, d: lmlab.Run(""), "path is ''"),
+    (lambda r, d: r.sample(5), "prompt is 5; it must be a string."),
+    (lambda r, d: r.sample(checkpoint=5), "checkpoint is 5; it must be a checkpoint"),
+    (lambda r, d: r.sample(stream="no"), "stream is 'no'; it must be True or False"),
+    (lambda r, d: r.samples(None), "prompt is None"),
+    (lambda r, d: r.samples("", None), "num_samples is None; it must be a whole number"),
+    (lambda r, d: r.chat(None), "message is None; it must be a string"),
+    (lambda r, d: r.chat("hi", system=5), "system is 5; it must be a string or None"),
+    (lambda r, d: r.instruct("do", input=None), "input is None; it must be a string"),
+    (lambda r, d: r.eval(dataset=5), "dataset is 5"),
+    (lambda r, d: r.eval(batch_size=None), "batch_size is None"),
+    (lambda r, d: r.model(checkpoint=None), "checkpoint is None"),
+    (lambda r, d: r.load(device=0), "device is 0"),
+    (lambda r, d: r.history_frame(5), "history_frame(): too many positional arguments"),
+    (lambda r, d: r.plot(5), "plot(): too many positional arguments"),
+    (lambda r, d: lmlab.compare(None), "runs is None; it must be a run folder's path or an lmlab.Run, or a list"),
+    (lambda r, d: lmlab.compare([r, 5]), "runs is [Run("),
+    (lambda r, d: lmlab.compare(r for r in (r, 5)), "runs is [Run("),  # a generator, read once
+    (lambda r, d: lmlab.compare([r], checkpoint=None), "checkpoint is None"),
+    (lambda r, d: lmlab.compare([r]).plot(x=5), "x is 5; it must be a string"),
+    (lambda r, d: lmlab.compare([r]).plot(log="yes"), "log is 'yes'"),
+    (lambda r, d: lmlab.compare([r]).to_pandas(5), "to_pandas(): too many positional arguments"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer=5, out_dir=d), "tokenizer is 5; it must be a name or a path"),
+    (lambda r, d: lmlab.prepare(None, tokenizer="char", out_dir=d), "source is None; it must be a path"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=""), "out_dir is ''"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, name=""), "--name '' is empty"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, normalize=5), "normalize is 5"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, force=None), "force is None"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, keep_chars=5), "keep_chars is 5"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, text_field=None), "text_field is None"),
+    (lambda r, d: lmlab.prepare(d / "corpus", tokenizer="char", out_dir=d, gpt2_dir=5), "gpt2_dir is 5"),
+    (lambda r, d: _dataset(d).stats(block_size="1024"), "block_size is '1024'; it must be a whole number"),
+]
+
+
+@pytest.mark.parametrize("call, words", WRONG_TYPES, ids=[words[:40] for _, words in WRONG_TYPES])
+def test_an_argument_of_the_wrong_kind_is_one_sentence(call, words, tmp_path, char_dataset, corpus_dir, monkeypatch):
+    write_config(tmp_path / "tiny.toml", char_dataset)
+    (tmp_path / "corpus").symlink_to(corpus_dir)
+    shutil.copytree(LEGACY, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)  # where run="" trained: runs/tiny
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(lmlab.UserError) as raised:
+        call(lmlab.Run(tmp_path / "run", quiet()), tmp_path)
+    assert words in str(raised.value) and "\n" not in str(raised.value)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_every_public_function_and_method_checks_its_arguments():
+    """A new public entry without `lmlab.api.checks.checked` fails here until it checks what it is given."""
+    import inspect
+
+    entries = []
+    for name in lmlab.API:
+        value = getattr(lmlab, name)
+        if inspect.isfunction(value):
+            entries.append((name, value))
+        elif inspect.isclass(value):
+            constructed = {"__init__"} if name == "Run" else set()  # the class a user makes; the rest lmlab makes
+            entries += [(f"{name}.{attr}", member) for attr, member in vars(value).items()
+                        if inspect.isfunction(member) and (not attr.startswith("_") or attr in constructed)]
+    unchecked = [name for name, entry in entries if not hasattr(entry, "__checked__")]
+    assert len(entries) > 15 and not unchecked

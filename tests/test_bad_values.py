@@ -205,6 +205,24 @@ def test_a_thread_count_past_the_cores_is_refused_in_one_line(capsys, paths, row
     assert not paths["out"].exists()
 
 
+# Every path option the Python API takes as well, given as an empty string (the current folder: `--run ""` trained
+# into runs/NAME, `prepare --out-dir ""` wrote its dataset into the current folder): refused by lmlab.api.checks in
+# one line naming it, before anything is written.
+# (`prepare --name ""` has its own sentence: tests/test_errors.py.)
+EMPTY_ROWS = [Row("train {config}", "--run", str), Row("train", "--resume", str),
+              Row("prepare {corpus} --tokenizer char", "--out-dir", str)]
+
+
+@pytest.mark.parametrize("row", EMPTY_ROWS, ids=lambda row: f"{row.subcommand} {row.option}")
+def test_an_empty_path_option_is_refused_in_one_line(capsys, paths, row, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _run(row.argv("", paths))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is ''; it must be" in lines[0], lines
+    assert any(name in lines[0] for name in row.names()) and not list(tmp_path.iterdir())
+    assert not paths["out"].exists()
+
+
 def _run(argv: list[str]) -> int:
     """main(), with argparse's exit (a value it cannot parse) as the status it exits with."""
     try:

@@ -118,8 +118,9 @@ def test_damaged_lines_of_metrics_jsonl_are_skipped_with_one_note_by_every_reade
     first, *rest = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
     damage = [b"\xff\xfe not UTF-8\n", b"[1, 2]\n", b"null\n", b'{"event": "eval", "step": "ten"}\n']
     (run / "metrics.jsonl").write_bytes(b"".join([first, *damage, *rest, b'{"event": "tra']))  # and a cut last line
-    note = (f"note: {run / 'metrics.jsonl'}: lines 2, 3, 4 and 5 are damaged (not a JSON event in UTF-8) and "
-            "skipped; the run reads as if they were not there.")
+    note = (f"note: {run / 'metrics.jsonl'}: lines 2 (not JSON in UTF-8), 3 (not an object with an event name), "
+            "4 (not an object with an event name) and 5 (an eval event whose step is not an integer) are not events "
+            "of metrics.jsonl's schema and skipped; the run reads as if they were not there.")
 
     def lmlab_here(*args) -> tuple[str, str]:
         capsys.readouterr()
@@ -136,6 +137,62 @@ def test_damaged_lines_of_metrics_jsonl_are_skipped_with_one_note_by_every_reade
     lmlab_here("train", "--resume", run, "--set", "train.max_iters=12", "--device", "cpu")
     assert [e["step"] for e in RunDir(run).events() if e["event"] == "eval"] == [5, 10, 12]
     assert b"\xff" not in (run / "metrics.jsonl").read_bytes()  # the resume's rewrite keeps whole events only
+
+
+# Lines no reader can use, each with the reason its note gives: bracket bombs (json's parser recursed into a
+# RecursionError), lines past any event's length, events missing a field or holding one of the wrong type.
+BAD_LINES = [
+    (b"[" * 200_000 + b"]" * 200_000, "nested deeper than 32 levels"),
+    (b'{"event": "x", "a": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than 32 levels"),
+    (b'{"event": "x", "pad": "' + b"y" * (1 << 20) + b'"}', "longer than 1,048,576 bytes"),
+    (b'{"event": "x", "step": 1' + b"0" * 5000 + b"}", "not JSON in UTF-8"),  # past Python's 4,300 digits
+    (b'{"event": "eval", "step": 50}', "an eval event without val_loss"),
+    ((b'{"event": "eval", "step": 50, "tokens": 1, "elapsed": 1, "train_loss": 1, "best_val_loss": 1, "is_best": '
+      b'true}'), "an eval event without val_loss"),
+    (b'{"event": "eval", "step": 50, "val_loss": 1, "is_best": "yes"}', "an eval event whose is_best is not a boolean"),
+    ((b'{"event": "eval", "step": 50, "tokens": 1, "elapsed": 1, "train_loss": 1, "val_loss": "low", '
+      b'"best_val_loss": 1, "is_best": true}'), "an eval event whose val_loss is not a number"),
+    (b'{"event": "train", "step": 51, "tokens": 1, "elapsed": 1, "loss": true, "lr": 1}',
+     "a train event whose loss is not a number"),
+    (b'{"event": "checkpoint", "step": 52, "best": 1}', "a checkpoint event whose best is not a boolean"),
+    (b'{"event": "start", "step": 0, "machine": [1]}', "a start event whose machine is not an object or null"),
+    (b'{"event": "sizing", "candidates": 5}', "a sizing event whose candidates is not a list"),
+    (b'{"event": "end", "step": 60, "tokens": 1, "elapsed": 1, "stopped_early": false, "stopped_by": 5}',
+     "an end event whose stopped_by is not a string or null"),
+]
+
+
+@pytest.mark.slow
+def test_every_reader_reads_events_against_their_schema_and_skips_the_rest_with_one_note(tmp_path, capsys):
+    """Before: a line of 200,000 brackets gave a RecursionError in `log`, `compare`, `plan`, `report` and `runs`
+    (which then listed no run; `plan` of another run failed too), an eval without val_loss a KeyError in `report`."""
+    runs = tmp_path / "runs"
+    run, intact = runs / "damaged", runs / "intact"
+    shutil.copytree(LEGACY / "trained", intact)
+    shutil.copytree(LEGACY / "trained", run)
+    first, *rest = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"".join([first, *(line + b"\n" for line, _ in BAD_LINES), *rest]))
+    reasons = [f"{n} ({why})" for n, (_, why) in enumerate(BAD_LINES[:5], 2)]
+    note = (f"note: {run / 'metrics.jsonl'}: lines {', '.join(reasons)} and {len(BAD_LINES) - 5} more are not events "
+            "of metrics.jsonl's schema and skipped; the run reads as if they were not there.")
+    assert RunDir(run).events() == RunDir(intact).events()
+    assert capsys.readouterr().err.splitlines() == [note]
+
+    def lmlab_here(*args) -> str:
+        capsys.readouterr()
+        assert main([str(a) for a in args]) == 0
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return out
+
+    listed = json.loads(lmlab_here("runs", runs, "--json"))["runs"]
+    assert [r["run"] for r in listed] == ["damaged", "intact"]
+    assert listed[0]["best_val_loss"] == listed[1]["best_val_loss"]
+    logs = [json.loads(lmlab_here("log", r, "--json"))["evaluations"] for r in (run, intact)]
+    assert logs[0] == logs[1]
+    assert "damaged" in lmlab_here("compare", intact, run)
+    assert "tokens" in lmlab_here("plan", intact, "--runs", runs, "--tokens-per-sec", "1000")
+    lmlab_here("report", run, "--no-eval", "--out", tmp_path / "report", "--max-new-tokens", "4")
 
 
 STRICT = {"parse_constant": lambda name: pytest.fail(f"metrics.jsonl holds {name}, which is not JSON")}

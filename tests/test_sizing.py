@@ -165,3 +165,59 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
     shown = capsys.readouterr().out
     assert fit.surface.describe()[:20] in shown and "LR rule" in shown and "fit again with: lmlab scaling" in shown
     assert "held out: each depth's longest run against the fit through the other runs: depth 1 " in shown
+
+
+# A fit file's figures out of the range a fit can make (lmlab.experiments.family.BOUNDS), and what its refusal names.
+BAD_FITS = [
+    (("lr", "exponent"), 1e6, "lr.exponent is 1e+06, where a fit's is a number from -4 to 4"),  # was OverflowError
+    (("surface", "alpha"), -1, "surface.alpha is -1, where a fit's is a number above 0 and at most 3"),  # val 827,699
+    (("surface", "beta"), 0, "surface.beta is 0, where a fit's is a number above 0 and at most 3"),
+    (("surface", "E"), float("nan"), "surface.E is nan, where a fit's is a number from 0 to 100"),
+    (("surface", "A"), -5, "surface.A is -5, where a fit's is a number from 0 to 1e+12"),
+    (("surface", "B"), "1", "surface.B is '1', where a fit's is a number from 0 to 1e+12"),
+    (("lr", "scale"), 0, "lr.scale is 0, where a fit's is a number above 0 and at most 1000"),
+    (("lr", "scale"), True, "lr.scale is True, where a fit's is a number above 0 and at most 1000"),
+    (("runs", 0), 5, "runs holds an entry that is not an object"),
+    (("runs", 1, "val"), None, "runs[1].val is None, where a fit's is a number above 0 and at most 100"),
+    (("runs", 1, "params"), -1, "runs[1].params is -1, where a fit's is a number above 0 and at most 1e+13"),
+    (("dataset",), [1], "is not a fit lmlab can read (its dataset is not an object)"),
+]
+
+
+@pytest.mark.parametrize("command", ["plan", "train"])
+@pytest.mark.parametrize("where, value, message", BAD_FITS, ids=lambda v: str(v)[:20])
+def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsys, command, where, value, message):
+    """Before: an LR exponent of 1e6 gave an OverflowError traceback in `plan` and `train`; alpha -1 was taken and
+    predicted val 827,699.66."""
+    mine = tmp_path / preset.name
+    mine.write_bytes(preset.read_bytes())
+    fit = json.loads(fit_path(preset).read_text())
+    *path, last = where
+    holder = fit
+    for key in path:
+        holder = holder[key]
+    holder[last] = value
+    fit_path(mine).write_text(json.dumps(fit))
+    args = ["--budget", "20s", "--size", "3"] if command == "plan" else ["--size", "3", "--run", str(tmp_path / "r")]
+    assert main([command, str(mine), "--device", "cpu", *args]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{fit_path(mine)}" in said and message in said
+    assert f"fit it again with `lmlab scaling {mine} --refit`." in said
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_plan_size_auto_says_what_train_says_of_a_fit_of_another_preset_or_dataset(preset, tmp_path):
+    """Before: `plan --size auto` said nothing when the preset or its dataset had changed since the fit; train did."""
+    mine = tmp_path / preset.name
+    mine.write_text(preset.read_text() + "# edited since its fit\n")
+    fit = json.loads(fit_path(preset).read_text())
+    fit["dataset"]["train_sha256"] = "0" * 64  # fitted on another text of the same tokenizer
+    fit_path(mine).write_text(json.dumps(fit))
+    # a process of its own, as a user's: a budget counts from its process's start
+    planned = subprocess.run([LMLAB, "plan", mine, "--budget", "20s", "--size", "auto", "--device", "cpu", "--set",
+                              "train.threads=1"], capture_output=True, text=True, timeout=300, check=False)
+    assert planned.returncode == 0, planned.stderr
+    said = " ".join(planned.stdout.split())
+    assert f"note: {mine} changed since {fit_path(mine)} was fitted: its predictions may not hold" in said
+    assert f"note: {fit_path(mine)} was fitted on {fit['dataset']['path']}, not" in said

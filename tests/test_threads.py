@@ -15,7 +15,7 @@ import torch
 
 import lmlab
 from lmlab.core import busy, threads
-from lmlab.core.busy import Load, cores
+from lmlab.core.busy import THREAD_VARIABLES, Load, cores
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
@@ -23,7 +23,7 @@ from lmlab.core.peak import peak_flops
 from lmlab.core.threads import MARGIN, Choice, ThreadChooser, forward_probe, pick
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, hog, write_config
+from tests.helpers import LMLAB, hog, write_config, write_corpus
 
 
 def test_the_most_threads_within_the_margin_of_the_fastest_win():
@@ -165,6 +165,27 @@ def test_on_busy_cores_a_refusal_stays_one_line_and_a_sample_says_its_threads_af
     # Whether the load lowered the threads is a timing; when it did, the note says so and why.
     assert all(line.startswith("note: decoding on 1 of ") and "other processes used" in line
                for line in notes.splitlines()), notes
+
+
+@pytest.mark.parametrize("name", THREAD_VARIABLES)
+def test_every_thread_pools_variable_above_the_cores_is_refused_before_the_command_runs(monkeypatch, tmp_path,
+                                                                                       capsys, name):
+    """Before: RAYON_NUM_THREADS=100000 made `prepare --tokenizer bpe:300` train its tokenizer for over 120 s (1 s
+    without it), where OMP_NUM_THREADS=100000 was one sentence."""
+    corpus = write_corpus(tmp_path / "corpus", n_docs=2, speeches=5)
+    for other in THREAD_VARIABLES:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, "100000")
+    out = tmp_path / "data"
+    assert main(["prepare", str(corpus), "--tokenizer", "bpe:300", "--out-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {name} is 100,000, more than the {len(cores())} core{'s' * (len(cores()) > 1)} this process may "
+        f"use; set it to at most {len(cores())}, or unset it to let lmlab choose.\n")
+    assert not out.exists()
+    with pytest.raises(UserError, match=f"{name} is 100,000"):  # the library's entries refuse it too
+        lmlab.prepare(corpus, tokenizer="bpe:300", out_dir=out)
+    monkeypatch.setenv(name, str(len(cores())))  # at most the cores, as it is set
+    assert main(["prepare", str(corpus), "--tokenizer", "bpe:300", "--out-dir", str(out)]) == 0
 
 
 def test_an_omp_num_threads_above_the_cores_is_refused_like_the_thread_options(monkeypatch):

@@ -24,6 +24,7 @@ from lmlab.analysis.runs import (
     task_columns,
     unfair,
 )
+from lmlab.api.checks import checked
 from lmlab.api.run import Run
 from lmlab.api.tables import fitted_table, html_table
 from lmlab.core.errors import UserError
@@ -61,6 +62,7 @@ class Comparison:
 
     __repr__ = __str__
 
+    @checked()
     def to_pandas(self) -> pandas.DataFrame:
         """`rows` as a pandas DataFrame indexed by run (pandas must be installed)."""
         try:
@@ -70,6 +72,7 @@ class Comparison:
                             "Comparison.rows (the same figures as a list of records).") from None
         return pandas.DataFrame(self.rows).set_index("run")
 
+    @checked(x="text", log="flag")
     def plot(self, x: str = "step", log: bool = False) -> matplotlib.figure.Figure:
         """The runs' val (markers) and train (faint) curves overlaid against `x` (step, tokens, time or flops), on
         log axes with `log`, as a matplotlib Figure (what `lmlab compare --plot` writes)."""
@@ -78,6 +81,7 @@ class Comparison:
         return comparison_figure(self.summaries, x, log)
 
 
+@checked(runs="runs", checkpoint="checkpoint")
 def compare(runs: Iterable[str | Path | Run], checkpoint: str = "best") -> Comparison:
     """Compare runs (paths or Runs; the first is the base of every ratio), each with an evaluation: parameters,
     tokens, compute, wall time, best val loss (and its change), bits per byte, epochs, Chinchilla share, the gap

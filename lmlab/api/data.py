@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from lmlab.api.checks import integer, number, whole
+from lmlab.api.checks import checked, integer, number, whole
 from lmlab.api.paths import check_destination
 from lmlab.core.notebook import console_here
 from lmlab.data.normalize import Normalization
@@ -40,12 +40,17 @@ class Dataset:
         """Tokens in both splits."""
         return self.meta["train"]["tokens"] + self.meta["val"]["tokens"]
 
+    @checked(block_size="integer?")
     def stats(self, block_size: int | None = None) -> dict[str, Any]:
         """What `lmlab data stats` reports: documents, tokens, characters per token, document lengths against the
         context length `block_size` (default: the dataset's, or 1024)."""
         return dataset_stats(self.path, block_size if block_size is None else whole("block_size", block_size))
 
 
+@checked(source="paths", tokenizer="spec", name="text?", out_dir="path", val_fraction="number",
+         val_tokens="integer?", max_tokens="integer?", pack="name", block_size="integer", shard_tokens="integer",
+         text_field="name", workers="integer?", gpt2_dir="path?", normalize="words?", keep_chars="text?",
+         drop_chars="text?", force="flag", console="console?")
 def prepare(source: str | Path | Sequence[str | Path], tokenizer: str, *, name: str | None = None,
             out_dir: str | Path = "data", val_fraction: float = 0.1, val_tokens: int | None = None,
             max_tokens: int | None = None, pack: str = "concat", block_size: int = 1024,

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from lmlab.analysis.history import FIELDS, evaluations
 from lmlab.analysis.plots import loss_figure
-from lmlab.api.checks import sampling_params, whole
+from lmlab.api.checks import checked, sampling_params, whole
 from lmlab.api.loading import decode_step, note_checkpoint, pick_threads, print_note
 from lmlab.core.config import RunConfig, SamplingParams, checkpoint_name, seeded
 from lmlab.core.fileio import WriteError
@@ -54,6 +54,7 @@ class Run:
     `result`, on a Run that `lmlab.train` returned, how that training ended (`steps`, `best_val_loss`,
     `best_step`, `stopped_by`: the signal that stopped it, `stopped_early`, `budget_spent`), else None."""
 
+    @checked(path="path", console="console?")
     def __init__(self, path: str | Path, console: Console | None = None):
         self.path = Path(path)
         self._dir = RunDir(self.path)
@@ -105,6 +106,7 @@ class Run:
         is_best (`lmlab log`'s rows)."""
         return evaluations(self._dir)
 
+    @checked()
     def history_frame(self) -> pandas.DataFrame:
         """`history` as a pandas DataFrame, one row per evaluation indexed by step (pandas must be installed)."""
         try:
@@ -123,17 +125,20 @@ class Run:
         return [Checkpoint(folder.name, int(folder.name.removeprefix("step_")), folder, folder == pointed["best"],
                            folder == pointed["latest"]) for folder in self._dir.step_folders()]
 
+    @checked()
     def plot(self) -> matplotlib.figure.Figure:
         """Train and val loss against step (what loss.png shows), as a matplotlib Figure: a notebook shows it
         inline; `savefig` writes it."""
         return loss_figure(self._dir)
 
+    @checked(checkpoint="checkpoint", device="name")
     def model(self, checkpoint: str = "best", device: str = "auto") -> LanguageModel:
         """The model at `checkpoint` (best, latest, step_N or N; a run never evaluated has no best: its latest) as a
         torch module in eval mode on `device` (auto, cpu, cuda, mps). The same module is returned, and sampled
         and evaluated, while that checkpoint's weights are unchanged on disk."""
         return self.load(checkpoint, device).model
 
+    @checked(checkpoint="checkpoint", device="name")
     def load(self, checkpoint: str = "best", device: str = "auto") -> LoadedRun:
         """The model at `checkpoint` with what using it takes: `.model`, `.tokenizer`, `.device`, `.dtype` (the
         autocast dtype of the run's config here), `.checkpoint` and `.step` (those loaded), `.config`."""
@@ -153,6 +158,7 @@ class Run:
         self._loaded[key] = loaded
         return loaded, chooser and pick_threads(chooser, loaded, rows, length, doing)
 
+    @checked(checkpoint="checkpoint", dataset="path?", max_tokens="integer?", batch_size="integer", device="name")
     def eval(self, checkpoint: str = "best", *, dataset: str | Path | None = None, max_tokens: int | None = None,
              batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
         """Val loss, perplexity, accuracy and bits per byte of `checkpoint` on the val split of the run's dataset
@@ -174,6 +180,7 @@ class Run:
             print(f"note: the result is not kept in the run: {not_kept}", file=sys.stderr)
         return result
 
+    @checked(prompt="text", checkpoint="checkpoint", device="name", stream="flag", compile="flag", keep="flag")
     def sample(self, prompt: str = "", *, checkpoint: str = "best", device: str = "auto", stream: bool = False,
                compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
         """The prompt and its continuation (an empty prompt starts a new document), as `lmlab sample` draws it;
@@ -185,6 +192,8 @@ class Run:
         return self._text(lambda run, step: sample_stream(run, prompt, params, step), len(prompt), params,
                           f"prompt {prompt!r}", checkpoint, device, stream, compile, keep)
 
+    @checked(prompt="text", num_samples="integer", checkpoint="checkpoint", device="name", compile="flag",
+             keep="flag")
     def samples(self, prompt: str = "", num_samples: int = 2, *, checkpoint: str = "best", device: str = "auto",
                 compile: bool = False, keep: bool = True, **settings: Any) -> list[str]:
         """`num_samples` continuations of the prompt drawn in one batch, the i-th with seed `seed` + i (settings as
@@ -201,6 +210,8 @@ class Run:
                 _keep(run, text, f"{drawn.describe()}, prompt {prompt!r}")
         return texts
 
+    @checked(message="text", system="text?", checkpoint="checkpoint", device="name", stream="flag",
+             compile="flag", keep="flag")
     def chat(self, message: str, *, system: str | None = None, checkpoint: str = "best", device: str = "auto",
              stream: bool = False, compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
         """The reply to a user's `message` (after `system`'s, where given), through an imported instruct model's
@@ -210,6 +221,8 @@ class Run:
         return self._text(lambda run, step: chat_stream(run, turns, params, step), 0, params,
                           f"chat {message!r}, system {system!r}", checkpoint, device, stream, compile, keep)
 
+    @checked(instruction="text", input="text", checkpoint="checkpoint", device="name", stream="flag",
+             compile="flag", keep="flag")
     def instruct(self, instruction: str, input: str = "", *, checkpoint: str = "best", device: str = "auto",
                  stream: bool = False, compile: bool = False, keep: bool = True,
                  **settings: Any) -> str | Iterator[str]:

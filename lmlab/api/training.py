@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from lmlab.api.checks import shown
+from lmlab.api.checks import checked, shown
 from lmlab.api.paths import check_destination
 from lmlab.core.busy import LoadMeter
 from lmlab.core.config import (
@@ -48,6 +48,8 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+@checked(config="config?", run="path?", resume="run?", budget="duration?", device="name", init_from="name?",
+         keep_optimizer="flag", force="flag", set="texts", console="console?", started="number?", size="size?")
 def train(config: str | Path | RunConfig | None = None, *, run: str | Path | None = None,
           resume: str | Path | Run | None = None, budget: str | float | None = None, device: str = "auto",
           init_from: str | None = None, keep_optimizer: bool = False, force: bool = False, set: Sequence[str] = (),
@@ -120,7 +122,7 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
     """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose
     (with the thread chooser its timing decided and the `sizing` event)."""
     from lmlab.core.threads import ThreadChooser
-    from lmlab.experiments.sizing import choose_size, fit_notes, sized_config
+    from lmlab.experiments.sizing import choose_size, sized_config
 
     if size != "auto":
         cfg, line = sized_config(preset, cfg, size)
@@ -129,9 +131,7 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     with out.status("Timing sizes of the preset's family on this machine..."):
         sizing = choose_size(preset, cfg, started, device, chooser)
-    from lmlab.experiments.family import read_fit
-
-    for note in fit_notes(preset, read_fit(preset), cfg.data.dataset):
+    for note in sizing.notes:
         out.print(f"note: {note}", style="yellow", highlight=False)
     out.print(sizing.line(), highlight=False)
     return sizing.config, chooser, sizing.record()

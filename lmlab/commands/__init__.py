@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_text(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)  # a destination option's refusal is a UserError (common.destination)
-        env_threads()  # torch's first parallel kernel starts that many threads, whatever the command
+        env_threads()  # torch's and tokenizers' first parallel calls start that many threads, whatever the command
         discard_partial_builds()  # a kernel a signal cut short would be loaded by this command's first compile
         args.func(args)
     except BrokenPipeError:

@@ -227,6 +227,8 @@ def plan_budget(args: argparse.Namespace) -> None:
     for c in sizing.candidates:
         if c.note:
             console.print(f"{c.shape}: {c.note}", highlight=False)
+    for note in sizing.notes:  # as train prints them
+        console.print(f"note: {note}", style="yellow", highlight=False)
     console.print(sizing.line() if size == "auto" else f"{sizing.chosen.shape}: {sizing.outlook()}", highlight=False)
     c = sizing.chosen
     rate = (c.tokens_per_sec, f"measured here, {c.threads} thread{'s' * (c.threads > 1)}, as training runs")

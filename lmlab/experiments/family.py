@@ -138,19 +138,64 @@ def preset_sha256(preset: Path) -> str:
     return hashlib.sha256(Path(preset).read_bytes()).hexdigest()
 
 
+# Each figure of a fit file and the range a fit can make (low, high, whether low itself is allowed), checked when
+# it is read: an edited or damaged value is refused before it overflows (an LR exponent of 1e6) or predicts nonsense
+# (alpha -1 predicted val 827,699). Exponents are fitted in (0, 1.55] (lmlab.analysis.scaling.EXPONENTS), E, A and B
+# by non-negative least squares; a loss, even E, is a few nats per token.
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "surface.E": (0.0, 100.0, True), "surface.A": (0.0, 1e12, True), "surface.alpha": (0.0, 3.0, False),
+    "surface.B": (0.0, 1e12, True), "surface.beta": (0.0, 3.0, False), "surface.rmse": (0.0, 100.0, True),
+    "lr.scale": (0.0, 1e3, False), "lr.exponent": (-4.0, 4.0, True),
+    "runs[].depth": (1, MAX_DEPTH, True), "runs[].params": (0.0, 1e13, False), "runs[].tokens": (0.0, 1e15, False),
+    "runs[].val": (0.0, 100.0, False), "lr_search[].depth": (1, MAX_DEPTH, True), "lr_search[].best": (0.0, 1e3, False),
+    "held_out[].depth": (1, MAX_DEPTH, True), "held_out[].val": (0.0, 100.0, False),
+    "held_out[].predicted": (0.0, 100.0, False),
+}
+KINDS = {"preset": str, "preset_sha256": str, "dataset": dict, "runs": list, "lr_search": list, "measured": dict,
+         "held_out": list}  # what each other part of a fit file is
+_KIND_NAMES = {str: "a string", dict: "an object", list: "a list"}
+
+
 def read_fit(preset: Path) -> SizeFit | None:
-    """The fit kept beside `preset`, or None where there is none; one that cannot be read is refused."""
+    """The fit kept beside `preset`, or None where there is none; one that cannot be read, or holds a figure out of
+    its range (BOUNDS), is refused in one sentence naming the field."""
     path = fit_path(preset)
     if not path.exists():
         return None
+    again = f"fit it again with `lmlab scaling {preset} --refit`"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if raw.pop("format", None) != FIT_FORMAT:
             raise ValueError(f"format is not {FIT_FORMAT}")
+        kind = next((k for k, t in KINDS.items() if k in raw and not isinstance(raw[k], t)), None)
+        if kind or not raw.get("runs"):
+            raise ValueError(f"its {kind} is not {_KIND_NAMES[KINDS[kind]]}" if kind else "it holds no runs")
         fit = SizeFit(**{**raw, "surface": LossSurface(**raw["surface"]), "lr": LrRule(**raw["lr"])})
-        if not all(math.isfinite(fit.surface.predict(r["params"], r["tokens"])) for r in fit.runs) or not fit.runs:
-            raise ValueError("its surface does not predict its own runs")
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{path} is not a fit lmlab can read ({err}); fit it again with `lmlab scaling {preset} "
-                        "--refit`.")
+        wrong = next(filter(None, (_out_of_range(fit, name) for name in BOUNDS)), None)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"{path} is not a fit lmlab can read ({err}); {again}.")
+    if not wrong and not all(math.isfinite(fit.surface.predict(r["params"], r["tokens"])) for r in fit.runs):
+        wrong = "its surface does not predict its own runs"
+    if wrong:
+        raise UserError(f"{path}: {wrong}; {again}.")
     return fit
+
+
+def _out_of_range(fit: SizeFit, name: str) -> str | None:
+    """What is wrong with the figure `name` of BOUNDS in `fit` (each run's, for `runs[].`), or None."""
+    low, high, low_ok = BOUNDS[name]
+    part, key = name.split(".")
+    if part.endswith("[]"):
+        items = getattr(fit, part[:-2])
+        if not all(isinstance(item, dict) for item in items):
+            return f"{part[:-2]} holds an entry that is not an object"
+        named = [(f"{part[:-2]}[{i}].{key}", item.get(key)) for i, item in enumerate(items)]
+    else:
+        named = [(name, getattr(getattr(fit, part), key))]
+    for field_name, value in named:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not (low <= value <= high) or (value == low and not low_ok):
+            shown = f"{value:g}" if number else repr(value)[:40]
+            span = f"from {low:g} to {high:g}" if low_ok else f"above {low:g} and at most {high:g}"
+            return f"{field_name} is {shown}, where a fit's is a number {span}"
+    return None

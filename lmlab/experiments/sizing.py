@@ -102,6 +102,7 @@ class Sizing:
     fit: str  # the fit file
     threads: Choice
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
+    notes: tuple[str, ...] = ()  # what to know of the fit before trusting its predictions (`fit_notes`)
 
     def line(self) -> str:
         """The one line a run starts with: what was chosen, and why."""
@@ -369,7 +370,8 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
                                                                    warmup_epochs=0.0))
     threads = chooser.decide(best.timing.forward, "a forward pass")
     return Sizing(budget, time.perf_counter() - started, found.candidates, best, chosen, str(fit_path(preset)),
-                  threads, fit.beyond(best.tokens) if fit and best.predicted is not None else "")
+                  threads, fit.beyond(best.tokens) if fit and best.predicted is not None else "",
+                  tuple(fit_notes(preset, fit, cfg.data.dataset)) if fit else ())
 
 
 def _refusal(found: Search, preset: Path) -> str:

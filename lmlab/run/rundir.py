@@ -52,6 +52,7 @@ from lmlab.model import LanguageModel, build_model
 from lmlab.model.plugins import check_forward, provider
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.chat import ChatTemplate
+from lmlab.run.events import read_line
 from lmlab.run.prompt import PromptFormat
 
 KINDS = ("trained", "fine-tuned", "imported")
@@ -282,23 +283,28 @@ class RunDir:
     # -- reading a run ---------------------------------------------------------------------------------------
 
     def events(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """The metrics events (the first `limit` of them). A damaged line (bytes that are not UTF-8, JSON that is
-        not an event object) is skipped, said once per file on stderr; a last line cut short by a crash silently."""
+        """The metrics events (the first `limit` of them), each read against its schema (`lmlab.run.events`). A
+        damaged line (not JSON in UTF-8, too long or too deep, an event missing a field or with one of the wrong
+        type) is skipped, said once per file on stderr with its line number and why; a last line cut short by a
+        crash silently."""
         if not self._metrics.exists():
             return []
-        events, damaged = [], []
+        events, damaged, number = [], {}, 0
         with open(self._metrics, "rb") as f:
-            for number, line in enumerate(f, 1):
-                event = _event(line)
-                if event is None:
-                    if line.endswith(b"\n"):  # not the unfinished end of a killed writer's last append
-                        damaged.append(number)
+            while (read := read_line(f)) is not None:
+                number += 1
+                ended, event = read
+                if isinstance(event, str):
+                    if ended:  # not the unfinished end of a killed writer's last append
+                        damaged[number] = event
                     continue
                 events.append(event)
                 if limit is not None and len(events) >= limit:
                     break
-        if damaged:
+        if damaged and (limit is None or len(events) < limit):
             _say_damaged(self._metrics, damaged)
+        elif damaged:
+            self.events()  # says every damaged line of the file, where a first few events were read
         return events
 
     def evaluations(self) -> list[dict[str, Any]]:
@@ -556,29 +562,18 @@ class LoadedRun:
     notes: tuple[str, ...] = ()  # what loading it chose that a command should say (fp32 over fp16, and why)
 
 
-def _event(line: bytes) -> dict[str, Any] | None:
-    """One line of metrics.jsonl as an event, or None when it is not one: an object with an `event` name and an
-    integer `step` where it has one."""
-    try:
-        event = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-        return None
-    step = event.get("step", 0)
-    return event if isinstance(step, int) and not isinstance(step, bool) else None
-
-
 _said: set[tuple[Path, tuple[int, ...]]] = set()  # damaged lines already reported by this process
 
 
-def _say_damaged(path: Path, lines: list[int]) -> None:
-    """One line on stderr naming a file's damaged lines, once per process (a command reads a run's events often)."""
+def _say_damaged(path: Path, lines: dict[int, str]) -> None:
+    """One line on stderr naming a file's damaged lines and why (the first five), once per process (a command reads
+    a run's events often)."""
     key = (path.resolve(), tuple(lines))
     if key in _said:
         return
     _said.add(key)
-    named = [str(n) for n in lines[:5]] + ([f"{len(lines) - 5} more"] if len(lines) > 5 else [])
+    named = [f"{n} ({why})" for n, why in list(lines.items())[:5]] + \
+        ([f"{len(lines) - 5} more"] if len(lines) > 5 else [])
     shown = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
-    print(f"note: {path}: line{'s' * (len(lines) > 1)} {shown} {'are' if len(lines) > 1 else 'is'} damaged (not a "
-          "JSON event in UTF-8) and skipped; the run reads as if they were not there.", file=sys.stderr)
+    print(f"note: {path}: line{'s' * (len(lines) > 1)} {shown} {'are' if len(lines) > 1 else 'is'} not events of "
+          "metrics.jsonl's schema and skipped; the run reads as if they were not there.", file=sys.stderr)

@@ -1,0 +1,125 @@
+"""metrics.jsonl's events: the schema of each (docs/ARCHITECTURE.md, a run dir) and the one bounded reader of a line.
+
+Every reader of a run's events goes through `read_line` (by `RunDir.events`): a line that is not JSON, nests deeper
+than any event does, is longer than any event is, or is an event of a known name whose fields are missing or of the
+wrong type is not an event, and is skipped with its reason, so no reader meets a field it cannot use. An event of a
+name not in `SCHEMA` (one of an older or newer lmlab) is kept when its `step`, if it has one, is an integer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+MAX_LINE = 1 << 20  # bytes: the longest event written (a `sizing` event with its candidates) is a few KB
+MAX_DEPTH = 32  # brackets: events nest 3 deep at most (a `sizing` event's candidates); strings may hold a few more
+
+# A field's type: its JSON kinds. "number" takes null, as a figure that was not finite is written null.
+TYPES: dict[str, tuple[type, ...]] = {
+    "integer": (int,), "integer|null": (int, type(None)), "number": (int, float, type(None)),
+    "string": (str,), "string|null": (str, type(None)), "boolean": (bool,), "boolean|null": (bool, type(None)),
+    "object|null": (dict, type(None)), "list": (list,),
+}
+
+
+def _fields(required: str, optional: str = "") -> dict[str, tuple[str, bool]]:
+    """`name:type` pairs, space-separated, as {name: (type, required)}."""
+    def pairs(text: str, needed: bool) -> dict[str, tuple[str, bool]]:
+        return {name: (kind, needed) for name, kind in (p.split(":") for p in text.split())}
+    return {**pairs(required, True), **pairs(optional, False)}
+
+
+_PEAK = "peak_flops:number peak_source:string|null peak_quiet:boolean|null"
+_STEP = "step:integer"
+_FIGURES = "loss:number grad_norm:number lr:number"
+
+# Each event's fields: required ones are what readers cannot do without (a train line's loss, an eval's val_loss);
+# the others are checked when present (older runs, and runs written by hand or by other tools, lack some; readers
+# take them with .get). docs/ARCHITECTURE.md says what each field is.
+SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
+    "start": _fields("", "step:integer kind:string lmlab_version:string|null model:string|null params:integer "
+                         "params_non_embedding:integer params_padding:integer flops_per_token:number "
+                         "dataset:string|null tokenizer:string|null init_from:string|null device:string|null "
+                         "dtype:string|null dtype_reason:string|null world_size:integer parallel:string|null "
+                         f"{_PEAK} train_tokens:integer|null origin:object|null machine:object|null "
+                         "plugin:object|null"),
+    "train": _fields(f"{_STEP} loss:number", "tokens:integer lr:number elapsed:number grad_norm:number epoch:number "
+                                             "tokens_per_sec:number ms_per_step:number mfu:number"),
+    "eval": _fields(f"{_STEP} val_loss:number", "tokens:integer elapsed:number train_loss:number "
+                                                "best_val_loss:number is_best:boolean train_eval_loss:number "
+                                                "epoch:number seconds:number"),
+    "checkpoint": _fields(_STEP, "best:boolean seconds:number"),
+    "skip": _fields(_STEP, _FIGURES),
+    "spike": _fields(_STEP, _FIGURES),
+    "rollback": _fields(_STEP, "to_step:integer lr_scale:number"),
+    "resume": _fields(_STEP, "checkpoint:string device:string|null dtype:string|null world_size:integer "
+                             f"machine:object|null {_PEAK}"),
+    "threads": _fields(_STEP, "threads:integer most:integer reason:string|null ms:object|null others:number"),
+    "compile": _fields(_STEP, "compiled_ms:number eager_ms:number compiled:boolean"),
+    "budget": _fields(_STEP, "seconds:number max_iters:integer spent:number step_seconds:number eval_seconds:number "
+                             "checkpoint_seconds:number finish_seconds:number anchor:integer position:number "
+                             "reason:string eval_iters:integer warmup:integer warmup_from:number"),
+    "sizing": _fields("", "budget:number spent:number fit:string|null depth:integer shape:string|null "
+                          "params:integer tokens_per_sec:number threads:integer|null steps:integer tokens:integer "
+                          "tokens_per_param:number predicted_val:number extrapolated:boolean learning_rate:number "
+                          "warmup_iters:integer candidates:list"),
+    "end": _fields(_STEP, "tokens:integer elapsed:number stopped_early:boolean stopped_by:string|null "
+                          "best_val_loss:number best_step:integer|null best_epoch:integer base_val_loss:number "
+                          "budget_spent:number"),
+}
+
+
+def read_line(f: IO[bytes]) -> tuple[bool, dict[str, Any] | str] | None:
+    """The next line of an open metrics.jsonl, bounded (at most MAX_LINE bytes of it are held): whether it ends in a
+    newline (a last line cut short by a killed writer does not), and the event or why it is not one. None at the end
+    of the file."""
+    line = f.readline(MAX_LINE + 1)
+    if not line:
+        return None
+    if len(line) > MAX_LINE and not line.endswith(b"\n"):
+        while (rest := f.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+            pass  # the rest of an overlong line, read in bounded pieces and dropped
+        return rest.endswith(b"\n"), f"longer than {MAX_LINE:,} bytes"
+    return line.endswith(b"\n"), _event(line)
+
+
+def _event(line: bytes) -> dict[str, Any] | str:
+    """A line as an event, or why it is not one."""
+    if _depth(line) > MAX_DEPTH:
+        return f"nested deeper than {MAX_DEPTH} levels"
+    try:
+        event = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or an integer of 4,300+ digits
+        return "not JSON in UTF-8"
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return "not an object with an event name"
+    name = event["event"]
+    fields = SCHEMA.get(name, {"step": ("integer", False)})
+    for field, (kind, required) in fields.items():
+        if field not in event:
+            if required:
+                return f"{_a(name)} event without {field}"
+            continue
+        value = event[field]
+        if not isinstance(value, TYPES[kind]) or (isinstance(value, bool) and bool not in TYPES[kind]):
+            return f"{_a(name)} event whose {field} is not {_a(kind.replace('|', ' or '))}"
+    return event
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _depth(line: bytes) -> int:
+    """How deep a line's brackets nest, an upper bound (brackets inside strings count too): checked before parsing,
+    as json's parser recurses once a level and a line of many brackets ends in RecursionError."""
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return 0
+    depth = deepest = 0
+    for byte in line.translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")

@@ -1,4 +1,5 @@
-"""Muon + AdamW as one optimizer through checkpoints and the NaN guard, and the warmup-stable-decay schedule."""
+"""The contract of every optimizer in OPTIMIZERS (build, step, skip a non-finite step, resume bitwise, memory); Muon +
+AdamW as one optimizer through checkpoints and the NaN guard; the warmup-stable-decay schedule."""
 
 import math
 
@@ -6,13 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmlab.commands.reference import config_page
 from lmlab.core.config import OPTIMIZER_NAMES, ModelConfig, TrainConfig, load_config
 from lmlab.core.errors import UserError
+from lmlab.model import build_model
 from lmlab.model.memory import training_need
+from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS, Muon, MuonAdamW, optimizer_of, orthogonal_dtype
 from lmlab.train.schedule import lr_at
+from lmlab.train.step import TrainStep
 from tests.helpers import write_config
 
 # A constant LR after warmup, so a run stopped at step 8 and resumed to 16 follows the same schedule as one
@@ -103,11 +108,73 @@ def test_warmup_stable_decay_schedule():
     assert lrs[99] == pytest.approx(0.1) and lr_at(150, cfg) == pytest.approx(0.1)
 
 
-def test_every_optimizer_name_has_an_optimizer_whose_state_the_memory_check_counts():
+def test_the_names_train_optimizer_takes_are_the_table_and_fsdp_refuses_what_it_cannot_shard():
     assert set(OPTIMIZERS) == set(OPTIMIZER_NAMES)  # a name train.optimizer takes is one lmlab builds
+    assert all(name in config_page() for name in OPTIMIZERS)  # and the config reference lists each
+    for name, entry in OPTIMIZERS.items():
+        if entry.unsharded:
+            with pytest.raises(UserError, match=f'optimizer = "{name}" does not work with train.parallel = "fsdp"'):
+                optimizer_of(TrainConfig(optimizer=name, parallel="fsdp"))
+        else:
+            assert optimizer_of(TrainConfig(optimizer=name, parallel="fsdp")) is entry
     shape = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=43)
     adamw, muon = (training_need(shape, OPTIMIZERS[name].state_bytes).fixed for name in ("adamw", "muon"))
     assert muon < adamw  # Muon keeps one momentum for the hidden matrices, AdamW two moments for every weight
-    with pytest.raises(UserError, match='optimizer = "muon" does not work with train.parallel = "fsdp"'):
-        optimizer_of(TrainConfig(optimizer="muon", parallel="fsdp"))
-    assert optimizer_of(TrainConfig(parallel="fsdp")) is OPTIMIZERS["adamw"]
+
+
+# The contract every entry of OPTIMIZERS meets, so a new one needs no test of its own: a tiny model, its steps as
+# training takes them (lmlab.train.step.TrainStep), its state through the checkpoint code resume uses.
+TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=23)
+
+
+def _train_step(name: str, seed: int) -> TrainStep:
+    torch.manual_seed(seed)
+    return TrainStep(build_model(TINY), TrainConfig(optimizer=name, compile=False), torch.device("cpu"),
+                     torch.float32)
+
+
+def _batch(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ids = torch.randint(0, TINY.vocab_size, (2, TINY.block_size + 1), generator=torch.Generator().manual_seed(seed))
+    return [(ids[:, :-1], ids[:, 1:])]
+
+
+def _copies(tensors) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def _state(optimizer) -> list[torch.Tensor]:
+    return _copies(t for state in optimizer.state_dict()["state"].values() for t in state.values()
+                   if isinstance(t, torch.Tensor))
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_steps_skips_a_non_finite_step_resumes_bitwise_and_is_sized(name, tmp_path):
+    step = _train_step(name, 0)
+    first = _copies(step.model.parameters())
+    step(_batch(0), 1, 1e-2)
+    moved = _copies(step.model.parameters())
+    assert not _same(first, moved) and all(torch.isfinite(p).all() for p in moved)
+    # A step whose loss is not finite leaves the weights and the optimizer's state as they were, bit for bit,
+    # however the entry says it skips (found_inf).
+    state, clean = _state(step.optimizer), step.forward
+    step.forward = lambda x, y: (lambda out: (out[0], out[1] * float("nan")))(clean(x, y))
+    step(_batch(1), 1, 1e-2)
+    step.forward = clean
+    assert _same(_copies(step.model.parameters()), moved) and _same(_state(step.optimizer), state)
+    # Through a checkpoint into another model and optimizer, the next step is the one it would have been.
+    folder = save_checkpoint(tmp_path, 1, model_tensors(step.model), step.optimizer.state_dict(), {}, best=False)
+    resumed = _train_step(name, 1)
+    load_checkpoint(folder, resumed.model, resumed.optimizer)
+    for each in (step, resumed):
+        each(_batch(2), 1, 1e-2)
+    assert _same(_copies(resumed.model.parameters()), _copies(step.model.parameters()))
+    # The memory check's count of its state is what it holds (but a step counter per parameter).
+    params = [p for p in step.model.parameters() if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    hidden = sum(p.numel() * p.element_size() for p in step.model.hidden_matrices())
+    held = sum(t.numel() * t.element_size() for t in _state(step.optimizer))
+    assert abs(held - OPTIMIZERS[name].state_bytes(weights, hidden)) <= 8 * len(params), (held, weights, hidden)

@@ -17,7 +17,19 @@ def test_the_app_registers_the_route_table_and_nothing_else():
     registered = {(method, route.path) for route in app.routes if getattr(route, "include_in_schema", False)
                   for method in route.methods}
     assert registered == {(r.method, r.path) for r in ROUTES}
-    assert answered().endswith("POST /tokenize and POST /detokenize") and "GET /v1/models/{id}" in answered()
-    assert [label(p) for p in ("/v1/models/tiny", "/v1/completions", "/v2/x")] == ["/v1/models/{id}",
-                                                                                 "/v1/completions", "other"]
-    assert OPEN == ("/", "/health", "/metrics")
+    names = [f"{r.method} {r.label}" for r in ROUTES]  # the 404 lists every route, in the table's order
+    assert answered() == f"{', '.join(names[:-1])} and {names[-1]}" and "GET /v1/models/{id}" in answered()
+    assert all(label(r.path.replace("{model_id}", "tiny")) == r.label for r in ROUTES) and label("/v2/x") == "other"
+    assert OPEN == ("/", *(r.path for r in ROUTES if not r.keyed))  # the page, and the routes that ask no key
+
+
+def test_every_route_asks_for_the_key_and_waits_for_the_model_as_its_entry_says():
+    from starlette.testclient import TestClient
+
+    client = TestClient(create_app(State(["tiny"], "key", lambda state: None)))  # never loads: 503 where it waits
+    for route in ROUTES:
+        path = route.path.replace("{model_id}", "tiny")
+        without = client.request(route.method, path).status_code
+        keyed = client.request(route.method, path, headers={"Authorization": "Bearer key"}).status_code
+        assert (without == 401) == route.keyed, f"{route.method} {route.path} without the key: {without}"
+        assert (keyed == 503) == route.loading, f"{route.method} {route.path} while loading: {keyed}"

@@ -59,9 +59,10 @@ def prepare(source: str | Path | Sequence[str | Path], tokenizer: str, *, name: 
             keep_chars: str | None = None, drop_chars: str | None = None, force: bool = False,
             console: Console | None = None) -> Dataset:
     """Tokenize `source` ("shakespeare", "hf:OWNER/NAME[:CONFIG]", or .txt/.jsonl/.jsonl.gz/.parquet files or
-    folders of them) with `tokenizer` (char, word:N, bpe:N, gpt2, tiktoken:NAME, or the folder of a tokenizer to
-    use as it is) into out_dir/NAME-TOKENIZER, as `lmlab prepare` does (docs/reference/commands.md says what each
-    option does). A finished dataset of the same inputs is reused; an interrupted one resumes."""
+    folders of them) with `tokenizer` (a kind of lmlab.data.tokenizers.KINDS, as `lmlab prepare --help` lists
+    them, or the folder of a tokenizer to use as it is) into out_dir/NAME-TOKENIZER, as `lmlab prepare` does
+    (docs/reference/commands.md says what each option does). A finished dataset of the same inputs is reused; an
+    interrupted one resumes."""
     sources = [os.fspath(s) for s in ([source] if isinstance(source, (str, os.PathLike)) else source)]
     for key, value in (("val_tokens", val_tokens), ("max_tokens", max_tokens), ("block_size", block_size),
                        ("shard_tokens", shard_tokens), ("workers", workers)):

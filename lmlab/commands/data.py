@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from lmlab.commands.common import console, count, destination
+from lmlab.data.tokenizers import named_kinds
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -76,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", nargs="+", help="`shakespeare`, hf:OWNER/NAME[:CONFIG], or .txt/.jsonl/.jsonl.gz/"
                    ".parquet files or folders of them")
     p.add_argument("--tokenizer", required=True,
-                   help="char, word:N, bpe:N, gpt2 (local files), tiktoken:NAME (e.g. tiktoken:gpt2), or the folder "
+                   help=f"{named_kinds()} (e.g. bpe:4096, tiktoken:gpt2; gpt2 reads local files), or the folder "
                    "of a tokenizer to use as it is: a Hugging Face model, an lmlab run or dataset (a path with /)")
     p.add_argument("--gpt2-dir", help="with --tokenizer gpt2: folder with GPT-2's tokenizer.json, or vocab.json + "
                    "merges.txt (default: $LMLAB_GPT2_DIR)")

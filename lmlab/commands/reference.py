@@ -103,7 +103,16 @@ def default_text(field: dataclasses.Field) -> str:
     return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
+def listed() -> dict[tuple[type, str], str]:
+    """The fields whose choices are an extension table's entries, and those entries as the reference lists them in
+    place of the field comment's parenthesis (so a new entry is documented without an edit here)."""
+    from lmlab.train.optim import choices  # imports torch: only when the reference is written
+
+    return {(config.TrainConfig, "optimizer"): choices()}
+
+
 def config_page() -> str:
+    derived = listed()
     lines = [GENERATED.format(source="the config dataclasses (lmlab/core/config.py)"), "# Config files", "",
              "A run's config is a TOML file with the sections below (`configs/` holds the presets). Every key can "
              "be set on the command line too, `--set section.key=value`, e.g. `--set train.learning_rate=3e-4`; "
@@ -119,7 +128,9 @@ def config_page() -> str:
                 raise ValueError(f"{cls.__name__}.{field.name} has no comment to document it; add one in "
                                  "lmlab/core/config.py.")
             kind = field.type if isinstance(field.type, str) else field.type.__name__
-            lines.append(f"| `{field.name}` | `{cell(kind)}` | `{default_text(field)}` | {cell(docs[field.name])} |")
+            doc = f"{docs[field.name].partition(' (')[0]}: {derived[cls, field.name]}" if (cls, field.name) in derived \
+                else docs[field.name]
+            lines.append(f"| `{field.name}` | `{cell(kind)}` | `{default_text(field)}` | {cell(doc)} |")
     return "\n".join(lines) + "\n"
 
 

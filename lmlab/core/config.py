@@ -236,7 +236,7 @@ class TrainConfig:
     # included: the run times its first steps and sets max_iters to fill them, the LR schedule laid over those
     # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps); at most 366 days.
     budget_seconds: float = 0.0
-    optimizer: str = "adamw"  # adamw | muon: Muon for hidden 2-D weights, AdamW for embeddings, head and the rest
+    optimizer: str = "adamw"  # which optimizer trains (one of OPTIMIZER_NAMES, each in lmlab.train.optim.OPTIMIZERS)
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
     min_lr: float = 1e-4  # the LR at the end of the decay
     schedule: str = "cosine"  # cosine | wsd: warmup then cosine decay, or warmup-stable-decay

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,24 +47,37 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # never in text decoded strictly: a 
 _SAFE_CUT = re.compile(r"(?<=\S)[ \t]|(?<=[^\W_])[\r\n]")
 
 
-@dataclass(frozen=True)
+# How a kind is built for `prepare`: (its spec's argument, the train split's texts, every text, the folder of GPT-2's
+# files) -> the `tokenizers` tokenizer.
+Build = Callable[[str, Iterable[str], list[str], Path | None], tokenizers.Tokenizer]
+
+
+@dataclass(frozen=True, kw_only=True)
 class TokenizerKind:
     """A kind of tokenizer, and what lmlab's commands ask of it. Written `name`, `name:N` (`argument` "N": its size,
-    at least `minimum`) or `name:NAME`. Every kind exports to Hugging Face as its tokenizer.json (`unknown` names
-    its unk_token there); to GGUF as `gguf` says."""
+    at least `minimum`) or `name:NAME`. What decides a format has no default, so every entry states it: how it is
+    built (`build`), the `tokenizers` model its tokenizer.json holds (`model`: what export-hf writes and import-hf
+    checks), and the tokenizer GGUF holds it as (`gguf`: a model `lmlab.gguf.vocab.WRITERS` writes, or None: it does
+    not export to GGUF). tests/test_tokenizers.py holds every entry to these (build, round-trip, save, load, export).
+    """
 
     name: str
+    build: Build | None  # how `prepare` makes it; None: only how lmlab records a tokenizer read from a folder
+    model: str | None  # the tokenizers library's model its tokenizer.json holds; None: any (another model's)
+    gguf: str | None  # the tokenizer model GGUF holds it as; None: none can (export-gguf refuses it)
     argument: str = ""
     minimum: int = 0
     trained: bool = False  # built from the corpus by `prepare`; else read as it is, from files
-    named: bool = True  # a --tokenizer value; else only how lmlab records a tokenizer read from a folder
     # One token per character of the corpus: documents kept apart by a blank line (no end-of-text token), text cut
     # anywhere, a character the corpus never had refused (no token stands for it).
     per_character: bool = False
     unknown: str | None = None  # the token that stands for text it has no tokens for (an export names it)
     tokens_per_char: int = 4  # the most tokens one character may take: its UTF-8 bytes, in a byte-level vocabulary
-    gguf: str | None = "gpt2"  # the tokenizer model GGUF holds it as; None: none can (export-gguf refuses it)
-    model: str | None = "BPE"  # the tokenizers library's model its tokenizer.json holds; None: any (another model's)
+
+    @property
+    def named(self) -> bool:
+        """Whether it is a --tokenizer value (else only how lmlab records a tokenizer read from a folder)."""
+        return self.build is not None
 
     @property
     def end_of_text(self) -> bool:
@@ -79,15 +92,64 @@ class TokenizerKind:
         return self.name
 
 
+def _char(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
+          ) -> tokenizers.Tokenizer:
+    chars = sorted(set().union(*map(set, all_texts)))  # every character of the corpus, the val split's too
+    backend = tokenizers.Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return backend
+
+
+def _byte_level(backend: tokenizers.Tokenizer, trainer: trainers.Trainer, texts: Iterable[str]
+                ) -> tokenizers.Tokenizer:
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainer)
+    return backend
+
+
+def _word(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
+          ) -> tokenizers.Tokenizer:
+    trainer = trainers.WordLevelTrainer(vocab_size=int(argument) + 2, special_tokens=[UNK, EOT], show_progress=False)
+    return _byte_level(tokenizers.Tokenizer(models.WordLevel(unk_token=UNK)), trainer, train_texts)
+
+
+def _bpe(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
+         ) -> tokenizers.Tokenizer:
+    trainer = trainers.BpeTrainer(vocab_size=int(argument), special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    return _byte_level(tokenizers.Tokenizer(models.BPE()), trainer, train_texts)
+
+
+def _gpt2(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
+          ) -> tokenizers.Tokenizer:
+    return load_gpt2(gpt2_dir).backend
+
+
+def _tiktoken(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
+              ) -> tokenizers.Tokenizer:
+    return tiktoken_backend(argument)
+
+
 KINDS = {kind.name: kind for kind in (
-    TokenizerKind("char", trained=True, per_character=True, tokens_per_char=1, gguf="rwkv", model="WordLevel"),
+    TokenizerKind(name="char", build=_char, model="WordLevel", gguf="rwkv", trained=True, per_character=True,
+                  tokens_per_char=1),
     # <unk> stands for a whole word, of any length, and GGUF has no tokenizer that maps unknown words to it
-    TokenizerKind("word", "N", 1, trained=True, unknown=UNK, tokens_per_char=1, gguf=None, model="WordLevel"),
-    TokenizerKind("bpe", "N", 257, trained=True),  # byte-level BPE starts from 256 bytes + EOT
-    TokenizerKind("gpt2"),
-    TokenizerKind("tiktoken", "NAME"),
-    TokenizerKind("pretrained", "NAME", named=False, model=None),
+    TokenizerKind(name="word", build=_word, model="WordLevel", gguf=None, argument="N", minimum=1, trained=True,
+                  unknown=UNK, tokens_per_char=1),
+    # byte-level BPE starts from 256 bytes + EOT
+    TokenizerKind(name="bpe", build=_bpe, model="BPE", gguf="gpt2", argument="N", minimum=257, trained=True),
+    TokenizerKind(name="gpt2", build=_gpt2, model="BPE", gguf="gpt2"),
+    TokenizerKind(name="tiktoken", build=_tiktoken, model="BPE", gguf="gpt2", argument="NAME"),
+    # another model's tokenizer, as it came: GGUF takes it where it is a byte-level BPE with GPT-2's split
+    TokenizerKind(name="pretrained", build=None, model=None, gguf="gpt2", argument="NAME"),
 )}
+
+
+def named_kinds() -> str:
+    """The kinds --tokenizer takes, as help and refusals list them: `char, word:N, bpe:N, ...`."""
+    return ", ".join(kind.written for kind in KINDS.values() if kind.named)
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
@@ -103,8 +165,7 @@ def parse_spec(spec: str) -> tuple[str, int]:
         if int(argument) >= kind.minimum:
             return name, int(argument)
         raise UserError(f"tokenizer {spec}: {name} needs N >= {kind.minimum}.")
-    named = ", ".join(kind.written for kind in KINDS.values() if kind.named)
-    raise UserError(f"unknown tokenizer {spec!r}; use {named} (e.g. bpe:4096), or the path of a folder with a "
+    raise UserError(f"unknown tokenizer {spec!r}; use {named_kinds()} (e.g. bpe:4096), or the path of a folder with a "
                     "tokenizer.json (a Hugging Face model, an lmlab run or dataset).")
 
 
@@ -332,36 +393,13 @@ def tokenizer_identity(path: Path) -> str:
 
 def train_tokenizer(spec: str, train_texts: Iterable[str], all_texts: list[str],
                     gpt2_dir: Path | None = None) -> Tokenizer:
-    """Build the tokenizer for `spec`; char uses every character of the corpus, the others the train split,
-    and gpt2 is read from `gpt2_dir` (see `load_gpt2`)."""
-    kind, size = parse_spec(spec)
-    if not KINDS[kind].named:
+    """Build the tokenizer for `spec` as its kind's entry says (`TokenizerKind.build`); char uses every character of
+    the corpus, the trained others the train split, and gpt2 is read from `gpt2_dir` (see `load_gpt2`)."""
+    kind = KINDS[parse_spec(spec)[0]]
+    if kind.build is None:
         raise UserError(f"{spec} is how lmlab records a tokenizer read from a folder; pass the folder itself, e.g. "
                         "--tokenizer ./models/SmolLM2-135M or --tokenizer runs/NAME.")
-    if kind == "gpt2":
-        return load_gpt2(gpt2_dir)
-    if kind == "tiktoken":
-        return Tokenizer(spec, tiktoken_backend(spec.partition(":")[2]))
-    if kind == "char":
-        chars = sorted(set().union(*map(set, all_texts)))
-        backend = tokenizers.Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}))
-        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        backend.decoder = decoders.Fuse()
-        return Tokenizer(spec, backend)
-    trainer: trainers.Trainer
-    if kind == "word":
-        backend = tokenizers.Tokenizer(models.WordLevel(unk_token=UNK))
-        trainer = trainers.WordLevelTrainer(vocab_size=size + 2, special_tokens=[UNK, EOT], show_progress=False)
-    else:
-        backend = tokenizers.Tokenizer(models.BPE())
-        trainer = trainers.BpeTrainer(
-            vocab_size=size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(train_texts, trainer)
-    return Tokenizer(spec, backend)
+    return Tokenizer(spec, kind.build(spec.partition(":")[2], train_texts, all_texts, gpt2_dir))
 
 
 # GPT-2's pre-tokenization regex: the split a `NAME.tiktoken` file (ranks only, no pattern) is assumed to use.

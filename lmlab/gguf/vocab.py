@@ -26,7 +26,7 @@ from typing import Any
 import tokenizers
 
 from lmlab.core.errors import UserError
-from lmlab.data.tokenizers import GPT2_PATTERN, Tokenizer
+from lmlab.data.tokenizers import GPT2_PATTERN, KINDS, Tokenizer
 from lmlab.hf.folder import pad_id
 
 # GGUF token types (gguf.TokenType): what llama.cpp shows as text and what it treats as a control token.
@@ -35,7 +35,9 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 # writes it and as lmlab's tiktoken conversion does.
 HF_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 SPLITS = {GPT2_PATTERN: "gpt-2", HF_GPT2_SPLIT: "gpt-2"}
-TAKES = "char, bpe:N, gpt2, tiktoken:NAME (with GPT-2's split) and imported byte-level BPE tokenizers"
+# The kinds whose entry names a GGUF tokenizer (TokenizerKind.gguf), as refusals list them.
+TAKES = (", ".join(kind.written for kind in KINDS.values() if kind.gguf) +
+         " (a byte-level BPE with GPT-2's split: trained, GPT-2's, tiktoken's or an imported model's)")
 
 
 @dataclass
@@ -59,10 +61,11 @@ def gguf_vocab(tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     unused tokens); `what` names the run in a refusal."""
     raw = json.loads(tokenizer.backend.to_str())
     if tokenizer.kind.gguf is None:
-        raise UserError(f"{what} has a {tokenizer.kind}-level tokenizer ({tokenizer.spec}), which turns an unknown "
-                        f"word into {tokenizer.kind.unknown}, and no GGUF tokenizer does that; export-gguf takes "
+        why = (f", which turns an unknown word into {tokenizer.kind.unknown}, and no GGUF tokenizer does that"
+               if tokenizer.kind.unknown else ", which no GGUF tokenizer holds")
+        raise UserError(f"{what} has a {tokenizer.kind}-level tokenizer ({tokenizer.spec}){why}; export-gguf takes "
                         f"{TAKES}.")
-    vocab = _char_vocab(tokenizer, rows) if tokenizer.kind.gguf == "rwkv" else _bpe_vocab(raw, tokenizer, rows, what)
+    vocab = WRITERS[tokenizer.kind.gguf](raw, tokenizer, rows, what)
     # bos and eos: the end-of-text token lmlab puts between documents (a char run has none), unless the tokenizer
     # starts every text with a token of its own; pad: the vocabulary's padding token, else the end-of-text token.
     vocab.eos, vocab.pad = tokenizer.eot_id, pad_id(tokenizer)
@@ -89,11 +92,11 @@ def _by_id(tokenizer: Tokenizer, rows: int, what: str) -> dict[int, str]:
     return ids
 
 
-def _char_vocab(tokenizer: Tokenizer, rows: int) -> Vocab:
+def _char_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     """Each character's bytes in the `rwkv` escaping (a backslash starts \\n, \\t, \\r, \\xHH or a literal); rows
     beyond the characters start with the byte 0xFF, which no UTF-8 text holds, so nothing tokenizes to them."""
     ids = _by_id(tokenizer, rows, "the run")
-    special = {t["content"] for t in json.loads(tokenizer.backend.to_str()).get("added_tokens", [])}
+    special = {t["content"] for t in raw.get("added_tokens", [])}
     tokens = [_rwkv_escape(ids[i]) for i in range(tokenizer.vocab_size)]
     types = [CONTROL if ids[i] in special else NORMAL for i in range(tokenizer.vocab_size)]
     extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"\\xffunused{i}")
@@ -157,3 +160,8 @@ def _pre_tokenizer(raw: dict[str, Any], what: str) -> str:
         raise UserError(f"{what}'s tokenizer splits text in a way export-gguf cannot name to llama.cpp (it names "
                         f"GPT-2's split); it takes {TAKES}.")
     return SPLITS[split]
+
+
+# The GGUF tokenizer models export-gguf writes (TokenizerKind.gguf names one), each from the tokenizer.json's JSON,
+# the tokenizer, the model's rows and the run's name for a refusal.
+WRITERS: dict[str, Callable[[dict[str, Any], Tokenizer, int, str], Vocab]] = {"rwkv": _char_vocab, "gpt2": _bpe_vocab}

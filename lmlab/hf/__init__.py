@@ -107,11 +107,11 @@ def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"the tokenizer in {where} has {tokenizer.vocab_size:,} tokens but the model only "
                         f"{vocab_size:,} embedding rows (vocab_size in config.json); it is not this model's tokenizer.")
-    _check_label(tokenizer, where)
+    check_label(tokenizer, where)
     return tokenizer
 
 
-def _check_label(tokenizer: Tokenizer, where: Path | str) -> None:
+def check_label(tokenizer: Tokenizer, where: Path | str) -> None:
     """Refuse a tokenizer.json that is not the tokenizer its label says (an exported folder's `lmlab_tokenizer`, a
     run's or dataset's spec): imported, ids the file lacks would decode to nothing, a sample to no text."""
     expected = tokenizer.kind.model
@@ -120,7 +120,9 @@ def _check_label(tokenizer: Tokenizer, where: Path | str) -> None:
     model, size = type(tokenizer.backend.model).__name__, parse_spec(tokenizer.spec)[1]
     plain = [t for t in tokenizer.vocab if t not in (UNK, EOT)]
     single = all(len(t) == 1 for t in plain)
-    if model != expected or tokenizer.kind.per_character != single:
+    # A WordLevel vocabulary of single characters is a char tokenizer; a byte-level one may be of single characters
+    # and still not be one (each token a byte).
+    if model != expected or tokenizer.kind.per_character != (single and model == "WordLevel"):
         found = (f"a {model} vocabulary of {len(tokenizer.vocab):,} tokens" +
                  (", each one character (a char tokenizer)" if model == "WordLevel" and single else ""))
     elif size and tokenizer.vocab_size > size + (2 if tokenizer.kind.unknown else 0):

@@ -1,6 +1,6 @@
-"""The optimizers `train.optimizer` names (`OPTIMIZERS`, one per name of core/config.py's OPTIMIZER_NAMES): AdamW, or
-Muon for hidden matrices with AdamW for the rest; each with what the memory check counts of its state and whether
-FSDP may shard what it updates."""
+"""The optimizers `train.optimizer` names (`OPTIMIZERS`, one per name of core/config.py's OPTIMIZER_NAMES), each with
+how it is built, what the memory check counts of its state, how a non-finite step is skipped and whether FSDP may
+shard what it updates."""
 
 from __future__ import annotations
 
@@ -157,22 +157,36 @@ def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """An optimizer lmlab trains with: `build` for a model, the train settings and its device; `state_bytes(weights,
-    hidden)`, the bytes of its state for weights of `weights` bytes of which `hidden` are the model's hidden matrices
-    (what the memory check counts before a model is built); `unsharded`, why FSDP cannot shard what it updates (None:
-    it can)."""
+    """An optimizer lmlab trains with, every fact stated (no default decides one). `build` makes it for a model, the
+    train settings and its device; `state_bytes(weights, hidden)` is the bytes of its state for weights of `weights`
+    bytes of which `hidden` are the model's hidden matrices (what the memory check counts before a model is built);
+    `found_inf` says how a non-finite step is skipped: True, what `build` returns honours `optimizer.found_inf` (a
+    device tensor set before each step; 1 skips the whole update, state included), so the step never waits on the
+    host (a fused kernel, MuonAdamW); False, the training step reads the flag on the host and does not call `step()`,
+    which every torch optimizer allows. `about` is its line in the config reference; `unsharded`, why FSDP cannot
+    shard what it updates (None: it can). tests/test_optim.py holds every entry to these (build, step, skip a
+    non-finite step, checkpoint, memory)."""
 
     build: Callable[[LanguageModel, TrainConfig, torch.device], Any]
     state_bytes: Callable[[int, int], int]
-    unsharded: str | None = None
+    found_inf: bool
+    about: str
+    unsharded: str | None
 
 
 OPTIMIZERS = {
-    "adamw": Optimizer(lambda model, cfg, device: _adamw(_trainable(model), cfg), two_moments),
+    "adamw": Optimizer(lambda model, cfg, device: _adamw(_trainable(model), cfg), two_moments, found_inf=True,
+                       about="AdamW, fused", unsharded=None),
     # Muon's one momentum for the hidden matrices, AdamW's two moments for the rest.
-    "muon": Optimizer(MuonAdamW, lambda weights, hidden: two_moments(weights, hidden) - hidden,
-                      "Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks"),
+    "muon": Optimizer(MuonAdamW, lambda weights, hidden: two_moments(weights, hidden) - hidden, found_inf=True,
+                      about="Muon for hidden 2-D weights, AdamW for embeddings, head and the rest",
+                      unsharded="Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks"),
 }
+
+
+def choices() -> str:
+    """The optimizers as the config reference lists them: `adamw (AdamW, fused) | muon (...)`."""
+    return " | ".join(f"{name} ({entry.about})" for name, entry in OPTIMIZERS.items())
 
 
 def optimizer_of(cfg: TrainConfig) -> Optimizer:

@@ -98,7 +98,8 @@ class TrainStep:
         self.scoring = self.eager if device.type == "cpu" else self.forward
         self.trial = CompileTrial(trial) if trial and compiled and device.type == "cpu" else None
         self.verdict: CompileVerdict | None = None
-        self.optimizer = optimizer_of(cfg).build(model, cfg, device)
+        chosen = optimizer_of(cfg)
+        self.optimizer, self.skips_on_device = chosen.build(model, cfg, device), chosen.found_inf
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def __call__(self, batches: Iterable[Batch], n_batches: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +141,17 @@ class TrainStep:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
         if self.reduce is not None:
             total, norm = self.reduce(total, norm)
-        if not self.scaler.is_enabled():  # (the fp16 scaler sets this itself)
-            # A non-finite loss or gradient never reaches the weights: the fused AdamW kernel skips the whole
-            # update, moments and step count included, when found_inf is 1, decided on the device (Muon: optim.py).
-            self.optimizer.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: the scaler skips a step whose gradients are not finite itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            # A non-finite loss or gradient never reaches the weights, state and step count included: decided on
+            # the device where the optimizer's entry says it honours found_inf, else read here on the host.
+            bad = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
+            if self.skips_on_device:
+                self.optimizer.found_inf = bad
+                self.optimizer.step()
+            elif not bad.item():
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm

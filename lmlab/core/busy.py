@@ -76,8 +76,8 @@ def check_threads(name: str, threads: int, fix: str = "0 to let lmlab choose") -
 
 
 # The environment variables that set a pool of threads in a library lmlab computes with, each started whole at its
-# first parallel call: torch's OpenMP pool, and the Rust pool of `tokenizers` (rayon; its older name too), which
-# with 100,000 threads trained a 300-token BPE for over 120 s instead of 1 s.
+# first parallel call however many cores there are: torch's OpenMP pool, and the Rust pool of `tokenizers` (rayon;
+# its older name too).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS")
 
 

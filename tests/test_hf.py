@@ -15,17 +15,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import tokenizers
 import torch
 
 from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
-from lmlab.data.tokenizers import train_tokenizer
+from lmlab.data.tokenizers import Tokenizer, train_tokenizer
 from lmlab.evals.evaluate import evaluate_run
 from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
 from lmlab.model.gpt import GPT
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, lmlab, run_cli, write_config
 
 transformers = pytest.importorskip("transformers")
 from tests.hf_reference import (  # noqa: E402  (needs transformers)
@@ -92,8 +93,15 @@ def test_an_exported_run_computes_in_transformers_what_it_does_in_lmlab(tmp_path
     assert max_diff(lmlab_logits(tmp_path / "back", ids), lmlab_logits(run, ids)) == 0
 
 
+def reserved(tokenizer: Tokenizer, total: int) -> Tokenizer:
+    """`tokenizer` with special tokens reserved up to `total` ids (as Llama 3's <|reserved_special_token_N|>)."""
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
+    backend.add_special_tokens([f"<|reserved_{i}|>" for i in range(total - tokenizer.vocab_size)])
+    return Tokenizer(tokenizer.spec, backend, tokenizer.eot_id)
+
+
 def test_a_padded_vocabulary_is_restored_on_import_and_cut_on_export(tmp_path, bpe):
-    source = tiny_hf(tmp_path / "hf", "llama gqa untied bias", bpe, vocab_size=1090)  # lmlab pads it to 1152
+    source = tiny_hf(tmp_path / "hf", "llama gqa untied bias", reserved(bpe, 1090), vocab_size=1090)  # lmlab: 1152
     import_hf(source, tmp_path / "run")
     model = RunDir(tmp_path / "run").load("best", "cpu").model
     assert model.transformer.wte.weight.shape[0] == model.lm_head.weight.shape[0] == 1152
@@ -249,6 +257,26 @@ def test_an_exported_folder_whose_tokenizer_is_not_the_one_its_label_names_is_re
     assert str(caught.value).startswith(f"the tokenizer in {source} is labelled {label} (lmlab_tokenizer in "
                                         "tokenizer_config.json") and holds in str(caught.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rows, eos, says", [
+    (None, 0, r"it has 43 tokens for the model's \d+ embedding rows \(vocab_size in config.json\), \d+ rows no id of "
+              "it reaches, more than padding leaves"),
+    (48, 0, r"the model's eos_token_id 0 \(config.json\) is its '\\n', one character of text, not a special token")])
+def test_an_unlabelled_tokenizer_the_model_contradicts_is_refused(tmp_path, bpe, capsys, rows, eos, says):
+    """A char tokenizer.json (43 tokens) in a folder lmlab did not export (no lmlab label) over a bpe:300 model:
+    before, it imported with status 0 and `sample` printed the prompt alone. The model's evidence is its embedding
+    rows (more than padding past the tokenizer's ids) and its bos/eos ids (one character of text there)."""
+    source = tiny_hf(tmp_path / "hf", "gpt2", bpe, vocab_size=rows or 0)
+    char = export_hf(Path(__file__).parent / "data" / "legacy" / "trained", tmp_path / "char")["out"]
+    shutil.copy(Path(char) / "tokenizer.json", source / "tokenizer.json")
+    (source / "tokenizer_config.json").unlink()
+    (source / "generation_config.json").unlink()
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "bos_token_id": eos, "eos_token_id": eos}))
+    code, out, err = run_cli(capsys, "import-hf", source, "--out", tmp_path / "run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(says, err), err
+    assert err.startswith(f"error: the tokenizer in {source} is not this model's: ") and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -295,6 +295,19 @@ LATE_FORWARDS = {
         "targets.flatten(), reduction='none')", "as its loss, not one number"),
     "returns a column short": ("return logits[..., :-1], None if targets is None else next_token_loss(logits, "
                                "targets)", "returned logits of shape "),
+    "raises its own exception": ("raise type('KernelMissing', (Exception,), {})('no kernel past 3 tokens')",
+                                 "raised KernelMissing: no kernel past 3 tokens in its forward of "),
+    "raises OSError": ("raise FileNotFoundError(2, 'No such file or directory', 'kernels.cache')",
+                       "raised FileNotFoundError: [Errno 2] No such file or directory: 'kernels.cache' in its forward"),
+    "returns a detached loss": ("return logits, None if targets is None else next_token_loss(logits, targets).detach()",
+                                "returned a loss detached from its weights"),
+    "raises in its backward": (
+        "return logits, None if targets is None else type('Fail', (torch.autograd.Function,), {'forward': "
+        "staticmethod(lambda ctx, x: x.clone()), 'backward': staticmethod(lambda ctx, g: 1 / 0)}).apply("
+        "next_token_loss(logits, targets))",
+        "raised ZeroDivisionError: division by zero in its backward pass; fix the plugin's backward."),
+    "returns a constant loss": ("return logits, None if targets is None else torch.ones((), requires_grad=True)",
+                                "returned a loss detached from its weights"),
 }
 
 
@@ -303,7 +316,9 @@ LATE_FORWARDS = {
 def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(tmp_path, site, char_dataset, capsys,
                                                                                case):
     """Before: "needs more memory than can be counted" (the raise, on the meta device where the batch is sized),
-    tracebacks (a tuple, a loss per token) or a run trained silently on a vocabulary short of a column."""
+    tracebacks (a tuple, a loss per token, a detached loss, a raise of the plugin's own class or in its backward),
+    "kernels.cache: ...; choose another folder" (its OSError, said as the user's), or a run trained silently on a
+    vocabulary short of a column or on a constant loss."""
     body, message = LATE_FORWARDS[case]
     install_plugin(site, "late", "lmlab-late",
                    FAKE_MODEL.replace(RETURN, f"        if idx.shape[1] > 3:\n            {body}\n{RETURN}"))
@@ -311,7 +326,8 @@ def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(
                              "--run", tmp_path / "run", "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: the model plugin 'late' (package lmlab-late, lmlab_late:Tiny)"), err
-    assert message in err and err.strip().endswith(("fix the plugin's forward.", "None without targets).")), err
+    assert message in err and err.strip().endswith(("fix the plugin's forward.", "fix the plugin's backward.",
+                                                    "None without targets).", "with torch operations.")), err
 
 
 @pytest.mark.slow
@@ -329,3 +345,23 @@ def test_a_plugin_that_goes_wrong_after_training_is_named_by_sample_and_eval(tmp
         code, out, err = run_cli(capsys, *command)
         assert code == 2 and len(err.strip().splitlines()) == 1 and not out, err
         assert "the model plugin 'moody'" in err and "returned a tuple of 3, not the pair (logits, loss)" in err, err
+
+
+@pytest.mark.parametrize("raised", ["OSError(5, 'Input/output error', 'kernels.cache')",
+                                    "type('KernelMissing', (Exception,), {})('no kernel for this length')"])
+@pytest.mark.slow
+def test_a_plugins_own_exception_after_training_is_named_by_sample_and_eval(tmp_path, site, char_dataset, capsys,
+                                                                           monkeypatch, raised):
+    """Before: a traceback (its own Exception subclass) or "kernels.cache: Input/output error; choose another
+    folder", which blamed the user's folder for the plugin's read."""
+    install_plugin(site, "moody", "lmlab-moody", FAKE_MODEL.replace(
+        RETURN, f"        if os.environ.get('MOODY') and idx.shape[1] > 3:\n            raise {raised}\n"
+        + RETURN) + "import os\n")
+    run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "moody", "", max_iters=3)), tmp_path / "run",
+                  "cpu").run().run_dir
+    monkeypatch.setenv("MOODY", "1")
+    for command in (["sample", run, "--prompt", "ROMEO: sweet", "--max-new-tokens", "3"], ["eval", run]):
+        code, out, err = run_cli(capsys, *command)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out, err
+        assert err.startswith("error: the model plugin 'moody' (package lmlab-moody, lmlab_moody:Tiny) raised "), err
+        assert "in its forward of " in err and "choose another folder" not in err, err

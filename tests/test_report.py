@@ -237,12 +237,15 @@ def test_a_dataset_with_documents_gets_its_length_histogram(tmp_path, corpus_dir
     assert (tmp_path / "out" / "plays-word100-doc-lengths.png").stat().st_size > 10_000
 
 
-def with_vals(run: Path, copy: Path, rise: float) -> RunFacts:
-    """A copy of `run` whose evaluations after the first read `rise` above it (its metrics.jsonl edited)."""
+def with_vals(run: Path, copy: Path, rise: float, gap: float | None = None) -> RunFacts:
+    """A copy of `run` whose evaluations after the first read `rise` above it (its metrics.jsonl edited), and with
+    `gap`, every evaluation's train loss that far below its val loss."""
     shutil.copytree(run, copy)
     events = RunDir(copy).events()
     first = next(e["val_loss"] for e in events if e["event"] == "eval")
     lines = [{**e, "val_loss": first + rise} if e["event"] == "eval" and e["step"] > 10 else e for e in events]
+    if gap is not None:
+        lines = [{**e, "train_eval_loss": e["val_loss"] - gap} if e["event"] == "eval" else e for e in lines]
     (copy / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     return RunFacts(RunDir(copy), summarize(copy), RunDir(copy).events(), RunDir(copy).config())
 
@@ -260,6 +263,16 @@ def test_a_flat_val_is_called_settled_only_past_the_noise_of_its_eval_batches(tw
     assert re.search(r"`risen` stopped improving before its end \(best at step 10 of 40; its last evaluation is 1\.000 "
                      r"higher, over twice the ±[\d.]+ noise of its 4 eval batches\): more of the same training will "
                      r"not lower its loss\.", said)
+
+    # One verdict with a gap between the splits (before: "flat ... not told" and "`flat` overfits" in one report).
+    flat, risen = with_vals(gpt2, tmp_path / "flat-gap", 0.0005, 0.5), with_vals(gpt2, tmp_path / "risen-gap", 1.0, 0.5)
+    said = " ".join(reading([flat, risen]))
+    assert "`flat-gap` overfits" not in said, said
+    assert ("is not told; its val loss is 0.500 above its train loss at its best, a gap between the splits that is not "
+            "told to be overfitting either; more eval batches") in said, said
+    assert ("noise of its 4 eval batches); its val loss was 0.500 above its train loss at its best: it overfits: more "
+            "of the same training will not lower its loss.") in said, said
+    assert said.count("overfits") == 1, said
 
 
 @pytest.mark.slow

@@ -334,4 +334,5 @@ def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tok
     assert main(["compare", str(base), str(tuned), "--wide"]) == 0
     said = " ".join(re.sub("[│┃]", " ", capsys.readouterr().out).split())
     assert ("bits/byte: % change, as they were scored on different text (tuned: held-out instruction records, not "
-            "a val split): their losses are of different text") in said
+            "a val split): a loss per token of one is not the other's") in said
+    assert said.count("different text") == 1, said  # before: "... on different text: their losses are of different text"

@@ -255,7 +255,7 @@ def unfair(runs: list[RunSummary]) -> str | None:
     if len({s.scored_on for s in runs}) > 1:
         tuned = [s.name for s in runs if s.kind == "fine-tuned"]
         how = (f" ({', '.join(tuned)}: held-out instruction records, not a val split)" if tuned else "")
-        return f"they were scored on different text{how}: their losses are of different text"
+        return f"they were scored on different text{how}: a loss per token of one is not the other's"
     return None
 
 

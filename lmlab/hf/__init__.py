@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -108,7 +110,50 @@ def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int
         raise UserError(f"the tokenizer in {where} has {tokenizer.vocab_size:,} tokens but the model only "
                         f"{vocab_size:,} embedding rows (vocab_size in config.json); it is not this model's tokenizer.")
     check_label(tokenizer, where)
+    _check_evidence(tokenizer, where, folder, vocab_size)
     return tokenizer
+
+
+PADDING_MULTIPLE = 128  # vocabularies are padded to a multiple of at most this (Qwen, Pythia), or by a few percent
+PADDING_SHARE = 1 / 32  # (DeepSeek: 100,015 tokens in 102,400 rows)
+
+
+def _check_evidence(tokenizer: Tokenizer, where: Path | str, folder: Path, rows: int) -> None:
+    """Refuse a tokenizer the model's own files contradict, labelled or not (a folder lmlab did not export has no
+    label): one that reaches far fewer of its embedding rows than padding leaves unused (its ids would never
+    produce the rest, and what the model samples there decodes to nothing), or whose token at the model's
+    bos_token_id or eos_token_id (config.json, generation_config.json) is missing or ordinary text, not a special
+    token."""
+    tokens = tokenizer.vocab_size
+    padded = max(-(-tokens // PADDING_MULTIPLE) * PADDING_MULTIPLE, math.ceil(tokens / (1 - PADDING_SHARE)))
+    problem = (f"it has {tokens:,} tokens for the model's {rows:,} embedding rows (vocab_size in config.json), "
+               f"{rows - tokens:,} rows no id of it reaches, more than padding leaves" if rows > padded else
+               _special_problem(tokenizer, folder))
+    if problem:
+        raise UserError(f"the tokenizer in {where} is not this model's: {problem}; pass the model's own tokenizer "
+                        "with --tokenizer DIR_OR_FILE.")
+
+
+def _special_problem(tokenizer: Tokenizer, folder: Path) -> str | None:
+    """What contradicts the tokenizer in the model's bos and eos ids: an id it lacks, or one it holds as a single
+    character of text (a char tokenizer's '\\n'), not among its added (special) tokens."""
+    specials = tokenizer.backend.get_added_tokens_decoder()
+    for name in ("config.json", "generation_config.json"):
+        try:
+            facts = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # config.json was read already; generation_config.json is optional
+            continue
+        for key in ("eos_token_id", "bos_token_id"):
+            ids = facts.get(key) if isinstance(facts, dict) else None
+            for id_ in ids if isinstance(ids, list) else [ids]:
+                if not isinstance(id_, int) or isinstance(id_, bool) or id_ in specials:
+                    continue
+                token = tokenizer.backend.id_to_token(id_) if id_ >= 0 else None
+                if token is None or len(token) == 1:  # no model ends its text with one character of it
+                    return (f"the model's {key} {id_} ({name}) is no token of it" if token is None else
+                            f"the model's {key} {id_} ({name}) is its {token!r}, one character of text, not a "
+                            "special token")
+    return None
 
 
 def check_label(tokenizer: Tokenizer, where: Path | str) -> None:

@@ -86,8 +86,27 @@ def _checked(forward: Any, who: str, vocab: int) -> Any:
     return checked_forward
 
 
-# What a plugin's own mistake raises; not an out-of-memory error, a stop signal or an interrupt.
-PLUGIN_ERRORS = (ArithmeticError, AssertionError, AttributeError, LookupError, RuntimeError, TypeError, ValueError)
+def check_loss(model: LanguageModel, loss: torch.Tensor, batch: torch.Size) -> None:
+    """Refuse, in one sentence naming the plugin, a loss training cannot learn from: one detached from the graph
+    (`.detach()`, `.item()` made a tensor again, a constant), which backward would fail on in a traceback or, for a
+    leaf that asks for gradients, train nothing silently. Called by the training step on the loss its (maybe
+    compiled) forward returned for a `batch` of token ids; lmlab's own kinds are not checked."""
+    who = getattr(model, "lmlab_plugin", None)
+    if who is not None and loss.grad_fn is None:
+        raise UserError(f"{who}: its forward of {'x'.join(map(str, batch))} token ids with targets returned a loss "
+                        "detached from its weights (no gradient can reach them: a .detach(), .item() or a constant); "
+                        "compute the loss from the logits with torch operations.")
+
+
+@contextmanager
+def backward_named(model: LanguageModel) -> Iterator[None]:
+    """A plugin's own raise in the backward pass (a custom autograd Function's) as one sentence naming it."""
+    who = getattr(model, "lmlab_plugin", None)
+    if who is None:
+        yield
+        return
+    with _named(who, "its backward pass", next(iter(model.parameters()), torch.zeros(())).device, "backward"):
+        yield
 
 
 @torch.no_grad()
@@ -129,15 +148,23 @@ def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | No
 
 
 @contextmanager
-def _named(who: str, how: str, device: torch.device) -> Iterator[None]:
+def _named(who: str, how: str, device: torch.device, part: str = "forward") -> Iterator[None]:
     """A raise of the plugin's own mistakes inside as one sentence naming it and `how` it was called."""
     try:
         yield
-    except PLUGIN_ERRORS as err:
-        if classify(err) in ("memory", "overflow"):
-            raise  # a size too large to hold or to count, which the caller says as such
+    except Exception as err:  # a plugin's own mistake can be any exception, its own classes and OSError included
+        if _not_the_plugins(err):
+            raise
         where = " on the meta device, where lmlab sizes a model before building it" if device.type == "meta" else ""
-        raise UserError(f"{who} raised {_first_line(err)} in {how}{where}; fix the plugin's forward.") from err
+        raise UserError(f"{who} raised {_first_line(err)} in {how}{where}; fix the plugin's {part}.") from err
+
+
+def _not_the_plugins(err: Exception) -> bool:
+    """Whether `err`, raised inside a plugin's forward or backward, is not its own mistake: a sentence or a stop of
+    lmlab's (a UserError, a step abandoned after a stop signal: lmlab's own classes), a size too large to hold or to
+    count, a collective's peer gone or timed out (which the caller says as such), or a reader gone (`| head`)."""
+    return (isinstance(err, (UserError, BrokenPipeError)) or type(err).__module__.startswith("lmlab.")
+            or classify(err) is not None)
 
 
 def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool, check_values: bool) -> str | None:

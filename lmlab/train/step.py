@@ -13,6 +13,7 @@ import torch
 from lmlab.core.config import TrainConfig
 from lmlab.core.device import autocast, compile_choice, triton_available
 from lmlab.model import LanguageModel
+from lmlab.model.plugins import backward_named, check_loss
 from lmlab.train.optim import optimizer_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -134,8 +135,10 @@ class TrainStep:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
                 _, loss = forward(x, y)
+            check_loss(self.model, loss, x.shape)
             loss = loss / n_batches
-            self.scaler.scale(loss).backward()
+            with backward_named(self.model):
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)

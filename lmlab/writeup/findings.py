@@ -113,10 +113,11 @@ def reading(facts: list[RunFacts]) -> list[str]:
 
 
 def run_caveats(f: RunFacts) -> list[str]:
-    """What a reader of one run's figures must know: it stopped improving (or is flat within the noise), its val
-    loss stands well above its train loss, it repeated its data past what repeats are worth."""
-    found = [_settled(f)] if f.summary.still_falling is False else []
-    found += _gap(f)
+    """What a reader of one run's figures must know, one verdict on its val loss from the evidence and its noise:
+    still falling, stopped improving (past twice the noise of its eval batches) or flat within that noise, with
+    its val loss's gap to its train loss said in the same verdict (overfitting only once it stopped improving);
+    and that it repeated its data past what repeats are worth."""
+    found = [_settled(f)] if f.summary.still_falling is False else _gap(f)
     warning = repeat_warning(f.summary.epochs, f.summary.split_tokens, f"`{f.name}`")
     return found + ([warning[0].upper() + warning[1:]] if warning else [])
 
@@ -198,31 +199,35 @@ def eval_noise(trains: list[dict[str, Any]], log_interval: int, eval_iters: int)
 
 def _settled(f: RunFacts) -> str:
     """A run whose best evaluation is not its last: stopped improving, when its evaluations since rose by more than
-    twice the noise of their batches; else flat within that noise, which says nothing about more training."""
+    twice the noise of their batches (and overfitting, with a val loss well above its train loss); else flat within
+    that noise, which says nothing about more training, nor whether a gap between the splits is overfitting."""
     s, train = f.summary, f.config.train
     best = f"best at step {s.best_step:,} of {s.steps:,}"
     noise = eval_noise(s.trains, train.log_interval, train.eval_iters)
     rise = s.evals[-1]["val_loss"] - s.best_val_loss
+    gap = s.gap if s.gap is not None and s.gap > GAP else None
     if noise is not None and rise > 2 * noise:
+        overfits = f"; its val loss was {gap:.3f} above its train loss at its best: it overfits" if gap else ""
         return (f"`{f.name}` stopped improving before its end ({best}; its last evaluation is {rise:.3f} higher, "
-                f"over twice the ±{noise:.3f} noise of its {train.eval_iters} eval batches): more of the same "
-                "training will not lower its loss.")
+                f"over twice the ±{noise:.3f} noise of its {train.eval_iters} eval batches){overfits}: more of the "
+                "same training will not lower its loss.")
     within = f"within the ±{noise:.3f} noise of" if noise is not None else "within what can be told from"
+    split = (f"; its val loss is {gap:.3f} above its train loss at its best, a gap between the splits that is not "
+             "told to be overfitting either" if gap else "")
     return (f"`{f.name}`'s val loss has been flat since its best evaluation ({best}; the later ones are {within} "
-            f"its {train.eval_iters} eval batches): whether more training lowers it is not told; more eval batches "
-            "(train.eval_iters) would tell.")
+            f"its {train.eval_iters} eval batches): whether more training lowers it is not told{split}; more eval "
+            "batches (train.eval_iters) would tell.")
 
 
 def _gap(f: RunFacts) -> list[str]:
-    """A val loss well above the train loss (GAP or more): overfitting once it stopped falling."""
+    """A val loss well above the train loss (GAP or more) of a run still falling, or of one whose evaluations
+    cannot tell: a gap between the splits, not (yet) overfitting."""
     gap = f.summary.gap
     if gap is None or gap <= GAP:
         return []
-    if f.summary.still_falling:
-        return [f"`{f.name}`'s val loss is {gap:.3f} above its train loss (the same number of batches) at its best "
-                "evaluation, but still falling: a gap between the splits, not yet overfitting."]
-    return [f"`{f.name}` overfits: its val loss stopped improving at step {f.summary.best_step:,}, {gap:.3f} above its "
-            "train loss."]
+    trend = "but still falling" if f.summary.still_falling else "with too few evaluations to tell a trend"
+    return [f"`{f.name}`'s val loss is {gap:.3f} above its train loss (the same number of batches) at its best "
+            f"evaluation, {trend}: a gap between the splits, not yet overfitting."]
 
 
 def _caveats(facts: list[RunFacts]) -> list[str]:

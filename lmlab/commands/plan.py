@@ -252,7 +252,8 @@ def _plan_shape(target: Path, cfg: Any, started: float, device_name: str, choose
     device = resolve_device(device_name)
     dtype, _ = choose_dtype(device, cfg.train.dtype)
     with console.status("Timing its steps..."):
-        timing = time_config(cfg, device, dtype, chooser.counts(device))
+        timing = time_config(cfg, device, dtype, chooser.counts(device),
+                             deadline=started + cfg.train.budget_seconds - SET_UP)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
     split = read_meta(Path(cfg.data.dataset))["train"]["tokens"]
     intervals = (cfg.train.eval_steps(split, tokens_per_step), cfg.train.checkpoint_interval)

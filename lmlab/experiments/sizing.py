@@ -231,7 +231,8 @@ class Search:
         cfg = self.family.config(c.depth, self.fit)
         try:
             check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.device)
-            c.timing = time_config(cfg, self.device, self.dtype, self.counts)
+            c.timing = time_config(cfg, self.device, self.dtype, self.counts,
+                                   deadline=self.started + self.budget - SET_UP)
         except (MemoryRefused, torch.OutOfMemoryError):  # a GPU's allocator is the check there
             c.note = f"does not fit the memory of {self.device.type}"
             return False

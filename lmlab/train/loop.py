@@ -234,7 +234,8 @@ class Trainer:
         not fit (`lmlab.train.budget.plan`, which `lmlab plan --budget` asks too)."""
         tc = self.cfg.train
         with self.console.status("Timing a step, as the budget is planned from it..."):
-            timing = timing or time_config(self.cfg, self.device, self.dtype, [torch.get_num_threads()])
+            timing = timing or time_config(self.cfg, self.device, self.dtype, [torch.get_num_threads()],
+                                           deadline=self.started + tc.budget_seconds)
         costs = Costs(*self.parallel.mean(list(dataclasses.astuple(timing.costs())), self.device))
         spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
         made = plan(tc.budget_seconds, spent, costs, tc, self.cadence.intervals)

@@ -7,6 +7,7 @@ trainer time alike, so they plan alike.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,12 +57,14 @@ class Timing:
         return Costs(self.step, self.eval_batch, self.plot, checkpoint, self.plot + EXIT_SECONDS)
 
 
-def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int]) -> Timing:
+def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int],
+                deadline: float = math.inf) -> Timing:
     """`cfg`'s model (eager, on random tokens, its micro-batch and accumulation, its optimizer) on a model of its
     own, so the run's weights are untouched: its forward pass timed on each thread count of `counts` where there are
-    several (`time_threads`: a count far slower drops out after one call), then on the threads that win a warm-up
-    step, training steps for at least TIMED_SECONDS (at most MAX_STEPS), and a forward pass of a micro-batch on each
-    split."""
+    several (`time_threads`: a count far slower drops out after one call); then on the threads that win a plot, a
+    warm-up step, a forward pass of a micro-batch on each split and training steps for at least TIMED_SECONDS (at
+    most MAX_STEPS). Where the warm-up step shows that two steps end past `deadline` (a time.perf_counter() reading:
+    the budget's end), it stands for the step: a budget that cannot hold two is refused without timing more."""
     train = dataclasses.replace(cfg.train, compile=False)
     step = TrainStep(build_model(cfg.model).to(device), train, device, dtype)
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
@@ -79,16 +82,19 @@ def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts
         counts, forward_probe(step.model, train.batch_size, cfg.model.block_size, device, dtype))
     threads = pick(forward) if forward else counts[0]
     torch.set_num_threads(threads)
-    timed(lambda: step(batches, len(batches), train.learning_rate))  # allocations, caches
-    times: list[float] = []
-    while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS):
-        times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
+    plot = time_plot()
+    times = [timed(lambda: step(batches, len(batches), train.learning_rate))]  # allocations, caches: untimed
     step.model.eval()
     with torch.no_grad(), autocast(device, dtype):
         evaluation = timed(lambda: step.model(tokens, tokens))
+    step.model.train()
+    if time.perf_counter() + 2 * times[0] <= deadline:
+        times.clear()
+        while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS):
+            times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
     weights = 4 * step.model.num_params()
     saved = weights + optimizer_of(train).state_bytes(weights, 0)
-    return Timing(forward, threads, sum(times) / len(times), 2 * evaluation, time_plot(), saved,
+    return Timing(forward, threads, sum(times) / len(times), 2 * evaluation, plot, saved,
                   time.perf_counter() - began)
 
 

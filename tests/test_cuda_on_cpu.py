@@ -243,19 +243,23 @@ def test_a_batch_fits_only_within_the_budget_that_keeps_headroom():
     assert 0.7 * available < memory_budget(torch.device("cpu")) < 0.9 * available  # 20% of the RAM left free
 
 
-def test_tf32_is_set_through_the_current_api_without_a_warning():
+def test_tf32_is_set_through_the_current_api_without_a_warning_and_the_legacy_getters_still_answer():
     """configure() is what training, eval, sample and serve call (RunDir.load); for a CUDA device it turns TF32
-    on. Setting the flags needs no GPU, so this runs anywhere."""
-    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    on. Setting the flags needs no GPU, so this runs anywhere. After it, torch's legacy getters (Inductor's
+    autotuning and plugins read them) answer, where `fp32_precision` set alone made them raise "mix of the legacy
+    and new APIs"."""
+    conv = torch.backends.cudnn.conv.fp32_precision
     try:
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             configure(torch.device("cuda"))
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+            assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+            assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+            assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+        torch.set_float32_matmul_precision("highest")  # torch's default, both APIs at once
+        torch.backends.cudnn.conv.fp32_precision = conv
 
 
 def test_a_run_on_weights_born_in_bf16_computes_in_fp32_on_a_gpu_without_bf16(tmp_path, fake_gpu):

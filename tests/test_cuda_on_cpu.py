@@ -4,6 +4,7 @@ loss, the mask-free prompt into a decode cache, per-rank seeds, GPU choice and s
 (tests/test_cuda.py runs the same paths on a GPU; the datasheet table is tested in tests/test_bench.py.)"""
 
 import json
+import types
 import math
 import warnings
 
@@ -276,3 +277,36 @@ def test_a_run_on_weights_born_in_bf16_computes_in_fp32_on_a_gpu_without_bf16(tm
         dtype, why = choose_dtype(cuda, "auto", weights_born_in(run, init_from))
         assert dtype == torch.float32 and "trained in bfloat16" in why
     assert choose_dtype(cuda, "auto", weights_born_in(new, None))[0] == torch.float16
+
+
+def test_a_checkpoint_is_read_into_host_memory_whatever_device_the_model_is_on(tmp_path, monkeypatch):
+    """A rollback or resume copies a checkpoint's tensors from host memory into the ones training holds, so a GPU
+    never holds a second copy (run/checkpoint.py's load_checkpoint). A model "on the GPU" (its parameters reporting
+    cuda:0 to whoever asks, as a reverted load would ask) must still be read with device="cpu": safetensors' loaders
+    are faked to record the device they are asked for."""
+    import lmlab.run.checkpoint as checkpoint
+
+    model = GPT(ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=8, vocab_size=11))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    optimizer.step()
+    folder = checkpoint.save_checkpoint(tmp_path, 1, checkpoint.model_tensors(model), optimizer.state_dict(), {},
+                                        best=False)
+    asked = []
+    load_model, load_file = checkpoint.load_model, checkpoint.load_file
+
+    def recording(real):  # noqa: ANN001, ANN202
+        def load(*args, device="cpu", **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            asked.append(str(device))
+            return real(*args, device="cpu", **kwargs)
+        return load
+
+    monkeypatch.setattr(checkpoint, "load_model", recording(load_model))
+    monkeypatch.setattr(checkpoint, "load_file", recording(load_file))
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    parameters = model.parameters
+    monkeypatch.setattr(model, "parameters", lambda recurse=True: iter([on_gpu, *parameters(recurse)]))
+    held = {key: value for key, value in optimizer.state_dict()["state"][0].items() if torch.is_tensor(value)}
+    checkpoint.load_checkpoint(folder, model, optimizer)
+    assert asked == ["cpu", "cpu"]  # the weights, then the optimizer's state
+    assert all(optimizer.state_dict()["state"][0][key] is value for key, value in held.items())  # copied in place

@@ -4,8 +4,8 @@ loss, the mask-free prompt into a decode cache, per-rank seeds, GPU choice and s
 (tests/test_cuda.py runs the same paths on a GPU; the datasheet table is tested in tests/test_bench.py.)"""
 
 import json
-import types
 import math
+import types
 import warnings
 
 import numpy as np

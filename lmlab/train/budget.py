@@ -180,7 +180,7 @@ class Budget:
         return spent + (step - seen) * self.pace
 
     def _position_at(self, step: int) -> float:
-        if step < self.plan.warmup or (self.live and self._anchor is None):
+        if step < self.plan.warmup:
             return self._given
         if step >= self.last - 1 and self.decided:
             return 1.0
@@ -188,7 +188,9 @@ class Budget:
             span = self.last - 1 - self.plan.step
             return 1.0 if span <= 0 else min(1.0, self.plan.position + (1 - self.plan.position) *
                                              max(0, step - self.plan.step) / span)
-        began, where, end = self._anchor  # type: ignore[misc]
+        if self._anchor is None:  # the decay has not begun
+            return self._given
+        began, where, end = self._anchor
         share = (self._began(step) - began) / (end - began) if end > began else 1.0
         return max(self._given, min(1.0, where + (1 - where) * share))
 

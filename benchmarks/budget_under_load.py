@@ -1,12 +1,13 @@
 """Whether `lmlab train --budget` ends when its budget does when the machine gets busy mid-run, for every preset.
 
-    python benchmarks/budget_under_load.py [--budgets 30,60,120,300] [--hog-at 0.33] [--hogs 1,2]
+    python benchmarks/budget_under_load.py [--budgets 30,60,120,300] [--hog-at 0.33] [--hogs 1,2] [--lull]
         [--configs PRESET,...] [--auto configs/shakespeare-char-modern-cpu.toml] [--tree PATH ...]
 
 Prepares the Shakespeare datasets the presets need, then for each config and budget trains as a user does
 (`python -m lmlab train CONFIG --budget Ns`, one process each): on a quiet machine, and with each of --hogs
 processes spinning on the CPU (`python -c "while True: pass"`) started --hog-at of the budget after the command and
-killed once it exits. --auto adds that preset with `--size auto` (its sizes timed within the budget). The configs
+killed once it exits; with --lull, the hogs spin from the start, stop at 30% of the budget and spin again from 45%
+(a lull, then the load back: the case that left a run far from min_lr). --auto adds that preset with `--size auto` (its sizes timed within the budget). The configs
 are every preset whose dataset is Shakespeare's (configs/gpt2-small.toml needs OpenWebText; the GPU recipe,
 configs/shakespeare-char.toml, takes seconds a step on 2 cores). Wall time is the process's, start to exit. Each
 --tree is an lmlab source tree put first on PYTHONPATH (`python -P`), so two versions compare in one sitting (they
@@ -37,50 +38,44 @@ from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter
-from lmlab.core.config import TrainConfig, load_config
+from lmlab.core.config import load_config
 from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
-from lmlab.train.planning import BudgetPlan
 
 
 PRESETS = ("configs/shakespeare-char-speedrun-cpu.toml", "configs/shakespeare-char-modern-cpu.toml",
            "configs/shakespeare-char-cpu.toml", "configs/shakespeare-word-cpu.toml", "configs/shakespeare-char.toml")
 
 
-def last_lr(plans: list[dict], steps: int, cfg: TrainConfig) -> float:
-    """The LR of the last step trained (index steps - 1) as a share of the peak, under the plan in force then: the
-    newest made at or before it (one made at the end lays nothing more), else the config's own schedule (steps of
-    seconds: the first plan can come at the end). Train lines are logged every log_interval steps, so the last of
-    them can be steps before the end, mid-decay."""
-    if not steps:
-        return float("nan")  # start-up took the budget
-    plan = BudgetPlan()
-    made = [e for e in plans if e["step"] < steps]
-    if made:
-        plan.load_state_dict({k: v for k, v in made[-1].items() if k != "event"})
-    return plan.lr(steps - 1, cfg) / cfg.learning_rate
-
-
-def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None, hogs: int,
+def train(config: str, run: Path, budget: float, tree: str, windows: list[tuple[float, float]], hogs: int,
           size: list[str]) -> dict:
-    """One budgeted run in its own process, with `hogs` CPU hogs from `hog_at` seconds after its start; its
-    figures."""
+    """One budgeted run in its own process, with `hogs` CPU hogs spinning in each (from, to) window of seconds after
+    its start; its figures."""
     env = {**os.environ, "PYTHONPATH": tree} if tree else dict(os.environ)
     command = [sys.executable, "-P", "-m", "lmlab", "train", config, "--run", str(run), "--device", "cpu",
                "--budget", f"{budget:g}s", *size]
     spinning: list[subprocess.Popen] = []
+
+    def stop() -> None:
+        for hog in spinning:
+            hog.kill()
+            hog.wait()
+        spinning.clear()
+
     with LoadMeter() as meter:
         started = time.perf_counter()
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         while proc.poll() is None:
-            if hog_at is not None and not spinning and time.perf_counter() - started >= hog_at:
+            now = time.perf_counter() - started
+            wanted = hogs and any(start <= now < end for start, end in windows)
+            if wanted and not spinning:
                 spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
+            elif spinning and not wanted:
+                stop()
             time.sleep(0.01)
         wall = time.perf_counter() - started
-        for hog in spinning:
-            hog.kill()
-            hog.wait()
+        stop()
     if proc.returncode:
         raise SystemExit(f"training {run} failed:\n{proc.stdout.read()}")
     events = RunDir(run).events()
@@ -88,10 +83,10 @@ def train(config: str, run: Path, budget: float, tree: str, hog_at: float | None
     plans = [e for e in events if e["event"] == "budget"]
     evals = [e for e in events if e["event"] == "eval"]
     threads = " ".join(f"{e['threads']}@{e['step']}" for e in events if e["event"] == "threads") or "-"
-    steps = events[-1]["step"]
-    return {"wall": wall, "steps": steps, "plans": len(plans), "lr": last_lr(plans, steps, cfg),
+    end = events[-1]
+    return {"wall": wall, "steps": end["step"], "plans": len(plans), "lr": end["lr"] / cfg.learning_rate,
             "val": evals[-1]["val_loss"] if evals else float("nan"), "threads": threads, "load": meter.load,
-            "eval_iters": cfg.eval_iters}
+            "eval_iters": plans[0]["eval_iters"] if plans else cfg.eval_iters}
 
 
 def main() -> None:
@@ -99,6 +94,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="30,60,120,300", help="comma-separated seconds")
     parser.add_argument("--hog-at", type=float, default=1 / 3, help="when the hogs start, as a share of the budget")
     parser.add_argument("--hogs", default="1,2", help="comma-separated counts of spinning processes, each a load")
+    parser.add_argument("--lull", action="store_true", help="hogs from the start, none from 30%% to 45%% of the "
+                        "budget, then again to the end")
     parser.add_argument("--configs", default=",".join(PRESETS), help="comma-separated presets")
     parser.add_argument("--auto", default="configs/shakespeare-char-modern-cpu.toml", help="a preset also trained "
                         "with --size auto (\"\": none)")
@@ -112,8 +109,8 @@ def main() -> None:
     loads = [0, *(int(h) for h in args.hogs.split(","))]
     trees = args.tree or [""]
     cases = [(c, b, hogs, tree) for c in configs for b in budgets for hogs in loads for tree in trees]
-    table = Table(title=f"--budget, quiet and with CPU hogs from {args.hog_at:.0%} of the budget (wall: process start "
-                        "to exit)")
+    when = "through a lull (none from 30% to 45% of the budget)" if args.lull else f"from {args.hog_at:.0%} of the budget"
+    table = Table(title=f"--budget, quiet and with CPU hogs {when} (wall: process start to exit)")
     for column in ("tree", "config", "budget", "hogs", "wall", "vs budget", "steps", "plans", "last LR / peak", "val",
                    "eval batches", "threads", "others' CPU"):
         table.add_column(column, justify="left" if column in ("tree", "config") else "right")
@@ -122,8 +119,9 @@ def main() -> None:
         for i, ((config, size), budget, hogs, tree) in enumerate(cases, 1):
             name = Path(config).stem.removeprefix("shakespeare-") + (" --size auto" if size else "")
             progress.start(f"{name}, budget {budget:g} s, {hogs} hogs{', tree ' + tree if tree else ''}")
-            r = train(config, Path(runs) / f"run{i}", budget, tree, args.hog_at * budget if hogs else None, hogs,
-                      size)
+            windows = ([(0.0, 0.3 * budget), (0.45 * budget, float("inf"))] if args.lull else
+                       [(args.hog_at * budget, float("inf"))])
+            r = train(config, Path(runs) / f"run{i}", budget, tree, windows, hogs, size)
             others = "-" if r["load"].others is None else f"{100 * r['load'].others:.0f}%"
             console.print(f"    wall {r['wall']:.1f} s ({100 * (r['wall'] / budget - 1):+.1f}%), {r['steps']} steps, "
                           f"{r['plans']} plans, val {r['val']:.4f}", highlight=False)

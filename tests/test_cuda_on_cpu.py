@@ -5,6 +5,7 @@ loss, the mask-free prompt into a decode cache, per-rank seeds, GPU choice and s
 
 import json
 import math
+import types
 import warnings
 
 import numpy as np
@@ -243,19 +244,23 @@ def test_a_batch_fits_only_within_the_budget_that_keeps_headroom():
     assert 0.7 * available < memory_budget(torch.device("cpu")) < 0.9 * available  # 20% of the RAM left free
 
 
-def test_tf32_is_set_through_the_current_api_without_a_warning():
+def test_tf32_is_set_through_the_current_api_without_a_warning_and_the_legacy_getters_still_answer():
     """configure() is what training, eval, sample and serve call (RunDir.load); for a CUDA device it turns TF32
-    on. Setting the flags needs no GPU, so this runs anywhere."""
-    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    on. Setting the flags needs no GPU, so this runs anywhere. After it, torch's legacy getters (Inductor's
+    autotuning and plugins read them) answer, where `fp32_precision` set alone made them raise "mix of the legacy
+    and new APIs"."""
+    conv = torch.backends.cudnn.conv.fp32_precision
     try:
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             configure(torch.device("cuda"))
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+            assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+            assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+            assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+        torch.set_float32_matmul_precision("highest")  # torch's default, both APIs at once
+        torch.backends.cudnn.conv.fp32_precision = conv
 
 
 def test_a_run_on_weights_born_in_bf16_computes_in_fp32_on_a_gpu_without_bf16(tmp_path, fake_gpu):
@@ -272,3 +277,36 @@ def test_a_run_on_weights_born_in_bf16_computes_in_fp32_on_a_gpu_without_bf16(tm
         dtype, why = choose_dtype(cuda, "auto", weights_born_in(run, init_from))
         assert dtype == torch.float32 and "trained in bfloat16" in why
     assert choose_dtype(cuda, "auto", weights_born_in(new, None))[0] == torch.float16
+
+
+def test_a_checkpoint_is_read_into_host_memory_whatever_device_the_model_is_on(tmp_path, monkeypatch):
+    """A rollback or resume copies a checkpoint's tensors from host memory into the ones training holds, so a GPU
+    never holds a second copy (run/checkpoint.py's load_checkpoint). A model "on the GPU" (its parameters reporting
+    cuda:0 to whoever asks, as a reverted load would ask) must still be read with device="cpu": safetensors' loaders
+    are faked to record the device they are asked for."""
+    import lmlab.run.checkpoint as checkpoint
+
+    model = GPT(ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=8, vocab_size=11))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    optimizer.step()
+    folder = checkpoint.save_checkpoint(tmp_path, 1, checkpoint.model_tensors(model), optimizer.state_dict(), {},
+                                        best=False)
+    asked = []
+    load_model, load_file = checkpoint.load_model, checkpoint.load_file
+
+    def recording(real):  # noqa: ANN001, ANN202
+        def load(*args, device="cpu", **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            asked.append(str(device))
+            return real(*args, device="cpu", **kwargs)
+        return load
+
+    monkeypatch.setattr(checkpoint, "load_model", recording(load_model))
+    monkeypatch.setattr(checkpoint, "load_file", recording(load_file))
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    parameters = model.parameters
+    monkeypatch.setattr(model, "parameters", lambda recurse=True: iter([on_gpu, *parameters(recurse)]))
+    held = {key: value for key, value in optimizer.state_dict()["state"][0].items() if torch.is_tensor(value)}
+    checkpoint.load_checkpoint(folder, model, optimizer)
+    assert asked == ["cpu", "cpu"]  # the weights, then the optimizer's state
+    assert all(optimizer.state_dict()["state"][0][key] is value for key, value in held.items())  # copied in place

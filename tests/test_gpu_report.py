@@ -143,3 +143,30 @@ def test_make_gpu_report_takes_the_images_torch_only_where_it_serves_and_no_torc
     for command in IMAGE + VENV:
         assert (command in done.stdout) is (command in branch), done.stdout
     assert why is None or done.stdout.splitlines()[0].endswith(f"{why}\"")
+
+
+def simulated_events(compiling: float, per_step: float, eval_seconds: float, vals: dict[int, float]) -> list[dict]:
+    """A run's events on a simulated clock: steps of `per_step` seconds, the first also `compiling`; an evaluation
+    of `eval_seconds` after each step of `vals` (its val loss), logged when it ends; a train line every 10 steps."""
+    events, clock = [], 0.0
+    for step in range(1, max(vals) + 1):
+        clock += per_step + (compiling if step == 1 else 0.0)
+        if step % 10 == 1:
+            events.append({"event": "train", "step": step, "elapsed": clock})
+        if step in vals:
+            clock += eval_seconds
+            events.append({"event": "eval", "step": step, "val_loss": vals[step], "elapsed": clock,
+                           "seconds": eval_seconds})
+    return events
+
+
+def test_time_to_a_val_loss_parts_the_wall_clock_into_steps_compiling_and_evaluating(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # gpu_report imports checkpoint_io beside it
+    time_to = __import__("gpu_report").time_to
+    events = simulated_events(compiling=40.0, per_step=2.0, eval_seconds=3.0, vals={20: 1.8, 40: 1.6, 60: 1.49})
+    # Reached at step 60: 60 steps of 2 s; the first step's 40 s past a steady step; three evaluations of 3 s.
+    assert time_to(events, 1.50) == "120 s of steps (step 60); 169 s wall: +40 s compiling and warming up, +9 s " \
+                                    "evaluating"
+    assert time_to(events, 1.60) == "80 s of steps (step 40); 126 s wall: +40 s compiling and warming up, +6 s " \
+                                    "evaluating"  # the first evaluation at or below it, and those before it
+    assert time_to(events, 1.40) == "not reached"

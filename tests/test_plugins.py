@@ -97,13 +97,14 @@ def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, 
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "guarded").values())
 
     config = write(tmp_path / "sweep.toml", wikitext_dataset)
-    code, out, err = run_cli(capsys, "sweep", config, "--set", "model.options.mlp_ratio=1,3", "--budget-seconds", "2.5",
+    # A budget each trial's start-up and timing leave room in on a busy machine (a tighter one is refused)
+    code, out, err = run_cli(capsys, "sweep", config, "--set", "model.options.mlp_ratio=1,3", "--budget-seconds", "10",
                              "--name", "ratio", "--dir", tmp_path)
     assert code == 0, err
     for trial in ("options.mlp_ratio=1", "options.mlp_ratio=3"):
         trial_run = RunDir(tmp_path / "ratio" / trial)
         assert trial_run.config().model.options == {"mlp_ratio": int(trial[-1])}
-        assert [e["event"] for e in trial_run.events()].count("budget") >= 1  # planned, and re-planned as it goes
+        assert [e["event"] for e in trial_run.events()].count("budget") >= 1  # planned, and its last step decided
         assert summarize(trial_run.path).status == "finished"
 
 

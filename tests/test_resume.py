@@ -102,7 +102,7 @@ def test_a_budgeted_run_extended_by_steps_keeps_its_lr(tmp_path, char_dataset, c
     """training.md's recipe: `--set train.budget_seconds=0 --set train.max_iters=N` on a budgeted run."""
     run = tmp_path / "run"
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset), [
-        "train.budget_seconds=3", "train.log_interval=1", "train.warmup_iters=0", "train.min_lr=1e-5",
+        "train.budget_seconds=5", "train.log_interval=1", "train.warmup_iters=0", "train.min_lr=1e-5",
         "train.eval_interval=50"])
     end = Trainer(cfg, run, "cpu").run().steps  # the budget counts from run(): the test's process is old
     capsys.readouterr()

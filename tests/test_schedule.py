@@ -1,5 +1,5 @@
-"""`Schedule` alone answers a step's LR and the last step: the config's own, a budget's plan laid over it, a resumed
-run's decay laid again, each times the guard's LR scale."""
+"""`Schedule` alone answers a step's LR and the last step: the config's own, a budget's (its warmup, and its decay's
+position at a step), a resumed run's decay laid again, each times the guard's LR scale."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from lmlab.core.config import TrainConfig
-from lmlab.train.planning import BudgetPlan
-from lmlab.train.schedule import UNPLANNED, Decay, Schedule, lr_at
+from lmlab.train.budget import Budget, Plan
+from lmlab.train.schedule import Decay, Schedule, lr_at, lr_at_position
 
 
 def test_the_config_s_schedule_scaled_by_the_guard():
@@ -21,18 +21,17 @@ def test_the_config_s_schedule_scaled_by_the_guard():
     assert schedule.lr(50) == pytest.approx(0.5 * lr_at(50, train))
 
 
-def test_a_budget_s_plan_sets_the_last_step_and_lays_the_decay_from_where_it_stands():
-    train = TrainConfig(budget_seconds=60, warmup_iters=10, learning_rate=1e-3, min_lr=1e-4)
+def test_a_budget_sets_the_warmup_the_decay_s_position_and_the_last_step():
+    """A budget resumed from its checkpoint's plan goes by steps: its own warmup, then the decay from where the plan
+    stood to min_lr at the plan's last step."""
+    train = TrainConfig(budget_seconds=60, warmup_iters=100, learning_rate=1e-3, min_lr=1e-4)
     schedule = Schedule(train)
-    plan = BudgetPlan(60.0)
-    schedule.follow_plan(plan.max_iters, plan.decay(), plan.fixed)
-    assert schedule.last_step == UNPLANNED and schedule.lr(50) == pytest.approx(1e-3)  # held at the peak
-    plan = BudgetPlan(60.0, max_iters=200, step=40, anchor=40, position=0.0, reason="planned")
-    schedule.follow_plan(plan.max_iters, plan.decay(), plan.fixed)
-    assert schedule.last_step == 200 and schedule.train.max_iters == 200
-    assert schedule.lr(40) == pytest.approx(1e-3) and schedule.lr(199) == pytest.approx(1e-4)
-    assert schedule.lr(5) == lr_at(5, train)  # the warmup is the config's
-    assert [schedule.lr(s) for s in (60, 120)] == [plan.lr(s, schedule.train) for s in (60, 120)]
+    schedule.budget = Budget(Plan(60.0, max_iters=200, step=40, warmup=10, position=0.25), (1000, 1000), live=False)
+    assert schedule.last_step == 200
+    assert schedule.lr(4) == pytest.approx(1e-3 * 5 / 11)  # the plan's warmup, not the config's 100 steps
+    assert schedule.lr(40) == pytest.approx(lr_at_position(0.25, train)) and schedule.lr(199) == pytest.approx(1e-4)
+    lrs = [schedule.lr(s) for s in range(40, 200)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_a_resume_with_another_length_goes_on_from_the_lr_it_had():

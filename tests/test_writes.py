@@ -338,8 +338,8 @@ def test_a_failed_write_keeps_the_newest_checkpoint_and_says_how_to_resume(tmp_p
 
     done = subprocess.run([LMLAB, "train", "--resume", str(run), *more], capture_output=True, text=True,
                           preexec_fn=small_files)
-    # Agreed like a stop signal caught during step 30's eval: the run ends after the next step, writing nothing more.
-    refused_process(done, "stopped at step 31", "loss.png could not be written", "File too large",
+    # Agreed like a stop signal caught during step 30's eval: the run ends after that step, writing nothing more.
+    refused_process(done, "stopped at step 30", "loss.png could not be written", "File too large",
                     "newest checkpoint (step_000020) is kept", f"lmlab train --resume {run}")
     leftovers = [p.name for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".")]
     assert not leftovers and load_state(RunDir(run).checkpoint("latest"))["step"] == 20

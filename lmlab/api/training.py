@@ -86,11 +86,11 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
 
     cfg = cfg or RunDir(run_dir).config(settings)
     require_tracker(cfg.train.tracker)  # before the run is begun
-    cfg, threads, sizing = _sized(Path(config), cfg, size, started, device, window, out) if size else (cfg, None,
-                                                                                                        None)
+    cfg, sized, chooser = _sized(Path(config), cfg, size, started, device, window, out) if size else (cfg, None,
+                                                                                                      None)
     trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
-                      init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=threads,
-                      sizing=sizing)
+                      init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=chooser,
+                      sizing=sized and sized.record(), timing=sized and sized.chosen.timing)
     _describe(trainer, out)
     result = trainer.run()
     _report(result, trainer.cfg, out)
@@ -118,9 +118,9 @@ def _size(size: str | int | None, config: str | Path | RunConfig | None, resume:
 
 
 def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, window: Any,
-           out: Console) -> tuple[RunConfig, Any, dict[str, Any] | None]:
+           out: Console) -> tuple[RunConfig, Any, Any]:
     """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose
-    (with the thread chooser its timing decided and the `sizing` event)."""
+    (with the `Sizing` that chose it, its timing and event, and the thread chooser that timing decided)."""
     from lmlab.core.threads import ThreadChooser
     from lmlab.experiments.sizing import choose_size, sized_config
 
@@ -134,7 +134,7 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
     for note in sizing.notes:
         out.print(f"note: {note}", style="yellow", highlight=False)
     out.print(sizing.line(), highlight=False)
-    return sizing.config, chooser, sizing.record()
+    return sizing.config, sizing, chooser
 
 
 def _config(config: str | Path | RunConfig | None, run: str | Path | None, resume: str | Path | Run | None,

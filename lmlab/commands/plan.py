@@ -196,7 +196,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def plan_budget(args: argparse.Namespace) -> None:
     """`plan PRESET --budget 5m [--size auto|DEPTH]`: the sizes weighed for the budget (timed here now, as `train
-    --budget` times them), the one chosen and its predicted val, and the plan of that run."""
+    --budget` times them), the one chosen and its predicted val, and the plan of that run; without --size, the
+    preset's own shape timed and planned as `train --budget` plans it, or refused as train would refuse it."""
     import time
 
     from lmlab.core.busy import LoadMeter, process_age
@@ -205,7 +206,6 @@ def plan_budget(args: argparse.Namespace) -> None:
     from lmlab.api.training import parse_duration
     from lmlab.core.config import load_config
     from lmlab.core.threads import ThreadChooser
-    from lmlab.experiments.plan import make_plan
     from lmlab.experiments.sizing import choose_size, parse_size, with_vocab
 
     if not args.budget:
@@ -219,9 +219,10 @@ def plan_budget(args: argparse.Namespace) -> None:
     size = parse_size(args.size) if args.size else None
     cfg = with_vocab(load_config(target, [*args.set, f"train.budget_seconds={parse_duration(args.budget)}"]))
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
-    depths = None if size == "auto" else [size or cfg.model.n_layer]
+    if size is None:
+        return _plan_shape(target, cfg, started, args.device, chooser, args.budget)
     with console.status("Timing the sizes on this machine..." if size == "auto" else "Timing its steps..."):
-        sizing = choose_size(target, cfg, started, args.device, chooser, depths)
+        sizing = choose_size(target, cfg, started, args.device, chooser, None if size == "auto" else [size])
     print_table(f"Sizes weighed for {args.budget} of {target} on this machine now (* chosen)", _size_columns(),
                 [{**c.record(), "chosen": c is sizing.chosen} for c in sizing.candidates])
     for c in sizing.candidates:
@@ -232,10 +233,45 @@ def plan_budget(args: argparse.Namespace) -> None:
     console.print(sizing.line() if size == "auto" else f"{sizing.chosen.shape}: {sizing.outlook()}", highlight=False)
     c = sizing.chosen
     rate = (c.tokens_per_sec, f"measured here, {c.threads} thread{'s' * (c.threads > 1)}, as training runs")
-    plan = make_plan(sizing.config if size else cfg, rate, c.tokens, source=f"the steps that fit {args.budget}")
-    plan.eval_seconds, plan.besides = sizing.budget - c.steps * c.step_seconds, "start-up, timing, evaluating, ..."
-    console.print(plan_table(target, plan, None, None))
+    _budget_table(target, sizing.config, rate, c.steps * c.tokens_per_step, c.steps * c.step_seconds, args.budget)
     console.print(f"The budget as planned: {sizing.spending()}.", highlight=False)
+
+
+def _plan_shape(target: Path, cfg: Any, started: float, device_name: str, chooser: Any, budget: str) -> None:
+    """`plan CONFIG --budget`: the config timed here now and planned by the budget's planner, as `train --budget`
+    times and plans it before its first step (or its refusal, the same sentence)."""
+    import time
+
+    from lmlab.core.device import resolve_device
+    from lmlab.core.peak import choose_dtype
+    from lmlab.data.shards import read_meta
+    from lmlab.experiments.sizing import SET_UP
+    from lmlab.train.budget import Budget, plan
+    from lmlab.train.timing import time_config
+
+    device = resolve_device(device_name)
+    dtype, _ = choose_dtype(device, cfg.train.dtype)
+    with console.status("Timing its steps..."):
+        timing = time_config(cfg, device, dtype, chooser.counts(device),
+                             deadline=started + cfg.train.budget_seconds - SET_UP)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+    split = read_meta(Path(cfg.data.dataset))["train"]["tokens"]
+    intervals = (cfg.train.eval_steps(split, tokens_per_step), cfg.train.checkpoint_interval)
+    made = plan(cfg.train.budget_seconds, time.perf_counter() - started + SET_UP, timing.costs(), cfg.train, intervals)
+    threads = f"{timing.threads} thread{'s' * (timing.threads > 1)}"
+    rate = (tokens_per_step / timing.step, f"measured here, {threads}, as training runs")
+    _budget_table(target, cfg, rate, made.max_iters * tokens_per_step, made.max_iters * made.step_seconds, budget)
+    console.print(Budget(made, intervals).describe(cfg.train), highlight=False)
+
+
+def _budget_table(target: Path, cfg: Any, rate: tuple[float, str], tokens: int, training: float, budget: str) -> None:
+    """plan's table of a budgeted run: its tokens at the rate measured, the rest of the budget besides training."""
+    from lmlab.api.training import parse_duration
+    from lmlab.experiments.plan import make_plan
+
+    plan = make_plan(cfg, rate, tokens, source=f"the steps that fit {budget}")
+    plan.eval_seconds, plan.besides = parse_duration(budget) - training, "start-up, timing, evaluating, ..."
+    console.print(plan_table(target, plan, None, None))
 
 
 def _cell(value: Any, text: str) -> str:

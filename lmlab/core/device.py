@@ -171,13 +171,15 @@ def configure(device: torch.device) -> None:
 
 
 def enable_tf32() -> None:
-    """TF32 for fp32 matmuls and convolutions, through `fp32_precision` where this torch has it (2.9 and later:
-    the `allow_tf32` flags warn there), else through the flags."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # not in torch's stubs
+    """TF32 for fp32 matmuls and convolutions. The matmuls through `torch.set_float32_matmul_precision("high")`,
+    which sets torch's legacy state and its `fp32_precision` alike: `fp32_precision` set alone (2.9 and later) leaves
+    them mixed, and the legacy getters (`torch.get_float32_matmul_precision()`, `matmul.allow_tf32`, which Inductor's
+    autotuning and plugins read) then raise. The convolutions through `fp32_precision` where this torch has it (the
+    `allow_tf32` flags warn there), else the flag."""
+    torch.set_float32_matmul_precision("high")
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
     else:
-        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
 

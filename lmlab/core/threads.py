@@ -12,9 +12,11 @@ so; only what the machine does now does. So a job's threads are chosen when its 
   free, and on one, in turns, for about PROBE_SECONDS (MIN_ROUNDS to MAX_ROUNDS each; a count LOSING times
   slower than the best drops out at once); the most threads within MARGIN of the fastest win.
 
-A long job (training) checks again every CHECK_SECONDS of its steps (`ThreadChooser.stepped`): back to every core
-when the machine is quiet again, timed again when the load on its cores moved by half a core or more or its step
-time drifted by RETIME either way, at most once every RETIME_SECONDS.
+A long job (training) looks at the load on its cores every CHECK_SECONDS of its steps (`ThreadChooser.stepped`)
+and times nothing but the steps themselves: a count the load asks for (every core on a machine quiet again, the
+cores others leave free on a busy one) is a trial until the next look, undone at the first step slower than the
+recent steps of the count it left; the look after a trial undone waits twice as long (at most MAX_WAIT), so a load
+that comes and goes does not make the threads flap.
 
 Results differ in the last bits between thread counts (reductions split differently), so a run resumes bitwise as it
 would have run when both ran on the same threads: train.threads fixes them.
@@ -22,7 +24,9 @@ would have run when both ran on the same threads: train.threads fixes them.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,9 +43,9 @@ MAX_ROUNDS = 8  # but no more: a small model's forward takes a millisecond, and 
 MARGIN = 1.1  # fewer threads win only when they are this much faster: more threads are what a quiet machine wants
 LOSING = 2.0  # a count this many times slower than the best is out of the timing
 PROBE_TOKENS = 512  # a probe's forward pass covers at most this many tokens, so a large model's takes no seconds
-CHECK_SECONDS = 5.0  # a long job looks at the load on its cores and at its pace this often
-RETIME = 1.5  # a pace this far from the one after the last choice, either way, times the candidates again
-RETIME_SECONDS = 30.0  # and so does a load that moved by half a core, but no more often than this
+CHECK_SECONDS = 5.0  # a long job looks at the load on its cores this often
+MAX_WAIT = 60.0  # and after trials undone one after another, at least this often
+RECENT_STEPS = 5  # a trial's step is judged against the median of this many of the count it left
 
 
 def most_threads() -> tuple[int, str | None]:
@@ -54,7 +58,8 @@ def most_threads() -> tuple[int, str | None]:
 @dataclass(frozen=True)
 class Choice:
     """A job's threads and why: `reason` is the setting that fixed them, `one core`, `quiet` (no other process used
-    the cores), `quiet again` or `timed` (the work's mean `seconds` by thread count, under `load`)."""
+    the cores), `quiet again` or `busy` (a trial the load asked for), `undone` (a trial slower than the count it
+    left: the step's `seconds` on each), or `timed` (the work's mean `seconds` by thread count, under `load`)."""
 
     threads: int
     most: int
@@ -72,9 +77,9 @@ class Choice:
         on 2 (train.threads sets them)`."""
         count = (f"{self.threads} of {self.most} threads" if self.lowered else
                  f"{self.threads} thread{'s' * (self.threads > 1)}")
-        if self.reason not in ("timed", "quiet", "quiet again"):
+        if self.reason not in ("timed", "quiet", "quiet again", "busy", "undone"):
             return f"{count} ({self.reason})"
-        why = ["the cores are quiet again"] if self.reason == "quiet again" else []
+        why = {"quiet again": ["the cores are quiet again"], "undone": ["a trial was slower"]}.get(self.reason, [])
         if self.load and self.load.others is not None:
             why.append(f"other processes used {100 * self.load.others:.0f}% of the {self.load.cores} cores")
         if self.seconds:
@@ -157,7 +162,9 @@ class ThreadChooser:
         self.choice = Choice(self.most, self.most, self.fixed or "")
         self.decided = False  # by `decide` (a sizing's timed steps); `choose` then times nothing
         self._window: Load | None = None  # the load from the chooser's making to its first decision
-        self._pace, self._steps, self._count, self._timed_at = 0.0, 0.0, 0, 0.0
+        self._recent: deque[float] = deque(maxlen=RECENT_STEPS)  # the newest steps' seconds on these threads
+        self._trial: tuple[Choice, float] | None = None  # the choice a trial left, and its recent steps' median
+        self._wait = CHECK_SECONDS
         self.held = False
 
     def choose(self, probe: Callable[[], None], device: torch.device) -> Choice:
@@ -194,36 +201,33 @@ class ThreadChooser:
             return self._set(Choice(1, 1, "one core", load=load))
         if len(seconds) < 2:
             return self._set(Choice(self.most, self.most, "quiet", load=load))
-        self._timed_at, self._pace = time.perf_counter(), 0.0
         return self._set(Choice(pick(seconds), self.most, "timed", dict(seconds), load, timed))
 
     def stepped(self, seconds: float) -> Choice | None:
-        """After a step of `seconds`: every CHECK_SECONDS, a look at the load and the pace; the new choice when it
-        changed the threads."""
+        """After a step of `seconds`: a trial undone where the step was slower than the recent steps of the count it
+        left (any step until the next look at the load, when the trial has held); else, once the wait is over, a
+        look at the load, which may start a trial. The new choice, when the threads changed."""
         if self.fixed or self.held or self.most == 1:
             return None
-        self._steps, self._count = self._steps + seconds, self._count + 1
-        if self.meter.elapsed() < CHECK_SECONDS:
+        if self._trial is not None and seconds > self._trial[1]:
+            (left, pace), self._trial = self._trial, None
+            self._wait = min(MAX_WAIT, 2 * self._wait)
+            tried = {self.choice.threads: seconds, left.threads: pace}
+            return self._set(Choice(left.threads, self.most, "undone", tried, left.load, "a training step"))
+        self._recent.append(seconds)
+        if self.meter.elapsed() < self._wait:
             return None
-        load, pace = self.meter.stop(), self._steps / self._count
+        if self._trial is not None:  # held until this look
+            self._trial, self._wait = None, CHECK_SECONDS
+        load = self.meter.stop()
         self.meter.start()
-        self._steps, self._count = 0.0, 0
         if load.others is None:
             return None
-        if not load.busy:
-            if self.choice.lowered:
-                return self._set(Choice(self.most, self.most, "quiet again", load=load))
-            self._pace = pace
+        wanted = max(1, round(self.most * (1 - load.others))) if load.busy else self.most
+        if wanted == self.choice.threads:
             return None
-        then = self.choice.load.others if self.choice.load and self.choice.load.others is not None else 0.0
-        moved = abs(load.others - then) * self.most >= 0.5
-        drifted = bool(self._pace) and not 1 / RETIME <= pace / self._pace <= RETIME
-        if (moved or drifted) and time.perf_counter() - self._timed_at >= RETIME_SECONDS:
-            before = self.choice.threads
-            choice = self._set(self._timed(load))
-            return choice if choice.threads != before else None
-        self._pace = self._pace or pace
-        return None
+        self._trial = self.choice, statistics.median(self._recent)
+        return self._set(Choice(wanted, self.most, "busy" if load.busy else "quiet again", load=load))
 
     def _candidates(self, load: Load) -> set[int]:
         """Every core, the cores others leave free, and one."""
@@ -235,12 +239,11 @@ class ThreadChooser:
     def _timed(self, load: Load) -> Choice:
         """Time the work on every core, on the cores others leave free, and on one."""
         seconds = time_threads(sorted(self._candidates(load), reverse=True), self.probe)
-        self._timed_at, self._pace = time.perf_counter(), 0.0  # the pace under this load is measured next
         return Choice(pick(seconds), self.most, "timed", seconds, load)
 
     def _set(self, choice: Choice) -> Choice:
         if choice.threads != self.choice.threads:
-            self._pace = 0.0  # the pace at the new count is measured next
+            self._recent.clear()  # the steps of another count
         torch.set_num_threads(choice.threads)
         self.choice = choice
         self.meter.start()

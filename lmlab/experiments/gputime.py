@@ -15,6 +15,10 @@ The kernels and bytes are counted from the model itself: a forward and backward 
 (which computes nothing), every op recorded as PyTorch dispatches it, layers extrapolated from models of one and two
 (`trace`); a plugin is counted like lmlab's own kinds. Fused attention is assumed (its scores never written out);
 under compile, Inductor fuses the elementwise kernels (`COMPILE_FUSION`). Evaluation is the same forward-only.
+Two costs come once or per step beside the parts: compiling (`compile_seconds`: torch.compile's first call of each
+graph, the training step's and the evaluation's, is host work the GPU waits for) and, on several GPUs, the gradients'
+all-reduce that DDP's backward does not hide (`allreduce_seconds`). docs/reference/performance.md (the time model)
+says where each constant comes from and the published runs it is held to.
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ COMPILE_FUSION = 0.3  # under torch.compile, the kernels and bytes left of the e
 MIXED_BYTES = 0.75  # bytes under bf16/fp16 autocast per fp32 byte: matmul outputs halve, norms and loss stay fp32
 OPTIMIZER_BYTES = 28  # per weight, fused AdamW: weight, gradient and two moments read, three written (fp32)
 PCIE_BYTES_PER_SECOND = 12e9  # a pinned batch's copy to the device
+# torch.compile's time, paid by the first call of each graph it compiles: a graph's fixed part (Dynamo's trace, AOT
+# Autograd's partition, Inductor's scheduling, the Triton builds of kernels the layers share) and a part per node
+# of it (each op lowered and its code generated), the nodes counted as the eager model dispatches them.
+COMPILE_GRAPH_SECONDS = 22.0
+COMPILE_NODE_SECONDS = 0.03
+# A GPU's link to its peers, GB/s each way: NVLink on the SXM parts, else PCIe (4.0 x16 unless listed), of which
+# NCCL's ring all-reduce reaches LINK_SHARE. DDP all-reduces the gradients in buckets as the backward makes them.
+LINK_GBS = {"H100": 450, "H200": 450, "GH200": 450, "A100": 300, "V100": 150, "H100 PCIe": 64}
+PCIE_GBS = 32
+LINK_SHARE = 0.8
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: the last one's all-reduce starts when the backward ends
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "convolution_backward"}
 FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach"}
 
@@ -180,7 +195,8 @@ def _trace(key: str) -> Trace:
 
 @dataclass(frozen=True)
 class StepTime:
-    """Seconds of one optimizer step's parts on one GPU, and of one evaluation."""
+    """Seconds of one optimizer step's parts on one GPU (of `gpus` training together), of one evaluation, and of
+    compiling, once a run."""
 
     matmuls: float
     memory: float
@@ -189,11 +205,14 @@ class StepTime:
     copy: float
     launches: float  # the host's
     kernels: int  # launched per step
-    evaluation: float  # one evaluation: eval_iters batches of each split, forward only
+    evaluation: float  # one evaluation: eval_iters batches of each split, forward only, shared by the GPUs
+    allreduce: float = 0.0  # the gradients' all-reduce past the backward's end, on several GPUs
+    compile: float = 0.0  # torch.compile's first calls: the training step's graph and the evaluation's
+    gpus: int = 1
 
     @property
     def device(self) -> float:
-        return self.matmuls + self.memory + self.recurrence + self.optimizer + self.copy
+        return self.matmuls + self.memory + self.recurrence + self.optimizer + self.copy + self.allreduce
 
     @property
     def seconds(self) -> float:
@@ -202,7 +221,7 @@ class StepTime:
 
     def dominant(self) -> str:
         parts = {"matmuls": self.matmuls, "memory traffic": self.memory, "the recurrence": self.recurrence,
-                 "the optimizer": self.optimizer, "kernel launches": self.launches}
+                 "the optimizer": self.optimizer, "the all-reduce": self.allreduce, "kernel launches": self.launches}
         return max(parts, key=parts.get)
 
     def describe(self) -> str:
@@ -210,7 +229,8 @@ class StepTime:
         (matmuls 1.2, memory traffic 14.4, optimizer 0.6)`."""
         parts = [(name, value) for name, value in (("matmuls", self.matmuls), ("memory traffic", self.memory),
                                                    ("recurrence", self.recurrence), ("optimizer", self.optimizer),
-                                                   ("batch copy", self.copy)) if value >= 5e-5]
+                                                   ("batch copy", self.copy), ("all-reduce", self.allreduce))
+                 if value >= 5e-5]
         work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts)
         return (f"bound by {self.dominant()}: the host launches {self.kernels:,} kernels in {1000 * self.launches:,.1f}"
                 f" ms, the GPU's work takes {1000 * self.device:,.1f} ms ({work})")
@@ -232,9 +252,29 @@ def peak_of(row: str, dtype: str) -> tuple[float, bool]:
     return datasheet_peak(row, torch.float32)[0], False
 
 
-def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool) -> StepTime:
-    """The time of one optimizer step of `cfg` (its micro-batch and grad_accum_steps) on the datasheet GPU `row`
-    (a key of PEAK_TFLOPS) in autocast `dtype`, compiled or eager, and of one evaluation."""
+def compile_seconds(found: Trace) -> float:
+    """torch.compile's time for a model of this trace: the training step's graph (forward and backward) and the
+    evaluation's (the forward in eval mode, which Dynamo compiles again), each its fixed part and its nodes."""
+    nodes = found.step_launches + found.step_views + found.forward_launches + found.forward_views
+    return 2 * COMPILE_GRAPH_SECONDS + COMPILE_NODE_SECONDS * nodes
+
+
+def allreduce_seconds(row: str, params: int, gpus: int, backward: float) -> float:
+    """The seconds a step waits for DDP's all-reduce of the fp32 gradients of `params` weights over `gpus` GPUs:
+    a ring moves 2(n-1)/n of them over each GPU's link, hidden behind the `backward` seconds but for the last
+    bucket, which starts when the backward ends."""
+    if gpus < 2:
+        return 0.0
+    link = LINK_GBS.get(row, PCIE_GBS) * 1e9 * LINK_SHARE
+    ring = 2 * (gpus - 1) / gpus / link
+    gradients = 4 * params
+    return max(gradients * ring - backward, min(gradients, DDP_BUCKET_BYTES) * ring)
+
+
+def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: int = 1) -> StepTime:
+    """The time of one optimizer step of `cfg` (its micro-batch and grad_accum_steps on each GPU) on the datasheet
+    GPU `row` (a key of PEAK_TFLOPS), one of `gpus` training together under DDP, in autocast `dtype`, compiled or
+    eager; of one evaluation; and of compiling."""
     assert row in PEAK_TFLOPS and row in BANDWIDTH_GBS, row
     tc, mc = cfg.train, cfg.model
     with torch.device("meta"):
@@ -260,12 +300,15 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool) -> StepT
                   host(found.forward_launches, found.forward_matmuls, found.forward_views))
     copy = 2 * tokens * 8 / PCIE_BYTES_PER_SECOND
     steps = tc.grad_accum_steps
+    backward = 2 / 3 * (micro[0] + micro[1] + micro[2])  # the last micro-batch's, which the all-reduce overlaps
     return StepTime(steps * micro[0], steps * micro[1], steps * micro[2], params * OPTIMIZER_BYTES / bandwidth,
                     steps * copy, steps * micro[3] + groups * LAUNCH_SECONDS,
                     round(steps * kernels(found.step_launches, found.step_matmuls) + groups),
-                    2 * tc.eval_iters * (forward + copy / 2))
+                    2 * math.ceil(tc.eval_iters / gpus) * (forward + copy / 2),
+                    allreduce_seconds(row, params, gpus, backward), compile_seconds(found) if compiled else 0.0, gpus)
 
 
-def run_seconds(cfg: RunConfig, step: StepTime, steps: float) -> tuple[float, float]:
-    """Seconds of `steps` optimizer steps and of the evaluations among them (every eval_interval steps)."""
-    return steps * step.seconds, math.ceil(steps / cfg.train.eval_interval) * step.evaluation
+def run_seconds(cfg: RunConfig, step: StepTime, steps: float) -> tuple[float, float, float]:
+    """Seconds of `steps` optimizer steps, of the evaluations among them (every eval_interval steps) and of
+    compiling."""
+    return steps * step.seconds, math.ceil(steps / cfg.train.eval_interval) * step.evaluation, step.compile

@@ -34,8 +34,8 @@ from lmlab.experiments.sizing import with_vocab
 from lmlab.experiments.sweep import keep_record
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
+from lmlab.train.budget import WARMUP_SHARE
 from lmlab.train.loop import Trainer
-from lmlab.train.planning import WARMUP_SHARE
 
 DEPTHS = (1, 2, 3, 4, 5, 6)
 # 1M to 8M: what a CPU's budgets of one to five minutes train (a GPU's seconds), the lengths --size auto predicts at.

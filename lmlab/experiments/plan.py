@@ -22,11 +22,12 @@ from lmlab.core.busy import Load
 from lmlab.core.config import RunConfig
 from lmlab.core.device import PEAK_TFLOPS, datasheet_peak, machine, resolve_device
 from lmlab.core.errors import UserError
+from lmlab.core.humanize import format_duration
 from lmlab.core.peak import Peak, autocast_dtype, peak_flops
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import bench_batch, bench_threads, with_vocab
-from lmlab.experiments.gputime import StepTime, gpu_step_time, peak_of, run_seconds
+from lmlab.experiments.gputime import StepTime, gpu_step_time, matmul_share, peak_of, run_seconds
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
 
@@ -49,7 +50,7 @@ class Plan:
     lookup_params: int = 0  # parameters used only as lookup tables (6·N·D counts them, lmlab's compute does not)
     padding_params: int = 0  # vocabulary padding rows, not parameters (lmlab's compute counts what the head multiplies)
     attention_flops: float = 0.0  # per token, beyond the weights' 6 per multiplying weight
-    eval_seconds: float = 0.0  # the evaluations' share of the wall time, where it is estimated (gputime)
+    eval_seconds: float = 0.0  # the wall time besides the steps, where estimated (gputime: evaluations, compiling)
     besides: str = "evaluating"  # what eval_seconds are: a budget's plan counts start-up, checkpoints and the end too
 
     @property
@@ -225,11 +226,19 @@ def estimate(hardware: Hardware, mfu: float | None, cfg: RunConfig, runs: list[P
         return Estimate(hardware, *found)
     row = hardware.name if hardware.local is None else hardware.peak_figure.source.removeprefix("datasheet ")
     if row in PEAK_TFLOPS:  # a datasheet GPU, --gpu or this machine's
-        step = gpu_step_time(cfg, row, hardware.dtype, cfg.train.compile is not False)
+        compiled = cfg.train.compile is not False  # "auto" compiles on CUDA
+        step = gpu_step_time(cfg, row, hardware.dtype, compiled)
         tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
         implied = tokens / step.seconds * shape_of(cfg).flops_per_token() / hardware.peak
-        return Estimate(hardware, implied, hardware.peak, "what the GPU time model gives; --mfu sets it", step)
+        return Estimate(hardware, implied, hardware.peak, assumed(row, hardware.dtype, compiled), step)
     return Estimate(hardware, DEFAULT_MFU, hardware.peak, "assumed; --mfu sets it")
+
+
+def assumed(row: str, dtype: str, compiled: bool) -> str:
+    """What the GPU time model's MFU assumes, for the plan's line: compiled or eager, the dtype, the matmuls' share."""
+    how = "compiled (torch.compile; its compiling is in the wall time)" if compiled else "eager"
+    return (f"the GPU time model's: a {how} {dtype} step, its matmuls at {100 * matmul_share(row):.0f}% of the "
+            "datasheet peak; --mfu sets it")
 
 
 def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None, chinchilla: bool = False,
@@ -245,10 +254,12 @@ def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None
         tokens, source = CHINCHILLA_TOKENS_PER_PARAM * params, "20 tokens per parameter (Chinchilla)"
     elif not tokens:
         tokens, source = cfg.train.max_iters * tokens_per_step, "train.max_iters x tokens per step"
-    evaluations = run_seconds(cfg, step, tokens / tokens_per_step)[1] if step else 0.0
+    _, evaluations, compiling = run_seconds(cfg, step, tokens / tokens_per_step) if step else (0.0, 0.0, 0.0)
+    besides = (f"compiling ({format_duration(compiling)}) and evaluating ({format_duration(evaluations)})"
+               if compiling else "evaluating")
     return Plan(params, model.num_params(embeddings=False), model.flops_per_token(), tokens_per_step, tokens, source,
                 *rate, split_tokens or train_split_tokens(cfg), model.lookup_params(), model.padding_params(),
-                model.attention_flops(), evaluations)
+                model.attention_flops(), evaluations + compiling, besides)
 
 
 def train_split_tokens(cfg: RunConfig) -> int | None:

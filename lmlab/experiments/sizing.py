@@ -1,7 +1,7 @@
 """`--size auto`: the depth of a preset's family (lmlab.experiments.family) that a time budget trains to the lowest
 val loss on this machine, as it runs now. Each candidate is timed briefly (a warm-up step, then a few steps on each
 thread count the load asks for, as a budget times its start), its steps in the budget planned as a budget plans them
-(start-up, evaluations, checkpoints and the end counted: lmlab.train.planning), and its val loss predicted by the fit
+(start-up, evaluations, checkpoints and the end counted: lmlab.train.budget), and its val loss predicted by the fit
 kept beside the preset, L(N, D); the lowest wins. Going up from the smallest depth, the next is timed only while even
 OPTIMISM times the speed its FLOPs foretell (from the largest timed so far) could beat the best: a small model is
 overhead-bound, so a smaller shape is not simply a faster one, and only timing tells.
@@ -19,27 +19,29 @@ from typing import Any
 import torch
 
 from lmlab.core.config import RunConfig
-from lmlab.core.device import autocast, resolve_device, synchronize
+from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.peak import choose_dtype
-from lmlab.core.threads import Choice, ThreadChooser, forward_probe, pick, time_threads
+from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
-from lmlab.train.budget import EXIT_SECONDS
+from lmlab.train.budget import BudgetRefused, Costs, Plan, plan
 from lmlab.train.optim import optimizer_of
-from lmlab.train.planning import WARMUP_SHARE, BudgetPlan, evaluations, planned_steps
-from lmlab.train.step import TrainStep
+from lmlab.train.timing import (
+    CHECKPOINT_SECONDS,
+    DISK_BYTES_PER_SECOND,
+    MAX_STEPS,
+    TIMED_SECONDS,
+    Timing,
+    time_config,
+)
 
-TIMED_SECONDS = 0.25  # a candidate's steps on a thread count are timed for at least this long,
-MAX_STEPS = 3  # but no more than this many (at least one)
 OPTIMISM = 2.0  # a depth is timed while this many times the speed its FLOPs foretell could beat the best so far
 TIMING_SHARE = 0.1  # and while the timing of all of them would take at most this share of the budget
 SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
-PLOT_SECONDS = 0.2  # an evaluation's redraw of loss.png, and the end's
-DISK_BYTES_PER_SECOND = 1e9  # a checkpoint's write (atomic, fsynced: a page cache's pace), after ~0.05 s of set-up
 
 
 @dataclass
@@ -58,8 +60,9 @@ class Candidate:
     eval_iters: int = 0  # batches a split its evaluations would score
     predicted: float | None = None  # the val loss the fit predicts after its tokens
     note: str = ""  # why it was not timed or not predicted
-    plan: BudgetPlan | None = None  # as a budget would plan it, and the steps between its evaluations, checkpoints
+    plan: Plan | None = None  # as a budget would plan it, and the steps between its evaluations, checkpoints
     intervals: tuple[int, int] = (1, 1)
+    refused: str = ""  # the budget's refusal, where no plan holds its minimum
 
     @property
     def step_seconds(self) -> float:
@@ -92,7 +95,7 @@ class Candidate:
 @dataclass
 class Sizing:
     """What `--size auto` chose and why: every depth it weighed, the one with the lowest predicted val, and the
-    config that trains it (its shape, LR by the fit's rule, warmup laid over the steps it plans)."""
+    config that trains it (its shape, and its LR by the fit's rule)."""
 
     budget: float
     spent: float  # seconds of the budget gone when it chose, its own timing included
@@ -125,11 +128,13 @@ class Sizing:
     def spending(self) -> str:
         """Where the budget goes, as planned: start-up and the sizes' timing, the steps, the evaluations, the
         checkpoints and the end."""
-        c, plan = self.chosen, self.chosen.plan
-        steps, evals = c.steps * plan.step_seconds, evaluations(0, c.steps, c.intervals[0])
-        rest = plan.needed(c.steps, c.intervals) - steps - evals * plan.eval_seconds
-        return (f"the {format_duration(self.budget)}: {plan.spent:.1f} s of start-up, timing and the trainer's "
-                f"set-up, {steps:.1f} s for {c.steps:,} steps, {evals * plan.eval_seconds:.1f} s for {evals} "
+        c, made = self.chosen, self.chosen.plan
+        assert made is not None, "a chosen size has its plan"
+        steps, every = c.steps * made.step_seconds, c.intervals[0]
+        evals = c.steps // every + (c.steps % every != 0)
+        rest = made.needed(c.steps, c.intervals) - steps - evals * made.eval_seconds
+        return (f"the {format_duration(self.budget)}: {made.spent:.1f} s of start-up, timing and the trainer's "
+                f"set-up, {steps:.1f} s for {c.steps:,} steps, {evals * made.eval_seconds:.1f} s for {evals} "
                 f"evaluation{'s' * (evals > 1)} of {c.eval_iters} batch{'es' * (c.eval_iters > 1)} a split, "
                 f"{rest:.1f} s for checkpoints and the end")
 
@@ -144,51 +149,6 @@ class Sizing:
                 "extrapolated": bool(self.beyond), "learning_rate": self.config.train.learning_rate,
                 "warmup_iters": self.config.train.warmup_iters,
                 "candidates": [c.record() for c in self.candidates]}
-
-
-@dataclass
-class Timing:
-    """A candidate timed: a forward pass by thread count (what picks its threads, as lmlab.core.threads times a
-    job's), a training step and an evaluation's batch on the threads picked."""
-
-    forward: dict[int, float]
-    threads: int
-    step: float
-    eval_batch: float
-    cost: float  # seconds the timing took, the model built (the imports of a first build are start-up's)
-
-
-def time_candidate(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int]) -> Timing:
-    """`cfg`'s model (eager, on random tokens, its micro-batch and accumulation, its optimizer): its forward pass
-    timed on each thread count of `counts` where there are several (`time_threads`: a count LOSING times slower
-    drops out after one call, so a busy core costs one slow forward, not a slow step), then on the threads that
-    wins, a warm-up step and training steps for at least TIMED_SECONDS (at most MAX_STEPS), and a forward pass of a
-    micro-batch on each split: an evaluation's batch."""
-    train = dataclasses.replace(cfg.train, compile=False)
-    step = TrainStep(build_model(cfg.model).to(device), train, device, dtype)
-    tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
-                           generator=torch.Generator().manual_seed(0)).to(device)
-    batches = [(tokens, tokens)] * train.grad_accum_steps
-
-    def timed(run: Any) -> float:
-        began = time.perf_counter()
-        run()
-        synchronize(device)
-        return time.perf_counter() - began
-
-    began = time.perf_counter()
-    forward = {} if len(counts) < 2 else time_threads(
-        counts, forward_probe(step.model, train.batch_size, cfg.model.block_size, device, dtype))
-    threads = pick(forward) if forward else counts[0]
-    torch.set_num_threads(threads)
-    timed(lambda: step(batches, len(batches), train.learning_rate))  # allocations, caches
-    times: list[float] = []
-    while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS):
-        times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
-    step.model.eval()
-    with torch.no_grad(), autocast(device, dtype):
-        evaluation = timed(lambda: step.model(tokens, tokens))
-    return Timing(forward, threads, sum(times) / len(times), 2 * evaluation, time.perf_counter() - began)
 
 
 class Search:
@@ -213,27 +173,32 @@ class Search:
                          model.flops_per_token(), tokens)
 
     def plan(self, c: Candidate) -> None:
-        """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val."""
-        c.steps, c.eval_iters, c.predicted, c.plan, c.intervals = self.planned(c, c.step_seconds, c.eval_batch)
+        """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val;
+        or the budget's refusal."""
+        assert c.timing is not None, "a candidate is planned once timed"
+        c.plan, c.predicted, c.intervals, c.refused = self.planned(c, c.timing.costs())
+        c.steps, c.eval_iters = (c.plan.max_iters, c.plan.eval_iters) if c.plan else (0, 0)
 
-    def planned(self, c: Candidate, step_seconds: float, eval_batch: float) -> tuple[Any, ...]:
-        """The steps and evaluation batches of `c` at these figures, its predicted val (None: no step fits, or no
-        fit), the plan and the steps between its evaluations and checkpoints."""
-        plan = self.budget_plan(c, step_seconds)
+    def planned(self, c: Candidate, costs: Costs) -> tuple[Plan | None, float | None, tuple[int, int], str]:
+        """The budget's plan of `c` at these costs (None, with the refusal, where its minimum does not fit), its
+        predicted val (None without a fit) and the steps between its evaluations and checkpoints."""
         train = self.family.config(c.depth, self.fit).train
         intervals = (train.eval_steps(self.split_tokens, c.tokens_per_step), train.checkpoint_interval)
-        steps, batches = planned_steps(plan, self.budget - plan.spent, intervals, train.eval_iters,
-                                       lambda n: n * eval_batch + PLOT_SECONDS)
-        predicted = self.fit.predict(c.params, steps * c.tokens_per_step) if steps and self.fit else None
-        return steps, batches, predicted, plan, intervals
+        try:
+            made = plan(self.budget, self.spent(), costs, train, intervals)
+        except BudgetRefused as refused:
+            return None, None, intervals, str(refused)
+        predicted = self.fit.predict(c.params, made.max_iters * c.tokens_per_step) if self.fit else None
+        return made, predicted, intervals, ""
 
-    def budget_plan(self, c: Candidate, step_seconds: float) -> BudgetPlan:
-        """A budget's plan as it would stand at the first step of `c`: the seconds spent, a step, a checkpoint (its
-        weights and optimizer state written at a page cache's pace) and the end."""
+    def guessed(self, c: Candidate, near: Timing, ratio: float) -> Costs:
+        """Costs of `c` before it is timed, OPTIMISM times faster than its FLOPs foretell from `near`'s timing
+        (`ratio` times its compute a step); its checkpoint's write (its weights and at most this optimizer state)."""
         weights = 4 * c.params
-        state = optimizer_of(self.family.preset.train).state_bytes(weights, 0)  # at most this
-        checkpoint = 0.05 + (weights + state) / DISK_BYTES_PER_SECOND
-        return BudgetPlan(self.budget, 0, 0, self.spent(), step_seconds, 0.0, checkpoint, PLOT_SECONDS + EXIT_SECONDS)
+        saved = weights + optimizer_of(self.family.preset.train).state_bytes(weights, 0)
+        return dataclasses.replace(near.costs(), step=near.step * ratio / OPTIMISM,
+                                   eval_batch=near.eval_batch * ratio / OPTIMISM,
+                                   checkpoint=CHECKPOINT_SECONDS + saved / DISK_BYTES_PER_SECOND)
 
     def worth_timing(self, c: Candidate, best: Candidate | None) -> bool:
         """Whether to time `c`: not beyond the fit, not when its timing would take too long or it cannot win even
@@ -252,7 +217,8 @@ class Search:
             c.note = (f"not timed: about {guess:.2f} s a step, too long to time in this budget (the timing of "
                       f"sizes may take {TIMING_SHARE:.0%} of it)")
             return False
-        hopeful = self.planned(c, guess / OPTIMISM, near.eval_batch * ratio / OPTIMISM)[2]
+        assert near.timing is not None, "a timed candidate"
+        hopeful = self.planned(c, self.guessed(c, near.timing, ratio))[1]
         if hopeful is None or hopeful >= best.predicted:
             c.note = (f"not timed: even at {OPTIMISM:g}x the speed its FLOPs foretell it would lose" +
                       ("" if hopeful is None else f" ({hopeful:.4f})"))
@@ -265,7 +231,8 @@ class Search:
         cfg = self.family.config(c.depth, self.fit)
         try:
             check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.device)
-            c.timing = time_candidate(cfg, self.device, self.dtype, self.counts)
+            c.timing = time_config(cfg, self.device, self.dtype, self.counts,
+                                   deadline=self.started + self.budget - SET_UP)
         except (MemoryRefused, torch.OutOfMemoryError):  # a GPU's allocator is the check there
             c.note = f"does not fit the memory of {self.device.type}"
             return False
@@ -365,9 +332,6 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
         raise UserError(_refusal(found, preset))
     best = min(planned, key=lambda c: (c.predicted is None, c.predicted or 0.0))
     chosen = family.config(best.depth, fit)
-    warmup = min(chosen.train.warmup_steps(split, best.tokens_per_step), round(WARMUP_SHARE * best.steps))
-    chosen = dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, warmup_iters=warmup,
-                                                                   warmup_epochs=0.0))
     threads = chooser.decide(best.timing.forward, "a forward pass")
     return Sizing(budget, time.perf_counter() - started, found.candidates, best, chosen, str(fit_path(preset)),
                   threads, fit.beyond(best.tokens) if fit and best.predicted is not None else "",
@@ -375,17 +339,11 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
 
 
 def _refusal(found: Search, preset: Path) -> str:
-    """Why no size can train: even the smallest depth weighed trains no step in what is left of the budget."""
+    """Why no size can train: the budget's refusal of the smallest depth weighed."""
     smallest = found.candidates[0]
     if not smallest.timing:
         return f"budget {found.budget:g} s: no size of {preset} could be weighed ({smallest.note})."
-    plan = found.budget_plan(smallest, smallest.step_seconds)
-    plan.eval_seconds = smallest.eval_batch + PLOT_SECONDS  # the fewest batches an evaluation may score
-    needed = plan.spent + plan.needed(1, (1, 1))
-    return (f"budget {found.budget:g} s: even the smallest size of {preset} ({smallest.shape}) cannot train one step "
-            f"with its evaluation and checkpoint in what is left after {plan.spent:.1f} s of start-up and timing "
-            f"(a step {1000 * smallest.step_seconds:.0f} ms, an evaluation of one batch a split "
-            f"{plan.eval_seconds:.2f} s); give a budget of at least {needed + 1:.0f} s.")
+    return f"even the smallest size of {preset} ({smallest.shape}): {smallest.refused}"
 
 
 def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, str]:

@@ -40,6 +40,9 @@ from lmlab.model.sized import remembered
 BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (measured: 1.24-1.33)
 DECODE_ROW_OVERHEAD = 2048  # bytes of Python objects per decoding row: its sequence, sampler state, text
 BYTES_PER_DECODED_TOKEN = 40  # a token id in a row's Python list and its text, as held while decoding
+# Of a GPU's free memory, the share a decoding check leaves unclaimed: CUDA's context and cuBLAS's workspaces grow
+# at their first use, and the caching allocator's blocks fragment, so rows that need every free byte fail later.
+DECODE_HEADROOM = 0.1
 UNCOUNTABLE = 2**63  # what a shape whose size overflows even the meta device's arithmetic is taken to need
 
 
@@ -203,13 +206,13 @@ def device_memory(device: torch.device | None) -> tuple[int, str]:
 
 
 def check_fits(need: Need, size: int, setting: str, unit: str, device: torch.device | None = None,
-               have: int | None = None) -> None:
+               have: int | None = None, available: str | None = None) -> None:
     """Refuse `size` units (`setting` names it, `unit` says what one is) when `need` at that size is more than the
-    memory available now (`have` bytes of this machine's, by default `device_memory(device)`), in one sentence with
-    the figure and the largest size that fits."""
+    memory available now (`have` bytes of this machine's, by default `device_memory(device)`; `available` says it
+    in words), in one sentence with the figure and the largest size that fits."""
     if have is None:
         have, available = device_memory(device)
-    else:
+    elif available is None:
         available = f"this machine has {human_bytes(have)} of memory available"
     total = need.at(size)
     if total <= have:
@@ -244,5 +247,9 @@ def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting:
     """Refuse `rows` decoding rows of up to `tokens_per_row` tokens that would not fit, before their state is
     allocated; `loaded`: the model's weights are in memory already (so not counted again)."""
     need = decoding_need(config, dtype, tokens_per_row)
+    have, available = device_memory(device)
+    if device.type == "cuda":
+        have = int(have * (1 - DECODE_HEADROOM))
+        available += f" ({100 * DECODE_HEADROOM:.0f}% of it left for CUDA's workspaces and fragmentation)"
     check_fits(Need(0, need.each) if loaded else need, rows, setting,
-               f"decoding row of up to {tokens_per_row:,} tokens", device)
+               f"decoding row of up to {tokens_per_row:,} tokens", device, have, available)

@@ -57,13 +57,13 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "threads": _fields(_STEP, "threads:integer most:integer reason:string|null ms:object|null others:number"),
     "compile": _fields(_STEP, "compiled_ms:number eager_ms:number compiled:boolean"),
     "budget": _fields(_STEP, "seconds:number max_iters:integer spent:number step_seconds:number eval_seconds:number "
-                             "checkpoint_seconds:number finish_seconds:number anchor:integer position:number "
-                             "reason:string eval_iters:integer warmup:integer warmup_from:number"),
+                             "checkpoint_seconds:number finish_seconds:number position:number reason:string "
+                             "eval_iters:integer warmup:integer"),
     "sizing": _fields("", "budget:number spent:number fit:string|null depth:integer shape:string|null "
                           "params:integer tokens_per_sec:number threads:integer|null steps:integer tokens:integer "
                           "tokens_per_param:number predicted_val:number extrapolated:boolean learning_rate:number "
                           "warmup_iters:integer candidates:list"),
-    "end": _fields(_STEP, "tokens:integer elapsed:number stopped_early:boolean stopped_by:string|null "
+    "end": _fields(_STEP, "tokens:integer elapsed:number lr:number stopped_early:boolean stopped_by:string|null "
                           "best_val_loss:number best_step:integer|null best_epoch:integer base_val_loss:number "
                           "budget_spent:number"),
 }

@@ -1,300 +1,275 @@
-"""`train.budget_seconds` (`Budget`): a run that ends when its wall-clock budget does, start-up and evaluations
-included, however busy the machine gets. It times its first steps, an evaluation and a checkpoint (or plans at once
-where one more step of seconds would leave the budget), plans the steps that fill the budget, and plans again at
-evaluations and whenever the pace says the end would miss; each plan lays the rest of the LR decay over the steps
-that now fit, so the LR never jumps and still ends at min_lr. A resumed run goes by its checkpoint's plan and plans
-no more: timing another process's steps would make resume inexact.
+"""A time budget (`train.budget_seconds`): the run ends when the budget does, start-up, evaluations and its end
+included, however the machine's pace changes.
+
+One planner, `plan`, answers `lmlab plan --budget`, `--size auto` and the trainer alike, from the same figures: the
+seconds gone and what a step, an evaluation and a checkpoint cost (`Costs`, timed before training by
+lmlab.train.timing). It fits the steps, the evaluations' batches and the warmup to the budget, or refuses a budget
+that cannot hold MIN_STEPS steps, an evaluation, the checkpoint and the end, before any step trains.
+
+While the run goes (`Budget`), the LR after warmup follows the budget's clock, not the step count: the decay's
+position is the share gone of the time from the warmup's end to the last step's end. A change of pace moves where
+the steps fall on the curve, never the curve, so nothing is laid again: the LR cannot rise and reaches min_lr when
+the time does. The last step is decided a step ahead from the recent pace, and trains at min_lr. A resumed run goes
+on by steps from where its checkpoint's plan stood: another process's clock would make resume inexact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from collections.abc import Callable
+import statistics
+from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from lmlab.analysis.plots import pyplot
 from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
-from lmlab.train.distributed import Parallel
-from lmlab.train.planning import BudgetPlan, Measured, drifted, ended_by_start_up, make_plan
-from lmlab.train.schedule import Schedule, lr_at_position, position_of
 
-SKIP_STEPS = 2  # the first steps build kernels (or compile): not timed
-# The checkpoint, evaluation and end are timed after the first step (its kernels built), so that the check after the
-# next one can end a run whose steps take seconds (`last_call`) before it trains a step the budget has no room for.
-COSTS_STEP = 1
-MIN_TIMED_STEPS = 10
-TIMED_SHARE = 0.03  # of the budget spent timing steps (at least MIN_TIMED_STEPS of them), at most MAX_TIMED_SECONDS
-# Steps of seconds each: as many as fill this many times the timing's share are pace enough for the first plan, where
-# waiting for MIN_TIMED_STEPS of them would spend the budget (6 steps of a 60 s budget took 90 s).
-SLOW_TIMING = 3.0
-MAX_TIMED_SECONDS = 60.0
-CHECK_SHARE = 0.01  # the pace is checked each time this share of the budget has gone into steps (at least 0.5 s)
-MIN_CHECK_SECONDS = 0.5
-# The pace is the mean step over the newest steps that fill this share of the budget (at least 2 s, at least 8
-# steps): a step of a busy machine can take 30 times its neighbours, and one such step is no pace.
-PACE_SHARE = 0.03
-MIN_PACE_SECONDS = 2.0
-MIN_PACE_STEPS = 8
-# An evaluation is timed again (one batch a split) when the pace has moved this much from the one it was timed at:
-# under load a training step slows more than an evaluation's forward passes, so scaling one by the other misleads.
-RETIME_RATIO = 1.5
-# The process's exit after the end's plot (torch's and Python's teardown), which a budget counts: measured ~0.2 s.
-EXIT_SECONDS = 0.3
+EVAL_SHARE = 0.1  # evaluations measure the run, they do not train it: at most this share of the budget
+WARMUP_SHARE = 0.1  # a warmup longer than this share of the steps is shortened to it, leaving the rest to the decay
+MIN_STEPS = 2  # the fewest a budget must hold: one step is no run (its pace unknown before it, no decay after it)
+PACE_STEPS = 5  # the pace is the median of this many newest steps: blind to two outliers, following a lasting change
+MOVED_SHARE = 0.1  # a foreseen end that moved by this share of the steps is logged
 
 
-class BudgetClock:
-    """A budgeted run's clock in the process that plans it: the seconds spent (since `started`, a
-    `time.perf_counter()` reading of the process's start, plus what earlier processes of the run trained), its
-    timed steps (the pace is the mean of the newest), and what an evaluation, a checkpoint and the end took. An
-    evaluation's cost scales with the pace (both are the model's matmuls on the same cores: load slows them alike);
-    a checkpoint and the end (a write, a plot, the exit) mostly wait on one thread and the disk, and stay as timed."""
+@dataclass(frozen=True)
+class Costs:
+    """Seconds: a training step, an evaluation's batch (both splits) and what an evaluation costs besides (its log
+    line and plot), a checkpoint, and the end after the last checkpoint (the last plot, the process's exit)."""
 
-    def __init__(self, seconds: float, started: float, spent_before: float, first_step: int):
-        self.seconds, self.started, self.spent_before = seconds, started, spent_before
-        self.costs_step = first_step + COSTS_STEP
-        self.warm_step = first_step + SKIP_STEPS  # the steps after it are timed
-        self.recent: list[float] = []  # seconds of each timed step (evaluations left out), newest last
-        self.untimed: list[float] = []  # seconds of the steps before them: the pace until one is timed
-        self.since_check = 0.0  # seconds of steps since the last plan or check
-        self.pace = 0.0  # seconds per step at the newest plan or check
-        # (seconds, pace then) of an evaluation's batch (one a split), a checkpoint and the end
-        self.costs = {"eval": (0.0, 0.0), "checkpoint": (0.0, 0.0), "finish": (0.0, 0.0)}
-        self.plot_seconds = 0.0  # a redraw of loss.png, part of every evaluation
-        self.planned = False
+    step: float
+    eval_batch: float
+    eval_fixed: float
+    checkpoint: float
+    finish: float
 
-    def spent(self) -> float:
-        return self.spent_before + time.perf_counter() - self.started
-
-    def add_step(self, step: int, seconds: float) -> None:
-        if step <= self.warm_step:
-            self.untimed.append(seconds)
-        else:
-            self.recent.append(seconds)
-            self.since_check += seconds
-            if len(self.recent) > 200_000:  # a long run's: the pace needs only the newest
-                del self.recent[:100_000]
-
-    def due(self) -> bool:
-        """Whether to plan now: the first plan once enough steps are timed (a few percent of the budget, and at
-        least MIN_TIMED_STEPS or as many as fill SLOW_TIMING times that), or sooner where one more step and the
-        smallest end (`last_call`) would leave the budget, or once it is gone; then a check of the pace each
-        CHECK_SHARE of the budget."""
-        if self.spent() >= self.seconds:
-            return True
-        if not self.planned:
-            wanted = min(MAX_TIMED_SECONDS, TIMED_SHARE * self.seconds)
-            enough = len(self.recent) >= MIN_TIMED_STEPS or self.since_check >= SLOW_TIMING * wanted
-            return bool(self.recent) and self.since_check >= wanted and enough or self.last_call()
-        return self.since_check >= max(MIN_CHECK_SECONDS, CHECK_SHARE * self.seconds)
-
-    def last_call(self) -> bool:
-        """Whether, before the first plan, one more step at the pace so far and an end of one evaluation batch a
-        split, a checkpoint and the exit would end past the budget: steps of seconds each leave no time to wait for
-        timed ones (a 60 s budget of 13 s steps had none left when the first was timed and ended at 76 s). Known
-        once the costs are timed (`COSTS_STEP`)."""
-        if not self.costs["finish"][0]:
-            return False
-        end = sum(seconds for seconds, _ in self.costs.values()) + self.plot_seconds
-        return self.spent() + (self.current_pace() or self.untimed_pace()) + end >= self.seconds
-
-    def untimed_pace(self) -> float:
-        """The mean of the steps before the timed ones (slow: they include building kernels), all a `last_call` has."""
-        return sum(self.untimed) / len(self.untimed) if self.untimed else 0.0
-
-    def current_pace(self) -> float:
-        """The mean of the newest steps that fill PACE_SHARE of the budget (all of them before the first plan)."""
-        window = max(MIN_PACE_SECONDS, PACE_SHARE * self.seconds) if self.planned else math.inf
-        total, count = 0.0, 0
-        for seconds in reversed(self.recent):
-            total, count = total + seconds, count + 1
-            if total >= window and count >= MIN_PACE_STEPS:
-                break
-        return total / count if count else self.pace
-
-    def took(self, cost: str, seconds: float) -> None:
-        """What an evaluation's batch, a checkpoint or the end (`cost`) took just now, at the current pace (the pace
-        of the steps after it, when none is known yet: those before the first plan)."""
-        self.costs[cost] = seconds, self.current_pace()
-
-    def eval_stale(self, pace: float) -> bool:
-        """Whether the evaluation was timed at a pace too far from `pace` for its cost to carry over."""
-        then = self.costs["eval"][1]
-        return bool(then and pace) and not 1 / RETIME_RATIO <= pace / then <= RETIME_RATIO
-
-    def measured(self) -> list[float]:
-        """What a plan is made of (`Measured`'s fields, as numbers every rank averages), the check restarted:
-        seconds spent; per step (the pace), an evaluation's batch (scaled to it) and its plot, checkpoint and end."""
-        # Before any step is timed: a last call's pace, or none where the budget is gone (it was used up before).
-        self.pace = self.current_pace() or (self.untimed_pace() if self.spent() < self.seconds else 0.0)
-        self.since_check = 0.0
-        scaled = []
-        for name, (seconds, then) in self.costs.items():
-            if not then:  # timed before any step was: taken at the pace of the steps timed next
-                self.costs[name] = seconds, then = seconds, self.pace
-            scaled.append(seconds * self.pace / then if name == "eval" and then and self.pace else seconds)
-        eval_batch, checkpoint, finish = scaled
-        return [self.spent(), self.pace, eval_batch, self.plot_seconds, checkpoint, finish]
+    def evaluation(self, batches: int) -> float:
+        return self.eval_fixed + batches * self.eval_batch
 
 
-@dataclass
-class Probes:
-    """What a budget times besides steps, done by the training loop: a checkpoint, an evaluation of one batch a
-    split, and a redraw of loss.png."""
+@dataclass(frozen=True)
+class Plan:
+    """A budget's plan: as made before the first step, and as it stood at each later step (what a checkpoint keeps
+    and a resumed run goes on by). `max_iters` is the steps foreseen (final once the run decided its last),
+    `position` where the decay stood at `step` (0 the peak, 1 min_lr)."""
 
-    checkpoint: Callable[[], None]
-    evaluate: Callable[[], None]
-    plot: Callable[[], None]
+    seconds: float
+    max_iters: int = 0
+    step: int = 0
+    spent: float = 0.0  # seconds of the budget gone at `step`, start-up included
+    step_seconds: float = 0.0
+    eval_seconds: float = 0.0  # one evaluation of `eval_iters` batches a split, with its line and plot
+    checkpoint_seconds: float = 0.0
+    finish_seconds: float = 0.0
+    warmup: int = 0  # the step the LR reaches its peak at
+    eval_iters: int = 0  # batches a split each evaluation scores
+    position: float = 0.0
+    reason: str = "planned"  # planned, pace (the foreseen end moved), last (the last step decided)
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> Plan:
+        """A plan from a checkpoint or a `budget` event (fields of older versions left out)."""
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+    def needed(self, steps: int, intervals: tuple[int, int]) -> float:
+        """Seconds to train `steps` after `step` and end: the steps; an evaluation (with a checkpoint of its new
+        best, as a short run's mostly are) at each multiple of the evaluation interval and at the last step; a
+        checkpoint at each other multiple of its interval; the end."""
+        if steps <= 0:
+            return 0.0
+        every_eval, every_checkpoint = intervals
+        end = self.step + steps
+        evals = _multiples(every_eval, self.step, end) + (end % every_eval != 0)
+        apart = (_multiples(every_checkpoint, self.step, end) - _multiples(math.lcm(every_eval, every_checkpoint),
+                                                                            self.step, end)
+                 - (end % every_eval != 0 and end % every_checkpoint == 0))
+        return (steps * self.step_seconds + evals * (self.eval_seconds + self.checkpoint_seconds)
+                + apart * self.checkpoint_seconds + self.finish_seconds)
+
+    def nearest(self, left: float, intervals: tuple[int, int]) -> int:
+        """The steps after `step` whose end is nearest `left` seconds away, one step over it or short of it: a
+        budget is missed either way, by less this way."""
+        if left <= 0 or self.step_seconds <= 0:
+            return 0
+        low, high = 0, 1
+        while self.needed(high, intervals) <= left:
+            low, high = high, 2 * high
+        while high - low > 1:  # `needed` grows with the steps: bisect between a fit and a miss
+            mid = (low + high) // 2
+            low, high = (mid, high) if self.needed(mid, intervals) <= left else (low, mid)
+        return high if self.needed(high, intervals) - left < left - self.needed(low, intervals) else low
+
+
+def _multiples(interval: int, after: int, upto: int) -> int:
+    """Multiples of `interval` in (after, upto]."""
+    return upto // interval - after // interval
+
+
+class BudgetRefused(UserError):
+    """A budget that cannot hold its minimum, refused before any step trains."""
+
+
+def plan(seconds: float, spent: float, costs: Costs, train: TrainConfig, intervals: tuple[int, int]) -> Plan:
+    """The plan of a budget of `seconds` with `spent` gone, from `costs`: the steps whose end is nearest the budget,
+    each evaluation scoring train.eval_iters batches a split or as many as keep all of them within EVAL_SHARE of
+    the budget, and the warmup within WARMUP_SHARE of the steps; refused (`BudgetRefused`) where MIN_STEPS steps,
+    an evaluation of one batch a split, the checkpoint and the end do not fit."""
+    def laid(batches: int) -> Plan:
+        made = Plan(seconds, 0, 0, spent, costs.step, costs.evaluation(batches), costs.checkpoint, costs.finish,
+                    eval_iters=batches)
+        return dataclasses.replace(made, max_iters=made.nearest(seconds - spent, intervals))
+
+    made = laid(train.eval_iters)
+    for _ in range(4):  # fewer batches leave room for more steps, and so more evaluations: settled in a pass or two
+        evals = made.max_iters // intervals[0] + (made.max_iters % intervals[0] != 0)
+        room = EVAL_SHARE * seconds / max(1, evals) - costs.eval_fixed
+        batches = max(1, min(made.eval_iters, int(room / costs.eval_batch) if costs.eval_batch > 0 else
+                             made.eval_iters))
+        if batches == made.eval_iters:
+            break
+        made = laid(batches)
+    if made.max_iters < MIN_STEPS:
+        made = laid(1)
+    if made.max_iters < MIN_STEPS:
+        raise BudgetRefused(refusal(seconds, made, intervals))
+    warmup = train.warmup_iters if train.warmup_iters <= WARMUP_SHARE * made.max_iters else \
+        max(1, round(WARMUP_SHARE * made.max_iters))
+    return dataclasses.replace(made, warmup=warmup)
+
+
+def refusal(seconds: float, least: Plan, intervals: tuple[int, int]) -> str:
+    """Why a budget cannot be planned: what MIN_STEPS steps and their end need, after what is gone."""
+    needed = least.spent + least.needed(MIN_STEPS, intervals)
+    return (f"budget {seconds:g} s: a step takes ~{least.step_seconds:.3g} s here, and {MIN_STEPS} steps, an "
+            f"evaluation of one batch a split ({least.eval_seconds:.2f} s), the checkpoint "
+            f"({least.checkpoint_seconds:.2f} s) and the end ({least.finish_seconds:.2f} s) need "
+            f"{needed - least.spent:.1f} s after the {least.spent:.1f} s that start-up and timing took; give a "
+            f"budget of at least {math.ceil(needed)} s.")
 
 
 class Budget:
-    """`train.budget_seconds` as the training loop holds it: the newest plan (restored on resume), laid over the
-    schedule; and, in the process that plans it, its clock: the steps, an evaluation, a checkpoint and the end
-    timed, a plan made once they are and made again at evaluations and pace checks. Every rank plans from the same
-    mean figures. `announce` records each plan (config.toml, the `budget` event) with the line to print, if any."""
+    """A budgeted run's plan in force. `live` in the process that planned it: the LR's position follows the budget's
+    clock (the seconds spent when each step began, `after_step`, the one call the loop makes), and the last step is
+    decided a step ahead; else (a resumed run) by steps, from the plan's `step` and `position` to min_lr at its
+    `max_iters`. `lag` is how many steps late the seconds spent arrive (one under torchrun, where every rank's are
+    agreed in the background), so that every rank decides alike."""
 
-    def __init__(self, seconds: float, schedule: Schedule, parallel: Parallel, device: torch.device,
-                 intervals: tuple[int, int], probes: Probes, announce: Callable[[BudgetPlan, str | None], None]):
-        self.plan = BudgetPlan(seconds)
-        self.schedule, self.parallel, self.device = schedule, parallel, device
-        self.intervals, self.probes, self.announce = intervals, probes, announce  # eval and checkpoint steps
-        self.clock: BudgetClock | None = None  # while this process plans
-        self._lay()
+    def __init__(self, made: Plan, intervals: tuple[int, int], live: bool = True, lag: int = 0):
+        self.plan, self.intervals, self.live, self.lag = made, intervals, live, lag
+        self.last = made.max_iters  # the steps the run trains: foreseen, final once `decided`
+        self.decided = not live
+        self._seen = (made.step, made.spent)  # the newest step whose start is known, and the seconds spent then
+        self._steps: deque[float] = deque(maxlen=PACE_STEPS)  # the newest steps' seconds, evaluations left out
+        self._costs = {"eval": made.eval_seconds, "checkpoint": made.checkpoint_seconds}
+        self._anchor: tuple[float, float, float] | None = None  # the decay laid from (seconds, position) to an end
+        self._given = made.position  # the newest position handed out: none after it is lower
+        self.line: str | None = None  # what the newest `after_step` decided that is worth a line
+        self.event: Plan | None = None  # the plan to log, where the newest `after_step` changed it
 
-    def _lay(self) -> None:
-        """The schedule follows the plan: its steps, warmup and decay, and its evaluations' batches."""
-        if self.plan.seconds:
-            self.schedule.follow_plan(self.plan.max_iters, self.plan.decay(), self.plan.fixed, self.plan.ramp())
-            if self.plan.eval_iters:
-                self.schedule.train = dataclasses.replace(self.schedule.train, eval_iters=self.plan.eval_iters)
+    @property
+    def pace(self) -> float:
+        return statistics.median(self._steps) if self._steps else self.plan.step_seconds
+
+    def _end(self) -> float:
+        """When the last step must end: the budget less the last evaluation, its checkpoint and the exit."""
+        return self.plan.seconds - self._costs["eval"] - self._costs["checkpoint"] - self.plan.finish_seconds
+
+    def _began(self, step: int) -> float:
+        """The seconds spent when `step` begins, as the newest known start and the pace foresee it."""
+        seen, spent = self._seen
+        return spent + (step - seen) * self.pace
+
+    def _position_at(self, step: int) -> float:
+        if step < self.plan.warmup:
+            return self._given
+        if step >= self.last - 1 and self.decided:
+            return 1.0
+        if not self.live:
+            span = self.last - 1 - self.plan.step
+            return 1.0 if span <= 0 else min(1.0, self.plan.position + (1 - self.plan.position) *
+                                             max(0, step - self.plan.step) / span)
+        if self._anchor is None:  # the decay has not begun
+            return self._given
+        began, where, end = self._anchor
+        share = (self._began(step) - began) / (end - began) if end > began else 1.0
+        return max(self._given, min(1.0, where + (1 - where) * share))
+
+    def position(self, step: int) -> float:
+        """Where the decay stands at `step`, the step about to train (after warmup; 0 the peak, 1 min_lr): by the
+        budget's clock while live, else by steps; 1 at the last step."""
+        if self.live and self._anchor is None and step >= self.plan.warmup:
+            self._anchor = (self._began(step), self._given, self._end())  # the warmup's end: the decay begins
+        self._given = self._position_at(step)
+        return self._given
+
+    def after_step(self, step: int, spent: float) -> None:
+        """The run has trained `step` steps, and `spent` seconds had gone when step `step - lag` began: the pace and
+        the costs of evaluations and checkpoints measured, the decay laid again to the end they foresee (from where
+        it stands: never rising), and the last step decided where the next one (or none) must be it. `line` and
+        `event` say what changed."""
+        self.line = self.event = None
+        step -= self.lag
+        if not self.live or self.decided or step <= self._seen[0]:
+            return
+        if step == self._seen[0] + 1:
+            self._measured(step, spent - self._seen[1])
+        self._seen = (step, spent)
+        if self._anchor is not None and self._anchor[2] != self._end():
+            self._anchor = (spent, self._position_at(step), self._end())
+        now = self._now(step)
+        last = step + now.nearest(self.plan.seconds - spent, self.intervals)
+        if last <= step + self.lag + 1:
+            self._decide(max(step + self.lag, last), now)
+            return
+        if abs(last - self.last) > MOVED_SHARE * self.last:
+            self.event = dataclasses.replace(now, max_iters=last, reason="pace")
+        self.last = last
+
+    def _measured(self, step: int, seconds: float) -> None:
+        """The seconds from one step's start to the next's: a step, or a step and what followed it."""
+        every_eval, every_checkpoint = self.intervals
+        if step % every_eval and step % every_checkpoint:
+            self._steps.append(seconds)
+        elif step % every_eval == 0:  # an evaluation, and mostly the checkpoint of its new best
+            self._costs["eval"] = max(0.0, seconds - self.pace - self._costs["checkpoint"])
+        else:
+            self._costs["checkpoint"] = max(0.0, seconds - self.pace)
+
+    def _now(self, step: int) -> Plan:
+        """The plan as it stands at `step`: the figures measured so far, the end foreseen."""
+        return dataclasses.replace(self.plan, step=step, spent=self._began(step), step_seconds=self.pace,
+                                   eval_seconds=self._costs["eval"], checkpoint_seconds=self._costs["checkpoint"],
+                                   max_iters=self.last, position=self._position_at(step))
+
+    def _decide(self, last: int, now: Plan) -> None:
+        """The run's last step is `last`: said where it ends the run at once, or comes well before the end
+        foreseen."""
+        foreseen, self.last, self.decided = self.last, last, True
+        self.event = dataclasses.replace(now, max_iters=last, reason="last")
+        if last <= now.step + self.lag:
+            self.line = (f"budget {self.plan.seconds:g} s: {max(0.0, self.plan.seconds - now.spent):.1f} s left at "
+                         f"step {last}, less than another step ({now.step_seconds:.2f} s) and the end "
+                         f"({now.needed(1, self.intervals) - now.step_seconds:.2f} s) need: the run ends here.")
+        elif foreseen - last > MOVED_SHARE * foreseen:
+            self.line = (f"budget {self.plan.seconds:g} s: steps now take {1000 * now.step_seconds:,.1f} ms (planned "
+                         f"at {1000 * self.plan.step_seconds:,.1f}): step {last} is the last, not {foreseen}, at "
+                         "min_lr, with its evaluation and checkpoint.")
 
     def state_dict(self) -> dict[str, Any]:
-        return self.plan.state_dict()
+        """The plan as it stands at the next step: what a resumed run goes on by."""
+        return dataclasses.asdict(self._now(self._seen[0] + self.lag + 1) if self.live else self.plan)
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        self.plan.load_state_dict(state or BudgetPlan().state_dict())
-        self._lay()
-
-    def resume(self, new: TrainConfig, step: int, run: Path) -> str | None:
-        """Go on at `step` under `new`: a plan once made is the run's (another budget would need steps it has not
-        timed), one still to make is made afresh, with the LR held where the run had it until then; no budget trains
-        on by steps (`Schedule.resume_with`). The line that says what happens to the schedule, if anything."""
-        old_lr, asked, saved = self.schedule.unscaled_lr(step), new.budget_seconds, self.plan
-        if asked and saved.fixed and asked != saved.seconds:
-            raise UserError(f"{run} planned its {saved.seconds:g} s budget as {saved.max_iters} steps; resume it with "
-                            "that budget, or with train.budget_seconds=0 and train.max_iters to train on by steps.")
-        self.plan = saved if asked and saved.fixed else BudgetPlan(asked)
-        line = self.schedule.resume_with(new, step, old_lr)
-        if not asked or self.plan.fixed:
-            self._lay()
-            return line
-        self.plan.position = 0.0 if step < new.warmup_iters else position_of(old_lr, new)
-        self._lay()
-        if not self.plan.position:
-            return None
-        return (f"schedule re-laid from step {step}: lr {lr_at_position(self.plan.position, new):.1e}, held until the "
-                f"budget's first plan decays it to {new.min_lr:.1e} at its end")
-
-    @property
-    def ended_by_start_up(self) -> bool:
-        return self.plan.reason == "start-up"
-
-    @property
-    def end_known(self) -> bool:
-        """Whether the last step is known: not while a budget's first steps are being timed."""
-        return self.clock is None or self.clock.planned
-
-    def start(self, started: float | None, spent_before: float, step: int) -> None:
-        """Start the clock of a budget this process plans (a new run's, or one resumed before its first plan), from
-        `started` (a time.perf_counter() reading; None: now); a budget gone before the first step ends the run."""
-        if not self.plan.seconds or self.plan.fixed:
-            return
-        pyplot()  # imported now, so that no timed evaluation includes the one-time import
-        self.clock = clock = BudgetClock(self.plan.seconds, started or time.perf_counter(), spent_before, step)
-        spent = self.parallel.mean([clock.spent()], self.device)[0]
-        if spent >= clock.seconds:
-            clock.planned = True
-            self._fix(ended_by_start_up(clock.seconds, spent, step))
-
-    def due(self) -> bool:
-        return self.clock is not None and self.clock.due()
-
-    def spent(self) -> float | None:
-        """Seconds from the process's start, of a budget this process planned."""
-        return None if self.clock is None else round(self.clock.spent(), 3)
-
-    def step_timed(self, step: int, seconds: float) -> None:
-        """A step's time, for the pace; after the first step, before the first plan, the costs besides steps timed."""
-        if self.clock is not None:
-            self.clock.add_step(step, seconds)
-            if step == self.clock.costs_step and not self.clock.planned:
-                self._time_costs()
-
-    def checkpointed(self, seconds: float) -> None:
-        if self.clock is not None and self.clock.planned:
-            self.clock.took("checkpoint", seconds)
-
-    def evaluated(self, step: int, seconds: float) -> None:
-        """An evaluation's time (its batches, the log line and the plot); the plan made again from it, unless it was
-        the plan's last step."""
-        if self.clock is not None and self.clock.planned and step < self.schedule.last_step:
-            batches = self.schedule.train.eval_iters
-            self.clock.took("eval", max(0.0, seconds - self.clock.plot_seconds) / batches)
-            self.replan(step, "evaluation")
-
-    def replan(self, step: int, reason: str) -> None:
-        """Plan, or plan again, from the time left at the recent pace: the first plan once the steps are timed or the
-        budget is gone; then at every evaluation, and at a check of the pace when the end it foresees has drifted
-        from the budget."""
-        clock = self.clock
-        measured = Measured(*self.parallel.mean(clock.measured(), self.device))
-        if clock.planned and self.parallel.any(clock.eval_stale(measured.pace)):
-            self._time_eval()  # under the load of now, not the pace's guess of it
-            measured = Measured(*self.parallel.mean(clock.measured(), self.device))
-        if not clock.planned:
-            clock.planned, reason = True, "out of time" if measured.spent >= clock.seconds else "planned"
-        elif reason == "pace" and measured.spent < clock.seconds and not drifted(self.plan, step, measured,
-                                                                                   self.intervals):
-            return
-        train = self.schedule.train
-        share_now = self.schedule.unscaled_lr(step - 1) / train.learning_rate if step else 0.0
-        self._fix(make_plan(self.plan, step, measured, train, self.intervals, reason, share_now))
-
-    def _time_costs(self) -> None:
-        """What the plan counts besides steps: a checkpoint, an evaluation (a batch per split, after one that pays the
-        evaluation's one-time costs) with the plot it redraws, and the end (a plot, and the process's exit). On a CPU,
-        where evaluations run eager (`TrainStep.scoring`), a first evaluation that took a share of the budget paid
-        no compile worth timing again: it stands (a 13 s step's took 5 s)."""
-        clock, began = self.clock, time.perf_counter()
-        self.probes.checkpoint()
-        clock.took("checkpoint", time.perf_counter() - began)
-        began = time.perf_counter()
-        self.probes.evaluate()
-        first = time.perf_counter() - began
-        began = time.perf_counter()
-        self.probes.plot()
-        clock.plot_seconds = time.perf_counter() - began
-        clock.took("finish", clock.plot_seconds + EXIT_SECONDS)
-        if self.device.type == "cpu" and first >= TIMED_SHARE * clock.seconds:
-            clock.took("eval", first)
-        else:
-            self._time_eval()
-
-    def _time_eval(self) -> None:
-        """An evaluation's cost at the load of now: a batch a split."""
-        began = time.perf_counter()
-        self.probes.evaluate()
-        self.clock.took("eval", time.perf_counter() - began)
-
-    def _fix(self, plan: BudgetPlan) -> None:
-        """Lay the run over the plan and record it, with its line where it is worth one (`BudgetPlan.said`)."""
-        before, self.plan = self.plan, plan
-        train = self.schedule.train  # the config's, before the plan's evaluations are laid over it
-        self._lay()
-        self.announce(plan, plan.describe(before, train, self.intervals) if plan.said(before) else None)
+    def describe(self, train: TrainConfig) -> str:
+        """The first plan in a sentence, with what it fitted to the budget."""
+        p = self.plan
+        said = [f"budget {p.seconds:g} s: {p.max_iters:,} steps ({1000 * p.step_seconds:,.1f} ms a step, evaluation "
+                f"{p.eval_seconds:.2f} s, checkpoint {p.checkpoint_seconds:.2f} s) after {p.spent:.1f} s of "
+                f"start-up; the LR follows the budget's clock to {train.min_lr:.1e} at its end"]
+        if p.eval_iters < train.eval_iters:
+            said.append(f"evaluations of {p.eval_iters} batch{'es' * (p.eval_iters > 1)} a split, not "
+                        f"{train.eval_iters} (train.eval_iters): at that many they would take more than "
+                        f"{EVAL_SHARE:.0%} of the budget")
+        if p.warmup < train.warmup_iters:
+            said.append(f"the peak LR at step {p.warmup}, not at {train.warmup_iters} (train.warmup_iters, more than "
+                        f"{WARMUP_SHARE:.0%} of the {p.max_iters} steps)")
+        return "; ".join(said)

@@ -212,22 +212,28 @@ class Parallel:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._flags)
         return bool(tensor.item())
 
-    def agree(self, *flags: bool) -> tuple[bool, ...]:
-        """For each flag, whether any rank raised it (caught a stop signal, ran out of time): all ranks must leave
-        the loop at the same step. In one process, the flags themselves. Under torchrun, the answer to the
-        previous call's flags: each call starts an all-reduce over a CPU group in the background and reads the
-        one started a step before, which has long finished, so asking every step costs neither a device sync
-        nor a round trip; every rank calls it at the same steps, so all get the same answers one step late."""
+    def agree(self, *values: float) -> tuple[float, ...]:
+        """For each value, its largest over the ranks: whether any rank raised a flag (caught a stop signal, failed a
+        write), so all leave the loop at the same step; the seconds a budget has spent, so all decide alike. In one
+        process, the values themselves. Under torchrun, the answer to the previous call's values: each call starts
+        an all-reduce over a CPU group in the background and reads the one started a step before, which has long
+        finished, so asking every step costs neither a device sync nor a round trip; every rank calls it at the
+        same steps, so all get the same answers one step late (`lag`)."""
         if not self.active:
-            return flags
-        answer = (False,) * len(flags)
+            return values
+        answer = (0.0,) * len(values)
         if self._vote is not None:
             work, votes = self._vote
             work.wait()
-            answer = tuple(bool(v) for v in votes.tolist())
-        votes = torch.tensor([int(f) for f in flags])
+            answer = tuple(votes.tolist())
+        votes = torch.tensor([float(v) for v in values], dtype=torch.float64)
         self._vote = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self._flags, async_op=True), votes
         return answer
+
+    @property
+    def lag(self) -> int:
+        """How many steps late `agree` answers."""
+        return int(self.active)
 
     def own_rng(self, seed: int, step: int) -> None:
         """Ranks other than 0 draw their own dropout masks from here on, seeded by (seed, rank, step): one seed

@@ -1,8 +1,8 @@
 """The training loop (`Trainer`): optimizer steps (`TrainStep`) one after another, each followed by what the
 `Cadence` says is due (a train line, an evaluation, a checkpoint), at the LR the `Schedule` gives, until its last
 step, an early stop, a stop signal or a failed write; on one device or under torchrun. The parts it owns each decide
-their own concern: the checkpoints (`Checkpointer`), a time budget (`Budget`), bad steps (`SpikeGuard`), the CPU
-threads (`ThreadChooser`)."""
+their own concern: the checkpoints (`Checkpointer`), a time budget (`Budget`, planned before the first step), bad
+steps (`SpikeGuard`), the CPU threads (`ThreadChooser`)."""
 
 from __future__ import annotations
 
@@ -30,15 +30,14 @@ from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
 from lmlab.data.shards import read_meta, row_layout
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import Budget, Probes
+from lmlab.train.budget import Budget, Costs, Plan, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
-from lmlab.train.planning import BudgetPlan
-from lmlab.train.schedule import Schedule
+from lmlab.train.schedule import Schedule, lr_at_position
 from lmlab.train.state import (
     Mean,
     Means,
@@ -46,12 +45,14 @@ from lmlab.train.state import (
     Recorded,
     RngState,
     ScalerState,
+    Slot,
     Stopwatch,
     Throughput,
     TrainingState,
 )
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes
+from lmlab.train.timing import Timing, time_config
 from lmlab.train.tracking import Tracker
 
 
@@ -109,11 +110,12 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
                  keep_optimizer: bool = False, started: float | None = None, threads: ThreadChooser | None = None,
-                 sizing: dict[str, Any] | None = None):
+                 sizing: dict[str, Any] | None = None, timing: Timing | None = None):
         # A train.budget_seconds run counts from `started`, a time.perf_counter() reading (the CLI passes its own
-        # start), else from `run()`: so the trials of a sweep, in one process, compare on equal terms. `threads` is a
-        # chooser that decided already (from the steps `--size auto` timed), `sizing` the event that records it.
-        self.started, self.sizing = started, sizing
+        # start), else from this construction: so the trials of a sweep, in one process, compare on equal terms.
+        # `threads` is a chooser that decided already (from the steps `--size auto` timed), `sizing` the event that
+        # records it, `timing` the chosen size's (a budget plans from it, not timing again).
+        self.started, self.sizing = time.perf_counter() if started is None else started, sizing
         self.run_dir = RunDir(run_dir)
         job = from_env()
         job.local_steps(cfg.train.grad_accum_steps)  # checked before the job's processes connect to each other
@@ -133,6 +135,8 @@ class Trainer:
             threads = self._build(cfg, device, console, init_from)
             resume = resume or self._restarted()
             self._parts(resume)
+            if self.cfg.train.budget_seconds and not resume:
+                self._plan_budget(timing)
             self._begin(resume, force, init_from, keep_optimizer)
             if threads.lowered:
                 self._say_threads(threads)
@@ -206,20 +210,36 @@ class Trainer:
         self.cadence = Cadence(tc, tc.eval_steps(self.split_tokens, self.tokens_per_step), self.tokens_per_step,
                                self.split_tokens)
         self.writes = Writes(self.run_dir, self.parallel.is_main)
-        probes = Probes(lambda: self.checkpointer.save(best=False), lambda: self._evaluate(n_batches=1),
-                        lambda: self.writes(plot_losses, self.run_dir))
-        self.budget = Budget(tc.budget_seconds, self.schedule, self.parallel, self.device, self.cadence.intervals,
-                             probes, self._planned)
+        self._saved_plan: dict[str, Any] | None = None  # a resumed run's budget, as its checkpoint has it
+        budget = Slot(lambda: self.budget and self.budget.state_dict(), lambda saved: setattr(self, "_saved_plan",
+                                                                                               saved))
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
                               loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.step.scaler),
                               dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
-                              budget=self.budget)
+                              budget=budget)
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.step.optimizer, self.parallel, state,
                                          self.writes, tc, self.console)
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
         self._lr = 0.0  # of the newest step, for the log
         self._stop = StopOnSignal()  # what a stop signal may interrupt: installed while the loop runs
+
+    @property
+    def budget(self) -> Budget | None:
+        return self.schedule.budget
+
+    def _plan_budget(self, timing: Timing | None) -> None:
+        """A new run's budget planned before its first step, from this config timed here now (or the size that
+        `--size auto` chose, timed already), every rank from the same mean figures; refused where its minimum does
+        not fit (`lmlab.train.budget.plan`, which `lmlab plan --budget` asks too)."""
+        tc = self.cfg.train
+        with self.console.status("Timing a step, as the budget is planned from it..."):
+            timing = timing or time_config(self.cfg, self.device, self.dtype, [torch.get_num_threads()],
+                                           deadline=self.started + tc.budget_seconds)
+        costs = Costs(*self.parallel.mean(list(dataclasses.astuple(timing.costs())), self.device))
+        spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
+        made = plan(tc.budget_seconds, spent, costs, tc, self.cadence.intervals)
+        self.schedule.budget = Budget(made, self.cadence.intervals, lag=self.parallel.lag)
 
     def _begin(self, resuming: bool, force: bool, init_from: str | None, keep_optimizer: bool) -> None:
         """The run begun or resumed, its tracker opened, its config, tokenizer and dataset's facts written."""
@@ -233,6 +253,8 @@ class Trainer:
                                    parallel=self.parallel.mode, peak=self.peak, dtype_reason=self.dtype_reason)
                 if self.sizing:
                     self.writes.log(self.sizing)
+                if self.budget:
+                    self.writes.log({"event": "budget", **dataclasses.asdict(self.budget.plan)})
         self.tracker = Tracker(self.cfg.train.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
                                resume_step=self.progress.step if resuming else None,
                                model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards
@@ -245,7 +267,7 @@ class Trainer:
         began = time.perf_counter()
         folder = self.checkpointer.resume(self.cfg, self.train_tokens.sha256, force)
         loaded, step = time.perf_counter() - began, self.progress.step
-        line = self.budget.resume(self.cfg.train, step, self.run_dir.path)
+        line = self._resume_schedule(step)
         if line:
             self.console.print(line, highlight=False)
         if self.parallel.is_main:
@@ -254,6 +276,28 @@ class Trainer:
             self.checkpointer.say_retention(self.schedule.last_step)
         took = f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)  # checked and loaded
         self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}) in {took}.")
+
+    def _resume_schedule(self, step: int) -> str | None:
+        """Go on at `step` under the config as resumed: a budget's plan, by steps (another process's clock would
+        make resume inexact), or by steps alone, from the LR the run had (`Schedule.resume_with`); the line that says
+        what happens to the schedule, if anything."""
+        new = self.cfg.train
+        saved = Plan.of(self._saved_plan) if self._saved_plan and self._saved_plan.get("seconds") else None
+        if saved and new.budget_seconds == saved.seconds:
+            self.schedule.budget = Budget(saved, self.cadence.intervals, live=False)
+            return None
+        if new.budget_seconds:
+            planned = (f"planned its {saved.seconds:g} s budget as {saved.max_iters} steps; resume it with that "
+                       "budget, or" if saved else "trained by steps; resume it")
+            raise UserError(f"{self.run_dir.path} {planned} with train.budget_seconds=0 and train.max_iters to train "
+                            "on by steps (a budget is planned before a new run's first step).")
+        old = self.schedule.train
+        old_lr = self.schedule.unscaled_lr(step)
+        if saved:
+            by_steps = Budget(saved, self.cadence.intervals, live=False)
+            old_lr = (old.learning_rate * (step + 1) / (saved.warmup + 1) if step < saved.warmup else
+                      lr_at_position(by_steps.position(step), old))
+        return self.schedule.resume_with(new, step, old_lr)
 
     def _check_same_inputs(self) -> None:
         """Under torchrun, refuse before the first step a job whose hosts were started with different configs or
@@ -339,19 +383,14 @@ class Trainer:
         p, schedule = self.progress, self.schedule
         self.model.train()
         self.clock.start()
-        self.budget.start(self.started, self.clock.before, p.step)  # a budget this process plans: steps timed first
+        if self.budget and self.budget.live:
+            self.console.print(self.budget.describe(self.cfg.train), highlight=False)
         with progress_bar(self.console) as bar, self._stop as stop:
-            task = bar.add_task("train", total=self._bar_total(), completed=p.step, info="")
-            stopping = self.budget.ended_by_start_up
+            task = bar.add_task("train", total=schedule.last_step, completed=p.step, info="")
+            stopping = False
             while p.step < schedule.last_step and not p.stopped_early and not stopping:
                 started = time.perf_counter()
                 self._train_step()
-                # Agreed by all ranks: a stop (a signal, a failed write); whether to plan (the same plan everywhere).
-                stopping, replan = self.parallel.agree(bool(stop.signal) or self.writes.error is not None,
-                                                      self.budget.due())
-                if replan:
-                    self.budget.replan(p.step, "pace")
-                    bar.update(task, total=schedule.last_step)
                 due = self.cadence.after(p.step, p.tokens, schedule.last_step)
                 # The device runs ahead (the next batch prepared meanwhile) until a point that needs the losses.
                 if due and not self._judge_queued_steps():
@@ -362,9 +401,13 @@ class Trainer:
                     bar.update(task, completed=p.step, info=self._log_train())
                 best = due.evaluate and self._evaluate_and_log()
                 if best or due.save:
-                    self._checkpoint(best)
-                self._note_step_time(seconds)
-                bar.update(task, completed=p.step, total=self._bar_total())
+                    self.checkpointer.save(best)
+                # Agreed by all ranks: a stop (a signal, a failed write), and the seconds a budget has spent.
+                flag, spent = self.parallel.agree(bool(stop.signal) or self.writes.error is not None,
+                                                  time.perf_counter() - self.started)
+                stopping = bool(flag)
+                self._after_step(seconds, spent)
+                bar.update(task, completed=p.step, total=schedule.last_step)
             # The end, an early stop or a signal (whenever in the step it came): the last step is always saved,
             # unless a write failed, which leaves the newest checkpoint as it is.
             self._judge_queued_steps()
@@ -406,32 +449,33 @@ class Trainer:
             self._grad_norm = grad_norm
         return True
 
-    def _note_step_time(self, seconds: float) -> None:
-        """A step's time, for the threads' look at the load and pace (lmlab.core.threads) and a budget's pace."""
+    def _after_step(self, seconds: float, spent: float) -> None:
+        """What follows a step besides the cadence: the threads' look at the load (lmlab.core.threads) by the
+        step's seconds, and a budget's clock by the seconds spent (with what it decided, said and logged)."""
         changed = self.threads.stepped(seconds)
         if changed:
             self._say_threads(changed)
-        self.budget.step_timed(self.progress.step, seconds)
-
-    def _checkpoint(self, best: bool) -> None:
-        self.budget.checkpointed(self.checkpointer.save(best))
+        if self.budget:
+            self.budget.after_step(self.progress.step, spent)
+            if self.budget.event:
+                self.writes.log({"event": "budget", **dataclasses.asdict(self.budget.event)})
+            if self.budget.line:
+                self.console.print(self.budget.line, style="yellow", highlight=False)
 
     def _evaluate_and_log(self) -> bool:
-        """Evaluate and log it (a budget plans again from it); whether it is a new best."""
+        """Evaluate and log it; whether it is a new best."""
         began = time.perf_counter()
         train_eval, val = self._evaluate()
-        best = self._log_eval(train_eval, val, time.perf_counter() - began)
-        self.budget.evaluated(self.progress.step, time.perf_counter() - began)
-        return best
+        return self._log_eval(train_eval, val, time.perf_counter() - began)
 
-    def _evaluate(self, n_batches: int | None = None) -> tuple[float, float]:
+    def _evaluate(self) -> tuple[float, float]:
         tc = self.cfg.train
+        batches = self.budget.plan.eval_iters if self.budget else tc.eval_iters  # a budget fits them to it
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         with self._stop.interruptible():
             train, val = (estimate_loss(self.step.scoring, tokens, self.cfg.model.block_size, tc.batch_size,
-                                        n_batches or tc.eval_iters, tc.seed + offset, self.device, self.dtype,
-                                        self.parallel)
+                                        batches, tc.seed + offset, self.device, self.dtype, self.parallel)
                           for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
@@ -490,23 +534,11 @@ class Trainer:
         """Passes over the train split so far: tokens seen over the split's tokens."""
         return round(self.progress.tokens / self.split_tokens, 4)
 
-    def _bar_total(self) -> int | None:
-        """The progress bar's total: the last step, unknown while a budget's first steps are being timed."""
-        return self.schedule.last_step if self.budget.end_known else None
-
-    def _planned(self, plan: BudgetPlan, line: str | None) -> None:
-        """A budget's plan recorded: config.toml holds its max_iters, a `budget` event the plan."""
-        self.cfg = dataclasses.replace(self.cfg, train=self.schedule.train)
-        self.writes(self.run_dir.write_config, self.cfg)
-        self.writes.log({"event": "budget", **plan.state_dict()})
-        if line:
-            self.console.print(line)
-
     def _log_end(self, stopped_early: bool, stopped_by: str | None, **more: Any) -> None:
         p = self.progress
         self.writes.log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                         "best_val_loss": p.best_val_loss, "best_step": p.best_step, "stopped_early": stopped_early,
-                         "stopped_by": stopped_by, **more})
+                         "lr": self._lr, "best_val_loss": p.best_val_loss, "best_step": p.best_step,
+                         "stopped_early": stopped_early, "stopped_by": stopped_by, **more})
 
     def _abandon(self, signal_name: str) -> TrainResult:
         """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be
@@ -520,7 +552,8 @@ class Trainer:
     def _finish(self, stopped_by: str | None) -> TrainResult:
         p = self.progress
         self.writes(plot_losses, self.run_dir)
-        spent = self.budget.spent()  # of a budget this process planned, at its end
+        # The seconds of a budget this process planned, at its end
+        spent = round(time.perf_counter() - self.started, 3) if self.budget and self.budget.live else None
         self._log_end(p.stopped_early, stopped_by, budget_spent=spent)
         if self.writes.error is not None:
             raise self.writes.failure(p.step)

@@ -1,6 +1,7 @@
 """The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last. Its shape is a
-warmup, then a cosine or warmup-stable-decay fall to min_lr; a time budget's plans and a resume with another length
-lay the decay again from where it stands (a `Decay`), so the LR never jumps, and a checkpoint keeps what it followed.
+warmup, then a cosine or warmup-stable-decay fall to min_lr, over the steps, or over a time budget's clock (a
+`Budget`: where the decay stands at a step is its position); a resume with another length lays the decay again from
+where it stands (a `Decay`), so the LR never jumps, and a checkpoint keeps what it followed.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmlab.core.config import TrainConfig
 
-UNPLANNED = 10**9  # a budgeted run's last step before its first plan: it runs on, the LR held after warmup
+if TYPE_CHECKING:
+    from lmlab.train.budget import Budget
 
 # What the LR of a step depends on besides max_iters and lr_decay_iters: a resume that changes any re-lays the decay.
 _SHAPE = ("learning_rate", "min_lr", "schedule", "decay_fraction", "warmup_iters", "budget_seconds")
@@ -83,29 +85,15 @@ def decay_end(train: TrainConfig) -> int:
 
 
 @dataclass(frozen=True)
-class Ramp:
-    """A warmup a budget's plan shortened: from `share` of the peak LR (where step `start` - 1 stood) linearly up to
-    the peak at step `end`, in the last steps of a warmup that the config's warmup_iters would have made longer."""
-
-    start: int
-    share: float
-    end: int
-
-    def share_at(self, step: int) -> float:
-        return self.share + (1.0 - self.share) * (step - self.start + 1) / (self.end - self.start + 1)
-
-
-@dataclass(frozen=True)
 class Decay:
-    """The decay from `position` (0 the peak, 1 min_lr) at step `anchor` to min_lr at step `end`; held at
-    `position` while `end` is None (a budget not planned yet)."""
+    """The decay from `position` (0 the peak, 1 min_lr) at step `anchor` to min_lr at step `end`."""
 
     anchor: int
     position: float
-    end: int | None
+    end: int
 
     def position_at(self, step: int) -> float:
-        return self.position if self.end is None else position_between(step, self.anchor, self.position, self.end - 1)
+        return position_between(step, self.anchor, self.position, self.end - 1)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,54 +101,42 @@ class Decay:
 
 class Schedule:
     """The LR of every step and the last step of a run: the config's own warmup and decay, a resumed run's decay
-    laid again from where it stood, or a time budget's newest plan (`follow_plan`); times the LR scale that the
-    spike guard's rollbacks lower (`scale`)."""
+    laid again from where it stood, or a time budget's (`budget`: its warmup, and its decay's position at a step);
+    times the LR scale that the spike guard's rollbacks lower (`scale`)."""
 
     def __init__(self, train: TrainConfig, scale: Callable[[], float] = lambda: 1.0):
-        self.train = train  # the settings it follows: the config's, with a budget's max_iters once planned
-        self.decay: Decay | None = None  # laid again by a resume with another length, or by a budget
-        self.ramp: Ramp | None = None  # a warmup a budget's plan shortened
-        self.planned = False  # a budgeted run has its first plan
+        self.train = train  # the settings it follows
+        self.decay: Decay | None = None  # laid again by a resume with another length
+        self.budget: Budget | None = None
         self._scale = scale
 
     @property
     def last_step(self) -> int:
-        """The step the run trains to: max_iters, or a budget's plan (UNPLANNED until it has one; a plan of no steps,
-        start-up having taken the budget, still counts one, which the loop ends before by its reason)."""
-        if not self.train.budget_seconds:
-            return self.train.max_iters
-        return max(1, self.train.max_iters) if self.planned else UNPLANNED
+        """The step the run trains to: max_iters, or the last its budget foresees (or decided)."""
+        return self.budget.last if self.budget else self.train.max_iters
 
     def lr(self, step: int) -> float:
         """The LR of `step` (its index, from 0), the guard's scale included."""
         return self.unscaled_lr(step) * self._scale()
 
     def unscaled_lr(self, step: int) -> float:
-        train, ramp = self.train, self.ramp if self.train.budget_seconds else None
-        if ramp and ramp.start <= step < ramp.end:
-            return train.learning_rate * ramp.share_at(step)
-        warm = ramp.end if ramp else train.warmup_iters
-        if self.decay is None or (train.budget_seconds and step < warm):
-            return lr_at(step, train)
-        return lr_at_position(self.decay.position_at(step), train)
-
-    def follow_plan(self, max_iters: int, decay: Decay, planned: bool, ramp: Ramp | None = None) -> None:
-        """Lay the rest of a budgeted run over a plan: its steps (none: the config's stand), its warmup where it
-        shortened it, and its decay."""
-        if max_iters:
-            self.train = dataclasses.replace(self.train, max_iters=max_iters)
-        self.decay, self.planned, self.ramp = decay, planned, ramp
+        train, budget = self.train, self.budget
+        if budget is None:
+            return lr_at(step, train) if self.decay is None else lr_at_position(self.decay.position_at(step), train)
+        if step < budget.plan.warmup:
+            return train.learning_rate * (step + 1) / (budget.plan.warmup + 1)
+        return lr_at_position(budget.position(step), train)
 
     def resume_with(self, new: TrainConfig, step: int, old_lr: float) -> str | None:
         """Go on at `step` under `new`, the run having had `old_lr` there under this schedule: `new`'s own where it
         is continuous there (still in warmup; wsd in its stable stretch, whose decay simply moves), else a decay laid
         from `old_lr` (no warmup again) to min_lr at the new end; the line that says so (None: its length is as it
-        was). A budgeted `new` is laid by its budget."""
-        old, kept = self.train, None if self.train.budget_seconds else self.decay
+        was)."""
+        old, kept = self.train, self.decay
         self.train, self.decay = new, kept
         end = decay_end(new)
         same = decay_end(old) == end and all(getattr(old, k) == getattr(new, k) for k in _SHAPE)
-        if new.budget_seconds or (same and old.max_iters == new.max_iters):
+        if same and old.max_iters == new.max_iters:
             return None
         if not same:
             own = lr_at(step, new)
@@ -177,13 +153,12 @@ class Schedule:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the schedule its run followed (config.toml may be rewritten by a resume that
         did not get as far as a checkpoint, so a later resume compares against this)."""
-        relaid = self.decay if self.decay is not None and not self.train.budget_seconds else None
-        return {"train": {k: getattr(self.train, k) for k in FIELDS}, "relaid": relaid and relaid.state_dict()}
+        relaid = self.decay.state_dict() if self.decay is not None else None
+        return {"train": {k: getattr(self.train, k) for k in FIELDS}, "relaid": relaid}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """A checkpoint's schedule over the one its run's config.toml has (all of it, before lmlab kept it); a
-        budget's decay is its plan's, which the budget lays again as it restores it, after this."""
+        """A checkpoint's schedule over the one its run's config.toml has (all of it, before lmlab kept it)."""
         kept, relaid = (state or {}).get("train"), (state or {}).get("relaid")
         if kept:
             self.train = dataclasses.replace(self.train, **kept)
-        self.decay = Decay(**relaid) if relaid and not self.train.budget_seconds else None
+        self.decay = Decay(**relaid) if relaid and relaid.get("end") is not None else None

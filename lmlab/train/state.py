@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +160,19 @@ class Recorded:
 
     def load_state_dict(self, state: Any) -> None:
         pass
+
+
+class Slot:
+    """A part whose state another object keeps: saved by `save`, restored by handing it to `load`."""
+
+    def __init__(self, save: Callable[[], Any], load: Callable[[Any], None]):
+        self.save, self.load = save, load
+
+    def state_dict(self) -> Any:
+        return self.save()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.load(state)
 
 
 class TrainingState:

@@ -46,6 +46,12 @@ class RunFacts:
     cells: list[Any] = field(default_factory=list)  # with report --prompts: the run's cells of the prompt grid
 
     @property
+    def eval_batches(self) -> int:
+        """The batches a split its evaluations scored: a budget's plan fits them to it, else train.eval_iters."""
+        planned = [e["eval_iters"] for e in self.events if e["event"] == "budget" and e.get("eval_iters")]
+        return planned[0] if planned else self.config.train.eval_iters
+
+    @property
     def name(self) -> str:
         return self.run.path.resolve().name  # "." names the folder it is
 
@@ -203,19 +209,19 @@ def _settled(f: RunFacts) -> str:
     that noise, which says nothing about more training, nor whether a gap between the splits is overfitting."""
     s, train = f.summary, f.config.train
     best = f"best at step {s.best_step:,} of {s.steps:,}"
-    noise = eval_noise(s.trains, train.log_interval, train.eval_iters)
+    noise = eval_noise(s.trains, train.log_interval, f.eval_batches)
     rise = s.evals[-1]["val_loss"] - s.best_val_loss
     gap = s.gap if s.gap is not None and s.gap > GAP else None
     if noise is not None and rise > 2 * noise:
         overfits = f"; its val loss was {gap:.3f} above its train loss at its best: it overfits" if gap else ""
         return (f"`{f.name}` stopped improving before its end ({best}; its last evaluation is {rise:.3f} higher, "
-                f"over twice the ±{noise:.3f} noise of its {train.eval_iters} eval batches){overfits}: more of the "
+                f"over twice the ±{noise:.3f} noise of its {f.eval_batches} eval batches){overfits}: more of the "
                 "same training will not lower its loss.")
     within = f"within the ±{noise:.3f} noise of" if noise is not None else "within what can be told from"
     split = (f"; its val loss is {gap:.3f} above its train loss at its best, a gap between the splits that is not "
              "told to be overfitting either" if gap else "")
     return (f"`{f.name}`'s val loss has been flat since its best evaluation ({best}; the later ones are {within} "
-            f"its {train.eval_iters} eval batches): whether more training lowers it is not told{split}; more eval "
+            f"its {f.eval_batches} eval batches): whether more training lowers it is not told{split}; more eval "
             "batches (train.eval_iters) would tell.")
 
 

@@ -1,0 +1,107 @@
+"""What a config's training costs on this machine now, timed before it trains (`time_config`): its forward pass by
+thread count, a training step on the threads that win, an evaluation's batch; and, with a checkpoint's write and the
+end, the `Costs` a time budget is planned from (lmlab.train.budget). `lmlab plan --budget`, `--size auto` and the
+trainer time alike, so they plan alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmlab.analysis.plots import plot_losses, pyplot
+from lmlab.core.config import RunConfig
+from lmlab.core.device import autocast, synchronize
+from lmlab.core.threads import forward_probe, pick, time_threads
+from lmlab.model import build_model
+from lmlab.run.rundir import RunDir
+from lmlab.train.budget import Costs
+from lmlab.train.optim import optimizer_of
+from lmlab.train.step import TrainStep
+
+TIMED_SECONDS = 0.25  # steps are timed for at least this long (one at least), after an untimed one that warms up,
+MAX_STEPS = 3  # but no more than this many
+EXIT_SECONDS = 0.3  # the process's exit after the end's plot: torch's and Python's teardown
+# A checkpoint is written at the page cache's pace (atomic and fsynced, the disk's own pace comes after the
+# process), after a fixed cost of its files' opening and renaming.
+CHECKPOINT_SECONDS = 0.05
+DISK_BYTES_PER_SECOND = 1e9
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A config timed: a forward pass by thread count (what picks its threads, as lmlab.core.threads times a job's),
+    the threads that won, a training step and an evaluation's batch (both splits) on them, a redraw of loss.png, the
+    bytes a checkpoint writes, and the seconds the timing took (the model built, the imports of a first build being
+    start-up's)."""
+
+    forward: dict[int, float]
+    threads: int
+    step: float
+    eval_batch: float
+    plot: float
+    checkpoint_bytes: int
+    cost: float
+
+    def costs(self) -> Costs:
+        """The figures a budget plans with: the timed step, evaluation batch and plot, and a checkpoint and the end
+        as their writes and the exit take."""
+        checkpoint = CHECKPOINT_SECONDS + self.checkpoint_bytes / DISK_BYTES_PER_SECOND
+        return Costs(self.step, self.eval_batch, self.plot, checkpoint, self.plot + EXIT_SECONDS)
+
+
+def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int],
+                deadline: float = math.inf) -> Timing:
+    """`cfg`'s model (eager, on random tokens, its micro-batch and accumulation, its optimizer) on a model of its
+    own, so the run's weights are untouched: its forward pass timed on each thread count of `counts` where there are
+    several (`time_threads`: a count far slower drops out after one call); then on the threads that win a plot, a
+    warm-up step, a forward pass of a micro-batch on each split and training steps for at least TIMED_SECONDS (at
+    most MAX_STEPS). Where the warm-up step shows that two steps end past `deadline` (a time.perf_counter() reading:
+    the budget's end), it stands for the step: a budget that cannot hold two is refused without timing more."""
+    train = dataclasses.replace(cfg.train, compile=False)
+    step = TrainStep(build_model(cfg.model).to(device), train, device, dtype)
+    tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    batches = [(tokens, tokens)] * train.grad_accum_steps
+
+    def timed(run: Callable[[], object]) -> float:
+        began = time.perf_counter()
+        run()
+        synchronize(device)
+        return time.perf_counter() - began
+
+    began = time.perf_counter()
+    forward = {} if len(counts) < 2 else time_threads(
+        counts, forward_probe(step.model, train.batch_size, cfg.model.block_size, device, dtype))
+    threads = pick(forward) if forward else counts[0]
+    torch.set_num_threads(threads)
+    plot = time_plot()
+    times = [timed(lambda: step(batches, len(batches), train.learning_rate))]  # allocations, caches: untimed
+    step.model.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        evaluation = timed(lambda: step.model(tokens, tokens))
+    step.model.train()
+    if time.perf_counter() + 2 * times[0] <= deadline:
+        times.clear()
+        while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS):
+            times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
+    weights = 4 * step.model.num_params()
+    saved = weights + optimizer_of(train).state_bytes(weights, 0)
+    return Timing(forward, threads, sum(times) / len(times), 2 * evaluation, plot, saved,
+                  time.perf_counter() - began)
+
+
+def time_plot() -> float:
+    """A redraw of a run's loss.png (of a run with no events yet), after matplotlib's import, which is start-up's."""
+    pyplot()
+    with tempfile.TemporaryDirectory() as folder:
+        began = time.perf_counter()
+        plot_losses(RunDir(Path(folder)), Path(folder) / "loss.png")
+        return time.perf_counter() - began

@@ -1,4 +1,5 @@
-"""The decode step compiled ahead of time (AOTInductor), for any number of rows up to a capacity.
+"""The decode step compiled ahead of time (AOTInductor), for any number of rows up to a capacity, reading any
+length of their decode state up to the context.
 
 At a few rows a step is bound by overhead, not arithmetic: eager PyTorch pays Python and dispatch for each of a
 hundred small ops, and torch.compile still runs its guards and a Python wrapper per call. Exported and compiled
@@ -30,6 +31,7 @@ import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -80,10 +82,9 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
     device = next(model.parameters()).device
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"the compiled decode step runs on cpu and cuda, not {device.type}; leave out --compile.")
-    sample = model.new_cache(max(2, capacity), device, dtype).rows(0, min(2, capacity))
+    block = model.config.block_size
+    sample = model.new_cache(max(2, capacity), device, dtype).rows(0, min(2, capacity)).shortened(min(block, 64))
     idx = torch.zeros(len(sample.pos), 1, dtype=torch.long, device=device)
-    rows = torch.export.Dim("rows", min=1, max=capacity) if capacity > 1 else None
-    shapes = ({0: rows}, tuple({0: rows} for _ in sample.tensors())) if rows else None
     options = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
                # On the CPU, autotuning picks Inductor's own GEMM kernels, which beat a library call per matmul at
                # a few rows; on a GPU it would spend minutes benchmarking Triton kernels.
@@ -92,12 +93,25 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Inductor's own deprecation notices, nothing a user can act on
             program = torch.export.export(_StepModule(model, type(sample), dtype), (idx, *sample.tensors()),
-                                          dynamic_shapes=shapes)
+                                          dynamic_shapes=_dynamic_shapes(sample, capacity, block))
             torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
     except Exception as err:  # a missing or failing C++ compiler surfaces as one of Inductor's many errors
         raise UserError(f"compiling the decode step failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         "leave out --compile to decode without it.") from err
     return path
+
+
+def _dynamic_shapes(sample: DecodeState, capacity: int, block_size: int) -> tuple[Any, ...]:
+    """What varies from call to call of a step: the rows (1 to `capacity`) and the positions it reads of the state
+    (the decoder's `live_length`, up to the context), so a step at a short position reads only its rows' live part
+    of the cache, as the eager step does. A size of one never varies."""
+    rows = torch.export.Dim("rows", min=1, max=capacity) if capacity > 1 else None
+    length = torch.export.Dim("length", min=1, max=block_size) if block_size > 1 else None
+
+    def varying(positions: int | None) -> dict[int, Any]:
+        return {dim: size for dim, size in ((0, rows), (positions, length)) if dim is not None and size is not None}
+
+    return varying(None), tuple(varying(positions) for positions in sample.length_dims())
 
 
 def load_step(package: Path) -> Step:

@@ -133,9 +133,6 @@ class Decoder:
                                                                                     self.device)
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)
-        # An eager step attends over the live part of the cache (`live_length`); a compiled one was built for its
-        # whole length.
-        self.shorten = step is None
         self.active: list[Sequence] = []
         self._views: dict[tuple[int, int], DecodeState] = {}
         self.scoring = 0  # active sequences that record log-probabilities
@@ -180,7 +177,7 @@ class Decoder:
         n = len(self.active)
         idx = torch.tensor([[seq.ids[-1]] for seq in self.active], device=self.device)
         longest = max(seq.pos for seq in self.active) + 1  # with the token fed now
-        logits = self.step_fn(idx, self.rows(n, live_length(longest, self.block_size) if self.shorten else None))
+        logits = self.step_fn(idx, self.rows(n, live_length(longest, self.block_size)))
         tokens = choose(logits, [seq.params for seq in self.active], [seq.generator for seq in self.active])
         if self.scoring:
             self._score_step(logits, tokens)
@@ -195,8 +192,7 @@ class Decoder:
         per shape, as a step should not pay for slicing."""
         length = length or self.block_size
         if (n, length) not in self._views:
-            rows = self.state.rows(0, n)
-            self._views[n, length] = rows if length == self.block_size else rows.shortened(length)
+            self._views[n, length] = self.state.rows(0, n).shortened(length)
         return self._views[n, length]
 
     def _fill(self, seq: Sequence, window: list[int], echo: bool) -> torch.Tensor | None:

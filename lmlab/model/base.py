@@ -39,6 +39,11 @@ class DecodeState:
         state itself: a recurrent state has no positions to leave out."""
         return self
 
+    def length_dims(self) -> list[int | None]:
+        """For each of `tensors()`, the dim `shortened` shortens (None: none), which a compiled step takes at any
+        length."""
+        return [None] * len(self.tensors())
+
     def reset(self, row: int) -> None:
         """Empty one row for a new sequence."""
         for t in self.tensors():

@@ -107,7 +107,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None and cache.fresh:
             cache.update(self.layer, k, v)  # the prompt sees only itself: causal, no mask
         elif cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, block_size, hs)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, L, hs): the positions in view
             mask, causal = cache.mask, False
         if mask is not None and T == 1:
             y = attend_cached(q, k, v, mask)

@@ -44,6 +44,10 @@ BYTES_PER_DECODED_TOKEN = 40  # a token id in a row's Python list and its text, 
 # at their first use, and the caching allocator's blocks fragment, so rows that need every free byte fail later.
 DECODE_HEADROOM = 0.1
 UNCOUNTABLE = 2**63  # what a shape whose size overflows even the meta device's arithmetic is taken to need
+# A prompt's prefill, a forward without gradients, holds a few of each layer's tensors at once, not all of them: its
+# peak as a share of what one layer's forward keeps for a backward pass (fp32, `layer_kept_bytes`), by the dtype it
+# runs in; benchmarks/prefill_memory.py measures it, and docs/reference/run-folder.md says what it found.
+PREFILL_SHARE = {torch.float32: 1.25, torch.bfloat16: 0.5, torch.float16: 0.5}
 
 
 class NoInit(TorchFunctionMode):
@@ -113,6 +117,23 @@ def _kept_bytes(config: ModelConfig) -> int:
     return a + (T - short[0]) * (b - a) // (short[1] - short[0])
 
 
+def layer_kept_bytes(config: ModelConfig) -> int:
+    """What one layer's forward keeps for the backward pass over a sequence of block_size tokens (fp32, scores left
+    out): a two-layer model's less a one-layer model's; UNCOUNTABLE for a shape too large to count."""
+    try:
+        one, two = (_kept_bytes(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
+    except (RuntimeError, OverflowError, ValueError):  # as in `_per_layer`
+        return UNCOUNTABLE
+    return two - one
+
+
+def prefill_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """The most a prompt's prefill (one row of up to block_size tokens) holds beyond the weights and the decode
+    state: one layer's activations at a time (`PREFILL_SHARE`). Kept between processes (`sized`)."""
+    kept = remembered("prefill", config, (), lambda: Need(layer_kept_bytes(config), 0), Need).fixed
+    return min(int(PREFILL_SHARE[dtype] * kept), UNCOUNTABLE)
+
+
 def _hidden_bytes(config: ModelConfig) -> int:
     return sum(p.numel() * p.element_size() for p in _on_meta(config).hidden_matrices())
 
@@ -170,7 +191,8 @@ def _scoring_need(config: ModelConfig) -> Need:
 def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) -> Need:
     """Decoding rows: each row's slot in the decode state (a KV cache of block_size positions, a hidden state), its
     logits and sampling buffers, and its Python objects for `tokens_per_row` tokens (prompt and continuation); the
-    prompt's prefill, one row at a time, once. A row's state is kept between processes (`sized`)."""
+    prompt's prefill, one row at a time, once: its logits, when its tokens are scored, and its activations
+    (`prefill_bytes`). A row's state is kept between processes (`sized`)."""
 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
@@ -182,7 +204,8 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) 
     vocab = padded_vocab(config.vocab_size)
     state = remembered("decode state", config, (dtype,), lambda: Need(0, _per_layer(config, state_bytes)), Need).each
     each = state + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
-    return Need(model_bytes(config) + 2 * config.block_size * vocab * 4, min(each, UNCOUNTABLE))
+    prefill = 2 * config.block_size * vocab * 4 + prefill_bytes(config, dtype)
+    return Need(min(model_bytes(config) + prefill, UNCOUNTABLE), min(each, UNCOUNTABLE))
 
 
 class MemoryRefused(UserError):
@@ -245,11 +268,12 @@ def check_training(config: ModelConfig, batch_size: int, state_bytes: StateBytes
 def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting: str, device: torch.device,
                    dtype: torch.dtype = torch.float32, loaded: bool = True) -> None:
     """Refuse `rows` decoding rows of up to `tokens_per_row` tokens that would not fit, before their state is
-    allocated; `loaded`: the model's weights are in memory already (so not counted again)."""
+    allocated; `loaded`: the model's weights are in memory already, so only a prompt's prefill comes on top of the
+    rows (its activations: the head over a whole prompt is for the few prompts scored token by token)."""
     need = decoding_need(config, dtype, tokens_per_row)
     have, available = device_memory(device)
     if device.type == "cuda":
         have = int(have * (1 - DECODE_HEADROOM))
         available += f" ({100 * DECODE_HEADROOM:.0f}% of it left for CUDA's workspaces and fragmentation)"
-    check_fits(Need(0, need.each) if loaded else need, rows, setting,
+    check_fits(Need(prefill_bytes(config, dtype), need.each) if loaded else need, rows, setting,
                f"decoding row of up to {tokens_per_row:,} tokens", device, have, available)

@@ -212,18 +212,31 @@ def load_checkpoint(folder: Path, model: torch.nn.Module,
     return state
 
 
-def into_place(optimizer: Any, saved: dict[str, Any]) -> dict[str, Any]:
-    """`saved` (an optimizer state_dict read into host memory) with each tensor the optimizer already holds in the
-    same shape and dtype copied into that tensor and put in its place, so that `load_state_dict`, which moves the
-    rest to their parameters' device, keeps the tensors it has rather than allocating new ones beside them."""
+# How a saved tensor goes into the optimizer: given the parameter, the tensor the optimizer holds for it under that key
+# (None: none yet) and the saved tensor in host memory, the tensor to put in the state dict, or None to leave the
+# saved one for `load_state_dict` to move.
+Placer = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor | None]
+
+
+def copy_into(param: torch.Tensor, mine: torch.Tensor | None, saved: torch.Tensor) -> torch.Tensor | None:
+    """One process's placer: `saved` copied into the tensor the optimizer holds in the same shape and dtype."""
+    if mine is not None and mine.shape == saved.shape and mine.dtype == saved.dtype:
+        return mine.copy_(saved)
+    return None
+
+
+def into_place(optimizer: Any, saved: dict[str, Any], place: Placer = copy_into) -> dict[str, Any]:
+    """`saved` (an optimizer state_dict read into host memory) with each tensor that `place` puts into the optimizer's
+    own (`copy_into`: one it already holds) in its place, so that `load_state_dict`, which moves the rest to their
+    parameters' device, keeps the tensors it has rather than allocating new ones beside them."""
     live = optimizer.state_dict()["state"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     with torch.no_grad():
         for index, entries in saved["state"].items():
             for key, value in entries.items():
-                mine = live.get(index, {}).get(key)
-                if isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor) and mine.shape == value.shape \
-                        and mine.dtype == value.dtype:
-                    entries[key] = mine.copy_(value)
+                if isinstance(value, torch.Tensor):
+                    placed = place(params[index], live.get(index, {}).get(key), value)
+                    entries[key] = value if placed is None else placed
     return saved
 
 

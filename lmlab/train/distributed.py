@@ -34,6 +34,8 @@ from lmlab.core.errors import UserError, classify
 from lmlab.data.loader import BatchLoader
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.checkpoint import (
+    copy_into,
+    into_place,
     load_checkpoint,
     load_state,
     model_tensors,
@@ -327,27 +329,39 @@ class Parallel:
 
     def load_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
                         ) -> dict[str, Any]:
-        """checkpoint.load_checkpoint, sharding whole tensors under FSDP: any checkpoint loads on any world size."""
+        """checkpoint.load_checkpoint, sharding whole tensors under FSDP: any checkpoint loads on any world size.
+
+        The optimizer state is read into host memory and each rank copies its slice of each tensor into the shard it
+        holds (`into_shard`), as one process copies into the tensors it holds: torch's set_optimizer_state_dict
+        would move each whole tensor to the device, shard it anew and swap the new shards in, holding the state
+        twice over on the device while it loads."""
         if self.mode != "fsdp":
             return load_checkpoint(folder, model, optimizer)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         state = load_state(folder)
         weights = load_file(str(folder / "model.safetensors"))
         weights.update({alias: weights[kept] for alias, kept in tied_aliases(model).items()})
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
         if optimizer is not None:
-            names = _param_names(model, optimizer)
-            saved = read_optimizer_state(folder, state)
-            by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
-                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                        for g in saved["param_groups"]]}
-            set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+            optimizer.load_state_dict(into_place(optimizer, read_optimizer_state(folder, state), into_shard))
         return state
+
+
+def into_shard(param: torch.Tensor, mine: torch.Tensor | None, whole: torch.Tensor) -> torch.Tensor | None:
+    """The placer (checkpoint.Placer) of a sharded optimizer: this rank's slice of `whole`, a saved tensor of a sharded
+    parameter's shape, copied into the shard the optimizer holds for it, made first in the parameter's layout where it
+    holds none yet (a resume's first load), so the device never holds a whole tensor or the state twice. Other
+    tensors (a step count) as one process places them."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not (isinstance(param, DTensor) and whole.shape == param.shape):
+        return copy_into(param, mine, whole)
+    shard = mine if isinstance(mine, DTensor) else torch.empty_like(param)
+    shape, offset = compute_local_shape_and_global_offset(whole.shape, shard.device_mesh, shard.placements)
+    shard.to_local().copy_(whole[tuple(slice(start, start + size) for start, size in zip(offset, shape))])
+    return shard
 
 
 def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:

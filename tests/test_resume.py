@@ -318,6 +318,26 @@ def test_a_run_without_pointers_resumes_and_samples_from_its_step_folders(capsys
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lines", [1, 3])
+def test_train_piped_into_head_during_its_set_up_stops_before_its_first_step(tmp_path, char_dataset, lines):
+    """Before: `lmlab train CONFIG | head -3` (the reader gone while the run set up) left it `crashed`, with no
+    checkpoint and no `end` event. A reader gone during the set-up stops the run as one gone later does: a
+    checkpoint of where it stands, `stopped_by` SIGPIPE, status 0."""
+    config = write_config(tmp_path / "long.toml", char_dataset, max_iters=1_000_000)
+    run = tmp_path / "run"
+    child = subprocess.Popen([LMLAB, "train", str(config), "--run", str(run), "--device", "cpu"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(lines):
+        assert not child.stdout.readline().startswith("step ")  # still setting up
+    child.stdout.close()  # as `head -N` does once it has its lines
+    assert child.wait(timeout=300) == 0, child.stderr.read()
+    end = events_of(run, "end")[-1]
+    assert (end["stopped_by"], end["step"]) == ("SIGPIPE", 0)
+    assert RunDir(run).checkpoint("latest").name == "step_000000"
+
+
+@pytest.mark.slow
 def test_train_piped_into_head_stops_as_sigterm_does_and_resumes(tmp_path, char_dataset, capsys):
     """`lmlab train ... | head`: the reader goes, the next line written raises SIGPIPE, and the run ends after its
     step with a checkpoint, `stopped_by` SIGPIPE, status 0, and resumes."""

@@ -342,7 +342,7 @@ class Trainer:
         self.budget.start(self.started, self.clock.before, p.step)  # a budget this process plans: steps timed first
         with progress_bar(self.console) as bar, self._stop as stop:
             task = bar.add_task("train", total=self._bar_total(), completed=p.step, info="")
-            stopping = self.budget.ended_by_start_up
+            stopping = self.budget.ended_by_start_up or bool(stop.signal)  # a signal during the set-up
             while p.step < schedule.last_step and not p.stopped_early and not stopping:
                 started = time.perf_counter()
                 self._train_step()

@@ -5,8 +5,9 @@ its loss.png do (the commands call these methods)."""
 from __future__ import annotations
 
 import html
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,20 @@ class Run:
         self.console = console or console_here()
         self.result: TrainResult | None = None  # what `lmlab.train` returned it with: steps, best, how it stopped
         self._loaded: dict[tuple[str, str], LoadedRun] = {}
+
+    @staticmethod
+    @checked(folders="paths", console="console?")
+    def newest(folders: str | Path | Sequence[str | Path] = "runs", console: Console | None = None) -> Run:
+        """The run written to last (its metrics.jsonl) in `folders` or any folder below them: a notebook's default,
+        whatever name `make demo` or a budget's timestamp gave it."""
+        roots = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(f) for f in folders]
+        logs = [log for root in roots if root.is_dir() for log in root.rglob("metrics.jsonl")]
+        if not logs:
+            from lmlab.core.errors import UserError
+
+            raise UserError(f"no run in {' or '.join(map(str, roots))}; train one (`make demo`, `lmlab train CONFIG`), "
+                            "or name a run folder: lmlab.Run(\"runs/NAME\").")
+        return Run(max(logs, key=lambda log: log.stat().st_mtime).parent, console)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"

@@ -184,6 +184,10 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
     assert len(fit.runs) == 6 and {r["depth"] for r in fit.runs} == {1, 2, 3}  # 3 depths x 2 lengths
     assert [s["depth"] for s in fit.lr_search] == [1, 2, 3] and all(len(s["vals"]) == 2 for s in fit.lr_search)
     assert out.count("miniseries ") == 9  # per depth: 2 LRs at 2k, then 4k at the rule's LR
+    # Before: "miniseries 1/30" was its first word of the time it would take. Foretold first, in one line.
+    foretold = " ".join(out.split("miniseries 1/")[0].split())
+    assert f"miniseries: 9 of 9 runs to train under {tmp_path / 'runs' / 'mini-miniseries'}, about " in foretold
+    assert " of training on cpu: " in foretold and "plus each run's set-up and evaluation" in foretold
     assert fit.measured["command"].startswith(f"lmlab scaling {preset} --refit --depths 1,2,3 --tokens 2048,4096")
     # each depth's longer run against the surface through the other five: a figure the fit did not bend to
     assert [h["depth"] for h in fit.held_out] == [1, 2, 3]
@@ -195,7 +199,8 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
         summary = RunDir(r["run"]).events()[-1]
         assert summary["event"] == "end" and RunDir(r["run"]).config().model.n_layer == r["depth"]
     assert main(refit) == 0  # again: every run is kept, nothing trains
-    assert "miniseries " not in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "miniseries " not in again and "miniseries: its 9 runs are trained already" in " ".join(again.split())
     assert main(["scaling", str(preset)]) == 0
     shown = capsys.readouterr().out
     assert fit.surface.describe()[:20] in shown and "LR rule" in shown and "fit again with: lmlab scaling" in shown

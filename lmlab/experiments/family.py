@@ -42,8 +42,14 @@ class Family:
         """The family of a preset (`where` names it): a GPT whose width and heads follow from its depth."""
         m = cfg.model
         if m.kind != "gpt":
-            raise UserError(f"{where}: a size is a depth of a GPT's family (its width and heads follow from it), "
-                            f"and model.kind is {m.kind!r}; use a gpt preset, or set its shape by hand.")
+            from lmlab.model.kinds import KINDS  # lmlab's own; any other kind is a plugin's
+
+            what = ("a recurrent model's width is its own setting" if m.kind in KINDS else
+                    "a plugin's model takes its shape from options of its own ([model.options]), which lmlab cannot "
+                    "scale")
+            raise UserError(f"{where}: a size is a depth of a GPT's family, its width and heads following from the "
+                            f"depth (what a fit's L(N, D) and LR rule are measured along), and model.kind is "
+                            f"{m.kind!r}: {what}; use a gpt preset, or set its shape by hand.")
         if m.head_dim or m.mlp_hidden:
             raise UserError(f"{where} sets model.head_dim or model.mlp_hidden, which do not scale with depth; leave "
                             "them 0 (n_embd / n_head, and the MLP's own width) to size it by depth.")

@@ -338,6 +338,24 @@ def test_train_piped_into_head_during_its_set_up_stops_before_its_first_step(tmp
 
 
 @pytest.mark.slow
+def test_finetune_piped_into_head_during_its_set_up_stops_after_a_step_and_goes_on(tmp_path, imported_gpt2):
+    """The same of a fine-tune (`lmlab finetune ... | head -1` left it `crashed`): stopped as SIGPIPE with a
+    checkpoint, and the same command again finishes it."""
+    command = [LMLAB, "finetune", str(imported_gpt2), "--data", str(ALPACA_TINY), "--out", str(tmp_path / "ft"),
+               "--set", "finetune.epochs=1", "--device", "cpu"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child.stdout.readline()
+    child.stdout.close()
+    assert child.wait(timeout=300) == 0, child.stderr.read()
+    end = events_of(tmp_path / "ft", "end")[-1]
+    assert end["stopped_by"] == "SIGPIPE" and RunDir(tmp_path / "ft").step_folders()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "val loss by epoch" in done.stdout, done.stderr
+    assert events_of(tmp_path / "ft", "end")[-1]["stopped_by"] is None
+
+
+@pytest.mark.slow
 def test_train_piped_into_head_stops_as_sigterm_does_and_resumes(tmp_path, char_dataset, capsys):
     """`lmlab train ... | head`: the reader goes, the next line written raises SIGPIPE, and the run ends after its
     step with a checkpoint, `stopped_by` SIGPIPE, status 0, and resumes."""

@@ -5,7 +5,6 @@ notebook's Kernel > Interrupt) that ends it after a checkpoint it resumes from."
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import re
 import sys
@@ -29,10 +28,10 @@ from lmlab.core.config import (
     to_dict,
     toml_value,
 )
-from lmlab.core.errors import Stopped, UserError
+from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.notebook import console_here
-from lmlab.train.stop import StepAbandoned, StopOnSignal
+from lmlab.train.stop import StepAbandoned, StopOnSignal, not_begun
 
 if TYPE_CHECKING:  # PyTorch and the trainer load after the first line is said (`_say_starting`)
     from lmlab.api.run import Run
@@ -95,7 +94,7 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
         cfg, threads, sizing = _sized(Path(config), cfg, size, started, device, window, out,
                                       setup) if size else (cfg, None, None)
         if setup.signal:
-            raise _stopped(setup.signal, "while it set up")
+            raise not_begun(setup.signal, "while it set up")
         trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
                           init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=threads,
                           sizing=sizing)
@@ -146,14 +145,14 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
         out.print(line, highlight=False)
         return cfg, None, None
     if setup.signal:
-        raise _stopped(setup.signal, "while it set up")
+        raise not_begun(setup.signal, "while it set up")
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     try:
         with out.status("Timing sizes of the preset's family on this machine..."), setup.interruptible():
             sizing = choose_size(preset, cfg, started, device, chooser)
     except StepAbandoned as abandoned:
         torch.set_num_threads(chooser.before)  # as they were: a notebook goes on in this process
-        raise _stopped(abandoned.signal, "while it timed sizes") from None
+        raise not_begun(abandoned.signal, "while it timed sizes") from None
     for note in sizing.notes:
         out.print(f"note: {note}", style="yellow", highlight=False)
     out.print(sizing.line(), highlight=False)
@@ -161,14 +160,6 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
 
 
 SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_head")  # what a size sets
-
-
-def _stopped(signal_name: str, when: str) -> BaseException:
-    """How a stop before the run was begun ends the call: a reader gone as a pipe's end does (status 141, silent),
-    a signal in one line (status 130)."""
-    if signal_name == "SIGPIPE":
-        return BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
-    return Stopped(f"stopped by {signal_name} {when}, before the run was begun: nothing was written")
 
 
 def _give_up(signal_name: str) -> None:

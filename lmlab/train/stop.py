@@ -4,6 +4,7 @@ failed (the newest checkpoint is kept as it is, and the run ends with one senten
 from __future__ import annotations
 
 import _thread
+import errno
 import os
 import signal
 import threading
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from lmlab.core.errors import UserError
+from lmlab.core.errors import Stopped, UserError
 from lmlab.core.fileio import WriteError
 
 if TYPE_CHECKING:  # a closed output asks for a stop (`stop_for_closed_output`) without loading torch
@@ -169,6 +170,14 @@ class StopOnSignal:
             signal.set_wakeup_fd(previous)
             os.close(write)
             self._wakeup = None
+
+
+def not_begun(signal_name: str, when: str) -> BaseException:
+    """How a stop before a run was begun ends the call: a reader gone as a pipe's end does (status 141, silent),
+    a signal in one line (`Stopped`, status 130)."""
+    if signal_name == "SIGPIPE":
+        return BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+    return Stopped(f"stopped by {signal_name} {when}, before the run was begun: nothing was written")
 
 
 def _later(seconds: float, call: Callable[[], None]) -> None:

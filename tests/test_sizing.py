@@ -221,10 +221,13 @@ BAD_FITS = [
     (("runs", 1, "val"), None, "runs[1].val is None, where a fit's is a number above 0 and at most 100"),
     (("runs", 1, "params"), -1, "runs[1].params is -1, where a fit's is a number above 0 and at most 1e+13"),
     (("dataset",), [1], "is not a fit lmlab can read (its dataset is not an object)"),
+    # What `lmlab scaling PRESET` shows of where it was measured (was an AttributeError traceback).
+    (("measured", "machine"), 3, "is not a fit lmlab can read (its measured.machine is not an object)"),
+    (("measured", "seconds"), "x", "is not a fit lmlab can read (its measured.seconds is not a number)"),
 ]
 
 
-@pytest.mark.parametrize("command", ["plan", "train"])
+@pytest.mark.parametrize("command", ["plan", "train", "scaling"])
 @pytest.mark.parametrize("where, value, message", BAD_FITS, ids=lambda v: str(v)[:20])
 def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsys, command, where, value, message):
     """Before: an LR exponent of 1e6 gave an OverflowError traceback in `plan` and `train`; alpha -1 was taken and
@@ -238,8 +241,9 @@ def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsy
         holder = holder[key]
     holder[last] = value
     fit_path(mine).write_text(json.dumps(fit))
-    args = ["--budget", "20s", "--size", "3"] if command == "plan" else ["--size", "3", "--run", str(tmp_path / "r")]
-    assert main([command, str(mine), "--device", "cpu", *args]) == 2
+    args = {"plan": ["--budget", "20s", "--size", "3", "--device", "cpu"], "scaling": [],
+            "train": ["--size", "3", "--run", str(tmp_path / "r"), "--device", "cpu"]}[command]
+    assert main([command, str(mine), *args]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert f"{fit_path(mine)}" in said and message in said
     assert f"fit it again with `lmlab scaling {mine} --refit`." in said

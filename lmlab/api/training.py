@@ -31,7 +31,7 @@ from lmlab.core.config import (
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.notebook import console_here
-from lmlab.train.stop import StepAbandoned, StopOnSignal, not_begun
+from lmlab.train.stop import StopOnSignal
 
 if TYPE_CHECKING:  # PyTorch and the trainer load after the first line is said (`_say_starting`)
     from lmlab.api.run import Run
@@ -80,9 +80,9 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
         settings.append(f"train.budget_seconds={parse_duration(str(budget))}")
     size = _size(size, config, resume, init_from, settings)
     cfg, run_dir = _config(config, run, resume, init_from, settings)
-    # A stop signal (or a reader gone from the output) during the set-up: before the run is begun nothing is
-    # written, after it the run stops before its first step, with its checkpoint and its end.
-    with StopOnSignal(stuck=None if out.is_jupyter else _give_up) as setup:
+    # A stop signal (or a reader gone from the output) during the set-up: before the run is begun it ends the call
+    # at once, nothing written; after, the run stops before its first step, with its checkpoint and its end.
+    with StopOnSignal(stuck=None if out.is_jupyter else _give_up, setting_up=True) as setup:
         _say_starting(run_dir, config, cfg, out)
         from lmlab.api.run import Run  # PyTorch: seconds
         from lmlab.run.rundir import RunDir
@@ -93,8 +93,6 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
         require_tracker(cfg.train.tracker)  # before the run is begun
         cfg, threads, sizing = _sized(Path(config), cfg, size, started, device, window, out,
                                       setup) if size else (cfg, None, None)
-        if setup.signal:
-            raise not_begun(setup.signal, "while it set up")
         trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
                           init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=threads,
                           sizing=sizing)
@@ -134,7 +132,7 @@ def _size(size: str | int | None, config: str | Path | RunConfig | None, resume:
 def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, window: Any,
            out: Console, setup: StopOnSignal) -> tuple[RunConfig, Any, dict[str, Any] | None]:
     """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose
-    (with the thread chooser its timing decided and the `sizing` event); a stop signal abandons the timing."""
+    (with the thread chooser its timing decided and the `sizing` event); a stop signal ends the timing."""
     import torch
 
     from lmlab.core.threads import ThreadChooser
@@ -144,15 +142,13 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
         cfg, line = sized_config(preset, cfg, size)
         out.print(line, highlight=False)
         return cfg, None, None
-    if setup.signal:
-        raise not_begun(setup.signal, "while it set up")
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     try:
         with out.status("Timing sizes of the preset's family on this machine..."), setup.interruptible():
             sizing = choose_size(preset, cfg, started, device, chooser)
-    except StepAbandoned as abandoned:
+    except BaseException:
         torch.set_num_threads(chooser.before)  # as they were: a notebook goes on in this process
-        raise not_begun(abandoned.signal, "while it timed sizes") from None
+        raise
     for note in sizing.notes:
         out.print(f"note: {note}", style="yellow", highlight=False)
     out.print(sizing.line(), highlight=False)
@@ -165,10 +161,9 @@ SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_h
 def _give_up(signal_name: str) -> None:
     """The end of a process whose sizing is stuck in one long call after a stop signal and its grace (called from
     a timer's thread): nothing of the run is written yet, so nothing is left half-written."""
-    if signal_name != "SIGPIPE":
-        print(f"stopped by {signal_name} while it timed sizes, before the run was begun: nothing was written "
-              "(the timing was cut off inside a call that cannot be interrupted)", file=sys.stderr, flush=True)
-    os._exit(141 if signal_name == "SIGPIPE" else 130)
+    print(f"stopped by {signal_name} while it timed sizes: nothing was written (the timing was cut off inside a "
+          "call that cannot be interrupted)", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def _config(config: str | Path | RunConfig | None, run: str | Path | None, resume: str | Path | Run | None,

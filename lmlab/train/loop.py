@@ -51,7 +51,7 @@ from lmlab.train.state import (
     TrainingState,
 )
 from lmlab.train.step import TrainStep
-from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes
+from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes, begun
 from lmlab.train.tracking import Tracker
 
 
@@ -223,6 +223,7 @@ class Trainer:
 
     def _begin(self, resuming: bool, force: bool, init_from: str | None, keep_optimizer: bool) -> None:
         """The run begun or resumed, its tracker opened, its config, tokenizer and dataset's facts written."""
+        begun()  # a stop signal from here on stops the run after a step, checkpointed
         if resuming:
             self._resume(force)
         else:

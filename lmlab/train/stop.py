@@ -4,7 +4,6 @@ failed (the newest checkpoint is kept as it is, and the run ends with one senten
 from __future__ import annotations
 
 import _thread
-import errno
 import os
 import signal
 import threading
@@ -74,14 +73,17 @@ class StopOnSignal:
     SIGPIPE, asked for by `stop_for_closed_output`: no handler of SIGPIPE itself, which Python ignores so that
     every other pipe or socket (a tracker's, a peer rank's) reports its own broken write where it happens.
 
-    A stop entered inside another that was asked to stop is asked too: a signal during a run's set-up stops it
-    before its first step. `stuck`, where given, is called (from a timer's thread) with the signal's name when an
-    abandoned stretch still runs `grace` seconds after it was interrupted: one long call into C or C++ (an
-    attention over a huge context) lets no Python code run until it returns, so only the process's end stops it."""
+    A stop `setting_up` a run (the API's, from its first line) ends it at once, nothing written (`not_begun`), until
+    `begun()` says its run is begun; from then on a signal is kept, and a stop entered inside one asked to stop is
+    asked too: the run stops before its first step, with its checkpoint and its end. `stuck`, where given, is
+    called (from a timer's thread) with the signal's name when an interruptible stretch still runs twice the grace
+    after the signal: one long call into C or C++ (an attention over a huge context) lets no Python code run until
+    it returns, so only the process's end stops it."""
 
-    def __init__(self, grace: float = STOP_GRACE, stuck: Callable[[str], None] | None = None) -> None:
+    def __init__(self, grace: float = STOP_GRACE, stuck: Callable[[str], None] | None = None,
+                 setting_up: bool = False) -> None:
         self.signal: str | None = None
-        self.grace, self.stuck = grace, stuck
+        self.grace, self.stuck, self.setting_up = grace, stuck, setting_up
         self._previous: dict[int, Any] = {}
         self._region = 0  # which interruptible stretch runs now (0: none), so a late timer cannot hit the next one
         self._regions = 0
@@ -94,6 +96,8 @@ class StopOnSignal:
             if self._region:
                 raise StepAbandoned(self.signal or signal.Signals(signum).name)
             return  # the stretch ended as the timer fired: the loop stops after it as usual
+        if self.setting_up:
+            raise not_begun(signal.Signals(signum).name)
         if self.signal:
             raise KeyboardInterrupt
         self.request(signal.Signals(signum).name)
@@ -172,12 +176,15 @@ class StopOnSignal:
             self._wakeup = None
 
 
-def not_begun(signal_name: str, when: str) -> BaseException:
-    """How a stop before a run was begun ends the call: a reader gone as a pipe's end does (status 141, silent),
-    a signal in one line (`Stopped`, status 130)."""
-    if signal_name == "SIGPIPE":
-        return BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
-    return Stopped(f"stopped by {signal_name} {when}, before the run was begun: nothing was written")
+def not_begun(signal_name: str) -> BaseException:
+    """How a stop signal ends a run's set-up before the run is begun: in one line (`Stopped`, status 130)."""
+    return Stopped(f"stopped by {signal_name} while it set up: nothing was written")
+
+
+def begun() -> None:
+    """The run of the stops in force is begun (its folder written to from here): a signal stops it after a step."""
+    for stop in _IN_FORCE:
+        stop.setting_up = False
 
 
 def _later(seconds: float, call: Callable[[], None]) -> None:
@@ -192,7 +199,7 @@ _IN_FORCE: list[StopOnSignal] = []  # the stops of this process's runs, innermos
 def stop_for_closed_output() -> bool:
     """Ask the stop in force, if any, to end its run after the current step (checkpointed, `stopped_by`
     SIGPIPE): the output's reader has gone. False when no run is stopping this way (the command ends at once)."""
-    if not _IN_FORCE:
+    if not _IN_FORCE or _IN_FORCE[-1].setting_up:  # nothing begun: the command ends as a pipe's reader left it
         return False
     _IN_FORCE[-1].request("SIGPIPE")
     return True

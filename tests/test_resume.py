@@ -343,6 +343,28 @@ def test_train_piped_into_head_during_its_set_up_stops_before_its_first_step(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_the_set_up_ends_it_at_once_in_one_line(tmp_path, char_dataset, stop):
+    """Before: SIGTERM while PyTorch loaded ended the command without a word (Python's default), and SIGINT in a
+    call that does not return to Python was held. Sent as the first line is read (PyTorch still loading): one
+    line, status 130, nothing written; or, should the run have been begun already, stopped after no step."""
+    config = write_config(tmp_path / "long.toml", char_dataset, max_iters=1_000_000)
+    run = tmp_path / "run"
+    child = subprocess.Popen([LMLAB, "train", str(config), "--run", str(run), "--device", "cpu"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "setting up" in child.stdout.readline()
+    child.send_signal(stop)
+    out, err = child.communicate(timeout=300)
+    assert "Traceback" not in err, err
+    if child.returncode == 130:
+        assert f"stopped by {stop.name} while it set up: nothing was written" in err
+        assert not run.exists() and not (tmp_path / ".run.lock").exists()
+        return
+    assert child.returncode == 0 and events_of(run, "end")[-1]["stopped_by"] == stop.name, out + err
+
+
+@pytest.mark.slow
 def test_finetune_piped_into_head_during_its_set_up_stops_after_a_step_and_goes_on(tmp_path, imported_gpt2):
     """The same of a fine-tune (`lmlab finetune ... | head -1` left it `crashed`): stopped as SIGPIPE with a
     checkpoint, and the same command again finishes it."""

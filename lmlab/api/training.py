@@ -159,10 +159,10 @@ SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_h
 
 
 def _give_up(signal_name: str) -> None:
-    """The end of a process whose sizing is stuck in one long call after a stop signal and its grace (called from
-    a timer's thread): nothing of the run is written yet, so nothing is left half-written."""
-    print(f"stopped by {signal_name} while it timed sizes: nothing was written (the timing was cut off inside a "
-          "call that cannot be interrupted)", file=sys.stderr, flush=True)
+    """The end of a process whose set-up (its sizing above all) is stuck in one long call after a stop signal and
+    its grace (called from a timer's thread): nothing of the run is written yet, so nothing is left half-written."""
+    print(f"stopped by {signal_name} while it set up: nothing was written (cut off inside a call that cannot be "
+          "interrupted)", file=sys.stderr, flush=True)
     os._exit(130)
 
 

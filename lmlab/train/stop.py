@@ -76,9 +76,9 @@ class StopOnSignal:
     A stop `setting_up` a run (the API's, from its first line) ends it at once, nothing written (`not_begun`), until
     `begun()` says its run is begun; from then on a signal is kept, and a stop entered inside one asked to stop is
     asked too: the run stops before its first step, with its checkpoint and its end. `stuck`, where given, is
-    called (from a timer's thread) with the signal's name when an interruptible stretch still runs twice the grace
-    after the signal: one long call into C or C++ (an attention over a huge context) lets no Python code run until
-    it returns, so only the process's end stops it."""
+    called (from a timer's thread) with the signal's name when an interruptible stretch, or a set-up, still runs
+    twice the grace after the signal: one long call into C or C++ (an attention over a huge context, a collective
+    waiting on a peer) lets no Python code run until it returns, so only the process's end stops it."""
 
     def __init__(self, grace: float = STOP_GRACE, stuck: Callable[[str], None] | None = None,
                  setting_up: bool = False) -> None:
@@ -128,11 +128,14 @@ class StopOnSignal:
     def _watching(self, read: int) -> None:
         with os.fdopen(read, "rb", buffering=0) as wakeups:
             while number := wakeups.read(1):  # b"" once __exit__ closed the other end
-                if number[0] in (signal.SIGINT, signal.SIGTERM) and self._region:
+                if number[0] in (signal.SIGINT, signal.SIGTERM) and (self._region or self.setting_up):
                     _later(2 * self.grace, partial(self._still_in, self._region, signal.Signals(number[0]).name))
 
     def _still_in(self, region: int, name: str) -> None:
-        if self._region == region and self.stuck is not None:
+        """Called twice the grace after a signal: the stretch it came in still runs (or the set-up it was to end
+        at once, a C call having held the handler off: a collective waiting on a peer that died)."""
+        stuck = (region and self._region == region) or (not region and self.setting_up and self in _IN_FORCE)
+        if stuck and self.stuck is not None:
             self.stuck(self.signal or name)
 
     @contextmanager

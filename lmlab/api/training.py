@@ -113,12 +113,7 @@ def _size(size: str | int | None, config: str | Path | RunConfig | None, resume:
     from lmlab.experiments.sizing import parse_size
 
     size = parse_size(size)
-    shaped = [item.partition("=")[0].strip() for item in settings
-              if item.partition("=")[0].replace(" ", "") in SHAPE_SETTINGS]
-    if shaped:
-        raise UserError(f"--size {size} sets {', '.join(SHAPE_SETTINGS)} from the preset's family, so "
-                        f"{shaped[0]} would be overridden; drop it to train a size of the family, or drop --size to "
-                        "train the shape you set (a family's width per layer is its preset's: change it there).")
+    check_shape_kept(size, settings)
     if resume is not None:
         raise UserError("--size chooses the shape of a new run; a resumed run keeps its own.")
     if init_from:
@@ -156,6 +151,17 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
 
 
 SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_head")  # what a size sets
+
+
+def check_shape_kept(size: str | int, settings: Sequence[str]) -> None:
+    """Refuse `--set` of the shape beside `--size`, which sets it from the preset's family (`lmlab train`; `lmlab
+    plan --size` is to call it too): one or the other would be overridden without a word."""
+    shaped = [item.partition("=")[0].strip() for item in settings
+              if item.partition("=")[0].replace(" ", "") in SHAPE_SETTINGS]
+    if shaped:
+        raise UserError(f"--size {size} sets {', '.join(SHAPE_SETTINGS)} from the preset's family, so "
+                        f"{shaped[0]} would be overridden; drop it to train a size of the family, or drop --size to "
+                        "train the shape you set (a family's width per layer is its preset's: change it there).")
 
 
 def _give_up(signal_name: str) -> None:

@@ -210,7 +210,9 @@ def test_a_thread_count_past_the_cores_is_refused_in_one_line(capsys, paths, row
 # one line naming it, before anything is written.
 # (`prepare --name ""` has its own sentence: tests/test_errors.py.)
 EMPTY_ROWS = [Row("train {config}", "--run", str), Row("train", "--resume", str),
-              Row("prepare {corpus} --tokenizer char", "--out-dir", str)]
+              Row("prepare {corpus} --tokenizer char", "--out-dir", str),
+              # Where the command line alone writes (was: taken as not given, nothing written, nothing said).
+              Row("log {run}", "--plot", str), Row("compare {run}", "--plot", str)]
 
 
 @pytest.mark.parametrize("row", EMPTY_ROWS, ids=lambda row: f"{row.subcommand} {row.option}")

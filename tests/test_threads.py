@@ -202,3 +202,31 @@ def test_an_omp_num_threads_above_the_cores_is_refused_like_the_thread_options(m
         ThreadChooser(0, "train.threads")
     monkeypatch.setenv("OMP_NUM_THREADS", str(len(cores())))
     assert ThreadChooser(0, "train.threads").most == len(cores())
+
+
+@pytest.mark.parametrize("command", [["answer", "--data", "ALPACA", "--out", "OUT", "--max-new-tokens", "2"],
+                                     ["sample", "--prompt", "ROMEO:", "--max-new-tokens", "2"]])
+def test_every_command_that_decodes_says_threads_the_load_lowered(monkeypatch, imported_gpt2, tmp_path, capsys,
+                                                                  command):
+    """Before: `answer` said nothing of the threads others' load left it, where `sample` and `eval` said it. On four
+    faked cores, half of them busy and two threads the fastest (a timing simulated), each says it once, on stderr."""
+    from tests.helpers import ALPACA_TINY, copy_run
+
+    run = copy_run(imported_gpt2, tmp_path)  # sample keeps its text in the run
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cores", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(busy, "cores", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)
+    monkeypatch.setattr(threads.LoadMeter, "stop", lambda meter: Load(0.1, 4, 0.5, None))
+    monkeypatch.setattr(threads, "time_threads", lambda counts, probe: {n: 0.1 if n == 2 else 0.3 for n in counts})
+    places = {"ALPACA": str(ALPACA_TINY), "OUT": str(tmp_path / "answers.jsonl")}
+    before = torch.get_num_threads()
+    try:
+        code = main([command[0], str(run), "--device", "cpu", *[places.get(a, a) for a in command[1:]]])
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith("note: decoding on 2 of 4 threads: other processes used 50% of "
+                                                   "the 4 cores; a forward pass took"), err

@@ -82,6 +82,39 @@ def loss_figure(run: RunDir) -> plt.Figure:
     return _done(fig)
 
 
+def plot_grad_norm(run: RunDir, path: Path) -> Path:
+    """Draw `grad_norm_figure` into `path`."""
+    return _save(grad_norm_figure(run), Path(path))
+
+
+def grad_norm_figure(run: RunDir) -> plt.Figure:
+    """The gradient norm of each logged step (log scale) and the steps the guard skipped or flagged, with the LR on
+    a second axis: whether the norm rises with the LR, or spikes where it peaks."""
+    events = run.events()
+    train = [(e["step"], e["grad_norm"], e["lr"]) for e in events if e["event"] == "train"
+             and e.get("grad_norm") is not None and e.get("lr") is not None]
+    bad = [(e["step"], e["grad_norm"]) for e in events if e["event"] in ("skip", "spike")
+           and isinstance(e.get("grad_norm"), (int, float))]
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
+    if train:
+        ax.plot([t[0] for t in train], [t[1] for t in train], color="tab:blue", linewidth=1,
+                label="gradient norm (of each logged step, before clipping)")
+        lr = ax.twinx()
+        lr.plot([t[0] for t in train], [t[2] for t in train], color="tab:green", alpha=0.5, linewidth=1)
+        lr.set_ylabel("learning rate", color="tab:green")
+    if bad:
+        ax.scatter(*zip(*bad), color="tab:red", marker="x", label="skipped or flagged by the guard", zorder=3)
+    if any(t[1] > 0 for t in train) or bad:
+        ax.set_yscale("log")
+    ax.set_title(f"{run.name}: gradient norm and learning rate")
+    ax.set_xlabel("step (optimizer updates)")
+    ax.set_ylabel("gradient norm (L2, all weights)")
+    ax.grid(True, alpha=0.3)
+    if train or bad:
+        ax.legend(loc="upper right")
+    return _done(fig)
+
+
 X_AXES = {
     "step": ("step (optimizer updates)", lambda s, e: e["step"]),
     "tokens": ("tokens seen", lambda s, e: e.get("tokens", 0)),

@@ -53,6 +53,7 @@ class RunSummary:
     tokens_per_sec: float | None = None  # median of the logged intervals
     mfu: float | None = None  # median of the logged intervals
     checkpoint: str = "best"  # the checkpoint whose kept task and judge scores `tasks` and `judge` are
+    val_from: str = "training"  # where best_val_loss is from: the run's evaluations as it trained, or `lmlab eval`
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> its kept result (eval --task)
     judge: dict[str, Any] | None = None  # the judge's summary of the checkpoint's answers (lmlab judge)
     evals: list[dict[str, Any]] = field(default_factory=list)
@@ -161,7 +162,18 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
             summary.gap = best["val_loss"] - best["train_eval_loss"]
         summary.still_falling = summary.evals[-1] is best
         summary.best_bpb = summary.bits_per_byte(best["val_loss"])
+    elif summary.evaluation is not None:
+        _evaluated(summary, summary.evaluation)
     return summary
+
+
+def _evaluated(summary: RunSummary, evaluation: dict[str, Any]) -> None:
+    """A run that evaluated nothing as it trained (an import; a run stopped before its first evaluation) compares
+    on its checkpoint's kept `lmlab eval` of a whole val split: that split is the text its loss is of."""
+    summary.best_val_loss, summary.best_step = evaluation["loss"], evaluation.get("step")
+    summary.best_bpb = evaluation.get("bits_per_byte")
+    summary.scored_on = evaluation.get("val_sha256") or summary.scored_on
+    summary.val_from = "lmlab eval"
 
 
 def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
@@ -231,19 +243,31 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
     base, by_bytes = runs[0], bool(unfair(runs))
     return [{
         "run": s.name, "path": str(s.path), "status": s.status, "architecture": s.architecture, "model": s.model,
-        "tokenizer": s.tokenizer, "params": s.params, "params_ratio": s.params / base.params, "tokens": s.tokens,
-        "tokens_ratio": _ratio(s.tokens, base.tokens), "flops": s.flops, "flops_ratio": _ratio(s.flops, base.flops),
-        "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed), "best_val_loss": s.best_val_loss,
+        "tokenizer": s.tokenizer, "params": s.params, "params_ratio": s.params / base.params,
+        **_training(s, base), "best_val_loss": s.best_val_loss, "val_from": s.val_from,
         "best_val_loss_change": s.best_val_loss / base.best_val_loss - 1, "bits_per_byte": s.best_bpb,
         "bits_per_byte_change": _ratio(s.best_bpb, base.best_bpb) and s.best_bpb / base.best_bpb - 1,
-        "by_bytes": by_bytes, "epochs": s.epochs, "epoch_seconds": s.epoch_seconds, "unique_tokens": s.unique_tokens,
-        "params_padding": s.padding,
-        "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params),
-        "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params),
+        "by_bytes": by_bytes, "params_padding": s.padding,
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
         "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
         "predicted_error": _ratio(s.predicted_val, s.best_val_loss) and s.predicted_val / s.best_val_loss - 1,
     } for s in runs]
+
+
+def _training(s: RunSummary, base: RunSummary) -> dict[str, Any]:
+    """What a run's training here cost and saw, beside the first run's; unknown (None) for an import, whose
+    training happened elsewhere (the zero tokens it trained here are no figure of it)."""
+    known = s.kind != "imported"
+    tokens, flops, elapsed = (s.tokens, s.flops, s.elapsed) if known else (None, None, None)
+    trained = base.kind != "imported"  # else no ratio to its figures
+    return {"tokens": tokens, "tokens_ratio": _ratio(tokens, base.tokens) if trained else None, "flops": flops,
+            "flops_ratio": _ratio(flops, base.flops) if trained else None, "elapsed": elapsed,
+            "elapsed_ratio": _ratio(elapsed, base.elapsed) if trained else None,
+            "epochs": s.epochs if known else None, "epoch_seconds": s.epoch_seconds if known else None,
+            "unique_tokens": s.unique_tokens if known else None,
+            "tokens_per_param": s.tokens / s.params if known else None,
+            "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params) if known else None,
+            "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params) if known else None}
 
 
 def unfair(runs: list[RunSummary]) -> str | None:
@@ -295,6 +319,8 @@ def _change(row: dict[str, Any], key: str, by_bytes: bool) -> str:
 def _chinchilla(row: dict[str, Any]) -> str:
     """The share of Chinchilla-optimal in unique tokens, and in tokens seen when repeats make them differ."""
     unique, seen = row["chinchilla_percent"], row["chinchilla_seen_percent"]
+    if unique is None:
+        return "-"
     return f"{unique:.1f}%" + (f" ({seen:.0f}% seen)" if seen > unique * 1.001 else "")
 
 
@@ -383,15 +409,17 @@ COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
     Column("params", 1, lambda r: count(r["params"]) + _times(r["params_ratio"])),
     Column("tokens", 4, lambda r: count(r["tokens"]) + _times(r["tokens_ratio"])),
     Column("compute", 2, lambda r: sci(r["flops"]) + _times(r["flops_ratio"])),
-    Column("wall", 5, lambda r: format_duration(r["elapsed"]) + _times(r["elapsed_ratio"])),
-    Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f}" + _change(r, "best_val_loss_change", False)),
+    Column("wall", 5, lambda r: "-" if r["elapsed"] is None else format_duration(r["elapsed"]) +
+           _times(r["elapsed_ratio"])),
+    Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f}" + _change(r, "best_val_loss_change", False) +
+           (" (eval)" if r["val_from"] != "training" else "")),
     Column("bits/byte", 6, lambda r: fmt(r["bits_per_byte"], ".3f") + _change(r, "bits_per_byte_change", True)),
     Column("epochs", 12, lambda r: fmt(r["epochs"], ".2f")),
     Column("time/epoch", 13, lambda r: format_duration(r["epoch_seconds"]) if r["epoch_seconds"] else "-"),
-    Column("tok/param", 9, lambda r: f"{r['tokens_per_param']:.1f}"),
+    Column("tok/param", 9, lambda r: fmt(r["tokens_per_param"], ".1f")),
     Column("Chinchilla", 7, _chinchilla),
     Column("val-train(eval)", 10, lambda r: fmt(r["gap"], "+.3f")),
-    Column("falling", 8, lambda r: "yes" if r["still_falling"] else "no"),
+    Column("falling", 8, lambda r: "-" if r["still_falling"] is None else "yes" if r["still_falling"] else "no"),
     Column("status", 11, lambda r: r["status"], left=True),
     Column("judge (scored, model)", 6, lambda r: judge_cell(r["judge"]), left=True),
 ]

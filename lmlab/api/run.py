@@ -5,8 +5,9 @@ its loss.png do (the commands call these methods)."""
 from __future__ import annotations
 
 import html
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from lmlab.analysis.history import FIELDS, evaluations
-from lmlab.analysis.plots import loss_figure
+from lmlab.analysis.plots import grad_norm_figure, loss_figure
 from lmlab.api.checks import checked, sampling_params, whole
 from lmlab.api.loading import decode_step, note_checkpoint, pick_threads, print_note
 from lmlab.core.config import RunConfig, SamplingParams, checkpoint_name, seeded
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     import pandas
 
     from lmlab.train.loop import TrainResult
+
+PLOTS = {"loss": loss_figure, "grad_norm": grad_norm_figure}  # what Run.plot draws
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,20 @@ class Run:
         self.console = console or console_here()
         self.result: TrainResult | None = None  # what `lmlab.train` returned it with: steps, best, how it stopped
         self._loaded: dict[tuple[str, str], LoadedRun] = {}
+
+    @staticmethod
+    @checked(folders="paths", console="console?")
+    def newest(folders: str | Path | Sequence[str | Path] = "runs", console: Console | None = None) -> Run:
+        """The run written to last (its metrics.jsonl) in `folders` or any folder below them: a notebook's default,
+        whatever name `make demo` or a budget's timestamp gave it."""
+        roots = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(f) for f in folders]
+        logs = [log for root in roots if root.is_dir() for log in root.rglob("metrics.jsonl")]
+        if not logs:
+            from lmlab.core.errors import UserError
+
+            raise UserError(f"no run in {' or '.join(map(str, roots))}; train one (`make demo`, `lmlab train CONFIG`), "
+                            "or name a run folder: lmlab.Run(\"runs/NAME\").")
+        return Run(max(logs, key=lambda log: log.stat().st_mtime).parent, console)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -103,7 +120,8 @@ class Run:
     def history(self) -> list[dict[str, Any]]:
         """Every evaluation, in order, as records: step, epoch, tokens, elapsed, train_loss (the mean of the steps
         since the one before), train_eval_loss (the train split scored as val is), val_loss, best_val_loss,
-        is_best (`lmlab log`'s rows)."""
+        is_best, perplexity (of val_loss), accuracy (of a whole-split `lmlab eval` of that step's checkpoint, else
+        None), grad_norm and grad_norm_max (of the train lines since the one before) (`lmlab log`'s rows)."""
         return evaluations(self._dir)
 
     @checked()
@@ -125,11 +143,16 @@ class Run:
         return [Checkpoint(folder.name, int(folder.name.removeprefix("step_")), folder, folder == pointed["best"],
                            folder == pointed["latest"]) for folder in self._dir.step_folders()]
 
-    @checked()
-    def plot(self) -> matplotlib.figure.Figure:
-        """Train and val loss against step (what loss.png shows), as a matplotlib Figure: a notebook shows it
-        inline; `savefig` writes it."""
-        return loss_figure(self._dir)
+    @checked(what="text")
+    def plot(self, what: str = "loss") -> matplotlib.figure.Figure:
+        """Train and val loss against step (what loss.png shows), or with `what="grad_norm"` the gradient norm of
+        each logged step with the LR (`lmlab log --plot`), as a matplotlib Figure: a notebook shows it inline;
+        `savefig` writes it."""
+        if what not in PLOTS:
+            from lmlab.core.errors import UserError
+
+            raise UserError(f"what is {what!r}; use one of {', '.join(PLOTS)}.")
+        return PLOTS[what](self._dir)
 
     @checked(checkpoint="checkpoint", device="name")
     def model(self, checkpoint: str = "best", device: str = "auto") -> LanguageModel:

@@ -157,9 +157,10 @@ def signature(func: Any, name: str) -> str:
 
 
 def _members(cls: type) -> list[tuple[str, Any]]:
-    """A class's public methods and properties, in the order its source defines them."""
-    return [(name, value) for name, value in vars(cls).items() if not name.startswith("_")
-            and (inspect.isfunction(value) or isinstance(value, property))]
+    """A class's public methods (a static one as its function) and properties, in the order its source defines
+    them."""
+    return [(name, value.__func__ if isinstance(value, staticmethod) else value) for name, value in vars(cls).items()
+            if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, (property, staticmethod)))]
 
 
 def _class_lines(name: str, cls: type) -> list[str]:
@@ -175,7 +176,8 @@ def _class_lines(name: str, cls: type) -> list[str]:
             returns = inspect.signature(value.fget).return_annotation
             lines += [f"### `{name}.{member}`", "", f"A property: `{returns}`. {inspect.getdoc(value) or ''}", ""]
         else:
-            lines += [f"### `{name}.{member}`", "", "```python", signature(value, member), "```", "",
+            called = f"{name}.{member}" if isinstance(vars(cls)[member], staticmethod) else member
+            lines += [f"### `{name}.{member}`", "", "```python", signature(value, called), "```", "",
                       inspect.getdoc(value) or "", ""]
     return lines
 

@@ -28,6 +28,7 @@ from lmlab.core.config import RunConfig, load_config
 from lmlab.core.device import machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
+from lmlab.core.humanize import format_duration
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
 from lmlab.experiments.sizing import with_vocab
@@ -165,11 +166,55 @@ class Miniseries:
                 points.append(self.run(depth, tokens, factor))
         return points
 
+    def left(self) -> list[RunConfig]:
+        """The runs still to train, as far as they are known before the LR search ends (a length's LR follows from
+        it, not its compute: any finished run of that depth and length counts as its)."""
+        series, todo = self.series, []
+        for depth in series.depths:
+            for factor in series.lr_factors:
+                cfg = self.config(depth, series.searched, factor)
+                if summarize(self.folder / self.name(depth, series.searched, cfg)).status != "finished":
+                    todo.append(cfg)
+            for tokens in series.tokens:
+                if tokens == series.searched or not series.within(self.params(depth), tokens):
+                    continue
+                done = [path for path in self.folder.glob(f"d{depth}-t{tokens}-lr*") if summarize(path).status ==
+                        "finished"]
+                todo += [] if done else [self.config(depth, tokens, 1.0)]
+        return todo
+
+    @staticmethod
+    def name(depth: int, tokens: int, cfg: RunConfig) -> str:
+        return f"d{depth}-t{tokens}-lr{cfg.train.learning_rate:g}"
+
+    def foretell(self) -> str:
+        """What the miniseries will train and about how long that takes here, said before it starts: each run's
+        FLOPs at this device's peak × the MFU a run of the preset's config reached on it (else plan's assumed one)."""
+        from lmlab.experiments.plan import estimate, local_hardware
+
+        todo = self.left()
+        if not todo:
+            return f"miniseries: its {self.total} runs are trained already under {self.folder}; fitting them"
+        preset = with_vocab(load_config(self.preset))
+        hardware = local_hardware(self.device, preset.train.dtype)
+        guess = estimate(hardware, None, preset, [])
+        seconds = 0.0
+        for cfg in todo:
+            with torch.device("meta"):
+                model = build_model(cfg.model)
+            seconds += cfg.train.max_iters * cfg.train.batch_size * cfg.train.grad_accum_steps * \
+                cfg.model.block_size / guess.tokens_per_sec(model)
+        again = f" ({self.total - len(todo)} trained already)" if len(todo) < self.total else ""
+        return (f"miniseries: {len(todo)} of {self.total} runs to train{again} under {self.folder}, about "
+                f"{format_duration(seconds)} of training on {hardware.name} (at {100 * guess.mfu:.0f}% of its "
+                f"{hardware.peak / 1e12:.3g} TFLOP/s, {guess.mfu_source.split(';')[0]}), plus each run's set-up and "
+                "evaluation; a stopped refit goes on where it stopped")
+
     def run(self, depth: int, tokens: int, factor: float) -> dict[str, Any]:
         """Train one run (or keep it, finished before, or trained already by this series); its point: depth,
         params, tokens, LR, val, run, the seconds it trained."""
         cfg = self.config(depth, tokens, factor)
-        path = self.folder / f"d{depth}-t{tokens}-lr{cfg.train.learning_rate:g}"
+        path = self.folder / self.name(depth, tokens, cfg)
         if path in self.points:
             return self.points[path]
         summary = summarize(path)
@@ -194,8 +239,9 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
     the preset; the fit."""
     cfg = load_config(preset)
     folder = root / f"{preset.stem}-miniseries"
+    runs = Miniseries(preset, series, folder, device, console)  # a preset without a family refused first
     _record(folder, preset)
-    runs = Miniseries(preset, series, folder, device, console)
+    console.print(runs.foretell(), highlight=False)
     began = time.perf_counter()
     with LoadMeter() as meter:
         search = [runs.search(depth) for depth in series.depths]

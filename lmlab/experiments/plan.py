@@ -168,29 +168,28 @@ def same_config(a: RunConfig, b: RunConfig) -> bool:
 
 
 def mfu_from_runs(paths: list[Path], hardware: Hardware, cfg: RunConfig) -> tuple[float, float, str] | None:
-    """The median MFU logged by a run (of `paths`) that trained on `hardware`, and the peak per device it is a share
-    of (the run's own: a CPU's measured peak varies from process to process): the first path if it trained there
-    (the run being planned), else a run of the same config (`same_config`), else of the same model; among those a
-    finished run before one that stopped or crashed, the one of more steps (a short run's first steps are slow)
-    before the newest. None without one. A run whose peak was measured without a load check (before lmlab made
-    one, or busy) is passed over: its MFU may be many times too high."""
+    """The median MFU logged by a run (of `paths`) of the same config (`same_config`) that trained on `hardware`,
+    and the peak per device it is a share of (the run's own: a CPU's measured peak varies from process to process):
+    the first path (the run being planned) before the others, then a finished run before one that stopped or
+    crashed, the one of more steps (a short run's first steps are slow) before the newest. None without one. A run
+    of the same model trained otherwise (another batch, dtype, compile, threads) says nothing of this config's
+    speed, and a run whose peak was measured without a load check (before lmlab made one, or busy) is passed over:
+    its MFU may be many times too high."""
     found = []
-    datasheet, model = hardware.peak_figure.source.startswith("datasheet"), shape_of(cfg).describe()
+    datasheet = hardware.peak_figure.source.startswith("datasheet")
     for order, path in enumerate(paths):
         start = RunDir(path).events(limit=1)
         trusted = start and start[0].get("event") == "start" and (datasheet or start[0].get("peak_quiet") is True)
-        summary = trusted and hardware.ran(start[0]) and summarize(path)
+        summary = trusted and hardware.ran(start[0]) and _same_config(path, cfg) and summarize(path)
         if summary and summary.mfu:
             recorded, world = start[0].get("peak_flops"), start[0].get("world_size") or 1  # the job's: every rank's
             peak = recorded / world if recorded else hardware.peak
-            found.append((order == 0, _same_config(path, cfg), start[0].get("model") == model,
-                          summary.status == "finished", summary.steps, (path / "metrics.jsonl").stat().st_mtime,
-                          summary.mfu, peak, path))
+            found.append((order == 0, summary.status == "finished", summary.steps,
+                          (path / "metrics.jsonl").stat().st_mtime, summary.mfu, peak, path))
     if not found:
         return None
-    _, same, *_, mfu, peak, path = max(found)
-    which = "of this config, " * same
-    return mfu, peak, f"the median of {path}, {which}of the {peak / 1e12:.3g} TFLOP/s it recorded"
+    *_, mfu, peak, path = max(found)
+    return mfu, peak, f"the median of {path}, of this config, of the {peak / 1e12:.3g} TFLOP/s it recorded"
 
 
 def _same_config(path: Path, cfg: RunConfig) -> bool:

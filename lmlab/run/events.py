@@ -9,6 +9,7 @@ name not in `SCHEMA` (one of an older or newer lmlab) is kept when its `step`, i
 from __future__ import annotations
 
 import json
+import math
 from typing import IO, Any
 
 MAX_LINE = 1 << 20  # bytes: the longest event written (a `sizing` event with its candidates) is a few KB
@@ -103,7 +104,17 @@ def _event(line: bytes) -> dict[str, Any] | str:
         value = event[field]
         if not isinstance(value, TYPES[kind]) or (isinstance(value, bool) and bool not in TYPES[kind]):
             return f"{_a(name)} event whose {field} is not {_a(kind.replace('|', ' or '))}"
+        if not _finite(value):
+            return f"{_a(name)} event whose {field} is {str(value)[:20]}, past any figure lmlab writes"
     return event
+
+
+def _finite(value: Any) -> bool:
+    """A number lmlab can have written: standard JSON (no NaN or Infinity: those are written null), an integer
+    within 64 bits (a step of 10^400 parses, and overflows every reader that does arithmetic or plots with it)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, int) or isinstance(value, bool) or abs(value) < 2**63
 
 
 def _a(word: str) -> str:

@@ -71,11 +71,23 @@ UNSUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {
 }
 
 
+def json_equal(a: Any, b: Any) -> bool:
+    """Equal as JSON values are (and as the OpenAPI document's `enum` compares them): `false` is not `0`, nor
+    `true` `1`, as Python's == has them; 0 and 0.0 are one number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def check_fields(body: dict[str, Any], endpoint: str) -> None:
     """A 400 naming the first field this endpoint neither implements, ignores as a hint, nor leaves unused."""
     for key, value in body.items():
         unsupported, name = UNSUPPORTED[endpoint].get(key), key_name(key)
-        if unsupported is not None and value not in unsupported:
+        if unsupported is not None and not any(json_equal(value, neutral) for neutral in unsupported):
             raise ApiError(400, f"`{name}` is not supported by lmlab serve; leave it out.", name, "unsupported")
         if unsupported is None and key not in FIELDS[endpoint] and key not in HINTS:
             known = ", ".join(FIELDS[endpoint])

@@ -21,7 +21,7 @@ from lmlab.serving.requests import TOKENIZE, Served
 from lmlab.serving.routes import ROUTES
 
 EVENT = {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}  # a streamed event's data: a chunk, then [DONE]
-MESSAGES = 64  # the most messages a described chat holds (each with a character of text at least)
+MESSAGES = 64  # the most messages a described chat holds
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -52,8 +52,10 @@ def text(served: Served, most: int) -> dict[str, Any]:
 
 
 def prompt_chars(served: Served, tokens: int) -> int:
-    """The characters that take at most `tokens` tokens whatever they are, two kept for special tokens."""
-    return served.run.tokenizer.fewest_chars(tokens - 2)
+    """The characters that take at most `tokens` tokens whatever they are, beside the special tokens the tokenizer
+    adds to any text (a BOS): for a tokenizer of one token a character, the most the server takes."""
+    tokenizer = served.run.tokenizer
+    return tokenizer.fewest_chars(tokens - len(tokenizer.encode("", True)))
 
 
 def sampling(served: Served, chat: bool) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def messages(served: Served) -> dict[str, Any]:
     that that many fit together."""
     shapes = []
     for count in counts(served):
-        content = text(served, chars_each(served, count))
+        content = text(served, max(0, chars_each(served, count)))
         message = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
                    "properties": {"role": {"enum": list(ROLES)}, "name": {}, "content": {"anyOf": [content, {
                        "type": "array", "minItems": 1, "maxItems": 1, "items": {
@@ -132,21 +134,23 @@ def messages(served: Served) -> dict[str, Any]:
 
 
 def counts(served: Served) -> list[int]:
-    """The message counts a chat is described at: 1, 2, 4, ... below the most messages that fit the context with a
-    character each (at most MESSAGES), and that most, found by halving between the counts that fit and not."""
+    """The message counts a chat is described at: 1, 2, 4, ... below the most messages that fit the context, empty
+    ones included, as the server takes them (at most MESSAGES), and that most, found by halving between the counts
+    that fit and not."""
     fit, past = 1, 2
-    while past <= MESSAGES and chars_each(served, past) > 0:
+    while past <= MESSAGES and chars_each(served, past) >= 0:
         fit, past = past, 2 * past
     past = min(past, MESSAGES + 1)
     while past - fit > 1:
         middle = (fit + past) // 2
-        fit, past = (middle, past) if chars_each(served, middle) > 0 else (fit, middle)
+        fit, past = (middle, past) if chars_each(served, middle) >= 0 else (fit, middle)
     return sorted({*(2 ** i for i in range(fit.bit_length()) if 2 ** i < fit), fit})
 
 
 def chars_each(served: Served, count: int) -> int:
     """The characters each of `count` messages may hold for all of them to fit the context, whatever their roles:
-    the context less the tokens the chat's format adds to `count` empty messages of the roles that take most."""
+    the context less the tokens the chat's format adds to `count` empty messages of the roles that take most (its
+    special tokens among them); -1 where even empty ones do not fit."""
     from lmlab.inference.generate import chat_prompt
 
     frames = []
@@ -156,7 +160,8 @@ def chars_each(served: Served, count: int) -> int:
             frames.append(len(chat_prompt(served.run, turns).ids(served.run.tokenizer)))
         except UserError:  # roles the format or the template refuses (a 400 in its words)
             pass
-    return prompt_chars(served, served.context - max(frames, default=served.context)) // count
+    room = served.context - max(frames, default=served.context + 1)
+    return -1 if room < 0 else served.run.tokenizer.fewest_chars(room) // count  # -1: not even empty ones fit
 
 
 def body(fields: dict[str, Any], taken: tuple[str, ...], constraints: list[dict[str, Any]]) -> dict[str, Any]:

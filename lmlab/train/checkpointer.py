@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.core.config import RunConfig, TrainConfig, to_dict
+from lmlab.core.config import RunConfig, TrainConfig, checkpoint_label, checkpoint_name, to_dict
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
@@ -71,14 +71,16 @@ class Checkpointer:
 
     def start(self, cfg: RunConfig, init_from: str | None, keep_optimizer: bool) -> None:
         """A new run: nothing of an earlier one is overwritten; its weights (and optimizer) from another run's, if
-        asked (`runs/OLD`, or `runs/OLD:CHECKPOINT`: best or latest)."""
+        asked (`runs/OLD`, or `runs/OLD:CHECKPOINT`: best, latest, step_N or N), said in a line."""
         self.run_dir.check_new()
         if not init_from:
             return
         old_dir, _, which = init_from.partition(":")
-        if which not in ("", "best", "latest"):
+        try:
+            which = checkpoint_name(which or "latest")
+        except UserError:
             raise UserError(f"--init-from {init_from}: {which!r} is not a checkpoint of a run; use {old_dir}, "
-                            f"{old_dir}:best or {old_dir}:latest.")
+                            f"{old_dir}:best, {old_dir}:latest or {old_dir}:step_N.") from None
         old_run = RunDir(old_dir)
         old = old_run.config().model
         if old.vocab_size != cfg.model.vocab_size:
@@ -90,8 +92,12 @@ class Checkpointer:
             raise UserError(f"--init-from {old_dir} has another model shape "
                             f"({_differences(dataclasses.asdict(old), dataclasses.asdict(cfg.model))}); "
                             "use the same [model] settings as that run.")
-        old_run.read_checkpoint(old_run.checkpoint(which or "latest"), self.model,
-                                self.optimizer if keep_optimizer else None, self.parallel.load_checkpoint)
+        folder = old_run.checkpoint(which)
+        state = old_run.read_checkpoint(folder, self.model, self.optimizer if keep_optimizer else None,
+                                        self.parallel.load_checkpoint)
+        carried = "its weights and optimizer state" if keep_optimizer else "its weights (a new optimizer)"
+        self.console.print(f"starting from {old_dir}, checkpoint {folder.name} "
+                           f"({checkpoint_label(which, state.get('step') or 0)}): {carried}", highlight=False)
 
     def resume(self, cfg: RunConfig, train_sha256: str, force: bool) -> Path:
         """Restore the newest checkpoint that verifies (`latest`, else an older step folder), of this model on this

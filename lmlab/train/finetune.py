@@ -36,7 +36,7 @@ from lmlab.train.optim import optimizer_of
 from lmlab.train.schedule import lr_at
 from lmlab.train.state import Stopwatch, rng_state, set_rng_state
 from lmlab.train.step import TrainStep
-from lmlab.train.stop import StepAbandoned, StopOnSignal
+from lmlab.train.stop import StepAbandoned, StopOnSignal, begun
 
 
 def split_records(records: list[dict[str, str]], val_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -218,7 +218,9 @@ def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "a
     before = torch.get_num_threads()  # given back at the end: a caller's process keeps its own threads
     threads = ThreadChooser(ft.threads, "finetune.threads")
     try:
-        with RunDir(run_dir).locked() as run:  # one writer: a second fine-tune into the same --run is refused
+        # A stop signal (or a reader gone) during the set-up: before the run is begun it ends at once, nothing
+        # written; after, the fine-tune stops after its first step, with its checkpoint and its end.
+        with StopOnSignal(setting_up=True), RunDir(run_dir).locked() as run:  # one writer: a second one is refused
             return _finetune(base_dir, run, ft, device, console or Console(), threads)
     finally:
         torch.set_num_threads(before)
@@ -279,6 +281,7 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
     continuing = _continuing(run, ft, origin)
     longest = max(len(ids) for ids, _ in fits["train"]) - 1  # the start event records the threads chosen
     choice = threads.choose(forward_probe(base.model, ft.batch_size, longest, base.device, base.dtype), base.device)
+    begun()
     if not continuing:
         if base.checkpoint != "best":
             console.print(f"note: {base_dir} has no best checkpoint (it was never evaluated); fine-tuning its latest "

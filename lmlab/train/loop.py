@@ -51,7 +51,7 @@ from lmlab.train.state import (
     TrainingState,
 )
 from lmlab.train.step import TrainStep
-from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes
+from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes, begun
 from lmlab.train.timing import Timing, time_config
 from lmlab.train.tracking import Tracker
 
@@ -243,6 +243,7 @@ class Trainer:
 
     def _begin(self, resuming: bool, force: bool, init_from: str | None, keep_optimizer: bool) -> None:
         """The run begun or resumed, its tracker opened, its config, tokenizer and dataset's facts written."""
+        begun()  # a stop signal from here on stops the run after a step, checkpointed
         if resuming:
             self._resume(force)
         else:
@@ -387,7 +388,7 @@ class Trainer:
             self.console.print(self.budget.describe(self.cfg.train), highlight=False)
         with progress_bar(self.console) as bar, self._stop as stop:
             task = bar.add_task("train", total=schedule.last_step, completed=p.step, info="")
-            stopping = False
+            stopping = bool(stop.signal)  # a signal during the set-up
             while p.step < schedule.last_step and not p.stopped_early and not stopping:
                 started = time.perf_counter()
                 self._train_step()

@@ -4,13 +4,15 @@ failed (the newest checkpoint is kept as it is, and the run ends with one senten
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from lmlab.core.errors import UserError
+from lmlab.core.errors import Stopped, UserError
 from lmlab.core.fileio import WriteError
 
 if TYPE_CHECKING:  # a closed output asks for a stop (`stop_for_closed_output`) without loading torch
@@ -69,15 +71,24 @@ class StopOnSignal:
     can be, never a checkpoint's write), so a run ends within seconds whatever its steps cost; a second signal
     aborts at once. An output whose reader has gone (`lmlab train ... | head`) is a stop like SIGTERM, named
     SIGPIPE, asked for by `stop_for_closed_output`: no handler of SIGPIPE itself, which Python ignores so that
-    every other pipe or socket (a tracker's, a peer rank's) reports its own broken write where it happens."""
+    every other pipe or socket (a tracker's, a peer rank's) reports its own broken write where it happens.
 
-    def __init__(self, grace: float = STOP_GRACE) -> None:
+    A stop `setting_up` a run (the API's, from its first line) ends it at once, nothing written (`not_begun`), until
+    `begun()` says its run is begun; from then on a signal is kept, and a stop entered inside one asked to stop is
+    asked too: the run stops before its first step, with its checkpoint and its end. `stuck`, where given, is
+    called (from a timer's thread) with the signal's name when an interruptible stretch, or a set-up, still runs
+    twice the grace after the signal: one long call into C or C++ (an attention over a huge context, a collective
+    waiting on a peer) lets no Python code run until it returns, so only the process's end stops it."""
+
+    def __init__(self, grace: float = STOP_GRACE, stuck: Callable[[str], None] | None = None,
+                 setting_up: bool = False) -> None:
         self.signal: str | None = None
-        self.grace = grace
+        self.grace, self.stuck, self.setting_up = grace, stuck, setting_up
         self._previous: dict[int, Any] = {}
         self._region = 0  # which interruptible stretch runs now (0: none), so a late timer cannot hit the next one
         self._regions = 0
         self._overdue = False
+        self._wakeup: tuple[int, int] | None = None  # while `_watch` hears signals: its fd's write end, the one before
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self._overdue:
@@ -85,6 +96,8 @@ class StopOnSignal:
             if self._region:
                 raise StepAbandoned(self.signal or signal.Signals(signum).name)
             return  # the stretch ended as the timer fired: the loop stops after it as usual
+        if self.setting_up:
+            raise not_begun(signal.Signals(signum).name)
         if self.signal:
             raise KeyboardInterrupt
         self.request(signal.Signals(signum).name)
@@ -102,9 +115,28 @@ class StopOnSignal:
                 self._overdue = True
                 _thread.interrupt_main(signal.SIGTERM)  # runs `_handle` in the main thread, between two bytecodes
 
-        timer = threading.Timer(self.grace, overdue)
-        timer.daemon = True
-        timer.start()
+        _later(self.grace, overdue)
+
+    def _watch(self) -> None:
+        """Hear each stop signal as it arrives (the byte Python's C handler writes to the wake-up fd), not when the
+        main thread next runs Python code: a stretch still running twice the grace after it is `stuck`."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+        threading.Thread(target=self._watching, args=(read,), daemon=True).start()
+
+    def _watching(self, read: int) -> None:
+        with os.fdopen(read, "rb", buffering=0) as wakeups:
+            while number := wakeups.read(1):  # b"" once __exit__ closed the other end
+                if number[0] in (signal.SIGINT, signal.SIGTERM) and (self._region or self.setting_up):
+                    _later(2 * self.grace, partial(self._still_in, self._region, signal.Signals(number[0]).name))
+
+    def _still_in(self, region: int, name: str) -> None:
+        """Called twice the grace after a signal: the stretch it came in still runs (or the set-up it was to end
+        at once, a C call having held the handler off: a collective waiting on a peer that died)."""
+        stuck = (region and self._region == region) or (not region and self.setting_up and self in _IN_FORCE)
+        if stuck and self.stuck is not None:
+            self.stuck(self.signal or name)
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
@@ -128,6 +160,10 @@ class StopOnSignal:
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
             self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+            if self.stuck is not None:
+                self._watch()
+        if _IN_FORCE and _IN_FORCE[-1].signal:  # the set-up around it was asked to stop
+            self.request(_IN_FORCE[-1].signal)
         _IN_FORCE.append(self)
         return self
 
@@ -136,6 +172,28 @@ class StopOnSignal:
         self._region = 0
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._wakeup is not None:
+            write, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write)
+            self._wakeup = None
+
+
+def not_begun(signal_name: str) -> BaseException:
+    """How a stop signal ends a run's set-up before the run is begun: in one line (`Stopped`, status 130)."""
+    return Stopped(f"stopped by {signal_name} while it set up: nothing was written")
+
+
+def begun() -> None:
+    """The run of the stops in force is begun (its folder written to from here): a signal stops it after a step."""
+    for stop in _IN_FORCE:
+        stop.setting_up = False
+
+
+def _later(seconds: float, call: Callable[[], None]) -> None:
+    timer = threading.Timer(seconds, call)
+    timer.daemon = True
+    timer.start()
 
 
 _IN_FORCE: list[StopOnSignal] = []  # the stops of this process's runs, innermost last
@@ -144,7 +202,7 @@ _IN_FORCE: list[StopOnSignal] = []  # the stops of this process's runs, innermos
 def stop_for_closed_output() -> bool:
     """Ask the stop in force, if any, to end its run after the current step (checkpointed, `stopped_by`
     SIGPIPE): the output's reader has gone. False when no run is stopping this way (the command ends at once)."""
-    if not _IN_FORCE:
+    if not _IN_FORCE or _IN_FORCE[-1].setting_up:  # nothing begun: the command ends as a pipe's reader left it
         return False
     _IN_FORCE[-1].request("SIGPIPE")
     return True

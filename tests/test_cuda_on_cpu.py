@@ -99,7 +99,7 @@ def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_pa
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=40),
                       ["train.dtype=float16", "train.log_interval=1"])
     trainer = Trainer(cfg, tmp_path / "run", "cpu")
-    trainer.step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 28)
+    trainer.train_step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 28)
     trainer.run()
     events = RunDir(tmp_path / "run").events()
     train = [e for e in events if e["event"] == "train"]

@@ -1,7 +1,7 @@
 """The API's own checks of arguments that the command line's parser checks for the commands: a bad value is one
 sentence naming the argument (`lmlab.UserError`), before anything loads. Every public function and method takes its
-arguments through `checked`, which refuses a value of the wrong kind (`KINDS`) and a thread variable above the
-cores, as the command line refuses them."""
+arguments through `checked`, which refuses a value of the wrong kind (`ARGUMENT_KINDS`) and a thread variable
+above the cores, as the command line refuses them."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _int(value: Any) -> bool:
 
 # A kind of argument: what it must be, in the sentence that refuses it, and the test of a value. "?" after a kind's
 # name in `checked` takes None too.
-KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+ARGUMENT_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "text": ("a string", lambda v: isinstance(v, str)),
     "name": ("a string that is not empty", lambda v: isinstance(v, str) and v.strip() != ""),
     "texts": ("a list of strings", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
@@ -119,7 +119,7 @@ def checked(**kinds: str) -> Callable[[F], F]:
     """The public function or method it decorates refuses, in one sentence naming the argument, a value not of its
     kind (`name="path?"`: a path or None), and a thread variable above the cores (`env_threads`), before it runs."""
     for kind in kinds.values():
-        assert kind.rstrip("?") in KINDS, kind
+        assert kind.rstrip("?") in ARGUMENT_KINDS, kind
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func)
@@ -137,7 +137,7 @@ def checked(**kinds: str) -> Callable[[F], F]:
                     given[name] = list(given[name])  # read once: checked, then passed on
             for name, kind in kinds.items():
                 if name in given and not (kind.endswith("?") and given[name] is None):
-                    what, test = KINDS[kind.rstrip("?")]
+                    what, test = ARGUMENT_KINDS[kind.rstrip("?")]
                     if not test(given[name]):
                         raise UserError(f"{name} is {shown(given[name])}; it must be {what}"
                                         f"{' or None' if kind.endswith('?') else ''}.")

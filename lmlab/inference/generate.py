@@ -281,7 +281,7 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
 
 
-def prompt_chars(run: LoadedRun) -> int | None:
+def max_prompt_chars(run: LoadedRun) -> int | None:
     """The most characters a prompt can have and still fit the run's context, whatever its tokens
     (`Tokenizer.most_chars` of block_size; None: no bound). A longer prompt is refused (or, put in a prompt format
     that keeps its end, cut) before it is tokenized: only its last block_size tokens would be read, and tokenizing
@@ -290,8 +290,8 @@ def prompt_chars(run: LoadedRun) -> int | None:
 
 
 def check_prompt_length(run: LoadedRun, text: str, what: str, limit: int | None = None) -> None:
-    """Refuse `text` (`what` names it) when it is longer than `prompt_chars` (or `limit`, that figure if known)."""
-    limit = limit or prompt_chars(run)
+    """Refuse `text` (`what` names it) when it is longer than `max_prompt_chars` (or `limit`, that figure if known)."""
+    limit = limit or max_prompt_chars(run)
     if limit is not None and len(text) > limit:
         raise UserError(f"{what} is {len(text):,} characters, more than the {run.config.model.block_size:,} tokens "
                         f"of {run.run.path}'s context can hold (at most {limit:,} of its tokenizer's characters); "
@@ -379,7 +379,7 @@ def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, inp
     text = fmt.render(instruction, input)
     # Its end is what the model answers from: a prompt longer than the context is cut on the left, in characters
     # first, so that no more of it is tokenized than can be read.
-    return run.tokenizer.encode(text[-(prompt_chars(run) or len(text)):])[-run.config.model.block_size:]
+    return run.tokenizer.encode(text[-(max_prompt_chars(run) or len(text)):])[-run.config.model.block_size:]
 
 
 def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],

@@ -51,7 +51,7 @@ def text(served: Served, most: int) -> dict[str, Any]:
     return schema
 
 
-def prompt_chars(served: Served, tokens: int) -> int:
+def chars_sure_to_fit(served: Served, tokens: int) -> int:
     """The characters that take at most `tokens` tokens whatever they are, beside the special tokens the tokenizer
     adds to any text (a BOS): for a tokenizer of one token a character, the most the server takes."""
     tokenizer = served.run.tokenizer
@@ -92,7 +92,7 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
     vocab, context = served.run.config.model.vocab_size, served.context
     ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}, "minItems": 1,
            "maxItems": context}
-    one = {"anyOf": [text(served, prompt_chars(served, context)), ids]}
+    one = {"anyOf": [text(served, chars_sure_to_fit(served, context)), ids]}
     prompts = {"type": "array", "minItems": 1, "maxItems": served.max_batch, "items": one}
     fields = {**sampling(served, False), "model": {"enum": [None, *names]},
               "prompt": {"anyOf": [one, prompts]}, "logprobs": integer(0, MAX_LOGPROBS["completions"]),

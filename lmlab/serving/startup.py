@@ -34,7 +34,7 @@ from lmlab.inference.compiled import (
     weights_sha256,
 )
 from lmlab.inference.decode import Step
-from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, prompt_chars
+from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, max_prompt_chars
 from lmlab.model.memory import check_decoding
 from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
@@ -140,7 +140,7 @@ class Startup:
         options = self.options
         created = int((folder / "state.json").stat().st_mtime)
         return Served(run, Batcher(batch, options.max_queue, self.state.relay.publish), options.max_tokens_cap,
-                      options.max_batch, options.max_body_bytes, created, prompt_chars(run),
+                      options.max_batch, options.max_body_bytes, created, max_prompt_chars(run),
                       document_start(run.tokenizer))
 
     def _key(self, run: LoadedRun, folder: Path) -> str:

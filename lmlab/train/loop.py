@@ -182,15 +182,15 @@ class Trainer:
         # holds the whole model on its device.
         self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
-        self.step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
+        self.train_step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
                               trial=self.parallel.from_main)
-        if self.step.note:
-            self.console.print(f"[yellow]{self.step.note}[/yellow]")
+        if self.train_step.note:
+            self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
         threads = self.threads.choose(forward_probe(self.model, tc.batch_size, mc.block_size, self.device,
                                                     self.dtype), self.device)
         # A compiled step is built for one thread count (Dynamo guards on it): another would recompile it, a minute
         # on a CPU, so its threads stay as chosen while it runs compiled.
-        self.threads.held = self.step.compiled
+        self.threads.held = self.train_step.compiled
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         return threads
@@ -214,10 +214,10 @@ class Trainer:
         budget = Slot(lambda: self.budget and self.budget.state_dict(), lambda saved: setattr(self, "_saved_plan",
                                                                                                saved))
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
-                              loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.step.scaler),
+                              loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
                               dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
                               budget=budget)
-        self.checkpointer = Checkpointer(self.run_dir, self.model, self.step.optimizer, self.parallel, state,
+        self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
                                          self.writes, tc, self.console)
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0  # of the newest judged step, for the log
@@ -391,7 +391,7 @@ class Trainer:
             stopping = bool(stop.signal)  # a signal during the set-up
             while p.step < schedule.last_step and not p.stopped_early and not stopping:
                 started = time.perf_counter()
-                self._train_step()
+                self._take_step()
                 due = self.cadence.after(p.step, p.tokens, schedule.last_step)
                 # The device runs ahead (the next batch prepared meanwhile) until a point that needs the losses.
                 if due and not self._judge_queued_steps():
@@ -419,16 +419,16 @@ class Trainer:
             raise self.writes.failure(p.step)
         return self._finish(stop.signal)
 
-    def _train_step(self) -> None:
+    def _take_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
         p = self.progress
         self._lr = lr = self.schedule.lr(p.step)
         with self._stop.interruptible():
-            total, norm = self.step(self.parallel.micro_batches(self.loader, self.cfg.train.grad_accum_steps),
+            total, norm = self.train_step(self.parallel.micro_batches(self.loader, self.cfg.train.grad_accum_steps),
                                     self.micro_steps, lr)
         p.step, p.tokens = p.step + 1, p.tokens + self.tokens_per_step
         self._queued.append((p.step, lr, total, norm))
-        if verdict := self.step.decided():  # whether compiling pays on this CPU
+        if verdict := self.train_step.decided():  # whether compiling pays on this CPU
             self.threads.held = verdict.compiled
             self.writes.log(verdict.record(p.step))
             self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
@@ -439,7 +439,7 @@ class Trainer:
         queued, self._queued = self._queued, []
         for step, lr, total, norm in queued:
             loss, grad_norm = total.item(), norm.item()
-            verdict = self.guard.judge(loss, grad_norm, scaled=self.step.scaler.is_enabled())
+            verdict = self.guard.judge(loss, grad_norm, scaled=self.train_step.scaler.is_enabled())
             if verdict in ("skip", "spike"):
                 self.writes.log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             if verdict == "rollback":
@@ -475,7 +475,7 @@ class Trainer:
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         with self._stop.interruptible():
-            train, val = (estimate_loss(self.step.scoring, tokens, self.cfg.model.block_size, tc.batch_size,
+            train, val = (estimate_loss(self.train_step.scoring, tokens, self.cfg.model.block_size, tc.batch_size,
                                         batches, tc.seed + offset, self.device, self.dtype, self.parallel)
                           for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()

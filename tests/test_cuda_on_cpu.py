@@ -27,9 +27,11 @@ from lmlab.inference.generate import stream_ids
 from lmlab.model.gpt import GPT
 from lmlab.model.loss import IGNORE, next_token_loss
 from lmlab.run.rundir import RunDir
-from lmlab.train.distributed import Parallel, cuda_index, mixed_precision
+from lmlab.train.distributed import Parallel, cuda_index
+from lmlab.train.fsdp import mixed_precision
 from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
-from lmlab.train.loop import Trainer, weights_born_in
+from lmlab.train.loop import Trainer
+from lmlab.train.preflight import weights_born_in
 from lmlab.train.step import TrainStep
 from tests.helpers import write_config
 

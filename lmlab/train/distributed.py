@@ -17,37 +17,22 @@ import json
 import os
 import re
 import socket
-import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from lmlab.core.config import ModelConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError, classify
 from lmlab.data.loader import BatchLoader
 from lmlab.model import LanguageModel, build_model
-from lmlab.run.checkpoint import (
-    copy_into,
-    into_place,
-    load_checkpoint,
-    load_state,
-    model_tensors,
-    read_optimizer_state,
-    tied_aliases,
-)
-
-if TYPE_CHECKING:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-# Our GPT returns its logits as a slice of the padded head's output; nothing modifies them in place.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+from lmlab.run.checkpoint import load_checkpoint, model_tensors
+from lmlab.train.fsdp import fill_from_main, gather_full_state, load_sharded, shard
 
 
 def launched_by_torchrun() -> bool:
@@ -96,32 +81,15 @@ class Parallel:
 
     def build(self, config: ModelConfig, parallel: str, device: torch.device, dtype: torch.dtype
               ) -> tuple[LanguageModel, torch.nn.Module]:
-        """The model to train, freshly initialised on `device`, and the module that runs its forward (`wrap`).
-
-        Under FSDP no rank holds the whole model on its device, so a model larger than one GPU trains: it is built on
-        the meta device (a shape), sharded, its shards allocated on `device`, and every rank given rank 0's initial
-        weights, built on rank 0's CPU from the global RNG as one process builds them (so the run starts where a
-        single process would), each rank receiving its shards alone (`broadcast_from_rank0`)."""
+        """The model to train, freshly initialised on `device`, and the module that runs its forward (`wrap`);
+        under FSDP, built sharded (`fsdp.fill_from_main`), so that no rank holds the whole model."""
         if not (self.active and parallel == "fsdp"):
             model = build_model(config).to(device)
             return model, self.wrap(model, parallel, dtype)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         with torch.device("meta"):
             model = build_model(config)
         wrapped = self.wrap(model, parallel, dtype)
-        model.to_empty(device=device)
-        whole = build_model(config) if self.is_main else None  # on rank 0's CPU: host memory, not the GPU's
-        set_model_state_dict(model, whole.state_dict() if whole is not None else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        # Buffers are not sharded, and those a model recomputes rather than saves (rotary tables) are in no state
-        # dict: rank 0's, to every rank.
-        mine = dict(whole.named_buffers()) if whole is not None else {}
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if whole is not None:
-                    buffer.copy_(mine[name])
-                dist.broadcast(buffer, src=0)
+        fill_from_main(model, config, device, self.is_main)
         return model, wrapped
 
     def wrap(self, model: LanguageModel, parallel: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -129,7 +97,7 @@ class Parallel:
         by FSDP2 (`shard`), per train.parallel."""
         if not self.active:
             return model
-        # Imported here: FSDP, DDP and DTensor take ~1 s to import, which a single process need not wait for.
+        # Imported here, as FSDP, DDP and DTensor are slow to import, which a single process need not wait for.
         from torch.nn.parallel import DistributedDataParallel
 
         if parallel == "ddp":
@@ -303,102 +271,21 @@ class Parallel:
         peers = ", ".join(self.where(r) for r in others[:3]) + (f" and {len(others) - 3} more" if others[3:] else "")
         return f"{self.where(self.rank)} lost {peers} ({how})"
 
+
     def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Whole weights and optimizer state_dict for checkpoint.save_checkpoint, on rank 0 (empty elsewhere);
         gathered from the shards under FSDP, which every rank must call together."""
-        if self.mode != "fsdp":
-            return (model_tensors(model), optimizer.state_dict()) if self.is_main else ({}, {})
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        # Whole tensors on rank 0's CPU: the files a single-device run writes, at the cost of rank 0's host memory.
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=full)
-        by_name = get_optimizer_state_dict(model, optimizer, options=full)
-        if not self.is_main:
-            return {}, {}
-        aliases = tied_aliases(model)
-        index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
-        return ({name: t for name, t in weights.items() if name not in aliases},
-                {"state": {index[name]: v for name, v in by_name["state"].items()},
-                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]})
+        if self.mode == "fsdp":
+            return gather_full_state(model, optimizer, self.is_main)
+        return (model_tensors(model), optimizer.state_dict()) if self.is_main else ({}, {})
 
     def load_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
                         ) -> dict[str, Any]:
-        """checkpoint.load_checkpoint, sharding whole tensors under FSDP: any checkpoint loads on any world size.
-
-        The optimizer state is read into host memory and each rank copies its slice of each tensor into the shard it
-        holds (`into_shard`), as one process copies into the tensors it holds: torch's set_optimizer_state_dict
-        would move each whole tensor to the device, shard it anew and swap the new shards in, holding the state
-        twice over on the device while it loads."""
-        if self.mode != "fsdp":
-            return load_checkpoint(folder, model, optimizer)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        state = load_state(folder)
-        weights = load_file(str(folder / "model.safetensors"))
-        weights.update({alias: weights[kept] for alias, kept in tied_aliases(model).items()})
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        if optimizer is not None:
-            optimizer.load_state_dict(into_place(optimizer, read_optimizer_state(folder, state), into_shard))
-        return state
-
-
-def into_shard(param: torch.Tensor, mine: torch.Tensor | None, whole: torch.Tensor) -> torch.Tensor | None:
-    """The placer (checkpoint.Placer) of a sharded optimizer: this rank's slice of `whole`, a saved tensor of a sharded
-    parameter's shape, copied into the shard the optimizer holds for it, made first in the parameter's layout where it
-    holds none yet (a resume's first load), so the device never holds a whole tensor or the state twice. Other
-    tensors (a step count) as one process places them."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if not (isinstance(param, DTensor) and whole.shape == param.shape):
-        return copy_into(param, mine, whole)
-    shard = mine if isinstance(mine, DTensor) else torch.empty_like(param)
-    shape, offset = compute_local_shape_and_global_offset(whole.shape, shard.device_mesh, shard.placements)
-    shard.to_local().copy_(whole[tuple(slice(start, start + size) for start, size in zip(offset, shape))])
-    return shard
-
-
-def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:
-    """Shard `model` in place with FSDP2 so that it computes what one process computes under autocast of `dtype`.
-
-    In fp32, each of its `shard_units`, then the rest. Under bf16, each unit's matmul layers (its nn.Linear modules)
-    are one group, all-gathered in bf16 (`mixed_precision`: half the traffic, and the very values autocast would
-    cast them to); the rest (embeddings, the head, the norms) goes with the root in fp32, which autocast casts as it
-    casts a single process's: FSDP's bf16 policy over whole blocks would also round the norms' gains and, casting
-    each block's input, the residual stream to bf16, which autocast keeps in fp32."""
-    from torch.distributed.fsdp import fully_shard
-
-    for unit in model.shard_units():
-        matmuls = [m for m in unit.modules() if isinstance(m, torch.nn.Linear)]
-        if dtype == torch.bfloat16 and matmuls:
-            fully_shard(matmuls, mp_policy=mixed_precision(dtype))
-        else:
-            fully_shard(unit)
-    return fully_shard(model)
-
-
-def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """FSDP2's precision for the matmul layers of a run of autocast `dtype` (see `shard`). Under bf16 they are
-    all-gathered in bf16 and their gradients reduced in fp32, while the sharded master weights and the optimizer stay
-    fp32; their inputs are left to autocast, which casts them at the matmul (FSDP would cast the residual stream).
-    Otherwise everything stays fp32 and FSDP computes what one process computes."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    if dtype == torch.bfloat16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    return MixedPrecisionPolicy()
-
-
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the order an optimizer state_dict numbers them (group by group)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        """checkpoint.load_checkpoint, sharding whole tensors under FSDP: any checkpoint loads on any world size."""
+        if self.mode == "fsdp":
+            return load_sharded(folder, model, optimizer)
+        return load_checkpoint(folder, model, optimizer)
 
 
 def from_env() -> Parallel:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from lmlab.core.errors import Stopped, UserError
+from lmlab.core.errors import PeerLost, Stopped, UserError
 from lmlab.core.fileio import WriteError
 
 if TYPE_CHECKING:  # a closed output asks for a stop (`stop_for_closed_output`) without loading torch
@@ -206,3 +206,16 @@ def stop_for_closed_output() -> bool:
         return False
     _IN_FORCE[-1].request("SIGPIPE")
     return True
+
+
+def peer_lost(said: str, run_dir: RunDir, step: int | None) -> PeerLost:
+    """The sentence a job ends with when a collective failed because another process died or stopped answering
+    (`said`: who was lost), and how to continue."""
+    saved = run_dir.step_folders()
+    when = f"after step {step}" if step else "during start-up"
+    again = (f"its newest checkpoint ({saved[-1].name}) is whole: once every host is up and reaches the others, "
+             f"run `lmlab train --resume {run_dir.path}` on each under the same torchrun command "
+             "(with --max-restarts, torchrun continues on its own when the host joins again)" if saved else
+             "no checkpoint was written yet: once every host is up and reaches the others, run the same command "
+             "on each again")
+    return PeerLost(f"{said} {when}; {again}.")

@@ -82,7 +82,7 @@ class Trainer:
         self.started, self.sizing = time.perf_counter() if started is None else started, sizing
         self.run_dir = RunDir(run_dir)
         job = from_env()
-        job.local_steps(cfg.train.grad_accum_steps)  # checked before the job's processes connect to each other
+        job.local_steps(cfg.train.grad_accum_steps)
         # Made before the set-up, whose load tells a quiet machine.
         self.threads = threads or ThreadChooser(cfg.train.threads, "train.threads",
                                                 fixed="torchrun" if job.world_size > 1 else None)
@@ -126,17 +126,17 @@ class Trainer:
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         self.console = console or Console()
         if not self.parallel.is_main:
-            self.console.quiet = True  # one voice for the whole job (the CLI's console too)
+            self.console.quiet = True
         tc, mc = self.cfg.train, self.cfg.model
         if cfg.train.warmup_epochs:
             self.console.print(f"warmup: {cfg.train.warmup_epochs:g} passes over the train split, {tc.warmup_iters:,} "
                                "steps", highlight=False)
         torch.manual_seed(tc.seed)
         configure(self.device)
-        born = weights_born_in(self.run_dir, init_from) if self.device.type == "cuda" else None  # (a GPU's concern)
+        born = weights_born_in(self.run_dir, init_from) if self.device.type == "cuda" else None
         self.dtype, self.dtype_reason, self.peak = measure_hardware(self.parallel, self.device, tc.dtype, born,
                                                                     self.console)
-        self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
+        self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)
         with self.console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
             self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
             self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
@@ -181,9 +181,9 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
                                          self.writes, tc, self.console)
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
-        self._grad_norm = 0.0  # of the newest judged step, for the log
-        self._lr = 0.0  # of the newest step, for the log
-        self._stop = StopOnSignal()  # what a stop signal may interrupt: installed while the loop runs
+        self._grad_norm = 0.0
+        self._lr = 0.0
+        self._stop = StopOnSignal()  # installed while the loop runs
 
     @property
     def budget(self) -> Budget | None:
@@ -202,7 +202,7 @@ class Trainer:
         self.schedule.budget = Budget(made, self.cadence.intervals, lag=self.parallel.lag)
 
     def _begin(self, resuming: bool, force: bool, init_from: str | None, keep_optimizer: bool) -> None:
-        begun()  # a stop signal from here on stops the run after a step, checkpointed
+        begun()
         if resuming:
             self._resume(force)
         else:
@@ -280,14 +280,14 @@ class Trainer:
             self.console.print(self.budget.describe(self.cfg.train), highlight=False)
         with progress_bar(self.console) as bar, self._stop as stop:
             task = bar.add_task("train", total=schedule.last_step, completed=p.step, info="")
-            stopping = bool(stop.signal)  # a signal during the set-up
+            stopping = bool(stop.signal)
             while p.step < schedule.last_step and not p.stopped_early and not stopping:
                 started = time.perf_counter()
                 self._take_step()
                 due = self.cadence.after(p.step, p.tokens, schedule.last_step)
                 # The device runs ahead (the next batch prepared meanwhile) until a point that needs the losses.
                 if due and not self._judge_queued_steps():
-                    continue  # rolled back
+                    continue
                 seconds = time.perf_counter() - started
                 self.throughput.add(seconds)
                 if due.log:
@@ -334,7 +334,7 @@ class Trainer:
             if verdict in ("skip", "spike"):
                 self.writes.log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             if verdict == "rollback":
-                self.checkpointer.rollback(step, self.guard.lr_scale)  # the steps queued after it are undone too
+                self.checkpointer.rollback(step, self.guard.lr_scale)
                 return False
             if verdict != "skip":  # a non-finite loss would poison the means
                 self.means.add(loss)
@@ -361,7 +361,7 @@ class Trainer:
 
     def _evaluate(self) -> tuple[float, float]:
         tc = self.cfg.train
-        batches = self.budget.plan.eval_iters if self.budget else tc.eval_iters  # a budget fits them to it
+        batches = self.budget.plan.eval_iters if self.budget else tc.eval_iters
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         with self._stop.interruptible():
@@ -383,7 +383,7 @@ class Trainer:
                          "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
                          "train_eval_loss": train_eval, "val_loss": val, "best_val_loss": p.best_val_loss,
                          "is_best": is_best, "seconds": round(seconds, 3)})
-        self.writes(plot_losses, self.run_dir)  # kept current, so a long run can be watched while it goes
+        self.writes(plot_losses, self.run_dir)  # kept current, so a long run can be watched
         mark = " | [bold green]best![/bold green]" if is_best else ""
         # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
         when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self._epoch():.2f}"
@@ -402,7 +402,7 @@ class Trainer:
         wrong = self.peak and computed and self.peak.wrong(computed)
         if wrong:
             self.console.print(wrong, style="yellow", highlight=False)
-            self.peak = None  # no MFU for the rest of the run
+            self.peak = None
         mfu = None if computed is None or self.peak is None else self.peak.mfu(computed)
         self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
                          "lr": lr, "grad_norm": self._grad_norm,

@@ -27,12 +27,12 @@ class RunSummary:
     path: Path
     status: str  # finished | stopped early | stopped (SIGTERM) | running | crashed | half-written | not a run
     params: int | None = None  # of the real vocabulary
-    padding: int = 0  # weights of vocabulary padding rows, not counted in params
+    padding: int = 0
     dataset: str | None = None
     tokenizer: str | None = None
     model: str | None = None  # e.g. "gpt 4L/256 rope"
     architecture: str | None = None
-    shape: str | None = None  # layers/width, e.g. "4L/256"
+    shape: str | None = None
     flops_per_token: float | None = None
     device: str | None = None
     steps: int = 0
@@ -45,17 +45,17 @@ class RunSummary:
     split_tokens: int | None = None  # the train split's tokens (its unique tokens), of a trained run
     token_bytes: dict[str, float] = field(default_factory=dict)  # UTF-8 bytes per token of each split: bits per byte
     data_sha256: str | None = None  # of the val split: runs with the same one were scored on the same text
-    kind: str | None = None  # trained | fine-tuned | imported
+    kind: str | None = None
     scored_on: str | None = None  # what its val loss is of: the val split (its sha256), a fine-tune's held-out records
     evaluation: dict[str, Any] | None = None  # the kept `lmlab eval` of the checkpoint's weights (perplexity, accuracy)
-    still_falling: bool | None = None  # the last eval was the best one
-    predicted_val: float | None = None  # what `--size auto` predicted it would reach (its `sizing` event)
+    still_falling: bool | None = None
+    predicted_val: float | None = None
     tokens_per_sec: float | None = None
     mfu: float | None = None
     checkpoint: str = "best"  # the checkpoint whose kept task and judge scores `tasks` and `judge` are
     val_from: str = "training"  # where best_val_loss is from: the run's evaluations as it trained, or `lmlab eval`
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> its kept result (eval --task)
-    judge: dict[str, Any] | None = None  # the judge's summary of the checkpoint's answers (lmlab judge)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # kept results of `eval --task`
+    judge: dict[str, Any] | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
     trains: list[dict[str, Any]] = field(default_factory=list)
 
@@ -108,7 +108,7 @@ def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
     summary.model, summary.flops_per_token = start.get("model"), start.get("flops_per_token")
     try:
         config = run.config().model
-        with torch.device("meta"):  # the shape alone, nothing allocated
+        with torch.device("meta"):
             model = build_model(config)
     except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
         return
@@ -251,7 +251,7 @@ def _training(s: RunSummary, base: RunSummary) -> dict[str, Any]:
     elsewhere."""
     known = s.kind != "imported"
     tokens, flops, elapsed = (s.tokens, s.flops, s.elapsed) if known else (None, None, None)
-    trained = base.kind != "imported"  # else no ratio to its figures
+    trained = base.kind != "imported"
     return {"tokens": tokens, "tokens_ratio": _ratio(tokens, base.tokens) if trained else None, "flops": flops,
             "flops_ratio": _ratio(flops, base.flops) if trained else None, "elapsed": elapsed,
             "elapsed_ratio": _ratio(elapsed, base.elapsed) if trained else None,
@@ -294,7 +294,7 @@ class Column:
     header: str
     priority: int
     cell: Callable[[Any], str]  # a row (a dict of figures, or an object) -> its text
-    left: bool = False  # text (left-aligned) rather than a figure
+    left: bool = False
 
 
 def _times(value: float | None) -> str:

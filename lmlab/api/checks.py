@@ -1,7 +1,6 @@
-"""The API's own checks of arguments that the command line's parser checks for the commands: a bad value is one
-sentence naming the argument (`lmlab.UserError`), before anything loads. Every public function and method takes its
-arguments through `checked`, which refuses a value of the wrong kind (`ARGUMENT_KINDS`) and a thread variable
-above the cores, as the command line refuses them."""
+"""The API's own checks of arguments, as the command line's parser checks them for the commands: every public function
+and method takes its arguments through `checked`, which refuses a value of the wrong kind (`ARGUMENT_KINDS`) and a
+thread variable above the cores in one sentence naming the argument, before anything loads."""
 
 from __future__ import annotations
 
@@ -40,17 +39,15 @@ def number(name: str, value: Any) -> Any:
 
 
 def whole(name: str, value: Any, low: int = 1) -> int:
-    """`value`, refused unless it is a whole number from `low` to 2**53 (what the command line's `count` type
-    takes)."""
+    """`value`, refused unless it is a whole number from `low` to 2**53 (the command line's `count` type)."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_COUNT:
         raise UserError(f"{name} is {shown(value)}; it must be a whole number from {low} to 2**53.")
     return value
 
 
 def sampling_params(settings: dict[str, Any]) -> SamplingParams:
-    """SamplingParams of the keyword arguments a sampling method was given: their types checked here, their ranges
-    by SamplingParams in the sentences the command line's values get; an unknown name is refused with the names
-    there are."""
+    """SamplingParams of the keyword arguments a sampling method was given: types checked here, ranges by
+    SamplingParams; an unknown name is refused with the names there are."""
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
     unknown = sorted(set(settings) - set(names))
     if unknown:
@@ -67,14 +64,12 @@ def sampling_params(settings: dict[str, Any]) -> SamplingParams:
 
 
 def _path(value: Any) -> bool:
-    """A path as the commands take one: a str or os.PathLike (a Dataset, a pathlib.Path), not empty ("" would be
-    the current folder: `train(run="")` trained into runs/NAME)."""
+    """A path as the commands take one: a str or os.PathLike, not empty ("" would be the current folder)."""
     return isinstance(value, (str, os.PathLike)) and os.fspath(value) not in ("", b"")
 
 
 def _run(value: Any) -> bool:
-    """A run's path, or an lmlab.Run: looked up, not imported (lmlab.api.run imports this module); where it is not
-    loaded, no Run exists to be given."""
+    """A run's path, or an lmlab.Run (looked up, not imported: lmlab.api.run imports this module)."""
     module = sys.modules.get("lmlab.api.run")
     return _path(value) or (module is not None and isinstance(value, module.Run))
 

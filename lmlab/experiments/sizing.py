@@ -47,15 +47,15 @@ class Candidate:
     why it was not."""
 
     depth: int
-    shape: str  # e.g. "3 layers of 192, 3 heads"
+    shape: str
     width: int
     params: int
     flops_per_token: float
     tokens_per_step: int
     timing: Timing | None = None
-    steps: int = 0  # that fit the budget
-    eval_iters: int = 0  # batches a split its evaluations would score
-    predicted: float | None = None  # the val loss the fit predicts after its tokens
+    steps: int = 0
+    eval_iters: int = 0
+    predicted: float | None = None
     note: str = ""  # why it was not timed or not predicted
     plan: Plan | None = None  # as a budget would plan it, and the steps between its evaluations, checkpoints
     intervals: tuple[int, int] = (1, 1)
@@ -98,7 +98,7 @@ class Sizing:
     candidates: list[Candidate]
     chosen: Candidate
     config: RunConfig
-    fit: str  # the fit file
+    fit: str
     threads: Choice
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
     notes: tuple[str, ...] = ()  # what to know of the fit before trusting its predictions (`fit_notes`)
@@ -151,7 +151,7 @@ class Search:
         self.family, self.fit, self.budget, self.started = family, fit, budget, started
         self.device, self.dtype, self.counts, self.split_tokens = device, dtype, counts, split_tokens
         self.candidates: list[Candidate] = []
-        self.timed = 0.0  # seconds spent timing candidates
+        self.timed = 0.0
 
     def spent(self) -> float:
         return time.perf_counter() - self.started + SET_UP

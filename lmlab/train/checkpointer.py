@@ -1,6 +1,5 @@
-"""A trained run's checkpoints (`Checkpointer`): a new run begun, from scratch or another run's weights; a run
-resumed from its newest checkpoint that verifies; checkpoints saved, with what retention will delete said; and the
-rollback after a streak of bad steps."""
+"""A trained run's checkpoints (`Checkpointer`): a new run begun, a run resumed from its newest checkpoint that
+verifies, checkpoints saved, and the rollback after a streak of bad steps."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ from lmlab.train.stop import Writes
 
 
 def check_resumable(run: RunDir, dataset: str) -> None:
-    """Only a trained run has a training state to continue, and only on a dataset that is here (`dataset`, what the
-    run's config names, --set included)."""
+    """Only a trained run has a training state to continue, and only on a dataset that is here."""
     kind = run.kind()
     if kind == "fine-tuned":
         go_on = (f"continue it with the fine-tuning command that made it: `{run.resume_command()}`" if run.unfinished()

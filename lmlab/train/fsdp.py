@@ -1,7 +1,6 @@
-"""FSDP2 for `Parallel`: the model sharded so that it computes what one process computes under autocast, rank 0's
-initial weights given to every rank's shards, and checkpoints gathered whole and loaded back into shards, so any
-checkpoint loads on any world size. torch's FSDP modules are imported inside the functions: a single process never
-loads them."""
+"""FSDP2 for `Parallel`: the model sharded to compute what one process computes under autocast, rank 0's initial weights
+given to every rank's shards, and checkpoints gathered whole and loaded back into shards (any checkpoint loads on any
+world size). torch's FSDP modules are imported inside the functions: a single process never loads them."""
 
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 
 def fill_from_main(model: torch.nn.Module, config: ModelConfig, device: torch.device, is_main: bool) -> None:
     """Allocate the shards of `model` (sharded on the meta device) on `device` and give every rank rank 0's initial
-    weights, built on rank 0's CPU from the global RNG as one process builds them, each rank receiving its shards
-    alone (`broadcast_from_rank0`)."""
+    weights, built on rank 0's CPU as one process builds them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     model.to_empty(device=device)
@@ -46,8 +44,8 @@ def fill_from_main(model: torch.nn.Module, config: ModelConfig, device: torch.de
 
 def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, is_main: bool
                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Whole weights and optimizer state_dict gathered from the shards, on rank 0's CPU (empty elsewhere): the files a
-    single-device run writes. Every rank must call it together."""
+    """Whole weights and optimizer state_dict gathered from the shards, on rank 0's CPU (empty elsewhere). Every rank
+    must call it together."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -82,10 +80,9 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
 
 
 def into_shard(param: torch.Tensor, mine: torch.Tensor | None, whole: torch.Tensor) -> torch.Tensor | None:
-    """The placer (checkpoint.Placer) of a sharded optimizer: this rank's slice of `whole`, a saved tensor of a sharded
-    parameter's shape, copied into the shard the optimizer holds for it, made first in the parameter's layout where it
-    holds none yet (a resume's first load), so the device never holds a whole tensor or the state twice. Other
-    tensors (a step count) as one process places them."""
+    """The placer (checkpoint.Placer) of a sharded optimizer: this rank's slice of `whole`, copied into the shard the
+    optimizer holds for it (made first where it holds none yet), so the device never holds a whole tensor. Other tensors
+    (a step count) as one process places them."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -117,10 +114,8 @@ def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """FSDP2's precision for the matmul layers of a run of autocast `dtype` (see `shard`). Under bf16 they are
-    all-gathered in bf16 and their gradients reduced in fp32, while the sharded master weights and the optimizer stay
-    fp32; their inputs are left to autocast, which casts them at the matmul (FSDP would cast the residual stream).
-    Otherwise everything stays fp32 and FSDP computes what one process computes."""
+    """FSDP2's precision for the matmul layers of a run of autocast `dtype` (see `shard`): under bf16, all-gathered in
+    bf16 and their gradients reduced in fp32, inputs left to autocast; otherwise everything fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if dtype == torch.bfloat16:
@@ -129,6 +124,5 @@ def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
 
 
 def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the order an optimizer state_dict numbers them (group by group)."""
     names = {id(p): name for name, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]

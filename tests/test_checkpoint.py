@@ -157,7 +157,7 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
     t = trainer(tmp_path, char_dataset, ["train.max_iters=90"])
     counts = np.bincount(t.train_tokens, minlength=t.cfg.model.vocab_size)
     rarest = int(np.where(counts > 0, counts, counts.max() + 1).argmin())
-    clean_next, clean_forward = t.loader.next, t.step.forward
+    clean_next, clean_forward = t.loader.next, t.train_step.forward
     batches = []
 
     def poisoned_next():
@@ -171,7 +171,7 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
         logits, loss = clean_forward(x, y)
         return logits, loss * float("nan") if t.progress.step == 40 else loss
 
-    t.loader.next, t.step.forward = poisoned_next, nan_forward
+    t.loader.next, t.train_step.forward = poisoned_next, nan_forward
     result = t.run()
     events = RunDir(result.run_dir).events()
     kinds = [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "spike", "rollback")]

@@ -80,7 +80,7 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
 @pytest.mark.slow
 def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, capsys):
     t = Trainer(load_config(write(tmp_path / "cv.toml", wikitext_dataset, max_iters=20)), tmp_path / "guarded", "cpu")
-    clean_forward, poisoned = t.step.forward, []
+    clean_forward, poisoned = t.train_step.forward, []
 
     def nan_forward(x, y):  # three non-finite training steps in a row, once: skipped, then rolled back
         logits, loss = clean_forward(x, y)
@@ -89,7 +89,7 @@ def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, 
             loss = loss * float("nan")
         return logits, loss
 
-    t.step.forward = nan_forward
+    t.train_step.forward = nan_forward
     events = RunDir(t.run().run_dir).events()
     assert [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "rollback")] == \
         [("skip", 15), ("skip", 16), ("rollback", 17)]

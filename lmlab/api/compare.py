@@ -1,6 +1,5 @@
-"""`lmlab.compare`: runs side by side against the first, as `lmlab compare` prints them (the command calls it): a
-table that renders in a notebook (HTML) and in a terminal (fitted to its width), its figures as records or a pandas
-DataFrame, and their loss curves overlaid."""
+"""`lmlab.compare`: runs side by side against the first, as `lmlab compare` prints them: a table that renders in a
+notebook and a terminal, its figures as records or a pandas DataFrame, and their loss curves overlaid."""
 
 from __future__ import annotations
 

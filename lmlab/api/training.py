@@ -57,18 +57,15 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
           init_from: str | None = None, keep_optimizer: bool = False, force: bool = False, set: Sequence[str] = (),
           console: Console | None = None, started: float | None = None, size: str | int | None = None,
           **overrides: Any) -> Run:
-    """Train a run and return it, as `lmlab train` does: from `config` (a TOML preset, or a RunConfig such as
-    another run's `.config`) into `run` (default: runs/<config name>), or continuing the run `resume` from its
-    newest checkpoint. `overrides` set config keys by name (`max_iters=300`, `n_layer=4`, `dataset="data/x"`);
-    `set` takes them as the command line does (`["train.max_iters=300"]`). `budget` ("30s", "5m", "2h" or
-    seconds) ends the run, start-up and evaluations included, after that long, counted from `started` (a
-    time.perf_counter() reading; default: this call). `init_from` ("RUN" or "RUN:CHECKPOINT") starts from
-    another run's weights (with its optimizer state too when `keep_optimizer`); `force` resumes although the
-    dataset's content changed. `size` sizes the model to the budget: "auto" is the depth of the preset's family
-    that the fit kept beside it predicts trains to the lowest val loss in `budget` on this machine now (its
-    candidates timed first, within the budget), a number that depth (`lmlab.experiments.sizing`). A stop signal
-    (Ctrl-C; Kernel > Interrupt in a notebook) ends the run after the current step with a checkpoint:
-    `train(resume=run)` continues it exactly. The returned Run's `result` says how it ended."""
+    """Train a run and return it, as `lmlab train` does: from `config` (a TOML preset, or a RunConfig) into `run`
+    (default: runs/<config name>), or continuing the run `resume` from its newest checkpoint. `overrides` set config
+    keys by name (`max_iters=300`); `set` takes them as the command line does (`["train.max_iters=300"]`). `budget`
+    ("30s", "5m", "2h" or seconds) ends the run, start-up included, after that long, counted from `started` (a
+    time.perf_counter() reading; default: this call). `init_from` ("RUN" or "RUN:CHECKPOINT") starts from another run's
+    weights (with its optimizer state when `keep_optimizer`); `force` resumes although the dataset's content changed.
+    `size` is "auto" (the depth of the preset's family predicted to train to the lowest val loss in `budget` here) or a
+    depth. A stop signal ends the run after the current step with a checkpoint: `train(resume=run)` continues it
+    exactly. The returned Run's `result` says how it ended."""
     window = LoadMeter().start()  # the load while PyTorch loads: what a sizing's thread counts are told by
     started = time.perf_counter() if started is None else started
     out = console or console_here()
@@ -126,9 +123,8 @@ def _size(size: str | int | None, config: str | Path | RunConfig | None, resume:
 
 def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, window: Any,
            out: Console, setup: StopOnSignal) -> tuple[RunConfig, Any, Any]:
-    """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose
-    (with the `Sizing` that chose it, its timing and event, and the thread chooser that timing decided); a stop
-    signal ends the timing."""
+    """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose (with
+    its `Sizing`, timing and thread chooser); a stop signal ends the timing."""
     import torch
 
     from lmlab.core.threads import ThreadChooser
@@ -155,8 +151,8 @@ SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_h
 
 
 def check_shape_kept(size: str | int, settings: Sequence[str]) -> None:
-    """Refuse `--set` of the shape beside `--size`, which sets it from the preset's family (`lmlab train`; `lmlab
-    plan --size` is to call it too): one or the other would be overridden without a word."""
+    """Refuse `--set` of the shape beside `--size`, which sets it from the preset's family: one or the other would be
+    overridden without a word."""
     shaped = [item.partition("=")[0].strip() for item in settings
               if item.partition("=")[0].replace(" ", "") in SHAPE_SETTINGS]
     if shaped:
@@ -166,8 +162,8 @@ def check_shape_kept(size: str | int, settings: Sequence[str]) -> None:
 
 
 def _give_up(signal_name: str) -> None:
-    """The end of a process whose set-up (its sizing above all) is stuck in one long call after a stop signal and
-    its grace (called from a timer's thread): nothing of the run is written yet, so nothing is left half-written."""
+    """End a process whose set-up is stuck in one long call after a stop signal and its grace (called from a timer's
+    thread): nothing of the run is written yet."""
     print(f"stopped by {signal_name} while it set up: nothing was written (cut off inside a call that cannot be "
           "interrupted)", file=sys.stderr, flush=True)
     os._exit(130)
@@ -213,8 +209,8 @@ def _settings(overrides: dict[str, Any]) -> list[str]:
 
 
 def _say_starting(run_dir: Path, config: str | Path | RunConfig | None, cfg: RunConfig | None, out: Console) -> None:
-    """The first line, at once: what is trained, before the seconds that PyTorch, the data's checks and the model
-    take (once per torchrun job: its first process)."""
+    """The first line, at once: what is trained, before the seconds that PyTorch, the data's checks and the model take
+    (once per torchrun job)."""
     if os.environ.get("RANK", "0") != "0":
         return
     if cfg is None:
@@ -239,8 +235,7 @@ def _describe(trainer: Trainer, out: Console) -> None:
 
 
 def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
-    """How the run ended and what to do next. A notebook is told how to continue in Python, elsewhere with the
-    command (which a Python script may run too)."""
+    """How the run ended and what to do next (in a notebook, how to continue in Python)."""
     from lmlab.train.stop import STOP_GRACE
 
     go_on = (f'lmlab.train(resume="{result.run_dir}")' if out.is_jupyter else

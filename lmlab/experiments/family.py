@@ -157,8 +157,8 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "held_out[].depth": (1, MAX_DEPTH, True), "held_out[].val": (0.0, 100.0, False),
     "held_out[].predicted": (0.0, 100.0, False),
 }
-KINDS = {"preset": str, "preset_sha256": str, "dataset": dict, "runs": list, "lr_search": list, "measured": dict,
-         "held_out": list}  # what each other part of a fit file is
+FIT_FILE_TYPES = {"preset": str, "preset_sha256": str, "dataset": dict, "runs": list, "lr_search": list,
+                  "measured": dict, "held_out": list}  # what each other part of a fit file is
 MEASURED = {"when": str, "machine": dict, "seconds": float, "refit_seconds": float, "load": dict, "command": str}
 _KIND_NAMES = {str: "a string", dict: "an object", list: "a list", float: "a number"}
 
@@ -171,7 +171,7 @@ def _wrong_kind(raw: dict[str, Any]) -> str | None:
 
     given = raw.get("measured")
     measured: dict[str, Any] = given if isinstance(given, dict) else {}
-    wrong: list[tuple[str, type]] = [(k, t) for k, t in KINDS.items() if k in raw and not of(raw[k], t)]
+    wrong: list[tuple[str, type]] = [(k, t) for k, t in FIT_FILE_TYPES.items() if k in raw and not of(raw[k], t)]
     wrong += [(f"measured.{k}", t) for k, t in MEASURED.items() if measured.get(k) is not None
               and not of(measured[k], t)]
     return f"its {wrong[0][0]} is not {_KIND_NAMES[wrong[0][1]]}" if wrong else None

@@ -1,8 +1,6 @@
-"""Instruction fine-tuning on Alpaca-format records: the loss on the response and its end marker only, a held-out
-split scored each epoch (the best epoch is `best`), the prompt format kept in RUN/prompt.json so that sampling and
-serving ask the model as it was taught. The same command again continues an unfinished fine-tune from its newest
-checkpoint, which holds its place in the epoch, to the weights an uninterrupted one reaches; another is refused.
-"""
+"""Instruction fine-tuning on Alpaca-format records: the loss on the response and its end marker only, a held-out split
+scored each epoch (the best epoch is `best`), the prompt format kept in RUN/prompt.json. The same command again
+continues an unfinished fine-tune from its newest checkpoint to the weights an uninterrupted one reaches."""
 
 from __future__ import annotations
 
@@ -148,7 +146,6 @@ class _Finetuner:
         return loss
 
     def threads_changed(self, choice: Choice) -> None:
-        """Say and log threads lowered at the start, or changed by a look at the load as the fine-tune goes."""
         self.run.log(choice.record(self.step))
         self.console.print(f"step {self.step}: fine-tuning on {choice.describe('finetune.threads')}", highlight=False,
                            style="yellow" if choice.lowered else "default")
@@ -163,7 +160,6 @@ class _Finetuner:
         self.saved_step = self.step
 
     def restore(self, folder: Path) -> None:
-        """Continue from a checkpoint of this fine-tune: weights, optimizer, position, RNG state."""
         training = self.run.read_checkpoint(folder, self.model, self.train_step.optimizer)["training"]
         if not isinstance(training, dict) or "position" not in training:
             raise UserError(f"{folder} was written by a version of lmlab whose fine-tunes do not resume; fine-tune "
@@ -212,14 +208,12 @@ def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "a
     continue an unfinished fine-tune there made by the same command."""
     if not ft.data:
         raise UserError("fine-tuning needs records: pass --data FILE.json or set finetune.data.")
-    # Made before the set-up, whose load tells a quiet machine, and from every core, not what an earlier job of this
-    # process chose. A step's last bits depend on the count: a fine-tune continued in another process is bitwise the
-    # same on the same threads, which finetune.threads fixes.
+    # Chosen before the set-up, whose load tells a quiet machine; a step's last bits depend on the count, which
+    # finetune.threads fixes.
     before = torch.get_num_threads()  # given back at the end: a caller's process keeps its own threads
     threads = ThreadChooser(ft.threads, "finetune.threads")
     try:
-        # A stop signal (or a reader gone) during the set-up: before the run is begun it ends at once, nothing
-        # written; after, the fine-tune stops after its first step, with its checkpoint and its end.
+        # A stop during the set-up ends it at once, nothing written; after `begun`, after the first step.
         with StopOnSignal(setting_up=True), RunDir(run_dir).locked() as run:  # one writer: a second one is refused
             return _finetune(base_dir, run, ft, device, console or Console(), threads)
     finally:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from lmlab.core.errors import Stopped, UserError
+from lmlab.core.errors import PeerLost, Stopped, UserError
 from lmlab.core.fileio import WriteError
 
 if TYPE_CHECKING:  # a closed output asks for a stop (`stop_for_closed_output`) without loading torch
@@ -20,9 +20,9 @@ if TYPE_CHECKING:  # a closed output asks for a stop (`stop_for_closed_output`) 
 
 
 class Writes:
-    """A run's writes, by rank 0 alone: a failed one (a full disk) is kept, ends the run like a stop signal after
-    the step, keeping the newest checkpoint, and nothing more is written meanwhile (`failure` says what happened).
-    `log` writes an event to metrics.jsonl and to the tracker, once it has one."""
+    """A run's writes, by rank 0 alone: a failed one (a full disk) is kept and ends the run like a stop signal after the
+    step, keeping the newest checkpoint; nothing more is written meanwhile. `log` writes an event to metrics.jsonl and
+    to the tracker."""
 
     def __init__(self, run_dir: RunDir, is_main: bool):
         self.run_dir, self.is_main = run_dir, is_main
@@ -42,7 +42,7 @@ class Writes:
             self(tracker.log, event)
 
     def failure(self, step: int) -> UserError:
-        """The sentence a run ends with when rank 0 could not write at `step` (on the other ranks, `error` is None)."""
+        """The sentence a run ends with when rank 0 could not write at `step`."""
         err, saved, run = self.error, self.run_dir.step_folders(), self.run_dir.path
         if err is None:
             return UserError("rank 0 could not write the run; its message says why.")
@@ -57,8 +57,8 @@ STOP_GRACE = 3.0  # seconds a step may still run after a stop signal before it i
 
 
 class StepAbandoned(Exception):
-    """A step (or an evaluation) still running STOP_GRACE seconds after a stop signal, given up part-way: nothing
-    of it may be saved, and the run ends with its newest checkpoint as it is."""
+    """A step (or an evaluation) still running STOP_GRACE seconds after a stop signal, given up part-way: nothing of it
+    may be saved."""
 
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
@@ -66,19 +66,14 @@ class StepAbandoned(Exception):
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a step still running
-    STOP_GRACE seconds later is abandoned (StepAbandoned is raised inside it: only code run in `interruptible()`
-    can be, never a checkpoint's write), so a run ends within seconds whatever its steps cost; a second signal
-    aborts at once. An output whose reader has gone (`lmlab train ... | head`) is a stop like SIGTERM, named
-    SIGPIPE, asked for by `stop_for_closed_output`: no handler of SIGPIPE itself, which Python ignores so that
-    every other pipe or socket (a tracker's, a peer rank's) reports its own broken write where it happens.
+    """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a step still running STOP_GRACE
+    seconds later is abandoned (StepAbandoned is raised inside it, only in `interruptible()`, never in a checkpoint's
+    write); a second signal aborts at once. An output whose reader has gone is a stop named SIGPIPE
+    (`stop_for_closed_output`).
 
-    A stop `setting_up` a run (the API's, from its first line) ends it at once, nothing written (`not_begun`), until
-    `begun()` says its run is begun; from then on a signal is kept, and a stop entered inside one asked to stop is
-    asked too: the run stops before its first step, with its checkpoint and its end. `stuck`, where given, is
-    called (from a timer's thread) with the signal's name when an interruptible stretch, or a set-up, still runs
-    twice the grace after the signal: one long call into C or C++ (an attention over a huge context, a collective
-    waiting on a peer) lets no Python code run until it returns, so only the process's end stops it."""
+    A stop `setting_up` a run ends it at once, nothing written, until `begun()`; from then on a signal stops the run
+    after a step. `stuck`, where given, is called (from a timer's thread) with the signal's name when a stretch still
+    runs twice the grace after the signal: a long call into C lets no Python code run until it returns."""
 
     def __init__(self, grace: float = STOP_GRACE, stuck: Callable[[str], None] | None = None,
                  setting_up: bool = False) -> None:
@@ -103,7 +98,6 @@ class StopOnSignal:
         self.request(signal.Signals(signum).name)
 
     def request(self, name: str) -> None:
-        """Stop after the current step, as a first stop signal does."""
         if not self.signal:
             self.signal = name
             if self._region:
@@ -118,8 +112,8 @@ class StopOnSignal:
         _later(self.grace, overdue)
 
     def _watch(self) -> None:
-        """Hear each stop signal as it arrives (the byte Python's C handler writes to the wake-up fd), not when the
-        main thread next runs Python code: a stretch still running twice the grace after it is `stuck`."""
+        """Hear each stop signal as it arrives (the byte Python's C handler writes to the wake-up fd), not when the main
+        thread next runs Python code."""
         read, write = os.pipe()
         os.set_blocking(write, False)
         self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
@@ -132,18 +126,17 @@ class StopOnSignal:
                     _later(2 * self.grace, partial(self._still_in, self._region, signal.Signals(number[0]).name))
 
     def _still_in(self, region: int, name: str) -> None:
-        """Called twice the grace after a signal: the stretch it came in still runs (or the set-up it was to end
-        at once, a C call having held the handler off: a collective waiting on a peer that died)."""
+        """Called twice the grace after a signal: the stretch it came in still runs (or the set-up, a C call having held
+        the handler off)."""
         stuck = (region and self._region == region) or (not region and self.setting_up and self in _IN_FORCE)
         if stuck and self.stuck is not None:
             self.stuck(self.signal or name)
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
-        """A stretch (a training step, an evaluation) that a stop signal may abandon after the grace period. What
-        fails in it once a stop signal came is the signal's doing, and abandons it too: the terminal's Ctrl-C reaches
-        the process group, so torch.compile's C++ compiler dies of it and torch raises its own error, which would
-        otherwise end the run as a crash rather than as the stop it is."""
+        """A stretch (a training step, an evaluation) that a stop signal may abandon after the grace period. What fails
+        in it once a stop signal came is the signal's doing (Ctrl-C reaches the process group, so torch.compile's
+        compiler dies of it), and abandons it too, rather than ending the run as a crash."""
         self._regions += 1
         self._region = self._regions
         if self.signal:  # the signal came between two stretches, while the ranks were still agreeing on it
@@ -200,9 +193,22 @@ _IN_FORCE: list[StopOnSignal] = []  # the stops of this process's runs, innermos
 
 
 def stop_for_closed_output() -> bool:
-    """Ask the stop in force, if any, to end its run after the current step (checkpointed, `stopped_by`
-    SIGPIPE): the output's reader has gone. False when no run is stopping this way (the command ends at once)."""
+    """Ask the stop in force, if any, to end its run after the current step (`stopped_by` SIGPIPE): the output's reader
+    has gone. False when no run is stopping this way."""
     if not _IN_FORCE or _IN_FORCE[-1].setting_up:  # nothing begun: the command ends as a pipe's reader left it
         return False
     _IN_FORCE[-1].request("SIGPIPE")
     return True
+
+
+def peer_lost(said: str, run_dir: RunDir, step: int | None) -> PeerLost:
+    """The sentence a job ends with when a collective failed because another process died or stopped answering
+    (`said`: who was lost), and how to continue."""
+    saved = run_dir.step_folders()
+    when = f"after step {step}" if step else "during start-up"
+    again = (f"its newest checkpoint ({saved[-1].name}) is whole: once every host is up and reaches the others, "
+             f"run `lmlab train --resume {run_dir.path}` on each under the same torchrun command "
+             "(with --max-restarts, torchrun continues on its own when the host joins again)" if saved else
+             "no checkpoint was written yet: once every host is up and reaches the others, run the same command "
+             "on each again")
+    return PeerLost(f"{said} {when}; {again}.")

@@ -55,7 +55,7 @@ from lmlab.data.output import Output, PrepareOptions
 from lmlab.data.shards import read_meta
 from lmlab.data.split import FIRST_GUESS, TRAIN, Scan, parts, plan_split, scan, val_refusal
 from lmlab.data.tokenizers import (
-    KINDS,
+    TOKENIZER_KINDS,
     Tokenizer,
     TokenizerKind,
     chunk_spans,
@@ -160,7 +160,7 @@ def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions,
     if path.exists() and fixed is None:
         return Tokenizer.load(path, spec)
     task = progress.add_task("training the tokenizer", total=None, tokens="")
-    kind = KINDS[parse_spec(spec)[0]]
+    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     # The separator is lmlab's, not the corpus's: a char vocabulary holds it even if no document has a line break.
     tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut, kind),
                                          ["".join(sorted(found.charset | set(SEPARATOR)))])
@@ -214,7 +214,7 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     # A tokenizer that needs no training is loaded before the long scan: a missing file fails at once.
     fixed = load_pretrained(Path(spec)) if is_path(spec) else None
     spec = fixed.spec if fixed else spec
-    kind = KINDS[parse_spec(spec)[0]]
+    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     if options.pack == "crop" and not kind.end_of_text:
         raise UserError("--pack crop pads each document's row with the end-of-text token, which the char tokenizer "
                         "does not have; use --pack concat or a word, bpe, gpt2 or tiktoken tokenizer.")
@@ -240,7 +240,7 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
              options: PrepareOptions, console: Console | None, fixed: Tokenizer | None
              ) -> tuple[Path, dict[str, Any], bool]:
     """`prepare` under the dataset's lock; `fixed`: the tokenizer a path named, already loaded."""
-    kind = KINDS[parse_spec(spec)[0]]
+    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     _remove_old_copies(target)
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")

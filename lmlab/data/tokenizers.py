@@ -132,7 +132,7 @@ def _tiktoken(argument: str, train_texts: Iterable[str], all_texts: list[str], g
     return tiktoken_backend(argument)
 
 
-KINDS = {kind.name: kind for kind in (
+TOKENIZER_KINDS = {kind.name: kind for kind in (
     TokenizerKind(name="char", build=_char, model="WordLevel", gguf="rwkv", trained=True, per_character=True,
                   tokens_per_char=1),
     # <unk> stands for a whole word, of any length, and GGUF has no tokenizer that maps unknown words to it
@@ -149,14 +149,14 @@ KINDS = {kind.name: kind for kind in (
 
 def named_kinds() -> str:
     """The kinds --tokenizer takes, as help and refusals list them: `char, word:N, bpe:N, ...`."""
-    return ", ".join(kind.written for kind in KINDS.values() if kind.named)
+    return ", ".join(kind.written for kind in TOKENIZER_KINDS.values() if kind.named)
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
     """`char` -> ("char", 0); `word:1000` -> ("word", 1000); `bpe:4096` -> ("bpe", 4096); `gpt2` -> ("gpt2", 0);
     `tiktoken:gpt2` -> ("tiktoken", 0); `pretrained:SmolLM2-135M` -> ("pretrained", 0)."""
     name, _, argument = spec.partition(":")
-    kind = KINDS.get(name)
+    kind = TOKENIZER_KINDS.get(name)
     if kind is not None and not kind.argument and not argument:
         return name, 0
     if kind is not None and kind.argument == "NAME" and NAME.fullmatch(argument):
@@ -180,7 +180,7 @@ class Tokenizer:
     def __init__(self, spec: str, backend: tokenizers.Tokenizer, eot_id: int | None = None):
         """`eot_id`: the end-of-text token's id where it is not `<|endoftext|>` (a pretrained tokenizer's eos)."""
         self.spec = spec
-        self.kind = KINDS[parse_spec(spec)[0]]
+        self.kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
         self.backend = backend
         self.vocab = backend.get_vocab()
         self.eot_id = self.vocab.get(EOT) if eot_id is None else eot_id
@@ -280,7 +280,7 @@ def chunk_spans(text: str, start: int, stop: int, kind: str, size: int = CHUNK_C
     character)."""
     while stop - start > size:
         cut = start + size
-        if not KINDS[kind].per_character:
+        if not TOKENIZER_KINDS[kind].per_character:
             cut = _last_safe_cut(text, start + 1, cut) or cut
         yield start, cut
         start = cut
@@ -395,7 +395,7 @@ def train_tokenizer(spec: str, train_texts: Iterable[str], all_texts: list[str],
                     gpt2_dir: Path | None = None) -> Tokenizer:
     """Build the tokenizer for `spec` as its kind's entry says (`TokenizerKind.build`); char uses every character of
     the corpus, the trained others the train split, and gpt2 is read from `gpt2_dir` (see `load_gpt2`)."""
-    kind = KINDS[parse_spec(spec)[0]]
+    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     if kind.build is None:
         raise UserError(f"{spec} is how lmlab records a tokenizer read from a folder; pass the folder itself, e.g. "
                         "--tokenizer ./models/SmolLM2-135M or --tokenizer runs/NAME.")

@@ -26,7 +26,7 @@ from typing import Any
 import tokenizers
 
 from lmlab.core.errors import UserError
-from lmlab.data.tokenizers import GPT2_PATTERN, KINDS, Tokenizer
+from lmlab.data.tokenizers import GPT2_PATTERN, TOKENIZER_KINDS, Tokenizer
 from lmlab.hf.folder import pad_id
 
 # GGUF token types (gguf.TokenType): what llama.cpp shows as text and what it treats as a control token.
@@ -36,7 +36,7 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 HF_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 SPLITS = {GPT2_PATTERN: "gpt-2", HF_GPT2_SPLIT: "gpt-2"}
 # The kinds whose entry names a GGUF tokenizer (TokenizerKind.gguf), as refusals list them.
-TAKES = (", ".join(kind.written for kind in KINDS.values() if kind.gguf) +
+TAKES = (", ".join(kind.written for kind in TOKENIZER_KINDS.values() if kind.gguf) +
          " (a byte-level BPE with GPT-2's split: trained, GPT-2's, tiktoken's or an imported model's)")
 
 

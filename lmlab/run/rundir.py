@@ -22,7 +22,7 @@ One process writes a run at a time: training, resuming, fine-tuning and importin
 held. `samples.txt` is the exception: `lmlab sample` appends to it while the run trains, each entry whole,
 under a lock of the file itself.
 
-A run is one of KINDS. Folders written before this module (no `kind` in the start event, no `format` in
+A run is one of RUN_KINDS. Folders written before this module (no `kind` in the start event, no `format` in
 state.json) still load: `kind()` and `_upgrade` read them.
 """
 
@@ -55,7 +55,7 @@ from lmlab.run.chat import ChatTemplate
 from lmlab.run.events import read_line
 from lmlab.run.prompt import PromptFormat
 
-KINDS = ("trained", "fine-tuned", "imported")
+RUN_KINDS = ("trained", "fine-tuned", "imported")
 STATE_FORMAT = 2  # state.json: format, kind, lmlab_version, model_config, training (+ step, optimizer, files)
 
 Loader = Callable[[Path, torch.nn.Module, Any], dict[str, Any]]
@@ -95,7 +95,7 @@ class RunDir:
     def kind(self) -> str:
         """trained, fine-tuned or imported: from the start event, or for an older folder from what it holds."""
         head = self.events(limit=2)
-        if head and head[0].get("kind") in KINDS:
+        if head and head[0].get("kind") in RUN_KINDS:
             return head[0]["kind"]
         if (self.path / "prompt.json").exists():
             return "fine-tuned"
@@ -210,7 +210,7 @@ class RunDir:
         """Start a fresh metrics.jsonl with the start event, whose keys are the same for every kind (None where a
         kind has no value); `origin` is where a fine-tuned or imported run came from. `peak` is one device's (the
         event holds the job's, every rank's); `train_tokens`, the train split's tokens, are what passes count."""
-        assert kind in KINDS, kind
+        assert kind in RUN_KINDS, kind
         self._check_writer()
         self.check_new()
         self.path.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name, load_config, to_toml
+from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name
+from lmlab.core.config_toml import load_config, to_toml
 from lmlab.core.device import configure, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file

@@ -19,7 +19,8 @@ from rich.console import Console
 
 from lmlab.analysis.plots import plot_losses
 from lmlab.core.compile_cache import discard_partial_builds
-from lmlab.core.config import RunConfig, to_dict
+from lmlab.core.config import RunConfig
+from lmlab.core.config_toml import to_dict
 from lmlab.core.device import configure
 from lmlab.core.errors import PeerLost, UserError
 from lmlab.core.humanize import format_duration

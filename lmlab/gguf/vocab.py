@@ -26,7 +26,8 @@ from typing import Any
 import tokenizers
 
 from lmlab.core.errors import UserError
-from lmlab.data.tokenizers import GPT2_PATTERN, TOKENIZER_KINDS, Tokenizer
+from lmlab.data.tiktoken_bpe import GPT2_PATTERN
+from lmlab.data.tokenizers import TOKENIZER_KINDS, Tokenizer
 from lmlab.hf.folder import pad_id
 
 # GGUF token types (gguf.TokenType): what llama.cpp shows as text and what it treats as a control token.

@@ -1,38 +1,13 @@
-"""The run folder: the one module that writes a run directory, and the one way to load a run back.
-
-```
-runs/NAME/
-  config.toml     the resolved RunConfig ([finetune] too in a fine-tuned run)
-  metrics.jsonl   one JSON event per line, appended and flushed: `start` first (`RunDir.begin`), then train,
-                  eval, checkpoint, skip/spike/rollback, and `end` when the run finishes or stops
-  tokenizer.json  the run's tokenizer, and dataset.json the meta.json of its dataset (tokenizer spec, bytes per
-                  token), so the run samples and evaluates after its dataset is gone
-  prompt.json     a fine-tuned run's prompt format (`lmlab.run.prompt`)
-  chat_template.json  an imported instruct model's chat template (`lmlab.run.chat`)
-  samples.txt     what `lmlab sample` drew, each under a header line
-  evaluations.json  what the run was measured at, by weights: val-split evaluations (`lmlab eval`, `lmlab report`),
-                  task scores (`lmlab eval --task`) and the judge's scores of its answers (`lmlab judge`)
-  loss.png        train and val loss, redrawn at every evaluation
-  checkpoints/    step_NNNNNN/ folders and the latest/best pointers (`lmlab.run.checkpoint`); every state.json
-                  holds the STATE keys, `training` being what its writer needs to continue
-```
-
-One process writes a run at a time: training, resuming, fine-tuning and importing hold its lock
-(`../.NAME.lock` beside the folder, `lmlab.core.fileio.WriterLock`), and every writing method here checks that it is
-held. `samples.txt` is the exception: `lmlab sample` appends to it while the run trains, each entry whole,
-under a lock of the file itself.
-
-A run is one of RUN_KINDS. Folders written before this module (no `kind` in the start event, no `format` in
-state.json) still load: `kind()` and `_upgrade` read them.
-"""
+"""The run folder: the one module that writes a run directory (docs/ARCHITECTURE.md lists its files), and the one
+way to load a run back. One process writes a run at a time, under its lock (`lmlab.core.fileio.WriterLock`), which
+every writing method checks; `samples.txt` and evaluations.json, written while a run trains, take locks of their own.
+Folders written before runs recorded their kind (in the start event) and state.json its `format` still load."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shlex
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +28,7 @@ from lmlab.model import LanguageModel, build_model
 from lmlab.model.plugins import check_forward, provider
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.chat import ChatTemplate
-from lmlab.run.events import read_line
+from lmlab.run.events import as_json, peak_fields, read_events
 from lmlab.run.prompt import PromptFormat
 
 RUN_KINDS = ("trained", "fine-tuned", "imported")
@@ -224,7 +199,7 @@ class RunDir:
             "dataset": cfg.data.dataset or None, "tokenizer": dataset.get("tokenizer"), "init_from": init_from,
             "device": str(device) if device else None, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
             "dtype_reason": dtype_reason, "world_size": world_size, "parallel": parallel,
-            **_peak_fields(peak, world_size), "train_tokens": _train_tokens(kind, dataset),
+            **peak_fields(peak, world_size), "train_tokens": _train_tokens(kind, dataset),
             "origin": origin, "machine": machine(device),
             "plugin": None if cfg.model.kind in BUILT_IN_KINDS else provider(cfg.model.kind),
         })
@@ -235,7 +210,7 @@ class RunDir:
         the peak its MFU divides by from here on."""
         self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device),
-                  **_peak_fields(peak, world_size)})
+                  **peak_fields(peak, world_size)})
         self._resume_points = None
 
     def log(self, event: dict[str, Any]) -> None:
@@ -284,29 +259,8 @@ class RunDir:
     # -- reading a run ---------------------------------------------------------------------------------------
 
     def events(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """The metrics events (the first `limit` of them), each read against its schema (`lmlab.run.events`). A
-        damaged line (not JSON in UTF-8, too long or too deep, an event missing a field or with one of the wrong
-        type) is skipped, said once per file on stderr with its line number and why; a last line cut short by a
-        crash silently."""
-        if not self._metrics.exists():
-            return []
-        events, damaged, number = [], {}, 0
-        with open(self._metrics, "rb") as f:
-            while (read := read_line(f)) is not None:
-                number += 1
-                ended, event = read
-                if isinstance(event, str):
-                    if ended:  # not the unfinished end of a killed writer's last append
-                        damaged[number] = event
-                    continue
-                events.append(event)
-                if limit is not None and len(events) >= limit:
-                    break
-        if damaged and (limit is None or len(events) < limit):
-            _say_damaged(self._metrics, damaged)
-        elif damaged:
-            self.events()  # says every damaged line of the file, where a first few events were read
-        return events
+        """The metrics events (the first `limit` of them): `lmlab.run.events.read_events`."""
+        return read_events(self._metrics, limit)
 
     def evaluations(self) -> list[dict[str, Any]]:
         """The val-split evaluations kept in evaluations.json (by `lmlab eval` and `lmlab report`), oldest first:
@@ -498,33 +452,12 @@ class RunDir:
                          self.chat_template(), notes)
 
 
-def as_json(value: Any) -> str:
-    """`value` as standard JSON, every non-finite number (a NaN loss, an infinite grad norm, the best val loss of a
-    run stopped before its first evaluation) as null: Python's json writes them as NaN and Infinity, which other
-    readers (jq, JavaScript, pandas' strict parser) refuse."""
-    def finite(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-    return json.dumps(finite(value), allow_nan=False)
-
-
 def check_steps(paths: list[Path | str], which: str) -> None:
     """Refuse, before anything is read or written, a checkpoint step (`step_N`, `N`) one of the runs does not have,
     naming the steps it has; `best` and `latest` pass (a run without them falls back, or says so itself)."""
     if checkpoint_name(which).startswith("step_"):
         for path in paths:
             RunDir(path).checkpoint(which)
-
-
-def _peak_fields(peak: Peak | None, world_size: int) -> dict[str, Any]:
-    """`peak_flops` (the job's: every rank's), `peak_source` (how and when it was had) and `peak_quiet`."""
-    if peak is None:
-        return {"peak_flops": None, "peak_source": None, "peak_quiet": None}
-    return {"peak_flops": peak.flops * world_size, "peak_source": peak.describe(), "peak_quiet": peak.quiet}
 
 
 def _train_tokens(kind: str, dataset: dict[str, Any]) -> int | None:
@@ -561,20 +494,3 @@ class LoadedRun:
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of
     chat_template: ChatTemplate | None = None  # an imported instruct model's; None for the others
     notes: tuple[str, ...] = ()  # what loading it chose that a command should say (fp32 over fp16, and why)
-
-
-_said: set[tuple[Path, tuple[int, ...]]] = set()  # damaged lines already reported by this process
-
-
-def _say_damaged(path: Path, lines: dict[int, str]) -> None:
-    """One line on stderr naming a file's damaged lines and why (the first five), once per process (a command reads
-    a run's events often)."""
-    key = (path.resolve(), tuple(lines))
-    if key in _said:
-        return
-    _said.add(key)
-    named = [f"{n} ({why})" for n, why in list(lines.items())[:5]] + \
-        ([f"{len(lines) - 5} more"] if len(lines) > 5 else [])
-    shown = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
-    print(f"note: {path}: line{'s' * (len(lines) > 1)} {shown} {'are' if len(lines) > 1 else 'is'} not events of "
-          "metrics.jsonl's schema and skipped; the run reads as if they were not there.", file=sys.stderr)

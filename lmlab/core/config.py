@@ -1,8 +1,5 @@
-"""Typed run configuration: TOML presets plus `--set section.key=value` overrides.
-
-Names follow nanoGPT so its users feel at home. Every field is checked for type on load; an unknown
-key is an error that lists the valid ones. The fully resolved config is written into every run.
-"""
+"""The typed run configuration, each field checked in `__post_init__`; its comments are the config reference.
+Names follow nanoGPT's. `lmlab.core.config_toml` reads and writes it as TOML."""
 
 from __future__ import annotations
 
@@ -24,8 +21,7 @@ STOP_CHARS = 1_000  # the longest stop string: each is matched against the text 
 
 
 def as_text(value: Any) -> str:
-    """A user's name or value as a message quotes it: as typed if it is plain text, escaped if not, and cut short
-    (so a message stays one line)."""
+    """A user's name or value as a one-line message quotes it: as typed if printable, else escaped; cut short."""
     text = str(value)
     text = text if text.isprintable() else repr(text)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -40,10 +36,8 @@ def check_counts(section: str, values: dict[str, int], low: int = 1) -> None:
 
 
 def checkpoint_name(spec: str) -> str:
-    """A checkpoint spec as a run names it: `best`, `latest`, or the step folder `step_NNNNNN` of `step_N` or `N`
-    (`183`, `step_183` and `step_000183` are one checkpoint). The one parser of --checkpoint (and of
-    --init-from's RUN:CHECKPOINT) for every command that chooses a checkpoint: `lmlab.run.rundir.RunDir.checkpoint`
-    finds the folder, and refuses a step the run has not with the steps it has."""
+    """A checkpoint spec as a run names it: `best`, `latest`, or the step folder `step_NNNNNN` of `step_N` or `N`;
+    the one parser of every --checkpoint and of --init-from's RUN:CHECKPOINT."""
     if spec in ("best", "latest"):
         return spec
     match = re.fullmatch(r"(?:step_)?(\d{1,16})", spec.strip()) if isinstance(spec, str) else None
@@ -81,8 +75,8 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
     "rnn_cell": ("gru", "lstm"),
 }
 
-# The fields each model kind reads besides kind, n_layer, n_embd, block_size, dropout, vocab_size and
-# tie_embeddings; the others are ignored by that kind (`ModelConfig.ignored_fields` names any set anyway).
+# The fields each model kind reads besides the shared ones (kind, n_layer, n_embd, block_size, dropout, vocab_size,
+# tie_embeddings).
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
             "head_dim", "mlp_hidden", "rope_theta", "norm_eps"),
@@ -171,7 +165,6 @@ class ModelConfig:
         self._check_bias()
 
     def _check_bias(self) -> None:
-        """One spelling per layout (`bias_spelling`), and only places there are."""
         if not isinstance(self.bias, str):
             return
         places = {p.strip() for p in self.bias.split(",")}
@@ -181,7 +174,6 @@ class ModelConfig:
         self.bias = bias_spelling(places)
 
     def has_bias(self, place: str) -> bool:
-        """Whether the layers at `place` (one of BIAS_PLACES) have biases."""
         return place in self.bias.split(",") if isinstance(self.bias, str) else self.bias
 
     def _check_kind(self) -> None:
@@ -215,8 +207,7 @@ class ModelConfig:
         return self.head_dim or self.n_embd // self.n_head
 
     def ignored_fields(self) -> list[str]:
-        """Fields set away from their defaults that this model kind does not read (e.g. n_head of a recurrent
-        model): not an error, since one preset serves several kinds, but worth saying."""
+        """Fields set away from their defaults that this kind does not read: said, not refused (presets are shared)."""
         read = set(KIND_FIELDS.get(self.kind, ()))  # a plugin reads the shared fields and its options
         unread = {name for fields in KIND_FIELDS.values() for name in fields} - read
         return sorted(f.name for f in dataclasses.fields(self)
@@ -228,9 +219,8 @@ class TrainConfig:
     batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
     grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
     max_iters: int = 5000  # optimizer steps
-    # Seconds from `lmlab train`'s start (or a library Trainer's run()) to the end of the run, evals and checkpoints
-    # included: the run times its first steps and sets max_iters to fill them, the LR schedule laid over those
-    # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps); at most 366 days.
+    # Seconds from `lmlab train`'s start to the run's end, evals and checkpoints included: max_iters and the LR
+    # schedule are fitted to it from the first steps' times (lmlab/train/budget.py); 0: none; at most 366 days.
     budget_seconds: float = 0.0
     optimizer: str = "adamw"  # which optimizer trains (one of OPTIMIZER_NAMES, each in lmlab.train.optim.OPTIMIZERS)
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
@@ -246,9 +236,8 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.99  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    # Steps between evaluations, or passes over the train split: "epoch" (one a pass) or "N epochs" ("0.5 epochs": two
-    # a pass), each at the first step past them (a time budget plans with the steps nearest); patience counts these
-    # evaluations, so with "epoch" it is in epochs.
+    # Steps between evaluations, or passes over the train split: "epoch" or "N epochs" ("0.5 epochs": two a pass),
+    # each at the first step past them; patience counts these evaluations.
     eval_interval: int | str = 250
     eval_iters: int = 50  # batches per split in each evaluation (the same batches every time)
     log_interval: int = 10  # steps between train lines in metrics.jsonl
@@ -268,8 +257,7 @@ class TrainConfig:
     tracker_run: str = ""  # wandb: the run's name there; "": the run dir's name
     parallel: str = "ddp"  # ddp | fsdp: under torchrun, a model replica per process, or sharded by FSDP2
     # Under torchrun, seconds a process waits for the others in one collective before the job ends naming the host
-    # it waited for (a network down between hosts, a stuck process); above the longest pause one process makes the
-    # others wait: rank 0 writing a checkpoint, a first step under torch.compile.
+    # it waited for; above the longest pause one rank makes the others wait (a checkpoint, a first compiled step).
     collective_timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -338,8 +326,7 @@ class TrainConfig:
 
     @property
     def passes_per_eval(self) -> float | None:
-        """The passes over the train split between evaluations, or None when they are spaced by steps (or the text
-        is none of "epoch", "N epochs")."""
+        """The passes over the train split between evaluations, or None when they are spaced by steps."""
         words = self.eval_interval.split() if isinstance(self.eval_interval, str) else []
         if words == ["epoch"]:
             return 1.0
@@ -357,8 +344,7 @@ class TrainConfig:
         return f"{self.patience} evaluations" + ("" if passes is None else f" ({self.patience * passes:g} passes)")
 
     def eval_steps(self, split_tokens: int, tokens_per_step: int) -> int:
-        """The steps between evaluations: eval_interval's, or for evaluations spaced by passes the whole steps
-        nearest passes_per_eval passes of a split of `split_tokens`, at least one, at most MAX_COUNT."""
+        """The steps between evaluations: eval_interval, or the whole steps nearest passes_per_eval passes."""
         passes = self.passes_per_eval
         if passes is None:
             assert isinstance(self.eval_interval, int), "__post_init__ refuses any other text"
@@ -366,8 +352,7 @@ class TrainConfig:
         return _steps(passes, split_tokens, tokens_per_step)
 
     def warmup_steps(self, split_tokens: int, tokens_per_step: int) -> int:
-        """The steps the LR warms up over: warmup_iters, or the whole steps nearest warmup_epochs passes of a split
-        of `split_tokens` (as `eval_steps` counts them)."""
+        """The steps the LR warms up over: warmup_iters, or the whole steps nearest warmup_epochs passes."""
         return _steps(self.warmup_epochs, split_tokens, tokens_per_step) if self.warmup_epochs else self.warmup_iters
 
     def _check_budget(self) -> None:
@@ -419,11 +404,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to continue a prompt, passed whole from `sample`, `compare`, `answer` and `serve` to the sampler.
-
-    temperature 0 is greedy; top_k keeps the k likeliest tokens and top_p the smallest set whose probability
-    reaches p; the seed makes a draw repeatable; a continuation ends after max_new_tokens or before a stop string.
-    """
+    """How to continue a prompt: temperature 0 is greedy; top_k keeps the k likeliest tokens and top_p the smallest
+    set whose probability reaches p; a continuation ends after max_new_tokens or before a stop string."""
 
     max_new_tokens: int = 500
     temperature: float = 0.8

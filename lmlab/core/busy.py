@@ -1,13 +1,7 @@
-"""Whether the machine was busy while something was measured: the CPU time other processes took on the cores this
-process may use, from /proc/stat, over the measured window, and the load average beside it; and how long this
-process has run (what a time budget counts from).
-
-Others' CPU time is the test, not the load average: the load average is a one-minute mean that still counts work
-which ended seconds ago, and it counts this process's own threads, so after a process's own warm-up it reads
-"busy" on a quiet machine. /proc/stat's per-core counters, less this process's own CPU time, say what else ran on
-those cores during the window itself (the hypervisor's steal time included). Where /proc/stat cannot be read
-(macOS, Windows), the load average at the start of the window, before this process's own work, is the test.
-"""
+"""Whether the machine was busy while something was measured: the CPU time other processes took on this process's
+cores over the window (/proc/stat, less this process's own time, steal included), not the load average, which lags
+and counts this process's own threads (it is the test only where /proc/stat cannot be read); and how long this
+process has run (what a time budget counts from)."""
 
 from __future__ import annotations
 
@@ -18,8 +12,8 @@ from pathlib import Path
 
 from lmlab.core.errors import UserError
 
-# Others' share of this process's cores above which a measurement is called busy. A tenth, not more: a matmul on
-# every core waits at each step for its slowest thread, and on 2 cores others' 15% halved a measured fp32 peak.
+# Others' share of this process's cores above which a measurement is called busy: a matmul on every core waits at
+# each step for its slowest thread (docs/reference/performance.md, "MFU and the peak").
 BUSY_SHARE = 0.1
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (idle and iowait are not work)
 

@@ -1,26 +1,9 @@
 """How many CPU threads torch computes with: as set (train.threads, serve --threads, OMP_NUM_THREADS), else chosen
-from what the cores can give now.
-
-A parallel kernel on every core waits at each of its steps for its slowest thread. When another process holds one of
-the cores, that thread gets a share of a time slice and every kernel waits for it: on 2 cores with one CPU hog the
-demo's steps ran 3 to 20 times slower on 2 threads than on 1. Neither a peak measured quiet nor the core count says
-so; only what the machine does now does. So a job's threads are chosen when its work can first be timed:
-
-- on a machine that stayed quiet while the job set up (other processes' CPU time on this process's cores,
-  `busy.LoadMeter`, over at least MIN_WINDOW seconds), every core: nothing is timed, a quiet machine loses nothing;
-- otherwise its own work (a forward pass, `forward_probe`) is timed on every core, on the cores the others leave
-  free, and on one, in turns, for about PROBE_SECONDS (MIN_ROUNDS to MAX_ROUNDS each; a count LOSING times
-  slower than the best drops out at once); the most threads within MARGIN of the fastest win.
-
-A long job (training) looks at the load on its cores every CHECK_SECONDS of its steps (`ThreadChooser.stepped`)
-and times nothing but the steps themselves: a count the load asks for (every core on a machine quiet again, the
-cores others leave free on a busy one) is a trial until the next look, undone at the first step slower than the
-recent steps of the count it left; the look after a trial undone waits twice as long (at most MAX_WAIT), so a load
-that comes and goes does not make the threads flap.
-
-Results differ in the last bits between thread counts (reductions split differently), so a run resumes bitwise as it
-would have run when both ran on the same threads: train.threads fixes them.
-"""
+from what the cores can give now. A kernel on every core waits for its slowest thread, so one core held by another
+process slows every step: on a machine that stayed quiet while the job set up every core is used untimed, otherwise
+the job's own work is timed on every core, on the cores the others leave free, and on one; a long job looks again
+every CHECK_SECONDS of its steps (`ThreadChooser.stepped`), each change a trial undone at the first slower step.
+docs/reference/performance.md gives the rules and what they were measured against."""
 
 from __future__ import annotations
 

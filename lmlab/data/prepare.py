@@ -1,20 +1,9 @@
-"""corpus -> token shards + tokenizer.json + meta.json, streamed, in parallel, resumable, renamed into place at the end.
-
-Passes over the source (each streams it; nothing holds the corpus):
-1. scan: hash every document's name (the split order) and content (the dataset's identity), count characters,
-   and for `char` collect the character set. Keeps 16 bytes per document.
-2. tokenizer training (bpe/word only): the train documents, up to `tokenizer_chars` characters, streamed into
-   `tokenizers`' trainer.
-3. tokenize: batches of document chunks encoded by worker processes (lmlab.data.encode), written in order to
-   shards (lmlab.data.output, lmlab.data.shards) in a work dir `.NAME.partial`. After every finished shard a
-   progress record is written; a killed prepare resumes from it, and the dataset dir appears only by a rename
-   once everything is written. One prepare writes a dataset at a time (a lock beside it, `.NAME.lock`).
-
-Memory: the largest document's text + IN_FLIGHT_PER_WORKER × workers batches of at most 2 × BATCH_CHARS characters
-+ one shard buffer per split (shard_tokens × 2 or 4 bytes) + 16 bytes per document for the split order. A long
-document goes to the tokenizer in chunks of tokenizers.CHUNK_CHARS characters (its working memory is ~100-400
-bytes a character), cut where the ids come out the same as whole.
-"""
+"""corpus -> token shards + tokenizer.json + meta.json, streamed, in parallel, resumable, renamed into place at the
+end. Passes over the source, none holding the corpus: a scan (each document's name and content hashed, characters
+counted), tokenizer training where the kind is trained, then tokenizing by worker processes (lmlab.data.encode)
+into shards in `.NAME.partial`, a progress record after every shard, so a killed prepare resumes. Memory: the
+largest document, IN_FLIGHT_PER_WORKER batches a worker, one shard buffer per split and 16 bytes a document
+(docs/reference/data.md)."""
 
 from __future__ import annotations
 

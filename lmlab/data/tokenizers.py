@@ -1,16 +1,6 @@
-"""Tokenizers, all built on the `tokenizers` library so that one file format (tokenizer.json) loads them.
-
-- `char`: one token per character seen in the corpus.
-- `word:N`: the N most frequent words of the training split, GPT-2-style pre-tokenized (a word keeps its
-  leading space, so decoding restores spacing), plus `<unk>` for the rest.
-- `bpe:N`: byte-level BPE with N tokens trained on the training split; never needs `<unk>`.
-- `gpt2`: OpenAI's GPT-2 byte-level BPE, read from local Hugging Face files (see `load_gpt2`), never downloaded.
-- `tiktoken:NAME`: a fixed byte-level BPE (e.g. GPT-2's) read through the `tiktoken` library from a local file,
-  converted to the same tokenizer.json format so every later command loads it like the others.
-- `pretrained:NAME`: any other model's tokenizer (Llama's, Qwen's, ...), read from the tokenizer.json of a Hugging
-  Face folder named NAME (see `load_pretrained`); its end-of-text is the model's own eos token.
-The non-char tokenizers put their end-of-text token (`<|endoftext|>` but for `pretrained`) between documents.
-"""
+"""Tokenizers, all built on the `tokenizers` library so that one file format (tokenizer.json) loads them; each kind
+is an entry of TOKENIZER_KINDS (`char`, `word:N`, `bpe:N`, `gpt2`, `tiktoken:NAME`, `pretrained:NAME`). All but
+char put an end-of-text token between documents (`<|endoftext|>`, or a pretrained model's eos)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama, Qwen2 and Qwen3 families.
-
-`import_hf` turns a folder (config.json, safetensors weights, tokenizer files) into an ordinary run dir
-(config.toml, checkpoints/step_000000, tokenizer.json, dataset.json, metrics.jsonl) that `train --init-from`,
-`finetune`, `eval`, `sample` and `serve` accept. `export_hf` writes a run the other way, for transformers'
-`AutoModelForCausalLM`, `AutoTokenizer` and `pipeline("text-generation")`. Neither needs transformers.
-
-`family.py` says what a family is (which model options it expresses, its config.json, its tensor names);
-`gpt2.py` and `llama.py` (Llama, Qwen2 and Qwen3) are the families; `folder.py` reads and writes the folder's files.
-"""
+"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama, Qwen2 and Qwen3 families. `import_hf` turns
+a folder into an ordinary run dir; `export_hf` writes a run for transformers' Auto classes. Neither needs
+transformers."""
 
 from __future__ import annotations
 

@@ -1,24 +1,9 @@
-"""What a size costs in memory, estimated from the model and the shape before anything is allocated, and the one
-check every size-driven allocation passes: the weights (`build_model`), a training or fine-tuning micro-batch
-(activations, gradients, optimizer state), an evaluation batch, and decoding rows (sample --num-samples, serve
---max-batch and `n`, answer --batch-size). A size that does not fit is refused in one sentence with the figure
-and the largest size that fits.
-
-Models are sized on the meta device, which allocates nothing: the weights of models of one and two layers, and
-the tensors their forward keeps for the backward pass (saved-tensor hooks), every layer being the same size, so a
-config asking for 10^12 of anything is sized at once. Attention score matrices (T x T) are left out: the fused
-attention kernels lmlab trains with (flash attention on the CPU and on CUDA from compute capability 8.0, the
-memory-efficient kernel before) do not keep them. Two measured factors
-turn what the forward keeps into the peak of a training step (benchmarks/memory_estimate.py compares them with
-the peak RSS on this machine's CPU): the backward's transient gradients (about 30% of the kept activations) and
-the logits, which exist twice more at the peak (the tensor and its gradient).
-
-On a CUDA device decoding rows are checked against the GPU's free memory (`mem_get_info`, with the blocks PyTorch's
-caching allocator holds unused): a KV cache's size is exact, and an imported model's long context can ask for tens
-of gigabytes at the server's default batch. A training step is not: its estimate is of fp32 activations, which
-autocast and the fused kernels change, so there the allocator raises its own out-of-memory error at the first
-step, which the command line reports in one sentence.
-"""
+"""What a size costs in memory, estimated on the meta device before anything is allocated, and the one check every
+size-driven allocation passes (weights, a training micro-batch, an evaluation batch, decoding rows): a size that
+does not fit is refused in one sentence with the largest size that fits. A training step's peak is the activations
+its forward keeps plus two factors benchmarks/memory_estimate.py measures (the backward's transient gradients, the
+logits twice more); attention's T x T scores are left out, as the fused kernels keep none. On CUDA only decoding
+rows are checked against free memory: a training step's estimate is fp32's, which autocast changes."""
 
 from __future__ import annotations
 

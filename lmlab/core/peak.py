@@ -1,9 +1,5 @@
-"""Peak FLOP/s, what MFU divides by, and the dtype `train.dtype = "auto"` trains in.
-
-A GPU of the datasheet table has its datasheet peak; anything else is measured (the best rate of a square matmul),
-and a measurement only stands if nothing else used the cores meanwhile: a busy one is cached for the record but never
-divided by, quiet ones are kept as their best until QUIET_MEASUREMENTS agree, and the cache is keyed by the processor
-and checksummed. docs/reference/performance.md ("MFU and the peak") gives the rules and the figures behind them."""
+"""Peak FLOP/s, what MFU divides by (a datasheet's, else measured and cached, standing only if measured quiet), and
+the dtype `train.dtype = "auto"` trains in. docs/reference/performance.md ("MFU and the peak") gives the rules."""
 
 from __future__ import annotations
 
@@ -29,15 +25,14 @@ from lmlab.core.threads import most_threads
 QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
 AGREE = 0.9  # a measurement agrees with the best when it reached this share of it
 KEPT = 10  # quiet figures kept in an entry (the newest)
-CACHE_FORMAT = 2  # 1 (no "format" key): lmlab before load checks, whose figures may have been measured busy
-# bf16 autocast casts weights and activations around every matmul: it pays only where bf16 matmuls clearly win.
-BF16_MARGIN = 1.5
+CACHE_FORMAT = 2  # 1's figures may have been measured busy
+BF16_MARGIN = 1.5  # autocast's casts around every matmul pay only where bf16 matmuls clearly win
 _memo: dict[str, Peak] = {}  # measured once per process
 
 
 @dataclass(frozen=True)
 class Peak:
-    """A peak FLOP/s and how it was had: from a datasheet, or measured (when, under what load, how often)."""
+    """A peak FLOP/s and how it was had."""
 
     flops: float
     dtype: str
@@ -46,13 +41,13 @@ class Peak:
     measured_at: str | None = None  # local time of the best measurement
     load: dict[str, Any] | None = None  # `Load.record()` of that measurement
     measurements: int = 0  # quiet measurements the figure is the best of
-    matmul: int = 0  # its size
-    settled: bool = True  # enough quiet measurements agree with it: no more are taken (a datasheet figure is)
+    matmul: int = 0
+    settled: bool = True  # enough quiet measurements agree: no more are taken
     notes: tuple[str, ...] = field(default=(), compare=False)  # one sentence per thing found wrong with the cache
-    native: bool = True  # the dtype's own kernel, not a conversion to float32 in scalar loops (`native_kernel`)
+    native: bool = True  # `native_kernel`
 
     def describe(self) -> str:
-        """How the figure was had: e.g. `2048² bfloat16 matmul measured quiet at 2025-11-22 17:40, best of 3`."""
+        """E.g. `2048² bfloat16 matmul measured quiet at 2025-11-22 17:40, best of 3`."""
         if self.source != "measured matmul":
             return self.source
         how = f"{self.matmul}² {self.dtype} matmul measured"
@@ -92,8 +87,7 @@ class Peak:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
-    """The peak of `device` in `dtype`: the datasheet's, or measured here, on CUDA with TF32 set first (lmlab's fp32
-    runs use it)."""
+    """The peak of `device` in `dtype`: the datasheet's, or measured here (with TF32 on, as lmlab's fp32 runs)."""
     configure(device)
     name = str(dtype).removeprefix("torch.")
     listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
@@ -107,7 +101,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
 
 @contextlib.contextmanager
 def every_thread(device: torch.device) -> Iterator[None]:
-    """On a CPU, torch on every thread a job may use while a peak is measured, then on the threads it had."""
+    """On a CPU, torch on every thread a job may use inside, then on the threads it had."""
     before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(most_threads()[0])
@@ -118,8 +112,7 @@ def every_thread(device: torch.device) -> Iterator[None]:
 
 
 def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `device` multiplies `dtype` matrices in a kernel of the dtype's own: not fp16 or bf16 on a CPU
-    without their AVX-512/AMX instructions (torch falls back to scalar loops), nor bf16 on CUDA before Ampere."""
+    """Whether `device` multiplies `dtype` matrices in a kernel of the dtype's own, not emulated in scalar loops."""
     if device.type == "cpu":
         check = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
                  torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype)
@@ -130,7 +123,7 @@ def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def emulated_warning(device: torch.device, dtype: torch.dtype) -> str | None:
-    """The warning for training in a dtype without a native kernel here, its matmuls against float32's; or None."""
+    """The warning for training in a dtype without a native kernel here; or None."""
     if native_kernel(device, dtype):
         return None
     own, fp32 = peak_flops(device, dtype), peak_flops(device, torch.float32)
@@ -144,38 +137,36 @@ def cache_path() -> Path:
 
 
 def cache_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What a measured peak depends on: the processor, the threads, the dtype, torch and the matmul size."""
+    """What a measured peak depends on."""
     who = ", ".join(f"{k} {v}" for k, v in _identity(device).items() if v)
     threads = f", {most_threads()[0]} threads" if device.type == "cpu" else ""
-    tf32 = " (TF32)" if device.type == "cuda" and dtype == torch.float32 else ""  # not a figure measured without it
+    tf32 = " (TF32)" if device.type == "cuda" and dtype == torch.float32 else ""
     return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}{tf32}, torch {torch.__version__}, "
             f"{matmul_size(device, dtype)}² matmul")
 
 
 def _identity(device: torch.device) -> dict[str, Any]:
-    """The processor a measurement is of, as the cache records it."""
     if device.type == "cpu":
         return processor()
     return {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
 
 def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
-    """The side of the square matmul a peak is measured with: small for a dtype the CPU has no native kernel for,
-    whose scalar fallback would stall a run's start for minutes at the native size."""
+    """The side of the square matmul a peak is measured with: small where a CPU's scalar fallback would stall."""
     if device.type != "cpu":
         return 8192
     return 2048 if native_kernel(device, dtype) else 256
 
 
 def checksum(entry: dict[str, Any]) -> str:
-    """An entry's `sha256`: of its other fields as sorted JSON."""
+    """An entry's `sha256`, of its other fields."""
     return hashlib.sha256(json.dumps({k: v for k, v in entry.items() if k != "sha256"}, sort_keys=True)
                           .encode()).hexdigest()
 
 
 def read_cache(path: Path, key: str, who: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
-    """The cache's entries, this key's entry if it can be trusted, and one sentence per thing wrong with it (`who`:
-    this processor); whatever is wrong means measuring again, never an error."""
+    """The cache's entries, this key's entry if it can be trusted, and a sentence per thing wrong (which means
+    measuring again, never an error); `who`: this processor."""
     try:
         cache = json.loads(path.read_text())
     except FileNotFoundError:
@@ -209,12 +200,11 @@ def _valid(entry: Any) -> bool:
 
 
 def settled(entry: dict[str, Any]) -> bool:
-    """Whether enough quiet measurements agree with the best for it to stand without measuring again."""
+    """Whether enough quiet measurements agree with the best for it to stand."""
     return entry["quiet"] and sum(f >= AGREE * entry["flops"] for f in entry["figures"]) >= QUIET_MEASUREMENTS
 
 
 def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
-    """The cached peak once settled; until then a measurement more (`measure_into_cache`)."""
     entries, entry, notes = read_cache(cache_path(), key, _identity(device))
     if entry and settled(entry):
         return _as_peak(entry, notes)
@@ -222,7 +212,7 @@ def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
 
 
 def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence[str] = ()) -> Peak:
-    """Measure the peak once under a `LoadMeter`, merge the figure into the cache; what the cache now holds."""
+    """Measure the peak once and merge it into the cache; what the cache now holds."""
     path, key = cache_path(), cache_key(device, dtype)
     entries, entry, _ = read_cache(path, key, _identity(device))
     with every_thread(device), LoadMeter() as meter:
@@ -233,7 +223,7 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence
         with writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
-    except WriteError as err:  # a cache only saves measuring again: a read-only home or a full disk stops nothing
+    except WriteError as err:  # a cache only saves measuring again
         notes = [*notes, f"the peak cache {err.path} cannot be written ({err.reason}): the peak is measured again "
                          "at every start until it can (XDG_CACHE_HOME names another folder for it)."]
     return _as_peak(entry, list(notes))
@@ -242,7 +232,7 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence
 def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.dtype,
            device: torch.device) -> dict[str, Any]:
     """The entry after one more measurement: a quiet one joins the quiet figures, a busy one replaces only a busy
-    entry. A GPU's is quiet whatever the CPU's load (a torchrun job's spinning barriers keep every core busy)."""
+    entry. A GPU's is quiet whatever the CPU's load (torchrun's barriers spin)."""
     quiet = not load.busy or device.type == "cuda"
     new = {"flops": float(flops), "quiet": quiet, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load": load.record()}
@@ -268,12 +258,11 @@ def _as_peak(entry: dict[str, Any], notes: list[str]) -> Peak:
 
 
 def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """Best FLOP/s of a square matmul with inputs already in `dtype` (no cast timed), big enough to reach the peak
-    (a low peak overstates MFU); the first half of `seconds` only warms up (kernel JIT, clock ramp-up)."""
+    """Best FLOP/s of a square matmul in `dtype` (no cast timed); the first half of `seconds` only warms up."""
     n = matmul_size(device, dtype)
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
     a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
-    repeats = 4 if device.type != "cpu" else 1  # a CPU matmul of this size is long enough to time alone
+    repeats = 4 if device.type != "cpu" else 1
     best, spent = 0.0, -seconds / 2
     with torch.no_grad():
         while spent < seconds or not best:
@@ -290,10 +279,8 @@ def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5
 
 
 def choose_dtype(device: torch.device, setting: str, born: str | None = None) -> tuple[torch.dtype, str]:
-    """The autocast dtype of train.dtype on `device`, and why, in words. `auto` is bf16 on CUDA GPUs that compute in
-    it (fp16 on Volta and Turing, fp32 below), but fp32 for weights `born` in bfloat16 on a GPU without bf16 (their
-    activations can exceed fp16's range); on a CPU with native bf16, bf16 where its cached peak is at least
-    BF16_MARGIN times fp32's."""
+    """The autocast dtype of train.dtype on `device`, and why, in words; `born`: the dtype the weights were trained
+    in (bf16 ones are not run in fp16, whose range their activations can exceed)."""
     if setting != "auto":
         return getattr(torch, setting), "train.dtype"
     if device.type == "cuda":
@@ -309,7 +296,7 @@ def choose_dtype(device: torch.device, setting: str, born: str | None = None) ->
     ratio = bf16.flops / fp32.flops
     chosen = torch.bfloat16 if ratio >= BF16_MARGIN else torch.float32
     how = "quiet" if fp32.quiet and bf16.quiet else "busy: measured again next time"
-    side = matmul_size(device, torch.bfloat16)  # that of float32 too: this CPU has native bf16
+    side = matmul_size(device, torch.bfloat16)
     return chosen, (f"auto: a {side}² matmul runs {bf16.flops / 1e12:.2f} TFLOP/s in bfloat16, "
                     f"{fp32.flops / 1e12:.2f} in float32 on this CPU, {ratio:.2f}x; bf16 pays from {BF16_MARGIN:g}x; "
                     f"measured {how}")

@@ -75,8 +75,7 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
     "rnn_cell": ("gru", "lstm"),
 }
 
-# The fields each model kind reads besides the shared ones (kind, n_layer, n_embd, block_size, dropout, vocab_size,
-# tie_embeddings).
+# The fields each model kind reads besides the shared ones.
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
             "head_dim", "mlp_hidden", "rope_theta", "norm_eps"),
@@ -126,9 +125,8 @@ class ModelConfig:
     n_embd: int = 384  # residual width, or the recurrent model's embedding and hidden-state width
     block_size: int = 256  # context length in tokens (the recurrent model trains on sequences this long)
     dropout: float = 0.0  # share of activations zeroed in training (attention, residual and MLP outputs)
-    # Biases: true in every linear layer and norm (GPT-2), false in none, or only in the places listed, of qkv (the
-    # query/key/value projection), proj (attention's output), mlp, norm: "proj,mlp,norm" is the book's GPT, no bias
-    # on q, k and v; "qkv" is Qwen2's. The recurrent cells always keep theirs.
+    # Biases: true everywhere (GPT-2), false nowhere, or only in the places listed of qkv, proj, mlp, norm ("qkv" is
+    # Qwen2's). The recurrent cells always keep theirs.
     bias: bool | str = True
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
     gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
@@ -219,8 +217,8 @@ class TrainConfig:
     batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
     grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
     max_iters: int = 5000  # optimizer steps
-    # Seconds from `lmlab train`'s start to the run's end, evals and checkpoints included: max_iters and the LR
-    # schedule are fitted to it from the first steps' times (lmlab/train/budget.py); 0: none; at most 366 days.
+    # Seconds from `lmlab train`'s start to the run's end, evals and checkpoints included (max_iters and the LR
+    # schedule are fitted to it); 0: none; at most 366 days.
     budget_seconds: float = 0.0
     optimizer: str = "adamw"  # which optimizer trains (one of OPTIMIZER_NAMES, each in lmlab.train.optim.OPTIMIZERS)
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
@@ -228,16 +226,16 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd: warmup then cosine decay, or warmup-stable-decay
     decay_fraction: float = 0.2  # wsd: share of the steps, at the end, over which the LR falls (1-sqrt) to min_lr
     warmup_iters: int = WARMUP_ITERS  # steps over which the LR rises linearly from 0 to learning_rate
-    # Passes over the train split the LR warms up over instead ("0.5": half a pass), made steps at the start as an
-    # eval_interval in epochs is (config.toml then keeps those steps as warmup_iters); 0: warmup_iters says.
+    # Passes over the train split the LR warms up over instead ("0.5": half a pass), kept in config.toml as
+    # warmup_iters; 0: warmup_iters says.
     warmup_epochs: float = 0.0
     lr_decay_iters: int = 0  # cosine: steps over which the LR decays to min_lr; 0: max_iters
     weight_decay: float = 0.1  # applied to 2-D weights only
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.99  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    # Steps between evaluations, or passes over the train split: "epoch" or "N epochs" ("0.5 epochs": two a pass),
-    # each at the first step past them; patience counts these evaluations.
+    # Steps between evaluations, or passes over the train split: "epoch" or "N epochs" ("0.5 epochs": two a pass);
+    # patience counts these evaluations.
     eval_interval: int | str = 250
     eval_iters: int = 50  # batches per split in each evaluation (the same batches every time)
     log_interval: int = 10  # steps between train lines in metrics.jsonl
@@ -256,8 +254,7 @@ class TrainConfig:
     tracker_project: str = "lmlab"  # wandb: the project the run is logged under
     tracker_run: str = ""  # wandb: the run's name there; "": the run dir's name
     parallel: str = "ddp"  # ddp | fsdp: under torchrun, a model replica per process, or sharded by FSDP2
-    # Under torchrun, seconds a process waits for the others in one collective before the job ends naming the host
-    # it waited for; above the longest pause one rank makes the others wait (a checkpoint, a first compiled step).
+    # Under torchrun, seconds a process waits for the others in one collective before the job ends naming the host.
     collective_timeout: float = 600.0
 
     def __post_init__(self) -> None:

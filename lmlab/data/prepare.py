@@ -1,9 +1,5 @@
-"""corpus -> token shards + tokenizer.json + meta.json, streamed, in parallel, resumable, renamed into place at the
-end. Passes over the source, none holding the corpus: a scan (each document's name and content hashed, characters
-counted), tokenizer training where the kind is trained, then tokenizing by worker processes (lmlab.data.encode)
-into shards in `.NAME.partial`, a progress record after every shard, so a killed prepare resumes. Memory: the
-largest document, IN_FLIGHT_PER_WORKER batches a worker, one shard buffer per split and 16 bytes a document
-(docs/reference/data.md)."""
+"""corpus -> token shards + tokenizer.json + meta.json: streamed (no pass holds the corpus), in parallel, resumable
+after every shard, renamed into place at the end. docs/reference/data.md gives the passes and their memory."""
 
 from __future__ import annotations
 
@@ -64,8 +60,8 @@ SEPARATOR = "\n\n"  # what ends every document of a char dataset, which has no e
 
 def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, plan: np.ndarray, cut: int | None,
              start: int) -> Iterator[tuple[list[tuple], list[str]]]:
-    """(tags, texts) batches from document `start` on: each text a chunk of a document (tokenizers.chunk_spans),
-    tagged (document index, split code, name, first chunk?, last chunk?); a long document spans several batches."""
+    """(tags, texts) batches from document `start` on, each text a chunk of a document tagged (document index, split
+    code, name, first chunk?, last chunk?)."""
     tags: list[tuple] = []
     texts: list[str] = []
     characters = 0
@@ -82,8 +78,7 @@ def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, pla
                 texts.append(doc.text[a:b] + (SEPARATOR if not kind.end_of_text and last else ""))
                 tags.append((index, code, name, number == 0, last))
                 characters += len(texts[-1])
-                # A batch ends with a document where it can (progress is recorded after whole documents only), and
-                # inside one longer than a batch.
+                # at a document's end where it can: progress is recorded after whole documents only
                 full = len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS
                 if (full and last) or characters >= 2 * BATCH_CHARS:
                     yield tags, texts
@@ -94,8 +89,7 @@ def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, pla
 
 def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray, cut: int | None,
                     kind: TokenizerKind) -> Iterator[str]:
-    """The train documents' text in chunks, up to options.tokenizer_chars characters: what bpe/word tokenizers
-    learn from (cut where their pre-tokens are cut anyway, so the counts are those of the whole documents)."""
+    """The train documents' text in chunks, up to options.tokenizer_chars characters, for a tokenizer to learn."""
     used = 0
     for index, doc in enumerate(iter_documents(files, options.text_field, options.normalization.function())):
         code, _, begin, end = parts(doc, index, plan, cut)[0]
@@ -117,8 +111,7 @@ def _chars_per_token(tokenizer: Tokenizer, files: list[str], options: PrepareOpt
 
 
 def _progress(console: Console | None) -> Progress | TaskLines:
-    """The scan's, the tokenizer's and the tokenizing's bars: live on a terminal, an output updated in place in a
-    notebook, lines every few seconds in a log or a pipe."""
+    """The scan's, the tokenizer's and the tokenizing's progress bars."""
     lines = console and task_lines(console, "documents")
     if lines:
         return lines
@@ -196,11 +189,10 @@ def _reusable(target: Path, job: dict[str, Any], force: bool) -> dict[str, Any] 
 def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Path = Path("data"),
             val_fraction: float = 0.1, force: bool = False, options: PrepareOptions | None = None,
             console: Console | None = None) -> tuple[Path, dict[str, Any], bool]:
-    """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, not rebuilt;
-    an interrupted one is resumed from its last finished shard. `spec` is a tokenizer kind, or the path of a folder
-    whose tokenizer to use as it is (a Hugging Face model's, an lmlab run's or dataset's: `load_pretrained`)."""
+    """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, an interrupted one
+    resumed. `spec` is a tokenizer kind, or the path of a folder whose tokenizer to use as it is."""
     options = options or PrepareOptions()
-    # A tokenizer that needs no training is loaded before the long scan: a missing file fails at once.
+    # before the long scan, so a missing file fails at once
     fixed = load_pretrained(Path(spec)) if is_path(spec) else None
     spec = fixed.spec if fixed else spec
     kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
@@ -233,8 +225,7 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
     _remove_old_copies(target)
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
-    # Another dataset of the same spec may have another tokenizer of that spec (a run's word:1000): its identity
-    # then tells the two apart.
+    # two tokenizers of one spec (a run's word:1000) are told apart by their identity
     same_tokenizer = {"tokenizer_identity": fixed.identity()} if fixed else {}
     if not kind.trained and not fixed:  # loaded before the long scan: fails at once
         fixed = train_tokenizer(spec, [], [], options.gpt2_dir)
@@ -284,7 +275,6 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
         # A row-packed split: readers find its layout here (lmlab.data.shards.Rows), not in the options.
         **({"rows": {"length": options.row_length, "pad_id": tokenizer.eot_id}} if options.row_length else {}),
         "tokenizer_sha256": sha256_file(work / "tokenizer.json"), **same_tokenizer,
-        # Of this process only: a resumed prepare times the part it did.
         "seconds": dict(zip(("scan", "tokenizer", "tokenize"), np.diff(clock).round(3).tolist())),
         "lmlab_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -295,8 +285,8 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
 
 
 def _remove_old_copies(target: Path) -> None:
-    """Delete what a prepare killed while replacing the dataset left of the old one (`_swap_into_place`): only
-    the lock's holder, this process, swaps this dataset, so every such copy is a leftover."""
+    """Delete what a prepare killed while replacing the dataset left of the old one: the lock's holder alone swaps,
+    so every such copy is a leftover."""
     for old in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
         shutil.rmtree(old, ignore_errors=True)
 

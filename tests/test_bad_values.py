@@ -17,7 +17,8 @@ import torch
 
 from lmlab.commands import build_parser, main
 from lmlab.commands.common import sampling
-from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig, load_config, load_finetune_config
+from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
+from lmlab.core.config_toml import load_config, load_finetune_config
 from lmlab.model import build_model
 from tests.helpers import ALPACA_TINY, write_config
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.core.config import ModelConfig, TrainConfig, load_config
+from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.model.gpt import GPT
 from lmlab.run.checkpoint import checkpoint_bytes, load_checkpoint, model_tensors, save_checkpoint

@@ -22,7 +22,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
+from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import configure, datasheet_peak, dtype_for_capability
 from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
 from lmlab.data.loader import BatchLoader

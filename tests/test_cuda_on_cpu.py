@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 from torch.overrides import TorchFunctionMode
 
-from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
+from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import compile_choice, configure, dtype_for_capability
 from lmlab.core.errors import UserError
 from lmlab.core.peak import choose_dtype

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from lmlab.core.config import ModelConfig, load_config
+from lmlab.core.config import ModelConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.commands.reference import config_page
-from lmlab.core.config import OPTIMIZER_NAMES, ModelConfig, TrainConfig, load_config
+from lmlab.core.config import OPTIMIZER_NAMES, ModelConfig, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.model import build_model
 from lmlab.model.memory import training_need

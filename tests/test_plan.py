@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import machine
 from lmlab.core.peak import peak_flops
 from lmlab.experiments.bench import with_vocab

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.analysis.runs import summarize
-from lmlab.core.config import SamplingParams, load_config
+from lmlab.core.config import SamplingParams
+from lmlab.core.config_toml import load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer

@@ -20,7 +20,8 @@ import torch
 
 from lmlab.commands import main
 from lmlab.core.busy import cores
-from lmlab.core.config import FinetuneConfig, TrainConfig, load_config
+from lmlab.core.config import FinetuneConfig, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer

@@ -14,7 +14,8 @@ import torch
 
 from lmlab.analysis.runs import summarize
 from lmlab.commands import main
-from lmlab.core.config import FinetuneConfig, SamplingParams, load_config
+from lmlab.core.config import FinetuneConfig, SamplingParams
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.inference.generate import instruct, sample
 from lmlab.run.rundir import STATE_FORMAT, RunDir

@@ -14,7 +14,7 @@ import torch
 
 from lmlab.api.training import train
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit

@@ -135,7 +135,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
     _describe(run, start, summary)
     _data(run, start, summary)
-    # A figure that was not finite is null in metrics.jsonl (`rundir.as_json`): such lines draw and count nothing.
+    # A figure that was not finite is null in metrics.jsonl (`events.as_json`): such lines draw and count nothing.
     summary.evals = [e for e in events if e.get("event") == "eval" and isinstance(e.get("val_loss"), (int, float))]
     summary.trains = [e for e in events if e.get("event") == "train" and isinstance(e.get("loss"), (int, float))]
     summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])

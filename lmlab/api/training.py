@@ -18,16 +18,8 @@ from rich.console import Console
 from lmlab.api.checks import checked, shown
 from lmlab.api.paths import check_destination
 from lmlab.core.busy import LoadMeter
-from lmlab.core.config import (
-    MAX_BUDGET_SECONDS,
-    SECTIONS,
-    RunConfig,
-    apply_overrides,
-    build_config,
-    load_config,
-    to_dict,
-    toml_value,
-)
+from lmlab.core.config import MAX_BUDGET_SECONDS, RunConfig
+from lmlab.core.config_toml import SECTIONS, apply_overrides, build_config, load_config, to_dict, toml_value
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.notebook import console_here

@@ -16,7 +16,7 @@ from lmlab.core.errors import UserError
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
     from lmlab.core.device import resolve_device
     from lmlab.core.threads import ThreadChooser
     from lmlab.experiments.bench import bench_batch, bench_threads, eval_cost
@@ -145,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         return plan_budget(args)
     from lmlab.analysis.runs import find_runs, summarize
     from lmlab.analysis.scaling import repeat_warning
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
     from lmlab.experiments.bench import with_vocab
     from lmlab.experiments.plan import (
         compute_note,
@@ -204,7 +204,7 @@ def plan_budget(args: argparse.Namespace) -> None:
 
     window, started = LoadMeter().start(), time.perf_counter() - process_age()  # as train counts its budget
     from lmlab.api.training import check_shape_kept, parse_duration
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
     from lmlab.core.threads import ThreadChooser
     from lmlab.experiments.sizing import choose_size, parse_size, with_vocab
 

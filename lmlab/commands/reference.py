@@ -16,11 +16,10 @@ from typing import Any
 
 from lmlab.commands.common import subcommands
 from lmlab.core import config
+from lmlab.core.config_toml import SECTIONS
 
 WIDTH = 100  # the usage lines' width, fixed so the page is the same on every terminal
 GENERATED = ("<!-- Written by `make docs` from {source}; do not edit: change the code and run `make docs`. -->\n")
-SECTIONS = {"data": config.DataConfig, "model": config.ModelConfig, "train": config.TrainConfig,
-            "finetune": config.FinetuneConfig}
 
 
 def cell(text: str) -> str:

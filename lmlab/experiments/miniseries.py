@@ -21,7 +21,8 @@ from rich.console import Console
 from lmlab.analysis.runs import summarize
 from lmlab.analysis.scaling import LossSurface, fit_loss_surface
 from lmlab.core.busy import LoadMeter
-from lmlab.core.config import RunConfig, load_config
+from lmlab.core.config import RunConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text

@@ -12,18 +12,11 @@ from lmlab.model.base import DecodeState
 
 
 class KVCache(DecodeState):
-    """Keys and values of every layer for a batch of sequences, preallocated to the context length, each row at
-    its own position: row b holds `pos[b]` tokens, fed at positions pos[b], pos[b] + 1, ... (under
-    grouped-query attention only the n_kv_head shared heads are cached).
-
-    Per-row offsets rather than left padding: a row's token at position p gets the rotary angle or position
-    embedding of p, as it would decoding alone, so batching changes no logit beyond summation order; a row can
-    leave, or a new sequence start in it, without shifting the others; and no compute goes to pad tokens. The
-    cost is a mask per step (each row's keys up to its own position), built once and shared by every layer.
-    A step reads the rows' live part of the cache (`shortened`), and one compiled decode step serves every length.
-    A prompt fed into a cache known to be empty (new, or one row just reset) needs no mask: it attends causally to
-    itself, which leaves SDPA free to pick flash attention on a GPU.
-    """
+    """Keys and values of every layer (the n_kv_head shared heads) for a batch of sequences, preallocated to the
+    context length: row b holds `pos[b]` tokens. Per-row offsets rather than left padding, so batching changes no
+    logit beyond summation order, a row can leave or start anew without shifting the others, and no compute goes
+    to pad tokens; the cost is one mask per step, shared by every layer (none for a prompt into an empty cache,
+    which leaves SDPA free to pick flash attention)."""
 
     def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
         # One position more than the context, never written: a step reads a view of at most block_size positions

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.core.config import RunConfig, TrainConfig, checkpoint_label, checkpoint_name, to_dict
+from lmlab.core.config import RunConfig, TrainConfig, checkpoint_label, checkpoint_name
+from lmlab.core.config_toml import to_dict
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel

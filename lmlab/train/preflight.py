@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.core.config import RunConfig, TrainConfig, to_dict
+from lmlab.core.config import RunConfig, TrainConfig
+from lmlab.core.config_toml import to_dict
 from lmlab.core.errors import UserError
 from lmlab.core.peak import Peak, choose_dtype, emulated_warning, peak_flops
 from lmlab.data.loader import check_block_size

@@ -166,6 +166,16 @@ def test_a_stop_signal_ends_the_timing_of_sizes_at_once_and_writes_nothing(prese
     assert "Traceback" not in err and not run.exists() and not (tmp_path / ".run.lock").exists()
 
 
+def test_size_auto_on_a_gpu_needs_a_fit_measured_on_that_gpu(preset, tmp_path, capsys, fake_gpu):
+    """A fit measured on a 2-core CPU says nothing of a GPU's speed by size (launch-bound small steps, a compiled
+    run): refused before any size is timed, naming the fit's machine and the refit."""
+    run = tmp_path / "run"
+    assert main(["train", str(preset), "--run", str(run), "--device", "cuda", "--budget", "20s", "--size", "auto"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "--size auto on NVIDIA A100-SXM4-80GB needs a fit measured on it" in said and "--refit" in said
+    assert not run.exists()
+
+
 def test_size_auto_needs_the_fit_beside_its_preset(tmp_path, char_dataset, capsys):
     bare = write_config(tmp_path / "bare.toml", char_dataset)
     assert main(["train", str(bare), "--run", str(tmp_path / "run"), "--budget", "20s", "--size", "auto"]) == 2

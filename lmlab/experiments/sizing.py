@@ -312,6 +312,11 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
                         f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
                         "miniseries of short runs), or give a size by its depth (--size 4).")
     device = resolve_device(device_name)
+    fitted_on = fit and (fit.measured.get("machine") or {}).get("gpu")
+    if fit and device.type == "cuda" and fitted_on != torch.cuda.get_device_name(device):
+        raise UserError(f"--size auto on {torch.cuda.get_device_name(device)} needs a fit measured on it: "
+                        f"{fit_path(preset)} was measured on {fitted_on or 'a CPU'}, whose speed by size is not this "
+                        f"GPU's; make one here with `lmlab scaling {preset} --refit`, or give a size (--size 4).")
     dtype, _ = choose_dtype(device, cfg.train.dtype)
     split = read_meta(Path(cfg.data.dataset))["train"]["tokens"]
     found = search(family, fit, budget, started, device, dtype, chooser, split, depths)

@@ -134,6 +134,53 @@ def test_on_cores_that_others_hold_the_work_is_timed_on_each_count(monkeypatch):
     assert json.dumps(choice.record(0))  # an event metrics.jsonl can hold
 
 
+class SteppedMeter:
+    """A load meter on a fake clock that each step moves by its seconds; `others` is the others' share of the cores."""
+
+    def __init__(self):
+        self.now = self.began = 0.0
+        self.others = 0.0
+
+    def start(self):
+        self.began = self.now
+        return self
+
+    def elapsed(self):
+        return self.now - self.began
+
+    def stop(self):
+        return Load(self.elapsed(), 2, self.others, None)
+
+
+@pytest.mark.parametrize("left_after, counts", [(1.5, [2, 1, 2, 1, 1]),  # the count left stalls now: retaken
+                                                 (0.25, [2, 1, 2, 2, 2])])  # the trial was slower: undone it stays
+def test_a_trial_is_judged_by_the_count_it_left_under_the_same_load(monkeypatch, left_after, counts):
+    """A hog arrives: a look at the load tries one thread; its step (0.375 s) is slower than the quiet steps of two
+    (0.25 s), so it is undone; the next step on two threads, under the hog, judges the trial again: slower still
+    (a stall), the trial is retaken for good; faster, the undoing stands."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for module in (threads, busy):
+        monkeypatch.setattr(module, "cores", lambda: [0, 1])
+    meter, before = SteppedMeter(), torch.get_num_threads()
+    try:
+        chooser = ThreadChooser(0, "train.threads", window=meter)
+        chooser.decide({})
+        seen = []
+        for seconds in [0.25] * 19:  # quiet, until a look at the load is due (binary fractions: an exact clock)
+            meter.now += seconds
+            assert chooser.stepped(seconds) is None
+        meter.others = 0.5
+        for seconds in (0.25, 0.375, left_after, 0.375, 0.375 if counts[-1] == 1 else 0.25):
+            meter.now += seconds
+            seen.append(torch.get_num_threads())
+            chooser.stepped(seconds)
+        reasons = chooser.choice.reason
+    finally:
+        torch.set_num_threads(before)
+    assert seen == counts
+    assert reasons == ("retaken" if counts[-1] == 1 else "undone")
+
+
 def test_the_choice_restarts_from_every_core_and_a_gpu_job_keeps_them(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     torch.set_num_threads(1)  # what an earlier job of this process chose

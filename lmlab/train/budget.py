@@ -151,7 +151,8 @@ class Budget:
         self.decided = not live
         self._seen = (made.step, made.spent)  # the newest step whose start is known, and the seconds spent then
         self._steps: deque[float] = deque(maxlen=PACE_STEPS)  # the newest steps' seconds, evaluations left out
-        self._costs = {"eval": made.eval_seconds, "checkpoint": made.checkpoint_seconds}
+        # An evaluation runs on the cores the steps do, so a load that slows them slows it alike: kept in steps.
+        self._eval_steps, self._checkpoint = made.eval_seconds / made.step_seconds, made.checkpoint_seconds
         self._anchor: tuple[float, float, float] | None = None  # the decay laid from (seconds, position) to an end
         self._given = made.position  # the newest position handed out: none after it is lower
         self.line: str | None = None  # what the newest `after_step` decided that is worth a line
@@ -163,7 +164,7 @@ class Budget:
 
     def _end(self) -> float:
         """When the last step must end: the budget less the last evaluation, its checkpoint and the exit."""
-        return self.plan.seconds - self._costs["eval"] - self._costs["checkpoint"] - self.plan.finish_seconds
+        return self.plan.seconds - self._eval_steps * self.pace - self._checkpoint - self.plan.finish_seconds
 
     def _began(self, step: int) -> float:
         """The seconds spent when `step` begins, as the newest known start and the pace foresee it."""
@@ -221,14 +222,14 @@ class Budget:
         if step % every_eval and step % every_checkpoint:
             self._steps.append(seconds)
         elif step % every_eval == 0:  # an evaluation, and mostly the checkpoint of its new best
-            self._costs["eval"] = max(0.0, seconds - self.pace - self._costs["checkpoint"])
+            self._eval_steps = max(0.0, seconds - self.pace - self._checkpoint) / self.pace
         else:
-            self._costs["checkpoint"] = max(0.0, seconds - self.pace)
+            self._checkpoint = max(0.0, seconds - self.pace)
 
     def _now(self, step: int) -> Plan:
         """The plan as it stands at `step`: the figures measured so far, the end foreseen."""
         return dataclasses.replace(self.plan, step=step, spent=self._began(step), step_seconds=self.pace,
-                                   eval_seconds=self._costs["eval"], checkpoint_seconds=self._costs["checkpoint"],
+                                   eval_seconds=self._eval_steps * self.pace, checkpoint_seconds=self._checkpoint,
                                    max_iters=self.last, position=self._position_at(step))
 
     def _decide(self, last: int, now: Plan) -> None:

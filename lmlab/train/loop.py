@@ -280,7 +280,7 @@ class Trainer:
             self.console.print(self.budget.describe(self.cfg.train), highlight=False)
         with progress_bar(self.console) as bar, self._stop as stop:
             task = bar.add_task("train", total=schedule.last_step, completed=p.step, info="")
-            stopping = bool(stop.signal)
+            stopping, evaluated = bool(stop.signal), p.step
             while p.step < schedule.last_step and not p.stopped_early and not stopping:
                 started = time.perf_counter()
                 self._take_step()
@@ -293,6 +293,7 @@ class Trainer:
                 if due.log:
                     bar.update(task, completed=p.step, info=self._log_train())
                 best = due.evaluate and self._evaluate_and_log()
+                evaluated = p.step if due.evaluate else evaluated
                 if best or due.save:
                     self.checkpointer.save(best)
                 # Agreed by all ranks: a stop (a signal, a failed write), and the seconds a budget has spent.
@@ -301,11 +302,14 @@ class Trainer:
                 stopping = bool(flag)
                 self._after_step(seconds, spent)
                 bar.update(task, completed=p.step, total=schedule.last_step)
-            # The last step is always saved, unless a write failed, which leaves the newest checkpoint as it is.
+            # The last step is always evaluated (a budget may decide only after a step that it was the last; the
+            # plan kept the time) and saved, unless a stop came first or a write failed, which leaves the newest
+            # checkpoint as it is.
             self._judge_queued_steps()
             failed = self.parallel.any(self.writes.error is not None)
-            if self.checkpointer.saved_step != p.step and not failed:
-                self.checkpointer.save(best=False)
+            best = evaluated != p.step and not stopping and not failed and self._evaluate_and_log()
+            if (best or self.checkpointer.saved_step != p.step) and not failed:
+                self.checkpointer.save(best)
         if failed:
             raise self.writes.failure(p.step)
         return self._finish(stop.signal)

@@ -152,7 +152,8 @@ class Budget:
         self._seen = (made.step, made.spent)  # the newest step whose start is known, and the seconds spent then
         self._steps: deque[float] = deque(maxlen=PACE_STEPS)  # the newest steps' seconds, evaluations left out
         # An evaluation runs on the cores the steps do, so a load that slows them slows it alike: kept in steps.
-        self._eval_steps, self._checkpoint = made.eval_seconds / made.step_seconds, made.checkpoint_seconds
+        self._eval_steps = made.eval_seconds / made.step_seconds if made.step_seconds > 0 else 0.0
+        self._checkpoint = made.checkpoint_seconds
         self._anchor: tuple[float, float, float] | None = None  # the decay laid from (seconds, position) to an end
         self._given = made.position  # the newest position handed out: none after it is lower
         self.line: str | None = None  # what the newest `after_step` decided that is worth a line

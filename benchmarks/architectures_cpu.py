@@ -20,7 +20,7 @@ from rich.table import Table
 from lmlab.analysis.runs import RunSummary
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter, busy_warning
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.data.prepare import prepare
 from lmlab.experiments.sweep import run_sweep
 

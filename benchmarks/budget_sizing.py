@@ -34,7 +34,7 @@ from rich.table import Table
 
 from lmlab.analysis.runs import summarize
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.peak import peak_flops
 from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare

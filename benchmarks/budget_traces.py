@@ -58,6 +58,7 @@ class Trace:
     warmup_iters: int = 20
     schedule: str = "cosine"
     resume_at: float | None = None
+    lag: int = 0  # steps late the seconds spent arrive: 1 for a torchrun job's ranks, agreeing in the background
     refused: bool = False  # the budget cannot hold its minimum: refused before training
 
     def others(self, now: float) -> float:
@@ -88,6 +89,7 @@ class Outcome:
     warmup: int = 0
     lrs: list[float] = field(default_factory=list)
     began: list[float] = field(default_factory=list)  # seconds spent when each step began
+    evaluated: list[int] = field(default_factory=list)  # the steps evaluated
     threads: list[int] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     train: TrainConfig | None = None
@@ -150,9 +152,17 @@ def _run(trace: Trace) -> Outcome:
         out.refused, out.ended = str(refused), clock.now
         return out
     schedule = Schedule(train)
-    schedule.budget = budget = Budget(made, intervals)
+    schedule.budget = budget = Budget(made, intervals, lag=trace.lag)
     out.planned, out.warmup = made.max_iters, made.warmup
-    frozen = evaluated = resumed = False
+    frozen = resumed = False
+    agreed = 0.0  # what the ranks' vote of the step before answers with
+
+    def evaluate() -> None:
+        batch = eval_batch * trace.step_seconds(clock.now, chooser.choice.threads) / step_now
+        clock.now += budget.plan.eval_iters * batch + trace.plot + (trace.first_eval if not out.evaluated else 0.0)
+        clock.now += trace.checkpoint
+        out.evaluated.append(out.steps)
+
     while out.steps < schedule.last_step:
         out.began.append(clock.now)
         out.lrs.append(schedule.lr(out.steps))
@@ -163,9 +173,7 @@ def _run(trace: Trace) -> Outcome:
         clock.now += seconds
         out.steps += 1
         if out.steps % trace.eval_interval == 0 or out.steps == schedule.last_step:
-            batch = eval_batch * trace.step_seconds(clock.now, chooser.choice.threads) / step_now
-            clock.now += budget.plan.eval_iters * batch + trace.plot + (0.0 if evaluated else trace.first_eval)
-            clock.now, evaluated = clock.now + trace.checkpoint, True
+            evaluate()
         elif out.steps % trace.checkpoint_interval == 0:
             clock.now += trace.checkpoint
         if trace.resume_at is not None and not resumed and clock.now >= trace.resume_at * trace.seconds:
@@ -173,9 +181,12 @@ def _run(trace: Trace) -> Outcome:
             schedule.budget = budget = Budget(saved, intervals, live=False)
             clock.now, resumed = clock.now + trace.startup, True
         chooser.stepped(seconds)
-        budget.after_step(out.steps, clock.now)
+        spent, agreed = (agreed, clock.now) if trace.lag else (clock.now, clock.now)
+        budget.after_step(out.steps, spent)
         if budget.line:
             out.lines.append(budget.line)
+        if out.steps == schedule.last_step and out.evaluated[-1:] != [out.steps]:
+            evaluate()  # the loop's: a step decided the last only after it was taken
     out.ended = clock.now + trace.plot + EXIT_SECONDS
     return out
 
@@ -216,6 +227,9 @@ def traces() -> list[Trace]:
         Trace("resumed mid-plan", 120, 0.1, resume_at=0.5),
         Trace("resumed mid-plan, wsd", 120, 0.1, resume_at=0.5, schedule="wsd"),
         Trace("resumed in warmup", 60, 0.5, resume_at=0.05, warmup_iters=50),
+        Trace("torchrun ranks, a step late", 10, 0.0127, startup=1.0, eval_interval=25, eval_iters=1, lag=1),
+        Trace("torchrun ranks, a hog from 50%", 60, 0.2, load=((0.5, 0.5),), lag=1),
+        Trace("torchrun ranks, a freeze at the end", 60, 0.2, freeze=(0.9, 8.0), lag=1),
     ]
     for at in (0.1, 0.5, 0.9):
         made += [Trace(f"a hog from {at:.0%}", 60, 0.2, load=((at, 0.5),)),

@@ -1,6 +1,6 @@
 """Whether `lmlab train --budget` ends when its budget does when the machine gets busy mid-run, for every preset.
 
-    python benchmarks/budget_under_load.py [--budgets 30,60,120,300] [--hog-at 0.33] [--hogs 1,2] [--lull]
+    python benchmarks/budget_under_load.py [--budgets 30,60,120,300] [--hog-at 0.33] [--hogs 1,2] [--lull] [--plot PNG]
         [--configs PRESET,...] [--auto configs/shakespeare-char-modern-cpu.toml] [--tree PATH ...]
 
 Prepares the Shakespeare datasets the presets need, then for each config and budget trains as a user does
@@ -38,7 +38,7 @@ from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
@@ -83,8 +83,10 @@ def train(config: str, run: Path, budget: float, tree: str, windows: list[tuple[
     plans = [e for e in events if e["event"] == "budget"]
     evals = [e for e in events if e["event"] == "eval"]
     threads = " ".join(f"{e['threads']}@{e['step']}" for e in events if e["event"] == "threads") or "-"
-    end = events[-1]
-    return {"wall": wall, "steps": end["step"], "plans": len(plans), "lr": end["lr"] / cfg.learning_rate,
+    end, trains = events[-1], [e for e in events if e["event"] == "train"]
+    last_lr = end.get("lr", trains[-1]["lr"] if trains else float("nan"))  # an older tree's: its last train line's
+    return {"wall": wall, "steps": end["step"], "plans": len(plans), "lr": last_lr / cfg.learning_rate,
+            "curve": [(e["elapsed"], e["lr"]) for e in trains],
             "val": evals[-1]["val_loss"] if evals else float("nan"), "threads": threads, "load": meter.load,
             "eval_iters": plans[0]["eval_iters"] if plans else cfg.eval_iters}
 
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--auto", default="configs/shakespeare-char-modern-cpu.toml", help="a preset also trained "
                         "with --size auto (\"\": none)")
     parser.add_argument("--tree", action="append", default=[], help="an lmlab source tree to run (repeatable)")
+    parser.add_argument("--plot", type=Path, help="a PNG of every run's LR against its seconds of training")
     args = parser.parse_args()
     configs = [(c, []) for c in args.configs.split(",") if c] + [(args.auto, ["--size", "auto"])] * bool(args.auto)
     for dataset in {Path(load_config(Path(c)).data.dataset) for c, _ in configs}:
@@ -114,7 +117,7 @@ def main() -> None:
     for column in ("tree", "config", "budget", "hogs", "wall", "vs budget", "steps", "plans", "last LR / peak", "val",
                    "eval batches", "threads", "others' CPU"):
         table.add_column(column, justify="left" if column in ("tree", "config") else "right")
-    progress = ItemProgress(console, len(cases))
+    progress, curves = ItemProgress(console, len(cases)), {}
     with tempfile.TemporaryDirectory(dir=".") as runs:
         for i, ((config, size), budget, hogs, tree) in enumerate(cases, 1):
             name = Path(config).stem.removeprefix("shakespeare-") + (" --size auto" if size else "")
@@ -123,12 +126,29 @@ def main() -> None:
                        [(args.hog_at * budget, float("inf"))])
             r = train(config, Path(runs) / f"run{i}", budget, tree, windows, hogs, size)
             others = "-" if r["load"].others is None else f"{100 * r['load'].others:.0f}%"
+            curves[f"{tree or 'installed'}: {name}, {budget:g} s, {hogs} hogs ({r['steps']} steps)"] = r["curve"]
             console.print(f"    wall {r['wall']:.1f} s ({100 * (r['wall'] / budget - 1):+.1f}%), {r['steps']} steps, "
                           f"{r['plans']} plans, val {r['val']:.4f}", highlight=False)
             table.add_row(tree or "installed", name, f"{budget:g} s", str(hogs), f"{r['wall']:.1f} s",
                           f"{100 * (r['wall'] / budget - 1):+.1f}%", f"{r['steps']:,}", str(r["plans"]),
                           f"{r['lr']:.3f}", f"{r['val']:.4f}", str(r["eval_iters"]), r["threads"], others)
     console.print(table)
+    if args.plot:
+        plot(curves, args.plot, when)
+
+
+def plot(curves: dict[str, list[tuple[float, float]]], path: Path, when: str) -> None:
+    from lmlab.analysis.plots import pyplot
+
+    fig, ax = pyplot().subplots(figsize=(9, 5), dpi=120)
+    for label, points in curves.items():
+        ax.plot(*zip(*points), label=label, marker=".", markersize=3)
+    ax.set(xlabel="seconds of training (the train lines' elapsed)", ylabel="learning rate",
+           title=f"The LR of budgeted runs, CPU hogs {when}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    console.print(f"LR curves: {path}")
 
 
 if __name__ == "__main__":

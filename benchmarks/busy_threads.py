@@ -32,7 +32,7 @@ from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter, cores
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir

@@ -18,7 +18,8 @@ from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter, busy_warning
-from lmlab.core.config import ModelConfig, RunConfig, TrainConfig, load_config
+from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.progress import ItemProgress
 from lmlab.experiments.bench import checkpoint_cost
 from lmlab.experiments.plan import shape_of

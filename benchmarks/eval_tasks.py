@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.data.prepare import prepare
 from lmlab.evals.tasks import encode_task, load_task
 from lmlab.inference.generate import document_start

@@ -36,7 +36,8 @@ import torch
 
 from checkpoint_io import measure  # benchmarks/checkpoint_io.py, beside this script
 from lmlab.commands.common import console
-from lmlab.core.config import SamplingParams, load_config
+from lmlab.core.config import SamplingParams
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import configure, no_gpu_reason, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops

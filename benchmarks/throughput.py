@@ -19,7 +19,7 @@ from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import busy_warning
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import resolve_device
 from lmlab.core.progress import ItemProgress
 from lmlab.experiments.bench import bench_batch

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.data.prepare import prepare
 from lmlab.train.loop import Trainer
 from tests.helpers import ALPACA_TINY, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext
@@ -84,7 +84,7 @@ def writing_char_run(tmp_path_factory, char_dataset) -> Path:
     breaks: what a continuation compared token for token, or shown on a page, needs."""
     from rich.console import Console
 
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
     from lmlab.train.loop import Trainer
 
     root = tmp_path_factory.mktemp("writing")

@@ -652,7 +652,7 @@ def hog(processes: int = 2):
                              capture_output=True, text=True, check=True)
     pids = [int(pid) for pid in started.stdout.split()]
     try:
-        while not all(_cpu_ticks(pid) for pid in pids):  # each has begun to spin, however long it took to start
+        while not all(cpu_ticks(pid) for pid in pids):  # each has begun to spin, however long it took to start
             time.sleep(0.01)
         yield
     finally:
@@ -660,7 +660,7 @@ def hog(processes: int = 2):
             os.kill(pid, signal.SIGKILL)
 
 
-def _cpu_ticks(pid: int) -> int:
+def cpu_ticks(pid: int) -> int:
     """The clock ticks process `pid` has run on a CPU (utime + stime in /proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])

@@ -29,7 +29,8 @@ from transformers import (
     pipeline,
 )
 
-from lmlab.core.config import SamplingParams, load_config
+from lmlab.core.config import SamplingParams
+from lmlab.core.config_toml import load_config
 from lmlab.data.prepare import PrepareOptions, prepare
 from lmlab.data.tokenizers import Tokenizer, load_pretrained
 from lmlab.hf import export_hf

@@ -225,7 +225,10 @@ WRONG_TYPES = [
     (lambda r, d: r.model(checkpoint=None), "checkpoint is None"),
     (lambda r, d: r.load(device=0), "device is 0"),
     (lambda r, d: r.history_frame(5), "history_frame(): too many positional arguments"),
-    (lambda r, d: r.plot(5), "plot(): too many positional arguments"),
+    (lambda r, d: r.plot(5), "what is 5; it must be a string"),
+    (lambda r, d: r.plot("gradients"), "what is 'gradients'; use one of loss, grad_norm"),
+    (lambda r, d: lmlab.Run.newest(5), "folders is 5; it must be a path, or a list of paths"),
+    (lambda r, d: lmlab.Run.newest(d / "empty"), "empty; train one (`make demo`, `lmlab train CONFIG`)"),
     (lambda r, d: lmlab.compare(None), "runs is None; it must be a run folder's path or an lmlab.Run, or a list"),
     (lambda r, d: lmlab.compare([r, 5]), "runs is [Run("),
     (lambda r, d: lmlab.compare(r for r in (r, 5)), "runs is [Run("),  # a generator, read once

@@ -17,7 +17,8 @@ import torch
 
 from lmlab.commands import build_parser, main
 from lmlab.commands.common import sampling
-from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig, load_config, load_finetune_config
+from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
+from lmlab.core.config_toml import load_config, load_finetune_config
 from lmlab.model import build_model
 from tests.helpers import ALPACA_TINY, write_config
 
@@ -210,7 +211,9 @@ def test_a_thread_count_past_the_cores_is_refused_in_one_line(capsys, paths, row
 # one line naming it, before anything is written.
 # (`prepare --name ""` has its own sentence: tests/test_errors.py.)
 EMPTY_ROWS = [Row("train {config}", "--run", str), Row("train", "--resume", str),
-              Row("prepare {corpus} --tokenizer char", "--out-dir", str)]
+              Row("prepare {corpus} --tokenizer char", "--out-dir", str),
+              # Where the command line alone writes (was: taken as not given, nothing written, nothing said).
+              Row("log {run}", "--plot", str), Row("compare {run}", "--plot", str)]
 
 
 @pytest.mark.parametrize("row", EMPTY_ROWS, ids=lambda row: f"{row.subcommand} {row.option}")

@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from lmlab.commands import main
 from lmlab.core.device import datasheet_peak
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.peak import peak_flops
 from lmlab.experiments.bench import find_max_batch, with_vocab
 from lmlab.model import build_model

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.core.config import TrainConfig, load_config
+from lmlab.core.config import TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir

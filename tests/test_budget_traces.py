@@ -1,6 +1,6 @@
 """A time budget's promises, held over every simulated machine of benchmarks/budget_traces.py (the real planner,
 `Budget`, `Schedule` and `ThreadChooser` on a fake clock, no training): a run ends within 5% of its budget or is
-refused before it trains; its last step's LR is min_lr; after warmup its LR never rises; its decay is never left
+refused before it trains; its last step is evaluated, at min_lr; after warmup its LR never rises; its decay is never left
 behind the clock; `plan` foresees the steps a steady machine trains; and the threads follow the load without
 flapping. A trace that breaks a promise it cannot keep (a step longer than what was left) says so in a line."""
 
@@ -22,6 +22,7 @@ def test_the_table_covers_every_kind_of_machine():
     assert len(TRACES) >= 30 and len(set(names)) == len(names)
     assert {t.step for t in TRACES} >= {0.01, 30.0} and any(t.refused for t in TRACES)
     assert {t.schedule for t in TRACES} == {"cosine", "wsd"} and any(t.resume_at for t in TRACES)
+    assert {t.lag for t in TRACES} == {0, 1}
     assert {at for t in TRACES for at, _ in t.load} >= {0.1, 0.5, 0.9} and any(t.freeze for t in TRACES)
 
 
@@ -42,6 +43,7 @@ def test_a_budget_keeps_its_promises(trace):
     if trace.refused:
         assert not out.lrs and "give a budget of at least" in out.refused  # before any step trained
         return
+    assert out.evaluated[-1] == out.steps, "the last step was not evaluated"
     if ended_at_once(trace):
         assert out.lines and out.lines[-1].endswith("the run ends here.")
         return

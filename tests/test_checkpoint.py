@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.core.config import ModelConfig, TrainConfig, load_config
+from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.model.gpt import GPT
 from lmlab.run.checkpoint import checkpoint_bytes, load_checkpoint, model_tensors, save_checkpoint
@@ -135,12 +136,29 @@ def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
         trainer(tmp_path, char_dataset, ["model.n_embd=64"], run="wide", init_from=str(tmp_path / "old"))
 
 
+@pytest.mark.parametrize("spec, folder, label", [("", "step_000020", "latest, step 20"),
+                                                 (":best", "step_000020", "best, step 20"),
+                                                 (":10", "step_000010", "step 10"),
+                                                 (":step_10", "step_000010", "step 10")])
+def test_init_from_says_the_run_and_checkpoint_it_starts_from(trained, tmp_path, capsys, spec, folder, label):
+    """Before: --init-from printed nothing of where it started, and took best or latest only (its help says step_N
+    or N too). A line names the run, the step folder and what was carried; the run's weights are that folder's."""
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(trained).config().data.dataset), max_iters=1)
+    new = tmp_path / "new"
+    assert main(["train", str(config), "--run", str(new), "--init-from", f"{trained}{spec}", "--set",
+                 "train.learning_rate=1e-9", "--set", "train.min_lr=1e-9"]) == 0
+    assert f"starting from {trained}, checkpoint {folder} ({label}): its weights (a new optimizer)" in \
+        capsys.readouterr().out
+    started, kept = weights(new, "step_000001"), weights(trained, folder)
+    assert all(torch.allclose(started[name], kept[name], atol=1e-4) for name in kept)
+
+
 @pytest.mark.slow
 def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the_weights(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, ["train.max_iters=90"])
     counts = np.bincount(t.train_tokens, minlength=t.cfg.model.vocab_size)
     rarest = int(np.where(counts > 0, counts, counts.max() + 1).argmin())
-    clean_next, clean_forward = t.loader.next, t.step.forward
+    clean_next, clean_forward = t.loader.next, t.train_step.forward
     batches = []
 
     def poisoned_next():
@@ -154,7 +172,7 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
         logits, loss = clean_forward(x, y)
         return logits, loss * float("nan") if t.progress.step == 40 else loss
 
-    t.loader.next, t.step.forward = poisoned_next, nan_forward
+    t.loader.next, t.train_step.forward = poisoned_next, nan_forward
     result = t.run()
     events = RunDir(result.run_dir).events()
     kinds = [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "spike", "rollback")]

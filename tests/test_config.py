@@ -1,7 +1,8 @@
 import pytest
 
-from lmlab.core import config
-from lmlab.core.config import RunConfig, build_config, load_config, to_toml
+from lmlab.core import config_toml
+from lmlab.core.config import RunConfig
+from lmlab.core.config_toml import build_config, load_config, to_toml
 from lmlab.core.errors import UserError
 
 
@@ -104,7 +105,7 @@ def test_compile_takes_a_bool_or_auto():
 
 
 def test_older_spellings_are_read_as_today_s_and_said_to_be_deprecated_once(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(config, "_SAID", set())  # a fresh process: none said yet
+    monkeypatch.setattr(config_toml, "_SAID", set())  # a fresh process: none said yet
     old = tmp_path / "config.toml"  # as a run written before one option per idea holds them
     old.write_text('[model]\nbias = false\nqkv_bias = true\n[train]\nmax_seconds = 30.0\neval_every = 0.5\n'
                    'eval_interval = 17\n')

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.core.config import ModelConfig, load_config
+from lmlab.core.config import ModelConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare

@@ -22,7 +22,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
+from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import configure, datasheet_peak, dtype_for_capability
 from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
 from lmlab.data.loader import BatchLoader
@@ -125,18 +126,18 @@ def test_fused_adamw_skips_a_non_finite_step_on_the_gpu(tmp_path, char_dataset):
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10),
                       ["train.log_interval=1", "train.compile=false"])
     trainer = Trainer(cfg, tmp_path / "run", "cuda")
-    clean = trainer.step.forward
+    clean = trainer.train_step.forward
 
     def nan_at_step_5(x, y):
         logits, loss = clean(x, y)
         return logits, loss * float("nan") if trainer.progress.step == 5 else loss
 
-    trainer.step.forward = nan_at_step_5
+    trainer.train_step.forward = nan_at_step_5
     trainer.run()
     events = RunDir(tmp_path / "run").events()
     assert [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "rollback")] == [("skip", 6)]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    steps = {float(s["step"]) for s in trainer.step.optimizer.state_dict()["state"].values()}
+    steps = {float(s["step"]) for s in trainer.train_step.optimizer.state_dict()["state"].values()}
     assert steps == {9.0}  # the skipped step moved neither the weights nor the moments nor the step count
 
 

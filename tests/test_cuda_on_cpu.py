@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 from torch.overrides import TorchFunctionMode
 
-from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig, load_config
+from lmlab.core.config import ModelConfig, SamplingParams, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import compile_choice, configure, dtype_for_capability
 from lmlab.core.errors import UserError
 from lmlab.core.peak import choose_dtype
@@ -27,9 +28,11 @@ from lmlab.inference.generate import stream_ids
 from lmlab.model.gpt import GPT
 from lmlab.model.loss import IGNORE, next_token_loss
 from lmlab.run.rundir import RunDir
-from lmlab.train.distributed import Parallel, cuda_index, mixed_precision
+from lmlab.train.distributed import Parallel, cuda_index
+from lmlab.train.fsdp import mixed_precision
 from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
-from lmlab.train.loop import Trainer, weights_born_in
+from lmlab.train.loop import Trainer
+from lmlab.train.preflight import weights_born_in
 from lmlab.train.step import TrainStep
 from tests.helpers import write_config
 
@@ -99,7 +102,7 @@ def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_pa
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=40),
                       ["train.dtype=float16", "train.log_interval=1"])
     trainer = Trainer(cfg, tmp_path / "run", "cpu")
-    trainer.step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 28)
+    trainer.train_step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 28)
     trainer.run()
     events = RunDir(tmp_path / "run").events()
     train = [e for e in events if e["event"] == "train"]

@@ -13,8 +13,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmlab.core.config import ModelConfig, SamplingParams
+from lmlab.inference import decode as decoding
 from lmlab.inference.compiled import compile_step, step_key
-from lmlab.inference.decode import Decoder, Sequence, eager_step, hold_weights
+from lmlab.inference.decode import Decoder, Sequence, hold_weights
 from lmlab.inference.generate import decoding_only
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
@@ -34,9 +35,9 @@ MODELS = {
 GREEDY = SamplingParams(max_new_tokens=30, temperature=0)
 
 
-def model(name: str):
+def model(name: str, **sizes):
     torch.manual_seed(0)
-    return build_model(ModelConfig(**BASE, **MODELS[name])).eval()
+    return build_model(ModelConfig(**{**BASE, **sizes}, **MODELS[name])).eval()
 
 
 def decode(m, prompts, params, capacity, starts=None, step=None):
@@ -102,18 +103,33 @@ def test_top_k_and_top_p_filter_each_row_by_its_own_settings():
         assert torch.equal(together[row], filter_logits(logits[row], temperature, top_k, top_p))
 
 
+class StateShapes:
+    """A step that records the shapes of the state tensors it is given, then runs `step`."""
+
+    def __init__(self, step):
+        self.step, self.shapes = step, set()
+
+    def __call__(self, idx, state):
+        self.shapes.add(tuple(tuple(t.shape) for t in state.tensors()))
+        return self.step(idx, state)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["modern", "gru"])  # a KV cache and a hidden state; qwen3 is modern's code, resized
-def test_the_compiled_step_gives_the_eager_logits_and_greedy_tokens(name):
-    m = model(name)
-    step = compile_step(m, 3, torch.float32)
-    prompts = [[1, 2, 3], [4] * 9, [7]]
+def test_the_compiled_step_gives_the_eager_logits_reading_the_live_part_of_the_cache(name):
+    m = model(name, block_size=256)
+    compiled = StateShapes(compile_step(m, 3, torch.float32))
+    prompts = [[1, 2, 3], [4] * 60, [7]]  # the second runs past 64 tokens
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (30, 12, 25)]
     eager = decode(m, prompts, params, 3, starts=[0, 0, 4])
-    compiled = decode(m, prompts, params, 3, starts=[0, 0, 4], step=step)
-    for (tokens, logits), (eager_tokens, eager_logits) in zip(compiled, eager):
+    ran = decode(m, prompts, params, 3, starts=[0, 0, 4], step=compiled)
+    for (tokens, logits), (eager_tokens, eager_logits) in zip(ran, eager):
         assert tokens == eager_tokens
         assert (logits - eager_logits).abs().max() < 1e-4
+    # One compiled step for every length: the keys and values of the rows' live part (64 positions, then 128 once
+    # a row holds more than 64 tokens), never the 256 of the context.
+    lengths = {shape[2] for shapes in compiled.shapes for shape in shapes[1:] if len(shape) == 4}
+    assert lengths == ({64, 128} if name == "modern" else set())
 
 
 class HeadRows:
@@ -150,7 +166,7 @@ class Softmaxes(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_each_step_attends_over_the_live_part_of_the_cache_with_the_logits_of_the_whole():
+def test_each_step_attends_over_the_live_part_of_the_cache_with_the_logits_of_the_whole(monkeypatch):
     torch.manual_seed(0)
     m = build_model(ModelConfig(**{**BASE, "block_size": 512}, **MODELS["modern"])).eval()
     prompts = [[1, 2, 3], [4] * 60]
@@ -158,7 +174,8 @@ def test_each_step_attends_over_the_live_part_of_the_cache_with_the_logits_of_th
     with Softmaxes() as attention:
         shortened = decode(m, prompts, params, 2)
     assert set(attention.lengths) == {64, 128}  # the rows hold at most 64 tokens, then 128; never 512
-    whole = decode(m, prompts, params, 2, step=eager_step(m, torch.float32))  # a given step: the whole cache
+    monkeypatch.setattr(decoding, "live_length", lambda longest, block_size: block_size)
+    whole = decode(m, prompts, params, 2)  # every step over the whole cache
     for (tokens, logits), (whole_tokens, whole_logits) in zip(shortened, whole):
         assert tokens == whole_tokens and (logits - whole_logits).abs().max() < 1e-5
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from lmlab.core.config import ModelConfig, load_config
+from lmlab.core.config import ModelConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
@@ -301,3 +302,82 @@ def test_fsdp_training_builds_the_model_whole_on_no_rank_but_rank_0s_host_copy(t
     builds = set((site / "builds.txt").read_text().splitlines())
     assert "rank 1: cpu" not in builds and "rank 1: meta" in builds, builds
     assert "rank 0: cpu" in builds  # the initial weights, given to every rank's shards
+
+
+# Each rank: one step, a checkpoint of it, a second step; the checkpoint loaded into the optimizer that took both,
+# then into a fresh one, each followed by the second step again. An odd vocabulary shards the embedding unevenly.
+RANK_LOADS = """
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.run.checkpoint import save_checkpoint
+from lmlab.train.distributed import setup
+from lmlab.train.optim import OPTIMIZERS
+
+config = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=41)
+parallel, device = setup("cpu", 60)
+torch.manual_seed(0)
+model, wrapped = parallel.build(config, "fsdp", device, torch.float32)
+batches = [torch.randint(0, 41, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+
+def step(optimizer, x):
+    wrapped(x, x)[1].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def held(optimizer):
+    return {(i, k): v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+
+
+def as_saved(optimizer, saved):
+    whole = {key: v.full_tensor() if hasattr(v, "full_tensor") else v for key, v in held(optimizer).items()}
+    return sorted(whole) == sorted(saved) and all(torch.equal(whole[key], saved[key]) for key in saved)
+
+
+def second_step_as_before(optimizer):
+    step(optimizer, batches[1])
+    return all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), after))
+
+
+optimizer = OPTIMIZERS["adamw"].build(model, TrainConfig(), device)
+step(optimizer, batches[0])
+folder = Path(sys.argv[1], "step_000001")
+weights, state = parallel.full_state(model, optimizer)
+if parallel.is_main:
+    save_checkpoint(folder.parent, 1, weights, state, {}, best=False)
+parallel.barrier()
+saved = {tuple(int(p) if p.isdigit() else p for p in name.split(".", 1)): t
+         for name, t in load_file(folder / "optimizer.safetensors").items()}
+step(optimizer, batches[1])
+after = [p.full_tensor() for p in model.parameters()]
+places = {key: v.to_local().data_ptr() if hasattr(v, "to_local") else v.data_ptr()
+          for key, v in held(optimizer).items()}
+parallel.load_checkpoint(folder, model, optimizer)
+kept = places == {key: v.to_local().data_ptr() if hasattr(v, "to_local") else v.data_ptr()
+                  for key, v in held(optimizer).items()}
+lines = [f"kept {kept}", f"loaded {as_saved(optimizer, saved)}", f"continues {second_step_as_before(optimizer)}"]
+fresh = OPTIMIZERS["adamw"].build(model, TrainConfig(), device)
+parallel.load_checkpoint(folder, model, fresh)
+lines += [f"fresh loaded {as_saved(fresh, saved)}", f"fresh continues {second_step_as_before(fresh)}"]
+Path(sys.argv[1], f"rank{parallel.rank}.txt").write_text(", ".join(lines))
+parallel.close()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_loads_each_ranks_slice_of_the_optimizer_state_into_the_shards_it_holds(tmp_path):
+    """A rollback's load copies each rank's slice of the saved state into the shards the optimizer holds (torch's
+    set_optimizer_state_dict made new ones beside them: the state twice on the device), a resume's first load makes
+    them once; either way the state is the checkpoint's and the next step is the one taken before, bit for bit."""
+    script = tmp_path / "load.py"
+    script.write_text(RANK_LOADS)
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout + job.stderr
+    expected = "kept True, loaded True, continues True, fresh loaded True, fresh continues True"
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)] == [expected] * 2

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.data.prepare import prepare
 from lmlab.inference.generate import document_start
 from lmlab.inference.scoring import token_scores

@@ -99,7 +99,7 @@ def run_dir(tmp_path_factory, char_dataset) -> Path:
     """A trained char run, made in the test venv: what serve and export-gguf would read."""
     from rich.console import Console
 
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
     from lmlab.train.loop import Trainer
 
     root = tmp_path_factory.mktemp("extras")

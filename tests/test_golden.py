@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.helpers import write_config

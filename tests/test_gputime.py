@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lmlab.commands import main
-from lmlab.core.config import ModelConfig, load_config
+from lmlab.core.config import ModelConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS
 from lmlab.experiments.gputime import COMPILE_GRAPH_SECONDS, COMPILE_NODE_SECONDS, gpu_step_time, trace
 from lmlab.experiments.plan import estimate, gpu_hardware, make_plan, shape_of

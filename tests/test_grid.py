@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.train.loop import Trainer
 from tests.helpers import LMLAB, run_cli, write_config
 
@@ -135,7 +135,7 @@ def base_and_instruct(tmp_path_factory, corpus_dir, char_dataset):
     """A trained lmlab run (char) and an imported instruct model (Qwen2.5-style template), both tiny."""
     from lmlab.hf import import_hf
     from lmlab.train.loop import Trainer
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
 
     pytest.importorskip("transformers")
     from tests.hf_reference import hf_chat_model

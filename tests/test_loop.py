@@ -7,7 +7,7 @@ import torch
 
 import lmlab
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer

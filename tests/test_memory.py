@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.memory_estimate import measured
+from benchmarks.prefill_memory import prefill_peak
 from lmlab.core.config import ModelConfig
 from lmlab.model.memory import (
     MemoryRefused,
@@ -17,6 +18,7 @@ from lmlab.model.memory import (
     check_fits,
     check_training,
     decoding_need,
+    prefill_bytes,
     training_need,
 )
 from lmlab.run.rundir import RunDir
@@ -34,14 +36,35 @@ def test_decoding_rows_on_a_gpu_are_checked_against_its_free_memory(fake_gpu):
     assert 4.3 * 2**30 < per_row < 4.5 * 2**30  # every layer's keys and values, 40,960 positions in bf16
     with pytest.raises(MemoryRefused) as refusal:
         check_decoding(QWEN3, 16, QWEN3.block_size, "--max-batch", torch.device("cuda"), torch.bfloat16)
-    largest = int(0.9 * 21 * 2**30) // per_row  # 10% of it left for CUDA's workspaces and fragmentation
-    assert refusal.value.largest == largest == 4
+    # 10% of it left for CUDA's workspaces and fragmentation, and a prompt's prefill beside the rows
+    largest = (int(0.9 * 21 * 2**30) - prefill_bytes(QWEN3, torch.bfloat16)) // per_row
+    assert refusal.value.largest == largest == 3
     assert "the GPU (cuda:0) has 21.0 GiB free (10% of it left for CUDA's workspaces" in str(refusal.value)
     assert f"the largest that fits is {largest}: set --max-batch to {largest} or less" in str(refusal.value)
     check_decoding(QWEN3, largest, QWEN3.block_size, "--max-batch", torch.device("cuda"), torch.bfloat16)
-    fake_gpu(free=int(4.2 * per_row))  # four rows fit the free memory, but not beside the headroom
+    fake_gpu(free=int(3.2 * per_row))  # three rows fit the free memory, but not beside the headroom
     with pytest.raises(MemoryRefused):
-        check_decoding(QWEN3, 4, QWEN3.block_size, "--max-batch", torch.device("cuda"), torch.bfloat16)
+        check_decoding(QWEN3, 3, QWEN3.block_size, "--max-batch", torch.device("cuda"), torch.bfloat16)
+
+
+def test_a_prompts_prefill_is_counted_beside_the_rows_of_a_loaded_model(fake_gpu):
+    per_row = decoding_need(QWEN3, torch.bfloat16, QWEN3.block_size).each
+    prefill = prefill_bytes(QWEN3, torch.bfloat16)
+    assert 1.5 * 2**30 < prefill < 4 * 2**30  # one layer's activations over 40,960 tokens, not the whole model's
+    fake_gpu(free=int((2 * per_row + prefill // 2) / 0.9))  # two rows fit, but not beside a long prompt's prefill
+    with pytest.raises(MemoryRefused, match="the largest that fits is 1"):
+        check_decoding(QWEN3, 2, QWEN3.block_size, "--max-batch", torch.device("cuda"), torch.bfloat16)
+    fake_gpu(free=int((2 * per_row + prefill) / 0.9) + 2**20)
+    check_decoding(QWEN3, 2, QWEN3.block_size, "--max-batch", torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_prefill_estimate_is_above_the_peak_a_prefill_measures_and_near_it(dtype):
+    """benchmarks/prefill_memory.py measures more shapes and lengths."""
+    config = ModelConfig(n_layer=2, n_head=8, n_kv_head=2, n_embd=256, block_size=1024, vocab_size=512,
+                         pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False)
+    peak = prefill_peak(config, dtype)
+    assert peak < prefill_bytes(config, dtype) < 4 * peak, (peak, prefill_bytes(config, dtype))
 
 
 def test_a_training_step_on_a_gpu_is_left_to_the_allocator(fake_gpu):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.core.config import BUILT_IN_KINDS, KIND_FIELDS, ModelConfig, SamplingParams, build_config
+from lmlab.core.config import BUILT_IN_KINDS, KIND_FIELDS, ModelConfig, SamplingParams
+from lmlab.core.config_toml import build_config
 from lmlab.core.errors import UserError
 from lmlab.hf import export_hf
 from lmlab.inference.generate import stream_ids

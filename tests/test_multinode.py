@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import pytest
 
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer

@@ -5,6 +5,7 @@ cell stops on Kernel > Interrupt with a checkpoint, and resumes to the numbers o
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -72,6 +73,26 @@ def test_the_study_notebook_runs_on_a_kernel(tmp_path, writing_char_run):
     text = "ROMEO:\nLove night day sweet death fair,\nThou art the sun,\n"
     notebook = execute("study.ipynb", tmp_path, {"RUN": str(writing_char_run), "TEXT": text, "LAYER": 1, "HEAD": 1})
     assert "torch.Size([" in "".join(outputs(cell_with(notebook, "weights = head_weights("), "text/plain"))
+    losses = cell_with(notebook, "F.cross_entropy(")
+    assert outputs(losses, "image/png") and "nats: " in "".join(outputs(losses, "text/plain"))
+
+
+@pytest.mark.slow
+def test_the_study_notebook_as_shipped_studies_the_newest_run_and_says_what_another_kind_cannot_show(
+        tmp_path, char_dataset, writing_char_run):
+    """Before: it opened "runs/demo", where `make demo` writes runs/demo-<timestamp> (a UserError), and a model of
+    another kind than lmlab's GPT failed in an AttributeError (`no attribute 'transformer'`). As shipped (RUN None)
+    it studies the run written to last; a recurrent one shows its evaluations and losses, and one sentence says
+    why not its attention."""
+    shutil.copytree(writing_char_run, tmp_path / "runs" / "demo-20250101-120000")
+    config = write_config(tmp_path / "gru.toml", char_dataset, max_iters=10)
+    lmlab.train(config, run=tmp_path / "runs" / "gru", set=["model.kind=recurrent"], console=Console(quiet=True))
+    text = "ROMEO:\nLove night day sweet death fair,\n"  # the characters of the tests' corpus
+    notebook = execute("study.ipynb", tmp_path, {"RUNS": ["runs"], "TEXT": text})
+    assert "gru" in "".join(outputs(cell_with(notebook, "lmlab.Run.newest("), "text/html"))
+    said = "".join(outputs(cell_with(notebook, "GPT = "), "text/plain"))
+    assert "gru is a recurrent model, not lmlab's GPT: its attention (if it has any) is not where this notebook" in said
+    assert not outputs(cell_with(notebook, "ax.imshow("), "image/png")
     losses = cell_with(notebook, "F.cross_entropy(")
     assert outputs(losses, "image/png") and "nats: " in "".join(outputs(losses, "text/plain"))
 

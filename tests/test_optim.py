@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.commands.reference import config_page
-from lmlab.core.config import OPTIMIZER_NAMES, ModelConfig, TrainConfig, load_config
+from lmlab.core.config import OPTIMIZER_NAMES, ModelConfig, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.model import build_model
 from lmlab.model.memory import training_need
@@ -36,7 +37,7 @@ def trainer(tmp_path, dataset, overrides, run, **kw) -> Trainer:
 def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_dataset, kind):
     overrides = [*MUON, f"model.kind={kind}", "train.threads=1"]  # bitwise: the same threads in both runs
     straight = trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=16"], "straight")
-    assert isinstance(straight.step.optimizer, MuonAdamW)
+    assert isinstance(straight.train_step.optimizer, MuonAdamW)
     straight.run()
     trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=8"], "resumed").run()
     run = tmp_path / "resumed"
@@ -54,17 +55,17 @@ def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_da
 @pytest.mark.slow
 def test_muon_skips_a_non_finite_step_in_both_halves(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, [*MUON, "train.max_iters=10"], "run")
-    clean_forward = t.step.forward
+    clean_forward = t.train_step.forward
 
     def nan_forward(x, y):
         logits, loss = clean_forward(x, y)
         return logits, loss * float("nan") if t.progress.step == 4 else loss
 
-    t.step.forward = nan_forward
+    t.train_step.forward = nan_forward
     result = t.run()
     assert [(e["event"], e["step"]) for e in RunDir(result.run_dir).events() if e["event"] == "skip"] == [("skip", 5)]
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
-    assert t.step.optimizer.adamw.state_dict()["state"][0]["step"].item() == 9  # 10 steps, one skipped
+    assert t.train_step.optimizer.adamw.state_dict()["state"][0]["step"].item() == 9  # 10 steps, one skipped
 
 
 def _muon_moves(optimizer: type, **settings) -> list[torch.Tensor]:

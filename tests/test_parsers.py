@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmlab.core.config import SECTIONS, load_config, load_finetune_config
+from lmlab.core.config_toml import SECTIONS, load_config, load_finetune_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.serving.openai_api import ApiError

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import machine
 from lmlab.core.peak import peak_flops
 from lmlab.experiments.bench import with_vocab
@@ -101,6 +101,18 @@ def test_the_mfu_comes_from_a_finished_run_of_the_same_config_before_a_newer_sho
     h100_run(tmp_path / "short", config.replace("batch_size = ", "batch_size = 1"), [0.12], False, 2_000_000)
     code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path)
     assert code == 0 and f"42.0% (the median of {same}, of this config, of the 989 TFLOP/s" in " ".join(out.split())
+
+
+def test_a_run_of_the_same_model_trained_otherwise_lends_no_mfu(capsys, tmp_path):
+    """Before: with no run of the config, plan took the MFU of any run of the same model (another batch: 28.1 min
+    said where the config itself ran in about 17). Only a run of the same config is what the plan plans."""
+    config = Path(GPT2).read_text()
+    other = h100_run(tmp_path / "other", config.replace("batch_size = ", "batch_size = 1"), [0.12] * 5, True, 1)
+    code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path)
+    assert code == 0 and "(the GPU time model's: " in out and str(other) not in out
+    same = h100_run(tmp_path / "same", config, [0.40, 0.42, 0.41], True, 2)
+    code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path)
+    assert code == 0 and f"(the median of {same}, of this config," in " ".join(out.split())
 
 
 def test_an_unprepared_dataset_leaves_unique_tokens_unknown(capsys, tmp_path):

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.analysis.runs import summarize
-from lmlab.core.config import SamplingParams, load_config
+from lmlab.core.config import SamplingParams
+from lmlab.core.config_toml import load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
@@ -80,7 +81,7 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
 @pytest.mark.slow
 def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, capsys):
     t = Trainer(load_config(write(tmp_path / "cv.toml", wikitext_dataset, max_iters=20)), tmp_path / "guarded", "cpu")
-    clean_forward, poisoned = t.step.forward, []
+    clean_forward, poisoned = t.train_step.forward, []
 
     def nan_forward(x, y):  # three non-finite training steps in a row, once: skipped, then rolled back
         logits, loss = clean_forward(x, y)
@@ -89,7 +90,7 @@ def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, 
             loss = loss * float("nan")
         return logits, loss
 
-    t.step.forward = nan_forward
+    t.train_step.forward = nan_forward
     events = RunDir(t.run().run_dir).events()
     assert [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "rollback")] == \
         [("skip", 15), ("skip", 16), ("rollback", 17)]
@@ -366,3 +367,19 @@ def test_a_plugins_own_exception_after_training_is_named_by_sample_and_eval(tmp_
         assert code == 2 and len(err.strip().splitlines()) == 1 and not out, err
         assert err.startswith("error: the model plugin 'moody' (package lmlab-moody, lmlab_moody:Tiny) raised "), err
         assert "in its forward of " in err and "choose another folder" not in err, err
+
+
+@pytest.mark.parametrize("kind, options, why", [
+    ("context-vector", "mlp_ratio = 2", "'context-vector': a plugin's model takes its shape from options of its own "
+                                        "([model.options]), which lmlab cannot scale; use a gpt preset"),
+    ("recurrent", "", "'recurrent': a recurrent model's width is its own setting; use a gpt preset")])
+def test_a_kind_without_a_depth_dial_is_refused_a_refit_and_a_size_saying_why(tmp_path, char_dataset, capsys, kind,
+                                                                            options, why):
+    """Before: `scaling PRESET --refit` of a plugin's preset said only that model.kind was not gpt. A size is a depth
+    of a GPT's family, its width following from it: the refusal says what the kind lacks, before anything trains."""
+    preset = write(tmp_path / "p.toml", char_dataset, kind, options)
+    for command in (["scaling", preset, "--refit", "--dir", tmp_path / "runs", "--device", "cpu"],
+                    ["train", preset, "--run", tmp_path / "run", "--size", "2", "--device", "cpu"]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and why in " ".join(err.split()), err
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "runs").glob("*/*"))

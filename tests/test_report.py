@@ -14,7 +14,8 @@ import pytest
 
 from lmlab.analysis.runs import summarize
 from lmlab.commands import main
-from lmlab.core.config import SamplingParams, load_config
+from lmlab.core.config import SamplingParams
+from lmlab.core.config_toml import load_config
 from lmlab.core.humanize import format_duration
 from lmlab.evals.evaluate import evaluate_run
 from lmlab.inference.generate import sample

@@ -20,7 +20,8 @@ import torch
 
 from lmlab.commands import main
 from lmlab.core.busy import cores
-from lmlab.core.config import FinetuneConfig, TrainConfig, load_config
+from lmlab.core.config import FinetuneConfig, TrainConfig
+from lmlab.core.config_toml import load_config
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
@@ -315,6 +316,71 @@ def test_a_run_without_pointers_resumes_and_samples_from_its_step_folders(capsys
             run, needles=("already has checkpoints", "--resume"))
     assert main(["train", "--resume", str(run), "--set", "train.max_iters=30"]) == 0
     assert "Resumed" in capsys.readouterr().out and RunDir(run).checkpoint("latest").name == "step_000030"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lines", [1, 3])
+def test_train_piped_into_head_during_its_set_up_stops_before_its_first_step(tmp_path, char_dataset, lines):
+    """Before: `lmlab train CONFIG | head -3` (the reader gone while the run set up) left it `crashed`, with no
+    checkpoint and no `end` event. A reader gone before the run is begun ends the command as a pipe's reader ends
+    any (status 141), nothing written; once it is begun, as one gone later does: a checkpoint of where it stands,
+    `stopped_by` SIGPIPE, status 0. (Which of the two a line count meets depends on the notes a machine prints.)"""
+    config = write_config(tmp_path / "long.toml", char_dataset, max_iters=1_000_000)
+    run = tmp_path / "run"
+    child = subprocess.Popen([LMLAB, "train", str(config), "--run", str(run), "--device", "cpu"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(lines):
+        assert not child.stdout.readline().startswith("step ")  # still setting up
+    child.stdout.close()  # as `head -N` does once it has its lines
+    code, err = child.wait(timeout=300), child.stderr.read()
+    assert code in (0, 141) and "Traceback" not in err, err
+    if code == 141:
+        assert not run.exists() and not (tmp_path / ".run.lock").exists()
+        return
+    end = events_of(run, "end")[-1]
+    assert (end["stopped_by"], end["step"]) == ("SIGPIPE", 0)
+    assert RunDir(run).checkpoint("latest").name == "step_000000"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_the_set_up_ends_it_at_once_in_one_line(tmp_path, char_dataset, stop):
+    """Before: SIGTERM while PyTorch loaded ended the command without a word (Python's default), and SIGINT in a
+    call that does not return to Python was held. Sent as the first line is read (PyTorch still loading): one
+    line, status 130, nothing written; or, should the run have been begun already, stopped after no step."""
+    config = write_config(tmp_path / "long.toml", char_dataset, max_iters=1_000_000)
+    run = tmp_path / "run"
+    child = subprocess.Popen([LMLAB, "train", str(config), "--run", str(run), "--device", "cpu"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "setting up" in child.stdout.readline()
+    child.send_signal(stop)
+    out, err = child.communicate(timeout=300)
+    assert "Traceback" not in err, err
+    if child.returncode == 130:
+        assert f"stopped by {stop.name} while it set up: nothing was written" in err
+        assert not run.exists() and not (tmp_path / ".run.lock").exists()
+        return
+    assert child.returncode == 0 and events_of(run, "end")[-1]["stopped_by"] == stop.name, out + err
+
+
+@pytest.mark.slow
+def test_finetune_piped_into_head_during_its_set_up_stops_after_a_step_and_goes_on(tmp_path, imported_gpt2):
+    """The same of a fine-tune (`lmlab finetune ... | head -1` left it `crashed`): stopped as SIGPIPE with a
+    checkpoint, and the same command again finishes it."""
+    command = [LMLAB, "finetune", str(imported_gpt2), "--data", str(ALPACA_TINY), "--out", str(tmp_path / "ft"),
+               "--set", "finetune.epochs=1", "--device", "cpu"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child.stdout.readline()
+    child.stdout.close()
+    assert child.wait(timeout=300) == 0, child.stderr.read()
+    end = events_of(tmp_path / "ft", "end")[-1]
+    assert end["stopped_by"] == "SIGPIPE" and RunDir(tmp_path / "ft").step_folders()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "val loss by epoch" in done.stdout, done.stderr
+    assert events_of(tmp_path / "ft", "end")[-1]["stopped_by"] is None
 
 
 @pytest.mark.slow

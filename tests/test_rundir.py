@@ -14,7 +14,8 @@ import torch
 
 from lmlab.analysis.runs import summarize
 from lmlab.commands import main
-from lmlab.core.config import FinetuneConfig, SamplingParams, load_config
+from lmlab.core.config import FinetuneConfig, SamplingParams
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.inference.generate import instruct, sample
 from lmlab.run.rundir import STATE_FORMAT, RunDir
@@ -159,6 +160,11 @@ BAD_LINES = [
     (b'{"event": "sizing", "candidates": 5}', "a sizing event whose candidates is not a list"),
     (b'{"event": "end", "step": 60, "tokens": 1, "elapsed": 1, "stopped_early": false, "stopped_by": 5}',
      "an end event whose stopped_by is not a string or null"),
+    # Numbers lmlab never writes (it writes standard JSON, a non-finite figure as null): a step of 10^400 parsed and
+    # overflowed the report's plot; NaN and 1e400 (inf) are no JSON at all.
+    (b'{"event": "eval", "step": 1' + b"0" * 400 + b', "val_loss": 1}', "an eval event whose step is 1000000"),
+    (b'{"event": "eval", "step": 53, "val_loss": NaN}', "an eval event whose val_loss is nan, past any figure"),
+    (b'{"event": "train", "step": 54, "loss": 1e400, "lr": 1}', "a train event whose loss is inf, past any figure"),
 ]
 
 

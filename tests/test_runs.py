@@ -16,7 +16,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from lmlab.analysis.runs import summarize
 from lmlab.analysis.scaling import LossSurface, fit_caveats, fit_loss_surface, fit_power_law
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
@@ -336,3 +336,58 @@ def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tok
     assert ("bits/byte: % change, as they were scored on different text (tuned: held-out instruction records, not "
             "a val split): a loss per token of one is not the other's") in said
     assert said.count("different text") == 1, said  # before: "... on different text: their losses are of different text"
+
+
+@pytest.mark.slow
+def test_an_imported_model_compares_on_its_evaluation_of_a_val_split(imported_gpt2, corpus_dir, tiny_run, capsys,
+                                                                      tmp_path):
+    """Before: `lmlab compare runs/sft runs/gpt2` after import-hf and a whole-split `lmlab eval` refused the import
+    with "train it past one eval_interval". An import (or a run stopped before its first evaluation) compares on
+    its checkpoint's kept `lmlab eval`; what it trained elsewhere is no figure of it here ("-", null)."""
+    run = Path(shutil.copytree(imported_gpt2, tmp_path / "gpt2"))
+    (run / "evaluations.json").unlink(missing_ok=True)  # the session's import, as another test may have evaluated it
+    assert main(["compare", str(tiny_run), str(run)]) == 2
+    assert f"evaluate it on a val split of its tokenizer with `lmlab eval {run} --dataset DIR`" in \
+        capsys.readouterr().err
+    dataset, _, _ = prepare([str(corpus_dir)], str(run), name="own", out_dir=tmp_path / "data")
+    assert main(["eval", str(run), "--dataset", str(dataset)]) == 0
+    evaluation = RunDir(run).evaluations()[-1]
+    capsys.readouterr()
+    assert main(["compare", str(run), str(tiny_run), "--json"]) == 0
+    rows = {row["run"]: row for row in json.loads(capsys.readouterr().out)["runs"]}
+    imported = rows["gpt2"]
+    assert (imported["best_val_loss"], imported["val_from"]) == (evaluation["loss"], "lmlab eval")
+    assert imported["bits_per_byte"] == evaluation["bits_per_byte"]
+    assert imported["tokens"] is imported["flops"] is imported["chinchilla_percent"] is None
+    assert rows[tiny_run.name]["tokens_ratio"] is None and rows[tiny_run.name]["tokens"] > 0
+    assert main(["compare", str(tiny_run), str(run), "--wide"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("gpt2"))
+    assert f"{evaluation['loss']:.4f} (eval)" in line
+
+
+def test_log_gives_each_evaluations_perplexity_accuracy_and_gradient_norm_and_plots_the_norm(trained, capsys,
+                                                                                              tmp_path):
+    """Before: `lmlab log --wide` had loss columns only, and grad_norm was in metrics.jsonl alone (a WikiText-2
+    study's table of perplexity and accuracy by evaluation, and the LR hypothesis it tests on the gradient norm)."""
+    import math
+
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    assert main(["eval", str(run), "--checkpoint", "20"]) == 0  # accuracy is measured by `lmlab eval` only
+    measured = RunDir(run).evaluations()[-1]
+    capsys.readouterr()
+    assert main(["log", str(run), "--json", "--plot", str(tmp_path / "norm.png")]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)["evaluations"]
+    events = RunDir(run).events()
+    for row in rows:
+        assert row["perplexity"] == pytest.approx(math.exp(row["val_loss"]))
+        before = max(e["step"] for e in events if e["event"] == "eval" and e["step"] < row["step"]) \
+            if row["step"] > 10 else 0
+        norms = [e["grad_norm"] for e in events if e["event"] == "train" and before < e["step"] <= row["step"]]
+        assert (row["grad_norm"], row["grad_norm_max"]) == (pytest.approx(sum(norms) / len(norms)), max(norms))
+    assert [row["accuracy"] for row in rows] == [None, measured["accuracy"]]  # step 10 was not measured
+    assert f"{tmp_path / 'norm.png'}" in err and (tmp_path / "norm.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["log", str(run), "--wide"]) == 0
+    table = capsys.readouterr().out
+    assert "perplexity" in table and "accuracy" in table and "grad norm (mean / max)" in table
+    assert f"{measured['accuracy']:.3f}" in table and f"{rows[0]['perplexity']:.2f}" in table

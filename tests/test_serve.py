@@ -129,7 +129,9 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server):
         error = caught.value.body
         assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["code"] == "context_length_exceeded"
-    for name, value in [("repetition_penalty", 1.1), ("min_p", 0.05), ("ignore_eos", True), ("foo", 1)]:
+    # JSON's false is not 0 nor true 1, as the OpenAPI document's enums have them (Python's == took them: ST201).
+    for name, value in [("repetition_penalty", 1.1), ("min_p", 0.05), ("ignore_eos", True), ("foo", 1),
+                        ("frequency_penalty", False), ("best_of", True), ("presence_penalty", [])]:
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="sft", prompt="x", max_tokens=2, extra_body={name: value})
         assert caught.value.body["param"] == name and f"`{name}`" in caught.value.body["message"]

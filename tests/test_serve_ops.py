@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.fileio import sha256_file
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.run.rundir import RunDir
 from tests.helpers import Server, post
 
 pytest.importorskip("fastapi")
@@ -56,5 +57,23 @@ def test_a_chat_of_as_many_messages_as_the_context_holds_is_described(writing_ch
             status, answer = post(f"{server.url}/chat/completions",
                                   json.dumps({"messages": turns, "max_tokens": 1}).encode())
             assert status == 200, (count, chars, answer)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_char_runs_prompt_is_bounded_as_the_server_bounds_it(writing_char_run):
+    """Before: the document kept two tokens for special tokens a char tokenizer never adds, so a prompt of the
+    whole context broke it and the server took it (schemathesis: ST201). A tokenizer of one token a character is
+    described exactly: the longest prompt the document allows is the longest the server takes."""
+    server = Server(writing_char_run)
+    try:
+        document = json.loads(urllib.request.urlopen(f"{server.root}/openapi.json", timeout=60).read())
+        body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]
+        longest = body["schema"]["properties"]["prompt"]["anyOf"][0]["anyOf"][0]["maxLength"]
+        assert longest == RunDir(writing_char_run).config().model.block_size
+        for length, status in ((longest, 200), (longest + 1, 400)):
+            got, _ = post(f"{server.url}/completions", json.dumps({"prompt": "a" * length, "max_tokens": 1}).encode())
+            assert got == status, length
     finally:
         server.stop()

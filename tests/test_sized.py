@@ -22,7 +22,7 @@ from tests.helpers import write_config
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, char_dataset) -> Path:
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
     from lmlab.train.loop import Trainer
 
     root = tmp_path_factory.mktemp("sized")

@@ -4,6 +4,8 @@ the report read; `plan --budget` weighs the same sizes; refusals. The fit file i
 --refit` (lmlab.experiments.miniseries). Every verdict is on what the runs recorded, never on a timing."""
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -12,13 +14,14 @@ import torch
 
 from lmlab.api.training import train
 from lmlab.commands import main
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
+from lmlab.core.errors import UserError
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
 from lmlab.experiments.sizing import with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, ROOT, write_config, write_fit
+from tests.helpers import LMLAB, ROOT, cpu_ticks, wait_until, write_config, write_fit
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +126,53 @@ def test_a_size_by_depth_takes_the_familys_shape_and_the_fits_lr(preset, tmp_pat
     (["--budget", "0.5s", "--size", "auto"], "even the smallest size of"),
     (["--size", "auto"], "--size auto chooses the size a time budget trains best; give one with --budget"),
     (["--budget", "20s", "--size", "auto", "--init-from", "runs/x"], "pass one of them"),
+    # Before: the shape set was overridden without a word (3 layers of 96 asked, 2 of 72 trained).
+    (["--budget", "20s", "--size", "auto", "--set", "model.n_layer=3", "--set", "model.n_embd=96"],
+     "--size auto sets model.n_layer, model.n_embd, model.n_head, model.n_kv_head from the preset's family, so "
+     "model.n_layer would be overridden; drop it"),
+    (["--size", "2", "--set", "model.n_head=4"], "--size 2 sets model.n_layer"),
 ])
 def test_size_refusals_write_nothing(preset, tmp_path, capsys, args, message):
     run = tmp_path / "run"
     assert main(["train", str(preset), "--run", str(run), "--device", "cpu", *args]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
+    assert not run.exists()
+
+
+def test_the_api_refuses_a_shape_beside_a_size_as_the_command_does(preset, tmp_path):
+    with pytest.raises(UserError, match="so model.n_embd would be overridden"):
+        train(preset, run=tmp_path / "run", size="auto", budget="20s", n_embd=96)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_the_timing_of_sizes_at_once_and_writes_nothing(preset, tmp_path, stop):
+    """Before: with a context of 100,000 the first size's step ran for minutes in one attention call (Python runs
+    no signal handler meanwhile): SIGINT was ignored, SIGTERM ended it without a word. Now the signal is heard as it
+    comes, and a timing that does not end within the grace is left with the process (nothing of the run is written
+    yet); the signal is sent once the command has spent more CPU time than its start-up takes."""
+    run = tmp_path / "run"
+    child = subprocess.Popen([LMLAB, "train", str(preset), "--run", str(run), "--budget", "1h", "--size", "auto",
+                              "--device", "cpu", "--set", "model.block_size=150000", "--set", "model.pos_emb=rope",
+                              "--set", "train.batch_size=2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_until(lambda: cpu_ticks(child.pid) > 10 * os.sysconf("SC_CLK_TCK"), child, timeout=300)
+    child.send_signal(stop)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, out + err
+    assert f"stopped by {stop.name} while it " in err and ": nothing was written" in err
+    assert "Traceback" not in err and not run.exists() and not (tmp_path / ".run.lock").exists()
+
+
+def test_size_auto_on_a_gpu_needs_a_fit_measured_on_that_gpu(preset, tmp_path, capsys, fake_gpu):
+    """A fit measured on a 2-core CPU says nothing of a GPU's speed by size (launch-bound small steps, a compiled
+    run): refused before any size is timed, naming the fit's machine and the refit."""
+    run = tmp_path / "run"
+    assert main(["train", str(preset), "--run", str(run), "--device", "cuda", "--budget", "20s", "--size", "auto"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "--size auto on NVIDIA A100-SXM4-80GB needs a fit measured on it" in said and "--refit" in said
     assert not run.exists()
 
 
@@ -149,6 +194,10 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
     assert len(fit.runs) == 6 and {r["depth"] for r in fit.runs} == {1, 2, 3}  # 3 depths x 2 lengths
     assert [s["depth"] for s in fit.lr_search] == [1, 2, 3] and all(len(s["vals"]) == 2 for s in fit.lr_search)
     assert out.count("miniseries ") == 9  # per depth: 2 LRs at 2k, then 4k at the rule's LR
+    # Before: "miniseries 1/30" was its first word of the time it would take. Foretold first, in one line.
+    foretold = " ".join(out.split("miniseries 1/")[0].split())
+    assert f"miniseries: 9 of 9 runs to train under {tmp_path / 'runs' / 'mini-miniseries'}, about " in foretold
+    assert " of training on cpu: " in foretold and "plus each run's set-up and evaluation" in foretold
     assert fit.measured["command"].startswith(f"lmlab scaling {preset} --refit --depths 1,2,3 --tokens 2048,4096")
     # each depth's longer run against the surface through the other five: a figure the fit did not bend to
     assert [h["depth"] for h in fit.held_out] == [1, 2, 3]
@@ -160,7 +209,8 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
         summary = RunDir(r["run"]).events()[-1]
         assert summary["event"] == "end" and RunDir(r["run"]).config().model.n_layer == r["depth"]
     assert main(refit) == 0  # again: every run is kept, nothing trains
-    assert "miniseries " not in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "miniseries " not in again and "miniseries: its 9 runs are trained already" in " ".join(again.split())
     assert main(["scaling", str(preset)]) == 0
     shown = capsys.readouterr().out
     assert fit.surface.describe()[:20] in shown and "LR rule" in shown and "fit again with: lmlab scaling" in shown
@@ -181,10 +231,13 @@ BAD_FITS = [
     (("runs", 1, "val"), None, "runs[1].val is None, where a fit's is a number above 0 and at most 100"),
     (("runs", 1, "params"), -1, "runs[1].params is -1, where a fit's is a number above 0 and at most 1e+13"),
     (("dataset",), [1], "is not a fit lmlab can read (its dataset is not an object)"),
+    # What `lmlab scaling PRESET` shows of where it was measured (was an AttributeError traceback).
+    (("measured", "machine"), 3, "is not a fit lmlab can read (its measured.machine is not an object)"),
+    (("measured", "seconds"), "x", "is not a fit lmlab can read (its measured.seconds is not a number)"),
 ]
 
 
-@pytest.mark.parametrize("command", ["plan", "train"])
+@pytest.mark.parametrize("command", ["plan", "train", "scaling"])
 @pytest.mark.parametrize("where, value, message", BAD_FITS, ids=lambda v: str(v)[:20])
 def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsys, command, where, value, message):
     """Before: an LR exponent of 1e6 gave an OverflowError traceback in `plan` and `train`; alpha -1 was taken and
@@ -198,8 +251,9 @@ def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsy
         holder = holder[key]
     holder[last] = value
     fit_path(mine).write_text(json.dumps(fit))
-    args = ["--budget", "20s", "--size", "3"] if command == "plan" else ["--size", "3", "--run", str(tmp_path / "r")]
-    assert main([command, str(mine), "--device", "cpu", *args]) == 2
+    args = {"plan": ["--budget", "20s", "--size", "3", "--device", "cpu"], "scaling": [],
+            "train": ["--size", "3", "--run", str(tmp_path / "r"), "--device", "cpu"]}[command]
+    assert main([command, str(mine), *args]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert f"{fit_path(mine)}" in said and message in said
     assert f"fit it again with `lmlab scaling {mine} --refit`." in said

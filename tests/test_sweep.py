@@ -6,7 +6,7 @@ import time
 import pytest
 
 from lmlab.analysis.runs import summarize
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.experiments.sweep import plan_trials
 from lmlab.run.rundir import RunDir

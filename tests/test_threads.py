@@ -134,6 +134,53 @@ def test_on_cores_that_others_hold_the_work_is_timed_on_each_count(monkeypatch):
     assert json.dumps(choice.record(0))  # an event metrics.jsonl can hold
 
 
+class SteppedMeter:
+    """A load meter on a fake clock that each step moves by its seconds; `others` is the others' share of the cores."""
+
+    def __init__(self):
+        self.now = self.began = 0.0
+        self.others = 0.0
+
+    def start(self):
+        self.began = self.now
+        return self
+
+    def elapsed(self):
+        return self.now - self.began
+
+    def stop(self):
+        return Load(self.elapsed(), 2, self.others, None)
+
+
+@pytest.mark.parametrize("left_after, counts", [(1.5, [2, 1, 2, 1, 1]),  # the count left stalls now: retaken
+                                                 (0.25, [2, 1, 2, 2, 2])])  # the trial was slower: undone it stays
+def test_a_trial_is_judged_by_the_count_it_left_under_the_same_load(monkeypatch, left_after, counts):
+    """A hog arrives: a look at the load tries one thread; its step (0.375 s) is slower than the quiet steps of two
+    (0.25 s), so it is undone; the next step on two threads, under the hog, judges the trial again: slower still
+    (a stall), the trial is retaken for good; faster, the undoing stands."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for module in (threads, busy):
+        monkeypatch.setattr(module, "cores", lambda: [0, 1])
+    meter, before = SteppedMeter(), torch.get_num_threads()
+    try:
+        chooser = ThreadChooser(0, "train.threads", window=meter)
+        chooser.decide({})
+        seen = []
+        for seconds in [0.25] * 19:  # quiet, until a look at the load is due (binary fractions: an exact clock)
+            meter.now += seconds
+            assert chooser.stepped(seconds) is None
+        meter.others = 0.5
+        for seconds in (0.25, 0.375, left_after, 0.375, 0.375 if counts[-1] == 1 else 0.25):
+            meter.now += seconds
+            seen.append(torch.get_num_threads())
+            chooser.stepped(seconds)
+        reasons = chooser.choice.reason
+    finally:
+        torch.set_num_threads(before)
+    assert seen == counts
+    assert reasons == ("retaken" if counts[-1] == 1 else "undone")
+
+
 def test_the_choice_restarts_from_every_core_and_a_gpu_job_keeps_them(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     torch.set_num_threads(1)  # what an earlier job of this process chose
@@ -202,3 +249,31 @@ def test_an_omp_num_threads_above_the_cores_is_refused_like_the_thread_options(m
         ThreadChooser(0, "train.threads")
     monkeypatch.setenv("OMP_NUM_THREADS", str(len(cores())))
     assert ThreadChooser(0, "train.threads").most == len(cores())
+
+
+@pytest.mark.parametrize("command", [["answer", "--data", "ALPACA", "--out", "OUT", "--max-new-tokens", "2"],
+                                     ["sample", "--prompt", "ROMEO:", "--max-new-tokens", "2"]])
+def test_every_command_that_decodes_says_threads_the_load_lowered(monkeypatch, imported_gpt2, tmp_path, capsys,
+                                                                  command):
+    """Before: `answer` said nothing of the threads others' load left it, where `sample` and `eval` said it. On four
+    faked cores, half of them busy and two threads the fastest (a timing simulated), each says it once, on stderr."""
+    from tests.helpers import ALPACA_TINY, copy_run
+
+    run = copy_run(imported_gpt2, tmp_path)  # sample keeps its text in the run
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cores", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(busy, "cores", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)
+    monkeypatch.setattr(threads.LoadMeter, "stop", lambda meter: Load(0.1, 4, 0.5, None))
+    monkeypatch.setattr(threads, "time_threads", lambda counts, probe: {n: 0.1 if n == 2 else 0.3 for n in counts})
+    places = {"ALPACA": str(ALPACA_TINY), "OUT": str(tmp_path / "answers.jsonl")}
+    before = torch.get_num_threads()
+    try:
+        code = main([command[0], str(run), "--device", "cpu", *[places.get(a, a) for a in command[1:]]])
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith("note: decoding on 2 of 4 threads: other processes used 50% of "
+                                                   "the 4 cores; a forward pass took"), err

@@ -11,7 +11,7 @@ from tokenizers import models, pre_tokenizers
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import (
     EOT,
-    KINDS,
+    TOKENIZER_KINDS,
     UNK,
     Tokenizer,
     TokenizerKind,
@@ -88,7 +88,7 @@ def test_each_tokenizer_kind_answers_what_the_commands_ask_of_it():
     assert [k.gguf for k in (char.kind, word.kind, bpe.kind)] == ["rwkv", None, "gpt2"]
 
 
-# The contract every entry of KINDS meets, so a new kind needs no test of its own: built as `prepare` builds it (or,
+# The contract every entry of TOKENIZER_KINDS meets, so a new kind needs no test of its own: built as `prepare` builds it (or,
 # for a kind only read from a folder, read as another model's tokenizer), it round-trips text, saves and loads,
 # exports to Hugging Face and reads back as itself, and goes to GGUF as its entry says, or is refused there.
 TEXTS = [*TRAIN, ARBITRARY]
@@ -150,10 +150,10 @@ def _gpt2_ids(vocab: Vocab) -> Callable[[str], list[int]]:
 GGUF_READERS = {"rwkv": _rwkv_ids, "gpt2": _gpt2_ids}  # one per GGUF tokenizer model of lmlab.gguf.vocab.WRITERS
 
 
-@pytest.mark.parametrize("name", KINDS)
+@pytest.mark.parametrize("name", TOKENIZER_KINDS)
 def test_every_kind_builds_round_trips_saves_loads_and_exports_as_its_entry_says(name, tmp_path, gpt2_dir,
                                                                                  monkeypatch):
-    kind = KINDS[name]
+    kind = TOKENIZER_KINDS[name]
     _tiny_tiktoken(tmp_path / "tiktoken")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
     (tmp_path / "other-model").mkdir()

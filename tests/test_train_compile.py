@@ -8,7 +8,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from lmlab.core.config import load_config
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import CPU_COMPILE
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer

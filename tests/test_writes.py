@@ -226,6 +226,7 @@ OUTPUTS = {
     ("sample", "--out"): "sample {run} --prompts {prompts} --max-new-tokens 2 --out {target}",
     ("eval", "--samples"): "eval {run} --task {task} --samples {target}",
     ("compare", "--plot"): "compare {run} {run} --plot {target}",
+    ("log", "--plot"): "log {run} --plot {target}",
     ("scaling", "--plot"): "scaling {run} {run} --plot {target}",
     ("answer", "--out"): "answer {run} --data {alpaca} --max-new-tokens 2 --out {target}",
     ("judge", "--out"): "judge --answers {answers} --endpoint http://127.0.0.1:9/v1 --model m --out {target}",

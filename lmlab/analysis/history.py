@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import Any
 
 from lmlab.analysis.runs import Column
@@ -12,21 +13,43 @@ from lmlab.core.humanize import count, fmt, format_duration
 from lmlab.run.rundir import RunDir
 
 FIELDS = ("step", "epoch", "tokens", "elapsed", "train_loss", "train_eval_loss", "val_loss", "best_val_loss",
-          "is_best")  # of each row, in the order JSON and CSV give them
+          "is_best", "perplexity", "accuracy", "grad_norm", "grad_norm_max")  # of each row, as JSON and CSV give them
+LOGGED = FIELDS[:9]  # what an eval event holds; the others are derived or joined (`_derived`)
 
 
 def evaluations(run: RunDir) -> list[dict[str, Any]]:
     """Every eval event of the run in the order it was logged, each with FIELDS (None where the event has none: a
-    fine-tune scores no train split, an older run logged no epoch). One past the run's newest checkpoint (its
+    fine-tune scores no train split, an older run logged no epoch): its val perplexity, the next-token accuracy of a
+    whole-split `lmlab eval` kept for the checkpoint of its step (None: not measured), and the mean and largest
+    gradient norm of the train lines logged since the evaluation before. One past the run's newest checkpoint (its
     checkpoint never written: a full disk, a kill) is no new best: the best the run holds is the one before."""
-    rows = [{name: event.get(name) for name in FIELDS} for event in run.events()
-            if event.get("event") == "eval" and isinstance(event.get("val_loss"), (int, float))]
+    rows, norms = [], []
+    accuracy = {r.get("step"): r.get("accuracy") for r in run.evaluations() if r.get("max_tokens") is None}
+    for event in run.events():
+        if event.get("event") == "train" and isinstance(event.get("grad_norm"), (int, float)):
+            norms.append(float(event["grad_norm"]))
+        elif event.get("event") == "eval" and isinstance(event.get("val_loss"), (int, float)):
+            rows.append({**{name: event.get(name) for name in LOGGED}, **_derived(event["val_loss"], norms),
+                         "accuracy": accuracy.get(event.get("step"))})
+            norms = []
     saved, best = run.saved_through(), None
     for row in rows:
         if saved is not None and isinstance(row["step"], int) and row["step"] > saved:
             row["is_best"], row["best_val_loss"] = False, best
         best = row["best_val_loss"]
     return rows
+
+
+def _derived(val_loss: float, norms: list[float]) -> dict[str, Any]:
+    return {"perplexity": math.exp(val_loss) if val_loss < MAX_LOG else None,
+            "grad_norm": sum(norms) / len(norms) if norms else None, "grad_norm_max": max(norms, default=None)}
+
+
+MAX_LOG = 700.0  # exp() of more overflows a float: such a perplexity is unknown (None), not an error
+
+
+def _norms(row: dict[str, Any]) -> str:
+    return "-" if row["grad_norm"] is None else f"{row['grad_norm']:.2f} / {row['grad_norm_max']:.2f}"
 
 
 def _mark(row: dict[str, Any]) -> str:
@@ -42,6 +65,9 @@ EVAL_COLUMNS = [  # `lmlab log` and the report
     Column("train (eval)", 1, lambda r: fmt(r["train_eval_loss"])),
     Column("val", 0, lambda r: fmt(r["val_loss"])),
     Column("best (*: new)", 0, _mark),
+    Column("perplexity", 6, lambda r: fmt(r["perplexity"], ".2f")),
+    Column("accuracy", 7, lambda r: fmt(r["accuracy"], ".3f")),
+    Column("grad norm (mean / max)", 8, _norms),
 ]
 
 

@@ -59,7 +59,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path:
 def loss_figure(run: RunDir) -> plt.Figure:
     """Train (per log interval) and val (per eval) loss against step, with a dashed line where the run was resumed
     (a change of machine, threads or schedule shows there)."""
-    events = run.events()  # a figure that was not finite is null (`rundir.as_json`): not drawn
+    events = run.events()  # a figure that was not finite is null (`events.as_json`): not drawn
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train" and e["loss"] is not None]
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval" and e["val_loss"] is not None]
     fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
@@ -79,6 +79,39 @@ def loss_figure(run: RunDir) -> plt.Figure:
     ax.grid(True, alpha=0.3)
     if train or evals or resumed:  # a run before its first log line has nothing to label
         ax.legend()
+    return _done(fig)
+
+
+def plot_grad_norm(run: RunDir, path: Path) -> Path:
+    """Draw `grad_norm_figure` into `path`."""
+    return _save(grad_norm_figure(run), Path(path))
+
+
+def grad_norm_figure(run: RunDir) -> plt.Figure:
+    """The gradient norm of each logged step (log scale) and the steps the guard skipped or flagged, with the LR on
+    a second axis: whether the norm rises with the LR, or spikes where it peaks."""
+    events = run.events()
+    train = [(e["step"], e["grad_norm"], e["lr"]) for e in events if e["event"] == "train"
+             and e.get("grad_norm") is not None and e.get("lr") is not None]
+    bad = [(e["step"], e["grad_norm"]) for e in events if e["event"] in ("skip", "spike")
+           and isinstance(e.get("grad_norm"), (int, float))]
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)
+    if train:
+        ax.plot([t[0] for t in train], [t[1] for t in train], color="tab:blue", linewidth=1,
+                label="gradient norm (of each logged step, before clipping)")
+        lr = ax.twinx()
+        lr.plot([t[0] for t in train], [t[2] for t in train], color="tab:green", alpha=0.5, linewidth=1)
+        lr.set_ylabel("learning rate", color="tab:green")
+    if bad:
+        ax.scatter(*zip(*bad), color="tab:red", marker="x", label="skipped or flagged by the guard", zorder=3)
+    if any(t[1] > 0 for t in train) or bad:
+        ax.set_yscale("log")
+    ax.set_title(f"{run.name}: gradient norm and learning rate")
+    ax.set_xlabel("step (optimizer updates)")
+    ax.set_ylabel("gradient norm (L2, all weights)")
+    ax.grid(True, alpha=0.3)
+    if train or bad:
+        ax.legend(loc="upper right")
     return _done(fig)
 
 

@@ -26,14 +26,14 @@ class RunSummary:
 
     path: Path
     status: str  # finished | stopped early | stopped (SIGTERM) | running | crashed | half-written | not a run
-    params: int | None = None  # of the real vocabulary (LanguageModel.num_params)
-    padding: int = 0  # weights of vocabulary padding rows, not counted in params
+    params: int | None = None  # of the real vocabulary
+    padding: int = 0
     dataset: str | None = None
     tokenizer: str | None = None
-    model: str | None = None  # LanguageModel.describe(), e.g. "gpt 4L/256 rope" or "recurrent gru 2L/512"
-    architecture: str | None = None  # LanguageModel.architecture(): GPT-2, modern, mixed, GRU, LSTM
-    shape: str | None = None  # layers/width, e.g. "4L/256"
-    flops_per_token: float | None = None  # LanguageModel.flops_per_token()
+    model: str | None = None  # e.g. "gpt 4L/256 rope"
+    architecture: str | None = None
+    shape: str | None = None
+    flops_per_token: float | None = None
     device: str | None = None
     steps: int = 0
     tokens: int = 0
@@ -45,16 +45,17 @@ class RunSummary:
     split_tokens: int | None = None  # the train split's tokens (its unique tokens), of a trained run
     token_bytes: dict[str, float] = field(default_factory=dict)  # UTF-8 bytes per token of each split: bits per byte
     data_sha256: str | None = None  # of the val split: runs with the same one were scored on the same text
-    kind: str | None = None  # trained | fine-tuned | imported
+    kind: str | None = None
     scored_on: str | None = None  # what its val loss is of: the val split (its sha256), a fine-tune's held-out records
     evaluation: dict[str, Any] | None = None  # the kept `lmlab eval` of the checkpoint's weights (perplexity, accuracy)
-    still_falling: bool | None = None  # the last eval was the best one
-    predicted_val: float | None = None  # what `--size auto` predicted it would reach (its `sizing` event)
-    tokens_per_sec: float | None = None  # median of the logged intervals
-    mfu: float | None = None  # median of the logged intervals
+    still_falling: bool | None = None
+    predicted_val: float | None = None
+    tokens_per_sec: float | None = None
+    mfu: float | None = None
     checkpoint: str = "best"  # the checkpoint whose kept task and judge scores `tasks` and `judge` are
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> its kept result (eval --task)
-    judge: dict[str, Any] | None = None  # the judge's summary of the checkpoint's answers (lmlab judge)
+    val_from: str = "training"  # where best_val_loss is from: the run's evaluations as it trained, or `lmlab eval`
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # kept results of `eval --task`
+    judge: dict[str, Any] | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
     trains: list[dict[str, Any]] = field(default_factory=list)
 
@@ -64,12 +65,10 @@ class RunSummary:
 
     @property
     def flops(self) -> float | None:
-        """Training compute: FLOPs per token (the model's one definition) × tokens seen."""
         return self.flops_per_token * self.tokens if self.flops_per_token else None
 
     @property
     def epochs(self) -> float | None:
-        """Passes over the train split: tokens seen over its tokens."""
         return self.tokens / self.split_tokens if self.split_tokens else None
 
     @property
@@ -87,8 +86,7 @@ class RunSummary:
         return loss / math.log(2) / per_token if per_token else None
 
     def figures(self) -> dict[str, Any]:
-        """Everything but the event lists, as plain JSON values (`lmlab runs --json`), kept task and judge scores
-    included."""
+        """Everything but the event lists, as plain JSON values (`lmlab runs --json`)."""
         skip = ("evals", "trains", "token_bytes")
         return {"name": self.name, **{k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()
                                       if k not in skip}, "flops": self.flops, "epochs": self.epochs,
@@ -107,12 +105,10 @@ def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
 
 
 def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
-    """The model's description and FLOPs per token from the start event (of older runs, from the config), and its
-    architecture and shape from the config."""
     summary.model, summary.flops_per_token = start.get("model"), start.get("flops_per_token")
     try:
         config = run.config().model
-        with torch.device("meta"):  # the shape alone, nothing allocated
+        with torch.device("meta"):
             model = build_model(config)
     except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
         return
@@ -125,8 +121,8 @@ def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
 
 
 def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
-    """Read a run dir without trusting it: a half-written, old or foreign dir gets a status, not a crash. Task
-    and judge scores are those kept for the weights of `checkpoint`."""
+    """Read a run dir without trusting it: a half-written, old or foreign dir gets a status, not a crash. Task and judge
+    scores are those kept for the weights of `checkpoint`."""
     run = RunDir(run_dir)
     if not (run.path / "config.toml").exists() and not (run.path / "metrics.jsonl").exists():
         return RunSummary(run.path, "not a run")
@@ -139,7 +135,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
     _describe(run, start, summary)
     _data(run, start, summary)
-    # A figure that was not finite is null in metrics.jsonl (`rundir.as_json`): such lines draw and count nothing.
+    # A figure that was not finite is null in metrics.jsonl (`events.as_json`): such lines draw and count nothing.
     summary.evals = [e for e in events if e.get("event") == "eval" and isinstance(e.get("val_loss"), (int, float))]
     summary.trains = [e for e in events if e.get("event") == "train" and isinstance(e.get("loss"), (int, float))]
     summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
@@ -161,7 +157,18 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
             summary.gap = best["val_loss"] - best["train_eval_loss"]
         summary.still_falling = summary.evals[-1] is best
         summary.best_bpb = summary.bits_per_byte(best["val_loss"])
+    elif summary.evaluation is not None:
+        _evaluated(summary, summary.evaluation)
     return summary
+
+
+def _evaluated(summary: RunSummary, evaluation: dict[str, Any]) -> None:
+    """A run that evaluated nothing as it trained (an import) compares on its checkpoint's kept `lmlab eval` of a whole
+    val split."""
+    summary.best_val_loss, summary.best_step = evaluation["loss"], evaluation.get("step")
+    summary.best_bpb = evaluation.get("bits_per_byte")
+    summary.scored_on = evaluation.get("val_sha256") or summary.scored_on
+    summary.val_from = "lmlab eval"
 
 
 def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
@@ -189,9 +196,8 @@ def kept_evaluation(run: RunDir, checkpoint: str = "best") -> dict[str, Any] | N
 
 
 def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
-    """What the run's dataset facts say: the train split's tokens (a trained run's: the start event's, or of an
-    older run its dataset.json), bytes per token of each split, and the val split's checksum; and the text its val
-    loss is of (a fine-tune's: its held-out records, not the base's val split)."""
+    """The train split's tokens, bytes per token of each split and the val split's checksum, from the dataset's facts;
+    and the text the val loss is of (a fine-tune's: its held-out records)."""
     meta = run.dataset()
     splits = {split: meta.get(split) for split in ("train", "val")} if isinstance(meta, dict) else {}
     splits = {split: facts for split, facts in splits.items() if isinstance(facts, dict)}
@@ -224,26 +230,36 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
-    """Each run's figures beside the first run's (ratios to it), its passes over its data, its share of
-    Chinchilla-optimal tokens (unique tokens, with the tokens seen beside) and its overfitting: numbers, for
-    `compare` (table and --json), `sweep` and the report. Every run has an evaluation. When the tokenizers or the
-    data differ (`unfair`), the change against the first run is in bits per byte, which those do not change."""
+    """Each run's figures beside the first run's (ratios to it): numbers for `compare`, `sweep` and the report. When the
+    tokenizers or the data differ (`unfair`), the change against the first run is in bits per byte."""
     base, by_bytes = runs[0], bool(unfair(runs))
     return [{
         "run": s.name, "path": str(s.path), "status": s.status, "architecture": s.architecture, "model": s.model,
-        "tokenizer": s.tokenizer, "params": s.params, "params_ratio": s.params / base.params, "tokens": s.tokens,
-        "tokens_ratio": _ratio(s.tokens, base.tokens), "flops": s.flops, "flops_ratio": _ratio(s.flops, base.flops),
-        "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed), "best_val_loss": s.best_val_loss,
+        "tokenizer": s.tokenizer, "params": s.params, "params_ratio": s.params / base.params,
+        **_training(s, base), "best_val_loss": s.best_val_loss, "val_from": s.val_from,
         "best_val_loss_change": s.best_val_loss / base.best_val_loss - 1, "bits_per_byte": s.best_bpb,
         "bits_per_byte_change": _ratio(s.best_bpb, base.best_bpb) and s.best_bpb / base.best_bpb - 1,
-        "by_bytes": by_bytes, "epochs": s.epochs, "epoch_seconds": s.epoch_seconds, "unique_tokens": s.unique_tokens,
-        "params_padding": s.padding,
-        "tokens_per_param": s.tokens / s.params, "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params),
-        "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params),
+        "by_bytes": by_bytes, "params_padding": s.padding,
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
         "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
         "predicted_error": _ratio(s.predicted_val, s.best_val_loss) and s.predicted_val / s.best_val_loss - 1,
     } for s in runs]
+
+
+def _training(s: RunSummary, base: RunSummary) -> dict[str, Any]:
+    """What a run's training here cost and saw, beside the first run's; None for an import, whose training happened
+    elsewhere."""
+    known = s.kind != "imported"
+    tokens, flops, elapsed = (s.tokens, s.flops, s.elapsed) if known else (None, None, None)
+    trained = base.kind != "imported"
+    return {"tokens": tokens, "tokens_ratio": _ratio(tokens, base.tokens) if trained else None, "flops": flops,
+            "flops_ratio": _ratio(flops, base.flops) if trained else None, "elapsed": elapsed,
+            "elapsed_ratio": _ratio(elapsed, base.elapsed) if trained else None,
+            "epochs": s.epochs if known else None, "epoch_seconds": s.epoch_seconds if known else None,
+            "unique_tokens": s.unique_tokens if known else None,
+            "tokens_per_param": s.tokens / s.params if known else None,
+            "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params) if known else None,
+            "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params) if known else None}
 
 
 def unfair(runs: list[RunSummary]) -> str | None:
@@ -260,8 +276,7 @@ def unfair(runs: list[RunSummary]) -> str | None:
 
 
 def by_bytes_columns(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
-    """Where the rows' tokenizers differ, bits per byte is the figure that compares them: it is kept longest when a
-    table must be narrowed, and the loss per token goes early."""
+    """Where the rows' tokenizers differ, bits per byte is the column kept longest when a table must be narrowed."""
     if len({r.get("tokenizer") for r in rows}) <= 1 and not any(r.get("by_bytes") for r in rows):
         return columns
     swap = {"bits/byte": 0, "best val": 6}
@@ -279,7 +294,7 @@ class Column:
     header: str
     priority: int
     cell: Callable[[Any], str]  # a row (a dict of figures, or an object) -> its text
-    left: bool = False  # text (left-aligned) rather than a figure
+    left: bool = False
 
 
 def _times(value: float | None) -> str:
@@ -287,14 +302,14 @@ def _times(value: float | None) -> str:
 
 
 def _change(row: dict[str, Any], key: str, by_bytes: bool) -> str:
-    """The % change against the first run, on the column that compares: bits per byte when the tokenizers or data
-    differ, else the loss."""
     return f" ({100 * row[key]:+.1f}%)" if row.get("by_bytes", False) == by_bytes and row[key] is not None else ""
 
 
 def _chinchilla(row: dict[str, Any]) -> str:
     """The share of Chinchilla-optimal in unique tokens, and in tokens seen when repeats make them differ."""
     unique, seen = row["chinchilla_percent"], row["chinchilla_seen_percent"]
+    if unique is None:
+        return "-"
     return f"{unique:.1f}%" + (f" ({seen:.0f}% seen)" if seen > unique * 1.001 else "")
 
 
@@ -319,8 +334,7 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
 ]
 
 def predicted_columns(rows: list[dict[str, Any]], priority: int = 1) -> list[Column]:
-    """The val `--size auto` predicted for a run beside what it reached (its error as a share of it), where any row
-    was sized so."""
+    """The val `--size auto` predicted for a run beside what it reached, where any row was sized so."""
     if not any(r.get("predicted_val") is not None for r in rows):
         return []
     return [Column("predicted val", priority, lambda r: fmt(r.get("predicted_val")) + (
@@ -328,8 +342,7 @@ def predicted_columns(rows: list[dict[str, Any]], priority: int = 1) -> list[Col
 
 
 def evaluation_columns(rows: list[dict[str, Any]], priority: int = 8) -> list[Column]:
-    """Perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint (`lmlab eval RUN` keeps them), where
-    any row has one: exp of the loss on the whole val split, and the share of its next tokens guessed right."""
+    """Perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint, where any row has one."""
     if not any(r.get("evaluation") for r in rows):
         return []
     def figure(key: str, spec: str) -> Callable[[dict[str, Any]], str]:
@@ -383,15 +396,17 @@ COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
     Column("params", 1, lambda r: count(r["params"]) + _times(r["params_ratio"])),
     Column("tokens", 4, lambda r: count(r["tokens"]) + _times(r["tokens_ratio"])),
     Column("compute", 2, lambda r: sci(r["flops"]) + _times(r["flops_ratio"])),
-    Column("wall", 5, lambda r: format_duration(r["elapsed"]) + _times(r["elapsed_ratio"])),
-    Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f}" + _change(r, "best_val_loss_change", False)),
+    Column("wall", 5, lambda r: "-" if r["elapsed"] is None else format_duration(r["elapsed"]) +
+           _times(r["elapsed_ratio"])),
+    Column("best val", 0, lambda r: f"{r['best_val_loss']:.4f}" + _change(r, "best_val_loss_change", False) +
+           (" (eval)" if r["val_from"] != "training" else "")),
     Column("bits/byte", 6, lambda r: fmt(r["bits_per_byte"], ".3f") + _change(r, "bits_per_byte_change", True)),
     Column("epochs", 12, lambda r: fmt(r["epochs"], ".2f")),
     Column("time/epoch", 13, lambda r: format_duration(r["epoch_seconds"]) if r["epoch_seconds"] else "-"),
-    Column("tok/param", 9, lambda r: f"{r['tokens_per_param']:.1f}"),
+    Column("tok/param", 9, lambda r: fmt(r["tokens_per_param"], ".1f")),
     Column("Chinchilla", 7, _chinchilla),
     Column("val-train(eval)", 10, lambda r: fmt(r["gap"], "+.3f")),
-    Column("falling", 8, lambda r: "yes" if r["still_falling"] else "no"),
+    Column("falling", 8, lambda r: "-" if r["still_falling"] is None else "yes" if r["still_falling"] else "no"),
     Column("status", 11, lambda r: r["status"], left=True),
     Column("judge (scored, model)", 6, lambda r: judge_cell(r["judge"]), left=True),
 ]

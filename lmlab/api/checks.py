@@ -1,7 +1,6 @@
-"""The API's own checks of arguments that the command line's parser checks for the commands: a bad value is one
-sentence naming the argument (`lmlab.UserError`), before anything loads. Every public function and method takes its
-arguments through `checked`, which refuses a value of the wrong kind (`KINDS`) and a thread variable above the
-cores, as the command line refuses them."""
+"""The API's own checks of arguments, as the command line's parser checks them for the commands: every public function
+and method takes its arguments through `checked`, which refuses a value of the wrong kind (`ARGUMENT_KINDS`) and a
+thread variable above the cores in one sentence naming the argument, before anything loads."""
 
 from __future__ import annotations
 
@@ -40,17 +39,15 @@ def number(name: str, value: Any) -> Any:
 
 
 def whole(name: str, value: Any, low: int = 1) -> int:
-    """`value`, refused unless it is a whole number from `low` to 2**53 (what the command line's `count` type
-    takes)."""
+    """`value`, refused unless it is a whole number from `low` to 2**53 (the command line's `count` type)."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_COUNT:
         raise UserError(f"{name} is {shown(value)}; it must be a whole number from {low} to 2**53.")
     return value
 
 
 def sampling_params(settings: dict[str, Any]) -> SamplingParams:
-    """SamplingParams of the keyword arguments a sampling method was given: their types checked here, their ranges
-    by SamplingParams in the sentences the command line's values get; an unknown name is refused with the names
-    there are."""
+    """SamplingParams of the keyword arguments a sampling method was given: types checked here, ranges by
+    SamplingParams; an unknown name is refused with the names there are."""
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
     unknown = sorted(set(settings) - set(names))
     if unknown:
@@ -67,14 +64,12 @@ def sampling_params(settings: dict[str, Any]) -> SamplingParams:
 
 
 def _path(value: Any) -> bool:
-    """A path as the commands take one: a str or os.PathLike (a Dataset, a pathlib.Path), not empty ("" would be
-    the current folder: `train(run="")` trained into runs/NAME)."""
+    """A path as the commands take one: a str or os.PathLike, not empty ("" would be the current folder)."""
     return isinstance(value, (str, os.PathLike)) and os.fspath(value) not in ("", b"")
 
 
 def _run(value: Any) -> bool:
-    """A run's path, or an lmlab.Run: looked up, not imported (lmlab.api.run imports this module); where it is not
-    loaded, no Run exists to be given."""
+    """A run's path, or an lmlab.Run (looked up, not imported: lmlab.api.run imports this module)."""
     module = sys.modules.get("lmlab.api.run")
     return _path(value) or (module is not None and isinstance(value, module.Run))
 
@@ -90,7 +85,7 @@ def _int(value: Any) -> bool:
 
 # A kind of argument: what it must be, in the sentence that refuses it, and the test of a value. "?" after a kind's
 # name in `checked` takes None too.
-KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+ARGUMENT_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "text": ("a string", lambda v: isinstance(v, str)),
     "name": ("a string that is not empty", lambda v: isinstance(v, str) and v.strip() != ""),
     "texts": ("a list of strings", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
@@ -119,7 +114,7 @@ def checked(**kinds: str) -> Callable[[F], F]:
     """The public function or method it decorates refuses, in one sentence naming the argument, a value not of its
     kind (`name="path?"`: a path or None), and a thread variable above the cores (`env_threads`), before it runs."""
     for kind in kinds.values():
-        assert kind.rstrip("?") in KINDS, kind
+        assert kind.rstrip("?") in ARGUMENT_KINDS, kind
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func)
@@ -137,7 +132,7 @@ def checked(**kinds: str) -> Callable[[F], F]:
                     given[name] = list(given[name])  # read once: checked, then passed on
             for name, kind in kinds.items():
                 if name in given and not (kind.endswith("?") and given[name] is None):
-                    what, test = KINDS[kind.rstrip("?")]
+                    what, test = ARGUMENT_KINDS[kind.rstrip("?")]
                     if not test(given[name]):
                         raise UserError(f"{name} is {shown(given[name])}; it must be {what}"
                                         f"{' or None' if kind.endswith('?') else ''}.")

@@ -1,6 +1,5 @@
-"""`lmlab.compare`: runs side by side against the first, as `lmlab compare` prints them (the command calls it): a
-table that renders in a notebook (HTML) and in a terminal (fitted to its width), its figures as records or a pandas
-DataFrame, and their loss curves overlaid."""
+"""`lmlab.compare`: runs side by side against the first, as `lmlab compare` prints them: a table that renders in a
+notebook and a terminal, its figures as records or a pandas DataFrame, and their loss curves overlaid."""
 
 from __future__ import annotations
 
@@ -93,6 +92,10 @@ def compare(runs: Iterable[str | Path | Run], checkpoint: str = "best") -> Compa
     check_steps(paths, checkpoint)
     summaries = [summarize(path, checkpoint) for path in paths]
     for s in summaries:
-        if s.best_val_loss is None or not s.params or not s.flops:
-            raise UserError(f"{s.path} has no evaluation to compare ({s.status}); train it past one eval_interval.")
+        if s.best_val_loss is None or not s.params:
+            which = "" if checkpoint == "best" else f" --checkpoint {checkpoint}"
+            how = (f"evaluate it on a val split of its tokenizer with `lmlab eval {s.path} --dataset DIR{which}`"
+                   if s.kind == "imported" else
+                   f"train it past one eval_interval, or evaluate it with `lmlab eval {s.path}{which}`")
+            raise UserError(f"{s.path} has no evaluation to compare ({s.status}); {how}.")
     return Comparison(summaries)

@@ -59,7 +59,7 @@ def prepare(source: str | Path | Sequence[str | Path], tokenizer: str, *, name: 
             keep_chars: str | None = None, drop_chars: str | None = None, force: bool = False,
             console: Console | None = None) -> Dataset:
     """Tokenize `source` ("shakespeare", "hf:OWNER/NAME[:CONFIG]", or .txt/.jsonl/.jsonl.gz/.parquet files or
-    folders of them) with `tokenizer` (a kind of lmlab.data.tokenizers.KINDS, as `lmlab prepare --help` lists
+    folders of them) with `tokenizer` (a kind of lmlab.data.tokenizers.TOKENIZER_KINDS, as `lmlab prepare --help` lists
     them, or the folder of a tokenizer to use as it is) into out_dir/NAME-TOKENIZER, as `lmlab prepare` does
     (docs/reference/commands.md says what each option does). A finished dataset of the same inputs is reused; an
     interrupted one resumes."""

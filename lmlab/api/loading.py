@@ -1,6 +1,5 @@
-"""A run loaded to be used (sampled, scored, served): its checkpoint, with notes on what stands in for what was
-asked; the CPU threads its work computes with, chosen from the machine's load; the decode step, checked against
-memory and compiled where asked. The commands and `lmlab.Run` load through here."""
+"""A run loaded to be used (sampled, scored, served): its checkpoint with notes on what stands in for what was asked,
+the CPU threads its work computes with, and the decode step. The commands and `lmlab.Run` load through here."""
 
 from __future__ import annotations
 
@@ -29,10 +28,9 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
 
 
 def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int, doing: str) -> str | None:
-    """The threads of `run`'s work (`rows` sequences of `length` tokens; 1 for decoding) from `chooser`, made before
-    the run loaded (lmlab.core.threads); the note to print when other processes' load lowered them (a small model
-    that is faster on fewer threads of a quiet machine is no news), else None. The caller prints it once its input
-    has passed its checks, so that a refusal stays one line."""
+    """The threads of `run`'s work (`rows` sequences of `length` tokens) from `chooser`, made before the run loaded; the
+    note to print when other processes' load lowered them, else None. The caller prints it once its input has passed its
+    checks, so that a refusal stays one line."""
     from lmlab.core.threads import forward_probe
 
     choice = chooser.choose(forward_probe(run.model, rows, length, run.device, run.dtype), run.device)
@@ -47,8 +45,8 @@ def print_note(note: str | None) -> None:
 
 
 def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
-    """Notes on stderr on what is loaded: the latest checkpoint standing in for a best one that is missing; a
-    fine-tune that has not reached its end (its best so far is not its result)."""
+    """Notes on stderr on what is loaded: the latest checkpoint standing in for a missing best; a fine-tune that has not
+    reached its end."""
     from lmlab.run.rundir import RunDir
 
     if used != checkpoint_name(asked):

@@ -1,12 +1,11 @@
-"""`lmlab.Run`: a run folder from Python, as the commands read it: its config, its evaluations, its checkpoints,
-its model as a torch module, its tokenizer; sampled, evaluated and plotted the way `lmlab sample`, `lmlab eval` and
-its loss.png do (the commands call these methods)."""
+"""`lmlab.Run`: a run folder from Python, as the commands read it (the commands call these methods)."""
 
 from __future__ import annotations
 
 import html
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from lmlab.analysis.history import FIELDS, evaluations
-from lmlab.analysis.plots import loss_figure
+from lmlab.analysis.plots import grad_norm_figure, loss_figure
 from lmlab.api.checks import checked, sampling_params, whole
 from lmlab.api.loading import decode_step, note_checkpoint, pick_threads, print_note
 from lmlab.core.config import RunConfig, SamplingParams, checkpoint_name, seeded
@@ -34,6 +33,8 @@ if TYPE_CHECKING:
 
     from lmlab.train.loop import TrainResult
 
+PLOTS = {"loss": loss_figure, "grad_norm": grad_norm_figure}  # what Run.plot draws
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -47,12 +48,11 @@ class Checkpoint:
 
 
 class Run:
-    """A run folder (made by `lmlab.train`, `lmlab train`, `finetune` or `import-hf`), read from Python. A folder
-    that is no run is refused at once. Loading is lazy: `model`, `sample` and `eval` load a checkpoint the first
-    time and keep it until its weights change on disk. `console` is where progress and messages go (default: a
-    bar in a terminal, an output updated in place in a notebook, plain lines in a pipe). `path` is the folder;
-    `result`, on a Run that `lmlab.train` returned, how that training ended (`steps`, `best_val_loss`,
-    `best_step`, `stopped_by`: the signal that stopped it, `stopped_early`, `budget_spent`), else None."""
+    """A run folder (made by `lmlab.train`, `lmlab train`, `finetune` or `import-hf`), read from Python; a folder that
+    is no run is refused at once. `model`, `sample` and `eval` load a checkpoint the first time and keep it until its
+    weights change on disk. `console` is where progress and messages go. `result`, on a Run that `lmlab.train` returned,
+    is how that training ended (`steps`, `best_val_loss`, `best_step`, `stopped_by`, `stopped_early`, `budget_spent`),
+    else None."""
 
     @checked(path="path", console="console?")
     def __init__(self, path: str | Path, console: Console | None = None):
@@ -62,6 +62,19 @@ class Run:
         self.console = console or console_here()
         self.result: TrainResult | None = None  # what `lmlab.train` returned it with: steps, best, how it stopped
         self._loaded: dict[tuple[str, str], LoadedRun] = {}
+
+    @staticmethod
+    @checked(folders="paths", console="console?")
+    def newest(folders: str | Path | Sequence[str | Path] = "runs", console: Console | None = None) -> Run:
+        """The run written to last (its metrics.jsonl) in `folders` or any folder below them."""
+        roots = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(f) for f in folders]
+        logs = [log for root in roots if root.is_dir() for log in root.rglob("metrics.jsonl")]
+        if not logs:
+            from lmlab.core.errors import UserError
+
+            raise UserError(f"no run in {' or '.join(map(str, roots))}; train one (`make demo`, `lmlab train CONFIG`), "
+                            "or name a run folder: lmlab.Run(\"runs/NAME\").")
+        return Run(max(logs, key=lambda log: log.stat().st_mtime).parent, console)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -76,7 +89,6 @@ class Run:
 
     @property
     def name(self) -> str:
-        """The run folder's name."""
         return self.path.name
 
     @property
@@ -101,9 +113,10 @@ class Run:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Every evaluation, in order, as records: step, epoch, tokens, elapsed, train_loss (the mean of the steps
-        since the one before), train_eval_loss (the train split scored as val is), val_loss, best_val_loss,
-        is_best (`lmlab log`'s rows)."""
+        """Every evaluation, in order, as records: step, epoch, tokens, elapsed, train_loss (the mean of the steps since
+        the one before), train_eval_loss (the train split scored as val is), val_loss, best_val_loss, is_best,
+        perplexity, accuracy (of a whole-split `lmlab eval` of that step's checkpoint, else None), grad_norm and
+        grad_norm_max (`lmlab log`'s rows)."""
         return evaluations(self._dir)
 
     @checked()
@@ -125,17 +138,21 @@ class Run:
         return [Checkpoint(folder.name, int(folder.name.removeprefix("step_")), folder, folder == pointed["best"],
                            folder == pointed["latest"]) for folder in self._dir.step_folders()]
 
-    @checked()
-    def plot(self) -> matplotlib.figure.Figure:
-        """Train and val loss against step (what loss.png shows), as a matplotlib Figure: a notebook shows it
-        inline; `savefig` writes it."""
-        return loss_figure(self._dir)
+    @checked(what="text")
+    def plot(self, what: str = "loss") -> matplotlib.figure.Figure:
+        """Train and val loss against step (what loss.png shows), or with `what="grad_norm"` the gradient norm of each
+        logged step with the LR, as a matplotlib Figure."""
+        if what not in PLOTS:
+            from lmlab.core.errors import UserError
+
+            raise UserError(f"what is {what!r}; use one of {', '.join(PLOTS)}.")
+        return PLOTS[what](self._dir)
 
     @checked(checkpoint="checkpoint", device="name")
     def model(self, checkpoint: str = "best", device: str = "auto") -> LanguageModel:
         """The model at `checkpoint` (best, latest, step_N or N; a run never evaluated has no best: its latest) as a
-        torch module in eval mode on `device` (auto, cpu, cuda, mps). The same module is returned, and sampled
-        and evaluated, while that checkpoint's weights are unchanged on disk."""
+        torch module in eval mode on `device` (auto, cpu, cuda, mps), the same module while its weights are unchanged on
+        disk."""
         return self.load(checkpoint, device).model
 
     @checked(checkpoint="checkpoint", device="name")
@@ -145,9 +162,8 @@ class Run:
         return self._use(checkpoint, device, 0, 0, "")[0]
 
     def _use(self, checkpoint: str, device: str, rows: int, length: int, doing: str) -> tuple[LoadedRun, str | None]:
-        """The loaded checkpoint, and the note to print once the caller's input passed its checks when other
-        processes' load lowered the threads its work (`rows` of `length` tokens) computes with. A checkpoint
-        already loaded is used as it is while its weights are unchanged on disk."""
+        """The loaded checkpoint, and the note to print once the caller's input passed its checks when other processes'
+        load lowered the threads its work (`rows` of `length` tokens) computes with."""
         key = (checkpoint_name(checkpoint), device)
         kept, sha = self._loaded.get(key), self._dir.weights_sha256(key[0])
         if kept is not None and sha is not None and kept.weights_sha256 == sha:
@@ -161,10 +177,10 @@ class Run:
     @checked(checkpoint="checkpoint", dataset="path?", max_tokens="integer?", batch_size="integer", device="name")
     def eval(self, checkpoint: str = "best", *, dataset: str | Path | None = None, max_tokens: int | None = None,
              batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
-        """Val loss, perplexity, accuracy and bits per byte of `checkpoint` on the val split of the run's dataset
-        (or of `dataset`, which must share the run's tokenizer), or on about `max_tokens` of it in whole windows
-        spread evenly over it; kept in the run's evaluations.json, as `lmlab eval` keeps it. Returns the record:
-        loss, perplexity, accuracy, bits_per_byte, tokens, windows, checkpoint, step, dataset and what it is of."""
+        """Val loss, perplexity, accuracy and bits per byte of `checkpoint` on the val split of the run's dataset (or of
+        `dataset`, which must share the run's tokenizer), or on about `max_tokens` of it in whole windows spread over
+        it; kept in the run's evaluations.json. Returns the record (loss, perplexity, accuracy, bits_per_byte, tokens,
+        windows, checkpoint, step, dataset)."""
         whole("batch_size", batch_size)
         if max_tokens is not None:
             whole("max_tokens", max_tokens)
@@ -184,10 +200,9 @@ class Run:
     def sample(self, prompt: str = "", *, checkpoint: str = "best", device: str = "auto", stream: bool = False,
                compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
         """The prompt and its continuation (an empty prompt starts a new document), as `lmlab sample` draws it;
-        `settings` are max_new_tokens, temperature (0: greedy), top_k, top_p and seed (the same seed, the same
-        text). With `stream`, an iterator of the pieces as they are generated (the prompt first). With `compile`,
-        decoded by a compiled step (worth it for thousands of tokens). Kept in the run's samples.txt unless not
-        `keep`."""
+        `settings` are max_new_tokens, temperature (0: greedy), top_k, top_p and seed. With `stream`, an iterator of the
+        pieces (the prompt first); with `compile`, decoded by a compiled step (worth it for thousands of tokens). Kept
+        in samples.txt unless not `keep`."""
         params = sampling_params(settings)
         return self._text(lambda run, step: sample_stream(run, prompt, params, step), len(prompt), params,
                           f"prompt {prompt!r}", checkpoint, device, stream, compile, keep)
@@ -214,8 +229,8 @@ class Run:
              compile="flag", keep="flag")
     def chat(self, message: str, *, system: str | None = None, checkpoint: str = "best", device: str = "auto",
              stream: bool = False, compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
-        """The reply to a user's `message` (after `system`'s, where given), through an imported instruct model's
-        chat template, else the run's prompt format or a role: content transcript; settings as `sample`'s."""
+        """The reply to a user's `message` (after `system`'s), through the run's chat template, prompt format or a role:
+        content transcript; settings as `sample`'s."""
         params = sampling_params(settings)
         turns = [("system", system)] * (system is not None) + [("user", message)]
         return self._text(lambda run, step: chat_stream(run, turns, params, step), 0, params,
@@ -226,17 +241,16 @@ class Run:
     def instruct(self, instruction: str, input: str = "", *, checkpoint: str = "best", device: str = "auto",
                  stream: bool = False, compile: bool = False, keep: bool = True,
                  **settings: Any) -> str | Iterator[str]:
-        """The answer to an instruction (and its record's input) asked in the run's own format: an imported
-        instruct model's chat template, Alpaca's unless fine-tuned with another; settings as `sample`'s."""
+        """The answer to an instruction (and its input) asked in the run's own format; settings as `sample`'s."""
         params = sampling_params(settings)
         return self._text(lambda run, step: instruct_stream(run, instruction, input, params, step), 0, params,
                           f"instruction {instruction!r}, input {input!r}", checkpoint, device, stream, compile, keep)
 
-    def _text(self, pieces_of: Callable[[LoadedRun, Any], Iterator[str]], prompt_chars: int, params: SamplingParams,
+    def _text(self, pieces_of: Callable[[LoadedRun, Any], Iterator[str]], prompt_length: int, params: SamplingParams,
               asked: str, checkpoint: str, device: str, stream: bool, compile: bool, keep: bool) -> str | Iterator[str]:
         """One text generated by `pieces_of` (whose prompt is checked at once), whole or streamed."""
         run, note = self._use(checkpoint, device, 1, 1, "decoding")
-        tokens = max(prompt_chars, run.config.model.block_size) + params.max_new_tokens
+        tokens = max(prompt_length, run.config.model.block_size) + params.max_new_tokens
         pieces = pieces_of(run, decode_step(run, 1, "--num-samples", tokens, compile, self.console))
         print_note(note)  # once the prompt passed its checks
         flowing = _flow(run, pieces, f"{params.describe()}, {asked}" if keep else None)
@@ -244,8 +258,7 @@ class Run:
 
 
 def _flow(run: LoadedRun, pieces: Iterator[str], settings: str | None) -> Iterator[str]:
-    """The pieces as they come; the whole text kept in the run's samples.txt at the end (unless `settings` is
-    None)."""
+    """The pieces as they come; the whole text kept in samples.txt at the end (unless `settings` is None)."""
     text = []
     for piece in pieces:
         text.append(piece)
@@ -255,8 +268,7 @@ def _flow(run: LoadedRun, pieces: Iterator[str], settings: str | None) -> Iterat
 
 
 def _keep(run: LoadedRun, text: str, settings: str) -> None:
-    """Append a sample to the run's samples.txt; one that cannot be written (a run folder read-only to this user)
-    is only noted: the sample was returned."""
+    """Append a sample to samples.txt; one that cannot be written is only noted: the sample was returned."""
     try:
         run.run.add_sample(text, run.checkpoint, run.step, settings)
     except WriteError as err:

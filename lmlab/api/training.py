@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,19 +18,12 @@ from rich.console import Console
 from lmlab.api.checks import checked, shown
 from lmlab.api.paths import check_destination
 from lmlab.core.busy import LoadMeter
-from lmlab.core.config import (
-    MAX_BUDGET_SECONDS,
-    SECTIONS,
-    RunConfig,
-    apply_overrides,
-    build_config,
-    load_config,
-    to_dict,
-    toml_value,
-)
+from lmlab.core.config import MAX_BUDGET_SECONDS, RunConfig
+from lmlab.core.config_toml import SECTIONS, apply_overrides, build_config, load_config, to_dict, toml_value
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.notebook import console_here
+from lmlab.train.stop import StopOnSignal
 
 if TYPE_CHECKING:  # PyTorch and the trainer load after the first line is said (`_say_starting`)
     from lmlab.api.run import Run
@@ -55,18 +49,15 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
           init_from: str | None = None, keep_optimizer: bool = False, force: bool = False, set: Sequence[str] = (),
           console: Console | None = None, started: float | None = None, size: str | int | None = None,
           **overrides: Any) -> Run:
-    """Train a run and return it, as `lmlab train` does: from `config` (a TOML preset, or a RunConfig such as
-    another run's `.config`) into `run` (default: runs/<config name>), or continuing the run `resume` from its
-    newest checkpoint. `overrides` set config keys by name (`max_iters=300`, `n_layer=4`, `dataset="data/x"`);
-    `set` takes them as the command line does (`["train.max_iters=300"]`). `budget` ("30s", "5m", "2h" or
-    seconds) ends the run, start-up and evaluations included, after that long, counted from `started` (a
-    time.perf_counter() reading; default: this call). `init_from` ("RUN" or "RUN:CHECKPOINT") starts from
-    another run's weights (with its optimizer state too when `keep_optimizer`); `force` resumes although the
-    dataset's content changed. `size` sizes the model to the budget: "auto" is the depth of the preset's family
-    that the fit kept beside it predicts trains to the lowest val loss in `budget` on this machine now (its
-    candidates timed first, within the budget), a number that depth (`lmlab.experiments.sizing`). A stop signal
-    (Ctrl-C; Kernel > Interrupt in a notebook) ends the run after the current step with a checkpoint:
-    `train(resume=run)` continues it exactly. The returned Run's `result` says how it ended."""
+    """Train a run and return it, as `lmlab train` does: from `config` (a TOML preset, or a RunConfig) into `run`
+    (default: runs/<config name>), or continuing the run `resume` from its newest checkpoint. `overrides` set config
+    keys by name (`max_iters=300`); `set` takes them as the command line does (`["train.max_iters=300"]`). `budget`
+    ("30s", "5m", "2h" or seconds) ends the run, start-up included, after that long, counted from `started` (a
+    time.perf_counter() reading; default: this call). `init_from` ("RUN" or "RUN:CHECKPOINT") starts from another run's
+    weights (with its optimizer state when `keep_optimizer`); `force` resumes although the dataset's content changed.
+    `size` is "auto" (the depth of the preset's family predicted to train to the lowest val loss in `budget` here) or a
+    depth. A stop signal ends the run after the current step with a checkpoint: `train(resume=run)` continues it
+    exactly. The returned Run's `result` says how it ended."""
     window = LoadMeter().start()  # the load while PyTorch loads: what a sizing's thread counts are told by
     started = time.perf_counter() if started is None else started
     out = console or console_here()
@@ -76,37 +67,42 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
             raise UserError("--budget plans a new run; a resumed run keeps the plan it made (to train it on by "
                             "steps: --set train.budget_seconds=0 --set train.max_iters=N).")
         settings.append(f"train.budget_seconds={parse_duration(str(budget))}")
-    size = _size(size, config, resume, init_from)
+    size = _size(size, config, resume, init_from, settings)
     cfg, run_dir = _config(config, run, resume, init_from, settings)
-    _say_starting(run_dir, config, cfg, out)
-    from lmlab.api.run import Run  # PyTorch: seconds
-    from lmlab.run.rundir import RunDir
-    from lmlab.train.loop import Trainer
-    from lmlab.train.tracking import require_tracker
+    # A stop signal (or a reader gone from the output) during the set-up: before the run is begun it ends the call
+    # at once, nothing written; after, the run stops before its first step, with its checkpoint and its end.
+    with StopOnSignal(stuck=None if out.is_jupyter else _give_up, setting_up=True) as setup:
+        _say_starting(run_dir, config, cfg, out)
+        from lmlab.api.run import Run  # PyTorch: seconds
+        from lmlab.run.rundir import RunDir
+        from lmlab.train.loop import Trainer
+        from lmlab.train.tracking import require_tracker
 
-    cfg = cfg or RunDir(run_dir).config(settings)
-    require_tracker(cfg.train.tracker)  # before the run is begun
-    cfg, sized, chooser = _sized(Path(config), cfg, size, started, device, window, out) if size else (cfg, None,
-                                                                                                      None)
-    trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
-                      init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=chooser,
-                      sizing=sized and sized.record(), timing=sized and sized.chosen.timing)
-    _describe(trainer, out)
-    result = trainer.run()
+        cfg = cfg or RunDir(run_dir).config(settings)
+        require_tracker(cfg.train.tracker)  # before the run is begun
+        cfg, sized, chooser = _sized(Path(config), cfg, size, started, device, window, out,
+                                     setup) if size else (cfg, None, None)
+        trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
+                          init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=chooser,
+                          sizing=sized and sized.record(), timing=sized and sized.chosen.timing)
+        _describe(trainer, out)
+        result = trainer.run()
     _report(result, trainer.cfg, out)
     trained = Run(result.run_dir, out)
     trained.result = result
     return trained
 
 
-def _size(size: str | int | None, config: str | Path | RunConfig | None, resume: Any,
-          init_from: str | None) -> str | int | None:
-    """--size, checked before anything loads: a new run's, from a preset file (its family's fit is kept beside it)."""
+def _size(size: str | int | None, config: str | Path | RunConfig | None, resume: Any, init_from: str | None,
+          settings: list[str]) -> str | int | None:
+    """--size, checked before anything loads: a new run's, from a preset file (its family's fit is kept beside it),
+    whose shape no setting asks for too."""
     if size is None:
         return None
     from lmlab.experiments.sizing import parse_size
 
     size = parse_size(size)
+    check_shape_kept(size, settings)
     if resume is not None:
         raise UserError("--size chooses the shape of a new run; a resumed run keeps its own.")
     if init_from:
@@ -118,9 +114,11 @@ def _size(size: str | int | None, config: str | Path | RunConfig | None, resume:
 
 
 def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, window: Any,
-           out: Console) -> tuple[RunConfig, Any, Any]:
-    """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose
-    (with the `Sizing` that chose it, its timing and event, and the thread chooser that timing decided)."""
+           out: Console, setup: StopOnSignal) -> tuple[RunConfig, Any, Any]:
+    """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose (with
+    its `Sizing`, timing and thread chooser); a stop signal ends the timing."""
+    import torch
+
     from lmlab.core.threads import ThreadChooser
     from lmlab.experiments.sizing import choose_size, sized_config
 
@@ -129,12 +127,38 @@ def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device
         out.print(line, highlight=False)
         return cfg, None, None
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
-    with out.status("Timing sizes of the preset's family on this machine..."):
-        sizing = choose_size(preset, cfg, started, device, chooser)
+    try:
+        with out.status("Timing sizes of the preset's family on this machine..."), setup.interruptible():
+            sizing = choose_size(preset, cfg, started, device, chooser)
+    except BaseException:
+        torch.set_num_threads(chooser.before)  # as they were: a notebook goes on in this process
+        raise
     for note in sizing.notes:
         out.print(f"note: {note}", style="yellow", highlight=False)
     out.print(sizing.line(), highlight=False)
     return sizing.config, sizing, chooser
+
+
+SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_head")  # what a size sets
+
+
+def check_shape_kept(size: str | int, settings: Sequence[str]) -> None:
+    """Refuse `--set` of the shape beside `--size`, which sets it from the preset's family: one or the other would be
+    overridden without a word."""
+    shaped = [item.partition("=")[0].strip() for item in settings
+              if item.partition("=")[0].replace(" ", "") in SHAPE_SETTINGS]
+    if shaped:
+        raise UserError(f"--size {size} sets {', '.join(SHAPE_SETTINGS)} from the preset's family, so "
+                        f"{shaped[0]} would be overridden; drop it to train a size of the family, or drop --size to "
+                        "train the shape you set (a family's width per layer is its preset's: change it there).")
+
+
+def _give_up(signal_name: str) -> None:
+    """End a process whose set-up is stuck in one long call after a stop signal and its grace (called from a timer's
+    thread): nothing of the run is written yet."""
+    print(f"stopped by {signal_name} while it set up: nothing was written (cut off inside a call that cannot be "
+          "interrupted)", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def _config(config: str | Path | RunConfig | None, run: str | Path | None, resume: str | Path | Run | None,
@@ -177,8 +201,8 @@ def _settings(overrides: dict[str, Any]) -> list[str]:
 
 
 def _say_starting(run_dir: Path, config: str | Path | RunConfig | None, cfg: RunConfig | None, out: Console) -> None:
-    """The first line, at once: what is trained, before the seconds that PyTorch, the data's checks and the model
-    take (once per torchrun job: its first process)."""
+    """The first line, at once: what is trained, before the seconds that PyTorch, the data's checks and the model take
+    (once per torchrun job)."""
     if os.environ.get("RANK", "0") != "0":
         return
     if cfg is None:
@@ -203,8 +227,7 @@ def _describe(trainer: Trainer, out: Console) -> None:
 
 
 def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
-    """How the run ended and what to do next. A notebook is told how to continue in Python, elsewhere with the
-    command (which a Python script may run too)."""
+    """How the run ended and what to do next (in a notebook, how to continue in Python)."""
     from lmlab.train.stop import STOP_GRACE
 
     go_on = (f'lmlab.train(resume="{result.run_dir}")' if out.is_jupyter else

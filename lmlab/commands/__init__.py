@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return _say(f"{path}: {err.strerror or err}; {os_fix(err, path, writing=False)}, then run the command again.")
     except MemoryError:
         return _say("this machine ran out of memory; use a smaller size (batch, --num-samples, --max-batch) or model.")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # Ctrl-C, or a `Stopped` with its own line
+        print(str(err) or "interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:
         if (stop := _compile_stopped(err)) is not None:

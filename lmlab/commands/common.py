@@ -148,6 +148,8 @@ def destination(option: str, kind: str = "") -> Callable[[str], str]:
     """The type of an option naming where a command writes (`check_destination`), checked as the command line is
     parsed, before anything loads; its refusal is the command's one line."""
     def where(text: str) -> str:
+        if not text.strip():  # else taken as not given: a plot, an output asked for and silently not written
+            raise UserError(f"{option} is {text!r}; it must be a path that is not empty.")
         check_destination(text, option, kind)
         return text
     where.destination = True  # tells it from the numeric types (tests/test_bad_values.py)

@@ -6,17 +6,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from lmlab.commands.common import console, print_table
+from lmlab.commands.common import console, destination, print_table
 from lmlab.core.errors import UserError
 
 
 def cmd_log(args: argparse.Namespace) -> None:
     from lmlab.analysis.history import EVAL_COLUMNS, to_csv
     from lmlab.api.run import Run
+    from lmlab.run.rundir import RunDir
 
     run = Run(args.run, console)  # a folder that is no run is refused as every command refuses it
     rows = run.history
+    if args.plot:
+        from lmlab.analysis.plots import plot_grad_norm
+
+        written = plot_grad_norm(RunDir(run.path), Path(args.plot))
+        print(f"gradient norm and learning rate by step: {written}", file=sys.stderr)  # stdout: the rows alone
     if args.json:
         print(json.dumps({"run": str(run.path), "evaluations": rows}, indent=1))
         return
@@ -38,5 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", help="print the evaluations as JSON instead of a table")
     shape.add_argument("--csv", action="store_true", help="print the evaluations as CSV (a header, a row each)")
-    p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
+    p.add_argument("--wide", action="store_true", help="every column (perplexity, accuracy where `lmlab eval` "
+                   "measured it, the gradient norm since the evaluation before), however wide the table gets")
+    p.add_argument("--plot", metavar="PNG", type=destination("--plot"), help="also draw the gradient norm of each "
+                   "logged step, with the learning rate, to this PNG")
     p.set_defaults(func=cmd_log)

@@ -16,7 +16,7 @@ from lmlab.core.errors import UserError
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
     from lmlab.core.device import resolve_device
     from lmlab.core.threads import ThreadChooser
     from lmlab.experiments.bench import bench_batch, bench_threads, eval_cost
@@ -145,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         return plan_budget(args)
     from lmlab.analysis.runs import find_runs, summarize
     from lmlab.analysis.scaling import repeat_warning
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
     from lmlab.experiments.bench import with_vocab
     from lmlab.experiments.plan import (
         compute_note,
@@ -203,8 +203,8 @@ def plan_budget(args: argparse.Namespace) -> None:
     from lmlab.core.busy import LoadMeter, process_age
 
     window, started = LoadMeter().start(), time.perf_counter() - process_age()  # as train counts its budget
-    from lmlab.api.training import parse_duration
-    from lmlab.core.config import load_config
+    from lmlab.api.training import check_shape_kept, parse_duration
+    from lmlab.core.config_toml import load_config
     from lmlab.core.threads import ThreadChooser
     from lmlab.experiments.sizing import choose_size, parse_size, with_vocab
 
@@ -217,6 +217,8 @@ def plan_budget(args: argparse.Namespace) -> None:
     if target.is_dir():
         raise UserError(f"--budget plans a new run of a preset; {target} is a run (a run keeps the plan it made).")
     size = parse_size(args.size) if args.size else None
+    if size is not None:
+        check_shape_kept(size, args.set)  # as train refuses it
     cfg = with_vocab(load_config(target, [*args.set, f"train.budget_seconds={parse_duration(args.budget)}"]))
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     if size is None:
@@ -372,8 +374,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rate.add_argument("--tokens-per-sec", type=within(1, math.inf), help="throughput to assume instead of "
                       "estimating it (at least 1)")
     p.add_argument("--mfu", type=positive, help="model FLOPs utilisation to assume, e.g. 0.4 (default: the median MFU "
-                   "of the run planned, else of a run on that hardware under --runs, one of the same config first, "
-                   "else 0.3)")
+                   "of the run planned, else of a run of the same config on that hardware under --runs, else 0.3)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)
     p.set_defaults(func=cmd_plan)

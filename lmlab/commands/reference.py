@@ -16,11 +16,10 @@ from typing import Any
 
 from lmlab.commands.common import subcommands
 from lmlab.core import config
+from lmlab.core.config_toml import SECTIONS
 
 WIDTH = 100  # the usage lines' width, fixed so the page is the same on every terminal
 GENERATED = ("<!-- Written by `make docs` from {source}; do not edit: change the code and run `make docs`. -->\n")
-SECTIONS = {"data": config.DataConfig, "model": config.ModelConfig, "train": config.TrainConfig,
-            "finetune": config.FinetuneConfig}
 
 
 def cell(text: str) -> str:
@@ -157,9 +156,10 @@ def signature(func: Any, name: str) -> str:
 
 
 def _members(cls: type) -> list[tuple[str, Any]]:
-    """A class's public methods and properties, in the order its source defines them."""
-    return [(name, value) for name, value in vars(cls).items() if not name.startswith("_")
-            and (inspect.isfunction(value) or isinstance(value, property))]
+    """A class's public methods (a static one as its function) and properties, in the order its source defines
+    them."""
+    return [(name, value.__func__ if isinstance(value, staticmethod) else value) for name, value in vars(cls).items()
+            if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, (property, staticmethod)))]
 
 
 def _class_lines(name: str, cls: type) -> list[str]:
@@ -175,7 +175,8 @@ def _class_lines(name: str, cls: type) -> list[str]:
             returns = inspect.signature(value.fget).return_annotation
             lines += [f"### `{name}.{member}`", "", f"A property: `{returns}`. {inspect.getdoc(value) or ''}", ""]
         else:
-            lines += [f"### `{name}.{member}`", "", "```python", signature(value, member), "```", "",
+            called = f"{name}.{member}" if isinstance(vars(cls)[member], staticmethod) else member
+            lines += [f"### `{name}.{member}`", "", "```python", signature(value, called), "```", "",
                       inspect.getdoc(value) or "", ""]
     return lines
 

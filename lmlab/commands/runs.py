@@ -154,7 +154,7 @@ def _fit_columns() -> list:
 
 
 def _preset_width(preset: Path) -> int:
-    from lmlab.core.config import load_config
+    from lmlab.core.config_toml import load_config
 
     return load_config(preset).model.n_embd
 

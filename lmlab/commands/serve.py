@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.api.loading import load_run
+from lmlab.api.loading import load_run, pick_threads, print_note
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
@@ -95,15 +95,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
+    from lmlab.core.threads import ThreadChooser
     from lmlab.evals.judge import write_answers
 
     params = sampling(args)
+    chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load: see ThreadChooser
     run = load_run(args.run, args.checkpoint, args.device)
+    note = pick_threads(chooser, run, args.batch_size, 1, "decoding")  # said as sample says it
     tokens = run.config.model.block_size + args.max_new_tokens
     step = compiled_step(args, run, args.batch_size, "--batch-size", tokens)
     with console.status("Answering...") as status:
         n = write_answers(run, Path(args.data), Path(args.out), params, args.batch_size, step,
                           lambda done, total: status.update(f"Answering: {done}/{total} records"))
+    print_note(note)
     console.print(f"wrote {n} answers to {args.out}")
 
 

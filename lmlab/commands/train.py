@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from lmlab.core.config import load_finetune_config
+    from lmlab.core.config_toml import load_finetune_config
     from lmlab.run.rundir import RunDir
     from lmlab.train.finetune import finetune
     from lmlab.train.stop import STOP_GRACE

@@ -1,13 +1,6 @@
-"""Whether the machine was busy while something was measured: the CPU time other processes took on the cores this
-process may use, from /proc/stat, over the measured window, and the load average beside it; and how long this
-process has run (what a time budget counts from).
-
-Others' CPU time is the test, not the load average: the load average is a one-minute mean that still counts work
-which ended seconds ago, and it counts this process's own threads, so after a process's own warm-up it reads
-"busy" on a quiet machine. /proc/stat's per-core counters, less this process's own CPU time, say what else ran on
-those cores during the window itself (the hypervisor's steal time included). Where /proc/stat cannot be read
-(macOS, Windows), the load average at the start of the window, before this process's own work, is the test.
-"""
+"""Whether the machine was busy while something was measured: the CPU time others took on this process's cores
+(/proc/stat), not the load average, which lags and counts this process's own threads; and how long this process has
+run (what a time budget counts from)."""
 
 from __future__ import annotations
 
@@ -18,16 +11,15 @@ from pathlib import Path
 
 from lmlab.core.errors import UserError
 
-# Others' share of this process's cores above which a measurement is called busy. A tenth, not more: a matmul on
-# every core waits at each step for its slowest thread, and on 2 cores others' 15% halved a measured fp32 peak.
+# Others' share of the cores above which a measurement is busy: a kernel on every core waits for its slowest thread.
 BUSY_SHARE = 0.1
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (idle and iowait are not work)
 
 
 @dataclass(frozen=True)
 class Load:
-    """What else used the machine during a window: `others`, the share of this process's cores other processes
-    took (0.5: one of two cores), None where it cannot be read; `loadavg`, the one-minute load average."""
+    """What else used the machine during a window: `others`, the share of this process's cores others took (None
+    where it cannot be read); `loadavg`, the one-minute load average."""
 
     seconds: float
     cores: int
@@ -41,21 +33,18 @@ class Load:
         return self.loadavg is not None and self.loadavg > self.cores
 
     def describe(self) -> str:
-        """E.g. `other processes used 64% of the 2 cores, load average 5.31`."""
         used = ("other processes' CPU use unknown" if self.others is None else
                 f"other processes used {100 * self.others:.0f}% of the {self.cores} core{'s' * (self.cores > 1)}")
         return used + ("" if self.loadavg is None else f", load average {self.loadavg:.2f}")
 
     def record(self) -> dict[str, float | int | None]:
-        """As JSON values, for a cache or an event."""
         return {"seconds": round(self.seconds, 3), "cores": self.cores,
                 "others": None if self.others is None else round(self.others, 4), "loadavg": self.loadavg}
 
 
 def busy_warning(what: str, load: Load | None, effect: str) -> str | None:
-    """The warning for a figure measured while the machine was busy, e.g. `warning: the machine was busy while it
-    timed micro-batch 8 (other processes used 64% of the 2 cores, load average 5.31): its tokens/s reads low` (or
-    `timed the steps`: `what` may be plural); None for a quiet one."""
+    """The warning for a figure measured while the machine was busy (`what` was timed, with `effect`); None if
+    quiet."""
     if load is None or not load.busy:
         return None
     return f"warning: the machine was busy while it timed {what} ({load.describe()}): {effect}"
@@ -67,24 +56,19 @@ def cores() -> list[int]:
 
 
 def check_threads(name: str, threads: int, fix: str = "0 to let lmlab choose") -> None:
-    """Refuse more threads than cores: past them a job only waits on itself, and OpenMP aborts (20,000) or crashes
-    (100,000) on too many."""
+    """Refuse more threads than cores: past them a job only waits on itself, and OpenMP aborts on too many."""
     available = len(cores())
     if threads > available:
         raise UserError(f"{name} is {threads:,}, more than the {available} core{'s' * (available > 1)} this process "
                         f"may use; set it to at most {available}, or {fix}.")
 
 
-# The environment variables that set a pool of threads in a library lmlab computes with, each started whole at its
-# first parallel call however many cores there are: torch's OpenMP pool, and the Rust pool of `tokenizers` (rayon;
-# its older name too).
+# Thread pool sizes of torch (OpenMP) and `tokenizers` (rayon), each pool started whole at its first parallel call.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS")
 
 
 def env_threads() -> int | None:
-    """OMP_NUM_THREADS when it sets a count (torch computes on that many threads from its first parallel kernel);
-    None when unset or not a count. Every THREAD_VARIABLES count is refused like the thread options above the
-    cores, before anything starts that many threads."""
+    """OMP_NUM_THREADS's count, or None; every THREAD_VARIABLES count above the cores is refused first."""
     counts = {}
     for name in THREAD_VARIABLES:
         env = os.environ.get(name, "").strip()
@@ -95,7 +79,7 @@ def env_threads() -> int | None:
 
 
 def _busy_ticks(cpus: list[int]) -> int | None:
-    """Clock ticks of work (all processes) on `cpus` since boot, from /proc/stat; None where it cannot be read."""
+    """Clock ticks of work (all processes) on `cpus` since boot; None where /proc/stat cannot be read."""
     try:
         lines = Path("/proc/stat").read_text().splitlines()
     except OSError:
@@ -111,9 +95,7 @@ def _busy_ticks(cpus: list[int]) -> int | None:
 
 
 def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and its descendants (a benchmark's servers and training runs are its work, not
-    another's): from /proc, each process's own and waited-for children's time; elsewhere, this process's and its
-    waited-for children's."""
+    """CPU seconds of this process and its descendants (a benchmark's servers are its work, not another's)."""
     tree = _process_tree()
     if tree is None:
         t = os.times()
@@ -127,7 +109,7 @@ def _own_cpu_seconds() -> float:
 
 
 def _process_tree() -> dict[int, tuple[int, int]] | None:
-    """Every process's parent and clock ticks (user, system, and its waited-for children's), from /proc."""
+    """Every process's parent and clock ticks (its own and its waited-for children's), from /proc."""
     tree = {}
     try:
         folders = [f for f in os.listdir("/proc") if f.isdigit()]
@@ -159,7 +141,6 @@ class LoadMeter:
         self.stop()
 
     def start(self) -> LoadMeter:
-        """Open the window (a window that spans a job's steps is opened and closed as they go)."""
         self.cpus = cores()
         self.load: Load | None = None
         self._avg_before = loadavg()
@@ -170,21 +151,19 @@ class LoadMeter:
         return time.perf_counter() - self._started
 
     def stop(self) -> Load:
-        """Close the window: its `Load`."""
         seconds = time.perf_counter() - self._started
         ticks, own = _busy_ticks(self.cpus), _own_cpu_seconds() - self._own
         others = None
         if ticks is not None and self._ticks is not None and seconds > 0:
             work = (ticks - self._ticks) / os.sysconf("SC_CLK_TCK")
             others = min(1.0, max(0.0, (work - own) / (len(self.cpus) * seconds)))
-        # Without /proc/stat, the average from before this process's own work in the window is the fairer one.
+        # without /proc/stat, the average from before this process's own work is the fairer one
         self.load = Load(seconds, len(self.cpus), others, self._avg_before if others is None else loadavg())
         return self.load
 
 
 def process_age() -> float:
-    """Seconds since this process started (its start time in /proc/self/stat against /proc/uptime), so a budget
-    counts the interpreter's start and imports too; 0.0 where that cannot be read."""
+    """Seconds since this process started, so a budget counts the interpreter's start too; 0.0 where unknown."""
     try:
         fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
         started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of the whole line: starttime

@@ -1,14 +1,7 @@
-"""TorchInductor's cache of compiled kernels (shared by every process of this user), and the builds in it that a stop
-signal cut short.
-
-Inductor compiles each CPU kernel with the C++ compiler straight into the cache (`CACHE/xx/KEY.so`, written by the
-compiler itself, not renamed into place). A Ctrl-C reaches the compiler too (it runs in the terminal's process
-group): killed, it leaves that file empty or cut short, and every later compile of the kernel finds the file and
-loads it ("file too short": a compiled run that crashes at its first step until the file is deleted by hand; the
-kernel that checks the CPU's vector instructions, cut short, silently turns vectorisation off).
-`discard_partial_builds` deletes such files before a compile and after one a signal stopped, each while no
-process is building it (Inductor's own lock of that kernel held meanwhile).
-"""
+"""TorchInductor's cache of compiled kernels, and the builds in it that a stop signal cut short: Inductor's C++
+compiler writes each kernel straight into the cache, so a Ctrl-C leaves it empty or cut short, and every later
+compile loads it ("file too short", or vectorisation silently off). `discard_partial_builds` deletes such files,
+each under Inductor's own lock of that kernel."""
 
 from __future__ import annotations
 

@@ -1,20 +1,13 @@
-"""Typed run configuration: TOML presets plus `--set section.key=value` overrides.
-
-Names follow nanoGPT so its users feel at home. Every field is checked for type on load; an unknown
-key is an error that lists the valid ones. The fully resolved config is written into every run.
-"""
+"""The typed run configuration, each field checked in `__post_init__`; its comments are the config reference.
+Names follow nanoGPT's. `lmlab.core.config_toml` reads and writes it as TOML."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-import sys
-import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
 from lmlab.core.errors import UserError
@@ -27,9 +20,8 @@ MAX_BUDGET_SECONDS = 366 * 86_400  # a year: a longer budget is a typo (an hour 
 STOP_CHARS = 1_000  # the longest stop string: each is matched against the text as it grows, a table per string
 
 
-def _shown(value: Any) -> str:
-    """A user's name or value as a message quotes it: as typed if it is plain text, escaped if not, and cut short
-    (so a message stays one line)."""
+def as_text(value: Any) -> str:
+    """A user's name or value as a one-line message quotes it: as typed if printable, else escaped; cut short."""
     text = str(value)
     text = text if text.isprintable() else repr(text)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -40,14 +32,12 @@ def check_counts(section: str, values: dict[str, int], low: int = 1) -> None:
     for name, value in values.items():
         if not low <= value <= MAX_COUNT:
             floor = "a positive integer" if low == 1 else f"an integer from {low}"
-            raise UserError(f"{section}{name} is {_shown(value)}; set it to {floor} up to 2**53.")
+            raise UserError(f"{section}{name} is {as_text(value)}; set it to {floor} up to 2**53.")
 
 
 def checkpoint_name(spec: str) -> str:
-    """A checkpoint spec as a run names it: `best`, `latest`, or the step folder `step_NNNNNN` of `step_N` or `N`
-    (`183`, `step_183` and `step_000183` are one checkpoint). The one parser of --checkpoint (and of
-    --init-from's RUN:CHECKPOINT) for every command that chooses a checkpoint: `lmlab.run.rundir.RunDir.checkpoint`
-    finds the folder, and refuses a step the run has not with the steps it has."""
+    """A checkpoint spec as a run names it: `best`, `latest`, or the step folder `step_NNNNNN` of `step_N` or `N`;
+    the one parser of every --checkpoint and of --init-from's RUN:CHECKPOINT."""
     if spec in ("best", "latest"):
         return spec
     match = re.fullmatch(r"(?:step_)?(\d{1,16})", spec.strip()) if isinstance(spec, str) else None
@@ -63,7 +53,7 @@ def checkpoint_label(name: str, step: int) -> str:
 
 def check_seed(where: str, seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
-        raise UserError(f"{where} is {_shown(seed)}; it must be between 0 and 2**63 - 1.")
+        raise UserError(f"{where} is {as_text(seed)}; it must be between 0 and 2**63 - 1.")
 
 
 @dataclass
@@ -85,8 +75,7 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
     "rnn_cell": ("gru", "lstm"),
 }
 
-# The fields each model kind reads besides kind, n_layer, n_embd, block_size, dropout, vocab_size and
-# tie_embeddings; the others are ignored by that kind (`ModelConfig.ignored_fields` names any set anyway).
+# The fields each model kind reads besides the shared ones.
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
             "head_dim", "mlp_hidden", "rope_theta", "norm_eps"),
@@ -136,9 +125,8 @@ class ModelConfig:
     n_embd: int = 384  # residual width, or the recurrent model's embedding and hidden-state width
     block_size: int = 256  # context length in tokens (the recurrent model trains on sequences this long)
     dropout: float = 0.0  # share of activations zeroed in training (attention, residual and MLP outputs)
-    # Biases: true in every linear layer and norm (GPT-2), false in none, or only in the places listed, of qkv (the
-    # query/key/value projection), proj (attention's output), mlp, norm: "proj,mlp,norm" is the book's GPT, no bias
-    # on q, k and v; "qkv" is Qwen2's. The recurrent cells always keep theirs.
+    # Biases: true everywhere (GPT-2), false nowhere, or only in the places listed of qkv, proj, mlp, norm ("qkv" is
+    # Qwen2's). The recurrent cells always keep theirs.
     bias: bool | str = True
     vocab_size: int = 0  # 0: taken from the dataset's meta.json
     gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
@@ -162,7 +150,7 @@ class ModelConfig:
         self._check_kind()
         for name, choices in MODEL_CHOICES.items():
             if getattr(self, name) not in choices:
-                raise UserError(f"model.{name} is '{_shown(getattr(self, name))}'; use {' or '.join(choices)}.")
+                raise UserError(f"model.{name} is '{as_text(getattr(self, name))}'; use {' or '.join(choices)}.")
         if self.kind == "gpt":  # the recurrent model has no heads
             self._check_heads()
         if not 0.0 <= self.dropout < 1.0:
@@ -175,17 +163,15 @@ class ModelConfig:
         self._check_bias()
 
     def _check_bias(self) -> None:
-        """One spelling per layout (`bias_spelling`), and only places there are."""
         if not isinstance(self.bias, str):
             return
         places = {p.strip() for p in self.bias.split(",")}
         if not self.bias.strip() or places - set(BIAS_PLACES):
-            raise UserError(f"model.bias is '{_shown(self.bias)}'; use true, false, or the places that have biases, "
+            raise UserError(f"model.bias is '{as_text(self.bias)}'; use true, false, or the places that have biases, "
                             f"comma-separated, from {', '.join(BIAS_PLACES)} (e.g. \"proj,mlp,norm\": all but q/k/v).")
         self.bias = bias_spelling(places)
 
     def has_bias(self, place: str) -> bool:
-        """Whether the layers at `place` (one of BIAS_PLACES) have biases."""
         return place in self.bias.split(",") if isinstance(self.bias, str) else self.bias
 
     def _check_kind(self) -> None:
@@ -219,8 +205,7 @@ class ModelConfig:
         return self.head_dim or self.n_embd // self.n_head
 
     def ignored_fields(self) -> list[str]:
-        """Fields set away from their defaults that this model kind does not read (e.g. n_head of a recurrent
-        model): not an error, since one preset serves several kinds, but worth saying."""
+        """Fields set away from their defaults that this kind does not read: said, not refused (presets are shared)."""
         read = set(KIND_FIELDS.get(self.kind, ()))  # a plugin reads the shared fields and its options
         unread = {name for fields in KIND_FIELDS.values() for name in fields} - read
         return sorted(f.name for f in dataclasses.fields(self)
@@ -232,9 +217,8 @@ class TrainConfig:
     batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
     grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
     max_iters: int = 5000  # optimizer steps
-    # Seconds from `lmlab train`'s start (or a library Trainer's run()) to the end of the run, evals and checkpoints
-    # included: the run times its first steps and sets max_iters to fill them, the LR schedule laid over those
-    # steps (lmlab/train/budget.py); 0: none (the run trains max_iters steps); at most 366 days.
+    # Seconds from `lmlab train`'s start to the run's end, evals and checkpoints included (max_iters and the LR
+    # schedule are fitted to it); 0: none; at most 366 days.
     budget_seconds: float = 0.0
     optimizer: str = "adamw"  # which optimizer trains (one of OPTIMIZER_NAMES, each in lmlab.train.optim.OPTIMIZERS)
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
@@ -242,17 +226,16 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd: warmup then cosine decay, or warmup-stable-decay
     decay_fraction: float = 0.2  # wsd: share of the steps, at the end, over which the LR falls (1-sqrt) to min_lr
     warmup_iters: int = WARMUP_ITERS  # steps over which the LR rises linearly from 0 to learning_rate
-    # Passes over the train split the LR warms up over instead ("0.5": half a pass), made steps at the start as an
-    # eval_interval in epochs is (config.toml then keeps those steps as warmup_iters); 0: warmup_iters says.
+    # Passes over the train split the LR warms up over instead ("0.5": half a pass), kept in config.toml as
+    # warmup_iters; 0: warmup_iters says.
     warmup_epochs: float = 0.0
     lr_decay_iters: int = 0  # cosine: steps over which the LR decays to min_lr; 0: max_iters
     weight_decay: float = 0.1  # applied to 2-D weights only
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.99  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    # Steps between evaluations, or passes over the train split: "epoch" (one a pass) or "N epochs" ("0.5 epochs": two
-    # a pass), each at the first step past them (a time budget plans with the steps nearest); patience counts these
-    # evaluations, so with "epoch" it is in epochs.
+    # Steps between evaluations, or passes over the train split: "epoch" or "N epochs" ("0.5 epochs": two a pass);
+    # patience counts these evaluations.
     eval_interval: int | str = 250
     eval_iters: int = 50  # batches per split in each evaluation (the same batches every time)
     log_interval: int = 10  # steps between train lines in metrics.jsonl
@@ -271,9 +254,7 @@ class TrainConfig:
     tracker_project: str = "lmlab"  # wandb: the project the run is logged under
     tracker_run: str = ""  # wandb: the run's name there; "": the run dir's name
     parallel: str = "ddp"  # ddp | fsdp: under torchrun, a model replica per process, or sharded by FSDP2
-    # Under torchrun, seconds a process waits for the others in one collective before the job ends naming the host
-    # it waited for (a network down between hosts, a stuck process); above the longest pause one process makes the
-    # others wait: rank 0 writing a checkpoint, a first step under torch.compile.
+    # Under torchrun, seconds a process waits for the others in one collective before the job ends naming the host.
     collective_timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -297,9 +278,9 @@ class TrainConfig:
         if self.spike_zscore <= 0:
             raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
         if self.optimizer not in OPTIMIZER_NAMES:
-            raise UserError(f"train.optimizer is '{_shown(self.optimizer)}'; use {' or '.join(OPTIMIZER_NAMES)}.")
+            raise UserError(f"train.optimizer is '{as_text(self.optimizer)}'; use {' or '.join(OPTIMIZER_NAMES)}.")
         if self.schedule not in ("cosine", "wsd"):
-            raise UserError(f"train.schedule is '{_shown(self.schedule)}'; use cosine or wsd.")
+            raise UserError(f"train.schedule is '{as_text(self.schedule)}'; use cosine or wsd.")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
         if not 0 < self.collective_timeout <= 86400:
@@ -311,7 +292,7 @@ class TrainConfig:
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
         if self.tracker not in ("none", "tensorboard", "wandb"):
-            raise UserError(f"train.tracker is '{_shown(self.tracker)}'; use none, tensorboard or wandb.")
+            raise UserError(f"train.tracker is '{as_text(self.tracker)}'; use none, tensorboard or wandb.")
         bad = set(self.tracker_project) & set("/\\#?%:")
         if not self.tracker_project or bad or len(self.tracker_project) > 128:
             raise UserError(f"train.tracker_project ({self.tracker_project!r}) must be 1-128 characters without any "
@@ -319,14 +300,14 @@ class TrainConfig:
         if self.compile not in (True, False, "auto"):
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
         if self.parallel not in ("ddp", "fsdp"):
-            raise UserError(f"train.parallel is '{_shown(self.parallel)}'; use ddp or fsdp.")
+            raise UserError(f"train.parallel is '{as_text(self.parallel)}'; use ddp or fsdp.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"train.dtype is '{_shown(self.dtype)}'; use auto, float32, bfloat16 or float16.")
+            raise UserError(f"train.dtype is '{as_text(self.dtype)}'; use auto, float32, bfloat16 or float16.")
 
     def _check_eval_interval(self) -> None:
         if isinstance(self.eval_interval, str):
             if self.passes_per_eval is None or not 0 < self.passes_per_eval <= MAX_COUNT:
-                raise UserError(f"train.eval_interval is '{_shown(self.eval_interval)}'; use a number of steps (250), "
+                raise UserError(f"train.eval_interval is '{as_text(self.eval_interval)}'; use a number of steps (250), "
                                 "\"epoch\", or a number of passes over the train split such as \"0.5 epochs\".")
         else:
             check_counts("train.", {"eval_interval": self.eval_interval})
@@ -342,8 +323,7 @@ class TrainConfig:
 
     @property
     def passes_per_eval(self) -> float | None:
-        """The passes over the train split between evaluations, or None when they are spaced by steps (or the text
-        is none of "epoch", "N epochs")."""
+        """The passes over the train split between evaluations, or None when they are spaced by steps."""
         words = self.eval_interval.split() if isinstance(self.eval_interval, str) else []
         if words == ["epoch"]:
             return 1.0
@@ -361,8 +341,7 @@ class TrainConfig:
         return f"{self.patience} evaluations" + ("" if passes is None else f" ({self.patience * passes:g} passes)")
 
     def eval_steps(self, split_tokens: int, tokens_per_step: int) -> int:
-        """The steps between evaluations: eval_interval's, or for evaluations spaced by passes the whole steps
-        nearest passes_per_eval passes of a split of `split_tokens`, at least one, at most MAX_COUNT."""
+        """The steps between evaluations: eval_interval, or the whole steps nearest passes_per_eval passes."""
         passes = self.passes_per_eval
         if passes is None:
             assert isinstance(self.eval_interval, int), "__post_init__ refuses any other text"
@@ -370,8 +349,7 @@ class TrainConfig:
         return _steps(passes, split_tokens, tokens_per_step)
 
     def warmup_steps(self, split_tokens: int, tokens_per_step: int) -> int:
-        """The steps the LR warms up over: warmup_iters, or the whole steps nearest warmup_epochs passes of a split
-        of `split_tokens` (as `eval_steps` counts them)."""
+        """The steps the LR warms up over: warmup_iters, or the whole steps nearest warmup_epochs passes."""
         return _steps(self.warmup_epochs, split_tokens, tokens_per_step) if self.warmup_epochs else self.warmup_iters
 
     def _check_budget(self) -> None:
@@ -423,11 +401,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to continue a prompt, passed whole from `sample`, `compare`, `answer` and `serve` to the sampler.
-
-    temperature 0 is greedy; top_k keeps the k likeliest tokens and top_p the smallest set whose probability
-    reaches p; the seed makes a draw repeatable; a continuation ends after max_new_tokens or before a stop string.
-    """
+    """How to continue a prompt: temperature 0 is greedy; top_k keeps the k likeliest tokens and top_p the smallest
+    set whose probability reaches p; a continuation ends after max_new_tokens or before a stop string."""
 
     max_new_tokens: int = 500
     temperature: float = 0.8
@@ -449,7 +424,7 @@ class SamplingParams:
         }
         for name, (bad, rule) in problems.items():
             if bad:
-                raise UserError(f"{name} is {_shown(getattr(self, name))}; it must be {rule}.")
+                raise UserError(f"{name} is {as_text(getattr(self, name))}; it must be {rule}.")
 
     def describe(self) -> str:
         return f"seed {self.seed}, temperature {self.temperature}, top_k {self.top_k}, top_p {self.top_p}"
@@ -458,199 +433,3 @@ class SamplingParams:
 def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
     """n copies of `params`, the i-th seeded seed + i: n different draws, each repeatable alone."""
     return [dataclasses.replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
-
-
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                             "finetune": FinetuneConfig}
-
-
-def _coerce(where: str, value: Any, kind: type) -> Any:
-    """Check a TOML or command-line value against a field's type; ints widen to floats."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            value = float(value)
-        except OverflowError:  # an integer of hundreds of digits
-            raise UserError(f"{where} is an integer of {len(str(value)):,} digits, beyond any number it may be.")
-    if kind is float and type(value) is float and not math.isfinite(value):  # a float, but no number to use
-        raise UserError(f"{where} is {value}; it must be a finite number.")
-    if type(value) is not kind:
-        raise UserError(f"{where} must be {kind.__name__}, got {_shown(repr(value))} ({type(value).__name__}).")
-    return value
-
-
-def _parse_literal(text: str) -> Any:
-    """A `--set` value is read as a TOML value, so `3e-4`, `true` and `"x"` mean what they do in a preset."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare word such as `bfloat16` or a path is a string
-
-
-def _qkv_bias(value: Any, values: dict[str, Any], where: str) -> dict[str, Any]:
-    if not _coerce(where, value, bool):
-        return {}
-    if values.get("bias", True) is not False:
-        raise UserError(f"{where} = true adds biases to the query/key/value projection of a model that has no others "
-                        "(model.bias = false, as Qwen2); with model.bias set every place it names has them already: "
-                        "set model.qkv_bias = false, or list qkv in model.bias.")
-    return {"bias": "qkv"}
-
-
-def _max_seconds(value: Any, values: dict[str, Any], where: str) -> dict[str, Any]:
-    seconds = _coerce(where, value, float)
-    if not 0 <= seconds <= MAX_BUDGET_SECONDS:
-        raise UserError(f"{where} ({seconds}) must be 0 (no limit) or positive, at most {MAX_BUDGET_SECONDS:,} (366 "
-                        "days).")
-    if seconds and values.get("budget_seconds"):
-        raise UserError(f"{where} is the older name of train.budget_seconds; set one of them, the other to 0.")
-    return {"budget_seconds": seconds} if seconds else {}
-
-
-def _eval_every(value: Any, values: dict[str, Any], where: str) -> dict[str, Any]:
-    if value in ("steps", "epoch"):
-        return {"eval_interval": value} if value == "epoch" else {}
-    if type(value) in (int, float) and math.isfinite(value) and 0 < value <= MAX_COUNT:
-        return {"eval_interval": f"{value} epochs"}
-    raise UserError(f"{where} is {_shown(value)}; use \"steps\" (every eval_interval steps), \"epoch\", or a number "
-                    "of passes over the train split above 0 and at most 2**53, such as 0.5.")
-
-
-# Older spellings of a setting, still read from runs' config.toml, presets and --set: each as the settings it
-# stands for today (nothing when it is its default), said to be deprecated once a process.
-OLD_SPELLINGS = {"model": {"qkv_bias": _qkv_bias}, "train": {"max_seconds": _max_seconds, "eval_every": _eval_every}}
-_SAID: set[str] = set()
-
-
-def _todays_spelling(name: str, values: dict[str, Any], source: str) -> dict[str, Any]:
-    values = dict(values)
-    for key, read in OLD_SPELLINGS.get(name, {}).items():
-        if key in values:
-            settings = read(values.pop(key), values, f"{source}: {name}.{key}")
-            values.update(settings)
-            if settings and f"{name}.{key}" not in _SAID:
-                _SAID.add(f"{name}.{key}")
-                today = ", ".join(f"{name}.{k} = {toml_value(v)}" for k, v in settings.items())
-                print(f"note: {name}.{key} is deprecated and read as {today}; write that instead.", file=sys.stderr)
-    return values
-
-
-def build_section(name: str, values: Any, source: str) -> Any:
-    """One section's dataclass from a dict of settings, each checked for type; errors name `source`."""
-    if not isinstance(values, dict):
-        raise UserError(f"{source}: [{name}] must be a table of settings.")
-    values = _todays_spelling(name, values, source)
-    types = {f.name: f.type for f in dataclasses.fields(SECTIONS[name])}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in types:
-            raise UserError(f"{source}: unknown key {name}.{_shown(key)}; valid keys in [{name}] are: "
-                            f"{', '.join(types)}.")
-        if types[key].startswith("dict"):  # model.options: a plugin's table, checked by the plugin
-            kwargs[key] = check_options(value, f"{source}: {name}.{key}")
-            continue
-        kinds = [{"int": int, "float": float, "bool": bool, "str": str}[t] for t in types[key].split(" | ")]
-        if len(kinds) > 1 and type(value) in kinds:  # a field that takes either, e.g. compile = true or "auto"
-            kinds = [type(value)]
-        kwargs[key] = _coerce(f"{source}: {name}.{key}", value, kinds[0])
-    return SECTIONS[name](**kwargs)
-
-
-def build_config(raw: dict[str, Any], source: str) -> RunConfig:
-    """Build a RunConfig from nested dicts, naming `source` in any error."""
-    for name in raw:
-        if name not in SECTIONS:
-            raise UserError(f"{source}: unknown section [{_shown(name)}]; valid sections are: {', '.join(SECTIONS)}.")
-    return RunConfig(**{name: build_section(name, raw.get(name, {}), source) for name in SECTIONS
-                        if name in raw or name != "finetune"})
-
-
-def parse_override(item: str) -> tuple[str, str, str]:
-    """`section.key=value` as (section, key, value text); `sweep` splits the text into its values."""
-    key, sep, text = item.partition("=")
-    section, dot, name = key.strip().partition(".")
-    if not sep or not dot or not name:
-        raise UserError(f"--set {_shown(repr(item))} must look like section.key=value, e.g. train.learning_rate=3e-4.")
-    return section, name, text.strip()
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings on top of a raw config dict; `model.options.NAME=value` sets a plugin's
-    setting."""
-    for item in overrides:
-        section, name, text = parse_override(item)
-        table = raw.setdefault(section, {})
-        if not isinstance(table, dict):  # `section` is not a table in the file
-            raise UserError(f"--set {_shown(repr(item))}: [{_shown(section)}] is not a section of settings; use "
-                            "section.key=value with a section such as model or train.")
-        *parents, leaf = name.split(".")
-        for parent in parents:
-            table = table.setdefault(parent, {}) if isinstance(table, dict) else None
-        if not isinstance(table, dict):
-            inside = f"{_shown(section)}.{_shown('.'.join(parents))}"
-            raise UserError(f"--set {_shown(repr(item))} sets a key inside {inside}, which is not a table.")
-        try:
-            table[leaf] = _parse_literal(text)
-        except ValueError:  # an integer of thousands of digits (beyond Python's int-parsing limit)
-            raise UserError(f"--set {_shown(section)}.{_shown(name)}: {text[:20]}... ({len(text):,} characters) is too "
-                            "large a number to read; give a number in the setting's range.")
-    return raw
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist; pass a TOML preset such as "
-                        "configs/shakespeare-char-cpu.toml.")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as err:  # ValueError: an int of 5,000 digits
-        raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder; pass a TOML file such as configs/shakespeare-char-cpu.toml.")
-
-
-def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a TOML preset and apply overrides; every error names the file or the field."""
-    return build_config(apply_overrides(read_toml(path), list(overrides)), str(path))
-
-
-def load_finetune_config(path: Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
-    """The [finetune] section of a TOML file (the base run supplies everything else), with overrides."""
-    raw = apply_overrides(read_toml(path) if path else {}, list(overrides))
-    others = sorted(set(raw) - {"finetune"})
-    if others:
-        raise UserError(f"{path or '--set'}: fine-tuning reads only [finetune] (the model and the rest come from the "
-                        f"base run); remove [{'], ['.join(map(_shown, others))}].")
-    return build_section("finetune", raw.get("finetune", {}), str(path or "--set"))
-
-
-def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
-    return {name: dataclasses.asdict(value) for name, value in vars(config).items() if value is not None}
-
-
-def toml_value(value: Any) -> str:
-    """A value as TOML writes it (and as a `--set` value is read)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(map(toml_value, value)) + "]"
-    return repr(value)
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
-
-
-def to_toml(config: RunConfig) -> str:
-    """Write the resolved config as TOML: sections of scalars, and a plugin's settings as [model.options]."""
-    lines = []
-    for section, values in to_dict(config).items():
-        tables = {key: value for key, value in values.items() if isinstance(value, dict)}
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if key not in tables]
-        lines.append("")
-        for key, table in tables.items():
-            if table:
-                lines += [f"[{section}.{key}]", *(f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()), ""]
-    return "\n".join(lines)

@@ -16,8 +16,7 @@ import torch
 
 from lmlab.core.errors import UserError
 
-# The newest of the torch APIs lmlab calls, each with the release that brought it: pyproject.toml's floor is the
-# latest of them (tests/test_device.py holds the two together and finds each name in lmlab's source).
+# The newest torch APIs lmlab calls and the release that brought each: pyproject.toml's floor is the latest.
 TORCH_APIS = {
     "torch.optim.Muon": (2, 9),  # train.optimizer = "muon"
     "torch.distributed.fsdp.fully_shard": (2, 6),  # train.parallel = "fsdp", public from 2.6
@@ -28,12 +27,9 @@ TORCH_APIS = {
 }
 TORCH_FLOOR = max(TORCH_APIS.values())
 
-# The CUDA builds PyTorch publishes of the torch release lmlab names in an install command, each a wheel index
-# https://download.pytorch.org/whl/<build>; the advice below and every such command in the docs, the Makefile and
-# benchmarks/ is one of these (tests/test_device.py). From 2.12 there is no CUDA 12.8 build (pytorch/pytorch#178665):
-# cu130 runs Turing (compute capability 7.5) and later and needs NVIDIA driver 580 or newer; cu126 keeps Maxwell to
-# Volta (5.0-7.0) and runs on drivers older than 580.
-TORCH_RELEASE = "2.13.0"  # the release lmlab is developed on: the Makefile's TORCH
+# The CUDA builds (wheel indexes https://download.pytorch.org/whl/<build>) that every install command names. From 2.12
+# there is no cu128 (pytorch/pytorch#178665): cu130 runs 7.5 and later on driver 580+; cu126 keeps 5.0-7.0.
+TORCH_RELEASE = "2.13.0"  # the Makefile's TORCH
 TORCH_BUILDS = {TORCH_RELEASE: ("cu126", "cu130")}
 
 
@@ -53,8 +49,7 @@ def torch_version(text: str | None = None) -> tuple[int, int]:
 
 
 def check_torch() -> None:
-    """Refuse a torch older than what lmlab calls, in one sentence, rather than fail deep inside a run (a rented
-    GPU's image brings whatever torch it has)."""
+    """Refuse a torch older than what lmlab calls, rather than fail deep inside a run."""
     if torch_version() < TORCH_FLOOR:
         needs = ", ".join(api for api, version in TORCH_APIS.items() if version > torch_version())
         raise UserError(f"this is torch {torch.__version__}, and lmlab needs {TORCH_FLOOR[0]}.{TORCH_FLOOR[1]} or "
@@ -62,8 +57,8 @@ def check_torch() -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU; a CUDA GPU this torch build has no kernels for is passed
-    over with a note (`auto`) or refused (`cuda`) in one sentence naming the torch build that runs it."""
+    """`auto` picks CUDA, then MPS, then the CPU; a GPU this torch has no kernels for is passed over (`auto`) or
+    refused (`cuda`)."""
     check_torch()
     if name == "auto":
         if torch.cuda.is_available():
@@ -96,7 +91,7 @@ def _note(text: str) -> None:
 
 
 def no_gpu_reason() -> str:
-    """Why this torch sees no CUDA GPU, in words: a CPU build, a driver older than the build's CUDA, or no GPU."""
+    """Why this torch sees no CUDA GPU, in words."""
     if torch.version.cuda is None:
         return (f"this PyTorch ({torch.__version__}) is built without CUDA; install a CUDA build of torch "
                 "(docs/guides/laptop-to-gpu.md, section 9)")
@@ -124,9 +119,8 @@ def _arch(name: str) -> tuple[int, int, str]:
 
 
 def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
-    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list()'s sm_ and compute_ names) has kernels for
-    a GPU of `capability`: a cubin of the same major version and a minor no higher (sm_80 runs on 8.6, sm_90a only
-    on 9.0), or PTX of a capability no higher, which the driver compiles for it."""
+    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list()) has kernels for a GPU of `capability`:
+    a cubin of the same major and no higher minor (sm_90a only on 9.0), or PTX of no higher capability."""
     for name in arch_list:
         major, minor, suffix = _arch(name)
         if name.startswith("compute_") and (major, minor) <= capability:
@@ -138,9 +132,7 @@ def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
 
 
 def wheel_for(capability: tuple[int, int]) -> str:
-    """What to install for a GPU of `capability`: PyTorch's CUDA 12.6 builds keep Maxwell to Volta (5.0-7.0), which
-    those for CUDA 12.8 and later dropped (torch 2.8 dropped 5.0-6.x, 2.11 Volta); from Turing (7.5) on, the CUDA 13.0
-    build, whose driver must be 580 or newer (TORCH_BUILDS)."""
+    """What to install for a GPU of `capability` (TORCH_BUILDS)."""
     if capability < (5, 0):
         return "no PyTorch build runs compute capability below 5.0 any more: use --device cpu"
     if capability < (7, 5):
@@ -150,9 +142,8 @@ def wheel_for(capability: tuple[int, int]) -> str:
 
 
 def unusable_gpu() -> str | None:
-    """Why the visible CUDA GPU cannot run this torch build (its first kernel would fail with "no kernel image is
-    available"), with what to install instead; None when it can, and for a build that names no NVIDIA
-    architectures (ROCm)."""
+    """Why the visible GPU cannot run this torch build, with what to install instead; None when it can (and on
+    ROCm)."""
     capability, arch = torch.cuda.get_device_capability(), torch.cuda.get_arch_list()
     nvidia = [name for name in arch if re.fullmatch(r"(?:sm|compute)_\d+[a-z]?", name)]
     if not nvidia or runs_on(capability, nvidia):
@@ -163,19 +154,14 @@ def unusable_gpu() -> str | None:
 
 
 def configure(device: torch.device) -> None:
-    """Process-wide settings of a process that computes on `device`: TF32 tensor-core matmuls for fp32 work on CUDA
-    (Ampere and later). Training, eval, sampling and serving all call it, so an fp32 run's inference runs at the
-    rate it trained at. (Its CPU threads are `lmlab.core.threads`'.)"""
+    """Process-wide settings for computing on `device` (TF32 on CUDA), so inference runs as training did."""
     if device.type == "cuda":
         enable_tf32()
 
 
 def enable_tf32() -> None:
-    """TF32 for fp32 matmuls and convolutions. The matmuls through `torch.set_float32_matmul_precision("high")`,
-    which sets torch's legacy state and its `fp32_precision` alike: `fp32_precision` set alone (2.9 and later) leaves
-    them mixed, and the legacy getters (`torch.get_float32_matmul_precision()`, `matmul.allow_tf32`, which Inductor's
-    autotuning and plugins read) then raise. The convolutions through `fp32_precision` where this torch has it (the
-    `allow_tf32` flags warn there), else the flag."""
+    """TF32 for fp32 matmuls and convolutions. Matmuls through set_float32_matmul_precision, which sets the legacy
+    state and `fp32_precision` alike (one alone leaves them mixed and the legacy getters raise)."""
     torch.set_float32_matmul_precision("high")
     if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
         torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -184,20 +170,14 @@ def enable_tf32() -> None:
 
 
 def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
-    """The autocast dtype `auto` picks on a CUDA GPU of this compute capability: bf16 where the tensor cores
-    compute in it (Ampere, 8.0, and later), fp16 with the grad scaler on Volta and Turing (7.x), fp32 below
-    (no tensor cores). Not `torch.cuda.is_bf16_supported()`, which counts emulation: on a T4 or V100 it says yes,
-    and bf16 there runs emulated matmuls and SDPA's math kernel."""
+    """The autocast dtype `auto` picks: bf16 from 8.0, fp16 on 7.x, fp32 below. Not is_bf16_supported(), which
+    counts emulation (yes on a T4)."""
     if capability >= (8, 0):
         return torch.bfloat16
     return torch.float16 if capability >= (7, 0) else torch.float32
 
 
-# What `train.compile = true` costs on a CPU, said before the first step waits for it. A write-up replayed on 2 busy
-# cores (the demo preset) waited 131 s for its first step, where the docs said 20, then trained at 1,025-1,288
-# tokens/s against eager's 1,299-2,739, and its 2-batch final evaluation took 90 s (now eager on a CPU);
-# benchmarks/compile_cpu.py measures a machine. So `auto` is eager on a CPU, and `true` goes on compiled only where
-# its first steps measured it faster (train/step.py's CompileTrial).
+# Said before the first step waits for a CPU compile (docs/reference/performance.md has the figures).
 CPU_COMPILE = ("train.compile = true on a CPU: the first step waits while Inductor compiles the model to C++ (minutes "
                "on a small CPU); then a few compiled steps are timed against eager ones and training goes on eager "
                "unless compiling pays here (on 2 cores it trained no faster; benchmarks/compile_cpu.py measures this "
@@ -205,14 +185,8 @@ CPU_COMPILE = ("train.compile = true on a CPU: the first step waits while Induct
 
 
 def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:
-    """Whether train.compile compiles on this device, and a line to print before the first step: when `auto`
-    falls back to eager, and what compiling costs on a CPU.
-
-    `auto` compiles on CUDA, where Inductor generates Triton kernels; without a Triton that can build for this
-    GPU (Windows, GPUs older than compute capability 7.0) it would fail at the first forward, so it runs eager
-    instead. `true` without Triton is refused. The CPU backend generates C++ and needs no Triton; `auto` leaves
-    it off (CPU_COMPILE).
-    """
+    """Whether train.compile compiles on this device, and a line to print first (or None). `auto` compiles on
+    CUDA only where Triton works (else it would fail at the first forward); `true` without Triton is refused."""
     if device_type != "cuda":
         return setting is True, CPU_COMPILE if setting is True and device_type == "cpu" else None
     if has_triton:
@@ -225,7 +199,6 @@ def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> t
 
 
 def triton_available() -> bool:
-    """Whether Inductor can generate Triton kernels for the current CUDA device."""
     try:
         from torch.utils._triton import has_triton
     except ImportError:  # moved or renamed in some later torch: at least ask whether the package is there
@@ -240,11 +213,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# Dense peak throughput in TFLOP/s from the vendors' datasheets (no sparsity), by the dtype the matmuls run
-# in. float32 on Ampere and later is counted at the TF32 tensor-core rate, since lmlab enables TF32 there.
-# GeForce cards are listed at their rate with fp32 accumulation (half the fp16-accumulate figure on
-# their spec sheets), which is how autocast's matmuls accumulate. Keys are matched by name tokens
-# (`_model_tokens`); a GPU not listed here is measured instead.
+# Dense datasheet TFLOP/s by matmul dtype: float32 at the TF32 rate (lmlab enables it), GeForce at fp32 accumulation
+# (how autocast accumulates). A GPU not listed is measured instead.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100": {"bfloat16": 989, "float16": 989, "float32": 494},  # SXM, named e.g. "H100 80GB HBM3"
     "H100 PCIe": {"bfloat16": 756, "float16": 756, "float32": 378},
@@ -274,8 +244,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "T4": {"float16": 65, "float32": 8.1},
 }
 
-# Memory bandwidth in GB/s from the same datasheets (the SXM and 80 GB parts where a row covers several): what the
-# kernels that are not matmuls (norms, activations, softmax, the optimizer) run at, lmlab.experiments.gputime.
+# Datasheet memory bandwidth in GB/s: what the kernels that are not matmuls run at (lmlab.experiments.gputime).
 BANDWIDTH_GBS = {
     "H100": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "H200 NVL": 4800, "GH200": 4000,
     "A100": 2039, "A100 PCIe": 1935, "A10": 600, "A10G": 600, "A40": 696, "RTX A6000": 768, "L4": 300, "L40": 864,
@@ -283,8 +252,7 @@ BANDWIDTH_GBS = {
     "RTX 4080": 717, "RTX 4090": 1008, "V100": 900, "V100 PCIe": 900, "V100S PCIe": 1134, "T4": 320,
 }
 
-# Name tokens that say nothing about the chip's speed: vendor and product-line words, memory size and type,
-# the SXM form factor (the table's default). PCIe and NVL stay: those parts run at lower clocks.
+# Name tokens that say nothing about speed. PCIe and NVL stay: those parts run at lower clocks.
 _NOISE = re.compile(r"nvidia|geforce|tesla|quadro|rtx|generation|\d+gb|hbm\w*|sxm\d*")
 
 def _model_tokens(name: str) -> frozenset[str]:
@@ -293,12 +261,8 @@ def _model_tokens(name: str) -> frozenset[str]:
 
 
 def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | None:
-    """The datasheet peak FLOP/s of a GPU (by the name CUDA reports, or a user's spelling of it such as "RTX
-    4090") in `dtype`, and the table row it came from; None for a GPU or dtype the table does not list.
-
-    The model tokens must match a row exactly: a substring test would read "L40" as "L4" and "H200 NVL" as
-    "H200", and a variant the table lacks ("RTX 4070 Ti SUPER", a MIG slice) is better measured than guessed.
-    """
+    """The datasheet peak FLOP/s of a GPU (CUDA's name or a user's spelling) in `dtype` and the row it came from;
+    None if unlisted. Tokens match exactly: a substring would read "L40" as "L4"."""
     tokens, name = _model_tokens(gpu_name), str(dtype).removeprefix("torch.")
     for key, peaks in PEAK_TFLOPS.items():
         if _model_tokens(key) == tokens and name in peaks:
@@ -315,8 +279,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def machine(device: torch.device | None = None) -> dict[str, Any]:
-    """What a run ran on, for its record: the CPU, cores this process may use, memory, the GPU (of `device`),
-    and the software (torch, CUDA, Python, OS); None where this platform does not say."""
+    """What a run ran on, for its record; None where this platform does not say."""
     info: dict[str, Any] = {
         "cpu": _cpu_name(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": _memory_bytes(),
@@ -332,7 +295,6 @@ def machine(device: torch.device | None = None) -> dict[str, Any]:
 
 
 def _cpu_name() -> str | None:
-    """The CPU's model name: Linux's /proc/cpuinfo, macOS's sysctl, else what the platform module knows."""
     try:
         if platform.system() == "Darwin":
             return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
@@ -346,9 +308,8 @@ def _cpu_name() -> str | None:
 
 
 def processor() -> dict[str, str | None]:
-    """What tells this processor from another, for the peak cache: its model name, and on Linux its vendor,
-    family, model and stepping and a digest of its feature flags, since a name can be as vague as "AMD EPYC" or
-    "Intel Xeon Processor" on a cloud machine, where an Intel host and an AMD one differ in what runs fast."""
+    """What tells this processor from another, for the peak cache: on Linux the vendor, family, model, stepping
+    and a digest of the flags too, since a cloud CPU's name can be as vague as "AMD EPYC"."""
     found: dict[str, str | None] = {"name": _cpu_name() or platform.machine()}
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -1,5 +1,6 @@
-"""The errors lmlab says in its own words: `UserError` (one sentence, exit 2), `PeerLost`; and `classify`, the one
-place that tells other libraries' failures apart (torch's, Gloo's, NCCL's) by their type and words."""
+"""The errors lmlab says in its own words: `UserError` (one sentence, exit 2), `PeerLost`, `Stopped`; and
+`classify`, the one place that tells other libraries' failures apart (torch's, Gloo's, NCCL's) by their type and
+words."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ class UserError(Exception):
 class PeerLost(UserError):
     """A torchrun job's collective failed because another of its processes ended or stopped answering: said by
     the rank that saw it, since the process that speaks for its node may be the one gone."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal ended a command before it wrote anything: its one line, said as an interruption (status
+    130), which a notebook's cell shows as stopped."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
 
 
 # How Gloo and NCCL say, in a collective, that a peer process went away (it died, or its launcher stopped it).

@@ -1,6 +1,5 @@
-"""Crash-safe file writes (a temporary name, fsync, rename over the target; nothing left behind when a write
-fails), write failures as one sentence, the room this machine has (free disk, available memory), and the
-one-writer lock of a run or dataset folder."""
+"""Crash-safe file writes, write failures as one sentence, the room this machine has, and the one-writer lock of a
+run or dataset folder."""
 
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ from lmlab.core.errors import UserError
 
 
 def sha256_file(*paths: Path) -> str:
-    """The sha256 of the files' bytes in order (of a split's shards: the same digest as one file would have)."""
+    """The sha256 of the files' bytes in order, the same digest as one file would have."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
@@ -31,7 +30,7 @@ def sha256_file(*paths: Path) -> str:
 
 
 def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (the renames into it) on POSIX file systems."""
+    """Persist a directory's entries (the renames into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -43,8 +42,8 @@ NAME_BYTES = 200  # the longest folder name taken: the file systems' 255, less w
 
 
 def _name_problem(name: str) -> str | None:
-    """Why `name` cannot name a folder lmlab makes (empty, a control character, a space, too long), or None. A space
-    would split the name in every command lmlab prints for a user to paste (a resume, a sample)."""
+    """Why `name` cannot name a folder lmlab makes, or None. A space would split the commands lmlab prints to
+    paste."""
     if not name:
         return "is empty"
     if any(not c.isprintable() for c in name):
@@ -70,7 +69,7 @@ def plain_name(name: str, option: str, folder_option: str) -> str:
 
 
 def check_folder_name(path: Path) -> None:
-    """Refuse a folder lmlab is to make (a run, a dataset, an export, a report) whose own name it cannot use."""
+    """Refuse a folder lmlab is to make whose own name it cannot use."""
     problem = _name_problem(Path(path).name)
     if problem and str(path) not in ("", "."):
         name = Path(path).name
@@ -90,7 +89,7 @@ def human_bytes(count: float) -> str:
 
 
 def free_space(path: Path) -> str:
-    """The free space of the disk holding `path` (or its nearest existing parent), e.g. `3.1 MiB free`."""
+    """`3.1 MiB free`: the disk holding `path` or its nearest existing parent."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -98,8 +97,7 @@ def free_space(path: Path) -> str:
 
 
 def host_memory() -> int:
-    """Bytes a new allocation can have on this machine: the kernel's MemAvailable, within the container's memory
-    limit (cgroup v2) if there is one; the physical memory where /proc is absent (macOS)."""
+    """Bytes a new allocation can have on this machine, within a container's limit (cgroup v2)."""
     try:
         meminfo = Path("/proc/meminfo").read_text().split("\n")
         available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
@@ -116,7 +114,7 @@ SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota
 
 
 def _blocking_file(path: Path) -> Path | None:
-    """The part of `path` that exists as a file where a folder should be (`afile` of `afile/sub/x`), if any."""
+    """The part of `path` that is a file where a folder should be, if any."""
     for part in [*reversed(Path(path).parents), Path(path)][1:]:
         if part.exists():
             if not part.is_dir():
@@ -127,7 +125,7 @@ def _blocking_file(path: Path) -> Path | None:
 
 
 def os_fix(err: OSError, path: Path, writing: bool = True) -> str:
-    """What to do about an OSError met writing (or, not `writing`, using) `path`, by its cause; one clause."""
+    """What to do about an OSError met writing (or using) `path`, by its cause; one clause."""
     code = err.errno
     if code in SPACE_ERRORS:
         return "free some space or choose another folder"
@@ -147,9 +145,7 @@ def os_fix(err: OSError, path: Path, writing: bool = True) -> str:
 
 
 class WriteError(UserError):
-    """A write that failed (a full disk, a quota, a file size limit, a read-only folder, a file where a folder
-    should be). `path` is the file, `reason` the system's words, `free` the free space (for a full disk) and
-    `fix` what to do; the message is one sentence with the fix."""
+    """A write that failed: `path`, `reason` (the system's words), `free` (for a full disk) and `fix`."""
 
     def __init__(self, path: Path, reason: str, code: int | None = None):
         self.path, self.reason = Path(path), reason
@@ -159,7 +155,6 @@ class WriteError(UserError):
         super().__init__(f"could not write {self.path} ({detail}); {self.fix}, then run the command again.")
 
     def not_kept(self) -> str:
-        """Why a result that was still printed is not kept, and what keeps the next one."""
         return f"{self.path} ({self.reason}); {self.fix} to keep the next."
 
 
@@ -173,8 +168,7 @@ def writing(path: Path) -> Iterator[None]:
 
 
 def check_writable(path: Path) -> None:
-    """Make sure a file can be written at `path` (its folders made), before the work that produces it: a probe file
-    is created beside it and removed."""
+    """Make sure a file can be written at `path` (its folders made), before the work that produces it."""
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +197,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def append_whole(path: Path, text: str) -> None:
-    """Append `text` in one write under an exclusive lock of the file, so that appends by several processes
-    never interleave and each is whole or absent."""
+    """Append `text` in one locked write, so appends by several processes never interleave and each is whole."""
     with writing(path), open(path, "ab") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
         data = text.encode("utf-8")
@@ -219,8 +212,7 @@ def append_whole(path: Path, text: str) -> None:
 
 @contextmanager
 def locked_file(path: Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on `path` (created if need be) for a read-modify-write of another file that several
-    processes may do at once; the kernel releases it however the holder ends."""
+    """Hold an exclusive `flock` on `path` (created if need be) around a read-modify-write several processes do."""
     with writing(path):
         f = open(path, "ab")
     with f:
@@ -229,13 +221,8 @@ def locked_file(path: Path) -> Iterator[None]:
 
 
 class WriterLock:
-    """The one-writer lock of a folder (a run or a dataset): an exclusive `flock` on `.NAME.lock` beside it.
-
-    The kernel releases it when its holder exits, however it exits (forked children, such as prepare's workers,
-    close their copies at once: `_drop_in_child`), so a crashed writer never leaves it stuck;
-    the file names the holder (pid and command) for the sentence that refuses a second writer. It sits beside
-    the folder, not in it, so that a folder built elsewhere and renamed into place is covered too.
-    """
+    """The one-writer lock of a folder: an exclusive `flock` on `.NAME.lock`, which the kernel releases however its
+    holder exits; the file names the holder. Beside the folder, so one built elsewhere and renamed in is covered."""
 
     def __init__(self, target: Path):
         self.target = Path(target)
@@ -252,7 +239,7 @@ class WriterLock:
         if self._fd is not None:
             return
         check_folder_name(self.target)
-        # The folders made for the lock file alone go again on release if nothing else was put in them.
+        # made for the lock file alone: removed on release if still empty
         self._made = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         with writing(self.target.parent):  # the first write of every writer: a folder it cannot write ends here
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +278,7 @@ class WriterLock:
             with contextlib.suppress(OSError):  # not empty, or already gone
                 folder.rmdir()
 
-    def __del__(self) -> None:  # a holder dropped without releasing, e.g. a Trainer built but never run
+    def __del__(self) -> None:  # e.g. a Trainer built but never run
         with contextlib.suppress(OSError):  # the file already removed by hand: the lock goes with the descriptor
             self.release()
 
@@ -302,7 +289,7 @@ class WriterLock:
             return False
 
     def held(self) -> bool:
-        """Whether some process (this one included) holds the lock now."""
+        """Whether some process, this one included, holds the lock now."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -331,10 +318,9 @@ _HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()  # the locks this process
 
 
 def _drop_in_child() -> None:
-    """A forked child (a prepare's tokenizer worker) closes its copies of the parent's lock descriptors: an flock
-    lasts while any copy is open, so a worker outliving a killed parent would keep the lock from the next writer."""
+    """A forked child closes its copies of the lock descriptors, else it would hold the lock past a killed parent."""
     for lock in list(_HELD):
-        if lock._fd is not None:  # a held lock has one
+        if lock._fd is not None:
             os.close(lock._fd)
         lock._fd = None
     _HELD.clear()

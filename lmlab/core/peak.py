@@ -1,31 +1,5 @@
-"""Peak FLOP/s, what MFU divides by, and the dtype `train.dtype = "auto"` trains in.
-
-A GPU the datasheet table lists (`lmlab.core.device.PEAK_TFLOPS`) has its datasheet peak. Anything else (every CPU,
-a GPU the table lacks) is measured: the best rate of a square matmul with its inputs already in the dtype. A measurement
-says what the hardware can do only if nothing else ran on its cores meanwhile, so:
-
-- each measurement is taken inside a `LoadMeter`; one taken while other processes used more than a tenth of the
-  cores is *busy*. A busy figure never stands: it is cached marked busy (for the record), MFU is not computed
-  against it (a matmul measured on a loaded machine ran 3x to 40x below the hardware's rate, so MFU would read
-  that much high), and the next process measures again;
-- quiet measurements are kept as their best (load only ever slows a matmul, so the best is the nearest to the
-  hardware), and the measuring goes on, one 0.5 s measurement per process start, until QUIET_MEASUREMENTS of them
-  agree with the best (within AGREE of it): a machine that looked quiet but was not (a frequency dip, a neighbour
-  below the busy share) gives a low figure that the next ones outvote. Then the figure is settled;
-- the cache is keyed by the processor (`device.processor()`: name, vendor, family, model, stepping, a digest of the
-  feature flags), the threads, dtype, torch and matmul size, so a cache copied from another machine is never read
-  for this one. A CPU's peak is the machine's, measured on every thread a job may use (`most_threads`) whatever
-  threads the job computes on: a run on threads it set (train.threads = 1) and one on the same count chosen by lmlab
-  divide by the same figure;
-- every entry holds a checksum of its fields: an entry edited by hand is refused and measured again, and so is a
-  file that is not JSON or was written by an older lmlab (which let busy figures stand), each with a note.
-
-The peak is not derived from the processor's description: a CPU's peak needs its vector width, FMA units and the
-clock it holds under AVX-512 load, which /proc/cpuinfo does not give (a cloud machine may say only "AMD EPYC").
-
-On a CPU, `auto` picks bf16 only where it measured faster: CPU flags say what a CPU can run, not what is fast
-(avx512_bf16 hosts have bf16 matmuls from 6x faster than fp32 to half as fast, by vendor and generation).
-"""
+"""Peak FLOP/s, what MFU divides by (a datasheet's, else measured and cached, standing only if measured quiet), and
+the dtype `train.dtype = "auto"` trains in. docs/reference/performance.md ("MFU and the peak") gives the rules."""
 
 from __future__ import annotations
 
@@ -51,16 +25,14 @@ from lmlab.core.threads import most_threads
 QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
 AGREE = 0.9  # a measurement agrees with the best when it reached this share of it
 KEPT = 10  # quiet figures kept in an entry (the newest)
-CACHE_FORMAT = 2  # 1 (no "format" key): lmlab before load checks, whose figures may have been measured busy
-# bf16 autocast casts weights and activations around every matmul: it pays only where bf16 matmuls clearly win
-# (on this project's AMD EPYC, a 6.5x faster bf16 matmul gave the demo 1.6x the tokens/s of fp32).
-BF16_MARGIN = 1.5
+CACHE_FORMAT = 2  # 1's figures may have been measured busy
+BF16_MARGIN = 1.5  # autocast's casts around every matmul pay only where bf16 matmuls clearly win
 _memo: dict[str, Peak] = {}  # measured once per process
 
 
 @dataclass(frozen=True)
 class Peak:
-    """A peak FLOP/s and how it was had: from a datasheet, or measured (when, under what load, how often)."""
+    """A peak FLOP/s and how it was had."""
 
     flops: float
     dtype: str
@@ -69,14 +41,13 @@ class Peak:
     measured_at: str | None = None  # local time of the best measurement
     load: dict[str, Any] | None = None  # `Load.record()` of that measurement
     measurements: int = 0  # quiet measurements the figure is the best of
-    matmul: int = 0  # its size
-    settled: bool = True  # enough quiet measurements agree with it: no more are taken (a datasheet figure is)
+    matmul: int = 0
+    settled: bool = True  # enough quiet measurements agree: no more are taken
     notes: tuple[str, ...] = field(default=(), compare=False)  # one sentence per thing found wrong with the cache
-    native: bool = True  # the dtype's own kernel, not a conversion to float32 in scalar loops (`native_kernel`)
+    native: bool = True  # `native_kernel`
 
     def describe(self) -> str:
-        """How the figure was had, for a log line, an event and a report: e.g. `2048² bfloat16 matmul measured
-        quiet at 2025-11-22 17:40, best of 3`."""
+        """E.g. `2048² bfloat16 matmul measured quiet at 2025-11-22 17:40, best of 3`."""
         if self.source != "measured matmul":
             return self.source
         how = f"{self.matmul}² {self.dtype} matmul measured"
@@ -93,14 +64,12 @@ class Peak:
                 f"measured busy, {self.measured_at}")
 
     def mfu(self, flops_per_second: float) -> float | None:
-        """The share of this peak; None against a busy measurement or an emulated kernel's (either reads high), and
-        above 1: that peak is wrong (`wrong` says so)."""
+        """The share of this peak; None against a busy or emulated peak (either reads high), or above 1."""
         share = flops_per_second / self.flops
         return share if self.quiet and self.native and share <= 1 else None
 
     def wrong(self, flops_per_second: float) -> str | None:
-        """The warning when a quiet native peak is below what a job computed: MFU above 100% means the peak is
-        wrong, so none is given."""
+        """The warning when a quiet native peak is below what a job computed: that peak is wrong."""
         if not (self.quiet and self.native) or flops_per_second <= self.flops:
             return None
         return (f"warning: {flops_per_second / 1e12:.3g} TFLOP/s were computed, more than the peak of "
@@ -118,8 +87,7 @@ class Peak:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
-    """The peak of `device` in `dtype`: the datasheet's, or measured here (see the module's rules). On CUDA, TF32 is
-    set first (`configure`): lmlab's fp32 runs use it, so an fp32 peak measured without it is one a run exceeds."""
+    """The peak of `device` in `dtype`: the datasheet's, or measured here (with TF32 on, as lmlab's fp32 runs)."""
     configure(device)
     name = str(dtype).removeprefix("torch.")
     listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
@@ -133,8 +101,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
 
 @contextlib.contextmanager
 def every_thread(device: torch.device) -> Iterator[None]:
-    """On a CPU, torch on every thread a job may use while a peak is measured (see the module's rules), then on the
-    threads it had."""
+    """On a CPU, torch on every thread a job may use inside, then on the threads it had."""
     before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(most_threads()[0])
@@ -145,9 +112,7 @@ def every_thread(device: torch.device) -> Iterator[None]:
 
 
 def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `device` multiplies `dtype` matrices in a kernel of the dtype's own: not on a CPU without AVX512-FP16
-    or AMX-FP16 (fp16) or AVX512-BF16 (bf16), where torch converts to float32 in scalar loops (fp16 trained 16x
-    slower than bf16 on this project's AMD EPYC), nor bf16 on a CUDA GPU before Ampere, which emulates it."""
+    """Whether `device` multiplies `dtype` matrices in a kernel of the dtype's own, not emulated in scalar loops."""
     if device.type == "cpu":
         check = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
                  torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype)
@@ -158,8 +123,7 @@ def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def emulated_warning(device: torch.device, dtype: torch.dtype) -> str | None:
-    """The warning for training in a dtype this device has no native kernel for, with what its matmuls measured
-    against float32's; None for a native one."""
+    """The warning for training in a dtype without a native kernel here; or None."""
     if native_kernel(device, dtype):
         return None
     own, fp32 = peak_flops(device, dtype), peak_flops(device, torch.float32)
@@ -173,42 +137,36 @@ def cache_path() -> Path:
 
 
 def cache_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What a measured peak depends on: the processor, the threads it is measured on (every one a job may use), the
-    dtype, torch and the matmul size (a smaller matmul peaks lower and would overstate MFU)."""
+    """What a measured peak depends on."""
     who = ", ".join(f"{k} {v}" for k, v in _identity(device).items() if v)
     threads = f", {most_threads()[0]} threads" if device.type == "cpu" else ""
-    tf32 = " (TF32)" if device.type == "cuda" and dtype == torch.float32 else ""  # not a figure measured without it
+    tf32 = " (TF32)" if device.type == "cuda" and dtype == torch.float32 else ""
     return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}{tf32}, torch {torch.__version__}, "
             f"{matmul_size(device, dtype)}² matmul")
 
 
 def _identity(device: torch.device) -> dict[str, Any]:
-    """The processor a measurement is of, as the cache records it."""
     if device.type == "cpu":
         return processor()
     return {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
 
 def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
-    """The side of the square matmul a peak is measured with (see `measured_peak`). On a CPU without a native kernel
-    for the dtype (fp16 on CPUs without AVX512-FP16 or AMX-FP16, bf16 without AVX512-BF16), torch falls back to
-    scalar loops: 2.5-4 GFLOP/s on this project's AMD EPYC at 128-512, falling with size, so a 2048² matmul took
-    7-60 s and stalled a run's start for minutes. 256 is the best of those sizes and takes about 10 ms."""
+    """The side of the square matmul a peak is measured with: small where a CPU's scalar fallback would stall."""
     if device.type != "cpu":
         return 8192
     return 2048 if native_kernel(device, dtype) else 256
 
 
 def checksum(entry: dict[str, Any]) -> str:
-    """An entry's `sha256`: of its other fields as sorted JSON."""
+    """An entry's `sha256`, of its other fields."""
     return hashlib.sha256(json.dumps({k: v for k, v in entry.items() if k != "sha256"}, sort_keys=True)
                           .encode()).hexdigest()
 
 
 def read_cache(path: Path, key: str, who: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
-    """The cache's entries, this key's entry if it can be trusted, and one sentence per thing wrong with it (`who`:
-    this processor, to tell a cache of other machines). The cache is a convenience: whatever is wrong with it means
-    measuring again, never an error."""
+    """The cache's entries, this key's entry if it can be trusted, and a sentence per thing wrong (which means
+    measuring again, never an error); `who`: this processor."""
     try:
         cache = json.loads(path.read_text())
     except FileNotFoundError:
@@ -242,12 +200,11 @@ def _valid(entry: Any) -> bool:
 
 
 def settled(entry: dict[str, Any]) -> bool:
-    """Whether enough quiet measurements agree with the best for it to stand without measuring again."""
+    """Whether enough quiet measurements agree with the best for it to stand."""
     return entry["quiet"] and sum(f >= AGREE * entry["flops"] for f in entry["figures"]) >= QUIET_MEASUREMENTS
 
 
 def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
-    """The cached peak once settled; until then a measurement more (`measure_into_cache`)."""
     entries, entry, notes = read_cache(cache_path(), key, _identity(device))
     if entry and settled(entry):
         return _as_peak(entry, notes)
@@ -255,8 +212,7 @@ def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
 
 
 def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence[str] = ()) -> Peak:
-    """Measure the peak once under a `LoadMeter`, merge the figure into the cache by the module's rules, and
-    return what the cache now holds (`notes`: what was found wrong with the cache before)."""
+    """Measure the peak once and merge it into the cache; what the cache now holds."""
     path, key = cache_path(), cache_key(device, dtype)
     entries, entry, _ = read_cache(path, key, _identity(device))
     with every_thread(device), LoadMeter() as meter:
@@ -267,7 +223,7 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence
         with writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
-    except WriteError as err:  # a cache only saves measuring again: a read-only home or a full disk stops nothing
+    except WriteError as err:  # a cache only saves measuring again
         notes = [*notes, f"the peak cache {err.path} cannot be written ({err.reason}): the peak is measured again "
                          "at every start until it can (XDG_CACHE_HOME names another folder for it)."]
     return _as_peak(entry, list(notes))
@@ -275,10 +231,8 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence
 
 def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.dtype,
            device: torch.device) -> dict[str, Any]:
-    """The entry after one more measurement. A quiet one joins the quiet figures and may raise the best; a busy one
-    replaces only a busy entry (kept for the record), never a quiet figure. The best's time and load go with it. A
-    GPU's is quiet whatever the CPU's load (recorded still): the cores others use do not slow a GPU's matmul, and a
-    torchrun job's own spinning barriers would otherwise refuse every GPU peak the table does not list."""
+    """The entry after one more measurement: a quiet one joins the quiet figures, a busy one replaces only a busy
+    entry. A GPU's is quiet whatever the CPU's load (torchrun's barriers spin)."""
     quiet = not load.busy or device.type == "cuda"
     new = {"flops": float(flops), "quiet": quiet, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load": load.record()}
@@ -304,18 +258,11 @@ def _as_peak(entry: dict[str, Any], notes: list[str]) -> Peak:
 
 
 def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """Best FLOP/s of a square matmul with inputs already in `dtype`, so no cast is timed.
-
-    Big enough to reach the peak, since a low peak overstates MFU: 8192 wide on a GPU, where smaller matmuls
-    leave a large GPU's tensor cores partly idle; 2048 on the CPU, where bf16 reached 1.7-1.8 TFLOP/s on 2
-    AVX-512 cores of one host against 1.1-1.25 at 1024 (fp32: 0.28 at both); 256 for a dtype the CPU has no native
-    kernel for (`matmul_size`), which is slow at any size. The first half of the time only warms
-    up: the first calls of a process (kernel JIT, clock ramp-up) were measured at 60% of the settled rate.
-    """
+    """Best FLOP/s of a square matmul in `dtype` (no cast timed); the first half of `seconds` only warms up."""
     n = matmul_size(device, dtype)
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
     a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
-    repeats = 4 if device.type != "cpu" else 1  # one CPU matmul takes 40-90 ms here quiet, and seconds when busy
+    repeats = 4 if device.type != "cpu" else 1
     best, spent = 0.0, -seconds / 2
     with torch.no_grad():
         while spent < seconds or not best:
@@ -332,11 +279,8 @@ def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5
 
 
 def choose_dtype(device: torch.device, setting: str, born: str | None = None) -> tuple[torch.dtype, str]:
-    """The autocast dtype of train.dtype on `device`, and why, in words. `auto` is bf16 on CUDA GPUs that compute in
-    it (fp16 on Volta and Turing, fp32 below), but fp32 for weights `born` in bfloat16 (trained or published in it:
-    `RunDir.weights_dtype`) on a GPU without bf16, whose activations can exceed fp16's range (an imported Qwen in
-    fp16 on a T4 gives NaN, "!!!!" text); on a CPU with native bf16, whichever of bf16 and fp32 measured faster (by
-    BF16_MARGIN, see above), from the same quiet, cached measurements as the peak."""
+    """The autocast dtype of train.dtype on `device`, and why, in words; `born`: the dtype the weights were trained
+    in (bf16 ones are not run in fp16, whose range their activations can exceed)."""
     if setting != "auto":
         return getattr(torch, setting), "train.dtype"
     if device.type == "cuda":
@@ -352,7 +296,7 @@ def choose_dtype(device: torch.device, setting: str, born: str | None = None) ->
     ratio = bf16.flops / fp32.flops
     chosen = torch.bfloat16 if ratio >= BF16_MARGIN else torch.float32
     how = "quiet" if fp32.quiet and bf16.quiet else "busy: measured again next time"
-    side = matmul_size(device, torch.bfloat16)  # that of float32 too: this CPU has native bf16
+    side = matmul_size(device, torch.bfloat16)
     return chosen, (f"auto: a {side}² matmul runs {bf16.flops / 1e12:.2f} TFLOP/s in bfloat16, "
                     f"{fp32.flops / 1e12:.2f} in float32 on this CPU, {ratio:.2f}x; bf16 pays from {BF16_MARGIN:g}x; "
                     f"measured {how}")

@@ -1,7 +1,5 @@
-"""The progress of long loops (training, fine-tuning, evaluating, exporting), suited to where it runs: on a
-terminal a live bar (count, bar, a line of figures, ETA); in a Jupyter or Colab notebook one output updated in
-place (a bar and the line a log would keep); anywhere else (a log file under nohup or Slurm, `| tee`, CI) plain
-lines that a log keeps."""
+"""The progress of long loops as suits where they run: a live bar on a terminal, one output updated in place in a
+notebook, plain lines that a log keeps anywhere else (nohup, Slurm, `| tee`, CI)."""
 
 from __future__ import annotations
 
@@ -14,14 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Column
 
 from lmlab.core.notebook import show

@@ -1,26 +1,6 @@
-"""How many CPU threads torch computes with: as set (train.threads, serve --threads, OMP_NUM_THREADS), else chosen
-from what the cores can give now.
-
-A parallel kernel on every core waits at each of its steps for its slowest thread. When another process holds one of
-the cores, that thread gets a share of a time slice and every kernel waits for it: on 2 cores with one CPU hog the
-demo's steps ran 3 to 20 times slower on 2 threads than on 1. Neither a peak measured quiet nor the core count says
-so; only what the machine does now does. So a job's threads are chosen when its work can first be timed:
-
-- on a machine that stayed quiet while the job set up (other processes' CPU time on this process's cores,
-  `busy.LoadMeter`, over at least MIN_WINDOW seconds), every core: nothing is timed, a quiet machine loses nothing;
-- otherwise its own work (a forward pass, `forward_probe`) is timed on every core, on the cores the others leave
-  free, and on one, in turns, for about PROBE_SECONDS (MIN_ROUNDS to MAX_ROUNDS each; a count LOSING times
-  slower than the best drops out at once); the most threads within MARGIN of the fastest win.
-
-A long job (training) looks at the load on its cores every CHECK_SECONDS of its steps (`ThreadChooser.stepped`)
-and times nothing but the steps themselves: a count the load asks for (every core on a machine quiet again, the
-cores others leave free on a busy one) is a trial until the next look, undone at the first step slower than the
-recent steps of the count it left; the look after a trial undone waits twice as long (at most MAX_WAIT), so a load
-that comes and goes does not make the threads flap.
-
-Results differ in the last bits between thread counts (reductions split differently), so a run resumes bitwise as it
-would have run when both ran on the same threads: train.threads fixes them.
-"""
+"""How many CPU threads torch computes with: as set, else chosen from what the cores can give now, since a kernel on
+every core waits for its slowest thread and one core held by another process slows every step. The rules are in
+docs/reference/performance.md."""
 
 from __future__ import annotations
 
@@ -39,7 +19,7 @@ from lmlab.core.device import autocast
 MIN_WINDOW = 0.25  # seconds: a shorter window's load is a handful of clock ticks, too few to call it quiet
 PROBE_SECONDS = 0.3  # the candidates are timed in turns for about this long
 MIN_ROUNDS = 2  # and at least this many times each,
-MAX_ROUNDS = 8  # but no more: a small model's forward takes a millisecond, and every start of a job pays the timing
+MAX_ROUNDS = 8  # but no more: every start of a job pays the timing
 MARGIN = 1.1  # fewer threads win only when they are this much faster: more threads are what a quiet machine wants
 LOSING = 2.0  # a count this many times slower than the best is out of the timing
 PROBE_TOKENS = 512  # a probe's forward pass covers at most this many tokens, so a large model's takes no seconds
@@ -49,17 +29,16 @@ RECENT_STEPS = 5  # a trial's step is judged against the median of this many of 
 
 
 def most_threads() -> tuple[int, str | None]:
-    """The threads a job may use, and what fixed them: OMP_NUM_THREADS when set (torchrun sets 1; refused above the
-    cores), else the cores this process may use (None: lmlab chooses)."""
+    """The threads a job may use, and what fixed them: OMP_NUM_THREADS, else the cores (None: lmlab chooses)."""
     env = env_threads()
     return (env, "OMP_NUM_THREADS") if env else (len(cores()), None)
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A job's threads and why: `reason` is the setting that fixed them, `one core`, `quiet` (no other process used
-    the cores), `quiet again` or `busy` (a trial the load asked for), `undone` (a trial slower than the count it
-    left: the step's `seconds` on each), or `timed` (the work's mean `seconds` by thread count, under `load`)."""
+    """A job's threads and why: `reason` is the setting that fixed them, `one core`, `quiet`, `quiet again` or `busy`
+    (a trial the load asked for), `undone` (a trial that was slower), `retaken` (the count it left was slower still,
+    the load having changed) or `timed` (`seconds` by thread count)."""
 
     threads: int
     most: int
@@ -73,13 +52,14 @@ class Choice:
         return self.threads < self.most
 
     def describe(self, override: str) -> str:
-        """E.g. `1 of 2 threads: other processes used 52% of the 2 cores; a forward pass took 14 ms on 1 thread, 95 ms
-        on 2 (train.threads sets them)`."""
+        """E.g. `1 of 2 threads: other processes used N% of the 2 cores; a forward pass took ... (train.threads sets
+        them)`."""
         count = (f"{self.threads} of {self.most} threads" if self.lowered else
                  f"{self.threads} thread{'s' * (self.threads > 1)}")
-        if self.reason not in ("timed", "quiet", "quiet again", "busy", "undone"):
+        if self.reason not in ("timed", "quiet", "quiet again", "busy", "undone", "retaken"):
             return f"{count} ({self.reason})"
-        why = {"quiet again": ["the cores are quiet again"], "undone": ["a trial was slower"]}.get(self.reason, [])
+        why = {"quiet again": ["the cores are quiet again"], "undone": ["a trial was slower"],
+               "retaken": ["the count a trial left was slower still"]}.get(self.reason, [])
         if self.load and self.load.others is not None:
             why.append(f"other processes used {100 * self.load.others:.0f}% of the {self.load.cores} cores")
         if self.seconds:
@@ -89,7 +69,6 @@ class Choice:
         return f"{count}: {'; '.join(why)} ({override} sets them)"
 
     def record(self, step: int) -> dict[str, Any]:
-        """A `threads` event of metrics.jsonl."""
         return {"event": "threads", "step": step, "threads": self.threads, "most": self.most, "reason": self.reason,
                 "ms": {str(n): round(1000 * s, 3) for n, s in sorted(self.seconds.items())},
                 "others": None if self.load is None or self.load.others is None else round(self.load.others, 4)}
@@ -102,9 +81,8 @@ def pick(seconds: dict[int, float]) -> int:
 
 
 def time_threads(candidates: list[int], probe: Callable[[], None]) -> dict[int, float]:
-    """The mean seconds of `probe` at each thread count, timed in turns (so a load that comes or goes meanwhile
-    weighs on each alike), after one untimed call that warms the caches. A count that took LOSING times the best
-    count's mean is timed no more: on a busy machine one call of it can take a second, and it cannot win."""
+    """The mean seconds of `probe` at each thread count, timed in turns so a changing load weighs on each alike. A
+    count LOSING times slower than the best is dropped: it cannot win."""
     torch.set_num_threads(min(candidates))
     probe()
     times: dict[int, list[float]] = {n: [] for n in candidates}
@@ -124,9 +102,8 @@ def time_threads(candidates: list[int], probe: Callable[[], None]) -> dict[int, 
 
 def forward_probe(model: torch.nn.Module, rows: int, length: int, device: torch.device,
                   dtype: torch.dtype) -> Callable[[], None]:
-    """A forward pass of `rows` sequences of `length` tokens (at most PROBE_TOKENS in all), without gradients,
-    dropout or a random draw, so timing it changes nothing a run computes; the ids are 0: time does not depend on
-    them. `length` 1 stands for a decoding step."""
+    """A forward pass of `rows` sequences of `length` tokens (at most PROBE_TOKENS), without gradients, dropout or
+    a random draw, so timing it changes nothing a run computes."""
     rows = max(1, min(rows, PROBE_TOKENS // max(1, length)))
     ids = torch.zeros(rows, min(length, PROBE_TOKENS), dtype=torch.long, device=device)
 
@@ -142,12 +119,9 @@ def forward_probe(model: torch.nn.Module, rows: int, length: int, device: torch.
 
 
 class ThreadChooser:
-    """The threads of one job. Made before the job sets up (the load of that window, or of `window` opened earlier,
-    is what a quiet machine is told by); `choose` once its work can be timed; in a long job, `stepped` after every
-    step. `override` names the setting that fixes them (train.threads, --threads), `setting` its value (0: choose),
-    `most` a ceiling below the cores (serve leaves one to its HTTP side), `fixed` a reason not to choose
-    (torchrun's ranks would each time their own). `held` keeps the count chosen at the start while it is true (a
-    compiled step's)."""
+    """The threads of one job: made before the job sets up (that window's load tells a quiet machine), `choose` once
+    its work can be timed, `stepped` after every step. `override` names the setting, `setting` its value (0:
+    choose), `most` a ceiling below the cores, `fixed` a reason not to choose; `held` keeps the count chosen."""
 
     def __init__(self, setting: int, override: str, most: int = 0, fixed: str | None = None,
                  window: LoadMeter | None = None):
@@ -155,22 +129,22 @@ class ThreadChooser:
         cap, env = most_threads()
         self.override, self.most = override, setting or max(1, min(most or cap, cap))
         self.fixed = override if setting else env or fixed
-        self.before = torch.get_num_threads()  # what the process had: a job gives it back when it ends
+        self.before = torch.get_num_threads()  # given back when the job ends
         torch.set_num_threads(self.most)  # whatever an earlier job of this process chose
-        self.meter = window or LoadMeter().start()  # a window opened earlier: a command's start, before torch
+        self.meter = window or LoadMeter().start()
         self.probe: Callable[[], None] = lambda: None
         self.choice = Choice(self.most, self.most, self.fixed or "")
         self.decided = False  # by `decide` (a sizing's timed steps); `choose` then times nothing
-        self._window: Load | None = None  # the load from the chooser's making to its first decision
-        self._recent: deque[float] = deque(maxlen=RECENT_STEPS)  # the newest steps' seconds on these threads
+        self._window: Load | None = None
+        self._recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self._trial: tuple[Choice, float] | None = None  # the choice a trial left, and its recent steps' median
+        self._undone: tuple[Choice, float] | None = None  # a trial just undone, and its step's seconds
         self._wait = CHECK_SECONDS
         self.held = False
 
     def choose(self, probe: Callable[[], None], device: torch.device) -> Choice:
-        """Decide from the load since the chooser was made, timing `probe` when it was busy (or too short to tell).
-        Off the CPU the threads only feed the device: all of them, untimed. A chooser that decided already (from the
-        steps a sizing timed: `counts`, `decide`) keeps its choice, and times `probe` when it looks again."""
+        """Decide from the load since the chooser was made, timing `probe` when it was busy (or too short to tell). A
+        chooser that decided already keeps its choice, and times `probe` when it looks again."""
         self.probe = probe
         if self.decided:
             return self.choice
@@ -181,9 +155,8 @@ class ThreadChooser:
         return self._set(self._timed(self._window))
 
     def counts(self, device: torch.device) -> list[int]:
-        """The thread counts to time a job's work on, the window since the chooser was made closed: every core
-        alone where nothing is to be timed (set, one core, a GPU's job, a machine that stayed quiet), else every
-        core, the cores others leave free and one, fewest first."""
+        """The thread counts to time a job's work on, fewest first (closes the window): every core alone where
+        nothing is to be timed (set, one core, a GPU's job, a quiet machine)."""
         self._window = load = self.meter.stop()
         if device.type != "cpu" and not self.fixed:
             self.fixed = f"{device.type}: the CPU only feeds it"
@@ -192,8 +165,7 @@ class ThreadChooser:
         return sorted(self._candidates(load))
 
     def decide(self, seconds: dict[int, float], timed: str = "a training step") -> Choice:
-        """The choice once `counts` were timed (`seconds`: the work's mean time by count; empty when one count was
-        all there was to time): the most threads within MARGIN of the fastest."""
+        """The choice once `counts` were timed (`seconds` by count; empty when there was one)."""
         load, self.decided = self._window, True
         if self.fixed:
             return self._set(Choice(self.most, self.most, self.fixed))
@@ -204,14 +176,19 @@ class ThreadChooser:
         return self._set(Choice(pick(seconds), self.most, "timed", dict(seconds), load, timed))
 
     def stepped(self, seconds: float) -> Choice | None:
-        """After a step of `seconds`: a trial undone where the step was slower than the recent steps of the count it
-        left (any step until the next look at the load, when the trial has held); else, once the wait is over, a
-        look at the load, which may start a trial. The new choice, when the threads changed."""
+        """After a step of `seconds`: a trial undone if the step was slower than the count it left; else, once the
+        wait is over, a look at the load, which may start a trial. The new choice, when the threads changed."""
         if self.fixed or self.held or self.most == 1:
             return None
+        if self._undone is not None:  # the count left, under the load of the trial's step: it judges the trial
+            (trial, pace), self._undone = self._undone, None
+            if seconds > pace:  # the pace the trial was judged by was of a load gone since
+                tried = {self.choice.threads: seconds, trial.threads: pace}
+                return self._set(Choice(trial.threads, self.most, "retaken", tried, trial.load, "a training step"))
         if self._trial is not None and seconds > self._trial[1]:
             (left, pace), self._trial = self._trial, None
             self._wait = min(MAX_WAIT, 2 * self._wait)
+            self._undone = self.choice, seconds
             tried = {self.choice.threads: seconds, left.threads: pace}
             return self._set(Choice(left.threads, self.most, "undone", tried, left.load, "a training step"))
         self._recent.append(seconds)
@@ -230,14 +207,12 @@ class ThreadChooser:
         return self._set(Choice(wanted, self.most, "busy" if load.busy else "quiet again", load=load))
 
     def _candidates(self, load: Load) -> set[int]:
-        """Every core, the cores others leave free, and one."""
         candidates = {self.most, 1}
         if load.others is not None:
             candidates.add(max(1, round(self.most * (1 - load.others))))
         return candidates
 
     def _timed(self, load: Load) -> Choice:
-        """Time the work on every core, on the cores others leave free, and on one."""
         seconds = time_threads(sorted(self._candidates(load), reverse=True), self.probe)
         return Choice(pick(seconds), self.most, "timed", seconds, load)
 

@@ -1,13 +1,7 @@
-"""Text normalisation a dataset is prepared with (`lmlab prepare --normalize lower,nfkc,ascii`, `--keep-chars`,
-`--drop-chars`): the corpus's documents are normalised before the scan, so the char vocabulary, the counts and the
-split are those of the normalised text; and the same steps go into the dataset's tokenizer.json as its
-`tokenizers` normalizer, so every text the run's tokenizer encodes later (a prompt, a task, a served request, an
-exported model in transformers) is normalised as the corpus was.
-
-The steps apply in one fixed order whatever order they are given in: nfkc, ascii, lower, then the kept or dropped
-characters. Lower-casing last keeps the result lower-case (NFKC and the ASCII folding can make capitals: `ℌ` is
-`H`), and filtering last sees the characters the others made.
-"""
+"""Text normalisation a dataset is prepared with (`--normalize`, `--keep-chars`, `--drop-chars`): applied to the
+corpus before the scan, and written into the dataset's tokenizer.json as its normalizer, so every later text is
+normalised as the corpus was. The steps apply in one order: nfkc, ascii, lower (last, so the result stays lower-case),
+then the kept or dropped characters."""
 
 from __future__ import annotations
 

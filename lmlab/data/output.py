@@ -1,6 +1,5 @@
-"""The tokenize pass's output: `PrepareOptions` (how a dataset is split, packed and sharded) and `Output`, which
-routes each document's ids to train or val, counts them, packs them (joined, or one cropped row each), writes
-the shards and records progress after every finished shard, so a killed prepare resumes where it stood."""
+"""The tokenize pass's output: how a dataset is split, packed and sharded, and the writing side, which records
+progress after every finished shard so a killed prepare resumes where it stood."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ LISTED_VAL_DOCUMENTS = 100  # meta.json names the first val documents (in split 
 
 @dataclass
 class PrepareOptions:
-    """How `prepare` reads, splits, packs and writes; the defaults reproduce the single-file datasets."""
+    """How `prepare` reads, splits, packs and writes."""
 
     val_tokens: int | None = None  # size the val split in tokens instead of by --val-fraction of characters
     max_tokens: int | None = None  # stop at the first document boundary at or after this many train tokens
@@ -56,39 +55,34 @@ class PrepareOptions:
                             "(the default is 100000000).")
 
     def identity(self) -> dict[str, Any]:
-        """The options that change the dataset's content or layout (workers and sampling limits do not)."""
+        """The options that change the dataset's content or layout."""
         return {"val_tokens": self.val_tokens, "max_tokens": self.max_tokens, "pack": self.pack,
                 "block_size": self.block_size if self.pack == "crop" else None, "shard_tokens": self.shard_tokens,
-                # Crop once joined cropped documents into a stream: a dataset made so is not reused as rows.
+                # an older crop dataset (a joined stream) is not reused as rows
                 **({"row_length": self.row_length} if self.row_length else {}),
                 **({"normalize": self.normalization.record()} if self.normalization else {})}
 
     @property
     def row_length(self) -> int | None:
-        """Tokens per row of a row-packed (crop) dataset: block_size inputs and their next-token targets."""
+        """Tokens per row of a crop dataset: block_size inputs and their next-token targets."""
         return self.block_size + 1 if self.pack == "crop" else None
 
 
 class Output:
-    """The tokenize pass's writing side: routes each document to train or val, counts, and checkpoints.
-
-    Val documents are staged in corpus order and reordered by their split key at the end, so the val split
-    reads in the same order whether it was chosen up front or while streaming. Which documents go where (the
-    --max-tokens cut, a val split sized in tokens) is decided on their tokens before a crop cuts them (`routed`):
-    a corpus packed both ways holds out the same documents, and its val losses are of the same ones.
-    """
+    """Routes each document to train or val, counts, packs, writes and checkpoints. Val is reordered by split key at
+    the end, so it reads the same however it was chosen; routing counts tokens before a crop, so a corpus packed
+    both ways holds out the same documents."""
 
     def __init__(self, work: Path, job: dict[str, Any], dtype: str, eot_id: int | None, options: PrepareOptions,
                  saved: dict[str, Any], val_tokens: int | None = None):
         self.work, self.job, self.options, self.eot_id = work, job, options, eot_id
-        self.val_tokens = val_tokens  # the val split's size in tokens (--val-tokens, or a --max-tokens cut's share)
+        self.val_tokens = val_tokens  # --val-tokens, or a --max-tokens cut's share
         self.docs_done = saved.get("docs_done", 0)
         self.counts = saved.get("counts", {s: {"documents": 0, "characters": 0, "bytes": 0, "tokens": 0}
                                            for s in ("train", "val")})
         self.lost_tokens = saved.get("lost_tokens", 0)
-        # Each split's documents' tokens before a crop cut them (a progress record older than it: the kept ones).
+        # tokens before a crop cut them
         self.routed = saved.get("routed") or {split: self.counts[split]["tokens"] for split in ("train", "val")}
-        # A heap of (-key, name): the first val documents in key order.
         self.val_names = [tuple(entry) for entry in saved.get("val_names", [])]
         self.writers = {split: ShardWriter(work, split, dtype, options.shard_tokens, saved.get("shards", {}).get(split))
                         for split in ("train", "valstage")}
@@ -97,14 +91,13 @@ class Output:
         self.val_index_path = work / "val_index.bin"
         self.val_entries = saved.get("val_entries", 0)
         with open(self.val_index_path, "ab") as f:
-            f.truncate(16 * self.val_entries)  # entries past the last checkpoint are written again
-        self.val_index: list[tuple[int, int]] = []  # (key, tokens) of val documents since the last checkpoint
-        self.completed = False  # whether a shard was finished since the last checkpoint (then one follows)
-        self.split, self.doc_ids, self.doc_written = "train", 0, 0  # the document being written (`_begin_document`)
+            f.truncate(16 * self.val_entries)  # entries after the last checkpoint are written again
+        self.val_index: list[tuple[int, int]] = []  # (key, tokens) since the last checkpoint
+        self.completed = False  # a shard was finished since the last checkpoint
+        self.split, self.doc_ids, self.doc_written = "train", 0, 0
 
     def _begin_document(self, code: int) -> bool:
-        """Choose the split of the document whose first chunk comes next; False at --max-tokens once val is full
-        too (until then the pass reads on for val's candidates, skipping train documents past the cut)."""
+        """Choose the next document's split; False at --max-tokens once val is full too."""
         full = self.val_tokens is not None and self.routed["val"] >= self.val_tokens
         self.split = "val" if code == VAL or (code == VAL_WHILE_BUDGET and not full) else "train"
         budget = self.options.max_tokens
@@ -112,7 +105,7 @@ class Output:
             if full or self.val_tokens is None:
                 return False
             self.split = "skip"
-        self.doc_ids = self.doc_written = 0  # of this document: ids encoded, ids written
+        self.doc_ids = self.doc_written = 0
         return True
 
     def _write(self, ids: np.ndarray) -> None:
@@ -120,12 +113,8 @@ class Output:
         self.doc_written += len(ids)
 
     def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int, ends: tuple | None) -> bool:
-        """Write one chunk of a document's ids; False when --max-tokens is reached and the pass should stop.
-
-        In crop mode the document becomes one row: its first row_length ids, or all of them, end-of-text and
-        end-of-text padding; its bytes and characters are those of the kept text (`ends`: the chunk's per-token
-        character and byte ends). Its token count is the real ones (the document's and one end-of-text) only.
-        """
+        """Write one chunk of a document's ids; False when --max-tokens is reached. In crop mode the document becomes
+        one padded row, counting the kept text's bytes and characters (`ends`: per-token character and byte ends)."""
         index, code, name, first, last = tag
         if first and not self._begin_document(code):
             return False
@@ -182,7 +171,7 @@ class Output:
         return True
 
     def checkpoint(self) -> None:
-        """Record everything up to docs_done: after this, a killed prepare resumes from here."""
+        """Record everything up to docs_done, for a killed prepare to resume from."""
         pending = {split: w.save_pending() for split, w in self.writers.items()}
         self.checkpoint_val_index()
         fsync_dir(self.work)
@@ -192,12 +181,8 @@ class Output:
         atomic_write_text(self.work / "progress.json", json.dumps(state))
 
     def finish(self) -> dict[str, list[Path]]:
-        """Close the shards and write val in split-key order; returns each split's shard files.
-
-        The progress record goes first: finishing renames and deletes the files a resume would read, so a
-        prepare killed while finishing starts over rather than resume from a state that is gone.
-        """
-        (self.work / "progress.json").unlink(missing_ok=True)
+        """Close the shards and write val in split-key order; returns each split's shard files."""
+        (self.work / "progress.json").unlink(missing_ok=True)  # finishing deletes what a resume would read
         if not self.counts["train"]["documents"]:
             raise UserError("no document went to the train split: val took them all; lower --val-fraction / "
                             "--val-tokens or give more documents.")

@@ -1,20 +1,5 @@
-"""corpus -> token shards + tokenizer.json + meta.json, streamed, in parallel, resumable, renamed into place at the end.
-
-Passes over the source (each streams it; nothing holds the corpus):
-1. scan: hash every document's name (the split order) and content (the dataset's identity), count characters,
-   and for `char` collect the character set. Keeps 16 bytes per document.
-2. tokenizer training (bpe/word only): the train documents, up to `tokenizer_chars` characters, streamed into
-   `tokenizers`' trainer.
-3. tokenize: batches of document chunks encoded by worker processes (lmlab.data.encode), written in order to
-   shards (lmlab.data.output, lmlab.data.shards) in a work dir `.NAME.partial`. After every finished shard a
-   progress record is written; a killed prepare resumes from it, and the dataset dir appears only by a rename
-   once everything is written. One prepare writes a dataset at a time (a lock beside it, `.NAME.lock`).
-
-Memory: the largest document's text + IN_FLIGHT_PER_WORKER × workers batches of at most 2 × BATCH_CHARS characters
-+ one shard buffer per split (shard_tokens × 2 or 4 bytes) + 16 bytes per document for the split order. A long
-document goes to the tokenizer in chunks of tokenizers.CHUNK_CHARS characters (its working memory is ~100-400
-bytes a character), cut where the ids come out the same as whole.
-"""
+"""corpus -> token shards + tokenizer.json + meta.json: streamed (no pass holds the corpus), in parallel, resumable
+after every shard, renamed into place at the end. docs/reference/data.md gives the passes and their memory."""
 
 from __future__ import annotations
 
@@ -55,7 +40,7 @@ from lmlab.data.output import Output, PrepareOptions
 from lmlab.data.shards import read_meta
 from lmlab.data.split import FIRST_GUESS, TRAIN, Scan, parts, plan_split, scan, val_refusal
 from lmlab.data.tokenizers import (
-    KINDS,
+    TOKENIZER_KINDS,
     Tokenizer,
     TokenizerKind,
     chunk_spans,
@@ -75,8 +60,8 @@ SEPARATOR = "\n\n"  # what ends every document of a char dataset, which has no e
 
 def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, plan: np.ndarray, cut: int | None,
              start: int) -> Iterator[tuple[list[tuple], list[str]]]:
-    """(tags, texts) batches from document `start` on: each text a chunk of a document (tokenizers.chunk_spans),
-    tagged (document index, split code, name, first chunk?, last chunk?); a long document spans several batches."""
+    """(tags, texts) batches from document `start` on, each text a chunk of a document tagged (document index, split
+    code, name, first chunk?, last chunk?)."""
     tags: list[tuple] = []
     texts: list[str] = []
     characters = 0
@@ -93,8 +78,7 @@ def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, pla
                 texts.append(doc.text[a:b] + (SEPARATOR if not kind.end_of_text and last else ""))
                 tags.append((index, code, name, number == 0, last))
                 characters += len(texts[-1])
-                # A batch ends with a document where it can (progress is recorded after whole documents only), and
-                # inside one longer than a batch.
+                # at a document's end where it can: progress is recorded after whole documents only
                 full = len(texts) >= BATCH_DOCS or characters >= BATCH_CHARS
                 if (full and last) or characters >= 2 * BATCH_CHARS:
                     yield tags, texts
@@ -105,8 +89,7 @@ def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, pla
 
 def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray, cut: int | None,
                     kind: TokenizerKind) -> Iterator[str]:
-    """The train documents' text in chunks, up to options.tokenizer_chars characters: what bpe/word tokenizers
-    learn from (cut where their pre-tokens are cut anyway, so the counts are those of the whole documents)."""
+    """The train documents' text in chunks, up to options.tokenizer_chars characters, for a tokenizer to learn."""
     used = 0
     for index, doc in enumerate(iter_documents(files, options.text_field, options.normalization.function())):
         code, _, begin, end = parts(doc, index, plan, cut)[0]
@@ -128,8 +111,7 @@ def _chars_per_token(tokenizer: Tokenizer, files: list[str], options: PrepareOpt
 
 
 def _progress(console: Console | None) -> Progress | TaskLines:
-    """The scan's, the tokenizer's and the tokenizing's bars: live on a terminal, an output updated in place in a
-    notebook, lines every few seconds in a log or a pipe."""
+    """The scan's, the tokenizer's and the tokenizing's progress bars."""
     lines = console and task_lines(console, "documents")
     if lines:
         return lines
@@ -160,7 +142,7 @@ def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions,
     if path.exists() and fixed is None:
         return Tokenizer.load(path, spec)
     task = progress.add_task("training the tokenizer", total=None, tokens="")
-    kind = KINDS[parse_spec(spec)[0]]
+    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     # The separator is lmlab's, not the corpus's: a char vocabulary holds it even if no document has a line break.
     tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut, kind),
                                          ["".join(sorted(found.charset | set(SEPARATOR)))])
@@ -207,14 +189,13 @@ def _reusable(target: Path, job: dict[str, Any], force: bool) -> dict[str, Any] 
 def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Path = Path("data"),
             val_fraction: float = 0.1, force: bool = False, options: PrepareOptions | None = None,
             console: Console | None = None) -> tuple[Path, dict[str, Any], bool]:
-    """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, not rebuilt;
-    an interrupted one is resumed from its last finished shard. `spec` is a tokenizer kind, or the path of a folder
-    whose tokenizer to use as it is (a Hugging Face model's, an lmlab run's or dataset's: `load_pretrained`)."""
+    """Prepare a dataset dir; returns (dir, meta, built). An identical finished dataset is reused, an interrupted one
+    resumed. `spec` is a tokenizer kind, or the path of a folder whose tokenizer to use as it is."""
     options = options or PrepareOptions()
-    # A tokenizer that needs no training is loaded before the long scan: a missing file fails at once.
+    # before the long scan, so a missing file fails at once
     fixed = load_pretrained(Path(spec)) if is_path(spec) else None
     spec = fixed.spec if fixed else spec
-    kind = KINDS[parse_spec(spec)[0]]
+    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     if options.pack == "crop" and not kind.end_of_text:
         raise UserError("--pack crop pads each document's row with the end-of-text token, which the char tokenizer "
                         "does not have; use --pack concat or a word, bpe, gpt2 or tiktoken tokenizer.")
@@ -240,12 +221,11 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
              options: PrepareOptions, console: Console | None, fixed: Tokenizer | None
              ) -> tuple[Path, dict[str, Any], bool]:
     """`prepare` under the dataset's lock; `fixed`: the tokenizer a path named, already loaded."""
-    kind = KINDS[parse_spec(spec)[0]]
+    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     _remove_old_copies(target)
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
-    # Another dataset of the same spec may have another tokenizer of that spec (a run's word:1000): its identity
-    # then tells the two apart.
+    # two tokenizers of one spec (a run's word:1000) are told apart by their identity
     same_tokenizer = {"tokenizer_identity": fixed.identity()} if fixed else {}
     if not kind.trained and not fixed:  # loaded before the long scan: fails at once
         fixed = train_tokenizer(spec, [], [], options.gpt2_dir)
@@ -295,7 +275,6 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
         # A row-packed split: readers find its layout here (lmlab.data.shards.Rows), not in the options.
         **({"rows": {"length": options.row_length, "pad_id": tokenizer.eot_id}} if options.row_length else {}),
         "tokenizer_sha256": sha256_file(work / "tokenizer.json"), **same_tokenizer,
-        # Of this process only: a resumed prepare times the part it did.
         "seconds": dict(zip(("scan", "tokenizer", "tokenize"), np.diff(clock).round(3).tolist())),
         "lmlab_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -306,8 +285,8 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
 
 
 def _remove_old_copies(target: Path) -> None:
-    """Delete what a prepare killed while replacing the dataset left of the old one (`_swap_into_place`): only
-    the lock's holder, this process, swaps this dataset, so every such copy is a leftover."""
+    """Delete what a prepare killed while replacing the dataset left of the old one: the lock's holder alone swaps,
+    so every such copy is a leftover."""
     for old in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
         shutil.rmtree(old, ignore_errors=True)
 

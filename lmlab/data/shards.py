@@ -1,11 +1,5 @@
-"""Token shards on disk: numbered flat files of token ids that together are one split's token stream.
-
-A split is `train_00000.bin`, `train_00001.bin`, ... listed with their token counts in meta.json; a split that
-fits in one shard is the single file `train.bin`. Readers see the shards as one concatenated array.
-
-A row-packed split (`prepare --pack crop`, `rows` in meta.json) is the same array cut into rows of equal length:
-one document each, cropped and then filled with a padding id.
-"""
+"""Token shards on disk: numbered flat files of token ids that readers see as one split's array, checked against
+meta.json before anything trains on them."""
 
 from __future__ import annotations
 
@@ -27,17 +21,15 @@ from lmlab.core.fileio import atomic_write_bytes, sha256_file, writing
 
 @dataclass(frozen=True)
 class Rows:
-    """The layout of a row-packed split: rows of `length` tokens, each a document's first tokens, then (if it
-    was shorter) `pad_id` to the end. The pad id is end-of-text, which no document holds, so a row's first one
-    is its document's end, a real token, and every id after it is padding."""
+    """A row-packed split: rows of `length` tokens, a document's first then `pad_id` (end-of-text, so a row's first
+    one is real and the rest padding)."""
 
     length: int
     pad_id: int
 
 
 class TokenShards:
-    """The shards of a split as one read-only array: `len()` and slicing across shard boundaries; `rows` is the
-    row layout of a row-packed split, None for a token stream."""
+    """The shards of a split as one read-only array; `rows` None for a token stream."""
 
     def __init__(self, paths: list[Path], dtype: str, rows: Rows | None = None):
         self.paths, self.rows = list(paths), rows
@@ -63,19 +55,17 @@ class TokenShards:
             start, index = self.starts[index + 1], index + 1
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        """The whole split for NumPy functions: the memory map itself for one shard, else a copy in memory."""
         whole = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
         return np.asarray(whole, dtype=dtype)
 
     def chunks(self, size: int = 1 << 24) -> Iterator[np.ndarray]:
-        """The whole split in order, `size` tokens at a time, for scans that must not load it at once."""
+        """The whole split in order, `size` tokens at a time."""
         for part in self.parts:
             for at in range(0, len(part), size):
                 yield part[at:at + size]
 
 
 def read_meta(dataset: Path) -> dict[str, Any]:
-    """Read a dataset's meta.json, with one clear sentence if the dir is not a finished dataset."""
     path = Path(dataset) / "meta.json"
     if not path.exists():
         raise UserError(f"dataset {dataset} does not exist or is unfinished (no meta.json); "
@@ -87,8 +77,7 @@ def read_meta(dataset: Path) -> dict[str, Any]:
 
 
 def _check_tokenizer(dataset: Path, meta: dict[str, Any]) -> None:
-    """meta.json's dtype and vocabulary must be those of the files: ids past the vocabulary, or read at the wrong
-    width, would train on garbage or fail deep inside the model."""
+    """Refuse a meta.json whose dtype or vocabulary is not the files': the ids would be garbage."""
     vocab, dtype = meta.get("vocab_size"), meta.get("dtype")
     fix = "prepare the dataset again with `lmlab prepare ... --force`"
     if not isinstance(vocab, int) or vocab < 1:
@@ -109,13 +98,11 @@ def _check_tokenizer(dataset: Path, meta: dict[str, Any]) -> None:
 
 
 def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True) -> TokenShards:
-    """A split as one array over its shards (meta.json's index; a dataset without an index is SPLIT.bin alone),
-    each file's size checked against the tokens meta.json lists, so a truncated or replaced shard is named; with
-    `verify`, its bytes against meta.json's checksum too (`verify_split`)."""
+    """A split as one array over its shards, each file's size checked against meta.json; with `verify`, its bytes
+    too (`verify_split`)."""
     meta = read_meta(dataset)
     _check_tokenizer(dataset, meta)
     width = np.dtype(dtype).itemsize
-    # Without an index, the file holds the split's token count (datasets from before the index were not cropped).
     listed = meta.get("shards", {}).get(split, [{"file": f"{split}.bin", "tokens": meta.get(split, {}).get("tokens")}])
     paths = [Path(dataset) / s["file"] for s in listed]
     for path, shard in zip(paths, listed):
@@ -133,9 +120,8 @@ def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True) -> T
 
 
 def verify_split(dataset: Path, split: str, tokens: TokenShards, meta: dict[str, Any]) -> None:
-    """Read the split once: the sha256 of its bytes (kept as `tokens.sha256`) against meta.json's, and its largest
-    id against the vocabulary, so a shard edited in place (its size unchanged) is refused before anything trains
-    or scores on it."""
+    """Refuse a split whose sha256 (kept as `tokens.sha256`) is not meta.json's or whose ids pass the vocabulary:
+    a shard edited in place keeps its size."""
     digest, top = hashlib.sha256(), -1
     for chunk in tokens.chunks():
         digest.update(chunk)  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs do not say so
@@ -153,17 +139,12 @@ def verify_split(dataset: Path, split: str, tokens: TokenShards, meta: dict[str,
 
 
 def row_layout(meta: dict) -> Rows | None:
-    """The row layout meta.json records for a row-packed dataset; None for a token stream."""
     rows = meta.get("rows")
     return Rows(rows["length"], rows["pad_id"]) if rows else None
 
 
 class ShardWriter:
-    """Appends tokens to `SPLIT_00000.bin`, ... of exactly `shard_tokens` tokens each (the last may be shorter).
-
-    Only the current shard's buffer is in memory. `save_pending` and the shard list are what a resumed
-    `prepare` needs to continue exactly where this writer stood.
-    """
+    """Appends tokens to `SPLIT_00000.bin`, ... of `shard_tokens` tokens each, holding one shard in memory."""
 
     def __init__(self, folder: Path, split: str, dtype: str, shard_tokens: int, shards: list[int] | None = None):
         self.folder, self.split = Path(folder), split
@@ -201,7 +182,7 @@ class ShardWriter:
         self.fill = 0
 
     def save_pending(self) -> int:
-        """Persist the unfinished shard's tokens (for a resume); returns how many there are."""
+        """Persist the unfinished shard's tokens for a resume; returns how many there are."""
         atomic_write_bytes(self.pending_path, self.buffer[:self.fill].tobytes())
         return self.fill
 
@@ -216,7 +197,7 @@ class ShardWriter:
         """Write the last, partial shard and return the shard files; a split of one shard becomes SPLIT.bin."""
         if self.fill or not self.shards:
             self._write_shard()
-        self.buffer = np.empty(0, dtype=self.buffer.dtype)  # the memory goes back before the next writer fills
+        self.buffer = np.empty(0, dtype=self.buffer.dtype)  # freed before the next writer fills
         self.pending_path.unlink(missing_ok=True)
         if len(self.shards) == 1:
             os.replace(self.path(0), self.folder / f"{self.split}.bin")

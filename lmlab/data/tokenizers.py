@@ -1,20 +1,8 @@
-"""Tokenizers, all built on the `tokenizers` library so that one file format (tokenizer.json) loads them.
-
-- `char`: one token per character seen in the corpus.
-- `word:N`: the N most frequent words of the training split, GPT-2-style pre-tokenized (a word keeps its
-  leading space, so decoding restores spacing), plus `<unk>` for the rest.
-- `bpe:N`: byte-level BPE with N tokens trained on the training split; never needs `<unk>`.
-- `gpt2`: OpenAI's GPT-2 byte-level BPE, read from local Hugging Face files (see `load_gpt2`), never downloaded.
-- `tiktoken:NAME`: a fixed byte-level BPE (e.g. GPT-2's) read through the `tiktoken` library from a local file,
-  converted to the same tokenizer.json format so every later command loads it like the others.
-- `pretrained:NAME`: any other model's tokenizer (Llama's, Qwen's, ...), read from the tokenizer.json of a Hugging
-  Face folder named NAME (see `load_pretrained`); its end-of-text is the model's own eos token.
-The non-char tokenizers put their end-of-text token (`<|endoftext|>` but for `pretrained`) between documents.
-"""
+"""Tokenizers, each kind an entry of TOKENIZER_KINDS, all built on the `tokenizers` library so that one file format
+(tokenizer.json) loads them."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -27,8 +15,8 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from lmlab.core.errors import UserError
-from lmlab.core.extras import require
 from lmlab.core.fileio import atomic_write_text
+from lmlab.data.tiktoken_bpe import tiktoken_backend
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -38,28 +26,20 @@ NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")  # what a folder's name loses to bec
 
 CHUNK_CHARS = 1 << 16  # a longer text is tokenized in chunks of at most this many characters
 
-# Where every pre-tokenizer lmlab uses (GPT-2's regex, and tiktoken's cl100k/o200k ones) starts a new pre-token
-# whatever the text before and after: at a space or tab after a non-space (no pre-token holding a non-space
-# character runs into a following space), and at a line break after a letter or digit (only punctuation pre-tokens
-# take the line breaks after them). BPE merges and word lookups stay inside a pre-token, so text cut there encodes
-# to the same ids in chunks as whole.
 _SURROGATE = re.compile("[\ud800-\udfff]")  # never in text decoded strictly: a broken escape or a non-UTF-8 byte
+# Where every pre-tokenizer lmlab uses (GPT-2's, cl100k's, o200k's) starts a pre-token whatever surrounds it, so
+# text cut there encodes to the same ids in chunks as whole.
 _SAFE_CUT = re.compile(r"(?<=\S)[ \t]|(?<=[^\W_])[\r\n]")
 
 
-# How a kind is built for `prepare`: (its spec's argument, the train split's texts, every text, the folder of GPT-2's
-# files) -> the `tokenizers` tokenizer.
+# (spec's argument, train split's texts, every text, GPT-2's folder) -> the `tokenizers` tokenizer.
 Build = Callable[[str, Iterable[str], list[str], Path | None], tokenizers.Tokenizer]
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizerKind:
-    """A kind of tokenizer, and what lmlab's commands ask of it. Written `name`, `name:N` (`argument` "N": its size,
-    at least `minimum`) or `name:NAME`. What decides a format has no default, so every entry states it: how it is
-    built (`build`), the `tokenizers` model its tokenizer.json holds (`model`: what export-hf writes and import-hf
-    checks), and the tokenizer GGUF holds it as (`gguf`: a model `lmlab.gguf.vocab.WRITERS` writes, or None: it does
-    not export to GGUF). tests/test_tokenizers.py holds every entry to these (build, round-trip, save, load, export).
-    """
+    """A kind of tokenizer, written `name`, `name:N` (a size, at least `minimum`) or `name:NAME`. What decides a
+    format has no default, so every entry states it (`build`, `model`, `gguf`)."""
 
     name: str
     build: Build | None  # how `prepare` makes it; None: only how lmlab records a tokenizer read from a folder
@@ -68,20 +48,17 @@ class TokenizerKind:
     argument: str = ""
     minimum: int = 0
     trained: bool = False  # built from the corpus by `prepare`; else read as it is, from files
-    # One token per character of the corpus: documents kept apart by a blank line (no end-of-text token), text cut
-    # anywhere, a character the corpus never had refused (no token stands for it).
+    # one token per character: no end-of-text token, text cut anywhere, an unseen character refused
     per_character: bool = False
     unknown: str | None = None  # the token that stands for text it has no tokens for (an export names it)
     tokens_per_char: int = 4  # the most tokens one character may take: its UTF-8 bytes, in a byte-level vocabulary
 
     @property
     def named(self) -> bool:
-        """Whether it is a --tokenizer value (else only how lmlab records a tokenizer read from a folder)."""
         return self.build is not None
 
     @property
     def end_of_text(self) -> bool:
-        """Whether it puts an end-of-text token between documents (`<|endoftext|>`, or a model's eos)."""
         return not self.per_character
 
     @property
@@ -129,10 +106,10 @@ def _gpt2(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_
 
 def _tiktoken(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
               ) -> tokenizers.Tokenizer:
-    return tiktoken_backend(argument)
+    return tiktoken_backend(argument, EOT)
 
 
-KINDS = {kind.name: kind for kind in (
+TOKENIZER_KINDS = {kind.name: kind for kind in (
     TokenizerKind(name="char", build=_char, model="WordLevel", gguf="rwkv", trained=True, per_character=True,
                   tokens_per_char=1),
     # <unk> stands for a whole word, of any length, and GGUF has no tokenizer that maps unknown words to it
@@ -148,15 +125,14 @@ KINDS = {kind.name: kind for kind in (
 
 
 def named_kinds() -> str:
-    """The kinds --tokenizer takes, as help and refusals list them: `char, word:N, bpe:N, ...`."""
-    return ", ".join(kind.written for kind in KINDS.values() if kind.named)
+    """The kinds --tokenizer takes: `char, word:N, bpe:N, ...`."""
+    return ", ".join(kind.written for kind in TOKENIZER_KINDS.values() if kind.named)
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
-    """`char` -> ("char", 0); `word:1000` -> ("word", 1000); `bpe:4096` -> ("bpe", 4096); `gpt2` -> ("gpt2", 0);
-    `tiktoken:gpt2` -> ("tiktoken", 0); `pretrained:SmolLM2-135M` -> ("pretrained", 0)."""
+    """`bpe:4096` -> ("bpe", 4096); `gpt2`, `tiktoken:gpt2` -> (name, 0)."""
     name, _, argument = spec.partition(":")
-    kind = KINDS.get(name)
+    kind = TOKENIZER_KINDS.get(name)
     if kind is not None and not kind.argument and not argument:
         return name, 0
     if kind is not None and kind.argument == "NAME" and NAME.fullmatch(argument):
@@ -175,16 +151,14 @@ def is_path(spec: str) -> bool:
 
 
 class Tokenizer:
-    """A trained tokenizer plus the lmlab facts about it (spec, end-of-text id)."""
+    """A trained tokenizer plus the lmlab facts about it; `eot_id` where it is not `<|endoftext|>`'s."""
 
     def __init__(self, spec: str, backend: tokenizers.Tokenizer, eot_id: int | None = None):
-        """`eot_id`: the end-of-text token's id where it is not `<|endoftext|>` (a pretrained tokenizer's eos)."""
         self.spec = spec
-        self.kind = KINDS[parse_spec(spec)[0]]
+        self.kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
         self.backend = backend
         self.vocab = backend.get_vocab()
         self.eot_id = self.vocab.get(EOT) if eot_id is None else eot_id
-        # The rows an embedding needs: one past the largest id (ids of lmlab's own tokenizers have no gaps).
         self.vocab_size = max(self.vocab.values(), default=-1) + 1
 
     @property
@@ -192,8 +166,7 @@ class Tokenizer:
         return None if self.eot_id is None else self.backend.id_to_token(self.eot_id)
 
     def most_chars(self, tokens: int) -> int | None:
-        """The most characters `tokens` tokens can stand for: each the longest token's text (None when a token has
-        no bound: a word tokenizer's <unk> stands for a word of any length). A longer text cannot fit."""
+        """The most characters `tokens` tokens can stand for; None when <unk> stands for a word of any length."""
         return None if self.kind.unknown else tokens * max(map(len, self.vocab), default=1)
 
     def fewest_chars(self, tokens: int) -> int:
@@ -201,7 +174,7 @@ class Tokenizer:
         return max(0, tokens) // self.kind.tokens_per_char
 
     def normalize(self, text: str) -> str:
-        """`text` as the tokenizer sees it: through the normalisation its dataset was prepared with, if any."""
+        """`text` through the normalisation its dataset was prepared with, if any."""
         normalizer = self.backend.normalizer
         return text if normalizer is None else normalizer.normalize_str(text)
 
@@ -210,8 +183,7 @@ class Tokenizer:
         return "".join(sorted(set(self.normalize(text)) - self.vocab.keys())) if self.kind.per_character else ""
 
     def check(self, text: str, where: str) -> None:
-        """Refuse text that is not Unicode (a lone surrogate: from JSON's "\\ud800", or a byte of a command-line
-        argument that is not UTF-8), and text with characters the char tokenizer's corpus never had."""
+        """Refuse text that is not Unicode (a lone surrogate) or that the char tokenizer cannot encode."""
         bad = _SURROGATE.search(text)
         if bad:
             code = ord(bad.group())
@@ -225,15 +197,12 @@ class Tokenizer:
                             "prepare the dataset from a corpus that has them.")
 
     def encode(self, text: str, special: bool = True) -> list[int]:
-        """The ids of `text`; without `special`, none of the tokens the tokenizer adds around a text (a BOS), as
-        for a chat template's prompt, which writes its own. Encoded as a batch of one: `tokenizers` lets other
-        threads run while it encodes a batch, not a single text (a megabyte holds a server's other threads for a
-        second otherwise)."""
+        """The ids of `text`; without `special`, none of the tokens the tokenizer adds (a BOS). A batch of one, since
+        `tokenizers` releases the GIL for a batch, not a single text."""
         self.check(text, "the text")
         return self.backend.encode_batch([text], add_special_tokens=special)[0].ids
 
     def encode_batch(self, texts: list[str]) -> list[tokenizers.Encoding]:
-        """Each text's encoding: its ids, and the character offsets each token came from."""
         for text in texts:
             self.check(text, "the corpus")
         return self.backend.encode_batch(texts)
@@ -242,12 +211,10 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path: Path) -> None:
-        """tokenizer.json, written as the library writes it (pretty), atomically: a write that fails (a full disk) is
-        a WriteError naming the file, where the library's own save raised a bare Exception."""
+        """tokenizer.json, atomically (a failed write is a WriteError naming the file)."""
         atomic_write_text(Path(path), self.backend.to_str(pretty=True))
 
     def identity(self) -> str:
-        """See `tokenizer_identity`."""
         return _identity(json.loads(self.backend.to_str()))
 
     @classmethod
@@ -256,8 +223,7 @@ class Tokenizer:
 
 
 def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
-    """The tokenizer in a Hugging Face folder: its tokenizer.json, or OpenAI's vocab.json + merges.txt (built here
-    into the same byte-level BPE); None when it has neither."""
+    """A Hugging Face folder's tokenizer.json, or vocab.json + merges.txt as a byte-level BPE; None if neither."""
     if (folder / "tokenizer.json").exists():
         try:
             return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -273,14 +239,12 @@ def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
 
 
 def chunk_spans(text: str, start: int, stop: int, kind: str, size: int = CHUNK_CHARS) -> Iterator[tuple[int, int]]:
-    """(start, stop) spans of at most `size` characters covering text[start:stop], in order, cut where a tokenizer
-    of `kind` (its name) gives the same ids in pieces as whole: anywhere for char, else at the last safe cut of each
-    span (_SAFE_CUT; a span of `size` characters with none, e.g. one long word, is cut at its end). So the tokenizer
-    never holds more than a span of a document, however long the document is (its cost is ~100-400 bytes a
-    character)."""
+    """(start, stop) spans of at most `size` characters covering text[start:stop], cut where a tokenizer of `kind`
+    gives the same ids in pieces as whole (else at the span's end), so the tokenizer never holds a whole long
+    document."""
     while stop - start > size:
         cut = start + size
-        if not KINDS[kind].per_character:
+        if not TOKENIZER_KINDS[kind].per_character:
             cut = _last_safe_cut(text, start + 1, cut) or cut
         yield start, cut
         start = cut
@@ -288,8 +252,7 @@ def chunk_spans(text: str, start: int, stop: int, kind: str, size: int = CHUNK_C
 
 
 def _last_safe_cut(text: str, low: int, high: int) -> int | None:
-    """The last safe cut in text[low:high + 1], looked for in windows growing from the end (in ordinary text one
-    is a few characters away)."""
+    """The last safe cut in text[low:high + 1], in windows growing from the end."""
     width = 64
     while True:
         found = None
@@ -301,8 +264,7 @@ def _last_safe_cut(text: str, low: int, high: int) -> int | None:
 
 
 def load_gpt2(folder: Path | None = None) -> Tokenizer:
-    """GPT-2's tokenizer from `folder`, else from $LMLAB_GPT2_DIR: a Hugging Face tokenizer dir with
-    tokenizer.json, or OpenAI's vocab.json + merges.txt."""
+    """GPT-2's tokenizer from `folder`, else from $LMLAB_GPT2_DIR."""
     folder = folder or (Path(os.environ[GPT2_DIR_ENV]) if os.environ.get(GPT2_DIR_ENV) else None)
     where = f"--gpt2-dir DIR or ${GPT2_DIR_ENV}"
     if folder is None:
@@ -318,7 +280,6 @@ def load_gpt2(folder: Path | None = None) -> Tokenizer:
 
 
 def _json(path: Path) -> dict:
-    """A JSON object file, or {} when it is missing or not one."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -327,8 +288,7 @@ def _json(path: Path) -> dict:
 
 
 def _eos_id(folder: Path, backend: tokenizers.Tokenizer) -> int | None:
-    """A Hugging Face model's end-of-text id: tokenizer_config.json's eos_token, else config.json's or
-    generation_config.json's eos_token_id (the first, if a list), else `<|endoftext|>`'s."""
+    """A Hugging Face model's end-of-text id: eos_token, else eos_token_id, else `<|endoftext|>`'s."""
     eos = _json(folder / "tokenizer_config.json").get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
     if isinstance(eos, str) and backend.token_to_id(eos) is not None:
@@ -342,9 +302,8 @@ def _eos_id(folder: Path, backend: tokenizers.Tokenizer) -> int | None:
 
 
 def load_pretrained(path: Path) -> Tokenizer:
-    """The tokenizer in a folder, or a tokenizer.json file itself. An lmlab run or dataset (or a folder lmlab
-    exported) keeps its spec; any other Hugging Face tokenizer becomes `pretrained:NAME` (NAME: the folder's),
-    whose end-of-text is the model's eos token."""
+    """The tokenizer in a folder or a tokenizer.json. An lmlab one keeps its spec; any other becomes
+    `pretrained:NAME` (the folder's name), ending documents with the model's eos."""
     path = Path(path).expanduser()
     folder = path.parent if path.is_file() else path
     if not folder.is_dir() or (path.is_file() and path.name != "tokenizer.json"):
@@ -361,8 +320,6 @@ def load_pretrained(path: Path) -> Tokenizer:
     if not isinstance(spec, str) or not _is_spec(spec):
         spec = f"pretrained:{NAME_PART.sub('-', folder.resolve().name).strip('-.') or 'tokenizer'}"
     tokenizer = Tokenizer(spec, backend, _eos_id(folder, backend))
-    # Another model's tokenizer ends documents with that model's eos, so it must name one. A folder labelled with
-    # one of lmlab's own kinds finds its end-of-text in its vocabulary; an importer checks it against its label.
     if tokenizer.kind.name == "pretrained" and tokenizer.eot_id is None:
         raise UserError(f"the tokenizer in {folder} names no end-of-text token (eos_token in tokenizer_config.json "
                         "or eos_token_id in config.json), which lmlab puts between documents; add one.")
@@ -386,91 +343,15 @@ def _identity(raw: dict) -> str:
 
 
 def tokenizer_identity(path: Path) -> str:
-    """A digest of what a tokenizer.json maps (vocabulary, merges, special tokens) but not how the file is
-    laid out, so the same tokenizer saved from tokenizer.json or from vocab.json + merges.txt is equal."""
+    """A digest of what a tokenizer.json maps, not how the file is laid out."""
     return _identity(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def train_tokenizer(spec: str, train_texts: Iterable[str], all_texts: list[str],
                     gpt2_dir: Path | None = None) -> Tokenizer:
-    """Build the tokenizer for `spec` as its kind's entry says (`TokenizerKind.build`); char uses every character of
-    the corpus, the trained others the train split, and gpt2 is read from `gpt2_dir` (see `load_gpt2`)."""
-    kind = KINDS[parse_spec(spec)[0]]
+    """Build the tokenizer for `spec` as its kind's entry says; char sees every text, the others the train split."""
+    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     if kind.build is None:
         raise UserError(f"{spec} is how lmlab records a tokenizer read from a folder; pass the folder itself, e.g. "
                         "--tokenizer ./models/SmolLM2-135M or --tokenizer runs/NAME.")
     return Tokenizer(spec, kind.build(spec.partition(":")[2], train_texts, all_texts, gpt2_dir))
-
-
-# GPT-2's pre-tokenization regex: the split a `NAME.tiktoken` file (ranks only, no pattern) is assumed to use.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    for extra, b in enumerate(b for b in range(256) if b not in table):
-        table[b] = chr(256 + extra)
-    return table
-
-
-def read_tiktoken_file(path: Path) -> dict[bytes, int]:
-    """A `.tiktoken` file: one `base64(token bytes) rank` pair per line."""
-    ranks = {}
-    for line in Path(path).read_text(encoding="ascii").splitlines():
-        if line.strip():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def _tiktoken_ranks(name: str) -> tuple[dict[bytes, int], str, int]:
-    """(mergeable ranks, pre-tokenization pattern, end-of-text id) of a tiktoken encoding available locally."""
-    folder = os.environ.get("TIKTOKEN_CACHE_DIR")
-    local = Path(folder, f"{name}.tiktoken") if folder else None
-    if local and local.exists():
-        ranks = read_tiktoken_file(local)
-        return ranks, GPT2_PATTERN, len(ranks)
-    require("tiktoken", user=f"tokenizer tiktoken:{name}",
-            otherwise=f", or put its file {name}.tiktoken in a folder named by TIKTOKEN_CACHE_DIR")
-    import tiktoken
-
-    try:
-        enc = tiktoken.get_encoding(name)
-    except (ValueError, OSError) as err:  # an unknown name, or tiktoken's download failing offline
-        raise UserError(f"tiktoken encoding {name!r} is not available here ({type(err).__name__}); put its file in "
-                        f"TIKTOKEN_CACHE_DIR (tiktoken's cache, or {name}.tiktoken) and try again.")
-    if EOT not in enc.special_tokens_set:
-        raise UserError(f"tiktoken encoding {name!r} has no {EOT} token to separate documents; use gpt2 or r50k_base.")
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in enc._special_tokens.values()}
-    return ranks, enc._pat_str, enc.encode_single_token(EOT)
-
-
-def tiktoken_backend(name: str) -> tokenizers.Tokenizer:
-    """The tiktoken encoding as a `tokenizers` byte-level BPE that yields the same ids.
-
-    Every token of two or more bytes becomes the merges of its two-part splits, ranked by the token's own
-    rank, which makes the BPE merge order tiktoken's. `<|endoftext|>` goes into the vocabulary only, not as an
-    added special token: text that contains it is encoded as ordinary text (tiktoken's encode_ordinary), and
-    only lmlab's separator carries the end-of-text id.
-    """
-    ranks, pattern, eot_id = _tiktoken_ranks(name)
-    to_text = _bytes_to_unicode()
-
-    def text(token: bytes) -> str:
-        return "".join(to_text[b] for b in token)
-
-    merges = []
-    for token, _rank in sorted(ranks.items(), key=lambda item: item[1]):
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        merges.extend(sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]])))
-    vocab = {text(token): rank for token, rank in ranks.items()} | {EOT: eot_id}
-    # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken.
-    backend = tokenizers.Tokenizer(models.BPE(vocab, [(text(a), text(b)) for a, b in merges], ignore_merges=True))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    backend.decoder = decoders.ByteLevel()
-    return backend

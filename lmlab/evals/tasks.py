@@ -1,18 +1,8 @@
-"""Multiple-choice tasks: a file of items, each a context, its choices and the index of the right one, read from
-one of two layouts (`lmlab eval --task`).
-
-- HellaSwag as distributed (`hellaswag_val.jsonl`, or `hf:Rowan/hellaswag`): `activity_label`, `ctx_a` and
-  `ctx_b` (or `ctx`), `endings`, `label`. Each item is prepared as lm-evaluation-harness's `hellaswag` task
-  prepares it: the context is "ACTIVITY: CTX_A Ctx_b" (ctx_b capitalized with Python's str.capitalize), and the
-  context and every ending lose WikiHow's bracketed markup (" [title]" becomes ". ", any other "[...]" goes) and
-  double spaces; so the scores are those of its `hellaswag` task.
-- The generic layout, for any other task (ARC, PIQA, a user's own): `{"context": str, "choices": [str, ...],
-  "answer": INDEX}`, INDEX counting from 0.
-
-Either is JSON lines: one object per line, blank lines skipped. A choice is scored as the continuation of its
-context after one space, lm-evaluation-harness's default target delimiter. A line that does not hold an item is
-refused with one sentence naming the file, the line and the field.
-"""
+"""Multiple-choice tasks (`lmlab eval --task`): a JSON-lines file of items, each a context, its choices and the index of
+the right one, in HellaSwag's layout as distributed (prepared as lm-evaluation-harness's `hellaswag` task prepares it,
+so the scores are its) or the generic `{"context": str, "choices": [str, ...], "answer": INDEX}`. A choice is scored as
+the continuation of its context after one space; a line that holds no item is refused naming the file, the line and the
+field."""
 
 from __future__ import annotations
 
@@ -173,8 +163,7 @@ def _checked(where: str, context: str, choices: Any, answer: Any, field: str, ke
 
 
 def hellaswag_text(text: str) -> str:
-    """HellaSwag text as lm-evaluation-harness's hellaswag task prepares it: stripped, WikiHow's " [title]"
-    turned into a sentence break, any other bracketed tag removed, and double spaces made single."""
+    """HellaSwag text as lm-evaluation-harness's hellaswag task prepares it."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
@@ -196,9 +185,7 @@ class Encoded:
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Choice:
-    """A (context, continuation) pair as token ids, as lm-evaluation-harness makes them for a causal model: the
-    context's trailing spaces move to the front of the continuation; the continuation is what encoding context +
-    continuation adds after the context's own tokens; an empty context is the start of a document."""
+    """A (context, continuation) pair as token ids, as lm-evaluation-harness makes them for a causal model."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -212,8 +199,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Choice
 
 
 def encode_task(task: Task, tokenizer: Tokenizer, block_size: int) -> Encoded:
-    """Every item of `task` as Choices, but those the model cannot score, counted: text a char tokenizer cannot
-    encode, or a choice longer than the context window."""
+    """Every item of `task` as Choices, but those the model cannot score, counted."""
     encoded, unseen = Encoded([], []), set()
     for item in task.items:
         missing = tokenizer.unseen(item.context + "".join(item.choices) + DELIMITER)
@@ -242,7 +228,7 @@ class TaskResult:
 
     def samples(self) -> list[dict[str, Any]]:
         """Per item: its line, the right answer, each choice's log-likelihood, and the choices picked by acc and
-        acc_norm (`eval --task ... --samples FILE`)."""
+        acc_norm."""
         return [{"line": item.line, "answer": item.answer, "loglikelihoods": lls, "pred": _pick(lls),
                  "pred_norm": _pick([ll / len(c) for ll, c in zip(lls, item.choices)])}
                 for item, lls in zip(self.items, self.loglikelihoods)]
@@ -263,9 +249,8 @@ def _mean_stderr(hits: list[float]) -> tuple[float, float]:
 
 def evaluate_task(run: LoadedRun, task: Task, limit: int | None = None, share: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> TaskResult:
-    """Score every item of `task` (already cut to `limit` items) with the run's model in fp32, and keep the summary
-    in the run (`RunDir.save_task_result`). acc picks the choice of the highest summed log-likelihood, acc_norm
-    the highest per character of the choice (lm-eval's acc_norm); items the model cannot score are counted."""
+    """Score every item of `task` with the run's model in fp32, and keep the summary in the run. acc picks the choice of
+    the highest summed log-likelihood, acc_norm the highest per character (lm-eval's)."""
     started = time.perf_counter()
     encoded = encode_task(task, run.tokenizer, run.config.model.block_size)
     if not encoded.items:

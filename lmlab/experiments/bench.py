@@ -60,18 +60,16 @@ def with_vocab(cfg: RunConfig) -> RunConfig:
 
 
 def _peak_memory(device: torch.device) -> int:
-    """What the run would need: on CUDA the caching allocator's reserved peak (allocated memory plus the cached
-    blocks it cannot give back between steps, which the allocated peak leaves out), else the peak RSS."""
+    """What the run would need: on CUDA the caching allocator's reserved peak (with the cached blocks it cannot give
+    back), else the peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _reset_peak_memory(device: torch.device) -> None:
-    """Start the peak of `_peak_memory` afresh, so each batch size's is its own: on Linux the memory the previous
-    batch freed is handed back (glibc keeps small freed blocks resident) and the RSS high-water mark reset through
-    /proc/self/clear_refs. Elsewhere it stays the process's: a smaller batch timed after a larger one reports the
-    larger one's peak."""
+    """Start the peak of `_peak_memory` afresh, so each batch size's is its own (on Linux; elsewhere a smaller batch
+    timed after a larger one reports the larger one's peak)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
@@ -82,16 +80,14 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def _build(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TrainStep:
-    """The model and training step a run of `cfg` would build, on random weights."""
     configure(device)
     return TrainStep(build_model(cfg.model).to(device), cfg.train, device, dtype)
 
 
 def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2,
                 seconds: float = 0.0, peak: Peak | None = None) -> BenchRow:
-    """Time `steps` training steps, or more until `seconds` have passed (the loop's own `TrainStep`: forward,
-    backward over grad_accum_steps micro-batches, clip, non-finite check, optimizer) at one micro-batch size. MFU
-    divides by `peak`, the one said before timing (by default the device's at the threads in use)."""
+    """Time `steps` training steps (the loop's own `TrainStep`), or more until `seconds` have passed, at one micro-batch
+    size. MFU divides by `peak` (by default the device's at the threads in use)."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
@@ -129,8 +125,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
 
 
 def bench_threads(cfg: RunConfig, device: torch.device, dtype: torch.dtype, chooser: ThreadChooser) -> Choice:
-    """The threads a run of `cfg` would train on here now (lmlab.core.threads), timed, where the load asks for it,
-    on a model of its shape built for the purpose."""
+    """The threads a run of `cfg` would train on here now, timed, where the load asks for it."""
     cfg = with_vocab(cfg)
 
     @functools.cache
@@ -146,21 +141,14 @@ Probe = Callable[[BenchRow, bool, "int | None"], None]
 
 def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096, seconds: float = math.inf,
                    say: Probe = lambda row, fits, budget: None) -> tuple[int, bool]:
-    """The largest micro-batch that trains within the memory budget (`memory_budget`): doubling, then bisection;
-    each batch tried is told to `say` as it is found (the row, whether it fits, the budget). The search stops before
-    a try that would end past `seconds` (each try is a model built and two steps, minutes for large batches on a
-    CPU; a try is foreseen from the newest one, its time scaled by the batch): then the largest batch found so far
-    is returned, with False for a search not finished.
+    """The largest micro-batch that trains within the memory budget (`memory_budget`): doubling, then bisection; each
+    batch tried is told to `say`. The search stops before a try foreseen to end past `seconds`, and then returns the
+    largest batch found so far with False.
 
-    A batch that just fits leaves nothing for evaluation, a checkpoint's copies or fragmentation over a long run,
-    so the budget keeps headroom; on the CPU nothing raises an out-of-memory error before the kernel kills the
-    process, so there the budget is the only test.
-
-    Each try measures memory, not speed: eagerly (compiled, every batch size would compile anew, minutes on a GPU,
-    and the next try would be foreseen from a time that was mostly compiling; eager keeps more activations than
-    compiled, so what fits eagerly fits compiled) and over one micro-batch (accumulation adds time, not memory: the
-    gradients accumulate in the same tensors).
-    """
+    The budget keeps headroom for evaluation, checkpoints and fragmentation (on the CPU, where nothing raises before the
+    kernel kills the process, it is the only test). Each try measures memory, not speed: eagerly (eager keeps more
+    activations than compiled, so what fits eagerly fits compiled) and over one micro-batch (accumulation adds time, not
+    memory)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False, grad_accum_steps=1))
     budget, started = memory_budget(resolve_device(device_name)), time.perf_counter()
     newest = [1, 0.0]  # the newest try: its batch and seconds
@@ -213,7 +201,6 @@ def memory_budget(device: torch.device) -> int | None:
 
 
 def within(row: BenchRow, budget: int | None) -> bool:
-    """Whether a timed batch ran and stayed within the budget."""
     return not row.out_of_memory and (budget is None or row.peak_memory <= budget)
 
 
@@ -236,9 +223,8 @@ class CheckpointCost:
 
 def checkpoint_cost(cfg: RunConfig, device_name: str = "auto", folder: Path = Path("."),
                     repeats: int = 1) -> CheckpointCost:
-    """Write a checkpoint of `cfg`'s model and its optimizer state (after one step, so at its full size) as
-    training writes one (a temporary folder, fsync, rename, the pointer), in a temporary folder inside `folder`
-    (the disk runs go to), and load it back as a resume does (checksums verified); the best of `repeats` each."""
+    """Write a checkpoint of `cfg`'s model and its optimizer state as training writes one, in a temporary folder inside
+    `folder` (the disk runs go to), and load it back as a resume does; the best of `repeats` each."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     step = _build(cfg, device, autocast_dtype(device, cfg.train.dtype))
@@ -269,7 +255,6 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> 
     step = _build(cfg, device, dtype)
     step.model.eval()
     forward = step.scoring  # as the training loop evaluates: eager on a CPU
-    # The same evaluation the training loop runs, on random tokens: eval_iters batches per split, twice.
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 4 * tc.batch_size * cfg.model.block_size)
     estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, 1, 0, device, dtype)  # warm up
     started = time.perf_counter()

@@ -42,8 +42,14 @@ class Family:
         """The family of a preset (`where` names it): a GPT whose width and heads follow from its depth."""
         m = cfg.model
         if m.kind != "gpt":
-            raise UserError(f"{where}: a size is a depth of a GPT's family (its width and heads follow from it), "
-                            f"and model.kind is {m.kind!r}; use a gpt preset, or set its shape by hand.")
+            from lmlab.model.kinds import KINDS  # lmlab's own; any other kind is a plugin's
+
+            what = ("a recurrent model's width is its own setting" if m.kind in KINDS else
+                    "a plugin's model takes its shape from options of its own ([model.options]), which lmlab cannot "
+                    "scale")
+            raise UserError(f"{where}: a size is a depth of a GPT's family, its width and heads following from the "
+                            f"depth (what a fit's L(N, D) and LR rule are measured along), and model.kind is "
+                            f"{m.kind!r}: {what}; use a gpt preset, or set its shape by hand.")
         if m.head_dim or m.mlp_hidden:
             raise UserError(f"{where} sets model.head_dim or model.mlp_hidden, which do not scale with depth; leave "
                             "them 0 (n_embd / n_head, and the MLP's own width) to size it by depth.")
@@ -151,9 +157,24 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "held_out[].depth": (1, MAX_DEPTH, True), "held_out[].val": (0.0, 100.0, False),
     "held_out[].predicted": (0.0, 100.0, False),
 }
-KINDS = {"preset": str, "preset_sha256": str, "dataset": dict, "runs": list, "lr_search": list, "measured": dict,
-         "held_out": list}  # what each other part of a fit file is
-_KIND_NAMES = {str: "a string", dict: "an object", list: "a list"}
+FIT_FILE_TYPES = {"preset": str, "preset_sha256": str, "dataset": dict, "runs": list, "lr_search": list,
+                  "measured": dict, "held_out": list}  # what each other part of a fit file is
+MEASURED = {"when": str, "machine": dict, "seconds": float, "refit_seconds": float, "load": dict, "command": str}
+_KIND_NAMES = {str: "a string", dict: "an object", list: "a list", float: "a number"}
+
+
+def _wrong_kind(raw: dict[str, Any]) -> str | None:
+    """The part of a fit file (or of its `measured`, which `lmlab scaling` shows) not of its kind, or None."""
+    def of(value: Any, kind: type) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+            isinstance(value, kind)
+
+    given = raw.get("measured")
+    measured: dict[str, Any] = given if isinstance(given, dict) else {}
+    wrong: list[tuple[str, type]] = [(k, t) for k, t in FIT_FILE_TYPES.items() if k in raw and not of(raw[k], t)]
+    wrong += [(f"measured.{k}", t) for k, t in MEASURED.items() if measured.get(k) is not None
+              and not of(measured[k], t)]
+    return f"its {wrong[0][0]} is not {_KIND_NAMES[wrong[0][1]]}" if wrong else None
 
 
 def read_fit(preset: Path) -> SizeFit | None:
@@ -167,9 +188,9 @@ def read_fit(preset: Path) -> SizeFit | None:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if raw.pop("format", None) != FIT_FORMAT:
             raise ValueError(f"format is not {FIT_FORMAT}")
-        kind = next((k for k, t in KINDS.items() if k in raw and not isinstance(raw[k], t)), None)
+        kind = _wrong_kind(raw)
         if kind or not raw.get("runs"):
-            raise ValueError(f"its {kind} is not {_KIND_NAMES[KINDS[kind]]}" if kind else "it holds no runs")
+            raise ValueError(kind or "it holds no runs")
         fit = SizeFit(**{**raw, "surface": LossSurface(**raw["surface"]), "lr": LrRule(**raw["lr"])})
         wrong = next(filter(None, (_out_of_range(fit, name) for name in BOUNDS)), None)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:

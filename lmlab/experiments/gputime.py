@@ -1,25 +1,8 @@
-"""How long a training step takes on a datasheet GPU, before one is at hand (`lmlab plan --gpu`).
-
-FLOPs at a peak × an MFU say it for a large model. A small one on a GPU is bound by what FLOPs leave out, so a step is
-its parts (`StepTime`):
-- matmuls: the model's FLOPs (`flops_per_token`) at the share of the datasheet peak a training step's matmuls reach
-  on that GPU (`MATMUL_SHARE`; bf16 on a GPU without it at the fp32 rate, emulated);
-- memory: the bytes the kernels that are not matmuls read and write (norms, activations, dropout, the residual
-  adds, the loss over the vocabulary, a loop's indexing), at a share of the GPU's memory bandwidth;
-- recurrence: the tokens an RNN layer (cuDNN's GRU and LSTM) must take one after another, each a kernel's latency;
-- the optimizer's pass over every weight and its state, and the batch's copy from the host;
-- launches: the host's time to launch each kernel a step runs (Python and PyTorch's dispatch, `LAUNCH_SECONDS`),
-  which the GPU waits for when its own work is shorter: CUDA runs ahead of the host, so a step takes the longer
-  of the two.
-The kernels and bytes are counted from the model itself: a forward and backward of one sequence on the meta device
-(which computes nothing), every op recorded as PyTorch dispatches it, layers extrapolated from models of one and two
-(`trace`); a plugin is counted like lmlab's own kinds. Fused attention is assumed (its scores never written out);
-under compile, Inductor fuses the elementwise kernels (`COMPILE_FUSION`). Evaluation is the same forward-only.
-Two costs come once or per step beside the parts: compiling (`compile_seconds`: torch.compile's first call of each
-graph, the training step's and the evaluation's, is host work the GPU waits for) and, on several GPUs, the gradients'
-all-reduce that DDP's backward does not hide (`allreduce_seconds`). docs/reference/performance.md (the time model)
-says where each constant comes from and the published runs it is held to.
-"""
+"""How long a training step takes on a datasheet GPU, before one is at hand (`lmlab plan --gpu`). FLOPs at a peak × an
+MFU say it for a large model; a small one is bound by what FLOPs leave out, so a step is its parts (`StepTime`: matmuls,
+memory traffic, a recurrence's serial steps, the optimizer, the batch's copy, and the host's kernel launches, which the
+GPU waits for when its own work is shorter), counted from the model itself on the meta device (`trace`).
+docs/reference/performance.md (the time model) says where each constant comes from and the runs it is held to."""
 
 from __future__ import annotations
 
@@ -38,9 +21,7 @@ from lmlab.core.config import ModelConfig, RunConfig
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS, datasheet_peak
 from lmlab.model import build_model
 
-# The share of the datasheet peak a training step's matmuls reach: data-centre parts held at their clocks run GEMMs
-# of a small model's widths at about half of it; GeForce cards (whose fp32-accumulate figure is the table's) and the
-# 70 W inference cards, which lower their clocks under load, at about 40%.
+# The share of the datasheet peak a training step's matmuls reach, by datasheet row or family.
 MATMUL_SHARE = {"default": 0.5, "RTX": 0.4, "T4": 0.4, "L4": 0.4}
 BANDWIDTH_SHARE = 0.7  # of the datasheet bandwidth, that streaming kernels of a few MB reach
 LAUNCH_SECONDS = 7e-6  # host time per kernel an eager step launches: Python, PyTorch's dispatch, the launch itself
@@ -50,13 +31,10 @@ COMPILE_FUSION = 0.3  # under torch.compile, the kernels and bytes left of the e
 MIXED_BYTES = 0.75  # bytes under bf16/fp16 autocast per fp32 byte: matmul outputs halve, norms and loss stay fp32
 OPTIMIZER_BYTES = 28  # per weight, fused AdamW: weight, gradient and two moments read, three written (fp32)
 PCIE_BYTES_PER_SECOND = 12e9  # a pinned batch's copy to the device
-# torch.compile's time, paid by the first call of each graph it compiles: a graph's fixed part (Dynamo's trace, AOT
-# Autograd's partition, Inductor's scheduling, the Triton builds of kernels the layers share) and a part per node
-# of it (each op lowered and its code generated), the nodes counted as the eager model dispatches them.
+# torch.compile's time: a graph's fixed part and a part per node, paid by the first call of each graph.
 COMPILE_GRAPH_SECONDS = 22.0
 COMPILE_NODE_SECONDS = 0.03
-# A GPU's link to its peers, GB/s each way: NVLink on the SXM parts, else PCIe (4.0 x16 unless listed), of which
-# NCCL's ring all-reduce reaches LINK_SHARE. DDP all-reduces the gradients in buckets as the backward makes them.
+# A GPU's link to its peers, GB/s each way (NVLink on SXM parts, else PCIe); NCCL's ring reaches LINK_SHARE of it.
 LINK_GBS = {"H100": 450, "H200": 450, "GH200": 450, "A100": 300, "V100": 150, "H100 PCIe": 64}
 PCIE_GBS = 32
 LINK_SHARE = 0.8
@@ -67,9 +45,8 @@ FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"
 
 @dataclass(frozen=True)
 class Trace:
-    """What one sequence of block_size tokens costs a step besides its FLOPs, forward and backward (`step_`) or
-    forward only (`forward_`): kernels launched and host-only ops (both the same at any batch), bytes the kernels
-    that are not matmuls move, and the serial steps of a recurrence."""
+    """What one sequence of block_size tokens costs a step besides its FLOPs, forward and backward (`step_`) or forward
+    only (`forward_`)."""
 
     step_launches: float
     step_matmuls: float
@@ -226,7 +203,7 @@ class StepTime:
 
     def describe(self) -> str:
         """E.g. `bound by kernel launches: the host launches 2,506 kernels in 19.0 ms, the GPU's work takes 16.2 ms
-        (matmuls 1.2, memory traffic 14.4, optimizer 0.6)`."""
+        (...)`."""
         parts = [(name, value) for name, value in (("matmuls", self.matmuls), ("memory traffic", self.memory),
                                                    ("recurrence", self.recurrence), ("optimizer", self.optimizer),
                                                    ("batch copy", self.copy), ("all-reduce", self.allreduce))
@@ -253,16 +230,15 @@ def peak_of(row: str, dtype: str) -> tuple[float, bool]:
 
 
 def compile_seconds(found: Trace) -> float:
-    """torch.compile's time for a model of this trace: the training step's graph (forward and backward) and the
-    evaluation's (the forward in eval mode, which Dynamo compiles again), each its fixed part and its nodes."""
+    """torch.compile's time for a model of this trace: the training step's graph and the evaluation's (which Dynamo
+    compiles again)."""
     nodes = found.step_launches + found.step_views + found.forward_launches + found.forward_views
     return 2 * COMPILE_GRAPH_SECONDS + COMPILE_NODE_SECONDS * nodes
 
 
 def allreduce_seconds(row: str, params: int, gpus: int, backward: float) -> float:
-    """The seconds a step waits for DDP's all-reduce of the fp32 gradients of `params` weights over `gpus` GPUs:
-    a ring moves 2(n-1)/n of them over each GPU's link, hidden behind the `backward` seconds but for the last
-    bucket, which starts when the backward ends."""
+    """The seconds a step waits for DDP's all-reduce of the fp32 gradients of `params` weights over `gpus` GPUs: all but
+    the last bucket hides behind the `backward` seconds."""
     if gpus < 2:
         return 0.0
     link = LINK_GBS.get(row, PCIE_GBS) * 1e9 * LINK_SHARE
@@ -272,9 +248,8 @@ def allreduce_seconds(row: str, params: int, gpus: int, backward: float) -> floa
 
 
 def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: int = 1) -> StepTime:
-    """The time of one optimizer step of `cfg` (its micro-batch and grad_accum_steps on each GPU) on the datasheet
-    GPU `row` (a key of PEAK_TFLOPS), one of `gpus` training together under DDP, in autocast `dtype`, compiled or
-    eager; of one evaluation; and of compiling."""
+    """One optimizer step of `cfg` on the datasheet GPU `row` (a key of PEAK_TFLOPS), one of `gpus` under DDP, in
+    autocast `dtype`, compiled or eager; one evaluation; and compiling."""
     assert row in PEAK_TFLOPS and row in BANDWIDTH_GBS, row
     tc, mc = cfg.train, cfg.model
     with torch.device("meta"):
@@ -309,6 +284,5 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
 
 
 def run_seconds(cfg: RunConfig, step: StepTime, steps: float) -> tuple[float, float, float]:
-    """Seconds of `steps` optimizer steps, of the evaluations among them (every eval_interval steps) and of
-    compiling."""
+    """Seconds of `steps` optimizer steps, of the evaluations among them and of compiling."""
     return steps * step.seconds, math.ceil(steps / cfg.train.eval_interval) * step.evaluation, step.compile

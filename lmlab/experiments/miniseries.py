@@ -1,10 +1,7 @@
-"""`lmlab scaling PRESET --refit`: the miniseries a preset's fit (`PRESET.fit.json`, lmlab.experiments.family) is
-measured on. Each depth of its family trains at its shortest length for a few LRs (the preset's × each factor), the
-LR rule is fitted through each depth's best, and each depth trains at the other lengths at the rule's LR; then
-L(N, D) is fitted through every run at its rule's LR (`analysis.scaling.fit_loss_surface`). Each run is an ordinary
-run (one evaluation, at its end, of the preset's eval_iters batches: those a budgeted run of the preset scores) under
-runs/<preset>-miniseries/; a re-fit skips the finished ones and resumes an interrupted one, as a sweep does.
-"""
+"""`lmlab scaling PRESET --refit`: the miniseries a preset's fit (lmlab.experiments.family) is measured on. Each depth
+of its family trains at its shortest length for a few LRs, the LR rule is fitted through each depth's best, each depth
+trains at the other lengths at the rule's LR, and L(N, D) is fitted through every run. Each run is an ordinary run under
+runs/<preset>-miniseries/; a re-fit skips the finished ones and resumes an interrupted one."""
 
 from __future__ import annotations
 
@@ -24,10 +21,12 @@ from rich.console import Console
 from lmlab.analysis.runs import summarize
 from lmlab.analysis.scaling import LossSurface, fit_loss_surface
 from lmlab.core.busy import LoadMeter
-from lmlab.core.config import RunConfig, load_config
+from lmlab.core.config import RunConfig
+from lmlab.core.config_toml import load_config
 from lmlab.core.device import machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
+from lmlab.core.humanize import format_duration
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
 from lmlab.experiments.sizing import with_vocab
@@ -38,10 +37,7 @@ from lmlab.train.budget import WARMUP_SHARE
 from lmlab.train.loop import Trainer
 
 DEPTHS = (1, 2, 3, 4, 5, 6)
-# 1M to 8M: what a CPU's budgets of one to five minutes train (a GPU's seconds), the lengths --size auto predicts at.
-# A fit through shorter runs (64k and 256k: 32 and 128 steps, still falling steeply from warmup, not yet on a power
-# law) bent the surface to them: it predicted 300-second budgets 2-8% low and missed runs it was not fitted on by
-# up to 6%; without them, by under 2%.
+# 1M to 8M: what a CPU's budgets of one to five minutes train (docs/reference/training.md: why not shorter ones).
 TOKENS = (2**20, 2**22, 2**23)
 LR_FACTORS = (0.5, 1.0, 2.0)  # the LR search, at the shortest length
 MIN_STEPS = 8  # a run of fewer steps is too short to say anything of its size
@@ -64,8 +60,7 @@ def parse_tokens(text: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Series:
     """What a miniseries trains: `depths` of the family, each at `tokens` (its LR searched at the shortest length over
-    `lr_factors` of the preset's) but those past `max_flops` (6·N·D; 0: none), where larger sizes' longest runs
-    would cost the most and say the least about the budgets they are fitted for."""
+    `lr_factors` of the preset's) but those past `max_flops` (6·N·D; 0: none)."""
 
     depths: tuple[int, ...] = DEPTHS
     tokens: tuple[int, ...] = TOKENS
@@ -88,13 +83,12 @@ class Series:
 
     @property
     def searched(self) -> int:
-        """The length the LR is searched at: the shortest, where the search's runs cost least."""
         return self.tokens[0]
 
 
 def best_factor(factors: list[float], vals: list[float]) -> float:
-    """The LR factor of lowest val: a parabola's vertex in log(factor) where three or more factors bracket it, else
-    the best one tried."""
+    """The LR factor of lowest val: a parabola's vertex in log(factor) where three or more factors bracket it, else the
+    best one tried."""
     best = factors[int(np.argmin(vals))]
     if len(set(factors)) < 3:
         return best
@@ -151,8 +145,7 @@ class Miniseries:
                 "best": best_factor(factors, vals)}
 
     def lengths(self, search: dict[str, Any], factor: float) -> list[dict[str, Any]]:
-        """The depth's points at the rule's LR (`factor` of the preset's): each length within the series' compute,
-        the shortest the search's run nearest that LR."""
+        """The depth's points at the rule's LR (`factor` of the preset's): each length within the series' compute."""
         depth = search["depth"]
         points = []
         for tokens in self.series.tokens:
@@ -165,11 +158,52 @@ class Miniseries:
                 points.append(self.run(depth, tokens, factor))
         return points
 
+    def left(self) -> list[RunConfig]:
+        """The runs still to train, as far as they are known before the LR search ends."""
+        series, todo = self.series, []
+        for depth in series.depths:
+            for factor in series.lr_factors:
+                cfg = self.config(depth, series.searched, factor)
+                if summarize(self.folder / self.name(depth, series.searched, cfg)).status != "finished":
+                    todo.append(cfg)
+            for tokens in series.tokens:
+                if tokens == series.searched or not series.within(self.params(depth), tokens):
+                    continue
+                done = [path for path in self.folder.glob(f"d{depth}-t{tokens}-lr*") if summarize(path).status ==
+                        "finished"]
+                todo += [] if done else [self.config(depth, tokens, 1.0)]
+        return todo
+
+    @staticmethod
+    def name(depth: int, tokens: int, cfg: RunConfig) -> str:
+        return f"d{depth}-t{tokens}-lr{cfg.train.learning_rate:g}"
+
+    def foretell(self) -> str:
+        """What the miniseries will train and about how long that takes here, said before it starts."""
+        from lmlab.experiments.plan import estimate, local_hardware
+
+        todo = self.left()
+        if not todo:
+            return f"miniseries: its {self.total} runs are trained already under {self.folder}; fitting them"
+        preset = with_vocab(load_config(self.preset))
+        hardware = local_hardware(self.device, preset.train.dtype)
+        guess = estimate(hardware, None, preset, [])
+        seconds = 0.0
+        for cfg in todo:
+            with torch.device("meta"):
+                model = build_model(cfg.model)
+            seconds += cfg.train.max_iters * cfg.train.batch_size * cfg.train.grad_accum_steps * \
+                cfg.model.block_size / guess.tokens_per_sec(model)
+        again = f" ({self.total - len(todo)} trained already)" if len(todo) < self.total else ""
+        return (f"miniseries: {len(todo)} of {self.total} runs to train{again} under {self.folder}, about "
+                f"{format_duration(seconds)} of training on {hardware.name} (at {100 * guess.mfu:.0f}% of its "
+                f"{hardware.peak / 1e12:.3g} TFLOP/s, {guess.mfu_source.split(';')[0]}), plus each run's set-up and "
+                "evaluation; a stopped refit goes on where it stopped")
+
     def run(self, depth: int, tokens: int, factor: float) -> dict[str, Any]:
-        """Train one run (or keep it, finished before, or trained already by this series); its point: depth,
-        params, tokens, LR, val, run, the seconds it trained."""
+        """Train one run (or keep it, finished before); its point: depth, params, tokens, LR, val, run, seconds."""
         cfg = self.config(depth, tokens, factor)
-        path = self.folder / f"d{depth}-t{tokens}-lr{cfg.train.learning_rate:g}"
+        path = self.folder / self.name(depth, tokens, cfg)
         if path in self.points:
             return self.points[path]
         summary = summarize(path)
@@ -194,8 +228,9 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
     the preset; the fit."""
     cfg = load_config(preset)
     folder = root / f"{preset.stem}-miniseries"
+    runs = Miniseries(preset, series, folder, device, console)  # a preset without a family refused first
     _record(folder, preset)
-    runs = Miniseries(preset, series, folder, device, console)
+    console.print(runs.foretell(), highlight=False)
     began = time.perf_counter()
     with LoadMeter() as meter:
         search = [runs.search(depth) for depth in series.depths]
@@ -219,9 +254,8 @@ def _surface(points: list[dict[str, Any]]) -> LossSurface:
 
 
 def held_out(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each depth's longest run predicted by the surface through the other runs: how far the fit's figure is from
-    a run it has not seen, at the lengths budgets train for (its own rmse says only how well it bends to its
-    points). A depth whose longest run the others cannot be fitted without is left out."""
+    """Each depth's longest run predicted by the surface through the other runs: how far the fit is from a run it has
+    not seen. A depth whose longest run the others cannot be fitted without is left out."""
     found = []
     for depth in sorted({p["depth"] for p in points}):
         longest = max((p for p in points if p["depth"] == depth), key=lambda p: p["tokens"])
@@ -242,8 +276,7 @@ def _command(preset: Path, series: Series) -> str:
 
 
 def _record(folder: Path, preset: Path) -> None:
-    """miniseries.json says which preset the runs are of (each run's name says its depth, length and LR, so a series
-    of other depths or lengths reuses those it shares); the runs of a preset edited since would not belong."""
+    """miniseries.json says which preset the runs are of; the runs of a preset edited since would not belong."""
     path = folder / "miniseries.json"
     keep_record(path, {"preset": str(preset), "preset_sha256": preset_sha256(preset)},
                 f"{folder} holds the miniseries of another preset, or of this one before an edit ({path}); pass "

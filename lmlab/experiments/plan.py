@@ -1,12 +1,6 @@
-"""What a training run will cost before it starts (`lmlab plan`): parameters, tokens, FLOPs and wall time.
-
-The wall time needs a throughput. By default it is estimated at once, without timing the model: the peak FLOP/s
-of the hardware (a datasheet GPU with `--gpu NAME`, else this machine's device) × an MFU (given, or the median MFU
-of the user's own runs on that hardware), ÷ the model's FLOPs per token; without either, a datasheet GPU's step is
-estimated part by part (`gputime`: FLOPs and what they leave out, which is most of a small model's step, and the
-evaluations), anything else's at DEFAULT_MFU. `--measure` times training steps here instead; `--tokens-per-sec`
-takes a figure from elsewhere.
-"""
+"""What a training run will cost before it starts (`lmlab plan`): parameters, tokens, FLOPs and wall time. The
+throughput is estimated without timing the model (a peak × an MFU ÷ FLOPs per token; a datasheet GPU's step part by
+part, `gputime`), measured here with `--measure`, or given with `--tokens-per-sec`."""
 
 from __future__ import annotations
 
@@ -31,8 +25,7 @@ from lmlab.experiments.gputime import StepTime, gpu_step_time, matmul_share, pea
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
 
-# The MFU assumed without a measurement on hardware the datasheet table does not list (a CPU): what the demo preset
-# reaches on 2 CPU cores (30-33% in its log lines). A datasheet GPU's step is estimated part by part (gputime).
+# The MFU assumed without a measurement on hardware the datasheet table does not list (docs/reference/performance.md).
 DEFAULT_MFU = 0.3
 
 
@@ -40,18 +33,18 @@ DEFAULT_MFU = 0.3
 class Plan:
     params: int
     params_non_embedding: int
-    flops_per_token: float  # LanguageModel.flops_per_token(): compute is this × tokens, as everywhere in lmlab
+    flops_per_token: float
     tokens_per_step: int
     tokens: int
     tokens_source: str
     tokens_per_sec: float
     rate_source: str
     split_tokens: int | None = None  # the train split's tokens (its unique tokens); None where it is not known
-    lookup_params: int = 0  # parameters used only as lookup tables (6·N·D counts them, lmlab's compute does not)
-    padding_params: int = 0  # vocabulary padding rows, not parameters (lmlab's compute counts what the head multiplies)
+    lookup_params: int = 0  # 6·N·D counts them, lmlab's compute does not
+    padding_params: int = 0  # not parameters: lmlab's compute counts what the head multiplies
     attention_flops: float = 0.0  # per token, beyond the weights' 6 per multiplying weight
     eval_seconds: float = 0.0  # the wall time besides the steps, where estimated (gputime: evaluations, compiling)
-    besides: str = "evaluating"  # what eval_seconds are: a budget's plan counts start-up, checkpoints and the end too
+    besides: str = "evaluating"
 
     @property
     def flops(self) -> float:
@@ -64,7 +57,6 @@ class Plan:
 
     @property
     def passes(self) -> float | None:
-        """Passes over the train split the plan makes."""
         return self.tokens / self.split_tokens if self.split_tokens else None
 
     @property
@@ -82,8 +74,8 @@ class Hardware:
 
     name: str  # e.g. "H100" or "cpu: Intel(R) Xeon(R) Processor"
     dtype: str
-    peak_figure: Peak  # the datasheet's or the measured one, with how it was had
-    local: dict[str, Any] | None  # this machine (`device.machine`), or None for a GPU from the datasheet table
+    peak_figure: Peak
+    local: dict[str, Any] | None  # this machine, or None for a datasheet GPU
 
     @property
     def peak(self) -> float:
@@ -104,8 +96,8 @@ MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (on
 
 
 def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str, Load | None]:
-    """Training tokens/s of `cfg` on this device as training runs it (the config's micro-batch, grad_accum_steps
-    micro-batches per step, the optimizer, in its dtype), how it was measured, and the machine's load meanwhile."""
+    """Training tokens/s of `cfg` on this device as training runs it, how it was measured, and the machine's load
+    meanwhile."""
     chooser = ThreadChooser(cfg.train.threads, "train.threads")
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
@@ -121,8 +113,8 @@ def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str
 
 
 def gpu_row(name: str) -> str:
-    """The name to look a GPU up by in the datasheet table: a name as CUDA reports it or as the table lists it, or
-    the table's one row whose words include the given ones ("4090" is RTX 4090; "h100" is H100, not H100 PCIe)."""
+    """The name to look a GPU up by in the datasheet table: as CUDA reports it, as the table lists it, or the one row
+    whose words include the given ones ("4090" is RTX 4090; "h100" is H100, not H100 PCIe)."""
     if any(datasheet_peak(name, getattr(torch, dtype)) for dtype in ("bfloat16", "float16", "float32")):
         return name
     words = name.lower().split()
@@ -137,8 +129,7 @@ def gpu_row(name: str) -> str:
 
 
 def gpu_hardware(name: str, dtype_setting: str) -> Hardware:
-    """A datasheet GPU running the config's dtype (auto: bf16 where the GPU has it, else fp16; bf16 asked of a GPU
-    without it is emulated, at its fp32 rate)."""
+    """A datasheet GPU running the config's dtype (auto: bf16 where the GPU has it, else fp16)."""
     row = gpu_row(name)
     for dtype in ("bfloat16", "float16") if dtype_setting == "auto" else (dtype_setting,):
         found = datasheet_peak(row, getattr(torch, dtype))
@@ -163,34 +154,29 @@ SPEED_SETTINGS = ("batch_size", "grad_accum_steps", "dtype", "compile", "optimiz
 
 
 def same_config(a: RunConfig, b: RunConfig) -> bool:
-    """Whether two configs train the same model the same way, as far as speed goes (not for how long)."""
     return a.model == b.model and all(getattr(a.train, k) == getattr(b.train, k) for k in SPEED_SETTINGS)
 
 
 def mfu_from_runs(paths: list[Path], hardware: Hardware, cfg: RunConfig) -> tuple[float, float, str] | None:
-    """The median MFU logged by a run (of `paths`) that trained on `hardware`, and the peak per device it is a share
-    of (the run's own: a CPU's measured peak varies from process to process): the first path if it trained there
-    (the run being planned), else a run of the same config (`same_config`), else of the same model; among those a
-    finished run before one that stopped or crashed, the one of more steps (a short run's first steps are slow)
-    before the newest. None without one. A run whose peak was measured without a load check (before lmlab made
-    one, or busy) is passed over: its MFU may be many times too high."""
+    """The median MFU logged by a run of `paths` of the same config (`same_config`) that trained on `hardware`, and the
+    peak per device it is a share of: the first path before the others, then a finished run before one that stopped, the
+    one of more steps before the newest; None without one. A run whose peak was measured without a load check is passed
+    over: its MFU may be many times too high."""
     found = []
-    datasheet, model = hardware.peak_figure.source.startswith("datasheet"), shape_of(cfg).describe()
+    datasheet = hardware.peak_figure.source.startswith("datasheet")
     for order, path in enumerate(paths):
         start = RunDir(path).events(limit=1)
         trusted = start and start[0].get("event") == "start" and (datasheet or start[0].get("peak_quiet") is True)
-        summary = trusted and hardware.ran(start[0]) and summarize(path)
+        summary = trusted and hardware.ran(start[0]) and _same_config(path, cfg) and summarize(path)
         if summary and summary.mfu:
             recorded, world = start[0].get("peak_flops"), start[0].get("world_size") or 1  # the job's: every rank's
             peak = recorded / world if recorded else hardware.peak
-            found.append((order == 0, _same_config(path, cfg), start[0].get("model") == model,
-                          summary.status == "finished", summary.steps, (path / "metrics.jsonl").stat().st_mtime,
-                          summary.mfu, peak, path))
+            found.append((order == 0, summary.status == "finished", summary.steps,
+                          (path / "metrics.jsonl").stat().st_mtime, summary.mfu, peak, path))
     if not found:
         return None
-    _, same, *_, mfu, peak, path = max(found)
-    which = "of this config, " * same
-    return mfu, peak, f"the median of {path}, {which}of the {peak / 1e12:.3g} TFLOP/s it recorded"
+    *_, mfu, peak, path = max(found)
+    return mfu, peak, f"the median of {path}, of this config, of the {peak / 1e12:.3g} TFLOP/s it recorded"
 
 
 def _same_config(path: Path, cfg: RunConfig) -> bool:
@@ -202,8 +188,7 @@ def _same_config(path: Path, cfg: RunConfig) -> bool:
 
 @dataclass
 class Estimate:
-    """Tokens/s without a measurement: a peak × an MFU ÷ the model's FLOPs per token; where the MFU is the GPU time
-    model's, its `step` too."""
+    """Tokens/s without a measurement: a peak × an MFU ÷ the model's FLOPs per token."""
 
     hardware: Hardware
     mfu: float
@@ -216,9 +201,8 @@ class Estimate:
 
 
 def estimate(hardware: Hardware, mfu: float | None, cfg: RunConfig, runs: list[Path]) -> Estimate:
-    """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it with `cfg` or the nearest to it,
-    else, for a datasheet GPU, at the MFU its step's parts give (`gputime`, for `cfg`'s micro-batch, accumulation and
-    compile), else at DEFAULT_MFU."""
+    """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it with `cfg`, else, for a datasheet
+    GPU, at the MFU its step's parts give (`gputime`), else at DEFAULT_MFU."""
     if mfu:
         return Estimate(hardware, mfu, hardware.peak, "--mfu")
     found = mfu_from_runs(runs, hardware, cfg)
@@ -235,7 +219,7 @@ def estimate(hardware: Hardware, mfu: float | None, cfg: RunConfig, runs: list[P
 
 
 def assumed(row: str, dtype: str, compiled: bool) -> str:
-    """What the GPU time model's MFU assumes, for the plan's line: compiled or eager, the dtype, the matmuls' share."""
+    """What the GPU time model's MFU assumes, for the plan's line."""
     how = "compiled (torch.compile; its compiling is in the wall time)" if compiled else "eager"
     return (f"the GPU time model's: a {how} {dtype} step, its matmuls at {100 * matmul_share(row):.0f}% of the "
             "datasheet peak; --mfu sets it")
@@ -243,10 +227,9 @@ def assumed(row: str, dtype: str, compiled: bool) -> str:
 
 def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None, chinchilla: bool = False,
               split_tokens: int | None = None, step: StepTime | None = None, source: str = "--tokens") -> Plan:
-    """The plan for `tokens` training tokens (`source` says whence; or Chinchilla's 20 per parameter, or the
-    config's max_iters steps) at `rate`: tokens/s and where the figure came from (`estimate`,
-    `measure_tokens_per_sec`, the user); `split_tokens`, the train split's tokens, say how often it repeats its data
-    (else its dataset's, if here); `step`, a GPU time model's step, adds its evaluations to the wall time."""
+    """The plan for `tokens` training tokens (`source` says whence; or Chinchilla's 20 per parameter, or the config's
+    max_iters steps) at `rate`: tokens/s and where the figure came from; `split_tokens`, the train split's tokens, say
+    how often it repeats its data; `step`, a GPU time model's step, adds its evaluations to the wall time."""
     model = shape_of(cfg)
     params = model.num_params()
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
@@ -263,7 +246,6 @@ def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None
 
 
 def train_split_tokens(cfg: RunConfig) -> int | None:
-    """The tokens of the train split of the config's dataset, if it is prepared here."""
     try:
         return read_meta(Path(cfg.data.dataset))["train"]["tokens"]
     except (UserError, KeyError, TypeError):

@@ -1,11 +1,8 @@
-"""`--size auto`: the depth of a preset's family (lmlab.experiments.family) that a time budget trains to the lowest
-val loss on this machine, as it runs now. Each candidate is timed briefly (a warm-up step, then a few steps on each
-thread count the load asks for, as a budget times its start), its steps in the budget planned as a budget plans them
-(start-up, evaluations, checkpoints and the end counted: lmlab.train.budget), and its val loss predicted by the fit
-kept beside the preset, L(N, D); the lowest wins. Going up from the smallest depth, the next is timed only while even
-OPTIMISM times the speed its FLOPs foretell (from the largest timed so far) could beat the best: a small model is
-overhead-bound, so a smaller shape is not simply a faster one, and only timing tells.
-"""
+"""`--size auto`: the depth of a preset's family that a time budget trains to the lowest val loss on this machine, as it
+runs now. Each candidate is timed briefly, its steps planned as a budget plans them (lmlab.train.budget), and its val
+loss predicted by the fit kept beside the preset, L(N, D). Going up from the smallest depth, the next is timed only
+while OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing
+tells whether a smaller shape is faster."""
 
 from __future__ import annotations
 
@@ -46,19 +43,19 @@ SET_UP = 1.0  # seconds the trainer takes after the choice before its first step
 
 @dataclass
 class Candidate:
-    """A depth of the family as the sizing weighed it: timed (`Timing`), its steps and tokens in the budget, its
-    predicted val; or why it was not."""
+    """A depth of the family as the sizing weighed it: timed, its steps and tokens in the budget, its predicted val; or
+    why it was not."""
 
     depth: int
-    shape: str  # e.g. "3 layers of 192, 3 heads"
+    shape: str
     width: int
     params: int
     flops_per_token: float
     tokens_per_step: int
-    timing: Timing | None = None  # its forward by thread count, the threads that won, a step and an eval batch
-    steps: int = 0  # that fit the budget
-    eval_iters: int = 0  # batches a split its evaluations would score
-    predicted: float | None = None  # the val loss the fit predicts after its tokens
+    timing: Timing | None = None
+    steps: int = 0
+    eval_iters: int = 0
+    predicted: float | None = None
     note: str = ""  # why it was not timed or not predicted
     plan: Plan | None = None  # as a budget would plan it, and the steps between its evaluations, checkpoints
     intervals: tuple[int, int] = (1, 1)
@@ -85,7 +82,6 @@ class Candidate:
         return self.tokens_per_step / self.step_seconds if self.step_seconds else 0.0
 
     def record(self) -> dict[str, Any]:
-        """As the `sizing` event lists it."""
         return {"depth": self.depth, "shape": self.shape, "width": self.width, "params": self.params,
                 "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
                 "steps": self.steps, "tokens": self.tokens,
@@ -94,29 +90,27 @@ class Candidate:
 
 @dataclass
 class Sizing:
-    """What `--size auto` chose and why: every depth it weighed, the one with the lowest predicted val, and the
-    config that trains it (its shape, and its LR by the fit's rule)."""
+    """What `--size auto` chose and why: every depth it weighed, the one with the lowest predicted val, and the config
+    that trains it."""
 
     budget: float
     spent: float  # seconds of the budget gone when it chose, its own timing included
     candidates: list[Candidate]
     chosen: Candidate
     config: RunConfig
-    fit: str  # the fit file
+    fit: str
     threads: Choice
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
     notes: tuple[str, ...] = ()  # what to know of the fit before trusting its predictions (`fit_notes`)
 
     def line(self) -> str:
-        """The one line a run starts with: what was chosen, and why."""
         c, timed = self.chosen, [c for c in self.candidates if c.timing]
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
                 f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
                 f"({', '.join(str(t.depth) for t in timed)} layers): {self.outlook()}")
 
     def outlook(self) -> str:
-        """What the chosen size would do with the budget: its speed measured, its steps and tokens, its predicted
-        val."""
+        """What the chosen size would do with the budget: its speed, its steps and tokens, its predicted val."""
         c = self.chosen
         return (f"{c.tokens_per_sec:,.0f} tokens/s measured on {c.threads} thread{'s' * (c.threads > 1)}, "
                 f"{c.steps:,} steps of {c.tokens:,} tokens in what is left of {format_duration(self.budget)} "
@@ -126,8 +120,7 @@ class Sizing:
                  f"no val predicted (no fit beside the preset: {self.fit})"))
 
     def spending(self) -> str:
-        """Where the budget goes, as planned: start-up and the sizes' timing, the steps, the evaluations, the
-        checkpoints and the end."""
+        """Where the budget goes, as planned."""
         c, made = self.chosen, self.chosen.plan
         assert made is not None, "a chosen size has its plan"
         steps, every = c.steps * made.step_seconds, c.intervals[0]
@@ -139,7 +132,6 @@ class Sizing:
                 f"{rest:.1f} s for checkpoints and the end")
 
     def record(self) -> dict[str, Any]:
-        """The run's `sizing` event."""
         return {"event": "sizing", "budget": self.budget, "spent": round(self.spent, 3), "fit": self.fit,
                 "depth": self.chosen.depth, "shape": self.chosen.shape, "params": self.chosen.params,
                 "tokens_per_sec": round(self.chosen.tokens_per_sec, 1), "threads": self.chosen.threads,
@@ -159,7 +151,7 @@ class Search:
         self.family, self.fit, self.budget, self.started = family, fit, budget, started
         self.device, self.dtype, self.counts, self.split_tokens = device, dtype, counts, split_tokens
         self.candidates: list[Candidate] = []
-        self.timed = 0.0  # seconds spent timing candidates
+        self.timed = 0.0
 
     def spent(self) -> float:
         return time.perf_counter() - self.started + SET_UP
@@ -173,15 +165,15 @@ class Search:
                          model.flops_per_token(), tokens)
 
     def plan(self, c: Candidate) -> None:
-        """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val;
-        or the budget's refusal."""
+        """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val; or
+        the budget's refusal."""
         assert c.timing is not None, "a candidate is planned once timed"
         c.plan, c.predicted, c.intervals, c.refused = self.planned(c, c.timing.costs())
         c.steps, c.eval_iters = (c.plan.max_iters, c.plan.eval_iters) if c.plan else (0, 0)
 
     def planned(self, c: Candidate, costs: Costs) -> tuple[Plan | None, float | None, tuple[int, int], str]:
         """The budget's plan of `c` at these costs (None, with the refusal, where its minimum does not fit), its
-        predicted val (None without a fit) and the steps between its evaluations and checkpoints."""
+        predicted val and the steps between its evaluations and checkpoints."""
         train = self.family.config(c.depth, self.fit).train
         intervals = (train.eval_steps(self.split_tokens, c.tokens_per_step), train.checkpoint_interval)
         try:
@@ -192,8 +184,7 @@ class Search:
         return made, predicted, intervals, ""
 
     def guessed(self, c: Candidate, near: Timing, ratio: float) -> Costs:
-        """Costs of `c` before it is timed, OPTIMISM times faster than its FLOPs foretell from `near`'s timing
-        (`ratio` times its compute a step); its checkpoint's write (its weights and at most this optimizer state)."""
+        """Costs of `c` before it is timed, OPTIMISM times faster than its FLOPs foretell from `near`'s timing."""
         weights = 4 * c.params
         saved = weights + optimizer_of(self.family.preset.train).state_bytes(weights, 0)
         return dataclasses.replace(near.costs(), step=near.step * ratio / OPTIMISM,
@@ -201,8 +192,8 @@ class Search:
                                    checkpoint=CHECKPOINT_SECONDS + saved / DISK_BYTES_PER_SECOND)
 
     def worth_timing(self, c: Candidate, best: Candidate | None) -> bool:
-        """Whether to time `c`: not beyond the fit, not when its timing would take too long or it cannot win even
-        at OPTIMISM times the pace its FLOPs foretell; else `note` says why, and the search stops."""
+        """Whether to time `c`: not beyond the fit, nor when its timing would take too long or it cannot win even at
+        OPTIMISM times its FLOPs' pace; else `note` says why, and the search stops."""
         if self.fit.predict(c.params, 1) is None:
             c.note = f"beyond the fit's sizes (at most {self.fit.largest * EXTRAPOLATION / 1e6:.2f}M parameters)"
             return False
@@ -226,8 +217,7 @@ class Search:
         return True
 
     def weigh(self, c: Candidate) -> bool:
-        """Time and plan `c`; whether the search goes on (it stops at a size that does not fit memory or the
-        budget)."""
+        """Time and plan `c`; whether the search goes on (it stops at a size that does not fit memory or the budget)."""
         cfg = self.family.config(c.depth, self.fit)
         try:
             check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.device)
@@ -245,8 +235,8 @@ class Search:
 
 def search(family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device, dtype: torch.dtype,
            chooser: ThreadChooser, split_tokens: int, depths: list[int] | None = None) -> Search:
-    """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all
-    of `depths` where given, else from the smallest up while a larger one could win."""
+    """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all of
+    `depths` where given, else from the smallest up while a larger one could win."""
     found = Search(family, fit, budget, started, device, dtype, chooser.counts(device), split_tokens)
     best = None
     for depth in depths or range(1, MAX_DEPTH + 1):
@@ -278,14 +268,13 @@ def parse_size(text: str | int) -> str | int:
 
 
 def with_vocab(cfg: RunConfig) -> RunConfig:
-    """The config with its dataset's vocabulary size, where it leaves it to the dataset."""
     vocab = cfg.model.vocab_size or read_meta(Path(cfg.data.dataset))["vocab_size"]
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
 def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, SizeFit | None]:
-    """The preset's family, its dataset's vocabulary filled in, and its fit (None without one; one fitted on a
-    dataset of another tokenizer is refused: its losses are of other units)."""
+    """The preset's family, its dataset's vocabulary filled in, and its fit (None without one; one fitted on a dataset
+    of another tokenizer is refused)."""
     meta = read_meta(Path(cfg.data.dataset))
     cfg = with_vocab(cfg)
     fit = read_fit(preset)
@@ -311,9 +300,8 @@ def fit_notes(preset: Path, fit: SizeFit, dataset: str) -> list[str]:
 
 def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, chooser: ThreadChooser,
                 depths: list[int] | None = None) -> Sizing:
-    """The depth of the preset's family that trains to the lowest predicted val in cfg.train.budget_seconds counted
-    from `started` (a time.perf_counter() reading of the process's start), on this machine as it runs now; or
-    `depths` alone, weighed (the preset's own depth, for `plan --budget` of a fixed shape)."""
+    """The depth of the preset's family that trains to the lowest predicted val in cfg.train.budget_seconds counted from
+    `started` (a time.perf_counter() reading); or `depths` alone, weighed (for `plan --budget` of a fixed shape)."""
     budget = cfg.train.budget_seconds
     if not budget:
         raise UserError("--size auto chooses the size a time budget trains best; give one with --budget (e.g. "
@@ -324,6 +312,11 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
                         f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
                         "miniseries of short runs), or give a size by its depth (--size 4).")
     device = resolve_device(device_name)
+    fitted_on = fit and (fit.measured.get("machine") or {}).get("gpu")
+    if fit and device.type == "cuda" and fitted_on != torch.cuda.get_device_name(device):
+        raise UserError(f"--size auto on {torch.cuda.get_device_name(device)} needs a fit measured on it: "
+                        f"{fit_path(preset)} was measured on {fitted_on or 'a CPU'}, whose speed by size is not this "
+                        f"GPU's; make one here with `lmlab scaling {preset} --refit`, or give a size (--size 4).")
     dtype, _ = choose_dtype(device, cfg.train.dtype)
     split = read_meta(Path(cfg.data.dataset))["train"]["tokens"]
     found = search(family, fit, budget, started, device, dtype, chooser, split, depths)
@@ -347,8 +340,7 @@ def _refusal(found: Search, preset: Path) -> str:
 
 
 def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, str]:
-    """Depth `depth` of the preset's family, its LR by the fit's rule where the preset has a fit; and the line that
-    says so."""
+    """Depth `depth` of the preset's family, its LR by the fit's rule where it has one; and the line that says so."""
     family, fit = family_of(preset, cfg)
     chosen = family.config(depth, fit)
     rule = f"by {fit_path(preset)}'s rule" if fit else f"the preset's (no fit beside it, {fit_path(preset)})"

@@ -12,7 +12,8 @@ from pathlib import Path
 from rich.console import Console
 
 from lmlab.analysis.runs import RunSummary, summarize
-from lmlab.core.config import RunConfig, load_config, parse_override
+from lmlab.core.config import RunConfig
+from lmlab.core.config_toml import load_config, parse_override
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, plain_name
 from lmlab.run.rundir import RunDir

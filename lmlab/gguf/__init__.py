@@ -31,7 +31,7 @@ from lmlab.run.rundir import LoadedRun, RunDir, check_steps
 Progress = Callable[[int, int], None]
 
 
-def check_destination(out: Path) -> None:
+def check_gguf_destination(out: Path) -> None:
     """Refuse a destination that exists (nothing is overwritten), that is not a .gguf file name, or that cannot be
     written, before anything is loaded; the model card's files beside it must be new too."""
     if out.suffix != ".gguf":
@@ -126,7 +126,7 @@ def export_gguf(run_dir: Path, out: Path, checkpoint: str = "best", kind: str = 
                         "lmlab's kind gpt (as gpt2, llama, qwen2 or qwen3).")
     choose_family(model, "auto", str(run_dir))
     check_steps([run_dir], checkpoint)
-    check_destination(out)
+    check_gguf_destination(out)
     run = RunDir(run_dir).load(checkpoint, "cpu")  # checks the tokenizer against its checksum
     vocab = gguf_vocab(run.tokenizer, model.vocab_size, str(run_dir))
     _leftovers(out)

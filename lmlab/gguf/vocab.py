@@ -1,20 +1,8 @@
-"""A run's tokenizer as GGUF's vocabulary keys, so that llama.cpp tokenizes a text into lmlab's ids.
-
-Byte-level BPE (`bpe:N`, `gpt2`, `tiktoken:NAME` with GPT-2's split, and an imported model's byte-level BPE with
-that split) goes as GGUF's `gpt2` tokenizer: the tokens in their byte-level spelling, the merges in rank order, and
-the pre-tokenizer declared by name (`gpt-2`), which llama.cpp otherwise guesses by hashing the ids a test string
-encodes to and so refuses for every newly trained vocabulary.
-
-A char vocabulary goes as GGUF's `rwkv` tokenizer: each token is its character's bytes, and llama.cpp's greedy
-longest match over them is lmlab's one-token-per-character split. It is not a byte-level BPE (whose merges could
-rebuild each character just as well) because llama.cpp gives every BPE vocabulary an end-of-text token, id 11
-unless the file names another, and stops generating there: a char model has none, so its twelfth character would
-end every reply. The `rwkv` tokenizer has no default end-of-text, so generation runs to its length, as
-`lmlab sample` does.
-
-Word-level vocabularies map an unknown word to `<unk>`, which no GGUF tokenizer does: refused, as are other
-tokenizers whose pre-tokenizer llama.cpp cannot be told (`SPLITS`).
-"""
+"""A run's tokenizer as GGUF's vocabulary keys, so that llama.cpp tokenizes a text into lmlab's ids. Byte-level BPE
+goes as GGUF's `gpt2` tokenizer with its pre-tokenizer named (llama.cpp would otherwise refuse a new vocabulary's
+unknown hash). A char vocabulary goes as `rwkv` (greedy longest match over each character's bytes), not as a BPE,
+whose default end-of-text id 11 would end every reply at the twelfth character. Word-level vocabularies (`<unk>` for
+a whole word) and pre-tokenizers llama.cpp cannot be told (`SPLITS`) are refused."""
 
 from __future__ import annotations
 
@@ -26,7 +14,8 @@ from typing import Any
 import tokenizers
 
 from lmlab.core.errors import UserError
-from lmlab.data.tokenizers import GPT2_PATTERN, KINDS, Tokenizer
+from lmlab.data.tiktoken_bpe import GPT2_PATTERN
+from lmlab.data.tokenizers import TOKENIZER_KINDS, Tokenizer
 from lmlab.hf.folder import pad_id
 
 # GGUF token types (gguf.TokenType): what llama.cpp shows as text and what it treats as a control token.
@@ -36,7 +25,7 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 HF_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 SPLITS = {GPT2_PATTERN: "gpt-2", HF_GPT2_SPLIT: "gpt-2"}
 # The kinds whose entry names a GGUF tokenizer (TokenizerKind.gguf), as refusals list them.
-TAKES = (", ".join(kind.written for kind in KINDS.values() if kind.gguf) +
+TAKES = (", ".join(kind.written for kind in TOKENIZER_KINDS.values() if kind.gguf) +
          " (a byte-level BPE with GPT-2's split: trained, GPT-2's, tiktoken's or an imported model's)")
 
 

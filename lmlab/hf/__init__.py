@@ -1,13 +1,6 @@
-"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama, Qwen2 and Qwen3 families.
-
-`import_hf` turns a folder (config.json, safetensors weights, tokenizer files) into an ordinary run dir
-(config.toml, checkpoints/step_000000, tokenizer.json, dataset.json, metrics.jsonl) that `train --init-from`,
-`finetune`, `eval`, `sample` and `serve` accept. `export_hf` writes a run the other way, for transformers'
-`AutoModelForCausalLM`, `AutoTokenizer` and `pipeline("text-generation")`. Neither needs transformers.
-
-`family.py` says what a family is (which model options it expresses, its config.json, its tensor names);
-`gpt2.py` and `llama.py` (Llama, Qwen2 and Qwen3) are the families; `folder.py` reads and writes the folder's files.
-"""
+"""Models in and out of lmlab: Hugging Face folders of the GPT-2, Llama, Qwen2 and Qwen3 families. `import_hf` turns
+a folder into an ordinary run dir; `export_hf` writes a run for transformers' Auto classes. Neither needs
+transformers."""
 
 from __future__ import annotations
 
@@ -53,9 +46,8 @@ def export_problems(cfg: ModelConfig, arch: str) -> list[str]:
 
 
 def choose_family(cfg: ModelConfig, arch: str = "auto", what: str = "the model") -> Family:
-    """The family a model exports as: `arch`, or for `auto` the first of FAMILIES that expresses every option
-    (GPT-2's options: gpt2; rotary, RMSNorm, SwiGLU: llama; with biases on q, k and v alone: qwen2; with QK-norm:
-    qwen3). `what` names it in errors."""
+    """The family a model exports as: `arch`, or for `auto` the first of FAMILIES that expresses every option.
+    `what` names it in errors."""
     if arch not in ARCHS:
         raise UserError(f"--arch {arch} is unknown; use {', '.join(ARCHS)}.")
     candidates = list(FAMILIES.values()) if arch == "auto" else [FAMILIES[arch]]
@@ -96,8 +88,8 @@ def _model_config(family: Family, raw: dict[str, Any], path: Path, block_size: i
 
 
 def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int) -> Tokenizer:
-    """The imported model's tokenizer: --tokenizer, else the folder's own, else (for GPT-2) $LMLAB_GPT2_DIR's.
-    A run without one could not sample, serve or be evaluated, so there is no importing without it."""
+    """The imported model's tokenizer: --tokenizer, else the folder's own, else (GPT-2) $LMLAB_GPT2_DIR's. A run
+    cannot sample without one."""
     if given is not None or any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
         where, tokenizer = given or folder, load_pretrained(given or folder)
     elif family is GPT2 and os.environ.get(GPT2_DIR_ENV):
@@ -119,11 +111,8 @@ PADDING_SHARE = 1 / 32  # (DeepSeek: 100,015 tokens in 102,400 rows)
 
 
 def _check_evidence(tokenizer: Tokenizer, where: Path | str, folder: Path, rows: int) -> None:
-    """Refuse a tokenizer the model's own files contradict, labelled or not (a folder lmlab did not export has no
-    label): one that reaches far fewer of its embedding rows than padding leaves unused (its ids would never
-    produce the rest, and what the model samples there decodes to nothing), or whose token at the model's
-    bos_token_id or eos_token_id (config.json, generation_config.json) is missing or ordinary text, not a special
-    token."""
+    """Refuse a tokenizer the model's own files contradict: one that reaches far fewer embedding rows than padding
+    leaves unused (samples there decode to nothing), or whose bos or eos token is missing or ordinary text."""
     tokens = tokenizer.vocab_size
     padded = max(-(-tokens // PADDING_MULTIPLE) * PADDING_MULTIPLE, math.ceil(tokens / (1 - PADDING_SHARE)))
     problem = (f"it has {tokens:,} tokens for the model's {rows:,} embedding rows (vocab_size in config.json), "
@@ -135,8 +124,7 @@ def _check_evidence(tokenizer: Tokenizer, where: Path | str, folder: Path, rows:
 
 
 def _special_problem(tokenizer: Tokenizer, folder: Path) -> str | None:
-    """What contradicts the tokenizer in the model's bos and eos ids: an id it lacks, or one it holds as a single
-    character of text (a char tokenizer's '\\n'), not among its added (special) tokens."""
+    """What contradicts the tokenizer in the model's bos and eos ids: an id it lacks, or holds as text."""
     specials = tokenizer.backend.get_added_tokens_decoder()
     for name in ("config.json", "generation_config.json"):
         try:
@@ -157,8 +145,8 @@ def _special_problem(tokenizer: Tokenizer, folder: Path) -> str | None:
 
 
 def check_label(tokenizer: Tokenizer, where: Path | str) -> None:
-    """Refuse a tokenizer.json that is not the tokenizer its label says (an exported folder's `lmlab_tokenizer`, a
-    run's or dataset's spec): imported, ids the file lacks would decode to nothing, a sample to no text."""
+    """Refuse a tokenizer.json that is not the tokenizer its label (spec) says: ids it lacks would decode to
+    nothing."""
     expected = tokenizer.kind.model
     if expected is None:
         return
@@ -181,7 +169,7 @@ def check_label(tokenizer: Tokenizer, where: Path | str) -> None:
 
 @torch.no_grad()
 def _load(model: GPT, family: Family, weights: Weights) -> None:
-    """Copy the family's tensors into the model one at a time (no second copy of the whole model in memory)."""
+    """Copy the family's tensors into the model one at a time, never holding a second copy of it."""
     state = model.state_dict()
     for name, value in family.to_lmlab(weights, model):
         state[name].copy_(value)
@@ -227,10 +215,8 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
 
 
 def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "auto") -> dict[str, Any]:
-    """Write a run's model as a Hugging Face folder of the family `arch` (or the one `auto` picks): weights,
-    config.json, generation_config.json and, when the run has a tokenizer, its tokenizer files. The vocabulary is
-    exactly the model's rows, so transformers' next-token distribution is lmlab's: a char run has no end-of-text
-    token (nothing it could learn to emit), so `generate` runs to max_new_tokens, as `lmlab sample` does."""
+    """Write a run's model as a Hugging Face folder of the family `arch`, with its tokenizer files when it has a
+    tokenizer. The vocabulary is exactly the model's rows, so transformers' next-token distribution is lmlab's."""
     run_dir, out = Path(run_dir), Path(out)
     model = RunDir(run_dir).config().model
     if model.kind != "gpt":

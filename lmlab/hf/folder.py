@@ -135,7 +135,7 @@ def pad_id(tokenizer: Tokenizer) -> int | None:
 
 def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int, chat: ChatTemplate | None = None) -> None:
     """tokenizer.json and a tokenizer_config.json that makes `AutoTokenizer` load it as it is (the fast tokenizer
-    of the `tokenizers` library, so every kind of lmlab.data.tokenizers.KINDS loads), with the
+    of the `tokenizers` library, so every kind of lmlab.data.tokenizers.TOKENIZER_KINDS loads), with the
     end-of-text token as eos and bos, a pad token (the vocabulary's own, else the end-of-text token: so
     `tokenizer(texts, padding=True)` works), `<unk>` for a word tokenizer, and the lmlab spec for `import-hf` to
     read back; an imported instruct model's chat template with the special tokens it prints, as the model came.

@@ -1,12 +1,6 @@
-"""Decoding several sequences at once: one forward per step for every sequence in the batch, each in its own row
-of the model's decode state (a KV cache at per-row positions, a hidden state per row, or, for a model that keeps
-none, the row's tokens, fed to it whole at every step: `ContextWindow`).
-
-A sequence joins by prefilling its prompt into a free row, and leaves at once when it ends; the last row then
-moves into its place, so the active rows are always the first ones and a step computes no empty row. Results
-equal decoding each sequence alone: the prefill runs per sequence, a step's rows do not see each other, and each
-sequence draws from its own random stream.
-"""
+"""Decoding several sequences at once: one forward per step for every sequence in the batch, each in its own row of the
+model's decode state. A sequence joins by prefilling its prompt into a free row and leaves at once when it ends, the
+last row moving into its place, so a step computes no empty row. Results equal decoding each sequence alone."""
 
 from __future__ import annotations
 
@@ -29,8 +23,8 @@ Step = Callable[[torch.Tensor, DecodeState], torch.Tensor]
 
 @dataclass(eq=False)
 class Sequence:
-    """One sequence being decoded: its tokens so far (the prompt, then what was generated) and how to choose the
-    next. `row` is its row in the decoder while it decodes; `pos`, how many tokens that row holds."""
+    """One sequence being decoded: its tokens so far and how to choose the next; `row` is its row in the decoder, `pos`
+    how many tokens that row holds."""
 
     ids: list[int]
     params: SamplingParams
@@ -50,10 +44,9 @@ class Sequence:
 
 
 class ContextWindow(DecodeState):
-    """The decode state of a model that carries none between tokens (a plugin without `new_cache`): each row's
-    tokens, up to the context length. Every step feeds the model the rows' whole windows and reads the logits at
-    each row's newest position: the context is recomputed at every token. Rows shorter than the longest are padded
-    on the right, which a causal model's earlier positions never see."""
+    """The decode state of a model that carries none between tokens (a plugin without `new_cache`): each row's tokens,
+    up to the context length, fed whole at every step; rows are padded on the right, which a causal model's earlier
+    positions never see."""
 
     def __init__(self, batch: int, block_size: int, device: torch.device):
         self.ids = torch.zeros(batch, block_size, dtype=torch.long, device=device)
@@ -80,9 +73,8 @@ class ContextWindow(DecodeState):
 
 
 def feed(model: LanguageModel, idx: torch.Tensor, state: DecodeState, logits: bool = True) -> torch.Tensor | None:
-    """The logits (B, T, vocab) of (B, T) tokens fed after what each row of `state` holds (and `state` moved past
-    them); without `logits` none are computed: a prefill that echoes nothing needs no head over its prompt (a 4k
-    prompt's logits in a 32k vocabulary are half a gigabyte), and a window-only state skips the forward."""
+    """The logits (B, T, vocab) of (B, T) tokens fed after what each row of `state` holds (and `state` moved past them);
+    without `logits` none are computed, as a prefill that echoes nothing needs no head over its prompt."""
     if isinstance(state, ContextWindow):
         return state.feed(model, idx, logits)
     if not logits:
@@ -93,10 +85,8 @@ def feed(model: LanguageModel, idx: torch.Tensor, state: DecodeState, logits: bo
 
 
 def hold_weights(model: LanguageModel, dtype: torch.dtype) -> LanguageModel:
-    """Hold `model`'s matmul weights (every nn.Linear's, a head's tied token table with them) in `dtype`, in place,
-    for a model loaded to decode only: autocast then finds them cast and casts nothing, where it would read every
-    fp32 weight and write its `dtype` copy at every token (twice the weight traffic of a step bound by it). Norms
-    and the residual stream stay fp32, as under autocast. A no-op for float32."""
+    """Hold `model`'s matmul weights in `dtype`, in place, for a model loaded to decode only: autocast then casts
+    nothing at every token. Norms and the residual stream stay fp32, as under autocast."""
     if dtype != torch.float32:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
@@ -105,9 +95,9 @@ def hold_weights(model: LanguageModel, dtype: torch.dtype) -> LanguageModel:
 
 
 def live_length(longest: int, block_size: int) -> int:
-    """The cache positions a step attends over when its rows hold at most `longest` tokens: the next power of two
-    from 64, up to the context, so a short chat in a 32k context reads a few hundred positions of each row's cache,
-    not all of them, with few distinct lengths."""
+    """The cache positions a step attends over when its rows hold at most `longest` tokens: the next power of two from
+    64, up to the context, so a short chat in a long context reads a few hundred positions, with few distinct
+    lengths."""
     return min(block_size, max(64, 1 << (longest - 1).bit_length()))
 
 
@@ -133,9 +123,6 @@ class Decoder:
                                                                                     self.device)
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)
-        # An eager step attends over the live part of the cache (`live_length`); a compiled one was built for its
-        # whole length.
-        self.shorten = step is None
         self.active: list[Sequence] = []
         self._views: dict[tuple[int, int], DecodeState] = {}
         self.scoring = 0  # active sequences that record log-probabilities
@@ -170,8 +157,8 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> list[int]:
-        """Feed every active sequence its newest token, choose and append its next one; returns those tokens in
-        the order of `active`."""
+        """Feed every active sequence its newest token and append its next one; returns those tokens in `active`'s
+        order."""
         for seq in self.active:
             if seq.pos == self.block_size:
                 # The context is full: start the window over from the newest half, re-encoded in one pass,
@@ -180,7 +167,7 @@ class Decoder:
         n = len(self.active)
         idx = torch.tensor([[seq.ids[-1]] for seq in self.active], device=self.device)
         longest = max(seq.pos for seq in self.active) + 1  # with the token fed now
-        logits = self.step_fn(idx, self.rows(n, live_length(longest, self.block_size) if self.shorten else None))
+        logits = self.step_fn(idx, self.rows(n, live_length(longest, self.block_size)))
         tokens = choose(logits, [seq.params for seq in self.active], [seq.generator for seq in self.active])
         if self.scoring:
             self._score_step(logits, tokens)
@@ -191,18 +178,16 @@ class Decoder:
         return tokens
 
     def rows(self, n: int, length: int | None = None) -> DecodeState:
-        """The state of the first n rows, holding `length` positions each (default: the context); views made once
-        per shape, as a step should not pay for slicing."""
+        """The state of the first n rows, holding `length` positions each (default: the context); views made once per
+        shape."""
         length = length or self.block_size
         if (n, length) not in self._views:
-            rows = self.state.rows(0, n)
-            self._views[n, length] = rows if length == self.block_size else rows.shortened(length)
+            self._views[n, length] = self.state.rows(0, n).shortened(length)
         return self._views[n, length]
 
     def _fill(self, seq: Sequence, window: list[int], echo: bool) -> torch.Tensor | None:
-        """Start seq's row over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step.
-        Returns the prefill's logits (1, len(window) - 1, vocab) with `echo` (a prompt scored token by token), else
-        None: nothing else reads them."""
+        """Start seq's row over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step. Returns
+        the prefill's logits with `echo`, else None."""
         row = self.state.rows(seq.row, seq.row + 1)
         row.reset(0)  # through the one-row view, which then knows it is empty (see KVCache)
         logits = None

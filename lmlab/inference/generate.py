@@ -1,6 +1,5 @@
-"""Sampling text: a prompt's continuation as text, ending before a stop string, at the end-of-text token or
-after max_new_tokens, alone or many at once through the batched decoder (lmlab.inference.decode); instructions and chats
-put to a run in its own format (a chat template, a fine-tuning prompt format, or a plain transcript)."""
+"""Sampling text: a prompt's continuation, alone or many at once through the batched decoder, ending before a stop
+string, at the end-of-text token or after max_new_tokens; instructions and chats put to a run in its own format."""
 
 from __future__ import annotations
 
@@ -25,16 +24,14 @@ SETTLE_TOKENS = 16  # decoded text older than this many tokens is kept, not deco
 
 
 def decode_dtype(device: torch.device, dtype: torch.dtype, compiled: bool) -> torch.dtype:
-    """The dtype to decode in: the run's, except eagerly on the CPU, where autocast casts every weight at every
-    step and bf16 decoding ran at half the speed of fp32 (benchmarks/decode_speed.py); compiled, the casts are
-    done once and bf16 is the faster."""
+    """The dtype to decode in: the run's, except eagerly on the CPU, where autocast would cast every weight at every
+    step and fp32 is the faster (docs/reference/performance.md, benchmarks/decode_speed.py)."""
     return torch.float32 if device.type == "cpu" and not compiled else dtype
 
 
 def decoding_only(run: LoadedRun, compiled: bool) -> torch.dtype:
-    """The dtype `run` decodes in (`decode_dtype`), with its matmul weights held in it when it decodes eagerly
-    (`hold_weights`: cast once here, not by autocast at every token), for a run loaded to decode and nothing else
-    (sample, answer, serve): nothing reads those weights in fp32 afterwards."""
+    """The dtype `run` decodes in, with its matmul weights cast to it once when it decodes eagerly, for a run loaded to
+    decode and nothing else: nothing reads those weights in fp32 afterwards."""
     dtype = decode_dtype(run.device, run.dtype, compiled)
     if not compiled:
         hold_weights(run.model, dtype)
@@ -54,10 +51,9 @@ def stream_ids(model: LanguageModel, prompt: list[int], params: SamplingParams,
 
 
 class StopStrings:
-    """Where a growing text first holds one of the stop strings, read once: each string's KMP automaton is advanced
-    over the characters not read yet, so a token costs what its own characters cost however long the text or the
-    strings (SamplingParams bounds them). `partial` is the longest beginning of a stop string the text read ends
-    with: what the next tokens may still complete."""
+    """Where a growing text first holds one of the stop strings, read once: each string's KMP automaton is advanced over
+    the characters not read yet, so a token costs what its own characters cost. `partial` is the longest beginning of a
+    stop string the text read ends with."""
 
     def __init__(self, stop: Sequence[str]):
         self.stop = [s for s in stop if s]
@@ -99,15 +95,12 @@ def _borders(s: str) -> list[int]:
 
 
 class Detokenizer:
-    """The text of a continuation as its tokens arrive. `feed` returns the text that can be sent now (holding
-    back what a stop string or the rest of a UTF-8 character may still change); a stop string, or the
-    end-of-text token unless `past_eot`, sets `finish_reason` to "stop", and `flush` returns what was held back.
+    """The text of a continuation as its tokens arrive. `feed` returns the text that can be sent now (holding back what
+    a stop string or the rest of a UTF-8 character may still change); a stop string, or the end-of-text token unless
+    `past_eot`, sets `finish_reason` to "stop", and `flush` returns what was held back.
 
-    Text older than SETTLE_TOKENS tokens is settled, and only the tokens after it are decoded again, so a long
-    continuation costs the same per token as a short one; lmlab's tokenizers (char and byte-level) decode a
-    list of tokens to the concatenation of its parts once no UTF-8 character is left unfinished, so only an
-    unfinished character at the end (decoded as U+FFFD) may still change.
-    """
+    Text older than SETTLE_TOKENS tokens is settled and not decoded again, so a long continuation costs the same per
+    token as a short one: only an unfinished character at the end (U+FFFD) may still change."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], past_eot: bool = False):
         self.tokenizer, self.stops = tokenizer, StopStrings(stop)
@@ -144,8 +137,8 @@ class Detokenizer:
 
 @dataclass(eq=False)
 class Continuation:
-    """One prompt's continuation: its sequence in the decoder, its text, and once it has ended, why: "stop" (a
-    stop string or the end-of-text token) or "length" (max_new_tokens), OpenAI's words."""
+    """One prompt's continuation: its sequence in the decoder, its text, and once it has ended, why: "stop" or "length",
+    OpenAI's words."""
 
     decoding: Decoding
     text: Detokenizer
@@ -165,8 +158,8 @@ class Batch:
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, capacity: int, dtype: torch.dtype,
                  step: Step | None = None, past_eot: bool = False, setting: str = "the batch",
                  tokens_per_row: int | None = None):
-        """`setting` names the capacity in the sentence that refuses one that would not fit in memory, checked
-        for rows of `tokens_per_row` tokens (default: the context)."""
+        """`setting` names the capacity in the sentence that refuses one that would not fit in memory for rows of
+        `tokens_per_row` tokens (default: the context)."""
         check_decoding(model.config, capacity, tokens_per_row or model.config.block_size, setting,
                        next(model.parameters()).device, dtype)
         self.decoder = Decoder(model, capacity, dtype, step)
@@ -186,10 +179,9 @@ class Batch:
 
     def add(self, prompt: list[int], params: SamplingParams, logprobs: int | None = None, echo: bool = False,
             generate: bool = True) -> Continuation:
-        """Start continuing `prompt`. With `logprobs` N, every generated token's log-probability is recorded with the
-        N likeliest alternatives (`decoding.scores`), and with `echo` the prompt's tokens' first; without
-        `generate` nothing is generated (the server's `max_tokens: 0`): the prompt is read and scored, and the
-        continuation has ended when this returns."""
+        """Start continuing `prompt`. With `logprobs` N, every generated token's log-probability is recorded with the N
+        likeliest alternatives, and with `echo` the prompt's tokens' first; without `generate` (the server's
+        `max_tokens: 0`) the prompt is only read and scored."""
         decoding = Decoding(list(prompt), params, logprobs=logprobs, echo=echo)
         continuation = Continuation(decoding, Detokenizer(self.tokenizer, params.stop, self.past_eot), len(prompt))
         self.decoder.join(decoding)
@@ -201,13 +193,12 @@ class Batch:
         return continuation
 
     def drop(self, continuation: Continuation) -> None:
-        """Stop decoding `continuation` now (ended, or no longer wanted)."""
         if self.owner.pop(continuation.decoding, None) is not None:
             self.decoder.leave(continuation.decoding)
 
     def step(self) -> list[tuple[Continuation, str]]:
-        """One token more for every continuation: each with the text it adds (maybe ''). Those that ended have
-        their finish_reason and have left the batch."""
+        """One token more for every continuation: each with the text it adds (maybe ''); those that ended have left the
+        batch."""
         decodings = list(self.decoder.active)
         events = []
         for decoding, token in zip(decodings, self.decoder.step()):
@@ -281,17 +272,16 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
 
 
-def prompt_chars(run: LoadedRun) -> int | None:
-    """The most characters a prompt can have and still fit the run's context, whatever its tokens
-    (`Tokenizer.most_chars` of block_size; None: no bound). A longer prompt is refused (or, put in a prompt format
-    that keeps its end, cut) before it is tokenized: only its last block_size tokens would be read, and tokenizing
-    all of it takes memory by its length (a 21 MB prompt, 3.6 GB)."""
+def max_prompt_chars(run: LoadedRun) -> int | None:
+    """The most characters a prompt can have and still fit the run's context, whatever its tokens (None: no bound). A
+    longer prompt is refused (or, in a prompt format that keeps its end, cut) before it is tokenized, as tokenizing it
+    takes memory by its length."""
     return run.tokenizer.most_chars(run.config.model.block_size)
 
 
 def check_prompt_length(run: LoadedRun, text: str, what: str, limit: int | None = None) -> None:
-    """Refuse `text` (`what` names it) when it is longer than `prompt_chars` (or `limit`, that figure if known)."""
-    limit = limit or prompt_chars(run)
+    """Refuse `text` (`what` names it) when it is longer than `max_prompt_chars` (or `limit`, that figure if known)."""
+    limit = limit or max_prompt_chars(run)
     if limit is not None and len(text) > limit:
         raise UserError(f"{what} is {len(text):,} characters, more than the {run.config.model.block_size:,} tokens "
                         f"of {run.run.path}'s context can hold (at most {limit:,} of its tokenizer's characters); "
@@ -305,8 +295,7 @@ def _start(run: LoadedRun, prompt: str) -> list[int]:
 
 
 def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams, step: Step | None = None) -> Iterator[str]:
-    """The prompt, then its continuation piece by piece as it is generated: `samples`' first, streamed. The prompt
-    is checked at once."""
+    """The prompt, then its continuation piece by piece: `samples`' first, streamed; the prompt is checked at once."""
     dtype = decode_dtype(run.device, run.dtype, step is not None)
     return itertools.chain([prompt], TextStream(run.model, run.tokenizer, _start(run, prompt), params, dtype, step,
                                                 past_eot=True))
@@ -325,7 +314,6 @@ def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, ste
 
 
 def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
-    """The prompt and its continuation, in the run's own tokenizer."""
     return samples(run, prompt, params)[0]
 
 
@@ -343,10 +331,9 @@ class ChatPrompt:
 
 
 def chat_prompt(run: LoadedRun, turns: Sequence[tuple[str, str]]) -> ChatPrompt:
-    """How a conversation, (role, text) turns, is put to a run: through an imported instruct model's chat template
-    (every turn, then the assistant's header), ending at its end-of-turn token; else through a fine-tuned run's
-    prompt format (single-turn: the last user message is the instruction); else as a `role: content` transcript
-    ending with `assistant:`."""
+    """How a conversation of (role, text) turns is put to a run: an imported instruct model's chat template, else a
+    fine-tuned run's prompt format (the last user message is the instruction), else a `role: content` transcript ending
+    with `assistant:`."""
     if run.chat_template is not None:
         text = run.chat_template.render([{"role": role, "content": content} for role, content in turns],
                                         where=str(run.run.path))
@@ -362,7 +349,6 @@ def chat_prompt(run: LoadedRun, turns: Sequence[tuple[str, str]]) -> ChatPrompt:
 
 def chat_stream(run: LoadedRun, turns: Sequence[tuple[str, str]], params: SamplingParams,
                 step: Step | None = None) -> TextStream:
-    """The run's reply to a conversation (see `chat_prompt`), piece by piece as it is generated."""
     prompt = chat_prompt(run, turns)
     check_prompt_length(run, prompt.text, "the chat's rendered prompt")
     params = dataclasses.replace(params, stop=(*params.stop, *prompt.stop))
@@ -377,16 +363,14 @@ def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, inp
     run.tokenizer.check(input, "the input")
     check_format(run.tokenizer, fmt, run.run.path)
     text = fmt.render(instruction, input)
-    # Its end is what the model answers from: a prompt longer than the context is cut on the left, in characters
-    # first, so that no more of it is tokenized than can be read.
-    return run.tokenizer.encode(text[-(prompt_chars(run) or len(text)):])[-run.config.model.block_size:]
+    # A prompt longer than the context is cut on the left, in characters first, so that no more is tokenized than read.
+    return run.tokenizer.encode(text[-(max_prompt_chars(run) or len(text)):])[-run.config.model.block_size:]
 
 
 def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],
             params: SamplingParams) -> tuple[list[list[int]], SamplingParams]:
-    """The prompts of (instruction, input) pairs in the run's own format, and `params` stopping at its end marker
-    too: an imported instruct model's chat template (the instruction, then the input, as the user's message), else
-    the run's prompt format (Alpaca's for a run not fine-tuned)."""
+    """The prompts of (instruction, input) pairs in the run's own format (an imported instruct model's chat template,
+    else its prompt format, Alpaca's for a run not fine-tuned), and `params` stopping at its end marker too."""
     if run.chat_template is not None:
         texts = [f"{instruction}\n\n{input}" if input else instruction for instruction, input in asks]
         prompts = [chat_prompt(run, [("user", text)]).ids(run.tokenizer) for text in texts]
@@ -400,7 +384,6 @@ def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],
 
 def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams,
                     step: Step | None = None) -> Iterator[str]:
-    """The model's answer to an instruction, up to the format's end marker, piece by piece as it is generated."""
     (prompt,), params = _asking(run, [(instruction, input)], params)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
     return TextStream(run.model, run.tokenizer, prompt, params, dtype, step)

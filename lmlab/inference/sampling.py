@@ -1,6 +1,5 @@
-"""Choosing each row's next token from its logits: greedy, or drawn after temperature, top-k and top-p, each
-row with its own settings and its own random stream, so that a sequence's draws never depend on its neighbours
-in a batch."""
+"""Choosing each row's next token from its logits: greedy, or drawn after temperature, top-k and top-p, each row with
+its own settings and random stream, so that a sequence's draws never depend on its neighbours in a batch."""
 
 from __future__ import annotations
 

@@ -1,16 +1,7 @@
-"""Log-likelihoods of continuations given their contexts, many per forward, in fp32: what multiple-choice tasks
-(`lmlab eval --task`) and the server's `logprobs` (`lmlab serve`) are made of.
-
-A choice is scored as lm-evaluation-harness scores a (context, continuation) pair of token ids: the model reads
-the last block_size + 1 tokens of context + continuation but the last (a longer pair loses its context from the
-left), and the log-probabilities it gives each continuation token are summed.
-
-Choices that share a context, all fitting the model's context window, share its forward: the context is read once
-into a row of the model's decode state (a KV cache, or a recurrent state), that row is copied to a row per choice,
-and then every choice is read on from there, all in one forward. Any other choice gets a row of its own. Rows are
-grouped into forwards by a token budget; the logits are taken to log-probabilities in fp32 at the continuation
-positions only.
-"""
+"""Log-likelihoods of continuations given their contexts, many per forward, in fp32: what multiple-choice tasks and the
+server's `logprobs` are made of. A choice is scored as lm-evaluation-harness scores a (context, continuation) pair of
+token ids; choices that share a context share its forward, the context read once into a row of the decode state and
+copied to a row per choice."""
 
 from __future__ import annotations
 
@@ -45,8 +36,8 @@ class Choice:
 
 @dataclass(frozen=True)
 class TokenScore:
-    """One token of a sequence with its log-probability (None for a first token, which nothing predicts) and the
-    likeliest tokens at its position with theirs, likeliest first."""
+    """One token of a sequence with its log-probability (None for a first token) and the likeliest tokens at its
+    position with theirs."""
 
     token: int
     logprob: float | None
@@ -76,12 +67,9 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor, top: int = 0) -> T
 @torch.no_grad()
 def loglikelihoods(model: LanguageModel, choices: Sequence[Choice], share: bool = True, max_rows: int = 64,
                    max_tokens: int = 16384, progress: Callable[[int], None] | None = None) -> list[float]:
-    """The summed log-probability of each choice's continuation given its context, in fp32.
-
-    Consecutive choices with the same context share its forward when `share` (and every one of them fits the
-    context window); at most `max_rows` rows and `max_tokens` positions go into a forward, and the logits of at
-    most LOGITS_ELEMENTS. Each continuation must hold from 1 to block_size tokens. `progress(n)` is told when n
-    more choices are scored."""
+    """The summed log-probability of each choice's continuation given its context, in fp32. Consecutive choices with the
+    same context share its forward when `share`; at most `max_rows` rows and `max_tokens` positions go into a forward.
+    Each continuation must hold from 1 to block_size tokens. `progress(n)` is told when n more choices are scored."""
     block, vocab = model.config.block_size, model.config.vocab_size
     assert all(0 < len(c.continuation) <= block and c.context for c in choices), "a choice the window cannot hold"
     scores: list[float] = [0.0] * len(choices)
@@ -115,8 +103,7 @@ def _batches(units: list[T], fits: Callable[[list[T]], bool]) -> Iterator[list[T
 
 
 def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
-    """Runs of consecutive choices with one context, when there is something to share: two or more choices, a
-    context of more than one token, and every choice fitting the window; every other choice alone."""
+    """Runs of consecutive choices with one context, when there is something to share; every other choice alone."""
     runs: list[list[int]] = []
     for i, choice in enumerate(choices):
         if runs and choices[runs[-1][0]].context == choice.context:
@@ -132,8 +119,8 @@ def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
 
 def _score_rows(model: LanguageModel, idx: torch.Tensor, starts: list[int], targets: list[tuple[int, ...]],
                 cache: DecodeState | None = None) -> list[float]:
-    """The summed log-probability of each row's targets, read at that row's positions from starts[row] on: the
-    model's head is applied at those positions only (`LanguageModel.logits_at`)."""
+    """The summed log-probability of each row's targets, read at that row's positions from starts[row] on (the head
+    applied at those positions only)."""
     device = next(model.parameters()).device
     rows = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=device)
     positions = torch.tensor([s + k for s, t in zip(starts, targets) for k in range(len(t))], device=device)
@@ -146,8 +133,7 @@ def _score_rows(model: LanguageModel, idx: torch.Tensor, starts: list[int], targ
 
 
 def _padded(rows: list[tuple[int, ...]]) -> torch.Tensor:
-    """Token rows as one (rows, longest) tensor, padded on the right (a causal model's outputs at a position never
-    depend on what follows it)."""
+    """Token rows as one (rows, longest) tensor, padded on the right."""
     idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
     for r, tokens in enumerate(rows):
         idx[r, :len(tokens)] = torch.tensor(tokens)
@@ -169,8 +155,8 @@ def _score_alone(model: LanguageModel, choices: Sequence[Choice], batch: list[in
 
 def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[list[int]], scores: list[float],
                   max_rows: int, max_tokens: int, progress: Callable[[int], None] | None) -> None:
-    """Groups of choices sharing a context, a forward for as many groups as the rows, the tokens, the logits and
-    the decode state's memory allow (the longest continuations first, so that rows pad little)."""
+    """Groups of choices sharing a context, a forward for as many groups as the limits allow (the longest first, so that
+    rows pad little)."""
     device = next(model.parameters()).device
     per_row = sum(t.numel() * t.element_size() for t in model.new_cache(1, device, torch.float32).tensors())
     capacity = max(max(map(len, groups)), min(max_rows, STATE_BYTES // max(1, per_row)))
@@ -194,8 +180,8 @@ def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[
 
 def _forward_shared(model: LanguageModel, choices: Sequence[Choice], batch: list[list[int]], state: DecodeState,
                     scores: list[float]) -> None:
-    """Read each group's context (but its last token) into its first row, copy that row to the group's other rows,
-    then read every choice's last context token and its continuation (but the last) from there, in one forward."""
+    """Read each group's context (but its last token) into its first row, copy that row to the group's other rows, then
+    read every choice on from there in one forward."""
     device = next(model.parameters()).device
     order = [i for group in batch for i in group]
     row = 0

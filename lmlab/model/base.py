@@ -13,12 +13,9 @@ from lmlab.core.config import ModelConfig
 
 
 class DecodeState:
-    """What decoding carries from one step to the next for a batch of sequences (a KV cache, a hidden state):
-    a row per sequence, `pos[b]` the tokens row b holds, and state tensors with the row as their first dim.
-
-    `tensors()` lists pos and the state tensors, and `over(tensors)` makes a state of the same kind over given
-    tensors: so `rows` is a view that writes through, and a compiled decode step can take plain tensors.
-    """
+    """What decoding carries from one step to the next for a batch of sequences (a KV cache, a hidden state): a row
+    per sequence, `pos[b]` the tokens row b holds; `over(tensors)` makes a state of the same kind over plain tensors
+    (views that write through, a compiled step's arguments)."""
 
     pos: torch.Tensor  # (B,) long
 
@@ -34,10 +31,13 @@ class DecodeState:
         return self.over([t[start:stop] for t in self.tensors()])
 
     def shortened(self, length: int) -> DecodeState:
-        """These rows, sharing their memory, holding at most `length` tokens each, so that a step over them attends
-        to that many positions rather than block_size (scoring choices after a short context). By default the
-        state itself: a recurrent state has no positions to leave out."""
+        """These rows, sharing their memory, holding at most `length` tokens each (a step then attends to that many
+        positions, not block_size); by default the state itself."""
         return self
+
+    def length_dims(self) -> list[int | None]:
+        """For each of `tensors()`, the dim `shortened` shortens (None: none): a compiled step takes it dynamic."""
+        return [None] * len(self.tensors())
 
     def reset(self, row: int) -> None:
         """Empty one row for a new sequence."""
@@ -51,63 +51,49 @@ class DecodeState:
 
 
 class LanguageModel(nn.Module):
-    """A next-token model built from a ModelConfig.
-
-    `forward(idx, targets=None, cache=None) -> (logits, loss)`: logits (B, T, vocab) for ids (B, T), the mean
-    next-token loss when targets are given, and `cache` (from `new_cache`) carried from step to step when
-    sampling. Each kind also says what its parameters are for (`lookup_params`, `embedding_params`,
-    `hidden_matrices`), how to shard it (`shard_units`) and what it is (`describe`).
-    """
+    """A next-token model built from a ModelConfig: `forward(idx, targets=None, cache=None) -> (logits, loss)`,
+    logits (B, T, vocab) for ids (B, T), the mean loss when targets are given, `cache` from `new_cache`."""
 
     config: ModelConfig
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState | None:
-        """What decoding carries from one token to the next for `batch` rows, all empty; None for a model that
-        carries nothing, whose context the decoder feeds it whole at every token
-        (lmlab.inference.decode.ContextWindow)."""
+        """What decoding carries from one token to the next for `batch` rows, empty; None: the decoder feeds the
+        whole context at every token."""
         return None
 
     def embedding_params(self) -> list[torch.Tensor]:
-        """The token and position tables: left out of the parameters counted without embeddings (by default the
-        weights of every nn.Embedding)."""
+        """The token and position tables (by default every nn.Embedding's weight)."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
 
     def lookup_params(self) -> int:
-        """Parameters used only as lookup tables, with no matmul per token: embeddings the head does not share (by
-        default the nn.Embedding weights no other module holds)."""
+        """Parameters used only as lookup tables, with no matmul per token: embeddings the head does not share."""
         shared = {id(p) for m in self.modules() if not isinstance(m, nn.Embedding) for p in m.parameters(False)}
         return sum(p.numel() for p in self.embedding_params() if id(p) not in shared)
 
     def hidden_matrices(self) -> list[nn.Parameter]:
-        """The 2-D weights that map hidden states to hidden states: Muon's share of the parameters (embeddings,
-        the head, norm gains and biases are not such maps and stay with AdamW). By default the 2-D parameters
-        that are not embeddings and have no dimension as long as the vocabulary."""
+        """The 2-D weights that map hidden states to hidden states: Muon's share (the rest stays with AdamW). By
+        default the 2-D parameters that are not embeddings and have no dimension as long as the vocabulary."""
         tables = {id(p) for p in self.embedding_params()}
         return [p for p in self.parameters() if p.dim() == 2 and id(p) not in tables
                 and self.config.vocab_size not in p.shape]
 
     def shard_units(self) -> list[nn.Module]:
-        """Submodules FSDP shards one by one (each all-gathered just before it runs), before the root (by default
-        none: the root is sharded whole)."""
+        """Submodules FSDP shards one by one before the root (by default none: the root is sharded whole)."""
         return []
 
     def describe(self) -> str:
-        """The kind and shape in a few words, e.g. `gpt 4L/256 rope rmsnorm swiglu qk-norm no-bias` (by default
-        the kind, n_layer, n_embd and the plugin's options)."""
+        """The kind and shape in a few words, e.g. `gpt 4L/256 rope rmsnorm swiglu qk-norm no-bias`."""
         c = self.config
         return " ".join([f"{c.kind} {c.n_layer}L/{c.n_embd}", *(f"{k}={v}" for k, v in c.options.items())])
 
     def architecture(self) -> str:
-        """The family in a word, for tables that have no room for `describe()`: e.g. GPT-2, modern, GRU (by
-        default the kind)."""
+        """The family in a word, for tables that have no room for `describe()`: e.g. GPT-2, modern, GRU."""
         return self.config.kind
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: DecodeState | None = None) -> torch.Tensor:
         """The logits (n, vocab) of ids (B, T) at (rows[i], positions[i]) only, `cache` advanced as `forward`
-        advances it: what scoring reads, where the other positions' logits would be computed for nothing (GPT-2
-        small's head is a third of its matmuls). By default the whole forward, then those positions; a kind may
-        compute only them (gpt.py and recurrent.py do)."""
+        advances it: what scoring reads. By default the whole forward, then those positions."""
         logits, _ = self(idx, cache=cache)
         return logits[rows, positions]
 
@@ -116,29 +102,21 @@ class LanguageModel(nn.Module):
         return 0.0
 
     def padding_params(self, embeddings: bool = True) -> int:
-        """Weights of vocabulary padding rows (never looked up, their logits cut off) among the parameters: those
-        `num_params` leaves out, of the token table and head (without `embeddings`, of the head alone); by default
-        none."""
+        """Weights of vocabulary padding rows (never looked up, their logits cut off), which `num_params` leaves
+        out (without `embeddings`, of the head alone)."""
         return 0
 
     def num_params(self, embeddings: bool = True) -> int:
-        """Parameters of the real vocabulary, tied weights counted once, padding rows left out (`padding_params`):
-        GPT-2 small counts 124,439,808, as transformers counts it; without embeddings, less the
-        token and position tables."""
+        """Parameters of the real vocabulary, tied weights counted once, padding left out (as transformers counts);
+        without embeddings, less the token and position tables."""
         n = sum(p.numel() for p in self.parameters())
         if embeddings:
             return n - self.padding_params()
         return n - sum(p.numel() for p in self.embedding_params()) - self.padding_params(embeddings=False)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: lmlab's one definition of compute, used for MFU, `plan`, `compare`,
-        `scaling` and the plots (training compute = flops_per_token × tokens).
-
-        6N for the N weights that multiply every token (forward 2N, backward 4N), which leaves out lookup-only
-        tables (a position table, an untied token table) but keeps a token table the tied head multiplies by,
-        plus the kind's `attention_flops`: a transformer's 12·L·H·Q·T for H heads of width Q, H·Q = C unless
-        model.head_dim says otherwise (PaLM, appendix B; grouped-query attention shares keys and values but still
-        scores every query head); a recurrent model has no such term.
-        """
+        """Training FLOPs per token, lmlab's one definition of compute (MFU, plan, compare, scaling): 6N for the N
+        weights that multiply every token (lookup-only tables left out), plus the kind's `attention_flops` (a
+        transformer's 12·L·H·Q·T, PaLM appendix B)."""
         # The padding rows of a tied table or a head are multiplied too: compute counts them (MFU is of the work).
         return 6.0 * (self.num_params() + self.padding_params() - self.lookup_params()) + self.attention_flops()

@@ -1,6 +1,5 @@
-"""A decoder-only transformer: GPT-2 style by default (learned positions, pre-LayerNorm blocks, causal SDPA
-attention, GELU MLP, biases, tied head), with the post-GPT-2 changes behind config flags: rotary positions,
-RMSNorm, SwiGLU, QK-norm, no biases (or biases on q, k and v alone), an untied head and grouped-query attention."""
+"""A decoder-only transformer: GPT-2 by default, with the post-GPT-2 changes (rotary, RMSNorm, SwiGLU, QK-norm, GQA,
+fewer biases, an untied head) behind config flags."""
 
 from __future__ import annotations
 
@@ -18,19 +17,16 @@ from lmlab.model.loss import next_token_loss
 
 
 def padded_vocab(vocab_size: int) -> int:
-    """Large vocabularies are padded to a multiple of 64 so the head matmul tiles evenly on tensor cores
-    (GPT-2's 50257 -> 50304); the extra rows are never looked up and their logits are cut off."""
+    """Large vocabularies padded to a multiple of 64 so the head matmul tiles evenly; the extra logits are cut off."""
     return math.ceil(vocab_size / 64) * 64 if vocab_size > 1024 else vocab_size
 
 
 def swiglu_hidden(n_embd: int) -> int:
-    """SwiGLU has three matrices where GELU has two, so 8/3 of the width (rounded up to a multiple of 8)
-    keeps the MLP's parameters and FLOPs those of GPT-2's 4x MLP."""
+    """8/3 of the width (a multiple of 8): SwiGLU's three matrices cost what GPT-2's 4x MLP's two do."""
     return math.ceil(8 * n_embd / 3 / 8) * 8
 
 
 def mlp_width(config: ModelConfig) -> int:
-    """The MLP's hidden width: model.mlp_hidden, else the default of the MLP kind."""
     return config.mlp_hidden or (swiglu_hidden(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd)
 
 
@@ -45,8 +41,7 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    """Rotary position embeddings (Su et al. 2021): each pair of query/key channels is rotated by an angle
-    proportional to the position, so attention scores depend on relative offsets only."""
+    """Rotary position embeddings (Su et al. 2021)."""
 
     cos: torch.Tensor  # buffers, (block_size, hs/2) each
     sin: torch.Tensor
@@ -55,13 +50,12 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
         angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
-        # Recomputed from the config, never saved: checkpoints hold only what training learned.
+        # never saved: checkpoints hold only what training learned
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The angles of (T,) positions shared by the batch, (T, hs/2) each, or of per-row (B, T) positions,
-        (B, 1, T, hs/2) each to broadcast over the heads."""
+        """The angles of (T,) positions, (T, hs/2) each, or of per-row (B, T) positions, (B, 1, T, hs/2) each."""
         cos, sin = self.cos[positions], self.sin[positions]
         return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
@@ -79,7 +73,6 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_size = config.head_size
-        # One fused projection for q (n_head heads) and k, v (n_kv_head heads each): 3C wide without GQA.
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size,
                                 bias=config.has_bias("qkv"))
         self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.has_bias("proj"))
@@ -96,10 +89,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        # qk-norm (q_norm and k_norm, both or neither) bounds the attention logits, which otherwise can grow and spike
-        # the loss.
-        if self.q_norm is not None and self.k_norm is not None:
-            # In fp32, as autocast runs LayerNorm: under bf16 the norm would get bf16 input and fp32 gains.
+        if self.q_norm is not None and self.k_norm is not None:  # bounds the attention logits, which can spike the loss
+            # in fp32, as autocast runs LayerNorm
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
@@ -107,14 +98,14 @@ class CausalSelfAttention(nn.Module):
         if cache is not None and cache.fresh:
             cache.update(self.layer, k, v)  # the prompt sees only itself: causal, no mask
         elif cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, block_size, hs)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, L, hs): the positions in view
             mask, causal = cache.mask, False
         if mask is not None and T == 1:
             y = attend_cached(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=kv != self.n_head,  # each group of n_head / n_kv_head query heads shares one k/v head
+                enable_gqa=kv != self.n_head,
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
         return self.resid_dropout(self.c_proj(y))
@@ -125,7 +116,7 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
         hidden = mlp_width(config)
-        # SwiGLU's gate and value projections are fused into one matmul of twice the hidden width.
+        # SwiGLU's gate and value fused into one matmul
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.has_bias("mlp"))
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.has_bias("mlp"))
         self.dropout = nn.Dropout(config.dropout)
@@ -163,7 +154,7 @@ class GPT(LanguageModel):
         padded = padded_vocab(config.vocab_size)
         learned = config.pos_emb == "learned"
         wte = nn.Embedding(padded, config.n_embd)
-        # Any: its parts are reached by name (wte, wpe, h...), which torch's stubs type as `Tensor | Module`.
+        # Any: torch's stubs type its parts as `Tensor | Module`
         self.transformer: Any = nn.ModuleDict(dict(
             wte=wte,
             **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned else {}),
@@ -176,7 +167,7 @@ class GPT(LanguageModel):
         if config.tie_embeddings:
             wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each block adds two of them.
+        # GPT-2: each block adds two residual projections
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -222,14 +213,12 @@ class GPT(LanguageModel):
         return " ".join([f"gpt {c.n_layer}L/{c.n_embd}", *filter(None, options)])
 
     def architecture(self) -> str:
-        """GPT-2 (learned positions, LayerNorm, GELU MLP), modern (rotary, RMSNorm and SwiGLU, as in Llama) or
-        mixed (some of the three); `describe()` names every option."""
+        """GPT-2, modern (rotary, RMSNorm and SwiGLU, as in Llama) or mixed (some of the three)."""
         c = self.config
         modern = (c.pos_emb == "rope", c.norm == "rmsnorm", c.mlp == "swiglu")
         return "modern" if all(modern) else "mixed" if any(modern) else "GPT-2"
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        """What `generate` carries from one step to the next: here the keys and values seen so far."""
         return KVCache(self.config, batch, device, dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -243,17 +232,14 @@ class GPT(LanguageModel):
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: KVCache | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
-        """The head applied at the positions asked for only (see LanguageModel.logits_at)."""
         return self.lm_head(self.hidden(idx, cache)[rows, positions])[..., :self.config.vocab_size]  # (n, vocab)
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final normed states (B, T, C) the head reads, for token ids (B, T)."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} exceeds block_size"
-        # (T,) from 0, or (B, T) after what each row of the cache holds (its owner keeps that within block_size)
         positions = torch.arange(T, device=idx.device) if cache is None else cache.advance(T)
-        # The residual stream in fp32, as autocast keeps it, also when the token table is held in bf16 for decoding
-        # (inference/decode.hold_weights): a no-op for fp32 weights.
+        # the residual stream in fp32, as autocast keeps it, also when decoding holds the table in bf16
         x = self.transformer.wte(idx).float()  # (B, T, C)
         rope = None
         if self.rotary is not None:

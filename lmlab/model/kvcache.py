@@ -12,21 +12,18 @@ from lmlab.model.base import DecodeState
 
 
 class KVCache(DecodeState):
-    """Keys and values of every layer for a batch of sequences, preallocated to the context length, each row at
-    its own position: row b holds `pos[b]` tokens, fed at positions pos[b], pos[b] + 1, ... (under
-    grouped-query attention only the n_kv_head shared heads are cached).
-
-    Per-row offsets rather than left padding: a row's token at position p gets the rotary angle or position
-    embedding of p, as it would decoding alone, so batching changes no logit beyond summation order; a row can
-    leave, or a new sequence start in it, without shifting the others; and no compute goes to pad tokens. The
-    cost is a mask per step (each row's keys up to its own position), built once and shared by every layer.
-    Shapes never change, so one compiled decode step serves every step. A prompt fed into a cache known to be
-    empty (new, or one row just reset) needs no mask: it attends causally to itself, which leaves SDPA free to
-    pick flash attention on a GPU.
-    """
+    """Keys and values of every layer (the n_kv_head shared heads) for a batch of sequences, preallocated to the
+    context length: row b holds `pos[b]` tokens. Per-row offsets rather than left padding, so batching changes no
+    logit beyond summation order, a row can leave or start anew without shifting the others, and no compute goes
+    to pad tokens; the cost is one mask per step, shared by every layer (none for a prompt into an empty cache,
+    which leaves SDPA free to pick flash attention)."""
 
     def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch, config.kv_heads, config.block_size, config.head_size)
+        # One position more than the context, never written: a step reads a view of at most block_size positions
+        # (`shortened`), so every view it is given is a part of the tensor, with the same strides at every length, and
+        # one step compiled for a length that varies serves them all (a view of the whole tensor would be the one
+        # contiguous case, which compiled code specialises on).
+        shape = (batch, config.kv_heads, config.block_size + 1, config.head_size)
         # One tensor per layer: a compiled step updates each in place, where a slice of one tensor holding every
         # layer was copied whole each step.
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -51,6 +48,9 @@ class KVCache(DecodeState):
     def shortened(self, length: int) -> KVCache:
         return KVCache.over([self.pos, *(t[:, :, :length] for t in (*self.k, *self.v))])
 
+    def length_dims(self) -> list[int | None]:
+        return [None] + [2] * (len(self.k) + len(self.v))
+
     def reset(self, row: int) -> None:
         self.pos[row] = 0  # the old keys are masked out, then overwritten
         self.empty = len(self.pos) == 1
@@ -67,12 +67,12 @@ class KVCache(DecodeState):
         if not self.fresh:
             # The query at position p sees its row's keys 0..p (keys beyond p are an earlier sequence's).
             keys = torch.arange(self.k[0].size(2), device=self.pos.device)
-            self.mask = (keys <= self.where[..., None]).unsqueeze(1)  # (B, 1, T, block_size)
+            self.mask = (keys <= self.where[..., None]).unsqueeze(1)  # (B, 1, T, L), L the positions held in view
         self.pos += length
         return self.where
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, nkv, T, hs) keys/values at the rows' positions; return the layer's whole cache."""
+        """Store (B, nkv, T, hs) keys/values at the rows' positions; return the layer's cache in view."""
         rows = torch.arange(k.size(0), device=k.device)[:, None]
         self.k[layer][rows, :, self.where] = k.transpose(1, 2)
         self.v[layer][rows, :, self.where] = v.transpose(1, 2)
@@ -80,8 +80,8 @@ class KVCache(DecodeState):
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of the rows' new tokens, (B, nh, T, hs), over their cached keys (B, nkv, block_size, hs), each
-    query seeing the keys `mask` (B, 1, T, block_size) allows.
+    """Attention of the rows' new tokens, (B, nh, T, hs), over their cached keys (B, nkv, L, hs) (L, the positions
+    of the cache in view), each query seeing the keys `mask` (B, 1, T, L) allows.
 
     Written out rather than through SDPA: compiled, these few ops fuse into the step's own kernels, where an
     SDPA call costs more than the whole attention at one query (measured, benchmarks/decode_speed.py). Each
@@ -92,8 +92,8 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     B, nh, T, hs = q.shape
     nkv = k.size(1)
     folded = q.reshape(B, nkv, nh // nkv * T, hs)  # (B, nkv, g*T, hs): group g's T queries at g*T .. g*T + T-1
-    scores = folded @ k.transpose(-2, -1) * hs ** -0.5  # (B, nkv, g*T, block_size)
+    scores = folded @ k.transpose(-2, -1) * hs ** -0.5  # (B, nkv, g*T, L)
     # Unfolded to mask: each group's T queries get the same T rows of the mask.
     scores = scores.float().view(B, nkv, nh // nkv, T, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
-    weights = torch.softmax(scores, dim=-1).type_as(v).view(B, nkv, nh // nkv * T, -1)  # (B, nkv, g*T, block_size)
+    weights = torch.softmax(scores, dim=-1).type_as(v).view(B, nkv, nh // nkv * T, -1)  # (B, nkv, g*T, L)
     return (weights @ v).view(B, nh, T, hs)  # (B, nkv, g*T, hs) -> (B, nh, T, hs)

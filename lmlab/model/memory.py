@@ -1,24 +1,6 @@
-"""What a size costs in memory, estimated from the model and the shape before anything is allocated, and the one
-check every size-driven allocation passes: the weights (`build_model`), a training or fine-tuning micro-batch
-(activations, gradients, optimizer state), an evaluation batch, and decoding rows (sample --num-samples, serve
---max-batch and `n`, answer --batch-size). A size that does not fit is refused in one sentence with the figure
-and the largest size that fits.
-
-Models are sized on the meta device, which allocates nothing: the weights of models of one and two layers, and
-the tensors their forward keeps for the backward pass (saved-tensor hooks), every layer being the same size, so a
-config asking for 10^12 of anything is sized at once. Attention score matrices (T x T) are left out: the fused
-attention kernels lmlab trains with (flash attention on the CPU and on CUDA from compute capability 8.0, the
-memory-efficient kernel before) do not keep them. Two measured factors
-turn what the forward keeps into the peak of a training step (benchmarks/memory_estimate.py compares them with
-the peak RSS on this machine's CPU): the backward's transient gradients (about 30% of the kept activations) and
-the logits, which exist twice more at the peak (the tensor and its gradient).
-
-On a CUDA device decoding rows are checked against the GPU's free memory (`mem_get_info`, with the blocks PyTorch's
-caching allocator holds unused): a KV cache's size is exact, and an imported model's long context can ask for tens
-of gigabytes at the server's default batch. A training step is not: its estimate is of fp32 activations, which
-autocast and the fused kernels change, so there the allocator raises its own out-of-memory error at the first
-step, which the command line reports in one sentence.
-"""
+"""What a size costs in memory, estimated on the meta device, and the one check every size-driven allocation passes,
+so a size that does not fit is refused with the largest that does before anything is allocated. On CUDA only decoding
+rows are checked: a training step's estimate is fp32's, which autocast changes."""
 
 from __future__ import annotations
 
@@ -37,18 +19,18 @@ from lmlab.model.gpt import padded_vocab
 from lmlab.model.kinds import construct
 from lmlab.model.sized import remembered
 
-BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (measured: 1.24-1.33)
+BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (run-folder.md)
 DECODE_ROW_OVERHEAD = 2048  # bytes of Python objects per decoding row: its sequence, sampler state, text
 BYTES_PER_DECODED_TOKEN = 40  # a token id in a row's Python list and its text, as held while decoding
-# Of a GPU's free memory, the share a decoding check leaves unclaimed: CUDA's context and cuBLAS's workspaces grow
-# at their first use, and the caching allocator's blocks fragment, so rows that need every free byte fail later.
+# The share of a GPU's free memory left to CUDA's workspaces, which grow at first use, and fragmentation.
 DECODE_HEADROOM = 0.1
 UNCOUNTABLE = 2**63  # what a shape whose size overflows even the meta device's arithmetic is taken to need
+# A prefill's peak as a share of `layer_kept_bytes`, by dtype (benchmarks/prefill_memory.py, run-folder.md).
+PREFILL_SHARE = {torch.float32: 1.25, torch.bfloat16: 0.5, torch.float16: 0.5}
 
 
 class NoInit(TorchFunctionMode):
-    """Skips weight initialisation, which a shape on the meta device does not need (and which there goes through
-    torch's reference implementations, the slowest part of building there)."""
+    """Skips weight initialisation, which a meta shape does not need and which is the slowest part of building it."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
         kwargs = kwargs or {}
@@ -63,8 +45,7 @@ def _on_meta(config: ModelConfig) -> LanguageModel:
 
 
 def _per_layer(config: ModelConfig, measure) -> int:  # noqa: ANN001 (a function of a model config)
-    """measure() of the whole model, from models of one and two layers (every layer is the same size); a shape too
-    large to count counts as UNCOUNTABLE."""
+    """measure() of the whole model, from models of one and two layers; UNCOUNTABLE for a shape too large."""
     try:
         one, two = (measure(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
     except (RuntimeError, OverflowError, ValueError):  # "Storage size calculation overflowed", an int beyond int64
@@ -78,13 +59,13 @@ def _weight_bytes(config: ModelConfig) -> int:
 
 
 def model_bytes(config: ModelConfig) -> int:
-    """Bytes of the weights and buffers a model of `config` holds (kept between processes: `sized`)."""
+    """Bytes of the weights and buffers a model of `config` holds."""
     return remembered("weights", config, (), lambda: Need(_per_layer(config, _weight_bytes), 0), Need).fixed
 
 
 def _kept_at(config: ModelConfig, T: int) -> int:
-    """Bytes the forward of one sequence of T tokens keeps for the backward pass (fp32), weights and attention
-    score matrices (..., T, T) left out."""
+    """Bytes the forward of one sequence of T tokens keeps for the backward (fp32), weights and scores left out,
+    as the fused kernels keep no T x T scores."""
     model = _on_meta(config)
     weights = {id(p) for p in model.parameters()}
     kept = [0]
@@ -102,15 +83,29 @@ def _kept_at(config: ModelConfig, T: int) -> int:
 
 
 def _kept_bytes(config: ModelConfig) -> int:
-    """What one sequence of block_size tokens keeps, scores left out: linear in its length, so it is traced at two
-    short lengths (a recurrent cell's meta forward runs token by token) other than the head width, which a score
-    matrix's shape must not be mistaken for."""
+    """What one sequence of block_size tokens keeps: linear in its length, so traced at two short lengths other than
+    the head width (a score matrix's shape must not be mistaken for it)."""
     T = config.block_size
     short = [t for t in range(7, 16) if t != config.head_size][:2]
     if T <= short[1]:
         return _kept_at(config, T)
     a, b = (_kept_at(config, t) for t in short)
     return a + (T - short[0]) * (b - a) // (short[1] - short[0])
+
+
+def layer_kept_bytes(config: ModelConfig) -> int:
+    """What one layer's forward keeps for the backward over block_size tokens (fp32); UNCOUNTABLE if too large."""
+    try:
+        one, two = (_kept_bytes(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
+    except (RuntimeError, OverflowError, ValueError):  # as in `_per_layer`
+        return UNCOUNTABLE
+    return two - one
+
+
+def prefill_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """The most a prompt's prefill holds beyond the weights and the decode state."""
+    kept = remembered("prefill", config, (), lambda: Need(layer_kept_bytes(config), 0), Need).fixed
+    return min(int(PREFILL_SHARE[dtype] * kept), UNCOUNTABLE)
 
 
 def _hidden_bytes(config: ModelConfig) -> int:
@@ -128,7 +123,6 @@ class Need:
         return self.fixed + size * self.each
 
     def largest(self, have: int) -> int:
-        """The largest size that fits in `have` bytes (0 when not even the fixed part does)."""
         return max(0, (have - self.fixed) // max(1, self.each))
 
 
@@ -136,16 +130,12 @@ StateBytes = Callable[[int, int], int]  # an optimizer's state for weights of N 
 
 
 def two_moments(weights: int, hidden: int) -> int:
-    """AdamW's state: two moments per weight."""
     return 2 * weights
 
 
 def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) -> Need:
-    """A training step at a micro-batch of sequences of block_size tokens: the weights, their gradients and the
-    optimizer's state (`state_bytes`: lmlab.train.optim.Optimizer's), plus per sequence the activations and the
-    logits. What is measured (the hidden matrices' bytes, what a sequence keeps) is kept between processes
-    (`sized`): measuring runs the forward on the meta device, which imports torch's compiler stack, seconds at every
-    start."""
+    """A training step per sequence of block_size tokens; `state_bytes` sizes the optimizer's state. What is measured
+    is kept between processes (`sized`), as the meta forward imports torch's compiler stack."""
     weights = model_bytes(config)
     measured = remembered("training", config, (), lambda: Need(_per_layer(config, _hidden_bytes),
                                                                 _per_layer(config, _kept_bytes)), Need)
@@ -156,8 +146,7 @@ def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) ->
 
 
 def scoring_need(config: ModelConfig) -> Need:
-    """A forward without gradients over windows of block_size tokens (an evaluation batch): per window its fp32
-    logits, the loss's copy of them and one layer's activations at a time (kept between processes: `sized`)."""
+    """A forward without gradients per window of block_size tokens (an evaluation batch)."""
     return remembered("scoring", config, (), lambda: _scoring_need(config), Need)
 
 
@@ -168,21 +157,20 @@ def _scoring_need(config: ModelConfig) -> Need:
 
 
 def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) -> Need:
-    """Decoding rows: each row's slot in the decode state (a KV cache of block_size positions, a hidden state), its
-    logits and sampling buffers, and its Python objects for `tokens_per_row` tokens (prompt and continuation); the
-    prompt's prefill, one row at a time, once. A row's state is kept between processes (`sized`)."""
+    """Decoding rows of up to `tokens_per_row` tokens each (prompt and continuation), plus one prompt's prefill."""
 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
             state = _on_meta(c).new_cache(1, torch.device("meta"), dtype)
-        if state is None:  # no decode state: each step feeds the row's window whole (decode.ContextWindow), so a
-            return _kept_bytes(c)  # row costs a forward over the context (what a sequence keeps: an upper bound)
+        if state is None:  # each step feeds the row's window whole: an upper bound
+            return _kept_bytes(c)
         return sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)
     state = remembered("decode state", config, (dtype,), lambda: Need(0, _per_layer(config, state_bytes)), Need).each
     each = state + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
-    return Need(model_bytes(config) + 2 * config.block_size * vocab * 4, min(each, UNCOUNTABLE))
+    prefill = 2 * config.block_size * vocab * 4 + prefill_bytes(config, dtype)
+    return Need(min(model_bytes(config) + prefill, UNCOUNTABLE), min(each, UNCOUNTABLE))
 
 
 class MemoryRefused(UserError):
@@ -194,8 +182,8 @@ class MemoryRefused(UserError):
 
 
 def device_memory(device: torch.device | None) -> tuple[int, str]:
-    """The bytes free for new tensors on `device` now, and where they are, for a sentence: a CUDA GPU's free memory
-    and what PyTorch's allocator holds unused (it hands those blocks out first), else this machine's memory."""
+    """The bytes free for new tensors on `device` now (on CUDA, with what the allocator holds unused), and a phrase
+    saying so."""
     if device is not None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -207,9 +195,8 @@ def device_memory(device: torch.device | None) -> tuple[int, str]:
 
 def check_fits(need: Need, size: int, setting: str, unit: str, device: torch.device | None = None,
                have: int | None = None, available: str | None = None) -> None:
-    """Refuse `size` units (`setting` names it, `unit` says what one is) when `need` at that size is more than the
-    memory available now (`have` bytes of this machine's, by default `device_memory(device)`; `available` says it
-    in words), in one sentence with the figure and the largest size that fits."""
+    """Refuse `size` units (`setting` names it, `unit` says what one is) when `need` at that size is more than
+    `have` bytes (default `device_memory(device)`; `available` says it in words)."""
     if have is None:
         have, available = device_memory(device)
     elif available is None:
@@ -233,9 +220,8 @@ def check_fits(need: Need, size: int, setting: str, unit: str, device: torch.dev
 
 def check_training(config: ModelConfig, batch_size: int, state_bytes: StateBytes, device: torch.device,
                    processes: int = 1, setting: str = "train.batch_size") -> None:
-    """Refuse a micro-batch whose training step would not fit this machine's memory (shared by a torchrun job's
-    `processes` on this host), before the model is built; `state_bytes` sizes the optimizer's state. On a CUDA
-    `device` the allocator checks instead (see the module's docstring)."""
+    """Refuse a micro-batch that would not fit this machine's memory (shared by `processes`); on CUDA the allocator
+    checks instead."""
     if device.type == "cuda":
         return
     check_fits(training_need(config, state_bytes), batch_size, setting, f"sequence of {config.block_size:,} tokens",
@@ -244,12 +230,12 @@ def check_training(config: ModelConfig, batch_size: int, state_bytes: StateBytes
 
 def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting: str, device: torch.device,
                    dtype: torch.dtype = torch.float32, loaded: bool = True) -> None:
-    """Refuse `rows` decoding rows of up to `tokens_per_row` tokens that would not fit, before their state is
-    allocated; `loaded`: the model's weights are in memory already (so not counted again)."""
+    """Refuse `rows` decoding rows that would not fit; `loaded`: the weights are in memory already, so only a
+    prompt's prefill comes on top."""
     need = decoding_need(config, dtype, tokens_per_row)
     have, available = device_memory(device)
     if device.type == "cuda":
         have = int(have * (1 - DECODE_HEADROOM))
         available += f" ({100 * DECODE_HEADROOM:.0f}% of it left for CUDA's workspaces and fragmentation)"
-    check_fits(Need(0, need.each) if loaded else need, rows, setting,
+    check_fits(Need(prefill_bytes(config, dtype), need.each) if loaded else need, rows, setting,
                f"decoding row of up to {tokens_per_row:,} tokens", device, have, available)

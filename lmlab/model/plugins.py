@@ -1,12 +1,6 @@
-"""Model kinds from other packages: a package registers a kind under the `lmlab.models` entry point group, e.g.
-
-    [project.entry-points."lmlab.models"]
-    context-vector = "lmlab_context_vector:ContextVectorLM"
-
-and `[model] kind = "context-vector"` builds it: the entry point is called with the run's ModelConfig (its own
-settings in `config.options`, the [model.options] table) and returns a `LanguageModel`. Only installed entry points
-are loaded (importlib.metadata): nothing is imported from a path a config or a run folder names.
-"""
+"""Model kinds from other packages, registered under the `lmlab.models` entry point group: called with the run's
+ModelConfig, they return a `LanguageModel`, checked so a plugin's mistake is one sentence naming it. Only installed
+entry points load: nothing is imported from a path a config or run folder names."""
 
 from __future__ import annotations
 
@@ -30,8 +24,7 @@ def _entry_point(kind: str) -> EntryPoint:
 
 
 def provider(kind: str) -> dict[str, Any]:
-    """The installed package that provides a model kind: {"package", "version", "entry_point"} (kept in a run's
-    start event, so that loading the run where it is not installed names the package)."""
+    """The installed package that provides a model kind: {"package", "version", "entry_point"}."""
     ep = _entry_point(kind)
     return {"package": ep.dist.name if ep.dist else None, "version": ep.dist.version if ep.dist else None,
             "entry_point": ep.value}
@@ -42,8 +35,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def build_plugin(config: ModelConfig) -> LanguageModel:
-    """The model a plugin builds from `config`. A plugin that fails to import or to build, or that returns something
-    other than a LanguageModel, is refused in one sentence naming the plugin and its package."""
+    """The model a plugin builds from `config`, or a UserError naming the plugin and its package."""
     ep = _entry_point(config.kind)
     who = f"the model plugin {config.kind!r} (package {ep.dist.name if ep.dist else 'unknown'}, {ep.value})"
     try:
@@ -60,17 +52,15 @@ def build_plugin(config: ModelConfig) -> LanguageModel:
         raise UserError(f"{who} returned a {type(model).__name__}, not a model: its entry point must build an "
                         "lmlab.model.LanguageModel from the ModelConfig.")
     model.config = config  # what training, sampling and checkpoints read the shape from
-    model.lmlab_plugin = who  # type: ignore[assignment]  # torch's stubs let a Module hold tensors and modules only
+    model.lmlab_plugin = who  # type: ignore[assignment]  # a Module's stubs take tensors and modules only
     check_forward(model)
     model.forward = _checked(model.forward, who, config.vocab_size)
     return model
 
 
 def _checked(forward: Any, who: str, vocab: int) -> Any:
-    """`forward`, its raises and its outputs checked on every call, as on the probe's: a plugin right on a 4x3 batch
-    may fail on a real one (a raise past some length, a loss per token, a column short), and training, sizing and
-    sampling would otherwise say it as a traceback, as an uncountable size, or not at all. Shapes only: its values
-    are the trainer's guard's and the loader's to check."""
+    """`forward` with its raises and output shapes checked on every call: a plugin right on the probe's batch may
+    fail on a real one."""
 
     def checked_forward(idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         targets = args[0] if args else kwargs.get("targets")
@@ -87,10 +77,8 @@ def _checked(forward: Any, who: str, vocab: int) -> Any:
 
 
 def check_loss(model: LanguageModel, loss: torch.Tensor, batch: torch.Size) -> None:
-    """Refuse, in one sentence naming the plugin, a loss training cannot learn from: one detached from the graph
-    (`.detach()`, `.item()` made a tensor again, a constant), which backward would fail on in a traceback or, for a
-    leaf that asks for gradients, train nothing silently. Called by the training step on the loss its (maybe
-    compiled) forward returned for a `batch` of token ids; lmlab's own kinds are not checked."""
+    """Refuse a plugin's loss detached from the graph, which backward would fail on or silently train nothing with;
+    `batch` is the ids' shape."""
     who = getattr(model, "lmlab_plugin", None)
     if who is not None and loss.grad_fn is None:
         raise UserError(f"{who}: its forward of {'x'.join(map(str, batch))} token ids with targets returned a loss "
@@ -111,13 +99,10 @@ def backward_named(model: LanguageModel) -> Iterator[None]:
 
 @torch.no_grad()
 def check_forward(model: LanguageModel) -> None:
-    """Try a plugin's forward once with targets and once without (as sampling calls it), on a few ids on its device
-    (on the meta device too, where models are sized before they are built: there without the finiteness check),
-    and refuse what would otherwise fail deep inside training or sampling, or train silently on garbage, in one
-    sentence naming the plugin: a raise, outputs that are not (logits, loss), logits not (B, T, vocab_size) floats,
-    a loss that is not one number, and values that are not finite. lmlab's own kinds are not tried."""
+    """Try a plugin's forward with and without targets on a few ids (finiteness unchecked on meta), refusing what
+    would fail deep inside training or sampling, or train on garbage. lmlab's own kinds are not tried."""
     who, vocab = getattr(model, "lmlab_plugin", None), model.config.vocab_size
-    if who is None or vocab < 1:  # no vocabulary yet (a config sized before its dataset is read): nothing to index
+    if who is None or vocab < 1:  # no vocabulary before its dataset is read
         return
     T = min(3, model.config.block_size)
     B = T + 1  # a batch unlike its length, so logits with the two swapped are told apart
@@ -136,8 +121,7 @@ CONTRACT = ("forward(idx, targets=None) must return (logits of shape (B, T, voca
 
 
 def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | None, who: str, how: str) -> Any:
-    """The plugin's outputs, in eval mode and on a copy of the random state, so that trying it draws no dropout
-    mask training would have drawn; a raise of the plugin's own is one sentence naming it."""
+    """The plugin's outputs, in eval mode on a copy of the random state, so trying it draws nothing training would."""
     training = model.training
     try:
         with torch.random.fork_rng(devices=[idx.device] if idx.device.type == "cuda" else []), \
@@ -149,10 +133,10 @@ def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | No
 
 @contextmanager
 def _named(who: str, how: str, device: torch.device, part: str = "forward") -> Iterator[None]:
-    """A raise of the plugin's own mistakes inside as one sentence naming it and `how` it was called."""
+    """A plugin's own raise inside, as one sentence naming it and `how` it was called."""
     try:
         yield
-    except Exception as err:  # a plugin's own mistake can be any exception, its own classes and OSError included
+    except Exception as err:  # a plugin's mistake can be any exception
         if _not_the_plugins(err):
             raise
         where = " on the meta device, where lmlab sizes a model before building it" if device.type == "meta" else ""
@@ -160,16 +144,14 @@ def _named(who: str, how: str, device: torch.device, part: str = "forward") -> I
 
 
 def _not_the_plugins(err: Exception) -> bool:
-    """Whether `err`, raised inside a plugin's forward or backward, is not its own mistake: a sentence or a stop of
-    lmlab's (a UserError, a step abandoned after a stop signal: lmlab's own classes), a size too large to hold or to
-    count, a collective's peer gone or timed out (which the caller says as such), or a reader gone (`| head`)."""
+    """Whether `err`, raised inside a plugin, is not its own mistake: lmlab's own, one `classify` knows (out of
+    memory, a peer gone), or a reader gone."""
     return (isinstance(err, (UserError, BrokenPipeError)) or type(err).__module__.startswith("lmlab.")
             or classify(err) is not None)
 
 
 def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool, check_values: bool) -> str | None:
-    """What is wrong with a forward's outputs for (B, T) ids (with `targets` or not), in a clause; None when
-    nothing is."""
+    """What is wrong with a forward's outputs for (B, T) ids, in a clause; None when nothing is."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         return f"returned {_kind(out)}, not the pair (logits, loss)"
     logits, loss = out
@@ -186,7 +168,7 @@ def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool, check_v
 
 
 def _kind(value: Any) -> str:
-    """A value as an error names it: `None`, `a tuple of 3`, `a tensor of shape (4, 3)` of dtype ..."""
+    """`None`, `a tuple of 3`, `a float32 tensor of shape (4, 3)`."""
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
     if isinstance(value, (tuple, list)):

@@ -1,20 +1,8 @@
-"""Chat templates: the Jinja template an instruct model ships (tokenizer_config.json's `chat_template`, or
-chat_template.jinja), kept in the run it is imported into (RUN/chat_template.json) and rendered as transformers'
-`apply_chat_template` renders it: in Jinja's immutable sandbox (a template is code from the Hub: it may read its
-arguments, not reach Python's internals), with trim_blocks and lstrip_blocks, loop controls, a `tojson` that keeps
-non-ASCII text, and `raise_exception` and `strftime_now`.
-
-One thing is stricter than transformers: a template that uses a variable nobody set (a special token the
-tokenizer does not have, a name only another program passes) is refused with its name instead of rendering it as
-empty text. A key missing from a message (`message.tool_calls`) is empty, as templates expect.
-
-Every render runs in lmlab.run.sandbox's worker processes, bounded in time, memory and output: a template that
-passes a bound is refused in one sentence, as is one that renders nothing. Import renders a short exchange and
-hostile probes (a long conversation of long messages) and refuses a template that fails them.
-
-The end of the assistant's turn is the special token the template writes after an assistant message
-(`<|im_end|>` for Qwen, `<|eot_id|>` for Llama 3), found by rendering one exchange: generation stops there.
-"""
+"""Chat templates: the Jinja template an instruct model ships, kept in the run it is imported into
+(RUN/chat_template.json) and rendered as transformers' `apply_chat_template` does, in Jinja's immutable sandbox and
+lmlab.run.sandbox's bounded workers. Stricter than transformers in one thing: a variable nobody set is refused by
+name instead of rendering empty. The end of the assistant's turn (`<|im_end|>`, `<|eot_id|>`) is found by rendering
+one exchange: generation stops there."""
 
 from __future__ import annotations
 

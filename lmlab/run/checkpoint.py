@@ -1,10 +1,5 @@
-"""Pickle-free, atomic, device-portable checkpoints: the `checkpoints/` folder of a run.
-
-`step_000500/` holds `model.safetensors`, `optimizer.safetensors` and `state.json` (what its writer saves, plus
-the step, the optimizer's non-tensor state and the sha256 of the two tensor files). `latest` and `best` are
-one-line pointer files naming a step folder, replaced atomically. `lmlab.run.rundir` decides what goes into
-state.json; this module only writes, verifies and finds the folders.
-"""
+"""Pickle-free, atomic, device-portable checkpoints: the `checkpoints/` folder of a run. `lmlab.run.rundir` decides
+what goes into state.json; this module writes, verifies and finds the step folders and their pointers."""
 
 from __future__ import annotations
 
@@ -34,8 +29,8 @@ def _fsync_file(path: Path) -> None:
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """The names of tied weights that model.safetensors leaves out, each mapped to the name it keeps (the first in
-    sorted order, as safetensors' save_model chooses: files written before and after read the same)."""
+    """The names of tied weights that model.safetensors leaves out, each mapped to the name it keeps (the first
+    sorted, as safetensors' save_model chooses)."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -49,7 +44,6 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state_dict into tensors (for safetensors) and plain values (for JSON)."""
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
@@ -69,15 +63,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
 
 
 def checkpoint_bytes(tensors: list[torch.Tensor], state: dict[str, Any]) -> int:
-    """The disk a step folder takes: the tensors and their safetensors headers (a line of JSON each), state.json
-    (`state` as written, its two checksums still to come), and a block per file for the file system's rounding."""
+    """The disk a step folder takes: the tensors with their headers, state.json and the file system's rounding."""
     sized = json.dumps({**state, "files": {"model.safetensors": "0" * 64, "optimizer.safetensors": "0" * 64}},
                        indent=1)
     return sum(t.numel() * t.element_size() + 256 for t in tensors) + len(sized.encode()) + 4 * 4096
 
 
 def _check_free_space(folder: Path, need: int) -> None:
-    """Refuse to start a checkpoint the disk cannot hold, rather than leave a half-written one."""
     if shutil.disk_usage(folder.parent).free < need:
         raise WriteError(folder, f"a checkpoint needs {human_bytes(need)}", errno.ENOSPC)
 
@@ -95,12 +87,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                     state: dict[str, Any], best: bool, whole: Callable[[], None] | None = None) -> Path:
-    """Write root/step_<N>/ through a temporary folder and point `latest` (and `best` if asked) at it; `whole` is
-    called once the temporary folder is whole, before it takes the step folder's name (what it raises leaves no
-    checkpoint).
-
-    `weights` is `model_tensors(model)` and `optimizer_state` the optimizer's state_dict (both gathered whole
-    when the model is sharded, lmlab.train.distributed.full_state), so every run writes the same files."""
+    """Write root/step_<N>/ through a temporary folder and point `latest` (and `best`) at it. `weights` is
+    `model_tensors(model)` and `optimizer_state` the optimizer's state_dict, both whole even when sharded; `whole`
+    is called before the folder takes its name (what it raises leaves no checkpoint)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors, plain = _flatten_optimizer(optimizer_state)
@@ -126,7 +115,7 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint is whole or absent
         raise
-    if final.exists():  # a re-run of the same step after resume: replace the old copy only once the new one is whole
+    if final.exists():  # the same step again after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
@@ -143,8 +132,7 @@ def step_folders(root: Path) -> list[Path]:
 
 
 def pointer(root: Path, which: str) -> Path | None:
-    """The step folder that `best` or `latest` names; None without that pointer, or when it is unreadable or does
-    not name an existing step folder of this `root` (a pointer never leads into another run)."""
+    """The step folder that `best` or `latest` names; None unless it names an existing step folder of `root`."""
     try:
         name = (Path(root) / which).read_bytes().decode("utf-8").strip()
     except (OSError, UnicodeDecodeError):
@@ -160,15 +148,13 @@ def remove_partial(root: Path) -> None:
 
 
 def prune_checkpoints(root: Path, keep: int, pinned: AbstractSet[str] = frozenset()) -> None:
-    """Keep the newest `keep` step folders plus whichever `best` and `latest` point to and those `pinned` (the steps
-    a run was resumed from)."""
+    """Keep the newest `keep` step folders, those `best` and `latest` name and those `pinned` (resumed from)."""
     for old in to_prune(root, keep, pinned):
         shutil.rmtree(old)
 
 
 def to_prune(root: Path, keep: int, pinned: AbstractSet[str] = frozenset(), coming: tuple[int, ...] = ()) -> list[Path]:
-    """The step folders `prune_checkpoints` deletes, now or, with `coming`, once checkpoints of those steps are
-    written too (`latest` is then the newest of them)."""
+    """The step folders `prune_checkpoints` deletes, now or once the `coming` steps are written too."""
     pointers = ("best",) if coming else ("best", "latest")
     kept = set(pinned) | {folder.name for which in pointers if (folder := pointer(root, which))}
     existing = step_folders(root)
@@ -194,12 +180,8 @@ def load_state(folder: Path) -> dict[str, Any]:
 
 def load_checkpoint(folder: Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load weights (and optimizer state) into objects already on their device; return the JSON state.
-
-    The files are read into host memory and copied into the tensors the model and optimizer hold, so a GPU never
-    holds a second copy: a rollback or resume in the middle of training (whose batch was sized to the memory left
-    with 10% headroom) adds nothing to its device's memory. Only state the optimizer does not have yet (a resume's
-    first load) is allocated there, once."""
+    """Load weights (and optimizer state) into objects already on their device; return the JSON state. Read into
+    host memory and copied into the tensors held, so a rollback mid-training adds nothing to the device's memory."""
     state = load_state(folder)
     try:
         load_model(model, str(folder / "model.safetensors"), device="cpu")
@@ -212,22 +194,32 @@ def load_checkpoint(folder: Path, model: torch.nn.Module,
     return state
 
 
-def into_place(optimizer: Any, saved: dict[str, Any]) -> dict[str, Any]:
-    """`saved` (an optimizer state_dict read into host memory) with each tensor the optimizer already holds in the
-    same shape and dtype copied into that tensor and put in its place, so that `load_state_dict`, which moves the
-    rest to their parameters' device, keeps the tensors it has rather than allocating new ones beside them."""
+# (parameter, the optimizer's tensor for it or None, the saved one) -> the tensor to load, or None: the saved one
+Placer = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor | None]
+
+
+def copy_into(param: torch.Tensor, mine: torch.Tensor | None, saved: torch.Tensor) -> torch.Tensor | None:
+    """One process's placer: `saved` copied into the optimizer's tensor of the same shape and dtype."""
+    if mine is not None and mine.shape == saved.shape and mine.dtype == saved.dtype:
+        return mine.copy_(saved)
+    return None
+
+
+def into_place(optimizer: Any, saved: dict[str, Any], place: Placer = copy_into) -> dict[str, Any]:
+    """`saved` (a state_dict in host memory) with the tensors `place` put into the optimizer's own, so
+    `load_state_dict` keeps those rather than allocating new ones beside them."""
     live = optimizer.state_dict()["state"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     with torch.no_grad():
         for index, entries in saved["state"].items():
             for key, value in entries.items():
-                mine = live.get(index, {}).get(key)
-                if isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor) and mine.shape == value.shape \
-                        and mine.dtype == value.dtype:
-                    entries[key] = mine.copy_(value)
+                if isinstance(value, torch.Tensor):
+                    placed = place(params[index], live.get(index, {}).get(key), value)
+                    entries[key] = value if placed is None else placed
     return saved
 
 
 def read_optimizer_state(folder: Path, state: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The optimizer state_dict a checkpoint holds (`state` is its verified state.json)."""
+    """The optimizer state_dict a checkpoint holds (`state`: its verified state.json)."""
     tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
     return _unflatten_optimizer(tensors, state["optimizer"])

@@ -9,7 +9,12 @@ name not in `SCHEMA` (one of an older or newer lmlab) is kept when its `step`, i
 from __future__ import annotations
 
 import json
+import math
+import sys
+from pathlib import Path
 from typing import IO, Any
+
+from lmlab.core.peak import Peak
 
 MAX_LINE = 1 << 20  # bytes: the longest event written (a `sizing` event with its candidates) is a few KB
 MAX_DEPTH = 32  # brackets: events nest 3 deep at most (a `sizing` event's candidates); strings may hold a few more
@@ -103,7 +108,17 @@ def _event(line: bytes) -> dict[str, Any] | str:
         value = event[field]
         if not isinstance(value, TYPES[kind]) or (isinstance(value, bool) and bool not in TYPES[kind]):
             return f"{_a(name)} event whose {field} is not {_a(kind.replace('|', ' or '))}"
+        if not _finite(value):
+            return f"{_a(name)} event whose {field} is {str(value)[:20]}, past any figure lmlab writes"
     return event
+
+
+def _finite(value: Any) -> bool:
+    """A number lmlab can have written: standard JSON (no NaN or Infinity: those are written null), an integer
+    within 64 bits (a step of 10^400 parses, and overflows every reader that does arithmetic or plots with it)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, int) or isinstance(value, bool) or abs(value) < 2**63
 
 
 def _a(word: str) -> str:
@@ -123,3 +138,65 @@ def _depth(line: bytes) -> int:
 
 
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def read_events(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl (the first `limit` of them), each read against its schema. A damaged line is
+    skipped, said once per file on stderr with its line number and why; a last line cut short by a crash silently."""
+    if not path.exists():
+        return []
+    events, damaged, number = [], {}, 0
+    with open(path, "rb") as f:
+        while (read := read_line(f)) is not None:
+            number += 1
+            ended, event = read
+            if isinstance(event, str):
+                if ended:  # not the unfinished end of a killed writer's last append
+                    damaged[number] = event
+                continue
+            events.append(event)
+            if limit is not None and len(events) >= limit:
+                break
+    if damaged and (limit is None or len(events) < limit):
+        _say_damaged(path, damaged)
+    elif damaged:
+        read_events(path)  # says every damaged line of the file, where a first few events were read
+    return events
+
+
+_said: set[tuple[Path, tuple[int, ...]]] = set()  # damaged lines already reported by this process
+
+
+def _say_damaged(path: Path, lines: dict[int, str]) -> None:
+    """One line on stderr naming a file's damaged lines and why (the first five), once per process (a command reads
+    a run's events often)."""
+    key = (path.resolve(), tuple(lines))
+    if key in _said:
+        return
+    _said.add(key)
+    named = [f"{n} ({why})" for n, why in list(lines.items())[:5]] + \
+        ([f"{len(lines) - 5} more"] if len(lines) > 5 else [])
+    shown = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+    print(f"note: {path}: line{'s' * (len(lines) > 1)} {shown} {'are' if len(lines) > 1 else 'is'} not events of "
+          "metrics.jsonl's schema and skipped; the run reads as if they were not there.", file=sys.stderr)
+
+
+def as_json(value: Any) -> str:
+    """`value` as standard JSON, every non-finite number (a NaN loss, an infinite grad norm, the best val loss of a
+    run stopped before its first evaluation) as null: Python's json writes them as NaN and Infinity, which other
+    readers (jq, JavaScript, pandas' strict parser) refuse."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(finite(value), allow_nan=False)
+
+
+def peak_fields(peak: Peak | None, world_size: int) -> dict[str, Any]:
+    """`peak_flops` (the job's: every rank's), `peak_source` (how and when it was had) and `peak_quiet`."""
+    if peak is None:
+        return {"peak_flops": None, "peak_source": None, "peak_quiet": None}
+    return {"peak_flops": peak.flops * world_size, "peak_source": peak.describe(), "peak_quiet": peak.quiet}

@@ -1,38 +1,11 @@
-"""The run folder: the one module that writes a run directory, and the one way to load a run back.
-
-```
-runs/NAME/
-  config.toml     the resolved RunConfig ([finetune] too in a fine-tuned run)
-  metrics.jsonl   one JSON event per line, appended and flushed: `start` first (`RunDir.begin`), then train,
-                  eval, checkpoint, skip/spike/rollback, and `end` when the run finishes or stops
-  tokenizer.json  the run's tokenizer, and dataset.json the meta.json of its dataset (tokenizer spec, bytes per
-                  token), so the run samples and evaluates after its dataset is gone
-  prompt.json     a fine-tuned run's prompt format (`lmlab.run.prompt`)
-  chat_template.json  an imported instruct model's chat template (`lmlab.run.chat`)
-  samples.txt     what `lmlab sample` drew, each under a header line
-  evaluations.json  what the run was measured at, by weights: val-split evaluations (`lmlab eval`, `lmlab report`),
-                  task scores (`lmlab eval --task`) and the judge's scores of its answers (`lmlab judge`)
-  loss.png        train and val loss, redrawn at every evaluation
-  checkpoints/    step_NNNNNN/ folders and the latest/best pointers (`lmlab.run.checkpoint`); every state.json
-                  holds the STATE keys, `training` being what its writer needs to continue
-```
-
-One process writes a run at a time: training, resuming, fine-tuning and importing hold its lock
-(`../.NAME.lock` beside the folder, `lmlab.core.fileio.WriterLock`), and every writing method here checks that it is
-held. `samples.txt` is the exception: `lmlab sample` appends to it while the run trains, each entry whole,
-under a lock of the file itself.
-
-A run is one of KINDS. Folders written before this module (no `kind` in the start event, no `format` in
-state.json) still load: `kind()` and `_upgrade` read them.
-"""
+"""The run folder: the one module that writes a run directory (docs/ARCHITECTURE.md lists its files), under its
+lock, and the one way to load a run back. Older folders (no kind in the start event, no state.json format) load."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shlex
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +14,8 @@ from typing import Any
 
 import torch
 
-from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name, load_config, to_toml
+from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name
+from lmlab.core.config_toml import load_config, to_toml
 from lmlab.core.device import configure, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file
@@ -52,17 +26,17 @@ from lmlab.model import LanguageModel, build_model
 from lmlab.model.plugins import check_forward, provider
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.chat import ChatTemplate
-from lmlab.run.events import read_line
+from lmlab.run.events import as_json, peak_fields, read_events
 from lmlab.run.prompt import PromptFormat
 
-KINDS = ("trained", "fine-tuned", "imported")
+RUN_KINDS = ("trained", "fine-tuned", "imported")
 STATE_FORMAT = 2  # state.json: format, kind, lmlab_version, model_config, training (+ step, optimizer, files)
 
 Loader = Callable[[Path, torch.nn.Module, Any], dict[str, Any]]
 
 
 class RunDir:
-    """A run folder by path; nothing is read or written until asked."""
+    """A run folder by path: nothing is read or written until asked."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -77,7 +51,6 @@ class RunDir:
         return self.path.name
 
     def config(self, overrides: Sequence[str] = ()) -> RunConfig:
-        """The run's resolved config, with `--set` overrides applied."""
         path = self.path / "config.toml"
         if not path.exists():
             raise UserError(f"{self.path} is not an lmlab run (no config.toml); pass a directory made by "
@@ -93,19 +66,17 @@ class RunDir:
                             f"(e.g. pip install {source['package']}) to use this run.")
 
     def kind(self) -> str:
-        """trained, fine-tuned or imported: from the start event, or for an older folder from what it holds."""
+        """One of RUN_KINDS: from the start event, or for an older folder from what it holds."""
         head = self.events(limit=2)
-        if head and head[0].get("kind") in KINDS:
+        if head and head[0].get("kind") in RUN_KINDS:
             return head[0]["kind"]
         if (self.path / "prompt.json").exists():
             return "fine-tuned"
         return "imported" if len(head) > 1 and head[1].get("event") == "import" else "trained"
 
     def weights_dtype(self) -> str | None:
-        """The dtype the weights were born in, as the autocast dtype of inference must respect it: bfloat16 when any
-        training of the run (or of the base it was fine-tuned from) ran in it, else the last one's; for an import,
-        what its config.json says they were published in (before imports recorded it: float32 for GPT-2, bfloat16
-        for the other families, as they are published); None where nothing says."""
+        """The dtype the weights were born in, which inference must respect: bfloat16 when any training of the run
+        or its base ran in it, else the last one's; an import's published dtype; None where nothing says."""
         start = (self.events(limit=1) or [{}])[0]
         origin = start.get("origin") or {}
         if self.kind() == "imported":
@@ -117,11 +88,9 @@ class RunDir:
             return "bfloat16"
         return trained[-1] if trained else None
 
-    # -- writing a run ---------------------------------------------------------------------------------------
 
     def lock(self) -> None:
-        """Become the run's one writer, before reading what a write depends on; a second writer is refused in one
-        sentence. The kernel releases the lock if this process dies, so a crash never leaves the run stuck."""
+        """Become the run's one writer (before reading what a write depends on); a second writer is refused."""
         self._lock.acquire(f"{self.path} is being written by another process ({{holder}}); wait for it to finish, "
                            "or choose another --run.")
 
@@ -140,7 +109,7 @@ class RunDir:
         assert self._lock.held_here, f"{self.path} written without its lock: call RunDir.lock() first"
 
     def check_new(self) -> None:
-        """Refuse to start a run where one already has checkpoints: nothing of it is overwritten."""
+        """Refuse to start a run where one already has checkpoints."""
         if self.checkpoints.exists() and any(self.checkpoints.iterdir()):
             if self.kind() != "fine-tuned":
                 go_on = f"pick a new --run, or continue a training run with `{self.resume_command()}`"
@@ -152,8 +121,7 @@ class RunDir:
             raise UserError(f"{self.path} already has checkpoints; {go_on}.")
 
     def resume_command(self) -> str:
-        """The command that continues this run: `lmlab train --resume RUN`, or for a fine-tune the fine-tuning
-        command that made it (the same command again continues it)."""
+        """The command that continues this run: `lmlab train --resume RUN`, or a fine-tune's own command again."""
         if self.kind() != "fine-tuned":
             return f"lmlab train --resume {shlex.quote(str(self.path))}"
         start = (self.events(limit=1) or [{}])[0]
@@ -166,8 +134,7 @@ class RunDir:
                          shlex.quote(str(self.path)), *settings])
 
     def unfinished(self) -> str | None:
-        """How a fine-tune that has not reached its end stands (being fine-tuned now, stopped, killed), else None;
-        None for other kinds, which are usable at any checkpoint."""
+        """How a fine-tune that has not reached its end stands (running, stopped, killed); else None."""
         if self.kind() != "fine-tuned":
             return None
         events = self.events()
@@ -182,8 +149,7 @@ class RunDir:
 
     def write_setup(self, cfg: RunConfig, tokenizer: Tokenizer | Path | None, dataset: dict[str, Any],
                     prompt: PromptFormat | None = None, chat: ChatTemplate | None = None) -> None:
-        """config.toml, tokenizer.json (a Tokenizer, or a tokenizer.json to copy), dataset.json, prompt.json,
-        chat_template.json."""
+        """config.toml, tokenizer.json (a Tokenizer, or a file to copy), dataset.json, prompt and chat template."""
         self.write_config(cfg)
         if isinstance(tokenizer, Tokenizer):
             atomic_write_text(self.path / "tokenizer.json", tokenizer.backend.to_str(pretty=True))
@@ -198,7 +164,7 @@ class RunDir:
             atomic_write_text(self.path / "chat_template.json", chat.to_json())
 
     def write_config(self, cfg: RunConfig) -> None:
-        """config.toml: the resolved config (rewritten when a budgeted run fixes its max_iters)."""
+        """config.toml, rewritten when a budgeted run fixes its max_iters."""
         self._check_writer()
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / "config.toml", to_toml(cfg))
@@ -207,10 +173,8 @@ class RunDir:
               init_from: str | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,
               world_size: int = 1, parallel: str = "none", peak: Peak | None = None,
               origin: dict[str, Any] | None = None, dtype_reason: str | None = None) -> None:
-        """Start a fresh metrics.jsonl with the start event, whose keys are the same for every kind (None where a
-        kind has no value); `origin` is where a fine-tuned or imported run came from. `peak` is one device's (the
-        event holds the job's, every rank's); `train_tokens`, the train split's tokens, are what passes count."""
-        assert kind in KINDS, kind
+        """Start a fresh metrics.jsonl with the start event, of the same keys for every kind; `peak`: one device's."""
+        assert kind in RUN_KINDS, kind
         self._check_writer()
         self.check_new()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -223,18 +187,19 @@ class RunDir:
             "dataset": cfg.data.dataset or None, "tokenizer": dataset.get("tokenizer"), "init_from": init_from,
             "device": str(device) if device else None, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
             "dtype_reason": dtype_reason, "world_size": world_size, "parallel": parallel,
-            **_peak_fields(peak, world_size), "train_tokens": _train_tokens(kind, dataset),
+            **peak_fields(peak, world_size),
+            # what passes over the data count; a fine-tune trains on records, an import not at all
+            "train_tokens": (dataset.get("train") or {}).get("tokens") if kind == "trained" else None,
             "origin": origin, "machine": machine(device),
             "plugin": None if cfg.model.kind in BUILT_IN_KINDS else provider(cfg.model.kind),
         })
 
     def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int,
                 peak: Peak | None = None) -> None:
-        """Log that training continues from a checkpoint, and on what (a resume may move to another machine), with
-        the peak its MFU divides by from here on."""
+        """Log that training continues from a checkpoint, on what machine, with the peak MFU divides by."""
         self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device),
-                  **_peak_fields(peak, world_size)})
+                  **peak_fields(peak, world_size)})
         self._resume_points = None
 
     def log(self, event: dict[str, Any]) -> None:
@@ -243,24 +208,21 @@ class RunDir:
         append_whole(self._metrics, as_json(event) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop events logged after the checkpoint (and the end of a stopped run), so the log reads as
-        one uninterrupted run."""
+        """On resume, drop events after the checkpoint (and a stopped run's end): the log reads as one run."""
         self._check_writer()
         kept = [e for e in self.events() if e.get("step", 0) <= step and e.get("event") != "end"]
         atomic_write_text(self._metrics, "".join(as_json(e) + "\n" for e in kept))
 
     def add_sample(self, text: str, checkpoint_name: str, step: int, settings: str) -> None:
-        """Append a sample to samples.txt under a header naming its checkpoint and how it was drawn. It needs no
-        run lock (a run is sampled while it trains): each entry is appended whole, under a lock of the file."""
+        """Append a sample to samples.txt, whole, without the run lock: a run is sampled while it trains."""
         append_whole(self.path / "samples.txt", f"--- checkpoint {checkpoint_name} (step {step}), {settings}\n"
                                                 f"{text}\n\n")
 
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                         training: dict[str, Any] | None, best: bool, keep: int,
                         whole: Callable[[], None] | None = None) -> Path:
-        """A step folder holding the weights, the optimizer and `training` (what the writer needs to continue,
-        None for an import), `whole` called before it takes its name (`checkpoint.save_checkpoint`); then only the
-        newest `keep` step folders, best, latest and the steps the run was resumed from remain."""
+        """A step folder of the weights, the optimizer and `training`; then only the newest `keep` step folders,
+        best, latest and the resume points remain."""
         self._check_writer()
         state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": __version__,
                  "model_config": dataclasses.asdict(self.config().model), "training": training}
@@ -273,65 +235,35 @@ class RunDir:
         return ckpt.to_prune(self.checkpoints, keep, self.resume_points(), coming)
 
     def resume_points(self) -> set[str]:
-        """The step folders the run was resumed from (its `resume` events): retention never deletes them, so the
-        checkpoint a run continued from can still be sampled and compared with what came after."""
+        """The step folders the run was resumed from: retention keeps them, to compare with what came after."""
         if self._resume_points is None:
             self._resume_points = {e["checkpoint"] for e in self.events()
                                    if e.get("event") == "resume" and isinstance(e.get("checkpoint"), str)}
         return self._resume_points
 
-    # -- reading a run ---------------------------------------------------------------------------------------
 
     def events(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """The metrics events (the first `limit` of them), each read against its schema (`lmlab.run.events`). A
-        damaged line (not JSON in UTF-8, too long or too deep, an event missing a field or with one of the wrong
-        type) is skipped, said once per file on stderr with its line number and why; a last line cut short by a
-        crash silently."""
-        if not self._metrics.exists():
-            return []
-        events, damaged, number = [], {}, 0
-        with open(self._metrics, "rb") as f:
-            while (read := read_line(f)) is not None:
-                number += 1
-                ended, event = read
-                if isinstance(event, str):
-                    if ended:  # not the unfinished end of a killed writer's last append
-                        damaged[number] = event
-                    continue
-                events.append(event)
-                if limit is not None and len(events) >= limit:
-                    break
-        if damaged and (limit is None or len(events) < limit):
-            _say_damaged(self._metrics, damaged)
-        elif damaged:
-            self.events()  # says every damaged line of the file, where a first few events were read
-        return events
+        """The metrics events (the first `limit` of them): `lmlab.run.events.read_events`."""
+        return read_events(self._metrics, limit)
 
     def evaluations(self) -> list[dict[str, Any]]:
-        """The val-split evaluations kept in evaluations.json (by `lmlab eval` and `lmlab report`), oldest first:
-        of the whole split, and of `--max-tokens` subsets (`max_tokens` set), told apart by that key."""
+        """The val-split evaluations kept in evaluations.json, oldest first (`max_tokens` set for a subset's)."""
         return self._kept("results")
 
     def task_results(self) -> list[dict[str, Any]]:
-        """The task scores kept in evaluations.json (`lmlab eval --task`), oldest first."""
         return self._kept("tasks")
 
     def judgements(self) -> list[dict[str, Any]]:
-        """The judge's scores of this run's answers kept in evaluations.json (`lmlab judge`), oldest first."""
         return self._kept("judgements")
 
     def save_evaluation(self, result: dict[str, Any]) -> None:
-        """Keep a val-split evaluation, in place of an older one of the same weights on the same split (or the same
-        subset of it) in the same dtype."""
+        """Keep a val-split evaluation in place of an older one of the same weights, split, subset and dtype."""
         self._keep("results", result, ("weights_sha256", "val_sha256", "dtype", "max_tokens"))
 
     def save_task_result(self, result: dict[str, Any]) -> None:
-        """Keep a task's scores, in place of older ones of the same weights, task file and item limit."""
         self._keep("tasks", result, ("weights_sha256", "task_sha256", "limit"))
 
     def save_judgement(self, result: dict[str, Any]) -> None:
-        """Keep a judge's summary of this run's answers, in place of an older one of the same answers by the same
-        judge model."""
         self._keep("judgements", result, ("answers_sha256", "judge_model"))
 
     def _kept(self, section: str) -> list[dict[str, Any]]:
@@ -342,9 +274,7 @@ class RunDir:
         return [r for r in kept if isinstance(r, dict)] if isinstance(kept, list) else []
 
     def _keep(self, section: str, result: dict[str, Any], key: tuple[str, ...]) -> None:
-        """Add `result` to a section of evaluations.json, dropping a kept one with the same `key` values. It needs no
-        run lock (runs are evaluated while they train): the file is read and replaced under a lock of its own, so
-        two evaluations kept at once are both kept."""
+        """Add `result` to a section of evaluations.json in place of one of the same `key`, under the file's lock."""
         path = self.path / "evaluations.json"
         with locked_file(self.path / ".evaluations.lock"):
             try:
@@ -356,23 +286,20 @@ class RunDir:
             atomic_write_text(path, json.dumps({**kept, section: [*others, result]}, indent=1))
 
     def running(self) -> bool:
-        """Whether a process holds the run's lock: it is training, fine-tuning or importing it now."""
+        """Whether a process holds the run's lock: it is being trained, fine-tuned or imported now."""
         return self._lock.held()
 
     def writer_pid(self) -> int | None:
-        """The process that holds the run's lock, if one does."""
         return self._lock.holder_pid() if self.running() else None
 
     def dataset(self) -> dict[str, Any]:
-        """The run's dataset.json ({} when it has none)."""
         try:
             return json.loads((self.path / "dataset.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return {}
 
     def tokenizer(self) -> Tokenizer:
-        """The run's tokenizer, its file checked against the checksum dataset.json records for it (runs written
-        before the checksum have none to check)."""
+        """The run's tokenizer, its file checked against the checksum dataset.json records (where it has one)."""
         facts, path = self.dataset(), self.path / "tokenizer.json"
         if not facts.get("tokenizer") or not path.exists():
             raise UserError(f"{self.path} has no tokenizer (tokenizer.json and its spec in dataset.json); import the "
@@ -387,7 +314,6 @@ class RunDir:
         return Tokenizer.load(path, facts["tokenizer"], facts.get("eot_id"))
 
     def prompt_format(self) -> PromptFormat | None:
-        """The format a fine-tuned run was taught with; None for other runs."""
         path = self.path / "prompt.json"
         if not path.exists():
             return None
@@ -397,15 +323,11 @@ class RunDir:
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
     def chat_template(self) -> ChatTemplate | None:
-        """An imported instruct model's chat template; None for other runs (a fine-tuned one keeps its format)."""
         path = self.path / "chat_template.json"
         return ChatTemplate.from_json(path) if path.exists() else None
 
     def checkpoint(self, which: str = "latest") -> Path:
-        """The step folder a checkpoint spec names (`best`, `latest`, `step_N` or `N`: see `checkpoint_name`).
-        Without a usable `latest` pointer (deleted, damaged, or naming no step folder of this run) `latest` is the
-        newest step folder, which the pointer would name. A step this run has no folder of is refused with the
-        steps it has."""
+        """The step folder a checkpoint spec names; without a usable pointer, `latest` is the newest step folder."""
         which = checkpoint_name(which)
         if which.startswith("step_"):
             folder = self.checkpoints / which
@@ -422,8 +344,7 @@ class RunDir:
         return pointed
 
     def available_steps(self) -> str:
-        """The checkpoints a run has, as the sentence that ends a refusal: its steps, and which are best and
-        latest."""
+        """The checkpoints a run has (steps, best and latest), as the sentence that ends a refusal."""
         steps = [int(f.name.removeprefix("step_")) for f in self.step_folders()]
         if not steps:
             return f"it has no checkpoints yet; train it first (`lmlab train CONFIG --run {self.path}`)."
@@ -434,8 +355,7 @@ class RunDir:
                 "one of them, best or latest.")
 
     def weights_sha256(self, which: str = "best") -> str | None:
-        """The sha256 of a checkpoint's model.safetensors, as its state.json records it, without loading the model
-        (None when the checkpoint or the record is missing): what evaluations kept in the run are keyed by."""
+        """A checkpoint's model.safetensors sha256 from its state.json (None if missing): what evaluations key."""
         if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
             which = "latest"
         try:
@@ -448,8 +368,7 @@ class RunDir:
         return ckpt.step_folders(self.checkpoints)
 
     def saved_through(self) -> int | None:
-        """The step of the newest checkpoint when no process writes the run, else None. Events past it are those a
-        resume drops: an evaluation logged before its checkpoint, which a failed write or a kill never wrote."""
+        """The newest checkpoint's step when no process writes the run (events past it a resume drops), else None."""
         folders = self.step_folders()
         if not folders or self.running():
             return None
@@ -461,15 +380,12 @@ class RunDir:
 
     def read_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: Any = None,
                         load: Loader = ckpt.load_checkpoint) -> dict[str, Any]:
-        """Load a step folder into `model` (and `optimizer`) with `load` (a sharded model brings its own) and
-        return its state.json in the current format."""
+        """Load a step folder into `model` (and `optimizer`) with `load`; its state.json in the current format."""
         return _upgrade(load(folder, model, optimizer), self)
 
     def load(self, which: str = "best", device: str = "auto", need_tokenizer: bool = True) -> LoadedRun:
-        """The run's model at a checkpoint (`best`, `latest`, `step_N` or `N`), in eval mode, with what using it
-        takes; without `need_tokenizer`, a run that has no tokenizer loads with None in its place. A run never
-        evaluated (stopped before its first eval) has no `best`: it loads `latest`, and `LoadedRun.checkpoint` says
-        so."""
+        """The run's model at a checkpoint, in eval mode, with what using it takes; a run never evaluated has no
+        `best`: it loads `latest`, and says so."""
         which = checkpoint_name(which)
         if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
             which = "latest"
@@ -489,7 +405,6 @@ class RunDir:
         check_forward(model)  # a plugin's, with these weights: NaN logits are one sentence, not NaN text
         born = self.weights_dtype() if torch_device.type == "cuda" else None  # what a GPU without bf16 must heed
         dtype, why = choose_dtype(torch_device, cfg.train.dtype, born)
-        # Said where the weights' own dtype changed the choice (fp32 over fp16 on a GPU without bf16).
         notes = (f"note: {self.path} computes in {why}.",) if dtype != choose_dtype(torch_device, cfg.train.dtype)[0] \
             else ()
         return LoadedRun(self, self.kind(), cfg, model.eval(), tokenizer, torch_device, dtype, self.prompt_format(),
@@ -497,44 +412,17 @@ class RunDir:
                          self.chat_template(), notes)
 
 
-def as_json(value: Any) -> str:
-    """`value` as standard JSON, every non-finite number (a NaN loss, an infinite grad norm, the best val loss of a
-    run stopped before its first evaluation) as null: Python's json writes them as NaN and Infinity, which other
-    readers (jq, JavaScript, pandas' strict parser) refuse."""
-    def finite(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-    return json.dumps(finite(value), allow_nan=False)
-
-
 def check_steps(paths: list[Path | str], which: str) -> None:
-    """Refuse, before anything is read or written, a checkpoint step (`step_N`, `N`) one of the runs does not have,
-    naming the steps it has; `best` and `latest` pass (a run without them falls back, or says so itself)."""
+    """Refuse, before anything is read or written, a checkpoint step one of the runs does not have."""
     if checkpoint_name(which).startswith("step_"):
         for path in paths:
             RunDir(path).checkpoint(which)
 
 
-def _peak_fields(peak: Peak | None, world_size: int) -> dict[str, Any]:
-    """`peak_flops` (the job's: every rank's), `peak_source` (how and when it was had) and `peak_quiet`."""
-    if peak is None:
-        return {"peak_flops": None, "peak_source": None, "peak_quiet": None}
-    return {"peak_flops": peak.flops * world_size, "peak_source": peak.describe(), "peak_quiet": peak.quiet}
-
-
-def _train_tokens(kind: str, dataset: dict[str, Any]) -> int | None:
-    """The tokens of a trained run's train split (what its passes over the data count); none for a fine-tuned run
-    (it trains on records, not on its base's dataset) or an import."""
-    return (dataset.get("train") or {}).get("tokens") if kind == "trained" else None
 
 
 def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
-    """state.json in the current format. Before it, each writer kept its own keys at the top level: those become
-    `training` (a trained run's progress, an epoch of fine-tuning), or nothing for an import."""
+    """state.json in the current format: an older one's own top-level keys become `training`."""
     if state.get("format") == STATE_FORMAT:
         return state
     envelope = ("step", "optimizer", "files", "model_config", "lmlab_version")
@@ -545,7 +433,7 @@ def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
 
 @dataclass
 class LoadedRun:
-    """A run's model at one checkpoint, ready for inference (eval mode, on its device), with what using it takes."""
+    """A run's model at one checkpoint, ready for inference, with what using it takes."""
 
     run: RunDir
     kind: str
@@ -560,20 +448,3 @@ class LoadedRun:
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of
     chat_template: ChatTemplate | None = None  # an imported instruct model's; None for the others
     notes: tuple[str, ...] = ()  # what loading it chose that a command should say (fp32 over fp16, and why)
-
-
-_said: set[tuple[Path, tuple[int, ...]]] = set()  # damaged lines already reported by this process
-
-
-def _say_damaged(path: Path, lines: dict[int, str]) -> None:
-    """One line on stderr naming a file's damaged lines and why (the first five), once per process (a command reads
-    a run's events often)."""
-    key = (path.resolve(), tuple(lines))
-    if key in _said:
-        return
-    _said.add(key)
-    named = [f"{n} ({why})" for n, why in list(lines.items())[:5]] + \
-        ([f"{len(lines) - 5} more"] if len(lines) > 5 else [])
-    shown = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
-    print(f"note: {path}: line{'s' * (len(lines) > 1)} {shown} {'are' if len(lines) > 1 else 'is'} not events of "
-          "metrics.jsonl's schema and skipped; the run reads as if they were not there.", file=sys.stderr)

@@ -1,21 +1,8 @@
-"""Chat templates rendered in a process of their own, bounded in time, memory and output.
-
-A chat template is code from the Hub. Jinja's immutable sandbox keeps it from Python's internals, as transformers
-renders it, but not from looping for hours, recursing without end or printing gigabytes: in the process that
-serves a model, one such template held a thread per request for good. So every render runs in a worker process
-(`python -m lmlab.run.sandbox`, which imports jinja2 and nothing of torch, started apart from the working directory:
-lmlab.core.workers) that:
-
-- stops a render after RENDER_SECONDS: an interval timer raises inside it; a soft CPU-time limit kills a worker
-  stuck in one C call beyond that, and the caller kills one that has not answered RENDER_SECONDS + GRACE after it
-  was asked;
-- has RENDER_MEMORY bytes of address space at most (an allocation past it fails inside the render);
-- stops reading the template's output once it passes the caller's limit of characters.
-
-A render that passes a bound, or that the template refuses, is a `RenderError` naming what happened; the caller
-waits RENDER_SECONDS + GRACE at most, whatever the template does. Workers are reused: one per render under way at
-once (the server bounds how many), each started when first needed and ended when its caller's process ends (its
-input closes)."""
+"""Chat templates rendered in worker processes of their own (`python -m lmlab.run.sandbox`: jinja2, no torch),
+bounded in time (RENDER_SECONDS, then a CPU-time limit, then the caller's kill after GRACE), memory (RENDER_MEMORY of
+address space) and output. A template is code from the Hub: Jinja's sandbox keeps it from Python's internals but not
+from looping, recursing or printing without end, which in a server would hold a thread for good. A render past a
+bound is a `RenderError`; workers are reused, one per render under way, ended with their caller's process."""
 
 from __future__ import annotations
 

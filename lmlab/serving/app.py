@@ -1,24 +1,8 @@
-"""An OpenAI-compatible HTTP server for a run's model: /v1/models, /v1/models/{id}, /v1/completions and
-/v1/chat/completions; vLLM's /tokenize and /detokenize; /health and Prometheus' /metrics. Every request is
-decoded in one shared batch (lmlab.serving.batcher), its tokens handed to the clients by lmlab.serving.streaming.
-
-The port is bound at once, before torch is imported (lmlab.serving.edge: a port in use is said before anything
-loads), and answers at once: until the model is ready /health answers 503 with the phase of the start
-(lmlab.serving.startup loads it in the background) and the API 503 `model_loading` with Retry-After. The edge's
-limits (connections, header, body and idle timeouts) hold from the first connection. The routes are
-lmlab.serving.routes', and the page at / is lmlab.serving.page's. With an API key every route but /, /health and
-/metrics wants `Authorization: Bearer KEY`. A first SIGTERM or SIGINT
-drains: the port closes, running requests go on for up to --drain-seconds, then each ends with a last chunk
-(finish reason "abort") and the process exits 0; a second signal ends it at once.
-
-Limits: a body over --max-body-bytes gets 413 without being read whole (408 when it does not arrive within
---body-timeout); a prompt must fit the model's context
-(its length is checked before it is tokenized, where the tokenizer bounds the characters per token); max_tokens
-is capped (--max-tokens-cap); --max-batch choices decode at once and --max-queue requests wait for a row, and
-the next one gets 429 with Retry-After. JSON parsing and tokenizing run off the event loop and decoding on the
-batcher's thread, so a large or slow request never stalls the others; a client that goes away releases its rows
-at once. Every bad request gets OpenAI's error body, never a crash; one line per request goes to stderr.
-"""
+"""An OpenAI-compatible HTTP server for a run's model (the routes are lmlab.serving.routes'): every request is decoded
+in one shared batch (lmlab.serving.batcher). The port is bound and answering before torch is imported: until the model
+is ready, /health answers 503 with the phase of the start and the API 503 `model_loading`. A first SIGTERM or SIGINT
+drains (running requests go on for up to --drain-seconds, then end with finish reason "abort"); a second ends the
+process at once. docs/reference/serving.md says the limits and what each refusal answers."""
 
 from __future__ import annotations
 
@@ -66,9 +50,8 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 def unauthorized(headers: dict[bytes, bytes], api_key: str) -> ApiError | None:
-    """The 401 for a request without `Bearer api_key` (OpenAI's error body), or None. The key is compared as the
-    UTF-8 bytes a client sends (a key from the environment that is not UTF-8, as its bytes); the 401 closes the
-    connection, so a client without the key holds none open (lmlab.serving.edge)."""
+    """The 401 for a request without `Bearer api_key`, or None. The key is compared as the UTF-8 bytes a client sends;
+    the 401 closes the connection, so a client without the key holds none open."""
     given = headers.get(b"authorization", b"")
     scheme, _, token = given.partition(b" ")
     if not given:
@@ -88,8 +71,7 @@ def key_bytes(api_key: str) -> bytes:
 
 
 def create_app(state: State) -> Any:
-    """The ASGI application of `state`: FastAPI's routes, group by group, behind the gate (key, loading,
-    draining) and the log."""
+    """The ASGI application of `state`: FastAPI's routes behind the gate (key, loading, draining) and the log."""
     from fastapi import FastAPI
 
     app = FastAPI(title=f"lmlab: {state.name}")
@@ -114,9 +96,8 @@ async def send_error(send: Any, error: ApiError) -> None:
 
 
 class Gate:
-    """ASGI middleware in front of the routes: the API key (every route but /health and /metrics), then 503 for
-    the API while the model loads (`model_loading`) or once the server drains (`shutting_down`), with
-    Retry-After, before a body is read."""
+    """ASGI middleware in front of the routes: the API key (every route but /health and /metrics), then 503 for the API
+    while the model loads or once the server drains, before a body is read."""
 
     def __init__(self, app: Any, state: State):
         self.app, self.state = app, state
@@ -140,9 +121,7 @@ class Gate:
 
 
 class AccessLog:
-    """ASGI middleware writing one line per request (method, path, status, tokens in and out, time to first
-    token and tokens/s for completions, seconds; `(client left)` when the client went away first) and counting it
-    in the metrics."""
+    """ASGI middleware writing one line per request and counting it in the metrics."""
 
     def __init__(self, app: Any, state: State):
         self.app, self.state = app, state
@@ -175,16 +154,15 @@ class AccessLog:
 
 
 def printable(path: str) -> str:
-    """A request's path as the log writes it: what is not printable ASCII percent-encoded as UTF-8 (a `%0A` in a
-    URL decodes to a newline, which would begin a forged line)."""
+    """A request's path as the log writes it: what is not printable ASCII percent-encoded (a `%0A` would begin a forged
+    line)."""
     return "".join(c if " " < c < "\x7f" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
                    for c in path)
 
 
 def run_server(state: State, sock: Any, drain_seconds: float) -> int:
-    """Serve on `sock` (bound by `lmlab.serving.edge.bind` before anything loaded, with the edge's limits) until a
-    signal; the exit status: 0 after a drain, 1 when a second signal cut it short, 2 when the model failed to load
-    (`state.failure` says why)."""
+    """Serve on `sock` (bound by `lmlab.serving.edge.bind`) until a signal; the exit status: 0 after a drain, 1 when a
+    second signal cut it short, 2 when the model failed to load."""
     import uvicorn
 
     class Server(uvicorn.Server):

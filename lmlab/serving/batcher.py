@@ -1,15 +1,8 @@
-"""Continuous batching for the server: one thread decodes every admitted request together, one forward per step
-for all of them; a request that arrives while others decode joins at the next step, and one that ends or is
-cancelled leaves at once.
-
-Requests (jobs) wait in a bounded queue, first come first served, until the batch has a row free for each of
-their choices; `submit` refuses one beyond the queue. What a step gives every job goes out in one call of
-`publish`, on the batcher's thread, so the server hands a step over to its event loop with one wake-up however
-many requests share the batch. Cancelling is deterministic: a waiting job leaves the queue at once, a decoding
-one the batch before the next step, whatever the caller's garbage collector does. `use` switches to another
-batch (the compiled step, once it is built) without stopping: new jobs join it, running ones finish where they
-are. `abort` ends every job at the next step, with what it has so far (a server draining for shutdown).
-"""
+"""Continuous batching for the server: one thread decodes every admitted request together, one forward per step; a
+request joins at the next step and leaves at once when it ends or is cancelled. Jobs wait in a bounded queue, first come
+first served, until the batch has a row free for each choice; what a step gives every job goes out in one call of
+`publish`. `use` switches to another batch (the compiled step) without stopping; `abort` ends every job at the next
+step."""
 
 from __future__ import annotations
 
@@ -36,9 +29,8 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request: its prompt, one SamplingParams per choice, and who waits for its events (`owner`). A
-    request with a list of prompts gives each choice its own (`prompts`, one per choice); `logprobs`, `echo` and
-    `generate` are `Batch.add`'s, the same for every choice."""
+    """One request: its prompt, one SamplingParams per choice, and who waits for its events (`owner`); a request with a
+    list of prompts gives each choice its own (`prompts`)."""
 
     prompt: list[int]
     params: list[SamplingParams]
@@ -100,8 +92,7 @@ class Batcher:
             self.wake.notify()
 
     def abort(self) -> None:
-        """End every job, waiting or decoding, at the next step: each choice with the text it has and
-        finish reason "abort"."""
+        """End every job, waiting or decoding, at the next step, with finish reason "abort"."""
         with self.wake:
             self.aborting = True
             self.wake.notify()
@@ -112,9 +103,7 @@ class Batcher:
             return sum(len(job.params) for job in self.running), len(self.waiting)
 
     def _free(self) -> int:
-        """Rows of the current batch no running job holds. A job holds a row per choice from the moment it is
-        admitted until it ends (even choices that ended early), so a job admitted here always finds its rows
-        free in the batch."""
+        """Rows of the current batch no running job holds (a job holds a row per choice until it ends)."""
         return self.batch.capacity - sum(len(job.params) for job in self.running if job.batch is self.batch)
 
     def _queued(self) -> int:

@@ -1,23 +1,8 @@
-"""The server's HTTP edge: what a connection may cost `lmlab serve` before any request reaches the model.
-
-- The listening socket is bound before the model loads (`bind`), so a port in use or an address this machine
-  does not have is one sentence at once, not an error after a minute of loading.
-- Connections: at most `max_connections` open at once, and `max_client_connections` from one address. A
-  connection with no request under way is the first to go: at a limit, a new connection closes the oldest idle
-  one (of that address, at its own limit), those that never passed the key check before those that did, silent
-  ones before those that sent something, answering it 503 with Retry-After (its request may be on its way); only
-  when every connection has a request under way is the new one answered 503 and closed. So no client holds the
-  process's file descriptors, and idle connections, however many and however fast they come back, never keep
-  out a client with a request. A request refused for its key (401) closes its connection.
-- Timeouts: a request's headers must be whole `header_timeout` seconds after its connection opened (or after the
-  previous response on a kept-alive connection, plus `idle_timeout`), however slowly they trickle in; its body
-  must arrive within `body_timeout` seconds (408); a kept-alive connection idle for `idle_timeout` seconds is
-  closed, as is one whose client stops reading an answer for that long.
-- A client that goes away while uploading ends its request with one log line, `(client left)`.
-
-The limits are `ServeLimits`, set by `lmlab serve`'s options; the HTTP server is uvicorn, with its h11 protocol
-extended here by the connection limit and the timeouts uvicorn does not have.
-"""
+"""The server's HTTP edge: what a connection may cost `lmlab serve` before any request reaches the model. The socket is
+bound before the model loads (`bind`); connections are limited in all and per address, an idle one closed first to make
+room (`admit`), so idle connections never keep out a client with a request; headers, bodies, idle keep-alives and
+stalled readers have timeouts (`ServeLimits`). uvicorn's h11 protocol is extended here by the limits and timeouts it
+does not have."""
 
 from __future__ import annotations
 
@@ -119,12 +104,11 @@ class Edge:
         self._expect_headers(self.limits.header_timeout)
 
     def idle(self) -> bool:
-        """No request under way: waiting for one (or for the rest of its headers)."""
         return self.cycle is None or self.cycle.response_complete
 
     def refuse(self, status: int, message: str, code: str) -> None:
-        """Answer `status` and close, reading (and dropping) what the client still sends for up to LINGER seconds
-        first: a socket closed with a request unread is reset by the kernel, and the client may lose the answer."""
+        """Answer `status` and close, reading (and dropping) what the client still sends for up to LINGER seconds first:
+        a socket closed with a request unread is reset by the kernel, and the client may lose the answer."""
         if self.transport.is_closing() or self.refused:
             return
         self.refused = True
@@ -163,8 +147,7 @@ class Edge:
             self._cancel("_deadline")
             self.cycle.scope[GONE] = partial(getattr, self.cycle, "disconnected")  # a lane drops its jobs once true
         if self.cycle is not None and not self.cycle.more_body and self.flow.read_paused:
-            # The body is whole, and uvicorn paused reading at a large one: reading on lets the client's going
-            # away be seen while its request waits (h11 holds a pipelined request's bytes, pausing itself).
+            # Reading on at a large body lets the client's going away be seen while its request waits.
             self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
@@ -199,9 +182,8 @@ def client_name(connection: Any) -> str:
 
 
 def admit(new: Any, connections: set[Any], limits: ServeLimits, log: Any) -> str | None:
-    """Make room for `new` within the limits by closing idle connections (of its address first, at that limit):
-    those that never passed the key check before those that did, those that sent nothing before those that did (a
-    request's first bytes may be on their way), the oldest first; None when it fits, else which limit is full."""
+    """Make room for `new` within the limits by closing idle connections (of its address first): those never trusted,
+    then those that sent nothing, the oldest first; None when it fits, else which limit is full."""
     address = new.client[0] if new.client else None
     for option, most, where, counted in (
             ("--max-client-connections", limits.max_client_connections, f" from {address}",
@@ -214,8 +196,8 @@ def admit(new: Any, connections: set[Any], limits: ServeLimits, log: Any) -> str
                 return f"{most} connections{where} with requests under way ({option})"
             oldest = min(idle, key=lambda c: (c.trusted, c.spoke, c.opened))
             log(f"- - {client_name(oldest)}: idle, closed to make room for {client_name(new)} ({option} {most})")
-            # Answered, not cut: a request may be on its way that the server has not read yet (on a busy machine,
-            # a client's first bytes wait for the event loop), and a socket closed under it is reset.
+            # Answered, not cut: a request the server has not read yet may be on its way, and a socket closed under
+            # it is reset.
             oldest.refuse(503, f"this server closed this idle connection to make room for another ({option} "
                                 f"{most}); retry.", "too_many_connections")
             mine.remove(oldest)
@@ -223,10 +205,9 @@ def admit(new: Any, connections: set[Any], limits: ServeLimits, log: Any) -> str
 
 
 async def read_body(http: Any, limit: int, timeout: float) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit` bytes (from Content-Length, before
-    reading any of it, else while reading), so a huge body never sits in memory; with 408 when it does not arrive
-    within `timeout` seconds; a client that leaves while sending it ends the request with 499 (nginx's "client
-    closed request"), which nobody reads and the access log marks `(client left)`, not a traceback."""
+    """The body, refused with 413 as soon as it is known to be over `limit` bytes (so a huge body never sits in memory),
+    with 408 when it does not arrive within `timeout` seconds; a client that leaves while sending it ends the request
+    with 499, which the access log marks `(client left)`."""
     from starlette.requests import ClientDisconnect
 
     from lmlab.serving.openai_api import ApiError

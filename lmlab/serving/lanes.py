@@ -1,22 +1,8 @@
-"""The CPU work of requests, off the event loop and bounded: reading and tokenizing bodies in one lane, rendering
-chats through their templates in another, each shared fairly between clients (addresses).
-
-A lane is a few threads and a bounded number of waiting jobs, each client's cheapest first:
-
-- No client holds every thread: one runs at most all but one of a lane's threads at once (PER_CLIENT), so a
-  client flooding it with slow jobs (megabyte bodies, chats through a template that loops for its two seconds)
-  leaves a thread to the others. Large bodies never take a lane's last thread either, whoever sends them: a
-  three-token completion waits neither behind a flood nor for one of its jobs to end.
-- The next job is of the client running fewest, then waiting longest: one client's queue is its own.
-- When as many jobs wait as the lane holds, a new job is refused (`Busy`, a 429) only if its client already has as
-  many waiting as any other; otherwise the newest job of the client with the most waiting gives way to it (that
-  request is the one answered 429). A flood fills the lane for no one but the flooder.
-- A job whose client has gone (its connection closed) is dropped, not run (`Left`).
-
-A chat's template runs in a lane of its own (its renders bounded by lmlab.run.sandbox), so chats a template makes
-slow hold none of the threads that read completions. After a large job the C heap's free memory goes back to the
-system (`malloc_trim`): a flood's pages are not kept for good.
-"""
+"""The CPU work of requests, off the event loop and bounded: reading and tokenizing bodies in one lane, rendering chats
+through their templates in another. A lane is a few threads and a bounded number of waiting jobs, shared fairly between
+clients (addresses): no client runs on every thread at once, large bodies never take a lane's last thread, the next job
+is the client's running fewest, a full lane makes the client with the most waiting give way (`Busy`, a 429), and a job
+whose client has gone is dropped (`Left`)."""
 
 from __future__ import annotations
 
@@ -38,8 +24,7 @@ TRIM_BYTES = 256 << 10  # a body this large leaves garbage worth giving back
 
 
 class Busy(Exception):
-    """A lane is full and the job's client has as many waiting as any other, or its job gave way to another
-    client's: `waiting` jobs wait in the lane, `mine` of them the client's."""
+    """A lane is full and the job's client has as many waiting as any other, or its job gave way to another client's."""
 
     def __init__(self, waiting: int, mine: int):
         super().__init__(f"{waiting} waiting, {mine} of them this client's")
@@ -99,8 +84,8 @@ class Lane:
             threading.Thread(target=self._work, name=f"lmlab-{name}-{i}", daemon=True).start()
 
     async def run(self, client: Client, cost: int, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` on one of the lane's threads, for `client`, `cost` bytes of body; Busy when the lane is full
-        for this client, or when the job gives way to another client's later; Left when its client goes first."""
+        """`fn(*args)` on one of the lane's threads, for `client`, `cost` bytes of body; Busy when the lane is full for
+        this client, or when the job later gives way to another client's; Left when its client goes first."""
         job = _Job(client, cost, next(self.order), lambda: fn(*args), asyncio.get_running_loop().create_future())
         with self.wake:
             self._drop_abandoned()
@@ -112,13 +97,12 @@ class Lane:
         return await job.future
 
     def load(self) -> dict[str, int]:
-        """Jobs running and waiting now (for /health)."""
         with self.wake:
             return {"running": sum(self.running.values()), "waiting": self.count}
 
     def _make_room(self, name: str) -> None:
-        """Give up the newest waiting job of the client with the most waiting, when it has more than `name` would
-        with one more; else refuse `name`'s."""
+        """Give up the newest waiting job of the client with the most waiting, when it has more than `name` would with
+        one more; else refuse `name`'s."""
         mine = len(self.waiting.get(name, ()))
         most = max(self.waiting, key=lambda c: len(self.waiting[c]), default=name)
         if len(self.waiting.get(most, ())) <= mine + 1:
@@ -145,8 +129,8 @@ class Lane:
                 del self.waiting[name]
 
     def _next(self) -> _Job | None:
-        """The job to run next: the cheapest of the client running fewest (then waiting longest) that may run one
-        more, large ones only while another thread stays free; None when none may."""
+        """The cheapest job of the client running fewest (then waiting longest) that may run one more, large ones only
+        while another thread stays free; None when none may."""
         self._drop_abandoned()
         choices = [(self.running[name], heap[0][1], name) for name, heap in self.waiting.items()
                    if self.running[name] < self.per_client

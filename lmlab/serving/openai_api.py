@@ -1,10 +1,6 @@
-"""The OpenAI request bodies `lmlab serve` takes, checked field by field, and the objects it answers with.
-
-One rule for fields: an endpoint takes the fields it implements (FIELDS); OpenAI fields that only tag or route a
-request (HINTS: `user`, cache keys) are accepted and change nothing; OpenAI fields it cannot honour (UNSUPPORTED)
-are accepted only with the value that means "not used"; anything else gets a 400 naming the field, as a request
-the server would silently half-answer must not get a 200.
-"""
+"""The OpenAI request bodies `lmlab serve` takes, checked field by field, and the objects it answers with. An endpoint
+takes the fields it implements (FIELDS) and those that only tag or route a request (HINTS); fields it cannot honour
+(UNSUPPORTED) only with the value that means "not used"; anything else gets a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -31,8 +27,7 @@ def shown(value: Any) -> str:
 
 
 def key_name(key: str) -> str:
-    """A client's field name as an error names it: as sent, unless it is too long or not text a response can hold
-    (a lone surrogate)."""
+    """A client's field name as an error names it: as sent, unless too long or not text a response can hold."""
     try:
         key.encode("utf-8")
     except UnicodeEncodeError:
@@ -71,11 +66,23 @@ UNSUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {
 }
 
 
+def json_equal(a: Any, b: Any) -> bool:
+    """Equal as JSON values are: `false` is not `0`, nor `true` `1`, as Python's == has them; 0 and 0.0 are one
+    number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def check_fields(body: dict[str, Any], endpoint: str) -> None:
     """A 400 naming the first field this endpoint neither implements, ignores as a hint, nor leaves unused."""
     for key, value in body.items():
         unsupported, name = UNSUPPORTED[endpoint].get(key), key_name(key)
-        if unsupported is not None and value not in unsupported:
+        if unsupported is not None and not any(json_equal(value, neutral) for neutral in unsupported):
             raise ApiError(400, f"`{name}` is not supported by lmlab serve; leave it out.", name, "unsupported")
         if unsupported is None and key not in FIELDS[endpoint] and key not in HINTS:
             known = ", ".join(FIELDS[endpoint])
@@ -133,8 +140,8 @@ def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
 
 def sampling(body: dict[str, Any], cap: int, most_choices: int, stop: tuple[str, ...],
              seed: int) -> list[SamplingParams]:
-    """The SamplingParams of each of the `n` choices asked for: choice i draws with seed + i (`seed` is the
-    request's, else a random one)."""
+    """The SamplingParams of each of the `n` choices asked for: choice i draws with seed + i (`seed` is the request's,
+    else a random one)."""
     n = field(body, "n", (int,), 1, 1, most_choices)
     try:
         params = SamplingParams(max_new_tokens(body, cap), float(field(body, "temperature", (int, float), 1.0, 0, 2)),
@@ -152,8 +159,8 @@ MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits on the alternat
 
 
 def logprobs_fields(body: dict[str, Any], chat: bool) -> tuple[int | None, bool]:
-    """The alternatives to return per token (None: no log-probabilities) and `echo` (completions: the prompt's
-    tokens too). Completions take `logprobs` 0-5 and `echo`; chat takes `logprobs: true` with `top_logprobs` 0-20."""
+    """The alternatives to return per token (None: no log-probabilities) and `echo`. Completions take `logprobs` 0-5 and
+    `echo`; chat takes `logprobs: true` with `top_logprobs` 0-20."""
     if chat:
         wanted = field(body, "logprobs", (bool,), False)
         top = field(body, "top_logprobs", (int,), None, 0, MAX_LOGPROBS["chat"])
@@ -169,8 +176,8 @@ def logprobs_fields(body: dict[str, Any], chat: bool) -> tuple[int | None, bool]
 
 
 def generates(body: dict[str, Any], echo: bool) -> bool:
-    """Whether a completion generates: `max_tokens: 0` with `echo` only reads and scores the prompt (what
-    evaluators ask); without `echo` it asks for nothing, which is refused."""
+    """Whether a completion generates: `max_tokens: 0` with `echo` only reads and scores the prompt; without `echo` it
+    asks for nothing, which is refused."""
     if not whole(body.get("max_tokens")) or body["max_tokens"] != 0:
         return True
     if not echo:
@@ -180,8 +187,8 @@ def generates(body: dict[str, Any], echo: bool) -> bool:
 
 
 def prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
-    """The prompts of a completion request: a string, a list of token ids, or a list of either (each prompt its own
-    choices). Token ids must be whole numbers of the model's vocabulary."""
+    """The prompts of a completion request: a string, a list of token ids, or a list of either. Token ids must be whole
+    numbers of the model's vocabulary."""
     if isinstance(prompt, str) or _token_ids(prompt):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
@@ -203,25 +210,22 @@ def prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
 
 
 def _token_ids(value: Any) -> bool:
-    """A list of token ids: whole numbers, not booleans (an empty one too, refused later by name)."""
     return isinstance(value, list) and all(map(whole, value))
 
 
 def whole(value: Any) -> bool:
-    """A whole number as JSON has it: an integer, or a number with no fraction (5.0 is 5, as JSON Schema's
-    "integer" says); not a boolean."""
+    """A whole number as JSON Schema's "integer" has it (5.0 is 5); not a boolean."""
     return type(value) is int or type(value) is float and value.is_integer()
 
 
 def _flat(value: Any) -> list[Any]:
-    """The values in a list and in the lists it holds (where a bad token id hides)."""
     return [v for item in value for v in (item if isinstance(item, list) else [item])] if isinstance(value, list) \
         else [value]
 
 
 def _top(score: TokenScore, text: str, piece: Callable[[int], str]) -> dict[str, float] | None:
-    """A token's likeliest alternatives by their text, likeliest first (the likelier kept where two tokens have one
-    text), and the token itself: OpenAI returns up to logprobs + 1 of them."""
+    """A token's likeliest alternatives by their text, likeliest first, and the token itself: OpenAI returns up to
+    logprobs + 1 of them."""
     if score.logprob is None:
         return None
     top: dict[str, float] = {}
@@ -232,9 +236,8 @@ def _top(score: TokenScore, text: str, piece: Callable[[int], str]) -> dict[str,
 
 
 def completion_logprobs(scores: list[TokenScore], piece: Callable[[int], str], start: int) -> dict[str, Any]:
-    """OpenAI's `logprobs` object of a completion choice: each token's text, its log-probability (None for a first
-    prompt token), the likeliest tokens there with theirs (and the token itself), and where its text starts
-    (counting from `start`: the prompt's length, unless it is echoed)."""
+    """OpenAI's `logprobs` object of a completion choice; text offsets count from `start` (the prompt's length, unless
+    it is echoed)."""
     tokens = [piece(s.token) for s in scores]
     offsets, at = [], start
     for text in tokens:
@@ -245,8 +248,7 @@ def completion_logprobs(scores: list[TokenScore], piece: Callable[[int], str], s
 
 
 def chat_logprobs(scores: list[TokenScore], piece: Callable[[int], str]) -> dict[str, Any]:
-    """OpenAI's `logprobs` object of a chat choice: `content`, each token with its log-probability, its UTF-8
-    bytes and its `top_logprobs`."""
+    """OpenAI's `logprobs` object of a chat choice."""
     def entry(token: int, logprob: float) -> dict[str, Any]:
         text = piece(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
@@ -257,8 +259,8 @@ def chat_logprobs(scores: list[TokenScore], piece: Callable[[int], str]) -> dict
 
 
 def within_text(scores: list[TokenScore], piece: Callable[[int], str], length: int) -> list[TokenScore]:
-    """The generated tokens whose text is in a completion of `length` characters: not those of a stop string or
-    of the end-of-text token that ended it."""
+    """The generated tokens whose text is in a completion of `length` characters: not those of a stop string or of the
+    end-of-text token that ended it."""
     kept, at = [], 0
     for s in scores:
         if at >= length:
@@ -325,7 +327,6 @@ def head(chat: bool, model: str, request_id: str) -> dict[str, Any]:
 
 def response(top: dict[str, Any], chat: bool, texts: list[str], reasons: list[str], tokens: dict[str, int],
              logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The whole answer to a request that did not stream (with each choice's `logprobs` object, when asked)."""
     logprobs = logprobs or [None] * len(texts)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": r}
@@ -338,8 +339,7 @@ def response(top: dict[str, Any], chat: bool, texts: list[str], reasons: list[st
 
 def chunk(top: dict[str, Any], chat: bool, index: int, piece: str | None, finish: str | None,
           role: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One streamed chunk: a choice's text piece (with its tokens' `logprobs`, when asked), its finish reason, or
-    (chat) the assistant role first."""
+    """One streamed chunk: a choice's text piece, its finish reason, or (chat) the assistant role first."""
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
         return {**top, "object": "chat.completion.chunk",
@@ -349,5 +349,4 @@ def chunk(top: dict[str, Any], chat: bool, index: int, piece: str | None, finish
 
 
 def usage_chunk(top: dict[str, Any], chat: bool, tokens: dict[str, int]) -> dict[str, Any]:
-    """The last chunk of a stream asked to include usage: no choices, the request's token counts."""
     return {**top, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [], "usage": tokens}

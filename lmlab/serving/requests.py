@@ -1,8 +1,6 @@
-"""The bodies `lmlab serve` reads, checked and tokenized: completions and chats (OpenAI's fields, through
-lmlab.serving.openai_api), and vLLM's /tokenize and /detokenize. The parsers do CPU work (JSON, the tokenizer, a
-chat's template): the server runs them off its event loop, in stages: `read_*` (JSON and field names, a chat's
-messages as turns), `render_chat` (the template, in a lane of its own), then `parse_request` or
-`tokenize_request` (the values and the tokens)."""
+"""The bodies `lmlab serve` reads, checked and tokenized: completions and chats, and vLLM's /tokenize and /detokenize.
+The server runs the parsers off its event loop in stages: `read_*` (JSON and field names), `render_chat` (the template,
+in a lane of its own), then `parse_request` or `tokenize_request`."""
 
 from __future__ import annotations
 
@@ -34,9 +32,7 @@ if TYPE_CHECKING:  # lmlab.inference.generate imports torch, which the server im
 
 @dataclass
 class Served:
-    """The run behind the server once it is loaded, its batcher and its limits. Chats go through an imported
-    instruct model's chat template, the run's prompt format if it was fine-tuned, else a plain transcript
-    (`generate.chat_prompt`)."""
+    """The run behind the server once it is loaded, its batcher and its limits."""
 
     run: Any  # the LoadedRun (its module imports torch, which this one does not)
     batcher: Batcher

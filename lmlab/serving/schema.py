@@ -1,14 +1,7 @@
-"""The OpenAPI document (/openapi.json) of `lmlab serve`: each POST route's request body as JSON Schema, and every
-status a route answers with, its error body included.
-
-The routes read their bodies themselves (lmlab.serving.requests, with the field tables of
-lmlab.serving.openai_api), so FastAPI sees no body to describe. The schemas here are written from those tables and
-from the served run (its names, context, vocabulary, --max-tokens-cap and --max-batch), once it is loaded: a body
-they accept is one the server accepts (tests/test_serve_schema.py runs schemathesis on it). They are stricter where
-JSON Schema cannot say what the server checks: a prompt is at most the characters that fit the context whatever
-they tokenize to, a chat's messages share it (the fewer, the longer each may be), and a chat's template may still
-refuse a conversation (a 400 in its own words, documented like every 400).
-"""
+"""The OpenAPI document (/openapi.json) of `lmlab serve`: each POST route's request body as JSON Schema, written from
+the field tables of lmlab.serving.openai_api and the served run, and every status a route answers with. A body the
+schemas accept is one the server accepts (tests/test_serve_schema.py runs schemathesis on it); they are stricter where
+JSON Schema cannot say what the server checks (a prompt's length whatever it tokenizes to)."""
 
 from __future__ import annotations
 
@@ -21,7 +14,7 @@ from lmlab.serving.requests import TOKENIZE, Served
 from lmlab.serving.routes import ROUTES
 
 EVENT = {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}  # a streamed event's data: a chunk, then [DONE]
-MESSAGES = 64  # the most messages a described chat holds (each with a character of text at least)
+MESSAGES = 64  # the most messages a described chat holds
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -51,9 +44,11 @@ def text(served: Served, most: int) -> dict[str, Any]:
     return schema
 
 
-def prompt_chars(served: Served, tokens: int) -> int:
-    """The characters that take at most `tokens` tokens whatever they are, two kept for special tokens."""
-    return served.run.tokenizer.fewest_chars(tokens - 2)
+def chars_sure_to_fit(served: Served, tokens: int) -> int:
+    """The characters that take at most `tokens` tokens whatever they are, beside the special tokens the tokenizer adds
+    to any text."""
+    tokenizer = served.run.tokenizer
+    return tokenizer.fewest_chars(tokens - len(tokenizer.encode("", True)))
 
 
 def sampling(served: Served, chat: bool) -> dict[str, Any]:
@@ -90,7 +85,7 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
     vocab, context = served.run.config.model.vocab_size, served.context
     ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}, "minItems": 1,
            "maxItems": context}
-    one = {"anyOf": [text(served, prompt_chars(served, context)), ids]}
+    one = {"anyOf": [text(served, chars_sure_to_fit(served, context)), ids]}
     prompts = {"type": "array", "minItems": 1, "maxItems": served.max_batch, "items": one}
     fields = {**sampling(served, False), "model": {"enum": [None, *names]},
               "prompt": {"anyOf": [one, prompts]}, "logprobs": integer(0, MAX_LOGPROBS["completions"]),
@@ -112,12 +107,11 @@ def chat(served: Served, names: list[str]) -> dict[str, Any]:
 
 
 def messages(served: Served) -> dict[str, Any]:
-    """A chat of up to as many messages as fit the context with some text each, however they are put to the run:
-    one shape per count of `counts` (a chat of n messages is one of the first count at least n), its text bounded so
-    that that many fit together."""
+    """A chat of up to as many messages as fit the context with some text each: one shape per count of `counts`, its
+    text bounded so that that many fit together."""
     shapes = []
     for count in counts(served):
-        content = text(served, chars_each(served, count))
+        content = text(served, max(0, chars_each(served, count)))
         message = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
                    "properties": {"role": {"enum": list(ROLES)}, "name": {}, "content": {"anyOf": [content, {
                        "type": "array", "minItems": 1, "maxItems": 1, "items": {
@@ -132,21 +126,21 @@ def messages(served: Served) -> dict[str, Any]:
 
 
 def counts(served: Served) -> list[int]:
-    """The message counts a chat is described at: 1, 2, 4, ... below the most messages that fit the context with a
-    character each (at most MESSAGES), and that most, found by halving between the counts that fit and not."""
+    """The message counts a chat is described at: 1, 2, 4, ... below the most messages that fit the context (at most
+    MESSAGES), and that most."""
     fit, past = 1, 2
-    while past <= MESSAGES and chars_each(served, past) > 0:
+    while past <= MESSAGES and chars_each(served, past) >= 0:
         fit, past = past, 2 * past
     past = min(past, MESSAGES + 1)
     while past - fit > 1:
         middle = (fit + past) // 2
-        fit, past = (middle, past) if chars_each(served, middle) > 0 else (fit, middle)
+        fit, past = (middle, past) if chars_each(served, middle) >= 0 else (fit, middle)
     return sorted({*(2 ** i for i in range(fit.bit_length()) if 2 ** i < fit), fit})
 
 
 def chars_each(served: Served, count: int) -> int:
-    """The characters each of `count` messages may hold for all of them to fit the context, whatever their roles:
-    the context less the tokens the chat's format adds to `count` empty messages of the roles that take most."""
+    """The characters each of `count` messages may hold for all of them to fit the context, whatever their roles; -1
+    where even empty ones do not fit."""
     from lmlab.inference.generate import chat_prompt
 
     frames = []
@@ -156,7 +150,8 @@ def chars_each(served: Served, count: int) -> int:
             frames.append(len(chat_prompt(served.run, turns).ids(served.run.tokenizer)))
         except UserError:  # roles the format or the template refuses (a 400 in its words)
             pass
-    return prompt_chars(served, served.context - max(frames, default=served.context)) // count
+    room = served.context - max(frames, default=served.context + 1)
+    return -1 if room < 0 else served.run.tokenizer.fewest_chars(room) // count  # -1: not even empty ones fit
 
 
 def body(fields: dict[str, Any], taken: tuple[str, ...], constraints: list[dict[str, Any]]) -> dict[str, Any]:

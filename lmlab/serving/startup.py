@@ -1,15 +1,7 @@
-"""The server's start, done in the background while its port already answers (lmlab.serving.app): load the run, then
-decode with the step asked for. A compiled step kept on disk from an earlier start loads in about a second;
-otherwise the server decodes eagerly at once and builds the compiled step in a process of its own, switching to
-it when it is ready (requests decoding then finish eagerly; new ones decode compiled). Each phase is one plain
-log line with its duration, and /health names the phase under way.
-
-Both, because each covers what the other cannot: the first start of a checkpoint has nothing kept, and eager
-decoding serves it from the first seconds instead of after a minute or more of compiling (144 s on a busy
-2-core machine); a restart, the common case of a server, then loads the kept step instead of compiling again or
-serving eagerly for minutes. The compiler runs in a process of its own so it neither holds the server's
-interpreter while it traces nor, if it crashes, takes the server down.
-"""
+"""The server's start, done in the background while its port already answers: load the run, then decode with the step
+asked for. A compiled step kept on disk from an earlier start loads at once; otherwise the server decodes eagerly at
+once and builds the compiled step in a process of its own, switching to it when ready. Each phase is one log line with
+its duration, and /health names the phase under way."""
 
 from __future__ import annotations
 
@@ -34,7 +26,7 @@ from lmlab.inference.compiled import (
     weights_sha256,
 )
 from lmlab.inference.decode import Step
-from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, prompt_chars
+from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, max_prompt_chars
 from lmlab.model.memory import check_decoding
 from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
@@ -44,24 +36,19 @@ from lmlab.serving.state import ServeOptions, State
 
 
 def decode_threads(run: LoadedRun, chooser: ThreadChooser, rows: int) -> int:
-    """CPU threads for decoding: as asked (--threads), else chosen (lmlab.core.threads: a decoding step of `rows`
-    timed where the machine is busy) from one fewer than the cores this process may use (at least one). The core
-    left over runs the event loop and HTTP beside the step: with every core in the step, each step's parallel
-    kernels wait for a thread the loop has preempted, and one streaming client got a tenth of the step's speed on 2
-    cores (benchmarks/serve_throughput.py)."""
+    """CPU threads for decoding: as asked (--threads), else chosen from one fewer than the cores this process may use,
+    leaving one to the event loop and HTTP beside the step (docs/reference/serving.md says why)."""
     choice = chooser.choose(forward_probe(run.model, rows, 1, run.device, run.dtype), run.device)
     return choice.threads
 
 
-# How long a drained server waits for its loading thread to finish what it is doing: a process that exits while
-# that thread is inside torch can abort (status -6) rather than exit 0 (a server stopped as it began to compile, on a
-# busy machine). A model still loading after this is left behind, as before; a second signal waits for nothing.
+# How long a drained server waits for its loading thread: a process that exits while that thread is inside torch can
+# abort rather than exit 0. A second signal waits for nothing.
 STOP_WAIT = 30.0
 
 
 class Startup:
-    """Loads `options.run` for `state` on a thread of its own (`begin`); `stop` ends a compiler still running and
-    lets the loading thread end."""
+    """Loads `options.run` for `state` on a thread of its own (`begin`); `stop` ends a compiler still running."""
 
     def __init__(self, state: State, options: ServeOptions, since: float):
         self.state, self.options, self.since = state, options, since
@@ -72,8 +59,7 @@ class Startup:
         self.thread.start()
 
     def stop(self, wait: bool = True) -> None:
-        """Kill the compiler (one started while this waits too) and, with `wait`, wait up to STOP_WAIT for the
-        thread to end."""
+        """Kill the compiler and, with `wait`, wait up to STOP_WAIT for the thread to end."""
         deadline = time.monotonic() + STOP_WAIT * wait
         while True:
             compiler = self.compiler
@@ -140,16 +126,15 @@ class Startup:
         options = self.options
         created = int((folder / "state.json").stat().st_mtime)
         return Served(run, Batcher(batch, options.max_queue, self.state.relay.publish), options.max_tokens_cap,
-                      options.max_batch, options.max_body_bytes, created, prompt_chars(run),
+                      options.max_batch, options.max_body_bytes, created, max_prompt_chars(run),
                       document_start(run.tokenizer))
 
     def _key(self, run: LoadedRun, folder: Path) -> str:
         return step_key(run.config.model, weights_sha256(folder), self.options.max_batch, run.dtype, run.device)
 
     def _kept(self, run: LoadedRun, folder: Path) -> Batch | None:
-        """A batch decoding with the kept compiled step of the served weights, or None when none is kept, or it is
-        refused (a folder others may write, a package that is not the one built there: said, and built again) or
-        fails to load (then it is deleted, and built again)."""
+        """A batch decoding with the kept compiled step of the served weights, or None when none is kept, it is refused
+        (said, and built again) or it fails to load (deleted, and built again)."""
         try:
             path = kept_step(self._key(run, folder))
         except StepRefused as err:
@@ -171,7 +156,6 @@ class Startup:
         return self._batch(run, run.dtype, step)
 
     def _use(self, path: Path) -> Step:
-        """The kept package `path`'s step, checked (`load_kept`); the state says which step it decodes with."""
         step, digest = load_kept(path)
         self.state.decode_step, self.state.compiled = "compiled", {"file": str(path), "sha256": digest}
         return step
@@ -215,7 +199,6 @@ def chat_rendering(run: LoadedRun) -> str:
 
 
 def served_folder(run: LoadedRun) -> Path:
-    """The step folder of the checkpoint `run` loaded."""
     for folder in step_folders(run.run.checkpoints):
         if int(folder.name.removeprefix("step_")) == run.step:
             return folder

@@ -1,13 +1,7 @@
-"""The per-token path from the batcher's thread to the clients: each step's events handed to the event loop with
-one wake-up for every request in the batch (`Relay`), gathered per request (`Answer`), and written as
-server-sent events, every frame a stream has waiting in one write (`server_sent_events`).
-
-What this path costs per token is what a streaming client loses of the decode step's speed (the "of step" column
-of benchmarks/serve_throughput.py), so it does per step or per request what it can, and little per token: the
-batcher publishes a step once, however many requests it serves; the loop, when it falls behind, takes several
-steps in one wake-up; a stream writes what it has in one send. A request that asks for log-probabilities takes
-them from its choices' decodings when a step's events arrive, and its text frames carry them.
-"""
+"""The per-token path from the batcher's thread to the clients: each step's events handed to the event loop with one
+wake-up for every request in the batch (`Relay`), gathered per request (`Answer`), and written as server-sent events,
+every frame a stream has waiting in one write (`server_sent_events`). It does per step or per request what it can, and
+little per token: what it costs per token is what a streaming client loses of the decode step's speed."""
 
 from __future__ import annotations
 
@@ -36,8 +30,8 @@ class ClientGone(Exception):
 
 
 class Relay:
-    """Hands what the batcher publishes to the event loop: one `call_soon_threadsafe` for as many steps as pile
-    up before the loop runs, each step then given to its requests' answers in order."""
+    """Hands what the batcher publishes to the event loop: one `call_soon_threadsafe` for as many steps as pile up
+    before the loop runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -63,8 +57,8 @@ class Relay:
 
 
 class Answer:
-    """One request as the event loop sees it: the job it submitted, the events not yet read, each choice's text
-    and finish reason so far, and when its tokens came (for the metrics and the log line in `stats`)."""
+    """One request as the event loop sees it: the job it submitted, the events not yet read, each choice's text and
+    finish reason so far, and when its tokens came."""
 
     def __init__(self, request: Request, stats: dict[str, Any], piece: Callable[[int], str],
                  on_tokens: Callable[[bool, int, float], None] | None = None):
@@ -147,8 +141,7 @@ class Answer:
         return [self.request.texts[i // self.request.n] + text for i, text in enumerate(self.texts)]
 
     def logprobs(self) -> list[dict[str, Any]] | None:
-        """Each choice's `logprobs` object, once it has ended (None when not asked for): its prompt's tokens with
-        `echo`, then the tokens of its text."""
+        """Each choice's `logprobs` object, once it has ended (None when not asked for)."""
         request = self.request
         if request.logprobs is None:
             return None
@@ -180,8 +173,7 @@ class Answer:
 
 
 class Frames:
-    """The SSE frames of one stream: OpenAI's chunk objects (`openai_api.chunk`), the parts of a text chunk
-    that never change encoded once per choice, so a token's frame encodes only its text."""
+    """The SSE frames of one stream, the parts of a text chunk that never change encoded once per choice."""
 
     MARK = "\x00"  # stands for the text while the fixed parts are encoded
 
@@ -203,8 +195,8 @@ class Frames:
         return f"data: {json.dumps(chunk(self.top, self.chat, i, piece, None, logprobs=logprobs))}\n\n"
 
     def of(self, events: list[Event], answer: Answer) -> str:
-        """The frames of a step's events: a chunk for each text piece (with its tokens' log-probabilities when
-        the request asks for them: also for tokens that add no text yet) and each finish reason."""
+        """The frames of a step's events: a chunk for each text piece (with its tokens' log-probabilities when asked)
+        and each finish reason."""
         frames = []
         for i, piece, reason in events:
             logprobs = answer.streamed_logprobs(i)
@@ -218,8 +210,8 @@ class Frames:
 
 
 async def server_sent_events(answer: Answer, top: dict[str, Any]) -> AsyncIterator[str]:
-    """OpenAI's chunk objects: (chat) each choice's role, text pieces and finish reasons as they come, (with
-    include_usage) a last chunk with the token counts, then [DONE]. Each yield is all that was waiting."""
+    """OpenAI's chunk objects: (chat) each choice's role, text pieces and finish reasons, (with include_usage) a last
+    chunk with the token counts, then [DONE]. Each yield is all that was waiting."""
     chat, include_usage = answer.request.chat, answer.request.include_usage
     if include_usage:
         top = {**top, "usage": None}  # OpenAI's other chunks carry a null usage when one comes at the end

@@ -1,17 +1,11 @@
 """A time budget (`train.budget_seconds`): the run ends when the budget does, start-up, evaluations and its end
-included, however the machine's pace changes.
+included, however the machine's pace changes. One planner, `plan`, answers `lmlab plan --budget`, `--size auto` and the
+trainer alike, from the seconds gone and what a step, an evaluation and a checkpoint cost (`Costs`), or refuses a budget
+that cannot hold its minimum before any step trains.
 
-One planner, `plan`, answers `lmlab plan --budget`, `--size auto` and the trainer alike, from the same figures: the
-seconds gone and what a step, an evaluation and a checkpoint cost (`Costs`, timed before training by
-lmlab.train.timing). It fits the steps, the evaluations' batches and the warmup to the budget, or refuses a budget
-that cannot hold MIN_STEPS steps, an evaluation, the checkpoint and the end, before any step trains.
-
-While the run goes (`Budget`), the LR after warmup follows the budget's clock, not the step count: the decay's
-position is the share gone of the time from the warmup's end to the last step's end. A change of pace moves where
-the steps fall on the curve, never the curve, so nothing is laid again: the LR cannot rise and reaches min_lr when
-the time does. The last step is decided a step ahead from the recent pace, and trains at min_lr. A resumed run goes
-on by steps from where its checkpoint's plan stood: another process's clock would make resume inexact.
-"""
+While the run goes (`Budget`), the LR after warmup follows the budget's clock, not the step count: a change of pace
+moves where the steps fall on the curve, never the curve, so the LR cannot rise and reaches min_lr when the time does. A
+resumed run goes on by steps: another process's clock would make resume inexact."""
 
 from __future__ import annotations
 
@@ -34,8 +28,8 @@ MOVED_SHARE = 0.1  # a foreseen end that moved by this share of the steps is log
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds: a training step, an evaluation's batch (both splits) and what an evaluation costs besides (its log
-    line and plot), a checkpoint, and the end after the last checkpoint (the last plot, the process's exit)."""
+    """Seconds: a training step, an evaluation's batch (both splits) and what an evaluation costs besides, a checkpoint,
+    and the end after the last checkpoint."""
 
     step: float
     eval_batch: float
@@ -72,9 +66,8 @@ class Plan:
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
 
     def needed(self, steps: int, intervals: tuple[int, int]) -> float:
-        """Seconds to train `steps` after `step` and end: the steps; an evaluation (with a checkpoint of its new
-        best, as a short run's mostly are) at each multiple of the evaluation interval and at the last step; a
-        checkpoint at each other multiple of its interval; the end."""
+        """Seconds to train `steps` after `step` and end: the steps, an evaluation at each multiple of its interval and
+        at the last step, a checkpoint at each other multiple of its interval, the end."""
         if steps <= 0:
             return 0.0
         every_eval, every_checkpoint = intervals
@@ -110,10 +103,9 @@ class BudgetRefused(UserError):
 
 
 def plan(seconds: float, spent: float, costs: Costs, train: TrainConfig, intervals: tuple[int, int]) -> Plan:
-    """The plan of a budget of `seconds` with `spent` gone, from `costs`: the steps whose end is nearest the budget,
-    each evaluation scoring train.eval_iters batches a split or as many as keep all of them within EVAL_SHARE of
-    the budget, and the warmup within WARMUP_SHARE of the steps; refused (`BudgetRefused`) where MIN_STEPS steps,
-    an evaluation of one batch a split, the checkpoint and the end do not fit."""
+    """The plan of a budget of `seconds` with `spent` gone, from `costs`: the steps whose end is nearest the budget, the
+    evaluations' batches within EVAL_SHARE of it and the warmup within WARMUP_SHARE of the steps; refused
+    (`BudgetRefused`) where MIN_STEPS steps, an evaluation, the checkpoint and the end do not fit."""
     def laid(batches: int) -> Plan:
         made = Plan(seconds, 0, 0, spent, costs.step, costs.evaluation(batches), costs.checkpoint, costs.finish,
                     eval_iters=batches)
@@ -149,10 +141,9 @@ def refusal(seconds: float, least: Plan, intervals: tuple[int, int]) -> str:
 
 class Budget:
     """A budgeted run's plan in force. `live` in the process that planned it: the LR's position follows the budget's
-    clock (the seconds spent when each step began, `after_step`, the one call the loop makes), and the last step is
-    decided a step ahead; else (a resumed run) by steps, from the plan's `step` and `position` to min_lr at its
-    `max_iters`. `lag` is how many steps late the seconds spent arrive (one under torchrun, where every rank's are
-    agreed in the background), so that every rank decides alike."""
+    clock (`after_step`, the one call the loop makes), and the last step is decided a step ahead; else (a resumed run)
+    by steps. `lag` is how many steps late the seconds spent arrive (one under torchrun), so every rank decides
+    alike."""
 
     def __init__(self, made: Plan, intervals: tuple[int, int], live: bool = True, lag: int = 0):
         self.plan, self.intervals, self.live, self.lag = made, intervals, live, lag
@@ -160,7 +151,9 @@ class Budget:
         self.decided = not live
         self._seen = (made.step, made.spent)  # the newest step whose start is known, and the seconds spent then
         self._steps: deque[float] = deque(maxlen=PACE_STEPS)  # the newest steps' seconds, evaluations left out
-        self._costs = {"eval": made.eval_seconds, "checkpoint": made.checkpoint_seconds}
+        # An evaluation runs on the cores the steps do, so a load that slows them slows it alike: kept in steps.
+        self._eval_steps = made.eval_seconds / made.step_seconds if made.step_seconds > 0 else 0.0
+        self._checkpoint = made.checkpoint_seconds
         self._anchor: tuple[float, float, float] | None = None  # the decay laid from (seconds, position) to an end
         self._given = made.position  # the newest position handed out: none after it is lower
         self.line: str | None = None  # what the newest `after_step` decided that is worth a line
@@ -172,7 +165,7 @@ class Budget:
 
     def _end(self) -> float:
         """When the last step must end: the budget less the last evaluation, its checkpoint and the exit."""
-        return self.plan.seconds - self._costs["eval"] - self._costs["checkpoint"] - self.plan.finish_seconds
+        return self.plan.seconds - self._eval_steps * self.pace - self._checkpoint - self.plan.finish_seconds
 
     def _began(self, step: int) -> float:
         """The seconds spent when `step` begins, as the newest known start and the pace foresee it."""
@@ -204,9 +197,8 @@ class Budget:
 
     def after_step(self, step: int, spent: float) -> None:
         """The run has trained `step` steps, and `spent` seconds had gone when step `step - lag` began: the pace and
-        the costs of evaluations and checkpoints measured, the decay laid again to the end they foresee (from where
-        it stands: never rising), and the last step decided where the next one (or none) must be it. `line` and
-        `event` say what changed."""
+        costs measured, the decay laid again to the end they foresee (never rising), and the last step decided where the
+        next one must be it. `line` and `event` say what changed."""
         self.line = self.event = None
         step -= self.lag
         if not self.live or self.decided or step <= self._seen[0]:
@@ -231,14 +223,14 @@ class Budget:
         if step % every_eval and step % every_checkpoint:
             self._steps.append(seconds)
         elif step % every_eval == 0:  # an evaluation, and mostly the checkpoint of its new best
-            self._costs["eval"] = max(0.0, seconds - self.pace - self._costs["checkpoint"])
+            self._eval_steps = max(0.0, seconds - self.pace - self._checkpoint) / self.pace
         else:
-            self._costs["checkpoint"] = max(0.0, seconds - self.pace)
+            self._checkpoint = max(0.0, seconds - self.pace)
 
     def _now(self, step: int) -> Plan:
         """The plan as it stands at `step`: the figures measured so far, the end foreseen."""
         return dataclasses.replace(self.plan, step=step, spent=self._began(step), step_seconds=self.pace,
-                                   eval_seconds=self._costs["eval"], checkpoint_seconds=self._costs["checkpoint"],
+                                   eval_seconds=self._eval_steps * self.pace, checkpoint_seconds=self._checkpoint,
                                    max_iters=self.last, position=self._position_at(step))
 
     def _decide(self, last: int, now: Plan) -> None:

@@ -1,6 +1,5 @@
-"""A trained run's checkpoints (`Checkpointer`): a new run begun, from scratch or another run's weights; a run
-resumed from its newest checkpoint that verifies; checkpoints saved, with what retention will delete said; and the
-rollback after a streak of bad steps."""
+"""A trained run's checkpoints (`Checkpointer`): a new run begun, a run resumed from its newest checkpoint that
+verifies, checkpoints saved, and the rollback after a streak of bad steps."""
 
 from __future__ import annotations
 
@@ -12,7 +11,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.core.config import RunConfig, TrainConfig, to_dict
+from lmlab.core.config import RunConfig, TrainConfig, checkpoint_label, checkpoint_name
+from lmlab.core.config_toml import to_dict
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
@@ -24,8 +24,7 @@ from lmlab.train.stop import Writes
 
 
 def check_resumable(run: RunDir, dataset: str) -> None:
-    """Only a trained run has a training state to continue, and only on a dataset that is here (`dataset`, what the
-    run's config names, --set included)."""
+    """Only a trained run has a training state to continue, and only on a dataset that is here."""
     kind = run.kind()
     if kind == "fine-tuned":
         go_on = (f"continue it with the fine-tuning command that made it: `{run.resume_command()}`" if run.unfinished()
@@ -42,9 +41,8 @@ def check_resumable(run: RunDir, dataset: str) -> None:
 
 
 def check_tokenizer(run: RunDir, dataset: str, name: str) -> None:
-    """A run's weights are those of its tokenizer's vocabulary: continuing them on the ids of another tokenizer, even
-    one of the same size, would give every id other text (and `sample` would decode the run's best checkpoint with
-    the wrong one), so no --force lets it. `name` names the run as the command line does."""
+    """A run's weights are those of its tokenizer's vocabulary: continuing them on another tokenizer's ids, even one of
+    the same size, would give every id other text, so no --force lets it. `name` names the run."""
     ours, theirs = run.path / "tokenizer.json", Path(dataset) / "tokenizer.json"
     if ours.exists() and tokenizer_identity(ours) != tokenizer_identity(theirs):
         raise UserError(f"dataset {dataset} has another tokenizer than {name} (the same ids stand for other text), "
@@ -70,15 +68,17 @@ class Checkpointer:
         self.saved_step = -1
 
     def start(self, cfg: RunConfig, init_from: str | None, keep_optimizer: bool) -> None:
-        """A new run: nothing of an earlier one is overwritten; its weights (and optimizer) from another run's, if
-        asked (`runs/OLD`, or `runs/OLD:CHECKPOINT`: best or latest)."""
+        """A new run: nothing of an earlier one is overwritten; its weights (and optimizer) from another run's, if asked
+        (`runs/OLD`, or `runs/OLD:CHECKPOINT`)."""
         self.run_dir.check_new()
         if not init_from:
             return
         old_dir, _, which = init_from.partition(":")
-        if which not in ("", "best", "latest"):
+        try:
+            which = checkpoint_name(which or "latest")
+        except UserError:
             raise UserError(f"--init-from {init_from}: {which!r} is not a checkpoint of a run; use {old_dir}, "
-                            f"{old_dir}:best or {old_dir}:latest.")
+                            f"{old_dir}:best, {old_dir}:latest or {old_dir}:step_N.") from None
         old_run = RunDir(old_dir)
         old = old_run.config().model
         if old.vocab_size != cfg.model.vocab_size:
@@ -90,14 +90,16 @@ class Checkpointer:
             raise UserError(f"--init-from {old_dir} has another model shape "
                             f"({_differences(dataclasses.asdict(old), dataclasses.asdict(cfg.model))}); "
                             "use the same [model] settings as that run.")
-        old_run.read_checkpoint(old_run.checkpoint(which or "latest"), self.model,
-                                self.optimizer if keep_optimizer else None, self.parallel.load_checkpoint)
+        folder = old_run.checkpoint(which)
+        state = old_run.read_checkpoint(folder, self.model, self.optimizer if keep_optimizer else None,
+                                        self.parallel.load_checkpoint)
+        carried = "its weights and optimizer state" if keep_optimizer else "its weights (a new optimizer)"
+        self.console.print(f"starting from {old_dir}, checkpoint {folder.name} "
+                           f"({checkpoint_label(which, state.get('step') or 0)}): {carried}", highlight=False)
 
     def resume(self, cfg: RunConfig, train_sha256: str, force: bool) -> Path:
-        """Restore the newest checkpoint that verifies (`latest`, else an older step folder), of this model on this
-        run's tokenizer and, without `force`, on data of the same checksum (`train_sha256`: of the bytes training
-        reads, verified against meta.json: a dataset prepared again from other inputs is another dataset); the step
-        folder it came from."""
+        """Restore the newest checkpoint that verifies, of this model on this run's tokenizer and, without `force`, on
+        data of the same checksum (`train_sha256`); the step folder it came from."""
         if self.parallel.is_main:
             self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
         self.run_dir.checkpoint("latest")  # says so if there is nothing to resume
@@ -123,9 +125,9 @@ class Checkpointer:
         step, began = self.progress.step, time.perf_counter()
 
         def log() -> None:
-            # Logged once the files are whole, before the folder takes its step's name: a kill before leaves neither,
-            # a kill after leaves an event that resume drops with the unfinished folder (the other order would lose
-            # the event of a checkpoint that exists); a failed write logs none, and a failed log keeps no folder.
+            # Logged once the files are whole, before the folder takes its step's name: a kill leaves neither, or an
+            # event
+            # that resume drops with the unfinished folder; a failed write logs none, and a failed log keeps no folder.
             self.writes.log({"event": "checkpoint", "step": step, "best": best,
                              "seconds": round(time.perf_counter() - began, 3)})
             if self.writes.error is not None:
@@ -154,8 +156,7 @@ class Checkpointer:
                            f"LR scaled by {lr_scale:g}[/yellow]")
 
     def say_retention(self, last_step: int) -> None:
-        """Name the step folders that retention will delete as the resumed run's checkpoints come (those of its
-        interval and its end; a new best adds more), and what it keeps."""
+        """Name the step folders that retention will delete as the resumed run's checkpoints come, and what it keeps."""
         tc, step = self.train, self.progress.step
         end, every = last_step, tc.checkpoint_interval
         coming = (end, *range(end // every * every, step, -every)[:tc.keep_checkpoints]) if end > step else ()

@@ -1,14 +1,9 @@
-"""torchrun glue: one process per device, DDP or FSDP2 around the model, and the collectives the loop needs.
+"""torchrun glue: one process per device, DDP or FSDP2 around the model, and the collectives the loop needs; without
+torchrun a `Parallel` is a single process and every method is the identity, so the loop has one code path.
 
-`torchrun` starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK; without them a `Parallel`
-is a single process and every method here is the identity, so the training loop has one code path.
-
-The batch rule: a config's optimizer step is `grad_accum_steps` micro-batches of `batch_size` sequences
-whatever the world size. Each rank runs `grad_accum_steps / world_size` of them, so a rank holds the
-micro-batch the config sized for one device, and every rank draws the whole global batch from the same
-loader RNG and keeps its own disjoint slice: the loader's position does not depend on the world size, and a
-run resumes on any number of processes in the same data order.
-"""
+The batch rule: a config's optimizer step is `grad_accum_steps` micro-batches of `batch_size` sequences whatever the
+world size; each rank runs `grad_accum_steps / world_size` of them, drawing the whole global batch from the same loader
+RNG and keeping its own slice, so a run resumes on any number of processes in the same data order."""
 
 from __future__ import annotations
 
@@ -17,35 +12,22 @@ import json
 import os
 import re
 import socket
-import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from lmlab.core.config import ModelConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError, classify
 from lmlab.data.loader import BatchLoader
 from lmlab.model import LanguageModel, build_model
-from lmlab.run.checkpoint import (
-    load_checkpoint,
-    load_state,
-    model_tensors,
-    read_optimizer_state,
-    tied_aliases,
-)
-
-if TYPE_CHECKING:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-# Our GPT returns its logits as a slice of the padded head's output; nothing modifies them in place.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+from lmlab.run.checkpoint import load_checkpoint, model_tensors
+from lmlab.train.fsdp import fill_from_main, gather_full_state, load_sharded, shard
 
 
 def launched_by_torchrun() -> bool:
@@ -53,7 +35,6 @@ def launched_by_torchrun() -> bool:
 
 
 def elastic_restart() -> bool:
-    """True in workers that `torchrun --max-restarts` started again after a failure."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
@@ -84,7 +65,6 @@ class Parallel:
         return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.world_size > 1 else 1
 
     def local_steps(self, grad_accum_steps: int) -> int:
-        """Micro-batches each rank runs per optimizer step (the batch rule in the module docstring)."""
         if grad_accum_steps % self.world_size:
             raise UserError(f"train.grad_accum_steps ({grad_accum_steps}) must be a multiple of the number of "
                             f"processes ({self.world_size}), as each runs an equal share of the micro-batches; "
@@ -94,40 +74,23 @@ class Parallel:
 
     def build(self, config: ModelConfig, parallel: str, device: torch.device, dtype: torch.dtype
               ) -> tuple[LanguageModel, torch.nn.Module]:
-        """The model to train, freshly initialised on `device`, and the module that runs its forward (`wrap`).
-
-        Under FSDP no rank holds the whole model on its device, so a model larger than one GPU trains: it is built on
-        the meta device (a shape), sharded, its shards allocated on `device`, and every rank given rank 0's initial
-        weights, built on rank 0's CPU from the global RNG as one process builds them (so the run starts where a
-        single process would), each rank receiving its shards alone (`broadcast_from_rank0`)."""
+        """The model to train, freshly initialised on `device`, and the module that runs its forward (`wrap`);
+        under FSDP, built sharded (`fsdp.fill_from_main`), so that no rank holds the whole model."""
         if not (self.active and parallel == "fsdp"):
             model = build_model(config).to(device)
             return model, self.wrap(model, parallel, dtype)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         with torch.device("meta"):
             model = build_model(config)
         wrapped = self.wrap(model, parallel, dtype)
-        model.to_empty(device=device)
-        whole = build_model(config) if self.is_main else None  # on rank 0's CPU: host memory, not the GPU's
-        set_model_state_dict(model, whole.state_dict() if whole is not None else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        # Buffers are not sharded, and those a model recomputes rather than saves (rotary tables) are in no state
-        # dict: rank 0's, to every rank.
-        mine = dict(whole.named_buffers()) if whole is not None else {}
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if whole is not None:
-                    buffer.copy_(mine[name])
-                dist.broadcast(buffer, src=0)
+        fill_from_main(model, config, device, self.is_main)
         return model, wrapped
 
     def wrap(self, model: LanguageModel, parallel: str, dtype: torch.dtype) -> torch.nn.Module:
-        """The module to train: the model itself in one process, else DDP around it or the model sharded in place
-        by FSDP2 (`shard`), per train.parallel."""
+        """The module to train: the model itself in one process, else DDP around it or the model sharded in place by
+        FSDP2, per train.parallel."""
         if not self.active:
             return model
-        # Imported here: FSDP, DDP and DTensor take ~1 s to import, which a single process need not wait for.
+        # Imported here, as FSDP, DDP and DTensor are slow to import, which a single process need not wait for.
         from torch.nn.parallel import DistributedDataParallel
 
         if parallel == "ddp":
@@ -137,8 +100,7 @@ class Parallel:
             if dtype == torch.float16:
                 raise UserError('train.parallel = "fsdp" cannot use float16: its grad scaler would judge each '
                                 'shard alone; set train.dtype to bfloat16 or float32, or train.parallel to "ddp".')
-            # The fused AdamW built afterwards steps the DTensor shards as they are, found_inf skips included
-            # (checked on CPU/Gloo), so no fallback optimizer is needed.
+            # The fused AdamW built afterwards steps the DTensor shards as they are, found_inf skips included.
             self._model = shard(model, dtype)
         self.mode = parallel
         return self._model
@@ -174,8 +136,8 @@ class Parallel:
             yield
 
     def reduce_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global mean loss and grad norm of a step, as plain device tensors and without a host sync, so
-        every rank's spike guard and non-finite skip decide alike."""
+        """The global mean loss and grad norm of a step, without a host sync, so every rank's spike guard and non-finite
+        skip decide alike."""
         if self.mode == "fsdp":  # the norm is a DTensor, already reduced over the shards
             grad_norm = grad_norm.full_tensor()
         return self.all_reduce_sum(loss) / self.world_size, grad_norm
@@ -188,15 +150,15 @@ class Parallel:
         return tensor
 
     def mean(self, values: list[float], device: torch.device) -> list[float]:
-        """The mean over ranks of a few host numbers (the numbers themselves in one process), so that every rank
-        decides alike from measurements that differ a little from rank to rank."""
+        """The mean over ranks of a few host numbers, so that every rank decides alike from measurements that differ a
+        little from rank to rank."""
         if not self.active:
             return values
         total = self.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
         return (total / self.world_size).tolist()
 
     def from_main(self, value: int) -> int:
-        """Rank 0's whole number on every rank: what rank 0 alone measured or chose (the dtype of `auto`)."""
+        """Rank 0's whole number on every rank: what rank 0 alone measured or chose."""
         if not self.active:
             return value
         tensor = torch.tensor([value])
@@ -204,8 +166,8 @@ class Parallel:
         return int(tensor.item())
 
     def any(self, flag: bool) -> bool:
-        """Whether any rank raised `flag`, now: a blocking round trip, for a question asked once (at the end of
-        a run), where `agree`'s answer a step late would come too late."""
+        """Whether any rank raised `flag`, now: a blocking round trip, for a question asked once (at the end of a
+        run)."""
         if not self.active:
             return flag
         tensor = torch.tensor([int(flag)])
@@ -213,12 +175,10 @@ class Parallel:
         return bool(tensor.item())
 
     def agree(self, *values: float) -> tuple[float, ...]:
-        """For each value, its largest over the ranks: whether any rank raised a flag (caught a stop signal, failed a
-        write), so all leave the loop at the same step; the seconds a budget has spent, so all decide alike. In one
-        process, the values themselves. Under torchrun, the answer to the previous call's values: each call starts
-        an all-reduce over a CPU group in the background and reads the one started a step before, which has long
-        finished, so asking every step costs neither a device sync nor a round trip; every rank calls it at the
-        same steps, so all get the same answers one step late (`lag`)."""
+        """For each value, its largest over the ranks: whether any rank raised a flag (a stop signal, a failed write),
+        so all leave the loop at the same step; the seconds a budget has spent, so all decide alike. Under torchrun, the
+        answer to the previous call's values (`lag`): each call starts an all-reduce over a CPU group in the background
+        and reads the one started a step before, so asking every step costs neither a device sync nor a round trip."""
         if not self.active:
             return values
         answer = (0.0,) * len(values)
@@ -232,13 +192,11 @@ class Parallel:
 
     @property
     def lag(self) -> int:
-        """How many steps late `agree` answers."""
         return int(self.active)
 
     def own_rng(self, seed: int, step: int) -> None:
-        """Ranks other than 0 draw their own dropout masks from here on, seeded by (seed, rank, step): one seed
-        for all would give every rank the same masks, and a checkpoint holds rank 0's generator state only.
-        Rank 0 keeps its stream, a single process's, so one process trains as it does without torchrun."""
+        """Ranks other than 0 draw their own dropout masks from here on, seeded by (seed, rank, step); rank 0 keeps its
+        stream, a single process's, as a checkpoint holds rank 0's generator state only."""
         if self.rank:
             torch.manual_seed(int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1)[0]))
 
@@ -247,8 +205,7 @@ class Parallel:
             dist.barrier()
 
     def close(self, failed: bool = False) -> None:
-        """Leave the job; after a failed collective (`failed`), without waiting for the vote under way, which
-        involves the peer that failed."""
+        """Leave the job; after a failed collective (`failed`), without waiting for the vote under way."""
         if self.active:
             if self._vote is not None and not failed:
                 self._vote[0].wait()  # every rank started it, so it ends
@@ -271,8 +228,8 @@ class Parallel:
         return [bytes(chunk[:int(size)].tolist()).decode() for chunk, size in zip(chunks, sizes)]
 
     def check_same(self, what: str, facts: dict[str, Any], fix: str) -> None:
-        """Refuse, on every rank alike, a job whose ranks hold different `facts` (flat, JSON-able) about `what` (their
-        config, their dataset): a rank trained on other inputs would change every step without saying so."""
+        """Refuse, on every rank alike, a job whose ranks hold different `facts` (flat, JSON-able) about `what`: a rank
+        trained on other inputs would change every step without saying so."""
         found = [json.loads(text) for text in self.gather_text(json.dumps(facts, sort_keys=True))]
         for rank, theirs in enumerate(found):
             if theirs != found[0]:
@@ -283,8 +240,8 @@ class Parallel:
                                 f"({differ}); {fix}.")
 
     def lost(self, err: BaseException) -> str | None:
-        """Who a failed collective lost and how, said from this rank ("rank 0 on host a lost rank 1 on host b:
-        ..."), or None when `err` is not a collective's failure."""
+        """Who a failed collective lost and how, said from this rank, or None when `err` is not a collective's
+        failure."""
         failed = classify(err)
         if not self.active or failed not in ("peer", "timeout"):
             return None
@@ -301,95 +258,26 @@ class Parallel:
         peers = ", ".join(self.where(r) for r in others[:3]) + (f" and {len(others) - 3} more" if others[3:] else "")
         return f"{self.where(self.rank)} lost {peers} ({how})"
 
+
     def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Whole weights and optimizer state_dict for checkpoint.save_checkpoint, on rank 0 (empty elsewhere);
         gathered from the shards under FSDP, which every rank must call together."""
-        if self.mode != "fsdp":
-            return (model_tensors(model), optimizer.state_dict()) if self.is_main else ({}, {})
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        # Whole tensors on rank 0's CPU: the files a single-device run writes, at the cost of rank 0's host memory.
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=full)
-        by_name = get_optimizer_state_dict(model, optimizer, options=full)
-        if not self.is_main:
-            return {}, {}
-        aliases = tied_aliases(model)
-        index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
-        return ({name: t for name, t in weights.items() if name not in aliases},
-                {"state": {index[name]: v for name, v in by_name["state"].items()},
-                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]})
+        if self.mode == "fsdp":
+            return gather_full_state(model, optimizer, self.is_main)
+        return (model_tensors(model), optimizer.state_dict()) if self.is_main else ({}, {})
 
     def load_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
                         ) -> dict[str, Any]:
         """checkpoint.load_checkpoint, sharding whole tensors under FSDP: any checkpoint loads on any world size."""
-        if self.mode != "fsdp":
-            return load_checkpoint(folder, model, optimizer)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        state = load_state(folder)
-        weights = load_file(str(folder / "model.safetensors"))
-        weights.update({alias: weights[kept] for alias, kept in tied_aliases(model).items()})
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        if optimizer is not None:
-            names = _param_names(model, optimizer)
-            saved = read_optimizer_state(folder, state)
-            by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
-                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                        for g in saved["param_groups"]]}
-            set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-        return state
-
-
-def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:
-    """Shard `model` in place with FSDP2 so that it computes what one process computes under autocast of `dtype`.
-
-    In fp32, each of its `shard_units`, then the rest. Under bf16, each unit's matmul layers (its nn.Linear modules)
-    are one group, all-gathered in bf16 (`mixed_precision`: half the traffic, and the very values autocast would
-    cast them to); the rest (embeddings, the head, the norms) goes with the root in fp32, which autocast casts as it
-    casts a single process's: FSDP's bf16 policy over whole blocks would also round the norms' gains and, casting
-    each block's input, the residual stream to bf16, which autocast keeps in fp32."""
-    from torch.distributed.fsdp import fully_shard
-
-    for unit in model.shard_units():
-        matmuls = [m for m in unit.modules() if isinstance(m, torch.nn.Linear)]
-        if dtype == torch.bfloat16 and matmuls:
-            fully_shard(matmuls, mp_policy=mixed_precision(dtype))
-        else:
-            fully_shard(unit)
-    return fully_shard(model)
-
-
-def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """FSDP2's precision for the matmul layers of a run of autocast `dtype` (see `shard`). Under bf16 they are
-    all-gathered in bf16 and their gradients reduced in fp32, while the sharded master weights and the optimizer stay
-    fp32; their inputs are left to autocast, which casts them at the matmul (FSDP would cast the residual stream).
-    Otherwise everything stays fp32 and FSDP computes what one process computes."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    if dtype == torch.bfloat16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    return MixedPrecisionPolicy()
-
-
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the order an optimizer state_dict numbers them (group by group)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        if self.mode == "fsdp":
+            return load_sharded(folder, model, optimizer)
+        return load_checkpoint(folder, model, optimizer)
 
 
 def from_env() -> Parallel:
-    """This process's place in the torchrun job (one process without torchrun), before joining it: what can be
-    checked against the world size is refused before the processes connect."""
+    """This process's place in the torchrun job, before joining it, so that what the world size decides is refused
+    before the processes connect."""
     if not launched_by_torchrun():
         return Parallel()
     return Parallel(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
@@ -403,9 +291,8 @@ def _address(host: str) -> str | None:
 
 
 def setup(device_name: str, timeout: float) -> tuple[Parallel, torch.device]:
-    """Join the torchrun job if there is one (NCCL on CUDA, one GPU per local rank; Gloo on the CPU), a collective
-    failing after `timeout` seconds without an answer (train.collective_timeout; NCCL's later, `nccl_timeout`), and
-    return this process's place in it, with every rank's host name, and its device."""
+    """Join the torchrun job if there is one (NCCL on CUDA, Gloo on the CPU), a collective failing after `timeout`
+    seconds without an answer, and return this process's place in it and its device."""
     device = resolve_device(device_name)
     parallel = from_env()
     if not launched_by_torchrun():
@@ -427,10 +314,9 @@ def setup(device_name: str, timeout: float) -> tuple[Parallel, torch.device]:
 
 
 def nccl_timeout(timeout: float) -> float:
-    """NCCL's own timeout for a job whose collectives fail after `timeout` seconds: longer, so that the loop's Gloo
-    vote (every step, on the CPU) fails first and the job ends with the sentence naming the host it lost; when an
-    NCCL collective times out, NCCL's watchdog aborts the process (SIGABRT and its own log) before any sentence.
-    Twice the timeout and a minute more: a step under way when the peer went may have started a timeout earlier."""
+    """NCCL's own timeout: longer than the collectives' `timeout`, so that the loop's Gloo vote fails first and the job
+    ends with the sentence naming the host it lost, not NCCL's watchdog abort; twice the timeout and a minute more, as a
+    step under way when the peer went may have started a timeout earlier."""
     return 2 * timeout + 60
 
 

@@ -1,8 +1,6 @@
-"""Instruction fine-tuning on Alpaca-format records: the loss on the response and its end marker only, a held-out
-split scored each epoch (the best epoch is `best`), the prompt format kept in RUN/prompt.json so that sampling and
-serving ask the model as it was taught. The same command again continues an unfinished fine-tune from its newest
-checkpoint, which holds its place in the epoch, to the weights an uninterrupted one reaches; another is refused.
-"""
+"""Instruction fine-tuning on Alpaca-format records: the loss on the response and its end marker only, a held-out split
+scored each epoch (the best epoch is `best`), the prompt format kept in RUN/prompt.json. The same command again
+continues an unfinished fine-tune from its newest checkpoint to the weights an uninterrupted one reaches."""
 
 from __future__ import annotations
 
@@ -36,7 +34,7 @@ from lmlab.train.optim import optimizer_of
 from lmlab.train.schedule import lr_at
 from lmlab.train.state import Stopwatch, rng_state, set_rng_state
 from lmlab.train.step import TrainStep
-from lmlab.train.stop import StepAbandoned, StopOnSignal
+from lmlab.train.stop import StepAbandoned, StopOnSignal, begun
 
 
 def split_records(records: list[dict[str, str]], val_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -148,7 +146,6 @@ class _Finetuner:
         return loss
 
     def threads_changed(self, choice: Choice) -> None:
-        """Say and log threads lowered at the start, or changed by a look at the load as the fine-tune goes."""
         self.run.log(choice.record(self.step))
         self.console.print(f"step {self.step}: fine-tuning on {choice.describe('finetune.threads')}", highlight=False,
                            style="yellow" if choice.lowered else "default")
@@ -163,7 +160,6 @@ class _Finetuner:
         self.saved_step = self.step
 
     def restore(self, folder: Path) -> None:
-        """Continue from a checkpoint of this fine-tune: weights, optimizer, position, RNG state."""
         training = self.run.read_checkpoint(folder, self.model, self.train_step.optimizer)["training"]
         if not isinstance(training, dict) or "position" not in training:
             raise UserError(f"{folder} was written by a version of lmlab whose fine-tunes do not resume; fine-tune "
@@ -212,13 +208,13 @@ def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "a
     continue an unfinished fine-tune there made by the same command."""
     if not ft.data:
         raise UserError("fine-tuning needs records: pass --data FILE.json or set finetune.data.")
-    # Made before the set-up, whose load tells a quiet machine, and from every core, not what an earlier job of this
-    # process chose. A step's last bits depend on the count: a fine-tune continued in another process is bitwise the
-    # same on the same threads, which finetune.threads fixes.
+    # Chosen before the set-up, whose load tells a quiet machine; a step's last bits depend on the count, which
+    # finetune.threads fixes.
     before = torch.get_num_threads()  # given back at the end: a caller's process keeps its own threads
     threads = ThreadChooser(ft.threads, "finetune.threads")
     try:
-        with RunDir(run_dir).locked() as run:  # one writer: a second fine-tune into the same --run is refused
+        # A stop during the set-up ends it at once, nothing written; after `begun`, after the first step.
+        with StopOnSignal(setting_up=True), RunDir(run_dir).locked() as run:  # one writer: a second one is refused
             return _finetune(base_dir, run, ft, device, console or Console(), threads)
     finally:
         torch.set_num_threads(before)
@@ -279,6 +275,7 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
     continuing = _continuing(run, ft, origin)
     longest = max(len(ids) for ids, _ in fits["train"]) - 1  # the start event records the threads chosen
     choice = threads.choose(forward_probe(base.model, ft.batch_size, longest, base.device, base.dtype), base.device)
+    begun()
     if not continuing:
         if base.checkpoint != "best":
             console.print(f"note: {base_dir} has no best checkpoint (it was never evaluated); fine-tuning its latest "

@@ -1,8 +1,6 @@
-"""The training loop (`Trainer`): optimizer steps (`TrainStep`) one after another, each followed by what the
-`Cadence` says is due (a train line, an evaluation, a checkpoint), at the LR the `Schedule` gives, until its last
-step, an early stop, a stop signal or a failed write; on one device or under torchrun. The parts it owns each decide
-their own concern: the checkpoints (`Checkpointer`), a time budget (`Budget`, planned before the first step), bad
-steps (`SpikeGuard`), the CPU threads (`ThreadChooser`)."""
+"""The training loop (`Trainer`): optimizer steps one after another, each followed by what the `Cadence` says is
+due (a train line, an evaluation, a checkpoint), until the schedule's last step, an early stop, a stop signal or a
+failed write; on one device or under torchrun. What a run settles before its first step is in `preflight`."""
 
 from __future__ import annotations
 
@@ -19,25 +17,24 @@ from rich.console import Console
 
 from lmlab.analysis.plots import plot_losses
 from lmlab.core.compile_cache import discard_partial_builds
-from lmlab.core.config import RunConfig, to_dict
+from lmlab.core.config import RunConfig
 from lmlab.core.device import configure
-from lmlab.core.errors import PeerLost, UserError
+from lmlab.core.errors import PeerLost
 from lmlab.core.humanize import format_duration
-from lmlab.core.peak import Peak, choose_dtype, emulated_warning, peak_flops
 from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
-from lmlab.data.loader import BatchLoader, check_block_size, open_tokens
-from lmlab.data.shards import read_meta, row_layout
+from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import Budget, Costs, Plan, plan
+from lmlab.train.budget import Budget, Costs, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
-from lmlab.train.schedule import Schedule, lr_at_position
+from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
+from lmlab.train.schedule import Schedule
 from lmlab.train.state import (
     Mean,
     Means,
@@ -51,7 +48,7 @@ from lmlab.train.state import (
     TrainingState,
 )
 from lmlab.train.step import TrainStep
-from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes
+from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes, begun, peer_lost
 from lmlab.train.timing import Timing, time_config
 from lmlab.train.tracking import Tracker
 
@@ -70,61 +67,27 @@ class TrainResult:
     saved: Path | None = None  # the newest step folder, what a resume continues from
 
 
-def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
-    """Fill model.vocab_size from the dataset and check that a given one covers its ids (an imported model may
-    have more embedding rows than its tokenizer has tokens, as Qwen3's do), and that model.block_size fits the
-    rows of a row-packed dataset; a warmup in passes made steps (warmup_iters: what the schedule, a checkpoint and
-    config.toml hold from then on)."""
-    meta = read_meta(Path(cfg.data.dataset))
-    tc = cfg.train
-    if tc.warmup_epochs:
-        steps = tc.warmup_steps(meta["train"]["tokens"], tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, warmup_iters=steps, warmup_epochs=0.0))
-    check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
-    if cfg.model.vocab_size == 0:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
-    elif cfg.model.vocab_size < meta["vocab_size"]:
-        raise UserError(
-            f"model.vocab_size is {cfg.model.vocab_size} but dataset {cfg.data.dataset} has {meta['vocab_size']} "
-            "tokens, more than the model has rows for; point data.dataset at a dataset of the run's tokenizer."
-        )
-    return cfg, meta
-
-
-def weights_born_in(run_dir: RunDir, init_from: str | None) -> str | None:
-    """The dtype the weights a run starts from were born in (`RunDir.weights_dtype`), which `auto` heeds on a GPU
-    without bf16: another run's with --init-from, else the run's own (a resumed or restarted one's; a new run has
-    none yet)."""
-    return RunDir(Path(init_from.partition(":")[0])).weights_dtype() if init_from else run_dir.weights_dtype()
-
-
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by index, as rank 0 tells the others
-
-
 class Trainer:
     """One run: built from a config (a new run, one resumed, or one from another run's weights), then `run()`. The
-    run's lock is held from the construction to the end of `run()`. Its parts: `step` (the model's optimizer step),
-    `schedule`, `cadence`, `budget`, `checkpointer`, `guard`, `threads`, and the state a checkpoint holds
-    (`progress`, `means`, `clock`, `loader`)."""
+    run's lock is held from the construction to the end of `run()`.
+
+    `started` is the time.perf_counter() reading a budget counts from (default: now), so the trials of a sweep in
+    one process compare on equal terms; `threads`, `sizing` and `timing` are what `--size auto` decided and timed
+    already (its chooser, the event that records it, the chosen size's timing a budget plans from)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
                  keep_optimizer: bool = False, started: float | None = None, threads: ThreadChooser | None = None,
                  sizing: dict[str, Any] | None = None, timing: Timing | None = None):
-        # A train.budget_seconds run counts from `started`, a time.perf_counter() reading (the CLI passes its own
-        # start), else from this construction: so the trials of a sweep, in one process, compare on equal terms.
-        # `threads` is a chooser that decided already (from the steps `--size auto` timed), `sizing` the event that
-        # records it, `timing` the chosen size's (a budget plans from it, not timing again).
         self.started, self.sizing = time.perf_counter() if started is None else started, sizing
         self.run_dir = RunDir(run_dir)
         job = from_env()
-        job.local_steps(cfg.train.grad_accum_steps)  # checked before the job's processes connect to each other
-        # Made before the set-up, whose load tells a quiet machine; each torchrun rank would time its own threads.
+        job.local_steps(cfg.train.grad_accum_steps)
+        # Made before the set-up, whose load tells a quiet machine.
         self.threads = threads or ThreadChooser(cfg.train.threads, "train.threads",
                                                 fixed="torchrun" if job.world_size > 1 else None)
-        # Held from here to the end of run(), or given back if the construction fails: torch's threads as they were
-        # before the chooser (a process goes on after its run: a notebook, the API, tests), and the run's lock, one
-        # writer at a time, from before anything of the run is read.
+        # Given back at the end of run() or if the construction fails: torch's threads (a process goes on after its
+        # run: a notebook, the API, tests) and the run's lock.
         self._held = ExitStack()
         self._held.callback(torch.set_num_threads, self.threads.before)
         with self._unlocked_on_failure():
@@ -152,8 +115,8 @@ class Trainer:
             raise
 
     def _restarted(self) -> bool:
-        """A torchrun worker restarted after a failure (--max-restarts) runs the same command: it continues, and so do
-        the workers of a host started again beside it, which its own launcher never restarted."""
+        """A torchrun worker restarted after a failure (--max-restarts) continues, and so do the workers of a host
+        started again beside it, which its own launcher never restarted."""
         return self.parallel.any(elastic_restart()) and bool(self.run_dir.step_folders())
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
@@ -163,42 +126,40 @@ class Trainer:
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         self.console = console or Console()
         if not self.parallel.is_main:
-            self.console.quiet = True  # one voice for the whole job (the CLI's console too)
+            self.console.quiet = True
         tc, mc = self.cfg.train, self.cfg.model
         if cfg.train.warmup_epochs:
             self.console.print(f"warmup: {cfg.train.warmup_epochs:g} passes over the train split, {tc.warmup_iters:,} "
                                "steps", highlight=False)
         torch.manual_seed(tc.seed)
         configure(self.device)
-        born = weights_born_in(self.run_dir, init_from) if self.device.type == "cuda" else None  # (a GPU's concern)
-        self.dtype, self.dtype_reason, self.peak = self._measure_hardware(tc.dtype, born)
-        self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)  # this rank's share of each step
+        born = weights_born_in(self.run_dir, init_from) if self.device.type == "cuda" else None
+        self.dtype, self.dtype_reason, self.peak = measure_hardware(self.parallel, self.device, tc.dtype, born,
+                                                                    self.console)
+        self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)
         with self.console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
             self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
             self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
-        self._check_same_inputs()
+        check_same_inputs(self.parallel, self.cfg, self.train_tokens.sha256, self.val_tokens.sha256)
         check_training(mc, tc.batch_size, optimizer_of(tc).state_bytes, self.device, self.parallel.local_world_size)
-        # The same initial weights on every rank; under FSDP, built on the meta device and sharded, so that no rank
-        # holds the whole model on its device.
+        # The same initial weights on every rank; under FSDP, no rank holds the whole model.
         self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
-        self.step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
-                              trial=self.parallel.from_main)
-        if self.step.note:
-            self.console.print(f"[yellow]{self.step.note}[/yellow]")
+        self.train_step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
+                                    trial=self.parallel.from_main)
+        if self.train_step.note:
+            self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
         threads = self.threads.choose(forward_probe(self.model, tc.batch_size, mc.block_size, self.device,
                                                     self.dtype), self.device)
-        # A compiled step is built for one thread count (Dynamo guards on it): another would recompile it, a minute
-        # on a CPU, so its threads stay as chosen while it runs compiled.
-        self.threads.held = self.step.compiled
+        # A compiled step is built for one thread count (Dynamo guards on it): another would recompile it.
+        self.threads.held = self.train_step.compiled
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         return threads
 
     def _parts(self, resuming: bool) -> None:
-        """What the loop holds besides the model: where the run stands and what a checkpoint keeps of it, the
-        schedule (a resumed run's starts as the one its config.toml has, which the checkpoint's completes), what is
-        due after a step, the budget, the checkpoints."""
+        """What the loop holds besides the model (a resumed run's schedule starts as its config.toml has it, which
+        the checkpoint completes)."""
         tc, mc = self.cfg.train, self.cfg.model
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.block_size
         self.split_tokens = self.meta["train"]["tokens"]  # what a pass over the data is
@@ -214,24 +175,23 @@ class Trainer:
         budget = Slot(lambda: self.budget and self.budget.state_dict(), lambda saved: setattr(self, "_saved_plan",
                                                                                                saved))
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
-                              loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.step.scaler),
+                              loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
                               dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
                               budget=budget)
-        self.checkpointer = Checkpointer(self.run_dir, self.model, self.step.optimizer, self.parallel, state,
+        self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
                                          self.writes, tc, self.console)
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
-        self._grad_norm = 0.0  # of the newest judged step, for the log
-        self._lr = 0.0  # of the newest step, for the log
-        self._stop = StopOnSignal()  # what a stop signal may interrupt: installed while the loop runs
+        self._grad_norm = 0.0
+        self._lr = 0.0
+        self._stop = StopOnSignal()  # installed while the loop runs
 
     @property
     def budget(self) -> Budget | None:
         return self.schedule.budget
 
     def _plan_budget(self, timing: Timing | None) -> None:
-        """A new run's budget planned before its first step, from this config timed here now (or the size that
-        `--size auto` chose, timed already), every rank from the same mean figures; refused where its minimum does
-        not fit (`lmlab.train.budget.plan`, which `lmlab plan --budget` asks too)."""
+        """A new run's budget planned before its first step from this config timed now (or as `--size auto` timed it),
+        every rank from the same mean figures; refused where its minimum does not fit."""
         tc = self.cfg.train
         with self.console.status("Timing a step, as the budget is planned from it..."):
             timing = timing or time_config(self.cfg, self.device, self.dtype, [torch.get_num_threads()],
@@ -242,7 +202,7 @@ class Trainer:
         self.schedule.budget = Budget(made, self.cadence.intervals, lag=self.parallel.lag)
 
     def _begin(self, resuming: bool, force: bool, init_from: str | None, keep_optimizer: bool) -> None:
-        """The run begun or resumed, its tracker opened, its config, tokenizer and dataset's facts written."""
+        begun()
         if resuming:
             self._resume(force)
         else:
@@ -263,11 +223,11 @@ class Trainer:
             self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
 
     def _resume(self, force: bool) -> None:
-        """Continue from the newest checkpoint that verifies, the schedule laid on from where it stood."""
         began = time.perf_counter()
         folder = self.checkpointer.resume(self.cfg, self.train_tokens.sha256, force)
         loaded, step = time.perf_counter() - began, self.progress.step
-        line = self._resume_schedule(step)
+        line = resume_schedule(self.schedule, self.cadence.intervals, self.cfg.train, self._saved_plan, step,
+                               self.run_dir.path)
         if line:
             self.console.print(line, highlight=False)
         if self.parallel.is_main:
@@ -277,77 +237,11 @@ class Trainer:
         took = f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)  # checked and loaded
         self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}) in {took}.")
 
-    def _resume_schedule(self, step: int) -> str | None:
-        """Go on at `step` under the config as resumed: a budget's plan, by steps (another process's clock would
-        make resume inexact), or by steps alone, from the LR the run had (`Schedule.resume_with`); the line that says
-        what happens to the schedule, if anything."""
-        new = self.cfg.train
-        saved = Plan.of(self._saved_plan) if self._saved_plan and self._saved_plan.get("seconds") else None
-        if saved and new.budget_seconds == saved.seconds:
-            self.schedule.budget = Budget(saved, self.cadence.intervals, live=False)
-            return None
-        if new.budget_seconds:
-            planned = (f"planned its {saved.seconds:g} s budget as {saved.max_iters} steps; resume it with that "
-                       "budget, or" if saved else "trained by steps; resume it")
-            raise UserError(f"{self.run_dir.path} {planned} with train.budget_seconds=0 and train.max_iters to train "
-                            "on by steps (a budget is planned before a new run's first step).")
-        old = self.schedule.train
-        old_lr = self.schedule.unscaled_lr(step)
-        if saved:
-            by_steps = Budget(saved, self.cadence.intervals, live=False)
-            old_lr = (old.learning_rate * (step + 1) / (saved.warmup + 1) if step < saved.warmup else
-                      lr_at_position(by_steps.position(step), old))
-        return self.schedule.resume_with(new, step, old_lr)
-
-    def _check_same_inputs(self) -> None:
-        """Under torchrun, refuse before the first step a job whose hosts were started with different configs or
-        read different datasets (its path may differ from host to host, not its content)."""
-        settings = {f"{section}.{key}": value for section, fields in to_dict(self.cfg).items()
-                    for key, value in fields.items() if f"{section}.{key}" != "data.dataset"}
-        self.parallel.check_same("config", settings, "start every host with the same config and --set options")
-        self.parallel.check_same("dataset", {"train split sha256": self.train_tokens.sha256,
-                                             "val split sha256": self.val_tokens.sha256},
-                                 "every host must read the same dataset: keep it on the filesystem they share")
-
     def _lost(self, err: BaseException) -> PeerLost | None:
-        """The sentence a job ends with when a collective failed because another process died or stopped answering
-        (None for any other error): who was lost, and how to continue."""
-        said = hasattr(self, "parallel") and self.parallel.lost(err)
-        if not said:
-            return None
-        saved = self.run_dir.step_folders()
-        step = getattr(self, "progress", None) and self.progress.step
-        when = f"after step {step}" if step else "during start-up"
-        again = (f"its newest checkpoint ({saved[-1].name}) is whole: once every host is up and reaches the others, "
-                 f"run `lmlab train --resume {self.run_dir.path}` on each under the same torchrun command "
-                 "(with --max-restarts, torchrun continues on its own when the host joins again)" if saved else
-                 "no checkpoint was written yet: once every host is up and reaches the others, run the same command "
-                 "on each again")
-        return PeerLost(f"{said} {when}; {again}.")
-
-    def _measure_hardware(self, setting: str, born: str | None) -> tuple[torch.dtype, str, Peak | None]:
-        """The autocast dtype (on a CPU, `auto` chooses by measurement; on a GPU, for weights `born` in it), why, and
-        the peak MFU divides by, each said in a line. Under torchrun rank 0 measures while the other ranks wait, so
-        none loads the cores it measures, and every rank takes rank 0's dtype."""
-        self.parallel.barrier()
-        dtype, why, peak, slow = torch.float32, "", None, None
-        if self.parallel.is_main:
-            dtype, why = choose_dtype(self.device, setting, born)
-            peak, slow = peak_flops(self.device, dtype), emulated_warning(self.device, dtype)
-        self.parallel.barrier()
-        dtype = DTYPES[self.parallel.from_main(DTYPES.index(dtype))]
-        self.console.print(f"dtype {str(dtype).removeprefix('torch.')} ({why})")
-        if slow:
-            self.console.print(slow, style="yellow", highlight=False)
-        if peak is not None:
-            for note in peak.notes:
-                self.console.print(f"[yellow]note: {note}[/yellow]")
-            self.console.print(peak.standing(), style=None if peak.quiet and peak.native else "yellow",
-                               highlight=False)
-        return dtype, why, peak
+        said = self.parallel.lost(err) if hasattr(self, "parallel") else None
+        return peer_lost(said, self.run_dir, getattr(self, "progress", None) and self.progress.step) if said else None
 
     def _say_threads(self, choice: Choice) -> None:
-        """Say and log threads lowered at the start, or changed by a check as the run goes."""
         self.writes.log(choice.record(self.progress.step))
         style = "yellow" if choice.lowered else "default"
         self.console.print(f"step {self.progress.step}: training on {choice.describe('train.threads')}", style=style,
@@ -366,8 +260,7 @@ class Trainer:
 
     @contextmanager
     def _closed_at_end(self) -> Iterator[None]:
-        """The tracker closed and the job left however the run ends; a collective that failed because another
-        process went is one sentence (`_lost`)."""
+        """The tracker closed and the job left however the run ends."""
         lost = None
         try:
             yield
@@ -387,19 +280,20 @@ class Trainer:
             self.console.print(self.budget.describe(self.cfg.train), highlight=False)
         with progress_bar(self.console) as bar, self._stop as stop:
             task = bar.add_task("train", total=schedule.last_step, completed=p.step, info="")
-            stopping = False
+            stopping, evaluated = bool(stop.signal), p.step
             while p.step < schedule.last_step and not p.stopped_early and not stopping:
                 started = time.perf_counter()
-                self._train_step()
+                self._take_step()
                 due = self.cadence.after(p.step, p.tokens, schedule.last_step)
                 # The device runs ahead (the next batch prepared meanwhile) until a point that needs the losses.
                 if due and not self._judge_queued_steps():
-                    continue  # rolled back
+                    continue
                 seconds = time.perf_counter() - started
                 self.throughput.add(seconds)
                 if due.log:
                     bar.update(task, completed=p.step, info=self._log_train())
                 best = due.evaluate and self._evaluate_and_log()
+                evaluated = p.step if due.evaluate else evaluated
                 if best or due.save:
                     self.checkpointer.save(best)
                 # Agreed by all ranks: a stop (a signal, a failed write), and the seconds a budget has spent.
@@ -408,41 +302,43 @@ class Trainer:
                 stopping = bool(flag)
                 self._after_step(seconds, spent)
                 bar.update(task, completed=p.step, total=schedule.last_step)
-            # The end, an early stop or a signal (whenever in the step it came): the last step is always saved,
-            # unless a write failed, which leaves the newest checkpoint as it is.
+            # The last step is always evaluated (a budget may decide only after a step that it was the last; the
+            # plan kept the time) and saved, unless a stop came first or a write failed, which leaves the newest
+            # checkpoint as it is.
             self._judge_queued_steps()
             failed = self.parallel.any(self.writes.error is not None)
-            if self.checkpointer.saved_step != p.step and not failed:
-                self.checkpointer.save(best=False)
+            best = evaluated != p.step and not stopping and not failed and self._evaluate_and_log()
+            if (best or self.checkpointer.saved_step != p.step) and not failed:
+                self.checkpointer.save(best)
         if failed:
             raise self.writes.failure(p.step)
         return self._finish(stop.signal)
 
-    def _train_step(self) -> None:
+    def _take_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
         p = self.progress
         self._lr = lr = self.schedule.lr(p.step)
         with self._stop.interruptible():
-            total, norm = self.step(self.parallel.micro_batches(self.loader, self.cfg.train.grad_accum_steps),
-                                    self.micro_steps, lr)
+            total, norm = self.train_step(self.parallel.micro_batches(self.loader, self.cfg.train.grad_accum_steps),
+                                          self.micro_steps, lr)
         p.step, p.tokens = p.step + 1, p.tokens + self.tokens_per_step
         self._queued.append((p.step, lr, total, norm))
-        if verdict := self.step.decided():  # whether compiling pays on this CPU
+        if verdict := self.train_step.decided():  # whether compiling pays on this CPU
             self.threads.held = verdict.compiled
             self.writes.log(verdict.record(p.step))
             self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
 
     def _judge_queued_steps(self) -> bool:
-        """Read the queued steps' loss and grad norm (one host sync for all of them), let the guard judge
-        them in order and keep the means; False if the guard rolled the run back."""
+        """Let the guard judge the queued steps in order (one host sync for all) and keep the means; False if it rolled
+        the run back."""
         queued, self._queued = self._queued, []
         for step, lr, total, norm in queued:
             loss, grad_norm = total.item(), norm.item()
-            verdict = self.guard.judge(loss, grad_norm, scaled=self.step.scaler.is_enabled())
+            verdict = self.guard.judge(loss, grad_norm, scaled=self.train_step.scaler.is_enabled())
             if verdict in ("skip", "spike"):
                 self.writes.log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             if verdict == "rollback":
-                self.checkpointer.rollback(step, self.guard.lr_scale)  # the steps queued after it are undone too
+                self.checkpointer.rollback(step, self.guard.lr_scale)
                 return False
             if verdict != "skip":  # a non-finite loss would poison the means
                 self.means.add(loss)
@@ -450,8 +346,7 @@ class Trainer:
         return True
 
     def _after_step(self, seconds: float, spent: float) -> None:
-        """What follows a step besides the cadence: the threads' look at the load (lmlab.core.threads) by the
-        step's seconds, and a budget's clock by the seconds spent (with what it decided, said and logged)."""
+        """What follows a step besides the cadence: the threads' look at the load, and a budget's clock."""
         changed = self.threads.stepped(seconds)
         if changed:
             self._say_threads(changed)
@@ -463,26 +358,24 @@ class Trainer:
                 self.console.print(self.budget.line, style="yellow", highlight=False)
 
     def _evaluate_and_log(self) -> bool:
-        """Evaluate and log it; whether it is a new best."""
+        """Whether the evaluation is a new best."""
         began = time.perf_counter()
         train_eval, val = self._evaluate()
         return self._log_eval(train_eval, val, time.perf_counter() - began)
 
     def _evaluate(self) -> tuple[float, float]:
         tc = self.cfg.train
-        batches = self.budget.plan.eval_iters if self.budget else tc.eval_iters  # a budget fits them to it
+        batches = self.budget.plan.eval_iters if self.budget else tc.eval_iters
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         with self._stop.interruptible():
-            train, val = (estimate_loss(self.step.scoring, tokens, self.cfg.model.block_size, tc.batch_size,
+            train, val = (estimate_loss(self.train_step.scoring, tokens, self.cfg.model.block_size, tc.batch_size,
                                         batches, tc.seed + offset, self.device, self.dtype, self.parallel)
                           for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
 
     def _log_eval(self, train_eval: float, val: float, seconds: float) -> bool:
-        """Log an eval (its train loss: the mean since the last eval; how long it took) and return whether it is a
-        new best."""
         p, tc = self.progress, self.cfg.train
         is_best = val < p.best_val_loss
         if is_best:
@@ -494,10 +387,9 @@ class Trainer:
                          "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
                          "train_eval_loss": train_eval, "val_loss": val, "best_val_loss": p.best_val_loss,
                          "is_best": is_best, "seconds": round(seconds, 3)})
-        self.writes(plot_losses, self.run_dir)  # kept current, so a long run can be watched while it goes
+        self.writes(plot_losses, self.run_dir)  # kept current, so a long run can be watched
         mark = " | [bold green]best![/bold green]" if is_best else ""
         # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
-        # Spaced by passes, an evaluation is named by its epoch (its step is in the train line and `lmlab log`).
         when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self._epoch():.2f}"
         self.console.print(f"{when} | train (steps) {avg_train:.4f} | train (eval) {train_eval:.4f} | val {val:.4f}"
                            f"{mark}")
@@ -514,24 +406,22 @@ class Trainer:
         wrong = self.peak and computed and self.peak.wrong(computed)
         if wrong:
             self.console.print(wrong, style="yellow", highlight=False)
-            self.peak = None  # no MFU for the rest of the run
+            self.peak = None
         mfu = None if computed is None or self.peak is None else self.peak.mfu(computed)
         self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
                          "lr": lr, "grad_norm": self._grad_norm,
                          "tokens_per_sec": None if rate is None else round(rate, 1),
                          "ms_per_step": None if step_seconds is None else round(1000 * step_seconds, 3),
                          "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
-        # Wall time per pass, evaluations included: what a write-up derives from wall time and passes.
         passes = f"epoch {epoch:.2f}" + (f", {format_duration(self.clock.elapsed / epoch)}/epoch" if epoch else "")
         if rate is None:
             return f"loss {mean:.4f} | lr {lr:.1e} | {passes}"
         utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
-        ms = 1000 * step_seconds  # as the write-ups log a step's time
+        ms = 1000 * step_seconds
         pace = f"{rate:,.0f} tok/s | {ms:,.{0 if ms >= 10 else 1}f} ms/step"
         return f"loss {mean:.4f} | lr {lr:.1e} | {pace}{utilisation} | {passes}"
 
     def _epoch(self) -> float:
-        """Passes over the train split so far: tokens seen over the split's tokens."""
         return round(self.progress.tokens / self.split_tokens, 4)
 
     def _log_end(self, stopped_early: bool, stopped_by: str | None, **more: Any) -> None:
@@ -542,7 +432,7 @@ class Trainer:
 
     def _abandon(self, signal_name: str) -> TrainResult:
         """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be
-        half-applied), the newest checkpoint stays what a resume continues from."""
+        half-applied)."""
         p = self.progress
         self._log_end(False, signal_name)
         saved = self.run_dir.step_folders()
@@ -552,7 +442,6 @@ class Trainer:
     def _finish(self, stopped_by: str | None) -> TrainResult:
         p = self.progress
         self.writes(plot_losses, self.run_dir)
-        # The seconds of a budget this process planned, at its end
         spent = round(time.perf_counter() - self.started, 3) if self.budget and self.budget.live else None
         self._log_end(p.stopped_early, stopped_by, budget_spent=spent)
         if self.writes.error is not None:

@@ -19,29 +19,25 @@ from lmlab.model.memory import two_moments
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    # Matrices (linear layers, embeddings) get weight decay; biases and norm gains do not,
-    # since shrinking them toward zero only fights the normalisation.
+    # Biases and norm gains get no weight decay: shrinking them toward zero only fights the normalisation.
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # Fused on every device: one kernel per step, and it honours `found_inf`, which lets the loop skip a
-    # non-finite step without reading the loss back to the host.
+    # Fused on every device: one kernel per step, and it honours `found_inf`.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def orthogonal_dtype(device: torch.device) -> torch.dtype:
-    """The dtype Muon orthogonalises in on `device`: bfloat16, as torch.optim.Muon always does, where the device
-    multiplies bf16 matrices in a kernel of their own (`native_kernel`); float32 where bf16 is emulated. On this
-    project's AVX2 EPYC the Newton-Schulz iterations of the speedrun preset's 16 hidden matrices took 1,050 ms a step
-    in bf16 and 27 ms in fp32. Not measured per process: every rank of a run must orthogonalise alike."""
+    """The dtype Muon orthogonalises in on `device`: bfloat16, as torch.optim.Muon does, where the device has a bf16
+    matmul kernel of its own; float32 where bf16 is emulated (docs/reference/training.md: the speed it gives). Not
+    measured per process: every rank of a run must orthogonalise alike."""
     return torch.bfloat16 if native_kernel(device, torch.bfloat16) else torch.float32
 
 
 def orthogonalise(update: torch.Tensor, group: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-    """Muon's quintic Newton-Schulz iteration on one matrix (Jordan et al. 2024; torch.optim.Muon's, with the group's
-    coefficients, steps and eps) in `dtype`: it brings every singular value of `update` near 1 (to 0.5-1.5, which
-    trains as well as exactly 1) without an SVD."""
+    """Muon's quintic Newton-Schulz iteration on one matrix (torch.optim.Muon's) in `dtype`: it brings every singular
+    value of `update` near 1 without an SVD."""
     a, b, c = group["ns_coefficients"]
     x = update.to(dtype)
     wide = x.size(0) <= x.size(1)  # iterate on the smaller Gram matrix
@@ -80,16 +76,10 @@ class Muon(torch.optim.Muon):
 
 
 class MuonAdamW:
-    """Muon for the hidden 2-D weights and fused AdamW for everything else, as one optimizer.
-
-    Muon orthogonalises each matrix's momentum, which suits the weights that map hidden states to hidden
-    states; embeddings, the output head, norm gains and biases are not such maps (or are not matrices), so
-    they stay with AdamW (Jordan et al. 2024). Muon's update is scaled to the RMS of an AdamW update, so one
-    learning rate, schedule and weight decay serve both halves and no second LR needs tuning.
-
-    `param_groups`, `state_dict()` and `load_state_dict()` look like one torch optimizer's (Muon's groups
-    first), so the LR schedule, the grad scaler and the safetensors checkpoint format work unchanged.
-    """
+    """Muon for the hidden 2-D weights and fused AdamW for everything else (embeddings, the head, norm gains, biases),
+    as one optimizer (Jordan et al. 2024). Muon's update is scaled to the RMS of an AdamW update, so one learning rate,
+    schedule and weight decay serve both halves. `param_groups` and the state dicts look like one torch optimizer's
+    (Muon's groups first), so the schedule, the grad scaler and checkpoints work unchanged."""
 
     def __init__(self, model: LanguageModel, cfg: TrainConfig, device: torch.device):
         hidden, rest = muon_groups(model)
@@ -106,8 +96,8 @@ class MuonAdamW:
         return {**self.muon.state, **self.adamw.state}
 
     def step(self) -> None:
-        # Muon has no on-device `found_inf`, so a non-finite step is skipped, by both halves, after one host
-        # read of the flag: free on the CPU; on a GPU it ends the loop's queue-ahead once per step.
+        # Muon has no on-device `found_inf`: a non-finite step is skipped by both halves after one host read of the
+        # flag.
         if self.found_inf is not None and self.found_inf.item():
             return
         self.muon.step()
@@ -157,15 +147,13 @@ def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """An optimizer lmlab trains with, every fact stated (no default decides one). `build` makes it for a model, the
-    train settings and its device; `state_bytes(weights, hidden)` is the bytes of its state for weights of `weights`
-    bytes of which `hidden` are the model's hidden matrices (what the memory check counts before a model is built);
-    `found_inf` says how a non-finite step is skipped: True, what `build` returns honours `optimizer.found_inf` (a
-    device tensor set before each step; 1 skips the whole update, state included), so the step never waits on the
-    host (a fused kernel, MuonAdamW); False, the training step reads the flag on the host and does not call `step()`,
-    which every torch optimizer allows. `about` is its line in the config reference; `unsharded`, why FSDP cannot
-    shard what it updates (None: it can). tests/test_optim.py holds every entry to these (build, step, skip a
-    non-finite step, checkpoint, memory)."""
+    """An optimizer lmlab trains with, every fact stated. `build` makes it for a model, the train settings and its
+    device; `state_bytes(weights, hidden)` is the bytes of its state for `weights` bytes of weights, `hidden` of them
+    the hidden matrices (what the memory check counts); `found_inf`: True where what `build` returns honours
+    `optimizer.found_inf` (a device tensor; 1 skips the whole update), so the step never waits on the host; False where
+    the training step reads the flag on the host and does not call `step()`. `about` is its line in the config
+    reference; `unsharded`, why FSDP cannot shard what it updates (None: it can). tests/test_optim.py holds every entry
+    to these."""
 
     build: Callable[[LanguageModel, TrainConfig, torch.device], Any]
     state_bytes: Callable[[int, int], int]

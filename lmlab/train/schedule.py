@@ -1,8 +1,6 @@
-"""The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last. Its shape is a
-warmup, then a cosine or warmup-stable-decay fall to min_lr, over the steps, or over a time budget's clock (a
-`Budget`: where the decay stands at a step is its position); a resume with another length lays the decay again from
-where it stands (a `Decay`), so the LR never jumps, and a checkpoint keeps what it followed.
-"""
+"""The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last: a warmup, then a cosine
+or warmup-stable-decay fall to min_lr, over the steps or over a time budget's clock; a resume with another length lays
+the decay again from where it stands, so the LR never jumps."""
 
 from __future__ import annotations
 
@@ -151,8 +149,8 @@ class Schedule:
         return f"schedule {how} from step {step}: lr {lr:.1e}{rising} -> {new.min_lr:.1e} at step {end}"
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the schedule its run followed (config.toml may be rewritten by a resume that
-        did not get as far as a checkpoint, so a later resume compares against this)."""
+        """What a checkpoint keeps of the schedule its run followed (config.toml may be rewritten by a resume that did
+        not get as far as a checkpoint)."""
         relaid = self.decay.state_dict() if self.decay is not None else None
         return {"train": {k: getattr(self.train, k) for k in FIELDS}, "relaid": relaid}
 

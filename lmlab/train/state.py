@@ -49,7 +49,6 @@ class Mean(Checkpointed):
         self.total, self.count = self.total + value, self.count + 1
 
     def pop_mean(self) -> float:
-        """The mean of the values added since the last call, starting anew."""
         mean = self.total / max(1, self.count)
         self.total, self.count = 0.0, 0
         return mean
@@ -107,8 +106,7 @@ def set_rng_state(state: dict[str, str | None], device: torch.device) -> None:
 
 
 def upgrade_training(saved: dict[str, Any]) -> dict[str, Any]:
-    """A trained run's checkpoint state from before the parts saved themselves: one `progress` dict that held the
-    loss averages, the elapsed time, the LR scale and the guard's statistics, and the RNG states apart."""
+    """A trained run's checkpoint state from before the parts saved themselves, in today's shape."""
     if "means" in saved:
         return saved
     old = saved["progress"]
@@ -176,10 +174,9 @@ class Slot:
 
 
 class TrainingState:
-    """state.json's `training` of a trained run: its parts by name, each restored in place. A rollback puts back
-    only where the run stood (ROLLED_BACK); it keeps the data position (so the bad batches are not replayed), the
-    guard (its statistics and the LR scale it just lowered), the fp16 grad scaler (the scale it lowered: the
-    checkpoint's would overflow again), the clock, the schedule and the budget."""
+    """state.json's `training` of a trained run: its parts by name, each restored in place. A rollback puts back only
+    where the run stood (ROLLED_BACK); it keeps the data position (the bad batches are not replayed), the guard, the
+    grad scaler, the clock, the schedule and the budget."""
 
     ROLLED_BACK = ("progress", "means", "rng")
 
@@ -198,8 +195,7 @@ class TrainingState:
 
 class Throughput:
     """The seconds of the training steps since the last log line, for ms/step, tokens/s and MFU. A process's first step
-    compiles, allocates and warms caches (a minute for GPT-2 under torch.compile): it is left out, on a first start
-    and on every resume, and waited for, so that none of its device work is timed with the next."""
+    (compiling, allocating, warming caches) is left out, on a first start and on every resume, and waited for."""
 
     def __init__(self, device: torch.device):
         self.device, self.warm, self.seconds, self.steps = device, False, 0.0, 0
@@ -212,8 +208,7 @@ class Throughput:
             self.warm = True
 
     def pop_step_seconds(self) -> float | None:
-        """The mean seconds of a step since the last call; None when no step since was timed (only the warm-up
-        step)."""
+        """The mean seconds of a step since the last call; None when no step since was timed."""
         mean = self.seconds / self.steps if self.steps else None
         self.seconds, self.steps = 0.0, 0
         return mean

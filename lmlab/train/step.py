@@ -18,9 +18,9 @@ from lmlab.train.optim import optimizer_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# On a CPU a compiled step may be no faster than an eager one (on 2 cores it trained at 1,025-1,288 tokens/s against
-# eager's 1,299-2,739): after the step that compiles and an eager one that warms up, this many of each are timed in
-# turns, and compiled stays only when its best is at most COMPILE_GAIN of eager's best (load only slows a step).
+# On a CPU a compiled step may be no faster than an eager one (docs/reference/performance.md): after the step that
+# compiles and an eager one that warms up, TRIAL_STEPS of each are timed in turns, and compiled stays only when its
+# best is at most COMPILE_GAIN of eager's best.
 TRIAL_STEPS = 3
 COMPILE_GAIN = 0.95
 
@@ -48,8 +48,7 @@ class CompileVerdict:
 
 
 class CompileTrial:
-    """Compiled and eager steps of one model on a CPU, in turns (a load that comes or goes weighs on both alike):
-    the first compiles, the second warms the eager path, then TRIAL_STEPS of each are timed. `agree` makes the
+    """Compiled and eager steps of one model on a CPU, timed in turns (a load weighs on both alike). `agree` makes the
     verdict every rank's (rank 0's)."""
 
     def __init__(self, agree: Callable[[int], int]):
@@ -72,16 +71,14 @@ class CompileTrial:
 
 
 class TrainStep:
-    """The optimizer, the fp16 grad scaler and the (maybe compiled, maybe DDP- or FSDP-wrapped) forward of one
-    model, and the step that uses them: forward and backward over the micro-batches, unscale, clip, skip the
-    update if the loss or the gradient is not finite, update, zero the gradients.
+    """The optimizer, the fp16 grad scaler and the (maybe compiled, maybe wrapped) forward of one model, and the step
+    that uses them: forward and backward over the micro-batches, unscale, clip, skip the update if the loss or the
+    gradient is not finite, update, zero the gradients.
 
-    `wrapped` is what runs forward when it is not the model itself (a DDP wrapper, an FSDP-sharded model);
-    `reduce` makes the loss and gradient norm global under torchrun, so every rank skips alike. `note` is a line
-    for the user when `compile = "auto"` could not compile here, else None. With `trial` (the trainer's; rank 0's
-    verdict to every rank), a compiled model on a CPU is timed against eager over its first steps and left for
-    eager unless faster (`CompileTrial`); `verdict` is then what was found, once, for the trainer to say.
-    """
+    `wrapped` is what runs forward when it is not the model itself (DDP, FSDP); `reduce` makes the loss and gradient
+    norm global under torchrun, so every rank skips alike. `note` is a line for the user when `compile = "auto"` could
+    not compile here. With `trial` (rank 0's verdict to every rank), a compiled model on a CPU is timed against eager
+    over its first steps and left for eager unless faster (`CompileTrial`)."""
 
     def __init__(self, model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                  wrapped: torch.nn.Module | None = None, reduce: Reduce | None = None,
@@ -94,8 +91,7 @@ class TrainStep:
             torch.compiler.reset()
         self.eager = wrapped or model
         self.forward = torch.compile(self.eager) if compiled else self.eager
-        # Evaluations run eager on a CPU: a compiled model would compile its eval-mode graph too (one 2-batch final
-        # evaluation took 90 s), for a few batches; on a GPU the compiled forward pays.
+        # Evaluations run eager on a CPU: compiling the eval-mode graph too costs more than a few batches gain.
         self.scoring = self.eager if device.type == "cpu" else self.forward
         self.trial = CompileTrial(trial) if trial and compiled and device.type == "cpu" else None
         self.verdict: CompileVerdict | None = None
@@ -118,7 +114,6 @@ class TrainStep:
 
     @property
     def compiled(self) -> bool:
-        """Whether the steps run (or are being tried) compiled."""
         return self.forward is not self.eager
 
     def decided(self) -> CompileVerdict | None:

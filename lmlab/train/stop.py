@@ -4,13 +4,15 @@ failed (the newest checkpoint is kept as it is, and the run ends with one senten
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from lmlab.core.errors import UserError
+from lmlab.core.errors import PeerLost, Stopped, UserError
 from lmlab.core.fileio import WriteError
 
 if TYPE_CHECKING:  # a closed output asks for a stop (`stop_for_closed_output`) without loading torch
@@ -18,9 +20,9 @@ if TYPE_CHECKING:  # a closed output asks for a stop (`stop_for_closed_output`) 
 
 
 class Writes:
-    """A run's writes, by rank 0 alone: a failed one (a full disk) is kept, ends the run like a stop signal after
-    the step, keeping the newest checkpoint, and nothing more is written meanwhile (`failure` says what happened).
-    `log` writes an event to metrics.jsonl and to the tracker, once it has one."""
+    """A run's writes, by rank 0 alone: a failed one (a full disk) is kept and ends the run like a stop signal after the
+    step, keeping the newest checkpoint; nothing more is written meanwhile. `log` writes an event to metrics.jsonl and
+    to the tracker."""
 
     def __init__(self, run_dir: RunDir, is_main: bool):
         self.run_dir, self.is_main = run_dir, is_main
@@ -40,7 +42,7 @@ class Writes:
             self(tracker.log, event)
 
     def failure(self, step: int) -> UserError:
-        """The sentence a run ends with when rank 0 could not write at `step` (on the other ranks, `error` is None)."""
+        """The sentence a run ends with when rank 0 could not write at `step`."""
         err, saved, run = self.error, self.run_dir.step_folders(), self.run_dir.path
         if err is None:
             return UserError("rank 0 could not write the run; its message says why.")
@@ -55,8 +57,8 @@ STOP_GRACE = 3.0  # seconds a step may still run after a stop signal before it i
 
 
 class StepAbandoned(Exception):
-    """A step (or an evaluation) still running STOP_GRACE seconds after a stop signal, given up part-way: nothing
-    of it may be saved, and the run ends with its newest checkpoint as it is."""
+    """A step (or an evaluation) still running STOP_GRACE seconds after a stop signal, given up part-way: nothing of it
+    may be saved."""
 
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
@@ -64,20 +66,24 @@ class StepAbandoned(Exception):
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a step still running
-    STOP_GRACE seconds later is abandoned (StepAbandoned is raised inside it: only code run in `interruptible()`
-    can be, never a checkpoint's write), so a run ends within seconds whatever its steps cost; a second signal
-    aborts at once. An output whose reader has gone (`lmlab train ... | head`) is a stop like SIGTERM, named
-    SIGPIPE, asked for by `stop_for_closed_output`: no handler of SIGPIPE itself, which Python ignores so that
-    every other pipe or socket (a tracker's, a peer rank's) reports its own broken write where it happens."""
+    """SIGINT/SIGTERM end the run after the current step (which is then checkpointed); a step still running STOP_GRACE
+    seconds later is abandoned (StepAbandoned is raised inside it, only in `interruptible()`, never in a checkpoint's
+    write); a second signal aborts at once. An output whose reader has gone is a stop named SIGPIPE
+    (`stop_for_closed_output`).
 
-    def __init__(self, grace: float = STOP_GRACE) -> None:
+    A stop `setting_up` a run ends it at once, nothing written, until `begun()`; from then on a signal stops the run
+    after a step. `stuck`, where given, is called (from a timer's thread) with the signal's name when a stretch still
+    runs twice the grace after the signal: a long call into C lets no Python code run until it returns."""
+
+    def __init__(self, grace: float = STOP_GRACE, stuck: Callable[[str], None] | None = None,
+                 setting_up: bool = False) -> None:
         self.signal: str | None = None
-        self.grace = grace
+        self.grace, self.stuck, self.setting_up = grace, stuck, setting_up
         self._previous: dict[int, Any] = {}
         self._region = 0  # which interruptible stretch runs now (0: none), so a late timer cannot hit the next one
         self._regions = 0
         self._overdue = False
+        self._wakeup: tuple[int, int] | None = None  # while `_watch` hears signals: its fd's write end, the one before
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self._overdue:
@@ -85,12 +91,13 @@ class StopOnSignal:
             if self._region:
                 raise StepAbandoned(self.signal or signal.Signals(signum).name)
             return  # the stretch ended as the timer fired: the loop stops after it as usual
+        if self.setting_up:
+            raise not_begun(signal.Signals(signum).name)
         if self.signal:
             raise KeyboardInterrupt
         self.request(signal.Signals(signum).name)
 
     def request(self, name: str) -> None:
-        """Stop after the current step, as a first stop signal does."""
         if not self.signal:
             self.signal = name
             if self._region:
@@ -102,16 +109,34 @@ class StopOnSignal:
                 self._overdue = True
                 _thread.interrupt_main(signal.SIGTERM)  # runs `_handle` in the main thread, between two bytecodes
 
-        timer = threading.Timer(self.grace, overdue)
-        timer.daemon = True
-        timer.start()
+        _later(self.grace, overdue)
+
+    def _watch(self) -> None:
+        """Hear each stop signal as it arrives (the byte Python's C handler writes to the wake-up fd), not when the main
+        thread next runs Python code."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+        threading.Thread(target=self._watching, args=(read,), daemon=True).start()
+
+    def _watching(self, read: int) -> None:
+        with os.fdopen(read, "rb", buffering=0) as wakeups:
+            while number := wakeups.read(1):  # b"" once __exit__ closed the other end
+                if number[0] in (signal.SIGINT, signal.SIGTERM) and (self._region or self.setting_up):
+                    _later(2 * self.grace, partial(self._still_in, self._region, signal.Signals(number[0]).name))
+
+    def _still_in(self, region: int, name: str) -> None:
+        """Called twice the grace after a signal: the stretch it came in still runs (or the set-up, a C call having held
+        the handler off)."""
+        stuck = (region and self._region == region) or (not region and self.setting_up and self in _IN_FORCE)
+        if stuck and self.stuck is not None:
+            self.stuck(self.signal or name)
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
-        """A stretch (a training step, an evaluation) that a stop signal may abandon after the grace period. What
-        fails in it once a stop signal came is the signal's doing, and abandons it too: the terminal's Ctrl-C reaches
-        the process group, so torch.compile's C++ compiler dies of it and torch raises its own error, which would
-        otherwise end the run as a crash rather than as the stop it is."""
+        """A stretch (a training step, an evaluation) that a stop signal may abandon after the grace period. What fails
+        in it once a stop signal came is the signal's doing (Ctrl-C reaches the process group, so torch.compile's
+        compiler dies of it), and abandons it too, rather than ending the run as a crash."""
         self._regions += 1
         self._region = self._regions
         if self.signal:  # the signal came between two stretches, while the ranks were still agreeing on it
@@ -128,6 +153,10 @@ class StopOnSignal:
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
             self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+            if self.stuck is not None:
+                self._watch()
+        if _IN_FORCE and _IN_FORCE[-1].signal:  # the set-up around it was asked to stop
+            self.request(_IN_FORCE[-1].signal)
         _IN_FORCE.append(self)
         return self
 
@@ -136,15 +165,50 @@ class StopOnSignal:
         self._region = 0
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._wakeup is not None:
+            write, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write)
+            self._wakeup = None
+
+
+def not_begun(signal_name: str) -> BaseException:
+    """How a stop signal ends a run's set-up before the run is begun: in one line (`Stopped`, status 130)."""
+    return Stopped(f"stopped by {signal_name} while it set up: nothing was written")
+
+
+def begun() -> None:
+    """The run of the stops in force is begun (its folder written to from here): a signal stops it after a step."""
+    for stop in _IN_FORCE:
+        stop.setting_up = False
+
+
+def _later(seconds: float, call: Callable[[], None]) -> None:
+    timer = threading.Timer(seconds, call)
+    timer.daemon = True
+    timer.start()
 
 
 _IN_FORCE: list[StopOnSignal] = []  # the stops of this process's runs, innermost last
 
 
 def stop_for_closed_output() -> bool:
-    """Ask the stop in force, if any, to end its run after the current step (checkpointed, `stopped_by`
-    SIGPIPE): the output's reader has gone. False when no run is stopping this way (the command ends at once)."""
-    if not _IN_FORCE:
+    """Ask the stop in force, if any, to end its run after the current step (`stopped_by` SIGPIPE): the output's reader
+    has gone. False when no run is stopping this way."""
+    if not _IN_FORCE or _IN_FORCE[-1].setting_up:  # nothing begun: the command ends as a pipe's reader left it
         return False
     _IN_FORCE[-1].request("SIGPIPE")
     return True
+
+
+def peer_lost(said: str, run_dir: RunDir, step: int | None) -> PeerLost:
+    """The sentence a job ends with when a collective failed because another process died or stopped answering
+    (`said`: who was lost), and how to continue."""
+    saved = run_dir.step_folders()
+    when = f"after step {step}" if step else "during start-up"
+    again = (f"its newest checkpoint ({saved[-1].name}) is whole: once every host is up and reaches the others, "
+             f"run `lmlab train --resume {run_dir.path}` on each under the same torchrun command "
+             "(with --max-restarts, torchrun continues on its own when the host joins again)" if saved else
+             "no checkpoint was written yet: once every host is up and reaches the others, run the same command "
+             "on each again")
+    return PeerLost(f"{said} {when}; {again}.")

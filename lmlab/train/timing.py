@@ -37,10 +37,8 @@ DISK_BYTES_PER_SECOND = 1e9
 
 @dataclass(frozen=True)
 class Timing:
-    """A config timed: a forward pass by thread count (what picks its threads, as lmlab.core.threads times a job's),
-    the threads that won, a training step and an evaluation's batch (both splits) on them, a redraw of loss.png, the
-    bytes a checkpoint writes, and the seconds the timing took (the model built, the imports of a first build being
-    start-up's)."""
+    """A config timed: its forward by thread count, the threads that won, a step, an evaluation's batch (both
+    splits) and a plot on them, the bytes a checkpoint writes, and the seconds the timing took."""
 
     forward: dict[int, float]
     threads: int
@@ -59,12 +57,9 @@ class Timing:
 
 def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int],
                 deadline: float = math.inf) -> Timing:
-    """`cfg`'s model (eager, on random tokens, its micro-batch and accumulation, its optimizer) on a model of its
-    own, so the run's weights are untouched: its forward pass timed on each thread count of `counts` where there are
-    several (`time_threads`: a count far slower drops out after one call); then on the threads that win a plot, a
-    warm-up step, a forward pass of a micro-batch on each split and training steps for at least TIMED_SECONDS (at
-    most MAX_STEPS). Where the warm-up step shows that two steps end past `deadline` (a time.perf_counter() reading:
-    the budget's end), it stands for the step: a budget that cannot hold two is refused without timing more."""
+    """`cfg` timed on a model of its own (eager, random tokens, its batch and optimizer): its forward on each count
+    of `counts`, then on the winner a plot, a warm-up step, an evaluation's batch and steps for TIMED_SECONDS. A
+    warm-up step that shows two steps ending past `deadline` (the budget's end) stands for the step: refused sooner."""
     train = dataclasses.replace(cfg.train, compile=False)
     step = TrainStep(build_model(cfg.model).to(device), train, device, dtype)
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmlab.core.config import RunConfig, SamplingParams, to_dict, to_toml
+from lmlab.core.config import RunConfig, SamplingParams
+from lmlab.core.config_toml import to_dict, to_toml
 from lmlab.core.extras import require
 from lmlab.core.peak import autocast_dtype
 from lmlab.data.shards import read_meta

@@ -11,7 +11,8 @@ from typing import Any
 
 from lmlab.analysis.runs import RunSummary
 from lmlab.analysis.scaling import chinchilla_percent, repeat_warning
-from lmlab.core.config import RunConfig, to_dict
+from lmlab.core.config import RunConfig
+from lmlab.core.config_toml import to_dict
 from lmlab.core.humanize import count, format_duration
 from lmlab.run.rundir import RunDir
 

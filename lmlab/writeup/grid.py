@@ -25,7 +25,7 @@ from lmlab.inference.generate import (
     continue_all,
     decode_dtype,
     document_start,
-    prompt_chars,
+    max_prompt_chars,
 )
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.writeup.document import Block, Code, Heading, Paragraph
@@ -149,7 +149,7 @@ def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: S
     caller holds) has them all from the start, their text as it comes: what a stop leaves."""
     cells = [] if into is None else into
     first, todo, checkpoint, how = len(cells), [], f"{run.checkpoint}, step {run.step}", _how(run, chat)
-    talking, limit = how != "continued", prompt_chars(run)
+    talking, limit = how != "continued", max_prompt_chars(run)
     for prompt in prompts:
         try:
             check_prompt_length(run, prompt, "the prompt", limit)  # before it is tokenized

@@ -1,0 +1,128 @@
+"""FSDP2 for `Parallel`: the model sharded to compute what one process computes under autocast, rank 0's initial weights
+given to every rank's shards, and checkpoints gathered whole and loaded back into shards (any checkpoint loads on any
+world size). torch's FSDP modules are imported inside the functions: a single process never loads them."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from lmlab.core.config import ModelConfig
+from lmlab.model import LanguageModel, build_model
+from lmlab.run.checkpoint import copy_into, into_place, load_state, read_optimizer_state, tied_aliases
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+# Our GPT returns its logits as a slice of the padded head's output; nothing modifies them in place.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def fill_from_main(model: torch.nn.Module, config: ModelConfig, device: torch.device, is_main: bool) -> None:
+    """Allocate the shards of `model` (sharded on the meta device) on `device` and give every rank rank 0's initial
+    weights, built on rank 0's CPU as one process builds them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    whole = build_model(config) if is_main else None  # on rank 0's CPU: host memory, not the GPU's
+    set_model_state_dict(model, whole.state_dict() if whole is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Buffers are not sharded, and those a model recomputes rather than saves (rotary tables) are in no state
+    # dict: rank 0's, to every rank.
+    mine = dict(whole.named_buffers()) if whole is not None else {}
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if whole is not None:
+                buffer.copy_(mine[name])
+            dist.broadcast(buffer, src=0)
+
+
+def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, is_main: bool
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Whole weights and optimizer state_dict gathered from the shards, on rank 0's CPU (empty elsewhere). Every rank
+    must call it together."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full)
+    by_name = get_optimizer_state_dict(model, optimizer, options=full)
+    if not is_main:
+        return {}, {}
+    aliases = tied_aliases(model)
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    return ({name: t for name, t in weights.items() if name not in aliases},
+            {"state": {index[name]: v for name, v in by_name["state"].items()},
+             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]})
+
+
+def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """checkpoint.load_checkpoint into a sharded model. The optimizer state is read into host memory and each rank
+    copies its slice of each tensor into the shard it holds (`into_shard`): torch's set_optimizer_state_dict would
+    hold the state twice over on the device while it loads."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = load_state(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights.update({alias: weights[kept] for alias, kept in tied_aliases(model).items()})
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(into_place(optimizer, read_optimizer_state(folder, state), into_shard))
+    return state
+
+
+def into_shard(param: torch.Tensor, mine: torch.Tensor | None, whole: torch.Tensor) -> torch.Tensor | None:
+    """The placer (checkpoint.Placer) of a sharded optimizer: this rank's slice of `whole`, copied into the shard the
+    optimizer holds for it (made first where it holds none yet), so the device never holds a whole tensor. Other tensors
+    (a step count) as one process places them."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not (isinstance(param, DTensor) and whole.shape == param.shape):
+        return copy_into(param, mine, whole)
+    shard = mine if isinstance(mine, DTensor) else torch.empty_like(param)
+    shape, offset = compute_local_shape_and_global_offset(whole.shape, shard.device_mesh, shard.placements)
+    shard.to_local().copy_(whole[tuple(slice(start, start + size) for start, size in zip(offset, shape))])
+    return shard
+
+
+def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:
+    """Shard `model` in place with FSDP2 so that it computes what one process computes under autocast of `dtype`.
+
+    In fp32, each of its `shard_units`, then the rest. Under bf16, each unit's matmul layers (its nn.Linear modules)
+    are one group, all-gathered in bf16 (`mixed_precision`: half the traffic, and the very values autocast would
+    cast them to); the rest (embeddings, the head, the norms) goes with the root in fp32, which autocast casts as it
+    casts a single process's: FSDP's bf16 policy over whole blocks would also round the norms' gains and, casting
+    each block's input, the residual stream to bf16, which autocast keeps in fp32."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in model.shard_units():
+        matmuls = [m for m in unit.modules() if isinstance(m, torch.nn.Linear)]
+        if dtype == torch.bfloat16 and matmuls:
+            fully_shard(matmuls, mp_policy=mixed_precision(dtype))
+        else:
+            fully_shard(unit)
+    return fully_shard(model)
+
+
+def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """FSDP2's precision for the matmul layers of a run of autocast `dtype` (see `shard`): under bf16, all-gathered in
+    bf16 and their gradients reduced in fp32, inputs left to autocast; otherwise everything fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy()
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]

@@ -123,10 +123,14 @@ eval_iters = 4
 log_interval = 5
 checkpoint_interval = 10
 dtype = "float32"
+threads = 1
 """
 
 
 def write_config(path: Path, dataset: Path, max_iters: int = 40) -> Path:
+    """The tiny model's config. On one thread: results differ in their last bits between thread counts, and the
+    count chosen follows the load, so runs compared bitwise must be on the same threads (a tiny model is no faster
+    on more); a test of the choice sets train.threads=0."""
     path.write_text(TINY_CONFIG.format(dataset=dataset, max_iters=max_iters), encoding="utf-8")
     return path
 

@@ -41,7 +41,6 @@ def write(path: Path, dataset: Path, kind: str = "context-vector", options: str 
 def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_its_size(tmp_path, wikitext_dataset,
                                                                                       capsys):
     config = write(tmp_path / "cv.toml", wikitext_dataset, options="", dropout=0.1)  # its default context width
-    config.write_text(config.read_text().replace("[train]\n", "[train]\nthreads = 1\n"))  # bitwise: same threads
     Trainer(load_config(config), tmp_path / "straight", "cpu").run()
     run = tmp_path / "killed"
     kill_and_resume([LMLAB, "train", config, "--run", run], run, (7, 16))  # metrics lines: between checkpoints

@@ -152,12 +152,12 @@ class SteppedMeter:
         return Load(self.elapsed(), 2, self.others, None)
 
 
-@pytest.mark.parametrize("left_after, counts", [(1.5, [2, 1, 2, 1, 1]),  # the count left stalls now: retaken
-                                                 (0.25, [2, 1, 2, 2, 2])])  # the trial was slower: undone it stays
-def test_a_trial_is_judged_by_the_count_it_left_under_the_same_load(monkeypatch, left_after, counts):
-    """A hog arrives: a look at the load tries one thread; its step (0.375 s) is slower than the quiet steps of two
-    (0.25 s), so it is undone; the next step on two threads, under the hog, judges the trial again: slower still
-    (a stall), the trial is retaken for good; faster, the undoing stands."""
+@pytest.mark.parametrize("trial, counts, reason", [(1.5, [1, 2, 1, 1], "undone"),  # the cores taken again: a stall
+                                                   (0.25, [1, 2, 2, 2], "quiet again")])  # faster: kept
+def test_a_load_lowers_the_threads_as_it_asks_and_only_more_threads_are_a_trial(monkeypatch, trial, counts, reason):
+    """A hog arrives: a look at the load lowers the threads to one and keeps them there, though its steps (0.375 s) are
+    slower than the quiet steps of two before the hog (0.25 s): no timing judges what the load asked for, and going
+    back to two would stall. The hog leaves: a look tries two threads, undone at a first step slower than one's."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for module in (threads, busy):
         monkeypatch.setattr(module, "cores", lambda: [0, 1])
@@ -165,20 +165,24 @@ def test_a_trial_is_judged_by_the_count_it_left_under_the_same_load(monkeypatch,
     try:
         chooser = ThreadChooser(0, "train.threads", window=meter)
         chooser.decide({})
-        seen = []
-        for seconds in [0.25] * 19:  # quiet, until a look at the load is due (binary fractions: an exact clock)
-            meter.now += seconds
-            assert chooser.stepped(seconds) is None
+
+        def steps(*seconds: float) -> list[int]:
+            seen = []
+            for each in seconds:  # binary fractions: an exact clock
+                meter.now += each
+                seen.append(torch.get_num_threads())
+                chooser.stepped(each)
+            return seen
+
+        assert steps(*[0.25] * 19) == [2] * 19  # quiet, until a look at the load is due
         meter.others = 0.5
-        for seconds in (0.25, 0.375, left_after, 0.375, 0.375 if counts[-1] == 1 else 0.25):
-            meter.now += seconds
-            seen.append(torch.get_num_threads())
-            chooser.stepped(seconds)
-        reasons = chooser.choice.reason
+        assert steps(0.25, *[0.375] * 13) == [2] + [1] * 13 and chooser.choice.reason == "busy"
+        meter.others = 0.0  # the look after 5 s of steps on one thread finds the cores quiet again
+        assert steps(0.375, trial, 0.375 if counts[-1] == 1 else 0.25, 0.375 if counts[-1] == 1 else 0.25) == counts
+        chosen = chooser.choice
     finally:
         torch.set_num_threads(before)
-    assert seen == counts
-    assert reasons == ("retaken" if counts[-1] == 1 else "undone")
+    assert chosen.reason == reason
 
 
 def test_the_choice_restarts_from_every_core_and_a_gpu_job_keeps_them(monkeypatch):

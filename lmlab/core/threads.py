@@ -36,9 +36,9 @@ def most_threads() -> tuple[int, str | None]:
 
 @dataclass(frozen=True)
 class Choice:
-    """A job's threads and why: `reason` is the setting that fixed them, `one core`, `quiet`, `quiet again` or `busy`
-    (a trial the load asked for), `undone` (a trial that was slower), `retaken` (the count it left was slower still,
-    the load having changed) or `timed` (`seconds` by thread count)."""
+    """A job's threads and why: `reason` is the setting that fixed them, `one core`, `quiet`, `quiet again` (a trial
+    of every core), `busy` (the cores others leave), `undone` (a trial that was slower) or `timed` (`seconds` by
+    thread count)."""
 
     threads: int
     most: int
@@ -56,10 +56,9 @@ class Choice:
         them)`."""
         count = (f"{self.threads} of {self.most} threads" if self.lowered else
                  f"{self.threads} thread{'s' * (self.threads > 1)}")
-        if self.reason not in ("timed", "quiet", "quiet again", "busy", "undone", "retaken"):
+        if self.reason not in ("timed", "quiet", "quiet again", "busy", "undone"):
             return f"{count} ({self.reason})"
-        why = {"quiet again": ["the cores are quiet again"], "undone": ["a trial was slower"],
-               "retaken": ["the count a trial left was slower still"]}.get(self.reason, [])
+        why = {"quiet again": ["the cores are quiet again"], "undone": ["a trial was slower"]}.get(self.reason, [])
         if self.load and self.load.others is not None:
             why.append(f"other processes used {100 * self.load.others:.0f}% of the {self.load.cores} cores")
         if self.seconds:
@@ -138,7 +137,6 @@ class ThreadChooser:
         self._window: Load | None = None
         self._recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self._trial: tuple[Choice, float] | None = None  # the choice a trial left, and its recent steps' median
-        self._undone: tuple[Choice, float] | None = None  # a trial just undone, and its step's seconds
         self._wait = CHECK_SECONDS
         self.held = False
 
@@ -177,18 +175,13 @@ class ThreadChooser:
 
     def stepped(self, seconds: float) -> Choice | None:
         """After a step of `seconds`: a trial undone if the step was slower than the count it left; else, once the
-        wait is over, a look at the load, which may start a trial. The new choice, when the threads changed."""
+        wait is over, a look at the load, which may lower the threads or start a trial of more. The new choice, when
+        the threads changed."""
         if self.fixed or self.held or self.most == 1:
             return None
-        if self._undone is not None:  # the count left, under the load of the trial's step: it judges the trial
-            (trial, pace), self._undone = self._undone, None
-            if seconds > pace:  # the pace the trial was judged by was of a load gone since
-                tried = {self.choice.threads: seconds, trial.threads: pace}
-                return self._set(Choice(trial.threads, self.most, "retaken", tried, trial.load, "a training step"))
         if self._trial is not None and seconds > self._trial[1]:
             (left, pace), self._trial = self._trial, None
             self._wait = min(MAX_WAIT, 2 * self._wait)
-            self._undone = self.choice, seconds
             tried = {self.choice.threads: seconds, left.threads: pace}
             return self._set(Choice(left.threads, self.most, "undone", tried, left.load, "a training step"))
         self._recent.append(seconds)
@@ -203,7 +196,9 @@ class ThreadChooser:
         wanted = max(1, round(self.most * (1 - load.others))) if load.busy else self.most
         if wanted == self.choice.threads:
             return None
-        self._trial = self.choice, statistics.median(self._recent)
+        # More threads stall at every barrier if the cores are taken after all: a trial, undone at its first slower
+        # step. Fewer are what a load asks for, as it is: their steps are slower than the ones before the load came.
+        self._trial = (self.choice, statistics.median(self._recent)) if wanted > self.choice.threads else None
         return self._set(Choice(wanted, self.most, "busy" if load.busy else "quiet again", load=load))
 
     def _candidates(self, load: Load) -> set[int]:

@@ -11,7 +11,6 @@ benchmarks/budget_under_load.py checks on real processes that the model of the m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import random
 import sys
@@ -67,6 +66,10 @@ class Trace:
             if now >= start * self.seconds:
                 share = others
         return share
+
+    def slowed(self, now: float) -> float:
+        """How many times slower a single-threaded part (the plot, the exit) runs at `now` than on a quiet machine."""
+        return max(1.0, (1 + round(self.others(now) * CORES)) / CORES)
 
     def step_seconds(self, now: float, threads: int) -> float:
         """A step on `threads` threads at `now`, as the load leaves the cores."""
@@ -159,7 +162,8 @@ def _run(trace: Trace) -> Outcome:
 
     def evaluate() -> None:
         batch = eval_batch * trace.step_seconds(clock.now, chooser.choice.threads) / step_now
-        clock.now += budget.plan.eval_iters * batch + trace.plot + (trace.first_eval if not out.evaluated else 0.0)
+        clock.now += (budget.plan.eval_iters * batch + trace.plot * trace.slowed(clock.now)
+                      + (trace.first_eval if not out.evaluated else 0.0))
         clock.now += trace.checkpoint
         out.evaluated.append(out.steps)
 
@@ -187,7 +191,7 @@ def _run(trace: Trace) -> Outcome:
             out.lines.append(budget.line)
         if out.steps == schedule.last_step and out.evaluated[-1:] != [out.steps]:
             evaluate()  # the loop's: a step decided the last only after it was taken
-    out.ended = clock.now + trace.plot + EXIT_SECONDS
+    out.ended = clock.now + (trace.plot + EXIT_SECONDS) * trace.slowed(clock.now)
     return out
 
 

@@ -63,7 +63,8 @@ def test_ctrl_c_while_training_compiles_stops_cleanly_and_the_next_compiled_run_
     out, _ = proc.communicate(timeout=600)
     # Stopped in the compile (the step abandoned) or, the signal late for it, after the step: the trainer's stop
     # either way, with the run's end event and the command that continues it.
-    assert proc.returncode == 0 and "Traceback" not in out and len(out.splitlines()) < 14, out
+    # a few lines at 80 columns (more where the peak was measured busy), never the compiler's thousands
+    assert proc.returncode == 0 and "Traceback" not in out and len(out.splitlines()) < 40, out
     said = " ".join(out.split())
     assert "stopped by SIGINT" in said and ("run the same command again" in said or "Continue with" in said), out
     end = RunDir(tmp_path / "run").events()[-1]

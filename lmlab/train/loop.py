@@ -400,7 +400,7 @@ class Trainer:
         """A train line (without ms/step, tokens/s and MFU when the only step since the last was the warm-up step)."""
         p, step_seconds = self.progress, self.throughput.pop_step_seconds()
         rate = None if step_seconds is None else self.tokens_per_step / step_seconds
-        mean, lr, epoch = self.means["log"].pop_mean(), self._lr, self._epoch()
+        mean, lr, epoch, elapsed = self.means["log"].pop_mean(), self._lr, self._epoch(), round(self.clock.elapsed, 3)
         # tokens/s counts every rank's tokens, against every rank's peak; none against a peak measured busy
         computed = None if rate is None else rate * self.flops_per_token / self.parallel.world_size
         wrong = self.peak and computed and self.peak.wrong(computed)
@@ -412,8 +412,8 @@ class Trainer:
                          "lr": lr, "grad_norm": self._grad_norm,
                          "tokens_per_sec": None if rate is None else round(rate, 1),
                          "ms_per_step": None if step_seconds is None else round(1000 * step_seconds, 3),
-                         "mfu": None if mfu is None else round(mfu, 4), "elapsed": round(self.clock.elapsed, 3)})
-        passes = f"epoch {epoch:.2f}" + (f", {format_duration(self.clock.elapsed / epoch)}/epoch" if epoch else "")
+                         "mfu": None if mfu is None else round(mfu, 4), "elapsed": elapsed})
+        passes = f"epoch {epoch:.2f}" + (f", {format_duration(elapsed / epoch)}/epoch" if epoch else "")
         if rate is None:
             return f"loss {mean:.4f} | lr {lr:.1e} | {passes}"
         utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"

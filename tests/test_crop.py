@@ -142,7 +142,8 @@ def test_a_block_size_other_than_the_rows_is_refused_in_train_and_eval(tmp_path,
     with pytest.raises(UserError, match=f"dataset {other} holds documents cropped to 16 tokens .* model.block_size "
                                         f"is {BLOCK}; set model.block_size = 16"):
         evaluate_run(RunDir(tmp_path / "run").load("best", "cpu"), dataset=other)
-    with pytest.raises(UserError, match="char tokenizer"):
+    with pytest.raises(UserError, match=r"the char tokenizer does not have; use --pack concat or a tokenizer that has "
+                                        r"one \(word:N, bpe:N, gpt2, tiktoken:NAME\)"):
         prepare(["docs.jsonl"], "char", out_dir=tmp_path,
                 options=PrepareOptions(pack="crop"))
 

@@ -140,7 +140,7 @@ def _rwkv_ids(vocab: Vocab) -> Callable[[str], list[int]]:
 
 def _gpt2_ids(vocab: Vocab) -> Callable[[str], list[int]]:
     """What llama.cpp's `gpt2` tokenizer does with a vocabulary: GPT-2's split, then the merges in their order."""
-    assert vocab.pre == "gpt-2"
+    assert vocab.pre == "gpt-2" and vocab.merges, "llama.cpp loads a gpt2 vocabulary only with its merges"
     merges = [tuple(m.split(" ")) for m in vocab.merges]
     backend = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(vocab.tokens)}, merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -148,6 +148,16 @@ def _gpt2_ids(vocab: Vocab) -> Callable[[str], list[int]]:
 
 
 GGUF_READERS = {"rwkv": _rwkv_ids, "gpt2": _gpt2_ids}  # one per GGUF tokenizer model of lmlab.gguf.vocab.WRITERS
+
+
+def test_every_kind_prepare_builds_has_a_spec_the_export_tests_train():
+    """tests/test_hf_tokenizers.py exports a run of each kind of tests/hf_reference.py's KINDS to transformers and
+    llama.cpp themselves: a kind missing there is never checked against them."""
+    from tests.hf_reference import KINDS
+
+    built = {name for name, kind in TOKENIZER_KINDS.items() if kind.build}
+    assert set(KINDS) == built, f"give tests/hf_reference.py's KINDS a spec for {sorted(built - set(KINDS))}"
+    assert all(parse_spec(spec)[0] == name for name, spec in KINDS.items())
 
 
 @pytest.mark.parametrize("name", TOKENIZER_KINDS)

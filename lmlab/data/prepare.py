@@ -197,8 +197,9 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     spec = fixed.spec if fixed else spec
     kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     if options.pack == "crop" and not kind.end_of_text:
-        raise UserError("--pack crop pads each document's row with the end-of-text token, which the char tokenizer "
-                        "does not have; use --pack concat or a word, bpe, gpt2 or tiktoken tokenizer.")
+        ending = ", ".join(k.written for k in TOKENIZER_KINDS.values() if k.named and k.end_of_text)
+        raise UserError(f"--pack crop pads each document's row with the end-of-text token, which the {kind.name} "
+                        f"tokenizer does not have; use --pack concat or a tokenizer that has one ({ending}).")
     if not kind.end_of_text and options.normalization.drops("\n"):
         raise UserError("the char tokenizer separates documents with a line break, which --keep-chars / --drop-chars "
                         "would remove; keep \\n (e.g. --keep-chars 'a-z \\n').")

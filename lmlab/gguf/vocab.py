@@ -109,6 +109,9 @@ def _bpe_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) 
              for i in range(tokenizer.vocab_size)]
     extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"[PAD{i}]")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # llama.cpp's gpt2 tokenizer refuses a file without them: "cannot find tokenizer merges"
+        raise UserError(f"{what}'s tokenizer ({tokenizer.spec}) is a BPE without merges, which llama.cpp cannot "
+                        f"load as a GGUF vocabulary; export-gguf takes {TAKES}.")
     if model.get("ignore_merges"):
         _check_merges_reach(raw, tokenizer, what)
     vocab = Vocab("gpt2", pre, tokens + extra, types + extra_types, merges)

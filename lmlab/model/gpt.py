@@ -225,10 +225,7 @@ class GPT(LanguageModel):
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given."""
         logits = self.lm_head(self.hidden(idx, cache))[..., :self.config.vocab_size]  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = next_token_loss(logits, targets)
-        return logits, loss
+        return logits, None if targets is None else next_token_loss(logits, targets)
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: KVCache | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind

@@ -89,10 +89,7 @@ class RecurrentLM(LanguageModel):
                 cache: RecurrentState | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T), starting from `cache`'s state (and updating it) or zeros."""
         logits = self.lm_head(self.hidden(idx, cache))  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = next_token_loss(logits, targets)
-        return logits, loss
+        return logits, None if targets is None else next_token_loss(logits, targets)
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: RecurrentState | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind

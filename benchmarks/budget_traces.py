@@ -67,10 +67,6 @@ class Trace:
                 share = others
         return share
 
-    def slowed(self, now: float) -> float:
-        """How many times slower a single-threaded part (the plot, the exit) runs at `now` than on a quiet machine."""
-        return max(1.0, (1 + round(self.others(now) * CORES)) / CORES)
-
     def step_seconds(self, now: float, threads: int) -> float:
         """A step on `threads` threads at `now`, as the load leaves the cores."""
         hogs = round(self.others(now) * CORES)
@@ -162,8 +158,7 @@ def _run(trace: Trace) -> Outcome:
 
     def evaluate() -> None:
         batch = eval_batch * trace.step_seconds(clock.now, chooser.choice.threads) / step_now
-        clock.now += (budget.plan.eval_iters * batch + trace.plot * trace.slowed(clock.now)
-                      + (trace.first_eval if not out.evaluated else 0.0))
+        clock.now += budget.plan.eval_iters * batch + trace.plot + (trace.first_eval if not out.evaluated else 0.0)
         clock.now += trace.checkpoint
         out.evaluated.append(out.steps)
 
@@ -191,7 +186,7 @@ def _run(trace: Trace) -> Outcome:
             out.lines.append(budget.line)
         if out.steps == schedule.last_step and out.evaluated[-1:] != [out.steps]:
             evaluate()  # the loop's: a step decided the last only after it was taken
-    out.ended = clock.now + (trace.plot + EXIT_SECONDS) * trace.slowed(clock.now)
+    out.ended = clock.now + trace.plot + EXIT_SECONDS
     return out
 
 

@@ -151,10 +151,8 @@ class Budget:
         self.decided = not live
         self._seen = (made.step, made.spent)  # the newest step whose start is known, and the seconds spent then
         self._steps: deque[float] = deque(maxlen=PACE_STEPS)  # the newest steps' seconds, evaluations left out
-        # An evaluation and the end (the plot, the exit) run on the cores the steps do, so a load that slows them
-        # slows these alike: kept in steps.
-        per_step = 1 / made.step_seconds if made.step_seconds > 0 else 0.0
-        self._eval_steps, self._finish_steps = made.eval_seconds * per_step, made.finish_seconds * per_step
+        # An evaluation runs on the cores the steps do, so a load that slows them slows it alike: kept in steps.
+        self._eval_steps = made.eval_seconds / made.step_seconds if made.step_seconds > 0 else 0.0
         self._checkpoint = made.checkpoint_seconds
         self._anchor: tuple[float, float, float] | None = None  # the decay laid from (seconds, position) to an end
         self._given = made.position  # the newest position handed out: none after it is lower
@@ -167,7 +165,7 @@ class Budget:
 
     def _end(self) -> float:
         """When the last step must end: the budget less the last evaluation, its checkpoint and the exit."""
-        return self.plan.seconds - (self._eval_steps + self._finish_steps) * self.pace - self._checkpoint
+        return self.plan.seconds - self._eval_steps * self.pace - self._checkpoint - self.plan.finish_seconds
 
     def _began(self, step: int) -> float:
         """The seconds spent when `step` begins, as the newest known start and the pace foresee it."""
@@ -233,8 +231,7 @@ class Budget:
         """The plan as it stands at `step`: the figures measured so far, the end foreseen."""
         return dataclasses.replace(self.plan, step=step, spent=self._began(step), step_seconds=self.pace,
                                    eval_seconds=self._eval_steps * self.pace, checkpoint_seconds=self._checkpoint,
-                                   finish_seconds=self._finish_steps * self.pace, max_iters=self.last,
-                                   position=self._position_at(step))
+                                   max_iters=self.last, position=self._position_at(step))
 
     def _decide(self, last: int, now: Plan) -> None:
         """The run's last step is `last`: said where it ends the run at once, or comes well before the end

@@ -49,9 +49,10 @@ demo: $(VENV)/.installed
 	@echo "--- a 500-character sample from $(DEMO_RUN):"
 	@$(BIN)/lmlab sample $(DEMO_RUN) --max-new-tokens 500
 
-# Every test whose verdict holds on a busy machine; those judged by wall time or load are test-serial's.
+# Every test whose verdict holds on a busy machine; those judged by wall time or load are test-serial's. Two
+# workers (pytest-xdist), each the other's load, which every test here must stand; worksteal evens out the long ones.
 test: lint
-	$(BIN)/python -m pytest -q -m "not serial"
+	$(BIN)/python -m pytest -q -m "not serial" -n 2 --dist worksteal
 
 # The tests that take under about a second each (the others are marked slow): under a minute on two cores.
 test-fast: lint

@@ -4,14 +4,20 @@ helpers are in tests/helpers.py)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+# The tests read piped output at the width lmlab gives it (lmlab.commands.common: whole lines unless COLUMNS says
+# otherwise), so a COLUMNS from the shell or the runner (pytest-xdist's workers get 80) must not fold them.
+os.environ.pop("COLUMNS", None)
 
-from lmlab.core.config_toml import load_config
-from lmlab.data.prepare import prepare
-from lmlab.train.loop import Trainer
-from tests.helpers import ALPACA_TINY, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from lmlab.core.config_toml import load_config  # noqa: E402
+from lmlab.data.prepare import prepare  # noqa: E402
+from lmlab.train.loop import Trainer  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ALPACA_TINY, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext)
 
 
 pytest_plugins = ["pytester"]  # tests/test_host_twins.py runs a suite of its own

@@ -136,8 +136,9 @@ def _sweep() -> None:
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
-def wait_until(predicate, what: str, timeout: float = 120) -> None:
-    """Poll an observable condition; fail naming `what` after `timeout` seconds."""
+def wait_until(predicate, what: str, timeout: float = 300) -> None:
+    """Poll an observable condition; fail naming `what` after `timeout` seconds: a bound on a hang, not a verdict on
+    speed (a torchrun restart's rendezvous on a busy machine takes minutes)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -30,6 +30,7 @@ from tests.helpers import (
     ALPACA_TINY,
     LMLAB,
     copy_run,
+    cpu_ticks,
     digests,
     events_of,
     refused,
@@ -160,13 +161,20 @@ def test_the_loss_plot_marks_where_a_run_was_resumed(tmp_path, char_dataset):
 @pytest.mark.slow
 def test_sigterm_during_a_long_step_ends_the_run_within_seconds(tmp_path, tiny_run):
     """A step of a million micro-batches takes far longer than the stop grace period on any machine: it is
-    abandoned, nothing of it saved, the lock released, and the same command again starts over. The signal goes once
-    the run's stop handler is in place (its loop has begun), whatever the speed of either process."""
+    abandoned, nothing of it saved, the lock released, and the same command again starts over. The signal goes in
+    the first step, whatever the speed of either process: once the model line (the set-up's last) is out and the
+    run has spent a second of its own CPU time after it, which only the step takes. (Sent once the start event was
+    logged, a busy machine let it land in the set-up that follows it, and the run stopped before its first step.)"""
     config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
     target = tmp_path / "long"
     proc = spawn("train", config, "--run", target, "--set", "train.grad_accum_steps=1000000", "--device", "cpu",
                  cwd=tmp_path)
-    wait_until(lambda: RunDir(target).events() and _catches_sigterm(proc.pid), proc)  # in the first step
+    line = ""
+    while not line.startswith("model: "):
+        line = proc.stdout.readline()
+        assert line, proc.communicate()
+    ticks = cpu_ticks(proc.pid)
+    wait_until(lambda: cpu_ticks(proc.pid) > ticks + os.sysconf("SC_CLK_TCK"), proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)  # the step alone would take hours
     assert proc.returncode == 0, (out, err)

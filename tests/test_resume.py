@@ -364,7 +364,9 @@ def test_a_stop_signal_during_the_set_up_ends_it_at_once_in_one_line(tmp_path, c
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     said = ""
     while "setting up" not in " ".join(said.split()):  # the line folds at 200 columns where tmp_path is long
-        said += child.stdout.readline()
+        line = child.stdout.readline()
+        assert line, child.communicate()
+        said += line
     child.send_signal(stop)
     out, err = child.communicate(timeout=300)
     assert "Traceback" not in err, err

@@ -148,9 +148,9 @@ def test_completion_chat_probabilities_and_temperatures_side_by_side(browser, se
     column = page.locator(".col .log").first
     assert column.inner_text() == "ROMEO:\n" + greedy["choices"][0]["text"] + "\n(stopped at max tokens)"
     spans = page.locator(".col .tok")
-    # A span per streamed piece: a token, or the few a busy server sent together (11 of 24 pieces on a loaded host).
+    # A span per streamed piece: a token, or the few a busy server sent together, down to one piece for all 24.
     assert 1 <= spans.count() <= 24
-    spans.filter(has_text=re.compile(r"\w")).nth(1).hover()
+    spans.filter(has_text=re.compile(r"\w")).first.hover()
     tip = page.locator("#tip")
     shot(page, tmp_path, "complete")
     assert tip.is_visible() and re.search(r"\d%", tip.inner_text()) and tip.locator("tr").count() >= 2

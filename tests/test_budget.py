@@ -23,7 +23,7 @@ from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import MIN_STEPS, Budget, BudgetRefused, Costs, Plan, plan
+from lmlab.train.budget import FINAL_SHARE, MIN_STEPS, Budget, BudgetRefused, Costs, Plan, final_windows, plan
 from lmlab.train.loop import Trainer
 from tests.helpers import LMLAB, output, stable_events, torchrun, wait_for, weights, write_config, write_fit
 
@@ -43,6 +43,9 @@ def test_the_plan_counts_steps_evals_at_their_interval_and_the_end_and_the_check
     assert ended.needed(80, (20, 30)) == pytest.approx(80 * 0.1 + 4 * 1.5 + 2 * 0.5 + 0.3)  # and the end
 
 
+ONE_BATCH = TrainConfig().batch_size  # a val split of one batch's windows: a final score of one batch
+
+
 def costs(step: float, eval_batch: float = 0.01) -> Costs:
     return Costs(step, eval_batch, eval_fixed=0.1, checkpoint=0.1, finish=0.4)
 
@@ -52,11 +55,11 @@ def test_a_plan_shortens_a_warmup_longer_than_a_tenth_of_its_steps():
     steps, and says so."""
     train = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, budget_seconds=60.0, eval_interval=1000,
                         eval_iters=10)
-    made = plan(60.0, 14.0, costs(1.0), train, (1000, 1000))
+    made = plan(60.0, 14.0, costs(1.0), train, (1000, 1000), ONE_BATCH)
     assert 0 < made.warmup < 50 and made.warmup == max(1, round(0.1 * made.max_iters))
     said = Budget(made, (1000, 1000)).describe(train)
     assert f"the peak LR at step {made.warmup}, not at 50 (train.warmup_iters" in said
-    assert plan(60.0, 14.0, costs(1.0), dataclasses.replace(train, warmup_iters=2), (1000, 1000)).warmup == 2
+    assert plan(60.0, 14.0, costs(1.0), dataclasses.replace(train, warmup_iters=2), (1000, 1000), ONE_BATCH).warmup == 2
 
 
 def test_a_plan_scores_fewer_eval_batches_where_evaluations_would_take_more_than_a_tenth_of_the_budget():
@@ -64,11 +67,11 @@ def test_a_plan_scores_fewer_eval_batches_where_evaluations_would_take_more_than
     (the count is eval_interval's)."""
     train = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=0, budget_seconds=60.0, eval_interval=100,
                         eval_iters=50)
-    made = plan(60.0, 5.0, costs(0.1, eval_batch=0.2), train, (100, 1000))
+    made = plan(60.0, 5.0, costs(0.1, eval_batch=0.2), train, (100, 1000), ONE_BATCH)
     evals = made.max_iters // 100 + (made.max_iters % 100 != 0)
     assert 1 <= made.eval_iters < 50 and evals * made.eval_seconds <= 0.1 * 60.0
     assert made.eval_seconds == pytest.approx(costs(0.1, 0.2).evaluation(made.eval_iters))
-    assert plan(60.0, 5.0, costs(0.1, eval_batch=0.0001), train, (100, 1000)).eval_iters == 50
+    assert plan(60.0, 5.0, costs(0.1, eval_batch=0.0001), train, (100, 1000), ONE_BATCH).eval_iters == 50
 
 
 def test_a_plan_trains_the_steps_that_fit_beside_evaluations_of_their_share():
@@ -76,7 +79,7 @@ def test_a_plan_trains_the_steps_that_fit_beside_evaluations_of_their_share():
     300 s budget: no more steps and a last evaluation of 24 batches a split (192 s). Now the steps that fit beside
     evaluations within a tenth of the budget."""
     train, intervals = TrainConfig(eval_iters=200, warmup_iters=100), (250, 1000)
-    made = plan(300.0, 100.0, Costs(13.0, 8.0, 0.3, 0.6, 0.6), train, intervals)
+    made = plan(300.0, 100.0, Costs(13.0, 8.0, 0.3, 0.6, 0.6), train, intervals, ONE_BATCH)
     assert made.max_iters >= 12 and made.eval_seconds <= 0.1 * 300.0  # 13 steps (192 s), 3 batches a split
     assert abs(made.spent + made.needed(made.max_iters, intervals) - 300.0) <= 13.0 / 2
 
@@ -87,11 +90,70 @@ def test_a_budget_that_cannot_hold_its_minimum_is_refused_with_what_it_needs():
     must fit what start-up and timing left, or nothing trains."""
     train = TrainConfig(eval_iters=20, warmup_iters=10)
     with pytest.raises(BudgetRefused) as refused:
-        plan(60.0, 52.0, Costs(21.0, 2.0, 0.3, 0.25, 0.5), train, (250, 1000))
+        plan(60.0, 52.0, Costs(21.0, 2.0, 0.3, 0.25, 0.5), train, (250, 1000), ONE_BATCH)
     said = str(refused.value)
     assert said.startswith("budget 60 s: a step takes ~21 s here, and 2 steps, an evaluation of one batch a split")
-    assert "give a budget of at least 98 s." in said  # 52 + 2 x 21 + 2 + 0.3 + 0.25 + 0.5 = 97.05 and isinstance(refused.value, UserError)
-    assert plan(98.0, 52.0, Costs(21.0, 2.0, 0.3, 0.25, 0.5), train, (250, 1000)).max_iters >= MIN_STEPS
+    assert "the final score (1.00 s)" in said and isinstance(refused.value, UserError)
+    assert "give a budget of at least 99 s." in said  # 52 + 2 x 21 + 2 + 0.3 + 0.25 + 1 + 0.5 = 98.05
+    assert plan(99.0, 52.0, Costs(21.0, 2.0, 0.3, 0.25, 0.5), train, (250, 1000), ONE_BATCH).max_iters >= MIN_STEPS
+
+
+@pytest.mark.parametrize("val_batch", [0.0, 1e-4, 0.003, 0.05, 0.4, 3.0, 40.0])
+@pytest.mark.parametrize("step", [0.05, 13.0])
+@pytest.mark.parametrize("seconds", [30.0, 75.0, 300.0, 7200.0])
+def test_the_final_score_covers_the_whole_val_split_where_its_share_of_the_budget_holds_it(seconds, step, val_batch):
+    """A run ends on one figure, the checkpoint it keeps scored on the val split, not the least of its noisy
+    evaluations: the whole split where it fits FINAL_SHARE of the budget, else the whole batches that do (one at
+    least), and more in the time the steps leave short of the budget; so the plan ends at least as near the budget
+    as any step count with the share's score alone."""
+    train, intervals, split = TrainConfig(batch_size=16, eval_iters=4, warmup_iters=0), (50, 100), 3932
+    try:
+        made = plan(seconds, 5.0, Costs(step, 2 * val_batch, 0.1, 0.1, 0.3), train, intervals, split)
+    except BudgetRefused:
+        assert seconds <= 75.0 and (step == 13.0 or val_batch == 40.0)  # two steps, or one batch, are too long
+        return
+    share = final_windows(split, 16, FINAL_SHARE * seconds, val_batch)
+    assert made.val_windows == split and share <= made.final_windows <= split
+    assert made.final_seconds == pytest.approx(-(-made.final_windows // 16) * val_batch)
+    if split * val_batch / 16 <= FINAL_SHARE * seconds:
+        assert share == split  # the whole split, which fits its share
+    else:
+        assert share % 16 == 0 and (share == 16 or share // 16 * val_batch <= FINAL_SHARE * seconds)
+        assert (share // 16 + 1) * val_batch > FINAL_SHARE * seconds  # and no more whole batches would fit
+
+    def miss(n: int, windows: int) -> float:
+        laid = dataclasses.replace(made, final_windows=windows, final_seconds=-(-windows // 16) * val_batch)
+        return laid.spent + laid.needed(n, intervals) - seconds
+
+    if made.final_windows > share:
+        assert miss(made.max_iters, made.final_windows) <= 0  # grown only into time the steps leave
+    nearest = min(abs(miss(n, share)) for n in range(max(MIN_STEPS, made.max_iters - 1), made.max_iters + 2))
+    assert abs(miss(made.max_iters, made.final_windows)) <= nearest + 1e-9
+    assert final_windows(split, 16, 1.0, 0.0) == split  # a free batch: the whole split
+
+
+@pytest.mark.parametrize("late", [-20.0, -1.0, 0.0, 0.5, 3.0, 30.0])
+@pytest.mark.parametrize("slower", [0.5, 1.0, 1.3, 2.0, 8.0])
+def test_the_final_score_takes_the_windows_that_fit_what_is_left_of_the_budget(slower, late):
+    """The budget's end holds whatever the last step left: a run ending early scores more of the split (up to all
+    of it), one ending late or on a slower machine fewer, in whole batches at the pace the steps now show (one at
+    least); a resumed run, on another process's clock, scores the windows planned."""
+    train, intervals = TrainConfig(batch_size=16, eval_iters=4, warmup_iters=0), (50, 100)
+    made = plan(300.0, 5.0, Costs(0.1, 0.4, 0.1, 0.1, 0.3), train, intervals, 3932)
+    assert made.final_windows < 3932  # the whole split, 246 batches of 0.2 s, is more than 5% of the budget
+    budget = Budget(made, intervals)
+    for step in range(1, 8):  # steps at the new pace, none of them an evaluation's or a checkpoint's
+        budget.after_step(step, 5.0 + 0.1 * slower * step)
+    assert budget.pace == pytest.approx(0.1 * slower)
+    spent = 300.0 - made.final_seconds - made.finish_seconds + late  # when the final score begins
+    windows, batch = budget.final_windows(16, spent), 0.2 * slower  # a val batch, slowed as the steps are
+    left = 300.0 - spent - made.finish_seconds
+    assert windows == 3932 or windows % 16 == 0
+    assert windows == 16 or windows // 16 * batch <= left + 1e-9  # within what is left
+    assert windows == 3932 or (windows // 16 + 1) * batch > left - 1e-9  # and no whole batch more would fit
+    if slower == 1.0 and late == 0.0:
+        assert windows == made.final_windows
+    assert Budget(made, intervals, live=False).final_windows(16, spent) == made.final_windows
 
 
 def budgeted(tmp_path, dataset, seconds: float, overrides=()) -> Trainer:
@@ -149,6 +211,12 @@ def test_a_budgeted_run_plans_before_its_first_step_then_its_lr_follows_the_cloc
     after = [lrs[s] for s in range(first.warmup + 1, last.max_iters + 1)]
     assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] == pytest.approx(cfg.min_lr)
     assert run.checkpoint("latest").name == f"step_{last.max_iters:06d}"
+    # Then the final score, on the val windows that what was left of the budget held: the whole split, or whole
+    # batches of it.
+    final = events[-2]
+    assert [e["event"] for e in events][-2:] == ["final", "end"] and final["step"] == last.max_iters
+    assert 0 < final["windows"] <= first.val_windows == final["split_windows"]
+    assert final["windows"] == first.val_windows or final["windows"] % cfg.batch_size == 0
     # config.toml keeps the settings asked for; a budget's fits are its plan's (events and checkpoints)
     assert (cfg.max_iters, cfg.eval_iters, cfg.warmup_iters) == (7, 4, 5)
     for folder in run.step_folders():  # every checkpoint holds the plan as it stood at its step
@@ -169,8 +237,9 @@ def test_a_budget_start_up_used_up_is_refused_by_train_and_plan_alike_writing_no
         assert done.returncode == 2, done.stdout + done.stderr
         said[command] = " ".join(done.stderr.split())
         assert re.search(r"error: budget 0.001 s: a step takes ~[\d.e-]+ s here, and 2 steps, an evaluation of one "
-                         r"batch a split \([\d.]+ s\), the checkpoint \([\d.]+ s\) and the end \([\d.]+ s\) need "
-                         r"[\d.]+ s after the [\d.]+ s that start-up and timing took; give a budget of at least \d+ s\.",
+                         r"batch a split \([\d.]+ s\), the checkpoint \([\d.]+ s\), the final score \([\d.]+ s\) and "
+                         r"the end \([\d.]+ s\) need [\d.]+ s after the [\d.]+ s that start-up and timing took; give "
+                         r"a budget of at least \d+ s\.",
                          said[command]), said[command]
     assert not (tmp_path / "run").exists()
 

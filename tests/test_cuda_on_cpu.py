@@ -169,8 +169,9 @@ def test_the_eval_loss_in_chunks_equals_the_whole_batch():
     whole = next_token_loss(logits, targets, reduction="sum").item()
     correct = int((logits.argmax(-1) == targets).sum())
     for max_elements in (1, 7 * 11, 2 * 7 * 11, 2**28):  # one sequence at a time, two, everything at once
-        loss, right = score(logits, targets, max_elements)
-        assert loss == pytest.approx(whole, rel=1e-6) and right == correct
+        losses, right = score(logits, targets, max_elements)
+        assert losses.shape == (5,) and losses.sum().item() == pytest.approx(whole, rel=1e-6) and right == correct
+        assert losses[1].item() == pytest.approx(next_token_loss(logits[1:2, :3], targets[1:2, :3], "sum").item())
 
 
 class AttentionCalls(TorchFunctionMode):

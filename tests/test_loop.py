@@ -54,6 +54,7 @@ def test_early_stopping_after_patience_evals_without_a_new_best(tmp_path, char_d
     result = train(tmp_path, char_dataset, ["train.max_iters=200", "train.warmup_iters=0", "train.patience=2",
                                             "train.learning_rate=1e-30", "train.min_lr=0", "model.bias=false"])
     assert result.stopped_early and result.steps == 30 and result.best_step == 10
+    assert result.final["step"] == 30  # an early stop is an end: the checkpoint it ended on is scored
 
 
 @pytest.mark.slow

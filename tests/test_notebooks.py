@@ -114,6 +114,7 @@ def test_a_run_in_a_notebook_stops_on_interrupt_and_resumes_exactly(tmp_path, ch
         said = replies(kernel, asked)
         assert said["status"] == "ok" and "stopped by SIGINT at step" in said["text"], said
         assert f'Continue with: lmlab.train(resume="{run}")' in said["text"]
+        assert "no final score: the run was stopped before it" in " ".join(said["text"].split())
         said = replies(kernel, kernel.execute(f"lmlab.train(resume={str(run)!r}, device='cpu')"))
         assert said["status"] == "ok" and "best val loss" in said["text"], said
         said = replies(kernel, kernel.execute("lmlab.Run('nowhere')"))  # a mistake is its sentence, no traceback

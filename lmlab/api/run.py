@@ -51,8 +51,8 @@ class Run:
     """A run folder (made by `lmlab.train`, `lmlab train`, `finetune` or `import-hf`), read from Python; a folder that
     is no run is refused at once. `model`, `sample` and `eval` load a checkpoint the first time and keep it until its
     weights change on disk. `console` is where progress and messages go. `result`, on a Run that `lmlab.train` returned,
-    is how that training ended (`steps`, `best_val_loss`, `best_step`, `stopped_by`, `stopped_early`, `budget_spent`),
-    else None."""
+    is how that training ended (`steps`, `best_val_loss`, `best_step`, `stopped_by`, `stopped_early`, `budget_spent`,
+    `final`: its final score, the `final` event), else None."""
 
     @checked(path="path", console="console?")
     def __init__(self, path: str | Path, console: Console | None = None):

@@ -254,3 +254,16 @@ def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
                   f"({spent - budget:+.1f} s" + (f", {share:+.1f}%)" if abs(share) < 100 else ")"))
     out.print(f"run: {result.run_dir}")
     out.print(f"loss plot: {result.loss_plot}")
+    out.print(_final_words(result), highlight=False)
+
+
+def _final_words(result: TrainResult) -> str:
+    """The run's figure: the checkpoint it ended on scored on the val split, whole or sampled (then with its error)."""
+    f = result.final
+    if f is None:
+        return (f"no final score: the run was stopped before it; `lmlab eval {result.run_dir} --checkpoint latest` "
+                "scores its checkpoint on the whole val split")
+    where = (f"on the whole val split ({f['tokens']:,} tokens)" if f["windows"] >= f["split_windows"] else
+             f"± {f['stderr']:.4f} (a standard error) on {f['windows']:,} of the val split's {f['split_windows']:,} "
+             f"windows ({f['tokens']:,} tokens, spread evenly over it)")
+    return f"final val {f['val_loss']:.4f} {where}, of the checkpoint the run ended on (step {f['step']})"

@@ -56,9 +56,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         table.add_row(key.replace("_", " "), f"{result[key]:,}" if key == "tokens" else f"{result[key]:.4f}")
     console.print(table)
     if args.max_tokens:
+        # A result kept before evaluations said their standard error has none.
+        error = f", the loss with a standard error of {result['stderr']:.4f}" if "stderr" in result else ""
         console.print(f"A subset: {result['windows']:,} of the split's {result['split_windows']:,} windows of "
                       f"{run.config.model.block_size:,} tokens, spread evenly over it ({result['tokens']:,} of "
-                      f"{result['split_tokens']:,} tokens); kept apart from whole-split results.")
+                      f"{result['split_tokens']:,} tokens){error}; kept apart from whole-split results.")
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:

@@ -246,7 +246,7 @@ def _plan_shape(target: Path, cfg: Any, started: float, device_name: str, choose
 
     from lmlab.core.device import resolve_device
     from lmlab.core.peak import choose_dtype
-    from lmlab.data.shards import read_meta
+    from lmlab.data.shards import read_meta, windows_in
     from lmlab.experiments.sizing import SET_UP
     from lmlab.train.budget import Budget, plan
     from lmlab.train.timing import time_config
@@ -257,9 +257,10 @@ def _plan_shape(target: Path, cfg: Any, started: float, device_name: str, choose
         timing = time_config(cfg, device, dtype, chooser.counts(device),
                              deadline=started + cfg.train.budget_seconds - SET_UP)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-    split = read_meta(Path(cfg.data.dataset))["train"]["tokens"]
-    intervals = (cfg.train.eval_steps(split, tokens_per_step), cfg.train.checkpoint_interval)
-    made = plan(cfg.train.budget_seconds, time.perf_counter() - started + SET_UP, timing.costs(), cfg.train, intervals)
+    meta = read_meta(Path(cfg.data.dataset))
+    intervals = (cfg.train.eval_steps(meta["train"]["tokens"], tokens_per_step), cfg.train.checkpoint_interval)
+    made = plan(cfg.train.budget_seconds, time.perf_counter() - started + SET_UP, timing.costs(), cfg.train, intervals,
+                windows_in(meta, "val", cfg.model.block_size))
     threads = f"{timing.threads} thread{'s' * (timing.threads > 1)}"
     rate = (tokens_per_step / timing.step, f"measured here, {threads}, as training runs")
     _budget_table(target, cfg, rate, made.max_iters * tokens_per_step, made.max_iters * made.step_seconds, budget)

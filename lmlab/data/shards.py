@@ -143,6 +143,13 @@ def row_layout(meta: dict) -> Rows | None:
     return Rows(rows["length"], rows["pad_id"]) if rows else None
 
 
+def windows_in(meta: dict, split: str, block_size: int) -> int:
+    """How many windows of block_size targets a split holds, as its meta.json tells: consecutive windows, or the rows
+    of a row-packed split (what `evals.evaluate.split_windows` counts in the opened split)."""
+    rows, tokens = row_layout(meta), meta[split]["tokens"]
+    return (tokens - 1) // block_size if rows is None else tokens // rows.length
+
+
 class ShardWriter:
     """Appends tokens to `SPLIT_00000.bin`, ... of `shard_tokens` tokens each, holding one shard in memory."""
 

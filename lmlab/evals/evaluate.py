@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,54 +37,83 @@ def spread(total: int, wanted: int) -> list[int]:
     return [i * total // n for i in range(n)]
 
 
+class Ranks(Protocol):
+    """The processes of a torchrun job that score a split together (`train.distributed.Parallel`)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def evaluate_split(model: LanguageModel, tokens: np.ndarray, bytes_per_token: float, batch_size: int,
                    device: torch.device, dtype: torch.dtype,
                    progress: Callable[[int, int], None] | None = None,
-                   windows: list[int] | None = None) -> dict[str, float]:
+                   windows: list[int] | None = None, ranks: Ranks | None = None,
+                   forward: Callable | None = None) -> dict[str, float]:
     """Score every token of a split once, in consecutive windows of block_size (of a row-packed split: every
-    row, its padding not counted); or only the `windows` given (indices from `spread`).
+    row, its padding not counted); or only the `windows` given (indices from `spread`), with the standard error
+    of the loss that sampling them leaves (0 for the whole split). Under torchrun (`ranks`) rank r scores batches
+    r, r + N, ..., every rank as many forwards (FSDP's all-gathers need them), through `forward` (the model as
+    wrapped for the job), and the sums are all-reduced.
 
     Bits per byte divides the loss in bits by the UTF-8 bytes each token stands for on average in this
     split, so models with different tokenizers can be compared on the same text.
     """
-    T, rows = model.config.block_size, getattr(tokens, "rows", None)
+    T, rows, forward = model.config.block_size, getattr(tokens, "rows", None), forward or model
     step = rows.length if rows else T  # stream windows overlap by one token: the last target is the next input
-    chosen = list(range(split_windows(tokens, T))) if windows is None else windows
-    n_windows = len(chosen)
-    loss_sum, correct, count = 0.0, 0, 0
-    for first in range(0, n_windows, batch_size):
-        windows_ = [tokens[w * step:w * step + T + 1] for w in chosen[first:first + batch_size]]
-        batch = torch.from_numpy(np.stack(windows_).astype(np.int64)).to(device)
+    total = split_windows(tokens, T)
+    chosen = list(range(total)) if windows is None else windows
+    rank, world = (ranks.rank, ranks.world_size) if ranks else (0, 1)
+    n_batches = -(-len(chosen) // batch_size)
+    # Per window i, its loss sum s_i and target count c_i, as sums: s, c, s², sc, c², correct guesses (in float64,
+    # on the host: not every device has it).
+    sums = torch.zeros(6, dtype=torch.float64)
+    for b in range(-(-n_batches // world) * world):
+        if b % world != rank:
+            continue
+        counted = b < n_batches
+        batch_windows = chosen[b * batch_size:(b + 1) * batch_size] if counted else chosen[:1]
+        batch = torch.from_numpy(np.stack([tokens[w * step:w * step + T + 1] for w in batch_windows])
+                                 .astype(np.int64)).to(device)
         x, y = batch[:, :-1], batch[:, 1:]
         if rows:
             y = pad_targets(x, y, rows.pad_id)
         with autocast(device, dtype):
-            logits, _ = model(x)
-        batch_loss, batch_correct = score(logits, y)
-        loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
-        count += (y != IGNORE).sum().item()
+            logits = forward(x)[0]
+        if counted:
+            s, correct = score(logits, y)
+            s, c = s.cpu().double(), (y != IGNORE).sum(1).cpu().double()
+            sums += torch.stack([s.sum(), c.sum(), (s * s).sum(), (s * c).sum(), (c * c).sum(), correct.cpu()])
         if progress:
-            progress(min(first + batch_size, n_windows), n_windows)
-    loss = loss_sum / count
-    return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / count,
-            "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": count}
+            progress(min((b + 1) * batch_size, len(chosen)), len(chosen))
+    if ranks:
+        sums = ranks.all_reduce_sum(sums.to(device)).cpu()
+    s, c, ss, sc, cc, correct = sums.tolist()
+    loss, n = s / c, len(chosen)
+    # The ratio estimator's standard error, sampled without replacement from the split's windows.
+    scatter = max(0.0, ss - 2 * loss * sc + loss * loss * cc)  # the windows' sum of (s_i - loss * c_i)²
+    stderr = math.sqrt((1 - n / total) * n / (n - 1) * scatter) / c if 1 < n < total else 0.0
+    return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / c,
+            "bits_per_byte": loss / math.log(2) / bytes_per_token, "tokens": int(c), "stderr": stderr}
 
 
-def score(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 2**28) -> tuple[float, int]:
-    """Summed loss and correct next-token guesses of (B, T, vocab) logits, a few sequences at a time.
+def score(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 2**28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's summed loss and the correct next-token guesses of (B, T, vocab) logits (device tensors, read
+    without a sync), a few sequences at a time.
 
     The loss is computed in fp32, and log-softmax makes another tensor the size of its input: over a whole
     batch of GPT-2 small (32 x 1024 x 50257) that is 13 GB on top of the logits. Chunks of at most
     `max_elements` logits (1 GiB in fp32) keep it small.
     """
     rows = max(1, max_elements // (logits.size(1) * logits.size(2)))
-    loss, correct = 0.0, 0
+    losses, correct = [], torch.zeros((), dtype=torch.int64, device=logits.device)
     for first in range(0, logits.size(0), rows):
         chunk, y = logits[first:first + rows], targets[first:first + rows]
-        loss += next_token_loss(chunk, y, reduction="sum").item()
-        correct += (chunk.argmax(-1) == y).sum().item()  # an IGNORE target never equals a token id
-    return loss, correct
+        losses.append(next_token_loss(chunk, y, reduction="none").view_as(y).sum(1))
+        correct += (chunk.argmax(-1) == y).sum()  # an IGNORE target never equals a token id
+    return torch.cat(losses), correct
 
 
 def _check_same_tokenizer(run: LoadedRun, dataset: Path, meta: dict[str, Any]) -> None:

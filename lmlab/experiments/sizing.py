@@ -21,7 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.peak import choose_dtype
 from lmlab.core.threads import Choice, ThreadChooser
-from lmlab.data.shards import read_meta
+from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
@@ -129,7 +129,7 @@ class Sizing:
         return (f"the {format_duration(self.budget)}: {made.spent:.1f} s of start-up, timing and the trainer's "
                 f"set-up, {steps:.1f} s for {c.steps:,} steps, {evals * made.eval_seconds:.1f} s for {evals} "
                 f"evaluation{'s' * (evals > 1)} of {c.eval_iters} batch{'es' * (c.eval_iters > 1)} a split, "
-                f"{rest:.1f} s for checkpoints and the end")
+                f"{rest:.1f} s for checkpoints, the final score and the end")
 
     def record(self) -> dict[str, Any]:
         return {"event": "sizing", "budget": self.budget, "spent": round(self.spent, 3), "fit": self.fit,
@@ -147,9 +147,9 @@ class Search:
     """The depths weighed for a budget, from the smallest up (`weigh`), each planned from the seconds left now."""
 
     def __init__(self, family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device,
-                 dtype: torch.dtype, counts: list[int], split_tokens: int):
+                 dtype: torch.dtype, counts: list[int], meta: dict[str, Any]):
         self.family, self.fit, self.budget, self.started = family, fit, budget, started
-        self.device, self.dtype, self.counts, self.split_tokens = device, dtype, counts, split_tokens
+        self.device, self.dtype, self.counts, self.meta = device, dtype, counts, meta  # the dataset's meta.json
         self.candidates: list[Candidate] = []
         self.timed = 0.0
 
@@ -174,10 +174,12 @@ class Search:
     def planned(self, c: Candidate, costs: Costs) -> tuple[Plan | None, float | None, tuple[int, int], str]:
         """The budget's plan of `c` at these costs (None, with the refusal, where its minimum does not fit), its
         predicted val and the steps between its evaluations and checkpoints."""
-        train = self.family.config(c.depth, self.fit).train
-        intervals = (train.eval_steps(self.split_tokens, c.tokens_per_step), train.checkpoint_interval)
+        cfg = self.family.config(c.depth, self.fit)
+        train = cfg.train
+        intervals = (train.eval_steps(self.meta["train"]["tokens"], c.tokens_per_step), train.checkpoint_interval)
         try:
-            made = plan(self.budget, self.spent(), costs, train, intervals)
+            made = plan(self.budget, self.spent(), costs, train, intervals,
+                        windows_in(self.meta, "val", cfg.model.block_size))
         except BudgetRefused as refused:
             return None, None, intervals, str(refused)
         predicted = self.fit.predict(c.params, made.max_iters * c.tokens_per_step) if self.fit else None
@@ -234,10 +236,10 @@ class Search:
 
 
 def search(family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device, dtype: torch.dtype,
-           chooser: ThreadChooser, split_tokens: int, depths: list[int] | None = None) -> Search:
+           chooser: ThreadChooser, meta: dict[str, Any], depths: list[int] | None = None) -> Search:
     """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all of
     `depths` where given, else from the smallest up while a larger one could win."""
-    found = Search(family, fit, budget, started, device, dtype, chooser.counts(device), split_tokens)
+    found = Search(family, fit, budget, started, device, dtype, chooser.counts(device), meta)
     best = None
     for depth in depths or range(1, MAX_DEPTH + 1):
         c = found.candidate(depth)
@@ -318,8 +320,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
                         f"{fit_path(preset)} was measured on {fitted_on or 'a CPU'}, whose speed by size is not this "
                         f"GPU's; make one here with `lmlab scaling {preset} --refit`, or give a size (--size 4).")
     dtype, _ = choose_dtype(device, cfg.train.dtype)
-    split = read_meta(Path(cfg.data.dataset))["train"]["tokens"]
-    found = search(family, fit, budget, started, device, dtype, chooser, split, depths)
+    found = search(family, fit, budget, started, device, dtype, chooser, read_meta(Path(cfg.data.dataset)), depths)
     planned = [c for c in found.candidates if c.steps]
     if not planned:
         raise UserError(_refusal(found, preset))

@@ -20,6 +20,7 @@ from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
 
 EVAL_SHARE = 0.1  # evaluations measure the run, they do not train it: at most this share of the budget
+FINAL_SHARE = 0.05  # and so does the final score of what the run keeps, at most this share besides
 WARMUP_SHARE = 0.1  # a warmup longer than this share of the steps is shortened to it, leaving the rest to the decay
 MIN_STEPS = 2  # the fewest a budget must hold: one step is no run (its pace unknown before it, no decay after it)
 PACE_STEPS = 5  # the pace is the median of this many newest steps: blind to two outliers, following a lasting change
@@ -57,6 +58,9 @@ class Plan:
     finish_seconds: float = 0.0
     warmup: int = 0  # the step the LR reaches its peak at
     eval_iters: int = 0  # batches a split each evaluation scores
+    final_windows: int = 0  # the val windows the final score covers, of the split's `val_windows`
+    val_windows: int = 0
+    final_seconds: float = 0.0
     position: float = 0.0
     reason: str = "planned"  # planned, pace (the foreseen end moved), last (the last step decided)
 
@@ -67,7 +71,7 @@ class Plan:
 
     def needed(self, steps: int, intervals: tuple[int, int]) -> float:
         """Seconds to train `steps` after `step` and end: the steps, an evaluation at each multiple of its interval and
-        at the last step, a checkpoint at each other multiple of its interval, the end."""
+        at the last step, a checkpoint at each other multiple of its interval, the final score and the end."""
         if steps <= 0:
             return 0.0
         every_eval, every_checkpoint = intervals
@@ -77,7 +81,7 @@ class Plan:
                                                                             self.step, end)
                  - (end % every_eval != 0 and end % every_checkpoint == 0))
         return (steps * self.step_seconds + evals * (self.eval_seconds + self.checkpoint_seconds)
-                + apart * self.checkpoint_seconds + self.finish_seconds)
+                + apart * self.checkpoint_seconds + self.final_seconds + self.finish_seconds)
 
     def nearest(self, left: float, intervals: tuple[int, int]) -> int:
         """The steps after `step` whose end is nearest `left` seconds away, one step over it or short of it: a
@@ -102,13 +106,28 @@ class BudgetRefused(UserError):
     """A budget that cannot hold its minimum, refused before any step trains."""
 
 
-def plan(seconds: float, spent: float, costs: Costs, train: TrainConfig, intervals: tuple[int, int]) -> Plan:
+def final_windows(split_windows: int, batch_size: int, seconds: float, batch_seconds: float) -> int:
+    """The val windows a final score covers in `seconds` at `batch_seconds` a batch: the whole split where it fits,
+    else as many whole batches as do, one at least."""
+    if batch_seconds <= 0:
+        return split_windows
+    return min(split_windows, max(1, int(seconds / batch_seconds)) * batch_size)
+
+
+def plan(seconds: float, spent: float, costs: Costs, train: TrainConfig, intervals: tuple[int, int],
+         val_windows: int) -> Plan:
     """The plan of a budget of `seconds` with `spent` gone, from `costs`: the steps whose end is nearest the budget, the
-    evaluations' batches within EVAL_SHARE of it and the warmup within WARMUP_SHARE of the steps; refused
-    (`BudgetRefused`) where MIN_STEPS steps, an evaluation, the checkpoint and the end do not fit."""
+    evaluations' batches within EVAL_SHARE of it, the final score of the kept checkpoint on the `val_windows` of the
+    split (those that fit FINAL_SHARE of it, and more in the time the steps leave) and the warmup within WARMUP_SHARE
+    of the steps; refused (`BudgetRefused`) where MIN_STEPS steps, an evaluation, the checkpoint, the final score and
+    the end do not fit."""
+    val_batch = costs.eval_batch / 2  # an evaluation's batch scores both splits
+    final = final_windows(val_windows, train.batch_size, FINAL_SHARE * seconds, val_batch)
+
     def laid(batches: int) -> Plan:
         made = Plan(seconds, 0, 0, spent, costs.step, costs.evaluation(batches), costs.checkpoint, costs.finish,
-                    eval_iters=batches)
+                    eval_iters=batches, final_windows=final, val_windows=val_windows,
+                    final_seconds=-(-final // train.batch_size) * val_batch)
         return dataclasses.replace(made, max_iters=made.nearest(seconds - spent, intervals))
 
     made = laid(train.eval_iters)
@@ -124,9 +143,23 @@ def plan(seconds: float, spent: float, costs: Costs, train: TrainConfig, interva
         made = laid(1)
     if made.max_iters < MIN_STEPS:
         raise BudgetRefused(refusal(seconds, made, intervals))
+    # A step over the budget, or one short of it with the final score grown into what it leaves: the nearer end
+    # (a few long steps end up to half a step away, and that time scores the val split instead).
+    ends = [_filled(dataclasses.replace(made, max_iters=n), val_batch, train.batch_size, intervals)
+            for n in (made.max_iters, made.max_iters - 1) if n >= MIN_STEPS]
+    made = min(ends, key=lambda m: abs(m.spent + m.needed(m.max_iters, intervals) - seconds))
     warmup = train.warmup_iters if train.warmup_iters <= WARMUP_SHARE * made.max_iters else \
         max(1, round(WARMUP_SHARE * made.max_iters))
     return dataclasses.replace(made, warmup=warmup)
+
+
+def _filled(made: Plan, val_batch: float, batch_size: int, intervals: tuple[int, int]) -> Plan:
+    """`made` with its final score grown into the time its steps leave of the budget, up to the whole split."""
+    left = made.seconds - made.spent - made.needed(made.max_iters, intervals)
+    if left <= 0 or val_batch <= 0:
+        return made
+    windows = min(made.val_windows, made.final_windows + int(left / val_batch) * batch_size)
+    return dataclasses.replace(made, final_windows=windows, final_seconds=-(-windows // batch_size) * val_batch)
 
 
 def refusal(seconds: float, least: Plan, intervals: tuple[int, int]) -> str:
@@ -134,7 +167,8 @@ def refusal(seconds: float, least: Plan, intervals: tuple[int, int]) -> str:
     needed = least.spent + least.needed(MIN_STEPS, intervals)
     return (f"budget {seconds:g} s: a step takes ~{least.step_seconds:.3g} s here, and {MIN_STEPS} steps, an "
             f"evaluation of one batch a split ({least.eval_seconds:.2f} s), the checkpoint "
-            f"({least.checkpoint_seconds:.2f} s) and the end ({least.finish_seconds:.2f} s) need "
+            f"({least.checkpoint_seconds:.2f} s), the final score ({least.final_seconds:.2f} s) and the end "
+            f"({least.finish_seconds:.2f} s) need "
             f"{needed - least.spent:.1f} s after the {least.spent:.1f} s that start-up and timing took; give a "
             f"budget of at least {math.ceil(needed)} s.")
 
@@ -164,8 +198,20 @@ class Budget:
         return statistics.median(self._steps) if self._steps else self.plan.step_seconds
 
     def _end(self) -> float:
-        """When the last step must end: the budget less the last evaluation, its checkpoint and the exit."""
-        return self.plan.seconds - self._eval_steps * self.pace - self._checkpoint - self.plan.finish_seconds
+        """When the last step must end: the budget less the last evaluation, its checkpoint, the final score (its
+        planned seconds: it scores the windows that fit what is left, `final_windows`) and the exit."""
+        return (self.plan.seconds - self._eval_steps * self.pace - self._checkpoint - self.plan.final_seconds
+                - self.plan.finish_seconds)
+
+    def final_windows(self, batch_size: int, spent: float) -> int:
+        """The windows the final score covers with `spent` seconds gone: those that fit what is left of the budget
+        before the exit, at the pace the steps now show (an evaluation runs on the cores the steps do), up to the
+        whole split; as planned in a resumed run, whose clock is another process's."""
+        p = self.plan
+        if not self.live or p.final_seconds <= 0 or p.step_seconds <= 0:
+            return p.final_windows
+        batch = p.final_seconds / -(-p.final_windows // batch_size) * self.pace / p.step_seconds
+        return final_windows(p.val_windows, batch_size, p.seconds - spent - p.finish_seconds, batch)
 
     def _began(self, step: int) -> float:
         """The seconds spent when `step` begins, as the newest known start and the pace foresee it."""
@@ -257,6 +303,12 @@ class Budget:
         said = [f"budget {p.seconds:g} s: {p.max_iters:,} steps ({1000 * p.step_seconds:,.1f} ms a step, evaluation "
                 f"{p.eval_seconds:.2f} s, checkpoint {p.checkpoint_seconds:.2f} s) after {p.spent:.1f} s of "
                 f"start-up; the LR follows the budget's clock to {train.min_lr:.1e} at its end"]
+        if p.final_windows < p.val_windows:
+            said.append(f"the final score on {p.final_windows:,} of the val split's {p.val_windows:,} windows "
+                        f"({p.final_seconds:.1f} s): the whole split would take more than {FINAL_SHARE:.0%} of the "
+                        "budget")
+        else:
+            said.append(f"the final score on the whole val split ({p.final_seconds:.1f} s)")
         if p.eval_iters < train.eval_iters:
             said.append(f"evaluations of {p.eval_iters} batch{'es' * (p.eval_iters > 1)} a split, not "
                         f"{train.eval_iters} (train.eval_iters): at that many they would take more than "

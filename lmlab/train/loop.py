@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,11 @@ from lmlab.core.humanize import format_duration
 from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.loader import BatchLoader, open_tokens
+from lmlab.data.shards import windows_in
+from lmlab.evals.evaluate import evaluate_split, split_windows, spread
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import Budget, Costs, plan
+from lmlab.train.budget import FINAL_SHARE, Budget, Costs, final_windows, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
@@ -53,6 +55,10 @@ from lmlab.train.timing import Timing, time_config
 from lmlab.train.tracking import Tracker
 
 
+class ScoreCut(Exception):
+    """A stop signal came during the final score."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -65,6 +71,7 @@ class TrainResult:
     budget_spent: float | None = None  # seconds from the process's start to the end, of a budget it planned
     abandoned: bool = False  # the signal came during a step that did not end within the grace period
     saved: Path | None = None  # the newest step folder, what a resume continues from
+    final: dict[str, Any] | None = None  # the final score of the checkpoint the run ended on (its `final` event)
 
 
 class Trainer:
@@ -183,6 +190,8 @@ class Trainer:
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0
         self._lr = 0.0
+        self._val_batch_seconds = 0.0  # an evaluation's batch of one split, as the newest evaluation took it
+        self._final: dict[str, Any] | None = None
         self._stop = StopOnSignal()  # installed while the loop runs
 
     @property
@@ -198,7 +207,8 @@ class Trainer:
                                            deadline=self.started + tc.budget_seconds)
         costs = Costs(*self.parallel.mean(list(dataclasses.astuple(timing.costs())), self.device))
         spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
-        made = plan(tc.budget_seconds, spent, costs, tc, self.cadence.intervals)
+        made = plan(tc.budget_seconds, spent, costs, tc, self.cadence.intervals,
+                    windows_in(self.meta, "val", self.cfg.model.block_size))
         self.schedule.budget = Budget(made, self.cadence.intervals, lag=self.parallel.lag)
 
     def _begin(self, resuming: bool, force: bool, init_from: str | None, keep_optimizer: bool) -> None:
@@ -278,38 +288,41 @@ class Trainer:
         self.clock.start()
         if self.budget and self.budget.live:
             self.console.print(self.budget.describe(self.cfg.train), highlight=False)
-        with progress_bar(self.console) as bar, self._stop as stop:
-            task = bar.add_task("train", total=schedule.last_step, completed=p.step, info="")
-            stopping, evaluated = bool(stop.signal), p.step
-            while p.step < schedule.last_step and not p.stopped_early and not stopping:
-                started = time.perf_counter()
-                self._take_step()
-                due = self.cadence.after(p.step, p.tokens, schedule.last_step)
-                # The device runs ahead (the next batch prepared meanwhile) until a point that needs the losses.
-                if due and not self._judge_queued_steps():
-                    continue
-                seconds = time.perf_counter() - started
-                self.throughput.add(seconds)
-                if due.log:
-                    bar.update(task, completed=p.step, info=self._log_train())
-                best = due.evaluate and self._evaluate_and_log()
-                evaluated = p.step if due.evaluate else evaluated
-                if best or due.save:
+        with self._stop as stop:
+            with progress_bar(self.console) as bar:
+                task = bar.add_task("train", total=schedule.last_step, completed=p.step, info="")
+                stopping, evaluated = bool(stop.signal), p.step
+                while p.step < schedule.last_step and not p.stopped_early and not stopping:
+                    started = time.perf_counter()
+                    self._take_step()
+                    due = self.cadence.after(p.step, p.tokens, schedule.last_step)
+                    # The device runs ahead (the next batch prepared meanwhile) until a point that needs the losses.
+                    if due and not self._judge_queued_steps():
+                        continue
+                    seconds = time.perf_counter() - started
+                    self.throughput.add(seconds)
+                    if due.log:
+                        bar.update(task, completed=p.step, info=self._log_train())
+                    best = due.evaluate and self._evaluate_and_log()
+                    evaluated = p.step if due.evaluate else evaluated
+                    if best or due.save:
+                        self.checkpointer.save(best)
+                    # Agreed by all ranks: a stop (a signal, a failed write), and the seconds a budget has spent.
+                    flag, spent = self.parallel.agree(bool(stop.signal) or self.writes.error is not None,
+                                                      time.perf_counter() - self.started)
+                    stopping = bool(flag)
+                    self._after_step(seconds, spent)
+                    bar.update(task, completed=p.step, total=schedule.last_step)
+                # The last step is always evaluated (a budget may decide only after a step that it was the last; the
+                # plan kept the time) and saved, unless a stop came first or a write failed, which leaves the newest
+                # checkpoint as it is.
+                self._judge_queued_steps()
+                failed = self.parallel.any(self.writes.error is not None)
+                best = evaluated != p.step and not stopping and not failed and self._evaluate_and_log()
+                if (best or self.checkpointer.saved_step != p.step) and not failed:
                     self.checkpointer.save(best)
-                # Agreed by all ranks: a stop (a signal, a failed write), and the seconds a budget has spent.
-                flag, spent = self.parallel.agree(bool(stop.signal) or self.writes.error is not None,
-                                                  time.perf_counter() - self.started)
-                stopping = bool(flag)
-                self._after_step(seconds, spent)
-                bar.update(task, completed=p.step, total=schedule.last_step)
-            # The last step is always evaluated (a budget may decide only after a step that it was the last; the
-            # plan kept the time) and saved, unless a stop came first or a write failed, which leaves the newest
-            # checkpoint as it is.
-            self._judge_queued_steps()
-            failed = self.parallel.any(self.writes.error is not None)
-            best = evaluated != p.step and not stopping and not failed and self._evaluate_and_log()
-            if (best or self.checkpointer.saved_step != p.step) and not failed:
-                self.checkpointer.save(best)
+            if not stopping and not failed and not self.parallel.any(bool(stop.signal)):  # every rank scores, or none
+                self._final = self._score_final(lambda: bool(stop.signal))
         if failed:
             raise self.writes.failure(p.step)
         return self._finish(stop.signal)
@@ -361,7 +374,52 @@ class Trainer:
         """Whether the evaluation is a new best."""
         began = time.perf_counter()
         train_eval, val = self._evaluate()
-        return self._log_eval(train_eval, val, time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        self._val_batch_seconds = seconds / (2 * (self.budget.plan.eval_iters if self.budget else
+                                                  self.cfg.train.eval_iters))
+        return self._log_eval(train_eval, val, seconds)
+
+    def _score_final(self, stopped: Callable[[], bool]) -> dict[str, Any] | None:
+        """The checkpoint the run ends on, scored on the val split, the figure a run ends with rather than its best
+        estimate (the least of many noisy ones): the windows that what is left of its budget holds
+        (`Budget.final_windows`), else those FINAL_SHARE of the run's time holds at its last evaluation's pace; the
+        whole split, or windows spread over it with their standard error. None where a stop signal cuts it short (on one process: the ranks of a job go on
+        together)."""
+        tc, p = self.cfg.train, self.progress
+        total = split_windows(self.val_tokens, self.cfg.model.block_size)
+        # Every rank from the same figures, so that all run as many forwards.
+        batch, elapsed, spent = self.parallel.mean([self._val_batch_seconds, self.clock.elapsed,
+                                                    time.perf_counter() - self.started], self.device)
+        if self.budget and self.budget.plan.final_windows:
+            wanted = self.budget.final_windows(tc.batch_size, spent)
+        else:
+            wanted = final_windows(total, tc.batch_size, FINAL_SHARE * elapsed, batch)
+        alone = self.parallel.world_size == 1
+        began = time.perf_counter()
+        self.model.eval()
+        try:
+            with progress_bar(self.console, "val window") as bar:
+                task = bar.add_task("final score", total=min(wanted, total), info="")
+
+                def tick(done: int, of: int) -> None:
+                    bar.update(task, completed=done)
+                    if alone and stopped():
+                        raise ScoreCut
+
+                per_token = self.meta["val"]["bytes"] / self.meta["val"]["tokens"]
+                scores = evaluate_split(self.model, self.val_tokens, per_token,
+                                        tc.batch_size, self.device, self.dtype, tick,
+                                        None if wanted >= total else spread(total, wanted),
+                                        None if alone else self.parallel, self.train_step.eager)
+        except ScoreCut:
+            return None
+        finally:
+            self.model.train()
+        final = {"event": "final", "step": p.step, "val_loss": scores["loss"], "stderr": scores["stderr"],
+                 "bits_per_byte": scores["bits_per_byte"], "windows": min(wanted, total), "split_windows": total,
+                 "tokens": scores["tokens"], "seconds": round(time.perf_counter() - began, 3)}
+        self.writes.log(final)
+        return final
 
     def _evaluate(self) -> tuple[float, float]:
         tc = self.cfg.train
@@ -447,4 +505,4 @@ class Trainer:
         if self.writes.error is not None:
             raise self.writes.failure(p.step)
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,
-                           self.run_dir.loss_plot, stopped_by, spent)
+                           self.run_dir.loss_plot, stopped_by, spent, final=self._final)

@@ -103,6 +103,9 @@ def test_make_demo_in_a_fresh_copy_then_the_readme_tour(tmp_path):
                            "DEMO_BUDGET=20s"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
     assert "--- a 500-character sample from runs/demo-" in made.stdout
+    # The run's figure, its last checkpoint scored on the val split, is what it says last before the sample.
+    said = made.stdout.split("--- a 500-character sample")[0].split("\nfinal val ")
+    assert len(said) == 2 and re.match(r"\d\.\d{4}( ± \d\.\d{4} \(standard error\))?: the last checkpoint", said[1])
     venv = repo / ".venv" / "bin"
     installed = subprocess.run([venv / "python", "-c", "import importlib.util as u; print([m for m in ('fastapi', "
                                 "'uvicorn', 'prometheus_client', 'gguf', 'pytest', 'transformers', 'llama_cpp') "

@@ -263,7 +263,9 @@ def _final_words(result: TrainResult) -> str:
     if f is None:
         return (f"no final score: the run was stopped before it; `lmlab eval {result.run_dir} --checkpoint latest` "
                 "scores its checkpoint on the whole val split")
-    where = (f"on the whole val split ({f['tokens']:,} tokens)" if f["windows"] >= f["split_windows"] else
-             f"± {f['stderr']:.4f} (a standard error) on {f['windows']:,} of the val split's {f['split_windows']:,} "
-             f"windows ({f['tokens']:,} tokens, spread evenly over it)")
-    return f"final val {f['val_loss']:.4f} {where}, of the checkpoint the run ended on (step {f['step']})"
+    if f["windows"] >= f["split_windows"]:
+        return (f"final val {f['val_loss']:.4f}: the last checkpoint (step {f['step']}) on the whole val split "
+                f"({f['tokens']:,} tokens)")
+    return (f"final val {f['val_loss']:.4f} ± {f['stderr']:.4f} (standard error): the last checkpoint (step "
+            f"{f['step']}) on {f['windows']:,} of the val split's {f['split_windows']:,} windows, spread evenly "
+            f"({f['tokens']:,} tokens)")

@@ -383,8 +383,8 @@ class Trainer:
         """The checkpoint the run ends on, scored on the val split, the figure a run ends with rather than its best
         estimate (the least of many noisy ones): the windows that what is left of its budget holds
         (`Budget.final_windows`), else those FINAL_SHARE of the run's time holds at its last evaluation's pace; the
-        whole split, or windows spread over it with their standard error. None where a stop signal cuts it short (on one process: the ranks of a job go on
-        together)."""
+        whole split, or windows spread over it with their standard error. None where a stop signal cuts it short
+        (on one process: the ranks of a job go on together)."""
         tc, p = self.cfg.train, self.progress
         total = split_windows(self.val_tokens, self.cfg.model.block_size)
         # Every rank from the same figures, so that all run as many forwards.

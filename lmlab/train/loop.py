@@ -190,7 +190,6 @@ class Trainer:
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0
         self._lr = 0.0
-        self._val_batch_seconds = 0.0  # an evaluation's batch of one split, as the newest evaluation took it
         self._final: dict[str, Any] | None = None
         self._stop = StopOnSignal()  # installed while the loop runs
 
@@ -374,26 +373,23 @@ class Trainer:
         """Whether the evaluation is a new best."""
         began = time.perf_counter()
         train_eval, val = self._evaluate()
-        seconds = time.perf_counter() - began
-        self._val_batch_seconds = seconds / (2 * (self.budget.plan.eval_iters if self.budget else
-                                                  self.cfg.train.eval_iters))
-        return self._log_eval(train_eval, val, seconds)
+        return self._log_eval(train_eval, val, time.perf_counter() - began)
 
     def _score_final(self, stopped: Callable[[], bool]) -> dict[str, Any] | None:
         """The checkpoint the run ends on, scored on the val split, the figure a run ends with rather than its best
         estimate (the least of many noisy ones): the windows that what is left of its budget holds
-        (`Budget.final_windows`), else those FINAL_SHARE of the run's time holds at its last evaluation's pace; the
-        whole split, or windows spread over it with their standard error. None where a stop signal cuts it short
-        (on one process: the ranks of a job go on together)."""
-        tc, p = self.cfg.train, self.progress
-        total = split_windows(self.val_tokens, self.cfg.model.block_size)
-        # Every rank from the same figures, so that all run as many forwards.
-        batch, elapsed, spent = self.parallel.mean([self._val_batch_seconds, self.clock.elapsed,
-                                                    time.perf_counter() - self.started], self.device)
+        (`Budget.final_windows`); in a run by steps, FINAL_SHARE of its work, not of its time, so that its record is
+        the same on any machine (a forward pass is about a third of a step's work a token); the whole split, or
+        windows spread over it with their standard error. None where a stop signal cuts it short (on one process:
+        the ranks of a job go on together)."""
+        tc, p, T = self.cfg.train, self.progress, self.cfg.model.block_size
+        total = split_windows(self.val_tokens, T)
         if self.budget and self.budget.plan.final_windows:
+            # Every rank from the same seconds, so that all run as many forwards.
+            spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
             wanted = self.budget.final_windows(tc.batch_size, spent)
         else:
-            wanted = final_windows(total, tc.batch_size, FINAL_SHARE * elapsed, batch)
+            wanted = final_windows(total, tc.batch_size, FINAL_SHARE * 3 * p.tokens, tc.batch_size * T)
         alone = self.parallel.world_size == 1
         began = time.perf_counter()
         self.model.eval()

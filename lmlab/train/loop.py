@@ -25,7 +25,7 @@ from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.shards import windows_in
-from lmlab.evals.evaluate import evaluate_split, split_windows, spread
+from lmlab.evals.evaluate import evaluate_split, spread
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import FINAL_SHARE, Budget, Costs, final_windows, plan
@@ -190,7 +190,6 @@ class Trainer:
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
         self._grad_norm = 0.0
         self._lr = 0.0
-        self._final: dict[str, Any] | None = None
         self._stop = StopOnSignal()  # installed while the loop runs
 
     @property
@@ -320,11 +319,12 @@ class Trainer:
                 best = evaluated != p.step and not stopping and not failed and self._evaluate_and_log()
                 if (best or self.checkpointer.saved_step != p.step) and not failed:
                     self.checkpointer.save(best)
+            final = None
             if not stopping and not failed and not self.parallel.any(bool(stop.signal)):  # every rank scores, or none
-                self._final = self._score_final(lambda: bool(stop.signal))
+                final = self._score_final(lambda: bool(stop.signal))
         if failed:
             raise self.writes.failure(p.step)
-        return self._finish(stop.signal)
+        return self._finish(stop.signal, final)
 
     def _take_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches, queued for the guard without a host sync."""
@@ -383,7 +383,7 @@ class Trainer:
         windows spread over it with their standard error. None where a stop signal cuts it short (on one process:
         the ranks of a job go on together)."""
         tc, p, T = self.cfg.train, self.progress, self.cfg.model.block_size
-        total = split_windows(self.val_tokens, T)
+        total = windows_in(self.meta, "val", T)
         if self.budget and self.budget.plan.final_windows:
             # Every rank from the same seconds, so that all run as many forwards.
             spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
@@ -493,7 +493,7 @@ class Trainer:
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, False, self.run_dir.loss_plot,
                            signal_name, abandoned=True, saved=saved[-1] if saved else None)
 
-    def _finish(self, stopped_by: str | None) -> TrainResult:
+    def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress
         self.writes(plot_losses, self.run_dir)
         spent = round(time.perf_counter() - self.started, 3) if self.budget and self.budget.live else None
@@ -501,4 +501,4 @@ class Trainer:
         if self.writes.error is not None:
             raise self.writes.failure(p.step)
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,
-                           self.run_dir.loss_plot, stopped_by, spent, final=self._final)
+                           self.run_dir.loss_plot, stopped_by, spent, final=final)

@@ -130,6 +130,8 @@ ROWS = [
     *sampling_rows("report {run} --out {out}/report"),
     Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-tokens", int),
     Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-seconds", float, beyond=("31622401",)),
+    Row("sweep {config} --set train.max_iters=1,2 --dir {out} --budget-seconds 30", "--size", int,
+        beyond=("49", "1.5", "auto2")),
     *setting_rows(TRAIN, "model", ModelConfig, {"dropout": ("zero",), "vocab_size": ("zero",),
                                                  "n_kv_head": ("zero",), "head_dim": ("zero",),
                                                  "mlp_hidden": ("zero",), "rope_theta": ("huge",),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmlab.analysis.runs import summarize
 from lmlab.api.training import train
 from lmlab.commands import main
 from lmlab.core.config_toml import load_config
@@ -94,6 +95,8 @@ def test_compare_and_report_show_the_predicted_val_beside_the_reached(sized, cap
     row = json.loads(capsys.readouterr().out)["runs"][0]
     assert row["predicted_val"] == sizing_of(sized)["predicted_val"]
     assert row["predicted_error"] == pytest.approx(row["predicted_val"] / row["best_val_loss"] - 1)
+    final = next(e for e in RunDir(sized).events() if e["event"] == "final")
+    assert (row["final_val_loss"], row["final_stderr"]) == (final["val_loss"], final["stderr"])
     assert main(["report", str(sized), "--out", str(tmp_path / "report")]) == 0
     assert f"| predicted by --size auto | {row['predicted_val']:.4f}" in (tmp_path / "report/report.md").read_text()
 
@@ -143,6 +146,41 @@ def test_the_api_refuses_a_shape_beside_a_size_as_the_command_does(preset, tmp_p
     with pytest.raises(UserError, match="so model.n_embd would be overridden"):
         train(preset, run=tmp_path / "run", size="auto", budget="20s", n_embd=96)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_sizes_each_trial_as_train_does_and_names_the_best_by_its_final_score(preset, tmp_path, capsys):
+    """Each trial is of the size its settings train best in the budget, so a setting is judged at the size it would
+    be trained at; the trials compare on their final scores, not on the least of their noisy evaluations."""
+    assert main(["sweep", str(preset), "--size", "auto", "--budget-seconds", "15", "--set",
+                 "train.learning_rate=2e-3,6e-3", "--set", "train.threads=1", "--name", "lr", "--dir", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    fit, finals = read_fit(preset), {}
+    for lr in ("2e-3", "6e-3"):
+        run = tmp_path / "lr" / f"learning_rate={lr}"
+        cfg = RunDir(run).config()
+        assert sizing_of(run)["depth"] == 2 and (cfg.model.n_layer, cfg.model.n_embd) == (2, 32)
+        assert cfg.train.learning_rate == pytest.approx(float(lr) * fit.lr.factor(32, 32), rel=1e-2)
+        finals[lr] = next(e for e in RunDir(run).events() if e["event"] == "final")
+        assert summarize(run).final_val_loss == finals[lr]["val_loss"]
+    best = min(finals, key=lambda lr: finals[lr]["val_loss"])
+    assert f"best setting: learning_rate={best} (final val {finals[best]['val_loss']:.4f}" in out
+    assert "final val" in out.partition("best setting")[0]  # the comparison's column
+    assert json.loads((tmp_path / "lr" / "sweep.json").read_text())["size"] == "auto"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "auto"], "--size auto sizes each trial to a time budget; give one with --budget-seconds"),
+    (["--size", "2", "--budget-tokens", "4096"], "pass --budget-seconds with --size, or drop --size"),
+    (["--size", "auto", "--budget-seconds", "20", "--set", "model.n_layer=1,2"],
+     "--size auto sets model.n_layer, model.n_embd, model.n_head, model.n_kv_head from the preset's family"),
+])
+def test_sweep_size_refusals_write_nothing(preset, tmp_path, capsys, args, message):
+    assert main(["sweep", str(preset), "--set", "train.learning_rate=1e-3,2e-3", "--dir", str(tmp_path / "sweeps"),
+                 "--device", "cpu", *args]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "sweeps").exists()
 
 
 @pytest.mark.slow

@@ -41,6 +41,8 @@ class RunSummary:
     best_val_loss: float | None = None
     best_step: int | None = None
     best_bpb: float | None = None
+    final_val_loss: float | None = None  # the run's final score: its last checkpoint on the val split, or a sample
+    final_stderr: float | None = None  # of it (the standard error; 0 on the whole split)
     gap: float | None = None  # val - train (eval) loss: the same number of fixed batches, eval mode, at the best eval
     split_tokens: int | None = None  # the train split's tokens (its unique tokens), of a trained run
     token_bytes: dict[str, float] = field(default_factory=dict)  # UTF-8 bytes per token of each split: bits per byte
@@ -148,6 +150,9 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     if progress:
         summary.steps, summary.tokens = progress[-1]["step"], progress[-1]["tokens"]
         summary.elapsed = max(e.get("elapsed", 0.0) for e in progress)
+    finals = [e for e in events if e.get("event") == "final" and isinstance(e.get("val_loss"), (int, float))]
+    if finals:
+        summary.final_val_loss, summary.final_stderr = finals[-1]["val_loss"], finals[-1].get("stderr")
     saved = run.saved_through()  # an evaluation past the newest checkpoint is none the run holds
     held = [e for e in summary.evals if saved is None or not isinstance(e.get("step"), int) or e["step"] <= saved]
     if held:
@@ -243,6 +248,9 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
         "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
         "predicted_error": _ratio(s.predicted_val, s.best_val_loss) and s.predicted_val / s.best_val_loss - 1,
+        "final_val_loss": s.final_val_loss, "final_stderr": s.final_stderr,
+        "final_val_loss_change": _ratio(s.final_val_loss, base.final_val_loss) and
+        s.final_val_loss / base.final_val_loss - 1,
     } for s in runs]
 
 
@@ -339,6 +347,20 @@ def predicted_columns(rows: list[dict[str, Any]], priority: int = 1) -> list[Col
         return []
     return [Column("predicted val", priority, lambda r: fmt(r.get("predicted_val")) + (
         "" if r.get("predicted_error") is None else f" ({100 * r['predicted_error']:+.1f}%)"))]
+
+
+def final_cell(value: float | None, stderr: float | None) -> str:
+    """A final score: `1.5796 ± 0.0010` on a sample of the split, `1.5796` on the whole of it."""
+    return "-" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else "")
+
+
+def final_columns(rows: list[dict[str, Any]], priority: int = 0) -> list[Column]:
+    """Each run's final score (its last checkpoint on the val split) and its change against the first's, where any row
+    has one: what a comparison should be read by, where the best val is the least of noisy estimates."""
+    if not any(r.get("final_val_loss") is not None for r in rows):
+        return []
+    return [Column("final val", priority, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")) +
+                   _change(r, "final_val_loss_change", False))]
 
 
 def evaluation_columns(rows: list[dict[str, Any]], priority: int = 8) -> list[Column]:

@@ -18,6 +18,7 @@ from lmlab.analysis.runs import (
     by_bytes_columns,
     comparison,
     evaluation_columns,
+    final_columns,
     predicted_columns,
     summarize,
     task_columns,
@@ -44,7 +45,8 @@ class Comparison:
         self.reason = unfair(summaries)
         change = f"bits/byte: % change, as {self.reason}" if self.reason else "best val: % change"
         self.title = f"Compared with {summaries[0].name} (× its figure; {change})"
-        self.columns = [*by_bytes_columns(COMPARE_COLUMNS, self.rows), *predicted_columns(self.rows),
+        self.columns = [*by_bytes_columns(COMPARE_COLUMNS, self.rows), *final_columns(self.rows),
+                        *predicted_columns(self.rows),
                         *evaluation_columns(self.rows), *task_columns(self.rows)]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:

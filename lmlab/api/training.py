@@ -74,14 +74,15 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
     with StopOnSignal(stuck=None if out.is_jupyter else _give_up, setting_up=True) as setup:
         _say_starting(run_dir, config, cfg, out)
         from lmlab.api.run import Run  # PyTorch: seconds
+        from lmlab.experiments.sizing import sized_run
         from lmlab.run.rundir import RunDir
         from lmlab.train.loop import Trainer
         from lmlab.train.tracking import require_tracker
 
         cfg = cfg or RunDir(run_dir).config(settings)
         require_tracker(cfg.train.tracker)  # before the run is begun
-        cfg, sized, chooser = _sized(Path(config), cfg, size, started, device, window, out,
-                                     setup) if size else (cfg, None, None)
+        cfg, sized, chooser = sized_run(Path(config), cfg, size, started, device, out, window,
+                                        setup.interruptible()) if size else (cfg, None, None)
         trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
                           init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=chooser,
                           sizing=sized and sized.record(), timing=sized and sized.chosen.timing)
@@ -99,7 +100,7 @@ def _size(size: str | int | None, config: str | Path | RunConfig | None, resume:
     whose shape no setting asks for too."""
     if size is None:
         return None
-    from lmlab.experiments.sizing import parse_size
+    from lmlab.experiments.sizing import check_shape_kept, parse_size
 
     size = parse_size(size)
     check_shape_kept(size, settings)
@@ -111,46 +112,6 @@ def _size(size: str | int | None, config: str | Path | RunConfig | None, resume:
         raise UserError("--size sizes a preset's family from its file (its fit is kept beside it); pass the preset's "
                         "path as config, not a RunConfig.")
     return size
-
-
-def _sized(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, window: Any,
-           out: Console, setup: StopOnSignal) -> tuple[RunConfig, Any, Any]:
-    """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose (with
-    its `Sizing`, timing and thread chooser); a stop signal ends the timing."""
-    import torch
-
-    from lmlab.core.threads import ThreadChooser
-    from lmlab.experiments.sizing import choose_size, sized_config
-
-    if size != "auto":
-        cfg, line = sized_config(preset, cfg, size)
-        out.print(line, highlight=False)
-        return cfg, None, None
-    chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
-    try:
-        with out.status("Timing sizes of the preset's family on this machine..."), setup.interruptible():
-            sizing = choose_size(preset, cfg, started, device, chooser)
-    except BaseException:
-        torch.set_num_threads(chooser.before)  # as they were: a notebook goes on in this process
-        raise
-    for note in sizing.notes:
-        out.print(f"note: {note}", style="yellow", highlight=False)
-    out.print(sizing.line(), highlight=False)
-    return sizing.config, sizing, chooser
-
-
-SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_head")  # what a size sets
-
-
-def check_shape_kept(size: str | int, settings: Sequence[str]) -> None:
-    """Refuse `--set` of the shape beside `--size`, which sets it from the preset's family: one or the other would be
-    overridden without a word."""
-    shaped = [item.partition("=")[0].strip() for item in settings
-              if item.partition("=")[0].replace(" ", "") in SHAPE_SETTINGS]
-    if shaped:
-        raise UserError(f"--size {size} sets {', '.join(SHAPE_SETTINGS)} from the preset's family, so "
-                        f"{shaped[0]} would be overridden; drop it to train a size of the family, or drop --size to "
-                        "train the shape you set (a family's width per layer is its preset's: change it there).")
 
 
 def _give_up(signal_name: str) -> None:

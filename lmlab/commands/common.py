@@ -161,9 +161,9 @@ def add_set(parser: argparse.ArgumentParser, example: str = "train.learning_rate
                         help=f"override a config setting, e.g. {example} (repeatable)")
 
 
-def add_size(parser: argparse.ArgumentParser) -> None:
+def add_size(parser: argparse.ArgumentParser, budget: str = "--budget") -> None:
     parser.add_argument("--size", metavar="auto|DEPTH", help="the model's size, along the preset's depth dial (its "
-                        "width per layer, head size, batch and LR following): auto, with --budget, times the sizes "
+                        f"width per layer, head size, batch and LR following): auto, with {budget}, times the sizes "
                         "on this machine and trains the one the fit kept beside the preset (PRESET.fit.json) "
                         "predicts best; a number is that many layers")
 

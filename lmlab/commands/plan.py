@@ -203,10 +203,10 @@ def plan_budget(args: argparse.Namespace) -> None:
     from lmlab.core.busy import LoadMeter, process_age
 
     window, started = LoadMeter().start(), time.perf_counter() - process_age()  # as train counts its budget
-    from lmlab.api.training import check_shape_kept, parse_duration
+    from lmlab.api.training import parse_duration
     from lmlab.core.config_toml import load_config
     from lmlab.core.threads import ThreadChooser
-    from lmlab.experiments.sizing import choose_size, parse_size, with_vocab
+    from lmlab.experiments.sizing import check_shape_kept, choose_size, parse_size, with_vocab
 
     if not args.budget:
         raise UserError("--size is planned for a time budget: give --budget (e.g. --budget 5m --size auto).")

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_device, console, count, destination, within
+from lmlab.commands.common import add_device, add_size, console, count, destination, within
 from lmlab.core.config import MAX_BUDGET_SECONDS
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from lmlab.analysis.runs import final_cell
     from lmlab.api.compare import Comparison
     from lmlab.commands.runs import print_comparison
     from lmlab.experiments.sweep import run_sweep
 
     result = run_sweep(Path(args.config), args.set, args.name, Path(args.dir), args.budget_tokens or 0,
-                       args.budget_seconds or 0.0, args.device, console)
+                       args.budget_seconds or 0.0, args.device, console, args.size)
     evaluated = [s for s in result.summaries if s.best_val_loss is not None and s.params]
     if evaluated:
         print_comparison(Comparison(evaluated))
@@ -23,7 +24,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         console.print(f"sweep stopped by {result.stopped_by}; run the same command again to continue it.")
     best = result.best
     if best:
-        console.print(f"best setting: {best.name} (best val loss {best.best_val_loss:.4f}, run {best.path})")
+        figure = (f"final val {final_cell(best.final_val_loss, best.final_stderr)}" if best.final_val_loss is not None
+                  else f"best val loss {best.best_val_loss:.4f}")
+        console.print(f"best setting: {best.name} ({figure}, run {best.path})", highlight=False)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-seconds", type=within(0, MAX_BUDGET_SECONDS, above=True),
                         help="wall-clock seconds per trial, evals included, at most 366 days (sets "
                         "train.budget_seconds: the LR schedule ends with the budget)")
+    add_size(p, "--budget-seconds")
     p.add_argument("--name", help="sweep name: trials go to DIR/NAME/<trial> (default: <config name>-sweep)")
     p.add_argument("--dir", default="runs", type=destination("--dir"),
                    help="where the sweep folder goes (default: runs)")

@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
+from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError
@@ -259,6 +263,20 @@ def search(family: Family, fit: SizeFit | None, budget: float, started: float, d
 SIZES = "auto, or a depth of the preset's family from 1 to 48 (4: 4 layers of the preset's width per layer)"
 
 
+SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_head")  # what a size sets
+
+
+def check_shape_kept(size: str | int, settings: Sequence[str]) -> None:
+    """Refuse `--set` of the shape beside `--size`, which sets it from the preset's family: one or the other would be
+    overridden without a word."""
+    shaped = [item.partition("=")[0].strip() for item in settings
+              if item.partition("=")[0].replace(" ", "") in SHAPE_SETTINGS]
+    if shaped:
+        raise UserError(f"--size {size} sets {', '.join(SHAPE_SETTINGS)} from the preset's family, so "
+                        f"{shaped[0]} would be overridden; drop it to train a size of the family, or drop --size to "
+                        "train the shape you set (a family's width per layer is its preset's: change it there).")
+
+
 def parse_size(text: str | int) -> str | int:
     """`--size`'s value: "auto", or a depth (its layers) of the preset's family."""
     value = str(text).strip().lower()
@@ -349,3 +367,26 @@ def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, s
         params = build_model(chosen.model).num_params()
     return chosen, (f"size {depth}: {family.describe(depth)} ({params / 1e6:.2f}M parameters), LR "
                     f"{chosen.train.learning_rate:g} {rule}")
+
+
+def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, out: Console,
+              window: LoadMeter | None = None, interruptible: AbstractContextManager[Any] = nullcontext()
+              ) -> tuple[RunConfig, Sizing | None, ThreadChooser | None]:
+    """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose in
+    cfg.train.budget_seconds from `started` (with its `Sizing` and the thread chooser the run goes on with; `window`:
+    the load meter running while PyTorch loaded). The timing runs inside `interruptible` (a stop signal ends it)."""
+    if size != "auto":
+        cfg, line = sized_config(preset, cfg, int(size))
+        out.print(line, highlight=False)
+        return cfg, None, None
+    chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
+    try:
+        with out.status("Timing sizes of the preset's family on this machine..."), interruptible:
+            sizing = choose_size(preset, cfg, started, device, chooser)
+    except BaseException:
+        torch.set_num_threads(chooser.before)  # as they were: a notebook goes on in this process
+        raise
+    for note in sizing.notes:
+        out.print(f"note: {note}", style="yellow", highlight=False)
+    out.print(sizing.line(), highlight=False)
+    return sizing.config, sizing, chooser

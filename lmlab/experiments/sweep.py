@@ -1,11 +1,15 @@
 """Grid sweeps: every combination of a few settings, each trial a normal run under runs/<sweep>/<trial>/,
-all under one token or wall-clock budget; a re-run skips finished trials and resumes an interrupted one."""
+all under one token or wall-clock budget, each of a size of the preset's family where one is asked for (`auto`: the
+size the trial's settings train best in the budget here, so a setting is judged at the size it would be trained at);
+a re-run skips finished trials and resumes an interrupted one. The trials compare on their final scores (the
+whole val split, or an even sample of it with its standard error) where they all have one."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config, parse_override
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, plain_name
+from lmlab.experiments.sizing import check_shape_kept, parse_size, sized_run
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.tracking import require_tracker
@@ -41,8 +46,12 @@ class SweepResult:
 
     @property
     def best(self) -> RunSummary | None:
-        scored = [s for s in self.summaries if s.best_val_loss is not None and s.status in DONE]
-        return min(scored, key=lambda s: s.best_val_loss) if scored else None
+        """The finished trial of the lowest final score, where every finished trial has one; else of the lowest val
+        its evaluations read."""
+        done = [s for s in self.summaries if s.best_val_loss is not None and s.status in DONE]
+        if done and all(s.final_val_loss is not None for s in done):
+            return min(done, key=lambda s: s.final_val_loss)
+        return min(done, key=lambda s: s.best_val_loss) if done else None
 
 
 def parse_grid(sets: list[str]) -> list[tuple[str, list[str]]]:
@@ -87,10 +96,11 @@ def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: i
     return trials
 
 
-def _record(sweep_dir: Path, config: Path, sets: list[str], budget_tokens: int, budget_seconds: float) -> None:
+def _record(sweep_dir: Path, config: Path, sets: list[str], budget_tokens: int, budget_seconds: float,
+            size: str | int | None) -> None:
     """sweep.json says what the sweep is; a re-run must be the same sweep, or its trials would not compare."""
     record = {"config": str(config), "set": list(sets), "budget_tokens": budget_tokens,
-              "budget_seconds": budget_seconds}
+              "budget_seconds": budget_seconds, **({"size": size} if size is not None else {})}
     path = sweep_dir / "sweep.json"
     keep_record(path, record, f"{sweep_dir} holds a sweep with other settings ({path}); pass another --name, or "
                 "repeat that sweep's command to continue it.")
@@ -107,16 +117,27 @@ def keep_record(path: Path, record: dict, refusal: str) -> None:
 
 def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path = Path("runs"),
               budget_tokens: int = 0, budget_seconds: float = 0.0, device: str = "auto",
-              console: Console | None = None) -> SweepResult:
-    """Run (or continue) every trial in turn; a stop signal ends the sweep after checkpointing the current one."""
+              console: Console | None = None, size: str | int | None = None) -> SweepResult:
+    """Run (or continue) every trial in turn, each of `size` (a depth of the preset's family, or "auto": the depth its
+    settings train best in `budget_seconds`, the timing counted in the budget) where given; a stop signal ends the
+    sweep after checkpointing the current one."""
     if budget_tokens and budget_seconds:
         raise UserError("pass --budget-tokens or --budget-seconds, not both: a sweep compares under one budget.")
+    size = None if size is None else parse_size(size)
+    if size == "auto" and not budget_seconds:
+        raise UserError("--size auto sizes each trial to a time budget; give one with --budget-seconds (e.g. 300), "
+                        "or a size by its depth (--size 4).")
+    if size is not None and budget_tokens:
+        raise UserError("--size sets each trial's shape, and --budget-tokens its steps from that shape: pass "
+                        "--budget-seconds with --size, or drop --size.")
     console = console or Console()
     sweep_dir = Path(root) / plain_name(f"{Path(config).stem}-sweep" if name is None else name, "--name", "--dir")
     trials = plan_trials(Path(config), sets, sweep_dir, budget_tokens, budget_seconds)
+    if size is not None:
+        check_shape_kept(size, [o for t in trials for o in t.overrides])
     for tracker in {trial.config.train.tracker for trial in trials}:
         require_tracker(tracker)
-    _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds)
+    _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds, size)
     result = SweepResult(sweep_dir, trials, [])
     for i, trial in enumerate(trials, 1):
         status = summarize(trial.run_dir).status
@@ -124,10 +145,18 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
             result.skipped.append(trial.name)
             console.print(f"trial {i}/{len(trials)} {trial.name}: already {status}, skipped")
             continue
+        started = time.perf_counter()  # a trial's budget counts from here: sizing it is part of it
         resume = bool(RunDir(trial.run_dir).step_folders())
         console.print(f"trial {i}/{len(trials)} {trial.name}: {'resuming' if resume else 'training'} "
                       f"({' '.join(trial.overrides)})")
-        outcome = Trainer(trial.config, trial.run_dir, device, resume=resume, console=console).run()
+        if resume or size is None:  # a resumed trial keeps the shape it was sized to, kept in its run folder
+            cfg = RunDir(trial.run_dir).config() if resume and size is not None else trial.config
+            trainer = Trainer(cfg, trial.run_dir, device, resume=resume, console=console, started=started)
+        else:
+            cfg, sizing, chooser = sized_run(Path(config), trial.config, size, started, device, console)
+            trainer = Trainer(cfg, trial.run_dir, device, console=console, started=started, threads=chooser,
+                              sizing=sizing and sizing.record(), timing=sizing and sizing.chosen.timing)
+        outcome = trainer.run()
         if outcome.stopped_by:
             result.stopped_by = outcome.stopped_by
             break

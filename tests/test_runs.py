@@ -67,9 +67,10 @@ def test_compare_fits_80_columns_and_shows_every_column_when_wide(three_runs):
                            env={**os.environ, "COLUMNS": "80"}, check=True).stdout
     assert max(map(len, table.splitlines())) <= 80 and "…" not in table
     header = next(line for line in table.splitlines() if line.lstrip().startswith("run"))
-    assert header.split()[:2] == ["run", "arch"] and "best val" in header
+    assert header.split()[0] == "run" and "best val" in header and "final val" in header
     row = next(line for line in table.splitlines() if line.lstrip().startswith("medium"))
-    assert f"{summarize(three_runs[1]).best_val_loss:.4f}" in row
+    medium = summarize(three_runs[1])
+    assert f"{medium.best_val_loss:.4f}" in row and f"{medium.final_val_loss:.4f}" in row
     assert "not shown, to fit 80 columns:" in table
     wide = subprocess.run([LMLAB, "compare", *map(str, three_runs), "--wide"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "80"}, check=True).stdout

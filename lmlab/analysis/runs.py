@@ -70,6 +70,11 @@ class RunSummary:
         return self.flops_per_token * self.tokens if self.flops_per_token else None
 
     @property
+    def reached(self) -> float | None:
+        """The val loss the run reached: its final score where it has one, else the least its evaluations read."""
+        return self.best_val_loss if self.final_val_loss is None else self.final_val_loss
+
+    @property
     def epochs(self) -> float | None:
         return self.tokens / self.split_tokens if self.split_tokens else None
 
@@ -247,7 +252,7 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "by_bytes": by_bytes, "params_padding": s.padding,
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
         "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
-        "predicted_error": _ratio(s.predicted_val, s.best_val_loss) and s.predicted_val / s.best_val_loss - 1,
+        "predicted_error": _ratio(s.predicted_val, s.reached) and s.predicted_val / s.reached - 1,
         "final_val_loss": s.final_val_loss, "final_stderr": s.final_stderr,
         "final_val_loss_change": _ratio(s.final_val_loss, base.final_val_loss) and
         s.final_val_loss / base.final_val_loss - 1,
@@ -342,7 +347,8 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
 ]
 
 def predicted_columns(rows: list[dict[str, Any]], priority: int = 1) -> list[Column]:
-    """The val `--size auto` predicted for a run beside what it reached, where any row was sized so."""
+    """The val `--size auto` predicted for a run beside what it reached (its final score where it has one), where any
+    row was sized so."""
     if not any(r.get("predicted_val") is not None for r in rows):
         return []
     return [Column("predicted val", priority, lambda r: fmt(r.get("predicted_val")) + (
@@ -355,12 +361,11 @@ def final_cell(value: float | None, stderr: float | None) -> str:
 
 
 def final_columns(rows: list[dict[str, Any]], priority: int = 0) -> list[Column]:
-    """Each run's final score (its last checkpoint on the val split) and its change against the first's, where any row
-    has one: what a comparison should be read by, where the best val is the least of noisy estimates."""
+    """Each run's final score (its last checkpoint on the val split), where any row has one: what a comparison should be
+    read by, where the best val is the least of noisy estimates."""
     if not any(r.get("final_val_loss") is not None for r in rows):
         return []
-    return [Column("final val", priority, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")) +
-                   _change(r, "final_val_loss_change", False))]
+    return [Column("final val", priority, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")))]
 
 
 def evaluation_columns(rows: list[dict[str, Any]], priority: int = 8) -> list[Column]:

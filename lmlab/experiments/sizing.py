@@ -370,7 +370,7 @@ def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, s
 
 
 def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, out: Console,
-              window: LoadMeter | None = None, interruptible: AbstractContextManager[Any] = nullcontext()
+              window: LoadMeter | None = None, interruptible: AbstractContextManager[Any] | None = None
               ) -> tuple[RunConfig, Sizing | None, ThreadChooser | None]:
     """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose in
     cfg.train.budget_seconds from `started` (with its `Sizing` and the thread chooser the run goes on with; `window`:
@@ -381,7 +381,7 @@ def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, dev
         return cfg, None, None
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     try:
-        with out.status("Timing sizes of the preset's family on this machine..."), interruptible:
+        with out.status("Timing sizes of the preset's family on this machine..."), interruptible or nullcontext():
             sizing = choose_size(preset, cfg, started, device, chooser)
     except BaseException:
         torch.set_num_threads(chooser.before)  # as they were: a notebook goes on in this process

@@ -17,6 +17,8 @@ from lmlab.analysis.runs import (
     RunSummary,
     by_bytes_columns,
     comparison,
+    final_cell,
+    final_columns,
     judge_cell,
     score_cell,
     task_columns,
@@ -49,10 +51,11 @@ def summary(facts: list[RunFacts], out: Path) -> list[Block]:
     if len(compared) < 2:
         return blocks
     rows, reason = comparison(compared), unfair(compared)
-    columns = [*by_bytes_columns(COMPARE_COLUMNS, rows), *task_columns(rows)]
+    columns = [*by_bytes_columns(COMPARE_COLUMNS, rows), *final_columns(rows), *task_columns(rows)]
     change = f"bits per byte, as {reason}" if reason else "best val loss"
     blocks.append(Paragraph(f"Each run against `{compared[0].name}` (× its figure; % change of the {change}; the "
-                            "losses are the fixed-batch estimates at the evals):"))
+                            "best val losses are the fixed-batch estimates at the evals; the final val, the last "
+                            "checkpoint on the val split):"))
     blocks.append(Table([c.header for c in columns], [[c.cell(r) for c in columns] for r in rows],
                         [not c.left for c in columns]))
     try:
@@ -201,6 +204,7 @@ def training(facts: list[RunFacts], out: Path) -> list[Block]:
         ("6·N·D", _six_nd),
         ("best val loss (estimate)", lambda f: f"{fmt(s(f).best_val_loss)} at step {s(f).best_step}"
          if s(f).best_step is not None else "no evaluation yet"),
+        ("final val (the last checkpoint)", _final),
         ("predicted by --size auto", _predicted),
         ("val - train (eval) at the best", lambda f: fmt(s(f).gap, "+.4f")),
         ("still improving at the end", lambda f: {True: "yes", False: "no", None: "-"}[s(f).still_falling]),
@@ -224,12 +228,24 @@ def training(facts: list[RunFacts], out: Path) -> list[Block]:
     return blocks
 
 
+def _final(f: RunFacts) -> str:
+    """The run's final score: its last checkpoint on the whole val split, or on a sample with its standard error."""
+    finals = f.of("final")
+    if not finals:
+        return "-"
+    e = finals[-1]
+    on = ("the whole val split" if e.get("windows") == e.get("split_windows") else
+          f"{e.get('windows', 0):,} of the val split's {e.get('split_windows', 0):,} windows")
+    return f"{final_cell(e['val_loss'], e.get('stderr'))} at step {e.get('step', 0):,}, on {on}"
+
+
 def _predicted(f: RunFacts) -> str:
-    """The val `--size auto` predicted, against the best reached, and why it chose the size."""
+    """The val `--size auto` predicted, against the val reached (the final score where the run has one), and why it
+    chose the size."""
     sized = f.of("sizing")
     if not sized or sized[0].get("predicted_val") is None:
         return "-"
-    e, best = sized[0], f.summary.best_val_loss
+    e, best = sized[0], f.summary.reached
     reached = "" if best is None else f", {100 * (e['predicted_val'] / best - 1):+.1f}% against the {best:.4f} reached"
     beyond = ", fewer or more tokens than the fit's runs: extrapolated" if e.get("extrapolated") else ""
     return (f"{e['predicted_val']:.4f}{reached} ({e['shape']}: {e['tokens_per_sec']:,.0f} tokens/s measured, "

@@ -17,6 +17,7 @@ from lmlab.api.training import train
 from lmlab.commands import main
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
+from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
 from lmlab.experiments.sizing import with_vocab
@@ -149,9 +150,20 @@ def test_the_api_refuses_a_shape_beside_a_size_as_the_command_does(preset, tmp_p
 
 
 @pytest.mark.slow
-def test_a_sweep_sizes_each_trial_as_train_does_and_names_the_best_by_its_final_score(preset, tmp_path, capsys):
+def test_a_sweep_sizes_each_trial_as_train_does_and_names_the_best_by_its_final_score(preset, tmp_path, capsys,
+                                                                                     monkeypatch):
     """Each trial is of the size its settings train best in the budget, so a setting is judged at the size it would
-    be trained at; the trials compare on their final scores, not on the least of their noisy evaluations."""
+    be trained at; the trials compare on their final scores, not on the least of their noisy evaluations. A trial's
+    thread choice reads the load over the trial before it: a window begun as the trial starts is too short to tell a
+    quiet machine (the threads were then timed on noise: one thread and a 1-layer model chosen in one 60 s sweep)."""
+    windows, counts = [], ThreadChooser.counts
+
+    def recorded(chooser: ThreadChooser, device: torch.device) -> list[int]:
+        found = counts(chooser, device)
+        windows.append(chooser._window.seconds)
+        return found
+
+    monkeypatch.setattr(ThreadChooser, "counts", recorded)
     assert main(["sweep", str(preset), "--size", "auto", "--budget-seconds", "15", "--set",
                  "train.learning_rate=2e-3,6e-3", "--set", "train.threads=1", "--name", "lr", "--dir", str(tmp_path),
                  "--device", "cpu"]) == 0
@@ -168,6 +180,7 @@ def test_a_sweep_sizes_each_trial_as_train_does_and_names_the_best_by_its_final_
     assert f"best setting: learning_rate={best} (final val {finals[best]['val_loss']:.4f}" in out
     assert "final val" in out.partition("best setting")[0]  # the comparison's column
     assert json.loads((tmp_path / "lr" / "sweep.json").read_text())["size"] == "auto"
+    assert len(windows) == 2 and windows[1] > 5  # the first trial's 15 s
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,13 +10,16 @@ from lmlab.core.config import MAX_BUDGET_SECONDS
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from lmlab.core.busy import LoadMeter
+
+    window = LoadMeter().start()  # the load while PyTorch loads: what the first trial's thread count is told by
     from lmlab.analysis.runs import final_cell
     from lmlab.api.compare import Comparison
     from lmlab.commands.runs import print_comparison
     from lmlab.experiments.sweep import run_sweep
 
     result = run_sweep(Path(args.config), args.set, args.name, Path(args.dir), args.budget_tokens or 0,
-                       args.budget_seconds or 0.0, args.device, console, args.size)
+                       args.budget_seconds or 0.0, args.device, console, args.size, window)
     evaluated = [s for s in result.summaries if s.best_val_loss is not None and s.params]
     if evaluated:
         print_comparison(Comparison(evaluated))

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lmlab.analysis.runs import RunSummary, summarize
+from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config, parse_override
 from lmlab.core.errors import UserError
@@ -117,10 +118,11 @@ def keep_record(path: Path, record: dict, refusal: str) -> None:
 
 def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path = Path("runs"),
               budget_tokens: int = 0, budget_seconds: float = 0.0, device: str = "auto",
-              console: Console | None = None, size: str | int | None = None) -> SweepResult:
+              console: Console | None = None, size: str | int | None = None,
+              window: LoadMeter | None = None) -> SweepResult:
     """Run (or continue) every trial in turn, each of `size` (a depth of the preset's family, or "auto": the depth its
     settings train best in `budget_seconds`, the timing counted in the budget) where given; a stop signal ends the
-    sweep after checkpointing the current one."""
+    sweep after checkpointing the current one. `window`: a load meter started before PyTorch loaded."""
     if budget_tokens and budget_seconds:
         raise UserError("pass --budget-tokens or --budget-seconds, not both: a sweep compares under one budget.")
     size = None if size is None else parse_size(size)
@@ -131,6 +133,9 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         raise UserError("--size sets each trial's shape, and --budget-tokens its steps from that shape: pass "
                         "--budget-seconds with --size, or drop --size.")
     console = console or Console()
+    # One meter for every trial's thread choice: the first reads the sweep's set-up, each next one the trial before
+    # (a window long enough to tell a quiet machine; a fresh one would be too short, and the threads timed on noise).
+    window = window or LoadMeter().start()
     sweep_dir = Path(root) / plain_name(f"{Path(config).stem}-sweep" if name is None else name, "--name", "--dir")
     trials = plan_trials(Path(config), sets, sweep_dir, budget_tokens, budget_seconds)
     if size is not None:
@@ -153,7 +158,7 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
             cfg = RunDir(trial.run_dir).config() if resume and size is not None else trial.config
             trainer = Trainer(cfg, trial.run_dir, device, resume=resume, console=console, started=started)
         else:
-            cfg, sizing, chooser = sized_run(Path(config), trial.config, size, started, device, console)
+            cfg, sizing, chooser = sized_run(Path(config), trial.config, size, started, device, console, window)
             trainer = Trainer(cfg, trial.run_dir, device, console=console, started=started, threads=chooser,
                               sizing=sizing and sizing.record(), timing=sizing and sizing.chosen.timing)
         outcome = trainer.run()

@@ -254,8 +254,6 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
         "predicted_error": _ratio(s.predicted_val, s.reached) and s.predicted_val / s.reached - 1,
         "final_val_loss": s.final_val_loss, "final_stderr": s.final_stderr,
-        "final_val_loss_change": _ratio(s.final_val_loss, base.final_val_loss) and
-        s.final_val_loss / base.final_val_loss - 1,
     } for s in runs]
 
 

@@ -245,8 +245,8 @@ def _predicted(f: RunFacts) -> str:
     sized = f.of("sizing")
     if not sized or sized[0].get("predicted_val") is None:
         return "-"
-    e, best = sized[0], f.summary.reached
-    reached = "" if best is None else f", {100 * (e['predicted_val'] / best - 1):+.1f}% against the {best:.4f} reached"
+    e, val = sized[0], f.summary.reached
+    reached = "" if val is None else f", {100 * (e['predicted_val'] / val - 1):+.1f}% against the {val:.4f} reached"
     beyond = ", fewer or more tokens than the fit's runs: extrapolated" if e.get("extrapolated") else ""
     return (f"{e['predicted_val']:.4f}{reached} ({e['shape']}: {e['tokens_per_sec']:,.0f} tokens/s measured, "
             f"{e['tokens_per_param']:.2f} tokens per parameter planned{beyond})")

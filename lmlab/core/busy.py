@@ -13,6 +13,7 @@ from lmlab.core.errors import UserError
 
 # Others' share of the cores above which a measurement is busy: a kernel on every core waits for its slowest thread.
 BUSY_SHARE = 0.1
+MIN_WINDOW = 0.25  # seconds: a shorter window's load is a handful of clock ticks, too few to tell busy from quiet
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (idle and iowait are not work)
 
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from lmlab.core.busy import Load, LoadMeter, check_threads, cores, env_threads
+from lmlab.core.busy import MIN_WINDOW, Load, LoadMeter, check_threads, cores, env_threads
 from lmlab.core.device import autocast
 
-MIN_WINDOW = 0.25  # seconds: a shorter window's load is a handful of clock ticks, too few to call it quiet
 PROBE_SECONDS = 0.3  # the candidates are timed in turns for about this long
 MIN_ROUNDS = 2  # and at least this many times each,
 MAX_ROUNDS = 8  # but no more: every start of a job pays the timing

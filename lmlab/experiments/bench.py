@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmlab.core.busy import Load, LoadMeter
+from lmlab.core.busy import MIN_WINDOW, Load, LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.device import configure, resolve_device, synchronize
 from lmlab.core.errors import UserError
@@ -86,8 +86,9 @@ def _build(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TrainSte
 
 def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2,
                 seconds: float = 0.0, peak: Peak | None = None) -> BenchRow:
-    """Time `steps` training steps (the loop's own `TrainStep`), or more until `seconds` have passed, at one micro-batch
-    size. MFU divides by `peak` (by default the device's at the threads in use)."""
+    """Time `steps` training steps (the loop's own `TrainStep`), or more until `seconds` (at least MIN_WINDOW, so the
+    load meter beside them can tell a busy machine) have passed, at one micro-batch size. MFU divides by `peak` (by
+    default the device's at the threads in use)."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
@@ -104,7 +105,7 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
         synchronize(device)
         with LoadMeter() as meter:
             started, done = time.perf_counter(), 0
-            while done < steps or time.perf_counter() - started < seconds:
+            while done < steps or time.perf_counter() - started < max(seconds, MIN_WINDOW):
                 step(batches, len(batches), tc.learning_rate)
                 done += 1
                 if seconds:  # the clock read above must see the step done

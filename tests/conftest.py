@@ -8,6 +8,9 @@ import os
 # The tests read piped output at the width lmlab gives it (lmlab.commands.common: whole lines unless COLUMNS says
 # otherwise), so a COLUMNS from the shell or the runner (pytest-xdist's workers get 80) must not fold them.
 os.environ.pop("COLUMNS", None)
+# The decode steps the tests compile are checked for what they compute, not for their speed: without Inductor's GEMM
+# tuning each builds in about half the time (lmlab.inference.compiled.autotuned), here and in the commands started.
+os.environ["TORCHINDUCTOR_MAX_AUTOTUNE"] = "0"
 
 from pathlib import Path  # noqa: E402
 
@@ -17,7 +20,7 @@ from lmlab.core.config_toml import load_config  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    ALPACA_TINY, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext)
+    ALPACA_TINY, SUITE_CPU, HostTwins, fake_cpu, write_config, write_corpus, write_tiny_gpt2, write_wikitext)
 
 
 pytest_plugins = ["pytester"]  # tests/test_host_twins.py runs a suite of its own
@@ -56,6 +59,16 @@ def own_cache(tmp_path_factory) -> Path:
             if measure_into_cache(torch.device("cpu"), dtype).settled:
                 break
     return folder
+
+
+@pytest.fixture(autouse=True)
+def cpu_kind(request, monkeypatch) -> None:
+    """Each test's process answers lmlab's CPU capability checks as a `SUITE_CPU` host does, on every host, so no
+    verdict depends on the kind CI's machine is that day; a test of another kind's path fakes that kind itself
+    (`fake_cpu`), and one marked `host_cpu` sees the host as it is. The commands a test starts as processes, and the
+    session's fixtures, see the host as it is: their verdicts hold on every kind."""
+    if request.node.get_closest_marker("host_cpu") is None:
+        fake_cpu(monkeypatch, SUITE_CPU)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS, Muon, MuonAdamW, optimizer_of, orthogonal_dtype
 from lmlab.train.schedule import lr_at
 from lmlab.train.step import TrainStep
-from tests.helpers import write_config
+from tests.helpers import fake_cpu, write_config
 
 # A constant LR after warmup, so a run stopped at step 8 and resumed to 16 follows the same schedule as one
 # that ran to 16 straight.
@@ -88,9 +88,9 @@ def test_muon_is_torchs_in_bfloat16_and_orthogonalises_in_float32_where_bfloat16
     for a, b in zip(torchs, _muon_moves(Muon, ns_dtype=torch.float32)):
         assert 0 < (a - b).abs().max() < 0.02 * a.abs().max()  # the same moves but for bf16's rounding
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2 CPU
+    fake_cpu(monkeypatch, "avx2")
     assert orthogonal_dtype(cpu) == torch.float32
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # AVX512-BF16 or AMX
+    fake_cpu(monkeypatch, "avx512-bf16")
     assert orthogonal_dtype(cpu) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert orthogonal_dtype(cuda) == torch.bfloat16  # Ampere on
@@ -152,8 +152,10 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("cpu", ["avx2", "avx512-bf16"])  # Muon orthogonalises in float32, in bfloat16
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_every_optimizer_steps_skips_a_non_finite_step_resumes_bitwise_and_is_sized(name, tmp_path):
+def test_every_optimizer_steps_skips_a_non_finite_step_resumes_bitwise_and_is_sized(name, cpu, tmp_path, monkeypatch):
+    fake_cpu(monkeypatch, cpu)
     step = _train_step(name, 0)
     first = _copies(step.model.parameters())
     step(_batch(0), 1, 1e-2)

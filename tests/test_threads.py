@@ -92,6 +92,16 @@ def test_a_process_on_one_core_trains_on_one_thread(tmp_path, char_dataset, monk
     assert start["machine"]["cpu_cores"] == start["machine"]["torch_threads"] == 1
 
 
+def window(load: Load):
+    """`LoadMeter.stop` for a window whose load was `load`: kept on the meter too, as every reader of a meter finds it
+    (the peak's measurement among them)."""
+    def stop(meter: busy.LoadMeter) -> Load:
+        meter.load = load
+        return load
+
+    return stop
+
+
 @pytest.mark.parametrize("others, timed, chosen", [(0.5, {4: 0.30, 2: 0.05, 1: 0.09}, 2),  # a hog on two of four
                                                    (0.0, {4: 0.10, 1: 0.30}, 4),  # a quiet window too short to tell
                                                    (0.25, {4: 0.10, 3: 0.104, 1: 0.35}, 4)])  # within the margin
@@ -104,7 +114,7 @@ def test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one(monke
     monkeypatch.setattr(busy, "cores", lambda: [0, 1, 2, 3])
     monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)  # the faked cores' counters: unknown
     load = Load(0.1, 4, others, None)  # a window too short to call quiet: timed
-    monkeypatch.setattr(threads.LoadMeter, "stop", lambda meter: load)
+    monkeypatch.setattr(threads.LoadMeter, "stop", window(load))
     asked = []
     monkeypatch.setattr(threads, "time_threads", lambda counts, probe: asked.append(counts) or
                         {n: timed.get(n, 1.0) for n in counts})
@@ -268,7 +278,7 @@ def test_every_command_that_decodes_says_threads_the_load_lowered(monkeypatch, i
     monkeypatch.setattr(threads, "cores", lambda: [0, 1, 2, 3])
     monkeypatch.setattr(busy, "cores", lambda: [0, 1, 2, 3])
     monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)
-    monkeypatch.setattr(threads.LoadMeter, "stop", lambda meter: Load(0.1, 4, 0.5, None))
+    monkeypatch.setattr(threads.LoadMeter, "stop", window(Load(0.1, 4, 0.5, None)))
     monkeypatch.setattr(threads, "time_threads", lambda counts, probe: {n: 0.1 if n == 2 else 0.3 for n in counts})
     places = {"ALPACA": str(ALPACA_TINY), "OUT": str(tmp_path / "answers.jsonl")}
     before = torch.get_num_threads()

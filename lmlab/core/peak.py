@@ -114,12 +114,18 @@ def every_thread(device: torch.device) -> Iterator[None]:
 def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `device` multiplies `dtype` matrices in a kernel of the dtype's own, not emulated in scalar loops."""
     if device.type == "cpu":
-        check = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
-                 torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype)
-        return check is None or check()
+        return cpu_native(dtype)
     if device.type == "cuda" and dtype == torch.bfloat16:
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return True
+
+
+def cpu_native(dtype: torch.dtype) -> bool:
+    """`native_kernel` on this CPU, as oneDNN answers: bf16 with AVX512-BF16 or AMX, fp16 with AVX512-FP16 or
+    AMX-FP16."""
+    check = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+             torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype)
+    return check is None or check()
 
 
 def emulated_warning(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -72,8 +72,7 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
     sample = model.new_cache(max(2, capacity), device, dtype).rows(0, min(2, capacity)).shortened(min(block, 64))
     idx = torch.zeros(len(sample.pos), 1, dtype=torch.long, device=device)
     options = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
-               # On the CPU Inductor's GEMMs beat a library call per matmul at a few rows; too slow on a GPU.
-               "max_autotune": device.type == "cpu"}
+               "max_autotune": autotuned(device)}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Inductor's own deprecation notices, nothing a user can act on
@@ -84,6 +83,14 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
         raise UserError(f"compiling the decode step failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         "leave out --compile to decode without it.") from err
     return path
+
+
+def autotuned(device: torch.device) -> bool:
+    """Whether Inductor tunes the step's GEMMs: on a CPU, where its own beat a library call per matmul at a few rows
+    (on a GPU tuning takes too long to build); Inductor's own TORCHINDUCTOR_MAX_AUTOTUNE, where set, decides instead
+    (0: a build in about half the time, for a step that runs slower)."""
+    own = os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE")
+    return own == "1" if own is not None else device.type == "cpu"
 
 
 def _dynamic_shapes(sample: DecodeState, capacity: int, block_size: int) -> tuple[Any, ...]:
@@ -114,9 +121,9 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
     for path in sorted((Path(__file__).parents[1] / "model").glob("*.py")) + [Path(__file__)]:
         source.update(path.read_bytes())
     facts = {"weights": weights_sha256, "model": asdict(config), "capacity": capacity, "dtype": str(dtype),
-             "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
-             "cpu": machine()["cpu"], "isa": torch.backends.cpu.get_cpu_capability(), "source": source.hexdigest(),
-             "lmlab": __version__}
+             "device": device.type, "autotuned": autotuned(device), "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "cpu": machine()["cpu"], "isa": torch.backends.cpu.get_cpu_capability(),
+             "source": source.hexdigest(), "lmlab": __version__}
     if device.type == "cuda":  # its kernels are built for this GPU's architecture and this CUDA: a shared cache
         facts["gpu"] = {"name": torch.cuda.get_device_name(device),  # may hold another GPU's
                         "capability": list(torch.cuda.get_device_capability(device)), "cuda": torch.version.cuda}

@@ -9,7 +9,8 @@ import os
 # otherwise), so a COLUMNS from the shell or the runner (pytest-xdist's workers get 80) must not fold them.
 os.environ.pop("COLUMNS", None)
 # The decode steps the tests compile are checked for what they compute, not for their speed: without Inductor's GEMM
-# tuning each builds in about half the time (lmlab.inference.compiled.autotuned), here and in the commands started.
+# tuning each builds in a third to a half of the time (lmlab.inference.compiled.autotuned), here and in the commands
+# the tests start.
 os.environ["TORCHINDUCTOR_MAX_AUTOTUNE"] = "0"
 
 from pathlib import Path  # noqa: E402

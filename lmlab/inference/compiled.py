@@ -88,7 +88,7 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
 def autotuned(device: torch.device) -> bool:
     """Whether Inductor tunes the step's GEMMs: on a CPU, where its own beat a library call per matmul at a few rows
     (on a GPU tuning takes too long to build); Inductor's own TORCHINDUCTOR_MAX_AUTOTUNE, where set, decides instead
-    (0: a build in about half the time, for a step that runs slower)."""
+    (0: a faster build of a slower step; docs/reference/serving.md)."""
     own = os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE")
     return own == "1" if own is not None else device.type == "cpu"
 

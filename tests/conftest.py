@@ -21,8 +21,12 @@ from lmlab.core.config_toml import load_config  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    ALPACA_TINY, SUITE_CPU, HostTwins, fake_cpu, write_config, write_corpus, write_tiny_gpt2, write_wikitext)
+    ALPACA_TINY, SUITE_CPU, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext)
 
+# Every test, its session's fixtures and the commands it starts answer lmlab's CPU capability checks as one kind of
+# CPU on every host (tests.helpers.SUITE_CPU), so no verdict depends on the kind CI's machine is that day; a test of
+# another kind's path fakes that kind (`fake_cpu`), and one marked `host_cpu` sees the host as it is.
+os.environ["LMLAB_CPU_KIND"] = SUITE_CPU
 
 pytest_plugins = ["pytester"]  # tests/test_host_twins.py runs a suite of its own
 
@@ -63,13 +67,10 @@ def own_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def cpu_kind(request, monkeypatch) -> None:
-    """Each test's process answers lmlab's CPU capability checks as a `SUITE_CPU` host does, on every host, so no
-    verdict depends on the kind CI's machine is that day; a test of another kind's path fakes that kind itself
-    (`fake_cpu`), and one marked `host_cpu` sees the host as it is. The commands a test starts as processes, and the
-    session's fixtures, see the host as it is: their verdicts hold on every kind."""
-    if request.node.get_closest_marker("host_cpu") is None:
-        fake_cpu(monkeypatch, SUITE_CPU)
+def host_cpu(request, monkeypatch) -> None:
+    """A test marked `host_cpu` sees the host's CPU as it is, not as `SUITE_CPU`, in its process and its commands."""
+    if request.node.get_closest_marker("host_cpu") is not None:
+        monkeypatch.delenv("LMLAB_CPU_KIND")
 
 
 @pytest.fixture(scope="session")

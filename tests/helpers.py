@@ -37,6 +37,7 @@ from packaging.utils import canonicalize_name
 from safetensors.torch import load_file
 
 from lmlab.commands import main
+from lmlab.core.peak import CPU_KINDS
 from lmlab.data.loader import open_tokens
 from lmlab.run.rundir import RunDir
 
@@ -590,24 +591,18 @@ def finish(job: subprocess.Popen) -> str:
     return out
 
 
-# The CPU kinds this project meets, as torch's oneDNN checks answer for them (native bf16 matmuls, native fp16 ones).
-CPU_KINDS = {"avx2": (False, False), "avx512-bf16": (True, False), "amx-bf16": (True, False),
-             "amx-fp16": (True, True)}
-
-
-# The CPU kind every test's own process answers as (conftest.py's `cpu_kind`), whatever the host: a test's verdict
-# cannot then depend on which kind CI's machine is that day. The kind whose paths CI had run longest.
+# The CPU kind every test answers as, in its own process and in the commands it starts (conftest.py's
+# LMLAB_CPU_KIND), whatever the host: no verdict then depends on the kind CI's machine is that day. The kind whose
+# paths CI had run longest; a test marked `host_cpu` sees the host as it is.
 SUITE_CPU = "avx2"
 
 
 def fake_cpu(monkeypatch, kind: str) -> None:
-    """This process answers the CPU capability checks lmlab asks (`lmlab.core.peak.cpu_native`) as a CPU of `kind`
-    (`CPU_KINDS`) would, whatever the host is: every path of every kind runs on every host. lmlab's check, not
-    torch.ops' (torch.export reads every op there, and a function in its place breaks it)."""
-    from lmlab.core import peak
-
-    native = dict(zip((torch.bfloat16, torch.float16), CPU_KINDS[kind]))
-    monkeypatch.setattr(peak, "cpu_native", lambda dtype: native.get(dtype, True))
+    """This process, and the commands it starts, answer the CPU capability checks lmlab asks
+    (`lmlab.core.peak.cpu_native`) as a CPU of `kind` (`CPU_KINDS`) would, whatever the host is: every path of every
+    kind runs on every host."""
+    assert kind in CPU_KINDS, kind
+    monkeypatch.setenv("LMLAB_CPU_KIND", kind)
 
 
 # Skip reasons that name a CPU capability. CI runs on whichever CPU kind the machine has that day, so a test that

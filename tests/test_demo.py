@@ -89,6 +89,7 @@ def wheelhouse(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.host_cpu  # a new user's machine, as it is
 @pytest.mark.slow
 def test_make_demo_in_a_fresh_copy_then_the_readme_tour(tmp_path):
     repo = fresh_copy(tmp_path / "lmlab")

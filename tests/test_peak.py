@@ -195,6 +195,27 @@ def test_auto_trains_in_the_dtype_that_measured_faster_and_says_why(tmp_path, ch
     assert start["peak_flops"] == (bf16 if chosen == "bfloat16" else fp32) and start["peak_quiet"] is True
 
 
+def test_the_commands_a_process_starts_answer_as_lmlab_cpu_kind_says_and_an_unknown_kind_is_refused(
+        tmp_path, char_dataset, monkeypatch, capsys):
+    """LMLAB_CPU_KIND reproduces another kind of host's choices on this one, in the commands started too (the tests'
+    own kind reaches them so); a kind it does not know is one sentence, exit 2, nothing written."""
+    fake_cpu(monkeypatch, "avx512-bf16")
+    write_cache(tmp_path, {cache_key(CPU, torch.bfloat16): settled_entry(torch.bfloat16, 1.8e12),
+                           cache_key(CPU, torch.float32): settled_entry(torch.float32, 0.28e12)})
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=2)
+    done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu", "--set",
+                           "train.dtype=auto"], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "dtype bfloat16 (auto: a 2048² matmul runs 1.80 TFLOP/s in bfloat16" in " ".join(
+        done.stdout.split()), done.stdout + done.stderr
+    monkeypatch.setenv("LMLAB_CPU_KIND", "pentium-4")
+    code, out, err = run_cli(capsys, "train", config, "--run", tmp_path / "other", "--device", "cpu", "--set",
+                             "train.dtype=auto")
+    assert (code, err) == (2, "error: LMLAB_CPU_KIND is 'pentium-4'; use one of avx2, avx512-bf16, amx-bf16, "
+                              "amx-fp16, or unset it to take this CPU as it is.\n")
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.host_cpu
 def test_auto_on_this_cpu_goes_by_a_real_measurement():
     """The session's real, cached measurements (conftest) decide here, at BF16_MARGIN."""

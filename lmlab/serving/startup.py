@@ -99,10 +99,11 @@ class Startup:
                 batch = self._batch(run, decoding_only(run, compiled=False))
                 state.decode_step = "eager, compiling" if compiles else "eager"
             state.served = self._served(run, batch, folder)
-            state.phase = "ready"
+            # Said before /health says it: a log read as the server's readiness never lags the server.
             state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "
                       f"{state.decode_step} on {state.threads} thread{'s' * (state.threads > 1)}; chats rendered "
                       f"through {chat_rendering(run)}")
+            state.phase = "ready"
         except Exception as err:  # the server stops; the command says why (its one line) and exits 2
             state.failure = str(err) if isinstance(err, UserError) else f"loading failed: {err!r}"
             state.stop()

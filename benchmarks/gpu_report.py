@@ -69,7 +69,7 @@ class Scale:
 FULL = Scale(gpt2=["train.grad_accum_steps=1"], batch_sizes=[8, 16, 32], steps=10, max_batch_limit=4096,
              shakespeare=[], new_tokens=500)
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
-DRY = Scale(gpt2=["train.grad_accum_steps=1", "model.vocab_size=512", *TINY_MODEL], batch_sizes=[1, 2], steps=2,
+DRY = Scale(gpt2=["train.grad_accum_steps=1", "model.vocab_size=512", *TINY_MODEL], batch_sizes=[2], steps=2,
             max_batch_limit=4, new_tokens=20,
             shakespeare=[*TINY_MODEL, "train.batch_size=8", "train.max_iters=30", "train.eval_interval=10",
                          "train.eval_iters=2", "train.warmup_iters=5"])

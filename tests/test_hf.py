@@ -8,7 +8,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -26,7 +25,7 @@ from lmlab.evals.evaluate import evaluate_run
 from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
 from lmlab.model.gpt import GPT
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, lmlab, run_cli, write_config
+from tests.helpers import LMLAB, lmlab, run_cli, serve_process, write_config
 
 transformers = pytest.importorskip("transformers")
 from tests.hf_reference import (  # noqa: E402  (needs transformers)
@@ -305,13 +304,9 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
 
 
 def serve_once(run: Path, path: str, body: dict) -> str:
-    """Start `lmlab serve RUN` on a free local port (eager: no compile at start), POST one request, stop it; the
-    response body."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([LMLAB, "serve", run, "--port", str(port), "--device", "cpu", "--no-compile"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start `lmlab serve RUN` on the port the system gives it (eager: no compile at start), POST one request once it
+    has loaded, stop it; the response body."""
+    server, port, _ = serve_process([LMLAB, "serve", run, "--device", "cpu", "--no-compile"])
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -320,7 +315,7 @@ def serve_once(run: Path, path: str, body: dict) -> str:
                                                  {"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=60) as response:
                     return response.read().decode()
-            except OSError:  # not listening yet, 503 while loading, or too busy loading to answer
+            except OSError:  # 503 while loading, or too busy loading to answer
                 assert server.poll() is None and time.monotonic() < deadline
                 time.sleep(0.3)
     finally:
@@ -329,39 +324,44 @@ def serve_once(run: Path, path: str, body: dict) -> str:
 
 
 @pytest.mark.slow
-def test_an_imported_llama_continues_pretraining_and_serves_through_the_cli(tmp_path, bpe, corpus_dir):
+def test_an_imported_llama_continues_pretraining_and_serves_through_the_cli(tmp_path, bpe, corpus_dir, capsys,
+                                                                          monkeypatch):
     """The README's worked example, on a tiny Llama: import, prepare a corpus with its tokenizer, train from its
-    weights, evaluate, sample, fine-tune, serve, export again."""
+    weights, evaluate, sample, fine-tune, serve, export again. The commands run in this process (the server in one of
+    its own): each is the command line's `main`, as a process would run it."""
+    def cli(*args) -> str:
+        code, out, err = run_cli(capsys, *args)
+        assert code == 0, out + err
+        return out
+
+    monkeypatch.chdir(tmp_path)
     # More embedding rows than the tokenizer has tokens, as Qwen3's models have: training takes it.
     source = tiny_hf(tmp_path / "SmolLM", "llama gqa", bpe, vocab_size=bpe.vocab_size + 7, max_position_embeddings=256)
     settings = json.loads((source / "tokenizer_config.json").read_text())  # an instruct model's chat template
     template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     (source / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": template}))
-    lmlab("import-hf", tmp_path / "SmolLM", "--out", "runs/smol", cwd=tmp_path)
+    cli("import-hf", tmp_path / "SmolLM", "--out", "runs/smol")
     assert RunDir(tmp_path / "runs/smol").chat_template().end_of_turn == ("<|endoftext|>",)
-    out = lmlab("prepare", corpus_dir, "--tokenizer", "runs/smol", "--name", "plays", cwd=tmp_path).stdout
-    assert "tokenizer pretrained:SmolLM" in out
+    assert "tokenizer pretrained:SmolLM" in cli("prepare", corpus_dir, "--tokenizer", "runs/smol", "--name", "plays")
     settings = ["--set", "data.dataset=data/plays-pretrainedSmolLM", "--set", "train.max_iters=10", "--set",
                 "train.eval_interval=5", "--set", "train.eval_iters=2", "--set", "train.batch_size=4", "--set",
                 "train.learning_rate=1e-3", "--set", "train.warmup_iters=2"]
-    lmlab("train", "runs/smol/config.toml", "--init-from", "runs/smol", "--run", "runs/more", *settings, cwd=tmp_path)
-    before = json.loads(lmlab("eval", "runs/smol", "--dataset", "data/plays-pretrainedSmolLM", "--json",
-                              cwd=tmp_path).stdout)
-    after = json.loads(lmlab("eval", "runs/more", "--json", cwd=tmp_path).stdout)
+    cli("train", "runs/smol/config.toml", "--init-from", "runs/smol", "--run", "runs/more", *settings)
+    before = json.loads(cli("eval", "runs/smol", "--dataset", "data/plays-pretrainedSmolLM", "--json"))
+    after = json.loads(cli("eval", "runs/more", "--json"))
     assert after["loss"] < before["loss"] and math.isfinite(after["bits_per_byte"])
-    sample = lmlab("sample", "runs/more", "--prompt", "ROMEO:", "--max-new-tokens", "12", cwd=tmp_path).stdout
-    assert "ROMEO:" in sample
-    lmlab("finetune", "runs/more", "--data", Path(__file__).parent / "data" / "alpaca_tiny.json", "--set",
-          "finetune.epochs=1", "--out", "runs/sft", cwd=tmp_path)
+    assert "ROMEO:" in cli("sample", "runs/more", "--prompt", "ROMEO:", "--max-new-tokens", "12")
+    cli("finetune", "runs/more", "--data", Path(__file__).parent / "data" / "alpaca_tiny.json", "--set",
+          "finetune.epochs=1", "--out", "runs/sft")
     # Trained on, then fine-tuned: the runs ask in the format they learned (Alpaca), not the import's template.
     assert RunDir(tmp_path / "runs/more").chat_template() is None and RunDir(tmp_path / "runs/sft").chat_template() \
         is None and RunDir(tmp_path / "runs/sft").prompt_format().name == "alpaca"
-    lmlab("sample", "runs/sft", "--instruction", "Name a colour.", "--max-new-tokens", "8", cwd=tmp_path)
+    cli("sample", "runs/sft", "--instruction", "Name a colour.", "--max-new-tokens", "8")
     reply = json.loads(serve_once(tmp_path / "runs/sft", "/v1/chat/completions", {
         "model": "sft", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}))
     assert reply["choices"][0]["finish_reason"] in ("stop", "length")
-    lmlab("export-hf", "runs/sft", "exported", cwd=tmp_path)
+    cli("export-hf", "runs/sft", "exported")
     ids = random_ids(bpe.vocab_size)
     assert max_diff(hf_logits(tmp_path / "exported", ids), lmlab_logits(tmp_path / "runs/sft", ids)) < 1e-4
 

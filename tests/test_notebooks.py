@@ -52,7 +52,7 @@ def test_the_notebooks_are_committed_without_outputs():
 
 @pytest.mark.slow
 def test_the_quickstart_runs_on_a_kernel(tmp_path, corpus_dir):
-    notebook = execute("quickstart.ipynb", tmp_path, {"CORPUS": str(corpus_dir), "BUDGET": "20s", "DEVICE": "cpu"})
+    notebook = execute("quickstart.ipynb", tmp_path, {"CORPUS": str(corpus_dir), "BUDGET": "10s", "DEVICE": "cpu"})
     runs = sorted((tmp_path / "runs").iterdir())
     assert [run.name.rsplit("-", 1)[1] for run in runs] == ["gpt2", "modern"]
     training = cell_with(notebook, "first = lmlab.train(")

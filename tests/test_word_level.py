@@ -1,18 +1,22 @@
-"""The word-level workflow through the real command: word:1000 tokens, contexts of 64, perplexity and accuracy."""
+"""The word-level workflow through the command line's `main` (in this process: tests/test_cli.py runs the real
+command): word:1000 tokens, contexts of 64, perplexity and accuracy."""
 
 import json
 import math
 
 import pytest
 
-from tests.helpers import lmlab, write_config, write_corpus
+from tests.helpers import run_cli, write_config, write_corpus
 
 
 @pytest.mark.slow
-def test_word_level_prepare_train_eval_sample(tmp_path):
+def test_word_level_prepare_train_eval_sample(tmp_path, capsys, monkeypatch):
     def run(*args: str) -> str:
-        return lmlab(*args, cwd=tmp_path).stdout
+        code, out, err = run_cli(capsys, *args)
+        assert code == 0, out + err
+        return out
 
+    monkeypatch.chdir(tmp_path)
     corpus = write_corpus(tmp_path / "corpus", n_docs=8, speeches=120)
     run("prepare", corpus, "--tokenizer", "word:1000", "--name", "plays")
     dataset = tmp_path / "data" / "plays-word1000"

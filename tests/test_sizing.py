@@ -39,9 +39,9 @@ def preset(tmp_path_factory, char_dataset) -> Path:
 
 @pytest.fixture(scope="module")
 def sized(preset, tmp_path_factory):
-    """A run sized by --size auto for a 10 s budget, on one thread; a longer budget where a busy machine's start-up
+    """A run sized by --size auto for a 20 s budget, on one thread; a longer budget where a busy machine's start-up
     left it no evaluation (the verdicts are on what the run recorded, whatever its budget)."""
-    for budget in (10, 60, 180):
+    for budget in (20, 60, 180):
         run = tmp_path_factory.mktemp("sized") / "run"
         done = train(preset, run=run, budget=f"{budget}s", size="auto", device="cpu", set=["train.threads=1"]).path
         if [e for e in RunDir(done).events() if e["event"] == "eval"]:
@@ -209,7 +209,7 @@ def test_a_stop_signal_ends_the_timing_of_sizes_at_once_and_writes_nothing(prese
                               "--set", "train.batch_size=2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wait_until(lambda: cpu_ticks(child.pid) > 10 * os.sysconf("SC_CLK_TCK"), child, timeout=300)
+    wait_until(lambda: cpu_ticks(child.pid) > 5 * os.sysconf("SC_CLK_TCK"), child, timeout=300)
     child.send_signal(stop)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 130, out + err

@@ -34,7 +34,7 @@ from lmlab.inference.generate import (
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.helpers import ALPACA_TINY, copy_run, lmlab, spawn
+from tests.helpers import ALPACA_TINY, copy_run, run_cli, spawn
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
 
@@ -178,19 +178,21 @@ def test_answers_decoded_in_a_batch_are_the_answers_asked_alone():
 
 
 @pytest.mark.slow
-def test_sample_num_samples_prints_and_records_each_with_its_seed(tmp_path):
+def test_sample_num_samples_prints_and_records_each_with_its_seed(tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(LEGACY / "trained", run)
-    out = lmlab("sample", run, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "4", "--num-samples", "3",
-                "--device", "cpu", cwd=tmp_path).stdout
+    code, out, err = run_cli(capsys, "sample", run, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "4",
+                             "--num-samples", "3", "--device", "cpu")
+    assert code == 0, err
     assert [line for line in out.splitlines() if line.startswith("--- sample")] == \
         [f"--- sample {i + 1} of 3 (seed {4 + i})" for i in range(3)]
     headers = [line for line in (run / "samples.txt").read_text().splitlines() if line.startswith("--- checkpoint")]
     assert [h.split(", ")[1] for h in headers] == ["seed 4", "seed 5", "seed 6"]
     for bad in ("0", "-2"):
-        refused = lmlab("sample", run, "--num-samples", bad, "--device", "cpu", cwd=tmp_path, ok=False)
-        assert refused.returncode == 2 and f"argument --num-samples: '{bad}' is not a whole number from 1" in refused.stderr
-        assert "Traceback" not in refused.stderr
-    refused = lmlab("answer", run, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl", "--batch-size", "0",
-                    "--device", "cpu", cwd=tmp_path, ok=False)
-    assert "argument --batch-size: '0' is not a whole number from 1" in refused.stderr and not (tmp_path / "a.jsonl").exists()
+        code, _, err = run_cli(capsys, "sample", run, "--num-samples", bad, "--device", "cpu")
+        assert code == 2 and f"argument --num-samples: '{bad}' is not a whole number from 1" in err
+        assert "Traceback" not in err
+    code, _, err = run_cli(capsys, "answer", run, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl", "--batch-size",
+                           "0", "--device", "cpu")
+    assert code == 2 and "argument --batch-size: '0' is not a whole number from 1" in err
+    assert not (tmp_path / "a.jsonl").exists()

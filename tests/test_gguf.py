@@ -21,7 +21,7 @@ from lmlab.gguf import export_gguf
 from lmlab.hf import import_hf
 from lmlab.inference.generate import chat_prompt
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, lmlab, run_cli, write_config
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
@@ -132,10 +132,11 @@ def test_the_model_card_and_modelfile_say_how_to_run_it(runs, tmp_path):
         assert int(model.metadata["tokenizer.ggml.eos_token_id"]) == run.tokenizer.eot_id
 
 
-def refused(args: list, cwd: Path, *words: str) -> str:
-    done = subprocess.run([LMLAB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stdout + done.stderr
-    message = done.stderr.strip()
+def refused(capsys, args: list, *words: str) -> str:
+    """`lmlab ARGS` (in this process) refused: status 2 and one line holding each of `words`."""
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, out + err
+    message = err.strip()
     assert len(message.splitlines()) == 1 and all(w in message for w in words), message
     return message
 
@@ -147,25 +148,25 @@ def nothing_under(out: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_sentence_and_writes_nothing(runs, tmp_path, char_dataset):
+def test_bad_input_is_one_sentence_and_writes_nothing(runs, tmp_path, char_dataset, capsys):
     out = tmp_path / "out" / "model.gguf"
-    refused(["export-gguf", runs["char"], tmp_path / "model.bin"], tmp_path, "does not end in .gguf")
-    refused(["export-gguf", runs["char"], out, "--type", "q4_k"], tmp_path, "--type", "q4_k")
-    refused(["export-gguf", runs["char"], out, "--checkpoint", "7"], tmp_path, "no checkpoint at step 7")
+    refused(capsys, ["export-gguf", runs["char"], tmp_path / "model.bin"], "does not end in .gguf")
+    refused(capsys, ["export-gguf", runs["char"], out, "--type", "q4_k"], "--type", "q4_k")
+    refused(capsys, ["export-gguf", runs["char"], out, "--checkpoint", "7"], "no checkpoint at step 7")
     (tmp_path / "file").write_text("")
-    refused(["export-gguf", runs["char"], tmp_path / "file" / "model.gguf"], tmp_path, "is a file, not a folder")
+    refused(capsys, ["export-gguf", runs["char"], tmp_path / "file" / "model.gguf"], "is a file, not a folder")
     out.parent.mkdir()
     (out.parent / "model.md").write_text("mine")
-    refused(["export-gguf", runs["char"], out], tmp_path, "model.md already exists")
+    refused(capsys, ["export-gguf", runs["char"], out], "model.md already exists")
     assert (out.parent / "model.md").read_text() == "mine"
     # (a word-level run's refusal: tests/test_hf_tokenizers.py, on the word run it trains anyway)
     rnn = train_run(tmp_path / "rnn", write_config(tmp_path / "rnn.toml", char_dataset),
                     ['model.kind="recurrent"', "train.max_iters=2"])
-    refused(["export-gguf", rnn, tmp_path / "r.gguf"], tmp_path, "is a recurrent model", "kind gpt")
+    refused(capsys, ["export-gguf", rnn, tmp_path / "r.gguf"], "is a recurrent model", "kind gpt")
     edited = tmp_path / "edited"
     subprocess.run(["cp", "-r", str(runs["char"]), str(edited)], check=True)
     (edited / "tokenizer.json").write_text((edited / "tokenizer.json").read_text().replace('"a"', '"@"'))
-    refused(["export-gguf", edited, tmp_path / "e.gguf"], tmp_path, "does not match the checksum")
+    refused(capsys, ["export-gguf", edited, tmp_path / "e.gguf"], "does not match the checksum")
     for name in ("r", "e", "model"):
         assert nothing_under(tmp_path / f"{name}.gguf")
     assert not out.exists() and not (out.parent / "model.Modelfile").exists()

@@ -209,14 +209,15 @@ def test_variants_lmlab_does_not_compute_are_refused_by_name(tmp_path, bpe, case
 
 
 @pytest.mark.slow
-def test_import_hf_refuses_in_one_sentence_and_writes_nothing(tmp_path, bpe):
+def test_import_hf_refuses_in_one_sentence_and_writes_nothing(tmp_path, bpe, capsys):
     source = edit_config(tiny_hf(tmp_path / "hf", "llama", bpe), rope_parameters={"rope_type": "yarn"})
-    err = lmlab("import-hf", source, "--out", tmp_path / "run", cwd=tmp_path, ok=False).stderr
+    code, _, err = run_cli(capsys, "import-hf", source, "--out", tmp_path / "run")
+    assert code == 2
     assert err == f"error: {source / 'config.json'}: rope_type = 'yarn' scales the rotary frequencies, which " \
                   "lmlab's model does not compute; import-hf takes the standard variant of the family.\n"
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.tmp-*"))
-    err = lmlab("import-hf", source, "--out", tmp_path / "run", "--block-size", "0", cwd=tmp_path, ok=False).stderr
-    assert "argument --block-size: '0' is not a whole number from 1 to 2**53" in err
+    code, _, err = run_cli(capsys, "import-hf", source, "--out", tmp_path / "run", "--block-size", "0")
+    assert code == 2 and "argument --block-size: '0' is not a whole number from 1 to 2**53" in err
 
 
 def test_weights_lmlab_cannot_read_are_refused_with_the_reason(tmp_path, bpe):

@@ -21,7 +21,7 @@ from lmlab.inference.generate import instruct, sample
 from lmlab.run.rundir import STATE_FORMAT, RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
-from tests.helpers import ALPACA_TINY, lmlab, spawn, wait_until, write_config
+from tests.helpers import ALPACA_TINY, run_cli, spawn, wait_until, write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 
@@ -96,11 +96,12 @@ def test_loading_names_what_is_missing(tmp_path):
 
 
 @pytest.mark.slow
-def test_samples_are_recorded_by_the_run_layer_with_how_they_were_drawn(tmp_path):
+def test_samples_are_recorded_by_the_run_layer_with_how_they_were_drawn(tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(LEGACY / "trained", run)
-    out = lmlab("sample", run, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "4", "--top-p", "0.9",
-                "--device", "cpu", cwd=tmp_path).stdout
+    code, out, err = run_cli(capsys, "sample", run, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "4",
+                             "--top-p", "0.9", "--device", "cpu")
+    assert code == 0, err
     header, text = (run / "samples.txt").read_text().split("\n", 1)
     assert header == "--- checkpoint best (step 10), seed 4, temperature 0.8, top_k None, top_p 0.9, prompt 'ROMEO:'"
     assert text.strip() == out.strip()

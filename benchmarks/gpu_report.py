@@ -3,6 +3,7 @@ checklist of what only a GPU can settle (docs/reference/performance.md, "The fir
 
     python benchmarks/gpu_report.py [--out FILE.md] [--data DIR]      # `make gpu-report`; run from the repo root
     python benchmarks/gpu_report.py --dry-run                         # the same steps, tiny, on the CPU (CI)
+    python benchmarks/gpu_report.py --stages gpt2 decoding            # some parts only (a report cut short)
 
 Rows: the GPU, its driver, torch and CUDA; the CUDA tests (tests/test_cuda.py); the peak FLOP/s that MFU divides
 by (the datasheet's, beside what a matmul reaches, or a measured one); GPT-2 small (configs/gpt2-small.toml,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,24 +100,35 @@ def environment(device: torch.device) -> list[Row]:
             ("driver · torch · CUDA", f"{driver} · {torch.__version__} · {torch.version.cuda}", "")]
 
 
-def cuda_tests(results: dict[str, tuple[str, dict[str, str]]]) -> Row:
-    """Run tests/test_cuda.py; each test's outcome and what it recorded (the gaps its tolerances bound) go into
-    `results`, for the checklist."""
+def cuda_tests(results: dict[str, tuple[str, dict[str, str]]], tests: str = "tests/test_cuda.py") -> Row:
+    """Run the CUDA tests; each test's outcome and what it recorded (the gaps its tolerances bound) go into
+    `results`, for the checklist. A test that crashes the process (a segfault in a kernel or a compiled library)
+    is named as the one that did, with the signal, and the outcomes before it are kept."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         xml = Path(scratch) / "cuda.xml"
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                               f"--junitxml={xml}", "-o", "junit_family=xunit1", "tests/test_cuda.py"], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider",
+                               f"--junitxml={xml}", "-o", "junit_family=xunit1", tests], cwd=ROOT,
                               capture_output=True, text=True)
         if xml.exists():
             for case in ElementTree.parse(xml).iter("testcase"):
                 outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
                 results[case.get("name")] = outcome, {p.get("name"): p.get("value") for p in case.iter("property")}
+    seconds = f"in {time.perf_counter() - started:.0f} s"
+    if done.returncode < 0:  # killed by a signal: no summary line and no XML, only the lines -v printed
+        console.print(done.stdout[-4000:], done.stderr[-2000:])
+        lines = re.findall(r"^\S+::(\w+)(?:\[[^\]]*\])?(?: (PASSED|FAILED|SKIPPED|ERROR))?", done.stdout, re.M)
+        for name, outcome in lines:
+            results[name] = (outcome.lower() if outcome else f"crashed ({signal.Signals(-done.returncode).name})"), {}
+        crashed = next((name for name, outcome in reversed(lines) if not outcome), "a test")
+        passed = sum(outcome == "PASSED" for _, outcome in lines)
+        return ("CUDA tests (tests/test_cuda.py)", f"{passed} passed, then {crashed} crashed the process "
+                f"({signal.Signals(-done.returncode).name}) {seconds}", "all pass")
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
     counts = ", ".join(re.findall(r"\d+ (?:passed|failed|skipped|errors?)", summary)) or summary
     if done.returncode not in (0, 5):  # 5: nothing collected
         console.print(done.stdout[-4000:], done.stderr[-2000:])
-    return "CUDA tests (tests/test_cuda.py)", f"{counts} in {time.perf_counter() - started:.0f} s", "all pass"
+    return "CUDA tests (tests/test_cuda.py)", f"{counts} {seconds}", "all pass"
 
 
 def peak(device: torch.device) -> Row:
@@ -259,12 +272,23 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines + [f"| {what} | {result} | {target} |" for what, result, target in rows]) + "\n"
 
 
+STAGES = ("cuda", "peak", "gpt2", "shakespeare", "decoding", "checkpoint")
+
+
+def report(rows: list[Row], first_hour: list[Row], done: list[str]) -> str:
+    text = markdown(rows) + "\nThe first hour on a GPU (docs/reference/performance.md):\n\n" + markdown(first_hour)
+    left = [name for name in STAGES if name not in done]
+    return text if not left else text + f"\nNot (yet) measured: {', '.join(left)}.\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes and a few steps, on the CPU")
     parser.add_argument("--out", type=Path, help="the Markdown file (default: runs/gpu-report-<time>.md)")
     parser.add_argument("--data", type=Path, default=Path("data/shakespeare-char"),
                         help="the Shakespeare-char dataset (prepared there when missing)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), metavar="STAGE",
+                        help=f"which parts to measure (default: all of {', '.join(STAGES)})")
     args = parser.parse_args()
     try:
         if not args.dry_run and not torch.cuda.is_available():
@@ -275,6 +299,7 @@ def main() -> None:
         sys.exit(2)
     configure(device)
     out = args.out or Path("runs") / f"gpu-report-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict[str, tuple[str, dict[str, str]]] = {}
     memory: dict[str, int] = {}
@@ -282,17 +307,21 @@ def main() -> None:
         runs = Path(scratch) if args.dry_run else Path("runs")
         data = Path(scratch) / "data" / "shakespeare-char" if args.dry_run else args.data
         rows = environment(device)
-        stages = [lambda: [cuda_tests(results)], lambda: [peak(device)], lambda: gpt2(scale, device, memory),
-                  lambda: shakespeare(scale, device, data, runs), lambda: decoding(scale, device),
-                  lambda: [checkpoint(scale, device)]]
-        for number, stage in enumerate(stages, 1):
-            console.print(f"[bold]gpu report: stage {number} of {len(stages)}[/bold] "
+        stages = {"cuda": lambda: [cuda_tests(results)], "peak": lambda: [peak(device)],
+                  "gpt2": lambda: gpt2(scale, device, memory),
+                  "shakespeare": lambda: shakespeare(scale, device, data, runs),
+                  "decoding": lambda: decoding(scale, device), "checkpoint": lambda: [checkpoint(scale, device)]}
+        chosen = [name for name in STAGES if name in args.stages]
+        done: list[str] = []
+        for number, name in enumerate(chosen, 1):
+            console.print(f"[bold]gpu report: stage {number} of {len(chosen)}, {name}[/bold] "
                           f"({time.perf_counter() - started:.0f} s so far)")
-            rows += stage()
+            rows += stages[name]()
+            done.append(name)
+            # Written after each stage: a report cut short (a lease's end, a crash) keeps what it measured.
+            out.write_text(report(rows, checklist(results, memory, device), done), encoding="utf-8")
     rows.append(("report wall time", f"{time.perf_counter() - started:.0f} s", "under 20 min"))
-    first_hour = checklist(results, memory, device)
-    text = markdown(rows) + "\nThe first hour on a GPU (docs/reference/performance.md):\n\n" + markdown(first_hour)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    text = report(rows, checklist(results, memory, device), done)
     out.write_text(text, encoding="utf-8")
     print(text)
     console.print(f"written to {out}")

@@ -50,6 +50,22 @@ def test_the_dry_run_writes_every_row_of_the_report_and_the_checklist(tmp_path):
     assert list(checklist) == list(CHECKLIST)
     assert checklist["FSDP with torch.compile trains"].startswith("skipped (test_fsdp_with_compile")  # no GPU
     assert out.read_text() in done.stdout  # printed as well as written
+    assert "Not (yet) measured" not in out.read_text()
+
+
+def test_stages_measure_only_the_parts_named_and_the_report_says_which_are_left(tmp_path):
+    out = tmp_path / "report.md"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--dry-run", "--out", str(out),
+                           "--stages", "checkpoint", "peak"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    rows = rows_of(text.split("The first hour on a GPU")[0])
+    assert any(k.startswith("peak FLOP/s") for k in rows) and "GPT-2 small checkpoint: write / verified load" in rows
+    assert not any(k.startswith(("GPT-2 small, micro", "Shakespeare", "decoding", "CUDA tests")) for k in rows)
+    assert text.rstrip().endswith("Not (yet) measured: cuda, gpt2, shakespeare, decoding.")
+    refused = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--dry-run", "--stages", "gpt3"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "invalid choice: 'gpt3'" in refused.stderr
 
 
 def test_the_checklist_is_the_one_the_docs_give_and_each_item_has_its_test():
@@ -170,3 +186,19 @@ def test_time_to_a_val_loss_parts_the_wall_clock_into_steps_compiling_and_evalua
     assert time_to(events, 1.60) == "80 s of steps (step 40); 126 s wall: +40 s compiling and warming up, +6 s " \
                                     "evaluating"  # the first evaluation at or below it, and those before it
     assert time_to(events, 1.40) == "not reached"
+
+
+def test_a_cuda_test_that_crashes_the_process_is_named_with_its_signal_and_those_before_it_are_kept(
+        monkeypatch, tmp_path):
+    # The H200 report (torch 2.11) lost its CUDA row to a segfault in the last test: dots, no summary, no XML.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    cuda_tests = __import__("gpu_report").cuda_tests
+    tests = tmp_path / "test_crash.py"
+    tests.write_text("import ctypes\nimport pytest\n\n\n@pytest.mark.cuda\ndef test_fine():\n    pass\n\n\n"
+                     "@pytest.mark.cuda\n@pytest.mark.parametrize('n', [1, 2])\ndef test_also_fine(n):\n    pass\n\n\n"
+                     "@pytest.mark.cuda\ndef test_segfaults():\n    ctypes.string_at(0)\n")
+    results: dict = {}
+    what, said, _ = cuda_tests(results, str(tests))
+    assert what == "CUDA tests (tests/test_cuda.py)"
+    assert re.fullmatch(r"3 passed, then test_segfaults crashed the process \(SIGSEGV\) in \d+ s", said)
+    assert results["test_segfaults"] == ("crashed (SIGSEGV)", {}) and results["test_fine"] == ("passed", {})

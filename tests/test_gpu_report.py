@@ -53,6 +53,7 @@ def test_the_dry_run_writes_every_row_of_the_report_and_the_checklist(tmp_path):
     assert "Not (yet) measured" not in out.read_text()
 
 
+@pytest.mark.slow
 def test_stages_measure_only_the_parts_named_and_the_report_says_which_are_left(tmp_path):
     out = tmp_path / "report.md"
     done = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--dry-run", "--out", str(out),
@@ -188,6 +189,7 @@ def test_time_to_a_val_loss_parts_the_wall_clock_into_steps_compiling_and_evalua
     assert time_to(events, 1.40) == "not reached"
 
 
+@pytest.mark.slow
 def test_a_cuda_test_that_crashes_the_process_is_named_with_its_signal_and_those_before_it_are_kept(
         monkeypatch, tmp_path):
     # The H200 report (torch 2.11) lost its CUDA row to a segfault in the last test: dots, no summary, no XML.

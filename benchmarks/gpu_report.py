@@ -115,19 +115,19 @@ def cuda_tests(results: dict[str, tuple[str, dict[str, str]]], tests: str = "tes
                 outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
                 results[case.get("name")] = outcome, {p.get("name"): p.get("value") for p in case.iter("property")}
     seconds = f"in {time.perf_counter() - started:.0f} s"
-    if done.returncode < 0:  # killed by a signal: no summary line and no XML, only the lines -v printed
-        console.print(done.stdout[-4000:], done.stderr[-2000:])
-        lines = re.findall(r"^\S+::(\w+)(?:\[[^\]]*\])?(?: (PASSED|FAILED|SKIPPED|ERROR))?", done.stdout, re.M)
-        for name, outcome in lines:
-            results[name] = (outcome.lower() if outcome else f"crashed ({signal.Signals(-done.returncode).name})"), {}
-        crashed = next((name for name, outcome in reversed(lines) if not outcome), "a test")
-        passed = sum(outcome == "PASSED" for _, outcome in lines)
-        return ("CUDA tests (tests/test_cuda.py)", f"{passed} passed, then {crashed} crashed the process "
-                f"({signal.Signals(-done.returncode).name}) {seconds}", "all pass")
-    summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
-    counts = ", ".join(re.findall(r"\d+ (?:passed|failed|skipped|errors?)", summary)) or summary
     if done.returncode not in (0, 5):  # 5: nothing collected
         console.print(done.stdout[-4000:], done.stderr[-2000:])
+    if done.returncode < 0:  # killed by a signal: no summary line and no XML, only the lines -v printed
+        killer = signal.Signals(-done.returncode).name
+        lines = re.findall(r"^\S+::(\w+)(?:\[[^\]]*\])?(?: (PASSED|FAILED|SKIPPED|ERROR))?", done.stdout, re.M)
+        for name, outcome in lines:
+            results[name] = (outcome.lower() if outcome else f"crashed ({killer})"), {}
+        crashed = next((name for name, outcome in reversed(lines) if not outcome), "a test")
+        passed = sum(outcome == "PASSED" for _, outcome in lines)
+        return ("CUDA tests (tests/test_cuda.py)", f"{passed} passed, then {crashed} crashed the process ({killer}) "
+                f"{seconds}", "all pass")
+    summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
+    counts = ", ".join(re.findall(r"\d+ (?:passed|failed|skipped|errors?)", summary)) or summary
     return "CUDA tests (tests/test_cuda.py)", f"{counts} {seconds}", "all pass"
 
 

@@ -116,7 +116,9 @@ def cuda_tests(results: dict[str, tuple[str, dict[str, str]]], tests: str = "tes
                 results[case.get("name")] = outcome, {p.get("name"): p.get("value") for p in case.iter("property")}
     seconds = f"in {time.perf_counter() - started:.0f} s"
     if done.returncode not in (0, 5):  # 5: nothing collected
-        console.print(done.stdout[-4000:], done.stderr[-2000:])
+        # pytest's faulthandler prints every thread then a long module list: the crashing thread's stack is the clue
+        crashed_in = re.search(r"^Current thread.*?(?=\n\n|\Z)", done.stderr, re.M | re.S)
+        console.print(done.stdout[-4000:], crashed_in.group(0) if crashed_in else done.stderr[-2000:], markup=False)
     if done.returncode < 0:  # killed by a signal: no summary line and no XML, only the lines -v printed
         killer = signal.Signals(-done.returncode).name
         lines = re.findall(r"^\S+::(\w+)(?:\[[^\]]*\])?(?: (PASSED|FAILED|SKIPPED|ERROR))?", done.stdout, re.M)
@@ -252,7 +254,8 @@ def checklist(results: dict[str, tuple[str, dict[str, str]]], memory: dict[str, 
             gaps = [f"{name.removeprefix('tolerance ')}: {value}" for _, recorded in results.values()
                     for name, value in recorded.items() if name.startswith("tolerance ")]
             failed = [name for name, (outcome, _) in results.items() if outcome in ("failure", "error")]
-            said = "; ".join(gaps) or "not measured (no CUDA test ran)"
+            said = "; ".join(gaps) or ("not recorded (the CUDA tests' process ended before writing them)" if results
+                                       else "not measured (no CUDA test ran)")
             rows.append((item, said + (f"; failed: {', '.join(failed)}" if failed else ""), "each within its bound"))
         elif source == "memory":
             reserved = memory.get(f"micro-batch {GUIDE_BATCH}")

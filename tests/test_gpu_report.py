@@ -191,7 +191,7 @@ def test_time_to_a_val_loss_parts_the_wall_clock_into_steps_compiling_and_evalua
 
 @pytest.mark.slow
 def test_a_cuda_test_that_crashes_the_process_is_named_with_its_signal_and_those_before_it_are_kept(
-        monkeypatch, tmp_path):
+        monkeypatch, tmp_path, capsys):
     # The H200 report (torch 2.11) lost its CUDA row to a segfault in the last test: dots, no summary, no XML.
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     cuda_tests = __import__("gpu_report").cuda_tests
@@ -204,3 +204,5 @@ def test_a_cuda_test_that_crashes_the_process_is_named_with_its_signal_and_those
     assert what == "CUDA tests (tests/test_cuda.py)"
     assert re.fullmatch(r"3 passed, then test_segfaults crashed the process \(SIGSEGV\) in \d+ s", said)
     assert results["test_segfaults"] == ("crashed (SIGSEGV)", {}) and results["test_fine"] == ("passed", {})
+    printed = capsys.readouterr().out
+    assert "Current thread" in printed and "in test_segfaults" in printed  # where it crashed, not the module list

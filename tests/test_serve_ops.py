@@ -5,6 +5,7 @@ one), and SIGTERM/SIGINT draining to exit 0."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -169,6 +170,39 @@ def test_the_compiled_step_is_built_behind_eager_decoding_and_kept_for_the_next_
         (folder / name).write_bytes(data)
     folder.chmod(0o777)
     assert refused_at_start(sft_run, cache, "the folder is writable by others")
+
+
+@pytest.mark.slow
+def test_a_compiler_process_that_crashes_keeps_nothing_and_the_server_decodes_on(sft_run, tmp_path):
+    # On CUDA with torch 2.11 (an H200 and an H100) loading a built package segfaulted: the step is loaded and run in
+    # the compiler's process before it is kept, so a crash there is this one, a compiler killed by SIGSEGV.
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    server = Process(sft_run, "--compile", "--max-batch", "2", env=cache)
+    try:
+        server.wait_for_log("lmlab serve: compiling the decode step in the background")
+        deadline = time.monotonic() + 30
+        while not (compiler := children(server.proc.pid)):
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.01)
+        os.kill(int(compiler[0]), signal.SIGSEGV)
+        line = server.wait_for_log("lmlab serve: compiling the decode step failed")
+        assert line.startswith("lmlab serve: compiling the decode step failed (its process was killed by SIGSEGV); "
+                               "decoding eagerly"), line
+        assert server.wait(lambda health: True)["decode_step"] == "eager"
+        client = openai.OpenAI(base_url=server.url, api_key="unused")
+        assert client.completions.create(model="sft", prompt="ROMEO:", max_tokens=3).usage.completion_tokens
+    finally:
+        assert server.stop() == 0
+    assert not list((tmp_path / "cache" / "lmlab" / "compiled").glob("*.pt2"))  # nothing kept to crash the next start
+
+
+def children(pid: int) -> list[str]:
+    """The processes `pid`'s threads started (the compiler is a child of the loading thread), as /proc lists them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            found += (task / "children").read_text().split()
+    return found
 
 
 def refused_at_start(run: Path, env: dict, why: str) -> bool:

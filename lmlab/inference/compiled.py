@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = folder / f".{key}.tmp-{os.getpid()}.pt2"
         try:
             build_package(model.eval(), args.capacity, dtype, tmp)
+            check_runs(model, tmp, dtype)
             # The digest first: a package is never there without the digest it is checked against.
             atomic_write_text(_digest_file(folder / f"{key}.pt2"), f"{sha256_file(tmp)}  {key}.pt2\n")
             os.replace(tmp, folder / f"{key}.pt2")
@@ -242,6 +243,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(err))
     forget_old_steps()
     print(folder / f"{key}.pt2")
+
+
+def check_runs(model: LanguageModel, package: Path, dtype: torch.dtype) -> None:
+    """Load `package` and decode one token with it, here, before it is kept: a package that crashes its loader (as
+    AOTInductor's did on CUDA with torch 2.11: docs/reference/serving.md) takes down this process, not the server.
+    UserError when the token's logits are not finite."""
+    device = next(model.parameters()).device
+    state = model.new_cache(1, device, dtype).shortened(1)
+    logits = load_step(package)(torch.zeros(1, 1, dtype=torch.long, device=device), state)
+    if not torch.isfinite(logits).all():
+        raise UserError("the compiled decode step gave non-finite logits on its first token; not kept.")
 
 
 def _die_with_parent() -> None:

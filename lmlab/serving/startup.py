@@ -5,6 +5,7 @@ its duration, and /health names the phase under way."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 import time
@@ -173,7 +174,9 @@ class Startup:
         self.compiler = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = self.compiler.communicate()
         if self.compiler.returncode or state.draining:
-            reason = (err.strip().splitlines() or [f"status {self.compiler.returncode}"])[-1]
+            code = self.compiler.returncode
+            reason = (f"its process was killed by {signal.Signals(-code).name}" if code < 0 else
+                      (err.strip().splitlines() or [f"status {code}"])[-1])
             state.decode_step = "eager"
             if not state.draining:
                 state.log(f"lmlab serve: compiling the decode step failed ({reason}); decoding eagerly")

@@ -311,11 +311,21 @@ def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsy
     assert not (tmp_path / "r").exists()
 
 
+def test_a_fit_is_of_what_its_preset_sets_not_of_its_comments_or_layout(tmp_path):
+    shipped = ROOT / "configs" / "shakespeare-char-modern-cpu.toml"
+    text = shipped.read_text(encoding="utf-8")
+    for name, edited, same in (("comment", "# measured again on another host\n" + text, True),
+                               ("layout", text.replace(" = ", "="), True),
+                               ("setting", text.replace("optimizer = \"muon\"", "optimizer = \"adamw\""), False)):
+        (tmp_path / f"{name}.toml").write_text(edited, encoding="utf-8")
+        assert (preset_sha256(tmp_path / f"{name}.toml") == preset_sha256(shipped)) is same, name
+
+
 @pytest.mark.slow
 def test_plan_size_auto_says_what_train_says_of_a_fit_of_another_preset_or_dataset(preset, tmp_path):
     """Before: `plan --size auto` said nothing when the preset or its dataset had changed since the fit; train did."""
     mine = tmp_path / preset.name
-    mine.write_text(preset.read_text() + "# edited since its fit\n")
+    mine.write_text(preset.read_text().replace("learning_rate = 3e-3", "learning_rate = 2e-3", 1))
     fit = json.loads(fit_path(preset).read_text())
     fit["dataset"]["train_sha256"] = "0" * 64  # fitted on another text of the same tokenizer
     fit_path(mine).write_text(json.dumps(fit))

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ class SizeFit:
     they were measured."""
 
     preset: str  # the preset's path as it was fitted
-    preset_sha256: str  # of the preset's text: a preset edited since is fitted again
+    preset_sha256: str  # of the preset's settings: a preset whose settings changed since is fitted again
     dataset: dict[str, Any]  # `path`, `tokenizer`, `train_sha256` of the dataset the miniseries trained on
     surface: LossSurface
     lr: LrRule
@@ -141,7 +142,9 @@ def fit_path(preset: Path) -> Path:
 
 
 def preset_sha256(preset: Path) -> str:
-    return hashlib.sha256(Path(preset).read_bytes()).hexdigest()
+    """The sha256 of what `preset` sets (its TOML parsed, keys sorted): a comment or layout edit keeps its fit."""
+    settings = tomllib.loads(Path(preset).read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # Each figure of a fit file and the range a fit can make (low, high, whether low itself is allowed), checked when

@@ -51,8 +51,13 @@ demo: $(VENV)/.installed
 
 # Every test whose verdict holds on a busy machine; those judged by wall time or load are test-serial's. Two
 # workers (pytest-xdist), each the other's load, which every test here must stand; worksteal evens out the long ones.
-test: lint
-	$(BIN)/python -m pytest -q -m "not serial" -n 2 --dist worksteal
+# Lint runs beside them, its output after theirs: cold (a fresh clone, as in CI) mypy takes a core for most of a
+# minute, which the workers leave idle while one waits on a child process or the last long test.
+test: $(VENV)/.installed-test
+	@lint=$$(mktemp); { $(LINT); } >$$lint 2>&1 & linting=$$!; \
+	$(BIN)/python -m pytest -q -m "not serial" -n 2 --dist worksteal; tests=$$?; \
+	wait $$linting; linted=$$?; cat $$lint; rm -f $$lint; \
+	[ $$linted = 0 ] || echo "make test: lint failed (above)"; [ $$tests = 0 ] && [ $$linted = 0 ]
 
 # The tests that take under about a second each (the others are marked slow): under a minute on two cores.
 test-fast: lint
@@ -64,11 +69,11 @@ test-serial: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m serial
 
 # ruff and mypy over lmlab/ (pyproject.toml's [tool.ruff] and [tool.mypy]): ruff in under a second, mypy in about
-# 45 s the first time and seconds once its cache (.mypy_cache) holds the rest. `make test` and `make test-fast` run
-# it first, so .ci/run does too.
+# 45 s the first time and seconds once its cache (.mypy_cache) holds the rest. `make test` runs it beside the tests
+# (so .ci/run does too), `make test-fast` first.
+LINT = $(BIN)/ruff check lmlab && $(BIN)/mypy
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check lmlab
-	$(BIN)/mypy
+	$(LINT)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/cpu_time_to_loss.py

@@ -1,6 +1,6 @@
 """TorchInductor's cache and the builds a stop signal cuts short: a kernel file the C++ compiler left empty or cut
-(a Ctrl-C reaches the compiler too) is deleted by the next lmlab command instead of loaded by the next compile, one a
-process is building is left alone, and a Ctrl-C while `train.compile = true` compiles is one line, not a compiler's
+(a Ctrl-C reaches the compiler too) is deleted by the next lmlab command instead of loaded by the next compile, none
+while a process builds into the cache, and a Ctrl-C while `train.compile = true` compiles is one line, not a compiler's
 traceback. Each test has a cache of its own (TORCHINDUCTOR_CACHE_DIR)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import glob
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,24 +21,44 @@ from lmlab.commands import main
 from lmlab.run.rundir import RunDir
 from tests.helpers import LMLAB, write_config
 
-def test_kernel_builds_cut_short_are_discarded_whole_ones_and_one_being_built_are_left(tmp_path, monkeypatch,
-                                                                                        capsys):
+
+def test_kernel_builds_cut_short_are_discarded_when_no_other_process_builds_and_whole_ones_kept(tmp_path, monkeypatch,
+                                                                                                capsys):
     """Before: the next compile loaded the file the compiler had left ("file too short", exit 1) until it was
-    deleted by hand. The kernels here are copies of a real shared library, whole, cut short and empty."""
+    deleted by hand. Then: a file was spared only while its own kernel's lock was held, and `lmlab train` deleted
+    the object file an AOTInductor build (`lmlab serve --compile`) was writing under its wrapper's lock ("ld:
+    cannot find ....kernel.o"). A lock this process holds is a build a stop signal abandoned: no reason to wait.
+    The kernels here are copies of a real shared library, whole, cut short and empty."""
     whole = Path(_ctypes.__file__).read_bytes()  # any ELF shared object will do
     cache = tmp_path / "inductor"
-    kernels = {name: cache / name[1:3] / f"{name}.main.so" for name in ("cwhole", "ccut", "cempty", "cbuilding")}
+    kernels = {name: cache / name[1:3] / name for name in ("cwhole.main.so", "ccut.main.so", "cempty.main.so",
+                                                          "cbuilt.kernel.o")}
     for name, path in kernels.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes({"cwhole": whole, "cempty": b""}.get(name, whole[: len(whole) // 3]))
+        path.write_bytes({"cwhole.main.so": whole, "cempty.main.so": b""}.get(name, whole[: len(whole) // 3]))
     (cache / "locks").mkdir()
+    for key in ("cwhole", "cwrapper"):
+        (cache / "locks" / f"{key}.lock").touch()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    with open(cache / "locks" / "cbuilding.lock", "a") as held:  # a process building that kernel now
-        fcntl.flock(held, fcntl.LOCK_EX)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(cache / "locks" / "cwrapper.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:  # another process's AOTInductor build, writing cbuilt.kernel.o under its wrapper's lock now
+        assert holder.stdout.readline() == "held\n"
         assert main(["runs", str(tmp_path)]) in (0, 2)  # any command looks at the cache before it runs
+        assert all(path.exists() for path in kernels.values())
+    finally:
+        holder.communicate("")
+    with open(cache / "locks" / "cwrapper.lock", "a") as ours:  # this process's own build, abandoned
+        fcntl.flock(ours, fcntl.LOCK_EX)
+        assert main(["runs", str(tmp_path)]) in (0, 2)
     capsys.readouterr()
-    assert {name for name, path in kernels.items() if path.exists()} == {"cwhole", "cbuilding"}
-    assert kernels["cwhole"].read_bytes() == whole
+    assert {name for name, path in kernels.items() if path.exists()} == {"cwhole.main.so"}
+    assert kernels["cwhole.main.so"].read_bytes() == whole
+    assert sorted(path.name for path in (cache / "locks").iterdir()) == ["cwhole.lock", "cwrapper.lock"]
+
+
+HOLD = "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); " \
+       "sys.stdin.read()"
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """TorchInductor's cache of compiled kernels, and the builds in it that a stop signal cut short: Inductor's C++
 compiler writes each kernel straight into the cache, so a Ctrl-C leaves it empty or cut short, and every later
-compile loads it ("file too short", or vectorisation silently off). `discard_partial_builds` deletes such files,
-each under Inductor's own lock of that kernel."""
+compile loads it ("file too short", or vectorisation silently off). `discard_partial_builds` deletes such files
+when no build is under way in the cache."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import re
 import struct
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 BUILT = ("*/*.so", "*/*.o")  # what the C++ compiler writes into the cache (a kernel, an object file of one)
@@ -49,33 +50,51 @@ def whole_elf(path: Path) -> bool:
 
 
 def discard_partial_builds(cache: Path | None = None) -> list[Path]:
-    """Delete the compiler's outputs in Inductor's cache that are not whole, skipping any a process is building
-    now (its kernel's lock, CACHE/locks/KEY.lock, is held); the paths deleted."""
+    """Delete the compiler's outputs in Inductor's cache that are not whole, while no other process builds into the
+    cache (holds a lock of CACHE/locks); the paths deleted. Not by each kernel's own lock: an AOTInductor build writes
+    its kernels' object files under its wrapper's lock, so a file cut short now may be another process's build under
+    way. While one is, nothing is deleted; the next command looks again. This process's own builds do not count: a
+    stop signal abandoned them, though Inductor's compile threads may still hold their locks."""
     cache = cache or inductor_cache()
-    discarded = []
-    for pattern in BUILT:
-        for path in cache.glob(pattern):
-            if whole_elf(path):
-                continue
-            key = path.name.split(".")[0]
-            if _unlocked(cache / "locks" / f"{key}.lock", path):
-                discarded.append(path)
-    return discarded
+    cut = [path for pattern in BUILT for path in cache.glob(pattern) if not whole_elf(path)]
+    if not cut:
+        return []
+    holders: dict[tuple[int, int], set[int]] | None = None
+    with ExitStack() as held:
+        for lock in sorted((cache / "locks").glob("*.lock")):
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
+                continue  # gone meanwhile, or not ours to open: no build of ours holds it
+            held.callback(os.close, fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: by a build under way, whose files may be among these, unless it is ours
+                holders = _lock_holders() if holders is None else holders
+                where = os.fstat(fd)
+                if holders.get((where.st_dev, where.st_ino), {-1}) != {os.getpid()}:
+                    return []
+        discarded = [path for path in cut if not whole_elf(path)]  # its build may have ended before the locks
+        for path in discarded:
+            path.unlink(missing_ok=True)
+        return discarded
 
 
-def _unlocked(lock: Path, path: Path) -> bool:
-    """Delete `path` under `lock` (Inductor's lock of its build) when no one holds the lock; whether it was."""
+def _lock_holders() -> dict[tuple[int, int], set[int]]:
+    """The processes holding a lock of each file, (device, inode), as /proc/locks lists them; none where the
+    system has no such list (a lock whose holder is unknown is another process's)."""
+    holders: dict[tuple[int, int], set[int]] = {}
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644) if lock.parent.is_dir() else None
+        lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
-        return False
-    try:
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        path.unlink(missing_ok=True)
-        return True
-    except OSError:  # held: a build under way writes it now
-        return False
-    finally:
-        if fd is not None:
-            os.close(fd)
+        return holders
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":  # a process waiting for the lock, not holding it
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            holders.setdefault((os.makedev(int(major, 16), int(minor, 16)), int(inode)), set()).add(int(fields[4]))
+        except ValueError:
+            continue
+    return holders

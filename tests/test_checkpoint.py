@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig, TrainConfig
@@ -49,6 +51,26 @@ def test_kill_9_at_arbitrary_points_then_resume_is_bitwise_identical(tmp_path, c
         assert torch.equal(straight[name], resumed[name]), name
     assert stable_events(run) == stable_events(tmp_path / "straight")
     assert any(e["event"] == "resume" for e in RunDir(run).events())
+
+
+def test_a_run_killed_after_its_last_checkpoint_or_after_it_ended_resumes_to_the_same_log(tmp_path, char_dataset):
+    """A kill between the last checkpoint and the end leaves the run's folders as a finished run has them and its
+    log cut anywhere after that checkpoint's event: each such cut, and the whole log (a finished run resumed
+    again), resumed, logs what the run never killed logged. Before: a kill after the final score made a resume log
+    it twice, the resume saved its checkpoint again, and its end said lr 0."""
+    quiet = Console(quiet=True)
+    straight = trainer(tmp_path, char_dataset, ["train.max_iters=14", "train.checkpoint_interval=7",
+                                                "train.eval_interval=25"], run="straight", console=quiet).run().run_dir
+    lines = (straight / "metrics.jsonl").read_text().splitlines(keepends=True)
+    last = max(i for i, line in enumerate(lines) if json.loads(line)["event"] == "checkpoint")
+    assert [json.loads(line)["event"] for line in lines[last:]] == ["checkpoint", "final", "end"]
+    for cut in range(last + 1, len(lines) + 1):
+        run = tmp_path / f"cut{cut}"
+        shutil.copytree(straight, run)
+        (run / "metrics.jsonl").write_text("".join(lines[:cut]))
+        Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=quiet).run()
+        assert stable_events(run) == stable_events(straight), cut
+        assert RunDir(run).step_folders() == [run / "checkpoints" / "step_000007", run / "checkpoints" / "step_000014"]
 
 
 @pytest.mark.slow

@@ -208,9 +208,14 @@ class RunDir:
         append_whole(self._metrics, as_json(event) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop events after the checkpoint (and a stopped run's end): the log reads as one run."""
+        """On resume from the checkpoint of `step`, the log as it stood when that checkpoint was written: what came
+        after its event (the steps past it, and a final score or an end at its own step) is dropped, so a run killed
+        anywhere and resumed logs what a run never killed does."""
         self._check_writer()
-        kept = [e for e in self.events() if e.get("step", 0) <= step and e.get("event") != "end"]
+        events = self.events()
+        saved = [i for i, e in enumerate(events) if e.get("event") == "checkpoint" and e.get("step") == step]
+        kept = events[:saved[-1] + 1] if saved else \
+            [e for e in events if e.get("step", 0) <= step and e.get("event") != "end"]  # one without: imported
         atomic_write_text(self._metrics, "".join(as_json(e) + "\n" for e in kept))
 
     def add_sample(self, text: str, checkpoint_name: str, step: int, settings: str) -> None:

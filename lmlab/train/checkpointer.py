@@ -58,7 +58,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 class Checkpointer:
     """The checkpoints of one trained run, saving and restoring `state` (state.json's `training`) with the model and
     optimizer: `start` (a new run), `resume`, `save`, `rollback`, `say_retention`. `saved_step` is the step of the
-    newest checkpoint this process wrote."""
+    newest checkpoint on disk of this process's run: written, or resumed from."""
 
     def __init__(self, run_dir: RunDir, model: LanguageModel, optimizer: torch.optim.Optimizer, parallel: Parallel,
                  state: TrainingState, writes: Writes, train: TrainConfig, console: Console):
@@ -117,6 +117,7 @@ class Checkpointer:
             raise UserError(f"dataset {cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
                             "on (train split checksum); pass --force to continue on the new data anyway.")
         self._restore(training, rollback=False)
+        self.saved_step = self.progress.step
         return folder
 
     def save(self, best: bool) -> float:

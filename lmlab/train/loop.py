@@ -236,6 +236,7 @@ class Trainer:
         loaded, step = time.perf_counter() - began, self.progress.step
         line = resume_schedule(self.schedule, self.cadence.intervals, self.cfg.train, self._saved_plan, step,
                                self.run_dir.path)
+        self._lr = self.schedule.lr(step - 1) if step else 0.0  # the checkpoint's step's, until one trains
         if line:
             self.console.print(line, highlight=False)
         if self.parallel.is_main:

@@ -23,6 +23,7 @@ def test_a_second_writer_of_a_run_is_refused_and_the_first_is_unharmed(tmp_path,
     first = spawn("train", config, "--run", run, "--device", "cpu", cwd=tmp_path)
     try:
         wait_until(lambda: (run / "checkpoints" / "step_000010").exists(), first)
+        first.send_signal(signal.SIGSTOP)  # still the run's writer, without training on a core the others need
         assert RunDir(run).writer_pid() == first.pid and RunDir(run).running()
         for args in (["train", config, "--run", run, "--set", "train.learning_rate=2e-3"],
                      ["train", "--resume", run],
@@ -34,6 +35,7 @@ def test_a_second_writer_of_a_run_is_refused_and_the_first_is_unharmed(tmp_path,
         assert sampled.stdout.strip() and "--- checkpoint latest" in (run / "samples.txt").read_text()
     finally:
         first.send_signal(signal.SIGTERM)
+        first.send_signal(signal.SIGCONT)
         out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     logged = RunDir(run).events()
@@ -85,7 +87,7 @@ def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_prepare_of_a_dataset_is_refused_and_a_killed_one_resumes(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus", n_docs=40, speeches=4000)  # ~10 MB: seconds of work
+    corpus = write_corpus(tmp_path / "corpus", n_docs=40, speeches=2000)  # ~5 MB: seconds of work
     data = tmp_path / "data"
 
     def command(name: str) -> tuple[str, ...]:

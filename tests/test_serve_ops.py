@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -437,3 +438,24 @@ def test_a_second_signal_stops_at_once(char_run):
     assert server.proc.wait(timeout=30) == 1 and time.monotonic() - started < 30
     assert not done and all(c["choices"][0]["finish_reason"] is None for c in chunks)
     assert any("second signal" in line for line in server.log)
+
+
+LOG_FROM_THREADS = """
+import sys, threading
+from lmlab.serving.state import State
+sys.setswitchinterval(1e-6)  # threads switch as often as they can
+log = State(["m"], None, lambda state: None).log
+threads = [threading.Thread(target=lambda i=i: [log(f"thread {i} line {j}") for j in range(1000)]) for i in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+
+
+def test_the_server_log_keeps_each_line_whole_whatever_threads_write_it():
+    """Before: print() wrote a line and its end apart, and the access log's line and the background start's ran
+    together on stderr ("...200 0.001slmlab serve: compiling the decode step failed ..."), which an operator's grep
+    and a test waiting for the line missed. Here 8 threads write 1,000 lines each to a real pipe."""
+    done = subprocess.run([sys.executable, "-c", LOG_FROM_THREADS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert sorted(lines) == sorted(f"thread {i} line {j}" for i in range(8) for j in range(1000))

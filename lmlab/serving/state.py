@@ -4,6 +4,7 @@ the app, its routes and the start in the background share. No torch at the top: 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,16 @@ from lmlab.serving.lanes import Lanes
 from lmlab.serving.metrics import Metrics
 from lmlab.serving.requests import Served
 from lmlab.serving.streaming import Relay
+
+_saying = threading.Lock()
+
+
+def say(line: str) -> None:
+    """A line of the server's log on stderr, whole: the access log and the start in the background write from
+    threads of their own, and print() writes a line and its end apart ("...200 0.001slmlab serve: ...")."""
+    with _saying:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 @dataclass
@@ -55,7 +66,7 @@ class State:
     api_key: str | None
     start: Callable[[State], None]
     edge: ServeLimits = ServeLimits()  # what a connection may take (lmlab.serving.edge)
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    log: Callable[[str], None] = say
     stop: Callable[[], None] = lambda: None  # ends the server (once it runs)
     phase: str = "starting"
     served: Served | None = None

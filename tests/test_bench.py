@@ -82,12 +82,14 @@ def test_find_max_batch_prints_each_try_and_stops_at_its_time_limit(capsys, tmp_
 @pytest.mark.slow
 def test_find_max_batch_reports_a_batch_that_fits(capsys, tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
-    # Seconds, not the limit (4096, a minute of CPU): a batch of 8 fits in the first of them on any machine.
+    # Seconds, not the limit (4096, a minute of CPU); how far they go depends on the machine's load, so the verdict
+    # is on what the search said: each try as it came, doubling, and the largest that fit.
     assert main(["bench", str(config), "--find-max-batch", "--search-seconds", "5", "--steps", "1",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     found = int(re.search(r"largest micro-batch that fits: (\d+)", out).group(1))
-    assert found >= 8 and f"micro-batch {found}: fits" in out  # each try printed as it came
+    tried = [int(b) for b in re.findall(r"micro-batch (\d+): fits", out)]
+    assert tried == [2**i for i in range(len(tried))] and tried[-1] == found
 
 
 def test_plan_arithmetic_for_gpt2_small(capsys):

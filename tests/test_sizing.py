@@ -257,8 +257,10 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
         assert (h["tokens"], h["val"]) == (longest["tokens"], longest["val"])
         assert h["predicted"] != fit.surface.predict(h["params"], h["tokens"])
     for r in fit.runs:  # each point is a finished run of its depth, at the rule's LR or the search's nearest
-        summary = RunDir(r["run"]).events()[-1]
-        assert summary["event"] == "end" and RunDir(r["run"]).config().model.n_layer == r["depth"]
+        events = RunDir(r["run"]).events()
+        assert events[-1]["event"] == "end" and RunDir(r["run"]).config().model.n_layer == r["depth"]
+        # its val the figure the run ended on, as a sized run ends on it: not its evaluations' estimate
+        assert r["val"] == [e["val_loss"] for e in events if e["event"] == "final"][-1] != events[-1]["best_val_loss"]
     assert main(refit) == 0  # again: every run is kept, nothing trains
     again = capsys.readouterr().out
     assert "miniseries " not in again and "miniseries: its 9 runs are trained already" in " ".join(again.split())

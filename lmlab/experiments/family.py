@@ -104,7 +104,10 @@ class SizeFit:
     dataset: dict[str, Any]  # `path`, `tokenizer`, `train_sha256` of the dataset the miniseries trained on
     surface: LossSurface
     lr: LrRule
-    runs: list[dict[str, Any]]  # `depth`, `params`, `tokens`, `learning_rate`, `val`, `run` of each point
+    # `depth`, `params`, `tokens`, `learning_rate`, `val`, `run` of each point; `val` is the run's final score (the
+    # figure a sized run ends on: its last checkpoint on the val split), not its evaluations' estimates, which read
+    # the same windows each time
+    runs: list[dict[str, Any]]
     lr_search: list[dict[str, Any]] = field(default_factory=list)  # `depth`, `width`, `factors`, `vals`, `best`
     measured: dict[str, Any] = field(default_factory=dict)  # `when`, `machine`, `seconds`, `load`, `command`
     held_out: list[dict[str, Any]] = field(default_factory=list)  # `depth`, `params`, `tokens`, `val`, `predicted`

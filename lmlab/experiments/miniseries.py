@@ -218,7 +218,7 @@ class Miniseries:
                                 "go on from where it stopped.")
             summary = summarize(path)
         self.points[path] = {"depth": depth, "params": summary.params, "tokens": summary.tokens,
-                             "learning_rate": cfg.train.learning_rate, "val": summary.best_val_loss, "run": str(path),
+                             "learning_rate": cfg.train.learning_rate, "val": summary.reached, "run": str(path),
                              "seconds": round(summary.elapsed, 1)}
         return self.points[path]
 

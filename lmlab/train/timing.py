@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,8 +27,11 @@ from lmlab.train.budget import Costs
 from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
-TIMED_SECONDS = 0.25  # steps are timed for at least this long (one at least), after an untimed one that warms up,
-MAX_STEPS = 3  # but no more than this many
+# Steps are timed for at least this long (one at least), after an untimed one that warms up, but no more than
+# MAX_STEPS of them; their median is the step. The budget plans its steps from it and `--size auto` its choice and
+# prediction: a quarter of a second (three steps of the demo's) missed the steps the run then kept by up to 15%.
+TIMED_SECONDS = 1.0
+MAX_STEPS = 10
 EXIT_SECONDS = 0.3  # the process's exit after the end's plot: torch's and Python's teardown
 # A checkpoint is written at the page cache's pace (atomic and fsynced, the disk's own pace comes after the
 # process), after a fixed cost of its files' opening and renaming.
@@ -89,7 +93,7 @@ def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts
             times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
     weights = 4 * step.model.num_params()
     saved = weights + optimizer_of(train).state_bytes(weights, 0)
-    return Timing(forward, threads, sum(times) / len(times), 2 * evaluation, plot, saved,
+    return Timing(forward, threads, statistics.median(times), 2 * evaluation, plot, saved,
                   time.perf_counter() - began)
 
 

@@ -29,7 +29,7 @@ from lmlab.train.step import TrainStep
 
 # Steps are timed for at least this long (one at least), after an untimed one that warms up, but no more than
 # MAX_STEPS of them; their median is the step. The budget plans its steps from it and `--size auto` its choice and
-# prediction: a quarter of a second (three steps of the demo's) missed the steps the run then kept by up to 15%.
+# prediction, which a few steps would leave to one step's noise.
 TIMED_SECONDS = 1.0
 MAX_STEPS = 10
 EXIT_SECONDS = 0.3  # the process's exit after the end's plot: torch's and Python's teardown

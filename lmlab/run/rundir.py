@@ -214,8 +214,9 @@ class RunDir:
         self._check_writer()
         events = self.events()
         saved = [i for i, e in enumerate(events) if e.get("event") == "checkpoint" and e.get("step") == step]
+        # A checkpoint with no event of its own (an imported model's first) keeps the events of its step and before.
         kept = events[:saved[-1] + 1] if saved else \
-            [e for e in events if e.get("step", 0) <= step and e.get("event") != "end"]  # one without: imported
+            [e for e in events if e.get("step", 0) <= step and e.get("event") != "end"]
         atomic_write_text(self._metrics, "".join(as_json(e) + "\n" for e in kept))
 
     def add_sample(self, text: str, checkpoint_name: str, step: int, settings: str) -> None:

@@ -459,3 +459,32 @@ def test_the_server_log_keeps_each_line_whole_whatever_threads_write_it():
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stderr.splitlines()
     assert sorted(lines) == sorted(f"thread {i} line {j}" for i in range(8) for j in range(1000))
+
+
+LOG_WHILE_SIGNALLED = """
+import signal
+from lmlab.serving.state import State
+log = State(["m"], None, lambda state: None).log
+signal.signal(signal.SIGUSR1, lambda sig, frame: log("a stop signal's line"))  # as the server's drain says so
+print("ready", flush=True)
+for i in range(1000000):
+    log(f"line {i}")
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+"""
+
+
+def test_a_signal_whose_handler_logs_while_the_log_writes_does_not_hang_the_server():
+    """Before: the log's lock was not reentrant, and a stop signal's handler, which says the server drains, ran in
+    the main thread while it held the lock for the access log: `lmlab serve` never stopped (3 tests timed out
+    waiting for it in a fresh clone). Here signals land on a process writing its log as fast as it can."""
+    proc = subprocess.Popen([sys.executable, "-c", LOG_WHILE_SIGNALLED], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        for _ in range(30):
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.01)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()

@@ -18,7 +18,8 @@ from lmlab.serving.metrics import Metrics
 from lmlab.serving.requests import Served
 from lmlab.serving.streaming import Relay
 
-_saying = threading.Lock()
+# Reentrant: a stop signal's handler logs from the main thread, which may hold it already.
+_saying = threading.RLock()
 
 
 def say(line: str) -> None:

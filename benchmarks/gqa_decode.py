@@ -36,7 +36,7 @@ from lmlab.model import build_model
 
 
 def broadcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """lmlab.model.kvcache.attend_cached before the fold: the group dimension broadcast against the cache."""
+    """lmlab.model.attention.attend_written_out before the fold: the group dimension broadcast against the cache."""
     B, nh, T, hs = q.shape
     groups = q.view(B, k.size(1), nh // k.size(1), T, hs)  # (B, nkv, nh/nkv, T, hs)
     scores = groups @ k.unsqueeze(2).transpose(-2, -1) * hs ** -0.5  # (B, nkv, nh/nkv, T, block_size)
@@ -51,12 +51,12 @@ PATHS = ("broadcast", "folded")
 @contextlib.contextmanager
 def attention(path: str):
     """The model's cached attention for the duration: `folded` (lmlab's) or `broadcast` (the one above)."""
-    folded = lmlab.model.gpt.attend_cached
-    lmlab.model.gpt.attend_cached = folded if path == "folded" else broadcast_attention
+    folded = lmlab.model.gpt.attend_written_out
+    lmlab.model.gpt.attend_written_out = folded if path == "folded" else broadcast_attention
     try:
         yield
     finally:
-        lmlab.model.gpt.attend_cached = folded
+        lmlab.model.gpt.attend_written_out = folded
 
 
 def filled_cache(model, batch: int, context: int, tokens: int):
@@ -98,7 +98,7 @@ def attention_seconds(config: ModelConfig, batch: int, context: int, calls: int,
     mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
     seconds: dict[str, list[float]] = {path: [] for path in PATHS}
     for _ in range(calls):
-        for path, attend in (("broadcast", broadcast_attention), ("folded", lmlab.model.gpt.attend_cached)):
+        for path, attend in (("broadcast", broadcast_attention), ("folded", lmlab.model.gpt.attend_written_out)):
             started = time.perf_counter()
             attend(q, k, v, mask)
             seconds[path].append(time.perf_counter() - started)

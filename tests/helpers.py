@@ -125,13 +125,15 @@ log_interval = 5
 checkpoint_interval = 10
 dtype = "float32"
 threads = 1
+attention = "fused"
 """
 
 
 def write_config(path: Path, dataset: Path, max_iters: int = 40) -> Path:
-    """The tiny model's config. On one thread: results differ in their last bits between thread counts, and the
-    count chosen follows the load, so runs compared bitwise must be on the same threads (a tiny model is no faster
-    on more); a test of the choice sets train.threads=0."""
+    """The tiny model's config. On one thread and the fused attention: results differ in their last bits between
+    thread counts and attention paths, and the count and (with `auto`) the path chosen follow the load, so runs
+    compared bitwise must be on the same ones (a tiny model is no faster on more threads); a test of a choice sets
+    train.threads=0 or train.attention="auto"."""
     path.write_text(TINY_CONFIG.format(dataset=dataset, max_iters=max_iters), encoding="utf-8")
     return path
 
@@ -250,11 +252,11 @@ VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "ms_per_step", "mfu", "peak_
 
 
 def stable_events(run: Path) -> list[dict]:
-    """metrics.jsonl without the VOLATILE fields and without the resume, threads and compile events: the history of
-    how the run was trained (how often it resumed; the threads the load at each start made lmlab choose; whether a
-    compiled step measured faster), not what it learned."""
+    """metrics.jsonl without the VOLATILE fields and without the resume, threads, compile and attention events: the
+    history of how the run was trained (how often it resumed; the threads the load at each start made lmlab choose;
+    whether a compiled step or an attention path measured faster), not what it learned."""
     return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events()
-            if e["event"] not in ("resume", "threads", "compile")]
+            if e["event"] not in ("resume", "threads", "compile", "attention")]
 
 
 # --- the docs' blocks, as a reader runs them (tests/test_docs.py runs the guides, tests/test_demo.py the README's tour)

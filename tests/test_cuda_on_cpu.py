@@ -195,7 +195,7 @@ def test_the_prompt_into_an_empty_cache_builds_no_attention_mask(extra):
     with AttentionCalls() as attention:
         list(stream_ids(model, [1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0)))
     # The prompt: causal, no mask, 2 layers. The single-token steps call no SDPA: they attend through
-    # kvcache.attend_cached, whose per-row mask lets sequences at different positions decode in one batch.
+    # attention.attend_written_out, whose per-row mask lets sequences at different positions decode in one batch.
     assert attention.calls == [(False, True)] * 2
     cache = model.new_cache(1, torch.device("cpu"), torch.float32)
     model(torch.tensor([[1, 2, 3]]), cache=cache)

@@ -19,7 +19,7 @@ from lmlab.inference.decode import Decoder, Sequence, hold_weights
 from lmlab.inference.generate import decoding_only
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
-from lmlab.model.kvcache import attend_cached
+from lmlab.model.attention import attend_written_out
 from lmlab.run.rundir import RunDir
 
 BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
@@ -244,7 +244,7 @@ def test_grouped_query_decoding_reads_the_cache_without_copying_it_per_group():
 
 
 def broadcast_attention(q, k, v, mask):
-    """attend_cached as it was: each group of query heads over its key/value head by broadcasting."""
+    """attend_written_out as it was: each group of query heads over its key/value head by broadcasting."""
     B, nh, T, hs = q.shape
     groups = q.view(B, k.size(1), nh // k.size(1), T, hs)  # (B, nkv, nh/nkv, T, hs)
     scores = groups @ k.unsqueeze(2).transpose(-2, -1) * hs ** -0.5  # (B, nkv, nh/nkv, T, block_size)
@@ -262,7 +262,7 @@ def test_cached_attention_of_grouped_heads_equals_the_broadcast_and_sdpa(T, nkv)
     k, v = torch.randn(B, nkv, L, hs), torch.randn(B, nkv, L, hs)
     where = torch.tensor([[0], [5], [11]]) + torch.arange(T)  # (B, T): each row at its own position
     mask = (torch.arange(L) <= where[..., None]).unsqueeze(1)  # (B, 1, T, L): each query its row's keys up to it
-    y = attend_cached(q, k, v, mask)
+    y = attend_written_out(q, k, v, mask)
     assert (y - broadcast_attention(q, k, v, mask)).abs().max() < 1e-5
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
     assert (y - sdpa).abs().max() < 1e-5

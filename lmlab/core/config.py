@@ -61,6 +61,7 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
+ATTENTION_CHOICES = ("auto", "fused", "math")  # train.attention's: lmlab.model.attention.PATHS, or timed
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
 BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
@@ -249,6 +250,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
     # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
     compile: bool | str = "auto"
+    # auto | fused | math: attention by torch's fused kernel, by the scores written out, or whichever a timing of
+    # both at this shape finds faster on this device (lmlab.train.attention; fused on CUDA)
+    attention: str = "auto"
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them (core/threads.py)
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
     tracker_project: str = "lmlab"  # wandb: the project the run is logged under
@@ -279,6 +283,8 @@ class TrainConfig:
             raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
         if self.optimizer not in OPTIMIZER_NAMES:
             raise UserError(f"train.optimizer is '{as_text(self.optimizer)}'; use {' or '.join(OPTIMIZER_NAMES)}.")
+        if self.attention not in ATTENTION_CHOICES:
+            raise UserError(f"train.attention is '{as_text(self.attention)}'; use {', '.join(ATTENTION_CHOICES)}.")
         if self.schedule not in ("cosine", "wsd"):
             raise UserError(f"train.schedule is '{as_text(self.schedule)}'; use cosine or wsd.")
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -378,6 +384,9 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # share of records held out (chosen by a hash of their content)
     seed: int = DEFAULT_SEED  # seeds the split of records, their order and dropout
     checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
+    # auto | fused | math: attention by torch's fused kernel, by the scores written out, or whichever a timing of
+    # both at this shape finds faster on this device (lmlab.train.attention; fused on CUDA)
+    attention: str = "auto"
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them, as training's
 
     def __post_init__(self) -> None:

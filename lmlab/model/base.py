@@ -97,6 +97,11 @@ class LanguageModel(nn.Module):
         logits, _ = self(idx, cache=cache)
         return logits[rows, positions]
 
+    def use_attention(self, path: str) -> bool:
+        """Run attention by `path` (one of lmlab.model.attention.PATHS) from now on; False where this kind has no
+        attention of lmlab's to choose, which trains as it is."""
+        return False
+
     def attention_flops(self) -> float:
         """Training FLOPs per token beyond the weights' (see `flops_per_token`); none unless the kind attends."""
         return 0.0

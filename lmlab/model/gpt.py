@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.core.config import ModelConfig
+from lmlab.model.attention import PATHS, attend, attend_written_out
 from lmlab.model.base import LanguageModel
-from lmlab.model.kvcache import KVCache, attend_cached
+from lmlab.model.kvcache import KVCache
 from lmlab.model.loss import next_token_loss
 
 
@@ -79,6 +80,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = rms_norm(config, self.head_size) if config.qk_norm else None
         self.k_norm = rms_norm(config, self.head_size) if config.qk_norm else None
         self.dropout = config.dropout
+        self.path = "fused"  # how attention runs where no cache is in view (GPT.use_attention)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -94,19 +96,16 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        mask, causal = None, True
-        if cache is not None and cache.fresh:
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = attend(q, k, v, self.path, dropout)
+        elif cache.fresh:
             cache.update(self.layer, k, v)  # the prompt sees only itself: causal, no mask
-        elif cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, L, hs): the positions in view
-            mask, causal = cache.mask, False
-        if mask is not None and T == 1:
-            y = attend_cached(q, k, v, mask)
+            y = attend(q, k, v, "fused")
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=kv != self.n_head,
-            )  # (B, nh, T, hs)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, L, hs): the positions in view
+            y = attend_written_out(q, k, v, cache.mask) if T == 1 else F.scaled_dot_product_attention(
+                q, k, v, attn_mask=cache.mask, enable_gqa=kv != self.n_head)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
         return self.resid_dropout(self.c_proj(y))
 
@@ -217,6 +216,12 @@ class GPT(LanguageModel):
         c = self.config
         modern = (c.pos_emb == "rope", c.norm == "rmsnorm", c.mlp == "swiglu")
         return "modern" if all(modern) else "mixed" if any(modern) else "GPT-2"
+
+    def use_attention(self, path: str) -> bool:
+        assert path in PATHS, path
+        for block in self.transformer.h:
+            block.attn.path = path
+        return True
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(self.config, batch, device, dtype)

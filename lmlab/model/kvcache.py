@@ -1,5 +1,5 @@
 """The transformer's decode state: every layer's keys and values for a batch of sequences, each row at its own
-position, and the attention of one new token per row over them (gpt.py's attention calls both while decoding)."""
+position (gpt.py's attention fills and reads it while decoding)."""
 
 from __future__ import annotations
 
@@ -77,23 +77,3 @@ class KVCache(DecodeState):
         self.k[layer][rows, :, self.where] = k.transpose(1, 2)
         self.v[layer][rows, :, self.where] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
-
-
-def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of the rows' new tokens, (B, nh, T, hs), over their cached keys (B, nkv, L, hs) (L, the positions
-    of the cache in view), each query seeing the keys `mask` (B, 1, T, L) allows.
-
-    Written out rather than through SDPA: compiled, these few ops fuse into the step's own kernels, where an
-    SDPA call costs more than the whole attention at one query (measured, benchmarks/decode_speed.py). Each
-    group of nh / nkv query heads attends to its shared key/value head as nh / nkv times T queries of that head,
-    so every matmul is a plain batched one over (B, nkv) and the cache is read where it lies: broadcasting a
-    group dimension instead makes matmul copy the cache nh / nkv times (benchmarks/gqa_decode.py).
-    """
-    B, nh, T, hs = q.shape
-    nkv = k.size(1)
-    folded = q.reshape(B, nkv, nh // nkv * T, hs)  # (B, nkv, g*T, hs): group g's T queries at g*T .. g*T + T-1
-    scores = folded @ k.transpose(-2, -1) * hs ** -0.5  # (B, nkv, g*T, L)
-    # Unfolded to mask: each group's T queries get the same T rows of the mask.
-    scores = scores.float().view(B, nkv, nh // nkv, T, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
-    weights = torch.softmax(scores, dim=-1).type_as(v).view(B, nkv, nh // nkv * T, -1)  # (B, nkv, g*T, L)
-    return (weights @ v).view(B, nh, T, hs)  # (B, nkv, g*T, hs) -> (B, nh, T, hs)

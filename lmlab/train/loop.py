@@ -108,6 +108,8 @@ class Trainer:
             if self.cfg.train.budget_seconds and not resume:
                 self._plan_budget(timing)
             self._begin(resume, force, init_from, keep_optimizer)
+            if self.train_step.attention:
+                self.console.print(self.train_step.attention.line(), highlight=False)
             if threads.lowered:
                 self._say_threads(threads)
 
@@ -153,7 +155,7 @@ class Trainer:
         self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
         self.train_step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
-                                    trial=self.parallel.from_main)
+                                    trial=self.parallel.from_main, processes=self.parallel.local_world_size)
         if self.train_step.note:
             self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
         threads = self.threads.choose(forward_probe(self.model, tc.batch_size, mc.block_size, self.device,
@@ -184,7 +186,9 @@ class Trainer:
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
                               loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
                               dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
-                              budget=budget)
+                              budget=budget, attention=Slot(lambda: self.train_step.attention and
+                                                            self.train_step.attention.path,
+                                                            self.train_step.restore_attention))
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
                                          self.writes, tc, self.console)
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
@@ -221,6 +225,8 @@ class Trainer:
                                    parallel=self.parallel.mode, peak=self.peak, dtype_reason=self.dtype_reason)
                 if self.sizing:
                     self.writes.log(self.sizing)
+                if self.train_step.attention:
+                    self.writes.log(self.train_step.attention.record(0))
                 if self.budget:
                     self.writes.log({"event": "budget", **dataclasses.asdict(self.budget.plan)})
         self.tracker = Tracker(self.cfg.train.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,

@@ -14,6 +14,7 @@ from lmlab.core.config import TrainConfig
 from lmlab.core.device import autocast, compile_choice, triton_available
 from lmlab.model import LanguageModel
 from lmlab.model.plugins import backward_named, check_loss
+from lmlab.train.attention import AttentionChoice, choose_attention
 from lmlab.train.optim import optimizer_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -78,11 +79,12 @@ class TrainStep:
     `wrapped` is what runs forward when it is not the model itself (DDP, FSDP); `reduce` makes the loss and gradient
     norm global under torchrun, so every rank skips alike. `note` is a line for the user when `compile = "auto"` could
     not compile here. With `trial` (rank 0's verdict to every rank), a compiled model on a CPU is timed against eager
-    over its first steps and left for eager unless faster (`CompileTrial`)."""
+    over its first steps and left for eager unless faster (`CompileTrial`). The attention path is chosen before the
+    first step (lmlab.train.attention), `processes` sharing the host's memory."""
 
     def __init__(self, model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                  wrapped: torch.nn.Module | None = None, reduce: Reduce | None = None,
-                 trial: Callable[[int], int] | None = None):
+                 trial: Callable[[int], int] | None = None, processes: int = 1):
         self.model, self.device, self.dtype, self.grad_clip, self.reduce = model, device, dtype, cfg.grad_clip, reduce
         compiled, self.note = compile_choice(cfg.compile, device.type, device.type == "cuda" and triton_available())
         if compiled:
@@ -97,6 +99,7 @@ class TrainStep:
         self.verdict: CompileVerdict | None = None
         chosen = optimizer_of(cfg)
         self.optimizer, self.skips_on_device = chosen.build(model, cfg, device), chosen.found_inf
+        self.attention = choose_attention(model, cfg, device, dtype, chosen.state_bytes, processes, agree=trial)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def __call__(self, batches: Iterable[Batch], n_batches: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +114,13 @@ class TrainStep:
         if self.verdict is not None:
             self.trial, self.forward = None, self.forward if self.verdict.compiled else self.eager
         return result
+
+    def restore_attention(self, path: str | None) -> None:
+        """A resumed run goes on by the attention path it trained by; a checkpoint without one (older than the
+        choice) by the one chosen now."""
+        if path is not None and self.attention is not None and path != self.attention.path:
+            self.model.use_attention(path)
+            self.attention = AttentionChoice(path, "as this run trained, its checkpoint says")
 
     @property
     def compiled(self) -> bool:

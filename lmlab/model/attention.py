@@ -1,0 +1,54 @@
+"""The two ways a transformer's attention runs: `fused`, torch's scaled_dot_product_attention (a flash kernel that
+keeps no T x T scores), and `math`, the scores written out as matmuls and a softmax, which keeps them for the
+backward. Which is faster depends on the device, dtype and shape (benchmarks/attention_paths.py), so training times
+both (lmlab.train.attention); decoding one token over a cache always writes it out (`attend_written_out`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PATHS = ("fused", "math")
+
+
+def attend_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of queries (B, nh, T, hs) over keys and values (B, nkv, L, hs), each query seeing the keys `mask`
+    (B or 1, 1, T, L) allows; `dropout_p` of the weights zeroed (training).
+
+    Each group of nh / nkv query heads attends to its shared key/value head as nh / nkv times T queries of that head,
+    so every matmul is a plain batched one over (B, nkv) and the keys are read where they lie: broadcasting a group
+    dimension instead makes matmul copy them nh / nkv times (benchmarks/gqa_decode.py). Compiled, these few ops fuse
+    into a decode step's own kernels, where an SDPA call costs more than the whole attention at one query
+    (benchmarks/decode_speed.py)."""
+    B, nh, T, hs = q.shape
+    nkv = k.size(1)
+    folded = q.reshape(B, nkv, nh // nkv * T, hs)  # (B, nkv, g*T, hs): group g's T queries at g*T .. g*T + T-1
+    scores = folded @ k.transpose(-2, -1) * hs ** -0.5  # (B, nkv, g*T, L)
+    # Unfolded to mask: each group's T queries get the same T rows of the mask. The softmax in fp32, as autocast
+    # runs it.
+    scores = scores.float().view(B, nkv, nh // nkv, T, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).type_as(v).view(B, nkv, nh // nkv * T, -1)  # (B, nkv, g*T, L)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return (weights @ v).view(B, nh, T, hs)  # (B, nkv, g*T, hs) -> (B, nh, T, hs)
+
+
+def causal_mask(T: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, T): each position sees itself and those before it."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril().view(1, 1, T, T)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of (B, nh, T, hs) queries over (B, nkv, T, hs) keys and values by `path`."""
+    if path == "math":
+        return attend_written_out(q, k, v, causal_mask(q.size(2), q.device), dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                          enable_gqa=k.size(1) != q.size(1))
+
+
+def score_bytes(dtype: torch.dtype, dropout: bool) -> int:
+    """Bytes the math path keeps for the backward per score: the fp32 softmax, and either its copy in `dtype` (none
+    in fp32) or, with dropout, the mask and the weights it leaves, in `dtype` (tests/test_attention.py traces them)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 4 + (2 * size if dropout else 0 if dtype == torch.float32 else size)

@@ -1,0 +1,112 @@
+"""The way attention trains (`train.attention`, lmlab.model.attention's paths): as set, or with `auto` on a CPU the
+faster of the two at the run's own shape and dtype, timed before the first step. Neither is faster everywhere: on
+an AVX-512 BF16 CPU the fused kernel's bf16 backward is several times the math path's at a context of 128 and
+faster at 1,024 (benchmarks/attention_paths.py). The math path keeps every T x T score for the backward, so it is a
+candidate only where a step with them fits in memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.core.device import synchronize
+from lmlab.core.fileio import host_memory, human_bytes
+from lmlab.model import LanguageModel
+from lmlab.model.attention import PATHS, attend, score_bytes
+from lmlab.model.memory import Need, StateBytes, training_need
+
+# The paths are timed in turns (a load weighs on both alike), ROUNDS times each after one untimed call, and the
+# best of each compared. The math path is taken only where its best is at most GAIN of the fused one's: near a
+# tie, the kernel that keeps no scores, and a choice that a busy moment does not flip.
+ROUNDS = 5
+GAIN = 0.9
+
+Timer = Callable[[str], float]  # seconds of one forward and backward of a layer's attention by a path
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The path training runs attention by, why, and the timings (ms per layer, forward and backward) behind it."""
+
+    path: str
+    why: str
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"attention: {self.path}; {self.why}"
+
+    def record(self, step: int) -> dict[str, Any]:
+        """The `attention` event of metrics.jsonl."""
+        return {"event": "attention", "step": step, "path": self.path,
+                **{f"{path}_ms": round(ms, 3) for path, ms in self.ms.items()}}
+
+
+def layer_timer(config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype) -> Timer:
+    """One layer's attention at `config`'s shape over `batch` sequences in `dtype`, forward and backward, timed."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(heads: int) -> torch.Tensor:
+        shape = (batch, heads, config.block_size, config.head_size)
+        return torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_()
+
+    q, k, v = rand(config.n_head), rand(config.kv_heads), rand(config.kv_heads)
+
+    def run(path: str) -> float:
+        began = time.perf_counter()
+        attend(q, k, v, path, config.dropout).sum().backward()
+        synchronize(device)
+        return time.perf_counter() - began
+
+    return run
+
+
+def math_need(config: ModelConfig, state_bytes: StateBytes, dtype: torch.dtype) -> Need:
+    """A training step per sequence on the math path: the fused one's need and every layer's scores."""
+    need = training_need(config, state_bytes)
+    scores = config.n_layer * config.n_head * config.block_size ** 2 * score_bytes(dtype, config.dropout > 0)
+    return Need(need.fixed, need.each + scores)
+
+
+def choose_attention(model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                     state_bytes: StateBytes, processes: int = 1, timer: Timer | None = None,
+                     agree: Callable[[int], int] | None = None) -> AttentionChoice | None:
+    """Set `model`'s attention path and say which and why; None where its kind has none to choose. `processes`
+    share this host's memory; `agree` makes rank 0's choice every rank's; `timer` times a path (default: the
+    model's own shape, `layer_timer`)."""
+    if not model.use_attention("fused"):
+        return None
+    if cfg.attention != "auto":
+        model.use_attention(cfg.attention)
+        return AttentionChoice(cfg.attention, "train.attention")
+    choice = _auto(model.config, cfg, device, dtype, state_bytes, processes, timer)
+    if agree is not None:
+        path = PATHS[agree(PATHS.index(choice.path))]
+        choice = choice if path == choice.path else AttentionChoice(path, "auto: the first process's")
+    model.use_attention(choice.path)
+    return choice
+
+
+def _auto(config: ModelConfig, cfg: TrainConfig, device: torch.device, dtype: torch.dtype, state_bytes: StateBytes,
+          processes: int, timer: Timer | None) -> AttentionChoice:
+    if device.type != "cpu":
+        return AttentionChoice("fused", f"auto: torch's fused kernels on {device.type}")
+    need, have = math_need(config, state_bytes, dtype).at(cfg.batch_size), host_memory() // processes
+    if need > have:
+        return AttentionChoice("fused", f"auto: the math path's step would need {human_bytes(need)} with its scores, "
+                                        f"more than the {human_bytes(have)} available")
+    timer = timer or layer_timer(config, cfg.batch_size, device, dtype)
+    seconds: dict[str, list[float]] = {path: [] for path in PATHS}
+    for path in PATHS:
+        timer(path)  # allocations, caches: untimed
+    for _ in range(ROUNDS):
+        for path in PATHS:
+            seconds[path].append(timer(path))
+    ms = {path: 1000 * min(times) for path, times in seconds.items()}
+    path = "math" if ms["math"] <= GAIN * ms["fused"] else "fused"
+    return AttentionChoice(path, f"auto: a layer's forward and backward took {ms['math']:,.2f} ms by math, "
+                                 f"{ms['fused']:,.2f} fused", ms)

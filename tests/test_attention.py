@@ -1,0 +1,144 @@
+"""The two attention paths (lmlab.model.attention) and the choice between them (lmlab.train.attention): both train
+the same model, the math path keeps no more than its memory counts, `auto` takes it only where it is faster by the
+gain and fits, and a resumed run keeps the path it trained by."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.core.config_toml import load_config
+from lmlab.model.attention import PATHS, attend, score_bytes
+from lmlab.model.gpt import GPT
+from lmlab.model.recurrent import RecurrentLM
+from lmlab.run.rundir import RunDir
+from lmlab.train import attention
+from lmlab.train.attention import GAIN, choose_attention
+from lmlab.train.loop import Trainer
+from lmlab.train.optim import OPTIMIZERS
+from tests.helpers import stable_events, write_config
+
+CPU = torch.device("cpu")
+STATE = OPTIMIZERS["adamw"].state_bytes
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_head": 1, "pos_emb": "rope", "qk_norm": True}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_paths_give_the_same_loss_and_gradients(extra, dtype):
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=30, **extra)
+    x, y = torch.randint(0, 30, (3, 24)), torch.randint(0, 30, (3, 24))
+    results = {}
+    for path in PATHS:
+        torch.manual_seed(0)
+        model = GPT(config)
+        assert model.use_attention(path)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(x, y)
+        loss.backward()
+        results[path] = loss.item(), [p.grad.clone() for p in model.parameters()]
+    (fused, fused_grads), (math, math_grads) = results["fused"], results["math"]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: about 3 significant digits
+    assert abs(fused - math) < tolerance * abs(fused)
+    for a, b in zip(fused_grads, math_grads):
+        assert (a - b).abs().max() <= tolerance * max(1.0, a.abs().max().item()) * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_the_math_path_keeps_no_more_per_score_than_its_memory_counts(dtype, dropout):
+    """What the backward keeps of the math path's T x T tensors, traced by autograd's own hooks, is what
+    `score_bytes` counts: the memory check of a math-path step holds."""
+    B, nh, T, hs = 2, 4, 40, 8
+    q, k, v = (torch.randn(B, nh, T, hs, dtype=dtype, requires_grad=True) for _ in range(3))
+    kept: dict[int, int] = {}  # by storage: a view saved beside its base keeps no more
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 2 and t.shape[-1] == T and t.numel() >= B * nh * T * T:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attend(q, k, v, "math", dropout).sum().backward()
+    assert sum(kept.values()) == B * nh * T * T * score_bytes(dtype, dropout > 0)
+
+
+def timer(fused_ms: float, math_ms: float):
+    return lambda path: (fused_ms if path == "fused" else math_ms) / 1000
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.85, 0.9, 0.95, 1.0, 1.5, 4.0])
+def test_auto_takes_the_math_path_only_where_it_is_faster_by_the_gain(ratio):
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=20))
+    choice = choose_attention(model, TrainConfig(batch_size=4), CPU, torch.float32, STATE,
+                              timer=timer(10.0, 10.0 * ratio))
+    want = "math" if ratio <= GAIN else "fused"
+    assert choice.path == want and {b.attn.path for b in model.transformer.h} == {want}
+    assert choice.ms == pytest.approx({"fused": 10.0, "math": 10.0 * ratio})
+    assert choice.record(0) == {"event": "attention", "step": 0, "path": want, "fused_ms": 10.0,
+                                "math_ms": round(10.0 * ratio, 3)}
+
+
+def test_auto_keeps_the_fused_kernel_where_the_scores_would_not_fit():
+    """A batch whose scores outgrow this machine's memory (the fused step's need is far less): fused, said so, the
+    math path never timed; a batch that fits is timed."""
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=1024, vocab_size=20)
+    scores = config.n_layer * config.n_head * 1024 ** 2 * score_bytes(torch.float32, False)
+    batch = attention.host_memory() // scores + 1
+    timed: list[str] = []
+    choice = choose_attention(GPT(config), TrainConfig(batch_size=batch), CPU, torch.float32, STATE,
+                              timer=lambda path: timed.append(path) or 0.0)
+    assert choice.path == "fused" and timed == [] and "with its scores, more than the" in choice.why
+    choose_attention(GPT(config), TrainConfig(batch_size=1), CPU, torch.float32, STATE,
+                     timer=lambda path: timed.append(path) or 0.0)
+    assert set(timed) == set(PATHS)
+
+
+def test_a_set_path_is_taken_untimed_and_a_model_without_attention_has_none_to_choose():
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20))
+    untimed = timer(float("nan"), float("nan"))
+    for path in PATHS:
+        assert choose_attention(model, TrainConfig(attention=path), CPU, torch.float32, STATE, timer=untimed).path \
+            == path
+    recurrent = RecurrentLM(ModelConfig(kind="recurrent", n_layer=1, n_embd=16, block_size=16, vocab_size=20))
+    assert choose_attention(recurrent, TrainConfig(), CPU, torch.float32, STATE, timer=untimed) is None
+
+
+def test_auto_takes_the_first_process_choice():
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20))
+    choice = choose_attention(model, TrainConfig(), CPU, torch.float32, STATE, timer=timer(10.0, 1.0),
+                              agree=lambda mine: PATHS.index("fused"))
+    assert choice.path == "fused" and model.transformer.h[0].attn.path == "fused"
+
+
+@pytest.mark.slow
+def test_a_resumed_run_trains_by_the_path_it_started_with(tmp_path, char_dataset, monkeypatch):
+    """Started where the math path timed faster, resumed from its first checkpoint where fused does: it goes on by
+    the math path, its checkpoint says so, and it ends bitwise where the run never stopped ends."""
+    quiet = Console(quiet=True)
+    cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset),
+                      ["train.attention=auto", "train.max_iters=14", "train.checkpoint_interval=7",
+                       "train.eval_interval=25"])
+    monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(10.0, 1.0))
+    straight = Trainer(cfg, tmp_path / "straight", "cpu", console=quiet).run().run_dir
+    assert [e["path"] for e in RunDir(straight).events() if e["event"] == "attention"] == ["math"]
+    run = tmp_path / "resumed"
+    shutil.copytree(straight, run)
+    shutil.rmtree(run / "checkpoints" / "step_000014")
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"checkpoint"' in line) + 1
+    (run / "metrics.jsonl").write_text("".join(lines[:cut]))
+    monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(1.0, 10.0))
+    console = Console(record=True, width=80)
+    Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=console).run()
+    assert "attention: math; as this run trained, its checkpoint says" in console.export_text()
+    assert stable_events(run) == stable_events(straight)
+    assert _weights(run) == _weights(straight)
+
+
+def _weights(run: Path) -> bytes:
+    return (RunDir(run).checkpoint("latest") / "model.safetensors").read_bytes()

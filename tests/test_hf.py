@@ -287,6 +287,11 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
     assert export_problems(qwen, "llama") == ["model.qk_norm = True cannot be exported: Llama does not normalise "
                                               "queries and keys; Qwen3 does (--arch qwen3)."]
     assert export_problems(ModelConfig(), "gpt2") == []
+    relu2 = dataclasses.replace(qwen, mlp="relu2")
+    assert export_problems(relu2, "qwen3") == ["model.mlp = 'relu2' cannot be exported: the MLP of Llama, Qwen2 and "
+                                               "Qwen3 is SwiGLU (SiLU-gated)."]
+    with pytest.raises(UserError, match=r"closest: qwen3\): model.mlp = 'relu2' cannot be exported: the MLP"):
+        choose_family(relu2)  # export-gguf's check too: it writes the family export-hf would
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(config.read_text().replace("n_layer = 2", "n_layer = 2\nnorm = \"rmsnorm\""))

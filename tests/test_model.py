@@ -102,6 +102,7 @@ VARIANTS = {
     "rope": dict(pos_emb="rope"),
     "rmsnorm": dict(norm="rmsnorm"),
     "swiglu": dict(mlp="swiglu"),
+    "relu2": dict(mlp="relu2"),
     "qk_norm": dict(qk_norm=True),
     "no_bias": dict(bias=False),
     "untied": dict(tie_embeddings=False),
@@ -164,6 +165,7 @@ def test_option_parameter_counts():
     assert gqa.shape == ((4 + 2 * 2) * 8, 32)  # q for 4 heads, k and v for 2
     mlp = variant("swiglu").transformer.h[0].mlp
     assert mlp.c_fc.weight.numel() + mlp.c_proj.weight.numel() == 3 * 88 * 32  # ~ GPT-2's 2 * 4 * 32 * 32
+    assert variant("relu2").num_params() == model().num_params()  # GPT-2's MLP, squared ReLU for GELU
     gru = variant("gru")
     assert gru.num_params() - gru.num_params(embeddings=False) == 50 * 32
     assert gru.num_params() == 50 * 32 + 2 * 3 * (32 * 32 * 2 + 2 * 32)  # tied table + 2 GRU layers

@@ -71,7 +71,7 @@ PLUGIN_GROUP = "lmlab.models"  # the entry point group a package registers a mod
 MODEL_CHOICES: dict[str, tuple[str, ...]] = {
     "pos_emb": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu"),
+    "mlp": ("gelu", "swiglu", "relu2"),
     "gelu_approx": ("none", "tanh"),
     "rnn_cell": ("gru", "lstm"),
 }
@@ -133,12 +133,14 @@ class ModelConfig:
     gelu_approx: str = "none"  # none | tanh: the MLP's GELU exact, or tanh-approximated as in OpenAI's GPT-2
     pos_emb: str = "learned"  # learned | rope: a learned position table, or rotary embeddings of q and k
     norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | swiglu: 4x GELU MLP, or a gated SiLU MLP with ~8/3x hidden width (same params)
+    # gelu | swiglu | relu2: 4x GELU MLP, a gated SiLU MLP with ~8/3x hidden width (same params), or 4x squared ReLU
+    # (So et al. 2021, "Primer"; modded-nanogpt's)
+    mlp: str = "gelu"
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
     n_kv_head: int = 0  # key/value heads; 0: n_head; fewer: grouped-query attention (must divide n_head)
     head_dim: int = 0  # width of each attention head; 0: n_embd / n_head (Qwen3 models set it wider)
-    mlp_hidden: int = 0  # the MLP's hidden width; 0: 4 x n_embd (gelu), or ~8/3 x n_embd (swiglu, same params)
+    mlp_hidden: int = 0  # the MLP's hidden width; 0: 4 x n_embd (gelu, relu2), or ~8/3 x n_embd (swiglu, same params)
     rope_theta: float = 10000.0  # rotary base: channel pair i turns by position x theta^(-2i / head width)
     norm_eps: float = 0.0  # epsilon of every norm, QK-norm too; 0: torch's (LayerNorm 1e-5, RMSNorm machine eps)
     rnn_cell: str = "gru"  # gru | lstm: the recurrent model's cell

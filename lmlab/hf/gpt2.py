@@ -28,7 +28,7 @@ RULES: dict[str, Rule] = {
     "options": (lambda cfg: not cfg.options, "GPT-2 has no options of a model plugin"),
     "pos_emb": (equals("pos_emb", "learned"), "GPT-2 learns one embedding per position and has no rotary ones"),
     "norm": (equals("norm", "layernorm"), "GPT-2 normalises with LayerNorm, not RMSNorm"),
-    "mlp": (equals("mlp", "gelu"), "GPT-2's MLP is a GELU feed-forward layer, not SwiGLU"),
+    "mlp": (equals("mlp", "gelu"), "GPT-2's MLP is a GELU feed-forward layer"),
     "qk_norm": (equals("qk_norm", False), "GPT-2 does not normalise queries and keys"),
     "n_kv_head": (lambda cfg: cfg.kv_heads == cfg.n_head,
                   "GPT-2 gives every query head its own key and value head (no grouped-query attention)"),

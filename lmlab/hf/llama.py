@@ -37,7 +37,8 @@ COMMON: dict[str, Rule] = {
     "pos_emb": (equals("pos_emb", "rope"), "Llama, Qwen2 and Qwen3 rotate queries and keys (RoPE), with no position "
                 "table"),
     "norm": (equals("norm", "rmsnorm"), "Llama, Qwen2 and Qwen3 normalise with RMSNorm, not LayerNorm"),
-    "mlp": (equals("mlp", "swiglu"), "the MLP of Llama, Qwen2 and Qwen3 is SwiGLU (SiLU-gated), not GELU"),
+    "mlp": (equals("mlp", "swiglu"), "the MLP of Llama, Qwen2 and Qwen3 is SwiGLU "
+            "(SiLU-gated)"),
 }
 LLAMA_RULES = {**COMMON, "bias": (equals("bias", True, False), "Llama has biases in all of attention and the MLP or "
                                   "in none (attention_bias and mlp_bias); Qwen2 has them on q, k and v alone (--arch "

@@ -113,19 +113,22 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.kind = config.mlp
         hidden = mlp_width(config)
         # SwiGLU's gate and value fused into one matmul
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.has_bias("mlp"))
+        fc = 2 * hidden if self.kind == "swiglu" else hidden
+        self.c_fc = nn.Linear(config.n_embd, fc, bias=config.has_bias("mlp"))
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.has_bias("mlp"))
         self.dropout = nn.Dropout(config.dropout)
         self.gelu_approx = config.gelu_approx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate=self.gelu_approx)
         return self.dropout(self.c_proj(h))

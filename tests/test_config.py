@@ -74,6 +74,9 @@ def test_invalid_values_are_rejected():
             build_config({"model": {field: value}}, "x")
     with pytest.raises(UserError, match="train.optimizer"):
         build_config({"train": {"optimizer": "sgd"}}, "x")
+    for wrong in ("flash", 1, True):
+        with pytest.raises(UserError, match="train.attention (is .*; use auto, fused, math|must be str)"):
+            build_config({"train": {"attention": wrong}}, "x")
     with pytest.raises(UserError, match="train.decay_fraction"):
         build_config({"train": {"schedule": "wsd", "decay_fraction": 0.0}}, "x")
 

@@ -386,9 +386,6 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # share of records held out (chosen by a hash of their content)
     seed: int = DEFAULT_SEED  # seeds the split of records, their order and dropout
     checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
-    # auto | fused | math: attention by torch's fused kernel, by the scores written out, or whichever a timing of
-    # both at this shape finds faster on this device (lmlab.train.attention; fused on CUDA)
-    attention: str = "auto"
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them, as training's
 
     def __post_init__(self) -> None:

@@ -76,6 +76,8 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
     assert (ft.epochs, ft.learning_rate, ft.data) == (2, 3e-3, str(ALPACA_TINY))
     best = min(evals, key=lambda e: e["val_loss"])
     assert (run / "checkpoints/best").read_text().strip() == f"step_{best['step']:06d}"
+    state = json.loads((run / "checkpoints" / f"step_{best['step']:06d}" / "state.json").read_text())
+    assert state["training"]["attention"] in ("fused", "math")  # the path a resumed fine-tune goes on by
     assert evals[-1]["val_loss"] < events[-1]["base_val_loss"] - 0.5  # it learned something
     assert json.loads((run / "prompt.json").read_text())["end"] == EOT
     assert (run / "loss.png").exists() and (run / "config.toml").exists()

@@ -154,7 +154,8 @@ class _Finetuner:
         self.run.log({"event": "checkpoint", "step": self.step, "best": best})
         training = {"epoch": self.at.epoch, "val_loss": self.at.val_losses[-1] if self.at.val_losses else None,
                     "position": dataclasses.asdict(self.at), "step": self.step, "tokens": self.tokens,
-                    "clock": self.clock.state_dict(), "rng": rng_state(self.device)}
+                    "clock": self.clock.state_dict(), "rng": rng_state(self.device),
+                    "attention": self.train_step.attention and self.train_step.attention.path}
         self.run.save_checkpoint(self.step, model_tensors(self.model), self.train_step.optimizer.state_dict(),
                                  training, best, self.cfg.train.keep_checkpoints)
         self.saved_step = self.step
@@ -168,6 +169,7 @@ class _Finetuner:
         self.step, self.tokens, self.saved_step = training["step"], training["tokens"], training["step"]
         self.clock.load_state_dict(training["clock"])
         set_rng_state(training["rng"], self.device)
+        self.train_step.restore_attention(training.get("attention"))
         self.run.truncate_after(self.step)
         self.run.resumed(self.step, folder.name, self.device, self.dtype, 1)
 

@@ -204,8 +204,11 @@ class Trainer:
         """A new run's budget planned before its first step from this config timed now (or as `--size auto` timed it),
         every rank from the same mean figures; refused where its minimum does not fit."""
         tc = self.cfg.train
+        chosen = self.train_step.attention  # the path this run trains attention by, chosen already: not timed again
+        timed = self.cfg if chosen is None else dataclasses.replace(
+            self.cfg, train=dataclasses.replace(tc, attention=chosen.path))
         with self.console.status("Timing a step, as the budget is planned from it..."):
-            timing = timing or time_config(self.cfg, self.device, self.dtype, [torch.get_num_threads()],
+            timing = timing or time_config(timed, self.device, self.dtype, [torch.get_num_threads()],
                                            deadline=self.started + tc.budget_seconds)
         costs = Costs(*self.parallel.mean(list(dataclasses.astuple(timing.costs())), self.device))
         spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]

@@ -155,7 +155,7 @@ class _Finetuner:
         training = {"epoch": self.at.epoch, "val_loss": self.at.val_losses[-1] if self.at.val_losses else None,
                     "position": dataclasses.asdict(self.at), "step": self.step, "tokens": self.tokens,
                     "clock": self.clock.state_dict(), "rng": rng_state(self.device),
-                    "attention": self.train_step.attention and self.train_step.attention.path}
+                    "attention": self.train_step.attention_path}
         self.run.save_checkpoint(self.step, model_tensors(self.model), self.train_step.optimizer.state_dict(),
                                  training, best, self.cfg.train.keep_checkpoints)
         self.saved_step = self.step

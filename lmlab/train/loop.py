@@ -186,8 +186,7 @@ class Trainer:
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
                               loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
                               dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
-                              budget=budget, attention=Slot(lambda: self.train_step.attention and
-                                                            self.train_step.attention.path,
+                              budget=budget, attention=Slot(lambda: self.train_step.attention_path,
                                                             self.train_step.restore_attention))
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
                                          self.writes, tc, self.console)
@@ -204,9 +203,9 @@ class Trainer:
         """A new run's budget planned before its first step from this config timed now (or as `--size auto` timed it),
         every rank from the same mean figures; refused where its minimum does not fit."""
         tc = self.cfg.train
-        chosen = self.train_step.attention  # the path this run trains attention by, chosen already: not timed again
-        timed = self.cfg if chosen is None else dataclasses.replace(
-            self.cfg, train=dataclasses.replace(tc, attention=chosen.path))
+        path = self.train_step.attention_path  # the path this run trains attention by, chosen already: not timed again
+        timed = self.cfg if path is None else dataclasses.replace(
+            self.cfg, train=dataclasses.replace(tc, attention=path))
         with self.console.status("Timing a step, as the budget is planned from it..."):
             timing = timing or time_config(timed, self.device, self.dtype, [torch.get_num_threads()],
                                            deadline=self.started + tc.budget_seconds)

@@ -115,10 +115,15 @@ class TrainStep:
             self.trial, self.forward = None, self.forward if self.verdict.compiled else self.eager
         return result
 
+    @property
+    def attention_path(self) -> str | None:
+        """The attention path this step trains by, what a checkpoint records; None for a model without one."""
+        return None if self.attention is None else self.attention.path
+
     def restore_attention(self, path: str | None) -> None:
         """A resumed run goes on by the attention path it trained by; a checkpoint without one (older than the
         choice) by the one chosen now."""
-        if path is not None and self.attention is not None and path != self.attention.path:
+        if path is not None and self.attention is not None and path != self.attention_path:
             self.model.use_attention(path)
             self.attention = AttentionChoice(path, "as this run trained, its checkpoint says")
 

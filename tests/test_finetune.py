@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from lmlab.commands import main
-from lmlab.core.busy import cores
+from lmlab.core import threads
+from lmlab.core.busy import Load, cores
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import EOT, train_tokenizer
 from lmlab.model.loss import IGNORE
@@ -90,12 +91,64 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
     assert "instruction 'Repeat the word twice.'" in (run / "samples.txt").read_text()
 
 
-@pytest.mark.twin("tests/test_threads.py::test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one")
+class LoadedMeter:
+    """A load meter on four faked cores whose every window outlasts the chooser's wait (CHECK_SECONDS): a fine-tune's
+    set-up after its choice took that long on a loaded machine, so its first look at the load comes after its first
+    step. `others` are the others' shares of the cores, a window each (the last one on)."""
+
+    def __init__(self, *others: float):
+        self.others = list(others)
+
+    def start(self):
+        return self
+
+    def elapsed(self) -> float:
+        return threads.CHECK_SECONDS + 1
+
+    def stop(self) -> Load:
+        return Load(self.elapsed(), 4, self.others.pop(0) if len(self.others) > 1 else self.others[0], None)
+
+
+@pytest.mark.slow
+def test_on_faked_cores_a_fine_tune_times_its_threads_and_a_look_at_the_load_lowers_them_after(
+        tmp_path, imported_gpt2, monkeypatch, capsys):
+    """Four faked cores, whatever the host has, with the others' share of them and the forward pass's times faked.
+    The choice at the start is timed: 2 of 4 threads. The look at the load after step 1 (a set-up slower than the
+    wait, as CI's loaded host had) finds the others on 3 of the 4 cores and lowers the threads to the one they leave,
+    untimed ("busy"), as a training run's look does (tests/test_threads.py); each change is a line and its event."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "most_threads", lambda: (4, None))
+    monkeypatch.setattr(threads, "LoadMeter", lambda: LoadedMeter(0.5, 0.75))
+    asked = []
+    monkeypatch.setattr(threads, "time_threads", lambda counts, probe: asked.append(counts) or
+                        {n: {4: 0.30, 2: 0.05, 1: 0.09}[n] for n in counts})
+    data = tmp_path / "few.json"
+    data.write_text(json.dumps(read_records(ALPACA_TINY)[:12]))
+    capsys.readouterr()
+    assert main(["finetune", str(imported_gpt2), "--data", str(data), "--device", "cpu", "--set", "finetune.epochs=1",
+                 "--out", str(tmp_path / "run")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    events = RunDir(tmp_path / "run").events()
+    assert asked == [[4, 2, 1]]  # every core, the two the others leave and one: once, at the start
+    assert [e for e in events if e["event"] == "threads"] == [
+        {"event": "threads", "step": 0, "threads": 2, "most": 4, "reason": "timed",
+         "ms": {"1": 90.0, "2": 50.0, "4": 300.0}, "others": 0.5},
+        {"event": "threads", "step": 1, "threads": 1, "most": 4, "reason": "busy", "ms": {}, "others": 0.75}]
+    assert ("step 0: fine-tuning on 2 of 4 threads: other processes used 50% of the 4 cores; a forward pass took "
+            "90 ms on 1 thread, 50 ms on 2, 300 ms on 4 (finetune.threads sets them)") in out
+    assert ("step 1: fine-tuning on 1 of 4 threads: other processes used 75% of the 4 cores (finetune.threads sets "
+            "them)") in out
+    assert events[0]["machine"]["torch_threads"] == 2
+
+
+@pytest.mark.twin("test_on_faked_cores_a_fine_tune_times_its_threads_and_a_look_at_the_load_lowers_them_after")
 @pytest.mark.skipif(len(cores()) < 2, reason="one core: there is nothing to choose")
 @pytest.mark.slow
 def test_a_fine_tune_chooses_its_threads_as_training_does(tmp_path, imported_gpt2, monkeypatch, capsys):
-    """As set (finetune.threads) they are kept; on busy cores they are chosen by timing its forward pass, and a
-    lowered choice is said in a line and kept as a `threads` event (whether the load lowered them is a timing)."""
+    """As set (finetune.threads) they are kept; on busy cores they are chosen at the start by timing its forward pass,
+    and every change is said in a line and kept as a `threads` event (whether the load lowered them is a timing).
+    After the start, a look at the load every CHECK_SECONDS may lower them as it asks ("busy") or try more and undo
+    the trial, as training's looks do: at step 1 already where a loaded set-up outlasted the wait (the faked twin)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     data = tmp_path / "few.json"
     data.write_text(json.dumps(read_records(ALPACA_TINY)[:12]))
@@ -103,18 +156,22 @@ def test_a_fine_tune_chooses_its_threads_as_training_does(tmp_path, imported_gpt
     assert main([*command, "--out", str(tmp_path / "one"), "--set", "finetune.threads=1"]) == 0
     start = RunDir(tmp_path / "one").events()[0]
     assert start["machine"]["torch_threads"] == 1 and RunDir(tmp_path / "one").config().finetune.threads == 1
+    assert not any(e["event"] == "threads" for e in RunDir(tmp_path / "one").events())  # set: never changed
     capsys.readouterr()
     with hog(len(cores())):
         assert main([*command, "--out", str(tmp_path / "busy")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     events = RunDir(tmp_path / "busy").events()
-    lowered = [e for e in events if e["event"] == "threads"]
-    assert all(e["reason"] == "timed" and e["threads"] < e["most"] == len(cores()) for e in lowered), lowered
-    said = re.findall(r"step (\d+): fine-tuning on (\d+) of (\d+) threads: other processes used \d+% of the \d+ "
-                      r"cores; a forward pass took [^()]+\(finetune.threads sets them\)", out)
-    assert [(e["step"], e["threads"]) for e in lowered] == [(int(s), int(n)) for s, n, _ in said], out
-    assert events[0]["machine"]["torch_threads"] == (lowered[0]["threads"] if lowered and lowered[0]["step"] == 0
-                                                     else len(cores()))
+    changes = [e for e in events if e["event"] == "threads"]
+    timed = [e for e in changes if e["step"] == 0]  # the start's choice, said where it lowered them
+    assert all(e["reason"] == "timed" and e["threads"] < e["most"] == len(cores()) for e in timed), changes
+    assert all(e["step"] > 0 and e["reason"] in ("busy", "undone", "quiet again") and e["most"] == len(cores())
+               for e in changes[len(timed):]), changes
+    said = re.findall(r"step (\d+): fine-tuning on (\d+) (?:of \d+ )?threads?: ([^()]+) \(finetune\.threads sets "
+                      r"them\)", out)
+    assert [(e["step"], e["threads"]) for e in changes] == [(int(s), int(n)) for s, n, _ in said], out
+    assert all(("a forward pass took" in why) == (e["reason"] == "timed") for e, (_, _, why) in zip(changes, said)), out
+    assert events[0]["machine"]["torch_threads"] == (timed[0]["threads"] if timed else len(cores()))
 
 
 @pytest.mark.slow

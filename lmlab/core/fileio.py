@@ -279,6 +279,8 @@ class WriterLock:
                 folder.rmdir()
 
     def __del__(self) -> None:  # e.g. a Trainer built but never run
+        if self._fd is None:  # nothing held (a run only read): at exit the module's globals may be gone already
+            return
         with contextlib.suppress(OSError):  # the file already removed by hand: the lock goes with the descriptor
             self.release()
 

@@ -73,13 +73,14 @@ class Scale:
     max_batch_limit: int  # where the search for the largest micro-batch stops
     shakespeare: list[str]  # overrides of configs/shakespeare-char.toml
     new_tokens: int  # decoded per timing
+    decoded: list[str]  # overrides of the decoded models' configs
 
 
 FULL = Scale(gpt2=["train.grad_accum_steps=1"], batch_sizes=[8, 16, 32], steps=10, max_batch_limit=4096,
-             shakespeare=[], new_tokens=500)
+             shakespeare=[], new_tokens=500, decoded=[])
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
 DRY = Scale(gpt2=["train.grad_accum_steps=1", "model.vocab_size=512", *TINY_MODEL], batch_sizes=[2], steps=2,
-            max_batch_limit=4, new_tokens=20,
+            max_batch_limit=4, new_tokens=20, decoded=TINY_MODEL,
             shakespeare=[*TINY_MODEL, "train.batch_size=8", "train.max_iters=30", "train.eval_interval=10",
                          "train.eval_iters=2", "train.warmup_iters=5"])
 DEMO_MODEL = "configs/shakespeare-char-modern-cpu.toml"  # `make demo`'s model: the decoding target's size
@@ -250,7 +251,7 @@ def decoding(path: str, compiled: bool, ctx: Context) -> list[Row]:
     """Batch-1 decoding of the model `path` configures as `lmlab serve` runs it: compiled (AOTInductor, the target's
     path), or eagerly with the weights held in the decode dtype."""
     device, new_tokens = ctx.device, ctx.scale.new_tokens
-    cfg = load_config(ROOT / path, ["model.vocab_size=65", *(TINY_MODEL if ctx.scale is DRY else [])])
+    cfg = load_config(ROOT / path, ["model.vocab_size=65", *ctx.scale.decoded])
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
     dtype = decode_dtype(device, autocast_dtype(device, "auto"), compiled)

@@ -70,7 +70,7 @@ def verdict(base: dict[int, list[float]], arm: dict[int, list[float]], budgets: 
     win = statistics.mean(base[long]) - statistics.mean(arm[long])
     loss = statistics.mean(arm[short]) - statistics.mean(base[short])
     if win <= margin:
-        return f"not kept: {win:+.4f} at {long} s, within the seeds' spread {margin:.4f}"
+        return f"not kept: {-win:+.4f} at {long} s, not lower by more than the seeds' spread {margin:.4f}"
     if loss > max(spread(base[short]), spread(arm[short])):
         return f"not kept: wins {win:.4f} at {long} s but loses {loss:.4f} at {short} s"
     return f"kept: {win:.4f} lower at {long} s (spread {margin:.4f})"

@@ -77,6 +77,9 @@ def test_invalid_values_are_rejected():
     for wrong in ("flash", 1, True):
         with pytest.raises(UserError, match="train.attention (is .*; use auto, fused, math|must be str)"):
             build_config({"train": {"attention": wrong}}, "x")
+    for wrong in ("linear", "WSD"):
+        with pytest.raises(UserError, match=f"train.schedule is '{wrong}'; use cosine or wsd"):
+            build_config({"train": {"schedule": wrong}}, "x")
     with pytest.raises(UserError, match="train.decay_fraction"):
         build_config({"train": {"schedule": "wsd", "decay_fraction": 0.0}}, "x")
 

@@ -304,19 +304,15 @@ def isolated(what: str, part: Part, ctx: Context) -> list[Row]:
     theirs.close()  # so that a child that dies unsent ends `recv` rather than leaving it waiting
     try:
         rows, results, memory, error = ours.recv()
-    except EOFError:
-        rows, results, memory, error = [], {}, {}, None
+    except EOFError:  # the process died before it sent anything
+        process.join()
+        code = process.exitcode or 0
+        killed = f"killed by {signal.Signals(-code).name}" if code < 0 else f"ended with status {code}"
+        return [(what, f"crashed: its process was {killed} after {time.perf_counter() - started:.0f} s", "")]
     process.join()
     ctx.results.update(results)
     ctx.memory.update(memory)
-    seconds = f"after {time.perf_counter() - started:.0f} s"
-    if error:
-        return [(what, f"failed ({error}) {seconds}", "")]
-    if not rows:
-        code = process.exitcode or 0
-        killed = f"killed by {signal.Signals(-code).name}" if code < 0 else f"ended with status {code}"
-        return [(what, f"crashed: its process was {killed} {seconds}", "")]
-    return rows
+    return [(what, f"failed ({error}) after {time.perf_counter() - started:.0f} s", "")] if error else rows
 
 
 def _measure(part: Part, ctx: Context, conn: Connection) -> None:

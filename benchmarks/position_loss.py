@@ -40,7 +40,7 @@ def position_losses(run: lmlab.Run, checkpoint: str, windows: int | None) -> tor
     loaded = run.load(checkpoint, "cpu")
     model, T = loaded.model, loaded.model.config.block_size
     dataset = loaded.config.data.dataset
-    tokens = open_tokens(dataset, "val", read_meta(dataset).get("dtype", "uint16"))
+    tokens = open_tokens(dataset, "val", read_meta(dataset)["dtype"])
     total_windows = split_windows(tokens, T)
     chosen = spread(total_windows, windows or total_windows)
     total = torch.zeros(T, dtype=torch.float64)

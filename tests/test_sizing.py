@@ -4,9 +4,12 @@ the report read; `plan --budget` weighs the same sizes; refusals. The fit file i
 --refit` (lmlab.experiments.miniseries). Every verdict is on what the runs recorded, never on a timing."""
 
 import json
+import math
 import os
 import signal
 import subprocess
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,9 +23,11 @@ from lmlab.core.errors import UserError
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
-from lmlab.experiments.sizing import with_vocab
+from lmlab.experiments import sizing
+from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
+from lmlab.train.timing import Timing
 from tests.helpers import LMLAB, ROOT, cpu_ticks, wait_until, write_config, write_fit
 
 
@@ -338,3 +343,36 @@ def test_plan_size_auto_says_what_train_says_of_a_fit_of_another_preset_or_datas
     said = " ".join(planned.stdout.split())
     assert f"note: {mine} changed since {fit_path(mine)} was fitted: its predictions may not hold" in said
     assert f"note: {fit_path(mine)} was fitted on {fit['dataset']['path']}, not" in said
+
+
+DEMO = ROOT / "configs" / "shakespeare-char-modern-cpu.toml"
+BURST = {1: [0.03], 2: [0.1], 3: [0.33, 0.25], 4: [0.6]}  # seconds a step at each timing: 3's first one slowed
+
+
+@pytest.mark.parametrize("steps, cost, chosen, twice", [
+    (BURST, 1.0, 3, {2, 3}),  # 2 and 3 within the fit's error: timed again, 3 at its own pace wins
+    (BURST, 8.0, 2, set()),  # the timings have taken their share of the budget: the first timings decide
+    ({**BURST, 2: [0.3], 3: [0.25]}, 1.0, 3, set()),  # 3 ahead by more than the fit's error: timed once
+], ids=["a burst of load", "no time to time again", "far apart"])
+def test_sizes_the_fit_cannot_tell_apart_are_timed_again_and_keep_their_faster_timing(char_dataset, monkeypatch,
+                                                                                       steps, cost, chosen, twice):
+    """The demo's preset and its fit at 5 minutes, the timings played by a clock of step times: 2 and 3 layers are
+    predicted within the fit's rmse of each other there, so a burst of load during one timing chose 2 layers (1.5156
+    reached, where 3 reached 1.4778: docs/reference/training.md)."""
+    taken: Counter[int] = Counter()
+
+    def timed(cfg, device, dtype, counts, deadline=math.inf) -> Timing:
+        depth = cfg.model.n_layer
+        seconds = steps[depth][min(taken[depth], len(steps[depth]) - 1)]
+        taken[depth] += 1
+        return Timing({}, 1, seconds, seconds / 2, 0.05, 4 * 10**6, cost)
+
+    monkeypatch.setattr(sizing, "time_config", timed)
+    cfg = with_vocab(load_config(DEMO, [f"data.dataset={char_dataset}", "train.budget_seconds=300"]))
+    made = choose_size(DEMO, cfg, time.perf_counter(), "cpu", ThreadChooser(1, "train.threads"))
+    assert made.chosen.depth == chosen
+    assert {c.depth for c in made.candidates if c.timings == 2} == twice
+    assert all(c.timings == taken[c.depth] and c.timings <= 2 for c in made.candidates)
+    assert all(c.step_seconds == min(steps[c.depth][:c.timings]) for c in made.candidates if c.timing)
+    assert ("2 and 3 twice, within the fit's error of each other" in made.line()) == bool(twice)
+    assert [c["timings"] for c in made.record()["candidates"]] == [c.timings for c in made.candidates]

@@ -2,7 +2,7 @@
 runs now. Each candidate is timed briefly, its steps planned as a budget plans them (lmlab.train.budget), and its val
 loss predicted by the fit kept beside the preset, L(N, D). Going up from the smallest depth, the next is timed only
 while OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing
-tells whether a smaller shape is faster."""
+tells whether a smaller shape is faster. Sizes the fit cannot tell apart (`Search.contest`) are timed twice."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ class Candidate:
     flops_per_token: float
     tokens_per_step: int
     timing: Timing | None = None
+    timings: int = 0  # how often it was timed: twice where it contended with the best (`Search.contest`)
     steps: int = 0
     eval_iters: int = 0
     predicted: float | None = None
@@ -88,7 +89,7 @@ class Candidate:
     def record(self) -> dict[str, Any]:
         return {"depth": self.depth, "shape": self.shape, "width": self.width, "params": self.params,
                 "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
-                "steps": self.steps, "tokens": self.tokens,
+                "timings": self.timings, "steps": self.steps, "tokens": self.tokens,
                 "predicted_val": None if self.predicted is None else round(self.predicted, 4), "note": self.note}
 
 
@@ -109,9 +110,12 @@ class Sizing:
 
     def line(self) -> str:
         c, timed = self.chosen, [c for c in self.candidates if c.timing]
+        again = [str(t.depth) for t in timed if t.timings > 1]
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
                 f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
-                f"({', '.join(str(t.depth) for t in timed)} layers): {self.outlook()}")
+                f"({', '.join(str(t.depth) for t in timed)} layers" +
+                (f"; {' and '.join(again)} twice, within the fit's error of each other" if again else "") +
+                f"): {self.outlook()}")
 
     def outlook(self) -> str:
         """What the chosen size would do with the budget: its speed, its steps and tokens, its predicted val."""
@@ -227,16 +231,37 @@ class Search:
         cfg = self.family.config(c.depth, self.fit)
         try:
             check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.device)
-            c.timing = time_config(cfg, self.device, self.dtype, self.counts,
-                                   deadline=self.started + self.budget - SET_UP)
+            self.time(c)
         except (MemoryRefused, torch.OutOfMemoryError):  # a GPU's allocator is the check there
             c.note = f"does not fit the memory of {self.device.type}"
             return False
-        self.timed += c.timing.cost
         self.plan(c)
         if not c.steps:
             c.note = "no step fits what is left of the budget"
         return bool(c.steps)
+
+    def time(self, c: Candidate) -> None:
+        """Time `c` (again): a slowdown its timing caught (a neighbour's burst of work) only ever slows a step, so of
+        two timings it keeps the faster."""
+        cfg = self.family.config(c.depth, self.fit)
+        timing = time_config(cfg, self.device, self.dtype, self.counts, deadline=self.started + self.budget - SET_UP)
+        self.timed += timing.cost
+        c.timing = timing if c.timing is None or timing.step < c.timing.step else c.timing
+        c.timings += 1
+
+    def contest(self) -> None:
+        """Time once more each size whose predicted val is within the fit's error (its rmse) of the best's: the fit
+        cannot tell them apart, so their speeds choose, and one timing can be slowed by a burst of load elsewhere.
+        Not where the second timings would pass the timing's share of the budget."""
+        if self.fit is None:
+            return
+        weighed = [c for c in self.candidates if c.timing and c.predicted is not None]
+        best = min((c.predicted for c in weighed if c.predicted is not None), default=math.inf)
+        close = [c for c in weighed if c.predicted is not None and c.predicted - best <= self.fit.surface.rmse]
+        if len(close) < 2 or self.timed + sum(c.timing.cost for c in close if c.timing) > TIMING_SHARE * self.budget:
+            return
+        for c in close:
+            self.time(c)
 
 
 def search(family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device, dtype: torch.dtype,
@@ -254,6 +279,7 @@ def search(family: Family, fit: SizeFit | None, budget: float, started: float, d
             break
         if c.predicted is not None and (best is None or c.predicted < best.predicted):
             best = c
+    found.contest()
     for c in found.candidates:  # every timed one planned from the time its own timing left, the others' included
         if c.timing:
             found.plan(c)

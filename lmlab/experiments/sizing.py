@@ -2,7 +2,8 @@
 runs now. Each candidate is timed briefly, its steps planned as a budget plans them (lmlab.train.budget), and its val
 loss predicted by the fit kept beside the preset, L(N, D). Going up from the smallest depth, the next is timed only
 while OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing
-tells whether a smaller shape is faster. Sizes the fit cannot tell apart (`Search.contest`) are timed twice."""
+tells whether a smaller shape is faster. The two best, where the fit cannot tell them apart (`Search.contest`), are
+timed twice."""
 
 from __future__ import annotations
 
@@ -250,17 +251,17 @@ class Search:
         c.timings += 1
 
     def contest(self) -> None:
-        """Time once more each size whose predicted val is within the fit's error (its rmse) of the best's: the fit
-        cannot tell them apart, so their speeds choose, and one timing can be slowed by a burst of load elsewhere.
-        Not where the second timings would pass the timing's share of the budget."""
+        """Time the best size and the runner-up once more where their predicted vals lie within the fit's error (its
+        rmse) of each other: the fit cannot tell them apart, so their speeds choose, and one timing can be slowed by
+        a burst of load elsewhere. Not where the second timings would pass the timing's share of the budget."""
         if self.fit is None:
             return
-        weighed = [c for c in self.candidates if c.timing and c.predicted is not None]
-        best = min((c.predicted for c in weighed if c.predicted is not None), default=math.inf)
-        close = [c for c in weighed if c.predicted is not None and c.predicted - best <= self.fit.surface.rmse]
-        if len(close) < 2 or self.timed + sum(c.timing.cost for c in close if c.timing) > TIMING_SHARE * self.budget:
+        close = sorted((c for c in self.candidates if c.timing and c.predicted is not None),
+                       key=lambda c: c.predicted or 0.0)[:2]
+        if (len(close) < 2 or (close[1].predicted or 0.0) - (close[0].predicted or 0.0) > self.fit.surface.rmse or
+                self.timed + sum(c.timing.cost for c in close if c.timing) > TIMING_SHARE * self.budget):
             return
-        for c in close:
+        for c in sorted(close, key=lambda c: c.depth):
             self.time(c)
 
 

@@ -21,9 +21,8 @@ from lmlab.commands import main
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.core.threads import ThreadChooser
-from lmlab.data.shards import read_meta
-from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
 from lmlab.experiments import sizing
+from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
 from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
@@ -369,7 +368,11 @@ def test_sizes_the_fit_cannot_tell_apart_are_timed_again_and_keep_their_faster_t
 
     monkeypatch.setattr(sizing, "time_config", timed)
     cfg = with_vocab(load_config(DEMO, [f"data.dataset={char_dataset}", "train.budget_seconds=300"]))
-    made = choose_size(DEMO, cfg, time.perf_counter(), "cpu", ThreadChooser(1, "train.threads"))
+    chooser = ThreadChooser(1, "train.threads")
+    try:
+        made = choose_size(DEMO, cfg, time.perf_counter(), "cpu", chooser)
+    finally:
+        torch.set_num_threads(chooser.before)  # as a run gives them back: the worker's next tests keep theirs
     assert made.chosen.depth == chosen
     assert {c.depth for c in made.candidates if c.timings == 2} == twice
     assert all(c.timings == taken[c.depth] and c.timings <= 2 for c in made.candidates)

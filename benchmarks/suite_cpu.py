@@ -84,7 +84,7 @@ def main() -> None:
         tests.add_column(column, justify="left" if column == "test" else "right")
     for name, seconds in Counter(by_test).most_common(args.top):
         tests.add_row(escape(name), f"{seconds:.1f}")  # a parameter id in brackets is no markup
-    console.print(files, tests, tail(rows, started_at))
+    console.print(files, tests, *([tail(rows, started_at)] if rows else []))  # no tests ran: no tail
     cpu = after.children_user + after.children_system - before.children_user - before.children_system
     console.print(f"{len(by_test)} tests: {total:,.0f} CPU s charged to tests; pytest and everything it started "
                   f"{cpu:,.0f} CPU s in {wall:,.0f} s of wall time ({cpu / wall:.2f} cores busy on average); "

@@ -346,6 +346,9 @@ def test_plan_size_auto_says_what_train_says_of_a_fit_of_another_preset_or_datas
 
 DEMO = ROOT / "configs" / "shakespeare-char-modern-cpu.toml"
 BURST = {1: [0.03], 2: [0.1], 3: [0.33, 0.25], 4: [0.6]}  # seconds a step at each timing: 3's first one slowed
+# The demo's surface when the burst chose 2 layers (its fit of 17 runs): held here, so a refit of the shipped preset
+# does not move the sizes this test's step times make close
+SURFACE = {"E": 0.6525, "A": 14.451, "alpha": 0.27, "B": 45.666, "beta": 0.3, "rmse": 0.0426}
 
 
 @pytest.mark.parametrize("steps, cost, chosen, twice", [
@@ -354,10 +357,14 @@ BURST = {1: [0.03], 2: [0.1], 3: [0.33, 0.25], 4: [0.6]}  # seconds a step at ea
     ({**BURST, 2: [0.3], 3: [0.25]}, 1.0, 3, set()),  # 3 ahead by more than the fit's error: timed once
 ], ids=["a burst of load", "no time to time again", "far apart"])
 def test_sizes_the_fit_cannot_tell_apart_are_timed_again_and_keep_their_faster_timing(char_dataset, monkeypatch,
-                                                                                       steps, cost, chosen, twice):
-    """The demo's preset and its fit at 5 minutes, the timings played by a clock of step times: 2 and 3 layers are
-    predicted within the fit's rmse of each other there, so a burst of load during one timing chose 2 layers (1.5156
-    reached, where 3 reached 1.4778: docs/reference/training.md)."""
+                                                                                       tmp_path, steps, cost, chosen,
+                                                                                       twice):
+    """The demo's preset and the fit it had at 5 minutes, the timings played by a clock of step times: 2 and 3 layers
+    are predicted within the fit's rmse of each other there, so a burst of load during one timing chose 2 layers
+    (1.5156 reached, where 3 reached 1.4778: docs/reference/training.md)."""
+    preset = tmp_path / DEMO.name
+    preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
+    fit_path(preset).write_text(json.dumps({**json.loads(fit_path(DEMO).read_text()), "surface": SURFACE}))
     taken: Counter[int] = Counter()
 
     def timed(cfg, device, dtype, counts, deadline=math.inf) -> Timing:
@@ -367,10 +374,10 @@ def test_sizes_the_fit_cannot_tell_apart_are_timed_again_and_keep_their_faster_t
         return Timing({}, 1, seconds, seconds / 2, 0.05, 4 * 10**6, cost)
 
     monkeypatch.setattr(sizing, "time_config", timed)
-    cfg = with_vocab(load_config(DEMO, [f"data.dataset={char_dataset}", "train.budget_seconds=300"]))
+    cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", "train.budget_seconds=300"]))
     chooser = ThreadChooser(1, "train.threads")
     try:
-        made = choose_size(DEMO, cfg, time.perf_counter(), "cpu", chooser)
+        made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)
     finally:
         torch.set_num_threads(chooser.before)  # as a run gives them back: the worker's next tests keep theirs
     assert made.chosen.depth == chosen

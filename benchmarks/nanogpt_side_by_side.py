@@ -1,6 +1,7 @@
 """lmlab against nanoGPT's own train.py, on this machine and lmlab's prepared Shakespeare split, in one run.
 
     python benchmarks/nanogpt_side_by_side.py --nanogpt PATH [--budget 300] [--lmlab-budgets 30,45,60]
+        [--short-preset configs/shakespeare-char-speedrun-cpu.toml]
 
 PATH is a checkout of github.com/karpathy/nanoGPT: its train.py, model.py, configurator.py and config/ run as they
 are, from a copy in a scratch folder (train.py reads its data and configurator.py from the working directory),
@@ -17,8 +18,9 @@ first run's step time and overhead, its 9 evaluations kept: eval_interval = max_
 whole val split by lmlab's scorer (`evals.evaluate.evaluate_split`, through nanoGPT's own GPT.forward): the same
 windows lmlab's `eval` cuts at the model's context length.
 
-lmlab trains `make demo`'s command (configs/shakespeare-char-modern-cpu.toml --size auto) with --budget and with each
-of --lmlab-budgets; its last checkpoint is scored on the whole split the same way. The runs take turns (nanoGPT's
+lmlab trains `make demo`'s command (configs/shakespeare-char-modern-cpu.toml --size auto) with --budget, and each of
+--lmlab-budgets with --short-preset (by default the same preset; the speedrun preset is lmlab's for budgets under a
+minute); each last checkpoint is scored on the whole split the same way. The runs take turns (nanoGPT's
 2,000 iterations, lmlab's short budgets, nanoGPT's budget, lmlab's budget), so a change in the machine's load hits
 both. Every wall time is the process's, start-up and exit included.
 
@@ -123,6 +125,8 @@ def main() -> None:
     parser.add_argument("--lmlab-budgets", default="30,45,60",
                         help="shorter lmlab budgets, seconds, comma-separated: which reaches nanoGPT's 2,000-"
                         "iteration val, and how soon")
+    parser.add_argument("--short-preset", default=DEMO, help="the preset the shorter budgets train, with --size auto "
+                        f"(default: {DEMO}, make demo's)")
     parser.add_argument("--out", type=Path, default=Path(f"runs/nanogpt-side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"))
     args = parser.parse_args()
     dataset = Path(load_config(Path(DEMO)).data.dataset)
@@ -138,8 +142,9 @@ def main() -> None:
     progress.start(f"nanoGPT, its README's {README_ITERS:,} iterations")
     rows["nanoGPT, README"] = readme = nanogpt(scratch, "readme", README_ITERS)
     for budget in short:
-        progress.start(f"lmlab --budget {budget}s")
-        rows[f"lmlab {budget} s"] = measure(DEMO, budget, args.out / f"lmlab-{budget}s", ["--size", "auto"])
+        progress.start(f"lmlab {args.short_preset} --budget {budget}s")
+        rows[f"lmlab {budget} s"] = measure(args.short_preset, budget, args.out / f"lmlab-{budget}s",
+                                            ["--size", "auto"])
     overhead = readme["wall"] - README_ITERS * readme["step"]  # start-up, evaluations and saves
     iters = int((args.budget - overhead) / readme["step"]) // EVALS * EVALS
     progress.start(f"nanoGPT, {iters:,} iterations (what fits {args.budget} s)")
@@ -148,7 +153,8 @@ def main() -> None:
     rows[f"lmlab {args.budget} s"] = ours = measure(DEMO, args.budget, args.out / f"lmlab-{args.budget}s",
                                                      ["--size", "auto"])
 
-    table = Table(title=f"nanoGPT's train.py and `make demo`'s recipe on this CPU ({args.out})")
+    short_preset = "" if args.short_preset == DEMO else f"; under {args.budget} s, {args.short_preset}"
+    table = Table(title=f"nanoGPT's train.py and `make demo`'s recipe on this CPU{short_preset} ({args.out})")
     for column in ("run", "wall s", "steps", "tokens/s", "val (run's own)", "val (whole split)"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for name, r in rows.items():

@@ -100,7 +100,7 @@ define GPU_REPORT_IMAGE
 $(PYTHON) benchmarks/gpu_needs.py --venv $(GPU_VENV)
 need="$$($(GPU_VENV)/bin/python benchmarks/gpu_needs.py)" && \
 	{ [ -z "$$need" ] || $(GPU_VENV)/bin/python -m pip install --quiet $$need; }
-PYTHONPATH="$(CURDIR)" $(GPU_VENV)/bin/python benchmarks/gpu_report.py $(ARGS)
+PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_VENV)/bin/python benchmarks/gpu_report.py $(ARGS)
 endef
 
 define GPU_REPORT_VENV

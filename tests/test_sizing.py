@@ -351,17 +351,20 @@ BURST = {1: [0.03], 2: [0.1], 3: [0.33, 0.25], 4: [0.6]}  # seconds a step at ea
 SURFACE = {"E": 0.6525, "A": 14.451, "alpha": 0.27, "B": 45.666, "beta": 0.3, "rmse": 0.0426}
 
 
-@pytest.mark.parametrize("steps, cost, chosen, twice", [
-    (BURST, 1.0, 3, {2, 3}),  # 2 and 3 within the fit's error: timed again, 3 at its own pace wins
-    (BURST, 8.0, 2, set()),  # the timings have taken their share of the budget: the first timings decide
-    ({**BURST, 2: [0.3], 3: [0.25]}, 1.0, 3, set()),  # 3 ahead by more than the fit's error: timed once
-], ids=["a burst of load", "no time to time again", "far apart"])
-def test_sizes_the_fit_cannot_tell_apart_are_timed_again_and_keep_their_faster_timing(char_dataset, monkeypatch,
-                                                                                       tmp_path, steps, cost, chosen,
-                                                                                       twice):
+@pytest.mark.parametrize("steps, budget, cost, chosen, twice", [
+    (BURST, 300, 1.0, 3, {2, 3}),  # 3's second timing at its own pace: 3 wins
+    (BURST, 300, 8.0, 2, set()),  # the timings have taken their share of the budget: the first timings decide
+    ({**BURST, 2: [0.3], 3: [0.25]}, 300, 1.0, 3, {3, 4}),  # the best two however far apart: 2 is third
+    # A burst of a quarter of the pace on 2's first timing at a minute, as one lever trial saw (1 layer trained to
+    # 1.8475 where 2 reached 1.6647: docs/reference/training.md); 1 and 2 lie beyond the fit's error apart there.
+    ({1: [0.03], 2: [0.4, 0.1], 3: [0.33]}, 60, 1.0, 2, {1, 2}),
+], ids=["a burst of load", "no time to time again", "far apart", "a fourfold burst at a minute"])
+def test_the_best_two_sizes_are_timed_again_and_keep_their_faster_timing(char_dataset, monkeypatch, tmp_path, steps,
+                                                                         budget, cost, chosen, twice):
     """The demo's preset and the fit it had at 5 minutes, the timings played by a clock of step times: 2 and 3 layers
     are predicted within the fit's rmse of each other there, so a burst of load during one timing chose 2 layers
-    (1.5156 reached, where 3 reached 1.4778: docs/reference/training.md)."""
+    (1.5156 reached, where 3 reached 1.4778: docs/reference/training.md). A burst slows a timing by any factor, so
+    the best two are timed again wherever the budget's share for timing allows, near or far apart."""
     preset = tmp_path / DEMO.name
     preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
     fit_path(preset).write_text(json.dumps({**json.loads(fit_path(DEMO).read_text()), "surface": SURFACE}))
@@ -374,7 +377,7 @@ def test_sizes_the_fit_cannot_tell_apart_are_timed_again_and_keep_their_faster_t
         return Timing({}, 1, seconds, seconds / 2, 0.05, 4 * 10**6, cost)
 
     monkeypatch.setattr(sizing, "time_config", timed)
-    cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", "train.budget_seconds=300"]))
+    cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", f"train.budget_seconds={budget}"]))
     chooser = ThreadChooser(1, "train.threads")
     try:
         made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)
@@ -384,5 +387,5 @@ def test_sizes_the_fit_cannot_tell_apart_are_timed_again_and_keep_their_faster_t
     assert {c.depth for c in made.candidates if c.timings == 2} == twice
     assert all(c.timings == taken[c.depth] and c.timings <= 2 for c in made.candidates)
     assert all(c.step_seconds == min(steps[c.depth][:c.timings]) for c in made.candidates if c.timing)
-    assert ("2 and 3 twice, within the fit's error of each other" in made.line()) == bool(twice)
+    assert (f"{' and '.join(str(d) for d in sorted(twice))} twice, the best two" in made.line()) == bool(twice)
     assert [c["timings"] for c in made.record()["candidates"]] == [c.timings for c in made.candidates]

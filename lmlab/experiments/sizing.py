@@ -2,8 +2,8 @@
 runs now. Each candidate is timed briefly, its steps planned as a budget plans them (lmlab.train.budget), and its val
 loss predicted by the fit kept beside the preset, L(N, D). Going up from the smallest depth, the next is timed only
 while OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing
-tells whether a smaller shape is faster. The two best, where the fit cannot tell them apart (`Search.contest`), are
-timed twice."""
+tells whether a smaller shape is faster. The two best are timed twice (`Search.contest`), within the timing's share
+of the budget."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class Sizing:
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
                 f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
                 f"({', '.join(str(t.depth) for t in timed)} layers" +
-                (f"; {' and '.join(again)} twice, within the fit's error of each other" if again else "") +
+                (f"; {' and '.join(again)} twice, the best two" if again else "") +
                 f"): {self.outlook()}")
 
     def outlook(self) -> str:
@@ -251,15 +251,12 @@ class Search:
         c.timings += 1
 
     def contest(self) -> None:
-        """Time the best size and the runner-up once more where their predicted vals lie within the fit's error (its
-        rmse) of each other: the fit cannot tell them apart, so their speeds choose, and one timing can be slowed by
-        a burst of load elsewhere. Not where the second timings would pass the timing's share of the budget."""
-        if self.fit is None:
-            return
+        """Time the best size and the runner-up once more: a burst of load elsewhere slows a timing, by any factor
+        (never speeds it), and the choice between the two is not left to one timing of each. Not where the second
+        timings would pass the timing's share of the budget."""
         close = sorted((c for c in self.candidates if c.timing and c.predicted is not None),
                        key=lambda c: c.predicted or 0.0)[:2]
-        if (len(close) < 2 or (close[1].predicted or 0.0) - (close[0].predicted or 0.0) > self.fit.surface.rmse or
-                self.timed + sum(c.timing.cost for c in close if c.timing) > TIMING_SHARE * self.budget):
+        if len(close) < 2 or self.timed + sum(c.timing.cost for c in close if c.timing) > TIMING_SHARE * self.budget:
             return
         for c in sorted(close, key=lambda c: c.depth):
             self.time(c)

@@ -232,6 +232,8 @@ def traces() -> list[Trace]:
         Trace("noisy slow steps (+-40%)", 120, 2.0, noise=0.4),
         Trace("step longer than what is left", 60, 0.2, freeze=(0.9, 8.0)),
         Trace("a freeze mid-run", 120, 0.1, freeze=(0.5, 10.0)),
+        Trace("a freeze in warmup, 3 steps left", 60, 0.05, freeze=(0.07, 52.85), warmup_iters=50),
+        Trace("a freeze in warmup, 1 step left", 60, 0.05, freeze=(0.07, 53.0), warmup_iters=50),
         Trace("resumed mid-plan", 120, 0.1, resume_at=0.5),
         Trace("resumed mid-plan, wsd", 120, 0.1, resume_at=0.5, schedule="wsd"),
         Trace("resumed in warmup", 60, 0.5, resume_at=0.05, warmup_iters=50),

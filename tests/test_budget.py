@@ -203,13 +203,18 @@ def test_a_budgeted_run_plans_before_its_first_step_then_its_lr_follows_the_cloc
     assert (first.step, first.reason) == (0, "planned") and last.reason == "last"
     assert result.steps == last.max_iters  # the last step decided, a step ahead
     assert [e["step"] for e in events if e["event"] == "eval"] == [*range(50, last.max_iters, 50), last.max_iters]
-    assert "the LR follows the budget's clock" in " ".join(capsys.readouterr().out.split())
-    # The warmup, then an LR that never rises, and min_lr at the last step.
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the LR follows the budget's clock" in said
+    # The warmup (cut short where a stall of the machine left the budget a few steps, a run ending in it), then an LR
+    # that never rises, and min_lr at the last step, unless one step took what was left (tests/test_budget_traces.py
+    # holds these over simulated stalls and loads).
     cfg = run.config().train
     lrs = {e["step"]: e["lr"] for e in events if e["event"] == "train"}
-    assert all(lrs[s] == pytest.approx(cfg.learning_rate * s / (first.warmup + 1)) for s in range(1, first.warmup + 1))
-    after = [lrs[s] for s in range(first.warmup + 1, last.max_iters + 1)]
-    assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] == pytest.approx(cfg.min_lr)
+    assert last.warmup == min(first.warmup, last.max_iters - 1)
+    assert all(lrs[s] == pytest.approx(cfg.learning_rate * s / (first.warmup + 1)) for s in range(1, last.warmup + 1))
+    after = [lrs[s] for s in range(last.warmup + 1, last.max_iters + 1)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert after[-1] == pytest.approx(cfg.min_lr) or "the run ends here." in said
     assert run.checkpoint("latest").name == f"step_{last.max_iters:06d}"
     # Then the final score, on the val windows that what was left of the budget held: the whole split, or whole
     # batches of it.

@@ -56,7 +56,7 @@ class Plan:
     eval_seconds: float = 0.0  # one evaluation of `eval_iters` batches a split, with its line and plot
     checkpoint_seconds: float = 0.0
     finish_seconds: float = 0.0
-    warmup: int = 0  # the step the LR reaches its peak at
+    warmup: int = 0  # the step the warmup ends at: the LR's peak, unless the budget ended the run within it
     eval_iters: int = 0  # batches a split each evaluation scores
     final_windows: int = 0  # the val windows the final score covers, of the split's `val_windows`
     val_windows: int = 0
@@ -194,6 +194,12 @@ class Budget:
         self.event: Plan | None = None  # the plan to log, where the newest `after_step` changed it
 
     @property
+    def warmup(self) -> int:
+        """The step the warmup ends at: the plan's, or the last step where the run was decided to end within it, which
+        then trains at min_lr as every run's last step does."""
+        return min(self.plan.warmup, self.last - 1) if self.decided else self.plan.warmup
+
+    @property
     def pace(self) -> float:
         return statistics.median(self._steps) if self._steps else self.plan.step_seconds
 
@@ -219,7 +225,7 @@ class Budget:
         return spent + (step - seen) * self.pace
 
     def _position_at(self, step: int) -> float:
-        if step < self.plan.warmup:
+        if step < self.warmup:
             return self._given
         if step >= self.last - 1 and self.decided:
             return 1.0
@@ -236,7 +242,7 @@ class Budget:
     def position(self, step: int) -> float:
         """Where the decay stands at `step`, the step about to train (after warmup; 0 the peak, 1 min_lr): by the
         budget's clock while live, else by steps; 1 at the last step."""
-        if self.live and self._anchor is None and step >= self.plan.warmup:
+        if self.live and self._anchor is None and step >= self.warmup:
             self._anchor = (self._began(step), self._given, self._end())  # the warmup's end: the decay begins
         self._given = self._position_at(step)
         return self._given
@@ -277,7 +283,7 @@ class Budget:
         """The plan as it stands at `step`: the figures measured so far, the end foreseen."""
         return dataclasses.replace(self.plan, step=step, spent=self._began(step), step_seconds=self.pace,
                                    eval_seconds=self._eval_steps * self.pace, checkpoint_seconds=self._checkpoint,
-                                   max_iters=self.last, position=self._position_at(step))
+                                   max_iters=self.last, position=self._position_at(step), warmup=self.warmup)
 
     def _decide(self, last: int, now: Plan) -> None:
         """The run's last step is `last`: said where it ends the run at once, or comes well before the end

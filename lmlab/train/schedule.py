@@ -121,7 +121,7 @@ class Schedule:
         train, budget = self.train, self.budget
         if budget is None:
             return lr_at(step, train) if self.decay is None else lr_at_position(self.decay.position_at(step), train)
-        if step < budget.plan.warmup:
+        if step < budget.warmup:
             return train.learning_rate * (step + 1) / (budget.plan.warmup + 1)
         return lr_at_position(budget.position(step), train)
 

@@ -62,11 +62,11 @@ def test_the_quickstart_runs_on_a_kernel(tmp_path, corpus_dir):
     """Its runs train a few steps, not BUDGET: a budget counts start-up, which a loaded machine can stretch past any
     small budget (refused before a step), and nothing the notebook shows depends on how long it trained. A budget is
     the command line's and tests/test_budget.py's, as in README's Python block."""
-    steps = {"budget=BUDGET": "max_iters=30, eval_interval=15, eval_iters=4"}
+    steps = {"budget=BUDGET": "max_iters=10, eval_interval=5, eval_iters=2"}
     notebook = execute("quickstart.ipynb", tmp_path, {"CORPUS": str(corpus_dir), "DEVICE": "cpu"}, replace=steps)
     runs = sorted((tmp_path / "runs").iterdir())
     assert [run.name.rsplit("-", 1)[1] for run in runs] == ["gpt2", "modern"]
-    assert all([e["step"] for e in lmlab.Run(run).events if e["event"] == "end"] == [30] for run in runs)
+    assert all([e["step"] for e in lmlab.Run(run).events if e["event"] == "end"] == [10] for run in runs)
     training = cell_with(notebook, "first = lmlab.train(")
     assert any("train step" in text for text in outputs(training, "text/plain"))  # the bar, updated in place
     assert any("<progress" in text for text in outputs(training, "text/html"))

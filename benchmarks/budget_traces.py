@@ -93,6 +93,7 @@ class Outcome:
     evaluated: list[int] = field(default_factory=list)  # the steps evaluated
     threads: list[int] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    plans: list[Plan] = field(default_factory=list)  # the plans logged as the run went (`budget` events)
     train: TrainConfig | None = None
 
     @property
@@ -191,6 +192,8 @@ def _run(trace: Trace) -> Outcome:
         budget.after_step(out.steps, spent)
         if budget.line:
             out.lines.append(budget.line)
+        if budget.event:
+            out.plans.append(budget.event)
         if out.steps == schedule.last_step and out.evaluated[-1:] != [out.steps]:
             evaluate()  # the loop's: a step decided the last only after it was taken
     windows = budget.final_windows(trace.batch_size, clock.now)  # the final score

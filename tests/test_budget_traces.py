@@ -44,6 +44,9 @@ def test_a_budget_keeps_its_promises(trace):
         assert not out.lrs and "give a budget of at least" in out.refused  # before any step trained
         return
     assert out.evaluated[-1] == out.steps, "the last step was not evaluated"
+    if not trace.resume_at:  # logged as decided, the warmup ended by the last step (a resumed run goes by steps)
+        last = out.plans[-1]
+        assert (last.reason, last.max_iters, last.warmup) == ("last", out.steps, min(out.warmup, out.steps - 1))
     if ended_at_once(trace):
         assert out.lines and out.lines[-1].endswith("the run ends here.")
         return

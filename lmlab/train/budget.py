@@ -289,7 +289,7 @@ class Budget:
         """The run's last step is `last`: said where it ends the run at once, or comes well before the end
         foreseen."""
         foreseen, self.last, self.decided = self.last, last, True
-        self.event = dataclasses.replace(now, max_iters=last, reason="last")
+        self.event = dataclasses.replace(now, max_iters=last, reason="last", warmup=self.warmup)
         if last <= now.step + self.lag:
             self.line = (f"budget {self.plan.seconds:g} s: {max(0.0, self.plan.seconds - now.spent):.1f} s left at "
                          f"step {last}, less than another step ({now.step_seconds:.2f} s) and the end "

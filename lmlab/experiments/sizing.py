@@ -112,10 +112,11 @@ class Sizing:
     def line(self) -> str:
         c, timed = self.chosen, [c for c in self.candidates if c.timing]
         again = [str(t.depth) for t in timed if t.timings > 1]
+        why = "the best two" if len(again) == 2 else "the best and those a faster timing could make better"
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
                 f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
                 f"({', '.join(str(t.depth) for t in timed)} layers" +
-                (f"; {' and '.join(again)} twice, the best two" if again else "") +
+                (f"; {', '.join(again[:-1])} and {again[-1]} twice, {why}" if len(again) > 1 else "") +
                 f"): {self.outlook()}")
 
     def outlook(self) -> str:
@@ -194,12 +195,21 @@ class Search:
         predicted = self.fit.predict(c.params, made.max_iters * c.tokens_per_step) if self.fit else None
         return made, predicted, intervals, ""
 
-    def guessed(self, c: Candidate, near: Timing, ratio: float) -> Costs:
-        """Costs of `c` before it is timed, OPTIMISM times faster than its FLOPs foretell from `near`'s timing."""
+    def fastest(self) -> Candidate:
+        """The timed size whose steps took the least time a FLOP: a larger size's, as a wider step uses the cores
+        better, unless a burst of load slowed its timing (load only ever slows a step): the pace guesses start from."""
+        return min((c for c in self.candidates if c.timing),
+                   key=lambda c: c.step_seconds / (c.flops_per_token * c.tokens_per_step))
+
+    def guessed(self, c: Candidate, optimism: float = OPTIMISM) -> Costs:
+        """Costs of `c` at `optimism` times the pace its FLOPs foretell from the fastest timing."""
+        near = self.fastest()
+        assert near.timing is not None, "a timed candidate"
+        ratio = c.flops_per_token * c.tokens_per_step / (near.flops_per_token * near.tokens_per_step)
         weights = 4 * c.params
         saved = weights + optimizer_of(self.family.preset.train).state_bytes(weights, 0)
-        return dataclasses.replace(near.costs(), step=near.step * ratio / OPTIMISM,
-                                   eval_batch=near.eval_batch * ratio / OPTIMISM,
+        return dataclasses.replace(near.timing.costs(), step=near.timing.step * ratio / optimism,
+                                   eval_batch=near.timing.eval_batch * ratio / optimism,
                                    checkpoint=CHECKPOINT_SECONDS + saved / DISK_BYTES_PER_SECOND)
 
     def worth_timing(self, c: Candidate, best: Candidate | None) -> bool:
@@ -208,19 +218,15 @@ class Search:
         if self.fit.predict(c.params, 1) is None:
             c.note = f"beyond the fit's sizes (at most {self.fit.largest * EXTRAPOLATION / 1e6:.2f}M parameters)"
             return False
-        timed = [t for t in self.candidates if t.timing]
-        if not timed or best is None:
+        if best is None or not any(t.timing for t in self.candidates):
             return True
-        near = timed[-1]
-        ratio = c.flops_per_token * c.tokens_per_step / (near.flops_per_token * near.tokens_per_step)
-        guess = near.step_seconds * ratio
+        guess = self.guessed(c, 1.0).step
         steps = 1 + max(1, min(MAX_STEPS, math.ceil(TIMED_SECONDS / guess)))  # a warm-up step and the timed ones
         if self.timed + steps * guess > TIMING_SHARE * self.budget:
             c.note = (f"not timed: about {guess:.2f} s a step, too long to time in this budget (the timing of "
                       f"sizes may take {TIMING_SHARE:.0%} of it)")
             return False
-        assert near.timing is not None, "a timed candidate"
-        hopeful = self.planned(c, self.guessed(c, near.timing, ratio))[1]
+        hopeful = self.planned(c, self.guessed(c))[1]
         if hopeful is None or hopeful >= best.predicted:
             c.note = (f"not timed: even at {OPTIMISM:g}x the speed its FLOPs foretell it would lose" +
                       ("" if hopeful is None else f" ({hopeful:.4f})"))
@@ -251,16 +257,28 @@ class Search:
         c.timings += 1
 
     def contest(self) -> None:
-        """Time the best size and the runner-up once more: a burst of load elsewhere slows a timing, by any factor
-        (never speeds it), and the choice between the two is not left to one timing of each. Not where the second
-        timings would pass the timing's share of the budget."""
-        close = sorted((c for c in self.candidates if c.timing and c.predicted is not None),
-                       key=lambda c: c.predicted or 0.0)[:2]
-        if len(close) < 2 or self.timed + sum(c.timing.cost for c in close if c.timing) > TIMING_SHARE * self.budget:
+        """Time the best size once more with the size likeliest to beat it, and then each other that could, while the
+        timing's share of the budget allows (the first two together or not at all). A burst of load elsewhere slows a
+        timing, by any factor (never speeds it), so a size is judged by its own timing or, where faster, by the pace a
+        FLOP of the fastest timing: neither the choice between the two best nor a size's place behind them is left to
+        one timing of each."""
+        ranked = sorted((c for c in self.candidates if c.timing and c.predicted is not None),
+                        key=lambda c: c.predicted or 0.0)
+        if len(ranked) < 2:
             return
-        for c in sorted(close, key=lambda c: c.depth):
-            self.time(c)
+        best = ranked[0]
 
+        def hopeful(c: Candidate) -> float:
+            fair = self.planned(c, self.guessed(c, 1.0))[1]
+            return min(c.predicted or math.inf, math.inf if fair is None else fair)
+
+        others = sorted(ranked[1:], key=hopeful)
+        rivals = [c for c in others[1:] if hopeful(c) < (best.predicted or 0.0)]
+        for group in (sorted([best, others[0]], key=lambda c: c.depth), *([c] for c in rivals)):
+            if self.timed + sum(c.timing.cost for c in group if c.timing) > TIMING_SHARE * self.budget:
+                return
+            for c in group:
+                self.time(c)
 
 def search(family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device, dtype: torch.dtype,
            chooser: ThreadChooser, meta: dict[str, Any], depths: list[int] | None = None) -> Search:

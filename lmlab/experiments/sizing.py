@@ -280,6 +280,7 @@ class Search:
             for c in group:
                 self.time(c)
 
+
 def search(family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device, dtype: torch.dtype,
            chooser: ThreadChooser, meta: dict[str, Any], depths: list[int] | None = None) -> Search:
     """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all of

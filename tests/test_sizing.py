@@ -363,8 +363,11 @@ SURFACE = {"E": 0.6525, "A": 14.451, "alpha": 0.27, "B": 45.666, "beta": 0.3, "r
     ({1: [0.03], 2: [0.4, 0.1], 3: [0.33], 4: [0.6]}, 60, 1.0, 2, {2, 3}),
     # An eightfold burst on 2's timing at 5 minutes: 3's pace is guessed from 1's, not from the newest timing.
     ({**BURST, 2: [0.8, 0.1], 3: [0.25]}, 300, 1.0, 3, {2, 3}),
+    # Bursts on 2's and 3's timings: 4 is the best of the first timings, timed again with 3, the likeliest to beat it
+    # at the fastest timing's pace a FLOP, and then 2, which could too: 3 wins (4 and 5, the best two, chose 4).
+    ({**BURST, 2: [0.4, 0.1], 3: [0.9, 0.25], 5: [1.2]}, 300, 1.0, 3, {2, 3, 4}),
 ], ids=["a burst of load", "no time to time again", "slow behind the best two", "a fourfold burst at a minute",
-        "a burst before a larger size"])
+        "a burst before a larger size", "bursts on two timings"])
 def test_the_best_size_and_its_likeliest_rivals_are_timed_again_and_keep_their_faster_timing(
         char_dataset, monkeypatch, tmp_path, steps, budget, cost, chosen, twice):
     """The demo's preset and the fit it had at 5 minutes, the timings played by a clock of step times: 2 and 3 layers

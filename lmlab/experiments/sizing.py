@@ -2,8 +2,8 @@
 runs now. Each candidate is timed briefly, its steps planned as a budget plans them (lmlab.train.budget), and its val
 loss predicted by the fit kept beside the preset, L(N, D). Going up from the smallest depth, the next is timed only
 while OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing
-tells whether a smaller shape is faster. The two best are timed twice (`Search.contest`), within the timing's share
-of the budget."""
+tells whether a smaller shape is faster. The best is timed twice with the sizes that could beat it (`Search.contest`),
+within the timing's share of the budget."""
 
 from __future__ import annotations
 
@@ -218,7 +218,7 @@ class Search:
         if self.fit.predict(c.params, 1) is None:
             c.note = f"beyond the fit's sizes (at most {self.fit.largest * EXTRAPOLATION / 1e6:.2f}M parameters)"
             return False
-        if best is None or not any(t.timing for t in self.candidates):
+        if best is None:  # nothing timed yet
             return True
         guess = self.guessed(c, 1.0).step
         steps = 1 + max(1, min(MAX_STEPS, math.ceil(TIMED_SECONDS / guess)))  # a warm-up step and the timed ones
@@ -268,12 +268,12 @@ class Search:
             return
         best = ranked[0]
 
-        def hopeful(c: Candidate) -> float:
+        hopes = {}
+        for c in ranked[1:]:
             fair = self.planned(c, self.guessed(c, 1.0))[1]
-            return min(c.predicted or math.inf, math.inf if fair is None else fair)
-
-        others = sorted(ranked[1:], key=hopeful)
-        rivals = [c for c in others[1:] if hopeful(c) < (best.predicted or 0.0)]
+            hopes[c.depth] = min(c.predicted or math.inf, math.inf if fair is None else fair)
+        others = sorted(ranked[1:], key=lambda c: hopes[c.depth])
+        rivals = [c for c in others[1:] if hopes[c.depth] < (best.predicted or 0.0)]
         for group in (sorted([best, others[0]], key=lambda c: c.depth), *([c] for c in rivals)):
             if self.timed + sum(c.timing.cost for c in group if c.timing) > TIMING_SHARE * self.budget:
                 return

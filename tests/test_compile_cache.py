@@ -48,6 +48,17 @@ def test_kernel_builds_cut_short_are_discarded_when_no_other_process_builds_and_
         assert all(path.exists() for path in kernels.values())
     finally:
         holder.communicate("")
+    # A compile worker of this process's (Inductor starts it with --parent=PID), its build abandoned by the signal
+    # that is ending it: not another build.
+    worker = subprocess.Popen([sys.executable, "-c", HOLD, str(cache / "locks" / "cwrapper.lock"),
+                               f"--parent={os.getpid()}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline() == "held\n"
+        assert main(["runs", str(tmp_path)]) in (0, 2)
+        assert not kernels["cempty.main.so"].exists()
+    finally:
+        worker.communicate("")
+    kernels["cempty.main.so"].write_bytes(b"")
     with open(cache / "locks" / "cwrapper.lock", "a") as ours:  # this process's own build, abandoned
         fcntl.flock(ours, fcntl.LOCK_EX)
         assert main(["runs", str(tmp_path)]) in (0, 2)

@@ -54,7 +54,8 @@ def discard_partial_builds(cache: Path | None = None) -> list[Path]:
     cache (holds a lock of CACHE/locks); the paths deleted. Not by each kernel's own lock: an AOTInductor build writes
     its kernels' object files under its wrapper's lock, so a file cut short now may be another process's build under
     way. While one is, nothing is deleted; the next command looks again. This process's own builds do not count: a
-    stop signal abandoned them, though Inductor's compile threads may still hold their locks."""
+    stop signal abandoned them, though Inductor's compile threads, or its compile workers (processes it started, which
+    the signal is ending), may still hold their locks."""
     cache = cache or inductor_cache()
     cut = [path for pattern in BUILT for path in cache.glob(pattern) if not whole_elf(path)]
     if not cut:
@@ -72,12 +73,30 @@ def discard_partial_builds(cache: Path | None = None) -> list[Path]:
             except OSError:  # held: by a build under way, whose files may be among these, unless it is ours
                 holders = _lock_holders() if holders is None else holders
                 where = os.fstat(fd)
-                if holders.get((where.st_dev, where.st_ino), {-1}) != {os.getpid()}:
+                if not all(_ours(pid) for pid in holders.get((where.st_dev, where.st_ino), {-1})):
                     return []
         discarded = [path for path in cut if not whole_elf(path)]  # its build may have ended before the locks
         for path in discarded:
             path.unlink(missing_ok=True)
         return discarded
+
+
+def _ours(pid: int) -> bool:
+    """Whether `pid` is this process or one of Inductor's compile workers for it: a process, or a child of one, that
+    Inductor started with `--parent=` this process's id (torch._inductor.compile_worker)."""
+    if pid == os.getpid():
+        return True
+    mark = f"--parent={os.getpid()}".encode()
+    for _ in range(3):  # the sidecar Inductor starts, or a worker of its pool below it
+        try:
+            if mark in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return True
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid in (0, 1, os.getpid()):  # another child of this process's (a command it ran), or not below it
+            return False
+    return False
 
 
 def _lock_holders() -> dict[tuple[int, int], set[int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -91,7 +92,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(state.failure)
     state.log("lmlab serve: stopped" + (" at once; requests still running were cut" if status else ""))
     if status:
-        raise SystemExit(status)
+        # Cut short, nothing left to write: the decoding thread may still be inside torch, where the interpreter's
+        # shutdown aborts the process (SIGABRT) instead of exiting with the status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def cmd_answer(args: argparse.Namespace) -> None:

@@ -2,6 +2,9 @@
 AdamW as one optimizer through checkpoints and the NaN guard; the warmup-stable-decay schedule."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -181,3 +184,24 @@ def test_every_optimizer_steps_skips_a_non_finite_step_resumes_bitwise_and_is_si
     hidden = sum(p.numel() * p.element_size() for p in step.model.hidden_matrices())
     held = sum(t.numel() * t.element_size() for t in _state(step.optimizer))
     assert abs(held - OPTIMIZERS[name].state_bytes(weights, hidden)) <= 8 * len(params), (held, weights, hidden)
+
+
+@pytest.mark.slow
+def test_every_optimizer_trains_checkpoints_and_resumes_without_loading_the_compiler(tmp_path, char_dataset):
+    """Training eager never imports torch._dynamo, which torch's optimizer methods import at their first call for
+    torch.compile's sake, and which costs a CPU run's start about a second (benchmarks/startup.py): every entry of
+    OPTIMIZERS trains, checkpoints and resumes through `lmlab.train` in a process without it. The second such
+    process: the first measures the models' memory on the meta device, whose decompositions import it, and keeps
+    the estimates (lmlab.model.sized)."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=2)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for start in ("first", "second"):
+        code = ("import sys, lmlab\n"
+                f"for name in {list(OPTIMIZERS)!r}:\n"
+                f"    run = lmlab.train({str(config)!r}, run={str(tmp_path / start)!r} + '/' + name, optimizer=name, "
+                "device='cpu')\n"
+                "    lmlab.train(resume=run, max_iters=3)\n"
+                "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]"

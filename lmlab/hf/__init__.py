@@ -35,6 +35,7 @@ from lmlab.model.gpt import GPT
 from lmlab.run.chat import read_chat_template
 from lmlab.run.checkpoint import model_tensors, save_tensors
 from lmlab.run.rundir import RunDir, check_steps
+from lmlab.train.optim import optimizer_of
 
 FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN2, QWEN3)}  # `auto` takes the first that fits
 ARCHS = ("auto", *FAMILIES)
@@ -203,8 +204,8 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
                                                                  "weights_sha256": weights.sha256(),
                                                                  "dtype": published})
                 run.write_setup(cfg, tok, facts, chat=chat)
-                run.save_checkpoint(0, model_tensors(model), torch.optim.AdamW(model.parameters()).state_dict(),
-                                    None, best=True, keep=1)
+                optimizer = optimizer_of(cfg.train).build(model, cfg.train, torch.device("cpu"))
+                run.save_checkpoint(0, model_tensors(model), optimizer.state_dict(), None, best=True, keep=1)
                 run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False,
                          "stopped_by": None})
             move_into_place(tmp, run_dir)

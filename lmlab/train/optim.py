@@ -4,6 +4,7 @@ shard what it updates."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +19,41 @@ from lmlab.model import LanguageModel
 from lmlab.model.memory import two_moments
 
 
-def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+class Eager:
+    """A torch optimizer's methods without the wrappers torch puts around them for torch.compile (Dynamo's `disable`,
+    and `step`'s graph breaks): each imports torch._dynamo at its first call, about a second of every CPU run's start
+    (benchmarks/startup.py). They matter only where an optimizer is called inside a compiled function, which lmlab
+    never does: train.compile compiles the model's forward alone. Put first among an optimizer's bases (`class
+    AdamW(Eager, torch.optim.AdamW)`); tests/test_optim.py holds every entry of `OPTIMIZERS` to training without
+    torch._dynamo."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        inspect.unwrap(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        inspect.unwrap(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return inspect.unwrap(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        inspect.unwrap(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+
+class AdamW(Eager, torch.optim.AdamW):
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        return inspect.unwrap(torch.optim.AdamW.step)(self, closure)
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> AdamW:
     # Biases and norm gains get no weight decay: shrinking them toward zero only fights the normalisation.
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # Fused on every device: one kernel per step, and it honours `found_inf`.
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def orthogonal_dtype(device: torch.device) -> torch.dtype:
@@ -49,7 +77,7 @@ def orthogonalise(update: torch.Tensor, group: dict[str, Any], dtype: torch.dtyp
     return x if wide else x.T
 
 
-class Muon(torch.optim.Muon):
+class Muon(Eager, torch.optim.Muon):
     """torch.optim.Muon (its settings, state and checkpoint keys) orthogonalising in `ns_dtype` (`orthogonal_dtype`)
     rather than always in bfloat16. Only `adjust_lr_fn="match_rms_adamw"`: the update scaled by 0.2·sqrt(max(rows,
     cols)), the RMS of an AdamW update (Liu et al. 2025, "Muon is scalable")."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lmlab
+from lmlab.analysis.plots import plot_losses
 from lmlab.commands import main
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
@@ -31,6 +32,9 @@ def test_loss_falls_and_the_run_dir_is_complete(tmp_path, char_dataset):
     assert events[0]["event"] == "start" and events[0]["params"] > 0
     assert len([e for e in events if e["event"] == "train"]) == 12
     assert (result.run_dir / "loss.png").stat().st_size > 10_000
+    # Drawn at the last eval and not again at the end, which logged nothing it draws: every event is in it.
+    assert plot_losses(RunDir(result.run_dir), tmp_path / "again.png").read_bytes() == \
+        (result.run_dir / "loss.png").read_bytes()
     best = RunDir(result.run_dir).checkpoint("best")
     assert best.name == f"step_{result.best_step:06d}"
     assert sorted(p.name for p in best.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]

@@ -51,6 +51,9 @@ def _font_cache() -> None:
         atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], ignore_errors=True)
 
 
+LOSS_EVENTS = ("train", "eval", "resume")  # the events of metrics.jsonl a loss plot draws
+
+
 def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     """Draw train (per log interval) and val (per eval) loss against step into `path` (the run's loss.png)."""
     return _save(loss_figure(run), Path(path or run.loss_plot))
@@ -59,7 +62,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path:
 def loss_figure(run: RunDir) -> plt.Figure:
     """Train (per log interval) and val (per eval) loss against step, with a dashed line where the run was resumed
     (a change of machine, threads or schedule shows there)."""
-    events = run.events()  # a figure that was not finite is null (`events.as_json`): not drawn
+    events = [e for e in run.events() if e["event"] in LOSS_EVENTS]  # a figure not finite is null: not drawn
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train" and e["loss"] is not None]
     evals = [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval" and e["val_loss"] is not None]
     fig, ax = pyplot().subplots(figsize=(8, 5), dpi=120)

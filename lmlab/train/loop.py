@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.analysis.plots import plot_losses
+from lmlab.analysis.plots import LOSS_EVENTS, plot_losses
 from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.config import RunConfig
 from lmlab.core.device import configure
@@ -450,7 +450,7 @@ class Trainer:
                          "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
                          "train_eval_loss": train_eval, "val_loss": val, "best_val_loss": p.best_val_loss,
                          "is_best": is_best, "seconds": round(seconds, 3)})
-        self.writes(plot_losses, self.run_dir)  # kept current, so a long run can be watched
+        self.writes.redraw(plot_losses, LOSS_EVENTS)  # kept current, so a long run can be watched
         mark = " | [bold green]best![/bold green]" if is_best else ""
         # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
         when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self._epoch():.2f}"
@@ -504,7 +504,7 @@ class Trainer:
 
     def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress
-        self.writes(plot_losses, self.run_dir)
+        self.writes.redraw(plot_losses, LOSS_EVENTS)
         spent = round(time.perf_counter() - self.started, 3) if self.budget and self.budget.live else None
         self._log_end(p.stopped_early, stopped_by, budget_spent=spent)
         if self.writes.error is not None:

@@ -7,6 +7,7 @@ import _thread
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -28,6 +29,8 @@ class Writes:
         self.run_dir, self.is_main = run_dir, is_main
         self.error: WriteError | None = None
         self.trackers: list[Any] = []  # each with a `log(event)`
+        self.logged: Counter[str] = Counter()  # events logged, by kind
+        self.drawn = -1  # how many events the last drawing showed
 
     def __call__(self, write: Callable[..., Any], *args: Any) -> None:
         if self.is_main and self.error is None:
@@ -40,6 +43,15 @@ class Writes:
         self(self.run_dir.log, event)
         for tracker in self.trackers:
             self(tracker.log, event)
+        self.logged[event["event"]] += 1
+
+    def redraw(self, draw: Callable[[RunDir], Any], kinds: tuple[str, ...]) -> None:
+        """`draw(run_dir)`, a picture of the run's events of `kinds` (its loss.png), unless none was logged since it
+        was last drawn."""
+        shown = sum(self.logged[kind] for kind in kinds)
+        if shown != self.drawn:
+            self(draw, self.run_dir)
+            self.drawn = shown
 
     def failure(self, step: int) -> UserError:
         """The sentence a run ends with when rank 0 could not write at `step`."""

@@ -4,7 +4,7 @@ GPT-2 small's context, and whole training steps of the demo's size, each path in
     python benchmarks/attention_paths.py [--dtype auto|float32|bfloat16] [--rounds 7]
 
 Prints the host's matmul peak, a table of layer timings (ms, the best of the rounds) with the path `train.attention
-= "auto"` takes at each shape, and a table of training steps of the demo's size (3 layers of 192, 16 x 128 tokens,
+= "auto"` takes at each shape, and a table of training steps of the demo's size (3 layers of 192, 16 x 256 tokens,
 Muon) by each path: ms/step, tokens/s, MFU.
 """
 
@@ -27,9 +27,9 @@ from lmlab.train.step import TrainStep
 
 CPU = torch.device("cpu")
 # (batch, heads, context, head width): the demo's sizes, then longer contexts to GPT-2 small's.
-SHAPES = [(16, 2, 128, 64), (16, 3, 128, 64), (16, 4, 128, 64), (32, 2, 64, 64), (8, 4, 256, 64), (4, 6, 512, 64),
+SHAPES = [(16, 2, 256, 64), (16, 3, 256, 64), (16, 4, 256, 64), (16, 3, 128, 64), (8, 4, 256, 64), (4, 6, 512, 64),
           (2, 12, 1024, 64)]
-DEMO = ModelConfig(n_layer=3, n_head=3, n_embd=192, block_size=128, vocab_size=76, bias=False, pos_emb="rope",
+DEMO = ModelConfig(n_layer=3, n_head=3, n_embd=192, block_size=256, vocab_size=76, bias=False, pos_emb="rope",
                    norm="rmsnorm", mlp="swiglu", qk_norm=True)
 
 
@@ -66,7 +66,7 @@ def steps(dtype: torch.dtype, rounds: int, peak: float) -> Table:
             if turn:  # the first: allocations, caches
                 seconds[path].append(time.perf_counter() - began)
     flops = trainers["fused"].model.flops_per_token() * tokens.numel()
-    console.print(f"The demo's size: {trainers['fused'].model.describe()}, 16 x 128 tokens a step, Muon")
+    console.print(f"The demo's size: {trainers['fused'].model.describe()}, 16 x {DEMO.block_size} tokens a step, Muon")
     table = Table(title=f"its training steps, median of {rounds}")
     for column in ("path", "ms/step", "tokens/s", "MFU"):
         table.add_column(column, justify="right")

@@ -1,7 +1,8 @@
 """The two ways a transformer's attention runs: `fused`, torch's scaled_dot_product_attention (a flash kernel that
-keeps no T x T scores), and `math`, the scores written out as matmuls and a softmax, which keeps them for the
-backward. Which is faster depends on the device, dtype and shape (benchmarks/attention_paths.py), so training times
-both (lmlab.train.attention); decoding one token over a cache always writes it out (`attend_written_out`)."""
+keeps no T x T scores), and `math`, the scores written out as a masked matmul, a softmax and a matmul, which keeps
+the softmax for the backward. Which is faster depends on the device, dtype and shape
+(benchmarks/attention_paths.py), so training times both (lmlab.train.attention); decoding one token over a cache
+always writes it out (`attend_written_out`)."""
 
 from __future__ import annotations
 
@@ -34,21 +35,34 @@ def attend_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return (weights @ v).view(B, nh, T, hs)  # (B, nkv, g*T, hs) -> (B, nh, T, hs)
 
 
-def causal_mask(T: int, device: torch.device) -> torch.Tensor:
-    """(1, 1, T, T): each position sees itself and those before it."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril().view(1, 1, T, T)
+def attend_causal_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+                              ) -> torch.Tensor:
+    """Causal attention of queries (B, nh, T, hs) over keys and values (B, nkv, T, hs), the scores written out in the
+    inputs' dtype: the scale and the causal mask ride on the scores' matmul (an additive -inf above the diagonal)
+    and the softmax, which computes in fp32 whatever its dtype, writes the weights the next matmul reads. Casting
+    the scores to fp32 and back and masking them apart each cost a pass more over the T x T scores, which in bf16
+    took more time than the matmuls themselves (benchmarks/attention_paths.py). Query groups fold onto their
+    key/value head as in `attend_written_out`."""
+    B, nh, T, hs = q.shape
+    nkv = k.size(1)
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1).repeat(nh // nkv, 1)
+    scores = torch.baddbmm(mask, q.reshape(B * nkv, nh // nkv * T, hs), k.reshape(B * nkv, T, hs).transpose(1, 2),
+                           alpha=hs ** -0.5)  # (B*nkv, g*T, T)
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return (weights @ v.reshape(B * nkv, T, hs)).view(B, nh, T, hs)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention of (B, nh, T, hs) queries over (B, nkv, T, hs) keys and values by `path`."""
     if path == "math":
-        return attend_written_out(q, k, v, causal_mask(q.size(2), q.device), dropout_p)
+        return attend_causal_written_out(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
                                           enable_gqa=k.size(1) != q.size(1))
 
 
 def score_bytes(dtype: torch.dtype, dropout: bool) -> int:
-    """Bytes the math path keeps for the backward per score: the fp32 softmax, and either its copy in `dtype` (none
-    in fp32) or, with dropout, the mask and the weights it leaves, in `dtype` (tests/test_attention.py traces them)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return 4 + (2 * size if dropout else 0 if dtype == torch.float32 else size)
+    """Bytes the math path keeps for the backward per score: the softmax and, with dropout, its mask and the weights
+    it leaves, each in `dtype` (tests/test_attention.py traces them)."""
+    return torch.empty((), dtype=dtype).element_size() * (3 if dropout else 1)

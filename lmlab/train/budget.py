@@ -201,7 +201,9 @@ class Budget:
 
     @property
     def pace(self) -> float:
-        return statistics.median(self._steps) if self._steps else self.plan.step_seconds
+        """The median of the newest PACE_STEPS steps, the planned step standing for those not yet measured: a run's
+        first step (a compile, a cache filled) is as much an outlier as any other."""
+        return statistics.median([*self._steps, *[self.plan.step_seconds] * (PACE_STEPS - len(self._steps))])
 
     def _end(self) -> float:
         """When the last step must end: the budget less the last evaluation, its checkpoint, the final score (its

@@ -2,7 +2,7 @@
 compiled, each in a process of its own with an empty Inductor cache (a first compile, as a user's first run has).
 
     python benchmarks/compile_cpu.py [--config configs/shakespeare-char-modern-cpu.toml] [--steps 200]
-        [--eval-iters 20] [--threads N] [--repeats 1]
+        [--eval-iters 20] [--threads N] [--repeats 1] [--size DEPTH]
 
 Each run is `lmlab train CONFIG --device cpu` with a line per step, one evaluation at its end and the threads fixed
 (every core by default: the comparison is of the code, not of lmlab's choice under load). From its metrics.jsonl:
@@ -34,7 +34,8 @@ from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 
 
-def train(config: str, compiled: bool, steps: int, eval_iters: int, threads: int, folder: Path) -> dict[str, float]:
+def train(config: str, compiled: bool, steps: int, eval_iters: int, threads: int, size: int, folder: Path
+          ) -> dict[str, float]:
     """One run, eager or compiled, in its own process and Inductor cache; its figures."""
     run = folder / ("compiled" if compiled else "eager")
     settings = [f"train.compile={str(compiled).lower()}", f"train.max_iters={steps}", f"train.eval_interval={steps}",
@@ -42,8 +43,9 @@ def train(config: str, compiled: bool, steps: int, eval_iters: int, threads: int
                 "train.budget_seconds=0"]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder / f"inductor-{run.name}")}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lmlab", "train", config, "--run", str(run), "--device", "cpu",
-                           *(arg for s in settings for arg in ("--set", s))], env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", "lmlab", "train", config, "--run", str(run), "--device", "cpu",
+               *(["--size", str(size)] if size else []), *(arg for s in settings for arg in ("--set", s))]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"the {run.name} run failed:\n{done.stderr}")
@@ -68,6 +70,9 @@ def main() -> None:
     parser.add_argument("--eval-iters", type=int, default=20)
     parser.add_argument("--threads", type=int, default=len(cores()))
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--size", type=int, default=0,
+                        help="layers along the preset's depth dial (lmlab train --size; the demo's --size auto "
+                             "trains 3 on 2 cores); default: the preset's own shape")
     args = parser.parse_args()
     prepare(["shakespeare"], "char", out_dir=Path(load_config(Path(args.config)).data.dataset).parent)
     rows: dict[bool, list[dict[str, float]]] = {False: [], True: []}
@@ -76,7 +81,7 @@ def main() -> None:
         for round_ in range(args.repeats):
             for compiled in (False, True):  # in turns: a load that comes or goes weighs on both alike
                 progress.start(f"{'compiled' if compiled else 'eager'}, round {round_ + 1}")
-                rows[compiled].append(train(args.config, compiled, args.steps, args.eval_iters, args.threads,
+                rows[compiled].append(train(args.config, compiled, args.steps, args.eval_iters, args.threads, args.size,
                                             Path(folder) / str(round_)))
     table = Table(title=f"`lmlab train {args.config}` on {args.threads} CPU threads, {args.steps} steps, median of "
                         f"{args.repeats}: eager against train.compile = true (an empty Inductor cache)")

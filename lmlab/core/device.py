@@ -178,10 +178,10 @@ def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
 
 
 # Said before the first step waits for a CPU compile (docs/reference/performance.md has the figures).
-CPU_COMPILE = ("train.compile = true on a CPU: the first step waits while Inductor compiles the model to C++ (minutes "
-               "on a small CPU); then a few compiled steps are timed against eager ones and training goes on eager "
-               "unless compiling pays here (on 2 cores it trained no faster; benchmarks/compile_cpu.py measures this "
-               "machine); false or \"auto\" trains eager at once.")
+CPU_COMPILE = ("train.compile = true on a CPU: the first step waits while Inductor compiles the model to C++ (half a "
+               "minute or more on a small CPU, seconds from its cache after); then a few compiled steps are timed "
+               "against eager ones and training goes on eager unless compiling pays here "
+               "(benchmarks/compile_cpu.py measures this machine); false or \"auto\" trains eager at once.")
 
 
 def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:

@@ -238,6 +238,7 @@ def traces() -> list[Trace]:
         Trace("a first step that compiles, the demo", 300, 0.25, startup=15.0, freeze=(0.0, 42.0), eval_batch=0.14,
               eval_iters=20, eval_interval=200, checkpoint_interval=500),
         Trace("a first step that compiles, 60 s", 60, 0.1, freeze=(0.0, 20.0)),
+        Trace("torchrun ranks, a first step that compiles", 60, 0.1, freeze=(0.0, 20.0), lag=1),
         Trace("a freeze in warmup, 3 steps left", 60, 0.05, freeze=(0.07, 52.85), warmup_iters=50),
         Trace("a freeze in warmup, 1 step left", 60, 0.05, freeze=(0.07, 53.0), warmup_iters=50),
         Trace("resumed mid-plan", 120, 0.1, resume_at=0.5),

@@ -72,7 +72,9 @@ def test_size_auto_trains_the_size_it_predicts_best_and_records_it_as_an_ordinar
     # Candidates the search stopped at (past EXTRAPOLATION x the fit's largest run, or too long to time in the
     # budget) are not timed, and say why.
     assert all(c["note"] for c in event["candidates"] if c["tokens_per_sec"] is None)
-    assert event["predicted_val"] == pytest.approx(fit.predict(event["params"], event["tokens"]), abs=1e-4)
+    # the fit's N: the weights that multiply, the learned position table left out
+    assert event["multiplied_params"] < event["params"]
+    assert event["predicted_val"] == pytest.approx(fit.predict(event["multiplied_params"], event["tokens"]), abs=1e-4)
     assert event["extrapolated"] == (not 10_000 <= event["tokens"] <= 20_000)  # the fit's runs: 10k and 20k tokens
     assert RunDir(sized).events()[-1]["event"] == "end"
 

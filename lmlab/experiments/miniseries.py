@@ -120,7 +120,7 @@ class Miniseries:
 
     def params(self, depth: int) -> int:
         with torch.device("meta"):
-            return build_model(self.family.config(depth).model).num_params()
+            return build_model(self.family.config(depth).model).multiplied_params()
 
     def config(self, depth: int, tokens: int, factor: float) -> RunConfig:
         """Depth `depth` trained for `tokens` (whole steps, at least MIN_STEPS) at `factor` × the preset's LR, with
@@ -217,7 +217,7 @@ class Miniseries:
                 raise UserError(f"the miniseries was stopped by {result.stopped_by}; run the same command again to "
                                 "go on from where it stopped.")
             summary = summarize(path)
-        self.points[path] = {"depth": depth, "params": summary.params, "tokens": summary.tokens,
+        self.points[path] = {"depth": depth, "params": self.params(depth), "tokens": summary.tokens,
                              "learning_rate": cfg.train.learning_rate, "val": summary.reached, "run": str(path),
                              "seconds": round(summary.elapsed, 1)}
         return self.points[path]

@@ -55,6 +55,7 @@ class Candidate:
     shape: str
     width: int
     params: int
+    multiplied: int  # the weights that multiply every token: the fit's N
     flops_per_token: float
     tokens_per_step: int
     timing: Timing | None = None
@@ -144,6 +145,7 @@ class Sizing:
     def record(self) -> dict[str, Any]:
         return {"event": "sizing", "budget": self.budget, "spent": round(self.spent, 3), "fit": self.fit,
                 "depth": self.chosen.depth, "shape": self.chosen.shape, "params": self.chosen.params,
+                "multiplied_params": self.chosen.multiplied,
                 "tokens_per_sec": round(self.chosen.tokens_per_sec, 1), "threads": self.chosen.threads,
                 "steps": self.chosen.steps, "tokens": self.chosen.tokens,
                 "tokens_per_param": round(self.chosen.tokens / self.chosen.params, 4),
@@ -172,7 +174,7 @@ class Search:
             model = build_model(cfg.model)
         tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
         return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.flops_per_token(), tokens)
+                         model.multiplied_params(), model.flops_per_token(), tokens)
 
     def plan(self, c: Candidate) -> None:
         """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val; or
@@ -192,7 +194,7 @@ class Search:
                         windows_in(self.meta, "val", cfg.model.block_size))
         except BudgetRefused as refused:
             return None, None, intervals, str(refused)
-        predicted = self.fit.predict(c.params, made.max_iters * c.tokens_per_step) if self.fit else None
+        predicted = self.fit.predict(c.multiplied, made.max_iters * c.tokens_per_step) if self.fit else None
         return made, predicted, intervals, ""
 
     def fastest(self) -> Candidate:
@@ -215,8 +217,9 @@ class Search:
     def worth_timing(self, c: Candidate, best: Candidate | None) -> bool:
         """Whether to time `c`: not beyond the fit, nor when its timing would take too long or it cannot win even at
         OPTIMISM times its FLOPs' pace; else `note` says why, and the search stops."""
-        if self.fit.predict(c.params, 1) is None:
-            c.note = f"beyond the fit's sizes (at most {self.fit.largest * EXTRAPOLATION / 1e6:.2f}M parameters)"
+        if self.fit.predict(c.multiplied, 1) is None:
+            c.note = (f"beyond the fit's sizes (at most {self.fit.largest * EXTRAPOLATION / 1e6:.2f}M parameters that "
+                      "multiply)")
             return False
         if best is None:  # nothing timed yet
             return True

@@ -124,4 +124,9 @@ class LanguageModel(nn.Module):
         weights that multiply every token (lookup-only tables left out), plus the kind's `attention_flops` (a
         transformer's 12·L·H·Q·T, PaLM appendix B)."""
         # The padding rows of a tied table or a head are multiplied too: compute counts them (MFU is of the work).
-        return 6.0 * (self.num_params() + self.padding_params() - self.lookup_params()) + self.attention_flops()
+        return 6.0 * (self.multiplied_params() + self.padding_params()) + self.attention_flops()
+
+    def multiplied_params(self) -> int:
+        """The weights that multiply every token, lookup-only tables left out: the N of compute and of a size fit (a
+        table of pairs or positions grows no cheaper or dearer to train with the model's depth)."""
+        return self.num_params() - self.lookup_params()

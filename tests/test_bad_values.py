@@ -135,7 +135,7 @@ ROWS = [
     *setting_rows(TRAIN, "model", ModelConfig, {"dropout": ("zero",), "vocab_size": ("zero",),
                                                  "n_kv_head": ("zero",), "head_dim": ("zero",),
                                                  "mlp_hidden": ("zero",), "rope_theta": ("huge",),
-                                                 "norm_eps": ("zero",)}, "train"),
+                                                 "norm_eps": ("zero",), "bigram_buckets": ("zero",)}, "train"),
     *setting_rows(TRAIN, "train", TrainConfig, {
         "max_seconds": ("zero", "huge"), "budget_seconds": ("zero",), "min_lr": ("zero",),
         "warmup_iters": ("zero",), "warmup_epochs": ("zero",), "lr_decay_iters": ("zero",),

@@ -292,6 +292,12 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
                                                "Qwen3 is SwiGLU (SiLU-gated)."]
     with pytest.raises(UserError, match=r"closest: qwen3\): model.mlp = 'relu2' cannot be exported: the MLP"):
         choose_family(relu2)  # export-gguf's check too: it writes the family export-hf would
+    pairs = dataclasses.replace(qwen, bigram_buckets=4096)  # the demo preset's table of token pairs
+    assert export_problems(pairs, "qwen3") == ["model.bigram_buckets = 4096 cannot be exported: Llama, Qwen2 and Qwen3 "
+                                               "embed each token alone, with no table of token pairs."]
+    assert export_problems(dataclasses.replace(pairs, pos_emb="learned", norm="layernorm", mlp="gelu", qk_norm=False,
+                                               bias=True, n_kv_head=0), "gpt2") == [
+        "model.bigram_buckets = 4096 cannot be exported: GPT-2 embeds each token alone, with no table of token pairs."]
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(config.read_text().replace("n_layer = 2", "n_layer = 2\nnorm = \"rmsnorm\""))

@@ -112,6 +112,7 @@ VARIANTS = {
     "head_dim": dict(pos_emb="rope", n_head=4, head_dim=16),  # q is 64 wide in a 32-wide model
     "mlp_hidden": dict(mlp_hidden=40),
     "rope_theta": dict(pos_emb="rope", rope_theta=500000.0),
+    "bigram": dict(pos_emb="rope", bigram_buckets=64),  # 2,500 pairs of 50 tokens: rows shared, as a hash shares them
     "norm_eps": dict(norm="rmsnorm", qk_norm=True, norm_eps=1e-5),
     "qwen3": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_head=4, n_kv_head=2,
                   head_dim=16, mlp_hidden=48, rope_theta=1e6, norm_eps=1e-6),
@@ -122,7 +123,10 @@ VARIANTS = {
 
 def variant(name: str):
     torch.manual_seed(0)
-    return build_model(dataclasses.replace(CONFIG, **VARIANTS[name])).eval()
+    m = build_model(dataclasses.replace(CONFIG, **VARIANTS[name]))
+    if getattr(m, "bigram", None) is not None:  # zeros at init, which would hide every pair
+        torch.nn.init.normal_(m.bigram.weight)
+    return m.eval()
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -177,6 +181,9 @@ def test_flops_per_token_counts_matmul_weights_once_per_token():
     untied = variant("untied")
     attention = 12 * 2 * 32 * 16
     assert untied.flops_per_token() == 6 * (untied.num_params() - 50 * 32 - 16 * 32) + attention
+    bigram, rope = variant("bigram"), variant("rope")
+    assert bigram.num_params() == rope.num_params() + 64 * 32
+    assert bigram.flops_per_token() == rope.flops_per_token()  # the pairs' table is looked up, never multiplied
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -79,7 +79,7 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
 # The fields each model kind reads besides the shared ones.
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "gpt": ("n_head", "bias", "gelu_approx", "pos_emb", "norm", "mlp", "qk_norm", "n_kv_head",
-            "head_dim", "mlp_hidden", "rope_theta", "norm_eps"),
+            "head_dim", "mlp_hidden", "rope_theta", "norm_eps", "bigram_buckets"),
     "recurrent": ("rnn_cell",),
 }
 
@@ -143,6 +143,10 @@ class ModelConfig:
     mlp_hidden: int = 0  # the MLP's hidden width; 0: 4 x n_embd (gelu, relu2), or ~8/3 x n_embd (swiglu, same params)
     rope_theta: float = 10000.0  # rotary base: channel pair i turns by position x theta^(-2i / head width)
     norm_eps: float = 0.0  # epsilon of every norm, QK-norm too; 0: torch's (LayerNorm 1e-5, RMSNorm machine eps)
+    # Rows of a table of token pairs added to the token embedding, at most one per pair (vocab² rows): the pair
+    # (previous, current) reads row (previous x vocab + current) mod the rows; 0: no table. A lookup, not a matmul:
+    # pair statistics without spending a layer on them.
+    bigram_buckets: int = 0
     rnn_cell: str = "gru"  # gru | lstm: the recurrent model's cell
     # A model plugin's own settings, the [model.options] table: what the plugin reads, checked by it.
     options: dict[str, Any] = field(default_factory=dict)
@@ -158,7 +162,8 @@ class ModelConfig:
             self._check_heads()
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
-        check_counts("model.", {"head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden}, low=0)  # 0: the default
+        check_counts("model.", {"head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden,
+                                "bigram_buckets": self.bigram_buckets}, low=0)  # 0: the default, or none
         if not self.rope_theta > 0:
             raise UserError(f"model.rope_theta ({self.rope_theta}) must be positive, e.g. 10000.")
         if not 0 <= self.norm_eps < 1:

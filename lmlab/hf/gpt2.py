@@ -33,6 +33,7 @@ RULES: dict[str, Rule] = {
     "n_kv_head": (lambda cfg: cfg.kv_heads == cfg.n_head,
                   "GPT-2 gives every query head its own key and value head (no grouped-query attention)"),
     "head_dim": (lambda cfg: cfg.head_size == cfg.n_embd // cfg.n_head, "GPT-2's heads are n_embd / n_head wide"),
+    "bigram_buckets": (equals("bigram_buckets", 0), "GPT-2 embeds each token alone, with no table of token pairs"),
 }
 
 

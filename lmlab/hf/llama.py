@@ -39,6 +39,8 @@ COMMON: dict[str, Rule] = {
     "norm": (equals("norm", "rmsnorm"), "Llama, Qwen2 and Qwen3 normalise with RMSNorm, not LayerNorm"),
     "mlp": (equals("mlp", "swiglu"), "the MLP of Llama, Qwen2 and Qwen3 is SwiGLU "
             "(SiLU-gated)"),
+    "bigram_buckets": (equals("bigram_buckets", 0), "Llama, Qwen2 and Qwen3 embed each token alone, with no table of "
+                       "token pairs"),
 }
 LLAMA_RULES = {**COMMON, "bias": (equals("bias", True, False), "Llama has biases in all of attention and the MLP or "
                                   "in none (attention_bias and mlp_bias); Qwen2 has them on q, k and v alone (--arch "

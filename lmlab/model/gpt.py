@@ -164,11 +164,16 @@ class GPT(LanguageModel):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=make_norm(config, config.n_embd),
         ))
+        # zeroed below: training starts from the token embedding alone
+        pairs = min(config.bigram_buckets, config.vocab_size ** 2)  # a row more than the pairs is never read
+        self.bigram = nn.Embedding(pairs, config.n_embd) if pairs else None
         self.rotary = None if learned else Rotary(config.head_size, config.block_size, config.rope_theta)
         self.lm_head = nn.Linear(config.n_embd, padded, bias=False)
         if config.tie_embeddings:
             wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.weight)
         # GPT-2: each block adds two residual projections
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -184,10 +189,11 @@ class GPT(LanguageModel):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def embedding_params(self) -> list[torch.Tensor]:
-        return [self.transformer.wte.weight] + ([self.transformer.wpe.weight] if "wpe" in self.transformer else [])
+        tables = [self.transformer.wpe.weight] if "wpe" in self.transformer else []
+        return [self.transformer.wte.weight, *tables, *([self.bigram.weight] if self.bigram is not None else [])]
 
     def lookup_params(self) -> int:
-        n = self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+        n = sum(p.numel() for p in self.embedding_params()[1:])  # the token table's own count, when the head shares it
         return n + (0 if self.config.tie_embeddings else self.transformer.wte.weight.numel())
 
     def hidden_matrices(self) -> list[nn.Parameter]:
@@ -211,7 +217,8 @@ class GPT(LanguageModel):
                    c.mlp if c.mlp != "gelu" else "", "qk-norm" if c.qk_norm else "",
                    ("" if c.bias is True else "qkv-bias" if c.bias == "qkv" else f"bias({c.bias})" if c.bias
                     else "no-bias"),
-                   "" if c.tie_embeddings else "untied", f"gqa{c.kv_heads}" if c.kv_heads != c.n_head else ""]
+                   "" if c.tie_embeddings else "untied", f"gqa{c.kv_heads}" if c.kv_heads != c.n_head else "",
+                   f"bigram{self.bigram.num_embeddings}" if self.bigram is not None else ""]
         return " ".join([f"gpt {c.n_layer}L/{c.n_embd}", *filter(None, options)])
 
     def architecture(self) -> str:
@@ -239,6 +246,19 @@ class GPT(LanguageModel):
                   cache: KVCache | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
         return self.lm_head(self.hidden(idx, cache)[rows, positions])[..., :self.config.vocab_size]  # (n, vocab)
 
+    def pairs(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """The bigram table's rows (B, T, C) for token ids (B, T) at `positions`, each pairing a token with the one
+        before it: within `idx`, or the last one the cache was fed. Position 0 has none and gets zeros, in training
+        (a window's first token) as in decoding (a prompt's, or a refilled context's)."""
+        table = self.bigram
+        assert table is not None, "pairs are looked up only in a model with a bigram table"
+        before = torch.zeros_like(idx[:, :1]) if cache is None else cache.last[:, None]
+        previous = torch.cat([before, idx[:, :-1]], dim=1)
+        if cache is not None:
+            cache.last.copy_(idx[:, -1])
+        rows = table((previous * self.config.vocab_size + idx) % table.num_embeddings).float()
+        return rows * (positions > 0).unsqueeze(-1)  # positions (T,) or (B, T)
+
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final normed states (B, T, C) the head reads, for token ids (B, T)."""
         B, T = idx.size()
@@ -246,6 +266,8 @@ class GPT(LanguageModel):
         positions = torch.arange(T, device=idx.device) if cache is None else cache.advance(T)
         # the residual stream in fp32, as autocast keeps it, also when decoding holds the table in bf16
         x = self.transformer.wte(idx).float()  # (B, T, C)
+        if self.bigram is not None:
+            x = x + self.pairs(idx, positions, cache)
         rope = None
         if self.rotary is not None:
             rope = self.rotary(positions)

@@ -29,27 +29,29 @@ class KVCache(DecodeState):
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.last = torch.zeros(batch, dtype=torch.long, device=device)  # the token each row was fed last (a bigram's)
         self.where = self.mask = torch.empty(0)  # the step being run: set by `advance`
         self.empty = True  # known on the host to hold nothing, so no mask is needed (and no sync to find out)
         self.fresh = False  # the step being run starts from an empty cache
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.pos, *self.k, *self.v]
+        return [self.pos, self.last, *self.k, *self.v]
 
     @classmethod
     def over(cls, tensors: Sequence[torch.Tensor]) -> KVCache:
         cache = object.__new__(cls)
-        layers = (len(tensors) - 1) // 2
-        cache.pos, cache.k, cache.v = tensors[0], list(tensors[1:1 + layers]), list(tensors[1 + layers:])
+        layers = (len(tensors) - 2) // 2
+        cache.pos, cache.last = tensors[0], tensors[1]
+        cache.k, cache.v = list(tensors[2:2 + layers]), list(tensors[2 + layers:])
         cache.where = cache.mask = torch.empty(0)
         cache.empty = cache.fresh = False
         return cache
 
     def shortened(self, length: int) -> KVCache:
-        return KVCache.over([self.pos, *(t[:, :, :length] for t in (*self.k, *self.v))])
+        return KVCache.over([self.pos, self.last, *(t[:, :, :length] for t in (*self.k, *self.v))])
 
     def length_dims(self) -> list[int | None]:
-        return [None] + [2] * (len(self.k) + len(self.v))
+        return [None, None] + [2] * (len(self.k) + len(self.v))
 
     def reset(self, row: int) -> None:
         self.pos[row] = 0  # the old keys are masked out, then overwritten
@@ -58,7 +60,7 @@ class KVCache(DecodeState):
     def move(self, src: int, dst: int, length: int) -> None:
         for cached in (*self.k, *self.v):
             cached[dst, :, :length] = cached[src, :, :length]
-        self.pos[dst] = self.pos[src]
+        self.pos[dst], self.last[dst] = self.pos[src], self.last[src]
 
     def advance(self, length: int) -> torch.Tensor:
         """The positions (B, T) of the `length` tokens each row is fed now; moves the rows past them."""

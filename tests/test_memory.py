@@ -12,6 +12,8 @@ import torch
 from benchmarks.memory_estimate import measured
 from benchmarks.prefill_memory import prefill_peak
 from lmlab.core.config import ModelConfig
+from lmlab.core.errors import UserError
+from lmlab.model import build_model
 from lmlab.model.memory import (
     MemoryRefused,
     check_decoding,
@@ -91,6 +93,9 @@ def test_every_size_that_multiplies_memory_is_refused_before_it_is_allocated(cap
     assert not (tmp_path / "new").exists() and not (tmp_path / "tuned").exists() and not (tmp_path / "a.jsonl").exists()
     refused(capsys, "train", config, "--run", tmp_path / "new", "--set", "model.n_embd=1000000000000", "--set",
             "model.n_head=1", needles=("more memory than can be counted",))
+    # a table of token pairs as large as a large vocabulary's pairs: the sentence names the setting that made it so
+    with pytest.raises(UserError, match=r"bigram_buckets 1099511627776 and vocab_size 50257 needs .* make it smaller"):
+        build_model(ModelConfig(n_layer=1, n_head=1, n_embd=64, vocab_size=50257, bigram_buckets=2**40))
 
 
 def test_the_largest_size_that_fits_fits_and_one_more_does_not():

@@ -28,8 +28,9 @@ def build_model(config: ModelConfig) -> LanguageModel:
         need, have = model_bytes(config), host_memory()
         if need > have:
             figure = "more memory than can be counted" if need >= UNCOUNTABLE else human_bytes(need)
+            pairs = f", bigram_buckets {config.bigram_buckets}" if config.bigram_buckets else ""
             raise UserError(f"a model with n_layer {config.n_layer}, n_embd {config.n_embd}, block_size "
-                            f"{config.block_size} and vocab_size {config.vocab_size} needs {figure} for "
+                            f"{config.block_size}{pairs} and vocab_size {config.vocab_size} needs {figure} for "
                             f"its weights alone, but this machine has {human_bytes(have)} of memory available; "
                             "make it smaller.")
     return construct(config)

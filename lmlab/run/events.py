@@ -66,9 +66,9 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
                              "checkpoint_seconds:number finish_seconds:number position:number reason:string "
                              "eval_iters:integer warmup:integer"),
     "sizing": _fields("", "budget:number spent:number fit:string|null depth:integer shape:string|null "
-                          "params:integer multiplied_params:integer tokens_per_sec:number threads:integer|null steps:integer tokens:integer "
-                          "tokens_per_param:number predicted_val:number extrapolated:boolean learning_rate:number "
-                          "warmup_iters:integer candidates:list"),
+                          "params:integer multiplied_params:integer tokens_per_sec:number threads:integer|null "
+                          "steps:integer tokens:integer tokens_per_param:number predicted_val:number "
+                          "extrapolated:boolean learning_rate:number warmup_iters:integer candidates:list"),
     "end": _fields(_STEP, "tokens:integer elapsed:number lr:number stopped_early:boolean stopped_by:string|null "
                           "best_val_loss:number best_step:integer|null best_epoch:integer base_val_loss:number "
                           "budget_spent:number"),

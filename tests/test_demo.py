@@ -123,11 +123,11 @@ def test_make_demo_in_a_fresh_copy_then_the_readme_tour(tmp_path):
     reply = done.stdout[done.stdout.index('{"id"'):]  # curl's answer, which ends without a line break
     answer = json.JSONDecoder().raw_decode(reply)[0]
     assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] == 40
-    assert "\nROMEO:" in done.stdout[done.stdout.index("wrote exported/modern.gguf"):]  # llama-cli's continuation
+    assert "\nROMEO:" in done.stdout[done.stdout.index("wrote exported/gpt.gguf"):]  # llama-cli's continuation
     from llama_cpp import Llama
 
-    model = Llama(str(repo / "exported" / "modern.gguf"), n_ctx=0, verbose=False)
-    vocab = json.loads((repo / "runs" / "modern" / "dataset.json").read_text())["vocab_size"]
+    model = Llama(str(repo / "exported" / "gpt.gguf"), n_ctx=0, verbose=False)
+    vocab = json.loads((repo / "runs" / "gpt" / "dataset.json").read_text())["vocab_size"]
     assert model.n_vocab() == vocab and model("ROMEO:", max_tokens=8, temperature=0)["usage"]["completion_tokens"]
 
     # An extra the demo does not install is named with the pip command of this checkout and venv.

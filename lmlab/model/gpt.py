@@ -188,14 +188,6 @@ class GPT(LanguageModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def embedding_params(self) -> list[torch.Tensor]:
-        tables = [self.transformer.wpe.weight] if "wpe" in self.transformer else []
-        return [self.transformer.wte.weight, *tables, *([self.bigram.weight] if self.bigram is not None else [])]
-
-    def lookup_params(self) -> int:
-        n = sum(p.numel() for p in self.embedding_params()[1:])  # the token table's own count, when the head shares it
-        return n + (0 if self.config.tie_embeddings else self.transformer.wte.weight.numel())
-
     def hidden_matrices(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]
 

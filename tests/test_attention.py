@@ -1,6 +1,7 @@
 """The two attention paths (lmlab.model.attention) and the choice between them (lmlab.train.attention): both train
 the same model, the math path keeps no more than its memory counts, `auto` takes it only where it is faster by the
-gain and fits, and a resumed run keeps the path it trained by."""
+gain and fits, a set path (train.attention, finetune.attention) is taken untimed, and a resumed run or a continued
+fine-tune keeps the path it trained by."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config
 from lmlab.model.attention import PATHS, attend, score_bytes
 from lmlab.model.gpt import GPT
@@ -19,9 +20,10 @@ from lmlab.model.recurrent import RecurrentLM
 from lmlab.run.rundir import RunDir
 from lmlab.train import attention
 from lmlab.train.attention import GAIN, choose_attention
+from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS
-from tests.helpers import stable_events, write_config
+from tests.helpers import ALPACA_TINY, events_of, stable_events, write_config
 
 CPU = torch.device("cpu")
 STATE = OPTIMIZERS["adamw"].state_bytes
@@ -138,6 +140,51 @@ def test_a_resumed_run_trains_by_the_path_it_started_with(tmp_path, char_dataset
     assert "attention: math; as this run trained, its checkpoint says" in console.export_text()
     assert stable_events(run) == stable_events(straight)
     assert _weights(run) == _weights(straight)
+
+
+def _tune(base: Path, out: Path, path: str = "auto") -> str:
+    """Fine-tune `base` into `out` on one thread with finetune.attention = `path`; what it printed."""
+    console = Console(record=True, width=80)
+    ft = FinetuneConfig(str(ALPACA_TINY), epochs=1, batch_size=8, checkpoint_interval=3, threads=1, attention=path)
+    finetune(base, out, ft, "cpu", console=console)
+    return console.export_text()
+
+
+@pytest.mark.slow
+def test_a_fine_tune_set_to_a_path_takes_it_whatever_a_timing_says(tmp_path, imported_gpt2, monkeypatch):
+    """finetune.attention is to a fine-tune what train.attention is to a run: set, it decides, untimed, so two
+    fine-tunes on a load that tips the timing either way end bitwise equal; at `auto` the faster path is taken,
+    said and recorded."""
+    weights = []
+    for fused_ms, math_ms in ((10.0, 1.0), (1.0, 10.0)):
+        faked = timer(fused_ms, math_ms)
+        monkeypatch.setattr(attention, "layer_timer", lambda *args, t=faked: t)
+        assert "attention: fused; finetune.attention" in _tune(imported_gpt2, tmp_path / f"set{fused_ms}", "fused")
+        assert [e["path"] for e in events_of(tmp_path / f"set{fused_ms}", "attention")] == ["fused"]
+        weights.append(_weights(tmp_path / f"set{fused_ms}"))
+        faster = "math" if math_ms < fused_ms else "fused"
+        assert f"attention: {faster}; auto: a layer's" in _tune(imported_gpt2, tmp_path / f"auto{fused_ms}")
+        assert [e["path"] for e in events_of(tmp_path / f"auto{fused_ms}", "attention")] == [faster]
+    assert weights[0] == weights[1]
+
+
+@pytest.mark.slow
+def test_a_continued_fine_tune_trains_by_the_path_it_started_with(tmp_path, imported_gpt2, monkeypatch):
+    """Started where the math path timed faster, continued from its first checkpoint where fused does: it goes on
+    by the math path, its checkpoint says so, and it ends bitwise where the fine-tune never stopped ends."""
+    monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(10.0, 1.0))
+    _tune(imported_gpt2, tmp_path / "straight")
+    run = Path(shutil.copytree(tmp_path / "straight", tmp_path / "continued"))
+    for folder in RunDir(run).step_folders()[1:]:
+        shutil.rmtree(folder)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"checkpoint"' in line) + 1
+    (run / "metrics.jsonl").write_text("".join(lines[:cut]))  # as a fine-tune killed after its first checkpoint
+    monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(1.0, 10.0))
+    said = _tune(imported_gpt2, run)
+    assert "Resumed" in said and "attention: math; as this run trained, its checkpoint says" in said
+    assert stable_events(run) == stable_events(tmp_path / "straight")
+    assert _weights(run) == _weights(tmp_path / "straight")
 
 
 def _weights(run: Path) -> bytes:

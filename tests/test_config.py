@@ -2,7 +2,7 @@ import pytest
 
 from lmlab.core import config_toml
 from lmlab.core.config import RunConfig
-from lmlab.core.config_toml import build_config, load_config, to_toml
+from lmlab.core.config_toml import build_config, load_config, load_finetune_config, to_toml, toml_value
 from lmlab.core.errors import UserError
 
 
@@ -77,6 +77,8 @@ def test_invalid_values_are_rejected():
     for wrong in ("flash", 1, True):
         with pytest.raises(UserError, match="train.attention (is .*; use auto, fused, math|must be str)"):
             build_config({"train": {"attention": wrong}}, "x")
+        with pytest.raises(UserError, match="finetune.attention (is .*; use auto, fused, math|must be str)"):
+            load_finetune_config(None, [f"finetune.attention={toml_value(wrong)}"])
     for wrong in ("linear", "WSD"):
         with pytest.raises(UserError, match=f"train.schedule is '{wrong}'; use cosine or wsd"):
             build_config({"train": {"schedule": wrong}}, "x")

@@ -51,6 +51,11 @@ def checkpoint_label(name: str, step: int) -> str:
     return f"step {step:,}" if name.startswith("step_") else f"{name}, step {step:,}"
 
 
+def check_attention(setting: str, value: str) -> None:
+    if value not in ATTENTION_CHOICES:
+        raise UserError(f"{setting} is '{as_text(value)}'; use {', '.join(ATTENTION_CHOICES)}.")
+
+
 def check_seed(where: str, seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"{where} is {as_text(seed)}; it must be between 0 and 2**63 - 1.")
@@ -61,7 +66,7 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
-ATTENTION_CHOICES = ("auto", "fused", "math")  # train.attention's: lmlab.model.attention.PATHS, or timed
+ATTENTION_CHOICES = ("auto", "fused", "math")  # train.attention's, finetune.attention's: a path, or timed
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
 BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
@@ -290,8 +295,7 @@ class TrainConfig:
             raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
         if self.optimizer not in OPTIMIZER_NAMES:
             raise UserError(f"train.optimizer is '{as_text(self.optimizer)}'; use {' or '.join(OPTIMIZER_NAMES)}.")
-        if self.attention not in ATTENTION_CHOICES:
-            raise UserError(f"train.attention is '{as_text(self.attention)}'; use {', '.join(ATTENTION_CHOICES)}.")
+        check_attention("train.attention", self.attention)
         if self.schedule not in ("cosine", "wsd"):
             raise UserError(f"train.schedule is '{as_text(self.schedule)}'; use cosine or wsd.")
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -392,8 +396,10 @@ class FinetuneConfig:
     seed: int = DEFAULT_SEED  # seeds the split of records, their order and dropout
     checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them, as training's
+    attention: str = "auto"  # auto | fused | math, as train.attention; set, no load can tip `auto`'s timing
 
     def __post_init__(self) -> None:
+        check_attention("finetune.attention", self.attention)
         check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size,
                                    "checkpoint_interval": self.checkpoint_interval})
         check_counts("finetune.", {"threads": self.threads}, low=0)

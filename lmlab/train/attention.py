@@ -74,15 +74,16 @@ def math_need(config: ModelConfig, state_bytes: StateBytes, dtype: torch.dtype) 
 
 def choose_attention(model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                      state_bytes: StateBytes, processes: int = 1, timer: Timer | None = None,
-                     agree: Callable[[int], int] | None = None) -> AttentionChoice | None:
+                     agree: Callable[[int], int] | None = None, setting: str = "train.attention"
+                     ) -> AttentionChoice | None:
     """Set `model`'s attention path and say which and why; None where its kind has none to choose. `processes`
     share this host's memory; `agree` makes rank 0's choice every rank's; `timer` times a path (default: the
-    model's own shape, `layer_timer`)."""
+    model's own shape, `layer_timer`); `setting` is what the user set `cfg.attention` by."""
     if not model.use_attention("fused"):
         return None
     if cfg.attention != "auto":
         model.use_attention(cfg.attention)
-        return AttentionChoice(cfg.attention, "train.attention")
+        return AttentionChoice(cfg.attention, setting)
     choice = _auto(model.config, cfg, device, dtype, state_bytes, processes, timer)
     if agree is not None:
         path = PATHS[agree(PATHS.index(choice.path))]

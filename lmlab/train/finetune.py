@@ -100,7 +100,8 @@ class _Finetuner:
     def __init__(self, base: LoadedRun, cfg: RunConfig, run: RunDir, console: Console, threads: ThreadChooser):
         self.model, self.cfg, self.run, self.console, self.threads = base.model.train(), cfg, run, console, threads
         self.device, self.dtype = base.device, base.dtype
-        self.train_step = TrainStep(self.model, cfg.train, self.device, self.dtype)
+        self.train_step = TrainStep(self.model, cfg.train, self.device, self.dtype,
+                                    attention_setting="finetune.attention")
         if self.train_step.note:
             console.print(f"[yellow]{self.train_step.note}[/yellow]")
         self.step, self.tokens, self.clock = 0, 0, Stopwatch()
@@ -242,7 +243,9 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
     if "base" not in theirs:
         raise UserError(f"{run.path} holds an unfinished fine-tune written by an earlier version of lmlab, whose "
                         "fine-tunes cannot be continued; choose a new --run.")
-    old = dataclasses.replace(run.config().finetune, checkpoint_interval=ft.checkpoint_interval, threads=ft.threads)
+    # What may differ: the threads, and the attention path a continued fine-tune takes from its checkpoint.
+    old = dataclasses.replace(run.config().finetune, checkpoint_interval=ft.checkpoint_interval, threads=ft.threads,
+                              attention=ft.attention)
     changed = [f"finetune.{f.name} {getattr(old, f.name)} -> {getattr(ft, f.name)}" for f in dataclasses.fields(ft)
                if getattr(old, f.name) != getattr(ft, f.name)]
     changed += [f"the {what} changed since" for key, what in (("base", "base run"), ("data_sha256", "records"),
@@ -271,7 +274,7 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
     # padded batches change length from step to step.
     train_cfg = dataclasses.replace(base.config.train, learning_rate=ft.learning_rate, min_lr=ft.learning_rate / 10,
                                     warmup_iters=total // 20, max_iters=total, lr_decay_iters=0,
-                                    batch_size=ft.batch_size, seed=ft.seed, compile=False)
+                                    batch_size=ft.batch_size, seed=ft.seed, compile=False, attention=ft.attention)
     cfg = dataclasses.replace(base.config, train=train_cfg, finetune=ft)
     origin = _origin(base, base_dir, ft, fits, dropped, fmt)
     continuing = _continuing(run, ft, origin)
@@ -287,7 +290,7 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
                   dtype=base.dtype, origin=origin)
         run.write_setup(cfg, base.run.path / "tokenizer.json", dataset, fmt)
     else:
-        run.write_config(cfg)  # a changed checkpoint_interval is the only difference it may have
+        run.write_config(cfg)  # its checkpoint_interval, threads or attention may differ
     tuner = _Finetuner(base, cfg, run, console, threads)
     if continuing:
         run.remove_partial_checkpoints()
@@ -295,6 +298,10 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
         tuner.restore(folder)
         console.print(f"Resumed {run.path} from {folder.name} (step {tuner.step}, epoch {tuner.at.epoch + 1} of "
                       f"{ft.epochs}).")
+    if attention := tuner.train_step.attention:
+        console.print(attention.line(), highlight=False)
+        if not continuing:
+            run.log(attention.record(0))
     if choice.lowered:
         tuner.threads_changed(choice)
     if not continuing:

@@ -80,11 +80,13 @@ class TrainStep:
     norm global under torchrun, so every rank skips alike. `note` is a line for the user when `compile = "auto"` could
     not compile here. With `trial` (rank 0's verdict to every rank), a compiled model on a CPU is timed against eager
     over its first steps and left for eager unless faster (`CompileTrial`). The attention path is chosen before the
-    first step (lmlab.train.attention), `processes` sharing the host's memory."""
+    first step (lmlab.train.attention), `processes` sharing the host's memory, `cfg.attention` set by
+    `attention_setting`."""
 
     def __init__(self, model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                  wrapped: torch.nn.Module | None = None, reduce: Reduce | None = None,
-                 trial: Callable[[int], int] | None = None, processes: int = 1):
+                 trial: Callable[[int], int] | None = None, processes: int = 1,
+                 attention_setting: str = "train.attention"):
         self.model, self.device, self.dtype, self.grad_clip, self.reduce = model, device, dtype, cfg.grad_clip, reduce
         compiled, self.note = compile_choice(cfg.compile, device.type, device.type == "cuda" and triton_available())
         if compiled:
@@ -99,7 +101,8 @@ class TrainStep:
         self.verdict: CompileVerdict | None = None
         chosen = optimizer_of(cfg)
         self.optimizer, self.skips_on_device = chosen.build(model, cfg, device), chosen.found_inf
-        self.attention = choose_attention(model, cfg, device, dtype, chosen.state_bytes, processes, agree=trial)
+        self.attention = choose_attention(model, cfg, device, dtype, chosen.state_bytes, processes, agree=trial,
+                                          setting=attention_setting)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def __call__(self, batches: Iterable[Batch], n_batches: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -247,6 +247,7 @@ def write_wikitext(folder: Path, articles: int = 40, seed: int = 0) -> Path:
 
 
 # Fields of metrics.jsonl that depend on wall time, the machine's load or the run's location, not on what it learned.
+CHOSEN = ("threads", "attention", "compile")  # the events of what a run chose by timing or by the load
 VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "ms_per_step", "mfu", "peak_flops", "peak_source", "peak_quiet",
             "dtype_reason", "budget_spent", "path"}
 
@@ -256,7 +257,7 @@ def stable_events(run: Path) -> list[dict]:
     history of how the run was trained (how often it resumed; the threads the load at each start made lmlab choose;
     whether a compiled step or an attention path measured faster), not what it learned."""
     return [{k: v for k, v in e.items() if k not in VOLATILE} for e in RunDir(run).events()
-            if e["event"] not in ("resume", "threads", "compile", "attention")]
+            if e["event"] not in ("resume", *CHOSEN)]
 
 
 # --- the docs' blocks, as a reader runs them (tests/test_docs.py runs the guides, tests/test_demo.py the README's tour)
@@ -532,6 +533,24 @@ def read_answer(sock: socket.socket) -> tuple[int, dict]:
 
 def weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
     return load_file(str(RunDir(run).checkpoint(which) / "model.safetensors"))
+
+
+def same_weights(run: Path, *others: Path) -> None:
+    """Each of `others` ends with bitwise `run`'s latest weights. Where one does not, the failure names the tensors
+    that differ and what each run chose by timing or by the load (its threads, attention path and compile verdict:
+    a choice left to the load is the usual cause), not the bytes."""
+    mine = weights(run)
+    for other in others:
+        theirs = weights(other)
+        differ = sorted(n for n in mine.keys() | theirs.keys()
+                        if n not in mine or n not in theirs or not torch.equal(mine[n], theirs[n]))
+        assert not differ, (f"{other} differs from {run} in {len(differ)} of {len(mine)} tensors ({differ[0]}, ...); "
+                            f"what each chose: {_chosen(other)} against {_chosen(run)}")
+
+
+def _chosen(run: Path) -> list[dict]:
+    events = RunDir(run).events()
+    return [{"torch_threads": events[0]["machine"].get("torch_threads")}, *(e for e in events if e["event"] in CHOSEN)]
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:

@@ -23,7 +23,7 @@ from lmlab.train.attention import GAIN, choose_attention
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS
-from tests.helpers import ALPACA_TINY, events_of, stable_events, write_config
+from tests.helpers import ALPACA_TINY, events_of, same_weights, stable_events, write_config
 
 CPU = torch.device("cpu")
 STATE = OPTIMIZERS["adamw"].state_bytes
@@ -139,7 +139,7 @@ def test_a_resumed_run_trains_by_the_path_it_started_with(tmp_path, char_dataset
     Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=console).run()
     assert "attention: math; as this run trained, its checkpoint says" in console.export_text()
     assert stable_events(run) == stable_events(straight)
-    assert _weights(run) == _weights(straight)
+    same_weights(straight, run)
 
 
 def _tune(base: Path, out: Path, path: str = "auto") -> str:
@@ -155,17 +155,15 @@ def test_a_fine_tune_set_to_a_path_takes_it_whatever_a_timing_says(tmp_path, imp
     """finetune.attention is to a fine-tune what train.attention is to a run: set, it decides, untimed, so two
     fine-tunes on a load that tips the timing either way end bitwise equal; at `auto` the faster path is taken,
     said and recorded."""
-    weights = []
     for fused_ms, math_ms in ((10.0, 1.0), (1.0, 10.0)):
         faked = timer(fused_ms, math_ms)
         monkeypatch.setattr(attention, "layer_timer", lambda *args, t=faked: t)
         assert "attention: fused; finetune.attention" in _tune(imported_gpt2, tmp_path / f"set{fused_ms}", "fused")
         assert [e["path"] for e in events_of(tmp_path / f"set{fused_ms}", "attention")] == ["fused"]
-        weights.append(_weights(tmp_path / f"set{fused_ms}"))
         faster = "math" if math_ms < fused_ms else "fused"
         assert f"attention: {faster}; auto: a layer's" in _tune(imported_gpt2, tmp_path / f"auto{fused_ms}")
         assert [e["path"] for e in events_of(tmp_path / f"auto{fused_ms}", "attention")] == [faster]
-    assert weights[0] == weights[1]
+    same_weights(tmp_path / "set10.0", tmp_path / "set1.0")
 
 
 @pytest.mark.slow
@@ -184,8 +182,4 @@ def test_a_continued_fine_tune_trains_by_the_path_it_started_with(tmp_path, impo
     said = _tune(imported_gpt2, run)
     assert "Resumed" in said and "attention: math; as this run trained, its checkpoint says" in said
     assert stable_events(run) == stable_events(tmp_path / "straight")
-    assert _weights(run) == _weights(tmp_path / "straight")
-
-
-def _weights(run: Path) -> bytes:
-    return (RunDir(run).checkpoint("latest") / "model.safetensors").read_bytes()
+    same_weights(tmp_path / "straight", run)

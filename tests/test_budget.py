@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmlab.commands import main
 from lmlab.core.config import TrainConfig
@@ -25,7 +24,7 @@ from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import FINAL_SHARE, MIN_STEPS, Budget, BudgetRefused, Costs, Plan, final_windows, plan
 from lmlab.train.loop import Trainer
-from tests.helpers import LMLAB, output, stable_events, torchrun, wait_for, weights, write_config, write_fit
+from tests.helpers import LMLAB, output, same_weights, stable_events, torchrun, wait_for, write_config, write_fit
 
 
 def test_the_plan_counts_steps_evals_at_their_interval_and_the_end_and_the_checkpoints_between():
@@ -339,8 +338,7 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
     assert events[-1]["event"] == "end" and events[-1]["budget_spent"] is None  # by steps: no clock of its own
     sized = [e for e in RunDir(run).events() if e["event"] == "sizing"]
     assert len(sized) == bool(size) and all(RunDir(run).config().model.n_layer == e["depth"] for e in sized)
-    straight_weights, resumed_weights = weights(straight), weights(run)
-    assert all(torch.equal(straight_weights[name], resumed_weights[name]) for name in straight_weights)
+    same_weights(straight, run)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from lmlab.run.checkpoint import checkpoint_bytes, load_checkpoint, model_tensor
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
-from tests.helpers import LMLAB, kill_and_resume, stable_events, wait_for, weights, write_config
+from tests.helpers import LMLAB, kill_and_resume, same_weights, stable_events, wait_for, weights, write_config
 
 
 def trainer(tmp_path: Path, dataset: Path, overrides=(), run="run", **kw) -> Trainer:
@@ -45,10 +45,7 @@ def test_kill_9_at_arbitrary_points_then_resume_is_bitwise_identical(tmp_path, c
     # Metrics lines: lands mid-interval, between checkpoints.
     kill_and_resume([LMLAB, "train", config, "--run", run, *settings], run, (9, 31, 58))
 
-    straight, resumed = weights(tmp_path / "straight"), weights(run)
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    same_weights(tmp_path / "straight", run)
     assert stable_events(run) == stable_events(tmp_path / "straight")
     assert any(e["event"] == "resume" for e in RunDir(run).events())
 

@@ -20,7 +20,8 @@ from lmlab.core.config_toml import load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.helpers import LMLAB, TINY_CONFIG, install_plugin, kill_and_resume, run_cli, stable_events, weights
+from tests.helpers import (LMLAB, TINY_CONFIG, install_plugin, kill_and_resume, run_cli, same_weights, stable_events,
+                           weights)
 
 import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
 
@@ -44,8 +45,7 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
     Trainer(load_config(config), tmp_path / "straight", "cpu").run()
     run = tmp_path / "killed"
     kill_and_resume([LMLAB, "train", config, "--run", run], run, (7, 16))  # metrics lines: between checkpoints
-    straight, resumed = weights(tmp_path / "straight"), weights(run)
-    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    same_weights(tmp_path / "straight", run)
     assert stable_events(run) == stable_events(tmp_path / "straight")
     start = RunDir(run).events()[0]
     assert start["plugin"]["package"] == "lmlab-context-vector" and start["model"].startswith("context-vector 2L/32")

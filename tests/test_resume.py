@@ -35,6 +35,7 @@ from tests.helpers import (
     events_of,
     refused,
     run_cli,
+    same_weights,
     spawn,
     stable_events,
     wait_until,
@@ -191,10 +192,6 @@ def _records(tmp_path: Path) -> Path:
     return path
 
 
-def _weights(tiny_run: Path) -> bytes:
-    return (RunDir(tiny_run).checkpoint("latest") / "model.safetensors").read_bytes()
-
-
 def _catches_sigterm(pid: int) -> bool:
     """Whether process `pid` has a SIGTERM handler installed (its SigCgt mask in /proc/PID/status)."""
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -261,8 +258,8 @@ def test_a_fine_tune_killed_or_stopped_at_any_point_then_run_again_ends_bitwise_
     assert proc.returncode == 0 and "stopped by SIGTERM" in " ".join(out.split()), (out, err)
     assert RunDir(stopped).unfinished()
     assert main(command("stopped")) == 0
-    for other in (killed, stopped):
-        assert _weights(other) == _weights(whole) and RunDir(other).unfinished() is None
+    same_weights(whole, killed, stopped)
+    assert RunDir(killed).unfinished() is None and RunDir(stopped).unfinished() is None
     assert stable_events(killed) == stable_events(whole)
     # The stop's own checkpoint is in the record (it was written); where the stop fell between the interval's
     # checkpoints it is one more than the uninterrupted run has, and nothing else differs.

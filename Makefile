@@ -49,19 +49,21 @@ demo: $(VENV)/.installed
 	@echo "--- a 500-character sample from $(DEMO_RUN):"
 	@$(BIN)/lmlab sample $(DEMO_RUN) --max-new-tokens 500
 
+# pytest with these arguments, lint beside it and its output after the tests': cold (a fresh clone, as in CI) mypy
+# takes a core for most of a minute, which the tests leave idle while they wait on a child process or collect.
+PYTEST_AND_LINT = @lint=$$(mktemp); { $(LINT); } >$$lint 2>&1 & linting=$$!; \
+	$(BIN)/python -m pytest -q $(1); tests=$$?; \
+	wait $$linting; linted=$$?; cat $$lint; rm -f $$lint; \
+	[ $$linted = 0 ] || echo "make $@: lint failed (above)"; [ $$tests = 0 ] && [ $$linted = 0 ]
+
 # Every test whose verdict holds on a busy machine; those judged by wall time or load are test-serial's. Two
 # workers (pytest-xdist), each the other's load, which every test here must stand; worksteal evens out the long ones.
-# Lint runs beside them, its output after theirs: cold (a fresh clone, as in CI) mypy takes a core for most of a
-# minute, which the workers leave idle while one waits on a child process or the last long test.
 test: $(VENV)/.installed-test
-	@lint=$$(mktemp); { $(LINT); } >$$lint 2>&1 & linting=$$!; \
-	$(BIN)/python -m pytest -q -m "not serial" -n 2 --dist worksteal; tests=$$?; \
-	wait $$linting; linted=$$?; cat $$lint; rm -f $$lint; \
-	[ $$linted = 0 ] || echo "make test: lint failed (above)"; [ $$tests = 0 ] && [ $$linted = 0 ]
+	$(call PYTEST_AND_LINT,-m "not serial" -n 2 --dist worksteal)
 
 # The tests that take under about a second each (the others are marked slow): under a minute on two cores.
-test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow and not serial"
+test-fast: $(VENV)/.installed-test
+	$(call PYTEST_AND_LINT,-m "not slow and not serial")
 
 # Verdicts from wall time or the machine's load (a budget under a CPU hog, a latency): run on a quiet machine, with
 # nothing else running. CI does not run them: its machine may be busy.
@@ -69,8 +71,8 @@ test-serial: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m serial
 
 # ruff and mypy over lmlab/ (pyproject.toml's [tool.ruff] and [tool.mypy]): ruff in under a second, mypy in about
-# 45 s the first time and seconds once its cache (.mypy_cache) holds the rest. `make test` runs it beside the tests
-# (so .ci/run does too), `make test-fast` first.
+# 45 s the first time and seconds once its cache (.mypy_cache) holds the rest. `make test` and `make test-fast` run
+# it beside the tests (so .ci/run does too).
 LINT = $(BIN)/ruff check lmlab && $(BIN)/mypy
 lint: $(VENV)/.installed-test
 	$(LINT)

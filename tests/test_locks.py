@@ -108,6 +108,7 @@ def test_a_second_prepare_of_a_dataset_is_refused_and_a_killed_one_resumes(tmp_p
         [(m["train"]["sha256"], m["val"]["sha256"]) for m in metas][1]
 
 
+@pytest.mark.slow
 def test_a_run_only_read_until_the_interpreter_exits_says_nothing_there(trained):
     """A script's Run, its model loaded, is collected as the interpreter tears its modules down: its lock, never
     taken, printed "Exception ignored in WriterLock.__del__" on stderr after every such script."""

@@ -195,6 +195,7 @@ def test_auto_trains_in_the_dtype_that_measured_faster_and_says_why(tmp_path, ch
     assert start["peak_flops"] == (bf16 if chosen == "bfloat16" else fp32) and start["peak_quiet"] is True
 
 
+@pytest.mark.slow
 def test_the_commands_a_process_starts_answer_as_lmlab_cpu_kind_says_and_an_unknown_kind_is_refused(
         tmp_path, char_dataset, monkeypatch, capsys):
     """LMLAB_CPU_KIND reproduces another kind of host's choices on this one, in the commands started too (the tests'

@@ -473,6 +473,7 @@ signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 """
 
 
+@pytest.mark.slow
 def test_a_signal_whose_handler_logs_while_the_log_writes_does_not_hang_the_server():
     """Before: the log's lock was not reentrant, and a stop signal's handler, which says the server drains, ran in
     the main thread while it held the lock for the access log: `lmlab serve` never stopped (3 tests timed out

@@ -128,18 +128,25 @@ def test_a_resumed_run_trains_by_the_path_it_started_with(tmp_path, char_dataset
     monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(10.0, 1.0))
     straight = Trainer(cfg, tmp_path / "straight", "cpu", console=quiet).run().run_dir
     assert [e["path"] for e in RunDir(straight).events() if e["event"] == "attention"] == ["math"]
-    run = tmp_path / "resumed"
-    shutil.copytree(straight, run)
-    shutil.rmtree(run / "checkpoints" / "step_000014")
-    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
-    cut = next(i for i, line in enumerate(lines) if '"checkpoint"' in line) + 1
-    (run / "metrics.jsonl").write_text("".join(lines[:cut]))
+    run = _cut_at_first_checkpoint(straight, tmp_path / "resumed")
     monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(1.0, 10.0))
     console = Console(record=True, width=80)
     Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=console).run()
     assert "attention: math; as this run trained, its checkpoint says" in console.export_text()
     assert stable_events(run) == stable_events(straight)
     same_weights(straight, run)
+
+
+def _cut_at_first_checkpoint(run: Path, copy: Path) -> Path:
+    """A copy of the ended `run` as if killed right after its first checkpoint: the later step folders and events
+    gone."""
+    shutil.copytree(run, copy)
+    for folder in RunDir(copy).step_folders()[1:]:
+        shutil.rmtree(folder)
+    lines = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"checkpoint"' in line) + 1
+    (copy / "metrics.jsonl").write_text("".join(lines[:cut]))
+    return copy
 
 
 def _tune(base: Path, out: Path, path: str = "auto") -> str:
@@ -172,12 +179,7 @@ def test_a_continued_fine_tune_trains_by_the_path_it_started_with(tmp_path, impo
     by the math path, its checkpoint says so, and it ends bitwise where the fine-tune never stopped ends."""
     monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(10.0, 1.0))
     _tune(imported_gpt2, tmp_path / "straight")
-    run = Path(shutil.copytree(tmp_path / "straight", tmp_path / "continued"))
-    for folder in RunDir(run).step_folders()[1:]:
-        shutil.rmtree(folder)
-    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
-    cut = next(i for i, line in enumerate(lines) if '"checkpoint"' in line) + 1
-    (run / "metrics.jsonl").write_text("".join(lines[:cut]))  # as a fine-tune killed after its first checkpoint
+    run = _cut_at_first_checkpoint(tmp_path / "straight", tmp_path / "continued")
     monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(1.0, 10.0))
     said = _tune(imported_gpt2, run)
     assert "Resumed" in said and "attention: math; as this run trained, its checkpoint says" in said

@@ -400,3 +400,88 @@ def test_a_prepare_or_an_export_that_cannot_write_names_the_file(tmp_path, impor
     done = subprocess.run([LMLAB, "prepare", str(corpus), "--tokenizer", "char", "--out-dir", str(tmp_path / "data")],
                           capture_output=True, text=True, preexec_fn=no_files)  # before: Exception, a traceback
     refused_process(done, "tokenizer.json (File too large", "free on its disk")
+
+
+# The outputs that are one file and that OUTPUTS' lines write whole (scaling's needs two sizes, answer's a chat run,
+# judge's a judge): a PNG, JSON lines and a grid, through the writer every output uses.
+FILE_OUTPUTS = [("sample", "--out"), ("eval", "--samples"), ("compare", "--plot"), ("log", "--plot")]
+
+
+def _socket(path: Path) -> Path:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    return path
+
+
+@pytest.mark.parametrize("command, option", FILE_OUTPUTS)
+@pytest.mark.slow
+def test_an_output_path_is_replaced_only_when_it_is_a_regular_file(capsys, paths, tmp_path, command, option):
+    """A link is followed and stays a link; a character device (/dev/null) is written through and stays a device, and
+    one that fails every write (/dev/full) is one sentence; a socket, a folder or anything else is refused."""
+    line = OUTPUTS[(command, option)]
+    real = tmp_path / "real.out"
+    real.write_text("old")
+    (tmp_path / "link").symlink_to(real)
+    for target in (tmp_path / "link", "/dev/null"):
+        code = main(line.format(**paths, target=target).split())
+        assert code == 0, capsys.readouterr().err
+        capsys.readouterr()
+    assert (tmp_path / "link").is_symlink() and real.read_bytes() not in (b"", b"old")
+    assert Path("/dev/null").is_char_device()
+    if Path("/dev/full").exists():  # found out by writing, after the work: its progress lines come before
+        assert main(line.format(**paths, target="/dev/full").split()) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "error: could not write /dev/full (No space left on device); name a regular file instead, then run the "
+            "command again.")
+    for where, what in ((_socket(tmp_path / "sock"), "a socket"), (tmp_path, "a folder")):
+        refused(capsys, *line.format(**paths, target=where).split(),
+                needles=(f"{option} {where} is {what}, not a file",))
+    assert (tmp_path / "sock").is_socket() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_the_one_writer_writes_a_named_pipe_through_and_refuses_a_disk(tmp_path):
+    """Through the library: a named pipe's reader gets the bytes; a block device (the kind of /dev/sda) is refused
+    before anything is written; a dangling link makes the file it names."""
+    import stat
+    import threading
+
+    from lmlab.core.errors import UserError
+    from lmlab.core.fileio import NOT_OUTPUTS, atomic_write_text, output_target
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_bytes()))
+    reader.start()
+    atomic_write_text(pipe, "through")
+    reader.join(timeout=60)
+    assert got == [b"through"] and stat.S_ISFIFO(os.stat(pipe).st_mode)
+    (tmp_path / "dangling").symlink_to(tmp_path / "made.txt")
+    atomic_write_text(tmp_path / "dangling", "made")
+    assert (tmp_path / "made.txt").read_text() == "made" and (tmp_path / "dangling").is_symlink()
+    assert stat.S_IFBLK in NOT_OUTPUTS  # a disk is never a stream to write through
+    disks = [p for p in Path("/dev").iterdir() if p.is_block_device()]
+    for disk in disks[:1]:
+        with pytest.raises(UserError, match=f"{disk} is a block device"):
+            output_target(disk)
+
+
+def test_no_module_renames_over_a_path_but_the_one_writer():
+    """Every rename in lmlab is the one writer's (core/fileio.py `replacing`) or moves what lmlab made into a place it
+    owns: a new output cannot replace a device or a link by renaming over it."""
+    import ast
+
+    allowed = {"lmlab/core/fileio.py": 1,  # `replacing`
+               "lmlab/data/prepare.py": 2, "lmlab/data/shards.py": 1,  # a dataset dir and its work folder's shards
+               "lmlab/run/checkpoint.py": 1, "lmlab/hf/folder.py": 1,  # a step folder, an export folder made new
+               "lmlab/inference/compiled.py": 1}  # the compiled steps' own cache
+    found: dict[str, int] = {}
+    for module in Path("lmlab").rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                    "replace", "rename") and not (node.args and isinstance(node.args[0], ast.Constant)) and (
+                    not isinstance(node.func.value, ast.Name) or node.func.value.id != "dataclasses"):
+                found[str(module)] = found.get(str(module), 0) + 1
+    assert found == allowed

@@ -17,7 +17,7 @@ import numpy as np
 from lmlab.analysis.runs import RunSummary, unfair
 from lmlab.analysis.scaling import PowerLawFit
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriteError, check_writable, writing
+from lmlab.core.fileio import WriteError, check_writable, replacing
 from lmlab.run.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -229,15 +229,12 @@ def _done(fig: plt.Figure) -> plt.Figure:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write through a temporary name, so a reader never sees half a PNG; a failed write (a full disk) leaves
-    nothing behind and is one sentence (lmlab.core.fileio.WriteError)."""
+    """Write a PNG through lmlab's one writer (lmlab.core.fileio.replacing): never half a PNG, nothing left behind by a
+    failed write, and a device or a link named as the path written through or followed, never replaced."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     try:
-        with writing(path):
-            fig.savefig(tmp)
-            tmp.replace(path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         pyplot().close(fig)
-        tmp.unlink(missing_ok=True)
     return path

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import output_target
 
 RUN_FILES = ("config.toml", "metrics.jsonl")  # what every run folder holds (docs/ARCHITECTURE.md: a run dir)
 DATASET_FILES = ("meta.json", "tokenizer.json")  # what every finished dataset dir holds
@@ -25,7 +26,8 @@ def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
     """`path`, refused in one sentence when it is a run folder or a dataset dir, or lies in one: what a command
     writes there could replace the files lmlab keeps in it. `kind` "run": a run folder to make, which may be one
     already (its command decides about that) but not a dataset dir; "report": a report's folder, which may be a
-    run's own report/."""
+    run's own report/; "file": one file, which may be a link (followed) or a stream (written through), never a
+    folder, a disk or a socket (`lmlab.core.fileio.output_target`)."""
     path = Path(path)
     resolved = path.resolve()
     for folder in [resolved, *resolved.parents]:
@@ -36,4 +38,6 @@ def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
             where = f"is the {what} {folder}" if folder == resolved else f"is inside the {what} {folder}"
             raise UserError(f"{option} {path} {where}, where a command's output could replace {KEPT[what]}; "
                             "choose a path outside it.")
+    if kind == "file" or not path.is_dir():  # a folder to make may be there already, but it is never a disk
+        output_target(path, option)
     return path

@@ -183,7 +183,7 @@ def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None
                         "message of one run's chat as --chat TEXT.")
     prompts = read_prompts(Path(args.prompts)) if args.prompts else [args.chat if isinstance(args.chat, str)
                                                                       else args.prompt]
-    out = check_destination(args.out or ("prompt-grid.json" if args.json else "prompt-grid.md"), "--out")
+    out = check_destination(args.out or ("prompt-grid.json" if args.json else "prompt-grid.md"), "--out", "file")
     cells = f"{len(args.runs)} run(s) × {len(prompts):,} prompt(s) × {len(params)} temperature(s)"
     stopped = None
     with ticking("cell", f"Sampling {cells}", stderr=True) as tick, terminating():  # stdout is the grid's
@@ -216,7 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "val split: JSON lines in HellaSwag's layout or {context, choices, answer}, or "
                    "hf:OWNER/NAME[:SPLIT] (repeatable; README: Evaluating)")
     p.add_argument("--limit", type=count(), help="with --task: score only the first N items of each task")
-    p.add_argument("--samples", metavar="OUT.jsonl", type=destination("--samples"),
+    p.add_argument("--samples", metavar="OUT.jsonl", type=destination("--samples", "file"),
                    help="with --task: write each item's log-likelihoods and picks")
     add_checkpoint(p)
     p.add_argument("--batch-size", type=count(), default=32, help="windows of block_size tokens scored at once")
@@ -245,7 +245,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "asked each prompt in it, the others continue it")
     p.add_argument("--system", metavar="TEXT", help="with --chat: the system message before it")
     p.add_argument("--json", action="store_true", help="a grid as one JSON object instead of Markdown")
-    p.add_argument("--out", metavar="FILE", type=destination("--out"), help="where a grid is written too (default: "
-                   "prompt-grid.md, or prompt-grid.json with --json)")
+    p.add_argument("--out", metavar="FILE", type=destination("--out", "file"),
+                   help="where a grid is written too (default: prompt-grid.md, or prompt-grid.json with --json)")
     add_device(p)
     p.set_defaults(func=cmd_sample)

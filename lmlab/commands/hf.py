@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-gguf", help="write a run as one GGUF file for llama.cpp, Ollama and LM Studio, with a "
                        "model card beside it")
     p.add_argument("run", metavar="RUN", help="the run dir to export")
-    p.add_argument("out", metavar="OUT.gguf", type=destination("OUT"),
+    p.add_argument("out", metavar="OUT.gguf", type=destination("OUT", "file"),
                    help="the new file; NAME.md (the model card) and NAME.Modelfile (Ollama's) go beside it")
     p.add_argument("--type", choices=GGUF_TYPES, default="f32", help="the weights' precision: f32 (exactly the "
                    "model), f16, bf16, or q8_0 (8-bit blocks, a quarter of f32's size); norms and biases stay f32")

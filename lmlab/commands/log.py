@@ -47,6 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     shape.add_argument("--csv", action="store_true", help="print the evaluations as CSV (a header, a row each)")
     p.add_argument("--wide", action="store_true", help="every column (perplexity, accuracy where `lmlab eval` "
                    "measured it, the gradient norm since the evaluation before), however wide the table gets")
-    p.add_argument("--plot", metavar="PNG", type=destination("--plot"), help="also draw the gradient norm of each "
-                   "logged step, with the learning rate, to this PNG")
+    p.add_argument("--plot", metavar="PNG", type=destination("--plot", "file"),
+                   help="also draw the gradient norm of each logged step, with the learning rate, to this PNG")
     p.set_defaults(func=cmd_log)

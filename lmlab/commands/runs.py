@@ -183,7 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compare", help="compare runs against the first: table, overlay plot, samples")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs; the first is the base of every ratio")
-    p.add_argument("--plot", type=destination("--plot"), help="write an overlay of the loss curves to this PNG")
+    p.add_argument("--plot", type=destination("--plot", "file"), help="write an overlay of the loss curves to this PNG")
     p.add_argument("--x", choices=["step", "tokens", "time", "flops"], default="step", help="x axis of the plot")
     p.add_argument("--log", action="store_true", help="log-scale axes")
     p.add_argument("--prompt", help="sample every run from this prompt with the same seed")
@@ -211,6 +211,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", default="runs", type=destination("--dir"), help="where the miniseries' runs go "
                    "(DIR/PRESET-miniseries/)")
     add_device(p, " (for --refit)")
-    p.add_argument("--plot", default="scaling.png", type=destination("--plot"), help="where to draw the fits")
+    p.add_argument("--plot", default="scaling.png", type=destination("--plot", "file"), help="where to draw the fits")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.set_defaults(func=cmd_scaling)

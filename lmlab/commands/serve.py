@@ -120,7 +120,7 @@ def cmd_judge(args: argparse.Namespace) -> None:
     from lmlab.evals.judge import judge_answers
 
     answers = Path(args.answers)
-    out = check_destination(args.out or answers.with_name(f"{answers.stem}-judged.jsonl"), "--out")
+    out = check_destination(args.out or answers.with_name(f"{answers.stem}-judged.jsonl"), "--out", "file")
     with console.status("Judging...") as status:
         summary = judge_answers(answers, args.endpoint, args.model, out, args.max_tokens,
                                 lambda done, total: status.update(f"Judging: {done}/{total} answers"))
@@ -198,7 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("answer", help="answer every Alpaca record with a run's model, for `lmlab judge`")
     p.add_argument("run", metavar="RUN", help="the run dir whose model answers")
     p.add_argument("--data", required=True, help="JSON list of {instruction, input, output} records")
-    p.add_argument("--out", required=True, type=destination("--out"),
+    p.add_argument("--out", required=True, type=destination("--out", "file"),
                    help="JSON-lines file to write (instruction, input, output, model_answer)")
     add_sampling(p, max_new_tokens=256, temperature=0.0)
     p.add_argument("--batch-size", type=count(), default=16, help="instructions answered together")
@@ -211,7 +211,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answers", required=True, help="JSON-lines file written by `lmlab answer`")
     p.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1 (key: $OPENAI_API_KEY)")
     p.add_argument("--model", required=True, help="the judge model's name at that endpoint")
-    p.add_argument("--out", type=destination("--out"),
+    p.add_argument("--out", type=destination("--out", "file"),
                    help="per-item scores, JSON lines (default: ANSWERS-judged.jsonl)")
     p.add_argument("--max-tokens", type=count(), default=16, help="longest judge reply read")
     p.add_argument("--lowest", type=count(0), default=5, help="how many of the lowest-scored answers to show")

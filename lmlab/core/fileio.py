@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import weakref
@@ -144,13 +145,21 @@ def os_fix(err: OSError, path: Path, writing: bool = True) -> str:
     return "choose another folder"
 
 
+def _is_stream(path: Path) -> bool:
+    try:
+        return stat.S_IFMT(os.stat(path).st_mode) in STREAMS
+    except OSError:
+        return False
+
+
 class WriteError(UserError):
     """A write that failed: `path`, `reason` (the system's words), `free` (for a full disk) and `fix`."""
 
     def __init__(self, path: Path, reason: str, code: int | None = None):
         self.path, self.reason = Path(path), reason
-        self.free = f"{free_space(path)} on its disk" if code in SPACE_ERRORS or code is None else None
-        self.fix = os_fix(OSError(code, reason), self.path)
+        stream = _is_stream(self.path)
+        self.free = f"{free_space(path)} on its disk" if (code in SPACE_ERRORS or code is None) and not stream else None
+        self.fix = "name a regular file instead" if stream else os_fix(OSError(code, reason), self.path)
         detail = f"{self.reason}; {self.free}" if self.free else self.reason
         super().__init__(f"could not write {self.path} ({detail}); {self.fix}, then run the command again.")
 
@@ -167,29 +176,74 @@ def writing(path: Path) -> Iterator[None]:
         raise WriteError(path, err.strerror or str(err), err.errno) from err
 
 
+# What an output may name besides a regular file: a stream is written through (`--out /dev/stdout`, a pipe, /dev/null);
+# anything else is refused, never replaced by a regular file (a disk written over, a device node gone).
+STREAMS = {stat.S_IFCHR: "a character device", stat.S_IFIFO: "a named pipe"}
+NOT_OUTPUTS = {stat.S_IFBLK: "a block device (a disk)", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def output_target(path: Path, option: str = "") -> tuple[Path, bool]:
+    """The file an output named `path` (given as `option`) writes, and whether it is a stream written through rather
+    than a regular file replaced whole. A symbolic link is followed, so it goes on naming the new file; a path that
+    names a block device, a socket or a folder is refused in one sentence."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return target, False
+    except OSError as err:
+        raise WriteError(path, err.strerror or str(err), err.errno) from err
+    kind = stat.S_IFMT(mode)
+    if kind in NOT_OUTPUTS:
+        via = f" (through the link {path})" if target != path else ""
+        named = f"{option} {target}" if option else str(target)
+        raise UserError(f"{named}{via} is {NOT_OUTPUTS[kind]}, not a file; name a file to write instead.")
+    return target, kind in STREAMS
+
+
 def check_writable(path: Path) -> None:
     """Make sure a file can be written at `path` (its folders made), before the work that produces it."""
-    path = Path(path)
+    target, stream = output_target(path)
     with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.probe-")
+        if stream:
+            if not os.access(target, os.W_OK):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:100]}.probe-")
         os.close(fd)
         os.unlink(probe)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """The path to write an output named `path` through, the one writer of every file lmlab makes: a regular file is
+    written under a temporary name beside it, made durable and renamed over it when the block ends, so a reader never
+    sees half of it and a failure leaves what was there; a stream (`output_target`) is written through. A failed
+    write is a WriteError."""
+    target, stream = output_target(path)
     with writing(path):
+        if stream:
+            yield target
+            return
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)  # a write that failed half-way leaves nothing behind
-        fsync_dir(path.parent)
+        fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import check_writable, fsync_dir, writing
+from lmlab.core.fileio import check_writable, replacing
 from lmlab.gguf.card import card_paths, write_card
 from lmlab.gguf.tensors import TYPES, arch_for, encoded, ggml_type, model_tensors
 from lmlab.gguf.vocab import Vocab, gguf_vocab
@@ -105,8 +105,6 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, kind: str, progress: Progres
         for done, ((_, tensor), qtype) in enumerate(zip(tensors, types), 1):
             writer.write_tensor_data(encoded(tensor, qtype))
             progress(done, len(tensors))
-        writer.fout[0].flush()
-        os.fsync(writer.fout[0].fileno())
     finally:
         writer.close()
     return counts
@@ -130,16 +128,10 @@ def export_gguf(run_dir: Path, out: Path, checkpoint: str = "best", kind: str = 
     run = RunDir(run_dir).load(checkpoint, "cpu")  # checks the tokenizer against its checksum
     vocab = gguf_vocab(run.tokenizer, model.vocab_size, str(run_dir))
     _leftovers(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with writing(out):
-        try:
-            counts = _write(tmp, run, vocab, kind, progress)
-            if out.exists():
-                raise UserError(f"{out} was created by another process meanwhile; choose a new name.")
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(out.parent)
+    with replacing(out) as tmp:
+        counts = _write(tmp, run, vocab, kind, progress)
+        if out.exists() or out.is_symlink():
+            raise UserError(f"{out} was created by another process meanwhile; choose a new name.")
     arch = arch_for(choose_family(model), model).name
     try:
         write_card(out, run, arch, vocab, kind)

@@ -126,6 +126,7 @@ ROWS = [
     Row("scaling {config} --refit", "--tokens", int, beyond=("0.1", "2000G")),
     Row("scaling {config} --refit", "--lr-factors", float, beyond=("101",)),
     Row("scaling {config} --refit", "--max-flops", float, ("huge",)),
+    Row("scaling {config} --refit", "--budget", float, beyond=("8785h", "31622401")),
     Row("import-hf {out}/missing --out {out}/imported", "--block-size", int),
     *sampling_rows("report {run} --out {out}/report"),
     Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-tokens", int),

@@ -115,12 +115,25 @@ class LossSurface:
                 f"(rmse {self.rmse:.4f})")
 
 
+def surface_refusal(params: list[float], tokens: list[float], given: str = "there are") -> str | None:
+    """Why no loss surface can be fitted through runs of these sizes and lengths, `given` introducing their count
+    (None: one can). It has five numbers, so it needs five runs of distinct (size, length), two sizes at least and
+    two lengths: the same point twice says nothing new of its shape."""
+    points = set(zip(params, tokens))
+    sizes, lengths = len({n for n, _ in points}), len({d for _, d in points})
+    if len(points) >= 5 and sizes >= 2 and lengths >= 2:
+        return None
+    return (f"a loss surface L(N, D) needs at least 5 runs of at least 2 sizes and 2 lengths, and {given} "
+            f"{len(points)} run{'s' * (len(points) != 1)} of {sizes} size{'s' * (sizes != 1)} and {lengths} "
+            f"length{'s' * (lengths != 1)}")
+
+
 def fit_loss_surface(params: list[float], tokens: list[float], losses: list[float]) -> LossSurface:
     """The surface through (params, tokens, loss) points with the least squared error: every pair of exponents of
     EXPONENTS, the non-negative E, A, B of each by least squares (a term that would be negative is left out)."""
-    if len(losses) < 5 or len(set(params)) < 2 or len(set(tokens)) < 2:
-        raise UserError(f"a loss surface L(N, D) needs at least 5 runs of at least 2 sizes and 2 lengths; there are "
-                        f"{len(losses)} runs of {len(set(params))} sizes and {len(set(tokens))} lengths.")
+    refused = surface_refusal(params, tokens)
+    if refused:
+        raise UserError(f"{refused}; pass more runs of other sizes or lengths.")
     n, d, y = np.asarray(params, float), np.asarray(tokens, float), np.asarray(losses, float)
     best = _best_exponents(n, d, y, EXPONENTS, EXPONENTS)
     near = np.arange(-0.05, 0.051, REFINED)

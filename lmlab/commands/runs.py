@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,9 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import Column, summarize, unfair
     from lmlab.analysis.scaling import fit_caveats, fit_power_law
 
+    if args.budget and not args.refit:
+        raise UserError("--budget plans a refit's miniseries to a time: pass it with --refit (lmlab scaling "
+                        "configs/NAME.toml --refit --budget 30m).")
     if len(args.runs) == 1 and Path(args.runs[0]).suffix == ".toml":
         return show_fit(Path(args.runs[0]), args)
     if args.refit:
@@ -112,15 +116,19 @@ def cmd_scaling(args: argparse.Namespace) -> None:
 def show_fit(preset: Path, args: argparse.Namespace) -> None:
     """`lmlab scaling PRESET`: the fit kept beside the preset, its runs against what it predicts of them, its LR rule,
     and where and how it was measured; with --refit, measured first (the miniseries trained or continued)."""
+    from lmlab.api.training import parse_duration
+    from lmlab.core.busy import process_age
     from lmlab.experiments.family import fit_path, read_fit
     from lmlab.experiments.miniseries import Series, refit
 
+    started = time.perf_counter() - process_age()  # as train counts its budget
+    budget = parse_duration(args.budget) if args.budget else 0.0
     if not preset.is_file():
         raise UserError(f"{preset} is not a preset file; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
     if args.refit:
         given = {"depths": args.depths, "tokens": args.tokens, "lr_factors": args.lr_factors}
         series = Series(**{k: tuple(v) for k, v in given.items() if v is not None}, max_flops=args.max_flops or 0.0)
-        refit(preset, series, Path(args.dir), args.device, console)
+        refit(preset, series, Path(args.dir), args.device, console, budget, started)
     fit = read_fit(preset)
     if fit is None:
         raise UserError(f"{preset} has no fit ({fit_path(preset)}); measure it with `lmlab scaling {preset} --refit` "
@@ -208,6 +216,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "length (default: 0.5,1,2)")
     p.add_argument("--max-flops", type=positive, help="leave out the runs whose 6·N·D is past this (the largest "
                    "sizes' longest runs), e.g. 2e13")
+    p.add_argument("--budget", metavar="30s|5m|2h", help="with --refit: the most the miniseries may take, start-up "
+                   "included: each depth's steps timed here first, the series kept to its smallest depths whose runs "
+                   "fit, and refused where the fewest the fit takes do not")
     p.add_argument("--dir", default="runs", type=destination("--dir"), help="where the miniseries' runs go "
                    "(DIR/PRESET-miniseries/)")
     add_device(p, " (for --refit)")

@@ -1,7 +1,9 @@
 """`lmlab scaling PRESET --refit`: the miniseries a preset's fit (lmlab.experiments.family) is measured on. Each depth
 of its family trains at its shortest length for a few LRs, the LR rule is fitted through each depth's best, each depth
 trains at the other lengths at the rule's LR, and L(N, D) is fitted through every run. Each run is an ordinary run under
-runs/<preset>-miniseries/; a re-fit skips the finished ones and resumes an interrupted one."""
+runs/<preset>-miniseries/; a re-fit skips the finished ones and resumes an interrupted one. A series the fit could not
+be made of is refused before any run, by the fit's own rule; one given a time budget keeps its smallest depths whose
+runs fit it, each depth's steps timed first as a budgeted run's are."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,22 +22,25 @@ import torch
 from rich.console import Console
 
 from lmlab.analysis.runs import summarize
-from lmlab.analysis.scaling import LossSurface, fit_loss_surface
+from lmlab.analysis.scaling import LossSurface, fit_loss_surface, surface_refusal
 from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config
-from lmlab.core.device import machine
+from lmlab.core.device import machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
 from lmlab.core.humanize import format_duration
-from lmlab.data.shards import read_meta
+from lmlab.core.peak import choose_dtype
+from lmlab.core.threads import ThreadChooser
+from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
-from lmlab.experiments.sizing import with_vocab
+from lmlab.experiments.sizing import SET_UP, with_vocab
 from lmlab.experiments.sweep import keep_record
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import WARMUP_SHARE
+from lmlab.train.budget import WARMUP_SHARE, BudgetRefused, Costs, Plan, final_windows_by_steps
 from lmlab.train.loop import Trainer
+from lmlab.train.timing import time_config
 
 DEPTHS = (1, 2, 3, 4, 5, 6)
 # 1M to 8M: what a CPU's budgets of one to five minutes train (docs/reference/training.md: why not shorter ones).
@@ -54,7 +60,7 @@ def parse_tokens(text: str) -> tuple[int, ...]:
             raise UserError(f"--tokens {text[:60]!r}: each length is a token count such as 64k, 256k or 1M, "
                             "comma-separated.")
         found.append(int(value))
-    return tuple(sorted(set(found)))
+    return tuple(sorted(found))
 
 
 @dataclass(frozen=True)
@@ -68,11 +74,10 @@ class Series:
     max_flops: float = 0.0
 
     def __post_init__(self) -> None:
-        if len(self.depths) < 2 or len(self.tokens) < 2:
-            raise UserError("a miniseries needs at least 2 depths (--depths) and 2 lengths (--tokens): L(N, D) is "
-                            "fitted through sizes and lengths.")
-        if len(self.depths) * len(self.tokens) < 5:
-            raise UserError("a miniseries needs at least 5 runs to fit L(N, D)'s five numbers; add depths or lengths.")
+        for option, values, what in (("--depths", self.depths, "size"), ("--tokens", self.tokens, "length")):
+            twice = next((v for v in values if values.count(v) > 1), None)
+            if twice is not None:
+                raise UserError(f"{option} names {twice} twice, and each is one {what} of the fit; name each once.")
         if any(not 0 < f <= 100 for f in self.lr_factors):
             raise UserError("--lr-factors are multiples of the preset's LR, above 0 and at most 100, e.g. 0.5,1,2.")
         if any(not 1 <= d <= MAX_DEPTH for d in self.depths):
@@ -114,20 +119,50 @@ class Miniseries:
     def __init__(self, preset: Path, series: Series, folder: Path, device: str, console: Console):
         self.preset, self.series, self.folder, self.device, self.console = preset, series, folder, device, console
         self.family = Family.of(with_vocab(load_config(preset)), str(preset))
+        tc = self.family.preset.train  # a family's sizes keep the preset's batch and context
+        self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.family.preset.model.block_size
         self.done, self.points = 0, {}  # the runs by folder, each trained once
-        self.total = sum(len(series.lr_factors) + sum(series.within(self.params(d), t) for t in series.tokens
-                                                      if t != series.searched) for d in series.depths)
+        self._params: dict[int, int] = {}
+        self.total = len(self.left(every=True))
+        refused = self.refusal(series.depths)
+        if refused:
+            raise UserError(refused)
 
     def params(self, depth: int) -> int:
-        with torch.device("meta"):
-            return build_model(self.family.config(depth).model).multiplied_params()
+        """The weights of depth `depth` that multiply every token: the fit's N (counted once a depth)."""
+        if depth not in self._params:
+            with torch.device("meta"):
+                self._params[depth] = build_model(self.family.config(depth).model).multiplied_params()
+        return self._params[depth]
+
+    def steps(self, tokens: int) -> int:
+        """The steps a run of `tokens` trains: whole steps, at least MIN_STEPS."""
+        return max(MIN_STEPS, round(tokens / self.tokens_per_step))
+
+    def refusal(self, depths: tuple[int, ...]) -> str | None:
+        """Why no fit could be made of the runs `depths` would train at the series' lengths, said before any trains
+        (None: one could): two lengths that train the same steps, or the points the fit would take (each depth at
+        each length within the compute) refused by the fit's own rule."""
+        series, lengths = self.series, sorted(self.series.tokens)
+        for a, b in zip(lengths, lengths[1:]):
+            if self.steps(a) == self.steps(b):
+                return (f"--tokens {a} and {b} both train {self.steps(a)} steps of {self.tokens_per_step:,} tokens (a "
+                        f"run trains {MIN_STEPS} at least), one length to the fit; give lengths that round to "
+                        "different steps.")
+        points = [(self.params(d), self.steps(t) * self.tokens_per_step) for d in depths for t in series.tokens
+                  if series.within(self.params(d), t)]
+        flops = f" within --max-flops {series.max_flops:g}" if series.max_flops else ""
+        refused = surface_refusal([n for n, _ in points], [d for _, d in points],
+                                  f"--depths {','.join(map(str, depths))} at --tokens "
+                                  f"{','.join(map(str, series.tokens))}{flops} are")
+        more = ", or raise --max-flops" if series.max_flops else ""
+        return refused and f"{refused}; add depths (--depths) or lengths (--tokens){more}."
 
     def config(self, depth: int, tokens: int, factor: float) -> RunConfig:
-        """Depth `depth` trained for `tokens` (whole steps, at least MIN_STEPS) at `factor` × the preset's LR, with
-        one evaluation and one checkpoint, at its end."""
+        """Depth `depth` trained for `tokens` (`steps`) at `factor` × the preset's LR, with one evaluation and one
+        checkpoint, at its end."""
         cfg = self.family.config(depth)
-        tc, tokens_per_step = cfg.train, cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-        steps = max(MIN_STEPS, round(tokens / tokens_per_step))
+        tc, tokens_per_step, steps = cfg.train, self.tokens_per_step, self.steps(tokens)
         warmup = tc.warmup_steps(read_meta(Path(cfg.data.dataset))["train"]["tokens"], tokens_per_step)
         train = dataclasses.replace(tc, budget_seconds=0.0, max_iters=steps, eval_interval=steps,
                                     checkpoint_interval=steps, lr_decay_iters=0, patience=0, warmup_epochs=0.0,
@@ -158,19 +193,20 @@ class Miniseries:
                 points.append(self.run(depth, tokens, factor))
         return points
 
-    def left(self) -> list[RunConfig]:
-        """The runs still to train, as far as they are known before the LR search ends."""
+    def left(self, depths: tuple[int, ...] | None = None, every: bool = False) -> list[RunConfig]:
+        """The runs of `depths` (default: the series') still to train, or `every` one, as far as they are known before
+        the LR search ends."""
         series, todo = self.series, []
-        for depth in series.depths:
+        for depth in series.depths if depths is None else depths:
             for factor in series.lr_factors:
                 cfg = self.config(depth, series.searched, factor)
-                if summarize(self.folder / self.name(depth, series.searched, cfg)).status != "finished":
+                if every or summarize(self.folder / self.name(depth, series.searched, cfg)).status != "finished":
                     todo.append(cfg)
             for tokens in series.tokens:
                 if tokens == series.searched or not series.within(self.params(depth), tokens):
                     continue
-                done = [path for path in self.folder.glob(f"d{depth}-t{tokens}-lr*") if summarize(path).status ==
-                        "finished"]
+                done = not every and any(summarize(path).status == "finished"
+                                         for path in self.folder.glob(f"d{depth}-t{tokens}-lr*"))
                 todo += [] if done else [self.config(depth, tokens, 1.0)]
         return todo
 
@@ -200,6 +236,59 @@ class Miniseries:
                 f"{hardware.peak / 1e12:.3g} TFLOP/s, {guess.mfu_source.split(';')[0]}), plus each run's set-up and "
                 "evaluation; a stopped refit goes on where it stopped")
 
+    def timed(self, depth: int, deadline: float) -> Costs:
+        """What a step, an evaluation's batch, a checkpoint and the end of depth `depth` cost here now, timed as a
+        budgeted run's are (lmlab.train.timing), cut short where two steps would end past `deadline`."""
+        cfg = self.config(depth, self.series.searched, 1.0)
+        device = resolve_device(self.device)
+        chooser = ThreadChooser(cfg.train.threads, "train.threads")
+        try:
+            return time_config(cfg, device, choose_dtype(device, cfg.train.dtype)[0], chooser.counts(device),
+                               deadline).costs()
+        finally:
+            torch.set_num_threads(chooser.before)  # each run chooses its own
+
+    def seconds(self, depths: tuple[int, ...], costs: dict[int, Costs]) -> float:
+        """What the runs of `depths` still to train take at their depths' `costs`, each counted as a budget's plan
+        counts a run (lmlab.train.budget): the trainer's set-up, the steps, the one evaluation and checkpoint, the
+        final score of a run by steps and the end."""
+        cfg = self.family.preset
+        windows = windows_in(read_meta(Path(cfg.data.dataset)), "val", cfg.model.block_size)
+        total = 0.0
+        for run in self.left(depths):
+            tc, c, steps = run.train, costs[run.model.n_layer], run.train.max_iters
+            final = final_windows_by_steps(windows, tc.batch_size, run.model.block_size, steps * self.tokens_per_step)
+            made = Plan(0.0, step_seconds=c.step, eval_seconds=c.evaluation(tc.eval_iters),
+                        checkpoint_seconds=c.checkpoint, finish_seconds=c.finish,
+                        final_seconds=-(-final // tc.batch_size) * c.eval_batch / 2)
+            total += SET_UP + made.needed(steps, (steps, steps))
+        return total
+
+    def budgeted(self, budget: float, started: float, timed: Callable[[int, float], Costs] | None = None) -> Series:
+        """The series cut to its smallest depths whose runs left fit `budget` seconds counted from `started` (a
+        time.perf_counter() reading), from the fewest the fit takes up, each depth's costs timed here now (`timed`),
+        the timing counted in the budget; the plan said in a line. Refused (BudgetRefused) where the fewest do not
+        fit, with the budget they need."""
+        timed, deadline = timed or self.timed, started + budget - SET_UP
+        order = tuple(sorted(self.series.depths))
+        least = next(k for k in range(2, len(order) + 1) if self.refusal(order[:k]) is None)
+        costs = {d: timed(d, deadline) for d in order[:least]}
+        kept = least
+        while kept < len(order) and time.perf_counter() - started + self.seconds(order[:kept], costs) <= budget:
+            costs[order[kept]] = timed(order[kept], deadline)  # the next depth, timed only where these fit
+            if time.perf_counter() - started + self.seconds(order[:kept + 1], costs) > budget:
+                break
+            kept += 1
+        spent = time.perf_counter() - started
+        while kept > least and spent + self.seconds(order[:kept], costs) > budget:  # the timing took its share
+            kept -= 1
+        plan = BudgetPlan(self, budget, order[:kept], spent, self.seconds(order[:kept], costs), costs,
+                          order[kept:])
+        if plan.spent + plan.seconds > budget:
+            raise BudgetRefused(plan.refusal())
+        self.console.print(plan.line(), highlight=False)
+        return dataclasses.replace(self.series, depths=tuple(d for d in self.series.depths if d in plan.depths))
+
     def run(self, depth: int, tokens: int, factor: float) -> dict[str, Any]:
         """Train one run (or keep it, finished before); its point: depth, params, tokens, LR, val, run, seconds."""
         cfg = self.config(depth, tokens, factor)
@@ -223,14 +312,59 @@ class Miniseries:
         return self.points[path]
 
 
-def refit(preset: Path, series: Series, root: Path, device: str, console: Console) -> SizeFit:
+@dataclass(frozen=True)
+class BudgetPlan:
+    """A miniseries planned to a budget of `budget` seconds: the depths it keeps and leaves out, the seconds gone
+    (start-up and timing) and those its runs left take, each depth's costs as timed."""
+
+    runs: Miniseries
+    budget: float
+    depths: tuple[int, ...]
+    spent: float
+    seconds: float
+    costs: dict[int, Costs]
+    left_out: tuple[int, ...]
+
+    def what(self) -> str:
+        """The runs in a clause: depths, lengths, steps, and what their time is made of."""
+        runs, tokens = self.runs, self.runs.series.tokens
+        todo, every = len(runs.left(self.depths)), len(runs.left(self.depths, every=True))
+        again = f" ({every - todo} trained already)" if todo < every else ""
+        steps = ", ".join(f"{1000 * self.costs[d].step:.3g}" for d in self.depths)
+        return (f"depths {','.join(map(str, self.depths))} at {', '.join(f'{t:,}' for t in tokens)} tokens "
+                f"({', '.join(f'{runs.steps(t):,}' for t in tokens)} steps), {todo} runs to train with the LR "
+                f"search{again}, about {format_duration(self.spent + self.seconds)} here (steps of {steps} ms timed "
+                f"now, each run's set-up, evaluation, checkpoint and final score, and {self.spent:.0f} s of start-up "
+                "and timing)")
+
+    def line(self) -> str:
+        """The plan, said before the first run."""
+        out = (f"; depth{'s' * (len(self.left_out) > 1)} {','.join(map(str, self.left_out))} left out, which "
+               "would take it past the budget" if self.left_out else "")
+        return (f"miniseries in budget {format_duration(self.budget)}: {self.what()}{out}; runs under "
+                f"{self.runs.folder}, a stopped refit goes on where it stopped")
+
+    def refusal(self) -> str:
+        needed = self.spent + self.seconds
+        return (f"budget {self.budget:g} s: the fewest runs the fit takes, {self.what()}, do not fit it; give a "
+                f"budget of at least {math.ceil(needed)}s, or shorter --tokens or fewer --lr-factors.")
+
+
+def refit(preset: Path, series: Series, root: Path, device: str, console: Console, budget: float = 0.0,
+          started: float | None = None) -> SizeFit:
     """Train (or continue) the preset's miniseries under root/<preset>-miniseries/, fit it, and keep the fit beside
-    the preset; the fit."""
+    the preset; the fit. With a `budget` (seconds counted from `started`, a time.perf_counter() reading; default:
+    now), the series is cut to the smallest depths that fit it (`Miniseries.budgeted`)."""
     cfg = load_config(preset)
     folder = root / f"{preset.stem}-miniseries"
-    runs = Miniseries(preset, series, folder, device, console)  # a preset without a family refused first
+    # A preset without a family, or a series the fit could not take, refused first.
+    runs = Miniseries(preset, series, folder, device, console)
+    if budget:
+        series = runs.budgeted(budget, time.perf_counter() if started is None else started)
+        runs = Miniseries(preset, series, folder, device, console)
     _record(folder, preset)
-    console.print(runs.foretell(), highlight=False)
+    if not budget:
+        console.print(runs.foretell(), highlight=False)
     began = time.perf_counter()
     with LoadMeter() as meter:
         search = [runs.search(depth) for depth in series.depths]

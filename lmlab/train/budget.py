@@ -114,6 +114,12 @@ def final_windows(split_windows: int, batch_size: int, seconds: float, batch_sec
     return min(split_windows, max(1, int(seconds / batch_seconds)) * batch_size)
 
 
+def final_windows_by_steps(split_windows: int, batch_size: int, block_size: int, tokens: int) -> int:
+    """The val windows a run by steps scores its end on: FINAL_SHARE of its work, not of its time, so that its record
+    is the same on any machine (a forward pass is about a third of a step's work a token)."""
+    return final_windows(split_windows, batch_size, FINAL_SHARE * 3 * tokens, batch_size * block_size)
+
+
 def plan(seconds: float, spent: float, costs: Costs, train: TrainConfig, intervals: tuple[int, int],
          val_windows: int) -> Plan:
     """The plan of a budget of `seconds` with `spent` gone, from `costs`: the steps whose end is nearest the budget, the

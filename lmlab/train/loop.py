@@ -28,7 +28,7 @@ from lmlab.data.shards import windows_in
 from lmlab.evals.evaluate import evaluate_split, spread
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import FINAL_SHARE, Budget, Costs, final_windows, plan
+from lmlab.train.budget import Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
@@ -387,10 +387,9 @@ class Trainer:
     def _score_final(self, stopped: Callable[[], bool]) -> dict[str, Any] | None:
         """The checkpoint the run ends on, scored on the val split, the figure a run ends with rather than its best
         estimate (the least of many noisy ones): the windows that what is left of its budget holds
-        (`Budget.final_windows`); in a run by steps, FINAL_SHARE of its work, not of its time, so that its record is
-        the same on any machine (a forward pass is about a third of a step's work a token); the whole split, or
-        windows spread over it with their standard error. None where a stop signal cuts it short (on one process:
-        the ranks of a job go on together)."""
+        (`Budget.final_windows`); in a run by steps, `final_windows_by_steps`; the whole split, or windows spread
+        over it with their standard error. None where a stop signal cuts it short (on one process: the ranks of a job
+        go on together)."""
         tc, p, T = self.cfg.train, self.progress, self.cfg.model.block_size
         total = windows_in(self.meta, "val", T)
         if self.budget and self.budget.plan.final_windows:
@@ -398,7 +397,7 @@ class Trainer:
             spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
             wanted = self.budget.final_windows(tc.batch_size, spent)
         else:
-            wanted = final_windows(total, tc.batch_size, FINAL_SHARE * 3 * p.tokens, tc.batch_size * T)
+            wanted = final_windows_by_steps(total, tc.batch_size, T, p.tokens)
         alone = self.parallel.world_size == 1
         began = time.perf_counter()
         self.model.eval()

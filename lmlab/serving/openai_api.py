@@ -8,9 +8,10 @@ import math
 import reprlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lmlab.core.config import SamplingParams, seeded
+from lmlab.core.config import MAX_COUNT, MAX_SEED, SamplingParams, seeded
 from lmlab.core.errors import UserError
 
 if TYPE_CHECKING:  # the server imports this module before torch, to answer while the model loads
@@ -89,18 +90,47 @@ def check_fields(body: dict[str, Any], endpoint: str) -> None:
             raise ApiError(400, f"unknown field `{name}`; this endpoint takes {known}.", name, "unknown_field")
 
 
-def field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any, low: float | None = None,
-          high: float | None = None) -> Any:
-    """A request field checked for type and range; a 400 naming it otherwise."""
+@dataclass(frozen=True)
+class Scalar:
+    """What a field of one JSON scalar takes: its types (`int`: a whole number, 5.0 too; never a boolean) and a
+    number's range. The server checks a body by it (`field`) and /openapi.json publishes it (lmlab.serving.schema)."""
+
+    kinds: tuple[type, ...]
+    low: float | None = None
+    high: float | None = None
+
+
+FLAG = Scalar((bool,))
+MAX_STOPS = 4  # OpenAI's limit on the stop strings of a request
+MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits on the alternatives per token
+
+
+def scalars(endpoint: str, cap: int, most_choices: int) -> dict[str, Scalar]:
+    """The scalar fields of `endpoint` (completions or chat) and what each takes, on a server whose cap on new tokens
+    is `cap` and that decodes `most_choices` choices at once. A completion's `max_tokens` may be 0 (with `echo`)."""
+    common = {"max_tokens": Scalar((int,), 0 if endpoint == "completions" else 1, cap),
+              "temperature": Scalar((int, float), 0, 2), "top_p": Scalar((int, float), 1e-6, 1),
+              "top_k": Scalar((int,), 1, MAX_COUNT), "n": Scalar((int,), 1, most_choices),
+              "seed": Scalar((int,), 0, MAX_SEED), "stream": FLAG}
+    if endpoint == "chat":
+        return {**common, "max_completion_tokens": Scalar((int,), 1, cap), "logprobs": FLAG,
+                "top_logprobs": Scalar((int,), 0, MAX_LOGPROBS["chat"])}
+    return {**common, "logprobs": Scalar((int,), 0, MAX_LOGPROBS["completions"]), "echo": FLAG}
+
+
+def field(body: dict[str, Any], name: str, rule: Scalar, default: Any) -> Any:
+    """A request field checked against its `rule`; a 400 naming it otherwise."""
     value = body.get(name)
     if value is None:
         return default
-    if kinds == (int,) and whole(value):
+    if rule.kinds == (int,) and whole(value):
         value = int(value)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}, got {shown(value)}.", name)
+    if isinstance(value, bool) and bool not in rule.kinds or not isinstance(value, rule.kinds):
+        raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in rule.kinds)}, got {shown(value)}.",
+                       name)
     if isinstance(value, float) and not math.isfinite(value):
         raise ApiError(400, f"`{name}` is {value}; it must be a finite number.", name)
+    low, high = rule.low, rule.high
     if (low is not None and value < low) or (high is not None and value > high):
         raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {low} and {high}.", name)
     return value
@@ -111,23 +141,23 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
-        raise ApiError(400, "`stop` must be a string or a list of at most 4 strings.", "stop")
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
+        raise ApiError(400, f"`stop` must be a string or a list of at most {MAX_STOPS} strings.", "stop")
     return tuple(stops)
 
 
-def max_new_tokens(body: dict[str, Any], cap: int) -> int:
-    """`max_completion_tokens` (chat's current name) or `max_tokens`; both given must agree."""
-    given = {name: field(body, name, (int,), None, 1, cap) for name in ("max_completion_tokens", "max_tokens")}
-    values = {v for v in given.values() if v is not None}
-    if len(values) > 1:
-        raise ApiError(400, "`max_completion_tokens` and `max_tokens` differ; give one of them.", "max_tokens")
-    return values.pop() if values else min(256, cap)
+def max_new_tokens(body: dict[str, Any], rules: dict[str, Scalar], cap: int) -> int:
+    """`max_completion_tokens` (chat's current name) or `max_tokens`, one of them."""
+    given = [v for name in ("max_completion_tokens", "max_tokens") if name in rules
+             and (v := field(body, name, rules[name], None)) is not None]
+    if len(given) > 1:
+        raise ApiError(400, "`max_completion_tokens` and `max_tokens` are both given; give one of them.", "max_tokens")
+    return given[0] if given else min(256, cap)
 
 
 def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
     """`stream`, and whether the stream ends with a usage chunk (`stream_options.include_usage`)."""
-    stream = field(body, "stream", (bool,), False)
+    stream = field(body, "stream", FLAG, False)
     options = body.get("stream_options")
     if options is None:
         return stream, False
@@ -135,40 +165,38 @@ def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
         raise ApiError(400, "`stream_options` goes with `stream: true`.", "stream_options")
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise ApiError(400, "`stream_options` takes only `include_usage` (true or false).", "stream_options")
-    return stream, field(options, "include_usage", (bool,), False)
+    return stream, field(options, "include_usage", FLAG, False)
 
 
-def sampling(body: dict[str, Any], cap: int, most_choices: int, stop: tuple[str, ...],
+def sampling(body: dict[str, Any], rules: dict[str, Scalar], cap: int, stop: tuple[str, ...],
              seed: int) -> list[SamplingParams]:
-    """The SamplingParams of each of the `n` choices asked for: choice i draws with seed + i (`seed` is the request's,
-    else a random one)."""
-    n = field(body, "n", (int,), 1, 1, most_choices)
+    """The SamplingParams of each of the `n` choices asked for (`rules`: `scalars` of the endpoint): choice i draws
+    with seed + i (`seed` is the request's, else a random one)."""
+    n = field(body, "n", rules["n"], 1)
     try:
-        params = SamplingParams(max_new_tokens(body, cap), float(field(body, "temperature", (int, float), 1.0, 0, 2)),
-                                field(body, "top_k", (int,), None, 1),
-                                float(field(body, "top_p", (int, float), 1.0, 1e-6, 1)),
-                                field(body, "seed", (int,), seed), (*stop, *_stop(body)))
-    except UserError as err:  # what no type check catches, such as a seed beyond 63 bits
+        params = SamplingParams(max_new_tokens(body, rules, cap),
+                                float(field(body, "temperature", rules["temperature"], 1.0)),
+                                field(body, "top_k", rules["top_k"], None),
+                                float(field(body, "top_p", rules["top_p"], 1.0)),
+                                field(body, "seed", rules["seed"], seed), (*stop, *_stop(body)))
+    except UserError as err:  # what no type check catches, such as a stop string too long
         raise ApiError(400, str(err), str(err).split(" ")[0])
     return seeded(params, n)
 
 
 # -- log-probabilities and prompts as tokens: what evaluators (lm-evaluation-harness's local-completions) send --
 
-MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits on the alternatives per token
-
-
-def logprobs_fields(body: dict[str, Any], chat: bool) -> tuple[int | None, bool]:
+def logprobs_fields(body: dict[str, Any], rules: dict[str, Scalar], chat: bool) -> tuple[int | None, bool]:
     """The alternatives to return per token (None: no log-probabilities) and `echo`. Completions take `logprobs` 0-5 and
     `echo`; chat takes `logprobs: true` with `top_logprobs` 0-20."""
     if chat:
-        wanted = field(body, "logprobs", (bool,), False)
-        top = field(body, "top_logprobs", (int,), None, 0, MAX_LOGPROBS["chat"])
+        wanted = field(body, "logprobs", rules["logprobs"], False)
+        top = field(body, "top_logprobs", rules["top_logprobs"], None)
         if top is not None and not wanted:
             raise ApiError(400, "`top_logprobs` goes with `logprobs: true`.", "top_logprobs")
         return (top or 0) if wanted else None, False
-    top = field(body, "logprobs", (int,), None, 0, MAX_LOGPROBS["completions"])
-    echo = field(body, "echo", (bool,), False)
+    top = field(body, "logprobs", rules["logprobs"], None)
+    echo = field(body, "echo", rules["echo"], False)
     if echo and body.get("stream"):
         raise ApiError(400, "`echo` cannot be streamed: the prompt's log-probabilities come whole; leave out `stream` "
                        "or `echo`.", "echo")
@@ -273,6 +301,7 @@ def within_text(scores: list[TokenScore], piece: Callable[[int], str], length: i
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MESSAGE_KEYS = ("role", "content", "name")
 NEUTRAL_MESSAGE_KEYS = ("refusal", "tool_calls", "function_call", "audio", "annotations")  # echoed back as null
+TEXT_PART_KEYS = ("type", "text")
 
 
 def content_text(content: Any, where: str) -> str:
@@ -289,6 +318,10 @@ def content_text(content: Any, where: str) -> str:
                            "only; send {\"type\": \"text\", \"text\": ...} parts.", "messages", "unsupported")
         if not isinstance(part.get("text"), str):
             raise ApiError(400, f"a text part in `{where}` has no `text` string.", "messages")
+        extra = next((key for key in part if key not in TEXT_PART_KEYS), None)
+        if extra is not None:
+            raise ApiError(400, f"`{key_name(extra)}` in a text part of `{where}` is not supported by lmlab serve; a "
+                           "text part holds `type` and `text`.", "messages", "unsupported")
         texts.append(part["text"])
     return "\n".join(texts)
 

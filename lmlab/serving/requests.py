@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from lmlab.core.errors import UserError
 from lmlab.serving.batcher import Batcher
 from lmlab.serving.openai_api import (
+    FLAG,
     ApiError,
     chat_messages,
     check_fields,
@@ -20,6 +21,7 @@ from lmlab.serving.openai_api import (
     logprobs_fields,
     prompt_list,
     sampling,
+    scalars,
     shown,
     stream_fields,
     whole,
@@ -167,11 +169,12 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
         stops, special = rendered.stop, rendered.special
     else:
         prompts, stops = prompt_list(fields.get("prompt", ""), served.run.config.model.vocab_size), ()
-    logprobs, echo = logprobs_fields(fields, chat)
+    rules = scalars("chat" if chat else "completions", served.max_tokens_cap, served.max_batch)
+    logprobs, echo = logprobs_fields(fields, rules, chat)
     generate = chat or generates(fields, echo)
     stream, include_usage = stream_fields(fields)
-    params = sampling(fields if generate else {**fields, "max_tokens": None}, served.max_tokens_cap,
-                      served.max_batch, stops, secrets.randbelow(2**63))
+    params = sampling(fields if generate else {**fields, "max_tokens": None}, rules, served.max_tokens_cap, stops,
+                      secrets.randbelow(2**63))
     if len(prompts) * len(params) > served.max_batch:
         raise ApiError(400, f"{len(prompts)} prompts × n = {len(params)} are {len(prompts) * len(params)} choices, "
                        f"more than this server decodes at once (--max-batch {served.max_batch}); send at most "
@@ -199,7 +202,7 @@ def read_tokenize(names: list[str], raw: bytes) -> Body:
     check_model(body, names)
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "/tokenize takes `prompt` (a string) or `messages` (a chat), one of them.", "prompt")
-    flags = {name: body_field(body, name, (bool,), default) for name, default in
+    flags = {name: body_field(body, name, FLAG, default) for name, default in
              (("add_special_tokens", "prompt" in body), ("add_generation_prompt", True),
               ("continue_final_message", False), ("return_token_strs", False))}
     if not flags["add_generation_prompt"] or flags["continue_final_message"]:

@@ -1,20 +1,31 @@
 """The OpenAPI document (/openapi.json) of `lmlab serve`: each POST route's request body as JSON Schema, written from
-the field tables of lmlab.serving.openai_api and the served run, and every status a route answers with. A body the
-schemas accept is one the server accepts (tests/test_serve_schema.py runs schemathesis on it); they are stricter where
-JSON Schema cannot say what the server checks (a prompt's length whatever it tokenizes to)."""
+the tables the server checks bodies with (lmlab.serving.openai_api: the fields, their types and bounds) and from the
+served run, and every status a route answers with. The server takes every body the schemas allow and refuses every
+body they forbid (tests/test_serve_schema.py runs schemathesis with every check), but for what JSON Schema cannot
+state, each a documented 400: a prompt, or the prompt a chat renders to, longer than the context in tokens; text a
+char tokenizer cannot read once normalised; a conversation a chat template refuses."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lmlab.core.config import MAX_COUNT, MAX_SEED, STOP_CHARS
-from lmlab.core.errors import UserError
-from lmlab.serving.openai_api import FIELDS, HINTS, MAX_LOGPROBS, NEUTRAL_MESSAGE_KEYS, ROLES, UNSUPPORTED
+from lmlab.core.config import STOP_CHARS
+from lmlab.serving.openai_api import (
+    FIELDS,
+    FLAG,
+    HINTS,
+    MAX_STOPS,
+    NEUTRAL_MESSAGE_KEYS,
+    ROLES,
+    TEXT_PART_KEYS,
+    UNSUPPORTED,
+    Scalar,
+    scalars,
+)
 from lmlab.serving.requests import TOKENIZE, Served
 from lmlab.serving.routes import ROUTES
 
 EVENT = {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}  # a streamed event's data: a chunk, then [DONE]
-MESSAGES = 64  # the most messages a described chat holds
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -30,39 +41,56 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
+def published(rule: Scalar) -> dict[str, Any]:
+    """A field of `openai_api.scalars` as JSON Schema: what `openai_api.field` checks it for, or null."""
+    kind = {(bool,): "boolean", (int,): "integer", (int, float): "number"}[rule.kinds]
+    bounds = {key: bound for key, bound in (("minimum", rule.low), ("maximum", rule.high)) if bound is not None}
+    return nullable({"type": kind, **bounds})
+
+
 def integer(low: int, high: int) -> dict[str, Any]:
-    return nullable({"type": "integer", "minimum": low, "maximum": high})
+    return published(Scalar((int,), low, high))
 
 
-def text(served: Served, most: int) -> dict[str, Any]:
-    """A string of at most `most` characters, of those the tokenizer knows (a char tokenizer refuses others)."""
-    schema: dict[str, Any] = {"type": "string", "maxLength": most}
-    tokenizer = served.run.tokenizer
-    if tokenizer.kind.per_character:
-        schema["pattern"] = "^[" + "".join(f"\\u{ord(c):04x}" for c in sorted(tokenizer.vocab) if len(c) == 1
-                                           and ord(c) < 0x10000) + "]*$"
+def text(served: Served, most: int | None = None) -> dict[str, Any]:
+    """A string the tokenizer reads, of at most `most` characters: of a char tokenizer that normalises nothing, the
+    characters it knows (it refuses others); of any other, any text."""
+    schema: dict[str, Any] = {"type": "string", **({} if most is None else {"maxLength": most})}
+    if exact_chars(served):
+        known = sorted(c for c in served.run.tokenizer.vocab if len(c) == 1)
+        # \uXXXX escapes, so that none means anything in a character class; beyond the Basic Multilingual Plane the
+        # character itself, as \uXXXX there names half of one.
+        schema["pattern"] = "^[" + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x10000 else c for c in known) + "]*$"
     return schema
 
 
-def chars_sure_to_fit(served: Served, tokens: int) -> int:
-    """The characters that take at most `tokens` tokens whatever they are, beside the special tokens the tokenizer adds
-    to any text."""
+def exact_chars(served: Served) -> bool:
+    """Whether a prompt's characters are its tokens, one each: a char tokenizer with no normalisation (which may
+    drop or change characters before they are counted)."""
     tokenizer = served.run.tokenizer
-    return tokenizer.fewest_chars(tokens - len(tokenizer.encode("", True)))
+    return tokenizer.kind.per_character and tokenizer.backend.normalizer is None
+
+
+def prompt_text(served: Served) -> dict[str, Any]:
+    """A prompt as text: of exact characters, at most those that fit the context beside the special tokens the
+    tokenizer adds (the server checks as much, exactly); of other tokenizers, whatever its length (the server counts
+    its tokens, which JSON Schema cannot: a prompt longer than the context is a 400 context_length_exceeded)."""
+    if not exact_chars(served):
+        return text(served)
+    tokenizer = served.run.tokenizer
+    return text(served, served.context - len(tokenizer.encode("", True)))
 
 
 def sampling(served: Served, chat: bool) -> dict[str, Any]:
-    """The fields both endpoints take (openai_api.SAMPLING), and the hints and unused fields they accept."""
-    stop = {"type": "string", "maxLength": STOP_CHARS}
-    fields = {"max_tokens": integer(1 if chat else 0, served.max_tokens_cap),
-              "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
-              "top_p": nullable({"type": "number", "minimum": 1e-6, "maximum": 1}),
-              "top_k": integer(1, MAX_COUNT), "n": integer(1, served.max_batch), "seed": integer(0, MAX_SEED),
-              "stream": nullable({"type": "boolean"}),
-              "stream_options": nullable({"type": "object", "additionalProperties": False,
-                                          "properties": {"include_usage": nullable({"type": "boolean"})}}),
-              "stop": nullable({"anyOf": [stop, {"type": "array", "items": stop, "maxItems": 4}]})}
+    """The fields both endpoints take (openai_api.SAMPLING) as `openai_api.scalars` has them, and the hints and unused
+    fields they accept."""
     endpoint = "chat" if chat else "completions"
+    stop = {"type": "string", "maxLength": STOP_CHARS}
+    fields = {**{name: published(rule) for name, rule in
+                 scalars(endpoint, served.max_tokens_cap, served.max_batch).items()},
+              "stream_options": nullable({"type": "object", "additionalProperties": False,
+                                          "properties": {"include_usage": published(FLAG)}}),
+              "stop": nullable({"anyOf": [stop, {"type": "array", "items": stop, "maxItems": MAX_STOPS}]})}
     return {**fields, **{name: {} for name in HINTS},
             **{name: {"enum": list(values)} for name, values in UNSUPPORTED[endpoint].items()}}
 
@@ -76,7 +104,7 @@ def rules(chat: bool) -> list[dict[str, Any]]:
     both = [{"if": given("stream_options"), "then": given("stream", True)}]
     if chat:
         return [*both, {"if": given("top_logprobs"), "then": given("logprobs", True)},
-                {"not": {"required": ["max_tokens", "max_completion_tokens"]}}]
+                {"not": {"allOf": [given("max_tokens"), given("max_completion_tokens")]}}]
     return [*both, {"not": {"allOf": [given("echo", True), given("stream", True)]}},
             {"if": given("max_tokens", 0), "then": given("echo", True)}]
 
@@ -85,11 +113,9 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
     vocab, context = served.run.config.model.vocab_size, served.context
     ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}, "minItems": 1,
            "maxItems": context}
-    one = {"anyOf": [text(served, chars_sure_to_fit(served, context)), ids]}
+    one = {"anyOf": [prompt_text(served), ids]}
     prompts = {"type": "array", "minItems": 1, "maxItems": served.max_batch, "items": one}
-    fields = {**sampling(served, False), "model": {"enum": [None, *names]},
-              "prompt": {"anyOf": [one, prompts]}, "logprobs": integer(0, MAX_LOGPROBS["completions"]),
-              "echo": nullable({"type": "boolean"})}
+    fields = {**sampling(served, False), "model": {"enum": [None, *names]}, "prompt": {"anyOf": [one, prompts]}}
     # k prompts of n choices each are k * n rows of the batch.
     batch = [{"if": {"required": ["prompt"], "properties": {"prompt": {"type": "array", "minItems": k,
                                                                       "items": {"not": {"type": "integer"}}}}},
@@ -98,60 +124,28 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
 
 
 def chat(served: Served, names: list[str]) -> dict[str, Any]:
-    fields = {**sampling(served, True), "model": {"enum": [None, *names]}, "messages": messages(served),
-              "max_completion_tokens": integer(1, served.max_tokens_cap), "logprobs": nullable({"type": "boolean"}),
-              "top_logprobs": integer(0, MAX_LOGPROBS["chat"])}
+    fields = {**sampling(served, True), "model": {"enum": [None, *names]}, "messages": messages(served)}
     schema = body(fields, FIELDS["chat"], rules(True))
     schema["required"] = ["messages"]
     return schema
 
 
 def messages(served: Served) -> dict[str, Any]:
-    """A chat of up to as many messages as fit the context with some text each: one shape per count of `counts`, its
-    text bounded so that that many fit together."""
-    shapes = []
-    for count in counts(served):
-        content = text(served, max(0, chars_each(served, count)))
-        message = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
-                   "properties": {"role": {"enum": list(ROLES)}, "name": {}, "content": {"anyOf": [content, {
-                       "type": "array", "minItems": 1, "maxItems": 1, "items": {
-                           "type": "object", "required": ["type", "text"], "additionalProperties": False,
-                           "properties": {"type": {"const": "text"}, "text": content}}}]},
-                       **{key: {"enum": [None, False, 0, "", [], {}]} for key in NEUTRAL_MESSAGE_KEYS}}}
-        shapes.append({"type": "array", "items": message, "minItems": 1, "maxItems": count})
-    schema: dict[str, Any] = shapes[0] if len(shapes) == 1 else {"type": "array", "anyOf": shapes}
+    """A chat: messages of a role and text, or text parts, of any length and number (the server checks the prompt
+    they render to, which JSON Schema cannot: one longer than the context is a 400 context_length_exceeded). A
+    transcript renders every message as it is: its text is what the tokenizer reads."""
+    run = served.run
+    words = text(served) if run.chat_template is None and run.prompt_format is None else {"type": "string"}
+    part = {"type": "object", "required": list(TEXT_PART_KEYS), "additionalProperties": False,
+            "properties": {"type": {"const": "text"}, "text": words}}
+    content = {"anyOf": [words, {"type": "array", "minItems": 1, "items": part}]}
+    message = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
+               "properties": {"role": {"enum": list(ROLES)}, "name": {}, "content": content,
+                              **{key: {"enum": [None, False, 0, "", [], {}]} for key in NEUTRAL_MESSAGE_KEYS}}}
+    schema: dict[str, Any] = {"type": "array", "items": message, "minItems": 1}
     if served.run.chat_template is None and served.run.prompt_format is not None:
         schema["contains"] = {"properties": {"role": {"const": "user"}}}  # its instruction is a user's message
     return schema
-
-
-def counts(served: Served) -> list[int]:
-    """The message counts a chat is described at: 1, 2, 4, ... below the most messages that fit the context (at most
-    MESSAGES), and that most."""
-    fit, past = 1, 2
-    while past <= MESSAGES and chars_each(served, past) >= 0:
-        fit, past = past, 2 * past
-    past = min(past, MESSAGES + 1)
-    while past - fit > 1:
-        middle = (fit + past) // 2
-        fit, past = (middle, past) if chars_each(served, middle) >= 0 else (fit, middle)
-    return sorted({*(2 ** i for i in range(fit.bit_length()) if 2 ** i < fit), fit})
-
-
-def chars_each(served: Served, count: int) -> int:
-    """The characters each of `count` messages may hold for all of them to fit the context, whatever their roles; -1
-    where even empty ones do not fit."""
-    from lmlab.inference.generate import chat_prompt
-
-    frames = []
-    for role in ("system", "user", "assistant", None):  # None: a user and an assistant in turn, a user's last
-        turns = [(role or ("user", "assistant")[(count - 1 - i) % 2], "") for i in range(count)]
-        try:
-            frames.append(len(chat_prompt(served.run, turns).ids(served.run.tokenizer)))
-        except UserError:  # roles the format or the template refuses (a 400 in its words)
-            pass
-    room = served.context - max(frames, default=served.context + 1)
-    return -1 if room < 0 else served.run.tokenizer.fewest_chars(room) // count  # -1: not even empty ones fit
 
 
 def body(fields: dict[str, Any], taken: tuple[str, ...], constraints: list[dict[str, Any]]) -> dict[str, Any]:
@@ -162,8 +156,8 @@ def body(fields: dict[str, Any], taken: tuple[str, ...], constraints: list[dict[
 
 
 def tokenize(served: Served, names: list[str]) -> dict[str, Any]:
-    flag = nullable({"type": "boolean"})
-    fields = {"model": {"enum": [None, *names]}, "prompt": text(served, served.max_body_bytes // 16),
+    flag = published(FLAG)
+    fields = {"model": {"enum": [None, *names]}, "prompt": text(served),
               "messages": messages(served), "add_special_tokens": flag, "return_token_strs": flag,
               "add_generation_prompt": {"enum": [True, None]}, "continue_final_message": {"enum": [False, None]}}
     schema = body(fields, TOKENIZE, [])
@@ -184,7 +178,8 @@ BODIES = {"/v1/completions": completions, "/v1/chat/completions": chat, "/tokeni
 
 
 def describe(document: dict[str, Any], served: Served, names: list[str], keyed: bool) -> None:
-    """Add the request bodies and the statuses each route of `ROUTES` answers with to FastAPI's `document`."""
+    """Add the request bodies, the models' names and the statuses each route of `ROUTES` answers with to FastAPI's
+    `document`."""
     document.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
     for route in ROUTES:
         operation = document["paths"][route.path][route.method.lower()]
@@ -199,6 +194,8 @@ def describe(document: dict[str, Any], served: Served, names: list[str], keyed: 
                 "schema": BODIES[route.path](served, names)}}}
         if route.streamed:  # answered whole, or streamed
             operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": EVENT}
+        for parameter in operation.get("parameters", []):  # {model_id}: a name this server answers to, else 404
+            parameter["schema"] = {"type": "string", "enum": names}
     document["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = {
         "text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}}
 

@@ -224,6 +224,20 @@ def test_a_resumed_budget_says_what_the_rest_takes_here_and_its_end_how_the_budg
         assert again.position(step) == Budget.resumed(saved, 240, intervals).position(step)
 
 
+def test_a_resumed_plan_without_its_pace_times_its_steps_before_it_says_what_the_rest_takes():
+    """A checkpoint's plan from a version that kept no step's seconds: nothing is foreseen at the planned pace, and
+    the steps timed here (an evaluation among the first) say what the rest takes."""
+    older = {k: v for k, v in dataclasses.asdict(Plan(60.0, max_iters=200, step=40, spent=20.0, warmup=10)).items()
+             if not k.endswith("_seconds") or k == "seconds"}
+    budget = Budget.resumed(older, 48, (50, 100), spent=2.0)
+    assert "20.0 s taken so far (what the rest takes here is said once 5 steps are timed here)" in budget.resume_line()
+    lines = []
+    for step in range(49, 201):
+        budget.after_step(step, 2.0 + 0.2 * (step - 48))
+        lines += [budget.line] if budget.line else []
+    assert len(lines) == 1 and "steps take 200.0 ms here: the 146 left and the end need ~29.2 s" in lines[0]
+
+
 def budgeted(tmp_path, dataset, seconds: float, overrides=()) -> Trainer:
     cfg = load_config(write_config(tmp_path / "tiny.toml", dataset, max_iters=7),
                       [f"train.budget_seconds={seconds}", "train.eval_interval=50", "train.checkpoint_interval=40",

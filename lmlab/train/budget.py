@@ -297,6 +297,8 @@ class Budget:
         every_eval, every_checkpoint = self.intervals
         if step % every_eval and step % every_checkpoint:
             self._steps.append(seconds)
+        elif self.pace <= 0:  # a resumed plan of an older version, without its pace: steps are timed first
+            return
         elif step % every_eval == 0:  # an evaluation, and mostly the checkpoint of its new best
             self._eval_steps = max(0.0, seconds - self.pace - self._checkpoint) / self.pace
         else:
@@ -351,18 +353,20 @@ class Budget:
         rest = self._rest(step)
         total = self.taken(self._seen[1]) + rest
         final = f", then the final score on {covered(p.final_windows, p.val_windows)}" if p.final_windows else ""
+        planned = (f", and at the {_ms(p.step_seconds)} a step planned the rest needs ~{_duration(rest)}, "
+                   f"~{_duration(total)} in all ({total - p.seconds:+.1f} s on its budget; said again" if p.step_seconds
+                   else " (what the rest takes here is said")
         return (f"budget {p.seconds:g} s: resumed at step {step:,} by its checkpoint's plan, by steps (this process's "
                 f"clock is not the one that planned it): {self.last - step:,} steps left, to min_lr at step "
-                f"{self.last:,}{final}; {self.before:.1f} s taken so far, and at the {_ms(p.step_seconds)} a step "
-                f"planned the rest needs ~{_duration(rest)}, ~{_duration(total)} in all ({total - p.seconds:+.1f} s "
-                f"on its budget; said again once {PACE_STEPS} steps are timed here). To end elsewhere, resume it with "
-                f"{BY_STEPS}: by steps, to min_lr at step N.")
+                f"{self.last:,}{final}; {self.before:.1f} s taken so far{planned} once {PACE_STEPS} steps are timed "
+                f"here). To end elsewhere, resume it with {BY_STEPS}: by steps, to min_lr at step N.")
 
     def _rest_here(self, step: int, spent: float) -> str:
         """What the rest of a resumed run takes here, from the steps timed here."""
         p, rest = self.plan, self._rest(step)
         total = self.taken(spent) + rest
-        said = (f"budget {p.seconds:g} s: steps take {_ms(self.pace)} here ({_ms(p.step_seconds)} planned): the "
+        planned = f" ({_ms(p.step_seconds)} planned)" if p.step_seconds else ""
+        said = (f"budget {p.seconds:g} s: steps take {_ms(self.pace)} here{planned}: the "
                 f"{self.last - step:,} left and the end need ~{_duration(rest)}, the run ~{_duration(total)} in all "
                 f"({total - p.seconds:+.1f} s on its budget)")
         if total > (1 + HELD_SHARE) * p.seconds:
@@ -377,7 +381,8 @@ class Budget:
         held = f"{taken - p.seconds:+.1f} s" + (f", {share:+.1f}%" if abs(share) < 100 else "")
         if self.resumed_at is None:
             return f"budget {p.seconds:g} s: the run ended {spent:.1f} s after the command started ({held})"
-        pace = f", its steps {_ms(self.pace)} ({_ms(p.step_seconds)} planned)" if self._steps else ""
+        planned = f" ({_ms(p.step_seconds)} planned)" if p.step_seconds else ""
+        pace = f", its steps {_ms(self.pace)}{planned}" if len(self._steps) == PACE_STEPS else ""
         return (f"budget {p.seconds:g} s: resumed at step {self.resumed_at:,} by its plan, the run took {taken:.1f} s "
                 f"({held}): {self.before:.1f} s to step {self.resumed_at:,}, {spent:.1f} s in this process{pace}")
 

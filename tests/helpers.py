@@ -252,6 +252,18 @@ VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "ms_per_step", "mfu", "peak_
             "dtype_reason", "budget_spent", "path"}
 
 
+def cut_at_first_checkpoint(run: Path, copy: Path) -> Path:
+    """A copy of the ended `run` as if killed right after its first checkpoint: the later step folders and events
+    gone."""
+    shutil.copytree(run, copy)
+    for folder in RunDir(copy).step_folders()[1:]:
+        shutil.rmtree(folder)
+    lines = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"checkpoint"' in line) + 1
+    (copy / "metrics.jsonl").write_text("".join(lines[:cut]))
+    return copy
+
+
 def stable_events(run: Path) -> list[dict]:
     """metrics.jsonl without the VOLATILE fields and without the resume, threads, compile and attention events: the
     history of how the run was trained (how often it resumed; the threads the load at each start made lmlab choose;

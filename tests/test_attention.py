@@ -5,7 +5,6 @@ fine-tune keeps the path it trained by."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,14 @@ from lmlab.train.attention import GAIN, choose_attention
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS
-from tests.helpers import ALPACA_TINY, events_of, same_weights, stable_events, write_config
+from tests.helpers import (
+    ALPACA_TINY,
+    cut_at_first_checkpoint,
+    events_of,
+    same_weights,
+    stable_events,
+    write_config,
+)
 
 CPU = torch.device("cpu")
 STATE = OPTIMIZERS["adamw"].state_bytes
@@ -128,25 +134,13 @@ def test_a_resumed_run_trains_by_the_path_it_started_with(tmp_path, char_dataset
     monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(10.0, 1.0))
     straight = Trainer(cfg, tmp_path / "straight", "cpu", console=quiet).run().run_dir
     assert [e["path"] for e in RunDir(straight).events() if e["event"] == "attention"] == ["math"]
-    run = _cut_at_first_checkpoint(straight, tmp_path / "resumed")
+    run = cut_at_first_checkpoint(straight, tmp_path / "resumed")
     monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(1.0, 10.0))
     console = Console(record=True, width=80)
     Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=console).run()
     assert "attention: math; as this run trained, its checkpoint says" in console.export_text()
     assert stable_events(run) == stable_events(straight)
     same_weights(straight, run)
-
-
-def _cut_at_first_checkpoint(run: Path, copy: Path) -> Path:
-    """A copy of the ended `run` as if killed right after its first checkpoint: the later step folders and events
-    gone."""
-    shutil.copytree(run, copy)
-    for folder in RunDir(copy).step_folders()[1:]:
-        shutil.rmtree(folder)
-    lines = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
-    cut = next(i for i, line in enumerate(lines) if '"checkpoint"' in line) + 1
-    (copy / "metrics.jsonl").write_text("".join(lines[:cut]))
-    return copy
 
 
 def _tune(base: Path, out: Path, path: str = "auto") -> str:
@@ -179,7 +173,7 @@ def test_a_continued_fine_tune_trains_by_the_path_it_started_with(tmp_path, impo
     by the math path, its checkpoint says so, and it ends bitwise where the fine-tune never stopped ends."""
     monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(10.0, 1.0))
     _tune(imported_gpt2, tmp_path / "straight")
-    run = _cut_at_first_checkpoint(tmp_path / "straight", tmp_path / "continued")
+    run = cut_at_first_checkpoint(tmp_path / "straight", tmp_path / "continued")
     monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(1.0, 10.0))
     said = _tune(imported_gpt2, run)
     assert "Resumed" in said and "attention: math; as this run trained, its checkpoint says" in said

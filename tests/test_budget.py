@@ -20,11 +20,33 @@ from lmlab.commands import main
 from lmlab.core.config import TrainConfig
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
+from lmlab.data.shards import covered
 from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import FINAL_SHARE, MIN_STEPS, Budget, BudgetRefused, Costs, Plan, final_windows, plan
+from lmlab.train.budget import (
+    BY_STEPS,
+    FINAL_SHARE,
+    MIN_STEPS,
+    PACE_STEPS,
+    Budget,
+    BudgetRefused,
+    Costs,
+    Plan,
+    final_windows,
+    plan,
+)
 from lmlab.train.loop import Trainer
-from tests.helpers import LMLAB, output, same_weights, stable_events, torchrun, wait_for, write_config, write_fit
+from tests.helpers import (
+    LMLAB,
+    cut_at_first_checkpoint,
+    output,
+    same_weights,
+    stable_events,
+    torchrun,
+    wait_for,
+    write_config,
+    write_fit,
+)
 
 
 def test_the_plan_counts_steps_evals_at_their_interval_and_the_end_and_the_checkpoints_between():
@@ -113,6 +135,11 @@ def test_the_final_score_covers_the_whole_val_split_where_its_share_of_the_budge
         return
     share = final_windows(split, 16, FINAL_SHARE * seconds, val_batch)
     assert made.val_windows == split and share <= made.final_windows <= split
+    said = " ".join(Budget(made, intervals).describe(train).split())
+    # The start line tells the windows planned, and that the time left at the end decides (`Budget.final_windows`).
+    assert (f"the final score on the val windows that the time left at the end holds: "
+            f"{covered(made.final_windows, split)} ({made.final_seconds:.1f} s) as planned") in said
+    assert ("the whole val split" in said) == (made.final_windows == split)
     assert made.final_seconds == pytest.approx(-(-made.final_windows // 16) * val_batch)
     if split * val_batch / 16 <= FINAL_SHARE * seconds:
         assert share == split  # the whole split, which fits its share
@@ -153,6 +180,62 @@ def test_the_final_score_takes_the_windows_that_fit_what_is_left_of_the_budget(s
     if slower == 1.0 and late == 0.0:
         assert windows == made.final_windows
     assert Budget(made, intervals, live=False).final_windows(16, spent) == made.final_windows
+
+
+def test_a_resumed_budget_says_what_the_rest_takes_here_and_its_end_how_the_budget_held():
+    """A 60 s plan checkpointed at step 240 after 24 s, resumed on a machine 3x slower: it goes on by the plan's steps,
+    says so with what the rest needs as planned and how to end elsewhere, then, once PACE_STEPS steps are timed here,
+    what the rest takes here; its end counts every process's seconds, and a checkpoint of the resumed run carries them
+    to the next resume, whose decay by steps is the same to the last bit."""
+    train, intervals = TrainConfig(batch_size=16, eval_iters=4, warmup_iters=0), (50, 100)
+    made = plan(60.0, 5.0, Costs(0.1, 0.4, 0.1, 0.1, 0.3), train, intervals, 62)
+    saved = dataclasses.asdict(dataclasses.replace(made, step=240, spent=24.0, position=0.4))
+    budget = Budget.resumed(saved, 240, intervals, spent=3.0)  # this process's start-up: 3 s
+    last = made.max_iters
+    said = " ".join(budget.resume_line().split())
+    rest = dataclasses.replace(made, step=240).needed(last - 240, intervals)
+    assert said.startswith("budget 60 s: resumed at step 240 by its checkpoint's plan, by steps")
+    assert (f"{last - 240:,} steps left, to min_lr at step {last:,}, then the final score on the whole val split; "
+            f"24.0 s taken so far, and at the 100.0 ms a step planned the rest needs ~{rest:.1f} s, "
+            f"~{24.0 + 3.0 + rest:.1f} s in all") in said
+    assert f"resume it with {BY_STEPS}" in said
+    spent, lines = 3.0, []
+    for step in range(241, last + 1):
+        spent += 0.3 + (3 * 0.5 if step % 50 == 0 else 0.0)  # steps and evaluations 3x slower
+        budget.after_step(step, spent)
+        lines += [(step, budget.line)] if budget.line else []
+        assert budget.position(step) == Budget.resumed(saved, 240, intervals).position(step)  # by steps, untimed
+        if step == 300:
+            again = Budget.resumed(budget.state_dict(), step + 1, intervals)
+            assert again.before == pytest.approx(24.0 + spent + 0.3)  # the seconds taken when step 301 begins
+    assert [s for s, _ in lines] == [240 + PACE_STEPS]  # once, when the steps timed here are enough
+    here = dataclasses.replace(made, step=245, step_seconds=0.3, eval_seconds=1.5,
+                               final_seconds=3 * made.final_seconds).needed(last - 245, intervals)
+    pace = " ".join(lines[0][1].split())
+    assert (f"budget 60 s: steps take 300.0 ms here (100.0 ms planned): the {last - 245:,} left and the end need "
+            f"~{here:.1f} s, the run ~{24.0 + 3.0 + 5 * 0.3 + here:.1f} s in all") in pace
+    assert f"stop it and resume it with {BY_STEPS}" in pace  # more than 5% past the budget
+    assert budget.taken(spent) == pytest.approx(24.0 + spent)
+    assert " ".join(budget.ended(spent).split()).startswith(
+        f"budget 60 s: resumed at step 240 by its plan, the run took {24.0 + spent:.1f} s "
+        f"(+{24.0 + spent - 60.0:.1f} s, +{100 * ((24.0 + spent) / 60.0 - 1):.1f}%): 24.0 s to step 240, {spent:.1f} s "
+        "in this process, its steps 300.0 ms (100.0 ms planned)")
+    for step in range(301, last + 1):  # a second resume goes on by the first plan's decay, not one laid again
+        assert again.position(step) == Budget.resumed(saved, 240, intervals).position(step)
+
+
+def test_a_resumed_plan_without_its_pace_times_its_steps_before_it_says_what_the_rest_takes():
+    """A checkpoint's plan from a version that kept no step's seconds: nothing is foreseen at the planned pace, and
+    the steps timed here (an evaluation among the first) say what the rest takes."""
+    older = {k: v for k, v in dataclasses.asdict(Plan(60.0, max_iters=200, step=40, spent=20.0, warmup=10)).items()
+             if not k.endswith("_seconds") or k == "seconds"}
+    budget = Budget.resumed(older, 48, (50, 100), spent=2.0)
+    assert "20.0 s taken so far (what the rest takes here is said once 5 steps are timed here)" in budget.resume_line()
+    lines = []
+    for step in range(49, 201):
+        budget.after_step(step, 2.0 + 0.2 * (step - 48))
+        lines += [budget.line] if budget.line else []
+    assert len(lines) == 1 and "steps take 200.0 ms here: the 146 left and the end need ~29.2 s" in lines[0]
 
 
 def budgeted(tmp_path, dataset, seconds: float, overrides=()) -> Trainer:
@@ -290,6 +373,30 @@ def test_a_planned_run_resumes_with_its_budget_or_by_steps_but_not_with_another_
 
 
 @pytest.mark.slow
+def test_a_resumed_budgeted_run_says_how_it_goes_on_and_how_its_budget_held(tmp_path, char_dataset):
+    """`lmlab train --resume` of a budgeted run killed after its first checkpoint says that it goes on by that
+    checkpoint's plan (the steps left, what they need as planned, how to end elsewhere), then what the rest takes
+    here; its end event holds the budget and the seconds every process took, and its last lines say how it held."""
+    result, seconds = trained(tmp_path, char_dataset, 2.0, ["train.keep_checkpoints=1000"], steps=60)
+    run = cut_at_first_checkpoint(result.run_dir, tmp_path / "killed")
+    folder = RunDir(run).step_folders()[0]
+    kept = Plan.of(json.loads((folder / "state.json").read_text())["training"]["budget"])
+    step, last = int(folder.name[5:]), kept.max_iters
+    done = subprocess.run([LMLAB, "train", "--resume", run], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = " ".join(done.stdout.split())
+    assert (f"budget {seconds:g} s: resumed at step {step} by its checkpoint's plan, by steps (this process's clock "
+            f"is not the one that planned it): {last - step:,} steps left, to min_lr at step {last:,}") in said
+    assert "To end elsewhere, resume it with --set train.budget_seconds=0 --set train.max_iters=N" in said
+    assert re.search(rf"budget {seconds:g} s: steps take [\d,.]+ ms here \([\d,.]+ ms planned\): the \d+ left", said)
+    end = RunDir(run).events()[-1]
+    assert (end["event"], end["step"], end["budget_seconds"]) == ("end", last, seconds)
+    assert end["budget_spent"] > kept.spent
+    took = re.search(rf"budget {seconds:g} s: resumed at step {step} by its plan, the run took ([\d.]+) s", said)
+    assert took and float(took[1]) == pytest.approx(end["budget_spent"], abs=0.051)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [[], ["--size", "auto"]], ids=["preset", "size auto"])
 def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_again(tmp_path, char_dataset, size):
     """Two continuations of the same budgeted run, killed with -9 once a checkpoint after its first steps was
@@ -335,7 +442,7 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
     resumed = next(i for i, e in enumerate(events) if e["event"] == "resume")
     planned = [i for i, e in enumerate(events) if e["event"] == "budget"]
     assert planned and planned[-1] < resumed
-    assert events[-1]["event"] == "end" and events[-1]["budget_spent"] is None  # by steps: no clock of its own
+    assert events[-1]["event"] == "end" and events[-1]["budget_spent"] > plans[0].spent  # every process's seconds
     sized = [e for e in RunDir(run).events() if e["event"] == "sizing"]
     assert len(sized) == bool(size) and all(RunDir(run).config().model.n_layer == e["depth"] for e in sized)
     same_weights(straight, run)

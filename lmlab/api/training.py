@@ -208,11 +208,8 @@ def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
         out.print(f"no evaluation ran: the run ended at step {result.steps}, before its first evaluation")
     else:
         out.print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}")
-    if result.budget_spent is not None:
-        spent, budget = result.budget_spent, cfg.train.budget_seconds
-        share = 100 * (spent / budget - 1)
-        out.print(f"budget {budget:g} s: the run ended {spent:.1f} s after the command started "
-                  f"({spent - budget:+.1f} s" + (f", {share:+.1f}%)" if abs(share) < 100 else ")"))
+    if result.budget_line:
+        out.print(result.budget_line, highlight=False)
     out.print(f"run: {result.run_dir}")
     out.print(f"loss plot: {result.loss_plot}")
     out.print(_final_words(result), highlight=False)
@@ -224,9 +221,10 @@ def _final_words(result: TrainResult) -> str:
     if f is None:
         return (f"no final score: the run was stopped before it; `lmlab eval {result.run_dir} --checkpoint latest` "
                 "scores its checkpoint on the whole val split")
+    from lmlab.data.shards import covered
+
+    on = covered(f["windows"], f["split_windows"])
     if f["windows"] >= f["split_windows"]:
-        return (f"final val {f['val_loss']:.4f}: the last checkpoint (step {f['step']}) on the whole val split "
-                f"({f['tokens']:,} tokens)")
+        return f"final val {f['val_loss']:.4f}: the last checkpoint (step {f['step']}) on {on} ({f['tokens']:,} tokens)"
     return (f"final val {f['val_loss']:.4f} ± {f['stderr']:.4f} (standard error): the last checkpoint (step "
-            f"{f['step']}) on {f['windows']:,} of the val split's {f['split_windows']:,} windows, spread evenly "
-            f"({f['tokens']:,} tokens)")
+            f"{f['step']}) on {on}, spread evenly ({f['tokens']:,} tokens)")

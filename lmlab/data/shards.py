@@ -150,6 +150,13 @@ def windows_in(meta: dict, split: str, block_size: int) -> int:
     return (tokens - 1) // block_size if rows is None else tokens // rows.length
 
 
+def covered(windows: int, split_windows: int) -> str:
+    """What a score of `windows` of the val split's `split_windows` covers, as every line that tells it says it."""
+    if windows >= split_windows:
+        return "the whole val split"
+    return f"{windows:,} of the val split's {split_windows:,} windows"
+
+
 class ShardWriter:
     """Appends tokens to `SPLIT_00000.bin`, ... of `shard_tokens` tokens each, holding one shard in memory."""
 

@@ -71,7 +71,7 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
                           "extrapolated:boolean learning_rate:number warmup_iters:integer candidates:list"),
     "end": _fields(_STEP, "tokens:integer elapsed:number lr:number stopped_early:boolean stopped_by:string|null "
                           "best_val_loss:number best_step:integer|null best_epoch:integer base_val_loss:number "
-                          "budget_spent:number"),
+                          "budget_seconds:number budget_spent:number"),
 }
 
 

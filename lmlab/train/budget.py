@@ -5,7 +5,8 @@ that cannot hold its minimum before any step trains.
 
 While the run goes (`Budget`), the LR after warmup follows the budget's clock, not the step count: a change of pace
 moves where the steps fall on the curve, never the curve, so the LR cannot rise and reaches min_lr when the time does. A
-resumed run goes on by steps: another process's clock would make resume inexact."""
+resumed run goes on by steps: another process's clock would make resume inexact; it says so, with what the rest takes
+on the machine it resumed on, and its end says how the budget held over all its processes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Any
 
 from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
+from lmlab.core.humanize import format_duration
+from lmlab.data.shards import covered
 
 EVAL_SHARE = 0.1  # evaluations measure the run, they do not train it: at most this share of the budget
 FINAL_SHARE = 0.05  # and so does the final score of what the run keeps, at most this share besides
@@ -25,6 +28,8 @@ WARMUP_SHARE = 0.1  # a warmup longer than this share of the steps is shortened 
 MIN_STEPS = 2  # the fewest a budget must hold: one step is no run (its pace unknown before it, no decay after it)
 PACE_STEPS = 5  # the pace is the median of this many newest steps: blind to two outliers, following a lasting change
 MOVED_SHARE = 0.1  # a foreseen end that moved by this share of the steps is logged
+HELD_SHARE = 0.05  # a run ends within this share of its budget, or a resumed run says how to end sooner
+BY_STEPS = "--set train.budget_seconds=0 --set train.max_iters=N"  # a resumed run's settings to go on by steps to N
 
 
 @dataclass(frozen=True)
@@ -181,12 +186,14 @@ def refusal(seconds: float, least: Plan, intervals: tuple[int, int]) -> str:
 
 class Budget:
     """A budgeted run's plan in force. `live` in the process that planned it: the LR's position follows the budget's
-    clock (`after_step`, the one call the loop makes), and the last step is decided a step ahead; else (a resumed run)
-    by steps. `lag` is how many steps late the seconds spent arrive (one under torchrun), so every rank decides
-    alike."""
+    clock (`after_step`, the one call the loop makes), and the last step is decided a step ahead; else (a resumed run,
+    `resumed`) by steps, its steps timed only to say what the rest takes here. `lag` is how many steps late the seconds
+    spent arrive (one under torchrun), so every rank decides alike."""
 
     def __init__(self, made: Plan, intervals: tuple[int, int], live: bool = True, lag: int = 0):
         self.plan, self.intervals, self.live, self.lag = made, intervals, live, lag
+        self.resumed_at: int | None = None  # the step a resumed run went on from
+        self.before = 0.0  # the seconds the run's earlier processes took to `resumed_at`, start-ups included
         self.last = made.max_iters  # the steps the run trains: foreseen, final once `decided`
         self.decided = not live
         self._seen = (made.step, made.spent)  # the newest step whose start is known, and the seconds spent then
@@ -198,6 +205,15 @@ class Budget:
         self._given = made.position  # the newest position handed out: none after it is lower
         self.line: str | None = None  # what the newest `after_step` decided that is worth a line
         self.event: Plan | None = None  # the plan to log, where the newest `after_step` changed it
+
+    @classmethod
+    def resumed(cls, saved: dict[str, Any], step: int, intervals: tuple[int, int], lag: int = 0,
+                spent: float = 0.0) -> Budget:
+        """A checkpoint's budget (`state_dict`) going on by steps from `step`, in a process `spent` seconds old."""
+        made = Plan.of(saved)
+        budget = cls(made, intervals, live=False, lag=lag)
+        budget.resumed_at, budget.before, budget._seen = step, float(saved.get("taken", made.spent)), (step, spent)
+        return budget
 
     @property
     def warmup(self) -> int:
@@ -261,11 +277,16 @@ class Budget:
         next one must be it. `line` and `event` say what changed."""
         self.line = self.event = None
         step -= self.lag
-        if not self.live or self.decided or step <= self._seen[0]:
+        if (self.decided and self.resumed_at is None) or step <= self._seen[0]:  # decided: timed only when resumed
             return
+        timed = len(self._steps)
         if step == self._seen[0] + 1:
             self._measured(step, spent - self._seen[1])
         self._seen = (step, spent)
+        if not self.live:
+            if len(self._steps) == PACE_STEPS > timed:
+                self.line = self._rest_here(step, spent)
+            return
         if self._anchor is not None and self._anchor[2] != self._end():
             self._anchor = (spent, self._position_at(step), self._end())
         now = self._now(step)
@@ -282,6 +303,8 @@ class Budget:
         every_eval, every_checkpoint = self.intervals
         if step % every_eval and step % every_checkpoint:
             self._steps.append(seconds)
+        elif self.pace <= 0:  # a resumed plan of an older version, without its pace: steps are timed first
+            return
         elif step % every_eval == 0:  # an evaluation, and mostly the checkpoint of its new best
             self._eval_steps = max(0.0, seconds - self.pace - self._checkpoint) / self.pace
         else:
@@ -308,8 +331,66 @@ class Budget:
                          "min_lr, with its evaluation and checkpoint.")
 
     def state_dict(self) -> dict[str, Any]:
-        """The plan as it stands at the next step: what a resumed run goes on by."""
-        return dataclasses.asdict(self._now(self._seen[0] + self.lag + 1) if self.live else self.plan)
+        """The plan as it stands at the next step: what a resumed run goes on by; a resumed run's plan as it went on by
+        it, with `taken`, the seconds the run's processes had taken at the next step (its decay by steps is laid from
+        the plan's step, so that resuming again trains exactly as going on would)."""
+        step = self._seen[0] + self.lag + 1
+        if self.live:
+            return dataclasses.asdict(self._now(step))
+        return {**dataclasses.asdict(self.plan), "taken": self.before + self._began(step)}
+
+    def taken(self, spent: float) -> float:
+        """The seconds the run has taken with `spent` gone in this process: a resumed run's earlier processes' too."""
+        return self.before + spent
+
+    def _rest(self, step: int) -> float:
+        """The seconds the steps after `step`, their evaluations, the final score and the end take at the pace the
+        steps show (the planned pace for those not timed)."""
+        now, p = self._now(step), self.plan
+        slower = now.step_seconds / p.step_seconds if p.step_seconds > 0 else 1.0
+        return dataclasses.replace(now, final_seconds=p.final_seconds * slower).needed(self.last - step,
+                                                                                       self.intervals)
+
+    def resume_line(self) -> str:
+        """What a resumed run goes on by, what the rest needs as planned, and how to end elsewhere."""
+        p, step = self.plan, self.resumed_at or 0
+        if step >= self.last:
+            return f"budget {p.seconds:g} s: its plan's {self.last:,} steps are trained ({self.before:.1f} s taken)."
+        rest = self._rest(step)
+        total = self.taken(self._seen[1]) + rest
+        final = f", then the final score on {covered(p.final_windows, p.val_windows)}" if p.final_windows else ""
+        planned = (f", and at the {_ms(p.step_seconds)} a step planned the rest needs ~{_duration(rest)}, "
+                   f"~{_duration(total)} in all ({total - p.seconds:+.1f} s on its budget; said again" if p.step_seconds
+                   else " (what the rest takes here is said")
+        return (f"budget {p.seconds:g} s: resumed at step {step:,} by its checkpoint's plan, by steps (this process's "
+                f"clock is not the one that planned it): {self.last - step:,} steps left, to min_lr at step "
+                f"{self.last:,}{final}; {self.before:.1f} s taken so far{planned} once {PACE_STEPS} steps are timed "
+                f"here). To end elsewhere, resume it with {BY_STEPS}: by steps, to min_lr at step N.")
+
+    def _rest_here(self, step: int, spent: float) -> str:
+        """What the rest of a resumed run takes here, from the steps timed here."""
+        p, rest = self.plan, self._rest(step)
+        total = self.taken(spent) + rest
+        planned = f" ({_ms(p.step_seconds)} planned)" if p.step_seconds else ""
+        said = (f"budget {p.seconds:g} s: steps take {_ms(self.pace)} here{planned}: the "
+                f"{self.last - step:,} left and the end need ~{_duration(rest)}, the run ~{_duration(total)} in all "
+                f"({total - p.seconds:+.1f} s on its budget)")
+        if total > (1 + HELD_SHARE) * p.seconds:
+            said += f"; to end sooner, stop it and resume it with {BY_STEPS}"
+        return said + "."
+
+    def ended(self, spent: float) -> str:
+        """How the budget held, with `spent` seconds gone in this process at its end: the seconds planned against
+        those taken, over every process of a resumed run."""
+        p, taken = self.plan, self.taken(spent)
+        share = 100 * (taken / p.seconds - 1)
+        held = f"{taken - p.seconds:+.1f} s" + (f", {share:+.1f}%" if abs(share) < 100 else "")
+        if self.resumed_at is None:
+            return f"budget {p.seconds:g} s: the run ended {spent:.1f} s after the command started ({held})"
+        planned = f" ({_ms(p.step_seconds)} planned)" if p.step_seconds else ""
+        pace = f", its steps {_ms(self.pace)}{planned}" if len(self._steps) == PACE_STEPS else ""
+        return (f"budget {p.seconds:g} s: resumed at step {self.resumed_at:,} by its plan, the run took {taken:.1f} s "
+                f"({held}): {self.before:.1f} s to step {self.resumed_at:,}, {spent:.1f} s in this process{pace}")
 
     def describe(self, train: TrainConfig) -> str:
         """The first plan in a sentence, with what it fitted to the budget."""
@@ -317,12 +398,10 @@ class Budget:
         said = [f"budget {p.seconds:g} s: {p.max_iters:,} steps ({1000 * p.step_seconds:,.1f} ms a step, evaluation "
                 f"{p.eval_seconds:.2f} s, checkpoint {p.checkpoint_seconds:.2f} s) after {p.spent:.1f} s of "
                 f"start-up; the LR follows the budget's clock to {train.min_lr:.1e} at its end"]
-        if p.final_windows < p.val_windows:
-            said.append(f"the final score on {p.final_windows:,} of the val split's {p.val_windows:,} windows "
-                        f"({p.final_seconds:.1f} s): the whole split would take more than {FINAL_SHARE:.0%} of the "
-                        "budget")
-        else:
-            said.append(f"the final score on the whole val split ({p.final_seconds:.1f} s)")
+        cut = (f", the whole split taking more than {FINAL_SHARE:.0%} of the budget" if p.final_windows < p.val_windows
+               else "")
+        said.append(f"the final score on the val windows that the time left at the end holds: "
+                    f"{covered(p.final_windows, p.val_windows)} ({p.final_seconds:.1f} s) as planned{cut}")
         if p.eval_iters < train.eval_iters:
             said.append(f"evaluations of {p.eval_iters} batch{'es' * (p.eval_iters > 1)} a split, not "
                         f"{train.eval_iters} (train.eval_iters): at that many they would take more than "
@@ -331,3 +410,11 @@ class Budget:
             said.append(f"the peak LR at step {p.warmup}, not at {train.warmup_iters} (train.warmup_iters, more than "
                         f"{WARMUP_SHARE:.0%} of the {p.max_iters} steps)")
         return "; ".join(said)
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:,.1f} ms"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else format_duration(seconds)

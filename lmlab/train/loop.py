@@ -68,7 +68,8 @@ class TrainResult:
     stopped_early: bool
     loss_plot: Path
     stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
-    budget_spent: float | None = None  # seconds from the process's start to the end, of a budget it planned
+    budget_spent: float | None = None  # seconds a budgeted run took, start-ups included (`Budget.taken`)
+    budget_line: str | None = None  # how its budget held, in a sentence (`Budget.ended`)
     abandoned: bool = False  # the signal came during a step that did not end within the grace period
     saved: Path | None = None  # the newest step folder, what a resume continues from
     final: dict[str, Any] | None = None  # the final score of the checkpoint the run ended on (its `final` event)
@@ -243,7 +244,7 @@ class Trainer:
         folder = self.checkpointer.resume(self.cfg, self.train_tokens.sha256, force)
         loaded, step = time.perf_counter() - began, self.progress.step
         line = resume_schedule(self.schedule, self.cadence.intervals, self.cfg.train, self._saved_plan, step,
-                               self.run_dir.path)
+                               self.run_dir.path, self.parallel.lag, time.perf_counter() - self.started)
         self._lr = self.schedule.lr(step - 1) if step else 0.0  # the checkpoint's step's, until one trains
         if line:
             self.console.print(line, highlight=False)
@@ -504,9 +505,13 @@ class Trainer:
     def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress
         self.writes.redraw(plot_losses, LOSS_EVENTS)
-        spent = round(time.perf_counter() - self.started, 3) if self.budget and self.budget.live else None
-        self._log_end(p.stopped_early, stopped_by, budget_spent=spent)
+        spent = line = None
+        if self.budget:
+            here = time.perf_counter() - self.started
+            spent, line = round(self.budget.taken(here), 3), self.budget.ended(here)
+        self._log_end(p.stopped_early, stopped_by, budget_seconds=self.budget and self.budget.plan.seconds,
+                      budget_spent=spent)
         if self.writes.error is not None:
             raise self.writes.failure(p.step)
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,
-                           self.run_dir.loss_plot, stopped_by, spent, final=final)
+                           self.run_dir.loss_plot, stopped_by, spent, line, final=final)

@@ -85,14 +85,14 @@ def check_same_inputs(parallel: Parallel, cfg: RunConfig, train_sha256: str, val
 
 
 def resume_schedule(schedule: Schedule, intervals: tuple[int, int], new: TrainConfig, saved_plan: dict[str, Any] | None,
-                    step: int, run_path: Path) -> str | None:
-    """Go on at `step` under the config as resumed: a budget's plan, by steps (another process's clock would make
-    resume inexact), or by steps alone, from the LR the run had (`Schedule.resume_with`); the line that says what
-    happens to the schedule, if anything."""
+                    step: int, run_path: Path, lag: int, spent: float) -> str | None:
+    """Go on at `step` under the config as resumed, in a process `spent` seconds old whose budget hears of its seconds
+    `lag` steps late: a budget's plan, by steps (another process's clock would make resume inexact), or by steps alone,
+    from the LR the run had (`Schedule.resume_with`); the line that says what happens to the schedule, if anything."""
     saved = Plan.of(saved_plan) if saved_plan and saved_plan.get("seconds") else None
-    if saved and new.budget_seconds == saved.seconds:
-        schedule.budget = Budget(saved, intervals, live=False)
-        return None
+    if saved_plan and saved and new.budget_seconds == saved.seconds:
+        schedule.budget = Budget.resumed(saved_plan, step, intervals, lag, spent)
+        return schedule.budget.resume_line()
     if new.budget_seconds:
         planned = (f"planned its {saved.seconds:g} s budget as {saved.max_iters} steps; resume it with that "
                    "budget, or" if saved else "trained by steps; resume it")

@@ -29,6 +29,7 @@ from lmlab.core.config import checkpoint_label
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import fmt, format_duration
 from lmlab.core.version import __version__
+from lmlab.data.shards import covered
 from lmlab.data.stats import dataset_stats
 from lmlab.experiments.plan import compute_note, make_plan
 from lmlab.writeup.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table
@@ -234,8 +235,7 @@ def _final(f: RunFacts) -> str:
     if not finals:
         return "-"
     e = finals[-1]
-    on = ("the whole val split" if e.get("windows") == e.get("split_windows") else
-          f"{e.get('windows', 0):,} of the val split's {e.get('split_windows', 0):,} windows")
+    on = covered(e.get("windows", 0), e.get("split_windows", 0))
     return f"{final_cell(e['val_loss'], e.get('stderr'))} at step {e.get('step', 0):,}, on {on}"
 
 

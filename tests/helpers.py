@@ -590,10 +590,16 @@ def assert_same(got: dict[int, float], want: dict[int, float], steps: range) -> 
     assert max(abs(got[s] - want[s]) for s in steps) < TOLERANCE
 
 
-def torchrun(args: list[str], *extra: str, **kw) -> subprocess.Popen:
+# A module FSDP wraps must return no view (pyproject.toml's filterwarnings): an error in every torchrun job's ranks too.
+FSDP_VIEW_IS_AN_ERROR = "error:FSDP2-wrapped module:UserWarning"
+
+
+def torchrun(args: list[str], *extra: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra,
                "-m", "--", "lmlab", "train", *args, "--device", "cpu"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    env = dict(os.environ if env is None else env)
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), FSDP_VIEW_IS_AN_ERROR]))
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
 
 
 def output(job: subprocess.Popen, timeout: float = 120) -> str:

@@ -2,6 +2,7 @@
 same run in one process, resume across world sizes, and a worker that dies; FSDP built on the meta device and its
 bf16 precision against one process's autocast; NCCL's timeout against the vote's."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -193,12 +194,17 @@ def test_fsdp_builds_on_the_meta_device_then_takes_the_initial_weights_one_proce
     assert torch.equal(torch.rand(3), (torch.manual_seed(3), build_model(MODERN), torch.rand(3))[2])  # same RNG after
 
 
-def test_fsdp_in_bf16_computes_what_one_process_computes_under_autocast(one_process_job):
+@pytest.mark.parametrize("config", [MODERN, dataclasses.replace(MODERN, vocab_size=1100),  # a head padded to 1152
+                                    ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40)],  # biases
+                         ids=["modern", "padded head", "GPT-2"])
+def test_fsdp_in_bf16_computes_what_one_process_computes_under_autocast(one_process_job, config):
+    """And no module FSDP wraps (the model, its matmul layers) returns a view: pyproject.toml makes FSDP's warning of
+    one an error."""
     torch.manual_seed(0)
-    model, wrapped = one_process_job.build(MODERN, "fsdp", torch.device("cpu"), torch.bfloat16)
+    model, wrapped = one_process_job.build(config, "fsdp", torch.device("cpu"), torch.bfloat16)
     torch.manual_seed(0)
-    alone = build_model(MODERN)
-    x = torch.randint(0, MODERN.vocab_size, (2, MODERN.block_size))
+    alone = build_model(config)
+    x = torch.randint(0, config.vocab_size, (2, config.block_size))
     with torch.autocast("cpu", torch.bfloat16):
         loss = wrapped(x, x)[1]
         alone_loss = alone(x, x)[1]

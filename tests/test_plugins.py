@@ -368,6 +368,99 @@ def test_a_plugins_own_exception_after_training_is_named_by_sample_and_eval(tmp_
         assert "in its forward of " in err and "choose another folder" not in err, err
 
 
+# What a plugin may raise, and how the sentence names it: any exception class, its own BaseException and a
+# MemoryError (its own allocation, which may be its bug) included.
+RAISED = {
+    "its own BaseException": ("type('Abandon', (BaseException,), {})('gave up on this shape')",
+                              "Abandon: gave up on this shape"),
+    "MemoryError": ("MemoryError('a table for 2**40 ids')", "MemoryError: a table for 2**40 ids"),
+    "RuntimeError": ("RuntimeError('no kernel for this shape')", "RuntimeError: no kernel for this shape"),
+}
+INIT = "        self.config = config\n"
+FORWARD = "    def forward(self, idx, targets=None, cache=None):\n"
+# Each place lmlab calls a plugin's code while it trains: FAKE_MODEL with `raise {raised}` there, and the words
+# that name it.
+CALLS = {
+    "import": (lambda raising: FAKE_MODEL + raising + "\n", "fails to import ({raised}); fix or reinstall the package."),
+    "build": (lambda raising: FAKE_MODEL.replace(INIT, INIT + f"        {raising}\n"),
+              "cannot build a model from [model] and [model.options] ({raised})."),
+    "forward": (lambda raising: FAKE_MODEL.replace(RETURN, f"        {raising}\n"),
+                "raised {raised} in its forward of 4x3 token ids with targets on the meta device, where lmlab sizes a "
+                "model before building it; fix the plugin's forward"),
+    "backward": (lambda raising: FAKE_MODEL.replace(RETURN, "        return logits, None if targets is None else "
+                                                    "Fail.apply(next_token_loss(logits, targets))\n") +
+                 f"class Fail(torch.autograd.Function):\n    forward = staticmethod(lambda ctx, x: x.clone())\n\n"
+                 f"    @staticmethod\n    def backward(ctx, grad):\n        {raising}\n",
+                 "raised {raised} in its backward pass; fix the plugin's backward"),
+    "describe": (lambda raising: FAKE_MODEL.replace(FORWARD, f"    def describe(self):\n        {raising}\n\n{FORWARD}"),
+                 "raised {raised} in its describe(); fix the plugin's describe()"),
+    "hidden_matrices": (lambda raising: FAKE_MODEL.replace(
+        FORWARD, f"    def hidden_matrices(self):\n        {raising}\n\n{FORWARD}"),
+        "raised {raised} in its hidden_matrices() on the meta device, where lmlab sizes a model before building it; "
+        "fix the plugin's hidden_matrices()"),
+}
+
+
+@pytest.mark.parametrize("raised", RAISED)
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.slow
+def test_whatever_a_plugin_raises_wherever_lmlab_calls_it_is_one_sentence_naming_it(tmp_path, site, char_dataset,
+                                                                                   capsys, call, raised):
+    raising, said = RAISED[raised]
+    source, message = CALLS[call]
+    install_plugin(site, "odd", "lmlab-odd", source(f"raise {raising}"))
+    code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "odd", "", max_iters=2),
+                             "--run", tmp_path / "run", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: the model plugin 'odd' (package lmlab-odd, lmlab_odd:Tiny) "), err
+    assert message.format(raised=said) in err, err
+    assert "ran out of memory" not in err and ("smaller batch" in err) == (raised == "MemoryError" and call not in (
+        "import", "build")), err
+
+
+# FAKE_MODEL with a decode state of its own that raises, as its new_cache does, where ODD_IN says: what ODD_RAISE says.
+DECODE_STATE = "import os\nfrom lmlab.model.base import DecodeState\n" + FAKE_MODEL.replace(FORWARD, """    def new_cache(self, batch, device, dtype):
+        odd("new_cache")
+        return State()
+
+""" + FORWARD) + """
+
+class State(DecodeState):
+    def tensors(self):
+        return []
+
+    @classmethod
+    def over(cls, tensors):
+        odd("over")
+        return cls()
+
+    def reset(self, row):
+        odd("reset")
+
+
+def odd(where):
+    if os.environ.get("ODD_IN") == where:
+        raise eval(os.environ["ODD_RAISE"])
+"""
+
+
+@pytest.mark.slow
+def test_whatever_a_plugins_decode_state_raises_is_one_sentence_naming_it(tmp_path, site, char_dataset, capsys,
+                                                                         monkeypatch):
+    install_plugin(site, "odd", "lmlab-odd", DECODE_STATE)
+    run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "odd", "", max_iters=2)), tmp_path / "run",
+                  "cpu").run().run_dir
+    for where, how in [("new_cache", "new_cache()"), ("over", "decode state's over()"),
+                       ("reset", "decode state's reset()")]:
+        for raised in ("its own BaseException", "MemoryError"):
+            monkeypatch.setenv("ODD_IN", where)
+            monkeypatch.setenv("ODD_RAISE", RAISED[raised][0])
+            code, out, err = run_cli(capsys, "sample", run, "--max-new-tokens", "3")
+            assert code == 2 and len(err.strip().splitlines()) == 1 and not out, err
+            assert err.startswith(f"error: the model plugin 'odd' (package lmlab-odd, lmlab_odd:Tiny) raised "
+                                  f"{RAISED[raised][1]} in its {how}") and f"; fix the plugin's {how}" in err, err
+
+
 @pytest.mark.parametrize("kind, options, why", [
     ("context-vector", "mlp_ratio = 2", "'context-vector': a plugin's model takes its shape from options of its own "
                                         "([model.options]), which lmlab cannot scale; use a gpt preset"),

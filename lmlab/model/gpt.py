@@ -68,6 +68,14 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def matmul(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer` over states (B, T, C) as one matmul of (B*T, C), reshaped here: what nn.Linear computes for (B, T, C),
+    bit for bit (one addmm over the rows), except that the layer returns a tensor of its own, where for (B, T, C) and
+    a bias it returns a view of one. Under bf16, FSDP all-gathers these layers as modules of their own (fsdp.shard),
+    and an in-place op on a view such a module returns would drop FSDP's pre-backward hook."""
+    return layer(x.flatten(0, 1)).view(*x.shape[:2], -1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -87,7 +95,7 @@ class CausalSelfAttention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.size()
         hs, kv = self.head_size, self.n_kv_head
-        q, k, v = self.c_attn(x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
+        q, k, v = matmul(self.c_attn, x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
@@ -107,7 +115,7 @@ class CausalSelfAttention(nn.Module):
             y = attend_written_out(q, k, v, cache.mask) if T == 1 else F.scaled_dot_product_attention(
                 q, k, v, attn_mask=cache.mask, enable_gqa=kv != self.n_head)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(matmul(self.c_proj, y))
 
 
 class MLP(nn.Module):
@@ -123,7 +131,7 @@ class MLP(nn.Module):
         self.gelu_approx = config.gelu_approx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
+        h = matmul(self.c_fc, x)  # (B, T, hidden) or (B, T, 2 * hidden)
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
@@ -131,7 +139,7 @@ class MLP(nn.Module):
             h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate=self.gelu_approx)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(matmul(self.c_proj, h))
 
 
 class Block(nn.Module):
@@ -231,12 +239,19 @@ class GPT(LanguageModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given."""
-        logits = self.lm_head(self.hidden(idx, cache))[..., :self.config.vocab_size]  # (B, T, vocab)
+        logits = self.vocab_logits(self.hidden(idx, cache))  # (B, T, vocab)
         return logits, None if targets is None else next_token_loss(logits, targets)
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: KVCache | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
-        return self.lm_head(self.hidden(idx, cache)[rows, positions])[..., :self.config.vocab_size]  # (n, vocab)
+        return self.vocab_logits(self.hidden(idx, cache)[rows, positions])  # (n, vocab)
+
+    def vocab_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the vocabulary for states (..., C): the padding's columns cut off into a tensor of its own,
+        not a view of the padded output. An in-place op on a view that FSDP's root returns would drop its pre-backward
+        hook (and with it the all-gather backward needs)."""
+        logits, vocab = self.lm_head(x), self.config.vocab_size
+        return logits if logits.size(-1) == vocab else logits[..., :vocab].contiguous()
 
     def pairs(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """The bigram table's rows (B, T, C) for token ids (B, T) at `positions`, each pairing a token with the one

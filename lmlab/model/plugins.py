@@ -1,10 +1,14 @@
 """Model kinds from other packages, registered under the `lmlab.models` entry point group: called with the run's
-ModelConfig, they return a `LanguageModel`, checked so a plugin's mistake is one sentence naming it. Only installed
-entry points load: nothing is imported from a path a config or run folder names."""
+ModelConfig, they return a `LanguageModel`, checked so a plugin's mistake is one sentence naming it. Every call into a
+plugin's code (its import, its build, the methods of lmlab's interface it writes, its decode state's) passes one
+boundary, `_boundary`. Only installed entry points load: nothing is imported from a path a config or run folder
+names."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -13,7 +17,7 @@ import torch
 
 from lmlab.core.config import PLUGIN_GROUP, ModelConfig, UnknownKind
 from lmlab.core.errors import UserError, classify
-from lmlab.model.base import LanguageModel
+from lmlab.model.base import DecodeState, LanguageModel
 
 
 def _entry_point(kind: str) -> EntryPoint:
@@ -38,37 +42,82 @@ def build_plugin(config: ModelConfig) -> LanguageModel:
     """The model a plugin builds from `config`, or a UserError naming the plugin and its package."""
     ep = _entry_point(config.kind)
     who = f"the model plugin {config.kind!r} (package {ep.dist.name if ep.dist else 'unknown'}, {ep.value})"
-    try:
+    with _boundary(lambda err: f"{who} fails to import ({_first_line(err)}); fix or reinstall the package."):
         factory = ep.load()
-    except Exception as err:  # a plugin's import can raise anything; what matters is that it failed, and why
-        raise UserError(f"{who} fails to import ({_first_line(err)}); fix or reinstall the package.")
-    try:
+    with _boundary(lambda err: f"{who} cannot build a model from [model] and [model.options] ({_first_line(err)})."):
         model = factory(config)
-    except UserError:  # the plugin's own sentence, e.g. about an option it does not take
-        raise
-    except Exception as err:
-        raise UserError(f"{who} cannot build a model from [model] and [model.options] ({_first_line(err)}).")
     if not isinstance(model, LanguageModel):
         raise UserError(f"{who} returned a {type(model).__name__}, not a model: its entry point must build an "
                         "lmlab.model.LanguageModel from the ModelConfig.")
     model.config = config  # what training, sampling and checkpoints read the shape from
     model.lmlab_plugin = who  # type: ignore[assignment]  # a Module's stubs take tensors and modules only
+    model.__class__ = _guarded(type(model), who)
     check_forward(model)
-    model.forward = _checked(model.forward, who, config.vocab_size)
     return model
 
 
-def _checked(forward: Any, who: str, vocab: int) -> Any:
-    """`forward` with its raises and output shapes checked on every call: a plugin right on the probe's batch may
-    fail on a real one."""
+def _guarded(cls: type, who: str) -> type:
+    """`cls`, a plugin's model or decode state, as a subclass whose methods of lmlab's interface that the plugin wrote
+    each pass `_boundary`; a model's forward has its outputs checked on every call too (a plugin right on the probe's
+    batch may fail on a real one). `cls` itself where it wrote none."""
+    if (cls, who) in _GUARDED:  # a decode state's class, made again at each new_cache
+        return _GUARDED[cls, who]
+    interface = LanguageModel if issubclass(cls, LanguageModel) else DecodeState
+    names = [name for name, value in vars(interface).items() if not name.startswith("_") and callable(
+        getattr(value, "__func__", value))]
+    methods: dict[str, Any] = {name: _guarded_method(inspect.getattr_static(cls, name), who, name)
+                               for name in names if _plugins(inspect.getattr_static(cls, name))}
+    if interface is LanguageModel:
+        methods["forward"] = _checked(inspect.getattr_static(cls, "forward"), who)
+    _GUARDED[cls, who] = type(cls)(cls.__name__, (cls,), {"__slots__": (), "__module__": cls.__module__,
+                                                          "__qualname__": cls.__qualname__, **methods}) \
+        if methods else cls
+    return _GUARDED[cls, who]
 
-    def checked_forward(idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+
+_GUARDED: dict[tuple[type, str], type] = {}
+
+
+def _plugins(method: Any) -> bool:
+    """Whether `method` (as found on a class: a function, classmethod or staticmethod) is a plugin's code, not lmlab's
+    default."""
+    func = getattr(method, "__func__", method)
+    return inspect.isfunction(func) and not func.__module__.startswith("lmlab.")
+
+
+def _guarded_method(method: Any, who: str, name: str) -> Any:
+    """`method` (as found on the class) raising through `_boundary`; a decode state it returns (`new_cache`) guarded
+    too."""
+    wrapper = type(method) if isinstance(method, (classmethod, staticmethod)) else None
+    func = method.__func__ if wrapper is not None else method
+    what = f"{name}()" if name in vars(LanguageModel) else f"decode state's {name}()"
+
+    @functools.wraps(func)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with _named(who, f"its {what}", _device(args[0]) if args else None, what):
+            out = func(*args, **kwargs)
+        return _guarded_state(out, who) if isinstance(out, DecodeState) else out
+
+    return wrapper(guarded) if wrapper is not None else guarded
+
+
+def _guarded_state(state: DecodeState, who: str) -> DecodeState:
+    state.__class__ = _guarded(type(state), who)
+    return state
+
+
+def _checked(forward: Any, who: str) -> Any:
+    """A plugin's `forward`, through `_boundary` and with its outputs' shapes checked."""
+
+    @functools.wraps(forward)
+    def checked_forward(self: LanguageModel, idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         targets = args[0] if args else kwargs.get("targets")
         how = (f"its forward of {'x'.join(map(str, idx.shape))} token ids "
                f"{'with' if targets is not None else 'without'} targets")
         with _named(who, how, idx.device):
-            out = forward(idx, *args, **kwargs)
-        problem = _output_problem(out, idx.shape[0], idx.shape[1], vocab, targets is not None, check_values=False)
+            out = forward(self, idx, *args, **kwargs)
+        problem = _output_problem(out, idx.shape[0], idx.shape[1], self.config.vocab_size, targets is not None,
+                                  check_values=False)
         if problem:
             raise UserError(f"{who}: {how} {problem}; {CONTRACT}")
         return out
@@ -93,7 +142,7 @@ def backward_named(model: LanguageModel) -> Iterator[None]:
     if who is None:
         yield
         return
-    with _named(who, "its backward pass", next(iter(model.parameters()), torch.zeros(())).device, "backward"):
+    with _named(who, "its backward pass", _device(model), "backward"):
         yield
 
 
@@ -106,11 +155,11 @@ def check_forward(model: LanguageModel) -> None:
         return
     T = min(3, model.config.block_size)
     B = T + 1  # a batch unlike its length, so logits with the two swapped are told apart
-    device = next(iter(model.parameters()), torch.zeros(())).device
+    device = _device(model) or torch.device("cpu")
     idx = torch.zeros(B, T, dtype=torch.long, device=device)
     for targets in (idx, None):
         how = f"its forward of {B}x{T} token ids {'with' if targets is not None else 'without'} targets"
-        problem = _output_problem(_forward(model, idx, targets, who, how), B, T, vocab, targets is not None,
+        problem = _output_problem(_forward(model, idx, targets), B, T, vocab, targets is not None,
                                   check_values=device.type != "meta")
         if problem:
             raise UserError(f"{who}: {how} {problem}; {CONTRACT}")
@@ -120,34 +169,60 @@ CONTRACT = ("forward(idx, targets=None) must return (logits of shape (B, T, voca
             "or None without targets).")
 
 
-def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | None, who: str, how: str) -> Any:
+def _forward(model: LanguageModel, idx: torch.Tensor, targets: torch.Tensor | None) -> Any:
     """The plugin's outputs, in eval mode on a copy of the random state, so trying it draws nothing training would."""
     training = model.training
     try:
-        with torch.random.fork_rng(devices=[idx.device] if idx.device.type == "cuda" else []), \
-                _named(who, how, idx.device):
+        with torch.random.fork_rng(devices=[idx.device] if idx.device.type == "cuda" else []):
             return model.eval()(idx, targets)
     finally:
         model.train(training)
 
 
 @contextmanager
-def _named(who: str, how: str, device: torch.device, part: str = "forward") -> Iterator[None]:
-    """A plugin's own raise inside, as one sentence naming it and `how` it was called."""
+def _named(who: str, how: str, device: torch.device | None, part: str = "forward") -> Iterator[None]:
+    """A plugin's own raise inside, as one sentence naming it, `how` it was called and what to fix (its `part`)."""
+    where = " on the meta device, where lmlab sizes a model before building it" if device and device.type == "meta" \
+        else ""
+    with _boundary(lambda err: f"{who} raised {_first_line(err)} in {how}{where}; {_fix(err, part)}"):
+        yield
+
+
+def _fix(err: BaseException, part: str) -> str:
+    """What to do about a plugin's raise in its `part`: a MemoryError may be this machine's memory too."""
+    if isinstance(err, MemoryError):
+        return f"fix the plugin's {part}, or, if this machine ran short of memory, use a smaller batch or model."
+    return f"fix the plugin's {part}."
+
+
+@contextmanager
+def _boundary(sentence: Callable[[BaseException], str]) -> Iterator[None]:
+    """The one boundary of a call into a plugin's code: whatever it raises (any BaseException, MemoryError included)
+    that is the plugin's own becomes a UserError, the `sentence` of it."""
     try:
         yield
-    except Exception as err:  # a plugin's mistake can be any exception
+    except BaseException as err:
         if _not_the_plugins(err):
             raise
-        where = " on the meta device, where lmlab sizes a model before building it" if device.type == "meta" else ""
-        raise UserError(f"{who} raised {_first_line(err)} in {how}{where}; fix the plugin's {part}.") from err
+        raise UserError(sentence(err)) from err
 
 
-def _not_the_plugins(err: Exception) -> bool:
-    """Whether `err`, raised inside a plugin, is not its own mistake: lmlab's own, one `classify` knows (out of
-    memory, a peer gone), or a reader gone."""
-    return (isinstance(err, (UserError, BrokenPipeError)) or type(err).__module__.startswith("lmlab.")
-            or classify(err) is not None)
+# What passes a plugin's call as it came: a stop (Ctrl-C; lmlab's stop signals raise KeyboardInterrupts, `Stopped`
+# and `Terminated`, and abandon a step with its own `StepAbandoned`), an exit asked for, a generator's close.
+PASSING = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _not_the_plugins(err: BaseException) -> bool:
+    """Whether `err`, raised inside a plugin, is not its own mistake: a stop or exit (`PASSING`), lmlab's own, a
+    device's allocator out of memory, a failure `classify` knows (a peer gone, a size past counting), or a reader gone.
+    A MemoryError is the plugin's to name: Python raises it for one allocation, which may be the plugin's bug."""
+    return (isinstance(err, (*PASSING, UserError, BrokenPipeError, torch.OutOfMemoryError))
+            or type(err).__module__.startswith("lmlab.") or classify(err) not in (None, "memory"))
+
+
+def _device(obj: Any) -> torch.device | None:
+    """The device of a model's weights (a decode state's: none)."""
+    return next(iter(obj.parameters()), torch.zeros(())).device if isinstance(obj, torch.nn.Module) else None
 
 
 def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool, check_values: bool) -> str | None:

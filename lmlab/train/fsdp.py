@@ -4,7 +4,6 @@ world size). torch's FSDP modules are imported inside the functions: a single pr
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +17,6 @@ from lmlab.run.checkpoint import copy_into, into_place, load_state, read_optimiz
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
-
-# Our GPT returns its logits as a slice of the padded head's output; nothing modifies them in place.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 def fill_from_main(model: torch.nn.Module, config: ModelConfig, device: torch.device, is_main: bool) -> None:

@@ -368,27 +368,55 @@ def test_an_imported_model_compares_on_its_evaluation_of_a_val_split(imported_gp
 
 def test_log_gives_each_evaluations_perplexity_accuracy_and_gradient_norm_and_plots_the_norm(trained, capsys,
                                                                                               tmp_path):
-    """Before: `lmlab log --wide` had loss columns only, and grad_norm was in metrics.jsonl alone (a WikiText-2
-    study's table of perplexity and accuracy by evaluation, and the LR hypothesis it tests on the gradient norm)."""
+    """Every evaluation's val perplexity and next-token accuracy, both of the batches its val loss is of, and the
+    gradient norm of the steps since the one before (a WikiText-2 study's table of perplexity and accuracy by
+    evaluation, and the LR hypothesis it tests on the gradient norm)."""
     import math
 
+    import torch
+
+    from lmlab.api.run import Run
+    from lmlab.data.loader import open_tokens
+    from lmlab.data.shards import read_meta
+    from lmlab.train.estimate import estimate_loss
+
     run = Path(shutil.copytree(trained, tmp_path / "run"))
-    assert main(["eval", str(run), "--checkpoint", "20"]) == 0  # accuracy is measured by `lmlab eval` only
-    measured = RunDir(run).evaluations()[-1]
-    capsys.readouterr()
     assert main(["log", str(run), "--json", "--plot", str(tmp_path / "norm.png")]) == 0
     out, err = capsys.readouterr()
     rows = json.loads(out)["evaluations"]
     events = RunDir(run).events()
-    for row in rows:
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [row["step"] for row in rows] == [e["step"] for e in evals] == [10, 20]
+    for row, event in zip(rows, evals):
         assert row["perplexity"] == pytest.approx(math.exp(row["val_loss"]))
-        before = max(e["step"] for e in events if e["event"] == "eval" and e["step"] < row["step"]) \
-            if row["step"] > 10 else 0
+        assert row["accuracy"] == event["val_accuracy"] and 0 < row["accuracy"] < 1
+        before = max(e["step"] for e in evals if e["step"] < row["step"]) if row["step"] > 10 else 0
         norms = [e["grad_norm"] for e in events if e["event"] == "train" and before < e["step"] <= row["step"]]
         assert (row["grad_norm"], row["grad_norm_max"]) == (pytest.approx(sum(norms) / len(norms)), max(norms))
-    assert [row["accuracy"] for row in rows] == [None, measured["accuracy"]]  # step 10 was not measured
+    # Scored again on the batches of its evaluation, the last checkpoint gives its logged loss and accuracy.
+    cfg, model = Run(run).config, Run(run).model("20", device="cpu")
+    dataset = Path(cfg.data.dataset)
+    again = estimate_loss(model, open_tokens(dataset, "val", read_meta(dataset)["dtype"]), cfg.model.block_size,
+                          cfg.train.batch_size, cfg.train.eval_iters, cfg.train.seed + 2, torch.device("cpu"),
+                          torch.float32)
+    assert again.loss == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+    assert again.accuracy == pytest.approx(rows[-1]["accuracy"], abs=1e-3)
     assert f"{tmp_path / 'norm.png'}" in err and (tmp_path / "norm.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["log", str(run), "--wide"]) == 0
     table = capsys.readouterr().out
     assert "perplexity" in table and "accuracy" in table and "grad norm (mean / max)" in table
-    assert f"{measured['accuracy']:.3f}" in table and f"{rows[0]['perplexity']:.2f}" in table
+    assert f"{rows[0]['accuracy']:.3f}" in table and f"{rows[0]['perplexity']:.2f}" in table
+
+
+def test_log_of_a_run_that_logged_no_accuracy_shows_a_whole_split_eval_of_the_step(trained, capsys, tmp_path):
+    """An eval event without val_accuracy (an older lmlab's) takes the accuracy of a whole-split `lmlab eval` kept for
+    the checkpoint of its step, and none where no such evaluation is kept."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in e.items() if k != "val_accuracy"}) + "\n"
+                                               for e in events))
+    assert main(["eval", str(run), "--checkpoint", "20"]) == 0
+    measured = RunDir(run).evaluations()[-1]
+    capsys.readouterr()
+    rows = as_json(capsys, "log", str(run))["evaluations"]
+    assert [row["accuracy"] for row in rows] == [None, measured["accuracy"]]

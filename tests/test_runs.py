@@ -279,8 +279,8 @@ def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenize
     assert rows[1]["bits_per_byte_change"] == pytest.approx(bpe.best_bpb / char.best_bpb - 1)
     table = subprocess.run([LMLAB, "compare", *map(str, two_tokenizers)], capture_output=True, text=True, check=True,
                            env={**os.environ, "COLUMNS": "80"}).stdout
-    assert max(map(len, table.splitlines())) <= 80 and "bits/byte: % change, as their tokenizers differ (bpe:300, " \
-                                                        "char)" in " ".join(table.split())
+    assert max(map(len, table.splitlines())) <= 80 and "bits/byte: % change, as their tokenizers differ (char: " \
+                                                        "char; bpe: bpe:300)" in " ".join(table.split())
     header = next(line for line in table.splitlines() if line.lstrip().startswith("run"))
     assert "bits/byte" in header and "best val" not in header  # the figure that compares them is kept longest
     assert f"{bpe.best_bpb:.3f} ({100 * (bpe.best_bpb / char.best_bpb - 1):+.1f}%)" in table
@@ -293,14 +293,15 @@ def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenize
 def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_tokenizers, capsys, tmp_path):
     assert main(["scaling", *map(str, two_tokenizers), "--plot", str(tmp_path / "s.png")]) == 2
     assert ("scaling fits one power law through runs of one tokenizer on one text, and their tokenizers differ "
-            "(bpe:300, char)") in " ".join(capsys.readouterr().err.split())
+            "(char: char; bpe: bpe:300)") in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "s.png").exists()
     stripped = tmp_path / "stripped"  # a run whose dataset facts hold no byte counts: no bits per byte to draw
     shutil.copytree(two_tokenizers[1], stripped)
     facts = json.loads((stripped / "dataset.json").read_text())
     (stripped / "dataset.json").write_text(json.dumps({k: v for k, v in facts.items() if k not in ("train", "val")}))
     assert main(["compare", str(two_tokenizers[0]), str(stripped), "--plot", str(tmp_path / "c.png")]) == 2
-    assert ("these runs cannot share a loss axis: their tokenizers differ (bpe:300, char): a loss per token is per a "
+    assert ("these runs cannot share a loss axis: their tokenizers differ (char: char; stripped: bpe:300): a loss "
+            "per token is per a "
             "different unit, and stripped keeps no byte counts of its data (dataset.json) to draw it in bits per byte; "
             "plot them apart.") in \
         " ".join(capsys.readouterr().err.split())
@@ -334,8 +335,9 @@ def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tok
     capsys.readouterr()
     assert main(["compare", str(base), str(tuned), "--wide"]) == 0
     said = " ".join(re.sub("[│┃]", " ", capsys.readouterr().out).split())
-    assert ("bits/byte: % change, as they were scored on different text (tuned: held-out instruction records, not "
-            "a val split): a loss per token of one is not the other's") in said
+    assert (f"bits/byte: % change, as they were scored on different text (base: the val split of "
+            f"{Path(config.data.dataset).name}; tuned: held-out instruction records, not a val split): a loss per "
+            "token of one is not the other's") in said
     assert said.count("different text") == 1, said  # before: "... on different text: their losses are of different text"
 
 
@@ -420,3 +422,47 @@ def test_log_of_a_run_that_logged_no_accuracy_shows_a_whole_split_eval_of_the_st
     capsys.readouterr()
     rows = as_json(capsys, "log", str(run))["evaluations"]
     assert [row["accuracy"] for row in rows] == [None, measured["accuracy"]]
+
+
+def _variant(trained: Path, to: Path, tokenizer: str | None = None, corpus: str | None = None) -> Path:
+    """A copy of a trained run as if its dataset had been prepared with another tokenizer (the same text, other
+    tokens) or from another corpus (other text, its dataset named `corpus`)."""
+    run = Path(shutil.copytree(trained, to))
+    facts = json.loads((run / "dataset.json").read_text())
+    facts["val"]["sha256"] = "0" * 64  # other tokens either way
+    facts["tokenizer"] = tokenizer or facts["tokenizer"]
+    facts["input_sha256"] = "1" * 64 if corpus else facts["input_sha256"]
+    (run / "dataset.json").write_text(json.dumps(facts))
+    start, *rest = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    event = json.loads(start)
+    event["tokenizer"] = facts["tokenizer"]
+    event["dataset"] = str(Path(event["dataset"]).parent / corpus) if corpus else event["dataset"]
+    (run / "metrics.jsonl").write_text(json.dumps(event) + "\n" + "".join(rest))
+    return run
+
+
+def test_compare_says_every_reason_runs_do_not_compare_with_the_runs_on_each_side(trained, tmp_path):
+    """Tokenizers and text are two reasons, each said with the runs of each side; runs of one text under two
+    tokenizers (their val splits' tokens differ) are of the same text."""
+    import lmlab
+
+    same = _variant(trained, tmp_path / "same", "bpe:300")
+    other = _variant(trained, tmp_path / "other", corpus="novels-char")
+    other_bpe = _variant(trained, tmp_path / "other-bpe", "bpe:300", corpus="novels-bpe300")
+    char, ours = RunDir(trained).dataset()["tokenizer"], Path(RunDir(trained).events()[0]["dataset"]).name
+    run = trained.name
+
+    def reason(*runs: Path) -> str | None:
+        return lmlab.compare(runs).reason
+
+    assert reason(trained, same) == f"their tokenizers differ ({run}: {char}; same: bpe:300): a loss per token is " \
+                                    "per a different unit"
+    assert reason(trained, other) == (f"they were scored on different text ({run}: the val split of {ours}; other: "
+                                      "the val split of novels-char): a loss per token of one is not the other's")
+    assert reason(trained, same, other, other_bpe) == (
+        f"their tokenizers differ ({run}, other: {char}; same, other-bpe: bpe:300) and they were scored on different "
+        f"text ({run}, same: the val split of {ours}; other, other-bpe: the val split of novels-char): a loss per "
+        "token of one is not the other's")
+    assert reason(trained, trained) is None
+    title = lmlab.compare([trained, same, other]).title
+    assert "their tokenizers differ" in title and "scored on different text" in title

@@ -74,8 +74,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
+    from lmlab.analysis.compare import unfair
     from lmlab.analysis.plots import plot_scaling
-    from lmlab.analysis.runs import Column, summarize, unfair
+    from lmlab.analysis.runs import Column, summarize
     from lmlab.analysis.scaling import fit_caveats, fit_power_law
 
     if len(args.runs) == 1 and Path(args.runs[0]).suffix == ".toml":

@@ -101,29 +101,34 @@ TRY_SECONDS = {
 }
 
 
+def simulated_search(took, largest: int, seconds: float) -> tuple[int, bool, float, list[int]]:
+    """`largest_fitting` on a fake clock, each try taking `took(batch)` seconds, the batches up to `largest` fitting
+    and those past twice it refused without a try: (found, finished, the seconds it took, the batches asked)."""
+    clock, asked = [0.0], []
+
+    def fits(batch: int) -> bool | None:
+        asked.append(batch)
+        if batch > 2 * largest:
+            return None  # estimated not to fit: not tried
+        clock[0] += took(batch)
+        return batch <= largest
+
+    found, finished = largest_fitting(fits, 4096, seconds, clock=lambda: clock[0])
+    return found, finished, clock[0], asked
+
+
 @pytest.mark.parametrize("law", TRY_SECONDS)
 def test_the_batch_search_ends_within_its_seconds_and_finds_the_largest_batch_when_it_finishes(law):
-    """On a fake clock, each try taking the law's seconds: whatever the seconds and the largest batch that fits, the
-    search ends within its seconds (the first try, which nothing foresees, excepted), and the batch it returns fits:
-    the largest that does when it finished. A batch refused without a try takes no time and fits not."""
+    """Whatever the seconds and the largest batch that fits, the search ends within its seconds (the first try,
+    which nothing foresees, excepted), and the batch it returns fits: the largest that does when it finished."""
     took = TRY_SECONDS[law]
     for largest in (1, 3, 100, 700, 5000):
         for seconds in (0.1, 0.5, 2, 7, 30, 120, 1e6):
-            clock, tried = [0.0], []
-
-            def fits(batch: int) -> bool | None:
-                tried.append(batch)
-                if batch > 2 * largest:
-                    return None  # estimated not to fit: not tried
-                clock[0] += took(batch)
-                return batch <= largest
-
-            found, finished = largest_fitting(fits, 4096, seconds, clock=lambda: clock[0])
-            assert clock[0] <= max(seconds, took(1)), (law, largest, seconds, tried)
-            assert 1 <= found <= largest and tried[0] == 1
-            assert found == min(largest, 4096) or not finished, (law, largest, seconds, tried)
-            if seconds == 1e6:
-                assert finished
+            found, finished, spent, asked = simulated_search(took, largest, seconds)
+            assert spent <= max(seconds, took(1)), (law, largest, seconds, asked)
+            assert 1 <= found <= largest and asked[0] == 1
+            assert found == min(largest, 4096) or not finished, (law, largest, seconds, asked)
+            assert finished or seconds < 1e6
 
 
 def test_plan_arithmetic_for_gpt2_small(capsys):

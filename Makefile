@@ -1,7 +1,9 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
-# Pinned: an unpinned torch pulls several GB of CUDA wheels. Override for a GPU build, e.g.
-# make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
+# Pinned to a release, not a build: from PyPI on Linux torch==2.13.0 is the CUDA build (several GB of NVIDIA wheels),
+# on macOS and Windows the CPU build, and where pip's find-links holds a +cpu wheel, that one. Name the index to
+# choose: the CPU build anywhere, make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu";
+# a CUDA build, make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 # (CUDA 13.0: Turing and later, NVIDIA driver 580 or newer; whl/cu126 for an older driver or GPU; torch 2.12 on
 # publishes no cu128. lmlab.core.device.TORCH_BUILDS, which tests/test_device.py holds every such command to.)
 TORCH ?= torch==2.13.0

@@ -10,7 +10,7 @@ from lmlab.commands import main
 from lmlab.core.device import datasheet_peak
 from lmlab.core.config_toml import load_config
 from lmlab.core.peak import peak_flops
-from lmlab.experiments.bench import find_max_batch, with_vocab
+from lmlab.experiments.bench import find_max_batch, largest_fitting, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from tests.helpers import write_config
@@ -74,7 +74,7 @@ def test_find_max_batch_prints_each_try_and_stops_at_its_time_limit(capsys, tmp_
     assert re.search(r"micro-batch 1: fits, peak memory [\d.]+ MiB of [\d.,]+ GiB allowed", said)
     # The first try cannot be skipped; the second would end past the limit, so it is not begun, and the time said
     # is the search's own.
-    stopped = re.search(r"largest micro-batch that fits: 1 \(the search stopped after ([\d.]+) s: a larger try would "
+    stopped = re.search(r"largest micro-batch that fits: 1 \(the search stopped after ([\d.]+) s: a larger try could "
                         r"have ended past 0.001 s; --search-seconds gives it longer\)", said)
     assert stopped and "micro-batch 2:" not in said
 
@@ -90,6 +90,45 @@ def test_find_max_batch_reports_a_batch_that_fits(capsys, tmp_path, char_dataset
     found = int(re.search(r"largest micro-batch that fits: (\d+)", out).group(1))
     tried = [int(b) for b in re.findall(r"micro-batch (\d+): fits", out)]
     assert tried == [2**i for i in range(len(tried))] and tried[-1] == found
+    assert re.search(r"largest micro-batch that fits: \d+ \(the search (took|stopped after) [\d.]+ s", out)
+
+
+# Seconds a try of a batch takes: a fixed part (the model built) and steps in proportion to the batch, or growing as
+# fast as its square (a machine slowing as memory fills).
+TRY_SECONDS = {
+    "fixed and proportional": lambda b: 2.0 + 0.01 * b, "proportional": lambda b: 0.05 * b,
+    "fixed and square": lambda b: 1.0 + 0.001 * b * b, "square": lambda b: 0.002 * b * b, "fixed": lambda b: 0.3,
+}
+
+
+def simulated_search(took, largest: int, seconds: float) -> tuple[int, bool, float, list[int]]:
+    """`largest_fitting` on a fake clock, each try taking `took(batch)` seconds, the batches up to `largest` fitting
+    and those past twice it refused without a try: (found, finished, the seconds it took, the batches asked)."""
+    clock, asked = [0.0], []
+
+    def fits(batch: int) -> bool | None:
+        asked.append(batch)
+        if batch > 2 * largest:
+            return None  # estimated not to fit: not tried
+        clock[0] += took(batch)
+        return batch <= largest
+
+    found, finished = largest_fitting(fits, 4096, seconds, clock=lambda: clock[0])
+    return found, finished, clock[0], asked
+
+
+@pytest.mark.parametrize("law", TRY_SECONDS)
+def test_the_batch_search_ends_within_its_seconds_and_finds_the_largest_batch_when_it_finishes(law):
+    """Whatever the seconds and the largest batch that fits, the search ends within its seconds (the first try,
+    which nothing foresees, excepted), and the batch it returns fits: the largest that does when it finished."""
+    took = TRY_SECONDS[law]
+    for largest in (1, 3, 100, 700, 5000):
+        for seconds in (0.1, 0.5, 2, 7, 30, 120, 1e6):
+            found, finished, spent, asked = simulated_search(took, largest, seconds)
+            assert spent <= max(seconds, took(1)), (law, largest, seconds, asked)
+            assert 1 <= found <= largest and asked[0] == 1
+            assert found == min(largest, 4096) or not finished, (law, largest, seconds, asked)
+            assert finished or seconds < 1e6
 
 
 def test_plan_arithmetic_for_gpt2_small(capsys):

@@ -135,8 +135,21 @@ def test_every_torch_wheel_index_named_is_one_pytorch_publishes_for_that_torch()
         assert build in TORCH_BUILDS.get(version, ()), f"torch {version} has no {build} build, named in {where}"
     for path in texts():  # a command that installs from PyTorch's index pins the torch it means
         for line in path.read_text(errors="replace").splitlines():
-            if re.search(r"--index-url https://download\.pytorch\.org/whl/cu", line):
+            if re.search(r"--index-url https://download\.pytorch\.org/whl/(cu|cpu)", line):
                 assert re.search(r"torch==[\w.]+ --index-url", line), f"{path}: an unpinned torch: {line.strip()}"
+
+
+def test_the_readme_and_makefile_say_which_build_the_torch_pin_installs_where_and_how_to_choose_each():
+    """`torch==RELEASE` names a release, not a build: pip takes PyPI's wheel (CUDA on Linux) or one a local wheel
+    folder holds (`+cpu`). The README and the Makefile say so, and name the index of each build to choose it."""
+    pin = f"torch=={TORCH_RELEASE}"
+    readme, makefile = (" ".join((ROOT / name).read_text().split()) for name in ("README.md", "Makefile"))
+    for text in (readme, makefile):
+        assert f'TORCH="{pin} --index-url https://download.pytorch.org/whl/cpu"' in text
+        assert f'TORCH="{pin} --index-url https://download.pytorch.org/whl/cu130"' in text
+    assert "On Linux from PyPI that is the CUDA build" in readme and f"`{TORCH_RELEASE}+cpu` is the CPU build" in readme
+    assert "local wheel folder that holds the `+cpu` wheel" in readme
+    assert f"from PyPI on Linux {pin} is the CUDA build" in makefile and "find-links holds a +cpu" in makefile
 
 
 @pytest.mark.parametrize("capability, born, dtype", [

@@ -23,7 +23,7 @@ from tokenizers import Regex, pre_tokenizers
 from lmlab.commands import main
 from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
-from lmlab.data.prepare import PrepareOptions, prepare
+from lmlab.data.prepare import SEPARATOR, PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
 from lmlab.data.tokenizers import EOT, Tokenizer, chunk_spans
 from lmlab.data.tiktoken_bpe import GPT2_PATTERN
@@ -100,12 +100,37 @@ def test_max_tokens_stops_at_a_document_boundary_and_takes_val_from_the_cut(tmp_
     assert 2000 <= len(train) < 2000 + 130 and train[-1] == meta["eot_id"]
     # val is --val-fraction of the cut (train being the rest), in whole documents: not a tenth of the whole corpus
     asked = meta["split"]["val_tokens"]
-    assert asked == 223 and asked <= meta["val"]["tokens"] < asked + 130  # ceil(2000 x 0.1 / 0.9)
+    assert asked == 223 == meta["val"]["tokens"]  # ceil(2000 x 0.1 / 0.9)
     # train is the corpus's documents in order, the val ones left out, until the cut
     tokenizer, val = Tokenizer.load(cut / "tokenizer.json", "word:100"), set(meta["split"]["val_documents"])
     stream = [i for n, text in enumerate(texts) if f"{source}:{n + 1}" not in val
               for i in [*tokenizer.encode(text), meta["eot_id"]]]
     assert np.array_equal(train, stream[:len(train)])
+
+
+@pytest.mark.parametrize("spec", ["word:100", "char"])
+def test_a_cut_of_long_documents_holds_out_its_share_cutting_the_document_that_passes_it(tmp_path, spec):
+    """A --max-tokens cut's val split is --val-fraction of the cut, however long its documents: the one that would
+    pass it is cut there (its end-of-text kept), its characters and bytes those of the text kept, and the rest of it
+    in neither split."""
+    texts = documents(40, words=(800, 1200))  # each passes the val split's ask several times over
+    source = write_jsonl(tmp_path / "docs.jsonl", texts)
+    cut, meta, _ = prepare([str(source)], spec, name="cut", out_dir=tmp_path, options=PrepareOptions(max_tokens=2000))
+    tokenizer, eot = Tokenizer.load(cut / "tokenizer.json", meta["tokenizer"]), meta["eot_id"]
+    asked, name = meta["split"]["val_tokens"], meta["split"]["cut_document"]
+    assert asked == 223 == meta["val"]["tokens"] and meta["val"]["documents"] == 1
+    assert meta["split"]["val_documents"] == [name]
+    text = texts[int(name.rsplit(":", 1)[1]) - 1]
+    kept = asked - (eot is not None)
+    encoding = tokenizer.backend.encode(text)
+    assert split_tokens(cut, "val").tolist() == encoding.ids[:kept] + ([eot] if eot is not None else [])
+    end = encoding.offsets[kept - 1][1]
+    assert (meta["val"]["characters"], meta["val"]["bytes"]) == (end, len(text[:end].encode()))
+    ends = [[eot]] if eot is not None else []
+    stream = [i for n, doc in enumerate(texts) if f"{source}:{n + 1}" != name
+              for piece in [tokenizer.encode(doc if ends else doc + SEPARATOR), *ends] for i in piece]
+    train = split_tokens(cut, "train")
+    assert 2000 <= len(train) and train.tolist() == stream[:len(train)]
 
 
 @pytest.mark.slow
@@ -123,8 +148,8 @@ def test_prepare_says_how_far_from_each_ask_its_split_landed(tmp_path, capsys):
             assert (f"train: {train['tokens']:,} tokens, {100 * (train['tokens'] / 2000 - 1):.1f}% over the 2,000 "
                     f"asked (--max-tokens): whole documents, of {train['tokens'] / train['documents']:,.0f} tokens "
                     "on average") in said
-            assert (f"val: {val['tokens']:,} tokens, {100 * (val['tokens'] / asked - 1):.1f}% over the {asked:,} "
-                    "asked (--val-fraction 0.1 of the --max-tokens cut)") in said
+            assert (f"val: {asked:,} tokens, the {asked:,} asked (--val-fraction 0.1 of the --max-tokens cut): its "
+                    f"last document, {meta['split']['cut_document']}, cut there") in said and val["tokens"] == asked
         else:
             assert (f"train: {train['tokens']:,} tokens, {100 * (1 - train['tokens'] / cut):.1f}% short of the "
                     f"{cut:,} asked (--max-tokens): the corpus ended first") in said

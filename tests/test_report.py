@@ -295,8 +295,10 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
     assert main(["report", str(base), str(tuned), str(imported_gpt2), "--out", str(out / "three"),
                  "--no-eval"]) == 0
     summary = section((out / "three" / "report.md").read_text(), "Summary")
-    assert ("The runs are not ranked: their val losses are of different text (`tuned`: held-out instruction "
-            "records, not a val split), and they have no evaluation on one val split in common.") in summary
+    plays = next((tmp_path / "data").glob("plays-*")).name
+    assert (f"The runs are not ranked: their val losses are of different text (`base`: the val split of {plays}; "
+            "`tuned`: held-out instruction records, not a val split), and they have no evaluation on one val split "
+            "in common.") in summary
     assert "has the lowest" not in summary
     assert "Every run trained here saw under half its Chinchilla-optimal tokens" in summary  # `base` alone
     assert main(["report", str(imported_gpt2), "--out", str(out / "imported"), "--no-eval"]) == 0

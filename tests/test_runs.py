@@ -279,8 +279,8 @@ def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenize
     assert rows[1]["bits_per_byte_change"] == pytest.approx(bpe.best_bpb / char.best_bpb - 1)
     table = subprocess.run([LMLAB, "compare", *map(str, two_tokenizers)], capture_output=True, text=True, check=True,
                            env={**os.environ, "COLUMNS": "80"}).stdout
-    assert max(map(len, table.splitlines())) <= 80 and "bits/byte: % change, as their tokenizers differ (bpe:300, " \
-                                                        "char)" in " ".join(table.split())
+    assert max(map(len, table.splitlines())) <= 80 and "bits/byte: % change, as their tokenizers differ (char: " \
+                                                        "char; bpe: bpe:300)" in " ".join(table.split())
     header = next(line for line in table.splitlines() if line.lstrip().startswith("run"))
     assert "bits/byte" in header and "best val" not in header  # the figure that compares them is kept longest
     assert f"{bpe.best_bpb:.3f} ({100 * (bpe.best_bpb / char.best_bpb - 1):+.1f}%)" in table
@@ -293,14 +293,15 @@ def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenize
 def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_tokenizers, capsys, tmp_path):
     assert main(["scaling", *map(str, two_tokenizers), "--plot", str(tmp_path / "s.png")]) == 2
     assert ("scaling fits one power law through runs of one tokenizer on one text, and their tokenizers differ "
-            "(bpe:300, char)") in " ".join(capsys.readouterr().err.split())
+            "(char: char; bpe: bpe:300)") in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "s.png").exists()
     stripped = tmp_path / "stripped"  # a run whose dataset facts hold no byte counts: no bits per byte to draw
     shutil.copytree(two_tokenizers[1], stripped)
     facts = json.loads((stripped / "dataset.json").read_text())
     (stripped / "dataset.json").write_text(json.dumps({k: v for k, v in facts.items() if k not in ("train", "val")}))
     assert main(["compare", str(two_tokenizers[0]), str(stripped), "--plot", str(tmp_path / "c.png")]) == 2
-    assert ("these runs cannot share a loss axis: their tokenizers differ (bpe:300, char): a loss per token is per a "
+    assert ("these runs cannot share a loss axis: their tokenizers differ (char: char; stripped: bpe:300): a loss "
+            "per token is per a "
             "different unit, and stripped keeps no byte counts of its data (dataset.json) to draw it in bits per byte; "
             "plot them apart.") in \
         " ".join(capsys.readouterr().err.split())
@@ -334,8 +335,9 @@ def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tok
     capsys.readouterr()
     assert main(["compare", str(base), str(tuned), "--wide"]) == 0
     said = " ".join(re.sub("[│┃]", " ", capsys.readouterr().out).split())
-    assert ("bits/byte: % change, as they were scored on different text (tuned: held-out instruction records, not "
-            "a val split): a loss per token of one is not the other's") in said
+    assert (f"bits/byte: % change, as they were scored on different text (base: the val split of "
+            f"{Path(config.data.dataset).name}; tuned: held-out instruction records, not a val split): a loss per "
+            "token of one is not the other's") in said
     assert said.count("different text") == 1, said  # before: "... on different text: their losses are of different text"
 
 
@@ -368,27 +370,99 @@ def test_an_imported_model_compares_on_its_evaluation_of_a_val_split(imported_gp
 
 def test_log_gives_each_evaluations_perplexity_accuracy_and_gradient_norm_and_plots_the_norm(trained, capsys,
                                                                                               tmp_path):
-    """Before: `lmlab log --wide` had loss columns only, and grad_norm was in metrics.jsonl alone (a WikiText-2
-    study's table of perplexity and accuracy by evaluation, and the LR hypothesis it tests on the gradient norm)."""
+    """Every evaluation's val perplexity and next-token accuracy, both of the batches its val loss is of, and the
+    gradient norm of the steps since the one before (a WikiText-2 study's table of perplexity and accuracy by
+    evaluation, and the LR hypothesis it tests on the gradient norm)."""
     import math
 
+    import torch
+
+    from lmlab.api.run import Run
+    from lmlab.data.loader import open_tokens
+    from lmlab.data.shards import read_meta
+    from lmlab.train.estimate import estimate_loss
+
     run = Path(shutil.copytree(trained, tmp_path / "run"))
-    assert main(["eval", str(run), "--checkpoint", "20"]) == 0  # accuracy is measured by `lmlab eval` only
-    measured = RunDir(run).evaluations()[-1]
-    capsys.readouterr()
     assert main(["log", str(run), "--json", "--plot", str(tmp_path / "norm.png")]) == 0
     out, err = capsys.readouterr()
     rows = json.loads(out)["evaluations"]
     events = RunDir(run).events()
-    for row in rows:
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [row["step"] for row in rows] == [e["step"] for e in evals] == [10, 20]
+    for row, event in zip(rows, evals):
         assert row["perplexity"] == pytest.approx(math.exp(row["val_loss"]))
-        before = max(e["step"] for e in events if e["event"] == "eval" and e["step"] < row["step"]) \
-            if row["step"] > 10 else 0
+        assert row["accuracy"] == event["val_accuracy"] and 0 < row["accuracy"] < 1
+        before = max(e["step"] for e in evals if e["step"] < row["step"]) if row["step"] > 10 else 0
         norms = [e["grad_norm"] for e in events if e["event"] == "train" and before < e["step"] <= row["step"]]
         assert (row["grad_norm"], row["grad_norm_max"]) == (pytest.approx(sum(norms) / len(norms)), max(norms))
-    assert [row["accuracy"] for row in rows] == [None, measured["accuracy"]]  # step 10 was not measured
+    # Scored again on the batches of its evaluation, the last checkpoint gives its logged loss and accuracy.
+    cfg, model = Run(run).config, Run(run).model("20", device="cpu")
+    dataset = Path(cfg.data.dataset)
+    again = estimate_loss(model, open_tokens(dataset, "val", read_meta(dataset)["dtype"]), cfg.model.block_size,
+                          cfg.train.batch_size, cfg.train.eval_iters, cfg.train.seed + 2, torch.device("cpu"),
+                          torch.float32)
+    assert again.loss == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+    assert again.accuracy == pytest.approx(rows[-1]["accuracy"], abs=1e-3)
     assert f"{tmp_path / 'norm.png'}" in err and (tmp_path / "norm.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["log", str(run), "--wide"]) == 0
     table = capsys.readouterr().out
     assert "perplexity" in table and "accuracy" in table and "grad norm (mean / max)" in table
-    assert f"{measured['accuracy']:.3f}" in table and f"{rows[0]['perplexity']:.2f}" in table
+    assert f"{rows[0]['accuracy']:.3f}" in table and f"{rows[0]['perplexity']:.2f}" in table
+
+
+def test_log_of_a_run_that_logged_no_accuracy_shows_a_whole_split_eval_of_the_step(trained, capsys, tmp_path):
+    """An eval event without val_accuracy (an older lmlab's) takes the accuracy of a whole-split `lmlab eval` kept for
+    the checkpoint of its step, and none where no such evaluation is kept."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in e.items() if k != "val_accuracy"}) + "\n"
+                                               for e in events))
+    assert main(["eval", str(run), "--checkpoint", "20"]) == 0
+    measured = RunDir(run).evaluations()[-1]
+    capsys.readouterr()
+    rows = as_json(capsys, "log", str(run))["evaluations"]
+    assert [row["accuracy"] for row in rows] == [None, measured["accuracy"]]
+
+
+def _variant(trained: Path, to: Path, tokenizer: str | None = None, corpus: str | None = None) -> Path:
+    """A copy of a trained run as if its dataset had been prepared with another tokenizer (the same text, other
+    tokens) or from another corpus (other text, its dataset named `corpus`)."""
+    run = Path(shutil.copytree(trained, to))
+    facts = json.loads((run / "dataset.json").read_text())
+    facts["val"]["sha256"] = "0" * 64  # other tokens either way
+    facts["tokenizer"] = tokenizer or facts["tokenizer"]
+    facts["input_sha256"] = "1" * 64 if corpus else facts["input_sha256"]
+    (run / "dataset.json").write_text(json.dumps(facts))
+    start, *rest = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    event = json.loads(start)
+    event["tokenizer"] = facts["tokenizer"]
+    event["dataset"] = str(Path(event["dataset"]).parent / corpus) if corpus else event["dataset"]
+    (run / "metrics.jsonl").write_text(json.dumps(event) + "\n" + "".join(rest))
+    return run
+
+
+def test_compare_says_every_reason_runs_do_not_compare_with_the_runs_on_each_side(trained, tmp_path):
+    """Tokenizers and text are two reasons, each said with the runs of each side; runs of one text under two
+    tokenizers (their val splits' tokens differ) are of the same text."""
+    import lmlab
+
+    same = _variant(trained, tmp_path / "same", "bpe:300")
+    other = _variant(trained, tmp_path / "other", corpus="novels-char")
+    other_bpe = _variant(trained, tmp_path / "other-bpe", "bpe:300", corpus="novels-bpe300")
+    char, ours = RunDir(trained).dataset()["tokenizer"], Path(RunDir(trained).events()[0]["dataset"]).name
+    run = trained.name
+
+    def reason(*runs: Path) -> str | None:
+        return lmlab.compare(runs).reason
+
+    assert reason(trained, same) == f"their tokenizers differ ({run}: {char}; same: bpe:300): a loss per token is " \
+                                    "per a different unit"
+    assert reason(trained, other) == (f"they were scored on different text ({run}: the val split of {ours}; other: "
+                                      "the val split of novels-char): a loss per token of one is not the other's")
+    assert reason(trained, same, other, other_bpe) == (
+        f"their tokenizers differ ({run}, other: {char}; same, other-bpe: bpe:300) and they were scored on different "
+        f"text ({run}, same: the val split of {ours}; other, other-bpe: the val split of novels-char): a loss per "
+        "token of one is not the other's")
+    assert reason(trained, trained) is None
+    title = lmlab.compare([trained, same, other]).title
+    assert "their tokenizers differ" in title and "scored on different text" in title

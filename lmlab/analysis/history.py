@@ -19,18 +19,21 @@ LOGGED = FIELDS[:9]  # what an eval event holds; the others are derived or joine
 
 def evaluations(run: RunDir) -> list[dict[str, Any]]:
     """Every eval event of the run in the order it was logged, each with FIELDS (None where the event has none: a
-    fine-tune scores no train split, an older run logged no epoch): its val perplexity, the next-token accuracy of a
-    whole-split `lmlab eval` kept for the checkpoint of its step (None: not measured), and the mean and largest
-    gradient norm of the train lines logged since the evaluation before. One past the run's newest checkpoint (its
-    checkpoint never written: a full disk, a kill) is no new best: the best the run holds is the one before."""
+    fine-tune scores no train split, an older run logged no epoch): its val perplexity and next-token accuracy, both
+    of the batches its val loss is of (where the event has no accuracy, as a fine-tune's or an older lmlab's has
+    not, that of a whole-split `lmlab eval` kept for the checkpoint of its step; None: not measured), and the mean
+    and largest gradient norm of the train lines logged since the evaluation before. One past the run's newest
+    checkpoint (its checkpoint never written: a full disk, a kill) is no new best: the best the run holds is the one
+    before."""
     rows, norms = [], []
-    accuracy = {r.get("step"): r.get("accuracy") for r in run.evaluations() if r.get("max_tokens") is None}
+    measured = {r.get("step"): r.get("accuracy") for r in run.evaluations() if r.get("max_tokens") is None}
     for event in run.events():
         if event.get("event") == "train" and isinstance(event.get("grad_norm"), (int, float)):
             norms.append(float(event["grad_norm"]))
         elif event.get("event") == "eval" and isinstance(event.get("val_loss"), (int, float)):
+            accuracy = event.get("val_accuracy")
             rows.append({**{name: event.get(name) for name in LOGGED}, **_derived(event["val_loss"], norms),
-                         "accuracy": accuracy.get(event.get("step"))})
+                         "accuracy": measured.get(event.get("step")) if accuracy is None else accuracy})
             norms = []
     saved, best = run.saved_through(), None
     for row in rows:

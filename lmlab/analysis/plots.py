@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lmlab.analysis.runs import RunSummary, unfair
+from lmlab.analysis.compare import unfair
+from lmlab.analysis.runs import RunSummary
 from lmlab.analysis.scaling import PowerLawFit
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, check_writable, replacing

@@ -4,6 +4,7 @@ them, so a half-written, old or foreign folder gets a status instead of a crash.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmlab.analysis.scaling import chinchilla_percent, unique_tokens
+from lmlab.analysis.scaling import unique_tokens
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import count, fmt, format_duration, sci
 from lmlab.model import build_model
@@ -49,6 +50,7 @@ class RunSummary:
     data_sha256: str | None = None  # of the val split: runs with the same one were scored on the same text
     kind: str | None = None
     scored_on: str | None = None  # what its val loss is of: the val split (its sha256), a fine-tune's held-out records
+    text: str | None = None  # what its val split holds whatever the tokenizer (`_text`), a fine-tune's its scored_on
     evaluation: dict[str, Any] | None = None  # the kept `lmlab eval` of the checkpoint's weights (perplexity, accuracy)
     still_falling: bool | None = None
     predicted_val: float | None = None
@@ -221,6 +223,18 @@ def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
     origin = start.get("origin") if isinstance(start.get("origin"), dict) else {}
     summary.scored_on = (f"held-out records {origin.get('data_sha256')}" if summary.kind == "fine-tuned" else
                          summary.data_sha256 or summary.dataset)
+    summary.text = summary.scored_on if summary.kind == "fine-tuned" else _text(meta)
+
+
+def _text(meta: Any) -> str | None:
+    """What a dataset's val split holds, the same under any tokenizer: its corpus, normalisation and split rule, and the
+    tokenizer where the split was sized in tokens or cut to rows (other text under another); None: not recorded."""
+    if not isinstance(meta, dict) or not meta.get("input_sha256"):
+        return None
+    split = meta["split"] if isinstance(meta.get("split"), dict) else {}
+    by_tokens = split.get("val_tokens") or meta.get("rows")
+    return json.dumps([meta["input_sha256"], meta.get("normalize"), *(split.get(key) for key in (
+        "rule", "val_fraction", "cut_at_char", "val_documents")), meta.get("tokenizer") if by_tokens else None])
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -239,63 +253,12 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(runs)
 
 
-def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
-    """Each run's figures beside the first run's (ratios to it): numbers for `compare`, `sweep` and the report. When the
-    tokenizers or the data differ (`unfair`), the change against the first run is in bits per byte."""
-    base, by_bytes = runs[0], bool(unfair(runs))
-    return [{
-        "run": s.name, "path": str(s.path), "status": s.status, "architecture": s.architecture, "model": s.model,
-        "tokenizer": s.tokenizer, "params": s.params, "params_ratio": s.params / base.params,
-        **_training(s, base), "best_val_loss": s.best_val_loss, "val_from": s.val_from,
-        "best_val_loss_change": s.best_val_loss / base.best_val_loss - 1, "bits_per_byte": s.best_bpb,
-        "bits_per_byte_change": _ratio(s.best_bpb, base.best_bpb) and s.best_bpb / base.best_bpb - 1,
-        "by_bytes": by_bytes, "params_padding": s.padding,
-        "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
-        "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
-        "predicted_error": _ratio(s.predicted_val, s.reached) and s.predicted_val / s.reached - 1,
-        "final_val_loss": s.final_val_loss, "final_stderr": s.final_stderr,
-    } for s in runs]
-
-
-def _training(s: RunSummary, base: RunSummary) -> dict[str, Any]:
-    """What a run's training here cost and saw, beside the first run's; None for an import, whose training happened
-    elsewhere."""
-    known = s.kind != "imported"
-    tokens, flops, elapsed = (s.tokens, s.flops, s.elapsed) if known else (None, None, None)
-    trained = base.kind != "imported"
-    return {"tokens": tokens, "tokens_ratio": _ratio(tokens, base.tokens) if trained else None, "flops": flops,
-            "flops_ratio": _ratio(flops, base.flops) if trained else None, "elapsed": elapsed,
-            "elapsed_ratio": _ratio(elapsed, base.elapsed) if trained else None,
-            "epochs": s.epochs if known else None, "epoch_seconds": s.epoch_seconds if known else None,
-            "unique_tokens": s.unique_tokens if known else None,
-            "tokens_per_param": s.tokens / s.params if known else None,
-            "chinchilla_percent": chinchilla_percent(s.unique_tokens, s.params) if known else None,
-            "chinchilla_seen_percent": chinchilla_percent(s.tokens, s.params) if known else None}
-
-
-def unfair(runs: list[RunSummary]) -> str | None:
-    """Why the runs' losses per token do not compare, or None: different tokenizers (a token is another unit), or
-    different text (val splits with other checksums)."""
-    tokenizers = sorted({str(s.tokenizer) for s in runs})
-    if len(tokenizers) > 1:
-        return f"their tokenizers differ ({', '.join(tokenizers)}): a loss per token is per a different unit"
-    if len({s.scored_on for s in runs}) > 1:
-        tuned = [s.name for s in runs if s.kind == "fine-tuned"]
-        how = (f" ({', '.join(tuned)}: held-out instruction records, not a val split)" if tuned else "")
-        return f"they were scored on different text{how}: a loss per token of one is not the other's"
-    return None
-
-
 def by_bytes_columns(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
     """Where the rows' tokenizers differ, bits per byte is the column kept longest when a table must be narrowed."""
     if len({r.get("tokenizer") for r in rows}) <= 1 and not any(r.get("by_bytes") for r in rows):
         return columns
     swap = {"bits/byte": 0, "best val": 6}
     return [dataclasses.replace(c, priority=swap.get(c.header, c.priority)) for c in columns]
-
-
-def _ratio(value: float | None, base: float | None) -> float | None:
-    return value / base if value is not None and base else None
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleOptions, RenderResult
 
+from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.plots import X_AXES, comparison_figure
 from lmlab.analysis.runs import (
     COMPARE_COLUMNS,
     RunSummary,
     by_bytes_columns,
-    comparison,
     evaluation_columns,
     final_columns,
     predicted_columns,
     summarize,
     task_columns,
-    unfair,
 )
 from lmlab.api.checks import checked
 from lmlab.api.run import Run

@@ -40,13 +40,13 @@ def cmd_log(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("log", help="every evaluation of a run: step, epoch, tokens, elapsed, train and val loss, "
-                       "best")
+                       "best, val perplexity and accuracy")
     p.add_argument("run", metavar="RUN", help="a run dir")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", help="print the evaluations as JSON instead of a table")
     shape.add_argument("--csv", action="store_true", help="print the evaluations as CSV (a header, a row each)")
-    p.add_argument("--wide", action="store_true", help="every column (perplexity, accuracy where `lmlab eval` "
-                   "measured it, the gradient norm since the evaluation before), however wide the table gets")
+    p.add_argument("--wide", action="store_true", help="every column (the val perplexity and next-token accuracy, "
+                   "the gradient norm since the evaluation before), however wide the table gets")
     p.add_argument("--plot", metavar="PNG", type=destination("--plot", "file"),
                    help="also draw the gradient norm of each logged step, with the learning rate, to this PNG")
     p.set_defaults(func=cmd_log)

@@ -134,9 +134,11 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
 
     began = time.perf_counter()
     biggest, finished = find_max_batch(cfg, device, seconds=seconds, say=say)
-    console.print(f"largest micro-batch that fits: {biggest}" + ("" if finished else
-                  f" (the search stopped after {time.perf_counter() - began:.1f} s: a larger try would have ended "
-                  f"past {seconds:g} s; --search-seconds gives it longer)"))
+    took = time.perf_counter() - began
+    console.print(f"largest micro-batch that fits: {biggest}" + (
+        f" (the search took {took:.1f} s)" if finished else
+        f" (the search stopped after {took:.1f} s: a larger try could have ended past {seconds:g} s; --search-seconds "
+        "gives it longer)"))
     return biggest
 
 
@@ -350,7 +352,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--find-max-batch", action="store_true", help="find the largest micro-batch that fits, printing "
                    "each batch size tried (each eager, over one micro-batch)")
     p.add_argument("--search-seconds", type=positive, default=120.0, help="--find-max-batch begins no try that "
-                   "would end past this (foreseen from the newest try) and keeps the largest batch found so far")
+                   "could end past this (foreseen from the tries before it, as growing up to the square of the batch) "
+                   "and keeps the largest batch found so far; the table's timings come after")
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
     p.add_argument("--checkpoint", action="store_true", help="time writing a checkpoint (model and optimizer state) "
                    "where runs go, and loading it back, with its share of the time at train.checkpoint_interval")

@@ -75,8 +75,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
+    from lmlab.analysis.compare import unfair
     from lmlab.analysis.plots import plot_scaling
-    from lmlab.analysis.runs import Column, summarize, unfair
+    from lmlab.analysis.runs import Column, summarize
     from lmlab.analysis.scaling import fit_caveats, fit_power_law
 
     if args.budget and not args.refit:

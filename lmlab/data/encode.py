@@ -30,8 +30,9 @@ class Encoded(NamedTuple):
     lengths: np.ndarray  # int64, ids per text
     nbytes: np.ndarray  # int64, UTF-8 bytes per text (bits per byte divides by them)
     chars: np.ndarray  # int64, characters per text
-    # With `ends` (a cropped dataset, which keeps a document's first tokens only): for each id, the characters and
-    # UTF-8 bytes of its text up to the end of that token, so the kept part of a text can be counted.
+    # With `ends` (a cropped dataset, which keeps a document's first tokens only, or a --max-tokens cut, whose val
+    # split ends inside a document): for each id, the characters and UTF-8 bytes of its text up to the end of that
+    # token, so the kept part of a text can be counted.
     char_ends: np.ndarray | None = None
     byte_ends: np.ndarray | None = None
 

@@ -95,10 +95,15 @@ class Output:
         self.val_index: list[tuple[int, int]] = []  # (key, tokens) since the last checkpoint
         self.completed = False  # a shard was finished since the last checkpoint
         self.split, self.doc_ids, self.doc_written = "train", 0, 0
+        # A --max-tokens cut's val split holds its ask exactly: the document that would pass it is cut there (its
+        # end-of-text kept), the rest of it in neither split. Without a cut, val is whole documents.
+        self.cuts = bool(options.max_tokens) and val_tokens is not None
+        self.cut_document: str | None = saved.get("cut_document")
+        self.reserved = int(self.cuts and eot_id is not None)  # the end-of-text a cut document still ends with
 
     def _begin_document(self, code: int) -> bool:
         """Choose the next document's split; False at --max-tokens once val is full too."""
-        full = self.val_tokens is not None and self.routed["val"] >= self.val_tokens
+        full = self.val_tokens is not None and self.routed["val"] + self.reserved >= self.val_tokens
         self.split = "val" if code == VAL or (code == VAL_WHILE_BUDGET and not full) else "train"
         budget = self.options.max_tokens
         if self.split == "train" and budget and self.routed["train"] >= budget:
@@ -114,13 +119,19 @@ class Output:
 
     def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int, ends: tuple | None) -> bool:
         """Write one chunk of a document's ids; False when --max-tokens is reached. In crop mode the document becomes
-        one padded row, counting the kept text's bytes and characters (`ends`: per-token character and byte ends)."""
+        one padded row, and a cut's val split ends at its ask, in the chunk if it must, each counting the kept text's
+        bytes and characters (`ends`: per-token character and byte ends)."""
         index, code, name, first, last = tag
         if first and not self._begin_document(code):
             return False
         if self.split == "skip":
             self.docs_done = index + 1 if last else self.docs_done
             return True
+        kept = self._val_kept(len(ids))
+        if kept is not None:
+            assert ends is not None, "a cut encodes with ends"
+            characters, nbytes = (int(ends[0][kept - 1]), int(ends[1][kept - 1])) if kept else (0, 0)
+            ids = ids[:kept]
         row, counts, encoded = self.options.row_length, self.counts[self.split], len(ids)
         if row:
             take = min(encoded, max(0, row - self.doc_ids))
@@ -133,9 +144,19 @@ class Output:
         counts["bytes"] += nbytes
         self.doc_ids += encoded
         self._write(ids)
-        if last:
+        if last or kept is not None:
             self._end_document(index, name)
+        if kept is not None:  # the rest of the document is passed over
+            self.cut_document, self.split = name, "skip"
         return True
+
+    def _val_kept(self, length: int) -> int | None:
+        """How many of the next `length` tokens of a val document a cut's val split keeps, where it ends among them;
+        None: all of them."""
+        if not self.cuts or self.split != "val" or self.val_tokens is None:
+            return None
+        room = max(0, self.val_tokens - self.routed["val"] - self.doc_ids - self.reserved)
+        return room if room < length else None
 
     def _end_document(self, index: int, name: str) -> None:
         row, counts = self.options.row_length, self.counts[self.split]
@@ -176,6 +197,7 @@ class Output:
         self.checkpoint_val_index()
         fsync_dir(self.work)
         state = {"job": self.job, "docs_done": self.docs_done, "counts": self.counts, "lost_tokens": self.lost_tokens,
+                 "cut_document": self.cut_document,
                  "routed": self.routed, "val_names": self.val_names, "val_entries": self.val_entries,
                  "pending": pending, "shards": {split: w.shards for split, w in self.writers.items()}}
         atomic_write_text(self.work / "progress.json", json.dumps(state))

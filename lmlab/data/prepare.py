@@ -157,7 +157,7 @@ def _tokenize(work: Path, files: list[str], options: PrepareOptions, tokenizer: 
     started, first_tokens = time.perf_counter(), output.counts["train"]["tokens"] + output.counts["val"]["tokens"]
     batches = _batches(files, options, tokenizer.kind, plan, found.first_cut, output.docs_done)
     encoded = encode_in_order(batches, work / "tokenizer.json", tokenizer.spec, options.workers,
-                              ends=options.pack == "crop")
+                              ends=options.pack == "crop" or output.cuts)
     try:
         for tags, result in encoded:
             if not output.add_batch(tags, result):
@@ -263,6 +263,7 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
         tokenizer.save(work / "tokenizer.json")
     clock.append(time.perf_counter())
     rule |= {"val_documents": [n for _, n in sorted(output.val_names, reverse=True)]} if len(plan) > 1 else {}
+    rule |= {"cut_document": output.cut_document} if output.cut_document else {}
     meta = {
         "source": sources, "name": target.name, "tokenizer": spec, "tokenizer_kind": kind.name,
         "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,

@@ -96,7 +96,8 @@ def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: l
     candidates; they go to val in corpus order until it holds val_tokens, the rest to train. A --max-tokens cut
     reads only the start of the corpus, so there the candidates are the documents whose keys fall in the share of
     the key range val takes of the cut (val_fraction, or POOL_MARGIN x val_tokens / (train + val) when asked):
-    spread through the corpus, they fill val as the cut's train tokens come (at least the lowest key's document).
+    spread through the corpus, they fill val as the cut's train tokens come (at least the lowest key's document),
+    up to val_tokens exactly: the tokenize pass cuts the document that would pass it (`output.Output`).
     """
     n = len(scan.keys)
     if n == 0:

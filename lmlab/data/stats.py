@@ -51,8 +51,9 @@ def document_lengths(dataset: Path, meta: dict[str, Any]) -> np.ndarray | None:
 
 def landing(meta: dict[str, Any]) -> list[str]:
     """Where each split sized in tokens landed against its ask, in a sentence each: whole documents pass the ask by
-    part of one (a document of 40,000 tokens makes a val split of 20,000 hold 40,000), and a --max-tokens cut
-    larger than the corpus stops short. Counted as the split was chosen: before a crop cut the documents."""
+    part of one (a document of 40,000 tokens makes a val split of 20,000 hold 40,000), a --max-tokens cut's val split
+    is its ask (its last document cut there), and a --max-tokens cut larger than the corpus stops short. Counted as
+    the split was chosen: before a crop cut the documents."""
     options, rule, lines = meta.get("options", {}), meta["split"], []
     max_tokens, val_tokens = options.get("max_tokens"), rule.get("val_tokens")
     share = f"--val-fraction {rule.get('val_fraction')} of the --max-tokens cut"
@@ -62,12 +63,13 @@ def landing(meta: dict[str, Any]) -> list[str]:
         if not asked:
             continue
         got, documents = meta[split].get("uncropped_tokens", meta[split]["tokens"]), meta[split]["documents"]
-        off = (f"{100 * (1 - got / asked):.1f}% short of" if got < asked else
-               f"{100 * (got / asked - 1):.1f}% over")
-        why = ("the corpus ended first" if got < asked else
+        cut = rule.get("cut_document") if split == "val" and got == asked else None
+        off = ("" if cut else f"{100 * (1 - got / asked):.1f}% short of " if got < asked else
+               f"{100 * (got / asked - 1):.1f}% over ")
+        why = (f"its last document, {cut}, cut there" if cut else "the corpus ended first" if got < asked else
                f"whole documents, of {got / max(documents, 1):,.0f} tokens on average")
         cropped = " before cropping" if meta.get("rows") else ""
-        lines.append(f"{split}: {got:,} tokens{cropped}, {off} the {asked:,} asked ({what}): {why}")
+        lines.append(f"{split}: {got:,} tokens{cropped}, {off}the {asked:,} asked ({what}): {why}")
     return lines
 
 

@@ -18,7 +18,7 @@ from lmlab.data.loader import check_block_size, open_tokens, pad_targets
 from lmlab.data.shards import read_meta, row_layout
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
-from lmlab.model.loss import IGNORE, next_token_loss
+from lmlab.model.loss import IGNORE, next_token_hits, next_token_loss
 from lmlab.model.memory import check_fits, scoring_need
 from lmlab.run.rundir import LoadedRun
 
@@ -112,7 +112,7 @@ def score(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 2**28
     for first in range(0, logits.size(0), rows):
         chunk, y = logits[first:first + rows], targets[first:first + rows]
         losses.append(next_token_loss(chunk, y, reduction="none").view_as(y).sum(1))
-        correct += (chunk.argmax(-1) == y).sum()  # an IGNORE target never equals a token id
+        correct += next_token_hits(chunk, y)
     return torch.cat(losses), correct
 
 

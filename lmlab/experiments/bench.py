@@ -142,48 +142,77 @@ Probe = Callable[[BenchRow, bool, "int | None"], None]
 
 def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096, seconds: float = math.inf,
                    say: Probe = lambda row, fits, budget: None) -> tuple[int, bool]:
-    """The largest micro-batch that trains within the memory budget (`memory_budget`): doubling, then bisection; each
-    batch tried is told to `say`. The search stops before a try foreseen to end past `seconds`, and then returns the
-    largest batch found so far with False.
+    """The largest micro-batch that trains within the memory budget (`memory_budget`), found by `largest_fitting`
+    within `seconds`; each batch tried is told to `say`. False with it: the search stopped for time.
 
     The budget keeps headroom for evaluation, checkpoints and fragmentation (on the CPU, where nothing raises before the
     kernel kills the process, it is the only test). Each try measures memory, not speed: eagerly (eager keeps more
     activations than compiled, so what fits eagerly fits compiled) and over one micro-batch (accumulation adds time, not
     memory)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False, grad_accum_steps=1))
-    budget, started = memory_budget(resolve_device(device_name)), time.perf_counter()
-    newest = [1, 0.0]  # the newest try: its batch and seconds
+    budget = memory_budget(resolve_device(device_name))
 
-    def fits(batch: int) -> bool:
-        began = time.perf_counter()
+    def fits(batch: int) -> bool | None:
         try:
             row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
         except MemoryRefused:  # estimated not to fit: not tried
-            return False
-        newest[:] = batch, time.perf_counter() - began
+            return None
         say(row, within(row, budget), budget)
         return within(row, budget)
 
-    def out_of_time(batch: int) -> bool:
-        foreseen = newest[1] * max(1.0, batch / newest[0])
-        return time.perf_counter() - started + foreseen > seconds
-
-    if not fits(1):
+    found, finished = largest_fitting(fits, limit, seconds)
+    if not found:
         raise UserError("even a micro-batch of 1 does not fit on this device; use a smaller model or block_size.")
-    low, high = 1, 2
+    return found, finished
+
+
+def largest_fitting(fits: Callable[[int], bool | None], limit: int, seconds: float,
+                    clock: Callable[[], float] = time.perf_counter) -> tuple[int, bool]:
+    """The largest batch up to `limit` that `fits` (doubling from 1, then bisection; 0: not even 1), and whether the
+    search finished. It begins no try `foresee` says would end past `seconds` from its start (the first excepted:
+    there is nothing to foresee it from), and then returns the largest batch found so far with False. `fits` gives
+    None for a batch refused without a try (estimated not to fit), which takes no time worth foreseeing."""
+    started, tries = clock(), {}  # seconds of each batch tried
+
+    def attempt(batch: int) -> bool | None:
+        """Whether `batch` fits; None: no time left to try it."""
+        if tries and clock() - started + foresee(tries, batch) > seconds:
+            return None
+        began = clock()
+        verdict = fits(batch)
+        if verdict is not None:
+            tries[batch] = clock() - began
+        return bool(verdict)
+
+    low, high = 0, 1
     while high <= limit:
-        if out_of_time(high):
+        verdict = attempt(high)
+        if verdict is None:
             return low, False
-        if not fits(high):
+        if not verdict:
             break
         low, high = high, high * 2
     high = min(high, limit + 1)  # the search stops at the limit
     while high - low > 1:
         mid = (low + high) // 2
-        if out_of_time(mid):
+        verdict = attempt(mid)
+        if verdict is None:
             return low, False
-        low, high = (mid, high) if fits(mid) else (low, mid)
+        low, high = (mid, high) if verdict else (low, mid)
     return low, True
+
+
+GROWTH = 2.0  # the power of the batch a try's seconds are foreseen to grow by, at most
+
+
+def foresee(tries: dict[int, float], batch: int) -> float:
+    """The seconds a try of `batch` is foreseen to take, from the tries made before it (batch: seconds): the largest
+    batch tried below it, its seconds grown with the square of the batch. A try is a fixed part (the model built) and
+    steps in proportion to its batch; such a time, or one that grows as fast as the square of the batch (a machine
+    slowing as memory fills), grows by no more, so the search begins no try that ends past its seconds. The tries
+    above it are not asked: one that ran out of memory stopped part way."""
+    below = max(b for b in tries if b <= batch)
+    return tries[below] * (batch / below) ** GROWTH
 
 
 GPU_HEADROOM = 0.1  # of the GPU memory free at the start, left for evaluation, checkpoints and fragmentation

@@ -1,4 +1,4 @@
-"""The next-token loss every model and evaluation shares, and the target id it skips."""
+"""The next-token loss and accuracy every model and evaluation shares, and the target id they skip."""
 
 from __future__ import annotations
 
@@ -13,3 +13,9 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str 
     mean is over real targets only."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
                            reduction=reduction)
+
+
+def next_token_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How many of (B, T) targets are the argmax of their (B, T, vocab) logits, a device tensor (read without a
+    sync): the count next-token accuracy divides by the targets. An IGNORE target never equals a token id."""
+    return (logits.argmax(-1) == targets).sum()

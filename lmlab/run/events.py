@@ -52,7 +52,7 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
                                              "tokens_per_sec:number ms_per_step:number mfu:number"),
     "eval": _fields(f"{_STEP} val_loss:number", "tokens:integer elapsed:number train_loss:number "
                                                 "best_val_loss:number is_best:boolean train_eval_loss:number "
-                                                "epoch:number seconds:number"),
+                                                "val_accuracy:number epoch:number seconds:number"),
     "checkpoint": _fields(_STEP, "best:boolean seconds:number"),
     "skip": _fields(_STEP, _FIGURES),
     "spike": _fields(_STEP, _FIGURES),

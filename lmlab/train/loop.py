@@ -32,7 +32,7 @@ from lmlab.train.budget import Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
-from lmlab.train.estimate import estimate_loss
+from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
 from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
@@ -426,7 +426,7 @@ class Trainer:
         self.writes.log(final)
         return final
 
-    def _evaluate(self) -> tuple[float, float]:
+    def _evaluate(self) -> tuple[Estimate, Estimate]:
         tc = self.cfg.train
         batches = self.budget.plan.eval_iters if self.budget else tc.eval_iters
         self.model.eval()
@@ -438,8 +438,9 @@ class Trainer:
         self.model.train()
         return train, val
 
-    def _log_eval(self, train_eval: float, val: float, seconds: float) -> bool:
+    def _log_eval(self, train_estimate: Estimate, val_estimate: Estimate, seconds: float) -> bool:
         p, tc = self.progress, self.cfg.train
+        train_eval, val = train_estimate.loss, val_estimate.loss
         is_best = val < p.best_val_loss
         if is_best:
             p.best_val_loss, p.best_step, p.evals_since_best = val, p.step, 0
@@ -448,8 +449,8 @@ class Trainer:
         avg_train = self.means["eval"].pop_mean()
         self.writes.log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self._epoch(),
                          "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
-                         "train_eval_loss": train_eval, "val_loss": val, "best_val_loss": p.best_val_loss,
-                         "is_best": is_best, "seconds": round(seconds, 3)})
+                         "train_eval_loss": train_eval, "val_loss": val, "val_accuracy": val_estimate.accuracy,
+                         "best_val_loss": p.best_val_loss, "is_best": is_best, "seconds": round(seconds, 3)})
         self.writes.redraw(plot_losses, LOSS_EVENTS)  # kept current, so a long run can be watched
         mark = " | [bold green]best![/bold green]" if is_best else ""
         # Two train losses, two names: the mean of the training steps, and the train split scored as val is.

@@ -23,7 +23,8 @@ from lmlab.model import LanguageModel
 TAGS = {
     "train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
               "tokens_per_sec": "perf/tokens_per_sec", "ms_per_step": "perf/ms_per_step", "mfu": "perf/mfu"},
-    "eval": {"val_loss": "val/loss", "train_eval_loss": "train/eval_loss", "best_val_loss": "val/best_loss"},
+    "eval": {"val_loss": "val/loss", "val_accuracy": "val/accuracy", "train_eval_loss": "train/eval_loss",
+             "best_val_loss": "val/best_loss"},
 }
 METRIC = "val/best_loss"  # what the HParams plugin ranks runs by
 SAMPLE = SamplingParams(max_new_tokens=256)  # drawn at each eval from the start of a document, the same seed each time

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmlab.analysis.compare import text_sides
 from lmlab.analysis.runs import RunSummary
 from lmlab.analysis.scaling import chinchilla_percent, repeat_warning
 from lmlab.core.config import RunConfig
@@ -158,10 +159,10 @@ def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
     on the same split, else the fixed-batch estimate; bits per byte when the tokenizers differ. None, and why,
     when the estimates are of different text (a fine-tune's held-out records against its base's val split)."""
     same_split = all(f.evaluation for f in facts) and len({f.evaluation["val_sha256"] for f in facts}) == 1
-    if not same_split and len({f.summary.scored_on for f in facts}) > 1:
-        tuned = ", ".join(f"`{f.name}`" for f in facts if f.summary.kind == "fine-tuned")
-        of = f" ({tuned}: held-out instruction records, not a val split)" if tuned else ""
-        return [], (f"The runs are not ranked: their val losses are of different text{of}, and they have no "
+    sides = text_sides([f.summary for f in facts])
+    if not same_split and len(sides) > 1:
+        of = "; ".join(f"{', '.join(f'`{name}`' for name in names)}: {what}" for what, names in sides)
+        return [], (f"The runs are not ranked: their val losses are of different text ({of}), and they have no "
                     "evaluation on one val split in common.")
     by_bytes = len({f.run.dataset().get("tokenizer") for f in facts}) > 1
     if same_split:

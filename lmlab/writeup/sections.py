@@ -10,19 +10,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.history import EVAL_COLUMNS, evaluations
 from lmlab.analysis.plots import plot_comparison, plot_document_lengths, plot_losses
 from lmlab.analysis.runs import (
     COMPARE_COLUMNS,
     RunSummary,
     by_bytes_columns,
-    comparison,
     final_cell,
     final_columns,
     judge_cell,
     score_cell,
     task_columns,
-    unfair,
 )
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
 from lmlab.core.config import checkpoint_label

@@ -27,7 +27,7 @@ def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
     already (its command decides about that) but not a dataset dir; "report": a report's folder, which may be a
     run's own report/."""
     path = Path(path)
-    resolved = path.resolve()
+    resolved = Path(os.path.realpath(path))  # Path.resolve() raises RuntimeError at a loop of links
     for folder in [resolved, *resolved.parents]:
         what = _kept_folder(folder)
         allowed = (folder == resolved and kind == "run" and what == "run folder") or (

@@ -343,7 +343,34 @@ def test_plan_size_auto_says_what_train_says_of_a_fit_of_another_preset_or_datas
     assert planned.returncode == 0, planned.stderr
     said = " ".join(planned.stdout.split())
     assert f"note: {mine} changed since {fit_path(mine)} was fitted: its predictions may not hold" in said
-    assert f"note: {fit_path(mine)} was fitted on {fit['dataset']['path']}, not" in said
+    assert (f"note: the train split of {fit['dataset']['path']} changed since {fit_path(mine)} was fitted on it (its "
+            f"checksum differs)") in said
+
+
+@pytest.mark.parametrize("path, changed, said", [
+    ("{dataset}", False, None),
+    ("{dataset}", True, "the train split of {dataset} changed since {fit} was fitted on it (its checksum differs): its "
+                        "predictions hold as far as the texts are alike; refit with `lmlab scaling {preset} --refit`, "
+                        "or restore the data the fit was made on"),
+    ("{dataset}/../{name}", True, "the train split of {dataset} changed since"),  # the same folder, written otherwise
+    ("{link}", True, "the train split of {dataset} changed since"),
+    ("data/another", True, "{fit} was fitted on data/another, not {dataset}: its predictions hold as far as the texts "
+                           "are alike"),
+], ids=["same data", "changed under its path", "its path written otherwise", "a link to its path", "another path"])
+def test_a_fit_of_other_data_says_whether_the_path_or_the_data_under_it_differs(preset, tmp_path, path, changed,
+                                                                                 said):
+    mine = tmp_path / preset.name
+    mine.write_text(preset.read_text())
+    fit = json.loads(fit_path(preset).read_text())
+    dataset = Path(fit["dataset"]["path"])
+    (tmp_path / "link").symlink_to(dataset)
+    names = {"dataset": dataset, "name": dataset.name, "link": tmp_path / "link", "fit": fit_path(mine),
+             "preset": mine}
+    fit["dataset"]["path"] = path.format(**names)
+    fit["dataset"]["train_sha256"] = "0" * 64 if changed else fit["dataset"]["train_sha256"]
+    fit_path(mine).write_text(json.dumps(fit))
+    notes = sizing.fit_notes(mine, read_fit(mine), str(dataset))
+    assert notes == [] if said is None else len(notes) == 1 and notes[0].startswith(said.format(**names)), notes
 
 
 DEMO = ROOT / "configs" / "shakespeare-char-modern-cpu.toml"

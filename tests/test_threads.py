@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -236,17 +237,97 @@ def test_every_thread_pools_variable_above_the_cores_is_refused_before_the_comma
     corpus = write_corpus(tmp_path / "corpus", n_docs=2, speeches=5)
     for other in THREAD_VARIABLES:
         monkeypatch.delenv(other, raising=False)
-    monkeypatch.setenv(name, "100000")
     out = tmp_path / "data"
-    assert main(["prepare", str(corpus), "--tokenizer", "bpe:300", "--out-dir", str(out)]) == 2
-    assert capsys.readouterr().err == (
-        f"error: {name} is 100,000, more than the {len(cores())} core{'s' * (len(cores()) > 1)} this process may "
-        f"use; set it to at most {len(cores())}, or unset it to let lmlab choose.\n")
-    assert not out.exists()
-    with pytest.raises(UserError, match=f"{name} is 100,000"):  # the library's entries refuse it too
-        lmlab.prepare(corpus, tokenizer="bpe:300", out_dir=out)
+    # every spelling its library reads as 100,000 (OpenMP's: spaces and a list around it too)
+    for value in ("100000", "+100000", "0100000", *(("\t+100000 ", "100000,2") if name == "OMP_NUM_THREADS" else ())):
+        monkeypatch.setenv(name, value)
+        assert main(["prepare", str(corpus), "--tokenizer", "bpe:300", "--out-dir", str(out)]) == 2, value
+        assert capsys.readouterr().err == (
+            f"error: {name} is 100,000, more than the {len(cores())} core{'s' * (len(cores()) > 1)} this process may "
+            f"use; set it to at most {len(cores())}, or unset it to let lmlab choose.\n")
+        assert not out.exists()
+        with pytest.raises(UserError, match=f"{name} is 100,000"):  # the library's entries refuse it too
+            lmlab.prepare(corpus, tokenizer="bpe:300", out_dir=out)
     monkeypatch.setenv(name, str(len(cores())))  # at most the cores, as it is set
     assert main(["prepare", str(corpus), "--tokenizer", "bpe:300", "--out-dir", str(out)]) == 0
+
+
+BIG = 10**5
+# (OMP_NUM_THREADS, RAYON_NUM_THREADS, RAYON_RS_NUM_CPUS: None unset) -> the pools they size, as libgomp reads the
+# first (C spaces, a sign, digits, a list: strtoul, a '-' wrapping around) and rayon-core the others (a '+' and
+# digits alone; RAYON_NUM_THREADS=0 is the cores, one that does not parse leaves it to RAYON_RS_NUM_CPUS)
+POOLS = [
+    ((None, None, None), {}),
+    ((" +100000\t", "+100000", None), {"OMP_NUM_THREADS": BIG, "RAYON_NUM_THREADS": BIG}),
+    (("100000,2", " 100000", None), {"OMP_NUM_THREADS": BIG}),
+    (("0100000", "100000 ", "+100000"), {"OMP_NUM_THREADS": BIG, "RAYON_RS_NUM_CPUS": BIG}),
+    (("-18446744073709451616", "0100000", "7"), {"OMP_NUM_THREADS": BIG, "RAYON_NUM_THREADS": BIG}),
+    (("9223372036854775807", "18446744073709551615", None), {"OMP_NUM_THREADS": 2**63 - 1,
+                                                              "RAYON_NUM_THREADS": 2**64 - 1}),
+    (("9223372036854775808", "18446744073709551616", "100000"), {"RAYON_RS_NUM_CPUS": BIG}),
+    (("+ 3", "0", "100000"), {}), (("++3", "-3", None), {}), (("3,", "++3", "+"), {}), (("3abc", "", "x"), {}),
+    (("-3", "٣", "3.0"), {}), (("0", "3e3", " 3"), {}), (("", "9" * 5000, "9" * 5000), {}), (("٣", "+", "-0"), {}),
+    (("9" * 5000, "1_000", "0x10"), {}),
+]
+
+
+@pytest.mark.parametrize("values, pools", POOLS, ids=[" ".join(repr(v)[:14] for v in vs) for vs, _ in POOLS])
+def test_each_thread_variable_is_read_as_its_library_reads_it(monkeypatch, values, pools):
+    for name, value in zip(THREAD_VARIABLES, values):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert busy.env_pools() == pools
+    over = {name: count for name, count in pools.items() if count > len(cores())}
+    if over:
+        with pytest.raises(UserError, match=rf"^{next(iter(over))} is {next(iter(over.values())):,}, more than"):
+            busy.env_threads()
+    else:
+        assert busy.env_threads() == pools.get("OMP_NUM_THREADS")
+
+
+LIBRARIES = """
+import ctypes, json, os, sys
+import tokenizers
+from tokenizers import models, pre_tokenizers
+openmp = ctypes.CDLL(sys.argv[1]).omp_get_max_threads()  # the count libgomp read at its load
+tokenizer = tokenizers.Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+before = len(os.listdir("/proc/self/task"))
+tokenizer.encode_batch(["a a"] * 10000)  # starts rayon's pool whole
+rayon = len(os.listdir("/proc/self/task")) - before
+from lmlab.core.busy import env_pools
+print(json.dumps({"openmp": openmp, "rayon": rayon, "pools": env_pools()}))
+"""
+# Spellings whose counts its library takes or refuses, each a process of its own: rayon's few enough to start.
+SPELLINGS = [{}, {"OMP_NUM_THREADS": " +100000\t", "RAYON_NUM_THREADS": "+3"},
+             {"OMP_NUM_THREADS": "100000,2", "RAYON_NUM_THREADS": " 3"},
+             {"OMP_NUM_THREADS": "-18446744073709451616", "RAYON_NUM_THREADS": "03"},
+             {"OMP_NUM_THREADS": "+ 3", "RAYON_NUM_THREADS": "3 "},
+             {"OMP_NUM_THREADS": "3,", "RAYON_NUM_THREADS": "-3"},
+             {"OMP_NUM_THREADS": "9223372036854775808", "RAYON_NUM_THREADS": "0", "RAYON_RS_NUM_CPUS": "3"},
+             {"OMP_NUM_THREADS": "3abc", "RAYON_NUM_THREADS": "x", "RAYON_RS_NUM_CPUS": "+3"},
+             {"RAYON_NUM_THREADS": "99999999999999999999", "RAYON_RS_NUM_CPUS": "3"}]
+
+
+@pytest.mark.slow
+def test_lmlab_reads_each_thread_variable_as_libgomp_and_rayon_do(tmp_path):
+    """The counts of the libraries themselves: torch's libgomp and the tokenizers library's rayon pool."""
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    if not found or not Path("/proc/self/task").is_dir():
+        pytest.skip("torch here has no libgomp (its OpenMP is another), or no /proc to count rayon's threads")
+    env = {k: v for k, v in os.environ.items() if k not in (*THREAD_VARIABLES, "TOKENIZERS_PARALLELISM")}
+    seen = []
+    for spelling in SPELLINGS:
+        done = subprocess.run([sys.executable, "-c", LIBRARIES, found[0]], env={**env, **spelling}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, check=True)
+        seen.append(json.loads(done.stdout.splitlines()[-1]))
+    default = seen[0]  # each library's count with no variable set
+    for spelling, said in zip(SPELLINGS, seen):
+        assert said["openmp"] == said["pools"].get("OMP_NUM_THREADS", default["openmp"]), (spelling, said)
+        rayon = said["pools"].get("RAYON_NUM_THREADS", said["pools"].get("RAYON_RS_NUM_CPUS", default["rayon"]))
+        assert said["rayon"] == rayon, (spelling, said)
 
 
 def test_an_omp_num_threads_above_the_cores_is_refused_like_the_thread_options(monkeypatch):

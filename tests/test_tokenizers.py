@@ -8,6 +8,8 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
+import lmlab
+from lmlab.commands import main
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import (
     EOT,
@@ -22,6 +24,7 @@ from lmlab.data.tokenizers import (
 from lmlab.gguf.vocab import UNUSED, Vocab, gguf_vocab
 from lmlab.hf import check_label
 from lmlab.hf.folder import write_tokenizer
+from tests.helpers import write_corpus
 
 TRAIN = ["The cat sat on the mat.\nThe dog sat on the log!\n", "A cat, a dog; the end.\n\n  Spaces   stay.\n"]
 ARBITRARY = "Ünïcödé — “quotes”, emoji 🙂, tabs\tand\r\nCRLF, 12345 numbers & symbols {}[]<>\n"
@@ -35,6 +38,43 @@ def test_parse_spec_accepts_the_three_kinds_and_rejects_others():
         with pytest.raises(UserError):
             parse_spec(bad)
 
+
+
+SIZED = [kind for kind in TOKENIZER_KINDS.values() if kind.argument == "N"]
+
+
+def _bad_sizes(kind: TokenizerKind) -> list[str]:
+    """Sizes out of the kind's range, past what the tokenizers library takes, or not a whole number as written."""
+    return [str(kind.minimum - 1), str(kind.maximum + 1), str(2**32), str(10**20), "9" * 5000, "-5", "", " 300",
+            "3e5", "300.0", "²", "٣٠٠"]
+
+
+@pytest.mark.parametrize("kind", SIZED, ids=str)
+def test_every_sized_kind_takes_its_range_and_refuses_the_rest_in_one_sentence(kind):
+    for size in (kind.minimum, kind.maximum):
+        assert parse_spec(f"{kind.name}:{size}") == (kind.name, size)
+    # the largest size trains (the trainer reserves room for it before it reads a text)
+    assert train_tokenizer(f"{kind.name}:{kind.maximum}", TRAIN, TRAIN).vocab_size <= kind.maximum + 2
+    for size in _bad_sizes(kind):
+        with pytest.raises(UserError) as refused:
+            parse_spec(f"{kind.name}:{size}")
+        said = str(refused.value)
+        assert f"{kind.name}:N takes a whole number N from {kind.minimum:,} to {kind.maximum:,} ({kind.sizes})" in said
+        assert len(said) < 300 and "\n" not in said, said
+
+
+@pytest.mark.parametrize("kind", SIZED, ids=str)
+def test_prepare_refuses_a_size_out_of_range_before_it_reads_or_writes_from_the_cli_and_the_api(kind, tmp_path,
+                                                                                                  capsys):
+    corpus, out = write_corpus(tmp_path / "corpus", n_docs=2, speeches=5), tmp_path / "data"
+    for size in _bad_sizes(kind):
+        spec = f"{kind.name}:{size}"
+        assert main(["prepare", str(corpus), "--tokenizer", spec, "--out-dir", str(out), "--shard-tokens", "1000"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: tokenizer ") and err.count("\n") == 1 and f"{kind.name}:N takes" in err, err
+        with pytest.raises(UserError, match=f"{kind.name}:N takes a whole number N from {kind.minimum:,}"):
+            lmlab.prepare(corpus, tokenizer=spec, out_dir=out, shard_tokens=1000)
+        assert not out.exists()
 
 def test_char_round_trip_and_unseen_characters_are_refused():
     tok = train_tokenizer("char", TRAIN, TRAIN)

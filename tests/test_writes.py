@@ -128,6 +128,28 @@ def test_a_file_where_a_folder_should_be_is_named(capsys, tmp_path, tiny_run, im
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("link", ["missing", "loop"])
+def test_a_link_that_leads_nowhere_where_a_folder_should_be_is_named_with_where_it_leads(capsys, tmp_path, tiny_run,
+                                                                                          corpus_dir, link):
+    """A link to a missing folder, or a loop of links, as the folder a command writes or in its path."""
+    blocker = tmp_path / "link"
+    if link == "missing":
+        blocker.symlink_to(tmp_path / "gone" / "run")
+        said = (f"{blocker} is a link to {tmp_path / 'gone' / 'run'}, which does not exist: create "
+                f"{tmp_path / 'gone' / 'run'}, remove the link or choose another path")
+    else:
+        blocker.symlink_to("other")
+        (tmp_path / "other").symlink_to("link")
+        said = f"{blocker} is a link to other that leads back to itself: remove the link or choose another path"
+    config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
+    for args in (["train", config, "--run", blocker], ["train", config, "--run", blocker / "sub"],
+                 ["export-hf", tiny_run, blocker], ["report", tiny_run, "--out", blocker / "sub"],
+                 ["prepare", corpus_dir, "--tokenizer", "char", "--out-dir", blocker]):
+        refused(capsys, *args, needles=(said,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["link", "tiny.toml", *(["other"] * (link == "loop"))])
+    assert blocker.is_symlink() and not blocker.exists()
+
+
 PIPED = """
 import json, os, sys
 from lmlab.commands import main

@@ -29,7 +29,7 @@ def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
     run's own report/; "file": one file, which may be a link (followed) or a stream (written through), never a
     folder, a disk or a socket (`lmlab.core.fileio.output_target`)."""
     path = Path(path)
-    resolved = path.resolve()
+    resolved = Path(os.path.realpath(path))  # Path.resolve() raises RuntimeError at a loop of links
     for folder in [resolved, *resolved.parents]:
         what = _kept_folder(folder)
         allowed = (folder == resolved and kind == "run" and what == "run folder") or (

@@ -66,17 +66,59 @@ def check_threads(name: str, threads: int, fix: str = "0 to let lmlab choose") -
 
 # Thread pool sizes of torch (OpenMP) and `tokenizers` (rayon), each pool started whole at its first parallel call.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS")
+_C_SPACE = " \t\n\v\f\r"  # what C's isspace() skips, where Python's str.strip() would skip more
+_ULONG = 2**64  # C's unsigned long and Rust's usize hold less, on the 64-bit hosts torch runs on
+
+
+def _decimal(digits: str) -> int | None:
+    """ASCII decimal digits as a number below _ULONG; None for anything else (int() would take more)."""
+    if not (digits.isascii() and digits.isdigit()) or len(digits.lstrip("0")) > len(str(_ULONG)):
+        return None
+    return int(digits) if int(digits) < _ULONG else None
+
+
+def _strtoul(field: str) -> int | None:
+    """A count as libgomp reads one: C spaces, a sign and digits (strtoul's: a '-' wraps around), C spaces; None
+    where it refuses it (no digits, out of range, 0, or above a long)."""
+    body = field.strip(_C_SPACE)
+    sign, digits = (body[0], body[1:]) if body[:1] in ("+", "-") else ("", body)
+    value = _decimal(digits)
+    value = -value % _ULONG if value is not None and sign == "-" else value
+    return value if value is not None and 0 < value < _ULONG // 2 else None
+
+
+def _openmp_threads() -> tuple[str, int] | None:
+    """OMP_NUM_THREADS and the count of torch's OpenMP pool, as libgomp reads it: a list of counts, one a nesting
+    level, the first the pool's; None where it is unset or libgomp refuses it (and keeps its default)."""
+    counts = [_strtoul(field) for field in os.environ.get("OMP_NUM_THREADS", "").split(",")]
+    return ("OMP_NUM_THREADS", counts[0]) if counts[0] and all(counts) else None
+
+
+def _rayon_threads() -> tuple[str, int] | None:
+    """The variable that sizes rayon's pool (the tokenizers library's) and its count, as rayon-core reads them with
+    Rust's usize::from_str (a '+' and digits, nothing around them): RAYON_NUM_THREADS where it parses (0: the
+    cores), else RAYON_RS_NUM_CPUS; None where neither sets a count."""
+    for name in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS"):
+        text = os.environ.get(name, "")
+        count = _decimal(text[1:] if text.startswith("+") else text)
+        if count is not None:
+            return (name, count) if count else None
+    return None
+
+
+def env_pools() -> dict[str, int]:
+    """The variable that sizes each pool of THREAD_VARIABLES' (OpenMP's, rayon's) and its count, read as the pool's
+    library reads them; a pool left to its library's default is not in it."""
+    return dict(setting for setting in (_openmp_threads(), _rayon_threads()) if setting)
 
 
 def env_threads() -> int | None:
-    """OMP_NUM_THREADS's count, or None; every THREAD_VARIABLES count above the cores is refused first."""
-    counts = {}
-    for name in THREAD_VARIABLES:
-        env = os.environ.get(name, "").strip()
-        if env.isdigit() and int(env) > 0:
-            check_threads(name, int(env), "unset it to let lmlab choose")
-            counts[name] = int(env)
-    return counts.get("OMP_NUM_THREADS")
+    """OMP_NUM_THREADS's count as OpenMP reads it, or None; a pool the environment sizes above the cores is refused
+    first."""
+    pools = env_pools()
+    for name, count in pools.items():
+        check_threads(name, count, "unset it to let lmlab choose")
+    return pools.get("OMP_NUM_THREADS")
 
 
 def _busy_ticks(cpus: list[int]) -> int | None:

@@ -114,15 +114,30 @@ def host_memory() -> int:
 SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
 
 
-def _blocking_file(path: Path) -> Path | None:
-    """The part of `path` that is a file where a folder should be, if any."""
+def _blocking_file(path: Path) -> str | None:
+    """What stands where a folder of `path` (or `path` itself) should be, and the fix: a file, or a link that leads
+    to nothing (a missing target, or a loop of links); None if nothing does."""
     for part in [*reversed(Path(path).parents), Path(path)][1:]:
-        if part.exists():
-            if not part.is_dir():
-                return part
-        else:
+        if part.is_symlink() and not part.exists():  # exists() follows the link
+            return _dangling(part)
+        if not part.exists():
             return None
+        if not part.is_dir():
+            return f"{part} is a file, not a folder: choose another path"
     return None
+
+
+def _dangling(link: Path) -> str:
+    """The clause for a link that leads to nothing: where it points, and what to do."""
+    try:
+        os.stat(link)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return (f"{link} is a link to {os.readlink(link)} that leads back to itself: remove the link or choose "
+                    "another path")
+    target = os.path.realpath(link)  # the end of a chain of links, absolute: where the folder would have to be
+    return (f"{link} is a link to {target}, which does not exist: create {target}, remove the link or choose another "
+            "path")
 
 
 def os_fix(err: OSError, path: Path, writing: bool = True) -> str:
@@ -134,10 +149,11 @@ def os_fix(err: OSError, path: Path, writing: bool = True) -> str:
         return "make it writable for you or choose another folder" if writing else "check its permissions"
     if code == errno.EROFS:
         return "it is on a read-only file system: choose a folder on a writable disk"
+    blocking = _blocking_file(path) if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.ELOOP) else None
+    if blocking:
+        return blocking
     if code in (errno.ENOTDIR, errno.EEXIST):
-        blocking = _blocking_file(path)
-        where = f"{blocking} is a file, not a folder" if blocking else "a part of the path is a file"
-        return f"{where}: choose another path"
+        return "a part of the path is a file: choose another path"
     if code == errno.ENAMETOOLONG:
         return "a name in it is too long: choose a shorter one"
     if code == errno.EISDIR:

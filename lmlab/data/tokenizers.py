@@ -38,8 +38,9 @@ Build = Callable[[str, Iterable[str], list[str], Path | None], tokenizers.Tokeni
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizerKind:
-    """A kind of tokenizer, written `name`, `name:N` (a size, at least `minimum`) or `name:NAME`. What decides a
-    format has no default, so every entry states it (`build`, `model`, `gguf`)."""
+    """A kind of tokenizer, written `name`, `name:N` (a size from `minimum` to `maximum`, for the reason `sizes`
+    gives) or `name:NAME`. What decides a format has no default, so every entry states it (`build`, `model`,
+    `gguf`)."""
 
     name: str
     build: Build | None  # how `prepare` makes it; None: only how lmlab records a tokenizer read from a folder
@@ -47,6 +48,8 @@ class TokenizerKind:
     gguf: str | None  # the tokenizer model GGUF holds it as; None: none can (export-gguf refuses it)
     argument: str = ""
     minimum: int = 0
+    maximum: int = 0
+    sizes: str = ""  # why N is held between `minimum` and `maximum`, in the refusal of a size outside them
     trained: bool = False  # built from the corpus by `prepare`; else read as it is, from files
     # one token per character: no end-of-text token, text cut anywhere, an unseen character refused
     per_character: bool = False
@@ -113,10 +116,15 @@ TOKENIZER_KINDS = {kind.name: kind for kind in (
     TokenizerKind(name="char", build=_char, model="WordLevel", gguf="rwkv", trained=True, per_character=True,
                   tokens_per_char=1),
     # <unk> stands for a whole word, of any length, and GGUF has no tokenizer that maps unknown words to it
-    TokenizerKind(name="word", build=_word, model="WordLevel", gguf=None, argument="N", minimum=1, trained=True,
-                  unknown=UNK, tokens_per_char=1),
-    # byte-level BPE starts from 256 bytes + EOT
-    TokenizerKind(name="bpe", build=_bpe, model="BPE", gguf="gpt2", argument="N", minimum=257, trained=True),
+    TokenizerKind(name="word", build=_word, model="WordLevel", gguf=None, argument="N", minimum=1,
+                  maximum=2**32 - 2, sizes="its ids, <unk> and <|endoftext|> included, fit in 32 bits, as the "
+                  "tokenizers library and the dataset's shards hold them", trained=True, unknown=UNK,
+                  tokens_per_char=1),
+    # The trainer sets aside about 70 bytes a token of N before it reads a text (bpe:1000000000 asks for 70 GB and
+    # aborts the process); 2**22 is under 400 MB of it, and 16 times Gemma's vocabulary (262,144), a large one.
+    TokenizerKind(name="bpe", build=_bpe, model="BPE", gguf="gpt2", argument="N", minimum=257, maximum=2**22,
+                  sizes="256 bytes and <|endoftext|> at least; at most what its trainer sets memory aside for before "
+                  "it starts", trained=True),
     TokenizerKind(name="gpt2", build=_gpt2, model="BPE", gguf="gpt2"),
     TokenizerKind(name="tiktoken", build=_tiktoken, model="BPE", gguf="gpt2", argument="NAME"),
     # another model's tokenizer, as it came: GGUF takes it where it is a byte-level BPE with GPT-2's split
@@ -137,12 +145,20 @@ def parse_spec(spec: str) -> tuple[str, int]:
         return name, 0
     if kind is not None and kind.argument == "NAME" and NAME.fullmatch(argument):
         return name, 0
-    if kind is not None and kind.argument == "N" and argument.isdigit():
-        if int(argument) >= kind.minimum:
-            return name, int(argument)
-        raise UserError(f"tokenizer {spec}: {name} needs N >= {kind.minimum}.")
+    if kind is not None and kind.argument == "N":
+        return name, _size(spec, kind, argument)
     raise UserError(f"unknown tokenizer {spec!r}; use {named_kinds()} (e.g. bpe:4096), or the path of a folder with a "
                     "tokenizer.json (a Hugging Face model, an lmlab run or dataset).")
+
+
+def _size(spec: str, kind: TokenizerKind, argument: str) -> int:
+    """The N of `kind:N`, a whole number within the kind's bounds."""
+    # more digits than the maximum has cannot be in range, and int() refuses thousands of them
+    if argument.isascii() and argument.isdigit() and len(argument.lstrip("0")) <= len(str(kind.maximum)):
+        if kind.minimum <= int(argument) <= kind.maximum:
+            return int(argument)
+    raise UserError(f"tokenizer {spec[:40]!r}: {kind.name}:N takes a whole number N from {kind.minimum:,} to "
+                    f"{kind.maximum:,} ({kind.sizes}), e.g. {kind.name}:4096.")
 
 
 def is_path(spec: str) -> bool:

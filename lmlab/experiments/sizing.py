@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -357,9 +358,15 @@ def fit_notes(preset: Path, fit: SizeFit, dataset: str) -> list[str]:
     if fit.preset_sha256 != preset_sha256(preset):
         notes.append(f"{preset} changed since {fit_path(preset)} was fitted: its predictions may not hold; fit it "
                      f"again with `lmlab scaling {preset} --refit`")
-    train = read_meta(Path(dataset))["train"]["sha256"]
-    if fit.dataset.get("train_sha256") != train:
-        notes.append(f"{fit_path(preset)} was fitted on {fit.dataset.get('path')}, not {dataset}: its predictions "
+    train, fitted = read_meta(Path(dataset))["train"]["sha256"], fit.dataset.get("path")
+    if fit.dataset.get("train_sha256") == train:
+        return notes
+    if fitted and os.path.realpath(fitted) == os.path.realpath(dataset):
+        notes.append(f"the train split of {dataset} changed since {fit_path(preset)} was fitted on it (its checksum "
+                     "differs): its predictions hold as far as the texts are alike; refit with "
+                     f"`lmlab scaling {preset} --refit`, or restore the data the fit was made on")
+    else:
+        notes.append(f"{fit_path(preset)} was fitted on {fitted or 'another dataset'}, not {dataset}: its predictions "
                      "hold as far as the texts are alike")
     return notes
 

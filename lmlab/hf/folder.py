@@ -4,6 +4,7 @@ folder and renamed into place, so nothing is overwritten and a failed export lea
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
+from lmlab.core.fileio import WriteError, atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.run.chat import ChatTemplate
 
@@ -101,6 +102,8 @@ def fresh_dir(path: Path, what: str) -> Path:
     """A temporary sibling of `path` to build in; `path` itself must be new or empty, as nothing is overwritten."""
     if path.is_symlink() or path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{path} already exists; choose a new {what} or remove it first.")
+    if path.is_symlink() and not path.exists():  # a link to nothing, which the rename after the work would meet
+        raise WriteError(path, os.strerror(errno.EEXIST), errno.EEXIST)
     check_folder_name(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     with writing(path):

@@ -100,10 +100,10 @@ class Weights:
 
 def fresh_dir(path: Path, what: str) -> Path:
     """A temporary sibling of `path` to build in; `path` itself must be new or empty, as nothing is overwritten."""
-    if path.is_symlink() or path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"{path} already exists; choose a new {what} or remove it first.")
     if path.is_symlink() and not path.exists():  # a link to nothing, which the rename after the work would meet
         raise WriteError(path, os.strerror(errno.EEXIST), errno.EEXIST)
+    if path.is_symlink() or path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists; choose a new {what} or remove it first.")
     check_folder_name(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     with writing(path):

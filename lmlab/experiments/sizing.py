@@ -3,7 +3,8 @@ runs now. Each candidate is timed briefly, its steps planned as a budget plans t
 loss predicted by the fit kept beside the preset, L(N, D). Going up from the smallest depth, the next is timed only
 while OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing
 tells whether a smaller shape is faster. The best is timed twice with the sizes that could beat it (`Search.contest`),
-within the timing's share of the budget."""
+within the timing's share of the budget. No size is timed that its memory or its FLOPs (at the most a step computes
+here) already say the budget cannot hold (`Search.trainable`)."""
 
 from __future__ import annotations
 

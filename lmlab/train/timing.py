@@ -1,7 +1,9 @@
 """What a config's training costs on this machine now, timed before it trains (`time_config`): its forward pass by
 thread count, a training step on the threads that win, an evaluation's batch; and, with a checkpoint's write and the
 end, the `Costs` a time budget is planned from (lmlab.train.budget). `lmlab plan --budget`, `--size auto` and the
-trainer time alike, so they plan alike.
+trainer time alike, so they plan alike. Before `--size auto` times a size, the least its timing can measure
+(`least_timing`: its FLOPs at the most a step computes here) says whether a budget could hold it at all
+(`refuse_untimed`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ the report read; `plan --budget` weighs the same sizes; refusals. The fit file i
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 from lmlab.analysis.runs import summarize
-from lmlab.api.training import train
+from lmlab.api.training import parse_duration, train
 from lmlab.commands import main
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
+from lmlab.core.peak import step_ceiling
 from lmlab.core.threads import ThreadChooser
 from lmlab.experiments import sizing
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
@@ -147,6 +149,76 @@ def test_size_refusals_write_nothing(preset, tmp_path, capsys, args, message):
     assert main(["train", str(preset), "--run", str(run), "--device", "cpu", *args]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not run.exists()
+
+
+def timings_counted(monkeypatch) -> list[int]:
+    """The depths --size auto times in this process, in order: its timings, each still run."""
+    timed, real = [], sizing.time_config
+
+    def counted(cfg, *args, **kwargs) -> Timing:
+        timed.append(cfg.model.n_layer)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(sizing, "time_config", counted)
+    return timed
+
+
+def slower_than(preset: Path, budget: float) -> int:
+    """A context at which one step of the smallest size at batch 1 takes longer than `budget` seconds even at the most
+    FLOP/s a step computes on this machine (lmlab.core.peak.step_ceiling)."""
+    most, block = step_ceiling(torch.device("cpu"), torch.float32)[0], 32
+    while True:
+        cfg = with_vocab(load_config(preset, [f"model.block_size={block}"]))
+        with torch.device("meta"):
+            flops = build_model(Family.of(cfg, "tiny").config(1).model).flops_per_token() * block
+        if flops / most > budget:
+            return block
+        block *= 2
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+@pytest.mark.parametrize("budget, context", [("1s", False), ("0.5s", True), ("20s", True), ("1m", True)])
+def test_a_budget_no_size_can_train_in_is_refused_before_any_size_is_timed(preset, tmp_path, capsys, monkeypatch,
+                                                                         command, budget, context):
+    """Each size's step is its FLOPs at no more than the most a step computes here, so a size whose timing and
+    MIN_STEPS steps cannot fit the budget is not timed, and where the smallest cannot, the refusal comes before any
+    timing and names a budget that holds them at that pace; nothing is written."""
+    timed, run = timings_counted(monkeypatch), tmp_path / "run"
+    block = ["--set", f"model.block_size={slower_than(preset, parse_duration(budget))}"] * context
+    where = ["--run", str(run)] if command == "train" else []
+    assert main([command, str(preset), *where, "--device", "cpu", "--budget", budget, "--size", "auto", *block,
+                 "--set", "train.batch_size=1"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"even the smallest size of {preset} (1 layer of 16, 1 head): budget {parse_duration(budget):g} s:" in said
+    assert "a step takes at least" in said and "that start-up and its timing take" in said
+    assert int(re.search(r"give a budget of at least (\d+) s\.", said)[1]) > parse_duration(budget)
+    assert timed == [] and not run.exists()
+
+
+def test_a_smallest_size_whose_step_does_not_fit_memory_is_refused_untimed_saying_so(preset, tmp_path, capsys,
+                                                                                     monkeypatch):
+    timed, run = timings_counted(monkeypatch), tmp_path / "run"
+    assert main(["train", str(preset), "--run", str(run), "--device", "cpu", "--budget", "1h", "--size", "auto",
+                 "--set", "model.block_size=1000000000", "--set", "train.batch_size=1"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"even the smallest size of {preset} (1 layer of 16, 1 head): the model alone needs about" in said
+    assert "use a smaller model or a shorter block_size." in said
+    assert timed == [] and not run.exists()
+
+
+@pytest.mark.slow
+def test_a_size_whose_steps_could_fit_the_budget_is_timed_and_chosen(preset, monkeypatch):
+    """The neighbour of the refusals above: the smallest size, a step of which at the ceiling's pace fits the
+    budget many times over, is timed, and a size is chosen."""
+    timed = timings_counted(monkeypatch)
+    cfg = with_vocab(load_config(preset, ["train.budget_seconds=20"]))
+    chooser = ThreadChooser(1, "train.threads")
+    try:
+        made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)
+    finally:
+        torch.set_num_threads(chooser.before)
+    assert timed[0] == 1 and made.chosen.steps and made.chosen.timing
+    assert sorted(set(timed)) == [c.depth for c in made.candidates if c.timing]
 
 
 def test_the_api_refuses_a_shape_beside_a_size_as_the_command_does(preset, tmp_path):

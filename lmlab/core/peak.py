@@ -28,6 +28,10 @@ AGREE = 0.9  # a measurement agrees with the best when it reached this share of 
 KEPT = 10  # quiet figures kept in an entry (the newest)
 CACHE_FORMAT = 2  # 1's figures may have been measured busy
 BF16_MARGIN = 1.5  # autocast's casts around every matmul pay only where bf16 matmuls clearly win
+# A training step computes at most this many times the peak, in FLOPs as lmlab counts them (`flops_per_token`): a
+# causal kernel skips about half of PaLM's attention term, and a step's matmuls may outrun the measured square's.
+STEP_CEILING = 2.0
+LEAST_SHARE = 0.1  # a peak measured busy is taken to have had at least this share of the cores
 _memo: dict[str, Peak] = {}  # measured once per process
 
 
@@ -98,6 +102,25 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
     if key not in _memo:  # measured on every thread (`measure_into_cache`), read under any
         _memo[key] = dataclasses.replace(_measured(key, device, dtype), native=native_kernel(device, dtype))
     return _memo[key]
+
+
+def step_ceiling(device: torch.device, dtype: torch.dtype) -> tuple[float, Peak]:
+    """The most FLOP/s a training step in `dtype` computes here, in lmlab's count: STEP_CEILING times the peak
+    (float32's where it is higher and `dtype` has no native kernel), a peak measured busy taken as if it had had the
+    cores others took (`unloaded`); and the peak it rests on."""
+    peaks = [peak_flops(device, dtype)]
+    if not native_kernel(device, dtype):
+        peaks.append(peak_flops(device, torch.float32))
+    most = max(peaks, key=unloaded)
+    return STEP_CEILING * unloaded(most), most
+
+
+def unloaded(peak: Peak) -> float:
+    """`peak`'s FLOP/s with the cores to itself: a busy measurement had only the share of them others left it."""
+    if peak.quiet:
+        return peak.flops
+    others = (peak.load or {}).get("others")
+    return peak.flops / max(LEAST_SHARE, 1.0 - others if others is not None else 0.0)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@ runs now. Each candidate is timed briefly, its steps planned as a budget plans t
 loss predicted by the fit kept beside the preset, L(N, D). Going up from the smallest depth, the next is timed only
 while OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing
 tells whether a smaller shape is faster. The best is timed twice with the sizes that could beat it (`Search.contest`),
-within the timing's share of the budget."""
+within the timing's share of the budget. No size is timed that its memory or its FLOPs (at the most a step computes
+here) already say the budget cannot hold (`Search.trainable`)."""
 
 from __future__ import annotations
 
@@ -25,22 +26,15 @@ from lmlab.core.config import RunConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
-from lmlab.core.peak import choose_dtype
+from lmlab.core.peak import Peak, choose_dtype, step_ceiling
 from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
-from lmlab.train.budget import BudgetRefused, Costs, Plan, plan
+from lmlab.train.budget import MIN_STEPS, BudgetRefused, Costs, Plan, plan
 from lmlab.train.optim import optimizer_of
-from lmlab.train.timing import (
-    CHECKPOINT_SECONDS,
-    DISK_BYTES_PER_SECOND,
-    MAX_STEPS,
-    TIMED_SECONDS,
-    Timing,
-    time_config,
-)
+from lmlab.train.timing import MAX_STEPS, TIMED_SECONDS, Timing, checkpoint_bytes, refuse_untimed, time_config
 
 OPTIMISM = 2.0  # a depth is timed while this many times the speed its FLOPs foretell could beat the best so far
 TIMING_SHARE = 0.1  # and while the timing of all of them would take at most this share of the budget
@@ -67,7 +61,7 @@ class Candidate:
     note: str = ""  # why it was not timed or not predicted
     plan: Plan | None = None  # as a budget would plan it, and the steps between its evaluations, checkpoints
     intervals: tuple[int, int] = (1, 1)
-    refused: str = ""  # the budget's refusal, where no plan holds its minimum
+    refused: str = ""  # why it cannot train: the budget's refusal (no plan holds its minimum), or the memory's
 
     @property
     def step_seconds(self) -> float:
@@ -163,6 +157,7 @@ class Search:
                  dtype: torch.dtype, counts: list[int], meta: dict[str, Any]):
         self.family, self.fit, self.budget, self.started = family, fit, budget, started
         self.device, self.dtype, self.counts, self.meta = device, dtype, counts, meta  # the dataset's meta.json
+        self.ceiling: tuple[float, Peak] = step_ceiling(device, dtype)  # the most FLOP/s a step computes here
         self.candidates: list[Candidate] = []
         self.timed = 0.0
 
@@ -198,6 +193,18 @@ class Search:
         predicted = self.fit.predict(c.multiplied, made.max_iters * c.tokens_per_step) if self.fit else None
         return made, predicted, intervals, ""
 
+    def trainable(self, c: Candidate) -> bool:
+        """Whether `c` could train MIN_STEPS steps after its timing, its steps no faster than their FLOPs at the most a
+        step computes here (`refuse_untimed`); else it is not timed, and `refused` names the budget it needs."""
+        try:
+            refuse_untimed(self.family.config(c.depth, self.fit), self.meta, self.spent(), c.flops_per_token, c.params,
+                           self.ceiling)
+        except BudgetRefused as refused:
+            c.note = f"not timed: at least {refused.least.step_seconds:.3g} s a step, {MIN_STEPS} do not fit the budget"
+            c.refused = str(refused)
+            return False
+        return True
+
     def fastest(self) -> Candidate:
         """The timed size whose steps took the least time a FLOP: a larger size's, as a wider step uses the cores
         better, unless a burst of load slowed its timing (load only ever slows a step): the pace guesses start from."""
@@ -209,11 +216,9 @@ class Search:
         near = self.fastest()
         assert near.timing is not None, "a timed candidate"
         ratio = c.flops_per_token * c.tokens_per_step / (near.flops_per_token * near.tokens_per_step)
-        weights = 4 * c.params
-        saved = weights + optimizer_of(self.family.preset.train).state_bytes(weights, 0)
-        return dataclasses.replace(near.timing.costs(), step=near.timing.step * ratio / optimism,
+        return dataclasses.replace(near.timing, step=near.timing.step * ratio / optimism,
                                    eval_batch=near.timing.eval_batch * ratio / optimism,
-                                   checkpoint=CHECKPOINT_SECONDS + saved / DISK_BYTES_PER_SECOND)
+                                   checkpoint_bytes=checkpoint_bytes(c.params, self.family.preset.train)).costs()
 
     def worth_timing(self, c: Candidate, best: Candidate | None) -> bool:
         """Whether to time `c`: not beyond the fit, nor when its timing would take too long or it cannot win even at
@@ -238,12 +243,18 @@ class Search:
         return True
 
     def weigh(self, c: Candidate) -> bool:
-        """Time and plan `c`; whether the search goes on (it stops at a size that does not fit memory or the budget)."""
+        """Time and plan `c` where its memory and FLOPs say it could train in the budget; whether the search goes on
+        (it stops at a size that does not fit memory or the budget)."""
         cfg = self.family.config(c.depth, self.fit)
         try:
             check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.device)
+            if not self.trainable(c):
+                return False
             self.time(c)
-        except (MemoryRefused, torch.OutOfMemoryError):  # a GPU's allocator is the check there
+        except MemoryRefused as refused:
+            c.note, c.refused = f"does not fit the memory of {self.device.type}", str(refused)
+            return False
+        except torch.OutOfMemoryError:  # a GPU's allocator is the check there
             c.note = f"does not fit the memory of {self.device.type}"
             return False
         self.plan(c)
@@ -406,7 +417,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
 def _refusal(found: Search, preset: Path) -> str:
     """Why no size can train: the budget's refusal of the smallest depth weighed."""
     smallest = found.candidates[0]
-    if not smallest.timing:
+    if not smallest.refused:
         return f"budget {found.budget:g} s: no size of {preset} could be weighed ({smallest.note})."
     return f"even the smallest size of {preset} ({smallest.shape}): {smallest.refused}"
 

@@ -108,7 +108,13 @@ def _multiples(interval: int, after: int, upto: int) -> int:
 
 
 class BudgetRefused(UserError):
-    """A budget that cannot hold its minimum, refused before any step trains."""
+    """A budget that cannot hold its minimum, refused before any step trains; `least`: its plan of MIN_STEPS steps at
+    the least."""
+
+    def __init__(self, seconds: float, least: Plan, intervals: tuple[int, int], step: str = "",
+                 gone: str = "that start-up and timing took"):
+        super().__init__(refusal(seconds, least, intervals, step, gone))
+        self.least = least
 
 
 def final_windows(split_windows: int, batch_size: int, seconds: float, batch_seconds: float) -> int:
@@ -153,7 +159,7 @@ def plan(seconds: float, spent: float, costs: Costs, train: TrainConfig, interva
     if made.max_iters < MIN_STEPS:
         made = laid(1)
     if made.max_iters < MIN_STEPS:
-        raise BudgetRefused(refusal(seconds, made, intervals))
+        raise BudgetRefused(seconds, made, intervals)
     # A step over the budget, or one short of it with the final score grown into what it leaves: the nearer end
     # (a few long steps end up to half a step away, and that time scores the val split instead).
     ends = [_filled(dataclasses.replace(made, max_iters=n), val_batch, train.batch_size, intervals)
@@ -173,14 +179,16 @@ def _filled(made: Plan, val_batch: float, batch_size: int, intervals: tuple[int,
     return dataclasses.replace(made, final_windows=windows, final_seconds=-(-windows // batch_size) * val_batch)
 
 
-def refusal(seconds: float, least: Plan, intervals: tuple[int, int]) -> str:
-    """Why a budget cannot be planned: what MIN_STEPS steps and their end need, after what is gone."""
+def refusal(seconds: float, least: Plan, intervals: tuple[int, int], step: str = "",
+            gone: str = "that start-up and timing took") -> str:
+    """Why a budget cannot be planned: what MIN_STEPS steps and their end need, after what is `gone`; `step` says
+    what a step takes (default: about its timed seconds here)."""
     needed = least.spent + least.needed(MIN_STEPS, intervals)
-    return (f"budget {seconds:g} s: a step takes ~{least.step_seconds:.3g} s here, and {MIN_STEPS} steps, an "
-            f"evaluation of one batch a split ({least.eval_seconds:.2f} s), the checkpoint "
+    return (f"budget {seconds:g} s: a step takes {step or f'~{least.step_seconds:.3g} s here'}, and {MIN_STEPS} "
+            f"steps, an evaluation of one batch a split ({least.eval_seconds:.2f} s), the checkpoint "
             f"({least.checkpoint_seconds:.2f} s), the final score ({least.final_seconds:.2f} s) and the end "
             f"({least.finish_seconds:.2f} s) need "
-            f"{needed - least.spent:.1f} s after the {least.spent:.1f} s that start-up and timing took; give a "
+            f"{needed - least.spent:.1f} s after the {least.spent:.1f} s {gone}; give a "
             f"budget of at least {math.ceil(needed)} s.")
 
 

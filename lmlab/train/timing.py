@@ -1,7 +1,9 @@
 """What a config's training costs on this machine now, timed before it trains (`time_config`): its forward pass by
 thread count, a training step on the threads that win, an evaluation's batch; and, with a checkpoint's write and the
 end, the `Costs` a time budget is planned from (lmlab.train.budget). `lmlab plan --budget`, `--size auto` and the
-trainer time alike, so they plan alike.
+trainer time alike, so they plan alike. Before `--size auto` times a size, the least its timing can measure
+(`least_timing`: its FLOPs at the most a step computes here) says whether a budget could hold it at all
+(`refuse_untimed`).
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmlab.analysis.plots import plot_losses, pyplot
-from lmlab.core.config import RunConfig
+from lmlab.core.config import RunConfig, TrainConfig
 from lmlab.core.device import autocast, synchronize
+from lmlab.core.peak import STEP_CEILING, Peak
 from lmlab.core.threads import forward_probe, pick, time_threads
+from lmlab.data.shards import windows_in
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import Costs
+from lmlab.train.budget import BudgetRefused, Costs, plan
 from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
@@ -91,10 +96,45 @@ def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts
         times.clear()
         while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS):
             times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
-    weights = 4 * step.model.num_params()
-    saved = weights + optimizer_of(train).state_bytes(weights, 0)
-    return Timing(forward, threads, statistics.median(times), 2 * evaluation, plot, saved,
-                  time.perf_counter() - began)
+    return Timing(forward, threads, statistics.median(times), 2 * evaluation, plot,
+                  checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began)
+
+
+def checkpoint_bytes(params: int, train: TrainConfig) -> int:
+    """What a checkpoint of `params` parameters writes: fp32 weights and the optimizer's state."""
+    weights = 4 * params
+    return weights + optimizer_of(train).state_bytes(weights, 0)
+
+
+def least_timing(flops_per_step: float, params: int, train: TrainConfig, ceiling: float) -> Timing:
+    """The least a timing of a config can measure, its steps no faster than `flops_per_step` at `ceiling` FLOP/s (the
+    most a step computes here, lmlab.core.peak.step_ceiling): its step, an evaluation's batch (a forward of a
+    micro-batch, a third of its training FLOPs, on both splits), no plot, and the least the timing itself takes: a
+    warm-up step, an evaluation's batch and the timed steps."""
+    step = flops_per_step / ceiling
+    forward = step / 3 / train.grad_accum_steps
+    timed = max(step, min(TIMED_SECONDS, MAX_STEPS * step))
+    return Timing({}, 0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed)
+
+
+def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, flops_per_token: float, params: int,
+                   ceiling: tuple[float, Peak]) -> None:
+    """Refuse `cfg` before it is timed (`BudgetRefused`, naming the budget it needs) where its budget's plan
+    (lmlab.train.budget.plan) of its `least_timing` at the most a step computes here (`ceiling`,
+    lmlab.core.peak.step_ceiling) fits no MIN_STEPS steps in what `spent` seconds and the timing leave; `meta`: its
+    dataset's meta.json, `flops_per_token` and `params` its model's."""
+    train, (most, peak) = cfg.train, ceiling
+    tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
+    flops_per_step = flops_per_token * tokens
+    intervals = (train.eval_steps(meta["train"]["tokens"], tokens), train.checkpoint_interval)
+    least = least_timing(flops_per_step, params, train, most)
+    try:
+        plan(train.budget_seconds, spent + least.cost, least.costs(), train, intervals,
+             windows_in(meta, "val", cfg.model.block_size))
+    except BudgetRefused as refused:
+        raise BudgetRefused(train.budget_seconds, refused.least, intervals, gone="that start-up and its timing take",
+                            step=(f"at least {least.step:.3g} s here (its {flops_per_step:.3g} FLOPs at "
+                                  f"{most / 1e12:.3g} TFLOP/s: {STEP_CEILING:g}x the peak, {peak.brief()})")) from None
 
 
 def time_plot() -> float:

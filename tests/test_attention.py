@@ -5,6 +5,8 @@ fine-tune keeps the path it trained by."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config
 from lmlab.model.attention import PATHS, attend, score_bytes
 from lmlab.model.gpt import GPT
+from lmlab.model.memory import training_need
 from lmlab.model.recurrent import RecurrentLM
 from lmlab.run.rundir import RunDir
 from lmlab.train import attention
@@ -75,6 +78,31 @@ def test_the_math_path_keeps_no_more_per_score_than_its_memory_counts(dtype, dro
     assert sum(kept.values()) == B * nh * T * T * score_bytes(dtype, dropout > 0)
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.slow
+def test_a_math_path_steps_peak_is_its_kept_scores_and_one_layers_two_gradients(layers):
+    """The memory a math-path step holds at its peak, read from the process's high-water mark in a process of its
+    own: each layer's kept scores and two score-sized gradients of one layer, within a tenth of one score tensor;
+    `math_need` counts the same, so a step it lets through fits."""
+    done = subprocess.run([sys.executable, "-c", PEAK, str(layers)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = ModelConfig(n_layer=layers, n_head=4, n_embd=64, block_size=4096, vocab_size=20)
+    counted = attention.math_need(config, STATE, torch.float32).each - training_need(config, STATE).each
+    assert abs(float(done.stdout) - counted / (4 * 4096 ** 2 * 4)) < 0.1
+
+
+PEAK = """
+import resource, sys, torch
+from lmlab.model.attention import attend
+B, nh, T, hs, layers = 1, 4, 4096, 16, int(sys.argv[1])
+qkv = [[torch.randn(B, nh, T, hs, requires_grad=True) for _ in range(3)] for _ in range(layers)]
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()  # resident now, not its high water
+sum(attend(q, k, v, "math", 0.0).sum() for q, k, v in qkv).backward()
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(grown / (B * nh * T * T * 4))
+"""
+
+
 def timer(fused_ms: float, math_ms: float):
     return lambda path: (fused_ms if path == "fused" else math_ms) / 1000
 
@@ -95,7 +123,7 @@ def test_auto_keeps_the_fused_kernel_where_the_scores_would_not_fit():
     """A batch whose scores outgrow this machine's memory (the fused step's need is far less): fused, said so, the
     math path never timed; a batch that fits is timed."""
     config = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=1024, vocab_size=20)
-    scores = config.n_layer * config.n_head * 1024 ** 2 * score_bytes(torch.float32, False)
+    scores = (config.n_layer * score_bytes(torch.float32, False) + 2 * 4) * config.n_head * 1024 ** 2
     batch = attention.host_memory() // scores + 1
     timed: list[str] = []
     choice = choose_attention(GPT(config), TrainConfig(batch_size=batch), CPU, torch.float32, STATE,

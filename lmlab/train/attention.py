@@ -66,10 +66,12 @@ def layer_timer(config: ModelConfig, batch: int, device: torch.device, dtype: to
 
 
 def math_need(config: ModelConfig, state_bytes: StateBytes, dtype: torch.dtype) -> Need:
-    """A training step per sequence on the math path: the fused one's need and every layer's scores."""
+    """A training step per sequence on the math path: the fused one's need, every layer's kept scores, and the two
+    score-sized tensors one layer's backward holds beside them at once (the gradients of its softmax's output and
+    input; the forward's scores before the softmax are one of them, gone before the backward)."""
     need = training_need(config, state_bytes)
-    scores = config.n_layer * config.n_head * config.block_size ** 2 * score_bytes(dtype, config.dropout > 0)
-    return Need(need.fixed, need.each + scores)
+    kept = config.n_layer * score_bytes(dtype, config.dropout > 0) + 2 * torch.empty((), dtype=dtype).element_size()
+    return Need(need.fixed, need.each + config.n_head * config.block_size ** 2 * kept)
 
 
 def choose_attention(model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,

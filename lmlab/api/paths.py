@@ -38,6 +38,6 @@ def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
             where = f"is the {what} {folder}" if folder == resolved else f"is inside the {what} {folder}"
             raise UserError(f"{option} {path} {where}, where a command's output could replace {KEPT[what]}; "
                             "choose a path outside it.")
-    if kind == "file" or not path.is_dir():  # a folder to make may be there already, but it is never a disk
+    if kind == "file" or not os.path.isdir(path):  # a folder to make may be there already, but it is never a disk
         output_target(path, option)
     return path

@@ -203,13 +203,11 @@ def output_target(path: Path, option: str = "") -> tuple[Path, bool]:
     than a regular file replaced whole. A symbolic link is followed, so it goes on naming the new file; a path that
     names a block device, a socket or a folder is refused in one sentence."""
     path = Path(path)
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
     try:
         mode = os.stat(target).st_mode
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # nothing there yet, or a path the write itself will fail on and name (too long, not allowed)
         return target, False
-    except OSError as err:
-        raise WriteError(path, err.strerror or str(err), err.errno) from err
     kind = stat.S_IFMT(mode)
     if kind in NOT_OUTPUTS:
         via = f" (through the link {path})" if target != path else ""

@@ -239,19 +239,12 @@ class GPT(LanguageModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given."""
-        logits = self.vocab_logits(self.hidden(idx, cache))  # (B, T, vocab)
+        logits = self.lm_head(self.hidden(idx, cache))[..., :self.config.vocab_size]  # (B, T, vocab)
         return logits, None if targets is None else next_token_loss(logits, targets)
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: KVCache | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
-        return self.vocab_logits(self.hidden(idx, cache)[rows, positions])  # (n, vocab)
-
-    def vocab_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits of the vocabulary for states (..., C): the padding's columns cut off into a tensor of its own,
-        not a view of the padded output. An in-place op on a view that FSDP's root returns would drop its pre-backward
-        hook (and with it the all-gather backward needs)."""
-        logits, vocab = self.lm_head(x), self.config.vocab_size
-        return logits if logits.size(-1) == vocab else logits[..., :vocab].contiguous()
+        return self.lm_head(self.hidden(idx, cache)[rows, positions])[..., :self.config.vocab_size]  # (n, vocab)
 
     def pairs(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """The bigram table's rows (B, T, C) for token ids (B, T) at `positions`, each pairing a token with the one

@@ -106,7 +106,17 @@ def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:
             fully_shard(matmuls, mp_policy=mixed_precision(dtype))
         else:
             fully_shard(unit)
+    model.register_forward_hook(_own_outputs)  # before FSDP's own, which it hands the outputs to
     return fully_shard(model)
+
+
+def _own_outputs(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    """The root's outputs, each a tensor of its own: FSDP's root hooks its pre-backward on what forward returns, and
+    an in-place op on a view (the logits cut from a padded head's) would drop that hook. Copied under FSDP alone, so
+    one process trains on its view at no cost."""
+    def own(t: Any) -> Any:
+        return t.clone() if isinstance(t, torch.Tensor) and t._is_view() else t
+    return tuple(own(t) for t in output) if isinstance(output, tuple) else own(output)
 
 
 def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:

@@ -15,7 +15,7 @@ from lmlab.analysis.scaling import fit_loss_surface
 from lmlab.core.errors import UserError
 from lmlab.experiments.family import read_fit
 from lmlab.experiments.miniseries import Miniseries, Series
-from lmlab.train.budget import BudgetRefused, Costs
+from lmlab.train.budget import Costs
 from tests.helpers import lmlab, refused, refused_process, write_config
 
 
@@ -73,7 +73,7 @@ def test_a_budget_keeps_the_smallest_depths_whose_runs_fit_or_names_the_budget_t
     started = time.perf_counter()
     try:
         kept = runs.budgeted(budget, started, lambda depth, deadline: costs[depth]).depths
-    except BudgetRefused as refusal:
+    except UserError as refusal:
         needed = int(re.search(r"give a budget of at least (\d+)s", str(refusal))[1])
         assert needed > budget and 0 <= needed - runs.seconds((1, 2), costs) < 2, str(refusal)
         assert str(refusal).startswith(f"budget {budget:g} s: the fewest runs the fit takes, depths 1,2 at ")

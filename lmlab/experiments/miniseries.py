@@ -38,7 +38,7 @@ from lmlab.experiments.sizing import SET_UP, with_vocab
 from lmlab.experiments.sweep import keep_record
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import WARMUP_SHARE, BudgetRefused, Costs, Plan, final_windows_by_steps
+from lmlab.train.budget import WARMUP_SHARE, Costs, Plan, final_windows_by_steps
 from lmlab.train.loop import Trainer
 from lmlab.train.timing import time_config
 
@@ -267,7 +267,7 @@ class Miniseries:
     def budgeted(self, budget: float, started: float, timed: Callable[[int, float], Costs] | None = None) -> Series:
         """The series cut to its smallest depths whose runs left fit `budget` seconds counted from `started` (a
         time.perf_counter() reading), from the fewest the fit takes up, each depth's costs timed here now (`timed`),
-        the timing counted in the budget; the plan said in a line. Refused (BudgetRefused) where the fewest do not
+        the timing counted in the budget; the plan said in a line. Refused (UserError) where the fewest do not
         fit, with the budget they need."""
         timed, deadline = timed or self.timed, started + budget - SET_UP
         order = tuple(sorted(self.series.depths))
@@ -285,7 +285,7 @@ class Miniseries:
         plan = BudgetPlan(self, budget, order[:kept], spent, self.seconds(order[:kept], costs), costs,
                           order[kept:])
         if plan.spent + plan.seconds > budget:
-            raise BudgetRefused(plan.refusal())
+            raise UserError(plan.refusal())
         self.console.print(plan.line(), highlight=False)
         return dataclasses.replace(self.series, depths=tuple(d for d in self.series.depths if d in plan.depths))
 

@@ -7,8 +7,9 @@ Prepares the Shakespeare datasets the presets need, then for each config and bud
 (`python -m lmlab train CONFIG --budget Ns`, one process each): on a quiet machine, and with each of --hogs
 processes spinning on the CPU (`python -c "while True: pass"`) started --hog-at of the budget after the command and
 killed once it exits; with --lull, the hogs spin from the start, stop at 30% of the budget and spin again from 45%
-(a lull, then the load back: the case that left a run far from min_lr). --auto adds that preset with `--size auto` (its sizes timed within the budget). The configs
-are every preset whose dataset is Shakespeare's (configs/gpt2-small.toml needs OpenWebText; the GPU recipe,
+(a lull, then the load back, which a run's decay must follow to end at min_lr). --auto adds that preset with
+`--size auto` (its sizes timed within the budget). The configs are every preset whose dataset is Shakespeare's
+(configs/gpt2-small.toml needs OpenWebText; the GPU recipe,
 configs/shakespeare-char.toml, takes seconds a step on 2 cores). Wall time is the process's, start to exit. Each
 --tree is an lmlab source tree put first on PYTHONPATH (`python -P`), so two versions compare in one sitting (they
 take turns). The machine must be otherwise idle: run it under the heavy lock.
@@ -42,7 +43,6 @@ from lmlab.core.config_toml import load_config
 from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
-
 
 PRESETS = ("configs/shakespeare-char-speedrun-cpu.toml", "configs/shakespeare-char-modern-cpu.toml",
            "configs/shakespeare-char-cpu.toml", "configs/shakespeare-word-cpu.toml", "configs/shakespeare-char.toml")
@@ -112,7 +112,8 @@ def main() -> None:
     loads = [0, *(int(h) for h in args.hogs.split(","))]
     trees = args.tree or [""]
     cases = [(c, b, hogs, tree) for c in configs for b in budgets for hogs in loads for tree in trees]
-    when = "through a lull (none from 30% to 45% of the budget)" if args.lull else f"from {args.hog_at:.0%} of the budget"
+    when = ("through a lull (none from 30% to 45% of the budget)" if args.lull
+            else f"from {args.hog_at:.0%} of the budget")
     table = Table(title=f"--budget, quiet and with CPU hogs {when} (wall: process start to exit)")
     for column in ("tree", "config", "budget", "hogs", "wall", "vs budget", "steps", "plans", "last LR / peak", "val",
                    "eval batches", "threads", "others' CPU"):

@@ -96,8 +96,9 @@ def main() -> None:
     trees, every = args.tree or [""], len(cores())
     settings = {"default": 0, f"{every} (every core)": every, "1": 1}
     cases = [(hogs, name, tree) for hogs in (0, args.hogs) for name in settings for tree in trees]
+    budget = f", a {args.budget:g} s budget" if args.budget else ""
     table = Table(title=f"{args.config} on {every} cores: quiet and beside {args.hogs} CPU hog(s); tokens/s of "
-                        f"`lmlab bench --steps {args.steps}`" + (f", a {args.budget:g} s budget" if args.budget else ""))
+                        f"`lmlab bench --steps {args.steps}`{budget}")
     for column in ("tree", "load", "train.threads", "timed on", "tokens/s", "of quiet default", "steps", "val",
                    "threads changes", "others' CPU"):
         table.add_column(column, justify="left" if column in ("tree", "load", "train.threads") else "right")
@@ -107,7 +108,7 @@ def main() -> None:
             load = f"{hogs} hog{'s' * (hogs > 1)}" if hogs else "quiet"
             progress.start(f"{load}, train.threads {name}{', tree ' + tree if tree else ''}")
 
-            def measure():
+            def measure(tree=tree, name=name, i=i):
                 rate = tokens_per_sec(tree, args.config, settings[name], args.steps)
                 trained = budget_run(tree, args.config, settings[name], args.budget, Path(runs) / f"run{i}") \
                     if args.budget else {"steps": "-", "val": float("nan"), "threads": "-"}
@@ -120,7 +121,8 @@ def main() -> None:
             console.print(f"    {rate:,.0f} tokens/s on {used} thread(s), {trained['steps']} steps, val "
                           f"{trained['val']:.4f}", highlight=False)
             table.add_row(tree or "installed", load, name, used, f"{rate:,.0f}", share, str(trained["steps"]),
-                          f"{trained['val']:.4f}", trained["threads"], "-" if others is None else f"{100 * others:.0f}%")
+                          f"{trained['val']:.4f}", trained["threads"],
+                          "-" if others is None else f"{100 * others:.0f}%")
     console.print(table)
 
 

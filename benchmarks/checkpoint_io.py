@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
 from rich.table import Table
 
 from lmlab.commands.common import console  # wide tables when piped to a file
@@ -30,15 +29,14 @@ MODELS = {
 }
 
 
-def measure(config: ModelConfig, repeats: int, device: torch.device = torch.device("cpu")
-            ) -> tuple[int, float, float, float]:
+def measure(config: ModelConfig, repeats: int, device: str = "cpu") -> tuple[int, float, float, float]:
     """Parameters, checkpoint bytes, and the best write and load seconds of a model living on `device` (a GPU's
     copies to and from the host are part of both): `lmlab bench --checkpoint`'s measurement, in a temporary folder
     here."""
     if config.vocab_size == 0:
         config = dataclasses.replace(config, vocab_size=76)
     cfg = RunConfig(model=config, train=TrainConfig(dtype="float32"))
-    cost = checkpoint_cost(cfg, device.type, Path("."), repeats)
+    cost = checkpoint_cost(cfg, device, Path("."), repeats)
     return shape_of(cfg).num_params(), cost.bytes, cost.write_seconds, cost.load_seconds
 
 

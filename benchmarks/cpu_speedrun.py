@@ -143,7 +143,8 @@ def main() -> None:
     if peers:
         console.print(f"nanoGPT's recipe trained by lmlab: val {NANOGPT_LOSS} first reached "
                       f"{median_range([p['reached'] for p in peers], '.1f')} s after its process started; final "
-                      f"val {median_range([p['best'] for p in peers])}, {statistics.median(p['rate'] for p in peers):,.0f}"
+                      f"val {median_range([p['best'] for p in peers])}, "
+                      f"{statistics.median(p['rate'] for p in peers):,.0f}"
                       f" tokens/s, {median_range([p['wall'] for p in peers], '.1f')} s in all.")
         reached = statistics.median(p["reached"] for p in peers)
         for config, size in dict.fromkeys((c, s) for c, _, s in jobs):

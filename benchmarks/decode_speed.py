@@ -77,12 +77,12 @@ def main() -> None:
         runs, compile_seconds = {}, {}
         for name, dtype in DTYPES.items():
             progress.start(f"{shape}: compiling the {name} decode step")
-            runs[("no cache (nanoGPT generate)", name)] = lambda d=dtype: no_cache(model, args.tokens, d)
-            runs[("lmlab eager", name)] = lambda d=dtype: decoder_run(model, args.tokens, d, None)
+            runs[("no cache (nanoGPT generate)", name)] = lambda d=dtype, m=model: no_cache(m, args.tokens, d)
+            runs[("lmlab eager", name)] = lambda d=dtype, m=model: decoder_run(m, args.tokens, d, None)
             started = time.perf_counter()
             step = compile_step(model, 1, dtype)
             compile_seconds[("lmlab compiled", name)] = time.perf_counter() - started
-            runs[("lmlab compiled", name)] = lambda d=dtype, s=step: decoder_run(model, args.tokens, d, s)
+            runs[("lmlab compiled", name)] = lambda d=dtype, s=step, m=model: decoder_run(m, args.tokens, d, s)
         best = {key: 0.0 for key in runs}
         for repeat in range(args.repeats):  # alternate the paths, so that a slow moment of the machine hits all
             progress.start(f"{shape}: decoding {args.tokens} tokens on each of {len(runs)} paths, round {repeat + 1}")

@@ -72,11 +72,11 @@ def demo_run(root: Path) -> Path:
 
 def gpt2_run(root: Path) -> Path:
     """GPT-2 small with transformers' random init, imported with a byte-level BPE of 4,096 tokens."""
-    from lmlab.hf import import_hf
-    from tests.helpers import write_tiny_gpt2
-
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmlab.hf import import_hf
+    from tests.helpers import write_tiny_gpt2
 
     folder = write_tiny_gpt2(root / "hf", write_corpus(root / "corpus", n_docs=20), vocab_size=4096)
     torch.manual_seed(0)

@@ -4,7 +4,8 @@
 
 The runs are tiny and made here (as tests/test_gguf.py makes them): a char run of GPT-2's shape with the exact GELU
 (lmlab's default) and one with OpenAI's tanh GELU, bpe runs of Qwen3's and Llama's shapes (llama.cpp's `llama`,
-its rotary pairs interleaved), and imported random Llama and Qwen2 models with a bpe tokenizer. Each is exported at f32, f16, bf16 and q8_0 and loaded by llama.cpp (llama-cpp-python, one thread):
+its rotary pairs interleaved), and imported random Llama and Qwen2 models with a bpe tokenizer. Each is exported at
+f32, f16, bf16 and q8_0 and loaded by llama.cpp (llama-cpp-python, one thread):
 whether it tokenizes the prompt into lmlab's ids, whether its greedy continuation of 50 tokens (or to the context)
 is `lmlab sample --temperature 0`'s, and the largest absolute difference of a logit over the prompt's positions.
 """
@@ -22,8 +23,8 @@ from lmlab.data.tokenizers import train_tokenizer
 from lmlab.gguf import export_gguf
 from lmlab.hf import import_hf
 from lmlab.run.rundir import RunDir
-from tests.helpers import write_config, write_corpus
 from tests.gguf_reference import parity
+from tests.helpers import write_config, write_corpus
 from tests.hf_reference import LLAMA_OPTIONS, tiny_hf, train_run
 
 TYPES = ("f32", "f16", "bf16", "q8_0")

@@ -43,8 +43,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
-
 from checkpoint_io import measure  # benchmarks/checkpoint_io.py, beside this script
+
 from lmlab.commands.common import console
 from lmlab.core.config import SamplingParams
 from lmlab.core.config_toml import load_config

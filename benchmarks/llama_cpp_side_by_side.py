@@ -27,6 +27,7 @@ import torch
 from llama_cpp import Llama
 from rich.table import Table
 
+from benchmarks.serve_throughput import CHARS, write_run  # the same random run folder
 from lmlab.commands.common import console
 from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import ModelConfig, SamplingParams
@@ -36,8 +37,6 @@ from lmlab.gguf import export_gguf
 from lmlab.inference.compiled import compile_step
 from lmlab.inference.decode import Decoder, Sequence
 from lmlab.run.rundir import RunDir
-
-from benchmarks.serve_throughput import CHARS, write_run  # the same random run folder
 
 SHAPES = {
     "gpt2": (ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50_257), "bpe:50257"),

@@ -30,9 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.table import Table
+from serve_throughput import CHARS, SHAPES, write_run  # benchmarks/serve_throughput.py, beside this script
 
 from lmlab.commands.common import console
-from serve_throughput import CHARS, SHAPES, write_run  # benchmarks/serve_throughput.py, beside this script
 
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
 

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from rich.table import Table
+from serve_throughput import SHAPES, write_run  # benchmarks/serve_throughput.py, beside this script
 
 from lmlab.commands.common import console
-from serve_throughput import SHAPES, write_run  # benchmarks/serve_throughput.py, beside this script
 
 POLL = 0.02
 COLUMNS = ("port open", "/health 200", "first completion", "compiled step in use")

@@ -36,7 +36,6 @@ from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 
-
 COLUMNS = ("first line", "start event", "step 1 done", "exit")
 
 

@@ -20,8 +20,7 @@ import pytest  # noqa: E402
 from lmlab.core.config_toml import load_config  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    ALPACA_TINY, SUITE_CPU, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext)
+from tests.helpers import ALPACA_TINY, SUITE_CPU, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext  # noqa: E402
 
 # Every test, its session's fixtures and the commands it starts answer lmlab's CPU capability checks as one kind of
 # CPU on every host (tests.helpers.SUITE_CPU), so no verdict depends on the kind CI's machine is that day; a test of

@@ -41,7 +41,6 @@ from lmlab.core.peak import CPU_KINDS
 from lmlab.data.loader import open_tokens
 from lmlab.run.rundir import RunDir
 
-
 LMLAB = str(Path(sys.executable).with_name("lmlab"))  # the installed command, run as a user runs it
 
 
@@ -577,7 +576,7 @@ def kill_and_resume(command: list, run: Path, kill_after_lines: tuple[int, ...])
     turn (resuming it in between), then resume it to the end."""
     for lines in kill_after_lines:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: len(RunDir(run).events()) >= lines or proc.poll() is not None)
+        wait_for(lambda lines=lines, proc=proc: len(RunDir(run).events()) >= lines or proc.poll() is not None)
         proc.kill()
         proc.wait()
         command = [LMLAB, "train", "--resume", run]
@@ -649,7 +648,8 @@ def fake_cpu(monkeypatch, kind: str) -> None:
 
 # Skip reasons that name a CPU capability. CI runs on whichever CPU kind the machine has that day, so a test that
 # skips for one of these runs nowhere on the others: it must name its faked twin, which runs its path on every host.
-HOST_CAPABILITY = re.compile(r"\b(bf16|bfloat16|fp16|float16|avx[\w-]*|amx[\w-]*|native kernel|cores?)\b", re.IGNORECASE)
+HOST_CAPABILITY = re.compile(r"\b(bf16|bfloat16|fp16|float16|avx[\w-]*|amx[\w-]*|native kernel|cores?)\b",
+                             re.IGNORECASE)
 
 
 class HostTwins:

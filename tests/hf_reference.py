@@ -184,7 +184,8 @@ def tokenizer_ids(folder: Path, run: Path, texts: list[str]) -> tuple[list[list[
 # Qwen2.5's template as it renders without tools: a default system message, <|im_start|>ROLE ... <|im_end|>.
 QWEN = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
-    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}
+    {%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
     {{- "\n\n# Tools\n\n<tools>" }}
     {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
     {{- "\n</tools><|im_end|>\n" }}
@@ -196,11 +197,13 @@ QWEN = r"""{%- if tools %}
     {%- endif %}
 {%- endif %}
 {%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first)
+           or (message.role == "assistant" and not message.tool_calls) %}
         {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
     {%- elif message.role == "assistant" %}
         {{- '<|im_start|>' + message.role }}
-        {%- for tool_call in message.tool_calls %}{{- '\n<tool_call>\n' + tool_call.function.name + '\n</tool_call>' }}{%- endfor %}
+        {%- for tool_call in message.tool_calls %}
+            {{- '\n<tool_call>\n' + tool_call.function.name + '\n</tool_call>' }}{%- endfor %}
         {{- '<|im_end|>\n' }}
     {%- endif %}
 {%- endfor %}

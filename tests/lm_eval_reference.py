@@ -55,7 +55,8 @@ def evaluate(model: str, model_args: str, tasks: list[str], include_path: str, b
     found = {}
     for task in tasks:
         samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
-        found[task] = {"acc": results["results"][task]["acc,none"], "acc_norm": results["results"][task]["acc_norm,none"],
+        found[task] = {"acc": results["results"][task]["acc,none"],
+                       "acc_norm": results["results"][task]["acc_norm,none"],
                        "loglikelihoods": [[resp[0][0] for resp in s["resps"]] for s in samples]}
     return {"tasks": found, "seconds": time.perf_counter() - started}
 

@@ -7,8 +7,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from lmlab.commands import main
-from lmlab.core.device import datasheet_peak
 from lmlab.core.config_toml import load_config
+from lmlab.core.device import datasheet_peak
 from lmlab.core.peak import peak_flops
 from lmlab.experiments.bench import find_max_batch, largest_fitting, with_vocab
 from lmlab.model import build_model
@@ -32,7 +32,8 @@ def test_bench_times_each_batch_size_and_sizes_evaluation(capsys, tmp_path, char
         rate, ms = float(rate.replace(",", "")), float(ms)
         assert abs(rate - int(batch) * 32 / (ms / 1000)) / rate < 0.05  # tokens/s = batch x block / step time
         if standing:  # against the peak said (its 3 figures), whatever threads the timing chose
-            assert float(mfu[:-1]) == pytest.approx(100 * rate * flops / (float(standing[1]) * 1e12), rel=0.01, abs=0.06)
+            expected = 100 * rate * flops / (float(standing[1]) * 1e12)
+            assert float(mfu[:-1]) == pytest.approx(expected, rel=0.01, abs=0.06)
         else:
             assert mfu == "-"
     assert re.search(r"eval_iters <= \d+ keeps evaluation under 5%", out)

@@ -418,7 +418,7 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
         run = tmp_path / f"killed{attempt}"
         proc = subprocess.Popen([LMLAB, "train", config, "--run", run, "--device", "cpu", "--budget", f"{seconds}s",
                                  *settings], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: checkpoints(run, 1) or proc.poll() is not None)
+        wait_for(lambda run=run, proc=proc: checkpoints(run, 1) or proc.poll() is not None)
         proc.kill()
         _, err = proc.communicate()
         plans = plans_of(run) if (run / "metrics.jsonl").exists() else []
@@ -432,7 +432,7 @@ def test_a_budgeted_run_killed_after_its_plan_resumes_bitwise_without_timing_aga
     for count in (4, 9):  # checkpoints: kills land between them, mid-interval
         proc = subprocess.Popen([LMLAB, "train", "--resume", run], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        wait_for(lambda: checkpoints(run, count) or proc.poll() is not None)
+        wait_for(lambda count=count, proc=proc: checkpoints(run, count) or proc.poll() is not None)
         proc.kill()
         proc.wait()
     subprocess.run([LMLAB, "train", "--resume", run], check=True, capture_output=True, timeout=300)

@@ -1,7 +1,7 @@
 """A time budget's promises, held over every simulated machine of benchmarks/budget_traces.py (the real planner,
 `Budget`, `Schedule` and `ThreadChooser` on a fake clock, no training): a run ends within 5% of its budget or is
-refused before it trains; its last step is evaluated, at min_lr; after warmup its LR never rises; its decay is never left
-behind the clock; `plan` foresees the steps a steady machine trains; and the threads follow the load without
+refused before it trains; its last step is evaluated, at min_lr; after warmup its LR never rises; its decay is never
+left behind the clock; `plan` foresees the steps a steady machine trains; and the threads follow the load without
 flapping. A trace that breaks a promise it cannot keep (a step longer than what was left) says so in a line."""
 
 from __future__ import annotations

@@ -300,7 +300,8 @@ def test_the_render_worker_imports_nothing_from_the_working_folder_and_a_failed_
     import_hf(qwen_source, run)
     here = tmp_path / "here"
     here.mkdir()
-    (here / "jinja2.py").write_text(f"open({str(here / 'ran')!r}, 'w').close()\nraise RuntimeError('a planted jinja2')\n")
+    planted = f"open({str(here / 'ran')!r}, 'w').close()\nraise RuntimeError('a planted jinja2')\n"
+    (here / "jinja2.py").write_text(planted)
     chat = [LMLAB, "sample", run, "--chat", "Hi", "--max-new-tokens", "2", "--device", "cpu"]
     done = subprocess.run(chat, cwd=here, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and not (here / "ran").exists(), done.stderr

@@ -58,12 +58,15 @@ def test_missing_dataset_and_resume_without_checkpoint(capsys, tmp_path, char_da
 
 def test_bad_corpora(capsys, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    code, _, err = run_cli(capsys, "prepare", tmp_path / "latin1.txt", "--tokenizer", "char", "--out-dir", tmp_path / "d")
+    code, _, err = run_cli(capsys, "prepare", tmp_path / "latin1.txt", "--tokenizer", "char",
+                           "--out-dir", tmp_path / "d")
     assert_one_sentence_error(code, err, "latin1.txt", "UTF-8")
     (tmp_path / "empty.txt").write_text("  \n")
-    code, _, err = run_cli(capsys, "prepare", tmp_path / "empty.txt", "--tokenizer", "char", "--out-dir", tmp_path / "d")
+    code, _, err = run_cli(capsys, "prepare", tmp_path / "empty.txt", "--tokenizer", "char",
+                           "--out-dir", tmp_path / "d")
     assert_one_sentence_error(code, err, "empty")
-    code, _, err = run_cli(capsys, "prepare", tmp_path / "empty.txt", "--tokenizer", "bpe:10", "--out-dir", tmp_path / "d")
+    code, _, err = run_cli(capsys, "prepare", tmp_path / "empty.txt", "--tokenizer", "bpe:10",
+                           "--out-dir", tmp_path / "d")
     assert_one_sentence_error(code, err, "bpe")
     assert not (tmp_path / "d").exists()
 

@@ -12,8 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.core.device import (TORCH_APIS, TORCH_BUILDS, TORCH_FLOOR, TORCH_RELEASE, check_torch, resolve_device,
-                               runs_on, wheel_for)
+from lmlab.core.device import (
+    TORCH_APIS,
+    TORCH_BUILDS,
+    TORCH_FLOOR,
+    TORCH_RELEASE,
+    check_torch,
+    resolve_device,
+    runs_on,
+    wheel_for,
+)
 from lmlab.core.errors import UserError
 from lmlab.core.peak import choose_dtype
 from lmlab.run.rundir import RunDir

@@ -195,7 +195,8 @@ def test_fsdp_builds_on_the_meta_device_then_takes_the_initial_weights_one_proce
 
 
 @pytest.mark.parametrize("config", [MODERN, dataclasses.replace(MODERN, vocab_size=1100),  # a head padded to 1152
-                                    ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40)],  # biases
+                                    # biases
+                                    ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40)],
                          ids=["modern", "padded head", "GPT-2"])
 def test_fsdp_in_bf16_computes_what_one_process_computes_under_autocast(one_process_job, config):
     """And no module FSDP wraps (the model, its matmul layers) returns a view: pyproject.toml makes FSDP's warning of

@@ -34,8 +34,8 @@ def test_text_that_is_not_unicode_is_refused_naming_the_byte(capsys, tiny_run, i
 def test_a_char_run_blames_the_prompt_format_and_leads_somewhere(capsys, tmp_path, tiny_run):
     records = tmp_path / "records.json"
     records.write_text(json.dumps([{"instruction": "say love", "output": "love"}] * 10))
-    for args in (["finetune", tiny_run, "--data", records, "--out", tmp_path / "tuned"], ["sample", tiny_run, "--instruction",
-                                                                                     "say love"]):
+    for args in (["finetune", tiny_run, "--data", records, "--out", tmp_path / "tuned"],
+                 ["sample", tiny_run, "--instruction", "say love"]):
         line = refused(capsys, *args, needles=("the alpaca prompt format uses characters", "never saw",
                                                "a run whose tokenizer has them"))
         assert "the text" not in line and "fine-tune it with" not in line

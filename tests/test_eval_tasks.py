@@ -29,7 +29,6 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("fastapi")
 from tests import lm_eval_reference  # noqa: E402  (needs lm_eval)
 
-
 pytestmark = pytest.mark.slow
 
 
@@ -142,7 +141,8 @@ def test_the_server_returns_the_models_own_log_probabilities(bpe_run, served):
                                                       "logprobs": 1, "stream": True}).encode(),
         headers={"Content-Type": "application/json"}), timeout=30).read().decode()
     chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
-    streamed_lp = [v for c in chunks if c["choices"][0]["logprobs"] for v in c["choices"][0]["logprobs"]["token_logprobs"]]
+    streamed_lp = [v for c in chunks if c["choices"][0]["logprobs"]
+                   for v in c["choices"][0]["logprobs"]["token_logprobs"]]
     assert streamed_lp == pytest.approx(greedy["token_logprobs"], abs=1e-5)  # alone, not in a batch of 6
     status, chat = post(f"{served.url}/chat/completions", json.dumps({
         "messages": [{"role": "user", "content": "love"}], "max_tokens": 3, "temperature": 0, "logprobs": True,
@@ -238,7 +238,8 @@ class FakeJudge:
                 prompt = body["messages"][0]["content"]
                 if "refuse" in prompt:
                     status, answer = 400, {"error": {"message": "the judge prompt is longer than this model's context",
-                                                     "type": "invalid_request_error", "param": "messages", "code": None}}
+                                                     "type": "invalid_request_error", "param": "messages",
+                                                     "code": None}}
                 else:
                     reply = "excellent work" if "mute" in prompt else "87"
                     status, answer = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
@@ -276,7 +277,8 @@ def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained
         capsys.readouterr()
         assert main(["judge", "--answers", str(answers), "--endpoint", judge.url, "--model", "fake-judge"]) == 0
         out = " ".join(capsys.readouterr().out.split())
-        assert "mean score 87.0 over 1 of 3 answers scored (2 unscored: 1 refused by the endpoint (the first: 400:" in out
+        assert ("mean score 87.0 over 1 of 3 answers scored (2 unscored: 1 refused by the endpoint "
+                "(the first: 400:") in out
         assert "longer than this model's context" in out and "1 with no whole number from 0 to 100" in out
         assert f"the mean is kept in run {bpe_run.resolve()}" in out
         kept = RunDir(bpe_run).judgements()

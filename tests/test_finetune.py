@@ -65,7 +65,8 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
     settings = tmp_path / "sft.toml"
     settings.write_text("[finetune]\nepochs = 3\nlearning_rate = 3e-3\n")
     done = subprocess.run([LMLAB, "finetune", imported_gpt2, settings, "--data", ALPACA_TINY, "--out", run,
-                           "--set", "finetune.epochs=2", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+                           "--set", "finetune.epochs=2", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "val loss by epoch:" in done.stdout and "best epoch" in done.stdout
     events = RunDir(run).events()

@@ -28,7 +28,6 @@ pytest.importorskip("transformers")
 from tests.gguf_reference import PROMPT, llama, llama_tokens, parity  # noqa: E402
 from tests.hf_reference import chat_folder, tiny_hf, train_run  # noqa: E402
 
-
 QWEN3 = ['model.pos_emb="rope"', 'model.norm="rmsnorm"', 'model.mlp="swiglu"', "model.bias=false", "model.n_head=4",
          "model.qk_norm=true", "model.n_kv_head=2"]
 CONTEXT = ["model.block_size=80", "train.max_iters=60", "train.eval_interval=60", "train.checkpoint_interval=60",

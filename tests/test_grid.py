@@ -133,9 +133,9 @@ def test_a_grid_of_many_prompts_shows_its_progress(capsys, tmp_path, tiny_run):
 @pytest.fixture(scope="module")
 def base_and_instruct(tmp_path_factory, corpus_dir, char_dataset):
     """A trained lmlab run (char) and an imported instruct model (Qwen2.5-style template), both tiny."""
+    from lmlab.core.config_toml import load_config
     from lmlab.hf import import_hf
     from lmlab.train.loop import Trainer
-    from lmlab.core.config_toml import load_config
 
     pytest.importorskip("transformers")
     from tests.hf_reference import hf_chat_model

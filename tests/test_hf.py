@@ -8,7 +8,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import time
 import urllib.request
 from pathlib import Path

@@ -81,7 +81,8 @@ def test_autotokenizer_gives_the_runs_ids_and_text(kind, kind_runs, corpus_dir):
         theirs.padding_side = side
         batch = theirs(texts, padding=True)
         assert len({len(ids) for ids in batch["input_ids"]}) == 1
-        unpadded = [[i for i, m in zip(ids, mask) if m] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        unpadded = [[i for i, m in zip(ids, mask) if m]
+                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         assert unpadded == [ours.encode(text) for text in texts]
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     assert settings["lmlab_tokenizer"] == KINDS[kind]

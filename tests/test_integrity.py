@@ -82,7 +82,8 @@ def test_data_files_that_do_not_match_their_meta_are_refused(capsys, tmp_path, c
         return change
 
     cases = {"truncated": (cut(0.12), "train.bin holds"), "odd": (cut(1.0, extra=1), "train.bin holds"),
-             "dtype": (edit_meta(dtype="uint32"), "dtype 'uint32'"), "vocab": (edit_meta(vocab_size=20), "vocab_size 20")}
+             "dtype": (edit_meta(dtype="uint32"), "dtype 'uint32'"),
+             "vocab": (edit_meta(vocab_size=20), "vocab_size 20")}
     for name, (change, needle) in cases.items():
         config = broken(name, change)
         refused(capsys, "train", config, "--run", tmp_path / f"run-{name}", needles=(needle, "--force"))

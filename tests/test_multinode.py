@@ -150,7 +150,7 @@ def held(hosts: TwoHosts, run: Path, pending: str, saved: int = 0) -> Iterator[N
             hosts.signal(1, signal.SIGSTOP)
             size = metrics.stat().st_size
             lock.close()
-            wait_until(lambda: metrics.stat().st_size > size, "rank 0 to append the event it waited for")
+            wait_until(lambda size=size: metrics.stat().st_size > size, "rank 0 to append the event it waited for")
             lock = hold(metrics)
             hosts.signal(1, signal.SIGCONT)
             wait_until(lambda: waits_for_lock(writer, metrics), "rank 0 to append its next event")

@@ -14,7 +14,6 @@ from lmlab.run.rundir import RunDir
 from lmlab.serving.requests import Served, parse_request, read_request
 from tests.helpers import run_cli, write_config
 
-
 PLAY = """ROMEO:
 The quick brown fox jumps over the lazy dog; JULIET, 1597!
 Où est-il? “Wherefore art thou,” QUINCE asks.

@@ -94,8 +94,10 @@ def test_the_cache_is_keyed_by_the_processor_and_refuses_what_it_cannot_trust(tm
     # The case that was reported: an older lmlab's, holding a peak measured while the machine was busy, 40x too low.
     path.write_text(json.dumps({key: {"flops": 0.0507e12, "measurements": 3}}))
     _, entry, notes = read_cache(path, key, who)
-    assert entry is None and "written by an older lmlab, which kept peaks measured while the machine was busy" in notes[0]
-    edited = settled_entry(torch.float32, 2e11) | {"flops": 2e13}  # a figure made up by hand, the checksum left as it was
+    assert entry is None
+    assert "written by an older lmlab, which kept peaks measured while the machine was busy" in notes[0]
+    # a figure made up by hand, the checksum left as it was
+    edited = settled_entry(torch.float32, 2e11) | {"flops": 2e13}
     path.write_text(json.dumps({"format": CACHE_FORMAT, "entries": {key: edited}}))
     _, entry, notes = read_cache(path, key, who)
     assert entry is None and notes == [f"the peak cache entry for this processor in {path} does not match its "

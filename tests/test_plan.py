@@ -94,8 +94,8 @@ def h100_run(folder: Path, config: str, mfus: list[float], finished: bool, when:
 
 
 def test_the_mfu_comes_from_a_finished_run_of_the_same_config_before_a_newer_short_one(capsys, tmp_path):
-    """The case that was reported: plan took its MFU from an unrelated 7-second run of the same model rather than a finished
-    run of the identical config."""
+    """Plan takes its MFU from a finished run of the identical config, not from a newer 7-second run of the same model
+    with another batch size."""
     config = Path(GPT2).read_text()
     same = h100_run(tmp_path / "same", config, [0.40, 0.42, 0.41, 0.43, 0.42], True, 1_000_000)
     h100_run(tmp_path / "short", config.replace("batch_size = ", "batch_size = 1"), [0.12], False, 2_000_000)
@@ -132,7 +132,8 @@ def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(cap
     start, *events = RunDir(tmp_path / "runs" / "tiny").events()
     per_token = shape_of(load_config(config)).flops_per_token()
     peak = peak_flops(torch.device("cpu"), torch.float32)  # measured once per process, as plan did
-    assert f"cpu: {machine()['cpu']}: {peak.flops / 1e12:,.4g} TFLOP/s float32 ({peak.brief()})" in " ".join(out.split())
+    said = f"cpu: {machine()['cpu']}: {peak.flops / 1e12:,.4g} TFLOP/s float32 ({peak.brief()})"
+    assert said in " ".join(out.split())
     if not start["peak_quiet"]:  # measured on a busy machine: no MFU was logged, and none is taken from the run
         assert all(e["mfu"] is None for e in events if e["event"] == "train")
         assert f"{100 * DEFAULT_MFU:.1f}% (assumed" in out
@@ -147,8 +148,8 @@ def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(cap
 
 
 def test_a_run_whose_peak_was_not_checked_for_load_lends_no_mfu(capsys, tmp_path, char_dataset):
-    """The case that was reported: a run whose start event recorded a peak measured before lmlab checked the load (or busy)
-    logged MFUs many times too high; plan must not reuse them."""
+    """A run whose start event records a peak not checked for the machine's load (or measured busy) logs MFUs that
+    cannot be trusted; plan never reuses them."""
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
     run = tmp_path / "runs" / "old"
     run.mkdir(parents=True)

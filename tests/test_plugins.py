@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,10 +21,16 @@ from lmlab.core.config_toml import load_config
 from lmlab.inference.generate import continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.helpers import (LMLAB, TINY_CONFIG, install_plugin, kill_and_resume, run_cli, same_weights, stable_events,
-                           weights)
-
-import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
+from tests.helpers import (
+    LMLAB,
+    TINY_CONFIG,
+    install_plugin,
+    kill_and_resume,
+    run_cli,
+    same_weights,
+    stable_events,
+    weights,
+)
 
 
 def write(path: Path, dataset: Path, kind: str = "context-vector", options: str = "mlp_ratio = 2",
@@ -381,7 +388,8 @@ FORWARD = "    def forward(self, idx, targets=None, cache=None):\n"
 # Each place lmlab calls a plugin's code while it trains: FAKE_MODEL with `raise {raised}` there, and the words
 # that name it.
 CALLS = {
-    "import": (lambda raising: FAKE_MODEL + raising + "\n", "fails to import ({raised}); fix or reinstall the package."),
+    "import": (lambda raising: FAKE_MODEL + raising + "\n",
+               "fails to import ({raised}); fix or reinstall the package."),
     "build": (lambda raising: FAKE_MODEL.replace(INIT, INIT + f"        {raising}\n"),
               "cannot build a model from [model] and [model.options] ({raised})."),
     "forward": (lambda raising: FAKE_MODEL.replace(RETURN, f"        {raising}\n"),
@@ -392,7 +400,8 @@ CALLS = {
                  f"class Fail(torch.autograd.Function):\n    forward = staticmethod(lambda ctx, x: x.clone())\n\n"
                  f"    @staticmethod\n    def backward(ctx, grad):\n        {raising}\n",
                  "raised {raised} in its backward pass; fix the plugin's backward"),
-    "describe": (lambda raising: FAKE_MODEL.replace(FORWARD, f"    def describe(self):\n        {raising}\n\n{FORWARD}"),
+    "describe": (lambda raising: FAKE_MODEL.replace(FORWARD,
+                                                    f"    def describe(self):\n        {raising}\n\n{FORWARD}"),
                  "raised {raised} in its describe(); fix the plugin's describe()"),
     "hidden_matrices": (lambda raising: FAKE_MODEL.replace(
         FORWARD, f"    def hidden_matrices(self):\n        {raising}\n\n{FORWARD}"),
@@ -419,7 +428,8 @@ def test_whatever_a_plugin_raises_wherever_lmlab_calls_it_is_one_sentence_naming
 
 
 # FAKE_MODEL with a decode state of its own that raises, as its new_cache does, where ODD_IN says: what ODD_RAISE says.
-DECODE_STATE = "import os\nfrom lmlab.model.base import DecodeState\n" + FAKE_MODEL.replace(FORWARD, """    def new_cache(self, batch, device, dtype):
+DECODE_STATE = "import os\nfrom lmlab.model.base import DecodeState\n" + FAKE_MODEL.replace(FORWARD, """\
+    def new_cache(self, batch, device, dtype):
         odd("new_cache")
         return State()
 

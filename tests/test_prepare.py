@@ -15,6 +15,7 @@ from lmlab.data.corpora import play_to_text, shakespeare
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import Tokenizer
 
+# A line ending in two spaces is a Markdown hard break (written `\x20\x20` so that the spaces show).
 PLAY = """# A Play
 
 ## ACT I
@@ -24,11 +25,11 @@ PLAY = """# A Play
 _Enter ROMEO and a very long
 procession of people_
 
-**ROMEO**  
-But soft! what light  
+**ROMEO**\x20\x20
+But soft! what light\x20\x20
 _\\[Aside]_ through yonder window breaks?
 
-**FIRST SERVANT**  
+**FIRST SERVANT**\x20\x20
 Here, sir\\-here.
 
 _Exeunt_
@@ -36,7 +37,8 @@ _Exeunt_
 
 
 def test_play_markdown_becomes_speaker_lines_and_verse():
-    assert play_to_text(PLAY) == "ROMEO:\nBut soft! what light\nthrough yonder window breaks?\n\nFIRST SERVANT:\nHere, sir-here.\n"
+    assert play_to_text(PLAY) == ("ROMEO:\nBut soft! what light\nthrough yonder window breaks?\n\n"
+                                  "FIRST SERVANT:\nHere, sir-here.\n")
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import SEPARATOR, PrepareOptions, prepare
 from lmlab.data.stats import dataset_stats
-from lmlab.data.tokenizers import EOT, Tokenizer, chunk_spans
 from lmlab.data.tiktoken_bpe import GPT2_PATTERN
+from lmlab.data.tokenizers import EOT, Tokenizer, chunk_spans
 from tests.helpers import LMLAB, documents, split_tokens, tiny_tiktoken, write_jsonl
 
 

@@ -260,7 +260,8 @@ def test_a_flat_val_is_called_settled_only_past_the_noise_of_its_eval_batches(tw
     assert noise is not None and 0.0005 < 2 * noise < 1.0  # the tiny run's batches differ by far more than 0.0005
     said = " ".join(reading([flat, risen]))
     assert (f"`flat`'s val loss has been flat since its best evaluation (best at step 10 of 40; the later ones are "
-            f"within the ±{noise:.3f} noise of its 4 eval batches): whether more training lowers it is not told") in said
+            f"within the ±{noise:.3f} noise of its 4 eval batches): whether more training lowers it is not told"
+            ) in said
     assert re.search(r"`risen` stopped improving before its end \(best at step 10 of 40; its last evaluation is 1\.000 "
                      r"higher, over twice the ±[\d.]+ noise of its 4 eval batches\): more of the same training will "
                      r"not lower its loss\.", said)

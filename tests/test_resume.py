@@ -213,7 +213,7 @@ def stop_inside_the_loop(proc: subprocess.Popen, metrics: Path) -> None:
                 proc.send_signal(signal.SIGTERM)
                 return
             size = metrics.stat().st_size
-        wait_until(lambda: metrics.stat().st_size > size, proc)
+        wait_until(lambda size=size: metrics.stat().st_size > size, proc)
 
 
 @pytest.mark.slow

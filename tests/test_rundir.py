@@ -1,5 +1,6 @@
 """The run layer: one schema for trained, fine-tuned and imported runs, one way to load any of them, and folders
-written before it (tests/data/legacy, made by commit 6c7e0db) still loading, sampling and resuming; metrics.jsonl as standard JSON."""
+written before it (tests/data/legacy, made by commit 6c7e0db) still loading, sampling and resuming; metrics.jsonl as
+standard JSON."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_a_trained_run_written_before_the_run_layer_resumes(tmp_path, stable_roo
     events = RunDir(run).events()
     assert result.steps == 15 and [e["step"] for e in events if e["event"] == "eval"] == [5, 10, 15]
     state = json.loads((RunDir(run).checkpoint("latest") / "state.json").read_text())
-    assert state["format"] == STATE_FORMAT and state["kind"] == "trained" and state["training"]["progress"]["step"] == 15
+    assert state["format"] == STATE_FORMAT and state["kind"] == "trained"
+    assert state["training"]["progress"]["step"] == 15
     assert events[0].get("kind") is None and RunDir(run).kind() == "trained"  # the old start event stays as it was
 
 

@@ -1,8 +1,8 @@
 """Listing, comparing and fitting runs from their directories; streaming metrics to TensorBoard."""
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -140,7 +140,8 @@ def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, t
     (root / "broken").mkdir(exist_ok=True)
     (root / "broken" / "config.toml").write_text("[model]\n")
     (root / "old").mkdir(exist_ok=True)
-    (root / "old" / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n{"event": "eval", "step": 5, "val_loss": 2.5}\n{"trunc')
+    (root / "old" / "metrics.jsonl").write_text(
+        '{"event": "start", "step": 0}\n{"event": "eval", "step": 5, "val_loss": 2.5}\n{"trunc')
     listed = {r["run"]: r for r in as_json(capsys, "runs", str(root))["runs"]}
     assert listed["small"]["status"] == "finished"
     assert listed["notes"]["status"] == "not a run"
@@ -262,7 +263,8 @@ def test_every_run_knows_its_passes_over_the_data_and_its_unique_tokens(two_toke
         start, *events = RunDir(run).events()
         row = listed[run.name]
         assert start["train_tokens"] == row["split_tokens"] == split
-        assert row["epochs"] == pytest.approx(row["tokens"] / split) and row["unique_tokens"] == min(row["tokens"], split)
+        assert row["epochs"] == pytest.approx(row["tokens"] / split)
+        assert row["unique_tokens"] == min(row["tokens"], split)
         assert all(e["epoch"] == pytest.approx(e["tokens"] / split, abs=1e-4) for e in events if "epoch" in e)
     assert listed["bpe"]["epochs"] > 4 > listed["char"]["epochs"]
     rows = {r["run"]: r for r in as_json(capsys, "compare", *map(str, two_tokenizers))["runs"]}
@@ -338,7 +340,7 @@ def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tok
     assert (f"bits/byte: % change, as they were scored on different text (base: the val split of "
             f"{Path(config.data.dataset).name}; tuned: held-out instruction records, not a val split): a loss per "
             "token of one is not the other's") in said
-    assert said.count("different text") == 1, said  # before: "... on different text: their losses are of different text"
+    assert said.count("different text") == 1, said  # the reason is said once, not repeated in the verdict
 
 
 @pytest.mark.slow

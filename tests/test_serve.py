@@ -75,7 +75,8 @@ def test_the_openai_fields_clients_send_are_honoured(server, sft_run):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     messages = [{"role": "developer", "content": "Answer briefly."},
-                {"role": "user", "content": [{"type": "text", "text": "Repeat the word"}, {"type": "text", "text": "twice."}]}]
+                {"role": "user", "content": [{"type": "text", "text": "Repeat the word"},
+                                             {"type": "text", "text": "twice."}]}]
     short = client.chat.completions.create(model="sft", messages=messages, max_completion_tokens=5, temperature=0)
     assert short.usage.completion_tokens <= 5 and short.choices[0].finish_reason in ("length", "stop")
     chunks = list(client.chat.completions.create(model="sft", messages=messages, max_completion_tokens=5, temperature=0,
@@ -89,7 +90,8 @@ def test_the_openai_fields_clients_send_are_honoured(server, sft_run):
     run = RunDir(sft_run).load("best", "cpu")
     ids = run.tokenizer.encode("ROMEO:")
     alone = [expected(run, ids, **{**vars(p), "stop": ()}) for p in seeded(SamplingParams(10, 1.0, seed=3), 3)]
-    assert [(c.index, c.text, c.finish_reason) for c in many.choices] == [(i, t, r) for i, (t, r, _) in enumerate(alone)]
+    expected = [(i, t, r) for i, (t, r, _) in enumerate(alone)]
+    assert [(c.index, c.text, c.finish_reason) for c in many.choices] == expected
     assert many.usage.completion_tokens == sum(tokens for _, _, tokens in alone)
 
     with pytest.raises(openai.BadRequestError) as caught:

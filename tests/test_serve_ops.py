@@ -163,7 +163,8 @@ def test_the_compiled_step_is_built_behind_eager_decoding_and_kept_for_the_next_
     finally:
         assert again.stop() == 0
     damaged = bytearray(good[kept.name])
-    for at in range(len(damaged) // 3, len(damaged) // 3 + 2000):  # what it once did: it loaded, said "compiled", decoded junk
+    # a damaged byte never loads, says "compiled" and decodes junk
+    for at in range(len(damaged) // 3, len(damaged) // 3 + 2000):
         damaged[at] ^= 0xFF
     kept.write_bytes(damaged)
     assert refused_at_start(sft_run, cache, "is not the one built there") and not kept.exists()
@@ -222,7 +223,8 @@ def test_an_api_key_guards_every_route_but_health_and_metrics(keyed):
     with pytest.raises(openai.AuthenticationError) as caught:
         openai.OpenAI(base_url=keyed.url, api_key="sk-wrong", max_retries=0).models.list()
     assert caught.value.status_code == 401
-    assert set(caught.value.body) == {"message", "type", "param", "code"} and caught.value.body["code"] == "invalid_api_key"
+    assert set(caught.value.body) == {"message", "type", "param", "code"}
+    assert caught.value.body["code"] == "invalid_api_key"
     for headers in ({}, {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer"}):
         status, body = post(f"{keyed.root}/tokenize", {"prompt": "x"}, headers)
         assert status == 401 and body["error"]["type"] == "invalid_request_error", (headers, body)

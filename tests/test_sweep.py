@@ -1,4 +1,5 @@
-"""`lmlab sweep`: the grid and its budgets in-process (fast); an interrupted sweep continued in real processes (slow)."""
+"""`lmlab sweep`: the grid and its budgets in-process (fast); an interrupted sweep continued in real processes
+(slow)."""
 
 import subprocess
 import time

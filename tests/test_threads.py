@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import lmlab
+from lmlab.commands import main
 from lmlab.core import busy, threads
 from lmlab.core.busy import THREAD_VARIABLES, Load, cores
-from lmlab.commands import main
 from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
 from lmlab.core.peak import peak_flops

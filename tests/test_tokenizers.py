@@ -128,8 +128,8 @@ def test_each_tokenizer_kind_answers_what_the_commands_ask_of_it():
     assert [k.gguf for k in (char.kind, word.kind, bpe.kind)] == ["rwkv", None, "gpt2"]
 
 
-# The contract every entry of TOKENIZER_KINDS meets, so a new kind needs no test of its own: built as `prepare` builds it (or,
-# for a kind only read from a folder, read as another model's tokenizer), it round-trips text, saves and loads,
+# The contract every entry of TOKENIZER_KINDS meets, so a new kind needs no test of its own: built as `prepare` builds
+# it (or, for a kind only read from a folder, read as another model's tokenizer), it round-trips text, saves and loads,
 # exports to Hugging Face and reads back as itself, and goes to GGUF as its entry says, or is refused there.
 TEXTS = [*TRAIN, ARBITRARY]
 UNSEEN = "a never seen text: zebra ✓ 𝄞"

@@ -1,4 +1,5 @@
-"""Training in bf16 and compiled trains like the reference: bf16 autocast and torch.compile against fp32 eager, 50 steps."""
+"""Training in bf16 and compiled trains like the reference: bf16 autocast and torch.compile against fp32 eager, 50
+steps."""
 
 import io
 import os

@@ -33,7 +33,6 @@ from tests.helpers import (
     write_corpus,
 )
 
-
 DRIVER = """
 import json, sys
 from lmlab.commands import main
@@ -169,7 +168,8 @@ sys.stderr.write(json.dumps(results))
 @pytest.mark.slow
 def test_a_reader_that_goes_away_ends_every_command_quietly(tmp_path, tiny_run):
     commands = [["sample", tiny_run, "--max-new-tokens", "200"], ["sample", tiny_run, "--num-samples", "2"],
-                ["eval", tiny_run, "--json"], ["eval", tiny_run], ["runs", tiny_run.parent], ["compare", tiny_run, tiny_run, "--json"],
+                ["eval", tiny_run, "--json"], ["eval", tiny_run], ["runs", tiny_run.parent],
+                ["compare", tiny_run, tiny_run, "--json"],
                 ["data", "stats", RunDir(tiny_run).config().data.dataset]]
     done = subprocess.run([sys.executable, "-c", PIPED, json.dumps([[str(a) for a in c] for c in commands])],
                           capture_output=True, text=True, timeout=300)
@@ -238,7 +238,8 @@ def test_a_cache_folder_that_cannot_be_written_stops_nothing(tmp_path, tiny_run)
     assert not besides_load_notes(sampled.stderr), sampled.stderr
     assert served.returncode == 0 and served.stdout.split() == ["3", "0"], served.stdout + served.stderr
     said = compiler.stderr.strip().splitlines()  # at once: the compiler never started
-    assert compiler.returncode == 1 and len(said) == 1 and said[0].startswith(f"could not write {cache}/lmlab/compiled/")
+    assert compiler.returncode == 1 and len(said) == 1
+    assert said[0].startswith(f"could not write {cache}/lmlab/compiled/")
     assert "(Permission denied); make it writable for you" in said[0]
     assert not list(cache.rglob("*.pt2")) and sorted(p.name for p in cache.rglob("*")) == ["lmlab"]
 
@@ -265,7 +266,8 @@ OUTPUTS = {
 }
 
 
-MAKE_RUNS = {("train", "--run"), ("finetune", "--out"), ("finetune", "--run"), ("import-hf", "--out")}  # `destination(..., "run")`
+# `destination(..., "run")`
+MAKE_RUNS = {("train", "--run"), ("finetune", "--out"), ("finetune", "--run"), ("import-hf", "--out")}
 
 
 @pytest.fixture(scope="module")
@@ -275,9 +277,10 @@ def paths(tmp_path_factory, tiny_run, corpus_dir) -> dict[str, Path]:
     (root / "prompts.txt").write_text("ROMEO:\n")
     (root / "task.jsonl").write_text(json.dumps({"context": "ROMEO:", "choices": [" a", " b"], "answer": 0}) + "\n")
     (root / "answers.jsonl").write_text("")
-    return {"run": tiny_run, "victim": victim, "dataset": Path(RunDir(tiny_run).config().data.dataset), "corpus": corpus_dir,
+    dataset = Path(RunDir(tiny_run).config().data.dataset)
+    return {"run": tiny_run, "victim": victim, "dataset": dataset, "corpus": corpus_dir,
             "prompts": root / "prompts.txt", "task": root / "task.jsonl", "answers": root / "answers.jsonl",
-            "alpaca": ALPACA_TINY, "config": write_config(root / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))}
+            "alpaca": ALPACA_TINY, "config": write_config(root / "tiny.toml", dataset)}
 
 
 def _outputs(parser: argparse.ArgumentParser, prefix: str = "") -> dict[tuple[str, str], argparse.Action]:

@@ -122,6 +122,15 @@ def test_no_function_is_longer_than_a_screen():
     assert not long, long
 
 
+LONGEST_MODULE = 450  # lines; past it a module holds more than one concern, and the style asks for small modules
+
+
+def test_no_module_is_longer_than_its_concern():
+    long = [f"{path.relative_to(PACKAGE.parent)} ({lines} lines)" for path in sorted(PACKAGE.rglob("*.py"))
+            if (lines := len(path.read_text(encoding="utf-8").splitlines())) > LONGEST_MODULE]
+    assert not long, long
+
+
 @pytest.mark.slow
 def test_import_lmlab_names_the_api_without_loading_torch():
     """The command line imports the package first, and the server's app opens its port before torch loads: the

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.core.config import BUILT_IN_KINDS, KIND_FIELDS, ModelConfig, SamplingParams
+from lmlab.core.config import KIND_FIELDS, ModelConfig, SamplingParams
 from lmlab.core.config_toml import build_config
 from lmlab.core.errors import UserError
+from lmlab.core.plugin_kinds import BUILT_IN_KINDS
 from lmlab.hf import export_hf
 from lmlab.inference.generate import stream_ids
 from lmlab.model import build_model

@@ -7,10 +7,10 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any
 
 from lmlab.core.errors import UserError
+from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind, check_options, plugin_kinds
 
 DEFAULT_SEED = 1337  # training, fine-tuning and sampling all start from it unless told otherwise
 MAX_COUNT = 2**53  # the largest count (tokens, steps, sizes) any setting takes: floats and JSON hold it exactly
@@ -69,8 +69,6 @@ class DataConfig:
 ATTENTION_CHOICES = ("auto", "fused", "math")  # train.attention's, finetune.attention's: a path, or timed
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
-BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
-PLUGIN_GROUP = "lmlab.models"  # the entry point group a package registers a model kind under
 
 # The choices of each string-valued model option; the first is the default.
 MODEL_CHOICES: dict[str, tuple[str, ...]] = {
@@ -87,35 +85,6 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
             "head_dim", "mlp_hidden", "rope_theta", "norm_eps", "bigram_buckets"),
     "recurrent": ("rnn_cell",),
 }
-
-
-class UnknownKind(UserError):
-    """model.kind names no built-in kind and no installed model plugin."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        plugins = ", ".join(plugin_kinds()) or "none"
-        super().__init__(f"model.kind is {kind!r}, which is neither one of lmlab's ({', '.join(BUILT_IN_KINDS)}) nor a "
-                         f"model plugin installed here (installed: {plugins}); install the package that registers it "
-                         f"under the {PLUGIN_GROUP} entry point group.")
-
-
-def plugin_kinds() -> list[str]:
-    """The model kinds installed packages register (entry points of PLUGIN_GROUP): names only, nothing imported."""
-    return sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)})
-
-
-def check_options(options: Any, where: str) -> dict[str, Any]:
-    """A plugin's [model.options]: a table of names to TOML values (text, numbers, booleans, lists of them)."""
-    if not isinstance(options, dict):
-        raise UserError(f"{where} must be a table of a model plugin's settings, e.g. [model.options] with "
-                        "context_size = 256.")
-    for key, value in options.items():
-        for item in value if isinstance(value, list) else [value]:
-            if type(item) not in (str, int, float, bool) or (type(item) is float and not math.isfinite(item)):
-                raise UserError(f"{where}.{key} is {value!r}; a plugin's setting is text, a finite number, true or "
-                                "false, or a list of them.")
-    return dict(options)
 
 
 def bias_spelling(places: set[str]) -> bool | str:

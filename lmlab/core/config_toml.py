@@ -22,9 +22,9 @@ from lmlab.core.config import (
     RunConfig,
     TrainConfig,
     as_text,
-    check_options,
 )
 from lmlab.core.errors import UserError
+from lmlab.core.plugin_kinds import check_options
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                              "finetune": FinetuneConfig}

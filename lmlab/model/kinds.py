@@ -1,6 +1,6 @@
 """The model kinds `model.kind` names (`KINDS`: lmlab's own, by name) and `construct`, which builds any of them or a
-kind an installed package registers (lmlab.model.plugins). core/config.py's BUILT_IN_KINDS and KIND_FIELDS say
-which names and settings the config takes; tests/test_model.py holds the two in step."""
+kind an installed package registers (lmlab.model.plugins). core/plugin_kinds.py's BUILT_IN_KINDS and core/config.py's
+KIND_FIELDS say which names and settings the config takes; tests/test_model.py holds the two in step."""
 
 from __future__ import annotations
 

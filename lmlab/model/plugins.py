@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from lmlab.core.config import PLUGIN_GROUP, ModelConfig, UnknownKind
+from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError, classify
+from lmlab.core.plugin_kinds import PLUGIN_GROUP, UnknownKind
 from lmlab.model.base import DecodeState, LanguageModel
 
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from lmlab.core.config import BUILT_IN_KINDS, ModelConfig
+from lmlab.core.config import ModelConfig
+from lmlab.core.plugin_kinds import BUILT_IN_KINDS
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

@@ -14,18 +14,20 @@ from typing import Any
 
 import torch
 
-from lmlab.core.config import BUILT_IN_KINDS, RunConfig, UnknownKind, checkpoint_name
+from lmlab.core.config import RunConfig, checkpoint_name
 from lmlab.core.config_toml import load_config, to_toml
 from lmlab.core.device import configure, machine, resolve_device
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, locked_file, sha256_file
+from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, sha256_file
 from lmlab.core.peak import Peak, choose_dtype
+from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.plugins import check_forward, provider
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.chat import ChatTemplate
+from lmlab.run.evaluations import keep, kept
 from lmlab.run.events import as_json, peak_fields, read_events
 from lmlab.run.prompt import PromptFormat
 
@@ -247,49 +249,29 @@ class RunDir:
                                    if e.get("event") == "resume" and isinstance(e.get("checkpoint"), str)}
         return self._resume_points
 
-
     def events(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The metrics events (the first `limit` of them): `lmlab.run.events.read_events`."""
         return read_events(self._metrics, limit)
 
     def evaluations(self) -> list[dict[str, Any]]:
         """The val-split evaluations kept in evaluations.json, oldest first (`max_tokens` set for a subset's)."""
-        return self._kept("results")
+        return kept(self.path, "results")
 
     def task_results(self) -> list[dict[str, Any]]:
-        return self._kept("tasks")
+        return kept(self.path, "tasks")
 
     def judgements(self) -> list[dict[str, Any]]:
-        return self._kept("judgements")
+        return kept(self.path, "judgements")
 
     def save_evaluation(self, result: dict[str, Any]) -> None:
         """Keep a val-split evaluation in place of an older one of the same weights, split, subset and dtype."""
-        self._keep("results", result, ("weights_sha256", "val_sha256", "dtype", "max_tokens"))
+        keep(self.path, "results", result, ("weights_sha256", "val_sha256", "dtype", "max_tokens"))
 
     def save_task_result(self, result: dict[str, Any]) -> None:
-        self._keep("tasks", result, ("weights_sha256", "task_sha256", "limit"))
+        keep(self.path, "tasks", result, ("weights_sha256", "task_sha256", "limit"))
 
     def save_judgement(self, result: dict[str, Any]) -> None:
-        self._keep("judgements", result, ("answers_sha256", "judge_model"))
-
-    def _kept(self, section: str) -> list[dict[str, Any]]:
-        try:
-            kept = json.loads((self.path / "evaluations.json").read_text(encoding="utf-8")).get(section, [])
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return []
-        return [r for r in kept if isinstance(r, dict)] if isinstance(kept, list) else []
-
-    def _keep(self, section: str, result: dict[str, Any], key: tuple[str, ...]) -> None:
-        """Add `result` to a section of evaluations.json in place of one of the same `key`, under the file's lock."""
-        path = self.path / "evaluations.json"
-        with locked_file(self.path / ".evaluations.lock"):
-            try:
-                kept = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                kept = {}
-            kept = kept if isinstance(kept, dict) else {}
-            others = [r for r in self._kept(section) if any(r.get(k) != result.get(k) for k in key)]
-            atomic_write_text(path, json.dumps({**kept, section: [*others, result]}, indent=1))
+        keep(self.path, "judgements", result, ("answers_sha256", "judge_model"))
 
     def running(self) -> bool:
         """Whether a process holds the run's lock: it is being trained, fine-tuned or imported now."""
@@ -423,8 +405,6 @@ def check_steps(paths: list[Path | str], which: str) -> None:
     if checkpoint_name(which).startswith("step_"):
         for path in paths:
             RunDir(path).checkpoint(which)
-
-
 
 
 def _upgrade(state: dict[str, Any], run: RunDir) -> dict[str, Any]:

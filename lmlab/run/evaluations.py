@@ -1,0 +1,33 @@
+"""A run's evaluations.json: the results kept of its evaluations (val-split losses, task scores, judgements), a
+list per section in which a new result takes the place of an older one with the same key. Written under a lock of
+its own, not the run's: a run is evaluated while it trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmlab.core.fileio import atomic_write_text, locked_file
+
+
+def kept(run: Path, section: str) -> list[dict[str, Any]]:
+    """The results of `section`, oldest first; none where the file is missing or not of this shape."""
+    try:
+        results = json.loads((run / "evaluations.json").read_text(encoding="utf-8")).get(section, [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    return [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
+
+
+def keep(run: Path, section: str, result: dict[str, Any], key: tuple[str, ...]) -> None:
+    """Add `result` to `section` in place of one of the same `key`, the other sections left as they are."""
+    path = run / "evaluations.json"
+    with locked_file(run / ".evaluations.lock"):
+        try:
+            sections = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            sections = {}
+        sections = sections if isinstance(sections, dict) else {}
+        others = [r for r in kept(run, section) if any(r.get(k) != result.get(k) for k in key)]
+        atomic_write_text(path, json.dumps({**sections, section: [*others, result]}, indent=1))

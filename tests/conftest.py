@@ -20,12 +20,21 @@ import pytest  # noqa: E402
 from lmlab.core.config_toml import load_config  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
-from tests.helpers import ALPACA_TINY, SUITE_CPU, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ALPACA_TINY,
+    SUITE_CPU,
+    HostTwins,
+    fake_cpu,
+    write_config,
+    write_corpus,
+    write_tiny_gpt2,
+    write_wikitext,
+)
 
 # Every test, its session's fixtures and the commands it starts answer lmlab's CPU capability checks as one kind of
 # CPU on every host (tests.helpers.SUITE_CPU), so no verdict depends on the kind CI's machine is that day; a test of
 # another kind's path fakes that kind (`fake_cpu`), and one marked `host_cpu` sees the host as it is.
-os.environ["LMLAB_CPU_KIND"] = SUITE_CPU
+fake_cpu(pytest.MonkeyPatch(), SUITE_CPU)
 
 pytest_plugins = ["pytester"]  # tests/test_host_twins.py runs a suite of its own
 
@@ -69,7 +78,7 @@ def own_cache(tmp_path_factory) -> Path:
 def host_cpu(request, monkeypatch) -> None:
     """A test marked `host_cpu` sees the host's CPU as it is, not as `SUITE_CPU`, in its process and its commands."""
     if request.node.get_closest_marker("host_cpu") is not None:
-        monkeypatch.delenv("LMLAB_CPU_KIND")
+        fake_cpu(monkeypatch, None)
 
 
 @pytest.fixture(scope="session")

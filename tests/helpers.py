@@ -37,9 +37,10 @@ from packaging.utils import canonicalize_name
 from safetensors.torch import load_file
 
 from lmlab.commands import main
-from lmlab.core.peak import CPU_KINDS
+from lmlab.core import peak
 from lmlab.data.loader import open_tokens
 from lmlab.run.rundir import RunDir
+from tests.cpu_kind.sitecustomize import KIND_VARIABLE, answering
 
 LMLAB = str(Path(sys.executable).with_name("lmlab"))  # the installed command, run as a user runs it
 
@@ -632,18 +633,27 @@ def finish(job: subprocess.Popen) -> str:
     return out
 
 
-# The CPU kind every test answers as, in its own process and in the commands it starts (conftest.py's
-# LMLAB_CPU_KIND), whatever the host: no verdict then depends on the kind CI's machine is that day. The kind whose
-# paths CI had run longest; a test marked `host_cpu` sees the host as it is.
+# The CPU kind every test answers as, in its own process and in the commands it starts (conftest.py), whatever the
+# host: no verdict then depends on the kind CI's machine is that day. The kind whose paths CI had run longest; a test
+# marked `host_cpu` sees the host as it is.
 SUITE_CPU = "avx2"
+HOST_CPU = peak.cpu_native  # the host's own answers
+CPU_KIND_HOOK = ROOT / "tests" / "cpu_kind"  # on a command's PYTHONPATH, it answers as KIND_VARIABLE's kind
 
 
-def fake_cpu(monkeypatch, kind: str) -> None:
-    """This process, and the commands it starts, answer the CPU capability checks lmlab asks
-    (`lmlab.core.peak.cpu_native`) as a CPU of `kind` (`CPU_KINDS`) would, whatever the host is: every path of every
-    kind runs on every host."""
-    assert kind in CPU_KINDS, kind
-    monkeypatch.setenv("LMLAB_CPU_KIND", kind)
+def fake_cpu(monkeypatch, kind: str | None) -> None:
+    """This process, and the commands it starts (tests/cpu_kind/sitecustomize.py), answer lmlab's CPU capability
+    check (`lmlab.core.peak.cpu_native`) as a CPU of `kind` (`CPU_KINDS`) would, whatever the host is: every path of
+    every kind runs on every host. None: as the host does."""
+    if kind is None:
+        monkeypatch.setattr(peak, "cpu_native", HOST_CPU)
+        monkeypatch.delenv(KIND_VARIABLE, raising=False)
+        return
+    monkeypatch.setattr(peak, "cpu_native", answering(kind))
+    monkeypatch.setenv(KIND_VARIABLE, kind)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if str(CPU_KIND_HOOK) not in paths:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(CPU_KIND_HOOK), *paths])))
 
 
 # Skip reasons that name a CPU capability. CI runs on whichever CPU kind the machine has that day, so a test that

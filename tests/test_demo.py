@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, closure, script
+from tests.helpers import CPU_KIND_HOOK, ROOT, closure, script
 
 LLAMA_CLI = '''#!{python}
 """llama-cli -m FILE -p PROMPT -n N, through llama.cpp's Python binding: the prompt and N tokens greedily."""
@@ -100,8 +100,9 @@ def test_make_demo_in_a_fresh_copy_then_the_readme_tour(tmp_path):
     (bin_ / "llama-cli").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
     # PIP_NO_COMPILE: Python compiles what the demo imports as it imports it, not all of torch's files up front.
+    # PYTHONPATH: the suite's CPU kind (tests/cpu_kind), which imports nothing until lmlab is imported.
     env |= {"PATH": "/usr/bin:/bin", "COLUMNS": "80", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels),
-            "PIP_NO_COMPILE": "1"}
+            "PIP_NO_COMPILE": "1", "PYTHONPATH": str(CPU_KIND_HOOK)}
     made = subprocess.run(["make", "demo", f"PYTHON={sys._base_executable}", f"TORCH=torch=={version('torch')}",
                            "DEMO_BUDGET=20s"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from tests.helpers import closure, write_config
+from tests.helpers import CPU_KIND_HOOK, closure, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,8 +64,9 @@ def bare_python(tmp_path_factory) -> Path:
 
 
 def in_bare(python: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
-    """`lmlab ARGS` in the bare venv, as a user of it runs it (the test venv's commands off PATH)."""
-    env = {**os.environ, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    """`lmlab ARGS` in the bare venv, as a user of it runs it (the test venv's commands off PATH), answering as the
+    test's CPU kind."""
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join([str(ROOT), str(CPU_KIND_HOOK)])}
     return subprocess.run([str(python), "-m", "lmlab", *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
 

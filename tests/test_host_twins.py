@@ -9,7 +9,8 @@ import torch
 
 from lmlab.core.peak import cache_key, choose_dtype, matmul_size, native_kernel
 from lmlab.train.optim import orthogonal_dtype
-from tests.helpers import CPU_KINDS, fake_cpu
+from tests.cpu_kind.sitecustomize import CPU_KINDS
+from tests.helpers import fake_cpu
 
 CPU = torch.device("cpu")
 

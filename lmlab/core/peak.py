@@ -19,7 +19,6 @@ import torch
 
 from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.device import configure, datasheet_peak, dtype_for_capability, processor, synchronize
-from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, writing
 from lmlab.core.threads import most_threads
 
@@ -144,20 +143,9 @@ def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-# The kinds of CPU lmlab meets, by what oneDNN answers of them: a native bf16 matmul, a native fp16 one.
-CPU_KINDS = {"avx2": (False, False), "avx512-bf16": (True, False), "amx-bf16": (True, False), "amx-fp16": (True, True)}
-
-
 def cpu_native(dtype: torch.dtype) -> bool:
-    """`native_kernel` on this CPU, as oneDNN answers (bf16 with AVX512-BF16 or AMX, fp16 with AVX512-FP16 or
-    AMX-FP16); or as LMLAB_CPU_KIND's kind would answer, where it is set: what another kind of host decides (the dtype
-    `auto` takes, Muon's, the size a peak is measured at), reproduced on this one."""
-    kind = os.environ.get("LMLAB_CPU_KIND")
-    if kind:
-        if kind not in CPU_KINDS:
-            raise UserError(f"LMLAB_CPU_KIND is {kind[:40]!r}; use one of {', '.join(CPU_KINDS)}, or unset it to "
-                            "take this CPU as it is.")
-        return dict(zip((torch.bfloat16, torch.float16), CPU_KINDS[kind])).get(dtype, True)
+    """`native_kernel` on this CPU, as oneDNN answers: bf16 with AVX512-BF16 or AMX, fp16 with AVX512-FP16 or
+    AMX-FP16."""
     check = {torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
              torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported}.get(dtype)
     return check is None or check()

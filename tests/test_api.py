@@ -194,8 +194,8 @@ def _dataset(d: Path) -> lmlab.Dataset:
 
 
 # A value of the wrong kind for every argument kind of every public function and method, refused in the sentence
-# lmlab.api.checks gives it before anything loads. Before: raw TypeError and AttributeError (`train(resume=5)`:
-# "'int' object has no attribute 'path'"), and `train(run="")` trained into runs/NAME.
+# lmlab.api.checks gives it before anything loads: never a raw TypeError or AttributeError (`train(resume=5)`), and
+# never a run trained somewhere else than asked (`train(run="")` trains into no runs/NAME).
 WRONG_TYPES = [
     (lambda r, d: lmlab.train(resume=5), "resume is 5; it must be a run folder's path or an lmlab.Run or None."),
     (lambda r, d: lmlab.train(d / "tiny.toml", run=""), "run is ''; it must be a path that is not empty"),

@@ -97,8 +97,8 @@ def test_a_plan_scores_fewer_eval_batches_where_evaluations_would_take_more_than
 
 def test_a_plan_trains_the_steps_that_fit_beside_evaluations_of_their_share():
     """The GPU preset on an AVX2 CPU (13 s steps, 8 s an evaluation batch, eval_iters 200) planned at 100 s of a
-    300 s budget: no more steps and a last evaluation of 24 batches a split (192 s). Now the steps that fit beside
-    evaluations within a tenth of the budget."""
+    300 s budget: the plan trains the steps that fit beside evaluations kept within a tenth of the budget, never a
+    last evaluation that takes the rest of it (24 batches a split would be 192 s)."""
     train, intervals = TrainConfig(eval_iters=200, warmup_iters=100), (250, 1000)
     made = plan(300.0, 100.0, Costs(13.0, 8.0, 0.3, 0.6, 0.6), train, intervals, ONE_BATCH)
     assert made.max_iters >= 12 and made.eval_seconds <= 0.1 * 300.0  # 13 steps (192 s), 3 batches a split
@@ -313,8 +313,8 @@ def test_a_budgeted_run_plans_before_its_first_step_then_its_lr_follows_the_cloc
 
 @pytest.mark.slow
 def test_a_budget_start_up_used_up_is_refused_by_train_and_plan_alike_writing_nothing(tmp_path, char_dataset):
-    """`--budget 0.001s`: before this, it trained 13 steps for 13 s; then it ended before its first step with a
-    checkpoint. Now `train` refuses it as `plan` does, with the same sentence, before a run folder exists."""
+    """`--budget 0.001s`: no step and no checkpoint fit it, so `train` refuses it as `plan` does, with the same
+    sentence, before a run folder exists."""
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     said = {}
     for command in ("train", "plan"):

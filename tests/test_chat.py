@@ -294,8 +294,8 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
 @pytest.mark.slow
 def test_the_render_worker_imports_nothing_from_the_working_folder_and_a_failed_start_is_said_as_itself(
         tmp_path, qwen_source):
-    """Before: the worker ran as `python -m`, the command's folder first on its path: a jinja2.py there ran inside
-    the sandbox, and its failure read "the chat template takes more than 2 s to render"."""
+    """The render worker imports nothing from the command's folder (a jinja2.py there never runs inside the
+    sandbox), and a worker that fails to start is said as that failure, never as a template too slow to render."""
     run = tmp_path / "run"
     import_hf(qwen_source, run)
     here = tmp_path / "here"
@@ -323,8 +323,8 @@ SPINNING = ("{% for m in messages %}{% if m.content == 'spin' %}{% for i in rang
 
 @pytest.mark.slow
 def test_chats_one_client_makes_slow_to_render_hold_up_no_other_clients_chat(tmp_path, qwen_source):
-    """Before: each hostile chat held one of the two render threads for its 2 s limit, and the others' chats waited
-    behind every one of them (70 made a normal chat wait 62 s)."""
+    """Chats whose templates take the whole 2 s render limit hold up their own client alone: another client's chat
+    never waits behind them for the render threads."""
     run = run_with_template(qwen_source, tmp_path / "run", SPINNING)
     server = Server(run)
     spin = json.dumps({"messages": [{"role": "user", "content": "spin"}], "max_tokens": 2}).encode()

@@ -53,8 +53,8 @@ def test_kill_9_at_arbitrary_points_then_resume_is_bitwise_identical(tmp_path, c
 def test_a_run_killed_after_its_last_checkpoint_or_after_it_ended_resumes_to_the_same_log(tmp_path, char_dataset):
     """A kill between the last checkpoint and the end leaves the run's folders as a finished run has them and its
     log cut anywhere after that checkpoint's event: each such cut, and the whole log (a finished run resumed
-    again), resumed, logs what the run never killed logged. Before: a kill after the final score made a resume log
-    it twice, the resume saved its checkpoint again, and its end said lr 0."""
+    again), resumed, logs what the run never killed logged: the final score once, no checkpoint saved again, and
+    the end's lr the schedule's."""
     quiet = Console(quiet=True)
     straight = trainer(tmp_path, char_dataset, ["train.max_iters=14", "train.checkpoint_interval=7",
                                                 "train.eval_interval=25"], run="straight", console=quiet).run().run_dir
@@ -160,8 +160,8 @@ def test_init_from_starts_a_new_run_from_old_weights(tmp_path, char_dataset):
                                                  (":10", "step_000010", "step 10"),
                                                  (":step_10", "step_000010", "step 10")])
 def test_init_from_says_the_run_and_checkpoint_it_starts_from(trained, tmp_path, capsys, spec, folder, label):
-    """Before: --init-from printed nothing of where it started, and took best or latest only (its help says step_N
-    or N too). A line names the run, the step folder and what was carried; the run's weights are that folder's."""
+    """--init-from takes best, latest, step_N or N, as its help says, and a line names the run, the step folder and
+    what was carried; the run's weights are that folder's."""
     config = write_config(tmp_path / "tiny.toml", Path(RunDir(trained).config().data.dataset), max_iters=1)
     new = tmp_path / "new"
     assert main(["train", str(config), "--run", str(new), "--init-from", f"{trained}{spec}", "--set",

@@ -77,8 +77,9 @@ def test_bad_corpora(capsys, tmp_path):
      r"--keep-chars is not valid text ('a-z \n\xff'): it holds the byte 0xff"),
 ])
 def test_command_line_bytes_that_are_not_utf8_are_one_sentence(capsys, tmp_path, monkeypatch, args, shown):
-    """Before: a traceback (UnicodeEncodeError) where the dataset's lock names its holder. A byte that is not UTF-8
-    reaches Python as a lone surrogate (os.fsdecode's escape), which is what these arguments hold."""
+    """A byte that is not UTF-8 is one sentence, never a traceback (a UnicodeEncodeError where the dataset's lock
+    names its holder). It reaches Python as a lone surrogate (os.fsdecode's escape), which is what these arguments
+    hold."""
     monkeypatch.chdir(tmp_path)
     write_corpus(tmp_path / "corpus")
     (tmp_path / "corpus" / "play0.txt").rename(tmp_path / "caf\udce9.txt")  # a file that is there: refused anyway

@@ -24,11 +24,11 @@ from tests.helpers import LMLAB, write_config
 
 def test_kernel_builds_cut_short_are_discarded_when_no_other_process_builds_and_whole_ones_kept(tmp_path, monkeypatch,
                                                                                                 capsys):
-    """Before: the next compile loaded the file the compiler had left ("file too short", exit 1) until it was
-    deleted by hand. Then: a file was spared only while its own kernel's lock was held, and `lmlab train` deleted
-    the object file an AOTInductor build (`lmlab serve --compile`) was writing under its wrapper's lock ("ld:
-    cannot find ....kernel.o"). A lock this process holds is a build a stop signal abandoned: no reason to wait.
-    The kernels here are copies of a real shared library, whole, cut short and empty."""
+    """A kernel the compiler left cut short is never loaded by the next compile (it would fail "file too short"):
+    it is discarded, unless another process is building, under any of the cache's locks (an AOTInductor build of
+    `lmlab serve --compile` writes its object file under its wrapper's lock). A lock this process holds is a build
+    a stop signal abandoned: no reason to wait. The kernels here are copies of a real shared library, whole, cut
+    short and empty."""
     whole = Path(_ctypes.__file__).read_bytes()  # any ELF shared object will do
     cache = tmp_path / "inductor"
     kernels = {name: cache / name[1:3] / name for name in ("cwhole.main.so", "ccut.main.so", "cempty.main.so",
@@ -74,9 +74,9 @@ HOLD = "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK
 
 @pytest.mark.slow
 def test_ctrl_c_while_training_compiles_stops_cleanly_and_the_next_compiled_run_trains(tmp_path, char_dataset):
-    """Before: a 2,766-line traceback from the C++ compiler the Ctrl-C killed, and the next compiled run crashed on
-    the empty kernel it had left ("file too short"); then main's one line (status 130) without the run's end event.
-    The compiler's failure is the stop's doing: the run ends as any stop does."""
+    """A Ctrl-C that kills the C++ compiler mid-build ends the run as any stop does (its end event, no compiler
+    traceback): the compiler's failure is the stop's doing. The next compiled run trains, past the empty kernel the
+    killed build left."""
     cache = tmp_path / "inductor"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     config = write_config(tmp_path / "c.toml", char_dataset, max_iters=2)

@@ -44,7 +44,7 @@ def test_wrong_type_and_unknown_section_are_named():
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_float_that_is_no_number_is_said_so(tmp_path, value):
-    """Before: "must be float, got nan (float)", for a TOML value or a --set one."""
+    """NaN or infinity, from a TOML value or a --set one, is said to be no number (not "must be float")."""
     (tmp_path / "bad.toml").write_text(f"[train]\nlearning_rate = {value}\n")
     (tmp_path / "good.toml").write_text("[train]\n")
     with pytest.raises(UserError, match=rf"train.learning_rate is {value}; it must be a finite number\.$"):

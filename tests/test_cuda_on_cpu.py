@@ -97,8 +97,8 @@ def test_the_scalers_overflow_skips_are_not_bad_steps_unless_they_never_end():
 @pytest.mark.slow
 def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_path, char_dataset):
     """A real fp16 run (autocast and the grad scaler work on the CPU too) whose scaler starts at 2**28: its first
-    steps overflow fp16 and are skipped by the scaler while it halves its scale. Before, the guard counted them
-    as bad steps: three in a row rolled the run back and halved its LR for good."""
+    steps overflow fp16 and are skipped by the scaler while it halves its scale. The guard counts none of them as a
+    bad step: the run is never rolled back and its LR never halved for them."""
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=40),
                       ["train.dtype=float16", "train.log_interval=1"])
     trainer = Trainer(cfg, tmp_path / "run", "cpu")

@@ -97,8 +97,8 @@ def test_a_stream_sends_what_no_stop_string_or_unfinished_character_may_still_ch
 
 
 def test_stop_strings_are_read_once_however_long():
-    # "aaa...ab" against a text of a's: the longest partial match at every character, the case that made the
-    # hold-back quadratic in the stop string per token. Counted, not timed: each character is read once.
+    # "aaa...ab" against a text of a's: the longest partial match at every character, where a hold-back that
+    # rescanned would be quadratic in the stop string per token. Counted, not timed: each character is read once.
     stop = StopStrings(["a" * 999 + "b", "c" * 1000])
     text = ""
     for _ in range(2000):

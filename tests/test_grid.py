@@ -89,8 +89,8 @@ def test_grid_options_that_do_not_go_together_are_refused(two_runs, capsys):
 
 @pytest.mark.slow
 def test_a_stopped_grid_keeps_and_writes_the_cells_that_ended(tmp_path, two_runs):
-    """Before: SIGTERM ended `sample --prompts` silently (status -15) and a stop kept none of the finished cells:
-    each run's samples were kept only once all its cells had ended, and the grid only once every run's had."""
+    """SIGTERM stops `sample --prompts` as a stop does (never silently, status -15), and every cell that ended is
+    kept and written, without waiting for the rest of its run's cells or the grid's."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"ROMEO: {word}" for word in ("fair", "sweet", "night", "love", "day")))
     samples = [run / "samples.txt" for run in two_runs]

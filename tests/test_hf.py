@@ -242,8 +242,8 @@ def test_weights_lmlab_cannot_read_are_refused_with_the_reason(tmp_path, bpe):
 @pytest.mark.parametrize("label, holds", [("bpe:300", "a WordLevel vocabulary of"), ("gpt2", "a WordLevel"),
                                           ("word:1000", "each one character (a char tokenizer)"), ("char", None)])
 def test_an_exported_folder_whose_tokenizer_is_not_the_one_its_label_names_is_refused(tmp_path, label, holds):
-    """Before: a char vocabulary under a bpe:N label imported with status 0, and `sample` printed no continuation
-    (the ids the file lacks decode to nothing)."""
+    """A char vocabulary under a bpe:N label is refused at import, never imported to a run whose `sample` prints no
+    continuation (the ids the file lacks decode to nothing)."""
     source = tmp_path / "hf"
     export_hf(Path(__file__).parent / "data" / "legacy" / "trained", source)  # a char run
     config = json.loads((source / "tokenizer_config.json").read_text())
@@ -263,9 +263,9 @@ def test_an_exported_folder_whose_tokenizer_is_not_the_one_its_label_names_is_re
               "it reaches, more than padding leaves"),
     (48, 0, r"the model's eos_token_id 0 \(config.json\) is its '\\n', one character of text, not a special token")])
 def test_an_unlabelled_tokenizer_the_model_contradicts_is_refused(tmp_path, bpe, capsys, rows, eos, says):
-    """A char tokenizer.json (43 tokens) in a folder lmlab did not export (no lmlab label) over a bpe:300 model:
-    before, it imported with status 0 and `sample` printed the prompt alone. The model's evidence is its embedding
-    rows (more than padding past the tokenizer's ids) and its bos/eos ids (one character of text there)."""
+    """A char tokenizer.json (43 tokens) in a folder lmlab did not export (no lmlab label) over a bpe:300 model is
+    refused, never imported to a run that samples the prompt alone. The model's evidence is its embedding rows (more
+    than padding past the tokenizer's ids) and its bos/eos ids (one character of text there)."""
     source = tiny_hf(tmp_path / "hf", "gpt2", bpe, vocab_size=rows or 0)
     char = export_hf(Path(__file__).parent / "data" / "legacy" / "trained", tmp_path / "char")["out"]
     shutil.copy(Path(char) / "tokenizer.json", source / "tokenizer.json")

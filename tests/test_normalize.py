@@ -77,7 +77,7 @@ def test_normalisation_steps_apply_in_one_order_and_bad_values_are_one_sentence(
            (["--keep-chars", "a-z"], "the char tokenizer separates documents with a line break"),
            (["--drop-chars", "\\n"], "the char tokenizer separates documents with a line break"),
            (["--keep-chars", "a", "--drop-chars", "b"], "not allowed with argument"),
-           # before: all of Unicode kept, a 26 MB meta.json (the characters listed) and not a word
+           # never all of Unicode kept silently (a 26 MB meta.json listing the characters)
            (["--keep-chars", "\\n -\U0010ffff"], "nearly every one text can hold: it removes next to nothing"),
            (["--drop-chars", "\x01-\U0010ffff"], "--drop-chars names 1,114,111 characters; name at most 200,000")]
     for extra, message in bad:

@@ -93,10 +93,9 @@ def test_the_study_notebook_runs_on_a_kernel(tmp_path, writing_char_run):
 @pytest.mark.slow
 def test_the_study_notebook_as_shipped_studies_the_newest_run_and_says_what_another_kind_cannot_show(
         tmp_path, char_dataset, writing_char_run):
-    """Before: it opened "runs/demo", where `make demo` writes runs/demo-<timestamp> (a UserError), and a model of
-    another kind than lmlab's GPT failed in an AttributeError (`no attribute 'transformer'`). As shipped (RUN None)
-    it studies the run written to last; a recurrent one shows its evaluations and losses, and one sentence says
-    why not its attention."""
+    """As shipped (RUN None) the notebook studies the run written to last, wherever `make demo` wrote it
+    (runs/demo-<timestamp>); a model of another kind than lmlab's GPT (a recurrent one) shows its evaluations and
+    losses, and one sentence says why not its attention."""
     shutil.copytree(writing_char_run, tmp_path / "runs" / "demo-20250101-120000")
     config = write_config(tmp_path / "gru.toml", char_dataset, max_iters=10)
     lmlab.train(config, run=tmp_path / "runs" / "gru", set=["model.kind=recurrent"], console=Console(quiet=True))

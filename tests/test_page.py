@@ -176,8 +176,8 @@ def test_completion_chat_probabilities_and_temperatures_side_by_side(browser, se
 
 
 def test_a_key_given_while_the_page_connects_is_the_one_it_connects_with(browser, server):
-    """Before: a connect asked for while one was under way was dropped, so a key given while the page connected (its
-    first /v1/models asked without it) left "no API key given" on the page until the key was changed again."""
+    """A connect asked for while one is under way is kept, not dropped: a key given while the page connects (its
+    first /v1/models asked without it) is the one it ends up connected with, no "no API key given" left shown."""
     held = []
 
     def hold_the_first(route) -> None:  # the page's first ask, held until the key is in
@@ -251,8 +251,8 @@ def event_stream(tokens: int) -> str:
 
 @pytest.mark.slow
 def test_a_long_stream_is_laid_out_once_a_frame_not_once_a_token(browser, server):
-    """Before: each token appended a span and read the log's height to scroll, laying the whole log out once per
-    token: 3,000 tokens took 94 s (86 s of layout) on a loaded 2-core host, and 20,000 froze the tab. Here the stream
+    """A streamed completion is laid out at most once a frame, never once per token (a span appended and the log's
+    height read to scroll for each would lay the whole log out per token, which freezes a tab). Here the stream
     arrives at once (the browser's router answers the completion in the server's format), so what is counted is the
     page's own work: the browser's layouts (DevTools' Performance metrics), not a time."""
     tokens = 3000

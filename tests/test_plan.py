@@ -104,8 +104,8 @@ def test_the_mfu_comes_from_a_finished_run_of_the_same_config_before_a_newer_sho
 
 
 def test_a_run_of_the_same_model_trained_otherwise_lends_no_mfu(capsys, tmp_path):
-    """Before: with no run of the config, plan took the MFU of any run of the same model (another batch: 28.1 min
-    said where the config itself ran in about 17). Only a run of the same config is what the plan plans."""
+    """With no run of the config, plan takes no MFU from a run of the same model trained otherwise (another batch
+    runs at another MFU): only a run of the same config is what the plan plans."""
     config = Path(GPT2).read_text()
     other = h100_run(tmp_path / "other", config.replace("batch_size = ", "batch_size = 1"), [0.12] * 5, True, 1)
     code, out, _ = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path)

@@ -260,8 +260,9 @@ RETURN = "        return logits, None if targets is None else next_token_loss(lo
 @pytest.mark.parametrize("case", BAD_FORWARDS)
 @pytest.mark.slow
 def test_a_plugins_forward_is_checked_once_before_it_is_used(tmp_path, site, char_dataset, capsys, case):
-    """Before the fix: "needs more memory than can be counted" for a raise, tracebacks for the wrong outputs, and
-    transposed or NaN logits trained or sampled silently."""
+    """A plugin's forward is checked once before it is used: a raise, wrong outputs, and transposed or NaN logits
+    are each one sentence naming the plugin, never a memory estimate, a traceback, or a run trained or sampled
+    silently."""
     body, message = BAD_FORWARDS[case]
     install_plugin(site, "bad", "lmlab-bad", FAKE_MODEL.replace(RETURN, f"        {body}\n"))
     vocab = json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
@@ -323,10 +324,10 @@ LATE_FORWARDS = {
 @pytest.mark.slow
 def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(tmp_path, site, char_dataset, capsys,
                                                                                case):
-    """Before: "needs more memory than can be counted" (the raise, on the meta device where the batch is sized),
-    tracebacks (a tuple, a loss per token, a detached loss, a raise of the plugin's own class or in its backward),
-    "kernels.cache: ...; choose another folder" (its OSError, said as the user's), or a run trained silently on a
-    vocabulary short of a column or on a constant loss."""
+    """A plugin that goes wrong only on real batches is named wherever its forward runs: a raise on the meta device
+    where the batch is sized, a tuple, a loss per token, a detached loss, a raise of its own class or in its
+    backward, its own OSError (never said as the user's folder), a vocabulary short of a column or a constant loss
+    are each one sentence naming the plugin, never a traceback or a run trained silently."""
     body, message = LATE_FORWARDS[case]
     install_plugin(site, "late", "lmlab-late",
                    FAKE_MODEL.replace(RETURN, f"        if idx.shape[1] > 3:\n            {body}\n{RETURN}"))
@@ -342,7 +343,7 @@ def test_a_plugin_wrong_only_on_real_batches_is_named_wherever_its_forward_runs(
 def test_a_plugin_that_goes_wrong_after_training_is_named_by_sample_and_eval(tmp_path, site, char_dataset, capsys,
                                                                             monkeypatch):
     """Loading checks a plugin's forward on a 4x3 batch; what sampling and evaluating give it afterwards is checked
-    too (before: a traceback at the unpacking of its outputs)."""
+    too: a plugin's sentence, never a traceback at the unpacking of its outputs."""
     install_plugin(site, "moody", "lmlab-moody", FAKE_MODEL.replace(
         RETURN, "        if os.environ.get('MOODY') and idx.shape[1] > 3:\n            return logits, None, None\n"
         + RETURN) + "import os\n")
@@ -360,8 +361,8 @@ def test_a_plugin_that_goes_wrong_after_training_is_named_by_sample_and_eval(tmp
 @pytest.mark.slow
 def test_a_plugins_own_exception_after_training_is_named_by_sample_and_eval(tmp_path, site, char_dataset, capsys,
                                                                            monkeypatch, raised):
-    """Before: a traceback (its own Exception subclass) or "kernels.cache: Input/output error; choose another
-    folder", which blamed the user's folder for the plugin's read."""
+    """A plugin's own Exception subclass, or its OSError, after training is named by sample and eval as the
+    plugin's: never a traceback, never blamed on the user's folder ("choose another folder")."""
     install_plugin(site, "moody", "lmlab-moody", FAKE_MODEL.replace(
         RETURN, f"        if os.environ.get('MOODY') and idx.shape[1] > 3:\n            raise {raised}\n"
         + RETURN) + "import os\n")
@@ -477,8 +478,8 @@ def test_whatever_a_plugins_decode_state_raises_is_one_sentence_naming_it(tmp_pa
     ("recurrent", "", "'recurrent': a recurrent model's width is its own setting; use a gpt preset")])
 def test_a_kind_without_a_depth_dial_is_refused_a_refit_and_a_size_saying_why(tmp_path, char_dataset, capsys, kind,
                                                                             options, why):
-    """Before: `scaling PRESET --refit` of a plugin's preset said only that model.kind was not gpt. A size is a depth
-    of a GPT's family, its width following from it: the refusal says what the kind lacks, before anything trains."""
+    """A size is a depth of a GPT's family, its width following from it: `scaling PRESET --refit` or a size of a
+    plugin's preset is refused saying what the kind lacks, not only that it is not gpt, before anything trains."""
     preset = write(tmp_path / "p.toml", char_dataset, kind, options)
     for command in (["scaling", preset, "--refit", "--dir", tmp_path / "runs", "--device", "cpu"],
                     ["train", preset, "--run", tmp_path / "run", "--size", "2", "--device", "cpu"]):

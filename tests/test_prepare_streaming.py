@@ -244,8 +244,9 @@ def test_tiktoken_encodes_end_of_text_in_a_document_as_text(tmp_path, monkeypatc
 
 
 def test_val_tokens_gives_at_least_what_is_asked_or_refuses_with_what_it_can(tmp_path, capsys):
-    """Asked 1,500 val tokens, prepare gave fewer when the documents in the lowest --val-fraction of the key range
-    held fewer, silently; now the candidates are sized at the tokenizer's measured characters per token."""
+    """Asked 1,500 val tokens, prepare gives at least that many even where the documents in the lowest
+    --val-fraction of the key range hold fewer (its candidates sized at the tokenizer's measured characters per
+    token), or refuses saying what it can give: never fewer, silently."""
     source = write_jsonl(tmp_path / "docs.jsonl", documents(200))
     out = tmp_path / "data"
     for asked in (1500, 6000):  # 6,000: more than the lowest tenth of the keys holds

@@ -1,4 +1,4 @@
-"""benchmarks/recipe_levers.py's verdict, the rule issue 54 gives for keeping a lever, on made-up scores."""
+"""benchmarks/recipe_levers.py's verdict, its rule for keeping a lever, on made-up scores."""
 
 import sys
 from pathlib import Path

@@ -266,7 +266,7 @@ def test_a_flat_val_is_called_settled_only_past_the_noise_of_its_eval_batches(tw
                      r"higher, over twice the ±[\d.]+ noise of its 4 eval batches\): more of the same training will "
                      r"not lower its loss\.", said)
 
-    # One verdict with a gap between the splits (before: "flat ... not told" and "`flat` overfits" in one report).
+    # One verdict with a gap between the splits, never "flat ... not told" and "`flat` overfits" in one report.
     flat, risen = with_vals(gpt2, tmp_path / "flat-gap", 0.0005, 0.5), with_vals(gpt2, tmp_path / "risen-gap", 1.0, 0.5)
     said = " ".join(reading([flat, risen]))
     assert "`flat-gap` overfits" not in said, said

@@ -327,8 +327,8 @@ def test_a_run_without_pointers_resumes_and_samples_from_its_step_folders(capsys
 @pytest.mark.slow
 @pytest.mark.parametrize("lines", [1, 3])
 def test_train_piped_into_head_during_its_set_up_stops_before_its_first_step(tmp_path, char_dataset, lines):
-    """Before: `lmlab train CONFIG | head -3` (the reader gone while the run set up) left it `crashed`, with no
-    checkpoint and no `end` event. A reader gone before the run is begun ends the command as a pipe's reader ends
+    """`lmlab train CONFIG | head -3` (the reader gone while the run sets up) never leaves it `crashed`, without a
+    checkpoint or an `end` event. A reader gone before the run is begun ends the command as a pipe's reader ends
     any (status 141), nothing written; once it is begun, as one gone later does: a checkpoint of where it stands,
     `stopped_by` SIGPIPE, status 0. (Which of the two a line count meets depends on the notes a machine prints.)"""
     config = write_config(tmp_path / "long.toml", char_dataset, max_iters=1_000_000)
@@ -352,9 +352,10 @@ def test_train_piped_into_head_during_its_set_up_stops_before_its_first_step(tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_during_the_set_up_ends_it_at_once_in_one_line(tmp_path, char_dataset, stop):
-    """Before: SIGTERM while PyTorch loaded ended the command without a word (Python's default), and SIGINT in a
-    call that does not return to Python was held. Sent as the first line is read (PyTorch still loading): one
-    line, status 130, nothing written; or, should the run have been begun already, stopped after no step."""
+    """A stop signal while PyTorch loads ends the command at once in one line (never without a word, Python's
+    default for SIGTERM, nor held, as SIGINT is in a call that does not return to Python). Sent as the first line is
+    read (PyTorch still loading): one line, status 130, nothing written; or, should the run have been begun already,
+    stopped after no step."""
     config = write_config(tmp_path / "long.toml", char_dataset, max_iters=1_000_000)
     run = tmp_path / "run"
     child = subprocess.Popen([LMLAB, "train", str(config), "--run", str(run), "--device", "cpu"],

@@ -112,8 +112,8 @@ def test_samples_are_recorded_by_the_run_layer_with_how_they_were_drawn(tmp_path
 @pytest.mark.slow
 def test_damaged_lines_of_metrics_jsonl_are_skipped_with_one_note_by_every_reader(tmp_path, stable_root, monkeypatch,
                                                                                   capsys):
-    """Before: one byte that is not UTF-8 or one JSON line that is not an object gave a traceback in `log`, `runs`,
-    `report`, `compare` and `train --resume`; `runs` listed no run at all."""
+    """One byte that is not UTF-8 or one JSON line that is not an object is skipped with one note by `log`, `runs`,
+    `report`, `compare` and `train --resume`: never a traceback, and `runs` lists every run."""
     monkeypatch.chdir(stable_root)  # the dataset the legacy run names, for its resume
     runs = tmp_path / "runs"
     run, intact = runs / "damaged", runs / "intact"
@@ -173,8 +173,8 @@ BAD_LINES = [
 
 @pytest.mark.slow
 def test_every_reader_reads_events_against_their_schema_and_skips_the_rest_with_one_note(tmp_path, capsys):
-    """Before: a line of 200,000 brackets gave a RecursionError in `log`, `compare`, `plan`, `report` and `runs`
-    (which then listed no run; `plan` of another run failed too), an eval without val_loss a KeyError in `report`."""
+    """A line of 200,000 brackets, or an eval without val_loss, is skipped with one note by `log`, `compare`, `plan`,
+    `report` and `runs`: never a RecursionError or a KeyError, and the other runs still listed and planned."""
     runs = tmp_path / "runs"
     run, intact = runs / "damaged", runs / "intact"
     shutil.copytree(LEGACY / "trained", intact)

@@ -346,9 +346,9 @@ def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tok
 @pytest.mark.slow
 def test_an_imported_model_compares_on_its_evaluation_of_a_val_split(imported_gpt2, corpus_dir, tiny_run, capsys,
                                                                       tmp_path):
-    """Before: `lmlab compare runs/sft runs/gpt2` after import-hf and a whole-split `lmlab eval` refused the import
-    with "train it past one eval_interval". An import (or a run stopped before its first evaluation) compares on
-    its checkpoint's kept `lmlab eval`; what it trained elsewhere is no figure of it here ("-", null)."""
+    """`lmlab compare runs/sft runs/gpt2` after import-hf and a whole-split `lmlab eval` compares the import, never
+    asking to "train it past one eval_interval": an import (or a run stopped before its first evaluation) compares
+    on its checkpoint's kept `lmlab eval`; what it trained elsewhere is no figure of it here ("-", null)."""
     run = Path(shutil.copytree(imported_gpt2, tmp_path / "gpt2"))
     (run / "evaluations.json").unlink(missing_ok=True)  # the session's import, as another test may have evaluated it
     assert main(["compare", str(tiny_run), str(run)]) == 2

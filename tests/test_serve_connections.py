@@ -148,8 +148,8 @@ def test_one_address_gets_its_share_of_connections_and_the_others_are_served(cro
 
 @pytest.mark.slow
 def test_a_refused_connection_that_sent_its_request_reads_the_503_not_a_reset(crowded):
-    """Before: the 503 was written and the socket closed with the client's request unread, which the kernel answers
-    with a reset: 4 of 70 hostile chats got `connection reset` instead of the 503."""
+    """A refused connection's request is read before the 503 is written and the socket closed (a socket closed with
+    a request unread is answered by the kernel with a reset): every refused client reads the 503."""
     held = [busy(crowded, "127.0.0.2") for _ in range(2)]
     try:
         with socket.create_connection(("127.0.0.1", crowded.port), timeout=10, source_address=("127.0.0.2", 0)) as sock:

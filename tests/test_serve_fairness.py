@@ -48,8 +48,9 @@ def answers(socks: list[socket.socket]) -> list[bytes]:
 
 @pytest.mark.slow
 def test_a_flooding_client_is_the_one_refused_and_its_abandoned_jobs_are_dropped(roomy):
-    """Before: the parse lane's 64 places were global: a /tokenize flood from two addresses made 21 of 21 completions
-    from a third 429, and every flooded job ran, its client long gone."""
+    """A /tokenize flood from one address that fills the parse lane is what is refused (429, naming the address),
+    never another address's completion, which is answered around the flood; a flooded job whose client is gone is
+    dropped, not run."""
     body = json.dumps({"prompt": ("ROMEO: sweet night, thou art fair " * 30_000)[:900_000]}).encode()
     flood = [sent(roomy, "127.0.0.2", "/tokenize", body) for _ in range(FLOOD)]
     try:

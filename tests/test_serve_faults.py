@@ -48,7 +48,7 @@ def wait_idle(server: Server) -> dict:
 
 @pytest.mark.slow
 def test_clients_that_drop_mid_stream_give_their_rows_back(one_row):
-    for _ in range(5):  # the reported case was two; one leaked row already locked this server out
+    for _ in range(5):  # one leaked row would lock this one-row server out
         dropped_stream(one_row.port)
         wait_idle(one_row)  # the row comes back once the server has seen the client go
     deadline = time.monotonic() + 30
@@ -167,7 +167,7 @@ def test_a_flood_of_large_tokenize_bodies_starves_no_completion_and_gives_its_me
         assert status == 200 and answer["usage"]["completion_tokens"] <= 3
         assert answered() - done < flood  # answered while the flood still waits: not behind it
         assert {future.result()[0] for future in statuses} <= {200, 429}
-    # One large body read at a time, its garbage given back: before, all twelve at once took 440 MB and kept 400.
+    # One large body read at a time, its garbage given back: twelve never held in memory at once.
     assert high_water_mb(one_row) - peak < 250 and resident_mb(one_row) - before < 100
 
 

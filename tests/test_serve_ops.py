@@ -454,9 +454,9 @@ threads = [threading.Thread(target=lambda i=i: [log(f"thread {i} line {j}") for 
 
 
 def test_the_server_log_keeps_each_line_whole_whatever_threads_write_it():
-    """Before: print() wrote a line and its end apart, and the access log's line and the background start's ran
-    together on stderr ("...200 0.001slmlab serve: compiling the decode step failed ..."), which an operator's grep
-    and a test waiting for the line missed. Here 8 threads write 1,000 lines each to a real pipe."""
+    """Each line of the server's log reaches stderr whole, whatever threads write it: never two run together (an
+    access log's line and a background start's), which an operator's grep and a test waiting for the line would
+    miss. Here 8 threads write 1,000 lines each to a real pipe."""
     done = subprocess.run([sys.executable, "-c", LOG_FROM_THREADS], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stderr.splitlines()
@@ -477,9 +477,9 @@ signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 @pytest.mark.slow
 def test_a_signal_whose_handler_logs_while_the_log_writes_does_not_hang_the_server():
-    """Before: the log's lock was not reentrant, and a stop signal's handler, which says the server drains, ran in
-    the main thread while it held the lock for the access log: `lmlab serve` never stopped (3 tests timed out
-    waiting for it in a fresh clone). Here signals land on a process writing its log as fast as it can."""
+    """A stop signal's handler, which says the server drains, may run in the main thread while it holds the log's
+    lock for the access log: the log takes it again (reentrant) and `lmlab serve` stops. Here signals land on a
+    process writing its log as fast as it can."""
     proc = subprocess.Popen([sys.executable, "-c", LOG_WHILE_SIGNALLED], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:

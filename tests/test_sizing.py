@@ -138,7 +138,7 @@ def test_a_size_by_depth_takes_the_familys_shape_and_the_fits_lr(preset, tmp_pat
     (["--budget", "0.5s", "--size", "auto"], "even the smallest size of"),
     (["--size", "auto"], "--size auto chooses the size a time budget trains best; give one with --budget"),
     (["--budget", "20s", "--size", "auto", "--init-from", "runs/x"], "pass one of them"),
-    # Before: the shape set was overridden without a word (3 layers of 96 asked, 2 of 72 trained).
+    # A shape set beside a size is never overridden without a word (3 layers of 96 asked, 2 of 72 trained).
     (["--budget", "20s", "--size", "auto", "--set", "model.n_layer=3", "--set", "model.n_embd=96"],
      "--size auto sets model.n_layer, model.n_embd, model.n_head, model.n_kv_head from the preset's family, so "
      "model.n_layer would be overridden; drop it"),
@@ -277,10 +277,10 @@ def test_sweep_size_refusals_write_nothing(preset, tmp_path, capsys, args, messa
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_ends_the_timing_of_sizes_at_once_and_writes_nothing(preset, tmp_path, stop):
-    """Before: with a context of 100,000 the first size's step ran for minutes in one attention call (Python runs
-    no signal handler meanwhile): SIGINT was ignored, SIGTERM ended it without a word. Now the signal is heard as it
-    comes, and a timing that does not end within the grace is left with the process (nothing of the run is written
-    yet); the signal is sent once the command has spent more CPU time than its start-up takes."""
+    """With a context of 100,000 the first size's step runs for minutes in one attention call (Python runs no
+    signal handler meanwhile): SIGINT or SIGTERM is heard as it comes, never ignored or ending it without a word,
+    and a timing that does not end within the grace is left with the process (nothing of the run is written yet);
+    the signal is sent once the command has spent more CPU time than its start-up takes."""
     run = tmp_path / "run"
     child = subprocess.Popen([LMLAB, "train", str(preset), "--run", str(run), "--budget", "1h", "--size", "auto",
                               "--device", "cpu", "--set", "model.block_size=150000", "--set", "model.pos_emb=rope",
@@ -323,7 +323,7 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
     assert len(fit.runs) == 6 and {r["depth"] for r in fit.runs} == {1, 2, 3}  # 3 depths x 2 lengths
     assert [s["depth"] for s in fit.lr_search] == [1, 2, 3] and all(len(s["vals"]) == 2 for s in fit.lr_search)
     assert out.count("miniseries ") == 9  # per depth: 2 LRs at 2k, then 4k at the rule's LR
-    # Before: "miniseries 1/30" was its first word of the time it would take. Foretold first, in one line.
+    # The time it will take is foretold first, in one line, before "miniseries 1/30".
     foretold = " ".join(out.split("miniseries 1/")[0].split())
     assert f"miniseries: 9 of 9 runs to train under {tmp_path / 'runs' / 'mini-miniseries'}, about " in foretold
     assert " of training on cpu: " in foretold and "plus each run's set-up and evaluation" in foretold
@@ -371,8 +371,8 @@ BAD_FITS = [
 @pytest.mark.parametrize("command", ["plan", "train", "scaling"])
 @pytest.mark.parametrize("where, value, message", BAD_FITS, ids=lambda v: str(v)[:20])
 def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsys, command, where, value, message):
-    """Before: an LR exponent of 1e6 gave an OverflowError traceback in `plan` and `train`; alpha -1 was taken and
-    predicted val 827,699.66."""
+    """A fit's figures are checked when it is read: an LR exponent of 1e6 or an alpha of -1 is one sentence in
+    `plan` and `train`, never an OverflowError traceback or a predicted val of 827,699.66."""
     mine = tmp_path / preset.name
     mine.write_bytes(preset.read_bytes())
     fit = json.loads(fit_path(preset).read_text())
@@ -403,7 +403,7 @@ def test_a_fit_is_of_what_its_preset_sets_not_of_its_comments_or_layout(tmp_path
 
 @pytest.mark.slow
 def test_plan_size_auto_says_what_train_says_of_a_fit_of_another_preset_or_dataset(preset, tmp_path):
-    """Before: `plan --size auto` said nothing when the preset or its dataset had changed since the fit; train did."""
+    """`plan --size auto` says what `train` says when the preset or its dataset changed since the fit."""
     mine = tmp_path / preset.name
     mine.write_text(preset.read_text().replace("learning_rate = 3e-3", "learning_rate = 2e-3", 1))
     fit = json.loads(fit_path(preset).read_text())

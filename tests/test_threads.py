@@ -232,8 +232,8 @@ def test_on_busy_cores_a_refusal_stays_one_line_and_a_sample_says_its_threads_af
 @pytest.mark.parametrize("name", THREAD_VARIABLES)
 def test_every_thread_pools_variable_above_the_cores_is_refused_before_the_command_runs(monkeypatch, tmp_path,
                                                                                        capsys, name):
-    """Before: RAYON_NUM_THREADS=100000 made `prepare --tokenizer bpe:300` train its tokenizer for over 120 s (1 s
-    without it), where OMP_NUM_THREADS=100000 was one sentence."""
+    """Every thread pool's variable above the cores (RAYON_NUM_THREADS=100000, which would make `prepare --tokenizer
+    bpe:300` train its tokenizer for minutes) is one sentence before the command runs, as OMP_NUM_THREADS is."""
     corpus = write_corpus(tmp_path / "corpus", n_docs=2, speeches=5)
     for other in THREAD_VARIABLES:
         monkeypatch.delenv(other, raising=False)
@@ -331,8 +331,8 @@ def test_lmlab_reads_each_thread_variable_as_libgomp_and_rayon_do(tmp_path):
 
 
 def test_an_omp_num_threads_above_the_cores_is_refused_like_the_thread_options(monkeypatch):
-    """Before: OMP_NUM_THREADS=100000 killed `sample` and `train` with SIGSEGV (after a Rust panic in tokenizers:
-    torch's 100,000 OpenMP threads left the system none to give), where `--threads 100000` was one sentence."""
+    """OMP_NUM_THREADS=100000 is one sentence in `sample` and `train`, as `--threads 100000` is: never torch's
+    100,000 OpenMP threads, which leave the system none to give (a Rust panic in tokenizers, then SIGSEGV)."""
     legacy = Path(__file__).parent / "data" / "legacy" / "trained"
     done = subprocess.run([LMLAB, "sample", legacy, "--max-new-tokens", "3"], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "100000"}, timeout=300)
@@ -350,7 +350,7 @@ def test_an_omp_num_threads_above_the_cores_is_refused_like_the_thread_options(m
                                      ["sample", "--prompt", "ROMEO:", "--max-new-tokens", "2"]])
 def test_every_command_that_decodes_says_threads_the_load_lowered(monkeypatch, imported_gpt2, tmp_path, capsys,
                                                                   command):
-    """Before: `answer` said nothing of the threads others' load left it, where `sample` and `eval` said it. On four
+    """Every command that decodes (`answer` as `sample` and `eval`) says the threads others' load left it. On four
     faked cores, half of them busy and two threads the fastest (a timing simulated), each says it once, on stderr."""
     from tests.helpers import ALPACA_TINY, copy_run
 

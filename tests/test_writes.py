@@ -375,8 +375,8 @@ def test_a_failed_write_keeps_the_newest_checkpoint_and_says_how_to_resume(tmp_p
 
 @pytest.mark.slow
 def test_after_a_failed_checkpoint_log_and_runs_hold_the_best_the_run_kept(tmp_path, trained, capsys):
-    """Before: `log` marked step 30 a new best, and `runs` gave its val loss, though its checkpoint was never written
-    (the file size limit fails it): the best the run holds, and resumes from, is step 20's."""
+    """A checkpoint never written (the file size limit fails it) is no new best: `log` and `runs` give step 20's,
+    the best the run holds and resumes from, not step 30's."""
     run = copy_run(trained, tmp_path)
 
     def small_files() -> None:
@@ -397,8 +397,8 @@ def test_after_a_failed_checkpoint_log_and_runs_hold_the_best_the_run_kept(tmp_p
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full: a file every write to fails")
 def test_a_lock_file_that_cannot_be_written_is_named(tmp_path, trained, capsys):
-    """Before: `error: a file: ...`: the lock's holder line, the first write of every writer, was the one write
-    outside the reporting of failed writes. /dev/full fails every write, as a full disk does."""
+    """The lock's holder line, the first write of every writer, is reported as every failed write is, naming the
+    file (never `error: a file: ...`). /dev/full fails every write, as a full disk does."""
     run = copy_run(trained, tmp_path)
     (tmp_path / ".run.lock").symlink_to("/dev/full")
     refused(capsys, "train", "--resume", run, needles=(f"could not write {tmp_path / '.run.lock'} (",))
@@ -423,7 +423,7 @@ def test_a_prepare_or_an_export_that_cannot_write_names_the_file(tmp_path, impor
         resource.setrlimit(resource.RLIMIT_FSIZE, (10, 10))
 
     done = subprocess.run([LMLAB, "prepare", str(corpus), "--tokenizer", "char", "--out-dir", str(tmp_path / "data")],
-                          capture_output=True, text=True, preexec_fn=no_files)  # before: Exception, a traceback
+                          capture_output=True, text=True, preexec_fn=no_files)  # one sentence, not a traceback
     refused_process(done, "tokenizer.json (File too large", "free on its disk")
 
 

@@ -418,7 +418,7 @@ class RunDir:
                          self.chat_template(), notes)
 
 
-def check_steps(paths: list[Path | str], which: str) -> None:
+def check_steps(paths: Sequence[Path | str], which: str) -> None:
     """Refuse, before anything is read or written, a checkpoint step one of the runs does not have."""
     if checkpoint_name(which).startswith("step_"):
         for path in paths:

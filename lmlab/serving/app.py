@@ -187,7 +187,8 @@ def run_server(state: State, sock: Any, drain_seconds: float) -> int:
 
     # uvicorn annotates its timeouts as int but takes seconds as any number (asyncio's call_later and wait_for)
     keep_alive, drain = state.edge.idle_timeout, drain_seconds + 5
-    config = uvicorn.Config(create_app(state), log_level="warning", lifespan="off", http=protocol(state.edge, state.log),
+    config = uvicorn.Config(create_app(state), log_level="warning", lifespan="off",
+                            http=protocol(state.edge, state.log),
                             timeout_keep_alive=keep_alive, timeout_graceful_shutdown=drain)  # type: ignore[arg-type]
     server = Server(config)
     state.stop = lambda: setattr(server, "should_exit", True)

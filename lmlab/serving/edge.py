@@ -151,7 +151,7 @@ class Edge(_Host):
         super().data_received(data)
         if self.cycle is not cycle:  # a request's headers are whole: the body and the answer have their own clocks
             self._cancel("_deadline")
-            # a lane drops its jobs once true. uvicorn types the scope as a closed TypedDict; ASGI lets a server add keys
+            # a lane drops its jobs once true. uvicorn types the scope a closed TypedDict; ASGI lets a server add keys
             self.cycle.scope[GONE] = partial(getattr, self.cycle, "disconnected")  # type: ignore[literal-required]
         if self.cycle is not None and not self.cycle.more_body and self.flow.read_paused:
             # Reading on at a large body lets the client's going away be seen while its request waits.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,18 @@ def test_import_lmlab_names_the_api_without_loading_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["lmlab.api.training"]
     assert lmlab.Run.__module__ == "lmlab.api.run" and set(lmlab.API) <= set(lmlab.__all__)
+
+
+# The modules mypy may still pass over (pyproject.toml's [[tool.mypy.overrides]]), each being typed in issue 79: the
+# allowance only shrinks. A module made clean leaves the overrides, and then this set; no module joins either.
+MYPY_NOT_YET_TYPED = {"lmlab.api.run", "lmlab.api.training", "lmlab.experiments.sizing", "lmlab.train.finetune",
+                      "lmlab.train.loop", "lmlab.train.state", "lmlab.train.tracking"}
+
+
+def test_mypy_checks_every_module_but_those_not_yet_typed():
+    mypy = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mypy"]
+    assert mypy["files"] == ["lmlab"] and "exclude" not in mypy, "mypy must read the whole package"
+    exempted = {name for override in mypy.get("overrides", [])
+                for name in ([override["module"]] if isinstance(override["module"], str) else override["module"])}
+    assert exempted <= MYPY_NOT_YET_TYPED, (f"pyproject.toml exempts {sorted(exempted - MYPY_NOT_YET_TYPED)} from "
+                                            "mypy; type them instead (a module made clean never goes back)")

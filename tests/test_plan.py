@@ -163,6 +163,22 @@ def test_a_run_whose_peak_was_not_checked_for_load_lends_no_mfu(capsys, tmp_path
     assert code == 0 and f"{100 * DEFAULT_MFU:.1f}% (assumed" in out and "170.0%" not in out
 
 
+@pytest.mark.slow
+def test_a_gpu_plan_counts_the_evaluations_of_an_interval_in_passes_over_the_split(capsys, tmp_path, char_dataset):
+    code, _, err = plan(capsys, GPT2, "--gpu", "H100", "--runs", tmp_path, "--set", "train.eval_interval=epoch")
+    assert code == 2 and "train.eval_interval 'epoch' counts passes over the train split, which is not prepared" in err
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=1000)  # 256 tokens a step
+    split = json.loads((char_dataset / "meta.json").read_text())["train"]["tokens"]
+    steps = load_config(config, ["train.eval_interval=epoch"]).train.eval_steps(split, 256)
+    walls = []
+    for interval in ("epoch", str(steps)):  # a pass's evaluations, as many as those every pass's steps
+        code, out, _ = plan(capsys, config, "--gpu", "H100", "--runs", tmp_path, "--set",
+                            f"train.eval_interval={interval}")
+        walls.append(re.search(r"wall time\s+│ ([^│]+)│", out).group(1).strip())
+        assert code == 0 and "evaluating" in walls[-1]
+    assert walls[0] == walls[1]
+
+
 def test_the_plan_counts_passes_over_the_data_and_warns_past_four(capsys, tmp_path, char_dataset):
     split = json.loads((char_dataset / "meta.json").read_text())["train"]["tokens"]
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=1000)  # 256 tokens a step

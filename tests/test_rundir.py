@@ -94,7 +94,7 @@ def test_loading_names_what_is_missing(tmp_path):
     (bare / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="has no tokenizer"):
         RunDir(bare).load("best", "cpu")
-    assert RunDir(bare).load("best", "cpu", need_tokenizer=False).tokenizer is None
+    assert RunDir(bare).load("best", "cpu", need_tokenizer=False).tokenizer_or_none is None
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.evals.tasks import encode_pair, encode_task, load_task
 from lmlab.inference.scoring import Choice, loglikelihoods
-from lmlab.model import build_model
+from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
@@ -153,6 +153,29 @@ def test_batched_scoring_equals_scoring_each_choice_alone(kind):
         choices += [Choice(context, tuple(rng.randrange(50) for _ in range(rng.randint(1, 9)))) for _ in range(4)]
     expected = [reference(model, c) for c in choices]
     for options in ({}, {"share": False}, {"max_rows": 3, "max_tokens": 30}):
+        got = loglikelihoods(model, choices, **options)
+        assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4, options
+
+
+class Stateless(LanguageModel):  # the least a model plugin writes: no decode state (new_cache gives None)
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.mix = torch.nn.Linear(2 * config.n_embd, config.vocab_size)
+
+    def forward(self, idx, targets=None, cache=None):
+        x = self.wte(idx)
+        return self.mix(torch.cat([x, torch.nn.functional.pad(x, (0, 0, 1, 0))[:, :-1]], -1)), None
+
+
+def test_choices_sharing_a_context_are_scored_alone_by_a_model_without_a_decode_state():
+    torch.manual_seed(0)
+    model = Stateless(MODELS["gpt-2"]).eval()
+    context = (3, 1, 4, 1, 5)
+    choices = [Choice(context, (9, 2)), Choice(context, (6,)), Choice(context, (5, 3, 5)), Choice((2, 7), (1,))]
+    expected = [reference(model, c) for c in choices]
+    for options in ({}, {"share": False}):  # sharing a context's forward needs a decode state to carry it
         got = loglikelihoods(model, choices, **options)
         assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4, options
 

@@ -145,7 +145,8 @@ def comparison_figure(summaries: list[RunSummary], x: str = "step", log: bool = 
                             "counts of its data (dataset.json) to draw it in bits per byte; plot them apart.")
 
     def y(s: RunSummary, loss: float, split: str) -> float:
-        return s.bits_per_byte(loss, split if split in s.token_bytes else "val") if reason else loss
+        bits = s.bits_per_byte(loss, split if split in s.token_bytes else "val") if reason else None
+        return loss if bits is None else bits  # every run has the val split's bytes where there is a reason
 
     fig, ax = pyplot().subplots(figsize=(9, 5.5), dpi=120)
     for i, s in enumerate(summaries):

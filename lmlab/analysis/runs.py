@@ -191,10 +191,11 @@ def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[s
         return {}, None
     tasks: dict[str, dict[str, Any]] = {}
     for result in run.task_results():
-        if result.get("weights_sha256") == weights and isinstance(result.get("items"), int):
-            held = tasks.get(result.get("task"))
+        if (result.get("weights_sha256") == weights and isinstance(result.get("items"), int)
+                and isinstance(task := result.get("task"), str)):
+            held = tasks.get(task)
             if held is None or result["items"] >= held["items"]:
-                tasks[result.get("task")] = result
+                tasks[task] = result
     judged = [j for j in run.judgements() if j.get("weights_sha256") == weights]
     return tasks, judged[-1] if judged else None
 
@@ -211,8 +212,8 @@ def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
     """The train split's tokens, bytes per token of each split and the val split's checksum, from the dataset's facts;
     and the text the val loss is of (a fine-tune's: its held-out records)."""
     meta = run.dataset()
-    splits = {split: meta.get(split) for split in ("train", "val")} if isinstance(meta, dict) else {}
-    splits = {split: facts for split, facts in splits.items() if isinstance(facts, dict)}
+    found = {split: meta.get(split) for split in ("train", "val")} if isinstance(meta, dict) else {}
+    splits: dict[str, dict[str, Any]] = {split: facts for split, facts in found.items() if isinstance(facts, dict)}
     recorded = start.get("train_tokens")
     older = (splits.get("train") or {}).get("tokens") if start and run.kind() == "trained" else None
     summary.split_tokens = recorded if isinstance(recorded, int) and recorded > 0 else older
@@ -220,7 +221,7 @@ def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
         if facts.get("tokens") and facts.get("bytes"):
             summary.token_bytes[split] = facts["bytes"] / facts["tokens"]
     summary.data_sha256 = (splits.get("val") or {}).get("sha256")
-    origin = start.get("origin") if isinstance(start.get("origin"), dict) else {}
+    origin = given if isinstance(given := start.get("origin"), dict) else {}
     summary.scored_on = (f"held-out records {origin.get('data_sha256')}" if summary.kind == "fine-tuned" else
                          summary.data_sha256 or summary.dataset)
     summary.text = summary.scored_on if summary.kind == "fine-tuned" else _text(meta)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ def unique_tokens(tokens: int, split_tokens: int | None) -> int:
 
 def repeat_warning(passes: float | None, split_tokens: int | None, what: str) -> str | None:
     """A sentence when `what` passes over its data more than REPEAT_LIMIT times, else None."""
-    if passes is None or passes <= REPEAT_LIMIT:
+    if passes is None or split_tokens is None or passes <= REPEAT_LIMIT:
         return None
     return (f"{what} passes over its {split_tokens:,}-token train split {passes:.1f} times: past about "
             f"{REPEAT_LIMIT:g} passes a repeated token is worth much less than a new one (Muennighoff et al. 2023, "
@@ -53,7 +54,7 @@ class PowerLawFit:
         return self.a * np.power(x, self.b)
 
 
-def fit_power_law(x: list[float], y: list[float], names: list[str], x_label: str) -> PowerLawFit:
+def fit_power_law(x: Sequence[float], y: Sequence[float], names: list[str], x_label: str) -> PowerLawFit:
     if len(x) < 2 or len(set(x)) < 2:
         raise UserError(f"a power law against {x_label} needs at least two runs with different values of it; "
                         "pass more finished runs.")
@@ -154,6 +155,7 @@ def _best_exponents(n: np.ndarray, d: np.ndarray, y: np.ndarray, alphas: np.ndar
             error = float(np.mean((terms @ coef - y) ** 2))
             if best is None or error < best[0]:
                 best = error, coef, alpha, beta
+    assert best is not None, "the grids of exponents are not empty"
     return best
 
 

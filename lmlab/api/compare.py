@@ -56,9 +56,9 @@ class Comparison:
         return html_table(self.title, self.columns, self.rows)
 
     def __str__(self) -> str:
-        out = Console(file=io.StringIO(), width=120, color_system=None, force_jupyter=False)
-        out.print(self)
-        return out.file.getvalue()
+        text = io.StringIO()
+        Console(file=text, width=120, color_system=None, force_jupyter=False).print(self)
+        return text.getvalue()
 
     __repr__ = __str__
 

@@ -73,7 +73,7 @@ def prepare(source: str | Path | Sequence[str | Path], tokenizer: str, *, name: 
     normalization = Normalization.parse(list(steps) if steps else None, keep_chars, drop_chars)
     options = PrepareOptions(val_tokens=val_tokens, max_tokens=max_tokens, pack=pack, block_size=block_size,
                              shard_tokens=shard_tokens, text_field=text_field,
-                             gpt2_dir=gpt2_dir and Path(gpt2_dir), normalization=normalization,
+                             gpt2_dir=Path(gpt2_dir) if gpt2_dir else None, normalization=normalization,
                              **({"workers": workers} if workers is not None else {}))
     target, meta, built = prepare_dataset(sources, tokenizer, name, check_destination(out_dir, "--out-dir"),
                                           val_fraction, force, options, console or console_here())

@@ -122,7 +122,7 @@ def check_text(argv: list[str]) -> None:
 PEER_GRACE_SECONDS = 2.0
 
 
-def report(message: str, own: bool = False) -> None:
+def report_stop(message: str, own: bool = False) -> None:
     """Say why a command stopped, in one line on stderr. Under torchrun every rank usually stops for the same
     reason: the first process of each node alone prints it (a node's terminal shows only its own processes, and
     its launcher may end without a summary when the rendezvous host's goes first), and each rank leaves it in
@@ -193,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _compile_stopped(err: BaseException) -> str | None:
+def _compile_stopped(err: BaseException | None) -> str | None:
     """The stop signal that ended a compile, as torch.compile reports it (its error wraps what the signal did: the
     step abandoned after the stop's grace, or a C++ compiler the terminal's Ctrl-C killed), else None."""
+    from lmlab.train.stop import StepAbandoned
+
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if type(err).__name__ == "StepAbandoned":  # lmlab.train.stop's, raised inside the compiling step
+        if isinstance(err, StepAbandoned):  # raised inside the compiling step
             return err.signal
         if isinstance(err, subprocess.CalledProcessError) and err.returncode < 0:
             return signal.Signals(-err.returncode).name
@@ -215,7 +217,7 @@ def _peer_words(err: RuntimeError) -> str:
 def _say(message: str, own: bool = False) -> int:
     """Report a refusal (status 2), even when stderr's reader has gone too."""
     try:
-        report(message, own)
+        report_stop(message, own)
     except BrokenPipeError:
         pass
     return 2

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -144,16 +145,21 @@ def port(text: str) -> int:
     return int(text)
 
 
-def destination(option: str, kind: str = "") -> Callable[[str], str]:
+@dataclass(frozen=True)
+class destination:  # named as the argparse types beside it (port, positive): a callable checking a value
     """The type of an option naming where a command writes (`check_destination`), checked as the command line is
-    parsed, before anything loads; its refusal is the command's one line."""
-    def where(text: str) -> str:
+    parsed, before anything loads; its refusal is the command's one line. `destination` tells it from the numeric
+    types (tests/test_bad_values.py)."""
+
+    option: str
+    kind: str = ""
+    destination = True
+
+    def __call__(self, text: str) -> str:
         if not text.strip():  # else taken as not given: a plot, an output asked for and silently not written
-            raise UserError(f"{option} is {text!r}; it must be a path that is not empty.")
-        check_destination(text, option, kind)
+            raise UserError(f"{self.option} is {text!r}; it must be a path that is not empty.")
+        check_destination(text, self.option, self.kind)
         return text
-    where.destination = True  # tells it from the numeric types (tests/test_bad_values.py)
-    return where
 
 
 def add_set(parser: argparse.ArgumentParser, example: str = "train.learning_rate=3e-4") -> None:

@@ -46,22 +46,27 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if r.out_of_memory:
             table.add_row(str(size), "out of memory", "-", "-", "-")
         else:
+            assert r.peak_memory is not None, "a row that fits is measured"
             table.add_row(str(size), f"{r.tokens_per_sec:,.0f}", f"{r.ms_per_step:.1f}",
                           "-" if r.mfu is None else f"{100 * r.mfu:.1f}%", f"{r.peak_memory / 2**20:,.0f} MiB")
     console.print(table)
     for note in dict.fromkeys(note for r in rows for note in (r.note, r.peak_note) if note):
         console.print(note, style="yellow", highlight=False)
     warn_busy([(f"micro-batch {r.batch_size}", r.load) for r in rows], "its tokens/s and MFU read low")
-    if args.eval or args.checkpoint:
-        at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
-        at_config = at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device, peak=peak)
+    if not (args.eval or args.checkpoint):
+        return
+    at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
+    ms_per_step = (at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device, peak=peak)).ms_per_step
+    if ms_per_step is None:
+        raise UserError(f"micro-batch {cfg.train.batch_size} (train.batch_size) does not fit in memory on this device, "
+                        "so the cost of evaluating and checkpointing its training is not known; lower it.")
     if args.eval:
-        cost = eval_cost(cfg, at_config.ms_per_step, args.device)
+        cost = eval_cost(cfg, ms_per_step, args.device)
         console.print(f"one evaluation ({cfg.train.eval_iters} batches per split) takes {cost['eval_seconds']:.2f} s, "
                       f"{100 * cost['share']:.1f}% of the time at eval_interval {cfg.train.eval_interval}; "
                       f"eval_iters <= {cost['max_eval_iters_under_5pct']} keeps evaluation under 5%.")
     if args.checkpoint:
-        say_checkpoint(cfg, args.device, at_config.ms_per_step)
+        say_checkpoint(cfg, args.device, ms_per_step)
 
 
 def say_checkpoint(cfg: Any, device: str, ms_per_step: float) -> None:
@@ -174,7 +179,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         micro = f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps}" if cfg.train.grad_accum_steps > 1 else \
             f"{cfg.train.batch_size}"
         console.print(f"Timing training steps of micro-batch {micro}, as training runs them...")
-        *rate, load = measure_tokens_per_sec(cfg, args.device)
+        measured, source, load = measure_tokens_per_sec(cfg, args.device)
+        rate = measured, source
     else:
         hardware = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else local_hardware(args.device,
                                                                                           cfg.train.dtype)
@@ -183,7 +189,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         guess = estimate(hardware, args.mfu, with_vocab(cfg), [target] * bool(run) + searched)
         rate = guess.tokens_per_sec(model), ("estimate: a step's parts on this GPU (above)" if guess.step else
                                              "estimate: peak × MFU ÷ FLOPs per token") + "; --measure times it here"
-    plan = make_plan(cfg, tuple(rate), args.tokens, args.chinchilla, run and run.split_tokens,
+    plan = make_plan(cfg, rate, args.tokens, args.chinchilla, run.split_tokens if run else None,
                      guess.step if guess else None)
     console.print(plan_table(target, plan, guess, run))
     console.print(f"6·N·D and lmlab's compute: {compute_note(plan)}")
@@ -226,7 +232,7 @@ def plan_budget(args: argparse.Namespace) -> None:
     if size is None:
         return _plan_shape(target, cfg, started, args.device, chooser, args.budget)
     with console.status("Timing the sizes on this machine..." if size == "auto" else "Timing its steps..."):
-        sizing = choose_size(target, cfg, started, args.device, chooser, None if size == "auto" else [size])
+        sizing = choose_size(target, cfg, started, args.device, chooser, None if isinstance(size, str) else [size])
     print_table(f"Sizes weighed for {args.budget} of {target} on this machine now (* chosen)", _size_columns(),
                 [{**c.record(), "chosen": c is sizing.chosen} for c in sizing.candidates])
     for c in sizing.candidates:
@@ -316,8 +322,8 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
     if plan.split_tokens is None:  # the unique tokens are at most the train split's, which is not known here
         unique = "unique tokens unknown (at most the train split's)"
     else:
-        unique = unique_tokens(plan.tokens, plan.split_tokens)
-        unique = f"unique tokens {unique:,} are {chinchilla_percent(unique, plan.params):.1f}% of it"
+        tokens = unique_tokens(plan.tokens, plan.split_tokens)
+        unique = f"unique tokens {tokens:,} are {chinchilla_percent(tokens, plan.params):.1f}% of it"
     table.add_row("Chinchilla-optimal tokens", f"{plan.chinchilla_tokens:,} (20 per parameter): {unique}, {seen}")
     table.add_row("training compute", f"{plan.flops:.3g} FLOPs ({plan.flops_per_token:.3g} per token)")
     change = plan.six_nd / plan.flops - 1
@@ -333,9 +339,9 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
     evaluating = f" ({format_duration(plan.eval_seconds)} of it {plan.besides})" if plan.eval_seconds else ""
     table.add_row("wall time", format_duration(plan.seconds) + evaluating)
     if run:
-        seen = unique_tokens(run.tokens, run.split_tokens)
         passes = "" if run.epochs is None else f"{run.epochs:.2f} passes; "
-        table.add_row("tokens seen so far", f"{run.tokens:,} ({passes}{chinchilla_percent(seen, plan.params):.1f}% of "
+        percent = chinchilla_percent(unique_tokens(run.tokens, run.split_tokens), plan.params)
+        table.add_row("tokens seen so far", f"{run.tokens:,} ({passes}{percent:.1f}% of "
                       f"Chinchilla-optimal in unique tokens; {run.status})")
         table.add_row("time to finish", format_duration(max(0, plan.tokens - run.tokens) / plan.tokens_per_sec))
     return table

@@ -143,7 +143,8 @@ def signature(func: Any, name: str) -> str:
         if param.kind is param.KEYWORD_ONLY and not star:
             parts.append("*")
         star = star or param.kind in (param.KEYWORD_ONLY, param.VAR_POSITIONAL)
-        text = {param.VAR_POSITIONAL: "*", param.VAR_KEYWORD: "**"}.get(param.kind, "") + param.name
+        stars = "*" if param.kind is param.VAR_POSITIONAL else "**" if param.kind is param.VAR_KEYWORD else ""
+        text = stars + param.name
         if param.annotation is not param.empty:
             text += f": {param.annotation}"
         if param.default is not param.empty:
@@ -163,7 +164,7 @@ def _members(cls: type) -> list[tuple[str, Any]]:
 
 
 def _class_lines(name: str, cls: type) -> list[str]:
-    lines = ["```python", signature(cls.__init__, f"lmlab.{name}"), "```", "", inspect.getdoc(cls) or "", ""]
+    lines = ["```python", signature(cls, f"lmlab.{name}"), "```", "", inspect.getdoc(cls) or "", ""]
     if dataclasses.is_dataclass(cls):
         docs = field_docs(cls)
         lines += ["| field | type | what it is |", "|---|---|---|"]
@@ -172,6 +173,7 @@ def _class_lines(name: str, cls: type) -> list[str]:
         lines.append("")
     for member, value in _members(cls):
         if isinstance(value, property):
+            assert value.fget is not None, f"{name}.{member} is a property with no getter"
             returns = inspect.signature(value.fget).return_annotation
             lines += [f"### `{name}.{member}`", "", f"A property: `{returns}`. {inspect.getdoc(value) or ''}", ""]
         else:

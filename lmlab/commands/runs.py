@@ -87,9 +87,11 @@ def cmd_scaling(args: argparse.Namespace) -> None:
         return show_fit(Path(args.runs[0]), args)
     if args.refit:
         raise UserError("--refit measures a preset's fit: pass one preset (lmlab scaling configs/NAME.toml --refit).")
-    runs = [s for s in map(summarize, map(Path, args.runs)) if s.best_val_loss is not None and s.flops]
-    names, losses = [s.name for s in runs], [s.best_val_loss for s in runs]
-    axes = {"compute (FLOPs)": [s.flops for s in runs], "parameters": [s.params for s in runs]}
+    found = [(s, loss, flops, params) for s in map(summarize, map(Path, args.runs))
+             if (loss := s.best_val_loss) is not None and (flops := s.flops) and (params := s.params)]
+    runs, names, losses = [f[0] for f in found], [f[0].name for f in found], [f[1] for f in found]
+    axes: dict[str, list[float] | list[int]] = {"compute (FLOPs)": [f[2] for f in found],
+                                                "parameters": [f[3] for f in found]}
     if len(runs) < 2:
         raise UserError(f"scaling needs at least two runs with an evaluation; {len(runs)} of those given have one.")
     reason = unfair(runs)
@@ -100,7 +102,7 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     if not fits:
         raise UserError("every run has the same size and saw the same tokens: there is nothing to fit; pass runs "
                         "of different sizes or lengths.")
-    caveats = fit_caveats(names, [s.tokens for s in runs], [s.params for s in runs], [s.still_falling for s in runs])
+    caveats = fit_caveats(names, [s.tokens for s in runs], [f[3] for f in found], [s.still_falling for s in runs])
     columns = [Column("against", 0, lambda f: f.x_label, left=True),
                Column("fit", 0, lambda f: f"L = {f.a:.4g} · x^{f.b:.4f}", left=True),
                Column("rmse", 2, lambda f: f"{f.rmse:.4f}"), Column("R² (log)", 3, lambda f: f"{f.r2:.3f}"),

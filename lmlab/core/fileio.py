@@ -114,7 +114,7 @@ def host_memory() -> int:
 SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
 
 
-def _blocking_file(path: Path) -> str | None:
+def _blocking_file(path: Path | str) -> str | None:
     """What stands where a folder of `path` (or `path` itself) should be, and the fix: a file, or a link that leads
     to nothing (a missing target, or a loop of links); None if nothing does."""
     for part in [*reversed(Path(path).parents), Path(path)][1:]:
@@ -140,7 +140,7 @@ def _dangling(link: Path) -> str:
             "path")
 
 
-def os_fix(err: OSError, path: Path, writing: bool = True) -> str:
+def os_fix(err: OSError, path: Path | str, writing: bool = True) -> str:
     """What to do about an OSError met writing (or using) `path`, by its cause; one clause."""
     code = err.errno
     if code in SPACE_ERRORS:

@@ -185,10 +185,10 @@ def attach(summary: JudgeSummary, answers: Path) -> str:
     """Keep the judgement in the run that answered (the answers file names it), so `runs`, `compare` and `report`
     show it; the run it was kept in, or why it was not."""
     runs = {item.get("run") for item in summary.items}
-    if len(runs) != 1 or None in runs:
+    if len(runs) != 1 or not isinstance(named := next(iter(runs)), str):
         return (f"not kept in a run: {answers} does not name one run that answered (written by an older lmlab, or "
                 "several files joined); write it again with `lmlab answer`")
-    run = RunDir(runs.pop())
+    run = RunDir(named)
     if not (run.path / "config.toml").exists():
         return f"not kept in a run: {run.path}, which answered, is not on this machine"
     run.save_judgement(summary.judgement(answers))

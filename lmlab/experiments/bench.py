@@ -92,37 +92,42 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, cfg.train.dtype)
-    tc, T = cfg.train, cfg.model.block_size
-    check_training(cfg.model, batch_size, optimizer_of(tc).state_bytes, device, setting="--batch-sizes")
+    check_training(cfg.model, batch_size, optimizer_of(cfg.train).state_bytes, device, setting="--batch-sizes")
     try:
         gc.collect()  # the previous batch size's tensors go before this one's peak is counted
         _reset_peak_memory(device)
-        step = _build(cfg, device, dtype)
-        x = torch.randint(0, cfg.model.vocab_size, (batch_size, T), device=device)
-        batches = [(x, x)] * tc.grad_accum_steps
-        for _ in range(warmup):  # warmup steps compile, allocate and fill caches
-            step(batches, len(batches), tc.learning_rate)
-        synchronize(device)
-        with LoadMeter() as meter:
-            started, done = time.perf_counter(), 0
-            while done < steps or time.perf_counter() - started < max(seconds, MIN_WINDOW):
-                step(batches, len(batches), tc.learning_rate)
-                done += 1
-                if seconds:  # the clock read above must see the step done
-                    synchronize(device)
-            synchronize(device)
-            seconds = (time.perf_counter() - started) / done
-        rate = batch_size * tc.grad_accum_steps * T / seconds
-        peak, computed = peak or peak_flops(device, dtype), rate * step.model.flops_per_token()
-        return BenchRow(batch_size, rate, 1000 * seconds, peak.mfu(computed), _peak_memory(device), note=step.note,
-                        peak_note=peak.wrong(computed), load=meter.load)
+        return _timed(cfg, batch_size, steps, device, dtype, warmup, seconds, peak)  # its tensors go as it returns
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)
     finally:
-        step = x = batches = None  # drop the references, so the memory can be freed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _timed(cfg: RunConfig, batch_size: int, steps: int, device: torch.device, dtype: torch.dtype, warmup: int,
+           seconds: float, peak: Peak | None) -> BenchRow:
+    """`bench_batch`'s steps, timed."""
+    tc, T = cfg.train, cfg.model.block_size
+    step = _build(cfg, device, dtype)
+    x = torch.randint(0, cfg.model.vocab_size, (batch_size, T), device=device)
+    batches = [(x, x)] * tc.grad_accum_steps
+    for _ in range(warmup):  # warmup steps compile, allocate and fill caches
+        step(batches, len(batches), tc.learning_rate)
+    synchronize(device)
+    with LoadMeter() as meter:
+        started, done = time.perf_counter(), 0
+        while done < steps or time.perf_counter() - started < max(seconds, MIN_WINDOW):
+            step(batches, len(batches), tc.learning_rate)
+            done += 1
+            if seconds:  # the clock read above must see the step done
+                synchronize(device)
+        synchronize(device)
+        seconds = (time.perf_counter() - started) / done
+    rate = batch_size * tc.grad_accum_steps * T / seconds
+    peak, computed = peak or peak_flops(device, dtype), rate * step.model.flops_per_token()
+    return BenchRow(batch_size, rate, 1000 * seconds, peak.mfu(computed), _peak_memory(device), note=step.note,
+                    peak_note=peak.wrong(computed), load=meter.load)
 
 
 def bench_threads(cfg: RunConfig, device: torch.device, dtype: torch.dtype, chooser: ThreadChooser) -> Choice:
@@ -172,7 +177,7 @@ def largest_fitting(fits: Callable[[int], bool | None], limit: int, seconds: flo
     search finished. It begins no try `foresee` says would end past `seconds` from its start (the first excepted:
     there is nothing to foresee it from), and then returns the largest batch found so far with False. `fits` gives
     None for a batch refused without a try (estimated not to fit), which takes no time worth foreseeing."""
-    started, tries = clock(), {}  # seconds of each batch tried
+    started, tries = clock(), dict[int, float]()  # seconds of each batch tried
 
     def attempt(batch: int) -> bool | None:
         """Whether `batch` fits; None: no time left to try it."""
@@ -231,7 +236,7 @@ def memory_budget(device: torch.device) -> int | None:
 
 
 def within(row: BenchRow, budget: int | None) -> bool:
-    return not row.out_of_memory and (budget is None or row.peak_memory <= budget)
+    return row.peak_memory is not None and (budget is None or row.peak_memory <= budget)  # None: out of memory
 
 
 def _available_memory() -> int:
@@ -292,8 +297,8 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> 
         estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, tc.eval_iters, split, device, dtype)
     eval_seconds = time.perf_counter() - started
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.model.block_size
-    steps = tc.eval_interval if tc.passes_per_eval is None else tc.eval_steps(
-        read_meta(Path(cfg.data.dataset))["train"]["tokens"], tokens_per_step)
+    split_tokens = 0 if tc.passes_per_eval is None else read_meta(Path(cfg.data.dataset))["train"]["tokens"]
+    steps = tc.eval_steps(split_tokens, tokens_per_step)  # eval_interval without passes_per_eval
     train_seconds = steps * ms_per_step / 1000
     per_batch = eval_seconds / (2 * tc.eval_iters)
     return {"eval_seconds": eval_seconds, "train_seconds_per_interval": train_seconds,

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmlab.core.config import ModelConfig, RunConfig
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS, datasheet_peak
+from lmlab.core.errors import UserError
 from lmlab.model import build_model
 
 # The share of the datasheet peak a training step's matmuls reach, by datasheet row or family.
@@ -166,8 +167,8 @@ def _trace(key: str) -> Trace:
         for field in ("launches", "matmuls", "views", "bytes", "serial"):
             a, b = getattr(one, field), getattr(two, field)
             figures[(backward, field)] = a + (config.n_layer - 1) * (b - a)
-    return Trace(*(figures[True, f] for f in ("launches", "matmuls", "views", "bytes")),
-                 *(figures[False, f] for f in ("launches", "matmuls", "views", "bytes")), figures[True, "serial"])
+    return Trace(**{f"{'step' if b else 'forward'}_{f}": figures[b, f] for b in (True, False)
+                    for f in ("launches", "matmuls", "views", "bytes")}, serial=figures[True, "serial"])
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class StepTime:
     def dominant(self) -> str:
         parts = {"matmuls": self.matmuls, "memory traffic": self.memory, "the recurrence": self.recurrence,
                  "the optimizer": self.optimizer, "the all-reduce": self.allreduce, "kernel launches": self.launches}
-        return max(parts, key=parts.get)
+        return max(parts, key=parts.__getitem__)
 
     def describe(self) -> str:
         """E.g. `bound by kernel launches: the host launches 2,506 kernels in 19.0 ms, the GPU's work takes 16.2 ms
@@ -226,7 +227,9 @@ def peak_of(row: str, dtype: str) -> tuple[float, bool]:
     found = datasheet_peak(row, getattr(torch, dtype))
     if found:
         return found[0], True
-    return datasheet_peak(row, torch.float32)[0], False
+    fp32 = datasheet_peak(row, torch.float32)
+    assert fp32 is not None, f"the datasheet row {row} has an fp32 peak"
+    return fp32[0], False
 
 
 def compile_seconds(found: Trace) -> float:
@@ -283,6 +286,12 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
                     allreduce_seconds(row, params, gpus, backward), compile_seconds(found) if compiled else 0.0, gpus)
 
 
-def run_seconds(cfg: RunConfig, step: StepTime, steps: float) -> tuple[float, float, float]:
-    """Seconds of `steps` optimizer steps, of the evaluations among them and of compiling."""
-    return steps * step.seconds, math.ceil(steps / cfg.train.eval_interval) * step.evaluation, step.compile
+def run_seconds(cfg: RunConfig, step: StepTime, steps: float, split_tokens: int | None) -> tuple[float, float, float]:
+    """Seconds of `steps` optimizer steps, of the evaluations among them and of compiling; `split_tokens`, the train
+    split's, place the evaluations of an eval_interval in passes."""
+    tc = cfg.train
+    if tc.passes_per_eval is not None and not split_tokens:
+        raise UserError(f"train.eval_interval {tc.eval_interval!r} counts passes over the train split, which is not "
+                        f"prepared here ({cfg.data.dataset}); prepare it, or give the interval in steps.")
+    interval = tc.eval_steps(split_tokens or 0, tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)
+    return steps * step.seconds, math.ceil(steps / interval) * step.evaluation, step.compile

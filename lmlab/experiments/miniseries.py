@@ -121,7 +121,7 @@ class Miniseries:
         self.family = Family.of(with_vocab(load_config(preset)), str(preset))
         tc = self.family.preset.train  # a family's sizes keep the preset's batch and context
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.family.preset.model.block_size
-        self.done, self.points = 0, {}  # the runs by folder, each trained once
+        self.done, self.points = 0, dict[Path, dict[str, Any]]()  # the runs by folder, each trained once
         self._params: dict[int, int] = {}
         self.total = len(self.left(every=True))
         refused = self.refusal(series.depths)
@@ -371,6 +371,7 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
         rule = lr_rule(search, cfg.model.n_embd)
         points = [point for s in search for point in runs.lengths(s, rule.factor(s["width"], cfg.model.n_embd))]
     surface = _surface(points)
+    assert meter.load is not None, "a meter measures its window as it closes"
     meta = read_meta(Path(cfg.data.dataset))
     dataset = {"path": cfg.data.dataset, "tokenizer": meta["tokenizer"], "train_sha256": meta["train"]["sha256"]}
     measured = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),

@@ -88,8 +88,8 @@ class Hardware:
             return False
         if self.local:
             return facts.get("gpu") == self.local["gpu"] and facts.get("cpu") == self.local["cpu"]
-        found = facts.get("gpu") and datasheet_peak(facts["gpu"], getattr(torch, self.dtype))
-        return bool(found) and found[1] == self.peak_figure.source
+        found = datasheet_peak(facts["gpu"], getattr(torch, self.dtype)) if facts.get("gpu") else None
+        return found is not None and found[1] == self.peak_figure.source
 
 
 MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (one at least), after one warm-up step
@@ -103,7 +103,7 @@ def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str
     dtype = autocast_dtype(device, cfg.train.dtype)
     threads = bench_threads(cfg, device, dtype, chooser).threads
     row = bench_batch(cfg, cfg.train.batch_size, 1, device_name, warmup=1, seconds=MEASURE_SECONDS)
-    if row.out_of_memory:
+    if row.tokens_per_sec is None:  # out of memory
         raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or pass "
                         "--tokens-per-sec.")
     accumulation = f" x {cfg.train.grad_accum_steps} accumulated" if cfg.train.grad_accum_steps > 1 else ""
@@ -237,11 +237,13 @@ def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None
         tokens, source = CHINCHILLA_TOKENS_PER_PARAM * params, "20 tokens per parameter (Chinchilla)"
     elif not tokens:
         tokens, source = cfg.train.max_iters * tokens_per_step, "train.max_iters x tokens per step"
-    _, evaluations, compiling = run_seconds(cfg, step, tokens / tokens_per_step) if step else (0.0, 0.0, 0.0)
+    split_tokens = split_tokens or train_split_tokens(cfg)
+    _, evaluations, compiling = (run_seconds(cfg, step, tokens / tokens_per_step, split_tokens) if step else
+                                 (0.0, 0.0, 0.0))
     besides = (f"compiling ({format_duration(compiling)}) and evaluating ({format_duration(evaluations)})"
                if compiling else "evaluating")
     return Plan(params, model.num_params(embeddings=False), model.flops_per_token(), tokens_per_step, tokens, source,
-                *rate, split_tokens or train_split_tokens(cfg), model.lookup_params(), model.padding_params(),
+                *rate, split_tokens, model.lookup_params(), model.padding_params(),
                 model.attention_flops(), evaluations + compiling, besides)
 
 

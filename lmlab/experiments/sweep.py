@@ -50,9 +50,11 @@ class SweepResult:
         """The finished trial of the lowest final score, where every finished trial has one; else of the lowest val
         its evaluations read."""
         done = [s for s in self.summaries if s.best_val_loss is not None and s.status in DONE]
-        if done and all(s.final_val_loss is not None for s in done):
-            return min(done, key=lambda s: s.final_val_loss)
-        return min(done, key=lambda s: s.best_val_loss) if done else None
+        finals = [(final, s) for s in done if (final := s.final_val_loss) is not None]
+        if done and len(finals) == len(done):
+            return min(finals, key=lambda pair: pair[0])[1]
+        bests = [(best, s) for s in done if (best := s.best_val_loss) is not None]
+        return min(bests, key=lambda pair: pair[0])[1] if bests else None
 
 
 def parse_grid(sets: list[str]) -> list[tuple[str, list[str]]]:
@@ -160,7 +162,8 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         else:
             cfg, sizing, chooser = sized_run(Path(config), trial.config, size, started, device, console, window)
             trainer = Trainer(cfg, trial.run_dir, device, console=console, started=started, threads=chooser,
-                              sizing=sizing and sizing.record(), timing=sizing and sizing.chosen.timing)
+                              sizing=sizing.record() if sizing else None,
+                              timing=sizing.chosen.timing if sizing else None)
         outcome = trainer.run()
         if outcome.stopped_by:
             result.stopped_by = outcome.stopped_by

@@ -26,6 +26,7 @@ from lmlab.gguf.card import card_paths, write_card
 from lmlab.gguf.tensors import TYPES, arch_for, encoded, ggml_type, model_tensors
 from lmlab.gguf.vocab import Vocab, gguf_vocab
 from lmlab.hf import choose_family
+from lmlab.model.gpt import GPT
 from lmlab.run.rundir import LoadedRun, RunDir, check_steps
 
 Progress = Callable[[int, int], None]
@@ -83,6 +84,7 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, kind: str, progress: Progres
     cfg = run.config.model
     arch = arch_for(choose_family(cfg), cfg)
     wanted, file_type = TYPES[kind]
+    assert isinstance(run.model, GPT), "export_gguf loads runs of kind gpt"
     tensors = list(model_tensors(run.model, arch, cfg.vocab_size))
     writer = gguf.GGUFWriter(tmp, arch.name)
     writer.add_name(run.run.name)
@@ -96,7 +98,7 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, kind: str, progress: Progres
     types = [ggml_type(tensor, wanted) for _, tensor in tensors]
     for (name, tensor), qtype in zip(tensors, types):
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(tuple(tensor.shape), qtype))
-        writer.add_tensor_info(name, tuple(tensor.shape), np.float32, nbytes, raw_dtype=qtype)
+        writer.add_tensor_info(name, tuple(tensor.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
         counts[qtype.name.lower()] = counts.get(qtype.name.lower(), 0) + 1
     try:
         writer.write_header_to_file()

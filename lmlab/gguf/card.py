@@ -77,8 +77,8 @@ def ollama_template(run: LoadedRun, vocab: Vocab) -> tuple[str, list[str]]:
     before, _, after = prompt.text.partition(MESSAGE)
     template = before.replace("{{", "{{ \"{{\" }}") + "{{ .Prompt }}" + after.replace("{{", "{{ \"{{\" }}")
     stops = list(prompt.stop)
-    if vocab.eos is not None:
-        stops.append(run.tokenizer.eot_token)
+    if (eot := run.tokenizer.eot_token) is not None:  # vocab.eos's
+        stops.append(eot)
     return template, list(dict.fromkeys(stops))
 
 

@@ -85,7 +85,9 @@ def model_tensors(model: GPT, arch: Arch, rows: int) -> Iterator[tuple[str, torc
         for hf_name, part in zip(family.hf_names(name), parts):
             if arch.interleave and hf_name.split(".")[-2] in ("q_proj", "k_proj"):
                 part = _interleaved(part, cfg.head_size)
-            yield names.get_name(hf_name, try_suffixes=(".weight", ".bias")), part.detach().float().cpu()
+            name_there = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            assert name_there is not None, f"llama.cpp's {arch.name} has no tensor {hf_name}"
+            yield name_there, part.detach().float().cpu()
 
 
 def ggml_type(tensor: torch.Tensor, wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:

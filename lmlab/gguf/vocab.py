@@ -139,7 +139,7 @@ def _pre_tokenizer(raw: dict[str, Any], what: str) -> str:
     """llama.cpp's name for the tokenizer's split: GPT-2's regex, either as ByteLevel's own or as a Split before
     a ByteLevel that does not split again."""
     pre = raw.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    steps: list[dict[str, Any]] = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
     split = None
     if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
         split = HF_GPT2_SPLIT

@@ -92,7 +92,7 @@ def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int
     """The imported model's tokenizer: --tokenizer, else the folder's own, else (GPT-2) $LMLAB_GPT2_DIR's. A run
     cannot sample without one."""
     if given is not None or any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
-        where, tokenizer = given or folder, load_pretrained(given or folder)
+        where, tokenizer = str(given or folder), load_pretrained(given or folder)
     elif family is GPT2 and os.environ.get(GPT2_DIR_ENV):
         where, tokenizer = f"${GPT2_DIR_ENV}", load_gpt2()
     else:
@@ -191,6 +191,7 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
         tmp = fresh_dir(run_dir, "--out run dir")
         try:
             model = build_model(model_cfg)  # refuses a size this machine cannot hold, before allocating it
+            assert isinstance(model, GPT), "every family is lmlab's kind gpt"
             _load(model, family, weights)
             # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
             cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
@@ -230,15 +231,17 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
     tmp = fresh_dir(out, "output folder")
     try:
         run = RunDir(run_dir).load(checkpoint, "cpu", need_tokenizer=False)
-        eot_id = run.tokenizer.eot_id if run.tokenizer else None
+        tokenizer = run.tokenizer_or_none
+        assert isinstance(run.model, GPT), "a run of kind gpt was asked for"
+        eot_id = tokenizer.eot_id if tokenizer else None
         with writing(out):
             save_tensors(family.from_lmlab(run.model), tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", family.write_config(run.config.model, eot_id))
-        write_generation_config(tmp, run.tokenizer, run.chat_template)
-        if run.tokenizer is not None:  # only runs imported without one, before import-hf refused that
-            write_tokenizer(tmp, run.tokenizer, run.config.model.block_size, run.chat_template)
+        write_generation_config(tmp, tokenizer, run.chat_template)
+        if tokenizer is not None:  # only runs imported without one, before import-hf refused that
+            write_tokenizer(tmp, tokenizer, run.config.model.block_size, run.chat_template)
         move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "family": family.name, "checkpoint": run.checkpoint, "step": run.step,
-            "tokenizer": run.tokenizer.spec if run.tokenizer else None}
+            "tokenizer": tokenizer.spec if tokenizer else None}

@@ -44,9 +44,8 @@ def read(raw: dict[str, Any], key: str, path: Path, kind: type | tuple[type, ...
             raise UserError(f"{path} has no {key}; it is not a complete Hugging Face config.json.")
         return default
     value = raw[key]
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)) or (
-            number and (not math.isfinite(value) or (positive and value <= 0))):
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)) or (isinstance(value, (int, float))
+            and not isinstance(value, bool) and (not math.isfinite(value) or (positive and value <= 0))):
         raise UserError(f"{path}: {key} is {value!r}, not a {'positive ' if positive else ''}"
                         f"{getattr(kind, '__name__', 'number')}; the file is damaged or not a model's config.")
     return value

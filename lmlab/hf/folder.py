@@ -148,9 +148,9 @@ def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int, chat: Chat
     tokenizer.save(out / "tokenizer.json")
     settings: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
                                 "clean_up_tokenization_spaces": False, "lmlab_tokenizer": tokenizer.spec}
-    if tokenizer.eot_token is not None:
-        settings.update(bos_token=tokenizer.eot_token, eos_token=tokenizer.eot_token,
-                        pad_token=tokenizer.backend.id_to_token(pad_id(tokenizer)))
+    eot, pad = tokenizer.eot_token, pad_id(tokenizer)
+    if eot is not None and pad is not None:  # the pad is the end-of-text token where the vocabulary has none
+        settings.update(bos_token=eot, eos_token=eot, pad_token=tokenizer.backend.id_to_token(pad))
     if tokenizer.kind.unknown:
         settings["unk_token"] = tokenizer.kind.unknown
     if chat is not None:
@@ -163,7 +163,7 @@ def write_generation_config(out: Path, tokenizer: Tokenizer | None, chat: ChatTe
     the end of an assistant's turn of a chat template; and what it pads with (`pad_id`)."""
     eot_id = tokenizer.eot_id if tokenizer is not None else None
     ids: dict[str, Any] = {}
-    if eot_id is not None:
+    if tokenizer is not None and eot_id is not None:
         ends = [tokenizer.backend.token_to_id(t) for t in (chat.end_of_turn if chat else ())]
         ends = [i for i in ends if i is not None and i != eot_id]
         ids = {"bos_token_id": eot_id, "eos_token_id": [eot_id, *ends] if ends else eot_id,

@@ -148,7 +148,9 @@ class Llama(Family):
     def hf_names(self, name: str) -> list[str]:
         if name in TOP:
             return [TOP[name]]
-        layer, part, kind = LAYER.fullmatch(name).groups()
+        match = LAYER.fullmatch(name)
+        assert match is not None, f"{name} is neither a top-level tensor of lmlab's GPT nor a layer's"
+        layer, part, kind = match.groups()
         return [f"model.layers.{layer}.{hf_part}.{kind}" for hf_part in LAYER_PARTS[part]]
 
 

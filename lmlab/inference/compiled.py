@@ -33,7 +33,7 @@ from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
 from lmlab.core.version import __version__
 from lmlab.inference.decode import Step
 from lmlab.model import LanguageModel, build_model
-from lmlab.model.base import DecodeState
+from lmlab.model.base import DecodeState, new_state
 
 
 class _StepModule(nn.Module):
@@ -69,7 +69,7 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"the compiled decode step runs on cpu and cuda, not {device.type}; leave out --compile.")
     block = model.config.block_size
-    sample = model.new_cache(max(2, capacity), device, dtype).rows(0, min(2, capacity)).shortened(min(block, 64))
+    sample = new_state(model, max(2, capacity), device, dtype).rows(0, min(2, capacity)).shortened(min(block, 64))
     idx = torch.zeros(len(sample.pos), 1, dtype=torch.long, device=device)
     options = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
                "max_autotune": autotuned(device)}
@@ -250,7 +250,7 @@ def check_runs(model: LanguageModel, package: Path, dtype: torch.dtype) -> None:
     AOTInductor's did on CUDA with torch 2.11: docs/reference/serving.md) takes down this process, not the server.
     UserError when the token's logits are not finite."""
     device = next(model.parameters()).device
-    state = model.new_cache(1, device, dtype).shortened(1)
+    state = new_state(model, 1, device, dtype).shortened(1)
     logits = load_step(package)(torch.zeros(1, 1, dtype=torch.long, device=device), state)
     if not torch.isfinite(logits).all():
         raise UserError("the compiled decode step gave non-finite logits on its first token; not kept.")

@@ -106,7 +106,9 @@ def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
 
     def step(idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
         with autocast(device, dtype):
-            return feed(model, idx, state)[:, -1]
+            logits = feed(model, idx, state)
+        assert logits is not None, "feed gives logits when asked"
+        return logits[:, -1]
 
     return step
 
@@ -142,7 +144,7 @@ class Decoder:
         if seq.logprobs is not None:
             self.scoring += 1
             if seq.echo:
-                self._score_prompt(seq, logits)
+                self._score_prompt(seq, logits, seq.logprobs)
 
     def leave(self, seq: Sequence) -> None:
         """Stop decoding `seq` now; the last active row takes its place."""
@@ -199,22 +201,22 @@ class Decoder:
 
     # -- log-probabilities, only for sequences that ask for them -----------------------------------------------
 
-    def _score_prompt(self, seq: Sequence, logits: torch.Tensor | None) -> None:
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor | None, top: int) -> None:
         """Each prompt token's log-probability given the tokens before it (the first has none), from the prefill."""
         prompt = seq.ids[-self.block_size:]
         seq.scores.append(TokenScore(prompt[0], None, [], []))
         if logits is not None:
             targets = torch.tensor(prompt[1:], device=logits.device)
-            scored = token_scores(logits[0], targets, seq.logprobs)
+            scored = token_scores(logits[0], targets, top)
             seq.scores += [TokenScore(t, lp, ids, lps) for t, lp, ids, lps in
                            zip(prompt[1:], scored.logprobs, scored.top_ids, scored.top_logprobs)]
 
     def _score_step(self, logits: torch.Tensor, tokens: list[int]) -> None:
         """The chosen token's log-probability (and the likeliest alternatives) for the rows that record them."""
-        rows = [r for r, seq in enumerate(self.active) if seq.logprobs is not None]
-        top = max(self.active[r].logprobs for r in rows)
+        asked = {r: seq.logprobs for r, seq in enumerate(self.active) if seq.logprobs is not None}
+        rows, top = list(asked), max(asked.values())
         scored = token_scores(logits[rows], torch.tensor([tokens[r] for r in rows], device=logits.device), top)
         for k, r in enumerate(rows):
-            n = self.active[r].logprobs
+            n = asked[r]
             self.active[r].scores.append(TokenScore(tokens[r], scored.logprobs[k], scored.top_ids[k][:n],
                                                     scored.top_logprobs[k][:n]))

@@ -105,7 +105,7 @@ class Detokenizer:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], past_eot: bool = False):
         self.tokenizer, self.stops = tokenizer, StopStrings(stop)
         self.eot_id = None if past_eot else tokenizer.eot_id
-        self.settled, self.tail = "", []  # the text of the tokens before `tail`, and those tokens
+        self.settled, self.tail = "", list[int]()  # the text of the tokens before `tail`, and those tokens
         self.text, self.sent = "", 0  # the text so far (cut before a stop string), and how much of it was sent
         self.finish_reason: str | None = None
 
@@ -383,7 +383,7 @@ def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],
 
 
 def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams,
-                    step: Step | None = None) -> Iterator[str]:
+                    step: Step | None = None) -> TextStream:
     (prompt,), params = _asking(run, [(instruction, input)], params)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
     return TextStream(run.model, run.tokenizer, prompt, params, dtype, step)

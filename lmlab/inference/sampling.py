@@ -63,8 +63,8 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
     probs = torch.softmax(filter_logits(logits if every else logits[sampled], [p.temperature for p in chosen],
                                         [p.top_k for p in chosen], [p.top_p for p in chosen]), dim=-1)
     cdf = probs.cumsum(-1)
-    draws = [torch.rand(1, generator=generators[i], device=logits.device) for i in sampled]
-    draws = draws[0] if len(draws) == 1 else torch.cat(draws)
+    each = [torch.rand(1, generator=generators[i], device=logits.device) for i in sampled]
+    draws = each[0] if len(each) == 1 else torch.cat(each)
     picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=logits.size(-1) - 1)
     if every:
         return picks.tolist()

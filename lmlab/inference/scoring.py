@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 
 from lmlab.model import LanguageModel
-from lmlab.model.base import DecodeState
+from lmlab.model.base import DecodeState, new_state
 
 LOGITS_ELEMENTS = 2**27  # the most logits (rows x positions x vocab) one forward may return: 512 MiB in fp32
 STATE_BYTES = 2**30  # the most memory the decode state of shared contexts may take
@@ -73,6 +73,8 @@ def loglikelihoods(model: LanguageModel, choices: Sequence[Choice], share: bool 
     block, vocab = model.config.block_size, model.config.vocab_size
     assert all(0 < len(c.continuation) <= block and c.context for c in choices), "a choice the window cannot hold"
     scores: list[float] = [0.0] * len(choices)
+    # Choices share a context's forward through a decode state: a model that keeps none scores each alone.
+    share = share and model.new_cache(1, torch.device("meta"), torch.float32) is not None
     groups = _groups(choices, block) if share else [[i] for i in range(len(choices))]
     shared = [g for g in groups if len(g) > 1]
     if shared:
@@ -158,9 +160,9 @@ def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[
     """Groups of choices sharing a context, a forward for as many groups as the limits allow (the longest first, so that
     rows pad little)."""
     device = next(model.parameters()).device
-    per_row = sum(t.numel() * t.element_size() for t in model.new_cache(1, device, torch.float32).tensors())
+    per_row = sum(t.numel() * t.element_size() for t in new_state(model, 1, device, torch.float32).tensors())
     capacity = max(max(map(len, groups)), min(max_rows, STATE_BYTES // max(1, per_row)))
-    state = model.new_cache(capacity, device, torch.float32)
+    state = new_state(model, capacity, device, torch.float32)
     block, vocab = model.config.block_size, model.config.vocab_size
 
     def fits(batch: list[list[int]]) -> bool:

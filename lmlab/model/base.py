@@ -130,3 +130,10 @@ class LanguageModel(nn.Module):
         """The weights that multiply every token, lookup-only tables left out: the N of compute and of a size fit (a
         table of pairs or positions grows no cheaper or dearer to train with the model's depth)."""
         return self.num_params() - self.lookup_params()
+
+
+def new_state(model: LanguageModel, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState:
+    """`model.new_cache`, for the callers that asked first whether the model keeps a decode state."""
+    state = model.new_cache(batch, device, dtype)
+    assert state is not None, f"{type(model).__name__} keeps no decode state"
+    return state

@@ -400,7 +400,7 @@ class RunDir:
                          self.chat_template(), notes)
 
 
-def check_steps(paths: list[Path | str], which: str) -> None:
+def check_steps(paths: Sequence[Path | str], which: str) -> None:
     """Refuse, before anything is read or written, a checkpoint step one of the runs does not have."""
     if checkpoint_name(which).startswith("step_"):
         for path in paths:
@@ -425,7 +425,7 @@ class LoadedRun:
     kind: str
     config: RunConfig
     model: LanguageModel
-    tokenizer: Tokenizer | None  # None only when loaded without need_tokenizer
+    tokenizer_or_none: Tokenizer | None  # None only when loaded without need_tokenizer (`tokenizer` is for the others)
     device: torch.device
     dtype: torch.dtype  # the autocast dtype the run's config resolves to on this device
     prompt_format: PromptFormat | None  # a fine-tuned run's; None for the others
@@ -434,3 +434,8 @@ class LoadedRun:
     weights_sha256: str | None = None  # of the loaded model.safetensors: what an evaluation is of
     chat_template: ChatTemplate | None = None  # an imported instruct model's; None for the others
     notes: tuple[str, ...] = ()  # what loading it chose that a command should say (fp32 over fp16, and why)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        assert self.tokenizer_or_none is not None, "a run loaded without need_tokenizer has no tokenizer to use"
+        return self.tokenizer_or_none

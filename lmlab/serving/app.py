@@ -185,9 +185,11 @@ def run_server(state: State, sock: Any, drain_seconds: float) -> int:
                 timer.daemon = True  # a drain that ends sooner exits without waiting for it
                 timer.start()
 
+    # uvicorn annotates its timeouts as int but takes seconds as any number (asyncio's call_later and wait_for)
+    keep_alive, drain = state.edge.idle_timeout, drain_seconds + 5
     config = uvicorn.Config(create_app(state), log_level="warning", lifespan="off",
-                            http=protocol(state.edge, state.log), timeout_keep_alive=state.edge.idle_timeout,
-                            timeout_graceful_shutdown=drain_seconds + 5)
+                            http=protocol(state.edge, state.log),
+                            timeout_keep_alive=keep_alive, timeout_graceful_shutdown=drain)  # type: ignore[arg-type]
     server = Server(config)
     state.stop = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[sock])

@@ -45,6 +45,7 @@ class Job:
 
     def start(self) -> list[Event]:
         """Add every choice to its batch; the events of those that ended at once (nothing to generate)."""
+        assert self.batch is not None, "a job starts once admitted to a batch"
         self.choices = [self.batch.add(self.prompts[i] if self.prompts else self.prompt, params, self.logprobs,
                                        self.echo, self.generate) for i, params in enumerate(self.params)]
         return [(i, "", c.finish_reason) for i, c in enumerate(self.choices) if c.finish_reason is not None]
@@ -166,6 +167,7 @@ class Batcher:
                 self._end(job)
 
     def _end(self, job: Job) -> None:
+        assert job.batch is not None, "only a started job ends"
         for continuation in job.choices:
             job.batch.drop(continuation)
             self.owner_of.pop(continuation, None)

@@ -13,7 +13,7 @@ import math
 import socket
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmlab.core.errors import UserError
 from lmlab.serving.lanes import GONE
@@ -84,13 +84,19 @@ def protocol(limits: ServeLimits, log: Any) -> type:
     return type("EdgeProtocol", (Edge, H11Protocol), {"limits": limits, "log": staticmethod(log)})
 
 
-class Edge:
+if TYPE_CHECKING:  # the mixin is checked against the protocol it extends; uvicorn is imported only to serve
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _Host
+else:
+    _Host = object
+
+
+class Edge(_Host):
     """What `protocol` adds to uvicorn's h11 protocol (a mixin: `super()` is uvicorn's)."""
 
     limits: ServeLimits
     log: Any
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
         self._stalled: asyncio.TimerHandle | None = None
@@ -145,14 +151,15 @@ class Edge:
         super().data_received(data)
         if self.cycle is not cycle:  # a request's headers are whole: the body and the answer have their own clocks
             self._cancel("_deadline")
-            self.cycle.scope[GONE] = partial(getattr, self.cycle, "disconnected")  # a lane drops its jobs once true
+            # a lane drops its jobs once true. uvicorn types the scope a closed TypedDict; ASGI lets a server add keys
+            self.cycle.scope[GONE] = partial(getattr, self.cycle, "disconnected")  # type: ignore[literal-required]
         if self.cycle is not None and not self.cycle.more_body and self.flow.read_paused:
             # Reading on at a large body lets the client's going away be seen while its request waits.
             self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
         cycle = self.cycle
-        self.trusted = self.trusted or cycle.scope.get("lmlab", {}).get("trusted", False)
+        self.trusted = self.trusted or cycle.scope.get("lmlab", {}).get("trusted", False)  # type: ignore[attr-defined]
         super().on_response_complete()  # arms uvicorn's keep-alive timer (idle_timeout), or starts a pipelined one
         if self.cycle is cycle and not self.transport.is_closing():  # bytes that trickle in later need whole
             self._expect_headers(self.limits.idle_timeout + self.limits.header_timeout)  # headers in time too

@@ -151,7 +151,8 @@ class Lane:
             with self.wake:
                 while (job := self._next()) is None:
                     self.wake.wait()
-            call, job.call = job.call, None  # the body goes with the call, before the memory is given back
+            call = job.call
+            del job.call  # the body goes with the call, before the memory is given back
             try:
                 outcome = ("set_result", call())
             except BaseException as err:  # handed to the request, which answers it

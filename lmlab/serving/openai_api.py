@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import reprlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +95,7 @@ class Scalar:
     """What a field of one JSON scalar takes: its types (`int`: a whole number, 5.0 too; never a boolean) and a
     number's range. The server checks a body by it (`field`) and /openapi.json publishes it (lmlab.serving.schema)."""
 
-    kinds: tuple[type, ...]
+    kinds: tuple[type[bool | int | float], ...]
     low: float | None = None
     high: float | None = None
 
@@ -277,7 +277,7 @@ def completion_logprobs(scores: list[TokenScore], piece: Callable[[int], str], s
 
 def chat_logprobs(scores: list[TokenScore], piece: Callable[[int], str]) -> dict[str, Any]:
     """OpenAI's `logprobs` object of a chat choice."""
-    def entry(token: int, logprob: float) -> dict[str, Any]:
+    def entry(token: int, logprob: float | None) -> dict[str, Any]:
         text = piece(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
@@ -358,8 +358,8 @@ def head(chat: bool, model: str, request_id: str) -> dict[str, Any]:
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", "created": int(time.time()), "model": model}
 
 
-def response(top: dict[str, Any], chat: bool, texts: list[str], reasons: list[str], tokens: dict[str, int],
-             logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def response(top: dict[str, Any], chat: bool, texts: list[str], reasons: list[str | None], tokens: dict[str, int],
+             logprobs: Sequence[dict[str, Any] | None] | None = None) -> dict[str, Any]:
     logprobs = logprobs or [None] * len(texts)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": r}

@@ -165,6 +165,7 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
     """A body read by `read_request` checked and its prompts tokenized; a chat's as `render_chat` rendered it."""
     chat, fields, special = body.turns is not None, body.fields, True
     if chat:
+        assert rendered is not None, "a chat is parsed as render_chat rendered it"
         prompts: list[str | list[int]] = [rendered.text]
         stops, special = rendered.stop, rendered.special
     else:

@@ -94,7 +94,7 @@ def add_error_handlers(app: Any) -> None:
     async def no_route(http: HttpRequest, err: HTTPException) -> JSONResponse:
         where = f"{http.method} {http.url.path}"
         if err.status_code == 405:
-            error = ApiError(405, f"{where} is not allowed; this route takes {err.headers.get('Allow')}.",
+            error = ApiError(405, f"{where} is not allowed; this route takes {(err.headers or {}).get('Allow')}.",
                              code="method_not_allowed")
         else:
             error = ApiError(err.status_code, f"no route {where}; lmlab serve answers {answered()}.",
@@ -129,7 +129,7 @@ def add_status_routes(app: Any, state: State) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        served = state.served
+        served = state.loaded
         return {"object": "list", "data": [model_object(name, served.created, served.context) for name in state.names]}
 
     @app.get("/v1/models/{model_id}")
@@ -137,7 +137,7 @@ def add_status_routes(app: Any, state: State) -> None:
         if model_id not in state.names:
             raise ApiError(404, f"model {model_id!r} is not served here; use {state.name!r}.", "model",
                            "model_not_found")
-        return model_object(model_id, state.served.created, state.served.context)
+        return model_object(model_id, state.loaded.created, state.loaded.context)
 
 
 def add_token_routes(app: Any, state: State) -> None:
@@ -151,14 +151,14 @@ def add_token_routes(app: Any, state: State) -> None:
 
     @app.post("/detokenize")
     async def detokenize(http: HttpRequest) -> Any:
-        raw = await read_body(http, state.served.max_body_bytes, state.edge.body_timeout)
-        return await in_lane(http, state.lanes.parse, len(raw), detokenize_request, state.served, state.names, raw)
+        raw = await read_body(http, state.loaded.max_body_bytes, state.edge.body_timeout)
+        return await in_lane(http, state.lanes.parse, len(raw), detokenize_request, state.loaded, state.names, raw)
 
 
 async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) -> Any:
     """A body through the lanes: `read` (JSON, field names, a chat's turns) and `finish` (values, tokens) in the
     parse lane, a chat's turns rendered between them in the render lane."""
-    served, lanes = state.served, state.lanes
+    served, lanes = state.loaded, state.lanes
     raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
     body = await in_lane(http, lanes.parse, len(raw), read, state.names, raw, *args)
     rendered = None if body.turns is None else await in_lane(http, lanes.render, len(raw), render_chat, served,
@@ -227,13 +227,13 @@ def add_completion_routes(app: Any, state: State) -> None:
 
 def piece(state: State, token: int) -> str:
     """A token's text, as log-probabilities name it."""
-    return state.served.run.tokenizer.decode([token])
+    return state.loaded.run.tokenizer.decode([token])
 
 
 def admit(state: State, pending: Answer) -> None:
     """Put a request into the batch's queue, or refuse it with 429 when the batch and its queue are full."""
     try:
-        state.served.batcher.submit(pending.job)
+        state.loaded.batcher.submit(pending.job)
     except QueueFull:
         raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, --max-queue); "
                        "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
@@ -256,7 +256,7 @@ async def whole(http: Any, state: State, pending: Answer) -> bool:
 
 def release(state: State, answer: Answer) -> None:
     """Give the rows back, whatever ended the request (a no-op once it finished)."""
-    state.served.batcher.cancel(answer.job)
+    state.loaded.batcher.cancel(answer.job)
     if not answer.finished:
         answer.stats["left"] = True
         answer.stats["out"] = answer.generated

@@ -202,7 +202,7 @@ def describe(document: dict[str, Any], served: Served, names: list[str], keyed: 
 
 def add_openapi(app: Any, state: Any) -> None:
     """Make FastAPI's /openapi.json describe the bodies and statuses (`describe`) once the run is loaded."""
-    generate, described = app.openapi, {}
+    generate, described = app.openapi, dict[str, dict[str, Any]]()
 
     def openapi() -> dict[str, Any]:
         document = generate()  # FastAPI's, kept until its routes change

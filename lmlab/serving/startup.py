@@ -126,8 +126,9 @@ class Startup:
 
     def _served(self, run: LoadedRun, batch: Batch, folder: Path) -> Served:
         options = self.options
-        created = int((folder / "state.json").stat().st_mtime)
-        return Served(run, Batcher(batch, options.max_queue, self.state.relay.publish), options.max_tokens_cap,
+        created, relay = int((folder / "state.json").stat().st_mtime), self.state.relay
+        assert relay is not None, "the server sets the relay up before it starts loading"
+        return Served(run, Batcher(batch, options.max_queue, relay.publish), options.max_tokens_cap,
                       options.max_batch, options.max_body_bytes, created, max_prompt_chars(run),
                       document_start(run.tokenizer))
 
@@ -154,6 +155,7 @@ class Startup:
             self.state.log(f"lmlab serve: the kept compiled step {path} did not load ({err!r}); compiling it again")
             path.unlink(missing_ok=True)
             return None
+        assert self.state.compiled is not None, "_use says which compiled step it loaded"
         self._log(f"loaded the kept compiled step {path} (sha256 {self.state.compiled['sha256'][:16]}...)", started)
         return self._batch(run, run.dtype, step)
 
@@ -188,7 +190,7 @@ class Startup:
             state.decode_step = "eager"
             state.log(f"lmlab serve: {err}; decoding eagerly")
             return
-        state.served.batcher.use(self._batch(run, run.dtype, step))
+        state.loaded.batcher.use(self._batch(run, run.dtype, step))
         forget_old_steps()
         self._log(f"compiled the decode step (kept in {path}: the next start of this checkpoint loads it), "
                   "decoding with it from now on; built", started)

@@ -88,6 +88,12 @@ class State:
     def name(self) -> str:
         return self.names[0]
 
+    @property
+    def loaded(self) -> Served:
+        """The served run, for the routes the gate lets through only once it is (lmlab.serving.app)."""
+        assert self.served is not None, "a route that waits for the model ran while it loads"
+        return self.served
+
     def live(self) -> dict[str, Any]:
         decoding, waiting = self.served.batcher.load() if self.served else (0, 0)
         info = {"model": self.name, "phase": self.phase, "decode_step": self.decode_step,

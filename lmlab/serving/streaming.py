@@ -76,7 +76,8 @@ class Answer:
         self.error: str | None = None
         self.gone = False
         self.waiter: asyncio.Future | None = None
-        self.texts, self.reasons = [""] * len(request.params), [None] * len(request.params)
+        self.texts = [""] * len(request.params)
+        self.reasons: list[str | None] = [None] * len(request.params)
         # Per choice, while streaming log-probabilities: the tokens sent so far, and where the next one's text starts.
         self.scored = [0] * len(request.params)
         self.offset = [len(request.texts[i // n]) if request.texts else 0 for i in range(len(request.params))]

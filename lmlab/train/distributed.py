@@ -124,9 +124,15 @@ class Parallel:
     @contextlib.contextmanager
     def _no_sync(self) -> Iterator[None]:
         if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            assert isinstance(self._model, DistributedDataParallel)
             with self._model.no_sync():
                 yield
         elif self.mode == "fsdp":
+            from torch.distributed.fsdp import FSDPModule
+
+            assert isinstance(self._model, FSDPModule)
             self._model.set_requires_gradient_sync(False)
             try:
                 yield
@@ -139,6 +145,9 @@ class Parallel:
         """The global mean loss and grad norm of a step, without a host sync, so every rank's spike guard and non-finite
         skip decide alike."""
         if self.mode == "fsdp":  # the norm is a DTensor, already reduced over the shards
+            from torch.distributed.tensor import DTensor
+
+            assert isinstance(grad_norm, DTensor)
             grad_norm = grad_norm.full_tensor()
         return self.all_reduce_sum(loss) / self.world_size, grad_norm
 

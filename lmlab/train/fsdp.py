@@ -5,7 +5,7 @@ world size). torch's FSDP modules are imported inside the functions: a single pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,10 @@ def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     )
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=full)
-    by_name = get_optimizer_state_dict(model, optimizer, options=full)
+    # torch types a state dict by every kind of value one may hold; whole, a model's holds tensors, and an optimizer's
+    # {"state": {name: {...}}, "param_groups": [{"params": [name, ...], ...}]}
+    weights = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=full))
+    by_name = cast(dict[str, Any], get_optimizer_state_dict(model, optimizer, options=full))
     if not is_main:
         return {}, {}
     aliases = tied_aliases(model)
@@ -68,8 +70,8 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
 
     state = load_state(folder)
     weights = load_file(str(folder / "model.safetensors"))
-    weights.update({alias: weights[kept] for alias, kept in tied_aliases(model).items()})
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    aliases = {alias: weights[kept] for alias, kept in tied_aliases(model).items()}
+    set_model_state_dict(model, {**weights, **aliases}, options=StateDictOptions(full_state_dict=True))
     if optimizer is not None:
         optimizer.load_state_dict(into_place(optimizer, read_optimizer_state(folder, state), into_shard))
     return state
@@ -85,12 +87,13 @@ def into_shard(param: torch.Tensor, mine: torch.Tensor | None, whole: torch.Tens
     if not (isinstance(param, DTensor) and whole.shape == param.shape):
         return copy_into(param, mine, whole)
     shard = mine if isinstance(mine, DTensor) else torch.empty_like(param)
+    assert isinstance(shard, DTensor), "empty_like keeps a DTensor's sharding"
     shape, offset = compute_local_shape_and_global_offset(whole.shape, shard.device_mesh, shard.placements)
     shard.to_local().copy_(whole[tuple(slice(start, start + size) for start, size in zip(offset, shape))])
     return shard
 
 
-def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:
+def shard(model: LanguageModel, dtype: torch.dtype) -> LanguageModel:
     """Shard `model` in place with FSDP2 so that it computes what one process computes under autocast of `dtype`.
 
     In fp32, each of its `shard_units`, then the rest. Under bf16, each unit's matmul layers (its nn.Linear modules)
@@ -101,13 +104,14 @@ def shard(model: LanguageModel, dtype: torch.dtype) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for unit in model.shard_units():
-        matmuls = [m for m in unit.modules() if isinstance(m, torch.nn.Linear)]
+        matmuls: list[torch.nn.Module] = [m for m in unit.modules() if isinstance(m, torch.nn.Linear)]
         if dtype == torch.bfloat16 and matmuls:
             fully_shard(matmuls, mp_policy=mixed_precision(dtype))
         else:
             fully_shard(unit)
     model.register_forward_hook(_own_outputs)  # before FSDP's own, which it hands the outputs to
-    return fully_shard(model)
+    fully_shard(model)  # in place: the model's class becomes FSDP's subclass of it
+    return model
 
 
 def _own_outputs(module: torch.nn.Module, args: Any, output: Any) -> Any:

@@ -86,8 +86,9 @@ class Muon(Eager, torch.optim.Muon):
         super().__init__(params, adjust_lr_fn="match_rms_adamw", **settings)
         self.ns_dtype = ns_dtype
 
+    # torch types Optimizer.step as overloads (with a closure, without) that torch.optim.Muon's own step does not match
     @torch.no_grad()
-    def step(self) -> None:  # MuonAdamW steps it, never with a closure
+    def step(self) -> None:  # type: ignore[override]  # MuonAdamW steps it, never with a closure
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:

@@ -158,7 +158,8 @@ def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
     """The runs best first by the fairest measure they share: the full-split evaluation when every run has one
     on the same split, else the fixed-batch estimate; bits per byte when the tokenizers differ. None, and why,
     when the estimates are of different text (a fine-tune's held-out records against its base's val split)."""
-    same_split = all(f.evaluation for f in facts) and len({f.evaluation["val_sha256"] for f in facts}) == 1
+    evaluations = [f.evaluation for f in facts if f.evaluation]
+    same_split = len(evaluations) == len(facts) and len({e["val_sha256"] for e in evaluations}) == 1
     sides = text_sides([f.summary for f in facts])
     if not same_split and len(sides) > 1:
         of = "; ".join(f"{', '.join(f'`{name}`' for name in names)}: {what}" for what, names in sides)
@@ -166,7 +167,7 @@ def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
                     "evaluation on one val split in common.")
     by_bytes = len({f.run.dataset().get("tokenizer") for f in facts}) > 1
     if same_split:
-        value = {f.name: f.evaluation["bits_per_byte" if by_bytes else "loss"] for f in facts}
+        value = {f.name: e["bits_per_byte" if by_bytes else "loss"] for f, e in zip(facts, evaluations)}
     else:
         value = {f.name: f.summary.best_bpb if by_bytes else f.summary.best_val_loss for f in facts}
     measure = ("bits per byte" if by_bytes else "val loss") + (" on the full val split" if same_split

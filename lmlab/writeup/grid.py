@@ -200,9 +200,11 @@ def sample_grid(paths: Sequence[Path], prompts: Sequence[str], temperatures: Seq
     try:
         for path, name in zip(paths, names):
             run = RunDir(path).load(checkpoint, device)  # one at a time: the next loads into the memory this one held
-            before = len(cells)
-            run_cells(run, name, prompts, temperatures, params, chat=chat, into=cells,
-                      progress=lambda done, _, before=before: progress(before + done, total))
+
+            def advance(done: int, _: int, before: int = len(cells)) -> None:  # the cells of the runs before it first
+                progress(before + done, total)
+
+            run_cells(run, name, prompts, temperatures, params, chat=chat, into=cells, progress=advance)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it: the grid as far as it got
         signal = getattr(stop, "signal", "SIGINT")
         done = sum(c.text is not None or c.why_not is not None for c in cells)

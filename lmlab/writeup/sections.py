@@ -199,7 +199,7 @@ def training(facts: list[RunFacts], out: Path) -> list[Block]:
          f"{s(f).epochs:.2f} over the {s(f).split_tokens:,}-token train split"),
         ("wall time", lambda f: format_duration(s(f).elapsed)),
         ("tokens/s (median)", lambda f: fmt(s(f).tokens_per_sec, ",.0f")),
-        ("MFU (median)", lambda f: fmt(s(f).mfu and 100 * s(f).mfu, ".1f") + ("%" if s(f).mfu else "")),
+        ("MFU (median)", lambda f: fmt(None if (m := s(f).mfu) is None else 100 * m, ".1f") + ("%" if m else "")),
         ("training compute", lambda f: fmt(s(f).flops, ".3g") + " FLOPs"),
         ("6·N·D", _six_nd),
         ("best val loss (estimate)", lambda f: f"{fmt(s(f).best_val_loss)} at step {s(f).best_step}"
@@ -220,11 +220,11 @@ def training(facts: list[RunFacts], out: Path) -> list[Block]:
     for f in facts:
         plot_losses(f.run, out / f"{f.name}-loss.png")
         blocks.append(Image(f"{f.name}-loss.png", f"train and val loss of {f.name}"))
-        rows = evaluations(f.run)
-        if rows:  # the write-ups' "iter / train / val" table (`lmlab log RUN`)
-            table = Table([c.header for c in EVAL_COLUMNS], [[c.cell(r) for c in EVAL_COLUMNS] for r in rows],
+        scored = evaluations(f.run)
+        if scored:  # the write-ups' "iter / train / val" table (`lmlab log RUN`)
+            table = Table([c.header for c in EVAL_COLUMNS], [[c.cell(r) for c in EVAL_COLUMNS] for r in scored],
                           [True] * len(EVAL_COLUMNS))
-            blocks.append(Folded(f"every evaluation of {f.name} ({len(rows)})", [table]))
+            blocks.append(Folded(f"every evaluation of {f.name} ({len(scored)})", [table]))
     return blocks
 
 

@@ -21,6 +21,7 @@ from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.data.shards import covered
+from lmlab.train.schedule import position_between
 
 EVAL_SHARE = 0.1  # evaluations measure the run, they do not train it: at most this share of the budget
 FINAL_SHARE = 0.05  # and so does the final score of what the run keeps, at most this share besides
@@ -262,9 +263,7 @@ class Budget:
         if step >= self.last - 1 and self.decided:
             return 1.0
         if not self.live:
-            span = self.last - 1 - self.plan.step
-            return 1.0 if span <= 0 else min(1.0, self.plan.position + (1 - self.plan.position) *
-                                             max(0, step - self.plan.step) / span)
+            return position_between(step, self.plan.step, self.plan.position, self.last - 1)
         if self._anchor is None:  # the decay has not begun
             return self._given
         began, where, end = self._anchor

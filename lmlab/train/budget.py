@@ -213,7 +213,7 @@ class Budget:
         self._anchor: tuple[float, float, float] | None = None  # the decay laid from (seconds, position) to an end
         self._given = made.position  # the newest position handed out: none after it is lower
         self.line: str | None = None  # what the newest `after_step` decided that is worth a line
-        self.event: Plan | None = None  # the plan to log, where the newest `after_step` changed it
+        self.event: Plan | None = made if live else None  # the plan to log: as made, then where `after_step` changed it
 
     @classmethod
     def resumed(cls, saved: dict[str, Any], step: int, intervals: tuple[int, int], lag: int = 0,
@@ -346,6 +346,10 @@ class Budget:
             return dataclasses.asdict(self._now(step))
         return {**dataclasses.asdict(self.plan), "taken": self.before + self._began(step)}
 
+    def end(self, spent: float) -> tuple[float | None, str | None]:
+        """The seconds the run took over all its processes with `spent` gone in this one, and how the budget held."""
+        return round(self.taken(spent), 3), self.ended(spent)
+
     def taken(self, spent: float) -> float:
         """The seconds the run has taken with `spent` gone in this process: a resumed run's earlier processes' too."""
         return self.before + spent
@@ -425,3 +429,30 @@ def _ms(seconds: float) -> str:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else format_duration(seconds)
+
+
+class NoBudget:
+    """A run by steps' budget: none, answering as a `Budget` does with nothing planned, said, saved or timed."""
+
+    plan = Plan(0.0)
+    live = False
+    event: Plan | None = None
+    line: str | None = None
+
+    def after_step(self, step: int, spent: float) -> None:
+        pass
+
+    def end(self, spent: float) -> tuple[float | None, str | None]:
+        return None, None
+
+    def state_dict(self) -> None:
+        return None
+
+    def describe(self, train: TrainConfig) -> str:
+        return ""
+
+    def final_windows(self, batch_size: int, spent: float) -> int:
+        return 0
+
+
+NO_BUDGET = NoBudget()

@@ -264,8 +264,8 @@ class Budget:
             return 1.0
         if not self.live:
             return position_between(step, self.plan.step, self.plan.position, self.last - 1)
-        if self._anchor is None:  # the decay has not begun
-            return self._given
+        if self._anchor is None:  # the decay begins, laid as by steps: from the warmup's last step to the last step
+            self._anchor = (self._began(self.warmup - 1), self._given, self._end() - self.pace)
         began, where, end = self._anchor
         share = (self._began(step) - began) / (end - began) if end > began else 1.0
         return max(self._given, min(1.0, where + (1 - where) * share))
@@ -273,8 +273,6 @@ class Budget:
     def position(self, step: int) -> float:
         """Where the decay stands at `step`, the step about to train (after warmup; 0 the peak, 1 min_lr): by the
         budget's clock while live, else by steps; 1 at the last step."""
-        if self.live and self._anchor is None and step >= self.warmup:
-            self._anchor = (self._began(step), self._given, self._end())  # the warmup's end: the decay begins
         self._given = self._position_at(step)
         return self._given
 
@@ -294,8 +292,8 @@ class Budget:
             if len(self._steps) == PACE_STEPS > timed:
                 self.line = self._rest_here(step, spent)
             return
-        if self._anchor is not None and self._anchor[2] != self._end():
-            self._anchor = (spent, self._position_at(step), self._end())
+        if self._anchor is not None and self._anchor[2] != self._end() - self.pace:  # min_lr as the last step begins
+            self._anchor = (spent, self._position_at(step), self._end() - self.pace)
         now = self._now(step)
         last = step + now.nearest(self.plan.seconds - spent, self.intervals)
         if last <= step + self.lag + 1:

@@ -68,7 +68,7 @@ class DataConfig:
 
 ATTENTION_CHOICES = ("auto", "fused", "math")  # train.attention's, finetune.attention's: a path, or timed
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
-SCHEDULE_NAMES = ("cosine", "wsd")  # train.schedule's: lmlab.train.schedule.SCHEDULES has what each is
+SCHEDULE_NAMES = ("cosine", "wsd", "linear")  # train.schedule's: lmlab.train.schedule.SCHEDULES has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
 BUILT_IN_KINDS = ("gpt", "recurrent")  # model.kind also takes the name of an installed model plugin
 PLUGIN_GROUP = "lmlab.models"  # the entry point group a package registers a model kind under

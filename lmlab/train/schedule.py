@@ -51,6 +51,7 @@ SCHEDULES: dict[str, Kind] = {
     # 1-sqrt: Hägele et al. 2024 found it better than a linear fall.
     "wsd": Kind(_wsd, "warmup-stable-decay: the peak, then a 1-sqrt fall to min_lr over the last decay_fraction of "
                       "the steps"),
+    "linear": Kind(lambda position, _: 1.0 - min(1.0, position), "a straight line to min_lr"),
 }
 
 

@@ -105,7 +105,7 @@ def test_every_kind_by_a_budget_s_clock_at_its_planned_pace_is_where_it_is_by_st
     for step in range(STEPS):
         lrs.append(by_clock.lr(step))
         if step >= WARMUP:
-            assert by_clock.budget.position(step) == pytest.approx(position_between(step, WARMUP - 1, 0.0, STEPS - 1))
+            assert by_clock.budget.position(step) == pytest.approx(position_between(step, WARMUP, 0.0, STEPS - 1))
         plans[step + 1] = by_clock.budget.state_dict()  # what a checkpoint after `step + 1` steps keeps
         by_clock.budget.after_step(step + 1, step + 1.0)
     assert by_clock.last_step == STEPS and lrs[:WARMUP] == [lr_at(s, _config(kind)) for s in range(WARMUP)]

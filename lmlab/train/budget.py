@@ -264,8 +264,8 @@ class Budget:
             return 1.0
         if not self.live:
             return position_between(step, self.plan.step, self.plan.position, self.last - 1)
-        if self._anchor is None:  # the decay begins, laid as by steps: from the warmup's last step to the last step
-            self._anchor = (self._began(self.warmup - 1), self._given, self._end() - self.pace)
+        if self._anchor is None:  # the decay begins, laid as by steps: from the peak after warmup to the last step
+            self._anchor = (self._began(self.warmup), self._given, self._end() - self.pace)
         began, where, end = self._anchor
         share = (self._began(step) - began) / (end - began) if end > began else 1.0
         return max(self._given, min(1.0, where + (1 - where) * share))

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 # What the LR of a step depends on besides max_iters and lr_decay_iters: a resume that changes any re-lays the decay.
 _SHAPE = ("learning_rate", "min_lr", "schedule", "decay_fraction", "warmup_iters", "budget_seconds")
 FIELDS = ("max_iters", "lr_decay_iters", *_SHAPE)  # what a checkpoint keeps of the schedule it followed
+# A budget's positions follow its clock from its own warmup's end: a kind reads no steps of the config's there.
+BY_CLOCK = {"max_iters": 1, "lr_decay_iters": 0, "warmup_iters": 0}
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,12 @@ class Kind:
 
 
 def _stable(train: TrainConfig) -> float:
-    """The position wsd's fall begins at: the last decay_fraction of the run's steps, its warmup's included (a
-    budget's positions begin after its warmup, which it passes as none)."""
+    """The position wsd's fall begins at: by steps, where its last decay_fraction of the run's steps (the warmup's
+    included) begins; by a budget's clock (no steps: `BY_CLOCK`), at 1 - decay_fraction."""
     end = decay_end(train)
-    return max(0.0, 1.0 - train.decay_fraction * end / (end - train.warmup_iters)) if end > train.warmup_iters else 0.0
+    if end - 1 <= train.warmup_iters:
+        return 1.0 - train.decay_fraction
+    return max(0.0, 1.0 - train.decay_fraction * end / (end - 1 - train.warmup_iters))
 
 
 def _wsd(position: float, train: TrainConfig) -> float:
@@ -79,11 +83,11 @@ def position_between(step: int, anchor: int, position: float, last: int) -> floa
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
-    """The LR of `step` by the steps: the warmup over warmup_iters, then the kind's fall laid from the warmup's last
-    step (the peak) to min_lr at the last step before `decay_end`."""
+    """The LR of `step` by the steps: the warmup over warmup_iters, then the kind's fall laid from the peak at the
+    step after it to min_lr at the last step before `decay_end`."""
     if step < train.warmup_iters:
         return warmup_lr(step, train.learning_rate, train.warmup_iters)
-    return lr_at_position(position_between(step, train.warmup_iters - 1, 0.0, decay_end(train) - 1), train)
+    return lr_at_position(position_between(step, train.warmup_iters, 0.0, decay_end(train) - 1), train)
 
 
 def position_of(lr: float, train: TrainConfig) -> float:
@@ -144,8 +148,7 @@ class Schedule:
             return lr_at(step, train) if self.decay is None else lr_at_position(self.decay.position_at(step), train)
         if step < budget.warmup:
             return warmup_lr(step, train.learning_rate, budget.plan.warmup)
-        # The budget's positions begin after its own warmup: the kind's fall over them, with none of the config's.
-        return lr_at_position(budget.position(step), dataclasses.replace(train, warmup_iters=0))
+        return lr_at_position(budget.position(step), dataclasses.replace(train, **BY_CLOCK))
 
     def resume_with(self, new: TrainConfig, step: int, old_lr: float) -> str | None:
         """Go on at `step` under `new`, the run having had `old_lr` there under this schedule: `new`'s own where it

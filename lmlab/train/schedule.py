@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 # What the LR of a step depends on besides max_iters and lr_decay_iters: a resume that changes any re-lays the decay.
 _SHAPE = ("learning_rate", "min_lr", "schedule", "decay_fraction", "warmup_iters", "budget_seconds")
 FIELDS = ("max_iters", "lr_decay_iters", *_SHAPE)  # what a checkpoint keeps of the schedule it followed
-# A budget's positions follow its clock from its own warmup's end: a kind reads no steps of the config's there.
-BY_CLOCK = {"max_iters": 1, "lr_decay_iters": 0, "warmup_iters": 0}
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class Kind:
 
 def _stable(train: TrainConfig) -> float:
     """The position wsd's fall begins at: by steps, where its last decay_fraction of the run's steps (the warmup's
-    included) begins; by a budget's clock (no steps: `BY_CLOCK`), at 1 - decay_fraction."""
+    included) begins; by a budget's clock (no steps), at 1 - decay_fraction."""
     end = decay_end(train)
     if end - 1 <= train.warmup_iters:
         return 1.0 - train.decay_fraction
@@ -148,7 +146,8 @@ class Schedule:
             return lr_at(step, train) if self.decay is None else lr_at_position(self.decay.position_at(step), train)
         if step < budget.warmup:
             return warmup_lr(step, train.learning_rate, budget.plan.warmup)
-        return lr_at_position(budget.position(step), dataclasses.replace(train, **BY_CLOCK))
+        # Its positions follow its clock from its own warmup's end: the kind is given no steps of the config's.
+        return lr_at_position(budget.position(step), dataclasses.replace(train, max_iters=1, warmup_iters=0))
 
     def resume_with(self, new: TrainConfig, step: int, old_lr: float) -> str | None:
         """Go on at `step` under `new`, the run having had `old_lr` there under this schedule: `new`'s own where it

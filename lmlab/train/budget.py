@@ -335,7 +335,7 @@ class Budget:
                          f"at {1000 * self.plan.step_seconds:,.1f}): step {last} is the last, not {foreseen}, at "
                          "min_lr, with its evaluation and checkpoint.")
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any] | None:
         """The plan as it stands at the next step: what a resumed run goes on by; a resumed run's plan as it went on by
         it, with `taken`, the seconds the run's processes had taken at the next step (its decay by steps is laid from
         the plan's step, so that resuming again trains exactly as going on would)."""
@@ -429,28 +429,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else format_duration(seconds)
 
 
-class NoBudget:
-    """A run by steps' budget: none, answering as a `Budget` does with nothing planned, said, saved or timed."""
+class NoBudget(Budget):
+    """A run by steps' budget: none, a plan of no seconds that neither times, says nor saves anything."""
 
-    plan = Plan(0.0)
-    live = False
-    event: Plan | None = None
-    line: str | None = None
-
-    def after_step(self, step: int, spent: float) -> None:
-        pass
+    def __init__(self) -> None:
+        super().__init__(Plan(0.0), (1, 1), live=False)
 
     def end(self, spent: float) -> tuple[float | None, str | None]:
         return None, None
 
-    def state_dict(self) -> None:
+    def state_dict(self) -> dict[str, Any] | None:
         return None
-
-    def describe(self, train: TrainConfig) -> str:
-        return ""
-
-    def final_windows(self, batch_size: int, spent: float) -> int:
-        return 0
 
 
 NO_BUDGET = NoBudget()

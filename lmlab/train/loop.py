@@ -28,7 +28,7 @@ from lmlab.data.shards import windows_in
 from lmlab.evals.evaluate import evaluate_split, spread
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import NO_BUDGET, Budget, Costs, NoBudget, final_windows_by_steps, plan
+from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
@@ -196,7 +196,7 @@ class Trainer:
         self._stop = StopOnSignal()  # installed while the loop runs
 
     @property
-    def budget(self) -> Budget | NoBudget:
+    def budget(self) -> Budget:
         """The run's time budget, or one that does nothing where it trains by steps."""
         return self.schedule.budget or NO_BUDGET
 

@@ -98,8 +98,7 @@ def resume_schedule(schedule: Schedule, intervals: tuple[int, int], new: TrainCo
                    "budget, or" if saved else "trained by steps; resume it")
         raise UserError(f"{run_path} {planned} with train.budget_seconds=0 and train.max_iters to train "
                         "on by steps (a budget is planned before a new run's first step).")
-    if saved:  # the LR the run had by its plan, gone on by steps
-        schedule.budget = Budget(saved, intervals, live=False)
+    schedule.budget = Budget(saved, intervals, live=False) if saved else None  # its plan's LR, gone on by steps
     old_lr = schedule.unscaled_lr(step)
     schedule.budget = None
     return schedule.resume_with(new, step, old_lr)

@@ -34,11 +34,9 @@ class Kind:
 
 def _stable(train: TrainConfig) -> float:
     """The position wsd's fall begins at: by steps, where its last decay_fraction of the run's steps (the warmup's
-    included) begins; by a budget's clock (no steps), at 1 - decay_fraction."""
+    included) begins; by a budget's clock (one step, no warmup), at 1 - decay_fraction."""
     end = decay_end(train)
-    if end - 1 <= train.warmup_iters:
-        return 1.0 - train.decay_fraction
-    return max(0.0, 1.0 - train.decay_fraction * end / (end - 1 - train.warmup_iters))
+    return max(0.0, 1.0 - train.decay_fraction * end / max(1, end - 1 - train.warmup_iters))
 
 
 def _wsd(position: float, train: TrainConfig) -> float:
@@ -91,8 +89,8 @@ def lr_at(step: int, train: TrainConfig) -> float:
 def position_of(lr: float, train: TrainConfig) -> float:
     """The first position where the kind's LR is down to `lr` (`lr_at_position`'s inverse, clipped to [0, 1]): the
     peak is 0, even in wsd's stable stretch, which continues from there. Bisected: every kind's fall is monotone."""
-    if lr >= lr_at_position(0.0, train) or lr <= lr_at_position(1.0, train):
-        return 0.0 if lr >= lr_at_position(0.0, train) else 1.0
+    if lr >= train.learning_rate or lr <= train.min_lr:
+        return 0.0 if lr >= train.learning_rate else 1.0
     low, high = 0.0, 1.0
     for _ in range(60):
         mid = (low + high) / 2

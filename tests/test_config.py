@@ -79,7 +79,7 @@ def test_invalid_values_are_rejected():
             build_config({"train": {"attention": wrong}}, "x")
         with pytest.raises(UserError, match="finetune.attention (is .*; use auto, fused, math|must be str)"):
             load_finetune_config(None, [f"finetune.attention={toml_value(wrong)}"])
-    for wrong in ("linear", "WSD"):
+    for wrong in ("exponential", "WSD"):
         with pytest.raises(UserError, match=f"train.schedule is '{wrong}'; use cosine or wsd"):
             build_config({"train": {"schedule": wrong}}, "x")
     with pytest.raises(UserError, match="train.decay_fraction"):

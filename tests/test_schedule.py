@@ -7,9 +7,10 @@ import dataclasses
 
 import pytest
 
+from lmlab.commands.reference import config_page
 from lmlab.core.config import TrainConfig
 from lmlab.train.budget import Budget, Plan
-from lmlab.train.schedule import Decay, Schedule, lr_at, lr_at_position
+from lmlab.train.schedule import SCHEDULES, Decay, Schedule, lr_at, lr_at_position, position_between, position_of
 
 
 def test_the_config_s_schedule_scaled_by_the_guard():
@@ -47,3 +48,69 @@ def test_a_resume_with_another_length_goes_on_from_the_lr_it_had():
     again.load_state_dict(kept)  # what a later resume reads back from the checkpoint
     assert again.decay == schedule.decay and again.train.max_iters == 300
     assert schedule.resume_with(again.train, 80, schedule.lr(80)) is None  # the same length: nothing to say
+
+
+# The contract every entry of SCHEDULES meets, so a new kind needs no test of its own.
+PEAK, FLOOR, STEPS, WARMUP = 1e-3, 1e-4, 100, 10
+
+
+def _config(kind: str, **changes) -> TrainConfig:
+    return TrainConfig(**{"schedule": kind, "max_iters": STEPS, "warmup_iters": WARMUP, "learning_rate": PEAK,
+                          "min_lr": FLOOR, "decay_fraction": 0.2, **changes})
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_every_kind_warms_up_to_the_peak_then_falls_to_min_lr_at_the_last_step(kind):
+    assert SCHEDULES[kind].left(0.0, _config(kind)) == 1.0 and SCHEDULES[kind].left(1.0, _config(kind)) == 0.0
+    assert SCHEDULES[kind].about in config_page()  # the config reference lists it
+    lrs = [Schedule(_config(kind)).lr(s) for s in range(STEPS + 10)]
+    assert all(a < b for a, b in zip(lrs[:WARMUP], lrs[1:WARMUP + 1])) and lrs[WARMUP - 1] < PEAK  # warmup rises
+    assert max(lrs) == pytest.approx(PEAK, rel=1e-3)  # to the peak
+    after = lrs[WARMUP:STEPS]
+    assert all(FLOOR <= lr <= PEAK for lr in after) and all(a >= b for a, b in zip(after, after[1:]))
+    assert lrs[STEPS - 1] == pytest.approx(FLOOR) and all(lr == pytest.approx(FLOOR) for lr in lrs[STEPS:])
+    for position in (0.0, 0.3, 0.85, 0.97, 1.0):  # where an LR stands, for a resume to go on from it
+        lr = lr_at_position(position, _config(kind))
+        assert lr_at_position(position_of(lr, _config(kind)), _config(kind)) == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_every_kind_resumed_at_any_step_goes_on_exactly(kind):
+    """A resume with the same settings changes nothing; one with another length goes on from the LR it had and falls
+    to min_lr at the new end; and that run resumed again from its checkpoint's schedule goes on as it would have."""
+    old, longer = _config(kind), _config(kind, max_iters=2 * STEPS)
+    whole = [Schedule(old).lr(s) for s in range(STEPS)]
+    for at in range(0, STEPS, 3):
+        same = Schedule(old)
+        assert same.resume_with(old, at, same.unscaled_lr(at)) is None and [same.lr(s) for s in range(STEPS)] == whole
+        extended = Schedule(old)
+        extended.resume_with(longer, at, whole[at])
+        lrs = [extended.lr(s) for s in range(at, 2 * STEPS)]
+        assert lrs[0] == pytest.approx(whole[at]) and lrs[-1] == pytest.approx(FLOOR)
+        again = Schedule(old)  # the next process: config.toml's schedule, then the checkpoint's
+        again.load_state_dict(extended.state_dict())
+        assert again.resume_with(longer, at + 7, extended.unscaled_lr(at + 7)) is None
+        assert [again.lr(s) for s in range(at, 2 * STEPS)] == lrs
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_every_kind_by_a_budget_s_clock_at_its_planned_pace_is_where_it_is_by_steps(kind):
+    """A budget planned as STEPS steps of a second each, whose steps take a second: the decay stands where it does by
+    steps at every step, and a budget resumed from any step's plan goes on by steps exactly as the clock did."""
+    train = _config(kind, budget_seconds=STEPS, max_iters=5000)
+    made = Plan(float(STEPS), max_iters=STEPS, step_seconds=1.0, warmup=WARMUP)
+    by_clock = Schedule(train)
+    by_clock.budget = Budget(made, (1000, 1000))
+    plans, lrs = {}, []
+    for step in range(STEPS):
+        lrs.append(by_clock.lr(step))
+        if step >= WARMUP:
+            assert by_clock.budget.position(step) == pytest.approx(position_between(step, WARMUP, 0.0, STEPS - 1))
+        plans[step + 1] = by_clock.budget.state_dict()  # what a checkpoint after `step + 1` steps keeps
+        by_clock.budget.after_step(step + 1, step + 1.0)
+    assert by_clock.last_step == STEPS and lrs[:WARMUP] == [lr_at(s, _config(kind)) for s in range(WARMUP)]
+    assert lrs[-1] == pytest.approx(FLOOR)
+    for at in range(WARMUP, STEPS - 1, 4):
+        resumed = Schedule(train)
+        resumed.budget = Budget.resumed(plans[at], at, (1000, 1000))
+        assert [resumed.lr(s) for s in range(at, STEPS)] == pytest.approx(lrs[at:], rel=1e-9)

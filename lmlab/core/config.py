@@ -68,6 +68,7 @@ class DataConfig:
 
 ATTENTION_CHOICES = ("auto", "fused", "math")  # train.attention's, finetune.attention's: a path, or timed
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
+SCHEDULE_NAMES = ("cosine", "wsd", "linear")  # train.schedule's: lmlab.train.schedule.SCHEDULES has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
 
 # The choices of each string-valued model option; the first is the default.
@@ -205,13 +206,13 @@ class TrainConfig:
     optimizer: str = "adamw"  # which optimizer trains (one of OPTIMIZER_NAMES, each in lmlab.train.optim.OPTIMIZERS)
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
     min_lr: float = 1e-4  # the LR at the end of the decay
-    schedule: str = "cosine"  # cosine | wsd: warmup then cosine decay, or warmup-stable-decay
+    schedule: str = "cosine"  # how the LR falls after warmup (one of SCHEDULE_NAMES, each in lmlab.train.schedule)
     decay_fraction: float = 0.2  # wsd: share of the steps, at the end, over which the LR falls (1-sqrt) to min_lr
     warmup_iters: int = WARMUP_ITERS  # steps over which the LR rises linearly from 0 to learning_rate
     # Passes over the train split the LR warms up over instead ("0.5": half a pass), kept in config.toml as
     # warmup_iters; 0: warmup_iters says.
     warmup_epochs: float = 0.0
-    lr_decay_iters: int = 0  # cosine: steps over which the LR decays to min_lr; 0: max_iters
+    lr_decay_iters: int = 0  # steps over which the LR decays to min_lr; 0: max_iters
     weight_decay: float = 0.1  # applied to 2-D weights only
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.99  # AdamW's second-moment decay
@@ -265,8 +266,8 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZER_NAMES:
             raise UserError(f"train.optimizer is '{as_text(self.optimizer)}'; use {' or '.join(OPTIMIZER_NAMES)}.")
         check_attention("train.attention", self.attention)
-        if self.schedule not in ("cosine", "wsd"):
-            raise UserError(f"train.schedule is '{as_text(self.schedule)}'; use cosine or wsd.")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise UserError(f"train.schedule is '{as_text(self.schedule)}'; use {' or '.join(SCHEDULE_NAMES)}.")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
         if not 0 < self.collective_timeout <= 86400:

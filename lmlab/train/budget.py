@@ -21,6 +21,7 @@ from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.data.shards import covered
+from lmlab.train.schedule import position_between
 
 EVAL_SHARE = 0.1  # evaluations measure the run, they do not train it: at most this share of the budget
 FINAL_SHARE = 0.05  # and so does the final score of what the run keeps, at most this share besides
@@ -212,7 +213,7 @@ class Budget:
         self._anchor: tuple[float, float, float] | None = None  # the decay laid from (seconds, position) to an end
         self._given = made.position  # the newest position handed out: none after it is lower
         self.line: str | None = None  # what the newest `after_step` decided that is worth a line
-        self.event: Plan | None = None  # the plan to log, where the newest `after_step` changed it
+        self.event: Plan | None = made if live else None  # the plan to log: as made, then where `after_step` changed it
 
     @classmethod
     def resumed(cls, saved: dict[str, Any], step: int, intervals: tuple[int, int], lag: int = 0,
@@ -262,11 +263,9 @@ class Budget:
         if step >= self.last - 1 and self.decided:
             return 1.0
         if not self.live:
-            span = self.last - 1 - self.plan.step
-            return 1.0 if span <= 0 else min(1.0, self.plan.position + (1 - self.plan.position) *
-                                             max(0, step - self.plan.step) / span)
-        if self._anchor is None:  # the decay has not begun
-            return self._given
+            return position_between(step, self.plan.step, self.plan.position, self.last - 1)
+        if self._anchor is None:  # the decay begins, laid as by steps: from the peak after warmup to the last step
+            self._anchor = (self._began(self.warmup), self._given, self._end() - self.pace)
         began, where, end = self._anchor
         share = (self._began(step) - began) / (end - began) if end > began else 1.0
         return max(self._given, min(1.0, where + (1 - where) * share))
@@ -274,8 +273,6 @@ class Budget:
     def position(self, step: int) -> float:
         """Where the decay stands at `step`, the step about to train (after warmup; 0 the peak, 1 min_lr): by the
         budget's clock while live, else by steps; 1 at the last step."""
-        if self.live and self._anchor is None and step >= self.warmup:
-            self._anchor = (self._began(step), self._given, self._end())  # the warmup's end: the decay begins
         self._given = self._position_at(step)
         return self._given
 
@@ -295,8 +292,8 @@ class Budget:
             if len(self._steps) == PACE_STEPS > timed:
                 self.line = self._rest_here(step, spent)
             return
-        if self._anchor is not None and self._anchor[2] != self._end():
-            self._anchor = (spent, self._position_at(step), self._end())
+        if self._anchor is not None and self._anchor[2] != self._end() - self.pace:  # min_lr as the last step begins
+            self._anchor = (spent, self._position_at(step), self._end() - self.pace)
         now = self._now(step)
         last = step + now.nearest(self.plan.seconds - spent, self.intervals)
         if last <= step + self.lag + 1:
@@ -338,7 +335,7 @@ class Budget:
                          f"at {1000 * self.plan.step_seconds:,.1f}): step {last} is the last, not {foreseen}, at "
                          "min_lr, with its evaluation and checkpoint.")
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any] | None:
         """The plan as it stands at the next step: what a resumed run goes on by; a resumed run's plan as it went on by
         it, with `taken`, the seconds the run's processes had taken at the next step (its decay by steps is laid from
         the plan's step, so that resuming again trains exactly as going on would)."""
@@ -346,6 +343,10 @@ class Budget:
         if self.live:
             return dataclasses.asdict(self._now(step))
         return {**dataclasses.asdict(self.plan), "taken": self.before + self._began(step)}
+
+    def end(self, spent: float) -> tuple[float | None, str | None]:
+        """The seconds the run took over all its processes with `spent` gone in this one, and how the budget held."""
+        return round(self.taken(spent), 3), self.ended(spent)
 
     def taken(self, spent: float) -> float:
         """The seconds the run has taken with `spent` gone in this process: a resumed run's earlier processes' too."""
@@ -426,3 +427,19 @@ def _ms(seconds: float) -> str:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else format_duration(seconds)
+
+
+class NoBudget(Budget):
+    """A run by steps' budget: none, a plan of no seconds that neither times, says nor saves anything."""
+
+    def __init__(self) -> None:
+        super().__init__(Plan(0.0), (1, 1), live=False)
+
+    def end(self, spent: float) -> tuple[float | None, str | None]:
+        return None, None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+
+NO_BUDGET = NoBudget()

@@ -28,7 +28,7 @@ from lmlab.data.shards import windows_in
 from lmlab.evals.evaluate import evaluate_split, spread
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
-from lmlab.train.budget import Budget, Costs, final_windows_by_steps, plan
+from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
@@ -182,8 +182,7 @@ class Trainer:
                                self.split_tokens)
         self.writes = Writes(self.run_dir, self.parallel.is_main)
         self._saved_plan: dict[str, Any] | None = None  # a resumed run's budget, as its checkpoint has it
-        budget = Slot(lambda: self.budget and self.budget.state_dict(), lambda saved: setattr(self, "_saved_plan",
-                                                                                               saved))
+        budget = Slot(lambda: self.budget.state_dict(), lambda saved: setattr(self, "_saved_plan", saved))
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
                               loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
                               dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
@@ -197,8 +196,9 @@ class Trainer:
         self._stop = StopOnSignal()  # installed while the loop runs
 
     @property
-    def budget(self) -> Budget | None:
-        return self.schedule.budget
+    def budget(self) -> Budget:
+        """The run's time budget, or one that does nothing where it trains by steps."""
+        return self.schedule.budget or NO_BUDGET
 
     def _plan_budget(self, timing: Timing | None) -> None:
         """A new run's budget planned before its first step from this config timed now (or as `--size auto` timed it),
@@ -230,8 +230,7 @@ class Trainer:
                     self.writes.log(self.sizing)
                 if self.train_step.attention:
                     self.writes.log(self.train_step.attention.record(0))
-                if self.budget:
-                    self.writes.log({"event": "budget", **dataclasses.asdict(self.budget.plan)})
+                self._say_budget()
         self.tracker = Tracker(self.cfg.train.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
                                resume_step=self.progress.step if resuming else None,
                                model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards
@@ -294,7 +293,7 @@ class Trainer:
         p, schedule = self.progress, self.schedule
         self.model.train()
         self.clock.start()
-        if self.budget and self.budget.live:
+        if self.budget.live:
             self.console.print(self.budget.describe(self.cfg.train), highlight=False)
         with self._stop as stop:
             with progress_bar(self.console) as bar:
@@ -372,12 +371,15 @@ class Trainer:
         changed = self.threads.stepped(seconds)
         if changed:
             self._say_threads(changed)
-        if self.budget:
-            self.budget.after_step(self.progress.step, spent)
-            if self.budget.event:
-                self.writes.log({"event": "budget", **dataclasses.asdict(self.budget.event)})
-            if self.budget.line:
-                self.console.print(self.budget.line, style="yellow", highlight=False)
+        self.budget.after_step(self.progress.step, spent)
+        self._say_budget()
+
+    def _say_budget(self) -> None:
+        """What the budget's newest plan or decision changed, logged and said."""
+        if self.budget.event:
+            self.writes.log({"event": "budget", **dataclasses.asdict(self.budget.event)})
+        if self.budget.line:
+            self.console.print(self.budget.line, style="yellow", highlight=False)
 
     def _evaluate_and_log(self) -> bool:
         """Whether the evaluation is a new best."""
@@ -393,7 +395,7 @@ class Trainer:
         go on together)."""
         tc, p, T = self.cfg.train, self.progress, self.cfg.model.block_size
         total = windows_in(self.meta, "val", T)
-        if self.budget and self.budget.plan.final_windows:
+        if self.budget.plan.final_windows:
             # Every rank from the same seconds, so that all run as many forwards.
             spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
             wanted = self.budget.final_windows(tc.batch_size, spent)
@@ -428,7 +430,7 @@ class Trainer:
 
     def _evaluate(self) -> tuple[Estimate, Estimate]:
         tc = self.cfg.train
-        batches = self.budget.plan.eval_iters if self.budget else tc.eval_iters
+        batches = self.budget.plan.eval_iters or tc.eval_iters
         self.model.eval()
         # Fixed seeds: every eval scores the same batches, so curves move only because the model did.
         with self._stop.interruptible():
@@ -506,12 +508,8 @@ class Trainer:
     def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress
         self.writes.redraw(plot_losses, LOSS_EVENTS)
-        spent = line = None
-        if self.budget:
-            here = time.perf_counter() - self.started
-            spent, line = round(self.budget.taken(here), 3), self.budget.ended(here)
-        self._log_end(p.stopped_early, stopped_by, budget_seconds=self.budget and self.budget.plan.seconds,
-                      budget_spent=spent)
+        spent, line = self.budget.end(time.perf_counter() - self.started)
+        self._log_end(p.stopped_early, stopped_by, budget_seconds=self.budget.plan.seconds or None, budget_spent=spent)
         if self.writes.error is not None:
             raise self.writes.failure(p.step)
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,

@@ -20,7 +20,7 @@ from lmlab.data.shards import read_meta, row_layout
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import Budget, Plan
 from lmlab.train.distributed import Parallel
-from lmlab.train.schedule import Schedule, lr_at_position
+from lmlab.train.schedule import Schedule
 
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
@@ -98,10 +98,7 @@ def resume_schedule(schedule: Schedule, intervals: tuple[int, int], new: TrainCo
                    "budget, or" if saved else "trained by steps; resume it")
         raise UserError(f"{run_path} {planned} with train.budget_seconds=0 and train.max_iters to train "
                         "on by steps (a budget is planned before a new run's first step).")
-    old = schedule.train
+    schedule.budget = Budget(saved, intervals, live=False) if saved else None  # its plan's LR, gone on by steps
     old_lr = schedule.unscaled_lr(step)
-    if saved:
-        by_steps = Budget(saved, intervals, live=False)
-        old_lr = (old.learning_rate * (step + 1) / (saved.warmup + 1) if step < saved.warmup else
-                  lr_at_position(by_steps.position(step), old))
+    schedule.budget = None
     return schedule.resume_with(new, step, old_lr)

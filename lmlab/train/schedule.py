@@ -1,6 +1,8 @@
-"""The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last: a warmup, then a cosine
-or warmup-stable-decay fall to min_lr, over the steps or over a time budget's clock; a resume with another length lays
-the decay again from where it stands, so the LR never jumps."""
+"""The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last. A schedule kind is one
+entry of `SCHEDULES` (one per name of core/config.py's SCHEDULE_NAMES): the share of the fall from the peak to min_lr
+still left at a position of the run after its warmup (0 the peak, 1 min_lr). All else derives from it and from the one
+warmup (`warmup_lr`): the LR by steps (`lr_at`), by a time budget's clock, and after a resume with another length, which
+lays the decay again from where it stands so that the LR never jumps."""
 
 from __future__ import annotations
 
@@ -20,43 +22,52 @@ _SHAPE = ("learning_rate", "min_lr", "schedule", "decay_fraction", "warmup_iters
 FIELDS = ("max_iters", "lr_decay_iters", *_SHAPE)  # what a checkpoint keeps of the schedule it followed
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then the schedule's decay to min_lr.
+@dataclass(frozen=True)
+class Kind:
+    """A schedule kind: `left(position, train)`, the share of the fall from the peak to min_lr still left at
+    `position` (0 the warmup's end, 1 the last step's), 1 at 0, 0 at 1, never rising between; `about`, its line in
+    the config reference. tests/test_schedule.py holds every entry to this."""
 
-    cosine: a half cosine to min_lr at lr_decay_iters (default max_iters).
-    wsd (warmup-stable-decay): constant at the peak, then over the last decay_fraction of max_iters a
-    1-sqrt decay to min_lr (Hägele et al. 2024 found 1-sqrt better than linear). The constant phase makes
-    any earlier checkpoint a good start for a longer run: only the short decay has to be redone.
-    """
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if cfg.schedule == "wsd":
-        decay_start = max(cfg.warmup_iters, round(cfg.max_iters * (1.0 - cfg.decay_fraction)))
-        if step < decay_start:
-            return cfg.learning_rate
-        progress = min(1.0, (step - decay_start + 1) / max(1, cfg.max_iters - decay_start))
-        return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step >= decay_iters:
-        return cfg.min_lr
-    return _cosine((step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters), cfg)
+    left: Callable[[float, TrainConfig], float]
+    about: str
 
 
-def _cosine(progress: float, cfg: TrainConfig) -> float:
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+def _stable(train: TrainConfig) -> float:
+    """The position wsd's fall begins at: by steps, where its last decay_fraction of the run's steps (the warmup's
+    included) begins; by a budget's clock (one step, no warmup), at 1 - decay_fraction."""
+    end = decay_end(train)
+    return max(0.0, 1.0 - train.decay_fraction * end / max(1, end - 1 - train.warmup_iters))
 
 
-def lr_at_position(position: float, cfg: TrainConfig) -> float:
-    """The schedule's LR after warmup at `position`, from 0 (the peak) to 1 (min_lr), for a decay laid over steps
-    that change as it goes: cosine, or wsd's constant peak and then its 1-sqrt decay over the last decay_fraction of
-    the positions."""
-    if cfg.schedule != "wsd":
-        return _cosine(position, cfg)
-    stable = 1.0 - cfg.decay_fraction
-    if position < stable:
-        return cfg.learning_rate
-    progress = (position - stable) / cfg.decay_fraction
-    return cfg.min_lr + (1.0 - math.sqrt(progress)) * (cfg.learning_rate - cfg.min_lr)
+def _wsd(position: float, train: TrainConfig) -> float:
+    # The constant peak makes any earlier checkpoint a good start for a longer run: only the short decay is redone.
+    progress = (position - _stable(train)) / (1.0 - _stable(train))
+    return 1.0 if progress <= 1e-12 else 1.0 - math.sqrt(min(1.0, progress))
+
+
+SCHEDULES: dict[str, Kind] = {
+    "cosine": Kind(lambda position, _: 0.5 * (1.0 + math.cos(math.pi * min(1.0, position))),
+                   "a half cosine to min_lr"),
+    # 1-sqrt: Hägele et al. 2024 found it better than a linear fall.
+    "wsd": Kind(_wsd, "warmup-stable-decay: the peak, then a 1-sqrt fall to min_lr over the last decay_fraction of "
+                      "the steps"),
+    "linear": Kind(lambda position, _: 1.0 - min(1.0, position), "a straight line to min_lr"),
+}
+
+
+def choices() -> str:
+    """The kinds as the config reference lists them: `cosine (a half cosine to min_lr) | wsd (...)`."""
+    return " | ".join(f"{name} ({kind.about})" for name, kind in SCHEDULES.items())
+
+
+def warmup_lr(step: int, peak: float, steps: int) -> float:
+    """The LR of `step` of a linear warmup over `steps` steps to `peak`, which the step after it reaches."""
+    return peak * (step + 1) / (steps + 1)
+
+
+def lr_at_position(position: float, train: TrainConfig) -> float:
+    """The LR after warmup at `position` (0 the peak, 1 min_lr) of the kind `train.schedule` names."""
+    return train.min_lr + SCHEDULES[train.schedule].left(position, train) * (train.learning_rate - train.min_lr)
 
 
 def position_between(step: int, anchor: int, position: float, last: int) -> float:
@@ -67,19 +78,29 @@ def position_between(step: int, anchor: int, position: float, last: int) -> floa
     return min(1.0, position + (1.0 - position) * max(0, step - anchor) / (last - anchor))
 
 
-def position_of(lr: float, cfg: TrainConfig) -> float:
-    """Where the schedule's LR is `lr` (`lr_at_position`'s inverse, clipped to [0, 1]): the peak is 0, even in wsd's
-    stable stretch, which continues from there."""
-    span = cfg.learning_rate - cfg.min_lr
-    share = 1.0 if span <= 0 else min(1.0, max(0.0, (lr - cfg.min_lr) / span))
-    if cfg.schedule == "wsd":
-        return 0.0 if share >= 1.0 else 1.0 - cfg.decay_fraction + cfg.decay_fraction * (1.0 - share) ** 2
-    return math.acos(2.0 * share - 1.0) / math.pi
+def lr_at(step: int, train: TrainConfig) -> float:
+    """The LR of `step` by the steps: the warmup over warmup_iters, then the kind's fall laid from the peak at the
+    step after it to min_lr at the last step before `decay_end`."""
+    if step < train.warmup_iters:
+        return warmup_lr(step, train.learning_rate, train.warmup_iters)
+    return lr_at_position(position_between(step, train.warmup_iters, 0.0, decay_end(train) - 1), train)
+
+
+def position_of(lr: float, train: TrainConfig) -> float:
+    """The first position where the kind's LR is down to `lr` (`lr_at_position`'s inverse, clipped to [0, 1]): the
+    peak is 0, even in wsd's stable stretch, which continues from there. Bisected: every kind's fall is monotone."""
+    if lr >= train.learning_rate or lr <= train.min_lr:
+        return 0.0 if lr >= train.learning_rate else 1.0
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if lr_at_position(mid, train) > lr else (low, mid)
+    return high
 
 
 def decay_end(train: TrainConfig) -> int:
-    """The step at which the LR reaches min_lr: lr_decay_iters (cosine) or max_iters."""
-    return (train.lr_decay_iters if train.schedule == "cosine" else 0) or train.max_iters
+    """The step after the first whose LR is min_lr: lr_decay_iters, or max_iters."""
+    return train.lr_decay_iters or train.max_iters
 
 
 @dataclass(frozen=True)
@@ -122,8 +143,9 @@ class Schedule:
         if budget is None:
             return lr_at(step, train) if self.decay is None else lr_at_position(self.decay.position_at(step), train)
         if step < budget.warmup:
-            return train.learning_rate * (step + 1) / (budget.plan.warmup + 1)
-        return lr_at_position(budget.position(step), train)
+            return warmup_lr(step, train.learning_rate, budget.plan.warmup)
+        # Its positions follow its clock from its own warmup's end: the kind is given no steps of the config's.
+        return lr_at_position(budget.position(step), dataclasses.replace(train, max_iters=1, warmup_iters=0))
 
     def resume_with(self, new: TrainConfig, step: int, old_lr: float) -> str | None:
         """Go on at `step` under `new`, the run having had `old_lr` there under this schedule: `new`'s own where it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,6 @@ class Checkpointer:
     def resume(self, cfg: RunConfig, train_sha256: str, force: bool) -> Path:
         """Restore the newest checkpoint that verifies, of this model on this run's tokenizer and, without `force`, on
         data of the same checksum (`train_sha256`); the step folder it came from."""
-        if self.parallel.is_main:
-            self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
         self.run_dir.checkpoint("latest")  # says so if there is nothing to resume
         self.run_dir.tokenizer()  # the run's copy is checked against its record, not silently written over
         check_tokenizer(self.run_dir, cfg.data.dataset, str(self.run_dir.path))
@@ -110,12 +109,24 @@ class Checkpointer:
         if trained != asked:
             raise UserError(f"{self.run_dir.path} was trained with another model shape "
                             f"({_differences(trained, asked)}); resume with the run's own [model] settings.")
+
+        def same_data(training: dict[str, Any]) -> None:
+            if training["dataset_sha256"] != train_sha256 and not force:
+                raise UserError(f"dataset {cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
+                                "on (train split checksum); pass --force to continue on the new data anyway.")
+
+        return self.restore_newest(same_data)
+
+    def restore_newest(self, check: Callable[[dict[str, Any]], None] | None = None) -> Path:
+        """Restore the newest checkpoint that verifies (its training state passing `check`, which raises if not);
+        the step folder it came from."""
+        if self.parallel.is_main:
+            self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
         folder, training = self._load_newest_good()
         self.parallel.check_same("checkpoint", {"resumed from": folder.name},
                                  "every host must see the same run folder: keep it on the filesystem they share")
-        if training["dataset_sha256"] != train_sha256 and not force:
-            raise UserError(f"dataset {cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
-                            "on (train split checksum); pass --force to continue on the new data anyway.")
+        if check:
+            check(training)
         self._restore(training, rollback=False)
         self.saved_step = self.progress.step
         return folder

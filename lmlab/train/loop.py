@@ -8,7 +8,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,13 @@ from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.shards import windows_in
-from lmlab.evals.evaluate import evaluate_split, spread
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
+from lmlab.train.ending import TrainResult, score_final
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
@@ -55,26 +54,6 @@ from lmlab.train.timing import Timing, time_config
 from lmlab.train.tracking import Tracker
 
 
-class ScoreCut(Exception):
-    """A stop signal came during the final score."""
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    best_val_loss: float
-    best_step: int
-    steps: int
-    stopped_early: bool
-    loss_plot: Path
-    stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
-    budget_spent: float | None = None  # seconds a budgeted run took, start-ups included (`Budget.taken`)
-    budget_line: str | None = None  # how its budget held, in a sentence (`Budget.ended`)
-    abandoned: bool = False  # the signal came during a step that did not end within the grace period
-    saved: Path | None = None  # the newest step folder, what a resume continues from
-    final: dict[str, Any] | None = None  # the final score of the checkpoint the run ended on (its `final` event)
-
-
 class Trainer:
     """One run: built from a config (a new run, one resumed, or one from another run's weights), then `run()`. The
     run's lock is held from the construction to the end of `run()`.
@@ -82,6 +61,8 @@ class Trainer:
     `started` is the time.perf_counter() reading a budget counts from (default: now), so the trials of a sweep in
     one process compare on equal terms; `threads`, `sizing` and `timing` are what `--size auto` decided and timed
     already (its chooser, the event that records it, the chosen size's timing a budget plans from)."""
+
+    DOING = "training"  # what a line about its threads calls it
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
@@ -172,7 +153,7 @@ class Trainer:
         the checkpoint completes)."""
         tc, mc = self.cfg.train, self.cfg.model
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.block_size
-        self.split_tokens = self.meta["train"]["tokens"]  # what a pass over the data is
+        self.split_tokens, self.data_sha256 = self._split()  # what a pass over the data is, and its checksum
         self.flops_per_token = self.model.flops_per_token()
         self.progress, self.clock, self.throughput = Progress(), Stopwatch(), Throughput(self.device)
         self.means = Means(log=Mean(), eval=Mean())  # train loss since the last log line, since the last eval
@@ -186,7 +167,7 @@ class Trainer:
                                                                                                saved))
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
                               loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
-                              dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
+                              dataset_sha256=Recorded(self.data_sha256), schedule=self.schedule,
                               budget=budget, attention=Slot(lambda: self.train_step.attention_path,
                                                             self.train_step.restore_attention))
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
@@ -195,6 +176,10 @@ class Trainer:
         self._grad_norm = 0.0
         self._lr = 0.0
         self._stop = StopOnSignal()  # installed while the loop runs
+
+    def _split(self) -> tuple[int, str]:
+        """The train split's tokens and checksum."""
+        return self.meta["train"]["tokens"], self.meta["train"]["sha256"]
 
     @property
     def budget(self) -> Budget | None:
@@ -223,9 +208,7 @@ class Trainer:
         else:
             self.checkpointer.start(self.cfg, init_from, keep_optimizer)
             if self.parallel.is_main:
-                self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from,
-                                   device=self.device, dtype=self.dtype, world_size=self.parallel.world_size,
-                                   parallel=self.parallel.mode, peak=self.peak, dtype_reason=self.dtype_reason)
+                self._start(init_from)
                 if self.sizing:
                     self.writes.log(self.sizing)
                 if self.train_step.attention:
@@ -237,11 +220,24 @@ class Trainer:
                                model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards
         self.writes.trackers.append(self.tracker)
         if self.parallel.is_main:
-            self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
+            self._write_setup()
+
+    def _start(self, init_from: str | None) -> None:
+        """The start event of a new run."""
+        self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from, device=self.device,
+                           dtype=self.dtype, world_size=self.parallel.world_size, parallel=self.parallel.mode,
+                           peak=self.peak, dtype_reason=self.dtype_reason)
+
+    def _write_setup(self) -> None:
+        self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
+
+    def _restore(self, force: bool) -> Path:
+        """Restore the newest checkpoint that verifies, of this model, tokenizer and (unless `force`) data."""
+        return self.checkpointer.resume(self.cfg, self.data_sha256, force)
 
     def _resume(self, force: bool) -> None:
         began = time.perf_counter()
-        folder = self.checkpointer.resume(self.cfg, self.train_tokens.sha256, force)
+        folder = self._restore(force)
         loaded, step = time.perf_counter() - began, self.progress.step
         line = resume_schedule(self.schedule, self.cadence.intervals, self.cfg.train, self._saved_plan, step,
                                self.run_dir.path, self.parallel.lag, time.perf_counter() - self.started)
@@ -262,8 +258,8 @@ class Trainer:
     def _say_threads(self, choice: Choice) -> None:
         self.writes.log(choice.record(self.progress.step))
         style = "yellow" if choice.lowered else "default"
-        self.console.print(f"step {self.progress.step}: training on {choice.describe('train.threads')}", style=style,
-                           highlight=False)
+        self.console.print(f"step {self.progress.step}: {self.DOING} on {choice.describe(self.threads.override)}",
+                           style=style, highlight=False)
 
     def run(self) -> TrainResult:
         """Train to the schedule's last step (or an early stop, a stop signal, a failed write); then the run's lock
@@ -343,12 +339,16 @@ class Trainer:
         with self._stop.interruptible():
             total, norm = self.train_step(self.parallel.micro_batches(self.loader, self.cfg.train.grad_accum_steps),
                                           self.micro_steps, lr)
-        p.step, p.tokens = p.step + 1, p.tokens + self.tokens_per_step
+        p.step, p.tokens = p.step + 1, p.tokens + self._step_tokens()
         self._queued.append((p.step, lr, total, norm))
         if verdict := self.train_step.decided():  # whether compiling pays on this CPU
             self.threads.held = verdict.compiled
             self.writes.log(verdict.record(p.step))
             self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
+
+    def _step_tokens(self) -> int:
+        """The tokens of the step just taken: every step's are the same (a fine-tune's are not)."""
+        return self.tokens_per_step
 
     def _judge_queued_steps(self) -> bool:
         """Let the guard judge the queued steps in order (one host sync for all) and keep the means; False if it rolled
@@ -386,11 +386,9 @@ class Trainer:
         return self._log_eval(train_eval, val, time.perf_counter() - began)
 
     def _score_final(self, stopped: Callable[[], bool]) -> dict[str, Any] | None:
-        """The checkpoint the run ends on, scored on the val split, the figure a run ends with rather than its best
-        estimate (the least of many noisy ones): the windows that what is left of its budget holds
-        (`Budget.final_windows`); in a run by steps, `final_windows_by_steps`; the whole split, or windows spread
-        over it with their standard error. None where a stop signal cuts it short (on one process: the ranks of a job
-        go on together)."""
+        """The checkpoint the run ends on, scored on the val split (`score_final`), the figure a run ends with rather
+        than its best estimate (the least of many noisy ones): the windows that what is left of its budget holds
+        (`Budget.final_windows`); in a run by steps, `final_windows_by_steps`."""
         tc, p, T = self.cfg.train, self.progress, self.cfg.model.block_size
         total = windows_in(self.meta, "val", T)
         if self.budget and self.budget.plan.final_windows:
@@ -399,31 +397,10 @@ class Trainer:
             wanted = self.budget.final_windows(tc.batch_size, spent)
         else:
             wanted = final_windows_by_steps(total, tc.batch_size, T, p.tokens)
-        alone = self.parallel.world_size == 1
-        began = time.perf_counter()
-        self.model.eval()
-        try:
-            with progress_bar(self.console, "val window") as bar:
-                task = bar.add_task("final score", total=min(wanted, total), info="")
-
-                def tick(done: int, of: int) -> None:
-                    bar.update(task, completed=done)
-                    if alone and stopped():
-                        raise ScoreCut
-
-                per_token = self.meta["val"]["bytes"] / self.meta["val"]["tokens"]
-                scores = evaluate_split(self.model, self.val_tokens, per_token,
-                                        tc.batch_size, self.device, self.dtype, tick,
-                                        None if wanted >= total else spread(total, wanted),
-                                        None if alone else self.parallel, self.train_step.eager)
-        except ScoreCut:
-            return None
-        finally:
-            self.model.train()
-        final = {"event": "final", "step": p.step, "val_loss": scores["loss"], "stderr": scores["stderr"],
-                 "bits_per_byte": scores["bits_per_byte"], "windows": min(wanted, total), "split_windows": total,
-                 "tokens": scores["tokens"], "seconds": round(time.perf_counter() - began, 3)}
-        self.writes.log(final)
+        final = score_final(self.train_step, self.val_tokens, self.meta, tc.batch_size, p.step, wanted, total,
+                            self.parallel, self.console, stopped)
+        if final:
+            self.writes.log(final)
         return final
 
     def _evaluate(self) -> tuple[Estimate, Estimate]:

@@ -15,7 +15,7 @@ from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError
 from lmlab.data.loader import check_block_size, open_tokens, pad_targets
-from lmlab.data.shards import read_meta, row_layout
+from lmlab.data.shards import TokenShards, read_meta, row_layout
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
 from lmlab.model.loss import IGNORE, next_token_hits, next_token_loss
@@ -47,7 +47,7 @@ class Ranks(Protocol):
 
 
 @torch.no_grad()
-def evaluate_split(model: LanguageModel, tokens: np.ndarray, bytes_per_token: float, batch_size: int,
+def evaluate_split(model: LanguageModel, tokens: np.ndarray | TokenShards, bytes_per_token: float, batch_size: int,
                    device: torch.device, dtype: torch.dtype,
                    progress: Callable[[int, int], None] | None = None,
                    windows: list[int] | None = None, ranks: Ranks | None = None,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import TaskID
 
 from lmlab.core.progress import progress_bar
 from lmlab.data.shards import TokenShards
@@ -47,7 +48,7 @@ def score_final(train_step: TrainStep, val_tokens: TokenShards, meta: dict[str, 
     model.eval()
     try:
         with progress_bar(console, "val window") as bar:
-            task = bar.add_task("final score", total=min(wanted, total), info="")
+            task = TaskID(bar.add_task("final score", total=min(wanted, total), info=""))
 
             def tick(done: int, of: int) -> None:
                 bar.update(task, completed=done)

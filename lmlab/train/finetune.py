@@ -195,7 +195,9 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
         raise UserError(f"{run.path} holds an unfinished fine-tune written by an earlier version of lmlab, whose "
                         "fine-tunes cannot be continued; choose a new --out.")
     # What may differ: the threads, and the attention path a continued fine-tune takes from its checkpoint.
-    old = dataclasses.replace(run.config().finetune, checkpoint_interval=ft.checkpoint_interval, threads=ft.threads,
+    theirs_ft = run.config().finetune
+    assert theirs_ft is not None, "a fine-tuned run's config has its [finetune]"
+    old = dataclasses.replace(theirs_ft, checkpoint_interval=ft.checkpoint_interval, threads=ft.threads,
                               attention=ft.attention)
     changed = [f"finetune.{f.name} {getattr(old, f.name)} -> {getattr(ft, f.name)}" for f in dataclasses.fields(ft)
                if getattr(old, f.name) != getattr(ft, f.name)]
@@ -251,8 +253,8 @@ class Finetuner(Trainer):
         self.format = alpaca_format(base.tokenizer)
         check_format(base.tokenizer, self.format, base.run.path)
         self.fits, self.dropped = _fitting(base.tokenizer, self.format, ft, base.config.model.block_size)
-        self.loader = RecordBatches(self.fits["train"], ft.batch_size, ft.seed, self.device)
-        self.cfg = _finetune_config(base.config, ft, self.loader.steps_per_epoch)
+        self.loader = self.records = RecordBatches(self.fits["train"], ft.batch_size, ft.seed, self.device)
+        self.cfg = _finetune_config(base.config, ft, self.records.steps_per_epoch)
         self.origin = _origin(base, self.base_dir, ft, self.fits, self.dropped, self.format)
         self.continuing = _continuing(self.run_dir, ft, self.origin)
         self.model, self.dtype, self.peak, self.micro_steps = base.model.train(), base.dtype, None, 1
@@ -269,11 +271,11 @@ class Finetuner(Trainer):
 
     def _split(self) -> tuple[int, str]:
         """What a pass is (the tokens the loss is taken on, an epoch's) and the records' checksum."""
-        return self.loader.scored_tokens, self.origin["data_sha256"]
+        return self.records.scored_tokens, self.origin["data_sha256"]
 
     def _parts(self, resuming: bool) -> None:
         super()._parts(resuming)
-        self.tokens_per_step = round(self.loader.scored_tokens / self.loader.steps_per_epoch)  # a step's, on average
+        self.tokens_per_step = round(self.records.scored_tokens / self.records.steps_per_epoch)  # a step's, on average
         self.checkpointer.state.parts["epochs"] = self.epochs
 
     def _start(self, init_from: str | None) -> None:
@@ -298,7 +300,7 @@ class Finetuner(Trainer):
             return held_out_loss(self.model, self.fits["val"], self.ft.batch_size, self.device, self.dtype)
 
     def _step_tokens(self) -> int:
-        return self.loader.scored
+        return self.records.scored
 
     def _evaluate_and_log(self) -> bool:
         """An epoch's end: the held-out records scored; whether it is the best epoch yet."""

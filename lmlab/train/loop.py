@@ -22,7 +22,7 @@ from lmlab.core.errors import PeerLost
 from lmlab.core.humanize import format_duration
 from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
-from lmlab.data.loader import BatchLoader, open_tokens
+from lmlab.data.loader import Batches, BatchLoader, open_tokens
 from lmlab.data.shards import windows_in
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
@@ -63,6 +63,7 @@ class Trainer:
     already (its chooser, the event that records it, the chosen size's timing a budget plans from)."""
 
     DOING = "training"  # what a line about its threads calls it
+    loader: Batches  # the train split's BatchLoader, or a fine-tune's records
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,

@@ -35,6 +35,7 @@ from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
 from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
+from lmlab.train.reports import Reports
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import (
     Mean,
@@ -54,7 +55,7 @@ from lmlab.train.timing import Timing, time_config
 from lmlab.train.tracking import Tracker
 
 
-class Trainer:
+class Trainer(Reports):
     """One run: built from a config (a new run, one resumed, or one from another run's weights), then `run()`. The
     run's lock is held from the construction to the end of `run()`.
 
@@ -62,7 +63,6 @@ class Trainer:
     one process compare on equal terms; `threads`, `sizing` and `timing` are what `--size auto` decided and timed
     already (its chooser, the event that records it, the chosen size's timing a budget plans from)."""
 
-    DOING = "training"  # what a line about its threads calls it
     loader: Batches  # the train split's BatchLoader, or a fine-tune's records
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
@@ -256,12 +256,6 @@ class Trainer:
         said = self.parallel.lost(err) if hasattr(self, "parallel") else None
         return peer_lost(said, self.run_dir, getattr(self, "progress", None) and self.progress.step) if said else None
 
-    def _say_threads(self, choice: Choice) -> None:
-        self.writes.log(choice.record(self.progress.step))
-        style = "yellow" if choice.lowered else "default"
-        self.console.print(f"step {self.progress.step}: {self.DOING} on {choice.describe(self.threads.override)}",
-                           style=style, highlight=False)
-
     def run(self) -> TrainResult:
         """Train to the schedule's last step (or an early stop, a stop signal, a failed write); then the run's lock
         is released and torch's threads are what they were before the run."""
@@ -415,62 +409,6 @@ class Trainer:
                           for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
-
-    def _log_eval(self, train_estimate: Estimate, val_estimate: Estimate, seconds: float) -> bool:
-        p, tc = self.progress, self.cfg.train
-        train_eval, val = train_estimate.loss, val_estimate.loss
-        is_best = val < p.best_val_loss
-        if is_best:
-            p.best_val_loss, p.best_step, p.evals_since_best = val, p.step, 0
-        else:
-            p.evals_since_best += 1
-        avg_train = self.means["eval"].pop_mean()
-        self.writes.log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self._epoch(),
-                         "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
-                         "train_eval_loss": train_eval, "val_loss": val, "val_accuracy": val_estimate.accuracy,
-                         "best_val_loss": p.best_val_loss, "is_best": is_best, "seconds": round(seconds, 3)})
-        self.writes.redraw(plot_losses, LOSS_EVENTS)  # kept current, so a long run can be watched
-        mark = " | [bold green]best![/bold green]" if is_best else ""
-        # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
-        when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self._epoch():.2f}"
-        self.console.print(f"{when} | train (steps) {avg_train:.4f} | train (eval) {train_eval:.4f} | val {val:.4f}"
-                           f"{mark}")
-        p.stopped_early = bool(tc.patience) and p.evals_since_best >= tc.patience
-        return is_best
-
-    def _log_train(self) -> str:
-        """A train line (without ms/step, tokens/s and MFU when the only step since the last was the warm-up step)."""
-        p, step_seconds = self.progress, self.throughput.pop_step_seconds()
-        rate = None if step_seconds is None else self.tokens_per_step / step_seconds
-        mean, lr, epoch, elapsed = self.means["log"].pop_mean(), self._lr, self._epoch(), round(self.clock.elapsed, 3)
-        # tokens/s counts every rank's tokens, against every rank's peak; none against a peak measured busy
-        computed = None if rate is None else rate * self.flops_per_token / self.parallel.world_size
-        wrong = self.peak and computed and self.peak.wrong(computed)
-        if wrong:
-            self.console.print(wrong, style="yellow", highlight=False)
-            self.peak = None
-        mfu = None if computed is None or self.peak is None else self.peak.mfu(computed)
-        self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
-                         "lr": lr, "grad_norm": self._grad_norm,
-                         "tokens_per_sec": None if rate is None else round(rate, 1),
-                         "ms_per_step": None if step_seconds is None else round(1000 * step_seconds, 3),
-                         "mfu": None if mfu is None else round(mfu, 4), "elapsed": elapsed})
-        passes = f"epoch {epoch:.2f}" + (f", {format_duration(elapsed / epoch)}/epoch" if epoch else "")
-        if rate is None:
-            return f"loss {mean:.4f} | lr {lr:.1e} | {passes}"
-        utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
-        ms = 1000 * step_seconds
-        pace = f"{rate:,.0f} tok/s | {ms:,.{0 if ms >= 10 else 1}f} ms/step"
-        return f"loss {mean:.4f} | lr {lr:.1e} | {pace}{utilisation} | {passes}"
-
-    def _epoch(self) -> float:
-        return round(self.progress.tokens / self.split_tokens, 4)
-
-    def _log_end(self, stopped_early: bool, stopped_by: str | None, **more: Any) -> None:
-        p = self.progress
-        self.writes.log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                         "lr": self._lr, "best_val_loss": p.best_val_loss, "best_step": p.best_step,
-                         "stopped_early": stopped_early, "stopped_by": stopped_by, **more})
 
     def _abandon(self, signal_name: str) -> TrainResult:
         """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,27 +108,23 @@ class Checkpointer:
         if trained != asked:
             raise UserError(f"{self.run_dir.path} was trained with another model shape "
                             f"({_differences(trained, asked)}); resume with the run's own [model] settings.")
+        folder, training = self.restore_newest()
+        if training["dataset_sha256"] != train_sha256 and not force:
+            raise UserError(f"dataset {cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
+                            "on (train split checksum); pass --force to continue on the new data anyway.")
+        return folder
 
-        def same_data(training: dict[str, Any]) -> None:
-            if training["dataset_sha256"] != train_sha256 and not force:
-                raise UserError(f"dataset {cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
-                                "on (train split checksum); pass --force to continue on the new data anyway.")
-
-        return self.restore_newest(same_data)
-
-    def restore_newest(self, check: Callable[[dict[str, Any]], None] | None = None) -> Path:
-        """Restore the newest checkpoint that verifies (its training state passing `check`, which raises if not);
-        the step folder it came from."""
+    def restore_newest(self) -> tuple[Path, dict[str, Any]]:
+        """Restore the newest checkpoint that verifies (a run's resume, a fine-tune's continuation); its folder and
+        training state."""
         if self.parallel.is_main:
             self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
         folder, training = self._load_newest_good()
         self.parallel.check_same("checkpoint", {"resumed from": folder.name},
                                  "every host must see the same run folder: keep it on the filesystem they share")
-        if check:
-            check(training)
         self._restore(training, rollback=False)
         self.saved_step = self.progress.step
-        return folder
+        return folder, training
 
     def save(self, best: bool) -> float:
         """Checkpoint the run where it stands, its event saying how long the weights took to gather and write; the

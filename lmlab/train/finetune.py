@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.analysis.plots import LOSS_EVENTS, plot_losses
 from lmlab.core.config import FinetuneConfig, RunConfig
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
@@ -28,13 +27,15 @@ from lmlab.core.fileio import sha256_file
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel
-from lmlab.model.loss import IGNORE
+from lmlab.model.loss import IGNORE, next_token_hits
 from lmlab.model.memory import check_training
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format, read_records
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.train.distributed import setup
-from lmlab.train.loop import Trainer, TrainResult
+from lmlab.train.estimate import Estimate
+from lmlab.train.loop import Trainer
 from lmlab.train.optim import optimizer_of
+from lmlab.train.reports import TrainResult
 from lmlab.train.state import Checkpointed
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StopOnSignal
@@ -113,18 +114,18 @@ class RecordBatches:
 
 @torch.no_grad()
 def held_out_loss(model: LanguageModel, examples: Examples, batch_size: int, device: torch.device,
-                  dtype: torch.dtype) -> float:
-    """Mean loss per scored token over the held-out examples."""
+                  dtype: torch.dtype) -> Estimate:
+    """Loss and next-token accuracy per scored token over the held-out examples."""
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros(3, dtype=torch.float64)  # the scored tokens' summed loss, hits and count
     for first in range(0, len(examples), batch_size):
         x, y = (t.to(device) for t in _batch(examples[first:first + batch_size]))
         with autocast(device, dtype):
-            _, loss = model(x, y)
-        n = int((y != IGNORE).sum())
-        total, count = total + loss.item() * n, count + n
+            logits, loss = model(x, y)
+        n = (y != IGNORE).sum()
+        total += torch.stack([loss.double() * n, next_token_hits(logits, y).double(), n.double()]).cpu()
     model.train()
-    return total / count
+    return Estimate(*(total[:2] / total[2]).tolist())
 
 
 @dataclass
@@ -286,37 +287,27 @@ class Finetuner(Trainer):
                                f"its latest (step {base.step})")
         self.run_dir.begin("fine-tuned", self.model, self.cfg, base.run.dataset(), init_from=str(self.base_dir),
                            device=self.device, dtype=self.dtype, origin=self.origin)
-        self.epochs.base_val_loss = self._held_out()
+        self.epochs.base_val_loss = self._held_out().loss
         self.console.print(f"base model val loss on the held-out records: {self.epochs.base_val_loss:.4f}")
 
     def _write_setup(self) -> None:
         self.run_dir.write_setup(self.cfg, self.base.run.path / "tokenizer.json", self.base.run.dataset(), self.format)
 
     def _restore(self, force: bool) -> Path:
-        return self.checkpointer.restore_newest()  # what it continues was checked by `_continuing`
+        return self.checkpointer.restore_newest()[0]  # what it continues was checked by `_continuing`
 
-    def _held_out(self) -> float:
+    def _held_out(self) -> Estimate:
         with self._stop.interruptible():
             return held_out_loss(self.model, self.fits["val"], self.ft.batch_size, self.device, self.dtype)
 
     def _step_tokens(self) -> int:
         return self.records.scored
 
-    def _evaluate_and_log(self) -> bool:
-        """An epoch's end: the held-out records scored; whether it is the best epoch yet."""
-        p, val = self.progress, self._held_out()
-        is_best = val < p.best_val_loss
-        if is_best:
-            p.best_val_loss, p.best_step = val, p.step
-        self.epochs.val_losses.append(val)
-        train = self.means["eval"].pop_mean()
-        self.writes.log({"event": "eval", "step": p.step, "epoch": len(self.epochs.val_losses), "tokens": p.tokens,
-                         "elapsed": round(self.clock.elapsed, 3), "train_loss": train, "val_loss": val,
-                         "best_val_loss": p.best_val_loss, "is_best": is_best})
-        self.writes.redraw(plot_losses, LOSS_EVENTS)
-        mark = " | [bold green]best![/bold green]" if is_best else ""
-        self.console.print(f"epoch {len(self.epochs.val_losses)} | train {train:.4f} | val {val:.4f}{mark}")
-        return is_best
+    def _evaluate(self) -> tuple[Estimate | None, Estimate]:
+        """An epoch's end: the held-out records scored (no train split to score)."""
+        val = self._held_out()
+        self.epochs.val_losses.append(val.loss)
+        return None, val
 
     def _score_final(self, stopped: Callable[[], bool]) -> dict[str, Any] | None:
         return None  # the held-out records were scored at the last epoch's end

@@ -30,12 +30,11 @@ from lmlab.train.budget import Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
-from lmlab.train.ending import TrainResult, score_final
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
 from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
-from lmlab.train.reports import Reports
+from lmlab.train.reports import Reports, TrainResult, score_final
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import (
     Mean,
@@ -398,7 +397,7 @@ class Trainer(Reports):
             self.writes.log(final)
         return final
 
-    def _evaluate(self) -> tuple[Estimate, Estimate]:
+    def _evaluate(self) -> tuple[Estimate | None, Estimate]:
         tc = self.cfg.train
         batches = self.budget.plan.eval_iters if self.budget else tc.eval_iters
         self.model.eval()

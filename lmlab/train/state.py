@@ -97,22 +97,6 @@ class RngTexts(TypedDict):
     cuda: str | None  # of a CUDA run only
 
 
-def rng_state(device: torch.device) -> RngTexts:
-    """The torch (and CUDA) generator states as base64 text for state.json."""
-    def text(state: torch.Tensor) -> str:
-        return base64.b64encode(state.cpu().numpy().tobytes()).decode()
-    return {"torch": text(torch.get_rng_state()),
-            "cuda": text(torch.cuda.get_rng_state()) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: RngTexts, device: torch.device) -> None:
-    def tensor(text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-    torch.set_rng_state(tensor(state["torch"]))
-    if device.type == "cuda" and (cuda := state.get("cuda")):
-        torch.cuda.set_rng_state(tensor(cuda))
-
-
 def upgrade_training(saved: dict[str, Any]) -> dict[str, Any]:
     """A trained run's checkpoint state from before the parts saved themselves, in today's shape."""
     if "means" in saved:
@@ -135,10 +119,18 @@ class RngState:
         self.device = device
 
     def state_dict(self) -> RngTexts:
-        return rng_state(self.device)
+        """The generator states as base64 text for state.json."""
+        def text(state: torch.Tensor) -> str:
+            return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+        return {"torch": text(torch.get_rng_state()),
+                "cuda": text(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None}
 
     def load_state_dict(self, state: RngTexts) -> None:
-        set_rng_state(state, self.device)
+        def tensor(text: str) -> torch.Tensor:
+            return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+        torch.set_rng_state(tensor(state["torch"]))
+        if self.device.type == "cuda" and (cuda := state.get("cuda")):
+            torch.cuda.set_rng_state(tensor(cuda))
 
 
 class ScalerState:

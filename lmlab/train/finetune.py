@@ -77,31 +77,25 @@ def _batch(examples: Examples) -> tuple[torch.Tensor, torch.Tensor]:
 
 class RecordBatches:
     """The fine-tune's batch source, in BatchLoader's role: its training examples in a new shuffle each epoch, a
-    padded batch of `batch_size` at a time. Its position is the epoch and the batch in it (every epoch's order is
-    drawn from the seed again, so a restored position goes on with the same batches)."""
+    padded batch of `batch_size` at a time. Its position is the epoch and the batch in it (an epoch's order is drawn
+    from the seed and the epoch, so a restored position goes on with the same batches)."""
 
     def __init__(self, examples: Examples, batch_size: int, seed: int, device: torch.device):
         self.examples, self.batch_size, self.seed, self.device = examples, batch_size, seed, device
         self.steps_per_epoch = math.ceil(len(examples) / batch_size)
         self.scored_tokens = sum(sum(scored[1:]) for _, scored in examples)  # what an epoch trains on
         self.epoch, self.batch, self.scored = 0, 0, 0  # `scored`: the loss's tokens in the last batch
-        self._order: tuple[int, Examples] | None = None
-
-    def order(self) -> Examples:
-        """This epoch's order: the seed's (epoch + 1)th shuffle."""
-        if self._order is None or self._order[0] != self.epoch:
-            rng, order = random.Random(self.seed), self.examples
-            for _ in range(self.epoch + 1):
-                order = self.examples[:]
-                rng.shuffle(order)
-            self._order = self.epoch, order
-        return self._order[1]
+        self.shuffled: tuple[int, Examples] = (-1, [])  # an epoch and its order
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.batch == self.steps_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
+        if self.shuffled[0] != self.epoch:  # a new epoch, or a restored position: its order, drawn from the seed
+            order = self.examples[:]
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+            self.shuffled = self.epoch, order
         first = self.batch * self.batch_size
-        x, y = _batch(self.order()[first:first + self.batch_size])
+        x, y = _batch(self.shuffled[1][first:first + self.batch_size])
         self.batch, self.scored = self.batch + 1, int((y != IGNORE).sum())
         return x.to(self.device), y.to(self.device)
 
@@ -129,16 +123,11 @@ def held_out_loss(model: LanguageModel, examples: Examples, batch_size: int, dev
 
 
 @dataclass
-class FinetuneResult:
-    run_dir: Path
-    base_val_loss: float  # of the base model, before any update
-    val_losses: list[float]  # one per finished epoch
-    best_epoch: int
-    dropped: int  # records longer than the context, left out
-    loss_plot: Path
-    stopped_by: str | None = None  # the signal that stopped it before its last epoch ended
-    abandoned: bool = False  # the signal came during a step that did not end within the grace period
-    saved: Path | None = None  # the newest step folder, what the same command continues from
+class FinetuneResult(TrainResult):
+    base_val_loss: float = math.nan  # of the base model, before any update
+    val_losses: list[float] = dataclasses.field(default_factory=list)  # one per finished epoch
+    best_epoch: int = 0
+    dropped: int = 0  # records longer than the context, left out
 
 
 @dataclass
@@ -170,7 +159,6 @@ def _fitting(tokenizer: Tokenizer, fmt: PromptFormat, ft: FinetuneConfig,
         raise UserError(f"no {'training' if not fits['train'] else 'held-out'} record of {ft.data} fits the model's "
                         f"context of {block_size} tokens; use shorter records.")
     return fits, sum(len(encoded[n]) - len(fits[n]) for n in encoded)
-
 
 
 def _origin(base: LoadedRun, base_dir: Path, ft: FinetuneConfig, fits: dict[str, Examples], dropped: int,
@@ -209,7 +197,6 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
         raise UserError(f"{run.path} holds an unfinished fine-tune made by another command ({'; '.join(changed)}); "
                         f"finish it with `{run.resume_command()}`, or choose a new --run.")
     return True
-
 
 
 
@@ -317,8 +304,8 @@ class Finetuner(Trainer):
                          base_val_loss=self.epochs.base_val_loss, **more)
 
     def result(self, trained: TrainResult) -> FinetuneResult:
-        return FinetuneResult(trained.run_dir, self.epochs.base_val_loss, self.epochs.val_losses, self.epochs.best,
-                              self.dropped, trained.loss_plot, trained.stopped_by, trained.abandoned, trained.saved)
+        return FinetuneResult(**vars(trained), base_val_loss=self.epochs.base_val_loss,
+                              val_losses=self.epochs.val_losses, best_epoch=self.epochs.best, dropped=self.dropped)
 
 
 def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "auto",

@@ -412,11 +412,8 @@ class Trainer(Reports):
     def _abandon(self, signal_name: str) -> TrainResult:
         """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be
         half-applied)."""
-        p = self.progress
         self._log_end(False, signal_name)
-        saved = self.run_dir.step_folders()
-        return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, False, self.run_dir.loss_plot,
-                           signal_name, abandoned=True, saved=saved[-1] if saved else None)
+        return self._result(signal_name, abandoned=True)
 
     def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress
@@ -429,5 +426,10 @@ class Trainer(Reports):
                       budget_spent=spent)
         if self.writes.error is not None:
             raise self.writes.failure(p.step)
+        return self._result(stopped_by, budget_spent=spent, budget_line=line, final=final)
+
+    def _result(self, stopped_by: str | None, **more: Any) -> TrainResult:
+        """What the run ended with, its newest step folder (what a resume continues from) among it."""
+        p, saved = self.progress, self.run_dir.step_folders()
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,
-                           self.run_dir.loss_plot, stopped_by, spent, line, final=final)
+                           self.run_dir.loss_plot, stopped_by, saved=saved[-1] if saved else None, **more)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import matplotlib.figure
     import pandas
 
-    from lmlab.train.loop import TrainResult
+    from lmlab.train.reports import TrainResult
 
 PLOTS = {"loss": loss_figure, "grad_norm": grad_norm_figure}  # what Run.plot draws
 

@@ -27,7 +27,8 @@ from lmlab.train.stop import StopOnSignal
 
 if TYPE_CHECKING:  # PyTorch and the trainer load after the first line is said (`_say_starting`)
     from lmlab.api.run import Run
-    from lmlab.train.loop import Trainer, TrainResult
+    from lmlab.train.loop import Trainer
+    from lmlab.train.reports import TrainResult
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
 

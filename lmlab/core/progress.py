@@ -18,11 +18,9 @@ from rich.table import Column
 from lmlab.core.notebook import show
 
 
-def progress_bar(console: Console, unit: str = "step",
-                 plain_every: int = 1) -> Progress | NotebookProgress | PlainProgress:
+def progress_bar(console: Console, unit: str = "step") -> Progress | NotebookProgress | PlainProgress:
     """A bar whose tasks carry an `info` field (loss, tokens/s, ...) shown after the bar, gone when it ends; in a
-    notebook, a `NotebookProgress`; elsewhere a `PlainProgress` printing every `plain_every`-th count that brings
-    info."""
+    notebook, a `NotebookProgress`; elsewhere a `PlainProgress` printing every count that brings info."""
     if console.is_jupyter:
         return NotebookProgress(console, unit)
     if console.is_terminal:
@@ -30,7 +28,7 @@ def progress_bar(console: Console, unit: str = "step",
         return Progress(TextColumn(unit), MofNCompleteColumn(), BarColumn(None, table_column=Column(ratio=1)),
                         TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True)), TextColumn("ETA"),
                         TimeRemainingColumn(compact=True), console=console, transient=True, expand=True)
-    return PlainProgress(console, unit, plain_every)
+    return PlainProgress(console, unit)
 
 
 def clock(seconds: float) -> str:
@@ -42,11 +40,11 @@ def clock(seconds: float) -> str:
 
 class PlainProgress:
     """The bar's interface (one task) as lines such as `step 120/1500 | loss 2.0412 | ... | elapsed 0:00:31 |
-    ETA 0:06:10`, printed when an update brings `info` at a count that is a multiple of `every` (or the last).
+    ETA 0:06:10`, printed when an update brings `info`.
     Elapsed and ETA are this process's: the rate is that of the counts it has seen."""
 
-    def __init__(self, console: Console, unit: str, every: int):
-        self.console, self.unit, self.every = console, unit, max(1, every)
+    def __init__(self, console: Console, unit: str):
+        self.console, self.unit = console, unit
         self.total: int | None = 0
         self.completed, self._first, self._started = 0, 0, 0.0
 
@@ -66,7 +64,7 @@ class PlainProgress:
         """As the bar's: `total` is given once a count not known at the start is (a budgeted run's steps)."""
         self.total = self.total if total is None else total
         self.completed = (self.completed if completed is None else completed) + advance
-        if info is not None and (self.completed % self.every == 0 or self.completed == self.total):
+        if info is not None:
             self.console.print(self.line(info), highlight=False, soft_wrap=True)
 
     def line(self, info: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,17 @@ def pad_targets(x: torch.Tensor, y: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Targets of row-packed (B, T) inputs with IGNORE wherever the input is at or past the row's first pad_id:
     its document's end-of-text is still a target, the padding after it is not."""
     return y.masked_fill((x == pad_id).cumsum(1) > 0, IGNORE)
+
+
+class Batches(Protocol):
+    """What the training loop draws its batches from (a `BatchLoader`, a fine-tune's records), its position saved
+    with every checkpoint and restored from it."""
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class BatchLoader:

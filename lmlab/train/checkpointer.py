@@ -100,8 +100,6 @@ class Checkpointer:
     def resume(self, cfg: RunConfig, train_sha256: str, force: bool) -> Path:
         """Restore the newest checkpoint that verifies, of this model on this run's tokenizer and, without `force`, on
         data of the same checksum (`train_sha256`); the step folder it came from."""
-        if self.parallel.is_main:
-            self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
         self.run_dir.checkpoint("latest")  # says so if there is nothing to resume
         self.run_dir.tokenizer()  # the run's copy is checked against its record, not silently written over
         check_tokenizer(self.run_dir, cfg.data.dataset, str(self.run_dir.path))
@@ -110,15 +108,23 @@ class Checkpointer:
         if trained != asked:
             raise UserError(f"{self.run_dir.path} was trained with another model shape "
                             f"({_differences(trained, asked)}); resume with the run's own [model] settings.")
-        folder, training = self._load_newest_good()
-        self.parallel.check_same("checkpoint", {"resumed from": folder.name},
-                                 "every host must see the same run folder: keep it on the filesystem they share")
+        folder, training = self.restore_newest()
         if training["dataset_sha256"] != train_sha256 and not force:
             raise UserError(f"dataset {cfg.data.dataset} differs from the one {self.run_dir.path} was trained "
                             "on (train split checksum); pass --force to continue on the new data anyway.")
+        return folder
+
+    def restore_newest(self) -> tuple[Path, dict[str, Any]]:
+        """Restore the newest checkpoint that verifies (a run's resume, a fine-tune's continuation); its folder and
+        training state."""
+        if self.parallel.is_main:
+            self.run_dir.remove_partial_checkpoints()  # a write cut short by a crash
+        folder, training = self._load_newest_good()
+        self.parallel.check_same("checkpoint", {"resumed from": folder.name},
+                                 "every host must see the same run folder: keep it on the filesystem they share")
         self._restore(training, rollback=False)
         self.saved_step = self.progress.step
-        return folder
+        return folder, training
 
     def save(self, best: bool) -> float:
         """Checkpoint the run where it stands, its event saying how long the weights took to gather and write; the

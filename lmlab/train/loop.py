@@ -8,7 +8,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,8 @@ from lmlab.core.errors import PeerLost
 from lmlab.core.humanize import format_duration
 from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
-from lmlab.data.loader import BatchLoader, open_tokens
+from lmlab.data.loader import Batches, BatchLoader, open_tokens
 from lmlab.data.shards import windows_in
-from lmlab.evals.evaluate import evaluate_split, spread
 from lmlab.model.memory import check_training
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
@@ -36,6 +34,7 @@ from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
 from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
+from lmlab.train.reports import Reports, TrainResult, score_final
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import (
     Mean,
@@ -55,33 +54,15 @@ from lmlab.train.timing import Timing, time_config
 from lmlab.train.tracking import Tracker
 
 
-class ScoreCut(Exception):
-    """A stop signal came during the final score."""
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    best_val_loss: float
-    best_step: int
-    steps: int
-    stopped_early: bool
-    loss_plot: Path
-    stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
-    budget_spent: float | None = None  # seconds a budgeted run took, start-ups included (`Budget.taken`)
-    budget_line: str | None = None  # how its budget held, in a sentence (`Budget.ended`)
-    abandoned: bool = False  # the signal came during a step that did not end within the grace period
-    saved: Path | None = None  # the newest step folder, what a resume continues from
-    final: dict[str, Any] | None = None  # the final score of the checkpoint the run ended on (its `final` event)
-
-
-class Trainer:
+class Trainer(Reports):
     """One run: built from a config (a new run, one resumed, or one from another run's weights), then `run()`. The
     run's lock is held from the construction to the end of `run()`.
 
     `started` is the time.perf_counter() reading a budget counts from (default: now), so the trials of a sweep in
     one process compare on equal terms; `threads`, `sizing` and `timing` are what `--size auto` decided and timed
     already (its chooser, the event that records it, the chosen size's timing a budget plans from)."""
+
+    loader: Batches  # the train split's BatchLoader, or a fine-tune's records
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
@@ -172,7 +153,7 @@ class Trainer:
         the checkpoint completes)."""
         tc, mc = self.cfg.train, self.cfg.model
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.block_size
-        self.split_tokens = self.meta["train"]["tokens"]  # what a pass over the data is
+        self.split_tokens, self.data_sha256 = self._split()  # what a pass over the data is, and its checksum
         self.flops_per_token = self.model.flops_per_token()
         self.progress, self.clock, self.throughput = Progress(), Stopwatch(), Throughput(self.device)
         self.means = Means(log=Mean(), eval=Mean())  # train loss since the last log line, since the last eval
@@ -185,7 +166,7 @@ class Trainer:
         budget = Slot(lambda: self.budget.state_dict(), lambda saved: setattr(self, "_saved_plan", saved))
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
                               loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
-                              dataset_sha256=Recorded(self.meta["train"]["sha256"]), schedule=self.schedule,
+                              dataset_sha256=Recorded(self.data_sha256), schedule=self.schedule,
                               budget=budget, attention=Slot(lambda: self.train_step.attention_path,
                                                             self.train_step.restore_attention))
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
@@ -194,6 +175,10 @@ class Trainer:
         self._grad_norm = 0.0
         self._lr = 0.0
         self._stop = StopOnSignal()  # installed while the loop runs
+
+    def _split(self) -> tuple[int, str]:
+        """The train split's tokens and checksum."""
+        return self.meta["train"]["tokens"], self.meta["train"]["sha256"]
 
     @property
     def budget(self) -> Budget:
@@ -223,9 +208,7 @@ class Trainer:
         else:
             self.checkpointer.start(self.cfg, init_from, keep_optimizer)
             if self.parallel.is_main:
-                self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from,
-                                   device=self.device, dtype=self.dtype, world_size=self.parallel.world_size,
-                                   parallel=self.parallel.mode, peak=self.peak, dtype_reason=self.dtype_reason)
+                self._start(init_from)
                 if self.sizing:
                     self.writes.log(self.sizing)
                 if self.train_step.attention:
@@ -236,11 +219,24 @@ class Trainer:
                                model=None if self.parallel.mode == "fsdp" else self.model)  # rank 0 cannot run shards
         self.writes.trackers.append(self.tracker)
         if self.parallel.is_main:
-            self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
+            self._write_setup()
+
+    def _start(self, init_from: str | None) -> None:
+        """The start event of a new run."""
+        self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from, device=self.device,
+                           dtype=self.dtype, world_size=self.parallel.world_size, parallel=self.parallel.mode,
+                           peak=self.peak, dtype_reason=self.dtype_reason)
+
+    def _write_setup(self) -> None:
+        self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
+
+    def _restore(self, force: bool) -> Path:
+        """Restore the newest checkpoint that verifies, of this model, tokenizer and (unless `force`) data."""
+        return self.checkpointer.resume(self.cfg, self.data_sha256, force)
 
     def _resume(self, force: bool) -> None:
         began = time.perf_counter()
-        folder = self.checkpointer.resume(self.cfg, self.train_tokens.sha256, force)
+        folder = self._restore(force)
         loaded, step = time.perf_counter() - began, self.progress.step
         line = resume_schedule(self.schedule, self.cadence.intervals, self.cfg.train, self._saved_plan, step,
                                self.run_dir.path, self.parallel.lag, time.perf_counter() - self.started)
@@ -257,12 +253,6 @@ class Trainer:
     def _lost(self, err: BaseException) -> PeerLost | None:
         said = self.parallel.lost(err) if hasattr(self, "parallel") else None
         return peer_lost(said, self.run_dir, getattr(self, "progress", None) and self.progress.step) if said else None
-
-    def _say_threads(self, choice: Choice) -> None:
-        self.writes.log(choice.record(self.progress.step))
-        style = "yellow" if choice.lowered else "default"
-        self.console.print(f"step {self.progress.step}: training on {choice.describe('train.threads')}", style=style,
-                           highlight=False)
 
     def run(self) -> TrainResult:
         """Train to the schedule's last step (or an early stop, a stop signal, a failed write); then the run's lock
@@ -342,12 +332,16 @@ class Trainer:
         with self._stop.interruptible():
             total, norm = self.train_step(self.parallel.micro_batches(self.loader, self.cfg.train.grad_accum_steps),
                                           self.micro_steps, lr)
-        p.step, p.tokens = p.step + 1, p.tokens + self.tokens_per_step
+        p.step, p.tokens = p.step + 1, p.tokens + self._step_tokens()
         self._queued.append((p.step, lr, total, norm))
         if verdict := self.train_step.decided():  # whether compiling pays on this CPU
             self.threads.held = verdict.compiled
             self.writes.log(verdict.record(p.step))
             self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
+
+    def _step_tokens(self) -> int:
+        """The tokens of the step just taken: every step's are the same (a fine-tune's are not)."""
+        return self.tokens_per_step
 
     def _judge_queued_steps(self) -> bool:
         """Let the guard judge the queued steps in order (one host sync for all) and keep the means; False if it rolled
@@ -388,11 +382,9 @@ class Trainer:
         return self._log_eval(train_eval, val, time.perf_counter() - began)
 
     def _score_final(self, stopped: Callable[[], bool]) -> dict[str, Any] | None:
-        """The checkpoint the run ends on, scored on the val split, the figure a run ends with rather than its best
-        estimate (the least of many noisy ones): the windows that what is left of its budget holds
-        (`Budget.final_windows`); in a run by steps, `final_windows_by_steps`; the whole split, or windows spread
-        over it with their standard error. None where a stop signal cuts it short (on one process: the ranks of a job
-        go on together)."""
+        """The checkpoint the run ends on, scored on the val split (`score_final`), the figure a run ends with rather
+        than its best estimate (the least of many noisy ones): the windows that what is left of its budget holds
+        (`Budget.final_windows`); in a run by steps, `final_windows_by_steps`."""
         tc, p, T = self.cfg.train, self.progress, self.cfg.model.block_size
         total = windows_in(self.meta, "val", T)
         if self.budget.plan.final_windows:
@@ -401,34 +393,13 @@ class Trainer:
             wanted = self.budget.final_windows(tc.batch_size, spent)
         else:
             wanted = final_windows_by_steps(total, tc.batch_size, T, p.tokens)
-        alone = self.parallel.world_size == 1
-        began = time.perf_counter()
-        self.model.eval()
-        try:
-            with progress_bar(self.console, "val window") as bar:
-                task = bar.add_task("final score", total=min(wanted, total), info="")
-
-                def tick(done: int, of: int) -> None:
-                    bar.update(task, completed=done)
-                    if alone and stopped():
-                        raise ScoreCut
-
-                per_token = self.meta["val"]["bytes"] / self.meta["val"]["tokens"]
-                scores = evaluate_split(self.model, self.val_tokens, per_token,
-                                        tc.batch_size, self.device, self.dtype, tick,
-                                        None if wanted >= total else spread(total, wanted),
-                                        None if alone else self.parallel, self.train_step.eager)
-        except ScoreCut:
-            return None
-        finally:
-            self.model.train()
-        final = {"event": "final", "step": p.step, "val_loss": scores["loss"], "stderr": scores["stderr"],
-                 "bits_per_byte": scores["bits_per_byte"], "windows": min(wanted, total), "split_windows": total,
-                 "tokens": scores["tokens"], "seconds": round(time.perf_counter() - began, 3)}
-        self.writes.log(final)
+        final = score_final(self.train_step, self.val_tokens, self.meta, tc.batch_size, p.step, wanted, total,
+                            self.parallel, self.console, stopped)
+        if final:
+            self.writes.log(final)
         return final
 
-    def _evaluate(self) -> tuple[Estimate, Estimate]:
+    def _evaluate(self) -> tuple[Estimate | None, Estimate]:
         tc = self.cfg.train
         batches = self.budget.plan.eval_iters or tc.eval_iters
         self.model.eval()
@@ -440,70 +411,11 @@ class Trainer:
         self.model.train()
         return train, val
 
-    def _log_eval(self, train_estimate: Estimate, val_estimate: Estimate, seconds: float) -> bool:
-        p, tc = self.progress, self.cfg.train
-        train_eval, val = train_estimate.loss, val_estimate.loss
-        is_best = val < p.best_val_loss
-        if is_best:
-            p.best_val_loss, p.best_step, p.evals_since_best = val, p.step, 0
-        else:
-            p.evals_since_best += 1
-        avg_train = self.means["eval"].pop_mean()
-        self.writes.log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self._epoch(),
-                         "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
-                         "train_eval_loss": train_eval, "val_loss": val, "val_accuracy": val_estimate.accuracy,
-                         "best_val_loss": p.best_val_loss, "is_best": is_best, "seconds": round(seconds, 3)})
-        self.writes.redraw(plot_losses, LOSS_EVENTS)  # kept current, so a long run can be watched
-        mark = " | [bold green]best![/bold green]" if is_best else ""
-        # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
-        when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self._epoch():.2f}"
-        self.console.print(f"{when} | train (steps) {avg_train:.4f} | train (eval) {train_eval:.4f} | val {val:.4f}"
-                           f"{mark}")
-        p.stopped_early = bool(tc.patience) and p.evals_since_best >= tc.patience
-        return is_best
-
-    def _log_train(self) -> str:
-        """A train line (without ms/step, tokens/s and MFU when the only step since the last was the warm-up step)."""
-        p, step_seconds = self.progress, self.throughput.pop_step_seconds()
-        rate = None if step_seconds is None else self.tokens_per_step / step_seconds
-        mean, lr, epoch, elapsed = self.means["log"].pop_mean(), self._lr, self._epoch(), round(self.clock.elapsed, 3)
-        # tokens/s counts every rank's tokens, against every rank's peak; none against a peak measured busy
-        computed = None if rate is None else rate * self.flops_per_token / self.parallel.world_size
-        wrong = self.peak and computed and self.peak.wrong(computed)
-        if wrong:
-            self.console.print(wrong, style="yellow", highlight=False)
-            self.peak = None
-        mfu = None if computed is None or self.peak is None else self.peak.mfu(computed)
-        self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
-                         "lr": lr, "grad_norm": self._grad_norm,
-                         "tokens_per_sec": None if rate is None else round(rate, 1),
-                         "ms_per_step": None if step_seconds is None else round(1000 * step_seconds, 3),
-                         "mfu": None if mfu is None else round(mfu, 4), "elapsed": elapsed})
-        passes = f"epoch {epoch:.2f}" + (f", {format_duration(elapsed / epoch)}/epoch" if epoch else "")
-        if rate is None:
-            return f"loss {mean:.4f} | lr {lr:.1e} | {passes}"
-        utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
-        ms = 1000 * step_seconds
-        pace = f"{rate:,.0f} tok/s | {ms:,.{0 if ms >= 10 else 1}f} ms/step"
-        return f"loss {mean:.4f} | lr {lr:.1e} | {pace}{utilisation} | {passes}"
-
-    def _epoch(self) -> float:
-        return round(self.progress.tokens / self.split_tokens, 4)
-
-    def _log_end(self, stopped_early: bool, stopped_by: str | None, **more: Any) -> None:
-        p = self.progress
-        self.writes.log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                         "lr": self._lr, "best_val_loss": p.best_val_loss, "best_step": p.best_step,
-                         "stopped_early": stopped_early, "stopped_by": stopped_by, **more})
-
     def _abandon(self, signal_name: str) -> TrainResult:
         """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be
         half-applied)."""
-        p = self.progress
         self._log_end(False, signal_name)
-        saved = self.run_dir.step_folders()
-        return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, False, self.run_dir.loss_plot,
-                           signal_name, abandoned=True, saved=saved[-1] if saved else None)
+        return self._result(signal_name, abandoned=True)
 
     def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress
@@ -512,5 +424,10 @@ class Trainer:
         self._log_end(p.stopped_early, stopped_by, budget_seconds=self.budget.plan.seconds or None, budget_spent=spent)
         if self.writes.error is not None:
             raise self.writes.failure(p.step)
+        return self._result(stopped_by, budget_spent=spent, budget_line=line, final=final)
+
+    def _result(self, stopped_by: str | None, **more: Any) -> TrainResult:
+        """What the run ended with, its newest step folder (what a resume continues from) among it."""
+        p, saved = self.progress, self.run_dir.step_folders()
         return TrainResult(self.run_dir.path, p.best_val_loss, p.best_step, p.step, p.stopped_early,
-                           self.run_dir.loss_plot, stopped_by, spent, line, final=final)
+                           self.run_dir.loss_plot, stopped_by, saved=saved[-1] if saved else None, **more)

@@ -8,7 +8,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypedDict
 
 import torch
 
@@ -17,6 +17,8 @@ from lmlab.core.device import synchronize
 
 class Checkpointed:
     """A dataclass whose fields are its checkpointed state, restored into the same object."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # each subclass is a dataclass
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,7 +75,8 @@ class Stopwatch:
     """Wall seconds of training, summed over resumes: what the `elapsed` fields count."""
 
     def __init__(self) -> None:
-        self.before, self.started = 0.0, None
+        self.before = 0.0
+        self.started: float | None = None  # set by start()
 
     def start(self) -> None:
         self.started = time.perf_counter()
@@ -89,20 +92,9 @@ class Stopwatch:
         self.before = state["elapsed"]
 
 
-def rng_state(device: torch.device) -> dict[str, str | None]:
-    """The torch (and CUDA) generator states as base64 text for state.json."""
-    def text(state: torch.Tensor) -> str:
-        return base64.b64encode(state.cpu().numpy().tobytes()).decode()
-    return {"torch": text(torch.get_rng_state()),
-            "cuda": text(torch.cuda.get_rng_state()) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict[str, str | None], device: torch.device) -> None:
-    def tensor(text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-    torch.set_rng_state(tensor(state["torch"]))
-    if device.type == "cuda" and state.get("cuda"):
-        torch.cuda.set_rng_state(tensor(state["cuda"]))
+class RngTexts(TypedDict):
+    torch: str
+    cuda: str | None  # of a CUDA run only
 
 
 def upgrade_training(saved: dict[str, Any]) -> dict[str, Any]:
@@ -126,11 +118,19 @@ class RngState:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def state_dict(self) -> dict[str, str | None]:
-        return rng_state(self.device)
+    def state_dict(self) -> RngTexts:
+        """The generator states as base64 text for state.json."""
+        def text(state: torch.Tensor) -> str:
+            return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+        return {"torch": text(torch.get_rng_state()),
+                "cuda": text(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None}
 
-    def load_state_dict(self, state: dict[str, str | None]) -> None:
-        set_rng_state(state, self.device)
+    def load_state_dict(self, state: RngTexts) -> None:
+        def tensor(text: str) -> torch.Tensor:
+            return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+        torch.set_rng_state(tensor(state["torch"]))
+        if self.device.type == "cuda" and (cuda := state.get("cuda")):
+            torch.cuda.set_rng_state(tensor(cuda))
 
 
 class ScalerState:

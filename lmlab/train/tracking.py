@@ -8,7 +8,7 @@ the scalars and the config, under `train.tracker_project` and `train.tracker_run
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lmlab.core.config import RunConfig, SamplingParams
 from lmlab.core.config_toml import to_dict, to_toml
@@ -18,6 +18,10 @@ from lmlab.data.shards import read_meta
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.inference.generate import document_start, stream_ids
 from lmlab.model import LanguageModel
+
+if TYPE_CHECKING:  # imported where a run asks for TensorBoard: an extra
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.writer import FileWriter
 
 # metrics.jsonl field -> tracker tag, per event kind
 TAGS = {
@@ -42,7 +46,9 @@ class Tracker:
 
     def __init__(self, kind: str, run_dir: Path, cfg: RunConfig, resume_step: int | None = None,
                  model: LanguageModel | None = None):
-        self._writer = self._wandb = self._session_end = None
+        self._writer: SummaryWriter | None = None
+        self._wandb: Any = None  # wandb's run, of an extra without type hints
+        self._session_end: Any = None  # TensorBoard's session-end summary, logged at close
         self._cfg, self._model = cfg, model
         require_tracker(kind)
         if kind == "tensorboard":
@@ -59,16 +65,17 @@ class Tracker:
 
         # Events go into the run dir itself, so `tensorboard --logdir runs` shows every run by name.
         # On resume, purge what was logged after the checkpoint, as metrics.jsonl does.
-        self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
+        self._writer = writer = SummaryWriter(log_dir=str(run_dir),
+                                              purge_step=None if resume_step is None else resume_step + 1)
         if resume_step is None:  # the session (hyper-parameters) starts once; its metric is logged at each eval
             experiment, session_start, self._session_end = hparams(_hparams(self._cfg), {METRIC: 0.0})
-            self._writer.file_writer.add_summary(experiment)
-            self._writer.file_writer.add_summary(session_start)
+            _file_writer(writer).add_summary(experiment)
+            _file_writer(writer).add_summary(session_start)
         # Indented: TensorBoard renders text as Markdown, and this keeps the TOML as written.
-        self._writer.add_text("config", _preformatted(to_toml(self._cfg)), resume_step or 0)
+        writer.add_text("config", _preformatted(to_toml(self._cfg)), resume_step or 0)
 
     def log(self, event: dict[str, Any]) -> None:
-        tags = TAGS.get(event.get("event"), {})
+        tags = TAGS.get(event.get("event", ""), {})
         values = {tag: event[key] for key, tag in tags.items() if event.get(key) is not None}
         if not values:
             return
@@ -76,31 +83,35 @@ class Tracker:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, event["step"])
             if event["event"] == "eval" and self._model is not None:
-                self._writer.add_text("samples", _preformatted(self._sample()), event["step"])
+                self._writer.add_text("samples", _preformatted(self._sample(self._model)), event["step"])
             self._writer.flush()
         if self._wandb is not None:
             self._wandb.log(values, step=event["step"])
 
-    def _sample(self) -> str:
+    def _sample(self, model: LanguageModel) -> str:
         """The model as it stands continuing the start of a document, under SAMPLE's fixed seed (its own
         generator: training's random state is untouched)."""
         meta = read_meta(Path(self._cfg.data.dataset))
         tokenizer = Tokenizer.load(Path(self._cfg.data.dataset) / "tokenizer.json", meta["tokenizer"])
-        device = next(self._model.parameters()).device
-        training = self._model.training
-        self._model.eval()
-        ids = list(stream_ids(self._model, document_start(tokenizer), SAMPLE,
-                              autocast_dtype(device, self._cfg.train.dtype)))
-        self._model.train(training)
+        device = next(model.parameters()).device
+        training = model.training
+        model.eval()
+        ids = list(stream_ids(model, document_start(tokenizer), SAMPLE, autocast_dtype(device, self._cfg.train.dtype)))
+        model.train(training)
         return tokenizer.decode(ids)
 
     def close(self) -> None:
         if self._writer is not None:
             if self._session_end is not None:
-                self._writer.file_writer.add_summary(self._session_end)
+                _file_writer(self._writer).add_summary(self._session_end)
             self._writer.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _file_writer(writer: SummaryWriter) -> FileWriter:
+    """The writer's file writer, which its __init__ makes (torch's own type says None, its value before)."""
+    return cast("FileWriter", writer.file_writer)
 
 
 def _preformatted(text: str) -> str:

@@ -21,7 +21,7 @@ from lmlab.core.config_toml import load_config  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    ALPACA_TINY, SUITE_CPU, HostTwins, write_config, write_corpus, write_tiny_gpt2, write_wikitext)
+    ALPACA_TINY, SUITE_CPU, HostTwins, forget_choices, write_config, write_corpus, write_tiny_gpt2, write_wikitext)
 
 # Every test, its session's fixtures and the commands it starts answer lmlab's CPU capability checks as one kind of
 # CPU on every host (tests.helpers.SUITE_CPU), so no verdict depends on the kind CI's machine is that day; a test of
@@ -64,6 +64,13 @@ def own_cache(tmp_path_factory) -> Path:
             if measure_into_cache(torch.device("cpu"), dtype).settled:
                 break
     return folder
+
+
+@pytest.fixture(autouse=True)
+def own_machine_cache(own_cache) -> None:
+    """Each test starts with no choices of this machine kept (lmlab.train.machine): a test's faked timings, or another
+    test's shape, are not read back; its own commands keep and read back theirs."""
+    forget_choices()
 
 
 @pytest.fixture(autouse=True)

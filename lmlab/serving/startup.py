@@ -15,7 +15,7 @@ import torch
 
 from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
-from lmlab.core.threads import ThreadChooser, forward_probe
+from lmlab.core.threads import ThreadChooser
 from lmlab.core.workers import python_command
 from lmlab.inference.compiled import (
     StepRefused,
@@ -34,13 +34,13 @@ from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher
 from lmlab.serving.requests import Served
 from lmlab.serving.state import ServeOptions, State
+from lmlab.train.machine import Machine
 
 
 def decode_threads(run: LoadedRun, chooser: ThreadChooser, rows: int) -> int:
     """CPU threads for decoding: as asked (--threads), else chosen from one fewer than the cores this process may use,
     leaving one to the event loop and HTTP beside the step (docs/reference/serving.md says why)."""
-    choice = chooser.choose(forward_probe(run.model, rows, 1, run.device, run.dtype), run.device)
-    return choice.threads
+    return Machine(run.device, run.dtype).threads(chooser, run.model, rows, 1).threads
 
 
 # How long a drained server waits for its loading thread: a process that exits while that thread is inside torch can

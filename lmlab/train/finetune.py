@@ -23,13 +23,14 @@ from lmlab.core.device import autocast, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
 from lmlab.core.progress import progress_bar
-from lmlab.core.threads import Choice, ThreadChooser, forward_probe
+from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model.loss import IGNORE
 from lmlab.model.memory import check_training
 from lmlab.run.checkpoint import model_tensors
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format, read_records
 from lmlab.run.rundir import LoadedRun, RunDir
+from lmlab.train.machine import Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.schedule import lr_at
 from lmlab.train.state import Stopwatch, rng_state, set_rng_state
@@ -279,7 +280,7 @@ def _finetune(base_dir: Path, run: RunDir, ft: FinetuneConfig, device: str, cons
     origin = _origin(base, base_dir, ft, fits, dropped, fmt)
     continuing = _continuing(run, ft, origin)
     longest = max(len(ids) for ids, _ in fits["train"]) - 1  # the start event records the threads chosen
-    choice = threads.choose(forward_probe(base.model, ft.batch_size, longest, base.device, base.dtype), base.device)
+    choice = Machine(base.device, base.dtype).threads(threads, base.model, ft.batch_size, longest)
     begun()
     if not continuing:
         if base.checkpoint != "best":

@@ -25,6 +25,7 @@ from lmlab.core.peak import step_ceiling
 from lmlab.core.threads import ThreadChooser
 from lmlab.experiments import sizing
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
+from lmlab.data.shards import read_meta
 from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
@@ -441,7 +442,7 @@ def test_a_fit_of_other_data_says_whether_the_path_or_the_data_under_it_differs(
     fit["dataset"]["path"] = path.format(**names)
     fit["dataset"]["train_sha256"] = "0" * 64 if changed else fit["dataset"]["train_sha256"]
     fit_path(mine).write_text(json.dumps(fit))
-    notes = sizing.fit_notes(mine, read_fit(mine), str(dataset))
+    notes = sizing.fit_notes(mine, read_fit(mine), str(dataset), read_meta(dataset))
     assert notes == [] if said is None else len(notes) == 1 and notes[0].startswith(said.format(**names)), notes
 
 

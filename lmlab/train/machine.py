@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from lmlab.core import threads as timing
 from lmlab.core.fileio import WriteError, atomic_write_text, writing
 from lmlab.core.peak import _identity, checksum
-from lmlab.core import threads as timing
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 
 CACHE_FORMAT = 1

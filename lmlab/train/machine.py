@@ -23,6 +23,7 @@ from lmlab.core import threads as timing
 from lmlab.core.fileio import WriteError, atomic_write_text, writing
 from lmlab.core.peak import _identity, checksum
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
+from lmlab.model import LanguageModel
 
 CACHE_FORMAT = 1
 READ_BACK, MEASURED = "read back", "measured"
@@ -41,7 +42,7 @@ ROWS = (
     Row("threads", "train.threads", "a forward pass on each thread count, when other processes load the cores"),
     Row("attention", "train.attention", "a layer's forward and backward by each path (a CPU's auto)"),
     Row("compile", "train.compile", "compiled and eager steps in turns over the first steps (a CPU's auto)"),
-    Row("timing", "train.budget", "steps of the run's own model and an evaluation's batch, its state restored"),
+    Row("timing", "", "a budget's: steps of the run's own model and an evaluation's batch, its state restored"),
 )
 
 
@@ -79,8 +80,9 @@ class Machine:
         """Keep `value`, measured now, for `row` at `shape`."""
         key = self._key(row, shape)
         entries = self._read(key)[0]
-        kept = {"row": row, "shape": shape, "value": value, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-        entries[key] = {**kept, "sha256": checksum(json.loads(json.dumps(kept, default=str)))}
+        kept = json.loads(json.dumps({"row": row, "shape": shape, "value": value,
+                                      "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}, default=str))
+        entries[key] = {**kept, "sha256": checksum(kept)}
         self._write(entries)
 
     def said(self, row: str, chosen: str, how: str) -> str:
@@ -95,7 +97,7 @@ class Machine:
             return None
         return "machine: " + ", ".join(f"{chosen} ({how})" for chosen, how in self.made.values())
 
-    def threads(self, chooser: ThreadChooser, model: torch.nn.Module, rows: int, length: int,
+    def threads(self, chooser: ThreadChooser, model: LanguageModel, rows: int, length: int,
                 doing: str = "a forward pass") -> Choice:
         """`chooser`'s threads for `model`'s work of `rows` sequences of `length` tokens: timed on each count the load
         since the chooser was made leaves (or read back), else the one count it leaves."""
@@ -105,8 +107,10 @@ class Machine:
             self.said("threads", f"{choice.threads} thread{'s' * (choice.threads > 1)}", choice.reason)
             return choice
         probe = forward_probe(model, rows, length, self.device, self.dtype)
-        shape = {"model": _model_shape(model), "rows": rows, "length": length, "dtype": str(self.dtype),
-                 "counts": counts}
+        # The counts the load leaves vary from start to start: the ones timed first are read back, and the most
+        # threads within MARGIN of the fastest of them win (the mid-run rule, `stepped`, hears a load that changes).
+        shape = {"model": dataclasses.asdict(model.config), "rows": rows, "length": length, "dtype": str(self.dtype),
+                 "most": chooser.most}
         value, how = self.decide("threads", shape, lambda: {
             "seconds": {str(n): s for n, s in timing.time_threads(sorted(counts, reverse=True), probe).items()}})
         assert value is not None, "a thread trial always measures"
@@ -117,7 +121,8 @@ class Machine:
         return choice
 
     def _key(self, row: str, shape: dict[str, Any]) -> str:
-        who = {"machine": _identity(self.device), "device": self.device.type, "torch": torch.__version__}
+        who = {"machine": _identity(self.device), "device": self.device.type, "dtype": str(self.dtype),
+               "torch": torch.__version__}
         text = json.dumps({"row": row, "who": who, "shape": shape}, sort_keys=True, default=str)
         return f"{row} {hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
@@ -125,9 +130,9 @@ class Machine:
         path = cache_path()
         try:
             cache = json.loads(path.read_text())
-        except FileNotFoundError:
+        except OSError:  # none yet, or none that can be: the write says why
             return {}, None
-        except (OSError, ValueError):
+        except ValueError:
             self._note(f"the machine cache {path} is not valid JSON (damaged, or edited by hand): what it held is "
                        "measured again and the file rewritten.")
             return {}, None
@@ -159,8 +164,3 @@ class Machine:
         if note not in self.notes:
             self.notes.append(note)
 
-
-def _model_shape(model: torch.nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else {
-        "params": sum(p.numel() for p in model.parameters())}

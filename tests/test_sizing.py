@@ -213,8 +213,8 @@ def test_a_size_whose_steps_could_fit_the_budget_is_timed_and_chosen(preset, mon
     """The neighbour of the refusals above: the smallest size, a step of which at the ceiling's pace fits the
     budget many times over, is timed, and a size is chosen."""
     timed, metas, real = timings_counted(monkeypatch), [], sizing.read_meta
-    monkeypatch.setattr(sizing, "read_meta", lambda path: metas.append(path) or real(path))
     cfg = with_vocab(load_config(preset, ["train.budget_seconds=20"]))
+    monkeypatch.setattr(sizing, "read_meta", lambda path: metas.append(path) or real(path))
     chooser = ThreadChooser(1, "train.threads")
     try:
         made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)

@@ -25,6 +25,7 @@ from tests.helpers import (  # noqa: E402
     SUITE_CPU,
     HostTwins,
     fake_cpu,
+    forget_choices,
     write_config,
     write_corpus,
     write_tiny_gpt2,
@@ -72,6 +73,13 @@ def own_cache(tmp_path_factory) -> Path:
             if measure_into_cache(torch.device("cpu"), dtype).settled:
                 break
     return folder
+
+
+@pytest.fixture(autouse=True)
+def own_machine_cache(own_cache) -> None:
+    """Each test starts with no choices of this machine kept (lmlab.train.machine): a test's faked timings, or another
+    test's shape, are not read back; its own commands keep and read back theirs."""
+    forget_choices()
 
 
 @pytest.fixture(autouse=True)

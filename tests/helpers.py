@@ -803,3 +803,11 @@ def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
 
 def events_of(run: Path, kind: str) -> list[dict]:
     return [e for e in RunDir(run).events() if e.get("event") == kind]
+
+
+def forget_choices() -> None:
+    """This machine's kept choices (lmlab.train.machine) forgotten, as on a machine that never ran the shapes: what
+    comes next measures them again."""
+    from lmlab.train.machine import cache_path
+
+    cache_path().unlink(missing_ok=True)

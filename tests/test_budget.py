@@ -314,7 +314,8 @@ def test_a_budgeted_run_plans_before_its_first_step_then_its_lr_follows_the_cloc
 @pytest.mark.slow
 def test_a_budget_start_up_used_up_is_refused_by_train_and_plan_alike_writing_nothing(tmp_path, char_dataset):
     """`--budget 0.001s`: no step and no checkpoint fit it, so `train` refuses it as `plan` does, with the same
-    sentence, before a run folder exists."""
+    sentence, before a run folder exists and before any timing (its FLOPs alone, at the most a step computes here,
+    cannot fit)."""
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     said = {}
     for command in ("train", "plan"):
@@ -323,10 +324,10 @@ def test_a_budget_start_up_used_up_is_refused_by_train_and_plan_alike_writing_no
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done.stdout + done.stderr
         said[command] = " ".join(done.stderr.split())
-        assert re.search(r"error: budget 0.001 s: a step takes ~[\d.e-]+ s here, and 2 steps, an evaluation of one "
-                         r"batch a split \([\d.]+ s\), the checkpoint \([\d.]+ s\), the final score \([\d.]+ s\) and "
-                         r"the end \([\d.]+ s\) need [\d.]+ s after the [\d.]+ s that start-up and timing took; give "
-                         r"a budget of at least \d+ s\.",
+        assert re.search(r"error: budget 0.001 s: a step takes at least [\d.e-]+ s here \(its [\d.e+]+ FLOPs at .*?\), "
+                         r"and 2 steps, an evaluation of one batch a split \([\d.]+ s\), the checkpoint \([\d.]+ s\), "
+                         r"the final score \([\d.]+ s\) and the end \([\d.]+ s\) need [\d.]+ s after the [\d.]+ s that "
+                         r"start-up and its timing take; give a budget of at least \d+ s\.",
                          said[command]), said[command]
     assert not (tmp_path / "run").exists()
 

@@ -133,8 +133,9 @@ def test_on_faked_cores_a_fine_tune_times_its_threads_and_a_look_at_the_load_low
     assert asked == [[4, 2, 1]]  # every core, the two the others leave and one: once, at the start
     assert [e for e in events if e["event"] == "threads"] == [
         {"event": "threads", "step": 0, "threads": 2, "most": 4, "reason": "timed",
-         "ms": {"1": 90.0, "2": 50.0, "4": 300.0}, "others": 0.5},
-        {"event": "threads", "step": 1, "threads": 1, "most": 4, "reason": "busy", "ms": {}, "others": 0.75}]
+         "ms": {"1": 90.0, "2": 50.0, "4": 300.0}, "others": 0.5, "how": "measured"},
+        {"event": "threads", "step": 1, "threads": 1, "most": 4, "reason": "busy", "ms": {}, "others": 0.75,
+         "how": None}]
     assert ("step 0: fine-tuning on 2 of 4 threads: other processes used 50% of the 4 cores; a forward pass took "
             "90 ms on 1 thread, 50 ms on 2, 300 ms on 4 (finetune.threads sets them)") in out
     assert ("step 1: fine-tuning on 1 of 4 threads: other processes used 75% of the 4 cores (finetune.threads sets "

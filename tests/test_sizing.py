@@ -23,12 +23,14 @@ from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.core.peak import step_ceiling
 from lmlab.core.threads import ThreadChooser
+from lmlab.data.shards import read_meta
 from lmlab.experiments import sizing
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
 from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.train.timing import Timing
+from lmlab.train.machine import Machine
+from lmlab.train.timing import Timing, timing_shape
 from tests.helpers import LMLAB, ROOT, cpu_ticks, wait_until, write_config, write_fit
 
 
@@ -210,15 +212,21 @@ def test_a_smallest_size_whose_step_does_not_fit_memory_is_refused_untimed_sayin
 def test_a_size_whose_steps_could_fit_the_budget_is_timed_and_chosen(preset, monkeypatch):
     """The neighbour of the refusals above: the smallest size, a step of which at the ceiling's pace fits the
     budget many times over, is timed, and a size is chosen."""
-    timed = timings_counted(monkeypatch)
+    timed, metas, real = timings_counted(monkeypatch), [], sizing.read_meta
     cfg = with_vocab(load_config(preset, ["train.budget_seconds=20"]))
+    monkeypatch.setattr(sizing, "read_meta", lambda path: metas.append(path) or real(path))
     chooser = ThreadChooser(1, "train.threads")
     try:
         made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)
+        # What it timed of the chosen size is this machine's (lmlab.train.machine): its run reads it back.
+        kept = Machine(torch.device("cpu"), torch.float32).recall("timing", timing_shape(made.config, "fused",
+                                                                                          torch.float32))
     finally:
         torch.set_num_threads(chooser.before)
     assert timed[0] == 1 and made.chosen.steps and made.chosen.timing
     assert sorted(set(timed)) == [c.depth for c in made.candidates if c.timing]
+    assert len(metas) == 1  # the dataset's meta.json, read once for the whole sizing
+    assert kept is not None and kept["threads"] == 1
 
 
 def test_the_api_refuses_a_shape_beside_a_size_as_the_command_does(preset, tmp_path):
@@ -441,7 +449,7 @@ def test_a_fit_of_other_data_says_whether_the_path_or_the_data_under_it_differs(
     fit["dataset"]["path"] = path.format(**names)
     fit["dataset"]["train_sha256"] = "0" * 64 if changed else fit["dataset"]["train_sha256"]
     fit_path(mine).write_text(json.dumps(fit))
-    notes = sizing.fit_notes(mine, read_fit(mine), str(dataset))
+    notes = sizing.fit_notes(mine, read_fit(mine), str(dataset), read_meta(dataset))
     assert notes == [] if said is None else len(notes) == 1 and notes[0].startswith(said.format(**names)), notes
 
 

@@ -21,10 +21,14 @@ from lmlab.core.busy import THREAD_VARIABLES, Load, cores
 from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
 from lmlab.core.peak import peak_flops
-from lmlab.core.threads import MARGIN, Choice, ThreadChooser, forward_probe, pick
+from lmlab.core.threads import MARGIN, Choice, ThreadChooser, pick
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
+from lmlab.train.machine import Machine
 from tests.helpers import LMLAB, hog, write_config, write_corpus
+
+CPU = torch.device("cpu")
+TINY = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=20))
 
 
 def test_the_most_threads_within_the_margin_of_the_fastest_win():
@@ -40,7 +44,7 @@ def test_a_lowered_choice_says_why_in_words_and_in_its_event():
     assert choice.describe("train.threads") == ("1 of 2 threads: other processes used 47% of the 2 cores; a forward "
                                                 "pass took 154 ms on 1 thread, 344 ms on 2 (train.threads sets them)")
     assert choice.record(40) == {"event": "threads", "step": 40, "threads": 1, "most": 2, "reason": "timed",
-                                 "ms": {"1": 154.0, "2": 343.8}, "others": 0.47}
+                                 "ms": {"1": 154.0, "2": 343.8}, "others": 0.47, "how": "measured"}
     assert Choice(1, 1, "one core").describe("x") == "1 thread (one core)"
 
 
@@ -121,7 +125,7 @@ def test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one(monke
                         {n: timed.get(n, 1.0) for n in counts})
     before = torch.get_num_threads()
     try:
-        choice = ThreadChooser(0, "train.threads").choose(lambda: None, torch.device("cpu"))
+        choice = Machine(CPU, torch.float32).threads(ThreadChooser(0, "train.threads"), TINY, 8, 32)
     finally:
         torch.set_num_threads(before)
     assert asked == [sorted({4, 1, max(1, round(4 * (1 - others)))}, reverse=True)]
@@ -137,7 +141,7 @@ def test_on_cores_that_others_hold_the_work_is_timed_on_each_count(monkeypatch):
     before = model(ids)[0]
     with hog(len(cores())):  # a set-up too short to call quiet, on busy cores: timed either way
         chooser = ThreadChooser(0, "train.threads")
-        choice = chooser.choose(forward_probe(model, 8, 32, torch.device("cpu"), torch.float32), torch.device("cpu"))
+        choice = Machine(CPU, torch.float32).threads(chooser, model, 8, 32)
     assert choice.reason == "timed" and choice.load is not None and choice.most == len(cores())
     assert {choice.most, 1} <= set(choice.seconds) and choice.threads in choice.seconds
     assert all(s > 0 for s in choice.seconds.values()) and torch.get_num_threads() == choice.threads
@@ -201,7 +205,7 @@ def test_the_choice_restarts_from_every_core_and_a_gpu_job_keeps_them(monkeypatc
     torch.set_num_threads(1)  # what an earlier job of this process chose
     chooser = ThreadChooser(0, "train.threads")
     assert torch.get_num_threads() == len(cores())
-    choice = chooser.choose(lambda: pytest.fail("a GPU job's CPU threads are not timed"), torch.device("cuda"))
+    choice = Machine(torch.device("cuda"), torch.float32).threads(chooser, TINY, 8, 32)  # a GPU job's: untimed
     assert (choice.threads, choice.reason) == (len(cores()), "cuda: the CPU only feeds it")
 
 

@@ -28,12 +28,13 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
 
 
 def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int, doing: str) -> str | None:
-    """The threads of `run`'s work (`rows` sequences of `length` tokens) from `chooser`, made before the run loaded; the
+    """The threads of `run`'s work (`rows` sequences of `length` tokens) from `chooser`, made before the run loaded, as
+    this machine's component decides them (lmlab.train.machine: a trial timed once per shape, then read back); the
     note to print when other processes' load lowered them, else None. The caller prints it once its input has passed its
     checks, so that a refusal stays one line."""
-    from lmlab.core.threads import forward_probe
+    from lmlab.train.machine import Machine
 
-    choice = chooser.choose(forward_probe(run.model, rows, length, run.device, run.dtype), run.device)
+    choice = Machine(run.device, run.dtype).threads(chooser, run.model, rows, length)
     if choice.lowered and choice.load is not None and choice.load.busy:
         return f"note: {doing} on {choice.describe('OMP_NUM_THREADS')}"
     return None

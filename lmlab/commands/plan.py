@@ -252,20 +252,27 @@ def _plan_shape(target: Path, cfg: Any, started: float, device_name: str, choose
     times and plans it before its first step (or its refusal, the same sentence)."""
     import time
 
+    from torch import device as torch_device
+
     from lmlab.core.device import resolve_device
-    from lmlab.core.peak import choose_dtype
+    from lmlab.core.peak import choose_dtype, step_ceiling
     from lmlab.data.shards import read_meta, windows_in
     from lmlab.experiments.sizing import SET_UP
+    from lmlab.model import build_model
     from lmlab.train.budget import Budget, plan
-    from lmlab.train.timing import time_config
+    from lmlab.train.timing import refuse_untimed, time_config
 
     device = resolve_device(device_name)
     dtype, _ = choose_dtype(device, cfg.train.dtype)
+    meta = read_meta(Path(cfg.data.dataset))
+    with torch_device("meta"):  # its FLOPs alone may refuse it, as train's: before it is timed
+        model = build_model(cfg.model)
+    refuse_untimed(cfg, meta, time.perf_counter() - started + SET_UP, model.flops_per_token(), model.num_params(),
+                   step_ceiling(device, dtype))
     with console.status("Timing its steps..."):
         timing = time_config(cfg, device, dtype, chooser.counts(device),
                              deadline=started + cfg.train.budget_seconds - SET_UP)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-    meta = read_meta(Path(cfg.data.dataset))
     intervals = (cfg.train.eval_steps(meta["train"]["tokens"], tokens_per_step), cfg.train.checkpoint_interval)
     made = plan(cfg.train.budget_seconds, time.perf_counter() - started + SET_UP, timing.costs(), cfg.train, intervals,
                 windows_in(meta, "val", cfg.model.block_size))

@@ -45,6 +45,7 @@ class Choice:
     seconds: dict[int, float] = field(default_factory=dict)
     load: Load | None = None
     timed: str = "a forward pass"  # what `seconds` are of: a forward pass, or a training step (the sizing's)
+    how: str = "measured"  # whether `seconds` were measured now or read back (lmlab.train.machine)
 
     @property
     def lowered(self) -> bool:
@@ -69,7 +70,8 @@ class Choice:
     def record(self, step: int) -> dict[str, Any]:
         return {"event": "threads", "step": step, "threads": self.threads, "most": self.most, "reason": self.reason,
                 "ms": {str(n): round(1000 * s, 3) for n, s in sorted(self.seconds.items())},
-                "others": None if self.load is None or self.load.others is None else round(self.load.others, 4)}
+                "others": None if self.load is None or self.load.others is None else round(self.load.others, 4),
+                "how": self.how if self.seconds else None}
 
 
 def pick(seconds: dict[int, float]) -> int:
@@ -117,9 +119,10 @@ def forward_probe(model: torch.nn.Module, rows: int, length: int, device: torch.
 
 
 class ThreadChooser:
-    """The threads of one job: made before the job sets up (that window's load tells a quiet machine), `choose` once
-    its work can be timed, `stepped` after every step. `override` names the setting, `setting` its value (0:
-    choose), `most` a ceiling below the cores, `fixed` a reason not to choose; `held` keeps the count chosen."""
+    """The threads of one job: made before the job sets up (that window's load tells a quiet machine), its counts
+    timed once its work can be (`counts`, then `decide`: lmlab.train.machine), `stepped` after every step. `override`
+    names the setting, `setting` its value (0: choose), `most` a ceiling below the cores, `fixed` a reason not to
+    choose; `held` keeps the count chosen."""
 
     def __init__(self, setting: int, override: str, most: int = 0, fixed: str | None = None,
                  window: LoadMeter | None = None):
@@ -130,26 +133,12 @@ class ThreadChooser:
         self.before = torch.get_num_threads()  # given back when the job ends
         torch.set_num_threads(self.most)  # whatever an earlier job of this process chose
         self.meter = window or LoadMeter().start()
-        self.probe: Callable[[], None] = lambda: None
         self.choice = Choice(self.most, self.most, self.fixed or "")
-        self.decided = False  # by `decide` (a sizing's timed steps); `choose` then times nothing
         self._window: Load | None = None
         self._recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self._trial: tuple[Choice, float] | None = None  # the choice a trial left, and its recent steps' median
         self._wait = CHECK_SECONDS
         self.held = False
-
-    def choose(self, probe: Callable[[], None], device: torch.device) -> Choice:
-        """Decide from the load since the chooser was made, timing `probe` when it was busy (or too short to tell). A
-        chooser that decided already keeps its choice, and times `probe` when it looks again."""
-        self.probe = probe
-        if self.decided:
-            return self.choice
-        counts = self.counts(device)
-        if len(counts) == 1:
-            return self.decide({})
-        assert self._window is not None, "the chooser's making measured the load"
-        return self._set(self._timed(self._window))
 
     def counts(self, device: torch.device) -> list[int]:
         """The thread counts to time a job's work on, fewest first (closes the window): every core alone where
@@ -163,7 +152,7 @@ class ThreadChooser:
 
     def decide(self, seconds: dict[int, float], timed: str = "a training step") -> Choice:
         """The choice once `counts` were timed (`seconds` by count; empty when there was one)."""
-        load, self.decided = self._window, True
+        load = self._window
         if self.fixed:
             return self._set(Choice(self.most, self.most, self.fixed))
         if self.most == 1:
@@ -205,10 +194,6 @@ class ThreadChooser:
         if load.others is not None:
             candidates.add(max(1, round(self.most * (1 - load.others))))
         return candidates
-
-    def _timed(self, load: Load) -> Choice:
-        seconds = time_threads(sorted(self._candidates(load), reverse=True), self.probe)
-        return Choice(pick(seconds), self.most, "timed", seconds, load)
 
     def _set(self, choice: Choice) -> Choice:
         if choice.threads != self.choice.threads:

@@ -7,7 +7,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-import functools
 import gc
 import math
 import resource
@@ -25,7 +24,7 @@ from lmlab.core.config import RunConfig
 from lmlab.core.device import configure, resolve_device, synchronize
 from lmlab.core.errors import UserError
 from lmlab.core.peak import Peak, autocast_dtype, peak_flops
-from lmlab.core.threads import Choice, ThreadChooser, forward_probe
+from lmlab.core.threads import Choice, ThreadChooser, forward_probe, time_threads
 from lmlab.data.shards import read_meta
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
@@ -131,15 +130,14 @@ def _timed(cfg: RunConfig, batch_size: int, steps: int, device: torch.device, dt
 
 
 def bench_threads(cfg: RunConfig, device: torch.device, dtype: torch.dtype, chooser: ThreadChooser) -> Choice:
-    """The threads a run of `cfg` would train on here now, timed, where the load asks for it."""
+    """The threads a run of `cfg` would train on here now, timed (a benchmark times afresh), where the load asks."""
+    counts = chooser.counts(device)
+    if len(counts) < 2:
+        return chooser.decide({}, "a forward pass")
     cfg = with_vocab(cfg)
-
-    @functools.cache
-    def forward() -> Callable[[], None]:
-        model = build_model(cfg.model).to(device)
-        return forward_probe(model, cfg.train.batch_size, cfg.model.block_size, device, dtype)
-
-    return chooser.choose(lambda: forward()(), device)
+    model = build_model(cfg.model).to(device)
+    probe = forward_probe(model, cfg.train.batch_size, cfg.model.block_size, device, dtype)
+    return chooser.decide(time_threads(counts, probe), "a forward pass")
 
 
 Probe = Callable[[BenchRow, bool, "int | None"], None]

@@ -27,7 +27,7 @@ from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.peak import Peak, choose_dtype, step_ceiling
-from lmlab.core.threads import Choice, ThreadChooser
+from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.model import build_model
@@ -72,10 +72,6 @@ class Candidate:
         return self.timing.threads if self.timing else 0
 
     @property
-    def eval_batch(self) -> float:
-        return self.timing.eval_batch if self.timing else 0.0
-
-    @property
     def tokens(self) -> int:
         return self.steps * self.tokens_per_step
 
@@ -101,7 +97,6 @@ class Sizing:
     chosen: Candidate
     config: RunConfig
     fit: str
-    threads: Choice
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
     notes: tuple[str, ...] = ()  # what to know of the fit before trusting its predictions (`fit_notes`)
 
@@ -223,6 +218,7 @@ class Search:
     def worth_timing(self, c: Candidate, best: Candidate | None) -> bool:
         """Whether to time `c`: not beyond the fit, nor when its timing would take too long or it cannot win even at
         OPTIMISM times its FLOPs' pace; else `note` says why, and the search stops."""
+        assert self.fit is not None, "only a fit's search stops"
         if self.fit.predict(c.multiplied, 1) is None:
             c.note = (f"beyond the fit's sizes (at most {self.fit.largest * EXTRAPOLATION / 1e6:.2f}M parameters that "
                       "multiply)")
@@ -236,7 +232,7 @@ class Search:
                       f"sizes may take {TIMING_SHARE:.0%} of it)")
             return False
         hopeful = self.planned(c, self.guessed(c))[1]
-        if hopeful is None or hopeful >= best.predicted:
+        if hopeful is None or hopeful >= (best.predicted or 0.0):
             c.note = (f"not timed: even at {OPTIMISM:g}x the speed its FLOPs foretell it would lose" +
                       ("" if hopeful is None else f" ({hopeful:.4f})"))
             return False
@@ -251,15 +247,12 @@ class Search:
             if not self.trainable(c):
                 return False
             self.time(c)
-        except MemoryRefused as refused:
-            c.note, c.refused = f"does not fit the memory of {self.device.type}", str(refused)
-            return False
-        except torch.OutOfMemoryError:  # a GPU's allocator is the check there
+        except (MemoryRefused, torch.OutOfMemoryError) as refused:  # a GPU's allocator is the check there
             c.note = f"does not fit the memory of {self.device.type}"
+            c.refused = str(refused) if isinstance(refused, MemoryRefused) else ""
             return False
         self.plan(c)
-        if not c.steps:
-            c.note = "no step fits what is left of the budget"
+        c.note = c.note if c.steps else "no step fits what is left of the budget"
         return bool(c.steps)
 
     def time(self, c: Candidate) -> None:
@@ -309,7 +302,7 @@ def search(family: Family, fit: SizeFit | None, budget: float, started: float, d
             break
         if not found.weigh(c) and not depths:
             break
-        if c.predicted is not None and (best is None or c.predicted < best.predicted):
+        if c.predicted is not None and (best is None or c.predicted < (best.predicted or math.inf)):
             best = c
     found.contest()
     for c in found.candidates:  # every timed one planned from the time its own timing left, the others' included
@@ -319,8 +312,6 @@ def search(family: Family, fit: SizeFit | None, budget: float, started: float, d
 
 
 SIZES = "auto, or a depth of the preset's family from 1 to 48 (4: 4 layers of the preset's width per layer)"
-
-
 SHAPE_SETTINGS = ("model.n_layer", "model.n_embd", "model.n_head", "model.n_kv_head")  # what a size sets
 
 
@@ -345,31 +336,32 @@ def parse_size(text: str | int) -> str | int:
     raise UserError(f"--size {str(text)[:40]!r} is not a size; use {SIZES}.")
 
 
-def with_vocab(cfg: RunConfig) -> RunConfig:
-    vocab = cfg.model.vocab_size or read_meta(Path(cfg.data.dataset))["vocab_size"]
+def with_vocab(cfg: RunConfig, meta: dict[str, Any] | None = None) -> RunConfig:
+    vocab = cfg.model.vocab_size or (meta or read_meta(Path(cfg.data.dataset)))["vocab_size"]
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, SizeFit | None]:
-    """The preset's family, its dataset's vocabulary filled in, and its fit (None without one; one fitted on a dataset
-    of another tokenizer is refused)."""
+def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, SizeFit | None, dict[str, Any]]:
+    """The preset's family, its dataset's vocabulary filled in, its fit (None without one; one fitted on a dataset of
+    another tokenizer is refused), and the dataset's meta.json, read once."""
     meta = read_meta(Path(cfg.data.dataset))
-    cfg = with_vocab(cfg)
+    cfg = with_vocab(cfg, meta)
     fit = read_fit(preset)
     if fit and fit.dataset.get("tokenizer") != meta["tokenizer"]:
         raise UserError(f"{fit_path(preset)} was fitted on a {fit.dataset.get('tokenizer')} dataset and "
                         f"{cfg.data.dataset} is {meta['tokenizer']}: its losses are in other units; fit the preset on "
                         f"this dataset with `lmlab scaling {preset} --refit`.")
-    return Family.of(cfg, str(preset)), fit
+    return Family.of(cfg, str(preset)), fit, meta
 
 
-def fit_notes(preset: Path, fit: SizeFit, dataset: str) -> list[str]:
-    """What to know of a fit before trusting its predictions: the preset edited since, another text."""
+def fit_notes(preset: Path, fit: SizeFit, dataset: str, meta: dict[str, Any]) -> list[str]:
+    """What to know of a fit before trusting its predictions: the preset edited since, another text (`meta`: the
+    dataset's meta.json)."""
     notes = []
     if fit.preset_sha256 != preset_sha256(preset):
         notes.append(f"{preset} changed since {fit_path(preset)} was fitted: its predictions may not hold; fit it "
                      f"again with `lmlab scaling {preset} --refit`")
-    train, fitted = read_meta(Path(dataset))["train"]["sha256"], fit.dataset.get("path")
+    train, fitted = meta["train"]["sha256"], fit.dataset.get("path")
     if fit.dataset.get("train_sha256") == train:
         return notes
     if fitted and os.path.realpath(fitted) == os.path.realpath(dataset):
@@ -390,7 +382,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
     if not budget:
         raise UserError("--size auto chooses the size a time budget trains best; give one with --budget (e.g. "
                         "--budget 5m), or a size by its depth (--size 4).")
-    family, fit = family_of(preset, cfg)
+    family, fit, meta = family_of(preset, cfg)
     if fit is None and depths is None:
         raise UserError(f"--size auto predicts each size's val loss from the fit kept beside the preset, and "
                         f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
@@ -402,16 +394,17 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
                         f"{fit_path(preset)} was measured on {fitted_on or 'a CPU'}, whose speed by size is not this "
                         f"GPU's; make one here with `lmlab scaling {preset} --refit`, or give a size (--size 4).")
     dtype, _ = choose_dtype(device, cfg.train.dtype)
-    found = search(family, fit, budget, started, device, dtype, chooser, read_meta(Path(cfg.data.dataset)), depths)
+    found = search(family, fit, budget, started, device, dtype, chooser, meta, depths)
     planned = [c for c in found.candidates if c.steps]
     if not planned:
         raise UserError(_refusal(found, preset))
     best = min(planned, key=lambda c: (c.predicted is None, c.predicted or 0.0))
     chosen = family.config(best.depth, fit)
-    threads = chooser.decide(best.timing.forward, "a forward pass")
+    assert best.timing is not None, "a planned size was timed"
+    chooser.decide(best.timing.forward, "a forward pass")  # the threads the run goes on with
     return Sizing(budget, time.perf_counter() - started, found.candidates, best, chosen, str(fit_path(preset)),
-                  threads, fit.beyond(best.tokens) if fit and best.predicted is not None else "",
-                  tuple(fit_notes(preset, fit, cfg.data.dataset)) if fit else ())
+                  fit.beyond(best.tokens) if fit and best.predicted is not None else "",
+                  tuple(fit_notes(preset, fit, cfg.data.dataset, meta)) if fit else ())
 
 
 def _refusal(found: Search, preset: Path) -> str:
@@ -424,7 +417,7 @@ def _refusal(found: Search, preset: Path) -> str:
 
 def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, str]:
     """Depth `depth` of the preset's family, its LR by the fit's rule where it has one; and the line that says so."""
-    family, fit = family_of(preset, cfg)
+    family, fit, _ = family_of(preset, cfg)
     chosen = family.config(depth, fit)
     rule = f"by {fit_path(preset)}'s rule" if fit else f"the preset's (no fit beside it, {fit_path(preset)})"
     with torch.device("meta"):

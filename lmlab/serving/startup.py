@@ -15,7 +15,7 @@ import torch
 
 from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
-from lmlab.core.threads import ThreadChooser, forward_probe
+from lmlab.core.threads import ThreadChooser
 from lmlab.core.workers import python_command
 from lmlab.inference.compiled import (
     StepRefused,
@@ -34,14 +34,7 @@ from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher
 from lmlab.serving.requests import Served
 from lmlab.serving.state import ServeOptions, State
-
-
-def decode_threads(run: LoadedRun, chooser: ThreadChooser, rows: int) -> int:
-    """CPU threads for decoding: as asked (--threads), else chosen from one fewer than the cores this process may use,
-    leaving one to the event loop and HTTP beside the step (docs/reference/serving.md says why)."""
-    choice = chooser.choose(forward_probe(run.model, rows, 1, run.device, run.dtype), run.device)
-    return choice.threads
-
+from lmlab.train.machine import Machine
 
 # How long a drained server waits for its loading thread: a process that exits while that thread is inside torch can
 # abort rather than exit 0. A second signal waits for nothing.
@@ -81,6 +74,8 @@ class Startup:
     def _load(self) -> None:
         state, options = self.state, self.options
         try:
+            # As asked (--threads), else chosen from one fewer than the cores this process may use, leaving one to
+            # the event loop and HTTP beside the decode step (docs/reference/serving.md says why).
             chooser = ThreadChooser(options.threads, "--threads", most=max(1, len(cores()) - 1))
             started = self._phase("loading the run")
             run = RunDir(options.run).load(options.checkpoint, options.device)
@@ -91,7 +86,7 @@ class Startup:
             self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
             for note in run.notes:
                 state.log(f"lmlab serve: {note}")
-            state.threads = decode_threads(run, chooser, options.max_batch)
+            state.threads = Machine(run.device, run.dtype).threads(chooser, run.model, options.max_batch, 1).threads
             folder = served_folder(run)
             # A model that keeps no decode state has nothing to compile: it decodes eagerly (lmlab.inference.compiled).
             compiles = options.compile and compilable(run.model)

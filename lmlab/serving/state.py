@@ -42,7 +42,7 @@ class ServeOptions:
     max_queue: int = 64
     max_body_bytes: int = 1_000_000
     compile: bool = False
-    threads: int = 0  # CPU threads of the decode step; 0: chosen, one fewer than the cores at most (see decode_threads)
+    threads: int = 0  # CPU threads of the decode step; 0: chosen, one fewer than the cores at most (serving.startup)
 
     def check(self) -> None:
         limits = {"--max-tokens-cap": (self.max_tokens_cap, 1), "--max-batch": (self.max_batch, 1),

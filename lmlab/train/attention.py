@@ -6,10 +6,11 @@ candidate only where a step with them fits in memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +20,9 @@ from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model import LanguageModel
 from lmlab.model.attention import PATHS, attend, score_bytes
 from lmlab.model.memory import Need, StateBytes, training_need
+
+if TYPE_CHECKING:
+    from lmlab.train.machine import Machine
 
 # The paths are timed in turns (a load weighs on both alike), ROUNDS times each after one untimed call, and the
 # best of each compared. The math path is taken only where its best is at most GAIN of the fused one's: near a
@@ -36,13 +40,14 @@ class AttentionChoice:
     path: str
     why: str
     ms: dict[str, float] = field(default_factory=dict)
+    how: str | None = None  # whether `ms` were measured now or read back (lmlab.train.machine)
 
     def line(self) -> str:
         return f"attention: {self.path}; {self.why}"
 
     def record(self, step: int) -> dict[str, Any]:
         """The `attention` event of metrics.jsonl."""
-        return {"event": "attention", "step": step, "path": self.path,
+        return {"event": "attention", "step": step, "path": self.path, "how": self.how,
                 **{f"{path}_ms": round(ms, 3) for path, ms in self.ms.items()}}
 
 
@@ -74,42 +79,54 @@ def math_need(config: ModelConfig, state_bytes: StateBytes, dtype: torch.dtype) 
     return Need(need.fixed, need.each + config.n_head * config.block_size ** 2 * kept)
 
 
-def choose_attention(model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                     state_bytes: StateBytes, processes: int = 1, timer: Timer | None = None,
-                     agree: Callable[[int], int] | None = None, setting: str = "train.attention"
-                     ) -> AttentionChoice | None:
-    """Set `model`'s attention path and say which and why; None where its kind has none to choose. `processes`
-    share this host's memory; `agree` makes rank 0's choice every rank's; `timer` times a path (default: the
-    model's own shape, `layer_timer`); `setting` is what the user set `cfg.attention` by."""
+def choose_attention(model: LanguageModel, cfg: TrainConfig, machine: Machine, state_bytes: StateBytes,
+                     processes: int = 1, timer: Timer | None = None, agree: Callable[[int], int] | None = None,
+                     setting: str = "train.attention") -> AttentionChoice | None:
+    """Set `model`'s attention path and say which and why (`machine`'s row: its timing read back when this shape was
+    timed before); None where its kind has none to choose. `processes` share this host's memory; `agree` makes rank
+    0's choice every rank's; `timer` times a path (default: the model's own shape, `layer_timer`); `setting` is what
+    the user set `cfg.attention` by."""
     if not model.use_attention("fused"):
         return None
     if cfg.attention != "auto":
         model.use_attention(cfg.attention)
+        machine.said("attention", f"attention {cfg.attention}", setting)
         return AttentionChoice(cfg.attention, setting)
-    choice = _auto(model.config, cfg, device, dtype, state_bytes, processes, timer)
+    choice = _auto(model.config, cfg, machine, state_bytes, processes, timer)
     if agree is not None:
         path = PATHS[agree(PATHS.index(choice.path))]
         choice = choice if path == choice.path else AttentionChoice(path, "auto: the first process's")
     model.use_attention(choice.path)
+    machine.said("attention", f"attention {choice.path}", choice.how or "auto")
     return choice
 
 
-def _auto(config: ModelConfig, cfg: TrainConfig, device: torch.device, dtype: torch.dtype, state_bytes: StateBytes,
-          processes: int, timer: Timer | None) -> AttentionChoice:
+def _auto(config: ModelConfig, cfg: TrainConfig, machine: Machine, state_bytes: StateBytes, processes: int,
+          timer: Timer | None) -> AttentionChoice:
+    device, dtype = machine.device, machine.dtype
     if device.type != "cpu":
         return AttentionChoice("fused", f"auto: torch's fused kernels on {device.type}")
     need, have = math_need(config, state_bytes, dtype).at(cfg.batch_size), host_memory() // processes
     if need > have:
         return AttentionChoice("fused", f"auto: the math path's step would need {human_bytes(need)} with its scores, "
                                         f"more than the {human_bytes(have)} available")
-    timer = timer or layer_timer(config, cfg.batch_size, device, dtype)
+    shape = {"model": dataclasses.asdict(config), "batch": cfg.batch_size, "dtype": str(dtype),
+             "threads": torch.get_num_threads()}
+    value, how = machine.decide("attention", shape, lambda: {"ms": _timed(timer or layer_timer(
+        config, cfg.batch_size, device, dtype))})
+    assert value is not None, "the paths are always timed"
+    ms = {path: float(value["ms"][path]) for path in PATHS}
+    path = "math" if ms["math"] <= GAIN * ms["fused"] else "fused"
+    return AttentionChoice(path, f"auto: a layer's forward and backward took {ms['math']:,.2f} ms by math, "
+                                 f"{ms['fused']:,.2f} fused ({how})", ms, how)
+
+
+def _timed(timer: Timer) -> dict[str, float]:
+    """The best ms of each path, timed in turns after an untimed call of each."""
     seconds: dict[str, list[float]] = {path: [] for path in PATHS}
     for path in PATHS:
         timer(path)  # allocations, caches: untimed
     for _ in range(ROUNDS):
         for path in PATHS:
             seconds[path].append(timer(path))
-    ms = {path: 1000 * min(times) for path, times in seconds.items()}
-    path = "math" if ms["math"] <= GAIN * ms["fused"] else "fused"
-    return AttentionChoice(path, f"auto: a layer's forward and backward took {ms['math']:,.2f} ms by math, "
-                                 f"{ms['fused']:,.2f} fused", ms)
+    return {path: 1000 * min(times) for path, times in seconds.items()}

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from lmlab.core.config import ModelConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError, classify
-from lmlab.data.loader import BatchLoader
+from lmlab.data.loader import Batches
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.checkpoint import load_checkpoint, model_tensors
 from lmlab.train.fsdp import fill_from_main, gather_full_state, load_sharded, shard
@@ -105,7 +105,7 @@ class Parallel:
         self.mode = parallel
         return self._model
 
-    def micro_batches(self, loader: BatchLoader, grad_accum_steps: int
+    def micro_batches(self, loader: Batches, grad_accum_steps: int
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of one optimizer step; gradients are synchronised on its last one only."""
         local = self.local_steps(grad_accum_steps)

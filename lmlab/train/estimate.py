@@ -10,6 +10,7 @@ import torch
 
 from lmlab.core.device import autocast
 from lmlab.data.loader import BatchLoader
+from lmlab.data.shards import TokenShards
 from lmlab.model.loss import IGNORE, next_token_hits
 from lmlab.train.distributed import Parallel
 
@@ -22,7 +23,7 @@ class Estimate(NamedTuple):
 
 
 @torch.no_grad()
-def estimate_loss(forward: Callable, tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int,
+def estimate_loss(forward: Callable, tokens: np.ndarray | TokenShards, block_size: int, batch_size: int, n_batches: int,
                   seed: int, device: torch.device, dtype: torch.dtype, parallel: Parallel | None = None) -> Estimate:
     """Mean loss and next-token accuracy of `forward` (a model, compiled or not) over `n_batches` random batches
     drawn from a fixed seed: the same batches at every call. The accuracy is read from the logits of the forward

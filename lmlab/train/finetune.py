@@ -24,7 +24,7 @@ from lmlab.core.config import FinetuneConfig, RunConfig
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
-from lmlab.core.threads import Choice, ThreadChooser, forward_probe
+from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel
 from lmlab.model.loss import IGNORE, next_token_hits
@@ -34,6 +34,7 @@ from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.train.distributed import setup
 from lmlab.train.estimate import Estimate
 from lmlab.train.loop import Trainer
+from lmlab.train.machine import Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.reports import TrainResult
 from lmlab.train.state import Checkpointed
@@ -87,16 +88,21 @@ class RecordBatches:
         self.epoch, self.batch, self.scored = 0, 0, 0  # `scored`: the loss's tokens in the last batch
         self.shuffled: tuple[int, Examples] = (-1, [])  # an epoch and its order
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def skip(self) -> None:
+        """Past the next batch, unbuilt."""
         if self.batch == self.steps_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
+        self.batch += 1
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.skip()
         if self.shuffled[0] != self.epoch:  # a new epoch, or a restored position: its order, drawn from the seed
             order = self.examples[:]
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
             self.shuffled = self.epoch, order
-        first = self.batch * self.batch_size
+        first = (self.batch - 1) * self.batch_size
         x, y = _batch(self.shuffled[1][first:first + self.batch_size])
-        self.batch, self.scored = self.batch + 1, int((y != IGNORE).sum())
+        self.scored = int((y != IGNORE).sum())
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict[str, int]:
@@ -230,7 +236,7 @@ class Finetuner(Trainer):
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The base run's best model, the records that fit its context, the config the fine-tune trains by, and
-        whether the run continues an unfinished fine-tune; the CPU threads chosen by timing a forward pass."""
+        whether the run continues an unfinished fine-tune; the CPU threads chosen by this machine's component."""
         ft, self.console = self.ft, console or Console()
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         torch.manual_seed(ft.seed)
@@ -246,13 +252,13 @@ class Finetuner(Trainer):
         self.origin = _origin(base, self.base_dir, ft, self.fits, self.dropped, self.format)
         self.continuing = _continuing(self.run_dir, ft, self.origin)
         self.model, self.dtype, self.peak, self.micro_steps = base.model.train(), base.dtype, None, 1
+        self.machine = Machine(self.device, self.dtype)
         self.train_step = TrainStep(self.model, self.cfg.train, self.device, self.dtype,
-                                    attention_setting="finetune.attention")
+                                    attention_setting="finetune.attention", machine=self.machine)
         if self.train_step.note:
             self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
         longest = max(len(ids) for ids, _ in self.fits["train"]) - 1
-        return self.threads.choose(forward_probe(self.model, ft.batch_size, longest, self.device, self.dtype),
-                                   self.device)
+        return self.machine.threads(self.threads, self.model, ft.batch_size, longest)
 
     def _restarted(self) -> bool:
         return self.continuing  # the same command again: it goes on from the newest checkpoint

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import TaskID
 
 from lmlab.analysis.plots import LOSS_EVENTS, plot_losses
 from lmlab.core.compile_cache import discard_partial_builds
@@ -20,8 +21,9 @@ from lmlab.core.config import RunConfig
 from lmlab.core.device import configure
 from lmlab.core.errors import PeerLost
 from lmlab.core.humanize import format_duration
+from lmlab.core.peak import step_ceiling
 from lmlab.core.progress import progress_bar
-from lmlab.core.threads import Choice, ThreadChooser, forward_probe
+from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.loader import Batches, BatchLoader, open_tokens
 from lmlab.data.shards import windows_in
 from lmlab.model.memory import check_training
@@ -32,6 +34,7 @@ from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
+from lmlab.train.machine import MEASURED, READ_BACK, Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
 from lmlab.train.reports import Reports, TrainResult, score_final
@@ -50,7 +53,7 @@ from lmlab.train.state import (
 )
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes, begun, peer_lost
-from lmlab.train.timing import Timing, time_config
+from lmlab.train.timing import Timing, refuse_untimed, time_step, timing_shape
 from lmlab.train.tracking import Tracker
 
 
@@ -73,6 +76,7 @@ class Trainer(Reports):
         job = from_env()
         job.local_steps(cfg.train.grad_accum_steps)
         # Made before the set-up, whose load tells a quiet machine.
+        self._sized = threads is not None  # and its threads chosen already
         self.threads = threads or ThreadChooser(cfg.train.threads, "train.threads",
                                                 fixed="torchrun" if job.world_size > 1 else None)
         # Given back at the end of run() or if the construction fails: torch's threads (a process goes on after its
@@ -84,16 +88,20 @@ class Trainer(Reports):
                 self._held.enter_context(self.run_dir.locked())
             if resume:
                 check_resumable(self.run_dir, cfg.data.dataset)
-            threads = self._build(cfg, device, console, init_from)
+            chosen = self._build(cfg, device, console, init_from)
             resume = resume or self._restarted()
             self._parts(resume)
             if self.cfg.train.budget_seconds and not resume:
                 self._plan_budget(timing)
             self._begin(resume, force, init_from, keep_optimizer)
+            for note in self.machine.notes:
+                self.console.print(f"[yellow]note: {note}[/yellow]")
+            if line := self.machine.line():
+                self.console.print(line, highlight=False)
             if self.train_step.attention:
                 self.console.print(self.train_step.attention.line(), highlight=False)
-            if threads.lowered:
-                self._say_threads(threads)
+            if chosen.lowered:
+                self._say_threads(chosen)
 
     @contextmanager
     def _unlocked_on_failure(self) -> Iterator[None]:
@@ -112,7 +120,8 @@ class Trainer(Reports):
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The job, the device and dtype, the data (every byte checked against meta.json before the model is built),
-        the model and its optimizer step; the CPU threads chosen by timing it."""
+        the model and its optimizer step; the CPU threads, attention path and compile chosen by this machine's
+        component (lmlab.train.machine)."""
         self.cfg, self.meta = resolve_config(cfg)
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         self.console = console or Console()
@@ -136,12 +145,14 @@ class Trainer(Reports):
         # The same initial weights on every rank; under FSDP, no rank holds the whole model.
         self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
+        self.machine = Machine(self.device, self.dtype)
         self.train_step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
-                                    trial=self.parallel.from_main, processes=self.parallel.local_world_size)
+                                    trial=self.parallel.from_main, processes=self.parallel.local_world_size,
+                                    machine=self.machine)
         if self.train_step.note:
             self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
-        threads = self.threads.choose(forward_probe(self.model, tc.batch_size, mc.block_size, self.device,
-                                                    self.dtype), self.device)
+        threads = self.threads.choice if self._sized else self.machine.threads(self.threads, self.model,
+                                                                                tc.batch_size, mc.block_size)
         # A compiled step is built for one thread count (Dynamo guards on it): another would recompile it.
         self.threads.held = self.train_step.compiled
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
@@ -186,15 +197,25 @@ class Trainer(Reports):
         return self.schedule.budget or NO_BUDGET
 
     def _plan_budget(self, timing: Timing | None) -> None:
-        """A new run's budget planned before its first step from this config timed now (or as `--size auto` timed it),
-        every rank from the same mean figures; refused where its minimum does not fit."""
+        """A new run's budget planned before its first step from its own step timed now, or read back from this
+        machine's cache (as `--size auto` or an earlier run of its shape timed it), every rank from the same mean
+        figures; refused where its minimum does not fit, before any timing where its FLOPs alone cannot."""
         tc = self.cfg.train
-        path = self.train_step.attention_path  # the path this run trains attention by, chosen already: not timed again
-        timed = self.cfg if path is None else dataclasses.replace(
-            self.cfg, train=dataclasses.replace(tc, attention=path))
-        with self.console.status("Timing a step, as the budget is planned from it..."):
-            timing = timing or time_config(timed, self.device, self.dtype, [torch.get_num_threads()],
-                                           deadline=self.started + tc.budget_seconds)
+        if self.peak is not None and self.parallel.world_size == 1:
+            refuse_untimed(self.cfg, self.meta, time.perf_counter() - self.started, self.flops_per_token,
+                           self.model.num_params(), step_ceiling(self.device, self.dtype))
+        shape = timing_shape(self.cfg, self.train_step.attention_path, self.dtype)
+        kept, how = self.machine.recall("timing", shape), READ_BACK
+        if timing is not None:
+            how = "--size auto"
+        elif self.parallel.any(kept is None):  # every rank times, or none
+            with self.console.status("Timing a step, as the budget is planned from it..."):
+                timing, how = time_step(self.train_step, self.cfg, [torch.get_num_threads()],
+                                        self.started + tc.budget_seconds, self.parallel.from_main,
+                                        self.micro_steps), MEASURED
+            self.machine.store("timing", shape, timing.kept())
+        timing = timing or Timing.read_back(kept or {})
+        self.machine.said("timing", f"a step {1000 * timing.step:,.1f} ms", how)
         costs = Costs(*self.parallel.mean(list(dataclasses.astuple(timing.costs())), self.device))
         spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
         made = plan(tc.budget_seconds, spent, costs, tc, self.cadence.intervals,
@@ -287,7 +308,7 @@ class Trainer(Reports):
             self.console.print(self.budget.describe(self.cfg.train), highlight=False)
         with self._stop as stop:
             with progress_bar(self.console) as bar:
-                task = bar.add_task("train", total=schedule.last_step, completed=p.step, info="")
+                task = TaskID(bar.add_task("train", total=schedule.last_step, completed=p.step, info=""))
                 stopping, evaluated = bool(stop.signal), p.step
                 while p.step < schedule.last_step and not p.stopped_early and not stopping:
                     started = time.perf_counter()

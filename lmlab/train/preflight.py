@@ -74,7 +74,8 @@ def measure_hardware(parallel: Parallel, device: torch.device, setting: str, bor
     return dtype, why, peak
 
 
-def check_same_inputs(parallel: Parallel, cfg: RunConfig, train_sha256: str, val_sha256: str) -> None:
+def check_same_inputs(parallel: Parallel, cfg: RunConfig, train_sha256: str | None,
+                      val_sha256: str | None) -> None:
     """Under torchrun, refuse a job whose hosts were started with different configs or read different datasets
     (its path may differ from host to host, not its content)."""
     settings = {f"{section}.{key}": value for section, fields in to_dict(cfg).items()

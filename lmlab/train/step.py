@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +18,9 @@ from lmlab.core.device import autocast, compile_choice, triton_available
 from lmlab.model import LanguageModel
 from lmlab.model.plugins import backward_named, check_loss
 from lmlab.train.attention import AttentionChoice, choose_attention
+from lmlab.train.machine import MEASURED, READ_BACK, Machine
 from lmlab.train.optim import optimizer_of
+from lmlab.train.state import RngState
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -33,10 +38,11 @@ class CompileVerdict:
     compiled_ms: float  # the best compiled step
     eager_ms: float  # the best eager step
     compiled: bool  # whether training goes on compiled
+    how: str = MEASURED  # or READ_BACK: timed by an earlier run of this shape on this machine (lmlab.train.machine)
 
     def line(self, step: int) -> str:
         timed = (f"step {step}: a compiled step took {self.compiled_ms:,.1f} ms, an eager one {self.eager_ms:,.1f} ms "
-                 f"(the best of {TRIAL_STEPS} each)")
+                 f"(the best of {TRIAL_STEPS} each, {self.how})")
         if self.compiled:
             return f"{timed}: training goes on compiled"
         return (f"{timed}: training goes on eager, as compiling does not pay on this CPU (it must be "
@@ -45,7 +51,7 @@ class CompileVerdict:
     def record(self, step: int) -> dict[str, Any]:
         """The `compile` event of metrics.jsonl."""
         return {"event": "compile", "step": step, "compiled_ms": round(self.compiled_ms, 3),
-                "eager_ms": round(self.eager_ms, 3), "compiled": self.compiled}
+                "eager_ms": round(self.eager_ms, 3), "compiled": self.compiled, "how": self.how}
 
 
 class CompileTrial:
@@ -79,16 +85,29 @@ class TrainStep:
     `wrapped` is what runs forward when it is not the model itself (DDP, FSDP); `reduce` makes the loss and gradient
     norm global under torchrun, so every rank skips alike. `note` is a line for the user when `compile = "auto"` could
     not compile here. With `trial` (rank 0's verdict to every rank), a compiled model on a CPU is timed against eager
-    over its first steps and left for eager unless faster (`CompileTrial`). The attention path is chosen before the
-    first step (lmlab.train.attention), `processes` sharing the host's memory, `cfg.attention` set by
-    `attention_setting`."""
+    over its first steps and left for eager unless faster (`CompileTrial`), a verdict `machine` keeps for this shape
+    (read back, the trial is skipped). The attention path is chosen before the first step (lmlab.train.attention),
+    `processes` sharing the host's memory, `cfg.attention` set by `attention_setting`."""
 
     def __init__(self, model: LanguageModel, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                  wrapped: torch.nn.Module | None = None, reduce: Reduce | None = None,
                  trial: Callable[[int], int] | None = None, processes: int = 1,
-                 attention_setting: str = "train.attention"):
+                 attention_setting: str = "train.attention", machine: Machine | None = None):
         self.model, self.device, self.dtype, self.grad_clip, self.reduce = model, device, dtype, cfg.grad_clip, reduce
+        self.machine = machine = machine or Machine(device, dtype)
         compiled, self.note = compile_choice(cfg.compile, device.type, device.type == "cuda" and triton_available())
+        self.compile_shape = {"model": dataclasses.asdict(model.config), "batch": cfg.batch_size, "dtype": str(dtype),
+                              "accum": cfg.grad_accum_steps, "threads": torch.get_num_threads()}
+        self.verdict: CompileVerdict | None = None
+        kept = None
+        if trial and compiled and device.type == "cpu":  # rank 0's cache speaks for every rank
+            kept = machine.recall("compile", self.compile_shape) or {"compiled": -1}
+            if (agreed := trial(int(kept["compiled"]))) >= 0:
+                kept = {"compiled_ms": math.nan, "eager_ms": math.nan, **kept, "compiled": bool(agreed)}
+                self.verdict = CompileVerdict(kept["compiled_ms"], kept["eager_ms"], kept["compiled"], READ_BACK)
+                compiled = self.verdict.compiled
+            else:
+                kept = None
         if compiled:
             # One compiled model at a time per process: sweeps, bench and the GPU report build many, and past
             # Dynamo's recompile limit (8 per function) it would silently run the next ones eager.
@@ -97,11 +116,12 @@ class TrainStep:
         self.forward = torch.compile(self.eager) if compiled else self.eager
         # Evaluations run eager on a CPU: compiling the eval-mode graph too costs more than a few batches gain.
         self.scoring = self.eager if device.type == "cpu" else self.forward
-        self.trial = CompileTrial(trial) if trial and compiled and device.type == "cpu" else None
-        self.verdict: CompileVerdict | None = None
+        self.trial = CompileTrial(trial) if trial and compiled and device.type == "cpu" and kept is None else None
+        machine.said("compile", "compiled" if compiled else "eager", READ_BACK if kept else
+                     MEASURED if self.trial else "train.compile")
         chosen = optimizer_of(cfg)
         self.optimizer, self.skips_on_device = chosen.build(model, cfg, device), chosen.found_inf
-        self.attention = choose_attention(model, cfg, device, dtype, chosen.state_bytes, processes, agree=trial,
+        self.attention = choose_attention(model, cfg, machine, chosen.state_bytes, processes, agree=trial,
                                           setting=attention_setting)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -116,7 +136,31 @@ class TrainStep:
         self.verdict = self.trial.timed(compiled, time.perf_counter() - began)
         if self.verdict is not None:
             self.trial, self.forward = None, self.forward if self.verdict.compiled else self.eager
+            self.machine.store("compile", self.compile_shape, {k: v for k, v in dataclasses.asdict(self.verdict).items()
+                                                               if k != "how"})
         return result
+
+    def eager_step(self, batches: Iterable[Batch], n_batches: int, lr: float) -> None:
+        """A step of the eager model, outside the compile trial: what a budget's timing takes (in `untouched`)."""
+        self._step(self.eager, batches, n_batches, lr)
+
+    @contextmanager
+    def untouched(self) -> Iterator[None]:
+        """Steps inside leave no trace: the weights, the optimizer's state, the grad scaler and the generators are
+        restored after them, so a run timed on its own step computes the bits it would have untimed."""
+        weights = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
+        optimizer, scaler = copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.scaler.state_dict())
+        rng = RngState(self.device)
+        generators = rng.state_dict()
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.load_state_dict(scaler)
+            rng.load_state_dict(generators)
 
     @property
     def attention_path(self) -> str | None:
@@ -124,9 +168,9 @@ class TrainStep:
         return None if self.attention is None else self.attention.path
 
     def restore_attention(self, path: str | None) -> None:
-        """A resumed run goes on by the attention path it trained by; a checkpoint without one (older than the
-        choice) by the one chosen now."""
-        if path is not None and self.attention is not None and path != self.attention_path:
+        """A resumed run goes on by the attention path it trained by, whatever is chosen now; a checkpoint without one
+        (older than the choice) by the one chosen now."""
+        if path is not None and self.attention is not None:
             self.model.use_attention(path)
             self.attention = AttentionChoice(path, "as this run trained, its checkpoint says")
 

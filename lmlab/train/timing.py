@@ -1,9 +1,10 @@
-"""What a config's training costs on this machine now, timed before it trains (`time_config`): its forward pass by
-thread count, a training step on the threads that win, an evaluation's batch; and, with a checkpoint's write and the
-end, the `Costs` a time budget is planned from (lmlab.train.budget). `lmlab plan --budget`, `--size auto` and the
-trainer time alike, so they plan alike. Before `--size auto` times a size, the least its timing can measure
-(`least_timing`: its FLOPs at the most a step computes here) says whether a budget could hold it at all
-(`refuse_untimed`).
+"""What a config's training costs on this machine now, timed before it trains (`time_step` on a run's own step,
+`time_config` on a model of its own): its forward pass by thread count, a training step on the threads that win, an
+evaluation's batch; and, with a checkpoint's write and the end, the `Costs` a time budget is planned from
+(lmlab.train.budget). `lmlab plan --budget`, `--size auto` and the trainer time alike, so they plan alike, and keep
+what they timed in the machine's cache (lmlab.train.machine), which a run of the same shape reads back. Before
+a size is timed, the least its timing can measure (`least_timing`: its FLOPs at the most a step computes here) says
+whether a budget could hold it at all (`refuse_untimed`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lmlab.data.shards import windows_in
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import BudgetRefused, Costs, plan
+from lmlab.train.machine import Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
@@ -63,17 +65,51 @@ class Timing:
         checkpoint = CHECKPOINT_SECONDS + self.checkpoint_bytes / DISK_BYTES_PER_SECOND
         return Costs(self.step, self.eval_batch, self.plot, checkpoint, self.plot + EXIT_SECONDS)
 
+    def kept(self) -> dict[str, Any]:
+        """What the machine's cache keeps of it: what a budget plans from (the forward's thread trial is the
+        threads row's)."""
+        return {"threads": self.threads, "step": self.step, "eval_batch": self.eval_batch, "plot": self.plot,
+                "checkpoint_bytes": self.checkpoint_bytes}
+
+    @classmethod
+    def read_back(cls, kept: dict[str, Any]) -> Timing:
+        """A timing the machine's cache kept (`kept`): it cost nothing now."""
+        return cls({}, int(kept["threads"]), float(kept["step"]), float(kept["eval_batch"]), float(kept["plot"]),
+                   int(kept["checkpoint_bytes"]), 0.0)
+
 
 def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int],
                 deadline: float = math.inf) -> Timing:
-    """`cfg` timed on a model of its own (eager, random tokens, its batch and optimizer): its forward on each count
-    of `counts`, then on the winner a plot, a warm-up step, an evaluation's batch and steps for TIMED_SECONDS. A
-    warm-up step that shows two steps ending past `deadline` (the budget's end) stands for the step: refused sooner."""
+    """`cfg` timed on a model of its own (a size no run built yet: `--size auto`, `lmlab plan`, a miniseries), its
+    forward first on each count of `counts`; kept in the machine's cache (lmlab.train.machine) at the threads that
+    won, so the run of that size reads it back."""
     train = dataclasses.replace(cfg.train, compile=False)
-    step = TrainStep(build_model(cfg.model).to(device), train, device, dtype)
+    machine = Machine(device, dtype)
+    step = TrainStep(build_model(cfg.model).to(device), train, device, dtype, machine=machine)
+    timing = time_step(step, cfg, counts, deadline)
+    machine.store("timing", timing_shape(cfg, step.attention_path, dtype), timing.kept())
+    return timing
+
+
+def timing_shape(cfg: RunConfig, attention: str | None, dtype: torch.dtype) -> dict[str, Any]:
+    """What a config's `Timing` depends on besides the machine: the model, the step's batch and optimizer, the
+    attention path, the dtype and the threads now."""
+    tc = cfg.train
+    return {"model": dataclasses.asdict(cfg.model), "batch": tc.batch_size, "accum": tc.grad_accum_steps,
+            "optimizer": tc.optimizer, "attention": attention, "dtype": str(dtype), "threads": torch.get_num_threads()}
+
+
+def time_step(step: TrainStep, cfg: RunConfig, counts: list[int], deadline: float = math.inf,
+              agree: Callable[[int], int] = int, micro: int = 0) -> Timing:
+    """`cfg` timed on `step` (eager, random tokens, its batch and optimizer), which it leaves untouched
+    (`TrainStep.untouched`): its forward on each count of `counts`, then on the winner a plot, a warm-up step, an
+    evaluation's batch and steps for about TIMED_SECONDS. A warm-up step that shows two steps ending past `deadline`
+    (the budget's end) stands for the step: refused sooner. `agree` makes rank 0's count of steps every rank's, whose
+step runs `micro` of the micro-batches (default: all)."""
+    train, device, dtype = cfg.train, step.device, step.dtype
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
                            generator=torch.Generator().manual_seed(0)).to(device)
-    batches = [(tokens, tokens)] * train.grad_accum_steps
+    batches = [(tokens, tokens)] * (micro or train.grad_accum_steps)
 
     def timed(run: Callable[[], object]) -> float:
         began = time.perf_counter()
@@ -82,21 +118,21 @@ def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts
         return time.perf_counter() - began
 
     began = time.perf_counter()
-    forward = {} if len(counts) < 2 else time_threads(
-        counts, forward_probe(step.model, train.batch_size, cfg.model.block_size, device, dtype))
-    threads = pick(forward) if forward else counts[0]
-    torch.set_num_threads(threads)
-    plot = time_plot()
-    times = [timed(lambda: step(batches, len(batches), train.learning_rate))]  # allocations, caches: untimed
-    step.model.eval()
-    with torch.no_grad(), autocast(device, dtype):
-        evaluation = timed(lambda: step.model(tokens, tokens))
-    step.model.train()
-    if time.perf_counter() + 2 * times[0] <= deadline:
-        times.clear()
-        while not times or (len(times) < MAX_STEPS and sum(times) < TIMED_SECONDS):
-            times.append(timed(lambda: step(batches, len(batches), train.learning_rate)))
-    return Timing(forward, threads, statistics.median(times), 2 * evaluation, plot,
+    with step.untouched():
+        forward = {} if len(counts) < 2 else time_threads(
+            counts, forward_probe(step.model, train.batch_size, cfg.model.block_size, device, dtype))
+        threads = pick(forward) if forward else counts[0]
+        torch.set_num_threads(threads)
+        plot = time_plot()
+        warm = timed(lambda: step.eager_step(batches, len(batches), train.learning_rate))  # allocations: untimed
+        step.model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            evaluation = timed(lambda: step.scoring(tokens, tokens))
+        step.model.train()
+        fits = time.perf_counter() + 2 * warm <= deadline
+        count = agree(min(MAX_STEPS, max(1, math.ceil(TIMED_SECONDS / max(warm, 1e-9)))) if fits else 0)
+        times = [timed(lambda: step.eager_step(batches, len(batches), train.learning_rate)) for _ in range(count)]
+    return Timing(forward, threads, statistics.median(times or [warm]), 2 * evaluation, plot,
                   checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began)
 
 

@@ -167,14 +167,14 @@ def cache_path() -> Path:
 
 def cache_key(device: torch.device, dtype: torch.dtype) -> str:
     """What a measured peak depends on."""
-    who = ", ".join(f"{k} {v}" for k, v in _identity(device).items() if v)
+    who = ", ".join(f"{k} {v}" for k, v in processor_identity(device).items() if v)
     threads = f", {most_threads()[0]} threads" if device.type == "cpu" else ""
     tf32 = " (TF32)" if device.type == "cuda" and dtype == torch.float32 else ""
     return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}{tf32}, torch {torch.__version__}, "
             f"{matmul_size(device, dtype)}² matmul")
 
 
-def _identity(device: torch.device) -> dict[str, Any]:
+def processor_identity(device: torch.device) -> dict[str, Any]:
     if device.type == "cpu":
         return processor()
     return {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
@@ -234,7 +234,7 @@ def settled(entry: dict[str, Any]) -> bool:
 
 
 def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
-    entries, entry, notes = read_cache(cache_path(), key, _identity(device))
+    entries, entry, notes = read_cache(cache_path(), key, processor_identity(device))
     if entry and settled(entry):
         return _as_peak(entry, notes)
     return measure_into_cache(device, dtype, notes)
@@ -243,7 +243,7 @@ def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
 def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence[str] = ()) -> Peak:
     """Measure the peak once and merge it into the cache; what the cache now holds."""
     path, key = cache_path(), cache_key(device, dtype)
-    entries, entry, _ = read_cache(path, key, _identity(device))
+    entries, entry, _ = read_cache(path, key, processor_identity(device))
     with every_thread(device), LoadMeter() as meter:
         flops = measured_peak(device, dtype)
     assert meter.load is not None, "a LoadMeter has its load once its block ends"
@@ -274,7 +274,7 @@ def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.
         best = entry
     else:
         best = new if entry is None or flops > entry["flops"] else entry
-    kept = {"processor": _identity(device), "threads": most_threads()[0],
+    kept = {"processor": processor_identity(device), "threads": most_threads()[0],
             "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "matmul": matmul_size(device, dtype),
             **{k: best[k] for k in ("flops", "quiet", "measured_at", "load")}, "figures": figures}

@@ -34,7 +34,7 @@ from lmlab.train.checkpointer import Checkpointer, check_resumable
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
-from lmlab.train.machine import MEASURED, READ_BACK, Machine
+from lmlab.train.machine import Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
 from lmlab.train.reports import Reports, TrainResult, score_final
@@ -53,7 +53,7 @@ from lmlab.train.state import (
 )
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes, begun, peer_lost
-from lmlab.train.timing import Timing, refuse_untimed, time_step, timing_shape
+from lmlab.train.timing import Timing, refuse_untimed, run_timing
 from lmlab.train.tracking import Tracker
 
 
@@ -94,10 +94,7 @@ class Trainer(Reports):
             if self.cfg.train.budget_seconds and not resume:
                 self._plan_budget(timing)
             self._begin(resume, force, init_from, keep_optimizer)
-            for note in self.machine.notes:
-                self.console.print(f"[yellow]note: {note}[/yellow]")
-            if line := self.machine.line():
-                self.console.print(line, highlight=False)
+            self.machine.say(self.console)
             if self.train_step.attention:
                 self.console.print(self.train_step.attention.line(), highlight=False)
             if chosen.lowered:
@@ -204,18 +201,8 @@ class Trainer(Reports):
         if self.peak is not None and self.parallel.world_size == 1:
             refuse_untimed(self.cfg, self.meta, time.perf_counter() - self.started, self.flops_per_token,
                            self.model.num_params(), step_ceiling(self.device, self.dtype))
-        shape = timing_shape(self.cfg, self.train_step.attention_path, self.dtype)
-        kept, how = self.machine.recall("timing", shape), READ_BACK
-        if timing is not None:
-            how = "--size auto"
-        elif self.parallel.any(kept is None):  # every rank times, or none
-            with self.console.status("Timing a step, as the budget is planned from it..."):
-                timing, how = time_step(self.train_step, self.cfg, [torch.get_num_threads()],
-                                        self.started + tc.budget_seconds, self.parallel.from_main,
-                                        self.micro_steps), MEASURED
-            self.machine.store("timing", shape, timing.kept())
-        timing = timing or Timing.read_back(kept or {})
-        self.machine.said("timing", f"a step {1000 * timing.step:,.1f} ms", how)
+        timing = run_timing(self.train_step, self.cfg, self.machine, self.parallel, self.started + tc.budget_seconds,
+                            self.micro_steps, self.console, timing)
         costs = Costs(*self.parallel.mean(list(dataclasses.astuple(timing.costs())), self.device))
         spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
         made = plan(tc.budget_seconds, spent, costs, tc, self.cadence.intervals,

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from lmlab.core import threads as timing
 from lmlab.core.fileio import WriteError, atomic_write_text, writing
-from lmlab.core.peak import _identity, checksum
+from lmlab.core.peak import checksum, processor_identity
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.model import LanguageModel
 
@@ -97,6 +98,13 @@ class Machine:
             return None
         return "machine: " + ", ".join(f"{chosen} ({how})" for chosen, how in self.made.values())
 
+    def say(self, console: Console) -> None:
+        """The cache's notes, then the start's line."""
+        for note in self.notes:
+            console.print(f"[yellow]note: {note}[/yellow]")
+        if line := self.line():
+            console.print(line, highlight=False)
+
     def threads(self, chooser: ThreadChooser, model: LanguageModel, rows: int, length: int,
                 doing: str = "a forward pass") -> Choice:
         """`chooser`'s threads for `model`'s work of `rows` sequences of `length` tokens: timed on each count the load
@@ -121,7 +129,7 @@ class Machine:
         return choice
 
     def _key(self, row: str, shape: dict[str, Any]) -> str:
-        who = {"machine": _identity(self.device), "device": self.device.type, "dtype": str(self.dtype),
+        who = {"machine": processor_identity(self.device), "device": self.device.type, "dtype": str(self.dtype),
                "torch": torch.__version__}
         text = json.dumps({"row": row, "who": who, "shape": shape}, sort_keys=True, default=str)
         return f"{row} {hashlib.sha256(text.encode()).hexdigest()[:24]}"

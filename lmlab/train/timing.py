@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from lmlab.analysis.plots import plot_losses, pyplot
 from lmlab.core.config import RunConfig, TrainConfig
@@ -30,7 +31,8 @@ from lmlab.data.shards import windows_in
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import BudgetRefused, Costs, plan
-from lmlab.train.machine import Machine
+from lmlab.train.distributed import Parallel
+from lmlab.train.machine import MEASURED, READ_BACK, Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
@@ -97,6 +99,25 @@ def timing_shape(cfg: RunConfig, attention: str | None, dtype: torch.dtype) -> d
     tc = cfg.train
     return {"model": dataclasses.asdict(cfg.model), "batch": tc.batch_size, "accum": tc.grad_accum_steps,
             "optimizer": tc.optimizer, "attention": attention, "dtype": str(dtype), "threads": torch.get_num_threads()}
+
+
+def run_timing(step: TrainStep, cfg: RunConfig, machine: Machine, parallel: Parallel, deadline: float, micro: int,
+               console: Console, given: Timing | None = None) -> Timing:
+    """The timing a run's budget plans from: `given` (as `--size auto` timed it), else read back from this machine's
+    cache where a run of its shape was timed, else its own step timed now (`time_step`: every rank, or none) and kept;
+    said in the machine's line."""
+    shape = timing_shape(cfg, step.attention_path, step.dtype)
+    kept = machine.recall("timing", shape)
+    if given is not None:
+        timing, how = given, "--size auto"
+    elif parallel.any(kept is None):
+        with console.status("Timing a step, as the budget is planned from it..."):
+            timing, how = time_step(step, cfg, [torch.get_num_threads()], deadline, parallel.from_main, micro), MEASURED
+        machine.store("timing", shape, timing.kept())
+    else:
+        timing, how = Timing.read_back(kept or {}), READ_BACK
+    machine.said("timing", f"a step {1000 * timing.step:,.1f} ms", how)
+    return timing
 
 
 def time_step(step: TrainStep, cfg: RunConfig, counts: list[int], deadline: float = math.inf,

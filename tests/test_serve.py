@@ -90,8 +90,8 @@ def test_the_openai_fields_clients_send_are_honoured(server, sft_run):
     run = RunDir(sft_run).load("best", "cpu")
     ids = run.tokenizer.encode("ROMEO:")
     alone = [expected(run, ids, **{**vars(p), "stop": ()}) for p in seeded(SamplingParams(10, 1.0, seed=3), 3)]
-    expected = [(i, t, r) for i, (t, r, _) in enumerate(alone)]
-    assert [(c.index, c.text, c.finish_reason) for c in many.choices] == expected
+    apart = [(i, t, r) for i, (t, r, _) in enumerate(alone)]
+    assert [(c.index, c.text, c.finish_reason) for c in many.choices] == apart
     assert many.usage.completion_tokens == sum(tokens for _, _, tokens in alone)
 
     with pytest.raises(openai.BadRequestError) as caught:

@@ -279,7 +279,7 @@ def decoded(path: str) -> str:
 
 def checkpoint(ctx: Context) -> list[Row]:
     model = load_config(ROOT / "configs/gpt2-small.toml", ctx.scale.gpt2).model
-    _, size, write, load = measure(model, 2, ctx.device)
+    _, size, write, load = measure(model, 2, str(ctx.device))
     return [("GPT-2 small checkpoint: write / verified load", f"{write:.2f} s / {load:.2f} s ({size / 2**20:,.0f} "
              "MiB, model on the device)", "")]
 

@@ -21,7 +21,6 @@ from lmlab.core.config import TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.data.shards import covered
-from lmlab.train.schedule import position_between
 
 EVAL_SHARE = 0.1  # evaluations measure the run, they do not train it: at most this share of the budget
 FINAL_SHARE = 0.05  # and so does the final score of what the run keeps, at most this share besides
@@ -101,6 +100,11 @@ class Plan:
             mid = (low + high) // 2
             low, high = (mid, high) if self.needed(mid, intervals) <= left else (low, mid)
         return high if self.needed(high, intervals) - left < left - self.needed(low, intervals) else low
+
+
+def position_between(step: int, anchor: int, position: float, last: int) -> float:
+    """Where a decay laid linearly from `position` at step `anchor` to 1 (min_lr) at step `last` stands at `step`."""
+    return 1.0 if last <= anchor else min(1.0, position + (1.0 - position) * max(0, step - anchor) / (last - anchor))
 
 
 def _multiples(interval: int, after: int, upto: int) -> int:

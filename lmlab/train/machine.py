@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from lmlab.core import threads as core_threads  # its time_threads looked up at each call, as tests fake it
 from lmlab.core.fileio import WriteError, atomic_write_text, writing
 from lmlab.core.peak import checksum, processor_identity
-from lmlab.core.threads import Choice, ThreadChooser, forward_probe, time_threads
+from lmlab.core.threads import Choice, ThreadChooser, forward_probe
 from lmlab.model import LanguageModel
 
 CACHE_FORMAT = 1
@@ -119,7 +120,7 @@ class Machine:
         shape = {"model": dataclasses.asdict(model.config), "rows": rows, "length": length, "dtype": str(self.dtype),
                  "most": chooser.most}
         value, how = self.decide("threads", shape, lambda: {
-            "seconds": {str(n): s for n, s in time_threads(sorted(counts, reverse=True), probe).items()}})
+            "seconds": {str(n): s for n, s in core_threads.time_threads(sorted(counts, reverse=True), probe).items()}})
         assert value is not None, "a thread trial always measures"
         seconds = {int(n): float(s) for n, s in value["seconds"].items()}
         choice = dataclasses.replace(chooser.decide(seconds, doing), how=how)

@@ -10,12 +10,10 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmlab.core.config import TrainConfig
-
-if TYPE_CHECKING:
-    from lmlab.train.budget import Budget
+from lmlab.train.budget import Budget, position_between
 
 # What the LR of a step depends on besides max_iters and lr_decay_iters: a resume that changes any re-lays the decay.
 _SHAPE = ("learning_rate", "min_lr", "schedule", "decay_fraction", "warmup_iters", "budget_seconds")
@@ -68,14 +66,6 @@ def warmup_lr(step: int, peak: float, steps: int) -> float:
 def lr_at_position(position: float, train: TrainConfig) -> float:
     """The LR after warmup at `position` (0 the peak, 1 min_lr) of the kind `train.schedule` names."""
     return train.min_lr + SCHEDULES[train.schedule].left(position, train) * (train.learning_rate - train.min_lr)
-
-
-def position_between(step: int, anchor: int, position: float, last: int) -> float:
-    """A decay laid from `position` at step `anchor` to 1 (min_lr) at step `last`, linear in the steps: where it
-    stands at `step`."""
-    if last <= anchor:
-        return 1.0
-    return min(1.0, position + (1.0 - position) * max(0, step - anchor) / (last - anchor))
 
 
 def lr_at(step: int, train: TrainConfig) -> float:

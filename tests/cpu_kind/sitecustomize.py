@@ -41,6 +41,7 @@ class _FakeOnImport:
 
         def exec_module(module) -> None:
             run(module)
+            module.host_cpu_native = module.cpu_native  # what tests.helpers.HOST_CPU gives a host_cpu test
             module.cpu_native = answering(self.kind)
 
         spec.loader.exec_module = exec_module

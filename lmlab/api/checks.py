@@ -24,18 +24,12 @@ def shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def integer(name: str, value: Any) -> Any:
-    """`value`, refused unless it is an integer (its range is checked where the command line's value is)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{name} is {shown(value)}; it must be a whole number.")
-    return value
-
-
-def number(name: str, value: Any) -> Any:
-    """`value`, refused unless it is a number (its range is checked where the command line's value is)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{name} is {shown(value)}; it must be a number.")
-    return value
+def of_kind(kind: str, name: str, value: Any) -> None:
+    """Refuse `value` unless it is of `kind` (`ARGUMENT_KINDS`; a number's range is checked where the command line's
+    value is), in one sentence naming it."""
+    what, test = ARGUMENT_KINDS[kind.rstrip("?")]
+    if not test(value) and not (kind.endswith("?") and value is None):
+        raise UserError(f"{name} is {shown(value)}; it must be {what}{' or None' if kind.endswith('?') else ''}.")
 
 
 def whole(name: str, value: Any, low: int = 1) -> int:
@@ -53,10 +47,8 @@ def sampling_params(settings: dict[str, Any]) -> SamplingParams:
     if unknown:
         raise UserError(f"{', '.join(unknown)} is no sampling setting; use {', '.join(names)}.")
     for name, value in settings.items():
-        if name in ("max_new_tokens", "seed") or (name == "top_k" and value is not None):
-            integer(name, value)
-        elif name in ("temperature", "top_p"):
-            number(name, value)
+        if name != "stop" and not (name == "top_k" and value is None):
+            of_kind("number" if name in ("temperature", "top_p") else "integer", name, value)
     stop = settings.get("stop", ())
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise UserError(f"stop is {shown(stop)}; it must be a list of strings the text stops at, e.g. [\"\\n\\n\"].")
@@ -131,11 +123,8 @@ def checked(**kinds: str) -> Callable[[F], F]:
                 if kind.rstrip("?") in MANY and isinstance(given.get(name), Iterator):
                     given[name] = list(given[name])  # read once: checked, then passed on
             for name, kind in kinds.items():
-                if name in given and not (kind.endswith("?") and given[name] is None):
-                    what, test = ARGUMENT_KINDS[kind.rstrip("?")]
-                    if not test(given[name]):
-                        raise UserError(f"{name} is {shown(given[name])}; it must be {what}"
-                                        f"{' or None' if kind.endswith('?') else ''}.")
+                if name in given:
+                    of_kind(kind, name, given[name])
             env_threads()
             return func(*bound.args, **bound.kwargs)
 

@@ -17,6 +17,7 @@ from lmlab.analysis.plots import grad_norm_figure, loss_figure
 from lmlab.api.checks import checked, sampling_params, whole
 from lmlab.api.loading import decode_step, note_checkpoint, pick_threads, print_note
 from lmlab.core.config import RunConfig, SamplingParams, checkpoint_name, seeded
+from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError
 from lmlab.core.notebook import console_here
 from lmlab.core.progress import ticking
@@ -70,8 +71,6 @@ class Run:
         roots = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(f) for f in folders]
         logs = [log for root in roots if root.is_dir() for log in root.rglob("metrics.jsonl")]
         if not logs:
-            from lmlab.core.errors import UserError
-
             raise UserError(f"no run in {' or '.join(map(str, roots))}; train one (`make demo`, `lmlab train CONFIG`), "
                             "or name a run folder: lmlab.Run(\"runs/NAME\").")
         return Run(max(logs, key=lambda log: log.stat().st_mtime).parent, console)
@@ -126,8 +125,6 @@ class Run:
         try:
             import pandas
         except ImportError:
-            from lmlab.core.errors import UserError
-
             raise UserError("history_frame() needs pandas, which is not installed; `pip install pandas`, or read "
                             "Run.history (the same evaluations as a list of records).") from None
         return pandas.DataFrame(self.history, columns=list(FIELDS)).set_index("step")
@@ -144,8 +141,6 @@ class Run:
         """Train and val loss against step (what loss.png shows), or with `what="grad_norm"` the gradient norm of each
         logged step with the LR, as a matplotlib Figure."""
         if what not in PLOTS:
-            from lmlab.core.errors import UserError
-
             raise UserError(f"what is {what!r}; use one of {', '.join(PLOTS)}.")
         return PLOTS[what](self._dir)
 

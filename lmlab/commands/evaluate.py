@@ -163,7 +163,6 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
 
 
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:
-    from lmlab.core.fileio import atomic_write_text
     from lmlab.writeup.document import to_markdown
     from lmlab.writeup.grid import GridStopped, read_prompts, sample_grid
 

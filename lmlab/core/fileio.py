@@ -30,8 +30,8 @@ def sha256_file(*paths: Path) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (the renames into it)."""
+def fsync(path: Path) -> None:
+    """Persist a file's bytes, or a directory's entries (the renames into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -244,15 +244,11 @@ def replacing(path: Path) -> Iterator[Path]:
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
             yield tmp
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync(tmp)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)  # a write that failed half-way leaves nothing behind
-        fsync_dir(target.parent)
+        fsync(target.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

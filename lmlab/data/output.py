@@ -14,7 +14,7 @@ import numpy as np
 
 from lmlab.core.config import check_counts
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_text, fsync_dir, host_memory, human_bytes, writing
+from lmlab.core.fileio import atomic_write_text, fsync, host_memory, human_bytes, writing
 from lmlab.data.encode import Encoded
 from lmlab.data.normalize import Normalization
 from lmlab.data.shards import ShardWriter, TokenShards
@@ -195,7 +195,7 @@ class Output:
         """Record everything up to docs_done, for a killed prepare to resume from."""
         pending = {split: w.save_pending() for split, w in self.writers.items()}
         self.checkpoint_val_index()
-        fsync_dir(self.work)
+        fsync(self.work)
         state = {"job": self.job, "docs_done": self.docs_done, "counts": self.counts, "lost_tokens": self.lost_tokens,
                  "cut_document": self.cut_document,
                  "routed": self.routed, "val_names": self.val_names, "val_entries": self.val_entries,

@@ -26,7 +26,7 @@ from rich.progress import (
 )
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriterLock, atomic_write_text, fsync_dir, plain_name, sha256_file
+from lmlab.core.fileio import WriterLock, atomic_write_text, fsync, plain_name, sha256_file
 from lmlab.core.progress import TaskLines, task_lines
 from lmlab.core.version import __version__
 from lmlab.data.corpora import (
@@ -281,7 +281,7 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
         "lmlab_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_text(work / "meta.json", json.dumps(meta, indent=2))
-    fsync_dir(work)
+    fsync(work)
     _swap_into_place(work, target)
     return target, meta, True
 
@@ -299,5 +299,5 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
-    fsync_dir(target.parent)
+    fsync(target.parent)
     shutil.rmtree(old, ignore_errors=True)

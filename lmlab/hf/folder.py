@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriteError, atomic_write_text, check_folder_name, fsync_dir, sha256_file, writing
+from lmlab.core.fileio import WriteError, atomic_write_text, check_folder_name, fsync, sha256_file, writing
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.run.chat import ChatTemplate
 
@@ -114,14 +114,14 @@ def fresh_dir(path: Path, what: str) -> Path:
 
 
 def move_into_place(tmp: Path, path: Path) -> None:
-    fsync_dir(tmp)
+    fsync(tmp)
     try:
         if path.exists():
             path.rmdir()  # empty, checked by fresh_dir
         os.replace(tmp, path)
     except OSError:  # another process wrote `path` meanwhile (not through lmlab, which locks it)
         raise UserError(f"{path} was created by another process meanwhile; choose a new folder.")
-    fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:

@@ -18,14 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriteError, atomic_write_text, fsync_dir, human_bytes, sha256_file, writing
+from lmlab.core.fileio import WriteError, atomic_write_text, fsync, human_bytes, sha256_file, writing
 
 STEP_FOLDER = re.compile(r"step_\d{6,}")  # what a pointer may name: a step folder of the same run
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -105,11 +100,11 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
             save_tensors(tensors, tmp / "optimizer.safetensors")
             files = {}
             for name in ("model.safetensors", "optimizer.safetensors"):
-                _fsync_file(tmp / name)
+                fsync(tmp / name)
                 files[name] = sha256_file(tmp / name)
         atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer": plain,
                                                            "files": files}, indent=1))
-        fsync_dir(tmp)
+        fsync(tmp)
         if whole is not None:
             whole()
     except BaseException:
@@ -118,7 +113,7 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     if final.exists():  # the same step again after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fsync_dir(root)
+    fsync(root)
     atomic_write_text(root / "latest", final.name)
     if best:
         atomic_write_text(root / "best", final.name)

@@ -96,16 +96,13 @@ class RunDir:
         self._lock.acquire(f"{self.path} is being written by another process ({{holder}}); wait for it to finish, "
                            "or choose another --run.")
 
-    def unlock(self) -> None:
-        self._lock.release()
-
     @contextmanager
     def locked(self) -> Iterator[RunDir]:
         self.lock()
         try:
             yield self
         finally:
-            self.unlock()
+            self._lock.release()
 
     def _check_writer(self) -> None:
         assert self._lock.held_here, f"{self.path} written without its lock: call RunDir.lock() first"
@@ -113,13 +110,10 @@ class RunDir:
     def check_new(self) -> None:
         """Refuse to start a run where one already has checkpoints."""
         if self.checkpoints.exists() and any(self.checkpoints.iterdir()):
-            if self.kind() != "fine-tuned":
-                go_on = f"pick a new --run, or continue a training run with `{self.resume_command()}`"
-            elif self.unfinished():
-                go_on = f"pick a new --run, or continue this fine-tune with `{self.resume_command()}`"
-            else:
-                go_on = (f"pick a new --run: this fine-tune is finished (to tune it further, pass it as the base: "
-                         f"`lmlab finetune {self.path} --data FILE --run NEW`)")
+            what = "a training run" if self.kind() != "fine-tuned" else "this fine-tune" if self.unfinished() else ""
+            go_on = (f"pick a new --run, or continue {what} with `{self.resume_command()}`" if what else
+                     f"pick a new --run: this fine-tune is finished (to tune it further, pass it as the base: "
+                     f"`lmlab finetune {self.path} --data FILE --run NEW`)")
             raise UserError(f"{self.path} already has checkpoints; {go_on}.")
 
     def resume_command(self) -> str:
@@ -344,13 +338,15 @@ class RunDir:
 
     def weights_sha256(self, which: str = "best") -> str | None:
         """A checkpoint's model.safetensors sha256 from its state.json (None if missing): what evaluations key."""
-        if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
-            which = "latest"
         try:
-            state = json.loads((self.checkpoint(which) / "state.json").read_text(encoding="utf-8"))
+            state = json.loads((self.checkpoint(self._best_or_latest(which)) / "state.json").read_text("utf-8"))
             return state["files"]["model.safetensors"]
         except (UserError, OSError, ValueError, KeyError, TypeError):
             return None
+
+    def _best_or_latest(self, which: str) -> str:
+        """`best`, of a run never evaluated, is its `latest`."""
+        return "latest" if which == "best" and ckpt.pointer(self.checkpoints, "best") is None else which
 
     def step_folders(self) -> list[Path]:
         return ckpt.step_folders(self.checkpoints)
@@ -358,9 +354,7 @@ class RunDir:
     def saved_through(self) -> int | None:
         """The newest checkpoint's step when no process writes the run (events past it a resume drops), else None."""
         folders = self.step_folders()
-        if not folders or self.running():
-            return None
-        return int(folders[-1].name.removeprefix("step_"))
+        return None if not folders or self.running() else int(folders[-1].name.removeprefix("step_"))
 
     def remove_partial_checkpoints(self) -> None:
         self._check_writer()
@@ -374,9 +368,7 @@ class RunDir:
     def load(self, which: str = "best", device: str = "auto", need_tokenizer: bool = True) -> LoadedRun:
         """The run's model at a checkpoint, in eval mode, with what using it takes; a run never evaluated has no
         `best`: it loads `latest`, and says so."""
-        which = checkpoint_name(which)
-        if which == "best" and ckpt.pointer(self.checkpoints, "best") is None:
-            which = "latest"
+        which = self._best_or_latest(checkpoint_name(which))
         cfg = self.config()
         tokenizer = self.tokenizer() if need_tokenizer or (self.path / "tokenizer.json").exists() else None
         torch_device = resolve_device(device)

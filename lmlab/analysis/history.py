@@ -51,14 +51,6 @@ def _derived(val_loss: float, norms: list[float]) -> dict[str, Any]:
 MAX_LOG = 700.0  # exp() of more overflows a float: such a perplexity is unknown (None), not an error
 
 
-def _norms(row: dict[str, Any]) -> str:
-    return "-" if row["grad_norm"] is None else f"{row['grad_norm']:.2f} / {row['grad_norm_max']:.2f}"
-
-
-def _mark(row: dict[str, Any]) -> str:
-    return ("* " if row["is_best"] else "") + fmt(row["best_val_loss"])
-
-
 EVAL_COLUMNS = [  # `lmlab log` and the report
     Column("step", 0, lambda r: f"{r['step']:,}"),
     Column("epoch", 3, lambda r: fmt(r["epoch"], ".2f")),
@@ -67,10 +59,11 @@ EVAL_COLUMNS = [  # `lmlab log` and the report
     Column("train (steps)", 5, lambda r: fmt(r["train_loss"])),
     Column("train (eval)", 1, lambda r: fmt(r["train_eval_loss"])),
     Column("val", 0, lambda r: fmt(r["val_loss"])),
-    Column("best (*: new)", 0, _mark),
+    Column("best (*: new)", 0, lambda r: ("* " if r["is_best"] else "") + fmt(r["best_val_loss"])),
     Column("perplexity", 6, lambda r: fmt(r["perplexity"], ".2f")),
     Column("accuracy", 7, lambda r: fmt(r["accuracy"], ".3f")),
-    Column("grad norm (mean / max)", 8, _norms),
+    Column("grad norm (mean / max)", 8,
+           lambda r: "-" if r["grad_norm"] is None else f"{r['grad_norm']:.2f} / {r['grad_norm_max']:.2f}"),
 ]
 
 

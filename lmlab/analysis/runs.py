@@ -4,6 +4,7 @@ them, so a half-written, old or foreign folder gets a status instead of a crash.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -283,9 +284,7 @@ def _change(row: dict[str, Any], key: str, by_bytes: bool) -> str:
 def _chinchilla(row: dict[str, Any]) -> str:
     """The share of Chinchilla-optimal in unique tokens, and in tokens seen when repeats make them differ."""
     unique, seen = row["chinchilla_percent"], row["chinchilla_seen_percent"]
-    if unique is None:
-        return "-"
-    return f"{unique:.1f}%" + (f" ({seen:.0f}% seen)" if seen > unique * 1.001 else "")
+    return "-" if unique is None else f"{unique:.1f}%" + (f" ({seen:.0f}% seen)" if seen > unique * 1.001 else "")
 
 
 RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under the listed folder
@@ -358,15 +357,12 @@ def score_cell(value: float | None, stderr: float | None) -> str:
 
 def task_columns(rows: list[dict[str, Any]], priority: int = 2) -> list[Column]:
     """A column per task any row has a kept result of (acc_norm, as HellaSwag is reported, with the items scored)."""
+    def cell(name: str, r: dict[str, Any]) -> str:
+        result = (r.get("tasks") or {}).get(name)
+        return "-" if result is None else f"{result['acc_norm']:.4f} ({result['items']:,})"
+
     names = sorted({name for r in rows for name in (r.get("tasks") or {})})
-
-    def cell(name: str) -> Callable[[dict[str, Any]], str]:
-        def text(r: dict[str, Any]) -> str:
-            result = (r.get("tasks") or {}).get(name)
-            return "-" if result is None else f"{result['acc_norm']:.4f} ({result['items']:,})"
-        return text
-
-    return [Column(f"{name} acc_norm (items)", priority, cell(name)) for name in names]
+    return [Column(f"{name} acc_norm (items)", priority, functools.partial(cell, name)) for name in names]
 
 
 TASK_RESULT_COLUMNS = [  # `lmlab eval --task` and the report: kept task results

@@ -23,10 +23,8 @@ from lmlab.core.errors import UserError
 from lmlab.core.progress import ticking as progress_ticking
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
-    from lmlab.run.rundir import LoadedRun
-
-if TYPE_CHECKING:
     from lmlab.analysis.runs import Column
+    from lmlab.run.rundir import LoadedRun
 
 
 def silence_stdout() -> None:

@@ -121,6 +121,7 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
     and where and how it was measured; with --refit, measured first (the miniseries trained or continued)."""
     from lmlab.api.training import parse_duration
     from lmlab.core.busy import process_age
+    from lmlab.core.config_toml import load_config
     from lmlab.experiments.family import fit_path, read_fit
     from lmlab.experiments.miniseries import Series, refit
 
@@ -139,7 +140,7 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
     rows = [{**r, "fitted": fit.surface.predict(r["params"], r["tokens"])} for r in fit.runs]
     print_table(f"{fit_path(preset)}: {fit.surface.describe()}", _fit_columns(), rows, args.wide)
     lrs = ", ".join(f"{s['depth']} layers x{s['best']:.2f}" for s in fit.lr_search)
-    console.print(f"LR rule: the preset's LR x {fit.lr.scale:g} x ({_preset_width(preset)} / width)^"
+    console.print(f"LR rule: the preset's LR x {fit.lr.scale:g} x ({load_config(preset).model.n_embd} / width)^"
                   f"{fit.lr.exponent:g}, through each depth's best multiple of it ({lrs})", highlight=False)
     if fit.held_out:
         errors = ", ".join(f"depth {h['depth']} {100 * (h['predicted'] / h['val'] - 1):+.1f}%" for h in fit.held_out)
@@ -162,12 +163,6 @@ def _fit_columns() -> list:
             Column("LR", 2, lambda r: f"{r['learning_rate']:g}"), Column("val", 0, lambda r: f"{r['val']:.4f}"),
             Column("fitted", 0, lambda r: f"{r['fitted']:.4f}"),
             Column("error", 1, lambda r: f"{100 * (r['fitted'] / r['val'] - 1):+.1f}%")]
-
-
-def _preset_width(preset: Path) -> int:
-    from lmlab.core.config_toml import load_config
-
-    return load_config(preset).model.n_embd
 
 
 def tokens_list(text: str) -> tuple[int, ...]:

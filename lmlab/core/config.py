@@ -51,9 +51,11 @@ def checkpoint_label(name: str, step: int) -> str:
     return f"step {step:,}" if name.startswith("step_") else f"{name}, step {step:,}"
 
 
-def check_attention(setting: str, value: str) -> None:
-    if value not in ATTENTION_CHOICES:
-        raise UserError(f"{setting} is '{as_text(value)}'; use {', '.join(ATTENTION_CHOICES)}.")
+def check_choice(setting: str, value: Any, choices: tuple[str, ...], listed: str = "") -> None:
+    """Refuse a value not among `choices`, in a sentence naming the setting and the choices (as `listed`, else joined
+    by "or")."""
+    if value not in choices:
+        raise UserError(f"{setting} is '{as_text(value)}'; use {listed or ' or '.join(choices)}.")
 
 
 def check_seed(where: str, seed: int) -> None:
@@ -131,8 +133,7 @@ class ModelConfig:
         check_counts("model.", {"vocab_size": self.vocab_size, "n_kv_head": self.n_kv_head}, low=0)
         self._check_kind()
         for name, choices in MODEL_CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise UserError(f"model.{name} is '{as_text(getattr(self, name))}'; use {' or '.join(choices)}.")
+            check_choice(f"model.{name}", getattr(self, name), choices)
         if self.kind == "gpt":  # the recurrent model has no heads
             self._check_heads()
         if not 0.0 <= self.dropout < 1.0:
@@ -168,10 +169,8 @@ class ModelConfig:
 
     def _check_heads(self) -> None:
         if self.n_embd % self.n_head:
-            raise UserError(
-                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
-                "change one of them."
-            )
+            raise UserError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
+                            "change one of them.")
         if self.pos_emb == "rope" and self.head_size % 2:
             raise UserError(f"model.pos_emb = \"rope\" needs an even head size; it is {self.head_size} "
                             "(model.head_dim, or n_embd / n_head), change it.")
@@ -263,11 +262,9 @@ class TrainConfig:
             raise UserError(f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 turns clipping off).")
         if self.spike_zscore <= 0:
             raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
-        if self.optimizer not in OPTIMIZER_NAMES:
-            raise UserError(f"train.optimizer is '{as_text(self.optimizer)}'; use {' or '.join(OPTIMIZER_NAMES)}.")
-        check_attention("train.attention", self.attention)
-        if self.schedule not in SCHEDULE_NAMES:
-            raise UserError(f"train.schedule is '{as_text(self.schedule)}'; use {' or '.join(SCHEDULE_NAMES)}.")
+        check_choice("train.optimizer", self.optimizer, OPTIMIZER_NAMES)
+        check_choice("train.attention", self.attention, ATTENTION_CHOICES, ", ".join(ATTENTION_CHOICES))
+        check_choice("train.schedule", self.schedule, SCHEDULE_NAMES)
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
         if not 0 < self.collective_timeout <= 86400:
@@ -278,18 +275,16 @@ class TrainConfig:
         self._check_warmup_epochs()
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
-        if self.tracker not in ("none", "tensorboard", "wandb"):
-            raise UserError(f"train.tracker is '{as_text(self.tracker)}'; use none, tensorboard or wandb.")
+        check_choice("train.tracker", self.tracker, ("none", "tensorboard", "wandb"), "none, tensorboard or wandb")
         bad = set(self.tracker_project) & set("/\\#?%:")
         if not self.tracker_project or bad or len(self.tracker_project) > 128:
             raise UserError(f"train.tracker_project ({self.tracker_project!r}) must be 1-128 characters without any "
                             "of / \\ # ? % : (W&B's rule for project names); e.g. \"shakespeare\".")
         if self.compile not in (True, False, "auto"):
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise UserError(f"train.parallel is '{as_text(self.parallel)}'; use ddp or fsdp.")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"train.dtype is '{as_text(self.dtype)}'; use auto, float32, bfloat16 or float16.")
+        check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"),
+                     "auto, float32, bfloat16 or float16")
 
     def _check_eval_interval(self) -> None:
         if isinstance(self.eval_interval, str):
@@ -369,7 +364,7 @@ class FinetuneConfig:
     attention: str = "auto"  # auto | fused | math, as train.attention; set, no load can tip `auto`'s timing
 
     def __post_init__(self) -> None:
-        check_attention("finetune.attention", self.attention)
+        check_choice("finetune.attention", self.attention, ATTENTION_CHOICES, ", ".join(ATTENTION_CHOICES))
         check_counts("finetune.", {"epochs": self.epochs, "batch_size": self.batch_size,
                                    "checkpoint_interval": self.checkpoint_interval})
         check_counts("finetune.", {"threads": self.threads}, low=0)

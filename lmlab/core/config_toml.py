@@ -199,9 +199,7 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(map(toml_value, value)) + "]"
-    return repr(value)
+    return "[" + ", ".join(map(toml_value, value)) + "]" if isinstance(value, list) else repr(value)
 
 
 def _toml_key(key: str) -> str:

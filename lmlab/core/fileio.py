@@ -52,9 +52,7 @@ def _name_problem(name: str) -> str | None:
     if any(c.isspace() for c in name):
         return "holds a space"
     size = len(name.encode("utf-8", "surrogateescape"))
-    if size > NAME_BYTES:
-        return f"is {size:,} bytes long, more than the {NAME_BYTES} a name may be"
-    return None
+    return f"is {size:,} bytes long, more than the {NAME_BYTES} a name may be" if size > NAME_BYTES else None
 
 
 def plain_name(name: str, option: str, folder_option: str) -> str:
@@ -156,9 +154,7 @@ def os_fix(err: OSError, path: Path | str, writing: bool = True) -> str:
         return "a part of the path is a file: choose another path"
     if code == errno.ENAMETOOLONG:
         return "a name in it is too long: choose a shorter one"
-    if code == errno.EISDIR:
-        return "it is a folder: name a file instead"
-    return "choose another folder"
+    return "it is a folder: name a file instead" if code == errno.EISDIR else "choose another folder"
 
 
 def _is_stream(path: Path) -> bool:

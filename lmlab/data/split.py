@@ -80,9 +80,7 @@ def val_target(val_fraction: float, val_tokens: int | None, max_tokens: int | No
     """The val split's size in tokens: --val-tokens; else, for a --max-tokens cut, val_fraction of the cut (train
     being the rest: a small cut must not lose half its tokens to a val split sized by the whole corpus); else None
     (val_fraction of the characters)."""
-    if val_tokens or not max_tokens:
-        return val_tokens
-    return math.ceil(max_tokens * val_fraction / (1.0 - val_fraction))
+    return val_tokens if val_tokens or not max_tokens else math.ceil(max_tokens * val_fraction / (1.0 - val_fraction))
 
 
 def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: list[str],

@@ -81,11 +81,13 @@ def _char(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_
     return backend
 
 
-def _byte_level(backend: tokenizers.Tokenizer, trainer: trainers.Trainer, texts: Iterable[str]
+def _byte_level(backend: tokenizers.Tokenizer, trainer: trainers.Trainer | None = None, texts: Iterable[str] = ()
                 ) -> tokenizers.Tokenizer:
+    """GPT-2's byte-level split and decoder, trained on `texts` by `trainer` where one is given."""
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainer)
+    if trainer is not None:
+        backend.train_from_iterator(texts, trainer)
     return backend
 
 
@@ -102,16 +104,6 @@ def _bpe(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_d
     return _byte_level(tokenizers.Tokenizer(models.BPE()), trainer, train_texts)
 
 
-def _gpt2(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
-          ) -> tokenizers.Tokenizer:
-    return load_gpt2(gpt2_dir).backend
-
-
-def _tiktoken(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
-              ) -> tokenizers.Tokenizer:
-    return tiktoken_backend(argument, EOT)
-
-
 TOKENIZER_KINDS = {kind.name: kind for kind in (
     TokenizerKind(name="char", build=_char, model="WordLevel", gguf="rwkv", trained=True, per_character=True,
                   tokens_per_char=1),
@@ -125,8 +117,10 @@ TOKENIZER_KINDS = {kind.name: kind for kind in (
     TokenizerKind(name="bpe", build=_bpe, model="BPE", gguf="gpt2", argument="N", minimum=257, maximum=2**22,
                   sizes="256 bytes and <|endoftext|> at least; at most what its trainer sets memory aside for before "
                   "it starts", trained=True),
-    TokenizerKind(name="gpt2", build=_gpt2, model="BPE", gguf="gpt2"),
-    TokenizerKind(name="tiktoken", build=_tiktoken, model="BPE", gguf="gpt2", argument="NAME"),
+    TokenizerKind(name="gpt2", build=lambda _, __, ___, gpt2_dir: load_gpt2(gpt2_dir).backend, model="BPE",
+                  gguf="gpt2"),
+    TokenizerKind(name="tiktoken", build=lambda argument, _, __, ___: tiktoken_backend(argument, EOT), model="BPE",
+                  gguf="gpt2", argument="NAME"),
     # another model's tokenizer, as it came: GGUF takes it where it is a byte-level BPE with GPT-2's split
     TokenizerKind(name="pretrained", build=None, model=None, gguf="gpt2", argument="NAME"),
 )}
@@ -246,9 +240,8 @@ def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
         except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
             raise UserError(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library reads ({err}).")
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        backend = tokenizers.Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
+        backend = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(str(folder / "vocab.json"),
+                                                                        str(folder / "merges.txt"))))
         backend.add_special_tokens([EOT])  # already in GPT-2's vocab (id 50256); this keeps it whole in text
         return backend
     return None

@@ -131,9 +131,7 @@ class SizeFit:
 
     def predict(self, params: int, tokens: float) -> float | None:
         """The val loss L(N, D); None beyond EXTRAPOLATION × the largest size fitted."""
-        if params > EXTRAPOLATION * self.largest or tokens <= 0:
-            return None
-        return self.surface.predict(params, tokens)
+        return None if params > EXTRAPOLATION * self.largest or tokens <= 0 else self.surface.predict(params, tokens)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FIT_FORMAT, **{k: v for k, v in dataclasses.asdict(self).items()}}

@@ -104,6 +104,4 @@ def encoded(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarra
     array = tensor.contiguous().numpy()
     if qtype == F32:
         return array
-    if qtype == F16:
-        return array.astype(np.float16)
-    return gguf.quants.quantize(array, qtype)
+    return array.astype(np.float16) if qtype == F16 else gguf.quants.quantize(array, qtype)

@@ -121,9 +121,7 @@ class Llama(Family):
         if not isinstance(types, list) or not set(types) <= {"full_attention", "sliding_attention"}:
             raise refuse(path, "layer_types", types, "names attention other than full_attention and "
                          "sliding_attention")
-        if "sliding_attention" not in types:
-            return None
-        return read(raw, "sliding_window", path)
+        return None if "sliding_attention" not in types else read(raw, "sliding_window", path)
 
     def write_config(self, cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:
         config = {

@@ -64,11 +64,6 @@ def checkpoint_bytes(tensors: list[torch.Tensor], state: dict[str, Any]) -> int:
     return sum(t.numel() * t.element_size() + 256 for t in tensors) + len(sized.encode()) + 4 * 4096
 
 
-def _check_free_space(folder: Path, need: int) -> None:
-    if shutil.disk_usage(folder.parent).free < need:
-        raise WriteError(folder, f"a checkpoint needs {human_bytes(need)}", errno.ENOSPC)
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
     try:
@@ -89,8 +84,9 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     root.mkdir(parents=True, exist_ok=True)
     tensors, plain = _flatten_optimizer(optimizer_state)
     final = root / f"step_{step:06d}"
-    _check_free_space(final, checkpoint_bytes([*weights.values(), *tensors.values()],
-                                              {**state, "step": step, "optimizer": plain}))
+    need = checkpoint_bytes([*weights.values(), *tensors.values()], {**state, "step": step, "optimizer": plain})
+    if shutil.disk_usage(root).free < need:
+        raise WriteError(final, f"a checkpoint needs {human_bytes(need)}", errno.ENOSPC)
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -195,9 +191,7 @@ Placer = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tenso
 
 def copy_into(param: torch.Tensor, mine: torch.Tensor | None, saved: torch.Tensor) -> torch.Tensor | None:
     """One process's placer: `saved` copied into the optimizer's tensor of the same shape and dtype."""
-    if mine is not None and mine.shape == saved.shape and mine.dtype == saved.dtype:
-        return mine.copy_(saved)
-    return None
+    return mine.copy_(saved) if mine is not None and mine.shape == saved.shape and mine.dtype == saved.dtype else None
 
 
 def into_place(optimizer: Any, saved: dict[str, Any], place: Placer = copy_into) -> dict[str, Any]:

@@ -166,7 +166,7 @@ class Tokenizer:
     def __init__(self, spec: str, backend: tokenizers.Tokenizer, eot_id: int | None = None):
         self.spec = spec
         self.kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
-        self.backend = backend
+        self.backend: tokenizers.Tokenizer = backend
         self.vocab = backend.get_vocab()
         self.eot_id = self.vocab.get(EOT) if eot_id is None else eot_id
         self.vocab_size = max(self.vocab.values(), default=-1) + 1

@@ -16,7 +16,7 @@ from typing import Any
 
 from lmlab.commands.common import subcommands
 from lmlab.core import config
-from lmlab.core.config_toml import SECTIONS
+from lmlab.core.config_toml import SECTIONS, toml_value
 
 WIDTH = 100  # the usage lines' width, fixed so the page is the same on every terminal
 GENERATED = ("<!-- Written by `make docs` from {source}; do not edit: change the code and run `make docs`. -->\n")
@@ -96,10 +96,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def default_text(field: dataclasses.Field) -> str:
     if field.default_factory is not dataclasses.MISSING:
         return "{}" if isinstance(field.default_factory(), dict) else "[]"
-    value = field.default
-    if isinstance(value, bool):
-        return str(value).lower()
-    return f'"{value}"' if isinstance(value, str) else repr(value)
+    return toml_value(field.default)
 
 
 def listed() -> dict[tuple[type, str], str]:

@@ -7,6 +7,7 @@ field."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -242,9 +243,7 @@ def _pick(values: list[float]) -> int:
 def _mean_stderr(hits: list[float]) -> tuple[float, float]:
     """The mean and its standard error (the sample standard deviation over sqrt(n)), as lm-eval reports them."""
     n, mean = len(hits), sum(hits) / len(hits)
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n)
+    return mean, (math.nan if n < 2 else math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n))
 
 
 def evaluate_task(run: LoadedRun, task: Task, limit: int | None = None, share: bool = True,
@@ -263,10 +262,8 @@ def evaluate_task(run: LoadedRun, task: Task, limit: int | None = None, share: b
             progress(done[0], len(encoded.choices))
 
     flat = loglikelihoods(run.model, encoded.choices, share=share, progress=advance)
-    per_item, at = [], 0
-    for item in encoded.items:
-        per_item.append(flat[at:at + len(item.choices)])
-        at += len(item.choices)
+    ends = list(itertools.accumulate((len(item.choices) for item in encoded.items), initial=0))
+    per_item = [flat[a:b] for a, b in zip(ends, ends[1:])]
     acc = _mean_stderr([float(_pick(lls) == item.answer) for item, lls in zip(encoded.items, per_item)])
     acc_norm = _mean_stderr([float(_pick([ll / len(c) for ll, c in zip(lls, item.choices)]) == item.answer)
                              for item, lls in zip(encoded.items, per_item)])

@@ -193,6 +193,4 @@ def run_server(state: State, sock: Any, drain_seconds: float) -> int:
     server = Server(config)
     state.stop = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[sock])
-    if state.failure:
-        return 2
-    return 1 if server.force_exit else 0
+    return 2 if state.failure else 1 if server.force_exit else 0

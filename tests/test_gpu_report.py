@@ -246,3 +246,40 @@ def test_a_part_that_crashes_or_raises_costs_its_own_rows_and_the_report_goes_on
     assert [part for part, _ in report.PARTS["decoding"]] == [  # each decoding row its own part: eager outlives AOTI
         "decoding, demo-size model, compiled", "decoding, demo-size model, eager",
         "decoding, Shakespeare-char recipe model, eager"]
+
+
+# A stand-in of nanoGPT's CLI (github.com/karpathy/nanoGPT is fetched on the GPU machine, never into the project):
+# train.py's config file and --key=value options, and the lines train.py and bench.py print, which the side-by-side
+# reads as it reads the real ones.
+FAKE_TRAIN = """import sys
+opts = {"max_iters": 5000, "eval_interval": 250, "log_interval": 10}
+opts.update(arg.removeprefix("--").split("=", 1) for arg in sys.argv[2:])
+for it in range(int(opts["max_iters"]) + 1):
+    if it % int(opts["eval_interval"]) == 0:
+        print(f"step {it}: train loss {4 - it / 10:.4f}, val loss {4 - it / 10:.4f}", flush=True)
+    if it % int(opts["log_interval"]) == 0:
+        print(f"iter {it}: loss {4 - it / 10:.4f}, time 12.50ms, mfu 5.00%", flush=True)
+"""
+FAKE_BENCH = 'print("time per iteration: 25.0000ms, MFU: 40.00%")\n'
+
+
+@pytest.mark.slow
+def test_the_side_by_side_with_nanogpt_runs_both_sides_in_turns_and_says_the_time_to_its_final_val(tmp_path):
+    nanogpt = tmp_path / "nanoGPT"
+    (nanogpt / "config").mkdir(parents=True)
+    for name, text in (("train.py", FAKE_TRAIN), ("bench.py", FAKE_BENCH), ("model.py", ""), ("configurator.py", ""),
+                       ("config/train_shakespeare_char.py", "")):
+        (nanogpt / name).write_text(text)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nanogpt_side_by_side.py"), "--dry-run"],
+                          cwd=tmp_path, env={**os.environ, "NANOGPT_DIR": str(nanogpt), "COLUMNS": "300"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = " ".join(done.stdout.split())
+    # nanoGPT's 20 iterations at 12.5 ms of 8 x 64 tokens; its final val (the stand-in's 2.0000) and lmlab's time to it
+    assert "nanoGPT train.py, config/train_shakespeare_char.py (compile on) │ 80.0 steps/s, 40,960 tok/s; final val " \
+           "2.0000 at step 20;" in out
+    assert re.search(r"lmlab, configs/shakespeare-char.toml │ [\d,.]+ steps/s, [\d,]+ tok/s; final val \d\.\d{4} at "
+                     r"step 20; \d+ s wall", out)
+    assert re.search(r"time to nanoGPT's final val 2.0000, from the process's start │ nanoGPT \d+ s(, lmlab \d+ s "
+                     r"\([\d.]+ of it\)|; lmlab did not reach it) │ lmlab at most half of nanoGPT's", out)
+    assert re.search(r"GPT-2 small tok/s, micro-batch 1, compiled │ nanoGPT bench.py 1,280, lmlab bench [\d,]+ ", out)

@@ -156,7 +156,9 @@ class Sides:
     bench_seconds: float = 120.0
 
 
-GPU_SIDES = Sides("cuda", [], [], ["--real_data=False"], ["train.grad_accum_steps=1"])
+# Each process's cap: nanoGPT's run took about 3 minutes on an A100 (its README), lmlab's 105 s on an H100.
+GPU_SIDES = Sides("cuda", [], [], ["--real_data=False"], ["train.grad_accum_steps=1"], train_seconds=170,
+                  bench_seconds=75)
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
 DRY_SIDES = Sides("cpu", ["--device=cpu", "--compile=False", "--max_iters=20", "--lr_decay_iters=20",
                           "--eval_interval=10", "--eval_iters=2", "--log_interval=1", "--batch_size=8",
@@ -231,33 +233,42 @@ def bench_pair(scratch: Path, sides: Sides) -> tuple[float, float]:
     return theirs, ours.tokens_per_sec or float("nan")
 
 
+NO_CHECKOUT = "not run: set NANOGPT_DIR to a checkout of github.com/karpathy/nanoGPT"
+
+
 def gpu_rows(checkout: Path | None, dataset: Path, runs: Path, sides: Sides) -> tuple[list[Row], Path]:
-    """The side-by-side rows, taking turns (nanoGPT's run, lmlab's, bench.py, lmlab's bench), and lmlab's run folder.
+    """The side-by-side rows of Shakespeare-char, taking turns (nanoGPT's run, then lmlab's), and lmlab's run folder.
     Without a checkout, lmlab's side alone, and a row saying what to set."""
     run = runs / f"side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"
     if checkout is None:
         ours = lmlab_gpu(dataset, run, sides, -math.inf)
-        return [("nanoGPT's train.py and bench.py", "not run: set NANOGPT_DIR to a checkout of "
-                 "github.com/karpathy/nanoGPT", ""), _side("lmlab, configs/shakespeare-char.toml", ours)], run
+        return [("nanoGPT's train.py", NO_CHECKOUT, ""), _side("lmlab, configs/shakespeare-char.toml", ours)], run
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder) / "nanogpt"
         scratch_copy(checkout, dataset, scratch)
         theirs = nanogpt_gpu(scratch, sides)
-        ours = lmlab_gpu(dataset, run, sides, theirs["val"])
-        try:
-            bench = bench_pair(scratch, sides)
-            benched = f"nanoGPT bench.py {bench[0]:,.0f}, lmlab bench {bench[1]:,.0f} ({bench[1] / bench[0]:.2f}x)"
-        except SystemExit as err:
-            benched = f"bench.py {err}"
+    ours = lmlab_gpu(dataset, run, sides, theirs["val"])
     share = ours["reached"] / theirs["reached"]
     reached = (f"nanoGPT {theirs['reached']:.0f} s, lmlab {ours['reached']:.0f} s ({share:.2f} of it)"
                if share == share else f"nanoGPT {theirs['reached']:.0f} s; lmlab did not reach it")
     return ([_side("nanoGPT train.py, config/train_shakespeare_char.py (compile on)", theirs),
-            _side("lmlab, configs/shakespeare-char.toml", ours),
-            (f"time to nanoGPT's final val {theirs['val']:.4f}, from the process's start", reached,
-             "lmlab at most half of nanoGPT's"),
-            (f"GPT-2 small tok/s, micro-batch {_option(sides.bench, 'batch_size', BENCH_BATCH)}, compiled", benched,
-             "")], run)
+             _side("lmlab, configs/shakespeare-char.toml", ours),
+             (f"time to nanoGPT's final val {theirs['val']:.4f}, from the process's start", reached,
+              "lmlab at most half of nanoGPT's")], run)
+
+
+def bench_row(checkout: Path | None, dataset: Path, sides: Sides) -> Row:
+    """GPT-2 small's tokens/s by nanoGPT's bench.py, then lmlab's `bench`, at bench.py's micro-batch."""
+    what = f"GPT-2 small tok/s, micro-batch {_option(sides.bench, 'batch_size', BENCH_BATCH)}, compiled"
+    if checkout is None:
+        return what, NO_CHECKOUT, ""
+    with tempfile.TemporaryDirectory() as folder:
+        scratch_copy(checkout, dataset, Path(folder) / "nanogpt")
+        try:
+            theirs, ours = bench_pair(Path(folder) / "nanogpt", sides)
+        except SystemExit as err:
+            return what, f"bench.py {err}", ""
+    return what, f"nanoGPT bench.py {theirs:,.0f}, lmlab bench {ours:,.0f} ({ours / theirs:.2f}x)", ""
 
 
 def _side(what: str, r: dict[str, float]) -> Row:
@@ -283,8 +294,9 @@ def main() -> None:
         dataset = Path(load_config(ROOT / RECIPE).data.dataset)
         if not (dataset / "meta.json").exists():
             prepare(["shakespeare"], "char", out_dir=dataset.parent)
-        rows, _ = gpu_rows(args.nanogpt and args.nanogpt.resolve(), dataset.resolve(), args.out.resolve(),
-                           DRY_SIDES if args.dry_run else GPU_SIDES)
+        sides, checkout = DRY_SIDES if args.dry_run else GPU_SIDES, args.nanogpt and args.nanogpt.resolve()
+        rows, _ = gpu_rows(checkout, dataset.resolve(), args.out.resolve(), sides)
+        rows.append(bench_row(checkout, dataset.resolve(), sides))
         table = Table(title="nanoGPT's own train.py and bench.py beside lmlab, on this machine, taking turns")
         for column in ("what", "result", "target"):
             table.add_column(column)

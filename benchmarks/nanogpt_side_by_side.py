@@ -276,6 +276,21 @@ def _side(what: str, r: dict[str, float]) -> Row:
     return what, f"{said}; {r['wall']:.0f} s wall", ""
 
 
+def gpu_main(checkout: Path | None, out: Path, dry_run: bool) -> None:
+    dataset = Path(load_config(ROOT / RECIPE).data.dataset)
+    if not (dataset / "meta.json").exists():
+        prepare(["shakespeare"], "char", out_dir=dataset.parent)
+    sides = DRY_SIDES if dry_run else GPU_SIDES
+    rows, _ = gpu_rows(checkout, dataset.resolve(), out, sides)
+    rows.append(bench_row(checkout, dataset.resolve(), sides))
+    table = Table(title="nanoGPT's own train.py and bench.py beside lmlab, on this machine, taking turns")
+    for column in ("what", "result", "target"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", type=Path, default=os.environ.get("NANOGPT_DIR"),
@@ -291,19 +306,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(f"runs/nanogpt-side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"))
     args = parser.parse_args()
     if args.gpu or args.dry_run:
-        dataset = Path(load_config(ROOT / RECIPE).data.dataset)
-        if not (dataset / "meta.json").exists():
-            prepare(["shakespeare"], "char", out_dir=dataset.parent)
-        sides, checkout = DRY_SIDES if args.dry_run else GPU_SIDES, args.nanogpt and args.nanogpt.resolve()
-        rows, _ = gpu_rows(checkout, dataset.resolve(), args.out.resolve(), sides)
-        rows.append(bench_row(checkout, dataset.resolve(), sides))
-        table = Table(title="nanoGPT's own train.py and bench.py beside lmlab, on this machine, taking turns")
-        for column in ("what", "result", "target"):
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-        return
+        return gpu_main(args.nanogpt and args.nanogpt.resolve(), args.out.resolve(), args.dry_run)
     if args.nanogpt is None:
         parser.error("--nanogpt (or NANOGPT_DIR) is needed: a checkout of github.com/karpathy/nanoGPT")
     dataset = Path(load_config(Path(DEMO)).data.dataset)

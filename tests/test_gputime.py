@@ -20,6 +20,7 @@ from lmlab.experiments.gputime import (
     COMPILED_LAUNCH_SECONDS,
     StepTime,
     gpu_step_time,
+    tail,
     trace,
 )
 from lmlab.experiments.plan import estimate, gpu_hardware, make_plan, shape_of
@@ -229,3 +230,16 @@ def test_the_compiled_steps_host_time_per_kernel_is_the_one_the_h100_and_h200_ro
     fitted = min((tenths * 1e-7 for tenths in range(10, 2000)), key=lambda x: sum(e * e for e in errors(x)))
     assert COMPILED_LAUNCH_SECONDS == pytest.approx(round(fitted, 6)), f"the rows fit {1e6 * fitted:.1f} µs a kernel"
     assert max(map(abs, errors(COMPILED_LAUNCH_SECONDS))) < 1  # every row inside its bound
+
+
+def test_the_update_after_the_backward_is_counted_and_a_host_read_in_it_adds_the_host_to_the_gpu():
+    cfg = load_config(CONFIGS / "shakespeare-char.toml", ["model.vocab_size=65"])
+    adamw = gpu_step_time(cfg, "H100", "bfloat16", compiled=True)
+    muon_cfg = load_config(CONFIGS / "shakespeare-char.toml", ["model.vocab_size=65", "train.optimizer=muon"])
+    muon = gpu_step_time(muon_cfg, "H100", "bfloat16", compiled=True)
+    # Fused AdamW updates every weight in a few kernels; Muon orthogonalises each matrix apart, and reads found_inf on
+    # the host, so its step waits for the device: the host's time and the GPU's add up.
+    assert tail(cfg.model, cfg.train).syncs == 0 and not adamw.waits and adamw.seconds == max(adamw.device,
+                                                                                              adamw.launches)
+    assert muon.kernels > adamw.kernels + 200 and muon.waits and muon.seconds == muon.device + muon.launches
+    assert muon.describe().endswith("the host waits for the device every step, so the two add up")

@@ -211,10 +211,10 @@ def _tail(key: str) -> Tail:
     update = optimizer_of(cfg).build(model, cfg, torch.device("cpu"))
     counts = []
     for _ in range(2):  # the first update makes the optimizer's state: the second is every later step's
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        with _Count() as count:
-            grads = [p.grad for p in params]  # clip_grad_norm_'s path on CUDA: one norm over all, one scaling
+        grads = [torch.zeros_like(p) for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        with _Count() as count:  # clip_grad_norm_'s path on CUDA: one norm over all the gradients, one scaling
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             torch._foreach_mul_(grads, ((clip or math.inf) / (norm + 1e-6)).clamp(max=1.0))
             total = torch.zeros(())  # the micro-batches' summed loss

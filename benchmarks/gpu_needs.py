@@ -98,7 +98,7 @@ def unusable() -> str:
     return ""
 
 
-def make_venv(folder: Path) -> None:
+def make_venv(folder: Path, bundled: Path = BUNDLE) -> None:
     """A venv at `folder` that sees this Python's packages after its own."""
     if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode:
         sys.exit(f"gpu_needs: {sys.executable} has no pip to install what lmlab needs beside torch; install it "
@@ -108,7 +108,7 @@ def make_venv(folder: Path) -> None:
     where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     ours = subprocess.run([folder / "bin" / "python", "-c", where], capture_output=True, text=True,
                           check=True).stdout.strip()
-    seen = [*packages(), *([str(BUNDLE)] if BUNDLE.is_dir() else [])]  # the image's own first, then the bundle
+    seen = [*packages(), *([str(bundled)] if bundled.is_dir() else [])]  # the image's own first, then the bundle
     (Path(ours) / "gpu-image.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in seen))
 
 
@@ -152,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--venv", type=Path, help="make this venv over this Python (else: print what is missing)")
     parser.add_argument("--bundle", type=Path, help="copy lmlab's requirements, as installed here, to this folder")
+    parser.add_argument("--from-bundle", type=Path, default=BUNDLE, help=f"the bundle --venv reads (default: {BUNDLE})")
     parser.add_argument("--usable", action="store_true", help="print why this Python's torch cannot run the report "
                                                               "(nothing where it can)")
     args = parser.parse_args()
@@ -161,7 +162,7 @@ def main() -> None:
         bundle(args.bundle)
     elif args.venv:
         missing()  # this Python's torch is the one the venv will use: refused here, before anything is made
-        make_venv(args.venv)
+        make_venv(args.venv, args.from_bundle)
     else:
         print(" ".join(missing()))
 

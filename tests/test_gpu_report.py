@@ -293,3 +293,21 @@ def test_the_side_by_side_with_nanogpt_runs_both_sides_in_turns_and_says_the_tim
     assert re.search(r"time to nanoGPT's final val 2.0000, from the process's start │ nanoGPT \d+ s(, lmlab \d+ s "
                      r"\([\d.]+ of it\)|; lmlab did not reach it) │ lmlab at most half of nanoGPT's", out)
     assert re.search(r"GPT-2 small tok/s, micro-batch 1, compiled │ nanoGPT bench.py 1,280, lmlab bench [\d,]+ ", out)
+
+
+@pytest.mark.slow
+def test_offline_the_image_reads_lmlabs_needs_from_a_bundle_and_installs_nothing(tmp_path):
+    # A GPU machine without the internet: what lmlab needs beside torch is copied from here, not installed there.
+    image = stock_image(tmp_path)
+    made = subprocess.run([sys.executable, "benchmarks/gpu_needs.py", "--bundle", tmp_path / "bundle"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert made.returncode == 0 and re.fullmatch(r".*bundle: \d+ packages, \d+ MiB\n", made.stdout), made.stderr
+    assert not (tmp_path / "bundle" / "torch").exists() and (tmp_path / "bundle" / "rich").is_dir()
+    subprocess.run([image, "benchmarks/gpu_needs.py", "--venv", tmp_path / "gpu", "--from-bundle",
+                    tmp_path / "bundle"], cwd=ROOT, capture_output=True, text=True, check=True)
+    gpu = tmp_path / "gpu" / "bin" / "python"
+    need = subprocess.run([gpu, "benchmarks/gpu_needs.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert need.stdout.strip() == ""  # `make gpu-report` calls no pip
+    found = subprocess.run([gpu, "-c", "import torch, rich, safetensors, tokenizers; print(torch.__file__)"],
+                           capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == str(tmp_path / "stock" / "site-packages" / "torch" / "__init__.py")

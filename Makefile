@@ -90,7 +90,9 @@ docs: $(VENV)/.installed
 # Every GPU path measured on this machine's GPU, as one Markdown table, and the first hour's checklist of what only a
 # GPU can settle (benchmarks/gpu_report.py; ARGS=--dry-run runs it small on the CPU). A Python that has a CUDA torch
 # at lmlab's floor (a rented GPU's image, often torch and numpy alone) is used through $(GPU_VENV), a venv over it
-# that sees its torch and gets what else lmlab needs installed beside it (benchmarks/gpu_needs.py; never torch).
+# that sees its torch and gets what else lmlab needs installed beside it (benchmarks/gpu_needs.py; never torch),
+# or, offline, read from .gpu-bundle (`python benchmarks/gpu_needs.py --bundle .gpu-bundle` where they are installed,
+# copied over with the checkout): then nothing is installed. NANOGPT_DIR=<a nanoGPT checkout> runs it beside lmlab.
 # Otherwise, and whenever TORCH=<a CUDA build> is given on the command line, the venv, built with TORCH. Make picks
 # the branch, so `make -n gpu-report` shows which (tests/test_gpu_report.py).
 GPU_VENV := .venv-gpu

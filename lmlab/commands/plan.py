@@ -390,7 +390,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_size(p)
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--gpu", metavar="NAME", help="estimate for this GPU from its datasheet peak (bf16 where it "
-                      "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine)")
+                      "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine); "
+                      "with --budget and --size, each size's step foretold by the datasheet step model, nothing timed")
     rate.add_argument("--measure", action="store_true", help="time training steps here instead of estimating "
                       "(a minute or more for large models on a CPU)")
     # Below a token a second the plan's times run past any machine's life (1e-300 gave a 170-digit number of days).

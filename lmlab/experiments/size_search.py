@@ -69,9 +69,10 @@ class Speed:
         step = gpu_step_time(cfg, self.gpu.name, self.gpu.dtype, compiled=False)
         self.plot = time_plot() if self.plot is None else self.plot
         batch = step.evaluation / max(1, cfg.train.eval_iters)  # one batch of each split
-        cost = step.seconds + batch + max(step.seconds, min(TIMED_SECONDS, MAX_STEPS * step.seconds)) + self.plot
+        # what `time_step` would spend there: a plot, a warm-up step, an evaluation's batch, the timed steps
+        cost = self.plot + step.seconds + batch + max(step.seconds, min(TIMED_SECONDS, MAX_STEPS * step.seconds))
         self.foretold += cost
-        return Timing({}, 1, step.seconds, batch, self.plot, checkpoint_bytes(params, cfg.train), cost)
+        return Timing({}, 0, step.seconds, batch, self.plot, checkpoint_bytes(params, cfg.train), cost)  # 0: no threads
 
     def says(self, threads: int) -> str:
         """How the speed was had, for the sizing's line."""

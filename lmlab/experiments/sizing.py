@@ -65,11 +65,11 @@ class Sizing:
         """What the chosen size would do with the budget: its speed, its steps and tokens, the passes over the train
         split they make and what they are worth, its predicted val and the fit that predicts it."""
         c = self.chosen
-        worth = effective_tokens(c.tokens, self.split_tokens) / self.split_tokens
+        passes, worth = f"{c.passes:.2f}", f"{effective_tokens(c.tokens, self.split_tokens) / self.split_tokens:.2f}"
         return (f"{c.tokens_per_sec:,.0f} tokens/s {self.speed}, {c.steps:,} steps of {c.tokens:,} tokens in what is "
-                f"left of {format_duration(self.budget)} ({c.tokens / c.params:.2f} per parameter; {c.passes:.1f} "
+                f"left of {format_duration(self.budget)} ({c.tokens / c.params:.2f} per parameter; {passes} "
                 f"passes over the {self.split_tokens:,}-token train split" +
-                (f", worth {worth:.1f} of new text" if c.passes > 1 else "") + "), " +
+                (f", worth {worth} of new text" if worth != passes else "") + "), " +
                 (f"predicted val {c.predicted:.4f} (by {self.fit}, fitted on {self.fitted_on}"
                  f"{'; ' * bool(self.beyond)}{self.beyond})" if c.predicted is not None else
                  f"no val predicted (no fit beside the preset: {self.fit})"))

@@ -327,6 +327,7 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
     assert f"miniseries: 9 of 9 runs to train under {tmp_path / 'runs' / 'mini-miniseries'}, about " in foretold
     assert " of training on cpu: " in foretold and "plus each run's set-up and evaluation" in foretold
     assert fit.measured["command"].startswith(f"lmlab scaling {preset} --refit --depths 1,2,3 --tokens 2048,4096")
+    assert fit.dataset["train_tokens"] == read_meta(char_dataset)["train"]["tokens"]  # what a pass over it is
     # each depth's longer run against the surface through the other five: a figure the fit did not bend to
     assert [h["depth"] for h in fit.held_out] == [1, 2, 3]
     for h in fit.held_out:

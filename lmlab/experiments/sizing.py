@@ -43,10 +43,10 @@ class Sizing:
     candidates: list[Candidate]
     chosen: Candidate
     config: RunConfig
-    fit: str  # the fit file, and where it was measured: `fitted_on`
+    fit: str  # the fit file
     speed: str  # how each size's speed was had (`Speed.says`)
     split_tokens: int  # the train split's: a pass over it
-    fitted_on: str = ""
+    fitted_on: str = ""  # the machine the fit's runs were measured on (`fitted_on`)
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
     notes: tuple[str, ...] = ()  # what to know of the fit before trusting its predictions (`fit_notes`)
 

@@ -13,6 +13,11 @@ DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # The demo trains for this long, start-up and evaluations included, on any machine, slow or busy: the model of the
 # demo preset's family that this machine trains best in that time (--size auto, from the fit beside the preset).
 DEMO_BUDGET ?= 5m
+# The demo trains on a CUDA GPU where the machine has one (nvidia-smi is on the PATH) and lmlab's torch can use it
+# (--device auto), else on the CPU (a Mac's MPS too is left to `lmlab train --device mps`); DEVICE=cpu keeps the
+# laptop demo on a GPU machine. The same preset and fit either way: the fit predicts a size's val from its parameters
+# and tokens, the same on any device, and each size's speed is timed where it trains.
+DEVICE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),auto,cpu)
 CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test test-fast test-serial lint bench docs gpu-report clean
@@ -46,8 +51,8 @@ $(CHROMIUM):
 
 demo: $(VENV)/.installed
 	$(BIN)/lmlab prepare shakespeare --tokenizer char
-	$(BIN)/lmlab train configs/shakespeare-char-modern-cpu.toml --run $(DEMO_RUN) --device cpu --budget $(DEMO_BUDGET) \
-		--size auto
+	$(BIN)/lmlab train configs/shakespeare-char-modern-cpu.toml --run $(DEMO_RUN) --device $(DEVICE) \
+		--budget $(DEMO_BUDGET) --size auto
 	@echo "--- a 500-character sample from $(DEMO_RUN):"
 	@$(BIN)/lmlab sample $(DEMO_RUN) --max-new-tokens 500
 

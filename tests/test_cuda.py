@@ -277,3 +277,21 @@ def test_the_compiled_decode_step_gives_the_eager_logits_on_the_gpu(record_prope
     _, eager_logits = decoded(model, dtype)
     assert close({0: 0.0}, {0: float((logits - eager_logits).abs().max())}, COMPILED_DECODE_TOLERANCE,
                  record_property, f"AOTI against eager, {str(dtype).removeprefix('torch.')}")
+
+
+def test_size_auto_sizes_on_the_gpu_by_a_fit_measured_elsewhere(tmp_path, char_dataset):
+    """The CPU twin: tests/test_sizing.py's size auto on a faked GPU. Here each size is timed on the GPU itself,
+    the fit beside the preset made anywhere (its runs name no machine), and the run trains the size chosen."""
+    from lmlab.api.training import train as train_api
+    from lmlab.experiments.sizing import with_vocab
+    from lmlab.model import build_model
+    from tests.helpers import write_fit
+
+    preset = write_config(tmp_path / "tiny.toml", char_dataset)
+    with torch.device("meta"):
+        params = build_model(with_vocab(load_config(preset)).model).num_params()
+    write_fit(preset, char_dataset, params // 2)
+    run = train_api(preset, run=tmp_path / "run", budget="30s", size="auto", device="cuda").path
+    sizing = next(e for e in RunDir(run).events() if e["event"] == "sizing")
+    assert sizing["speed"] == f"measured on {torch.cuda.get_device_name()}" and sizing["passes"] > 0
+    assert RunDir(run).config().model.n_layer == sizing["depth"] and RunDir(run).events()[-1]["event"] == "end"

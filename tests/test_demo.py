@@ -138,3 +138,24 @@ def test_make_demo_in_a_fresh_copy_then_the_readme_tour(tmp_path):
                              "--model", "j"], cwd=repo, env=env, capture_output=True, text=True)
     assert (judged.returncode, judged.stderr) == (2, "error: lmlab judge needs openai, which is not installed; "
                                                       "install it with `pip install -e '.[judge]'`.\n")
+
+
+@pytest.mark.parametrize("gpu, given, device", [
+    (False, [], "cpu"),  # a laptop: the CPU, as it always was (a Mac's MPS too)
+    (True, [], "auto"),  # a machine with an NVIDIA GPU: lmlab's auto, which takes it where its torch can use it
+    (True, ["DEVICE=cpu"], "cpu"),  # the laptop demo on a GPU machine
+], ids=["no gpu", "a gpu", "DEVICE=cpu on a gpu"])
+def test_make_demo_trains_on_the_gpu_where_the_machine_has_one_unless_told_cpu(tmp_path, gpu, given, device):
+    """The same two commands on any machine: the demo's device is the GPU's where nvidia-smi is on the PATH."""
+    bin_ = tmp_path / "bin"  # the PATH: the clock the run's name reads, and nvidia-smi where the machine has a GPU
+    bin_.mkdir()
+    (bin_ / "date").symlink_to(shutil.which("date"))
+    if gpu:
+        (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3'\n")
+        (bin_ / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "DEVICE"} | {"PATH": str(bin_)}
+    done = subprocess.run([shutil.which("make"), "-n", "demo", *given], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    train = next(line for line in done.stdout.splitlines() if "lmlab train configs/" in line)
+    assert "shakespeare-char-modern-cpu.toml --run runs/demo-2" in train and f" --device {device} " in train

@@ -24,14 +24,15 @@ from lmlab.core.errors import UserError
 from lmlab.core.peak import step_ceiling
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
-from lmlab.experiments import sizing
+from lmlab.experiments import size_search, sizing
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
+from lmlab.experiments.gputime import gpu_step_time
 from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.machine import Machine
 from lmlab.train.timing import Timing, timing_shape
-from tests.helpers import LMLAB, ROOT, cpu_ticks, wait_until, write_config, write_fit
+from tests.helpers import LMLAB, ROOT, cpu_ticks, run_cli, wait_until, write_config, write_fit
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +156,13 @@ def test_size_refusals_write_nothing(preset, tmp_path, capsys, args, message):
 
 def timings_counted(monkeypatch) -> list[int]:
     """The depths --size auto times in this process, in order: its timings, each still run."""
-    timed, real = [], sizing.time_config
+    timed, real = [], size_search.time_config
 
     def counted(cfg, *args, **kwargs) -> Timing:
         timed.append(cfg.model.n_layer)
         return real(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(sizing, "time_config", counted)
+    monkeypatch.setattr(size_search, "time_config", counted)
     return timed
 
 
@@ -303,16 +304,6 @@ def test_a_stop_signal_ends_the_timing_of_sizes_at_once_and_writes_nothing(prese
     assert "Traceback" not in err and not run.exists() and not (tmp_path / ".run.lock").exists()
 
 
-def test_size_auto_on_a_gpu_needs_a_fit_measured_on_that_gpu(preset, tmp_path, capsys, fake_gpu):
-    """A fit measured on a 2-core CPU says nothing of a GPU's speed by size (launch-bound small steps, a compiled
-    run): refused before any size is timed, naming the fit's machine and the refit."""
-    run = tmp_path / "run"
-    assert main(["train", str(preset), "--run", str(run), "--device", "cuda", "--budget", "20s", "--size", "auto"]) == 2
-    said = " ".join(capsys.readouterr().err.split())
-    assert "--size auto on NVIDIA A100-SXM4-80GB needs a fit measured on it" in said and "--refit" in said
-    assert not run.exists()
-
-
 def test_size_auto_needs_the_fit_beside_its_preset(tmp_path, char_dataset, capsys):
     bare = write_config(tmp_path / "bare.toml", char_dataset)
     assert main(["train", str(bare), "--run", str(tmp_path / "run"), "--budget", "20s", "--size", "auto"]) == 2
@@ -336,6 +327,7 @@ def test_refit_trains_a_miniseries_once_and_keeps_its_fit_beside_the_preset(tmp_
     assert f"miniseries: 9 of 9 runs to train under {tmp_path / 'runs' / 'mini-miniseries'}, about " in foretold
     assert " of training on cpu: " in foretold and "plus each run's set-up and evaluation" in foretold
     assert fit.measured["command"].startswith(f"lmlab scaling {preset} --refit --depths 1,2,3 --tokens 2048,4096")
+    assert fit.dataset["train_tokens"] == read_meta(char_dataset)["train"]["tokens"]  # what a pass over it is
     # each depth's longer run against the surface through the other five: a figure the fit did not bend to
     assert [h["depth"] for h in fit.held_out] == [1, 2, 3]
     for h in fit.held_out:
@@ -495,7 +487,10 @@ def test_the_best_size_and_its_likeliest_rivals_are_timed_again_and_keep_their_f
         taken[depth] += 1
         return Timing({}, 1, seconds, seconds / 2, 0.05, 4 * 10**6, cost)
 
-    monkeypatch.setattr(sizing, "time_config", timed)
+    monkeypatch.setattr(size_search, "time_config", timed)
+    real = sizing.read_meta  # the demo's data: its 4,281,748-token train split, about a pass in these budgets
+    monkeypatch.setattr(sizing, "read_meta", lambda path: {**(meta := real(path)),
+                                                           "train": {**meta["train"], "tokens": 4_281_748}})
     cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", f"train.budget_seconds={budget}"]))
     chooser = ThreadChooser(1, "train.threads")
     try:
@@ -513,3 +508,76 @@ def test_the_best_size_and_its_likeliest_rivals_are_timed_again_and_keep_their_f
     else:
         assert "twice" not in made.line()
     assert [c["timings"] for c in made.record()["candidates"]] == [c.timings for c in made.candidates]
+
+
+def worth(tokens: float, unique: int) -> float:
+    """What Muennighoff et al. 2023 (Scaling Data-Constrained Language Models) found `tokens` drawn again and again
+    from `unique` worth in new tokens: U + U·R*·(1 - e^(-R/R*)), R the passes after the first, R* 15.4."""
+    repeats = max(0.0, tokens / unique - 1)
+    return min(tokens, unique * (1 + 15.4 * (1 - math.exp(-repeats / 15.4))))
+
+
+@pytest.mark.parametrize("budget", [60, 300, 1800])
+def test_size_auto_on_a_gpu_uses_the_presets_fit_and_weighs_each_size_at_what_its_repeats_are_worth(
+        char_dataset, monkeypatch, tmp_path, fake_gpu, budget):
+    """The demo's fit (measured on a CPU) on a GPU, no refit: the loss a recipe reaches by size and tokens is no
+    device's, so only the speed is the GPU's (played by a clock: 4 ms of launches and the FLOPs at 1 TFLOP/s). The
+    GPU repeats the tiny train split tens to thousands of times in these budgets: each size is predicted at the new
+    tokens its passes are worth, so the choice is the best for the budget and the data, a larger size than
+    predicting at every token new would choose; the line names the fit and the passes it plans."""
+    preset = tmp_path / DEMO.name
+    preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
+    fit_path(preset).write_text(fit_path(DEMO).read_text(encoding="utf-8"), encoding="utf-8")
+
+    def timed(cfg, device, dtype, counts, deadline=math.inf) -> Timing:
+        assert device.type == "cuda"
+        with torch.device("meta"):
+            flops = build_model(cfg.model).flops_per_token() * cfg.train.batch_size * cfg.model.block_size
+        step = 0.004 + flops / 1e12
+        return Timing({}, 1, step, step / 2, 0.05, 10**7, 0.5)
+
+    monkeypatch.setattr(size_search, "time_config", timed)
+    cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", f"train.budget_seconds={budget}"]))
+    made = choose_size(preset, cfg, time.perf_counter(), "cuda", ThreadChooser(0, "train.threads"))
+    fit, unique = read_fit(preset), read_meta(char_dataset)["train"]["tokens"]
+    planned = [c for c in made.candidates if c.steps]
+    at_worth = {c.depth: fit.surface.predict(c.multiplied, worth(c.tokens, unique)) for c in planned}
+    assert all(c.predicted == pytest.approx(at_worth[c.depth]) for c in planned)
+    assert made.chosen.depth == min(at_worth, key=at_worth.__getitem__)  # no size predicted better is passed over
+    as_new = {c.depth: fit.surface.predict(c.multiplied, c.tokens) for c in planned}
+    assert min(as_new, key=as_new.__getitem__) < made.chosen.depth
+    passes = made.chosen.tokens / unique
+    line = " ".join(made.line().split())
+    assert "tokens/s measured on NVIDIA A100-SXM4-80GB" in line
+    assert (f"{passes:.2f} passes over the {unique:,}-token train split, worth "
+            f"{worth(made.chosen.tokens, unique) / unique:.2f} of new text") in line
+    assert f"(by {fit_path(preset)}, fitted on AMD EPYC (a CPU)" in line
+    event = made.record()
+    assert (event["fit"], event["fitted_on"], event["passes"]) == (str(fit_path(preset)), "AMD EPYC (a CPU)",
+                                                                   round(passes, 2))
+
+
+@pytest.mark.slow  # the step model counts each size's kernels on the meta device: about a second a size
+def test_plan_previews_the_automatic_size_for_a_named_gpu_by_its_datasheet_timing_nothing(preset, capsys,
+                                                                                         monkeypatch):
+    """`plan --budget 5m --size auto --gpu "RTX 3090"` from a machine without that GPU: each size's step foretold by
+    the datasheet step model (lmlab.experiments.gputime, eager, as the run's timing steps are), nothing timed here;
+    the choice said in the line a run on that GPU starts with, and the budget planned."""
+    timed = timings_counted(monkeypatch)
+    code, out, err = run_cli(capsys, "plan", preset, "--budget", "5m", "--size", "auto", "--gpu", "RTX 3090")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert timed == [] and "Sizes weighed for 5m of" in said and "on RTX 3090 by its datasheet (* chosen)" in said
+    depth = int(re.search(r"size auto: (\d+) layers? of", said)[1])
+    cfg = Family.of(with_vocab(load_config(preset)), "tiny").config(depth, read_fit(preset))
+    step = gpu_step_time(cfg, "RTX 3090", "float32", compiled=False).seconds  # the preset's dtype
+    tokens_per_sec = cfg.train.batch_size * cfg.model.block_size / step
+    assert (f"{tokens_per_sec:,.0f} tokens/s foretold for RTX 3090 by its datasheet: an eager float32 step, nothing "
+            "timed,") in said
+    assert "The budget as planned: the 5.0 min:" in said
+
+
+def test_plan_foretells_sizes_for_a_named_gpu_only_with_a_size(preset, capsys):
+    code, _, err = run_cli(capsys, "plan", preset, "--budget", "5m", "--gpu", "RTX 3090")
+    assert code == 2 and ("--budget with --gpu RTX 3090 previews the sizes of a preset's family on that GPU: give "
+                          "--size auto") in " ".join(err.split())

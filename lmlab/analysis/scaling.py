@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,9 @@ CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal traini
 # Muennighoff et al. 2023 (Scaling Data-Constrained Language Models): up to about 4 passes over the same data, a
 # repeated token trains about as well as a new one; past that its worth falls fast (near nothing by ~16 passes).
 REPEAT_LIMIT = 4.0
+# Their fit of what repeats are worth: U unique tokens seen 1 + R times train as U + U·R*·(1 - e^(-R/R*)) new ones,
+# with R* about 15.4: a few passes nearly as good as new text, and never more than (1 + R*)·U however many.
+REPEAT_WORTH = 15.4
 
 
 def chinchilla_percent(tokens: int, params: int) -> float:
@@ -25,6 +29,14 @@ def unique_tokens(tokens: int, split_tokens: int | None) -> int:
     """The distinct tokens among `tokens` drawn from a split of `split_tokens` (at most the split; all of them when
     the split is not known). Chinchilla's 20 per parameter are distinct tokens: repeats are not new data."""
     return min(tokens, split_tokens) if split_tokens else tokens
+
+
+def effective_tokens(tokens: float, unique: int | None) -> float:
+    """The new tokens that `tokens` drawn over and over from a split of `unique` are worth (REPEAT_WORTH): all of them
+    within one pass, or where the split is not known."""
+    if not unique or tokens <= unique:
+        return tokens
+    return unique * (1 + REPEAT_WORTH * (1 - math.exp(-(tokens / unique - 1) / REPEAT_WORTH)))
 
 
 def repeat_warning(passes: float | None, split_tokens: int | None, what: str) -> str | None:

@@ -218,9 +218,12 @@ def plan_budget(args: argparse.Namespace) -> None:
 
     if not args.budget:
         raise UserError("--size is planned for a time budget: give --budget (e.g. --budget 5m --size auto).")
-    if args.gpu or args.measure or args.tokens_per_sec or args.mfu:
-        raise UserError("--budget times the steps here, as training does: pass no --gpu, --measure, "
-                        "--tokens-per-sec or --mfu with it.")
+    if args.measure or args.tokens_per_sec or args.mfu:
+        raise UserError("--budget times the steps here, as training does (or foretells them for --gpu NAME with "
+                        "--size): pass no --measure, --tokens-per-sec or --mfu with it.")
+    if args.gpu and not args.size:
+        raise UserError(f"--budget with --gpu {args.gpu} previews the sizes of a preset's family on that GPU: give "
+                        "--size auto (or a depth, e.g. --size 4), or drop --gpu to time the preset's own shape here.")
     target = Path(args.target)
     if target.is_dir():
         raise UserError(f"--budget plans a new run of a preset; {target} is a run (a run keeps the plan it made).")
@@ -231,9 +234,11 @@ def plan_budget(args: argparse.Namespace) -> None:
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     if size is None:
         return _plan_shape(target, cfg, started, args.device, chooser, args.budget)
-    with console.status("Timing the sizes on this machine..." if size == "auto" else "Timing its steps..."):
-        sizing = choose_size(target, cfg, started, args.device, chooser, None if isinstance(size, str) else [size])
-    print_table(f"Sizes weighed for {args.budget} of {target} on this machine now (* chosen)", _size_columns(),
+    where = f"on {args.gpu} by its datasheet" if args.gpu else "on this machine now"
+    with console.status(f"Weighing the sizes {where}..." if size == "auto" else "Timing its steps..."):
+        sizing = choose_size(target, cfg, started, args.device, chooser, None if isinstance(size, str) else [size],
+                             args.gpu or "")
+    print_table(f"Sizes weighed for {args.budget} of {target} {where} (* chosen)", _size_columns(),
                 [{**c.record(), "chosen": c is sizing.chosen} for c in sizing.candidates])
     for c in sizing.candidates:
         if c.note:
@@ -242,8 +247,8 @@ def plan_budget(args: argparse.Namespace) -> None:
         console.print(f"note: {note}", style="yellow", highlight=False)
     console.print(sizing.line() if size == "auto" else f"{sizing.chosen.shape}: {sizing.outlook()}", highlight=False)
     c = sizing.chosen
-    rate = (c.tokens_per_sec, f"measured here, {c.threads} thread{'s' * (c.threads > 1)}, as training runs")
-    _budget_table(target, sizing.config, rate, c.steps * c.tokens_per_step, c.steps * c.step_seconds, args.budget)
+    _budget_table(target, sizing.config, (c.tokens_per_sec, sizing.speed), c.steps * c.tokens_per_step,
+                  c.steps * c.step_seconds, args.budget)
     console.print(f"The budget as planned: {sizing.spending()}.", highlight=False)
 
 
@@ -257,7 +262,7 @@ def _plan_shape(target: Path, cfg: Any, started: float, device_name: str, choose
     from lmlab.core.device import resolve_device
     from lmlab.core.peak import choose_dtype, step_ceiling
     from lmlab.data.shards import read_meta, windows_in
-    from lmlab.experiments.sizing import SET_UP
+    from lmlab.experiments.size_search import SET_UP
     from lmlab.model import build_model
     from lmlab.train.budget import Budget, plan
     from lmlab.train.timing import refuse_untimed, time_config
@@ -308,6 +313,7 @@ def _size_columns() -> list:
             Column("steps", 3, lambda r: f"{r['steps']:,}" if r["steps"] else "-"),
             Column("tokens", 1, lambda r: f"{r['tokens']:,}" if r["tokens"] else "-"),
             Column("tok/param", 4, lambda r: f"{r['tokens'] / r['params']:.2f}" if r["tokens"] else "-"),
+            Column("passes", 4, lambda r: f"{r['passes']:.2f}" if r["tokens"] else "-"),
             Column("predicted val", 0, lambda r: _cell(r["predicted_val"], f"{r['predicted_val'] or 0:.4f}"))]
 
 
@@ -384,7 +390,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_size(p)
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--gpu", metavar="NAME", help="estimate for this GPU from its datasheet peak (bf16 where it "
-                      "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine)")
+                      "has it), e.g. 4090, A100, H100; unknown names list the known ones (default: this machine); "
+                      "with --budget and --size, each size's step foretold by the datasheet step model, nothing timed")
     rate.add_argument("--measure", action="store_true", help="time training steps here instead of estimating "
                       "(a minute or more for large models on a CPU)")
     # Below a token a second the plan's times run past any machine's life (1e-300 gave a 170-digit number of days).

@@ -137,7 +137,7 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
     if fit is None:
         raise UserError(f"{preset} has no fit ({fit_path(preset)}); measure it with `lmlab scaling {preset} --refit` "
                         "(a miniseries of short runs: their sizes and lengths in --depths and --tokens).")
-    rows = [{**r, "fitted": fit.surface.predict(r["params"], r["tokens"])} for r in fit.runs]
+    rows = [{**r, "fitted": fit.predict(r["params"], r["tokens"], fit.dataset.get("train_tokens"))} for r in fit.runs]
     print_table(f"{fit_path(preset)}: {fit.surface.describe()}", _fit_columns(), rows, args.wide)
     lrs = ", ".join(f"{s['depth']} layers x{s['best']:.2f}" for s in fit.lr_search)
     console.print(f"LR rule: the preset's LR x {fit.lr.scale:g} x ({load_config(preset).model.n_embd} / width)^"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmlab.analysis.scaling import LossSurface
+from lmlab.analysis.scaling import LossSurface, effective_tokens
 from lmlab.core.config import RunConfig
 from lmlab.core.errors import UserError
 
@@ -129,9 +129,14 @@ class SizeFit:
             return f"extrapolated: {tokens:,} tokens, more than the fit's longest run ({longest:,})"
         return ""
 
-    def predict(self, params: int, tokens: float) -> float | None:
-        """The val loss L(N, D); None beyond EXTRAPOLATION × the largest size fitted."""
-        return None if params > EXTRAPOLATION * self.largest or tokens <= 0 else self.surface.predict(params, tokens)
+    def predict(self, params: int, tokens: float, unique: int | None = None) -> float | None:
+        """The val loss L(N, D), D the new tokens that `tokens` drawn from a train split of `unique` are worth
+        (lmlab.analysis.scaling.effective_tokens: the fit's runs pass over their split at most a few times, where a
+        repeat is worth nearly a new token, so its surface reads D as new tokens); None beyond EXTRAPOLATION × the
+        largest size fitted."""
+        if params > EXTRAPOLATION * self.largest or tokens <= 0:
+            return None
+        return self.surface.predict(params, effective_tokens(tokens, unique))
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FIT_FORMAT, **{k: v for k, v in dataclasses.asdict(self).items()}}

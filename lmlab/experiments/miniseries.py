@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from lmlab.analysis.runs import summarize
-from lmlab.analysis.scaling import LossSurface, fit_loss_surface, surface_refusal
+from lmlab.analysis.scaling import LossSurface, effective_tokens, fit_loss_surface, surface_refusal
 from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config
@@ -34,7 +34,8 @@ from lmlab.core.peak import choose_dtype
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
-from lmlab.experiments.sizing import SET_UP, with_vocab
+from lmlab.experiments.size_search import SET_UP
+from lmlab.experiments.sizing import with_vocab
 from lmlab.experiments.sweep import keep_record
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
@@ -370,36 +371,41 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
         search = [runs.search(depth) for depth in series.depths]
         rule = lr_rule(search, cfg.model.n_embd)
         points = [point for s in search for point in runs.lengths(s, rule.factor(s["width"], cfg.model.n_embd))]
-    surface = _surface(points)
     assert meter.load is not None, "a meter measures its window as it closes"
     meta = read_meta(Path(cfg.data.dataset))
-    dataset = {"path": cfg.data.dataset, "tokenizer": meta["tokenizer"], "train_sha256": meta["train"]["sha256"]}
+    unique = meta["train"]["tokens"]
+    surface = _surface(points, unique)
+    dataset = {"path": cfg.data.dataset, "tokenizer": meta["tokenizer"], "train_sha256": meta["train"]["sha256"],
+               "train_tokens": unique}
     measured = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
                 "seconds": round(sum(r["seconds"] for r in runs.points.values()), 1),  # the runs' own training
                 "refit_seconds": round(time.perf_counter() - began, 1), "load": meter.load.record(),
                 "command": _command(preset, series)}
     fit = SizeFit(str(preset), preset_sha256(preset), dataset, surface, rule, points, search, measured,
-                  held_out(points))
+                  held_out(points, unique))
     atomic_write_text(fit_path(preset), json.dumps(fit.to_json(), indent=1) + "\n")
     return fit
 
 
-def _surface(points: list[dict[str, Any]]) -> LossSurface:
-    return fit_loss_surface([p["params"] for p in points], [p["tokens"] for p in points], [p["val"] for p in points])
+def _surface(points: list[dict[str, Any]], unique: int) -> LossSurface:
+    """L(N, D) through `points`, D the new tokens each run's are worth over a train split of `unique` (as `--size
+    auto` predicts: lmlab.experiments.family.SizeFit.predict), so runs that repeat their data are not read as new."""
+    return fit_loss_surface([p["params"] for p in points], [effective_tokens(p["tokens"], unique) for p in points],
+                            [p["val"] for p in points])
 
 
-def held_out(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def held_out(points: list[dict[str, Any]], unique: int) -> list[dict[str, Any]]:
     """Each depth's longest run predicted by the surface through the other runs: how far the fit is from a run it has
     not seen. A depth whose longest run the others cannot be fitted without is left out."""
     found = []
     for depth in sorted({p["depth"] for p in points}):
         longest = max((p for p in points if p["depth"] == depth), key=lambda p: p["tokens"])
         try:
-            surface = _surface([p for p in points if p is not longest])
+            surface = _surface([p for p in points if p is not longest], unique)
         except UserError:
             continue
         found.append({"depth": depth, "params": longest["params"], "tokens": longest["tokens"], "val": longest["val"],
-                      "predicted": surface.predict(longest["params"], longest["tokens"])})
+                      "predicted": surface.predict(longest["params"], effective_tokens(longest["tokens"], unique))})
     return found
 
 

@@ -1,15 +1,12 @@
 """`--size auto`: the depth of a preset's family that a time budget trains to the lowest val loss on this machine, as it
-runs now. Each candidate is timed briefly, its steps planned as a budget plans them (lmlab.train.budget), and its val
-loss predicted by the fit kept beside the preset, L(N, D). Going up from the smallest depth, the next is timed only
-while OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing
-tells whether a smaller shape is faster. The best is timed twice with the sizes that could beat it (`Search.contest`),
-within the timing's share of the budget. No size is timed that its memory or its FLOPs (at the most a step computes
-here) already say the budget cannot hold (`Search.trainable`)."""
+runs now (or, for `plan --gpu`, on a datasheet GPU), weighed by lmlab.experiments.size_search; and `--size DEPTH`, a
+depth of the family by hand. The fit beside the preset predicts a size's val from its parameters and the tokens it
+trains, which its recipe makes the same on any device: one fit serves a CPU and a GPU alike, only each size's speed is
+had where it trains."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -21,69 +18,19 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from lmlab.analysis.scaling import effective_tokens
 from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
-from lmlab.core.peak import Peak, choose_dtype, step_ceiling
+from lmlab.core.peak import choose_dtype
 from lmlab.core.threads import ThreadChooser
-from lmlab.data.shards import read_meta, windows_in
-from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
+from lmlab.data.shards import read_meta
+from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
+from lmlab.experiments.plan import gpu_hardware
+from lmlab.experiments.size_search import Candidate, Search, Speed, search
 from lmlab.model import build_model
-from lmlab.model.memory import MemoryRefused, check_training
-from lmlab.train.budget import MIN_STEPS, BudgetRefused, Costs, Plan, plan
-from lmlab.train.optim import optimizer_of
-from lmlab.train.timing import MAX_STEPS, TIMED_SECONDS, Timing, checkpoint_bytes, refuse_untimed, time_config
-
-OPTIMISM = 2.0  # a depth is timed while this many times the speed its FLOPs foretell could beat the best so far
-TIMING_SHARE = 0.1  # and while the timing of all of them would take at most this share of the budget
-SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
-
-
-@dataclass
-class Candidate:
-    """A depth of the family as the sizing weighed it: timed, its steps and tokens in the budget, its predicted val; or
-    why it was not."""
-
-    depth: int
-    shape: str
-    width: int
-    params: int
-    multiplied: int  # the weights that multiply every token: the fit's N
-    flops_per_token: float
-    tokens_per_step: int
-    timing: Timing | None = None
-    timings: int = 0  # how often it was timed: twice where it contended with the best (`Search.contest`)
-    steps: int = 0
-    eval_iters: int = 0
-    predicted: float | None = None
-    note: str = ""  # why it was not timed or not predicted
-    plan: Plan | None = None  # as a budget would plan it, and the steps between its evaluations, checkpoints
-    intervals: tuple[int, int] = (1, 1)
-    refused: str = ""  # why it cannot train: the budget's refusal (no plan holds its minimum), or the memory's
-
-    @property
-    def step_seconds(self) -> float:
-        return self.timing.step if self.timing else 0.0
-
-    @property
-    def threads(self) -> int:
-        return self.timing.threads if self.timing else 0
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.tokens_per_step
-
-    @property
-    def tokens_per_sec(self) -> float:
-        return self.tokens_per_step / self.step_seconds if self.step_seconds else 0.0
-
-    def record(self) -> dict[str, Any]:
-        return {"depth": self.depth, "shape": self.shape, "width": self.width, "params": self.params,
-                "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
-                "timings": self.timings, "steps": self.steps, "tokens": self.tokens,
-                "predicted_val": None if self.predicted is None else round(self.predicted, 4), "note": self.note}
 
 
 @dataclass
@@ -96,28 +43,35 @@ class Sizing:
     candidates: list[Candidate]
     chosen: Candidate
     config: RunConfig
-    fit: str
+    fit: str  # the fit file
+    speed: str  # how each size's speed was had (`Speed.says`)
+    split_tokens: int  # the train split's: a pass over it
+    fitted_on: str = ""  # the machine the fit's runs were measured on (`fitted_on`)
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
     notes: tuple[str, ...] = ()  # what to know of the fit before trusting its predictions (`fit_notes`)
 
     def line(self) -> str:
         c, timed = self.chosen, [c for c in self.candidates if c.timing]
+        verb = "foretold" if self.speed.startswith("foretold") else "timed"
         again = [str(t.depth) for t in timed if t.timings > 1]
         why = "the best two" if len(again) == 2 else "the best and those a faster timing could make better"
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
-                f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} timed "
+                f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} {verb} "
                 f"({', '.join(str(t.depth) for t in timed)} layers" +
                 (f"; {', '.join(again[:-1])} and {again[-1]} twice, {why}" if len(again) > 1 else "") +
                 f"): {self.outlook()}")
 
     def outlook(self) -> str:
-        """What the chosen size would do with the budget: its speed, its steps and tokens, its predicted val."""
+        """What the chosen size would do with the budget: its speed, its steps and tokens, the passes over the train
+        split they make and what they are worth, its predicted val and the fit that predicts it."""
         c = self.chosen
-        return (f"{c.tokens_per_sec:,.0f} tokens/s measured on {c.threads} thread{'s' * (c.threads > 1)}, "
-                f"{c.steps:,} steps of {c.tokens:,} tokens in what is left of {format_duration(self.budget)} "
-                f"({c.tokens / c.params:.2f} per parameter), " +
-                (f"predicted val {c.predicted:.4f} ({self.fit}{'; ' * bool(self.beyond)}{self.beyond})"
-                 if c.predicted is not None else
+        passes, worth = f"{c.passes:.2f}", f"{effective_tokens(c.tokens, self.split_tokens) / self.split_tokens:.2f}"
+        return (f"{c.tokens_per_sec:,.0f} tokens/s {self.speed}, {c.steps:,} steps of {c.tokens:,} tokens in what is "
+                f"left of {format_duration(self.budget)} ({c.tokens / c.params:.2f} per parameter; {passes} "
+                f"passes over the {self.split_tokens:,}-token train split" +
+                (f", worth {worth} of new text" if worth != passes else "") + "), " +
+                (f"predicted val {c.predicted:.4f} (by {self.fit}, fitted on {self.fitted_on}"
+                 f"{'; ' * bool(self.beyond)}{self.beyond})" if c.predicted is not None else
                  f"no val predicted (no fit beside the preset: {self.fit})"))
 
     def spending(self) -> str:
@@ -134,6 +88,7 @@ class Sizing:
 
     def record(self) -> dict[str, Any]:
         return {"event": "sizing", "budget": self.budget, "spent": round(self.spent, 3), "fit": self.fit,
+                "fitted_on": self.fitted_on or None, "speed": self.speed, "passes": round(self.chosen.passes, 2),
                 "depth": self.chosen.depth, "shape": self.chosen.shape, "params": self.chosen.params,
                 "multiplied_params": self.chosen.multiplied,
                 "tokens_per_sec": round(self.chosen.tokens_per_sec, 1), "threads": self.chosen.threads,
@@ -144,171 +99,6 @@ class Sizing:
                 "warmup_iters": self.config.train.warmup_iters,
                 "candidates": [c.record() for c in self.candidates]}
 
-
-class Search:
-    """The depths weighed for a budget, from the smallest up (`weigh`), each planned from the seconds left now."""
-
-    def __init__(self, family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device,
-                 dtype: torch.dtype, counts: list[int], meta: dict[str, Any]):
-        self.family, self.fit, self.budget, self.started = family, fit, budget, started
-        self.device, self.dtype, self.counts, self.meta = device, dtype, counts, meta  # the dataset's meta.json
-        self.ceiling: tuple[float, Peak] = step_ceiling(device, dtype)  # the most FLOP/s a step computes here
-        self.candidates: list[Candidate] = []
-        self.timed = 0.0
-
-    def spent(self) -> float:
-        return time.perf_counter() - self.started + SET_UP
-
-    def candidate(self, depth: int) -> Candidate:
-        cfg = self.family.config(depth, self.fit)
-        with torch.device("meta"):
-            model = build_model(cfg.model)
-        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-        return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.multiplied_params(), model.flops_per_token(), tokens)
-
-    def plan(self, c: Candidate) -> None:
-        """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val; or
-        the budget's refusal."""
-        assert c.timing is not None, "a candidate is planned once timed"
-        c.plan, c.predicted, c.intervals, c.refused = self.planned(c, c.timing.costs())
-        c.steps, c.eval_iters = (c.plan.max_iters, c.plan.eval_iters) if c.plan else (0, 0)
-
-    def planned(self, c: Candidate, costs: Costs) -> tuple[Plan | None, float | None, tuple[int, int], str]:
-        """The budget's plan of `c` at these costs (None, with the refusal, where its minimum does not fit), its
-        predicted val and the steps between its evaluations and checkpoints."""
-        cfg = self.family.config(c.depth, self.fit)
-        train = cfg.train
-        intervals = (train.eval_steps(self.meta["train"]["tokens"], c.tokens_per_step), train.checkpoint_interval)
-        try:
-            made = plan(self.budget, self.spent(), costs, train, intervals,
-                        windows_in(self.meta, "val", cfg.model.block_size))
-        except BudgetRefused as refused:
-            return None, None, intervals, str(refused)
-        predicted = self.fit.predict(c.multiplied, made.max_iters * c.tokens_per_step) if self.fit else None
-        return made, predicted, intervals, ""
-
-    def trainable(self, c: Candidate) -> bool:
-        """Whether `c` could train MIN_STEPS steps after its timing, its steps no faster than their FLOPs at the most a
-        step computes here (`refuse_untimed`); else it is not timed, and `refused` names the budget it needs."""
-        try:
-            refuse_untimed(self.family.config(c.depth, self.fit), self.meta, self.spent(), c.flops_per_token, c.params,
-                           self.ceiling)
-        except BudgetRefused as refused:
-            c.note = f"not timed: at least {refused.least.step_seconds:.3g} s a step, {MIN_STEPS} do not fit the budget"
-            c.refused = str(refused)
-            return False
-        return True
-
-    def fastest(self) -> Candidate:
-        """The timed size whose steps took the least time a FLOP: a larger size's, as a wider step uses the cores
-        better, unless a burst of load slowed its timing (load only ever slows a step): the pace guesses start from."""
-        return min((c for c in self.candidates if c.timing),
-                   key=lambda c: c.step_seconds / (c.flops_per_token * c.tokens_per_step))
-
-    def guessed(self, c: Candidate, optimism: float = OPTIMISM) -> Costs:
-        """Costs of `c` at `optimism` times the pace its FLOPs foretell from the fastest timing."""
-        near = self.fastest()
-        assert near.timing is not None, "a timed candidate"
-        ratio = c.flops_per_token * c.tokens_per_step / (near.flops_per_token * near.tokens_per_step)
-        return dataclasses.replace(near.timing, step=near.timing.step * ratio / optimism,
-                                   eval_batch=near.timing.eval_batch * ratio / optimism,
-                                   checkpoint_bytes=checkpoint_bytes(c.params, self.family.preset.train)).costs()
-
-    def worth_timing(self, c: Candidate, best: Candidate | None) -> bool:
-        """Whether to time `c`: not beyond the fit, nor when its timing would take too long or it cannot win even at
-        OPTIMISM times its FLOPs' pace; else `note` says why, and the search stops."""
-        assert self.fit is not None, "only a fit's search stops"
-        if self.fit.predict(c.multiplied, 1) is None:
-            c.note = (f"beyond the fit's sizes (at most {self.fit.largest * EXTRAPOLATION / 1e6:.2f}M parameters that "
-                      "multiply)")
-            return False
-        if best is None:  # nothing timed yet
-            return True
-        guess = self.guessed(c, 1.0).step
-        steps = 1 + max(1, min(MAX_STEPS, math.ceil(TIMED_SECONDS / guess)))  # a warm-up step and the timed ones
-        if self.timed + steps * guess > TIMING_SHARE * self.budget:
-            c.note = (f"not timed: about {guess:.2f} s a step, too long to time in this budget (the timing of "
-                      f"sizes may take {TIMING_SHARE:.0%} of it)")
-            return False
-        hopeful = self.planned(c, self.guessed(c))[1]
-        if hopeful is None or hopeful >= (best.predicted or 0.0):
-            c.note = (f"not timed: even at {OPTIMISM:g}x the speed its FLOPs foretell it would lose" +
-                      ("" if hopeful is None else f" ({hopeful:.4f})"))
-            return False
-        return True
-
-    def weigh(self, c: Candidate) -> bool:
-        """Time and plan `c` where its memory and FLOPs say it could train in the budget; whether the search goes on
-        (it stops at a size that does not fit memory or the budget)."""
-        cfg = self.family.config(c.depth, self.fit)
-        try:
-            check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.device)
-            if not self.trainable(c):
-                return False
-            self.time(c)
-        except (MemoryRefused, torch.OutOfMemoryError) as refused:  # a GPU's allocator is the check there
-            c.note = f"does not fit the memory of {self.device.type}"
-            c.refused = str(refused) if isinstance(refused, MemoryRefused) else ""
-            return False
-        self.plan(c)
-        c.note = c.note if c.steps else "no step fits what is left of the budget"
-        return bool(c.steps)
-
-    def time(self, c: Candidate) -> None:
-        """Time `c` (again): a slowdown its timing caught (a neighbour's burst of work) only ever slows a step, so of
-        two timings it keeps the faster."""
-        cfg = self.family.config(c.depth, self.fit)
-        timing = time_config(cfg, self.device, self.dtype, self.counts, deadline=self.started + self.budget - SET_UP)
-        self.timed += timing.cost
-        c.timing = timing if c.timing is None or timing.step < c.timing.step else c.timing
-        c.timings += 1
-
-    def contest(self) -> None:
-        """Time the best size once more with the size likeliest to beat it, and then each other that could, while the
-        timing's share of the budget allows (the first two together or not at all). A burst of load elsewhere slows a
-        timing, by any factor (never speeds it), so a size is judged by its own timing or, where faster, by the pace a
-        FLOP of the fastest timing: neither the choice between the two best nor a size's place behind them is left to
-        one timing of each."""
-        ranked = sorted((c for c in self.candidates if c.timing and c.predicted is not None),
-                        key=lambda c: c.predicted or 0.0)
-        if len(ranked) < 2:
-            return
-        best = ranked[0]
-
-        hopes = {}
-        for c in ranked[1:]:
-            fair = self.planned(c, self.guessed(c, 1.0))[1]
-            hopes[c.depth] = min(c.predicted or math.inf, math.inf if fair is None else fair)
-        others = sorted(ranked[1:], key=lambda c: hopes[c.depth])
-        rivals = [c for c in others[1:] if hopes[c.depth] < (best.predicted or 0.0)]
-        for group in (sorted([best, others[0]], key=lambda c: c.depth), *([c] for c in rivals)):
-            if self.timed + sum(c.timing.cost for c in group if c.timing) > TIMING_SHARE * self.budget:
-                return
-            for c in group:
-                self.time(c)
-
-
-def search(family: Family, fit: SizeFit | None, budget: float, started: float, device: torch.device, dtype: torch.dtype,
-           chooser: ThreadChooser, meta: dict[str, Any], depths: list[int] | None = None) -> Search:
-    """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all of
-    `depths` where given, else from the smallest up while a larger one could win."""
-    found = Search(family, fit, budget, started, device, dtype, chooser.counts(device), meta)
-    best = None
-    for depth in depths or range(1, MAX_DEPTH + 1):
-        c = found.candidate(depth)
-        found.candidates.append(c)
-        if not depths and not found.worth_timing(c, best):
-            break
-        if not found.weigh(c) and not depths:
-            break
-        if c.predicted is not None and (best is None or c.predicted < (best.predicted or math.inf)):
-            best = c
-    found.contest()
-    for c in found.candidates:  # every timed one planned from the time its own timing left, the others' included
-        if c.timing:
-            found.plan(c)
-    return found
 
 
 SIZES = "auto, or a depth of the preset's family from 1 to 48 (4: 4 layers of the preset's width per layer)"
@@ -375,9 +165,11 @@ def fit_notes(preset: Path, fit: SizeFit, dataset: str, meta: dict[str, Any]) ->
 
 
 def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, chooser: ThreadChooser,
-                depths: list[int] | None = None) -> Sizing:
+                depths: list[int] | None = None, gpu: str = "") -> Sizing:
     """The depth of the preset's family that trains to the lowest predicted val in cfg.train.budget_seconds counted from
-    `started` (a time.perf_counter() reading); or `depths` alone, weighed (for `plan --budget` of a fixed shape)."""
+    `started` (a time.perf_counter() reading); or `depths` alone, weighed (for `plan --budget` of a fixed shape). Each
+    size's speed is timed on `device_name`'s device, or foretold for the datasheet GPU `gpu` (`plan --gpu`); the fit is
+    the preset's wherever it was measured, as the loss a recipe reaches by size and tokens is no device's."""
     budget = cfg.train.budget_seconds
     if not budget:
         raise UserError("--size auto chooses the size a time budget trains best; give one with --budget (e.g. "
@@ -387,14 +179,14 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
         raise UserError(f"--size auto predicts each size's val loss from the fit kept beside the preset, and "
                         f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
                         "miniseries of short runs), or give a size by its depth (--size 4).")
-    device = resolve_device(device_name)
-    fitted_on = fit and (fit.measured.get("machine") or {}).get("gpu")
-    if fit and device.type == "cuda" and fitted_on != torch.cuda.get_device_name(device):
-        raise UserError(f"--size auto on {torch.cuda.get_device_name(device)} needs a fit measured on it: "
-                        f"{fit_path(preset)} was measured on {fitted_on or 'a CPU'}, whose speed by size is not this "
-                        f"GPU's; make one here with `lmlab scaling {preset} --refit`, or give a size (--size 4).")
-    dtype, _ = choose_dtype(device, cfg.train.dtype)
-    found = search(family, fit, budget, started, device, dtype, chooser, meta, depths)
+    if gpu:
+        hardware = gpu_hardware(gpu, cfg.train.dtype)
+        cuda = torch.device("cuda")
+        speed = Speed(cuda, getattr(torch, hardware.dtype), chooser.counts(cuda), hardware)
+    else:
+        device = resolve_device(device_name)
+        speed = Speed(device, choose_dtype(device, cfg.train.dtype)[0], chooser.counts(device))
+    found = search(family, fit, budget, started, speed, meta, depths)
     planned = [c for c in found.candidates if c.steps]
     if not planned:
         raise UserError(_refusal(found, preset))
@@ -402,9 +194,16 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
     chosen = family.config(best.depth, fit)
     assert best.timing is not None, "a planned size was timed"
     chooser.decide(best.timing.forward, "a forward pass")  # the threads the run goes on with
-    return Sizing(budget, time.perf_counter() - started, found.candidates, best, chosen, str(fit_path(preset)),
+    return Sizing(budget, time.perf_counter() - started + speed.foretold, found.candidates, best, chosen,
+                  str(fit_path(preset)), speed.says(best.threads), found.unique, fitted_on(fit) if fit else "",
                   fit.beyond(best.tokens) if fit and best.predicted is not None else "",
                   tuple(fit_notes(preset, fit, cfg.data.dataset, meta)) if fit else ())
+
+
+def fitted_on(fit: SizeFit) -> str:
+    """The machine a fit was measured on, as its line names it."""
+    machine = fit.measured.get("machine") or {}
+    return machine.get("gpu") or (f"{machine['cpu']} (a CPU)" if machine.get("cpu") else "a machine it does not name")
 
 
 def _refusal(found: Search, preset: Path) -> str:

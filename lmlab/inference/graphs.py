@@ -20,16 +20,17 @@ from lmlab.model.base import DecodeState
 
 # One step over plain tensors: (idx, *state tensors) -> logits (rows, vocab), the state updated in place.
 Body = Callable[..., torch.Tensor]
+Run = Callable[[], torch.Tensor]
 # Makes a bucket's replay: given the body, its static arguments and a warm-up run on copies of them; the replay runs
 # one step over the static arguments and returns the static output.
-Capture = Callable[[Body, tuple[torch.Tensor, ...], Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
+Capture = Callable[[Body, tuple[torch.Tensor, ...], Run], Run]
 
 
-def cuda_graph(pool: tuple[int, int] | None = None) -> Capture:
+def cuda_graph() -> Capture:
     """Capture on CUDA, every bucket's graph in one memory pool (buckets never run at once)."""
-    shared = pool or torch.cuda.graph_pool_handle()
+    shared = torch.cuda.graph_pool_handle()
 
-    def capture(body: Body, args: tuple[torch.Tensor, ...], warm: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def capture(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
         side = torch.cuda.Stream()  # warmed on a side stream, as capture needs (cuBLAS's handles, lazy inits)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -49,7 +50,7 @@ def cuda_graph(pool: tuple[int, int] | None = None) -> Capture:
     return capture
 
 
-def recorded(body: Body, args: tuple[torch.Tensor, ...], warm: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+def recorded(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
     """The CPU's twin of `cuda_graph`: capturing runs nothing on the real state (as recording a graph runs nothing),
     and a replay runs the step over the same static arguments into the same output buffer."""
     out = torch.empty_like(warm())
@@ -64,7 +65,7 @@ def compiled(**options: object) -> Capture:
     """torch.compile per bucket (fullgraph, static shapes: each bucket compiles once and never again) with every state
     tensor's address marked static, so that mode="reduce-overhead" records a CUDA graph rather than skip one."""
 
-    def capture(body: Body, args: tuple[torch.Tensor, ...], warm: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def capture(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
         for tensor in args[1:]:
             torch._dynamo.mark_static_address(tensor)
         step = torch.compile(body, fullgraph=True, dynamic=False, **options)  # type: ignore[call-overload]
@@ -89,18 +90,19 @@ class GraphStep(BucketedStep):
         self.model, self.dtype, self.capture = model, dtype, capture
         self.device = next(model.parameters()).device
         # by id of the state view the decoder keeps per bucket (the view held, so the id is never reused)
-        self.buckets: dict[int, tuple[DecodeState, torch.Tensor, Callable[[], torch.Tensor]]] = {}
+        self.buckets: dict[int, tuple[DecodeState, torch.Tensor, Run]] = {}
 
     def __call__(self, idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
         bucket = self.buckets.get(id(state))
         if bucket is None:
+            if self.buckets and _storage(next(iter(self.buckets.values()))[0]) != _storage(state):
+                self.buckets.clear()  # another decoder's state: the old one's graphs (and its memory) go
             bucket = self.buckets[id(state)] = self._capture(idx, state)
         _, static, replay = bucket
         static.copy_(idx)
         return replay()
 
-    def _capture(self, idx: torch.Tensor, state: DecodeState) -> tuple[DecodeState, torch.Tensor,
-                                                                          Callable[[], torch.Tensor]]:
+    def _capture(self, idx: torch.Tensor, state: DecodeState) -> tuple[DecodeState, torch.Tensor, Run]:
         kind, static = type(state), idx.clone()
 
         def body(ids: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
@@ -116,3 +118,7 @@ class GraphStep(BucketedStep):
             return body(static.clone(), *(t.clone() for t in state.tensors()))
 
         return state, static, self.capture(body, (static, *state.tensors()), warm)
+
+
+def _storage(state: DecodeState) -> int:
+    return state.pos.untyped_storage().data_ptr()

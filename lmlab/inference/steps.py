@@ -68,7 +68,8 @@ def check_step(model: LanguageModel, dtype: torch.dtype, make: Callable[[], Step
 
 
 @torch.no_grad()
-def first_tokens(model: LanguageModel, dtype: torch.dtype, prompts: list[list[int]], step: Step | None) -> list[list[int]]:
+def first_tokens(model: LanguageModel, dtype: torch.dtype, prompts: list[list[int]],
+                 step: Step | None) -> list[list[int]]:
     decoder = Decoder(model, len(prompts), dtype, step)
     seqs = [Sequence(list(p), SamplingParams(max_new_tokens=CHECK_TOKENS, temperature=0)) for p in prompts]
     for seq in seqs:

@@ -35,8 +35,8 @@ from lmlab.core.device import resolve_device
 from lmlab.hf import export_hf, import_hf
 from lmlab.inference.decode import Decoder, Sequence
 from lmlab.inference.generate import decoding_only
-from lmlab.inference.graphs import GraphStep, compiled, recorded
-from lmlab.inference.steps import build_step, choose_step
+from lmlab.inference.graphs import GraphStep, recorded
+from lmlab.inference.steps import StepChoice, build_step, choose_step
 from lmlab.run.rundir import RunDir
 
 
@@ -116,8 +116,9 @@ def rows(run, folder: Path, batches: list[int], tokens: int, compile: bool) -> d
         console.print(f"batch {batch}: lmlab's step is {used.describe()}", highlight=False)
         steps = {"lmlab eager": (None, None), **({f"lmlab {used.kind}": (step, seconds)} if step else {})}
         if run.device.type == "cuda":  # the alternative to the captured graphs, timed beside them
-            overhead = GraphStep(run.model, dtype, compiled(mode="reduce-overhead"))
-            steps["lmlab torch.compile reduce-overhead"] = (overhead, None)
+            (overhead, used), seconds = built(lambda b=batch: build_step(
+                StepChoice("torch.compile reduce-overhead", "measured"), run.model, dtype, b))
+            steps[f"lmlab {used.kind}"] = (overhead, seconds)
         else:  # the graphs' code path, through its twin: a dry run of what a GPU times
             steps["lmlab graph step, its CPU twin"] = (GraphStep(run.model, dtype, recorded), None)
         for name, (each, seconds) in steps.items():

@@ -13,10 +13,15 @@ import torch
 from lmlab.core.config import SamplingParams
 from lmlab.inference.compiled import compilable, compile_step
 from lmlab.inference.decode import Decoder, Sequence, Step
-from lmlab.inference.graphs import Capture, GraphStep, cuda_graph
+from lmlab.inference.graphs import Capture, GraphStep, compiled, cuda_graph
 from lmlab.model import LanguageModel
 
 CHECK_TOKENS = 8  # greedy tokens a step must decode as eager does, for each of two sequences, before it is used
+# How a GPU's step is captured, by the kind a choice names. The captured graph is taken: it builds in milliseconds,
+# with no compiler; benchmarks/hf_decode_speed.py times torch.compile's beside it, which a measurement kept per
+# card and shape could choose instead.
+CAPTURES: dict[str, Callable[[], Capture]] = {"cuda graphs": cuda_graph,
+                                              "torch.compile reduce-overhead": lambda: compiled(mode="reduce-overhead")}
 
 
 @dataclass(frozen=True)
@@ -42,13 +47,15 @@ def choose_step(model: LanguageModel, device: torch.device, compile: bool) -> St
 
 
 def build_step(choice: StepChoice, model: LanguageModel, dtype: torch.dtype, capacity: int,
-               capture: Callable[[], Capture] = cuda_graph) -> tuple[Step | None, StepChoice]:
+               capture: Callable[[], Capture] | None = None) -> tuple[Step | None, StepChoice]:
     """The step `choice` names for up to `capacity` rows (None: eager) and what decodes in the end: eager, with the
-    reason, when the step fails its check. `capture` is how a bucket is captured (a twin on the CPU)."""
+    reason, when the step fails its check. `capture` is how a bucket is captured, if not as CAPTURES says (a twin on
+    the CPU)."""
     if choice.kind == "compiled":
         return compile_step(model, capacity, dtype), choice
-    if choice.kind != "cuda graphs":
+    if choice.kind not in CAPTURES:
         return None, choice
+    capture = capture or CAPTURES[choice.kind]
     try:
         failure = check_step(model, dtype, lambda: GraphStep(model, dtype, capture()))
     except Exception as err:  # a capture the card or the driver refuses

@@ -56,9 +56,9 @@ from lmlab.core.errors import UserError
 from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
 from lmlab.data.prepare import prepare
 from lmlab.experiments.bench import GPU_HEADROOM, bench_batch, find_max_batch
-from lmlab.inference.compiled import compile_step
 from lmlab.inference.decode import Decoder, Sequence, Step, hold_weights
 from lmlab.inference.generate import decode_dtype
+from lmlab.inference.steps import StepChoice, build_step, choose_step
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 
@@ -92,7 +92,7 @@ GUIDE_BATCH = 16  # docs/guides/gpt2-small.md's micro-batch, on a 24 GB RTX 3090
 GUIDE_GPU_BYTES = 24 * 10**9
 # What only a GPU can settle, each with how the report settles it; docs/reference/performance.md lists the same.
 CHECKLIST = {
-    "AOTI decode step on CUDA equals eager": "test_the_compiled_decode_step_gives_the_eager_logits_on_the_gpu",
+    "CUDA-graph decode step equals eager": "test_the_cuda_graph_step_decodes_as_eager_and_is_chosen_on_the_gpu",
     "FSDP with torch.compile trains": "test_fsdp_with_compile_trains_as_one_bf16_process_does",
     "the CUDA tests' tolerances hold": "tolerance",
     "GPT-2 small fits a 24 GB card at the guide's micro-batch": "memory",
@@ -262,8 +262,9 @@ def device_of(model: torch.nn.Module) -> torch.device:
 
 
 def decoding(path: str, compiled: bool, ctx: Context) -> list[Row]:
-    """Batch-1 decoding of the model `path` configures as `lmlab serve` runs it: compiled (AOTInductor, the target's
-    path), or eagerly with the weights held in the decode dtype."""
+    """Batch-1 decoding of the model `path` configures as `lmlab serve` runs it: with the step every command chooses
+    (lmlab.inference.steps: CUDA graphs on a GPU, AOTInductor on a CPU; the target's path), or eagerly with the weights
+    held in the decode dtype."""
     device, new_tokens = ctx.device, ctx.scale.new_tokens
     if compiled and not ctx.scale.compile:
         return [(f"decoding, {decoded(path)}, batch 1, {new_tokens} new tokens, compiled",
@@ -271,11 +272,14 @@ def decoding(path: str, compiled: bool, ctx: Context) -> list[Row]:
     cfg = load_config(ROOT / path, ["model.vocab_size=65", *ctx.scale.decoded])
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
-    dtype = decode_dtype(device, autocast_dtype(device, "auto"), compiled)
+    choice = choose_step(model, device, compiled) if compiled else StepChoice("eager", "")
+    dtype = decode_dtype(device, autocast_dtype(device, "auto"), choice.kind == "compiled")
+    if choice.kind != "compiled":  # the compiled step freezes its own copies
+        hold_weights(model, dtype)
     started = time.perf_counter()
-    step = compile_step(model, 1, dtype) if compiled else None
-    how = f"compiled (AOTInductor, {time.perf_counter() - started:.0f} s to build)" if compiled else "eager"
-    rate = decode_rate(hold_weights(model, dtype) if not compiled else model, dtype, new_tokens, step)
+    step, used = build_step(choice, model, dtype, 1)
+    how = f"{used.describe()}, {time.perf_counter() - started:.1f} s to build" if compiled else "eager"
+    rate = decode_rate(model, dtype, new_tokens, step)
     return [(f"decoding, {decoded(path)}, batch 1, {new_tokens} new tokens, {how}", f"{rate:,.0f} tok/s",
              "≥ 2,000 tok/s" if compiled else "")]
 

@@ -1,6 +1,7 @@
 """`lmlab serve` under concurrent clients: continuous batching against one request at a time.
 
     python benchmarks/serve_throughput.py [--shapes demo,gpt2] [--concurrency 1,4,16,64] [--no-compile]
+                                          [--device cpu]
 
 For each model shape (random weights: speed does not depend on them) a run folder is written, and two real
 servers are started on 127.0.0.1: one batching (--max-batch 64) and one decoding a request at a time
@@ -11,7 +12,8 @@ and output tokens/s over the wall time, p50/p95 time to first token, and p50/p95
 from a request's first token to its last, over the tokens after the first).
 
 "step alone" is what the server's decode step gives without the server: the same run loaded in this process,
-its step compiled for the same capacity and threads as that server's (or eager, as it decodes), as many rows as
+its step chosen as that server chooses it (lmlab.inference.steps: CUDA graphs on a GPU; on a CPU compiled for the
+same capacity and threads as that server's, or eager, as it decodes), as many rows as
 the server decodes at once (C, at most its --max-batch) stepped in a loop with the same sampling settings, each
 row from its prompt to `max_tokens`: output tokens/s and ms per step. "of step" is the server's out tok/s over
 the step's: what the server's per-token handling (detokenizing, stop checks, the hand-off to the event loop,
@@ -50,9 +52,9 @@ from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import DataConfig, ModelConfig, RunConfig, SamplingParams, TrainConfig
 from lmlab.core.progress import ItemProgress
 from lmlab.data.tokenizers import Tokenizer, train_tokenizer
-from lmlab.inference.compiled import compile_step
 from lmlab.inference.decode import Decoder, Sequence
-from lmlab.inference.generate import decode_dtype
+from lmlab.inference.generate import decoding_only
+from lmlab.inference.steps import build_step, choose_step
 from lmlab.model import build_model
 from lmlab.run.checkpoint import model_tensors
 from lmlab.run.rundir import RunDir
@@ -87,7 +89,7 @@ def write_run(folder: Path, config: ModelConfig, spec: str, tokenizer: Tokenizer
 
 
 class Server:
-    def __init__(self, run: Path, max_batch: int, compile: bool):
+    def __init__(self, run: Path, max_batch: int, compile: bool, device: str):
         self.max_batch = max_batch
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -96,7 +98,7 @@ class Server:
                    "--compile" if compile else "--no-compile"]
         # Compiled steps are kept beside the run, not in the user's cache.
         env = {**os.environ, "XDG_CACHE_HOME": str(run.parent / "cache")}
-        self.proc = subprocess.Popen([LMLAB, "serve", str(run), "--port", str(self.port), "--device", "cpu",
+        self.proc = subprocess.Popen([LMLAB, "serve", str(run), "--port", str(self.port), "--device", device,
                                       *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         self.threads = torch.get_num_threads()  # what a server that does not say decodes on
 
@@ -184,12 +186,13 @@ TEMPERATURE = 0.8  # what every request samples at, and the step alone too
 class StepAlone:
     """The served run's decode step in this process, at a server's capacity, compiled as that server's is."""
 
-    def __init__(self, run: Path, capacity: int, compile: bool, threads: int):
-        self.run = RunDir(run).load("best", "cpu")
+    def __init__(self, run: Path, capacity: int, compile: bool, threads: int, device: str):
+        self.run = RunDir(run).load("best", device)
         self.capacity, self.threads = capacity, threads
-        self.dtype = decode_dtype(self.run.device, self.run.dtype, compile)
+        choice = choose_step(self.run.model, self.run.device, compile)
+        self.dtype = decoding_only(self.run, compiled=choice.kind == "compiled")
         with self.threaded():
-            self.step = compile_step(self.run.model, capacity, self.run.dtype) if compile else None
+            self.step, _ = build_step(choice, self.run.model, self.dtype, capacity)
 
     @contextmanager
     def threaded(self) -> Iterator[None]:
@@ -236,11 +239,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="compile the servers' decode step, as lmlab serve does by default")
+    parser.add_argument("--device", default="cpu", help="where the servers decode (cuda: through CUDA graphs)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     levels = [int(c) for c in args.concurrency.split(",")]
-    table = Table(title=f"lmlab serve on the CPU ({torch.get_num_threads()} threads), "
-                        f"{'compiled' if args.compile else 'eager'} decode step, sampled, streamed")
+    table = Table(title=f"lmlab serve on {args.device} ({torch.get_num_threads()} threads), "
+                        f"{'compiled' if args.compile else 'eager'} decode step on a CPU, sampled, streamed")
     for column in ("model", "C", "server", "requests", "req/s", "out tok/s", "step alone", "of step", "TTFT p50",
                    "TTFT p95", "ms/token p50", "ms/token p95", "step ms"):
         table.add_column(column, justify="left" if column in ("model", "server") else "right")
@@ -254,10 +258,10 @@ def main() -> None:
                 # skew its choices.
                 for name, max_batch in (("batched (max-batch 64)", 64), ("one at a time", 1)):
                     with console.status(f"{shape}: starting {name}{' (compiling)' if args.compile else ''}..."):
-                        servers[name] = Server(run, max_batch, args.compile)
+                        servers[name] = Server(run, max_batch, args.compile, args.device)
                         servers[name].wait()
                 with console.status(f"{shape}: the step alone{' (compiling)' if args.compile else ''}..."):
-                    alone = {name: StepAlone(run, server.max_batch, args.compile, server.threads)
+                    alone = {name: StepAlone(run, server.max_batch, args.compile, server.threads, args.device)
                              for name, server in servers.items()}
                 measure(shape, servers, alone, spec, max_tokens, levels, table)
             finally:

@@ -62,15 +62,18 @@ def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
 
 def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int, compile: bool,
                 console: Console) -> Any:
-    """The compiled decode step for `capacity` rows (the option `setting`) when `compile`, else None (decode
-    eagerly); first, rows of up to `tokens_per_row` tokens that would not fit in memory are refused."""
+    """The decode step for `capacity` rows as `lmlab.inference.steps` chooses it (None: decode eagerly), said on stderr
+    with why unless it is the eager step nobody asked to change; first, rows of up to `tokens_per_row` tokens that
+    would not fit in memory are refused."""
     from lmlab.inference.generate import decoding_only
+    from lmlab.inference.steps import build_step, choose_step
     from lmlab.model.memory import check_decoding
 
-    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, decoding_only(run, compile))
-    if not compile:
-        return None
-    from lmlab.inference.compiled import compile_step
-
-    with console.status("Compiling the decode step..."):
-        return compile_step(run.model, capacity, run.dtype)
+    choice = choose_step(run.model, run.device, compile)
+    dtype = decoding_only(run, compiled=choice.kind == "compiled")
+    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, dtype)
+    with console.status(f"Building the decode step ({choice.kind})..."):
+        step, used = build_step(choice, run.model, dtype, capacity)
+    if compile or used.kind != "eager":
+        print_note(f"note: decoding with {used.describe()}")
+    return step

@@ -197,8 +197,8 @@ class Run:
                compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
         """The prompt and its continuation (an empty prompt starts a new document), as `lmlab sample` draws it;
         `settings` are max_new_tokens, temperature (0: greedy), top_k, top_p and seed. With `stream`, an iterator of the
-        pieces (the prompt first); with `compile`, decoded by a compiled step (worth it for thousands of tokens). Kept
-        in samples.txt unless not `keep`."""
+        pieces (the prompt first); with `compile`, decoded by a compiled step on a CPU (worth it for thousands of
+        tokens; on a GPU the step replays as CUDA graphs either way). Kept in samples.txt unless not `keep`."""
         params = sampling_params(settings)
         return self._text(lambda run, step: sample_stream(run, prompt, params, step), len(prompt), params,
                           f"prompt {prompt!r}", checkpoint, device, stream, compile, keep)

@@ -208,7 +208,8 @@ def add_sampling(parser: argparse.ArgumentParser, several: bool = False, **defau
 
 def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default,
-                        help=f"decode with a compiled step ({why}; default {'on' if default else 'off'})")
+                        help=f"decode with a compiled step on a CPU ({why}; default {'on' if default else 'off'}); on "
+                             "a GPU the step replays as CUDA graphs either way")
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Decoding several sequences at once: one forward per step for every sequence in the batch, each in its own row of the
 model's decode state. A sequence joins by prefilling its prompt into a free row and leaves at once when it ends, the
-last row moving into its place, so a step computes no empty row. Results equal decoding each sequence alone."""
+last row moving into its place, so a step computes no empty row (but those padding a bucketed step's rows up to the
+shape it was made for). Results equal decoding each sequence alone."""
 
 from __future__ import annotations
 
@@ -101,6 +102,20 @@ def live_length(longest: int, block_size: int) -> int:
     return min(block_size, max(64, 1 << (longest - 1).bit_length()))
 
 
+def row_bucket(rows: int, capacity: int) -> int:
+    """The rows a bucketed step computes for `rows` sequences: the next power of two, up to the capacity, so a decoder
+    of capacity 64 steps in 7 row shapes."""
+    return min(capacity, 1 << (rows - 1).bit_length())
+
+
+class BucketedStep:
+    """A step made for a few shapes (a CUDA graph per shape, lmlab.inference.graphs): the decoder steps it over
+    `row_bucket` rows, the rows past its sequences free ones emptied first, and `live_length` positions."""
+
+    def __call__(self, idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
     device = next(model.parameters()).device
 
@@ -114,7 +129,7 @@ def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
 
 
 class Decoder:
-    """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled one)."""
+    """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled or bucketed one)."""
 
     def __init__(self, model: LanguageModel, capacity: int, dtype: torch.dtype = torch.float32,
                  step: Step | None = None):
@@ -125,6 +140,7 @@ class Decoder:
                                                                                     self.device)
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)
+        self.bucketed = isinstance(step, BucketedStep)
         self.active: list[Sequence] = []
         self._views: dict[tuple[int, int], DecodeState] = {}
         self.scoring = 0  # active sequences that record log-probabilities
@@ -167,9 +183,12 @@ class Decoder:
                 # rather than recompute a whole window every token.
                 self._fill(seq, seq.ids[-max(1, self.block_size // 2):], echo=False)
         n = len(self.active)
-        idx = torch.tensor([[seq.ids[-1]] for seq in self.active], device=self.device)
+        rows = row_bucket(n, self.capacity) if self.bucketed else n
+        idx = torch.tensor([[seq.ids[-1]] for seq in self.active] + [[0]] * (rows - n), device=self.device)
+        if rows > n:
+            self.state.pos[n:rows] = 0  # a free row padding the step writes its token at position 0, in every view
         longest = max(seq.pos for seq in self.active) + 1  # with the token fed now
-        logits = self.step_fn(idx, self.rows(n, live_length(longest, self.block_size)))
+        logits = self.step_fn(idx, self.rows(rows, live_length(longest, self.block_size)))[:n]
         tokens = choose(logits, [seq.params for seq in self.active], [seq.generator for seq in self.active])
         if self.scoring:
             self._score_step(logits, tokens)

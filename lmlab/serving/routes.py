@@ -119,7 +119,8 @@ def add_status_routes(app: Any, state: State) -> None:
             return JSONResponse({"status": status, "phase": state.phase, "model": state.name}, status_code=503)
         decoding, waiting = served.batcher.load()
         return JSONResponse({"status": "ok", "model": state.name, "decode_step": state.decode_step,
-                             "compiled_step": state.compiled, "threads": state.threads, "decoding": decoding,
+                             "decode_step_why": state.decode_why, "compiled_step": state.compiled,
+                             "threads": state.threads, "decoding": decoding,
                              "max_batch": served.max_batch, "waiting": waiting, "max_queue": served.batcher.max_queue,
                              "lanes": state.lanes.load()})
 

@@ -19,7 +19,6 @@ from lmlab.core.threads import ThreadChooser
 from lmlab.core.workers import python_command
 from lmlab.inference.compiled import (
     StepRefused,
-    compilable,
     forget_old_steps,
     kept_step,
     load_kept,
@@ -28,6 +27,7 @@ from lmlab.inference.compiled import (
 )
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, max_prompt_chars
+from lmlab.inference.steps import StepChoice, build_step, choose_step
 from lmlab.model.memory import check_decoding
 from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
@@ -47,6 +47,7 @@ class Startup:
     def __init__(self, state: State, options: ServeOptions, since: float):
         self.state, self.options, self.since = state, options, since
         self.compiler: subprocess.Popen | None = None
+        self.choice = StepChoice("eager", "not loaded yet")
         self.thread = threading.Thread(target=self._load, name="lmlab-startup", daemon=True)
 
     def begin(self) -> None:
@@ -88,17 +89,17 @@ class Startup:
                 state.log(f"lmlab serve: {note}")
             state.threads = Machine(run.device, run.dtype).threads(chooser, run.model, options.max_batch, 1).threads
             folder = served_folder(run)
-            # A model that keeps no decode state has nothing to compile: it decodes eagerly (lmlab.inference.compiled).
-            compiles = options.compile and compilable(run.model)
+            choice = self.choice = choose_step(run.model, run.device, options.compile)  # as sample and answer do
+            compiles = choice.kind == "compiled"
             batch = self._kept(run, folder) if compiles else None
             if batch is None:
-                batch = self._batch(run, decoding_only(run, compiled=False))
-                state.decode_step = "eager, compiling" if compiles else "eager"
+                batch = self._uncompiled(run, StepChoice("eager, compiling", "until the compiled step is built in the "
+                                                         "background") if compiles else choice)
             state.served = self._served(run, batch, folder)
             # Said before /health says it: a log read as the server's readiness never lags the server.
             state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "
-                      f"{state.decode_step} on {state.threads} thread{'s' * (state.threads > 1)}; chats rendered "
-                      f"through {chat_rendering(run)}")
+                      f"{state.decode_step} ({state.decode_why}) on {state.threads} thread"
+                      f"{'s' * (state.threads > 1)}; chats rendered through {chat_rendering(run)}")
             state.phase = "ready"
         except Exception as err:  # the server stops; the command says why (its one line) and exits 2
             state.failure = str(err) if isinstance(err, UserError) else f"loading failed: {err!r}"
@@ -108,8 +109,22 @@ class Startup:
             try:
                 self._compile(run, folder)
             except Exception as err:  # the server goes on decoding eagerly
-                state.decode_step = "eager"
-                state.log(f"lmlab serve: compiling the decode step failed ({err!r}); decoding eagerly")
+                self._eager(f"compiling the decode step failed ({err!r})")
+
+    def _uncompiled(self, run: LoadedRun, choice: StepChoice) -> Batch:
+        """A batch decoding with the CUDA-graph step, checked first (or eagerly: at once, or when that step fails its
+        check), the step and why said in /health."""
+        dtype, step, used = decoding_only(run, compiled=False), None, choice
+        if choice.kind == "cuda graphs":
+            started = self._phase(f"building the decode step ({choice.kind})")
+            step, used = build_step(choice, run.model, dtype, self.options.max_batch)
+            self._log(f"built and checked the decode step ({used.describe()})", started)
+        self.state.decode_step, self.state.decode_why = used.kind, used.why
+        return self._batch(run, dtype, step)
+
+    def _eager(self, why: str) -> None:
+        self.state.decode_step, self.state.decode_why = "eager", why
+        self.state.log(f"lmlab serve: {why}; decoding eagerly")
 
     def _row_tokens(self, run: LoadedRun) -> int:
         return run.config.model.block_size + self.options.max_tokens_cap  # a row's prompt fills the context at most
@@ -157,6 +172,7 @@ class Startup:
     def _use(self, path: Path) -> Step:
         step, digest = load_kept(path)
         self.state.decode_step, self.state.compiled = "compiled", {"file": str(path), "sha256": digest}
+        self.state.decode_why = self.choice.why
         return step
 
     def _compile(self, run: LoadedRun, folder: Path) -> None:
@@ -174,16 +190,14 @@ class Startup:
             code = self.compiler.returncode
             reason = (f"its process was killed by {signal.Signals(-code).name}" if code < 0 else
                       (err.strip().splitlines() or [f"status {code}"])[-1])
-            state.decode_step = "eager"
             if not state.draining:
-                state.log(f"lmlab serve: compiling the decode step failed ({reason}); decoding eagerly")
+                self._eager(f"compiling the decode step failed ({reason})")
             return
         path = Path(out.strip().splitlines()[-1])
         try:
             step = self._use(path)
         except StepRefused as err:
-            state.decode_step = "eager"
-            state.log(f"lmlab serve: {err}; decoding eagerly")
+            self._eager(str(err))
             return
         state.loaded.batcher.use(self._batch(run, run.dtype, step))
         forget_old_steps()

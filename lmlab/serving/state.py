@@ -71,7 +71,8 @@ class State:
     stop: Callable[[], None] = lambda: None  # ends the server (once it runs)
     phase: str = "starting"
     served: Served | None = None
-    decode_step: str = "eager"
+    decode_step: str = "eager"  # lmlab.inference.steps' kind, or "eager, compiling"
+    decode_why: str = ""  # why that step decodes
     compiled: dict[str, str] | None = None  # the compiled step decoding: its file and sha256 (checked as loaded)
     threads: int = 0  # the decode step's CPU threads, once loaded
     draining: bool = False

@@ -27,6 +27,7 @@ from lmlab.inference.generate import (
     document_start,
     max_prompt_chars,
 )
+from lmlab.inference.steps import build_step, choose_step
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.writeup.document import Block, Code, Heading, Paragraph
 
@@ -204,7 +205,10 @@ def sample_grid(paths: Sequence[Path], prompts: Sequence[str], temperatures: Seq
             def advance(done: int, _: int, before: int = len(cells)) -> None:  # the cells of the runs before it first
                 progress(before + done, total)
 
-            run_cells(run, name, prompts, temperatures, params, chat=chat, into=cells, progress=advance)
+            # the step `sample` would choose (on a GPU, CUDA graphs); never the compiled one, a minute per run
+            step, _ = build_step(choose_step(run.model, run.device, False), run.model,
+                                 decode_dtype(run.device, run.dtype, True), MOST_AT_ONCE)
+            run_cells(run, name, prompts, temperatures, params, step, chat=chat, into=cells, progress=advance)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it: the grid as far as it got
         signal = getattr(stop, "signal", "SIGINT")
         done = sum(c.text is not None or c.why_not is not None for c in cells)

@@ -1,0 +1,124 @@
+"""The decode step replayed as a CUDA graph: one graph per (rows, live length) bucket of the decoder (rows padded up to
+a power of two, `decode.row_bucket`; lengths by `decode.live_length`), captured from the eager step in milliseconds
+over the decoder's own state, whose tensors never move. A replay is one launch where the eager step launches a few
+hundred small kernels and waits on the host between them, which is what bounds decoding a small model on a GPU.
+
+How a bucket is captured is a `Capture`: `cuda_graph` on a GPU; `recorded`, its twin on the CPU, which replays the
+eager step into the same static buffers (so the buffer discipline is tested where no GPU is); `compiled`, torch.compile
+per bucket (mode="reduce-overhead" on a GPU, every state tensor marked static)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from lmlab.inference.decode import BucketedStep, feed
+from lmlab.model import LanguageModel
+from lmlab.model.base import DecodeState
+
+# One step over plain tensors: (idx, *state tensors) -> logits (rows, vocab), the state updated in place.
+Body = Callable[..., torch.Tensor]
+Run = Callable[[], torch.Tensor]
+# Makes a bucket's replay: given the body, its static arguments and a warm-up run on copies of them; the replay runs
+# one step over the static arguments and returns the static output.
+Capture = Callable[[Body, tuple[torch.Tensor, ...], Run], Run]
+
+
+def cuda_graph() -> Capture:
+    """Capture on CUDA, every bucket's graph in one memory pool (buckets never run at once)."""
+    shared = torch.cuda.graph_pool_handle()
+
+    def capture(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
+        side = torch.cuda.Stream()  # warmed on a side stream, as capture needs (cuBLAS's handles, lazy inits)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warm()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the server's other threads may touch CUDA while this one captures
+        with torch.cuda.graph(graph, pool=shared, capture_error_mode="thread_local"):
+            out = body(*args)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    return capture
+
+
+def recorded(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
+    """The CPU's twin of `cuda_graph`: capturing runs nothing on the real state (as recording a graph runs nothing),
+    and a replay runs the step over the same static arguments into the same output buffer."""
+    out = torch.empty_like(warm())
+
+    def replay() -> torch.Tensor:
+        return out.copy_(body(*args))
+
+    return replay
+
+
+def compiled(**options: object) -> Capture:
+    """torch.compile per bucket (fullgraph, static shapes: each bucket compiles once and never again) with every state
+    tensor's address marked static, so that mode="reduce-overhead" records a CUDA graph rather than skip one."""
+
+    def capture(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
+        for tensor in args[1:]:
+            torch._dynamo.mark_static_address(tensor)
+        step = torch.compile(body, fullgraph=True, dynamic=False, **options)  # type: ignore[call-overload]
+        # A bucket is a shape of the same code: one compile each, however many buckets there are.
+        first = [torch._dynamo.config.patch(recompile_limit=1 << 16)]
+
+        def replay() -> torch.Tensor:
+            with first.pop() if first else contextlib.nullcontext():
+                return step(*args)
+
+        return replay
+
+    return capture
+
+
+class GraphStep(BucketedStep):
+    """The decode step of `model` replayed per bucket; a bucket is captured the first time the decoder steps in it, over
+    that bucket's view of the decoder's state. The logits returned are the bucket's static output: read them before
+    the next step."""
+
+    def __init__(self, model: LanguageModel, dtype: torch.dtype, capture: Capture):
+        self.model, self.dtype, self.capture = model, dtype, capture
+        self.device = next(model.parameters()).device
+        # by id of the state view the decoder keeps per bucket (the view held, so the id is never reused)
+        self.buckets: dict[int, tuple[DecodeState, torch.Tensor, Run]] = {}
+
+    def __call__(self, idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        bucket = self.buckets.get(id(state))
+        if bucket is None:
+            if self.buckets and _storage(next(iter(self.buckets.values()))[0]) != _storage(state):
+                self.buckets.clear()  # another decoder's state: the old one's graphs (and its memory) go
+            bucket = self.buckets[id(state)] = self._capture(idx, state)
+        _, static, replay = bucket
+        static.copy_(idx)
+        return replay()
+
+    def _capture(self, idx: torch.Tensor, state: DecodeState) -> tuple[DecodeState, torch.Tensor, Run]:
+        kind, static = type(state), idx.clone()
+
+        def body(ids: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+            # autocast's cache of cast weights off: a graph must not read a cast made outside it
+            cast = torch.autocast(self.device.type, self.dtype, cache_enabled=False) if self.dtype != torch.float32 \
+                else contextlib.nullcontext()
+            with cast:
+                logits = feed(self.model, ids, kind.over(tensors))
+            assert logits is not None, "feed gives logits when asked"
+            return logits[:, -1]
+
+        def warm() -> torch.Tensor:  # on copies: the real state moves only when a replay runs
+            return body(static.clone(), *(t.clone() for t in state.tensors()))
+
+        return state, static, self.capture(body, (static, *state.tensors()), warm)
+
+
+def _storage(state: DecodeState) -> int:
+    return state.pos.untyped_storage().data_ptr()

@@ -1,0 +1,86 @@
+"""Which step decodes: the one choice `serve`, `sample`, `answer`, the page and `lmlab.Run` make, and why. On CUDA the
+step replays as CUDA graphs (lmlab.inference.graphs), built in milliseconds; on the CPU, with --compile, AOTInductor's
+compiled step (lmlab.inference.compiled), built in a minute; else eager. A step that fails its check (its first tokens
+are not eager's) is not used: eager decodes, and says why."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmlab.core.config import SamplingParams
+from lmlab.inference.compiled import compilable, compile_step
+from lmlab.inference.decode import Decoder, Sequence, Step
+from lmlab.inference.graphs import Capture, GraphStep, compiled, cuda_graph
+from lmlab.model import LanguageModel
+
+CHECK_TOKENS = 8  # greedy tokens a step must decode as eager does, for each of two sequences, before it is used
+# How a GPU's step is captured, by the kind a choice names. The captured graph is taken: it builds in milliseconds,
+# with no compiler; benchmarks/hf_decode_speed.py times torch.compile's beside it, which a measurement kept per
+# card and shape could choose instead.
+CAPTURES: dict[str, Callable[[], Capture]] = {"cuda graphs": cuda_graph,
+                                              "torch.compile reduce-overhead": lambda: compiled(mode="reduce-overhead")}
+
+
+@dataclass(frozen=True)
+class StepChoice:
+    kind: str  # "cuda graphs", "compiled" or "eager"
+    why: str
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.why})"
+
+
+def choose_step(model: LanguageModel, device: torch.device, compile: bool) -> StepChoice:
+    """The step `model` decodes with on `device`, `compile` being whether the slow-to-build compiled step was asked."""
+    if not compilable(model):
+        return StepChoice("eager", "the model keeps no decode state to capture or compile")
+    if device.type == "cuda":
+        return StepChoice("cuda graphs", "one graph per batch and length bucket, replayed as one launch a token")
+    if not compile:
+        return StepChoice("eager", "the compiled step was not asked for: it takes a minute or more to build")
+    if device.type != "cpu":
+        return StepChoice("eager", f"no compiled step runs on {device.type}")
+    return StepChoice("compiled", "AOTInductor: the step is one call into C++")
+
+
+def build_step(choice: StepChoice, model: LanguageModel, dtype: torch.dtype, capacity: int,
+               capture: Callable[[], Capture] | None = None) -> tuple[Step | None, StepChoice]:
+    """The step `choice` names for up to `capacity` rows (None: eager) and what decodes in the end: eager, with the
+    reason, when the step fails its check. `capture` is how a bucket is captured, if not as CAPTURES says (a twin on
+    the CPU)."""
+    if choice.kind == "compiled":
+        return compile_step(model, capacity, dtype), choice
+    if choice.kind not in CAPTURES:
+        return None, choice
+    capture = capture or CAPTURES[choice.kind]
+    try:
+        failure = check_step(model, dtype, lambda: GraphStep(model, dtype, capture()))
+    except Exception as err:  # a capture the card or the driver refuses
+        failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if failure:
+        return None, StepChoice("eager", f"the {choice.kind} step failed its check ({failure})")
+    return GraphStep(model, dtype, capture()), choice
+
+
+def check_step(model: LanguageModel, dtype: torch.dtype, make: Callable[[], Step]) -> str | None:
+    """Why the step `make` builds cannot be used (its first greedy tokens differ from eager's), or None; it decodes
+    in a decoder of its own, so what it captures there is let go."""
+    vocab = model.config.vocab_size
+    prompts = [[1 % vocab], [2 % vocab, 3 % vocab]]
+    tokens = [first_tokens(model, dtype, prompts, step) for step in (None, make())]
+    return None if tokens[0] == tokens[1] else f"its first tokens {tokens[1]} are not eager's {tokens[0]}"
+
+
+@torch.no_grad()
+def first_tokens(model: LanguageModel, dtype: torch.dtype, prompts: list[list[int]],
+                 step: Step | None) -> list[list[int]]:
+    decoder = Decoder(model, len(prompts), dtype, step)
+    seqs = [Sequence(list(p), SamplingParams(max_new_tokens=CHECK_TOKENS, temperature=0)) for p in prompts]
+    for seq in seqs:
+        decoder.join(seq)
+    for _ in range(CHECK_TOKENS):
+        decoder.step()
+    return [seq.ids[len(p):] for seq, p in zip(seqs, prompts)]

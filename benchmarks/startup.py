@@ -103,7 +103,8 @@ def timed_start(command: list[str], env: dict[str, str], run: Path, phases: Path
         for event in RunDir(run).events():
             seen.setdefault(event["event"], time.perf_counter() - started)
         time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     reader.join()
     if "train" not in seen:

@@ -255,6 +255,7 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence
             entry = merged(entry, flops, meter.load, dtype, device)
             if settled(entry) or not quiet(meter.load, device):
                 break
+    assert entry is not None, "QUIET_MEASUREMENTS is at least 1"
     entries[key] = entry
     try:
         with writing(path):

@@ -1,24 +1,28 @@
-"""How long `lmlab train` takes from the command to its first line and to its first training step.
+"""How long `lmlab train` takes from the command to its first line and to its first training step, and where those
+seconds go, on a machine's first run of a shape and on its second.
 
-    python benchmarks/startup.py [--config configs/shakespeare-char-modern-cpu.toml] [--repeats 5]
-        [--tree PATH ...] [--cold]
+    python benchmarks/startup.py [--config configs/shakespeare-char-modern-cpu.toml] [--budget 90s] [--repeats 3]
+        [--tree PATH ...]
 
-Prepares data/shakespeare-char if needed, then starts `python -m lmlab train CONFIG` (two steps, one log line
-per step, no eval until the end) --repeats times, reads its output and watches the run's metrics.jsonl: its first
-line of output, the start event (the model built, the data opened, the run folder written) and the first `train`
-line (step 1 done, its loss read back) are timed from the moment the process was started. Each --tree is an lmlab
-source tree (a checkout's root) put first on PYTHONPATH (and the working directory left off sys.path: `python
--P`), so two versions can be compared in one sitting: the trees take turns in every round, so a change in the
-machine's load hits them alike. Without --tree, the installed lmlab runs. Each tree has a cache folder of its own
-(XDG_CACHE_HOME: the measured peak, the memory estimates), filled by one untimed start first, as a user's machine
-has it after their first run; with --cold, every start gets an empty one. Prints the median and the best over the
-repeats, and the whole command's wall time.
+Prepares data/shakespeare-char if needed, then, --repeats times, starts `python -m lmlab train CONFIG` (one log
+line per step, no evaluation before step 1000) twice on an empty cache folder (XDG_CACHE_HOME: the peak, the
+machine's choices, the memory estimates): the first run measures and keeps what the second reads back, as on a
+user's machine. Each start is timed from the moment the process was started to its first line of output and to its
+first `train` line in metrics.jsonl (step 1 done, its loss read back), then ended. Meanwhile a thread of the
+process samples its main thread's stack every few milliseconds and files each sample under a phase (PHASES: the
+first whose code is on the stack, so a lazy import counts as imports wherever it happens); the rows add up to step
+1 done. Each --tree is an lmlab source tree (a checkout's root) put first on PYTHONPATH (the working directory left
+off sys.path: `python -P`), so two versions can be compared in one sitting: the trees take turns in every round, so
+a change in the machine's load hits them alike. Without --tree, the installed lmlab runs. Prints the median of each
+figure over the repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,71 +40,124 @@ from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 
-COLUMNS = ("first line", "start event", "step 1 done", "exit")
+# A phase, then the code that puts a sample in it: a function of a file, or any of it ("").
+PHASES = {
+    "first step": [("lmlab/train/loop.py", "_loop")],
+    "imports": [("<frozen importlib._bootstrap>", "_find_and_load")],
+    "peak and dtype": [("lmlab/core/peak.py", "")],
+    "budget's timing": [("lmlab/train/timing.py", ""), ("lmlab/train/budget.py", "")],
+    "machine's choices": [("lmlab/train/machine.py", ""), ("lmlab/train/attention.py", ""),
+                          ("lmlab/core/threads.py", "")],
+    "sizing": [("lmlab/experiments/sizing.py", "")],
+    "data checks": [("lmlab/data/", "")],
+    "run folder": [("lmlab/run/", "")],
+    "model and optimizer": [("lmlab/model/", ""), ("lmlab/train/optim.py", ""), ("lmlab/train/step.py", "")],
+}
+OTHER = "the rest (interpreter, config, lines)"
+# Runs in the timed process: its phase as it changes, `perf_counter phase` a line (the clock is the machine's).
+SAMPLER = """
+import runpy, sys, threading, time
+PHASES, OTHER, out = {phases!r}, {other!r}, open({path!r}, "w", buffering=1)
+main = threading.main_thread().ident
+def phase():
+    frame, seen = sys._current_frames().get(main), []
+    while frame is not None:
+        seen.append((frame.f_code.co_filename, frame.f_code.co_name))
+        frame = frame.f_back
+    for name, rules in PHASES.items():
+        if any(part in file and fn in ("", code) for file, code in seen for part, fn in rules):
+            return name
+    return OTHER
+def sample():
+    last = None
+    while True:
+        now = phase()
+        if now != last:
+            out.write(f"{{time.perf_counter()}} {{now}}\\n")
+            last = now
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+sys.argv = ["lmlab", *sys.argv[1:]]
+runpy.run_module("lmlab", run_name="__main__", alter_sys=True)
+"""
+PYTHON = "python, until the sampler"
 
 
-def first_event_times(command: list[str], env: dict[str, str], run: Path) -> dict[str, float]:
-    """Seconds from starting `command` to its first line of output, its start event, its first train line, and its
-    exit."""
+def timed_start(command: list[str], env: dict[str, str], run: Path, phases: Path) -> dict[str, float]:
+    """Seconds from starting `command` (lmlab's arguments) to its first line of output and to its first train
+    line, and by phase to that; the process is then killed."""
     seen: dict[str, float] = {}
+    code = SAMPLER.format(phases=PHASES, other=OTHER, path=str(phases))
     started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-P", "-c", code, *command], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    def first_line() -> None:
+    def read() -> None:
         output = proc.stdout.readline()
         seen.setdefault("first line", time.perf_counter() - started)
         seen["output"] = output + proc.stdout.read()
 
-    reader = threading.Thread(target=first_line)
+    reader = threading.Thread(target=read)
     reader.start()
-    while proc.poll() is None:
+    while proc.poll() is None and "train" not in seen:
         for event in RunDir(run).events():
             seen.setdefault(event["event"], time.perf_counter() - started)
         time.sleep(0.002)
-    exited = time.perf_counter() - started
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     reader.join()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{seen['output']}")
-    return {"first line": seen["first line"], "start event": seen["start"], "step 1 done": seen["train"],
-            "exit": exited}
+    if "train" not in seen:
+        raise SystemExit(f"{' '.join(command)} ended before its first step:\n{seen['output']}")
+    return {"first line": seen["first line"], **by_phase(phases.read_text(), started, started + seen["train"]),
+            "step 1 done": seen["train"]}
+
+
+def by_phase(lines: str, started: float, done: float) -> dict[str, float]:
+    """Seconds in each phase from the sampler's lines, from `started` (the process's start) to `done`."""
+    marks = [(float(t), name) for t, _, name in (line.partition(" ") for line in lines.splitlines())]
+    spent = dict.fromkeys([PYTHON, *PHASES, OTHER], 0.0)
+    spent[PYTHON] = marks[0][0] - started
+    for (began, name), (ended, _) in zip(marks, [*marks[1:], (done, "")]):
+        spent[name] += max(0.0, min(ended, done) - began)
+    return spent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/shakespeare-char-modern-cpu.toml")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", help="train with this --budget (its timing and plan are start-up's)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tree", action="append", default=[], help="an lmlab source tree to run (repeatable)")
-    parser.add_argument("--cold", action="store_true", help="an empty cache folder for every start")
     args = parser.parse_args()
     prepare(["shakespeare"], "char", out_dir=Path(load_config(Path(args.config)).data.dataset).parent)
-    trees = args.tree or [""]
-    settings = ["train.max_iters=2", "train.log_interval=1", "train.eval_interval=1000"]
-    times: dict[str, list[dict[str, float]]] = {tree: [] for tree in trees}
+    trees, starts = args.tree or [""], ("first run", "second run")
+    settings = ["train.log_interval=1", "train.eval_interval=1000"]
+    times: dict[tuple[str, str], list[dict[str, float]]] = {(t, s): [] for t in trees for s in starts}
     progress = ItemProgress(console, args.repeats * len(trees))
     with tempfile.TemporaryDirectory(dir=".") as runs, LoadMeter() as meter:
-        for round_ in range(-1, args.repeats):  # round -1 fills each tree's cache, untimed
+        for round_ in range(args.repeats):
             for i, tree in enumerate(trees):
-                if round_ >= 0:
-                    progress.start(f"{tree or 'installed'}, round {round_ + 1}")
-                cache = Path(runs) / f"cache-{i}" / (f"{round_}" if args.cold else "")
-                env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+                progress.start(f"{tree or 'installed'}, round {round_ + 1}")
+                env = {**os.environ, "XDG_CACHE_HOME": str(Path(runs) / f"cache-{round_}-{i}")}
                 env |= {"PYTHONPATH": str(Path(tree).resolve())} if tree else {}
-                run = Path(runs) / f"{round_}-{i}"
-                command = [sys.executable, "-P", "-m", "lmlab", "train", args.config, "--run", str(run), "--device",
-                           "cpu", *(arg for s in settings for arg in ("--set", s))]
-                timed = first_event_times(command, env, run)
-                if round_ >= 0:
-                    times[tree].append(timed)
-    cache = "an empty cache each" if args.cold else "a cache filled by a first start"
-    table = Table(title=f"`lmlab train {args.config}`: seconds from the command, median (best) of {args.repeats}, "
-                        f"{cache}")
-    table.add_column("lmlab")
-    for column in COLUMNS:
-        table.add_column(column, justify="right")
-    for tree, rows in times.items():
-        cells = [f"{statistics.median(r[c] for r in rows):.2f} ({min(r[c] for r in rows):.2f})" for c in COLUMNS]
-        table.add_row(tree or "installed", *cells)
+                for start in starts:
+                    run = Path(runs) / f"{round_}-{i}-{start[:5]}"
+                    command = ["train", args.config, "--run", str(run), "--device", "cpu",
+                               *(["--budget", args.budget] if args.budget else []),
+                               *(arg for s in settings for arg in ("--set", s))]
+                    times[tree, start].append(timed_start(command, env, run, Path(runs) / "phases"))
+    table = Table(title=f"`lmlab train {args.config}{' --budget ' + args.budget if args.budget else ''}`: seconds "
+                        f"from the command, median of {args.repeats}")
+    table.add_column("")
+    columns = list(times[trees[0], starts[0]][0])
+    for tree, start in times:
+        table.add_column(f"{tree or 'installed'}, {start}" if args.tree else start, justify="right")
+    for column in columns:
+        cells = [f"{statistics.median(r[column] for r in rows):.2f}" for rows in times.values()]
+        table.add_row(column if column in ("first line", "step 1 done") else f"  {column}", *cells)
     console.print(table)
+    console.print(json.dumps({f"{t}|{s}": rows for (t, s), rows in times.items()}), style="dim", highlight=False)
     warning = busy_warning("the starts", meter.load, "they read slow")
     if warning:
         console.print(warning, style="yellow", markup=False)

@@ -1,7 +1,7 @@
 """lmlab.train.machine: the one component that decides how this machine runs a model. A choice is measured once per
 machine and shape and read back after; a damaged, edited, foreign or unwritable cache is a note and a measurement,
-never an error; the budget's timing on the run's own step leaves every bit of it as it was; and a second `train` of
-the same shape measures nothing."""
+never an error; the budget's timing on the run's own step leaves every bit of it as it was; and a second `train` or
+`finetune` of the same shape measures nothing, `sample`, `eval` and `serve` at most their threads."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from lmlab.model import build_model
 from lmlab.train.machine import MEASURED, READ_BACK, ROWS, Machine, cache_path
 from lmlab.train.step import TrainStep
 from lmlab.train.timing import time_step
-from tests.helpers import LMLAB, write_config
+from tests.helpers import ALPACA_TINY, LMLAB, Server, write_config
 
 CPU = torch.device("cpu")
 
@@ -126,6 +126,25 @@ def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_datase
         added = _rows() - before
         assert len(added) <= 1 and {row for row, _ in added} <= {"threads"}
 
+
+
+@pytest.mark.slow
+def test_a_second_finetune_of_the_same_shape_measures_nothing_and_serve_at_most_its_threads(tmp_path, imported_gpt2):
+    """`finetune` asks the machine's component as `train` does: the first of a shape measures its attention paths, a
+    second reads them back and adds nothing to the cache; `serve` times at most its threads' one decision."""
+    added = []
+    for n in (1, 2):
+        before = _rows()
+        done = subprocess.run([LMLAB, "finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / f"ft{n}",
+                               "--set", "finetune.epochs=1", "--set", "finetune.threads=1", "--device", "cpu"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        added.append({row for row, _ in _rows() - before})
+    assert "attention" in added[0] and added[1] == set(), added
+    before = _rows()
+    Server(imported_gpt2).stop()
+    added_by_serve = _rows() - before
+    assert len(added_by_serve) <= 1 and {row for row, _ in added_by_serve} <= {"threads"}
 
 def _rows() -> set[tuple[str, str]]:
     path = Path(cache_path())

@@ -28,6 +28,7 @@ from lmlab.core.peak import (
     checksum,
     choose_dtype,
     matmul_size,
+    measure_into_cache,
     merged,
     native_kernel,
     peak_flops,
@@ -83,6 +84,24 @@ def test_quiet_measurements_keep_their_best_and_a_busy_one_never_replaces_them()
     assert all(e["sha256"] == checksum(e) for e in (first, quiet, better, lower, agreeing))
 
 
+
+@pytest.mark.parametrize("others, windows, measurements", [(0.0, QUIET_MEASUREMENTS, QUIET_MEASUREMENTS),
+                                                           (1.0, 1, 0)])
+def test_a_start_measures_until_the_peak_settles_and_stops_at_a_busy_window(tmp_path, monkeypatch, others, windows,
+                                                                             measurements):
+    """A quiet machine takes all the windows a peak needs to settle at its first start, so its second reads it back;
+    a busy window is the last of its start (the cores' counters faked: `others` of them, besides this process)."""
+    fake_cpu(monkeypatch, "avx2")  # bf16 without a native kernel: measured on a 256² matmul
+    monkeypatch.setattr(peak, "WINDOW", 0.02)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    reads = iter(range(0, 10**9, round(others * 10**6)) if others else [0] * 100)
+    read = []
+    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: read.append(1) or next(reads))
+    found = measure_into_cache(CPU, torch.bfloat16)
+    assert (len(read) // 2, found.measurements, found.quiet) == (windows, measurements, not others)
+    entry = json.loads((tmp_path / "lmlab" / "peak_flops.json").read_text())["entries"][cache_key(CPU, torch.bfloat16)]
+    assert len(entry["figures"]) == measurements and found.settled == settled(entry)
+
 def test_the_cache_is_keyed_by_the_processor_and_refuses_what_it_cannot_trust(tmp_path):
     key, who = cache_key(CPU, torch.float32), processor()
     assert all(str(value) in key for value in who.values() if value)  # name, vendor, family, model, flags
@@ -123,7 +142,7 @@ def test_a_command_measures_again_over_a_foreign_or_edited_cache_and_keeps_the_r
     path = write_cache(tmp_path, {"cpu: Some Other CPU, 2 threads, float32": foreign,
                                   key: settled_entry(torch.float32, 2e11) | {"flops": 1e30}})
     found = peak_in_subprocess(tmp_path)
-    assert found["flops"] < 1e30 and found["measurements"] <= 1  # measured here, neither 1e30 read back
+    assert found["flops"] < 1e30 and found["measurements"] <= QUIET_MEASUREMENTS  # measured here, neither 1e30 read
     assert found["notes"] == [f"the peak cache entry for this processor in {path} does not match its checksum "
                               "(edited by hand, or damaged): the peak is measured again."]
     entries = json.loads(path.read_text())["entries"]

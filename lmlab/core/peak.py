@@ -25,6 +25,7 @@ from lmlab.core.threads import most_threads
 QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
 AGREE = 0.9  # a measurement agrees with the best when it reached this share of it
 KEPT = 10  # quiet figures kept in an entry (the newest)
+WINDOW = 0.25  # seconds a measurement takes the best of
 CACHE_FORMAT = 2  # 1's figures may have been measured busy
 BF16_MARGIN = 1.5  # autocast's casts around every matmul pay only where bf16 matmuls clearly win
 # A training step computes at most this many times the peak, in FLOPs as lmlab counts them (`flops_per_token`): a
@@ -241,13 +242,21 @@ def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
 
 
 def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence[str] = ()) -> Peak:
-    """Measure the peak once and merge it into the cache; what the cache now holds."""
+    """Measure the peak, a window at a time until its entry settles (at most QUIET_MEASUREMENTS windows a start, none
+    after a busy one: a quiet machine settles it at its first start), merge each into the cache; what it now holds."""
     path, key = cache_path(), cache_key(device, dtype)
     entries, entry, _ = read_cache(path, key, processor_identity(device))
-    with every_thread(device), LoadMeter() as meter:
-        flops = measured_peak(device, dtype)
-    assert meter.load is not None, "a LoadMeter has its load once its block ends"
-    entries[key] = entry = merged(entry, flops, meter.load, dtype, device)
+    with every_thread(device):
+        windows = peak_windows(device, dtype, WINDOW)
+        for _ in range(QUIET_MEASUREMENTS):
+            with LoadMeter() as meter:
+                flops = next(windows)
+            assert meter.load is not None, "a LoadMeter has its load once its block ends"
+            entry = merged(entry, flops, meter.load, dtype, device)
+            if settled(entry) or not quiet(meter.load, device):
+                break
+    assert entry is not None, "QUIET_MEASUREMENTS is at least 1"
+    entries[key] = entry
     try:
         with writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,16 +267,21 @@ def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence
     return _as_peak(entry, list(notes))
 
 
+def quiet(load: Load, device: torch.device) -> bool:
+    """Whether a measurement under `load` is quiet. A GPU's is whatever the CPU's load (torchrun's barriers spin)."""
+    return not load.busy or device.type == "cuda"
+
+
 def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.dtype,
            device: torch.device) -> dict[str, Any]:
-    """The entry after one more measurement: a quiet one joins the quiet figures, a busy one replaces only a busy
-    entry. A GPU's is quiet whatever the CPU's load (torchrun's barriers spin)."""
-    quiet = not load.busy or device.type == "cuda"
-    new = {"flops": float(flops), "quiet": quiet, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    """The entry after one more measurement: a quiet one (`quiet`) joins the quiet figures, a busy one replaces only a
+    busy entry."""
+    calm = quiet(load, device)
+    new = {"flops": float(flops), "quiet": calm, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load": load.record()}
     figures = list(entry["figures"]) if entry and entry["quiet"] else []
     best: dict[str, Any]
-    if quiet:
+    if calm:
         figures = [*figures, float(flops)][-KEPT:]
         best = new if entry is None or not figures[:-1] or flops > entry["flops"] else entry
     elif entry and entry["quiet"]:
@@ -288,23 +302,31 @@ def _as_peak(entry: dict[str, Any], notes: list[str]) -> Peak:
 
 def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """Best FLOP/s of a square matmul in `dtype` (no cast timed); the first half of `seconds` only warms up."""
+    return next(peak_windows(device, dtype, seconds / 2))
+
+
+def peak_windows(device: torch.device, dtype: torch.dtype, window: float) -> Iterator[float]:
+    """The best FLOP/s of a square matmul in `dtype` (no cast timed) in each `window` seconds, after one that only
+    warms up."""
     n = matmul_size(device, dtype)
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
     a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
     repeats = 4 if device.type != "cpu" else 1
-    best, spent = 0.0, -seconds / 2
-    with torch.no_grad():
-        while spent < seconds or not best:
+    spent = -window
+    while True:
+        best = 0.0
+        while spent < window or not best:
             synchronize(device)
             started = time.perf_counter()
             for _ in range(repeats):
-                a @ b
+                a @ b  # neither needs a gradient: no graph is kept
             synchronize(device)
             elapsed = time.perf_counter() - started
             spent += elapsed
             if spent > 0:
                 best = max(best, repeats * 2 * n ** 3 / elapsed)
-    return best
+        yield best
+        spent = 0.0
 
 
 def choose_dtype(device: torch.device, setting: str, born: str | None = None) -> tuple[torch.dtype, str]:

@@ -97,10 +97,11 @@ def _check_tokenizer(dataset: Path, meta: dict[str, Any]) -> None:
                         f"the files do not belong together: {fix}.")
 
 
-def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True) -> TokenShards:
-    """A split as one array over its shards, each file's size checked against meta.json; with `verify`, its bytes
-    too (`verify_split`)."""
-    meta = read_meta(dataset)
+def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True,
+                meta: dict[str, Any] | None = None) -> TokenShards:
+    """A split as one array over its shards, each file's size checked against meta.json (`meta`, where the caller
+    read it already); with `verify`, its bytes too (`verify_split`)."""
+    meta = meta or read_meta(dataset)
     _check_tokenizer(dataset, meta)
     width = np.dtype(dtype).itemsize
     listed = meta.get("shards", {}).get(split, [{"file": f"{split}.bin", "tokens": meta.get(split, {}).get("tokens")}])

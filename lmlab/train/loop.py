@@ -21,7 +21,6 @@ from lmlab.core.config import RunConfig
 from lmlab.core.device import configure
 from lmlab.core.errors import PeerLost
 from lmlab.core.humanize import format_duration
-from lmlab.core.peak import step_ceiling
 from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.loader import Batches, BatchLoader, open_tokens
@@ -53,7 +52,7 @@ from lmlab.train.state import (
 )
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import StepAbandoned, StopOnSignal, Writes, begun, peer_lost
-from lmlab.train.timing import Timing, refuse_untimed, run_timing
+from lmlab.train.timing import Timing, run_timing
 from lmlab.train.tracking import Tracker
 
 
@@ -135,8 +134,8 @@ class Trainer(Reports):
                                                                     self.console)
         self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)
         with self.console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
-            self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"])
-            self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"])
+            self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"], meta=self.meta)
+            self.val_tokens = open_tokens(Path(cfg.data.dataset), "val", self.meta["dtype"], meta=self.meta)
         check_same_inputs(self.parallel, self.cfg, self.train_tokens.sha256, self.val_tokens.sha256)
         check_training(mc, tc.batch_size, optimizer_of(tc).state_bytes, self.device, self.parallel.local_world_size)
         # The same initial weights on every rank; under FSDP, no rank holds the whole model.
@@ -198,11 +197,8 @@ class Trainer(Reports):
         machine's cache (as `--size auto` or an earlier run of its shape timed it), every rank from the same mean
         figures; refused where its minimum does not fit, before any timing where its FLOPs alone cannot."""
         tc = self.cfg.train
-        if self.peak is not None and self.parallel.world_size == 1:
-            refuse_untimed(self.cfg, self.meta, time.perf_counter() - self.started, self.flops_per_token,
-                           self.model.num_params(), step_ceiling(self.device, self.dtype))
-        timing = run_timing(self.train_step, self.cfg, self.machine, self.parallel, self.started + tc.budget_seconds,
-                            self.micro_steps, self.console, timing)
+        timing = run_timing(self.train_step, self.cfg, self.meta, self.machine, self.parallel, self.started,
+                            self.micro_steps, self.console, timing, self.peak is not None)
         costs = Costs(*self.parallel.mean(list(dataclasses.astuple(timing.costs())), self.device))
         spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
         made = plan(tc.budget_seconds, spent, costs, tc, self.cadence.intervals,

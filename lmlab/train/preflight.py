@@ -78,6 +78,8 @@ def check_same_inputs(parallel: Parallel, cfg: RunConfig, train_sha256: str | No
                       val_sha256: str | None) -> None:
     """Under torchrun, refuse a job whose hosts were started with different configs or read different datasets
     (its path may differ from host to host, not its content)."""
+    if parallel.world_size == 1:
+        return
     settings = {f"{section}.{key}": value for section, fields in to_dict(cfg).items()
                 for key, value in fields.items() if f"{section}.{key}" != "data.dataset"}
     parallel.check_same("config", settings, "start every host with the same config and --set options")

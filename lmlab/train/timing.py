@@ -25,7 +25,7 @@ from rich.console import Console
 from lmlab.analysis.plots import plot_losses, pyplot
 from lmlab.core.config import RunConfig, TrainConfig
 from lmlab.core.device import autocast, synchronize
-from lmlab.core.peak import STEP_CEILING, Peak
+from lmlab.core.peak import STEP_CEILING, Peak, step_ceiling
 from lmlab.core.threads import forward_probe, pick, time_threads
 from lmlab.data.shards import windows_in
 from lmlab.model import build_model
@@ -101,18 +101,25 @@ def timing_shape(cfg: RunConfig, attention: str | None, dtype: torch.dtype) -> d
             "optimizer": tc.optimizer, "attention": attention, "dtype": str(dtype), "threads": torch.get_num_threads()}
 
 
-def run_timing(step: TrainStep, cfg: RunConfig, machine: Machine, parallel: Parallel, deadline: float, micro: int,
-               console: Console, given: Timing | None = None) -> Timing:
+def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], machine: Machine, parallel: Parallel,
+               started: float, micro: int, console: Console, given: Timing | None = None,
+               refuse: bool = True) -> Timing:
     """The timing a run's budget plans from: `given` (as `--size auto` timed it), else read back from this machine's
     cache where a run of its shape was timed, else its own step timed now (`time_step`: every rank, or none) and kept;
-    said in the machine's line."""
+    said in the machine's line. Before a timing, `refuse` (one process's) refuses a budget its FLOPs cannot fit
+    (`refuse_untimed`; `meta`: the dataset's meta.json, `started`: the time.perf_counter() the budget counts from)."""
     shape = timing_shape(cfg, step.attention_path, step.dtype)
     kept = machine.recall("timing", shape)
     if given is not None:
         timing, how = given, "--size auto"
     elif parallel.any(kept is None):
+        if refuse and parallel.world_size == 1:
+            refuse_untimed(cfg, meta, time.perf_counter() - started, step.model.flops_per_token(),
+                           step.model.num_params(), step_ceiling(step.device, step.dtype))
         with console.status("Timing a step, as the budget is planned from it..."):
-            timing, how = time_step(step, cfg, [torch.get_num_threads()], deadline, parallel.from_main, micro), MEASURED
+            timing = time_step(step, cfg, [torch.get_num_threads()], started + cfg.train.budget_seconds,
+                               parallel.from_main, micro)
+        how = MEASURED
         machine.store("timing", shape, timing.kept())
     else:
         timing, how = Timing.read_back(kept or {}), READ_BACK

@@ -355,8 +355,8 @@ class Trainer(Reports):
         """Let the guard judge the queued steps in order (one host sync for all) and keep the means; False if it rolled
         the run back."""
         queued, self._queued = self._queued, []
-        for step, lr, total, norm in queued:
-            loss, grad_norm = total.item(), norm.item()
+        read = torch.stack([x for *_, total, norm in queued for x in (total, norm)]).tolist() if queued else []
+        for (step, lr, _, _), loss, grad_norm in zip(queued, read[::2], read[1::2]):
             verdict = self.guard.judge(loss, grad_norm, scaled=self.train_step.scaler.is_enabled())
             if verdict in ("skip", "spike"):
                 self.writes.log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})

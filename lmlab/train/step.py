@@ -7,7 +7,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from lmlab.core.device import autocast, compile_choice, triton_available
 from lmlab.model import LanguageModel
 from lmlab.model.plugins import backward_named, check_loss
 from lmlab.train.attention import AttentionChoice, choose_attention
+from lmlab.train.compiled import CompiledBlocks
 from lmlab.train.machine import MEASURED, READ_BACK, Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.state import RngState
@@ -112,15 +113,14 @@ class TrainStep:
             # One compiled model at a time per process: sweeps, bench and the GPU report build many, and past
             # Dynamo's recompile limit (8 per function) it would silently run the next ones eager.
             torch.compiler.reset()
-        self.eager = wrapped or model
-        self.forward = torch.compile(self.eager) if compiled else self.eager
-        # Evaluations run eager on a CPU: compiling the eval-mode graph too costs more than a few batches gain.
-        self.scoring = self.eager if device.type == "cpu" else self.forward
+        # What runs forward in training and in evaluations: the model (its blocks compiled in place) or its wrapper.
+        self.forward = self.scoring = wrapped or model
+        self.blocks = CompiledBlocks(model, device) if compiled else None
         self.trial = CompileTrial(trial) if trial and compiled and device.type == "cpu" and kept is None else None
         machine.said("compile", "compiled" if compiled else "eager", READ_BACK if kept else
                      MEASURED if self.trial else "train.compile")
         chosen = optimizer_of(cfg)
-        self.optimizer, self.skips_on_device = chosen.build(model, cfg, device), chosen.found_inf
+        self.optimizer = chosen.build(model, cfg, device)
         self.attention = choose_attention(model, cfg, machine, chosen.state_bytes, processes, agree=trial,
                                           setting=attention_setting)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -129,20 +129,27 @@ class TrainStep:
         """One optimizer step at `lr` over `n_batches` micro-batches; returns (mean loss, gradient norm) as device
         tensors, without a host sync, so the caller decides when to read them."""
         if self.trial is None:
-            return self._step(self.forward, batches, n_batches, lr)
+            return self._step(batches, n_batches, lr)
         compiled = self.trial.compiled_next()
         began = time.perf_counter()  # a CPU's step is done when it returns
-        result = self._step(self.forward if compiled else self.eager, batches, n_batches, lr)
+        with nullcontext() if compiled else self._eager():
+            result = self._step(batches, n_batches, lr)
         self.verdict = self.trial.timed(compiled, time.perf_counter() - began)
         if self.verdict is not None:
-            self.trial, self.forward = None, self.forward if self.verdict.compiled else self.eager
+            self.trial = None
+            if self.blocks is not None and not self.verdict.compiled:
+                self.blocks.mode = None
             self.machine.store("compile", self.compile_shape, {k: v for k, v in dataclasses.asdict(self.verdict).items()
                                                                if k != "how"})
         return result
 
     def eager_step(self, batches: Iterable[Batch], n_batches: int, lr: float) -> None:
         """A step of the eager model, outside the compile trial: what a budget's timing takes (in `untouched`)."""
-        self._step(self.eager, batches, n_batches, lr)
+        with self._eager():
+            self._step(batches, n_batches, lr)
+
+    def _eager(self) -> AbstractContextManager[None]:
+        return nullcontext() if self.blocks is None else self.blocks.eager()
 
     @contextmanager
     def untouched(self) -> Iterator[None]:
@@ -176,22 +183,21 @@ class TrainStep:
 
     @property
     def compiled(self) -> bool:
-        return self.forward is not self.eager
+        return self.blocks is not None and self.blocks.mode is not None
 
     def decided(self) -> CompileVerdict | None:
         """The compile trial's verdict, once, after the step that reached it."""
         verdict, self.verdict = self.verdict, None
         return verdict
 
-    def _step(self, forward: Callable[..., Any], batches: Iterable[Batch], n_batches: int, lr: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batches: Iterable[Batch], n_batches: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for x, y in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
-                _, loss = forward(x, y)
+                _, loss = self.forward(x, y)
             check_loss(self.model, loss, x.shape)
             loss = loss / n_batches
             with backward_named(self.model):
@@ -205,13 +211,9 @@ class TrainStep:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            # A non-finite loss or gradient never reaches the weights, state and step count included: decided on
-            # the device where the optimizer's entry says it honours found_inf, else read here on the host.
-            bad = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
-            if self.skips_on_device:
-                self.optimizer.found_inf = bad
-                self.optimizer.step()
-            elif not bad.item():
-                self.optimizer.step()
+            # A non-finite loss or gradient never reaches the weights, state and step count included: every entry of
+            # OPTIMIZERS honours found_inf on the device, so the step never waits on the host.
+            self.optimizer.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm

@@ -12,8 +12,8 @@ from rich.console import Console
 from lmlab.core.config_toml import load_config
 from lmlab.core.device import CPU_COMPILE
 from lmlab.run.rundir import RunDir
+from lmlab.train.compiled import COMPILE_GAIN, TRIAL_STEPS
 from lmlab.train.loop import Trainer
-from lmlab.train.step import COMPILE_GAIN, TRIAL_STEPS
 from tests.helpers import LMLAB, write_config
 
 # Documented tolerances on the per-step training loss over the first 50 steps of a seeded run.

@@ -31,6 +31,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
+from lmlab.train.compiled import untried
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
@@ -221,6 +222,8 @@ class Trainer(Reports):
                     self.writes.log(self.sizing)
                 if self.train_step.attention:
                     self.writes.log(self.train_step.attention.record(0))
+                if self.train_step.graphs_untried:  # else a trial's verdict, after the steps it times
+                    self.writes.log(untried(self.train_step.graphs_untried))
                 self._say_budget()
         self.tracker = Tracker(self.cfg.train.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
                                resume_step=self.progress.step if resuming else None,
@@ -342,8 +345,8 @@ class Trainer(Reports):
                                           self.micro_steps, lr)
         p.step, p.tokens = p.step + 1, p.tokens + self._step_tokens()
         self._queued.append((p.step, lr, total, norm))
-        if verdict := self.train_step.decided():  # whether compiling pays on this CPU
-            self.threads.held = verdict.compiled
+        if verdict := self.train_step.decided():  # whether compiling pays on this CPU, or CUDA graphs on this GPU
+            self.threads.held = self.train_step.compiled
             self.writes.log(verdict.record(p.step))
             self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
 

@@ -96,8 +96,8 @@ def graphs_untried(device: torch.device, compiled: bool, alone: bool) -> str | N
         return "not on this device"
     if not compiled:
         return "train.compile"
-    # FSDP gathers a block's weights afresh at each step, where a graph replays the addresses it recorded; DDP's
-    # gradient hooks fire outside the blocks' graphs.
+    # Untried under torchrun: FSDP gathers a block's weights afresh at each step, where a graph replays the addresses
+    # it recorded, and DDP's gradient buckets were not tried with graphs.
     return None if alone else "torchrun"
 
 

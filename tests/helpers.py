@@ -247,7 +247,7 @@ def write_wikitext(folder: Path, articles: int = 40, seed: int = 0) -> Path:
 
 
 # Fields of metrics.jsonl that depend on wall time, the machine's load or the run's location, not on what it learned.
-CHOSEN = ("threads", "attention", "compile")  # the events of what a run chose by timing or by the load
+CHOSEN = ("threads", "attention", "compile", "graphs")  # the events of what a run chose by timing or by the load
 VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "ms_per_step", "mfu", "peak_flops", "peak_source", "peak_quiet",
             "dtype_reason", "budget_spent", "path"}
 

@@ -35,6 +35,7 @@ from lmlab.inference.steps import build_step, choose_step
 from lmlab.model.gpt import GPT
 from lmlab.run.checkpoint import model_tensors
 from lmlab.run.rundir import RunDir
+from lmlab.train.compiled import TRIAL_STEPS
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
 from tests.helpers import write_config
@@ -240,6 +241,25 @@ def test_fsdp_with_compile_trains_as_one_bf16_process_does(tmp_path, char_datase
     torchrun(config, tmp_path / "fsdp", "train.dtype=bfloat16", 'train.parallel="fsdp"', "train.compile=true")
     assert close(losses(tmp_path / "fsdp"), losses(alone), BF16_TOLERANCE, record_property,
                  "FSDP compiled against one compiled process")
+
+
+def test_a_compiled_run_times_cuda_graphs_records_the_verdict_and_trains_as_eager_does(tmp_path, char_dataset,
+                                                                                      record_property, monkeypatch):
+    """The machine's `graphs` row (tests/test_train_parts.py fakes its timer on the CPU): steps replayed as CUDA graphs
+    (each block by torch.compile's reduce-overhead) and plain compiled ones in turns, the verdict an event a second run
+    of the shape reads back; the steps with graphs, recorded and replayed, give eager's losses."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = ["train.dtype=float32", "train.compile=true"]
+    reference = losses(train(tmp_path, char_dataset, "eager", ["train.dtype=float32"]).run_dir.path)
+    verdicts = []
+    for name in ("graphs", "again"):
+        run = train(tmp_path, char_dataset, name, settings).run_dir.path
+        [verdict] = [e for e in RunDir(run).events() if e["event"] == "graphs"]
+        verdicts.append(verdict)
+        assert close(losses(run), reference, COMPILE_TOLERANCE, record_property, f"{name}: graphs against eager")
+    assert (verdicts[0]["step"], verdicts[0]["how"]) == (2 + 2 * TRIAL_STEPS, "measured")
+    assert (verdicts[1]["step"], verdicts[1]["how"], verdicts[1]["graphs"]) == (1, "read back", verdicts[0]["graphs"])
+    record_property("graphs", json.dumps(verdicts[0]))
 
 
 def decoded(model: GPT, dtype: torch.dtype, step=None) -> tuple[list[list[int]], torch.Tensor]:

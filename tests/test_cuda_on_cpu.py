@@ -29,7 +29,6 @@ from lmlab.model.gpt import GPT
 from lmlab.model.loss import IGNORE, next_token_loss
 from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel, cuda_index
-from lmlab.train.fsdp import mixed_precision
 from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
 from lmlab.train.loop import Trainer
 from lmlab.train.preflight import weights_born_in
@@ -154,12 +153,6 @@ def test_each_compiled_model_starts_from_a_reset_compiler():
     TrainStep(model, TrainConfig(compile=True), torch.device("cpu"), torch.float32)
     double(torch.ones(2))
     assert counter.frame_count == 2
-
-
-def test_fsdp_gathers_bf16_and_reduces_fp32_only_under_bf16():
-    policy = mixed_precision(torch.bfloat16)
-    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
-    assert mixed_precision(torch.float32).param_dtype is None  # fp32 runs compute what one process computes
 
 
 def test_the_eval_loss_in_chunks_equals_the_whole_batch():

@@ -3,6 +3,7 @@ same run in one process, resume across world sizes, and a worker that dies; FSDP
 bf16 precision against one process's autocast; NCCL's timeout against the vote's."""
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -265,6 +266,56 @@ def test_every_fsdp_rank_starts_from_the_weights_one_process_builds(tmp_path):
     for line in lines:
         held, whole = map(int, line.split("holds ")[1].split(" of "))
         assert held < 0.6 * whole  # each rank allocates about half of the weights
+
+
+# Each rank trains six steps of a sharded model compiled block by block, by Dynamo alone (backend "eager": the graphs
+# Dynamo captures and where it breaks them, without the code generator's minutes on a CPU), and writes its counters
+# after each step.
+COMPILED_STEPS = """
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+torch.compile = functools.partial(torch.compile, backend="eager")
+from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.train.distributed import setup
+from lmlab.train.step import TrainStep
+
+config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40, pos_emb="rope", mlp="swiglu")
+parallel, device = setup("cpu", 60)
+dtype = getattr(torch, sys.argv[2])
+model, wrapped = parallel.build(config, "fsdp", device, dtype)
+step = TrainStep(model, TrainConfig(batch_size=2, compile=True, parallel="fsdp", attention="fused"), device, dtype,
+                 wrapped, parallel.reduce_step)
+x = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(parallel.rank))
+seen = []
+for _ in range(6):
+    step([(x, x)], 1, 1e-3)
+    seen.append({"breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"],
+                 "frames": counters["frames"]["total"]})
+Path(sys.argv[1], f"rank{parallel.rank}.json").write_text(json.dumps(seen))
+parallel.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fsdp_shards_blocks_compiled_whole_with_no_graph_break_and_no_new_graph_after_step_2(tmp_path, dtype):
+    """Compiled whole, a sharded model broke at the hook FSDP2 put on each block (and in bf16 on each matmul layer),
+    about 9 graphs a block; each block compiled on its own and sharded whole is one graph that every block reuses."""
+    script = tmp_path / "steps.py"
+    script.write_text(COMPILED_STEPS)
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path), dtype], capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout + job.stderr
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # from the first step on: one frame compiled, into one graph both blocks replay, never broken
+        assert seen == [{"breaks": 0, "graphs": 1, "frames": 1}] * 6, seen
 
 
 # A model plugin that notes, in a file beside it, each rank's builds and the device each was built on.

@@ -37,7 +37,7 @@ def test_a_choice_is_measured_once_per_shape_and_read_back_after():
     assert decided(Machine(CPU, torch.bfloat16), {"batch": 4})[1:] == (MEASURED, 1)  # another dtype
     entries = json.loads(cache_path().read_text())["entries"]
     assert {e["row"] for e in entries.values()} == {"attention"} and len(entries) == 3
-    assert {row.name for row in ROWS} == {"threads", "attention", "compile", "timing"}
+    assert {row.name for row in ROWS} == {"threads", "attention", "compile", "graphs", "timing"}
 
 
 @pytest.mark.parametrize("damage, note", [
@@ -109,12 +109,15 @@ def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_datase
         if n == 1:
             kept = cache_path().read_bytes()
     assert "(measured)" in said[0] and "attention" in said[0] and "eager (train.compile)" in said[0]
+    assert "no CUDA graphs (not on this device)" in said[0]
     assert "(measured)" not in said[1] and "(read back)" in said[1], said[1]
     assert cache_path().read_bytes() == kept
     for n in (1, 2):
         events = [json.loads(line) for line in (tmp_path / f"run{n}" / "metrics.jsonl").read_text().splitlines()]
         attention = [e for e in events if e["event"] == "attention"]
         assert len(attention) == 1 and attention[0]["how"] == (MEASURED if n == 1 else READ_BACK)
+        assert [(e["step"], e["graphs"], e["how"]) for e in events if e["event"] == "graphs"] == [
+            (0, False, "not on this device")]
     rows = {json.loads(cache_path().read_text())["entries"][k]["row"] for k in json.loads(cache_path().read_text())
             ["entries"]}
     assert {"attention", "timing"} <= rows <= {"attention", "timing", "threads"}

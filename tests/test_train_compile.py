@@ -1,6 +1,7 @@
 """Training in bf16 and compiled trains like the reference: bf16 autocast and torch.compile against fp32 eager, 50
-steps."""
+steps; a model compiled block by block, by the modes a CPU and a GPU compile it in."""
 
+import functools
 import io
 import os
 import subprocess
@@ -9,11 +10,13 @@ import pytest
 import torch
 from rich.console import Console
 
+from lmlab.core.config import ModelConfig
 from lmlab.core.config_toml import load_config
 from lmlab.core.device import CPU_COMPILE
+from lmlab.model.gpt import GPT
 from lmlab.run.rundir import RunDir
+from lmlab.train.compiled import COMPILE_GAIN, GRAPHS, TRIAL_STEPS, CompiledBlocks
 from lmlab.train.loop import Trainer
-from lmlab.train.step import COMPILE_GAIN, TRIAL_STEPS
 from tests.helpers import LMLAB, write_config
 
 # Documented tolerances on the per-step training loss over the first 50 steps of a seeded run.
@@ -79,3 +82,35 @@ def test_compiled_training_on_a_cpu_goes_on_with_what_its_steps_measured_faster_
     went = "training goes on compiled" if trial["compiled"] else "training goes on eager, as compiling does not pay"
     assert f"step {trial['step']}: a compiled step took" in console.file.getvalue() and went in console.file.getvalue()
     assert [e["step"] for e in events if e["event"] == "eval"] == [10]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_blocks_replay_as_cuda_graphs_in_training_alone_and_run_eager_when_told(device, monkeypatch):
+    """A GPU's modes (the blocks take only the device's type, so their tensors stay on this CPU): the blocks share
+    one graph per mode (each compile seen by a backend that notes the mode it is asked for); training steps with CUDA
+    graphs or without as the trial says, evaluations never with them (their batches vary), and on a CPU not at all."""
+    modes = []
+
+    def backend(graph, inputs, mode="default"):
+        modes.append(mode)
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    x = torch.randint(0, 20, (2, 8))
+    eager = model(x, x)[1]
+    blocks = CompiledBlocks(model, torch.device(device), (GRAPHS, "default"))
+    assert torch.equal(model(x, x)[1], eager) and modes == [GRAPHS]  # both blocks replay one graph
+    blocks.mode = "default"
+    model(x, x)
+    with blocks.eager():
+        model(x, x)
+    assert modes == [GRAPHS, "default"]
+    blocks.mode = GRAPHS
+    model.eval()
+    with torch.no_grad():
+        model(x, x)
+    assert modes == [GRAPHS, "default", "default"] if device == "cuda" else modes == [GRAPHS, "default"]

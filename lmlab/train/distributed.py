@@ -101,7 +101,7 @@ class Parallel:
                 raise UserError('train.parallel = "fsdp" cannot use float16: its grad scaler would judge each '
                                 'shard alone; set train.dtype to bfloat16 or float32, or train.parallel to "ddp".')
             # The fused AdamW built afterwards steps the DTensor shards as they are, found_inf skips included.
-            self._model = shard(model, dtype)
+            self._model = shard(model)
         self.mode = parallel
         return self._model
 

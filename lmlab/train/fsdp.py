@@ -5,7 +5,7 @@ world size). torch's FSDP modules are imported inside the functions: a single pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -14,9 +14,6 @@ from safetensors.torch import load_file
 from lmlab.core.config import ModelConfig
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.checkpoint import copy_into, into_place, load_state, read_optimizer_state, tied_aliases
-
-if TYPE_CHECKING:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 
 def fill_from_main(model: torch.nn.Module, config: ModelConfig, device: torch.device, is_main: bool) -> None:
@@ -93,22 +90,16 @@ def into_shard(param: torch.Tensor, mine: torch.Tensor | None, whole: torch.Tens
     return shard
 
 
-def shard(model: LanguageModel, dtype: torch.dtype) -> LanguageModel:
-    """Shard `model` in place with FSDP2 so that it computes what one process computes under autocast of `dtype`.
-
-    In fp32, each of its `shard_units`, then the rest. Under bf16, each unit's matmul layers (its nn.Linear modules)
-    are one group, all-gathered in bf16 (`mixed_precision`: half the traffic, and the very values autocast would
-    cast them to); the rest (embeddings, the head, the norms) goes with the root in fp32, which autocast casts as it
-    casts a single process's: FSDP's bf16 policy over whole blocks would also round the norms' gains and, casting
-    each block's input, the residual stream to bf16, which autocast keeps in fp32."""
+def shard(model: LanguageModel) -> LanguageModel:
+    """Shard `model` in place with FSDP2: each of its `shard_units` whole (a block's shards gathered by one hook before
+    it, outside its compiled forward: lmlab.train.compiled), then the rest with the root. Gathered in fp32 whatever the
+    autocast dtype, so it computes what one process computes under autocast, which casts as it casts a single
+    process's: a bf16 policy would also round the norms' gains, which autocast keeps in fp32, and one per matmul layer
+    (what keeps them apart) puts a hook, and so a graph break, around each of a compiled block's matmuls."""
     from torch.distributed.fsdp import fully_shard
 
     for unit in model.shard_units():
-        matmuls: list[torch.nn.Module] = [m for m in unit.modules() if isinstance(m, torch.nn.Linear)]
-        if dtype == torch.bfloat16 and matmuls:
-            fully_shard(matmuls, mp_policy=mixed_precision(dtype))
-        else:
-            fully_shard(unit)
+        fully_shard(unit)
     model.register_forward_hook(_own_outputs)  # before FSDP's own, which it hands the outputs to
     fully_shard(model)  # in place: the model's class becomes FSDP's subclass of it
     return model
@@ -121,16 +112,6 @@ def _own_outputs(module: torch.nn.Module, args: Any, output: Any) -> Any:
     def own(t: Any) -> Any:
         return t.clone() if isinstance(t, torch.Tensor) and t._is_view() else t
     return tuple(own(t) for t in output) if isinstance(output, tuple) else own(output)
-
-
-def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """FSDP2's precision for the matmul layers of a run of autocast `dtype` (see `shard`): under bf16, all-gathered in
-    bf16 and their gradients reduced in fp32, inputs left to autocast; otherwise everything fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    if dtype == torch.bfloat16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    return MixedPrecisionPolicy()
 
 
 def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

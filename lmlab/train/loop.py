@@ -30,6 +30,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
+from lmlab.train.compiled import untried
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
@@ -217,6 +218,8 @@ class Trainer(Reports):
                     self.writes.log(self.sizing)
                 if self.train_step.attention:
                     self.writes.log(self.train_step.attention.record(0))
+                if self.train_step.graphs_untried:  # else a trial's verdict, after the steps it times
+                    self.writes.log(untried(self.train_step.graphs_untried))
                 self._say_budget()
         self.tracker = Tracker(self.cfg.train.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
                                resume_step=self.progress.step if resuming else None,
@@ -338,8 +341,8 @@ class Trainer(Reports):
                                           self.micro_steps, lr)
         p.step, p.tokens = p.step + 1, p.tokens + self._step_tokens()
         self._queued.append((p.step, lr, total, norm))
-        if verdict := self.train_step.decided():  # whether compiling pays on this CPU
-            self.threads.held = verdict.compiled
+        if verdict := self.train_step.decided():  # whether compiling pays on this CPU, or CUDA graphs on this GPU
+            self.threads.held = self.train_step.compiled
             self.writes.log(verdict.record(p.step))
             self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
 
@@ -351,8 +354,8 @@ class Trainer(Reports):
         """Let the guard judge the queued steps in order (one host sync for all) and keep the means; False if it rolled
         the run back."""
         queued, self._queued = self._queued, []
-        for step, lr, total, norm in queued:
-            loss, grad_norm = total.item(), norm.item()
+        read = torch.stack([x for *_, total, norm in queued for x in (total, norm)]).tolist() if queued else []
+        for (step, lr, _, _), loss, grad_norm in zip(queued, read[::2], read[1::2]):
             verdict = self.guard.judge(loss, grad_norm, scaled=self.train_step.scaler.is_enabled())
             if verdict in ("skip", "spike"):
                 self.writes.log({"event": verdict, "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})

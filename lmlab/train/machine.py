@@ -43,6 +43,7 @@ ROWS = (
     Row("threads", "train.threads", "a forward pass on each thread count, when other processes load the cores"),
     Row("attention", "train.attention", "a layer's forward and backward by each path (a CPU's auto)"),
     Row("compile", "train.compile", "compiled and eager steps in turns over the first steps (a CPU's auto)"),
+    Row("graphs", "", "compiled steps with and without CUDA graphs in turns over the first steps (CUDA, one process)"),
     Row("timing", "", "a budget's: steps of the run's own model and an evaluation's batch, its state restored"),
 )
 

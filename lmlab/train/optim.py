@@ -1,6 +1,6 @@
 """The optimizers `train.optimizer` names (`OPTIMIZERS`, one per name of core/config.py's OPTIMIZER_NAMES), each with
-how it is built, what the memory check counts of its state, how a non-finite step is skipped and whether FSDP may
-shard what it updates."""
+how it is built, what the memory check counts of its state and whether FSDP may shard what it updates; every one
+skips a non-finite step on the device (`found_inf`)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ class Eager:
 
 
 class AdamW(Eager, torch.optim.AdamW):
+    found_inf: torch.Tensor | None = None  # what torch's fused kernel reads: 1 skips the step on the device
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         return inspect.unwrap(torch.optim.AdamW.step)(self, closure)
@@ -88,7 +90,9 @@ class Muon(Eager, torch.optim.Muon):
 
     # torch types Optimizer.step as overloads (with a closure, without) that torch.optim.Muon's own step does not match
     @torch.no_grad()
-    def step(self) -> None:  # type: ignore[override]  # MuonAdamW steps it, never with a closure
+    def step(self, skip: torch.Tensor | None = None) -> None:  # type: ignore[override]  # MuonAdamW's, no closure
+        """One update; `skip` (a bool device tensor) true leaves the weights and momentum as they were, bit for bit,
+        without a host read: the update is computed and then not kept."""
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -98,10 +102,13 @@ class Muon(Eager, torch.optim.Muon):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = orthogonalise(p.grad.lerp(buf, momentum) if group["nesterov"] else buf, group, self.ns_dtype)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-(lr * (0.2 * math.sqrt(max(p.shape)))))
+                moved = buf.lerp(p.grad, 1 - momentum)
+                update = orthogonalise(p.grad.lerp(moved, momentum) if group["nesterov"] else moved, group,
+                                       self.ns_dtype)
+                scale = lr * (0.2 * math.sqrt(max(p.shape)))
+                stepped = p.mul(1 - lr * group["weight_decay"]).add_(update, alpha=-scale)
+                for old, new in ((buf, moved), (p, stepped)):
+                    old.copy_(new if skip is None else torch.where(skip, old, new))
 
 
 class MuonAdamW:
@@ -114,7 +121,10 @@ class MuonAdamW:
         hidden, rest = muon_groups(model)
         self.muon = Muon(hidden, orthogonal_dtype(device), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.adamw = _adamw(rest, cfg)
-        self.found_inf: torch.Tensor | None = None  # set by the training loop: 1 skips the whole step
+
+    # The grad scaler hands a step its flag (`found_inf`) rather than reading it on the host; TrainStep unscales first.
+    _step_supports_amp_scaling = True
+    found_inf: torch.Tensor | None = None  # set by the training step or the grad scaler: 1 skips the whole step
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -125,11 +135,10 @@ class MuonAdamW:
         return {**self.muon.state, **self.adamw.state}
 
     def step(self) -> None:
-        # Muon has no on-device `found_inf`: a non-finite step is skipped by both halves after one host read of the
-        # flag.
-        if self.found_inf is not None and self.found_inf.item():
-            return
-        self.muon.step()
+        """Both halves, or neither where `found_inf` is 1: decided on the device (fused AdamW honours the flag)."""
+        assert getattr(self, "grad_scale", None) is None, "Muon takes unscaled gradients: unscale_ before step"
+        self.adamw.found_inf = self.found_inf
+        self.muon.step(None if self.found_inf is None else self.found_inf.bool())
         self.adamw.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -178,24 +187,22 @@ def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
 class Optimizer:
     """An optimizer lmlab trains with, every fact stated. `build` makes it for a model, the train settings and its
     device; `state_bytes(weights, hidden)` is the bytes of its state for `weights` bytes of weights, `hidden` of them
-    the hidden matrices (what the memory check counts); `found_inf`: True where what `build` returns honours
-    `optimizer.found_inf` (a device tensor; 1 skips the whole update), so the step never waits on the host; False where
-    the training step reads the flag on the host and does not call `step()`. `about` is its line in the config
-    reference; `unsharded`, why FSDP cannot shard what it updates (None: it can). tests/test_optim.py holds every entry
-    to these."""
+    the hidden matrices (what the memory check counts). What `build` returns honours `optimizer.found_inf` (a device
+    tensor, 1 skips the whole update, state and step count included; set by the training step or the grad scaler), so
+    no step waits on the host (tests/test_host_sync.py). `about` is its line in the config reference; `unsharded`, why
+    FSDP cannot shard what it updates (None: it can). tests/test_optim.py holds every entry to these."""
 
     build: Callable[[LanguageModel, TrainConfig, torch.device], Any]
     state_bytes: Callable[[int, int], int]
-    found_inf: bool
     about: str
     unsharded: str | None
 
 
 OPTIMIZERS = {
-    "adamw": Optimizer(lambda model, cfg, device: _adamw(_trainable(model), cfg), two_moments, found_inf=True,
+    "adamw": Optimizer(lambda model, cfg, device: _adamw(_trainable(model), cfg), two_moments,
                        about="AdamW, fused", unsharded=None),
     # Muon's one momentum for the hidden matrices, AdamW's two moments for the rest.
-    "muon": Optimizer(MuonAdamW, lambda weights, hidden: two_moments(weights, hidden) - hidden, found_inf=True,
+    "muon": Optimizer(MuonAdamW, lambda weights, hidden: two_moments(weights, hidden) - hidden,
                       about="Muon for hidden 2-D weights, AdamW for embeddings, head and the rest",
                       unsharded="Muon orthogonalises whole matrices, which FSDP holds as shards on different ranks"),
 }

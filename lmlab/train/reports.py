@@ -68,7 +68,7 @@ def score_final(train_step: TrainStep, val_tokens: TokenShards, meta: dict[str, 
             per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
             scores = evaluate_split(model, val_tokens, per_token, batch_size, train_step.device, train_step.dtype,
                                     tick, None if wanted >= total else spread(total, wanted),
-                                    None if alone else parallel, train_step.eager)
+                                    None if alone else parallel, train_step.scoring)
     except ScoreCut:
         return None
     finally:

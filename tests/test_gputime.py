@@ -232,14 +232,13 @@ def test_the_compiled_steps_host_time_per_kernel_is_the_one_the_h100_and_h200_ro
     assert max(map(abs, errors(COMPILED_LAUNCH_SECONDS))) < 1  # every row inside its bound
 
 
-def test_the_update_after_the_backward_is_counted_and_a_host_read_in_it_adds_the_host_to_the_gpu():
+def test_the_update_after_the_backward_is_counted_and_overlaps_the_gpus_work():
     cfg = load_config(CONFIGS / "shakespeare-char.toml", ["model.vocab_size=65"])
     adamw = gpu_step_time(cfg, "H100", "bfloat16", compiled=True)
     muon_cfg = load_config(CONFIGS / "shakespeare-char.toml", ["model.vocab_size=65", "train.optimizer=muon"])
     muon = gpu_step_time(muon_cfg, "H100", "bfloat16", compiled=True)
-    # Fused AdamW updates every weight in a few kernels; Muon orthogonalises each matrix apart, and reads found_inf on
-    # the host, so its step waits for the device: the host's time and the GPU's add up.
-    assert tail(cfg.model, cfg.train).syncs == 0 and not adamw.waits and adamw.seconds == max(adamw.device,
-                                                                                              adamw.launches)
-    assert muon.kernels > adamw.kernels + 200 and muon.waits and muon.seconds == muon.device + muon.launches
-    assert muon.describe().endswith("the host waits for the device every step, so the two add up")
+    # Fused AdamW updates every weight in a few kernels, Muon orthogonalises each matrix apart; neither reads the
+    # device, so the host launches while the GPU computes.
+    assert muon.kernels - tail(muon_cfg.model, muon_cfg.train) == adamw.kernels - tail(cfg.model, cfg.train)
+    assert muon.kernels > adamw.kernels + 200
+    assert all(step.seconds == max(step.device, step.launches) for step in (adamw, muon))

@@ -73,7 +73,7 @@ class _Count(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.launches = self.matmuls = self.views = self.bytes = self.serial = self.syncs = 0.0
+        self.launches = self.matmuls = self.views = self.bytes = self.serial = 0.0
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
@@ -84,8 +84,6 @@ class _Count(TorchDispatchMode):
         returns = func._schema.returns
         if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
             self.views += 1  # a view: metadata, no kernel
-        elif name == "_local_scalar_dense":  # .item(): the host waits for the device
-            self.syncs += 1
         elif name in MATMULS:
             self.launches, self.matmuls = self.launches + 1, self.matmuls + 1
         else:
@@ -180,24 +178,15 @@ def _trace(key: str) -> Trace:
                     for f in ("launches", "matmuls", "views", "bytes")}, serial=figures[True, "serial"])
 
 
-@dataclass(frozen=True)
-class Tail:
-    """The ops of a training step after its backward, as `train.step` runs them on a GPU: the gradients' norm and
-    clipping, the non-finite check, the optimizer's update and zeroing the gradients; `syncs`, the host reads of the
-    device among them (a step that waits for one cannot overlap the host's launches with the GPU's work)."""
-
-    launches: float
-    syncs: float
-
-
-def tail(model: ModelConfig, train: TrainConfig) -> Tail:
-    """The step's `Tail` for `train`'s optimizer over the parameters of `model`, counted on the CPU over parameters of
+def tail(model: ModelConfig, train: TrainConfig) -> float:
+    """The kernels a training step launches after its backward, as `train.step` runs them on a GPU (the gradients'
+    norm and clipping, the non-finite check, the optimizer's update and zeroing the gradients), for `train`'s optimizer over the parameters of `model`, counted on the CPU over parameters of
     a few elements each (what an update dispatches depends on their number and shapes' rank, not their size)."""
     return _tail(json.dumps([dataclasses.asdict(model), train.optimizer, train.grad_clip], sort_keys=True))
 
 
 @functools.lru_cache(maxsize=16)
-def _tail(key: str) -> Tail:
+def _tail(key: str) -> float:
     model_fields, optimizer, clip = json.loads(key)
     with torch.device("meta"):
         model = build_model(ModelConfig(**model_fields))
@@ -222,7 +211,7 @@ def _tail(key: str) -> Tail:
             update.step()
             update.zero_grad(set_to_none=True)
         counts.append(count)
-    return Tail(counts[-1].launches, counts[-1].syncs)
+    return counts[-1].launches
 
 
 @dataclass(frozen=True)
@@ -241,7 +230,6 @@ class StepTime:
     allreduce: float = 0.0  # the gradients' all-reduce past the backward's end, on several GPUs
     compile: float = 0.0  # torch.compile's first calls: the training step's graph and the evaluation's
     gpus: int = 1
-    waits: bool = False  # the host reads the device every step (an optimizer without an on-device found_inf)
 
     @property
     def device(self) -> float:
@@ -249,8 +237,9 @@ class StepTime:
 
     @property
     def seconds(self) -> float:
-        """The host launches while the GPU computes: the longer of the two; both, where the host waits every step."""
-        return self.device + self.launches if self.waits else max(self.device, self.launches)
+        """The host launches while the GPU computes (no step reads the device: tests/test_host_sync.py): the longer
+        of the two."""
+        return max(self.device, self.launches)
 
     def dominant(self) -> str:
         if self.launches >= self.device:
@@ -267,9 +256,8 @@ class StepTime:
                                                    ("batch copy", self.copy), ("all-reduce", self.allreduce))
                  if value >= 5e-5]
         work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts)
-        waits = "; the host waits for the device every step, so the two add up" if self.waits else ""
         return (f"bound by {self.dominant()}: {self.kernels:,} launches in {1000 * self.launches:,.1f} ms (Python and "
-                f"launching), the GPU's work takes {1000 * self.device:,.1f} ms ({work}){waits}")
+                f"launching), the GPU's work takes {1000 * self.device:,.1f} ms ({work})")
 
 
 def matmul_share(row: str) -> float:
@@ -340,11 +328,10 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     steps = tc.grad_accum_steps
     backward = 2 / 3 * (micro[0] + micro[1] + micro[2])  # the last micro-batch's, which the all-reduce overlaps
     return StepTime(steps * micro[0], steps * micro[1], steps * micro[2], params * OPTIMIZER_BYTES / bandwidth,
-                    steps * copy, steps * micro[3] + after.launches * per_kernel,
-                    round(steps * kernels(found.step_launches, found.step_matmuls) + after.launches),
+                    steps * copy, steps * micro[3] + after * per_kernel,
+                    round(steps * kernels(found.step_launches, found.step_matmuls) + after),
                     2 * math.ceil(tc.eval_iters / gpus) * (forward + copy / 2),
-                    allreduce_seconds(row, params, gpus, backward), compile_seconds(found) if compiled else 0.0, gpus,
-                    after.syncs > 0)
+                    allreduce_seconds(row, params, gpus, backward), compile_seconds(found) if compiled else 0.0, gpus)
 
 
 def run_seconds(cfg: RunConfig, step: StepTime, steps: float, split_tokens: int | None) -> tuple[float, float, float]:

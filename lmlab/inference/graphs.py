@@ -53,10 +53,14 @@ def cuda_graph() -> Capture:
 def recorded(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
     """The CPU's twin of `cuda_graph`: capturing runs nothing on the real state (as recording a graph runs nothing),
     and a replay runs the step over the same static arguments into the same output buffer."""
-    out = torch.empty_like(warm())
+    warm()
+    out: list[torch.Tensor] = []
 
     def replay() -> torch.Tensor:
-        return out.copy_(body(*args))
+        logits = body(*args)
+        if not out:
+            out.append(logits)
+        return out[0].copy_(logits)
 
     return replay
 
@@ -114,8 +118,8 @@ class GraphStep(BucketedStep):
             assert logits is not None, "feed gives logits when asked"
             return logits[:, -1]
 
-        def warm() -> torch.Tensor:  # on copies: the real state moves only when a replay runs
-            return body(static.clone(), *(t.clone() for t in state.tensors()))
+        def warm() -> torch.Tensor:  # on a copy of one row: the real state moves only when a replay runs
+            return body(static[:1].clone(), *(t[:1].clone() for t in state.tensors()))
 
         return state, static, self.capture(body, (static, *state.tensors()), warm)
 

@@ -24,8 +24,8 @@ from lmlab.model.memory import (
     prefill_bytes,
     training_need,
 )
-from lmlab.train.optim import OPTIMIZERS
 from lmlab.run.rundir import RunDir
+from lmlab.train.optim import OPTIMIZERS
 from tests.helpers import ALPACA_TINY, refused, write_config
 
 # An imported Qwen3-0.6B's shape at its full context: 28 layers, 8 KV heads of 128, 40,960 positions.

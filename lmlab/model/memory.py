@@ -1,6 +1,7 @@
 """What a size costs in memory, estimated on the meta device, and the one check every size-driven allocation passes,
 so a size that does not fit is refused with the largest that does before anything is allocated. On CUDA only decoding
-rows are checked: a training step's estimate is fp32's, which autocast changes."""
+rows are checked: a training step's estimate is fp32's, which autocast changes, so it only bounds how far a CUDA
+run's micro-batch grows (`fit_micro_batch`)."""
 
 from __future__ import annotations
 

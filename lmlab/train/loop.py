@@ -86,8 +86,9 @@ class Trainer(Reports):
         with self._unlocked_on_failure():
             if job.is_main:
                 self._held.enter_context(self.run_dir.locked())
-            if resume:
+            if resume:  # it goes on by the micro-batch it trained by, in config.toml (older runs': as written)
                 check_resumable(self.run_dir, cfg.data.dataset)
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch="set"))
             chosen = self._build(cfg, device, console, init_from)
             resume = resume or self._restarted()
             self._parts(resume)

@@ -21,11 +21,11 @@ from lmlab.commands.common import console
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.peak import choose_dtype, peak_flops
 from lmlab.model import build_model
-from lmlab.model.attention import PATHS
-from lmlab.train.attention import GAIN, layer_timer
+from lmlab.train.attention import CANDIDATES, GAIN, layer_timer
 from lmlab.train.step import TrainStep
 
 CPU = torch.device("cpu")
+PATHS = CANDIDATES["cpu"]
 # (batch, heads, context, head width): the demo's sizes, then longer contexts to GPT-2 small's.
 SHAPES = [(16, 2, 256, 64), (16, 3, 256, 64), (16, 4, 256, 64), (16, 3, 128, 64), (8, 4, 256, 64), (4, 6, 512, 64),
           (2, 12, 1024, 64)]

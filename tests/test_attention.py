@@ -15,7 +15,8 @@ from rich.console import Console
 
 from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config
-from lmlab.model.attention import PATHS, attend, score_bytes
+from lmlab.core.errors import UserError
+from lmlab.model.attention import CUDA_ONLY, PATHS, attend, score_bytes
 from lmlab.model.gpt import GPT
 from lmlab.model.memory import training_need
 from lmlab.model.recurrent import RecurrentLM
@@ -46,7 +47,7 @@ def test_both_paths_give_the_same_loss_and_gradients(extra, dtype):
     config = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=30, **extra)
     x, y = torch.randint(0, 30, (3, 24)), torch.randint(0, 30, (3, 24))
     results = {}
-    for path in PATHS:
+    for path in ("fused", "math"):  # cudnn's twin: the CUDA tests'
         torch.manual_seed(0)
         model = GPT(config)
         assert model.use_attention(path)
@@ -133,17 +134,44 @@ def test_auto_keeps_the_fused_kernel_where_the_scores_would_not_fit():
     assert choice.path == "fused" and timed == [] and "with its scores, more than the" in choice.why
     choose_attention(GPT(config), TrainConfig(batch_size=1), Machine(CPU, torch.float32), STATE,
                      timer=lambda path: timed.append(path) or 0.0)
-    assert set(timed) == set(PATHS)
+    assert set(timed) == set(PATHS) - set(CUDA_ONLY)
 
 
 def test_a_set_path_is_taken_untimed_and_a_model_without_attention_has_none_to_choose():
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20))
     untimed = timer(float("nan"), float("nan"))
-    for path in PATHS:
+    for path in set(PATHS) - set(CUDA_ONLY):
         chosen = choose_attention(model, TrainConfig(attention=path), Machine(CPU, torch.float32), STATE, timer=untimed)
         assert chosen.path == path
+    for path in CUDA_ONLY:
+        with pytest.raises(UserError, match=f'train.attention = "{path}" is a kernel of CUDA\'s, and this run trains '
+                                            "on cpu; set it to auto, fused or math"):
+            choose_attention(model, TrainConfig(attention=path), Machine(CPU, torch.float32), STATE, timer=untimed)
     recurrent = RecurrentLM(ModelConfig(kind="recurrent", n_layer=1, n_embd=16, block_size=16, vocab_size=20))
     assert choose_attention(recurrent, TrainConfig(), Machine(CPU, torch.float32), STATE, timer=untimed) is None
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 0.95, 1.0, 2.0, None])
+def test_auto_on_cuda_times_cudnn_against_torchs_pick_and_takes_it_only_where_faster_by_the_gain(fake_gpu, ratio):
+    """On a faked GPU, the candidates are fused and cudnn (never math), timed in turns and recorded; cudnn is taken
+    where it is faster by the gain, and a cuDNN that refuses the shape (None: it raises) leaves fused."""
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=20))
+    timed: list[str] = []
+
+    def faked(path: str) -> float:
+        timed.append(path)
+        if path == "cudnn" and ratio is None:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return (10.0 if path == "fused" else 10.0 * ratio) / 1000
+
+    choice = choose_attention(model, TrainConfig(batch_size=4), Machine(torch.device("cuda"), torch.bfloat16), STATE,
+                              timer=faked)
+    want = "cudnn" if ratio is not None and ratio <= GAIN else "fused"
+    assert set(timed) == ({"fused", "cudnn"}) and choice.path == want
+    assert {b.attn.path for b in model.transformer.h} == {want}
+    assert choice.record(0) == {"event": "attention", "step": 0, "path": want, "how": "measured", "fused_ms": 10.0,
+                                **({} if ratio is None else {"cudnn_ms": round(10.0 * ratio, 3)})}
+    assert ("cudnn refused" in choice.why) == (ratio is None)
 
 
 def test_auto_takes_the_first_process_choice():

@@ -75,15 +75,17 @@ def test_invalid_values_are_rejected():
     with pytest.raises(UserError, match="train.optimizer"):
         build_config({"train": {"optimizer": "sgd"}}, "x")
     for wrong in ("flash", 1, True):
-        with pytest.raises(UserError, match="train.attention (is .*; use auto, fused, math|must be str)"):
+        with pytest.raises(UserError, match="train.attention (is .*; use auto, fused, math, cudnn|must be str)"):
             build_config({"train": {"attention": wrong}}, "x")
-        with pytest.raises(UserError, match="finetune.attention (is .*; use auto, fused, math|must be str)"):
+        with pytest.raises(UserError, match="finetune.attention (is .*; use auto, fused, math, cudnn|must be str)"):
             load_finetune_config(None, [f"finetune.attention={toml_value(wrong)}"])
     for wrong in ("exponential", "WSD"):
         with pytest.raises(UserError, match=f"train.schedule is '{wrong}'; use cosine or wsd"):
             build_config({"train": {"schedule": wrong}}, "x")
     with pytest.raises(UserError, match="train.decay_fraction"):
         build_config({"train": {"schedule": "wsd", "decay_fraction": 0.0}}, "x")
+    with pytest.raises(UserError, match="train.micro_batch is 'largest'; use auto or set"):
+        build_config({"train": {"micro_batch": "largest"}}, "x")
 
 
 def test_missing_file_and_bad_override_syntax(tmp_path):

@@ -319,3 +319,27 @@ def test_size_auto_sizes_on_the_gpu_by_a_fit_measured_elsewhere(tmp_path, char_d
     sizing = next(e for e in RunDir(run).events() if e["event"] == "sizing")
     assert sizing["speed"] == f"measured on {torch.cuda.get_device_name()}" and sizing["passes"] > 0
     assert RunDir(run).config().model.n_layer == sizing["depth"] and RunDir(run).events()[-1]["event"] == "end"
+
+
+def test_the_cudnn_path_trains_as_torchs_pick_or_is_refused_by_the_timing(record_property):
+    """The cudnn path's bf16 loss and head gradient beside the fused one's; where this GPU's cuDNN has no kernel for
+    the shape, the timing leaves it out (lmlab.train.attention._timed; its faked twin is tests/test_attention.py's
+    test_auto_on_cuda_times_cudnn_against_torchs_pick_and_takes_it_only_where_faster_by_the_gain)."""
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=256, block_size=256, vocab_size=50304)
+    x = torch.randint(0, 50257, (4, 256), device=CUDA)
+    results = {}
+    for path in ("fused", "cudnn"):
+        torch.manual_seed(0)
+        model = GPT(config).to(CUDA)
+        model.use_attention(path)
+        try:
+            with torch.autocast("cuda", torch.bfloat16):
+                _, loss = model(x, x.roll(-1, 1))
+            loss.backward()
+        except RuntimeError as refused:
+            pytest.skip(f"this GPU's cuDNN refuses the shape: {refused}")
+        results[path] = loss.item(), model.lm_head.weight.grad.float()
+    gap = abs(results["fused"][0] - results["cudnn"][0])
+    record_property("cudnn against fused, loss", gap)
+    assert gap < BF16_TOLERANCE
+    assert (results["fused"][1] - results["cudnn"][1]).norm() < 0.05 * results["fused"][1].norm()

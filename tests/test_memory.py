@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.memory_estimate import measured
 from benchmarks.prefill_memory import prefill_peak
-from lmlab.core.config import ModelConfig
+from lmlab.core.config import ModelConfig, TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.model import build_model
 from lmlab.model.memory import (
@@ -20,10 +20,12 @@ from lmlab.model.memory import (
     check_fits,
     check_training,
     decoding_need,
+    fit_micro_batch,
     prefill_bytes,
     training_need,
 )
 from lmlab.run.rundir import RunDir
+from lmlab.train.optim import OPTIMIZERS
 from tests.helpers import ALPACA_TINY, refused, write_config
 
 # An imported Qwen3-0.6B's shape at its full context: 28 layers, 8 KV heads of 128, 40,960 positions.
@@ -117,3 +119,36 @@ def test_the_training_estimate_is_near_the_peak_a_step_measures():
     need = training_need(ModelConfig(**shape))
     estimate = need.at(16) - need.fixed // 4  # the weights (a quarter of the fixed part) were in memory before
     assert 0.8 < estimate / peak < 1.5, (estimate, peak)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_auto_micro_batch_on_a_gpu_is_the_largest_that_fits_and_accumulates_to_the_same_batch(fake_gpu, world):
+    """Over GPUs of 1 to 256 GiB free (faked): the micro-batch is 16 times a power of two, the micro-batches make the
+    config's 16 x 32 (a multiple of the processes), its estimate is within the free memory less the headroom, and the
+    next larger one that divides the batch is not; 16 where no larger one fits."""
+    model = ModelConfig(n_layer=2, n_head=2, n_embd=128, block_size=256, vocab_size=50257)
+    train = TrainConfig(batch_size=16, grad_accum_steps=32)
+    state = OPTIMIZERS["adamw"].state_bytes
+    need, said, seen = training_need(model, state), [], set()
+    for gib in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256):
+        fake_gpu(free=gib * 2**30)
+        fitted = fit_micro_batch(model, train, state, torch.device("cuda"), world, said.append)
+        micro, have = fitted.batch_size, int(0.9 * gib * 2**30)
+        assert micro * fitted.grad_accum_steps == 16 * 32 and fitted.grad_accum_steps % world == 0
+        assert micro % 16 == 0 and (micro // 16) & (micro // 16 - 1) == 0 and fitted.micro_batch == "set"
+        assert micro == 16 or need.at(micro) <= have
+        assert (16 * 32 // world) % (2 * micro) or need.at(2 * micro) > have
+        seen.add(micro)
+    assert len(seen) > 3 and max(seen) == 16 * 32 // world  # the range reaches from 16 to the whole batch
+    assert said[-1].startswith(f"micro-batch: {16 * 32 // world} x {world} accumulated, for 16 x 32 (train.micro_batch")
+
+
+def test_a_set_micro_batch_and_a_cpus_are_left_as_they_are(fake_gpu):
+    model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65)
+    state = OPTIMIZERS["adamw"].state_bytes
+    auto, fixed = TrainConfig(batch_size=4, grad_accum_steps=8), TrainConfig(batch_size=4, grad_accum_steps=8,
+                                                                             micro_batch="set")
+    assert fit_micro_batch(model, auto, state, torch.device("cpu"), 1, print) is auto
+    fake_gpu(free=256 * 2**30)
+    assert fit_micro_batch(model, fixed, state, torch.device("cuda"), 1, print) is fixed
+    assert fit_micro_batch(model, auto, state, torch.device("cuda"), 1, print).batch_size == 32

@@ -68,7 +68,7 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
-ATTENTION_CHOICES = ("auto", "fused", "math")  # train.attention's, finetune.attention's: a path, or timed
+ATTENTION_CHOICES = ("auto", "fused", "math", "cudnn")  # train.attention's, finetune.attention's: a path, or timed
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
 SCHEDULE_NAMES = ("cosine", "wsd", "linear")  # train.schedule's: lmlab.train.schedule.SCHEDULES has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
@@ -198,6 +198,11 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 64  # sequences per micro-batch (per process under torchrun)
     grad_accum_steps: int = 1  # micro-batches per optimizer step in all; N torchrun processes run 1/N each
+    # auto | set: on CUDA, "auto" trains by the largest micro-batch, batch_size times a power of two, that the GPU's
+    # memory holds by lmlab's estimate (lmlab.model.memory) and accumulates to the same batch (batch_size x
+    # grad_accum_steps); config.toml keeps the result, as "set". A CPU, or "set", trains as batch_size and
+    # grad_accum_steps say.
+    micro_batch: str = "auto"
     max_iters: int = 5000  # optimizer steps
     # Seconds from `lmlab train`'s start to the run's end, evals and checkpoints included (max_iters and the LR
     # schedule are fitted to it); 0: none; at most 366 days.
@@ -231,8 +236,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast dtype of the forward pass
     # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
     compile: bool | str = "auto"
-    # auto | fused | math: attention by torch's fused kernel, by the scores written out, or whichever a timing of
-    # both at this shape finds faster on this device (lmlab.train.attention; fused on CUDA)
+    # auto | fused | math | cudnn: attention by torch's fused kernel, by the scores written out, by cuDNN's kernel
+    # (CUDA only), or whichever a timing at this shape finds faster on this device (lmlab.train.attention: on a CPU
+    # fused or math, on CUDA fused or cudnn)
     attention: str = "auto"
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them (core/threads.py)
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
@@ -282,6 +288,7 @@ class TrainConfig:
                             "of / \\ # ? % : (W&B's rule for project names); e.g. \"shakespeare\".")
         if self.compile not in (True, False, "auto"):
             raise UserError(f"train.compile is {self.compile!r}; use true, false or \"auto\".")
+        check_choice("train.micro_batch", self.micro_batch, ("auto", "set"))
         check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"),
                      "auto, float32, bfloat16 or float16")
@@ -361,7 +368,7 @@ class FinetuneConfig:
     seed: int = DEFAULT_SEED  # seeds the split of records, their order and dropout
     checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them, as training's
-    attention: str = "auto"  # auto | fused | math, as train.attention; set, no load can tip `auto`'s timing
+    attention: str = "auto"  # auto | fused | math | cudnn, as train.attention; set, no load can tip `auto`'s timing
 
     def __post_init__(self) -> None:
         check_choice("finetune.attention", self.attention, ATTENTION_CHOICES, ", ".join(ATTENTION_CHOICES))

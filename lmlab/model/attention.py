@@ -1,15 +1,19 @@
-"""The two ways a transformer's attention runs: `fused`, torch's scaled_dot_product_attention (a flash kernel that
-keeps no T x T scores), and `math`, the scores written out as a masked matmul, a softmax and a matmul, which keeps
-the softmax for the backward. Which is faster depends on the device, dtype and shape
-(benchmarks/attention_paths.py), so training times both (lmlab.train.attention); decoding one token over a cache
-always writes it out (`attend_written_out`)."""
+"""The ways a transformer's attention runs: `fused`, torch's scaled_dot_product_attention (a flash kernel that
+keeps no T x T scores, the one torch picks); `math`, the scores written out as a masked matmul, a softmax and a
+matmul, which keeps the softmax for the backward; and on CUDA `cudnn`, the same call held to cuDNN's fused kernel.
+Which is faster depends on the device, dtype and shape (benchmarks/attention_paths.py), so training times them
+(lmlab.train.attention); decoding one token over a cache always writes it out (`attend_written_out`)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-PATHS = ("fused", "math")
+PATHS = ("fused", "math", "cudnn")
+CUDA_ONLY = ("cudnn",)  # paths of kernels only CUDA has
 
 
 def attend_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -58,8 +62,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str, dropout
     """Causal attention of (B, nh, T, hs) queries over (B, nkv, T, hs) keys and values by `path`."""
     if path == "math":
         return attend_causal_written_out(q, k, v, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
-                                          enable_gqa=k.size(1) != q.size(1))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if path == "cudnn" else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                              enable_gqa=k.size(1) != q.size(1))
 
 
 def score_bytes(dtype: torch.dtype, dropout: bool) -> int:

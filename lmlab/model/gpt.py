@@ -14,11 +14,12 @@ from lmlab.core.config import ModelConfig
 from lmlab.model.attention import PATHS, attend, attend_written_out
 from lmlab.model.base import LanguageModel
 from lmlab.model.kvcache import KVCache
-from lmlab.model.loss import next_token_loss
+from lmlab.model.loss import head_loss
 
 
 def padded_vocab(vocab_size: int) -> int:
-    """Large vocabularies padded to a multiple of 64 so the head matmul tiles evenly; the extra logits are cut off."""
+    """Large vocabularies padded to a multiple of 64 so the head matmul tiles evenly; the extra logits are cut off
+    (masked, in a training step's loss: lmlab.model.loss.head_loss)."""
     return math.ceil(vocab_size / 64) * 64 if vocab_size > 1024 else vocab_size
 
 
@@ -237,10 +238,11 @@ class GPT(LanguageModel):
         return KVCache(self.config, batch, device, dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given."""
-        logits = self.lm_head(self.hidden(idx, cache))[..., :self.config.vocab_size]  # (B, T, vocab)
-        return logits, None if targets is None else next_token_loss(logits, targets)
+                cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given (in training
+        with a large vocabulary, the loss alone: lmlab.model.loss.head_loss)."""
+        return head_loss(self.lm_head, self.hidden(idx, cache), targets, self.config.vocab_size,
+                         self.training)
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: KVCache | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind

@@ -1,6 +1,7 @@
 """What a size costs in memory, estimated on the meta device, and the one check every size-driven allocation passes,
 so a size that does not fit is refused with the largest that does before anything is allocated. On CUDA only decoding
-rows are checked: a training step's estimate is fp32's, which autocast changes."""
+rows are checked: a training step's estimate is fp32's, which autocast changes, so it only bounds how far a CUDA
+run's micro-batch grows (`fit_micro_batch`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lmlab.core.config import ModelConfig
+from lmlab.core.config import ModelConfig, TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory, human_bytes
+from lmlab.core.plugin_kinds import BUILT_IN_KINDS
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import padded_vocab
 from lmlab.model.kinds import construct
+from lmlab.model.loss import chunked
 from lmlab.model.sized import remembered
 
 BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (run-folder.md)
@@ -140,7 +143,14 @@ def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) ->
     measured = remembered("training", config, (), lambda: Need(_per_layer(config, _hidden_bytes),
                                                                 _per_layer(config, _kept_bytes)), Need)
     moments = state_bytes(weights, measured.fixed)
+    head = padded_vocab(config.vocab_size) * config.n_embd * 4
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
+    if config.kind in BUILT_IN_KINDS and chunked(config.vocab_size):
+        # lmlab.model.loss.ChunkedHeadLoss keeps the gradient of the head's weight, traced once among a sequence's
+        # kept tensors but held once a micro-batch; a chunk's fp32 logits and their bf16 gradient pass while it runs,
+        # counted per sequence: exact up to the chunk's bound (CHUNK_BYTES), more than they take beyond it
+        each = int(BACKWARD_FACTOR * (measured.each - head)) + 3 * logits // 2
+        return Need(weights + weights + moments + head, min(each, UNCOUNTABLE))
     each = int(BACKWARD_FACTOR * measured.each) + 2 * logits
     return Need(weights + weights + moments, min(each, UNCOUNTABLE))
 
@@ -226,6 +236,36 @@ def check_training(config: ModelConfig, batch_size: int, state_bytes: StateBytes
         return
     check_fits(training_need(config, state_bytes), batch_size, setting, f"sequence of {config.block_size:,} tokens",
                device, host_memory() // processes)
+
+
+def largest_micro_batch(need: Need, batch_size: int, sequences: int, have: int) -> int:
+    """The largest micro-batch, `batch_size` times a power of two, that divides `sequences` (what a process computes
+    for an optimizer step) and whose `need` is within `have` bytes; `batch_size` where no larger one is."""
+    micro = batch_size
+    while sequences % (2 * micro) == 0 and need.at(2 * micro) <= have:
+        micro *= 2
+    return micro
+
+
+def fit_micro_batch(model: ModelConfig, train: TrainConfig, state_bytes: StateBytes, device: torch.device,
+                    world_size: int, say: Callable[[str], object]) -> TrainConfig:
+    """`train` with `train.micro_batch = "auto"` on CUDA resolved: the largest micro-batch (`largest_micro_batch`)
+    the GPU's free memory holds by this module's estimate, less DECODE_HEADROOM, and as many micro-batches
+    accumulated as keep the optimizer step's batch (batch_size x grad_accum_steps, shared by `world_size` processes);
+    set, as "set", so config.toml keeps what was chosen; a change is told to `say`. A CPU's and a set micro-batch come
+    back as they are: a CPU gains nothing from a larger one, and its memory check refuses one that does not fit."""
+    if train.micro_batch != "auto" or device.type != "cuda":
+        return train
+    have = int(device_memory(device)[0] * (1 - DECODE_HEADROOM))
+    sequences = train.batch_size * train.grad_accum_steps // world_size
+    micro = largest_micro_batch(training_need(model, state_bytes), train.batch_size, sequences, have)
+    fitted = dataclasses.replace(train, batch_size=micro, micro_batch="set",
+                                 grad_accum_steps=train.grad_accum_steps * train.batch_size // micro)
+    if micro != train.batch_size:
+        say(f"micro-batch: {micro} x {fitted.grad_accum_steps} accumulated, for {train.batch_size} x "
+            f"{train.grad_accum_steps} (train.micro_batch = \"auto\": the largest that {human_bytes(have)} of this "
+            "GPU holds by lmlab's estimate)")
+    return fitted
 
 
 def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting: str, device: torch.device,

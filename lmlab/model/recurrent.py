@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from lmlab.core.config import ModelConfig
 from lmlab.model.base import DecodeState, LanguageModel
-from lmlab.model.loss import next_token_loss
+from lmlab.model.loss import head_loss
 
 
 class RecurrentState(DecodeState):
@@ -86,10 +86,11 @@ class RecurrentLM(LanguageModel):
         return RecurrentState(self.config, batch, device, dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: RecurrentState | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids (B, T), starting from `cache`'s state (and updating it) or zeros."""
-        logits = self.lm_head(self.hidden(idx, cache))  # (B, T, vocab)
-        return logits, None if targets is None else next_token_loss(logits, targets)
+                cache: RecurrentState | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids (B, T), starting from `cache`'s state (and updating it) or zeros; the
+        loss too with targets (see GPT.forward)."""
+        return head_loss(self.lm_head, self.hidden(idx, cache), targets, self.config.vocab_size,
+                         self.training)
 
     def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                   cache: RecurrentState | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind

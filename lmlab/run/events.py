@@ -62,7 +62,7 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "threads": _fields(_STEP, "threads:integer most:integer reason:string|null ms:object|null others:number"),
     "compile": _fields(_STEP, "compiled_ms:number eager_ms:number compiled:boolean"),
     "graphs": _fields(_STEP, "graphs_ms:number plain_ms:number graphs:boolean how:string"),
-    "attention": _fields(f"{_STEP} path:string", "fused_ms:number math_ms:number"),
+    "attention": _fields(f"{_STEP} path:string", "fused_ms:number math_ms:number cudnn_ms:number"),
     "budget": _fields(_STEP, "seconds:number max_iters:integer spent:number step_seconds:number eval_seconds:number "
                              "checkpoint_seconds:number finish_seconds:number position:number reason:string "
                              "eval_iters:integer warmup:integer"),

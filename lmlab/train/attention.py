@@ -1,8 +1,10 @@
-"""The way attention trains (`train.attention`, lmlab.model.attention's paths): as set, or with `auto` on a CPU the
-faster of the two at the run's own shape and dtype, timed before the first step. Neither is faster everywhere: on
-an AVX-512 BF16 CPU the fused kernel's bf16 backward is several times the math path's at a context of 128 and
-faster at 1,024 (benchmarks/attention_paths.py). The math path keeps every T x T score for the backward, so it is a
-candidate only where a step with them fits in memory."""
+"""The way attention trains (`train.attention`, lmlab.model.attention's paths): as set, or with `auto` the faster of
+this device's candidates at the run's own shape and dtype, timed before the first step. On a CPU, fused or math:
+neither is faster everywhere (on an AVX-512 BF16 CPU the fused kernel's bf16 backward is several times the math
+path's at a context of 128 and faster at 1,024: benchmarks/attention_paths.py), and the math path keeps every T x T
+score for the backward, so it is a candidate only where a step with them fits in memory. On CUDA, torch's pick (flash
+where it applies) or cuDNN's kernel, which some GPUs and shapes run faster and others refuse (a dtype, a head size, a
+cuDNN too old): a candidate that raises is not taken."""
 
 from __future__ import annotations
 
@@ -16,19 +18,21 @@ import torch
 
 from lmlab.core.config import ModelConfig, TrainConfig
 from lmlab.core.device import synchronize
+from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model import LanguageModel
-from lmlab.model.attention import PATHS, attend, score_bytes
+from lmlab.model.attention import CUDA_ONLY, PATHS, attend, score_bytes
 from lmlab.model.memory import Need, StateBytes, training_need
 
 if TYPE_CHECKING:
     from lmlab.train.machine import Machine
 
 # The paths are timed in turns (a load weighs on both alike), ROUNDS times each after one untimed call, and the
-# best of each compared. The math path is taken only where its best is at most GAIN of the fused one's: near a
-# tie, the kernel that keeps no scores, and a choice that a busy moment does not flip.
+# best of each compared. Another path than fused is taken only where its best is at most GAIN of fused's: near a
+# tie, torch's own kernel (on a CPU, the one that keeps no scores), and a choice that a busy moment does not flip.
 ROUNDS = 5
 GAIN = 0.9
+CANDIDATES = {"cpu": ("fused", "math"), "cuda": ("fused", "cudnn")}  # fused first: the default, the others its rivals
 
 Timer = Callable[[str], float]  # seconds of one forward and backward of a layer's attention by a path
 
@@ -88,6 +92,9 @@ def choose_attention(model: LanguageModel, cfg: TrainConfig, machine: Machine, s
     the user set `cfg.attention` by."""
     if not model.use_attention("fused"):
         return None
+    if cfg.attention in CUDA_ONLY and machine.device.type != "cuda":
+        raise UserError(f"{setting} = \"{cfg.attention}\" is a kernel of CUDA's, and this run trains on "
+                        f"{machine.device.type}; set it to auto, fused or math.")
     if cfg.attention != "auto":
         model.use_attention(cfg.attention)
         machine.said("attention", f"attention {cfg.attention}", setting)
@@ -104,29 +111,42 @@ def choose_attention(model: LanguageModel, cfg: TrainConfig, machine: Machine, s
 def _auto(config: ModelConfig, cfg: TrainConfig, machine: Machine, state_bytes: StateBytes, processes: int,
           timer: Timer | None) -> AttentionChoice:
     device, dtype = machine.device, machine.dtype
-    if device.type != "cpu":
+    candidates = CANDIDATES.get(device.type, ("fused",))
+    if len(candidates) == 1:
         return AttentionChoice("fused", f"auto: torch's fused kernels on {device.type}")
-    need, have = math_need(config, state_bytes, dtype).at(cfg.batch_size), host_memory() // processes
-    if need > have:
-        return AttentionChoice("fused", f"auto: the math path's step would need {human_bytes(need)} with its scores, "
-                                        f"more than the {human_bytes(have)} available")
+    if "math" in candidates:
+        need, have = math_need(config, state_bytes, dtype).at(cfg.batch_size), host_memory() // processes
+        if need > have:
+            return AttentionChoice("fused", f"auto: the math path's step would need {human_bytes(need)} with its "
+                                            f"scores, more than the {human_bytes(have)} available")
     shape = {"model": dataclasses.asdict(config), "batch": cfg.batch_size, "dtype": str(dtype),
              "threads": torch.get_num_threads()}
     value, how = machine.decide("attention", shape, lambda: {"ms": _timed(timer or layer_timer(
-        config, cfg.batch_size, device, dtype))})
+        config, cfg.batch_size, device, dtype), candidates)})
     assert value is not None, "the paths are always timed"
-    ms = {path: float(value["ms"][path]) for path in PATHS}
-    path = "math" if ms["math"] <= GAIN * ms["fused"] else "fused"
-    return AttentionChoice(path, f"auto: a layer's forward and backward took {ms['math']:,.2f} ms by math, "
-                                 f"{ms['fused']:,.2f} fused ({how})", ms, how)
+    ms = {path: float(value["ms"][path]) for path in candidates if path in value["ms"]}
+    rival = min((path for path in ms if path != "fused"), key=ms.__getitem__, default="fused")
+    path = rival if ms[rival] <= GAIN * ms["fused"] else "fused"
+    timings = ", ".join(f"{ms[p]:,.2f} ms {p}" for p in candidates if p in ms)
+    refused = [p for p in candidates if p not in ms]
+    return AttentionChoice(path, f"auto: a layer's forward and backward took {timings}"
+                                 f"{''.join(f', {p} refused' for p in refused)} ({how})", ms, how)
 
 
-def _timed(timer: Timer) -> dict[str, float]:
-    """The best ms of each path, timed in turns after an untimed call of each."""
-    seconds: dict[str, list[float]] = {path: [] for path in PATHS}
-    for path in PATHS:
-        timer(path)  # allocations, caches: untimed
+def _timed(timer: Timer, candidates: tuple[str, ...]) -> dict[str, float]:
+    """The best ms of each candidate, timed in turns after an untimed call of each; a CUDA kernel that refuses this
+    shape, dtype or GPU (a RuntimeError: no kernel available) is left out."""
+    working = []
+    for path in candidates:
+        try:
+            timer(path)  # allocations, caches: untimed
+        except RuntimeError:
+            if path not in CUDA_ONLY:
+                raise
+            continue
+        working.append(path)
+    seconds: dict[str, list[float]] = {path: [] for path in working}
     for _ in range(ROUNDS):
-        for path in PATHS:
+        for path in working:
             seconds[path].append(timer(path))
     return {path: 1000 * min(times) for path, times in seconds.items()}

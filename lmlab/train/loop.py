@@ -25,7 +25,7 @@ from lmlab.core.progress import progress_bar
 from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.loader import Batches, BatchLoader, open_tokens
 from lmlab.data.shards import windows_in
-from lmlab.model.memory import check_training
+from lmlab.model.memory import check_training, fit_micro_batch
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
@@ -86,8 +86,9 @@ class Trainer(Reports):
         with self._unlocked_on_failure():
             if job.is_main:
                 self._held.enter_context(self.run_dir.locked())
-            if resume:
+            if resume:  # it goes on by the micro-batch it trained by, in config.toml (older runs': as written)
                 check_resumable(self.run_dir, cfg.data.dataset)
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch="set"))
             chosen = self._build(cfg, device, console, init_from)
             resume = resume or self._restarted()
             self._parts(resume)
@@ -133,6 +134,10 @@ class Trainer(Reports):
         born = weights_born_in(self.run_dir, init_from) if self.device.type == "cuda" else None
         self.dtype, self.dtype_reason, self.peak = measure_hardware(self.parallel, self.device, tc.dtype, born,
                                                                     self.console)
+        self.cfg = dataclasses.replace(self.cfg, train=fit_micro_batch(mc, tc, optimizer_of(tc).state_bytes,
+                                                                      self.device, self.parallel.world_size,
+                                                                      self.console.print))
+        tc = self.cfg.train
         self.micro_steps = self.parallel.local_steps(tc.grad_accum_steps)
         with self.console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
             self.train_tokens = open_tokens(Path(cfg.data.dataset), "train", self.meta["dtype"], meta=self.meta)

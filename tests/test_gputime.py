@@ -14,6 +14,7 @@ from lmlab.commands import main
 from lmlab.core.config import ModelConfig
 from lmlab.core.config_toml import load_config
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS
+from lmlab.experiments import gputime
 from lmlab.experiments.gputime import (
     COMPILE_GRAPH_SECONDS,
     COMPILE_NODE_SECONDS,
@@ -24,6 +25,7 @@ from lmlab.experiments.gputime import (
     trace,
 )
 from lmlab.experiments.plan import estimate, gpu_hardware, make_plan, shape_of
+from lmlab.model import loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PERFORMANCE = CONFIGS.parent / "docs" / "reference" / "performance.md"
@@ -163,6 +165,16 @@ def bound(what: str) -> float:
     return 1.1 if what.startswith("GPT-2 small") and what.endswith("compile on") else 1.5
 
 
+@pytest.fixture
+def plain_head(monkeypatch):
+    """The H100 and H200 rows were measured at 42319cc, before a large vocabulary's head trained chunked
+    (lmlab.model.loss.ChunkedHeadLoss): they are foretold as the plain head they ran."""
+    monkeypatch.setattr(loss, "CHUNKED_VOCAB", 2**31)
+    gputime._trace.cache_clear()
+    yield
+    gputime._trace.cache_clear()
+
+
 def measured_rows() -> list[tuple[str, str, str, int, bool, float]]:
     """(the GPU's table, the row, config, its micro-batch or steps, compiled, the seconds measured): GPT-2 small's
     step (`bench`, random tokens, one micro-batch a step), the Shakespeare recipe's step (its seconds of steps to a
@@ -197,7 +209,7 @@ def _timed(seconds: float) -> str:
     return f"{seconds:,.0f} s" if seconds >= 10 else f"{1000 * seconds:,.1f} ms"
 
 
-def test_every_h100_and_h200_training_row_is_foretold_within_its_bound_and_says_what_bounds_it():
+def test_every_h100_and_h200_training_row_is_foretold_within_its_bound_and_says_what_bounds_it(plain_head):
     rows = measured_rows()
     assert len(rows) == 2 * 6 + 2 * 3  # GPT-2's six rows and the Shakespeare recipe's three, on each GPU
     shown = " ".join(PERFORMANCE.read_text().split())
@@ -214,7 +226,7 @@ def test_every_h100_and_h200_training_row_is_foretold_within_its_bound_and_says_
             assert found.launches < found.device
 
 
-def test_the_compiled_steps_host_time_per_kernel_is_the_one_the_h100_and_h200_rows_fit():
+def test_the_compiled_steps_host_time_per_kernel_is_the_one_the_h100_and_h200_rows_fit(plain_head):
     # The per-kernel time that puts the compiled step rows nearest their measurements, each row's error as a share of
     # its bound (least squares of the log ratios): a step is the longer of the GPU's work and the host's kernels x it.
     steps = []

@@ -180,8 +180,9 @@ def _trace(key: str) -> Trace:
 
 def tail(model: ModelConfig, train: TrainConfig) -> float:
     """The kernels a training step launches after its backward, as `train.step` runs them on a GPU (the gradients'
-    norm and clipping, the non-finite check, the optimizer's update and zeroing the gradients), for `train`'s optimizer over the parameters of `model`, counted on the CPU over parameters of
-    a few elements each (what an update dispatches depends on their number and shapes' rank, not their size)."""
+    norm and clipping, the non-finite check, the optimizer's update and zeroing the gradients), for `train`'s
+    optimizer over the parameters of `model`, counted on the CPU over parameters of a few elements each (what an
+    update dispatches depends on their number and shapes' rank, not their size)."""
     return _tail(json.dumps([dataclasses.asdict(model), train.optimizer, train.grad_clip], sort_keys=True))
 
 

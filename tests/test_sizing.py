@@ -564,6 +564,7 @@ def test_plan_previews_the_automatic_size_for_a_named_gpu_by_its_datasheet_timin
     the datasheet step model (lmlab.experiments.gputime, eager, as the run's timing steps are), nothing timed here;
     the choice said in the line a run on that GPU starts with, and the budget planned."""
     timed = timings_counted(monkeypatch)
+    monkeypatch.setattr("lmlab.core.busy.process_age", lambda: 0.0)  # a command's budget counts from its start: now
     code, out, err = run_cli(capsys, "plan", preset, "--budget", "5m", "--size", "auto", "--gpu", "RTX 3090")
     assert code == 0, err
     said = " ".join(out.split())

@@ -65,15 +65,15 @@ def test_compiling_on_a_cpu_says_what_it_costs_before_the_first_step(tmp_path, c
 
 @pytest.mark.slow
 def test_compiled_training_on_a_cpu_goes_on_with_what_its_steps_measured_faster_and_evaluates_eagerly(
-        tmp_path, char_dataset, monkeypatch):
+        tmp_path, char_dataset):
     """train.compile = true on a CPU times compiled steps against eager ones and says what it goes on with (on 2
     cores compiled may be no faster); evaluations run the eager model, never compiling the eval-mode graph too (a
     recompile would raise here)."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10),
                       ["train.compile=true", "train.eval_iters=2", "train.log_interval=1"])
     console = Console(file=io.StringIO(), width=300)
-    run = Trainer(cfg, tmp_path / "run", "cpu", console=console).run().run_dir
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run = Trainer(cfg, tmp_path / "run", "cpu", console=console).run().run_dir
     events = RunDir(run).events()
     [trial] = [e for e in events if e["event"] == "compile"]
     # the step that compiles, an eager one that warms up, then three of each timed in turns

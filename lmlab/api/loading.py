@@ -61,13 +61,20 @@ def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
 
 
 def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int, compile: bool,
-                console: Console) -> Any:
+                console: Console, quantize: str = "none") -> Any:
     """The compiled decode step for `capacity` rows (the option `setting`) when `compile`, else None (decode
-    eagerly); first, rows of up to `tokens_per_row` tokens that would not fit in memory are refused."""
+    eagerly); first, rows of up to `tokens_per_row` tokens that would not fit in memory are refused. Weights
+    quantized (`lmlab.inference.quantize`) decode eagerly, said in a line on stderr."""
     from lmlab.inference.generate import decoding_only
+    from lmlab.inference.quantize import describe
+    from lmlab.inference.quantize import quantize as quantized
     from lmlab.model.memory import check_decoding
 
+    compile = compile and quantize == "none"
     check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, decoding_only(run, compile))
+    quantized(run.model, quantize)
+    if quantize != "none":
+        print_note(f"note: {describe(quantize)}")
     if not compile:
         return None
     from lmlab.inference.compiled import compile_step

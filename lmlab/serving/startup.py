@@ -28,6 +28,7 @@ from lmlab.inference.compiled import (
 )
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, max_prompt_chars
+from lmlab.inference.quantize import describe, quantize
 from lmlab.model.memory import check_decoding
 from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
@@ -88,12 +89,17 @@ class Startup:
                 state.log(f"lmlab serve: {note}")
             state.threads = Machine(run.device, run.dtype).threads(chooser, run.model, options.max_batch, 1).threads
             folder = served_folder(run)
-            # A model that keeps no decode state has nothing to compile: it decodes eagerly (lmlab.inference.compiled).
-            compiles = options.compile and compilable(run.model)
+            # A model that keeps no decode state has nothing to compile: it decodes eagerly (lmlab.inference.compiled),
+            # as does one whose weights are quantized.
+            compiles = options.compile and options.quantize == "none" and compilable(run.model)
+            quantize(run.model, options.quantize)
+            if options.quantize != "none":
+                state.log(f"lmlab serve: {describe(options.quantize)}")
             batch = self._kept(run, folder) if compiles else None
             if batch is None:
                 batch = self._batch(run, decoding_only(run, compiled=False))
-                state.decode_step = "eager, compiling" if compiles else "eager"
+                state.decode_step = ("eager, compiling" if compiles else "eager" if options.quantize == "none" else
+                                     f"eager from {options.quantize} weights")
             state.served = self._served(run, batch, folder)
             # Said before /health says it: a log read as the server's readiness never lags the server.
             state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "

@@ -33,7 +33,8 @@ def trained(name: str) -> torch.nn.Module:
     data, rng = torch.tensor(CYCLE * 10), torch.Generator().manual_seed(2)
     for _ in range(40):
         starts = torch.randint(0, len(data) - 33, (4,), generator=rng).tolist()
-        _, loss = model(torch.stack([data[s:s + 32] for s in starts]), torch.stack([data[s + 1:s + 33] for s in starts]))
+        x, y = (torch.stack([data[s + shift:s + shift + 32] for s in starts]) for shift in (0, 1))
+        _, loss = model(x, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -77,8 +78,8 @@ def test_int8_is_refused_off_the_cpu_and_an_unknown_format_is_named():
 
 
 def test_sample_and_answer_decode_from_int8_and_say_so(capsys, tiny_run, sft_run, tmp_path):
-    code, out, err = run_cli(capsys, "sample", copy_run(tiny_run, tmp_path), "--prompt", "ROMEO:", "--quantize", "int8", "--max-new-tokens",
-                             "12", "--temperature", "0", "--device", "cpu")
+    code, out, err = run_cli(capsys, "sample", copy_run(tiny_run, tmp_path), "--prompt", "ROMEO:", "--quantize",
+                             "int8", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu")
     assert code == 0 and out.startswith("ROMEO:") and "decoding eagerly from int8 weights" in err, err
     assert f"within {LOGIT_TOLERANCE:.0%}" in err
     code, out, err = run_cli(capsys, "answer", sft_run, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl",

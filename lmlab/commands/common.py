@@ -214,8 +214,9 @@ def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> Non
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default,
                         help=f"decode with a compiled step ({why}; default {'on' if default else 'off'})")
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                        help="int8: decode on the CPU from 8-bit weights, eagerly (several times fewer bytes read per "
-                        "token than float32; logits within a stated tolerance of float32's); none: the checkpoint's")
+                        help="int8: decode on the CPU from 8-bit weights, eagerly (a quarter of float32's bytes read "
+                        "per token; logits within a tolerance of float32's the line naming it states); none: the "
+                        "checkpoint's own")
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,21 +25,29 @@ MODELS = {"gpt2-style": {}, "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="
 CYCLE = torch.randint(0, 50, (23,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def trained(name: str) -> torch.nn.Module:
-    """A small model trained until it continues a cycle of 23 tokens confidently: logits as a trained model's are,
-    peaked, which random weights' are not."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=50, **MODELS[name]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    data, rng = torch.tensor(CYCLE * 10), torch.Generator().manual_seed(2)
-    for _ in range(40):
-        starts = torch.randint(0, len(data) - 33, (4,), generator=rng).tolist()
-        x, y = (torch.stack([data[s + shift:s + shift + 32] for s in starts]) for shift in (0, 1))
-        _, loss = model(x, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+@pytest.fixture(scope="module")
+def trained() -> Iterator[dict[str, torch.nn.Module]]:
+    """Each of MODELS, small, trained once for the module until it continues a cycle of 23 tokens confidently: logits
+    as a trained model's are, peaked, which random weights' are not. The module's tiny ops run on one thread: on a
+    shared, loaded host two threads waiting on each other made the same training 10-100 times slower (a second on
+    one thread against up to a minute or more); every core comes back to the next module's tests."""
+    threads, models = torch.get_num_threads(), {}
+    torch.set_num_threads(1)
+    for name, kind in MODELS.items():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=50, **kind))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+        data, rng = torch.tensor(CYCLE * 10), torch.Generator().manual_seed(2)
+        for _ in range(40):
+            starts = torch.randint(0, len(data) - 33, (4,), generator=rng).tolist()
+            x, y = (torch.stack([data[s + shift:s + shift + 32] for s in starts]) for shift in (0, 1))
+            _, loss = model(x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        models[name] = model.eval()
+    yield models
+    torch.set_num_threads(threads)
 
 
 def greedy(model: torch.nn.Module, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
@@ -55,8 +64,8 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]]) -> tuple[list[list[
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_int8_decodes_float32s_greedy_tokens_with_logits_within_the_stated_tolerance(name):
-    model = trained(name)
+def test_int8_decodes_float32s_greedy_tokens_with_logits_within_the_stated_tolerance(name, trained):
+    model = trained[name]
     prompts = [CYCLE[:5], CYCLE[7:9]]
     want, exact = greedy(model, prompts)
     got, approx = greedy(quantize(copy.deepcopy(model), "int8"), prompts)
@@ -77,6 +86,7 @@ def test_int8_is_refused_off_the_cpu_and_an_unknown_format_is_named():
         quantize(model, "int4")
 
 
+@pytest.mark.slow
 def test_sample_and_answer_decode_from_int8_and_say_so(capsys, tiny_run, sft_run, tmp_path):
     code, out, err = run_cli(capsys, "sample", copy_run(tiny_run, tmp_path), "--prompt", "ROMEO:", "--quantize",
                              "int8", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu")
@@ -100,6 +110,7 @@ def test_the_api_keeps_int8_weights_apart_from_the_float_ones(tiny_run, tmp_path
         run.sample("ROMEO", quantize="int4", **how)
 
 
+@pytest.mark.slow
 def test_serve_decodes_from_int8_and_says_so(tiny_run):
     server = Server(tiny_run, "--quantize", "int8", "--compile")
     try:

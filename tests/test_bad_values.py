@@ -108,6 +108,9 @@ ROWS = [
     Row("serve {run}", "--drain-seconds", float, ("zero",)),
     Row("serve {run}", "--served-model-name", int, CLASSES),  # a name: every one of these is a valid one
     Row("sample {run}", "--num-samples", int),
+    # a weights' format (none or int8): no number is one
+    *[Row(command, "--quantize", int) for command in ("sample {run}", "serve {run}",
+                                                      "answer {run} --data {alpaca} --out {out}/answers.jsonl")],
     Row("answer {run} --data {alpaca} --out {out}/answers.jsonl", "--batch-size", int),
     Row("judge --answers {out}/a.jsonl --endpoint http://127.0.0.1:9/v1 --model m", "--max-tokens", int),
     Row("judge --answers {out}/a.jsonl --endpoint http://127.0.0.1:9/v1 --model m", "--lowest", int, ("zero",)),

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from lmlab.core.busy import env_threads
 from lmlab.core.config import MAX_COUNT, RunConfig, SamplingParams
 from lmlab.core.errors import UserError
+from lmlab.inference.quantize import QUANTIZE
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,6 +83,7 @@ ARGUMENT_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "name": ("a string that is not empty", lambda v: isinstance(v, str) and v.strip() != ""),
     "texts": ("a list of strings", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
     "flag": ("True or False", lambda v: isinstance(v, bool)),
+    "quantize": (" or ".join(map(repr, QUANTIZE)), lambda v: v in QUANTIZE),
     "integer": ("a whole number", _int),
     "number": ("a number", lambda v: _int(v) or isinstance(v, float)),
     "path": ("a path that is not empty (a str or pathlib.Path)", _path),

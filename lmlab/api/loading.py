@@ -61,15 +61,15 @@ def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
 
 
 def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int, compile: bool,
-                console: Console) -> Any:
-    """The decode step for `capacity` rows as `lmlab.inference.steps` chooses it (None: decode eagerly), said on stderr
-    with why unless it is the eager step nobody asked to change; first, rows of up to `tokens_per_row` tokens that
-    would not fit in memory are refused."""
+                console: Console, quantize: str = "none") -> Any:
+    """The decode step for `capacity` rows as `lmlab.inference.steps` chooses it (None: decode eagerly), from weights
+    held as `quantize` says, said on stderr with why unless it is the eager step nobody asked to change; first, rows
+    of up to `tokens_per_row` tokens that would not fit in memory are refused."""
     from lmlab.inference.generate import decoding_only
     from lmlab.inference.steps import build_step, choose_step
     from lmlab.model.memory import check_decoding
 
-    choice = choose_step(run.model, run.device, compile)
+    choice = choose_step(run.model, run.device, compile, quantize)
     dtype = decoding_only(run, compiled=choice.kind == "compiled")
     check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, dtype)
     with console.status(f"Building the decode step ({choice.kind})..."):

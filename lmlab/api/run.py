@@ -62,7 +62,7 @@ class Run:
         self._dir.config()  # a folder that is no run is refused as every command refuses it
         self.console = console or console_here()
         self.result: TrainResult | None = None  # what `lmlab.train` returned it with: steps, best, how it stopped
-        self._loaded: dict[tuple[str, str], LoadedRun] = {}
+        self._loaded: dict[tuple[str, str, str], LoadedRun] = {}
 
     @staticmethod
     @checked(folders="paths", console="console?")
@@ -157,10 +157,12 @@ class Run:
         autocast dtype of the run's config here), `.checkpoint` and `.step` (those loaded), `.config`."""
         return self._use(checkpoint, device, 0, 0, "")[0]
 
-    def _use(self, checkpoint: str, device: str, rows: int, length: int, doing: str) -> tuple[LoadedRun, str | None]:
-        """The loaded checkpoint, and the note to print once the caller's input passed its checks when other processes'
-        load lowered the threads its work (`rows` of `length` tokens) computes with."""
-        key = (checkpoint_name(checkpoint), device)
+    def _use(self, checkpoint: str, device: str, rows: int, length: int, doing: str,
+             quantize: str = "none") -> tuple[LoadedRun, str | None]:
+        """The loaded checkpoint (kept apart where its weights are to be quantized: they are, in place), and the note to
+        print once the caller's input passed its checks when other processes' load lowered the threads its work (`rows`
+        of `length` tokens) computes with."""
+        key = (checkpoint_name(checkpoint), device, quantize)
         kept, sha = self._loaded.get(key), self._dir.weights_sha256(key[0])
         if kept is not None and sha is not None and kept.weights_sha256 == sha:
             return kept, None
@@ -192,28 +194,31 @@ class Run:
             print(f"note: the result is not kept in the run: {not_kept}", file=sys.stderr)
         return result
 
-    @checked(prompt="text", checkpoint="checkpoint", device="name", stream="flag", compile="flag", keep="flag")
+    @checked(prompt="text", checkpoint="checkpoint", device="name", stream="flag", compile="flag", keep="flag",
+             quantize="quantize")
     def sample(self, prompt: str = "", *, checkpoint: str = "best", device: str = "auto", stream: bool = False,
-               compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
+               compile: bool = False, keep: bool = True, quantize: str = "none",
+               **settings: Any) -> str | Iterator[str]:
         """The prompt and its continuation (an empty prompt starts a new document), as `lmlab sample` draws it;
         `settings` are max_new_tokens, temperature (0: greedy), top_k, top_p and seed. With `stream`, an iterator of the
         pieces (the prompt first); with `compile`, decoded by a compiled step on a CPU (worth it for thousands of
-        tokens; on a GPU the step replays as CUDA graphs either way). Kept in samples.txt unless not `keep`."""
+        tokens; on a GPU the step replays as CUDA graphs either way); with `quantize="int8"`, from 8-bit weights on the
+        CPU (lmlab.inference.quantize). Kept in samples.txt unless not `keep`."""
         params = sampling_params(settings)
         return self._text(lambda run, step: sample_stream(run, prompt, params, step), len(prompt), params,
-                          f"prompt {prompt!r}", checkpoint, device, stream, compile, keep)
+                          f"prompt {prompt!r}", checkpoint, device, stream, compile, keep, quantize)
 
     @checked(prompt="text", num_samples="integer", checkpoint="checkpoint", device="name", compile="flag",
-             keep="flag")
+             keep="flag", quantize="quantize")
     def samples(self, prompt: str = "", num_samples: int = 2, *, checkpoint: str = "best", device: str = "auto",
-                compile: bool = False, keep: bool = True, **settings: Any) -> list[str]:
+                compile: bool = False, keep: bool = True, quantize: str = "none", **settings: Any) -> list[str]:
         """`num_samples` continuations of the prompt drawn in one batch, the i-th with seed `seed` + i (settings as
         `sample`'s), each kept in samples.txt unless not `keep`."""
         whole("num_samples", num_samples)
         params = sampling_params(settings)
-        run, note = self._use(checkpoint, device, num_samples, 1, "decoding")
+        run, note = self._use(checkpoint, device, num_samples, 1, "decoding", quantize)
         tokens = max(len(prompt), run.config.model.block_size) + params.max_new_tokens
-        step = decode_step(run, num_samples, "--num-samples", tokens, compile, self.console)
+        step = decode_step(run, num_samples, "--num-samples", tokens, compile, self.console, quantize)
         texts = samples(run, prompt, params, num_samples, step)
         print_note(note)
         if keep:
@@ -222,33 +227,36 @@ class Run:
         return texts
 
     @checked(message="text", system="text?", checkpoint="checkpoint", device="name", stream="flag",
-             compile="flag", keep="flag")
+             compile="flag", keep="flag", quantize="quantize")
     def chat(self, message: str, *, system: str | None = None, checkpoint: str = "best", device: str = "auto",
-             stream: bool = False, compile: bool = False, keep: bool = True, **settings: Any) -> str | Iterator[str]:
+             stream: bool = False, compile: bool = False, keep: bool = True, quantize: str = "none",
+             **settings: Any) -> str | Iterator[str]:
         """The reply to a user's `message` (after `system`'s), through the run's chat template, prompt format or a role:
         content transcript; settings as `sample`'s."""
         params = sampling_params(settings)
         turns = [("system", system)] if system is not None else []
         turns.append(("user", message))
         return self._text(lambda run, step: chat_stream(run, turns, params, step), 0, params,
-                          f"chat {message!r}, system {system!r}", checkpoint, device, stream, compile, keep)
+                          f"chat {message!r}, system {system!r}", checkpoint, device, stream, compile, keep, quantize)
 
     @checked(instruction="text", input="text", checkpoint="checkpoint", device="name", stream="flag",
-             compile="flag", keep="flag")
+             compile="flag", keep="flag", quantize="quantize")
     def instruct(self, instruction: str, input: str = "", *, checkpoint: str = "best", device: str = "auto",
-                 stream: bool = False, compile: bool = False, keep: bool = True,
+                 stream: bool = False, compile: bool = False, keep: bool = True, quantize: str = "none",
                  **settings: Any) -> str | Iterator[str]:
         """The answer to an instruction (and its input) asked in the run's own format; settings as `sample`'s."""
         params = sampling_params(settings)
         return self._text(lambda run, step: instruct_stream(run, instruction, input, params, step), 0, params,
-                          f"instruction {instruction!r}, input {input!r}", checkpoint, device, stream, compile, keep)
+                          f"instruction {instruction!r}, input {input!r}", checkpoint, device, stream, compile, keep,
+                          quantize)
 
     def _text(self, pieces_of: Callable[[LoadedRun, Any], Iterable[str]], prompt_length: int, params: SamplingParams,
-              asked: str, checkpoint: str, device: str, stream: bool, compile: bool, keep: bool) -> str | Iterator[str]:
+              asked: str, checkpoint: str, device: str, stream: bool, compile: bool, keep: bool,
+              quantize: str) -> str | Iterator[str]:
         """One text generated by `pieces_of` (whose prompt is checked at once), whole or streamed."""
-        run, note = self._use(checkpoint, device, 1, 1, "decoding")
+        run, note = self._use(checkpoint, device, 1, 1, "decoding", quantize)
         tokens = max(prompt_length, run.config.model.block_size) + params.max_new_tokens
-        pieces = pieces_of(run, decode_step(run, 1, "--num-samples", tokens, compile, self.console))
+        pieces = pieces_of(run, decode_step(run, 1, "--num-samples", tokens, compile, self.console, quantize))
         print_note(note)  # once the prompt passed its checks
         flowing = _flow(run, pieces, f"{params.describe()}, {asked}" if keep else None)
         return flowing if stream else "".join(flowing)

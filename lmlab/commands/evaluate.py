@@ -143,7 +143,8 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
     from lmlab.core.config import seeded
 
     run = Run(args.runs[0], console)
-    how = {"checkpoint": args.checkpoint, "device": args.device, "compile": args.compile, **asdict(params)}
+    how = {"checkpoint": args.checkpoint, "device": args.device, "compile": args.compile, "quantize": args.quantize,
+           **asdict(params)}
     if args.num_samples > 1:
         texts = run.samples(args.prompt, args.num_samples, **how)
         for i, (text, drawn) in enumerate(zip(texts, seeded(params, len(texts)))):
@@ -166,7 +167,8 @@ def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None
     from lmlab.writeup.document import to_markdown
     from lmlab.writeup.grid import GridStopped, read_prompts, sample_grid
 
-    for option, given in (("--instruction", args.instruction), ("--input", args.input), ("--system", args.system)):
+    for option, given in (("--instruction", args.instruction), ("--input", args.input), ("--system", args.system),
+                          ("--quantize", args.quantize != "none")):
         if given:
             raise UserError(f"a prompt grid puts its prompts to every run (--chat: as a user's message where a run "
                             f"has a chat template or prompt format); ask {option} of one run at a time.")

@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if len(set(names)) < len(names):
         raise UserError(f"--served-model-name lists a name twice ({' '.join(names)}); give each once.")
     options = ServeOptions(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_batch,
-                           args.max_queue, args.max_body_bytes, args.compile, args.threads)
+                           args.max_queue, args.max_body_bytes, args.compile, args.threads, args.quantize)
     options.check()
     startup = None
 

@@ -1,6 +1,7 @@
 """Which step decodes: the one choice `serve`, `sample`, `answer`, the page and `lmlab.Run` make, and why. On CUDA the
 step replays as CUDA graphs (lmlab.inference.graphs), built in milliseconds; on the CPU, with --compile, AOTInductor's
-compiled step (lmlab.inference.compiled), built in a minute; else eager. A step that fails its check (its first tokens
+compiled step (lmlab.inference.compiled), built in a minute; else eager, from int8 weights where asked
+(lmlab.inference.quantize: nothing compiles or captures such a module). A step that fails its check (its first tokens
 are not eager's) is not used: eager decodes, and says why."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from lmlab.core.config import SamplingParams
 from lmlab.inference.compiled import compilable, compile_step
 from lmlab.inference.decode import Decoder, Sequence, Step
 from lmlab.inference.graphs import Capture, GraphStep, compiled, cuda_graph
+from lmlab.inference.quantize import quantize, tolerance
 from lmlab.model import LanguageModel
 
 CHECK_TOKENS = 8  # greedy tokens a step must decode as eager does, for each of two sequences, before it is used
@@ -26,15 +28,19 @@ CAPTURES: dict[str, Callable[[], Capture]] = {"cuda graphs": cuda_graph,
 
 @dataclass(frozen=True)
 class StepChoice:
-    kind: str  # "cuda graphs", "compiled" or "eager"
+    kind: str  # "cuda graphs", "compiled", "eager" or "eager from int8 weights"
     why: str
+    weights: str = "none"  # the format the weights are quantized to (lmlab.inference.quantize) before decoding
 
     def describe(self) -> str:
         return f"{self.kind} ({self.why})"
 
 
-def choose_step(model: LanguageModel, device: torch.device, compile: bool) -> StepChoice:
-    """The step `model` decodes with on `device`, `compile` being whether the slow-to-build compiled step was asked."""
+def choose_step(model: LanguageModel, device: torch.device, compile: bool, weights: str = "none") -> StepChoice:
+    """The step `model` decodes with on `device`, `compile` being whether the slow-to-build compiled step was asked and
+    `weights` the format (--quantize) its weights are to decode from."""
+    if weights != "none":
+        return StepChoice(f"eager from {weights} weights", tolerance(weights), weights)
     if not compilable(model):
         return StepChoice("eager", "the model keeps no decode state to capture or compile")
     if device.type == "cuda":
@@ -50,7 +56,8 @@ def build_step(choice: StepChoice, model: LanguageModel, dtype: torch.dtype, cap
                capture: Callable[[], Capture] | None = None) -> tuple[Step | None, StepChoice]:
     """The step `choice` names for up to `capacity` rows (None: eager) and what decodes in the end: eager, with the
     reason, when the step fails its check. `capture` is how a bucket is captured, if not as CAPTURES says (a twin on
-    the CPU)."""
+    the CPU). Weights the choice quantizes are quantized here, in place."""
+    quantize(model, choice.weights)
     if choice.kind == "compiled":
         return compile_step(model, capacity, dtype), choice
     if choice.kind not in CAPTURES:

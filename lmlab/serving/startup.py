@@ -27,7 +27,7 @@ from lmlab.inference.compiled import (
 )
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, max_prompt_chars
-from lmlab.inference.steps import StepChoice, build_step, choose_step
+from lmlab.inference.steps import CAPTURES, StepChoice, build_step, choose_step
 from lmlab.model.memory import check_decoding
 from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
@@ -89,7 +89,8 @@ class Startup:
                 state.log(f"lmlab serve: {note}")
             state.threads = Machine(run.device, run.dtype).threads(chooser, run.model, options.max_batch, 1).threads
             folder = served_folder(run)
-            choice = self.choice = choose_step(run.model, run.device, options.compile)  # as sample and answer do
+            # As sample and answer do: int8 weights (--quantize) decode eagerly, whatever --compile says.
+            choice = self.choice = choose_step(run.model, run.device, options.compile, options.quantize)
             compiles = choice.kind == "compiled"
             batch = self._kept(run, folder) if compiles else None
             if batch is None:
@@ -112,12 +113,12 @@ class Startup:
                 self._eager(f"compiling the decode step failed ({err!r})")
 
     def _uncompiled(self, run: LoadedRun, choice: StepChoice) -> Batch:
-        """A batch decoding with the CUDA-graph step, checked first (or eagerly: at once, or when that step fails its
-        check), the step and why said in /health."""
-        dtype, step, used = decoding_only(run, compiled=False), None, choice
-        if choice.kind == "cuda graphs":
-            started = self._phase(f"building the decode step ({choice.kind})")
-            step, used = build_step(choice, run.model, dtype, self.options.max_batch)
+        """A batch decoding with the CUDA-graph step, checked first (or eagerly: at once, from the weights the choice
+        quantizes, or when that step fails its check), the step and why said in /health."""
+        started = self._phase(f"building the decode step ({choice.kind})") if choice.kind in CAPTURES else 0.0
+        dtype = decoding_only(run, compiled=False)
+        step, used = build_step(choice, run.model, dtype, self.options.max_batch)
+        if choice.kind in CAPTURES:
             self._log(f"built and checked the decode step ({used.describe()})", started)
         self.state.decode_step, self.state.decode_why = used.kind, used.why
         return self._batch(run, dtype, step)

@@ -1,0 +1,125 @@
+"""Decoding from int8 weights (`--quantize int8`): on trained models, the greedy tokens of float32 and each step's
+logits within the tolerance the line naming the format states; through `sample`, `answer`, `serve` and `lmlab.Run`;
+refused where it cannot run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from lmlab.api.run import Run
+from lmlab.core.config import ModelConfig, SamplingParams
+from lmlab.core.errors import UserError
+from lmlab.inference.decode import Decoder, Sequence
+from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, tolerance
+from lmlab.model import build_model
+from tests.helpers import ALPACA_TINY, Server, copy_run, run_cli
+
+MODELS = {"gpt2-style": {}, "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False),
+          "gru": dict(kind="recurrent")}
+CYCLE = torch.randint(0, 50, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+@pytest.fixture(scope="module")
+def trained() -> Iterator[dict[str, torch.nn.Module]]:
+    """Each of MODELS, small, trained once for the module until it continues a cycle of 23 tokens confidently: logits
+    as a trained model's are, peaked, which random weights' are not. The module's tiny ops run on one thread: on a
+    shared, loaded host two threads waiting on each other made the same training 10-100 times slower (a second on
+    one thread against up to a minute or more); every core comes back to the next module's tests."""
+    threads, models = torch.get_num_threads(), {}
+    torch.set_num_threads(1)
+    for name, kind in MODELS.items():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=50, **kind))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+        data, rng = torch.tensor(CYCLE * 10), torch.Generator().manual_seed(2)
+        for _ in range(40):
+            starts = torch.randint(0, len(data) - 33, (4,), generator=rng).tolist()
+            x, y = (torch.stack([data[s + shift:s + shift + 32] for s in starts]) for shift in (0, 1))
+            _, loss = model(x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        models[name] = model.eval()
+    yield models
+    torch.set_num_threads(threads)
+
+
+def greedy(model: torch.nn.Module, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Each prompt's 40 greedy tokens, decoded together, and the logits (steps, rows, vocab) of every step."""
+    decoder = Decoder(model, len(prompts))
+    seqs = [Sequence(list(p), SamplingParams(max_new_tokens=40, temperature=0)) for p in prompts]
+    logits, inner = [], decoder.step_fn
+    decoder.step_fn = lambda idx, state: logits.append(inner(idx, state)) or logits[-1]
+    for seq in seqs:
+        decoder.join(seq)
+    while not seqs[0].exhausted:
+        decoder.step()
+    return [seq.ids for seq in seqs], torch.stack(logits)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_decodes_float32s_greedy_tokens_with_logits_within_the_stated_tolerance(name, trained):
+    model = trained[name]
+    prompts = [CYCLE[:5], CYCLE[7:9]]
+    want, exact = greedy(model, prompts)
+    got, approx = greedy(quantize(copy.deepcopy(model), "int8"), prompts)
+    assert got == want
+    spread = exact.std(-1, keepdim=True)
+    assert ((approx - exact).abs() / spread).max() <= LOGIT_TOLERANCE
+    assert f"within {LOGIT_TOLERANCE:.0%}" in tolerance("int8")
+    linears = [m for m in quantize(copy.deepcopy(model), "int8").modules() if type(m) is torch.nn.Linear]
+    assert not linears  # every matmul reads int8
+
+
+def test_int8_is_refused_off_the_cpu_and_an_unknown_format_is_named():
+    with torch.device("meta"):
+        model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=10))
+    with pytest.raises(UserError, match="--quantize int8 decodes on an x86 CPU .*not on meta"):
+        quantize(model, "int8")
+    with pytest.raises(UserError, match="--quantize is 'int4'; it must be one of none, int8"):
+        quantize(model, "int4")
+
+
+@pytest.mark.slow
+def test_sample_and_answer_decode_from_int8_and_say_so(capsys, tiny_run, sft_run, tmp_path):
+    code, out, err = run_cli(capsys, "sample", copy_run(tiny_run, tmp_path), "--prompt", "ROMEO:", "--quantize",
+                             "int8", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu")
+    assert code == 0 and out.startswith("ROMEO:") and "decoding with eager from int8 weights (" in err, err
+    assert f"within {LOGIT_TOLERANCE:.0%}" in err
+    code, out, err = run_cli(capsys, "answer", sft_run, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl",
+                             "--max-new-tokens", "4", "--quantize", "int8", "--compile", "--device", "cpu")
+    assert code == 0 and "decoding with eager from int8 weights (" in err, err  # --compile gives way: int8 is eager
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == len(json.loads(ALPACA_TINY.read_text()))
+    code, _, err = run_cli(capsys, "sample", tiny_run, tiny_run, "--quantize", "int8", "--device", "cpu")
+    assert code == 2 and "ask --quantize of one run at a time" in err
+
+
+def test_the_api_keeps_int8_weights_apart_from_the_float_ones(tiny_run, tmp_path):
+    run = Run(copy_run(tiny_run, tmp_path))
+    how = dict(max_new_tokens=10, temperature=0, device="cpu", keep=False)
+    exact = run.sample("ROMEO", **how)
+    run.sample("ROMEO", quantize="int8", **how)
+    assert run.sample("ROMEO", **how) == exact  # the float model loaded before was not quantized in place
+    with pytest.raises(UserError, match="quantize is 'int4'; it must be 'none' or 'int8'"):
+        run.sample("ROMEO", quantize="int4", **how)
+
+
+@pytest.mark.slow
+def test_serve_decodes_from_int8_and_says_so(tiny_run):
+    server = Server(tiny_run, "--quantize", "int8", "--compile")
+    try:
+        assert server.health()["decode_step"] == "eager from int8 weights"
+        assert any("decoding eager from int8 weights (" in line for line in server.log)
+        body = json.dumps({"prompt": "ROMEO", "max_tokens": 5, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{server.url}/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert reply["usage"]["completion_tokens"] == 5
+    finally:
+        server.stop()

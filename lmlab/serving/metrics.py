@@ -45,7 +45,8 @@ class Metrics:
                              buckets=ITL_BUCKETS, registry=self.registry)
         self.duration = Histogram("lmlab_e2e_request_latency_seconds", "from a completion request's arrival to "
                                   "its last byte", buckets=DURATION_BUCKETS, registry=self.registry)
-        self.registry.register(_Live(live))
+        self.live = live
+        self.registry.register(self)  # a collector too: `collect` reads the values of the moment
 
     def tokens(self, first: bool, tokens: int, seconds: float) -> None:
         """`tokens` more tokens of a request, `seconds` after its previous ones (after its arrival: `first`)."""
@@ -58,13 +59,6 @@ class Metrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class _Live:
-    """A collector of the values read at scrape time."""
-
-    def __init__(self, live: Callable[[], dict[str, Any]]):
-        self.live = live
 
     def collect(self) -> Any:
         now = self.live()

@@ -9,6 +9,7 @@ import reprlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from lmlab.core.config import MAX_COUNT, MAX_SEED, SamplingParams, seeded
@@ -28,12 +29,9 @@ def shown(value: Any) -> str:
 
 
 def key_name(key: str) -> str:
-    """A client's field name as an error names it: as sent, unless too long or not text a response can hold."""
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return shown(key)
-    return key if len(key) <= 60 else shown(key)
+    """A client's field name as an error names it: as sent, unless too long or not text a response can hold (a lone
+    surrogate, which UTF-8 cannot encode)."""
+    return key if len(key) <= 60 and not any("\ud800" <= c <= "\udfff" for c in key) else shown(key)
 
 
 class ApiError(Exception):
@@ -267,10 +265,7 @@ def completion_logprobs(scores: list[TokenScore], piece: Callable[[int], str], s
     """OpenAI's `logprobs` object of a completion choice; text offsets count from `start` (the prompt's length, unless
     it is echoed)."""
     tokens = [piece(s.token) for s in scores]
-    offsets, at = [], start
-    for text in tokens:
-        offsets.append(at)
-        at += len(text)
+    offsets = list(accumulate(map(len, tokens), initial=start))[:-1]  # where each token's text starts
     return {"tokens": tokens, "token_logprobs": [s.logprob for s in scores],
             "top_logprobs": [_top(s, text, piece) for s, text in zip(scores, tokens)], "text_offset": offsets}
 
@@ -361,24 +356,18 @@ def head(chat: bool, model: str, request_id: str) -> dict[str, Any]:
 def response(top: dict[str, Any], chat: bool, texts: list[str], reasons: list[str | None], tokens: dict[str, int],
              logprobs: Sequence[dict[str, Any] | None] | None = None) -> dict[str, Any]:
     logprobs = logprobs or [None] * len(texts)
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": r}
-                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
-    else:
-        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": r}
-                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
+    choices = [{"index": i, **({"message": {"role": "assistant", "content": t}} if chat else {"text": t}),
+                "logprobs": lp, "finish_reason": r} for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
     return {**top, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": tokens}
 
 
 def chunk(top: dict[str, Any], chat: bool, index: int, piece: str | None, finish: str | None,
           role: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One streamed chunk: a choice's text piece, its finish reason, or (chat) the assistant role first."""
-    if chat:
-        delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
-        return {**top, "object": "chat.completion.chunk",
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-    return {**top, "object": "text_completion",
-            "choices": [{"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}]}
+    delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
+    text = {"delta": delta} if chat else {"text": piece or ""}
+    return {**top, "object": "chat.completion.chunk" if chat else "text_completion",
+            "choices": [{"index": index, **text, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def usage_chunk(top: dict[str, Any], chat: bool, tokens: dict[str, int]) -> dict[str, Any]:

@@ -129,17 +129,12 @@ def render_chat(served: Served, turns: list[tuple[str, str]]) -> ChatPrompt:
 def encode_prompt(served: Served, prompt: str, param: str = "prompt", special: bool = True) -> list[int]:
     """The prompt's token ids, refused with context_length_exceeded when they cannot fit the context, before
     tokenizing when its length alone says so; `param` is the field it came from."""
-    block = served.context
-    too_long = f"this model's context is {block} tokens; shorten the prompt."
     limit = served.max_prompt_chars
     # Counted as the tokenizer sees it: a dataset prepared with --keep-chars drops characters from every prompt.
     if limit is not None and len(prompt) > limit and len(served.run.tokenizer.normalize(prompt)) > limit:
-        raise ApiError(400, f"the prompt is {len(prompt):,} characters, more than fits: {too_long}", "prompt",
-                       "context_length_exceeded")
-    ids = encode(served, prompt, param, special) if prompt else served.empty_prompt
-    if len(ids) > block:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens and {too_long}", "prompt", "context_length_exceeded")
-    return ids
+        raise ApiError(400, f"the prompt is {len(prompt):,} characters, more than fits: this model's context is "
+                       f"{served.context} tokens; shorten the prompt.", "prompt", "context_length_exceeded")
+    return fitting(served, encode(served, prompt, param, special) if prompt else served.empty_prompt)
 
 
 def encode(served: Served, text: str, param: str, special: bool = True) -> list[int]:
@@ -154,7 +149,7 @@ def encode(served: Served, text: str, param: str, special: bool = True) -> list[
 
 
 def fitting(served: Served, ids: list[int]) -> list[int]:
-    """A prompt given as token ids, refused with context_length_exceeded when it is longer than the context."""
+    """A prompt's token ids, refused with context_length_exceeded when it is longer than the context."""
     if len(ids) > served.context:
         raise ApiError(400, f"the prompt is {len(ids)} tokens and this model's context is {served.context} tokens; "
                        "shorten the prompt.", "prompt", "context_length_exceeded")
@@ -192,15 +187,21 @@ TOKENIZE = ("model", "prompt", "messages", "add_special_tokens", "add_generation
             "return_token_strs")
 
 
+def vllm_body(names: list[str], raw: bytes, taken: tuple[str, ...], takes: str) -> dict[str, Any]:
+    """A body of vLLM's routes: a JSON object of the fields `taken` (a 400 naming another, saying the route `takes`),
+    for a model served here."""
+    body = json_object(raw)
+    unknown = next((name for name in body if name not in taken), None)
+    if unknown is not None:
+        raise ApiError(400, f"unknown field `{key_name(unknown)}`; {takes}.", unknown, "unknown_field")
+    check_model(body, names)
+    return body
+
+
 def read_tokenize(names: list[str], raw: bytes) -> Body:
     """vLLM's /tokenize body: `prompt` (a string) or `messages` (a chat, rendered as /v1/chat/completions renders
     it), and its flags."""
-    body = json_object(raw)
-    unknown = [name for name in body if name not in TOKENIZE]
-    if unknown:
-        raise ApiError(400, f"unknown field `{key_name(unknown[0])}`; /tokenize takes {', '.join(TOKENIZE)}.",
-                       unknown[0], "unknown_field")
-    check_model(body, names)
+    body = vllm_body(names, raw, TOKENIZE, f"/tokenize takes {', '.join(TOKENIZE)}")
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "/tokenize takes `prompt` (a string) or `messages` (a chat), one of them.", "prompt")
     flags = {name: body_field(body, name, FLAG, default) for name, default in
@@ -228,12 +229,7 @@ def tokenize_request(served: Served, body: Body, rendered: ChatPrompt | None = N
 
 def detokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
     """vLLM's /detokenize: `tokens` (ids of this model's vocabulary) to {prompt: their text}."""
-    body = json_object(raw)
-    unknown = [name for name in body if name not in ("model", "tokens")]
-    if unknown:
-        raise ApiError(400, f"unknown field `{key_name(unknown[0])}`; /detokenize takes model and tokens.", unknown[0],
-                       "unknown_field")
-    check_model(body, names)
+    body = vllm_body(names, raw, ("model", "tokens"), "/detokenize takes model and tokens")
     tokens, vocab = body.get("tokens"), served.run.tokenizer.vocab_size
     if not isinstance(tokens, list) or not all(whole(t) and 0 <= t < vocab for t in tokens):
         raise ApiError(400, f"`tokens` must be a list of token ids from 0 to {vocab - 1}.", "tokens")

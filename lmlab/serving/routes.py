@@ -205,8 +205,8 @@ def add_completion_routes(app: Any, state: State) -> None:
 
     async def answer(http: HttpRequest, chat: bool) -> Any:
         request = await parsed(http, state, read_request, parse_request, chat)
-        pending = Answer(request, http.scope.setdefault("lmlab", {}), lambda token: piece(state, token),
-                         state.metrics.tokens)
+        pending = Answer(request, http.scope.setdefault("lmlab", {}),
+                         lambda token: state.loaded.run.tokenizer.decode([token]), state.metrics.tokens)
         admit(state, pending)
         state.metrics.prompt_tokens.inc(request.prompt_tokens)
         top = head(chat, state.name, uuid.uuid4().hex)
@@ -224,11 +224,6 @@ def add_completion_routes(app: Any, state: State) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest) -> Any:
         return await answer(http, chat=True)
-
-
-def piece(state: State, token: int) -> str:
-    """A token's text, as log-probabilities name it."""
-    return state.loaded.run.tokenizer.decode([token])
 
 
 def admit(state: State, pending: Answer) -> None:

@@ -75,10 +75,8 @@ def prompt_text(served: Served) -> dict[str, Any]:
     """A prompt as text: of exact characters, at most those that fit the context beside the special tokens the
     tokenizer adds (the server checks as much, exactly); of other tokenizers, whatever its length (the server counts
     its tokens, which JSON Schema cannot: a prompt longer than the context is a 400 context_length_exceeded)."""
-    if not exact_chars(served):
-        return text(served)
-    tokenizer = served.run.tokenizer
-    return text(served, served.context - len(tokenizer.encode("", True)))
+    most = served.context - len(served.run.tokenizer.encode("", True))
+    return text(served, most if exact_chars(served) else None)
 
 
 def sampling(served: Served, chat: bool) -> dict[str, Any]:

@@ -143,14 +143,12 @@ class Startup:
                       options.max_batch, options.max_body_bytes, created, max_prompt_chars(run),
                       document_start(run.tokenizer))
 
-    def _key(self, run: LoadedRun, folder: Path) -> str:
-        return step_key(run.config.model, weights_sha256(folder), self.options.max_batch, run.dtype, run.device)
-
     def _kept(self, run: LoadedRun, folder: Path) -> Batch | None:
         """A batch decoding with the kept compiled step of the served weights, or None when none is kept, it is refused
         (said, and built again) or it fails to load (deleted, and built again)."""
         try:
-            path = kept_step(self._key(run, folder))
+            path = kept_step(step_key(run.config.model, weights_sha256(folder), self.options.max_batch, run.dtype,
+                                      run.device))
         except StepRefused as err:
             self.state.log(f"lmlab serve: {err}")
             return None

@@ -61,7 +61,7 @@ class Answer:
     finish reason so far, and when its tokens came."""
 
     def __init__(self, request: Request, stats: dict[str, Any], piece: Callable[[int], str],
-                 on_tokens: Callable[[bool, int, float], None] | None = None):
+                 on_tokens: Callable[[bool, int, float], None]):
         n = request.n
         per_choice = [request.prompts[i // n] for i in range(len(request.params))]
         self.job = Job(request.prompts[0], request.params, owner=self,
@@ -92,8 +92,7 @@ class Answer:
             self.events.extend(events)
             first = "first" not in self.stats
             self.stats.setdefault("first", at)
-            if self.on_tokens is not None:
-                self.on_tokens(first, sum(1 for _, _, reason in events if reason != ABORT), at - self.last)
+            self.on_tokens(first, sum(1 for _, _, reason in events if reason != ABORT), at - self.last)
             self.last = at
         self._wake()
 
@@ -173,6 +172,11 @@ class Answer:
         return made
 
 
+def event(data: Any) -> str:
+    """One server-sent event of `data` as JSON."""
+    return f"data: {json.dumps(data)}\n\n"
+
+
 class Frames:
     """The SSE frames of one stream, the parts of a text chunk that never change encoded once per choice."""
 
@@ -189,12 +193,6 @@ class Frames:
         head, tail = self.texts[i]
         return head + json.dumps(piece) + tail
 
-    def finish(self, i: int, reason: str) -> str:
-        return f"data: {json.dumps(chunk(self.top, self.chat, i, None, reason))}\n\n"
-
-    def scored(self, i: int, piece: str, logprobs: dict[str, Any]) -> str:
-        return f"data: {json.dumps(chunk(self.top, self.chat, i, piece, None, logprobs=logprobs))}\n\n"
-
     def of(self, events: list[Event], answer: Answer) -> str:
         """The frames of a step's events: a chunk for each text piece (with its tokens' log-probabilities when asked)
         and each finish reason."""
@@ -202,11 +200,11 @@ class Frames:
         for i, piece, reason in events:
             logprobs = answer.streamed_logprobs(i)
             if logprobs is not None and (piece or logprobs.get("tokens") or logprobs.get("content")):
-                frames.append(self.scored(i, piece, logprobs))
+                frames.append(event(chunk(self.top, self.chat, i, piece, None, logprobs=logprobs)))
             elif piece:
                 frames.append(self.text(i, piece))
             if reason:
-                frames.append(self.finish(i, reason))
+                frames.append(event(chunk(self.top, self.chat, i, None, reason)))
         return "".join(frames)
 
 
@@ -217,13 +215,12 @@ async def server_sent_events(answer: Answer, top: dict[str, Any]) -> AsyncIterat
     if include_usage:
         top = {**top, "usage": None}  # OpenAI's other chunks carry a null usage when one comes at the end
     if chat:
-        yield "".join(f"data: {json.dumps(chunk(top, True, i, None, None, role=True))}\n\n"
-                      for i in range(len(answer.reasons)))
+        yield "".join(event(chunk(top, True, i, None, None, role=True)) for i in range(len(answer.reasons)))
     frames = Frames(top, chat)
     while not answer.finished:
         waiting = frames.of(await answer.next_events(), answer)
         if waiting:
             yield waiting
     tokens = answer.usage()
-    tail = f"data: {json.dumps(usage_chunk(top, chat, tokens))}\n\n" if include_usage else ""
+    tail = event(usage_chunk(top, chat, tokens)) if include_usage else ""
     yield tail + "data: [DONE]\n\n"

@@ -123,9 +123,7 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
 
 def chat(served: Served, names: list[str]) -> dict[str, Any]:
     fields = {**sampling(served, True), "model": {"enum": [None, *names]}, "messages": messages(served)}
-    schema = body(fields, FIELDS["chat"], rules(True))
-    schema["required"] = ["messages"]
-    return schema
+    return {**body(fields, FIELDS["chat"], rules(True)), "required": ["messages"]}
 
 
 def messages(served: Served) -> dict[str, Any]:
@@ -158,9 +156,7 @@ def tokenize(served: Served, names: list[str]) -> dict[str, Any]:
     fields = {"model": {"enum": [None, *names]}, "prompt": text(served),
               "messages": messages(served), "add_special_tokens": flag, "return_token_strs": flag,
               "add_generation_prompt": {"enum": [True, None]}, "continue_final_message": {"enum": [False, None]}}
-    schema = body(fields, TOKENIZE, [])
-    schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
-    return schema
+    return {**body(fields, TOKENIZE, []), "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
 
 
 def detokenize(served: Served, names: list[str]) -> dict[str, Any]:

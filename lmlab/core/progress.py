@@ -38,43 +38,6 @@ def clock(seconds: float) -> str:
     return str(timedelta(seconds=round(seconds)))
 
 
-class PlainProgress:
-    """The bar's interface (one task) as lines such as `step 120/1500 | loss 2.0412 | ... | elapsed 0:00:31 |
-    ETA 0:06:10`, printed when an update brings `info`.
-    Elapsed and ETA are this process's: the rate is that of the counts it has seen."""
-
-    def __init__(self, console: Console, unit: str):
-        self.console, self.unit = console, unit
-        self.total: int | None = 0
-        self.completed, self._first, self._started = 0, 0, 0.0
-
-    def __enter__(self) -> PlainProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, description: str, total: int | None, completed: int = 0, **fields: Any) -> int:
-        self.total, self.completed, self._first = total, completed, completed
-        self._started = time.perf_counter()
-        return 0
-
-    def update(self, task: int, completed: int | None = None, advance: int = 0, info: str | None = None,
-               total: int | None = None) -> None:
-        """As the bar's: `total` is given once a count not known at the start is (a budgeted run's steps)."""
-        self.total = self.total if total is None else total
-        self.completed = (self.completed if completed is None else completed) + advance
-        if info is not None:
-            self.console.print(self.line(info), highlight=False, soft_wrap=True)
-
-    def line(self, info: str) -> str:
-        elapsed, done = time.perf_counter() - self._started, self.completed - self._first
-        if self.total is None:
-            return f"{self.unit} {self.completed:,} | {info} | elapsed {clock(elapsed)} | ETA -"
-        eta = clock(elapsed / done * (self.total - self.completed)) if done > 0 else "-"
-        return f"{self.unit} {self.completed:,}/{self.total:,} | {info} | elapsed {clock(elapsed)} | ETA {eta}"
-
-
 class ItemProgress:
     """A line as each of `total` units of work begins, e.g. `[3/12] GPT-2 small, micro-batch 8 | elapsed 0:01:10 |
     ETA 0:03:20` (the ETA from the mean of the units done): what a benchmark or a batch of runs shows, on a terminal
@@ -153,6 +116,24 @@ class TaskLines:
         eta = "-" if t.total is None or done <= 0 else clock(elapsed / done * max(0, t.total - t.completed))
         figures = [str(v) for v in t.fields.values() if str(v)]
         return " | ".join([f"{head} {count}", *figures, f"elapsed {clock(elapsed)}", f"ETA {eta}"])
+
+
+class PlainProgress(TaskLines):
+    """The bar's interface (one task) as lines such as `step 120/1500 | loss 2.0412 | ... | elapsed 0:00:31 |
+    ETA 0:06:10`, printed when an update brings `info`.
+    Elapsed and ETA are this process's: the rate is that of the counts it has seen."""
+
+    def add_task(self, description: str, total: int | None = None, completed: int = 0, **fields: Any) -> TaskID:
+        return super().add_task(self.unit, total, completed, **fields)  # a line names the unit alone
+
+    def update(self, task: int, completed: int | None = None, advance: int = 0, total: int | None = None,
+               **fields: Any) -> None:
+        super().update(task, completed, advance, total, **fields)
+        if fields.get("info") is not None:
+            self.console.print(self.line(self.tasks[task]), highlight=False, soft_wrap=True)
+
+    def _changed(self, t: _Task, event: str) -> None:
+        return None  # said by `update` alone
 
 
 class NotebookProgress(TaskLines):

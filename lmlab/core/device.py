@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
 
 # The newest torch APIs lmlab calls and the release that brought each: pyproject.toml's floor is the latest.
@@ -154,14 +155,11 @@ def unusable_gpu() -> str | None:
 
 
 def configure(device: torch.device) -> None:
-    """Process-wide settings for computing on `device` (TF32 on CUDA), so inference runs as training did."""
-    if device.type == "cuda":
-        enable_tf32()
-
-
-def enable_tf32() -> None:
-    """TF32 for fp32 matmuls and convolutions. Matmuls through set_float32_matmul_precision, which sets the legacy
-    state and `fp32_precision` alike (one alone leaves them mixed and the legacy getters raise)."""
+    """Process-wide settings for computing on `device`, so inference runs as training did: on CUDA, TF32 for fp32
+    matmuls and convolutions. Matmuls through set_float32_matmul_precision, which sets the legacy state and
+    `fp32_precision` alike (one alone leaves them mixed and the legacy getters raise)."""
+    if device.type != "cuda":
+        return
     torch.set_float32_matmul_precision("high")
     if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
         torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -281,10 +279,10 @@ def synchronize(device: torch.device) -> None:
 def machine(device: torch.device | None = None) -> dict[str, Any]:
     """What a run ran on, for its record; None where this platform does not say."""
     info: dict[str, Any] = {
-        "cpu": _cpu_name(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": _memory_bytes(),
-        "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None, "torch": torch.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "os": platform.platform(terse=True),
+        "cpu": _cpu_name(), "cpu_cores": len(cores()), "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _memory_bytes(), "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "os": platform.platform(terse=True),
     }
     if device is not None and device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -174,10 +174,7 @@ def _environment() -> Any:
             self._check()
             return type(self) is type(other)
 
-        def __ne__(self, other: object) -> bool:
-            return not self.__eq__(other)
-
-        __hash__ = jinja2.Undefined.__hash__
+        __hash__ = jinja2.Undefined.__hash__  # which defining __eq__ unsets; Jinja's __ne__ calls this __eq__
 
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; rendering a

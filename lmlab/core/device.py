@@ -41,18 +41,13 @@ def install_command(build: str, release: str = TORCH_RELEASE) -> str:
     return f"pip install torch=={release} --index-url https://download.pytorch.org/whl/{build}"
 
 
-def torch_version(text: str | None = None) -> tuple[int, int]:
-    """(major, minor) of a torch version string such as `2.13.0+cu130` (default: this torch's)."""
-    found = re.match(r"(\d+)\.(\d+)", text or torch.__version__)
-    assert found, f"{text or torch.__version__} is not a torch version"
-    major, minor = found.groups()
-    return int(major), int(minor)
-
-
 def check_torch() -> None:
     """Refuse a torch older than what lmlab calls, rather than fail deep inside a run."""
-    if torch_version() < TORCH_FLOOR:
-        needs = ", ".join(api for api, version in TORCH_APIS.items() if version > torch_version())
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)  # (major, minor) of e.g. `2.13.0+cu130`
+    assert found, f"{torch.__version__} is not a torch version"
+    here = int(found[1]), int(found[2])
+    if here < TORCH_FLOOR:
+        needs = ", ".join(api for api, version in TORCH_APIS.items() if version > here)
         raise UserError(f"this is torch {torch.__version__}, and lmlab needs {TORCH_FLOOR[0]}.{TORCH_FLOOR[1]} or "
                         f"later (for {needs}); install a newer torch (docs/guides/laptop-to-gpu.md, section 9).")
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Column
 
-from lmlab.core.notebook import show
+from lmlab.core.notebook import bundle, show
 
 
 def progress_bar(console: Console, unit: str = "step") -> Progress | NotebookProgress | PlainProgress:
@@ -163,8 +163,7 @@ class NotebookProgress(TaskLines):
         rows = "".join(
             f'<div><progress {"" if t.total is None else f"value={t.completed} max={max(t.total, 1)} "}'
             f'style="width:14em;vertical-align:middle"></progress> {html.escape(text)}</div>' for t, text in lines)
-        return {"text/plain": "\n".join(text for _, text in lines),
-                "text/html": f'<div style="font-family:monospace;font-size:12px">{rows}</div>'}
+        return bundle("\n".join(text for _, text in lines), rows)
 
 
 class LogProgress(TaskLines):

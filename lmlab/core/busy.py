@@ -127,14 +127,11 @@ def _busy_ticks(cpus: list[int]) -> int | None:
         lines = Path("/proc/stat").read_text().splitlines()
     except OSError:
         return None
-    wanted, total = {f"cpu{c}" for c in cpus}, 0
-    found = 0
-    for line in lines:
-        name, *values = line.split()
-        if name in wanted:
-            total += sum(int(values[i]) for i in _BUSY_FIELDS if i < len(values))
-            found += 1
-    return total if found == len(wanted) else None
+    wanted = {f"cpu{c}" for c in cpus}
+    rows = [values for name, *values in map(str.split, lines) if name in wanted]
+    if len(rows) != len(wanted):
+        return None
+    return sum(int(values[i]) for values in rows for i in _BUSY_FIELDS if i < len(values))
 
 
 def _own_cpu_seconds() -> float:

@@ -40,12 +40,10 @@ def whole_elf(path: Path) -> bool:
     if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
         return False
     order = "<" if head[5] == 1 else ">"
-    if head[4] == 2:  # 64-bit: e_shoff at 0x28, e_shentsize and e_shnum at 0x3a
-        offset, = struct.unpack_from(order + "Q", head, 0x28)
-        entry, count = struct.unpack_from(order + "HH", head, 0x3A)
-    else:
-        offset, = struct.unpack_from(order + "I", head, 0x20)
-        entry, count = struct.unpack_from(order + "HH", head, 0x2E)
+    # e_shoff (its size, where), then where e_shentsize and e_shnum are: 64-bit at 0x28 and 0x3a, 32-bit 0x20, 0x2e
+    word, at_offset, at_sizes = ("Q", 0x28, 0x3A) if head[4] == 2 else ("I", 0x20, 0x2E)
+    offset, = struct.unpack_from(order + word, head, at_offset)
+    entry, count = struct.unpack_from(order + "HH", head, at_sizes)
     return offset + entry * count <= size
 
 

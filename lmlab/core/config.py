@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,17 @@ def check_choice(setting: str, value: Any, choices: tuple[str, ...], listed: str
         raise UserError(f"{setting} is '{as_text(value)}'; use {listed or ' or '.join(choices)}.")
 
 
+# A number setting's range: the test a value passes, and the rule a refusal states ("must be ...").
+Ranges = dict[str, tuple[Callable[[float], bool], str]]
+
+
+def check_ranges(section: str, config: Any, ranges: Ranges) -> None:
+    """Number settings of `config` each within its range, or one sentence naming it and the rule."""
+    for name, (within, rule) in ranges.items():
+        if not within(getattr(config, name)):
+            raise UserError(f"{section}{name} ({getattr(config, name)}) must be {rule}.")
+
+
 def check_seed(where: str, seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"{where} is {as_text(seed)}; it must be between 0 and 2**63 - 1.")
@@ -80,6 +92,12 @@ MODEL_CHOICES: dict[str, tuple[str, ...]] = {
     "mlp": ("gelu", "swiglu", "relu2"),
     "gelu_approx": ("none", "tanh"),
     "rnn_cell": ("gru", "lstm"),
+}
+
+MODEL_RANGES: Ranges = {
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "rope_theta": (lambda v: v > 0, "positive, e.g. 10000"),
+    "norm_eps": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 1e-6; 0 for torch's default"),
 }
 
 # The fields each model kind reads besides the shared ones.
@@ -136,14 +154,9 @@ class ModelConfig:
             check_choice(f"model.{name}", getattr(self, name), choices)
         if self.kind == "gpt":  # the recurrent model has no heads
             self._check_heads()
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout ({self.dropout}) must be in [0, 1).")
         check_counts("model.", {"head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden,
                                 "bigram_buckets": self.bigram_buckets}, low=0)  # 0: the default, or none
-        if not self.rope_theta > 0:
-            raise UserError(f"model.rope_theta ({self.rope_theta}) must be positive, e.g. 10000.")
-        if not 0 <= self.norm_eps < 1:
-            raise UserError(f"model.norm_eps ({self.norm_eps}) must be in [0, 1), e.g. 1e-6; 0 for torch's default.")
+        check_ranges("model.", self, MODEL_RANGES)
         self._check_bias()
 
     def _check_bias(self) -> None:
@@ -192,6 +205,21 @@ class ModelConfig:
         unread = {name for fields in KIND_FIELDS.values() for name in fields} - read
         return sorted(f.name for f in dataclasses.fields(self)
                       if f.name in unread and getattr(self, f.name) != f.default)
+
+
+TRAIN_RANGES: Ranges = {
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "spike_zscore": (lambda v: v > 0, "positive, e.g. 6"),
+    "decay_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "collective_timeout": (lambda v: 0 < v <= 86400, "a positive number of seconds up to a day (86400), e.g. 600"),
+    "budget_seconds": (lambda v: 0 <= v <= MAX_BUDGET_SECONDS,
+                       f"0 (no budget) or positive, at most {MAX_BUDGET_SECONDS:,} (366 days)"),
+    "warmup_epochs": (lambda v: 0 <= v <= MAX_COUNT,
+                      "0 (warmup_iters says) or a number of passes over the train split, e.g. 0.5"),
+    "rollback_lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
 
 
 @dataclass
@@ -258,29 +286,21 @@ class TrainConfig:
         if not 0 < self.learning_rate <= 1 or not 0 <= self.min_lr <= self.learning_rate:
             raise UserError(f"train.learning_rate ({self.learning_rate}) must be in (0, 1] and train.min_lr "
                             f"({self.min_lr}) in [0, learning_rate].")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise UserError(f"train.{name} ({getattr(self, name)}) must be in [0, 1), e.g. 0.9.")
         if not 0 <= self.weight_decay * self.learning_rate < 1:
             # Decoupled decay multiplies the weights by (1 - lr * wd) each step: at 1 or more it zeroes or flips them.
             raise UserError(f"train.weight_decay ({self.weight_decay}) must be >= 0 and below 1 / learning_rate.")
-        if self.grad_clip < 0:
-            raise UserError(f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 turns clipping off).")
-        if self.spike_zscore <= 0:
-            raise UserError(f"train.spike_zscore ({self.spike_zscore}) must be positive, e.g. 6.")
+        check_ranges("train.", self, TRAIN_RANGES)
         check_choice("train.optimizer", self.optimizer, OPTIMIZER_NAMES)
         check_choice("train.attention", self.attention, ATTENTION_CHOICES, ", ".join(ATTENTION_CHOICES))
         check_choice("train.schedule", self.schedule, SCHEDULE_NAMES)
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise UserError(f"train.decay_fraction ({self.decay_fraction}) must be in (0, 1].")
-        if not 0 < self.collective_timeout <= 86400:
-            raise UserError(f"train.collective_timeout ({self.collective_timeout}) must be a positive number of "
-                            "seconds up to a day (86400), e.g. 600.")
-        self._check_budget()
+        if self.budget_seconds and self.lr_decay_iters:
+            raise UserError("train.lr_decay_iters fixes the decay in steps, while train.budget_seconds lays it over "
+                            "the steps the budget allows; set lr_decay_iters = 0.")
         self._check_eval_interval()
-        self._check_warmup_epochs()
-        if not 0.0 < self.rollback_lr_factor <= 1.0:
-            raise UserError(f"train.rollback_lr_factor ({self.rollback_lr_factor}) must be in (0, 1].")
+        if self.warmup_epochs and self.warmup_iters not in (0, WARMUP_ITERS):
+            raise UserError(f"train.warmup_epochs ({self.warmup_epochs:g}) and train.warmup_iters "
+                            f"({self.warmup_iters}) both set the warmup's length; keep one: warmup_iters = 0 (or left "
+                            "out) to warm up by passes, or warmup_epochs = 0.")
         check_choice("train.tracker", self.tracker, ("none", "tensorboard", "wandb"), "none, tensorboard or wandb")
         bad = set(self.tracker_project) & set("/\\#?%:")
         if not self.tracker_project or bad or len(self.tracker_project) > 128:
@@ -300,15 +320,6 @@ class TrainConfig:
                                 "\"epoch\", or a number of passes over the train split such as \"0.5 epochs\".")
         else:
             check_counts("train.", {"eval_interval": self.eval_interval})
-
-    def _check_warmup_epochs(self) -> None:
-        if not 0 <= self.warmup_epochs <= MAX_COUNT:
-            raise UserError(f"train.warmup_epochs ({self.warmup_epochs}) must be 0 (warmup_iters says) or a number of "
-                            "passes over the train split, e.g. 0.5.")
-        if self.warmup_epochs and self.warmup_iters not in (0, WARMUP_ITERS):
-            raise UserError(f"train.warmup_epochs ({self.warmup_epochs:g}) and train.warmup_iters "
-                            f"({self.warmup_iters}) both set the warmup's length; keep one: warmup_iters = 0 (or left "
-                            "out) to warm up by passes, or warmup_epochs = 0.")
 
     @property
     def passes_per_eval(self) -> float | None:
@@ -341,18 +352,16 @@ class TrainConfig:
         """The steps the LR warms up over: warmup_iters, or the whole steps nearest warmup_epochs passes."""
         return _steps(self.warmup_epochs, split_tokens, tokens_per_step) if self.warmup_epochs else self.warmup_iters
 
-    def _check_budget(self) -> None:
-        if not 0 <= self.budget_seconds <= MAX_BUDGET_SECONDS:
-            raise UserError(f"train.budget_seconds ({self.budget_seconds}) must be 0 (no budget) or positive, at most "
-                            f"{MAX_BUDGET_SECONDS:,} (366 days).")
-        if self.budget_seconds and self.lr_decay_iters:
-            raise UserError("train.lr_decay_iters fixes the decay in steps, while train.budget_seconds lays it over "
-                            "the steps the budget allows; set lr_decay_iters = 0.")
-
 
 def _steps(passes: float, split_tokens: int, tokens_per_step: int) -> int:
     """The whole steps nearest `passes` passes over a split of `split_tokens`, at least one, at most MAX_COUNT."""
     return int(min(MAX_COUNT, max(1, round(passes * split_tokens / tokens_per_step))))
+
+
+FINETUNE_RANGES: Ranges = {
+    "learning_rate": (lambda v: 0 < v <= 1, "in (0, 1], e.g. 1e-4"),
+    "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1, e.g. 0.1"),
+}
 
 
 @dataclass
@@ -376,10 +385,7 @@ class FinetuneConfig:
                                    "checkpoint_interval": self.checkpoint_interval})
         check_counts("finetune.", {"threads": self.threads}, low=0)
         check_seed("finetune.seed", self.seed)
-        if not 0 < self.learning_rate <= 1:
-            raise UserError(f"finetune.learning_rate ({self.learning_rate}) must be in (0, 1], e.g. 1e-4.")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"finetune.val_fraction ({self.val_fraction}) must be between 0 and 1, e.g. 0.1.")
+        check_ranges("finetune.", self, FINETUNE_RANGES)
 
 
 @dataclass

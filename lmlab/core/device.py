@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
 
 # The newest torch APIs lmlab calls and the release that brought each: pyproject.toml's floor is the latest.
@@ -40,18 +41,13 @@ def install_command(build: str, release: str = TORCH_RELEASE) -> str:
     return f"pip install torch=={release} --index-url https://download.pytorch.org/whl/{build}"
 
 
-def torch_version(text: str | None = None) -> tuple[int, int]:
-    """(major, minor) of a torch version string such as `2.13.0+cu130` (default: this torch's)."""
-    found = re.match(r"(\d+)\.(\d+)", text or torch.__version__)
-    assert found, f"{text or torch.__version__} is not a torch version"
-    major, minor = found.groups()
-    return int(major), int(minor)
-
-
 def check_torch() -> None:
     """Refuse a torch older than what lmlab calls, rather than fail deep inside a run."""
-    if torch_version() < TORCH_FLOOR:
-        needs = ", ".join(api for api, version in TORCH_APIS.items() if version > torch_version())
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)  # (major, minor) of e.g. `2.13.0+cu130`
+    assert found, f"{torch.__version__} is not a torch version"
+    here = int(found[1]), int(found[2])
+    if here < TORCH_FLOOR:
+        needs = ", ".join(api for api, version in TORCH_APIS.items() if version > here)
         raise UserError(f"this is torch {torch.__version__}, and lmlab needs {TORCH_FLOOR[0]}.{TORCH_FLOOR[1]} or "
                         f"later (for {needs}); install a newer torch (docs/guides/laptop-to-gpu.md, section 9).")
 
@@ -154,14 +150,11 @@ def unusable_gpu() -> str | None:
 
 
 def configure(device: torch.device) -> None:
-    """Process-wide settings for computing on `device` (TF32 on CUDA), so inference runs as training did."""
-    if device.type == "cuda":
-        enable_tf32()
-
-
-def enable_tf32() -> None:
-    """TF32 for fp32 matmuls and convolutions. Matmuls through set_float32_matmul_precision, which sets the legacy
-    state and `fp32_precision` alike (one alone leaves them mixed and the legacy getters raise)."""
+    """Process-wide settings for computing on `device`, so inference runs as training did: on CUDA, TF32 for fp32
+    matmuls and convolutions. Matmuls through set_float32_matmul_precision, which sets the legacy state and
+    `fp32_precision` alike (one alone leaves them mixed and the legacy getters raise)."""
+    if device.type != "cuda":
+        return
     torch.set_float32_matmul_precision("high")
     if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
         torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -281,10 +274,10 @@ def synchronize(device: torch.device) -> None:
 def machine(device: torch.device | None = None) -> dict[str, Any]:
     """What a run ran on, for its record; None where this platform does not say."""
     info: dict[str, Any] = {
-        "cpu": _cpu_name(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": _memory_bytes(),
-        "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None, "torch": torch.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "os": platform.platform(terse=True),
+        "cpu": _cpu_name(), "cpu_cores": len(cores()), "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _memory_bytes(), "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "os": platform.platform(terse=True),
     }
     if device is not None and device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

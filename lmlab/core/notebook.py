@@ -22,6 +22,11 @@ def show(bundle: dict[str, str], handle: Any = None) -> Any:
     return handle
 
 
+def bundle(text: str, html_body: str) -> dict[str, str]:
+    """An output as `text`, and as `html_body` in lmlab's monospace block where the page shows HTML."""
+    return {"text/plain": text, "text/html": f'<div style="font-family:monospace;font-size:12px">{html_body}</div>'}
+
+
 class NotebookStatus:
     """rich's Status (`with console.status("Checking...")`, `.update(text)`) as an output that shows the text
     while its work runs and is emptied when it ends."""
@@ -31,22 +36,17 @@ class NotebookStatus:
 
     def __enter__(self) -> NotebookStatus:
         if not self.console.quiet:
-            self._handle = show(self._bundle(self.text))
+            self._handle = show(bundle(self.text, html.escape(self.text)))
         return self
 
     def update(self, status: str) -> None:
         self.text = status
         if self._handle is not None:
-            show(self._bundle(status), self._handle)
+            show(bundle(status, html.escape(status)), self._handle)
 
     def __exit__(self, *exc: Any) -> None:
         if self._handle is not None:
             show({"text/plain": ""}, self._handle)
-
-    @staticmethod
-    def _bundle(text: str) -> dict[str, str]:
-        return {"text/plain": text, "text/html": f'<div style="font-family:monospace;font-size:12px">'
-                                                 f'{html.escape(text)}</div>'}
 
 
 class NotebookConsole(Console):

@@ -100,7 +100,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
         return Peak(listed[0], name, listed[1])
     key = cache_key(device, dtype)
     if key not in _memo:  # measured on every thread (`measure_into_cache`), read under any
-        _memo[key] = dataclasses.replace(_measured(key, device, dtype), native=native_kernel(device, dtype))
+        _, entry, notes = read_cache(cache_path(), key, processor_identity(device))
+        peak = _as_peak(entry, notes) if entry and settled(entry) else measure_into_cache(device, dtype, notes)
+        _memo[key] = dataclasses.replace(peak, native=native_kernel(device, dtype))
     return _memo[key]
 
 
@@ -232,13 +234,6 @@ def _valid(entry: Any) -> bool:
 def settled(entry: dict[str, Any]) -> bool:
     """Whether enough quiet measurements agree with the best for it to stand."""
     return entry["quiet"] and sum(f >= AGREE * entry["flops"] for f in entry["figures"]) >= QUIET_MEASUREMENTS
-
-
-def _measured(key: str, device: torch.device, dtype: torch.dtype) -> Peak:
-    entries, entry, notes = read_cache(cache_path(), key, processor_identity(device))
-    if entry and settled(entry):
-        return _as_peak(entry, notes)
-    return measure_into_cache(device, dtype, notes)
 
 
 def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence[str] = ()) -> Peak:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Column
 
-from lmlab.core.notebook import show
+from lmlab.core.notebook import bundle, show
 
 
 def progress_bar(console: Console, unit: str = "step") -> Progress | NotebookProgress | PlainProgress:
@@ -36,43 +36,6 @@ def clock(seconds: float) -> str:
     if not seconds < 10**9:
         return f"{seconds / 86400:,.0f} days"
     return str(timedelta(seconds=round(seconds)))
-
-
-class PlainProgress:
-    """The bar's interface (one task) as lines such as `step 120/1500 | loss 2.0412 | ... | elapsed 0:00:31 |
-    ETA 0:06:10`, printed when an update brings `info`.
-    Elapsed and ETA are this process's: the rate is that of the counts it has seen."""
-
-    def __init__(self, console: Console, unit: str):
-        self.console, self.unit = console, unit
-        self.total: int | None = 0
-        self.completed, self._first, self._started = 0, 0, 0.0
-
-    def __enter__(self) -> PlainProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, description: str, total: int | None, completed: int = 0, **fields: Any) -> int:
-        self.total, self.completed, self._first = total, completed, completed
-        self._started = time.perf_counter()
-        return 0
-
-    def update(self, task: int, completed: int | None = None, advance: int = 0, info: str | None = None,
-               total: int | None = None) -> None:
-        """As the bar's: `total` is given once a count not known at the start is (a budgeted run's steps)."""
-        self.total = self.total if total is None else total
-        self.completed = (self.completed if completed is None else completed) + advance
-        if info is not None:
-            self.console.print(self.line(info), highlight=False, soft_wrap=True)
-
-    def line(self, info: str) -> str:
-        elapsed, done = time.perf_counter() - self._started, self.completed - self._first
-        if self.total is None:
-            return f"{self.unit} {self.completed:,} | {info} | elapsed {clock(elapsed)} | ETA -"
-        eta = clock(elapsed / done * (self.total - self.completed)) if done > 0 else "-"
-        return f"{self.unit} {self.completed:,}/{self.total:,} | {info} | elapsed {clock(elapsed)} | ETA {eta}"
 
 
 class ItemProgress:
@@ -155,6 +118,24 @@ class TaskLines:
         return " | ".join([f"{head} {count}", *figures, f"elapsed {clock(elapsed)}", f"ETA {eta}"])
 
 
+class PlainProgress(TaskLines):
+    """The bar's interface (one task) as lines such as `step 120/1500 | loss 2.0412 | ... | elapsed 0:00:31 |
+    ETA 0:06:10`, printed when an update brings `info`.
+    Elapsed and ETA are this process's: the rate is that of the counts it has seen."""
+
+    def add_task(self, description: str, total: int | None = None, completed: int = 0, **fields: Any) -> TaskID:
+        return super().add_task(self.unit, total, completed, **fields)  # a line names the unit alone
+
+    def update(self, task: int, completed: int | None = None, advance: int = 0, total: int | None = None,
+               **fields: Any) -> None:
+        super().update(task, completed, advance, total, **fields)
+        if fields.get("info") is not None:
+            self.console.print(self.line(self.tasks[task]), highlight=False, soft_wrap=True)
+
+    def _changed(self, t: _Task, event: str) -> None:
+        return None  # said by `update` alone
+
+
 class NotebookProgress(TaskLines):
     """Tasks as one output of a notebook's cell updated in place: per task an HTML progress bar beside its line,
     the line alone where HTML is not shown, redrawn at most every REFRESH_SECONDS and at each task's end. The last
@@ -182,8 +163,7 @@ class NotebookProgress(TaskLines):
         rows = "".join(
             f'<div><progress {"" if t.total is None else f"value={t.completed} max={max(t.total, 1)} "}'
             f'style="width:14em;vertical-align:middle"></progress> {html.escape(text)}</div>' for t, text in lines)
-        return {"text/plain": "\n".join(text for _, text in lines),
-                "text/html": f'<div style="font-family:monospace;font-size:12px">{rows}</div>'}
+        return bundle("\n".join(text for _, text in lines), rows)
 
 
 class LogProgress(TaskLines):

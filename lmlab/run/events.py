@@ -29,9 +29,8 @@ TYPES: dict[str, tuple[type, ...]] = {
 
 def _fields(required: str, optional: str = "") -> dict[str, tuple[str, bool]]:
     """`name:type` pairs, space-separated, as {name: (type, required)}."""
-    def pairs(text: str, needed: bool) -> dict[str, tuple[str, bool]]:
-        return {name: (kind, needed) for name, kind in (p.split(":") for p in text.split())}
-    return {**pairs(required, True), **pairs(optional, False)}
+    return {name: (kind, needed) for text, needed in ((required, True), (optional, False))
+            for name, kind in (p.split(":") for p in text.split())}
 
 
 _PEAK = "peak_flops:number peak_source:string|null peak_quiet:boolean|null"

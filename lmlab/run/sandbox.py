@@ -144,6 +144,13 @@ def _environment() -> Any:
     import jinja2.sandbox
     from jinja2.utils import missing
 
+    def checked(method: Any) -> Any:
+        """`method` of Jinja's Undefined, once Unset's check passes."""
+        def run(self: Any, *args: Any) -> Any:
+            self._check()
+            return method(self, *args)
+        return run
+
     class Unset(jinja2.Undefined):
         """A variable nobody passed fails where it is used (printed, tested, looped over, compared); a missing key
         or attribute of a value the template was given is empty, as in transformers. `is defined` works for both."""
@@ -154,30 +161,12 @@ def _environment() -> Any:
             if self._undefined_obj is missing:
                 self._fail_with_undefined_error()
 
-        def __str__(self) -> str:
-            self._check()
-            return ""
-
-        def __bool__(self) -> bool:
-            self._check()
-            return False
-
-        def __iter__(self):
-            self._check()
-            return iter(())
-
-        def __len__(self) -> int:
-            self._check()
-            return 0
-
-        def __eq__(self, other: object) -> bool:
-            self._check()
-            return type(self) is type(other)
-
-        def __ne__(self, other: object) -> bool:
-            return not self.__eq__(other)
-
-        __hash__ = jinja2.Undefined.__hash__
+        __str__ = checked(jinja2.Undefined.__str__)
+        __bool__ = checked(jinja2.Undefined.__bool__)
+        __iter__ = checked(jinja2.Undefined.__iter__)
+        __len__ = checked(jinja2.Undefined.__len__)
+        __eq__ = checked(jinja2.Undefined.__eq__)  # Jinja's __ne__ calls it
+        __hash__ = jinja2.Undefined.__hash__  # which defining __eq__ unsets
 
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; rendering a

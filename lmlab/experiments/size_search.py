@@ -95,6 +95,7 @@ class Candidate:
     multiplied: int  # the weights that multiply every token: the fit's N
     flops_per_token: float
     tokens_per_step: int
+    config: RunConfig  # the family's at this depth (`Family.config`), made once
     timing: Timing | None = None
     timings: int = 0  # how often it was timed: twice where it contended with the best (`Search.contest`)
     steps: int = 0
@@ -151,7 +152,7 @@ class Search:
             model = build_model(cfg.model)
         tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
         return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.multiplied_params(), model.flops_per_token(), tokens)
+                         model.multiplied_params(), model.flops_per_token(), tokens, cfg)
 
     def plan(self, c: Candidate) -> None:
         """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val; or
@@ -164,12 +165,11 @@ class Search:
     def planned(self, c: Candidate, costs: Costs) -> tuple[Plan | None, float | None, tuple[int, int], str]:
         """The budget's plan of `c` at these costs (None, with the refusal, where its minimum does not fit), its
         predicted val and the steps between its evaluations and checkpoints."""
-        cfg = self.family.config(c.depth, self.fit)
-        train = cfg.train
+        train = c.config.train
         intervals = (train.eval_steps(self.meta["train"]["tokens"], c.tokens_per_step), train.checkpoint_interval)
         try:
             made = plan(self.budget, self.spent(), costs, train, intervals,
-                        windows_in(self.meta, "val", cfg.model.block_size))
+                        windows_in(self.meta, "val", c.config.model.block_size))
         except BudgetRefused as refused:
             return None, None, intervals, str(refused)
         predicted = self.fit.predict(c.multiplied, made.max_iters * c.tokens_per_step, self.unique) if self.fit \
@@ -180,8 +180,7 @@ class Search:
         """Whether `c` could train MIN_STEPS steps after its timing, its steps no faster than their FLOPs at the most a
         step computes here (`refuse_untimed`); else it is not timed, and `refused` names the budget it needs."""
         try:
-            refuse_untimed(self.family.config(c.depth, self.fit), self.meta, self.spent(), c.flops_per_token, c.params,
-                           self.ceiling)
+            refuse_untimed(c.config, self.meta, self.spent(), c.flops_per_token, c.params, self.ceiling)
         except BudgetRefused as refused:
             c.note = f"not timed: at least {refused.least.step_seconds:.3g} s a step, {MIN_STEPS} do not fit the budget"
             c.refused = str(refused)
@@ -229,7 +228,7 @@ class Search:
     def weigh(self, c: Candidate) -> bool:
         """Time and plan `c` where its memory and FLOPs say it could train in the budget; whether the search goes on
         (it stops at a size that does not fit memory or the budget)."""
-        cfg = self.family.config(c.depth, self.fit)
+        cfg = c.config
         try:
             check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.speed.device)
             if not self.trainable(c):
@@ -246,8 +245,7 @@ class Search:
     def time(self, c: Candidate) -> None:
         """Time `c` (again): a slowdown its timing caught (a neighbour's burst of work) only ever slows a step, so of
         two timings it keeps the faster."""
-        cfg = self.family.config(c.depth, self.fit)
-        timing = self.speed.time(cfg, c.params, self.started + self.budget - SET_UP)
+        timing = self.speed.time(c.config, c.params, self.started + self.budget - SET_UP)
         self.timed += timing.cost
         c.timing = timing if c.timing is None or timing.step < c.timing.step else c.timing
         c.timings += 1

@@ -582,3 +582,32 @@ def test_plan_foretells_sizes_for_a_named_gpu_only_with_a_size(preset, capsys):
     code, _, err = run_cli(capsys, "plan", preset, "--budget", "5m", "--gpu", "RTX 3090")
     assert code == 2 and ("--budget with --gpu RTX 3090 previews the sizes of a preset's family on that GPU: give "
                           "--size auto") in " ".join(err.split())
+
+
+def test_each_depth_weighed_is_made_once_however_often_it_is_planned_and_timed(char_dataset, monkeypatch, tmp_path):
+    """The burst's timings (3 timed twice, every size planned again and again): each depth's config is made by the
+    family once, and the chosen size trains that config."""
+    preset = tmp_path / DEMO.name
+    preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
+    fit_path(preset).write_text(json.dumps({**json.loads(fit_path(DEMO).read_text()), "surface": SURFACE}))
+    made_at, real, taken = Counter(), Family.config, Counter()
+    monkeypatch.setattr(Family, "config", lambda family, depth, fit=None: made_at.update([depth]) or real(family,
+                                                                                                          depth, fit))
+
+    def timed(cfg, device, dtype, counts, deadline=math.inf) -> Timing:
+        seconds = BURST[cfg.model.n_layer][min(taken[cfg.model.n_layer], len(BURST[cfg.model.n_layer]) - 1)]
+        taken[cfg.model.n_layer] += 1
+        return Timing({}, 1, seconds, seconds / 2, 0.05, 4 * 10**6, 1.0)
+
+    monkeypatch.setattr(size_search, "time_config", timed)
+    real_meta = sizing.read_meta  # the demo's train split, as the burst's test sizes for it
+    monkeypatch.setattr(sizing, "read_meta", lambda path: {**(meta := real_meta(path)),
+                                                           "train": {**meta["train"], "tokens": 4_281_748}})
+    cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", "train.budget_seconds=300"]))
+    chooser = ThreadChooser(1, "train.threads")
+    try:
+        made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)
+    finally:
+        torch.set_num_threads(chooser.before)
+    assert max(taken.values()) == 2 and made_at == Counter(c.depth for c in made.candidates)
+    assert made.config == Family.of(cfg, str(preset)).config(made.chosen.depth, read_fit(preset))

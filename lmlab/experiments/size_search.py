@@ -95,6 +95,8 @@ class Candidate:
     multiplied: int  # the weights that multiply every token: the fit's N
     flops_per_token: float
     tokens_per_step: int
+    config: RunConfig  # the family's at this depth (`Family.config`), made once
+    intervals: tuple[int, int]  # the steps between its evaluations, its checkpoints
     timing: Timing | None = None
     timings: int = 0  # how often it was timed: twice where it contended with the best (`Search.contest`)
     steps: int = 0
@@ -102,8 +104,7 @@ class Candidate:
     passes: float = 0.0  # over the train split: past one, its tokens repeat, and the fit counts what they are worth
     predicted: float | None = None
     note: str = ""  # why it was not timed or not predicted
-    plan: Plan | None = None  # as a budget would plan it, and the steps between its evaluations, checkpoints
-    intervals: tuple[int, int] = (1, 1)
+    plan: Plan | None = None  # as a budget would plan it
     refused: str = ""  # why it cannot train: the budget's refusal (no plan holds its minimum), or the memory's
 
     @property
@@ -149,39 +150,37 @@ class Search:
         cfg = self.family.config(depth, self.fit)
         with torch.device("meta"):
             model = build_model(cfg.model)
-        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+        train = cfg.train
+        tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
+        intervals = (train.eval_steps(self.meta["train"]["tokens"], tokens), train.checkpoint_interval)
         return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.multiplied_params(), model.flops_per_token(), tokens)
+                         model.multiplied_params(), model.flops_per_token(), tokens, cfg, intervals)
 
     def plan(self, c: Candidate) -> None:
         """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val; or
         the budget's refusal."""
         assert c.timing is not None, "a candidate is planned once timed"
-        c.plan, c.predicted, c.intervals, c.refused = self.planned(c, c.timing.costs())
+        c.plan, c.predicted, c.refused = self.planned(c, c.timing.costs())
         c.steps, c.eval_iters = (c.plan.max_iters, c.plan.eval_iters) if c.plan else (0, 0)
         c.passes = c.tokens / self.unique
 
-    def planned(self, c: Candidate, costs: Costs) -> tuple[Plan | None, float | None, tuple[int, int], str]:
-        """The budget's plan of `c` at these costs (None, with the refusal, where its minimum does not fit), its
-        predicted val and the steps between its evaluations and checkpoints."""
-        cfg = self.family.config(c.depth, self.fit)
-        train = cfg.train
-        intervals = (train.eval_steps(self.meta["train"]["tokens"], c.tokens_per_step), train.checkpoint_interval)
+    def planned(self, c: Candidate, costs: Costs) -> tuple[Plan | None, float | None, str]:
+        """The budget's plan of `c` at these costs (None, with the refusal, where its minimum does not fit) and its
+        predicted val."""
         try:
-            made = plan(self.budget, self.spent(), costs, train, intervals,
-                        windows_in(self.meta, "val", cfg.model.block_size))
+            made = plan(self.budget, self.spent(), costs, c.config.train, c.intervals,
+                        windows_in(self.meta, "val", c.config.model.block_size))
         except BudgetRefused as refused:
-            return None, None, intervals, str(refused)
+            return None, None, str(refused)
         predicted = self.fit.predict(c.multiplied, made.max_iters * c.tokens_per_step, self.unique) if self.fit \
             else None
-        return made, predicted, intervals, ""
+        return made, predicted, ""
 
     def trainable(self, c: Candidate) -> bool:
         """Whether `c` could train MIN_STEPS steps after its timing, its steps no faster than their FLOPs at the most a
         step computes here (`refuse_untimed`); else it is not timed, and `refused` names the budget it needs."""
         try:
-            refuse_untimed(self.family.config(c.depth, self.fit), self.meta, self.spent(), c.flops_per_token, c.params,
-                           self.ceiling)
+            refuse_untimed(c.config, self.meta, self.spent(), c.flops_per_token, c.params, self.ceiling)
         except BudgetRefused as refused:
             c.note = f"not timed: at least {refused.least.step_seconds:.3g} s a step, {MIN_STEPS} do not fit the budget"
             c.refused = str(refused)
@@ -229,7 +228,7 @@ class Search:
     def weigh(self, c: Candidate) -> bool:
         """Time and plan `c` where its memory and FLOPs say it could train in the budget; whether the search goes on
         (it stops at a size that does not fit memory or the budget)."""
-        cfg = self.family.config(c.depth, self.fit)
+        cfg = c.config
         try:
             check_training(cfg.model, cfg.train.batch_size, optimizer_of(cfg.train).state_bytes, self.speed.device)
             if not self.trainable(c):
@@ -246,8 +245,7 @@ class Search:
     def time(self, c: Candidate) -> None:
         """Time `c` (again): a slowdown its timing caught (a neighbour's burst of work) only ever slows a step, so of
         two timings it keeps the faster."""
-        cfg = self.family.config(c.depth, self.fit)
-        timing = self.speed.time(cfg, c.params, self.started + self.budget - SET_UP)
+        timing = self.speed.time(c.config, c.params, self.started + self.budget - SET_UP)
         self.timed += timing.cost
         c.timing = timing if c.timing is None or timing.step < c.timing.step else c.timing
         c.timings += 1

@@ -191,10 +191,9 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
     if not planned:
         raise UserError(_refusal(found, preset))
     best = min(planned, key=lambda c: (c.predicted is None, c.predicted or 0.0))
-    chosen = family.config(best.depth, fit)
     assert best.timing is not None, "a planned size was timed"
     chooser.decide(best.timing.forward, "a forward pass")  # the threads the run goes on with
-    return Sizing(budget, time.perf_counter() - started + speed.foretold, found.candidates, best, chosen,
+    return Sizing(budget, time.perf_counter() - started + speed.foretold, found.candidates, best, best.config,
                   str(fit_path(preset)), speed.says(best.threads), found.unique, fitted_on(fit) if fit else "",
                   fit.beyond(best.tokens) if fit and best.predicted is not None else "",
                   tuple(fit_notes(preset, fit, cfg.data.dataset, meta)) if fit else ())

@@ -63,17 +63,10 @@ class RecurrentLM(LanguageModel):
         if config.tie_embeddings:
             self.wte.weight = self.lm_head.weight
 
-    def embedding_params(self) -> list[torch.Tensor]:
-        return [self.wte.weight]
-
-    def lookup_params(self) -> int:
-        return 0 if self.config.tie_embeddings else self.wte.weight.numel()
-
+    # Its embedding and lookup tables are LanguageModel's defaults' (the one nn.Embedding, looked up only when untied),
+    # and so are its shard units (none: nn.GRU/nn.LSTM hold every layer in one module, sharded with the root).
     def hidden_matrices(self) -> list[nn.Parameter]:
         return [p for p in self.rnn.parameters() if p.dim() == 2]
-
-    def shard_units(self) -> list[nn.Module]:
-        return []  # nn.GRU/nn.LSTM hold every layer in one module: it is sharded with the root
 
     def describe(self) -> str:
         c = self.config

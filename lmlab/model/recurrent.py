@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 
 from lmlab.core.config import ModelConfig
-from lmlab.model.base import DecodeState, LanguageModel
-from lmlab.model.loss import head_loss
+from lmlab.model.base import DecodeState, HeadOverStates
 
 
 class RecurrentState(DecodeState):
@@ -46,7 +45,7 @@ class RecurrentState(DecodeState):
         self.pos += length
 
 
-class RecurrentLM(LanguageModel):
+class RecurrentLM(HeadOverStates):
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the dataset and must be set before building"
@@ -77,18 +76,6 @@ class RecurrentLM(LanguageModel):
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         return RecurrentState(self.config, batch, device, dtype)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: RecurrentState | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids (B, T), starting from `cache`'s state (and updating it) or zeros; the
-        loss too with targets (see GPT.forward)."""
-        return head_loss(self.lm_head, self.hidden(idx, cache), targets, self.config.vocab_size,
-                         self.training)
-
-    def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                  cache: RecurrentState | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
-        """The head applied at the positions asked for only (see LanguageModel.logits_at)."""
-        return self.lm_head(self.hidden(idx, cache)[rows, positions])  # (n, vocab)
 
     def hidden(self, idx: torch.Tensor, cache: RecurrentState | None = None) -> torch.Tensor:
         """The states (B, T, C) the head reads, for token ids (B, T), from `cache`'s state (updated) or zeros."""

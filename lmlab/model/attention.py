@@ -16,10 +16,9 @@ PATHS = ("fused", "math", "cudnn")
 CUDA_ONLY = ("cudnn",)  # paths of kernels only CUDA has
 
 
-def attend_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                       dropout_p: float = 0.0) -> torch.Tensor:
+def attend_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of queries (B, nh, T, hs) over keys and values (B, nkv, L, hs), each query seeing the keys `mask`
-    (B or 1, 1, T, L) allows; `dropout_p` of the weights zeroed (training).
+    (B or 1, 1, T, L) allows (decoding: no dropout).
 
     Each group of nh / nkv query heads attends to its shared key/value head as nh / nkv times T queries of that head,
     so every matmul is a plain batched one over (B, nkv) and the keys are read where they lie: broadcasting a group
@@ -34,8 +33,6 @@ def attend_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     # runs it.
     scores = scores.float().view(B, nkv, nh // nkv, T, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
     weights = torch.softmax(scores, dim=-1).type_as(v).view(B, nkv, nh // nkv * T, -1)  # (B, nkv, g*T, L)
-    if dropout_p:
-        weights = F.dropout(weights, dropout_p)
     return (weights @ v).view(B, nh, T, hs)  # (B, nkv, g*T, hs) -> (B, nh, T, hs)
 
 

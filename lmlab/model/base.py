@@ -5,11 +5,13 @@ has defaults read from its modules, which lmlab's own kinds replace with what th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from lmlab.core.config import ModelConfig
+from lmlab.model.loss import head_loss
 
 
 class DecodeState:
@@ -130,6 +132,28 @@ class LanguageModel(nn.Module):
         """The weights that multiply every token, lookup-only tables left out: the N of compute and of a size fit (a
         table of pairs or positions grows no cheaper or dearer to train with the model's depth)."""
         return self.num_params() - self.lookup_params()
+
+
+class HeadOverStates(LanguageModel):
+    """A kind whose linear head `lm_head` reads the states (B, T, C) `hidden(idx, cache)` gives for ids (B, T),
+    starting from `cache`'s state (and updating it) or from none: lmlab's own kinds."""
+
+    lm_head: nn.Linear
+
+    def hidden(self, idx: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: Any = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given (in training
+        with a large vocabulary, the loss alone: lmlab.model.loss.head_loss)."""
+        return head_loss(self.lm_head, self.hidden(idx, cache), targets, self.config.vocab_size, self.training)
+
+    def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                  cache: Any = None) -> torch.Tensor:
+        """The head applied at the positions asked for only (see LanguageModel.logits_at); a padded head's extra
+        columns cut off."""
+        return self.lm_head(self.hidden(idx, cache)[rows, positions])[..., :self.config.vocab_size]  # (n, vocab)
 
 
 def new_state(model: LanguageModel, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState:

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 
 from lmlab.core.config import ModelConfig
 from lmlab.model.attention import PATHS, attend, attend_written_out
-from lmlab.model.base import LanguageModel
+from lmlab.model.base import HeadOverStates
 from lmlab.model.kvcache import KVCache
-from lmlab.model.loss import head_loss
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -157,7 +156,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(LanguageModel):
+class GPT(HeadOverStates):
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the dataset and must be set before building"
@@ -236,17 +235,6 @@ class GPT(LanguageModel):
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(self.config, batch, device, dtype)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids (B, T); mean cross-entropy too when targets are given (in training
-        with a large vocabulary, the loss alone: lmlab.model.loss.head_loss)."""
-        return head_loss(self.lm_head, self.hidden(idx, cache), targets, self.config.vocab_size,
-                         self.training)
-
-    def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                  cache: KVCache | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
-        return self.lm_head(self.hidden(idx, cache)[rows, positions])[..., :self.config.vocab_size]  # (n, vocab)
 
     def pairs(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """The bigram table's rows (B, T, C) for token ids (B, T) at `positions`, each pairing a token with the one

@@ -269,13 +269,13 @@ def fit_micro_batch(model: ModelConfig, train: TrainConfig, state_bytes: StateBy
 
 
 def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting: str, device: torch.device,
-                   dtype: torch.dtype = torch.float32, loaded: bool = True) -> None:
-    """Refuse `rows` decoding rows that would not fit; `loaded`: the weights are in memory already, so only a
-    prompt's prefill comes on top."""
+                   dtype: torch.dtype = torch.float32) -> None:
+    """Refuse `rows` decoding rows that would not fit, the weights in memory already: only a prompt's prefill comes
+    on top."""
     need = decoding_need(config, dtype, tokens_per_row)
     have, available = device_memory(device)
     if device.type == "cuda":
         have = int(have * (1 - DECODE_HEADROOM))
         available += f" ({100 * DECODE_HEADROOM:.0f}% of it left for CUDA's workspaces and fragmentation)"
-    check_fits(Need(prefill_bytes(config, dtype), need.each) if loaded else need, rows, setting,
+    check_fits(Need(prefill_bytes(config, dtype), need.each), rows, setting,
                f"decoding row of up to {tokens_per_row:,} tokens", device, have, available)

@@ -97,14 +97,11 @@ def _guarded_method(method: Any, who: str, name: str) -> Any:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         with _named(who, f"its {what}", _device(args[0]) if args else None, what):
             out = func(*args, **kwargs)
-        return _guarded_state(out, who) if isinstance(out, DecodeState) else out
+        if isinstance(out, DecodeState):
+            out.__class__ = _guarded(type(out), who)
+        return out
 
     return wrapper(guarded) if wrapper is not None else guarded
-
-
-def _guarded_state(state: DecodeState, who: str) -> DecodeState:
-    state.__class__ = _guarded(type(state), who)
-    return state
 
 
 def _checked(forward: Any, who: str) -> Any:

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 
 from lmlab.core.config import ModelConfig
-from lmlab.model.base import DecodeState, LanguageModel
-from lmlab.model.loss import head_loss
+from lmlab.model.base import DecodeState, HeadOverStates
 
 
 class RecurrentState(DecodeState):
@@ -46,7 +45,7 @@ class RecurrentState(DecodeState):
         self.pos += length
 
 
-class RecurrentLM(LanguageModel):
+class RecurrentLM(HeadOverStates):
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the dataset and must be set before building"
@@ -63,17 +62,10 @@ class RecurrentLM(LanguageModel):
         if config.tie_embeddings:
             self.wte.weight = self.lm_head.weight
 
-    def embedding_params(self) -> list[torch.Tensor]:
-        return [self.wte.weight]
-
-    def lookup_params(self) -> int:
-        return 0 if self.config.tie_embeddings else self.wte.weight.numel()
-
+    # Its embedding and lookup tables are LanguageModel's defaults' (the one nn.Embedding, looked up only when untied),
+    # and so are its shard units (none: nn.GRU/nn.LSTM hold every layer in one module, sharded with the root).
     def hidden_matrices(self) -> list[nn.Parameter]:
         return [p for p in self.rnn.parameters() if p.dim() == 2]
-
-    def shard_units(self) -> list[nn.Module]:
-        return []  # nn.GRU/nn.LSTM hold every layer in one module: it is sharded with the root
 
     def describe(self) -> str:
         c = self.config
@@ -84,18 +76,6 @@ class RecurrentLM(LanguageModel):
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         return RecurrentState(self.config, batch, device, dtype)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: RecurrentState | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids (B, T), starting from `cache`'s state (and updating it) or zeros; the
-        loss too with targets (see GPT.forward)."""
-        return head_loss(self.lm_head, self.hidden(idx, cache), targets, self.config.vocab_size,
-                         self.training)
-
-    def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                  cache: RecurrentState | None = None) -> torch.Tensor:  # type: ignore[override]  # new_cache's kind
-        """The head applied at the positions asked for only (see LanguageModel.logits_at)."""
-        return self.lm_head(self.hidden(idx, cache)[rows, positions])  # (n, vocab)
 
     def hidden(self, idx: torch.Tensor, cache: RecurrentState | None = None) -> torch.Tensor:
         """The states (B, T, C) the head reads, for token ids (B, T), from `cache`'s state (updated) or zeros."""

@@ -136,7 +136,7 @@ def _auto(config: ModelConfig, cfg: TrainConfig, machine: Machine, state_bytes: 
 def _timed(timer: Timer, candidates: tuple[str, ...]) -> dict[str, float]:
     """The best ms of each candidate, timed in turns after an untimed call of each; a CUDA kernel that refuses this
     shape, dtype or GPU (a RuntimeError: no kernel available) is left out."""
-    working = []
+    seconds: dict[str, list[float]] = {}  # of the candidates that work
     for path in candidates:
         try:
             timer(path)  # allocations, caches: untimed
@@ -144,9 +144,8 @@ def _timed(timer: Timer, candidates: tuple[str, ...]) -> dict[str, float]:
             if path not in CUDA_ONLY:
                 raise
             continue
-        working.append(path)
-    seconds: dict[str, list[float]] = {path: [] for path in working}
+        seconds[path] = []
     for _ in range(ROUNDS):
-        for path in working:
-            seconds[path].append(timer(path))
+        for path, times in seconds.items():
+            times.append(timer(path))
     return {path: 1000 * min(times) for path, times in seconds.items()}

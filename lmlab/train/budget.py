@@ -113,12 +113,18 @@ def _multiples(interval: int, after: int, upto: int) -> int:
 
 
 class BudgetRefused(UserError):
-    """A budget that cannot hold its minimum, refused before any step trains; `least`: its plan of MIN_STEPS steps at
-    the least."""
+    """A budget that cannot hold its minimum, refused before any step trains, saying what MIN_STEPS steps and their
+    end need after what is `gone`; `step` says what a step takes (default: about its timed seconds here). `least`: its
+    plan of MIN_STEPS steps at the least."""
 
     def __init__(self, seconds: float, least: Plan, intervals: tuple[int, int], step: str = "",
                  gone: str = "that start-up and timing took"):
-        super().__init__(refusal(seconds, least, intervals, step, gone))
+        needed = least.spent + least.needed(MIN_STEPS, intervals)
+        super().__init__(f"budget {seconds:g} s: a step takes {step or f'~{least.step_seconds:.3g} s here'}, and "
+                         f"{MIN_STEPS} steps, an evaluation of one batch a split ({least.eval_seconds:.2f} s), the "
+                         f"checkpoint ({least.checkpoint_seconds:.2f} s), the final score ({least.final_seconds:.2f} "
+                         f"s) and the end ({least.finish_seconds:.2f} s) need {needed - least.spent:.1f} s after the "
+                         f"{least.spent:.1f} s {gone}; give a budget of at least {math.ceil(needed)} s.")
         self.least = least
 
 
@@ -182,19 +188,6 @@ def _filled(made: Plan, val_batch: float, batch_size: int, intervals: tuple[int,
         return made
     windows = min(made.val_windows, made.final_windows + int(left / val_batch) * batch_size)
     return dataclasses.replace(made, final_windows=windows, final_seconds=-(-windows // batch_size) * val_batch)
-
-
-def refusal(seconds: float, least: Plan, intervals: tuple[int, int], step: str = "",
-            gone: str = "that start-up and timing took") -> str:
-    """Why a budget cannot be planned: what MIN_STEPS steps and their end need, after what is `gone`; `step` says
-    what a step takes (default: about its timed seconds here)."""
-    needed = least.spent + least.needed(MIN_STEPS, intervals)
-    return (f"budget {seconds:g} s: a step takes {step or f'~{least.step_seconds:.3g} s here'}, and {MIN_STEPS} "
-            f"steps, an evaluation of one batch a split ({least.eval_seconds:.2f} s), the checkpoint "
-            f"({least.checkpoint_seconds:.2f} s), the final score ({least.final_seconds:.2f} s) and the end "
-            f"({least.finish_seconds:.2f} s) need "
-            f"{needed - least.spent:.1f} s after the {least.spent:.1f} s {gone}; give a "
-            f"budget of at least {math.ceil(needed)} s.")
 
 
 class Budget:

@@ -126,9 +126,8 @@ class Checkpointer:
         self.saved_step = self.progress.step
         return folder, training
 
-    def save(self, best: bool) -> float:
-        """Checkpoint the run where it stands, its event saying how long the weights took to gather and write; the
-        seconds until every rank has it."""
+    def save(self, best: bool) -> None:
+        """Checkpoint the run where it stands, its event saying how long the weights took to gather and write."""
         step, began = self.progress.step, time.perf_counter()
 
         def log() -> None:
@@ -146,7 +145,6 @@ class Checkpointer:
         self.parallel.barrier()  # a rollback on any rank reads what rank 0 wrote
         if self.writes.error is None:
             self.saved_step = step
-        return time.perf_counter() - began
 
     def rollback(self, step: int, lr_scale: float) -> None:
         """`step` completed a streak of bad steps: reload the newest checkpoint from before the streak (the guard

@@ -127,12 +127,6 @@ class CompiledBlocks:
         way = ways.get(mode) if mode is not None else None
         return (way or eager)(*args, **kwargs)
 
-    def begin_step(self) -> None:
-        """Before each step: CUDA graphs' outputs of the step before may be overwritten from here (cudagraph trees'
-        rule; the loop keeps only the loss and gradient norm, which are computed outside the blocks)."""
-        if self.mode == GRAPHS:
-            torch.compiler.cudagraph_mark_step_begin()
-
     @contextmanager
     def eager(self) -> Iterator[None]:
         """Every block eager inside."""

@@ -309,10 +309,13 @@ def setup(device_name: str, timeout: float) -> tuple[Parallel, torch.device]:
     if device.type == "mps":
         raise UserError("torchrun is not supported on MPS; use --device cpu.")
     if device.type == "cuda":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size))
-        device = torch.device("cuda", cuda_index(parallel.local_rank, local_world, torch.cuda.device_count()))
+        device = torch.device("cuda", cuda_index(parallel.local_rank, parallel.local_world_size,
+                                                 torch.cuda.device_count()))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timedelta(seconds=nccl_timeout(timeout)), device_id=device)
+        # NCCL's own timeout is longer than the collectives' `timeout`, so that the loop's Gloo vote fails first and
+        # the job ends with the sentence naming the host it lost, not NCCL's watchdog abort; twice the timeout and a
+        # minute more, as a step under way when the peer went may have started a timeout earlier.
+        dist.init_process_group("nccl", timeout=timedelta(seconds=2 * timeout + 60), device_id=device)
     else:
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     # its own, so its votes run beside the rest
@@ -320,13 +323,6 @@ def setup(device_name: str, timeout: float) -> tuple[Parallel, torch.device]:
     parallel.timeout = timeout
     parallel.hosts = parallel.gather_text(socket.gethostname())
     return parallel, device
-
-
-def nccl_timeout(timeout: float) -> float:
-    """NCCL's own timeout: longer than the collectives' `timeout`, so that the loop's Gloo vote fails first and the job
-    ends with the sentence naming the host it lost, not NCCL's watchdog abort; twice the timeout and a minute more, as a
-    step under way when the peer went may have started a timeout earlier."""
-    return 2 * timeout + 60
 
 
 def cuda_index(local_rank: int, local_world: int, visible: int) -> int:

@@ -30,15 +30,13 @@ from lmlab.model import LanguageModel
 from lmlab.model.loss import IGNORE, next_token_hits
 from lmlab.model.memory import check_training
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format, read_records
-from lmlab.run.rundir import LoadedRun, RunDir
+from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import setup
 from lmlab.train.estimate import Estimate
 from lmlab.train.loop import Trainer
-from lmlab.train.machine import Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.reports import TrainResult
 from lmlab.train.state import Checkpointed
-from lmlab.train.step import TrainStep
 from lmlab.train.stop import StopOnSignal
 
 Records = list[dict[str, str]]
@@ -167,15 +165,6 @@ def _fitting(tokenizer: Tokenizer, fmt: PromptFormat, ft: FinetuneConfig,
     return fits, sum(len(encoded[n]) - len(fits[n]) for n in encoded)
 
 
-def _origin(base: LoadedRun, base_dir: Path, ft: FinetuneConfig, fits: dict[str, Examples], dropped: int,
-            fmt: PromptFormat) -> dict[str, Any]:
-    """What a fine-tune came from, in its start event: the same command again must find the same."""
-    return {"data": ft.data, "data_sha256": sha256_file(Path(ft.data)), "train_records": len(fits["train"]),
-            "val_records": len(fits["val"]), "dropped_records": dropped, "epochs": ft.epochs,
-            "prompt_format": fmt.name, "base": str(Path(base_dir).resolve()), "base_checkpoint": base.checkpoint,
-            "base_weights_sha256": base.weights_sha256}
-
-
 def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool:
     """Whether `run` holds an unfinished fine-tune made by this command (continue it), or nothing yet (start it);
     anything else there is refused."""
@@ -249,14 +238,15 @@ class Finetuner(Trainer):
         self.fits, self.dropped = _fitting(base.tokenizer, self.format, ft, base.config.model.block_size)
         self.loader = self.records = RecordBatches(self.fits["train"], ft.batch_size, ft.seed, self.device)
         self.cfg = _finetune_config(base.config, ft, self.records.steps_per_epoch)
-        self.origin = _origin(base, self.base_dir, ft, self.fits, self.dropped, self.format)
+        # What the fine-tune came from, in its start event: the same command again must find the same.
+        self.origin: dict[str, Any] = {
+            "data": ft.data, "data_sha256": sha256_file(Path(ft.data)), "train_records": len(self.fits["train"]),
+            "val_records": len(self.fits["val"]), "dropped_records": self.dropped, "epochs": ft.epochs,
+            "prompt_format": self.format.name, "base": str(self.base_dir.resolve()),
+            "base_checkpoint": base.checkpoint, "base_weights_sha256": base.weights_sha256}
         self.continuing = _continuing(self.run_dir, ft, self.origin)
         self.model, self.dtype, self.peak, self.micro_steps = base.model.train(), base.dtype, None, 1
-        self.machine = Machine(self.device, self.dtype)
-        self.train_step = TrainStep(self.model, self.cfg.train, self.device, self.dtype,
-                                    attention_setting="finetune.attention", machine=self.machine)
-        if self.train_step.note:
-            self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
+        self._train_step(attention_setting="finetune.attention")
         longest = max(len(ids) for ids, _ in self.fits["train"]) - 1
         return self.machine.threads(self.threads, self.model, ft.batch_size, longest)
 

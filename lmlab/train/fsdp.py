@@ -53,7 +53,8 @@ def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     if not is_main:
         return {}, {}
     aliases = tied_aliases(model)
-    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    names = {id(p): name for name, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
     return ({name: t for name, t in weights.items() if name not in aliases},
             {"state": {index[name]: v for name, v in by_name["state"].items()},
              "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]})
@@ -112,8 +113,3 @@ def _own_outputs(module: torch.nn.Module, args: Any, output: Any) -> Any:
     def own(t: Any) -> Any:
         return t.clone() if isinstance(t, torch.Tensor) and t._is_view() else t
     return tuple(own(t) for t in output) if isinstance(output, tuple) else own(output)
-
-
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]

@@ -34,7 +34,6 @@ from lmlab.train.compiled import untried
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
-from lmlab.train.machine import Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
 from lmlab.train.reports import Reports, TrainResult, score_final
@@ -43,7 +42,6 @@ from lmlab.train.state import (
     Mean,
     Means,
     Progress,
-    Recorded,
     RngState,
     ScalerState,
     Slot,
@@ -147,12 +145,8 @@ class Trainer(Reports):
         # The same initial weights on every rank; under FSDP, no rank holds the whole model.
         self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
-        self.machine = Machine(self.device, self.dtype)
-        self.train_step = TrainStep(self.model, tc, self.device, self.dtype, wrapped, self.parallel.reduce_step,
-                                    trial=self.parallel.from_main, processes=self.parallel.local_world_size,
-                                    machine=self.machine)
-        if self.train_step.note:
-            self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
+        self._train_step(wrapped=wrapped, reduce=self.parallel.reduce_step, trial=self.parallel.from_main,
+                         processes=self.parallel.local_world_size)
         threads = self.threads.choice if self._sized else self.machine.threads(self.threads, self.model,
                                                                                 tc.batch_size, mc.block_size)
         # A compiled step is built for one thread count (Dynamo guards on it): another would recompile it.
@@ -160,6 +154,14 @@ class Trainer(Reports):
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
         return threads
+
+    def _train_step(self, **options: Any) -> None:
+        """The model's training step (`TrainStep`, with `options`) and the machine it was chosen by; a line where
+        `compile = "auto"` could not compile here."""
+        self.train_step = TrainStep(self.model, self.cfg.train, self.device, self.dtype, **options)
+        self.machine = self.train_step.machine
+        if self.train_step.note:
+            self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
 
     def _parts(self, resuming: bool) -> None:
         """What the loop holds besides the model (a resumed run's schedule starts as its config.toml has it, which
@@ -177,9 +179,10 @@ class Trainer(Reports):
         self.writes = Writes(self.run_dir, self.parallel.is_main)
         self._saved_plan: dict[str, Any] | None = None  # a resumed run's budget, as its checkpoint has it
         budget = Slot(lambda: self.budget.state_dict(), lambda saved: setattr(self, "_saved_plan", saved))
+        # The dataset's checksum is recorded and never restored: resume compares it.
         state = TrainingState(progress=self.progress, means=self.means, guard=self.guard, clock=self.clock,
                               loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
-                              dataset_sha256=Recorded(self.data_sha256), schedule=self.schedule,
+                              dataset_sha256=Slot(lambda: self.data_sha256, lambda _: None), schedule=self.schedule,
                               budget=budget, attention=Slot(lambda: self.train_step.attention_path,
                                                             self.train_step.restore_attention))
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
@@ -275,7 +278,9 @@ class Trainer(Reports):
             except StepAbandoned as abandoned:
                 if abandoned.__cause__ is not None:  # the signal made the step fail: a compiler it killed, say
                     discard_partial_builds()  # whose cut-short kernels the next compile of this process would load
-                return self._abandon(abandoned.signal)
+                # Nothing of the abandoned step is saved: its update may be half-applied.
+                self._log_end(False, abandoned.signal)
+                return self._result(abandoned.signal, abandoned=True)
 
     @contextmanager
     def _closed_at_end(self) -> Iterator[None]:
@@ -422,12 +427,6 @@ class Trainer(Reports):
                           for offset, tokens in ((1, self.train_tokens), (2, self.val_tokens)))
         self.model.train()
         return train, val
-
-    def _abandon(self, signal_name: str) -> TrainResult:
-        """End a run whose step was abandoned after a stop signal: nothing of that step is saved (its update may be
-        half-applied)."""
-        self._log_end(False, signal_name)
-        return self._result(signal_name, abandoned=True)
 
     def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress

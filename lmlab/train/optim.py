@@ -27,25 +27,15 @@ class Eager:
     AdamW(Eager, torch.optim.AdamW)`); tests/test_optim.py holds every entry of `OPTIMIZERS` to training without
     torch._dynamo."""
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        inspect.unwrap(torch.optim.Optimizer.add_param_group)(self, param_group)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        inspect.unwrap(torch.optim.Optimizer.zero_grad)(self, set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return inspect.unwrap(torch.optim.Optimizer.state_dict)(self)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        inspect.unwrap(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
+    state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
+    load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
 
 
 class AdamW(Eager, torch.optim.AdamW):
     found_inf: torch.Tensor | None = None  # what torch's fused kernel reads: 1 skips the step on the device
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        return inspect.unwrap(torch.optim.AdamW.step)(self, closure)
+    step = torch.no_grad()(inspect.unwrap(torch.optim.AdamW.step))
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> AdamW:
@@ -179,10 +169,6 @@ def muon_groups(model: LanguageModel) -> tuple[list[torch.nn.Parameter], list[to
     return hidden, [p for p in params if id(p) not in chosen]
 
 
-def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 @dataclass(frozen=True)
 class Optimizer:
     """An optimizer lmlab trains with, every fact stated. `build` makes it for a model, the train settings and its
@@ -199,8 +185,8 @@ class Optimizer:
 
 
 OPTIMIZERS = {
-    "adamw": Optimizer(lambda model, cfg, device: _adamw(_trainable(model), cfg), two_moments,
-                       about="AdamW, fused", unsharded=None),
+    "adamw": Optimizer(lambda model, cfg, device: _adamw([p for p in model.parameters() if p.requires_grad], cfg),
+                       two_moments, about="AdamW, fused", unsharded=None),
     # Muon's one momentum for the hidden matrices, AdamW's two moments for the rest.
     "muon": Optimizer(MuonAdamW, lambda weights, hidden: two_moments(weights, hidden) - hidden,
                       about="Muon for hidden 2-D weights, AdamW for embeddings, head and the rest",

@@ -104,9 +104,6 @@ class Decay:
     def position_at(self, step: int) -> float:
         return position_between(step, self.anchor, self.position, self.end - 1)
 
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 class Schedule:
     """The LR of every step and the last step of a run: the config's own warmup and decay, a resumed run's decay
@@ -163,7 +160,7 @@ class Schedule:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the schedule its run followed (config.toml may be rewritten by a resume that did
         not get as far as a checkpoint)."""
-        relaid = self.decay.state_dict() if self.decay is not None else None
+        relaid = dataclasses.asdict(self.decay) if self.decay is not None else None
         return {"train": {k: getattr(self.train, k) for k in FIELDS}, "relaid": relaid}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:

@@ -147,19 +147,6 @@ class ScalerState:
             self.scaler.load_state_dict(state)
 
 
-class Recorded:
-    """A fact the checkpoint records and nothing restores (the dataset's checksum, which resume compares)."""
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def state_dict(self) -> Any:
-        return self.value
-
-    def load_state_dict(self, state: Any) -> None:
-        pass
-
-
 class Slot:
     """A part whose state another object keeps: saved by `save`, restored by handing it to `load`."""
 

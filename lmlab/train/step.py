@@ -7,7 +7,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -100,11 +100,8 @@ class TrainStep:
 
     def eager_step(self, batches: Iterable[Batch], n_batches: int, lr: float) -> None:
         """A step of the eager model, outside the compile trial: what a budget's timing takes (in `untouched`)."""
-        with self._eager():
+        with nullcontext() if self.blocks is None else self.blocks.eager():
             self._step(batches, n_batches, lr)
-
-    def _eager(self) -> AbstractContextManager[None]:
-        return nullcontext() if self.blocks is None else self.blocks.eager()
 
     @contextmanager
     def untouched(self) -> Iterator[None]:
@@ -148,8 +145,10 @@ class TrainStep:
     def _step(self, batches: Iterable[Batch], n_batches: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.blocks is not None:
-            self.blocks.begin_step()
+        if self.blocks is not None and self.blocks.mode == GRAPHS:
+            # CUDA graphs' outputs of the step before may be overwritten from here (cudagraph trees' rule; the loop
+            # keeps only the loss and gradient norm, which are computed outside the blocks).
+            torch.compiler.cudagraph_mark_step_begin()
         total = torch.zeros((), device=self.device)
         for x, y in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

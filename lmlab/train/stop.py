@@ -87,10 +87,9 @@ class StopOnSignal:
     after a step. `stuck`, where given, is called (from a timer's thread) with the signal's name when a stretch still
     runs twice the grace after the signal: a long call into C lets no Python code run until it returns."""
 
-    def __init__(self, grace: float = STOP_GRACE, stuck: Callable[[str], None] | None = None,
-                 setting_up: bool = False) -> None:
+    def __init__(self, stuck: Callable[[str], None] | None = None, setting_up: bool = False) -> None:
         self.signal: str | None = None
-        self.grace, self.stuck, self.setting_up = grace, stuck, setting_up
+        self.stuck, self.setting_up = stuck, setting_up
         self._previous: dict[int, Any] = {}
         self._region = 0  # which interruptible stretch runs now (0: none), so a late timer cannot hit the next one
         self._regions = 0
@@ -103,8 +102,8 @@ class StopOnSignal:
             if self._region:
                 raise StepAbandoned(self.signal or signal.Signals(signum).name)
             return  # the stretch ended as the timer fired: the loop stops after it as usual
-        if self.setting_up:
-            raise not_begun(signal.Signals(signum).name)
+        if self.setting_up:  # in one line (`Stopped`, status 130)
+            raise Stopped(f"stopped by {signal.Signals(signum).name} while it set up: nothing was written")
         if self.signal:
             raise KeyboardInterrupt
         self.request(signal.Signals(signum).name)
@@ -121,7 +120,7 @@ class StopOnSignal:
                 self._overdue = True
                 _thread.interrupt_main(signal.SIGTERM)  # runs `_handle` in the main thread, between two bytecodes
 
-        _later(self.grace, overdue)
+        _later(STOP_GRACE, overdue)
 
     def _watch(self) -> None:
         """Hear each stop signal as it arrives (the byte Python's C handler writes to the wake-up fd), not when the main
@@ -135,7 +134,7 @@ class StopOnSignal:
         with os.fdopen(read, "rb", buffering=0) as wakeups:
             while number := wakeups.read(1):  # b"" once __exit__ closed the other end
                 if number[0] in (signal.SIGINT, signal.SIGTERM) and (self._region or self.setting_up):
-                    _later(2 * self.grace, partial(self._still_in, self._region, signal.Signals(number[0]).name))
+                    _later(2 * STOP_GRACE, partial(self._still_in, self._region, signal.Signals(number[0]).name))
 
     def _still_in(self, region: int, name: str) -> None:
         """Called twice the grace after a signal: the stretch it came in still runs (or the set-up, a C call having held
@@ -182,11 +181,6 @@ class StopOnSignal:
             signal.set_wakeup_fd(previous)
             os.close(write)
             self._wakeup = None
-
-
-def not_begun(signal_name: str) -> BaseException:
-    """How a stop signal ends a run's set-up before the run is begun: in one line (`Stopped`, status 130)."""
-    return Stopped(f"stopped by {signal_name} while it set up: nothing was written")
 
 
 def begun() -> None:

@@ -170,18 +170,14 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
             summary.gap = best["val_loss"] - best["train_eval_loss"]
         summary.still_falling = summary.evals[-1] is best
         summary.best_bpb = summary.bits_per_byte(best["val_loss"])
-    elif summary.evaluation is not None:
-        _evaluated(summary, summary.evaluation)
+    elif (evaluation := summary.evaluation) is not None:
+        # A run that evaluated nothing as it trained (an import) compares on its checkpoint's kept `lmlab eval` of a
+        # whole val split.
+        summary.best_val_loss, summary.best_step = evaluation["loss"], evaluation.get("step")
+        summary.best_bpb = evaluation.get("bits_per_byte")
+        summary.scored_on = evaluation.get("val_sha256") or summary.scored_on
+        summary.val_from = "lmlab eval"
     return summary
-
-
-def _evaluated(summary: RunSummary, evaluation: dict[str, Any]) -> None:
-    """A run that evaluated nothing as it trained (an import) compares on its checkpoint's kept `lmlab eval` of a whole
-    val split."""
-    summary.best_val_loss, summary.best_step = evaluation["loss"], evaluation.get("step")
-    summary.best_bpb = evaluation.get("bits_per_byte")
-    summary.scored_on = evaluation.get("val_sha256") or summary.scored_on
-    summary.val_from = "lmlab eval"
 
 
 def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:

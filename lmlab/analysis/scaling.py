@@ -158,17 +158,14 @@ def fit_loss_surface(params: list[float], tokens: list[float], losses: list[floa
 
 def _best_exponents(n: np.ndarray, d: np.ndarray, y: np.ndarray, alphas: np.ndarray,
                     betas: np.ndarray) -> tuple[float, np.ndarray, float, float]:
-    """(mean squared error, (E, A, B), alpha, beta) of the best pair of exponents of the two grids."""
-    best = None
-    for alpha in alphas:
-        for beta in betas:
-            terms = np.stack([np.ones_like(y), n ** -alpha, d ** -beta], axis=1)
-            coef = _nonnegative_lstsq(terms, y)
-            error = float(np.mean((terms @ coef - y) ** 2))
-            if best is None or error < best[0]:
-                best = error, coef, alpha, beta
-    assert best is not None, "the grids of exponents are not empty"
-    return best
+    """(mean squared error, (E, A, B), alpha, beta) of the best pair of exponents of the two grids (the first of
+    the least error)."""
+    def fitted(alpha: float, beta: float) -> tuple[float, np.ndarray, float, float]:
+        terms = np.stack([np.ones_like(y), n ** -alpha, d ** -beta], axis=1)
+        coef = _nonnegative_lstsq(terms, y)
+        return float(np.mean((terms @ coef - y) ** 2)), coef, alpha, beta
+
+    return min((fitted(alpha, beta) for alpha in alphas for beta in betas), key=lambda found: found[0])
 
 
 def _nonnegative_lstsq(terms: np.ndarray, y: np.ndarray) -> np.ndarray:

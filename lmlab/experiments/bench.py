@@ -78,9 +78,10 @@ def _reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _build(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TrainStep:
+def _build(cfg: RunConfig, device: torch.device) -> TrainStep:
+    """The training loop's step of `cfg` on `device`, in the autocast dtype `cfg` trains in there."""
     configure(device)
-    return TrainStep(build_model(cfg.model).to(device), cfg.train, device, dtype)
+    return TrainStep(build_model(cfg.model).to(device), cfg.train, device, autocast_dtype(device, cfg.train.dtype))
 
 
 def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2,
@@ -90,12 +91,11 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
     default the device's at the threads in use)."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
-    dtype = autocast_dtype(device, cfg.train.dtype)
     check_training(cfg.model, batch_size, optimizer_of(cfg.train).state_bytes, device, setting="--batch-sizes")
     try:
         gc.collect()  # the previous batch size's tensors go before this one's peak is counted
         _reset_peak_memory(device)
-        return _timed(cfg, batch_size, steps, device, dtype, warmup, seconds, peak)  # its tensors go as it returns
+        return _timed(cfg, batch_size, steps, device, warmup, seconds, peak)  # its tensors go as it returns
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)
     finally:
@@ -104,11 +104,11 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
             torch.cuda.empty_cache()
 
 
-def _timed(cfg: RunConfig, batch_size: int, steps: int, device: torch.device, dtype: torch.dtype, warmup: int,
-           seconds: float, peak: Peak | None) -> BenchRow:
+def _timed(cfg: RunConfig, batch_size: int, steps: int, device: torch.device, warmup: int, seconds: float,
+           peak: Peak | None) -> BenchRow:
     """`bench_batch`'s steps, timed."""
     tc, T = cfg.train, cfg.model.block_size
-    step = _build(cfg, device, dtype)
+    step = _build(cfg, device)
     x = torch.randint(0, cfg.model.vocab_size, (batch_size, T), device=device)
     batches = [(x, x)] * tc.grad_accum_steps
     for _ in range(warmup):  # warmup steps compile, allocate and fill caches
@@ -124,7 +124,7 @@ def _timed(cfg: RunConfig, batch_size: int, steps: int, device: torch.device, dt
         synchronize(device)
         seconds = (time.perf_counter() - started) / done
     rate = batch_size * tc.grad_accum_steps * T / seconds
-    peak, computed = peak or peak_flops(device, dtype), rate * step.model.flops_per_token()
+    peak, computed = peak or peak_flops(device, step.dtype), rate * step.model.flops_per_token()
     return BenchRow(batch_size, rate, 1000 * seconds, peak.mfu(computed), _peak_memory(device), note=step.note,
                     peak_note=peak.wrong(computed), load=meter.load)
 
@@ -260,7 +260,7 @@ def checkpoint_cost(cfg: RunConfig, device_name: str = "auto", folder: Path = Pa
     `folder` (the disk runs go to), and load it back as a resume does; the best of `repeats` each."""
     cfg = with_vocab(cfg)
     device = resolve_device(device_name)
-    step = _build(cfg, device, autocast_dtype(device, cfg.train.dtype))
+    step = _build(cfg, device)
     ids = torch.zeros(1, min(8, cfg.model.block_size) + 1, dtype=torch.long, device=device)
     step([(ids[:, :-1], ids[:, 1:])], 1, cfg.train.learning_rate)
     writes, loads = [], []
@@ -282,10 +282,9 @@ def checkpoint_cost(cfg: RunConfig, device_name: str = "auto", folder: Path = Pa
 def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> dict[str, float]:
     """Time one evaluation (eval_iters batches on each of two splits) and size it to under 5% of training."""
     cfg = with_vocab(cfg)
-    device = resolve_device(device_name)
-    dtype = autocast_dtype(device, cfg.train.dtype)
     tc = cfg.train
-    step = _build(cfg, device, dtype)
+    step = _build(cfg, resolve_device(device_name))
+    device, dtype = step.device, step.dtype
     step.model.eval()
     forward = step.scoring  # as the training loop evaluates: eager on a CPU
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 4 * tc.batch_size * cfg.model.block_size)

@@ -30,7 +30,7 @@ EXTRAPOLATION = 4.0
 @dataclass(frozen=True)
 class Family:
     """The sizes of a preset: `config(depth)` is depth layers of `aspect` × depth wide (in whole heads of `head`),
-    the preset's other settings, its LR times `lr_factor(width)`."""
+    the preset's other settings, its LR times its fit's LR rule's `factor` of the width."""
 
     preset: RunConfig
     depth: int  # the preset's own: its n_layer
@@ -66,7 +66,7 @@ class Family:
         heads = width // self.head
         model = dataclasses.replace(self.preset.model, n_layer=depth, n_embd=width, n_head=heads,
                                     n_kv_head=heads // self.kv_ratio if self.preset.model.n_kv_head else 0)
-        factor = fit.lr_factor(width, self.preset.model.n_embd) if fit else 1.0
+        factor = fit.lr.factor(width, self.preset.model.n_embd) if fit else 1.0
         tc = self.preset.train
         train = dataclasses.replace(tc, learning_rate=_lr(tc.learning_rate * factor),
                                     min_lr=_lr(tc.min_lr * factor))
@@ -111,9 +111,6 @@ class SizeFit:
     lr_search: list[dict[str, Any]] = field(default_factory=list)  # `depth`, `width`, `factors`, `vals`, `best`
     measured: dict[str, Any] = field(default_factory=dict)  # `when`, `machine`, `seconds`, `load`, `command`
     held_out: list[dict[str, Any]] = field(default_factory=list)  # `depth`, `params`, `tokens`, `val`, `predicted`
-
-    def lr_factor(self, width: int, preset_width: int) -> float:
-        return self.lr.factor(width, preset_width)
 
     @property
     def largest(self) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS, datasheet_peak
@@ -74,12 +75,11 @@ class _Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.launches = self.matmuls = self.views = self.bytes = self.serial = 0.0
-        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if self.paused or name in FREE:
+        if name in FREE:
             return out
         returns = func._schema.returns
         if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
@@ -88,42 +88,34 @@ class _Count(TorchDispatchMode):
             self.launches, self.matmuls = self.launches + 1, self.matmuls + 1
         else:
             self.launches += 1
-            self.bytes += sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
+            self.bytes += _bytes(tree_leaves((args, kwargs, out)))
         return out
 
 
-def _tensors(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return [t for v in value.values() for t in _tensors(v)] if isinstance(value, dict) else []
+def _bytes(values: list) -> int:
+    """The bytes of the tensors among `values`."""
+    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
 
 
 class _Fused(torch.autograd.Function):
     """A fused kernel (attention, a cuDNN RNN) as the GPU runs it: one launch forward, two backward, moving its
-    inputs and outputs; `shapes` are its outputs'. The meta device would run its reference ops instead."""
+    inputs and outputs; `shapes` are its outputs'. The meta device would run its reference ops instead. The empty
+    tensors it makes stand for its outputs and gradients are not counted: new_empty is one of FREE."""
 
     @staticmethod
     def forward(ctx, count: _Count, serial: float, shapes: tuple, *inputs: torch.Tensor):  # noqa: ANN001, ANN205
         ctx.count, ctx.serial, ctx.shapes = count, serial, [t.shape for t in inputs]
-        count.paused = True
         outs = tuple(inputs[0].new_empty(shape) for shape in shapes)
-        count.paused = False
-        moved = sum(t.numel() * t.element_size() for t in (*inputs, *outs))
-        count.launches, count.bytes, count.serial = count.launches + 1, count.bytes + moved, count.serial + serial
-        ctx.moved = moved
+        ctx.moved = _bytes([*inputs, *outs])
+        count.launches, count.bytes, count.serial = count.launches + 1, count.bytes + ctx.moved, count.serial + serial
         return outs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # noqa: ANN001, ANN205
         count = ctx.count
-        count.paused = True
-        inputs = tuple(grads[0].new_empty(shape) for shape in ctx.shapes)
-        count.paused = False
         count.launches, count.bytes, count.serial = count.launches + 2, count.bytes + 2 * ctx.moved, \
             count.serial + 2 * ctx.serial
-        return (None, None, None, *inputs)
+        return (None, None, None, *(grads[0].new_empty(shape) for shape in ctx.shapes))
 
 
 class _AsOnGpu(TorchFunctionMode):
@@ -199,7 +191,6 @@ def _tail(key: str) -> float:
     params = list(tiny.values())
     cfg = TrainConfig(optimizer=optimizer, grad_clip=clip)
     update = optimizer_of(cfg).build(model, cfg, torch.device("cpu"))
-    counts = []
     for _ in range(2):  # the first update makes the optimizer's state: the second is every later step's
         grads = [torch.zeros_like(p) for p in params]
         for p, grad in zip(params, grads):
@@ -211,8 +202,7 @@ def _tail(key: str) -> float:
             update.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
             update.step()
             update.zero_grad(set_to_none=True)
-        counts.append(count)
-    return counts[-1].launches
+    return count.launches
 
 
 @dataclass(frozen=True)

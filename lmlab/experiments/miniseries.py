@@ -34,10 +34,10 @@ from lmlab.core.peak import choose_dtype
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
+from lmlab.experiments.plan import estimate, local_hardware, shape_of
 from lmlab.experiments.size_search import SET_UP
 from lmlab.experiments.sizing import with_vocab
 from lmlab.experiments.sweep import keep_record
-from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import WARMUP_SHARE, Costs, Plan, final_windows_by_steps
 from lmlab.train.loop import Trainer
@@ -132,8 +132,7 @@ class Miniseries:
     def params(self, depth: int) -> int:
         """The weights of depth `depth` that multiply every token: the fit's N (counted once a depth)."""
         if depth not in self._params:
-            with torch.device("meta"):
-                self._params[depth] = build_model(self.family.config(depth).model).multiplied_params()
+            self._params[depth] = shape_of(self.family.config(depth)).multiplied_params()
         return self._params[depth]
 
     def steps(self, tokens: int) -> int:
@@ -217,20 +216,13 @@ class Miniseries:
 
     def foretell(self) -> str:
         """What the miniseries will train and about how long that takes here, said before it starts."""
-        from lmlab.experiments.plan import estimate, local_hardware
-
         todo = self.left()
         if not todo:
             return f"miniseries: its {self.total} runs are trained already under {self.folder}; fitting them"
         preset = with_vocab(load_config(self.preset))
         hardware = local_hardware(self.device, preset.train.dtype)
         guess = estimate(hardware, None, preset, [])
-        seconds = 0.0
-        for cfg in todo:
-            with torch.device("meta"):
-                model = build_model(cfg.model)
-            seconds += cfg.train.max_iters * cfg.train.batch_size * cfg.train.grad_accum_steps * \
-                cfg.model.block_size / guess.tokens_per_sec(model)
+        seconds = sum(cfg.train.max_iters * self.tokens_per_step / guess.tokens_per_sec(shape_of(cfg)) for cfg in todo)
         again = f" ({self.total - len(todo)} trained already)" if len(todo) < self.total else ""
         return (f"miniseries: {len(todo)} of {self.total} runs to train{again} under {self.folder}, about "
                 f"{format_duration(seconds)} of training on {hardware.name} (at {100 * guess.mfu:.0f}% of its "

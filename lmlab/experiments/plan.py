@@ -153,12 +153,8 @@ def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
 SPEED_SETTINGS = ("batch_size", "grad_accum_steps", "dtype", "compile", "optimizer", "threads", "parallel")
 
 
-def same_config(a: RunConfig, b: RunConfig) -> bool:
-    return a.model == b.model and all(getattr(a.train, k) == getattr(b.train, k) for k in SPEED_SETTINGS)
-
-
 def mfu_from_runs(paths: list[Path], hardware: Hardware, cfg: RunConfig) -> tuple[float, float, str] | None:
-    """The median MFU logged by a run of `paths` of the same config (`same_config`) that trained on `hardware`, and the
+    """The median MFU logged by a run of `paths` of the same config (`_same_config`) that trained on `hardware`, and the
     peak per device it is a share of: the first path before the others, then a finished run before one that stopped, the
     one of more steps before the newest; None without one. A run whose peak was measured without a load check is passed
     over: its MFU may be many times too high."""
@@ -180,10 +176,12 @@ def mfu_from_runs(paths: list[Path], hardware: Hardware, cfg: RunConfig) -> tupl
 
 
 def _same_config(path: Path, cfg: RunConfig) -> bool:
+    """Whether the run at `path` trained `cfg`'s model with its SPEED_SETTINGS."""
     try:
-        return same_config(RunDir(path).config(), cfg)
+        ran = RunDir(path).config()
     except UserError:  # a folder whose config.toml cannot be read: not the same
         return False
+    return ran.model == cfg.model and all(getattr(ran.train, k) == getattr(cfg.train, k) for k in SPEED_SETTINGS)
 
 
 @dataclass

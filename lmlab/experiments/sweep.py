@@ -49,12 +49,10 @@ class SweepResult:
     def best(self) -> RunSummary | None:
         """The finished trial of the lowest final score, where every finished trial has one; else of the lowest val
         its evaluations read."""
-        done = [s for s in self.summaries if s.best_val_loss is not None and s.status in DONE]
-        finals = [(final, s) for s in done if (final := s.final_val_loss) is not None]
-        if done and len(finals) == len(done):
-            return min(finals, key=lambda pair: pair[0])[1]
-        bests = [(best, s) for s in done if (best := s.best_val_loss) is not None]
-        return min(bests, key=lambda pair: pair[0])[1] if bests else None
+        done = [(best, s) for s in self.summaries if (best := s.best_val_loss) is not None and s.status in DONE]
+        finals = [(final, s) for _, s in done if (final := s.final_val_loss) is not None]
+        scored = finals if len(finals) == len(done) else done
+        return min(scored, key=lambda pair: pair[0])[1] if scored else None
 
 
 def parse_grid(sets: list[str]) -> list[tuple[str, list[str]]]:

@@ -71,7 +71,7 @@ class Grid:
         blocks: list[Block] = [
             Heading("Prompt grid", level),
             Paragraph(f"{len(self.runs)} runs × {len(self.prompts)} prompts × {len(self.temperatures)} temperatures "
-                      f"({', '.join(map(_number, self.temperatures))}), each drawn with seed {p.seed}, top_k "
+                      f"({', '.join(f'{t:g}' for t in self.temperatures)}), each drawn with seed {p.seed}, top_k "
                       f"{p.top_k}, top_p {p.top_p}, {p.max_new_tokens} tokens at most, from "
                       + "; ".join(f"`{run}` ({checkpoints.get(run, '-')})" for run in self.runs) + "."
                       + (" A run with a chat template or a fine-tune's prompt format is asked each prompt as a "
@@ -83,14 +83,10 @@ class Grid:
             blocks.append(Code(prompt) if prompt else Paragraph("(empty: the start of a document)"))
             for cell in (c for c in self.cells if c.prompt == prompt):
                 how = f", {cell.asked}" if self.chat else ""
-                blocks.append(Paragraph(f"`{cell.run}`{how}, temperature {_number(cell.temperature)}"
+                blocks.append(Paragraph(f"`{cell.run}`{how}, temperature {cell.temperature:g}"
                                         + ("" if cell.text is None else f" ({cell.tokens} tokens):")))
                 blocks.append(Code(cell.text) if cell.text is not None else Paragraph(f"no text: {cell.why_not}"))
         return blocks
-
-
-def _number(value: float) -> str:
-    return f"{value:g}"
 
 
 def read_prompts(path: Path) -> list[str]:

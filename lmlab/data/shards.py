@@ -202,10 +202,8 @@ class ShardWriter:
         return self.fill
 
     def restore_pending(self, count: int) -> None:
-        tokens: np.ndarray | list[int] = []
         if count:
-            tokens = np.fromfile(self.pending_path, dtype=self.buffer.dtype, count=count)
-        self.buffer[:count] = tokens
+            self.buffer[:count] = np.fromfile(self.pending_path, dtype=self.buffer.dtype, count=count)
         self.fill = count
 
     def close(self) -> list[Path]:

@@ -68,9 +68,6 @@ class TokenizerKind:
     def written(self) -> str:
         return f"{self.name}:{self.argument}" if self.argument else self.name
 
-    def __str__(self) -> str:
-        return self.name
-
 
 def _char(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
           ) -> tokenizers.Tokenizer:

@@ -84,7 +84,7 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, arch: Arch, kind: str, progr
     cfg = run.config.model
     wanted, file_type = TYPES[kind]
     assert isinstance(run.model, GPT), "export_gguf loads runs of kind gpt"
-    tensors = list(model_tensors(run.model, arch, cfg.vocab_size))
+    tensors = list(model_tensors(run.model, arch))
     writer = gguf.GGUFWriter(tmp, arch.name)
     writer.add_name(run.run.name)
     writer.add_file_type(file_type)

@@ -52,8 +52,8 @@ def gguf_vocab(tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     if tokenizer.kind.gguf is None:
         why = (f", which turns an unknown word into {tokenizer.kind.unknown}, and no GGUF tokenizer does that"
                if tokenizer.kind.unknown else ", which no GGUF tokenizer holds")
-        raise UserError(f"{what} has a {tokenizer.kind}-level tokenizer ({tokenizer.spec}){why}; export-gguf takes "
-                        f"{TAKES}.")
+        raise UserError(f"{what} has a {tokenizer.kind.name}-level tokenizer ({tokenizer.spec}){why}; export-gguf "
+                        f"takes {TAKES}.")
     vocab = WRITERS[tokenizer.kind.gguf](raw, tokenizer, rows, what)
     # bos and eos: the end-of-text token lmlab puts between documents (a char run has none), unless the tokenizer
     # starts every text with a token of its own; pad: the vocabulary's padding token, else the end-of-text token.

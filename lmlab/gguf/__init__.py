@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,10 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, arch: Arch, kind: str, progr
     _write_vocab(writer, vocab)
     if run.chat_template is not None:
         writer.add_chat_template(run.chat_template.template)
-    counts: dict[str, int] = {}
     types = [ggml_type(tensor, wanted) for _, tensor in tensors]
     for (name, tensor), qtype in zip(tensors, types):
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(tuple(tensor.shape), qtype))
         writer.add_tensor_info(name, tuple(tensor.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
-        counts[qtype.name.lower()] = counts.get(qtype.name.lower(), 0) + 1
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -108,7 +107,7 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, arch: Arch, kind: str, progr
             progress(done, len(tensors))
     finally:
         writer.close()
-    return counts
+    return dict(Counter(qtype.name.lower() for qtype in types))
 
 
 def export_gguf(run_dir: Path, out: Path, checkpoint: str = "best", kind: str = "f32",

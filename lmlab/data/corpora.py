@@ -29,7 +29,7 @@ class Document:
 _ESCAPE = re.compile(r"\\(.)")
 _INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]]*(\][_*]*|$)|_[^_\s][^_]*_")  # [Aside], or unclosed to the end
 _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
-_NON_BLANK = re.compile(r"\S")
+NON_BLANK = re.compile(r"\S")
 
 
 def play_to_text(markdown: str) -> str:
@@ -217,7 +217,7 @@ def iter_documents(files: list[str], text_field: str = "text",
             docs = _jsonl_documents(Path(source), text_field)
         if normalize is not None:
             docs = (Document(d.name, normalize(d.text)) for d in docs)
-        yield from (d for d in docs if _NON_BLANK.search(d.text))  # a search, not a copy of a long document
+        yield from (d for d in docs if NON_BLANK.search(d.text))  # a search, not a copy of a long document
 
 
 def parquet_rows(files: list[str]) -> int | None:

@@ -136,13 +136,12 @@ def _resume_or_start(work: Path, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions, found: Scan, plan: np.ndarray,
-               progress: Progress | TaskLines, fixed: Tokenizer | None) -> Tokenizer:
+               progress: Progress | TaskLines, fixed: Tokenizer | None, kind: TokenizerKind) -> Tokenizer:
     """Train (or, on resume, reload; or take the fixed one) the tokenizer and save it where the workers read it."""
     path = work / "tokenizer.json"
     if path.exists() and fixed is None:
         return Tokenizer.load(path, spec)
     task = progress.add_task("training the tokenizer", total=None, tokens="")
-    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     # The separator is lmlab's, not the corpus's: a char vocabulary holds it even if no document has a line break.
     tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut, kind),
                                          ["".join(sorted(found.charset | set(SEPARATOR)))])
@@ -213,16 +212,15 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     lock.acquire(f"{target} is being prepared by another process ({{holder}}); wait for it to finish, or choose "
                  "another --name.")
     try:
-        return _prepare(sources, files, spec, target, val_fraction, force, options, console, fixed)
+        return _prepare(sources, files, spec, target, val_fraction, force, options, console, fixed, kind)
     finally:
         lock.release()
 
 
 def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_fraction: float, force: bool,
-             options: PrepareOptions, console: Console | None, fixed: Tokenizer | None
+             options: PrepareOptions, console: Console | None, fixed: Tokenizer | None, kind: TokenizerKind
              ) -> tuple[Path, dict[str, Any], bool]:
     """`prepare` under the dataset's lock; `fixed`: the tokenizer a path named, already loaded."""
-    kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
     _remove_old_copies(target)
     if not (target / "meta.json").exists() and target.exists() and any(target.iterdir()) and not force:
         raise UserError(f"{target} exists and is not an lmlab dataset; remove it or choose another --name.")
@@ -244,7 +242,7 @@ def _prepare(sources: list[str], files: list[str], spec: str, target: Path, val_
         target.parent.mkdir(parents=True, exist_ok=True)
         work = target.parent / f".{target.name}.partial"
         saved = _resume_or_start(work, job)
-        tokenizer = _tokenizer(work, spec, files, options, found, plan, progress, fixed)
+        tokenizer = _tokenizer(work, spec, files, options, found, plan, progress, fixed, kind)
         if options.val_tokens and not options.max_tokens:  # the candidates again, at the tokenizer's own ratio
             ratio = _chars_per_token(tokenizer, files, options, plan, found.first_cut)
             refusal = val_refusal(found, options.val_tokens, ratio)

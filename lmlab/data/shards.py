@@ -18,6 +18,8 @@ import tokenizers
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_bytes, sha256_file, writing
 
+FIX = "prepare the dataset again with `lmlab prepare ... --force`"  # what a dataset that fails a check needs
+
 
 @dataclass(frozen=True)
 class Rows:
@@ -79,22 +81,21 @@ def read_meta(dataset: Path) -> dict[str, Any]:
 def _check_tokenizer(dataset: Path, meta: dict[str, Any]) -> None:
     """Refuse a meta.json whose dtype or vocabulary is not the files': the ids would be garbage."""
     vocab, dtype = meta.get("vocab_size"), meta.get("dtype")
-    fix = "prepare the dataset again with `lmlab prepare ... --force`"
     if not isinstance(vocab, int) or vocab < 1:
-        raise UserError(f"{dataset}/meta.json has no valid vocab_size ({vocab!r}); {fix}.")
+        raise UserError(f"{dataset}/meta.json has no valid vocab_size ({vocab!r}); {FIX}.")
     if dtype != ("uint16" if vocab < 2**16 else "uint32"):
         raise UserError(f"{dataset}/meta.json says dtype {dtype!r}, but ids of a vocabulary of {vocab:,} tokens are "
-                        f"stored as {'uint16' if vocab < 2**16 else 'uint32'}; {fix}.")
+                        f"stored as {'uint16' if vocab < 2**16 else 'uint32'}; {FIX}.")
     try:
         actual = tokenizers.Tokenizer.from_file(str(Path(dataset) / "tokenizer.json")).get_vocab_size()
     except Exception as err:  # the tokenizers library raises plain Exceptions for missing and malformed files
-        raise UserError(f"{dataset}/tokenizer.json is missing or unreadable ({err}); {fix}.")
+        raise UserError(f"{dataset}/tokenizer.json is missing or unreadable ({err}); {FIX}.")
     if meta.get("tokenizer_sha256") and sha256_file(Path(dataset) / "tokenizer.json") != meta["tokenizer_sha256"]:
         raise UserError(f"{dataset}/tokenizer.json does not match the checksum meta.json records for it (it was "
-                        f"edited or damaged since the dataset was prepared, so its ids would mean other text); {fix}.")
+                        f"edited or damaged since the dataset was prepared, so its ids would mean other text); {FIX}.")
     if actual != vocab:
         raise UserError(f"{dataset}/meta.json says vocab_size {vocab:,} but its tokenizer.json has {actual:,} tokens; "
-                        f"the files do not belong together: {fix}.")
+                        f"the files do not belong together: {FIX}.")
 
 
 def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True,
@@ -113,7 +114,7 @@ def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True,
         if size % width or (shard.get("tokens") is not None and size != shard["tokens"] * width):
             raise UserError(f"{path} holds {size:,} bytes but meta.json lists {shard.get('tokens') or 0:,} {dtype} "
                             f"tokens ({(shard.get('tokens') or 0) * width:,} bytes); it was truncated or replaced: "
-                            "prepare the dataset again with `lmlab prepare ... --force`.")
+                            f"{FIX}.")
     tokens = TokenShards(paths, dtype, row_layout(meta))
     if verify:
         verify_split(dataset, split, tokens, meta)
@@ -128,15 +129,14 @@ def verify_split(dataset: Path, split: str, tokens: TokenShards, meta: dict[str,
         digest.update(chunk)  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs do not say so
         top = max(top, int(chunk.max()) if len(chunk) else -1)
     tokens.sha256 = digest.hexdigest()
-    fix = "prepare the dataset again with `lmlab prepare ... --force`"
     expected = meta.get(split, {}).get("sha256")
     if expected and tokens.sha256 != expected:
         raise UserError(f"the {split} split of {dataset} ({', '.join(p.name for p in tokens.paths)}) does not match "
                         f"the checksum meta.json records for it: it was edited or damaged since it was prepared; "
-                        f"{fix}.")
+                        f"{FIX}.")
     if top >= meta["vocab_size"]:
         raise UserError(f"the {split} split of {dataset} holds token id {top:,}, beyond its vocabulary of "
-                        f"{meta['vocab_size']:,} tokens; {fix}.")
+                        f"{meta['vocab_size']:,} tokens; {FIX}.")
 
 
 def row_layout(meta: dict) -> Rows | None:
@@ -202,10 +202,8 @@ class ShardWriter:
         return self.fill
 
     def restore_pending(self, count: int) -> None:
-        tokens: np.ndarray | list[int] = []
         if count:
-            tokens = np.fromfile(self.pending_path, dtype=self.buffer.dtype, count=count)
-        self.buffer[:count] = tokens
+            self.buffer[:count] = np.fromfile(self.pending_path, dtype=self.buffer.dtype, count=count)
         self.fill = count
 
     def close(self) -> list[Path]:

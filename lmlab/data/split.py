@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from rich.progress import Progress
 
 from lmlab.core.errors import UserError
 from lmlab.core.progress import TaskLines
-from lmlab.data.corpora import Document, iter_documents, parquet_rows
+from lmlab.data.corpora import NON_BLANK, Document, iter_documents, parquet_rows
 
 
 def split_key(name: str) -> int:
@@ -23,14 +22,11 @@ def split_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
 
 
-_NON_BLANK = re.compile(r"\S")
-
-
 def _tail_cut(doc: Document, val_fraction: float) -> int:
     """Where a corpus of one document is split: the line start nearest the tail fraction."""
     text = doc.text
     cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
-    if not _NON_BLANK.search(text, 0, cut) or not _NON_BLANK.search(text, cut):  # no copies of a long document
+    if not NON_BLANK.search(text, 0, cut) or not NON_BLANK.search(text, cut):  # no copies of a long document
         raise UserError(f"{doc.name} is too short to split into train and val; give it more text.")
     return cut
 

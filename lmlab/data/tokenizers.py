@@ -68,9 +68,6 @@ class TokenizerKind:
     def written(self) -> str:
         return f"{self.name}:{self.argument}" if self.argument else self.name
 
-    def __str__(self) -> str:
-        return self.name
-
 
 def _char(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
           ) -> tokenizers.Tokenizer:
@@ -288,7 +285,8 @@ def load_gpt2(folder: Path | None = None) -> Tokenizer:
     return Tokenizer("gpt2", backend)
 
 
-def _json(path: Path) -> dict:
+def json_object(path: Path) -> dict:
+    """The JSON object in a file; {} where it is missing, unreadable or not an object."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -298,12 +296,12 @@ def _json(path: Path) -> dict:
 
 def _eos_id(folder: Path, backend: tokenizers.Tokenizer) -> int | None:
     """A Hugging Face model's end-of-text id: eos_token, else eos_token_id, else `<|endoftext|>`'s."""
-    eos = _json(folder / "tokenizer_config.json").get("eos_token")
+    eos = json_object(folder / "tokenizer_config.json").get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
     if isinstance(eos, str) and backend.token_to_id(eos) is not None:
         return backend.token_to_id(eos)
     for name in ("generation_config.json", "config.json"):
-        ids = _json(folder / name).get("eos_token_id")
+        ids = json_object(folder / name).get("eos_token_id")
         ids = ids[0] if isinstance(ids, list) and ids else ids
         if isinstance(ids, int) and backend.id_to_token(ids) is not None:
             return ids
@@ -318,14 +316,14 @@ def load_pretrained(path: Path) -> Tokenizer:
     if not folder.is_dir() or (path.is_file() and path.name != "tokenizer.json"):
         raise UserError(f"{path} is neither a folder nor a tokenizer.json file; pass the folder of a Hugging Face "
                         "model, an lmlab run or dataset, or its tokenizer.json.")
-    for facts in (_json(folder / "dataset.json"), _json(folder / "meta.json")):  # an lmlab run, a dataset
+    for facts in (json_object(folder / "dataset.json"), json_object(folder / "meta.json")):  # an lmlab run, a dataset
         if isinstance(facts.get("tokenizer"), str) and (folder / "tokenizer.json").exists():
             return Tokenizer.load(folder / "tokenizer.json", facts["tokenizer"], facts.get("eot_id"))
     backend = _read_backend(folder)
     if backend is None:
         raise UserError(f"{folder} holds no tokenizer.json (nor vocab.json + merges.txt); pass the folder of a "
                         "Hugging Face model that has one (a sentencepiece-only tokenizer.model is not read).")
-    spec = _json(folder / "tokenizer_config.json").get("lmlab_tokenizer")  # written by `lmlab export-hf`
+    spec = json_object(folder / "tokenizer_config.json").get("lmlab_tokenizer")  # written by `lmlab export-hf`
     if not isinstance(spec, str) or not _is_spec(spec):
         spec = f"pretrained:{NAME_PART.sub('-', folder.resolve().name).strip('-.') or 'tokenizer'}"
     tokenizer = Tokenizer(spec, backend, _eos_id(folder, backend))

@@ -134,9 +134,7 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
     result of the same weights on the same split (or subset) in the same dtype is returned instead (with
     `"cached": true`). With `max_tokens`, only about that many tokens are scored: whole windows of block_size
     spread evenly over the split (`spread`), kept apart from whole-split results."""
-    dataset, meta = _dataset(run, dataset)
-    key = {"weights_sha256": run.weights_sha256, "val_sha256": meta["val"]["sha256"],
-           "dtype": str(run.dtype).removeprefix("torch."), "max_tokens": max_tokens}
+    dataset, meta, key = _dataset(run, dataset, max_tokens)
     kept = kept_evaluation(run, key)
     if kept and not fresh:
         return kept
@@ -161,8 +159,10 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
     return {**result, "cached": False}
 
 
-def _dataset(run: LoadedRun, dataset: Path | None) -> tuple[Path, dict[str, Any]]:
-    """The dataset a run is evaluated on (its own unless given) and its meta.json."""
+def _dataset(run: LoadedRun, dataset: Path | None, max_tokens: int | None
+             ) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The dataset a run is evaluated on (its own unless given), its meta.json, and the key its kept evaluations are
+    found by (`kept_evaluation`)."""
     if dataset is None and not run.config.data.dataset:
         raise UserError(f"{run.run.path} has no dataset of its own (it was imported, or fine-tuned from an imported "
                         "run); pass --dataset DIR, a dataset prepared with the run's tokenizer.")
@@ -171,7 +171,9 @@ def _dataset(run: LoadedRun, dataset: Path | None) -> tuple[Path, dict[str, Any]
                         "deleted); pass --dataset DIR, a dataset prepared with the run's tokenizer (`lmlab prepare "
                         f"CORPUS --tokenizer {run.run.path}` makes one), or put the dataset back.")
     dataset = dataset or Path(run.config.data.dataset)
-    return dataset, read_meta(dataset)
+    meta = read_meta(dataset)
+    return dataset, meta, {"weights_sha256": run.weights_sha256, "val_sha256": meta["val"]["sha256"],
+                           "dtype": str(run.dtype).removeprefix("torch."), "max_tokens": max_tokens}
 
 
 def kept_evaluation(run: LoadedRun, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -185,8 +187,6 @@ def kept_evaluation(run: LoadedRun, key: dict[str, Any]) -> dict[str, Any] | Non
 def evaluation_cost(run: LoadedRun, dataset: Path | None = None, max_tokens: int | None = None) -> tuple[int, bool]:
     """The tokens an evaluation would score, and whether a kept result makes it free: what `lmlab report` says
     before it evaluates."""
-    dataset, meta = _dataset(run, dataset)
-    key = {"weights_sha256": run.weights_sha256, "val_sha256": meta["val"]["sha256"],
-           "dtype": str(run.dtype).removeprefix("torch."), "max_tokens": max_tokens}
+    _, meta, key = _dataset(run, dataset, max_tokens)
     total = meta["val"]["tokens"]
     return (total if max_tokens is None else min(total, max_tokens)), kept_evaluation(run, key) is not None

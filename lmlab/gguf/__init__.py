@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import check_writable, replacing
 from lmlab.gguf.card import card_paths, write_card
-from lmlab.gguf.tensors import TYPES, arch_for, encoded, ggml_type, model_tensors
+from lmlab.gguf.tensors import TYPES, Arch, arch_for, encoded, ggml_type, model_tensors
 from lmlab.gguf.vocab import Vocab, gguf_vocab
 from lmlab.hf import choose_family
 from lmlab.model.gpt import GPT
@@ -78,14 +79,13 @@ def _write_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
     writer.add_add_eos_token(False)
 
 
-def _write(tmp: Path, run: LoadedRun, vocab: Vocab, kind: str, progress: Progress) -> dict[str, int]:
+def _write(tmp: Path, run: LoadedRun, vocab: Vocab, arch: Arch, kind: str, progress: Progress) -> dict[str, int]:
     """The GGUF file at `tmp`: keys, then each tensor converted as it is written (one at a time in memory).
     Returns how many tensors went as each GGML type."""
     cfg = run.config.model
-    arch = arch_for(choose_family(cfg), cfg)
     wanted, file_type = TYPES[kind]
     assert isinstance(run.model, GPT), "export_gguf loads runs of kind gpt"
-    tensors = list(model_tensors(run.model, arch, cfg.vocab_size))
+    tensors = list(model_tensors(run.model, arch))
     writer = gguf.GGUFWriter(tmp, arch.name)
     writer.add_name(run.run.name)
     writer.add_file_type(file_type)
@@ -94,12 +94,10 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, kind: str, progress: Progres
     _write_vocab(writer, vocab)
     if run.chat_template is not None:
         writer.add_chat_template(run.chat_template.template)
-    counts: dict[str, int] = {}
     types = [ggml_type(tensor, wanted) for _, tensor in tensors]
     for (name, tensor), qtype in zip(tensors, types):
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(tuple(tensor.shape), qtype))
         writer.add_tensor_info(name, tuple(tensor.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
-        counts[qtype.name.lower()] = counts.get(qtype.name.lower(), 0) + 1
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -109,7 +107,7 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, kind: str, progress: Progres
             progress(done, len(tensors))
     finally:
         writer.close()
-    return counts
+    return dict(Counter(qtype.name.lower() for qtype in types))
 
 
 def export_gguf(run_dir: Path, out: Path, checkpoint: str = "best", kind: str = "f32",
@@ -124,22 +122,21 @@ def export_gguf(run_dir: Path, out: Path, checkpoint: str = "best", kind: str = 
     if model.kind != "gpt":
         raise UserError(f"{run_dir} is a {model.kind} model, and llama.cpp computes transformers: export-gguf writes "
                         "lmlab's kind gpt (as gpt2, llama, qwen2 or qwen3).")
-    choose_family(model, "auto", str(run_dir))
+    arch = arch_for(choose_family(model, "auto", str(run_dir)), model)
     check_steps([run_dir], checkpoint)
     check_gguf_destination(out)
     run = RunDir(run_dir).load(checkpoint, "cpu")  # checks the tokenizer against its checksum
     vocab = gguf_vocab(run.tokenizer, model.vocab_size, str(run_dir))
     _leftovers(out)
     with replacing(out) as tmp:
-        counts = _write(tmp, run, vocab, kind, progress)
+        counts = _write(tmp, run, vocab, arch, kind, progress)
         if out.exists() or out.is_symlink():
             raise UserError(f"{out} was created by another process meanwhile; choose a new name.")
-    arch = arch_for(choose_family(model), model).name
     try:
-        write_card(out, run, arch, vocab, kind)
+        write_card(out, run, arch.name, vocab, kind)
     except BaseException:  # all three files or none
         for path in (out, *card_paths(out)):
             path.unlink(missing_ok=True)
         raise
-    return {"out": str(out), "arch": arch, "type": kind, "tensors": counts, "checkpoint": run.checkpoint,
+    return {"out": str(out), "arch": arch.name, "type": kind, "tensors": counts, "checkpoint": run.checkpoint,
             "step": run.step, "tokenizer": run.tokenizer.spec, "bytes": out.stat().st_size}

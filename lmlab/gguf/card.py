@@ -71,21 +71,14 @@ def card_paths(out: Path) -> tuple[Path, Path]:
     return out.with_suffix(".md"), out.with_suffix(".Modelfile")
 
 
-def ollama_template(run: LoadedRun, vocab: Vocab) -> tuple[str, list[str]]:
-    """The Modelfile's TEMPLATE (Go template text) and its stop strings."""
+def modelfile(out: Path, run: LoadedRun) -> str:
+    """The Modelfile of `out`: its TEMPLATE (Go template text), its stop strings and the context length."""
     prompt = chat_prompt(run, [("user", MESSAGE)])
     before, _, after = prompt.text.partition(MESSAGE)
     template = before.replace("{{", "{{ \"{{\" }}") + "{{ .Prompt }}" + after.replace("{{", "{{ \"{{\" }}")
-    stops = list(prompt.stop)
-    if (eot := run.tokenizer.eot_token) is not None:  # vocab.eos's
-        stops.append(eot)
-    return template, list(dict.fromkeys(stops))
-
-
-def modelfile(out: Path, run: LoadedRun, vocab: Vocab) -> str:
-    template, stops = ollama_template(run, vocab)
+    stops = [*prompt.stop, run.tokenizer.eot_token]  # the end-of-text token is vocab.eos's; a char run has none
     lines = [f"FROM ./{out.name}", f'TEMPLATE """{template}"""',
-             *(f"PARAMETER stop {_quoted(stop)}" for stop in stops),
+             *(f"PARAMETER stop {_quoted(stop)}" for stop in dict.fromkeys(stops) if stop is not None),
              f"PARAMETER num_ctx {run.config.model.block_size}"]
     return "\n".join(lines) + "\n"
 
@@ -114,5 +107,5 @@ def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) ->
                        params=f"{run.model.num_params():,}", kind=kind, spec=run.tokenizer.spec, tokenizer=tokenizer,
                        tokens=f"{len(vocab.tokens):,}", ends=ends, template=template, file=out.name, prompt=prompt,
                        model_file=model_file.name)
-    atomic_write_text(model_file, modelfile(out, run, vocab))
+    atomic_write_text(model_file, modelfile(out, run))
     atomic_write_text(card, text)

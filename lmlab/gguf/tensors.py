@@ -72,22 +72,15 @@ def _interleaved(part: torch.Tensor, head_size: int) -> torch.Tensor:
     return halves.transpose(1, 2).reshape(part.shape)
 
 
-def model_tensors(model: GPT, arch: Arch, rows: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, float32 tensor) of every weight, the token table and head cut to the vocabulary's `rows`."""
-    cfg, family = model.config, arch.family
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], cfg.n_layer)
-    for name, value in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # llama.cpp uses the token table as the head when there is no output.weight
-        if name.endswith(("wte.weight", "lm_head.weight")):
-            value = value[:rows]
-        parts = value.split(family.split_sizes(name, cfg, value.shape[0]))
-        for hf_name, part in zip(family.hf_names(name), parts):
-            if arch.interleave and hf_name.split(".")[-2] in ("q_proj", "k_proj"):
-                part = _interleaved(part, cfg.head_size)
-            name_there = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            assert name_there is not None, f"llama.cpp's {arch.name} has no tensor {hf_name}"
-            yield name_there, part.detach().float().cpu()
+def model_tensors(model: GPT, arch: Arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor) of every weight, the token table and head cut to the vocabulary."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], model.config.n_layer)
+    for hf_name, part in arch.family.parts(model):
+        if arch.interleave and hf_name.split(".")[-2] in ("q_proj", "k_proj"):
+            part = _interleaved(part, model.config.head_size)
+        name_there = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name_there is not None, f"llama.cpp's {arch.name} has no tensor {hf_name}"
+        yield name_there, part.detach().float().cpu()
 
 
 def ggml_type(tensor: torch.Tensor, wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:

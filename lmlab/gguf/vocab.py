@@ -52,8 +52,8 @@ def gguf_vocab(tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     if tokenizer.kind.gguf is None:
         why = (f", which turns an unknown word into {tokenizer.kind.unknown}, and no GGUF tokenizer does that"
                if tokenizer.kind.unknown else ", which no GGUF tokenizer holds")
-        raise UserError(f"{what} has a {tokenizer.kind}-level tokenizer ({tokenizer.spec}){why}; export-gguf takes "
-                        f"{TAKES}.")
+        raise UserError(f"{what} has a {tokenizer.kind.name}-level tokenizer ({tokenizer.spec}){why}; export-gguf "
+                        f"takes {TAKES}.")
     vocab = WRITERS[tokenizer.kind.gguf](raw, tokenizer, rows, what)
     # bos and eos: the end-of-text token lmlab puts between documents (a char run has none), unless the tokenizer
     # starts every text with a token of its own; pad: the vocabulary's padding token, else the end-of-text token.
@@ -69,7 +69,8 @@ def _unused(rows: int, start: int, spell: Callable[[int], str]) -> tuple[list[st
     return [spell(i) for i in range(start, rows)], [UNUSED] * (rows - start)
 
 
-def _by_id(tokenizer: Tokenizer, rows: int, what: str) -> dict[int, str]:
+def _in_id_order(tokenizer: Tokenizer, rows: int, what: str) -> list[str]:
+    """The tokenizer's tokens in id order, every id from 0 up, as a GGUF vocabulary lists them."""
     ids = {i: token for token, i in tokenizer.vocab.items()}
     if tokenizer.vocab_size > rows:
         raise UserError(f"{what}'s tokenizer has {tokenizer.vocab_size:,} tokens but its model {rows:,} rows; the "
@@ -78,16 +79,16 @@ def _by_id(tokenizer: Tokenizer, rows: int, what: str) -> dict[int, str]:
     if missing:
         raise UserError(f"{what}'s tokenizer has no token with id {missing[0]}, and a GGUF vocabulary lists every id "
                         "in order; export-gguf cannot write it.")
-    return ids
+    return [ids[i] for i in range(tokenizer.vocab_size)]
 
 
 def _char_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     """Each character's bytes in the `rwkv` escaping (a backslash starts \\n, \\t, \\r, \\xHH or a literal); rows
     beyond the characters start with the byte 0xFF, which no UTF-8 text holds, so nothing tokenizes to them."""
-    ids = _by_id(tokenizer, rows, "the run")
+    plain = _in_id_order(tokenizer, rows, "the run")
     special = {t["content"] for t in raw.get("added_tokens", [])}
-    tokens = [_rwkv_escape(ids[i]) for i in range(tokenizer.vocab_size)]
-    types = [CONTROL if ids[i] in special else NORMAL for i in range(tokenizer.vocab_size)]
+    tokens = [_rwkv_escape(token) for token in plain]
+    types = [CONTROL if token in special else NORMAL for token in plain]
     extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"\\xffunused{i}")
     return Vocab("rwkv", None, tokens + extra, types + extra_types)
 
@@ -102,9 +103,8 @@ def _bpe_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) 
     if model.get("type") != "BPE" or raw.get("normalizer") or (raw.get("decoder") or {}).get("type") != "ByteLevel":
         raise UserError(f"{what}'s tokenizer ({tokenizer.spec}) is not a byte-level BPE without a normalizer, which "
                         f"is what export-gguf can declare to llama.cpp; it takes {TAKES}.")
-    ids = _by_id(tokenizer, rows, what)
+    tokens = _in_id_order(tokenizer, rows, what)
     added = {t["id"]: t for t in raw.get("added_tokens", [])}
-    tokens = [ids[i] for i in range(tokenizer.vocab_size)]
     types = [(CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL
              for i in range(tokenizer.vocab_size)]
     extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"[PAD{i}]")

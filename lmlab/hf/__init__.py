@@ -5,7 +5,6 @@ transformers."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -17,7 +16,7 @@ import torch
 from lmlab.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import writing
-from lmlab.data.tokenizers import EOT, GPT2_DIR_ENV, UNK, Tokenizer, load_gpt2, load_pretrained, parse_spec
+from lmlab.data.tokenizers import EOT, GPT2_DIR_ENV, UNK, Tokenizer, json_object, load_gpt2, load_pretrained, parse_spec
 from lmlab.hf.family import Family
 from lmlab.hf.folder import (
     Weights,
@@ -128,12 +127,9 @@ def _special_problem(tokenizer: Tokenizer, folder: Path) -> str | None:
     """What contradicts the tokenizer in the model's bos and eos ids: an id it lacks, or holds as text."""
     specials = tokenizer.backend.get_added_tokens_decoder()
     for name in ("config.json", "generation_config.json"):
-        try:
-            facts = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # config.json was read already; generation_config.json is optional
-            continue
+        facts = json_object(folder / name)  # config.json was read already; generation_config.json is optional
         for key in ("eos_token_id", "bos_token_id"):
-            ids = facts.get(key) if isinstance(facts, dict) else None
+            ids = facts.get(key)
             for id_ in ids if isinstance(ids, list) else [ids]:
                 if not isinstance(id_, int) or isinstance(id_, bool) or id_ in specials:
                     continue

@@ -142,15 +142,19 @@ class Family:
                                 f"config.json implies {tuple(target.shape)}; the two do not belong together.")
             yield name, value
 
-    def from_lmlab(self, model: GPT) -> dict[str, torch.Tensor]:
-        """The model's tensors under the family's names and layouts, the vocabulary padding cut off."""
-        cfg, out = model.config, {}
+    def parts(self, model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
+        """(the family's name, tensor) of each part of the model's tensors, in lmlab's (out, in) layout, the
+        vocabulary padding cut off; a tied head is left out: transformers and llama.cpp alike take the token table
+        for it when the file has none."""
+        cfg = model.config
         for name, value in model.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
-                continue  # tie_word_embeddings: transformers ties it to the token table on load
+                continue
             if name.endswith(("wte.weight", "lm_head.weight")):
                 value = value[:cfg.vocab_size]
-            for hf_name, part in zip(self.hf_names(name), value.split(self.split_sizes(name, cfg, value.shape[0]))):
-                part = part.t() if self.transposed(hf_name) else part
-                out[hf_name] = part.detach().float().contiguous().cpu()
-        return out
+            yield from zip(self.hf_names(name), value.split(self.split_sizes(name, cfg, value.shape[0])))
+
+    def from_lmlab(self, model: GPT) -> dict[str, torch.Tensor]:
+        """The model's tensors under the family's names and layouts, the vocabulary padding cut off."""
+        return {hf_name: (part.t() if self.transposed(hf_name) else part).detach().float().contiguous().cpu()
+                for hf_name, part in self.parts(model)}

@@ -109,9 +109,18 @@ def test_jsonl_documents_are_read_from_the_text_field(tmp_path):
     assert meta["vocab_size"] <= 52
 
 
+def test_a_short_first_document_of_many_is_split_like_the_others(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    texts = ["a "] + [f"document number {i} " * 20 for i in range(10)]
+    path.write_text("\n".join(json.dumps({"text": text}) for text in texts))
+    _, meta, _ = prepare([str(path)], "char", out_dir=tmp_path / "data")
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 11
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "empty"),
     (b"\xff\xfe not utf-8", "not UTF-8"),
+    (b"a\n", "bad.txt is too short to split"),
 ])
 def test_bad_corpora_are_refused_in_one_sentence(tmp_path, content, message):
     path = tmp_path / "bad.txt"

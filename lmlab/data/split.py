@@ -23,12 +23,11 @@ def split_key(name: str) -> int:
 
 
 def _tail_cut(doc: Document, val_fraction: float) -> int:
-    """Where a corpus of one document is split: the line start nearest the tail fraction."""
+    """Where a corpus of one document is split: the line start nearest the tail fraction; 0 where a side would
+    hold no text (refused only if the corpus is this one document: a short first document of many is no fault)."""
     text = doc.text
     cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
-    if not NON_BLANK.search(text, 0, cut) or not NON_BLANK.search(text, cut):  # no copies of a long document
-        raise UserError(f"{doc.name} is too short to split into train and val; give it more text.")
-    return cut
+    return cut if NON_BLANK.search(text, 0, cut) and NON_BLANK.search(text, cut) else 0
 
 
 @dataclass
@@ -57,7 +56,7 @@ def scan(files: list[str], text_field: str, val_fraction: float, want_charset: b
         if want_charset:
             charset.update(doc.text)
         if first_cut is None:
-            first_cut = _tail_cut(doc, val_fraction) if len(doc.text) > 1 else 0
+            first_cut = _tail_cut(doc, val_fraction)
         if len(keys) % 1024 == 0:  # per document, the bar's bookkeeping would cost more than the scan
             progress.update(task, completed=len(keys))
     progress.remove_task(task)

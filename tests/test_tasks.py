@@ -80,6 +80,8 @@ BAD_LINES = [
     ({**HELLASWAG, "label": ""}, r"`label` is ''.*HellaSwag test split has no labels"),
     ({k: v for k, v in HELLASWAG.items() if k not in ("ctx", "ctx_b")}, r"has no `ctx`"),
     ({**HELLASWAG, "endings": ["a", "[title]"]}, r"choice 1 of `endings` is empty"),
+    ({**HELLASWAG, "activity_label": 7}, r"has a context field that is not text"),
+    ({**HELLASWAG, "ctx_b": None}, r"has a context field that is not text"),
     ("{not json", r"line 1, is not a JSON object; each line is one item"),
     ('[{"context": "c"}]', r"a JSON list: write one object per line"),
     ("7", r"line 1, is not a JSON object; each line"),

@@ -125,12 +125,12 @@ def _item(source: str, layout: str, line: int, row: dict[str, Any]) -> Item:
         raise UserError(f"{where} has no `{missing[0]}`: a {layout} line needs {', '.join(LAYOUTS[layout])} and "
                         f"{'ctx (or ctx_a and ctx_b)' if layout == 'hellaswag' else 'nothing else'}.")
     if layout == "hellaswag":
-        context = row["activity_label"] + ": " + (row["ctx_a"] + " " + row["ctx_b"].capitalize()
-                                                  if "ctx_a" in row and "ctx_b" in row else row["ctx"])
         texts = [row["activity_label"], row.get("ctx_a", ""), row.get("ctx_b", ""), row.get("ctx", "")]
         if not all(isinstance(t, str) for t in texts):
             raise UserError(f"{where} has a context field that is not text; activity_label, ctx_a, ctx_b and ctx "
                             "are strings.")
+        context = row["activity_label"] + ": " + (row["ctx_a"] + " " + row["ctx_b"].capitalize()
+                                                  if "ctx_a" in row and "ctx_b" in row else row["ctx"])
         return _checked(where, hellaswag_text(context), row["endings"], row["label"], "endings", "label", line,
                         hellaswag_text)
     if not isinstance(row["context"], str):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.errors import UserError
-from lmlab.data.tokenizers import Tokenizer
+from lmlab.data.tokenizers import Tokenizer, json_object
 from lmlab.run.sandbox import RENDER_CHARS, RENDER_MEMORY, RENDER_SECONDS, RenderError, render
 
 # The special tokens transformers passes to a template (a tokenizer's `special_tokens_map`), when the tokenizer
@@ -104,7 +104,7 @@ def _read_template(folder: Path) -> tuple[str, Path] | None:
         except UnicodeDecodeError:
             raise UserError(f"{jinja} is not UTF-8 text; download the model's files again.")
     config = folder / "tokenizer_config.json"
-    raw = _config(config).get("chat_template")
+    raw = json_object(config).get("chat_template")
     if isinstance(raw, list):
         named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
         raw = named.get("default")
@@ -116,14 +116,6 @@ def _read_template(folder: Path) -> tuple[str, Path] | None:
     return raw, config
 
 
-def _config(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
-
-
 def read_chat_template(folder: Path, tokenizer: Tokenizer) -> ChatTemplate | None:
     """The chat template of a Hugging Face folder, checked by rendering one exchange and the hostile probes (a
     template that cannot, or passes a bound on them, is refused in one sentence), with the special tokens it may
@@ -132,7 +124,7 @@ def read_chat_template(folder: Path, tokenizer: Tokenizer) -> ChatTemplate | Non
     if found is None:
         return None
     template, path = found
-    settings = _config(Path(folder) / "tokenizer_config.json")
+    settings = json_object(Path(folder) / "tokenizer_config.json")
     tokens = {name: text for name in TOKEN_NAMES if (text := _token_text(settings.get(name))) is not None}
     if tokenizer.eot_token is not None:
         tokens.setdefault("eos_token", tokenizer.eot_token)

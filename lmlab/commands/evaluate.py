@@ -64,6 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from lmlab.analysis.runs import TASK_RESULT_COLUMNS
     from lmlab.core.threads import ThreadChooser
     from lmlab.evals.tasks import evaluate_task, load_task
 
@@ -87,21 +88,15 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"tasks": [r.summary for r in results]}))
         return
-    print_task_results(f"{args.run} ({checkpoint_label(run.checkpoint, run.step)}), log-likelihoods in float32",
-                       [r.summary for r in results])
+    # The scores of each task (acc and acc_norm with their standard errors, beside chance), then what was left out
+    # or cut, in a sentence per task.
+    print_table(f"{args.run} ({checkpoint_label(run.checkpoint, run.step)}), log-likelihoods in float32",
+                TASK_RESULT_COLUMNS, [r.summary for r in results])
+    for r in results:
+        for note in task_notes(r.summary):
+            console.print(f"{r.summary['task']}: {note}", highlight=False)
     if args.samples:
         console.print(f"per-item log-likelihoods: {args.samples}")
-
-
-def print_task_results(title: str, results: list[dict[str, Any]]) -> None:
-    """The scores of each task (acc and acc_norm with their standard errors, beside chance), then what was left
-    out or cut, in a sentence per task."""
-    from lmlab.analysis.runs import TASK_RESULT_COLUMNS
-
-    print_table(title, TASK_RESULT_COLUMNS, results)
-    for r in results:
-        for note in task_notes(r):
-            console.print(f"{r['task']}: {note}", highlight=False)
 
 
 def task_notes(result: dict[str, Any]) -> list[str]:

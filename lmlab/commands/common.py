@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -214,11 +214,9 @@ def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> Non
                         "checkpoint's own")
 
 
-@contextmanager
-def ticking(unit: str, title: str, every: float = 5.0, stderr: bool = False) -> Iterator[Callable[[int, int], None]]:
+def ticking(unit: str, title: str, stderr: bool = False) -> AbstractContextManager[Callable[[int, int], None]]:
     """`lmlab.core.progress.ticking` on the commands' console; with `stderr` (a command printing JSON), on stderr."""
-    with progress_ticking(Console(stderr=True) if stderr else console, unit, title, every) as tick:
-        yield tick
+    return progress_ticking(Console(stderr=True) if stderr else console, unit, title)
 
 
 class Terminated(KeyboardInterrupt):

@@ -56,6 +56,17 @@ def sampling_params(settings: dict[str, Any]) -> SamplingParams:
     return SamplingParams(**{**settings, "stop": tuple(stop)})  # which checks the ranges
 
 
+def pandas_for(method: str, instead: str, what: str) -> Any:
+    """The pandas module, which `method` needs; where it is not installed, a sentence naming `instead`: the same
+    `what` as a list of records."""
+    try:
+        import pandas
+    except ImportError:
+        raise UserError(f"{method}() needs pandas, which is not installed; `pip install pandas`, or read {instead} "
+                        f"(the same {what} as a list of records).") from None
+    return pandas
+
+
 def _path(value: Any) -> bool:
     """A path as the commands take one: a str or os.PathLike, not empty ("" would be the current folder)."""
     return isinstance(value, (str, os.PathLike)) and os.fspath(value) not in ("", b"")

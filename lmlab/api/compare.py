@@ -23,7 +23,7 @@ from lmlab.analysis.runs import (
     summarize,
     task_columns,
 )
-from lmlab.api.checks import checked
+from lmlab.api.checks import checked, pandas_for
 from lmlab.api.run import Run
 from lmlab.api.tables import fitted_table, html_table
 from lmlab.core.errors import UserError
@@ -65,12 +65,7 @@ class Comparison:
     @checked()
     def to_pandas(self) -> pandas.DataFrame:
         """`rows` as a pandas DataFrame indexed by run (pandas must be installed)."""
-        try:
-            import pandas
-        except ImportError:
-            raise UserError("to_pandas() needs pandas, which is not installed; `pip install pandas`, or read "
-                            "Comparison.rows (the same figures as a list of records).") from None
-        return pandas.DataFrame(self.rows).set_index("run")
+        return pandas_for("to_pandas", "Comparison.rows", "figures").DataFrame(self.rows).set_index("run")
 
     @checked(x="text", log="flag")
     def plot(self, x: str = "step", log: bool = False) -> matplotlib.figure.Figure:

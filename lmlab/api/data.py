@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from lmlab.api.checks import checked, of_kind, whole
+from lmlab.api.checks import checked, whole
 from lmlab.api.paths import check_destination
 from lmlab.core.notebook import console_here
 from lmlab.data.normalize import Normalization
@@ -64,11 +64,6 @@ def prepare(source: str | Path | Sequence[str | Path], tokenizer: str, *, name: 
     (docs/reference/commands.md says what each option does). A finished dataset of the same inputs is reused; an
     interrupted one resumes."""
     sources = [os.fspath(s) for s in ([source] if isinstance(source, (str, os.PathLike)) else source)]
-    for key, value in (("val_tokens", val_tokens), ("max_tokens", max_tokens), ("block_size", block_size),
-                       ("shard_tokens", shard_tokens), ("workers", workers)):
-        if value is not None:
-            of_kind("integer", key, value)  # and in range, as PrepareOptions checks the command line's
-    of_kind("number", "val_fraction", val_fraction)
     steps = [normalize] if isinstance(normalize, str) else normalize
     normalization = Normalization.parse(list(steps) if steps else None, keep_chars, drop_chars)
     options = PrepareOptions(val_tokens=val_tokens, max_tokens=max_tokens, pack=pack, block_size=block_size,

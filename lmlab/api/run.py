@@ -14,7 +14,7 @@ from rich.console import Console
 
 from lmlab.analysis.history import FIELDS, evaluations
 from lmlab.analysis.plots import grad_norm_figure, loss_figure
-from lmlab.api.checks import checked, sampling_params, whole
+from lmlab.api.checks import checked, pandas_for, sampling_params, whole
 from lmlab.api.loading import decode_step, note_checkpoint, pick_threads, print_note
 from lmlab.core.config import RunConfig, SamplingParams, checkpoint_name, seeded
 from lmlab.core.errors import UserError
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from lmlab.train.reports import TrainResult
 
 PLOTS = {"loss": loss_figure, "grad_norm": grad_norm_figure}  # what Run.plot draws
+# The kinds of the arguments every method that decodes takes (`checked`).
+DECODING = {"checkpoint": "checkpoint", "device": "name", "compile": "flag", "keep": "flag", "quantize": "quantize"}
 
 
 @dataclass(frozen=True)
@@ -122,11 +124,7 @@ class Run:
     @checked()
     def history_frame(self) -> pandas.DataFrame:
         """`history` as a pandas DataFrame, one row per evaluation indexed by step (pandas must be installed)."""
-        try:
-            import pandas
-        except ImportError:
-            raise UserError("history_frame() needs pandas, which is not installed; `pip install pandas`, or read "
-                            "Run.history (the same evaluations as a list of records).") from None
+        pandas = pandas_for("history_frame", "Run.history", "evaluations")
         return pandas.DataFrame(self.history, columns=list(FIELDS)).set_index("step")
 
     @property
@@ -194,8 +192,7 @@ class Run:
             print(f"note: the result is not kept in the run: {not_kept}", file=sys.stderr)
         return result
 
-    @checked(prompt="text", checkpoint="checkpoint", device="name", stream="flag", compile="flag", keep="flag",
-             quantize="quantize")
+    @checked(prompt="text", stream="flag", **DECODING)
     def sample(self, prompt: str = "", *, checkpoint: str = "best", device: str = "auto", stream: bool = False,
                compile: bool = False, keep: bool = True, quantize: str = "none",
                **settings: Any) -> str | Iterator[str]:
@@ -204,12 +201,10 @@ class Run:
         pieces (the prompt first); with `compile`, decoded by a compiled step on a CPU (worth it for thousands of
         tokens; on a GPU the step replays as CUDA graphs either way); with `quantize="int8"`, from 8-bit weights on the
         CPU (lmlab.inference.quantize). Kept in samples.txt unless not `keep`."""
-        params = sampling_params(settings)
-        return self._text(lambda run, step: sample_stream(run, prompt, params, step), len(prompt), params,
+        return self._text(lambda run, params, step: sample_stream(run, prompt, params, step), len(prompt), settings,
                           f"prompt {prompt!r}", checkpoint, device, stream, compile, keep, quantize)
 
-    @checked(prompt="text", num_samples="integer", checkpoint="checkpoint", device="name", compile="flag",
-             keep="flag", quantize="quantize")
+    @checked(prompt="text", num_samples="integer", **DECODING)
     def samples(self, prompt: str = "", num_samples: int = 2, *, checkpoint: str = "best", device: str = "auto",
                 compile: bool = False, keep: bool = True, quantize: str = "none", **settings: Any) -> list[str]:
         """`num_samples` continuations of the prompt drawn in one batch, the i-th with seed `seed` + i (settings as
@@ -226,37 +221,35 @@ class Run:
                 _keep(run, text, f"{drawn.describe()}, prompt {prompt!r}")
         return texts
 
-    @checked(message="text", system="text?", checkpoint="checkpoint", device="name", stream="flag",
-             compile="flag", keep="flag", quantize="quantize")
+    @checked(message="text", system="text?", stream="flag", **DECODING)
     def chat(self, message: str, *, system: str | None = None, checkpoint: str = "best", device: str = "auto",
              stream: bool = False, compile: bool = False, keep: bool = True, quantize: str = "none",
              **settings: Any) -> str | Iterator[str]:
         """The reply to a user's `message` (after `system`'s), through the run's chat template, prompt format or a role:
         content transcript; settings as `sample`'s."""
-        params = sampling_params(settings)
         turns = [("system", system)] if system is not None else []
         turns.append(("user", message))
-        return self._text(lambda run, step: chat_stream(run, turns, params, step), 0, params,
+        return self._text(lambda run, params, step: chat_stream(run, turns, params, step), 0, settings,
                           f"chat {message!r}, system {system!r}", checkpoint, device, stream, compile, keep, quantize)
 
-    @checked(instruction="text", input="text", checkpoint="checkpoint", device="name", stream="flag",
-             compile="flag", keep="flag", quantize="quantize")
+    @checked(instruction="text", input="text", stream="flag", **DECODING)
     def instruct(self, instruction: str, input: str = "", *, checkpoint: str = "best", device: str = "auto",
                  stream: bool = False, compile: bool = False, keep: bool = True, quantize: str = "none",
                  **settings: Any) -> str | Iterator[str]:
         """The answer to an instruction (and its input) asked in the run's own format; settings as `sample`'s."""
-        params = sampling_params(settings)
-        return self._text(lambda run, step: instruct_stream(run, instruction, input, params, step), 0, params,
+        return self._text(lambda run, params, step: instruct_stream(run, instruction, input, params, step), 0, settings,
                           f"instruction {instruction!r}, input {input!r}", checkpoint, device, stream, compile, keep,
                           quantize)
 
-    def _text(self, pieces_of: Callable[[LoadedRun, Any], Iterable[str]], prompt_length: int, params: SamplingParams,
-              asked: str, checkpoint: str, device: str, stream: bool, compile: bool, keep: bool,
-              quantize: str) -> str | Iterator[str]:
-        """One text generated by `pieces_of` (whose prompt is checked at once), whole or streamed."""
+    def _text(self, pieces_of: Callable[[LoadedRun, SamplingParams, Any], Iterable[str]], prompt_length: int,
+              settings: dict[str, Any], asked: str, checkpoint: str, device: str, stream: bool, compile: bool,
+              keep: bool, quantize: str) -> str | Iterator[str]:
+        """One text generated by `pieces_of` with the sampling `settings` (its prompt checked at once), whole or
+        streamed."""
+        params = sampling_params(settings)
         run, note = self._use(checkpoint, device, 1, 1, "decoding", quantize)
         tokens = max(prompt_length, run.config.model.block_size) + params.max_new_tokens
-        pieces = pieces_of(run, decode_step(run, 1, "--num-samples", tokens, compile, self.console, quantize))
+        pieces = pieces_of(run, params, decode_step(run, 1, "--num-samples", tokens, compile, self.console, quantize))
         print_note(note)  # once the prompt passed its checks
         flowing = _flow(run, pieces, f"{params.describe()}, {asked}" if keep else None)
         return flowing if stream else "".join(flowing)

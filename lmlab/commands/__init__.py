@@ -68,10 +68,6 @@ class Version(argparse.Action):
     """`--version`, its text read when asked for: every other command skips reading the installed packages'
     metadata (a tenth of a second at each start)."""
 
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="show lmlab's, torch's and Python's versions and exit")
-
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
         print(_version())
         parser.exit()
@@ -91,7 +87,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lmlab", description="Train GPT-style language models from scratch.")
-    parser.add_argument("--version", action=Version)
+    parser.add_argument("--version", action=Version, nargs=0, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                        help="show lmlab's, torch's and Python's versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)  # subcommands get the same Parser class
     for family in FAMILIES:
         family.register(sub)

@@ -9,13 +9,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from lmlab.api.loading import decode_step
 from lmlab.api.paths import check_destination
 from lmlab.api.tables import fitted_table
 from lmlab.core.config import MAX_COUNT, SamplingParams, checkpoint_name
@@ -25,7 +24,6 @@ from lmlab.inference.quantize import QUANTIZE
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
     from lmlab.analysis.runs import Column
-    from lmlab.run.rundir import LoadedRun
 
 
 def silence_stdout() -> None:
@@ -117,11 +115,6 @@ def counts(text: str) -> list[int]:
     return [count()(part.strip()) for part in text.split(",")]
 
 
-def positive(text: str) -> float:
-    """A finite number above 0."""
-    return within(0, math.inf, above=True)(text)
-
-
 def within(low: float, high: float, above: bool = False) -> Callable[[str], float]:
     """A finite number from `low` (with `above`, above it) to `high`."""
     def number(text: str) -> float:
@@ -135,6 +128,9 @@ def within(low: float, high: float, above: bool = False) -> Callable[[str], floa
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number {bounds}")
         return value
     return number
+
+
+positive = within(0, math.inf, above=True)  # a finite number above 0
 
 
 def port(text: str) -> int:
@@ -218,17 +214,9 @@ def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> Non
                         "checkpoint's own")
 
 
-@contextmanager
-def ticking(unit: str, title: str, every: float = 5.0, stderr: bool = False) -> Iterator[Callable[[int, int], None]]:
+def ticking(unit: str, title: str, stderr: bool = False) -> AbstractContextManager[Callable[[int, int], None]]:
     """`lmlab.core.progress.ticking` on the commands' console; with `stderr` (a command printing JSON), on stderr."""
-    with progress_ticking(Console(stderr=True) if stderr else console, unit, title, every) as tick:
-        yield tick
-
-
-def compiled_step(args: argparse.Namespace, run: LoadedRun, capacity: int, setting: str, tokens_per_row: int) -> Any:
-    """The decode step of `lmlab.api.loading.decode_step`, compiled when --compile was given, over the weights
-    --quantize asks for."""
-    return decode_step(run, capacity, setting, tokens_per_row, args.compile, console, args.quantize)
+    return progress_ticking(Console(stderr=True) if stderr else console, unit, title)
 
 
 class Terminated(KeyboardInterrupt):

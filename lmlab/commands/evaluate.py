@@ -9,7 +9,6 @@ import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -32,6 +31,13 @@ from lmlab.commands.common import (
 from lmlab.core.config import SamplingParams, checkpoint_label
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
+
+# What a task's result leaves out or cuts: the count of items under each key, and the sentence after it.
+TASK_NOTES = {"skipped_unseen": "item(s) skipped: their text has characters the run's char tokenizer never saw "
+                                "({unseen!r}).",
+              "skipped_long": "item(s) skipped: a choice is longer than the model's context window.",
+              "truncated": "item(s) longer than the context window: the context of a choice that does not fit was "
+                           "cut from the left, as lm-evaluation-harness does."}
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -64,6 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from lmlab.analysis.runs import TASK_RESULT_COLUMNS
     from lmlab.core.threads import ThreadChooser
     from lmlab.evals.tasks import evaluate_task, load_task
 
@@ -87,35 +94,16 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"tasks": [r.summary for r in results]}))
         return
-    print_task_results(f"{args.run} ({checkpoint_label(run.checkpoint, run.step)}), log-likelihoods in float32",
-                       [r.summary for r in results])
+    # The scores of each task (acc and acc_norm with their standard errors, beside chance), then what was left out
+    # or cut, in a sentence per task.
+    print_table(f"{args.run} ({checkpoint_label(run.checkpoint, run.step)}), log-likelihoods in float32",
+                TASK_RESULT_COLUMNS, [r.summary for r in results])
+    for r in results:
+        for key, note in TASK_NOTES.items():
+            if r.summary[key]:
+                console.print(f"{r.summary['task']}: {r.summary[key]:,} {note.format(**r.summary)}", highlight=False)
     if args.samples:
         console.print(f"per-item log-likelihoods: {args.samples}")
-
-
-def print_task_results(title: str, results: list[dict[str, Any]]) -> None:
-    """The scores of each task (acc and acc_norm with their standard errors, beside chance), then what was left
-    out or cut, in a sentence per task."""
-    from lmlab.analysis.runs import TASK_RESULT_COLUMNS
-
-    print_table(title, TASK_RESULT_COLUMNS, results)
-    for r in results:
-        for note in task_notes(r):
-            console.print(f"{r['task']}: {note}", highlight=False)
-
-
-def task_notes(result: dict[str, Any]) -> list[str]:
-    """What a task result leaves out or cuts, in sentences."""
-    notes = []
-    if result["skipped_unseen"]:
-        notes.append(f"{result['skipped_unseen']:,} item(s) skipped: their text has characters the run's char "
-                     f"tokenizer never saw ({result['unseen']!r}).")
-    if result["skipped_long"]:
-        notes.append(f"{result['skipped_long']:,} item(s) skipped: a choice is longer than the model's context window.")
-    if result["truncated"]:
-        notes.append(f"{result['truncated']:,} item(s) longer than the context window: the context of a choice that "
-                     "does not fit was cut from the left, as lm-evaluation-harness does.")
-    return notes
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

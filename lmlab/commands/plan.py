@@ -14,18 +14,18 @@ from lmlab.core.errors import UserError
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    import torch
-
     from lmlab.core.config_toml import load_config
     from lmlab.core.device import resolve_device
     from lmlab.core.threads import ThreadChooser
     from lmlab.experiments.bench import bench_batch, bench_threads, eval_cost
+    from lmlab.train.distributed import Parallel
+    from lmlab.train.preflight import measure_hardware
 
     cfg = load_config(Path(args.config), args.set)
     chooser = ThreadChooser(cfg.train.threads, "train.threads")  # the peak is measured on every core, as training's
     device = resolve_device(args.device)
-    dtype, peak = say_hardware(device, cfg.train.dtype)
-    threads = bench_threads(cfg, device, getattr(torch, dtype), chooser)
+    dtype, _, peak = measure_hardware(Parallel(), device, cfg.train.dtype, None, console)  # said as training says it
+    threads = bench_threads(cfg, device, dtype, chooser)
     if threads.lowered:
         console.print(f"timing on {threads.describe('train.threads')}", style="yellow", highlight=False)
     sizes = args.batch_sizes or [cfg.train.batch_size]
@@ -34,8 +34,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     memory_notes = {"cpu": "; peak memory is the process's high-water RSS",
                     "cuda": "; peak memory is what the CUDA caching allocator reserved"}
     memory_note = memory_notes.get(device.type, "")
-    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({device}, {dtype}, "
-                        f"{threads.threads} thread{'s' * (threads.threads > 1)}{memory_note})")
+    table = Table(title=f"{args.config}: {args.steps} training steps per batch size ({device}, "
+                        f"{str(dtype).removeprefix('torch.')}, {threads.threads} thread{'s' * (threads.threads > 1)}"
+                        f"{memory_note})")
     for column in ("micro-batch", "tokens/s", "ms/step", "MFU", "peak memory"):
         table.add_column(column, justify="right")
     rows = []
@@ -85,24 +86,6 @@ def say_checkpoint(cfg: Any, device: str, ms_per_step: float) -> None:
                   f"that is {_share(cost.write_seconds / (cost.write_seconds + every))} of the training time",
                   highlight=False)
     warn_busy([("the checkpoint", cost.load)], "its times read long")
-
-
-def say_hardware(device: Any, setting: str) -> tuple[str, Any]:
-    """Print the dtype `setting` resolves to here and why, and the peak MFU divides by (with any note on its
-    cache, and a warning when it was measured busy); the dtype's name and the peak."""
-    from lmlab.core.peak import choose_dtype, emulated_warning, peak_flops
-
-    dtype, why = choose_dtype(device, setting)
-    name = str(dtype).removeprefix("torch.")
-    console.print(f"dtype {name} ({why})")
-    slow = emulated_warning(device, dtype)
-    if slow:
-        console.print(slow, style="yellow", highlight=False)
-    peak = peak_flops(device, dtype)
-    for note in peak.notes:
-        console.print(f"[yellow]note: {note}[/yellow]")
-    console.print(peak.standing(), style=None if peak.quiet and peak.native else "yellow", highlight=False)
-    return name, peak
 
 
 def _share(fraction: float) -> str:
@@ -297,24 +280,21 @@ def _budget_table(target: Path, cfg: Any, rate: tuple[float, str], tokens: int, 
     console.print(plan_table(target, plan, None, None))
 
 
-def _cell(value: Any, text: str) -> str:
-    return "-" if value is None else text
-
-
 def _size_columns() -> list:
     """`plan --budget`'s sizes: lmlab.experiments.sizing.Candidate.record's figures."""
     from lmlab.analysis.runs import Column
+    from lmlab.core.humanize import fmt
 
     return [Column("depth", 0, lambda r: f"{r['depth']}{' *' if r['chosen'] else ''}"),
             Column("width", 1, lambda r: str(r["width"])),
             Column("params", 2, lambda r: f"{r['params']:,}"),
-            Column("tokens/s", 0, lambda r: _cell(r["tokens_per_sec"], f"{r['tokens_per_sec'] or 0:,.0f}")),
-            Column("threads", 5, lambda r: _cell(r["threads"], str(r["threads"]))),
+            Column("tokens/s", 0, lambda r: fmt(r["tokens_per_sec"], ",.0f")),
+            Column("threads", 5, lambda r: fmt(r["threads"], "")),
             Column("steps", 3, lambda r: f"{r['steps']:,}" if r["steps"] else "-"),
             Column("tokens", 1, lambda r: f"{r['tokens']:,}" if r["tokens"] else "-"),
             Column("tok/param", 4, lambda r: f"{r['tokens'] / r['params']:.2f}" if r["tokens"] else "-"),
             Column("passes", 4, lambda r: f"{r['passes']:.2f}" if r["tokens"] else "-"),
-            Column("predicted val", 0, lambda r: _cell(r["predicted_val"], f"{r['predicted_val'] or 0:.4f}"))]
+            Column("predicted val", 0, lambda r: fmt(r["predicted_val"]))]
 
 
 def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:

@@ -13,6 +13,7 @@ import tokenize
 from io import StringIO
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 from lmlab.commands.common import subcommands
 from lmlab.core import config
@@ -46,9 +47,7 @@ def option_rows(parser: argparse.ArgumentParser) -> list[str]:
 def commands_page() -> str:
     from lmlab.commands import build_parser
 
-    saved = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = str(WIDTH)  # argparse wraps usage to the terminal's width
-    try:
+    with patch.dict(os.environ, COLUMNS=str(WIDTH)):  # argparse wraps usage to the terminal's width
         commands = subcommands(build_parser())
         lines = [GENERATED.format(source="the command-line parsers (lmlab/commands)"), "# Commands and options", "",
                  "Every `lmlab` command and option, as `lmlab COMMAND --help` prints them. The guides in "
@@ -65,11 +64,6 @@ def commands_page() -> str:
             if sub.epilog:
                 example = sub.epilog.removeprefix("example:").strip()
                 lines += ["", "Example:", "", "```bash", example, "```"]
-    finally:
-        if saved is None:
-            os.environ.pop("COLUMNS")
-        else:
-            os.environ["COLUMNS"] = saved
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.table import Table
 
@@ -25,9 +24,6 @@ from lmlab.commands.common import (
 )
 from lmlab.core.errors import UserError
 
-if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
-    from lmlab.api.compare import Comparison
-
 
 def cmd_runs(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import RUN_COLUMNS, by_bytes_columns, evaluation_columns, find_runs, summarize
@@ -39,10 +35,6 @@ def cmd_runs(args: argparse.Namespace) -> None:
     known = [r for r in rows if r["tokenizer"]]
     print_table(f"Runs under {args.dir}", [*by_bytes_columns(RUN_COLUMNS, known), *evaluation_columns(rows)], rows,
                 args.wide)
-
-
-def print_comparison(compared: Comparison, wide: bool = False) -> None:
-    print_table(compared.title, compared.columns, compared.rows, wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -63,7 +55,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
                           "samples": texts and {"prompt": args.prompt, "settings": params.describe(), "text": texts}},
                          indent=1))
         return
-    print_comparison(compared, args.wide)
+    print_table(compared.title, compared.columns, compared.rows, args.wide)
     if plot:
         console.print(f"plot: {plot}")
     if texts:

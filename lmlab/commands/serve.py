@@ -11,14 +11,13 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.api.loading import load_run, pick_threads, print_note
+from lmlab.api.loading import decode_step, load_run, pick_threads, print_note
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
     add_device,
     add_sampling,
     check_destination,
-    compiled_step,
     console,
     count,
     destination,
@@ -108,7 +107,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
     run = load_run(args.run, args.checkpoint, args.device)
     note = pick_threads(chooser, run, args.batch_size, 1, "decoding")  # said as sample says it
     tokens = run.config.model.block_size + args.max_new_tokens
-    step = compiled_step(args, run, args.batch_size, "--batch-size", tokens)
+    step = decode_step(run, args.batch_size, "--batch-size", tokens, args.compile, console, args.quantize)
     with console.status("Answering...") as status:
         n = write_answers(run, Path(args.data), Path(args.out), params, args.batch_size, step,
                           lambda done, total: status.update(f"Answering: {done}/{total} records"))

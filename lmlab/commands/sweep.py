@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmlab.commands.common import add_device, add_size, console, count, destination, within
+from lmlab.commands.common import add_device, add_size, console, count, destination, print_table, within
 from lmlab.core.config import MAX_BUDGET_SECONDS
 
 
@@ -15,14 +15,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     window = LoadMeter().start()  # the load while PyTorch loads: what the first trial's thread count is told by
     from lmlab.analysis.runs import final_cell
     from lmlab.api.compare import Comparison
-    from lmlab.commands.runs import print_comparison
     from lmlab.experiments.sweep import run_sweep
 
     result = run_sweep(Path(args.config), args.set, args.name, Path(args.dir), args.budget_tokens or 0,
                        args.budget_seconds or 0.0, args.device, console, args.size, window)
     evaluated = [s for s in result.summaries if s.best_val_loss is not None and s.params]
     if evaluated:
-        print_comparison(Comparison(evaluated))
+        compared = Comparison(evaluated)
+        print_table(compared.title, compared.columns, compared.rows)
     if result.stopped_by:
         console.print(f"sweep stopped by {result.stopped_by}; run the same command again to continue it.")
     best = result.best

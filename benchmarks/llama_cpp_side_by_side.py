@@ -7,8 +7,8 @@ Two shapes with random weights (speed does not depend on them), each written as 
 `lmlab export-gguf` at f32, f16 and q8_0: GPT-2 small's (12 layers, 768 wide, context 1024, a byte-level BPE of
 50,257 tokens) and the demo model (configs/shakespeare-char-modern-cpu.toml: 4 layers, 256 wide, rope, rmsnorm,
 swiglu, qk-norm, context 128, 65 characters). lmlab decodes with the compiled step `lmlab serve --compile` and
-`lmlab sample --compile` use (float32; compiling is not timed), and eagerly from int8 weights as `--quantize int8`
-decodes (lmlab.inference.quantize), llama.cpp through llama-cpp-python with its own defaults (keys and values cached
+`lmlab sample --compile` use (compiling is not timed), from float32 weights and from int8 ones as `--quantize int8`
+holds them (lmlab.inference.quantize), llama.cpp through llama-cpp-python with its own defaults (keys and values cached
 in float16). At 1 thread and at all of this machine's cores: "prompt tok/s" is a
 prompt of `--prompt` tokens read in one pass; "decode tok/s" is `--tokens` greedy tokens after it, one at a time.
 The rows of a shape and thread count alternate, each figure the best of `--repeats` rounds; rounds the machine
@@ -64,13 +64,13 @@ def prompt_ids(vocab_size: int, length: int) -> list[int]:
 
 
 class Lmlab:
-    """lmlab's decoder, float32 with its compiled step at the thread count it was compiled for, or eager from weights
-    quantized as `quantized` says."""
+    """lmlab's decoder with its compiled step at the thread count it was compiled for, from weights quantized as
+    `quantized` says."""
 
     def __init__(self, run: Path, threads: int, quantized: str = "none"):
         torch.set_num_threads(threads)
         self.model, self.threads = quantize(RunDir(run).load("best", "cpu").model, quantized), threads
-        self.step = compile_step(self.model, 1, torch.float32) if quantized == "none" else None
+        self.step = compile_step(self.model, 1, torch.float32)
 
     def measure(self, prompt: list[int], tokens: int) -> tuple[float, float]:
         torch.set_num_threads(self.threads)
@@ -126,7 +126,8 @@ def main() -> None:
             tokens = min(args.tokens, context - len(prompt) - 1)
             for count in threads:
                 progress.start(f"{shape}, {count} threads: compiling lmlab's step, loading llama.cpp")
-                engines = {"lmlab compiled (f32)": Lmlab(run, count), "lmlab eager (int8)": Lmlab(run, count, "int8"),
+                engines = {"lmlab compiled (f32)": Lmlab(run, count),
+                           "lmlab compiled (int8)": Lmlab(run, count, "int8"),
                            **{f"llama.cpp {kind}": LlamaCpp(path, count, context) for kind, path in files.items()}}
                 best = {name: (0.0, 0.0) for name in engines}
                 for repeat in range(args.repeats):  # alternating, so that a slow moment hits every engine

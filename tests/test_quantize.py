@@ -1,6 +1,6 @@
 """Decoding from int8 weights (`--quantize int8`): on trained models, the greedy tokens of float32 and each step's
-logits within the tolerance the line naming the format states; through `sample`, `answer`, `serve` and `lmlab.Run`;
-refused where it cannot run."""
+logits within the tolerance the line naming the format states, eagerly and through the compiled step; through
+`sample`, `answer`, `serve` and `lmlab.Run`; refused where it cannot run."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.inference.decode import Decoder, Sequence
 from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, tolerance
+from lmlab.inference.steps import build_step, choose_step
 from lmlab.model import build_model
 from tests.helpers import ALPACA_TINY, Server, copy_run, run_cli
 
@@ -50,9 +51,10 @@ def trained() -> Iterator[dict[str, torch.nn.Module]]:
     torch.set_num_threads(threads)
 
 
-def greedy(model: torch.nn.Module, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
-    """Each prompt's 40 greedy tokens, decoded together, and the logits (steps, rows, vocab) of every step."""
-    decoder = Decoder(model, len(prompts))
+def greedy(model: torch.nn.Module, prompts: list[list[int]], step=None) -> tuple[list[list[int]], torch.Tensor]:
+    """Each prompt's 40 greedy tokens, decoded together (by `step`, else eagerly), and the logits (steps, rows, vocab)
+    of every step."""
+    decoder = Decoder(model, len(prompts), step=step)
     seqs = [Sequence(list(p), SamplingParams(max_new_tokens=40, temperature=0)) for p in prompts]
     logits, inner = [], decoder.step_fn
     decoder.step_fn = lambda idx, state: logits.append(inner(idx, state)) or logits[-1]
@@ -77,10 +79,32 @@ def test_int8_decodes_float32s_greedy_tokens_with_logits_within_the_stated_toler
     assert not linears  # every matmul reads int8
 
 
+@pytest.mark.slow
+def test_the_compiled_int8_step_decodes_as_the_eager_one(trained):
+    model = quantize(copy.deepcopy(trained["gpt2-style"]), "int8")
+    choice = choose_step(model, torch.device("cpu"), True, "int8")
+    assert choice.kind == "compiled from int8 weights" and tolerance("int8") in choice.why
+    step, used = build_step(choice, model, torch.float32, 2)
+    assert used == choice and step is not None
+    prompts = [CYCLE[:5], CYCLE[7:9]]
+    (want, exact), (got, approx) = greedy(model, prompts), greedy(model, prompts, step)
+    assert got == want
+    assert ((approx - exact).abs() / exact.std(-1, keepdim=True)).max() <= 0.01  # the same kernels' arithmetic
+
+
+def test_a_matmul_too_narrow_for_the_kernel_keeps_its_float32_weights():
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=20, block_size=8, vocab_size=10)).eval()
+    quantized = quantize(copy.deepcopy(model), "int8")
+    widths = {m.in_features: type(m).__name__ for m in quantized.modules() if hasattr(m, "in_features")}
+    assert widths == {20: "Linear", 80: "Int8Linear"}  # the MLP's projection reads 80 inputs, a multiple of 16
+    idx = torch.tensor([[1, 2, 3]])
+    assert (quantized(idx)[0] - model(idx)[0]).abs().max() < 0.01
+
+
 def test_int8_is_refused_off_the_cpu_and_an_unknown_format_is_named():
     with torch.device("meta"):
         model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=10))
-    with pytest.raises(UserError, match="--quantize int8 decodes on an x86 CPU .*not on meta"):
+    with pytest.raises(UserError, match="--quantize int8 decodes on a CPU .*not on meta"):
         quantize(model, "int8")
     with pytest.raises(UserError, match="--quantize is 'int4'; it must be one of none, int8"):
         quantize(model, "int4")
@@ -94,7 +118,7 @@ def test_sample_and_answer_decode_from_int8_and_say_so(capsys, tiny_run, sft_run
     assert f"within {LOGIT_TOLERANCE:.0%}" in err
     code, out, err = run_cli(capsys, "answer", sft_run, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl",
                              "--max-new-tokens", "4", "--quantize", "int8", "--compile", "--device", "cpu")
-    assert code == 0 and "decoding with eager from int8 weights (" in err, err  # --compile gives way: int8 is eager
+    assert code == 0 and "decoding with compiled from int8 weights (" in err, err
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == len(json.loads(ALPACA_TINY.read_text()))
     code, _, err = run_cli(capsys, "sample", tiny_run, tiny_run, "--quantize", "int8", "--device", "cpu")
     assert code == 2 and "ask --quantize of one run at a time" in err
@@ -114,8 +138,9 @@ def test_the_api_keeps_int8_weights_apart_from_the_float_ones(tiny_run, tmp_path
 def test_serve_decodes_from_int8_and_says_so(tiny_run):
     server = Server(tiny_run, "--quantize", "int8", "--compile")
     try:
-        assert server.health()["decode_step"] == "eager from int8 weights"
-        assert any("decoding eager from int8 weights (" in line for line in server.log)
+        server.logged(lambda line: "lmlab serve: ready" in line, timeout=600)  # after compiling the int8 step
+        assert server.health()["decode_step"] == "compiled from int8 weights"
+        assert any("decoding compiled from int8 weights (" in line for line in server.log)
         body = json.dumps({"prompt": "ROMEO", "max_tokens": 5, "temperature": 0}).encode()
         request = urllib.request.Request(f"{server.url}/completions", data=body,
                                          headers={"Content-Type": "application/json"})

@@ -204,14 +204,14 @@ def add_sampling(parser: argparse.ArgumentParser, several: bool = False, **defau
 
 
 def add_compile(parser: argparse.ArgumentParser, default: bool, why: str) -> None:
-    """--compile, and --quantize beside it: int8 weights decode eagerly."""
+    """--compile, and --quantize beside it: int8 weights decode through the compiled step too."""
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default,
                         help=f"decode with a compiled step on a CPU ({why}; default {'on' if default else 'off'}); on "
                              "a GPU the step replays as CUDA graphs either way")
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                        help="int8: decode on the CPU from 8-bit weights, eagerly (a quarter of float32's bytes read "
-                        "per token; logits within a tolerance of float32's the line naming it states); none: the "
-                        "checkpoint's own")
+                        help="int8: decode on the CPU from 8-bit weights (a quarter of float32's bytes read per "
+                        "token; compiled with --compile, where it pays most; logits within a tolerance of float32's "
+                        "the line naming it states); none: the checkpoint's own")
 
 
 def ticking(unit: str, title: str, stderr: bool = False) -> AbstractContextManager[Callable[[int, int], None]]:

@@ -1,7 +1,7 @@
 """Which step decodes: the one choice `serve`, `sample`, `answer`, the page and `lmlab.Run` make, and why. On CUDA the
 step replays as CUDA graphs (lmlab.inference.graphs), built in milliseconds; on the CPU, with --compile, AOTInductor's
-compiled step (lmlab.inference.compiled), built in a minute; else eager, from int8 weights where asked
-(lmlab.inference.quantize: nothing compiles or captures such a module). A step that fails its check (its first tokens
+compiled step (lmlab.inference.compiled), built in a minute, from int8 weights too where asked
+(lmlab.inference.quantize: a CPU's format, not captured); else eager. A step that fails its check (its first tokens
 are not eager's) is not used: eager decodes, and says why."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CAPTURES: dict[str, Callable[[], Capture]] = {"cuda graphs": cuda_graph,
 
 @dataclass(frozen=True)
 class StepChoice:
-    kind: str  # "cuda graphs", "compiled", "eager" or "eager from int8 weights"
+    kind: str  # "cuda graphs", "compiled", "eager", or "compiled" or "eager" "from int8 weights"
     why: str
     weights: str = "none"  # the format the weights are quantized to (lmlab.inference.quantize) before decoding
 
@@ -39,7 +39,10 @@ class StepChoice:
 def choose_step(model: LanguageModel, device: torch.device, compile: bool, weights: str = "none") -> StepChoice:
     """The step `model` decodes with on `device`, `compile` being whether the slow-to-build compiled step was asked and
     `weights` the format (--quantize) its weights are to decode from."""
-    if weights != "none":
+    if weights != "none":  # quantize refuses a device other than the CPU
+        if compile and compilable(model):
+            return StepChoice(f"compiled from {weights} weights", f"AOTInductor: the step is one call into C++; "
+                              f"{tolerance(weights)}", weights)
         return StepChoice(f"eager from {weights} weights", tolerance(weights), weights)
     if not compilable(model):
         return StepChoice("eager", "the model keeps no decode state to capture or compile")
@@ -58,7 +61,7 @@ def build_step(choice: StepChoice, model: LanguageModel, dtype: torch.dtype, cap
     reason, when the step fails its check. `capture` is how a bucket is captured, if not as CAPTURES says (a twin on
     the CPU). Weights the choice quantizes are quantized here, in place."""
     quantize(model, choice.weights)
-    if choice.kind == "compiled":
+    if choice.kind.startswith("compiled"):
         return compile_step(model, capacity, dtype), choice
     if choice.kind not in CAPTURES:
         return None, choice

@@ -89,7 +89,7 @@ class Startup:
                 state.log(f"lmlab serve: {note}")
             state.threads = Machine(run.device, run.dtype).threads(chooser, run.model, options.max_batch, 1).threads
             folder = served_folder(run)
-            # As sample and answer do: int8 weights (--quantize) decode eagerly, whatever --compile says.
+            # As sample and answer do. A step compiled from int8 weights (--quantize) is built here, not kept.
             choice = self.choice = choose_step(run.model, run.device, options.compile, options.quantize)
             compiles = choice.kind == "compiled"
             batch = self._kept(run, folder) if compiles else None

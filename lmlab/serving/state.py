@@ -43,7 +43,7 @@ class ServeOptions:
     max_body_bytes: int = 1_000_000
     compile: bool = False
     threads: int = 0  # CPU threads of the decode step; 0: chosen, one fewer than the cores at most (serving.startup)
-    quantize: str = "none"  # the weights' format it decodes from (lmlab.inference.quantize): int8 decodes eagerly
+    quantize: str = "none"  # the weights' format it decodes from (lmlab.inference.quantize)
 
     def check(self) -> None:
         # The other counts are bounded by their argparse types (lmlab.commands.serve); a body below 1 KiB is not.

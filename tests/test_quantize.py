@@ -15,6 +15,7 @@ import torch
 from lmlab.api.run import Run
 from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.core.errors import UserError
+from lmlab.inference.compiled import step_key
 from lmlab.inference.decode import Decoder, Sequence
 from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, tolerance
 from lmlab.inference.steps import build_step, choose_step
@@ -110,6 +111,13 @@ def test_int8_is_refused_off_the_cpu_and_an_unknown_format_is_named():
         quantize(model, "int4")
 
 
+def test_a_kept_step_of_int8_weights_is_keyed_apart_from_the_float_ones():
+    config, cpu = ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=10), torch.device("cpu")
+    plain = step_key(config, "ab" * 32, 2, torch.float32, cpu)
+    assert plain == step_key(config, "ab" * 32, 2, torch.float32, cpu, "none")  # the float keys kept before hold
+    assert step_key(config, "ab" * 32, 2, torch.float32, cpu, "int8") != plain
+
+
 @pytest.mark.slow
 def test_sample_and_answer_decode_from_int8_and_say_so(capsys, tiny_run, sft_run, tmp_path):
     code, out, err = run_cli(capsys, "sample", copy_run(tiny_run, tmp_path), "--prompt", "ROMEO:", "--quantize",
@@ -135,16 +143,21 @@ def test_the_api_keeps_int8_weights_apart_from_the_float_ones(tiny_run, tmp_path
 
 
 @pytest.mark.slow
-def test_serve_decodes_from_int8_and_says_so(tiny_run):
-    server = Server(tiny_run, "--quantize", "int8", "--compile")
-    try:
-        server.logged(lambda line: "lmlab serve: ready" in line, timeout=600)  # after compiling the int8 step
-        assert server.health()["decode_step"] == "compiled from int8 weights"
-        assert any("decoding compiled from int8 weights (" in line for line in server.log)
-        body = json.dumps({"prompt": "ROMEO", "max_tokens": 5, "temperature": 0}).encode()
-        request = urllib.request.Request(f"{server.url}/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
-        assert reply["usage"]["completion_tokens"] == 5
+def test_serve_keeps_the_step_compiled_from_int8_weights_for_its_next_start(tiny_run):
+    first = Server(tiny_run, "--quantize", "int8", "--compile")
+    try:  # ready at once, decoding eagerly from the int8 weights while the step compiles in the background
+        first.logged(lambda line: "compiled the decode step (kept in" in line, timeout=600)
+        assert first.health()["decode_step"] == "compiled from int8 weights"
     finally:
-        server.stop()
+        first.stop()
+    again = Server(tiny_run, "--quantize", "int8", "--compile")
+    try:
+        again.logged(lambda line: "lmlab serve: ready" in line)
+        assert any("loaded the kept compiled step" in line for line in again.log), again.log
+        assert any("decoding compiled from int8 weights (" in line for line in again.log)
+        body = json.dumps({"prompt": "ROMEO", "max_tokens": 5, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{again.url}/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(request, timeout=60).read())["usage"]["completion_tokens"] == 5
+    finally:
+        again.stop()

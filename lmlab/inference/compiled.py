@@ -32,6 +32,7 @@ from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
 from lmlab.core.version import __version__
 from lmlab.inference.decode import Step
+from lmlab.inference.quantize import QUANTIZE, quantize
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.base import DecodeState, new_state
 
@@ -115,8 +116,10 @@ def load_step(package: Path) -> Step:
     return step
 
 
-def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: torch.dtype, device: torch.device) -> str:
-    """What a compiled step depends on, hashed: a kept package is used only where every part of it is the same."""
+def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: torch.dtype, device: torch.device,
+             quantized: str = "none") -> str:
+    """What a compiled step depends on, hashed: a kept package is used only where every part of it is the same
+    (`quantized`: the format its weights were quantized to, lmlab.inference.quantize)."""
     source = hashlib.sha256()
     for path in sorted((Path(__file__).parents[1] / "model").glob("*.py")) + [Path(__file__)]:
         source.update(path.read_bytes())
@@ -124,6 +127,8 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
              "device": device.type, "autotuned": autotuned(device), "threads": torch.get_num_threads(),
              "torch": torch.__version__, "cpu": machine()["cpu"], "isa": torch.backends.cpu.get_cpu_capability(),
              "source": source.hexdigest(), "lmlab": __version__}
+    if quantized != "none":  # a float step's key stays what it was: the packages kept before still match
+        facts["quantized"] = quantized
     if device.type == "cuda":  # its kernels are built for this GPU's architecture and this CUDA: a shared cache
         facts["gpu"] = {"name": torch.cuda.get_device_name(device),  # may hold another GPU's
                         "capability": list(torch.cuda.get_device_capability(device)), "cuda": torch.version.cuda}
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("threads", type=int)
     p.add_argument("device")
+    p.add_argument("quantized", choices=QUANTIZE, help="the format the weights are quantized to first")
     args = p.parse_args(argv)
     _die_with_parent()
     torch.set_num_threads(args.threads)  # baked into the kernels: the server decodes with as many
@@ -224,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         if weights_sha256(Path(args.folder)) != args.weights_sha256:
             raise UserError(f"{args.folder} no longer holds the weights being served; not compiled.")
         dtype, device = getattr(torch, args.dtype), torch.device(args.device)
-        key = step_key(run.config().model, args.weights_sha256, args.capacity, dtype, device)
+        quantize(model, args.quantized)
+        key = step_key(run.config().model, args.weights_sha256, args.capacity, dtype, device, args.quantized)
         folder = kept_steps()
         with contextlib.suppress(OSError):  # a read-only cache is said by check_writable
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)

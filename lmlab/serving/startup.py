@@ -89,13 +89,14 @@ class Startup:
                 state.log(f"lmlab serve: {note}")
             state.threads = Machine(run.device, run.dtype).threads(chooser, run.model, options.max_batch, 1).threads
             folder = served_folder(run)
-            # As sample and answer do. A step compiled from int8 weights (--quantize) is built here, not kept.
+            # As sample and answer do; a step compiled from int8 weights (--quantize) is kept as a float one is, and
+            # until it is built the server decodes eagerly from the same int8 weights.
             choice = self.choice = choose_step(run.model, run.device, options.compile, options.quantize)
-            compiles = choice.kind == "compiled"
+            compiles = choice.kind.startswith("compiled")
             batch = self._kept(run, folder) if compiles else None
             if batch is None:
                 batch = self._uncompiled(run, StepChoice("eager, compiling", "until the compiled step is built in the "
-                                                         "background") if compiles else choice)
+                                                         "background", choice.weights) if compiles else choice)
             state.served = self._served(run, batch, folder)
             # Said before /health says it: a log read as the server's readiness never lags the server.
             state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "
@@ -148,7 +149,7 @@ class Startup:
         (said, and built again) or it fails to load (deleted, and built again)."""
         try:
             path = kept_step(step_key(run.config.model, weights_sha256(folder), self.options.max_batch, run.dtype,
-                                      run.device))
+                                      run.device, self.options.quantize))
         except StepRefused as err:
             self.state.log(f"lmlab serve: {err}")
             return None
@@ -170,7 +171,7 @@ class Startup:
 
     def _use(self, path: Path) -> Step:
         step, digest = load_kept(path)
-        self.state.decode_step, self.state.compiled = "compiled", {"file": str(path), "sha256": digest}
+        self.state.decode_step, self.state.compiled = self.choice.kind, {"file": str(path), "sha256": digest}
         self.state.decode_why = self.choice.why
         return step
 
@@ -182,7 +183,7 @@ class Startup:
                   "until then)")
         command = python_command("lmlab.inference.compiled", str(options.run), str(folder), weights_sha256(folder),
                                  str(options.max_batch), str(run.dtype).removeprefix("torch."),
-                                 str(torch.get_num_threads()), run.device.type)
+                                 str(torch.get_num_threads()), run.device.type, options.quantize)
         self.compiler = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = self.compiler.communicate()
         if self.compiler.returncode or state.draining:

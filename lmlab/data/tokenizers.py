@@ -68,6 +68,9 @@ class TokenizerKind:
     def written(self) -> str:
         return f"{self.name}:{self.argument}" if self.argument else self.name
 
+    def __str__(self) -> str:  # the kind's name, as messages and the tests' parameter ids print it
+        return self.name
+
 
 def _char(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_dir: Path | None
           ) -> tokenizers.Tokenizer:

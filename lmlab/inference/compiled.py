@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("threads", type=int)
     p.add_argument("device")
-    p.add_argument("quantized", choices=QUANTIZE, help="the format the weights are quantized to first")
+    p.add_argument("quantized", nargs="?", choices=QUANTIZE, default="none",
+                   help="the format the weights are quantized to first")
     args = p.parse_args(argv)
     _die_with_parent()
     torch.set_num_threads(args.threads)  # baked into the kernels: the server decodes with as many

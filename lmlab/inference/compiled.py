@@ -32,6 +32,7 @@ from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
 from lmlab.core.version import __version__
 from lmlab.inference.decode import Step
+from lmlab.inference.int8 import Int8Linear
 from lmlab.inference.quantize import QUANTIZE, quantize
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.base import DecodeState, new_state
@@ -72,8 +73,12 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
     block = model.config.block_size
     sample = new_state(model, max(2, capacity), device, dtype).rows(0, min(2, capacity)).shortened(min(block, 64))
     idx = torch.zeros(len(sample.pos), 1, dtype=torch.long, device=device)
-    options = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
-               "max_autotune": autotuned(device)}
+    options: dict[str, Any] = {"freezing": True, "autotune_num_choices_displayed": 0,
+                               "max_autotune_report_choices_stats": False, "max_autotune": autotuned(device)}
+    if any(isinstance(module, Int8Linear) for module in model.modules()):
+        # Inductor's own int8 GEMM for every matmul: left to choose, it calls PyTorch's kernel for some, which decoded
+        # slower (benchmarks/llama_cpp_side_by_side.py, with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=CPP and without)
+        options["max_autotune_gemm_backends"] = "CPP"
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Inductor's own deprecation notices, nothing a user can act on

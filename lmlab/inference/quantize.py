@@ -2,8 +2,8 @@
 weights, and int8 reads a quarter of float32's bytes: every matmul's weights, the head's too, are held as int8 with a
 scale per output channel, read by PyTorch's weight-only int8 kernel (lmlab.inference.int8). The token table stays
 float32: a step reads one row of it. A matmul whose inputs the kernel cannot read (`readable`) keeps float32 weights.
-AOTInductor compiles such a model as it compiles a float32 one (Inductor lowers the kernel to its own int8 GEMM
-template or calls it), and it pays most here: compiled, a step is one call into C++ (with --compile; eagerly, PyTorch's
+AOTInductor compiles such a model as it compiles a float32 one (every matmul through Inductor's own C++ int8 GEMM
+template), and it pays most here: compiled, a step is one call into C++ (with --compile; eagerly, PyTorch's
 kernel is slower than the fbgemm one that dynamic quantization used, which nothing compiles).
 benchmarks/llama_cpp_side_by_side.py times it beside the compiled float32 step and llama.cpp's q8_0. No torch at the
 top: the commands read QUANTIZE as they parse."""

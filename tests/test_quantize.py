@@ -102,6 +102,14 @@ def test_a_matmul_too_narrow_for_the_kernel_keeps_its_float32_weights():
     assert (quantized(idx)[0] - model(idx)[0]).abs().max() < 0.01
 
 
+@pytest.mark.parametrize("capability, quantized_24", [("AVX512", False), ("AVX2", True), ("DEFAULT", True)])
+def test_the_width_the_kernel_reads_follows_the_cpus_vector_length(monkeypatch, capability, quantized_24):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=24, block_size=8, vocab_size=10)).eval()
+    kinds = {m.in_features: type(m).__name__ for m in quantize(model, "int8").modules() if hasattr(m, "in_features")}
+    assert kinds == {24: "Int8Linear" if quantized_24 else "Linear", 96: "Int8Linear"}
+
+
 def test_int8_is_refused_off_the_cpu_and_an_unknown_format_is_named():
     with torch.device("meta"):
         model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=10))

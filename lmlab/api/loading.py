@@ -70,7 +70,7 @@ def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int
     from lmlab.model.memory import check_decoding
 
     choice = choose_step(run.model, run.device, compile, quantize)
-    dtype = decoding_only(run, compiled=choice.kind.startswith("compiled"))
+    dtype = decoding_only(run, compiled=choice.compiled)
     check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, dtype)
     with console.status(f"Building the decode step ({choice.kind})..."):
         step, used = build_step(choice, run.model, dtype, capacity)

@@ -32,6 +32,10 @@ class StepChoice:
     why: str
     weights: str = "none"  # the format the weights are quantized to (lmlab.inference.quantize) before decoding
 
+    @property
+    def compiled(self) -> bool:
+        return self.kind.startswith("compiled")
+
     def describe(self) -> str:
         return f"{self.kind} ({self.why})"
 
@@ -61,7 +65,7 @@ def build_step(choice: StepChoice, model: LanguageModel, dtype: torch.dtype, cap
     reason, when the step fails its check. `capture` is how a bucket is captured, if not as CAPTURES says (a twin on
     the CPU). Weights the choice quantizes are quantized here, in place."""
     quantize(model, choice.weights)
-    if choice.kind.startswith("compiled"):
+    if choice.compiled:
         return compile_step(model, capacity, dtype), choice
     if choice.kind not in CAPTURES:
         return None, choice

@@ -92,7 +92,7 @@ class Startup:
             # As sample and answer do; a step compiled from int8 weights (--quantize) is kept as a float one is, and
             # until it is built the server decodes eagerly from the same int8 weights.
             choice = self.choice = choose_step(run.model, run.device, options.compile, options.quantize)
-            compiles = choice.kind.startswith("compiled")
+            compiles = choice.compiled
             batch = self._kept(run, folder) if compiles else None
             if batch is None:
                 batch = self._uncompiled(run, StepChoice("eager, compiling", "until the compiled step is built in the "

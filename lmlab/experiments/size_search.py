@@ -24,7 +24,7 @@ from lmlab.data.shards import windows_in
 from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit
 from lmlab.experiments.gputime import gpu_step_time
 from lmlab.experiments.plan import Hardware
-from lmlab.model import build_model
+from lmlab.model import LanguageModel, build_model
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import MIN_STEPS, BudgetRefused, Costs, Plan, plan
 from lmlab.train.machine import MEASURED, Machine
@@ -65,12 +65,13 @@ class Speed:
         return (STEP_CEILING * self.gpu.peak, self.gpu.peak_figure) if self.gpu else step_ceiling(self.device,
                                                                                                    self.dtype)
 
-    def time(self, cfg: RunConfig, params: int, deadline: float, again: Timing | None = None) -> Timing:
-        """`cfg`'s timing, its model of `params` parameters, a step that shows the budget ending by `deadline` (a
-        time.perf_counter() reading) cutting it short; timed `again` beside its timing before, the faster of the two
-        is the one this machine keeps."""
+    def time(self, cfg: RunConfig, model: LanguageModel, deadline: float, again: Timing | None = None) -> Timing:
+        """`cfg`'s timing (`model`: its model on the meta device), a step that shows the budget ending by `deadline`
+        (a time.perf_counter() reading) cutting it short; timed `again` beside its timing before, the faster of the
+        two is the one this machine keeps."""
         if self.gpu is None:
-            if again is None and (kept := recall_config(cfg, self.device, self.dtype, self.counts)) is not None:
+            kept = recall_config(cfg, model, self.device, self.dtype, self.counts) if again is None else None
+            if kept is not None:
                 return kept
             timing = time_config(cfg, self.device, self.dtype, self.counts, deadline)
             if again is not None and again.step <= timing.step:
@@ -82,7 +83,8 @@ class Speed:
         # what `time_step` would spend there: a plot, a warm-up step, an evaluation's batch, the timed steps
         cost = self.plot + step.seconds + batch + max(step.seconds, min(TIMED_SECONDS, MAX_STEPS * step.seconds))
         self.foretold += cost
-        return Timing({}, 0, step.seconds, batch, self.plot, checkpoint_bytes(params, cfg.train), cost)  # 0: no threads
+        return Timing({}, 0, step.seconds, batch, self.plot, checkpoint_bytes(model.num_params(), cfg.train),
+                      cost)  # 0: no threads
 
     def says(self, threads: int) -> str:
         """How the speed was had, for the sizing's line."""
@@ -106,6 +108,7 @@ class Candidate:
     flops_per_token: float
     tokens_per_step: int
     config: RunConfig  # the family's at this depth (`Family.config`), made once
+    model: LanguageModel  # its model on the meta device, no memory: its sizes, and the path its attention would take
     intervals: tuple[int, int]  # the steps between its evaluations, its checkpoints
     timing: Timing | None = None
     timings: int = 0  # how often it was timed: twice where it contended with the best (`Search.contest`)
@@ -165,7 +168,7 @@ class Search:
         tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
         intervals = (train.eval_steps(self.meta["train"]["tokens"], tokens), train.checkpoint_interval)
         return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.multiplied_params(), model.flops_per_token(), tokens, cfg, intervals)
+                         model.multiplied_params(), model.flops_per_token(), tokens, cfg, model, intervals)
 
     def plan(self, c: Candidate) -> None:
         """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val; or
@@ -256,7 +259,7 @@ class Search:
     def time(self, c: Candidate) -> None:
         """Time `c` (again): a slowdown its timing caught (a neighbour's burst of work) only ever slows a step, so of
         two timings it keeps the faster."""
-        timing = self.speed.time(c.config, c.params, self.started + self.budget - SET_UP, c.timing)
+        timing = self.speed.time(c.config, c.model, self.started + self.budget - SET_UP, c.timing)
         self.timed += timing.cost
         c.timing = timing if c.timing is None or timing.step < c.timing.step else c.timing
         c.timings += 1

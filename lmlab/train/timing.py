@@ -29,7 +29,7 @@ from lmlab.core.device import autocast, synchronize
 from lmlab.core.peak import STEP_CEILING, Peak, step_ceiling
 from lmlab.core.threads import forward_probe, pick, time_threads
 from lmlab.data.shards import windows_in
-from lmlab.model import build_model
+from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.attention import choose_attention
 from lmlab.train.budget import BudgetRefused, Costs, plan
@@ -104,15 +104,14 @@ def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts
     return timing
 
 
-def recall_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int]) -> Timing | None:
+def recall_config(cfg: RunConfig, model: LanguageModel, device: torch.device, dtype: torch.dtype, counts: list[int]
+                  ) -> Timing | None:
     """`cfg`'s timing as this machine kept it (`keep`), had as `time_config` would time it now, but with no model
-    built and nothing measured: by the attention path its step would take (lmlab.train.attention, on a model of no
-    memory, every choice read back) and on the threads its forward's trial on `counts` picked (the threads row,
-    read back, where there are counts to try); torch's threads set to those, as a timing leaves them. None where any
-    of it was not kept."""
+    built and nothing measured: by the attention path its step would take (lmlab.train.attention, on `model`, its
+    model on the meta device, every choice read back) and on the threads its forward's trial on `counts` picked (the
+    threads row, read back, where there are counts to try); torch's threads set to those, as a timing leaves them.
+    None where any of it was not kept."""
     machine = Machine(device, dtype, measuring=False)
-    with torch.device("meta"):
-        model = build_model(cfg.model)
     try:
         choice = choose_attention(model, cfg.train, machine, optimizer_of(cfg.train).state_bytes)
     except NotKept:

@@ -1,20 +1,20 @@
 """How long `lmlab train` takes from the command to its first line and to its first training step, and where those
 seconds go, on a machine's first run of a shape and on its second.
 
-    python benchmarks/startup.py [--config configs/shakespeare-char-modern-cpu.toml] [--budget 90s] [--repeats 3]
-        [--tree PATH ...]
+    python benchmarks/startup.py [--config configs/shakespeare-char-modern-cpu.toml] [--budget 90s] [--size auto]
+        [--repeats 3] [--tree PATH ...]
 
-Prepares data/shakespeare-char if needed, then, --repeats times, starts `python -m lmlab train CONFIG` (one log
-line per step, no evaluation before step 1000) twice on an empty cache folder (XDG_CACHE_HOME: the peak, the
-machine's choices, the memory estimates): the first run measures and keeps what the second reads back, as on a
-user's machine. Each start is timed from the moment the process was started to its first line of output and to its
-first `train` line in metrics.jsonl (step 1 done, its loss read back), then ended. Meanwhile a thread of the
-process samples its main thread's stack every few milliseconds and files each sample under a phase (PHASES: the
-first whose code is on the stack, so a lazy import counts as imports wherever it happens); the rows add up to step
-1 done. Each --tree is an lmlab source tree (a checkout's root) put first on PYTHONPATH (the working directory left
-off sys.path: `python -P`), so two versions can be compared in one sitting: the trees take turns in every round, so
-a change in the machine's load hits them alike. Without --tree, the installed lmlab runs. Prints the median of each
-figure over the repeats.
+Prepares data/shakespeare-char if needed, then, --repeats times, starts `python -m lmlab train CONFIG` (one log line
+per step, no evaluation before step 1000) twice on an empty cache folder (XDG_CACHE_HOME: the peak, the machine's
+choices, the memory estimates): the first run measures and keeps what the second reads back, as on a user's machine
+(with --size auto, the timing of the sizes too: the config needs its fit beside it). Each start is timed from the
+moment the process was started to its first line of output and to its first `train` line in metrics.jsonl (step 1
+done, its loss read back), then ended. Meanwhile a thread of the process samples its main thread's stack every few
+milliseconds and files each sample under a phase (PHASES: the first whose code is on the stack, so a lazy import
+counts as imports wherever it happens); the rows add up to step 1 done. Each --tree is an lmlab source tree (a
+checkout's root) put first on PYTHONPATH (the working directory left off sys.path: `python -P`), so two versions can
+be compared in one sitting: the trees take turns in every round, so a change in the machine's load hits them alike.
+Without --tree, the installed lmlab runs. Prints the median of each figure over the repeats.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ PHASES = {
     "first step": [("lmlab/train/loop.py", "_loop")],
     "imports": [("<frozen importlib._bootstrap>", "_find_and_load")],
     "peak and dtype": [("lmlab/core/peak.py", "")],
+    "sizing": [("lmlab/experiments/sizing.py", "")],  # its timing of sizes too
     "budget's timing": [("lmlab/train/timing.py", ""), ("lmlab/train/budget.py", "")],
     "machine's choices": [("lmlab/train/machine.py", ""), ("lmlab/train/attention.py", ""),
                           ("lmlab/core/threads.py", "")],
-    "sizing": [("lmlab/experiments/sizing.py", "")],
     "data checks": [("lmlab/data/", "")],
     "run folder": [("lmlab/run/", "")],
     "model and optimizer": [("lmlab/model/", ""), ("lmlab/train/optim.py", ""), ("lmlab/train/step.py", "")],
@@ -127,6 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/shakespeare-char-modern-cpu.toml")
     parser.add_argument("--budget", help="train with this --budget (its timing and plan are start-up's)")
+    parser.add_argument("--size", help="train with this --size (auto, with --budget: its timing of sizes is "
+                                       "start-up's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tree", action="append", default=[], help="an lmlab source tree to run (repeatable)")
     args = parser.parse_args()
@@ -145,10 +147,11 @@ def main() -> None:
                     run = Path(runs) / f"{round_}-{i}-{start[:5]}"
                     command = ["train", args.config, "--run", str(run), "--device", "cpu",
                                *(["--budget", args.budget] if args.budget else []),
+                               *(["--size", args.size] if args.size else []),
                                *(arg for s in settings for arg in ("--set", s))]
                     times[tree, start].append(timed_start(command, env, run, Path(runs) / "phases"))
-    table = Table(title=f"`lmlab train {args.config}{' --budget ' + args.budget if args.budget else ''}`: seconds "
-                        f"from the command, median of {args.repeats}")
+    options = (f" --budget {args.budget}" if args.budget else "") + (f" --size {args.size}" if args.size else "")
+    table = Table(title=f"`lmlab train {args.config}{options}`: seconds from the command, median of {args.repeats}")
     table.add_column("")
     columns = list(times[trees[0], starts[0]][0])
     for tree, start in times:

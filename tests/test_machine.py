@@ -17,7 +17,7 @@ from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.model import build_model
 from lmlab.train.machine import MEASURED, READ_BACK, ROWS, Machine, cache_path
 from lmlab.train.step import TrainStep
-from lmlab.train.timing import time_step
+from lmlab.train.timing import time_config, time_step, timing_shape
 from tests.helpers import ALPACA_TINY, LMLAB, Server, write_config
 
 CPU = torch.device("cpu")
@@ -85,6 +85,18 @@ def test_the_budget_timing_on_the_runs_own_step_leaves_its_bits_as_they_were():
     assert torch.equal(timed_rng, twin_rng)  # dropout drew the same numbers
     for a, b in zip(timed_step.optimizer.state.values(), twin.optimizer.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_timing_cut_short_by_its_deadline_is_not_kept():
+    """A deadline the warm-up step shows two steps ending past leaves that step standing for the step, no measurement
+    of one: a later run must time it, not read it back; the same timing in full is kept."""
+    cfg = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20),
+                    train=TrainConfig(batch_size=2, attention="fused"))
+    threads = torch.get_num_threads()
+    for deadline, full in ((0.0, False), (float("inf"), True)):
+        timing = time_config(cfg, CPU, torch.float32, [threads], deadline)
+        kept = Machine(CPU, torch.float32).recall("timing", timing_shape(cfg, "fused", torch.float32, threads))
+        assert timing.full == full and (kept is not None) == full
 
 
 def _batch() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:

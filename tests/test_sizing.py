@@ -30,7 +30,7 @@ from lmlab.experiments.gputime import gpu_step_time
 from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.train.machine import Machine
+from lmlab.train.machine import MEASURED, READ_BACK, Machine, cache_path
 from lmlab.train.timing import Timing, timing_shape
 from tests.helpers import LMLAB, ROOT, cpu_ticks, run_cli, wait_until, write_config, write_fit
 
@@ -228,6 +228,38 @@ def test_a_size_whose_steps_could_fit_the_budget_is_timed_and_chosen(preset, mon
     assert sorted(set(timed)) == [c.depth for c in made.candidates if c.timing]
     assert len(metas) == 1  # the dataset's meta.json, read once for the whole sizing
     assert kept is not None and kept["threads"] == 1
+
+
+@pytest.mark.slow
+def test_a_second_sized_train_reads_each_sizes_timing_back_and_chooses_alike(preset, tmp_path, capsys, monkeypatch):
+    """Two `train --size auto` of one preset on one machine's cache: the first times each size it weighs and keeps it
+    (lmlab.train.machine); the second reads every one back, times none, says so in its sizing and machine lines and
+    its `sizing` event, leaves the cache as it was and chooses the same size. Its threads and attention are left to
+    choose (the threads row and the attention row read back too); a size of another shape (another batch) is timed
+    again."""
+    timed = timings_counted(monkeypatch)
+    monkeypatch.setattr("lmlab.core.busy.process_age", lambda: 0.0)  # each command's budget counts from its start
+    settings = [a for s in ("train.threads=0", "train.attention=auto") for a in ("--set", s)]
+    said, kept = [], b""
+    for n in (1, 2):
+        code, out, err = run_cli(capsys, "train", preset, "--run", tmp_path / f"run{n}", "--device", "cpu",
+                                 "--budget", "20s", "--size", "auto", *settings)
+        assert code == 0, err
+        said.append(" ".join(out.split()))
+        if n == 1:
+            first, kept = list(timed), cache_path().read_bytes()
+    assert first and timed == first  # the second timed nothing
+    assert cache_path().read_bytes() == kept
+    events = [sizing_of(tmp_path / f"run{n}") for n in (1, 2)]
+    assert events[0]["depth"] == events[1]["depth"]
+    weighed = [[(c["depth"], c["how"]) for c in event["candidates"] if c["how"]] for event in events]
+    assert weighed[1] == [(depth, READ_BACK) for depth, how in weighed[0]] and {h for _, h in weighed[0]} == {MEASURED}
+    assert "read back: this machine timed" not in said[0] and "(--size auto)" in said[0]
+    assert "read back: this machine timed" in said[1] and "(--size auto, read back)" in said[1]
+    code, out, err = run_cli(capsys, "plan", preset, "--budget", "20s", "--size", "auto", "--device", "cpu",
+                             *settings, "--set", "train.batch_size=4")
+    assert code == 0, err
+    assert timed[len(first):] and "read back" not in " ".join(out.split())
 
 
 def test_the_api_refuses_a_shape_beside_a_size_as_the_command_does(preset, tmp_path):

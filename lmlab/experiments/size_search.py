@@ -1,7 +1,8 @@
 """The sizes of a preset's family weighed for a time budget (`search`), for `--size auto` (lmlab.experiments.sizing):
 each candidate's speed had from `Speed` (timed briefly here, or foretold for a datasheet GPU), its steps planned as a
 budget plans them (lmlab.train.budget), and its val loss predicted by the fit kept beside the preset, L(N, D), at the
-new tokens its passes over the train split are worth. Going up from the smallest depth, the next is timed only while
+new tokens its passes over the train split are worth. A size this machine timed before is read back (no model built,
+nothing timed: `recall_config`) and not timed again. Going up from the smallest depth, the next is timed only while
 OPTIMISM times the speed its FLOPs foretell could beat the best: a small model is overhead-bound, so only timing tells
 whether a smaller shape is faster. The best is timed twice with the sizes that could beat it (`Search.contest`),
 within the timing's share of the budget. No size is timed that its memory or its FLOPs (at the most a step computes
@@ -23,33 +24,36 @@ from lmlab.data.shards import windows_in
 from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit
 from lmlab.experiments.gputime import gpu_step_time
 from lmlab.experiments.plan import Hardware
-from lmlab.model import build_model
+from lmlab.model import LanguageModel, build_model
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import MIN_STEPS, BudgetRefused, Costs, Plan, plan
+from lmlab.train.machine import MEASURED, Machine
 from lmlab.train.optim import optimizer_of
 from lmlab.train.timing import (
     MAX_STEPS,
     TIMED_SECONDS,
     Timing,
     checkpoint_bytes,
+    keep,
+    recall_config,
     refuse_untimed,
     time_config,
     time_plot,
 )
 
 OPTIMISM = 2.0  # a depth is timed while this many times the speed its FLOPs foretell could beat the best so far
-TIMING_SHARE = 0.1  # and while the timing of all of them would take at most this share of the budget
+TIMING_SHARE = 0.1  # and while the timing of all of them would take at most this share of the budget (read back too)
 SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
 
 
 
 
 class Speed:
-    """How fast each size trains: timed on `device` now (`time_config`, its forward on each thread count of `counts`),
-    or foretold for the datasheet GPU `gpu` (lmlab.experiments.plan.gpu_hardware) by the step model
-    (lmlab.experiments.gputime, an eager step as a timing's), no step measured: a preview from another machine.
-    `foretold` sums what the foretold timings would take on that GPU, which the run would spend and this process does
-    not."""
+    """How fast each size trains: read back where this machine timed it before (`recall_config`), else timed on `device`
+    now (`time_config`, its forward on each thread count of `counts`), or foretold for the datasheet GPU `gpu`
+    (lmlab.experiments.plan.gpu_hardware) by the step model (lmlab.experiments.gputime, an eager step as a timing's), no
+    step measured: a preview from another machine. `foretold` sums what the foretold timings would take on that GPU,
+    which the run would spend and this process does not."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, counts: list[int], gpu: Hardware | None = None):
         self.device, self.dtype, self.counts, self.gpu = device, dtype, counts, gpu
@@ -61,18 +65,26 @@ class Speed:
         return (STEP_CEILING * self.gpu.peak, self.gpu.peak_figure) if self.gpu else step_ceiling(self.device,
                                                                                                    self.dtype)
 
-    def time(self, cfg: RunConfig, params: int, deadline: float) -> Timing:
-        """`cfg`'s timing, its model of `params` parameters, a step that shows the budget ending by `deadline` (a
-        time.perf_counter() reading) cutting it short."""
+    def time(self, cfg: RunConfig, model: LanguageModel, deadline: float, again: Timing | None = None) -> Timing:
+        """`cfg`'s timing (`model`: its model on the meta device), a step that shows the budget ending by `deadline`
+        (a time.perf_counter() reading) cutting it short; timed `again` beside its timing before, the faster of the
+        two is the one this machine keeps."""
         if self.gpu is None:
-            return time_config(cfg, self.device, self.dtype, self.counts, deadline)
+            kept = recall_config(cfg, model, self.device, self.dtype, self.counts) if again is None else None
+            if kept is not None:
+                return kept
+            timing = time_config(cfg, self.device, self.dtype, self.counts, deadline)
+            if again is not None and again.step <= timing.step:
+                keep(Machine(self.device, self.dtype), cfg, again)
+            return timing
         step = gpu_step_time(cfg, self.gpu.name, self.gpu.dtype, compiled=False)
         self.plot = time_plot() if self.plot is None else self.plot
         batch = step.evaluation / max(1, cfg.train.eval_iters)  # one batch of each split
         # what `time_step` would spend there: a plot, a warm-up step, an evaluation's batch, the timed steps
         cost = self.plot + step.seconds + batch + max(step.seconds, min(TIMED_SECONDS, MAX_STEPS * step.seconds))
         self.foretold += cost
-        return Timing({}, 0, step.seconds, batch, self.plot, checkpoint_bytes(params, cfg.train), cost)  # 0: no threads
+        return Timing({}, 0, step.seconds, batch, self.plot, checkpoint_bytes(model.num_params(), cfg.train),
+                      cost)  # 0: no threads
 
     def says(self, threads: int) -> str:
         """How the speed was had, for the sizing's line."""
@@ -96,6 +108,7 @@ class Candidate:
     flops_per_token: float
     tokens_per_step: int
     config: RunConfig  # the family's at this depth (`Family.config`), made once
+    model: LanguageModel  # its model on the meta device, no memory: its sizes, and the path its attention would take
     intervals: tuple[int, int]  # the steps between its evaluations, its checkpoints
     timing: Timing | None = None
     timings: int = 0  # how often it was timed: twice where it contended with the best (`Search.contest`)
@@ -126,7 +139,8 @@ class Candidate:
     def record(self) -> dict[str, Any]:
         return {"depth": self.depth, "shape": self.shape, "width": self.width, "params": self.params,
                 "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
-                "timings": self.timings, "steps": self.steps, "tokens": self.tokens, "passes": round(self.passes, 2),
+                "timings": self.timings, "how": self.timing.how if self.timing else None, "steps": self.steps,
+                "tokens": self.tokens, "passes": round(self.passes, 2),
                 "predicted_val": None if self.predicted is None else round(self.predicted, 4), "note": self.note}
 
 
@@ -154,7 +168,7 @@ class Search:
         tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
         intervals = (train.eval_steps(self.meta["train"]["tokens"], tokens), train.checkpoint_interval)
         return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.multiplied_params(), model.flops_per_token(), tokens, cfg, intervals)
+                         model.multiplied_params(), model.flops_per_token(), tokens, cfg, model, intervals)
 
     def plan(self, c: Candidate) -> None:
         """Its steps and evaluations in the seconds left, as the budget would plan them now, and its predicted val; or
@@ -245,7 +259,7 @@ class Search:
     def time(self, c: Candidate) -> None:
         """Time `c` (again): a slowdown its timing caught (a neighbour's burst of work) only ever slows a step, so of
         two timings it keeps the faster."""
-        timing = self.speed.time(c.config, c.params, self.started + self.budget - SET_UP)
+        timing = self.speed.time(c.config, c.model, self.started + self.budget - SET_UP, c.timing)
         self.timed += timing.cost
         c.timing = timing if c.timing is None or timing.step < c.timing.step else c.timing
         c.timings += 1
@@ -255,7 +269,8 @@ class Search:
         timing's share of the budget allows (the first two together or not at all). A burst of load elsewhere slows a
         timing, by any factor (never speeds it), so a size is judged by its own timing or, where faster, by the pace a
         FLOP of the fastest timing: neither the choice between the two best nor a size's place behind them is left to
-        one timing of each."""
+        one timing of each. A size read back is not timed again: its timing is the one this machine kept, the faster
+        of its timings there."""
         ranked = sorted((c for c in self.candidates if c.timing and c.predicted is not None),
                         key=lambda c: c.predicted or 0.0)
         if len(ranked) < 2:
@@ -268,7 +283,8 @@ class Search:
             hopes[c.depth] = min(c.predicted or math.inf, math.inf if fair is None else fair)
         others = sorted(ranked[1:], key=lambda c: hopes[c.depth])
         rivals = [c for c in others[1:] if hopes[c.depth] < (best.predicted or 0.0)]
-        for group in (sorted([best, others[0]], key=lambda c: c.depth), *([c] for c in rivals)):
+        for sizes in (sorted([best, others[0]], key=lambda c: c.depth), *([c] for c in rivals)):
+            group = [c for c in sizes if c.timing and c.timing.how == MEASURED]
             if self.timed + sum(c.timing.cost for c in group if c.timing) > TIMING_SHARE * self.budget:
                 return
             for c in group:

@@ -31,6 +31,7 @@ from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, prese
 from lmlab.experiments.plan import gpu_hardware
 from lmlab.experiments.size_search import Candidate, Search, Speed, search
 from lmlab.model import build_model
+from lmlab.train.machine import READ_BACK
 
 
 @dataclass
@@ -55,11 +56,13 @@ class Sizing:
         verb = "foretold" if self.speed.startswith("foretold") else "timed"
         again = [str(t.depth) for t in timed if t.timings > 1]
         why = "the best two" if len(again) == 2 else "the best and those a faster timing could make better"
+        back = [str(t.depth) for t in timed if t.timing and t.timing.how == READ_BACK]
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
                 f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} {verb} "
                 f"({', '.join(str(t.depth) for t in timed)} layers" +
                 (f"; {', '.join(again[:-1])} and {again[-1]} twice, {why}" if len(again) > 1 else "") +
-                f"): {self.outlook()}")
+                (f"; {'' if len(back) == len(timed) else ', '.join(back) + ' '}read back: this machine timed "
+                 f"{'them' if len(back) > 1 else 'it'} before" if back else "") + f"): {self.outlook()}")
 
     def outlook(self) -> str:
         """What the chosen size would do with the budget: its speed, its steps and tokens, the passes over the train
@@ -192,7 +195,8 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
         raise UserError(_refusal(found, preset))
     best = min(planned, key=lambda c: (c.predicted is None, c.predicted or 0.0))
     assert best.timing is not None, "a planned size was timed"
-    chooser.decide(best.timing.forward, "a forward pass")  # the threads the run goes on with
+    chosen = chooser.decide(best.timing.forward, "a forward pass")  # the threads the run goes on with
+    chooser.choice = dataclasses.replace(chosen, how=best.timing.how)
     return Sizing(budget, time.perf_counter() - started + speed.foretold, found.candidates, best, best.config,
                   str(fit_path(preset)), speed.says(best.threads), found.unique, fitted_on(fit) if fit else "",
                   fit.beyond(best.tokens) if fit and best.predicted is not None else "",

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from lmlab.core import threads as core_threads  # its time_threads looked up at each call, as tests fake it
+from lmlab.core.config import ModelConfig
 from lmlab.core.fileio import WriteError, atomic_write_text, writing
 from lmlab.core.peak import checksum, processor_identity
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe
@@ -48,16 +49,29 @@ ROWS = (
 )
 
 
+class NotKept(LookupError):
+    """A choice a machine that only recalls (`Machine(..., measuring=False)`) would have had to measure."""
+
+
 def cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmlab" / "machine.json"
 
 
+def threads_shape(config: ModelConfig, rows: int, length: int, dtype: torch.dtype, most: int) -> dict[str, Any]:
+    """What a thread trial of a model's forward over `rows` sequences of `length` tokens depends on besides the
+    machine: the model, the dtype and the most threads a job may take (not the counts between, which the load leaves
+    and which vary from start to start)."""
+    return {"model": dataclasses.asdict(config), "rows": rows, "length": length, "dtype": str(dtype), "most": most}
+
+
 class Machine:
     """The choices of one job on `device` in `dtype`, each made once by `decide`; `made` keeps how (the row's name
-    to its value and READ_BACK, MEASURED or the setting that fixed it) for the start's line and the run's events."""
+    to its value and READ_BACK, MEASURED or the setting that fixed it) for the start's line and the run's events.
+    Without `measuring`, it only recalls: what a choice would be, had without measuring anything (`decide` raises
+    NotKept where it would measure)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device: torch.device, dtype: torch.dtype, measuring: bool = True):
+        self.device, self.dtype, self.measuring = device, dtype, measuring
         self.made: dict[str, tuple[str, str]] = {}
         self.notes: list[str] = []  # one sentence per thing found wrong with the cache
 
@@ -68,6 +82,8 @@ class Machine:
         value = self.recall(row, shape)
         if value is not None:
             return value, READ_BACK
+        if not self.measuring:
+            raise NotKept(row)
         value = measure()
         if value is not None:
             self.store(row, shape, value)
@@ -118,8 +134,7 @@ class Machine:
         probe = forward_probe(model, rows, length, self.device, self.dtype)
         # The counts the load leaves vary from start to start: the ones timed first are read back, and the most
         # threads within MARGIN of the fastest of them win (the mid-run rule, `stepped`, hears a load that changes).
-        shape = {"model": dataclasses.asdict(model.config), "rows": rows, "length": length, "dtype": str(self.dtype),
-                 "most": chooser.most}
+        shape = threads_shape(model.config, rows, length, self.dtype, chooser.most)
         value, how = self.decide("threads", shape, lambda: {
             "seconds": {str(n): s for n, s in core_threads.time_threads(sorted(counts, reverse=True), probe).items()}})
         assert value is not None, "a thread trial always measures"

@@ -2,9 +2,10 @@
 `time_config` on a model of its own): its forward pass by thread count, a training step on the threads that win, an
 evaluation's batch; and, with a checkpoint's write and the end, the `Costs` a time budget is planned from
 (lmlab.train.budget). `lmlab plan --budget`, `--size auto` and the trainer time alike, so they plan alike, and keep
-what they timed in the machine's cache (lmlab.train.machine), which a run of the same shape reads back. Before
-a size is timed, the least its timing can measure (`least_timing`: its FLOPs at the most a step computes here) says
-whether a budget could hold it at all (`refuse_untimed`).
+what they timed in the machine's cache (lmlab.train.machine), which a run of the same shape reads back, and a sized
+run each size this machine timed before (`recall_config`: no model built). Before a size is timed, the least its
+timing can measure (`least_timing`: its FLOPs at the most a step computes here) says whether a budget could hold it
+at all (`refuse_untimed`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from lmlab.core.device import autocast, synchronize
 from lmlab.core.peak import STEP_CEILING, Peak, step_ceiling
 from lmlab.core.threads import forward_probe, pick, time_threads
 from lmlab.data.shards import windows_in
-from lmlab.model import build_model
+from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
+from lmlab.train.attention import choose_attention
 from lmlab.train.budget import BudgetRefused, Costs, plan
 from lmlab.train.distributed import Parallel
-from lmlab.train.machine import MEASURED, READ_BACK, Machine
+from lmlab.train.machine import MEASURED, READ_BACK, Machine, NotKept, threads_shape
 from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
@@ -51,7 +53,10 @@ DISK_BYTES_PER_SECOND = 1e9
 @dataclass(frozen=True)
 class Timing:
     """A config timed: its forward by thread count, the threads that won, a step, an evaluation's batch (both
-    splits) and a plot on them, the bytes a checkpoint writes, and the seconds the timing took."""
+    splits) and a plot on them, the bytes a checkpoint writes, and the seconds the timing took (read back: when it
+    was measured, which a sizing's share for timing counts, so a second sizing weighs the sizes the first did); the
+    attention path its step took, whether its steps were timed in full, and whether it was measured now or read
+    back."""
 
     forward: dict[int, float]
     threads: int
@@ -60,6 +65,9 @@ class Timing:
     plot: float
     checkpoint_bytes: int
     cost: float
+    attention: str | None = None
+    full: bool = True  # False: the deadline cut it short, its warm-up step (allocations included) the step
+    how: str = MEASURED
 
     def costs(self) -> Costs:
         """The figures a budget plans with: the timed step, evaluation batch and plot, and a checkpoint and the end
@@ -68,37 +76,81 @@ class Timing:
         return Costs(self.step, self.eval_batch, self.plot, checkpoint, self.plot + EXIT_SECONDS)
 
     def kept(self) -> dict[str, Any]:
-        """What the machine's cache keeps of it: what a budget plans from (the forward's thread trial is the
-        threads row's)."""
+        """What the machine's cache keeps of it: what a budget plans from, and what the timing took (the forward's
+        thread trial is the threads row's: `keep`)."""
         return {"threads": self.threads, "step": self.step, "eval_batch": self.eval_batch, "plot": self.plot,
-                "checkpoint_bytes": self.checkpoint_bytes}
+                "checkpoint_bytes": self.checkpoint_bytes, "cost": self.cost}
 
     @classmethod
-    def read_back(cls, kept: dict[str, Any]) -> Timing:
-        """A timing the machine's cache kept (`kept`): it cost nothing now."""
-        return cls({}, int(kept["threads"]), float(kept["step"]), float(kept["eval_batch"]), float(kept["plot"]),
-                   int(kept["checkpoint_bytes"]), 0.0)
+    def read_back(cls, kept: dict[str, Any], attention: str | None, forward: dict[int, float] | None = None
+                  ) -> Timing:
+        """A timing the machine's cache kept (`kept`; one kept before its cost was, of no cost), by `attention`,
+        after the thread trial `forward`."""
+        return cls(forward or {}, int(kept["threads"]), float(kept["step"]), float(kept["eval_batch"]),
+                   float(kept["plot"]), int(kept["checkpoint_bytes"]), float(kept.get("cost", 0.0)), attention,
+                   how=READ_BACK)
 
 
 def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int],
                 deadline: float = math.inf) -> Timing:
     """`cfg` timed on a model of its own (a size no run built yet: `--size auto`, `lmlab plan`, a miniseries), its
-    forward first on each count of `counts`; kept in the machine's cache (lmlab.train.machine) at the threads that
-    won, so the run of that size reads it back."""
+    forward first on each count of `counts`; kept in the machine's cache (`keep`), so the run of that size, and a
+    sized run's `recall_config`, read it back."""
     train = dataclasses.replace(cfg.train, compile=False)
     machine = Machine(device, dtype)
     step = TrainStep(build_model(cfg.model).to(device), train, device, dtype, machine=machine)
     timing = time_step(step, cfg, counts, deadline)
-    machine.store("timing", timing_shape(cfg, step.attention_path, dtype), timing.kept())
+    keep(machine, cfg, timing)
     return timing
 
 
-def timing_shape(cfg: RunConfig, attention: str | None, dtype: torch.dtype) -> dict[str, Any]:
+def recall_config(cfg: RunConfig, model: LanguageModel, device: torch.device, dtype: torch.dtype, counts: list[int]
+                  ) -> Timing | None:
+    """`cfg`'s timing as this machine kept it (`keep`), had as `time_config` would time it now, but with no model
+    built and nothing measured: by the attention path its step would take (lmlab.train.attention, on `model`, its
+    model on the meta device, every choice read back) and on the threads its forward's trial on `counts` picked (the
+    threads row, read back, where there are counts to try); torch's threads set to those, as a timing leaves them.
+    None where any of it was not kept."""
+    machine = Machine(device, dtype, measuring=False)
+    try:
+        choice = choose_attention(model, cfg.train, machine, optimizer_of(cfg.train).state_bytes)
+    except NotKept:
+        return None
+    forward: dict[int, float] = {}
+    if len(counts) > 1:
+        trial = machine.recall("threads", threads_shape(cfg.model, cfg.train.batch_size, cfg.model.block_size, dtype,
+                                                        max(counts)))
+        if trial is None:
+            return None
+        forward = {int(n): float(s) for n, s in trial["seconds"].items()}
+    threads, path = pick(forward) if forward else counts[0], None if choice is None else choice.path
+    kept = machine.recall("timing", timing_shape(cfg, path, dtype, threads))
+    if kept is None:
+        return None
+    torch.set_num_threads(threads)
+    return Timing.read_back(kept, path, forward)
+
+
+def keep(machine: Machine, cfg: RunConfig, timing: Timing) -> None:
+    """Keep `timing` of `cfg` in `machine`'s cache: a budget's figures (`Timing.kept`) at its attention path and
+    threads, and its forward's trial of more than one count as the threads row (the trial the trainer's machine
+    makes of that model, lmlab.train.machine). Not one cut short by its deadline: its warm-up step is no step."""
+    if not timing.full:
+        return
+    if len(timing.forward) > 1:
+        machine.store("threads", threads_shape(cfg.model, cfg.train.batch_size, cfg.model.block_size, machine.dtype,
+                                               max(timing.forward)),
+                      {"seconds": {str(n): s for n, s in timing.forward.items()}})
+    machine.store("timing", timing_shape(cfg, timing.attention, machine.dtype, timing.threads), timing.kept())
+
+
+def timing_shape(cfg: RunConfig, attention: str | None, dtype: torch.dtype, threads: int = 0) -> dict[str, Any]:
     """What a config's `Timing` depends on besides the machine: the model, the step's batch and optimizer, the
-    attention path, the dtype and the threads now."""
+    attention path, the dtype and the threads (default: torch's now)."""
     tc = cfg.train
     return {"model": dataclasses.asdict(cfg.model), "batch": tc.batch_size, "accum": tc.grad_accum_steps,
-            "optimizer": tc.optimizer, "attention": attention, "dtype": str(dtype), "threads": torch.get_num_threads()}
+            "optimizer": tc.optimizer, "attention": attention, "dtype": str(dtype),
+            "threads": threads or torch.get_num_threads()}
 
 
 def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], machine: Machine, parallel: Parallel,
@@ -111,7 +163,7 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], machine: M
     shape = timing_shape(cfg, step.attention_path, step.dtype)
     kept = machine.recall("timing", shape)
     if given is not None:
-        timing, how = given, "--size auto"
+        timing, how = given, "--size auto" + f", {READ_BACK}" * (given.how == READ_BACK)
     elif parallel.any(kept is None):
         if refuse and parallel.world_size == 1:
             refuse_untimed(cfg, meta, time.perf_counter() - started, step.model.flops_per_token(),
@@ -120,9 +172,9 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], machine: M
             timing = time_step(step, cfg, [torch.get_num_threads()], started + cfg.train.budget_seconds,
                                parallel.from_main, micro)
         how = MEASURED
-        machine.store("timing", shape, timing.kept())
+        keep(machine, cfg, timing)
     else:
-        timing, how = Timing.read_back(kept or {}), READ_BACK
+        timing, how = Timing.read_back(kept or {}, step.attention_path), READ_BACK
     machine.said("timing", f"a step {1000 * timing.step:,.1f} ms", how)
     return timing
 
@@ -132,8 +184,8 @@ def time_step(step: TrainStep, cfg: RunConfig, counts: list[int], deadline: floa
     """`cfg` timed on `step` (eager, random tokens, its batch and optimizer), which it leaves untouched
     (`TrainStep.untouched`): its forward on each count of `counts`, then on the winner a plot, a warm-up step, an
     evaluation's batch and steps for about TIMED_SECONDS. A warm-up step that shows two steps ending past `deadline`
-    (the budget's end) stands for the step: refused sooner. `agree` makes rank 0's count of steps every rank's, whose
-step runs `micro` of the micro-batches (default: all)."""
+    (the budget's end) stands for the step (a timing not `full`, which no cache keeps): refused sooner. `agree` makes
+    rank 0's count of steps every rank's, whose step runs `micro` of the micro-batches (default: all)."""
     train, device, dtype = cfg.train, step.device, step.dtype
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
                            generator=torch.Generator().manual_seed(0)).to(device)
@@ -161,7 +213,8 @@ step runs `micro` of the micro-batches (default: all)."""
         count = agree(min(MAX_STEPS, max(1, math.ceil(TIMED_SECONDS / max(warm, 1e-9)))) if fits else 0)
         times = [timed(lambda: step.eager_step(batches, len(batches), train.learning_rate)) for _ in range(count)]
     return Timing(forward, threads, statistics.median(times or [warm]), 2 * evaluation, plot,
-                  checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began)
+                  checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began, step.attention_path,
+                  full=bool(times))
 
 
 def checkpoint_bytes(params: int, train: TrainConfig) -> int:

@@ -220,8 +220,11 @@ def test_every_module_and_name_the_docs_name_exists():
     assert len(named) > 3 and missing == [], missing
 
 
+@pytest.mark.parametrize("columns", [None, "40", "300"])
 @pytest.mark.parametrize("name", sorted(PAGES))
-def test_the_generated_reference_is_up_to_date(name):
+def test_the_generated_reference_is_up_to_date_whatever_the_terminals_width(name, columns, monkeypatch):
+    if columns:
+        monkeypatch.setenv("COLUMNS", columns)
     page = DOCS / "reference" / name
     assert page.exists() and page.read_text(encoding="utf-8") == PAGES[name](), (
         f"docs/reference/{name} differs from the code it documents: run `make docs` and commit it")

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
-import os
 import sys
 import tokenize
 from io import StringIO
 from pathlib import Path
 from typing import Any
-from unittest.mock import patch
 
-from lmlab.commands.common import subcommands
+from lmlab.commands.common import HelpFormatter, subcommands
 from lmlab.core import config
 from lmlab.core.config_toml import SECTIONS, toml_value
 
@@ -47,23 +46,24 @@ def option_rows(parser: argparse.ArgumentParser) -> list[str]:
 def commands_page() -> str:
     from lmlab.commands import build_parser
 
-    with patch.dict(os.environ, COLUMNS=str(WIDTH)):  # argparse wraps usage to the terminal's width
-        commands = subcommands(build_parser())
-        lines = [GENERATED.format(source="the command-line parsers (lmlab/commands)"), "# Commands and options", "",
-                 "Every `lmlab` command and option, as `lmlab COMMAND --help` prints them. The guides in "
-                 "[docs/guides](../guides/) show them at work.", ""]
-        lines += [f"- [`lmlab {name}`](#lmlab-{name.replace(' ', '-')}): {cell(help_)}"
-                  for name, help_, _ in commands]
-        for name, help_, sub in commands:
-            summary = cell(help_ or sub.description or "")
-            lines += ["", f"## lmlab {name}", "", summary[:1].upper() + summary[1:] + ".", "", "```text",
-                      sub.format_usage().strip(), "```", ""]
-            if sub.description and help_:
-                lines += [cell(sub.description), ""]
-            lines += ["| option | what it does |", "|---|---|", *option_rows(sub)]
-            if sub.epilog:
-                example = sub.epilog.removeprefix("example:").strip()
-                lines += ["", "Example:", "", "```bash", example, "```"]
+    commands = subcommands(build_parser())
+    for _, _, sub in commands:  # as a terminal WIDTH wide wraps it (argparse keeps 2 free)
+        sub.formatter_class = functools.partial(HelpFormatter, width=WIDTH - 2)
+    lines = [GENERATED.format(source="the command-line parsers (lmlab/commands)"), "# Commands and options", "",
+             "Every `lmlab` command and option, as `lmlab COMMAND --help` prints them. The guides in "
+             "[docs/guides](../guides/) show them at work.", ""]
+    lines += [f"- [`lmlab {name}`](#lmlab-{name.replace(' ', '-')}): {cell(help_)}"
+              for name, help_, _ in commands]
+    for name, help_, sub in commands:
+        summary = cell(help_ or sub.description or "")
+        lines += ["", f"## lmlab {name}", "", summary[:1].upper() + summary[1:] + ".", "", "```text",
+                  sub.format_usage().strip(), "```", ""]
+        if sub.description and help_:
+            lines += [cell(sub.description), ""]
+        lines += ["| option | what it does |", "|---|---|", *option_rows(sub)]
+        if sub.epilog:
+            example = sub.epilog.removeprefix("example:").strip()
+            lines += ["", "Example:", "", "```bash", example, "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ from lmlab.core.busy import MIN_WINDOW, Load, LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.device import configure, resolve_device, synchronize
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import host_memory
 from lmlab.core.peak import Peak, autocast_dtype, peak_flops
 from lmlab.core.threads import Choice, ThreadChooser, forward_probe, time_threads
 from lmlab.data.shards import read_meta
@@ -229,19 +230,12 @@ def memory_budget(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * (1 - GPU_HEADROOM))
     if device.type == "cpu":
-        return int(_available_memory() * (1 - CPU_HEADROOM))
+        return int(host_memory() * (1 - CPU_HEADROOM))
     return None
 
 
 def within(row: BenchRow, budget: int | None) -> bool:
     return row.peak_memory is not None and (budget is None or row.peak_memory <= budget)  # None: out of memory
-
-
-def _available_memory() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise UserError("cannot read the available memory from /proc/meminfo; pass --batch-sizes instead.")
 
 
 @dataclass

@@ -8,8 +8,9 @@ output channel: "weight-only, eager" is `torch._weight_int8pack_mm` (activations
 compiled" is the same call compiled by Inductor with its own C++ int8 GEMM template (as `--quantize int8 --compile`
 builds it); "oneDNN int8 x int8" quantizes the activations to uint8 at each call (a scale per call) and multiplies
 in integers (`onednn.qlinear_pointwise`, what PyTorch's x86 quantizer lowers to); "torch._int_mm" is PyTorch's
-integer matmul. Each call reads another of `copies` weights, together larger than a CPU's last-level cache, as a
-decode step reads each weight once per token. A kernel that reads int8 weights as fast as float32 reads its own is
+integer matmul. A pass applies each of several copies of the weight once, together larger than a CPU's last-level
+cache, as a decode step reads each weight once per token (compiled: one graph over the copies, whose call is paid
+once a pass). A kernel that reads int8 weights as fast as float32 reads its own is
 bound by memory, as llama.cpp's q8_0 is; one slower is bound by its arithmetic. The kernels alternate in each
 round; each figure is the best of --repeats rounds.
 """
@@ -34,23 +35,32 @@ COPIES_BYTES = 256e6  # float32 weights held per shape: each call reads a copy n
 Kernel = Callable[[int], torch.Tensor]  # one call on the i-th copy of the weights
 
 
-def kernels(inputs: int, outputs: int) -> tuple[dict[str, Kernel], int]:
-    """Each kernel over copies of one random weight (`outputs` x `inputs`), and the number of copies."""
+class Each(nn.Module):
+    """Every copy applied to the same row: compiled as one graph, so a call's own cost is paid once a pass."""
+
+    def __init__(self, copies: list[Int8Linear]):
+        super().__init__()
+        self.copies = nn.ModuleList(copies)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(x) for m in self.copies)
+
+
+def passes(inputs: int, outputs: int) -> tuple[dict[str, Callable[[], object]], int]:
+    """Each kernel as one pass over copies of a random weight (`outputs` x `inputs`), and the number of copies."""
     copies = max(2, int(COPIES_BYTES // (4 * inputs * outputs)))
     linears = [nn.Linear(inputs, outputs, bias=False) for _ in range(copies)]
     int8 = [Int8Linear(linear) for linear in linears]
     x = torch.randn(1, inputs)
     bf16 = x.to(torch.bfloat16)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch._inductor.config.patch(freezing=True, max_autotune=True,
+                                                                 max_autotune_gemm_backends="CPP"):
         warnings.simplefilter("ignore")
-        with torch._inductor.config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP"):
-            compiled = [torch.compile(module) for module in int8]
-            for module in compiled:
-                module(x)  # each copy's weights are frozen into a graph of its own: compiled here, not timed
+        compiled = torch.compile(Each(int8))
+        compiled(x)  # compiled here, not timed
     packed = [torch.ops.onednn.qlinear_prepack(m.weight, [1, inputs]) for m in int8]
     scales = [m.scales.float() for m in int8]
     zeros = torch.zeros(outputs, dtype=torch.long)
-    transposed = [m.weight.t() for m in int8]
 
     def onednn(i: int) -> torch.Tensor:
         low, high = x.min().clamp(max=0), x.max().clamp(min=0)
@@ -60,23 +70,24 @@ def kernels(inputs: int, outputs: int) -> tuple[dict[str, Kernel], int]:
         return torch.ops.onednn.qlinear_pointwise.tensor(qx, scale, zero, packed[i], scales[i], zeros, None, 1.0, 0,
                                                          torch.float32, "none", [], "")
 
-    found: dict[str, Kernel] = {
+    each: dict[str, Kernel] = {
         "float32 (nn.Linear)": lambda i: linears[i](x),
         "weight-only, eager": lambda i: torch._weight_int8pack_mm(bf16, int8[i].weight, int8[i].scales),
-        "weight-only, compiled": lambda i: compiled[i](x),
         "oneDNN int8 x int8": onednn,
-        "torch._int_mm": lambda i: torch._int_mm(x.to(torch.int8), transposed[i]),
+        "torch._int_mm": lambda i: torch._int_mm(x.to(torch.int8), int8[i].weight.t()),
     }
+    found: dict[str, Callable[[], object]] = {name: (lambda k=kernel: [k(i) for i in range(copies)])
+                                              for name, kernel in each.items()}
+    found["weight-only, compiled"] = lambda: compiled(x)
     return found, copies
 
 
-def seconds(kernel: Kernel, copies: int, calls: int) -> float:
-    """The seconds of one call, over `calls` calls that each read the next copy."""
-    kernel(0)
+def seconds(run: Callable[[], object], copies: int) -> float:
+    """The seconds of one matmul: a pass over the copies, after one untimed."""
+    run()
     started = time.perf_counter()
-    for i in range(calls):
-        kernel(i % copies)
-    return (time.perf_counter() - started) / calls
+    run()
+    return (time.perf_counter() - started) / copies
 
 
 def main() -> None:
@@ -93,12 +104,11 @@ def main() -> None:
     rows: dict[str, list[str]] = {}
     with torch.no_grad(), LoadMeter() as meter:
         for inputs, outputs in SHAPES.values():
-            found, copies = kernels(inputs, outputs)
+            found, copies = passes(inputs, outputs)
             best: dict[str, float] = {}
             for _ in range(args.repeats):
-                for name, kernel in found.items():
-                    calls = max(copies, 20) if name != "torch._int_mm" else 3
-                    best[name] = min(best.get(name, float("inf")), seconds(kernel, copies, calls))
+                for name, run in found.items():
+                    best[name] = min(best.get(name, float("inf")), seconds(run, copies))
             for name, took in best.items():
                 weight = inputs * outputs * (4 if name.startswith("float32") else 1)
                 rows.setdefault(name, []).append(f"{weight / took / 1e9:.1f} ({took * 1e6:,.0f})")

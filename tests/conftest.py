@@ -12,6 +12,11 @@ os.environ.pop("COLUMNS", None)
 # tuning each builds in a third to a half of the time (lmlab.inference.compiled.autotuned), here and in the commands
 # the tests start.
 os.environ["TORCHINDUCTOR_MAX_AUTOTUNE"] = "0"
+# torch's OpenMP threads (libgomp) spin while they wait for each other by default, which on cores shared with the
+# other worker (or anything else) stalls a tiny model's ops: a small model's 300 forward passes took 0.5 s alone and
+# 20-50 s beside a twin on 2 cores, 0.6-1.2 s with passive waits. The tests check what the commands compute and
+# choose, never their speed; set before torch is imported (libgomp reads it once), here and in the commands started.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 

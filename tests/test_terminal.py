@@ -18,7 +18,7 @@ from lmlab.core.config import ModelConfig
 from lmlab.core.peak import autocast_dtype
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, lmlab, write_config
+from tests.helpers import LMLAB, copy_run, lmlab, write_config
 
 
 @pytest.mark.slow
@@ -116,10 +116,9 @@ def test_the_architecture_column_tells_the_families_apart(settings, label):
 
 
 @pytest.mark.slow
-def test_tables_fit_the_columns_they_are_given(tmp_path, char_dataset):
+def test_tables_fit_the_columns_they_are_given(tmp_path, tiny_run):
     """COLUMNS narrows piped output too, as a terminal of that width would."""
-    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
-    lmlab("train", config, "--run", "runs/a-long-run-name-from-a-sweep", "--device", "cpu", cwd=tmp_path)
+    copy_run(tiny_run, tmp_path / "runs", "a-long-run-name-from-a-sweep")  # a run the table lists, trained once
     for columns in (60, 80, 120):
         out = subprocess.run([LMLAB, "runs"], cwd=tmp_path, capture_output=True, text=True, check=True,
                              env={**os.environ, "COLUMNS": str(columns)}).stdout

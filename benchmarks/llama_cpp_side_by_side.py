@@ -8,9 +8,9 @@ Two shapes with random weights (speed does not depend on them), each written as 
 50,257 tokens) and the demo model (configs/shakespeare-char-modern-cpu.toml: 4 layers, 256 wide, rope, rmsnorm,
 swiglu, qk-norm, context 128, 65 characters). lmlab decodes with the compiled step `lmlab serve --compile` and
 `lmlab sample --compile` use (compiling is not timed), from float32 weights and from int8 ones as `--quantize int8`
-holds them (lmlab.inference.quantize), llama.cpp through llama-cpp-python with its own defaults (keys and values cached
-in float16). At 1 thread and at all of this machine's cores: "prompt tok/s" is a
-prompt of `--prompt` tokens read in one pass; "decode tok/s" is `--tokens` greedy tokens after it, one at a time.
+holds them (lmlab.inference.quantize: keys and values cached as bfloat16), llama.cpp through llama-cpp-python with
+its own defaults (keys and values cached in float16). At 1 thread and at all of this machine's cores: "prompt tok/s"
+is a prompt of `--prompt` tokens read in one pass; "decode tok/s" is `--tokens` greedy tokens after it, one at a time.
 The rows of a shape and thread count alternate, each figure the best of `--repeats` rounds; rounds the machine
 was busy in are named below the table.
 """

@@ -80,6 +80,14 @@ def test_int8_decodes_float32s_greedy_tokens_with_logits_within_the_stated_toler
     assert not linears  # every matmul reads int8
 
 
+def test_int8_decoding_caches_keys_and_values_as_bfloat16_and_float_decoding_as_its_own_dtype(trained):
+    model = trained["gpt2-style"]
+    assert {t.dtype for t in Decoder(model, 2).state.tensors()[2:]} == {torch.float32}
+    int8 = quantize(copy.deepcopy(model), "int8")
+    assert {t.dtype for t in Decoder(int8, 2).state.tensors()[2:]} == {torch.bfloat16}
+    assert "keys and values cached as bfloat16" in tolerance("int8")
+
+
 @pytest.mark.slow
 def test_the_compiled_int8_step_decodes_as_the_eager_one(trained):
     model = quantize(copy.deepcopy(trained["gpt2-style"]), "int8")
@@ -87,6 +95,7 @@ def test_the_compiled_int8_step_decodes_as_the_eager_one(trained):
     assert choice.kind == "compiled from int8 weights" and tolerance("int8") in choice.why
     step, used = build_step(choice, model, torch.float32, 2)
     assert used == choice and step is not None
+    assert Decoder(model, 2, step=step).state.tensors()[2].dtype == torch.bfloat16  # the cache the step was built for
     prompts = [CYCLE[:5], CYCLE[7:9]]
     (want, exact), (got, approx) = greedy(model, prompts), greedy(model, prompts, step)
     assert got == want
@@ -131,7 +140,7 @@ def test_sample_and_answer_decode_from_int8_and_say_so(capsys, tiny_run, sft_run
     code, out, err = run_cli(capsys, "sample", copy_run(tiny_run, tmp_path), "--prompt", "ROMEO:", "--quantize",
                              "int8", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu")
     assert code == 0 and out.startswith("ROMEO:") and "decoding with eager from int8 weights (" in err, err
-    assert f"within {LOGIT_TOLERANCE:.0%}" in err
+    assert f"within {LOGIT_TOLERANCE:.0%}" in err and "keys and values cached as bfloat16" in err
     code, out, err = run_cli(capsys, "answer", sft_run, "--data", ALPACA_TINY, "--out", tmp_path / "a.jsonl",
                              "--max-new-tokens", "4", "--quantize", "int8", "--compile", "--device", "cpu")
     assert code == 0 and "decoding with compiled from int8 weights (" in err, err

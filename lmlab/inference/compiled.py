@@ -32,8 +32,7 @@ from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
 from lmlab.core.version import __version__
 from lmlab.inference.decode import Step
-from lmlab.inference.int8 import Int8Linear
-from lmlab.inference.quantize import QUANTIZE, quantize
+from lmlab.inference.quantize import QUANTIZE, held_as, quantize, state_dtype
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.base import DecodeState, new_state
 
@@ -71,11 +70,12 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"the compiled decode step runs on cpu and cuda, not {device.type}; leave out --compile.")
     block = model.config.block_size
-    sample = new_state(model, max(2, capacity), device, dtype).rows(0, min(2, capacity)).shortened(min(block, 64))
+    state = state_dtype(held_as(model), dtype)
+    sample = new_state(model, max(2, capacity), device, state).rows(0, min(2, capacity)).shortened(min(block, 64))
     idx = torch.zeros(len(sample.pos), 1, dtype=torch.long, device=device)
     options: dict[str, Any] = {"freezing": True, "autotune_num_choices_displayed": 0,
                                "max_autotune_report_choices_stats": False, "max_autotune": autotuned(device)}
-    if any(isinstance(module, Int8Linear) for module in model.modules()):
+    if held_as(model) == "int8":
         # Inductor's own int8 GEMM for every matmul: left to choose, it calls PyTorch's kernel for some, which decoded
         # slower (benchmarks/llama_cpp_side_by_side.py, with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=CPP and without)
         options["max_autotune_gemm_backends"] = "CPP"
@@ -133,7 +133,7 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
              "torch": torch.__version__, "cpu": machine()["cpu"], "isa": torch.backends.cpu.get_cpu_capability(),
              "source": source.hexdigest(), "lmlab": __version__}
     if quantized != "none":  # a float step's key stays what it was: the packages kept before still match
-        facts["quantized"] = quantized
+        facts["quantized"], facts["state"] = quantized, str(state_dtype(quantized, dtype))
     if device.type == "cuda":  # its kernels are built for this GPU's architecture and this CUDA: a shared cache
         facts["gpu"] = {"name": torch.cuda.get_device_name(device),  # may hold another GPU's
                         "capability": list(torch.cuda.get_device_capability(device)), "cuda": torch.version.cuda}
@@ -263,7 +263,7 @@ def check_runs(model: LanguageModel, package: Path, dtype: torch.dtype) -> None:
     AOTInductor's did on CUDA with torch 2.11: docs/reference/serving.md) takes down this process, not the server.
     UserError when the token's logits are not finite."""
     device = next(model.parameters()).device
-    state = new_state(model, 1, device, dtype).shortened(1)
+    state = new_state(model, 1, device, state_dtype(held_as(model), dtype)).shortened(1)
     logits = load_step(package)(torch.zeros(1, 1, dtype=torch.long, device=device), state)
     if not torch.isfinite(logits).all():
         raise UserError("the compiled decode step gave non-finite logits on its first token; not kept.")

@@ -13,6 +13,7 @@ import torch
 
 from lmlab.core.config import SamplingParams
 from lmlab.core.device import autocast
+from lmlab.inference.quantize import held_as, state_dtype
 from lmlab.inference.sampling import choose, new_generator
 from lmlab.inference.scoring import TokenScore, token_scores
 from lmlab.model import LanguageModel
@@ -136,7 +137,8 @@ class Decoder:
         self.model, self.dtype = model, dtype
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
-        self.state = model.new_cache(capacity, self.device, dtype) or ContextWindow(capacity, self.block_size,
+        state = state_dtype(held_as(model), dtype)
+        self.state = model.new_cache(capacity, self.device, state) or ContextWindow(capacity, self.block_size,
                                                                                     self.device)
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)

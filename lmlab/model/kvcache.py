@@ -74,8 +74,11 @@ class KVCache(DecodeState):
         return self.where
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, nkv, T, hs) keys/values at the rows' positions; return the layer's cache in view."""
+        """Store (B, nkv, T, hs) keys/values at the rows' positions; return the layer's cache in view, in theirs."""
         rows = torch.arange(k.size(0), device=k.device)[:, None]
+        held, dtype = self.k[layer].dtype, k.dtype
+        if held != dtype:  # int8 decoding's bfloat16 cache: converted as stored and as read (compiled, as loaded); a
+            k, v = k.to(held), v.to(held)  # cache in the step's dtype traces no conversion, its graph as it was
         self.k[layer][rows, :, self.where] = k.transpose(1, 2)
         self.v[layer][rows, :, self.where] = v.transpose(1, 2)
-        return self.k[layer], self.v[layer]
+        return (self.k[layer], self.v[layer]) if held == dtype else (self.k[layer].to(dtype), self.v[layer].to(dtype))

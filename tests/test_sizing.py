@@ -513,7 +513,7 @@ def test_the_best_size_and_its_likeliest_rivals_are_timed_again_and_keep_their_f
     fit_path(preset).write_text(json.dumps({**json.loads(fit_path(DEMO).read_text()), "surface": SURFACE}))
     taken: Counter[int] = Counter()
 
-    def timed(cfg, device, dtype, counts, deadline=math.inf) -> Timing:
+    def timed(cfg, device, dtype, counts, deadline=math.inf, before=None) -> Timing:
         depth = cfg.model.n_layer
         seconds = steps[depth][min(taken[depth], len(steps[depth]) - 1)]
         taken[depth] += 1
@@ -561,7 +561,7 @@ def test_size_auto_on_a_gpu_uses_the_presets_fit_and_weighs_each_size_at_what_it
     preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
     fit_path(preset).write_text(fit_path(DEMO).read_text(encoding="utf-8"), encoding="utf-8")
 
-    def timed(cfg, device, dtype, counts, deadline=math.inf) -> Timing:
+    def timed(cfg, device, dtype, counts, deadline=math.inf, before=None) -> Timing:
         assert device.type == "cuda"
         with torch.device("meta"):
             flops = build_model(cfg.model).flops_per_token() * cfg.train.batch_size * cfg.model.block_size
@@ -626,7 +626,7 @@ def test_each_depth_weighed_is_made_once_however_often_it_is_planned_and_timed(c
     monkeypatch.setattr(Family, "config", lambda family, depth, fit=None: made_at.update([depth]) or real(family,
                                                                                                           depth, fit))
 
-    def timed(cfg, device, dtype, counts, deadline=math.inf) -> Timing:
+    def timed(cfg, device, dtype, counts, deadline=math.inf, before=None) -> Timing:
         seconds = BURST[cfg.model.n_layer][min(taken[cfg.model.n_layer], len(BURST[cfg.model.n_layer]) - 1)]
         taken[cfg.model.n_layer] += 1
         return Timing({}, 1, seconds, seconds / 2, 0.05, 4 * 10**6, 1.0)

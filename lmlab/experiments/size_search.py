@@ -27,14 +27,13 @@ from lmlab.experiments.plan import Hardware
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import MIN_STEPS, BudgetRefused, Costs, Plan, plan
-from lmlab.train.machine import MEASURED, Machine
+from lmlab.train.machine import MEASURED
 from lmlab.train.optim import optimizer_of
 from lmlab.train.timing import (
     MAX_STEPS,
     TIMED_SECONDS,
     Timing,
     checkpoint_bytes,
-    keep,
     recall_config,
     refuse_untimed,
     time_config,
@@ -73,10 +72,7 @@ class Speed:
             kept = recall_config(cfg, model, self.device, self.dtype, self.counts) if again is None else None
             if kept is not None:
                 return kept
-            timing = time_config(cfg, self.device, self.dtype, self.counts, deadline)
-            if again is not None and again.step <= timing.step:
-                keep(Machine(self.device, self.dtype), cfg, again)
-            return timing
+            return time_config(cfg, self.device, self.dtype, self.counts, deadline, again)
         step = gpu_step_time(cfg, self.gpu.name, self.gpu.dtype, compiled=False)
         self.plot = time_plot() if self.plot is None else self.plot
         batch = step.evaluation / max(1, cfg.train.eval_iters)  # one batch of each split

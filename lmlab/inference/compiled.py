@@ -70,12 +70,13 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"the compiled decode step runs on cpu and cuda, not {device.type}; leave out --compile.")
     block = model.config.block_size
-    state = state_dtype(held_as(model), dtype)
-    sample = new_state(model, max(2, capacity), device, state).rows(0, min(2, capacity)).shortened(min(block, 64))
+    held = held_as(model)
+    sample = new_state(model, max(2, capacity), device, state_dtype(held, dtype)).rows(0, min(2, capacity))
+    sample = sample.shortened(min(block, 64))
     idx = torch.zeros(len(sample.pos), 1, dtype=torch.long, device=device)
     options: dict[str, Any] = {"freezing": True, "autotune_num_choices_displayed": 0,
                                "max_autotune_report_choices_stats": False, "max_autotune": autotuned(device)}
-    if held_as(model) == "int8":
+    if held == "int8":
         # Inductor's own int8 GEMM for every matmul: left to choose, it calls PyTorch's kernel for some, which decoded
         # slower (benchmarks/llama_cpp_side_by_side.py, with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=CPP and without)
         options["max_autotune_gemm_backends"] = "CPP"

@@ -92,15 +92,16 @@ class Timing:
 
 
 def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int],
-                deadline: float = math.inf) -> Timing:
+                deadline: float = math.inf, before: Timing | None = None) -> Timing:
     """`cfg` timed on a model of its own (a size no run built yet: `--size auto`, `lmlab plan`, a miniseries), its
-    forward first on each count of `counts`; kept in the machine's cache (`keep`), so the run of that size, and a
-    sized run's `recall_config`, read it back."""
+    forward first on each count of `counts`; kept in the machine's cache (`keep`), or `before` (its timing before,
+    timed again now) where that was the faster, so the run of that size, and a sized run's `recall_config`, read
+    the faster back."""
     train = dataclasses.replace(cfg.train, compile=False)
     machine = Machine(device, dtype)
     step = TrainStep(build_model(cfg.model).to(device), train, device, dtype, machine=machine)
     timing = time_step(step, cfg, counts, deadline)
-    keep(machine, cfg, timing)
+    keep(machine, cfg, before if before is not None and before.step <= timing.step else timing)
     return timing
 
 

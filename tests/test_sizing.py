@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -47,14 +48,26 @@ def preset(tmp_path_factory, char_dataset) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sized(preset, tmp_path_factory):
+def sized_cache(tmp_path_factory, own_cache) -> Path:
+    """The cache `sized` times its sizes into: the session's peaks, no machine choices. The session's cache holds what
+    other tests' runs of the same tiny shapes timed, under whatever load they had, which a sized run would read back."""
+    cache = tmp_path_factory.mktemp("sized-cache")
+    shutil.copytree(own_cache, cache, dirs_exist_ok=True, ignore=shutil.ignore_patterns("machine.json"))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def sized(preset, tmp_path_factory, sized_cache):
     """A run sized by --size auto for a 20 s budget, on one thread; a longer budget where a busy machine's start-up
     left it no evaluation (the verdicts are on what the run recorded, whatever its budget)."""
-    for budget in (20, 60, 180):
-        run = tmp_path_factory.mktemp("sized") / "run"
-        done = train(preset, run=run, budget=f"{budget}s", size="auto", device="cpu", set=["train.threads=1"]).path
-        if [e for e in RunDir(done).events() if e["event"] == "eval"]:
-            return done
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(sized_cache))
+        for budget in (20, 60, 180):
+            run = tmp_path_factory.mktemp("sized") / "run"
+            done = train(preset, run=run, budget=f"{budget}s", size="auto", device="cpu",
+                         set=["train.threads=1"]).path
+            if [e for e in RunDir(done).events() if e["event"] == "eval"]:
+                return done
     pytest.fail("three budgets in a row ended before an evaluation")
 
 
@@ -114,12 +127,13 @@ def test_compare_and_report_show_the_predicted_val_beside_the_reached(sized, cap
 
 
 @pytest.mark.slow
-def test_plan_weighs_the_sizes_train_weighs_and_chooses_alike(preset, sized):
+def test_plan_weighs_the_sizes_train_weighs_and_chooses_alike(preset, sized, sized_cache):
     """The fit's largest predicted size is the best at any speed: plan (a process of its own, whose start-up it
-    counts as train does) and train choose it alike."""
+    counts as train does, on the machine's cache the train kept) and train choose it alike."""
     budget = f"{sizing_of(sized)['budget']:g}s"
     planned = subprocess.run([LMLAB, "plan", preset, "--budget", budget, "--size", "auto", "--device", "cpu", "--set",
-                              "train.threads=1"], capture_output=True, text=True, timeout=300)
+                              "train.threads=1"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "XDG_CACHE_HOME": str(sized_cache)})
     assert planned.returncode == 0, planned.stderr
     out = " ".join(planned.stdout.split())
     event = sizing_of(sized)

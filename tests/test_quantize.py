@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 
@@ -147,6 +148,17 @@ def test_sample_and_answer_decode_from_int8_and_say_so(capsys, tiny_run, sft_run
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == len(json.loads(ALPACA_TINY.read_text()))
     code, _, err = run_cli(capsys, "sample", tiny_run, tiny_run, "--quantize", "int8", "--device", "cpu")
     assert code == 2 and "ask --quantize of one run at a time" in err
+
+
+def test_the_memory_check_counts_an_int8_runs_rows_at_its_bfloat16_cache(capsys, tiny_run):
+    def per_row(*quantize: str) -> float:
+        code, _, err = run_cli(capsys, "sample", tiny_run, "--num-samples", "1000000000000", "--max-new-tokens", "9",
+                               "--device", "cpu", *quantize)
+        assert code == 2, err
+        return float(re.search(r"([\d.]+) KiB per decoding row", err)[1])
+
+    state = 2 * 2 * 32 * 32 * 2 / 1024  # KiB: two layers' keys and values, 32 wide over 32 positions, 2 bytes each
+    assert per_row() - per_row("--quantize", "int8") == pytest.approx(state, rel=0.1)  # half of float32's cache
 
 
 def test_the_api_keeps_int8_weights_apart_from_the_float_ones(tiny_run, tmp_path):

@@ -66,12 +66,13 @@ def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int
     held as `quantize` says, said on stderr with why unless it is the eager step nobody asked to change; first, rows
     of up to `tokens_per_row` tokens that would not fit in memory are refused."""
     from lmlab.inference.generate import decoding_only
+    from lmlab.inference.quantize import state_dtype
     from lmlab.inference.steps import build_step, choose_step
     from lmlab.model.memory import check_decoding
 
     choice = choose_step(run.model, run.device, compile, quantize)
     dtype = decoding_only(run, compiled=choice.compiled)
-    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, dtype)
+    check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, dtype, state_dtype(quantize, dtype))
     with console.status(f"Building the decode step ({choice.kind})..."):
         step, used = build_step(choice, run.model, dtype, capacity)
     if compile or used.kind != "eager":

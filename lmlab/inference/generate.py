@@ -15,6 +15,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.inference.decode import Decoder, Step, hold_weights
 from lmlab.inference.decode import Sequence as Decoding
+from lmlab.inference.quantize import held_as, state_dtype
 from lmlab.model import LanguageModel
 from lmlab.model.memory import check_decoding
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format
@@ -161,7 +162,7 @@ class Batch:
         """`setting` names the capacity in the sentence that refuses one that would not fit in memory for rows of
         `tokens_per_row` tokens (default: the context)."""
         check_decoding(model.config, capacity, tokens_per_row or model.config.block_size, setting,
-                       next(model.parameters()).device, dtype)
+                       next(model.parameters()).device, dtype, state_dtype(held_as(model), dtype))
         self.decoder = Decoder(model, capacity, dtype, step)
         self.tokenizer, self.past_eot = tokenizer, past_eot
         self.owner: dict[Decoding, Continuation] = {}
@@ -307,7 +308,8 @@ def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, ste
     start = _start(run, prompt)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
     # Checked before the n rows' settings are made: a million of them are already too many to hold.
-    check_decoding(run.config.model, n, len(start) + params.max_new_tokens, "--num-samples", run.device, dtype)
+    check_decoding(run.config.model, n, len(start) + params.max_new_tokens, "--num-samples", run.device, dtype,
+                   state_dtype(held_as(run.model), dtype))
     done = continue_all(run.model, run.tokenizer, [start] * n, seeded(params, n), n, dtype, step, past_eot=True,
                         setting="--num-samples")
     return [prompt + c.text.text for c in done]

@@ -166,18 +166,21 @@ def _scoring_need(config: ModelConfig) -> Need:
     return Need(model_bytes(config), min(2 * logits + 2 * layer, UNCOUNTABLE))
 
 
-def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int) -> Need:
-    """Decoding rows of up to `tokens_per_row` tokens each (prompt and continuation), plus one prompt's prefill."""
+def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int,
+                  state_dtype: torch.dtype | None = None) -> Need:
+    """Decoding rows of up to `tokens_per_row` tokens each (prompt and continuation), plus one prompt's prefill;
+    `state_dtype` is the decode state's where it is not `dtype` (lmlab.inference.quantize.state_dtype)."""
+    held = state_dtype or dtype
 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
-            state = _on_meta(c).new_cache(1, torch.device("meta"), dtype)
+            state = _on_meta(c).new_cache(1, torch.device("meta"), held)
         if state is None:  # each step feeds the row's window whole: an upper bound
             return _kept_bytes(c)
         return sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)
-    state = remembered("decode state", config, (dtype,), lambda: Need(0, _per_layer(config, state_bytes)), Need).each
+    state = remembered("decode state", config, (held,), lambda: Need(0, _per_layer(config, state_bytes)), Need).each
     each = state + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
     prefill = 2 * config.block_size * vocab * 4 + prefill_bytes(config, dtype)
     return Need(min(model_bytes(config) + prefill, UNCOUNTABLE), min(each, UNCOUNTABLE))
@@ -269,10 +272,10 @@ def fit_micro_batch(model: ModelConfig, train: TrainConfig, state_bytes: StateBy
 
 
 def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting: str, device: torch.device,
-                   dtype: torch.dtype = torch.float32) -> None:
-    """Refuse `rows` decoding rows that would not fit, the weights in memory already: only a prompt's prefill comes
-    on top."""
-    need = decoding_need(config, dtype, tokens_per_row)
+                   dtype: torch.dtype = torch.float32, state_dtype: torch.dtype | None = None) -> None:
+    """Refuse `rows` decoding rows (their state in `state_dtype`, where not `dtype`) that would not fit, the weights in
+    memory already: only a prompt's prefill comes on top."""
+    need = decoding_need(config, dtype, tokens_per_row, state_dtype)
     have, available = device_memory(device)
     if device.type == "cuda":
         have = int(have * (1 - DECODE_HEADROOM))

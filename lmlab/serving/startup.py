@@ -27,6 +27,7 @@ from lmlab.inference.compiled import (
 )
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import Batch, decode_dtype, decoding_only, document_start, max_prompt_chars
+from lmlab.inference.quantize import state_dtype
 from lmlab.inference.steps import CAPTURES, StepChoice, build_step, choose_step
 from lmlab.model.memory import check_decoding
 from lmlab.run.checkpoint import step_folders
@@ -82,8 +83,9 @@ class Startup:
             run = RunDir(options.run).load(options.checkpoint, options.device)
             # Rows that cannot fit in memory are refused before anything is said to be loaded or compiled: the
             # refusal is then the command's one line.
+            dtype = decode_dtype(run.device, run.dtype, False)
             check_decoding(run.config.model, options.max_batch, self._row_tokens(run), "--max-batch", run.device,
-                           decode_dtype(run.device, run.dtype, False))
+                           dtype, state_dtype(options.quantize, dtype))
             self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
             for note in run.notes:
                 state.log(f"lmlab serve: {note}")

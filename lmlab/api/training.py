@@ -82,11 +82,10 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
 
         cfg = cfg or RunDir(run_dir).config(settings)
         require_tracker(cfg.train.tracker)  # before the run is begun
-        cfg, sized, chooser = sized_run(Path(str(config)), cfg, size, started, device, out, window,
-                                        setup.interruptible()) if size else (cfg, None, None)  # a path: `_size`
+        cfg, sized = sized_run(Path(str(config)), cfg, size, started, device, out, window,
+                               setup.interruptible()) if size else (cfg, None)  # a path: `_size`
         trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
-                          init_from=init_from, keep_optimizer=keep_optimizer, started=started, threads=chooser,
-                          sizing=sized.record() if sized else None, timing=sized.chosen.timing if sized else None)
+                          init_from=init_from, keep_optimizer=keep_optimizer, started=started, sized=sized)
         _describe(trainer, out)
         result = trainer.run()
     _report(result, trainer.cfg, out)

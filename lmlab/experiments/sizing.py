@@ -32,6 +32,7 @@ from lmlab.experiments.plan import gpu_hardware
 from lmlab.experiments.size_search import Candidate, Search, Speed, search
 from lmlab.model import build_model
 from lmlab.train.machine import READ_BACK
+from lmlab.train.preflight import Sized
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Sizing:
     fitted_on: str = ""  # the machine the fit's runs were measured on (`fitted_on`)
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
     notes: tuple[str, ...] = ()  # what to know of the fit before trusting its predictions (`fit_notes`)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dataset's meta.json
 
     def line(self) -> str:
         c, timed = self.chosen, [c for c in self.candidates if c.timing]
@@ -200,7 +202,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
     return Sizing(budget, time.perf_counter() - started + speed.foretold, found.candidates, best, best.config,
                   str(fit_path(preset)), speed.says(best.threads), found.unique, fitted_on(fit) if fit else "",
                   fit.beyond(best.tokens) if fit and best.predicted is not None else "",
-                  tuple(fit_notes(preset, fit, cfg.data.dataset, meta)) if fit else ())
+                  tuple(fit_notes(preset, fit, cfg.data.dataset, meta)) if fit else (), meta)
 
 
 def fitted_on(fit: SizeFit) -> str:
@@ -230,14 +232,14 @@ def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, s
 
 def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, out: Console,
               window: LoadMeter | None = None, interruptible: AbstractContextManager[Any] | None = None
-              ) -> tuple[RunConfig, Sizing | None, ThreadChooser | None]:
+              ) -> tuple[RunConfig, Sized | None]:
     """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose in
-    cfg.train.budget_seconds from `started` (with its `Sizing` and the thread chooser the run goes on with; `window`:
-    the load meter running while PyTorch loaded). The timing runs inside `interruptible` (a stop signal ends it)."""
+    cfg.train.budget_seconds from `started` (with what it settled for the run; `window`: the load meter running while
+    PyTorch loaded). The timing runs inside `interruptible` (a stop signal ends it)."""
     if size != "auto":
         cfg, line = sized_config(preset, cfg, int(size))
         out.print(line, highlight=False)
-        return cfg, None, None
+        return cfg, None
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     try:
         with out.status("Timing sizes of the preset's family on this machine..."), interruptible or nullcontext():
@@ -248,4 +250,5 @@ def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, dev
     for note in sizing.notes:
         out.print(f"note: {note}", style="yellow", highlight=False)
     out.print(sizing.line(), highlight=False)
-    return sizing.config, sizing, chooser
+    assert sizing.chosen.timing is not None, "a chosen size was timed"
+    return sizing.config, Sized(chooser, sizing.record(), sizing.chosen.timing, sizing.meta)

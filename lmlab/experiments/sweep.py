@@ -158,10 +158,8 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
             cfg = RunDir(trial.run_dir).config() if resume and size is not None else trial.config
             trainer = Trainer(cfg, trial.run_dir, device, resume=resume, console=console, started=started)
         else:
-            cfg, sizing, chooser = sized_run(Path(config), trial.config, size, started, device, console, window)
-            trainer = Trainer(cfg, trial.run_dir, device, console=console, started=started, threads=chooser,
-                              sizing=sizing.record() if sizing else None,
-                              timing=sizing.chosen.timing if sizing else None)
+            cfg, sized = sized_run(Path(config), trial.config, size, started, device, console, window)
+            trainer = Trainer(cfg, trial.run_dir, device, console=console, started=started, sized=sized)
         outcome = trainer.run()
         if outcome.stopped_by:
             result.stopped_by = outcome.stopped_by

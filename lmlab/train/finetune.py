@@ -218,10 +218,10 @@ class Finetuner(Trainer):
 
     def __init__(self, base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str, console: Console):
         self.base_dir, self.ft, self.epochs = Path(base_dir), ft, Epochs()
-        # Made before the set-up, whose load tells a quiet machine; a step's last bits depend on the count, which
-        # finetune.threads fixes.
-        threads = ThreadChooser(ft.threads, "finetune.threads")
-        super().__init__(RunDir(base_dir).config(), run_dir, device, console=console, threads=threads)
+        super().__init__(RunDir(base_dir).config(), run_dir, device, console=console)
+
+    def _chooser(self, cfg: RunConfig, world_size: int) -> ThreadChooser:
+        return ThreadChooser(self.ft.threads, "finetune.threads")  # a step's last bits depend on the count it fixes
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The base run's best model, the records that fit its context, the config the fine-tune trains by, and

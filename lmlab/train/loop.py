@@ -35,7 +35,14 @@ from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.optim import optimizer_of
-from lmlab.train.preflight import check_same_inputs, measure_hardware, resolve_config, resume_schedule, weights_born_in
+from lmlab.train.preflight import (
+    Sized,
+    check_same_inputs,
+    measure_hardware,
+    resolve_config,
+    resume_schedule,
+    weights_born_in,
+)
 from lmlab.train.reports import Reports, TrainResult, score_final
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import (
@@ -60,23 +67,19 @@ class Trainer(Reports):
     run's lock is held from the construction to the end of `run()`.
 
     `started` is the time.perf_counter() reading a budget counts from (default: now), so the trials of a sweep in
-    one process compare on equal terms; `threads`, `sizing` and `timing` are what `--size auto` decided and timed
-    already (its chooser, the event that records it, the chosen size's timing a budget plans from)."""
+    one process compare on equal terms; `sized` is what `--size auto` settled already."""
 
     loader: Batches  # the train split's BatchLoader, or a fine-tune's records
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
                  console: Console | None = None, force: bool = False, init_from: str | None = None,
-                 keep_optimizer: bool = False, started: float | None = None, threads: ThreadChooser | None = None,
-                 sizing: dict[str, Any] | None = None, timing: Timing | None = None):
-        self.started, self.sizing = time.perf_counter() if started is None else started, sizing
+                 keep_optimizer: bool = False, started: float | None = None, sized: Sized | None = None):
+        self.started, self.sized = time.perf_counter() if started is None else started, sized
         self.run_dir = RunDir(run_dir)
         job = from_env()
         job.local_steps(cfg.train.grad_accum_steps)
         # Made before the set-up, whose load tells a quiet machine.
-        self._sized = threads is not None  # and its threads chosen already
-        self.threads = threads or ThreadChooser(cfg.train.threads, "train.threads",
-                                                fixed="torchrun" if job.world_size > 1 else None)
+        self.threads = sized.threads if sized else self._chooser(cfg, job.world_size)
         # Given back at the end of run() or if the construction fails: torch's threads (a process goes on after its
         # run: a notebook, the API, tests) and the run's lock.
         self._held = ExitStack()
@@ -91,13 +94,16 @@ class Trainer(Reports):
             resume = resume or self._restarted()
             self._parts(resume)
             if self.cfg.train.budget_seconds and not resume:
-                self._plan_budget(timing)
+                self._plan_budget(sized.timing if sized else None)
             self._begin(resume, force, init_from, keep_optimizer)
             self.machine.say(self.console)
             if self.train_step.attention:
                 self.console.print(self.train_step.attention.line(), highlight=False)
             if chosen.lowered:
                 self._say_threads(chosen)
+
+    def _chooser(self, cfg: RunConfig, world_size: int) -> ThreadChooser:
+        return ThreadChooser(cfg.train.threads, "train.threads", fixed="torchrun" if world_size > 1 else None)
 
     @contextmanager
     def _unlocked_on_failure(self) -> Iterator[None]:
@@ -118,7 +124,7 @@ class Trainer(Reports):
         """The job, the device and dtype, the data (every byte checked against meta.json before the model is built),
         the model and its optimizer step; the CPU threads, attention path and compile chosen by this machine's
         component (lmlab.train.machine)."""
-        self.cfg, self.meta = resolve_config(cfg)
+        self.cfg, self.meta = resolve_config(cfg, self.sized.meta if self.sized else None)
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         self.console = console or Console()
         if not self.parallel.is_main:
@@ -147,7 +153,7 @@ class Trainer(Reports):
         self.parallel.own_rng(tc.seed, 0)
         self._train_step(wrapped=wrapped, reduce=self.parallel.reduce_step, trial=self.parallel.from_main,
                          processes=self.parallel.local_world_size)
-        threads = self.threads.choice if self._sized else self.machine.threads(self.threads, self.model,
+        threads = self.threads.choice if self.sized else self.machine.threads(self.threads, self.model,
                                                                                 tc.batch_size, mc.block_size)
         # A compiled step is built for one thread count (Dynamo guards on it): another would recompile it.
         self.threads.held = self.train_step.compiled
@@ -222,8 +228,8 @@ class Trainer(Reports):
             self.checkpointer.start(self.cfg, init_from, keep_optimizer)
             if self.parallel.is_main:
                 self._start(init_from)
-                if self.sizing:
-                    self.writes.log(self.sizing)
+                if self.sized:
+                    self.writes.log(self.sized.event)
                 if self.train_step.attention:
                     self.writes.log(self.train_step.attention.record(0))
                 if self.train_step.graphs_untried:  # else a trial's verdict, after the steps it times

@@ -5,6 +5,7 @@ schedule."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +16,34 @@ from lmlab.core.config import RunConfig, TrainConfig
 from lmlab.core.config_toml import to_dict
 from lmlab.core.errors import UserError
 from lmlab.core.peak import Peak, choose_dtype, emulated_warning, peak_flops
+from lmlab.core.threads import ThreadChooser
 from lmlab.data.loader import check_block_size
 from lmlab.data.shards import read_meta, row_layout
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import Budget, Plan
 from lmlab.train.distributed import Parallel
 from lmlab.train.schedule import Schedule
+from lmlab.train.timing import Timing
 
 
-def resolve_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
+@dataclass(frozen=True)
+class Sized:
+    """What `--size auto` settled before the run (lmlab.experiments.sizing): the thread chooser it timed with, which the
+    run goes on with; its `sizing` event; the chosen size's timing, which a budget plans from; the dataset's meta.json,
+    read once."""
+
+    threads: ThreadChooser
+    event: dict[str, Any]
+    timing: Timing
+    meta: dict[str, Any]
+
+
+def resolve_config(cfg: RunConfig, meta: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
     """Fill model.vocab_size from the dataset and check that a given one covers its ids (an imported model may
     have more embedding rows than its tokenizer has tokens, as Qwen3's do), and that model.block_size fits the
     rows of a row-packed dataset; a warmup in passes made steps (warmup_iters: what the schedule, a checkpoint and
     config.toml hold from then on)."""
-    meta = read_meta(Path(cfg.data.dataset))
+    meta = meta or read_meta(Path(cfg.data.dataset))
     tc = cfg.train
     if tc.warmup_epochs:
         steps = tc.warmup_steps(meta["train"]["tokens"], tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)

@@ -811,3 +811,19 @@ def forget_choices() -> None:
     from lmlab.train.machine import cache_path
 
     cache_path().unlink(missing_ok=True)
+
+
+def meta_reads(monkeypatch) -> list[Path]:  # noqa: ANN001 (pytest's fixture)
+    """The datasets whose meta.json is read from now on: read_meta counted wherever lmlab imported it."""
+    from lmlab.data.shards import read_meta
+
+    calls: list[Path] = []
+
+    def counted(dataset: Path) -> dict:
+        calls.append(dataset)
+        return read_meta(dataset)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("lmlab.")]:
+        if getattr(module, "read_meta", None) is read_meta:
+            monkeypatch.setattr(module, "read_meta", counted)
+    return calls

@@ -1,7 +1,6 @@
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,10 @@ from lmlab.analysis.plots import plot_losses
 from lmlab.commands import main
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
-from lmlab.data.shards import read_meta
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.schedule import lr_at
-from tests.helpers import install_plugin, write_config
+from tests.helpers import install_plugin, meta_reads, write_config
 
 
 def train(tmp_path: Path, dataset: Path, overrides: list[str] = (), run: str = "run", **kw):
@@ -176,15 +174,7 @@ def test_a_step_that_fails_once_a_stop_was_asked_for_ends_the_run_as_that_stop(t
 def test_a_train_reads_its_datasets_meta_once(tmp_path, char_dataset, monkeypatch):
     """The dataset's meta.json is read once, where the config is resolved, and passed on to the data's checks, the
     plan and the run folder (read_meta counted wherever lmlab imported it)."""
-    calls = []
-
-    def counted(dataset):
-        calls.append(dataset)
-        return read_meta(dataset)
-
-    for module in [m for name, m in sys.modules.items() if name.startswith("lmlab.")]:
-        if getattr(module, "read_meta", None) is read_meta:
-            monkeypatch.setattr(module, "read_meta", counted)
+    calls = meta_reads(monkeypatch)
     lmlab.train(write_config(tmp_path / "tiny.toml", char_dataset), run=tmp_path / "run", device="cpu", max_iters=1,
                 console=Console(file=io.StringIO()))
     assert calls == [char_dataset]

@@ -33,7 +33,7 @@ from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.machine import MEASURED, READ_BACK, Machine, cache_path
 from lmlab.train.timing import Timing, timing_shape
-from tests.helpers import LMLAB, ROOT, cpu_ticks, run_cli, wait_until, write_config, write_fit
+from tests.helpers import LMLAB, ROOT, cpu_ticks, meta_reads, run_cli, wait_until, write_config, write_fit
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +252,8 @@ def test_a_second_sized_train_reads_each_sizes_timing_back_and_chooses_alike(pre
     (lmlab.train.machine); the second reads every one back, times none, says so in its sizing and machine lines and
     its `sizing` event, leaves the cache as it was and chooses the same size. Its threads and attention are left to
     choose (the threads row and the attention row read back too); a size of another shape (another batch) is timed
-    again."""
-    timed = timings_counted(monkeypatch)
+    again. Each train reads its dataset's meta.json once, the sizing's reading passed on to the run."""
+    timed, metas = timings_counted(monkeypatch), meta_reads(monkeypatch)
     monkeypatch.setattr("lmlab.core.busy.process_age", lambda: 0.0)  # each command's budget counts from its start
     settings = [a for s in ("train.threads=0", "train.attention=auto") for a in ("--set", s)]
     said, kept = [], b""
@@ -264,6 +264,7 @@ def test_a_second_sized_train_reads_each_sizes_timing_back_and_chooses_alike(pre
         said.append(" ".join(out.split()))
         if n == 1:
             first, kept = list(timed), cache_path().read_bytes()
+    assert metas == [Path(load_config(preset).data.dataset)] * 2
     assert first and timed == first  # the second timed nothing
     assert cache_path().read_bytes() == kept
     events = [sizing_of(tmp_path / f"run{n}") for n in (1, 2)]

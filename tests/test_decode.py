@@ -6,6 +6,9 @@ the cache, weights cast to the decode dtype once."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import zipfile
 
 import pytest
 import torch
@@ -14,12 +17,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.inference import decode as decoding
-from lmlab.inference.compiled import compile_step, step_key
+from lmlab.inference.compiled import build_package, compile_step, load_step, step_key
 from lmlab.inference.decode import Decoder, Sequence, hold_weights
 from lmlab.inference.generate import decoding_only
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
 from lmlab.model.attention import attend_written_out
+from lmlab.model.base import new_state
 from lmlab.run.rundir import RunDir
 
 BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
@@ -296,3 +300,39 @@ def test_a_kept_compiled_step_is_keyed_by_the_gpu_it_was_built_for(fake_gpu):
         keys.add(step_key(config, "ab" * 32, 4, torch.bfloat16, cuda))
         assert step_key(config, "ab" * 32, 4, torch.bfloat16, cuda) in keys  # the same GPU: the same key
     assert len(keys) == 3  # another GPU, or another CUDA, compiles its own
+
+
+@pytest.mark.slow
+def test_a_compiled_step_runs_on_the_threads_set_after_it_loaded(tmp_path):
+    """A compiled step built for more threads than torch had then (as a server started under load builds it) splits
+    its work for them, and its kernels take the count OpenMP has when called (no `num_threads(N)` baked into a parallel
+    region), so the thread rule's changes mid-decode reach it; on one thread and on two it gives the same logits."""
+    m = model("modern", block_size=32).eval()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        package = build_package(m, 2, torch.float32, tmp_path / "step.pt2", threads=(os.cpu_count() or 1) + 1)
+        with zipfile.ZipFile(package) as files:
+            kernels = "".join(files.read(name).decode() for name in files.namelist() if name.endswith(".cpp"))
+        assert "#pragma omp parallel" in kernels and not re.search(r"num_threads\(\d+\)", kernels)
+        step, logits = load_step(package), []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            state = new_state(m, 2, torch.device("cpu"), torch.float32).shortened(1)
+            logits.append(step(torch.tensor([[1], [2]]), state))
+    finally:
+        torch.set_num_threads(before)
+    assert (logits[0] - logits[1]).abs().max() < 1e-4
+
+
+def test_a_kept_compiled_step_is_keyed_by_the_threads_it_is_built_for_not_those_the_load_left():
+    config, cpu = ModelConfig(**BASE), torch.device("cpu")
+    before = torch.get_num_threads()
+    try:
+        keys = set()
+        for now in (1, 2):  # a start on quiet cores and one under load find the same package
+            torch.set_num_threads(now)
+            keys.add(step_key(config, "ab" * 32, 4, torch.float32, cpu, threads=2))
+    finally:
+        torch.set_num_threads(before)
+    assert len(keys) == 1 and step_key(config, "ab" * 32, 4, torch.float32, cpu, threads=3) not in keys

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -376,3 +377,94 @@ def test_every_command_that_decodes_says_threads_the_load_lowered(monkeypatch, i
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1 and notes[0].startswith("note: decoding on 2 of 4 threads: other processes used 50% of "
                                                    "the 4 cores; a forward pass took"), err
+
+
+def two_cores_whose_load_is(monkeypatch, load: dict[str, float]) -> None:
+    """Two faked cores whose others' share is `load["others"]` at each look (a window long enough to tell), which a
+    test changes mid-decode; every step looks (CHECK_SECONDS 0), so a change is heard at the next token."""
+    monkeypatch.setattr(threads, "CHECK_SECONDS", 0.0)
+    for module in (threads, busy):
+        monkeypatch.setattr(module, "cores", lambda: [0, 1])
+    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)
+
+    def stop(meter: busy.LoadMeter) -> Load:
+        meter.load = Load(1.0, 2, load["others"], None)
+        return meter.load
+
+    monkeypatch.setattr(threads.LoadMeter, "stop", stop)
+
+
+@pytest.mark.parametrize("env, busy_mid, counts, notes", [
+    (None, 0.5, [2, 2, 1, 1], ["note: decoding on 1 of 2 threads: other processes used 50% of the 2 cores "
+                               "(OMP_NUM_THREADS sets them)"]),  # a load arrives mid-sample: heard, said once
+    (None, 0.0, [2, 2, 2, 2], []),  # quiet throughout: never changed
+    ("2", 0.5, [2, 2, 2, 2], [])])  # set: never changed, whatever the load
+def test_a_sample_hears_a_load_that_arrives_mid_decode_unless_its_threads_are_set(tiny_run, monkeypatch, capsys, env,
+                                                                                  busy_mid, counts, notes):
+    """A sample starts on quiet cores, on both; a load that takes half of them after its first tokens lowers the
+    threads to the one it leaves at the next token, as training's mid-run rule does, said once on stderr in the
+    start's words (`ThreadChooser.stepped`, through the decoder); OMP_NUM_THREADS keeps its count."""
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    load = {"others": 0.0}
+    two_cores_whose_load_is(monkeypatch, load)
+    before, seen = torch.get_num_threads(), []
+    try:
+        pieces = lmlab.Run(tiny_run).sample("ROMEO:", device="cpu", stream=True, keep=False, max_new_tokens=40,
+                                            temperature=0)
+        for i, _ in enumerate(pieces):
+            seen.append(torch.get_num_threads())
+            if i == 1:
+                load["others"] = busy_mid
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) > 4 and seen[:2] + seen[-2:] == counts, seen
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")] == notes
+
+
+def test_the_server_hears_a_load_that_arrives_mid_serve_and_health_reports_its_threads(tiny_run, monkeypatch):
+    """The server starts on three quiet faked cores, decoding on two (one left to the HTTP side); a load on half of
+    them that comes once it serves lowers its decode steps to one thread at the next step, said once in its log in
+    sample's words, and `State.threads` (what /health reports) follows."""
+    import asyncio
+
+    from lmlab.core.config import SamplingParams
+    from lmlab.serving import startup
+    from lmlab.serving.batcher import Job
+    from lmlab.serving.state import ServeOptions, State
+    from lmlab.serving.streaming import Relay
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "CHECK_SECONDS", 0.0)
+    for module in (threads, busy, startup):
+        monkeypatch.setattr(module, "cores", lambda: [0, 1, 2])
+    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)
+    load = {"others": 0.0}
+
+    def stop(meter: busy.LoadMeter) -> Load:
+        meter.load = Load(1.0, 3, load["others"], None)
+        return meter.load
+
+    monkeypatch.setattr(threads.LoadMeter, "stop", stop)
+    logged: list[str] = []
+    state = State(["tiny"], None, lambda _: None, log=logged.append, relay=Relay(asyncio.new_event_loop()))
+    before = torch.get_num_threads()
+    try:
+        startup.Startup(state, ServeOptions(tiny_run, device="cpu", max_batch=2), time.perf_counter())._load()
+        assert state.served is not None, state.failure
+        assert state.threads == 2
+        load["others"] = 0.5
+        job = Job([0], [SamplingParams(max_new_tokens=8, temperature=0)], owner=None)
+        state.served.batcher.submit(job)
+        deadline = time.monotonic() + 60
+        while not job.choices or job.choices[0].finish_reason is None:
+            assert time.monotonic() < deadline, "the job did not end"
+            time.sleep(0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert state.threads == 1
+    changes = [line for line in logged if line.startswith("lmlab serve: decoding on")]
+    assert changes == ["lmlab serve: decoding on 1 of 2 threads: other processes used 50% of the 3 cores (--threads "
+                       "sets them)"], logged

@@ -11,7 +11,7 @@ from rich.console import Console
 from lmlab.core.config import checkpoint_name
 
 if TYPE_CHECKING:  # the commands import this module at start; the library loads when a run is loaded
-    from lmlab.core.threads import ThreadChooser
+    from lmlab.core.threads import Choice, Heard, ThreadChooser
     from lmlab.run.rundir import LoadedRun
 
 
@@ -36,8 +36,32 @@ def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int,
 
     choice = Machine(run.device, run.dtype).threads(chooser, run.model, rows, length)
     if choice.lowered and choice.load is not None and choice.load.busy:
-        return f"note: {doing} on {choice.describe('OMP_NUM_THREADS')}"
+        return f"note: {doing} on {choice.describe(chooser.override)}"
     return None
+
+
+class ThreadNotes:
+    """What a command that decodes says on stderr of its threads: the start's note (`pick_threads`), held until its
+    input passed its checks (`flush`), and each change the load makes mid-decode (`heard`, the training loop's rule:
+    lmlab.core.threads), in the same words, after the start's."""
+
+    def __init__(self, chooser: ThreadChooser | None, note: str | None, doing: str = "decoding"):
+        self.chooser, self.note, self.doing = chooser, note, doing
+
+    def heard(self) -> Heard | None:
+        """The rule a decoder's steps go to; None for a run loaded before, whose threads were chosen then."""
+        from lmlab.core.threads import Heard
+
+        return None if self.chooser is None else Heard(self.chooser, self._changed)
+
+    def flush(self) -> None:
+        print_note(self.note)
+        self.note = None
+
+    def _changed(self, choice: Choice) -> None:
+        assert self.chooser is not None, "only a chooser's rule changes the threads"
+        self.flush()
+        print_note(f"note: {self.doing} on {choice.describe(self.chooser.override)}")
 
 
 def print_note(note: str | None) -> None:

@@ -15,13 +15,13 @@ from rich.console import Console
 from lmlab.analysis.history import FIELDS, evaluations
 from lmlab.analysis.plots import grad_norm_figure, loss_figure
 from lmlab.api.checks import checked, pandas_for, sampling_params, whole
-from lmlab.api.loading import decode_step, note_checkpoint, pick_threads, print_note
+from lmlab.api.loading import ThreadNotes, decode_step, note_checkpoint, pick_threads
 from lmlab.core.config import RunConfig, SamplingParams, checkpoint_name, seeded
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError
 from lmlab.core.notebook import console_here
 from lmlab.core.progress import ticking
-from lmlab.core.threads import ThreadChooser
+from lmlab.core.threads import Heard, ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.inference.generate import chat_stream, instruct_stream, sample_stream, samples
 from lmlab.model import LanguageModel
@@ -65,6 +65,7 @@ class Run:
         self.console = console or console_here()
         self.result: TrainResult | None = None  # what `lmlab.train` returned it with: steps, best, how it stopped
         self._loaded: dict[tuple[str, str, str], LoadedRun] = {}
+        self._choosers: dict[tuple[str, str, str], ThreadChooser] = {}  # the threads of each loaded run's work
 
     @staticmethod
     @checked(folders="paths", console="console?")
@@ -156,19 +157,22 @@ class Run:
         return self._use(checkpoint, device, 0, 0, "")[0]
 
     def _use(self, checkpoint: str, device: str, rows: int, length: int, doing: str,
-             quantize: str = "none") -> tuple[LoadedRun, str | None]:
-        """The loaded checkpoint (kept apart where its weights are to be quantized: they are, in place), and the note to
-        print once the caller's input passed its checks when other processes' load lowered the threads its work (`rows`
-        of `length` tokens) computes with."""
+             quantize: str = "none") -> tuple[LoadedRun, ThreadNotes]:
+        """The loaded checkpoint (kept apart where its weights are to be quantized: they are, in place), and the notes
+        on the threads its work (`rows` of `length` tokens) computes with: the start's, to print once the caller's input
+        passed its checks when other processes' load lowered them, and the rule that hears a load mid-decode."""
         key = (checkpoint_name(checkpoint), device, quantize)
         kept, sha = self._loaded.get(key), self._dir.weights_sha256(key[0])
         if kept is not None and sha is not None and kept.weights_sha256 == sha:
-            return kept, None
+            return kept, ThreadNotes(self._choosers.get(key), None, doing)
         chooser = ThreadChooser(0, "OMP_NUM_THREADS") if rows else None  # made before the load: see ThreadChooser
         loaded = self._dir.load(checkpoint, device)
         note_checkpoint(str(self.path), checkpoint, loaded.checkpoint, loaded.step)
         self._loaded[key] = loaded
-        return loaded, pick_threads(chooser, loaded, rows, length, doing) if chooser else None
+        if chooser is None:
+            return loaded, ThreadNotes(None, None)
+        self._choosers[key] = chooser
+        return loaded, ThreadNotes(chooser, pick_threads(chooser, loaded, rows, length, doing), doing)
 
     @checked(checkpoint="checkpoint", dataset="path?", max_tokens="integer?", batch_size="integer", device="name")
     def eval(self, checkpoint: str = "best", *, dataset: str | Path | None = None, max_tokens: int | None = None,
@@ -182,11 +186,11 @@ class Run:
             whole("max_tokens", max_tokens)
         from lmlab.evals.evaluate import evaluate_run
 
-        run, note = self._use(checkpoint, device, batch_size, self.config.model.block_size, "evaluated")
+        run, notes = self._use(checkpoint, device, batch_size, self.config.model.block_size, "evaluated")
         subset = f" (about {max_tokens:,} tokens of it: --max-tokens)" if max_tokens else ""
         with ticking(self.console, "window", f"Evaluating the val split{subset}") as tick:
             result = evaluate_run(run, Path(dataset) if dataset else None, batch_size, tick, max_tokens=max_tokens)
-        print_note(note)  # after the work, so that a refusal of its input stays one line
+        notes.flush()  # after the work, so that a refusal of its input stays one line
         not_kept = result.pop("not_kept", None)
         if not_kept:
             print(f"note: the result is not kept in the run: {not_kept}", file=sys.stderr)
@@ -201,8 +205,8 @@ class Run:
         pieces (the prompt first); with `compile`, decoded by a compiled step on a CPU (worth it for thousands of
         tokens; on a GPU the step replays as CUDA graphs either way); with `quantize="int8"`, from 8-bit weights on the
         CPU (lmlab.inference.quantize). Kept in samples.txt unless not `keep`."""
-        return self._text(lambda run, params, step: sample_stream(run, prompt, params, step), len(prompt), settings,
-                          f"prompt {prompt!r}", checkpoint, device, stream, compile, keep, quantize)
+        return self._text(lambda run, params, step, heard: sample_stream(run, prompt, params, step, heard), len(prompt),
+                          settings, f"prompt {prompt!r}", checkpoint, device, stream, compile, keep, quantize)
 
     @checked(prompt="text", num_samples="integer", **DECODING)
     def samples(self, prompt: str = "", num_samples: int = 2, *, checkpoint: str = "best", device: str = "auto",
@@ -211,11 +215,11 @@ class Run:
         `sample`'s), each kept in samples.txt unless not `keep`."""
         whole("num_samples", num_samples)
         params = sampling_params(settings)
-        run, note = self._use(checkpoint, device, num_samples, 1, "decoding", quantize)
+        run, notes = self._use(checkpoint, device, num_samples, 1, "decoding", quantize)
         tokens = max(len(prompt), run.config.model.block_size) + params.max_new_tokens
         step = decode_step(run, num_samples, "--num-samples", tokens, compile, self.console, quantize)
-        texts = samples(run, prompt, params, num_samples, step)
-        print_note(note)
+        texts = samples(run, prompt, params, num_samples, step, notes.heard())
+        notes.flush()
         if keep:
             for text, drawn in zip(texts, seeded(params, len(texts))):
                 _keep(run, text, f"{drawn.describe()}, prompt {prompt!r}")
@@ -229,7 +233,7 @@ class Run:
         content transcript; settings as `sample`'s."""
         turns = [("system", system)] if system is not None else []
         turns.append(("user", message))
-        return self._text(lambda run, params, step: chat_stream(run, turns, params, step), 0, settings,
+        return self._text(lambda run, params, step, heard: chat_stream(run, turns, params, step, heard), 0, settings,
                           f"chat {message!r}, system {system!r}", checkpoint, device, stream, compile, keep, quantize)
 
     @checked(instruction="text", input="text", stream="flag", **DECODING)
@@ -237,20 +241,22 @@ class Run:
                  stream: bool = False, compile: bool = False, keep: bool = True, quantize: str = "none",
                  **settings: Any) -> str | Iterator[str]:
         """The answer to an instruction (and its input) asked in the run's own format; settings as `sample`'s."""
-        return self._text(lambda run, params, step: instruct_stream(run, instruction, input, params, step), 0, settings,
+        return self._text(lambda run, params, step, heard: instruct_stream(run, instruction, input, params, step,
+                                                                           heard), 0, settings,
                           f"instruction {instruction!r}, input {input!r}", checkpoint, device, stream, compile, keep,
                           quantize)
 
-    def _text(self, pieces_of: Callable[[LoadedRun, SamplingParams, Any], Iterable[str]], prompt_length: int,
-              settings: dict[str, Any], asked: str, checkpoint: str, device: str, stream: bool, compile: bool,
-              keep: bool, quantize: str) -> str | Iterator[str]:
+    def _text(self, pieces_of: Callable[[LoadedRun, SamplingParams, Any, Heard | None], Iterable[str]],
+              prompt_length: int, settings: dict[str, Any], asked: str, checkpoint: str, device: str, stream: bool,
+              compile: bool, keep: bool, quantize: str) -> str | Iterator[str]:
         """One text generated by `pieces_of` with the sampling `settings` (its prompt checked at once), whole or
         streamed."""
         params = sampling_params(settings)
-        run, note = self._use(checkpoint, device, 1, 1, "decoding", quantize)
+        run, notes = self._use(checkpoint, device, 1, 1, "decoding", quantize)
         tokens = max(prompt_length, run.config.model.block_size) + params.max_new_tokens
-        pieces = pieces_of(run, params, decode_step(run, 1, "--num-samples", tokens, compile, self.console, quantize))
-        print_note(note)  # once the prompt passed its checks
+        step = decode_step(run, 1, "--num-samples", tokens, compile, self.console, quantize)
+        pieces = pieces_of(run, params, step, notes.heard())
+        notes.flush()  # once the prompt passed its checks
         flowing = _flow(run, pieces, f"{params.describe()}, {asked}" if keep else None)
         return flowing if stream else "".join(flowing)
 

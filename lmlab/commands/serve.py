@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.api.loading import decode_step, load_run, pick_threads, print_note
+from lmlab.api.loading import ThreadNotes, decode_step, load_run, pick_threads
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
@@ -105,13 +105,13 @@ def cmd_answer(args: argparse.Namespace) -> None:
     params = sampling(args)
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load: see ThreadChooser
     run = load_run(args.run, args.checkpoint, args.device)
-    note = pick_threads(chooser, run, args.batch_size, 1, "decoding")  # said as sample says it
+    notes = ThreadNotes(chooser, pick_threads(chooser, run, args.batch_size, 1, "decoding"))  # said as sample says
     tokens = run.config.model.block_size + args.max_new_tokens
     step = decode_step(run, args.batch_size, "--batch-size", tokens, args.compile, console, args.quantize)
     with console.status("Answering...") as status:
         n = write_answers(run, Path(args.data), Path(args.out), params, args.batch_size, step,
-                          lambda done, total: status.update(f"Answering: {done}/{total} records"))
-    print_note(note)
+                          lambda done, total: status.update(f"Answering: {done}/{total} records"), notes.heard())
+    notes.flush()
     console.print(f"wrote {n} answers to {args.out}")
 
 

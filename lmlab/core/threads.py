@@ -161,17 +161,17 @@ class ThreadChooser:
             return self._set(Choice(self.most, self.most, "quiet", load=load))
         return self._set(Choice(pick(seconds), self.most, "timed", dict(seconds), load, timed))
 
-    def stepped(self, seconds: float) -> Choice | None:
-        """After a step of `seconds`: a trial undone if the step was slower than the count it left; else, once the
-        wait is over, a look at the load, which may lower the threads or start a trial of more. The new choice, when
-        the threads changed."""
+    def stepped(self, seconds: float, timed: str = "a training step") -> Choice | None:
+        """After a step of `seconds` (`timed` says of what): a trial undone if the step was slower than the count it
+        left; else, once the wait is over, a look at the load, which may lower the threads or start a trial of more.
+        The new choice, when the threads changed."""
         if self.fixed or self.held or self.most == 1:
             return None
         if self._trial is not None and seconds > self._trial[1]:
             (left, pace), self._trial = self._trial, None
             self._wait = min(MAX_WAIT, 2 * self._wait)
             tried = {self.choice.threads: seconds, left.threads: pace}
-            return self._set(Choice(left.threads, self.most, "undone", tried, left.load, "a training step"))
+            return self._set(Choice(left.threads, self.most, "undone", tried, left.load, timed))
         self._recent.append(seconds)
         if self.meter.elapsed() < self._wait:
             return None
@@ -202,3 +202,17 @@ class ThreadChooser:
         self.choice = choice
         self.meter.start()
         return choice
+
+
+@dataclass
+class Heard:
+    """A loop other than training's whose steps `chooser`'s mid-run rule (`ThreadChooser.stepped`) hears: a decoder's,
+    whose steps are `timed`; `say` is told each change of threads, once."""
+
+    chooser: ThreadChooser
+    say: Callable[[Choice], None]
+    timed: str = "a decode step"
+
+    def stepped(self, seconds: float) -> None:
+        if (changed := self.chooser.stepped(seconds, self.timed)) is not None:
+            self.say(changed)

@@ -21,6 +21,7 @@ from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
+from lmlab.core.threads import Heard
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import instruct_all
 from lmlab.run.prompt import read_records
@@ -39,13 +40,13 @@ Progress = Callable[[int, int], None]
 
 
 def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams, batch: int = 16,
-                  step: Step | None = None, progress: Progress | None = None) -> int:
+                  step: Step | None = None, progress: Progress | None = None, threads: Heard | None = None) -> int:
     """Answer every record of an Alpaca JSON file with the run's model, `batch` decoded at once (compiled with
-    `step`); returns how many were written."""
+    `step`, its steps heard by `threads`: lmlab.inference.decode.Decoder); returns how many were written."""
     records = read_records(data)
     check_writable(Path(out))  # before the answers, not after them
     answers = instruct_all(run, [(r["instruction"], r.get("input", "")) for r in records], params, batch, step,
-                           progress)
+                           progress, threads)
     answered_by = {"run": str(run.run.path.resolve()), "checkpoint": run.checkpoint, "step": run.step,
                    "weights_sha256": run.weights_sha256}  # so `lmlab judge` keeps its scores in this run
     lines = [json.dumps({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"],

@@ -30,6 +30,7 @@ from lmlab.core.config import ModelConfig
 from lmlab.core.device import autocast, machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
+from lmlab.core.threads import most_threads
 from lmlab.core.version import __version__
 from lmlab.inference.decode import Step
 from lmlab.inference.quantize import QUANTIZE, held_as, quantize, state_dtype
@@ -54,18 +55,29 @@ def compilable(model: LanguageModel) -> bool:
     return model.new_cache(1, torch.device("meta"), torch.float32) is not None
 
 
-def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype) -> Step | None:
-    """The decode step of `model` (in eval mode) for 1 to `capacity` rows, compiled; None for a model that keeps no
-    decode state; raises UserError when this machine cannot compile it (no C++ compiler, an unsupported device)."""
+def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype, threads: int | None = None) -> Step | None:
+    """The decode step of `model` (in eval mode) for 1 to `capacity` rows on up to `threads` CPU threads
+    (`built_threads`), compiled; None for a model that keeps no decode state; raises UserError when this machine cannot
+    compile it (no C++ compiler, an unsupported device)."""
     if not compilable(model):
         return None
     with tempfile.TemporaryDirectory() as folder:
-        return load_step(build_package(model, capacity, dtype, Path(folder) / "step.pt2"))
+        return load_step(build_package(model, capacity, dtype, Path(folder) / "step.pt2", threads))
 
 
-def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path: Path) -> Path:
-    """Compile the decode step of `model` (in eval mode, `compilable`) for 1 to `capacity` rows into the package `path`;
-    raises UserError as `compile_step` does."""
+def built_threads(threads: int | None) -> int:
+    """The thread count a CPU step's kernels split their work for: `threads`, else as many as a job may take (a
+    command's ceiling, lmlab.core.threads.most_threads). Built with Inductor's dynamic threads, the kernels run on as
+    many as OpenMP has when called, so a step follows what the load leaves mid-decode (`ThreadChooser.stepped`) with
+    one build for every count; on fewer it runs slower than a step built for them, far less than a step stalled by a
+    loaded core (docs/reference/performance.md)."""
+    return threads or most_threads()[0]
+
+
+def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path: Path,
+                  threads: int | None = None) -> Path:
+    """Compile the decode step of `model` (in eval mode, `compilable`) for 1 to `capacity` rows on up to `threads`
+    CPU threads (`built_threads`) into the package `path`; raises UserError as `compile_step` does."""
     device = next(model.parameters()).device
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"the compiled decode step runs on cpu and cuda, not {device.type}; leave out --compile.")
@@ -75,7 +87,8 @@ def build_package(model: LanguageModel, capacity: int, dtype: torch.dtype, path:
     sample = sample.shortened(min(block, 64))
     idx = torch.zeros(len(sample.pos), 1, dtype=torch.long, device=device)
     options: dict[str, Any] = {"freezing": True, "autotune_num_choices_displayed": 0,
-                               "max_autotune_report_choices_stats": False, "max_autotune": autotuned(device)}
+                               "max_autotune_report_choices_stats": False, "max_autotune": autotuned(device),
+                               "cpp.threads": built_threads(threads), "cpp.dynamic_threads": True}
     if held == "int8":
         # Inductor's own int8 GEMM for every matmul: left to choose, it calls PyTorch's kernel for some, which decoded
         # slower (benchmarks/llama_cpp_side_by_side.py, with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=CPP and without)
@@ -123,14 +136,15 @@ def load_step(package: Path) -> Step:
 
 
 def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: torch.dtype, device: torch.device,
-             quantized: str = "none") -> str:
+             quantized: str = "none", threads: int | None = None) -> str:
     """What a compiled step depends on, hashed: a kept package is used only where every part of it is the same
-    (`quantized`: the format its weights were quantized to, lmlab.inference.quantize)."""
+    (`quantized`: the format its weights were quantized to, lmlab.inference.quantize; `threads`: the most it runs on,
+    `built_threads`, not the count the load left at the start, which the step follows)."""
     source = hashlib.sha256()
     for path in sorted((Path(__file__).parents[1] / "model").glob("*.py")) + [Path(__file__)]:
         source.update(path.read_bytes())
     facts = {"weights": weights_sha256, "model": asdict(config), "capacity": capacity, "dtype": str(dtype),
-             "device": device.type, "autotuned": autotuned(device), "threads": torch.get_num_threads(),
+             "device": device.type, "autotuned": autotuned(device), "threads": built_threads(threads),
              "torch": torch.__version__, "cpu": machine()["cpu"], "isa": torch.backends.cpu.get_cpu_capability(),
              "source": source.hexdigest(), "lmlab": __version__}
     if quantized != "none":  # a float step's key stays what it was: the packages kept before still match
@@ -223,13 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("weights_sha256", help="what the weights must hash to (the server's, checked)")
     p.add_argument("capacity", type=int)
     p.add_argument("dtype", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("threads", type=int)
+    p.add_argument("threads", type=int, help="the most threads it decodes on (built_threads)")
     p.add_argument("device")
     p.add_argument("quantized", nargs="?", choices=QUANTIZE, default="none",
                    help="the format the weights are quantized to first")
     args = p.parse_args(argv)
     _die_with_parent()
-    torch.set_num_threads(args.threads)  # baked into the kernels: the server decodes with as many
+    torch.set_num_threads(args.threads)  # the autotuning times the kernels on as many as they are built for
     run = RunDir(Path(args.run))
     model = build_model(run.config().model).to(args.device)
     try:
@@ -238,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"{args.folder} no longer holds the weights being served; not compiled.")
         dtype, device = getattr(torch, args.dtype), torch.device(args.device)
         quantize(model, args.quantized)
-        key = step_key(run.config().model, args.weights_sha256, args.capacity, dtype, device, args.quantized)
+        key = step_key(run.config().model, args.weights_sha256, args.capacity, dtype, device, args.quantized,
+                       args.threads)
         folder = kept_steps()
         with contextlib.suppress(OSError):  # a read-only cache is said by check_writable
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -246,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         check_folder(folder)
         tmp = folder / f".{key}.tmp-{os.getpid()}.pt2"
         try:
-            build_package(model.eval(), args.capacity, dtype, tmp)
+            build_package(model.eval(), args.capacity, dtype, tmp, args.threads)
             check_runs(model, tmp, dtype)
             # The digest first: a package is never there without the digest it is checked against.
             atomic_write_text(_digest_file(folder / f"{key}.pt2"), f"{sha256_file(tmp)}  {key}.pt2\n")

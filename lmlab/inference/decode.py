@@ -5,9 +5,11 @@ shape it was made for). Results equal decoding each sequence alone."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Tensors
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +20,9 @@ from lmlab.inference.sampling import choose, new_generator
 from lmlab.inference.scoring import TokenScore, token_scores
 from lmlab.model import LanguageModel
 from lmlab.model.base import DecodeState
+
+if TYPE_CHECKING:
+    from lmlab.core.threads import Heard
 
 # One decode step: the newest token of each row (rows, 1) and the state of those rows -> logits (rows, vocab).
 Step = Callable[[torch.Tensor, DecodeState], torch.Tensor]
@@ -130,10 +135,12 @@ def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
 
 
 class Decoder:
-    """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled or bucketed one)."""
+    """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled or bucketed one); each
+    step's seconds heard by `threads`, the job's thread rule (lmlab.core.threads), where given: a load that comes or
+    goes mid-decode changes the threads as it does a training run's."""
 
     def __init__(self, model: LanguageModel, capacity: int, dtype: torch.dtype = torch.float32,
-                 step: Step | None = None):
+                 step: Step | None = None, threads: Heard | None = None):
         self.model, self.dtype = model, dtype
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
@@ -143,6 +150,7 @@ class Decoder:
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)
         self.bucketed = isinstance(step, BucketedStep)
+        self.threads = threads
         self.active: list[Sequence] = []
         self._views: dict[tuple[int, int], DecodeState] = {}
         self.scoring = 0  # active sequences that record log-probabilities
@@ -184,6 +192,7 @@ class Decoder:
                 # The context is full: start the window over from the newest half, re-encoded in one pass,
                 # rather than recompute a whole window every token.
                 self._fill(seq, seq.ids[-max(1, self.block_size // 2):], echo=False)
+        began = time.perf_counter()  # the step's own time: a prefill's is no step's
         n = len(self.active)
         rows = row_bucket(n, self.capacity) if self.bucketed else n
         idx = torch.tensor([[seq.ids[-1]] for seq in self.active] + [[0]] * (rows - n), device=self.device)
@@ -198,6 +207,8 @@ class Decoder:
             seq.ids.append(token)
             seq.generated += 1
             seq.pos += 1
+        if self.threads is not None:  # on the thread that decodes: OpenMP's thread count is each thread's own
+            self.threads.stepped(time.perf_counter() - began)
         return tokens
 
     def rows(self, n: int, length: int | None = None) -> DecodeState:

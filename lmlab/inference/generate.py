@@ -12,6 +12,7 @@ import torch
 
 from lmlab.core.config import SamplingParams, seeded
 from lmlab.core.errors import UserError
+from lmlab.core.threads import Heard
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.inference.decode import Decoder, Step, hold_weights
 from lmlab.inference.decode import Sequence as Decoding
@@ -158,12 +159,12 @@ class Batch:
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, capacity: int, dtype: torch.dtype,
                  step: Step | None = None, past_eot: bool = False, setting: str = "the batch",
-                 tokens_per_row: int | None = None):
+                 tokens_per_row: int | None = None, threads: Heard | None = None):
         """`setting` names the capacity in the sentence that refuses one that would not fit in memory for rows of
-        `tokens_per_row` tokens (default: the context)."""
+        `tokens_per_row` tokens (default: the context); `threads` hears each step (`Decoder`)."""
         check_decoding(model.config, capacity, tokens_per_row or model.config.block_size, setting,
                        next(model.parameters()).device, dtype, state_dtype(held_as(model), dtype))
-        self.decoder = Decoder(model, capacity, dtype, step)
+        self.decoder = Decoder(model, capacity, dtype, step, threads)
         self.tokenizer, self.past_eot = tokenizer, past_eot
         self.owner: dict[Decoding, Continuation] = {}
 
@@ -218,12 +219,12 @@ class Batch:
 def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[list[int]],
                  params: Sequence[SamplingParams], capacity: int, dtype: torch.dtype, step: Step | None = None,
                  progress: Callable[[int, int], None] | None = None, past_eot: bool = False,
-                 setting: str = "--batch-size",
-                 ended: Callable[[int, Continuation], None] | None = None) -> list[Continuation]:
+                 setting: str = "--batch-size", ended: Callable[[int, Continuation], None] | None = None,
+                 threads: Heard | None = None) -> list[Continuation]:
     """Every prompt's continuation, `capacity` (the option `setting`) decoded at once; the next prompt joins as soon
     as one ends. `ended` hears each as it ends (the prompt's index, its continuation): what a stop keeps."""
     longest = max((len(p) + q.max_new_tokens for p, q in zip(prompts, params)), default=0)
-    batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest)
+    batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest, threads)
     waiting, done = list(zip(prompts, params))[::-1], []
     results, index = [], {}
     while waiting or len(batch):
@@ -245,8 +246,9 @@ class TextStream:
     "length" and `tokens` the number of tokens generated."""
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
-                 dtype: torch.dtype = torch.float32, step: Step | None = None, past_eot: bool = False):
-        self.batch = Batch(model, tokenizer, 1, dtype, step, past_eot)
+                 dtype: torch.dtype = torch.float32, step: Step | None = None, past_eot: bool = False,
+                 threads: Heard | None = None):
+        self.batch = Batch(model, tokenizer, 1, dtype, step, past_eot, threads=threads)
         self.continuation = self.batch.add(prompt, params)
 
     def __iter__(self) -> Iterator[str]:
@@ -295,14 +297,16 @@ def _start(run: LoadedRun, prompt: str) -> list[int]:
     return run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer)
 
 
-def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams, step: Step | None = None) -> Iterator[str]:
+def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams, step: Step | None = None,
+                  threads: Heard | None = None) -> Iterator[str]:
     """The prompt, then its continuation piece by piece: `samples`' first, streamed; the prompt is checked at once."""
     dtype = decode_dtype(run.device, run.dtype, step is not None)
     return itertools.chain([prompt], TextStream(run.model, run.tokenizer, _start(run, prompt), params, dtype, step,
-                                                past_eot=True))
+                                                past_eot=True, threads=threads))
 
 
-def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, step: Step | None = None) -> list[str]:
+def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, step: Step | None = None,
+            threads: Heard | None = None) -> list[str]:
     """n continuations of the prompt (an empty one starts a new document) drawn in one batch, the i-th with seed
     params.seed + i, each with its prompt in front; like nanoGPT's samples, they run on across documents."""
     start = _start(run, prompt)
@@ -311,7 +315,7 @@ def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, ste
     check_decoding(run.config.model, n, len(start) + params.max_new_tokens, "--num-samples", run.device, dtype,
                    state_dtype(held_as(run.model), dtype))
     done = continue_all(run.model, run.tokenizer, [start] * n, seeded(params, n), n, dtype, step, past_eot=True,
-                        setting="--num-samples")
+                        setting="--num-samples", threads=threads)
     return [prompt + c.text.text for c in done]
 
 
@@ -350,12 +354,12 @@ def chat_prompt(run: LoadedRun, turns: Sequence[tuple[str, str]]) -> ChatPrompt:
 
 
 def chat_stream(run: LoadedRun, turns: Sequence[tuple[str, str]], params: SamplingParams,
-                step: Step | None = None) -> TextStream:
+                step: Step | None = None, threads: Heard | None = None) -> TextStream:
     prompt = chat_prompt(run, turns)
     check_prompt_length(run, prompt.text, "the chat's rendered prompt")
     params = dataclasses.replace(params, stop=(*params.stop, *prompt.stop))
     dtype = decode_dtype(run.device, run.dtype, step is not None)
-    return TextStream(run.model, run.tokenizer, prompt.ids(run.tokenizer), params, dtype, step)
+    return TextStream(run.model, run.tokenizer, prompt.ids(run.tokenizer), params, dtype, step, threads=threads)
 
 
 def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, input: str) -> list[int]:
@@ -385,19 +389,21 @@ def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],
 
 
 def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams,
-                    step: Step | None = None) -> TextStream:
+                    step: Step | None = None, threads: Heard | None = None) -> TextStream:
     (prompt,), params = _asking(run, [(instruction, input)], params)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
-    return TextStream(run.model, run.tokenizer, prompt, params, dtype, step)
+    return TextStream(run.model, run.tokenizer, prompt, params, dtype, step, threads=threads)
 
 
 def instruct_all(run: LoadedRun, asks: Sequence[tuple[str, str]], params: SamplingParams, batch: int = 1,
-                 step: Step | None = None, progress: Callable[[int, int], None] | None = None) -> list[str]:
+                 step: Step | None = None, progress: Callable[[int, int], None] | None = None,
+                 threads: Heard | None = None) -> list[str]:
     """The model's answers to (instruction, input) pairs, each up to the format's end marker, `batch` decoded at
     once."""
     prompts, params = _asking(run, asks, params)
     dtype = decode_dtype(run.device, run.dtype, step is not None)
-    done = continue_all(run.model, run.tokenizer, prompts, [params] * len(prompts), batch, dtype, step, progress)
+    done = continue_all(run.model, run.tokenizer, prompts, [params] * len(prompts), batch, dtype, step, progress,
+                        threads=threads)
     return [c.text.text for c in done]
 
 

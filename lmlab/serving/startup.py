@@ -15,7 +15,7 @@ import torch
 
 from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
-from lmlab.core.threads import ThreadChooser
+from lmlab.core.threads import Choice, Heard, ThreadChooser
 from lmlab.core.workers import python_command
 from lmlab.inference.compiled import (
     StepRefused,
@@ -49,6 +49,7 @@ class Startup:
         self.state, self.options, self.since = state, options, since
         self.compiler: subprocess.Popen | None = None
         self.choice = StepChoice("eager", "not loaded yet")
+        self.threads: Heard | None = None  # the decode steps' thread rule, once the run is loaded
         self.thread = threading.Thread(target=self._load, name="lmlab-startup", daemon=True)
 
     def begin(self) -> None:
@@ -90,6 +91,7 @@ class Startup:
             for note in run.notes:
                 state.log(f"lmlab serve: {note}")
             state.threads = Machine(run.device, run.dtype).threads(chooser, run.model, options.max_batch, 1).threads
+            self.threads = Heard(chooser, self._threads_changed)  # a load that comes or goes mid-serve is heard
             folder = served_folder(run)
             # As sample and answer do; a step compiled from int8 weights (--quantize) is kept as a float one is, and
             # until it is built the server decodes eagerly from the same int8 weights.
@@ -136,7 +138,18 @@ class Startup:
     def _batch(self, run: LoadedRun, dtype: torch.dtype, step: Step | None = None) -> Batch:
         """A batch of --max-batch rows, refused in one sentence (the memory preflight) when they cannot fit."""
         return Batch(run.model, run.tokenizer, self.options.max_batch, dtype, step, setting="--max-batch",
-                     tokens_per_row=self._row_tokens(run))
+                     tokens_per_row=self._row_tokens(run), threads=self.threads)
+
+    def _most(self) -> int:
+        """The most threads the server decodes on: what its compiled step is built for (it follows fewer)."""
+        assert self.threads is not None, "the threads are chosen before any step is built"
+        return self.threads.chooser.most
+
+    def _threads_changed(self, choice: Choice) -> None:
+        """What the load changed mid-serve, in sample's words, and in /health."""
+        assert self.threads is not None, "only the rule changes the threads"
+        self.state.threads = choice.threads
+        self.state.log(f"lmlab serve: decoding on {choice.describe(self.threads.chooser.override)}")
 
     def _served(self, run: LoadedRun, batch: Batch, folder: Path) -> Served:
         options = self.options
@@ -151,7 +164,7 @@ class Startup:
         (said, and built again) or it fails to load (deleted, and built again)."""
         try:
             path = kept_step(step_key(run.config.model, weights_sha256(folder), self.options.max_batch, run.dtype,
-                                      run.device, self.options.quantize))
+                                      run.device, self.options.quantize, self._most()))
         except StepRefused as err:
             self.state.log(f"lmlab serve: {err}")
             return None
@@ -185,7 +198,7 @@ class Startup:
                   "until then)")
         command = python_command("lmlab.inference.compiled", str(options.run), str(folder), weights_sha256(folder),
                                  str(options.max_batch), str(run.dtype).removeprefix("torch."),
-                                 str(torch.get_num_threads()), run.device.type, options.quantize)
+                                 str(self._most()), run.device.type, options.quantize)
         self.compiler = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = self.compiler.communicate()
         if self.compiler.returncode or state.draining:

@@ -40,6 +40,7 @@ from tests.helpers import (
     LMLAB,
     cut_at_first_checkpoint,
     output,
+    roomier,
     same_weights,
     stable_events,
     torchrun,
@@ -247,14 +248,6 @@ def budgeted(tmp_path, dataset, seconds: float, overrides=()) -> Trainer:
 
 def plans_of(run) -> list[Plan]:
     return [Plan.of(e) for e in RunDir(run).events() if e["event"] == "budget"]
-
-
-def roomier(seconds: float, refusal: str) -> float:
-    """A budget for another try where this machine's start, slow or busy, left a test's budget too little: what the
-    refusal said it needs, with room for the steps the test wants. A budget test's limit is derived from the
-    machine's measured speed; its verdicts are on what the run did with it."""
-    found = re.search(r"give a budget of at least (\d+) s", refusal)
-    return max(2 * seconds, 3 * float(found[1])) if found else 2 * seconds
 
 
 def trained(tmp_path, dataset, seconds: float, overrides=(), steps: int = 1):

@@ -138,6 +138,14 @@ def write_config(path: Path, dataset: Path, max_iters: int = 40) -> Path:
     return path
 
 
+def roomier(seconds: float, refusal: str) -> float:
+    """A budget for another try where this machine's start, slow or busy, left a test's budget too little: what the
+    refusal said it needs, with room for the steps the test wants. A budget test's limit is derived from the
+    machine's measured speed; its verdicts are on what the run did with it."""
+    found = re.search(r"give a budget of at least (\d+) s", refusal)
+    return max(2 * seconds, 3 * float(found[1])) if found else 2 * seconds
+
+
 def write_fit(preset: Path, dataset: Path, largest: int) -> None:
     """A fit beside `preset` (lmlab.experiments.family) whose runs reach `largest` parameters, its val falling with
     size alone (B = 0): the largest depth it predicts (EXTRAPOLATION x `largest`) that trains a step is the best

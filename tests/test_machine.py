@@ -18,7 +18,7 @@ from lmlab.model import build_model
 from lmlab.train.machine import MEASURED, READ_BACK, ROWS, Machine, cache_path
 from lmlab.train.step import TrainStep
 from lmlab.train.timing import time_config, time_step, timing_shape
-from tests.helpers import ALPACA_TINY, LMLAB, Server, write_config
+from tests.helpers import ALPACA_TINY, LMLAB, Server, forget_choices, roomier, write_config
 
 CPU = torch.device("cpu")
 
@@ -112,20 +112,34 @@ def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_datase
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     settings = [a for s in ("train.attention=auto", "train.threads=0", "train.compile=false")
                 for a in ("--set", s)]
-    said = []
-    for n in (1, 2):
-        done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / f"run{n}", "--device", "cpu", "--budget",
-                               "30s", *settings], capture_output=True, text=True, timeout=300, env=os.environ)
-        assert done.returncode == 0, done.stdout + done.stderr
-        said.append(next(line for line in done.stdout.splitlines() if line.startswith("machine: ")))
-        if n == 1:
-            kept = cache_path().read_bytes()
+    # What is tested is what each run measures, not how long it trains: a budget a few times a quiet start-up's, made
+    # roomier, on a cache forgotten again, where a busy machine's start leaves it too little.
+    seconds = 15.0
+    for attempt in range(3):
+        forget_choices()
+        runs, said, refusal = [tmp_path / f"try{attempt}" / f"run{n}" for n in (1, 2)], [], ""
+        for n, run in enumerate(runs, 1):
+            done = subprocess.run([LMLAB, "train", config, "--run", run, "--device", "cpu", "--budget",
+                                   f"{seconds:g}s", *settings], capture_output=True, text=True, timeout=300,
+                                  env=os.environ)
+            if done.returncode == 2 and "give a budget of at least" in done.stderr:
+                refusal = done.stderr
+                break
+            assert done.returncode == 0, done.stdout + done.stderr
+            said.append(next(line for line in done.stdout.splitlines() if line.startswith("machine: ")))
+            if n == 1:
+                kept = cache_path().read_bytes()
+        if not refusal:
+            break
+        seconds = roomier(seconds, refusal)
+    else:
+        pytest.fail(f"three budgets in a row were refused: {refusal}")
     assert "(measured)" in said[0] and "attention" in said[0] and "eager (train.compile)" in said[0]
     assert "no CUDA graphs (not on this device)" in said[0]
     assert "(measured)" not in said[1] and "(read back)" in said[1], said[1]
     assert cache_path().read_bytes() == kept
-    for n in (1, 2):
-        events = [json.loads(line) for line in (tmp_path / f"run{n}" / "metrics.jsonl").read_text().splitlines()]
+    for n, run in enumerate(runs, 1):
+        events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         attention = [e for e in events if e["event"] == "attention"]
         assert len(attention) == 1 and attention[0]["how"] == (MEASURED if n == 1 else READ_BACK)
         assert [(e["step"], e["graphs"], e["how"]) for e in events if e["event"] == "graphs"] == [
@@ -135,7 +149,7 @@ def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_datase
     assert {"attention", "timing"} <= rows <= {"attention", "timing", "threads"}
     for command in (["sample", "--max-new-tokens", "2"], ["eval"]):
         before = _rows()
-        done = subprocess.run([LMLAB, command[0], tmp_path / "run1", "--device", "cpu", *command[1:]],
+        done = subprocess.run([LMLAB, command[0], runs[0], "--device", "cpu", *command[1:]],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         added = _rows() - before

@@ -394,16 +394,20 @@ def two_cores_whose_load_is(monkeypatch, load: dict[str, float]) -> None:
     monkeypatch.setattr(threads.LoadMeter, "stop", stop)
 
 
-@pytest.mark.parametrize("env, busy_mid, counts, notes", [
-    (None, 0.5, [2, 2, 1, 1], ["note: decoding on 1 of 2 threads: other processes used 50% of the 2 cores "
-                               "(OMP_NUM_THREADS sets them)"]),  # a load arrives mid-sample: heard, said once
-    (None, 0.0, [2, 2, 2, 2], []),  # quiet throughout: never changed
-    ("2", 0.5, [2, 2, 2, 2], [])])  # set: never changed, whatever the load
+HEARD = ["note: decoding on 1 of 2 threads: other processes used 50% of the 2 cores (OMP_NUM_THREADS sets them)"]
+
+
+@pytest.mark.parametrize("env, busy_mid, counts, notes, loaded", [
+    (None, 0.5, [2, 2, 1, 1], HEARD, False),  # a load arrives mid-sample: heard, said once
+    (None, 0.5, [2, 2, 1, 1], HEARD, True),  # the same of a run `load` kept before
+    (None, 0.0, [2, 2, 2, 2], [], False),  # quiet throughout: never changed
+    ("2", 0.5, [2, 2, 2, 2], [], False)])  # set: never changed, whatever the load
 def test_a_sample_hears_a_load_that_arrives_mid_decode_unless_its_threads_are_set(tiny_run, monkeypatch, capsys, env,
-                                                                                  busy_mid, counts, notes):
+                                                                                  busy_mid, counts, notes, loaded):
     """A sample starts on quiet cores, on both; a load that takes half of them after its first tokens lowers the
     threads to the one it leaves at the next token, as training's mid-run rule does, said once on stderr in the
-    start's words (`ThreadChooser.stepped`, through the decoder); OMP_NUM_THREADS keeps its count."""
+    start's words (`ThreadChooser.stepped`, through the decoder), also where `Run.load` loaded the run before;
+    OMP_NUM_THREADS keeps its count."""
     if env is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
@@ -412,8 +416,10 @@ def test_a_sample_hears_a_load_that_arrives_mid_decode_unless_its_threads_are_se
     two_cores_whose_load_is(monkeypatch, load)
     before, seen = torch.get_num_threads(), []
     try:
-        pieces = lmlab.Run(tiny_run).sample("ROMEO:", device="cpu", stream=True, keep=False, max_new_tokens=40,
-                                            temperature=0)
+        run = lmlab.Run(tiny_run)
+        if loaded:
+            run.load(device="cpu")
+        pieces = run.sample("ROMEO:", device="cpu", stream=True, keep=False, max_new_tokens=40, temperature=0)
         for i, _ in enumerate(pieces):
             seen.append(torch.get_num_threads())
             if i == 1:

@@ -163,16 +163,17 @@ class Run:
         passed its checks when other processes' load lowered them, and the rule that hears a load mid-decode."""
         key = (checkpoint_name(checkpoint), device, quantize)
         kept, sha = self._loaded.get(key), self._dir.weights_sha256(key[0])
-        if kept is not None and sha is not None and kept.weights_sha256 == sha:
-            return kept, ThreadNotes(self._choosers.get(key), None, doing)
-        chooser = ThreadChooser(0, "OMP_NUM_THREADS") if rows else None  # made before the load: see ThreadChooser
-        loaded = self._dir.load(checkpoint, device)
-        note_checkpoint(str(self.path), checkpoint, loaded.checkpoint, loaded.step)
-        self._loaded[key] = loaded
+        fresh = kept is None or sha is None or kept.weights_sha256 != sha
+        # Made before the load (see ThreadChooser); for a run kept by a call that computed nothing (`load`), now.
+        chooser = ThreadChooser(0, "OMP_NUM_THREADS") if rows and (fresh or key not in self._choosers) else None
+        if fresh:
+            kept = self._loaded[key] = self._dir.load(checkpoint, device)
+            note_checkpoint(str(self.path), checkpoint, kept.checkpoint, kept.step)
+        assert kept is not None, "loaded"
         if chooser is None:
-            return loaded, ThreadNotes(None, None)
+            return kept, ThreadNotes(self._choosers.get(key), None, doing)
         self._choosers[key] = chooser
-        return loaded, ThreadNotes(chooser, pick_threads(chooser, loaded, rows, length, doing), doing)
+        return kept, ThreadNotes(chooser, pick_threads(chooser, kept, rows, length, doing), doing)
 
     @checked(checkpoint="checkpoint", dataset="path?", max_tokens="integer?", batch_size="integer", device="name")
     def eval(self, checkpoint: str = "best", *, dataset: str | Path | None = None, max_tokens: int | None = None,

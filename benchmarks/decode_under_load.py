@@ -2,7 +2,7 @@
 (lmlab before the decoders heard the load) and with the training loop's mid-run rule hearing each step
 (lmlab.core.threads.ThreadChooser.stepped, as sample, answer, lmlab.Run and serve decode now).
 
-    python benchmarks/decode_under_load.py [--seconds 15] [--repeats 2] [--hogs 1]
+    python -m benchmarks.decode_under_load [--seconds 15] [--repeats 2] [--hogs 1]   (from the repository root)
 
 The demo-size model (benchmarks/decode_speed.py's "demo" shape, random weights), batch-1 greedy, eager and compiled
 (one AOTInductor step, built once, for every core with Inductor's dynamic threads: lmlab.inference.compiled), in one

@@ -49,7 +49,7 @@ class ThreadNotes:
         self.chooser, self.note, self.doing = chooser, note, doing
 
     def heard(self) -> Heard | None:
-        """The rule a decoder's steps go to; None for a run loaded before, whose threads were chosen then."""
+        """The rule a decoder's steps go to; None where nothing chose the threads (a run loaded to compute nothing)."""
         from lmlab.core.threads import Heard
 
         return None if self.chooser is None else Heard(self.chooser, self._changed)

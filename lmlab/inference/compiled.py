@@ -55,14 +55,14 @@ def compilable(model: LanguageModel) -> bool:
     return model.new_cache(1, torch.device("meta"), torch.float32) is not None
 
 
-def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype, threads: int | None = None) -> Step | None:
-    """The decode step of `model` (in eval mode) for 1 to `capacity` rows on up to `threads` CPU threads
-    (`built_threads`), compiled; None for a model that keeps no decode state; raises UserError when this machine cannot
-    compile it (no C++ compiler, an unsupported device)."""
+def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype) -> Step | None:
+    """The decode step of `model` (in eval mode) for 1 to `capacity` rows on up to as many CPU threads as a job may
+    take (`built_threads`), compiled; None for a model that keeps no decode state; raises UserError when this machine
+    cannot compile it (no C++ compiler, an unsupported device)."""
     if not compilable(model):
         return None
     with tempfile.TemporaryDirectory() as folder:
-        return load_step(build_package(model, capacity, dtype, Path(folder) / "step.pt2", threads))
+        return load_step(build_package(model, capacity, dtype, Path(folder) / "step.pt2"))
 
 
 def built_threads(threads: int | None) -> int:

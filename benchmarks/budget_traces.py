@@ -143,7 +143,7 @@ def _run(trace: Trace) -> Outcome:
                         schedule=trace.schedule, learning_rate=1e-3, min_lr=1e-4)
     out = Outcome(trace, train=train)
     chooser = ThreadChooser(0, "train.threads", window=FakeMeter(clock, trace))  # type: ignore[arg-type]
-    chooser.decide({n: trace.step_seconds(clock.now, n) for n in chooser.counts(torch.device("cpu"))})
+    chooser.start(torch.device("cpu"))
     step_now = trace.step_seconds(clock.now, chooser.choice.threads)
     eval_batch = trace.eval_batch if trace.eval_batch is not None else step_now / 3
     clock.now += step_now * (1 + max(1, min(3, math.ceil(0.25 / step_now)))) + eval_batch + trace.plot  # the timing

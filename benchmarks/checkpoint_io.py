@@ -19,6 +19,7 @@ from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.config_toml import load_config
+from lmlab.core.machine import Machine
 from lmlab.core.progress import ItemProgress
 from lmlab.experiments.bench import checkpoint_cost
 from lmlab.experiments.plan import shape_of
@@ -36,7 +37,7 @@ def measure(config: ModelConfig, repeats: int, device: str = "cpu") -> tuple[int
     if config.vocab_size == 0:
         config = dataclasses.replace(config, vocab_size=76)
     cfg = RunConfig(model=config, train=TrainConfig(dtype="float32"))
-    cost = checkpoint_cost(cfg, device, Path("."), repeats)
+    cost = checkpoint_cost(cfg, Machine.of(device, "float32"), Path("."), repeats)
     return shape_of(cfg).num_params(), cost.bytes, cost.write_seconds, cost.load_seconds
 
 

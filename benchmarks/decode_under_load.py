@@ -59,8 +59,8 @@ def decode_for(decoder: Decoder, seq: Sequence, seconds: float) -> tuple[float, 
 def case(model: torch.nn.Module, step, hears: bool, seconds: float, hogs: int) -> dict:
     """One decode: quiet, then beside the hogs; with `hears`, each step goes to the thread rule."""
     changes: list[Choice] = []
-    chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # every core, as a quiet start chooses
-    chooser.decide({})
+    chooser = ThreadChooser(0, "OMP_NUM_THREADS")
+    chooser.start(torch.device("cpu"))  # every core, as a quiet start chooses
     decoder = Decoder(model, 1, torch.float32, step, Heard(chooser, changes.append) if hears else None)
     seq = Sequence([0], SamplingParams(max_new_tokens=10 ** 9, temperature=0))
     decoder.join(seq)

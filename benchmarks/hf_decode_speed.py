@@ -120,7 +120,7 @@ def rows(run, folder: Path, batches: list[int], tokens: int, compile: bool) -> d
                 StepChoice("torch.compile reduce-overhead", "measured"), run.model, dtype, b))
             steps[f"lmlab {used.kind}"] = (overhead, seconds)
         else:  # the graphs' code path, through its twin: a dry run of what a GPU times
-            steps["lmlab graph step, its CPU twin"] = (GraphStep(run.model, dtype, recorded), None)
+            steps["lmlab graph step, its CPU twin"] = (GraphStep(run.model, dtype, lambda: recorded), None)
         for name, (each, seconds) in steps.items():
             decoder = Decoder(run.model, batch, dtype, each)
             paths[(name, batch)] = (lambda d=decoder, b=batch: lmlab_rate(d, b, tokens), seconds)

@@ -33,13 +33,15 @@ SHAPES = {
 STEP = """
 import json, sys, torch
 from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.core.machine import Machine
+from lmlab.core.threads import ThreadChooser
 from lmlab.model import build_model
 from lmlab.train.step import TrainStep
 cfg, batch, dtype = ModelConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3]
 if len(sys.argv) > 4:
     torch.set_num_threads(int(sys.argv[4]))
-step = TrainStep(build_model(cfg), TrainConfig(batch_size=batch, compile=False, dtype=dtype), torch.device("cpu"),
-                 getattr(torch, dtype))
+machine = Machine(torch.device("cpu"), getattr(torch, dtype), ThreadChooser(torch.get_num_threads(), "threads"))
+step = TrainStep(build_model(cfg), TrainConfig(batch_size=batch, compile=False, dtype=dtype), machine)
 x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
 def status(key):
     return int(open("/proc/self/status").read().split(key)[1].split()[0]) * 1024

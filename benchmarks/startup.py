@@ -47,8 +47,8 @@ PHASES = {
     "peak and dtype": [("lmlab/core/peak.py", "")],
     "sizing": [("lmlab/experiments/sizing.py", "")],  # its timing of sizes too
     "budget's timing": [("lmlab/train/timing.py", ""), ("lmlab/train/budget.py", "")],
-    "machine's choices": [("lmlab/train/machine.py", ""), ("lmlab/train/attention.py", ""),
-                          ("lmlab/core/threads.py", "")],
+    "machine's choices": [("lmlab/core/machine.py", ""), ("lmlab/train/attention.py", ""),
+                          ("lmlab/core/threads.py", ""), ("lmlab/core/cache.py", "")],
     "data checks": [("lmlab/data/", "")],
     "run folder": [("lmlab/run/", "")],
     "model and optimizer": [("lmlab/model/", ""), ("lmlab/train/optim.py", ""), ("lmlab/train/step.py", "")],

@@ -21,6 +21,7 @@ from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import busy_warning
 from lmlab.core.config_toml import load_config
 from lmlab.core.device import resolve_device
+from lmlab.core.machine import Machine
 from lmlab.core.progress import ItemProgress
 from lmlab.experiments.bench import bench_batch
 
@@ -53,7 +54,7 @@ def main() -> None:
             if "GPT-2" in recipe:
                 batch = args.gpt2_batch or (1 if device.type == "cpu" else 16)
             progress.start(f"{recipe}, {name}, micro-batch {batch}")
-            row = bench_batch(cfg, batch, args.steps, args.device)
+            row = bench_batch(cfg, batch, args.steps, Machine.of(args.device, cfg.train.dtype, cfg.train.threads))
             if row.out_of_memory:
                 table.add_row(recipe, name, str(batch), "out of memory", "-", "-", "-")
                 continue

@@ -38,6 +38,8 @@ from safetensors.torch import load_file
 
 from lmlab.commands import main
 from lmlab.core import peak
+from lmlab.core.machine import Machine
+from lmlab.core.threads import ThreadChooser
 from lmlab.data.loader import open_tokens
 from lmlab.run.rundir import RunDir
 from tests.cpu_kind.sitecustomize import KIND_VARIABLE, answering
@@ -255,7 +257,7 @@ def write_wikitext(folder: Path, articles: int = 40, seed: int = 0) -> Path:
 
 
 # Fields of metrics.jsonl that depend on wall time, the machine's load or the run's location, not on what it learned.
-CHOSEN = ("threads", "attention", "compile", "graphs")  # the events of what a run chose by timing or by the load
+CHOSEN = ("threads", "machine")  # the events of what a run's machine chose, by its rules or by the load
 VOLATILE = {"elapsed", "seconds", "tokens_per_sec", "ms_per_step", "mfu", "peak_flops", "peak_source", "peak_quiet",
             "dtype_reason", "budget_spent", "path"}
 
@@ -813,12 +815,28 @@ def events_of(run: Path, kind: str) -> list[dict]:
     return [e for e in RunDir(run).events() if e.get("event") == kind]
 
 
-def forget_choices() -> None:
-    """This machine's kept choices (lmlab.train.machine) forgotten, as on a machine that never ran the shapes: what
-    comes next measures them again."""
-    from lmlab.train.machine import cache_path
+def chosen(run: Path, row: str) -> tuple[str, str]:
+    """What the run's machine chose for `row` at its start (its `machine` event) and why."""
+    [event] = events_of(run, "machine")
+    return event["choices"][row]["chosen"], event["choices"][row]["why"]
 
-    cache_path().unlink(missing_ok=True)
+
+def a_machine(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Machine:
+    """A job's machine on `device` in `dtype`, measuring nothing, on torch's threads now (which it leaves as they
+    are): what a test of a rule asks."""
+    return Machine(torch.device(device), dtype, ThreadChooser(torch.get_num_threads(), "train.threads"))
+
+
+def forget_choices() -> None:
+    """The step timings the machine cache keeps (lmlab.core.cache) forgotten, as on a machine that never ran the
+    shapes: what comes next times them again. Its peaks are kept."""
+    from lmlab.core.cache import cache_path
+
+    path = cache_path()
+    if path.exists():
+        kept = json.loads(path.read_text())
+        kept["entries"] = {k: v for k, v in kept["entries"].items() if v.get("kind") != "timing"}
+        path.write_text(json.dumps(kept))
 
 
 def meta_reads(monkeypatch) -> list[Path]:  # noqa: ANN001 (pytest's fixture)

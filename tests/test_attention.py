@@ -1,7 +1,7 @@
-"""The two attention paths (lmlab.model.attention) and the choice between them (lmlab.train.attention): both train
-the same model, the math path keeps no more than its memory counts, `auto` takes it only where it is faster by the
-gain and fits, a set path (train.attention, finetune.attention) is taken untimed, and a resumed run or a continued
-fine-tune keeps the path it trained by."""
+"""The two attention paths (lmlab.model.attention) and the choice between them (lmlab.train.attention, by the
+machine's rule): both train the same model, the math path keeps no more than its memory counts, `auto` takes it on a
+CPU in bfloat16 at a short context where it fits, a set path (train.attention, finetune.attention) is taken as set,
+and a resumed run or a continued fine-tune keeps the path it trained by, whatever the rule says then."""
 
 from __future__ import annotations
 
@@ -16,22 +16,21 @@ from rich.console import Console
 from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
+from lmlab.core.machine import MATH_CONTEXT
 from lmlab.model.attention import CUDA_ONLY, PATHS, attend, score_bytes
 from lmlab.model.gpt import GPT
 from lmlab.model.memory import training_need
 from lmlab.model.recurrent import RecurrentLM
-from lmlab.run.rundir import RunDir
 from lmlab.train import attention
-from lmlab.train.attention import GAIN, choose_attention
+from lmlab.train.attention import choose_attention
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
-from lmlab.train.machine import Machine
 from lmlab.train.optim import OPTIMIZERS
 from tests.helpers import (
     ALPACA_TINY,
+    a_machine,
+    chosen,
     cut_at_first_checkpoint,
-    events_of,
-    forget_choices,
     same_weights,
     stable_events,
     write_config,
@@ -106,135 +105,96 @@ print(grown / (B * nh * T * T * 4))
 """
 
 
-def timer(fused_ms: float, math_ms: float):
-    return lambda path: (fused_ms if path == "fused" else math_ms) / 1000
-
-
-@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.85, 0.9, 0.95, 1.0, 1.5, 4.0])
-def test_auto_takes_the_math_path_only_where_it_is_faster_by_the_gain(ratio):
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=20))
-    choice = choose_attention(model, TrainConfig(batch_size=4), Machine(CPU, torch.float32), STATE,
-                              timer=timer(10.0, 10.0 * ratio))
-    want = "math" if ratio <= GAIN else "fused"
-    assert choice.path == want and {b.attn.path for b in model.transformer.h} == {want}
-    assert choice.ms == pytest.approx({"fused": 10.0, "math": 10.0 * ratio})
-    assert choice.record(0) == {"event": "attention", "step": 0, "path": want, "how": "measured", "fused_ms": 10.0,
-                                "math_ms": round(10.0 * ratio, 3)}
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_auto_takes_the_math_path_on_a_cpu_in_bfloat16_at_a_short_context(device, dtype):
+    """The rule over devices, dtypes and contexts: math on a CPU in bfloat16 up to MATH_CONTEXT, where its scores fit;
+    torch's fused kernel everywhere else (on CUDA, flash where it applies). Nothing is timed."""
+    for block in (16, MATH_CONTEXT, MATH_CONTEXT + 1, 4 * MATH_CONTEXT):
+        model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=block, vocab_size=20))
+        machine = a_machine(device, dtype)
+        path = choose_attention(model, TrainConfig(batch_size=4), machine, STATE)
+        want = "math" if (device, dtype) == ("cpu", torch.bfloat16) and block <= MATH_CONTEXT else "fused"
+        assert path == want and {b.attn.path for b in model.transformer.h} == {want}
+        assert machine.made["attention"][0] == f"attention {want}" and machine.made["attention"][1].startswith("rule: ")
 
 
 def test_auto_keeps_the_fused_kernel_where_the_scores_would_not_fit():
-    """A batch whose scores outgrow this machine's memory (the fused step's need is far less): fused, said so, the
-    math path never timed; a batch that fits is timed."""
-    config = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=1024, vocab_size=20)
-    scores = (config.n_layer * score_bytes(torch.float32, False) + 2 * 4) * config.n_head * 1024 ** 2
+    """A batch whose scores outgrow this machine's memory (the fused step's need is far less): fused, said so; a
+    batch that fits takes the math path."""
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=MATH_CONTEXT, vocab_size=20)
+    scores = (config.n_layer * score_bytes(torch.bfloat16, False) + 2 * 2) * config.n_head * MATH_CONTEXT ** 2
     batch = attention.host_memory() // scores + 1
-    timed: list[str] = []
-    choice = choose_attention(GPT(config), TrainConfig(batch_size=batch), Machine(CPU, torch.float32), STATE,
-                              timer=lambda path: timed.append(path) or 0.0)
-    assert choice.path == "fused" and timed == [] and "with its scores, more than the" in choice.why
-    choose_attention(GPT(config), TrainConfig(batch_size=1), Machine(CPU, torch.float32), STATE,
-                     timer=lambda path: timed.append(path) or 0.0)
-    assert set(timed) == set(PATHS) - set(CUDA_ONLY)
+    machine = a_machine("cpu", torch.bfloat16)
+    assert choose_attention(GPT(config), TrainConfig(batch_size=batch), machine, STATE) == "fused"
+    assert machine.made["attention"] == ("attention fused", "rule: the math path's scores would not fit in memory")
+    assert choose_attention(GPT(config), TrainConfig(batch_size=1), machine, STATE) == "math"
 
 
-def test_a_set_path_is_taken_untimed_and_a_model_without_attention_has_none_to_choose():
+def test_a_set_path_is_taken_as_set_and_a_model_without_attention_has_none_to_choose():
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20))
-    untimed = timer(float("nan"), float("nan"))
     for path in set(PATHS) - set(CUDA_ONLY):
-        chosen = choose_attention(model, TrainConfig(attention=path), Machine(CPU, torch.float32), STATE, timer=untimed)
-        assert chosen.path == path
+        machine = a_machine()
+        assert choose_attention(model, TrainConfig(attention=path), machine, STATE) == path
+        assert machine.made["attention"] == (f"attention {path}", "train.attention")
     for path in CUDA_ONLY:
         with pytest.raises(UserError, match=f'train.attention = "{path}" is a kernel of CUDA\'s, and this run trains '
                                             "on cpu; set it to auto, fused or math"):
-            choose_attention(model, TrainConfig(attention=path), Machine(CPU, torch.float32), STATE, timer=untimed)
+            choose_attention(model, TrainConfig(attention=path), a_machine(), STATE)
     recurrent = RecurrentLM(ModelConfig(kind="recurrent", n_layer=1, n_embd=16, block_size=16, vocab_size=20))
-    assert choose_attention(recurrent, TrainConfig(), Machine(CPU, torch.float32), STATE, timer=untimed) is None
-
-
-@pytest.mark.parametrize("ratio", [0.5, 0.9, 0.95, 1.0, 2.0, None])
-def test_auto_on_cuda_times_cudnn_against_torchs_pick_and_takes_it_only_where_faster_by_the_gain(fake_gpu, ratio):
-    """On a faked GPU, the candidates are fused and cudnn (never math), timed in turns and recorded; cudnn is taken
-    where it is faster by the gain, and a cuDNN that refuses the shape (None: it raises) leaves fused."""
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=20))
-    timed: list[str] = []
-
-    def faked(path: str) -> float:
-        timed.append(path)
-        if path == "cudnn" and ratio is None:
-            raise RuntimeError("No available kernel. Aborting execution.")
-        return (10.0 if path == "fused" else 10.0 * ratio) / 1000
-
-    choice = choose_attention(model, TrainConfig(batch_size=4), Machine(torch.device("cuda"), torch.bfloat16), STATE,
-                              timer=faked)
-    want = "cudnn" if ratio is not None and ratio <= GAIN else "fused"
-    assert set(timed) == ({"fused", "cudnn"}) and choice.path == want
-    assert {b.attn.path for b in model.transformer.h} == {want}
-    assert choice.record(0) == {"event": "attention", "step": 0, "path": want, "how": "measured", "fused_ms": 10.0,
-                                **({} if ratio is None else {"cudnn_ms": round(10.0 * ratio, 3)})}
-    assert ("cudnn refused" in choice.why) == (ratio is None)
+    assert choose_attention(recurrent, TrainConfig(), a_machine(), STATE) is None
 
 
 def test_auto_takes_the_first_process_choice():
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20))
-    choice = choose_attention(model, TrainConfig(), Machine(CPU, torch.float32), STATE, timer=timer(10.0, 1.0),
-                              agree=lambda mine: PATHS.index("fused"))
-    assert choice.path == "fused" and model.transformer.h[0].attn.path == "fused"
+    path = choose_attention(model, TrainConfig(), a_machine("cpu", torch.bfloat16), STATE,
+                            agree=lambda mine: PATHS.index("fused"))
+    assert path == "fused" and model.transformer.h[0].attn.path == "fused"
 
 
 @pytest.mark.slow
 def test_a_resumed_run_trains_by_the_path_it_started_with(tmp_path, char_dataset, monkeypatch):
-    """Started where the math path timed faster, resumed from its first checkpoint where fused does: it goes on by
-    the math path, its checkpoint says so, and it ends bitwise where the run never stopped ends."""
+    """Started on the math path, resumed from its first checkpoint where the rule says fused (auto in float32): it
+    goes on by the math path, its checkpoint says so, and it ends bitwise where the run never stopped ends."""
     quiet = Console(quiet=True)
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset),
-                      ["train.attention=auto", "train.max_iters=14", "train.checkpoint_interval=7",
+                      ["train.attention=math", "train.max_iters=14", "train.checkpoint_interval=7",
                        "train.eval_interval=25"])
-    monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(10.0, 1.0))
     straight = Trainer(cfg, tmp_path / "straight", "cpu", console=quiet).run().run_dir
-    assert [e["path"] for e in RunDir(straight).events() if e["event"] == "attention"] == ["math"]
+    assert chosen(straight, "attention") == ("attention math", "train.attention")
     run = cut_at_first_checkpoint(straight, tmp_path / "resumed")
-    monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(1.0, 10.0))
-    console = Console(record=True, width=80)
-    Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=console).run()
-    assert "attention: math; as this run trained, its checkpoint says" in console.export_text()
+    console = Console(record=True, width=200)
+    Trainer(load_config(run / "config.toml", ["train.attention=auto"]), run, "cpu", resume=True, console=console).run()
+    assert "attention math (as this run trained, its checkpoint says)" in console.export_text()
     assert stable_events(run) == stable_events(straight)
     same_weights(straight, run)
 
 
 def _tune(base: Path, out: Path, path: str = "auto") -> str:
     """Fine-tune `base` into `out` on one thread with finetune.attention = `path`; what it printed."""
-    console = Console(record=True, width=80)
+    console = Console(record=True, width=200)
     ft = FinetuneConfig(str(ALPACA_TINY), epochs=1, batch_size=8, checkpoint_interval=3, threads=1, attention=path)
     finetune(base, out, ft, "cpu", console=console)
     return console.export_text()
 
 
 @pytest.mark.slow
-def test_a_fine_tune_set_to_a_path_takes_it_whatever_a_timing_says(tmp_path, imported_gpt2, monkeypatch):
-    """finetune.attention is to a fine-tune what train.attention is to a run: set, it decides, untimed, so two
-    fine-tunes on a load that tips the timing either way end bitwise equal; at `auto` the faster path is taken,
-    said and recorded."""
-    for fused_ms, math_ms in ((10.0, 1.0), (1.0, 10.0)):
-        faked = timer(fused_ms, math_ms)
-        monkeypatch.setattr(attention, "layer_timer", lambda *args, t=faked: t)
-        forget_choices()  # a load that tips the timing the other way, not read back from the first fine-tunes
-        assert "attention: fused; finetune.attention" in _tune(imported_gpt2, tmp_path / f"set{fused_ms}", "fused")
-        assert [e["path"] for e in events_of(tmp_path / f"set{fused_ms}", "attention")] == ["fused"]
-        faster = "math" if math_ms < fused_ms else "fused"
-        assert f"attention: {faster}; auto: a layer's" in _tune(imported_gpt2, tmp_path / f"auto{fused_ms}")
-        assert [e["path"] for e in events_of(tmp_path / f"auto{fused_ms}", "attention")] == [faster]
-    same_weights(tmp_path / "set10.0", tmp_path / "set1.0")
+def test_a_fine_tune_set_to_a_path_takes_it_and_auto_takes_the_rules(tmp_path, imported_gpt2):
+    """finetune.attention is to a fine-tune what train.attention is to a run: set, it decides; at `auto` the rule's
+    path (fused, in float32), said and recorded."""
+    assert "attention math (finetune.attention)" in " ".join(_tune(imported_gpt2, tmp_path / "set", "math").split())
+    assert chosen(tmp_path / "set", "attention") == ("attention math", "finetune.attention")
+    assert "attention fused (rule: " in " ".join(_tune(imported_gpt2, tmp_path / "auto").split())
+    assert chosen(tmp_path / "auto", "attention")[0] == "attention fused"
 
 
 @pytest.mark.slow
-def test_a_continued_fine_tune_trains_by_the_path_it_started_with(tmp_path, imported_gpt2, monkeypatch):
-    """Started where the math path timed faster, continued from its first checkpoint where fused does: it goes on
-    by the math path, its checkpoint says so, and it ends bitwise where the fine-tune never stopped ends."""
-    monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(10.0, 1.0))
-    _tune(imported_gpt2, tmp_path / "straight")
+def test_a_continued_fine_tune_trains_by_the_path_it_started_with(tmp_path, imported_gpt2):
+    """Started on the math path, continued from its first checkpoint with `auto` (the rule: fused): it goes on by
+    the math path, its checkpoint says so, and it ends bitwise where the fine-tune never stopped ends."""
+    _tune(imported_gpt2, tmp_path / "straight", "math")
     run = cut_at_first_checkpoint(tmp_path / "straight", tmp_path / "continued")
-    monkeypatch.setattr(attention, "layer_timer", lambda *args: timer(1.0, 10.0))
-    said = _tune(imported_gpt2, run)
-    assert "Resumed" in said and "attention: math; as this run trained, its checkpoint says" in said
+    said = " ".join(_tune(imported_gpt2, run).split())
+    assert "Resumed" in said and "attention math (as this run trained, its checkpoint says)" in said
     assert stable_events(run) == stable_events(tmp_path / "straight")
     same_weights(tmp_path / "straight", run)

@@ -13,7 +13,7 @@ from lmlab.core.peak import peak_flops
 from lmlab.experiments.bench import find_max_batch, largest_fitting, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.helpers import write_config
+from tests.helpers import a_machine, write_config
 
 
 @pytest.mark.slow
@@ -218,7 +218,7 @@ def test_find_max_batch_tries_each_batch_eagerly_over_one_micro_batch(tmp_path, 
                                                                             "train.grad_accum_steps=4"])
     tried = []
     graphs = counters["stats"]["unique_graphs"]
-    biggest, finished = find_max_batch(cfg, "cpu", limit=2, say=lambda row, fits, budget: tried.append(row))
+    biggest, finished = find_max_batch(cfg, a_machine(), limit=2, say=lambda row, fits, budget: tried.append(row))
     assert (biggest, finished) == (2, True) and [row.batch_size for row in tried] == [1, 2]
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled
     for row in tried:  # tokens/s x seconds per step = the tokens of one micro-batch

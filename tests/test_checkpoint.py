@@ -24,7 +24,16 @@ from lmlab.run.checkpoint import checkpoint_bytes, load_checkpoint, model_tensor
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.step import TrainStep
-from tests.helpers import LMLAB, kill_and_resume, same_weights, stable_events, wait_for, weights, write_config
+from tests.helpers import (
+    LMLAB,
+    a_machine,
+    kill_and_resume,
+    same_weights,
+    stable_events,
+    wait_for,
+    weights,
+    write_config,
+)
 
 
 def trainer(tmp_path: Path, dataset: Path, overrides=(), run="run", **kw) -> Trainer:
@@ -226,7 +235,7 @@ def test_a_checkpoint_loads_into_the_tensors_training_holds_without_a_second_cop
     config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)
     torch.manual_seed(0)
     model = GPT(config)
-    step = TrainStep(model, TrainConfig(optimizer=optimizer, compile=False), torch.device("cpu"), torch.float32)
+    step = TrainStep(model, TrainConfig(optimizer=optimizer, compile=False), a_machine())
     x = torch.randint(0, 20, (2, 8))
     step([(x, x)], 1, 1e-2)
     folder = save_checkpoint(tmp_path, 1, model_tensors(model), step.optimizer.state_dict(), {}, best=False)
@@ -240,7 +249,7 @@ def test_a_checkpoint_loads_into_the_tensors_training_holds_without_a_second_cop
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     for i, entries in step.optimizer.state_dict()["state"].items():
         assert all(torch.equal(entries[k], v) for k, v in saved_state[i].items())
-    fresh = TrainStep(model, TrainConfig(optimizer=optimizer, compile=False), torch.device("cpu"), torch.float32)
+    fresh = TrainStep(model, TrainConfig(optimizer=optimizer, compile=False), a_machine())
     load_checkpoint(folder, model, fresh.optimizer)  # a resume: no state yet, made from the file
     for i, entries in fresh.optimizer.state_dict()["state"].items():
         assert all(torch.equal(entries[k], v) for k, v in saved_state[i].items())

@@ -33,7 +33,7 @@ from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
 from lmlab.train.loop import Trainer
 from lmlab.train.preflight import weights_born_in
 from lmlab.train.step import TrainStep
-from tests.helpers import write_config
+from tests.helpers import a_machine, write_config
 
 
 @pytest.mark.parametrize("capability, dtype", [
@@ -150,7 +150,7 @@ def test_each_compiled_model_starts_from_a_reset_compiler():
     double(torch.ones(2))
     assert counter.frame_count == 1  # cached
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
-    TrainStep(model, TrainConfig(compile=True), torch.device("cpu"), torch.float32)
+    TrainStep(model, TrainConfig(compile=True), a_machine())
     double(torch.ones(2))
     assert counter.frame_count == 2
 

@@ -282,6 +282,8 @@ from torch._dynamo.utils import counters
 
 torch.compile = functools.partial(torch.compile, backend="eager")
 from lmlab.core.config import ModelConfig, TrainConfig
+from lmlab.core.machine import Machine
+from lmlab.core.threads import ThreadChooser
 from lmlab.train.distributed import setup
 from lmlab.train.step import TrainStep
 
@@ -289,8 +291,9 @@ config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=4
 parallel, device = setup("cpu", 60)
 dtype = getattr(torch, sys.argv[2])
 model, wrapped = parallel.build(config, "fsdp", device, dtype)
-step = TrainStep(model, TrainConfig(batch_size=2, compile=True, parallel="fsdp", attention="fused"), device, dtype,
-                 wrapped, parallel.reduce_step)
+machine = Machine(device, dtype, ThreadChooser(torch.get_num_threads(), "train.threads"))
+step = TrainStep(model, TrainConfig(batch_size=2, compile=True, parallel="fsdp", attention="fused"), machine, wrapped,
+                 parallel.reduce_step, processes=parallel.world_size)
 x = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(parallel.rank))
 seen = []
 for _ in range(6):

@@ -54,7 +54,7 @@ def test_continuous_batching_through_the_bucketed_step_decodes_as_eager_does(nam
     m = model(name, 128)
     lengths = [140, 20, 70, 45]  # past the context; 3, 2 and 1 rows live, padded to 4, 2 and 1
     eager = run(Decoder(m, 4), lengths)
-    step = GraphStep(m, torch.float32, recorded)
+    step = GraphStep(m, torch.float32, lambda: recorded)
     assert run(Decoder(m, 4, step=step), lengths) == eager
     assert 4 <= len(step.buckets) <= 3 * 2  # one capture per (rows 1, 2, 4; length 64, 128) bucket at most
 
@@ -83,7 +83,7 @@ class Syncs(TorchDispatchMode):
 @pytest.mark.parametrize("name", MODELS)
 def test_the_step_holds_no_op_that_waits_on_the_device(name):
     m = model(name, 128)
-    decoder = Decoder(m, 4, step=GraphStep(m, torch.float32, recorded))
+    decoder = Decoder(m, 4, step=GraphStep(m, torch.float32, lambda: recorded))
     for prompt in ([1, 2, 3], [4] * 70, [5]):  # the second past the first length bucket
         decoder.join(Sequence(prompt, SamplingParams(max_new_tokens=5, temperature=0)))
     inner = decoder.step_fn
@@ -104,7 +104,7 @@ def test_a_sync_in_the_step_is_seen():
 @pytest.mark.slow
 def test_the_states_tensors_never_move_over_300_tokens_across_every_length_bucket():
     m = model("bigram", 256)
-    decoder = Decoder(m, 3, step=GraphStep(m, torch.float32, recorded))
+    decoder = Decoder(m, 3, step=GraphStep(m, torch.float32, lambda: recorded))
     layout = [(t.data_ptr(), t.stride(), t.shape) for t in decoder.state.tensors()]
     lengths, moved = set(), []
 
@@ -132,7 +132,7 @@ def test_each_bucket_compiles_once_and_never_again_over_500_tokens():
         return gm.forward
 
     torch._dynamo.reset()
-    step = GraphStep(m, torch.float32, compiled(backend=counting))
+    step = GraphStep(m, torch.float32, lambda: compiled(backend=counting))
     decoder = Decoder(m, 4, step=step)
     tokens = run(decoder, [500, 60, 200, 130, 90])
     assert len(compiles) == len(set(compiles)) == len(step.buckets) >= 5  # no shape compiled twice
@@ -148,9 +148,32 @@ def test_every_device_chooses_its_step_in_one_place():
     gpt, gru = model("gpt2-style", 64), model("gru", 64)
     cuda, cpu, mps = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
     assert choose_step(gpt, cuda, False).kind == choose_step(gpt, cuda, True).kind == "cuda graphs"
-    assert choose_step(gru, cuda, False).kind == "cuda graphs"  # a hidden state updated in place is captured too
+    # cuDNN's RNN, and a plugin that does not say its step may be recorded, decode eagerly by rule
+    assert choose_step(gru, cuda, False).kind == "eager" and "cuDNN's RNN" in choose_step(gru, cuda, False).why
     assert (choose_step(gpt, cpu, True).kind, choose_step(gpt, cpu, False).kind) == ("compiled", "eager")
     assert choose_step(gpt, mps, True).kind == "eager"
+
+
+def test_each_decoders_state_gets_a_capture_of_its_own_warmed_at_its_buckets_shape():
+    """A pool all of whose graphs went (a new decoder's state clears them) is not named again: a new capture each
+    state. And a bucket is warmed up on a copy of its own rows and length, the shape it then captures at."""
+    m = model("gpt2-style", 128)
+    made, warmed = [], []
+
+    def captures():
+        made.append(1)
+
+        def capture(body, args, warm):
+            warmed.append((tuple(warm().shape), tuple(args[0].shape)))
+            return recorded(body, args, lambda: None)
+        return capture
+
+    step = GraphStep(m, torch.float32, captures)
+    run(Decoder(m, 4, step=step), [20, 30, 10])
+    first = len(made)
+    run(Decoder(m, 2, step=step), [10, 5])  # another decoder's state: its buckets, and a capture, anew
+    assert (first, len(made)) == (1, 2)
+    assert warmed and all(out[0] == ids[0] for out, ids in warmed)  # as many rows as the bucket captures
 
 
 def test_a_step_that_fails_its_check_is_not_used_and_says_why():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.core.peak import cache_key, choose_dtype, matmul_size, native_kernel
+from lmlab.core.peak import choose_dtype, matmul_size, native_kernel, peak_key
 from lmlab.train.optim import orthogonal_dtype
 from tests.cpu_kind.sitecustomize import CPU_KINDS
 from tests.helpers import fake_cpu
@@ -34,7 +34,7 @@ def test_named_wrong():
 def test_other_reason():
     pytest.skip("no /dev/full: a file every write to fails")
 
-@pytest.mark.twin("tests/test_threads.py::test_on_faked_cores_the_chooser_times_every_core_the_free_ones_and_one")
+@pytest.mark.twin("tests/test_threads.py::test_on_faked_cores_the_threads_are_those_the_load_leaves")
 def test_named_elsewhere():
     pytest.skip("one core: there is nothing to choose")
 '''
@@ -62,6 +62,6 @@ def test_each_cpu_kind_is_answered_as_that_kind_on_any_host(monkeypatch, kind):
     # A dtype without a native kernel is measured on a small matmul, named in its cache key.
     side = 2048 if fp16 else 256
     assert matmul_size(CPU, torch.float16) == side and matmul_size(CPU, torch.float32) == 2048
-    assert cache_key(CPU, torch.float16).endswith(f"float16, torch {torch.__version__}, {side}² matmul")
+    assert (peak_key(CPU, torch.float16)["dtype"], peak_key(CPU, torch.float16)["matmul"]) == ("float16", side)
     if not bf16:  # auto needs no measurement where bf16 is emulated
         assert choose_dtype(CPU, "auto") == (torch.float32, "auto: float32 (cpu without native bf16)")

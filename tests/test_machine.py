@@ -1,65 +1,93 @@
-"""lmlab.train.machine: the one component that decides how this machine runs a model. A choice is measured once per
-machine and shape and read back after; a damaged, edited, foreign or unwritable cache is a note and a measurement,
-never an error; the budget's timing on the run's own step leaves every bit of it as it was; and a second `train` or
-`finetune` of the same shape measures nothing, `sample`, `eval` and `serve` at most their threads."""
+"""lmlab.core.machine and lmlab.core.cache: one Machine per job whose choices are rules, said in one line and
+recorded in one event; the one cache file, whose damage, edits or unwritable folder are a note and a measurement,
+never an error; the budget's timing on the run's own step leaves every bit of it as it was; a second `train` of the
+same shape measures nothing, and nothing but the machine's own modules chooses threads, compiles or builds a
+Machine."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from lmlab.core import cache
+from lmlab.core.cache import cache_path
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
+from lmlab.core.machine import GRAPHS_STEP, no_graphs
 from lmlab.model import build_model
-from lmlab.train.machine import MEASURED, READ_BACK, ROWS, Machine, cache_path
 from lmlab.train.step import TrainStep
-from lmlab.train.timing import time_config, time_step, timing_shape
-from tests.helpers import ALPACA_TINY, LMLAB, Server, forget_choices, roomier, write_config
+from lmlab.train.timing import time_config, time_step, timing_key
+from tests.helpers import ALPACA_TINY, LMLAB, ROOT, Server, a_machine, chosen, forget_choices, roomier, write_config
 
 CPU = torch.device("cpu")
 
 
-def decided(machine: Machine, shape: dict) -> tuple[dict | None, str, int]:
-    """`machine`'s decision of a faked row at `shape`, and how many times it measured (at most once)."""
-    measured = []
-    value, how = machine.decide("attention", shape, lambda: measured.append(1) or {"ms": {"fused": 1.0, "math": 2.0}})
-    return value, how, len(measured)
+def kept(value: int) -> int | None:
+    """Keep `value` under a key of its own, then read it back as a new process would."""
+    cache.keep("test", {"value": value}, {"n": value})
+    found = cache.recall("test", {"value": value})
+    return None if found is None else found["n"]
 
 
-def test_a_choice_is_measured_once_per_shape_and_read_back_after():
-    assert decided(Machine(CPU, torch.float32), {"batch": 4}) == ({"ms": {"fused": 1.0, "math": 2.0}}, MEASURED, 1)
-    assert decided(Machine(CPU, torch.float32), {"batch": 4}) == ({"ms": {"fused": 1.0, "math": 2.0}}, READ_BACK, 0)
-    assert decided(Machine(CPU, torch.float32), {"batch": 8})[1:] == (MEASURED, 1)  # another shape
-    assert decided(Machine(CPU, torch.bfloat16), {"batch": 4})[1:] == (MEASURED, 1)  # another dtype
+def test_a_value_is_kept_per_kind_and_key_and_read_back():
+    assert (kept(1), kept(2), cache.recall("test", {"value": 3}), cache.recall("other", {"value": 1})) == (1, 2, None,
+                                                                                                         None)
     entries = json.loads(cache_path().read_text())["entries"]
-    assert {e["row"] for e in entries.values()} == {"attention"} and len(entries) == 3
-    assert {row.name for row in ROWS} == {"threads", "attention", "compile", "graphs", "timing"}
+    assert {e["kind"] for e in entries.values()} >= {"test", "peak"}  # the peaks beside: one file
 
 
 @pytest.mark.parametrize("damage, note", [
     (lambda path: path.write_text("{not json"), "is not valid JSON (damaged, or edited by hand)"),
     (lambda path: path.write_text(json.dumps({"format": 0, "entries": {}})), "was written by another lmlab"),
-    (lambda path: path.write_text(path.read_text().replace("1.0", "0.5")), "does not match its checksum"),
+    (lambda path: path.write_text(path.read_text().replace('"n": 7', '"n": 8')), "does not match its checksum"),
 ])
 def test_a_damaged_or_edited_cache_is_a_note_and_a_measurement(damage, note):
-    decided(Machine(CPU, torch.float32), {"batch": 4})
-    damage(cache_path())
-    machine = Machine(CPU, torch.float32)
-    assert decided(machine, {"batch": 4}) == ({"ms": {"fused": 1.0, "math": 2.0}}, MEASURED, 1)
-    assert len(machine.notes) == 1 and note in machine.notes[0] and "measured again" in machine.notes[0]
-    assert decided(Machine(CPU, torch.float32), {"batch": 4})[1] == READ_BACK  # rewritten whole
+    kept(7)
+    saved = cache_path().read_text()
+    try:
+        damage(cache_path())
+        cache.take_notes()
+        assert cache.recall("test", {"value": 7}) is None
+        notes = cache.take_notes()
+        assert len(notes) == 1 and note in notes[0] and "measured again" in notes[0]
+        assert cache.take_notes() == []  # said once
+        assert kept(7) == 7  # rewritten whole
+    finally:
+        cache_path().write_text(saved)
 
 
-def test_an_unwritable_cache_is_a_note_and_the_choice_stands(tmp_path, monkeypatch):
-    (tmp_path / "file").write_text("")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # lmlab/ cannot be made under a file
-    machine = Machine(CPU, torch.float32)
-    assert decided(machine, {"batch": 4}) == ({"ms": {"fused": 1.0, "math": 2.0}}, MEASURED, 1)
-    assert len(machine.notes) == 1 and "cannot be written" in machine.notes[0] and "XDG_CACHE_HOME" in machine.notes[0]
+@pytest.mark.parametrize("blocked", ["file", "folder"])
+def test_an_unwritable_cache_is_a_note_naming_it_and_the_value_stands(tmp_path, monkeypatch, blocked):
+    """XDG_CACHE_HOME a file (lmlab/ cannot be made under it), or a folder where machine.json goes: one note that
+    names the cache and XDG_CACHE_HOME; the value measured is used."""
+    if blocked == "file":
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        (tmp_path / "lmlab" / "machine.json").mkdir(parents=True)
+    cache.take_notes()
+    assert kept(3) is None
+    notes = cache.take_notes()
+    assert notes and all("the machine cache" in n and "XDG_CACHE_HOME" in n for n in notes), notes
+    assert ("it is a folder" in " ".join(notes)) == (blocked == "folder")
+
+
+@pytest.mark.slow
+def test_train_goes_on_over_a_folder_where_the_cache_goes_and_says_so_once(tmp_path, char_dataset):
+    cache_home = tmp_path / "home"
+    (cache_home / "lmlab" / "machine.json").mkdir(parents=True)
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=3)
+    done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
+    assert done.returncode == 0, done.stderr
+    said = [line for line in " ".join(done.stdout.split("\n")).split("note: ")[1:]]
+    assert len(said) == 2 and all("machine.json" in n and "XDG_CACHE_HOME" in " ".join(n.split()) for n in said), said
+    assert {"read" in said[0], "written" in said[1]} == {True}
 
 
 def test_the_budget_timing_on_the_runs_own_step_leaves_its_bits_as_they_were():
@@ -70,10 +98,10 @@ def test_the_budget_timing_on_the_runs_own_step_leaves_its_bits_as_they_were():
     steps = []
     for timed in (True, False):
         torch.manual_seed(0)
-        step = TrainStep(build_model(cfg.model), cfg.train, CPU, torch.float32)
+        step = TrainStep(build_model(cfg.model), cfg.train, a_machine())
         if timed:
             step(*_batch(), cfg.train.learning_rate)
-            timing = time_step(step, cfg, [torch.get_num_threads()])
+            timing = time_step(step, cfg)
             assert timing.step > 0 and timing.eval_batch > 0
         else:
             step(*_batch(), cfg.train.learning_rate)
@@ -92,11 +120,10 @@ def test_a_timing_cut_short_by_its_deadline_is_not_kept():
     of one: a later run must time it, not read it back; the same timing in full is kept."""
     cfg = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20),
                     train=TrainConfig(batch_size=2, attention="fused"))
-    threads = torch.get_num_threads()
+    machine = a_machine()
     for deadline, full in ((0.0, False), (float("inf"), True)):
-        timing = time_config(cfg, CPU, torch.float32, [threads], deadline)
-        kept = Machine(CPU, torch.float32).recall("timing", timing_shape(cfg, "fused", torch.float32, threads))
-        assert timing.full == full and (kept is not None) == full
+        timing = time_config(cfg, machine, deadline)
+        assert timing.full == full and (cache.recall("timing", timing_key(machine, cfg, "fused")) is not None) == full
 
 
 def _batch() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
@@ -104,11 +131,41 @@ def _batch() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     return [(ids, ids)], 1
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cuda_graphs_replay_a_compiled_step_by_the_rule_over_the_whole_range(device):
+    """CUDA graphs only for a compiled step on CUDA, in one process, one micro-batch a step, of a kind that allows
+    them, shorter than GRAPHS_STEP at the peak; each other case says why. A machine's line says the verdict."""
+    for compiled in (False, True):
+        for processes in (1, 2, 8):
+            for accumulation in (1, 2, 8):
+                for at_peak in (0.0, GRAPHS_STEP / 10, GRAPHS_STEP * 0.99, GRAPHS_STEP, GRAPHS_STEP * 100):
+                    for allowed in (False, True):
+                        why = no_graphs(device, compiled, processes, accumulation, at_peak, allowed)
+                        graphs = (device == "cuda" and compiled and processes == 1 and accumulation == 1 and allowed
+                                  and at_peak < GRAPHS_STEP)
+                        assert (why is None) == graphs and (graphs or why), (compiled, processes, accumulation, at_peak)
+    machine = a_machine(device)
+    machine.peak = type("Peak", (), {"flops": 1e12})()
+    assert machine.graphs(True, 1, 1, 1e12 * GRAPHS_STEP / 2, True) == (device == "cuda")
+    assert machine.made["graphs"][0] == ("CUDA graphs" if device == "cuda" else "no CUDA graphs")
+
+
+@pytest.mark.parametrize("setting", ["auto", True, False])
+def test_compiling_is_a_rule_of_the_device_and_the_setting(setting):
+    """On a CPU, auto is eager and true compiles (no trial undoes it); the line says which and why."""
+    machine = a_machine()
+    compiled, note = machine.compiles(setting)
+    assert compiled == (setting is True) and (note is not None) == (setting is True)
+    assert machine.made["compile"] == ("compiled" if compiled else "eager",
+                                       "rule: eager here" if setting == "auto" else "train.compile")
+
+
 @pytest.mark.slow
 def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_dataset):
-    """Two budgeted `lmlab train` processes of one shape on one cache: the first measures each choice once (the
-    attention paths, the budget's step, the threads where the load asks), the second reads all of it back and the
-    cache is left as it was; `sample` and `eval` of the run time at most their threads' one decision."""
+    """Two budgeted `lmlab train` processes of one shape on one cache: the first times the budget's step (its only
+    measurement besides the peak, which the session measured), the second reads it back and leaves the cache as it
+    was; each says its rules in one line and records them in its `machine` event; `sample` and `eval` of the run time
+    nothing."""
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     settings = [a for s in ("train.attention=auto", "train.threads=0", "train.compile=false")
                 for a in ("--set", s)]
@@ -126,56 +183,75 @@ def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_datase
                 refusal = done.stderr
                 break
             assert done.returncode == 0, done.stdout + done.stderr
-            said.append(next(line for line in done.stdout.splitlines() if line.startswith("machine: ")))
+            said.append(" ".join(done.stdout.split("machine: ", 1)[1].split("\n\n")[0].split()))
             if n == 1:
-                kept = cache_path().read_bytes()
+                timings = _entries("timing")
         if not refusal:
             break
         seconds = roomier(seconds, refusal)
     else:
         pytest.fail(f"three budgets in a row were refused: {refusal}")
-    assert "(measured)" in said[0] and "attention" in said[0] and "eager (train.compile)" in said[0]
-    assert "no CUDA graphs (not on this device)" in said[0]
+    assert "attention fused (rule: " in said[0] and "eager (train.compile)" in said[0]
+    assert "no CUDA graphs (not on this device)" in said[0] and "(measured)" in said[0]
     assert "(measured)" not in said[1] and "(read back)" in said[1], said[1]
-    assert cache_path().read_bytes() == kept
-    for n, run in enumerate(runs, 1):
-        events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        attention = [e for e in events if e["event"] == "attention"]
-        assert len(attention) == 1 and attention[0]["how"] == (MEASURED if n == 1 else READ_BACK)
-        assert [(e["step"], e["graphs"], e["how"]) for e in events if e["event"] == "graphs"] == [
-            (0, False, "not on this device")]
-    rows = {json.loads(cache_path().read_text())["entries"][k]["row"] for k in json.loads(cache_path().read_text())
-            ["entries"]}
-    assert {"attention", "timing"} <= rows <= {"attention", "timing", "threads"}
+    assert _entries("timing") == timings and len(timings) == 1
+    for run in runs:
+        assert chosen(run, "graphs") == ("no CUDA graphs", "not on this device")
+        assert chosen(run, "compile") == ("eager", "train.compile")
     for command in (["sample", "--max-new-tokens", "2"], ["eval"]):
-        before = _rows()
         done = subprocess.run([LMLAB, command[0], runs[0], "--device", "cpu", *command[1:]],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
-        added = _rows() - before
-        assert len(added) <= 1 and {row for row, _ in added} <= {"threads"}
+        assert _entries("timing") == timings
 
+
+def _entries(kind: str) -> dict:
+    """The machine cache's entries of `kind` (a peak measured on a busy machine is measured again at each start)."""
+    return {k: v for k, v in json.loads(cache_path().read_text())["entries"].items() if v["kind"] == kind}
 
 
 @pytest.mark.slow
-def test_a_second_finetune_of_the_same_shape_measures_nothing_and_serve_at_most_its_threads(tmp_path, imported_gpt2):
-    """`finetune` asks the machine's component as `train` does: the first of a shape measures its attention paths, a
-    second reads them back and adds nothing to the cache; `serve` times at most its threads' one decision."""
-    added = []
-    for n in (1, 2):
-        before = _rows()
-        done = subprocess.run([LMLAB, "finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / f"ft{n}",
-                               "--set", "finetune.epochs=1", "--set", "finetune.threads=1", "--device", "cpu"],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        added.append({row for row, _ in _rows() - before})
-    assert "attention" in added[0] and added[1] == set(), added
-    before = _rows()
+def test_a_finetune_and_serve_measure_nothing(tmp_path, imported_gpt2):
+    """`finetune` asks the machine's rules as `train` does, and `serve` its threads: neither times anything."""
+    before = _entries("timing")
+    done = subprocess.run([LMLAB, "finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", tmp_path / "ft",
+                           "--set", "finetune.epochs=1", "--set", "finetune.threads=1", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
     Server(imported_gpt2).stop()
-    added_by_serve = _rows() - before
-    assert len(added_by_serve) <= 1 and {row for row, _ in added_by_serve} <= {"threads"}
+    assert _entries("timing") == before
 
-def _rows() -> set[tuple[str, str]]:
-    path = Path(cache_path())
-    entries = json.loads(path.read_text())["entries"] if path.exists() else {}
-    return {(entry["row"], key) for key, entry in entries.items()}
+
+# Where the names that make the machine's choices may stand: nothing else sets torch's threads, compiles, times a
+# peak or a step, or builds a job's Machine or ThreadChooser.
+ALLOWED = {
+    "set_num_threads": {"core/threads.py", "core/peak.py", "inference/compiled.py"},
+    "compile": {"train/compiled.py", "inference/graphs.py"},
+    "Machine": {"core/machine.py", "train/preflight.py", "train/finetune.py", "experiments/sizing.py",
+                "experiments/plan.py", "experiments/miniseries.py", "api/loading.py", "serving/startup.py",
+                "commands/plan.py"},
+    "ThreadChooser": {"core/machine.py", "train/loop.py", "train/finetune.py", "experiments/sizing.py",
+                      "api/run.py", "serving/startup.py", "commands/evaluate.py", "commands/serve.py",
+                      "commands/plan.py"},
+    "peak_windows": {"core/peak.py"},
+    "time_step": {"train/timing.py"},
+}
+
+
+def test_the_machines_choices_are_made_only_where_the_listing_allows():
+    """A call of torch.set_num_threads, torch.compile, Machine(...) or its constructors, ThreadChooser(...), or the
+    two timings (the peak's, a step's) anywhere else in lmlab/ fails here: a new place must be argued for."""
+    found: dict[str, set[str]] = {name: set() for name in ALLOWED}
+    for path in sorted((ROOT / "lmlab").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "Machine":
+                name = "Machine"  # Machine.of, Machine.measured
+            if name in found and (name != "compile" or getattr(func, "value", None) is not None and
+                                  getattr(func.value, "id", "") == "torch"):
+                found[name].add(str(path.relative_to(ROOT / "lmlab")))
+    for name, allowed in ALLOWED.items():
+        assert found[name] <= allowed, f"{name} called in {sorted(found[name] - allowed)}"

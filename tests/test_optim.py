@@ -22,7 +22,7 @@ from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS, Muon, MuonAdamW, optimizer_of, orthogonal_dtype
 from lmlab.train.schedule import lr_at
 from lmlab.train.step import TrainStep
-from tests.helpers import fake_cpu, write_config
+from tests.helpers import a_machine, fake_cpu, write_config
 
 # A constant LR after warmup, so a run stopped at step 8 and resumed to 16 follows the same schedule as one
 # that ran to 16 straight.
@@ -133,8 +133,7 @@ TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=23)
 
 def _train_step(name: str, seed: int) -> TrainStep:
     torch.manual_seed(seed)
-    return TrainStep(build_model(TINY), TrainConfig(optimizer=name, compile=False), torch.device("cpu"),
-                     torch.float32)
+    return TrainStep(build_model(TINY), TrainConfig(optimizer=name, compile=False), a_machine())
 
 
 def _batch(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

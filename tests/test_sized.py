@@ -40,11 +40,16 @@ def evaluate(run: Path, cache: Path) -> tuple[bool, str]:
     return any(line.endswith("| torch._dynamo") for line in done.stderr.splitlines()), done.stdout
 
 
+def memory_entries(folder: Path) -> list[dict]:
+    """The memory estimates the machine cache under `folder` keeps."""
+    entries = json.loads((folder / "lmlab" / "machine.json").read_text())["entries"].values()
+    return [e for e in entries if e["kind"] == "memory"]
+
+
 @pytest.mark.slow
 def test_a_second_start_reads_the_estimate_instead_of_measuring_it(run, tmp_path):
     first, out = evaluate(run, tmp_path)
-    kept = json.loads((tmp_path / "lmlab" / "memory.json").read_text())
-    assert first and kept["format"] == 1 and kept["entries"]  # measured on the meta device, and kept
+    assert first and memory_entries(tmp_path)  # measured on the meta device, and kept
     second, again = evaluate(run, tmp_path)
     assert not second and json.loads(again)["loss"] == json.loads(out)["loss"]
 
@@ -52,9 +57,9 @@ def test_a_second_start_reads_the_estimate_instead_of_measuring_it(run, tmp_path
 @pytest.mark.slow
 def test_a_damaged_or_unwritable_cache_is_passed_over(run, tmp_path):
     (tmp_path / "lmlab").mkdir()
-    (tmp_path / "lmlab" / "memory.json").write_text("{not json")
+    (tmp_path / "lmlab" / "machine.json").write_text("{not json")
     measured, _ = evaluate(run, tmp_path)
-    assert measured and json.loads((tmp_path / "lmlab" / "memory.json").read_text())["entries"]  # written anew
+    assert measured and memory_entries(tmp_path)  # written anew
     blocked = tmp_path / "file"
     blocked.write_text("a file where the cache folder would be")
     assert evaluate(run, blocked)[0]  # measured each time, and no error
@@ -65,7 +70,7 @@ def test_each_model_keeps_its_own_estimate_and_each_optimizer_sizes_its_state_fr
     config = ModelConfig(n_layer=3, n_head=2, n_embd=48, block_size=40, vocab_size=70, pos_emb="rope")
     adamw, muon = (training_need(config, OPTIMIZERS[name].state_bytes) for name in ("adamw", "muon"))
     wider = training_need(dataclasses.replace(config, n_embd=64), OPTIMIZERS["adamw"].state_bytes)
-    kept = json.loads((tmp_path / "lmlab" / "memory.json").read_text())["entries"]
+    kept = memory_entries(tmp_path)
     assert len(kept) == 4  # weights and training measurements per shape; the optimizer's state is arithmetic on them
     assert muon.fixed < adamw.fixed < wider.fixed  # one moment for Muon's matrices; a wider model
     assert muon.each == adamw.each  # the activations do not depend on the optimizer

@@ -20,20 +20,23 @@ import torch
 from lmlab.analysis.runs import summarize
 from lmlab.api.training import parse_duration, train
 from lmlab.commands import main
+from lmlab.core import cache
+from lmlab.core.cache import cache_path
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
+from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.core.peak import step_ceiling
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
 from lmlab.experiments import size_search, sizing
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
 from lmlab.experiments.gputime import gpu_step_time
+from lmlab.experiments.size_search import PRICED, TIMING_SHARE
 from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.train.machine import MEASURED, READ_BACK, Machine, cache_path
-from lmlab.train.timing import Timing, timing_shape
-from tests.helpers import LMLAB, ROOT, cpu_ticks, meta_reads, run_cli, wait_until, write_config, write_fit
+from lmlab.train.timing import Timing, timing_key
+from tests.helpers import LMLAB, ROOT, a_machine, cpu_ticks, meta_reads, run_cli, wait_until, write_config, write_fit
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +52,14 @@ def preset(tmp_path_factory, char_dataset) -> Path:
 
 @pytest.fixture(scope="module")
 def sized_cache(tmp_path_factory, own_cache) -> Path:
-    """The cache `sized` times its sizes into: the session's peaks, no machine choices. The session's cache holds what
+    """The cache `sized` times its sizes into: the session's peaks, no step timings. The session's cache holds what
     other tests' runs of the same tiny shapes timed, under whatever load they had, which a sized run would read back."""
-    cache = tmp_path_factory.mktemp("sized-cache")
-    shutil.copytree(own_cache, cache, dirs_exist_ok=True, ignore=shutil.ignore_patterns("machine.json"))
-    return cache
+    folder = tmp_path_factory.mktemp("sized-cache")
+    shutil.copytree(own_cache, folder, dirs_exist_ok=True)
+    path = folder / "lmlab" / "machine.json"
+    kept = json.loads(path.read_text())
+    path.write_text(json.dumps({**kept, "entries": {k: v for k, v in kept["entries"].items() if v["kind"] == "peak"}}))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -232,27 +238,26 @@ def test_a_size_whose_steps_could_fit_the_budget_is_timed_and_chosen(preset, mon
     timed, metas, real = timings_counted(monkeypatch), [], sizing.read_meta
     cfg = with_vocab(load_config(preset, ["train.budget_seconds=20"]))
     monkeypatch.setattr(sizing, "read_meta", lambda path: metas.append(path) or real(path))
-    chooser = ThreadChooser(1, "train.threads")
+    machine = Machine.of("cpu", "float32", threads=1)
     try:
-        made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)
-        # What it timed of the chosen size is this machine's (lmlab.train.machine): its run reads it back.
-        kept = Machine(torch.device("cpu"), torch.float32).recall("timing", timing_shape(made.config, "fused",
-                                                                                          torch.float32))
+        made = choose_size(preset, cfg, time.perf_counter(), machine)
+        # What it timed of the chosen size is this machine's (lmlab.core.cache): its run reads it back.
+        kept = cache.recall("timing", timing_key(machine, made.config, "fused", 1))
     finally:
-        torch.set_num_threads(chooser.before)
-    assert timed[0] == 1 and made.chosen.steps and made.chosen.timing
-    assert sorted(set(timed)) == [c.depth for c in made.candidates if c.timing]
+        machine.threads.restore()
+    assert timed[0] == 1 and made.chosen.steps and made.chosen.timing and made.chosen.timing.how != PRICED
+    assert sorted(set(timed)) == [c.depth for c in made.candidates if c.timing and c.timing.how != PRICED]
     assert len(metas) == 1  # the dataset's meta.json, read once for the whole sizing
-    assert kept is not None and kept["threads"] == 1
+    assert kept is not None and kept["step"] == made.chosen.timing.step
 
 
 @pytest.mark.slow
 def test_a_second_sized_train_reads_each_sizes_timing_back_and_chooses_alike(preset, tmp_path, capsys, monkeypatch):
-    """Two `train --size auto` of one preset on one machine's cache: the first times each size it weighs and keeps it
-    (lmlab.train.machine); the second reads every one back, times none, says so in its sizing and machine lines and
-    its `sizing` event, leaves the cache as it was and chooses the same size. Its threads and attention are left to
-    choose (the threads row and the attention row read back too); a size of another shape (another batch) is timed
-    again. Each train reads its dataset's meta.json once, the sizing's reading passed on to the run."""
+    """Two `train --size auto` of one preset on one machine's cache: the first times the sizes the rule times and keeps
+    them (lmlab.core.cache); the second reads every one back, times none, says so in its sizing and machine lines and
+    its `sizing` event, keeps no new timing and chooses the same size. Its threads and attention are left to the
+    rules; a size of another shape (another batch) is timed again. Each train reads its dataset's meta.json once, the
+    sizing's reading passed on to the run."""
     timed, metas = timings_counted(monkeypatch), meta_reads(monkeypatch)
     monkeypatch.setattr("lmlab.core.busy.process_age", lambda: 0.0)  # each command's budget counts from its start
     settings = [a for s in ("train.threads=0", "train.attention=auto") for a in ("--set", s)]
@@ -263,20 +268,26 @@ def test_a_second_sized_train_reads_each_sizes_timing_back_and_chooses_alike(pre
         assert code == 0, err
         said.append(" ".join(out.split()))
         if n == 1:
-            first, kept = list(timed), cache_path().read_bytes()
+            first, kept = list(timed), timings()
     assert metas == [Path(load_config(preset).data.dataset)] * 2
     assert first and timed == first  # the second timed nothing
-    assert cache_path().read_bytes() == kept
+    assert timings() == kept
     events = [sizing_of(tmp_path / f"run{n}") for n in (1, 2)]
     assert events[0]["depth"] == events[1]["depth"]
     weighed = [[(c["depth"], c["how"]) for c in event["candidates"] if c["how"]] for event in events]
-    assert weighed[1] == [(depth, READ_BACK) for depth, how in weighed[0]] and {h for _, h in weighed[0]} == {MEASURED}
-    assert "read back: this machine timed" not in said[0] and "(--size auto)" in said[0]
-    assert "read back: this machine timed" in said[1] and "(--size auto, read back)" in said[1]
+    assert weighed[1] == [(d, READ_BACK if h == MEASURED else h) for d, h in weighed[0]]
+    assert {h for _, h in weighed[0]} <= {MEASURED, PRICED} and MEASURED in {h for _, h in weighed[0]}
+    assert " read back" not in said[0].split("size auto:")[1].split("):")[0] and "(--size auto)" in said[0]
+    assert " read back" in said[1].split("size auto:")[1].split("):")[0] and "(--size auto, read back)" in said[1]
     code, out, err = run_cli(capsys, "plan", preset, "--budget", "20s", "--size", "auto", "--device", "cpu",
                              *settings, "--set", "train.batch_size=4")
     assert code == 0, err
     assert timed[len(first):] and "read back" not in " ".join(out.split())
+
+
+def timings() -> dict:
+    """The step timings the machine cache keeps."""
+    return {k: v for k, v in json.loads(cache_path().read_text())["entries"].items() if v["kind"] == "timing"}
 
 
 def test_the_api_refuses_a_shape_beside_a_size_as_the_command_does(preset, tmp_path):
@@ -291,15 +302,14 @@ def test_a_sweep_sizes_each_trial_as_train_does_and_names_the_best_by_its_final_
     """Each trial is of the size its settings train best in the budget, so a setting is judged at the size it would
     be trained at; the trials compare on their final scores, not on the least of their noisy evaluations. A trial's
     thread choice reads the load over the trial before it: a window begun as the trial starts is too short to tell a
-    quiet machine (the threads were then timed on noise: one thread and a 1-layer model chosen in one 60 s sweep)."""
-    windows, counts = [], ThreadChooser.counts
+    quiet machine (the threads were then chosen on noise: one thread and a 1-layer model in one 60 s sweep)."""
+    windows, start = [], ThreadChooser.start
 
-    def recorded(chooser: ThreadChooser, device: torch.device) -> list[int]:
-        found = counts(chooser, device)
-        windows.append(chooser._window.seconds)
-        return found
+    def recorded(chooser: ThreadChooser, device: torch.device):
+        windows.append(chooser.meter.elapsed())
+        return start(chooser, device)
 
-    monkeypatch.setattr(ThreadChooser, "counts", recorded)
+    monkeypatch.setattr(ThreadChooser, "start", recorded)
     assert main(["sweep", str(preset), "--size", "auto", "--budget-seconds", "15", "--set",
                  "train.learning_rate=2e-3,6e-3", "--set", "train.threads=1", "--name", "lr", "--dir", str(tmp_path),
                  "--device", "cpu"]) == 0
@@ -495,68 +505,65 @@ def test_a_fit_of_other_data_says_whether_the_path_or_the_data_under_it_differs(
 
 
 DEMO = ROOT / "configs" / "shakespeare-char-modern-cpu.toml"
-BURST = {1: [0.03], 2: [0.1], 3: [0.33, 0.25], 4: [0.6]}  # seconds a step at each timing: 3's first one slowed
-# The demo's surface when the burst chose 2 layers (its fit of 17 runs): held here, so a refit of the shipped preset
-# does not move the sizes this test's step times make close
-SURFACE = {"E": 0.6525, "A": 14.451, "alpha": 0.27, "B": 45.666, "beta": 0.3, "rmse": 0.0426}
 
 
-@pytest.mark.parametrize("steps, budget, cost, chosen, twice", [
-    (BURST, 300, 1.0, 3, {2, 3}),  # 3's second timing at its own pace: 3 wins
-    (BURST, 300, 8.0, 2, set()),  # the timings have taken their share of the budget: the first timings decide
-    # 2, slow, predicted third: at the pace a FLOP of the fastest timing (3's) it is the likeliest to beat 3
-    ({**BURST, 2: [0.3], 3: [0.25]}, 300, 1.0, 3, {2, 3}),
-    # A burst of a quarter of the pace on 2's first timing at a minute, as one lever trial saw (1 layer trained to
-    # 1.8475 where 2 reached 1.6647: docs/reference/training.md): 3 is timed all the same (its pace guessed from 1's,
-    # the fastest a FLOP then), and 2, behind 1 and 3 at its slowed pace, would beat 3 at 3's pace a FLOP: timed
-    # again, it wins.
-    ({1: [0.03], 2: [0.4, 0.1], 3: [0.33], 4: [0.6]}, 60, 1.0, 2, {2, 3}),
-    # An eightfold burst on 2's timing at 5 minutes: 3's pace is guessed from 1's, not from the newest timing.
-    ({**BURST, 2: [0.8, 0.1], 3: [0.25]}, 300, 1.0, 3, {2, 3}),
-    # Bursts on 2's and 3's timings: 4 is the best of the first timings, timed again with 3, the likeliest to beat it
-    # at the fastest timing's pace a FLOP, and then 2, which could too: 3 wins (4 and 5, the best two, chose 4).
-    ({**BURST, 2: [0.4, 0.1], 3: [0.9, 0.25], 5: [1.2]}, 300, 1.0, 3, {2, 3, 4}),
-], ids=["a burst of load", "no time to time again", "slow behind the best two", "a fourfold burst at a minute",
-        "a burst before a larger size", "bursts on two timings"])
-def test_the_best_size_and_its_likeliest_rivals_are_timed_again_and_keep_their_faster_timing(
-        char_dataset, monkeypatch, tmp_path, steps, budget, cost, chosen, twice):
-    """The demo's preset and the fit it had at 5 minutes, the timings played by a clock of step times: 2 and 3 layers
-    are predicted within the fit's rmse of each other there, so a burst of load during one timing chose 2 layers
-    (1.5156 reached, where 3 reached 1.4778: docs/reference/training.md). A burst slows a timing by any factor, so a
-    size is guessed and judged at the pace a FLOP of the fastest timing too, and the best is timed again with the size
-    likeliest to beat it (and any other that could) wherever the budget's share for timing allows."""
+def timing_cost(step: float) -> float:
+    """What `time_step` spends on a step of `step` seconds: a warm-up step, an evaluation's batch, the timed steps."""
+    return step * 4 / 3 + max(step, min(size_search.TIMED_SECONDS, size_search.MAX_STEPS * step))
+
+
+def demo_preset(tmp_path: Path, char_dataset: Path, monkeypatch, budget: float) -> tuple[Path, object]:
+    """The demo's preset and its fit, over the tests' data read as the demo's 4,281,748-token train split."""
     preset = tmp_path / DEMO.name
     preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
-    fit_path(preset).write_text(json.dumps({**json.loads(fit_path(DEMO).read_text()), "surface": SURFACE}))
-    taken: Counter[int] = Counter()
-
-    def timed(cfg, device, dtype, counts, deadline=math.inf, before=None) -> Timing:
-        depth = cfg.model.n_layer
-        seconds = steps[depth][min(taken[depth], len(steps[depth]) - 1)]
-        taken[depth] += 1
-        return Timing({}, 1, seconds, seconds / 2, 0.05, 4 * 10**6, cost)
-
-    monkeypatch.setattr(size_search, "time_config", timed)
-    real = sizing.read_meta  # the demo's data: its 4,281,748-token train split, about a pass in these budgets
+    fit_path(preset).write_text(fit_path(DEMO).read_text(encoding="utf-8"), encoding="utf-8")
+    real = sizing.read_meta
     monkeypatch.setattr(sizing, "read_meta", lambda path: {**(meta := real(path)),
                                                            "train": {**meta["train"], "tokens": 4_281_748}})
-    cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", f"train.budget_seconds={budget}"]))
-    chooser = ThreadChooser(1, "train.threads")
-    try:
-        made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)
-    finally:
-        torch.set_num_threads(chooser.before)  # as a run gives them back: the worker's next tests keep theirs
-    assert made.chosen.depth == chosen
-    assert {c.depth for c in made.candidates if c.timings == 2} == twice
-    assert all(c.timings == taken[c.depth] and c.timings <= 2 for c in made.candidates)
-    assert all(c.step_seconds == min(steps[c.depth][:c.timings]) for c in made.candidates if c.timing)
-    if twice:
-        again = [str(d) for d in sorted(twice)]
-        why = "the best two" if len(again) == 2 else "the best and those a faster timing could make better"
-        assert f"{', '.join(again[:-1])} and {again[-1]} twice, {why}" in made.line()
-    else:
-        assert "twice" not in made.line()
-    assert [c["timings"] for c in made.record()["candidates"]] == [c.timings for c in made.candidates]
+    return preset, with_vocab(load_config(preset, [f"data.dataset={char_dataset}", f"train.budget_seconds={budget}"]))
+
+
+@pytest.mark.parametrize("budget", [60, 300, 1800])
+@pytest.mark.parametrize("overhead, rate, bend", [(0.01, 0.5e12, 0.0), (0.08, 0.1e12, 0.0), (0.01, 0.5e12, 0.3)],
+                         ids=["a fast line", "a slow line", "a machine that bends"])
+def test_sizes_between_the_timed_ends_are_priced_on_their_line_and_the_one_chosen_is_timed(
+        char_dataset, monkeypatch, tmp_path, budget, overhead, rate, bend):
+    """The rule over budgets and machines (a step played by a clock: a fixed cost and its FLOPs at a rate, bent where
+    a larger step uses the cores better, as a CPU's do): timed are the smallest size, the largest whose timing fits
+    TIMING_SHARE of the budget, and the one chosen where it lies between; every other size weighed is priced on the
+    line through the ends (exactly where the machine is such a line), never outside them. The ends' timings take at
+    most TIMING_SHARE of the budget; the choice is the lowest predicted val, planned from its own timing."""
+    preset, cfg = demo_preset(tmp_path, char_dataset, monkeypatch, budget)
+    taken = []
+
+    def step_of(cfg) -> float:
+        with torch.device("meta"):
+            flops = build_model(cfg.model).flops_per_token() * cfg.train.batch_size * cfg.model.block_size
+        return overhead + (flops / rate) ** (1 - bend)
+
+    def timed(cfg, machine, deadline=math.inf, before=None) -> Timing:
+        taken.append(cfg.model.n_layer)
+        step = step_of(cfg)
+        return Timing(1, step, step / 2, 0.05, 4 * 10**6, timing_cost(step))
+
+    monkeypatch.setattr(size_search, "time_config", timed)
+    made = choose_size(preset, cfg, time.perf_counter(), a_machine())
+    weighed = [c for c in made.candidates if c.timing]
+    low, chosen = weighed[0], made.chosen
+    ends = [c for c in weighed if c.timing.how != PRICED and c is not chosen or c is low]
+    assert sorted(taken) == sorted({c.depth for c in weighed if c.timing.how != PRICED})
+    assert len(set(taken)) == len(taken)
+    assert taken[0] == 1 and chosen.timing.how != PRICED and chosen.step_seconds == step_of(chosen.config)
+    assert sum(c.timing.cost for c in ends) <= TIMING_SHARE * budget + low.timing.cost / (len(ends) == 1 or 1e9)
+    for c in weighed:
+        if c.timing.how == PRICED:
+            high = max(ends, key=lambda e: e.depth)
+            assert low.step_seconds <= c.step_seconds <= high.step_seconds and low.depth < c.depth < high.depth
+            if bend == 0:
+                assert c.step_seconds == pytest.approx(step_of(c.config), rel=1e-9)
+    planned = [c for c in weighed if c.steps]
+    assert chosen.predicted == min(c.predicted for c in planned)
+    assert all(c.note for c in made.candidates if not c.timing)  # each size not weighed says why
 
 
 def worth(tokens: float, unique: int) -> float:
@@ -578,16 +585,16 @@ def test_size_auto_on_a_gpu_uses_the_presets_fit_and_weighs_each_size_at_what_it
     preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
     fit_path(preset).write_text(fit_path(DEMO).read_text(encoding="utf-8"), encoding="utf-8")
 
-    def timed(cfg, device, dtype, counts, deadline=math.inf, before=None) -> Timing:
-        assert device.type == "cuda"
+    def timed(cfg, machine, deadline=math.inf, before=None) -> Timing:
+        assert machine.device.type == "cuda"
         with torch.device("meta"):
             flops = build_model(cfg.model).flops_per_token() * cfg.train.batch_size * cfg.model.block_size
         step = 0.004 + flops / 1e12
-        return Timing({}, 1, step, step / 2, 0.05, 10**7, 0.5)
+        return Timing(1, step, step / 2, 0.05, 10**7, 0.5)
 
     monkeypatch.setattr(size_search, "time_config", timed)
     cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", f"train.budget_seconds={budget}"]))
-    made = choose_size(preset, cfg, time.perf_counter(), "cuda", ThreadChooser(0, "train.threads"))
+    made = choose_size(preset, cfg, time.perf_counter(), Machine.of("cuda", cfg.train.dtype))
     fit, unique = read_fit(preset), read_meta(char_dataset)["train"]["tokens"]
     planned = [c for c in made.candidates if c.steps]
     at_worth = {c.depth: fit.surface.predict(c.multiplied, worth(c.tokens, unique)) for c in planned}
@@ -634,29 +641,18 @@ def test_plan_foretells_sizes_for_a_named_gpu_only_with_a_size(preset, capsys):
 
 
 def test_each_depth_weighed_is_made_once_however_often_it_is_planned_and_timed(char_dataset, monkeypatch, tmp_path):
-    """The burst's timings (3 timed twice, every size planned again and again): each depth's config is made by the
-    family once, and the chosen size trains that config."""
-    preset = tmp_path / DEMO.name
-    preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
-    fit_path(preset).write_text(json.dumps({**json.loads(fit_path(DEMO).read_text()), "surface": SURFACE}))
-    made_at, real, taken = Counter(), Family.config, Counter()
+    """Each depth's config is made by the family once, however often it is priced, planned and timed, and the chosen
+    size trains that config."""
+    preset, cfg = demo_preset(tmp_path, char_dataset, monkeypatch, 300)
+    made_at, real = Counter(), Family.config
     monkeypatch.setattr(Family, "config", lambda family, depth, fit=None: made_at.update([depth]) or real(family,
                                                                                                           depth, fit))
 
-    def timed(cfg, device, dtype, counts, deadline=math.inf, before=None) -> Timing:
-        seconds = BURST[cfg.model.n_layer][min(taken[cfg.model.n_layer], len(BURST[cfg.model.n_layer]) - 1)]
-        taken[cfg.model.n_layer] += 1
-        return Timing({}, 1, seconds, seconds / 2, 0.05, 4 * 10**6, 1.0)
+    def timed(cfg, machine, deadline=math.inf, before=None) -> Timing:
+        step = 0.01 * cfg.model.n_layer ** 2
+        return Timing(1, step, step / 2, 0.05, 4 * 10**6, timing_cost(step))
 
     monkeypatch.setattr(size_search, "time_config", timed)
-    real_meta = sizing.read_meta  # the demo's train split, as the burst's test sizes for it
-    monkeypatch.setattr(sizing, "read_meta", lambda path: {**(meta := real_meta(path)),
-                                                           "train": {**meta["train"], "tokens": 4_281_748}})
-    cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", "train.budget_seconds=300"]))
-    chooser = ThreadChooser(1, "train.threads")
-    try:
-        made = choose_size(preset, cfg, time.perf_counter(), "cpu", chooser)
-    finally:
-        torch.set_num_threads(chooser.before)
-    assert max(taken.values()) == 2 and made_at == Counter(c.depth for c in made.candidates)
+    made = choose_size(preset, cfg, time.perf_counter(), a_machine())
+    assert made_at == Counter(c.depth for c in made.candidates)
     assert made.config == Family.of(cfg, str(preset)).config(made.chosen.depth, read_fit(preset))

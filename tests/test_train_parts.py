@@ -12,7 +12,6 @@ import torch
 from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader
 from lmlab.run.checkpoint import pointer, prune_checkpoints, save_checkpoint, step_folders
-from lmlab.train.compiled import TRIAL_STEPS, CompileTrial, graphs_untried
 from lmlab.train.distributed import Parallel
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.state import Mean, Progress
@@ -102,46 +101,3 @@ def test_pruning_keeps_the_newest_steps_and_whatever_best_and_latest_name(tmp_pa
     assert pointer(tmp_path, "best").name == "step_000020" and pointer(tmp_path, "latest").name == "step_000050"
     prune_checkpoints(tmp_path, keep=1)
     assert [p.name for p in step_folders(tmp_path)] == ["step_000020", "step_000050"]
-
-
-@pytest.mark.parametrize("compiled_ms, eager_ms, kept", [(9.4, 10.0, True), (9.6, 10.0, False), (12.0, 10.0, False)])
-def test_a_compiled_step_on_a_cpu_stays_only_when_its_best_time_beats_eagers_by_five_percent(compiled_ms, eager_ms,
-                                                                                             kept):
-    """The first step compiles and the second warms the eager path (neither is timed); then compiled and eager steps
-    in turns, each judged by its best time (load only slows a step), rank 0's verdict given to every rank."""
-    told = []
-    trial = CompileTrial(lambda verdict: told.append(verdict) or verdict)
-    order, verdict = [], None
-    for call in range(2 + 2 * TRIAL_STEPS):
-        compiled = trial.compiled_next()
-        order.append(compiled)
-        slow = 1000.0 if call < 2 or call in (2, 3) else 1.0  # untimed warm-ups, and one slow step of each kind
-        verdict = trial.timed(compiled, slow * (compiled_ms if compiled else eager_ms) / 1000)
-        assert (verdict is None) == (call < 1 + 2 * TRIAL_STEPS)
-    assert order == [True, False] * (1 + TRIAL_STEPS)
-    assert (verdict.compiled_ms, verdict.eager_ms, verdict.compiled) == (pytest.approx(compiled_ms),
-                                                                         pytest.approx(eager_ms), kept)
-    assert told == [int(kept)]
-
-
-@pytest.mark.parametrize("graphs_ms, plain_ms, kept", [(4.0, 10.0, True), (9.6, 10.0, False)])
-def test_a_gpu_step_replays_as_cuda_graphs_only_when_its_timed_steps_beat_plain_compiled_ones(graphs_ms, plain_ms,
-                                                                                             kept):
-    """The GPU's twin of the CPU's compile trial, on a fake timer: a step with CUDA graphs (the first records them)
-    and a plain compiled one in turns, judged by their best times; the verdict is the run's `graphs` event."""
-    trial = CompileTrial(lambda verdict: verdict, "graphs")
-    for call in range(2 + 2 * TRIAL_STEPS):
-        graphs = trial.compiled_next()
-        verdict = trial.timed(graphs, (1000.0 if call < 2 else 1.0) * (graphs_ms if graphs else plain_ms) / 1000)
-    assert verdict.record(8) == {"event": "graphs", "step": 8, "graphs_ms": pytest.approx(graphs_ms),
-                                 "plain_ms": pytest.approx(plain_ms), "graphs": kept, "how": "measured"}
-    went = "training goes on CUDA graphs" if kept else "training goes on without CUDA graphs"
-    assert verdict.line(8).startswith("step 8: a step replayed as CUDA graphs took") and went in verdict.line(8)
-
-
-def test_cuda_graphs_are_tried_for_one_compiled_process_on_a_gpu_alone():
-    cuda = torch.device("cuda", 0)
-    assert graphs_untried(cuda, compiled=True, alone=True) is None  # a trial decides
-    assert graphs_untried(torch.device("cpu"), compiled=True, alone=True) == "not on this device"
-    assert graphs_untried(cuda, compiled=False, alone=True) == "train.compile"
-    assert graphs_untried(cuda, compiled=True, alone=False) == "torchrun"  # FSDP regathers each block's weights

@@ -27,14 +27,13 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
     return run
 
 
-def pick_threads(chooser: ThreadChooser, run: LoadedRun, rows: int, length: int, doing: str) -> str | None:
-    """The threads of `run`'s work (`rows` sequences of `length` tokens) from `chooser`, made before the run loaded, as
-    this machine's component decides them (lmlab.train.machine: a trial timed once per shape, then read back); the
-    note to print when other processes' load lowered them, else None. The caller prints it once its input has passed its
-    checks, so that a refusal stays one line."""
-    from lmlab.train.machine import Machine
+def pick_threads(chooser: ThreadChooser, run: LoadedRun, doing: str) -> str | None:
+    """The threads of `run`'s work from `chooser`, made before the run loaded, by the machine's rule (the cores the
+    load leaves: lmlab.core.machine); the note to print when other processes' load lowered them, else None. The caller
+    prints it once its input has passed its checks, so that a refusal stays one line."""
+    from lmlab.core.machine import Machine
 
-    choice = Machine(run.device, run.dtype).threads(chooser, run.model, rows, length)
+    choice = Machine(run.device, run.dtype, chooser).start()
     if choice.lowered and choice.load is not None and choice.load.busy:
         return f"note: {doing} on {choice.describe(chooser.override)}"
     return None

@@ -83,7 +83,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     tasks = [load_task(source, args.limit) for source in args.task]  # every file checked before the model loads
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")
     run = load_run(args.run, args.checkpoint, args.device)
-    note = pick_threads(chooser, run, 1, run.config.model.block_size, "scored")
+    note = pick_threads(chooser, run, "scored")
     results = []
     for task in tasks:
         with ticking("choice", f"Scoring {task.name} ({len(task.items):,} items)", stderr=args.json) as tick:

@@ -15,22 +15,19 @@ from lmlab.core.errors import UserError
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from lmlab.core.config_toml import load_config
-    from lmlab.core.device import resolve_device
-    from lmlab.core.threads import ThreadChooser
-    from lmlab.experiments.bench import bench_batch, bench_threads, eval_cost
-    from lmlab.train.distributed import Parallel
-    from lmlab.train.preflight import measure_hardware
+    from lmlab.core.machine import Machine
+    from lmlab.experiments.bench import bench_batch, eval_cost
+    from lmlab.train.preflight import say_hardware
 
     cfg = load_config(Path(args.config), args.set)
-    chooser = ThreadChooser(cfg.train.threads, "train.threads")  # the peak is measured on every core, as training's
-    device = resolve_device(args.device)
-    dtype, _, peak = measure_hardware(Parallel(), device, cfg.train.dtype, None, console)  # said as training says it
-    threads = bench_threads(cfg, device, dtype, chooser)
+    machine = Machine.of(args.device, cfg.train.dtype, cfg.train.threads)
+    say_hardware(machine, console)  # as training says it
+    device, dtype, threads = machine.device, machine.dtype, machine.threads.choice
     if threads.lowered:
         console.print(f"timing on {threads.describe('train.threads')}", style="yellow", highlight=False)
     sizes = args.batch_sizes or [cfg.train.batch_size]
     if args.find_max_batch:
-        sizes = sorted(set(sizes) | {search_max_batch(cfg, args.device, args.search_seconds)})
+        sizes = sorted(set(sizes) | {search_max_batch(cfg, machine, args.search_seconds)})
     memory_notes = {"cpu": "; peak memory is the process's high-water RSS",
                     "cuda": "; peak memory is what the CUDA caching allocator reserved"}
     memory_note = memory_notes.get(device.type, "")
@@ -42,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     rows = []
     for size in sizes:
         with console.status(f"Timing micro-batch {size}..."):
-            rows.append(bench_batch(cfg, size, args.steps, args.device, peak=peak))
+            rows.append(bench_batch(cfg, size, args.steps, machine))
         r = rows[-1]
         if r.out_of_memory:
             table.add_row(str(size), "out of memory", "-", "-", "-")
@@ -57,20 +54,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if not (args.eval or args.checkpoint):
         return
     at_config = next((r for r in rows if r.batch_size == cfg.train.batch_size and not r.out_of_memory), None)
-    ms_per_step = (at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, args.device, peak=peak)).ms_per_step
+    ms_per_step = (at_config or bench_batch(cfg, cfg.train.batch_size, args.steps, machine)).ms_per_step
     if ms_per_step is None:
         raise UserError(f"micro-batch {cfg.train.batch_size} (train.batch_size) does not fit in memory on this device, "
                         "so the cost of evaluating and checkpointing its training is not known; lower it.")
     if args.eval:
-        cost = eval_cost(cfg, ms_per_step, args.device)
+        cost = eval_cost(cfg, ms_per_step, machine)
         console.print(f"one evaluation ({cfg.train.eval_iters} batches per split) takes {cost['eval_seconds']:.2f} s, "
                       f"{100 * cost['share']:.1f}% of the time at eval_interval {cfg.train.eval_interval}; "
                       f"eval_iters <= {cost['max_eval_iters_under_5pct']} keeps evaluation under 5%.")
     if args.checkpoint:
-        say_checkpoint(cfg, args.device, ms_per_step)
+        say_checkpoint(cfg, machine, ms_per_step)
 
 
-def say_checkpoint(cfg: Any, device: str, ms_per_step: float) -> None:
+def say_checkpoint(cfg: Any, machine: Any, ms_per_step: float) -> None:
     """Time a checkpoint of the config's run written where runs go (runs/, else here) and loaded back; say it with
     its share of the training time at train.checkpoint_interval."""
     from lmlab.core.fileio import human_bytes
@@ -78,7 +75,7 @@ def say_checkpoint(cfg: Any, device: str, ms_per_step: float) -> None:
 
     folder = Path("runs") if Path("runs").is_dir() else Path(".")
     with console.status(f"Writing a checkpoint of this model and its optimizer state in {folder}/ and loading it..."):
-        cost = checkpoint_cost(cfg, device, folder, repeats=2)
+        cost = checkpoint_cost(cfg, machine, folder, repeats=2)
     every = cfg.train.checkpoint_interval * ms_per_step / 1000
     console.print(f"a checkpoint (the model and its optimizer state, {human_bytes(cost.bytes)}) is written in "
                   f"{cost.write_seconds:.2f} s (atomic, fsynced) and loaded in {cost.load_seconds:.2f} s (checksums "
@@ -102,7 +99,7 @@ def warn_busy(windows: list[tuple[str, Any]], effect: str) -> None:
             console.print(warning, style="yellow", markup=False)
 
 
-def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
+def search_max_batch(cfg: Any, machine: Any, seconds: float) -> int:
     """The largest micro-batch that fits, each try printed as it is found, within `seconds`."""
     import time
 
@@ -121,7 +118,7 @@ def search_max_batch(cfg: Any, device: str, seconds: float) -> int:
         console.print(f"  micro-batch {row.batch_size}: {'fits' if fits else 'too large'}, {found}", highlight=False)
 
     began = time.perf_counter()
-    biggest, finished = find_max_batch(cfg, device, seconds=seconds, say=say)
+    biggest, finished = find_max_batch(cfg, machine, seconds=seconds, say=say)
     took = time.perf_counter() - began
     console.print(f"largest micro-batch that fits: {biggest}" + (
         f" (the search took {took:.1f} s)" if finished else
@@ -194,9 +191,13 @@ def plan_budget(args: argparse.Namespace) -> None:
     from lmlab.core.busy import LoadMeter, process_age
 
     window, started = LoadMeter().start(), time.perf_counter() - process_age()  # as train counts its budget
+    import torch
+
     from lmlab.api.training import parse_duration
     from lmlab.core.config_toml import load_config
+    from lmlab.core.machine import Machine
     from lmlab.core.threads import ThreadChooser
+    from lmlab.experiments.plan import gpu_hardware
     from lmlab.experiments.sizing import check_shape_kept, choose_size, parse_size, with_vocab
 
     if not args.budget:
@@ -214,13 +215,15 @@ def plan_budget(args: argparse.Namespace) -> None:
     if size is not None:
         check_shape_kept(size, args.set)  # as train refuses it
     cfg = with_vocab(load_config(target, [*args.set, f"train.budget_seconds={parse_duration(args.budget)}"]))
-    chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
+    gpu = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else None
+    # A preview of a datasheet GPU measures nothing here: its dtype and peak are the datasheet's.
+    machine = Machine(torch.device("cuda"), getattr(torch, gpu.dtype), ThreadChooser(0, "train.threads")) if gpu \
+        else Machine.of(args.device, cfg.train.dtype, cfg.train.threads, window)
     if size is None:
-        return _plan_shape(target, cfg, started, args.device, chooser, args.budget)
+        return _plan_shape(target, cfg, started, machine, args.budget)
     where = f"on {args.gpu} by its datasheet" if args.gpu else "on this machine now"
     with console.status(f"Weighing the sizes {where}..." if size == "auto" else "Timing its steps..."):
-        sizing = choose_size(target, cfg, started, args.device, chooser, None if isinstance(size, str) else [size],
-                             args.gpu or "")
+        sizing = choose_size(target, cfg, started, machine, None if isinstance(size, str) else [size], gpu)
     print_table(f"Sizes weighed for {args.budget} of {target} {where} (* chosen)", _size_columns(),
                 [{**c.record(), "chosen": c is sizing.chosen} for c in sizing.candidates])
     for c in sizing.candidates:
@@ -235,31 +238,27 @@ def plan_budget(args: argparse.Namespace) -> None:
     console.print(f"The budget as planned: {sizing.spending()}.", highlight=False)
 
 
-def _plan_shape(target: Path, cfg: Any, started: float, device_name: str, chooser: Any, budget: str) -> None:
+def _plan_shape(target: Path, cfg: Any, started: float, machine: Any, budget: str) -> None:
     """`plan CONFIG --budget`: the config timed here now and planned by the budget's planner, as `train --budget`
     times and plans it before its first step (or its refusal, the same sentence)."""
     import time
 
     from torch import device as torch_device
 
-    from lmlab.core.device import resolve_device
-    from lmlab.core.peak import choose_dtype, step_ceiling
+    from lmlab.core.peak import step_ceiling
     from lmlab.data.shards import read_meta, windows_in
     from lmlab.experiments.size_search import SET_UP
     from lmlab.model import build_model
     from lmlab.train.budget import Budget, plan
     from lmlab.train.timing import refuse_untimed, time_config
 
-    device = resolve_device(device_name)
-    dtype, _ = choose_dtype(device, cfg.train.dtype)
     meta = read_meta(Path(cfg.data.dataset))
     with torch_device("meta"):  # its FLOPs alone may refuse it, as train's: before it is timed
         model = build_model(cfg.model)
     refuse_untimed(cfg, meta, time.perf_counter() - started + SET_UP, model.flops_per_token(), model.num_params(),
-                   step_ceiling(device, dtype))
+                   step_ceiling(machine.device, machine.dtype))
     with console.status("Timing its steps..."):
-        timing = time_config(cfg, device, dtype, chooser.counts(device),
-                             deadline=started + cfg.train.budget_seconds - SET_UP)
+        timing = time_config(cfg, machine, deadline=started + cfg.train.budget_seconds - SET_UP)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
     intervals = (cfg.train.eval_steps(meta["train"]["tokens"], tokens_per_step), cfg.train.checkpoint_interval)
     made = plan(cfg.train.budget_seconds, time.perf_counter() - started + SET_UP, timing.costs(), cfg.train, intervals,

@@ -105,7 +105,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
     params = sampling(args)
     chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load: see ThreadChooser
     run = load_run(args.run, args.checkpoint, args.device)
-    notes = ThreadNotes(chooser, pick_threads(chooser, run, args.batch_size, 1, "decoding"))  # said as sample says
+    notes = ThreadNotes(chooser, pick_threads(chooser, run, "decoding"))  # said as sample says
     tokens = run.config.model.block_size + args.max_new_tokens
     step = decode_step(run, args.batch_size, "--batch-size", tokens, args.compile, console, args.quantize)
     with console.status("Answering...") as status:

@@ -1,32 +1,29 @@
-"""Peak FLOP/s, what MFU divides by (a datasheet's, else measured and cached, standing only if measured quiet), and
-the dtype `train.dtype = "auto"` trains in. docs/reference/performance.md ("MFU and the peak") gives the rules."""
+"""Peak FLOP/s, what MFU divides by (a datasheet's, else the best measured on this machine, kept in the machine cache
+and measured again until quiet measurements settle it), and the dtype `train.dtype = "auto"` trains in.
+docs/reference/performance.md ("MFU and the peak") gives the rules."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lmlab.core import cache
 from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.device import configure, datasheet_peak, dtype_for_capability, processor, synchronize
-from lmlab.core.fileio import WriteError, atomic_write_text, writing
 from lmlab.core.threads import most_threads
 
 QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
 AGREE = 0.9  # a measurement agrees with the best when it reached this share of it
 KEPT = 10  # quiet figures kept in an entry (the newest)
 WINDOW = 0.25  # seconds a measurement takes the best of
-CACHE_FORMAT = 2  # 1's figures may have been measured busy
 BF16_MARGIN = 1.5  # autocast's casts around every matmul pay only where bf16 matmuls clearly win
 # A training step computes at most this many times the peak, in FLOPs as lmlab counts them (`flops_per_token`): a
 # causal kernel skips about half of PaLM's attention term, and a step's matmuls may outrun the measured square's.
@@ -48,7 +45,6 @@ class Peak:
     measurements: int = 0  # quiet measurements the figure is the best of
     matmul: int = 0
     settled: bool = True  # enough quiet measurements agree: no more are taken
-    notes: tuple[str, ...] = field(default=(), compare=False)  # one sentence per thing found wrong with the cache
     native: bool = True  # `native_kernel`
 
     def describe(self) -> str:
@@ -69,17 +65,17 @@ class Peak:
                 f"measured busy, {self.measured_at}")
 
     def mfu(self, flops_per_second: float) -> float | None:
-        """The share of this peak; None against a busy or emulated peak (either reads high), or above 1."""
+        """The share of this peak; None against an emulated peak (it reads high), or above 1."""
         share = flops_per_second / self.flops
-        return share if self.quiet and self.native and share <= 1 else None
+        return share if self.native and share <= 1 else None
 
     def wrong(self, flops_per_second: float) -> str | None:
-        """The warning when a quiet native peak is below what a job computed: that peak is wrong."""
-        if not (self.quiet and self.native) or flops_per_second <= self.flops:
+        """The warning when a native peak is below what a job computed: that peak is wrong."""
+        if not self.native or flops_per_second <= self.flops:
             return None
         return (f"warning: {flops_per_second / 1e12:.3g} TFLOP/s were computed, more than the peak of "
                 f"{self.flops / 1e12:.3g} ({self.describe()}), so that peak is wrong: no MFU from it (delete "
-                f"{cache_path()} to measure it again)")
+                f"{cache.cache_path()} to measure it again)")
 
     def standing(self) -> str:
         """What MFU divides by, in a line, or why there is none."""
@@ -87,7 +83,8 @@ class Peak:
             return (f"no MFU: {self.dtype} has no native kernel here, so its peak (a {self.describe()}) is an "
                     "emulation's")
         if not self.quiet:
-            return f"no MFU: the peak, a {self.describe()}, would overstate it; it is measured again at the next start"
+            return (f"MFU against {self.flops / 1e12:.3g} TFLOP/s, the best peak seen here, a {self.describe()}: MFU "
+                    "may read high until a quiet start measures it again")
         return f"MFU against {self.flops / 1e12:.3g} TFLOP/s: {self.describe()}"
 
 
@@ -98,10 +95,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
     listed = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
     if listed:
         return Peak(listed[0], name, listed[1])
-    key = cache_key(device, dtype)
+    key = json.dumps(peak_key(device, dtype), sort_keys=True)
     if key not in _memo:  # measured on every thread (`measure_into_cache`), read under any
-        _, entry, notes = read_cache(cache_path(), key, processor_identity(device))
-        peak = _as_peak(entry, notes) if entry and settled(entry) else measure_into_cache(device, dtype, notes)
+        entry = cache.recall("peak", peak_key(device, dtype))
+        entry = entry if _valid(entry) else None
+        peak = (_as_peak(entry, device, dtype) if entry and settled(entry) else
+                measure_into_cache(device, dtype, entry))
         _memo[key] = dataclasses.replace(peak, native=native_kernel(device, dtype))
     return _memo[key]
 
@@ -164,17 +163,12 @@ def emulated_warning(device: torch.device, dtype: torch.dtype) -> str | None:
             f"({fp32.flops / own.flops:.0f}x faster); train.dtype = \"auto\" or \"float32\" trains faster here")
 
 
-def cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmlab" / "peak_flops.json"
-
-
-def cache_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What a measured peak depends on."""
-    who = ", ".join(f"{k} {v}" for k, v in processor_identity(device).items() if v)
-    threads = f", {most_threads()[0]} threads" if device.type == "cpu" else ""
-    tf32 = " (TF32)" if device.type == "cuda" and dtype == torch.float32 else ""
-    return (f"{device.type}: {who}{threads}, {str(dtype).removeprefix('torch.')}{tf32}, torch {torch.__version__}, "
-            f"{matmul_size(device, dtype)}² matmul")
+def peak_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What a measured peak depends on: the processor, the threads a job may use, the dtype (with TF32 on a GPU's
+    float32), torch and the matmul's size."""
+    return {"processor": processor_identity(device), "threads": most_threads()[0] if device.type == "cpu" else None,
+            "dtype": str(dtype).removeprefix("torch."), "tf32": device.type == "cuda" and dtype == torch.float32,
+            "torch": torch.__version__, "matmul": matmul_size(device, dtype)}
 
 
 def processor_identity(device: torch.device) -> dict[str, Any]:
@@ -190,41 +184,8 @@ def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
     return 2048 if native_kernel(device, dtype) else 256
 
 
-def checksum(entry: dict[str, Any]) -> str:
-    """An entry's `sha256`, of its other fields."""
-    return hashlib.sha256(json.dumps({k: v for k, v in entry.items() if k != "sha256"}, sort_keys=True)
-                          .encode()).hexdigest()
-
-
-def read_cache(path: Path, key: str, who: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
-    """The cache's entries, this key's entry if it can be trusted, and a sentence per thing wrong (which means
-    measuring again, never an error); `who`: this processor."""
-    try:
-        cache = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}, None, []
-    except (OSError, ValueError):
-        return {}, None, [f"the peak cache {path} is not valid JSON (damaged, or edited by hand): the peak is "
-                          "measured again and the file rewritten."]
-    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or not isinstance(cache.get("entries"), dict):
-        return {}, None, [f"the peak cache {path} was written by an older lmlab, which kept peaks measured while the "
-                          "machine was busy: they are measured again."]
-    entries, entry = cache["entries"], cache["entries"].get(key)
-    if entry is None:
-        others = [e.get("processor") for e in entries.values() if isinstance(e, dict)]
-        if not others or who in others:
-            return entries, None, []
-        names = sorted({str((e or {}).get("name")) for e in others})
-        return entries, None, [f"the peak cache {path} holds peaks of other processors only ({', '.join(names)}; "
-                               "copied from another machine?): this one is measured."]
-    if not _valid(entry):
-        return entries, None, [f"the peak cache entry for this processor in {path} does not match its checksum "
-                               "(edited by hand, or damaged): the peak is measured again."]
-    return entries, entry, []
-
-
 def _valid(entry: Any) -> bool:
-    if not isinstance(entry, dict) or entry.get("sha256") != checksum(entry):
+    if not isinstance(entry, dict):
         return False
     flops, figures = entry.get("flops"), entry.get("figures")
     return (isinstance(flops, float) and math.isfinite(flops) and flops > 0 and isinstance(figures, list)
@@ -236,30 +197,22 @@ def settled(entry: dict[str, Any]) -> bool:
     return entry["quiet"] and sum(f >= AGREE * entry["flops"] for f in entry["figures"]) >= QUIET_MEASUREMENTS
 
 
-def measure_into_cache(device: torch.device, dtype: torch.dtype, notes: Sequence[str] = ()) -> Peak:
+def measure_into_cache(device: torch.device, dtype: torch.dtype, entry: dict[str, Any] | None) -> Peak:
     """Measure the peak, a window at a time until its entry settles (at most QUIET_MEASUREMENTS windows a start, none
-    after a busy one: a quiet machine settles it at its first start), merge each into the cache; what it now holds."""
-    path, key = cache_path(), cache_key(device, dtype)
-    entries, entry, _ = read_cache(path, key, processor_identity(device))
+    after a busy one: a quiet machine settles it at its first start), merged into `entry` (the cache's, if any) and
+    kept; what it now holds."""
     with every_thread(device):
         windows = peak_windows(device, dtype, WINDOW)
         for _ in range(QUIET_MEASUREMENTS):
             with LoadMeter() as meter:
                 flops = next(windows)
             assert meter.load is not None, "a LoadMeter has its load once its block ends"
-            entry = merged(entry, flops, meter.load, dtype, device)
+            entry = merged(entry, flops, meter.load, device)
             if settled(entry) or not quiet(meter.load, device):
                 break
     assert entry is not None, "QUIET_MEASUREMENTS is at least 1"
-    entries[key] = entry
-    try:
-        with writing(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
-    except WriteError as err:  # a cache only saves measuring again
-        notes = [*notes, f"the peak cache {err.path} cannot be written ({err.reason}): the peak is measured again "
-                         "at every start until it can (XDG_CACHE_HOME names another folder for it)."]
-    return _as_peak(entry, list(notes))
+    cache.keep("peak", peak_key(device, dtype), entry)
+    return _as_peak(entry, device, dtype)
 
 
 def quiet(load: Load, device: torch.device) -> bool:
@@ -267,32 +220,20 @@ def quiet(load: Load, device: torch.device) -> bool:
     return not load.busy or device.type == "cuda"
 
 
-def merged(entry: dict[str, Any] | None, flops: float, load: Load, dtype: torch.dtype,
-           device: torch.device) -> dict[str, Any]:
-    """The entry after one more measurement: a quiet one (`quiet`) joins the quiet figures, a busy one replaces only a
-    busy entry."""
+def merged(entry: dict[str, Any] | None, flops: float, load: Load, device: torch.device) -> dict[str, Any]:
+    """The entry after one more measurement: the best seen stands (load only ever slows a matmul), a quiet one joins
+    the quiet figures that settle it."""
     calm = quiet(load, device)
-    new = {"flops": float(flops), "quiet": calm, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "load": load.record()}
-    figures = list(entry["figures"]) if entry and entry["quiet"] else []
-    best: dict[str, Any]
-    if calm:
-        figures = [*figures, float(flops)][-KEPT:]
-        best = new if entry is None or not figures[:-1] or flops > entry["flops"] else entry
-    elif entry and entry["quiet"]:
-        best = entry
-    else:
-        best = new if entry is None or flops > entry["flops"] else entry
-    kept = {"processor": processor_identity(device), "threads": most_threads()[0],
-            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-            "matmul": matmul_size(device, dtype),
-            **{k: best[k] for k in ("flops", "quiet", "measured_at", "load")}, "figures": figures}
-    return {**kept, "sha256": checksum(kept)}
+    figures = [*(entry["figures"] if entry else []), *([float(flops)] if calm else [])][-KEPT:]
+    if entry is not None and entry["flops"] >= flops:
+        return {**entry, "figures": figures}
+    return {"flops": float(flops), "quiet": calm, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "load": load.record(), "figures": figures}
 
 
-def _as_peak(entry: dict[str, Any], notes: list[str]) -> Peak:
-    return Peak(entry["flops"], entry["dtype"], "measured matmul", entry["quiet"], entry["measured_at"], entry["load"],
-                len(entry["figures"]), entry["matmul"], settled(entry), tuple(notes))
+def _as_peak(entry: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Peak:
+    return Peak(entry["flops"], str(dtype).removeprefix("torch."), "measured matmul", entry["quiet"],
+                entry["measured_at"], entry["load"], len(entry["figures"]), matmul_size(device, dtype), settled(entry))
 
 
 def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:

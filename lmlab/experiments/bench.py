@@ -21,11 +21,11 @@ import torch
 
 from lmlab.core.busy import MIN_WINDOW, Load, LoadMeter
 from lmlab.core.config import RunConfig
-from lmlab.core.device import configure, resolve_device, synchronize
+from lmlab.core.device import configure, synchronize
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory
-from lmlab.core.peak import Peak, autocast_dtype, peak_flops
-from lmlab.core.threads import Choice, ThreadChooser, forward_probe, time_threads
+from lmlab.core.machine import Machine
+from lmlab.core.peak import peak_flops
 from lmlab.data.shards import read_meta
 from lmlab.model import build_model
 from lmlab.model.memory import MemoryRefused, check_training
@@ -79,24 +79,23 @@ def _reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _build(cfg: RunConfig, device: torch.device) -> TrainStep:
-    """The training loop's step of `cfg` on `device`, in the autocast dtype `cfg` trains in there."""
-    configure(device)
-    return TrainStep(build_model(cfg.model).to(device), cfg.train, device, autocast_dtype(device, cfg.train.dtype))
+def _build(cfg: RunConfig, machine: Machine) -> TrainStep:
+    """The training loop's step of `cfg` on `machine`."""
+    configure(machine.device)
+    return TrainStep(build_model(cfg.model).to(machine.device), cfg.train, machine)
 
 
-def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = "auto", warmup: int = 2,
-                seconds: float = 0.0, peak: Peak | None = None) -> BenchRow:
-    """Time `steps` training steps (the loop's own `TrainStep`), or more until `seconds` (at least MIN_WINDOW, so the
-    load meter beside them can tell a busy machine) have passed, at one micro-batch size. MFU divides by `peak` (by
-    default the device's at the threads in use)."""
-    cfg = with_vocab(cfg)
-    device = resolve_device(device_name)
+def bench_batch(cfg: RunConfig, batch_size: int, steps: int, machine: Machine, warmup: int = 2,
+                seconds: float = 0.0) -> BenchRow:
+    """Time `steps` training steps (the loop's own `TrainStep`) on `machine`, or more until `seconds` (at least
+    MIN_WINDOW, so the load meter beside them can tell a busy machine) have passed, at one micro-batch size; MFU
+    against the machine's peak."""
+    cfg, device = with_vocab(cfg), machine.device
     check_training(cfg.model, batch_size, optimizer_of(cfg.train).state_bytes, device, setting="--batch-sizes")
     try:
         gc.collect()  # the previous batch size's tensors go before this one's peak is counted
         _reset_peak_memory(device)
-        return _timed(cfg, batch_size, steps, device, warmup, seconds, peak)  # its tensors go as it returns
+        return _timed(cfg, batch_size, steps, machine, warmup, seconds)  # its tensors go as it returns
     except torch.OutOfMemoryError:
         return BenchRow(batch_size, out_of_memory=True)
     finally:
@@ -105,11 +104,10 @@ def bench_batch(cfg: RunConfig, batch_size: int, steps: int, device_name: str = 
             torch.cuda.empty_cache()
 
 
-def _timed(cfg: RunConfig, batch_size: int, steps: int, device: torch.device, warmup: int, seconds: float,
-           peak: Peak | None) -> BenchRow:
+def _timed(cfg: RunConfig, batch_size: int, steps: int, machine: Machine, warmup: int, seconds: float) -> BenchRow:
     """`bench_batch`'s steps, timed."""
-    tc, T = cfg.train, cfg.model.block_size
-    step = _build(cfg, device)
+    tc, T, device = cfg.train, cfg.model.block_size, machine.device
+    step = _build(cfg, machine)
     x = torch.randint(0, cfg.model.vocab_size, (batch_size, T), device=device)
     batches = [(x, x)] * tc.grad_accum_steps
     for _ in range(warmup):  # warmup steps compile, allocate and fill caches
@@ -124,27 +122,16 @@ def _timed(cfg: RunConfig, batch_size: int, steps: int, device: torch.device, wa
                 synchronize(device)
         synchronize(device)
         seconds = (time.perf_counter() - started) / done
-    rate = batch_size * tc.grad_accum_steps * T / seconds
-    peak, computed = peak or peak_flops(device, step.dtype), rate * step.model.flops_per_token()
+    rate, peak = batch_size * tc.grad_accum_steps * T / seconds, machine.peak or peak_flops(device, step.dtype)
+    computed = rate * step.model.flops_per_token()
     return BenchRow(batch_size, rate, 1000 * seconds, peak.mfu(computed), _peak_memory(device), note=step.note,
                     peak_note=peak.wrong(computed), load=meter.load)
-
-
-def bench_threads(cfg: RunConfig, device: torch.device, dtype: torch.dtype, chooser: ThreadChooser) -> Choice:
-    """The threads a run of `cfg` would train on here now, timed (a benchmark times afresh), where the load asks."""
-    counts = chooser.counts(device)
-    if len(counts) < 2:
-        return chooser.decide({}, "a forward pass")
-    cfg = with_vocab(cfg)
-    model = build_model(cfg.model).to(device)
-    probe = forward_probe(model, cfg.train.batch_size, cfg.model.block_size, device, dtype)
-    return chooser.decide(time_threads(counts, probe), "a forward pass")
 
 
 Probe = Callable[[BenchRow, bool, "int | None"], None]
 
 
-def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096, seconds: float = math.inf,
+def find_max_batch(cfg: RunConfig, machine: Machine, limit: int = 4096, seconds: float = math.inf,
                    say: Probe = lambda row, fits, budget: None) -> tuple[int, bool]:
     """The largest micro-batch that trains within the memory budget (`memory_budget`), found by `largest_fitting`
     within `seconds`; each batch tried is told to `say`. False with it: the search stopped for time.
@@ -154,11 +141,11 @@ def find_max_batch(cfg: RunConfig, device_name: str = "auto", limit: int = 4096,
     activations than compiled, so what fits eagerly fits compiled) and over one micro-batch (accumulation adds time, not
     memory)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False, grad_accum_steps=1))
-    budget = memory_budget(resolve_device(device_name))
+    budget = memory_budget(machine.device)
 
     def fits(batch: int) -> bool | None:
         try:
-            row = bench_batch(cfg, batch, steps=1, device_name=device_name, warmup=1)
+            row = bench_batch(cfg, batch, steps=1, machine=machine, warmup=1)
         except MemoryRefused:  # estimated not to fit: not tried
             return None
         say(row, within(row, budget), budget)
@@ -248,13 +235,11 @@ class CheckpointCost:
     load: Load | None  # of the machine while they were timed
 
 
-def checkpoint_cost(cfg: RunConfig, device_name: str = "auto", folder: Path = Path("."),
-                    repeats: int = 1) -> CheckpointCost:
+def checkpoint_cost(cfg: RunConfig, machine: Machine, folder: Path = Path("."), repeats: int = 1) -> CheckpointCost:
     """Write a checkpoint of `cfg`'s model and its optimizer state as training writes one, in a temporary folder inside
     `folder` (the disk runs go to), and load it back as a resume does; the best of `repeats` each."""
-    cfg = with_vocab(cfg)
-    device = resolve_device(device_name)
-    step = _build(cfg, device)
+    cfg, device = with_vocab(cfg), machine.device
+    step = _build(cfg, machine)
     ids = torch.zeros(1, min(8, cfg.model.block_size) + 1, dtype=torch.long, device=device)
     step([(ids[:, :-1], ids[:, 1:])], 1, cfg.train.learning_rate)
     writes, loads = [], []
@@ -273,11 +258,11 @@ def checkpoint_cost(cfg: RunConfig, device_name: str = "auto", folder: Path = Pa
     return CheckpointCost(size, min(writes), min(loads), meter.load)
 
 
-def eval_cost(cfg: RunConfig, ms_per_step: float, device_name: str = "auto") -> dict[str, float]:
+def eval_cost(cfg: RunConfig, ms_per_step: float, machine: Machine) -> dict[str, float]:
     """Time one evaluation (eval_iters batches on each of two splits) and size it to under 5% of training."""
     cfg = with_vocab(cfg)
     tc = cfg.train
-    step = _build(cfg, resolve_device(device_name))
+    step = _build(cfg, machine)
     device, dtype = step.device, step.dtype
     step.model.eval()
     forward = step.scoring  # as the training loop evaluates: eager on a CPU

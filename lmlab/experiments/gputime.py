@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS, datasheet_peak
 from lmlab.core.errors import UserError
+from lmlab.core.machine import no_graphs
 from lmlab.model import build_model
 from lmlab.train.optim import optimizer_of
 
@@ -35,6 +36,9 @@ VIEW_SECONDS = 1.5e-6  # host time per op that launches nothing (a view, a trans
 # docs/reference/performance.md, where the Shakespeare recipe's host, not its GPU, sets the step (tests/test_gputime.py
 # fits it again from those rows and holds this figure to the fit).
 COMPILED_LAUNCH_SECONDS = 77e-6
+# Host time of a block's call replayed as a CUDA graph (cudagraph trees' Python and one graph launch): a prior, not yet
+# measured on a GPU.
+REPLAY_SECONDS = 30e-6
 RECURRENCE_SECONDS = 4e-6  # one time step of one cuDNN RNN layer: a kernel's latency, its GEMM being tiny
 COMPILE_FUSION = 0.3  # under torch.compile, the kernels and bytes left of the elementwise ones (matmuls stay)
 MIXED_BYTES = 0.75  # bytes under bf16/fp16 autocast per fp32 byte: matmul outputs halve, norms and loss stay fp32
@@ -219,8 +223,10 @@ class StepTime:
     kernels: int  # launched per step
     evaluation: float  # one evaluation: eval_iters batches of each split, forward only, shared by the GPUs
     allreduce: float = 0.0  # the gradients' all-reduce past the backward's end, on several GPUs
-    compile: float = 0.0  # torch.compile's first calls: the training step's graph and the evaluation's
+    compile: float = 0.0  # torch.compile's first calls: a block's training graph and its evaluation's
     gpus: int = 1
+    graphs: bool = False  # its blocks replayed as CUDA graphs (lmlab.core.machine's rule)
+    why_not: str = ""  # why they are not
 
     @property
     def device(self) -> float:
@@ -247,8 +253,10 @@ class StepTime:
                                                    ("batch copy", self.copy), ("all-reduce", self.allreduce))
                  if value >= 5e-5]
         work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts)
-        return (f"bound by {self.dominant()}: {self.kernels:,} launches in {1000 * self.launches:,.1f} ms (Python and "
-                f"launching), the GPU's work takes {1000 * self.device:,.1f} ms ({work})")
+        launched = (f"its blocks replayed as CUDA graphs, {1000 * self.launches:,.1f} ms of the host's" if self.graphs
+                    else f"{self.kernels:,} launches in {1000 * self.launches:,.1f} ms (Python and launching" +
+                    (f"; no CUDA graphs: {self.why_not.removeprefix('rule: ')}" if self.why_not else "") + ")")
+        return f"bound by {self.dominant()}: {launched}, the GPU's work takes {1000 * self.device:,.1f} ms ({work})"
 
 
 def matmul_share(row: str) -> float:
@@ -269,11 +277,12 @@ def peak_of(row: str, dtype: str) -> tuple[float, bool]:
     return fp32[0], False
 
 
-def compile_seconds(found: Trace) -> float:
-    """torch.compile's time for a model of this trace: the training step's graph and the evaluation's (which Dynamo
-    compiles again)."""
-    nodes = found.step_launches + found.step_views + found.forward_launches + found.forward_views
-    return 2 * COMPILE_GRAPH_SECONDS + COMPILE_NODE_SECONDS * nodes
+def compile_seconds(found: Trace, blocks: int, graphs: bool) -> float:
+    """torch.compile's time for a model of this trace compiled block by block (lmlab.train.compiled: the `blocks`
+    replay one block's graph): a block's training graph, its evaluation's (which Dynamo compiles again) and, with CUDA
+    graphs, its training graph again as CUDA graphs."""
+    nodes = (found.step_launches + found.step_views + found.forward_launches + found.forward_views) / max(1, blocks)
+    return (2 + graphs) * COMPILE_GRAPH_SECONDS + COMPILE_NODE_SECONDS * nodes
 
 
 def allreduce_seconds(row: str, params: int, gpus: int, backward: float) -> float:
@@ -289,7 +298,8 @@ def allreduce_seconds(row: str, params: int, gpus: int, backward: float) -> floa
 
 def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: int = 1) -> StepTime:
     """One optimizer step of `cfg` on the datasheet GPU `row` (a key of PEAK_TFLOPS), one of `gpus` under DDP, in
-    autocast `dtype`, compiled or eager; one evaluation; and compiling."""
+    autocast `dtype`, compiled or eager, its blocks replayed as CUDA graphs where the machine's rule says; one
+    evaluation; and compiling."""
     assert row in PEAK_TFLOPS and row in BANDWIDTH_GBS, row
     tc, mc = cfg.train, cfg.model
     with torch.device("meta"):
@@ -308,21 +318,26 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     def host(launches: float, matmuls: float, views: float) -> float:
         return kernels(launches, matmuls) * per_kernel + (0 if compiled else views * VIEW_SECONDS)
 
-    tokens = tc.batch_size * mc.block_size
+    tokens, steps, blocks = tc.batch_size * mc.block_size, tc.grad_accum_steps, len(model.shard_units())
+    why = no_graphs("cuda", compiled, gpus, steps, steps * model.flops_per_token() * tokens / peak_of(row, dtype)[0],
+                    model.graphs)
+    replays = None if why else 2 * max(1, blocks) * REPLAY_SECONDS  # a block's forward and backward, each a graph
     micro = (model.flops_per_token() * tokens / flops, found.step_bytes * tc.batch_size * scale / bandwidth,
-             found.serial * RECURRENCE_SECONDS, host(found.step_launches, found.step_matmuls, found.step_views))
+             found.serial * RECURRENCE_SECONDS,
+             replays or host(found.step_launches, found.step_matmuls, found.step_views))
     params = sum(p.numel() for p in model.parameters())
     after = tail(mc, tc)
     forward = max(micro[0] / 3 + found.forward_bytes * tc.batch_size * scale / bandwidth + micro[2] / 3,
                   host(found.forward_launches, found.forward_matmuls, found.forward_views))
     copy = 2 * tokens * 8 / PCIE_BYTES_PER_SECOND
-    steps = tc.grad_accum_steps
     backward = 2 / 3 * (micro[0] + micro[1] + micro[2])  # the last micro-batch's, which the all-reduce overlaps
     return StepTime(steps * micro[0], steps * micro[1], steps * micro[2], params * OPTIMIZER_BYTES / bandwidth,
                     steps * copy, steps * micro[3] + after * per_kernel,
                     round(steps * kernels(found.step_launches, found.step_matmuls) + after),
                     2 * math.ceil(tc.eval_iters / gpus) * (forward + copy / 2),
-                    allreduce_seconds(row, params, gpus, backward), compile_seconds(found) if compiled else 0.0, gpus)
+                    allreduce_seconds(row, params, gpus, backward),
+                    compile_seconds(found, blocks, replays is not None) if compiled else 0.0, gpus,
+                    replays is not None, why or "")
 
 
 def run_seconds(cfg: RunConfig, step: StepTime, steps: float, split_tokens: int | None) -> tuple[float, float, float]:

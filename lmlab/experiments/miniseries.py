@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from lmlab.analysis.runs import summarize
@@ -26,12 +25,11 @@ from lmlab.analysis.scaling import LossSurface, effective_tokens, fit_loss_surfa
 from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config
-from lmlab.core.device import machine, resolve_device
+from lmlab.core.device import machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
 from lmlab.core.humanize import format_duration
-from lmlab.core.peak import choose_dtype
-from lmlab.core.threads import ThreadChooser
+from lmlab.core.machine import Machine
 from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
 from lmlab.experiments.plan import estimate, local_hardware, shape_of
@@ -233,13 +231,11 @@ class Miniseries:
         """What a step, an evaluation's batch, a checkpoint and the end of depth `depth` cost here now, timed as a
         budgeted run's are (lmlab.train.timing), cut short where two steps would end past `deadline`."""
         cfg = self.config(depth, self.series.searched, 1.0)
-        device = resolve_device(self.device)
-        chooser = ThreadChooser(cfg.train.threads, "train.threads")
+        machine = Machine.of(self.device, cfg.train.dtype, cfg.train.threads)
         try:
-            return time_config(cfg, device, choose_dtype(device, cfg.train.dtype)[0], chooser.counts(device),
-                               deadline).costs()
+            return time_config(cfg, machine, deadline).costs()
         finally:
-            torch.set_num_threads(chooser.before)  # each run chooses its own
+            machine.threads.restore()  # each run chooses its own
 
     def seconds(self, depths: tuple[int, ...], costs: dict[int, Costs]) -> float:
         """What the runs of `depths` still to train take at their depths' `costs`, each counted as a budget's plan

@@ -17,10 +17,10 @@ from lmlab.core.config import RunConfig
 from lmlab.core.device import PEAK_TFLOPS, datasheet_peak, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
+from lmlab.core.machine import Machine
 from lmlab.core.peak import Peak, autocast_dtype, peak_flops
-from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
-from lmlab.experiments.bench import bench_batch, bench_threads, with_vocab
+from lmlab.experiments.bench import bench_batch, with_vocab
 from lmlab.experiments.gputime import StepTime, gpu_step_time, matmul_share, peak_of, run_seconds
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
@@ -98,11 +98,9 @@ MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (on
 def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str, Load | None]:
     """Training tokens/s of `cfg` on this device as training runs it, how it was measured, and the machine's load
     meanwhile."""
-    chooser = ThreadChooser(cfg.train.threads, "train.threads")
-    device = resolve_device(device_name)
-    dtype = autocast_dtype(device, cfg.train.dtype)
-    threads = bench_threads(cfg, device, dtype, chooser).threads
-    row = bench_batch(cfg, cfg.train.batch_size, 1, device_name, warmup=1, seconds=MEASURE_SECONDS)
+    machine = Machine.of(device_name, cfg.train.dtype, cfg.train.threads)
+    device, dtype, threads = machine.device, machine.dtype, machine.threads.choice.threads
+    row = bench_batch(cfg, cfg.train.batch_size, 1, machine, warmup=1, seconds=MEASURE_SECONDS)
     if row.tokens_per_sec is None:  # out of memory
         raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or pass "
                         "--tokens-per-sec.")

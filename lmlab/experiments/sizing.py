@@ -24,14 +24,13 @@ from lmlab.core.config import RunConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
-from lmlab.core.peak import choose_dtype
+from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
 from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
-from lmlab.experiments.plan import gpu_hardware
-from lmlab.experiments.size_search import Candidate, Search, Speed, search
+from lmlab.experiments.plan import Hardware
+from lmlab.experiments.size_search import PRICED, Candidate, Search, Speed, search
 from lmlab.model import build_model
-from lmlab.train.machine import READ_BACK
 from lmlab.train.preflight import Sized
 
 
@@ -54,17 +53,14 @@ class Sizing:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dataset's meta.json
 
     def line(self) -> str:
-        c, timed = self.chosen, [c for c in self.candidates if c.timing]
+        c, weighed = self.chosen, [c for c in self.candidates if c.timing]
+        depths = {how: [str(w.depth) for w in weighed if w.timing and w.timing.how == how]
+                  for how in (MEASURED, READ_BACK, PRICED)}
         verb = "foretold" if self.speed.startswith("foretold") else "timed"
-        again = [str(t.depth) for t in timed if t.timings > 1]
-        why = "the best two" if len(again) == 2 else "the best and those a faster timing could make better"
-        back = [str(t.depth) for t in timed if t.timing and t.timing.how == READ_BACK]
+        hows = [f"{', '.join(d)} {verb if how == MEASURED else how}" for how, d in depths.items() if d]
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
-                f"the lowest predicted val of {len(timed)} depth{'s' * (len(timed) > 1)} {verb} "
-                f"({', '.join(str(t.depth) for t in timed)} layers" +
-                (f"; {', '.join(again[:-1])} and {again[-1]} twice, {why}" if len(again) > 1 else "") +
-                (f"; {'' if len(back) == len(timed) else ', '.join(back) + ' '}read back: this machine timed "
-                 f"{'them' if len(back) > 1 else 'it'} before" if back else "") + f"): {self.outlook()}")
+                f"the lowest predicted val of {len(weighed)} depth{'s' * (len(weighed) > 1)} ({'; '.join(hows)}): "
+                f"{self.outlook()}")
 
     def outlook(self) -> str:
         """What the chosen size would do with the budget: its speed, its steps and tokens, the passes over the train
@@ -169,12 +165,12 @@ def fit_notes(preset: Path, fit: SizeFit, dataset: str, meta: dict[str, Any]) ->
     return notes
 
 
-def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, chooser: ThreadChooser,
-                depths: list[int] | None = None, gpu: str = "") -> Sizing:
+def choose_size(preset: Path, cfg: RunConfig, started: float, machine: Machine, depths: list[int] | None = None,
+                gpu: Hardware | None = None) -> Sizing:
     """The depth of the preset's family that trains to the lowest predicted val in cfg.train.budget_seconds counted from
     `started` (a time.perf_counter() reading); or `depths` alone, weighed (for `plan --budget` of a fixed shape). Each
-    size's speed is timed on `device_name`'s device, or foretold for the datasheet GPU `gpu` (`plan --gpu`); the fit is
-    the preset's wherever it was measured, as the loss a recipe reaches by size and tokens is no device's."""
+    size's speed is had on `machine`, or foretold for the datasheet GPU `gpu` (`plan --gpu`); the fit is the preset's
+    wherever it was measured, as the loss a recipe reaches by size and tokens is no device's."""
     budget = cfg.train.budget_seconds
     if not budget:
         raise UserError("--size auto chooses the size a time budget trains best; give one with --budget (e.g. "
@@ -184,21 +180,11 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, device_name: str, 
         raise UserError(f"--size auto predicts each size's val loss from the fit kept beside the preset, and "
                         f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
                         "miniseries of short runs), or give a size by its depth (--size 4).")
-    if gpu:
-        hardware = gpu_hardware(gpu, cfg.train.dtype)
-        cuda = torch.device("cuda")
-        speed = Speed(cuda, getattr(torch, hardware.dtype), chooser.counts(cuda), hardware)
-    else:
-        device = resolve_device(device_name)
-        speed = Speed(device, choose_dtype(device, cfg.train.dtype)[0], chooser.counts(device))
+    speed = Speed(machine, gpu)
     found = search(family, fit, budget, started, speed, meta, depths)
-    planned = [c for c in found.candidates if c.steps]
-    if not planned:
+    best = found.best()
+    if best is None:
         raise UserError(_refusal(found, preset))
-    best = min(planned, key=lambda c: (c.predicted is None, c.predicted or 0.0))
-    assert best.timing is not None, "a planned size was timed"
-    chosen = chooser.decide(best.timing.forward, "a forward pass")  # the threads the run goes on with
-    chooser.choice = dataclasses.replace(chosen, how=best.timing.how)
     return Sizing(budget, time.perf_counter() - started + speed.foretold, found.candidates, best, best.config,
                   str(fit_path(preset)), speed.says(best.threads), found.unique, fitted_on(fit) if fit else "",
                   fit.beyond(best.tokens) if fit and best.predicted is not None else "",
@@ -243,12 +229,14 @@ def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, dev
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     try:
         with out.status("Timing sizes of the preset's family on this machine..."), interruptible or nullcontext():
-            sizing = choose_size(preset, cfg, started, device, chooser)
+            machine = Machine.measured(resolve_device(device), cfg.train.dtype, chooser)
+            machine.start()
+            sizing = choose_size(preset, cfg, started, machine)
     except BaseException:
-        torch.set_num_threads(chooser.before)  # as they were: a notebook goes on in this process
+        chooser.restore()
         raise
     for note in sizing.notes:
         out.print(f"note: {note}", style="yellow", highlight=False)
     out.print(sizing.line(), highlight=False)
     assert sizing.chosen.timing is not None, "a chosen size was timed"
-    return sizing.config, Sized(chooser, sizing.record(), sizing.chosen.timing, sizing.meta)
+    return sizing.config, Sized(machine, sizing.record(), sizing.chosen.timing, sizing.meta)

@@ -5,7 +5,8 @@ hundred small kernels and waits on the host between them, which is what bounds d
 
 How a bucket is captured is a `Capture`: `cuda_graph` on a GPU; `recorded`, its twin on the CPU, which replays the
 eager step into the same static buffers (so the buffer discipline is tested where no GPU is); `compiled`, torch.compile
-per bucket (mode="reduce-overhead" on a GPU, every state tensor marked static)."""
+per bucket (mode="reduce-overhead" on a GPU, every state tensor marked static). Each is warmed up on a copy of the
+bucket's state, at its shape, before it captures."""
 
 from __future__ import annotations
 
@@ -27,19 +28,27 @@ Capture = Callable[[Body, tuple[torch.Tensor, ...], Run], Run]
 
 
 def cuda_graph() -> Capture:
-    """Capture on CUDA, every bucket's graph in one memory pool (buckets never run at once)."""
+    """Capture on CUDA, every bucket's graph in one memory pool (buckets never run at once). A capture that fails is
+    ended and its hold on the pool let go before the error goes on (`abandon`), so the thread, its stream and the
+    allocator are as they were and eager decoding can go on."""
     shared = torch.cuda.graph_pool_handle()
 
     def capture(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
-        side = torch.cuda.Stream()  # warmed on a side stream, as capture needs (cuBLAS's handles, lazy inits)
+        side = torch.cuda.Stream()  # warmed and captured on a side stream, as capture needs
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            warm()
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the server's other threads may touch CUDA while this one captures
-        with torch.cuda.graph(graph, pool=shared, capture_error_mode="thread_local"):
-            out = body(*args)
+        with torch.cuda.stream(side):  # whose exit gives the thread its stream back, however the capture ends
+            warm()  # cuBLAS's handles and workspaces, lazy inits: at the bucket's own shape, before capture
+            torch.cuda.synchronize()
+            try:
+                # thread_local: the server's other threads may touch CUDA while this one captures
+                graph.capture_begin(shared, capture_error_mode="thread_local")
+                out = body(*args)
+                graph.capture_end()
+            except BaseException:
+                abandon(graph, shared)
+                raise
+        torch.cuda.current_stream().wait_stream(side)
 
         def replay() -> torch.Tensor:
             graph.replay()
@@ -48,6 +57,21 @@ def cuda_graph() -> Capture:
         return replay
 
     return capture
+
+
+def abandon(graph: torch.cuda.CUDAGraph, pool: tuple[int, int]) -> None:
+    """End a capture into `pool` that failed: the stream's capture ended (where `capture_end` completes it, the graph
+    holds the pool as any graph does, until it is let go); else the allocator's recording to the pool ended (which
+    `capture_end` skips when the capture was invalidated) and the capture's hold on it released."""
+    try:
+        graph.capture_end()
+        return
+    except RuntimeError:
+        pass
+    device = torch.cuda.current_device()
+    with contextlib.suppress(RuntimeError):  # ended already, where capture_end failed after it
+        torch._C._cuda_endAllocateToPool(device, pool)
+    torch._C._cuda_releasePool(device, pool)
 
 
 def recorded(body: Body, args: tuple[torch.Tensor, ...], warm: Run) -> Run:
@@ -87,11 +111,12 @@ def compiled(**options: object) -> Capture:
 
 class GraphStep(BucketedStep):
     """The decode step of `model` replayed per bucket; a bucket is captured the first time the decoder steps in it, over
-    that bucket's view of the decoder's state. The logits returned are the bucket's static output: read them before
-    the next step."""
+    that bucket's view of the decoder's state, by a capture `captures` makes (a new one, with a pool of its own, for
+    each decoder's state). The logits returned are the bucket's static output: read them before the next step."""
 
-    def __init__(self, model: LanguageModel, dtype: torch.dtype, capture: Capture):
-        self.model, self.dtype, self.capture = model, dtype, capture
+    def __init__(self, model: LanguageModel, dtype: torch.dtype, captures: Callable[[], Capture]):
+        self.model, self.dtype, self.captures = model, dtype, captures
+        self.capture = captures()
         self.device = next(model.parameters()).device
         # by id of the state view the decoder keeps per bucket (the view held, so the id is never reused)
         self.buckets: dict[int, tuple[DecodeState, torch.Tensor, Run]] = {}
@@ -100,7 +125,10 @@ class GraphStep(BucketedStep):
         bucket = self.buckets.get(id(state))
         if bucket is None:
             if self.buckets and _storage(next(iter(self.buckets.values()))[0]) != _storage(state):
-                self.buckets.clear()  # another decoder's state: the old one's graphs (and its memory) go
+                # Another decoder's state: the old one's graphs and their pool go. A pool all of whose graphs went
+                # is freed, and a capture must not name it again: the new state's graphs get a pool of their own.
+                self.buckets.clear()
+                self.capture = self.captures()
             bucket = self.buckets[id(state)] = self._capture(idx, state)
         _, static, replay = bucket
         static.copy_(idx)
@@ -118,8 +146,8 @@ class GraphStep(BucketedStep):
             assert logits is not None, "feed gives logits when asked"
             return logits[:, -1]
 
-        def warm() -> torch.Tensor:  # on a copy of one row: the real state moves only when a replay runs
-            return body(static[:1].clone(), *(t[:1].clone() for t in state.tensors()))
+        def warm() -> torch.Tensor:  # on a copy of the bucket: the real state moves only when a replay runs
+            return body(static.clone(), *(t.clone() for t in state.tensors()))
 
         return state, static, self.capture(body, (static, *state.tensors()), warm)
 

@@ -51,6 +51,9 @@ def choose_step(model: LanguageModel, device: torch.device, compile: bool, weigh
     if not compilable(model):
         return StepChoice("eager", "the model keeps no decode state to capture or compile")
     if device.type == "cuda":
+        if not model.graphs:
+            return StepChoice("eager", "its kind's step cannot be recorded as CUDA graphs (cuDNN's RNN, or a plugin "
+                                       "that does not say it can)")
         return StepChoice("cuda graphs", "one graph per batch and length bucket, replayed as one launch a token")
     if not compile:
         return StepChoice("eager", "the compiled step was not asked for: it takes a minute or more to build")
@@ -62,8 +65,9 @@ def choose_step(model: LanguageModel, device: torch.device, compile: bool, weigh
 def build_step(choice: StepChoice, model: LanguageModel, dtype: torch.dtype, capacity: int,
                capture: Callable[[], Capture] | None = None) -> tuple[Step | None, StepChoice]:
     """The step `choice` names for up to `capacity` rows (None: eager) and what decodes in the end: eager, with the
-    reason, when the step fails its check. `capture` is how a bucket is captured, if not as CAPTURES says (a twin on
-    the CPU). Weights the choice quantizes are quantized here, in place."""
+    reason, when the step fails its check (a capture that fails is ended first: lmlab.inference.graphs). `capture`
+    makes how a bucket is captured, if not as CAPTURES says (a twin on the CPU). Weights the choice quantizes are
+    quantized here, in place."""
     quantize(model, choice.weights)
     if choice.compiled:
         return compile_step(model, capacity, dtype), choice
@@ -71,12 +75,12 @@ def build_step(choice: StepChoice, model: LanguageModel, dtype: torch.dtype, cap
         return None, choice
     capture = capture or CAPTURES[choice.kind]
     try:
-        failure = check_step(model, dtype, lambda: GraphStep(model, dtype, capture()))
+        failure = check_step(model, dtype, lambda: GraphStep(model, dtype, capture))
     except Exception as err:  # a capture the card or the driver refuses
         failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     if failure:
         return None, StepChoice("eager", f"the {choice.kind} step failed its check ({failure})")
-    return GraphStep(model, dtype, capture()), choice
+    return GraphStep(model, dtype, capture), choice
 
 
 def check_step(model: LanguageModel, dtype: torch.dtype, make: Callable[[], Step]) -> str | None:

@@ -57,6 +57,9 @@ class LanguageModel(nn.Module):
     logits (B, T, vocab) for ids (B, T), the mean loss when targets are given, `cache` from `new_cache`."""
 
     config: ModelConfig
+    # Whether its steps may be recorded as CUDA graphs and replayed (a training step's blocks, a decode step): every
+    # op capturable, none that syncs with the host or runs cuDNN's RNN. A plugin says so itself.
+    graphs: bool = False
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState | None:
         """What decoding carries from one token to the next for `batch` rows, empty; None: the decoder feeds the

@@ -157,6 +157,8 @@ class Block(nn.Module):
 
 
 class GPT(HeadOverStates):
+    graphs = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the dataset and must be set before building"

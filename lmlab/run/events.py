@@ -58,10 +58,8 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "rollback": _fields(_STEP, "to_step:integer lr_scale:number"),
     "resume": _fields(_STEP, "checkpoint:string device:string|null dtype:string|null world_size:integer "
                              f"machine:object|null {_PEAK}"),
-    "threads": _fields(_STEP, "threads:integer most:integer reason:string|null ms:object|null others:number"),
-    "compile": _fields(_STEP, "compiled_ms:number eager_ms:number compiled:boolean"),
-    "graphs": _fields(_STEP, "graphs_ms:number plain_ms:number graphs:boolean how:string"),
-    "attention": _fields(f"{_STEP} path:string", "fused_ms:number math_ms:number cudnn_ms:number"),
+    "threads": _fields(_STEP, "threads:integer most:integer reason:string|null others:number"),
+    "machine": _fields(f"{_STEP} choices:object|null"),
     "budget": _fields(_STEP, "seconds:number max_iters:integer spent:number step_seconds:number eval_seconds:number "
                              "checkpoint_seconds:number finish_seconds:number position:number reason:string "
                              "eval_iters:integer warmup:integer"),

@@ -15,6 +15,7 @@ import torch
 
 from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
+from lmlab.core.machine import Machine
 from lmlab.core.threads import Choice, Heard, ThreadChooser
 from lmlab.core.workers import python_command
 from lmlab.inference.compiled import (
@@ -35,7 +36,6 @@ from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher
 from lmlab.serving.requests import Served
 from lmlab.serving.state import ServeOptions, State
-from lmlab.train.machine import Machine
 
 # How long a drained server waits for its loading thread: a process that exits while that thread is inside torch can
 # abort rather than exit 0. A second signal waits for nothing.
@@ -90,7 +90,7 @@ class Startup:
             self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
             for note in run.notes:
                 state.log(f"lmlab serve: {note}")
-            state.threads = Machine(run.device, run.dtype).threads(chooser, run.model, options.max_batch, 1).threads
+            state.threads = Machine(run.device, run.dtype, chooser).start().threads
             self.threads = Heard(chooser, self._threads_changed)  # a load that comes or goes mid-serve is heard
             folder = served_folder(run)
             # As sample and answer do; a step compiled from int8 weights (--quantize) is kept as a float one is, and

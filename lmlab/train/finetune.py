@@ -24,6 +24,7 @@ from lmlab.core.config import FinetuneConfig, RunConfig
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
+from lmlab.core.machine import Machine
 from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel
@@ -225,7 +226,7 @@ class Finetuner(Trainer):
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The base run's best model, the records that fit its context, the config the fine-tune trains by, and
-        whether the run continues an unfinished fine-tune; the CPU threads chosen by this machine's component."""
+        whether the run continues an unfinished fine-tune; the CPU threads chosen by the job's machine."""
         ft, self.console = self.ft, console or Console()
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         torch.manual_seed(ft.seed)
@@ -246,9 +247,9 @@ class Finetuner(Trainer):
             "base_checkpoint": base.checkpoint, "base_weights_sha256": base.weights_sha256}
         self.continuing = _continuing(self.run_dir, ft, self.origin)
         self.model, self.dtype, self.peak, self.micro_steps = base.model.train(), base.dtype, None, 1
+        self.machine = Machine(self.device, base.dtype, self.threads)
         self._train_step(attention_setting="finetune.attention")
-        longest = max(len(ids) for ids, _ in self.fits["train"]) - 1
-        return self.machine.threads(self.threads, self.model, ft.batch_size, longest)
+        return self.machine.start()
 
     def _restarted(self) -> bool:
         return self.continuing  # the same command again: it goes on from the newest checkpoint

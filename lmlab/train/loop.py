@@ -30,7 +30,6 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
 from lmlab.train.checkpointer import Checkpointer, check_resumable
-from lmlab.train.compiled import untried
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
@@ -41,6 +40,7 @@ from lmlab.train.preflight import (
     measure_hardware,
     resolve_config,
     resume_schedule,
+    say_hardware,
     weights_born_in,
 )
 from lmlab.train.reports import Reports, TrainResult, score_final
@@ -79,11 +79,11 @@ class Trainer(Reports):
         job = from_env()
         job.local_steps(cfg.train.grad_accum_steps)
         # Made before the set-up, whose load tells a quiet machine.
-        self.threads = sized.threads if sized else self._chooser(cfg, job.world_size)
+        self.threads = sized.machine.threads if sized else self._chooser(cfg, job.world_size)
         # Given back at the end of run() or if the construction fails: torch's threads (a process goes on after its
         # run: a notebook, the API, tests) and the run's lock.
         self._held = ExitStack()
-        self._held.callback(torch.set_num_threads, self.threads.before)
+        self._held.callback(self.threads.restore)
         with self._unlocked_on_failure():
             if job.is_main:
                 self._held.enter_context(self.run_dir.locked())
@@ -97,8 +97,6 @@ class Trainer(Reports):
                 self._plan_budget(sized.timing if sized else None)
             self._begin(resume, force, init_from, keep_optimizer)
             self.machine.say(self.console)
-            if self.train_step.attention:
-                self.console.print(self.train_step.attention.line(), highlight=False)
             if chosen.lowered:
                 self._say_threads(chosen)
 
@@ -122,8 +120,8 @@ class Trainer(Reports):
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The job, the device and dtype, the data (every byte checked against meta.json before the model is built),
-        the model and its optimizer step; the CPU threads, attention path and compile chosen by this machine's
-        component (lmlab.train.machine)."""
+        the model and its optimizer step; the CPU threads, attention path and compile chosen by the job's machine
+        (lmlab.core.machine)."""
         self.cfg, self.meta = resolve_config(cfg, self.sized.meta if self.sized else None)
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         self.console = console or Console()
@@ -136,8 +134,10 @@ class Trainer(Reports):
         torch.manual_seed(tc.seed)
         configure(self.device)
         born = weights_born_in(self.run_dir, init_from) if self.device.type == "cuda" else None
-        self.dtype, self.dtype_reason, self.peak = measure_hardware(self.parallel, self.device, tc.dtype, born,
-                                                                    self.console)
+        self.machine = self.sized.machine if self.sized else measure_hardware(self.parallel, self.device, tc.dtype,
+                                                                              born, self.threads)
+        say_hardware(self.machine, self.console)
+        self.dtype, self.peak = self.machine.dtype, self.machine.peak
         self.cfg = dataclasses.replace(self.cfg, train=fit_micro_batch(mc, tc, optimizer_of(tc).state_bytes,
                                                                       self.device, self.parallel.world_size,
                                                                       self.console.print))
@@ -151,10 +151,9 @@ class Trainer(Reports):
         # The same initial weights on every rank; under FSDP, no rank holds the whole model.
         self.model, wrapped = self.parallel.build(mc, tc.parallel, self.device, self.dtype)
         self.parallel.own_rng(tc.seed, 0)
-        self._train_step(wrapped=wrapped, reduce=self.parallel.reduce_step, trial=self.parallel.from_main,
+        self._train_step(wrapped=wrapped, reduce=self.parallel.reduce_step, agree=self.parallel.from_main,
                          processes=self.parallel.local_world_size)
-        threads = self.threads.choice if self.sized else self.machine.threads(self.threads, self.model,
-                                                                                tc.batch_size, mc.block_size)
+        threads = self.threads.choice if self.sized else self.machine.start()
         # A compiled step is built for one thread count (Dynamo guards on it): another would recompile it.
         self.threads.held = self.train_step.compiled
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
@@ -162,10 +161,9 @@ class Trainer(Reports):
         return threads
 
     def _train_step(self, **options: Any) -> None:
-        """The model's training step (`TrainStep`, with `options`) and the machine it was chosen by; a line where
+        """The model's training step (`TrainStep`, with `options`), as the machine's rules build it; a line where
         `compile = "auto"` could not compile here."""
-        self.train_step = TrainStep(self.model, self.cfg.train, self.device, self.dtype, **options)
-        self.machine = self.train_step.machine
+        self.train_step = TrainStep(self.model, self.cfg.train, self.machine, **options)
         if self.train_step.note:
             self.console.print(f"[yellow]{self.train_step.note}[/yellow]")
 
@@ -212,8 +210,8 @@ class Trainer(Reports):
         machine's cache (as `--size auto` or an earlier run of its shape timed it), every rank from the same mean
         figures; refused where its minimum does not fit, before any timing where its FLOPs alone cannot."""
         tc = self.cfg.train
-        timing = run_timing(self.train_step, self.cfg, self.meta, self.machine, self.parallel, self.started,
-                            self.micro_steps, self.console, timing, self.peak is not None)
+        timing = run_timing(self.train_step, self.cfg, self.meta, self.parallel, self.started, self.micro_steps,
+                            self.console, timing, self.peak is not None)
         costs = Costs(*self.parallel.mean(list(dataclasses.astuple(timing.costs())), self.device))
         spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
         made = plan(tc.budget_seconds, spent, costs, tc, self.cadence.intervals,
@@ -230,10 +228,7 @@ class Trainer(Reports):
                 self._start(init_from)
                 if self.sized:
                     self.writes.log(self.sized.event)
-                if self.train_step.attention:
-                    self.writes.log(self.train_step.attention.record(0))
-                if self.train_step.graphs_untried:  # else a trial's verdict, after the steps it times
-                    self.writes.log(untried(self.train_step.graphs_untried))
+                self.writes.log(self.machine.record())
                 self._say_budget()
         self.tracker = Tracker(self.cfg.train.tracker if self.parallel.is_main else "none", self.run_dir.path, self.cfg,
                                resume_step=self.progress.step if resuming else None,
@@ -246,7 +241,7 @@ class Trainer(Reports):
         """The start event of a new run."""
         self.run_dir.begin("trained", self.model, self.cfg, self.meta, init_from=init_from, device=self.device,
                            dtype=self.dtype, world_size=self.parallel.world_size, parallel=self.parallel.mode,
-                           peak=self.peak, dtype_reason=self.dtype_reason)
+                           peak=self.peak, dtype_reason=self.machine.dtype_reason)
 
     def _write_setup(self) -> None:
         self.run_dir.write_setup(self.cfg, Path(self.cfg.data.dataset) / "tokenizer.json", self.meta)
@@ -357,10 +352,6 @@ class Trainer(Reports):
                                           self.micro_steps, lr)
         p.step, p.tokens = p.step + 1, p.tokens + self._step_tokens()
         self._queued.append((p.step, lr, total, norm))
-        if verdict := self.train_step.decided():  # whether compiling pays on this CPU, or CUDA graphs on this GPU
-            self.threads.held = self.train_step.compiled
-            self.writes.log(verdict.record(p.step))
-            self.console.print(verdict.line(p.step), style=None if verdict.compiled else "yellow", highlight=False)
 
     def _step_tokens(self) -> int:
         """The tokens of the step just taken: every step's are the same (a fine-tune's are not)."""

@@ -15,7 +15,8 @@ from rich.console import Console
 from lmlab.core.config import RunConfig, TrainConfig
 from lmlab.core.config_toml import to_dict
 from lmlab.core.errors import UserError
-from lmlab.core.peak import Peak, choose_dtype, emulated_warning, peak_flops
+from lmlab.core.machine import Machine
+from lmlab.core.peak import emulated_warning
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.loader import check_block_size
 from lmlab.data.shards import read_meta, row_layout
@@ -28,11 +29,11 @@ from lmlab.train.timing import Timing
 
 @dataclass(frozen=True)
 class Sized:
-    """What `--size auto` settled before the run (lmlab.experiments.sizing): the thread chooser it timed with, which the
-    run goes on with; its `sizing` event; the chosen size's timing, which a budget plans from; the dataset's meta.json,
-    read once."""
+    """What `--size auto` settled before the run (lmlab.experiments.sizing): the machine it weighed the sizes on, which
+    the run goes on with; its `sizing` event; the chosen size's timing, which a budget plans from; the dataset's
+    meta.json, read once."""
 
-    threads: ThreadChooser
+    machine: Machine
     event: dict[str, Any]
     timing: Timing
     meta: dict[str, Any]
@@ -69,24 +70,26 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by index, as rank 0 t
 
 
 def measure_hardware(parallel: Parallel, device: torch.device, setting: str, born: str | None,
-                     console: Console) -> tuple[torch.dtype, str, Peak | None]:
-    """The autocast dtype, why, and the peak MFU divides by, each said in a line. Under torchrun rank 0 measures
-    while the other ranks wait, so none loads the cores it measures, and every rank takes rank 0's dtype."""
+                     threads: ThreadChooser) -> Machine:
+    """The job's machine: its autocast dtype, why, and the peak MFU divides by. Under torchrun rank 0 measures while
+    the other ranks wait, so none loads the cores it measures, and every rank takes rank 0's dtype."""
     parallel.barrier()
-    dtype, why, peak, slow = torch.float32, "", None, None
+    machine = Machine(device, torch.float32, threads)
     if parallel.is_main:
-        dtype, why = choose_dtype(device, setting, born)
-        peak, slow = peak_flops(device, dtype), emulated_warning(device, dtype)
+        machine = Machine.measured(device, setting, threads, born)
     parallel.barrier()
-    dtype = DTYPES[parallel.from_main(DTYPES.index(dtype))]
-    console.print(f"dtype {str(dtype).removeprefix('torch.')} ({why})")
-    if slow:
+    machine.dtype = DTYPES[parallel.from_main(DTYPES.index(machine.dtype))]
+    return machine
+
+
+def say_hardware(machine: Machine, console: Console) -> None:
+    """The dtype and why, a warning where it has no native kernel here, and what MFU divides by, a line each."""
+    console.print(f"dtype {str(machine.dtype).removeprefix('torch.')} ({machine.dtype_reason})")
+    if (peak := machine.peak) is None:  # a rank other than 0: it measured nothing, and says nothing
+        return
+    if slow := emulated_warning(machine.device, machine.dtype):
         console.print(slow, style="yellow", highlight=False)
-    if peak is not None:
-        for note in peak.notes:
-            console.print(f"[yellow]note: {note}[/yellow]")
-        console.print(peak.standing(), style=None if peak.quiet and peak.native else "yellow", highlight=False)
-    return dtype, why, peak
+    console.print(peak.standing(), style=None if peak.quiet and peak.native else "yellow", highlight=False)
 
 
 def check_same_inputs(parallel: Parallel, cfg: RunConfig, train_sha256: str | None,

@@ -1,11 +1,10 @@
 """What a config's training costs on this machine now, timed before it trains (`time_step` on a run's own step,
-`time_config` on a model of its own): its forward pass by thread count, a training step on the threads that win, an
-evaluation's batch; and, with a checkpoint's write and the end, the `Costs` a time budget is planned from
-(lmlab.train.budget). `lmlab plan --budget`, `--size auto` and the trainer time alike, so they plan alike, and keep
-what they timed in the machine's cache (lmlab.train.machine), which a run of the same shape reads back, and a sized
-run each size this machine timed before (`recall_config`: no model built). Before a size is timed, the least its
-timing can measure (`least_timing`: its FLOPs at the most a step computes here) says whether a budget could hold it
-at all (`refuse_untimed`).
+`time_config` on a model of its own): a training step, an evaluation's batch and a redraw of the loss plot; and, with
+a checkpoint's write and the end, the `Costs` a time budget is planned from (lmlab.train.budget). `lmlab plan
+--budget`, `--size auto` and the trainer time alike, so they plan alike, and keep what they timed in the machine cache
+(lmlab.core.cache): a run of the same shape on the same threads reads it back (`recall_config`: no model built).
+Before a size is timed, the least its timing can measure (`least_timing`: its FLOPs at the most a step computes here)
+says whether a budget could hold it at all (`refuse_untimed`).
 """
 
 from __future__ import annotations
@@ -24,17 +23,17 @@ import torch
 from rich.console import Console
 
 from lmlab.analysis.plots import plot_losses, pyplot
+from lmlab.core import cache
 from lmlab.core.config import RunConfig, TrainConfig
 from lmlab.core.device import autocast, synchronize
-from lmlab.core.peak import STEP_CEILING, Peak, step_ceiling
-from lmlab.core.threads import forward_probe, pick, time_threads
+from lmlab.core.machine import MEASURED, READ_BACK, Machine
+from lmlab.core.peak import STEP_CEILING, Peak, processor_identity, step_ceiling
 from lmlab.data.shards import windows_in
 from lmlab.model import LanguageModel, build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.attention import choose_attention
 from lmlab.train.budget import BudgetRefused, Costs, plan
 from lmlab.train.distributed import Parallel
-from lmlab.train.machine import MEASURED, READ_BACK, Machine, NotKept, threads_shape
 from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
@@ -52,13 +51,11 @@ DISK_BYTES_PER_SECOND = 1e9
 
 @dataclass(frozen=True)
 class Timing:
-    """A config timed: its forward by thread count, the threads that won, a step, an evaluation's batch (both
-    splits) and a plot on them, the bytes a checkpoint writes, and the seconds the timing took (read back: when it
-    was measured, which a sizing's share for timing counts, so a second sizing weighs the sizes the first did); the
-    attention path its step took, whether its steps were timed in full, and whether it was measured now or read
-    back."""
+    """A config timed: the threads it ran on, a step, an evaluation's batch (both splits) and a plot on them, the
+    bytes a checkpoint writes, and the seconds the timing took (read back: when it was measured, which a sizing's share
+    for timing counts); the attention path its step took, whether its steps were timed in full, and whether it was
+    measured now or read back."""
 
-    forward: dict[int, float]
     threads: int
     step: float
     eval_batch: float
@@ -76,93 +73,62 @@ class Timing:
         return Costs(self.step, self.eval_batch, self.plot, checkpoint, self.plot + EXIT_SECONDS)
 
     def kept(self) -> dict[str, Any]:
-        """What the machine's cache keeps of it: what a budget plans from, and what the timing took (the forward's
-        thread trial is the threads row's: `keep`)."""
-        return {"threads": self.threads, "step": self.step, "eval_batch": self.eval_batch, "plot": self.plot,
+        """What the machine cache keeps of it: what a budget plans from, and what the timing took."""
+        return {"step": self.step, "eval_batch": self.eval_batch, "plot": self.plot,
                 "checkpoint_bytes": self.checkpoint_bytes, "cost": self.cost}
 
     @classmethod
-    def read_back(cls, kept: dict[str, Any], attention: str | None, forward: dict[int, float] | None = None
-                  ) -> Timing:
-        """A timing the machine's cache kept (`kept`; one kept before its cost was, of no cost), by `attention`,
-        after the thread trial `forward`."""
-        return cls(forward or {}, int(kept["threads"]), float(kept["step"]), float(kept["eval_batch"]),
-                   float(kept["plot"]), int(kept["checkpoint_bytes"]), float(kept.get("cost", 0.0)), attention,
-                   how=READ_BACK)
+    def read_back(cls, kept: dict[str, Any], threads: int, attention: str | None) -> Timing:
+        """A timing the machine cache kept (`kept`), on `threads`, by `attention`."""
+        return cls(threads, float(kept["step"]), float(kept["eval_batch"]), float(kept["plot"]),
+                   int(kept["checkpoint_bytes"]), float(kept["cost"]), attention, how=READ_BACK)
 
 
-def time_config(cfg: RunConfig, device: torch.device, dtype: torch.dtype, counts: list[int],
-                deadline: float = math.inf, before: Timing | None = None) -> Timing:
-    """`cfg` timed on a model of its own (a size no run built yet: `--size auto`, `lmlab plan`, a miniseries), its
-    forward first on each count of `counts`; kept in the machine's cache (`keep`), or `before` (its timing before,
-    timed again now) where that was the faster, so the run of that size, and a sized run's `recall_config`, read
-    the faster back."""
+def time_config(cfg: RunConfig, machine: Machine, deadline: float = math.inf, before: Timing | None = None) -> Timing:
+    """`cfg` timed on a model of its own (a size no run built yet: `--size auto`, `lmlab plan`, a miniseries) on
+    `machine`; kept in the machine cache (`keep`), or `before` (its timing before, timed again now) where that was
+    the faster, so the run of that size, and a sized run's `recall_config`, read the faster back."""
     train = dataclasses.replace(cfg.train, compile=False)
-    machine = Machine(device, dtype)
-    step = TrainStep(build_model(cfg.model).to(device), train, device, dtype, machine=machine)
-    timing = time_step(step, cfg, counts, deadline)
+    step = TrainStep(build_model(cfg.model).to(machine.device), train, machine)
+    timing = time_step(step, cfg, deadline)
     keep(machine, cfg, before if before is not None and before.step <= timing.step else timing)
     return timing
 
 
-def recall_config(cfg: RunConfig, model: LanguageModel, device: torch.device, dtype: torch.dtype, counts: list[int]
-                  ) -> Timing | None:
-    """`cfg`'s timing as this machine kept it (`keep`), had as `time_config` would time it now, but with no model
-    built and nothing measured: by the attention path its step would take (lmlab.train.attention, on `model`, its
-    model on the meta device, every choice read back) and on the threads its forward's trial on `counts` picked (the
-    threads row, read back, where there are counts to try); torch's threads set to those, as a timing leaves them.
-    None where any of it was not kept."""
-    machine = Machine(device, dtype, measuring=False)
-    try:
-        choice = choose_attention(model, cfg.train, machine, optimizer_of(cfg.train).state_bytes)
-    except NotKept:
-        return None
-    forward: dict[int, float] = {}
-    if len(counts) > 1:
-        trial = machine.recall("threads", threads_shape(cfg.model, cfg.train.batch_size, cfg.model.block_size, dtype,
-                                                        max(counts)))
-        if trial is None:
-            return None
-        forward = {int(n): float(s) for n, s in trial["seconds"].items()}
-    threads, path = pick(forward) if forward else counts[0], None if choice is None else choice.path
-    kept = machine.recall("timing", timing_shape(cfg, path, dtype, threads))
-    if kept is None:
-        return None
-    torch.set_num_threads(threads)
-    return Timing.read_back(kept, path, forward)
+def recall_config(cfg: RunConfig, model: LanguageModel, machine: Machine) -> Timing | None:
+    """`cfg`'s timing as this machine kept it (`keep`), had as `time_config` would time it now but with no model
+    built and nothing measured: by the attention path its step would take (`model`: its model on the meta device) on
+    torch's threads now. None where it was not kept."""
+    path = choose_attention(model, cfg.train, machine, optimizer_of(cfg.train).state_bytes)
+    kept = cache.recall("timing", timing_key(machine, cfg, path))
+    return None if kept is None else Timing.read_back(kept, torch.get_num_threads(), path)
 
 
 def keep(machine: Machine, cfg: RunConfig, timing: Timing) -> None:
-    """Keep `timing` of `cfg` in `machine`'s cache: a budget's figures (`Timing.kept`) at its attention path and
-    threads, and its forward's trial of more than one count as the threads row (the trial the trainer's machine
-    makes of that model, lmlab.train.machine). Not one cut short by its deadline: its warm-up step is no step."""
-    if not timing.full:
-        return
-    if len(timing.forward) > 1:
-        machine.store("threads", threads_shape(cfg.model, cfg.train.batch_size, cfg.model.block_size, machine.dtype,
-                                               max(timing.forward)),
-                      {"seconds": {str(n): s for n, s in timing.forward.items()}})
-    machine.store("timing", timing_shape(cfg, timing.attention, machine.dtype, timing.threads), timing.kept())
+    """Keep `timing` of `cfg` in the machine cache at its attention path and threads. Not one cut short by its
+    deadline: its warm-up step is no step."""
+    if timing.full:
+        cache.keep("timing", timing_key(machine, cfg, timing.attention, timing.threads), timing.kept())
 
 
-def timing_shape(cfg: RunConfig, attention: str | None, dtype: torch.dtype, threads: int = 0) -> dict[str, Any]:
-    """What a config's `Timing` depends on besides the machine: the model, the step's batch and optimizer, the
-    attention path, the dtype and the threads (default: torch's now)."""
+def timing_key(machine: Machine, cfg: RunConfig, attention: str | None, threads: int = 0) -> dict[str, Any]:
+    """What a config's `Timing` depends on: the machine (its processor, device, dtype and torch), the model, the
+    step's batch and optimizer, the attention path and the threads (default: torch's now)."""
     tc = cfg.train
-    return {"model": dataclasses.asdict(cfg.model), "batch": tc.batch_size, "accum": tc.grad_accum_steps,
-            "optimizer": tc.optimizer, "attention": attention, "dtype": str(dtype),
+    return {"processor": processor_identity(machine.device), "device": machine.device.type,
+            "dtype": str(machine.dtype), "torch": torch.__version__, "model": dataclasses.asdict(cfg.model),
+            "batch": tc.batch_size, "accum": tc.grad_accum_steps, "optimizer": tc.optimizer, "attention": attention,
             "threads": threads or torch.get_num_threads()}
 
 
-def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], machine: Machine, parallel: Parallel,
-               started: float, micro: int, console: Console, given: Timing | None = None,
-               refuse: bool = True) -> Timing:
-    """The timing a run's budget plans from: `given` (as `--size auto` timed it), else read back from this machine's
+def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: Parallel, started: float,
+               micro: int, console: Console, given: Timing | None = None, refuse: bool = True) -> Timing:
+    """The timing a run's budget plans from: `given` (as `--size auto` timed it), else read back from the machine
     cache where a run of its shape was timed, else its own step timed now (`time_step`: every rank, or none) and kept;
     said in the machine's line. Before a timing, `refuse` (one process's) refuses a budget its FLOPs cannot fit
     (`refuse_untimed`; `meta`: the dataset's meta.json, `started`: the time.perf_counter() the budget counts from)."""
-    shape = timing_shape(cfg, step.attention_path, step.dtype)
-    kept = machine.recall("timing", shape)
+    machine = step.machine
+    kept = cache.recall("timing", timing_key(machine, cfg, step.attention_path))
     if given is not None:
         timing, how = given, "--size auto" + f", {READ_BACK}" * (given.how == READ_BACK)
     elif parallel.any(kept is None):
@@ -170,23 +136,22 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], machine: M
             refuse_untimed(cfg, meta, time.perf_counter() - started, step.model.flops_per_token(),
                            step.model.num_params(), step_ceiling(step.device, step.dtype))
         with console.status("Timing a step, as the budget is planned from it..."):
-            timing = time_step(step, cfg, [torch.get_num_threads()], started + cfg.train.budget_seconds,
-                               parallel.from_main, micro)
+            timing = time_step(step, cfg, started + cfg.train.budget_seconds, parallel.from_main, micro)
         how = MEASURED
         keep(machine, cfg, timing)
     else:
-        timing, how = Timing.read_back(kept or {}, step.attention_path), READ_BACK
+        timing, how = Timing.read_back(kept, torch.get_num_threads(), step.attention_path), READ_BACK
     machine.said("timing", f"a step {1000 * timing.step:,.1f} ms", how)
     return timing
 
 
-def time_step(step: TrainStep, cfg: RunConfig, counts: list[int], deadline: float = math.inf,
-              agree: Callable[[int], int] = int, micro: int = 0) -> Timing:
-    """`cfg` timed on `step` (eager, random tokens, its batch and optimizer), which it leaves untouched
-    (`TrainStep.untouched`): its forward on each count of `counts`, then on the winner a plot, a warm-up step, an
-    evaluation's batch and steps for about TIMED_SECONDS. A warm-up step that shows two steps ending past `deadline`
-    (the budget's end) stands for the step (a timing not `full`, which no cache keeps): refused sooner. `agree` makes
-    rank 0's count of steps every rank's, whose step runs `micro` of the micro-batches (default: all)."""
+def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree: Callable[[int], int] = int,
+              micro: int = 0) -> Timing:
+    """`cfg` timed on `step` (eager, random tokens, its batch and optimizer) on torch's threads now, which it leaves
+    untouched (`TrainStep.untouched`): a plot, a warm-up step, an evaluation's batch and steps for about
+    TIMED_SECONDS. A warm-up step that shows two steps ending past `deadline` (the budget's end) stands for the step (a
+    timing not `full`, which no cache keeps): refused sooner. `agree` makes rank 0's count of steps every rank's, whose
+    step runs `micro` of the micro-batches (default: all)."""
     train, device, dtype = cfg.train, step.device, step.dtype
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
                            generator=torch.Generator().manual_seed(0)).to(device)
@@ -200,10 +165,6 @@ def time_step(step: TrainStep, cfg: RunConfig, counts: list[int], deadline: floa
 
     began = time.perf_counter()
     with step.untouched():
-        forward = {} if len(counts) < 2 else time_threads(
-            counts, forward_probe(step.model, train.batch_size, cfg.model.block_size, device, dtype))
-        threads = pick(forward) if forward else counts[0]
-        torch.set_num_threads(threads)
         plot = time_plot()
         warm = timed(lambda: step.eager_step(batches, len(batches), train.learning_rate))  # allocations: untimed
         step.model.eval()
@@ -213,7 +174,7 @@ def time_step(step: TrainStep, cfg: RunConfig, counts: list[int], deadline: floa
         fits = time.perf_counter() + 2 * warm <= deadline
         count = agree(min(MAX_STEPS, max(1, math.ceil(TIMED_SECONDS / max(warm, 1e-9)))) if fits else 0)
         times = [timed(lambda: step.eager_step(batches, len(batches), train.learning_rate)) for _ in range(count)]
-    return Timing(forward, threads, statistics.median(times or [warm]), 2 * evaluation, plot,
+    return Timing(torch.get_num_threads(), statistics.median(times or [warm]), 2 * evaluation, plot,
                   checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began, step.attention_path,
                   full=bool(times))
 
@@ -232,7 +193,7 @@ def least_timing(flops_per_step: float, params: int, train: TrainConfig, ceiling
     step = flops_per_step / ceiling
     forward = step / 3 / train.grad_accum_steps
     timed = max(step, min(TIMED_SECONDS, MAX_STEPS * step))
-    return Timing({}, 0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed)
+    return Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed)
 
 
 def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, flops_per_token: float, params: int,

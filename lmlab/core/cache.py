@@ -1,0 +1,109 @@
+"""The machine cache, `$XDG_CACHE_HOME/lmlab/machine.json` (default `~/.cache/lmlab/`): the one file that keeps what
+was measured on this machine, the matmul peak per dtype (lmlab.core.peak) and a config's step timing
+(lmlab.train.timing), and what is slow to compute again, memory estimates (lmlab.model.sized). Each entry sits under
+its kind and a digest of what it depends on, with a checksum of its fields. It only saves work: a file that cannot be
+read, is damaged, edited or written by another lmlab, or cannot be written is a note (`take_notes`, said once a
+process) and the value is had again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriteError, atomic_write_text, locked_file, os_fix
+
+FORMAT = 3  # 1 and 2 were peak_flops.json's and machine.json's, each a file of its own
+KEPT = 512  # entries kept, the newest: a sweep over many shapes does not grow the file without end
+_notes: dict[str, bool] = {}  # a note and whether it was taken (said)
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmlab" / "machine.json"
+
+
+def checksum(entry: dict[str, Any]) -> str:
+    """An entry's `sha256`, of its other fields."""
+    fields = {k: v for k, v in entry.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def entry_key(kind: str, key: Any) -> str:
+    """The name of `kind`'s entry for `key` (what its value depends on)."""
+    return f"{kind} {hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]}"
+
+
+def recall(kind: str, key: Any) -> Any:
+    """The value kept for `key`, if it can be trusted; None otherwise."""
+    name = entry_key(kind, key)
+    entry = _entries().get(name)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("sha256") != checksum(entry) or "value" not in entry:
+        _note(f"the machine cache's entry {name} in {cache_path()} does not match its checksum (edited by hand, or "
+              "damaged): it is measured again.")
+        return None
+    return entry["value"]
+
+
+def keep(kind: str, key: Any, value: Any) -> None:
+    """Keep `value` for `key`, beside what other processes kept meanwhile."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked_file(path.with_name(".machine.json.lock")):
+            entries = {k: v for k, v in _entries().items() if k != entry_key(kind, key)}
+            kept = json.loads(json.dumps({"kind": kind, "key": key, "value": value,
+                                          "at": time.strftime("%Y-%m-%d %H:%M:%S")}, default=str))
+            entries[entry_key(kind, key)] = {**kept, "sha256": checksum(kept)}
+            atomic_write_text(path, json.dumps({"format": FORMAT, "entries": dict(list(entries.items())[-KEPT:])},
+                                               indent=1))
+    except (OSError, UserError) as err:  # a WriteError, or a folder where the file goes
+        _note(f"the machine cache {path} cannot be written ({_trouble(err, path)}, or set XDG_CACHE_HOME to another "
+              "folder): what it would keep is measured again at every start.")
+
+
+def take_notes() -> list[str]:
+    """What was found wrong with the cache and not yet said, once each per process."""
+    fresh = [note for note, said in _notes.items() if not said]
+    _notes.update(dict.fromkeys(fresh, True))
+    return fresh
+
+
+def _entries() -> dict[str, Any]:
+    path = cache_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        _note(f"the machine cache {path} cannot be read ({_trouble(err, path)}, or set XDG_CACHE_HOME to another "
+              "folder): what it would keep is measured again.")
+        return {}
+    try:
+        cache = json.loads(text)
+    except ValueError:
+        _note(f"the machine cache {path} is not valid JSON (damaged, or edited by hand): what it held is measured "
+              "again and the file rewritten.")
+        return {}
+    if not isinstance(cache, dict) or cache.get("format") != FORMAT or not isinstance(cache.get("entries"), dict):
+        _note(f"the machine cache {path} was written by another lmlab: what it held is measured again.")
+        return {}
+    return cache["entries"]
+
+
+def _trouble(err: Exception, path: Path) -> str:
+    """What kept the cache from being read or written, and its fix: a clause."""
+    if path.is_dir():
+        return "it is a folder; remove it"
+    if isinstance(err, WriteError):
+        return f"{err.reason}; {err.fix}"
+    return f"{err.strerror}; {os_fix(err, path)}" if isinstance(err, OSError) else str(err).rstrip(".")
+
+
+def _note(note: str) -> None:
+    _notes.setdefault(note, False)

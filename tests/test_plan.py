@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmlab.analysis.runs import summarize
 from lmlab.commands import main
 from lmlab.core.config_toml import load_config
 from lmlab.core.device import machine
@@ -125,26 +126,30 @@ def test_an_unprepared_dataset_leaves_unique_tokens_unknown(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(capsys, tmp_path, char_dataset):
+    """A config is planned at the MFU a run of it reached here (where its peak was measured quiet); a run is planned
+    at its own logged pace, whatever the machine's load was: never at a peak's guess (a busy run's plan said 32,496
+    tokens/s where it had logged 5,090 to 9,758)."""
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
-    Trainer(load_config(config), tmp_path / "runs" / "tiny", "cpu").run()
+    run = tmp_path / "runs" / "tiny"
+    Trainer(load_config(config), run, "cpu").run()
+    code, out, _ = plan(capsys, run, "--device", "cpu", "--runs", tmp_path / "none")
+    assert code == 0 and "(the median its steps logged; --measure times it here now)" in " ".join(out.split())
+    assert rate(out) == pytest.approx(summarize(run).tokens_per_sec, abs=1)
     code, out, _ = plan(capsys, config, "--device", "cpu", "--runs", tmp_path / "runs")
     assert code == 0
-    start, *events = RunDir(tmp_path / "runs" / "tiny").events()
+    start, *events = RunDir(run).events()
     per_token = shape_of(load_config(config)).flops_per_token()
     peak = peak_flops(torch.device("cpu"), torch.float32)  # measured once per process, as plan did
     said = f"cpu: {machine()['cpu']}: {peak.flops / 1e12:,.4g} TFLOP/s float32 ({peak.brief()})"
     assert said in " ".join(out.split())
-    if not start["peak_quiet"]:  # measured on a busy machine: no MFU was logged, and none is taken from the run
-        assert all(e["mfu"] is None for e in events if e["event"] == "train")
+    if not start["peak_quiet"]:  # measured on a busy machine: its MFU may read high, and none is taken from the run
         assert f"{100 * DEFAULT_MFU:.1f}% (assumed" in out
         return
     mfu = statistics.median(e["mfu"] for e in events if e["event"] == "train")
     # the MFU is a share of the peak the run measured (a CPU's varies from process to process): what it reached
     assert rate(out) == pytest.approx(mfu * start["peak_flops"] / per_token, abs=1)
-    assert (f"{100 * mfu:.1f}% (the median of {tmp_path / 'runs' / 'tiny'}, of this config, of the "
-            f"{start['peak_flops'] / 1e12:.3g} TFLOP/s it recorded)") in " ".join(out.split())
-    code, out, _ = plan(capsys, tmp_path / "runs" / "tiny", "--device", "cpu", "--runs", tmp_path / "none")
-    assert code == 0 and f"(the median of {tmp_path / 'runs' / 'tiny'}," in out  # a run planned: its own MFU
+    assert (f"{100 * mfu:.1f}% (the median of {run}, of this config, of the {start['peak_flops'] / 1e12:.3g} TFLOP/s "
+            "it recorded)") in " ".join(out.split())
 
 
 def test_a_run_whose_peak_was_not_checked_for_load_lends_no_mfu(capsys, tmp_path, char_dataset):

@@ -161,6 +161,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         console.print(f"Timing training steps of micro-batch {micro}, as training runs them...")
         measured, source, load = measure_tokens_per_sec(cfg, args.device)
         rate = measured, source
+    elif run and run.tokens_per_sec and not (args.gpu or args.mfu):  # a run's own pace, not a guess from a peak
+        rate = run.tokens_per_sec, "the median its steps logged; --measure times it here now"
     else:
         hardware = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else local_hardware(args.device,
                                                                                           cfg.train.dtype)

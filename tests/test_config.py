@@ -97,10 +97,12 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
         load_config(path, ["learning_rate=1"])
 
 
-def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = build_config({"model": {"n_layer": 3, "dropout": 0.1}, "data": {"dataset": 'we"ird\\path'}}, "x")
+@pytest.mark.parametrize("text", ['we"ird\\path', "a\rcarriage return", "tab\tand\nlines", "\x7f\x1b[0m", "é ✓"])
+def test_resolved_config_round_trips_through_toml(tmp_path, text):
+    """config.toml reads back whatever a text setting holds (one written with a carriage return could not be)."""
+    cfg = build_config({"model": {"n_layer": 3, "dropout": 0.1}, "data": {"dataset": text}}, "x")
     path = tmp_path / "resolved.toml"
-    path.write_text(to_toml(cfg))
+    path.write_text(to_toml(cfg), encoding="utf-8")
     assert load_config(path) == cfg
     assert load_config(path) != RunConfig()
 

@@ -101,7 +101,7 @@ def test_a_start_measures_until_the_peak_settles_and_stops_at_a_busy_window(tmp_
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     reads = iter(range(0, 10**9, round(others * 10**6)) if others else [0] * 100)
     read = []
-    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: read.append(1) or next(reads))
+    monkeypatch.setattr(busy, "_busy_seconds", lambda cpus: read.append(1) or next(reads))
     found = measure_into_cache(CPU, torch.bfloat16, None)
     assert (len(read) // 2, found.measurements, found.quiet) == (windows, measurements, not others)
     entry = cache.recall("peak", peak_key(CPU, torch.bfloat16))
@@ -241,10 +241,9 @@ def test_auto_on_this_cpu_goes_by_a_real_measurement():
 def test_a_load_meter_counts_other_processes_not_this_one_on_a_faked_clock(monkeypatch, own, work, others):
     """The meter's arithmetic on faked counters: the cores' work in the window, less this process's own CPU time,
     over the window's core-seconds, whatever else the host runs meanwhile."""
-    tick = os.sysconf("SC_CLK_TCK")
-    clock, ticks, cpu = iter([100.0, 101.0, 101.0]), iter([5_000, 5_000 + round(work * tick)]), iter([3.0, 3.0 + own])
+    clock, busy_seconds, cpu = iter([100.0, 101.0, 101.0]), iter([50.0, 50.0 + work]), iter([3.0, 3.0 + own])
     monkeypatch.setattr(busy, "cores", lambda: [0, 1])
-    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: next(ticks))
+    monkeypatch.setattr(busy, "_busy_seconds", lambda cpus: next(busy_seconds))
     monkeypatch.setattr(busy, "_own_cpu_seconds", lambda: next(cpu))
     monkeypatch.setattr(busy, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     with LoadMeter() as meter:

@@ -358,7 +358,7 @@ def test_every_command_that_decodes_says_threads_the_load_lowered(monkeypatch, i
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "cores", lambda: [0, 1, 2, 3])
     monkeypatch.setattr(busy, "cores", lambda: [0, 1, 2, 3])
-    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)
+    monkeypatch.setattr(busy, "_busy_seconds", lambda cpus: None)
     monkeypatch.setattr(threads.LoadMeter, "stop", window(Load(1.0, 4, 0.5, None)))
     places = {"ALPACA": str(ALPACA_TINY), "OUT": str(tmp_path / "answers.jsonl")}
     before = torch.get_num_threads()
@@ -379,7 +379,7 @@ def two_cores_whose_load_is(monkeypatch, load: dict[str, float]) -> None:
     monkeypatch.setattr(threads, "CHECK_SECONDS", 0.0)
     for module in (threads, busy):
         monkeypatch.setattr(module, "cores", lambda: [0, 1])
-    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)
+    monkeypatch.setattr(busy, "_busy_seconds", lambda cpus: None)
 
     def stop(meter: busy.LoadMeter) -> Load:
         meter.load = Load(1.0, 2, load["others"], None)
@@ -440,7 +440,7 @@ def test_the_server_hears_a_load_that_arrives_mid_serve_and_health_reports_its_t
     monkeypatch.setattr(threads, "CHECK_SECONDS", 0.0)
     for module in (threads, busy, startup):
         monkeypatch.setattr(module, "cores", lambda: [0, 1, 2])
-    monkeypatch.setattr(busy, "_busy_ticks", lambda cpus: None)
+    monkeypatch.setattr(busy, "_busy_seconds", lambda cpus: None)
     load = {"others": 0.0}
 
     def stop(meter: busy.LoadMeter) -> Load:

@@ -1,20 +1,22 @@
 """Whether the machine was busy while something was measured: the CPU time others took on this process's cores
-(/proc/stat), not the load average, which lags and counts this process's own threads; and how long this process has
-run (what a time budget counts from)."""
+(psutil's per-CPU times), not the load average, which lags and counts this process's own threads; and how long this
+process has run (what a time budget counts from)."""
 
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+import psutil
 
 from lmlab.core.errors import UserError
 
 # Others' share of the cores above which a measurement is busy: a kernel on every core waits for its slowest thread.
 BUSY_SHARE = 0.1
 MIN_WINDOW = 0.25  # seconds: a shorter window's load is a handful of clock ticks, too few to tell busy from quiet
-_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (idle and iowait are not work)
+# A CPU's times that are no work, or counted twice (Linux counts a guest's time in user's too).
+NOT_WORK = {"idle", "iowait", "guest", "guest_nice"}
 
 
 @dataclass(frozen=True)
@@ -121,52 +123,32 @@ def env_threads() -> int | None:
     return pools.get("OMP_NUM_THREADS")
 
 
-def _busy_ticks(cpus: list[int]) -> int | None:
-    """Clock ticks of work (all processes) on `cpus` since boot; None where /proc/stat cannot be read."""
+def _busy_seconds(cpus: list[int]) -> float | None:
+    """Seconds of work (all processes) on `cpus` since boot; None where the system does not say."""
     try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:
+        times = psutil.cpu_times(percpu=True)
+    except (OSError, NotImplementedError):
         return None
-    wanted = {f"cpu{c}" for c in cpus}
-    rows = [values for name, *values in map(str.split, lines) if name in wanted]
-    if len(rows) != len(wanted):
+    if max(cpus) >= len(times):
         return None
-    return sum(int(values[i]) for values in rows for i in _BUSY_FIELDS if i < len(values))
+    return sum(v for c in cpus for k, v in times[c]._asdict().items() if k not in NOT_WORK)
 
 
 def _own_cpu_seconds() -> float:
     """CPU seconds of this process and its descendants (a benchmark's servers are its work, not another's)."""
-    tree = _process_tree()
-    if tree is None:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-    ours, seen = [os.getpid()], set()
-    while ours:
-        pid = ours.pop()
-        seen.add(pid)
-        ours += [child for child, (parent, _) in tree.items() if parent == pid and child not in seen]
-    return sum(tree[pid][1] for pid in seen if pid in tree) / os.sysconf("SC_CLK_TCK")
-
-
-def _process_tree() -> dict[int, tuple[int, int]] | None:
-    """Every process's parent and clock ticks (its own and its waited-for children's), from /proc."""
-    tree = {}
-    try:
-        folders = [f for f in os.listdir("/proc") if f.isdigit()]
-    except OSError:
-        return None
-    for folder in folders:
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
         try:
-            fields = Path(f"/proc/{folder}/stat").read_text().rpartition(")")[2].split()
-        except OSError:  # gone meanwhile
+            total += sum(process.cpu_times()[:4])  # user, system, and its waited-for children's
+        except psutil.Error:  # gone meanwhile
             continue
-        tree[int(folder)] = int(fields[1]), sum(int(v) for v in fields[11:15])  # ppid; utime stime cutime cstime
-    return tree
+    return total
 
 
 def loadavg() -> float | None:
     try:
-        return round(os.getloadavg()[0], 2)
+        return round(psutil.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
 
@@ -184,7 +166,7 @@ class LoadMeter:
         self.cpus = cores()
         self.load: Load | None = None
         self._avg_before = loadavg()
-        self._ticks, self._own, self._started = _busy_ticks(self.cpus), _own_cpu_seconds(), time.perf_counter()
+        self._busy, self._own, self._started = _busy_seconds(self.cpus), _own_cpu_seconds(), time.perf_counter()
         return self
 
     def elapsed(self) -> float:
@@ -192,12 +174,11 @@ class LoadMeter:
 
     def stop(self) -> Load:
         seconds = time.perf_counter() - self._started
-        ticks, own = _busy_ticks(self.cpus), _own_cpu_seconds() - self._own
+        busy, own = _busy_seconds(self.cpus), _own_cpu_seconds() - self._own
         others = None
-        if ticks is not None and self._ticks is not None and seconds > 0:
-            work = (ticks - self._ticks) / os.sysconf("SC_CLK_TCK")
-            others = min(1.0, max(0.0, (work - own) / (len(self.cpus) * seconds)))
-        # without /proc/stat, the average from before this process's own work is the fairer one
+        if busy is not None and self._busy is not None and seconds > 0:
+            others = min(1.0, max(0.0, (busy - self._busy - own) / (len(self.cpus) * seconds)))
+        # without the CPUs' times, the average from before this process's own work is the fairer one
         self.load = Load(seconds, len(self.cpus), others, self._avg_before if others is None else loadavg())
         return self.load
 
@@ -205,8 +186,6 @@ class LoadMeter:
 def process_age() -> float:
     """Seconds since this process started, so a budget counts the interpreter's start too; 0.0 where unknown."""
     try:
-        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
-        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of the whole line: starttime
-        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - started)
-    except (OSError, ValueError, IndexError):
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except psutil.Error:
         return 0.0

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from lmlab.core.config import (
     MAX_BUDGET_SECONDS,
@@ -195,26 +196,9 @@ def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
 
 def toml_value(value: Any) -> str:
     """A value as TOML writes it (and as a `--set` value is read)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return "[" + ", ".join(map(toml_value, value)) + "]" if isinstance(value, list) else repr(value)
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
+    return tomli_w.dumps({"v": value}).partition(" = ")[2].strip()
 
 
 def to_toml(config: RunConfig) -> str:
-    """Write the resolved config as TOML: sections of scalars, and a plugin's settings as [model.options]."""
-    lines = []
-    for section, values in to_dict(config).items():
-        tables = {key: value for key, value in values.items() if isinstance(value, dict)}
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if key not in tables]
-        lines.append("")
-        for key, table in tables.items():
-            if table:
-                lines += [f"[{section}.{key}]", *(f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()), ""]
-    return "\n".join(lines)
+    """The resolved config as TOML: a table a section, a plugin's settings as [model.options]."""
+    return tomli_w.dumps(to_dict(config))

@@ -16,6 +16,7 @@ from rich.console import Console
 from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
+from lmlab.core import machine
 from lmlab.core.machine import MATH_CONTEXT
 from lmlab.model.attention import CUDA_ONLY, PATHS, attend, score_bytes
 from lmlab.model.gpt import GPT
@@ -154,17 +155,19 @@ def test_auto_takes_the_first_process_choice():
 
 @pytest.mark.slow
 def test_a_resumed_run_trains_by_the_path_it_started_with(tmp_path, char_dataset, monkeypatch):
-    """Started on the math path, resumed from its first checkpoint where the rule says fused (auto in float32): it
-    goes on by the math path, its checkpoint says so, and it ends bitwise where the run never stopped ends."""
+    """Started on the math path by the rule (bfloat16 at a short context), resumed from its first checkpoint where the
+    rule says fused (its context past MATH_CONTEXT now): it goes on by the math path, its checkpoint says so, and it
+    ends bitwise where the run never stopped ends."""
     quiet = Console(quiet=True)
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset),
-                      ["train.attention=math", "train.max_iters=14", "train.checkpoint_interval=7",
-                       "train.eval_interval=25"])
+                      ["train.attention=auto", "train.dtype=bfloat16", "train.max_iters=14",
+                       "train.checkpoint_interval=7", "train.eval_interval=25"])
     straight = Trainer(cfg, tmp_path / "straight", "cpu", console=quiet).run().run_dir
-    assert chosen(straight, "attention") == ("attention math", "train.attention")
+    assert chosen(straight, "attention")[0] == "attention math"
     run = cut_at_first_checkpoint(straight, tmp_path / "resumed")
+    monkeypatch.setattr(machine, "MATH_CONTEXT", 0)
     console = Console(record=True, width=200)
-    Trainer(load_config(run / "config.toml", ["train.attention=auto"]), run, "cpu", resume=True, console=console).run()
+    Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=console).run()
     assert "attention math (as this run trained, its checkpoint says)" in console.export_text()
     assert stable_events(run) == stable_events(straight)
     same_weights(straight, run)

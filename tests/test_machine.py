@@ -136,17 +136,17 @@ def test_cuda_graphs_replay_a_compiled_step_by_the_rule_over_the_whole_range(dev
     """CUDA graphs only for a compiled step on CUDA, in one process, one micro-batch a step, of a kind that allows
     them, shorter than GRAPHS_STEP at the peak; each other case says why. A machine's line says the verdict."""
     for compiled in (False, True):
-        for processes in (1, 2, 8):
+        for alone in (False, True):
             for accumulation in (1, 2, 8):
                 for at_peak in (0.0, GRAPHS_STEP / 10, GRAPHS_STEP * 0.99, GRAPHS_STEP, GRAPHS_STEP * 100):
                     for allowed in (False, True):
-                        why = no_graphs(device, compiled, processes, accumulation, at_peak, allowed)
-                        graphs = (device == "cuda" and compiled and processes == 1 and accumulation == 1 and allowed
+                        why = no_graphs(device, compiled, alone, accumulation, at_peak, allowed)
+                        graphs = (device == "cuda" and compiled and alone and accumulation == 1 and allowed
                                   and at_peak < GRAPHS_STEP)
-                        assert (why is None) == graphs and (graphs or why), (compiled, processes, accumulation, at_peak)
+                        assert (why is None) == graphs and (graphs or why), (compiled, alone, accumulation, at_peak)
     machine = a_machine(device)
     machine.peak = type("Peak", (), {"flops": 1e12})()
-    assert machine.graphs(True, 1, 1, 1e12 * GRAPHS_STEP / 2, True) == (device == "cuda")
+    assert machine.graphs(True, True, 1, 1e12 * GRAPHS_STEP / 2, True) == (device == "cuda")
     assert machine.made["graphs"][0] == ("CUDA graphs" if device == "cuda" else "no CUDA graphs")
 
 

@@ -90,11 +90,11 @@ class Machine:
         self.said("compile", "compiled" if compiled else "eager", why)
         return compiled, note
 
-    def graphs(self, compiled: bool, processes: int, accumulation: int, step_flops: float, allowed: bool) -> bool:
-        """Whether a compiled step's blocks replay as CUDA graphs: `processes` train it, over `accumulation`
-        micro-batches, of `step_flops`; `allowed`, its model's kind lets them be recorded."""
+    def graphs(self, compiled: bool, alone: bool, accumulation: int, step_flops: float, allowed: bool) -> bool:
+        """Whether a compiled step's blocks replay as CUDA graphs: in a process `alone` (not under torchrun), over
+        `accumulation` micro-batches, of `step_flops`; `allowed`, its model's kind lets them be recorded."""
         at_peak = step_flops / self.peak.flops if self.peak else 0.0
-        why = no_graphs(self.device.type, compiled, processes, accumulation, at_peak, allowed)
+        why = no_graphs(self.device.type, compiled, alone, accumulation, at_peak, allowed)
         self.said("graphs", "no CUDA graphs" if why else "CUDA graphs",
                   why or f"rule: a step of {1000 * at_peak:.1f} ms at the peak, bound by its launches")
         return why is None
@@ -123,13 +123,13 @@ class Machine:
             console.print(line, highlight=False)
 
 
-def no_graphs(device: str, compiled: bool, processes: int, accumulation: int, at_peak: float,
+def no_graphs(device: str, compiled: bool, alone: bool, accumulation: int, at_peak: float,
               allowed: bool) -> str | None:
     """Why a training step on `device` does not replay as CUDA graphs (`Machine.graphs`'s arguments; `at_peak`, its
     seconds at the peak), or None where it does."""
     return next((reason for reason, holds in (
         ("not on this device", device != "cuda"), ("train.compile", not compiled),
-        ("rule: under torchrun (FSDP and DDP gather and reduce outside a graph)", processes > 1),
+        ("rule: under torchrun (FSDP and DDP gather and reduce outside a graph)", not alone),
         ("rule: gradient accumulation (each micro-batch would record graphs of its own)", accumulation > 1),
         ("rule: the model's kind", not allowed),
         (f"rule: a step of {1000 * at_peak:.1f} ms at the peak (from {1000 * GRAPHS_STEP:g} its work, not its "

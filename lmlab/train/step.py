@@ -42,7 +42,7 @@ class TrainStep:
         self.device, self.dtype = machine.device, machine.dtype
         compiled, self.note = machine.compiles(cfg.compile)
         tokens = cfg.batch_size * cfg.grad_accum_steps * model.config.block_size
-        graphs = machine.graphs(compiled, processes, cfg.grad_accum_steps, model.flops_per_token() * tokens,
+        graphs = machine.graphs(compiled, wrapped is None, cfg.grad_accum_steps, model.flops_per_token() * tokens,
                                 model.graphs)
         if compiled:
             # One compiled model at a time per process: sweeps, bench and the GPU report build many, and past

@@ -13,10 +13,10 @@ import pytest
 import torch
 from rich.console import Console
 
+from lmlab.core import machine
 from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
-from lmlab.core import machine
 from lmlab.core.machine import MATH_CONTEXT
 from lmlab.model.attention import CUDA_ONLY, PATHS, attend, score_bytes
 from lmlab.model.gpt import GPT

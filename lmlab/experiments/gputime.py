@@ -319,8 +319,8 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
         return kernels(launches, matmuls) * per_kernel + (0 if compiled else views * VIEW_SECONDS)
 
     tokens, steps, blocks = tc.batch_size * mc.block_size, tc.grad_accum_steps, len(model.shard_units())
-    why = no_graphs("cuda", compiled, gpus == 1, steps, steps * model.flops_per_token() * tokens / peak_of(row, dtype)[0],
-                    model.graphs)
+    at_peak = steps * model.flops_per_token() * tokens / peak_of(row, dtype)[0]
+    why = no_graphs("cuda", compiled, gpus == 1, steps, at_peak, model.graphs)
     replays = None if why else 2 * max(1, blocks) * REPLAY_SECONDS  # a block's forward and backward, each a graph
     micro = (model.flops_per_token() * tokens / flops, found.step_bytes * tc.batch_size * scale / bandwidth,
              found.serial * RECURRENCE_SECONDS,

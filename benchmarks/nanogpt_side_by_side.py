@@ -27,30 +27,37 @@ both. Every wall time is the process's, start-up and exit included.
 Prints the host's matmul peak, a table of the runs, and the issue's two targets: lmlab's val at --budget at least
 0.15 below nanoGPT's, and nanoGPT's 2,000-iteration val reached by lmlab within 1/6 of nanoGPT's time.
 
-    python benchmarks/nanogpt_side_by_side.py --gpu [--nanogpt PATH]     # PATH: $NANOGPT_DIR by default
+    python benchmarks/nanogpt_side_by_side.py --gpu [--nanogpt PATH]     # `make gpu-nanogpt`; PATH: $NANOGPT_DIR
 
 On a GPU (issue 80), in one sitting, taking turns: nanoGPT's train.py with its README's GPU run of Shakespeare-char
 (`config/train_shakespeare_char.py`, compile on: train.py's default) and lmlab's same recipe
 (configs/shakespeare-char.toml), both on lmlab's split; then GPT-2 small's training tokens/s by nanoGPT's bench.py
 (its defaults: micro-batch 12, compiled, bf16; random tokens, `--real_data=False`) and by lmlab's `bench` at the same
 micro-batch. Prints each side's steps/s, tokens/s and wall time, the time each took to nanoGPT's final val (process
-start to the evaluation that reached it), and the issue's target: lmlab at most half of nanoGPT's. `--dry-run` does
-the same on the CPU with tiny shapes and few steps (nanoGPT's own `--device=cpu --compile=False` and sizes), which
-the test suite runs on a stand-in of nanoGPT's CLI; `gpu_rows` is what `make gpu-report` calls.
+start to the evaluation that reached it), and the issue's target: lmlab at most half of nanoGPT's. Each of the four
+is a process group of its own, killed whole at its cap (Sides: 170 s for each training run, 75 s for each bench, 490
+s in all: a lent GPU's second command of at most SECONDS), printing or not; one stopped at its cap is measured on what
+it printed, one that fails is a row naming it, and the other side runs all the same. `--dry-run` does the same on the
+CPU with tiny shapes and few steps (nanoGPT's own `--device=cpu --compile=False` and sizes), which the test suite runs
+on a stand-in of nanoGPT's CLI; `lmlab_gpu` is what `make gpu-report`'s Shakespeare part calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import pickle
 import re
+import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +75,6 @@ from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
 from lmlab.data.shards import open_tokens, read_meta
 from lmlab.evals.evaluate import evaluate_split
-from lmlab.experiments.bench import bench_batch
 from lmlab.run.rundir import RunDir
 
 README_ITERS = 2000
@@ -170,91 +176,142 @@ DRY_SIDES = Sides("cpu", ["--device=cpu", "--compile=False", "--max_iters=20", "
                   train_seconds=120.0, bench_seconds=120.0)
 
 
-def timed_lines(command: list[str], cwd: Path, seconds: float) -> tuple[str, dict[int, float], float]:
-    """Run `command`; its output, when each of its evaluation lines (`step N: ... val loss V`) was printed (seconds
-    from the start, by step) and its wall time. SystemExit when it fails or outruns `seconds`."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@dataclass
+class Ran:
+    """A child's output, when each of its evaluation lines (`step N: ... val loss V`) was printed (seconds from its
+    start, by step), its wall time, and whether it was stopped at its cap."""
+
+    text: str
+    stamps: dict[int, float]
+    wall: float
+    capped: bool
+
+
+def timed_lines(what: str, command: list[str], cwd: Path, seconds: float) -> Ran:
+    """Run `command` (`what` names it) in a process group of its own, killed whole at `seconds` whether it prints or
+    not (a compile that hangs, a grandchild that holds its output). SystemExit naming it where it fails."""
+    started, stopped = time.perf_counter(), threading.Event()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, env={**os.environ, "COLUMNS": "200"})  # tables unwrapped
+
+    def stop() -> None:
+        stopped.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    timer = threading.Timer(seconds, stop)
+    timer.start()
     lines, stamps = [], {}
     assert process.stdout is not None
-    for line in process.stdout:  # the process is killed past `seconds` at its next line
-        lines.append(line)
-        if found := EVAL_LINE.match(line):
-            stamps[int(found[1])] = time.perf_counter() - started
-        if time.perf_counter() - started > seconds:
-            process.kill()
-    code, wall, text = process.wait(), time.perf_counter() - started, "".join(lines)
-    if code:
-        why = f"stopped at its {seconds:.0f} s cap" if wall > seconds else f"failed ({text.strip()[-300:]})"
-        raise SystemExit(f"{' '.join(command[1:3])} {why}")
-    return text, stamps, wall
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if found := EVAL_LINE.match(line):
+                stamps[int(found[1])] = time.perf_counter() - started
+        code = process.wait()
+    finally:
+        timer.cancel()
+        if process.poll() is None:  # interrupted here: its group goes too
+            stop()
+    text = "".join(lines)
+    if code and not stopped.is_set():
+        last = (text.strip().splitlines() or ["no output"])[-1]
+        console.print(f"{what}: {shlex.join(command)}\n{text[-3000:]}", markup=False, highlight=False)
+        raise SystemExit(f"{what} failed with status {code} ({last.strip()[:200]})")
+    return Ran(text, stamps, time.perf_counter() - started, stopped.is_set())
 
 
 def nanogpt_gpu(scratch: Path, sides: Sides) -> dict[str, float]:
     """nanoGPT's train.py with its Shakespeare-char config, as its README runs it on a GPU, on lmlab's split."""
-    text, stamps, wall = timed_lines([sys.executable, "train.py", "config/train_shakespeare_char.py",
-                                      "--dataset=lmlab_char", "--out_dir=out-gpu", *sides.nanogpt], scratch,
-                                     sides.train_seconds)
-    evals = {int(step): float(val) for step, val in EVAL_LINE.findall(text)}
-    step = statistics.median(float(ms) for _, ms in ITER_LINE.findall(text)) / 1000
-    last = max(evals)
+    ran = timed_lines("nanoGPT's train.py", [sys.executable, "train.py", "config/train_shakespeare_char.py",
+                                             "--dataset=lmlab_char", "--out_dir=out-gpu", *sides.nanogpt], scratch,
+                      sides.train_seconds)
+    evals = {int(step): float(val) for step, val in EVAL_LINE.findall(ran.text)}
+    times = [float(ms) for _, ms in ITER_LINE.findall(ran.text)]
+    if not evals or not times:
+        raise SystemExit(f"nanoGPT's train.py was stopped at its {sides.train_seconds:.0f} s cap before its first "
+                         "evaluation")
+    step, last = statistics.median(times) / 1000, max(evals)
     tokens = int(_option(sides.nanogpt, "batch_size", 64)) * int(_option(sides.nanogpt, "block_size", 256))
-    return {"wall": wall, "steps": last, "steps_s": 1 / step, "rate": tokens / step, "val": evals[last],
-            "reached": stamps[last]}
+    return {"wall": ran.wall, "steps": last, "steps_s": 1 / step, "rate": tokens / step, "val": evals[last],
+            "reached": ran.stamps[last], "capped": ran.capped}
 
 
 def _option(options: list[str], name: str, default: int) -> str:
     return next((o.split("=", 1)[1] for o in options if o.startswith(f"--{name}=")), str(default))
 
 
-def lmlab_gpu(dataset: Path, run: Path, sides: Sides, target: float) -> dict[str, float]:
-    """lmlab's recipe in its own process; when its evaluation first reached `target`, from the process's start."""
+def lmlab_gpu(dataset: Path, run: Path, sides: Sides, target: float, seconds: float | None = None) -> dict[str, float]:
+    """lmlab's recipe in its own process, for at most `seconds` (the sides' cap by default; what it logged before a
+    cap stopped it is read all the same); when its evaluation first reached `target`, from the process's start."""
     sets = [arg for o in [f"data.dataset={dataset}", *sides.lmlab] for arg in ("--set", o)]
-    _, _, wall = timed_lines([sys.executable, "-P", "-m", "lmlab", "train", RECIPE, "--run", str(run), "--device",
-                              sides.device, *sets], ROOT, sides.train_seconds)
+    cap = sides.train_seconds if seconds is None else seconds
+    ran = timed_lines(f"lmlab train {RECIPE}", [sys.executable, "-P", "-m", "lmlab", "train", RECIPE, "--run",
+                                                str(run), "--device", sides.device, *sets], ROOT, cap)
     events = RunDir(run).events()
-    end = next(e for e in events if e["event"] == "end")
-    startup = wall - end["elapsed"]  # the process's time outside its training clock
-    hit = next((e for e in events if e["event"] == "eval" and e["val_loss"] <= target), None)
-    rate = statistics.median(e["tokens_per_sec"] for e in events if e["event"] == "train" and e["step"] > 1)
+    train = [e for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    if not train:
+        raise SystemExit(f"lmlab train {RECIPE} " + (f"was stopped at its {cap:.0f} s cap before its first logged "
+                                                     "step" if ran.capped else "logged no step"))
+    end = next((e for e in events if e["event"] == "end"), train[-1])
+    startup = ran.wall - end["elapsed"] if not ran.capped else 0.0  # the process's time outside its training clock
+    hit = next((e for e in evals if e["val_loss"] <= target), None)
+    steady = [e for e in train if e["step"] > 1] or train
+    rate = statistics.median(e["tokens_per_sec"] for e in steady)
+    mfus = [e["mfu"] for e in steady if e.get("mfu") is not None]
     cfg = load_config(ROOT / RECIPE, sides.lmlab)
-    return {"wall": wall, "steps": end["step"], "steps_s": rate / (cfg.train.batch_size * cfg.model.block_size),
-            "rate": rate, "val": [e for e in events if e["event"] == "eval"][-1]["val_loss"],
-            "reached": startup + hit["elapsed"] if hit else math.nan}
+    return {"wall": ran.wall, "steps": end["step"], "steps_s": rate / (cfg.train.batch_size * cfg.model.block_size),
+            "rate": rate, "val": evals[-1]["val_loss"] if evals else math.nan,
+            "mfu": statistics.median(mfus) if mfus else math.nan,
+            "reached": startup + hit["elapsed"] if hit else math.nan, "capped": ran.capped}
 
 
 def bench_pair(scratch: Path, sides: Sides) -> tuple[float, float]:
-    """GPT-2 small's training tokens/s at bench.py's micro-batch: nanoGPT's bench.py, then lmlab's `bench`."""
-    text, _, _ = timed_lines([sys.executable, "bench.py", *sides.bench], scratch, sides.bench_seconds)
-    ms = float(re.search(r"time per iteration: ([\d.]+)ms", text)[1])
+    """GPT-2 small's training tokens/s at bench.py's micro-batch: nanoGPT's bench.py, then lmlab's `bench`, each a
+    process stopped at its cap."""
+    ran = timed_lines("nanoGPT's bench.py", [sys.executable, "bench.py", *sides.bench], scratch, sides.bench_seconds)
+    ms = re.search(r"time per iteration: ([\d.]+)ms", ran.text)
     batch = int(_option(sides.bench, "batch_size", BENCH_BATCH))
-    theirs = batch * int(_option(sides.bench, "block_size", 1024)) / (ms / 1000)
-    ours = bench_batch(load_config(ROOT / "configs/gpt2-small.toml", sides.gpt2), batch, 10, sides.device)
-    return theirs, ours.tokens_per_sec or float("nan")
+    theirs = batch * int(_option(sides.bench, "block_size", 1024)) / (float(ms[1]) / 1000) if ms else math.nan
+    sets = [arg for o in sides.gpt2 for arg in ("--set", o)]
+    ours = timed_lines("lmlab bench configs/gpt2-small.toml", [
+        sys.executable, "-P", "-m", "lmlab", "bench", "configs/gpt2-small.toml", "--batch-sizes", str(batch),
+        "--steps", "10", "--device", sides.device, *sets], ROOT, sides.bench_seconds)
+    row = re.search(rf"^│\s*{batch}\s*│\s*([\d,]+)\s*│", ours.text, re.M)  # its table's tokens/s
+    return theirs, float(row[1].replace(",", "")) if row else math.nan
 
 
 NO_CHECKOUT = "not run: set NANOGPT_DIR to a checkout of github.com/karpathy/nanoGPT"
+SECONDS = 540  # a lent GPU's command (`make gpu-nanogpt`): the side by side's processes' caps add up to at most this
 
 
-def gpu_rows(checkout: Path | None, dataset: Path, runs: Path, sides: Sides) -> tuple[list[Row], Path]:
-    """The side-by-side rows of Shakespeare-char, taking turns (nanoGPT's run, then lmlab's), and lmlab's run folder.
-    Without a checkout, lmlab's side alone, and a row saying what to set."""
-    run = runs / f"side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"
+def gpu_rows(checkout: Path | None, dataset: Path, runs: Path, sides: Sides) -> list[Row]:
+    """The side-by-side rows of Shakespeare-char, taking turns (nanoGPT's run, then lmlab's); a side that fails is a
+    row saying so, and the other is run all the same. Without a checkout, a row saying what to set."""
     if checkout is None:
-        ours = lmlab_gpu(dataset, run, sides, -math.inf)
-        return [("nanoGPT's train.py", NO_CHECKOUT, ""), _side("lmlab, configs/shakespeare-char.toml", ours)], run
-    with tempfile.TemporaryDirectory() as folder:
-        scratch = Path(folder) / "nanogpt"
-        scratch_copy(checkout, dataset, scratch)
-        theirs = nanogpt_gpu(scratch, sides)
-    ours = lmlab_gpu(dataset, run, sides, theirs["val"])
+        return [("nanoGPT's train.py", NO_CHECKOUT, "")]
+    theirs_what, ours_what = "nanoGPT train.py, config/train_shakespeare_char.py (compile on)", f"lmlab, {RECIPE}"
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            scratch_copy(checkout, dataset, Path(folder) / "nanogpt")
+            theirs = nanogpt_gpu(Path(folder) / "nanogpt", sides)
+        rows = [side(theirs_what, theirs)]
+    except SystemExit as err:
+        theirs, rows = {}, [(theirs_what, str(err), "")]
+    try:
+        ours = lmlab_gpu(dataset, runs / f"side-by-side-{time.strftime('%Y%m%d-%H%M%S')}", sides,
+                         theirs.get("val", -math.inf))
+    except SystemExit as err:
+        return [*rows, (ours_what, str(err), "")]
+    if not theirs:
+        return [*rows, side(ours_what, ours)]
     share = ours["reached"] / theirs["reached"]
     reached = (f"nanoGPT {theirs['reached']:.0f} s, lmlab {ours['reached']:.0f} s ({share:.2f} of it)"
                if share == share else f"nanoGPT {theirs['reached']:.0f} s; lmlab did not reach it")
-    return ([_side("nanoGPT train.py, config/train_shakespeare_char.py (compile on)", theirs),
-             _side("lmlab, configs/shakespeare-char.toml", ours),
-             (f"time to nanoGPT's final val {theirs['val']:.4f}, from the process's start", reached,
-              "lmlab at most half of nanoGPT's")], run)
+    final = "last val, as its cap stopped it," if theirs["capped"] else "final val"
+    return [*rows, side(ours_what, ours), (f"time to nanoGPT's {final} {theirs['val']:.4f}, from the process's start",
+                                           reached, "lmlab at most half of nanoGPT's")]
 
 
 def bench_row(checkout: Path | None, dataset: Path, sides: Sides) -> Row:
@@ -267,21 +324,26 @@ def bench_row(checkout: Path | None, dataset: Path, sides: Sides) -> Row:
         try:
             theirs, ours = bench_pair(Path(folder) / "nanogpt", sides)
         except SystemExit as err:
-            return what, f"bench.py {err}", ""
+            return what, str(err), ""
     return what, f"nanoGPT bench.py {theirs:,.0f}, lmlab bench {ours:,.0f} ({ours / theirs:.2f}x)", ""
 
 
-def _side(what: str, r: dict[str, float]) -> Row:
-    said = f"{r['steps_s']:,.1f} steps/s, {r['rate']:,.0f} tok/s; final val {r['val']:.4f} at step {r['steps']:,}"
-    return what, f"{said}; {r['wall']:.0f} s wall", ""
+def side(what: str, r: dict[str, float]) -> Row:
+    """A run's row: its steps/s, tokens/s, MFU where known, and its last val; where its cap stopped it, so said."""
+    mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu", math.nan) == r.get("mfu", math.nan) else ""
+    end = (f"stopped at its cap at step {r['steps']:,}, val {r['val']:.4f}" if r["capped"] else
+           f"final val {r['val']:.4f} at step {r['steps']:,}")
+    return what, f"{r['steps_s']:,.1f} steps/s, {r['rate']:,.0f} tok/s{mfu}; {end}; {r['wall']:.0f} s wall", ""
 
 
-def gpu_main(checkout: Path | None, out: Path, dry_run: bool) -> None:
+def gpu_main(checkout: Path, out: Path, dry_run: bool) -> None:
+    sides = DRY_SIDES if dry_run else GPU_SIDES
+    console.print(f"nanoGPT's train.py and lmlab's recipe {sides.train_seconds:.0f} s each at most, bench.py and "
+                  f"lmlab's bench {sides.bench_seconds:.0f} s each: {caps(sides):.0f} s of {SECONDS}", highlight=False)
     dataset = Path(load_config(ROOT / RECIPE).data.dataset)
     if not (dataset / "meta.json").exists():
         prepare(["shakespeare"], "char", out_dir=dataset.parent)
-    sides = DRY_SIDES if dry_run else GPU_SIDES
-    rows, _ = gpu_rows(checkout, dataset.resolve(), out, sides)
+    rows = gpu_rows(checkout, dataset.resolve(), out, sides)
     rows.append(bench_row(checkout, dataset.resolve(), sides))
     table = Table(title="nanoGPT's own train.py and bench.py beside lmlab, on this machine, taking turns")
     for column in ("what", "result", "target"):
@@ -289,6 +351,11 @@ def gpu_main(checkout: Path | None, out: Path, dry_run: bool) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def caps(sides: Sides) -> float:
+    """The seconds the side by side's processes may take in all (SECONDS at most on a GPU)."""
+    return 2 * sides.train_seconds + 2 * sides.bench_seconds
 
 
 def main() -> None:
@@ -305,10 +372,10 @@ def main() -> None:
                         f"(default: {DEMO}, make demo's)")
     parser.add_argument("--out", type=Path, default=Path(f"runs/nanogpt-side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"))
     args = parser.parse_args()
-    if args.gpu or args.dry_run:
-        return gpu_main(args.nanogpt and args.nanogpt.resolve(), args.out.resolve(), args.dry_run)
     if args.nanogpt is None:
         parser.error("--nanogpt (or NANOGPT_DIR) is needed: a checkout of github.com/karpathy/nanoGPT")
+    if args.gpu or args.dry_run:
+        return gpu_main(args.nanogpt.resolve(), args.out.resolve(), args.dry_run)
     dataset = Path(load_config(Path(DEMO)).data.dataset)
     prepare(["shakespeare"], "char", out_dir=dataset.parent)
     scratch = args.out / "nanogpt"

@@ -60,6 +60,7 @@ from lmlab.core.config import SamplingParams
 from lmlab.core.config_toml import load_config
 from lmlab.core.device import configure, no_gpu_reason, resolve_device
 from lmlab.core.errors import UserError
+from lmlab.core.machine import Machine
 from lmlab.core.peak import autocast_dtype, measured_peak, peak_flops
 from lmlab.data.prepare import prepare
 from lmlab.experiments.bench import GPU_HEADROOM, BenchRow, bench_batch
@@ -94,7 +95,7 @@ FULL = Scale(gpt2=["train.grad_accum_steps=1"], batch_sizes=[16, 32], steps=10, 
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
 # The demo's smallest budget that --size auto takes on a busy 2-core CPU is about 8 s: 15 s leaves it room.
 DRY = Scale(gpt2=["train.grad_accum_steps=1", "model.vocab_size=512", *TINY_MODEL], batch_sizes=[2, 4], steps=2,
-            new_tokens=20, decoded=TINY_MODEL, compile=False, sides=DRY_SIDES, demo_budget="15s",
+            new_tokens=20, decoded=TINY_MODEL, compile=False, sides=DRY_SIDES, demo_budget="30s",
             demo_sample=50)
 DEMO_MODEL = "configs/shakespeare-char-modern-cpu.toml"  # `make demo`'s model: the decoding target's size
 # The models decoded, by name: their config, and the vocabulary they decode (the char corpus's; GPT-2's).
@@ -266,7 +267,7 @@ def gpt2(batch: int, ctx: Context) -> list[Row]:
     scale, device = ctx.scale, ctx.device
     size = scale.batch_sizes[batch]
     cfg = load_config(ROOT / "configs/gpt2-small.toml", [*scale.gpt2, f"train.compile={str(scale.compile).lower()}"])
-    r = bench_batch(cfg, size, scale.steps, str(device))
+    r = bench_batch(cfg, size, scale.steps, Machine.of(str(device), cfg.train.dtype, cfg.train.threads))
     if scale.compile and not r.out_of_memory:
         ctx.memory[f"micro-batch {size}"] = r.peak_memory
     said = timed(r, device) if scale.compile else \

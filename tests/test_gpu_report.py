@@ -67,7 +67,7 @@ ROWS = ["peak FLOP/s in", "decoding, demo-size model, batch 1, 20 new tokens eac
         "Shakespeare-char recipe (configs/shakespeare-char.toml)", "Shakespeare-char: time to val 1.50",
         "Shakespeare-char: time to nanoGPT's val 1.4697", "Shakespeare-char: final val",
         "GPT-2 small, micro-batch 2, compiled", "GPT-2 small, micro-batch 4, compiled",
-        "make demo's commands, budget 15s, --device cpu", "CUDA tests (tests/test_cuda.py)",
+        "make demo's commands, budget 30s, --device cpu", "CUDA tests (tests/test_cuda.py)",
         "CUDA path: graph decode", "CUDA path: graphs in training", "CUDA path: on-device skip",
         "CUDA path: FSDP with per-block compile", "CUDA path: fp16 scaler resume", "report wall time"]
 
@@ -101,7 +101,7 @@ def test_the_dry_run_walks_the_leases_parts_and_caps_and_writes_every_row_and_th
                     rows["Shakespeare-char recipe (configs/shakespeare-char.toml)"])
     assert re.match(r"\d\.\d{4} \(best, step 20\)", rows["Shakespeare-char: final val"])
     assert re.match(r"\d+ s in all: \d+ x \d+ \(depth x width\) trained [\d,]+ steps in \d+ s, final val "
-                    r"\d\.\d{4}; sample: '.+'", rows["make demo's commands, budget 15s, --device cpu"])
+                    r"\d\.\d{4}; sample: '.+'", rows["make demo's commands, budget 30s, --device cpu"])
     checklist = rows_of(first_hour)
     assert list(checklist) == list(report.CHECKLIST)
     assert checklist["FSDP with torch.compile trains"].startswith("skipped (test_fsdp_with_compile")  # no GPU

@@ -43,8 +43,7 @@ _FIGURES = "loss:number grad_norm:number lr:number"
 # take them with .get). docs/ARCHITECTURE.md says what each field is.
 SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "start": _fields("", "step:integer kind:string lmlab_version:string|null model:string|null architecture:string "
-                         "params:integer "
-                         "params_non_embedding:integer params_padding:integer flops_per_token:number "
+                         "params:integer params_non_embedding:integer params_padding:integer flops_per_token:number "
                          "dataset:string|null tokenizer:string|null init_from:string|null device:string|null "
                          "dtype:string|null dtype_reason:string|null world_size:integer parallel:string|null "
                          f"{_PEAK} train_tokens:integer|null origin:object|null machine:object|null "

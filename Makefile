@@ -38,6 +38,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 # (pip's wheel cache after), the longest step of the install. Built here is what its Python package loads: not the
 # multimodal library (LLAVA_BUILD) nor llama.cpp's common helpers (tests/llama_cpp.cmake), which no test uses: 251 CPU
 # seconds (6 min on 2 loaded cores) where the whole build took 646 (17 min). CMAKE_ARGS from the environment is added.
+# pip's wheel cache keeps this build for any venv: `pip install --no-cache-dir llama-cpp-python` builds it whole.
 # The two-host tests (tests/hosts.py) need `ip` (iproute2) and root: a root machine without it gets it here;
 # elsewhere they skip.
 LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE='$(CURDIR)/tests/llama_cpp.cmake'

@@ -36,11 +36,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 # The test extras, and examples/context-vector: the model plugin tests/test_plugins.py trains. The extras include
-# llama-cpp-python, compiled from its source distribution the first time (minutes; pip's wheel cache after). The
-# two-host tests (tests/hosts.py) need `ip` (iproute2) and root: a root machine without it gets it here; elsewhere
-# they skip.
+# llama-cpp-python, which PyPI has no wheel of: pip compiles llama.cpp from its source distribution the first time
+# (pip's wheel cache after), the longest step of the install. Built here is what its Python package loads: not the
+# multimodal library (LLAVA_BUILD) nor llama.cpp's common helpers (tests/llama_cpp.cmake), which no test uses: 251 CPU
+# seconds (6 min on 2 loaded cores) where the whole build took 646 (17 min). CMAKE_ARGS from the environment is added.
+# pip's wheel cache keeps this build for any venv: `pip install --no-cache-dir llama-cpp-python` builds it whole.
+# The two-host tests (tests/hosts.py) need `ip` (iproute2) and root: a root machine without it gets it here;
+# elsewhere they skip.
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE='$(CURDIR)/tests/llama_cpp.cmake'
 $(VENV)/.installed-test: $(VENV)/.installed examples/context-vector/pyproject.toml $(CHROMIUM)
-	$(BIN)/pip install --quiet -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE) $(CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps -e examples/context-vector
 	@command -v ip >/dev/null || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && apt-get install -y -qq iproute2; } >/dev/null || echo "could not install iproute2"

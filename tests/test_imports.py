@@ -5,6 +5,7 @@ than a screen."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 import tomllib
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import lmlab
+from lmlab.commands import EXAMPLES
 
 PACKAGE = Path(lmlab.__file__).parent
 
@@ -145,6 +147,31 @@ def test_import_lmlab_names_the_api_without_loading_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["lmlab.api.training"]
     assert lmlab.Run.__module__ == "lmlab.api.run" and set(lmlab.API) <= set(lmlab.__all__)
+
+
+# Each command line runs in one fresh interpreter, in this order; after each, whether torch is loaded: the first that
+# loads it is named. `{run}`: a trained run, its folder's parent `{runs}`.
+READ_ONLY = [["--help"], ["--version"], *([*name.split(), "--help"] for name in EXAMPLES), ["runs", "{runs}"],
+             ["runs", "{runs}", "--wide"], ["runs", "{runs}", "--json"], ["runs", "{empty}"], ["log", "{run}"],
+             ["log", "{run}", "--wide"], ["log", "{run}", "--json"], ["log", "{run}", "--csv"],
+             ["compare", "{run}", "{run}"], ["compare", "{run}", "{run}", "--json"]]
+
+
+@pytest.mark.slow
+def test_the_commands_that_only_read_runs_never_import_torch(tiny_run, tmp_path):
+    """`lmlab runs`, `log` without a plot, `compare` without samples and every --help answer in a fraction of a
+    second: torch (1-2 s to import) is loaded only by what computes."""
+    lines = [[arg.format(run=tiny_run, runs=tiny_run.parent, empty=tmp_path) for arg in line] for line in READ_ONLY]
+    code = ("import contextlib, io, json, sys\nfrom lmlab.commands import main\nloaded = []\n"
+            "for line in json.loads(sys.argv[1]):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(line)\n"
+            "    loaded.append('torch' in sys.modules)\n"
+            "print(json.dumps(loaded))")
+    job = subprocess.run([sys.executable, "-c", code, json.dumps(lines)], capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr
+    loaded = json.loads(job.stdout.splitlines()[-1])
+    assert True not in loaded, f"`lmlab {' '.join(lines[loaded.index(True)])}` imported torch"
 
 
 def test_mypy_checks_every_module():

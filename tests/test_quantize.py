@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 
@@ -18,10 +20,11 @@ from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.inference.compiled import step_key
 from lmlab.inference.decode import Decoder, Sequence
-from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, tolerance
+from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, readable, tolerance
 from lmlab.inference.steps import build_step, choose_step
 from lmlab.model import build_model
-from tests.helpers import ALPACA_TINY, Server, copy_run, run_cli
+from tests.cpu_kind.sitecustomize import CPU_KINDS, VECTORS
+from tests.helpers import ALPACA_TINY, ROOT, Server, copy_run, fake_cpu, run_cli
 
 MODELS = {"gpt2-style": {}, "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False),
           "gru": dict(kind="recurrent")}
@@ -67,18 +70,57 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]], step=None) -> tuple
     return [seq.ids for seq in seqs], torch.stack(logits)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_int8_decodes_float32s_greedy_tokens_with_logits_within_the_stated_tolerance(name, trained):
-    model = trained[name]
+def int8_holds(model: torch.nn.Module) -> list[int]:
+    """What holds on every CPU kind: from int8 weights, float32's greedy tokens and each step's logits within the
+    stated tolerance; every matmul whose inputs the kernel reads (`readable`: a multiple of the CPU's vector width)
+    from int8, the others from float32, for that reason alone. Returns the input widths of those left float32."""
     prompts = [CYCLE[:5], CYCLE[7:9]]
     want, exact = greedy(model, prompts)
-    got, approx = greedy(quantize(copy.deepcopy(model), "int8"), prompts)
+    quantized = quantize(copy.deepcopy(model), "int8")
+    got, approx = greedy(quantized, prompts)
     assert got == want
-    spread = exact.std(-1, keepdim=True)
-    assert ((approx - exact).abs() / spread).max() <= LOGIT_TOLERANCE
+    assert ((approx - exact).abs() / exact.std(-1, keepdim=True)).max() <= LOGIT_TOLERANCE
+    left = sorted({m.in_features for m in quantized.modules() if type(m) is torch.nn.Linear})
+    assert not [width for width in left if readable(width)], f"{left}: matmuls the kernel reads left float32"
+    assert any(type(m).__name__ == "Int8Linear" for m in quantized.modules())
+    return left
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_decodes_float32s_greedy_tokens_with_logits_within_the_stated_tolerance(name, trained):
+    int8_holds(trained[name])  # on this host's CPU kind; each kind's twin below
     assert f"within {LOGIT_TOLERANCE:.0%}" in tolerance("int8")
-    linears = [m for m in quantize(copy.deepcopy(model), "int8").modules() if type(m) is torch.nn.Linear]
-    assert not linears  # every matmul reads int8
+
+
+# A CPU kind's twin: the models decoded from int8 in a process whose kernels and width rule are that kind's. Where the
+# kind's vectors are wider than the host's, its rule is faked and the host's kernels run (they read any multiple of
+# their own, narrower, width); AVX2's are real on any host (ATEN_CPU_CAPABILITY, read at torch's first kernel).
+TWIN = """
+import json, sys, torch
+if torch.backends.cpu.get_cpu_capability() != sys.argv[1]:
+    torch.backends.cpu.get_cpu_capability = lambda: sys.argv[1]
+from tests.test_quantize import int8_holds
+torch.set_num_threads(1)
+left = {name: int8_holds(model) for name, model in torch.load(sys.argv[2], weights_only=False).items()}
+print(json.dumps({"vectors": torch.backends.cpu.get_cpu_capability(), "left float32": left}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_int8_holds_on_a_faked_twin_of_each_cpu_kind(monkeypatch, trained, tmp_path, kind):
+    """The kernel reads 8 inputs at a time on AVX2 and 16 on AVX-512 (and AMX's CPUs): there every matmul of the
+    three models reads int8, here the modern one's SwiGLU projection (88 inputs) keeps float32."""
+    fake_cpu(monkeypatch, kind)
+    if VECTORS[kind] == "AVX2":
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    torch.save(trained, tmp_path / "models.pt")
+    job = subprocess.run([sys.executable, "-c", TWIN, VECTORS[kind], str(tmp_path / "models.pt")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr[-3000:]
+    narrow = VECTORS[kind] == "AVX2"
+    assert json.loads(job.stdout.splitlines()[-1]) == {
+        "vectors": VECTORS[kind], "left float32": {"gpt2-style": [], "modern": [] if narrow else [88], "gru": []}}
 
 
 def test_int8_decoding_caches_keys_and_values_as_bfloat16_and_float_decoding_as_its_own_dtype(trained):

@@ -142,6 +142,11 @@ def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, t
     (root / "old").mkdir(exist_ok=True)
     (root / "old" / "metrics.jsonl").write_text(
         '{"event": "start", "step": 0}\n{"event": "eval", "step": 5, "val_loss": 2.5}\n{"trunc')
+    # A run from before the start event said its architecture: its model, built, says it.
+    older = shutil.copytree(three_runs[0], root / "older", dirs_exist_ok=True)
+    start, *rest = (older / "metrics.jsonl").read_text().splitlines(keepends=True)
+    start = json.dumps({k: v for k, v in json.loads(start).items() if k != "architecture"}) + "\n"
+    (older / "metrics.jsonl").write_text("".join([start, *rest]))
     listed = {r["run"]: r for r in as_json(capsys, "runs", str(root))["runs"]}
     assert listed["small"]["status"] == "finished"
     assert listed["notes"]["status"] == "not a run"
@@ -150,6 +155,8 @@ def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, t
     assert (listed["small"]["model"], listed["small"]["params"]) == ("gpt 2L/16", summarize(three_runs[0]).params)
     assert (listed["small"]["architecture"], listed["small"]["shape"], listed["small"]["tokenizer"]) == \
         ("GPT-2", "2L/16", "char")
+    described = ("architecture", "shape", "model", "params", "flops")
+    assert [listed["older"][k] for k in described] == [listed["small"][k] for k in described]
     table = subprocess.run([LMLAB, "runs", str(root)], capture_output=True, text=True, check=True,
                            env={**os.environ, "COLUMNS": "80"}).stdout
     assert max(map(len, table.splitlines())) <= 80 and "…" not in table

@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmlab.analysis.scaling import unique_tokens
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import count, fmt, format_duration, sci
-from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 
 
@@ -116,13 +113,21 @@ def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
 
 def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
     summary.model, summary.flops_per_token = start.get("model"), start.get("flops_per_token")
+    summary.architecture, summary.padding = start.get("architecture"), start.get("params_padding", 0)
     try:
         config = run.config().model
-        with torch.device("meta"):
+        summary.shape = f"{config.n_layer}L/{config.n_embd}"
+        if summary.architecture is not None:  # the start event says it all: no model to build, no torch to import
+            return
+        import torch
+
+        from lmlab.model import build_model
+
+        with torch.device("meta"):  # an older run's start event: its model, built on no memory, says the rest
             model = build_model(config)
     except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
         return
-    summary.architecture, summary.shape = model.architecture(), f"{config.n_layer}L/{config.n_embd}"
+    summary.architecture = model.architecture()
     summary.padding = model.padding_params()
     if summary.params and "params_padding" not in start:  # recorded before params left the padding out
         summary.params -= summary.padding

@@ -21,17 +21,16 @@ from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError
 from lmlab.core.notebook import console_here
 from lmlab.core.progress import ticking
-from lmlab.core.threads import Heard, ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.inference.generate import chat_stream, instruct_stream, sample_stream, samples
-from lmlab.model import LanguageModel
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.rundir import LoadedRun, RunDir
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # what decodes imports torch, at the first call that decodes: reading a run's files needs none
     import matplotlib.figure
     import pandas
 
+    from lmlab.core.threads import Heard, ThreadChooser
+    from lmlab.model import LanguageModel
     from lmlab.train.reports import TrainResult
 
 PLOTS = {"loss": loss_figure, "grad_norm": grad_norm_figure}  # what Run.plot draws
@@ -160,6 +159,8 @@ class Run:
         """The loaded checkpoint (kept apart where its weights are to be quantized: they are, in place), and the notes
         on the threads what it is `doing` (nothing: "") computes with: the start's, to print once the caller's input
         passed its checks when other processes' load lowered them, and the rule that hears a load mid-decode."""
+        from lmlab.core.threads import ThreadChooser
+
         key = (checkpoint_name(checkpoint), device, quantize)
         kept, sha = self._loaded.get(key), self._dir.weights_sha256(key[0])
         fresh = kept is None or sha is None or kept.weights_sha256 != sha
@@ -205,6 +206,8 @@ class Run:
         pieces (the prompt first); with `compile`, decoded by a compiled step on a CPU (worth it for thousands of
         tokens; on a GPU the step replays as CUDA graphs either way); with `quantize="int8"`, from 8-bit weights on the
         CPU (lmlab.inference.quantize). Kept in samples.txt unless not `keep`."""
+        from lmlab.inference.generate import sample_stream
+
         return self._text(lambda run, params, step, heard: sample_stream(run, prompt, params, step, heard), len(prompt),
                           settings, f"prompt {prompt!r}", checkpoint, device, stream, compile, keep, quantize)
 
@@ -213,6 +216,8 @@ class Run:
                 compile: bool = False, keep: bool = True, quantize: str = "none", **settings: Any) -> list[str]:
         """`num_samples` continuations of the prompt drawn in one batch, the i-th with seed `seed` + i (settings as
         `sample`'s), each kept in samples.txt unless not `keep`."""
+        from lmlab.inference.generate import samples
+
         whole("num_samples", num_samples)
         params = sampling_params(settings)
         run, notes = self._use(checkpoint, device, "decoding", quantize)
@@ -231,6 +236,8 @@ class Run:
              **settings: Any) -> str | Iterator[str]:
         """The reply to a user's `message` (after `system`'s), through the run's chat template, prompt format or a role:
         content transcript; settings as `sample`'s."""
+        from lmlab.inference.generate import chat_stream
+
         turns = [("system", system)] if system is not None else []
         turns.append(("user", message))
         return self._text(lambda run, params, step, heard: chat_stream(run, turns, params, step, heard), 0, settings,
@@ -241,6 +248,8 @@ class Run:
                  stream: bool = False, compile: bool = False, keep: bool = True, quantize: str = "none",
                  **settings: Any) -> str | Iterator[str]:
         """The answer to an instruction (and its input) asked in the run's own format; settings as `sample`'s."""
+        from lmlab.inference.generate import instruct_stream
+
         return self._text(lambda run, params, step, heard: instruct_stream(run, instruction, input, params, step,
                                                                            heard), 0, settings,
                           f"instruction {instruction!r}, input {input!r}", checkpoint, device, stream, compile, keep,

@@ -40,7 +40,6 @@ def cmd_runs(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from lmlab.analysis.plots import plot_comparison
     from lmlab.api.compare import compare
-    from lmlab.inference.generate import sample
     from lmlab.run.rundir import RunDir
 
     params = sampling(args)
@@ -49,6 +48,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     plot = plot_comparison(runs, Path(args.plot), args.x, args.log) if args.plot else None
     texts = None
     if args.prompt is not None:
+        from lmlab.inference.generate import sample
+
         texts = {s.name: sample(RunDir(s.path).load(args.checkpoint, args.device), args.prompt, params) for s in runs}
     if args.json:
         print(json.dumps({"base": runs[0].name, "runs": compared.rows, "plot": plot and str(plot),

@@ -11,14 +11,18 @@ import shutil
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, fsync, human_bytes, sha256_file, writing
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: finding the step folders needs none
+    import torch
+
+    # (parameter, the optimizer's tensor for it or None, the saved one) -> the tensor to load, or None: the saved one
+    Placer = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor | None]
 
 STEP_FOLDER = re.compile(r"step_\d{6,}")  # what a pointer may name: a step folder of the same run
 
@@ -39,6 +43,8 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
+
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
@@ -66,6 +72,8 @@ def checkpoint_bytes(tensors: list[torch.Tensor], state: dict[str, Any]) -> int:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
+    from safetensors.torch import save_file
+
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as err:
@@ -173,6 +181,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state) into objects already on their device; return the JSON state. Read into
     host memory and copied into the tensors held, so a rollback mid-training adds nothing to the device's memory."""
+    from safetensors.torch import load_model
+
     state = load_state(folder)
     try:
         load_model(model, str(folder / "model.safetensors"), device="cpu")
@@ -185,10 +195,6 @@ def load_checkpoint(folder: Path, model: torch.nn.Module,
     return state
 
 
-# (parameter, the optimizer's tensor for it or None, the saved one) -> the tensor to load, or None: the saved one
-Placer = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor | None]
-
-
 def copy_into(param: torch.Tensor, mine: torch.Tensor | None, saved: torch.Tensor) -> torch.Tensor | None:
     """One process's placer: `saved` copied into the optimizer's tensor of the same shape and dtype."""
     return mine.copy_(saved) if mine is not None and mine.shape == saved.shape and mine.dtype == saved.dtype else None
@@ -197,6 +203,8 @@ def copy_into(param: torch.Tensor, mine: torch.Tensor | None, saved: torch.Tenso
 def into_place(optimizer: Any, saved: dict[str, Any], place: Placer = copy_into) -> dict[str, Any]:
     """`saved` (a state_dict in host memory) with the tensors `place` put into the optimizer's own, so
     `load_state_dict` keeps those rather than allocating new ones beside them."""
+    import torch
+
     live = optimizer.state_dict()["state"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     with torch.no_grad():
@@ -210,5 +218,7 @@ def into_place(optimizer: Any, saved: dict[str, Any], place: Placer = copy_into)
 
 def read_optimizer_state(folder: Path, state: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
     """The optimizer state_dict a checkpoint holds (`state`: its verified state.json)."""
+    from safetensors.torch import load_file
+
     tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
     return _unflatten_optimizer(tensors, state["optimizer"])

@@ -12,9 +12,10 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from lmlab.core.peak import Peak
+if TYPE_CHECKING:
+    from lmlab.core.peak import Peak
 
 MAX_LINE = 1 << 20  # bytes: the longest event written (a `sizing` event with its candidates) is a few KB
 MAX_DEPTH = 32  # brackets: events nest 3 deep at most (a `sizing` event's candidates); strings may hold a few more
@@ -41,8 +42,8 @@ _FIGURES = "loss:number grad_norm:number lr:number"
 # the others are checked when present (older runs, and runs written by hand or by other tools, lack some; readers
 # take them with .get). docs/ARCHITECTURE.md says what each field is.
 SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
-    "start": _fields("", "step:integer kind:string lmlab_version:string|null model:string|null params:integer "
-                         "params_non_embedding:integer params_padding:integer flops_per_token:number "
+    "start": _fields("", "step:integer kind:string lmlab_version:string|null model:string|null architecture:string "
+                         "params:integer params_non_embedding:integer params_padding:integer flops_per_token:number "
                          "dataset:string|null tokenizer:string|null init_from:string|null device:string|null "
                          "dtype:string|null dtype_reason:string|null world_size:integer parallel:string|null "
                          f"{_PEAK} train_tokens:integer|null origin:object|null machine:object|null "

@@ -10,31 +10,31 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lmlab.core.config import RunConfig, checkpoint_name
 from lmlab.core.config_toml import load_config, to_toml
-from lmlab.core.device import configure, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, sha256_file
-from lmlab.core.peak import Peak, choose_dtype
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.model import LanguageModel, build_model
-from lmlab.model.plugins import check_forward, provider
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.chat import ChatTemplate
 from lmlab.run.evaluations import keep, kept
 from lmlab.run.events import as_json, peak_fields, read_events
 from lmlab.run.prompt import PromptFormat
 
+if TYPE_CHECKING:  # torch is imported where a run is begun or loaded: reading one (`lmlab runs`, `log`) needs none
+    import torch
+
+    from lmlab.core.peak import Peak
+    from lmlab.model import LanguageModel
+
+    Loader = Callable[[Path, torch.nn.Module, Any], dict[str, Any]]
+
 RUN_KINDS = ("trained", "fine-tuned", "imported")
 STATE_FORMAT = 2  # state.json: format, kind, lmlab_version, model_config, training (+ step, optimizer, files)
-
-Loader = Callable[[Path, torch.nn.Module, Any], dict[str, Any]]
 
 
 class RunDir:
@@ -170,6 +170,9 @@ class RunDir:
               world_size: int = 1, parallel: str = "none", peak: Peak | None = None,
               origin: dict[str, Any] | None = None, dtype_reason: str | None = None) -> None:
         """Start a fresh metrics.jsonl with the start event, of the same keys for every kind; `peak`: one device's."""
+        from lmlab.core.device import machine
+        from lmlab.model.plugins import provider
+
         assert kind in RUN_KINDS, kind
         self._check_writer()
         self.check_new()
@@ -177,7 +180,7 @@ class RunDir:
         self._metrics.unlink(missing_ok=True)
         self.log({
             "event": "start", "step": 0, "kind": kind, "lmlab_version": __version__,
-            "model": model.describe(), "params": model.num_params(),
+            "model": model.describe(), "architecture": model.architecture(), "params": model.num_params(),
             "params_non_embedding": model.num_params(embeddings=False), "params_padding": model.padding_params(),
             "flops_per_token": model.flops_per_token(),
             "dataset": cfg.data.dataset or None, "tokenizer": dataset.get("tokenizer"), "init_from": init_from,
@@ -193,6 +196,8 @@ class RunDir:
     def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int,
                 peak: Peak | None = None) -> None:
         """Log that training continues from a checkpoint, on what machine, with the peak MFU divides by."""
+        from lmlab.core.device import machine
+
         self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device),
                   **peak_fields(peak, world_size)})
@@ -368,6 +373,11 @@ class RunDir:
     def load(self, which: str = "best", device: str = "auto", need_tokenizer: bool = True) -> LoadedRun:
         """The run's model at a checkpoint, in eval mode, with what using it takes; a run never evaluated has no
         `best`: it loads `latest`, and says so."""
+        from lmlab.core.device import configure, resolve_device
+        from lmlab.core.peak import choose_dtype
+        from lmlab.model import build_model
+        from lmlab.model.plugins import check_forward
+
         which = self._best_or_latest(checkpoint_name(which))
         cfg = self.config()
         tokenizer = self.tokenizer() if need_tokenizer or (self.path / "tokenizer.json").exists() else None

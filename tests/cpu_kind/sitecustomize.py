@@ -15,6 +15,9 @@ KIND_VARIABLE = "LMLAB_TEST_CPU_KIND"
 
 # The kinds of CPU lmlab meets, by what oneDNN answers of them: a native bf16 matmul, a native fp16 one.
 CPU_KINDS = {"avx2": (False, False), "avx512-bf16": (True, False), "amx-bf16": (True, False), "amx-fp16": (True, True)}
+# The vectors ATen's own kernels use on each (torch.backends.cpu.get_cpu_capability): an AMX CPU's are AVX-512's, its
+# tiles oneDNN's. What they read follows their width (tests/test_quantize.py fakes it apart, for its int8 kernel).
+VECTORS = {"avx2": "AVX2", "avx512-bf16": "AVX512", "amx-bf16": "AVX512", "amx-fp16": "AVX512"}
 
 
 def answering(kind: str) -> Callable[[object], bool]:

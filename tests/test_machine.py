@@ -231,8 +231,7 @@ ALLOWED = {
                 "experiments/plan.py", "experiments/miniseries.py", "api/loading.py", "serving/startup.py",
                 "commands/plan.py"},
     "ThreadChooser": {"core/machine.py", "train/loop.py", "train/finetune.py", "experiments/sizing.py",
-                      "api/run.py", "serving/startup.py", "commands/evaluate.py", "commands/serve.py",
-                      "commands/plan.py"},
+                      "api/run.py", "api/loading.py", "serving/startup.py", "commands/plan.py"},
     "peak_windows": {"core/peak.py"},
     "time_step": {"train/timing.py"},
 }

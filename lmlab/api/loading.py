@@ -27,6 +27,16 @@ def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
     return run
 
 
+def used_run(path: str, checkpoint: str, device: str, doing: str) -> tuple[LoadedRun, ThreadNotes]:
+    """A run loaded to compute (`doing` it: "scored", "decoding"), as `load_run` loads it, and the notes on its
+    threads, which the machine's rule chooses from the load over the loading (`pick_threads`)."""
+    from lmlab.core.threads import ThreadChooser
+
+    chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load, whose window tells a quiet machine
+    run = load_run(path, checkpoint, device)
+    return run, ThreadNotes(chooser, pick_threads(chooser, run, doing), doing)
+
+
 def pick_threads(chooser: ThreadChooser, run: LoadedRun, doing: str) -> str | None:
     """The threads of `run`'s work from `chooser`, made before the run loaded, by the machine's rule (the cores the
     load leaves: lmlab.core.machine); the note to print when other processes' load lowered them, else None. The caller

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lmlab.api.loading import load_run, pick_threads, print_note
+from lmlab.api.loading import used_run
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
@@ -71,7 +71,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import TASK_RESULT_COLUMNS
-    from lmlab.core.threads import ThreadChooser
     from lmlab.evals.tasks import evaluate_task, load_task
 
     for option, why in (("max_tokens", "cuts the val split"), ("dataset", "names the val split's dataset")):
@@ -81,14 +80,12 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     if args.samples and len(args.task) > 1:
         raise UserError("--samples writes the items of one task; pass one --task with it.")
     tasks = [load_task(source, args.limit) for source in args.task]  # every file checked before the model loads
-    chooser = ThreadChooser(0, "OMP_NUM_THREADS")
-    run = load_run(args.run, args.checkpoint, args.device)
-    note = pick_threads(chooser, run, "scored")
+    run, notes = used_run(args.run, args.checkpoint, args.device, "scored")
     results = []
     for task in tasks:
         with ticking("choice", f"Scoring {task.name} ({len(task.items):,} items)", stderr=args.json) as tick:
             results.append(evaluate_task(run, task, args.limit, progress=tick))
-    print_note(note)
+    notes.flush()
     if args.samples:
         atomic_write_text(Path(args.samples), "".join(json.dumps(s) + "\n" for s in results[0].samples()))
     if args.json:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.api.loading import ThreadNotes, decode_step, load_run, pick_threads
+from lmlab.api.loading import decode_step, used_run
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
@@ -99,13 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
-    from lmlab.core.threads import ThreadChooser
     from lmlab.evals.judge import write_answers
 
     params = sampling(args)
-    chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load: see ThreadChooser
-    run = load_run(args.run, args.checkpoint, args.device)
-    notes = ThreadNotes(chooser, pick_threads(chooser, run, "decoding"))  # said as sample says
+    run, notes = used_run(args.run, args.checkpoint, args.device, "decoding")  # said as sample says
     tokens = run.config.model.block_size + args.max_new_tokens
     step = decode_step(run, args.batch_size, "--batch-size", tokens, args.compile, console, args.quantize)
     with console.status("Answering...") as status:

@@ -46,6 +46,12 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
+    def response(self) -> Any:
+        """The error as a JSON response: what a route answers, and an ASGI app that middleware sends."""
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self.body(), self.status, self.headers)
+
 
 SAMPLING = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed")
 FIELDS = {"completions": (*SAMPLING, "prompt", "logprobs", "echo"),
@@ -94,8 +100,8 @@ class Scalar:
     number's range. The server checks a body by it (`field`) and /openapi.json publishes it (lmlab.serving.schema)."""
 
     kinds: tuple[type[bool | int | float], ...]
-    low: float | None = None
-    high: float | None = None
+    low: float = -math.inf
+    high: float = math.inf
 
 
 FLAG = Scalar((bool,))
@@ -128,9 +134,8 @@ def field(body: dict[str, Any], name: str, rule: Scalar, default: Any) -> Any:
                        name)
     if isinstance(value, float) and not math.isfinite(value):
         raise ApiError(400, f"`{name}` is {value}; it must be a finite number.", name)
-    low, high = rule.low, rule.high
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {low} and {high}.", name)
+    if not rule.low <= value <= rule.high:
+        raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {rule.low} and {rule.high}.", name)
     return value
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import ctypes
 import itertools
 import threading
@@ -62,10 +63,8 @@ class _Job:
 
     def settle(self, setter: str, value: Any) -> None:
         """Resolve the future on its loop (from any thread); not when its request was cancelled meanwhile."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
             self.future.get_loop().call_soon_threadsafe(_settle, self.future, getattr(self.future, setter), value)
-        except RuntimeError:  # the loop closed: the server is shutting down
-            pass
 
 
 class Lane:
@@ -176,10 +175,8 @@ def _settle(future: asyncio.Future, setter: Callable[[Any], None], value: Any) -
 
 def give_back_memory() -> None:
     """Return the free pages of the C heap to the system (glibc's malloc_trim; elsewhere nothing)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Lanes:

@@ -96,11 +96,10 @@ class Startup:
             # As sample and answer do; a step compiled from int8 weights (--quantize) is kept as a float one is, and
             # until it is built the server decodes eagerly from the same int8 weights.
             choice = self.choice = choose_step(run.model, run.device, options.compile, options.quantize)
-            compiles = choice.compiled
-            batch = self._kept(run, folder) if compiles else None
+            batch = self._kept(run, folder) if choice.compiled else None
             if batch is None:
                 batch = self._uncompiled(run, StepChoice("eager, compiling", "until the compiled step is built in the "
-                                                         "background", choice.weights) if compiles else choice)
+                                                         "background", choice.weights) if choice.compiled else choice)
             state.served = self._served(run, batch, folder)
             # Said before /health says it: a log read as the server's readiness never lags the server.
             state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "
@@ -172,7 +171,7 @@ class Startup:
             return None
         started = self._phase("loading the kept compiled step")
         try:
-            step = self._use(path)
+            step, digest = self._use(path)
         except StepRefused as err:
             self.state.log(f"lmlab serve: {err}; compiling it again")
             return None
@@ -180,15 +179,15 @@ class Startup:
             self.state.log(f"lmlab serve: the kept compiled step {path} did not load ({err!r}); compiling it again")
             path.unlink(missing_ok=True)
             return None
-        assert self.state.compiled is not None, "_use says which compiled step it loaded"
-        self._log(f"loaded the kept compiled step {path} (sha256 {self.state.compiled['sha256'][:16]}...)", started)
+        self._log(f"loaded the kept compiled step {path} (sha256 {digest[:16]}...)", started)
         return self._batch(run, run.dtype, step)
 
-    def _use(self, path: Path) -> Step:
+    def _use(self, path: Path) -> tuple[Step, str]:
+        """The compiled step kept at `path`, and its sha256 (checked as loaded), said in /health."""
         step, digest = load_kept(path)
         self.state.decode_step, self.state.compiled = self.choice.kind, {"file": str(path), "sha256": digest}
         self.state.decode_why = self.choice.why
-        return step
+        return step, digest
 
     def _compile(self, run: LoadedRun, folder: Path) -> None:
         """Build the compiled step in a process of its own, then switch the batcher to it."""
@@ -210,7 +209,7 @@ class Startup:
             return
         path = Path(out.strip().splitlines()[-1])
         try:
-            step = self._use(path)
+            step, _ = self._use(path)
         except StepRefused as err:
             self._eager(str(err))
             return

@@ -98,12 +98,12 @@ class Gate:
         error = unauthorized(dict(scope["headers"]), state.api_key) if state.api_key else None
         if error is None:
             scope.setdefault("lmlab", {})["trusted"] = True  # the edge closes connections never trusted first
-            if state.served is None:
-                error = ApiError(503, f"the model is loading ({state.phase}); retry shortly.", code="model_loading",
-                                 kind="server_error", headers={"Retry-After": "1"})
-            elif state.draining:
-                error = ApiError(503, "the server is shutting down and takes no new requests; send it to another.",
-                                 code="shutting_down", kind="server_error", headers={"Connection": "close"})
+        if error is None and state.served is None:
+            error = ApiError(503, f"the model is loading ({state.phase}); retry shortly.", code="model_loading",
+                             kind="server_error", headers={"Retry-After": "1"})
+        if error is None and state.draining:
+            error = ApiError(503, "the server is shutting down and takes no new requests; send it to another.",
+                             code="shutting_down", kind="server_error", headers={"Connection": "close"})
         await (self.app if error is None else error.response())(scope, receive, send)
 
 

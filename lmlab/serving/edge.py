@@ -161,8 +161,8 @@ class Edge(_Host):
         self.trusted = self.trusted or cycle.scope.get("lmlab", {}).get("trusted", False)  # type: ignore[attr-defined]
         super().on_response_complete()  # arms uvicorn's keep-alive timer (idle_timeout), or starts a pipelined one
         if self.cycle is cycle and not self.transport.is_closing():  # bytes that trickle in later need whole
-            self._arm("deadline", self.limits.idle_timeout + self.limits.header_timeout,  # headers in time too
-                      self._headers_late)
+            headers_due = self.limits.idle_timeout + self.limits.header_timeout  # headers in time too
+            self._arm("deadline", headers_due, self._headers_late)
 
     def pause_writing(self) -> None:  # the client stopped reading: its answer may wait idle_timeout at most
         super().pause_writing()

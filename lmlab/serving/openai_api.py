@@ -135,7 +135,8 @@ def field(body: dict[str, Any], name: str, rule: Scalar, default: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ApiError(400, f"`{name}` is {value}; it must be a finite number.", name)
     if not rule.low <= value <= rule.high:
-        raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {rule.low} and {rule.high}.", name)
+        raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {rule.low} and {rule.high}.",
+                       name)
     return value
 
 
@@ -289,13 +290,8 @@ def chat_logprobs(scores: list[TokenScore], piece: Callable[[int], str]) -> dict
 def within_text(scores: list[TokenScore], piece: Callable[[int], str], length: int) -> list[TokenScore]:
     """The generated tokens whose text is in a completion of `length` characters: not those of a stop string or of the
     end-of-text token that ended it."""
-    kept, at = [], 0
-    for s in scores:
-        if at >= length:
-            break
-        kept.append(s)
-        at += len(piece(s.token))
-    return kept
+    starts = accumulate((len(piece(s.token)) for s in scores), initial=0)  # where each token's text starts
+    return [s for s, start in zip(scores, starts) if start < length]
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -16,6 +16,7 @@ from lmlab.serving.lanes import Busy, Lane, Left, client_of
 from lmlab.serving.metrics import CONTENT_TYPE
 from lmlab.serving.openai_api import ApiError, head, model_object, response
 from lmlab.serving.requests import (
+    check_model,
     detokenize_request,
     parse_request,
     read_request,
@@ -96,8 +97,8 @@ def add_error_handlers(app: Any) -> None:
         if err.status_code == 405:
             return ApiError(405, f"{where} is not allowed; this route takes {headers.get('Allow')}.",
                             code="method_not_allowed", headers=headers).response()
-        return ApiError(err.status_code, f"no route {where}; lmlab serve answers {answered()}.", code="not_found",
-                        headers=headers).response()
+        return ApiError(err.status_code, f"no route {where}; lmlab serve answers {answered()}.",
+                        code="not_found", headers=headers).response()
 
     @app.exception_handler(Exception)
     async def server_error(_: HttpRequest, err: Exception) -> Response:
@@ -133,9 +134,7 @@ def add_status_routes(app: Any, state: State) -> None:
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict[str, Any]:
-        if model_id not in state.names:
-            raise ApiError(404, f"model {model_id!r} is not served here; use {state.name!r}.", "model",
-                           "model_not_found")
+        check_model(model_id, state.names)
         return model_object(model_id, state.loaded.created, state.loaded.context)
 
 

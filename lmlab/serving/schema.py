@@ -45,7 +45,8 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
 def published(rule: Scalar) -> dict[str, Any]:
     """A field of `openai_api.scalars` as JSON Schema: what `openai_api.field` checks it for, or null."""
     kind = {(bool,): "boolean", (int,): "integer", (int, float): "number"}[rule.kinds]
-    bounds = {key: bound for key, bound in (("minimum", rule.low), ("maximum", rule.high)) if math.isfinite(bound)}
+    bounds = {key: bound for key, bound in (("minimum", rule.low), ("maximum", rule.high))
+              if math.isfinite(bound)}
     return nullable({"type": kind, **bounds})
 
 

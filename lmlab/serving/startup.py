@@ -96,10 +96,11 @@ class Startup:
             # As sample and answer do; a step compiled from int8 weights (--quantize) is kept as a float one is, and
             # until it is built the server decodes eagerly from the same int8 weights.
             choice = self.choice = choose_step(run.model, run.device, options.compile, options.quantize)
-            batch = self._kept(run, folder) if choice.compiled else None
+            compiles = choice.compiled
+            batch = self._kept(run, folder) if compiles else None
             if batch is None:
                 batch = self._uncompiled(run, StepChoice("eager, compiling", "until the compiled step is built in the "
-                                                         "background", choice.weights) if choice.compiled else choice)
+                                                         "background", choice.weights) if compiles else choice)
             state.served = self._served(run, batch, folder)
             # Said before /health says it: a log read as the server's readiness never lags the server.
             state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "

@@ -192,9 +192,9 @@ def vllm_body(names: list[str], raw: bytes, taken: tuple[str, ...], takes: str) 
     """A body of vLLM's routes: a JSON object of the fields `taken` (a 400 naming another, saying the route `takes`),
     for a model served here."""
     body = json_object(raw)
-    unknown = next((name for name in body if name not in taken), None)
+    unknown = next((key_name(name) for name in body if name not in taken), None)
     if unknown is not None:
-        raise ApiError(400, f"unknown field `{key_name(unknown)}`; {takes}.", unknown, "unknown_field")
+        raise ApiError(400, f"unknown field `{unknown}`; {takes}.", unknown, "unknown_field")
     check_model(body.get("model"), names)
     return body
 

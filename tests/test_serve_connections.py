@@ -226,17 +226,18 @@ def closed(sock: socket.socket) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path, raw, param", [
-    ("completions", b'{"prompt": "\\ud800"}', "prompt"),
-    ("completions", b'{"prompt": "\\ud800", "stream": true}', "prompt"),
-    ("chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
-    ("chat/completions", b'{"messages": [{"role": ["user"], "content": "x"}]}', "messages"),
-    ("completions", b'{"\\ud800": 1}', "'\\ud800'"),
-    ("completions", b"[" * 200_000 + b"]" * 200_000, None),
-    ("completions", b'{"prompt": "x", "n": ' + b"[" * 900 + b"]" * 900 + b"}", "n"),
-    ("completions", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", None),
+    ("v1/completions", b'{"prompt": "\\ud800"}', "prompt"),
+    ("v1/completions", b'{"prompt": "\\ud800", "stream": true}', "prompt"),
+    ("v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
+    ("v1/chat/completions", b'{"messages": [{"role": ["user"], "content": "x"}]}', "messages"),
+    ("v1/completions", b'{"\\ud800": 1}', "'\\ud800'"),
+    ("tokenize", b'{"prompt": "x", "\\ud800": 1}', "'\\ud800'"),
+    ("v1/completions", b"[" * 200_000 + b"]" * 200_000, None),
+    ("v1/completions", b'{"prompt": "x", "n": ' + b"[" * 900 + b"]" * 900 + b"}", "n"),
+    ("v1/completions", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", None),
 ])
 def test_text_that_is_not_unicode_and_json_nested_deep_get_400(edge, path, raw, param):
-    status, body = post(f"{edge.url}/{path}", raw)
+    status, body = post(f"{edge.root}/{path}", raw)
     assert status == 400 and body["error"]["param"] == param and body["error"]["message"], body
     assert not any("Traceback" in line for line in edge.log)
 

@@ -84,17 +84,6 @@ def create_app(state: State) -> Any:
     return AccessLog(Gate(app, state), state)
 
 
-async def send_error(send: Any, error: ApiError) -> None:
-    """An ApiError as a whole response, sent from ASGI middleware (before any route runs)."""
-    import json
-
-    body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 class Gate:
     """ASGI middleware in front of the routes: the API key (every route but /health and /metrics), then 503 for the API
     while the model loads or once the server drains, before a body is read."""
@@ -115,9 +104,7 @@ class Gate:
         if error is None and state.draining:
             error = ApiError(503, "the server is shutting down and takes no new requests; send it to another.",
                              code="shutting_down", kind="server_error", headers={"Connection": "close"})
-        if error is None:
-            return await self.app(scope, receive, send)
-        await send_error(send, error)
+        await (self.app if error is None else error.response())(scope, receive, send)
 
 
 class AccessLog:

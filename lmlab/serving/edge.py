@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -98,8 +99,8 @@ class Edge(_Host):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
         super().connection_made(transport)
-        self._deadline: asyncio.TimerHandle | None = None
-        self._stalled: asyncio.TimerHandle | None = None
+        # deadline: for a request's headers, or a refusal's linger; stalled: for a reader to read on
+        self.timers: dict[str, asyncio.TimerHandle] = {}
         # trusted: a request of it passed the key check; spoke: it sent something; refused: answered and closing
         self.opened, self.trusted, self.spoke, self.refused = self.loop.time(), False, False, False
         refusal = admit(self, self.connections, self.limits, self.log)
@@ -107,7 +108,7 @@ class Edge(_Host):
             self.log(f"- - 503 {client_name(self)}: {refusal}")
             self.refuse(503, f"this server has {refusal}; retry shortly.", "too_many_connections")
             return
-        self._expect_headers(self.limits.header_timeout)
+        self._arm("deadline", self.limits.header_timeout, self._headers_late)
 
     def idle(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
@@ -122,15 +123,19 @@ class Edge(_Host):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.flow.resume_reading()
-        self._cancel("_deadline")
-        self._deadline = self.loop.call_later(LINGER, self.transport.close)
+        self._arm("deadline", LINGER, self.transport.close)
 
-    def _expect_headers(self, seconds: float) -> None:
-        """Close the connection unless a request's headers are whole within `seconds`."""
-        self._cancel("_deadline")
-        self._deadline = self.loop.call_later(seconds, self._headers_late)
+    def _arm(self, name: str, seconds: float, then: Callable[[], object]) -> None:
+        """Call `then` in `seconds`, unless the timer `name` is armed again or cancelled first."""
+        self._cancel(name)
+        self.timers[name] = self.loop.call_later(seconds, then)
+
+    def _cancel(self, name: str) -> None:
+        if timer := self.timers.pop(name, None):
+            timer.cancel()
 
     def _headers_late(self) -> None:
+        """The deadline for a request's headers: the connection is closed unless they came."""
         if not self.idle():  # a pipelined request is being answered
             return
         seconds = self.limits.header_timeout
@@ -138,19 +143,13 @@ class Edge(_Host):
         self.refuse(408, f"the request headers did not arrive within {seconds:g} s (--header-timeout).",
                      "request_timeout")
 
-    def _cancel(self, name: str) -> None:
-        timer = getattr(self, name, None)
-        if timer is not None:
-            timer.cancel()
-            setattr(self, name, None)
-
     def data_received(self, data: bytes) -> None:
         if self.refused:  # answered already: what comes after is dropped
             return
         self.spoke, cycle = True, self.cycle
         super().data_received(data)
         if self.cycle is not cycle:  # a request's headers are whole: the body and the answer have their own clocks
-            self._cancel("_deadline")
+            self._cancel("deadline")
             # a lane drops its jobs once true. uvicorn types the scope a closed TypedDict; ASGI lets a server add keys
             self.cycle.scope[GONE] = partial(getattr, self.cycle, "disconnected")  # type: ignore[literal-required]
         if self.cycle is not None and not self.cycle.more_body and self.flow.read_paused:
@@ -162,16 +161,16 @@ class Edge(_Host):
         self.trusted = self.trusted or cycle.scope.get("lmlab", {}).get("trusted", False)  # type: ignore[attr-defined]
         super().on_response_complete()  # arms uvicorn's keep-alive timer (idle_timeout), or starts a pipelined one
         if self.cycle is cycle and not self.transport.is_closing():  # bytes that trickle in later need whole
-            self._expect_headers(self.limits.idle_timeout + self.limits.header_timeout)  # headers in time too
+            headers_due = self.limits.idle_timeout + self.limits.header_timeout  # headers in time too
+            self._arm("deadline", headers_due, self._headers_late)
 
     def pause_writing(self) -> None:  # the client stopped reading: its answer may wait idle_timeout at most
         super().pause_writing()
-        self._cancel("_stalled")
-        self._stalled = self.loop.call_later(self.limits.idle_timeout, self._reader_stalled)
+        self._arm("stalled", self.limits.idle_timeout, self._reader_stalled)
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._cancel("_stalled")
+        self._cancel("stalled")
 
     def _reader_stalled(self) -> None:
         self.log(f"- - {client_name(self)}: the client read nothing for {self.limits.idle_timeout:g} s "
@@ -179,8 +178,8 @@ class Edge(_Host):
         self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel("_deadline")
-        self._cancel("_stalled")
+        for timer in self.timers.values():
+            timer.cancel()
         super().connection_lost(exc)
 
 

@@ -7,8 +7,9 @@ whose client has gone is dropped (`Left`)."""
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import ctypes
-import heapq
 import itertools
 import threading
 from collections import Counter
@@ -62,19 +63,17 @@ class _Job:
 
     def settle(self, setter: str, value: Any) -> None:
         """Resolve the future on its loop (from any thread); not when its request was cancelled meanwhile."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
             self.future.get_loop().call_soon_threadsafe(_settle, self.future, getattr(self.future, setter), value)
-        except RuntimeError:  # the loop closed: the server is shutting down
-            pass
 
 
 class Lane:
-    """`threads` daemon threads running jobs fairly between clients; at most `max_waiting` wait."""
+    """`threads` daemon threads running jobs fairly between clients; at most MAX_WAITING wait."""
 
-    def __init__(self, name: str, threads: int, max_waiting: int = MAX_WAITING):
-        self.name, self.max_waiting, self.threads = name, max_waiting, threads
+    def __init__(self, name: str, threads: int):
+        self.name, self.threads = name, threads
         self.per_client = max(1, threads - 1)  # jobs one client may run at once: never every thread
-        self.waiting: dict[str, list[tuple[int, int, _Job]]] = {}  # by client, a heap of (cost, order, job)
+        self.waiting: dict[str, list[tuple[int, int, _Job]]] = {}  # by client, (cost, order, job) in order
         self.count = 0  # jobs waiting
         self.running: Counter[str] = Counter()
         self.large = 0  # large jobs running
@@ -89,9 +88,9 @@ class Lane:
         job = _Job(client, cost, next(self.order), lambda: fn(*args), asyncio.get_running_loop().create_future())
         with self.wake:
             self._drop_abandoned()
-            if self.count >= self.max_waiting:
+            if self.count >= MAX_WAITING:
                 self._make_room(client.name)
-            heapq.heappush(self.waiting.setdefault(client.name, []), (cost, job.order, job))
+            bisect.insort(self.waiting.setdefault(client.name, []), (cost, job.order, job))
             self.count += 1
             self.wake.notify()
         return await job.future
@@ -107,38 +106,36 @@ class Lane:
         most = max(self.waiting, key=lambda c: len(self.waiting[c]), default=name)
         if len(self.waiting.get(most, ())) <= mine + 1:
             raise Busy(self.count, mine)
-        heap = self.waiting[most]
-        newest = max(range(len(heap)), key=lambda i: heap[i][1])
-        job = heap.pop(newest)[2]
-        heapq.heapify(heap)
+        jobs = self.waiting[most]
+        newest = max(range(len(jobs)), key=lambda i: jobs[i][1])
+        job = jobs.pop(newest)[2]
         self.count -= 1
-        job.settle("set_exception", Busy(self.count + 1, len(heap) + 1))
+        job.settle("set_exception", Busy(self.count + 1, len(jobs) + 1))
 
     def _drop_abandoned(self) -> None:
         """Drop the waiting jobs whose client went away, or whose request was cancelled."""
-        for name, heap in list(self.waiting.items()):
-            kept = [entry for entry in heap if not (entry[2].future.done() or entry[2].client.gone())]
-            for _, _, job in heap:
+        for name, jobs in list(self.waiting.items()):
+            for _, _, job in jobs:
                 if job.client.gone() and not job.future.done():
                     job.settle("set_exception", Left())
-            if len(kept) != len(heap):
-                self.count -= len(heap) - len(kept)
-                heapq.heapify(kept)
+            kept = [entry for entry in jobs if not (entry[2].future.done() or entry[2].client.gone())]
+            self.count -= len(jobs) - len(kept)
+            if kept:
                 self.waiting[name] = kept
-            if not kept:
+            else:
                 del self.waiting[name]
 
     def _next(self) -> _Job | None:
         """The cheapest job of the client running fewest (then waiting longest) that may run one more, large ones only
         while another thread stays free; None when none may."""
         self._drop_abandoned()
-        choices = [(self.running[name], heap[0][1], name) for name, heap in self.waiting.items()
+        choices = [(self.running[name], jobs[0][1], name) for name, jobs in self.waiting.items()
                    if self.running[name] < self.per_client
-                   and (heap[0][0] < LARGE or self.large < max(1, self.threads - 1))]
+                   and (jobs[0][0] < LARGE or self.large < max(1, self.threads - 1))]
         if not choices:
             return None
         name = min(choices)[2]
-        job = heapq.heappop(self.waiting[name])[2]
+        job = self.waiting[name].pop(0)[2]
         if not self.waiting[name]:
             del self.waiting[name]
         self.count -= 1
@@ -178,10 +175,8 @@ def _settle(future: asyncio.Future, setter: Callable[[Any], None], value: Any) -
 
 def give_back_memory() -> None:
     """Return the free pages of the C heap to the system (glibc's malloc_trim; elsewhere nothing)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Lanes:

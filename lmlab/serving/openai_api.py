@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import reprlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
@@ -38,13 +38,19 @@ class ApiError(Exception):
     """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+                 kind: str = "invalid_request_error", headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> Any:
+        """The error as a JSON response: what a route answers, and an ASGI app that middleware sends."""
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self.body(), self.status, self.headers)
 
 
 SAMPLING = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed")
@@ -94,8 +100,8 @@ class Scalar:
     number's range. The server checks a body by it (`field`) and /openapi.json publishes it (lmlab.serving.schema)."""
 
     kinds: tuple[type[bool | int | float], ...]
-    low: float | None = None
-    high: float | None = None
+    low: float = -math.inf
+    high: float = math.inf
 
 
 FLAG = Scalar((bool,))
@@ -128,9 +134,9 @@ def field(body: dict[str, Any], name: str, rule: Scalar, default: Any) -> Any:
                        name)
     if isinstance(value, float) and not math.isfinite(value):
         raise ApiError(400, f"`{name}` is {value}; it must be a finite number.", name)
-    low, high = rule.low, rule.high
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {low} and {high}.", name)
+    if not rule.low <= value <= rule.high:
+        raise ApiError(400, f"`{name}` is {shown(value)}; it must be between {rule.low} and {rule.high}.",
+                       name)
     return value
 
 
@@ -284,13 +290,8 @@ def chat_logprobs(scores: list[TokenScore], piece: Callable[[int], str]) -> dict
 def within_text(scores: list[TokenScore], piece: Callable[[int], str], length: int) -> list[TokenScore]:
     """The generated tokens whose text is in a completion of `length` characters: not those of a stop string or of the
     end-of-text token that ended it."""
-    kept, at = [], 0
-    for s in scores:
-        if at >= length:
-            break
-        kept.append(s)
-        at += len(piece(s.token))
-    return kept
+    starts = accumulate((len(piece(s.token)) for s in scores), initial=0)  # where each token's text starts
+    return [s for s, start in zip(scores, starts) if start < length]
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -90,9 +90,10 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def check_model(body: dict[str, Any], names: list[str]) -> None:
-    if body.get("model") not in (None, *names):
-        raise ApiError(404, f"model {shown(body.get('model'))} is not served here; use {names[0]!r}.", "model",
+def check_model(model: Any, names: list[str]) -> None:
+    """A 404 unless `model` (a body's, or a route's {model_id}) is one of `names`, or not given."""
+    if model not in (None, *names):
+        raise ApiError(404, f"model {shown(model)} is not served here; use {names[0]!r}.", "model",
                        "model_not_found")
 
 
@@ -108,7 +109,7 @@ def read_request(names: list[str], raw: bytes, chat: bool) -> Body:
     """A completion or chat body: JSON, the fields this endpoint takes, the model, a chat's messages."""
     body = json_object(raw)
     check_fields(body, "chat" if chat else "completions")
-    check_model(body, names)
+    check_model(body.get("model"), names)
     return Body(body, chat_messages(body.get("messages")) if chat else None)
 
 
@@ -191,10 +192,10 @@ def vllm_body(names: list[str], raw: bytes, taken: tuple[str, ...], takes: str) 
     """A body of vLLM's routes: a JSON object of the fields `taken` (a 400 naming another, saying the route `takes`),
     for a model served here."""
     body = json_object(raw)
-    unknown = next((name for name in body if name not in taken), None)
+    unknown = next((key_name(name) for name in body if name not in taken), None)
     if unknown is not None:
-        raise ApiError(400, f"unknown field `{key_name(unknown)}`; {takes}.", unknown, "unknown_field")
-    check_model(body, names)
+        raise ApiError(400, f"unknown field `{unknown}`; {takes}.", unknown, "unknown_field")
+    check_model(body.get("model"), names)
     return body
 
 

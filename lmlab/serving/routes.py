@@ -16,6 +16,7 @@ from lmlab.serving.lanes import Busy, Lane, Left, client_of
 from lmlab.serving.metrics import CONTENT_TYPE
 from lmlab.serving.openai_api import ApiError, head, model_object, response
 from lmlab.serving.requests import (
+    check_model,
     detokenize_request,
     parse_request,
     read_request,
@@ -83,28 +84,26 @@ def label(path: str) -> str:
 def add_error_handlers(app: Any) -> None:
     """Every error as OpenAI's error body: ours (ApiError), a route or method that does not exist, and a bug."""
     from fastapi import Request as HttpRequest
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import Response
     from starlette.exceptions import HTTPException
 
     @app.exception_handler(ApiError)
-    async def api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    async def api_error(_: HttpRequest, err: ApiError) -> Response:
+        return err.response()
 
     @app.exception_handler(HTTPException)
-    async def no_route(http: HttpRequest, err: HTTPException) -> JSONResponse:
-        where = f"{http.method} {http.url.path}"
+    async def no_route(http: HttpRequest, err: HTTPException) -> Response:
+        where, headers = f"{http.method} {http.url.path}", err.headers or {}
         if err.status_code == 405:
-            error = ApiError(405, f"{where} is not allowed; this route takes {(err.headers or {}).get('Allow')}.",
-                             code="method_not_allowed")
-        else:
-            error = ApiError(err.status_code, f"no route {where}; lmlab serve answers {answered()}.",
-                             code="not_found")
-        return JSONResponse(error.body(), status_code=error.status, headers=err.headers)
+            return ApiError(405, f"{where} is not allowed; this route takes {headers.get('Allow')}.",
+                            code="method_not_allowed", headers=headers).response()
+        return ApiError(err.status_code, f"no route {where}; lmlab serve answers {answered()}.",
+                        code="not_found", headers=headers).response()
 
     @app.exception_handler(Exception)
-    async def server_error(_: HttpRequest, err: Exception) -> JSONResponse:
+    async def server_error(_: HttpRequest, err: Exception) -> Response:
         # A bug of ours still answers in OpenAI's shape, and the server keeps running.
-        return JSONResponse(ApiError(500, f"internal error: {err!r}", kind="server_error").body(), status_code=500)
+        return ApiError(500, f"internal error: {err!r}", kind="server_error").response()
 
 
 def add_status_routes(app: Any, state: State) -> None:
@@ -135,9 +134,7 @@ def add_status_routes(app: Any, state: State) -> None:
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict[str, Any]:
-        if model_id not in state.names:
-            raise ApiError(404, f"model {model_id!r} is not served here; use {state.name!r}.", "model",
-                           "model_not_found")
+        check_model(model_id, state.names)
         return model_object(model_id, state.loaded.created, state.loaded.context)
 
 

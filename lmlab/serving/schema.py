@@ -7,6 +7,7 @@ char tokenizer cannot read once normalised; a conversation a chat template refus
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lmlab.core.config import STOP_CHARS
@@ -44,12 +45,9 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
 def published(rule: Scalar) -> dict[str, Any]:
     """A field of `openai_api.scalars` as JSON Schema: what `openai_api.field` checks it for, or null."""
     kind = {(bool,): "boolean", (int,): "integer", (int, float): "number"}[rule.kinds]
-    bounds = {key: bound for key, bound in (("minimum", rule.low), ("maximum", rule.high)) if bound is not None}
+    bounds = {key: bound for key, bound in (("minimum", rule.low), ("maximum", rule.high))
+              if math.isfinite(bound)}
     return nullable({"type": kind, **bounds})
-
-
-def integer(low: int, high: int) -> dict[str, Any]:
-    return published(Scalar((int,), low, high))
 
 
 def text(served: Served, most: int | None = None) -> dict[str, Any]:
@@ -117,7 +115,8 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
     # k prompts of n choices each are k * n rows of the batch.
     batch = [{"if": {"required": ["prompt"], "properties": {"prompt": {"type": "array", "minItems": k,
                                                                       "items": {"not": {"type": "integer"}}}}},
-              "then": {"properties": {"n": integer(1, served.max_batch // k)}}} for k in range(2, served.max_batch + 1)]
+              "then": {"properties": {"n": published(Scalar((int,), 1, served.max_batch // k))}}}
+             for k in range(2, served.max_batch + 1)]
     return body(fields, FIELDS["completions"], rules(False) + batch)
 
 
@@ -196,13 +195,12 @@ def describe(document: dict[str, Any], served: Served, names: list[str], keyed: 
 
 def add_openapi(app: Any, state: Any) -> None:
     """Make FastAPI's /openapi.json describe the bodies and statuses (`describe`) once the run is loaded."""
-    generate, described = app.openapi, dict[str, dict[str, Any]]()
+    generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        document = generate()  # FastAPI's, kept until its routes change
-        if state.served is not None and described.get("document") is not document:
+        document = generate()  # FastAPI's, kept until its routes change: described again (the same) each time
+        if state.served is not None:
             describe(document, state.served, state.names, state.api_key is not None)
-            described["document"] = document
         return document
 
     app.openapi = openapi

@@ -172,7 +172,7 @@ class Startup:
             return None
         started = self._phase("loading the kept compiled step")
         try:
-            step = self._use(path)
+            step, digest = self._use(path)
         except StepRefused as err:
             self.state.log(f"lmlab serve: {err}; compiling it again")
             return None
@@ -180,15 +180,15 @@ class Startup:
             self.state.log(f"lmlab serve: the kept compiled step {path} did not load ({err!r}); compiling it again")
             path.unlink(missing_ok=True)
             return None
-        assert self.state.compiled is not None, "_use says which compiled step it loaded"
-        self._log(f"loaded the kept compiled step {path} (sha256 {self.state.compiled['sha256'][:16]}...)", started)
+        self._log(f"loaded the kept compiled step {path} (sha256 {digest[:16]}...)", started)
         return self._batch(run, run.dtype, step)
 
-    def _use(self, path: Path) -> Step:
+    def _use(self, path: Path) -> tuple[Step, str]:
+        """The compiled step kept at `path`, and its sha256 (checked as loaded), said in /health."""
         step, digest = load_kept(path)
         self.state.decode_step, self.state.compiled = self.choice.kind, {"file": str(path), "sha256": digest}
         self.state.decode_why = self.choice.why
-        return step
+        return step, digest
 
     def _compile(self, run: LoadedRun, folder: Path) -> None:
         """Build the compiled step in a process of its own, then switch the batcher to it."""
@@ -210,7 +210,7 @@ class Startup:
             return
         path = Path(out.strip().splitlines()[-1])
         try:
-            step = self._use(path)
+            step, _ = self._use(path)
         except StepRefused as err:
             self._eager(str(err))
             return

@@ -77,11 +77,11 @@ class State:
     failure: str | None = None  # why loading failed: the server stops, and the command says it
     relay: Relay | None = None
     metrics: Metrics = field(init=False)
-    lanes: Lanes = field(init=False)  # where requests' CPU work runs, bounded (lmlab.serving.lanes)
+    # where requests' CPU work runs, bounded (lmlab.serving.lanes)
+    lanes: Lanes = field(init=False, default_factory=Lanes)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.live)
-        self.lanes = Lanes()
 
     @property
     def name(self) -> str:

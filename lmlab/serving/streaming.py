@@ -6,6 +6,7 @@ little per token: what it costs per token is what a streaming client loses of th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -43,10 +44,8 @@ class Relay:
         self.pending.append((news, at))
         if not self.scheduled:
             self.scheduled = True
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
                 self.loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop closed: the server is shutting down
-                pass
 
     def _drain(self) -> None:
         self.scheduled = False  # before taking: a step published from here on schedules a wake-up of its own

@@ -84,14 +84,13 @@ class Timing:
                    int(kept["checkpoint_bytes"]), float(kept["cost"]), attention, how=READ_BACK)
 
 
-def time_config(cfg: RunConfig, machine: Machine, deadline: float = math.inf, before: Timing | None = None) -> Timing:
+def time_config(cfg: RunConfig, machine: Machine, deadline: float = math.inf) -> Timing:
     """`cfg` timed on a model of its own (a size no run built yet: `--size auto`, `lmlab plan`, a miniseries) on
-    `machine`; kept in the machine cache (`keep`), or `before` (its timing before, timed again now) where that was
-    the faster, so the run of that size, and a sized run's `recall_config`, read the faster back."""
-    train = dataclasses.replace(cfg.train, compile=False)
-    step = TrainStep(build_model(cfg.model).to(machine.device), train, machine)
+    `machine`; kept in the machine cache (`keep`), so the run of that size, and a sized run's `recall_config`, read
+    it back."""
+    step = TrainStep(build_model(cfg.model).to(machine.device), dataclasses.replace(cfg.train, compile=False), machine)
     timing = time_step(step, cfg, deadline)
-    keep(machine, cfg, before if before is not None and before.step <= timing.step else timing)
+    keep(machine, cfg, timing)
     return timing
 
 

@@ -21,6 +21,7 @@ from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config, parse_override
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, plain_name
+from lmlab.core.jsontext import parse_json
 from lmlab.experiments.sizing import check_shape_kept, parse_size, sized_run
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
@@ -110,7 +111,7 @@ def _record(sweep_dir: Path, config: Path, sets: list[str], budget_tokens: int, 
 def keep_record(path: Path, record: dict, refusal: str) -> None:
     """Write `record`, what a folder of runs is (a sweep, a miniseries), as `path`; refused in `refusal` where the
     folder holds another: runs of another record would not belong with them."""
-    if path.exists() and json.loads(path.read_text()) != record:
+    if path.exists() and parse_json(path.read_text()) != record:
         raise UserError(refusal)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2))

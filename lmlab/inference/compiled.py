@@ -30,6 +30,7 @@ from lmlab.core.config import ModelConfig
 from lmlab.core.device import autocast, machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
+from lmlab.core.jsontext import parse_json
 from lmlab.core.threads import most_threads
 from lmlab.core.version import __version__
 from lmlab.inference.decode import Step
@@ -157,7 +158,7 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
 
 def weights_sha256(folder: Path) -> str:
     """The sha256 of a step folder's model.safetensors: as its state.json records it, or read."""
-    recorded = (json.loads((folder / "state.json").read_text()).get("files") or {}).get("model.safetensors")
+    recorded = (parse_json((folder / "state.json").read_text()).get("files") or {}).get("model.safetensors")
     return recorded or sha256_file(folder / "model.safetensors")
 
 

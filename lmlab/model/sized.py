@@ -24,6 +24,7 @@ from lmlab.core.plugin_kinds import BUILT_IN_KINDS
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 from lmlab.core.fileio import WriteError, atomic_write_text
+from lmlab.core.jsontext import parse_json
 
 FORMAT = 1
 T = TypeVar("T", bound="DataclassInstance")  # what `kind` makes, from the fields asdict keeps
@@ -67,7 +68,7 @@ def remembered(what: str, config: ModelConfig, extra: tuple, measure: Callable[[
 
 def _read() -> dict[str, Any]:
     try:
-        kept = json.loads(cache_file().read_text(encoding="utf-8"))
+        kept = parse_json(cache_file().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return kept.get("entries", {}) if isinstance(kept, dict) and kept.get("format") == FORMAT else {}

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, load_model, save_file
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, fsync, human_bytes, sha256_file, writing
+from lmlab.core.jsontext import parse_json
 
 STEP_FOLDER = re.compile(r"step_\d{6,}")  # what a pointer may name: a step folder of the same run
 
@@ -157,7 +158,7 @@ def to_prune(root: Path, keep: int, pinned: AbstractSet[str] = frozenset(), comi
 def load_state(folder: Path) -> dict[str, Any]:
     """Read state.json and verify the tensor files against their stored checksums."""
     try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = parse_json((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         state = None
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict):

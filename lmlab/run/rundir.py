@@ -19,6 +19,7 @@ from lmlab.core.config_toml import load_config, to_toml
 from lmlab.core.device import configure, machine, resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, sha256_file
+from lmlab.core.jsontext import parse_json
 from lmlab.core.peak import Peak, choose_dtype
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
@@ -276,7 +277,7 @@ class RunDir:
 
     def dataset(self) -> dict[str, Any]:
         try:
-            return json.loads((self.path / "dataset.json").read_text(encoding="utf-8"))
+            return parse_json((self.path / "dataset.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return {}
 
@@ -300,7 +301,7 @@ class RunDir:
         if not path.exists():
             return None
         try:
-            return PromptFormat(**json.loads(path.read_text(encoding="utf-8")))
+            return PromptFormat(**parse_json(path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, TypeError):
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
@@ -339,7 +340,7 @@ class RunDir:
     def weights_sha256(self, which: str = "best") -> str | None:
         """A checkpoint's model.safetensors sha256 from its state.json (None if missing): what evaluations key."""
         try:
-            state = json.loads((self.checkpoint(self._best_or_latest(which)) / "state.json").read_text("utf-8"))
+            state = parse_json((self.checkpoint(self._best_or_latest(which)) / "state.json").read_text("utf-8"))
             return state["files"]["model.safetensors"]
         except (UserError, OSError, ValueError, KeyError, TypeError):
             return None

@@ -24,6 +24,7 @@ from lmlab.core.config import FinetuneConfig, RunConfig
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
+from lmlab.core.jsontext import parse_json
 from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel
@@ -174,7 +175,7 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
         run.check_new()  # says what the run is and where to go instead
     theirs = run.events(limit=1)[0].get("origin") or {}
     # Before the fine-tune trained through the Trainer, its checkpoints held a `position` the Trainer cannot read.
-    saved = json.loads((run.checkpoint("latest") / "state.json").read_text()).get("training") or {}
+    saved = parse_json((run.checkpoint("latest") / "state.json").read_text()).get("training") or {}
     if "base" not in theirs or "position" in saved:
         raise UserError(f"{run.path} holds an unfinished fine-tune written by an earlier version of lmlab, whose "
                         "fine-tunes cannot be continued; choose a new --out.")

@@ -80,8 +80,8 @@ def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
     run = RunDir(path)
     unfinished = run.unfinished()
     if unfinished:
-        print(f"note: {path} is {unfinished}, not a finished result; finish it with: {run.resume_command()}",
-              file=sys.stderr)
+        then = "wait for it to end" if run.running() else f"finish it with: {run.resume_command()}"
+        print(f"note: {path} is {unfinished}, not a finished result; {then}", file=sys.stderr)
 
 
 def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int, compile: bool,

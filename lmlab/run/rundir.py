@@ -131,8 +131,13 @@ class RunDir:
                          shlex.quote(str(self.path)), *settings])
 
     def unfinished(self) -> str | None:
-        """How a fine-tune that has not reached its end stands (running, stopped, killed); else None."""
-        if self.kind() != "fine-tuned":
+        """How a fine-tune that has not reached its end stands (running, stopped, killed), or a training run being
+        trained now; else None."""
+        kind = self.kind()
+        if kind == "trained" and self.running():
+            folders = self.step_folders()
+            return f"a training run being trained now ({folders[-1].name if folders else 'no checkpoint'} its newest)"
+        if kind != "fine-tuned":
             return None
         events = self.events()
         if events and events[-1].get("event") == "end" and not events[-1].get("stopped_by"):
@@ -192,11 +197,12 @@ class RunDir:
         })
 
     def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int,
-                peak: Peak | None = None) -> None:
-        """Log that training continues from a checkpoint, on what machine, with the peak MFU divides by."""
+                peak: Peak | None = None, changed: dict[str, list[Any]] | None = None) -> None:
+        """Log that training continues from a checkpoint, on what machine, with the peak MFU divides by, and the
+        settings it changed (`changed`: {"train.batch_size": [old, new]}), in force from `step`."""
         self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device),
-                  **peak_fields(peak, world_size)})
+                  **peak_fields(peak, world_size), **({"changed": changed} if changed else {})})
         self._resume_points = None
 
     def log(self, event: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.core.config import FinetuneConfig, RunConfig
+from lmlab.core.config import FinetuneConfig, RunConfig, TrainConfig
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
@@ -202,7 +202,8 @@ def _finetune_config(base: RunConfig, ft: FinetuneConfig, steps_per_epoch: int) 
     early stop; uncompiled, as the padded batches change length from step to step."""
     total = ft.epochs * steps_per_epoch
     train = dataclasses.replace(base.train, learning_rate=ft.learning_rate, min_lr=ft.learning_rate / 10,
-                                schedule="cosine", warmup_iters=total // 20, warmup_epochs=0.0, max_iters=total,
+                                schedule="cosine", decay_fraction=TrainConfig.decay_fraction,
+                                warmup_iters=total // 20, warmup_epochs=0.0, max_iters=total,
                                 lr_decay_iters=0, batch_size=ft.batch_size, grad_accum_steps=1, seed=ft.seed,
                                 compile=False, attention=ft.attention, threads=ft.threads,
                                 eval_interval=steps_per_epoch, checkpoint_interval=ft.checkpoint_interval,
@@ -269,6 +270,9 @@ class Finetuner(Trainer):
         if base.checkpoint != "best":
             self.console.print(f"note: {self.base_dir} has no best checkpoint (it was never evaluated); fine-tuning "
                                f"its latest (step {base.step})")
+        if unfinished := base.run.unfinished():
+            self.console.print(f"note: {self.base_dir} is {unfinished}, not a finished result; fine-tuning its "
+                               f"{base.checkpoint} checkpoint (step {base.step}) as it stands", highlight=False)
         self.run_dir.begin("fine-tuned", self.model, self.cfg, base.run.dataset(), init_from=str(self.base_dir),
                            device=self.device, dtype=self.dtype, origin=self.origin)
         self.epochs.base_val_loss = self._held_out().loss

@@ -18,6 +18,7 @@ from rich.progress import TaskID
 from lmlab.analysis.plots import LOSS_EVENTS, plot_losses
 from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.config import RunConfig
+from lmlab.core.config_toml import toml_value
 from lmlab.core.device import configure
 from lmlab.core.errors import PeerLost
 from lmlab.core.humanize import format_duration
@@ -87,8 +88,8 @@ class Trainer(Reports):
         with self._unlocked_on_failure():
             if job.is_main:
                 self._held.enter_context(self.run_dir.locked())
+            self.changed = check_resumable(self.run_dir, cfg) if resume else {}  # what --set changes, said at resume
             if resume:  # it goes on by the micro-batch it trained by, in config.toml (older runs': as written)
-                check_resumable(self.run_dir, cfg.data.dataset)
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch="set"))
             chosen = self._build(cfg, device, console, init_from)
             resume = resume or self._restarted()
@@ -266,10 +267,13 @@ class Trainer(Reports):
             self.console.print(line, highlight=False)
         if self.parallel.is_main:
             self.run_dir.truncate_after(step)
-            self.run_dir.resumed(step, folder.name, self.device, self.dtype, self.parallel.world_size, self.peak)
+            self.run_dir.resumed(step, folder.name, self.device, self.dtype, self.parallel.world_size, self.peak,
+                                 self.changed)
             self.checkpointer.say_retention(self.schedule.last_step)
         took = f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)  # checked and loaded
-        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}) in {took}.")
+        changed = ", ".join(f"{key} {toml_value(was)} -> {toml_value(now)}" for key, (was, now) in self.changed.items())
+        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}) in {took}"
+                           f"{'; from here ' * bool(changed)}{changed}.", highlight=False)
 
     def _lost(self, err: BaseException) -> PeerLost | None:
         said = self.parallel.lost(err) if hasattr(self, "parallel") else None
@@ -308,6 +312,8 @@ class Trainer(Reports):
         self.clock.start()
         if self.budget.live:
             self.console.print(self.budget.describe(self.cfg.train), highlight=False)
+        elif unreached := schedule.unreached(p.step):
+            self.console.print(f"note: {unreached}", style="yellow", highlight=False)
         with self._stop as stop:
             with progress_bar(self.console) as bar:
                 task = TaskID(bar.add_task("train", total=schedule.last_step, completed=p.step, info=""))

@@ -94,7 +94,7 @@ def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_it_is_token
 def test_an_instruction_longer_than_the_context_is_cut_before_it_is_tokenized(capsys, imported_gpt2):
     """Put in a prompt format, the end is what the model answers from: the left of it goes, unread."""
     assert main(["sample", str(imported_gpt2), "--instruction", "Say hi. " * 300_000, "--max-new-tokens", "2"]) == 0
-    assert not besides_load_notes(capsys.readouterr().err)
+    assert besides_load_notes(capsys.readouterr().err).startswith("generated ")  # its speed line alone
 
 
 def test_names_with_a_space_are_refused_and_a_corpus_name_with_one_is_dashed(capsys, tmp_path, tiny_run, corpus_dir):

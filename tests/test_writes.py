@@ -238,7 +238,7 @@ def test_a_cache_folder_that_cannot_be_written_stops_nothing(tmp_path, tiny_run)
     assert f"note: the peak cache {cache}/lmlab/peak_flops.json cannot be written (Permission denied)" in said
     assert "Matplotlib" not in trained.stderr and "Traceback" not in trained.stderr
     assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
-    assert not besides_load_notes(sampled.stderr), sampled.stderr
+    assert besides_load_notes(sampled.stderr).startswith("generated "), sampled.stderr  # its speed line alone
     assert served.returncode == 0 and served.stdout.split() == ["3", "0"], served.stdout + served.stderr
     said = compiler.stderr.strip().splitlines()  # at once: the compiler never started
     assert compiler.returncode == 1 and len(said) == 1

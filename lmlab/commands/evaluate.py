@@ -138,7 +138,7 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
         for i, (text, drawn) in enumerate(zip(texts, seeded(params, len(texts)))):
             print(f"--- sample {i + 1} of {len(texts)} (seed {drawn.seed})")
             print(text)
-        return
+        return _say_speed(run.decoded)
     if args.chat is not None:
         pieces = run.chat(args.chat, system=args.system, stream=True, **how)
     elif args.instruction is not None:
@@ -149,6 +149,15 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     print()
+    _say_speed(run.decoded)
+
+
+def _say_speed(decoded: tuple[int, float] | None) -> None:
+    """The tokens generated and their rate, on stderr: stdout is the text."""
+    if decoded:
+        tokens, seconds = decoded
+        print(f"generated {tokens:,} tokens in {seconds:.2f} s (the prompt read first): "
+              f"{tokens / max(seconds, 1e-9):,.1f} tok/s", file=sys.stderr)
 
 
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:

@@ -197,4 +197,5 @@ def attach(summary: JudgeSummary, answers: Path) -> str:
     if not (run.path / "config.toml").exists():
         return f"not kept in a run: {run.path}, which answered, is not on this machine"
     run.save_judgement(summary.judgement(answers))
-    return str(run.path)
+    # Named as a user names it here: the answers file holds its absolute path, for a judge run from anywhere.
+    return os.path.relpath(run.path) if run.path.is_relative_to(Path.cwd()) else str(run.path)

@@ -84,6 +84,10 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
     assert json.loads((run / "prompt.json").read_text())["end"] == EOT
     assert (run / "loss.png").exists() and (run / "config.toml").exists()
     assert RunDir(run).tokenizer().vocab == RunDir(imported_gpt2).tokenizer().vocab
+    # Every epoch has its train lines, so `log --wide` gives each its grad norm (an epoch of 9 steps under the base's
+    # log_interval of 10 had none).
+    logged = subprocess.run([LMLAB, "log", run, "--json"], capture_output=True, text=True, timeout=120)
+    assert [row["grad_norm"] is not None for row in json.loads(logged.stdout)["evaluations"]] == [True, True]
 
     answer = subprocess.run([LMLAB, "sample", run, "--instruction", "Repeat the word twice.", "--input", "moon",
                              "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"],

@@ -199,7 +199,8 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
 def _finetune_config(base: RunConfig, ft: FinetuneConfig, steps_per_epoch: int) -> RunConfig:
     """The base run's config with the [train] the fine-tune trains by: a warmup of 5% of the steps, then a cosine to a
     tenth of the peak over the whole fine-tune; an evaluation of the held-out records at each epoch's end, never an
-    early stop; uncompiled, as the padded batches change length from step to step."""
+    early stop, with a train line (its grad norm) in every epoch; uncompiled, as the padded batches change length
+    from step to step."""
     total = ft.epochs * steps_per_epoch
     train = dataclasses.replace(base.train, learning_rate=ft.learning_rate, min_lr=ft.learning_rate / 10,
                                 schedule="cosine", decay_fraction=TrainConfig.decay_fraction,
@@ -207,6 +208,7 @@ def _finetune_config(base: RunConfig, ft: FinetuneConfig, steps_per_epoch: int) 
                                 lr_decay_iters=0, batch_size=ft.batch_size, grad_accum_steps=1, seed=ft.seed,
                                 compile=False, attention=ft.attention, threads=ft.threads,
                                 eval_interval=steps_per_epoch, checkpoint_interval=ft.checkpoint_interval,
+                                log_interval=min(base.train.log_interval, steps_per_epoch),
                                 patience=0, budget_seconds=0.0, tracker="none")
     return dataclasses.replace(base, train=train, finetune=ft)
 

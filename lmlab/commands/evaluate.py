@@ -231,7 +231,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling(p, several=True)
     p.add_argument("--num-samples", type=count(), default=1,
                    help="continuations drawn in one batch, the i-th with seed SEED + i")
-    add_compile(p, default=False, why="pays off for thousands of tokens")
+    add_compile(p, default=False, why="built once for a checkpoint, a minute or more, and kept on disk for the next "
+                "calls; pays off for thousands of tokens")
     add_checkpoint(p)
     p.add_argument("--instruction", help="ask in the run's own format (an imported instruct model's chat template; "
                    "Alpaca unless fine-tuned otherwise) and print the answer alone")

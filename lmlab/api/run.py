@@ -56,7 +56,8 @@ class Run:
     is no run is refused at once. `model`, `sample` and `eval` load a checkpoint the first time and keep it until its
     weights change on disk. `console` is where progress and messages go. `result`, on a Run that `lmlab.train` returned,
     is how that training ended (`steps`, `best_val_loss`, `best_step`, `stopped_by`, `stopped_early`, `budget_spent`,
-    `final`: its final score, the `final` event), else None."""
+    `final`: its final score, the `final` event), else None. `decoded` is (tokens, seconds) of the newest text that
+    `sample`, `samples`, `chat` or `instruct` generated, its prompt's reading included."""
 
     @checked(path="path", console="console?")
     def __init__(self, path: str | Path, console: Console | None = None):
@@ -67,9 +68,7 @@ class Run:
         self.result: TrainResult | None = None  # what `lmlab.train` returned it with: steps, best, how it stopped
         self._loaded: dict[tuple[str, str, str], LoadedRun] = {}
         self._choosers: dict[tuple[str, str, str], ThreadChooser] = {}  # the threads of each loaded run's work
-        # The tokens the newest sample, samples, chat or instruct call generated, and the seconds that took (its
-        # prompt's prefill included, the decode step's build not): what `lmlab sample` says its speed by.
-        self.decoded: tuple[int, float] | None = None
+        self.decoded: tuple[int, float] | None = None  # what `lmlab sample` says its speed by (the step's build not)
 
     @staticmethod
     @checked(folders="paths", console="console?")

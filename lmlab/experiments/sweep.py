@@ -155,8 +155,8 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         resume = bool(RunDir(trial.run_dir).step_folders())
         console.print(f"trial {i}/{len(trials)} {trial.name}: {'resuming' if resume else 'training'} "
                       f"({' '.join(trial.overrides)})")
-        if resume or size is None:  # a resumed trial keeps the shape it was sized to, kept in its run folder
-            cfg = RunDir(trial.run_dir).config() if resume and size is not None else trial.config
+        if resume or size is None:  # a resumed trial goes on by its config.toml: the shape it was sized to, say
+            cfg = RunDir(trial.run_dir).config() if resume else trial.config
             trainer = Trainer(cfg, trial.run_dir, device, resume=resume, console=console, started=started)
         else:
             cfg, sized = sized_run(Path(config), trial.config, size, started, device, console, window)

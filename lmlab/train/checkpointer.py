@@ -20,6 +20,7 @@ from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import BY_STEPS
 from lmlab.train.distributed import Parallel
+from lmlab.train.preflight import resolve_config
 from lmlab.train.state import TrainingState, upgrade_training
 from lmlab.train.stop import Writes
 
@@ -55,7 +56,7 @@ def check_resumable(run: RunDir, cfg: RunConfig) -> dict[str, list[Any]]:
         raise UserError(f"{run.path} was trained on {dataset}, which is not here (moved or deleted); continue it on "
                         f"the dataset where it is now with `lmlab train --resume {run.path} --set data.dataset=DIR`, "
                         "or put the dataset back.")
-    old, new = to_dict(run.config()), to_dict(cfg)
+    old, new = to_dict(run.config()), to_dict(resolve_config(cfg)[0])  # warmup_epochs as the steps config.toml keeps
     if new["train"]["micro_batch"] == "set":  # what every resume trains by (`Trainer`): no change asked
         old["train"]["micro_batch"] = "set"
     changed = {f"{section}.{k}": [v, new[section][k]] for section in ("data", "train")

@@ -39,9 +39,10 @@ PLANNED = ("max_iters", "eval_iters", "learning_rate", "min_lr", "schedule", "de
            "warmup_epochs")
 
 
-def check_resumable(run: RunDir, cfg: RunConfig) -> dict[str, list[Any]]:
+def check_resumable(run: RunDir, cfg: RunConfig) -> tuple[RunConfig, dict[str, list[Any]]]:
     """Only a trained run has a training state to continue, only on a dataset that is here, and only with settings it
-    can honour (`KEPT`, `PLANNED`); the [data] and [train] settings `cfg` changes, {"train.batch_size": [8, 16]}."""
+    can honour (`KEPT`, `PLANNED`); `cfg` going on by the micro-batch it trained by (in config.toml; older runs': as
+    written), and the [data] and [train] settings it changes, {"train.batch_size": [8, 16]}."""
     dataset = cfg.data.dataset
     kind = run.kind()
     if kind == "fine-tuned":
@@ -72,7 +73,13 @@ def check_resumable(run: RunDir, cfg: RunConfig) -> dict[str, list[Any]]:
             raise UserError(f"{run.path} resumes by the plan of its {budget:g} s budget, which fixed {key} "
                             f"({_shown(was)}), so {setting} cannot take effect; resume it by steps with it "
                             f"({BY_STEPS}: the LR goes on from where it stands), or without it.")
-    return changed
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch="set")), changed
+
+
+def from_here(changed: dict[str, list[Any]]) -> str:
+    """The settings a resume changed, as its line ends on them."""
+    said = ", ".join(f"{key} {toml_value(was)} -> {toml_value(now)}" for key, (was, now) in changed.items())
+    return f"; from here {said}" if said else ""
 
 
 def _shown(value: Any) -> str:

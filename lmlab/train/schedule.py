@@ -158,7 +158,7 @@ class Schedule:
         return f"schedule {how} from step {step}: lr {lr:.1e}{rising} -> {new.min_lr:.1e} at step {end}"
 
     def unreached(self, step: int) -> str | None:
-        """What of the schedule cannot take effect in the steps from `step` to the last, as a note's clause: a
+        """What of the schedule cannot take effect in the steps from `step` to the last, as a note: a
         decay_fraction of a kind that has none; by steps, a warmup as long as the run (the LR never reaches its peak,
         nor min_lr), a decay ending by the warmup's end (no step at the peak) or after the run (never min_lr).
         None where it all does (a budget's plan fits warmup and decay to its steps)."""
@@ -179,7 +179,7 @@ class Schedule:
             said.append(f"its last step trains at {end:.1e}, above min_lr ({t.min_lr:.1e})" +
                         (f": the decay ends at step {decay_end(t):,} (train.lr_decay_iters), after the run"
                          if decay_end(t) > last else ""))
-        return "; ".join(said) or None
+        return f"note: {'; '.join(said)}" if said else None
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the schedule its run followed (config.toml may be rewritten by a resume that did

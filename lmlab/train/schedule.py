@@ -154,7 +154,7 @@ class Schedule:
         if end <= step:
             return f"schedule {how} from step {step}: lr {lr:.1e}, min_lr since step {end}"
         rising = (f", rising to {new.learning_rate:.1e} by step {new.warmup_iters} (warmup), then"
-                  if self.decay is None and step < new.warmup_iters else "")
+                  if self.decay is None and step < new.warmup_iters < end else "")  # else `unreached` says it
         return f"schedule {how} from step {step}: lr {lr:.1e}{rising} -> {new.min_lr:.1e} at step {end}"
 
     def unreached(self, step: int) -> str | None:

@@ -124,7 +124,8 @@ def test_a_checkpoint_says_how_long_it_took_to_write_and_a_resume_how_long_its_l
     assert all(isinstance(e["seconds"], float) and e["seconds"] >= 0 for e in saves)
     assert main(["train", "--resume", str(run), "--set", "train.max_iters=30", "--device", "cpu"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert re.search(rf"Resumed {re.escape(str(run))} from step_000020 \(step 20\) in \d+\.\d\d s\.", out), out
+    assert re.search(rf"Resumed {re.escape(str(run))} from step_000020 \(step 20\) in \d+\.\d\d s; from here "
+                     r"train\.max_iters 20 -> 30\.", out), out
 
 
 @pytest.mark.slow

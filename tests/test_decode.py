@@ -336,3 +336,33 @@ def test_a_kept_compiled_step_is_keyed_by_the_threads_it_is_built_for_not_those_
     finally:
         torch.set_num_threads(before)
     assert len(keys) == 1 and step_key(config, "ab" * 32, 4, torch.float32, cpu, threads=3) not in keys
+
+
+@pytest.mark.slow
+def test_sample_compile_keeps_its_step_for_the_next_call_of_the_same_weights(tmp_path, tiny_run, capsys,
+                                                                              monkeypatch):
+    """`sample --compile` compiled its step on every call (a minute each): the first call now says it compiles and
+    keeps the package under the weights' key, the next calls load it and compile nothing; a package that is not the
+    one built there is deleted, said, and compiled again. The text is the same every time."""
+    from lmlab.inference.compiled import kept_steps
+    from tests.helpers import copy_run, run_cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = copy_run(tiny_run, tmp_path)
+    greedy = ["sample", run, "--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0", "--compile",
+              "--device", "cpu"]
+    texts, said = [], []
+    for damage in (False, False, True):
+        if damage:
+            package = next(kept_steps().glob("*.pt2"))
+            data = package.read_bytes()
+            package.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # a byte changed
+        code, out, err = run_cli(capsys, *greedy)
+        assert code == 0 and "note: decoding with compiled (AOTInductor" in err, err
+        texts.append(out)
+        said.append(err)
+        assert len(list(kept_steps().glob("*.pt2"))) == 1 and len(list(kept_steps().glob("*.sha256"))) == 1
+    compiling = f"note: compiling the decode step (a minute or more; kept in {kept_steps()} for the next calls)"
+    assert compiling in said[0] and "compiling" not in said[1]
+    assert "is not the one built there" in said[2] and "deleted; compiling it again" in said[2] and compiling in said[2]
+    assert texts[0] == texts[1] == texts[2] and texts[0].startswith("ROMEO:")

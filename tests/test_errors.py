@@ -94,7 +94,7 @@ def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_it_is_token
 def test_an_instruction_longer_than_the_context_is_cut_before_it_is_tokenized(capsys, imported_gpt2):
     """Put in a prompt format, the end is what the model answers from: the left of it goes, unread."""
     assert main(["sample", str(imported_gpt2), "--instruction", "Say hi. " * 300_000, "--max-new-tokens", "2"]) == 0
-    assert not besides_load_notes(capsys.readouterr().err)
+    assert besides_load_notes(capsys.readouterr().err).startswith("generated ")  # its speed line alone
 
 
 def test_names_with_a_space_are_refused_and_a_corpus_name_with_one_is_dashed(capsys, tmp_path, tiny_run, corpus_dir):
@@ -199,3 +199,34 @@ def test_a_refusal_under_torchrun_is_said_once_by_rank_0(tmp_path, char_dataset)
 def test_an_instruction_to_a_char_run_blames_the_prompt_format(capsys, trained):
     refused(capsys, "sample", trained, "--instruction", "Say love", needles=("alpaca prompt format", "--prompt"))
     refused(capsys, "sample", trained, "--instruction", "Zzz", needles=("the instruction contains", "'Zz'"))
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON that Python's parser, recursing once a level, cannot read
+HUGE = "[" + "9" * 5_000 + "]"  # an integer of more digits than Python reads
+NOT_UTF8 = "\udcff[]"  # written with surrogateescape: the byte 0xff
+
+
+@pytest.mark.parametrize("bad", [DEEP, HUGE, NOT_UTF8])
+@pytest.mark.parametrize("reader", ["finetune --data", "answer --data", "eval --task", "sample --prompts",
+                                    "judge --answers", "prepare (a JSON-lines corpus)", "import-hf (config.json)"])
+def test_a_users_json_file_nested_too_deep_or_with_a_huge_number_is_one_sentence_naming_it(capsys, tmp_path,
+                                                                                            tiny_run, imported_gpt2,
+                                                                                            reader, bad):
+    """Every reader of a JSON or JSON-lines file a user gives parses it through one function (core/jsontext.py), so
+    what Python's parser cannot read is the reader's own sentence naming the file, never a RecursionError; and so is
+    a file that is not UTF-8."""
+    name = {"eval --task": "task.jsonl", "sample --prompts": "prompts.json", "judge --answers": "answers.jsonl",
+            "prepare (a JSON-lines corpus)": "corpus.jsonl", "import-hf (config.json)": "model/config.json"}
+    path = tmp_path / name.get(reader, "records.json")
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(bad.encode("utf-8", "surrogateescape"))
+    args = {"finetune --data": ["finetune", imported_gpt2, "--data", path, "--out", tmp_path / "tuned"],
+            "answer --data": ["answer", imported_gpt2, "--data", path, "--out", tmp_path / "answers.out"],
+            "eval --task": ["eval", tiny_run, "--task", path],
+            "sample --prompts": ["sample", tiny_run, "--prompts", path, "--out", tmp_path / "grid.md"],
+            "judge --answers": ["judge", "--answers", path, "--endpoint", "http://127.0.0.1:9/v1", "--model", "m",
+                                "--out", tmp_path / "judged.jsonl"],
+            "prepare (a JSON-lines corpus)": ["prepare", path, "--tokenizer", "char", "--out-dir", tmp_path / "data"],
+            "import-hf (config.json)": ["import-hf", path.parent, "--out", tmp_path / "imported"]}[reader]
+    refused(capsys, *args, needles=(str(path),))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.relative_to(tmp_path).parts[0]]  # nothing written

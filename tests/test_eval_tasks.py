@@ -264,7 +264,8 @@ class FakeJudge:
         self.server.server_close()
 
 
-def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained(bpe_run, tmp_path, capsys):
+def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained(bpe_run, tmp_path, capsys,
+                                                                                monkeypatch):
     records = [{"instruction": "Praise the night.", "output": "o night"}, {"instruction": "refuse", "output": "no"},
                {"instruction": "mute", "output": "."}]
     data, answers = tmp_path / "asks.json", tmp_path / "answers.jsonl"
@@ -280,7 +281,10 @@ def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained
         assert ("mean score 87.0 over 1 of 3 answers scored (2 unscored: 1 refused by the endpoint "
                 "(the first: 400:") in out
         assert "longer than this model's context" in out and "1 with no whole number from 0 to 100" in out
-        assert f"the mean is kept in run {bpe_run.resolve()}" in out
+        assert f"the mean is kept in run {bpe_run.resolve()}" in out  # from elsewhere, where it is
+        monkeypatch.chdir(bpe_run.parent)
+        assert main(["judge", "--answers", str(answers), "--endpoint", judge.url, "--model", "fake-judge"]) == 0
+        assert f"the mean is kept in run {bpe_run.name}: " in capsys.readouterr().out  # here, as named here
         kept = RunDir(bpe_run).judgements()
         assert [(j["mean"], j["scored"], j["total"], j["judge_model"], j["step"]) for j in kept] == \
             [(87.0, 1, 3, "fake-judge", 30)]

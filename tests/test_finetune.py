@@ -84,6 +84,10 @@ def test_finetune_through_the_cli_keeps_the_best_epoch_and_its_prompt_format(tmp
     assert json.loads((run / "prompt.json").read_text())["end"] == EOT
     assert (run / "loss.png").exists() and (run / "config.toml").exists()
     assert RunDir(run).tokenizer().vocab == RunDir(imported_gpt2).tokenizer().vocab
+    # Every epoch has its train lines, so `log --wide` gives each its grad norm (an epoch of 9 steps under the base's
+    # log_interval of 10 had none).
+    logged = subprocess.run([LMLAB, "log", run, "--json"], capture_output=True, text=True, timeout=120)
+    assert [row["grad_norm"] is not None for row in json.loads(logged.stdout)["evaluations"]] == [True, True]
 
     answer = subprocess.run([LMLAB, "sample", run, "--instruction", "Repeat the word twice.", "--input", "moon",
                              "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"],
@@ -187,3 +191,34 @@ def test_the_new_run_is_named_by_out_as_import_hf_and_answer_name_theirs(tmp_pat
     assert main([*command, "--run", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err == "error: --run is the old spelling of --out; pass --out alone.\n"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_a_base_run_being_trained_now_is_said_by_a_fine_tune_and_a_sample_of_it(tmp_path, imported_gpt2, corpus_dir,
+                                                                                  capsys):
+    """A training run whose lock a process holds is not a finished result: fine-tuning it says that it fine-tunes the
+    checkpoint as it stands, and a sample of it, to wait for it to end; once no process trains it, neither says so."""
+    from lmlab.core.fileio import WriterLock
+
+    assert main(["prepare", str(corpus_dir), "--tokenizer", str(imported_gpt2), "--name", "plays", "--out-dir",
+                 str(tmp_path / "data")]) == 0
+    base = tmp_path / "base"
+    assert main(["train", str(imported_gpt2 / "config.toml"), "--init-from", str(imported_gpt2), "--run", str(base),
+                 "--set", f"data.dataset={next((tmp_path / 'data').glob('plays-*'))}", "--set", "train.max_iters=2",
+                 "--set", "train.eval_interval=2", "--set", "train.eval_iters=1", "--set", "train.batch_size=2"]) == 0
+    lock = WriterLock(base)  # what a `lmlab train` of it holds while it trains
+    lock.acquire("held")
+    try:
+        capsys.readouterr()
+        assert main(["finetune", str(base), "--data", str(ALPACA_TINY), "--out", str(tmp_path / "tuned"), "--set",
+                     "finetune.epochs=1", "--set", "finetune.batch_size=8"]) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        assert (f"note: {base} is a training run being trained now (step_000002 its newest), not a finished result; "
+                "fine-tuning its best checkpoint (step 2) as it stands") in said
+        assert main(["sample", str(base), "--max-new-tokens", "2"]) == 0
+        assert (f"note: {base} is a training run being trained now (step_000002 its newest), not a finished result; "
+                "wait for it to end") in capsys.readouterr().err
+    finally:
+        lock.release()
+    assert main(["sample", str(base), "--max-new-tokens", "2"]) == 0
+    assert "not a finished result" not in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import select
 import shutil
 import time
@@ -153,6 +154,19 @@ def test_sample_prints_tokens_as_they_are_generated(tmp_path, trained):
         proc.kill()
         proc.communicate()
     assert not (run / "samples.txt").exists()  # interrupted: no half sample recorded
+
+
+def test_sample_says_the_tokens_it_generated_and_their_rate_on_stderr(tmp_path, tiny_run, capsys):
+    """stdout is the text; stderr ends on the tokens generated and their rate, counted by the decoder: a sample's
+    max_new_tokens (past end-of-text), each of --num-samples', a chat's reply up to its end."""
+    run = copy_run(tiny_run, tmp_path)
+    for args, tokens in ((["--prompt", "ROMEO:", "--max-new-tokens", "7"], "7"),
+                         (["--max-new-tokens", "5", "--num-samples", "3"], "15"),
+                         (["--chat", "Hi", "--max-new-tokens", "6"], r"[1-6]")):
+        code, out, err = run_cli(capsys, "sample", run, *args, "--device", "cpu")
+        assert code == 0 and out.strip(), err
+        assert re.fullmatch(rf"generated {tokens} tokens in \d+\.\d\d s \(the prompt read first\): [\d,]+\.\d tok/s",
+                            err.strip().splitlines()[-1]), err
 
 
 LEGACY = Path(__file__).parent / "data" / "legacy"

@@ -5,6 +5,7 @@ missing or not models are named with their package."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import sys
@@ -426,6 +427,32 @@ def test_whatever_a_plugin_raises_wherever_lmlab_calls_it_is_one_sentence_naming
     assert message.format(raised=said) in err, err
     assert "ran out of memory" not in err and ("smaller batch" in err) == (raised == "MemoryError" and call not in (
         "import", "build")), err
+
+
+# Every BaseException Python has besides a stop (KeyboardInterrupt) and an exit asked for (SystemExit), as a plugin may
+# raise it: its own mistake, one sentence like any other.
+BUILTIN_RAISED = {cls.__name__: (f"{cls.__name__}('gave up')" if cls is not BaseExceptionGroup else
+                                 "BaseExceptionGroup('gave up', [GeneratorExit()])",
+                                 f"{cls.__name__}: gave up")
+                  for cls in vars(builtins).values()
+                  if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, Exception)
+                  and cls not in (KeyboardInterrupt, SystemExit)}
+
+
+@pytest.mark.parametrize("raised", BUILTIN_RAISED)
+@pytest.mark.parametrize("call", ["build", "forward"])
+def test_every_builtin_base_exception_a_plugin_raises_is_one_sentence_naming_it(tmp_path, site, char_dataset, capsys,
+                                                                                call, raised):
+    raising, said = BUILTIN_RAISED[raised]
+    source, message = CALLS[call]
+    install_plugin(site, "odd", "lmlab-odd", source(f"raise {raising}"))
+    code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "odd", "", max_iters=2),
+                             "--run", tmp_path / "run", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: the model plugin 'odd' (package lmlab-odd, lmlab_odd:Tiny) "), err
+    before, after = message.split("{raised}")
+    assert before in err and said in err and after in err, err  # a group's line adds its count of sub-exceptions
+    assert not (tmp_path / "run").exists()
 
 
 # FAKE_MODEL with a decode state of its own that raises, as its new_cache does, where ODD_IN says: what ODD_RAISE says.

@@ -6,6 +6,7 @@ will delete step folders names them."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -21,7 +22,8 @@ import torch
 from lmlab.commands import main
 from lmlab.core.busy import cores
 from lmlab.core.config import FinetuneConfig, TrainConfig
-from lmlab.core.config_toml import load_config
+from lmlab.core.config_toml import load_config, toml_value
+from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
@@ -414,3 +416,116 @@ def test_train_piped_into_head_stops_as_sigterm_does_and_resumes(tmp_path, char_
                            f"train.max_iters={end['step'] + 2}")
     assert code == 0, err
     assert events_of(run, "resume")[-1]["step"] == end["step"] and events_of(run, "end")[-1]["step"] == end["step"] + 2
+
+
+# Every setting a resume may be given by --set: a value other than the trained run's, and what a resume does with it
+# by steps and by its budget's plan. "refused": one sentence naming it, status 2, nothing written; "honoured":
+# config.toml and the resume event say it, in force from the step resumed at; "relaid": honoured, the schedule laid
+# again from where the LR stands, and said. A [model] setting is the weights' shape: refused either way.
+HONOURED, RELAID, REFUSED = "honoured", "relaid", "refused"
+RESUMED: dict[str, tuple[object, str, str]] = {
+    "data.dataset": ("COPY", HONOURED, HONOURED),  # the same bytes elsewhere
+    "train.batch_size": (4, HONOURED, HONOURED), "train.grad_accum_steps": (2, HONOURED, HONOURED),
+    "train.micro_batch": ("auto", REFUSED, REFUSED), "train.max_iters": (24, RELAID, REFUSED),
+    "train.budget_seconds": (1000.0, REFUSED, REFUSED), "train.optimizer": ("muon", REFUSED, REFUSED),
+    "train.learning_rate": (0.002, RELAID, REFUSED), "train.min_lr": (0.0001, RELAID, REFUSED),
+    "train.schedule": ("wsd", RELAID, REFUSED), "train.decay_fraction": (0.5, RELAID, REFUSED),
+    "train.warmup_iters": (3, RELAID, REFUSED), "train.warmup_epochs": (0.5, REFUSED, REFUSED),
+    "train.lr_decay_iters": (30, RELAID, REFUSED), "train.weight_decay": (0.05, REFUSED, REFUSED),
+    "train.beta1": (0.8, REFUSED, REFUSED), "train.beta2": (0.95, REFUSED, REFUSED),
+    "train.grad_clip": (0.5, HONOURED, HONOURED), "train.eval_interval": (7, HONOURED, HONOURED),
+    "train.eval_iters": (2, HONOURED, REFUSED), "train.log_interval": (2, HONOURED, HONOURED),
+    "train.checkpoint_interval": (3, HONOURED, HONOURED), "train.keep_checkpoints": (5, HONOURED, HONOURED),
+    "train.patience": (4, HONOURED, HONOURED), "train.seed": (7, REFUSED, REFUSED),
+    "train.spike_zscore": (5.0, HONOURED, HONOURED), "train.spike_patience": (2, HONOURED, HONOURED),
+    "train.rollback_lr_factor": (0.25, HONOURED, HONOURED), "train.dtype": ("auto", HONOURED, HONOURED),
+    "train.compile": (False, HONOURED, HONOURED), "train.attention": ("math", REFUSED, REFUSED),
+    "train.threads": (2, HONOURED, HONOURED), "train.tracker": ("tensorboard", HONOURED, HONOURED),
+    "train.tracker_project": ("other", HONOURED, HONOURED), "train.tracker_run": ("named", HONOURED, HONOURED),
+    "train.parallel": ("fsdp", HONOURED, HONOURED), "train.collective_timeout": (60.0, HONOURED, HONOURED),
+    **{f"model.{name}": (value, REFUSED, REFUSED) for name, value in {
+        "kind": "recurrent", "n_layer": 3, "n_head": 4, "n_embd": 64, "block_size": 16, "dropout": 0.1, "bias": False,
+        "vocab_size": 200, "gelu_approx": "tanh", "pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+        "qk_norm": True, "tie_embeddings": False, "n_kv_head": 1, "head_dim": 8, "mlp_hidden": 64,
+        "rope_theta": 500.0, "norm_eps": 1e-5, "bigram_buckets": 16, "rnn_cell": "lstm", "options.width": 2}.items()},
+}
+
+
+def test_every_setting_has_its_resume_outcome_stated():
+    from lmlab.core.config_toml import SECTIONS
+
+    fields = {f"{section}.{f.name}" for section in ("data", "model", "train")
+              for f in dataclasses.fields(SECTIONS[section])}
+    assert {key.replace("options.width", "options") for key in RESUMED} == fields
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory, char_dataset) -> dict[str, Path]:
+    """A run by steps ended at step 20, and a budgeted run cut back to its checkpoint before the last (its steps
+    to the end are few); and a copy of their dataset elsewhere."""
+    root = tmp_path_factory.mktemp("resumable")
+    config = write_config(root / "tiny.toml", char_dataset, max_iters=20)
+    config.write_text(config.read_text().replace("[train]\n", "[train]\nmicro_batch = \"set\"\n"))  # as resumed
+    steps = Trainer(load_config(config), root / "steps", "cpu").run().run_dir
+    seconds = 6.0
+    for _ in range(4):  # a start-up slower than the budget: a roomier one
+        try:
+            budgeted = Trainer(load_config(config, [f"train.budget_seconds={seconds}", "train.eval_interval=50",
+                                                    "train.checkpoint_interval=10"]), root / f"b{seconds:g}", "cpu")
+            break
+        except UserError:
+            seconds *= 2
+    run = budgeted.run().run_dir
+    folders = RunDir(run).step_folders()
+    assert len(folders) >= 2, "the budget left too few steps for two checkpoints"
+    for folder in folders[-1:]:
+        shutil.rmtree(folder)
+    cut = int(folders[-2].name.removeprefix("step_"))
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    saved = max(i for i, line in enumerate(lines) if json.loads(line) == {**json.loads(line), "event": "checkpoint",
+                                                                          "step": cut})
+    (run / "metrics.jsonl").write_text("".join(lines[:saved + 1]))
+    return {"steps": steps, "budget": run, "copy": Path(shutil.copytree(char_dataset, root / "copy"))}
+
+
+def _resume_with(capsys, tmp_path, resumable, key, mode) -> tuple[int, str, str, Path, object]:
+    value, by_steps, by_budget = RESUMED[key]
+    value = str(resumable["copy"]) if value == "COPY" else value
+    run = copy_run(resumable[mode], tmp_path)
+    shown = str(value).lower() if isinstance(value, bool) else value
+    more = ["--set", "train.max_iters=24"] if mode == "steps" and key != "train.max_iters" else []
+    code, out, err = run_cli(capsys, "train", "--resume", run, "--set", f"{key}={shown}", *more)
+    return code, out, err, run, value
+
+
+def _cases(refused: bool) -> list[tuple[str, str]]:
+    return [(key, mode) for key, (_, *outcomes) in RESUMED.items()
+            for mode, outcome in zip(("steps", "budget"), outcomes) if (outcome == REFUSED) == refused]
+
+
+@pytest.mark.parametrize("key, mode", _cases(refused=True))
+def test_a_setting_a_resume_cannot_honour_is_refused_writing_nothing(capsys, tmp_path, resumable, key, mode):
+    kept = digests(copy_run(resumable[mode], tmp_path, "kept"))
+    code, out, err, run, _ = _resume_with(capsys, tmp_path, resumable, key, mode)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, out, err)
+    assert key.split(".")[1] in lines[0], lines[0]
+    assert {p.relative_to(run): b for p, b in digests(run).items()} == \
+        {p.relative_to(tmp_path / "kept"): b for p, b in kept.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, mode", _cases(refused=False))
+def test_a_setting_a_resume_honours_is_in_config_toml_and_its_resume_event(capsys, tmp_path, resumable, key, mode):
+    expected = RESUMED[key][1 if mode == "steps" else 2]
+    code, out, err, run, value = _resume_with(capsys, tmp_path, resumable, key, mode)
+    assert code == 0, (out, err)
+    section, name = key.split(".")
+    assert getattr(getattr(RunDir(run).config(), section), name) == value  # config.toml
+    resumed = events_of(run, "resume")[-1]
+    assert resumed["changed"][key][1] == value and events_of(run, "end")
+    said = " ".join(out.split())
+    assert f"{key} {toml_value(resumed['changed'][key][0])} -> {toml_value(value)}" in said
+    assert ("schedule " in said and " from step " in said) == (expected == RELAID or mode == "steps")
+    if mode == "budget":
+        assert "by its checkpoint's plan" in said

@@ -4,6 +4,7 @@ position at a step), a resumed run's decay laid again, each times the guard's LR
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
@@ -114,3 +115,34 @@ def test_every_kind_by_a_budget_s_clock_at_its_planned_pace_is_where_it_is_by_st
         resumed = Schedule(train)
         resumed.budget = Budget.resumed(plans[at], at, (1000, 1000))
         assert [resumed.lr(s) for s in range(at, STEPS)] == pytest.approx(lrs[at:], rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("resumed_at", [None, 3, 12])
+def test_the_note_on_a_schedule_says_exactly_what_of_it_cannot_take_effect(kind, resumed_at):
+    """Over warmups, lengths and decay ends, new or resumed with another length at a step: the note names the peak
+    where no step trains at learning_rate (a warmup as long as the run, or a decay ending by the warmup's end),
+    min_lr where no step after the warmup trains at it, and decay_fraction where the kind has none; else it is None.
+    What holds is read off the LRs the schedule gives the steps left."""
+    for warmup, steps, decay_iters, fraction in itertools.product((0, 5, 19, 20, 500), (1, 20, 40),
+                                                                  (0, 3, 100), (0.2, 0.5)):
+        train = TrainConfig(max_iters=steps, warmup_iters=warmup, lr_decay_iters=decay_iters, schedule=kind,
+                            decay_fraction=fraction, learning_rate=1e-3, min_lr=1e-4)
+        schedule, first = Schedule(train), 0
+        if resumed_at is not None:
+            if resumed_at >= steps:
+                continue
+            schedule = Schedule(TrainConfig(max_iters=20, warmup_iters=5, learning_rate=1e-3, min_lr=1e-4))
+            schedule.resume_with(train, resumed_at, schedule.unscaled_lr(resumed_at))
+            first = resumed_at
+        lrs = [schedule.unscaled_lr(s) for s in range(first, steps)]
+        note = schedule.unreached(first) or ""
+        peak_missed = resumed_at is None and max(lrs) < 1e-3 * (1 - 1e-9)  # a resumed run is past its peak, or...
+        peak_missed |= resumed_at is not None and first < warmup and schedule.decay is None and max(lrs) < 1e-3 * (
+            1 - 1e-9)  # ...goes on warming up to it
+        after = [lr for s, lr in zip(range(first, steps), lrs) if s >= warmup or schedule.decay is not None]
+        floor_missed = not any(lr <= 1e-4 * (1 + 1e-6) for lr in after)
+        case = (kind, resumed_at, warmup, steps, decay_iters, fraction, note)
+        assert ("never to learning_rate" in note) == peak_missed, case
+        assert ("never falls to min_lr" in note or "above min_lr" in note) == floor_missed, case
+        assert ("is wsd's" in note) == (kind != "wsd" and fraction != 0.2), case

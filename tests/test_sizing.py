@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from lmlab.analysis.runs import summarize
 from lmlab.api.training import parse_duration, train
@@ -71,8 +72,10 @@ def sized(preset, tmp_path_factory, sized_cache):
         patch.setenv("XDG_CACHE_HOME", str(sized_cache))
         for budget in (20, 60, 180):
             run = tmp_path_factory.mktemp("sized") / "run"
+            out = Console(record=True, width=100)
             done = train(preset, run=run, budget=f"{budget}s", size="auto", device="cpu",
-                         set=["train.threads=1"]).path
+                         set=["train.threads=1"], console=out).path
+            (run.parent / "said.txt").write_text(out.export_text())  # what the command printed
             hurried = any(c["note"].startswith("not timed: about") for c in sizing_of(done)["candidates"])
             if not hurried and [e for e in RunDir(done).events() if e["event"] == "eval"]:
                 return done
@@ -103,6 +106,16 @@ def test_size_auto_trains_the_size_it_predicts_best_and_records_it_as_an_ordinar
     assert event["predicted_val"] == pytest.approx(fit.predict(event["multiplied_params"], event["tokens"]), abs=1e-4)
     assert event["extrapolated"] == (not 10_000 <= event["tokens"] <= 20_000)  # the fit's runs: 10k and 20k tokens
     assert RunDir(sized).events()[-1]["event"] == "end"
+    # Its last line: the final val beside the prediction, which assumed the steps planned (a busy machine trains
+    # fewer: 399 planned, 201 trained ended 0.14 above it, unsaid).
+    final, steps = next(e for e in RunDir(sized).events() if e["event"] == "final"), RunDir(sized).events()[-1]["step"]
+    said = " ".join((sized.parent / "said.txt").read_text().split())
+    trained = "and the run trained them" if steps == event["steps"] else (
+        f"the run trained {steps:,} ({steps / event['steps']:.0%} of them), and the prediction assumed the planned "
+        "steps")
+    assert (f"size auto predicted val {event['predicted_val']:.4f} for the {event['steps']:,} steps it planned"
+            f"{', ' if steps == event['steps'] else '; '}{trained}: the final val is "
+            f"{final['val_loss'] - event['predicted_val']:+.4f} from it") in said
 
 
 def test_a_prediction_past_the_lengths_the_fit_trained_says_it_is_extrapolated(preset):

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from lmlab.commands import build_parser, main
+from lmlab.core.errors import UserError
+from lmlab.core.fileio import atomic_write_text
 from lmlab.run.checkpoint import load_state
 from lmlab.run.rundir import RunDir
 from tests.helpers import (
@@ -149,6 +151,7 @@ def test_a_link_that_leads_nowhere_where_a_folder_should_be_is_named_with_where_
     assert blocker.is_symlink() and not blocker.exists()
 
 
+
 PIPED = """
 import json, os, sys
 from lmlab.commands import main
@@ -235,7 +238,7 @@ def test_a_cache_folder_that_cannot_be_written_stops_nothing(tmp_path, tiny_run)
     assert f"note: the machine cache {cache}/lmlab/machine.json cannot be written (Permission denied" in said
     assert "Matplotlib" not in trained.stderr and "Traceback" not in trained.stderr
     assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
-    assert not besides_load_notes(sampled.stderr), sampled.stderr
+    assert besides_load_notes(sampled.stderr).startswith("generated "), sampled.stderr  # its speed line alone
     assert served.returncode == 0 and served.stdout.split() == ["3", "0"], served.stdout + served.stderr
     said = compiler.stderr.strip().splitlines()  # at once: the compiler never started
     assert compiler.returncode == 1 and len(said) == 1
@@ -303,6 +306,24 @@ def test_every_option_naming_a_destination_goes_through_the_one_check():
              for a in sub._actions if a.dest in ("out", "out_dir", "plot", "samples") or (a.metavar or "") == "DIR"
              and a.dest != "runs"}
     assert named <= set(checked), sorted(named - set(checked))
+
+
+@pytest.mark.parametrize("where", ["the output", "a folder of it"])
+@pytest.mark.parametrize("command, option", list(OUTPUTS))
+def test_a_loop_of_links_as_any_output_is_refused_and_both_links_stay(capsys, paths, tmp_path, command, option, where):
+    """A loop of links has no file at its end to write: every output (a file or a folder, checked as the command line
+    is parsed) and the one writer under them refuse it in one sentence, never renaming a file over a link."""
+    (tmp_path / "loopa").symlink_to("loopb")
+    (tmp_path / "loopb").symlink_to("loopa")
+    target = tmp_path / "loopa" if where == "the output" else tmp_path / "loopa" / "out"
+    refused(capsys, *OUTPUTS[(command, option)].format(**paths, target=target).split(),
+            needles=(f"{option} {tmp_path / 'loopa'} is a link to loopb that leads back to itself: remove the link or "
+                     "choose another path",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loopa", "loopb"]
+    assert os.readlink(tmp_path / "loopa") == "loopb" and os.readlink(tmp_path / "loopb") == "loopa"
+    with pytest.raises(UserError, match="leads back to itself"):  # what a command writes with no option too
+        atomic_write_text(target, "x")
+    assert os.readlink(tmp_path / "loopa") == "loopb"
 
 
 def _commands():
@@ -472,8 +493,7 @@ def test_the_one_writer_writes_a_named_pipe_through_and_refuses_a_disk(tmp_path)
     import stat
     import threading
 
-    from lmlab.core.errors import UserError
-    from lmlab.core.fileio import NOT_OUTPUTS, atomic_write_text, output_target
+    from lmlab.core.fileio import NOT_OUTPUTS, output_target
 
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)

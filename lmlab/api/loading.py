@@ -89,8 +89,8 @@ def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
     run = RunDir(path)
     unfinished = run.unfinished()
     if unfinished:
-        print(f"note: {path} is {unfinished}, not a finished result; finish it with: {run.resume_command()}",
-              file=sys.stderr)
+        then = "wait for it to end" if run.running() else f"finish it with: {run.resume_command()}"
+        print(f"note: {path} is {unfinished}, not a finished result; {then}", file=sys.stderr)
 
 
 def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int, compile: bool,
@@ -107,7 +107,8 @@ def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int
     dtype = decoding_only(run, compiled=choice.compiled)
     check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, dtype, state_dtype(quantize, dtype))
     with console.status(f"Building the decode step ({choice.kind})..."):
-        step, used = build_step(choice, run.model, dtype, capacity)
+        step, used = build_step(choice, run.model, dtype, capacity, weights_sha256=run.weights_sha256,
+                                say=lambda line: print_note(f"note: {line}"))
     if compile or used.kind != "eager":
         print_note(f"note: decoding with {used.describe()}")
     return step

@@ -88,7 +88,7 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
                           init_from=init_from, keep_optimizer=keep_optimizer, started=started, sized=sized)
         _describe(trainer, out)
         result = trainer.run()
-    _report(result, trainer.cfg, out)
+    _report(result, trainer.cfg, out, trainer.sized.event if trainer.sized else None)
     trained = Run(result.run_dir, out)
     trained.result = result
     return trained
@@ -187,8 +187,9 @@ def _describe(trainer: Trainer, out: Console) -> None:
                   "set in its config")
 
 
-def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
-    """How the run ended and what to do next (in a notebook, how to continue in Python)."""
+def _report(result: TrainResult, cfg: RunConfig, out: Console, sizing: dict[str, Any] | None = None) -> None:
+    """How the run ended and what to do next (in a notebook, how to continue in Python); of a run `--size auto`
+    sized (its `sizing` event), its final val beside the val predicted for the steps planned."""
     from lmlab.train.stop import STOP_GRACE
 
     go_on = (f'lmlab.train(resume="{result.run_dir}")' if out.is_jupyter else
@@ -213,6 +214,13 @@ def _report(result: TrainResult, cfg: RunConfig, out: Console) -> None:
     out.print(f"run: {result.run_dir}")
     out.print(f"loss plot: {result.loss_plot}")
     out.print(_final_words(result), highlight=False)
+    predicted, planned = (sizing or {}).get("predicted_val"), (sizing or {}).get("steps")
+    if predicted is not None and planned and result.final:
+        trained = (f"the {planned:,} steps it planned, and the run trained them" if result.steps == planned else
+                   f"the {planned:,} steps it planned; the run trained {result.steps:,} "
+                   f"({result.steps / planned:.0%} of them), and the prediction assumed the planned steps")
+        out.print(f"size auto predicted val {predicted:.4f} for {trained}: the final val is "
+                  f"{result.final['val_loss'] - predicted:+.4f} from it", highlight=False)
 
 
 def _final_words(result: TrainResult) -> str:

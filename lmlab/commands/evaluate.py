@@ -135,7 +135,7 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
         for i, (text, drawn) in enumerate(zip(texts, seeded(params, len(texts)))):
             print(f"--- sample {i + 1} of {len(texts)} (seed {drawn.seed})")
             print(text)
-        return
+        return _say_speed(run.decoded)
     if args.chat is not None:
         pieces = run.chat(args.chat, system=args.system, stream=True, **how)
     elif args.instruction is not None:
@@ -146,6 +146,15 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     print()
+    _say_speed(run.decoded)
+
+
+def _say_speed(decoded: tuple[int, float] | None) -> None:
+    """The tokens generated and their rate, on stderr: stdout is the text."""
+    if decoded:
+        tokens, seconds = decoded
+        print(f"generated {tokens:,} tokens in {seconds:.2f} s (the prompt read first): "
+              f"{tokens / max(seconds, 1e-9):,.1f} tok/s", file=sys.stderr)
 
 
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:
@@ -219,7 +228,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling(p, several=True)
     p.add_argument("--num-samples", type=count(), default=1,
                    help="continuations drawn in one batch, the i-th with seed SEED + i")
-    add_compile(p, default=False, why="pays off for thousands of tokens")
+    add_compile(p, default=False, why="built once for a checkpoint, a minute or more, and kept on disk for the next "
+                "calls; pays off for thousands of tokens")
     add_checkpoint(p)
     p.add_argument("--instruction", help="ask in the run's own format (an imported instruct model's chat template; "
                    "Alpaca unless fine-tuned otherwise) and print the answer alone")

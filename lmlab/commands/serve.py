@@ -198,7 +198,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="JSON-lines file to write (instruction, input, output, model_answer)")
     add_sampling(p, max_new_tokens=256, temperature=0.0)
     p.add_argument("--batch-size", type=count(), default=16, help="instructions answered together")
-    add_compile(p, default=False, why="worth its start-up minute for a few hundred answers or more")
+    add_compile(p, default=False, why="built once for a checkpoint, a minute or more, and kept on disk for the next "
+                "calls; worth it for a few hundred answers or more")
     add_checkpoint(p)
     add_device(p)
     p.set_defaults(func=cmd_answer)

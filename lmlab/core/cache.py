@@ -16,6 +16,7 @@ from typing import Any
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, locked_file, os_fix
+from lmlab.core.jsontext import parse_json
 
 FORMAT = 3  # 1 and 2 were peak_flops.json's and machine.json's, each a file of its own
 KEPT = 512  # entries kept, the newest: a sweep over many shapes does not grow the file without end
@@ -85,7 +86,7 @@ def _entries() -> dict[str, Any]:
               "folder): what it would keep is measured again.")
         return {}
     try:
-        cache = json.loads(text)
+        cache = parse_json(text)
     except ValueError:
         _note(f"the machine cache {path} is not valid JSON (damaged, or edited by hand): what it held is measured "
               "again and the file rewritten.")

@@ -9,7 +9,6 @@ into the same sentence)."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import shlex
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from lmlab.core.errors import UserError
+from lmlab.core.jsontext import parse_json
 
 # The module a command imports: (the extra of pyproject.toml that installs it, or None; the package pip installs).
 OPTIONAL: dict[str, tuple[str | None, str]] = {
@@ -88,7 +88,7 @@ def _installed_lmlab() -> str | None:
     if not dist.read_text("INSTALLER"):  # metadata no installer wrote: a build's leftover in a source tree
         return None
     running = Path(str(sys.modules["lmlab"].__file__)).resolve().parent
-    url = json.loads(dist.read_text("direct_url.json") or "{}")
+    url = parse_json(dist.read_text("direct_url.json") or "{}")
     if not url.get("dir_info", {}).get("editable"):
         return "lmlab" if running == Path(str(dist.locate_file("lmlab"))).resolve() else None
     folder = Path(unquote(urlparse(url["url"]).path)).resolve()

@@ -197,12 +197,15 @@ NOT_OUTPUTS = {stat.S_IFBLK: "a block device (a disk)", stat.S_IFSOCK: "a socket
 def output_target(path: Path, option: str = "") -> tuple[Path, bool]:
     """The file an output named `path` (given as `option`) writes, and whether it is a stream written through rather
     than a regular file replaced whole. A symbolic link is followed, so it goes on naming the new file; a path that
-    names a block device, a socket or a folder is refused in one sentence."""
+    names a block device, a socket or a folder is refused in one sentence, and so is a loop of links (in the path or
+    at its end), which has no file to follow to."""
     path = Path(path)
     target = Path(os.path.realpath(path)) if os.path.islink(path) else path
     try:
         mode = os.stat(target).st_mode
-    except OSError:  # nothing there yet, or a path the write itself will fail on and name (too long, not allowed)
+    except OSError as err:  # nothing there yet, or a path the write itself will fail on and name (too long, ...)
+        if err.errno == errno.ELOOP:  # realpath stops inside a loop: renaming over that link would destroy it
+            raise UserError(f"{option} {_blocking_file(path)}.".lstrip())
         return target, False
     kind = stat.S_IFMT(mode)
     if kind in NOT_OUTPUTS:

@@ -18,6 +18,7 @@ from typing import Any
 
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
+from lmlab.core.jsontext import parse_json
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = parse_json(line)
                 except json.JSONDecodeError:
                     raise UserError(f"{path}:{number} is not valid JSON; each line must be one JSON object.")
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):

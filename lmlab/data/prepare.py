@@ -27,6 +27,7 @@ from rich.progress import (
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, atomic_write_text, fsync, plain_name, sha256_file
+from lmlab.core.jsontext import parse_json
 from lmlab.core.progress import TaskLines, task_lines
 from lmlab.core.version import __version__
 from lmlab.data.corpora import (
@@ -125,7 +126,7 @@ def _resume_or_start(work: Path, job: dict[str, Any]) -> dict[str, Any]:
     record = work / "progress.json"
     if record.exists():
         try:
-            saved = json.loads(record.read_text(encoding="utf-8"))
+            saved = parse_json(record.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             saved = {}
         if saved.get("job") == job and (work / "tokenizer.json").exists():

@@ -17,6 +17,7 @@ import tokenizers
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_bytes, sha256_file, writing
+from lmlab.core.jsontext import parse_json
 
 FIX = "prepare the dataset again with `lmlab prepare ... --force`"  # what a dataset that fails a check needs
 
@@ -73,7 +74,7 @@ def read_meta(dataset: Path) -> dict[str, Any]:
         raise UserError(f"dataset {dataset} does not exist or is unfinished (no meta.json); "
                         "create it with `lmlab prepare`.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON; re-run `lmlab prepare --force` for this dataset.")
 

@@ -16,6 +16,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
+from lmlab.core.jsontext import parse_json
 from lmlab.data.tiktoken_bpe import tiktoken_backend
 
 EOT = "<|endoftext|>"
@@ -291,7 +292,7 @@ def load_gpt2(folder: Path | None = None) -> Tokenizer:
 def json_object(path: Path) -> dict:
     """The JSON object in a file; {} where it is missing, unreadable or not an object."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return raw if isinstance(raw, dict) else {}
@@ -354,7 +355,7 @@ def _identity(raw: dict) -> str:
 
 def tokenizer_identity(path: Path) -> str:
     """A digest of what a tokenizer.json maps, not how the file is laid out."""
-    return _identity(json.loads(Path(path).read_text(encoding="utf-8")))
+    return _identity(parse_json(Path(path).read_text(encoding="utf-8")))
 
 
 def train_tokenizer(spec: str, train_texts: Iterable[str], all_texts: list[str],

@@ -21,6 +21,7 @@ from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
+from lmlab.core.jsontext import parse_json
 from lmlab.core.threads import Heard
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import instruct_all
@@ -76,13 +77,16 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; write it with `lmlab answer RUN --data FILE.json --out {path}`.")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); write the file with `lmlab answer`.")
     records = []
     for n, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}, line {n}, is not JSON; write the file with `lmlab answer`.")
-        if not all(isinstance(record.get(k), str) for k in ("instruction", "output", "model_answer")):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                   for k in ("instruction", "output", "model_answer")):
             raise UserError(f"{path}, line {n}, lacks instruction, output or model_answer text.")
         records.append(record)
     if not records:
@@ -193,4 +197,5 @@ def attach(summary: JudgeSummary, answers: Path) -> str:
     if not (run.path / "config.toml").exists():
         return f"not kept in a run: {run.path}, which answered, is not on this machine"
     run.save_judgement(summary.judgement(answers))
-    return str(run.path)
+    # Named as a user names it here: the answers file holds its absolute path, for a judge run from anywhere.
+    return os.path.relpath(run.path) if run.path.is_relative_to(Path.cwd()) else str(run.path)

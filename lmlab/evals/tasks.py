@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.errors import UserError
+from lmlab.core.jsontext import parse_json
 from lmlab.data.corpora import hf_datasets
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.inference.generate import document_start
@@ -84,7 +85,7 @@ def _json_lines(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict):

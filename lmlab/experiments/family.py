@@ -19,6 +19,7 @@ from typing import Any
 from lmlab.analysis.scaling import LossSurface, effective_tokens
 from lmlab.core.config import RunConfig
 from lmlab.core.errors import UserError
+from lmlab.core.jsontext import parse_json
 
 MAX_DEPTH = 48  # the deepest member a family has (48 layers of 64 per layer: 3072 wide)
 FIT_FORMAT = 1
@@ -191,7 +192,7 @@ def read_fit(preset: Path) -> SizeFit | None:
         return None
     again = f"fit it again with `lmlab scaling {preset} --refit`"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = parse_json(path.read_text(encoding="utf-8"))
         if raw.pop("format", None) != FIT_FORMAT:
             raise ValueError(f"format is not {FIT_FORMAT}")
         kind = _wrong_kind(raw)

@@ -290,7 +290,8 @@ class Miniseries:
             resume = bool(RunDir(path).step_folders())
             self.console.print(f"miniseries {self.done}/{self.total}: {self.family.describe(depth)}, {tokens:,} tokens "
                                f"({cfg.train.max_iters} steps), LR {cfg.train.learning_rate:g}", highlight=False)
-            result = Trainer(cfg, path, self.device, resume=resume, console=self.console).run()
+            result = Trainer(RunDir(path).config() if resume else cfg, path, self.device, resume=resume,
+                             console=self.console).run()  # a resume goes on by its config.toml, as resolved
             if result.stopped_by:
                 raise UserError(f"the miniseries was stopped by {result.stopped_by}; run the same command again to "
                                 "go on from where it stopped.")

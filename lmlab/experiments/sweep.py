@@ -21,6 +21,7 @@ from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config, parse_override
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, plain_name
+from lmlab.core.jsontext import parse_json
 from lmlab.experiments.sizing import check_shape_kept, parse_size, sized_run
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
@@ -110,7 +111,7 @@ def _record(sweep_dir: Path, config: Path, sets: list[str], budget_tokens: int, 
 def keep_record(path: Path, record: dict, refusal: str) -> None:
     """Write `record`, what a folder of runs is (a sweep, a miniseries), as `path`; refused in `refusal` where the
     folder holds another: runs of another record would not belong with them."""
-    if path.exists() and json.loads(path.read_text()) != record:
+    if path.exists() and parse_json(path.read_text()) != record:
         raise UserError(refusal)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2))
@@ -154,8 +155,8 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         resume = bool(RunDir(trial.run_dir).step_folders())
         console.print(f"trial {i}/{len(trials)} {trial.name}: {'resuming' if resume else 'training'} "
                       f"({' '.join(trial.overrides)})")
-        if resume or size is None:  # a resumed trial keeps the shape it was sized to, kept in its run folder
-            cfg = RunDir(trial.run_dir).config() if resume and size is not None else trial.config
+        if resume or size is None:  # a resumed trial goes on by its config.toml: the shape it was sized to, say
+            cfg = RunDir(trial.run_dir).config() if resume else trial.config
             trainer = Trainer(cfg, trial.run_dir, device, resume=resume, console=console, started=started)
         else:
             cfg, sized = sized_run(Path(config), trial.config, size, started, device, console, window)

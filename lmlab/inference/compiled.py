@@ -19,6 +19,7 @@ import os
 import signal
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ import torch.nn as nn
 from lmlab.core.config import ModelConfig
 from lmlab.core.device import autocast, machine
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
+from lmlab.core.fileio import WriteError, atomic_write_text, check_writable, sha256_file
+from lmlab.core.jsontext import parse_json
 from lmlab.core.threads import most_threads
 from lmlab.core.version import __version__
 from lmlab.inference.decode import Step
@@ -157,7 +159,7 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
 
 def weights_sha256(folder: Path) -> str:
     """The sha256 of a step folder's model.safetensors: as its state.json records it, or read."""
-    recorded = (json.loads((folder / "state.json").read_text()).get("files") or {}).get("model.safetensors")
+    recorded = (parse_json((folder / "state.json").read_text()).get("files") or {}).get("model.safetensors")
     return recorded or sha256_file(folder / "model.safetensors")
 
 
@@ -226,6 +228,52 @@ def forget_old_steps(keep: int = KEEP) -> None:
         _digest_file(old).unlink(missing_ok=True)
 
 
+def kept_or_compiled(model: LanguageModel, weights_sha256: str, capacity: int, dtype: torch.dtype,
+                     quantized: str = "none", say: Callable[[str], None] = lambda line: None) -> Step | None:
+    """The compiled decode step of `model` (in eval mode; its weights hash to `weights_sha256`, then quantized to
+    `quantized`) as `compile_step` builds it, for every call of the same weights on this machine: the package kept
+    under its key (`step_key`), else compiled (a minute or more) and kept there; compiled for this call alone where
+    the kept ones cannot be used (a folder others may write, or one that cannot be written). `say` hears what a user
+    waits for or should know, before the wait."""
+    if not compilable(model):
+        return None
+    key = step_key(model.config, weights_sha256, capacity, dtype, next(model.parameters()).device, quantized)
+    try:
+        path = kept_step(key)
+        if path is not None:
+            try:
+                return load_kept(path)[0]
+            except StepRefused as err:
+                say(f"{err}; compiling it again")
+        say(f"compiling the decode step (a minute or more; kept in {kept_steps()} for the next calls)")
+        return load_step(keep_package(model, key, capacity, dtype))
+    except (StepRefused, WriteError) as err:
+        say(f"{err}; compiling the decode step for this call alone (a minute or more)")
+        return compile_step(model, capacity, dtype)
+
+
+def keep_package(model: LanguageModel, key: str, capacity: int, dtype: torch.dtype, threads: int | None = None) -> Path:
+    """Compile `model`'s step (`build_package`) into the kept package of `key`, which runs (`check_runs`) and has its
+    digest beside it; its path. WriteError where the folder cannot be written, StepRefused where it is not safe to
+    load from, both before the compiling."""
+    folder = kept_steps()
+    with contextlib.suppress(OSError):  # a read-only cache is said by check_writable
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_writable(folder / f"{key}.pt2")  # said before minutes of compiling, not after
+    check_folder(folder)
+    tmp = folder / f".{key}.tmp-{os.getpid()}.pt2"
+    try:
+        build_package(model.eval(), capacity, dtype, tmp, threads)
+        check_runs(model, tmp, dtype)
+        # The digest first: a package is never there without the digest it is checked against.
+        atomic_write_text(_digest_file(folder / f"{key}.pt2"), f"{sha256_file(tmp)}  {key}.pt2\n")
+        os.replace(tmp, folder / f"{key}.pt2")
+    finally:
+        tmp.unlink(missing_ok=True)
+    forget_old_steps()
+    return folder / f"{key}.pt2"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build the kept package of a run's checkpoint in a process of its own, so that compiling neither holds the
     server's interpreter nor, if the compiler crashes, takes it down."""
@@ -254,24 +302,10 @@ def main(argv: list[str] | None = None) -> None:
         quantize(model, args.quantized)
         key = step_key(run.config().model, args.weights_sha256, args.capacity, dtype, device, args.quantized,
                        args.threads)
-        folder = kept_steps()
-        with contextlib.suppress(OSError):  # a read-only cache is said by check_writable
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        check_writable(folder / f"{key}.pt2")  # said before minutes of compiling, not after
-        check_folder(folder)
-        tmp = folder / f".{key}.tmp-{os.getpid()}.pt2"
-        try:
-            build_package(model.eval(), args.capacity, dtype, tmp, args.threads)
-            check_runs(model, tmp, dtype)
-            # The digest first: a package is never there without the digest it is checked against.
-            atomic_write_text(_digest_file(folder / f"{key}.pt2"), f"{sha256_file(tmp)}  {key}.pt2\n")
-            os.replace(tmp, folder / f"{key}.pt2")
-        finally:
-            tmp.unlink(missing_ok=True)
+        kept = keep_package(model, key, args.capacity, dtype, args.threads)
     except (UserError, OSError, StepRefused) as err:  # the reason, in the one line the server logs
         raise SystemExit(str(err))
-    forget_old_steps()
-    print(folder / f"{key}.pt2")
+    print(kept)
 
 
 def check_runs(model: LanguageModel, package: Path, dtype: torch.dtype) -> None:

@@ -4,7 +4,6 @@ string, at the end-of-text token or after max_new_tokens; instructions and chats
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -247,11 +246,14 @@ class TextStream:
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
                  dtype: torch.dtype = torch.float32, step: Step | None = None, past_eot: bool = False,
-                 threads: Heard | None = None):
+                 threads: Heard | None = None, prefix: str = ""):
         self.batch = Batch(model, tokenizer, 1, dtype, step, past_eot, threads=threads)
         self.continuation = self.batch.add(prompt, params)
+        self.prefix = prefix  # yielded first: the prompt a sample is printed after
 
     def __iter__(self) -> Iterator[str]:
+        if self.prefix:
+            yield self.prefix
         while len(self.batch):
             piece = self.batch.step()[0][1]
             if piece:
@@ -298,11 +300,11 @@ def _start(run: LoadedRun, prompt: str) -> list[int]:
 
 
 def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams, step: Step | None = None,
-                  threads: Heard | None = None) -> Iterator[str]:
+                  threads: Heard | None = None) -> TextStream:
     """The prompt, then its continuation piece by piece: `samples`' first, streamed; the prompt is checked at once."""
     dtype = decode_dtype(run.device, run.dtype, step is not None)
-    return itertools.chain([prompt], TextStream(run.model, run.tokenizer, _start(run, prompt), params, dtype, step,
-                                                past_eot=True, threads=threads))
+    return TextStream(run.model, run.tokenizer, _start(run, prompt), params, dtype, step, past_eot=True,
+                      threads=threads, prefix=prompt)
 
 
 def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, step: Step | None = None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lmlab.core.config import SamplingParams
-from lmlab.inference.compiled import compilable, compile_step
+from lmlab.inference.compiled import compilable, compile_step, kept_or_compiled
 from lmlab.inference.decode import Decoder, Sequence, Step
 from lmlab.inference.graphs import Capture, GraphStep, compiled, cuda_graph
 from lmlab.inference.quantize import quantize, tolerance
@@ -63,14 +63,18 @@ def choose_step(model: LanguageModel, device: torch.device, compile: bool, weigh
 
 
 def build_step(choice: StepChoice, model: LanguageModel, dtype: torch.dtype, capacity: int,
-               capture: Callable[[], Capture] | None = None) -> tuple[Step | None, StepChoice]:
+               capture: Callable[[], Capture] | None = None, weights_sha256: str | None = None,
+               say: Callable[[str], None] = lambda line: None) -> tuple[Step | None, StepChoice]:
     """The step `choice` names for up to `capacity` rows (None: eager) and what decodes in the end: eager, with the
     reason, when the step fails its check (a capture that fails is ended first: lmlab.inference.graphs). `capture`
     makes how a bucket is captured, if not as CAPTURES says (a twin on the CPU). Weights the choice quantizes are
-    quantized here, in place."""
+    quantized here, in place. A compiled step of weights hashing to `weights_sha256` is kept for the next call of them
+    (`kept_or_compiled`, which tells `say` of its wait)."""
     quantize(model, choice.weights)
     if choice.compiled:
-        return compile_step(model, capacity, dtype), choice
+        if weights_sha256 is None:
+            return compile_step(model, capacity, dtype), choice
+        return kept_or_compiled(model, weights_sha256, capacity, dtype, choice.weights, say), choice
     if choice.kind not in CAPTURES:
         return None, choice
     capture = capture or CAPTURES[choice.kind]

@@ -206,8 +206,9 @@ def _boundary(sentence: Callable[[BaseException], str]) -> Iterator[None]:
 
 
 # What passes a plugin's call as it came: a stop (Ctrl-C; lmlab's stop signals raise KeyboardInterrupts, `Stopped`
-# and `Terminated`, and abandon a step with its own `StepAbandoned`), an exit asked for, a generator's close.
-PASSING = (KeyboardInterrupt, SystemExit, GeneratorExit)
+# and `Terminated`, and abandon a step with its own `StepAbandoned`) and an exit asked for. A GeneratorExit is the
+# plugin's own: a generator's close throws it at the generator's `yield`, and no call into a plugin holds one.
+PASSING = (KeyboardInterrupt, SystemExit)
 
 
 def _not_the_plugins(err: BaseException) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.errors import UserError
+from lmlab.core.jsontext import parse_json
 from lmlab.data.tokenizers import Tokenizer, json_object
 from lmlab.run.sandbox import RENDER_CHARS, RENDER_MEMORY, RENDER_SECONDS, RenderError, render
 
@@ -81,7 +82,7 @@ class ChatTemplate:
     @classmethod
     def from_json(cls, path: Path) -> ChatTemplate:
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = parse_json(path.read_text(encoding="utf-8"))
             return cls(raw["template"], dict(raw["tokens"]), tuple(raw["end_of_turn"]), raw.get("source", ""))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UserError(f"{path} is not a chat template written by `lmlab import-hf` ({err}); restore or "

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, fsync, human_bytes, sha256_file, writing
+from lmlab.core.jsontext import parse_json
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: finding the step folders needs none
     import torch
@@ -165,7 +166,7 @@ def to_prune(root: Path, keep: int, pinned: AbstractSet[str] = frozenset(), comi
 def load_state(folder: Path) -> dict[str, Any]:
     """Read state.json and verify the tensor files against their stored checksums."""
     try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = parse_json((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         state = None
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict):

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.fileio import atomic_write_text, locked_file
+from lmlab.core.jsontext import parse_json
 
 
 def kept(run: Path, section: str) -> list[dict[str, Any]]:
     """The results of `section`, oldest first; none where the file is missing or not of this shape."""
     try:
-        results = json.loads((run / "evaluations.json").read_text(encoding="utf-8")).get(section, [])
+        results = parse_json((run / "evaluations.json").read_text(encoding="utf-8")).get(section, [])
     except (OSError, json.JSONDecodeError, AttributeError):
         return []
     return [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
@@ -25,7 +26,7 @@ def keep(run: Path, section: str, result: dict[str, Any], key: tuple[str, ...]) 
     path = run / "evaluations.json"
     with locked_file(run / ".evaluations.lock"):
         try:
-            sections = json.loads(path.read_text(encoding="utf-8"))
+            sections = parse_json(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             sections = {}
         sections = sections if isinstance(sections, dict) else {}

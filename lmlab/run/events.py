@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from lmlab.core.jsontext import parse_json
+
 if TYPE_CHECKING:
     from lmlab.core.peak import Peak
 
@@ -93,8 +95,8 @@ def _event(line: bytes) -> dict[str, Any] | str:
     if _depth(line) > MAX_DEPTH:
         return f"nested deeper than {MAX_DEPTH} levels"
     try:
-        event = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or an integer of 4,300+ digits
+        event = parse_json(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
         return "not JSON in UTF-8"
     if not isinstance(event, dict) or not isinstance(event.get("event"), str):
         return "not an object with an event name"

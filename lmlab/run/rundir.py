@@ -16,6 +16,7 @@ from lmlab.core.config import RunConfig, checkpoint_name
 from lmlab.core.config_toml import load_config, to_toml
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, sha256_file
+from lmlab.core.jsontext import parse_json
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
 from lmlab.data.tokenizers import Tokenizer
@@ -130,8 +131,13 @@ class RunDir:
                          shlex.quote(str(self.path)), *settings])
 
     def unfinished(self) -> str | None:
-        """How a fine-tune that has not reached its end stands (running, stopped, killed); else None."""
-        if self.kind() != "fine-tuned":
+        """How a fine-tune that has not reached its end stands (running, stopped, killed), or a training run being
+        trained now; else None."""
+        kind = self.kind()
+        if kind == "trained" and self.running():
+            folders = self.step_folders()
+            return f"a training run being trained now ({folders[-1].name if folders else 'no checkpoint'} its newest)"
+        if kind != "fine-tuned":
             return None
         events = self.events()
         if events and events[-1].get("event") == "end" and not events[-1].get("stopped_by"):
@@ -194,13 +200,14 @@ class RunDir:
         })
 
     def resumed(self, step: int, checkpoint: str, device: torch.device, dtype: torch.dtype, world_size: int,
-                peak: Peak | None = None) -> None:
-        """Log that training continues from a checkpoint, on what machine, with the peak MFU divides by."""
+                peak: Peak | None = None, changed: dict[str, list[Any]] | None = None) -> None:
+        """Log that training continues from a checkpoint, on what machine, with the peak MFU divides by, and the
+        settings it changed (`changed`: {"train.batch_size": [old, new]}), in force from `step`."""
         from lmlab.core.device import machine
 
         self.log({"event": "resume", "step": step, "checkpoint": checkpoint, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "machine": machine(device),
-                  **peak_fields(peak, world_size)})
+                  **peak_fields(peak, world_size), **({"changed": changed} if changed else {})})
         self._resume_points = None
 
     def log(self, event: dict[str, Any]) -> None:
@@ -281,7 +288,7 @@ class RunDir:
 
     def dataset(self) -> dict[str, Any]:
         try:
-            return json.loads((self.path / "dataset.json").read_text(encoding="utf-8"))
+            return parse_json((self.path / "dataset.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return {}
 
@@ -305,7 +312,7 @@ class RunDir:
         if not path.exists():
             return None
         try:
-            return PromptFormat(**json.loads(path.read_text(encoding="utf-8")))
+            return PromptFormat(**parse_json(path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, TypeError):
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
@@ -344,7 +351,7 @@ class RunDir:
     def weights_sha256(self, which: str = "best") -> str | None:
         """A checkpoint's model.safetensors sha256 from its state.json (None if missing): what evaluations key."""
         try:
-            state = json.loads((self.checkpoint(self._best_or_latest(which)) / "state.json").read_text("utf-8"))
+            state = parse_json((self.checkpoint(self._best_or_latest(which)) / "state.json").read_text("utf-8"))
             return state["files"]["model.safetensors"]
         except (UserError, OSError, ValueError, KeyError, TypeError):
             return None

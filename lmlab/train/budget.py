@@ -240,14 +240,19 @@ class Budget:
                 - self.plan.finish_seconds)
 
     def final_windows(self, batch_size: int, spent: float) -> int:
-        """The windows the final score covers with `spent` seconds gone: those that fit what is left of the budget
-        before the exit, at the pace the steps now show (an evaluation runs on the cores the steps do), up to the
-        whole split; as planned in a resumed run, whose clock is another process's."""
+        """The windows the final score covers with `spent` seconds gone, at the pace the steps now show (an evaluation
+        runs on the cores the steps do): those planned, and more where what is left of the budget before the exit
+        holds them, up to the whole split; fewer, those that fit, only where the planned ones would end the run past
+        HELD_SHARE of its budget. A last step that ends late (its evaluation took longer than the one before) is the
+        steps' lateness, not the final score's: taken from it, a score planned at a fraction of a second would
+        shrink to a batch. As planned in a resumed run, whose clock is another process's."""
         p = self.plan
         if not self.live or p.final_seconds <= 0 or p.step_seconds <= 0:
             return p.final_windows
         batch = p.final_seconds / -(-p.final_windows // batch_size) * self.pace / p.step_seconds
-        return final_windows(p.val_windows, batch_size, p.seconds - spent - p.finish_seconds, batch)
+        fits = final_windows(p.val_windows, batch_size, p.seconds - spent - p.finish_seconds, batch)
+        late = spent + -(-p.final_windows // batch_size) * batch + p.finish_seconds - (1 + HELD_SHARE) * p.seconds
+        return max(fits, p.final_windows) if late <= 0 else fits
 
     def _began(self, step: int) -> float:
         """The seconds spent when `step` begins, as the newest known start and the pace foresee it."""
@@ -406,8 +411,9 @@ class Budget:
                 f"start-up; the LR follows the budget's clock to {train.min_lr:.1e} at its end"]
         cut = (f", the whole split taking more than {FINAL_SHARE:.0%} of the budget" if p.final_windows < p.val_windows
                else "")
-        said.append(f"the final score on the val windows that the time left at the end holds: "
-                    f"{covered(p.final_windows, p.val_windows)} ({p.final_seconds:.1f} s) as planned{cut}")
+        said.append(f"the final score on {covered(p.final_windows, p.val_windows)} ({p.final_seconds:.1f} s){cut}, "
+                    f"more where the time left at the end holds them, fewer only where the run would end over "
+                    f"{HELD_SHARE:.0%} past its budget")
         if p.eval_iters < train.eval_iters:
             said.append(f"evaluations of {p.eval_iters} batch{'es' * (p.eval_iters > 1)} a split, not "
                         f"{train.eval_iters} (train.eval_iters): at that many they would take more than "

@@ -12,19 +12,38 @@ import torch
 from rich.console import Console
 
 from lmlab.core.config import RunConfig, TrainConfig, checkpoint_label, checkpoint_name
-from lmlab.core.config_toml import to_dict
+from lmlab.core.config_toml import to_dict, toml_value
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
 from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
+from lmlab.train.budget import BY_STEPS
 from lmlab.train.distributed import Parallel
+from lmlab.train.preflight import resolve_config
 from lmlab.train.state import TrainingState, upgrade_training
 from lmlab.train.stop import Writes
 
+# What a resume does with a [train] setting its --set changes from the run's config.toml. One in KEPT was settled as
+# the run began and its checkpoint goes on with it: refused. One in PLANNED a budget's plan fixed: refused while the
+# run goes on by that plan; by steps, the schedule's are laid again from where the LR stands and said
+# (`Schedule.resume_with`). Every other setting, and data.dataset, is honoured from the step resumed at and named in
+# the resume event; a [model] setting is the weights' shape, refused by `Checkpointer.resume`.
+KEPT = {"seed": "seeded the weights and the order of the batches, which its checkpoint goes on with",
+        "optimizer": "made the optimizer state its checkpoint holds",
+        **dict.fromkeys(("weight_decay", "beta1", "beta2"), "is part of the optimizer state its checkpoint holds"),
+        "micro_batch": "was settled as the run began (config.toml keeps the result; set batch_size and "
+                       "grad_accum_steps instead)",
+        "attention": "chose the attention path its checkpoint goes on by"}
+PLANNED = ("max_iters", "eval_iters", "learning_rate", "min_lr", "schedule", "decay_fraction", "warmup_iters",
+           "warmup_epochs")
 
-def check_resumable(run: RunDir, dataset: str) -> None:
-    """Only a trained run has a training state to continue, and only on a dataset that is here."""
+
+def check_resumable(run: RunDir, cfg: RunConfig) -> tuple[RunConfig, dict[str, list[Any]]]:
+    """Only a trained run has a training state to continue, only on a dataset that is here, and only with settings it
+    can honour (`KEPT`, `PLANNED`); `cfg` going on by the micro-batch it trained by (in config.toml; older runs': as
+    written), and the [data] and [train] settings it changes, {"train.batch_size": [8, 16]}."""
+    dataset = cfg.data.dataset
     kind = run.kind()
     if kind == "fine-tuned":
         go_on = (f"continue it with the fine-tuning command that made it: `{run.resume_command()}`" if run.unfinished()
@@ -38,6 +57,34 @@ def check_resumable(run: RunDir, dataset: str) -> None:
         raise UserError(f"{run.path} was trained on {dataset}, which is not here (moved or deleted); continue it on "
                         f"the dataset where it is now with `lmlab train --resume {run.path} --set data.dataset=DIR`, "
                         "or put the dataset back.")
+    old, new = to_dict(run.config()), to_dict(resolve_config(cfg)[0])  # warmup_epochs as the steps config.toml keeps
+    if new["train"]["micro_batch"] == "set":  # what every resume trains by (`Trainer`): no change asked
+        old["train"]["micro_batch"] = "set"
+    changed = {f"{section}.{k}": [v, new[section][k]] for section in ("data", "train")
+               for k, v in old[section].items() if new[section][k] != v}
+    budget = old["train"]["budget_seconds"]
+    for key, (was, asked) in changed.items():
+        name, setting = key.removeprefix("train."), f"--set {key}={_shown(asked)}"
+        if name in KEPT:
+            raise UserError(f"{run.path} cannot resume with {setting} ({_shown(was)} as it trained): it "
+                            f"{KEPT[name]}; resume without it, or start a new run from its weights with "
+                            f"`lmlab train CONFIG --init-from {run.path}`.")
+        if name in PLANNED and budget and new["train"]["budget_seconds"] == budget:
+            raise UserError(f"{run.path} resumes by the plan of its {budget:g} s budget, which fixed {key} "
+                            f"({_shown(was)}), so {setting} cannot take effect; resume it by steps with it "
+                            f"({BY_STEPS}: the LR goes on from where it stands), or without it.")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch="set")), changed
+
+
+def from_here(changed: dict[str, list[Any]]) -> str:
+    """The settings a resume changed, as its line ends on them."""
+    said = ", ".join(f"{key} {toml_value(was)} -> {toml_value(now)}" for key, (was, now) in changed.items())
+    return f"; from here {said}" if said else ""
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as --set takes it: text bare, the rest as TOML writes it."""
+    return value if isinstance(value, str) else toml_value(value)
 
 
 def check_tokenizer(run: RunDir, dataset: str, name: str) -> None:

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lmlab.core.config import FinetuneConfig, RunConfig
+from lmlab.core.config import FinetuneConfig, RunConfig, TrainConfig
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
+from lmlab.core.jsontext import parse_json
 from lmlab.core.machine import Machine
 from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
@@ -175,7 +176,7 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
         run.check_new()  # says what the run is and where to go instead
     theirs = run.events(limit=1)[0].get("origin") or {}
     # Before the fine-tune trained through the Trainer, its checkpoints held a `position` the Trainer cannot read.
-    saved = json.loads((run.checkpoint("latest") / "state.json").read_text()).get("training") or {}
+    saved = parse_json((run.checkpoint("latest") / "state.json").read_text()).get("training") or {}
     if "base" not in theirs or "position" in saved:
         raise UserError(f"{run.path} holds an unfinished fine-tune written by an earlier version of lmlab, whose "
                         "fine-tunes cannot be continued; choose a new --out.")
@@ -199,13 +200,16 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
 def _finetune_config(base: RunConfig, ft: FinetuneConfig, steps_per_epoch: int) -> RunConfig:
     """The base run's config with the [train] the fine-tune trains by: a warmup of 5% of the steps, then a cosine to a
     tenth of the peak over the whole fine-tune; an evaluation of the held-out records at each epoch's end, never an
-    early stop; uncompiled, as the padded batches change length from step to step."""
+    early stop, with a train line (its grad norm) in every epoch; uncompiled, as the padded batches change length
+    from step to step."""
     total = ft.epochs * steps_per_epoch
     train = dataclasses.replace(base.train, learning_rate=ft.learning_rate, min_lr=ft.learning_rate / 10,
-                                schedule="cosine", warmup_iters=total // 20, warmup_epochs=0.0, max_iters=total,
+                                schedule="cosine", decay_fraction=TrainConfig.decay_fraction,
+                                warmup_iters=total // 20, warmup_epochs=0.0, max_iters=total,
                                 lr_decay_iters=0, batch_size=ft.batch_size, grad_accum_steps=1, seed=ft.seed,
                                 compile=False, attention=ft.attention, threads=ft.threads,
                                 eval_interval=steps_per_epoch, checkpoint_interval=ft.checkpoint_interval,
+                                log_interval=min(base.train.log_interval, steps_per_epoch),
                                 patience=0, budget_seconds=0.0, tracker="none")
     return dataclasses.replace(base, train=train, finetune=ft)
 
@@ -269,6 +273,9 @@ class Finetuner(Trainer):
         if base.checkpoint != "best":
             self.console.print(f"note: {self.base_dir} has no best checkpoint (it was never evaluated); fine-tuning "
                                f"its latest (step {base.step})")
+        if unfinished := base.run.unfinished():
+            self.console.print(f"note: {self.base_dir} is {unfinished}, not a finished result; fine-tuning its "
+                               f"{base.checkpoint} checkpoint (step {base.step}) as it stands", highlight=False)
         self.run_dir.begin("fine-tuned", self.model, self.cfg, base.run.dataset(), init_from=str(self.base_dir),
                            device=self.device, dtype=self.dtype, origin=self.origin)
         self.epochs.base_val_loss = self._held_out().loss

@@ -29,7 +29,7 @@ from lmlab.model.memory import check_training, fit_micro_batch
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
-from lmlab.train.checkpointer import Checkpointer, check_resumable
+from lmlab.train.checkpointer import Checkpointer, check_resumable, from_here
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
@@ -87,9 +87,7 @@ class Trainer(Reports):
         with self._unlocked_on_failure():
             if job.is_main:
                 self._held.enter_context(self.run_dir.locked())
-            if resume:  # it goes on by the micro-batch it trained by, in config.toml (older runs': as written)
-                check_resumable(self.run_dir, cfg.data.dataset)
-                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch="set"))
+            cfg, self.changed = check_resumable(self.run_dir, cfg) if resume else (cfg, {})  # what --set changes
             chosen = self._build(cfg, device, console, init_from)
             resume = resume or self._restarted()
             self._parts(resume)
@@ -261,10 +259,11 @@ class Trainer(Reports):
             self.console.print(line, highlight=False)
         if self.parallel.is_main:
             self.run_dir.truncate_after(step)
-            self.run_dir.resumed(step, folder.name, self.device, self.dtype, self.parallel.world_size, self.peak)
+            self.run_dir.resumed(step, folder.name, self.device, self.dtype, self.parallel.world_size, self.peak,
+                                 self.changed)
             self.checkpointer.say_retention(self.schedule.last_step)
-        took = f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)  # checked and loaded
-        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}) in {took}.")
+        took = (f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)) + from_here(self.changed)  # loaded
+        self.console.print(f"Resumed {self.run_dir.path} from {folder.name} (step {step}) in {took}.", highlight=False)
 
     def _lost(self, err: BaseException) -> PeerLost | None:
         said = self.parallel.lost(err) if hasattr(self, "parallel") else None
@@ -301,8 +300,9 @@ class Trainer(Reports):
         p, schedule = self.progress, self.schedule
         self.model.train()
         self.clock.start()
-        if self.budget.live:
-            self.console.print(self.budget.describe(self.cfg.train), highlight=False)
+        said = self.budget.describe(self.cfg.train) if self.budget.live else schedule.unreached(p.step)
+        if said:  # the budget's plan, or a note on what of the schedule cannot take effect
+            self.console.print(said, style=None if self.budget.live else "yellow", highlight=False)
         with self._stop as stop:
             with progress_bar(self.console) as bar:
                 task = TaskID(bar.add_task("train", total=schedule.last_step, completed=p.step, info=""))

@@ -154,8 +154,32 @@ class Schedule:
         if end <= step:
             return f"schedule {how} from step {step}: lr {lr:.1e}, min_lr since step {end}"
         rising = (f", rising to {new.learning_rate:.1e} by step {new.warmup_iters} (warmup), then"
-                  if self.decay is None and step < new.warmup_iters else "")
+                  if self.decay is None and step < new.warmup_iters < end else "")  # else `unreached` says it
         return f"schedule {how} from step {step}: lr {lr:.1e}{rising} -> {new.min_lr:.1e} at step {end}"
+
+    def unreached(self, step: int) -> str | None:
+        """What of the schedule cannot take effect in the steps from `step` to the last, as a note: a
+        decay_fraction of a kind that has none; by steps, a warmup as long as the run (the LR never reaches its peak,
+        nor min_lr), a decay ending by the warmup's end (no step at the peak) or after the run (never min_lr).
+        None where it all does (a budget's plan fits warmup and decay to its steps)."""
+        t, last = self.train, self.last_step
+        said = [f"train.decay_fraction ({t.decay_fraction:g}) is wsd's; train.schedule {t.schedule} has none"] \
+            if t.schedule != "wsd" and t.decay_fraction != TrainConfig.decay_fraction else []
+        end = self.unscaled_lr(last - 1) if self.budget is None and last > step else t.min_lr
+        laid = self.budget is None and self.decay is None and step <= t.warmup_iters  # the config's own warmup to come
+        if laid and step < t.warmup_iters and last <= t.warmup_iters:
+            said.append(f"train.warmup_iters ({t.warmup_iters:,}) is not below the {last:,} steps: the LR rises to "
+                        f"{end:.1e}, never to learning_rate ({t.learning_rate:.1e}), and never falls to min_lr")
+        elif laid and decay_end(t) <= t.warmup_iters + 1:
+            said.append(f"the decay ends at step {decay_end(t):,}, leaving no step at the peak after the "
+                        f"{t.warmup_iters:,} of the warmup: the LR goes from "
+                        f"{self.unscaled_lr(t.warmup_iters - 1):.1e} to min_lr at step {t.warmup_iters:,}, never to "
+                        f"learning_rate ({t.learning_rate:.1e})")
+        elif end > t.min_lr * (1 + 1e-6):
+            said.append(f"its last step trains at {end:.1e}, above min_lr ({t.min_lr:.1e})" +
+                        (f": the decay ends at step {decay_end(t):,} (train.lr_decay_iters), after the run"
+                         if decay_end(t) > last else ""))
+        return f"note: {'; '.join(said)}" if said else None
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the schedule its run followed (config.toml may be rewritten by a resume that did

@@ -17,6 +17,7 @@ from typing import Any
 
 from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
+from lmlab.core.jsontext import parse_json
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import (
     Continuation,
@@ -104,7 +105,7 @@ def read_prompts(path: Path) -> list[str]:
         raise UserError(f"{path} cannot be read ({err.strerror}); pass a text file with one prompt per line.")
     if path.suffix == ".json":
         try:
-            prompts = json.loads(text)
+            prompts = parse_json(text)
         except json.JSONDecodeError as err:
             raise UserError(f"{path} is not valid JSON ({err}); write a JSON list of prompts, e.g. [\"ROMEO:\"].")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):

@@ -117,7 +117,7 @@ class Output:
         self.completed |= self.writers["train" if self.split == "train" else "valstage"].append(ids)
         self.doc_written += len(ids)
 
-    def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int, ends: tuple | None) -> bool:
+    def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int, ends: np.ndarray | None) -> bool:
         """Write one chunk of a document's ids; False when --max-tokens is reached. In crop mode the document becomes
         one padded row, and a cut's val split ends at its ask, in the chunk if it must, each counting the kept text's
         bytes and characters (`ends`: per-token character and byte ends)."""
@@ -181,8 +181,7 @@ class Output:
     def add_batch(self, tags: list[tuple], encoded: Encoded) -> bool:
         offset = 0
         for tag, length, nbytes, characters in zip(tags, encoded.lengths, encoded.nbytes, encoded.chars):
-            ends = None if encoded.char_ends is None or encoded.byte_ends is None else (
-                encoded.char_ends[offset:offset + length], encoded.byte_ends[offset:offset + length])
+            ends = None if encoded.ends is None else encoded.ends[:, offset:offset + length]
             if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes), int(characters), ends):
                 return False
             offset += length

@@ -95,10 +95,8 @@ class CausalSelfAttention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.size()
         hs, kv = self.head_size, self.n_kv_head
-        q, k, v = matmul(self.c_attn, x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        qkv = matmul(self.c_attn, x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
+        q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in qkv)  # (B, nh, T, hs), k and v (B, nkv, T, hs)
         if self.q_norm is not None and self.k_norm is not None:  # bounds the attention logits, which can spike the loss
             # in fp32, as autocast runs LayerNorm
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
@@ -191,12 +189,10 @@ class GPT(HeadOverStates):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def hidden_matrices(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from functools import lru_cache
@@ -41,19 +40,19 @@ def render(template: str, variables: dict[str, Any], limit: int = RENDER_CHARS) 
     """`template` rendered with `variables` (JSON values) by a worker, at most `limit` characters long; a
     RenderError otherwise."""
     request = _line_of({"template": template, "variables": variables, "limit": limit})
-    with _lock:
-        worker = _idle.pop() if _idle else None
-    worker = worker or _Worker()
+    try:
+        worker = _idle.pop()
+    except IndexError:  # none idle
+        worker = _Worker()
     try:
         return worker.ask(request)
     finally:
         if worker.alive():
-            with _lock:
-                _idle.append(worker)
+            _idle.append(worker)
 
 
+# Workers no render is using. A list's pop and append are each atomic, so threads share it without a lock.
 _idle: list[_Worker] = []
-_lock = threading.Lock()
 
 
 def _line_of(value: Any) -> bytes:
@@ -145,9 +144,9 @@ def _environment() -> Any:
     from jinja2.utils import missing
 
     class Unset(jinja2.Undefined):
-        """A variable nobody passed is Jinja's StrictUndefined, which fails where it is used (printed, tested, looped
-        over, compared); a missing key or attribute of a value the template was given is a plain Undefined, empty as
-        in transformers. `is defined` works for both."""
+        """A variable nobody passed is Jinja's StrictUndefined, which fails where it is used (printed,
+        tested, looped over, compared); a missing key or attribute of a value the template was given is a
+        plain Undefined, empty as in transformers. `is defined` works for both."""
 
         def __new__(cls, hint: str | None = None, obj: Any = missing, name: str | None = None,
                     exc: type[jinja2.TemplateRuntimeError] = jinja2.UndefinedError) -> Any:

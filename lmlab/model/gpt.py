@@ -96,7 +96,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.size()
         hs, kv = self.head_size, self.n_kv_head
         qkv = matmul(self.c_attn, x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
-        q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in qkv)  # (B, nh, T, hs), k and v (B, nkv, T, hs)
+        q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in qkv)  # (B, nh or nkv, T, hs)
         if self.q_norm is not None and self.k_norm is not None:  # bounds the attention logits, which can spike the loss
             # in fp32, as autocast runs LayerNorm
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
@@ -256,10 +256,8 @@ class GPT(HeadOverStates):
         x = self.transformer.wte(idx).float()  # (B, T, C)
         if self.bigram is not None:
             x = x + self.pairs(idx, positions, cache)
-        rope = None
-        if self.rotary is not None:
-            rope = self.rotary(positions)
-        else:
+        rope = self.rotary(positions) if self.rotary is not None else None
+        if rope is None:
             x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:

@@ -98,8 +98,7 @@ def _read_template(folder: Path) -> tuple[str, Path] | None:
     config = folder / "tokenizer_config.json"
     raw = json_object(config).get("chat_template")
     if isinstance(raw, list):
-        named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
-        raw = named.get("default")
+        raw = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}.get("default")
     if raw is None:
         return None
     if not isinstance(raw, str) or not raw.strip():

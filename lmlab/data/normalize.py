@@ -21,7 +21,8 @@ ASCII_MAP = {"‘": "'", "’": "'", "‚": "'", "‛": "'", "“": '"', "”": 
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "-": "-", "s": " "}
 
 
-# a character, or an escape: a backslash and what follows it, if anything (possessive: never the backslash alone)
+# a character, or an escape: a backslash and what follows it, if anything (possessive: never the backslash
+# alone)
 _ITEM = r"\\[\s\S]?+|[^\\]"
 _PART = re.compile(f"({_ITEM})-({_ITEM})|({_ITEM})")  # a range low-high (its `-` not escaped), or one item
 
@@ -45,8 +46,8 @@ def parse_chars(text: str, option: str) -> str:
     for part in parts:  # [low, high] or [the character]
         low, high = part[0], part[-1]
         if ord(high) < ord(low):
-            raise UserError(f"{option} {text!r}: the range {low!r}-{high!r} runs backwards; write it low to high, "
-                            "e.g. a-z.")
+            raise UserError(f"{option} {text!r}: the range {low!r}-{high!r} runs backwards; write it low to "
+                            "high, e.g. a-z.")
         chars |= {chr(c) for c in range(ord(low), ord(high) + 1)}
     if not chars:
         raise UserError(f"{option} is empty; name the characters, e.g. {option} 'a-z \\n'.")

@@ -104,7 +104,8 @@ def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray,
 def _chars_per_token(tokenizer: Tokenizer, files: list[str], options: PrepareOptions, plan: np.ndarray,
                      cut: int | None) -> float:
     """Characters per token of the tokenizer on up to SAMPLE_CHARS of the train documents' text."""
-    texts = list(itertools.islice(_training_texts(files, options, plan, cut, tokenizer.kind, SAMPLE_CHARS), 1000))
+    sample = _training_texts(files, options, plan, cut, tokenizer.kind, SAMPLE_CHARS)
+    texts = list(itertools.islice(sample, 1000))
     tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts))
     return sum(map(len, texts)) / tokens if tokens else FIRST_GUESS
 

@@ -120,9 +120,10 @@ class _Worker:
         return line
 
     def _end(self) -> None:
+        """Kill the worker; its stderr file stays readable (`_start_failure` reads it after) until the worker is
+        dropped."""
         self.proc.kill()
         self.proc.wait()
-        self.errors.close()
 
 
 # -- the worker's side ------------------------------------------------------------------------------------------

@@ -179,20 +179,17 @@ class GPT(HeadOverStates):
         self.lm_head = nn.Linear(config.n_embd, padded, bias=False)
         if config.tie_embeddings:
             wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
+        for module in self.modules():  # the leaves in the order `apply` visits them, so the same draws
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.weight)
         # GPT-2: each block adds two residual projections
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def hidden_matrices(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]

@@ -31,8 +31,8 @@ class Encoded(NamedTuple):
     nbytes: np.ndarray  # int64, UTF-8 bytes per text (bits per byte divides by them)
     chars: np.ndarray  # int64, characters per text
     # With `ends` (a cropped dataset, which keeps a document's first tokens only, or a --max-tokens cut, whose val
-    # split ends inside a document): (2, ids) int64, for each id the characters (row 0) and UTF-8 bytes (row 1) of its
-    # text up to the end of that token, so the kept part of a text can be counted.
+    # split ends inside a document): (2, ids) int64, for each id the characters (row 0) and UTF-8 bytes (row
+    # 1) of its text up to the end of that token, so the kept part of a text can be counted.
     ends: np.ndarray | None = None
 
 
@@ -103,6 +103,5 @@ def encode_in_order(batches: Iterator[tuple[Any, list[str]]], tokenizer_path: Pa
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                 tag, result = pending.popleft()
                 yield tag, result.get()
-        while pending:
-            tag, result = pending.popleft()
+        for tag, result in pending:
             yield tag, result.get()

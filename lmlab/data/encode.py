@@ -31,10 +31,9 @@ class Encoded(NamedTuple):
     nbytes: np.ndarray  # int64, UTF-8 bytes per text (bits per byte divides by them)
     chars: np.ndarray  # int64, characters per text
     # With `ends` (a cropped dataset, which keeps a document's first tokens only, or a --max-tokens cut, whose val
-    # split ends inside a document): for each id, the characters and UTF-8 bytes of its text up to the end of that
-    # token, so the kept part of a text can be counted.
-    char_ends: np.ndarray | None = None
-    byte_ends: np.ndarray | None = None
+    # split ends inside a document): (2, ids) int64, for each id the characters (row 0) and UTF-8 bytes (row
+    # 1) of its text up to the end of that token, so the kept part of a text can be counted.
+    ends: np.ndarray | None = None
 
 
 def _start_worker(path: str, spec: str) -> None:
@@ -57,35 +56,32 @@ def _groups(texts: list[str]) -> Iterator[list[str]]:
         yield group
 
 
-def _ends(text: str, offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Characters and UTF-8 bytes of `text` up to the end of each token (tokens never end mid-character)."""
+def _ends(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Characters and UTF-8 bytes of `text` up to the end of each token, (2, tokens) (tokens never end
+    mid-character)."""
     chars = np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))
     points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     widths = 1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)
     nbytes = np.concatenate([[0], np.cumsum(widths)])
-    return chars, nbytes[chars]
+    return np.stack([chars, nbytes[chars]])
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], ends: bool = False) -> Encoded:
     """Every text's ids, counts and (with `ends`) token end positions, encoded ENCODE_CHARS characters at a time so
     that the tokenizer's per-token objects never exceed that; the texts are chunks of at most
     tokenizers.CHUNK_CHARS characters."""
-    ids, lengths, char_ends, byte_ends = [], [], [], []
+    ids, lengths, token_ends = [], [], []
     for group in _groups(texts):
         for text, encoding in zip(group, tokenizer.encode_batch(group)):
             ids.append(np.asarray(encoding.ids, dtype=np.uint32))
             lengths.append(len(encoding.ids))
             if ends:
-                chars, nbytes = _ends(text, encoding.offsets)
-                char_ends.append(chars)
-                byte_ends.append(nbytes)
+                token_ends.append(_ends(text, encoding.offsets))
     nbytes = np.fromiter((len(t.encode()) for t in texts), dtype=np.int64, count=len(texts))
     chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
-    if not ends:
-        return Encoded(flat, np.asarray(lengths, np.int64), nbytes, chars)
-    return Encoded(flat, np.asarray(lengths, np.int64), nbytes, chars, np.concatenate(char_ends),
-                   np.concatenate(byte_ends))
+    return Encoded(flat, np.asarray(lengths, np.int64), nbytes, chars,
+                   np.concatenate(token_ends, axis=1) if ends else None)
 
 
 def _encode_in_worker(texts: list[str], ends: bool) -> Encoded:
@@ -107,6 +103,5 @@ def encode_in_order(batches: Iterator[tuple[Any, list[str]]], tokenizer_path: Pa
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                 tag, result = pending.popleft()
                 yield tag, result.get()
-        while pending:
-            tag, result = pending.popleft()
+        for tag, result in pending:
             yield tag, result.get()

@@ -5,6 +5,7 @@ then the kept or dropped characters."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,37 +21,34 @@ ASCII_MAP = {"‘": "'", "’": "'", "‚": "'", "‛": "'", "“": '"', "”": 
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "-": "-", "s": " "}
 
 
-def _items(text: str, option: str) -> list[tuple[str, bool]]:
-    """The characters of a --keep-chars / --drop-chars value, each with whether it is a range's `-`."""
-    items, at = [], 0
-    while at < len(text):
-        if text[at] != "\\":
-            items.append((text[at], text[at] == "-"))
-            at += 1
-            continue
-        if text[at + 1:at + 2] not in ESCAPES:
-            raise UserError(f"{option} {text!r}: {text[at:at + 2]!r} is no escape it knows; write \\n, \\t, \\r, \\s "
-                            "(a space), \\\\ or \\- (or the character itself).")
-        items.append((ESCAPES[text[at + 1]], False))
-        at += 2
-    return items
+# a character, or an escape: a backslash and what follows it, if anything (possessive: never the backslash
+# alone)
+_ITEM = r"\\[\s\S]?+|[^\\]"
+_PART = re.compile(f"({_ITEM})-({_ITEM})|({_ITEM})")  # a range low-high (its `-` not escaped), or one item
+
+
+def _char(item: str, text: str, option: str) -> str:
+    """The character an item of the --keep-chars / --drop-chars value `text` stands for."""
+    if item[0] != "\\":
+        return item
+    if item[1:] not in ESCAPES:
+        raise UserError(f"{option} {text!r}: {item!r} is no escape it knows; write \\n, \\t, \\r, \\s "
+                        "(a space), \\\\ or \\- (or the character itself).")
+    return ESCAPES[item[1]]
 
 
 def parse_chars(text: str, option: str) -> str:
     """The characters a --keep-chars / --drop-chars value names, sorted: itself, where `a-z` is a range and `\\n`,
     `\\t`, `\\r`, `\\s` (a space), `\\\\` and `\\-` stand for those characters (a `-` first or last is itself)."""
-    items, chars, at = _items(text, option), set(), 0
-    while at < len(items):
-        if at + 2 < len(items) and items[at + 1][1]:  # low, -, high
-            low, high = items[at][0], items[at + 2][0]
-            if ord(high) < ord(low):
-                raise UserError(f"{option} {text!r}: the range {low!r}-{high!r} runs backwards; write it low to high, "
-                                "e.g. a-z.")
-            chars |= {chr(c) for c in range(ord(low), ord(high) + 1)}
-            at += 3
-        else:
-            chars.add(items[at][0])
-            at += 1
+    # every escape checked before any range
+    parts = [[_char(item, text, option) for item in match.groups() if item] for match in _PART.finditer(text)]
+    chars: set[str] = set()
+    for part in parts:  # [low, high] or [the character]
+        low, high = part[0], part[-1]
+        if ord(high) < ord(low):
+            raise UserError(f"{option} {text!r}: the range {low!r}-{high!r} runs backwards; write it low to "
+                            "high, e.g. a-z.")
+        chars |= {chr(c) for c in range(ord(low), ord(high) + 1)}
     if not chars:
         raise UserError(f"{option} is empty; name the characters, e.g. {option} 'a-z \\n'.")
     if len(chars) > MOST_CHARS:  # each is written into meta.json and the tokenizer: all of Unicode made 26 MB
@@ -69,14 +67,10 @@ TEXT_CHARS = 0x110000 - 0x800  # Unicode's code points less the surrogates, whic
 
 def _char_class(chars: str) -> str:
     """An Oniguruma character class body matching exactly `chars`, runs of code points written as ranges."""
-    points, parts, at = sorted(map(ord, chars)), [], 0
-    while at < len(points):
-        end = at
-        while end + 1 < len(points) and points[end + 1] == points[end] + 1:
-            end += 1
-        parts.append(f"\\x{{{points[at]:x}}}" + (f"-\\x{{{points[end]:x}}}" if end > at else ""))
-        at = end + 1
-    return "".join(parts)
+    points = sorted(map(ord, chars))
+    firsts = [p for i, p in enumerate(points) if i == 0 or points[i - 1] != p - 1]
+    lasts = [p for i, p in enumerate(points) if i == len(points) - 1 or points[i + 1] != p + 1]
+    return "".join(f"\\x{{{a:x}}}" + (f"-\\x{{{b:x}}}" if b > a else "") for a, b in zip(firsts, lasts))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.core.config import check_counts
+from lmlab.core.config import check_choice, check_counts
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, fsync, host_memory, human_bytes, writing
 from lmlab.data.encode import Encoded
@@ -39,8 +39,7 @@ class PrepareOptions:
     normalization: Normalization = field(default_factory=Normalization)  # what the text goes through first
 
     def __post_init__(self) -> None:
-        if self.pack not in ("concat", "crop"):
-            raise UserError(f"--pack is {self.pack!r}; use concat or crop.")
+        check_choice("--pack", self.pack, ("concat", "crop"))
         names = ("val_tokens", "max_tokens", "block_size", "shard_tokens", "workers", "tokenizer_chars")
         check_counts("--", {name.replace("_", "-"): getattr(self, name) for name in names
                             if getattr(self, name) is not None})
@@ -117,7 +116,7 @@ class Output:
         self.completed |= self.writers["train" if self.split == "train" else "valstage"].append(ids)
         self.doc_written += len(ids)
 
-    def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int, ends: tuple | None) -> bool:
+    def add(self, tag: tuple, ids: np.ndarray, nbytes: int, characters: int, ends: np.ndarray | None) -> bool:
         """Write one chunk of a document's ids; False when --max-tokens is reached. In crop mode the document becomes
         one padded row, and a cut's val split ends at its ask, in the chunk if it must, each counting the kept text's
         bytes and characters (`ends`: per-token character and byte ends)."""
@@ -127,23 +126,18 @@ class Output:
         if self.split == "skip":
             self.docs_done = index + 1 if last else self.docs_done
             return True
-        kept = self._val_kept(len(ids))
-        if kept is not None:
-            assert ends is not None, "a cut encodes with ends"
-            characters, nbytes = (int(ends[0][kept - 1]), int(ends[1][kept - 1])) if kept else (0, 0)
-            ids = ids[:kept]
-        row, counts, encoded = self.options.row_length, self.counts[self.split], len(ids)
-        if row:
-            take = min(encoded, max(0, row - self.doc_ids))
-            if take < encoded:
-                assert ends is not None, "crop mode, the one with rows, encodes with ends"
-                characters, nbytes = (int(ends[0][take - 1]), int(ends[1][take - 1])) if take else (0, 0)
-                self.lost_tokens += encoded - take
-                ids = ids[:take]
+        kept, row = self._val_kept(len(ids)), self.options.row_length
+        encoded = len(ids) if kept is None else kept  # the document's tokens routed, before a crop
+        take = min(encoded, max(0, row - self.doc_ids)) if row else encoded  # and those written
+        if take < len(ids):
+            assert ends is not None, "a cut, and crop mode, encode with ends"
+            characters, nbytes = (int(ends[0][take - 1]), int(ends[1][take - 1])) if take else (0, 0)
+        counts = self.counts[self.split]
         counts["characters"] += characters
         counts["bytes"] += nbytes
+        self.lost_tokens += encoded - take
         self.doc_ids += encoded
-        self._write(ids)
+        self._write(ids[:take])
         if last or kept is not None:
             self._end_document(index, name)
         if kept is not None:  # the rest of the document is passed over
@@ -181,8 +175,7 @@ class Output:
     def add_batch(self, tags: list[tuple], encoded: Encoded) -> bool:
         offset = 0
         for tag, length, nbytes, characters in zip(tags, encoded.lengths, encoded.nbytes, encoded.chars):
-            ends = None if encoded.char_ends is None or encoded.byte_ends is None else (
-                encoded.char_ends[offset:offset + length], encoded.byte_ends[offset:offset + length])
+            ends = None if encoded.ends is None else encoded.ends[:, offset:offset + length]
             if not self.add(tag, encoded.ids[offset:offset + length], int(nbytes), int(characters), ends):
                 return False
             offset += length

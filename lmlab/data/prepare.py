@@ -3,7 +3,6 @@ after every shard, renamed into place at the end. docs/reference/data.md gives t
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import itertools
 import json
@@ -27,7 +26,6 @@ from rich.progress import (
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriterLock, atomic_write_text, fsync, plain_name, sha256_file
-from lmlab.core.jsontext import parse_json
 from lmlab.core.progress import TaskLines, task_lines
 from lmlab.core.version import __version__
 from lmlab.data.corpora import (
@@ -46,6 +44,7 @@ from lmlab.data.tokenizers import (
     TokenizerKind,
     chunk_spans,
     is_path,
+    json_object,
     load_pretrained,
     parse_spec,
     train_tokenizer,
@@ -89,8 +88,8 @@ def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, pla
 
 
 def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray, cut: int | None,
-                    kind: TokenizerKind) -> Iterator[str]:
-    """The train documents' text in chunks, up to options.tokenizer_chars characters, for a tokenizer to learn."""
+                    kind: TokenizerKind, most: int) -> Iterator[str]:
+    """The train documents' text in chunks, up to `most` characters, for a tokenizer to learn."""
     used = 0
     for index, doc in enumerate(iter_documents(files, options.text_field, options.normalization.function())):
         code, _, begin, end = parts(doc, index, plan, cut)[0]
@@ -98,15 +97,15 @@ def _training_texts(files: list[str], options: PrepareOptions, plan: np.ndarray,
             for a, b in chunk_spans(doc.text, begin, end, kind.name):
                 yield doc.text[a:b]
                 used += b - a
-                if used >= options.tokenizer_chars:
+                if used >= most:
                     return
 
 
 def _chars_per_token(tokenizer: Tokenizer, files: list[str], options: PrepareOptions, plan: np.ndarray,
                      cut: int | None) -> float:
     """Characters per token of the tokenizer on up to SAMPLE_CHARS of the train documents' text."""
-    texts = list(itertools.islice(_training_texts(files, dataclasses.replace(options, tokenizer_chars=SAMPLE_CHARS),
-                                                  plan, cut, tokenizer.kind), 1000))
+    sample = _training_texts(files, options, plan, cut, tokenizer.kind, SAMPLE_CHARS)
+    texts = list(itertools.islice(sample, 1000))
     tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts))
     return sum(map(len, texts)) / tokens if tokens else FIRST_GUESS
 
@@ -123,14 +122,9 @@ def _progress(console: Console | None) -> Progress | TaskLines:
 
 def _resume_or_start(work: Path, job: dict[str, Any]) -> dict[str, Any]:
     """The progress record of an interrupted prepare of the same job, or {} after clearing the work dir."""
-    record = work / "progress.json"
-    if record.exists():
-        try:
-            saved = parse_json(record.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            saved = {}
-        if saved.get("job") == job and (work / "tokenizer.json").exists():
-            return saved
+    saved = json_object(work / "progress.json")
+    if saved.get("job") == job and (work / "tokenizer.json").exists():
+        return saved
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     return {}
@@ -144,8 +138,8 @@ def _tokenizer(work: Path, spec: str, files: list[str], options: PrepareOptions,
         return Tokenizer.load(path, spec)
     task = progress.add_task("training the tokenizer", total=None, tokens="")
     # The separator is lmlab's, not the corpus's: a char vocabulary holds it even if no document has a line break.
-    tokenizer = fixed or train_tokenizer(spec, _training_texts(files, options, plan, found.first_cut, kind),
-                                         ["".join(sorted(found.charset | set(SEPARATOR)))])
+    texts = _training_texts(files, options, plan, found.first_cut, kind, options.tokenizer_chars)
+    tokenizer = fixed or train_tokenizer(spec, texts, ["".join(sorted(found.charset | set(SEPARATOR)))])
     progress.remove_task(task)
     tokenizer.save(path)
     return tokenizer

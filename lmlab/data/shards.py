@@ -16,7 +16,7 @@ import numpy as np
 import tokenizers
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_bytes, sha256_file, writing
+from lmlab.core.fileio import atomic_write_bytes, fsync, sha256_file, writing
 from lmlab.core.jsontext import parse_json
 
 FIX = "prepare the dataset again with `lmlab prepare ... --force`"  # what a dataset that fails a check needs
@@ -47,15 +47,12 @@ class TokenShards:
 
     def __getitem__(self, window: slice) -> np.ndarray:
         start, stop, _ = window.indices(len(self))
-        stop = max(start, stop)
-        index = min(bisect.bisect_right(self.starts, start) - 1, len(self.parts) - 1)
-        pieces = []
-        while True:  # inside one shard this is a memory-map view; across a boundary, a copy
-            offset = self.starts[index]
-            pieces.append(self.parts[index][start - offset:stop - offset])
-            if stop <= self.starts[index + 1] or index + 1 == len(self.parts):
-                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            start, index = self.starts[index + 1], index + 1
+        first = min(bisect.bisect_right(self.starts, start) - 1, len(self.parts) - 1)
+        last = max(first + 1, bisect.bisect_left(self.starts, stop))  # the window is in parts first..last - 1
+        pieces = [self.parts[i][max(0, start - self.starts[i]):max(0, stop - self.starts[i])]
+                  for i in range(first, last)]
+        # inside one shard this is a memory-map view; across a boundary, a copy
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
         whole = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
@@ -177,7 +174,7 @@ class ShardWriter:
 
     def append(self, tokens: np.ndarray) -> bool:
         """Add tokens; True when this completed at least one shard file."""
-        completed = False
+        shards = len(self.shards)
         while len(tokens):
             take = min(len(tokens), len(self.buffer) - self.fill)
             self.buffer[self.fill:self.fill + take] = tokens[:take]
@@ -185,15 +182,13 @@ class ShardWriter:
             tokens = tokens[take:]
             if self.fill == len(self.buffer):
                 self._write_shard()
-                completed = True
-        return completed
+        return len(self.shards) > shards
 
     def _write_shard(self) -> None:
         path = self.path(len(self.shards))
-        with writing(path), open(path, "wb") as f:
-            f.write(self.buffer[:self.fill].data)  # not tofile, whose errors lose the system's reason
-            f.flush()
-            os.fsync(f.fileno())
+        with writing(path):
+            path.write_bytes(self.buffer[:self.fill].data)  # not tofile, whose errors lose the system's reason
+            fsync(path)
         self.shards.append(self.fill)
         self.fill = 0
 

@@ -55,10 +55,9 @@ def landing(meta: dict[str, Any]) -> list[str]:
     is its ask (its last document cut there), and a --max-tokens cut larger than the corpus stops short. Counted as
     the split was chosen: before a crop cut the documents."""
     options, rule, lines = meta.get("options", {}), meta["split"], []
-    max_tokens, val_tokens = options.get("max_tokens"), rule.get("val_tokens")
     share = f"--val-fraction {rule.get('val_fraction')} of the --max-tokens cut"
-    asks = [("train", max_tokens, "--max-tokens"),
-            ("val", val_tokens, "--val-tokens" if options.get("val_tokens") else share)]
+    asks = [("train", options.get("max_tokens"), "--max-tokens"),
+            ("val", rule.get("val_tokens"), "--val-tokens" if options.get("val_tokens") else share)]
     for split, asked, what in asks:
         if not asked:
             continue

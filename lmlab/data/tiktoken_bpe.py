@@ -28,12 +28,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def read_tiktoken_file(path: Path) -> dict[bytes, int]:
     """A `.tiktoken` file: one `base64(token bytes) rank` pair per line."""
-    ranks = {}
-    for line in Path(path).read_text(encoding="ascii").splitlines():
-        if line.strip():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    pairs = (line.split() for line in Path(path).read_text(encoding="ascii").splitlines() if line.strip())
+    return {base64.b64decode(token): int(rank) for token, rank in pairs}
 
 
 def _tiktoken_ranks(name: str, eot: str) -> tuple[dict[bytes, int], str, int]:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -30,7 +31,8 @@ CHUNK_CHARS = 1 << 16  # a longer text is tokenized in chunks of at most this ma
 _SURROGATE = re.compile("[\ud800-\udfff]")  # never in text decoded strictly: a broken escape or a non-UTF-8 byte
 # Where every pre-tokenizer lmlab uses (GPT-2's, cl100k's, o200k's) starts a pre-token whatever surrounds it, so
 # text cut there encodes to the same ids in chunks as whole.
-_SAFE_CUT = re.compile(r"(?<=\S)[ \t]|(?<=[^\W_])[\r\n]")
+# The greedy prefix makes a match end at the last such place in the span it is given.
+_LAST_SAFE_CUT = re.compile(r"[\s\S]*((?<=\S)[ \t]|(?<=[^\W_])[\r\n])")
 
 
 # (spec's argument, train split's texts, every text, GPT-2's folder) -> the `tokenizers` tokenizer.
@@ -55,7 +57,6 @@ class TokenizerKind:
     # one token per character: no end-of-text token, text cut anywhere, an unseen character refused
     per_character: bool = False
     unknown: str | None = None  # the token that stands for text it has no tokens for (an export names it)
-    tokens_per_char: int = 4  # the most tokens one character may take: its UTF-8 bytes, in a byte-level vocabulary
 
     @property
     def named(self) -> bool:
@@ -106,13 +107,11 @@ def _bpe(argument: str, train_texts: Iterable[str], all_texts: list[str], gpt2_d
 
 
 TOKENIZER_KINDS = {kind.name: kind for kind in (
-    TokenizerKind(name="char", build=_char, model="WordLevel", gguf="rwkv", trained=True, per_character=True,
-                  tokens_per_char=1),
+    TokenizerKind(name="char", build=_char, model="WordLevel", gguf="rwkv", trained=True, per_character=True),
     # <unk> stands for a whole word, of any length, and GGUF has no tokenizer that maps unknown words to it
     TokenizerKind(name="word", build=_word, model="WordLevel", gguf=None, argument="N", minimum=1,
                   maximum=2**32 - 2, sizes="its ids, <unk> and <|endoftext|> included, fit in 32 bits, as the "
-                  "tokenizers library and the dataset's shards hold them", trained=True, unknown=UNK,
-                  tokens_per_char=1),
+                  "tokenizers library and the dataset's shards hold them", trained=True, unknown=UNK),
     # The trainer sets aside about 70 bytes a token of N before it reads a text (bpe:1000000000 asks for 70 GB and
     # aborts the process); 2**22 is under 400 MB of it, and 16 times Gemma's vocabulary (262,144), a large one.
     TokenizerKind(name="bpe", build=_bpe, model="BPE", gguf="gpt2", argument="N", minimum=257, maximum=2**22,
@@ -179,10 +178,6 @@ class Tokenizer:
     def most_chars(self, tokens: int) -> int | None:
         """The most characters `tokens` tokens can stand for; None when <unk> stands for a word of any length."""
         return None if self.kind.unknown else tokens * max(map(len, self.vocab), default=1)
-
-    def fewest_chars(self, tokens: int) -> int:
-        """The characters that take at most `tokens` tokens whatever they are."""
-        return max(0, tokens) // self.kind.tokens_per_char
 
     def normalize(self, text: str) -> str:
         """`text` through the normalisation its dataset was prepared with, if any."""
@@ -254,23 +249,11 @@ def chunk_spans(text: str, start: int, stop: int, kind: str, size: int = CHUNK_C
     document."""
     while stop - start > size:
         cut = start + size
-        if not TOKENIZER_KINDS[kind].per_character:
-            cut = _last_safe_cut(text, start + 1, cut) or cut
+        safe = None if TOKENIZER_KINDS[kind].per_character else _LAST_SAFE_CUT.match(text, start + 1, cut + 1)
+        cut = safe.start(1) if safe else cut
         yield start, cut
         start = cut
     yield start, stop
-
-
-def _last_safe_cut(text: str, low: int, high: int) -> int | None:
-    """The last safe cut in text[low:high + 1], in windows growing from the end."""
-    width = 64
-    while True:
-        found = None
-        for found in _SAFE_CUT.finditer(text, max(low, high - width), high + 1):  # noqa: B007 (the last match is used)
-            pass
-        if found or high - width <= low:
-            return found.start() if found else None
-        width *= 8
 
 
 def load_gpt2(folder: Path | None = None) -> Tokenizer:
@@ -298,11 +281,16 @@ def json_object(path: Path) -> dict:
     return raw if isinstance(raw, dict) else {}
 
 
+def token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: its text, or an AddedToken's {"content": ...}."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) and value else None
+
+
 def _eos_id(folder: Path, backend: tokenizers.Tokenizer) -> int | None:
     """A Hugging Face model's end-of-text id: eos_token, else eos_token_id, else `<|endoftext|>`'s."""
-    eos = json_object(folder / "tokenizer_config.json").get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if isinstance(eos, str) and backend.token_to_id(eos) is not None:
+    eos = token_text(json_object(folder / "tokenizer_config.json").get("eos_token"))
+    if eos is not None and backend.token_to_id(eos) is not None:
         return backend.token_to_id(eos)
     for name in ("generation_config.json", "config.json"):
         ids = json_object(folder / name).get("eos_token_id")

@@ -188,9 +188,8 @@ class Encoded:
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Choice:
     """A (context, continuation) pair as token ids, as lm-evaluation-harness makes them for a causal model."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    stripped = context.rstrip()  # the context's trailing blanks begin the continuation
+    context, continuation = stripped, context[len(stripped):] + continuation
     if not context:
         prefix, ids = document_start(tokenizer), tokenizer.encode(continuation)
         if len(prefix) == 1 and len(ids) > 1 and ids[0] == prefix[0]:  # lm-eval: then its first token is the context

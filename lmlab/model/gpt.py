@@ -95,10 +95,8 @@ class CausalSelfAttention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.size()
         hs, kv = self.head_size, self.n_kv_head
-        q, k, v = matmul(self.c_attn, x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        qkv = matmul(self.c_attn, x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
+        q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in qkv)  # (B, nh or nkv, T, hs)
         if self.q_norm is not None and self.k_norm is not None:  # bounds the attention logits, which can spike the loss
             # in fp32, as autocast runs LayerNorm
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
@@ -181,22 +179,17 @@ class GPT(HeadOverStates):
         self.lm_head = nn.Linear(config.n_embd, padded, bias=False)
         if config.tie_embeddings:
             wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
+        for module in self.modules():  # the leaves in the order `apply` visits them, so the same draws
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.weight)
         # GPT-2: each block adds two residual projections
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden_matrices(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]
@@ -260,10 +253,8 @@ class GPT(HeadOverStates):
         x = self.transformer.wte(idx).float()  # (B, T, C)
         if self.bigram is not None:
             x = x + self.pairs(idx, positions, cache)
-        rope = None
-        if self.rotary is not None:
-            rope = self.rotary(positions)
-        else:
+        rope = self.rotary(positions) if self.rotary is not None else None
+        if rope is None:
             x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:

@@ -157,13 +157,9 @@ def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) ->
 
 def scoring_need(config: ModelConfig) -> Need:
     """A forward without gradients per window of block_size tokens (an evaluation batch)."""
-    return remembered("scoring", config, (), lambda: _scoring_need(config), Need)
-
-
-def _scoring_need(config: ModelConfig) -> Need:
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
-    layer = _per_layer(config, _kept_bytes) // max(1, config.n_layer)
-    return Need(model_bytes(config), min(2 * logits + 2 * layer, UNCOUNTABLE))
+    kept = remembered("scoring", config, (), lambda: Need(0, _per_layer(config, _kept_bytes)), Need).each
+    return Need(model_bytes(config), min(2 * logits + 2 * (kept // max(1, config.n_layer)), UNCOUNTABLE))
 
 
 def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int,

@@ -22,10 +22,9 @@ from lmlab.model.base import DecodeState, LanguageModel
 
 
 def _entry_point(kind: str) -> EntryPoint:
-    found = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == kind]
-    if not found:
-        raise UnknownKind(kind)
-    return found[0]
+    for found in entry_points(group=PLUGIN_GROUP, name=kind):
+        return found
+    raise UnknownKind(kind)
 
 
 def provider(kind: str) -> dict[str, Any]:
@@ -182,15 +181,11 @@ def _named(who: str, how: str, device: torch.device | None, part: str = "forward
     """A plugin's own raise inside, as one sentence naming it, `how` it was called and what to fix (its `part`)."""
     where = " on the meta device, where lmlab sizes a model before building it" if device and device.type == "meta" \
         else ""
-    with _boundary(lambda err: f"{who} raised {_first_line(err)} in {how}{where}; {_fix(err, part)}"):
+    # a MemoryError may be this machine's memory too
+    short = ", or, if this machine ran short of memory, use a smaller batch or model"
+    with _boundary(lambda err: f"{who} raised {_first_line(err)} in {how}{where}; fix the plugin's {part}"
+                               f"{short if isinstance(err, MemoryError) else ''}."):
         yield
-
-
-def _fix(err: BaseException, part: str) -> str:
-    """What to do about a plugin's raise in its `part`: a MemoryError may be this machine's memory too."""
-    if isinstance(err, MemoryError):
-        return f"fix the plugin's {part}, or, if this machine ran short of memory, use a smaller batch or model."
-    return f"fix the plugin's {part}."
 
 
 @contextmanager

@@ -7,13 +7,12 @@ one exchange: generation stops there."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from lmlab.core.errors import UserError
 from lmlab.core.jsontext import parse_json
-from lmlab.data.tokenizers import Tokenizer, json_object
+from lmlab.data.tokenizers import Tokenizer, json_object, token_text
 from lmlab.run.sandbox import RENDER_CHARS, RENDER_MEMORY, RENDER_SECONDS, RenderError, render
 
 # The special tokens transformers passes to a template (a tokenizer's `special_tokens_map`), when the tokenizer
@@ -76,8 +75,7 @@ class ChatTemplate:
         }[err.kind]
 
     def to_json(self) -> str:
-        return json.dumps({"template": self.template, "tokens": self.tokens, "end_of_turn": list(self.end_of_turn),
-                           "source": self.source}, indent=2)
+        return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, path: Path) -> ChatTemplate:
@@ -87,12 +85,6 @@ class ChatTemplate:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UserError(f"{path} is not a chat template written by `lmlab import-hf` ({err}); restore or "
                             "delete it.")
-
-
-def _token_text(value: Any) -> str | None:
-    """A special token as tokenizer_config.json writes it: its text, or an AddedToken's {"content": ...}."""
-    value = value.get("content") if isinstance(value, dict) else value
-    return value if isinstance(value, str) and value else None
 
 
 def _read_template(folder: Path) -> tuple[str, Path] | None:
@@ -107,8 +99,7 @@ def _read_template(folder: Path) -> tuple[str, Path] | None:
     config = folder / "tokenizer_config.json"
     raw = json_object(config).get("chat_template")
     if isinstance(raw, list):
-        named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
-        raw = named.get("default")
+        raw = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}.get("default")
     if raw is None:
         return None
     if not isinstance(raw, str) or not raw.strip():
@@ -126,7 +117,7 @@ def read_chat_template(folder: Path, tokenizer: Tokenizer) -> ChatTemplate | Non
         return None
     template, path = found
     settings = json_object(Path(folder) / "tokenizer_config.json")
-    tokens = {name: text for name in TOKEN_NAMES if (text := _token_text(settings.get(name))) is not None}
+    tokens = {name: text for name in TOKEN_NAMES if (text := token_text(settings.get(name))) is not None}
     if tokenizer.eot_token is not None:
         tokens.setdefault("eos_token", tokenizer.eot_token)
     chat = ChatTemplate(template, tokens, (), str(path))

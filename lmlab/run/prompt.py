@@ -22,9 +22,7 @@ class PromptFormat:
     end: str  # appended to every response in training; generation stops there
 
     def render(self, instruction: str, input: str = "") -> str:
-        if input:
-            return self.with_input.format(instruction=instruction, input=input)
-        return self.without_input.format(instruction=instruction)
+        return (self.with_input if input else self.without_input).format(instruction=instruction, input=input)
 
 
 def alpaca_format(tokenizer: Tokenizer) -> PromptFormat:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from functools import lru_cache
@@ -41,19 +40,19 @@ def render(template: str, variables: dict[str, Any], limit: int = RENDER_CHARS) 
     """`template` rendered with `variables` (JSON values) by a worker, at most `limit` characters long; a
     RenderError otherwise."""
     request = _line_of({"template": template, "variables": variables, "limit": limit})
-    with _lock:
-        worker = _idle.pop() if _idle else None
-    worker = worker or _Worker()
+    try:
+        worker = _idle.pop()
+    except IndexError:  # none idle
+        worker = _Worker()
     try:
         return worker.ask(request)
     finally:
         if worker.alive():
-            with _lock:
-                _idle.append(worker)
+            _idle.append(worker)
 
 
+# Workers no render is using. A list's pop and append are each atomic, so threads share it without a lock.
 _idle: list[_Worker] = []
-_lock = threading.Lock()
 
 
 def _line_of(value: Any) -> bytes:
@@ -121,9 +120,10 @@ class _Worker:
         return line
 
     def _end(self) -> None:
+        """Kill the worker; its stderr file stays readable (`_start_failure` reads it after) until the worker is
+        dropped."""
         self.proc.kill()
         self.proc.wait()
-        self.errors.close()
 
 
 # -- the worker's side ------------------------------------------------------------------------------------------
@@ -144,29 +144,15 @@ def _environment() -> Any:
     import jinja2.sandbox
     from jinja2.utils import missing
 
-    def checked(method: Any) -> Any:
-        """`method` of Jinja's Undefined, once Unset's check passes."""
-        def run(self: Any, *args: Any) -> Any:
-            self._check()
-            return method(self, *args)
-        return run
-
     class Unset(jinja2.Undefined):
-        """A variable nobody passed fails where it is used (printed, tested, looped over, compared); a missing key
-        or attribute of a value the template was given is empty, as in transformers. `is defined` works for both."""
+        """A variable nobody passed is Jinja's StrictUndefined, which fails where it is used (printed,
+        tested, looped over, compared); a missing key or attribute of a value the template was given is a
+        plain Undefined, empty as in transformers. `is defined` works for both."""
 
-        __slots__ = ()
-
-        def _check(self) -> None:
-            if self._undefined_obj is missing:
-                self._fail_with_undefined_error()
-
-        __str__ = checked(jinja2.Undefined.__str__)
-        __bool__ = checked(jinja2.Undefined.__bool__)
-        __iter__ = checked(jinja2.Undefined.__iter__)
-        __len__ = checked(jinja2.Undefined.__len__)
-        __eq__ = checked(jinja2.Undefined.__eq__)  # Jinja's __ne__ calls it
-        __hash__ = jinja2.Undefined.__hash__  # which defining __eq__ unsets
+        def __new__(cls, hint: str | None = None, obj: Any = missing, name: str | None = None,
+                    exc: type[jinja2.TemplateRuntimeError] = jinja2.UndefinedError) -> Any:
+            kind = jinja2.StrictUndefined if obj is missing else jinja2.Undefined
+            return kind(hint, obj, name, exc)
 
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; rendering a
@@ -234,8 +220,7 @@ def _bounded(request: dict[str, Any]) -> dict[str, Any]:
     """`_render` under the timer and, past it, the CPU-time limit (raised from this process's CPU time so far)."""
     import resource
 
-    spent = resource.getrusage(resource.RUSAGE_SELF)
-    budget = int(spent.ru_utime + spent.ru_stime + RENDER_SECONDS + GRACE) + 1
+    budget = int(time.process_time() + RENDER_SECONDS + GRACE) + 1
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     resource.setrlimit(resource.RLIMIT_CPU, (budget if hard == resource.RLIM_INFINITY else min(budget, hard), hard))
     _timer["on"] = True

@@ -15,7 +15,7 @@ from lmlab.core.fileio import atomic_write_text
 from lmlab.gguf.vocab import Vocab
 from lmlab.inference.generate import chat_prompt
 from lmlab.run.rundir import LoadedRun
-from lmlab.writeup.document import Block, Code, Heading, Paragraph, Table, to_markdown
+from lmlab.writeup.document import Block, Code, Heading, Paragraph, to_markdown
 
 MESSAGE = "\x00lmlab-message\x00"  # stands for the user's message while the prompt is rendered
 
@@ -55,15 +55,16 @@ def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) ->
     # A prompt the run can read: a char model knows only its corpus' characters.
     prompt = "ROMEO:" if not run.tokenizer.unseen("ROMEO:") else next(
         (c for c in sorted(run.tokenizer.vocab) if c.isalpha()), "")
-    facts = [["architecture", f"`{arch}`, {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, "
-                              f"context {cfg.block_size}"],
-             ["parameters", f"{run.model.num_params():,}"], ["weights", kind],
-             ["tokenizer", f"`{run.tokenizer.spec}`: {tokenizer}, {len(vocab.tokens):,} tokens"],
-             ["end of text", ends], ["chat", template]]
+    facts = [("architecture", f"`{arch}`, {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, "
+                              f"context {cfg.block_size}"),
+             ("parameters", f"{run.model.num_params():,}"), ("weights", kind),
+             ("tokenizer", f"`{run.tokenizer.spec}`: {tokenizer}, {len(vocab.tokens):,} tokens"),
+             ("end of text", ends), ("chat", template)]
     blocks: list[Block] = [
         Paragraph(f"Exported by `lmlab export-gguf` from run `{run.run.path}`, checkpoint {run.checkpoint} "
                   f"(step {run.step})."),
-        Table(["", ""], facts),
+        # The table as Markdown text: a Table would escape the pipes of an end-of-text token (`<\|endoftext\|>`).
+        Paragraph("| | |\n|---|---|\n" + "\n".join(f"| {what} | {value} |" for what, value in facts)),
         Heading("llama.cpp"),
         Code(f'llama-cli -m {file} -p "{prompt}" -n 200 --temp 0.8\nllama-server -m {file} --port 8080', ""),
         Paragraph("From Python (`pip install llama-cpp-python`):"),
@@ -71,7 +72,7 @@ def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) ->
              f'print(llm("{prompt}", max_tokens=200, temperature=0.8)["choices"][0]["text"])', "python"),
         Heading("Ollama"),
         Paragraph(f"`{model_file.name}` (beside this card) holds the prompt template and stop strings of a "
-                  "chat, as `lmlab serve` puts a message to this run:"),
+                  "chat, as `lmlab serve`\nputs a message to this run:"),
         Code(f"ollama create {name} -f {model_file.name}\nollama run {name}", ""),
         Heading("LM Studio"),
         Code(f"lms import {file}", ""),

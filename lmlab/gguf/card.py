@@ -18,6 +18,8 @@ from lmlab.run.rundir import LoadedRun
 from lmlab.writeup.document import Block, Code, Heading, Paragraph, to_markdown
 
 MESSAGE = "\x00lmlab-message\x00"  # stands for the user's message while the prompt is rendered
+# A stop string as a Modelfile writes it, in double quotes: escapes for quotes, backslashes and line breaks.
+STOP_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t"})
 
 def card_paths(out: Path) -> tuple[Path, Path]:
     """The model card and the Modelfile written beside `out`."""
@@ -31,16 +33,10 @@ def modelfile(out: Path, run: LoadedRun) -> str:
     template = before.replace("{{", "{{ \"{{\" }}") + "{{ .Prompt }}" + after.replace("{{", "{{ \"{{\" }}")
     stops = [*prompt.stop, run.tokenizer.eot_token]  # the end-of-text token is vocab.eos's; a char run has none
     lines = [f"FROM ./{out.name}", f'TEMPLATE """{template}"""',
-             *(f"PARAMETER stop {_quoted(stop)}" for stop in dict.fromkeys(stops) if stop is not None),
+             *(f'PARAMETER stop "{stop.translate(STOP_ESCAPES)}"' for stop in dict.fromkeys(stops)
+               if stop is not None),
              f"PARAMETER num_ctx {run.config.model.block_size}"]
     return "\n".join(lines) + "\n"
-
-
-def _quoted(text: str) -> str:
-    """A stop string as a Modelfile writes it: in double quotes, with escapes for quotes, backslashes and line
-    breaks."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    return f'"{escaped}"'
 
 
 def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) -> None:

@@ -52,15 +52,12 @@ def choose_family(cfg: ModelConfig, arch: str = "auto", what: str = "the model")
     return closest
 
 
-def _family_of(raw: dict[str, Any], path: Path) -> Family:
+def _model_config(raw: dict[str, Any], path: Path, block_size: int | None) -> tuple[Family, ModelConfig]:
+    """The family of a config.json and the model it describes, its context cut to `block_size`."""
     family = FAMILIES.get(str(raw.get("model_type")))
     if family is None:
         raise UserError(f"{path} describes a {raw.get('model_type')!r} model; import-hf reads "
                         f"{', '.join(FAMILIES)} models.")
-    return family
-
-
-def _model_config(family: Family, raw: dict[str, Any], path: Path, block_size: int | None) -> ModelConfig:
     options = family.model_options(raw, path)
     try:
         cfg = ModelConfig(**options)
@@ -77,7 +74,7 @@ def _model_config(family: Family, raw: dict[str, Any], path: Path, block_size: i
                         f"{window} tokens alone in some layers, fewer than the context imported ({cfg.block_size}), "
                         f"which lmlab's model does not compute; import it with --block-size {window} or less, "
                         "where that is full attention.")
-    return cfg
+    return family, cfg
 
 
 def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int) -> Tokenizer:
@@ -163,8 +160,7 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
     Returns what was imported."""
     folder, run_dir = Path(folder), Path(run_dir)
     raw = read_config(folder)
-    family = _family_of(raw, folder / "config.json")
-    model_cfg = _model_config(family, raw, folder / "config.json", block_size)
+    family, model_cfg = _model_config(raw, folder / "config.json", block_size)
     tok = _tokenizer(folder, tokenizer and Path(tokenizer), family, model_cfg.vocab_size)
     chat = read_chat_template(folder, tok)
     weights = Weights(folder)

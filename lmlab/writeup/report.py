@@ -141,7 +141,7 @@ def build_report(paths: list[Path], out: Path, options: Options | None = None, *
     markdown, page = out / "report.md", out / "report.html"
     atomic_write_text(markdown, to_markdown(title, blocks))
     atomic_write_text(page, to_html(title, blocks, out))
-    return Report(markdown, page, [out / b.file for b in blocks if isinstance(b, Image)])  # none is folded
+    return Report(markdown, page, [out / b.file for b in blocks if isinstance(b, Image)])  # no section folds one
 
 
 def _samples(facts: list[RunFacts], options: Options) -> list[Block]:

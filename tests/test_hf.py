@@ -21,7 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizers import Tokenizer, train_tokenizer
 from lmlab.evals.evaluate import evaluate_run
-from lmlab.hf import FAMILIES, choose_family, export_hf, export_problems, import_hf
+from lmlab.hf import FAMILIES, choose_family, export_hf, import_hf
 from lmlab.model.gpt import GPT
 from lmlab.run.rundir import RunDir
 from tests.helpers import LMLAB, lmlab, run_cli, serve_process, write_config
@@ -151,7 +151,7 @@ def test_the_published_configs_map_onto_the_same_tensors(name):
         theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**raw))
     state = theirs.state_dict()
     used = {n for lmlab_name in ours.state_dict() for n in family.hf_names(lmlab_name)}
-    assert {n: v.shape for n, v in family.to_lmlab(state.get, ours)}  # every shape as lmlab's, or UserError
+    family.load(state.get, ours)  # every shape as lmlab's, or UserError
     assert set(state) - used <= {"lm_head.weight"}  # nothing of theirs left behind (but a tied head)
     assert ours.num_params() == theirs.num_parameters()  # the real vocabulary: the padding rows said apart
     assert ours.padding_params() == (50304 - 50257) * 768 * (name == "gpt2")
@@ -282,20 +282,20 @@ def test_an_unlabelled_tokenizer_the_model_contradicts_is_refused(tmp_path, bpe,
 def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     qwen = ModelConfig(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2)
-    assert export_problems(qwen, "qwen3") == []
-    assert export_problems(qwen, "llama") == ["model.qk_norm = True cannot be exported: Llama does not normalise "
-                                              "queries and keys; Qwen3 does (--arch qwen3)."]
-    assert export_problems(ModelConfig(), "gpt2") == []
+    assert FAMILIES["qwen3"].problems(qwen) == []
+    assert FAMILIES["llama"].problems(qwen) == ["model.qk_norm = True cannot be exported: Llama does not normalise "
+                                                "queries and keys; Qwen3 does (--arch qwen3)."]
+    assert FAMILIES["gpt2"].problems(ModelConfig()) == []
     relu2 = dataclasses.replace(qwen, mlp="relu2")
-    assert export_problems(relu2, "qwen3") == ["model.mlp = 'relu2' cannot be exported: the MLP of Llama, Qwen2 and "
-                                               "Qwen3 is SwiGLU (SiLU-gated)."]
+    assert FAMILIES["qwen3"].problems(relu2) == ["model.mlp = 'relu2' cannot be exported: the MLP of Llama, Qwen2 "
+                                                 "and Qwen3 is SwiGLU (SiLU-gated)."]
     with pytest.raises(UserError, match=r"closest: qwen3\): model.mlp = 'relu2' cannot be exported: the MLP"):
         choose_family(relu2)  # export-gguf's check too: it writes the family export-hf would
     pairs = dataclasses.replace(qwen, bigram_buckets=4096)  # the demo preset's table of token pairs
-    assert export_problems(pairs, "qwen3") == ["model.bigram_buckets = 4096 cannot be exported: Llama, Qwen2 and Qwen3 "
-                                               "embed each token alone, with no table of token pairs."]
-    assert export_problems(dataclasses.replace(pairs, pos_emb="learned", norm="layernorm", mlp="gelu", qk_norm=False,
-                                               bias=True, n_kv_head=0), "gpt2") == [
+    assert FAMILIES["qwen3"].problems(pairs) == ["model.bigram_buckets = 4096 cannot be exported: Llama, Qwen2 and "
+                                                 "Qwen3 embed each token alone, with no table of token pairs."]
+    assert FAMILIES["gpt2"].problems(dataclasses.replace(pairs, pos_emb="learned", norm="layernorm", mlp="gelu",
+                                                         qk_norm=False, bias=True, n_kv_head=0)) == [
         "model.bigram_buckets = 4096 cannot be exported: GPT-2 embeds each token alone, with no table of token pairs."]
     run = tmp_path / "run"
     run.mkdir()
@@ -310,8 +310,8 @@ def test_export_picks_the_family_or_names_what_none_can_express(tmp_path, char_d
     assert not (tmp_path / "out").exists()
     # A field no family's rules know is refused, so later options stay unexportable until a family is taught them.
     later = dataclasses.make_dataclass("Later", [("sliding_window", int, 0)], bases=(ModelConfig,))
-    assert export_problems(later(), "gpt2") == ["model.sliding_window = 0 is an option export-hf does not know, so "
-                                                "it cannot tell whether gpt2 can express it."]
+    assert FAMILIES["gpt2"].problems(later()) == ["model.sliding_window = 0 is an option export-hf does not know, "
+                                                  "so it cannot tell whether gpt2 can express it."]
 
 
 def serve_once(run: Path, path: str, body: dict) -> str:

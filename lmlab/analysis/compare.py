@@ -32,17 +32,15 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
 def _training(s: RunSummary, base: RunSummary) -> dict[str, Any]:
     """What a run's training here cost and saw, beside the first run's; None for an import, whose training happened
     elsewhere."""
-    known, params = s.kind != "imported", s.params or 0
-    tokens, flops, elapsed = (s.tokens, s.flops, s.elapsed) if known else (None, None, None)
-    trained = base.kind != "imported"
-    return {"tokens": tokens, "tokens_ratio": _ratio(tokens, base.tokens) if trained else None, "flops": flops,
-            "flops_ratio": _ratio(flops, base.flops) if trained else None, "elapsed": elapsed,
-            "elapsed_ratio": _ratio(elapsed, base.elapsed) if trained else None,
-            "epochs": s.epochs if known else None, "epoch_seconds": s.epoch_seconds if known else None,
-            "unique_tokens": s.unique_tokens if known else None,
-            "tokens_per_param": _ratio(s.tokens, params) if known else None,
-            "chinchilla_percent": chinchilla_percent(s.unique_tokens, params) if known and params else None,
-            "chinchilla_seen_percent": chinchilla_percent(s.tokens, params) if known and params else None}
+    params, trained = s.params or 0, base.kind != "imported"
+    figures = {"tokens": s.tokens, "tokens_ratio": _ratio(s.tokens, base.tokens) if trained else None,
+               "flops": s.flops, "flops_ratio": _ratio(s.flops, base.flops) if trained else None,
+               "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed) if trained else None,
+               "epochs": s.epochs, "epoch_seconds": s.epoch_seconds, "unique_tokens": s.unique_tokens,
+               "tokens_per_param": _ratio(s.tokens, params),
+               "chinchilla_percent": chinchilla_percent(s.unique_tokens, params) if params else None,
+               "chinchilla_seen_percent": chinchilla_percent(s.tokens, params) if params else None}
+    return figures if s.kind != "imported" else dict.fromkeys(figures)
 
 
 def unfair(runs: list[RunSummary]) -> str | None:

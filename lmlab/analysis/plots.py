@@ -77,9 +77,8 @@ def loss_figure(run: RunDir) -> plt.Figure:
     for i, step in enumerate(resumed):
         label = f"resumed (at step{'s' * (len(resumed) > 1)} {', '.join(map(str, resumed))})"
         ax.axvline(step, color="tab:gray", linestyle="--", linewidth=1, label=label if not i else None)
-    ax.set_title(f"{run.name}: loss")
-    ax.set_xlabel("step (optimizer updates)")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set(title=f"{run.name}: loss", xlabel="step (optimizer updates)",
+           ylabel="cross-entropy loss (nats/token)")
     ax.grid(True, alpha=0.3)
     if train or evals or resumed:  # a run before its first log line has nothing to label
         ax.legend()
@@ -110,9 +109,8 @@ def grad_norm_figure(run: RunDir) -> plt.Figure:
         ax.scatter(*zip(*bad), color="tab:red", marker="x", label="skipped or flagged by the guard", zorder=3)
     if any(t[1] > 0 for t in train) or bad:
         ax.set_yscale("log")
-    ax.set_title(f"{run.name}: gradient norm and learning rate")
-    ax.set_xlabel("step (optimizer updates)")
-    ax.set_ylabel("gradient norm (L2, all weights)")
+    ax.set(title=f"{run.name}: gradient norm and learning rate", xlabel="step (optimizer updates)",
+           ylabel="gradient norm (L2, all weights)")
     ax.grid(True, alpha=0.3)
     if train or bad:
         ax.legend(loc="upper right")
@@ -160,9 +158,8 @@ def comparison_figure(summaries: list[RunSummary], x: str = "step", log: bool = 
                     marker="o", markersize=3, label=f"{s.name} val (best {best})")
     ax.plot([], [], color="gray", alpha=0.3, label="train: mean of the steps (faint, same colour)")
     ax.set_title("Val and train loss by run" if not reason else f"Bits per byte by run: {reason}", fontsize=10)
-    ax.set_xlabel(label)
-    ax.set_ylabel("bits per byte (loss / ln 2 / bytes per token of its split)" if reason else
-                  "cross-entropy loss (nats/token)")
+    ax.set(xlabel=label, ylabel="bits per byte (loss / ln 2 / bytes per token of its split)" if reason else
+           "cross-entropy loss (nats/token)")
     if log:
         _log_axes(ax)
     ax.grid(True, alpha=0.3, which="both")
@@ -185,9 +182,8 @@ def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Pa
                    label=f"10× the largest run: {'a rough guess of' if rough else 'predicted'} "
                          f"{fit.predict(10 * max(fit.x)):.3f}")
         _log_axes(ax)
-        ax.set_xlabel(fit.x_label)
-        ax.set_ylabel("best val loss (nats/token)")
-        ax.set_title(f"Val loss against {fit.x_label.split(' (')[0]}")
+        ax.set(xlabel=fit.x_label, ylabel="best val loss (nats/token)",
+               title=f"Val loss against {fit.x_label.split(' (')[0]}")
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=8)
     return _save(fig, Path(path))
@@ -202,10 +198,8 @@ def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> P
     beyond = (lengths > block_size).mean()
     ax.axvline(block_size, color="C1", linestyle="--",
                label=f"context length {block_size}: {100 * beyond:.1f}% of documents are longer")
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens per document (log scale)")
-    ax.set_ylabel("documents")
-    ax.set_title(f"Document lengths: {len(lengths):,} documents, median {np.median(lengths):,.0f} tokens")
+    ax.set(xscale="log", xlabel="tokens per document (log scale)", ylabel="documents",
+           title=f"Document lengths: {len(lengths):,} documents, median {np.median(lengths):,.0f} tokens")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend()
     return _save(fig, Path(path))
@@ -215,8 +209,7 @@ def _log_axes(ax: plt.Axes) -> None:
     """Log-log axes with plain-number loss labels (not 1.6×10⁰) and no crowded minor labels on x."""
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set(xscale="log", yscale="log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
@@ -233,10 +226,7 @@ def _done(fig: plt.Figure) -> plt.Figure:
 def _save(fig: plt.Figure, path: Path) -> Path:
     """Write a PNG through lmlab's one writer (lmlab.core.fileio.replacing): never half a PNG, nothing left behind by a
     failed write, and a device or a link named as the path written through or followed, never replaced."""
-    fig.tight_layout()
-    try:
-        with replacing(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        pyplot().close(fig)
+    _done(fig)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import math
-import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Any
 
 import gguf
 import numpy as np
+import psutil
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import check_writable, replacing
 from lmlab.gguf.card import card_paths, write_card
-from lmlab.gguf.tensors import TYPES, Arch, arch_for, encoded, ggml_type, model_tensors
+from lmlab.gguf.tensors import TYPES, Arch, arch_for, ggml_type, model_tensors
 from lmlab.gguf.vocab import Vocab, gguf_vocab
 from lmlab.hf import choose_family
 from lmlab.model.gpt import GPT
@@ -46,21 +46,12 @@ def check_gguf_destination(out: Path) -> None:
 
 
 def _leftovers(out: Path) -> None:
-    """Remove the temporary files of exports to `out` that were killed (their process is gone)."""
+    """Remove the temporary files of exports to `out` that were killed: their process is gone (another user's
+    process, which this one may not signal, is alive)."""
     for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         pid = path.name.rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _write_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
@@ -103,7 +94,7 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, arch: Arch, kind: str, progr
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for done, ((_, tensor), qtype) in enumerate(zip(tensors, types), 1):
-            writer.write_tensor_data(encoded(tensor, qtype))
+            writer.write_tensor_data(gguf.quants.quantize(tensor.contiguous().numpy(), qtype))
             progress(done, len(tensors))
     finally:
         writer.close()

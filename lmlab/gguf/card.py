@@ -15,56 +15,11 @@ from lmlab.core.fileio import atomic_write_text
 from lmlab.gguf.vocab import Vocab
 from lmlab.inference.generate import chat_prompt
 from lmlab.run.rundir import LoadedRun
+from lmlab.writeup.document import Block, Code, Heading, Paragraph, to_markdown
 
 MESSAGE = "\x00lmlab-message\x00"  # stands for the user's message while the prompt is rendered
-
-CARD = """# {name}
-
-Exported by `lmlab export-gguf` from run `{run}`, checkpoint {checkpoint} (step {step}).
-
-| | |
-|---|---|
-| architecture | `{arch}`, {layers} layers, {width} wide, {heads} heads, context {context} |
-| parameters | {params} |
-| weights | {kind} |
-| tokenizer | `{spec}`: {tokenizer}, {tokens} tokens |
-| end of text | {ends} |
-| chat | {template} |
-
-## llama.cpp
-
-```
-llama-cli -m {file} -p "{prompt}" -n 200 --temp 0.8
-llama-server -m {file} --port 8080
-```
-
-From Python (`pip install llama-cpp-python`):
-
-```python
-from llama_cpp import Llama
-llm = Llama("{file}", n_ctx={context})
-print(llm("{prompt}", max_tokens=200, temperature=0.8)["choices"][0]["text"])
-```
-
-## Ollama
-
-`{model_file}` (beside this card) holds the prompt template and stop strings of a chat, as `lmlab serve`
-puts a message to this run:
-
-```
-ollama create {name} -f {model_file}
-ollama run {name}
-```
-
-## LM Studio
-
-```
-lms import {file}
-```
-
-or copy `{file}` to `~/.lmstudio/models/lmlab/{name}/`, then load it from the model list.
-"""
-
+# A stop string as a Modelfile writes it, in double quotes: escapes for quotes, backslashes and line breaks.
+STOP_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t"})
 
 def card_paths(out: Path) -> tuple[Path, Path]:
     """The model card and the Modelfile written beside `out`."""
@@ -78,22 +33,16 @@ def modelfile(out: Path, run: LoadedRun) -> str:
     template = before.replace("{{", "{{ \"{{\" }}") + "{{ .Prompt }}" + after.replace("{{", "{{ \"{{\" }}")
     stops = [*prompt.stop, run.tokenizer.eot_token]  # the end-of-text token is vocab.eos's; a char run has none
     lines = [f"FROM ./{out.name}", f'TEMPLATE """{template}"""',
-             *(f"PARAMETER stop {_quoted(stop)}" for stop in dict.fromkeys(stops) if stop is not None),
+             *(f'PARAMETER stop "{stop.translate(STOP_ESCAPES)}"' for stop in dict.fromkeys(stops)
+               if stop is not None),
              f"PARAMETER num_ctx {run.config.model.block_size}"]
     return "\n".join(lines) + "\n"
-
-
-def _quoted(text: str) -> str:
-    """A stop string as a Modelfile writes it: in double quotes, with escapes for quotes, backslashes and line
-    breaks."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    return f'"{escaped}"'
 
 
 def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) -> None:
     """NAME.md and NAME.Modelfile beside the GGUF file `out`."""
     card, model_file = card_paths(out)
-    cfg, name = run.config.model, out.stem
+    cfg, name, file = run.config.model, out.stem, out.name
     tokenizer = ("the run's characters (llama.cpp's `rwkv` tokenizer: one token per character)"
                  if vocab.model == "rwkv" else f"byte-level BPE, pre-tokenizer `{vocab.pre}`")
     ends = f"`{run.tokenizer.eot_token}` (id {vocab.eos})" if vocab.eos is not None else \
@@ -102,10 +51,29 @@ def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) ->
     # A prompt the run can read: a char model knows only its corpus' characters.
     prompt = "ROMEO:" if not run.tokenizer.unseen("ROMEO:") else next(
         (c for c in sorted(run.tokenizer.vocab) if c.isalpha()), "")
-    text = CARD.format(name=name, run=run.run.path, checkpoint=run.checkpoint, step=run.step, arch=arch,
-                       layers=cfg.n_layer, width=cfg.n_embd, heads=cfg.n_head, context=cfg.block_size,
-                       params=f"{run.model.num_params():,}", kind=kind, spec=run.tokenizer.spec, tokenizer=tokenizer,
-                       tokens=f"{len(vocab.tokens):,}", ends=ends, template=template, file=out.name, prompt=prompt,
-                       model_file=model_file.name)
+    facts = [("architecture", f"`{arch}`, {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, "
+                              f"context {cfg.block_size}"),
+             ("parameters", f"{run.model.num_params():,}"), ("weights", kind),
+             ("tokenizer", f"`{run.tokenizer.spec}`: {tokenizer}, {len(vocab.tokens):,} tokens"),
+             ("end of text", ends), ("chat", template)]
+    blocks: list[Block] = [
+        Paragraph(f"Exported by `lmlab export-gguf` from run `{run.run.path}`, checkpoint {run.checkpoint} "
+                  f"(step {run.step})."),
+        # The table as Markdown text: a Table would escape the pipes of an end-of-text token (`<\|endoftext\|>`).
+        Paragraph("| | |\n|---|---|\n" + "\n".join(f"| {what} | {value} |" for what, value in facts)),
+        Heading("llama.cpp"),
+        Code(f'llama-cli -m {file} -p "{prompt}" -n 200 --temp 0.8\nllama-server -m {file} --port 8080', ""),
+        Paragraph("From Python (`pip install llama-cpp-python`):"),
+        Code(f'from llama_cpp import Llama\nllm = Llama("{file}", n_ctx={cfg.block_size})\n'
+             f'print(llm("{prompt}", max_tokens=200, temperature=0.8)["choices"][0]["text"])', "python"),
+        Heading("Ollama"),
+        Paragraph(f"`{model_file.name}` (beside this card) holds the prompt template and stop strings of a "
+                  "chat, as `lmlab serve`\nputs a message to this run:"),
+        Code(f"ollama create {name} -f {model_file.name}\nollama run {name}", ""),
+        Heading("LM Studio"),
+        Code(f"lms import {file}", ""),
+        Paragraph(f"or copy `{file}` to `~/.lmstudio/models/lmlab/{name}/`, then load it from the model "
+                  "list."),
+    ]
     atomic_write_text(model_file, modelfile(out, run))
-    atomic_write_text(card, text)
+    atomic_write_text(card, to_markdown(name, blocks))

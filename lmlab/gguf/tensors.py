@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gguf
-import numpy as np
 import torch
 
 from lmlab.core.config import ModelConfig
@@ -90,11 +89,3 @@ def ggml_type(tensor: torch.Tensor, wanted: gguf.GGMLQuantizationType) -> gguf.G
         return F32
     block = gguf.GGML_QUANT_SIZES[wanted][0]
     return wanted if tensor.shape[-1] % block == 0 else F16
-
-
-def encoded(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """The tensor's bytes in GGML type `qtype` (float32 and float16 as numpy arrays of that dtype)."""
-    array = tensor.contiguous().numpy()
-    if qtype == F32:
-        return array
-    return array.astype(np.float16) if qtype == F16 else gguf.quants.quantize(array, qtype)

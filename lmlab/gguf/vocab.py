@@ -20,6 +20,8 @@ from lmlab.hf.folder import pad_id
 
 # GGUF token types (gguf.TokenType): what llama.cpp shows as text and what it treats as a control token.
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# The `rwkv` tokenizer's escaping of a token's text (a backslash starts \n, \t, \r, \xHH or a literal).
+RWKV_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
 # The pre-tokenizer splits llama.cpp can be told by name: GPT-2's regex, as the tokenizers library's ByteLevel
 # writes it and as lmlab's tiktoken conversion does.
 HF_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -87,14 +89,10 @@ def _char_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str)
     beyond the characters start with the byte 0xFF, which no UTF-8 text holds, so nothing tokenizes to them."""
     plain = _in_id_order(tokenizer, rows, "the run")
     special = {t["content"] for t in raw.get("added_tokens", [])}
-    tokens = [_rwkv_escape(token) for token in plain]
+    tokens = [token.translate(RWKV_ESCAPES) for token in plain]
     types = [CONTROL if token in special else NORMAL for token in plain]
     extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"\\xffunused{i}")
     return Vocab("rwkv", None, tokens + extra, types + extra_types)
-
-
-def _rwkv_escape(text: str) -> str:
-    return "".join({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, c) for c in text)
 
 
 def _bpe_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) -> Vocab:

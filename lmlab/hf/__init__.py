@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,7 @@ from lmlab.data.tokenizers import EOT, GPT2_DIR_ENV, UNK, Tokenizer, json_object
 from lmlab.hf.family import Family
 from lmlab.hf.folder import (
     Weights,
-    fresh_dir,
-    move_into_place,
+    building,
     read_config,
     write_generation_config,
     write_json,
@@ -40,11 +38,6 @@ FAMILIES = {family.name: family for family in (GPT2, LLAMA, QWEN2, QWEN3)}  # `a
 ARCHS = ("auto", *FAMILIES)
 
 
-def export_problems(cfg: ModelConfig, arch: str) -> list[str]:
-    """One sentence per model option the family `arch` cannot express; empty when export can go."""
-    return FAMILIES[arch].problems(cfg)
-
-
 def choose_family(cfg: ModelConfig, arch: str = "auto", what: str = "the model") -> Family:
     """The family a model exports as: `arch`, or for `auto` the first of FAMILIES that expresses every option.
     `what` names it in errors."""
@@ -59,15 +52,12 @@ def choose_family(cfg: ModelConfig, arch: str = "auto", what: str = "the model")
     return closest
 
 
-def _family_of(raw: dict[str, Any], path: Path) -> Family:
-    for family in FAMILIES.values():
-        if raw.get("model_type") == family.model_type:
-            return family
-    raise UserError(f"{path} describes a {raw.get('model_type')!r} model; import-hf reads "
-                    f"{', '.join(f.model_type for f in FAMILIES.values())} models.")
-
-
-def _model_config(family: Family, raw: dict[str, Any], path: Path, block_size: int | None) -> ModelConfig:
+def _model_config(raw: dict[str, Any], path: Path, block_size: int | None) -> tuple[Family, ModelConfig]:
+    """The family of a config.json and the model it describes, its context cut to `block_size`."""
+    family = FAMILIES.get(str(raw.get("model_type")))
+    if family is None:
+        raise UserError(f"{path} describes a {raw.get('model_type')!r} model; import-hf reads "
+                        f"{', '.join(FAMILIES)} models.")
     options = family.model_options(raw, path)
     try:
         cfg = ModelConfig(**options)
@@ -84,7 +74,7 @@ def _model_config(family: Family, raw: dict[str, Any], path: Path, block_size: i
                         f"{window} tokens alone in some layers, fewer than the context imported ({cfg.block_size}), "
                         f"which lmlab's model does not compute; import it with --block-size {window} or less, "
                         "where that is full attention.")
-    return cfg
+    return family, cfg
 
 
 def _tokenizer(folder: Path, given: Path | None, family: Family, vocab_size: int) -> Tokenizer:
@@ -164,31 +154,21 @@ def check_label(tokenizer: Tokenizer, where: Path | str) -> None:
                     "the label names: put the model's own tokenizer.json back, or correct the label.")
 
 
-@torch.no_grad()
-def _load(model: GPT, family: Family, weights: Weights) -> None:
-    """Copy the family's tensors into the model one at a time, never holding a second copy of it."""
-    state = model.state_dict()
-    for name, value in family.to_lmlab(weights, model):
-        state[name].copy_(value)
-
-
 def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
               block_size: int | None = None) -> dict[str, Any]:
     """Write a Hugging Face folder of a family lmlab computes as a run; `block_size` cuts its context shorter.
     Returns what was imported."""
     folder, run_dir = Path(folder), Path(run_dir)
     raw = read_config(folder)
-    family = _family_of(raw, folder / "config.json")
-    model_cfg = _model_config(family, raw, folder / "config.json", block_size)
+    family, model_cfg = _model_config(raw, folder / "config.json", block_size)
     tok = _tokenizer(folder, tokenizer and Path(tokenizer), family, model_cfg.vocab_size)
     chat = read_chat_template(folder, tok)
     weights = Weights(folder)
     with RunDir(run_dir).locked():  # a second import into the same --out is refused, not raced
-        tmp = fresh_dir(run_dir, "--out run dir")
-        try:
+        with building(run_dir, "--out run dir") as tmp:
             model = build_model(model_cfg)  # refuses a size this machine cannot hold, before allocating it
             assert isinstance(model, GPT), "every family is lmlab's kind gpt"
-            _load(model, family, weights)
+            family.load(weights, model)
             # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
             cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
             facts = {"tokenizer": tok.spec, "vocab_size": model_cfg.vocab_size, "eot_id": tok.eot_id}
@@ -205,9 +185,6 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
                 run.save_checkpoint(0, model_tensors(model), optimizer.state_dict(), None, best=True, keep=1)
                 run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False,
                          "stopped_by": None})
-            move_into_place(tmp, run_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"run": str(run_dir), "family": family.name, "params": model.num_params(), "model": model_cfg,
             "tokenizer": tok.spec, "chat_template": chat}
 
@@ -224,8 +201,7 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
                         "weight once).")
     family = choose_family(model, arch, str(run_dir))
     check_steps([run_dir], checkpoint)  # a step the run has not is refused before anything is written
-    tmp = fresh_dir(out, "output folder")
-    try:
+    with building(out, "output folder") as tmp:
         run = RunDir(run_dir).load(checkpoint, "cpu", need_tokenizer=False)
         tokenizer = run.tokenizer_or_none
         assert isinstance(run.model, GPT), "a run of kind gpt was asked for"
@@ -236,8 +212,5 @@ def export_hf(run_dir: Path, out: Path, checkpoint: str = "best", arch: str = "a
         write_generation_config(tmp, tokenizer, run.chat_template)
         if tokenizer is not None:  # only runs imported without one, before import-hf refused that
             write_tokenizer(tmp, tokenizer, run.config.model.block_size, run.chat_template)
-        move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "family": family.name, "checkpoint": run.checkpoint, "step": run.step,
             "tokenizer": tokenizer.spec if tokenizer else None}

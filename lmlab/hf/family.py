@@ -73,8 +73,7 @@ class Family:
     a check and the reason the family cannot hold what the check refuses. A field missing from the rules is
     refused, so an option added to the model later stays unexportable until a family is taught it."""
 
-    name: str  # what --arch calls it
-    model_type: str  # config.json's
+    name: str  # what --arch calls it, and config.json's model_type
     architecture: str  # config.json's architectures[0], the class AutoModelForCausalLM builds
     rules: dict[str, Rule]
 
@@ -119,9 +118,11 @@ class Family:
             return [cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.kv_heads * cfg.head_size]
         return [mlp_width(cfg)] * parts
 
-    def to_lmlab(self, lookup: Lookup, model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each of the model's tensors built from the family's: renamed, transposed, concatenated, and the token
-        table and head padded to lmlab's padded vocabulary (rows that are never looked up)."""
+    @torch.no_grad()
+    def load(self, lookup: Lookup, model: GPT) -> None:
+        """Copy each of the model's tensors from the family's, one at a time (never holding a second copy of
+        the model): renamed, transposed, concatenated, and the token table and head padded to lmlab's padded
+        vocabulary (rows that are never looked up)."""
         for name, target in model.state_dict().items():
             if name == "lm_head.weight" and model.config.tie_embeddings:
                 continue  # the token table, loaded under its own name
@@ -140,7 +141,7 @@ class Family:
             if value.shape != target.shape:
                 raise UserError(f"the weights' {'+'.join(self.hf_names(name))} has shape {tuple(value.shape)} but "
                                 f"config.json implies {tuple(target.shape)}; the two do not belong together.")
-            yield name, value
+            target.copy_(value)
 
     def parts(self, model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
         """(the family's name, tensor) of each part of the model's tensors, in lmlab's (out, in) layout, the

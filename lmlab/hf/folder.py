@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +101,10 @@ class Weights:
         return sha256_file(*self.files)
 
 
-def fresh_dir(path: Path, what: str) -> Path:
-    """A temporary sibling of `path` to build in; `path` itself must be new or empty, as nothing is overwritten."""
+@contextmanager
+def building(path: Path, what: str) -> Iterator[Path]:
+    """A temporary sibling of `path` to build in, renamed to `path` when the block ends, removed when it fails;
+    `path` itself must be new or empty (`what` names it in the refusal), as nothing is overwritten."""
     if path.is_symlink() and not path.exists():  # a link to nothing, which the rename after the work would meet
         raise WriteError(path, os.strerror(errno.EEXIST), errno.EEXIST)
     if path.is_symlink() or path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -111,18 +115,18 @@ def fresh_dir(path: Path, what: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    return tmp
-
-
-def move_into_place(tmp: Path, path: Path) -> None:
-    fsync(tmp)
     try:
-        if path.exists():
-            path.rmdir()  # empty, checked by fresh_dir
-        os.replace(tmp, path)
-    except OSError:  # another process wrote `path` meanwhile (not through lmlab, which locks it)
-        raise UserError(f"{path} was created by another process meanwhile; choose a new folder.")
-    fsync(path.parent)
+        yield tmp
+        fsync(tmp)
+        try:
+            if path.exists():
+                path.rmdir()  # empty, checked above
+            os.replace(tmp, path)
+        except OSError:  # another process wrote `path` meanwhile (not through lmlab, which locks it)
+            raise UserError(f"{path} was created by another process meanwhile; choose a new folder.")
+        fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:

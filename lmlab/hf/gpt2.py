@@ -3,7 +3,6 @@ transformers stores its linear layers as Conv1D weights, (in, out): the transpos
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,11 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 RULES: dict[str, Rule] = {
+    # Both GELUs exist in transformers ("gelu" and "gelu_new"); rnn_cell is read only by the recurrent model,
+    # which `kind` refuses, and rope_theta only with rotary positions, which `pos_emb` refuses.
     **{name: (any_value, "") for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout",
-                                          "tie_embeddings", "mlp_hidden", "norm_eps")},
-    "gelu_approx": (any_value, ""),  # both exist in transformers: "gelu" and "gelu_new"
-    "rnn_cell": (any_value, ""),  # read only by the recurrent model, which `kind` refuses
-    "rope_theta": (any_value, ""),  # read only with rotary positions, which `pos_emb` refuses
+                                          "tie_embeddings", "mlp_hidden", "norm_eps", "gelu_approx",
+                                          "rnn_cell", "rope_theta")},
     "bias": (equals("bias", True), "GPT-2 has a bias in every linear layer and LayerNorm"),
     "kind": (equals("kind", "gpt"), "GPT-2 is a transformer, lmlab's kind gpt"),
     "options": (lambda cfg: not cfg.options, "GPT-2 has no options of a model plugin"),
@@ -57,7 +56,7 @@ class GPT2(Family):
 
     def write_config(self, cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:
         return {
-            "architectures": [self.architecture], "model_type": self.model_type, "vocab_size": cfg.vocab_size,
+            "architectures": [self.architecture], "model_type": self.name, "vocab_size": cfg.vocab_size,
             # n_ctx: OpenAI's configs carry it, and llama.cpp's converter reads the context from it.
             "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "n_inner": mlp_width(cfg),
@@ -74,12 +73,12 @@ class GPT2(Family):
     def transposed(self, hf_name: str) -> bool:
         return hf_name.endswith(CONV1D)
 
-    def to_lmlab(self, lookup: Lookup, model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
+    def load(self, lookup: Lookup, model: GPT) -> None:
         def either(name: str) -> torch.Tensor | None:  # OpenAI's original upload has no `transformer.` prefix
             found = lookup(name)
             return found if found is not None else lookup(name.removeprefix("transformer."))
 
-        return super().to_lmlab(either, model)
+        super().load(either, model)
 
 
-FAMILY = GPT2("gpt2", "gpt2", "GPT2LMHeadModel", RULES)
+FAMILY = GPT2("gpt2", "GPT2LMHeadModel", RULES)

@@ -28,10 +28,10 @@ TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.
 LAYER = re.compile(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)")
 
 COMMON: dict[str, Rule] = {
+    # gelu_approx is read only by the GELU MLP, which `mlp` refuses.
     **{name: (any_value, "") for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout",
                                           "tie_embeddings", "n_kv_head", "head_dim", "mlp_hidden", "rope_theta",
-                                          "norm_eps", "rnn_cell")},
-    "gelu_approx": (any_value, ""),  # read only by the GELU MLP, which `mlp` refuses
+                                          "norm_eps", "rnn_cell", "gelu_approx")},
     "kind": (equals("kind", "gpt"), "Llama, Qwen2 and Qwen3 are transformers, lmlab's kind gpt"),
     "options": (lambda cfg: not cfg.options, "Llama, Qwen2 and Qwen3 have no options of a model plugin"),
     "pos_emb": (equals("pos_emb", "rope"), "Llama, Qwen2 and Qwen3 rotate queries and keys (RoPE), with no position "
@@ -79,14 +79,14 @@ class Llama(Family):
         bias = self._bias(raw, path)
         n_embd, n_head = read(raw, "hidden_size", path), read(raw, "num_attention_heads", path)
         kv = read(raw, "num_key_value_heads", path, default=n_head)
-        head_dim = read(raw, "head_dim", path, default=128 if self.model_type == "qwen3" else n_embd // n_head)
+        head_dim = read(raw, "head_dim", path, default=128 if self.name == "qwen3" else n_embd // n_head)
         hidden = read(raw, "intermediate_size", path)
         self.window(raw, path)  # a malformed window is refused at once, whatever the context
-        context = read(raw, "max_position_embeddings", path, default=2048 if self.model_type == "llama" else 32768)
+        context = read(raw, "max_position_embeddings", path, default=2048 if self.name == "llama" else 32768)
         return dict(
             n_layer=read(raw, "num_hidden_layers", path), n_head=n_head, n_embd=n_embd, block_size=context,
             dropout=0.0, bias=bias, vocab_size=read(raw, "vocab_size", path),
-            pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=self.model_type == "qwen3",
+            pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=self.name == "qwen3",
             tie_embeddings=read(raw, "tie_word_embeddings", path, bool, False),
             n_kv_head=0 if kv == n_head else kv, head_dim=0 if head_dim * n_head == n_embd else head_dim,
             mlp_hidden=0 if hidden == swiglu_hidden(n_embd) else hidden, rope_theta=rope_theta(raw, path),
@@ -96,9 +96,9 @@ class Llama(Family):
         """Llama's biases are everywhere or nowhere: its attention_bias and mlp_bias together. Qwen2 has biases on
         q, k and v and nowhere else, whatever its config says (model.bias = "qkv"); Qwen3 has none."""
         attention = read(raw, "attention_bias", path, bool, False)
-        if self.model_type == "qwen2":
+        if self.name == "qwen2":
             return "qkv"
-        if self.model_type == "qwen3":
+        if self.name == "qwen3":
             if attention:
                 raise refuse(path, "attention_bias", attention, "puts biases in attention but not in the MLP")
             return False
@@ -111,7 +111,7 @@ class Llama(Family):
         """The sliding window some layers attend within (Qwen2, Qwen3), or None when every layer attends to the
         whole context. As transformers reads it: only with use_sliding_window, in the layers `layer_types` calls
         sliding_attention, or else those from max_window_layers on."""
-        if self.model_type == "llama" or not read(raw, "use_sliding_window", path, bool, False):
+        if self.name == "llama" or not read(raw, "use_sliding_window", path, bool, False):
             return None
         layers = read(raw, "num_hidden_layers", path)
         types = raw.get("layer_types")
@@ -125,7 +125,7 @@ class Llama(Family):
 
     def write_config(self, cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:
         config = {
-            "architectures": [self.architecture], "model_type": self.model_type, "vocab_size": cfg.vocab_size,
+            "architectures": [self.architecture], "model_type": self.name, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd, "intermediate_size": mlp_width(cfg), "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
             "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": default_eps(cfg),
@@ -136,9 +136,9 @@ class Llama(Family):
             "bos_token_id": eot_id, "eos_token_id": eot_id, "initializer_range": 0.02, "use_cache": True,
             "torch_dtype": "float32",
         }
-        if self.model_type == "llama":
+        if self.name == "llama":
             return {**config, "mlp_bias": cfg.bias, "pretraining_tp": 1}
-        if self.model_type == "qwen2":
+        if self.name == "qwen2":
             del config["attention_bias"]  # Qwen2 always has biases on q, k and v, and no others
         return {**config, "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer,
                 "layer_types": ["full_attention"] * cfg.n_layer}
@@ -152,6 +152,6 @@ class Llama(Family):
         return [f"model.layers.{layer}.{hf_part}.{kind}" for hf_part in LAYER_PARTS[part]]
 
 
-LLAMA = Llama("llama", "llama", "LlamaForCausalLM", LLAMA_RULES)
-QWEN2 = Llama("qwen2", "qwen2", "Qwen2ForCausalLM", QWEN2_RULES)
-QWEN3 = Llama("qwen3", "qwen3", "Qwen3ForCausalLM", QWEN3_RULES)
+LLAMA = Llama("llama", "LlamaForCausalLM", LLAMA_RULES)
+QWEN2 = Llama("qwen2", "Qwen2ForCausalLM", QWEN2_RULES)
+QWEN3 = Llama("qwen3", "Qwen3ForCausalLM", QWEN3_RULES)

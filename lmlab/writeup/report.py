@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmlab.analysis.runs import (
-    summarize,
-)
+from lmlab.analysis.runs import summarize
 from lmlab.core.config import SamplingParams, checkpoint_label, checkpoint_name
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, check_folder_name, check_writable
@@ -23,7 +21,7 @@ from lmlab.evals.evaluate import evaluate_run, evaluation_cost
 from lmlab.inference.generate import sample
 from lmlab.run.rundir import LoadedRun, RunDir, check_steps
 from lmlab.writeup import sections
-from lmlab.writeup.document import Block, Code, Folded, Heading, Image, Paragraph, to_html, to_markdown
+from lmlab.writeup.document import Block, Code, Heading, Image, Paragraph, to_html, to_markdown
 from lmlab.writeup.findings import RunFacts
 from lmlab.writeup.grid import Grid, run_cells
 
@@ -32,7 +30,7 @@ from lmlab.writeup.grid import Grid, run_cells
 class Report:
     markdown: Path
     html: Path
-    images: list[Path] = field(default_factory=list)
+    images: list[Path]
 
 
 Track = Callable[[str, str], AbstractContextManager[Callable[[int, int], None]]]  # (unit, title) -> a progress callback
@@ -101,8 +99,7 @@ def _evaluate(loaded: LoadedRun, options: Options) -> tuple[dict[str, Any] | Non
     title = f"Evaluating {name} on its full val split ({tokens:,} tokens; --no-eval skips it)"
     if options.track is None:
         options.say(title + "...")
-        return evaluate_run(loaded, fresh=False, progress=_foretold(options.say, name)), ""
-    with options.track("window", title) as tick:
+    with options.track("window", title) if options.track else nullcontext(None) as tick:
         return evaluate_run(loaded, fresh=False, progress=_foretold(options.say, name, tick)), ""
 
 
@@ -144,14 +141,7 @@ def build_report(paths: list[Path], out: Path, options: Options | None = None, *
     markdown, page = out / "report.md", out / "report.html"
     atomic_write_text(markdown, to_markdown(title, blocks))
     atomic_write_text(page, to_html(title, blocks, out))
-    return Report(markdown, page, [out / b.file for b in _images(blocks)])
-
-
-def _images(blocks: list[Block]) -> list[Image]:
-    found = []
-    for b in blocks:
-        found += [b] if isinstance(b, Image) else _images(b.blocks) if isinstance(b, Folded) else []
-    return found
+    return Report(markdown, page, [out / b.file for b in blocks if isinstance(b, Image)])  # no section folds one
 
 
 def _samples(facts: list[RunFacts], options: Options) -> list[Block]:

@@ -192,18 +192,19 @@ def task_lines(console: Console, unit: str, every: float = 5.0) -> NotebookProgr
 
 @contextmanager
 def ticking(out: Console, unit: str, title: str, every: float = 5.0) -> Iterator[Callable[[int, int], None]]:
-    """Say `title` on `out`, then yield a progress callback (done, total) in `unit`s: a bar on a terminal and in a
-    notebook, a plain line with the rate and ETA every `every` seconds and at the end elsewhere (a log, a pipe), so
-    no long step is silent."""
-    out.print(f"{title}...", highlight=False)
+    """A progress callback (done, total) in `unit`s that says `title` on `out` at its first call (a refusal before
+    the work begins stays one line): a bar on a terminal and in a notebook, a plain line with the rate and ETA every
+    `every` seconds and at the end elsewhere (a log, a pipe), so no long step is silent."""
     bar = progress_bar(out, unit)
     live = out.is_terminal or out.is_jupyter
     with bar:
-        task, started, said = bar.add_task(unit, total=None, info=""), time.perf_counter(), [0.0]
+        task, started, said = bar.add_task(unit, total=None, info=""), time.perf_counter(), [-1.0]
 
         def tick(done: int, total: int) -> None:
             now = time.perf_counter() - started
-            if not live and done < total and now - said[0] < every:
+            if said[0] < 0:
+                out.print(f"{title}...", highlight=False)
+            elif not live and done < total and now - said[0] < every:
                 return
             said[0] = now
             bar.update(TaskID(task), completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")

@@ -70,8 +70,6 @@ def evaluate_split(model: LanguageModel, tokens: np.ndarray | TokenShards, bytes
     # Per window i, its loss sum s_i and target count c_i, as sums: s, c, s², sc, c², correct guesses (in float64,
     # on the host: not every device has it).
     sums = torch.zeros(6, dtype=torch.float64)
-    if progress:
-        progress(0, len(chosen))
     for b in range(-(-n_batches // world) * world):
         if b % world != rank:
             continue

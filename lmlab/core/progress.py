@@ -198,13 +198,14 @@ def ticking(out: Console, unit: str, title: str, every: float = 5.0) -> Iterator
     bar = progress_bar(out, unit)
     live = out.is_terminal or out.is_jupyter
     with bar:
-        task, started, said = bar.add_task(unit, total=None, info=""), time.perf_counter(), [-1.0]
+        task, started, said, titled = bar.add_task(unit, total=None, info=""), time.perf_counter(), [0.0], [False]
 
         def tick(done: int, total: int) -> None:
             now = time.perf_counter() - started
-            if said[0] < 0:
+            if not titled[0]:
                 out.print(f"{title}...", highlight=False)
-            elif not live and done < total and now - said[0] < every:
+                titled[0] = True
+            if not live and done < total and now - said[0] < every:
                 return
             said[0] = now
             bar.update(TaskID(task), completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")

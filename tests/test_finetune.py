@@ -17,7 +17,8 @@ from lmlab.data.tokenizers import EOT, train_tokenizer
 from lmlab.model.loss import IGNORE
 from lmlab.run.prompt import alpaca_format, read_records
 from lmlab.run.rundir import RunDir
-from lmlab.train.finetune import _batch, encode_example, split_records
+from lmlab.train.finetune import Finetuner, _batch, encode_example, split_records
+from lmlab.train.loop import Trainer
 from tests.helpers import ALPACA_TINY, LMLAB, hog
 
 RECORD = {"instruction": "Repeat the word twice.", "input": "moon", "output": "moon moon"}
@@ -50,6 +51,14 @@ def test_the_held_out_split_is_deterministic_and_disjoint():
 
 
 @pytest.mark.slow
+def test_a_fine_tune_is_the_training_loop_with_its_own_hooks_and_overrides_nothing_else():
+    # What a fine-tune changes of a run is named in one place (Trainer.HOOKS): a method of the loop it overrode
+    # besides those would be a second road through the loop that training never tests.
+    overridden = {name for name in vars(Finetuner) if name in vars(Trainer) and not name.startswith("__")}
+    assert overridden - {"DOING"} == set(Trainer.HOOKS)
+    assert all(callable(getattr(Trainer, hook)) for hook in Trainer.HOOKS)
+
+
 def test_bad_records_are_named(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([RECORD, {"input": "x", "output": "y"}]))

@@ -230,7 +230,8 @@ class Finetuner(Trainer):
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The base run's best model, the records that fit its context, the config the fine-tune trains by, and
-        whether the run continues an unfinished fine-tune; the CPU threads chosen by the job's machine."""
+        whether the run continues an unfinished fine-tune (the same command again: it goes on from the newest
+        checkpoint); the CPU threads chosen by the job's machine."""
         ft, self.console = self.ft, console or Console()
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         torch.manual_seed(ft.seed)
@@ -253,19 +254,13 @@ class Finetuner(Trainer):
         self.model, self.dtype, self.peak, self.micro_steps = base.model.train(), base.dtype, None, 1
         self.machine = Machine(self.device, base.dtype, self.threads)
         self._train_step(attention_setting="finetune.attention")
+        # A pass is an epoch: the tokens the loss is taken on; a step's, on average.
+        self.split_tokens, self.data_sha256 = self.records.scored_tokens, self.origin["data_sha256"]
+        self.tokens_per_step = round(self.records.scored_tokens / self.records.steps_per_epoch)
         return self.machine.start()
 
-    def _restarted(self) -> bool:
-        return self.continuing  # the same command again: it goes on from the newest checkpoint
-
-    def _split(self) -> tuple[int, str]:
-        """What a pass is (the tokens the loss is taken on, an epoch's) and the records' checksum."""
-        return self.records.scored_tokens, self.origin["data_sha256"]
-
-    def _parts(self, resuming: bool) -> None:
-        super()._parts(resuming)
-        self.tokens_per_step = round(self.records.scored_tokens / self.records.steps_per_epoch)  # a step's, on average
-        self.checkpointer.state.parts["epochs"] = self.epochs
+    def _state_parts(self) -> dict[str, Checkpointed]:
+        return {"epochs": self.epochs}
 
     def _start(self, init_from: str | None) -> None:
         """The start event, with what the fine-tune came from; then the base model's loss on the held-out records."""
@@ -303,9 +298,8 @@ class Finetuner(Trainer):
     def _score_final(self, stopped: Callable[[], bool]) -> dict[str, Any] | None:
         return None  # the held-out records were scored at the last epoch's end
 
-    def _log_end(self, stopped_early: bool, stopped_by: str | None, **more: Any) -> None:
-        super()._log_end(stopped_early, stopped_by, best_epoch=self.epochs.best,
-                         base_val_loss=self.epochs.base_val_loss, **more)
+    def _end_fields(self) -> dict[str, Any]:
+        return {"best_epoch": self.epochs.best, "base_val_loss": self.epochs.base_val_loss}
 
     def result(self, trained: TrainResult) -> FinetuneResult:
         return FinetuneResult(**vars(trained), base_val_loss=self.epochs.base_val_loss,

@@ -46,6 +46,7 @@ from lmlab.train.preflight import (
 from lmlab.train.reports import Reports, TrainResult, score_final
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import (
+    Checkpointed,
     Mean,
     Means,
     Progress,
@@ -62,13 +63,23 @@ from lmlab.train.timing import Timing, run_timing
 from lmlab.train.tracking import Tracker
 
 
-class Trainer(Reports):
+class Trainer:
     """One run: built from a config (a new run, one resumed, or one from another run's weights), then `run()`. The
     run's lock is held from the construction to the end of `run()`.
 
     `started` is the time.perf_counter() reading a budget counts from (default: now), so the trials of a sweep in
-    one process compare on equal terms; `sized` is what `--size auto` settled already."""
+    one process compare on equal terms; `sized` is what `--size auto` settled already.
 
+    Another kind of run (lmlab.train.finetune.Finetuner) is this loop with its own `HOOKS`, and overrides nothing
+    else (tests/test_finetune.py holds it): how its threads are set (`_chooser`), what it builds (`_build`: the
+    model, the step, the batches, and what a step and a pass over its data are), how it begins (`_start`,
+    `_write_setup`) or continues (`_restore`), the tokens of a step (`_step_tokens`), its evaluation (`_evaluate`),
+    its final score (`_score_final`), the state its checkpoints keep besides the loop's (`_state_parts`) and the fields
+    its end event adds (`_end_fields`)."""
+
+    HOOKS = frozenset({"_chooser", "_build", "_start", "_write_setup", "_restore", "_step_tokens", "_evaluate",
+                       "_score_final", "_state_parts", "_end_fields"})
+    DOING = "training"  # what a line about its threads calls it
     loader: Batches  # the train split's BatchLoader, or a fine-tune's records
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool = False,
@@ -84,6 +95,7 @@ class Trainer(Reports):
         # run: a notebook, the API, tests) and the run's lock.
         self._held = ExitStack()
         self._held.callback(self.threads.restore)
+        self.continuing = False  # a fine-tune's command again, which goes on where it stopped
         with self._unlocked_on_failure():
             if job.is_main:
                 self._held.enter_context(self.run_dir.locked())
@@ -96,7 +108,7 @@ class Trainer(Reports):
             self._begin(resume, force, init_from, keep_optimizer)
             self.machine.say(self.console)
             if chosen.lowered:
-                self._say_threads(chosen)
+                self.reports.threads(chosen)
 
     def _chooser(self, cfg: RunConfig, world_size: int) -> ThreadChooser:
         return ThreadChooser(cfg.train.threads, "train.threads", fixed="torchrun" if world_size > 1 else None)
@@ -112,14 +124,14 @@ class Trainer(Reports):
             raise
 
     def _restarted(self) -> bool:
-        """A torchrun worker restarted after a failure (--max-restarts) continues, and so do the workers of a host
-        started again beside it, which its own launcher never restarted."""
-        return self.parallel.any(elastic_restart()) and bool(self.run_dir.step_folders())
+        """A fine-tune continued continues; so does a torchrun worker restarted after a failure (--max-restarts), and
+        the workers of a host started again beside it, which its own launcher never restarted."""
+        return self.continuing or self.parallel.any(elastic_restart()) and bool(self.run_dir.step_folders())
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The job, the device and dtype, the data (every byte checked against meta.json before the model is built),
         the model and its optimizer step; the CPU threads, attention path and compile chosen by the job's machine
-        (lmlab.core.machine)."""
+        (lmlab.core.machine); a step's tokens, and a pass over the train split's and its checksum."""
         self.cfg, self.meta = resolve_config(cfg, self.sized.meta if self.sized else None)
         self.parallel, self.device = setup(device, cfg.train.collective_timeout)
         self.console = console or Console()
@@ -156,6 +168,8 @@ class Trainer(Reports):
         self.threads.held = self.train_step.compiled
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
+        self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.block_size
+        self.split_tokens, self.data_sha256 = self.meta["train"]["tokens"], self.meta["train"]["sha256"]
         return threads
 
     def _train_step(self, **options: Any) -> None:
@@ -168,10 +182,7 @@ class Trainer(Reports):
     def _parts(self, resuming: bool) -> None:
         """What the loop holds besides the model (a resumed run's schedule starts as its config.toml has it, which
         the checkpoint completes)."""
-        tc, mc = self.cfg.train, self.cfg.model
-        self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.block_size
-        self.split_tokens, self.data_sha256 = self._split()  # what a pass over the data is, and its checksum
-        self.flops_per_token = self.model.flops_per_token()
+        tc = self.cfg.train
         self.progress, self.clock, self.throughput = Progress(), Stopwatch(), Throughput(self.device)
         self.means = Means(log=Mean(), eval=Mean())  # train loss since the last log line, since the last eval
         self.guard = SpikeGuard(tc.spike_zscore, tc.spike_patience, tc.rollback_lr_factor)
@@ -179,6 +190,9 @@ class Trainer(Reports):
         self.cadence = Cadence(tc, tc.eval_steps(self.split_tokens, self.tokens_per_step), self.tokens_per_step,
                                self.split_tokens)
         self.writes = Writes(self.run_dir, self.parallel.is_main)
+        self.reports = Reports(self.cfg, self.console, self.writes, self.parallel, self.progress, self.means,
+                               self.clock, self.throughput, self.peak, self.tokens_per_step, self.split_tokens,
+                               self.model.flops_per_token(), self.threads.override, self.DOING)
         self._saved_plan: dict[str, Any] | None = None  # a resumed run's budget, as its checkpoint has it
         budget = Slot(lambda: self.budget.state_dict(), lambda saved: setattr(self, "_saved_plan", saved))
         # The dataset's checksum is recorded and never restored: resume compares it.
@@ -186,7 +200,7 @@ class Trainer(Reports):
                               loader=self.loader, rng=RngState(self.device), scaler=ScalerState(self.train_step.scaler),
                               dataset_sha256=Slot(lambda: self.data_sha256, lambda _: None), schedule=self.schedule,
                               budget=budget, attention=Slot(lambda: self.train_step.attention_path,
-                                                            self.train_step.restore_attention))
+                                                            self.train_step.restore_attention), **self._state_parts())
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
                                          self.writes, tc, self.console)
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
@@ -194,9 +208,9 @@ class Trainer(Reports):
         self._lr = 0.0
         self._stop = StopOnSignal()  # installed while the loop runs
 
-    def _split(self) -> tuple[int, str]:
-        """The train split's tokens and checksum."""
-        return self.meta["train"]["tokens"], self.meta["train"]["sha256"]
+    def _state_parts(self) -> dict[str, Checkpointed]:
+        """What the checkpoints keep besides the loop's state: a fine-tune's epochs."""
+        return {}
 
     @property
     def budget(self) -> Budget:
@@ -279,7 +293,7 @@ class Trainer(Reports):
                 if abandoned.__cause__ is not None:  # the signal made the step fail: a compiler it killed, say
                     discard_partial_builds()  # whose cut-short kernels the next compile of this process would load
                 # Nothing of the abandoned step is saved: its update may be half-applied.
-                self._log_end(False, abandoned.signal)
+                self.reports.end(False, abandoned.signal, self._lr, **self._end_fields())
                 return self._result(abandoned.signal, abandoned=True)
 
     @contextmanager
@@ -317,7 +331,7 @@ class Trainer(Reports):
                     seconds = time.perf_counter() - started
                     self.throughput.add(seconds)
                     if due.log:
-                        bar.update(task, completed=p.step, info=self._log_train())
+                        bar.update(task, completed=p.step, info=self.reports.train_line(self._lr, self._grad_norm))
                     best = due.evaluate and self._evaluate_and_log()
                     evaluated = p.step if due.evaluate else evaluated
                     if best or due.save:
@@ -378,7 +392,7 @@ class Trainer(Reports):
         """What follows a step besides the cadence: the threads' look at the load, and a budget's clock."""
         changed = self.threads.stepped(seconds)
         if changed:
-            self._say_threads(changed)
+            self.reports.threads(changed)
         self.budget.after_step(self.progress.step, spent)
         self._say_budget()
 
@@ -393,7 +407,7 @@ class Trainer(Reports):
         """Whether the evaluation is a new best."""
         began = time.perf_counter()
         train_eval, val = self._evaluate()
-        return self._log_eval(train_eval, val, time.perf_counter() - began)
+        return self.reports.evaluated(train_eval, val, time.perf_counter() - began)
 
     def _score_final(self, stopped: Callable[[], bool]) -> dict[str, Any] | None:
         """The checkpoint the run ends on, scored on the val split (`score_final`), the figure a run ends with rather
@@ -429,10 +443,15 @@ class Trainer(Reports):
         p = self.progress
         self.writes.redraw(plot_losses, LOSS_EVENTS)
         spent, line = self.budget.end(time.perf_counter() - self.started)
-        self._log_end(p.stopped_early, stopped_by, budget_seconds=self.budget.plan.seconds or None, budget_spent=spent)
+        self.reports.end(p.stopped_early, stopped_by, self._lr, budget_seconds=self.budget.plan.seconds or None,
+                         budget_spent=spent, **self._end_fields())
         if self.writes.error is not None:
             raise self.writes.failure(p.step)
         return self._result(stopped_by, budget_spent=spent, budget_line=line, final=final)
+
+    def _end_fields(self) -> dict[str, Any]:
+        """What the end event adds of this kind of run: nothing of a run trained (a fine-tune's epochs)."""
+        return {}
 
     def _result(self, stopped_by: str | None, **more: Any) -> TrainResult:
         """What the run ended with, its newest step folder (what a resume continues from) among it."""

@@ -1,4 +1,4 @@
-"""What a training run reports: as it goes (`Reports`, the base of `Trainer`), its train and eval lines with their
+"""What a training run reports: as it goes (`Reports`, a part of the `Trainer`), its train and eval lines with their
 events, its threads' changes and its end event; at its end, its `TrainResult` and the final score of the checkpoint it
 ends on (`score_final`)."""
 
@@ -18,7 +18,7 @@ from lmlab.core.config import RunConfig
 from lmlab.core.humanize import format_duration
 from lmlab.core.peak import Peak
 from lmlab.core.progress import progress_bar
-from lmlab.core.threads import Choice, ThreadChooser
+from lmlab.core.threads import Choice
 from lmlab.data.shards import TokenShards
 from lmlab.evals.evaluate import evaluate_split, spread
 from lmlab.train.distributed import Parallel
@@ -78,33 +78,36 @@ def score_final(train_step: TrainStep, val_tokens: TokenShards, meta: dict[str, 
             "tokens": scores["tokens"], "seconds": round(time.perf_counter() - began, 3)}
 
 
+@dataclass
 class Reports:
-    """The lines and events of a run, from the state the `Trainer` keeps."""
+    """The lines and events of a run, a part the `Trainer` holds: its train and eval lines and their events, its
+    threads' changes and its end event, from the parts it is given (`progress`, `means`, `clock`, `throughput`: the
+    state they read) and what a step is (`tokens_per_step`, `split_tokens`, `flops_per_token`). `doing` says what the
+    run does in a line about its threads (training, fine-tuning), `override` the setting that fixes them."""
 
-    DOING = "training"  # what a line about its threads calls it
     cfg: RunConfig
     console: Console
     writes: Writes
+    parallel: Parallel
     progress: Progress
     means: Means
     clock: Stopwatch
     throughput: Throughput
-    threads: ThreadChooser
-    parallel: Parallel
     peak: Peak | None
     tokens_per_step: int
     split_tokens: int
     flops_per_token: float
-    _lr: float
-    _grad_norm: float
+    override: str
+    doing: str
 
-    def _say_threads(self, choice: Choice) -> None:
+    def threads(self, choice: Choice) -> None:
+        """A change of the run's threads: its event and line."""
         self.writes.log(choice.record(self.progress.step))
         style = "yellow" if choice.lowered else "default"
-        self.console.print(f"step {self.progress.step}: {self.DOING} on {choice.describe(self.threads.override)}",
+        self.console.print(f"step {self.progress.step}: {self.doing} on {choice.describe(self.override)}",
                            style=style, highlight=False)
 
-    def _log_eval(self, train_estimate: Estimate | None, val_estimate: Estimate, seconds: float) -> bool:
+    def evaluated(self, train_estimate: Estimate | None, val_estimate: Estimate, seconds: float) -> bool:
         """The eval event and line (a fine-tune scores no train split: `train_estimate` None); whether it is a new
         best."""
         p, tc = self.progress, self.cfg.train
@@ -115,25 +118,26 @@ class Reports:
         else:
             p.evals_since_best += 1
         avg_train = self.means["eval"].pop_mean()
-        self.writes.log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self._epoch(),
+        self.writes.log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self.epoch(),
                          "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
                          "train_eval_loss": train_eval, "val_loss": val, "val_accuracy": val_estimate.accuracy,
                          "best_val_loss": p.best_val_loss, "is_best": is_best, "seconds": round(seconds, 3)})
         self.writes.redraw(plot_losses, LOSS_EVENTS)  # kept current, so a long run can be watched
         mark = " | [bold green]best![/bold green]" if is_best else ""
         # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
-        when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self._epoch():.2f}"
+        when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self.epoch():.2f}"
         scored = "" if train_eval is None else f" | train (eval) {train_eval:.4f}"
         self.console.print(f"{when} | train (steps) {avg_train:.4f}{scored} | val {val:.4f}{mark}")
         p.stopped_early = bool(tc.patience) and p.evals_since_best >= tc.patience
         return is_best
 
-    def _log_train(self) -> str:
-        """A train line (without ms/step, tokens/s and MFU when the only step since the last was the warm-up step)."""
+    def train_line(self, lr: float, grad_norm: float) -> str:
+        """A train event and its line (without ms/step, tokens/s and MFU when the only step since the last was the
+        warm-up step), of the steps up to the last, at `lr`, its gradient's norm `grad_norm`."""
         p, step_seconds = self.progress, self.throughput.pop_step_seconds()
         rate = None if step_seconds is None else self.tokens_per_step / step_seconds
-        mean, lr, epoch, elapsed = self.means["log"].pop_mean(), self._lr, self._epoch(), round(self.clock.elapsed, 3)
-        # tokens/s counts every rank's tokens, against every rank's peak; none against a peak measured busy
+        mean, epoch, elapsed = self.means["log"].pop_mean(), self.epoch(), round(self.clock.elapsed, 3)
+        # tokens/s counts every rank's tokens, against every rank's peak
         computed = None if rate is None else rate * self.flops_per_token / self.parallel.world_size
         wrong = self.peak and computed and self.peak.wrong(computed)
         if wrong:
@@ -141,8 +145,7 @@ class Reports:
             self.peak = None
         mfu = None if computed is None or self.peak is None else self.peak.mfu(computed)
         self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
-                         "lr": lr, "grad_norm": self._grad_norm,
-                         "tokens_per_sec": None if rate is None else round(rate, 1),
+                         "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": None if rate is None else round(rate, 1),
                          "ms_per_step": None if step_seconds is None else round(1000 * step_seconds, 3),
                          "mfu": None if mfu is None else round(mfu, 4), "elapsed": elapsed})
         passes = f"epoch {epoch:.2f}" + (f", {format_duration(elapsed / epoch)}/epoch" if epoch else "")
@@ -153,11 +156,12 @@ class Reports:
         pace = f"{rate:,.0f} tok/s | {ms:,.{0 if ms >= 10 else 1}f} ms/step"
         return f"loss {mean:.4f} | lr {lr:.1e} | {pace}{utilisation} | {passes}"
 
-    def _epoch(self) -> float:
+    def epoch(self) -> float:
         return round(self.progress.tokens / self.split_tokens, 4)
 
-    def _log_end(self, stopped_early: bool, stopped_by: str | None, **more: Any) -> None:
+    def end(self, stopped_early: bool, stopped_by: str | None, lr: float, **more: Any) -> None:
+        """The end event, with `more` of the run's kind."""
         p = self.progress
         self.writes.log({"event": "end", "step": p.step, "tokens": p.tokens, "elapsed": round(self.clock.elapsed, 3),
-                         "lr": self._lr, "best_val_loss": p.best_val_loss, "best_step": p.best_step,
+                         "lr": lr, "best_val_loss": p.best_val_loss, "best_step": p.best_step,
                          "stopped_early": stopped_early, "stopped_by": stopped_by, **more})

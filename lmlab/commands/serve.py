@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from lmlab.commands.common import (
     port,
     positive,
     sampling,
+    within,
 )
 from lmlab.core.errors import UserError
 
@@ -33,17 +33,6 @@ def model_name(text: str) -> str:
     if not text or len(text) > 256 or not text.isprintable() or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a model name: 1 to 256 printable characters, no spaces")
     return text
-
-
-def seconds(text: str) -> float:
-    """A finite number of seconds, 0 or more (at most a day)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= 86_400):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
-    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -186,7 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "$LMLAB_API_KEY; none)")
     p.add_argument("--insecure", action="store_true",
                    help="allow serving beyond loopback (--host 0.0.0.0, ...) without an API key")
-    p.add_argument("--drain-seconds", type=seconds, default=10.0,
+    p.add_argument("--drain-seconds", type=within(0, 86_400), default=10.0,
                    help="on SIGTERM/SIGINT, how long running requests may go on before each is ended")
     add_device(p)
     p.set_defaults(func=cmd_serve)

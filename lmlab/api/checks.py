@@ -133,10 +133,9 @@ def checked(**kinds: str) -> Callable[[F], F]:
                 raise UserError(f"{func.__qualname__}(): {err}; see help({func.__qualname__}).") from None
             given = bound.arguments
             for name, kind in kinds.items():
-                if kind.rstrip("?") in MANY and isinstance(given.get(name), Iterator):
-                    given[name] = list(given[name])  # read once: checked, then passed on
-            for name, kind in kinds.items():
                 if name in given:
+                    if kind.rstrip("?") in MANY and isinstance(given[name], Iterator):
+                        given[name] = list(given[name])  # read once: checked, then passed on
                     of_kind(kind, name, given[name])
             env_threads()
             return func(*bound.args, **bound.kwargs)

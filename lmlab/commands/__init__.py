@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from typing import Any, NoReturn
 
 from lmlab import __version__
@@ -53,23 +54,19 @@ EXAMPLES = {
 }
 
 
-def _version() -> str:
-    """lmlab's version, and torch's and Python's (what a bug report needs), without importing torch."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        torch = version("torch")
-    except PackageNotFoundError:
-        torch = "not installed"
-    return f"lmlab {__version__} (torch {torch}, Python {platform.python_version()})"
-
-
 class Version(argparse.Action):
-    """`--version`, its text read when asked for: every other command skips reading the installed packages'
-    metadata (a tenth of a second at each start)."""
+    """`--version`: lmlab's version, and torch's and Python's (what a bug report needs), without importing torch;
+    read when asked for: every other command skips reading the installed packages' metadata (a tenth of a second at
+    each start)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        print(_version())
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            torch = version("torch")
+        except PackageNotFoundError:
+            torch = "not installed"
+        print(f"lmlab {__version__} (torch {torch}, Python {platform.python_version()})")
         parser.exit()
 
 # At exit the interpreter collects every object it can reach, torch's and sympy's included: ~0.9 s on 2 cores
@@ -119,25 +116,28 @@ def check_text(argv: list[str]) -> None:
 PEER_GRACE_SECONDS = 2.0
 
 
-def report_stop(message: str, own: bool = False) -> None:
-    """Say why a command stopped, in one line on stderr. Under torchrun every rank usually stops for the same
-    reason: the first process of each node alone prints it (a node's terminal shows only its own processes, and
-    its launcher may end without a summary when the rendezvous host's goes first), and each rank leaves it in
-    torchrun's error file, so that the launcher's failure summary shows the sentence (instead of a link) for
-    whichever rank it names. A rank's `own` reason (a peer it lost: the node's first process may be the one gone)
-    it says itself, at once."""
-    says = own or os.environ.get("LOCAL_RANK", "0") == "0"
-    if says:
-        print(f"error: {message}", file=sys.stderr)
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        # torchrun's own format; its summary prints `py_callstack`, which here is the sentence, not a traceback.
-        info = {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}
-        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:
-            json.dump({"message": {"message": f"UserError: {message}", "extraInfo": info}}, f)
-    if not says:
-        # torchrun stops every rank once one exits: a rank that got here first waits for its node's first process,
-        # which stops for the same reason a moment later, to say it (else the sentence is only in the summary).
-        time.sleep(PEER_GRACE_SECONDS)
+def _say(message: str, own: bool = False) -> int:
+    """Say why a command stopped, in one line on stderr (even when stderr's reader has gone too), and return its
+    status, 2. Under torchrun every rank usually stops for the same reason: the first process of each node alone
+    prints it (a node's terminal shows only its own processes, and its launcher may end without a summary when the
+    rendezvous host's goes first), and each rank leaves it in torchrun's error file, so that the launcher's failure
+    summary shows the sentence (instead of a link) for whichever rank it names. A rank's `own` reason (a peer it
+    lost: the node's first process may be the one gone) it says itself, at once."""
+    with suppress(BrokenPipeError):
+        says = own or os.environ.get("LOCAL_RANK", "0") == "0"
+        if says:
+            print(f"error: {message}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # torchrun's own format; its summary prints `py_callstack`, which here is the sentence, not a traceback.
+            info = {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:
+                json.dump({"message": {"message": f"UserError: {message}", "extraInfo": info}}, f)
+        if not says:
+            # torchrun stops every rank once one exits: a rank that got here first waits for its node's first
+            # process, which stops for the same reason a moment later, to say it (else the sentence is only in the
+            # summary).
+            time.sleep(PEER_GRACE_SECONDS)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,11 +210,3 @@ def _peer_words(err: RuntimeError) -> str:
     """The library's first sentence, without the source file it names: `Connection closed by peer [::1]:6539`."""
     return re.sub(r"^\[[^\]]*\] ", "", (str(err).strip() or type(err).__name__).splitlines()[0]).split(". ")[0][:200]
 
-
-def _say(message: str, own: bool = False) -> int:
-    """Report a refusal (status 2), even when stderr's reader has gone too."""
-    try:
-        report_stop(message, own)
-    except BrokenPipeError:
-        pass
-    return 2

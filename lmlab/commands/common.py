@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +29,8 @@ if TYPE_CHECKING:  # the command modules import the library when a command runs,
 def silence_stdout() -> None:
     """Point stdout at /dev/null, so that nothing more (the interpreter's last flush included) writes to a pipe
     whose reader has gone."""
-    try:
+    with suppress(OSError, ValueError):  # no file descriptor (a test's captured stdout)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
-        pass
 
 
 class PipeConsole(Console):
@@ -255,9 +253,5 @@ def samplings(args: argparse.Namespace) -> list[SamplingParams]:
 
 
 def sampling(args: argparse.Namespace) -> SamplingParams:
-    """The one SamplingParams of the options `add_sampling` added: several temperatures are refused."""
-    params = samplings(args)
-    if len(params) > 1:
-        raise UserError(f"--temperature {','.join(f'{p.temperature:g}' for p in params)} names several temperatures; "
-                        "several make a grid of prompts (--prompts FILE or several runs), give one here.")
-    return params[0]
+    """The SamplingParams of the options `add_sampling` added without `several` (one --temperature)."""
+    return samplings(args)[0]

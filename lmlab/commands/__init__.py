@@ -1,6 +1,6 @@
-"""The `lmlab` command line: one module per command family, each registering its subcommands; a command parses
-its arguments, calls the library and prints. Library imports happen inside the commands, so `lmlab --help`
-and a mistyped option answer at once."""
+"""The `lmlab` command line: one module per command family, each registering its subcommands, which run the
+family's cmd_NAME (`lmlab export-hf`: hf.cmd_export_hf); a command parses its arguments, calls the library and
+prints. Library imports happen inside the commands, so `lmlab --help` and a mistyped option answer at once."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, log, plan, report, runs, serve, sweep, train
-from lmlab.commands.common import describe_commands, silence_stdout
+from lmlab.commands.common import describe_commands, silence_stdout, subcommands
 from lmlab.core.busy import env_threads
 from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.errors import PeerLost, UserError, classify
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     for family in FAMILIES:
         family.register(sub)
     describe_commands(parser, EXAMPLES)
+    runs = {name: value for family in FAMILIES for name, value in vars(family).items() if name.startswith("cmd_")}
+    for name, _, command in subcommands(parser):  # `lmlab data stats` runs data.cmd_data_stats; `data`, nothing
+        command.set_defaults(func=runs.get("cmd_" + re.sub("[ -]", "_", name)))
     return parser
 
 

@@ -357,7 +357,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
     p.add_argument("--checkpoint", action="store_true", help="time writing a checkpoint (model and optimizer state) "
                    "where runs go, and loading it back, with its share of the time at train.checkpoint_interval")
-    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="parameters, tokens, FLOPs and wall time of a config, or where a run stands")
     p.add_argument("target", help="a TOML config or a run dir")
@@ -382,4 +381,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "of the run planned, else of a run of the same config on that hardware under --runs, else 0.3)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)
-    p.set_defaults(func=cmd_plan)

@@ -178,7 +178,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-seconds", type=within(0, 86_400), default=10.0,
                    help="on SIGTERM/SIGINT, how long running requests may go on before each is ended")
     add_device(p)
-    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("answer", help="answer every Alpaca record with a run's model, for `lmlab judge`")
     p.add_argument("run", metavar="RUN", help="the run dir whose model answers")
@@ -190,7 +189,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_compile(p, default=False, why="worth its start-up minute for a few hundred answers or more")
     add_checkpoint(p)
     add_device(p)
-    p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("judge", help="score answers 0-100 with a judge model behind an OpenAI-compatible endpoint")
     p.add_argument("--answers", required=True, help="JSON-lines file written by `lmlab answer`")
@@ -200,4 +198,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="per-item scores, JSON lines (default: ANSWERS-judged.jsonl)")
     p.add_argument("--max-tokens", type=count(), default=16, help="longest judge reply read")
     p.add_argument("--lowest", type=count(0), default=5, help="how many of the lowest-scored answers to show")
-    p.set_defaults(func=cmd_judge)

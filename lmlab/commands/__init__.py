@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, log, plan, report, runs, serve, sweep, train
-from lmlab.commands.common import describe_commands, silence_stdout, subcommands
+from lmlab.commands.common import HelpFormatter, silence_stdout, subcommands
 from lmlab.core.busy import env_threads
 from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.errors import PeerLost, UserError, classify
@@ -83,15 +83,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="lmlab", description="Train GPT-style language models from scratch.")
+    """The parser of every command, each with the help formatter, its example after its options, and its family's
+    cmd_NAME to run (`lmlab data stats`: data.cmd_data_stats; `lmlab data`, none)."""
+    parser = Parser(prog="lmlab", description="Train GPT-style language models from scratch.",
+                    formatter_class=HelpFormatter)
     parser.add_argument("--version", action=Version, nargs=0, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                         help="show lmlab's, torch's and Python's versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)  # subcommands get the same Parser class
     for family in FAMILIES:
         family.register(sub)
-    describe_commands(parser, EXAMPLES)
     runs = {name: value for family in FAMILIES for name, value in vars(family).items() if name.startswith("cmd_")}
-    for name, _, command in subcommands(parser):  # `lmlab data stats` runs data.cmd_data_stats; `data`, nothing
+    for name, _, command in subcommands(parser):
+        command.formatter_class = HelpFormatter
+        command.epilog = f"example:\n  {EXAMPLES[name]}"
         command.set_defaults(func=runs.get("cmd_" + re.sub("[ -]", "_", name)))
     return parser
 

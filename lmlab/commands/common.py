@@ -82,16 +82,6 @@ def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpars
     return found
 
 
-def describe_commands(parser: argparse.ArgumentParser, examples: dict[str, str]) -> None:
-    """Give `parser` and every subcommand under it the help formatter, and each subcommand its example (by its
-    name after `lmlab`), shown after its options."""
-    parser.formatter_class = HelpFormatter
-    for name, _, sub in subcommands(parser):
-        sub.formatter_class = HelpFormatter
-        if name in examples:
-            sub.epilog = f"example:\n  {examples[name]}"
-
-
 # Types of the numeric options that go straight to a function (those of a dataclass, e.g. SamplingParams or
 # PrepareOptions, are checked by it): a bad value is refused by argparse, in one line, before anything loads.
 

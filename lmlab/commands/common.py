@@ -236,12 +236,8 @@ def temperatures(text: str) -> list[float]:
 
 
 def samplings(args: argparse.Namespace) -> list[SamplingParams]:
-    """The SamplingParams of the options `add_sampling` added, one per --temperature (checked: a bad value is one
-    sentence)."""
+    """The SamplingParams of the options `add_sampling` added, one per --temperature (one without `several`), checked:
+    a bad value is one sentence."""
     values = args.temperature if isinstance(args.temperature, list) else [args.temperature]
     return [SamplingParams(args.max_new_tokens, t, args.top_k, args.top_p, args.seed) for t in values]
 
-
-def sampling(args: argparse.Namespace) -> SamplingParams:
-    """The SamplingParams of the options `add_sampling` added without `several` (one --temperature)."""
-    return samplings(args)[0]

@@ -19,7 +19,7 @@ from lmlab.commands.common import (
     destination,
     positive,
     print_table,
-    sampling,
+    samplings,
     within,
 )
 from lmlab.core.errors import UserError
@@ -42,7 +42,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from lmlab.api.compare import compare
     from lmlab.run.rundir import RunDir
 
-    params = sampling(args)
+    params = samplings(args)[0]
     compared = compare(args.runs, args.checkpoint)
     runs = compared.summaries
     plot = plot_comparison(runs, Path(args.plot), args.x, args.log) if args.plot else None

@@ -22,7 +22,7 @@ from lmlab.commands.common import (
     destination,
     port,
     positive,
-    sampling,
+    samplings,
     within,
 )
 from lmlab.core.errors import UserError
@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_answer(args: argparse.Namespace) -> None:
     from lmlab.evals.judge import write_answers
 
-    params = sampling(args)
+    params = samplings(args)[0]
     run, notes = used_run(args.run, args.checkpoint, args.device, "decoding")  # said as sample says
     tokens = run.config.model.block_size + args.max_new_tokens
     step = decode_step(run, args.batch_size, "--batch-size", tokens, args.compile, console, args.quantize)

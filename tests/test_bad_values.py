@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lmlab.commands import build_parser, main
-from lmlab.commands.common import sampling
+from lmlab.commands.common import samplings
 from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config, load_finetune_config
 from lmlab.model import build_model
@@ -177,7 +177,7 @@ def test_a_numeric_option_refuses_what_it_cannot_take(capsys, paths, row, cls, v
     if cls in row.accepted:
         args = build_parser().parse_args(argv)
         if row.check == "sampling":
-            sampling(args)
+            samplings(args)
         elif row.check == "train":
             load_config(paths["config"], args.set)
         elif row.check == "finetune":

@@ -27,17 +27,10 @@ def shown(value: Any) -> str:
 
 def of_kind(kind: str, name: str, value: Any) -> None:
     """Refuse `value` unless it is of `kind` (`ARGUMENT_KINDS`; a number's range is checked where the command line's
-    value is), in one sentence naming it."""
+    value is, but a count's here), in one sentence naming it."""
     what, test = ARGUMENT_KINDS[kind.rstrip("?")]
     if not test(value) and not (kind.endswith("?") and value is None):
         raise UserError(f"{name} is {shown(value)}; it must be {what}{' or None' if kind.endswith('?') else ''}.")
-
-
-def whole(name: str, value: Any, low: int = 1) -> int:
-    """`value`, refused unless it is a whole number from `low` to 2**53 (the command line's `count` type)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_COUNT:
-        raise UserError(f"{name} is {shown(value)}; it must be a whole number from {low} to 2**53.")
-    return value
 
 
 def sampling_params(settings: dict[str, Any]) -> SamplingParams:
@@ -96,6 +89,7 @@ ARGUMENT_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "flag": ("True or False", lambda v: isinstance(v, bool)),
     "quantize": (" or ".join(map(repr, QUANTIZE)), lambda v: v in QUANTIZE),
     "integer": ("a whole number", _int),
+    "count": ("a whole number from 1 to 2**53", lambda v: _int(v) and 1 <= v <= MAX_COUNT),  # the CLI's `count`
     "number": ("a number", lambda v: _int(v) or isinstance(v, float)),
     "path": ("a path that is not empty (a str or pathlib.Path)", _path),
     "paths": ("a path, or a list of paths, none empty", _many(_path)),
@@ -133,10 +127,9 @@ def checked(**kinds: str) -> Callable[[F], F]:
                 raise UserError(f"{func.__qualname__}(): {err}; see help({func.__qualname__}).") from None
             given = bound.arguments
             for name, kind in kinds.items():
-                if kind.rstrip("?") in MANY and isinstance(given.get(name), Iterator):
-                    given[name] = list(given[name])  # read once: checked, then passed on
-            for name, kind in kinds.items():
                 if name in given:
+                    if kind.rstrip("?") in MANY and isinstance(given[name], Iterator):
+                        given[name] = list(given[name])  # read once: checked, then passed on
                     of_kind(kind, name, given[name])
             env_threads()
             return func(*bound.args, **bound.kwargs)

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from lmlab.api.checks import checked, whole
+from lmlab.api.checks import checked
 from lmlab.api.paths import check_destination
 from lmlab.core.notebook import console_here
 from lmlab.data.normalize import Normalization
@@ -40,11 +40,11 @@ class Dataset:
         """Tokens in both splits."""
         return self.meta["train"]["tokens"] + self.meta["val"]["tokens"]
 
-    @checked(block_size="integer?")
+    @checked(block_size="count?")
     def stats(self, block_size: int | None = None) -> dict[str, Any]:
         """What `lmlab data stats` reports: documents, tokens, characters per token, document lengths against the
         context length `block_size` (default: the dataset's, or 1024)."""
-        return dataset_stats(self.path, block_size if block_size is None else whole("block_size", block_size))
+        return dataset_stats(self.path, block_size)
 
 
 @checked(source="paths", tokenizer="spec", name="text?", out_dir="path", val_fraction="number",

@@ -15,25 +15,18 @@ if TYPE_CHECKING:  # the commands import this module at start; the library loads
     from lmlab.run.rundir import LoadedRun
 
 
-def load_run(path: str, checkpoint: str, device: str) -> LoadedRun:
-    """RunDir.load, with notes on stderr on what it chose: the latest checkpoint when the run has no best one, fp32
-    over fp16 for bf16-born weights (`LoadedRun.notes`)."""
+def used_run(path: str, checkpoint: str, device: str, doing: str) -> tuple[LoadedRun, ThreadNotes]:
+    """A run loaded to compute (`doing` it: "scored", "decoding"), with notes on stderr on what the load chose (the
+    latest checkpoint when the run has no best one, fp32 over fp16 for bf16-born weights: `LoadedRun.notes`), and the
+    notes on its threads, which the machine's rule chooses from the load over the loading (`pick_threads`)."""
+    from lmlab.core.threads import ThreadChooser
     from lmlab.run.rundir import RunDir
 
+    chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load, whose window tells a quiet machine
     run = RunDir(path).load(checkpoint, device)
     note_checkpoint(path, checkpoint, run.checkpoint, run.step)
     for note in run.notes:
         print_note(note)
-    return run
-
-
-def used_run(path: str, checkpoint: str, device: str, doing: str) -> tuple[LoadedRun, ThreadNotes]:
-    """A run loaded to compute (`doing` it: "scored", "decoding"), as `load_run` loads it, and the notes on its
-    threads, which the machine's rule chooses from the load over the loading (`pick_threads`)."""
-    from lmlab.core.threads import ThreadChooser
-
-    chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load, whose window tells a quiet machine
-    run = load_run(path, checkpoint, device)
     return run, ThreadNotes(chooser, pick_threads(chooser, run, doing), doing)
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from lmlab.analysis.history import FIELDS, evaluations
 from lmlab.analysis.plots import grad_norm_figure, loss_figure
-from lmlab.api.checks import checked, pandas_for, sampling_params, whole
+from lmlab.api.checks import checked, pandas_for, sampling_params
 from lmlab.api.loading import ThreadNotes, decode_step, note_checkpoint, pick_threads
 from lmlab.core.config import RunConfig, SamplingParams, checkpoint_name, seeded
 from lmlab.core.errors import UserError
@@ -179,16 +179,13 @@ class Run:
         self._choosers[key] = chooser
         return kept, ThreadNotes(chooser, pick_threads(chooser, kept, doing), doing)
 
-    @checked(checkpoint="checkpoint", dataset="path?", max_tokens="integer?", batch_size="integer", device="name")
+    @checked(checkpoint="checkpoint", dataset="path?", max_tokens="count?", batch_size="count", device="name")
     def eval(self, checkpoint: str = "best", *, dataset: str | Path | None = None, max_tokens: int | None = None,
              batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
         """Val loss, perplexity, accuracy and bits per byte of `checkpoint` on the val split of the run's dataset (or of
         `dataset`, which must share the run's tokenizer), or on about `max_tokens` of it in whole windows spread over
         it; kept in the run's evaluations.json. Returns the record (loss, perplexity, accuracy, bits_per_byte, tokens,
         windows, checkpoint, step, dataset)."""
-        whole("batch_size", batch_size)
-        if max_tokens is not None:
-            whole("max_tokens", max_tokens)
         from lmlab.evals.evaluate import evaluate_run
 
         run, notes = self._use(checkpoint, device, "evaluated")
@@ -215,14 +212,13 @@ class Run:
         return self._text(lambda run, params, step, heard: sample_stream(run, prompt, params, step, heard), len(prompt),
                           settings, f"prompt {prompt!r}", checkpoint, device, stream, compile, keep, quantize)
 
-    @checked(prompt="text", num_samples="integer", **DECODING)
+    @checked(prompt="text", num_samples="count", **DECODING)
     def samples(self, prompt: str = "", num_samples: int = 2, *, checkpoint: str = "best", device: str = "auto",
                 compile: bool = False, keep: bool = True, quantize: str = "none", **settings: Any) -> list[str]:
         """`num_samples` continuations of the prompt drawn in one batch, the i-th with seed `seed` + i (settings as
         `sample`'s), each kept in samples.txt unless not `keep`."""
         from lmlab.inference.generate import samples
 
-        whole("num_samples", num_samples)
         params = sampling_params(settings)
         run, notes = self._use(checkpoint, device, "decoding", quantize)
         tokens = max(len(prompt), run.config.model.block_size) + params.max_new_tokens

@@ -68,7 +68,7 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
             raise UserError("--budget plans a new run; a resumed run keeps the plan it made (to train it on by "
                             "steps: --set train.budget_seconds=0 --set train.max_iters=N).")
         settings.append(f"train.budget_seconds={parse_duration(str(budget))}")
-    size = _size(size, config, resume, init_from, settings)
+    size = check_size(size, config, resume, init_from, settings)
     cfg, run_dir = _config(config, run, resume, init_from, settings)
     # A stop signal (or a reader gone from the output) during the set-up: before the run is begun it ends the call
     # at once, nothing written; after, the run stops before its first step, with its checkpoint and its end.
@@ -83,7 +83,7 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
         cfg = cfg or RunDir(run_dir).config(settings)
         require_tracker(cfg.train.tracker)  # before the run is begun
         cfg, sized = sized_run(Path(str(config)), cfg, size, started, device, out, window,
-                               setup.interruptible()) if size else (cfg, None)  # a path: `_size`
+                               setup.interruptible()) if size else (cfg, None)  # a path: `check_size`
         trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
                           init_from=init_from, keep_optimizer=keep_optimizer, started=started, sized=sized)
         _describe(trainer, out)
@@ -94,10 +94,10 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
     return trained
 
 
-def _size(size: str | int | None, config: str | Path | RunConfig | None, resume: Any, init_from: str | None,
-          settings: list[str]) -> str | int | None:
-    """--size, checked before anything loads: a new run's, from a preset file (its family's fit is kept beside it),
-    whose shape no setting asks for too."""
+def check_size(size: str | int | None, config: str | Path | RunConfig | None, resume: Any, init_from: str | None,
+               settings: list[str]) -> str | int | None:
+    """--size, checked before anything loads (by `lmlab plan --budget` too): a new run's, from a preset file (its
+    family's fit is kept beside it), whose shape no setting asks for too."""
     if size is None:
         return None
     from lmlab.experiments.sizing import check_shape_kept, parse_size

@@ -1,6 +1,6 @@
-"""The `lmlab` command line: one module per command family, each registering its subcommands; a command parses
-its arguments, calls the library and prints. Library imports happen inside the commands, so `lmlab --help`
-and a mistyped option answer at once."""
+"""The `lmlab` command line: one module per command family, each registering its subcommands, which run the
+family's cmd_NAME (`lmlab export-hf`: hf.cmd_export_hf); a command parses its arguments, calls the library and
+prints. Library imports happen inside the commands, so `lmlab --help` and a mistyped option answer at once."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from typing import Any, NoReturn
 
 from lmlab import __version__
 from lmlab.commands import data, evaluate, hf, log, plan, report, runs, serve, sweep, train
-from lmlab.commands.common import describe_commands, silence_stdout
+from lmlab.commands.common import HelpFormatter, silence_stdout, subcommands
 from lmlab.core.busy import env_threads
 from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.errors import PeerLost, UserError, classify
@@ -53,23 +54,19 @@ EXAMPLES = {
 }
 
 
-def _version() -> str:
-    """lmlab's version, and torch's and Python's (what a bug report needs), without importing torch."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        torch = version("torch")
-    except PackageNotFoundError:
-        torch = "not installed"
-    return f"lmlab {__version__} (torch {torch}, Python {platform.python_version()})"
-
-
 class Version(argparse.Action):
-    """`--version`, its text read when asked for: every other command skips reading the installed packages'
-    metadata (a tenth of a second at each start)."""
+    """`--version`: lmlab's version, and torch's and Python's (what a bug report needs), without importing torch;
+    read when asked for: every other command skips reading the installed packages' metadata (a tenth of a second at
+    each start)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        print(_version())
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            torch = version("torch")
+        except PackageNotFoundError:
+            torch = "not installed"
+        print(f"lmlab {__version__} (torch {torch}, Python {platform.python_version()})")
         parser.exit()
 
 # At exit the interpreter collects every object it can reach, torch's and sympy's included: ~0.9 s on 2 cores
@@ -86,13 +83,20 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="lmlab", description="Train GPT-style language models from scratch.")
+    """The parser of every command, each with the help formatter, its example after its options, and its family's
+    cmd_NAME to run (`lmlab data stats`: data.cmd_data_stats; `lmlab data`, none)."""
+    parser = Parser(prog="lmlab", description="Train GPT-style language models from scratch.",
+                    formatter_class=HelpFormatter)
     parser.add_argument("--version", action=Version, nargs=0, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                         help="show lmlab's, torch's and Python's versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)  # subcommands get the same Parser class
     for family in FAMILIES:
         family.register(sub)
-    describe_commands(parser, EXAMPLES)
+    runs = {name: value for family in FAMILIES for name, value in vars(family).items() if name.startswith("cmd_")}
+    for name, _, command in subcommands(parser):
+        command.formatter_class = HelpFormatter
+        command.epilog = f"example:\n  {EXAMPLES[name]}"
+        command.set_defaults(func=runs.get("cmd_" + re.sub("[ -]", "_", name)))
     return parser
 
 
@@ -119,25 +123,28 @@ def check_text(argv: list[str]) -> None:
 PEER_GRACE_SECONDS = 2.0
 
 
-def report_stop(message: str, own: bool = False) -> None:
-    """Say why a command stopped, in one line on stderr. Under torchrun every rank usually stops for the same
-    reason: the first process of each node alone prints it (a node's terminal shows only its own processes, and
-    its launcher may end without a summary when the rendezvous host's goes first), and each rank leaves it in
-    torchrun's error file, so that the launcher's failure summary shows the sentence (instead of a link) for
-    whichever rank it names. A rank's `own` reason (a peer it lost: the node's first process may be the one gone)
-    it says itself, at once."""
-    says = own or os.environ.get("LOCAL_RANK", "0") == "0"
-    if says:
-        print(f"error: {message}", file=sys.stderr)
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        # torchrun's own format; its summary prints `py_callstack`, which here is the sentence, not a traceback.
-        info = {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}
-        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:
-            json.dump({"message": {"message": f"UserError: {message}", "extraInfo": info}}, f)
-    if not says:
-        # torchrun stops every rank once one exits: a rank that got here first waits for its node's first process,
-        # which stops for the same reason a moment later, to say it (else the sentence is only in the summary).
-        time.sleep(PEER_GRACE_SECONDS)
+def _say(message: str, own: bool = False) -> int:
+    """Say why a command stopped, in one line on stderr (even when stderr's reader has gone too), and return its
+    status, 2. Under torchrun every rank usually stops for the same reason: the first process of each node alone
+    prints it (a node's terminal shows only its own processes, and its launcher may end without a summary when the
+    rendezvous host's goes first), and each rank leaves it in torchrun's error file, so that the launcher's failure
+    summary shows the sentence (instead of a link) for whichever rank it names. A rank's `own` reason (a peer it
+    lost: the node's first process may be the one gone) it says itself, at once."""
+    with suppress(BrokenPipeError):
+        says = own or os.environ.get("LOCAL_RANK", "0") == "0"
+        if says:
+            print(f"error: {message}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # torchrun's own format; its summary prints `py_callstack`, which here is the sentence, not a traceback.
+            info = {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:
+                json.dump({"message": {"message": f"UserError: {message}", "extraInfo": info}}, f)
+        if not says:
+            # torchrun stops every rank once one exits: a rank that got here first waits for its node's first
+            # process, which stops for the same reason a moment later, to say it (else the sentence is only in the
+            # summary).
+            time.sleep(PEER_GRACE_SECONDS)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,11 +217,3 @@ def _peer_words(err: RuntimeError) -> str:
     """The library's first sentence, without the source file it names: `Connection closed by peer [::1]:6539`."""
     return re.sub(r"^\[[^\]]*\] ", "", (str(err).strip() or type(err).__name__).splitlines()[0]).split(". ")[0][:200]
 
-
-def _say(message: str, own: bool = False) -> int:
-    """Report a refusal (status 2), even when stderr's reader has gone too."""
-    try:
-        report_stop(message, own)
-    except BrokenPipeError:
-        pass
-    return 2

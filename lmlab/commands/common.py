@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +29,8 @@ if TYPE_CHECKING:  # the command modules import the library when a command runs,
 def silence_stdout() -> None:
     """Point stdout at /dev/null, so that nothing more (the interpreter's last flush included) writes to a pipe
     whose reader has gone."""
-    try:
+    with suppress(OSError, ValueError):  # no file descriptor (a test's captured stdout)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
-        pass
 
 
 class PipeConsole(Console):
@@ -82,16 +80,6 @@ def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpars
                 found.append((sub.prog.removeprefix("lmlab "), helps.get(name, ""), sub))
                 found += subcommands(sub)
     return found
-
-
-def describe_commands(parser: argparse.ArgumentParser, examples: dict[str, str]) -> None:
-    """Give `parser` and every subcommand under it the help formatter, and each subcommand its example (by its
-    name after `lmlab`), shown after its options."""
-    parser.formatter_class = HelpFormatter
-    for name, _, sub in subcommands(parser):
-        sub.formatter_class = HelpFormatter
-        if name in examples:
-            sub.epilog = f"example:\n  {examples[name]}"
 
 
 # Types of the numeric options that go straight to a function (those of a dataclass, e.g. SamplingParams or
@@ -248,16 +236,8 @@ def temperatures(text: str) -> list[float]:
 
 
 def samplings(args: argparse.Namespace) -> list[SamplingParams]:
-    """The SamplingParams of the options `add_sampling` added, one per --temperature (checked: a bad value is one
-    sentence)."""
+    """The SamplingParams of the options `add_sampling` added, one per --temperature (one without `several`), checked:
+    a bad value is one sentence."""
     values = args.temperature if isinstance(args.temperature, list) else [args.temperature]
     return [SamplingParams(args.max_new_tokens, t, args.top_k, args.top_p, args.seed) for t in values]
 
-
-def sampling(args: argparse.Namespace) -> SamplingParams:
-    """The one SamplingParams of the options `add_sampling` added: several temperatures are refused."""
-    params = samplings(args)
-    if len(params) > 1:
-        raise UserError(f"--temperature {','.join(f'{p.temperature:g}' for p in params)} names several temperatures; "
-                        "several make a grid of prompts (--prompts FILE or several runs), give one here.")
-    return params[0]

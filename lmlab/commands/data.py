@@ -105,7 +105,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     chars.add_argument("--drop-chars", metavar="CHARS", help="remove these characters (after --normalize), written "
                        "as for --keep-chars")
     p.add_argument("--force", action="store_true", help="replace an existing dataset made from other inputs")
-    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("data", help="inspect a prepared dataset")
     data = p.add_subparsers(dest="data_command", required=True, help="what to inspect")
@@ -113,4 +112,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="a dataset dir made by `lmlab prepare`")
     p.add_argument("--block-size", type=count(),
                    help="context length to compare with (default: the dataset's, or 1024)")
-    p.set_defaults(func=cmd_data_stats)

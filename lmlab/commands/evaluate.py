@@ -217,7 +217,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=count(), default=32, help="windows of block_size tokens scored at once")
     add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run, or a grid of runs x prompts x temperatures")
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run dir (trained, fine-tuned or imported); several make "
@@ -244,4 +243,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", type=destination("--out", "file"),
                    help="where a grid is written too (default: prompt-grid.md, or prompt-grid.json with --json)")
     add_device(p)
-    p.set_defaults(func=cmd_sample)

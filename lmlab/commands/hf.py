@@ -63,7 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "with tokenizer.json (or vocab.json + merges.txt), or the tokenizer.json itself")
     p.add_argument("--block-size", type=count(), help="a shorter context than the model's (its "
                    "max_position_embeddings), e.g. to train and sample with less memory")
-    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help="write a run as a Hugging Face folder (GPT-2, Llama, Qwen2 or Qwen3)")
     p.add_argument("run", metavar="RUN", help="the run dir to export")
@@ -73,7 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "options, llama for rope + rmsnorm + swiglu, qwen2 with biases on q, k and v alone, qwen3 with "
                    "qk_norm")
     add_checkpoint(p)
-    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("export-gguf", help="write a run as one GGUF file for llama.cpp, Ollama and LM Studio, with a "
                        "model card beside it")
@@ -83,4 +81,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=GGUF_TYPES, default="f32", help="the weights' precision: f32 (exactly the "
                    "model), f16, bf16, or q8_0 (8-bit blocks, a quarter of f32's size); norms and biases stay f32")
     add_checkpoint(p)
-    p.set_defaults(func=cmd_export_gguf)

@@ -49,4 +49,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the gradient norm since the evaluation before), however wide the table gets")
     p.add_argument("--plot", metavar="PNG", type=destination("--plot", "file"),
                    help="also draw the gradient norm of each logged step, with the learning rate, to this PNG")
-    p.set_defaults(func=cmd_log)

@@ -195,12 +195,12 @@ def plan_budget(args: argparse.Namespace) -> None:
     window, started = LoadMeter().start(), time.perf_counter() - process_age()  # as train counts its budget
     import torch
 
-    from lmlab.api.training import parse_duration
+    from lmlab.api.training import check_size, parse_duration
     from lmlab.core.config_toml import load_config
     from lmlab.core.machine import Machine
     from lmlab.core.threads import ThreadChooser
     from lmlab.experiments.plan import gpu_hardware
-    from lmlab.experiments.sizing import check_shape_kept, choose_size, parse_size, with_vocab
+    from lmlab.experiments.sizing import choose_size, with_vocab
 
     if not args.budget:
         raise UserError("--size is planned for a time budget: give --budget (e.g. --budget 5m --size auto).")
@@ -213,9 +213,7 @@ def plan_budget(args: argparse.Namespace) -> None:
     target = Path(args.target)
     if target.is_dir():
         raise UserError(f"--budget plans a new run of a preset; {target} is a run (a run keeps the plan it made).")
-    size = parse_size(args.size) if args.size else None
-    if size is not None:
-        check_shape_kept(size, args.set)  # as train refuses it
+    size = check_size(args.size, target, None, None, args.set)  # as train refuses it
     cfg = with_vocab(load_config(target, [*args.set, f"train.budget_seconds={parse_duration(args.budget)}"]))
     gpu = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else None
     # A preview of a datasheet GPU measures nothing here: its dtype and peak are the datasheet's.
@@ -357,7 +355,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", action="store_true", help="time one evaluation and size eval_iters to under 5%%")
     p.add_argument("--checkpoint", action="store_true", help="time writing a checkpoint (model and optimizer state) "
                    "where runs go, and loading it back, with its share of the time at train.checkpoint_interval")
-    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="parameters, tokens, FLOPs and wall time of a config, or where a run stands")
     p.add_argument("target", help="a TOML config or a run dir")
@@ -382,4 +379,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "of the run planned, else of a run of the same config on that hardware under --runs, else 0.3)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs that measured the MFU")
     add_device(p)
-    p.set_defaults(func=cmd_plan)

@@ -30,21 +30,21 @@ def cell(text: str) -> str:
 def option_rows(parser: argparse.ArgumentParser) -> list[str]:
     formatter = parser._get_formatter()
     rows = []
-    for action in parser._actions:
-        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+    for action in parser._actions:  # not -h, a group's subcommands, nor a hidden option (finetune --run)
+        hidden = action.help == argparse.SUPPRESS
+        if hidden or isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
             continue
         if action.option_strings:
             takes = "" if action.nargs == 0 else " " + formatter._format_args(action, action.dest.upper())
             name = ", ".join(f"`{flag}{takes}`" for flag in action.option_strings)
         else:
             name = f"`{formatter._format_args(action, action.dest)}`"
-        text = formatter._expand_help(action) if action.help else ""
-        rows.append(f"| {name} | {cell(text)} |")
+        rows.append(f"| {name} | {cell(formatter._expand_help(action))} |")
     return rows
 
 
 def commands_page() -> str:
-    from lmlab.commands import build_parser
+    from lmlab.commands import EXAMPLES, build_parser
 
     commands = subcommands(build_parser())
     for _, _, sub in commands:  # as a terminal WIDTH wide wraps it (argparse keeps 2 free)
@@ -55,15 +55,10 @@ def commands_page() -> str:
     lines += [f"- [`lmlab {name}`](#lmlab-{name.replace(' ', '-')}): {cell(help_)}"
               for name, help_, _ in commands]
     for name, help_, sub in commands:
-        summary = cell(help_ or sub.description or "")
+        summary = cell(help_)
         lines += ["", f"## lmlab {name}", "", summary[:1].upper() + summary[1:] + ".", "", "```text",
-                  sub.format_usage().strip(), "```", ""]
-        if sub.description and help_:
-            lines += [cell(sub.description), ""]
-        lines += ["| option | what it does |", "|---|---|", *option_rows(sub)]
-        if sub.epilog:
-            example = sub.epilog.removeprefix("example:").strip()
-            lines += ["", "Example:", "", "```bash", example, "```"]
+                  sub.format_usage().strip(), "```", "", "| option | what it does |", "|---|---|",
+                  *option_rows(sub), "", "Example:", "", "```bash", EXAMPLES[name], "```"]
     return "\n".join(lines) + "\n"
 
 

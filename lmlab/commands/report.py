@@ -54,4 +54,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the val split: report kept evaluations "
                    "only (a report evaluates each run's checkpoint once and keeps the result)")
     add_device(p)
-    p.set_defaults(func=cmd_report)

@@ -19,7 +19,7 @@ from lmlab.commands.common import (
     destination,
     positive,
     print_table,
-    sampling,
+    samplings,
     within,
 )
 from lmlab.core.errors import UserError
@@ -42,7 +42,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from lmlab.api.compare import compare
     from lmlab.run.rundir import RunDir
 
-    params = sampling(args)
+    params = samplings(args)[0]
     compared = compare(args.runs, args.checkpoint)
     runs = compared.summaries
     plot = plot_comparison(runs, Path(args.plot), args.x, args.log) if args.plot else None
@@ -178,7 +178,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", nargs="?", default="runs", help="folder searched for runs, sweeps included")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
-    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("compare", help="compare runs against the first: table, overlay plot, samples")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs; the first is the base of every ratio")
@@ -191,7 +190,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p, " (for --prompt)")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.add_argument("--json", action="store_true", help="print the figures (and samples) as JSON instead of tables")
-    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("scaling", help="fit best val loss against compute and parameters as power laws; or show (and "
                        "with --refit measure) the fit a preset's --size auto predicts with")
@@ -215,4 +213,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p, " (for --refit)")
     p.add_argument("--plot", default="scaling.png", type=destination("--plot", "file"), help="where to draw the fits")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
-    p.set_defaults(func=cmd_scaling)

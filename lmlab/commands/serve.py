@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -23,7 +22,8 @@ from lmlab.commands.common import (
     destination,
     port,
     positive,
-    sampling,
+    samplings,
+    within,
 )
 from lmlab.core.errors import UserError
 
@@ -33,17 +33,6 @@ def model_name(text: str) -> str:
     if not text or len(text) > 256 or not text.isprintable() or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a model name: 1 to 256 printable characters, no spaces")
     return text
-
-
-def seconds(text: str) -> float:
-    """A finite number of seconds, 0 or more (at most a day)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= 86_400):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
-    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -101,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_answer(args: argparse.Namespace) -> None:
     from lmlab.evals.judge import write_answers
 
-    params = sampling(args)
+    params = samplings(args)[0]
     run, notes = used_run(args.run, args.checkpoint, args.device, "decoding")  # said as sample says
     tokens = run.config.model.block_size + args.max_new_tokens
     step = decode_step(run, args.batch_size, "--batch-size", tokens, args.compile, console, args.quantize)
@@ -186,10 +175,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "$LMLAB_API_KEY; none)")
     p.add_argument("--insecure", action="store_true",
                    help="allow serving beyond loopback (--host 0.0.0.0, ...) without an API key")
-    p.add_argument("--drain-seconds", type=seconds, default=10.0,
+    p.add_argument("--drain-seconds", type=within(0, 86_400), default=10.0,
                    help="on SIGTERM/SIGINT, how long running requests may go on before each is ended")
     add_device(p)
-    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("answer", help="answer every Alpaca record with a run's model, for `lmlab judge`")
     p.add_argument("run", metavar="RUN", help="the run dir whose model answers")
@@ -202,7 +190,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "calls; worth it for a few hundred answers or more")
     add_checkpoint(p)
     add_device(p)
-    p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("judge", help="score answers 0-100 with a judge model behind an OpenAI-compatible endpoint")
     p.add_argument("--answers", required=True, help="JSON-lines file written by `lmlab answer`")
@@ -212,4 +199,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="per-item scores, JSON lines (default: ANSWERS-judged.jsonl)")
     p.add_argument("--max-tokens", type=count(), default=16, help="longest judge reply read")
     p.add_argument("--lowest", type=count(0), default=5, help="how many of the lowest-scored answers to show")
-    p.set_defaults(func=cmd_judge)

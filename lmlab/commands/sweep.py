@@ -47,4 +47,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", default="runs", type=destination("--dir"),
                    help="where the sweep folder goes (default: runs)")
     add_device(p)
-    p.set_defaults(func=cmd_sweep)

@@ -72,7 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(CHECKPOINT: best, latest (the default), step_N or N)")
     p.add_argument("--keep-optimizer", action="store_true", help="with --init-from: carry the optimizer state too")
     p.add_argument("--force", action="store_true", help="resume even though the dataset's content changed")
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="instruction-tune a run on Alpaca-format records (loss on responses only)")
     p.add_argument("base", metavar="RUN", help="the run whose best checkpoint is fine-tuned")
@@ -84,4 +83,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "name>)")
     p.add_argument("--run", type=destination("--run", "run"), help=argparse.SUPPRESS)  # --out's old spelling
     add_device(p)
-    p.set_defaults(func=cmd_finetune)

@@ -288,10 +288,8 @@ def check_runs(model: LanguageModel, package: Path, dtype: torch.dtype) -> None:
 def _die_with_parent() -> None:
     """End this process when its parent (the server) dies, even by SIGKILL (Linux; elsewhere the server ends it
     when it stops)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 if __name__ == "__main__":

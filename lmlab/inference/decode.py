@@ -5,6 +5,9 @@ shape it was made for). Results equal decoding each sequence alone."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Tensors
@@ -91,14 +94,13 @@ def feed(model: LanguageModel, idx: torch.Tensor, state: DecodeState, logits: bo
     return model(idx, cache=state)[0]
 
 
-def hold_weights(model: LanguageModel, dtype: torch.dtype) -> LanguageModel:
+def hold_weights(model: LanguageModel, dtype: torch.dtype) -> None:
     """Hold `model`'s matmul weights in `dtype`, in place, for a model loaded to decode only: autocast then casts
     nothing at every token. Norms and the residual stream stay fp32, as under autocast."""
     if dtype != torch.float32:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 module.to(dtype)
-    return model
 
 
 def live_length(longest: int, block_size: int) -> int:
@@ -114,28 +116,26 @@ def row_bucket(rows: int, capacity: int) -> int:
     return min(capacity, 1 << (rows - 1).bit_length())
 
 
-class BucketedStep:
-    """A step made for a few shapes (a CUDA graph per shape, lmlab.inference.graphs): the decoder steps it over
-    `row_bucket` rows, the rows past its sequences free ones emptied first, and `live_length` positions."""
-
-    def __call__(self, idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        raise NotImplementedError
+def step_logits(model: LanguageModel, dtype: torch.dtype, idx: torch.Tensor, state: DecodeState,
+                cache_enabled: bool | None = None) -> torch.Tensor:
+    """One decode step's logits (rows, vocab), under autocast to `dtype` (its `cache_enabled`): the eager step, and the
+    body a graph captures or a compiler compiles."""
+    cast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(idx.device.type, dtype,
+                                                                                 cache_enabled=cache_enabled)
+    with cast:
+        logits = feed(model, idx, state)
+    assert logits is not None, "feed gives logits when asked"
+    return logits[:, -1]
 
 
 def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
-    device = next(model.parameters()).device
-
-    def step(idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        with autocast(device, dtype):
-            logits = feed(model, idx, state)
-        assert logits is not None, "feed gives logits when asked"
-        return logits[:, -1]
-
-    return step
+    return functools.partial(step_logits, model, dtype)
 
 
 class Decoder:
-    """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled or bucketed one); each
+    """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled or bucketed one: one whose
+    `bucketed` is true is made for a few shapes, a CUDA graph per shape (lmlab.inference.graphs), and is stepped over
+    `row_bucket` rows, the rows past its sequences free ones emptied first, and `live_length` positions); each
     step's seconds heard by `threads`, the job's thread rule (lmlab.core.threads), where given: a load that comes or
     goes mid-decode changes the threads as it does a training run's."""
 
@@ -149,11 +149,10 @@ class Decoder:
                                                                                     self.device)
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)
-        self.bucketed = isinstance(step, BucketedStep)
+        self.bucketed = getattr(step, "bucketed", False)
         self.threads = threads
         self.active: list[Sequence] = []
         self._views: dict[tuple[int, int], DecodeState] = {}
-        self.scoring = 0  # active sequences that record log-probabilities
 
     @property
     def free(self) -> int:
@@ -167,15 +166,11 @@ class Decoder:
         self.active.append(seq)
         seq.generator = new_generator(seq.params, self.device)
         logits = self._fill(seq, seq.ids[-self.block_size:], echo=seq.logprobs is not None and seq.echo)
-        if seq.logprobs is not None:
-            self.scoring += 1
-            if seq.echo:
-                self._score_prompt(seq, logits, seq.logprobs)
+        if seq.logprobs is not None and seq.echo:
+            self._score_prompt(seq, logits, seq.logprobs)
 
     def leave(self, seq: Sequence) -> None:
         """Stop decoding `seq` now; the last active row takes its place."""
-        if seq.logprobs is not None:
-            self.scoring -= 1
         last = self.active.pop()
         if last is not seq:
             self.state.move(last.row, seq.row, last.pos)
@@ -201,8 +196,7 @@ class Decoder:
         longest = max(seq.pos for seq in self.active) + 1  # with the token fed now
         logits = self.step_fn(idx, self.rows(rows, live_length(longest, self.block_size)))[:n]
         tokens = choose(logits, [seq.params for seq in self.active], [seq.generator for seq in self.active])
-        if self.scoring:
-            self._score_step(logits, tokens)
+        self._score_step(logits, tokens)
         for seq, token in zip(self.active, tokens):
             seq.ids.append(token)
             seq.generated += 1
@@ -238,17 +232,17 @@ class Decoder:
         prompt = seq.ids[-self.block_size:]
         seq.scores.append(TokenScore(prompt[0], None, [], []))
         if logits is not None:
-            targets = torch.tensor(prompt[1:], device=logits.device)
-            scored = token_scores(logits[0], targets, top)
-            seq.scores += [TokenScore(t, lp, ids, lps) for t, lp, ids, lps in
-                           zip(prompt[1:], scored.logprobs, scored.top_ids, scored.top_logprobs)]
+            seq.scores += token_scores(logits[0], torch.tensor(prompt[1:], device=logits.device), top)
 
     def _score_step(self, logits: torch.Tensor, tokens: list[int]) -> None:
-        """The chosen token's log-probability (and the likeliest alternatives) for the rows that record them."""
+        """The chosen token's log-probability (and the likeliest alternatives) for the rows that record them (none
+        records any, at no cost, unless asked)."""
         asked = {r: seq.logprobs for r, seq in enumerate(self.active) if seq.logprobs is not None}
-        rows, top = list(asked), max(asked.values())
-        scored = token_scores(logits[rows], torch.tensor([tokens[r] for r in rows], device=logits.device), top)
-        for k, r in enumerate(rows):
-            n = asked[r]
-            self.active[r].scores.append(TokenScore(tokens[r], scored.logprobs[k], scored.top_ids[k][:n],
-                                                    scored.top_logprobs[k][:n]))
+        if not asked:
+            return
+        rows = list(asked)
+        scored = token_scores(logits[rows], torch.tensor([tokens[r] for r in rows], device=logits.device),
+                              max(asked.values()))
+        for r, score in zip(rows, scored):
+            self.active[r].scores.append(dataclasses.replace(score, top_ids=score.top_ids[:asked[r]],
+                                                             top_logprobs=score.top_logprobs[:asked[r]]))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from lmlab.inference.decode import BucketedStep, feed
+from lmlab.inference.decode import step_logits
 from lmlab.model import LanguageModel
 from lmlab.model.base import DecodeState
 
@@ -109,15 +109,17 @@ def compiled(**options: object) -> Capture:
     return capture
 
 
-class GraphStep(BucketedStep):
-    """The decode step of `model` replayed per bucket; a bucket is captured the first time the decoder steps in it, over
-    that bucket's view of the decoder's state, by a capture `captures` makes (a new one, with a pool of its own, for
-    each decoder's state). The logits returned are the bucket's static output: read them before the next step."""
+class GraphStep:
+    """The decode step of `model` replayed per bucket (`bucketed`: lmlab.inference.decode.Decoder); a bucket is captured
+    the first time the decoder steps in it, over that bucket's view of the decoder's state, by a capture `captures`
+    makes (a new one, with a pool of its own, for each decoder's state). The logits returned are the bucket's static
+    output: read them before the next step."""
+
+    bucketed = True
 
     def __init__(self, model: LanguageModel, dtype: torch.dtype, captures: Callable[[], Capture]):
         self.model, self.dtype, self.captures = model, dtype, captures
         self.capture = captures()
-        self.device = next(model.parameters()).device
         # by id of the state view the decoder keeps per bucket (the view held, so the id is never reused)
         self.buckets: dict[int, tuple[DecodeState, torch.Tensor, Run]] = {}
 
@@ -139,12 +141,7 @@ class GraphStep(BucketedStep):
 
         def body(ids: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             # autocast's cache of cast weights off: a graph must not read a cast made outside it
-            cast = torch.autocast(self.device.type, self.dtype, cache_enabled=False) if self.dtype != torch.float32 \
-                else contextlib.nullcontext()
-            with cast:
-                logits = feed(self.model, ids, kind.over(tensors))
-            assert logits is not None, "feed gives logits when asked"
-            return logits[:, -1]
+            return step_logits(self.model, self.dtype, ids, kind.over(tensors), cache_enabled=False)
 
         def warm() -> torch.Tensor:  # on a copy of the bucket: the real state moves only when a replay runs
             return body(static.clone(), *(t.clone() for t in state.tensors()))

@@ -45,23 +45,13 @@ class TokenScore:
     top_logprobs: list[float]
 
 
-@dataclass(frozen=True)
-class TokenScores:
-    """Per token of a sequence: its log-probability, and the `top` likeliest tokens there with theirs."""
-
-    logprobs: list[float]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-
-
-def token_scores(logits: torch.Tensor, targets: torch.Tensor, top: int = 0) -> TokenScores:
-    """Log-probabilities in fp32 of `targets` (n,) under (n, vocab) logits, and of the `top` likeliest tokens."""
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, top: int = 0) -> list[TokenScore]:
+    """Each of `targets` (n,) with its log-probability in fp32 under (n, vocab) logits, and the `top` likeliest tokens
+    with theirs."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-    if top <= 0:
-        return TokenScores(chosen, [[] for _ in chosen], [[] for _ in chosen])
-    values, ids = logprobs.topk(min(top, logprobs.size(-1)), dim=-1)
-    return TokenScores(chosen, ids.tolist(), values.tolist())
+    values, ids = logprobs.topk(min(max(top, 0), logprobs.size(-1)), dim=-1)
+    return [TokenScore(*score) for score in zip(targets.tolist(), chosen, ids.tolist(), values.tolist())]
 
 
 @torch.no_grad()
@@ -119,11 +109,13 @@ def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
     return groups
 
 
-def _score_rows(model: LanguageModel, idx: torch.Tensor, starts: list[int], targets: list[tuple[int, ...]],
-                cache: DecodeState | None = None) -> list[float]:
-    """The summed log-probability of each row's targets, read at that row's positions from starts[row] on (the head
-    applied at those positions only)."""
+def _score_rows(model: LanguageModel, choices: Sequence[Choice], order: list[int], inputs: list[tuple[int, ...]],
+                starts: list[int], scores: list[float], cache: DecodeState | None = None) -> None:
+    """Score the choices `order` names, a row each: the row's `inputs` (padded on the right) read, its continuation's
+    summed log-probability read at the row's positions from starts[row] on (the head applied at those only)."""
     device = next(model.parameters()).device
+    targets = [choices[i].continuation for i in order]
+    idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(tokens) for tokens in inputs], batch_first=True)
     rows = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=device)
     positions = torch.tensor([s + k for s, t in zip(starts, targets) for k in range(len(t))], device=device)
     flat = torch.tensor([token for t in targets for token in t], device=device)
@@ -131,15 +123,8 @@ def _score_rows(model: LanguageModel, idx: torch.Tensor, starts: list[int], targ
     per_token = torch.log_softmax(logits.float(), dim=-1).gather(1, flat[:, None])[:, 0]
     sums = torch.zeros(len(targets), dtype=torch.float64, device=device)
     sums.index_add_(0, rows, per_token.double())
-    return sums.tolist()
-
-
-def _padded(rows: list[tuple[int, ...]]) -> torch.Tensor:
-    """Token rows as one (rows, longest) tensor, padded on the right."""
-    idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    for r, tokens in enumerate(rows):
-        idx[r, :len(tokens)] = torch.tensor(tokens)
-    return idx
+    for i, value in zip(order, sums.tolist()):
+        scores[i] = value
 
 
 def _score_alone(model: LanguageModel, choices: Sequence[Choice], batch: list[int], scores: list[float],
@@ -147,10 +132,8 @@ def _score_alone(model: LanguageModel, choices: Sequence[Choice], batch: list[in
     """One forward for choices of their own, each a row from position 0."""
     block = model.config.block_size
     windows = [choices[i].window(block) for i in batch]
-    targets = [choices[i].continuation for i in batch]
-    starts = [len(w) - len(t) for w, t in zip(windows, targets)]
-    for i, value in zip(batch, _score_rows(model, _padded(windows), starts, targets)):
-        scores[i] = value
+    starts = [len(w) - len(choices[i].continuation) for w, i in zip(windows, batch)]
+    _score_rows(model, choices, batch, windows, starts, scores)
     if progress:
         progress(len(batch))
 
@@ -186,21 +169,17 @@ def _forward_shared(model: LanguageModel, choices: Sequence[Choice], batch: list
     read every choice on from there in one forward."""
     device = next(model.parameters()).device
     order = [i for group in batch for i in group]
+    nothing = torch.zeros(0, dtype=torch.long, device=device)
     row = 0
     for group in batch:
         context = choices[group[0]].context
         first = state.rows(row, row + 1)
         first.reset(0)
-        nothing = torch.zeros(0, dtype=torch.long, device=device)
         model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)  # the states only
         for other in range(row + 1, row + len(group)):
             state.move(row, other, len(context) - 1)
         row += len(group)
     inputs = [(choices[i].context[-1],) + choices[i].continuation[:-1] for i in order]
-    targets = [choices[i].continuation for i in order]
-    idx = _padded(inputs)
     # The rows hold their context but its last token; the choices go on from there, attending to no further.
-    held = max(len(choices[group[0]].context) for group in batch) - 1 + idx.size(1)
-    for i, value in zip(order, _score_rows(model, idx, [0] * len(order), targets,
-                                           state.rows(0, len(order)).shortened(held))):
-        scores[i] = value
+    held = max(len(choices[group[0]].context) for group in batch) - 1 + max(map(len, inputs))
+    _score_rows(model, choices, order, inputs, [0] * len(order), scores, state.rows(0, len(order)).shortened(held))

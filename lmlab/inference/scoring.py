@@ -77,8 +77,10 @@ def loglikelihoods(model: LanguageModel, choices: Sequence[Choice], share: bool 
         return (len(batch) <= max_rows and len(batch) * len(choices[batch[0]].window(block)) <= max_tokens
                 and scored * vocab <= LOGITS_ELEMENTS)
 
-    for batch in _batches(alone, fits):
-        _score_alone(model, choices, batch, scores, progress)
+    for batch in _batches(alone, fits):  # each choice a row from position 0
+        _score_rows(model, choices, batch, [choices[i].window(block) for i in batch], scores)
+        if progress:
+            progress(len(batch))
     return scores
 
 
@@ -110,14 +112,15 @@ def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
 
 
 def _score_rows(model: LanguageModel, choices: Sequence[Choice], order: list[int], inputs: list[tuple[int, ...]],
-                starts: list[int], scores: list[float], cache: DecodeState | None = None) -> None:
-    """Score the choices `order` names, a row each: the row's `inputs` (padded on the right) read, its continuation's
-    summed log-probability read at the row's positions from starts[row] on (the head applied at those only)."""
+                scores: list[float], cache: DecodeState | None = None) -> None:
+    """Score the choices `order` names, a row each: the row's `inputs` read (padded on the right), the choice's
+    continuation's summed log-probability read at the row's last positions (the head applied at those only)."""
     device = next(model.parameters()).device
     targets = [choices[i].continuation for i in order]
     idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(tokens) for tokens in inputs], batch_first=True)
     rows = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=device)
-    positions = torch.tensor([s + k for s, t in zip(starts, targets) for k in range(len(t))], device=device)
+    positions = torch.tensor([len(x) - len(t) + k for x, t in zip(inputs, targets) for k in range(len(t))],
+                             device=device)
     flat = torch.tensor([token for t in targets for token in t], device=device)
     logits = model.logits_at(idx.to(device), rows, positions, cache)  # (tokens scored, vocab)
     per_token = torch.log_softmax(logits.float(), dim=-1).gather(1, flat[:, None])[:, 0]
@@ -127,26 +130,17 @@ def _score_rows(model: LanguageModel, choices: Sequence[Choice], order: list[int
         scores[i] = value
 
 
-def _score_alone(model: LanguageModel, choices: Sequence[Choice], batch: list[int], scores: list[float],
-                 progress: Callable[[int], None] | None) -> None:
-    """One forward for choices of their own, each a row from position 0."""
-    block = model.config.block_size
-    windows = [choices[i].window(block) for i in batch]
-    starts = [len(w) - len(choices[i].continuation) for w, i in zip(windows, batch)]
-    _score_rows(model, choices, batch, windows, starts, scores)
-    if progress:
-        progress(len(batch))
-
-
 def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[list[int]], scores: list[float],
                   max_rows: int, max_tokens: int, progress: Callable[[int], None] | None) -> None:
     """Groups of choices sharing a context, a forward for as many groups as the limits allow (the longest first, so that
-    rows pad little)."""
+    rows pad little): each group's context (but its last token) read into its first row and copied to the group's
+    other rows, then every choice read on from there in one forward."""
     device = next(model.parameters()).device
     per_row = sum(t.numel() * t.element_size() for t in new_state(model, 1, device, torch.float32).tensors())
     capacity = max(max(map(len, groups)), min(max_rows, STATE_BYTES // max(1, per_row)))
     state = new_state(model, capacity, device, torch.float32)
     block, vocab = model.config.block_size, model.config.vocab_size
+    nothing = torch.zeros(0, dtype=torch.long, device=device)
 
     def fits(batch: list[list[int]]) -> bool:
         held = [i for group in batch for i in group]
@@ -156,30 +150,20 @@ def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[
         return (len(held) <= capacity and len(held) * width <= max_tokens and deepest + width <= block
                 and scored * vocab <= LOGITS_ELEMENTS)
 
-    ordered = sorted(groups, key=lambda g: -max(len(choices[i].continuation) for i in g))
-    for batch in _batches(ordered, fits):
-        _forward_shared(model, choices, batch, state, scores)
+    for batch in _batches(sorted(groups, key=lambda g: -max(len(choices[i].continuation) for i in g)), fits):
+        row = 0
+        for group in batch:
+            context = choices[group[0]].context
+            first = state.rows(row, row + 1)
+            first.reset(0)
+            model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)  # the states only
+            for other in range(row + 1, row + len(group)):
+                state.move(row, other, len(context) - 1)
+            row += len(group)
+        order = [i for group in batch for i in group]
+        inputs = [(choices[i].context[-1],) + choices[i].continuation[:-1] for i in order]
+        # The rows hold their context but its last token; the choices go on from there, attending to no further.
+        held = max(len(choices[group[0]].context) for group in batch) - 1 + max(map(len, inputs))
+        _score_rows(model, choices, order, inputs, scores, state.rows(0, len(order)).shortened(held))
         if progress:
-            progress(sum(map(len, batch)))
-
-
-def _forward_shared(model: LanguageModel, choices: Sequence[Choice], batch: list[list[int]], state: DecodeState,
-                    scores: list[float]) -> None:
-    """Read each group's context (but its last token) into its first row, copy that row to the group's other rows, then
-    read every choice on from there in one forward."""
-    device = next(model.parameters()).device
-    order = [i for group in batch for i in group]
-    nothing = torch.zeros(0, dtype=torch.long, device=device)
-    row = 0
-    for group in batch:
-        context = choices[group[0]].context
-        first = state.rows(row, row + 1)
-        first.reset(0)
-        model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)  # the states only
-        for other in range(row + 1, row + len(group)):
-            state.move(row, other, len(context) - 1)
-        row += len(group)
-    inputs = [(choices[i].context[-1],) + choices[i].continuation[:-1] for i in order]
-    # The rows hold their context but its last token; the choices go on from there, attending to no further.
-    held = max(len(choices[group[0]].context) for group in batch) - 1 + max(map(len, inputs))
-    _score_rows(model, choices, order, inputs, [0] * len(order), scores, state.rows(0, len(order)).shortened(held))
+            progress(len(order))

@@ -165,9 +165,13 @@ class Decoder:
         seq.row = len(self.active)
         self.active.append(seq)
         seq.generator = new_generator(seq.params, self.device)
-        logits = self._fill(seq, seq.ids[-self.block_size:], echo=seq.logprobs is not None and seq.echo)
+        prompt = seq.ids[-self.block_size:]
+        logits = self._fill(seq, prompt, echo=seq.logprobs is not None and seq.echo)
         if seq.logprobs is not None and seq.echo:
-            self._score_prompt(seq, logits, seq.logprobs)
+            # Each prompt token's log-probability given the tokens before it (the first has none), from the prefill.
+            seq.scores.append(TokenScore(prompt[0], None, [], []))
+            if logits is not None:
+                seq.scores += token_scores(logits[0], torch.tensor(prompt[1:], device=logits.device), seq.logprobs)
 
     def leave(self, seq: Sequence) -> None:
         """Stop decoding `seq` now; the last active row takes its place."""
@@ -225,18 +229,9 @@ class Decoder:
         seq.pos = len(window) - 1
         return logits
 
-    # -- log-probabilities, only for sequences that ask for them -----------------------------------------------
-
-    def _score_prompt(self, seq: Sequence, logits: torch.Tensor | None, top: int) -> None:
-        """Each prompt token's log-probability given the tokens before it (the first has none), from the prefill."""
-        prompt = seq.ids[-self.block_size:]
-        seq.scores.append(TokenScore(prompt[0], None, [], []))
-        if logits is not None:
-            seq.scores += token_scores(logits[0], torch.tensor(prompt[1:], device=logits.device), top)
-
     def _score_step(self, logits: torch.Tensor, tokens: list[int]) -> None:
-        """The chosen token's log-probability (and the likeliest alternatives) for the rows that record them (none
-        records any, at no cost, unless asked)."""
+        """The chosen token's log-probability (and the likeliest alternatives) for the rows that record them; where no
+        row does, nothing is computed."""
         asked = {r: seq.logprobs for r, seq in enumerate(self.active) if seq.logprobs is not None}
         if not asked:
             return

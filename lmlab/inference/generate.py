@@ -169,10 +169,6 @@ class Batch:
         self.owner: dict[Decoding, Continuation] = {}
 
     @property
-    def free(self) -> int:
-        return self.decoder.free
-
-    @property
     def capacity(self) -> int:
         return self.decoder.capacity
 
@@ -187,11 +183,11 @@ class Batch:
         decoding = Decoding(list(prompt), params, logprobs=logprobs, echo=echo)
         continuation = Continuation(decoding, Detokenizer(self.tokenizer, params.stop, self.past_eot), len(prompt))
         self.decoder.join(decoding)
-        if not generate:
+        if generate:
+            self.owner[decoding] = continuation
+        else:
             self.decoder.leave(decoding)
             continuation.finish_reason = "length"
-            return continuation
-        self.owner[decoding] = continuation
         return continuation
 
     def drop(self, continuation: Continuation) -> None:
@@ -225,20 +221,19 @@ def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[l
     as one ends. `ended` hears each as it ends (the prompt's index, its continuation): what a stop keeps."""
     longest = max((len(p) + q.max_new_tokens for p, q in zip(prompts, params)), default=0)
     batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest, threads)
-    waiting, done = list(zip(prompts, params))[::-1], []
-    results, index = [], {}
+    waiting, done = list(zip(prompts, params))[::-1], 0
+    index: dict[Continuation, int] = {}  # in the prompts' order
     while waiting or len(batch):
-        while waiting and batch.free:
-            results.append(batch.add(*waiting.pop()))
-            index[id(results[-1])] = len(results) - 1
+        while waiting and batch.decoder.free:
+            index[batch.add(*waiting.pop())] = len(index)
         for continuation, _ in batch.step():
             if continuation.finish_reason is not None:
-                done.append(continuation)
+                done += 1
                 if ended:
-                    ended(index[id(continuation)], continuation)
+                    ended(index[continuation], continuation)
                 if progress:
-                    progress(len(done), len(prompts))
-    return results
+                    progress(done, len(prompts))
+    return list(index)
 
 
 class TextStream:

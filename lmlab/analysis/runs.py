@@ -191,13 +191,9 @@ def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[s
     weights = run.weights_sha256(checkpoint)
     if weights is None:
         return {}, None
-    tasks: dict[str, dict[str, Any]] = {}
-    for result in run.task_results():
-        if (result.get("weights_sha256") == weights and isinstance(result.get("items"), int)
-                and isinstance(task := result.get("task"), str)):
-            held = tasks.get(task)
-            if held is None or result["items"] >= held["items"]:
-                tasks[task] = result
+    kept = [r for r in run.task_results() if r.get("weights_sha256") == weights and isinstance(r.get("items"), int)
+            and isinstance(r.get("task"), str)]
+    tasks = {r["task"]: r for r in sorted(kept, key=lambda r: r["items"])}  # a stable sort: the newest wins a tie
     judged = [j for j in run.judgements() if j.get("weights_sha256") == weights]
     return tasks, judged[-1] if judged else None
 

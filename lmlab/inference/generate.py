@@ -126,9 +126,7 @@ class Detokenizer:
         self.text = text
         if len(self.tail) >= SETTLE_TOKENS and not decoded.endswith("\ufffd"):
             self.settled, self.tail = text, []
-        ready = final - self.stops.partial
-        if ready <= self.sent:
-            return ""
+        ready = max(self.sent, final - self.stops.partial)
         piece, self.sent = text[self.sent:ready], ready
         return piece
 
@@ -144,7 +142,6 @@ class Continuation:
 
     decoding: Decoding
     text: Detokenizer
-    prompt_tokens: int
     finish_reason: str | None = None
 
     @property
@@ -181,7 +178,7 @@ class Batch:
         likeliest alternatives, and with `echo` the prompt's tokens' first; without `generate` (the server's
         `max_tokens: 0`) the prompt is only read and scored."""
         decoding = Decoding(list(prompt), params, logprobs=logprobs, echo=echo)
-        continuation = Continuation(decoding, Detokenizer(self.tokenizer, params.stop, self.past_eot), len(prompt))
+        continuation = Continuation(decoding, Detokenizer(self.tokenizer, params.stop, self.past_eot))
         self.decoder.join(decoding)
         if generate:
             self.owner[decoding] = continuation
@@ -197,9 +194,9 @@ class Batch:
     def step(self) -> list[tuple[Continuation, str]]:
         """One token more for every continuation: each with the text it adds (maybe ''); those that ended have left the
         batch."""
-        decodings = list(self.decoder.active)
         events = []
-        for decoding, token in zip(decodings, self.decoder.step()):
+        # the active sequences as they were: one that ends leaves `active` at once
+        for decoding, token in zip(list(self.decoder.active), self.decoder.step()):
             continuation = self.owner[decoding]
             piece = continuation.text.feed(token)
             if continuation.text.finish_reason is None and decoding.exhausted:

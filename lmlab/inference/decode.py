@@ -53,23 +53,21 @@ class Sequence:
         return self.generated >= self.params.max_new_tokens
 
 
+@dataclass(eq=False)
 class ContextWindow(DecodeState):
     """The decode state of a model that carries none between tokens (a plugin without `new_cache`): each row's tokens,
     up to the context length, fed whole at every step; rows are padded on the right, which a causal model's earlier
     positions never see."""
 
-    def __init__(self, batch: int, block_size: int, device: torch.device):
-        self.ids = torch.zeros(batch, block_size, dtype=torch.long, device=device)
-        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+    pos: torch.Tensor  # (B,) long
+    ids: torch.Tensor  # (B, block_size) long
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.pos, self.ids]
 
     @classmethod
     def over(cls, tensors: Tensors[torch.Tensor]) -> ContextWindow:
-        window = object.__new__(cls)
-        window.pos, window.ids = tensors
-        return window
+        return cls(*tensors)
 
     def feed(self, model: LanguageModel, idx: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """Append (B, T) tokens to the rows; the logits (B, T, vocab) the model gives them, if asked."""
@@ -97,10 +95,9 @@ def feed(model: LanguageModel, idx: torch.Tensor, state: DecodeState, logits: bo
 def hold_weights(model: LanguageModel, dtype: torch.dtype) -> None:
     """Hold `model`'s matmul weights in `dtype`, in place, for a model loaded to decode only: autocast then casts
     nothing at every token. Norms and the residual stream stay fp32, as under autocast."""
-    if dtype != torch.float32:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.to(dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(dtype)
 
 
 def live_length(longest: int, block_size: int) -> int:
@@ -145,8 +142,9 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
         state = state_dtype(held_as(model), dtype)
-        self.state = model.new_cache(capacity, self.device, state) or ContextWindow(capacity, self.block_size,
-                                                                                    self.device)
+        self.state = model.new_cache(capacity, self.device, state) or ContextWindow(
+            torch.zeros(capacity, dtype=torch.long, device=self.device),
+            torch.zeros(capacity, self.block_size, dtype=torch.long, device=self.device))
         self.capacity = capacity
         self.step_fn = step or eager_step(model, dtype)
         self.bucketed = getattr(step, "bucketed", False)

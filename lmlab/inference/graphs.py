@@ -124,15 +124,14 @@ class GraphStep:
         self.buckets: dict[int, tuple[DecodeState, torch.Tensor, Run]] = {}
 
     def __call__(self, idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        bucket = self.buckets.get(id(state))
-        if bucket is None:
+        if id(state) not in self.buckets:
             if self.buckets and _storage(next(iter(self.buckets.values()))[0]) != _storage(state):
                 # Another decoder's state: the old one's graphs and their pool go. A pool all of whose graphs went
                 # is freed, and a capture must not name it again: the new state's graphs get a pool of their own.
                 self.buckets.clear()
                 self.capture = self.captures()
-            bucket = self.buckets[id(state)] = self._capture(idx, state)
-        _, static, replay = bucket
+            self.buckets[id(state)] = self._capture(idx, state)
+        _, static, replay = self.buckets[id(state)]
         static.copy_(idx)
         return replay()
 

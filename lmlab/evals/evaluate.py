@@ -122,8 +122,7 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
     `"cached": true`). With `max_tokens`, only about that many tokens are scored: whole windows of block_size
     spread evenly over the split (`spread`), kept apart from whole-split results."""
     dataset, meta, key = _dataset(run, dataset, max_tokens)
-    kept = kept_evaluation(run, key)
-    if kept and not fresh:
+    if not fresh and (kept := kept_evaluation(run, key)):
         return kept
     # Token ids only mean the same thing under the same vocabulary: a dataset tokenized otherwise is refused.
     if tokenizer_identity(run.run.path / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):

@@ -5,6 +5,7 @@ copied to a row per choice."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -98,16 +99,11 @@ def _batches(units: list[T], fits: Callable[[list[T]], bool]) -> Iterator[list[T
 
 def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
     """Runs of consecutive choices with one context, when there is something to share; every other choice alone."""
-    runs: list[list[int]] = []
-    for i, choice in enumerate(choices):
-        if runs and choices[runs[-1][0]].context == choice.context:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
     groups = []
-    for run in runs:
-        shareable = len(choices[run[0]].context) > 1 and not any(choices[i].truncated(block) for i in run)
-        groups += [run] if shareable and len(run) > 1 else [[i] for i in run]
+    for context, same in itertools.groupby(range(len(choices)), key=lambda i: choices[i].context):
+        run = list(same)
+        shareable = len(context) > 1 and len(run) > 1 and not any(choices[i].truncated(block) for i in run)
+        groups += [run] if shareable else [[i] for i in run]
     return groups
 
 

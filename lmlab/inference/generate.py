@@ -40,11 +40,10 @@ def decoding_only(run: LoadedRun, compiled: bool) -> torch.dtype:
     return dtype
 
 
-@torch.no_grad()
 def stream_ids(model: LanguageModel, prompt: list[int], params: SamplingParams,
                dtype: torch.dtype = torch.float32) -> Iterator[int]:
-    """Yield up to `params.max_new_tokens` tokens continuing `prompt`, one at a time. Past the context the
-    window restarts from its newest half (see `Decoder.step`)."""
+    """Yield up to `params.max_new_tokens` tokens continuing `prompt`, one at a time (without grad, as the decoder
+    runs). Past the context the window restarts from its newest half (see `Decoder.step`)."""
     decoder = Decoder(model, 1, dtype)
     seq = Decoding(list(prompt), params)
     decoder.join(seq)

@@ -126,18 +126,18 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
         return kept
     # Token ids only mean the same thing under the same vocabulary: a dataset tokenized otherwise is refused.
     if tokenizer_identity(run.run.path / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):
-        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run.run.path} (the "
-                        f"dataset's {meta['tokenizer']}, {meta['vocab_size']:,} tokens; the run's "
-                        f"{run.tokenizer.spec}, {run.tokenizer.vocab_size:,} tokens; their vocabularies differ); "
-                        "prepare it with the run's tokenizer.")
+        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run.run.path} "
+                        f"(the dataset's {meta['tokenizer']}, {meta['vocab_size']:,} tokens; the run's "
+                        f"{run.tokenizer.spec}, {run.tokenizer.vocab_size:,} tokens; their vocabularies "
+                        "differ); prepare it with the run's tokenizer.")
     T = run.config.model.block_size
     check_block_size(row_layout(meta), T, f"dataset {dataset}")
     tokens = open_tokens(dataset, "val", meta["dtype"])
     total = split_windows(tokens, T)
     windows = None if max_tokens is None else spread(total, -(-max_tokens // T))
-    need = scoring_need(run.config.model)  # the weights are loaded already: only the windows are checked
-    check_fits(dataclasses.replace(need, fixed=0), min(batch_size, total), "--batch-size", f"window of {T:,} tokens",
-               run.device)
+    # The weights are loaded already: only the windows are checked.
+    check_fits(dataclasses.replace(scoring_need(run.config.model), fixed=0), min(batch_size, total),
+               "--batch-size", f"window of {T:,} tokens", run.device)
     scores = evaluate_split(run.model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, run.device,
                             run.dtype, progress, windows)
     result = {"run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step, "dataset": str(dataset),

@@ -169,7 +169,8 @@ class Decoder:
             # Each prompt token's log-probability given the tokens before it (the first has none), from the prefill.
             seq.scores.append(TokenScore(prompt[0], None, [], []))
             if logits is not None:
-                seq.scores += token_scores(logits[0], torch.tensor(prompt[1:], device=logits.device), seq.logprobs)
+                targets = torch.tensor(prompt[1:], device=logits.device)
+                seq.scores += token_scores(logits[0], targets, seq.logprobs)
 
     def leave(self, seq: Sequence) -> None:
         """Stop decoding `seq` now; the last active row takes its place."""

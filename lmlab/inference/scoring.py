@@ -107,8 +107,8 @@ def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
     return groups
 
 
-def _score_rows(model: LanguageModel, choices: Sequence[Choice], order: list[int], inputs: list[tuple[int, ...]],
-                scores: list[float], cache: DecodeState | None = None) -> None:
+def _score_rows(model: LanguageModel, choices: Sequence[Choice], order: list[int],
+                inputs: list[tuple[int, ...]], scores: list[float], cache: DecodeState | None = None) -> None:
     """Score the choices `order` names, a row each: the row's `inputs` read (padded on the right), the choice's
     continuation's summed log-probability read at the row's last positions (the head applied at those only)."""
     device = next(model.parameters()).device
@@ -152,7 +152,8 @@ def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[
             context = choices[group[0]].context
             first = state.rows(row, row + 1)
             first.reset(0)
-            model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)  # the states only
+            # the states only: the head reads no position
+            model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)
             for other in range(row + 1, row + len(group)):
                 state.move(row, other, len(context) - 1)
             row += len(group)

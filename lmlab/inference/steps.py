@@ -91,7 +91,7 @@ def check_step(model: LanguageModel, dtype: torch.dtype, make: Callable[[], Step
     tokens = []
     for step in (None, make()):
         decoder = Decoder(model, len(prompts), dtype, step)
-        seqs = [Sequence(list(p), SamplingParams(max_new_tokens=CHECK_TOKENS, temperature=0)) for p in prompts]
+        seqs = [Sequence(list(p), SamplingParams(CHECK_TOKENS, temperature=0)) for p in prompts]
         for seq in seqs:
             decoder.join(seq)
         for _ in range(CHECK_TOKENS):

@@ -33,13 +33,12 @@ Step = Callable[[torch.Tensor, DecodeState], torch.Tensor]
 
 @dataclass(eq=False)
 class Sequence:
-    """One sequence being decoded: its tokens so far and how to choose the next; `row` is its row in the decoder, `pos`
-    how many tokens that row holds."""
+    """One sequence being decoded: its tokens so far and how to choose the next; `pos` is how many tokens its row of
+    the decoder's state holds (its row is its place in `Decoder.active`)."""
 
     ids: list[int]
     params: SamplingParams
     generated: int = 0
-    row: int = -1
     pos: int = 0
     generator: torch.Generator | None = field(default=None, repr=False)
     # Log-probabilities, asked by the server's `logprobs` and `echo`: None records none (and costs nothing); N
@@ -160,11 +159,10 @@ class Decoder:
     def join(self, seq: Sequence) -> None:
         """Start decoding `seq` in the next free row; its first token comes with the next step."""
         assert self.free, "no free row: check `free` before joining"
-        seq.row = len(self.active)
         self.active.append(seq)
         seq.generator = new_generator(seq.params, self.device)
         prompt = seq.ids[-self.block_size:]
-        logits = self._fill(seq, prompt, echo=seq.logprobs is not None and seq.echo)
+        logits = self._fill(len(self.active) - 1, seq, prompt, echo=seq.logprobs is not None and seq.echo)
         if seq.logprobs is not None and seq.echo:
             # Each prompt token's log-probability given the tokens before it (the first has none), from the prefill.
             seq.scores.append(TokenScore(prompt[0], None, [], []))
@@ -174,22 +172,21 @@ class Decoder:
 
     def leave(self, seq: Sequence) -> None:
         """Stop decoding `seq` now; the last active row takes its place."""
+        row = self.active.index(seq)
         last = self.active.pop()
         if last is not seq:
-            self.state.move(last.row, seq.row, last.pos)
-            last.row = seq.row
-            self.active[seq.row] = last
-        seq.row = -1
+            self.state.move(len(self.active), row, last.pos)
+            self.active[row] = last
 
     @torch.no_grad()
     def step(self) -> list[int]:
         """Feed every active sequence its newest token and append its next one; returns those tokens in `active`'s
         order."""
-        for seq in self.active:
+        for row, seq in enumerate(self.active):
             if seq.pos == self.block_size:
                 # The context is full: start the window over from the newest half, re-encoded in one pass,
                 # rather than recompute a whole window every token.
-                self._fill(seq, seq.ids[-max(1, self.block_size // 2):], echo=False)
+                self._fill(row, seq, seq.ids[-max(1, self.block_size // 2):], echo=False)
         began = time.perf_counter()  # the step's own time: a prefill's is no step's
         n = len(self.active)
         rows = row_bucket(n, self.capacity) if self.bucketed else n
@@ -216,15 +213,15 @@ class Decoder:
             self._views[n, length] = self.state.rows(0, n).shortened(length)
         return self._views[n, length]
 
-    def _fill(self, seq: Sequence, window: list[int], echo: bool) -> torch.Tensor | None:
-        """Start seq's row over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step. Returns
-        the prefill's logits with `echo`, else None."""
-        row = self.state.rows(seq.row, seq.row + 1)
-        row.reset(0)  # through the one-row view, which then knows it is empty (see KVCache)
+    def _fill(self, row: int, seq: Sequence, window: list[int], echo: bool) -> torch.Tensor | None:
+        """Start `row`, seq's, over holding window[:-1], prefilled in one pass; window[-1] is fed by the next step.
+        Returns the prefill's logits with `echo`, else None."""
+        state = self.state.rows(row, row + 1)
+        state.reset(0)  # through the one-row view, which then knows it is empty (see KVCache)
         logits = None
         if len(window) > 1:
             with autocast(self.device, self.dtype):
-                logits = feed(self.model, torch.tensor([window[:-1]], device=self.device), row, logits=echo)
+                logits = feed(self.model, torch.tensor([window[:-1]], device=self.device), state, logits=echo)
         seq.pos = len(window) - 1
         return logits
 

@@ -130,14 +130,6 @@ class JudgeSummary:
                 "weights_sha256": first.get("weights_sha256"), "judged": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _client(endpoint: str) -> Any:
-    require("openai", user="lmlab judge")
-    import openai
-
-    # Local servers (lmlab serve, vLLM, llama.cpp) ignore the key; OpenAI itself reads it from the environment.
-    return openai.OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=1)
-
-
 def _ask(client: Any, model: str, prompt: str, max_tokens: int, endpoint: str) -> tuple[str | None, str | None]:
     """The judge's reply, or (None, error) when the endpoint refused this one request."""
     import openai
@@ -160,7 +152,11 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
     """Score every answer 0-100 with the judge model; per-item results go to `out` (JSON lines)."""
     records = read_answers(answers)
     check_writable(Path(out))  # before the judge is asked, not after
-    client = _client(endpoint)
+    require("openai", user="lmlab judge")
+    import openai
+
+    # Local servers (lmlab serve, vLLM, llama.cpp) ignore the key; OpenAI itself reads it from the environment.
+    client = openai.OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=1)
     items = []
     for n, record in enumerate(records, 1):
         prompt, replies, errors, score = judge_prompt(record), [], [], None

@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("quantized", nargs="?", choices=QUANTIZE, default="none",
                    help="the format the weights are quantized to first")
     args = p.parse_args(argv)
-    _die_with_parent()
+    # End this process when its parent (the server) dies, even by SIGKILL (Linux: PR_SET_PDEATHSIG; elsewhere the
+    # server ends it when it stops).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     torch.set_num_threads(args.threads)  # the autotuning times the kernels on as many as they are built for
     run = RunDir(Path(args.run))
     model = build_model(run.config().model).to(args.device)
@@ -283,13 +286,6 @@ def check_runs(model: LanguageModel, package: Path, dtype: torch.dtype) -> None:
     logits = load_step(package)(torch.zeros(1, 1, dtype=torch.long, device=device), state)
     if not torch.isfinite(logits).all():
         raise UserError("the compiled decode step gave non-finite logits on its first token; not kept.")
-
-
-def _die_with_parent() -> None:
-    """End this process when its parent (the server) dies, even by SIGKILL (Linux; elsewhere the server ends it
-    when it stops)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 if __name__ == "__main__":

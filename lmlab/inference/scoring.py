@@ -31,6 +31,9 @@ class Choice:
         """What the model reads: the last block_size + 1 tokens of context + continuation, but the last."""
         return (self.context + self.continuation)[-(block_size + 1):-1]
 
+    def truncated(self, block_size: int) -> bool:
+        return len(self.context) + len(self.continuation) > block_size + 1
+
 
 @dataclass(frozen=True)
 class TokenScore:
@@ -99,9 +102,7 @@ def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
     groups = []
     for context, same in itertools.groupby(range(len(choices)), key=lambda i: choices[i].context):
         run = list(same)
-        # a choice cut on the left (longer than the window) has no whole context to share
-        whole = all(len(context) + len(choices[i].continuation) <= block + 1 for i in run)
-        shareable = len(context) > 1 and len(run) > 1 and whole
+        shareable = len(context) > 1 and len(run) > 1 and not any(choices[i].truncated(block) for i in run)
         groups += [run] if shareable else [[i] for i in run]
     return groups
 

@@ -68,22 +68,16 @@ class ContextWindow(DecodeState):
     def over(cls, tensors: Tensors[torch.Tensor]) -> ContextWindow:
         return cls(*tensors)
 
-    def feed(self, model: LanguageModel, idx: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
-        """Append (B, T) tokens to the rows; the logits (B, T, vocab) the model gives them, if asked."""
-        rows = torch.arange(idx.size(0), device=idx.device)[:, None]
-        where = self.pos[:, None] + torch.arange(idx.size(1), device=idx.device)  # (B, T)
-        self.ids[rows, where] = idx
-        self.pos += idx.size(1)
-        if not logits:
-            return None
-        return model(self.ids[:, :int(self.pos.max())])[0][rows, where]
-
 
 def feed(model: LanguageModel, idx: torch.Tensor, state: DecodeState, logits: bool = True) -> torch.Tensor | None:
     """The logits (B, T, vocab) of (B, T) tokens fed after what each row of `state` holds (and `state` moved past them);
     without `logits` none are computed, as a prefill that echoes nothing needs no head over its prompt."""
-    if isinstance(state, ContextWindow):
-        return state.feed(model, idx, logits)
+    if isinstance(state, ContextWindow):  # the tokens appended to the rows, then each row read whole
+        rows = torch.arange(idx.size(0), device=idx.device)[:, None]
+        where = state.pos[:, None] + torch.arange(idx.size(1), device=idx.device)  # (B, T)
+        state.ids[rows, where] = idx
+        state.pos += idx.size(1)
+        return model(state.ids[:, :int(state.pos.max())])[0][rows, where] if logits else None
     if not logits:
         nowhere = torch.zeros(0, dtype=torch.long, device=idx.device)
         model.logits_at(idx, nowhere, nowhere, cache=state)  # the state moves past idx; the head reads no position

@@ -118,10 +118,6 @@ def step_logits(model: LanguageModel, dtype: torch.dtype, idx: torch.Tensor, sta
     return logits[:, -1]
 
 
-def eager_step(model: LanguageModel, dtype: torch.dtype) -> Step:
-    return functools.partial(step_logits, model, dtype)
-
-
 class Decoder:
     """Up to `capacity` sequences decoded together by `step` (eager unless given a compiled or bucketed one: one whose
     `bucketed` is true is made for a few shapes, a CUDA graph per shape (lmlab.inference.graphs), and is stepped over
@@ -139,7 +135,7 @@ class Decoder:
             torch.zeros(capacity, dtype=torch.long, device=self.device),
             torch.zeros(capacity, self.block_size, dtype=torch.long, device=self.device))
         self.capacity = capacity
-        self.step_fn = step or eager_step(model, dtype)
+        self.step_fn = step or functools.partial(step_logits, model, dtype)
         self.bucketed = getattr(step, "bucketed", False)
         self.threads = threads
         self.active: list[Sequence] = []

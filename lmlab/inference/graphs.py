@@ -119,15 +119,15 @@ class GraphStep:
 
     def __init__(self, model: LanguageModel, dtype: torch.dtype, captures: Callable[[], Capture]):
         self.model, self.dtype, self.captures = model, dtype, captures
-        self.capture = captures()
         # by id of the state view the decoder keeps per bucket (the view held, so the id is never reused)
         self.buckets: dict[int, tuple[DecodeState, torch.Tensor, Run]] = {}
 
     def __call__(self, idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
         if id(state) not in self.buckets:
-            if self.buckets and _storage(next(iter(self.buckets.values()))[0]) != _storage(state):
-                # Another decoder's state: the old one's graphs and their pool go. A pool all of whose graphs went
-                # is freed, and a capture must not name it again: the new state's graphs get a pool of their own.
+            if not self.buckets or _storage(next(iter(self.buckets.values()))[0]) != _storage(state):
+                # The first decoder's state, or another's: the old one's graphs and their pool go. A pool all of whose
+                # graphs went is freed, and a capture must not name it again: each state's graphs get a pool of their
+                # own.
                 self.buckets.clear()
                 self.capture = self.captures()
             self.buckets[id(state)] = self._capture(idx, state)

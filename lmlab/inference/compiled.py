@@ -55,12 +55,11 @@ def compilable(model: LanguageModel) -> bool:
     return model.new_cache(1, torch.device("meta"), torch.float32) is not None
 
 
-def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype) -> Step | None:
-    """The decode step of `model` (in eval mode) for 1 to `capacity` rows on up to as many CPU threads as a job may
-    take (`built_threads`), compiled; None for a model that keeps no decode state; raises UserError when this machine
-    cannot compile it (no C++ compiler, an unsupported device)."""
-    if not compilable(model):
-        return None
+def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype) -> Step:
+    """The decode step of `model` (in eval mode, `compilable`: steps.choose_step chooses no compiled step for a model
+    that keeps no decode state) for 1 to `capacity` rows on up to as many CPU threads as a job may take
+    (`built_threads`), compiled; raises UserError when this machine cannot compile it (no C++ compiler, an unsupported
+    device)."""
     with tempfile.TemporaryDirectory() as folder:
         return load_step(build_package(model, capacity, dtype, Path(folder) / "step.pt2"))
 

@@ -66,7 +66,12 @@ def loglikelihoods(model: LanguageModel, choices: Sequence[Choice], share: bool 
     scores: list[float] = [0.0] * len(choices)
     # Choices share a context's forward through a decode state: a model that keeps none scores each alone.
     share = share and model.new_cache(1, torch.device("meta"), torch.float32) is not None
-    groups = _groups(choices, block) if share else [[i] for i in range(len(choices))]
+    groups = []
+    for context, same in itertools.groupby(range(len(choices)), key=lambda i: choices[i].context):
+        # a run of consecutive choices with one context, shared when there is something to share
+        run = list(same)
+        whole = not any(choices[i].truncated(block) for i in run)
+        groups += [run] if share and len(context) > 1 and len(run) > 1 and whole else [[i] for i in run]
     shared = [g for g in groups if len(g) > 1]
     if shared:
         _score_shared(model, choices, shared, scores, max_rows, max_tokens, progress)
@@ -95,16 +100,6 @@ def _batches(units: list[T], fits: Callable[[list[T]], bool]) -> Iterator[list[T
         batch.append(unit)
     if batch:
         yield batch
-
-
-def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
-    """Runs of consecutive choices with one context, when there is something to share; every other choice alone."""
-    groups = []
-    for context, same in itertools.groupby(range(len(choices)), key=lambda i: choices[i].context):
-        run = list(same)
-        shareable = len(context) > 1 and len(run) > 1 and not any(choices[i].truncated(block) for i in run)
-        groups += [run] if shareable else [[i] for i in run]
-    return groups
 
 
 def _score_rows(model: LanguageModel, choices: Sequence[Choice], order: list[int],

@@ -54,13 +54,14 @@ def stream_ids(model: LanguageModel, prompt: list[int], params: SamplingParams,
 class StopStrings:
     """Where a growing text first holds one of the stop strings, read once: each string's KMP automaton is advanced over
     the characters not read yet, so a token costs what its own characters cost. `partial` is the longest beginning of a
-    stop string the text read ends with."""
+    stop string the text read ends with (once `advance` found none whole)."""
 
     def __init__(self, stop: Sequence[str]):
         self.stop = [s for s in stop if s]
         self.fallback = [_borders(s) for s in self.stop]
         self.matched = [0] * len(self.stop)  # per string: how much of it the text read ends with
         self.read = 0
+        self.partial = 0
 
     def advance(self, text: str, upto: int) -> int | None:
         """Read `text` up to `upto` (the part no later token can change); where the first stop string read
@@ -77,11 +78,8 @@ class StopStrings:
             if ended is not None:
                 return at + 1 - len(ended)
         self.read = max(self.read, upto)
+        self.partial = max(self.matched, default=0)
         return None
-
-    @property
-    def partial(self) -> int:
-        return max(self.matched, default=0)
 
 
 def _borders(s: str) -> list[int]:

@@ -91,10 +91,8 @@ def check_step(model: LanguageModel, dtype: torch.dtype, make: Callable[[], Step
     tokens = []
     for step in (None, make()):
         decoder = Decoder(model, len(prompts), dtype, step)
-        seqs = [Sequence(list(p), SamplingParams(CHECK_TOKENS, temperature=0)) for p in prompts]
-        for seq in seqs:
-            decoder.join(seq)
-        for _ in range(CHECK_TOKENS):
-            decoder.step()
-        tokens.append([seq.ids[len(p):] for seq, p in zip(seqs, prompts)])
+        for p in prompts:
+            decoder.join(Sequence(list(p), SamplingParams(CHECK_TOKENS, temperature=0)))
+        steps = [decoder.step() for _ in range(CHECK_TOKENS)]  # each the rows' tokens, in the prompts' order
+        tokens.append([list(row) for row in zip(*steps)])
     return None if tokens[0] == tokens[1] else f"its first tokens {tokens[1]} are not eager's {tokens[0]}"

@@ -127,11 +127,7 @@ def _dynamic_shapes(sample: DecodeState, capacity: int, block_size: int) -> tupl
 def load_step(package: Path) -> Step:
     """The decode step in a package `build_package` wrote."""
     runner = torch._inductor.aoti_load_package(str(package))
-
-    def step(idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        return runner(idx, *state.tensors())
-
-    return step
+    return lambda idx, state: runner(idx, *state.tensors())
 
 
 def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: torch.dtype, device: torch.device,

@@ -142,10 +142,9 @@ class GraphStep:
             # autocast's cache of cast weights off: a graph must not read a cast made outside it
             return step_logits(self.model, self.dtype, ids, kind.over(tensors), cache_enabled=False)
 
-        def warm() -> torch.Tensor:  # on a copy of the bucket: the real state moves only when a replay runs
-            return body(static.clone(), *(t.clone() for t in state.tensors()))
-
-        return state, static, self.capture(body, (static, *state.tensors()), warm)
+        # The warm-up runs on a copy of the bucket: the real state moves only when a replay runs.
+        return state, static, self.capture(body, (static, *state.tensors()),
+                                           lambda: body(static.clone(), *(t.clone() for t in state.tensors())))
 
 
 def _storage(state: DecodeState) -> int:

@@ -106,11 +106,9 @@ def score(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 2**28
     `max_elements` logits (1 GiB in fp32) keep it small.
     """
     rows = max(1, max_elements // (logits.size(1) * logits.size(2)))
-    losses, correct = [], torch.zeros((), dtype=torch.int64, device=logits.device)
-    for chunk, y in zip(logits.split(rows), targets.split(rows)):
-        losses.append(next_token_loss(chunk, y, reduction="none").view_as(y).sum(1))
-        correct += next_token_hits(chunk, y)
-    return torch.cat(losses), correct
+    chunks = list(zip(logits.split(rows), targets.split(rows)))
+    losses = [next_token_loss(chunk, y, reduction="none").view_as(y).sum(1) for chunk, y in chunks]
+    return torch.cat(losses), torch.stack([next_token_hits(chunk, y) for chunk, y in chunks]).sum()
 
 
 def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 32,

@@ -121,14 +121,6 @@ class JudgeSummary:
             reasons.append(f"{wordless} with no whole number from 0 to 100 in two replies")
         return "; ".join(reasons)
 
-    def judgement(self, answers: Path) -> dict[str, Any]:
-        """What a run keeps of this judging (`RunDir.save_judgement`)."""
-        first = self.items[0]
-        return {"answers": str(answers), "answers_sha256": sha256_file(answers), "judge_model": first["judge_model"],
-                "mean": self.mean, "scored": len(self.scored), "total": len(self.items),
-                "refused": len(self.refused), "checkpoint": first.get("checkpoint"), "step": first.get("step"),
-                "weights_sha256": first.get("weights_sha256"), "judged": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
 
 def _ask(client: Any, model: str, prompt: str, max_tokens: int, endpoint: str) -> tuple[str | None, str | None]:
     """The judge's reply, or (None, error) when the endpoint refused this one request."""
@@ -179,8 +171,8 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
 
 
 def attach(summary: JudgeSummary, answers: Path) -> str:
-    """Keep the judgement in the run that answered (the answers file names it), so `runs`, `compare` and `report`
-    show it; the run it was kept in, or why it was not."""
+    """Keep the judgement (what a run keeps of it: `RunDir.save_judgement`) in the run that answered (the answers file
+    names it), so `runs`, `compare` and `report` show it; the run it was kept in, or why it was not."""
     runs = {item.get("run") for item in summary.items}
     if len(runs) != 1 or not isinstance(named := next(iter(runs)), str):
         return (f"not kept in a run: {answers} does not name one run that answered (written by an older lmlab, or "
@@ -188,5 +180,10 @@ def attach(summary: JudgeSummary, answers: Path) -> str:
     run = RunDir(named)
     if not (run.path / "config.toml").exists():
         return f"not kept in a run: {run.path}, which answered, is not on this machine"
-    run.save_judgement(summary.judgement(answers))
+    first = summary.items[0]
+    run.save_judgement({"answers": str(answers), "answers_sha256": sha256_file(answers),
+                        "judge_model": first["judge_model"], "mean": summary.mean, "scored": len(summary.scored),
+                        "total": len(summary.items), "refused": len(summary.refused),
+                        "checkpoint": first.get("checkpoint"), "step": first.get("step"),
+                        "weights_sha256": first.get("weights_sha256"), "judged": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return str(run.path)

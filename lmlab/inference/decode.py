@@ -19,7 +19,7 @@ import torch
 from lmlab.core.config import SamplingParams
 from lmlab.core.device import autocast
 from lmlab.inference.quantize import held_as, state_dtype
-from lmlab.inference.sampling import choose, new_generator
+from lmlab.inference.sampling import choose
 from lmlab.inference.scoring import TokenScore, token_scores
 from lmlab.model import LanguageModel
 from lmlab.model.base import DecodeState
@@ -150,7 +150,8 @@ class Decoder:
         """Start decoding `seq` in the next free row; its first token comes with the next step."""
         assert self.free, "no free row: check `free` before joining"
         self.active.append(seq)
-        seq.generator = new_generator(seq.params, self.device)
+        if seq.params.temperature > 0:  # its own random stream, seeded by its own seed (greedy draws nothing)
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         prompt = seq.ids[-self.block_size:]
         logits = self._fill(len(self.active) - 1, seq, prompt, echo=seq.logprobs is not None and seq.echo)
         if seq.logprobs is not None and seq.echo:

@@ -31,7 +31,7 @@ from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.config import ModelConfig
 from lmlab.core.device import resolve_device
 from lmlab.core.progress import ItemProgress
-from lmlab.inference.decode import eager_step
+from lmlab.inference.decode import step_logits
 from lmlab.model import build_model
 
 
@@ -75,7 +75,6 @@ def filled_cache(model, batch: int, context: int, tokens: int):
 def step_seconds(model, batch: int, context: int, tokens: int) -> dict[str, list[float]]:
     """The seconds of each of `tokens` eager steps on each path, the paths taking turns step by step (so a busy
     moment of the machine falls on both), each over its own cache."""
-    step = eager_step(model, torch.float32)
     idx = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
     states = {path: filled_cache(model, batch, context, tokens + 1) for path in PATHS}
     seconds: dict[str, list[float]] = {path: [] for path in PATHS}
@@ -83,7 +82,7 @@ def step_seconds(model, batch: int, context: int, tokens: int) -> dict[str, list
         for path, state in states.items():
             with attention(path):
                 started = time.perf_counter()
-                step(idx, state)
+                step_logits(model, torch.float32, idx, state)  # the eager step
                 if token:
                     seconds[path].append(time.perf_counter() - started)
     return seconds

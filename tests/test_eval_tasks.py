@@ -116,11 +116,11 @@ def test_the_server_returns_the_models_own_log_probabilities(bpe_run, served):
     assert status == 200 and body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
                                                "total_tokens": len(ids)}
     assert lp["tokens"] == [run.tokenizer.decode([t]) for t in ids] and lp["token_logprobs"][0] is None
-    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], exact.logprobs)) < 1e-5
+    assert max(abs(a - b.logprob) for a, b in zip(lp["token_logprobs"][1:], exact)) < 1e-5
     assert lp["text_offset"][-1] == len(body["choices"][0]["text"]) - len(lp["tokens"][-1])
-    for top, ids_, values in zip(lp["top_logprobs"][1:], exact.top_ids, exact.top_logprobs):
-        assert [run.tokenizer.decode([t]) for t in ids_] == list(top)[:3]
-        assert max(abs(a - b) for a, b in zip(top.values(), values)) < 1e-5
+    for top, score in zip(lp["top_logprobs"][1:], exact):
+        assert [run.tokenizer.decode([t]) for t in score.top_ids] == list(top)[:3]
+        assert max(abs(a - b) for a, b in zip(top.values(), score.top_logprobs)) < 1e-5
     # an empty prompt stands for the start of a document, whose end-of-text token is not text to echo
     status, empty = completion(served, prompt="", max_tokens=3, echo=True, logprobs=1, temperature=0)
     choice = empty["choices"][0]

@@ -143,8 +143,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
         return RunSummary(run.path, "not a run")
     events = run.events()
     summary = RunSummary(run.path, _status(run, events), checkpoint=checkpoint)
-    summary.tasks, summary.judge = kept_scores(run, checkpoint)
-    summary.evaluation = kept_evaluation(run, checkpoint)
+    summary.tasks, summary.judge, summary.evaluation = kept_results(run, checkpoint)
     start = events[0] if events and events[0].get("event") == "start" else {}
     summary.params, summary.device, summary.kind = start.get("params"), start.get("device"), start.get("kind")
     summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
@@ -185,29 +184,23 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     return summary
 
 
-def kept_scores(run: RunDir, checkpoint: str = "best") -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """The task results and the judge's summary kept in a run for the weights of one checkpoint: per task the
-    result over the most items (the newest of those), and the newest judgement."""
+Kept = tuple[dict[str, dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]
+
+
+def kept_results(run: RunDir, checkpoint: str) -> Kept:
+    """What a run keeps for the weights of one checkpoint: per task the result over the most items (the newest of
+    those), the newest judgement, and the newest whole-split val evaluation (`lmlab eval`)."""
     weights = run.weights_sha256(checkpoint)
-    if weights is None:
-        return {}, None
-    tasks: dict[str, dict[str, Any]] = {}
-    for result in run.task_results():
-        if (result.get("weights_sha256") == weights and isinstance(result.get("items"), int)
-                and isinstance(task := result.get("task"), str)):
-            held = tasks.get(task)
-            if held is None or result["items"] >= held["items"]:
-                tasks[task] = result
+    if not weights:
+        return {}, None, None
+    kept = [r for r in run.task_results() if r.get("weights_sha256") == weights
+            and isinstance(r.get("items"), int) and isinstance(r.get("task"), str)]
+    # sorted is stable: of results over as many items, the newest comes last and stays
+    tasks = {r["task"]: r for r in sorted(kept, key=lambda r: r["items"])}
     judged = [j for j in run.judgements() if j.get("weights_sha256") == weights]
-    return tasks, judged[-1] if judged else None
-
-
-def kept_evaluation(run: RunDir, checkpoint: str = "best") -> dict[str, Any] | None:
-    """The newest whole-split val evaluation (`lmlab eval`) kept in a run for the weights of one checkpoint."""
-    weights = run.weights_sha256(checkpoint)
-    whole = [r for r in run.evaluations() if weights and r.get("weights_sha256") == weights
+    whole = [r for r in run.evaluations() if r.get("weights_sha256") == weights
              and r.get("max_tokens") is None and isinstance(r.get("perplexity"), float)]
-    return whole[-1] if whole else None
+    return tasks, judged[-1] if judged else None, whole[-1] if whole else None
 
 
 def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:

@@ -70,9 +70,7 @@ def evaluate_split(model: LanguageModel, tokens: np.ndarray | TokenShards, bytes
     # Per window i, its loss sum s_i and target count c_i, as sums: s, c, s², sc, c², correct guesses (in float64,
     # on the host: not every device has it).
     sums = torch.zeros(6, dtype=torch.float64)
-    for b in range(-(-n_batches // world) * world):
-        if b % world != rank:
-            continue
+    for b in range(rank, -(-n_batches // world) * world, world):
         counted = b < n_batches
         batch_windows = chosen[b * batch_size:(b + 1) * batch_size] if counted else chosen[:1]
         batch = torch.from_numpy(np.stack([tokens[w * step:w * step + T + 1] for w in batch_windows])
@@ -108,22 +106,9 @@ def score(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 2**28
     `max_elements` logits (1 GiB in fp32) keep it small.
     """
     rows = max(1, max_elements // (logits.size(1) * logits.size(2)))
-    losses, correct = [], torch.zeros((), dtype=torch.int64, device=logits.device)
-    for first in range(0, logits.size(0), rows):
-        chunk, y = logits[first:first + rows], targets[first:first + rows]
-        losses.append(next_token_loss(chunk, y, reduction="none").view_as(y).sum(1))
-        correct += next_token_hits(chunk, y)
-    return torch.cat(losses), correct
-
-
-def _check_same_tokenizer(run: LoadedRun, dataset: Path, meta: dict[str, Any]) -> None:
-    """Token ids only mean the same thing under the same vocabulary: refuse a dataset tokenized otherwise."""
-    theirs = run.tokenizer
-    if tokenizer_identity(run.run.path / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):
-        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run.run.path} (the "
-                        f"dataset's {meta['tokenizer']}, {meta['vocab_size']:,} tokens; the run's {theirs.spec}, "
-                        f"{theirs.vocab_size:,} tokens; their vocabularies differ); prepare it with the run's "
-                        "tokenizer.")
+    chunks = list(zip(logits.split(rows), targets.split(rows)))
+    losses = [next_token_loss(chunk, y, reduction="none").view_as(y).sum(1) for chunk, y in chunks]
+    return torch.cat(losses), torch.stack([next_token_hits(chunk, y) for chunk, y in chunks]).sum()
 
 
 def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 32,
@@ -135,18 +120,22 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
     `"cached": true`). With `max_tokens`, only about that many tokens are scored: whole windows of block_size
     spread evenly over the split (`spread`), kept apart from whole-split results."""
     dataset, meta, key = _dataset(run, dataset, max_tokens)
-    kept = kept_evaluation(run, key)
-    if kept and not fresh:
+    if not fresh and (kept := kept_evaluation(run, key)):
         return kept
-    _check_same_tokenizer(run, dataset, meta)
+    # Token ids only mean the same thing under the same vocabulary: a dataset tokenized otherwise is refused.
+    if tokenizer_identity(run.run.path / "tokenizer.json") != tokenizer_identity(dataset / "tokenizer.json"):
+        raise UserError(f"dataset {dataset} was tokenized with a different tokenizer than run {run.run.path} "
+                        f"(the dataset's {meta['tokenizer']}, {meta['vocab_size']:,} tokens; the run's "
+                        f"{run.tokenizer.spec}, {run.tokenizer.vocab_size:,} tokens; their vocabularies "
+                        "differ); prepare it with the run's tokenizer.")
     T = run.config.model.block_size
     check_block_size(row_layout(meta), T, f"dataset {dataset}")
     tokens = open_tokens(dataset, "val", meta["dtype"])
     total = split_windows(tokens, T)
     windows = None if max_tokens is None else spread(total, -(-max_tokens // T))
-    need = scoring_need(run.config.model)  # the weights are loaded already: only the windows are checked
-    check_fits(dataclasses.replace(need, fixed=0), min(batch_size, total), "--batch-size", f"window of {T:,} tokens",
-               run.device)
+    # The weights are loaded already: only the windows are checked.
+    check_fits(dataclasses.replace(scoring_need(run.config.model), fixed=0), min(batch_size, total),
+               "--batch-size", f"window of {T:,} tokens", run.device)
     scores = evaluate_split(run.model, tokens, meta["val"]["bytes"] / meta["val"]["tokens"], batch_size, run.device,
                             run.dtype, progress, windows)
     result = {"run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step, "dataset": str(dataset),

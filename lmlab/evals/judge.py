@@ -125,22 +125,6 @@ class JudgeSummary:
             reasons.append(f"{wordless} with no whole number from 0 to 100 in two replies")
         return "; ".join(reasons)
 
-    def judgement(self, answers: Path) -> dict[str, Any]:
-        """What a run keeps of this judging (`RunDir.save_judgement`)."""
-        first = self.items[0]
-        return {"answers": str(answers), "answers_sha256": sha256_file(answers), "judge_model": first["judge_model"],
-                "mean": self.mean, "scored": len(self.scored), "total": len(self.items),
-                "refused": len(self.refused), "checkpoint": first.get("checkpoint"), "step": first.get("step"),
-                "weights_sha256": first.get("weights_sha256"), "judged": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def _client(endpoint: str) -> Any:
-    require("openai", user="lmlab judge")
-    import openai
-
-    # Local servers (lmlab serve, vLLM, llama.cpp) ignore the key; OpenAI itself reads it from the environment.
-    return openai.OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=1)
-
 
 def _ask(client: Any, model: str, prompt: str, max_tokens: int, endpoint: str) -> tuple[str | None, str | None]:
     """The judge's reply, or (None, error) when the endpoint refused this one request."""
@@ -164,7 +148,11 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
     """Score every answer 0-100 with the judge model; per-item results go to `out` (JSON lines)."""
     records = read_answers(answers)
     check_writable(Path(out))  # before the judge is asked, not after
-    client = _client(endpoint)
+    require("openai", user="lmlab judge")
+    import openai
+
+    # Local servers (lmlab serve, vLLM, llama.cpp) ignore the key; OpenAI itself reads it from the environment.
+    client = openai.OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=1)
     items = []
     for n, record in enumerate(records, 1):
         prompt, replies, errors, score = judge_prompt(record), [], [], None
@@ -187,8 +175,8 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
 
 
 def attach(summary: JudgeSummary, answers: Path) -> str:
-    """Keep the judgement in the run that answered (the answers file names it), so `runs`, `compare` and `report`
-    show it; the run it was kept in, or why it was not."""
+    """Keep the judgement (what a run keeps of it: `RunDir.save_judgement`) in the run that answered (the answers file
+    names it), so `runs`, `compare` and `report` show it; the run it was kept in, or why it was not."""
     runs = {item.get("run") for item in summary.items}
     if len(runs) != 1 or not isinstance(named := next(iter(runs)), str):
         return (f"not kept in a run: {answers} does not name one run that answered (written by an older lmlab, or "
@@ -196,6 +184,11 @@ def attach(summary: JudgeSummary, answers: Path) -> str:
     run = RunDir(named)
     if not (run.path / "config.toml").exists():
         return f"not kept in a run: {run.path}, which answered, is not on this machine"
-    run.save_judgement(summary.judgement(answers))
+    first = summary.items[0]
+    run.save_judgement({"answers": str(answers), "answers_sha256": sha256_file(answers),
+                        "judge_model": first["judge_model"], "mean": summary.mean, "scored": len(summary.scored),
+                        "total": len(summary.items), "refused": len(summary.refused),
+                        "checkpoint": first.get("checkpoint"), "step": first.get("step"),
+                        "weights_sha256": first.get("weights_sha256"), "judged": time.strftime("%Y-%m-%dT%H:%M:%S")})
     # Named as a user names it here: the answers file holds its absolute path, for a judge run from anywhere.
     return os.path.relpath(run.path) if run.path.is_relative_to(Path.cwd()) else str(run.path)

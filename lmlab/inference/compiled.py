@@ -57,12 +57,11 @@ def compilable(model: LanguageModel) -> bool:
     return model.new_cache(1, torch.device("meta"), torch.float32) is not None
 
 
-def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype) -> Step | None:
-    """The decode step of `model` (in eval mode) for 1 to `capacity` rows on up to as many CPU threads as a job may
-    take (`built_threads`), compiled; None for a model that keeps no decode state; raises UserError when this machine
-    cannot compile it (no C++ compiler, an unsupported device)."""
-    if not compilable(model):
-        return None
+def compile_step(model: LanguageModel, capacity: int, dtype: torch.dtype) -> Step:
+    """The decode step of `model` (in eval mode, `compilable`: steps.choose_step chooses no compiled step for a model
+    that keeps no decode state) for 1 to `capacity` rows on up to as many CPU threads as a job may take
+    (`built_threads`), compiled; raises UserError when this machine cannot compile it (no C++ compiler, an unsupported
+    device)."""
     with tempfile.TemporaryDirectory() as folder:
         return load_step(build_package(model, capacity, dtype, Path(folder) / "step.pt2"))
 
@@ -130,11 +129,7 @@ def _dynamic_shapes(sample: DecodeState, capacity: int, block_size: int) -> tupl
 def load_step(package: Path) -> Step:
     """The decode step in a package `build_package` wrote."""
     runner = torch._inductor.aoti_load_package(str(package))
-
-    def step(idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        return runner(idx, *state.tensors())
-
-    return step
+    return lambda idx, state: runner(idx, *state.tensors())
 
 
 def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: torch.dtype, device: torch.device,
@@ -290,7 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("quantized", nargs="?", choices=QUANTIZE, default="none",
                    help="the format the weights are quantized to first")
     args = p.parse_args(argv)
-    _die_with_parent()
+    # End this process when its parent (the server) dies, even by SIGKILL (Linux: PR_SET_PDEATHSIG; elsewhere the
+    # server ends it when it stops).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     torch.set_num_threads(args.threads)  # the autotuning times the kernels on as many as they are built for
     run = RunDir(Path(args.run))
     model = build_model(run.config().model).to(args.device)
@@ -317,15 +315,6 @@ def check_runs(model: LanguageModel, package: Path, dtype: torch.dtype) -> None:
     logits = load_step(package)(torch.zeros(1, 1, dtype=torch.long, device=device), state)
     if not torch.isfinite(logits).all():
         raise UserError("the compiled decode step gave non-finite logits on its first token; not kept.")
-
-
-def _die_with_parent() -> None:
-    """End this process when its parent (the server) dies, even by SIGKILL (Linux; elsewhere the server ends it
-    when it stops)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 if __name__ == "__main__":

@@ -39,11 +39,10 @@ def decoding_only(run: LoadedRun, compiled: bool) -> torch.dtype:
     return dtype
 
 
-@torch.no_grad()
 def stream_ids(model: LanguageModel, prompt: list[int], params: SamplingParams,
                dtype: torch.dtype = torch.float32) -> Iterator[int]:
-    """Yield up to `params.max_new_tokens` tokens continuing `prompt`, one at a time. Past the context the
-    window restarts from its newest half (see `Decoder.step`)."""
+    """Yield up to `params.max_new_tokens` tokens continuing `prompt`, one at a time (without grad, as the decoder
+    runs). Past the context the window restarts from its newest half (see `Decoder.step`)."""
     decoder = Decoder(model, 1, dtype)
     seq = Decoding(list(prompt), params)
     decoder.join(seq)
@@ -54,13 +53,14 @@ def stream_ids(model: LanguageModel, prompt: list[int], params: SamplingParams,
 class StopStrings:
     """Where a growing text first holds one of the stop strings, read once: each string's KMP automaton is advanced over
     the characters not read yet, so a token costs what its own characters cost. `partial` is the longest beginning of a
-    stop string the text read ends with."""
+    stop string the text read ends with (once `advance` found none whole)."""
 
     def __init__(self, stop: Sequence[str]):
         self.stop = [s for s in stop if s]
         self.fallback = [_borders(s) for s in self.stop]
         self.matched = [0] * len(self.stop)  # per string: how much of it the text read ends with
         self.read = 0
+        self.partial = 0
 
     def advance(self, text: str, upto: int) -> int | None:
         """Read `text` up to `upto` (the part no later token can change); where the first stop string read
@@ -77,11 +77,8 @@ class StopStrings:
             if ended is not None:
                 return at + 1 - len(ended)
         self.read = max(self.read, upto)
+        self.partial = max(self.matched, default=0)
         return None
-
-    @property
-    def partial(self) -> int:
-        return max(self.matched, default=0)
 
 
 def _borders(s: str) -> list[int]:
@@ -125,9 +122,7 @@ class Detokenizer:
         self.text = text
         if len(self.tail) >= SETTLE_TOKENS and not decoded.endswith("\ufffd"):
             self.settled, self.tail = text, []
-        ready = final - self.stops.partial
-        if ready <= self.sent:
-            return ""
+        ready = max(self.sent, final - self.stops.partial)
         piece, self.sent = text[self.sent:ready], ready
         return piece
 
@@ -143,7 +138,6 @@ class Continuation:
 
     decoding: Decoding
     text: Detokenizer
-    prompt_tokens: int
     finish_reason: str | None = None
 
     @property
@@ -168,10 +162,6 @@ class Batch:
         self.owner: dict[Decoding, Continuation] = {}
 
     @property
-    def free(self) -> int:
-        return self.decoder.free
-
-    @property
     def capacity(self) -> int:
         return self.decoder.capacity
 
@@ -184,13 +174,13 @@ class Batch:
         likeliest alternatives, and with `echo` the prompt's tokens' first; without `generate` (the server's
         `max_tokens: 0`) the prompt is only read and scored."""
         decoding = Decoding(list(prompt), params, logprobs=logprobs, echo=echo)
-        continuation = Continuation(decoding, Detokenizer(self.tokenizer, params.stop, self.past_eot), len(prompt))
+        continuation = Continuation(decoding, Detokenizer(self.tokenizer, params.stop, self.past_eot))
         self.decoder.join(decoding)
-        if not generate:
+        if generate:
+            self.owner[decoding] = continuation
+        else:
             self.decoder.leave(decoding)
             continuation.finish_reason = "length"
-            return continuation
-        self.owner[decoding] = continuation
         return continuation
 
     def drop(self, continuation: Continuation) -> None:
@@ -200,9 +190,9 @@ class Batch:
     def step(self) -> list[tuple[Continuation, str]]:
         """One token more for every continuation: each with the text it adds (maybe ''); those that ended have left the
         batch."""
-        decodings = list(self.decoder.active)
         events = []
-        for decoding, token in zip(decodings, self.decoder.step()):
+        # the active sequences as they were: one that ends leaves `active` at once
+        for decoding, token in zip(list(self.decoder.active), self.decoder.step()):
             continuation = self.owner[decoding]
             piece = continuation.text.feed(token)
             if continuation.text.finish_reason is None and decoding.exhausted:
@@ -224,20 +214,19 @@ def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[l
     as one ends. `ended` hears each as it ends (the prompt's index, its continuation): what a stop keeps."""
     longest = max((len(p) + q.max_new_tokens for p, q in zip(prompts, params)), default=0)
     batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest, threads)
-    waiting, done = list(zip(prompts, params))[::-1], []
-    results, index = [], {}
+    waiting, done = list(zip(prompts, params))[::-1], 0
+    index: dict[Continuation, int] = {}  # in the prompts' order
     while waiting or len(batch):
-        while waiting and batch.free:
-            results.append(batch.add(*waiting.pop()))
-            index[id(results[-1])] = len(results) - 1
+        while waiting and batch.decoder.free:
+            index[batch.add(*waiting.pop())] = len(index)
         for continuation, _ in batch.step():
             if continuation.finish_reason is not None:
-                done.append(continuation)
+                done += 1
                 if ended:
-                    ended(index[id(continuation)], continuation)
+                    ended(index[continuation], continuation)
                 if progress:
-                    progress(len(done), len(prompts))
-    return results
+                    progress(done, len(prompts))
+    return list(index)
 
 
 class TextStream:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from lmlab.inference.decode import BucketedStep, feed
+from lmlab.inference.decode import step_logits
 from lmlab.model import LanguageModel
 from lmlab.model.base import DecodeState
 
@@ -109,28 +109,29 @@ def compiled(**options: object) -> Capture:
     return capture
 
 
-class GraphStep(BucketedStep):
-    """The decode step of `model` replayed per bucket; a bucket is captured the first time the decoder steps in it, over
-    that bucket's view of the decoder's state, by a capture `captures` makes (a new one, with a pool of its own, for
-    each decoder's state). The logits returned are the bucket's static output: read them before the next step."""
+class GraphStep:
+    """The decode step of `model` replayed per bucket (`bucketed`: lmlab.inference.decode.Decoder); a bucket is captured
+    the first time the decoder steps in it, over that bucket's view of the decoder's state, by a capture `captures`
+    makes (a new one, with a pool of its own, for each decoder's state). The logits returned are the bucket's static
+    output: read them before the next step."""
+
+    bucketed = True
 
     def __init__(self, model: LanguageModel, dtype: torch.dtype, captures: Callable[[], Capture]):
         self.model, self.dtype, self.captures = model, dtype, captures
-        self.capture = captures()
-        self.device = next(model.parameters()).device
         # by id of the state view the decoder keeps per bucket (the view held, so the id is never reused)
         self.buckets: dict[int, tuple[DecodeState, torch.Tensor, Run]] = {}
 
     def __call__(self, idx: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        bucket = self.buckets.get(id(state))
-        if bucket is None:
-            if self.buckets and _storage(next(iter(self.buckets.values()))[0]) != _storage(state):
-                # Another decoder's state: the old one's graphs and their pool go. A pool all of whose graphs went
-                # is freed, and a capture must not name it again: the new state's graphs get a pool of their own.
+        if id(state) not in self.buckets:
+            if not self.buckets or _storage(next(iter(self.buckets.values()))[0]) != _storage(state):
+                # The first decoder's state, or another's: the old one's graphs and their pool go. A pool all of whose
+                # graphs went is freed, and a capture must not name it again: each state's graphs get a pool of their
+                # own.
                 self.buckets.clear()
                 self.capture = self.captures()
-            bucket = self.buckets[id(state)] = self._capture(idx, state)
-        _, static, replay = bucket
+            self.buckets[id(state)] = self._capture(idx, state)
+        _, static, replay = self.buckets[id(state)]
         static.copy_(idx)
         return replay()
 
@@ -139,17 +140,11 @@ class GraphStep(BucketedStep):
 
         def body(ids: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             # autocast's cache of cast weights off: a graph must not read a cast made outside it
-            cast = torch.autocast(self.device.type, self.dtype, cache_enabled=False) if self.dtype != torch.float32 \
-                else contextlib.nullcontext()
-            with cast:
-                logits = feed(self.model, ids, kind.over(tensors))
-            assert logits is not None, "feed gives logits when asked"
-            return logits[:, -1]
+            return step_logits(self.model, self.dtype, ids, kind.over(tensors), cache_enabled=False)
 
-        def warm() -> torch.Tensor:  # on a copy of the bucket: the real state moves only when a replay runs
-            return body(static.clone(), *(t.clone() for t in state.tensors()))
-
-        return state, static, self.capture(body, (static, *state.tensors()), warm)
+        # The warm-up runs on a copy of the bucket: the real state moves only when a replay runs.
+        return state, static, self.capture(body, (static, *state.tensors()),
+                                           lambda: body(static.clone(), *(t.clone() for t in state.tensors())))
 
 
 def _storage(state: DecodeState) -> int:

@@ -40,11 +40,6 @@ def filter_logits(logits: torch.Tensor, temperature: float | Sequence[float], to
     return rows.view(logits.shape)
 
 
-def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """The random stream of one sequence, seeded by its own seed (None when greedy: it draws nothing)."""
-    return torch.Generator(device=device).manual_seed(params.seed) if params.temperature > 0 else None
-
-
 def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None]) -> list[int]:
     """The next token of each row of (rows, vocab) logits under its own SamplingParams.

@@ -5,6 +5,7 @@ copied to a row per choice."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -45,23 +46,13 @@ class TokenScore:
     top_logprobs: list[float]
 
 
-@dataclass(frozen=True)
-class TokenScores:
-    """Per token of a sequence: its log-probability, and the `top` likeliest tokens there with theirs."""
-
-    logprobs: list[float]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-
-
-def token_scores(logits: torch.Tensor, targets: torch.Tensor, top: int = 0) -> TokenScores:
-    """Log-probabilities in fp32 of `targets` (n,) under (n, vocab) logits, and of the `top` likeliest tokens."""
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, top: int = 0) -> list[TokenScore]:
+    """Each of `targets` (n,) with its log-probability in fp32 under (n, vocab) logits, and the `top` likeliest tokens
+    with theirs."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-    if top <= 0:
-        return TokenScores(chosen, [[] for _ in chosen], [[] for _ in chosen])
-    values, ids = logprobs.topk(min(top, logprobs.size(-1)), dim=-1)
-    return TokenScores(chosen, ids.tolist(), values.tolist())
+    values, ids = logprobs.topk(min(max(top, 0), logprobs.size(-1)), dim=-1)
+    return [TokenScore(*score) for score in zip(targets.tolist(), chosen, ids.tolist(), values.tolist())]
 
 
 @torch.no_grad()
@@ -75,7 +66,12 @@ def loglikelihoods(model: LanguageModel, choices: Sequence[Choice], share: bool 
     scores: list[float] = [0.0] * len(choices)
     # Choices share a context's forward through a decode state: a model that keeps none scores each alone.
     share = share and model.new_cache(1, torch.device("meta"), torch.float32) is not None
-    groups = _groups(choices, block) if share else [[i] for i in range(len(choices))]
+    groups = []
+    for context, same in itertools.groupby(range(len(choices)), key=lambda i: choices[i].context):
+        # a run of consecutive choices with one context, shared when there is something to share
+        run = list(same)
+        whole = not any(choices[i].truncated(block) for i in run)
+        groups += [run] if share and len(context) > 1 and len(run) > 1 and whole else [[i] for i in run]
     shared = [g for g in groups if len(g) > 1]
     if shared:
         _score_shared(model, choices, shared, scores, max_rows, max_tokens, progress)
@@ -87,8 +83,10 @@ def loglikelihoods(model: LanguageModel, choices: Sequence[Choice], share: bool 
         return (len(batch) <= max_rows and len(batch) * len(choices[batch[0]].window(block)) <= max_tokens
                 and scored * vocab <= LOGITS_ELEMENTS)
 
-    for batch in _batches(alone, fits):
-        _score_alone(model, choices, batch, scores, progress)
+    for batch in _batches(alone, fits):  # each choice a row from position 0
+        _score_rows(model, choices, batch, [choices[i].window(block) for i in batch], scores)
+        if progress:
+            progress(len(batch))
     return scores
 
 
@@ -104,66 +102,36 @@ def _batches(units: list[T], fits: Callable[[list[T]], bool]) -> Iterator[list[T
         yield batch
 
 
-def _groups(choices: Sequence[Choice], block: int) -> list[list[int]]:
-    """Runs of consecutive choices with one context, when there is something to share; every other choice alone."""
-    runs: list[list[int]] = []
-    for i, choice in enumerate(choices):
-        if runs and choices[runs[-1][0]].context == choice.context:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    groups = []
-    for run in runs:
-        shareable = len(choices[run[0]].context) > 1 and not any(choices[i].truncated(block) for i in run)
-        groups += [run] if shareable and len(run) > 1 else [[i] for i in run]
-    return groups
-
-
-def _score_rows(model: LanguageModel, idx: torch.Tensor, starts: list[int], targets: list[tuple[int, ...]],
-                cache: DecodeState | None = None) -> list[float]:
-    """The summed log-probability of each row's targets, read at that row's positions from starts[row] on (the head
-    applied at those positions only)."""
+def _score_rows(model: LanguageModel, choices: Sequence[Choice], order: list[int],
+                inputs: list[tuple[int, ...]], scores: list[float], cache: DecodeState | None = None) -> None:
+    """Score the choices `order` names, a row each: the row's `inputs` read (padded on the right), the choice's
+    continuation's summed log-probability read at the row's last positions (the head applied at those only)."""
     device = next(model.parameters()).device
+    targets = [choices[i].continuation for i in order]
+    idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(tokens) for tokens in inputs], batch_first=True)
     rows = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=device)
-    positions = torch.tensor([s + k for s, t in zip(starts, targets) for k in range(len(t))], device=device)
+    positions = torch.tensor([len(x) - len(t) + k for x, t in zip(inputs, targets) for k in range(len(t))],
+                             device=device)
     flat = torch.tensor([token for t in targets for token in t], device=device)
     logits = model.logits_at(idx.to(device), rows, positions, cache)  # (tokens scored, vocab)
     per_token = torch.log_softmax(logits.float(), dim=-1).gather(1, flat[:, None])[:, 0]
     sums = torch.zeros(len(targets), dtype=torch.float64, device=device)
     sums.index_add_(0, rows, per_token.double())
-    return sums.tolist()
-
-
-def _padded(rows: list[tuple[int, ...]]) -> torch.Tensor:
-    """Token rows as one (rows, longest) tensor, padded on the right."""
-    idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    for r, tokens in enumerate(rows):
-        idx[r, :len(tokens)] = torch.tensor(tokens)
-    return idx
-
-
-def _score_alone(model: LanguageModel, choices: Sequence[Choice], batch: list[int], scores: list[float],
-                 progress: Callable[[int], None] | None) -> None:
-    """One forward for choices of their own, each a row from position 0."""
-    block = model.config.block_size
-    windows = [choices[i].window(block) for i in batch]
-    targets = [choices[i].continuation for i in batch]
-    starts = [len(w) - len(t) for w, t in zip(windows, targets)]
-    for i, value in zip(batch, _score_rows(model, _padded(windows), starts, targets)):
+    for i, value in zip(order, sums.tolist()):
         scores[i] = value
-    if progress:
-        progress(len(batch))
 
 
 def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[list[int]], scores: list[float],
                   max_rows: int, max_tokens: int, progress: Callable[[int], None] | None) -> None:
     """Groups of choices sharing a context, a forward for as many groups as the limits allow (the longest first, so that
-    rows pad little)."""
+    rows pad little): each group's context (but its last token) read into its first row and copied to the group's
+    other rows, then every choice read on from there in one forward."""
     device = next(model.parameters()).device
     per_row = sum(t.numel() * t.element_size() for t in new_state(model, 1, device, torch.float32).tensors())
     capacity = max(max(map(len, groups)), min(max_rows, STATE_BYTES // max(1, per_row)))
     state = new_state(model, capacity, device, torch.float32)
     block, vocab = model.config.block_size, model.config.vocab_size
+    nothing = torch.zeros(0, dtype=torch.long, device=device)
 
     def fits(batch: list[list[int]]) -> bool:
         held = [i for group in batch for i in group]
@@ -173,34 +141,21 @@ def _score_shared(model: LanguageModel, choices: Sequence[Choice], groups: list[
         return (len(held) <= capacity and len(held) * width <= max_tokens and deepest + width <= block
                 and scored * vocab <= LOGITS_ELEMENTS)
 
-    ordered = sorted(groups, key=lambda g: -max(len(choices[i].continuation) for i in g))
-    for batch in _batches(ordered, fits):
-        _forward_shared(model, choices, batch, state, scores)
+    for batch in _batches(sorted(groups, key=lambda g: -max(len(choices[i].continuation) for i in g)), fits):
+        row = 0
+        for group in batch:
+            context = choices[group[0]].context
+            first = state.rows(row, row + 1)
+            first.reset(0)
+            # the states only: the head reads no position
+            model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)
+            for other in range(row + 1, row + len(group)):
+                state.move(row, other, len(context) - 1)
+            row += len(group)
+        order = [i for group in batch for i in group]
+        inputs = [(choices[i].context[-1],) + choices[i].continuation[:-1] for i in order]
+        # The rows hold their context but its last token; the choices go on from there, attending to no further.
+        held = max(len(choices[group[0]].context) for group in batch) - 1 + max(map(len, inputs))
+        _score_rows(model, choices, order, inputs, scores, state.rows(0, len(order)).shortened(held))
         if progress:
-            progress(sum(map(len, batch)))
-
-
-def _forward_shared(model: LanguageModel, choices: Sequence[Choice], batch: list[list[int]], state: DecodeState,
-                    scores: list[float]) -> None:
-    """Read each group's context (but its last token) into its first row, copy that row to the group's other rows, then
-    read every choice on from there in one forward."""
-    device = next(model.parameters()).device
-    order = [i for group in batch for i in group]
-    row = 0
-    for group in batch:
-        context = choices[group[0]].context
-        first = state.rows(row, row + 1)
-        first.reset(0)
-        nothing = torch.zeros(0, dtype=torch.long, device=device)
-        model.logits_at(torch.tensor([context[:-1]], device=device), nothing, nothing, first)  # the states only
-        for other in range(row + 1, row + len(group)):
-            state.move(row, other, len(context) - 1)
-        row += len(group)
-    inputs = [(choices[i].context[-1],) + choices[i].continuation[:-1] for i in order]
-    targets = [choices[i].continuation for i in order]
-    idx = _padded(inputs)
-    # The rows hold their context but its last token; the choices go on from there, attending to no further.
-    held = max(len(choices[group[0]].context) for group in batch) - 1 + idx.size(1)
-    for i, value in zip(order, _score_rows(model, idx, [0] * len(order), targets,
-                                           state.rows(0, len(order)).shortened(held))):
-        scores[i] = value
+            progress(len(order))

@@ -92,17 +92,11 @@ def check_step(model: LanguageModel, dtype: torch.dtype, make: Callable[[], Step
     in a decoder of its own, so what it captures there is let go."""
     vocab = model.config.vocab_size
     prompts = [[1 % vocab], [2 % vocab, 3 % vocab]]
-    tokens = [first_tokens(model, dtype, prompts, step) for step in (None, make())]
+    tokens = []
+    for step in (None, make()):
+        decoder = Decoder(model, len(prompts), dtype, step)
+        for p in prompts:
+            decoder.join(Sequence(list(p), SamplingParams(CHECK_TOKENS, temperature=0)))
+        steps = [decoder.step() for _ in range(CHECK_TOKENS)]  # each the rows' tokens, in the prompts' order
+        tokens.append([list(row) for row in zip(*steps)])
     return None if tokens[0] == tokens[1] else f"its first tokens {tokens[1]} are not eager's {tokens[0]}"
-
-
-@torch.no_grad()
-def first_tokens(model: LanguageModel, dtype: torch.dtype, prompts: list[list[int]],
-                 step: Step | None) -> list[list[int]]:
-    decoder = Decoder(model, len(prompts), dtype, step)
-    seqs = [Sequence(list(p), SamplingParams(max_new_tokens=CHECK_TOKENS, temperature=0)) for p in prompts]
-    for seq in seqs:
-        decoder.join(seq)
-    for _ in range(CHECK_TOKENS):
-        decoder.step()
-    return [seq.ids[len(p):] for seq, p in zip(seqs, prompts)]

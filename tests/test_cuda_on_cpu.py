@@ -121,9 +121,8 @@ def test_tokens_per_second_leaves_out_the_warm_up_step(tmp_path, char_dataset):
     start, *events = RunDir(tmp_path / "run").events()
     train = [e for e in events if e["event"] == "train"]
     assert train[0]["tokens_per_sec"] is None and train[0]["mfu"] is None  # the first step's line has no rate
-    # MFU where the peak it divides by was measured quiet; a busy machine's peak gives none (lmlab.core.peak)
-    assert all(e["tokens_per_sec"] > 0 and (e["mfu"] > 0 if start["peak_quiet"] else e["mfu"] is None)
-               for e in train[1:])
+    # MFU wherever a peak is known, a busy machine's too (the best seen here: lmlab.core.peak)
+    assert start["peak_flops"] > 0 and all(e["tokens_per_sec"] > 0 and e["mfu"] > 0 for e in train[1:])
 
 
 @pytest.mark.parametrize("setting, device, triton, compiled, note", [
@@ -281,6 +280,8 @@ def test_a_checkpoint_is_read_into_host_memory_whatever_device_the_model_is_on(t
     never holds a second copy (run/checkpoint.py's load_checkpoint). A model "on the GPU" (its parameters reporting
     cuda:0 to whoever asks, as a reverted load would ask) must still be read with device="cpu": safetensors' loaders
     are faked to record the device they are asked for."""
+    import safetensors.torch
+
     import lmlab.run.checkpoint as checkpoint
 
     model = GPT(ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=8, vocab_size=11))
@@ -290,7 +291,7 @@ def test_a_checkpoint_is_read_into_host_memory_whatever_device_the_model_is_on(t
     folder = checkpoint.save_checkpoint(tmp_path, 1, checkpoint.model_tensors(model), optimizer.state_dict(), {},
                                         best=False)
     asked = []
-    load_model, load_file = checkpoint.load_model, checkpoint.load_file
+    load_model, load_file = safetensors.torch.load_model, safetensors.torch.load_file
 
     def recording(real):  # noqa: ANN001, ANN202
         def load(*args, device="cpu", **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -298,12 +299,12 @@ def test_a_checkpoint_is_read_into_host_memory_whatever_device_the_model_is_on(t
             return real(*args, device="cpu", **kwargs)
         return load
 
-    monkeypatch.setattr(checkpoint, "load_model", recording(load_model))
-    monkeypatch.setattr(checkpoint, "load_file", recording(load_file))
+    monkeypatch.setattr(safetensors.torch, "load_model", recording(load_model))  # imported where they are called
+    monkeypatch.setattr(safetensors.torch, "load_file", recording(load_file))
     on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
     parameters = model.parameters
     monkeypatch.setattr(model, "parameters", lambda recurse=True: iter([on_gpu, *parameters(recurse)]))
     held = {key: value for key, value in optimizer.state_dict()["state"][0].items() if torch.is_tensor(value)}
     checkpoint.load_checkpoint(folder, model, optimizer)
-    assert asked == ["cpu", "cpu"]  # the weights, then the optimizer's state
+    assert len(asked) >= 2 and set(asked) == {"cpu"}  # the weights, the optimizer's state (load_model calls load_file)
     assert all(optimizer.state_dict()["state"][0][key] is value for key, value in held.items())  # copied in place

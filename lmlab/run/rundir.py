@@ -19,7 +19,7 @@ from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atom
 from lmlab.core.jsontext import parse_json
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
-from lmlab.data.tokenizers import Tokenizer
+from lmlab.data.tokenizers import Tokenizer, json_object
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.chat import ChatTemplate
 from lmlab.run.evaluations import keep, kept
@@ -287,10 +287,7 @@ class RunDir:
         return self._lock.holder_pid() if self.running() else None
 
     def dataset(self) -> dict[str, Any]:
-        try:
-            return parse_json((self.path / "dataset.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return json_object(self.path / "dataset.json")
 
     def tokenizer(self) -> Tokenizer:
         """The run's tokenizer, its file checked against the checksum dataset.json records (where it has one)."""

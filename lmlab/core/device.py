@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import platform
 import re
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from lmlab.core.busy import cores
@@ -156,10 +156,7 @@ def configure(device: torch.device) -> None:
     if device.type != "cuda":
         return
     torch.set_float32_matmul_precision("high")
-    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    else:
-        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # new in torch 2.9, the floor
 
 
 def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
@@ -172,9 +169,8 @@ def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
 
 # Said before the first step waits for a CPU compile (docs/reference/performance.md has the figures).
 CPU_COMPILE = ("train.compile = true on a CPU: the first step waits while Inductor compiles the model to C++ (half a "
-               "minute or more on a small CPU, seconds from its cache after); then a few compiled steps are timed "
-               "against eager ones and training goes on eager unless compiling pays here "
-               "(benchmarks/compile_cpu.py measures this machine); false or \"auto\" trains eager at once.")
+               "minute or more on a small CPU, seconds from its cache after), and training stays compiled, as asked "
+               "(benchmarks/compile_cpu.py measures what that gains here); false or \"auto\" trains eager at once.")
 
 
 def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:
@@ -275,7 +271,7 @@ def machine(device: torch.device | None = None) -> dict[str, Any]:
     """What a run ran on, for its record; None where this platform does not say."""
     info: dict[str, Any] = {
         "cpu": _cpu_name(), "cpu_cores": len(cores()), "torch_threads": torch.get_num_threads(),
-        "memory_bytes": _memory_bytes(), "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None,
+        "memory_bytes": psutil.virtual_memory().total, "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "os": platform.platform(terse=True),
     }
@@ -315,10 +311,3 @@ def processor() -> dict[str, str | None]:
     flags = first.get("flags") or first.get("Features")  # x86, Arm
     found["flags_sha256"] = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16] if flags else None
     return found
-
-
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not on Windows
-        return None

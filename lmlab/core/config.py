@@ -80,7 +80,7 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
-ATTENTION_CHOICES = ("auto", "fused", "math", "cudnn")  # train.attention's, finetune.attention's: a path, or timed
+ATTENTION_CHOICES = ("auto", "fused", "math", "cudnn")  # train.attention's, finetune.attention's: a path, or a rule
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
 SCHEDULE_NAMES = ("cosine", "wsd", "linear")  # train.schedule's: lmlab.train.schedule.SCHEDULES has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
@@ -148,14 +148,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_counts("model.", {name: getattr(self, name) for name in ("n_layer", "n_head", "n_embd", "block_size")})
-        check_counts("model.", {"vocab_size": self.vocab_size, "n_kv_head": self.n_kv_head}, low=0)
+        zero_is_default = ("vocab_size", "n_kv_head", "head_dim", "mlp_hidden", "bigram_buckets")  # or none
+        check_counts("model.", {name: getattr(self, name) for name in zero_is_default}, low=0)
         self._check_kind()
         for name, choices in MODEL_CHOICES.items():
             check_choice(f"model.{name}", getattr(self, name), choices)
         if self.kind == "gpt":  # the recurrent model has no heads
             self._check_heads()
-        check_counts("model.", {"head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden,
-                                "bigram_buckets": self.bigram_buckets}, low=0)  # 0: the default, or none
         check_ranges("model.", self, MODEL_RANGES)
         self._check_bias()
 
@@ -265,8 +264,8 @@ class TrainConfig:
     # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
     compile: bool | str = "auto"
     # auto | fused | math | cudnn: attention by torch's fused kernel, by the scores written out, by cuDNN's kernel
-    # (CUDA only), or whichever a timing at this shape finds faster on this device (lmlab.train.attention: on a CPU
-    # fused or math, on CUDA fused or cudnn)
+    # (CUDA only), or by the machine's rule (lmlab.train.attention: the math path on a CPU in bfloat16 at a short
+    # context, where its scores fit in memory; else fused)
     attention: str = "auto"
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them (core/threads.py)
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
@@ -377,7 +376,7 @@ class FinetuneConfig:
     seed: int = DEFAULT_SEED  # seeds the split of records, their order and dropout
     checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them, as training's
-    attention: str = "auto"  # auto | fused | math | cudnn, as train.attention; set, no load can tip `auto`'s timing
+    attention: str = "auto"  # auto | fused | math | cudnn, as train.attention
 
     def __post_init__(self) -> None:
         check_choice("finetune.attention", self.attention, ATTENTION_CHOICES, ", ".join(ATTENTION_CHOICES))

@@ -125,10 +125,9 @@ class RunDir:
         ft = self.config().finetune
         assert ft is not None, "a fine-tuned run's config has its finetune section"
         base, data = start.get("init_from") or "BASE_RUN", (start.get("origin") or {}).get("data") or ft.data
-        settings = [f"--set finetune.{f.name}={getattr(ft, f.name)}" for f in dataclasses.fields(ft)
-                    if f.name != "data" and getattr(ft, f.name) != f.default]
-        return " ".join(["lmlab finetune", shlex.quote(base), "--data", shlex.quote(data), "--out",
-                         shlex.quote(str(self.path)), *settings])
+        settings = [arg for f in dataclasses.fields(ft) if f.name != "data" and getattr(ft, f.name) != f.default
+                    for arg in ("--set", f"finetune.{f.name}={getattr(ft, f.name)}")]
+        return shlex.join(["lmlab", "finetune", base, "--data", data, "--out", str(self.path), *settings])
 
     def unfinished(self) -> str | None:
         """How a fine-tune that has not reached its end stands (running, stopped, killed), or a training run being

@@ -197,9 +197,7 @@ def triton_available() -> bool:
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 # Dense datasheet TFLOP/s by matmul dtype: float32 at the TF32 rate (lmlab enables it), GeForce at fp32 accumulation

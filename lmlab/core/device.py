@@ -106,19 +106,13 @@ def no_gpu_reason() -> str:
             "may hide them)")
 
 
-def _arch(name: str) -> tuple[int, int, str]:
-    """`sm_86` -> (8, 6, ""), `sm_90a` -> (9, 0, "a"), `compute_120` -> (12, 0, "")."""
-    found = re.fullmatch(r"(?:sm|compute)_(\d+)([a-z]?)", name)
-    assert found, f"{name} is not a CUDA architecture"
-    number, suffix = found.groups()
-    return int(number) // 10, int(number) % 10, suffix
-
-
 def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     """Whether a torch built for `arch_list` (torch.cuda.get_arch_list()) has kernels for a GPU of `capability`:
     a cubin of the same major and no higher minor (sm_90a only on 9.0), or PTX of no higher capability."""
     for name in arch_list:
-        major, minor, suffix = _arch(name)
+        found = re.fullmatch(r"(?:sm|compute)_(\d+)([a-z]?)", name)  # sm_90a: 9.0 "a", compute_120: 12.0
+        assert found, f"{name} is not a CUDA architecture"
+        major, minor, suffix = int(found[1]) // 10, int(found[1]) % 10, found[2]
         if name.startswith("compute_") and (major, minor) <= capability:
             return True
         if name.startswith("sm_") and major == capability[0] and (minor == capability[1] or

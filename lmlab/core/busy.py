@@ -31,9 +31,8 @@ class Load:
 
     @property
     def busy(self) -> bool:
-        if self.others is not None:
-            return self.others > BUSY_SHARE
-        return self.loadavg is not None and self.loadavg > self.cores
+        """Others took more than BUSY_SHARE of the cores; where that is unknown, the load average exceeds them."""
+        return self.others > BUSY_SHARE if self.others is not None else (self.loadavg or 0) > self.cores
 
     def describe(self) -> str:
         used = ("other processes' CPU use unknown" if self.others is None else

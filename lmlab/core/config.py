@@ -80,7 +80,7 @@ class DataConfig:
     dataset: str = "data/shakespeare-char"  # dataset dir written by `lmlab prepare`
 
 
-ATTENTION_CHOICES = ("auto", "fused", "math", "cudnn")  # train.attention's, finetune.attention's: a path, or timed
+ATTENTION_CHOICES = ("auto", "fused", "math", "cudnn")  # train.attention's, finetune.attention's: a path, or a rule
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
 SCHEDULE_NAMES = ("cosine", "wsd", "linear")  # train.schedule's: lmlab.train.schedule.SCHEDULES has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
@@ -148,30 +148,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_counts("model.", {name: getattr(self, name) for name in ("n_layer", "n_head", "n_embd", "block_size")})
-        check_counts("model.", {"vocab_size": self.vocab_size, "n_kv_head": self.n_kv_head}, low=0)
-        self._check_kind()
-        for name, choices in MODEL_CHOICES.items():
-            check_choice(f"model.{name}", getattr(self, name), choices)
-        if self.kind == "gpt":  # the recurrent model has no heads
-            self._check_heads()
-        check_counts("model.", {"head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden,
-                                "bigram_buckets": self.bigram_buckets}, low=0)  # 0: the default, or none
-        check_ranges("model.", self, MODEL_RANGES)
-        self._check_bias()
-
-    def _check_bias(self) -> None:
-        if not isinstance(self.bias, str):
-            return
-        places = {p.strip() for p in self.bias.split(",")}
-        if not self.bias.strip() or places - set(BIAS_PLACES):
-            raise UserError(f"model.bias is '{as_text(self.bias)}'; use true, false, or the places that have biases, "
-                            f"comma-separated, from {', '.join(BIAS_PLACES)} (e.g. \"proj,mlp,norm\": all but q/k/v).")
-        self.bias = bias_spelling(places)
-
-    def has_bias(self, place: str) -> bool:
-        return place in self.bias.split(",") if isinstance(self.bias, str) else self.bias
-
-    def _check_kind(self) -> None:
+        zero_is_default = ("vocab_size", "n_kv_head", "head_dim", "mlp_hidden", "bigram_buckets")  # or none
+        check_counts("model.", {name: getattr(self, name) for name in zero_is_default}, low=0)
         if self.kind not in BUILT_IN_KINDS and self.kind not in plugin_kinds():
             raise UnknownKind(self.kind)
         self.options = check_options(self.options, "model.options")
@@ -179,6 +157,21 @@ class ModelConfig:
             raise UserError(f"[model.options] ({', '.join(self.options)}) holds a model plugin's settings, and "
                             f"model.kind {self.kind!r} is lmlab's own, which reads none: remove the table, or set "
                             "model.kind to the plugin's name.")
+        for name, choices in MODEL_CHOICES.items():
+            check_choice(f"model.{name}", getattr(self, name), choices)
+        if self.kind == "gpt":  # the recurrent model has no heads
+            self._check_heads()
+        check_ranges("model.", self, MODEL_RANGES)
+        if isinstance(self.bias, str):  # the places listed, written in their one spelling
+            places = {p.strip() for p in self.bias.split(",")}
+            if not self.bias.strip() or places - set(BIAS_PLACES):
+                raise UserError(f"model.bias is '{as_text(self.bias)}'; use true, false, or the places that have "
+                                f"biases, comma-separated, from {', '.join(BIAS_PLACES)} (e.g. \"proj,mlp,norm\": all "
+                                "but q/k/v).")
+            self.bias = bias_spelling(places)
+
+    def has_bias(self, place: str) -> bool:
+        return place in self.bias.split(",") if isinstance(self.bias, str) else self.bias
 
     def _check_heads(self) -> None:
         if self.n_embd % self.n_head:
@@ -265,8 +258,8 @@ class TrainConfig:
     # true | false | auto: torch.compile on CUDA; eager on the CPU (no measured gain there)
     compile: bool | str = "auto"
     # auto | fused | math | cudnn: attention by torch's fused kernel, by the scores written out, by cuDNN's kernel
-    # (CUDA only), or whichever a timing at this shape finds faster on this device (lmlab.train.attention: on a CPU
-    # fused or math, on CUDA fused or cudnn)
+    # (CUDA only), or by the machine's rule (lmlab.train.attention: the math path on a CPU in bfloat16 at a short
+    # context, where its scores fit in memory; else fused)
     attention: str = "auto"
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them (core/threads.py)
     tracker: str = "none"  # none | tensorboard | wandb: where metrics stream besides metrics.jsonl
@@ -296,7 +289,11 @@ class TrainConfig:
         if self.budget_seconds and self.lr_decay_iters:
             raise UserError("train.lr_decay_iters fixes the decay in steps, while train.budget_seconds lays it over "
                             "the steps the budget allows; set lr_decay_iters = 0.")
-        self._check_eval_interval()
+        if not isinstance(self.eval_interval, str):
+            check_counts("train.", {"eval_interval": self.eval_interval})
+        elif self.passes_per_eval is None or not 0 < self.passes_per_eval <= MAX_COUNT:
+            raise UserError(f"train.eval_interval is '{as_text(self.eval_interval)}'; use a number of steps (250), "
+                            "\"epoch\", or a number of passes over the train split such as \"0.5 epochs\".")
         if self.warmup_epochs and self.warmup_iters not in (0, WARMUP_ITERS):
             raise UserError(f"train.warmup_epochs ({self.warmup_epochs:g}) and train.warmup_iters "
                             f"({self.warmup_iters}) both set the warmup's length; keep one: warmup_iters = 0 (or left "
@@ -312,14 +309,6 @@ class TrainConfig:
         check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"),
                      "auto, float32, bfloat16 or float16")
-
-    def _check_eval_interval(self) -> None:
-        if isinstance(self.eval_interval, str):
-            if self.passes_per_eval is None or not 0 < self.passes_per_eval <= MAX_COUNT:
-                raise UserError(f"train.eval_interval is '{as_text(self.eval_interval)}'; use a number of steps (250), "
-                                "\"epoch\", or a number of passes over the train split such as \"0.5 epochs\".")
-        else:
-            check_counts("train.", {"eval_interval": self.eval_interval})
 
     @property
     def passes_per_eval(self) -> float | None:
@@ -377,7 +366,7 @@ class FinetuneConfig:
     seed: int = DEFAULT_SEED  # seeds the split of records, their order and dropout
     checkpoint_interval: int = 100  # steps between checkpoints inside an epoch (one ends every epoch too)
     threads: int = 0  # CPU threads for torch, at most the cores; 0: chosen from the load on them, as training's
-    attention: str = "auto"  # auto | fused | math | cudnn, as train.attention; set, no load can tip `auto`'s timing
+    attention: str = "auto"  # auto | fused | math | cudnn, as train.attention
 
     def __post_init__(self) -> None:
         check_choice("finetune.attention", self.attention, ATTENTION_CHOICES, ", ".join(ATTENTION_CHOICES))

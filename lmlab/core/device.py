@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import platform
 import re
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from lmlab.core.busy import cores
@@ -106,19 +106,13 @@ def no_gpu_reason() -> str:
             "may hide them)")
 
 
-def _arch(name: str) -> tuple[int, int, str]:
-    """`sm_86` -> (8, 6, ""), `sm_90a` -> (9, 0, "a"), `compute_120` -> (12, 0, "")."""
-    found = re.fullmatch(r"(?:sm|compute)_(\d+)([a-z]?)", name)
-    assert found, f"{name} is not a CUDA architecture"
-    number, suffix = found.groups()
-    return int(number) // 10, int(number) % 10, suffix
-
-
 def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     """Whether a torch built for `arch_list` (torch.cuda.get_arch_list()) has kernels for a GPU of `capability`:
     a cubin of the same major and no higher minor (sm_90a only on 9.0), or PTX of no higher capability."""
     for name in arch_list:
-        major, minor, suffix = _arch(name)
+        found = re.fullmatch(r"(?:sm|compute)_(\d+)([a-z]?)", name)  # sm_90a: 9.0 "a", compute_120: 12.0
+        assert found, f"{name} is not a CUDA architecture"
+        major, minor, suffix = int(found[1]) // 10, int(found[1]) % 10, found[2]
         if name.startswith("compute_") and (major, minor) <= capability:
             return True
         if name.startswith("sm_") and major == capability[0] and (minor == capability[1] or
@@ -156,10 +150,7 @@ def configure(device: torch.device) -> None:
     if device.type != "cuda":
         return
     torch.set_float32_matmul_precision("high")
-    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    else:
-        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # new in torch 2.9, the floor
 
 
 def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
@@ -172,9 +163,8 @@ def dtype_for_capability(capability: tuple[int, int]) -> torch.dtype:
 
 # Said before the first step waits for a CPU compile (docs/reference/performance.md has the figures).
 CPU_COMPILE = ("train.compile = true on a CPU: the first step waits while Inductor compiles the model to C++ (half a "
-               "minute or more on a small CPU, seconds from its cache after); then a few compiled steps are timed "
-               "against eager ones and training goes on eager unless compiling pays here "
-               "(benchmarks/compile_cpu.py measures this machine); false or \"auto\" trains eager at once.")
+               "minute or more on a small CPU, seconds from its cache after), and training stays compiled, as asked "
+               "(benchmarks/compile_cpu.py measures what that gains here); false or \"auto\" trains eager at once.")
 
 
 def compile_choice(setting: bool | str, device_type: str, has_triton: bool) -> tuple[bool, str | None]:
@@ -201,9 +191,7 @@ def triton_available() -> bool:
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 # Dense datasheet TFLOP/s by matmul dtype: float32 at the TF32 rate (lmlab enables it), GeForce at fp32 accumulation
@@ -275,7 +263,7 @@ def machine(device: torch.device | None = None) -> dict[str, Any]:
     """What a run ran on, for its record; None where this platform does not say."""
     info: dict[str, Any] = {
         "cpu": _cpu_name(), "cpu_cores": len(cores()), "torch_threads": torch.get_num_threads(),
-        "memory_bytes": _memory_bytes(), "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None,
+        "memory_bytes": psutil.virtual_memory().total, "gpu": None, "gpu_count": 0, "gpu_memory_bytes": None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "os": platform.platform(terse=True),
     }
@@ -315,10 +303,3 @@ def processor() -> dict[str, str | None]:
     flags = first.get("flags") or first.get("Features")  # x86, Arm
     found["flags_sha256"] = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16] if flags else None
     return found
-
-
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not on Windows
-        return None

@@ -47,8 +47,7 @@ def missing(*modules: str) -> list[str]:
 def require(*modules: str, user: str, otherwise: str = "") -> None:
     """Refuse, in one sentence, what `user` names (`lmlab serve`, `reading x.parquet`) when a module of `modules`
     does not import; `otherwise`: another way out, said after the pip command (`, or set train.tracker = "none"`)."""
-    gone = missing(*modules)
-    if gone:
+    if gone := missing(*modules):
         raise UserError(refusal(user, gone, otherwise))
 
 

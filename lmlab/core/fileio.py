@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 from lmlab.core.errors import UserError
 
 
@@ -57,8 +59,7 @@ def _name_problem(name: str) -> str | None:
 
 def plain_name(name: str, option: str, folder_option: str) -> str:
     """`name` if it is a name and not a path, so a folder made from it stays inside the folder it is made in."""
-    problem = _name_problem(name)
-    if problem:
+    if problem := _name_problem(name):
         raise UserError(f"{option} {name[:60]!r}{'...' if len(name) > 60 else ''} {problem}; give a name of "
                         f"letters, digits, -, _ or dots (or leave {option} out for the default).")
     if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
@@ -69,9 +70,8 @@ def plain_name(name: str, option: str, folder_option: str) -> str:
 
 def check_folder_name(path: Path) -> None:
     """Refuse a folder lmlab is to make whose own name it cannot use."""
-    problem = _name_problem(Path(path).name)
-    if problem and str(path) not in ("", "."):
-        name = Path(path).name
+    name = Path(path).name
+    if (problem := _name_problem(name)) and str(path) not in ("", "."):
         raise UserError(f"the folder name {name[:60]!r}{'...' if len(name) > 60 else ''} (of {str(path)[:80]!r}) "
                         f"{problem}; choose another.")
 
@@ -97,11 +97,7 @@ def free_space(path: Path) -> str:
 
 def host_memory() -> int:
     """Bytes a new allocation can have on this machine, within a container's limit (cgroup v2)."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text().split("\n")
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = psutil.virtual_memory().available
     try:
         limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
         return min(available, int(limit) - int(used)) if limit != "max" else available

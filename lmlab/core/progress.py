@@ -73,7 +73,7 @@ class TaskLines:
     """The bar's interface (`add_task`, `update`, `remove_task`: tasks with a description, a count, a total and
     fields such as `info` or `tokens`), each task shown as the line a log keeps: `train step 120/1,500 | loss 2.0412
     | elapsed 0:00:31 | ETA 0:06:10`. Where the lines go is the subclass's (`_changed`, told of each task added,
-    updated and ended)."""
+    updated and ended; by default nowhere)."""
 
     def __init__(self, console: Console, unit: str = "step"):
         self.console, self.unit = console, unit
@@ -106,7 +106,7 @@ class TaskLines:
             self._changed(self.tasks.pop(task), "ended")
 
     def _changed(self, t: _Task, event: str) -> None:
-        raise NotImplementedError
+        return None  # a PlainProgress prints from `update` alone
 
     def line(self, t: _Task) -> str:
         """A task as a log line: what, how far, its fields, elapsed and ETA."""
@@ -131,9 +131,6 @@ class PlainProgress(TaskLines):
         super().update(task, completed, advance, total, **fields)
         if fields.get("info") is not None:
             self.console.print(self.line(self.tasks[task]), highlight=False, soft_wrap=True)
-
-    def _changed(self, t: _Task, event: str) -> None:
-        return None  # said by `update` alone
 
 
 class NotebookProgress(TaskLines):

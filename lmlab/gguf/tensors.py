@@ -63,20 +63,14 @@ def arch_for(family: Family, cfg: ModelConfig) -> Arch:
     return Arch(family.name, family, interleave=family.name == "llama")
 
 
-def _interleaved(part: torch.Tensor, head_size: int) -> torch.Tensor:
-    """Rows of (heads * head_size, ...) reordered within each head from halves (x0..xn, y0..yn) to pairs
-    (x0, y0, x1, y1, ...)."""
-    heads = part.shape[0] // head_size
-    halves = part.reshape(heads, 2, head_size // 2, *part.shape[1:])
-    return halves.transpose(1, 2).reshape(part.shape)
-
-
 def model_tensors(model: GPT, arch: Arch) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor) of every weight, the token table and head cut to the vocabulary."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], model.config.n_layer)
     for hf_name, part in arch.family.parts(model):
         if arch.interleave and hf_name.split(".")[-2] in ("q_proj", "k_proj"):
-            part = _interleaved(part, model.config.head_size)
+            # each head's rows from halves (x0..xn, y0..yn) to pairs (x0, y0, x1, y1, ...)
+            halves = part.reshape(-1, 2, model.config.head_size // 2, *part.shape[1:])
+            part = halves.transpose(1, 2).reshape(part.shape)
         name_there = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name_there is not None, f"llama.cpp's {arch.name} has no tensor {hf_name}"
         yield name_there, part.detach().float().cpu()

@@ -66,11 +66,6 @@ def gguf_vocab(tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     return vocab
 
 
-def _unused(rows: int, start: int, spell: Callable[[int], str]) -> tuple[list[str], list[int]]:
-    """Tokens for the model's rows past the tokenizer's (a Hugging Face model's spare rows): spelled, unused."""
-    return [spell(i) for i in range(start, rows)], [UNUSED] * (rows - start)
-
-
 def _in_id_order(tokenizer: Tokenizer, rows: int, what: str) -> list[str]:
     """The tokenizer's tokens in id order, every id from 0 up, as a GGUF vocabulary lists them."""
     ids = {i: token for token, i in tokenizer.vocab.items()}
@@ -91,8 +86,8 @@ def _char_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str)
     special = {t["content"] for t in raw.get("added_tokens", [])}
     tokens = [token.translate(RWKV_ESCAPES) for token in plain]
     types = [CONTROL if token in special else NORMAL for token in plain]
-    extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"\\xffunused{i}")
-    return Vocab("rwkv", None, tokens + extra, types + extra_types)
+    extra = [f"\\xffunused{i}" for i in range(tokenizer.vocab_size, rows)]  # a Hugging Face model's spare rows
+    return Vocab("rwkv", None, tokens + extra, types + [UNUSED] * len(extra))
 
 
 def _bpe_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
@@ -105,14 +100,14 @@ def _bpe_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) 
     added = {t["id"]: t for t in raw.get("added_tokens", [])}
     types = [(CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL
              for i in range(tokenizer.vocab_size)]
-    extra, extra_types = _unused(rows, tokenizer.vocab_size, lambda i: f"[PAD{i}]")
+    extra = [f"[PAD{i}]" for i in range(tokenizer.vocab_size, rows)]  # a Hugging Face model's spare rows
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if not merges:  # llama.cpp's gpt2 tokenizer refuses a file without them: "cannot find tokenizer merges"
         raise UserError(f"{what}'s tokenizer ({tokenizer.spec}) is a BPE without merges, which llama.cpp cannot "
                         f"load as a GGUF vocabulary; export-gguf takes {TAKES}.")
     if model.get("ignore_merges"):
         _check_merges_reach(raw, tokenizer, what)
-    vocab = Vocab("gpt2", pre, tokens + extra, types + extra_types, merges)
+    vocab = Vocab("gpt2", pre, tokens + extra, types + [UNUSED] * len(extra), merges)
     # A pretrained tokenizer's post-processor may put a first token before every text: llama.cpp's add_bos.
     plain, marked = (tokenizer.backend.encode("a", add_special_tokens=flag).ids for flag in (False, True))
     if len(marked) > len(plain) and marked[len(marked) - len(plain):] == plain:

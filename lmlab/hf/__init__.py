@@ -164,27 +164,25 @@ def import_hf(folder: Path, run_dir: Path, tokenizer: Path | None = None,
     tok = _tokenizer(folder, tokenizer and Path(tokenizer), family, model_cfg.vocab_size)
     chat = read_chat_template(folder, tok)
     weights = Weights(folder)
-    with RunDir(run_dir).locked():  # a second import into the same --out is refused, not raced
-        with building(run_dir, "--out run dir") as tmp:
-            model = build_model(model_cfg)  # refuses a size this machine cannot hold, before allocating it
-            assert isinstance(model, GPT), "every family is lmlab's kind gpt"
-            family.load(weights, model)
-            # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
-            cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
-            facts = {"tokenizer": tok.spec, "vocab_size": model_cfg.vocab_size, "eot_id": tok.eot_id}
-            with RunDir(tmp).locked() as run:
-                # The dtype the weights were published in (transformers 4's torch_dtype, 5's dtype): an fp16 GPU
-                # computes bf16-born weights in fp32 (RunDir.weights_dtype).
-                published = raw.get("torch_dtype") or raw.get("dtype")
-                run.begin("imported", model, cfg, facts, origin={"source": str(folder.resolve()),
-                                                                 "format": f"huggingface {family.name}",
-                                                                 "weights_sha256": weights.sha256(),
-                                                                 "dtype": published})
-                run.write_setup(cfg, tok, facts, chat=chat)
-                optimizer = optimizer_of(cfg.train).build(model, cfg.train, torch.device("cpu"))
-                run.save_checkpoint(0, model_tensors(model), optimizer.state_dict(), None, best=True, keep=1)
-                run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False,
-                         "stopped_by": None})
+    # a second import into the same --out is refused, not raced
+    with RunDir(run_dir).locked(), building(run_dir, "--out run dir") as tmp:
+        model = build_model(model_cfg)  # refuses a size this machine cannot hold, before allocating it
+        assert isinstance(model, GPT), "every family is lmlab's kind gpt"
+        family.load(weights, model)
+        # An imported run has no dataset of its own: `lmlab eval --dataset DIR` names one.
+        cfg = RunConfig(DataConfig(dataset=""), model_cfg, TrainConfig())
+        facts = {"tokenizer": tok.spec, "vocab_size": model_cfg.vocab_size, "eot_id": tok.eot_id}
+        with RunDir(tmp).locked() as run:
+            # The dtype the weights were published in (transformers 4's torch_dtype, 5's dtype): an fp16 GPU
+            # computes bf16-born weights in fp32 (RunDir.weights_dtype).
+            origin = {"source": str(folder.resolve()), "format": f"huggingface {family.name}",
+                      "weights_sha256": weights.sha256(), "dtype": raw.get("torch_dtype") or raw.get("dtype")}
+            run.begin("imported", model, cfg, facts, origin=origin)
+            run.write_setup(cfg, tok, facts, chat=chat)
+            optimizer = optimizer_of(cfg.train).build(model, cfg.train, torch.device("cpu"))
+            run.save_checkpoint(0, model_tensors(model), optimizer.state_dict(), None, best=True, keep=1)
+            run.log({"event": "end", "step": 0, "tokens": 0, "elapsed": 0.0, "stopped_early": False,
+                     "stopped_by": None})
     return {"run": str(run_dir), "family": family.name, "params": model.num_params(), "model": model_cfg,
             "tokenizer": tok.spec, "chat_template": chat}
 

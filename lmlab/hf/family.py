@@ -28,8 +28,7 @@ RMS_EPS = torch.finfo(torch.float32).eps
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default
 
 
-def any_value(cfg: ModelConfig) -> bool:
-    return True
+ANY_VALUE: Rule = (lambda cfg: True, "")  # an option the family expresses whatever its value
 
 
 def equals(field: str, *allowed: Any) -> Callable[[ModelConfig], bool]:

@@ -166,9 +166,8 @@ def write_tokenizer(out: Path, tokenizer: Tokenizer, block_size: int, chat: Chat
 def write_generation_config(out: Path, tokenizer: Tokenizer | None, chat: ChatTemplate | None = None) -> None:
     """What `generate` stops at: the end-of-text id (a char tokenizer has none, so it runs to max_new_tokens), and
     the end of an assistant's turn of a chat template; and what it pads with (`pad_id`)."""
-    eot_id = tokenizer.eot_id if tokenizer is not None else None
     ids: dict[str, Any] = {}
-    if tokenizer is not None and eot_id is not None:
+    if tokenizer is not None and (eot_id := tokenizer.eot_id) is not None:
         ends = [tokenizer.backend.token_to_id(t) for t in (chat.end_of_turn if chat else ())]
         ends = [i for i in ends if i is not None and i != eot_id]
         ids = {"bos_token_id": eot_id, "eos_token_id": [eot_id, *ends] if ends else eot_id,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lmlab.core.config import ModelConfig
-from lmlab.hf.family import Family, Lookup, Rule, any_value, default_eps, equals, own_eps, read, refuse
+from lmlab.hf.family import ANY_VALUE, Family, Lookup, Rule, default_eps, equals, own_eps, read, refuse
 from lmlab.model.gpt import GPT, mlp_width
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -19,7 +19,7 @@ ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 RULES: dict[str, Rule] = {
     # Both GELUs exist in transformers ("gelu" and "gelu_new"); rnn_cell is read only by the recurrent model,
     # which `kind` refuses, and rope_theta only with rotary positions, which `pos_emb` refuses.
-    **{name: (any_value, "") for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout",
+    **{name: ANY_VALUE for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout",
                                           "tie_embeddings", "mlp_hidden", "norm_eps", "gelu_approx",
                                           "rnn_cell", "rope_theta")},
     "bias": (equals("bias", True), "GPT-2 has a bias in every linear layer and LayerNorm"),

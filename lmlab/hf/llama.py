@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.config import ModelConfig
-from lmlab.hf.family import Family, Rule, any_value, default_eps, equals, own_eps, read, refuse
+from lmlab.hf.family import ANY_VALUE, Family, Rule, default_eps, equals, own_eps, read, refuse
 from lmlab.model.gpt import mlp_width, swiglu_hidden
 
 # lmlab's block tensors -> the family's, concatenated in this order (q, k, v; gate, up).
@@ -29,7 +29,7 @@ LAYER = re.compile(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)")
 
 COMMON: dict[str, Rule] = {
     # gelu_approx is read only by the GELU MLP, which `mlp` refuses.
-    **{name: (any_value, "") for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout",
+    **{name: ANY_VALUE for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout",
                                           "tie_embeddings", "n_kv_head", "head_dim", "mlp_hidden", "rope_theta",
                                           "norm_eps", "rnn_cell", "gelu_approx")},
     "kind": (equals("kind", "gpt"), "Llama, Qwen2 and Qwen3 are transformers, lmlab's kind gpt"),

@@ -89,7 +89,6 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     """Write root/step_<N>/ through a temporary folder and point `latest` (and `best`) at it. `weights` is
     `model_tensors(model)` and `optimizer_state` the optimizer's state_dict, both whole even when sharded; `whole`
     is called before the folder takes its name (what it raises leaves no checkpoint)."""
-    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors, plain = _flatten_optimizer(optimizer_state)
     final = root / f"step_{step:06d}"

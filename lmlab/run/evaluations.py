@@ -9,26 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.fileio import atomic_write_text, locked_file
-from lmlab.core.jsontext import parse_json
+from lmlab.data.tokenizers import json_object
 
 
 def kept(run: Path, section: str) -> list[dict[str, Any]]:
     """The results of `section`, oldest first; none where the file is missing or not of this shape."""
-    try:
-        results = parse_json((run / "evaluations.json").read_text(encoding="utf-8")).get(section, [])
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return []
+    results = json_object(run / "evaluations.json").get(section)
     return [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
 
 
 def keep(run: Path, section: str, result: dict[str, Any], key: tuple[str, ...]) -> None:
     """Add `result` to `section` in place of one of the same `key`, the other sections left as they are."""
-    path = run / "evaluations.json"
     with locked_file(run / ".evaluations.lock"):
-        try:
-            sections = parse_json(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            sections = {}
-        sections = sections if isinstance(sections, dict) else {}
         others = [r for r in kept(run, section) if any(r.get(k) != result.get(k) for k in key)]
-        atomic_write_text(path, json.dumps({**sections, section: [*others, result]}, indent=1))
+        sections = {**json_object(run / "evaluations.json"), section: [*others, result]}
+        atomic_write_text(run / "evaluations.json", json.dumps(sections, indent=1))

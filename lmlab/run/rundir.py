@@ -19,7 +19,7 @@ from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atom
 from lmlab.core.jsontext import parse_json
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
-from lmlab.data.tokenizers import Tokenizer
+from lmlab.data.tokenizers import Tokenizer, json_object
 from lmlab.run import checkpoint as ckpt
 from lmlab.run.chat import ChatTemplate
 from lmlab.run.evaluations import keep, kept
@@ -125,10 +125,9 @@ class RunDir:
         ft = self.config().finetune
         assert ft is not None, "a fine-tuned run's config has its finetune section"
         base, data = start.get("init_from") or "BASE_RUN", (start.get("origin") or {}).get("data") or ft.data
-        settings = [f"--set finetune.{f.name}={getattr(ft, f.name)}" for f in dataclasses.fields(ft)
-                    if f.name != "data" and getattr(ft, f.name) != f.default]
-        return " ".join(["lmlab finetune", shlex.quote(base), "--data", shlex.quote(data), "--out",
-                         shlex.quote(str(self.path)), *settings])
+        settings = [arg for f in dataclasses.fields(ft) if f.name != "data" and getattr(ft, f.name) != f.default
+                    for arg in ("--set", f"finetune.{f.name}={getattr(ft, f.name)}")]
+        return shlex.join(["lmlab", "finetune", base, "--data", data, "--out", str(self.path), *settings])
 
     def unfinished(self) -> str | None:
         """How a fine-tune that has not reached its end stands (running, stopped, killed), or a training run being
@@ -287,10 +286,7 @@ class RunDir:
         return self._lock.holder_pid() if self.running() else None
 
     def dataset(self) -> dict[str, Any]:
-        try:
-            return parse_json((self.path / "dataset.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return json_object(self.path / "dataset.json")
 
     def tokenizer(self) -> Tokenizer:
         """The run's tokenizer, its file checked against the checksum dataset.json records (where it has one)."""

@@ -36,10 +36,10 @@ class RenderError(Exception):
         self.kind, self.detail, self.line = kind, detail, line
 
 
-def render(template: str, variables: dict[str, Any], limit: int = RENDER_CHARS) -> str:
-    """`template` rendered with `variables` (JSON values) by a worker, at most `limit` characters long; a
+def render(template: str, variables: dict[str, Any]) -> str:
+    """`template` rendered with `variables` (JSON values) by a worker, at most RENDER_CHARS characters long; a
     RenderError otherwise."""
-    request = _line_of({"template": template, "variables": variables, "limit": limit})
+    request = _line_of({"template": template, "variables": variables})
     try:
         worker = _idle.pop()
     except IndexError:  # none idle
@@ -198,7 +198,7 @@ def _render(request: dict[str, Any]) -> dict[str, Any]:
         pieces, size = [], 0
         for piece in template.generate(**request["variables"]):
             size += len(piece)
-            if size > request["limit"]:
+            if size > RENDER_CHARS:
                 return {"error": "size"}
             pieces.append(piece)
         return {"text": "".join(pieces)}

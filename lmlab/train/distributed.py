@@ -7,7 +7,6 @@ RNG and keeping its own slice, so a run resumes on any number of processes in th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -46,7 +45,7 @@ class Parallel:
         self.hosts = [socket.gethostname()] * world_size  # each rank's host name, gathered by `setup`
         self.timeout = 0.0  # train.collective_timeout, set by `setup`
         self.mode = "none"  # none | ddp | fsdp, set by wrap()
-        self._model: torch.nn.Module | None = None  # the DDP wrapper or the sharded model, for gradient sync
+        self._model: Any = None  # the DDP wrapper or the sharded model (FSDPModule), for gradient sync
         self._flags: dist.ProcessGroup | None = None  # CPU group for stop flags
         self._vote: tuple[dist.Work, torch.Tensor] | None = None  # the flags vote under way (see `agree`)
 
@@ -107,39 +106,24 @@ class Parallel:
 
     def micro_batches(self, loader: Batches, grad_accum_steps: int
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of one optimizer step; gradients are synchronised on its last one only."""
+        """This rank's micro-batches of one optimizer step, each handed over while the caller runs forward and backward
+        on it; gradients are synchronised on its last one only."""
         local = self.local_steps(grad_accum_steps)
         first = self.rank * local
         for i in range(grad_accum_steps):
             if not first <= i < first + local:
                 loader.skip()  # another rank's: drawn but not built, so all loaders stay at the same position
-                continue
-            batch = loader.next()
-            if i == first + local - 1:
-                yield batch
-            else:
-                with self._no_sync():  # held while the caller runs forward and backward on the batch
-                    yield batch
-
-    @contextlib.contextmanager
-    def _no_sync(self) -> Iterator[None]:
-        if self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            assert isinstance(self._model, DistributedDataParallel)
-            with self._model.no_sync():
-                yield
-        elif self.mode == "fsdp":
-            from torch.distributed.fsdp import FSDPModule
-
-            assert isinstance(self._model, FSDPModule)
-            self._model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self._model.set_requires_gradient_sync(True)
-        else:
-            yield
+            elif i == first + local - 1 or self.mode == "none":
+                yield loader.next()
+            elif self.mode == "ddp":
+                with self._model.no_sync():
+                    yield loader.next()
+            else:  # FSDP2
+                self._model.set_requires_gradient_sync(False)
+                try:
+                    yield loader.next()
+                finally:
+                    self._model.set_requires_gradient_sync(True)
 
     def reduce_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The global mean loss and grad norm of a step, without a host sync, so every rank's spike guard and non-finite

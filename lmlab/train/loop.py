@@ -15,7 +15,6 @@ import torch
 from rich.console import Console
 from rich.progress import TaskID
 
-from lmlab.analysis.plots import LOSS_EVENTS, plot_losses
 from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.config import RunConfig
 from lmlab.core.device import configure
@@ -441,7 +440,7 @@ class Trainer:
 
     def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress
-        self.writes.redraw(plot_losses, LOSS_EVENTS)
+        self.writes.redraw()
         spent, line = self.budget.end(time.perf_counter() - self.started)
         self.reports.end(p.stopped_early, stopped_by, self._lr, budget_seconds=self.budget.plan.seconds or None,
                          budget_spent=spent, **self._end_fields())

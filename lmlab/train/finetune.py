@@ -153,9 +153,8 @@ def _fitting(tokenizer: Tokenizer, fmt: PromptFormat, ft: FinetuneConfig,
     for i, record in enumerate(records):  # a char tokenizer cannot write every text: name the record
         for key in ("instruction", "input", "output"):
             tokenizer.check(record.get(key, ""), f"{ft.data}: record {i}'s `{key}`")
-    train_records, val_records = split_records(records, ft.val_fraction)
-    encoded = {name: [encode_example(tokenizer, fmt, r) for r in records]
-               for name, records in (("train", train_records), ("val", val_records))}
+    encoded = {name: [encode_example(tokenizer, fmt, r) for r in part]
+               for name, part in zip(("train", "val"), split_records(records, ft.val_fraction))}
     # Learned positions end at block_size: a longer example cannot be trained on whole, so it is left out.
     fits = {name: [e for e in examples if len(e[0]) <= block_size + 1] for name, examples in encoded.items()}
     if not fits["train"] or not fits["val"]:

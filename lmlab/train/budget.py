@@ -340,15 +340,18 @@ class Budget:
     def state_dict(self) -> dict[str, Any] | None:
         """The plan as it stands at the next step: what a resumed run goes on by; a resumed run's plan as it went on by
         it, with `taken`, the seconds the run's processes had taken at the next step (its decay by steps is laid from
-        the plan's step, so that resuming again trains exactly as going on would)."""
+        the plan's step, so that resuming again trains exactly as going on would). None of a run by steps."""
+        if not self.plan.seconds:
+            return None
         step = self._seen[0] + self.lag + 1
         if self.live:
             return dataclasses.asdict(self._now(step))
         return {**dataclasses.asdict(self.plan), "taken": self.before + self._began(step)}
 
     def end(self, spent: float) -> tuple[float | None, str | None]:
-        """The seconds the run took over all its processes with `spent` gone in this one, and how the budget held."""
-        return round(self.taken(spent), 3), self.ended(spent)
+        """The seconds the run took over all its processes with `spent` gone in this one, and how the budget held;
+        neither of a run by steps."""
+        return (round(self.taken(spent), 3), self.ended(spent)) if self.plan.seconds else (None, None)
 
     def taken(self, spent: float) -> float:
         """The seconds the run has taken with `spent` gone in this process: a resumed run's earlier processes' too."""
@@ -432,17 +435,5 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else format_duration(seconds)
 
 
-class NoBudget(Budget):
-    """A run by steps' budget: none, a plan of no seconds that neither times, says nor saves anything."""
-
-    def __init__(self) -> None:
-        super().__init__(Plan(0.0), (1, 1), live=False)
-
-    def end(self, spent: float) -> tuple[float | None, str | None]:
-        return None, None
-
-    def state_dict(self) -> dict[str, Any] | None:
-        return None
-
-
-NO_BUDGET = NoBudget()
+# A run by steps' budget: none, a plan of no seconds that neither times, says nor saves anything.
+NO_BUDGET = Budget(Plan(0.0), (1, 1), live=False)

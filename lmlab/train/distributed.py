@@ -7,7 +7,6 @@ RNG and keeping its own slice, so a run resumes on any number of processes in th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -45,8 +44,8 @@ class Parallel:
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.hosts = [socket.gethostname()] * world_size  # each rank's host name, gathered by `setup`
         self.timeout = 0.0  # train.collective_timeout, set by `setup`
-        self.mode = "none"  # none | ddp | fsdp, set by wrap()
-        self._model: torch.nn.Module | None = None  # the DDP wrapper or the sharded model, for gradient sync
+        self.mode = "none"  # none | ddp | fsdp, set by build()
+        self._model: Any = None  # the DDP wrapper or the sharded model (FSDPModule), for gradient sync
         self._flags: dist.ProcessGroup | None = None  # CPU group for stop flags
         self._vote: tuple[dist.Work, torch.Tensor] | None = None  # the flags vote under way (see `agree`)
 
@@ -74,72 +73,50 @@ class Parallel:
 
     def build(self, config: ModelConfig, parallel: str, device: torch.device, dtype: torch.dtype
               ) -> tuple[LanguageModel, torch.nn.Module]:
-        """The model to train, freshly initialised on `device`, and the module that runs its forward (`wrap`);
-        under FSDP, built sharded (`fsdp.fill_from_main`), so that no rank holds the whole model."""
-        if not (self.active and parallel == "fsdp"):
-            model = build_model(config).to(device)
-            return model, self.wrap(model, parallel, dtype)
-        with torch.device("meta"):
-            model = build_model(config)
-        wrapped = self.wrap(model, parallel, dtype)
-        fill_from_main(model, config, device, self.is_main)
-        return model, wrapped
-
-    def wrap(self, model: LanguageModel, parallel: str, dtype: torch.dtype) -> torch.nn.Module:
-        """The module to train: the model itself in one process, else DDP around it or the model sharded in place by
-        FSDP2, per train.parallel."""
+        """The model to train, freshly initialised on `device`, and the module that runs its forward: the model itself
+        in one process, else DDP around it or, per train.parallel, the model sharded in place by FSDP2, built sharded
+        (`fsdp.fill_from_main`), so that no rank holds the whole model."""
         if not self.active:
-            return model
-        # Imported here, as FSDP, DDP and DTensor are slow to import, which a single process need not wait for.
-        from torch.nn.parallel import DistributedDataParallel
-
+            model = build_model(config).to(device)
+            return model, model
         if parallel == "ddp":
-            device = next(model.parameters()).device
+            # Imported here, as FSDP, DDP and DTensor are slow to import, which a single process need not wait for.
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = build_model(config).to(device)
             self._model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         else:
             if dtype == torch.float16:
                 raise UserError('train.parallel = "fsdp" cannot use float16: its grad scaler would judge each '
                                 'shard alone; set train.dtype to bfloat16 or float32, or train.parallel to "ddp".')
+            with torch.device("meta"):
+                model = build_model(config)
             # The fused AdamW built afterwards steps the DTensor shards as they are, found_inf skips included.
             self._model = shard(model)
+            fill_from_main(model, config, device, self.is_main)
         self.mode = parallel
-        return self._model
+        return model, self._model
 
     def micro_batches(self, loader: Batches, grad_accum_steps: int
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of one optimizer step; gradients are synchronised on its last one only."""
+        """This rank's micro-batches of one optimizer step, each handed over while the caller runs forward and backward
+        on it; gradients are synchronised on its last one only."""
         local = self.local_steps(grad_accum_steps)
         first = self.rank * local
         for i in range(grad_accum_steps):
             if not first <= i < first + local:
                 loader.skip()  # another rank's: drawn but not built, so all loaders stay at the same position
-                continue
-            batch = loader.next()
-            if i == first + local - 1:
-                yield batch
-            else:
-                with self._no_sync():  # held while the caller runs forward and backward on the batch
-                    yield batch
-
-    @contextlib.contextmanager
-    def _no_sync(self) -> Iterator[None]:
-        if self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            assert isinstance(self._model, DistributedDataParallel)
-            with self._model.no_sync():
-                yield
-        elif self.mode == "fsdp":
-            from torch.distributed.fsdp import FSDPModule
-
-            assert isinstance(self._model, FSDPModule)
-            self._model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self._model.set_requires_gradient_sync(True)
-        else:
-            yield
+            elif i == first + local - 1 or self.mode == "none":
+                yield loader.next()
+            elif self.mode == "ddp":
+                with self._model.no_sync():
+                    yield loader.next()
+            else:  # FSDP2
+                self._model.set_requires_gradient_sync(False)
+                try:
+                    yield loader.next()
+                finally:
+                    self._model.set_requires_gradient_sync(True)
 
     def reduce_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The global mean loss and grad norm of a step, without a host sync, so every rank's spike guard and non-finite

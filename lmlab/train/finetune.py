@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from torch.nn.utils.rnn import pad_sequence
 
 from lmlab.core.config import FinetuneConfig, RunConfig, TrainConfig
 from lmlab.core.device import autocast
@@ -64,14 +65,10 @@ def encode_example(tokenizer: Tokenizer, fmt: PromptFormat, record: dict[str, st
 
 def _batch(examples: Examples) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (B, T) padded to the longest example; targets of prompt and padding are IGNORE."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.zeros(len(examples), T, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for row, (ids, scored) in enumerate(examples):
-        n = len(ids) - 1
-        x[row, :n] = torch.tensor(ids[:-1])
-        y[row, :n] = torch.tensor([t if keep else IGNORE for t, keep in zip(ids[1:], scored[1:])])
-    return x, y
+    x = [torch.tensor(ids[:-1], dtype=torch.long) for ids, _ in examples]
+    y = [torch.tensor([t if keep else IGNORE for t, keep in zip(ids[1:], scored[1:])], dtype=torch.long)
+         for ids, scored in examples]
+    return pad_sequence(x, batch_first=True), pad_sequence(y, batch_first=True, padding_value=IGNORE)
 
 
 
@@ -156,9 +153,8 @@ def _fitting(tokenizer: Tokenizer, fmt: PromptFormat, ft: FinetuneConfig,
     for i, record in enumerate(records):  # a char tokenizer cannot write every text: name the record
         for key in ("instruction", "input", "output"):
             tokenizer.check(record.get(key, ""), f"{ft.data}: record {i}'s `{key}`")
-    train_records, val_records = split_records(records, ft.val_fraction)
-    encoded = {name: [encode_example(tokenizer, fmt, r) for r in records]
-               for name, records in (("train", train_records), ("val", val_records))}
+    encoded = {name: [encode_example(tokenizer, fmt, r) for r in part]
+               for name, part in zip(("train", "val"), split_records(records, ft.val_fraction))}
     # Learned positions end at block_size: a longer example cannot be trained on whole, so it is left out.
     fits = {name: [e for e in examples if len(e[0]) <= block_size + 1] for name, examples in encoded.items()}
     if not fits["train"] or not fits["val"]:

@@ -15,7 +15,6 @@ import torch
 from rich.console import Console
 from rich.progress import TaskID
 
-from lmlab.analysis.plots import LOSS_EVENTS, plot_losses
 from lmlab.core.compile_cache import discard_partial_builds
 from lmlab.core.config import RunConfig
 from lmlab.core.device import configure
@@ -340,7 +339,10 @@ class Trainer:
                     flag, spent = self.parallel.agree(bool(stop.signal) or self.writes.error is not None,
                                                       time.perf_counter() - self.started)
                     stopping = bool(flag)
-                    self._after_step(seconds, spent)
+                    if changed := self.threads.stepped(seconds):  # the threads' look at the load
+                        self.reports.threads(changed)
+                    self.budget.after_step(p.step, spent)
+                    self._say_budget()
                     bar.update(task, completed=p.step, total=schedule.last_step)
                 # The last step is always evaluated (a budget may decide only after a step that it was the last; the
                 # plan kept the time) and saved, unless a stop came first or a write failed, which leaves the newest
@@ -388,14 +390,6 @@ class Trainer:
             self._grad_norm = grad_norm
         return True
 
-    def _after_step(self, seconds: float, spent: float) -> None:
-        """What follows a step besides the cadence: the threads' look at the load, and a budget's clock."""
-        changed = self.threads.stepped(seconds)
-        if changed:
-            self.reports.threads(changed)
-        self.budget.after_step(self.progress.step, spent)
-        self._say_budget()
-
     def _say_budget(self) -> None:
         """What the budget's newest plan or decision changed, logged and said."""
         if self.budget.event:
@@ -441,7 +435,7 @@ class Trainer:
 
     def _finish(self, stopped_by: str | None, final: dict[str, Any] | None) -> TrainResult:
         p = self.progress
-        self.writes.redraw(plot_losses, LOSS_EVENTS)
+        self.writes.redraw()
         spent, line = self.budget.end(time.perf_counter() - self.started)
         self.reports.end(p.stopped_early, stopped_by, self._lr, budget_seconds=self.budget.plan.seconds or None,
                          budget_spent=spent, **self._end_fields())

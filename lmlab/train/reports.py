@@ -13,7 +13,6 @@ from typing import Any
 from rich.console import Console
 from rich.progress import TaskID
 
-from lmlab.analysis.plots import LOSS_EVENTS, plot_losses
 from lmlab.core.config import RunConfig
 from lmlab.core.humanize import format_duration
 from lmlab.core.peak import Peak
@@ -122,7 +121,7 @@ class Reports:
                          "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
                          "train_eval_loss": train_eval, "val_loss": val, "val_accuracy": val_estimate.accuracy,
                          "best_val_loss": p.best_val_loss, "is_best": is_best, "seconds": round(seconds, 3)})
-        self.writes.redraw(plot_losses, LOSS_EVENTS)  # kept current, so a long run can be watched
+        self.writes.redraw()  # kept current, so a long run can be watched
         mark = " | [bold green]best![/bold green]" if is_best else ""
         # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
         when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self.epoch():.2f}"

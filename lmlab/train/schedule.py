@@ -30,16 +30,13 @@ class Kind:
     about: str
 
 
-def _stable(train: TrainConfig) -> float:
-    """The position wsd's fall begins at: by steps, where its last decay_fraction of the run's steps (the warmup's
+def _wsd(position: float, train: TrainConfig) -> float:
+    """The constant peak, then the fall: the peak makes any earlier checkpoint a good start for a longer run (only the
+    short decay is redone). The fall begins, by steps, where the last decay_fraction of the run's steps (the warmup's
     included) begins; by a budget's clock (one step, no warmup), at 1 - decay_fraction."""
     end = decay_end(train)
-    return max(0.0, 1.0 - train.decay_fraction * end / max(1, end - 1 - train.warmup_iters))
-
-
-def _wsd(position: float, train: TrainConfig) -> float:
-    # The constant peak makes any earlier checkpoint a good start for a longer run: only the short decay is redone.
-    progress = (position - _stable(train)) / (1.0 - _stable(train))
+    stable = max(0.0, 1.0 - train.decay_fraction * end / max(1, end - 1 - train.warmup_iters))
+    progress = (position - stable) / (1.0 - stable)
     return 1.0 if progress <= 1e-12 else 1.0 - math.sqrt(min(1.0, progress))
 
 

@@ -147,17 +147,13 @@ class ScalerState:
             self.scaler.load_state_dict(state)
 
 
+@dataclass
 class Slot:
-    """A part whose state another object keeps: saved by `save`, restored by handing it to `load`."""
+    """A part whose state another object keeps: saved by calling `state_dict`, restored by handing it to
+    `load_state_dict`."""
 
-    def __init__(self, save: Callable[[], Any], load: Callable[[Any], None]):
-        self.save, self.load = save, load
-
-    def state_dict(self) -> Any:
-        return self.save()
-
-    def load_state_dict(self, state: Any) -> None:
-        self.load(state)
+    state_dict: Callable[[], Any]
+    load_state_dict: Callable[[Any], None]
 
 
 class TrainingState:

@@ -17,7 +17,6 @@ from lmlab.model.plugins import backward_named, check_loss
 from lmlab.train.attention import choose_attention
 from lmlab.train.compiled import GRAPHS, CompiledBlocks
 from lmlab.train.optim import optimizer_of
-from lmlab.train.state import RngState
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -69,17 +68,15 @@ class TrainStep:
         restored after them, so a run timed on its own step computes the bits it would have untimed."""
         weights = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
         optimizer, scaler = copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.scaler.state_dict())
-        rng = RngState(self.device)
-        generators = rng.state_dict()
-        try:
-            yield
-        finally:
-            self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():
-                self.scaler.load_state_dict(scaler)
-            rng.load_state_dict(generators)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # its generators
+            try:
+                yield
+            finally:
+                self.model.load_state_dict(weights)
+                self.optimizer.load_state_dict(optimizer)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler.is_enabled():
+                    self.scaler.load_state_dict(scaler)
 
     def restore_attention(self, path: str | None) -> None:
         """A resumed run goes on by the attention path it trained by, whatever the rule says now; a checkpoint without

@@ -45,12 +45,13 @@ class Writes:
             self(tracker.log, event)
         self.logged[event["event"]] += 1
 
-    def redraw(self, draw: Callable[[RunDir], Any], kinds: tuple[str, ...]) -> None:
-        """`draw(run_dir)`, a picture of the run's events of `kinds` (its loss.png), unless none was logged since it
-        was last drawn."""
-        shown = sum(self.logged[kind] for kind in kinds)
+    def redraw(self) -> None:
+        """The run's loss.png drawn again, unless no event it shows was logged since it was last drawn."""
+        from lmlab.analysis.plots import LOSS_EVENTS, plot_losses  # not loaded by a closed output's stop
+
+        shown = sum(self.logged[kind] for kind in LOSS_EVENTS)
         if shown != self.drawn:
-            self(draw, self.run_dir)
+            self(plot_losses, self.run_dir)
             self.drawn = shown
 
     def failure(self, step: int) -> UserError:

@@ -47,6 +47,7 @@ EXIT_SECONDS = 0.3  # the process's exit after the end's plot: torch's and Pytho
 # process), after a fixed cost of its files' opening and renaming.
 CHECKPOINT_SECONDS = 0.05
 DISK_BYTES_PER_SECOND = 1e9
+KEPT = ("step", "eval_batch", "plot", "checkpoint_bytes", "cost")  # what the machine cache keeps of a `Timing`
 
 
 @dataclass(frozen=True)
@@ -72,16 +73,10 @@ class Timing:
         checkpoint = CHECKPOINT_SECONDS + self.checkpoint_bytes / DISK_BYTES_PER_SECOND
         return Costs(self.step, self.eval_batch, self.plot, checkpoint, self.plot + EXIT_SECONDS)
 
-    def kept(self) -> dict[str, Any]:
-        """What the machine cache keeps of it: what a budget plans from, and what the timing took."""
-        return {"step": self.step, "eval_batch": self.eval_batch, "plot": self.plot,
-                "checkpoint_bytes": self.checkpoint_bytes, "cost": self.cost}
-
     @classmethod
     def read_back(cls, kept: dict[str, Any], threads: int, attention: str | None) -> Timing:
         """A timing the machine cache kept (`kept`), on `threads`, by `attention`."""
-        return cls(threads, float(kept["step"]), float(kept["eval_batch"]), float(kept["plot"]),
-                   int(kept["checkpoint_bytes"]), float(kept["cost"]), attention, how=READ_BACK)
+        return cls(threads, **{name: kept[name] for name in KEPT}, attention=attention, how=READ_BACK)
 
 
 def time_config(cfg: RunConfig, machine: Machine, deadline: float = math.inf) -> Timing:
@@ -107,7 +102,8 @@ def keep(machine: Machine, cfg: RunConfig, timing: Timing) -> None:
     """Keep `timing` of `cfg` in the machine cache at its attention path and threads. Not one cut short by its
     deadline: its warm-up step is no step."""
     if timing.full:
-        cache.keep("timing", timing_key(machine, cfg, timing.attention, timing.threads), timing.kept())
+        kept = {name: getattr(timing, name) for name in KEPT}
+        cache.keep("timing", timing_key(machine, cfg, timing.attention, timing.threads), kept)
 
 
 def timing_key(machine: Machine, cfg: RunConfig, attention: str | None, threads: int = 0) -> dict[str, Any]:

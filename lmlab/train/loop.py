@@ -70,11 +70,8 @@ class Trainer:
     one process compare on equal terms; `sized` is what `--size auto` settled already.
 
     Another kind of run (lmlab.train.finetune.Finetuner) is this loop with its own `HOOKS`, and overrides nothing
-    else (tests/test_finetune.py holds it): how its threads are set (`_chooser`), what it builds (`_build`: the
-    model, the step, the batches, and what a step and a pass over its data are), how it begins (`_start`,
-    `_write_setup`) or continues (`_restore`), the tokens of a step (`_step_tokens`), its evaluation (`_evaluate`),
-    its final score (`_score_final`), the state its checkpoints keep besides the loop's (`_state_parts`) and the fields
-    its end event adds (`_end_fields`)."""
+    else (tests/test_finetune.py holds it): its threads, what it builds (the model, step, batches, a step's tokens and
+    a pass's), how it begins or continues, a step's tokens, its evaluation, final score, state and end fields."""
 
     HOOKS = frozenset({"_chooser", "_build", "_start", "_write_setup", "_restore", "_step_tokens", "_evaluate",
                        "_score_final", "_state_parts", "_end_fields"})
@@ -203,8 +200,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.train_step.optimizer, self.parallel, state,
                                          self.writes, tc, self.console)
         self._queued: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps the guard has not seen
-        self._grad_norm = 0.0
-        self._lr = 0.0
+        self._grad_norm = self._lr = 0.0
         self._stop = StopOnSignal()  # installed while the loop runs
 
     def _state_parts(self) -> dict[str, Checkpointed]:

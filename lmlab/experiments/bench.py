@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,14 +49,15 @@ class BenchRow:
     load: Load | None = None  # what else used the machine while the steps were timed
 
 
-def with_vocab(cfg: RunConfig) -> RunConfig:
-    """Benchmarks run on random tokens, so only the vocab size is needed: from the config or the dataset."""
+def with_vocab(cfg: RunConfig, meta: dict[str, Any] | None = None) -> RunConfig:
+    """`cfg` with its vocab size, from the config or the dataset (`meta`: its meta.json, where read already):
+    benchmarks run on random tokens and plans on the meta device, which need nothing else of the data."""
     if cfg.model.vocab_size:
         return cfg
-    if not (Path(cfg.data.dataset) / "meta.json").exists():
-        raise UserError(f"set model.vocab_size or prepare {cfg.data.dataset} first; the benchmark needs the "
+    if meta is None and not (Path(cfg.data.dataset) / "meta.json").exists():
+        raise UserError(f"set model.vocab_size or prepare {cfg.data.dataset} first; a benchmark or plan needs the "
                         "vocab size.")
-    vocab = read_meta(Path(cfg.data.dataset))["vocab_size"]
+    vocab = (meta or read_meta(Path(cfg.data.dataset)))["vocab_size"]
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
@@ -175,21 +177,14 @@ def largest_fitting(fits: Callable[[int], bool | None], limit: int, seconds: flo
             tries[batch] = clock() - began
         return bool(verdict)
 
-    low, high = 0, 1
-    while high <= limit:
-        verdict = attempt(high)
-        if verdict is None:
-            return low, False
-        if not verdict:
-            break
-        low, high = high, high * 2
-    high = min(high, limit + 1)  # the search stops at the limit
+    low, high = 0, limit + 1  # the largest batch found to fit, and the smallest found not to (or past the limit)
     while high - low > 1:
-        mid = (low + high) // 2
-        verdict = attempt(mid)
+        doubling = high > limit and 2 * low <= limit  # until a batch does not fit or the next would pass the limit
+        batch = max(1, 2 * low) if doubling else (low + high) // 2
+        verdict = attempt(batch)
         if verdict is None:
             return low, False
-        low, high = (mid, high) if verdict else (low, mid)
+        low, high = (batch, high) if verdict else (low, batch)
     return low, True
 
 

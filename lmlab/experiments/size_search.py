@@ -25,8 +25,8 @@ from lmlab.core.peak import STEP_CEILING, Peak, step_ceiling
 from lmlab.data.shards import windows_in
 from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit
 from lmlab.experiments.gputime import gpu_step_time
-from lmlab.experiments.plan import Hardware
-from lmlab.model import LanguageModel, build_model
+from lmlab.experiments.plan import Hardware, shape_of
+from lmlab.model import LanguageModel
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import MIN_STEPS, BudgetRefused, Plan, plan
 from lmlab.train.optim import optimizer_of
@@ -155,8 +155,7 @@ class Search:
 
     def candidate(self, depth: int) -> Candidate:
         cfg = self.family.config(depth, self.fit)
-        with torch.device("meta"):
-            model = build_model(cfg.model)
+        model = shape_of(cfg)
         train = cfg.train
         tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
         intervals = (train.eval_steps(self.meta["train"]["tokens"], tokens), train.checkpoint_interval)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from lmlab.analysis.scaling import effective_tokens
@@ -27,10 +26,10 @@ from lmlab.core.humanize import format_duration
 from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
+from lmlab.experiments.bench import with_vocab
 from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
-from lmlab.experiments.plan import Hardware
+from lmlab.experiments.plan import Hardware, shape_of
 from lmlab.experiments.size_search import PRICED, Candidate, Search, Speed, search
-from lmlab.model import build_model
 from lmlab.train.preflight import Sized
 
 
@@ -127,11 +126,6 @@ def parse_size(text: str | int) -> str | int:
     raise UserError(f"--size {str(text)[:40]!r} is not a size; use {SIZES}.")
 
 
-def with_vocab(cfg: RunConfig, meta: dict[str, Any] | None = None) -> RunConfig:
-    vocab = cfg.model.vocab_size or (meta or read_meta(Path(cfg.data.dataset)))["vocab_size"]
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-
-
 def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, SizeFit | None, dict[str, Any]]:
     """The preset's family, its dataset's vocabulary filled in, its fit (None without one; one fitted on a dataset of
     another tokenizer is refused), and the dataset's meta.json, read once."""
@@ -210,8 +204,7 @@ def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, s
     family, fit, _ = family_of(preset, cfg)
     chosen = family.config(depth, fit)
     rule = f"by {fit_path(preset)}'s rule" if fit else f"the preset's (no fit beside it, {fit_path(preset)})"
-    with torch.device("meta"):
-        params = build_model(chosen.model).num_params()
+    params = shape_of(chosen).num_params()
     return chosen, (f"size {depth}: {family.describe(depth)} ({params / 1e6:.2f}M parameters), LR "
                     f"{chosen.train.learning_rate:g} {rule}")
 

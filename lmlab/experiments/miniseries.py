@@ -121,17 +121,12 @@ class Miniseries:
         tc = self.family.preset.train  # a family's sizes keep the preset's batch and context
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.family.preset.model.block_size
         self.done, self.points = 0, dict[Path, dict[str, Any]]()  # the runs by folder, each trained once
-        self._params: dict[int, int] = {}
+        # each depth's weights that multiply every token: the fit's N
+        self.params = {d: shape_of(self.family.config(d)).multiplied_params() for d in series.depths}
         self.total = len(self.left(every=True))
         refused = self.refusal(series.depths)
         if refused:
             raise UserError(refused)
-
-    def params(self, depth: int) -> int:
-        """The weights of depth `depth` that multiply every token: the fit's N (counted once a depth)."""
-        if depth not in self._params:
-            self._params[depth] = shape_of(self.family.config(depth)).multiplied_params()
-        return self._params[depth]
 
     def steps(self, tokens: int) -> int:
         """The steps a run of `tokens` trains: whole steps, at least MIN_STEPS."""
@@ -147,8 +142,8 @@ class Miniseries:
                 return (f"--tokens {a} and {b} both train {self.steps(a)} steps of {self.tokens_per_step:,} tokens (a "
                         f"run trains {MIN_STEPS} at least), one length to the fit; give lengths that round to "
                         "different steps.")
-        points = [(self.params(d), self.steps(t) * self.tokens_per_step) for d in depths for t in series.tokens
-                  if series.within(self.params(d), t)]
+        points = [(self.params[d], self.steps(t) * self.tokens_per_step) for d in depths for t in series.tokens
+                  if series.within(self.params[d], t)]
         flops = f" within --max-flops {series.max_flops:g}" if series.max_flops else ""
         refused = surface_refusal([n for n, _ in points], [d for _, d in points],
                                   f"--depths {','.join(map(str, depths))} at --tokens "
@@ -179,17 +174,10 @@ class Miniseries:
 
     def lengths(self, search: dict[str, Any], factor: float) -> list[dict[str, Any]]:
         """The depth's points at the rule's LR (`factor` of the preset's): each length within the series' compute."""
-        depth = search["depth"]
-        points = []
-        for tokens in self.series.tokens:
-            if not self.series.within(self.params(depth), tokens):
-                continue
-            if tokens == self.series.searched:
-                nearest = min(search["factors"], key=lambda f: abs(math.log(f / factor)))
-                points.append(self.run(depth, tokens, nearest))
-            else:
-                points.append(self.run(depth, tokens, factor))
-        return points
+        depth, series = search["depth"], self.series
+        nearest = min(search["factors"], key=lambda f: abs(math.log(f / factor)))  # the searched length's run
+        return [self.run(depth, tokens, nearest if tokens == series.searched else factor) for tokens in series.tokens
+                if series.within(self.params[depth], tokens)]
 
     def left(self, depths: tuple[int, ...] | None = None, every: bool = False) -> list[RunConfig]:
         """The runs of `depths` (default: the series') still to train, or `every` one, as far as they are known before
@@ -201,7 +189,7 @@ class Miniseries:
                 if every or summarize(self.folder / self.name(depth, series.searched, cfg)).status != "finished":
                     todo.append(cfg)
             for tokens in series.tokens:
-                if tokens == series.searched or not series.within(self.params(depth), tokens):
+                if tokens == series.searched or not series.within(self.params[depth], tokens):
                     continue
                 done = not every and any(summarize(path).status == "finished"
                                          for path in self.folder.glob(f"d{depth}-t{tokens}-lr*"))
@@ -217,9 +205,8 @@ class Miniseries:
         todo = self.left()
         if not todo:
             return f"miniseries: its {self.total} runs are trained already under {self.folder}; fitting them"
-        preset = with_vocab(load_config(self.preset))
-        hardware = local_hardware(self.device, preset.train.dtype)
-        guess = estimate(hardware, None, preset, [])
+        hardware = local_hardware(self.device, self.family.preset.train.dtype)
+        guess = estimate(hardware, None, self.family.preset, [])
         seconds = sum(cfg.train.max_iters * self.tokens_per_step / guess.tokens_per_sec(shape_of(cfg)) for cfg in todo)
         again = f" ({self.total - len(todo)} trained already)" if len(todo) < self.total else ""
         return (f"miniseries: {len(todo)} of {self.total} runs to train{again} under {self.folder}, about "
@@ -265,9 +252,7 @@ class Miniseries:
         kept = least
         while kept < len(order) and time.perf_counter() - started + self.seconds(order[:kept], costs) <= budget:
             costs[order[kept]] = timed(order[kept], deadline)  # the next depth, timed only where these fit
-            if time.perf_counter() - started + self.seconds(order[:kept + 1], costs) > budget:
-                break
-            kept += 1
+            kept += 1  # left out below where it does not fit
         spent = time.perf_counter() - started
         while kept > least and spent + self.seconds(order[:kept], costs) > budget:  # the timing took its share
             kept -= 1
@@ -296,7 +281,7 @@ class Miniseries:
                 raise UserError(f"the miniseries was stopped by {result.stopped_by}; run the same command again to "
                                 "go on from where it stopped.")
             summary = summarize(path)
-        self.points[path] = {"depth": depth, "params": self.params(depth), "tokens": summary.tokens,
+        self.points[path] = {"depth": depth, "params": self.params[depth], "tokens": summary.tokens,
                              "learning_rate": cfg.train.learning_rate, "val": summary.reached, "run": str(path),
                              "seconds": round(summary.elapsed, 1)}
         return self.points[path]

@@ -155,13 +155,11 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         resume = bool(RunDir(trial.run_dir).step_folders())
         console.print(f"trial {i}/{len(trials)} {trial.name}: {'resuming' if resume else 'training'} "
                       f"({' '.join(trial.overrides)})")
-        if resume or size is None:  # a resumed trial goes on by its config.toml: the shape it was sized to, say
-            cfg = RunDir(trial.run_dir).config() if resume else trial.config
-            trainer = Trainer(cfg, trial.run_dir, device, resume=resume, console=console, started=started)
-        else:
+        # a resumed trial goes on by its config.toml: the shape it was sized to, say
+        cfg, sized = (RunDir(trial.run_dir).config() if resume else trial.config), None
+        if not resume and size is not None:
             cfg, sized = sized_run(Path(config), trial.config, size, started, device, console, window)
-            trainer = Trainer(cfg, trial.run_dir, device, console=console, started=started, sized=sized)
-        outcome = trainer.run()
+        outcome = Trainer(cfg, trial.run_dir, device, resume, console, started=started, sized=sized).run()
         if outcome.stopped_by:
             result.stopped_by = outcome.stopped_by
             break

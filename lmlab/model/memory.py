@@ -63,7 +63,7 @@ def _weight_bytes(config: ModelConfig) -> int:
 
 def model_bytes(config: ModelConfig) -> int:
     """Bytes of the weights and buffers a model of `config` holds."""
-    return remembered("weights", config, (), lambda: Need(_per_layer(config, _weight_bytes), 0), Need).fixed
+    return remembered("weights", config, lambda: [_per_layer(config, _weight_bytes)])[0]
 
 
 def _kept_at(config: ModelConfig, T: int) -> int:
@@ -107,7 +107,7 @@ def layer_kept_bytes(config: ModelConfig) -> int:
 
 def prefill_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     """The most a prompt's prefill holds beyond the weights and the decode state."""
-    kept = remembered("prefill", config, (), lambda: Need(layer_kept_bytes(config), 0), Need).fixed
+    kept = remembered("prefill", config, lambda: [layer_kept_bytes(config)])[0]
     return min(int(PREFILL_SHARE[dtype] * kept), UNCOUNTABLE)
 
 
@@ -140,25 +140,25 @@ def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) ->
     """A training step per sequence of block_size tokens; `state_bytes` sizes the optimizer's state. What is measured
     is kept between processes (`sized`), as the meta forward imports torch's compiler stack."""
     weights = model_bytes(config)
-    measured = remembered("training", config, (), lambda: Need(_per_layer(config, _hidden_bytes),
-                                                                _per_layer(config, _kept_bytes)), Need)
-    moments = state_bytes(weights, measured.fixed)
+    hidden, kept = remembered("training", config, lambda: [_per_layer(config, _hidden_bytes),
+                                                           _per_layer(config, _kept_bytes)])
+    moments = state_bytes(weights, hidden)
     head = padded_vocab(config.vocab_size) * config.n_embd * 4
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
     if config.kind in BUILT_IN_KINDS and chunked(config.vocab_size):
         # lmlab.model.loss.ChunkedHeadLoss keeps the gradient of the head's weight, traced once among a sequence's
         # kept tensors but held once a micro-batch; a chunk's fp32 logits and their bf16 gradient pass while it runs,
         # counted per sequence: exact up to the chunk's bound (CHUNK_BYTES), more than they take beyond it
-        each = int(BACKWARD_FACTOR * (measured.each - head)) + 3 * logits // 2
+        each = int(BACKWARD_FACTOR * (kept - head)) + 3 * logits // 2
         return Need(weights + weights + moments + head, min(each, UNCOUNTABLE))
-    each = int(BACKWARD_FACTOR * measured.each) + 2 * logits
+    each = int(BACKWARD_FACTOR * kept) + 2 * logits
     return Need(weights + weights + moments, min(each, UNCOUNTABLE))
 
 
 def scoring_need(config: ModelConfig) -> Need:
     """A forward without gradients per window of block_size tokens (an evaluation batch)."""
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
-    kept = remembered("scoring", config, (), lambda: Need(0, _per_layer(config, _kept_bytes)), Need).each
+    kept = remembered("scoring", config, lambda: [_per_layer(config, _kept_bytes)])[0]
     return Need(model_bytes(config), min(2 * logits + 2 * (kept // max(1, config.n_layer)), UNCOUNTABLE))
 
 
@@ -176,7 +176,7 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int,
         return sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)
-    state = remembered("decode state", config, (held,), lambda: Need(0, _per_layer(config, state_bytes)), Need).each
+    state = remembered("decode state", config, lambda: [_per_layer(config, state_bytes)], (held,))[0]
     each = state + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
     prefill = 2 * config.block_size * vocab * 4 + prefill_bytes(config, dtype)
     return Need(min(model_bytes(config) + prefill, UNCOUNTABLE), min(each, UNCOUNTABLE))

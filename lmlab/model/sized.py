@@ -11,18 +11,12 @@ import hashlib
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from lmlab.core import cache as machine_cache
 from lmlab.core.config import ModelConfig
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS
-
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
-T = TypeVar("T", bound="DataclassInstance")  # what `kind` makes, from the fields asdict keeps
 
 
 @cache
@@ -34,16 +28,15 @@ def _code() -> str:
     return digest.hexdigest()
 
 
-def remembered(what: str, config: ModelConfig, extra: tuple, measure: Callable[[], T], kind: type[T]) -> T:
-    """`measure()`, a `kind` (a dataclass of numbers: `memory.Need`), of `what` for `config` and `extra` (the
-    optimizer, a dtype, ...): from the cache when it holds it, else measured and kept."""
+def remembered(what: str, config: ModelConfig, measure: Callable[[], list[int]], extra: tuple = ()) -> list[int]:
+    """`measure()`, the bytes of `what` for `config` and `extra` (a dtype): from the cache when it holds them, else
+    measured and kept."""
     if config.kind not in BUILT_IN_KINDS:  # a plugin's code is not lmlab's: measured every time
         return measure()
     key = [what, dataclasses.asdict(config), [str(e) for e in extra], _code()]
-    try:
-        return kind(**machine_cache.recall("memory", key))
-    except TypeError:  # not kept, or kept by a version whose fields differ
-        pass
+    kept = machine_cache.recall("memory", key)
+    if isinstance(kept, list) and all(isinstance(n, int) for n in kept):  # else not kept, or kept as something else
+        return kept
     value = measure()
-    machine_cache.keep("memory", key, dataclasses.asdict(value))
+    machine_cache.keep("memory", key, value)
     return value

@@ -55,8 +55,8 @@ def with_vocab(cfg: RunConfig, meta: dict[str, Any] | None = None) -> RunConfig:
     if cfg.model.vocab_size:
         return cfg
     if meta is None and not (Path(cfg.data.dataset) / "meta.json").exists():
-        raise UserError(f"set model.vocab_size or prepare {cfg.data.dataset} first; a benchmark or plan needs the "
-                        "vocab size.")
+        raise UserError(f"set model.vocab_size or prepare {cfg.data.dataset} first; a benchmark or plan "
+                        "needs the vocab size.")
     vocab = (meta or read_meta(Path(cfg.data.dataset)))["vocab_size"]
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
@@ -177,9 +177,9 @@ def largest_fitting(fits: Callable[[int], bool | None], limit: int, seconds: flo
             tries[batch] = clock() - began
         return bool(verdict)
 
-    low, high = 0, limit + 1  # the largest batch found to fit, and the smallest found not to (or past the limit)
+    low, high = 0, limit + 1  # the largest batch found to fit; the smallest found not to (or past the limit)
     while high - low > 1:
-        doubling = high > limit and 2 * low <= limit  # until a batch does not fit or the next would pass the limit
+        doubling = high > limit and 2 * low <= limit  # till one does not fit, or the next passes the limit
         batch = max(1, 2 * low) if doubling else (low + high) // 2
         verdict = attempt(batch)
         if verdict is None:

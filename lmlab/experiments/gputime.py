@@ -54,6 +54,7 @@ LINK_SHARE = 0.8
 DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: the last one's all-reduce starts when the backward ends
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "convolution_backward"}
 FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach"}
+COUNTED = ("launches", "matmuls", "views", "bytes")  # a `Trace`'s figures of the forward, and of the step
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,6 @@ class _AsOnGpu(TorchFunctionMode):
         self.count = count
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
-        kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
             return _Fused.apply(self.count, 0.0, (q.shape[:-1] + v.shape[-1:],), q, k, v)[0]
@@ -141,19 +141,20 @@ class _AsOnGpu(TorchFunctionMode):
             out = x.shape[:-1] + (hidden.shape[-1] * (1 + bidirectional),)
             states = [h.shape for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
             return _Fused.apply(self.count, float(steps), (out, *states), x, *weights)  # (output, h) or (output, h, c)
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
 
 
-def _counted(config: ModelConfig, backward: bool) -> _Count:
+def _counted(config: ModelConfig) -> dict[str, float]:
+    """The `Trace` of one sequence through a model of `config`, its layers as they are."""
     with torch.device("meta"):
         model = build_model(config)
         x = torch.zeros(1, config.block_size, dtype=torch.long)
         count = _Count()
         with _AsOnGpu(count), count:
             _, loss = model(x, x)
-            if backward:
-                loss.backward()
-    return count
+            forward = {f"forward_{k}": getattr(count, k) for k in COUNTED}
+            loss.backward()
+    return {**forward, **{f"step_{k}": getattr(count, k) for k in COUNTED}, "serial": count.serial}
 
 
 def trace(config: ModelConfig) -> Trace:
@@ -164,14 +165,8 @@ def trace(config: ModelConfig) -> Trace:
 @functools.lru_cache(maxsize=16)
 def _trace(key: str) -> Trace:
     config = ModelConfig(**json.loads(key))
-    figures = {}
-    for backward in (True, False):
-        one, two = (_counted(dataclasses.replace(config, n_layer=n), backward) for n in (1, 2))
-        for field in ("launches", "matmuls", "views", "bytes", "serial"):
-            a, b = getattr(one, field), getattr(two, field)
-            figures[(backward, field)] = a + (config.n_layer - 1) * (b - a)
-    return Trace(**{f"{'step' if b else 'forward'}_{f}": figures[b, f] for b in (True, False)
-                    for f in ("launches", "matmuls", "views", "bytes")}, serial=figures[True, "serial"])
+    one, two = (_counted(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
+    return Trace(**{k: one[k] + (config.n_layer - 1) * (two[k] - one[k]) for k in one})
 
 
 def tail(model: ModelConfig, train: TrainConfig) -> float:

@@ -142,8 +142,8 @@ class Miniseries:
                 return (f"--tokens {a} and {b} both train {self.steps(a)} steps of {self.tokens_per_step:,} tokens (a "
                         f"run trains {MIN_STEPS} at least), one length to the fit; give lengths that round to "
                         "different steps.")
-        points = [(self.params[d], self.steps(t) * self.tokens_per_step) for d in depths for t in series.tokens
-                  if series.within(self.params[d], t)]
+        points = [(self.params[d], self.steps(t) * self.tokens_per_step) for d in depths
+                  for t in series.tokens if series.within(self.params[d], t)]
         flops = f" within --max-flops {series.max_flops:g}" if series.max_flops else ""
         refused = surface_refusal([n for n, _ in points], [d for _, d in points],
                                   f"--depths {','.join(map(str, depths))} at --tokens "
@@ -176,8 +176,8 @@ class Miniseries:
         """The depth's points at the rule's LR (`factor` of the preset's): each length within the series' compute."""
         depth, series = search["depth"], self.series
         nearest = min(search["factors"], key=lambda f: abs(math.log(f / factor)))  # the searched length's run
-        return [self.run(depth, tokens, nearest if tokens == series.searched else factor) for tokens in series.tokens
-                if series.within(self.params[depth], tokens)]
+        return [self.run(depth, t, nearest if t == series.searched else factor) for t in series.tokens
+                if series.within(self.params[depth], t)]
 
     def left(self, depths: tuple[int, ...] | None = None, every: bool = False) -> list[RunConfig]:
         """The runs of `depths` (default: the series') still to train, or `every` one, as far as they are known before

@@ -28,14 +28,15 @@ def _code() -> str:
     return digest.hexdigest()
 
 
-def remembered(what: str, config: ModelConfig, measure: Callable[[], list[int]], extra: tuple = ()) -> list[int]:
-    """`measure()`, the bytes of `what` for `config` and `extra` (a dtype): from the cache when it holds them, else
-    measured and kept."""
+def remembered(what: str, config: ModelConfig, measure: Callable[[], list[int]],
+               extra: tuple = ()) -> list[int]:
+    """`measure()`, the bytes of `what` for `config` and `extra` (a dtype): from the cache when it holds them,
+    else measured and kept."""
     if config.kind not in BUILT_IN_KINDS:  # a plugin's code is not lmlab's: measured every time
         return measure()
     key = [what, dataclasses.asdict(config), [str(e) for e in extra], _code()]
     kept = machine_cache.recall("memory", key)
-    if isinstance(kept, list) and all(isinstance(n, int) for n in kept):  # else not kept, or kept as something else
+    if isinstance(kept, list) and all(isinstance(n, int) for n in kept):  # else not kept, or kept otherwise
         return kept
     value = measure()
     machine_cache.keep("memory", key, value)

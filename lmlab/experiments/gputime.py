@@ -261,15 +261,11 @@ def matmul_share(row: str) -> float:
                                                      MATMUL_SHARE["default"])
 
 
-def peak_of(row: str, dtype: str) -> tuple[float, bool]:
-    """The datasheet peak of `row` in `dtype` and whether it is the dtype's own: bf16 on a GPU without it runs at the
-    fp32 rate (emulated)."""
-    found = datasheet_peak(row, getattr(torch, dtype))
-    if found:
-        return found[0], True
-    fp32 = datasheet_peak(row, torch.float32)
-    assert fp32 is not None, f"the datasheet row {row} has an fp32 peak"
-    return fp32[0], False
+def peak_of(row: str, dtype: str) -> float:
+    """The datasheet peak of `row` in `dtype`: bf16 on a GPU without it runs at the fp32 rate (emulated)."""
+    found = datasheet_peak(row, getattr(torch, dtype)) or datasheet_peak(row, torch.float32)
+    assert found is not None, f"the datasheet row {row} has an fp32 peak"
+    return found[0]
 
 
 def compile_seconds(found: Trace, blocks: int, graphs: bool) -> float:
@@ -300,7 +296,7 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     with torch.device("meta"):
         model = build_model(mc)
     found = trace(mc)
-    flops = peak_of(row, dtype)[0] * matmul_share(row)
+    flops = peak_of(row, dtype) * matmul_share(row)
     bandwidth = BANDWIDTH_GBS[row] * 1e9 * BANDWIDTH_SHARE
     scale = (MIXED_BYTES if dtype != "float32" else 1.0) * (COMPILE_FUSION if compiled else 1.0)
     fused = COMPILE_FUSION if compiled else 1.0
@@ -314,7 +310,7 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
         return kernels(launches, matmuls) * per_kernel + (0 if compiled else views * VIEW_SECONDS)
 
     tokens, steps, blocks = tc.batch_size * mc.block_size, tc.grad_accum_steps, len(model.shard_units())
-    at_peak = steps * model.flops_per_token() * tokens / peak_of(row, dtype)[0]
+    at_peak = steps * model.flops_per_token() * tokens / peak_of(row, dtype)
     why = no_graphs("cuda", compiled, gpus == 1, steps, at_peak, model.graphs)
     replays = None if why else 2 * max(1, blocks) * REPLAY_SECONDS  # a block's forward and backward, each a graph
     micro = (model.flops_per_token() * tokens / flops, found.step_bytes * tc.batch_size * scale / bandwidth,

@@ -133,7 +133,7 @@ def gpu_hardware(name: str, dtype_setting: str) -> Hardware:
         found = datasheet_peak(row, getattr(torch, dtype))
         if found:
             return Hardware(found[1].removeprefix("datasheet "), dtype, Peak(found[0], dtype, found[1]), local=None)
-    flops, _ = peak_of(row, dtype_setting)
+    flops = peak_of(row, dtype_setting)
     return Hardware(row, dtype_setting, Peak(flops, dtype_setting, f"datasheet {row} float32: {dtype_setting} "
                                                                   "emulated", native=False), local=None)
 

@@ -156,9 +156,8 @@ class Search:
     def candidate(self, depth: int) -> Candidate:
         cfg = self.family.config(depth, self.fit)
         model = shape_of(cfg)
-        train = cfg.train
-        tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
-        intervals = (train.eval_steps(self.meta["train"]["tokens"], tokens), train.checkpoint_interval)
+        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+        intervals = (cfg.train.eval_steps(self.unique, tokens), cfg.train.checkpoint_interval)
         return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
                          model.multiplied_params(), model.flops_per_token(), tokens, cfg, model, intervals)
 

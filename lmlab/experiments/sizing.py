@@ -78,8 +78,7 @@ class Sizing:
         """Where the budget goes, as planned."""
         c, made = self.chosen, self.chosen.plan
         assert made is not None, "a chosen size has its plan"
-        steps, every = c.steps * made.step_seconds, c.intervals[0]
-        evals = c.steps // every + (c.steps % every != 0)
+        steps, evals = c.steps * made.step_seconds, -(-c.steps // c.intervals[0])  # the last step's included
         rest = made.needed(c.steps, c.intervals) - steps - evals * made.eval_seconds
         return (f"the {format_duration(self.budget)}: {made.spent:.1f} s of start-up, timing and the trainer's "
                 f"set-up, {steps:.1f} s for {c.steps:,} steps, {evals * made.eval_seconds:.1f} s for {evals} "

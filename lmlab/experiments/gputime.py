@@ -206,8 +206,8 @@ def _tail(key: str) -> float:
 
 @dataclass(frozen=True)
 class StepTime:
-    """Seconds of one optimizer step's parts on one GPU (of `gpus` training together), of one evaluation, and of
-    compiling, once a run."""
+    """Seconds of one optimizer step's parts on one GPU (of several, where they train together), of one evaluation,
+    and of compiling, once a run."""
 
     matmuls: float
     memory: float
@@ -219,7 +219,6 @@ class StepTime:
     evaluation: float  # one evaluation: eval_iters batches of each split, forward only, shared by the GPUs
     allreduce: float = 0.0  # the gradients' all-reduce past the backward's end, on several GPUs
     compile: float = 0.0  # torch.compile's first calls: a block's training graph and its evaluation's
-    gpus: int = 1
     graphs: bool = False  # its blocks replayed as CUDA graphs (lmlab.core.machine's rule)
     why_not: str = ""  # why they are not
 
@@ -243,11 +242,9 @@ class StepTime:
     def describe(self) -> str:
         """E.g. `bound by the host: 2,506 launches in 19.0 ms (Python and launching), the GPU's work takes 16.2 ms
         (...)`."""
-        parts = [(name, value) for name, value in (("matmuls", self.matmuls), ("memory traffic", self.memory),
-                                                   ("recurrence", self.recurrence), ("optimizer", self.optimizer),
-                                                   ("batch copy", self.copy), ("all-reduce", self.allreduce))
-                 if value >= 5e-5]
-        work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts)
+        parts = {"matmuls": self.matmuls, "memory traffic": self.memory, "recurrence": self.recurrence,
+                 "optimizer": self.optimizer, "batch copy": self.copy, "all-reduce": self.allreduce}
+        work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts.items() if value >= 5e-5)
         launched = (f"its blocks replayed as CUDA graphs, {1000 * self.launches:,.1f} ms of the host's" if self.graphs
                     else f"{self.kernels:,} launches in {1000 * self.launches:,.1f} ms (Python and launching" +
                     (f"; no CUDA graphs: {self.why_not.removeprefix('rule: ')}" if self.why_not else "") + ")")
@@ -327,7 +324,7 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
                     round(steps * kernels(found.step_launches, found.step_matmuls) + after),
                     2 * math.ceil(tc.eval_iters / gpus) * (forward + copy / 2),
                     allreduce_seconds(row, params, gpus, backward),
-                    compile_seconds(found, blocks, replays is not None) if compiled else 0.0, gpus,
+                    compile_seconds(found, blocks, replays is not None) if compiled else 0.0,
                     replays is not None, why or "")
 
 

@@ -40,9 +40,7 @@ class Trial:
 
 @dataclass
 class SweepResult:
-    sweep_dir: Path
-    trials: list[Trial]
-    summaries: list[RunSummary]
+    summaries: list[RunSummary] = field(default_factory=list)  # each trial's, in order, once the sweep ends
     skipped: list[str] = field(default_factory=list)  # trials already finished by an earlier run of the sweep
     stopped_by: str | None = None  # a signal that ended the sweep early (the current trial was checkpointed)
 
@@ -144,7 +142,7 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
     for tracker in {trial.config.train.tracker for trial in trials}:
         require_tracker(tracker)
     _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds, size)
-    result = SweepResult(sweep_dir, trials, [])
+    result = SweepResult()
     for i, trial in enumerate(trials, 1):
         status = summarize(trial.run_dir).status
         if status in DONE:

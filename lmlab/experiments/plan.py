@@ -263,6 +263,5 @@ def compute_note(plan: Plan) -> str:
     padding = f" (with the {plan.padding_params:,} of vocabulary padding rows)" if plan.padding_params else ""
     return (f"6·N·D counts all {plan.params:,} parameters{lookup} and no attention; lmlab counts 6 × the "
             f"{plan.params + plan.padding_params - plan.lookup_params:,} weights that multiply each token{padding} "
-            "plus attention's "
-            f"{plan.attention_flops:,.0f} FLOPs per token (PaLM's formula): 6·N·D is {100 * abs(change):.1f}% "
-            f"{'above' if change >= 0 else 'below'} it.")
+            f"plus attention's {plan.attention_flops:,.0f} FLOPs per token (PaLM's formula): 6·N·D is "
+            f"{100 * abs(change):.1f}% {'above' if change >= 0 else 'below'} it.")

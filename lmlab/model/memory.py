@@ -1,17 +1,27 @@
 """What a size costs in memory, estimated on the meta device, and the one check every size-driven allocation passes,
 so a size that does not fit is refused with the largest that does before anything is allocated. On CUDA only decoding
 rows are checked: a training step's estimate is fp32's, which autocast changes, so it only bounds how far a CUDA
-run's micro-batch grows (`fit_micro_batch`)."""
+run's micro-batch grows (`fit_micro_batch`).
+
+Estimates are kept between processes (`remembered`): sizing a model on the meta device runs its forward there, which
+makes torch import its compiler stack (torch._dynamo, sympy: 2 to 6 s on 2 cores) at every start of `train`, `eval`,
+`sample` and `serve`. An estimate depends only on the model's config, the size asked about, torch and lmlab's model
+code, so it is kept, keyed by all of them, in the machine cache (lmlab.core.cache) and measured again only when one
+changes. A plugin kind is measured every time (its code is not lmlab's)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from lmlab.core import cache as machine_cache
 from lmlab.core.config import ModelConfig, TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory, human_bytes
@@ -20,7 +30,6 @@ from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import padded_vocab
 from lmlab.model.kinds import construct
 from lmlab.model.loss import chunked
-from lmlab.model.sized import remembered
 
 BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (run-folder.md)
 DECODE_ROW_OVERHEAD = 2048  # bytes of Python objects per decoding row: its sequence, sampler state, text
@@ -30,6 +39,30 @@ DECODE_HEADROOM = 0.1
 UNCOUNTABLE = 2**63  # what a shape whose size overflows even the meta device's arithmetic is taken to need
 # A prefill's peak as a share of `layer_kept_bytes`, by dtype (benchmarks/prefill_memory.py, run-folder.md).
 PREFILL_SHARE = {torch.float32: 1.25, torch.bfloat16: 0.5, torch.float16: 0.5}
+
+
+@cache
+def _code() -> str:
+    """A digest of lmlab's model code, which the estimates are of."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def remembered(what: str, config: ModelConfig, measure: Callable[[], list[int]],
+               extra: tuple = ()) -> list[int]:
+    """`measure()`, the bytes of `what` for `config` and `extra` (a dtype): from the cache when it holds them,
+    else measured and kept."""
+    if config.kind not in BUILT_IN_KINDS:  # a plugin's code is not lmlab's: measured every time
+        return measure()
+    key = [what, dataclasses.asdict(config), [str(e) for e in extra], _code()]
+    kept = machine_cache.recall("memory", key)
+    if isinstance(kept, list) and all(isinstance(n, int) for n in kept):  # else not kept, or kept otherwise
+        return kept
+    value = measure()
+    machine_cache.keep("memory", key, value)
+    return value
 
 
 class NoInit(TorchFunctionMode):

@@ -10,7 +10,7 @@ import itertools
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -40,8 +40,7 @@ class Trial:
 
 @dataclass
 class SweepResult:
-    summaries: list[RunSummary] = field(default_factory=list)  # each trial's, in order, once the sweep ends
-    skipped: list[str] = field(default_factory=list)  # trials already finished by an earlier run of the sweep
+    summaries: list[RunSummary]  # each trial's, in order, as the sweep ended
     stopped_by: str | None = None  # a signal that ended the sweep early (the current trial was checkpointed)
 
     @property
@@ -142,11 +141,10 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
     for tracker in {trial.config.train.tracker for trial in trials}:
         require_tracker(tracker)
     _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds, size)
-    result = SweepResult()
+    stopped_by: str | None = None
     for i, trial in enumerate(trials, 1):
         status = summarize(trial.run_dir).status
         if status in DONE:
-            result.skipped.append(trial.name)
             console.print(f"trial {i}/{len(trials)} {trial.name}: already {status}, skipped")
             continue
         started = time.perf_counter()  # a trial's budget counts from here: sizing it is part of it
@@ -157,9 +155,8 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         cfg, sized = (RunDir(trial.run_dir).config() if resume else trial.config), None
         if not resume and size is not None:
             cfg, sized = sized_run(Path(config), trial.config, size, started, device, console, window)
-        outcome = Trainer(cfg, trial.run_dir, device, resume, console, started=started, sized=sized).run()
-        if outcome.stopped_by:
-            result.stopped_by = outcome.stopped_by
+        trainer = Trainer(cfg, trial.run_dir, device, resume, console, started=started, sized=sized)
+        stopped_by = trainer.run().stopped_by
+        if stopped_by:
             break
-    result.summaries = [summarize(t.run_dir) for t in trials]
-    return result
+    return SweepResult([summarize(t.run_dir) for t in trials], stopped_by)

@@ -116,7 +116,7 @@ class Miniseries:
     """The runs of one preset's miniseries under `folder`, trained in turn (finished ones skipped)."""
 
     def __init__(self, preset: Path, series: Series, folder: Path, device: str, console: Console):
-        self.preset, self.series, self.folder, self.device, self.console = preset, series, folder, device, console
+        self.series, self.folder, self.device, self.console = series, folder, device, console
         self.family = Family.of(with_vocab(load_config(preset)), str(preset))
         tc = self.family.preset.train  # a family's sizes keep the preset's batch and context
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.family.preset.model.block_size

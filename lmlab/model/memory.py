@@ -80,13 +80,14 @@ def _on_meta(config: ModelConfig) -> LanguageModel:
         return construct(config)
 
 
-def _per_layer(config: ModelConfig, measure) -> int:  # noqa: ANN001 (a function of a model config)
-    """measure() of the whole model, from models of one and two layers; UNCOUNTABLE for a shape too large."""
+def _per_layer(config: ModelConfig, measure, whole: bool = True) -> int:  # noqa: ANN001 (config -> int)
+    """measure() of the whole model (or, not `whole`, what one layer adds), from models of one and two layers;
+    UNCOUNTABLE for a shape too large."""
     try:
         one, two = (measure(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
     except (RuntimeError, OverflowError, ValueError):  # "Storage size calculation overflowed", an int beyond int64
         return UNCOUNTABLE
-    return one + (config.n_layer - 1) * (two - one)
+    return one + (config.n_layer - 1) * (two - one) if whole else two - one
 
 
 def _weight_bytes(config: ModelConfig) -> int:
@@ -131,11 +132,7 @@ def _kept_bytes(config: ModelConfig) -> int:
 
 def layer_kept_bytes(config: ModelConfig) -> int:
     """What one layer's forward keeps for the backward over block_size tokens (fp32); UNCOUNTABLE if too large."""
-    try:
-        one, two = (_kept_bytes(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
-    except (RuntimeError, OverflowError, ValueError):  # as in `_per_layer`
-        return UNCOUNTABLE
-    return two - one
+    return _per_layer(config, _kept_bytes, whole=False)
 
 
 def prefill_bytes(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -256,12 +256,30 @@ class Miniseries:
         spent = time.perf_counter() - started
         while kept > least and spent + self.seconds(order[:kept], costs) > budget:  # the timing took its share
             kept -= 1
-        plan = BudgetPlan(self, budget, order[:kept], spent, self.seconds(order[:kept], costs), costs,
-                          order[kept:])
-        if plan.spent + plan.seconds > budget:
-            raise UserError(plan.refusal())
-        self.console.print(plan.line(), highlight=False)
-        return dataclasses.replace(self.series, depths=tuple(d for d in self.series.depths if d in plan.depths))
+        depths, needed = order[:kept], spent + self.seconds(order[:kept], costs)
+        what = self.what(depths, spent, needed, costs)
+        if needed > budget:
+            raise UserError(f"budget {budget:g} s: the fewest runs the fit takes, {what}, do not fit it; "
+                            f"give a budget of at least {math.ceil(needed)}s, or shorter --tokens or fewer "
+                            "--lr-factors.")
+        out = (f"; depth{'s' * (len(order) - kept > 1)} {','.join(map(str, order[kept:]))} left out, "
+               "which would take it past the budget" if kept < len(order) else "")
+        self.console.print(f"miniseries in budget {format_duration(budget)}: {what}{out}; runs under "
+                           f"{self.folder}, a stopped refit goes on where it stopped", highlight=False)
+        return dataclasses.replace(self.series, depths=tuple(d for d in self.series.depths if d in depths))
+
+    def what(self, depths: tuple[int, ...], spent: float, needed: float, costs: dict[int, Costs]) -> str:
+        """The runs of `depths` planned to a budget in a clause: depths, lengths, steps, and what their time
+        is made of (`needed` seconds in all, `spent` of them gone on start-up and timing; costs as timed)."""
+        tokens = self.series.tokens
+        todo, every = len(self.left(depths)), len(self.left(depths, every=True))
+        again = f" ({every - todo} trained already)" if todo < every else ""
+        steps = ", ".join(f"{1000 * costs[d].step:.3g}" for d in depths)
+        return (f"depths {','.join(map(str, depths))} at {', '.join(f'{t:,}' for t in tokens)} tokens "
+                f"({', '.join(f'{self.steps(t):,}' for t in tokens)} steps), {todo} runs to train with "
+                f"the LR search{again}, about {format_duration(needed)} here (steps of {steps} ms timed now, "
+                f"each run's set-up, evaluation, checkpoint and final score, and {spent:.0f} s of start-up "
+                "and timing)")
 
     def run(self, depth: int, tokens: int, factor: float) -> dict[str, Any]:
         """Train one run (or keep it, finished before); its point: depth, params, tokens, LR, val, run, seconds."""
@@ -285,44 +303,6 @@ class Miniseries:
                              "learning_rate": cfg.train.learning_rate, "val": summary.reached, "run": str(path),
                              "seconds": round(summary.elapsed, 1)}
         return self.points[path]
-
-
-@dataclass(frozen=True)
-class BudgetPlan:
-    """A miniseries planned to a budget of `budget` seconds: the depths it keeps and leaves out, the seconds gone
-    (start-up and timing) and those its runs left take, each depth's costs as timed."""
-
-    runs: Miniseries
-    budget: float
-    depths: tuple[int, ...]
-    spent: float
-    seconds: float
-    costs: dict[int, Costs]
-    left_out: tuple[int, ...]
-
-    def what(self) -> str:
-        """The runs in a clause: depths, lengths, steps, and what their time is made of."""
-        runs, tokens = self.runs, self.runs.series.tokens
-        todo, every = len(runs.left(self.depths)), len(runs.left(self.depths, every=True))
-        again = f" ({every - todo} trained already)" if todo < every else ""
-        steps = ", ".join(f"{1000 * self.costs[d].step:.3g}" for d in self.depths)
-        return (f"depths {','.join(map(str, self.depths))} at {', '.join(f'{t:,}' for t in tokens)} tokens "
-                f"({', '.join(f'{runs.steps(t):,}' for t in tokens)} steps), {todo} runs to train with the LR "
-                f"search{again}, about {format_duration(self.spent + self.seconds)} here (steps of {steps} ms timed "
-                f"now, each run's set-up, evaluation, checkpoint and final score, and {self.spent:.0f} s of start-up "
-                "and timing)")
-
-    def line(self) -> str:
-        """The plan, said before the first run."""
-        out = (f"; depth{'s' * (len(self.left_out) > 1)} {','.join(map(str, self.left_out))} left out, which "
-               "would take it past the budget" if self.left_out else "")
-        return (f"miniseries in budget {format_duration(self.budget)}: {self.what()}{out}; runs under "
-                f"{self.runs.folder}, a stopped refit goes on where it stopped")
-
-    def refusal(self) -> str:
-        needed = self.spent + self.seconds
-        return (f"budget {self.budget:g} s: the fewest runs the fit takes, {self.what()}, do not fit it; give a "
-                f"budget of at least {math.ceil(needed)}s, or shorter --tokens or fewer --lr-factors.")
 
 
 def refit(preset: Path, series: Series, root: Path, device: str, console: Console, budget: float = 0.0,

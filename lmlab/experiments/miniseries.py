@@ -317,7 +317,11 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
     if budget:
         series = runs.budgeted(budget, time.perf_counter() if started is None else started)
         runs = Miniseries(preset, series, folder, device, console)
-    _record(folder, preset)
+    # miniseries.json says which preset the runs are of; the runs of a preset edited since would not belong
+    record = folder / "miniseries.json"
+    keep_record(record, {"preset": str(preset), "preset_sha256": preset_sha256(preset)},
+                f"{folder} holds the miniseries of another preset, or of this one before an edit ({record}); "
+                "pass another --dir, or delete it to train the series again.")
     if not budget:
         console.print(runs.foretell(), highlight=False)
     began = time.perf_counter()
@@ -370,9 +374,3 @@ def _command(preset: Path, series: Series) -> str:
             f"--lr-factors {','.join(f'{f:g}' for f in series.lr_factors)}{flops}")
 
 
-def _record(folder: Path, preset: Path) -> None:
-    """miniseries.json says which preset the runs are of; the runs of a preset edited since would not belong."""
-    path = folder / "miniseries.json"
-    keep_record(path, {"preset": str(preset), "preset_sha256": preset_sha256(preset)},
-                f"{folder} holds the miniseries of another preset, or of this one before an edit ({path}); pass "
-                "another --dir, or delete it to train the series again.")

@@ -65,12 +65,6 @@ def parse_grid(sets: list[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
-def _trial_name(swept: list[tuple[str, str]]) -> str:
-    """`learning_rate=3e-3,n_layer=4`: the field names and the values as typed, safe as a folder name."""
-    text = ",".join(f"{key.partition('.')[2]}={value}" for key, value in swept) or "base"
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "-", text)
-
-
 def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: int = 0,
                 budget_seconds: float = 0.0) -> list[Trial]:
     """The Cartesian product of the swept values, every trial's config loaded (so a bad value stops the sweep
@@ -90,19 +84,11 @@ def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: i
             tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
             overrides.append(f"train.max_iters={max(1, round(budget_tokens / tokens_per_step))}")
             cfg = load_config(config, overrides)
-        name = _trial_name(chosen)
+        # `learning_rate=3e-3,n_layer=4`: the field names and the values as typed, safe as a folder name
+        text = ",".join(f"{key.partition('.')[2]}={value}" for key, value in chosen) or "base"
+        name = re.sub(r"[^A-Za-z0-9_.,=+-]", "-", text)
         trials.append(Trial(name, overrides, sweep_dir / name, cfg))
     return trials
-
-
-def _record(sweep_dir: Path, config: Path, sets: list[str], budget_tokens: int, budget_seconds: float,
-            size: str | int | None) -> None:
-    """sweep.json says what the sweep is; a re-run must be the same sweep, or its trials would not compare."""
-    record = {"config": str(config), "set": list(sets), "budget_tokens": budget_tokens,
-              "budget_seconds": budget_seconds, **({"size": size} if size is not None else {})}
-    path = sweep_dir / "sweep.json"
-    keep_record(path, record, f"{sweep_dir} holds a sweep with other settings ({path}); pass another --name, or "
-                "repeat that sweep's command to continue it.")
 
 
 def keep_record(path: Path, record: dict, refusal: str) -> None:
@@ -140,7 +126,12 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         check_shape_kept(size, [o for t in trials for o in t.overrides])
     for tracker in {trial.config.train.tracker for trial in trials}:
         require_tracker(tracker)
-    _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds, size)
+    # sweep.json says what the sweep is; a re-run must be the same sweep, or its trials would not compare
+    record = {"config": str(Path(config)), "set": list(sets), "budget_tokens": budget_tokens,
+              "budget_seconds": budget_seconds, **({"size": size} if size is not None else {})}
+    path = sweep_dir / "sweep.json"
+    keep_record(path, record, f"{sweep_dir} holds a sweep with other settings ({path}); pass another --name, "
+                "or repeat that sweep's command to continue it.")
     stopped_by: str | None = None
     for i, trial in enumerate(trials, 1):
         status = summarize(trial.run_dir).status

@@ -136,10 +136,9 @@ class _AsOnGpu(TorchFunctionMode):
             return _Fused.apply(self.count, 0.0, (q.shape[:-1] + v.shape[-1:],), q, k, v)[0]
         if getattr(func, "__name__", "") in ("gru", "lstm") and len(args) == 9:  # (input, hx, weights, ...)
             x, hx, weights, _, layers, _, _, bidirectional, batch_first = args
-            hidden = hx[0] if isinstance(hx, (list, tuple)) else hx
+            states = [h.shape for h in (hx if isinstance(hx, (list, tuple)) else [hx])]  # h, or h and c
             steps = x.shape[1 if batch_first else 0] * layers * (1 + bidirectional)
-            out = x.shape[:-1] + (hidden.shape[-1] * (1 + bidirectional),)
-            states = [h.shape for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
+            out = x.shape[:-1] + (states[0][-1] * (1 + bidirectional),)
             return _Fused.apply(self.count, float(steps), (out, *states), x, *weights)  # (output, h) or (output, h, c)
         return func(*args, **(kwargs or {}))
 

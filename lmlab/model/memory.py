@@ -194,8 +194,9 @@ def scoring_need(config: ModelConfig) -> Need:
 
 def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int,
                   state_dtype: torch.dtype | None = None) -> Need:
-    """Decoding rows of up to `tokens_per_row` tokens each (prompt and continuation), plus one prompt's prefill;
-    `state_dtype` is the decode state's where it is not `dtype` (lmlab.inference.quantize.state_dtype)."""
+    """Decoding rows of up to `tokens_per_row` tokens each (prompt and continuation), beside the weights (in memory
+    already): one prompt's prefill and each row; `state_dtype` is the decode state's where it is not `dtype`
+    (lmlab.inference.quantize.state_dtype)."""
     held = state_dtype or dtype
 
     def state_bytes(c: ModelConfig) -> int:
@@ -208,8 +209,7 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int,
     vocab = padded_vocab(config.vocab_size)
     state = remembered("decode state", config, lambda: [_per_layer(config, state_bytes)], (held,))[0]
     each = state + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
-    prefill = 2 * config.block_size * vocab * 4 + prefill_bytes(config, dtype)
-    return Need(min(model_bytes(config) + prefill, UNCOUNTABLE), min(each, UNCOUNTABLE))
+    return Need(prefill_bytes(config, dtype), min(each, UNCOUNTABLE))
 
 
 class MemoryRefused(UserError):
@@ -301,10 +301,9 @@ def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting:
                    dtype: torch.dtype = torch.float32, state_dtype: torch.dtype | None = None) -> None:
     """Refuse `rows` decoding rows (their state in `state_dtype`, where not `dtype`) that would not fit, the weights in
     memory already: only a prompt's prefill comes on top."""
-    need = decoding_need(config, dtype, tokens_per_row, state_dtype)
     have, available = device_memory(device)
     if device.type == "cuda":
         have = int(have * (1 - DECODE_HEADROOM))
         available += f" ({100 * DECODE_HEADROOM:.0f}% of it left for CUDA's workspaces and fragmentation)"
-    check_fits(Need(prefill_bytes(config, dtype), need.each), rows, setting,
+    check_fits(decoding_need(config, dtype, tokens_per_row, state_dtype), rows, setting,
                f"decoding row of up to {tokens_per_row:,} tokens", device, have, available)

@@ -271,7 +271,5 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, machine: Machine) -> dict[str,
     split_tokens = 0 if tc.passes_per_eval is None else read_meta(Path(cfg.data.dataset))["train"]["tokens"]
     steps = tc.eval_steps(split_tokens, tokens_per_step)  # eval_interval without passes_per_eval
     train_seconds = steps * ms_per_step / 1000
-    per_batch = eval_seconds / (2 * tc.eval_iters)
-    return {"eval_seconds": eval_seconds, "train_seconds_per_interval": train_seconds,
-            "share": eval_seconds / (eval_seconds + train_seconds),
-            "max_eval_iters_under_5pct": int(0.05 / 0.95 * train_seconds / (2 * per_batch))}
+    return {"eval_seconds": eval_seconds, "share": eval_seconds / (eval_seconds + train_seconds),
+            "max_eval_iters_under_5pct": int(0.05 / 0.95 * train_seconds * tc.eval_iters / eval_seconds)}

@@ -179,8 +179,8 @@ def largest_fitting(fits: Callable[[int], bool | None], limit: int, seconds: flo
 
     low, high = 0, limit + 1  # the largest batch found to fit; the smallest found not to (or past the limit)
     while high - low > 1:
-        doubling = high > limit and 2 * low <= limit  # till one does not fit, or the next passes the limit
-        batch = max(1, 2 * low) if doubling else (low + high) // 2
+        # doubling till one does not fit or the next passes the limit, then bisecting
+        batch = max(1, 2 * low) if high > limit and 2 * low <= limit else (low + high) // 2
         verdict = attempt(batch)
         if verdict is None:
             return low, False
@@ -269,7 +269,7 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, machine: Machine) -> dict[str,
     eval_seconds = time.perf_counter() - started
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.model.block_size
     split_tokens = 0 if tc.passes_per_eval is None else read_meta(Path(cfg.data.dataset))["train"]["tokens"]
-    steps = tc.eval_steps(split_tokens, tokens_per_step)  # eval_interval without passes_per_eval
-    train_seconds = steps * ms_per_step / 1000
+    # the steps between evaluations: eval_interval without passes_per_eval
+    train_seconds = tc.eval_steps(split_tokens, tokens_per_step) * ms_per_step / 1000
     return {"eval_seconds": eval_seconds, "share": eval_seconds / (eval_seconds + train_seconds),
             "max_eval_iters_under_5pct": int(0.05 / 0.95 * train_seconds * tc.eval_iters / eval_seconds)}

@@ -196,8 +196,8 @@ def _tail(key: str) -> float:
         with _Count() as count:  # clip_grad_norm_'s path on CUDA: one norm over all the gradients, one scaling
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             torch._foreach_mul_(grads, ((clip or math.inf) / (norm + 1e-6)).clamp(max=1.0))
-            total = torch.zeros(())  # the micro-batches' summed loss
-            update.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
+            # the non-finite check of the micro-batches' summed loss and of the norm
+            update.found_inf = (~(torch.isfinite(torch.zeros(())) & torch.isfinite(norm))).float()
             update.step()
             update.zero_grad(set_to_none=True)
     return count.launches
@@ -277,8 +277,7 @@ def allreduce_seconds(row: str, params: int, gpus: int, backward: float) -> floa
     the last bucket hides behind the `backward` seconds."""
     if gpus < 2:
         return 0.0
-    link = LINK_GBS.get(row, PCIE_GBS) * 1e9 * LINK_SHARE
-    ring = 2 * (gpus - 1) / gpus / link
+    ring = 2 * (gpus - 1) / gpus / (LINK_GBS.get(row, PCIE_GBS) * 1e9 * LINK_SHARE)
     gradients = 4 * params
     return max(gradients * ring - backward, min(gradients, DDP_BUCKET_BYTES) * ring)
 
@@ -295,10 +294,9 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     flops = peak_of(row, dtype) * matmul_share(row)
     bandwidth = BANDWIDTH_GBS[row] * 1e9 * BANDWIDTH_SHARE
     scale = (MIXED_BYTES if dtype != "float32" else 1.0) * (COMPILE_FUSION if compiled else 1.0)
-    fused = COMPILE_FUSION if compiled else 1.0
 
     def kernels(launches: float, matmuls: float) -> float:
-        return matmuls + (launches - matmuls) * fused
+        return matmuls + (launches - matmuls) * (COMPILE_FUSION if compiled else 1.0)
 
     per_kernel = COMPILED_LAUNCH_SECONDS if compiled else LAUNCH_SECONDS
 
@@ -317,12 +315,12 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     forward = max(micro[0] / 3 + found.forward_bytes * tc.batch_size * scale / bandwidth + micro[2] / 3,
                   host(found.forward_launches, found.forward_matmuls, found.forward_views))
     copy = 2 * tokens * 8 / PCIE_BYTES_PER_SECOND
-    backward = 2 / 3 * (micro[0] + micro[1] + micro[2])  # the last micro-batch's, which the all-reduce overlaps
+    # the all-reduce overlaps the last micro-batch's backward
     return StepTime(steps * micro[0], steps * micro[1], steps * micro[2], params * OPTIMIZER_BYTES / bandwidth,
                     steps * copy, steps * micro[3] + after * per_kernel,
                     round(steps * kernels(found.step_launches, found.step_matmuls) + after),
                     2 * math.ceil(tc.eval_iters / gpus) * (forward + copy / 2),
-                    allreduce_seconds(row, params, gpus, backward),
+                    allreduce_seconds(row, params, gpus, 2 / 3 * (micro[0] + micro[1] + micro[2])),
                     compile_seconds(found, blocks, replays is not None) if compiled else 0.0,
                     replays is not None, why or "")
 

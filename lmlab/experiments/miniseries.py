@@ -98,8 +98,7 @@ def best_factor(factors: list[float], vals: list[float]) -> float:
         return best
     a, b, _ = np.polyfit(np.log(factors), vals, 2)
     vertex = -b / (2 * a) if a > 0 else math.nan
-    inside = math.log(min(factors)) <= vertex <= math.log(max(factors))
-    return float(math.exp(vertex)) if inside else best
+    return float(math.exp(vertex)) if math.log(min(factors)) <= vertex <= math.log(max(factors)) else best
 
 
 def lr_rule(search: list[dict[str, Any]], preset_width: int) -> LrRule:

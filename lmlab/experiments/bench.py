@@ -211,9 +211,7 @@ def memory_budget(device: torch.device) -> int | None:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * (1 - GPU_HEADROOM))
-    if device.type == "cpu":
-        return int(host_memory() * (1 - CPU_HEADROOM))
-    return None
+    return int(host_memory() * (1 - CPU_HEADROOM)) if device.type == "cpu" else None
 
 
 def within(row: BenchRow, budget: int | None) -> bool:

@@ -202,9 +202,8 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int,
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
             state = _on_meta(c).new_cache(1, torch.device("meta"), held)
-        if state is None:  # each step feeds the row's window whole: an upper bound
-            return _kept_bytes(c)
-        return sum(t.numel() * t.element_size() for t in state.tensors())
+        # without a state each step feeds the row's window whole: an upper bound
+        return _kept_bytes(c) if state is None else sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)
     state = remembered("decode state", config, lambda: [_per_layer(config, state_bytes)], (held,))[0]

@@ -168,21 +168,19 @@ def two_moments(weights: int, hidden: int) -> int:
 
 def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) -> Need:
     """A training step per sequence of block_size tokens; `state_bytes` sizes the optimizer's state. What is measured
-    is kept between processes (`sized`), as the meta forward imports torch's compiler stack."""
+    is kept between processes (`remembered`), as the meta forward imports torch's compiler stack."""
     weights = model_bytes(config)
     hidden, kept = remembered("training", config, lambda: [_per_layer(config, _hidden_bytes),
                                                            _per_layer(config, _kept_bytes)])
     moments = state_bytes(weights, hidden)
     head = padded_vocab(config.vocab_size) * config.n_embd * 4
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
-    if config.kind in BUILT_IN_KINDS and chunked(config.vocab_size):
-        # lmlab.model.loss.ChunkedHeadLoss keeps the gradient of the head's weight, traced once among a sequence's
-        # kept tensors but held once a micro-batch; a chunk's fp32 logits and their bf16 gradient pass while it runs,
-        # counted per sequence: exact up to the chunk's bound (CHUNK_BYTES), more than they take beyond it
-        each = int(BACKWARD_FACTOR * (kept - head)) + 3 * logits // 2
-        return Need(weights + weights + moments + head, min(each, UNCOUNTABLE))
-    each = int(BACKWARD_FACTOR * kept) + 2 * logits
-    return Need(weights + weights + moments, min(each, UNCOUNTABLE))
+    # lmlab.model.loss.ChunkedHeadLoss keeps the gradient of the head's weight, traced once among a sequence's kept
+    # tensors but held once a micro-batch; a chunk's fp32 logits and their bf16 gradient pass while it runs, counted
+    # per sequence: exact up to the chunk's bound (CHUNK_BYTES), more than they take beyond it
+    held = head if config.kind in BUILT_IN_KINDS and chunked(config.vocab_size) else 0
+    each = int(BACKWARD_FACTOR * (kept - held)) + (3 * logits // 2 if held else 2 * logits)
+    return Need(weights + weights + moments + held, min(each, UNCOUNTABLE))
 
 
 def scoring_need(config: ModelConfig) -> Need:

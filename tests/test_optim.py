@@ -191,7 +191,7 @@ def test_every_optimizer_trains_checkpoints_and_resumes_without_loading_the_comp
     torch.compile's sake, and which costs a CPU run's start about a second (benchmarks/startup.py): every entry of
     OPTIMIZERS trains, checkpoints and resumes through `lmlab.train` in a process without it. The second such
     process: the first measures the models' memory on the meta device, whose decompositions import it, and keeps
-    the estimates (lmlab.model.sized)."""
+    the estimates (lmlab.model.memory.remembered)."""
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=2)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     for start, resume in (("first", ""), ("second", "    lmlab.train(resume=run, max_iters=3)\n")):

@@ -1,7 +1,7 @@
-"""Memory estimates are kept between processes (lmlab.model.sized): measuring one runs the model's forward on the
-meta device, which imports torch's compiler stack (seconds at every start of eval, train, sample, serve); a second
-start of the same model reads the estimate instead. Which modules a command imported is read from `python -X
-importtime`, never from a clock."""
+"""Memory estimates are kept between processes (lmlab.model.memory.remembered): measuring one runs the model's
+forward on the meta device, which imports torch's compiler stack (seconds at every start of eval, train, sample,
+serve); a second start of the same model reads the estimate instead. Which modules a command imported is read
+from `python -X importtime`, never from a clock."""
 
 from __future__ import annotations
 

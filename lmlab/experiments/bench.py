@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,14 +49,15 @@ class BenchRow:
     load: Load | None = None  # what else used the machine while the steps were timed
 
 
-def with_vocab(cfg: RunConfig) -> RunConfig:
-    """Benchmarks run on random tokens, so only the vocab size is needed: from the config or the dataset."""
+def with_vocab(cfg: RunConfig, meta: dict[str, Any] | None = None) -> RunConfig:
+    """`cfg` with its vocab size, from the config or the dataset (`meta`: its meta.json, where read already):
+    benchmarks run on random tokens and plans on the meta device, which need nothing else of the data."""
     if cfg.model.vocab_size:
         return cfg
-    if not (Path(cfg.data.dataset) / "meta.json").exists():
-        raise UserError(f"set model.vocab_size or prepare {cfg.data.dataset} first; the benchmark needs the "
-                        "vocab size.")
-    vocab = read_meta(Path(cfg.data.dataset))["vocab_size"]
+    if meta is None and not (Path(cfg.data.dataset) / "meta.json").exists():
+        raise UserError(f"set model.vocab_size or prepare {cfg.data.dataset} first; a benchmark or plan "
+                        "needs the vocab size.")
+    vocab = (meta or read_meta(Path(cfg.data.dataset)))["vocab_size"]
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
@@ -175,21 +177,14 @@ def largest_fitting(fits: Callable[[int], bool | None], limit: int, seconds: flo
             tries[batch] = clock() - began
         return bool(verdict)
 
-    low, high = 0, 1
-    while high <= limit:
-        verdict = attempt(high)
-        if verdict is None:
-            return low, False
-        if not verdict:
-            break
-        low, high = high, high * 2
-    high = min(high, limit + 1)  # the search stops at the limit
+    low, high = 0, limit + 1  # the largest batch found to fit; the smallest found not to (or past the limit)
     while high - low > 1:
-        mid = (low + high) // 2
-        verdict = attempt(mid)
+        # doubling till one does not fit or the next passes the limit, then bisecting
+        batch = max(1, 2 * low) if high > limit and 2 * low <= limit else (low + high) // 2
+        verdict = attempt(batch)
         if verdict is None:
             return low, False
-        low, high = (mid, high) if verdict else (low, mid)
+        low, high = (batch, high) if verdict else (low, batch)
     return low, True
 
 
@@ -216,9 +211,7 @@ def memory_budget(device: torch.device) -> int | None:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * (1 - GPU_HEADROOM))
-    if device.type == "cpu":
-        return int(host_memory() * (1 - CPU_HEADROOM))
-    return None
+    return int(host_memory() * (1 - CPU_HEADROOM)) if device.type == "cpu" else None
 
 
 def within(row: BenchRow, budget: int | None) -> bool:
@@ -274,9 +267,7 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, machine: Machine) -> dict[str,
     eval_seconds = time.perf_counter() - started
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.model.block_size
     split_tokens = 0 if tc.passes_per_eval is None else read_meta(Path(cfg.data.dataset))["train"]["tokens"]
-    steps = tc.eval_steps(split_tokens, tokens_per_step)  # eval_interval without passes_per_eval
-    train_seconds = steps * ms_per_step / 1000
-    per_batch = eval_seconds / (2 * tc.eval_iters)
-    return {"eval_seconds": eval_seconds, "train_seconds_per_interval": train_seconds,
-            "share": eval_seconds / (eval_seconds + train_seconds),
-            "max_eval_iters_under_5pct": int(0.05 / 0.95 * train_seconds / (2 * per_batch))}
+    # the steps between evaluations: eval_interval without passes_per_eval
+    train_seconds = tc.eval_steps(split_tokens, tokens_per_step) * ms_per_step / 1000
+    return {"eval_seconds": eval_seconds, "share": eval_seconds / (eval_seconds + train_seconds),
+            "max_eval_iters_under_5pct": int(0.05 / 0.95 * train_seconds * tc.eval_iters / eval_seconds)}

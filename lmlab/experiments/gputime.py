@@ -54,6 +54,7 @@ LINK_SHARE = 0.8
 DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: the last one's all-reduce starts when the backward ends
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "convolution_backward"}
 FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach"}
+COUNTED = ("launches", "matmuls", "views", "bytes")  # a `Trace`'s figures of the forward, and of the step
 
 
 @dataclass(frozen=True)
@@ -130,30 +131,29 @@ class _AsOnGpu(TorchFunctionMode):
         self.count = count
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
-        kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
             return _Fused.apply(self.count, 0.0, (q.shape[:-1] + v.shape[-1:],), q, k, v)[0]
         if getattr(func, "__name__", "") in ("gru", "lstm") and len(args) == 9:  # (input, hx, weights, ...)
             x, hx, weights, _, layers, _, _, bidirectional, batch_first = args
-            hidden = hx[0] if isinstance(hx, (list, tuple)) else hx
+            states = [h.shape for h in (hx if isinstance(hx, (list, tuple)) else [hx])]  # h, or h and c
             steps = x.shape[1 if batch_first else 0] * layers * (1 + bidirectional)
-            out = x.shape[:-1] + (hidden.shape[-1] * (1 + bidirectional),)
-            states = [h.shape for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
+            out = x.shape[:-1] + (states[0][-1] * (1 + bidirectional),)
             return _Fused.apply(self.count, float(steps), (out, *states), x, *weights)  # (output, h) or (output, h, c)
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
 
 
-def _counted(config: ModelConfig, backward: bool) -> _Count:
+def _counted(config: ModelConfig) -> dict[str, float]:
+    """The `Trace` of one sequence through a model of `config`, its layers as they are."""
     with torch.device("meta"):
         model = build_model(config)
         x = torch.zeros(1, config.block_size, dtype=torch.long)
         count = _Count()
         with _AsOnGpu(count), count:
             _, loss = model(x, x)
-            if backward:
-                loss.backward()
-    return count
+            forward = {f"forward_{k}": getattr(count, k) for k in COUNTED}
+            loss.backward()
+    return {**forward, **{f"step_{k}": getattr(count, k) for k in COUNTED}, "serial": count.serial}
 
 
 def trace(config: ModelConfig) -> Trace:
@@ -164,14 +164,8 @@ def trace(config: ModelConfig) -> Trace:
 @functools.lru_cache(maxsize=16)
 def _trace(key: str) -> Trace:
     config = ModelConfig(**json.loads(key))
-    figures = {}
-    for backward in (True, False):
-        one, two = (_counted(dataclasses.replace(config, n_layer=n), backward) for n in (1, 2))
-        for field in ("launches", "matmuls", "views", "bytes", "serial"):
-            a, b = getattr(one, field), getattr(two, field)
-            figures[(backward, field)] = a + (config.n_layer - 1) * (b - a)
-    return Trace(**{f"{'step' if b else 'forward'}_{f}": figures[b, f] for b in (True, False)
-                    for f in ("launches", "matmuls", "views", "bytes")}, serial=figures[True, "serial"])
+    one, two = (_counted(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
+    return Trace(**{k: one[k] + (config.n_layer - 1) * (two[k] - one[k]) for k in one})
 
 
 def tail(model: ModelConfig, train: TrainConfig) -> float:
@@ -202,8 +196,8 @@ def _tail(key: str) -> float:
         with _Count() as count:  # clip_grad_norm_'s path on CUDA: one norm over all the gradients, one scaling
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             torch._foreach_mul_(grads, ((clip or math.inf) / (norm + 1e-6)).clamp(max=1.0))
-            total = torch.zeros(())  # the micro-batches' summed loss
-            update.found_inf = (~(torch.isfinite(total) & torch.isfinite(norm))).float()
+            # the non-finite check of the micro-batches' summed loss and of the norm
+            update.found_inf = (~(torch.isfinite(torch.zeros(())) & torch.isfinite(norm))).float()
             update.step()
             update.zero_grad(set_to_none=True)
     return count.launches
@@ -211,8 +205,8 @@ def _tail(key: str) -> float:
 
 @dataclass(frozen=True)
 class StepTime:
-    """Seconds of one optimizer step's parts on one GPU (of `gpus` training together), of one evaluation, and of
-    compiling, once a run."""
+    """Seconds of one optimizer step's parts on one GPU (of several, where they train together), of one evaluation,
+    and of compiling, once a run."""
 
     matmuls: float
     memory: float
@@ -224,7 +218,6 @@ class StepTime:
     evaluation: float  # one evaluation: eval_iters batches of each split, forward only, shared by the GPUs
     allreduce: float = 0.0  # the gradients' all-reduce past the backward's end, on several GPUs
     compile: float = 0.0  # torch.compile's first calls: a block's training graph and its evaluation's
-    gpus: int = 1
     graphs: bool = False  # its blocks replayed as CUDA graphs (lmlab.core.machine's rule)
     why_not: str = ""  # why they are not
 
@@ -248,11 +241,9 @@ class StepTime:
     def describe(self) -> str:
         """E.g. `bound by the host: 2,506 launches in 19.0 ms (Python and launching), the GPU's work takes 16.2 ms
         (...)`."""
-        parts = [(name, value) for name, value in (("matmuls", self.matmuls), ("memory traffic", self.memory),
-                                                   ("recurrence", self.recurrence), ("optimizer", self.optimizer),
-                                                   ("batch copy", self.copy), ("all-reduce", self.allreduce))
-                 if value >= 5e-5]
-        work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts)
+        parts = {"matmuls": self.matmuls, "memory traffic": self.memory, "recurrence": self.recurrence,
+                 "optimizer": self.optimizer, "batch copy": self.copy, "all-reduce": self.allreduce}
+        work = ", ".join(f"{name} {1000 * value:,.1f}" for name, value in parts.items() if value >= 5e-5)
         launched = (f"its blocks replayed as CUDA graphs, {1000 * self.launches:,.1f} ms of the host's" if self.graphs
                     else f"{self.kernels:,} launches in {1000 * self.launches:,.1f} ms (Python and launching" +
                     (f"; no CUDA graphs: {self.why_not.removeprefix('rule: ')}" if self.why_not else "") + ")")
@@ -266,15 +257,11 @@ def matmul_share(row: str) -> float:
                                                      MATMUL_SHARE["default"])
 
 
-def peak_of(row: str, dtype: str) -> tuple[float, bool]:
-    """The datasheet peak of `row` in `dtype` and whether it is the dtype's own: bf16 on a GPU without it runs at the
-    fp32 rate (emulated)."""
-    found = datasheet_peak(row, getattr(torch, dtype))
-    if found:
-        return found[0], True
-    fp32 = datasheet_peak(row, torch.float32)
-    assert fp32 is not None, f"the datasheet row {row} has an fp32 peak"
-    return fp32[0], False
+def peak_of(row: str, dtype: str) -> float:
+    """The datasheet peak of `row` in `dtype`: bf16 on a GPU without it runs at the fp32 rate (emulated)."""
+    found = datasheet_peak(row, getattr(torch, dtype)) or datasheet_peak(row, torch.float32)
+    assert found is not None, f"the datasheet row {row} has an fp32 peak"
+    return found[0]
 
 
 def compile_seconds(found: Trace, blocks: int, graphs: bool) -> float:
@@ -290,8 +277,7 @@ def allreduce_seconds(row: str, params: int, gpus: int, backward: float) -> floa
     the last bucket hides behind the `backward` seconds."""
     if gpus < 2:
         return 0.0
-    link = LINK_GBS.get(row, PCIE_GBS) * 1e9 * LINK_SHARE
-    ring = 2 * (gpus - 1) / gpus / link
+    ring = 2 * (gpus - 1) / gpus / (LINK_GBS.get(row, PCIE_GBS) * 1e9 * LINK_SHARE)
     gradients = 4 * params
     return max(gradients * ring - backward, min(gradients, DDP_BUCKET_BYTES) * ring)
 
@@ -305,13 +291,12 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     with torch.device("meta"):
         model = build_model(mc)
     found = trace(mc)
-    flops = peak_of(row, dtype)[0] * matmul_share(row)
+    flops = peak_of(row, dtype) * matmul_share(row)
     bandwidth = BANDWIDTH_GBS[row] * 1e9 * BANDWIDTH_SHARE
     scale = (MIXED_BYTES if dtype != "float32" else 1.0) * (COMPILE_FUSION if compiled else 1.0)
-    fused = COMPILE_FUSION if compiled else 1.0
 
     def kernels(launches: float, matmuls: float) -> float:
-        return matmuls + (launches - matmuls) * fused
+        return matmuls + (launches - matmuls) * (COMPILE_FUSION if compiled else 1.0)
 
     per_kernel = COMPILED_LAUNCH_SECONDS if compiled else LAUNCH_SECONDS
 
@@ -319,7 +304,7 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
         return kernels(launches, matmuls) * per_kernel + (0 if compiled else views * VIEW_SECONDS)
 
     tokens, steps, blocks = tc.batch_size * mc.block_size, tc.grad_accum_steps, len(model.shard_units())
-    at_peak = steps * model.flops_per_token() * tokens / peak_of(row, dtype)[0]
+    at_peak = steps * model.flops_per_token() * tokens / peak_of(row, dtype)
     why = no_graphs("cuda", compiled, gpus == 1, steps, at_peak, model.graphs)
     replays = None if why else 2 * max(1, blocks) * REPLAY_SECONDS  # a block's forward and backward, each a graph
     micro = (model.flops_per_token() * tokens / flops, found.step_bytes * tc.batch_size * scale / bandwidth,
@@ -330,13 +315,13 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     forward = max(micro[0] / 3 + found.forward_bytes * tc.batch_size * scale / bandwidth + micro[2] / 3,
                   host(found.forward_launches, found.forward_matmuls, found.forward_views))
     copy = 2 * tokens * 8 / PCIE_BYTES_PER_SECOND
-    backward = 2 / 3 * (micro[0] + micro[1] + micro[2])  # the last micro-batch's, which the all-reduce overlaps
+    # the all-reduce overlaps the last micro-batch's backward
     return StepTime(steps * micro[0], steps * micro[1], steps * micro[2], params * OPTIMIZER_BYTES / bandwidth,
                     steps * copy, steps * micro[3] + after * per_kernel,
                     round(steps * kernels(found.step_launches, found.step_matmuls) + after),
                     2 * math.ceil(tc.eval_iters / gpus) * (forward + copy / 2),
-                    allreduce_seconds(row, params, gpus, backward),
-                    compile_seconds(found, blocks, replays is not None) if compiled else 0.0, gpus,
+                    allreduce_seconds(row, params, gpus, 2 / 3 * (micro[0] + micro[1] + micro[2])),
+                    compile_seconds(found, blocks, replays is not None) if compiled else 0.0,
                     replays is not None, why or "")
 
 

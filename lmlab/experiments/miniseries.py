@@ -98,8 +98,7 @@ def best_factor(factors: list[float], vals: list[float]) -> float:
         return best
     a, b, _ = np.polyfit(np.log(factors), vals, 2)
     vertex = -b / (2 * a) if a > 0 else math.nan
-    inside = math.log(min(factors)) <= vertex <= math.log(max(factors))
-    return float(math.exp(vertex)) if inside else best
+    return float(math.exp(vertex)) if math.log(min(factors)) <= vertex <= math.log(max(factors)) else best
 
 
 def lr_rule(search: list[dict[str, Any]], preset_width: int) -> LrRule:
@@ -116,22 +115,17 @@ class Miniseries:
     """The runs of one preset's miniseries under `folder`, trained in turn (finished ones skipped)."""
 
     def __init__(self, preset: Path, series: Series, folder: Path, device: str, console: Console):
-        self.preset, self.series, self.folder, self.device, self.console = preset, series, folder, device, console
+        self.series, self.folder, self.device, self.console = series, folder, device, console
         self.family = Family.of(with_vocab(load_config(preset)), str(preset))
         tc = self.family.preset.train  # a family's sizes keep the preset's batch and context
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.family.preset.model.block_size
         self.done, self.points = 0, dict[Path, dict[str, Any]]()  # the runs by folder, each trained once
-        self._params: dict[int, int] = {}
+        # each depth's weights that multiply every token: the fit's N
+        self.params = {d: shape_of(self.family.config(d)).multiplied_params() for d in series.depths}
         self.total = len(self.left(every=True))
         refused = self.refusal(series.depths)
         if refused:
             raise UserError(refused)
-
-    def params(self, depth: int) -> int:
-        """The weights of depth `depth` that multiply every token: the fit's N (counted once a depth)."""
-        if depth not in self._params:
-            self._params[depth] = shape_of(self.family.config(depth)).multiplied_params()
-        return self._params[depth]
 
     def steps(self, tokens: int) -> int:
         """The steps a run of `tokens` trains: whole steps, at least MIN_STEPS."""
@@ -147,8 +141,8 @@ class Miniseries:
                 return (f"--tokens {a} and {b} both train {self.steps(a)} steps of {self.tokens_per_step:,} tokens (a "
                         f"run trains {MIN_STEPS} at least), one length to the fit; give lengths that round to "
                         "different steps.")
-        points = [(self.params(d), self.steps(t) * self.tokens_per_step) for d in depths for t in series.tokens
-                  if series.within(self.params(d), t)]
+        points = [(self.params[d], self.steps(t) * self.tokens_per_step) for d in depths
+                  for t in series.tokens if series.within(self.params[d], t)]
         flops = f" within --max-flops {series.max_flops:g}" if series.max_flops else ""
         refused = surface_refusal([n for n, _ in points], [d for _, d in points],
                                   f"--depths {','.join(map(str, depths))} at --tokens "
@@ -179,17 +173,10 @@ class Miniseries:
 
     def lengths(self, search: dict[str, Any], factor: float) -> list[dict[str, Any]]:
         """The depth's points at the rule's LR (`factor` of the preset's): each length within the series' compute."""
-        depth = search["depth"]
-        points = []
-        for tokens in self.series.tokens:
-            if not self.series.within(self.params(depth), tokens):
-                continue
-            if tokens == self.series.searched:
-                nearest = min(search["factors"], key=lambda f: abs(math.log(f / factor)))
-                points.append(self.run(depth, tokens, nearest))
-            else:
-                points.append(self.run(depth, tokens, factor))
-        return points
+        depth, series = search["depth"], self.series
+        nearest = min(search["factors"], key=lambda f: abs(math.log(f / factor)))  # the searched length's run
+        return [self.run(depth, t, nearest if t == series.searched else factor) for t in series.tokens
+                if series.within(self.params[depth], t)]
 
     def left(self, depths: tuple[int, ...] | None = None, every: bool = False) -> list[RunConfig]:
         """The runs of `depths` (default: the series') still to train, or `every` one, as far as they are known before
@@ -201,7 +188,7 @@ class Miniseries:
                 if every or summarize(self.folder / self.name(depth, series.searched, cfg)).status != "finished":
                     todo.append(cfg)
             for tokens in series.tokens:
-                if tokens == series.searched or not series.within(self.params(depth), tokens):
+                if tokens == series.searched or not series.within(self.params[depth], tokens):
                     continue
                 done = not every and any(summarize(path).status == "finished"
                                          for path in self.folder.glob(f"d{depth}-t{tokens}-lr*"))
@@ -217,9 +204,8 @@ class Miniseries:
         todo = self.left()
         if not todo:
             return f"miniseries: its {self.total} runs are trained already under {self.folder}; fitting them"
-        preset = with_vocab(load_config(self.preset))
-        hardware = local_hardware(self.device, preset.train.dtype)
-        guess = estimate(hardware, None, preset, [])
+        hardware = local_hardware(self.device, self.family.preset.train.dtype)
+        guess = estimate(hardware, None, self.family.preset, [])
         seconds = sum(cfg.train.max_iters * self.tokens_per_step / guess.tokens_per_sec(shape_of(cfg)) for cfg in todo)
         again = f" ({self.total - len(todo)} trained already)" if len(todo) < self.total else ""
         return (f"miniseries: {len(todo)} of {self.total} runs to train{again} under {self.folder}, about "
@@ -265,18 +251,34 @@ class Miniseries:
         kept = least
         while kept < len(order) and time.perf_counter() - started + self.seconds(order[:kept], costs) <= budget:
             costs[order[kept]] = timed(order[kept], deadline)  # the next depth, timed only where these fit
-            if time.perf_counter() - started + self.seconds(order[:kept + 1], costs) > budget:
-                break
-            kept += 1
+            kept += 1  # left out below where it does not fit
         spent = time.perf_counter() - started
         while kept > least and spent + self.seconds(order[:kept], costs) > budget:  # the timing took its share
             kept -= 1
-        plan = BudgetPlan(self, budget, order[:kept], spent, self.seconds(order[:kept], costs), costs,
-                          order[kept:])
-        if plan.spent + plan.seconds > budget:
-            raise UserError(plan.refusal())
-        self.console.print(plan.line(), highlight=False)
-        return dataclasses.replace(self.series, depths=tuple(d for d in self.series.depths if d in plan.depths))
+        depths, needed = order[:kept], spent + self.seconds(order[:kept], costs)
+        what = self.what(depths, spent, needed, costs)
+        if needed > budget:
+            raise UserError(f"budget {budget:g} s: the fewest runs the fit takes, {what}, do not fit it; "
+                            f"give a budget of at least {math.ceil(needed)}s, or shorter --tokens or fewer "
+                            "--lr-factors.")
+        out = (f"; depth{'s' * (len(order) - kept > 1)} {','.join(map(str, order[kept:]))} left out, "
+               "which would take it past the budget" if kept < len(order) else "")
+        self.console.print(f"miniseries in budget {format_duration(budget)}: {what}{out}; runs under "
+                           f"{self.folder}, a stopped refit goes on where it stopped", highlight=False)
+        return dataclasses.replace(self.series, depths=tuple(d for d in self.series.depths if d in depths))
+
+    def what(self, depths: tuple[int, ...], spent: float, needed: float, costs: dict[int, Costs]) -> str:
+        """The runs of `depths` planned to a budget in a clause: depths, lengths, steps, and what their time
+        is made of (`needed` seconds in all, `spent` of them gone on start-up and timing; costs as timed)."""
+        tokens = self.series.tokens
+        todo, every = len(self.left(depths)), len(self.left(depths, every=True))
+        again = f" ({every - todo} trained already)" if todo < every else ""
+        steps = ", ".join(f"{1000 * costs[d].step:.3g}" for d in depths)
+        return (f"depths {','.join(map(str, depths))} at {', '.join(f'{t:,}' for t in tokens)} tokens "
+                f"({', '.join(f'{self.steps(t):,}' for t in tokens)} steps), {todo} runs to train with "
+                f"the LR search{again}, about {format_duration(needed)} here (steps of {steps} ms timed now, "
+                f"each run's set-up, evaluation, checkpoint and final score, and {spent:.0f} s of start-up "
+                "and timing)")
 
     def run(self, depth: int, tokens: int, factor: float) -> dict[str, Any]:
         """Train one run (or keep it, finished before); its point: depth, params, tokens, LR, val, run, seconds."""
@@ -296,48 +298,10 @@ class Miniseries:
                 raise UserError(f"the miniseries was stopped by {result.stopped_by}; run the same command again to "
                                 "go on from where it stopped.")
             summary = summarize(path)
-        self.points[path] = {"depth": depth, "params": self.params(depth), "tokens": summary.tokens,
+        self.points[path] = {"depth": depth, "params": self.params[depth], "tokens": summary.tokens,
                              "learning_rate": cfg.train.learning_rate, "val": summary.reached, "run": str(path),
                              "seconds": round(summary.elapsed, 1)}
         return self.points[path]
-
-
-@dataclass(frozen=True)
-class BudgetPlan:
-    """A miniseries planned to a budget of `budget` seconds: the depths it keeps and leaves out, the seconds gone
-    (start-up and timing) and those its runs left take, each depth's costs as timed."""
-
-    runs: Miniseries
-    budget: float
-    depths: tuple[int, ...]
-    spent: float
-    seconds: float
-    costs: dict[int, Costs]
-    left_out: tuple[int, ...]
-
-    def what(self) -> str:
-        """The runs in a clause: depths, lengths, steps, and what their time is made of."""
-        runs, tokens = self.runs, self.runs.series.tokens
-        todo, every = len(runs.left(self.depths)), len(runs.left(self.depths, every=True))
-        again = f" ({every - todo} trained already)" if todo < every else ""
-        steps = ", ".join(f"{1000 * self.costs[d].step:.3g}" for d in self.depths)
-        return (f"depths {','.join(map(str, self.depths))} at {', '.join(f'{t:,}' for t in tokens)} tokens "
-                f"({', '.join(f'{runs.steps(t):,}' for t in tokens)} steps), {todo} runs to train with the LR "
-                f"search{again}, about {format_duration(self.spent + self.seconds)} here (steps of {steps} ms timed "
-                f"now, each run's set-up, evaluation, checkpoint and final score, and {self.spent:.0f} s of start-up "
-                "and timing)")
-
-    def line(self) -> str:
-        """The plan, said before the first run."""
-        out = (f"; depth{'s' * (len(self.left_out) > 1)} {','.join(map(str, self.left_out))} left out, which "
-               "would take it past the budget" if self.left_out else "")
-        return (f"miniseries in budget {format_duration(self.budget)}: {self.what()}{out}; runs under "
-                f"{self.runs.folder}, a stopped refit goes on where it stopped")
-
-    def refusal(self) -> str:
-        needed = self.spent + self.seconds
-        return (f"budget {self.budget:g} s: the fewest runs the fit takes, {self.what()}, do not fit it; give a "
-                f"budget of at least {math.ceil(needed)}s, or shorter --tokens or fewer --lr-factors.")
 
 
 def refit(preset: Path, series: Series, root: Path, device: str, console: Console, budget: float = 0.0,
@@ -352,7 +316,11 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
     if budget:
         series = runs.budgeted(budget, time.perf_counter() if started is None else started)
         runs = Miniseries(preset, series, folder, device, console)
-    _record(folder, preset)
+    # miniseries.json says which preset the runs are of; the runs of a preset edited since would not belong
+    record = folder / "miniseries.json"
+    keep_record(record, {"preset": str(preset), "preset_sha256": preset_sha256(preset)},
+                f"{folder} holds the miniseries of another preset, or of this one before an edit ({record}); "
+                "pass another --dir, or delete it to train the series again.")
     if not budget:
         console.print(runs.foretell(), highlight=False)
     began = time.perf_counter()
@@ -405,9 +373,3 @@ def _command(preset: Path, series: Series) -> str:
             f"--lr-factors {','.join(f'{f:g}' for f in series.lr_factors)}{flops}")
 
 
-def _record(folder: Path, preset: Path) -> None:
-    """miniseries.json says which preset the runs are of; the runs of a preset edited since would not belong."""
-    path = folder / "miniseries.json"
-    keep_record(path, {"preset": str(preset), "preset_sha256": preset_sha256(preset)},
-                f"{folder} holds the miniseries of another preset, or of this one before an edit ({path}); pass "
-                "another --dir, or delete it to train the series again.")

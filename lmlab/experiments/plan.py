@@ -133,7 +133,7 @@ def gpu_hardware(name: str, dtype_setting: str) -> Hardware:
         found = datasheet_peak(row, getattr(torch, dtype))
         if found:
             return Hardware(found[1].removeprefix("datasheet "), dtype, Peak(found[0], dtype, found[1]), local=None)
-    flops, _ = peak_of(row, dtype_setting)
+    flops = peak_of(row, dtype_setting)
     return Hardware(row, dtype_setting, Peak(flops, dtype_setting, f"datasheet {row} float32: {dtype_setting} "
                                                                   "emulated", native=False), local=None)
 
@@ -263,6 +263,5 @@ def compute_note(plan: Plan) -> str:
     padding = f" (with the {plan.padding_params:,} of vocabulary padding rows)" if plan.padding_params else ""
     return (f"6·N·D counts all {plan.params:,} parameters{lookup} and no attention; lmlab counts 6 × the "
             f"{plan.params + plan.padding_params - plan.lookup_params:,} weights that multiply each token{padding} "
-            "plus attention's "
-            f"{plan.attention_flops:,.0f} FLOPs per token (PaLM's formula): 6·N·D is {100 * abs(change):.1f}% "
-            f"{'above' if change >= 0 else 'below'} it.")
+            f"plus attention's {plan.attention_flops:,.0f} FLOPs per token (PaLM's formula): 6·N·D is "
+            f"{100 * abs(change):.1f}% {'above' if change >= 0 else 'below'} it.")

@@ -25,8 +25,8 @@ from lmlab.core.peak import STEP_CEILING, Peak, step_ceiling
 from lmlab.data.shards import windows_in
 from lmlab.experiments.family import EXTRAPOLATION, MAX_DEPTH, Family, SizeFit
 from lmlab.experiments.gputime import gpu_step_time
-from lmlab.experiments.plan import Hardware
-from lmlab.model import LanguageModel, build_model
+from lmlab.experiments.plan import Hardware, shape_of
+from lmlab.model import LanguageModel
 from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import MIN_STEPS, BudgetRefused, Plan, plan
 from lmlab.train.optim import optimizer_of
@@ -155,11 +155,9 @@ class Search:
 
     def candidate(self, depth: int) -> Candidate:
         cfg = self.family.config(depth, self.fit)
-        with torch.device("meta"):
-            model = build_model(cfg.model)
-        train = cfg.train
-        tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
-        intervals = (train.eval_steps(self.meta["train"]["tokens"], tokens), train.checkpoint_interval)
+        model = shape_of(cfg)
+        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+        intervals = (cfg.train.eval_steps(self.unique, tokens), cfg.train.checkpoint_interval)
         return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
                          model.multiplied_params(), model.flops_per_token(), tokens, cfg, model, intervals)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from lmlab.analysis.scaling import effective_tokens
@@ -27,10 +26,10 @@ from lmlab.core.humanize import format_duration
 from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
+from lmlab.experiments.bench import with_vocab
 from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
-from lmlab.experiments.plan import Hardware
-from lmlab.experiments.size_search import PRICED, Candidate, Search, Speed, search
-from lmlab.model import build_model
+from lmlab.experiments.plan import Hardware, shape_of
+from lmlab.experiments.size_search import PRICED, Candidate, Speed, search
 from lmlab.train.preflight import Sized
 
 
@@ -79,8 +78,7 @@ class Sizing:
         """Where the budget goes, as planned."""
         c, made = self.chosen, self.chosen.plan
         assert made is not None, "a chosen size has its plan"
-        steps, every = c.steps * made.step_seconds, c.intervals[0]
-        evals = c.steps // every + (c.steps % every != 0)
+        steps, evals = c.steps * made.step_seconds, -(-c.steps // c.intervals[0])  # the last step's included
         rest = made.needed(c.steps, c.intervals) - steps - evals * made.eval_seconds
         return (f"the {format_duration(self.budget)}: {made.spent:.1f} s of start-up, timing and the trainer's "
                 f"set-up, {steps:.1f} s for {c.steps:,} steps, {evals * made.eval_seconds:.1f} s for {evals} "
@@ -125,11 +123,6 @@ def parse_size(text: str | int) -> str | int:
     if value.isdigit() and 1 <= int(value) <= MAX_DEPTH:
         return int(value)
     raise UserError(f"--size {str(text)[:40]!r} is not a size; use {SIZES}.")
-
-
-def with_vocab(cfg: RunConfig, meta: dict[str, Any] | None = None) -> RunConfig:
-    vocab = cfg.model.vocab_size or (meta or read_meta(Path(cfg.data.dataset)))["vocab_size"]
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
 def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, SizeFit | None, dict[str, Any]]:
@@ -183,8 +176,11 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, machine: Machine, 
     speed = Speed(machine, gpu)
     found = search(family, fit, budget, started, speed, meta, depths)
     best = found.best()
-    if best is None:
-        raise UserError(_refusal(found, preset))
+    if best is None:  # the budget's refusal of the smallest depth weighed
+        smallest = found.candidates[0]
+        raise UserError(f"even the smallest size of {preset} ({smallest.shape}): {smallest.refused}"
+                        if smallest.refused else
+                        f"budget {budget:g} s: no size of {preset} could be weighed ({smallest.note}).")
     return Sizing(budget, time.perf_counter() - started + speed.foretold, found.candidates, best, best.config,
                   str(fit_path(preset)), speed.says(best.threads), found.unique, fitted_on(fit) if fit else "",
                   fit.beyond(best.tokens) if fit and best.predicted is not None else "",
@@ -197,35 +193,23 @@ def fitted_on(fit: SizeFit) -> str:
     return machine.get("gpu") or (f"{machine['cpu']} (a CPU)" if machine.get("cpu") else "a machine it does not name")
 
 
-def _refusal(found: Search, preset: Path) -> str:
-    """Why no size can train: the budget's refusal of the smallest depth weighed."""
-    smallest = found.candidates[0]
-    if not smallest.refused:
-        return f"budget {found.budget:g} s: no size of {preset} could be weighed ({smallest.note})."
-    return f"even the smallest size of {preset} ({smallest.shape}): {smallest.refused}"
-
-
-def sized_config(preset: Path, cfg: RunConfig, depth: int) -> tuple[RunConfig, str]:
-    """Depth `depth` of the preset's family, its LR by the fit's rule where it has one; and the line that says so."""
-    family, fit, _ = family_of(preset, cfg)
-    chosen = family.config(depth, fit)
-    rule = f"by {fit_path(preset)}'s rule" if fit else f"the preset's (no fit beside it, {fit_path(preset)})"
-    with torch.device("meta"):
-        params = build_model(chosen.model).num_params()
-    return chosen, (f"size {depth}: {family.describe(depth)} ({params / 1e6:.2f}M parameters), LR "
-                    f"{chosen.train.learning_rate:g} {rule}")
 
 
 def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, out: Console,
               window: LoadMeter | None = None, interruptible: AbstractContextManager[Any] | None = None
               ) -> tuple[RunConfig, Sized | None]:
-    """The config of the size asked for, said in a line: a depth of the preset's family, or the one `auto` chose in
-    cfg.train.budget_seconds from `started` (with what it settled for the run; `window`: the load meter running while
-    PyTorch loaded). The timing runs inside `interruptible` (a stop signal ends it)."""
+    """The config of the size asked for, said in a line: a depth of the preset's family (its LR by the fit's
+    rule where it has one), or the one `auto` chose in cfg.train.budget_seconds from `started` (with what it
+    settled for the run; `window`: the load meter running while PyTorch loaded). The timing runs inside
+    `interruptible` (a stop signal ends it)."""
     if size != "auto":
-        cfg, line = sized_config(preset, cfg, int(size))
-        out.print(line, highlight=False)
-        return cfg, None
+        family, fit, _ = family_of(preset, cfg)
+        chosen = family.config(int(size), fit)
+        rule = (f"by {fit_path(preset)}'s rule" if fit else
+                f"the preset's (no fit beside it, {fit_path(preset)})")
+        out.print(f"size {size}: {family.describe(int(size))} ({shape_of(chosen).num_params() / 1e6:.2f}M "
+                  f"parameters), LR {chosen.train.learning_rate:g} {rule}", highlight=False)
+        return chosen, None
     chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
     try:
         with out.status("Timing sizes of the preset's family on this machine..."), interruptible or nullcontext():

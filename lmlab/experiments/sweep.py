@@ -10,7 +10,7 @@ import itertools
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -40,10 +40,7 @@ class Trial:
 
 @dataclass
 class SweepResult:
-    sweep_dir: Path
-    trials: list[Trial]
-    summaries: list[RunSummary]
-    skipped: list[str] = field(default_factory=list)  # trials already finished by an earlier run of the sweep
+    summaries: list[RunSummary]  # each trial's, in order, as the sweep ended
     stopped_by: str | None = None  # a signal that ended the sweep early (the current trial was checkpointed)
 
     @property
@@ -68,12 +65,6 @@ def parse_grid(sets: list[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
-def _trial_name(swept: list[tuple[str, str]]) -> str:
-    """`learning_rate=3e-3,n_layer=4`: the field names and the values as typed, safe as a folder name."""
-    text = ",".join(f"{key.partition('.')[2]}={value}" for key, value in swept) or "base"
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "-", text)
-
-
 def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: int = 0,
                 budget_seconds: float = 0.0) -> list[Trial]:
     """The Cartesian product of the swept values, every trial's config loaded (so a bad value stops the sweep
@@ -93,19 +84,11 @@ def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: i
             tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
             overrides.append(f"train.max_iters={max(1, round(budget_tokens / tokens_per_step))}")
             cfg = load_config(config, overrides)
-        name = _trial_name(chosen)
+        # `learning_rate=3e-3,n_layer=4`: the field names and the values as typed, safe as a folder name
+        text = ",".join(f"{key.partition('.')[2]}={value}" for key, value in chosen) or "base"
+        name = re.sub(r"[^A-Za-z0-9_.,=+-]", "-", text)
         trials.append(Trial(name, overrides, sweep_dir / name, cfg))
     return trials
-
-
-def _record(sweep_dir: Path, config: Path, sets: list[str], budget_tokens: int, budget_seconds: float,
-            size: str | int | None) -> None:
-    """sweep.json says what the sweep is; a re-run must be the same sweep, or its trials would not compare."""
-    record = {"config": str(config), "set": list(sets), "budget_tokens": budget_tokens,
-              "budget_seconds": budget_seconds, **({"size": size} if size is not None else {})}
-    path = sweep_dir / "sweep.json"
-    keep_record(path, record, f"{sweep_dir} holds a sweep with other settings ({path}); pass another --name, or "
-                "repeat that sweep's command to continue it.")
 
 
 def keep_record(path: Path, record: dict, refusal: str) -> None:
@@ -143,27 +126,28 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         check_shape_kept(size, [o for t in trials for o in t.overrides])
     for tracker in {trial.config.train.tracker for trial in trials}:
         require_tracker(tracker)
-    _record(sweep_dir, Path(config), sets, budget_tokens, budget_seconds, size)
-    result = SweepResult(sweep_dir, trials, [])
+    # sweep.json says what the sweep is; a re-run must be the same sweep, or its trials would not compare
+    record = {"config": str(Path(config)), "set": list(sets), "budget_tokens": budget_tokens,
+              "budget_seconds": budget_seconds, **({"size": size} if size is not None else {})}
+    path = sweep_dir / "sweep.json"
+    keep_record(path, record, f"{sweep_dir} holds a sweep with other settings ({path}); pass another --name, "
+                "or repeat that sweep's command to continue it.")
+    stopped_by: str | None = None
     for i, trial in enumerate(trials, 1):
         status = summarize(trial.run_dir).status
         if status in DONE:
-            result.skipped.append(trial.name)
             console.print(f"trial {i}/{len(trials)} {trial.name}: already {status}, skipped")
             continue
         started = time.perf_counter()  # a trial's budget counts from here: sizing it is part of it
         resume = bool(RunDir(trial.run_dir).step_folders())
         console.print(f"trial {i}/{len(trials)} {trial.name}: {'resuming' if resume else 'training'} "
                       f"({' '.join(trial.overrides)})")
-        if resume or size is None:  # a resumed trial goes on by its config.toml: the shape it was sized to, say
-            cfg = RunDir(trial.run_dir).config() if resume else trial.config
-            trainer = Trainer(cfg, trial.run_dir, device, resume=resume, console=console, started=started)
-        else:
+        # a resumed trial goes on by its config.toml: the shape it was sized to, say
+        cfg, sized = (RunDir(trial.run_dir).config() if resume else trial.config), None
+        if not resume and size is not None:
             cfg, sized = sized_run(Path(config), trial.config, size, started, device, console, window)
-            trainer = Trainer(cfg, trial.run_dir, device, console=console, started=started, sized=sized)
-        outcome = trainer.run()
-        if outcome.stopped_by:
-            result.stopped_by = outcome.stopped_by
+        trainer = Trainer(cfg, trial.run_dir, device, resume, console, started=started, sized=sized)
+        stopped_by = trainer.run().stopped_by
+        if stopped_by:
             break
-    result.summaries = [summarize(t.run_dir) for t in trials]
-    return result
+    return SweepResult([summarize(t.run_dir) for t in trials], stopped_by)

@@ -27,8 +27,8 @@ def attend_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     (benchmarks/decode_speed.py)."""
     B, nh, T, hs = q.shape
     nkv = k.size(1)
-    folded = q.reshape(B, nkv, nh // nkv * T, hs)  # (B, nkv, g*T, hs): group g's T queries at g*T .. g*T + T-1
-    scores = folded @ k.transpose(-2, -1) * hs ** -0.5  # (B, nkv, g*T, L)
+    # q folded to (B, nkv, g*T, hs): group g's T queries at g*T .. g*T + T-1
+    scores = q.reshape(B, nkv, nh // nkv * T, hs) @ k.transpose(-2, -1) * hs ** -0.5  # (B, nkv, g*T, L)
     # Unfolded to mask: each group's T queries get the same T rows of the mask. The softmax in fp32, as autocast
     # runs it.
     scores = scores.float().view(B, nkv, nh // nkv, T, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))

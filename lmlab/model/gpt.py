@@ -102,9 +102,8 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        dropout = self.dropout if self.training else 0.0
         if cache is None:
-            y = attend(q, k, v, self.path, dropout)
+            y = attend(q, k, v, self.path, self.dropout if self.training else 0.0)
         elif cache.fresh:
             cache.update(self.layer, k, v)  # the prompt sees only itself: causal, no mask
             y = attend(q, k, v, "fused")

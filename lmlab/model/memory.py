@@ -1,17 +1,27 @@
 """What a size costs in memory, estimated on the meta device, and the one check every size-driven allocation passes,
 so a size that does not fit is refused with the largest that does before anything is allocated. On CUDA only decoding
 rows are checked: a training step's estimate is fp32's, which autocast changes, so it only bounds how far a CUDA
-run's micro-batch grows (`fit_micro_batch`)."""
+run's micro-batch grows (`fit_micro_batch`).
+
+Estimates are kept between processes (`remembered`): sizing a model on the meta device runs its forward there, which
+makes torch import its compiler stack (torch._dynamo, sympy: 2 to 6 s on 2 cores) at every start of `train`, `eval`,
+`sample` and `serve`. An estimate depends only on the model's config, the size asked about, torch and lmlab's model
+code, so it is kept, keyed by all of them, in the machine cache (lmlab.core.cache) and measured again only when one
+changes. A plugin kind is measured every time (its code is not lmlab's)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from lmlab.core import cache as machine_cache
 from lmlab.core.config import ModelConfig, TrainConfig
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory, human_bytes
@@ -20,7 +30,6 @@ from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import padded_vocab
 from lmlab.model.kinds import construct
 from lmlab.model.loss import chunked
-from lmlab.model.sized import remembered
 
 BACKWARD_FACTOR = 1.3  # a training step's peak over the activations its forward keeps (run-folder.md)
 DECODE_ROW_OVERHEAD = 2048  # bytes of Python objects per decoding row: its sequence, sampler state, text
@@ -30,6 +39,30 @@ DECODE_HEADROOM = 0.1
 UNCOUNTABLE = 2**63  # what a shape whose size overflows even the meta device's arithmetic is taken to need
 # A prefill's peak as a share of `layer_kept_bytes`, by dtype (benchmarks/prefill_memory.py, run-folder.md).
 PREFILL_SHARE = {torch.float32: 1.25, torch.bfloat16: 0.5, torch.float16: 0.5}
+
+
+@cache
+def _code() -> str:
+    """A digest of lmlab's model code, which the estimates are of."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def remembered(what: str, config: ModelConfig, measure: Callable[[], list[int]],
+               extra: tuple = ()) -> list[int]:
+    """`measure()`, the bytes of `what` for `config` and `extra` (a dtype): from the cache when it holds them,
+    else measured and kept."""
+    if config.kind not in BUILT_IN_KINDS:  # a plugin's code is not lmlab's: measured every time
+        return measure()
+    key = [what, dataclasses.asdict(config), [str(e) for e in extra], _code()]
+    kept = machine_cache.recall("memory", key)
+    if isinstance(kept, list) and all(isinstance(n, int) for n in kept):  # else not kept, or kept otherwise
+        return kept
+    value = measure()
+    machine_cache.keep("memory", key, value)
+    return value
 
 
 class NoInit(TorchFunctionMode):
@@ -47,13 +80,14 @@ def _on_meta(config: ModelConfig) -> LanguageModel:
         return construct(config)
 
 
-def _per_layer(config: ModelConfig, measure) -> int:  # noqa: ANN001 (a function of a model config)
-    """measure() of the whole model, from models of one and two layers; UNCOUNTABLE for a shape too large."""
+def _per_layer(config: ModelConfig, measure, whole: bool = True) -> int:  # noqa: ANN001 (config -> int)
+    """measure() of the whole model (or, not `whole`, what one layer adds), from models of one and two layers;
+    UNCOUNTABLE for a shape too large."""
     try:
         one, two = (measure(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
     except (RuntimeError, OverflowError, ValueError):  # "Storage size calculation overflowed", an int beyond int64
         return UNCOUNTABLE
-    return one + (config.n_layer - 1) * (two - one)
+    return one + (config.n_layer - 1) * (two - one) if whole else two - one
 
 
 def _weight_bytes(config: ModelConfig) -> int:
@@ -63,7 +97,7 @@ def _weight_bytes(config: ModelConfig) -> int:
 
 def model_bytes(config: ModelConfig) -> int:
     """Bytes of the weights and buffers a model of `config` holds."""
-    return remembered("weights", config, (), lambda: Need(_per_layer(config, _weight_bytes), 0), Need).fixed
+    return remembered("weights", config, lambda: [_per_layer(config, _weight_bytes)])[0]
 
 
 def _kept_at(config: ModelConfig, T: int) -> int:
@@ -98,16 +132,12 @@ def _kept_bytes(config: ModelConfig) -> int:
 
 def layer_kept_bytes(config: ModelConfig) -> int:
     """What one layer's forward keeps for the backward over block_size tokens (fp32); UNCOUNTABLE if too large."""
-    try:
-        one, two = (_kept_bytes(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
-    except (RuntimeError, OverflowError, ValueError):  # as in `_per_layer`
-        return UNCOUNTABLE
-    return two - one
+    return _per_layer(config, _kept_bytes, whole=False)
 
 
 def prefill_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     """The most a prompt's prefill holds beyond the weights and the decode state."""
-    kept = remembered("prefill", config, (), lambda: Need(layer_kept_bytes(config), 0), Need).fixed
+    kept = remembered("prefill", config, lambda: [layer_kept_bytes(config)])[0]
     return min(int(PREFILL_SHARE[dtype] * kept), UNCOUNTABLE)
 
 
@@ -138,48 +168,45 @@ def two_moments(weights: int, hidden: int) -> int:
 
 def training_need(config: ModelConfig, state_bytes: StateBytes = two_moments) -> Need:
     """A training step per sequence of block_size tokens; `state_bytes` sizes the optimizer's state. What is measured
-    is kept between processes (`sized`), as the meta forward imports torch's compiler stack."""
+    is kept between processes (`remembered`), as the meta forward imports torch's compiler stack."""
     weights = model_bytes(config)
-    measured = remembered("training", config, (), lambda: Need(_per_layer(config, _hidden_bytes),
-                                                                _per_layer(config, _kept_bytes)), Need)
-    moments = state_bytes(weights, measured.fixed)
+    hidden, kept = remembered("training", config, lambda: [_per_layer(config, _hidden_bytes),
+                                                           _per_layer(config, _kept_bytes)])
+    moments = state_bytes(weights, hidden)
     head = padded_vocab(config.vocab_size) * config.n_embd * 4
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
-    if config.kind in BUILT_IN_KINDS and chunked(config.vocab_size):
-        # lmlab.model.loss.ChunkedHeadLoss keeps the gradient of the head's weight, traced once among a sequence's
-        # kept tensors but held once a micro-batch; a chunk's fp32 logits and their bf16 gradient pass while it runs,
-        # counted per sequence: exact up to the chunk's bound (CHUNK_BYTES), more than they take beyond it
-        each = int(BACKWARD_FACTOR * (measured.each - head)) + 3 * logits // 2
-        return Need(weights + weights + moments + head, min(each, UNCOUNTABLE))
-    each = int(BACKWARD_FACTOR * measured.each) + 2 * logits
-    return Need(weights + weights + moments, min(each, UNCOUNTABLE))
+    # lmlab.model.loss.ChunkedHeadLoss keeps the gradient of the head's weight, traced once among a sequence's kept
+    # tensors but held once a micro-batch; a chunk's fp32 logits and their bf16 gradient pass while it runs, counted
+    # per sequence: exact up to the chunk's bound (CHUNK_BYTES), more than they take beyond it
+    held = head if config.kind in BUILT_IN_KINDS and chunked(config.vocab_size) else 0
+    each = int(BACKWARD_FACTOR * (kept - held)) + (3 * logits // 2 if held else 2 * logits)
+    return Need(weights + weights + moments + held, min(each, UNCOUNTABLE))
 
 
 def scoring_need(config: ModelConfig) -> Need:
     """A forward without gradients per window of block_size tokens (an evaluation batch)."""
     logits = config.block_size * padded_vocab(config.vocab_size) * 4
-    kept = remembered("scoring", config, (), lambda: Need(0, _per_layer(config, _kept_bytes)), Need).each
+    kept = remembered("scoring", config, lambda: [_per_layer(config, _kept_bytes)])[0]
     return Need(model_bytes(config), min(2 * logits + 2 * (kept // max(1, config.n_layer)), UNCOUNTABLE))
 
 
 def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int,
                   state_dtype: torch.dtype | None = None) -> Need:
-    """Decoding rows of up to `tokens_per_row` tokens each (prompt and continuation), plus one prompt's prefill;
-    `state_dtype` is the decode state's where it is not `dtype` (lmlab.inference.quantize.state_dtype)."""
+    """Decoding rows of up to `tokens_per_row` tokens each (prompt and continuation), beside the weights (in memory
+    already): one prompt's prefill and each row; `state_dtype` is the decode state's where it is not `dtype`
+    (lmlab.inference.quantize.state_dtype)."""
     held = state_dtype or dtype
 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
             state = _on_meta(c).new_cache(1, torch.device("meta"), held)
-        if state is None:  # each step feeds the row's window whole: an upper bound
-            return _kept_bytes(c)
-        return sum(t.numel() * t.element_size() for t in state.tensors())
+        # without a state each step feeds the row's window whole: an upper bound
+        return _kept_bytes(c) if state is None else sum(t.numel() * t.element_size() for t in state.tensors())
 
     vocab = padded_vocab(config.vocab_size)
-    state = remembered("decode state", config, (held,), lambda: Need(0, _per_layer(config, state_bytes)), Need).each
+    state = remembered("decode state", config, lambda: [_per_layer(config, state_bytes)], (held,))[0]
     each = state + 20 * vocab + DECODE_ROW_OVERHEAD + BYTES_PER_DECODED_TOKEN * tokens_per_row
-    prefill = 2 * config.block_size * vocab * 4 + prefill_bytes(config, dtype)
-    return Need(min(model_bytes(config) + prefill, UNCOUNTABLE), min(each, UNCOUNTABLE))
+    return Need(prefill_bytes(config, dtype), min(each, UNCOUNTABLE))
 
 
 class MemoryRefused(UserError):
@@ -271,10 +298,9 @@ def check_decoding(config: ModelConfig, rows: int, tokens_per_row: int, setting:
                    dtype: torch.dtype = torch.float32, state_dtype: torch.dtype | None = None) -> None:
     """Refuse `rows` decoding rows (their state in `state_dtype`, where not `dtype`) that would not fit, the weights in
     memory already: only a prompt's prefill comes on top."""
-    need = decoding_need(config, dtype, tokens_per_row, state_dtype)
     have, available = device_memory(device)
     if device.type == "cuda":
         have = int(have * (1 - DECODE_HEADROOM))
         available += f" ({100 * DECODE_HEADROOM:.0f}% of it left for CUDA's workspaces and fragmentation)"
-    check_fits(Need(prefill_bytes(config, dtype), need.each), rows, setting,
+    check_fits(decoding_need(config, dtype, tokens_per_row, state_dtype), rows, setting,
                f"decoding row of up to {tokens_per_row:,} tokens", device, have, available)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -136,10 +136,7 @@ def check_loss(model: LanguageModel, loss: torch.Tensor, batch: torch.Size) -> N
 def backward_named(model: LanguageModel) -> Iterator[None]:
     """A plugin's own raise in the backward pass (a custom autograd Function's) as one sentence naming it."""
     who = getattr(model, "lmlab_plugin", None)
-    if who is None:
-        yield
-        return
-    with _named(who, "its backward pass", _device(model), "backward"):
+    with nullcontext() if who is None else _named(who, "its backward pass", _device(model), "backward"):
         yield
 
 

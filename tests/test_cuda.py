@@ -226,10 +226,11 @@ def test_find_max_batch_stops_at_a_real_out_of_memory_with_headroom(tmp_path):
                       '[train]\ncompile = false\n')
     cfg = load_config(config)
     budget = memory_budget(CUDA)  # 90% of the free memory: what find_max_batch allows a batch
-    found, finished = find_max_batch(cfg, "cuda")
+    machine = a_machine("cuda")
+    found, finished = find_max_batch(cfg, machine)
     assert finished
-    assert bench_batch(cfg, 4 * found, 1, "cuda", warmup=1).out_of_memory  # caught, not raised
-    row = bench_batch(cfg, found, 1, "cuda", warmup=1)  # and the process trains on afterwards
+    assert bench_batch(cfg, 4 * found, 1, machine, warmup=1).out_of_memory  # caught, not raised
+    row = bench_batch(cfg, found, 1, machine, warmup=1)  # and the process trains on afterwards
     assert not row.out_of_memory and row.peak_memory <= 1.02 * budget  # (the free memory moves a little)
 
 

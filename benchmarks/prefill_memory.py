@@ -70,7 +70,8 @@ class Peak(TorchDispatchMode):
 def prefill_peak(config: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes a prefill of block_size - 1 tokens holds at its peak beyond the weights and the cache."""
     torch.manual_seed(0)
-    model = hold_weights(build_model(config).eval(), dtype)
+    model = build_model(config).eval()
+    hold_weights(model, dtype)
     cache = model.new_cache(1, torch.device("cpu"), dtype)
     idx = torch.randint(0, 100, (1, config.block_size - 1))
     nowhere = torch.zeros(0, dtype=torch.long)

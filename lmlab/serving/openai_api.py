@@ -55,7 +55,11 @@ class ApiError(Exception):
 
 SAMPLING = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed")
 FIELDS = {"completions": (*SAMPLING, "prompt", "logprobs", "echo"),
-          "chat": (*SAMPLING, "messages", "max_completion_tokens", "logprobs", "top_logprobs")}
+          "chat": (*SAMPLING, "messages", "max_completion_tokens", "logprobs", "top_logprobs"),
+          "tokenize": ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                       "continue_final_message", "return_token_strs"),  # vLLM's, as the next
+          "detokenize": ("model", "tokens")}
+# Taken by OpenAI's endpoints (not vLLM's), and ignored.
 HINTS = ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
          "metadata", "service_tier")
 # Each with the values that mean "not used".
@@ -72,24 +76,21 @@ UNSUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {
 
 
 def json_equal(a: Any, b: Any) -> bool:
-    """Equal as JSON values are: `false` is not `0`, nor `true` `1`, as Python's == has them; 0 and 0.0 are one
-    number."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
-    return a == b
+    """Equal as JSON values are, for a value UNSUPPORTED lists: `false` is not `0`, nor `true` `1`, as Python's ==
+    has them; 0 and 0.0 are one number. None of those values holds a number or a boolean inside, where == is JSON's
+    equality already."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
 def check_fields(body: dict[str, Any], endpoint: str) -> None:
-    """A 400 naming the first field this endpoint neither implements, ignores as a hint, nor leaves unused."""
+    """A 400 naming the first field this endpoint (of FIELDS) neither implements, ignores as a hint, nor leaves
+    unused."""
+    hints = HINTS if endpoint in UNSUPPORTED else ()
     for key, value in body.items():
-        unsupported, name = UNSUPPORTED[endpoint].get(key), key_name(key)
+        unsupported, name = UNSUPPORTED.get(endpoint, {}).get(key), key_name(key)
         if unsupported is not None and not any(json_equal(value, neutral) for neutral in unsupported):
             raise ApiError(400, f"`{name}` is not supported by lmlab serve; leave it out.", name, "unsupported")
-        if unsupported is None and key not in FIELDS[endpoint] and key not in HINTS:
+        if unsupported is None and key not in FIELDS[endpoint] and key not in hints:
             known = ", ".join(FIELDS[endpoint])
             raise ApiError(400, f"unknown field `{name}`; this endpoint takes {known}.", name, "unknown_field")
 

@@ -23,7 +23,7 @@ from lmlab.serving.openai_api import (
     Scalar,
     scalars,
 )
-from lmlab.serving.requests import TOKENIZE, Served
+from lmlab.serving.requests import Served
 from lmlab.serving.routes import ROUTES
 
 EVENT = {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}  # a streamed event's data: a chunk, then [DONE]
@@ -111,18 +111,18 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
            "maxItems": context}
     one = {"anyOf": [prompt_text(served), ids]}
     prompts = {"type": "array", "minItems": 1, "maxItems": served.max_batch, "items": one}
-    fields = {**sampling(served, False), "model": {"enum": [None, *names]}, "prompt": {"anyOf": [one, prompts]}}
+    fields = {**sampling(served, False), "prompt": {"anyOf": [one, prompts]}}
     # k prompts of n choices each are k * n rows of the batch.
     batch = [{"if": {"required": ["prompt"], "properties": {"prompt": {"type": "array", "minItems": k,
                                                                       "items": {"not": {"type": "integer"}}}}},
               "then": {"properties": {"n": published(Scalar((int,), 1, served.max_batch // k))}}}
              for k in range(2, served.max_batch + 1)]
-    return body(fields, FIELDS["completions"], rules(False) + batch)
+    return body(fields, "completions", names, rules(False) + batch)
 
 
 def chat(served: Served, names: list[str]) -> dict[str, Any]:
-    fields = {**sampling(served, True), "model": {"enum": [None, *names]}, "messages": messages(served)}
-    return {**body(fields, FIELDS["chat"], rules(True)), "required": ["messages"]}
+    fields = {**sampling(served, True), "messages": messages(served)}
+    return body(fields, "chat", names, rules(True), required=["messages"])
 
 
 def messages(served: Served) -> dict[str, Any]:
@@ -143,27 +143,27 @@ def messages(served: Served) -> dict[str, Any]:
     return schema
 
 
-def body(fields: dict[str, Any], taken: tuple[str, ...], constraints: list[dict[str, Any]]) -> dict[str, Any]:
-    """An object of `fields` (the endpoint's, its hints and its unused ones), nothing else, under `constraints`."""
-    assert set(taken) <= set(fields), set(taken) - set(fields)
+def body(fields: dict[str, Any], endpoint: str, names: list[str], constraints: list[dict[str, Any]] | None = None,
+         **more: Any) -> dict[str, Any]:
+    """An object of `fields` (the endpoint's, its hints and its unused ones) and `model` (one of `names`, or null),
+    nothing else, under `constraints` and what `more` says."""
+    fields = {**fields, "model": {"enum": [None, *names]}}
+    assert set(FIELDS[endpoint]) <= set(fields), set(FIELDS[endpoint]) - set(fields)
     return {"type": "object", "additionalProperties": False, "properties": fields,
-            **({"allOf": constraints} if constraints else {})}
+            **({"allOf": constraints} if constraints else {}), **more}
 
 
 def tokenize(served: Served, names: list[str]) -> dict[str, Any]:
     flag = published(FLAG)
-    fields = {"model": {"enum": [None, *names]}, "prompt": text(served),
-              "messages": messages(served), "add_special_tokens": flag, "return_token_strs": flag,
-              "add_generation_prompt": {"enum": [True, None]}, "continue_final_message": {"enum": [False, None]}}
-    return {**body(fields, TOKENIZE, []), "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+    fields = {"prompt": text(served), "messages": messages(served), "add_special_tokens": flag,
+              "return_token_strs": flag, "add_generation_prompt": {"enum": [True, None]},
+              "continue_final_message": {"enum": [False, None]}}
+    return body(fields, "tokenize", names, oneOf=[{"required": ["prompt"]}, {"required": ["messages"]}])
 
 
 def detokenize(served: Served, names: list[str]) -> dict[str, Any]:
-    vocab = served.run.tokenizer.vocab_size
-    return {"type": "object", "additionalProperties": False, "required": ["tokens"],
-            "properties": {"model": {"enum": [None, *names]},
-                           "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0,
-                                                                 "maximum": vocab - 1}}}}
+    ids = {"type": "integer", "minimum": 0, "maximum": served.run.tokenizer.vocab_size - 1}
+    return body({"tokens": {"type": "array", "items": ids}}, "detokenize", names, required=["tokens"])
 
 
 BODIES = {"/v1/completions": completions, "/v1/chat/completions": chat, "/tokenize": tokenize,

@@ -115,7 +115,7 @@ def add_status_routes(app: Any, state: State) -> None:
                              "decode_step_why": state.decode_why, "compiled_step": state.compiled,
                              "threads": state.threads, "decoding": decoding,
                              "max_batch": served.max_batch, "waiting": waiting, "max_queue": served.batcher.max_queue,
-                             "lanes": state.lanes.load()})
+                             "lanes": {lane.name: lane.load() for lane in (state.parse, state.render)}})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -144,18 +144,18 @@ def add_token_routes(app: Any, state: State) -> None:
     @app.post("/detokenize")
     async def detokenize(http: HttpRequest) -> Any:
         raw = await read_body(http, state.loaded.max_body_bytes, state.edge.body_timeout)
-        return await in_lane(http, state.lanes.parse, len(raw), detokenize_request, state.loaded, state.names, raw)
+        return await in_lane(http, state.parse, len(raw), detokenize_request, state.loaded, state.names, raw)
 
 
 async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) -> Any:
     """A body through the lanes: `read` (JSON, field names, a chat's turns) and `finish` (values, tokens) in the
     parse lane, a chat's turns rendered between them in the render lane."""
-    served, lanes = state.loaded, state.lanes
+    served = state.loaded
     raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
-    body = await in_lane(http, lanes.parse, len(raw), read, state.names, raw, *args)
-    rendered = None if body.turns is None else await in_lane(http, lanes.render, len(raw), render_chat, served,
+    body = await in_lane(http, state.parse, len(raw), read, state.names, raw, *args)
+    rendered = None if body.turns is None else await in_lane(http, state.render, len(raw), render_chat, served,
                                                               body.turns)
-    return await in_lane(http, lanes.parse, len(raw), finish, served, body, rendered)
+    return await in_lane(http, state.parse, len(raw), finish, served, body, rendered)
 
 
 async def in_lane(http: Any, lane: Lane, cost: int, fn: Any, *args: Any) -> Any:

@@ -16,7 +16,6 @@ from lmlab.serving.openai_api import (
     ApiError,
     chat_messages,
     check_fields,
-    generates,
     logprobs_fields,
     prompt_list,
     sampling,
@@ -167,8 +166,7 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
     else:
         prompts, stops = prompt_list(fields.get("prompt", ""), served.run.config.model.vocab_size), ()
     rules = scalars("chat" if chat else "completions", served.max_tokens_cap, served.max_batch)
-    logprobs, echo = logprobs_fields(fields, rules, chat)
-    generate = chat or generates(fields, echo)
+    logprobs, echo, generate = logprobs_fields(fields, rules, chat)
     stream, include_usage = stream_fields(fields)
     params = sampling(fields if generate else {**fields, "max_tokens": None}, rules, served.max_tokens_cap, stops,
                       secrets.randbelow(2**63))

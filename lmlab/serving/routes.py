@@ -1,14 +1,16 @@
 """The routes of `lmlab serve`: `ROUTES`, the table the 404's text, the metrics' labels, the API key's exemptions
 and the OpenAPI document are read from; and the groups that register them on the FastAPI app, each a function:
-errors in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. FastAPI
-is imported inside them; `lmlab serve` asks for the `serve` extra (lmlab.core.extras) before it imports this."""
+errors in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. It
+imports FastAPI: `lmlab serve` asks for the `serve` extra (lmlab.core.extras) before it imports this."""
 
-# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
-# at run time to know what to pass them.
 import asyncio
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from lmlab.serving.batcher import QueueFull
 from lmlab.serving.edge import read_body
@@ -77,10 +79,6 @@ def label(path: str) -> str:
 
 def add_error_handlers(app: Any) -> None:
     """Every error as OpenAI's error body: ours (ApiError), a route or method that does not exist, and a bug."""
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import Response
-    from starlette.exceptions import HTTPException
-
     @app.exception_handler(ApiError)
     async def api_error(_: HttpRequest, err: ApiError) -> Response:
         return err.response()
@@ -102,8 +100,6 @@ def add_error_handlers(app: Any) -> None:
 
 def add_status_routes(app: Any, state: State) -> None:
     """/health (503 with the phase while loading or draining), /metrics, /v1/models and /v1/models/{id}."""
-    from fastapi.responses import JSONResponse, Response
-
     @app.get("/health")
     async def health() -> JSONResponse:
         served = state.served
@@ -134,9 +130,6 @@ def add_status_routes(app: Any, state: State) -> None:
 
 def add_token_routes(app: Any, state: State) -> None:
     """vLLM's /tokenize and /detokenize, parsed in the lanes, off the event loop."""
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import Response
-
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest) -> Any:
         return Response(await parsed(http, state, read_tokenize, tokenize_request), media_type="application/json")
@@ -177,9 +170,6 @@ async def in_lane(http: Any, lane: Lane, cost: int, fn: Any, *args: Any) -> Any:
 def add_completion_routes(app: Any, state: State) -> None:
     """/v1/completions and /v1/chat/completions: a request parsed in the lanes, admitted to the batch (429
     when it and its queue are full), and answered whole or streamed as server-sent events."""
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-
     class EventStream(StreamingResponse):
         """A streamed answer that gives its rows back however it ends: finished, client gone (even before the
         first chunk, when the stream never starts), or failed."""

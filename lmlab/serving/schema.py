@@ -69,14 +69,6 @@ def exact_chars(served: Served) -> bool:
     return tokenizer.kind.per_character and tokenizer.backend.normalizer is None
 
 
-def prompt_text(served: Served) -> dict[str, Any]:
-    """A prompt as text: of exact characters, at most those that fit the context beside the special tokens the
-    tokenizer adds (the server checks as much, exactly); of other tokenizers, whatever its length (the server counts
-    its tokens, which JSON Schema cannot: a prompt longer than the context is a 400 context_length_exceeded)."""
-    most = served.context - len(served.run.tokenizer.encode("", True))
-    return text(served, most if exact_chars(served) else None)
-
-
 def sampling(served: Served, chat: bool) -> dict[str, Any]:
     """The fields both endpoints take (openai_api.SAMPLING) as `openai_api.scalars` has them, and the hints and unused
     fields they accept."""
@@ -109,7 +101,11 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
     vocab, context = served.run.config.model.vocab_size, served.context
     ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}, "minItems": 1,
            "maxItems": context}
-    one = {"anyOf": [prompt_text(served), ids]}
+    # A prompt as text: of exact characters, at most those that fit the context beside the special tokens the tokenizer
+    # adds (the server checks as much, exactly); of other tokenizers, whatever its length (the server counts its
+    # tokens, which JSON Schema cannot: a prompt longer than the context is a 400 context_length_exceeded).
+    most = context - len(served.run.tokenizer.encode("", True)) if exact_chars(served) else None
+    one = {"anyOf": [text(served, most), ids]}
     prompts = {"type": "array", "minItems": 1, "maxItems": served.max_batch, "items": one}
     fields = {**sampling(served, False), "prompt": {"anyOf": [one, prompts]}}
     # k prompts of n choices each are k * n rows of the batch.

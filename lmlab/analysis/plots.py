@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -132,11 +132,10 @@ def comparison_figure(summaries: list[RunSummary], x: str = "step", log: bool = 
     which needs each run's byte counts."""
     label, pick = X_AXES[x]
     reason = unfair(summaries)
-    if reason:
-        lacking = [s.name for s in summaries if "val" not in s.token_bytes]
-        if lacking:
-            raise UserError(f"these runs cannot share a loss axis: {reason}, and {', '.join(lacking)} keeps no byte "
-                            "counts of its data (dataset.json) to draw it in bits per byte; plot them apart.")
+    lacking = [s.name for s in summaries if "val" not in s.token_bytes] if reason else []
+    if lacking:
+        raise UserError(f"these runs cannot share a loss axis: {reason}, and {', '.join(lacking)} keeps no byte "
+                        "counts of its data (dataset.json) to draw it in bits per byte; plot them apart.")
 
     def y(s: RunSummary, loss: float, split: str) -> float:
         bits = s.bits_per_byte(loss, split if split in s.token_bytes else "val") if reason else None
@@ -198,7 +197,7 @@ def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> P
     return _save(fig, Path(path))
 
 
-def _gridded(ax: plt.Axes, legend: bool = True, which: str = "major", **placed: Any) -> None:
+def _gridded(ax: plt.Axes, legend: bool = True, which: Literal["major", "both"] = "major", **placed: Any) -> None:
     """A faint grid (at the major ticks, or `which`), and the legend, placed as asked, when there is one."""
     ax.grid(True, alpha=0.3, which=which)
     if legend:

@@ -98,7 +98,8 @@ def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: l
     # The val split's size in tokens: --val-tokens; else, for a --max-tokens cut, val_fraction of the cut (train
     # being the rest: a small cut must not lose half its tokens to a val split sized by the whole corpus); else None
     # (val_fraction of the characters).
-    target = val_tokens if val_tokens or not max_tokens else math.ceil(max_tokens * val_fraction / (1 - val_fraction))
+    target = (val_tokens if val_tokens or not max_tokens
+              else math.ceil(max_tokens * val_fraction / (1 - val_fraction)))
     if max_tokens:
         assert target is not None, "a --max-tokens cut sizes the val split"
         share = POOL_MARGIN * target / (target + max_tokens) if val_tokens else val_fraction

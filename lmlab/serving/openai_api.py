@@ -187,7 +187,8 @@ def sampling(body: dict[str, Any], rules: dict[str, Scalar], cap: int, stop: tup
 
 # -- log-probabilities and prompts as tokens: what evaluators (lm-evaluation-harness's local-completions) send --
 
-def logprobs_fields(body: dict[str, Any], rules: dict[str, Scalar], chat: bool) -> tuple[int | None, bool, bool]:
+def logprobs_fields(body: dict[str, Any], rules: dict[str, Scalar],
+                    chat: bool) -> tuple[int | None, bool, bool]:
     """The alternatives to return per token (None: no log-probabilities), `echo`, and whether the request generates.
     Completions take `logprobs` 0-5 and `echo`; chat takes `logprobs: true` with `top_logprobs` 0-20. A completion's
     `max_tokens: 0` with `echo` only reads and scores the prompt; without `echo` it asks for nothing, which is

@@ -146,8 +146,8 @@ async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) ->
     served = state.loaded
     raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
     body = await in_lane(http, state.parse, len(raw), read, state.names, raw, *args)
-    rendered = None if body.turns is None else await in_lane(http, state.render, len(raw), render_chat, served,
-                                                              body.turns)
+    rendered = None if body.turns is None else await in_lane(http, state.render, len(raw), render_chat,
+                                                              served, body.turns)
     return await in_lane(http, state.parse, len(raw), finish, served, body, rendered)
 
 
@@ -188,7 +188,12 @@ def add_completion_routes(app: Any, state: State) -> None:
         request = await parsed(http, state, read_request, parse_request, chat)
         pending = Answer(request, http.scope.setdefault("lmlab", {}),
                          lambda token: state.loaded.run.tokenizer.decode([token]), state.metrics.tokens)
-        admit(state, pending)
+        try:
+            state.loaded.batcher.submit(pending.job)
+        except QueueFull:
+            raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, "
+                           "--max-queue); retry shortly.", code="server_busy", kind="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
         state.metrics.prompt_tokens.inc(request.prompt_tokens)
         top = head(chat, state.name, uuid.uuid4().hex)
         if request.stream:
@@ -205,15 +210,6 @@ def add_completion_routes(app: Any, state: State) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest) -> Any:
         return await answer(http, chat=True)
-
-
-def admit(state: State, pending: Answer) -> None:
-    """Put a request into the batch's queue, or refuse it with 429 when the batch and its queue are full."""
-    try:
-        state.loaded.batcher.submit(pending.job)
-    except QueueFull:
-        raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, --max-queue); "
-                       "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
 
 
 async def whole(http: Any, state: State, pending: Answer) -> bool:

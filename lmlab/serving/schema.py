@@ -69,10 +69,9 @@ def exact_chars(served: Served) -> bool:
     return tokenizer.kind.per_character and tokenizer.backend.normalizer is None
 
 
-def sampling(served: Served, chat: bool) -> dict[str, Any]:
+def sampling(served: Served, endpoint: str) -> dict[str, Any]:
     """The fields both endpoints take (openai_api.SAMPLING) as `openai_api.scalars` has them, and the hints and unused
     fields they accept."""
-    endpoint = "chat" if chat else "completions"
     stop = {"type": "string", "maxLength": STOP_CHARS}
     fields = {**{name: published(rule) for name, rule in
                  scalars(endpoint, served.max_tokens_cap, served.max_batch).items()},
@@ -107,7 +106,7 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
     most = context - len(served.run.tokenizer.encode("", True)) if exact_chars(served) else None
     one = {"anyOf": [text(served, most), ids]}
     prompts = {"type": "array", "minItems": 1, "maxItems": served.max_batch, "items": one}
-    fields = {**sampling(served, False), "prompt": {"anyOf": [one, prompts]}}
+    fields = {**sampling(served, "completions"), "prompt": {"anyOf": [one, prompts]}}
     # k prompts of n choices each are k * n rows of the batch.
     batch = [{"if": {"required": ["prompt"], "properties": {"prompt": {"type": "array", "minItems": k,
                                                                       "items": {"not": {"type": "integer"}}}}},
@@ -117,7 +116,7 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
 
 
 def chat(served: Served, names: list[str]) -> dict[str, Any]:
-    fields = {**sampling(served, True), "messages": messages(served)}
+    fields = {**sampling(served, "chat"), "messages": messages(served)}
     return body(fields, "chat", names, rules(True), required=["messages"])
 
 
@@ -139,8 +138,8 @@ def messages(served: Served) -> dict[str, Any]:
     return schema
 
 
-def body(fields: dict[str, Any], endpoint: str, names: list[str], constraints: list[dict[str, Any]] | None = None,
-         **more: Any) -> dict[str, Any]:
+def body(fields: dict[str, Any], endpoint: str, names: list[str],
+         constraints: list[dict[str, Any]] | None = None, **more: Any) -> dict[str, Any]:
     """An object of `fields` (the endpoint's, its hints and its unused ones) and `model` (one of `names`, or null),
     nothing else, under `constraints` and what `more` says."""
     fields = {**fields, "model": {"enum": [None, *names]}}

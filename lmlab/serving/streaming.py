@@ -182,7 +182,8 @@ class Frames:
 
     def __init__(self, top: dict[str, Any], chat: bool, choices: int):
         self.top, self.chat = top, chat
-        self.texts = [json.dumps(chunk(top, chat, i, "\x00", None)).split(json.dumps("\x00")) for i in range(choices)]
+        mark = json.dumps("\x00")  # stands for the text while the fixed parts are encoded
+        self.texts = [json.dumps(chunk(top, chat, i, "\x00", None)).split(mark) for i in range(choices)]
 
     def text(self, i: int, piece: str) -> str:
         head, tail = self.texts[i]

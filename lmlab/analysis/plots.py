@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -79,9 +79,7 @@ def loss_figure(run: RunDir) -> plt.Figure:
         ax.axvline(step, color="tab:gray", linestyle="--", linewidth=1, label=label if not i else None)
     ax.set(title=f"{run.name}: loss", xlabel="step (optimizer updates)",
            ylabel="cross-entropy loss (nats/token)")
-    ax.grid(True, alpha=0.3)
-    if train or evals or resumed:  # a run before its first log line has nothing to label
-        ax.legend()
+    _gridded(ax, bool(train or evals or resumed))  # a run before its first log line has nothing to label
     return _done(fig)
 
 
@@ -111,9 +109,7 @@ def grad_norm_figure(run: RunDir) -> plt.Figure:
         ax.set_yscale("log")
     ax.set(title=f"{run.name}: gradient norm and learning rate", xlabel="step (optimizer updates)",
            ylabel="gradient norm (L2, all weights)")
-    ax.grid(True, alpha=0.3)
-    if train or bad:
-        ax.legend(loc="upper right")
+    _gridded(ax, bool(train or bad), loc="upper right")
     return _done(fig)
 
 
@@ -136,11 +132,10 @@ def comparison_figure(summaries: list[RunSummary], x: str = "step", log: bool = 
     which needs each run's byte counts."""
     label, pick = X_AXES[x]
     reason = unfair(summaries)
-    if reason:
-        lacking = [s.name for s in summaries if "val" not in s.token_bytes]
-        if lacking:
-            raise UserError(f"these runs cannot share a loss axis: {reason}, and {', '.join(lacking)} keeps no byte "
-                            "counts of its data (dataset.json) to draw it in bits per byte; plot them apart.")
+    lacking = [s.name for s in summaries if "val" not in s.token_bytes] if reason else []
+    if lacking:
+        raise UserError(f"these runs cannot share a loss axis: {reason}, and {', '.join(lacking)} keeps no byte "
+                        "counts of its data (dataset.json) to draw it in bits per byte; plot them apart.")
 
     def y(s: RunSummary, loss: float, split: str) -> float:
         bits = s.bits_per_byte(loss, split if split in s.token_bytes else "val") if reason else None
@@ -162,8 +157,7 @@ def comparison_figure(summaries: list[RunSummary], x: str = "step", log: bool = 
            "cross-entropy loss (nats/token)")
     if log:
         _log_axes(ax)
-    ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _gridded(ax, which="both", fontsize=8)
     return _done(fig)
 
 
@@ -184,8 +178,7 @@ def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Pa
         _log_axes(ax)
         ax.set(xlabel=fit.x_label, ylabel="best val loss (nats/token)",
                title=f"Val loss against {fit.x_label.split(' (')[0]}")
-        ax.grid(True, alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        _gridded(ax, which="both", fontsize=8)
     return _save(fig, Path(path))
 
 
@@ -200,9 +193,15 @@ def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> P
                label=f"context length {block_size}: {100 * beyond:.1f}% of documents are longer")
     ax.set(xscale="log", xlabel="tokens per document (log scale)", ylabel="documents",
            title=f"Document lengths: {len(lengths):,} documents, median {np.median(lengths):,.0f} tokens")
-    ax.grid(True, alpha=0.3, which="both")
-    ax.legend()
+    _gridded(ax, which="both")
     return _save(fig, Path(path))
+
+
+def _gridded(ax: plt.Axes, legend: bool = True, which: Literal["major", "both"] = "major", **placed: Any) -> None:
+    """A faint grid (at the major ticks, or `which`), and the legend, placed as asked, when there is one."""
+    ax.grid(True, alpha=0.3, which=which)
+    if legend:
+        ax.legend(**placed)
 
 
 def _log_axes(ax: plt.Axes) -> None:

@@ -172,15 +172,12 @@ def _nonnegative_lstsq(terms: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient >= 0: of the subsets of the columns, the best solution whose
     coefficients are all non-negative (three columns: eight subsets, checked whole)."""
     columns = terms.shape[1]
-    best, coef = np.inf, np.zeros(columns)
+    fits = []
     for mask in range(1, 2 ** columns):
         keep = [i for i in range(columns) if mask >> i & 1]
-        solved = np.linalg.lstsq(terms[:, keep], y, rcond=None)[0]
-        if (solved < 0).any():
-            continue
         full = np.zeros(columns)
-        full[keep] = solved
-        error = float(((terms @ full - y) ** 2).sum())
-        if error < best:
-            best, coef = error, full
-    return coef
+        full[keep] = np.linalg.lstsq(terms[:, keep], y, rcond=None)[0]
+        if not (full < 0).any():
+            fits.append(full)
+    # the first of the least error; none at all where no subset's is non-negative
+    return min([*fits, np.zeros(columns)], key=lambda coef: float(((terms @ coef - y) ** 2).sum()))

@@ -66,13 +66,14 @@ def _ends(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
     return np.stack([chars, nbytes[chars]])
 
 
-def encode_texts(tokenizer: Tokenizer, texts: list[str], ends: bool = False) -> Encoded:
-    """Every text's ids, counts and (with `ends`) token end positions, encoded ENCODE_CHARS characters at a time so
-    that the tokenizer's per-token objects never exceed that; the texts are chunks of at most
+def _encode_in_worker(texts: list[str], ends: bool) -> Encoded:
+    """Every text's ids, counts and (with `ends`) token end positions, encoded by the worker's tokenizer ENCODE_CHARS
+    characters at a time so that its per-token objects never exceed that; the texts are chunks of at most
     tokenizers.CHUNK_CHARS characters."""
+    assert _tokenizer is not None, "the pool's initializer loads it"
     ids, lengths, token_ends = [], [], []
     for group in _groups(texts):
-        for text, encoding in zip(group, tokenizer.encode_batch(group)):
+        for text, encoding in zip(group, _tokenizer.encode_batch(group)):
             ids.append(np.asarray(encoding.ids, dtype=np.uint32))
             lengths.append(len(encoding.ids))
             if ends:
@@ -82,11 +83,6 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], ends: bool = False) -> 
     flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
     return Encoded(flat, np.asarray(lengths, np.int64), nbytes, chars,
                    np.concatenate(token_ends, axis=1) if ends else None)
-
-
-def _encode_in_worker(texts: list[str], ends: bool) -> Encoded:
-    assert _tokenizer is not None, "the pool's initializer loads it"
-    return encode_texts(_tokenizer, texts, ends)
 
 
 def encode_in_order(batches: Iterator[tuple[Any, list[str]]], tokenizer_path: Path, spec: str,

@@ -106,16 +106,13 @@ class Normalization:
     def normalizer(self) -> normalizers.Normalizer | None:
         """The steps as a `tokenizers` normalizer (None when there are none): what the dataset's tokenizer.json
         holds, and what the documents go through."""
-        parts: list[normalizers.Normalizer] = []
-        for step in self.steps:
-            if step == "nfkc":
-                parts.append(normalizers.NFKC())
-            elif step == "lower":
-                parts.append(normalizers.Lowercase())
-            else:  # accents off the letters they decompose from, typographic marks mapped, the rest dropped
-                parts += [normalizers.NFKD(), normalizers.StripAccents(),
-                          *(normalizers.Replace(old, new) for old, new in ASCII_MAP.items()),
-                          normalizers.Replace(Regex(r"[^\x{0}-\x{7f}]"), "")]
+        made: dict[str, list[normalizers.Normalizer]] = {
+            "nfkc": [normalizers.NFKC()], "lower": [normalizers.Lowercase()],
+            # accents off the letters they decompose from, typographic marks mapped, the rest dropped
+            "ascii": [normalizers.NFKD(), normalizers.StripAccents(),
+                      *(normalizers.Replace(old, new) for old, new in ASCII_MAP.items()),
+                      normalizers.Replace(Regex(r"[^\x{0}-\x{7f}]"), "")]}
+        parts = [part for step in self.steps for part in made[step]]
         if self.keep:
             parts.append(normalizers.Replace(Regex(f"[^{_char_class(self.keep)}]"), ""))
         elif self.drop:

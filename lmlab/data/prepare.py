@@ -113,11 +113,10 @@ def _chars_per_token(tokenizer: Tokenizer, files: list[str], options: PrepareOpt
 def _progress(console: Console | None) -> Progress | TaskLines:
     """The scan's, the tokenizer's and the tokenizing's progress bars."""
     lines = console and task_lines(console, "documents")
-    if lines:
-        return lines
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
-                    TextColumn("{task.fields[tokens]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, disable=console is None)
+    return lines or Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("documents"), TextColumn("{task.fields[tokens]}"),
+                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                             disable=console is None)
 
 
 def _resume_or_start(work: Path, job: dict[str, Any]) -> dict[str, Any]:

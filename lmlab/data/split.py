@@ -71,13 +71,6 @@ POOL_MARGIN = 1.25
 FIRST_GUESS = 8.0
 
 
-def val_target(val_fraction: float, val_tokens: int | None, max_tokens: int | None) -> int | None:
-    """The val split's size in tokens: --val-tokens; else, for a --max-tokens cut, val_fraction of the cut (train
-    being the rest: a small cut must not lose half its tokens to a val split sized by the whole corpus); else None
-    (val_fraction of the characters)."""
-    return val_tokens if val_tokens or not max_tokens else math.ceil(max_tokens * val_fraction / (1.0 - val_fraction))
-
-
 def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: list[str],
                chars_per_token: float = FIRST_GUESS, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
     """Each document's split: TRAIN, VAL, or (with a size in tokens) VAL_WHILE_BUDGET; the rule, with that size as
@@ -102,7 +95,11 @@ def plan_split(scan: Scan, val_fraction: float, val_tokens: int | None, names: l
                                    "cut_at_char": scan.first_cut}
     order = np.lexsort((np.arange(n), scan.keys))
     plan = np.full(n, TRAIN, np.int8)
-    target = val_target(val_fraction, val_tokens, max_tokens)
+    # The val split's size in tokens: --val-tokens; else, for a --max-tokens cut, val_fraction of the cut (train
+    # being the rest: a small cut must not lose half its tokens to a val split sized by the whole corpus); else None
+    # (val_fraction of the characters).
+    target = (val_tokens if val_tokens or not max_tokens
+              else math.ceil(max_tokens * val_fraction / (1 - val_fraction)))
     if max_tokens:
         assert target is not None, "a --max-tokens cut sizes the val split"
         share = POOL_MARGIN * target / (target + max_tokens) if val_tokens else val_fraction

@@ -26,18 +26,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def read_tiktoken_file(path: Path) -> dict[bytes, int]:
-    """A `.tiktoken` file: one `base64(token bytes) rank` pair per line."""
-    pairs = (line.split() for line in Path(path).read_text(encoding="ascii").splitlines() if line.strip())
-    return {base64.b64decode(token): int(rank) for token, rank in pairs}
-
-
 def _tiktoken_ranks(name: str, eot: str) -> tuple[dict[bytes, int], str, int]:
     """(mergeable ranks, pre-tokenization pattern, end-of-text id) of a tiktoken encoding available locally."""
     folder = os.environ.get("TIKTOKEN_CACHE_DIR")
     local = Path(folder, f"{name}.tiktoken") if folder else None
-    if local and local.exists():
-        ranks = read_tiktoken_file(local)
+    if local and local.exists():  # one `base64(token bytes) rank` pair per line
+        pairs = (line.split() for line in local.read_text(encoding="ascii").splitlines() if line.strip())
+        ranks = {base64.b64decode(token): int(rank) for token, rank in pairs}
         return ranks, GPT2_PATTERN, len(ranks)
     require("tiktoken", user=f"tokenizer tiktoken:{name}",
             otherwise=f", or put its file {name}.tiktoken in a folder named by TIKTOKEN_CACHE_DIR")

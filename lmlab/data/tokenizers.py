@@ -135,12 +135,10 @@ def parse_spec(spec: str) -> tuple[str, int]:
     """`bpe:4096` -> ("bpe", 4096); `gpt2`, `tiktoken:gpt2` -> (name, 0)."""
     name, _, argument = spec.partition(":")
     kind = TOKENIZER_KINDS.get(name)
-    if kind is not None and not kind.argument and not argument:
-        return name, 0
-    if kind is not None and kind.argument == "NAME" and NAME.fullmatch(argument):
-        return name, 0
     if kind is not None and kind.argument == "N":
         return name, _size(spec, kind, argument)
+    if kind is not None and (NAME.fullmatch(argument) if kind.argument == "NAME" else not argument):
+        return name, 0
     raise UserError(f"unknown tokenizer {spec!r}; use {named_kinds()} (e.g. bpe:4096), or the path of a folder with a "
                     "tokenizer.json (a Hugging Face model, an lmlab run or dataset).")
 

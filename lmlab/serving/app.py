@@ -50,24 +50,21 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 def unauthorized(headers: dict[bytes, bytes], api_key: str) -> ApiError | None:
-    """The 401 for a request without `Bearer api_key`, or None. The key is compared as the UTF-8 bytes a client sends;
-    the 401 closes the connection, so a client without the key holds none open."""
+    """The 401 for a request without `Bearer api_key`, or None. The key is compared as the UTF-8 bytes a client sends
+    (an environment's bytes that are not UTF-8 as they were: surrogateescape); the 401 closes the connection, so a
+    client without the key holds none open."""
     given = headers.get(b"authorization", b"")
+    key = api_key.encode("utf-8", "surrogateescape")
     scheme, _, token = given.partition(b" ")
     if not given:
         message = "no API key given; send it as `Authorization: Bearer KEY` (the openai client's api_key)."
-    elif scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), key_bytes(api_key)):
+    elif scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), key):
         message = ("the API key given is not this server's (--api-key); check the key sent as "
                    "`Authorization: Bearer KEY`.")
     else:
         return None
     return ApiError(401, message, code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
-
-
-def key_bytes(api_key: str) -> bytes:
-    """The key's bytes: UTF-8, and an environment's bytes that are not UTF-8 as they were (surrogateescape)."""
-    return api_key.encode("utf-8", "surrogateescape")
 
 
 def create_app(state: State) -> Any:

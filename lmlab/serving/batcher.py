@@ -119,8 +119,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self.wake:  # what changes hands between threads changes under the lock
-                while not self.waiting and not self.running and not self.incoming:
-                    self.wake.wait()
+                self.wake.wait_for(lambda: self.waiting or self.running or self.incoming)
                 if self.incoming is not None:
                     self.retiring.append(self.batch)
                     self.batch, self.incoming = self.incoming, None

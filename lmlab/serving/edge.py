@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmlab.core.errors import UserError
 from lmlab.serving.lanes import GONE
+from lmlab.serving.openai_api import ApiError
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def _refusal(status: int, message: str, code: str) -> bytes:
     """A whole HTTP response with OpenAI's error body, for a connection refused before any request was read."""
-    from lmlab.serving.openai_api import ApiError
-
     body = json.dumps(ApiError(status, message, code=code).body()).encode()
     reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
@@ -215,8 +214,6 @@ async def read_body(http: Any, limit: int, timeout: float) -> bytes:
     with 408 when it does not arrive within `timeout` seconds; a client that leaves while sending it ends the request
     with 499, which the access log marks `(client left)`."""
     from starlette.requests import ClientDisconnect
-
-    from lmlab.serving.openai_api import ApiError
 
     too_large = ApiError(413, f"the request body is over {limit:,} bytes, this server's limit (--max-body-bytes); "
                          "send a shorter prompt.", code="request_too_large")

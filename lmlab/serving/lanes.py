@@ -178,13 +178,3 @@ def give_back_memory() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
 
-
-class Lanes:
-    """The server's two lanes: `parse` (bodies read, checked and tokenized) and `render` (chat templates)."""
-
-    def __init__(self) -> None:
-        self.parse = Lane("parse", PARSE_THREADS)
-        self.render = Lane("render", RENDER_THREADS)
-
-    def load(self) -> dict[str, dict[str, int]]:
-        return {"parse": self.parse.load(), "render": self.render.load()}

@@ -55,7 +55,11 @@ class ApiError(Exception):
 
 SAMPLING = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed")
 FIELDS = {"completions": (*SAMPLING, "prompt", "logprobs", "echo"),
-          "chat": (*SAMPLING, "messages", "max_completion_tokens", "logprobs", "top_logprobs")}
+          "chat": (*SAMPLING, "messages", "max_completion_tokens", "logprobs", "top_logprobs"),
+          "tokenize": ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                       "continue_final_message", "return_token_strs"),  # vLLM's, as the next
+          "detokenize": ("model", "tokens")}
+# Taken by OpenAI's endpoints (not vLLM's), and ignored.
 HINTS = ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
          "metadata", "service_tier")
 # Each with the values that mean "not used".
@@ -72,24 +76,21 @@ UNSUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {
 
 
 def json_equal(a: Any, b: Any) -> bool:
-    """Equal as JSON values are: `false` is not `0`, nor `true` `1`, as Python's == has them; 0 and 0.0 are one
-    number."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
-    return a == b
+    """Equal as JSON values are, for a value UNSUPPORTED lists: `false` is not `0`, nor `true` `1`, as Python's ==
+    has them; 0 and 0.0 are one number. None of those values holds a number or a boolean inside, where == is JSON's
+    equality already."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
 def check_fields(body: dict[str, Any], endpoint: str) -> None:
-    """A 400 naming the first field this endpoint neither implements, ignores as a hint, nor leaves unused."""
+    """A 400 naming the first field this endpoint (of FIELDS) neither implements, ignores as a hint, nor leaves
+    unused."""
+    hints = HINTS if endpoint in UNSUPPORTED else ()
     for key, value in body.items():
-        unsupported, name = UNSUPPORTED[endpoint].get(key), key_name(key)
+        unsupported, name = UNSUPPORTED.get(endpoint, {}).get(key), key_name(key)
         if unsupported is not None and not any(json_equal(value, neutral) for neutral in unsupported):
             raise ApiError(400, f"`{name}` is not supported by lmlab serve; leave it out.", name, "unsupported")
-        if unsupported is None and key not in FIELDS[endpoint] and key not in HINTS:
+        if unsupported is None and key not in FIELDS[endpoint] and key not in hints:
             known = ", ".join(FIELDS[endpoint])
             raise ApiError(400, f"unknown field `{name}`; this endpoint takes {known}.", name, "unknown_field")
 
@@ -150,15 +151,6 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def max_new_tokens(body: dict[str, Any], rules: dict[str, Scalar], cap: int) -> int:
-    """`max_completion_tokens` (chat's current name) or `max_tokens`, one of them."""
-    given = [v for name in ("max_completion_tokens", "max_tokens") if name in rules
-             and (v := field(body, name, rules[name], None)) is not None]
-    if len(given) > 1:
-        raise ApiError(400, "`max_completion_tokens` and `max_tokens` are both given; give one of them.", "max_tokens")
-    return given[0] if given else min(256, cap)
-
-
 def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
     """`stream`, and whether the stream ends with a usage chunk (`stream_options.include_usage`)."""
     stream = field(body, "stream", FLAG, False)
@@ -177,8 +169,13 @@ def sampling(body: dict[str, Any], rules: dict[str, Scalar], cap: int, stop: tup
     """The SamplingParams of each of the `n` choices asked for (`rules`: `scalars` of the endpoint): choice i draws
     with seed + i (`seed` is the request's, else a random one)."""
     n = field(body, "n", rules["n"], 1)
+    # `max_completion_tokens` (chat's current name) or `max_tokens`, one of them
+    given = [v for name in ("max_completion_tokens", "max_tokens") if name in rules
+             and (v := field(body, name, rules[name], None)) is not None]
+    if len(given) > 1:
+        raise ApiError(400, "`max_completion_tokens` and `max_tokens` are both given; give one of them.", "max_tokens")
     try:
-        params = SamplingParams(max_new_tokens(body, rules, cap),
+        params = SamplingParams(given[0] if given else min(256, cap),
                                 float(field(body, "temperature", rules["temperature"], 1.0)),
                                 field(body, "top_k", rules["top_k"], None),
                                 float(field(body, "top_p", rules["top_p"], 1.0)),
@@ -190,32 +187,28 @@ def sampling(body: dict[str, Any], rules: dict[str, Scalar], cap: int, stop: tup
 
 # -- log-probabilities and prompts as tokens: what evaluators (lm-evaluation-harness's local-completions) send --
 
-def logprobs_fields(body: dict[str, Any], rules: dict[str, Scalar], chat: bool) -> tuple[int | None, bool]:
-    """The alternatives to return per token (None: no log-probabilities) and `echo`. Completions take `logprobs` 0-5 and
-    `echo`; chat takes `logprobs: true` with `top_logprobs` 0-20."""
+def logprobs_fields(body: dict[str, Any], rules: dict[str, Scalar],
+                    chat: bool) -> tuple[int | None, bool, bool]:
+    """The alternatives to return per token (None: no log-probabilities), `echo`, and whether the request generates.
+    Completions take `logprobs` 0-5 and `echo`; chat takes `logprobs: true` with `top_logprobs` 0-20. A completion's
+    `max_tokens: 0` with `echo` only reads and scores the prompt; without `echo` it asks for nothing, which is
+    refused."""
     if chat:
         wanted = field(body, "logprobs", rules["logprobs"], False)
         top = field(body, "top_logprobs", rules["top_logprobs"], None)
         if top is not None and not wanted:
             raise ApiError(400, "`top_logprobs` goes with `logprobs: true`.", "top_logprobs")
-        return (top or 0) if wanted else None, False
+        return (top or 0) if wanted else None, False, True
     top = field(body, "logprobs", rules["logprobs"], None)
     echo = field(body, "echo", rules["echo"], False)
     if echo and body.get("stream"):
         raise ApiError(400, "`echo` cannot be streamed: the prompt's log-probabilities come whole; leave out `stream` "
                        "or `echo`.", "echo")
-    return top, echo
-
-
-def generates(body: dict[str, Any], echo: bool) -> bool:
-    """Whether a completion generates: `max_tokens: 0` with `echo` only reads and scores the prompt; without `echo` it
-    asks for nothing, which is refused."""
-    if not whole(body.get("max_tokens")) or body["max_tokens"] != 0:
-        return True
-    if not echo:
+    generate = not whole(body.get("max_tokens")) or body["max_tokens"] != 0
+    if not generate and not echo:
         raise ApiError(400, "`max_tokens` is 0, which generates nothing; pass `echo: true` to score the prompt alone, "
                        "or max_tokens of 1 or more.", "max_tokens")
-    return False
+    return top, echo, generate
 
 
 def prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:

@@ -16,8 +16,6 @@ from lmlab.serving.openai_api import (
     ApiError,
     chat_messages,
     check_fields,
-    generates,
-    key_name,
     logprobs_fields,
     prompt_list,
     sampling,
@@ -75,21 +73,6 @@ class Request:
         return sum(map(len, self.prompts))
 
 
-def json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON ({err}).")
-    except ValueError:  # Python's limit on the digits of an integer it reads
-        raise ApiError(400, "the request body holds a number of more than 4,300 digits; no field takes one.")
-    except RecursionError:
-        raise ApiError(400, "the request body nests JSON arrays or objects too deeply; no field of this API nests "
-                       "more than a few levels.")
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object.")
-    return body
-
-
 def check_model(model: Any, names: list[str]) -> None:
     """A 404 unless `model` (a body's, or a route's {model_id}) is one of `names`, or not given."""
     if model not in (None, *names):
@@ -105,11 +88,27 @@ class Body:
     turns: list[tuple[str, str]] | None = None
 
 
+def read_fields(names: list[str], raw: bytes, endpoint: str) -> dict[str, Any]:
+    """A body of `endpoint` (of openai_api.FIELDS): a JSON object of the fields it takes, for a model served here."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err}).")
+    except ValueError:  # Python's limit on the digits of an integer it reads
+        raise ApiError(400, "the request body holds a number of more than 4,300 digits; no field takes one.")
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON arrays or objects too deeply; no field of this API nests "
+                       "more than a few levels.")
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    check_fields(body, endpoint)
+    check_model(body.get("model"), names)
+    return body
+
+
 def read_request(names: list[str], raw: bytes, chat: bool) -> Body:
     """A completion or chat body: JSON, the fields this endpoint takes, the model, a chat's messages."""
-    body = json_object(raw)
-    check_fields(body, "chat" if chat else "completions")
-    check_model(body.get("model"), names)
+    body = read_fields(names, raw, "chat" if chat else "completions")
     return Body(body, chat_messages(body.get("messages")) if chat else None)
 
 
@@ -167,8 +166,7 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
     else:
         prompts, stops = prompt_list(fields.get("prompt", ""), served.run.config.model.vocab_size), ()
     rules = scalars("chat" if chat else "completions", served.max_tokens_cap, served.max_batch)
-    logprobs, echo = logprobs_fields(fields, rules, chat)
-    generate = chat or generates(fields, echo)
+    logprobs, echo, generate = logprobs_fields(fields, rules, chat)
     stream, include_usage = stream_fields(fields)
     params = sampling(fields if generate else {**fields, "max_tokens": None}, rules, served.max_tokens_cap, stops,
                       secrets.randbelow(2**63))
@@ -184,25 +182,10 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
                    generate)
 
 
-TOKENIZE = ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "continue_final_message",
-            "return_token_strs")
-
-
-def vllm_body(names: list[str], raw: bytes, taken: tuple[str, ...], takes: str) -> dict[str, Any]:
-    """A body of vLLM's routes: a JSON object of the fields `taken` (a 400 naming another, saying the route `takes`),
-    for a model served here."""
-    body = json_object(raw)
-    unknown = next((key_name(name) for name in body if name not in taken), None)
-    if unknown is not None:
-        raise ApiError(400, f"unknown field `{unknown}`; {takes}.", unknown, "unknown_field")
-    check_model(body.get("model"), names)
-    return body
-
-
 def read_tokenize(names: list[str], raw: bytes) -> Body:
     """vLLM's /tokenize body: `prompt` (a string) or `messages` (a chat, rendered as /v1/chat/completions renders
     it), and its flags."""
-    body = vllm_body(names, raw, TOKENIZE, f"/tokenize takes {', '.join(TOKENIZE)}")
+    body = read_fields(names, raw, "tokenize")
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "/tokenize takes `prompt` (a string) or `messages` (a chat), one of them.", "prompt")
     flags = {name: body_field(body, name, FLAG, default) for name, default in
@@ -230,7 +213,7 @@ def tokenize_request(served: Served, body: Body, rendered: ChatPrompt | None = N
 
 def detokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
     """vLLM's /detokenize: `tokens` (ids of this model's vocabulary) to {prompt: their text}."""
-    body = vllm_body(names, raw, ("model", "tokens"), "/detokenize takes model and tokens")
+    body = read_fields(names, raw, "detokenize")
     tokens, vocab = body.get("tokens"), served.run.tokenizer.vocab_size
     if not isinstance(tokens, list) or not all(whole(t) and 0 <= t < vocab for t in tokens):
         raise ApiError(400, f"`tokens` must be a list of token ids from 0 to {vocab - 1}.", "tokens")

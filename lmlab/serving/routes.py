@@ -1,14 +1,16 @@
 """The routes of `lmlab serve`: `ROUTES`, the table the 404's text, the metrics' labels, the API key's exemptions
 and the OpenAPI document are read from; and the groups that register them on the FastAPI app, each a function:
-errors in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. FastAPI
-is imported inside them; `lmlab serve` asks for the `serve` extra (lmlab.core.extras) before it imports this."""
+errors in OpenAI's shape; health, metrics and models; vLLM's tokenize and detokenize; completions and chats. It
+imports FastAPI: `lmlab serve` asks for the `serve` extra (lmlab.core.extras) before it imports this."""
 
-# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (HttpRequest, a local name)
-# at run time to know what to pass them.
 import asyncio
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from lmlab.serving.batcher import QueueFull
 from lmlab.serving.edge import read_body
@@ -47,12 +49,6 @@ class Route:
         """The route as people and the metrics name it: `{model_id}` as `{id}`."""
         return self.path.replace("{model_id}", "{id}")
 
-    @property
-    def prefix(self) -> str | None:
-        """What a request's path starts with for a route with a parameter; None for a fixed path."""
-        return self.path.split("{")[0] if "{" in self.path else None
-
-
 ROUTES = (
     Route("GET", "/health", keyed=False),
     Route("GET", "/metrics", keyed=False, loading=False),
@@ -75,18 +71,14 @@ def answered() -> str:
 def label(path: str) -> str:
     """The route a request's path is counted under in the metrics (unknown paths together, so they add no
     series)."""
-    for route in ROUTES:
-        if path == route.path or (route.prefix and path.startswith(route.prefix)):
+    for route in ROUTES:  # a route with a parameter by what its path starts with
+        if path == route.path or ("{" in route.path and path.startswith(route.path.split("{")[0])):
             return route.label
     return "other"
 
 
 def add_error_handlers(app: Any) -> None:
     """Every error as OpenAI's error body: ours (ApiError), a route or method that does not exist, and a bug."""
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import Response
-    from starlette.exceptions import HTTPException
-
     @app.exception_handler(ApiError)
     async def api_error(_: HttpRequest, err: ApiError) -> Response:
         return err.response()
@@ -108,8 +100,6 @@ def add_error_handlers(app: Any) -> None:
 
 def add_status_routes(app: Any, state: State) -> None:
     """/health (503 with the phase while loading or draining), /metrics, /v1/models and /v1/models/{id}."""
-    from fastapi.responses import JSONResponse, Response
-
     @app.get("/health")
     async def health() -> JSONResponse:
         served = state.served
@@ -121,7 +111,7 @@ def add_status_routes(app: Any, state: State) -> None:
                              "decode_step_why": state.decode_why, "compiled_step": state.compiled,
                              "threads": state.threads, "decoding": decoding,
                              "max_batch": served.max_batch, "waiting": waiting, "max_queue": served.batcher.max_queue,
-                             "lanes": state.lanes.load()})
+                             "lanes": {lane.name: lane.load() for lane in (state.parse, state.render)}})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -140,9 +130,6 @@ def add_status_routes(app: Any, state: State) -> None:
 
 def add_token_routes(app: Any, state: State) -> None:
     """vLLM's /tokenize and /detokenize, parsed in the lanes, off the event loop."""
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import Response
-
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest) -> Any:
         return Response(await parsed(http, state, read_tokenize, tokenize_request), media_type="application/json")
@@ -150,18 +137,18 @@ def add_token_routes(app: Any, state: State) -> None:
     @app.post("/detokenize")
     async def detokenize(http: HttpRequest) -> Any:
         raw = await read_body(http, state.loaded.max_body_bytes, state.edge.body_timeout)
-        return await in_lane(http, state.lanes.parse, len(raw), detokenize_request, state.loaded, state.names, raw)
+        return await in_lane(http, state.parse, len(raw), detokenize_request, state.loaded, state.names, raw)
 
 
 async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) -> Any:
     """A body through the lanes: `read` (JSON, field names, a chat's turns) and `finish` (values, tokens) in the
     parse lane, a chat's turns rendered between them in the render lane."""
-    served, lanes = state.loaded, state.lanes
+    served = state.loaded
     raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
-    body = await in_lane(http, lanes.parse, len(raw), read, state.names, raw, *args)
-    rendered = None if body.turns is None else await in_lane(http, lanes.render, len(raw), render_chat, served,
-                                                              body.turns)
-    return await in_lane(http, lanes.parse, len(raw), finish, served, body, rendered)
+    body = await in_lane(http, state.parse, len(raw), read, state.names, raw, *args)
+    rendered = None if body.turns is None else await in_lane(http, state.render, len(raw), render_chat,
+                                                              served, body.turns)
+    return await in_lane(http, state.parse, len(raw), finish, served, body, rendered)
 
 
 async def in_lane(http: Any, lane: Lane, cost: int, fn: Any, *args: Any) -> Any:
@@ -183,9 +170,6 @@ async def in_lane(http: Any, lane: Lane, cost: int, fn: Any, *args: Any) -> Any:
 def add_completion_routes(app: Any, state: State) -> None:
     """/v1/completions and /v1/chat/completions: a request parsed in the lanes, admitted to the batch (429
     when it and its queue are full), and answered whole or streamed as server-sent events."""
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-
     class EventStream(StreamingResponse):
         """A streamed answer that gives its rows back however it ends: finished, client gone (even before the
         first chunk, when the stream never starts), or failed."""
@@ -204,7 +188,12 @@ def add_completion_routes(app: Any, state: State) -> None:
         request = await parsed(http, state, read_request, parse_request, chat)
         pending = Answer(request, http.scope.setdefault("lmlab", {}),
                          lambda token: state.loaded.run.tokenizer.decode([token]), state.metrics.tokens)
-        admit(state, pending)
+        try:
+            state.loaded.batcher.submit(pending.job)
+        except QueueFull:
+            raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, "
+                           "--max-queue); retry shortly.", code="server_busy", kind="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
         state.metrics.prompt_tokens.inc(request.prompt_tokens)
         top = head(chat, state.name, uuid.uuid4().hex)
         if request.stream:
@@ -221,15 +210,6 @@ def add_completion_routes(app: Any, state: State) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest) -> Any:
         return await answer(http, chat=True)
-
-
-def admit(state: State, pending: Answer) -> None:
-    """Put a request into the batch's queue, or refuse it with 429 when the batch and its queue are full."""
-    try:
-        state.loaded.batcher.submit(pending.job)
-    except QueueFull:
-        raise ApiError(429, "the server is busy: the batch and its queue are full (--max-batch, --max-queue); "
-                       "retry shortly.", code="server_busy", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
 
 
 async def whole(http: Any, state: State, pending: Answer) -> bool:

@@ -23,7 +23,7 @@ from lmlab.serving.openai_api import (
     Scalar,
     scalars,
 )
-from lmlab.serving.requests import TOKENIZE, Served
+from lmlab.serving.requests import Served
 from lmlab.serving.routes import ROUTES
 
 EVENT = {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}  # a streamed event's data: a chunk, then [DONE]
@@ -69,18 +69,9 @@ def exact_chars(served: Served) -> bool:
     return tokenizer.kind.per_character and tokenizer.backend.normalizer is None
 
 
-def prompt_text(served: Served) -> dict[str, Any]:
-    """A prompt as text: of exact characters, at most those that fit the context beside the special tokens the
-    tokenizer adds (the server checks as much, exactly); of other tokenizers, whatever its length (the server counts
-    its tokens, which JSON Schema cannot: a prompt longer than the context is a 400 context_length_exceeded)."""
-    most = served.context - len(served.run.tokenizer.encode("", True))
-    return text(served, most if exact_chars(served) else None)
-
-
-def sampling(served: Served, chat: bool) -> dict[str, Any]:
+def sampling(served: Served, endpoint: str) -> dict[str, Any]:
     """The fields both endpoints take (openai_api.SAMPLING) as `openai_api.scalars` has them, and the hints and unused
     fields they accept."""
-    endpoint = "chat" if chat else "completions"
     stop = {"type": "string", "maxLength": STOP_CHARS}
     fields = {**{name: published(rule) for name, rule in
                  scalars(endpoint, served.max_tokens_cap, served.max_batch).items()},
@@ -109,20 +100,24 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
     vocab, context = served.run.config.model.vocab_size, served.context
     ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}, "minItems": 1,
            "maxItems": context}
-    one = {"anyOf": [prompt_text(served), ids]}
+    # A prompt as text: of exact characters, at most those that fit the context beside the special tokens the tokenizer
+    # adds (the server checks as much, exactly); of other tokenizers, whatever its length (the server counts its
+    # tokens, which JSON Schema cannot: a prompt longer than the context is a 400 context_length_exceeded).
+    most = context - len(served.run.tokenizer.encode("", True)) if exact_chars(served) else None
+    one = {"anyOf": [text(served, most), ids]}
     prompts = {"type": "array", "minItems": 1, "maxItems": served.max_batch, "items": one}
-    fields = {**sampling(served, False), "model": {"enum": [None, *names]}, "prompt": {"anyOf": [one, prompts]}}
+    fields = {**sampling(served, "completions"), "prompt": {"anyOf": [one, prompts]}}
     # k prompts of n choices each are k * n rows of the batch.
     batch = [{"if": {"required": ["prompt"], "properties": {"prompt": {"type": "array", "minItems": k,
                                                                       "items": {"not": {"type": "integer"}}}}},
               "then": {"properties": {"n": published(Scalar((int,), 1, served.max_batch // k))}}}
              for k in range(2, served.max_batch + 1)]
-    return body(fields, FIELDS["completions"], rules(False) + batch)
+    return body(fields, "completions", names, rules(False) + batch)
 
 
 def chat(served: Served, names: list[str]) -> dict[str, Any]:
-    fields = {**sampling(served, True), "model": {"enum": [None, *names]}, "messages": messages(served)}
-    return {**body(fields, FIELDS["chat"], rules(True)), "required": ["messages"]}
+    fields = {**sampling(served, "chat"), "messages": messages(served)}
+    return body(fields, "chat", names, rules(True), required=["messages"])
 
 
 def messages(served: Served) -> dict[str, Any]:
@@ -143,27 +138,27 @@ def messages(served: Served) -> dict[str, Any]:
     return schema
 
 
-def body(fields: dict[str, Any], taken: tuple[str, ...], constraints: list[dict[str, Any]]) -> dict[str, Any]:
-    """An object of `fields` (the endpoint's, its hints and its unused ones), nothing else, under `constraints`."""
-    assert set(taken) <= set(fields), set(taken) - set(fields)
+def body(fields: dict[str, Any], endpoint: str, names: list[str],
+         constraints: list[dict[str, Any]] | None = None, **more: Any) -> dict[str, Any]:
+    """An object of `fields` (the endpoint's, its hints and its unused ones) and `model` (one of `names`, or null),
+    nothing else, under `constraints` and what `more` says."""
+    fields = {**fields, "model": {"enum": [None, *names]}}
+    assert set(FIELDS[endpoint]) <= set(fields), set(FIELDS[endpoint]) - set(fields)
     return {"type": "object", "additionalProperties": False, "properties": fields,
-            **({"allOf": constraints} if constraints else {})}
+            **({"allOf": constraints} if constraints else {}), **more}
 
 
 def tokenize(served: Served, names: list[str]) -> dict[str, Any]:
     flag = published(FLAG)
-    fields = {"model": {"enum": [None, *names]}, "prompt": text(served),
-              "messages": messages(served), "add_special_tokens": flag, "return_token_strs": flag,
-              "add_generation_prompt": {"enum": [True, None]}, "continue_final_message": {"enum": [False, None]}}
-    return {**body(fields, TOKENIZE, []), "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+    fields = {"prompt": text(served), "messages": messages(served), "add_special_tokens": flag,
+              "return_token_strs": flag, "add_generation_prompt": {"enum": [True, None]},
+              "continue_final_message": {"enum": [False, None]}}
+    return body(fields, "tokenize", names, oneOf=[{"required": ["prompt"]}, {"required": ["messages"]}])
 
 
 def detokenize(served: Served, names: list[str]) -> dict[str, Any]:
-    vocab = served.run.tokenizer.vocab_size
-    return {"type": "object", "additionalProperties": False, "required": ["tokens"],
-            "properties": {"model": {"enum": [None, *names]},
-                           "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0,
-                                                                 "maximum": vocab - 1}}}}
+    ids = {"type": "integer", "minimum": 0, "maximum": served.run.tokenizer.vocab_size - 1}
+    return body({"tokens": {"type": "array", "items": ids}}, "detokenize", names, required=["tokens"])
 
 
 BODIES = {"/v1/completions": completions, "/v1/chat/completions": chat, "/tokenize": tokenize,

@@ -101,7 +101,11 @@ class Startup:
             if batch is None:
                 batch = self._uncompiled(run, StepChoice("eager, compiling", "until the compiled step is built in the "
                                                          "background", choice.weights) if compiles else choice)
-            state.served = self._served(run, batch, folder)
+            assert state.relay is not None, "the server sets the relay up before it starts loading"
+            created = int((folder / "state.json").stat().st_mtime)  # when the served checkpoint was written
+            state.served = Served(run, Batcher(batch, options.max_queue, state.relay.publish),
+                                  options.max_tokens_cap, options.max_batch, options.max_body_bytes, created,
+                                  max_prompt_chars(run), document_start(run.tokenizer))
             # Said before /health says it: a log read as the server's readiness never lags the server.
             state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "
                       f"{state.decode_step} ({state.decode_why}) on {state.threads} thread"
@@ -150,14 +154,6 @@ class Startup:
         assert self.threads is not None, "only the rule changes the threads"
         self.state.threads = choice.threads
         self.state.log(f"lmlab serve: decoding on {choice.describe(self.threads.chooser.override)}")
-
-    def _served(self, run: LoadedRun, batch: Batch, folder: Path) -> Served:
-        options = self.options
-        created, relay = int((folder / "state.json").stat().st_mtime), self.state.relay
-        assert relay is not None, "the server sets the relay up before it starts loading"
-        return Served(run, Batcher(batch, options.max_queue, relay.publish), options.max_tokens_cap,
-                      options.max_batch, options.max_body_bytes, created, max_prompt_chars(run),
-                      document_start(run.tokenizer))
 
     def _kept(self, run: LoadedRun, folder: Path) -> Batch | None:
         """A batch decoding with the kept compiled step of the served weights, or None when none is kept, it is refused

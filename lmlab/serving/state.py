@@ -13,7 +13,7 @@ from typing import Any
 from lmlab.core.busy import check_threads
 from lmlab.core.errors import UserError
 from lmlab.serving.edge import ServeLimits
-from lmlab.serving.lanes import Lanes
+from lmlab.serving.lanes import PARSE_THREADS, RENDER_THREADS, Lane
 from lmlab.serving.metrics import Metrics
 from lmlab.serving.requests import Served
 from lmlab.serving.streaming import Relay
@@ -58,8 +58,8 @@ class ServeOptions:
 @dataclass
 class State:
     """The server from its first moment: its names and key, the phase of its start (the run once served), the
-    decode step in use, whether it drains, its metrics and the lanes its requests are parsed in. `start` (given
-    the state) begins loading once the port is open."""
+    decode step in use, whether it drains, its metrics and the lanes its requests are parsed in (`parse`, `render`).
+    `start` (given the state) begins loading once the port is open."""
 
     names: list[str]  # the model ids it answers to; the first is the one it answers with
     api_key: str | None
@@ -77,8 +77,9 @@ class State:
     failure: str | None = None  # why loading failed: the server stops, and the command says it
     relay: Relay | None = None
     metrics: Metrics = field(init=False)
-    # where requests' CPU work runs, bounded (lmlab.serving.lanes)
-    lanes: Lanes = field(init=False, default_factory=Lanes)
+    # Where requests' CPU work runs, bounded (lmlab.serving.lanes): bodies read, checked and tokenized; chat templates.
+    parse: Lane = field(init=False, default_factory=lambda: Lane("parse", PARSE_THREADS))
+    render: Lane = field(init=False, default_factory=lambda: Lane("render", RENDER_THREADS))
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.live)

@@ -177,20 +177,17 @@ def event(data: Any) -> str:
 
 
 class Frames:
-    """The SSE frames of one stream, the parts of a text chunk that never change encoded once per choice."""
+    """The SSE frames of one stream of `choices`, the parts of a text chunk that never change encoded once per
+    choice (around a mark that stands for the text)."""
 
-    MARK = "\x00"  # stands for the text while the fixed parts are encoded
-
-    def __init__(self, top: dict[str, Any], chat: bool):
+    def __init__(self, top: dict[str, Any], chat: bool, choices: int):
         self.top, self.chat = top, chat
-        self.texts: dict[int, tuple[str, str]] = {}
+        mark = json.dumps("\x00")  # stands for the text while the fixed parts are encoded
+        self.texts = [json.dumps(chunk(top, chat, i, "\x00", None)).split(mark) for i in range(choices)]
 
     def text(self, i: int, piece: str) -> str:
-        if i not in self.texts:
-            head, tail = json.dumps(chunk(self.top, self.chat, i, self.MARK, None)).split(json.dumps(self.MARK))
-            self.texts[i] = (f"data: {head}", f"{tail}\n\n")
         head, tail = self.texts[i]
-        return head + json.dumps(piece) + tail
+        return f"data: {head}{json.dumps(piece)}{tail}\n\n"
 
     def of(self, events: list[Event], answer: Answer) -> str:
         """The frames of a step's events: a chunk for each text piece (with its tokens' log-probabilities when asked)
@@ -215,7 +212,7 @@ async def server_sent_events(answer: Answer, top: dict[str, Any]) -> AsyncIterat
         top = {**top, "usage": None}  # OpenAI's other chunks carry a null usage when one comes at the end
     if chat:
         yield "".join(event(chunk(top, True, i, None, None, role=True)) for i in range(len(answer.reasons)))
-    frames = Frames(top, chat)
+    frames = Frames(top, chat, len(answer.reasons))
     while not answer.finished:
         waiting = frames.of(await answer.next_events(), answer)
         if waiting:

@@ -1,7 +1,8 @@
 """A write-up as a list of blocks (headings, paragraphs, tables, images, code, bullet lists, folded sections),
-rendered as Markdown that a code host shows as is, or as one self-contained HTML page with its images inlined.
+rendered as Markdown that a code host shows as is, or as one self-contained HTML page with its images inlined: that
+Markdown rendered as CommonMark with GitHub's tables (markdown-it, which rich brings), raw HTML in it escaped.
 
-Inline text may hold `code` and **bold**, nothing else: both renderers understand exactly that much.
+Inline text is Markdown: `code` and **bold** are what the sections write.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -89,43 +91,28 @@ def _row(cells: list[str]) -> str:
 
 def to_html(title: str, blocks: list[Block], folder: Path) -> str:
     """One page with no outside references: images (files in `folder`) are inlined as data URIs."""
-    body = "\n".join(_html(b, folder) for b in blocks)
+    from markdown_it import MarkdownIt
+
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
+    body = "\n".join(_html(b, folder, renderer) for b in blocks)
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n"
             f"<style>{STYLE}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
 
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
-         "table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem}"
-         "th{background:#f3f3f3}td.r{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
-         ".scroll{overflow-x:auto}"
+         "table{border-collapse:collapse;margin:1rem 0;display:block;overflow-x:auto}"
+         "th,td{border:1px solid #ccc;padding:.25rem .6rem}th{background:#f3f3f3}"
+         "td[style*=right]{font-variant-numeric:tabular-nums;white-space:nowrap}"
          "pre{background:#f6f6f6;padding:.8rem;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}"
          "code{background:#f3f3f3;padding:0 .2rem}pre code{background:none;padding:0}")
 
 
-def _html(block: Block, folder: Path) -> str:
-    if isinstance(block, Heading):
-        return f"<h{block.level}>{_inline(block.text)}</h{block.level}>"
-    if isinstance(block, Paragraph):
-        return f"<p>{_inline(block.text)}</p>"
-    if isinstance(block, Bullets):
-        return "<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.items) + "</ul>"
-    if isinstance(block, Table):
-        right = block.right or [False] * len(block.headers)
-        head = "".join(f"<th>{_inline(h)}</th>" for h in block.headers)
-        rows = "".join("<tr>" + "".join(f"<td{' class=r' if r else ''}>{_inline(c)}</td>" for c, r in zip(row, right))
-                       + "</tr>" for row in block.rows)
-        return f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+def _html(block: Block, folder: Path, renderer: Any) -> str:
+    """A block as HTML: its Markdown rendered, but for an image, inlined, and a folded section, whose blocks are."""
     if isinstance(block, Image):
         data = base64.b64encode((folder / block.file).read_bytes()).decode()
         return f"<p><img alt=\"{html.escape(block.alt)}\" src=\"data:image/png;base64,{data}\"></p>"
-    if isinstance(block, Code):
-        return f"<pre><code>{html.escape(block.text.rstrip())}</code></pre>"
-    inner = "\n".join(_html(b, folder) for b in block.blocks)
-    return f"<details><summary>{html.escape(block.summary)}</summary>\n{inner}\n</details>"
-
-
-def _inline(text: str) -> str:
-    """Escaped text with `code` and **bold** as HTML."""
-    parts = re.split(r"(`[^`]+`)", text)
-    return "".join(f"<code>{html.escape(p[1:-1])}</code>" if p.startswith("`") and p.endswith("`") and len(p) > 1
-                   else re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(p)) for p in parts)
+    if isinstance(block, Folded):
+        inner = "\n".join(_html(b, folder, renderer) for b in block.blocks)
+        return f"<details><summary>{html.escape(block.summary)}</summary>\n{inner}\n</details>"
+    return renderer.render(_markdown(block))

@@ -147,9 +147,8 @@ def build_report(paths: list[Path], out: Path, options: Options | None = None, *
 def _samples(facts: list[RunFacts], options: Options) -> list[Block]:
     prompt, params = options.prompt, options.params
     if options.grid is not None:
-        cells = [c for f in facts for c in f.cells]
         unsampled = [Paragraph(f"`{f.name}`: {f.not_sampled}") for f in facts if f.not_sampled]
-        grid = Grid([f.name for f in facts], *options.grid, params, cells, options.chat)
+        grid = Grid([f.name for f in facts], *options.grid, params, [c for f in facts for c in f.cells], options.chat)
         return [Heading("Samples"), *grid.blocks(3),
                 *unsampled]
     asked = f"prompt `{prompt}`" if prompt else "an empty prompt (the start of a document)"

@@ -1,9 +1,9 @@
 """The machine cache, `$XDG_CACHE_HOME/lmlab/machine.json` (default `~/.cache/lmlab/`): the one file that keeps what
 was measured on this machine, the matmul peak per dtype (lmlab.core.peak) and a config's step timing
-(lmlab.train.timing), and what is slow to compute again, memory estimates (lmlab.model.memory.remembered). Each entry sits under
-its kind and a digest of what it depends on, with a checksum of its fields. It only saves work: a file that cannot be
-read, is damaged, edited or written by another lmlab, or cannot be written is a note (`take_notes`, said once a
-process) and the value is had again."""
+(lmlab.train.timing), and what is slow to compute again, memory estimates (lmlab.model.memory.remembered).
+Each entry sits under its kind and a digest of what it depends on, with a checksum of its fields. It only saves work:
+a file that cannot be read, is damaged, edited or written by another lmlab, or cannot be written is a note
+(`take_notes`, said once a process) and the value is had again."""
 
 from __future__ import annotations
 

@@ -369,6 +369,30 @@ def test_budget_settings_are_checked(tmp_path, char_dataset, capsys):
 
 
 @pytest.mark.slow
+def test_a_budget_spent_by_a_checkpoints_write_ends_the_run_there_and_a_resume_trains_no_more(
+        tmp_path, char_dataset, monkeypatch):
+    """The budget decides after a step's evaluation and checkpoint. Where a slow write (a busy disk) spent what was
+    left, the run ends at that step, and the checkpoint it resumes from must say so: saved again with the plan that
+    ended it, a resume trains no step more (a loaded host's run once went on by one)."""
+    import lmlab.run.checkpoint as ckpt
+    write, slowed = ckpt.save_checkpoint, []
+
+    def slow_first(root, step, *args, **kwargs):
+        if not slowed:
+            slowed.append(step)
+            time.sleep(load_config(root.parent / "config.toml").train.budget_seconds)  # the whole budget, spent
+        return write(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_first)
+    result, _ = trained(tmp_path, char_dataset, 2.0, ["train.checkpoint_interval=2", "train.eval_interval=2"])
+    monkeypatch.setattr(ckpt, "save_checkpoint", write)
+    last = plans_of(result.run_dir)[-1]
+    assert result.steps == slowed[0] == last.max_iters and last.reason == "last"
+    again = Trainer(load_config(result.run_dir / "config.toml"), result.run_dir, "cpu", resume=True).run()
+    assert again.steps == result.steps
+
+
+@pytest.mark.slow
 def test_a_planned_run_resumes_with_its_budget_or_by_steps_but_not_with_another_budget(tmp_path, char_dataset):
     result, seconds = trained(tmp_path, char_dataset, 1.0)
     run = result.run_dir

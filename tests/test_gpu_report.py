@@ -101,7 +101,7 @@ def test_the_dry_run_walks_the_leases_parts_and_caps_and_writes_every_row_and_th
                     rows["Shakespeare-char recipe (configs/shakespeare-char.toml)"])
     assert re.match(r"\d\.\d{4} \(best, step 20\)", rows["Shakespeare-char: final val"])
     assert re.match(r"\d+ s in all: \d+ x \d+ \(depth x width\) trained [\d,]+ steps in \d+ s, final val "
-                    r"\d\.\d{4}; sample: '.+'", rows["make demo's commands, budget 30s, --device cpu"])
+                    r"\d\.\d{4}; sample: (['\"]).+\1", rows["make demo's commands, budget 30s, --device cpu"])
     checklist = rows_of(first_hour)
     assert list(checklist) == list(report.CHECKLIST)
     assert checklist["FSDP with torch.compile trains"].startswith("skipped (test_fsdp_with_compile")  # no GPU

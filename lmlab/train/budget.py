@@ -202,6 +202,7 @@ class Budget:
         self.before = 0.0  # the seconds the run's earlier processes took to `resumed_at`, start-ups included
         self.last = made.max_iters  # the steps the run trains: foreseen, final once `decided`
         self.decided = not live
+        self.at_once = False  # decided after the step it ends at: that step's checkpoint kept the plan from before
         self._seen = (made.step, made.spent)  # the newest step whose start is known, and the seconds spent then
         self._steps: deque[float] = deque(maxlen=PACE_STEPS)  # the newest steps' seconds, evaluations left out
         # An evaluation runs on the cores the steps do, so a load that slows them slows it alike: kept in steps.
@@ -328,7 +329,8 @@ class Budget:
         foreseen."""
         foreseen, self.last, self.decided = self.last, last, True
         self.event = dataclasses.replace(now, max_iters=last, reason="last", warmup=self.warmup)
-        if last <= now.step + self.lag:
+        self.at_once = last <= now.step + self.lag
+        if self.at_once:
             self.line = (f"budget {self.plan.seconds:g} s: {max(0.0, self.plan.seconds - now.spent):.1f} s left at "
                          f"step {last}, less than another step ({now.step_seconds:.2f} s) and the end "
                          f"({now.needed(1, self.intervals) - now.step_seconds:.2f} s) need: the run ends here.")

@@ -179,8 +179,8 @@ class Checkpointer:
 
         def log() -> None:
             # Logged once the files are whole, before the folder takes its step's name: a kill leaves neither, or an
-            # event
-            # that resume drops with the unfinished folder; a failed write logs none, and a failed log keeps no folder.
+            # event that resume drops with the unfinished folder; a failed write logs none, and a failed log keeps no
+            # folder.
             self.writes.log({"event": "checkpoint", "step": step, "best": best,
                              "seconds": round(time.perf_counter() - began, 3)})
             if self.writes.error is not None:

@@ -341,12 +341,12 @@ class Trainer:
                     self._say_budget()
                     bar.update(task, completed=p.step, total=schedule.last_step)
                 # The last step is always evaluated (a budget may decide only after a step that it was the last; the
-                # plan kept the time) and saved, unless a stop came first or a write failed, which leaves the newest
-                # checkpoint as it is.
+                # plan kept the time) and saved, again where the budget decided after its save, unless a stop came
+                # first or a write failed, which leaves the newest checkpoint as it is.
                 self._judge_queued_steps()
                 failed = self.parallel.any(self.writes.error is not None)
                 best = evaluated != p.step and not stopping and not failed and self._evaluate_and_log()
-                if (best or self.checkpointer.saved_step != p.step) and not failed:
+                if (best or self.checkpointer.saved_step != p.step or self.budget.at_once) and not failed:
                     self.checkpointer.save(best)
             final = None
             if not stopping and not failed and not self.parallel.any(bool(stop.signal)):  # every rank scores, or none

@@ -23,9 +23,9 @@ from lmlab.model.gpt import GPT, mlp_width
 Rule = tuple[Callable[[ModelConfig], bool], str]
 Lookup = Callable[[str], torch.Tensor | None]  # a source tensor by name, as float32; None when it is missing
 REQUIRED = object()
-# What nn.RMSNorm(eps=None) uses on float32 input, the dtype lmlab exports and computes in by default.
-RMS_EPS = torch.finfo(torch.float32).eps
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default
+# torch's epsilon of each norm: nn.RMSNorm(eps=None)'s on float32 input (the dtype lmlab exports and computes in by
+# default), nn.LayerNorm's default
+TORCH_EPS = {"rmsnorm": torch.finfo(torch.float32).eps, "layernorm": 1e-5}
 
 
 ANY_VALUE: Rule = (lambda cfg: True, "")  # an option the family expresses whatever its value
@@ -57,13 +57,13 @@ def refuse(path: Path, key: str, value: Any, why: str) -> UserError:
 
 def default_eps(cfg: ModelConfig) -> float:
     """The epsilon lmlab's norms use, as a number for config.json."""
-    return cfg.norm_eps or (RMS_EPS if cfg.norm == "rmsnorm" else LAYER_NORM_EPS)
+    return cfg.norm_eps or TORCH_EPS[cfg.norm]
 
 
 def own_eps(eps: float, norm: str) -> float:
     """config.json's epsilon as model.norm_eps: torch's default of the norm becomes 0, so a run that went out
     and came back has the config it left with."""
-    return 0.0 if eps == (RMS_EPS if norm == "rmsnorm" else LAYER_NORM_EPS) else float(eps)
+    return 0.0 if eps == TORCH_EPS[norm] else float(eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,14 +108,11 @@ class Family:
         """Whether the family stores this tensor as (in, out) rather than nn.Linear's (out, in)."""
         return False
 
-    def split_sizes(self, name: str, cfg: ModelConfig, rows: int) -> list[int]:
-        """How lmlab's tensor `name` of `rows` rows divides (along dim 0) into the family's tensors."""
-        parts = len(self.hf_names(name))
-        if parts == 1:
-            return [rows]
+    def split_sizes(self, name: str, cfg: ModelConfig) -> list[int]:
+        """How lmlab's fused tensor `name` divides (along dim 0) into the family's: q, k and v, or gate and up."""
         if ".attn.c_attn." in name:
             return [cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.kv_heads * cfg.head_size]
-        return [mlp_width(cfg)] * parts
+        return [mlp_width(cfg)] * 2
 
     @torch.no_grad()
     def load(self, lookup: Lookup, model: GPT) -> None:
@@ -152,7 +149,8 @@ class Family:
                 continue
             if name.endswith(("wte.weight", "lm_head.weight")):
                 value = value[:cfg.vocab_size]
-            yield from zip(self.hf_names(name), value.split(self.split_sizes(name, cfg, value.shape[0])))
+            names = self.hf_names(name)
+            yield from zip(names, value.split(self.split_sizes(name, cfg)) if len(names) > 1 else [value])
 
     def from_lmlab(self, model: GPT) -> dict[str, torch.Tensor]:
         """The model's tensors under the family's names and layouts, the vocabulary padding cut off."""

@@ -11,7 +11,7 @@ from lmlab.core.fileio import host_memory, human_bytes
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT
 from lmlab.model.kinds import construct
-from lmlab.model.memory import UNCOUNTABLE, NoInit, model_bytes
+from lmlab.model.memory import UNCOUNTABLE, model_bytes, on_meta
 from lmlab.model.recurrent import RecurrentLM
 
 __all__ = ["GPT", "LanguageModel", "RecurrentLM", "build_model", "model_bytes"]
@@ -22,8 +22,7 @@ def build_model(config: ModelConfig) -> LanguageModel:
     this machine's memory are refused in one sentence before anything is allocated (every model is built on the
     CPU first); on the meta device, which allocates nothing, any size is built, uninitialised (a shape)."""
     if torch.get_default_device().type == "meta":
-        with NoInit():
-            return construct(config)
+        return on_meta(config)
     if config.vocab_size > 0:
         need, have = model_bytes(config), host_memory()
         if need > have:

@@ -75,7 +75,8 @@ class NoInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _on_meta(config: ModelConfig) -> LanguageModel:
+def on_meta(config: ModelConfig) -> LanguageModel:
+    """A model of `config` as a shape: on the meta device, which allocates nothing, uninitialised."""
     with torch.device("meta"), NoInit():
         return construct(config)
 
@@ -91,7 +92,7 @@ def _per_layer(config: ModelConfig, measure, whole: bool = True) -> int:  # noqa
 
 
 def _weight_bytes(config: ModelConfig) -> int:
-    model = _on_meta(config)
+    model = on_meta(config)
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
@@ -103,7 +104,7 @@ def model_bytes(config: ModelConfig) -> int:
 def _kept_at(config: ModelConfig, T: int) -> int:
     """Bytes the forward of one sequence of T tokens keeps for the backward (fp32), weights and scores left out,
     as the fused kernels keep no T x T scores."""
-    model = _on_meta(config)
+    model = on_meta(config)
     weights = {id(p) for p in model.parameters()}
     kept = [0]
 
@@ -142,7 +143,7 @@ def prefill_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def _hidden_bytes(config: ModelConfig) -> int:
-    return sum(p.numel() * p.element_size() for p in _on_meta(config).hidden_matrices())
+    return sum(p.numel() * p.element_size() for p in on_meta(config).hidden_matrices())
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def decoding_need(config: ModelConfig, dtype: torch.dtype, tokens_per_row: int,
 
     def state_bytes(c: ModelConfig) -> int:
         with torch.device("meta"):
-            state = _on_meta(c).new_cache(1, torch.device("meta"), held)
+            state = on_meta(c).new_cache(1, torch.device("meta"), held)
         # without a state each step feeds the row's window whole: an upper bound
         return _kept_bytes(c) if state is None else sum(t.numel() * t.element_size() for t in state.tensors())
 
@@ -264,27 +265,22 @@ def check_training(config: ModelConfig, batch_size: int, state_bytes: StateBytes
                device, host_memory() // processes)
 
 
-def largest_micro_batch(need: Need, batch_size: int, sequences: int, have: int) -> int:
-    """The largest micro-batch, `batch_size` times a power of two, that divides `sequences` (what a process computes
-    for an optimizer step) and whose `need` is within `have` bytes; `batch_size` where no larger one is."""
-    micro = batch_size
-    while sequences % (2 * micro) == 0 and need.at(2 * micro) <= have:
-        micro *= 2
-    return micro
-
-
 def fit_micro_batch(model: ModelConfig, train: TrainConfig, state_bytes: StateBytes, device: torch.device,
                     world_size: int, say: Callable[[str], object]) -> TrainConfig:
-    """`train` with `train.micro_batch = "auto"` on CUDA resolved: the largest micro-batch (`largest_micro_batch`)
-    the GPU's free memory holds by this module's estimate, less DECODE_HEADROOM, and as many micro-batches
-    accumulated as keep the optimizer step's batch (batch_size x grad_accum_steps, shared by `world_size` processes);
-    set, as "set", so config.toml keeps what was chosen; a change is told to `say`. A CPU's and a set micro-batch come
-    back as they are: a CPU gains nothing from a larger one, and its memory check refuses one that does not fit."""
+    """`train` with `train.micro_batch = "auto"` on CUDA resolved: the largest micro-batch, `train.batch_size` times a
+    power of two, that divides the sequences a process computes for an optimizer step and that the GPU's free memory
+    holds by this module's estimate, less DECODE_HEADROOM; and as many micro-batches accumulated as keep the
+    optimizer step's batch (batch_size x grad_accum_steps, shared by `world_size` processes); set, as "set", so
+    config.toml keeps what was chosen; a change is told to `say`. A CPU's and a set micro-batch come back as they
+    are: a CPU gains nothing from a larger one, and its memory check refuses one that does not fit."""
     if train.micro_batch != "auto" or device.type != "cuda":
         return train
     have = int(device_memory(device)[0] * (1 - DECODE_HEADROOM))
     sequences = train.batch_size * train.grad_accum_steps // world_size
-    micro = largest_micro_batch(training_need(model, state_bytes), train.batch_size, sequences, have)
+    need = training_need(model, state_bytes)
+    micro = train.batch_size
+    while sequences % (2 * micro) == 0 and need.at(2 * micro) <= have:
+        micro *= 2
     fitted = dataclasses.replace(train, batch_size=micro, micro_batch="set",
                                  grad_accum_steps=train.grad_accum_steps * train.batch_size // micro)
     if micro != train.batch_size:

@@ -109,12 +109,10 @@ def _checked(forward: Any, who: str) -> Any:
     @functools.wraps(forward)
     def checked_forward(self: LanguageModel, idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         targets = args[0] if args else kwargs.get("targets")
-        how = (f"its forward of {'x'.join(map(str, idx.shape))} token ids "
-               f"{'with' if targets is not None else 'without'} targets")
+        how = _how(idx, targets)
         with _named(who, how, idx.device):
             out = forward(self, idx, *args, **kwargs)
-        problem = _output_problem(out, idx.shape[0], idx.shape[1], self.config.vocab_size, targets is not None,
-                                  check_values=False)
+        problem = _output_problem(out, idx.shape[0], idx.shape[1], self.config.vocab_size, targets is not None)
         if problem:
             raise UserError(f"{who}: {how} {problem}; {CONTRACT}")
         return out
@@ -142,21 +140,26 @@ def backward_named(model: LanguageModel) -> Iterator[None]:
 
 @torch.no_grad()
 def check_forward(model: LanguageModel) -> None:
-    """Try a plugin's forward with and without targets on a few ids (finiteness unchecked on meta), refusing what
-    would fail deep inside training or sampling, or train on garbage. lmlab's own kinds are not tried."""
-    who, vocab = getattr(model, "lmlab_plugin", None), model.config.vocab_size
-    if who is None or vocab < 1:  # no vocabulary before its dataset is read
+    """Try a plugin's forward with and without targets on a few ids, refusing what would fail deep inside training or
+    sampling, or train on garbage: its guarded forward (`_checked`) checks what it returns, and here, off the meta
+    device, that the logits and loss are finite. lmlab's own kinds are not tried."""
+    who = getattr(model, "lmlab_plugin", None)
+    if who is None or model.config.vocab_size < 1:  # no vocabulary before its dataset is read
         return
     T = min(3, model.config.block_size)
     B = T + 1  # a batch unlike its length, so logits with the two swapped are told apart
-    device = _device(model) or torch.device("cpu")
-    idx = torch.zeros(B, T, dtype=torch.long, device=device)
+    idx = torch.zeros(B, T, dtype=torch.long, device=_device(model))
     for targets in (idx, None):
-        how = f"its forward of {B}x{T} token ids {'with' if targets is not None else 'without'} targets"
-        problem = _output_problem(_forward(model, idx, targets), B, T, vocab, targets is not None,
-                                  check_values=device.type != "meta")
-        if problem:
-            raise UserError(f"{who}: {how} {problem}; {CONTRACT}")
+        logits, loss = _forward(model, idx, targets)
+        if idx.device.type != "meta" and not (logits.isfinite().all() and (targets is None or loss.isfinite())):
+            raise UserError(f"{who}: {_how(idx, targets)} returned logits or a loss that are not finite (NaN or "
+                            f"infinite); {CONTRACT}")
+
+
+def _how(idx: torch.Tensor, targets: torch.Tensor | None) -> str:
+    """How a forward was called, for a sentence: `its forward of 4x3 token ids with targets`."""
+    given = "with" if targets is not None else "without"
+    return f"its forward of {'x'.join(map(str, idx.shape))} token ids {given} targets"
 
 
 CONTRACT = ("forward(idx, targets=None) must return (logits of shape (B, T, vocab_size), the mean loss as one number, "
@@ -216,7 +219,7 @@ def _device(obj: Any) -> torch.device | None:
     return next(iter(obj.parameters()), torch.zeros(())).device if isinstance(obj, torch.nn.Module) else None
 
 
-def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool, check_values: bool) -> str | None:
+def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool) -> str | None:
     """What is wrong with a forward's outputs for (B, T) ids, in a clause; None when nothing is."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         return f"returned {_kind(out)}, not the pair (logits, loss)"
@@ -228,8 +231,6 @@ def _output_problem(out: Any, B: int, T: int, vocab: int, targets: bool, check_v
         return f"returned logits of shape {tuple(logits.shape)}{swapped}, not ({B}, {T}, {vocab})"
     if targets and (not isinstance(loss, torch.Tensor) or not loss.is_floating_point() or loss.dim() != 0):
         return f"returned {_kind(loss)} as its loss, not one number (a 0-dimensional tensor of floats)"
-    if check_values and not (torch.isfinite(logits).all() and (not targets or torch.isfinite(loss))):
-        return "returned logits or a loss that are not finite (NaN or infinite)"
     return None
 
 

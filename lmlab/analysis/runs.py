@@ -150,11 +150,11 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     _describe(run, start, summary)
     _data(run, start, summary)
     # A figure that was not finite is null in metrics.jsonl (`events.as_json`): such lines draw and count nothing.
-    summary.evals = [e for e in events if e.get("event") == "eval" and isinstance(e.get("val_loss"), (int, float))]
-    summary.trains = [e for e in events if e.get("event") == "train" and isinstance(e.get("loss"), (int, float))]
+    summary.evals = [e for e in events if e.get("event") == "eval" and e["val_loss"] is not None]
+    summary.trains = [e for e in events if e.get("event") == "train" and e["loss"] is not None]
     summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
     sized = [e.get("predicted_val") for e in events if e.get("event") == "sizing"]
-    summary.predicted_val = sized[0] if sized and isinstance(sized[0], (int, float)) else None
+    summary.predicted_val = sized[0] if sized else None  # a number or null: the sizing event's schema
     logged = [e.get("mfu") for e in summary.trains]
     # Above 100% the run's peak was wrong (an emulated kernel's, before lmlab checked): none of its MFU stands.
     summary.mfu = None if any(m is not None and m > 1 for m in logged) else _median(logged)
@@ -166,11 +166,11 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     if finals:
         summary.final_val_loss, summary.final_stderr = finals[-1]["val_loss"], finals[-1].get("stderr")
     saved = run.saved_through()  # an evaluation past the newest checkpoint is none the run holds
-    held = [e for e in summary.evals if saved is None or not isinstance(e.get("step"), int) or e["step"] <= saved]
+    held = [e for e in summary.evals if saved is None or e["step"] <= saved]
     if held:
         best = min(held, key=lambda e: e["val_loss"])
         summary.best_val_loss, summary.best_step = best["val_loss"], best["step"]
-        if isinstance(best.get("train_eval_loss"), (int, float)):
+        if best.get("train_eval_loss") is not None:
             summary.gap = best["val_loss"] - best["train_eval_loss"]
         summary.still_falling = summary.evals[-1] is best
         summary.best_bpb = summary.bits_per_byte(best["val_loss"])
@@ -207,8 +207,7 @@ def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
     """The train split's tokens, bytes per token of each split and the val split's checksum, from the dataset's facts;
     and the text the val loss is of (a fine-tune's: its held-out records)."""
     meta = run.dataset()
-    found = {split: meta.get(split) for split in ("train", "val")} if isinstance(meta, dict) else {}
-    splits: dict[str, dict[str, Any]] = {split: facts for split, facts in found.items() if isinstance(facts, dict)}
+    splits = {split: facts for split in ("train", "val") if isinstance(facts := meta.get(split), dict)}
     recorded = start.get("train_tokens")
     older = (splits.get("train") or {}).get("tokens") if start and run.kind() == "trained" else None
     summary.split_tokens = recorded if isinstance(recorded, int) and recorded > 0 else older
@@ -216,16 +215,16 @@ def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
         if facts.get("tokens") and facts.get("bytes"):
             summary.token_bytes[split] = facts["bytes"] / facts["tokens"]
     summary.data_sha256 = (splits.get("val") or {}).get("sha256")
-    origin = given if isinstance(given := start.get("origin"), dict) else {}
+    origin = start.get("origin") or {}  # an object or null: the start event's schema
     summary.scored_on = (f"held-out records {origin.get('data_sha256')}" if summary.kind == "fine-tuned" else
                          summary.data_sha256 or summary.dataset)
     summary.text = summary.scored_on if summary.kind == "fine-tuned" else _text(meta)
 
 
-def _text(meta: Any) -> str | None:
+def _text(meta: dict[str, Any]) -> str | None:
     """What a dataset's val split holds, the same under any tokenizer: its corpus, normalisation and split rule, and the
     tokenizer where the split was sized in tokens or cut to rows (other text under another); None: not recorded."""
-    if not isinstance(meta, dict) or not meta.get("input_sha256"):
+    if not meta.get("input_sha256"):
         return None
     split = meta["split"] if isinstance(meta.get("split"), dict) else {}
     by_tokens = split.get("val_tokens") or meta.get("rows")
@@ -301,12 +300,12 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
     Column("judge (scored, model)", 9, lambda r: judge_cell(r["judge"]), left=True),
 ]
 
-def predicted_columns(rows: list[dict[str, Any]], priority: int = 1) -> list[Column]:
+def predicted_columns(rows: list[dict[str, Any]]) -> list[Column]:
     """The val `--size auto` predicted for a run beside what it reached (its final score where it has one), where any
     row was sized so."""
     if not any(r.get("predicted_val") is not None for r in rows):
         return []
-    return [Column("predicted val", priority, lambda r: fmt(r.get("predicted_val")) + (
+    return [Column("predicted val", 1, lambda r: fmt(r.get("predicted_val")) + (
         "" if r.get("predicted_error") is None else f" ({100 * r['predicted_error']:+.1f}%)"))]
 
 
@@ -315,23 +314,23 @@ def final_cell(value: float | None, stderr: float | None) -> str:
     return "-" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else "")
 
 
-def final_columns(rows: list[dict[str, Any]], priority: int = 0) -> list[Column]:
+def final_columns(rows: list[dict[str, Any]]) -> list[Column]:
     """Each run's final score (its last checkpoint on the val split), where any row has one: what a comparison should be
     read by, where the best val is the least of noisy estimates."""
     if not any(r.get("final_val_loss") is not None for r in rows):
         return []
-    return [Column("final val", priority, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")))]
+    return [Column("final val", 0, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")))]
 
 
-def evaluation_columns(rows: list[dict[str, Any]], priority: int = 8) -> list[Column]:
+def evaluation_columns(rows: list[dict[str, Any]]) -> list[Column]:
     """Perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint, where any row has one."""
     if not any(r.get("evaluation") for r in rows):
         return []
     def figure(key: str, spec: str) -> Callable[[dict[str, Any]], str]:
         return lambda r: fmt((r.get("evaluation") or {}).get(key), spec)
 
-    return [Column("perplexity", priority, figure("perplexity", ".2f")),
-            Column("accuracy", priority + 1, figure("accuracy", ".3f"))]
+    return [Column("perplexity", 8, figure("perplexity", ".2f")),
+            Column("accuracy", 9, figure("accuracy", ".3f"))]
 
 
 def judge_cell(judge: dict[str, Any] | None) -> str:
@@ -349,14 +348,14 @@ def score_cell(value: float | None, stderr: float | None) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None and math.isfinite(stderr) else "")
 
 
-def task_columns(rows: list[dict[str, Any]], priority: int = 2) -> list[Column]:
+def task_columns(rows: list[dict[str, Any]]) -> list[Column]:
     """A column per task any row has a kept result of (acc_norm, as HellaSwag is reported, with the items scored)."""
     def cell(name: str, r: dict[str, Any]) -> str:
         result = (r.get("tasks") or {}).get(name)
         return "-" if result is None else f"{result['acc_norm']:.4f} ({result['items']:,})"
 
     names = sorted({name for r in rows for name in (r.get("tasks") or {})})
-    return [Column(f"{name} acc_norm (items)", priority, functools.partial(cell, name)) for name in names]
+    return [Column(f"{name} acc_norm (items)", 2, functools.partial(cell, name)) for name in names]
 
 
 TASK_RESULT_COLUMNS = [  # `lmlab eval --task` and the report: kept task results

@@ -1,18 +1,20 @@
 """metrics.jsonl's events: the schema of each (docs/ARCHITECTURE.md, a run dir) and the one bounded reader of a line.
 
-Every reader of a run's events goes through `read_line` (by `RunDir.events`): a line that is not JSON, nests deeper
-than any event does, is longer than any event is, or is an event of a known name whose fields are missing or of the
-wrong type is not an event, and is skipped with its reason, so no reader meets a field it cannot use. An event of a
-name not in `SCHEMA` (one of an older or newer lmlab) is kept when its `step`, if it has one, is an integer.
+Every reader of a run's events goes through `read_events` (by `RunDir.events`): a line that is not JSON,
+nests deeper than any event does, is longer than any event is, or is an event of a known name whose fields are
+missing or of the wrong type is not an event, and is skipped with its reason, so no reader meets a field it cannot
+use. An event of a name not in `SCHEMA` (one of an older or newer lmlab) is kept when its `step`, if it has one, is
+an integer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from lmlab.core.jsontext import parse_json
 
@@ -76,20 +78,6 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
 }
 
 
-def read_line(f: IO[bytes]) -> tuple[bool, dict[str, Any] | str] | None:
-    """The next line of an open metrics.jsonl, bounded (at most MAX_LINE bytes of it are held): whether it ends in a
-    newline (a last line cut short by a killed writer does not), and the event or why it is not one. None at the end
-    of the file."""
-    line = f.readline(MAX_LINE + 1)
-    if not line:
-        return None
-    if len(line) > MAX_LINE and not line.endswith(b"\n"):
-        while (rest := f.readline(MAX_LINE)) and not rest.endswith(b"\n"):
-            pass  # the rest of an overlong line, read in bounded pieces and dropped
-        return rest.endswith(b"\n"), f"longer than {MAX_LINE:,} bytes"
-    return line.endswith(b"\n"), _event(line)
-
-
 def _event(line: bytes) -> dict[str, Any] | str:
     """A line as an event, or why it is not one."""
     if _depth(line) > MAX_DEPTH:
@@ -143,17 +131,22 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def read_events(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The events of a metrics.jsonl (the first `limit` of them), each read against its schema. A damaged line is
-    skipped, said once per file on stderr with its line number and why; a last line cut short by a crash silently."""
+    """The events of a metrics.jsonl (the first `limit` of them), each read against its schema, a line at a
+    time and bounded (at most MAX_LINE bytes of a line are held). A damaged line is skipped, said once per file
+    on stderr with its line number and why; a last line cut short by a crash silently."""
     if not path.exists():
         return []
-    events, damaged, number = [], {}, 0
+    events, damaged = [], {}
     with open(path, "rb") as f:
-        while (read := read_line(f)) is not None:
-            number += 1
-            ended, event = read
+        for number, line in enumerate(iter(functools.partial(f.readline, MAX_LINE + 1), b""), 1):
+            if len(line) > MAX_LINE and not line.endswith(b"\n"):
+                while (line := f.readline(MAX_LINE)) and not line.endswith(b"\n"):
+                    pass  # the rest of an overlong line, read in bounded pieces and dropped
+                event: dict[str, Any] | str = f"longer than {MAX_LINE:,} bytes"
+            else:
+                event = _event(line)
             if isinstance(event, str):
-                if ended:  # not the unfinished end of a killed writer's last append
+                if line.endswith(b"\n"):  # not the unfinished end of a killed writer's last append
                     damaged[number] = event
                 continue
             events.append(event)

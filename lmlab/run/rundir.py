@@ -91,22 +91,19 @@ class RunDir:
             return "bfloat16"
         return trained[-1] if trained else None
 
-
-    def lock(self) -> None:
-        """Become the run's one writer (before reading what a write depends on); a second writer is refused."""
-        self._lock.acquire(f"{self.path} is being written by another process ({{holder}}); wait for it to finish, "
-                           "or choose another --run.")
-
     @contextmanager
     def locked(self) -> Iterator[RunDir]:
-        self.lock()
+        """The run's one writer while inside (entered before reading what a write depends on); a second
+        writer is refused."""
+        self._lock.acquire(f"{self.path} is being written by another process ({{holder}}); wait for it to finish, "
+                           "or choose another --run.")
         try:
             yield self
         finally:
             self._lock.release()
 
     def _check_writer(self) -> None:
-        assert self._lock.held_here, f"{self.path} written without its lock: call RunDir.lock() first"
+        assert self._lock.held_here, f"{self.path} written without its lock: write inside RunDir.locked()"
 
     def check_new(self) -> None:
         """Refuse to start a run where one already has checkpoints."""
@@ -151,7 +148,9 @@ class RunDir:
     def write_setup(self, cfg: RunConfig, tokenizer: Tokenizer | Path | None, dataset: dict[str, Any],
                     prompt: PromptFormat | None = None, chat: ChatTemplate | None = None) -> None:
         """config.toml, tokenizer.json (a Tokenizer, or a file to copy), dataset.json, prompt and chat template."""
-        self.write_config(cfg)
+        self._check_writer()
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.toml", to_toml(cfg))
         if isinstance(tokenizer, Tokenizer):
             atomic_write_text(self.path / "tokenizer.json", tokenizer.backend.to_str(pretty=True))
         elif tokenizer is not None:
@@ -163,12 +162,6 @@ class RunDir:
             atomic_write_text(self.path / "prompt.json", json.dumps(dataclasses.asdict(prompt), indent=2))
         if chat is not None:
             atomic_write_text(self.path / "chat_template.json", chat.to_json())
-
-    def write_config(self, cfg: RunConfig) -> None:
-        """config.toml, rewritten when a budgeted run fixes its max_iters."""
-        self._check_writer()
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / "config.toml", to_toml(cfg))
 
     def begin(self, kind: str, model: LanguageModel, cfg: RunConfig, dataset: dict[str, Any], *,
               init_from: str | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,

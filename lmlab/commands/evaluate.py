@@ -87,7 +87,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
             results.append(evaluate_task(run, task, args.limit, progress=tick))
     notes.flush()
     if args.samples:
-        atomic_write_text(Path(args.samples), "".join(json.dumps(s) + "\n" for s in results[0].samples()))
+        atomic_write_text(Path(args.samples), "".join(json.dumps(s) + "\n" for s in results[0].samples))
     if args.json:
         print(json.dumps({"tasks": [r.summary for r in results]}))
         return

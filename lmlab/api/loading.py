@@ -16,18 +16,13 @@ if TYPE_CHECKING:  # the commands import this module at start; the library loads
 
 
 def used_run(path: str, checkpoint: str, device: str, doing: str) -> tuple[LoadedRun, ThreadNotes]:
-    """A run loaded to compute (`doing` it: "scored", "decoding"), with notes on stderr on what the load chose (the
-    latest checkpoint when the run has no best one, fp32 over fp16 for bf16-born weights: `LoadedRun.notes`), and the
-    notes on its threads, which the machine's rule chooses from the load over the loading (`pick_threads`)."""
-    from lmlab.core.threads import ThreadChooser
-    from lmlab.run.rundir import RunDir
+    """A run loaded to compute (`doing` it: "scored", "decoding") as `lmlab.Run` loads it, with notes on stderr on what
+    the load chose (the latest checkpoint when the run has no best one, fp32 over fp16 for bf16-born weights:
+    `LoadedRun.notes`), and the notes on its threads, which the machine's rule chooses from the load over the loading
+    (`pick_threads`)."""
+    from lmlab.api.run import Run
 
-    chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load, whose window tells a quiet machine
-    run = RunDir(path).load(checkpoint, device)
-    note_checkpoint(path, checkpoint, run.checkpoint, run.step)
-    for note in run.notes:
-        print_note(note)
-    return run, ThreadNotes(chooser, pick_threads(chooser, run, doing), doing)
+    return Run(path)._use(checkpoint, device, doing)
 
 
 def pick_threads(chooser: ThreadChooser, run: LoadedRun, doing: str) -> str | None:
@@ -47,7 +42,7 @@ class ThreadNotes:
     input passed its checks (`flush`), and each change the load makes mid-decode (`heard`, the training loop's rule:
     lmlab.core.threads), in the same words, after the start's."""
 
-    def __init__(self, chooser: ThreadChooser | None, note: str | None, doing: str = "decoding"):
+    def __init__(self, chooser: ThreadChooser | None, note: str | None, doing: str):
         self.chooser, self.note, self.doing = chooser, note, doing
 
     def heard(self) -> Heard | None:

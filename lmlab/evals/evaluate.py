@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,9 +21,6 @@ from lmlab.model import LanguageModel
 from lmlab.model.loss import IGNORE, next_token_hits, next_token_loss
 from lmlab.model.memory import check_fits, scoring_need
 from lmlab.run.rundir import LoadedRun
-
-if TYPE_CHECKING:  # the processes of a torchrun job that score a split together
-    from lmlab.train.distributed import Parallel
 
 
 def split_windows(tokens: np.ndarray | TokenShards, block_size: int) -> int:
@@ -40,11 +37,20 @@ def spread(total: int, wanted: int) -> list[int]:
     return [i * total // n for i in range(n)]
 
 
+class Ranks(Protocol):
+    """The processes of a torchrun job that score a split together (`train.distributed.Parallel`)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def evaluate_split(model: LanguageModel, tokens: np.ndarray | TokenShards, bytes_per_token: float, batch_size: int,
                    device: torch.device, dtype: torch.dtype,
                    progress: Callable[[int, int], None] | None = None,
-                   windows: list[int] | None = None, ranks: Parallel | None = None,
+                   windows: list[int] | None = None, ranks: Ranks | None = None,
                    forward: Callable | None = None) -> dict[str, float]:
     """Score every token of a split once, in consecutive windows of block_size (of a row-packed split: every
     row, its padding not counted); or only the `windows` given (indices from `spread`), with the standard error

@@ -1,5 +1,6 @@
-"""A run loaded to be used (sampled, scored, served): its checkpoint with notes on what stands in for what was asked,
-the CPU threads its work computes with, and the decode step. The commands and `lmlab.Run` load through here."""
+"""What using a loaded run (sampled, scored, served) takes: notes on what stands in for the checkpoint asked for, the
+CPU threads its work computes with, and the decode step. `lmlab.Run` (and `used_run`, for the commands) load with
+these."""
 
 from __future__ import annotations
 
@@ -13,16 +14,6 @@ from lmlab.core.config import checkpoint_name
 if TYPE_CHECKING:  # the commands import this module at start; the library loads when a run is loaded
     from lmlab.core.threads import Choice, Heard, ThreadChooser
     from lmlab.run.rundir import LoadedRun
-
-
-def used_run(path: str, checkpoint: str, device: str, doing: str) -> tuple[LoadedRun, ThreadNotes]:
-    """A run loaded to compute (`doing` it: "scored", "decoding") as `lmlab.Run` loads it, with notes on stderr on what
-    the load chose (the latest checkpoint when the run has no best one, fp32 over fp16 for bf16-born weights:
-    `LoadedRun.notes`), and the notes on its threads, which the machine's rule chooses from the load over the loading
-    (`pick_threads`)."""
-    from lmlab.api.run import Run
-
-    return Run(path)._use(checkpoint, device, doing)
 
 
 def pick_threads(chooser: ThreadChooser, run: LoadedRun, doing: str) -> str | None:

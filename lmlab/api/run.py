@@ -285,6 +285,14 @@ class Run:
             _keep(run, "".join(text), settings)
 
 
+def used_run(path: str, checkpoint: str, device: str, doing: str) -> tuple[LoadedRun, ThreadNotes]:
+    """A run loaded to compute (`doing` it: "scored", "decoding") as `lmlab.Run` loads it, for a command that computes
+    with it once: with notes on stderr on what the load chose (the latest checkpoint when the run has no best one,
+    fp32 over fp16 for bf16-born weights: `LoadedRun.notes`), and the notes on its threads, which the machine's rule
+    chooses from the load over the loading (`pick_threads`)."""
+    return Run(path)._use(checkpoint, device, doing)
+
+
 def _keep(run: LoadedRun, text: str, settings: str) -> None:
     """Append a sample to samples.txt; one that cannot be written is only noted: the sample was returned."""
     try:

@@ -221,8 +221,8 @@ def encode_task(task: Task, tokenizer: Tokenizer, block_size: int) -> Encoded:
 
 @dataclass
 class TaskResult:
-    """What `evaluate_task` found: the summary kept in the run, and per scored item (`samples`) its line, the right
-    answer, each choice's log-likelihood, and the choices picked by acc and acc_norm."""
+    """What `evaluate_task` found: the summary kept in the run, and per scored item (`samples`) its line, the
+    right answer, each choice's log-likelihood, and the choices picked by acc and acc_norm."""
 
     summary: dict[str, Any]
     samples: list[dict[str, Any]]
@@ -239,10 +239,11 @@ def _mean_stderr(hits: list[float]) -> tuple[float, float]:
     return mean, (math.nan if n < 2 else math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n))
 
 
-def evaluate_task(run: LoadedRun, task: Task, limit: int | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> TaskResult:
-    """Score every item of `task` with the run's model in fp32, and keep the summary in the run. acc picks the choice of
-    the highest summed log-likelihood, acc_norm the highest per character (lm-eval's)."""
+def evaluate_task(run: LoadedRun, task: Task, limit: int | None,
+                  progress: Callable[[int, int], None]) -> TaskResult:
+    """Score every item of `task` with the run's model in fp32 (`progress` told the choices scored and their
+    total), and keep the summary in the run. acc picks the choice of the highest summed log-likelihood,
+    acc_norm the highest per character (lm-eval's)."""
     started = time.perf_counter()
     encoded = encode_task(task, run.tokenizer, run.config.model.block_size)
     if not encoded.items:
@@ -251,8 +252,7 @@ def evaluate_task(run: LoadedRun, task: Task, limit: int | None = None,
 
     def advance(n: int) -> None:
         done[0] += n
-        if progress:
-            progress(done[0], len(encoded.choices))
+        progress(done[0], len(encoded.choices))
 
     flat = loglikelihoods(run.model, encoded.choices, progress=advance)
     ends = list(itertools.accumulate((len(item.choices) for item in encoded.items), initial=0))

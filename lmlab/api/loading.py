@@ -1,6 +1,6 @@
-"""What using a loaded run (sampled, scored, served) takes: notes on what stands in for the checkpoint asked for, the
-CPU threads its work computes with, and the decode step. `lmlab.Run` (and `used_run`, for the commands) load with
-these."""
+"""What using a loaded run (sampled, scored, served) takes: notes on what stands in for the checkpoint asked
+for, the CPU threads its work computes with, and the decode step. `lmlab.Run` (and `used_run`, for the
+commands) load with these."""
 
 from __future__ import annotations
 

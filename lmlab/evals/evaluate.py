@@ -174,7 +174,7 @@ def kept_evaluation(run: LoadedRun, key: dict[str, Any]) -> dict[str, Any] | Non
 
 
 def evaluation_cost(run: LoadedRun) -> tuple[int, bool]:
-    """The tokens a whole-split evaluation would score, and whether a kept result makes it free: what `lmlab report`
-    says before it evaluates."""
+    """The tokens a whole-split evaluation would score, and whether a kept result makes it free: what
+    `lmlab report` says before it evaluates."""
     _, meta, key = _dataset(run, None, None)
     return meta["val"]["tokens"], kept_evaluation(run, key) is not None

@@ -58,8 +58,8 @@ def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams,
 
 
 def parse_score(reply: str | None) -> int | None:
-    """The first whole number from 0 to 100 in a judge's reply (`87`, `Score: 87/100`), else None (and of no reply:
-    None); a decimal (`7.5`) is not a whole number, and not read as one."""
+    """The first whole number from 0 to 100 in a judge's reply (`87`, `Score: 87/100`), else None (and of no
+    reply: None); a decimal (`7.5`) is not a whole number, and not read as one."""
     for match in re.finditer(r"(?<![\d.])\d+(?!\.?\d)", reply or ""):
         value = int(match.group())
         if 0 <= value <= 100:

@@ -12,17 +12,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from lmlab.core.busy import env_threads
-from lmlab.core.config import MAX_COUNT, RunConfig, SamplingParams
+from lmlab.core.config import MAX_COUNT, RunConfig, SamplingParams, as_text
 from lmlab.core.errors import UserError
 from lmlab.inference.quantize import QUANTIZE
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def shown(value: Any) -> str:
-    """A value as a sentence shows it: its repr, cut to 60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def of_kind(kind: str, name: str, value: Any) -> None:
@@ -30,7 +24,8 @@ def of_kind(kind: str, name: str, value: Any) -> None:
     value is, but a count's here), in one sentence naming it."""
     what, test = ARGUMENT_KINDS[kind.rstrip("?")]
     if not test(value) and not (kind.endswith("?") and value is None):
-        raise UserError(f"{name} is {shown(value)}; it must be {what}{' or None' if kind.endswith('?') else ''}.")
+        optional = " or None" if kind.endswith("?") else ""
+        raise UserError(f"{name} is {as_text(repr(value))}; it must be {what}{optional}.")
 
 
 def sampling_params(settings: dict[str, Any]) -> SamplingParams:
@@ -45,7 +40,8 @@ def sampling_params(settings: dict[str, Any]) -> SamplingParams:
             of_kind("number" if name in ("temperature", "top_p") else "integer", name, value)
     stop = settings.get("stop", ())
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise UserError(f"stop is {shown(stop)}; it must be a list of strings the text stops at, e.g. [\"\\n\\n\"].")
+        raise UserError(f"stop is {as_text(repr(stop))}; it must be a list of strings the text stops at, "
+                        "e.g. [\"\\n\\n\"].")
     return SamplingParams(**{**settings, "stop": tuple(stop)})  # which checks the ranges
 
 

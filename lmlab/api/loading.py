@@ -1,5 +1,6 @@
-"""A run loaded to be used (sampled, scored, served): its checkpoint with notes on what stands in for what was asked,
-the CPU threads its work computes with, and the decode step. The commands and `lmlab.Run` load through here."""
+"""What using a loaded run (sampled, scored, served) takes: notes on what stands in for the checkpoint asked
+for, the CPU threads its work computes with, and the decode step. `lmlab.Run` (and `used_run`, for the
+commands) load with these."""
 
 from __future__ import annotations
 
@@ -13,21 +14,6 @@ from lmlab.core.config import checkpoint_name
 if TYPE_CHECKING:  # the commands import this module at start; the library loads when a run is loaded
     from lmlab.core.threads import Choice, Heard, ThreadChooser
     from lmlab.run.rundir import LoadedRun
-
-
-def used_run(path: str, checkpoint: str, device: str, doing: str) -> tuple[LoadedRun, ThreadNotes]:
-    """A run loaded to compute (`doing` it: "scored", "decoding"), with notes on stderr on what the load chose (the
-    latest checkpoint when the run has no best one, fp32 over fp16 for bf16-born weights: `LoadedRun.notes`), and the
-    notes on its threads, which the machine's rule chooses from the load over the loading (`pick_threads`)."""
-    from lmlab.core.threads import ThreadChooser
-    from lmlab.run.rundir import RunDir
-
-    chooser = ThreadChooser(0, "OMP_NUM_THREADS")  # made before the load, whose window tells a quiet machine
-    run = RunDir(path).load(checkpoint, device)
-    note_checkpoint(path, checkpoint, run.checkpoint, run.step)
-    for note in run.notes:
-        print_note(note)
-    return run, ThreadNotes(chooser, pick_threads(chooser, run, doing), doing)
 
 
 def pick_threads(chooser: ThreadChooser, run: LoadedRun, doing: str) -> str | None:
@@ -47,7 +33,7 @@ class ThreadNotes:
     input passed its checks (`flush`), and each change the load makes mid-decode (`heard`, the training loop's rule:
     lmlab.core.threads), in the same words, after the start's."""
 
-    def __init__(self, chooser: ThreadChooser | None, note: str | None, doing: str = "decoding"):
+    def __init__(self, chooser: ThreadChooser | None, note: str | None, doing: str):
         self.chooser, self.note, self.doing = chooser, note, doing
 
     def heard(self) -> Heard | None:

@@ -9,17 +9,17 @@ from pathlib import Path
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import output_target
 
-RUN_FILES = ("config.toml", "metrics.jsonl")  # what every run folder holds (docs/ARCHITECTURE.md: a run dir)
-DATASET_FILES = ("meta.json", "tokenizer.json")  # what every finished dataset dir holds
-KEPT = {"run folder": "its weights, config and history", "dataset dir": "its tokens, tokenizer and meta.json"}
+# Each folder whose files lmlab keeps: the files every one holds (docs/ARCHITECTURE.md: a run dir), and what
+# it keeps.
+KEPT = {"run folder": (("config.toml", "metrics.jsonl"), "its weights, config and history"),
+        "dataset dir": (("meta.json", "tokenizer.json"), "its tokens, tokenizer and meta.json")}
 
 
 def _kept_folder(folder: Path) -> str | None:
     """`run folder` or `dataset dir` when `folder` is one, else None (os.path.isfile: a name too long to look up is
     no such folder, and is refused later in its own words)."""
-    if all(os.path.isfile(folder / name) for name in RUN_FILES):
-        return "run folder"
-    return "dataset dir" if all(os.path.isfile(folder / name) for name in DATASET_FILES) else None
+    return next((what for what, (files, _) in KEPT.items()
+                 if all(os.path.isfile(folder / f) for f in files)), None)
 
 
 def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
@@ -36,8 +36,8 @@ def check_destination(path: str | Path, option: str, kind: str = "") -> Path:
             kind == "report" and what == "run folder" and resolved == folder / "report")
         if what and not allowed:
             where = f"is the {what} {folder}" if folder == resolved else f"is inside the {what} {folder}"
-            raise UserError(f"{option} {path} {where}, where a command's output could replace {KEPT[what]}; "
-                            "choose a path outside it.")
+            raise UserError(f"{option} {path} {where}, where a command's output could replace "
+                            f"{KEPT[what][1]}; choose a path outside it.")
     if kind == "file" or not os.path.isdir(path):  # a folder to make may be there already, but it is never a disk
         output_target(path, option)
     return path

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from lmlab.api.checks import checked, shown
+from lmlab.api.checks import checked
 from lmlab.api.paths import check_destination
 from lmlab.core.busy import LoadMeter
-from lmlab.core.config import MAX_BUDGET_SECONDS, RunConfig
+from lmlab.core.config import MAX_BUDGET_SECONDS, RunConfig, as_text
 from lmlab.core.config_toml import SECTIONS, apply_overrides, build_config, load_config, to_dict, toml_value
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
@@ -156,7 +156,7 @@ def _settings(overrides: dict[str, Any]) -> list[str]:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, (int, float, str)):  # bool is an int
-            raise UserError(f"{key}={shown(value)}: a config key takes a number, text or True/False.")
+            raise UserError(f"{key}={as_text(repr(value))}: a config key takes a number, text or True/False.")
         settings.append(f"{SECTION_OF[key]}.{key}={toml_value(value)}")
     return settings
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lmlab.api.loading import used_run
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
@@ -71,6 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import TASK_RESULT_COLUMNS
+    from lmlab.api.run import used_run
     from lmlab.evals.tasks import evaluate_task, load_task
 
     for option, why in (("max_tokens", "cuts the val split"), ("dataset", "names the val split's dataset")):
@@ -87,7 +87,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
             results.append(evaluate_task(run, task, args.limit, progress=tick))
     notes.flush()
     if args.samples:
-        atomic_write_text(Path(args.samples), "".join(json.dumps(s) + "\n" for s in results[0].samples()))
+        atomic_write_text(Path(args.samples), "".join(json.dumps(s) + "\n" for s in results[0].samples))
     if args.json:
         print(json.dumps({"tasks": [r.summary for r in results]}))
         return

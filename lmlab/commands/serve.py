@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lmlab.api.loading import decode_step, used_run
+from lmlab.api.loading import decode_step
 from lmlab.commands.common import (
     add_checkpoint,
     add_compile,
@@ -88,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
+    from lmlab.api.run import used_run
     from lmlab.evals.judge import write_answers
 
     params = samplings(args)[0]

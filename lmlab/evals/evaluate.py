@@ -173,9 +173,8 @@ def kept_evaluation(run: LoadedRun, key: dict[str, Any]) -> dict[str, Any] | Non
     return {**kept[-1], "cached": True} if kept else None
 
 
-def evaluation_cost(run: LoadedRun, dataset: Path | None = None, max_tokens: int | None = None) -> tuple[int, bool]:
-    """The tokens an evaluation would score, and whether a kept result makes it free: what `lmlab report` says
-    before it evaluates."""
-    _, meta, key = _dataset(run, dataset, max_tokens)
-    total = meta["val"]["tokens"]
-    return (total if max_tokens is None else min(total, max_tokens)), kept_evaluation(run, key) is not None
+def evaluation_cost(run: LoadedRun) -> tuple[int, bool]:
+    """The tokens a whole-split evaluation would score, and whether a kept result makes it free: what
+    `lmlab report` says before it evaluates."""
+    _, meta, key = _dataset(run, None, None)
+    return meta["val"]["tokens"], kept_evaluation(run, key) is not None

@@ -57,9 +57,9 @@ def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams,
     return len(lines)
 
 
-def parse_score(reply: str) -> int | None:
-    """The first whole number from 0 to 100 in a judge's reply (`87`, `Score: 87/100`), else None; a decimal
-    (`7.5`) is not a whole number, and not read as one."""
+def parse_score(reply: str | None) -> int | None:
+    """The first whole number from 0 to 100 in a judge's reply (`87`, `Score: 87/100`), else None (and of no
+    reply: None); a decimal (`7.5`) is not a whole number, and not read as one."""
     for match in re.finditer(r"(?<![\d.])\d+(?!\.?\d)", reply or ""):
         value = int(match.group())
         if 0 <= value <= 100:
@@ -160,7 +160,7 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
             reply, error = _ask(client, model, attempt, max_tokens, endpoint)
             replies.append(reply)
             errors += [error] if error else []
-            score = parse_score(reply) if reply is not None else None
+            score = parse_score(reply)
             if score is not None:
                 break
         items.append({**record, "score": score, "judge_model": model, "judge_replies": replies,

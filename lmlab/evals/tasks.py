@@ -221,18 +221,11 @@ def encode_task(task: Task, tokenizer: Tokenizer, block_size: int) -> Encoded:
 
 @dataclass
 class TaskResult:
-    """What `evaluate_task` found: the summary kept in the run, and each scored item's log-likelihoods."""
+    """What `evaluate_task` found: the summary kept in the run, and per scored item (`samples`) its line, the
+    right answer, each choice's log-likelihood, and the choices picked by acc and acc_norm."""
 
     summary: dict[str, Any]
-    items: list[Item]
-    loglikelihoods: list[list[float]]
-
-    def samples(self) -> list[dict[str, Any]]:
-        """Per item: its line, the right answer, each choice's log-likelihood, and the choices picked by acc and
-        acc_norm."""
-        return [{"line": item.line, "answer": item.answer, "loglikelihoods": lls, "pred": _pick(lls),
-                 "pred_norm": _pick([ll / len(c) for ll, c in zip(lls, item.choices)])}
-                for item, lls in zip(self.items, self.loglikelihoods)]
+    samples: list[dict[str, Any]]
 
 
 def _pick(values: list[float]) -> int:
@@ -246,10 +239,11 @@ def _mean_stderr(hits: list[float]) -> tuple[float, float]:
     return mean, (math.nan if n < 2 else math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n))
 
 
-def evaluate_task(run: LoadedRun, task: Task, limit: int | None = None, share: bool = True,
-                  progress: Callable[[int, int], None] | None = None) -> TaskResult:
-    """Score every item of `task` with the run's model in fp32, and keep the summary in the run. acc picks the choice of
-    the highest summed log-likelihood, acc_norm the highest per character (lm-eval's)."""
+def evaluate_task(run: LoadedRun, task: Task, limit: int | None,
+                  progress: Callable[[int, int], None]) -> TaskResult:
+    """Score every item of `task` with the run's model in fp32 (`progress` told the choices scored and their
+    total), and keep the summary in the run. acc picks the choice of the highest summed log-likelihood,
+    acc_norm the highest per character (lm-eval's)."""
     started = time.perf_counter()
     encoded = encode_task(task, run.tokenizer, run.config.model.block_size)
     if not encoded.items:
@@ -258,15 +252,16 @@ def evaluate_task(run: LoadedRun, task: Task, limit: int | None = None, share: b
 
     def advance(n: int) -> None:
         done[0] += n
-        if progress:
-            progress(done[0], len(encoded.choices))
+        progress(done[0], len(encoded.choices))
 
-    flat = loglikelihoods(run.model, encoded.choices, share=share, progress=advance)
+    flat = loglikelihoods(run.model, encoded.choices, progress=advance)
     ends = list(itertools.accumulate((len(item.choices) for item in encoded.items), initial=0))
     per_item = [flat[a:b] for a, b in zip(ends, ends[1:])]
-    acc = _mean_stderr([float(_pick(lls) == item.answer) for item, lls in zip(encoded.items, per_item)])
-    acc_norm = _mean_stderr([float(_pick([ll / len(c) for ll, c in zip(lls, item.choices)]) == item.answer)
-                             for item, lls in zip(encoded.items, per_item)])
+    samples = [{"line": item.line, "answer": item.answer, "loglikelihoods": lls, "pred": _pick(lls),
+                "pred_norm": _pick([ll / len(c) for ll, c in zip(lls, item.choices)])}
+               for item, lls in zip(encoded.items, per_item)]
+    acc = _mean_stderr([float(s["pred"] == s["answer"]) for s in samples])
+    acc_norm = _mean_stderr([float(s["pred_norm"] == s["answer"]) for s in samples])
     summary = {
         "task": task.name, "source": task.source, "layout": task.layout, "task_sha256": task.sha256, "limit": limit,
         "run": str(run.run.path), "checkpoint": run.checkpoint, "step": run.step,
@@ -277,7 +272,7 @@ def evaluate_task(run: LoadedRun, task: Task, limit: int | None = None, share: b
         "truncated": encoded.truncated, "seconds": time.perf_counter() - started,
     }
     run.run.save_task_result(summary)
-    return TaskResult(summary, encoded.items, per_item)
+    return TaskResult(summary, samples)
 
 
 def _left_out(encoded: Encoded) -> str:

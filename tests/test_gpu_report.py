@@ -310,11 +310,17 @@ def test_a_cuda_test_that_crashes_the_process_is_named_with_its_signal_and_those
 
 
 def state(pid: int) -> str:
-    """A process's state (R, S, Z...), or "gone"."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return "gone"
+    """A process's state once a kill had time to end it (R, S, Z...), or "gone". A killed process still runs its
+    exit (R) for a moment on a loaded machine: waited for, up to a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            now = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return "gone"
+        if now == "Z" or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes' states in /proc")

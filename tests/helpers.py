@@ -5,6 +5,7 @@ as a reader runs them."""
 from __future__ import annotations
 
 import base64
+import copy
 import ctypes
 import gzip
 import json
@@ -38,9 +39,12 @@ from safetensors.torch import load_file
 
 from lmlab.commands import main
 from lmlab.core import peak
+from lmlab.core.config import SamplingParams
 from lmlab.core.machine import Machine
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.loader import open_tokens
+from lmlab.inference.decode import Decoder, Sequence
+from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, readable
 from lmlab.run.rundir import RunDir
 from tests.cpu_kind.sitecustomize import KIND_VARIABLE, answering
 
@@ -853,3 +857,38 @@ def meta_reads(monkeypatch) -> list[Path]:  # noqa: ANN001 (pytest's fixture)
         if getattr(module, "read_meta", None) is read_meta:
             monkeypatch.setattr(module, "read_meta", counted)
     return calls
+
+
+# The token cycle the int8 tests' models learn, and what must hold of int8 decoding on every CPU kind: shared by
+# tests/test_quantize.py and its twins' processes, which import it from here.
+CYCLE = torch.randint(0, 50, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def greedy(model: torch.nn.Module, prompts: list[list[int]], step=None) -> tuple[list[list[int]], torch.Tensor]:
+    """Each prompt's 40 greedy tokens, decoded together (by `step`, else eagerly), and the logits (steps, rows, vocab)
+    of every step."""
+    decoder = Decoder(model, len(prompts), step=step)
+    seqs = [Sequence(list(p), SamplingParams(max_new_tokens=40, temperature=0)) for p in prompts]
+    logits, inner = [], decoder.step_fn
+    decoder.step_fn = lambda idx, state: logits.append(inner(idx, state)) or logits[-1]
+    for seq in seqs:
+        decoder.join(seq)
+    while not seqs[0].exhausted:
+        decoder.step()
+    return [seq.ids for seq in seqs], torch.stack(logits)
+
+
+def int8_holds(model: torch.nn.Module) -> list[int]:
+    """What holds on every CPU kind: from int8 weights, float32's greedy tokens and each step's logits within the
+    stated tolerance; every matmul whose inputs the kernel reads (`readable`: a multiple of the CPU's vector width)
+    from int8, the others from float32, for that reason alone. Returns the input widths of those left float32."""
+    prompts = [CYCLE[:5], CYCLE[7:9]]
+    want, exact = greedy(model, prompts)
+    quantized = quantize(copy.deepcopy(model), "int8")
+    got, approx = greedy(quantized, prompts)
+    assert got == want
+    assert ((approx - exact).abs() / exact.std(-1, keepdim=True)).max() <= LOGIT_TOLERANCE
+    left = sorted({m.in_features for m in quantized.modules() if type(m) is torch.nn.Linear})
+    assert not [width for width in left if readable(width)], f"{left}: matmuls the kernel reads left float32"
+    assert any(type(m).__name__ == "Int8Linear" for m in quantized.modules())
+    return left

@@ -412,18 +412,25 @@ CALLS = {
 }
 
 
-@pytest.mark.parametrize("raised", RAISED)
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.slow
-def test_whatever_a_plugin_raises_wherever_lmlab_calls_it_is_one_sentence_naming_it(tmp_path, site, char_dataset,
-                                                                                   capsys, call, raised):
-    raising, said = RAISED[raised]
+def refused_training(tmp_path, site, char_dataset, capsys, call: str, raising: str) -> tuple[str, str]:
+    """`lmlab train` of a plugin whose code at `call` runs `raise <raising>`: refused in one line naming the plugin;
+    the message expected of that call, and what was said."""
     source, message = CALLS[call]
     install_plugin(site, "odd", "lmlab-odd", source(f"raise {raising}"))
     code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "odd", "", max_iters=2),
                              "--run", tmp_path / "run", "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: the model plugin 'odd' (package lmlab-odd, lmlab_odd:Tiny) "), err
+    return message, err
+
+
+@pytest.mark.parametrize("raised", RAISED)
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.slow
+def test_whatever_a_plugin_raises_wherever_lmlab_calls_it_is_one_sentence_naming_it(tmp_path, site, char_dataset,
+                                                                                   capsys, call, raised):
+    raising, said = RAISED[raised]
+    message, err = refused_training(tmp_path, site, char_dataset, capsys, call, raising)
     assert message.format(raised=said) in err, err
     assert "ran out of memory" not in err and ("smaller batch" in err) == (raised == "MemoryError" and call not in (
         "import", "build")), err
@@ -444,12 +451,7 @@ BUILTIN_RAISED = {cls.__name__: (f"{cls.__name__}('gave up')" if cls is not Base
 def test_every_builtin_base_exception_a_plugin_raises_is_one_sentence_naming_it(tmp_path, site, char_dataset, capsys,
                                                                                 call, raised):
     raising, said = BUILTIN_RAISED[raised]
-    source, message = CALLS[call]
-    install_plugin(site, "odd", "lmlab-odd", source(f"raise {raising}"))
-    code, out, err = run_cli(capsys, "train", write(tmp_path / "c.toml", char_dataset, "odd", "", max_iters=2),
-                             "--run", tmp_path / "run", "--device", "cpu")
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: the model plugin 'odd' (package lmlab-odd, lmlab_odd:Tiny) "), err
+    message, err = refused_training(tmp_path, site, char_dataset, capsys, call, raising)
     before, after = message.split("{raised}")
     assert before in err and said in err and after in err, err  # a group's line adds its count of sub-exceptions
     assert not (tmp_path / "run").exists()

@@ -16,19 +16,18 @@ import pytest
 import torch
 
 from lmlab.api.run import Run
-from lmlab.core.config import ModelConfig, SamplingParams
+from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
 from lmlab.inference.compiled import step_key
-from lmlab.inference.decode import Decoder, Sequence
-from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, readable, tolerance
+from lmlab.inference.decode import Decoder
+from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, tolerance
 from lmlab.inference.steps import build_step, choose_step
 from lmlab.model import build_model
 from tests.cpu_kind.sitecustomize import CPU_KINDS, VECTORS
-from tests.helpers import ALPACA_TINY, ROOT, Server, copy_run, fake_cpu, run_cli
+from tests.helpers import ALPACA_TINY, CYCLE, ROOT, Server, copy_run, fake_cpu, greedy, int8_holds, run_cli
 
 MODELS = {"gpt2-style": {}, "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False),
           "gru": dict(kind="recurrent")}
-CYCLE = torch.randint(0, 50, (23,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -56,36 +55,6 @@ def trained() -> Iterator[dict[str, torch.nn.Module]]:
     torch.set_num_threads(threads)
 
 
-def greedy(model: torch.nn.Module, prompts: list[list[int]], step=None) -> tuple[list[list[int]], torch.Tensor]:
-    """Each prompt's 40 greedy tokens, decoded together (by `step`, else eagerly), and the logits (steps, rows, vocab)
-    of every step."""
-    decoder = Decoder(model, len(prompts), step=step)
-    seqs = [Sequence(list(p), SamplingParams(max_new_tokens=40, temperature=0)) for p in prompts]
-    logits, inner = [], decoder.step_fn
-    decoder.step_fn = lambda idx, state: logits.append(inner(idx, state)) or logits[-1]
-    for seq in seqs:
-        decoder.join(seq)
-    while not seqs[0].exhausted:
-        decoder.step()
-    return [seq.ids for seq in seqs], torch.stack(logits)
-
-
-def int8_holds(model: torch.nn.Module) -> list[int]:
-    """What holds on every CPU kind: from int8 weights, float32's greedy tokens and each step's logits within the
-    stated tolerance; every matmul whose inputs the kernel reads (`readable`: a multiple of the CPU's vector width)
-    from int8, the others from float32, for that reason alone. Returns the input widths of those left float32."""
-    prompts = [CYCLE[:5], CYCLE[7:9]]
-    want, exact = greedy(model, prompts)
-    quantized = quantize(copy.deepcopy(model), "int8")
-    got, approx = greedy(quantized, prompts)
-    assert got == want
-    assert ((approx - exact).abs() / exact.std(-1, keepdim=True)).max() <= LOGIT_TOLERANCE
-    left = sorted({m.in_features for m in quantized.modules() if type(m) is torch.nn.Linear})
-    assert not [width for width in left if readable(width)], f"{left}: matmuls the kernel reads left float32"
-    assert any(type(m).__name__ == "Int8Linear" for m in quantized.modules())
-    return left
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_int8_decodes_float32s_greedy_tokens_with_logits_within_the_stated_tolerance(name, trained):
     int8_holds(trained[name])  # on this host's CPU kind; each kind's twin below
@@ -99,7 +68,7 @@ TWIN = """
 import json, sys, torch
 if torch.backends.cpu.get_cpu_capability() != sys.argv[1]:
     torch.backends.cpu.get_cpu_capability = lambda: sys.argv[1]
-from tests.test_quantize import int8_holds
+from tests.helpers import int8_holds
 torch.set_num_threads(1)
 left = {name: int8_holds(model) for name, model in torch.load(sys.argv[2], weights_only=False).items()}
 print(json.dumps({"vectors": torch.backends.cpu.get_cpu_capability(), "left float32": left}))

@@ -65,19 +65,17 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def own_cache(tmp_path_factory) -> Path:
     """The machine cache (lmlab.core.cache) of the tests, and of the commands they start, is their own. Its CPU peaks
-    are measured for real first, until settled (a few more tries if the machine is busy), so the tests' runs do not
-    each measure them again; on a machine that stays busy they stay busy (MFU against the best seen)."""
+    are measured for real first (a few more tries if the machine is busy), so the tests' runs do not each measure
+    them again; on a machine that stays busy they stay busy (MFU against the best seen)."""
     import torch
 
-    from lmlab.core import cache
-    from lmlab.core.peak import QUIET_MEASUREMENTS, measure_into_cache, peak_key
+    from lmlab.core.peak import measure_into_cache
 
     folder = tmp_path_factory.mktemp("cache")
     os.environ["XDG_CACHE_HOME"] = str(folder)
-    cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.bfloat16):
-        for _ in range(QUIET_MEASUREMENTS + 3):
-            if measure_into_cache(cpu, dtype, cache.recall("peak", peak_key(cpu, dtype))).settled:
+        for _ in range(3):
+            if measure_into_cache(torch.device("cpu"), dtype).quiet:
                 break
     return folder
 

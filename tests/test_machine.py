@@ -232,7 +232,7 @@ ALLOWED = {
                 "commands/plan.py"},
     "ThreadChooser": {"core/machine.py", "train/loop.py", "train/finetune.py", "experiments/sizing.py",
                       "api/run.py", "serving/startup.py", "commands/plan.py"},
-    "peak_windows": {"core/peak.py"},
+    "measured_peak": {"core/peak.py"},
     "time_step": {"train/timing.py"},
 }
 

@@ -1,6 +1,7 @@
-"""The peak MFU divides by, robust to load: the best seen on this machine stands (load only slows a matmul), settled
-once quiet measurements agree with it, and MFU against one measured busy says it may read high; the machine cache
-keys it by the processor and measures again over what it cannot trust; `train.dtype = "auto"` on a CPU picks bf16 or
+"""The peak MFU divides by, robust to load: measured once on this machine and read back from then on, but measured
+again while the kept one was measured busy (the faster busy one standing: load only slows a matmul), and MFU against
+one measured busy says it may read high; the machine cache keys it by the processor and measures again over what it
+cannot trust; `train.dtype = "auto"` on a CPU picks bf16 or
 fp32 by the same measurements."""
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.device import processor
 from lmlab.core.peak import (
     BF16_MARGIN,
-    QUIET_MEASUREMENTS,
     Peak,
     choose_dtype,
     matmul_size,
     measure_into_cache,
-    merged,
     native_kernel,
     peak_flops,
     peak_key,
-    settled,
+    quiet,
 )
 from lmlab.run.rundir import RunDir
 from tests.helpers import LMLAB, fake_cpu, hog, run_cli, write_config
@@ -40,12 +39,9 @@ CPU = torch.device("cpu")
 QUIET, BUSY = Load(0.75, 2, 0.01, 0.3), Load(0.75, 2, 0.6, 4.2)
 
 
-def settled_entry(flops: float) -> dict:
-    """The cache entry QUIET_MEASUREMENTS quiet measurements of `flops` leave, as the library merges them."""
-    entry = None
-    for _ in range(QUIET_MEASUREMENTS):
-        entry = merged(entry, flops, QUIET, CPU)
-    return entry
+def quiet_entry(flops: float) -> dict:
+    """The cache entry a quiet measurement of `flops` leaves."""
+    return {"flops": flops, "quiet": True, "measured_at": "2026-11-22 18:39:39", "load": QUIET.record()}
 
 
 def write_cache(folder: Path, entries: dict[torch.dtype, dict], monkeypatch) -> None:
@@ -61,7 +57,7 @@ def peak_in_subprocess(folder: Path, dtype: str = "float32") -> dict:
     code = ("import json, torch; from lmlab.core import cache; from lmlab.core.peak import peak_flops; "
             f"p = peak_flops(torch.device('cpu'), torch.{dtype}); "
             "print(json.dumps({'flops': p.flops, 'quiet': p.quiet, 'mfu': p.mfu(1e9), 'notes': cache.take_notes(), "
-            "'describe': p.describe(), 'measurements': p.measurements, 'standing': p.standing()}))")
+            "'describe': p.describe(), 'standing': p.standing()}))")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XDG_CACHE_HOME": str(folder)},
                           capture_output=True, text=True, check=True, timeout=120)
     return json.loads(done.stdout)
@@ -73,39 +69,27 @@ def recalled(folder: Path, dtype: torch.dtype, monkeypatch) -> dict:
         return cache.recall("peak", peak_key(CPU, dtype))
 
 
-def test_the_best_measurement_stands_and_quiet_ones_that_agree_settle_it():
-    first = merged(None, 1e11, BUSY, CPU)
-    assert (first["flops"], first["quiet"], first["figures"], settled(first)) == (1e11, False, [], False)
-    quiet = merged(first, 1.2e11, QUIET, CPU)  # faster, quiet: the best
-    assert (quiet["flops"], quiet["quiet"], quiet["figures"]) == (1.2e11, True, [1.2e11])
-    better = merged(quiet, 2e11, QUIET, CPU)
-    lower = merged(better, 1.5e11, QUIET, CPU)
-    assert (lower["flops"], lower["figures"]) == (2e11, [1.2e11, 2e11, 1.5e11])  # the best, its time and load too
-    assert lower["measured_at"] == better["measured_at"] and lower["load"] == QUIET.record()
-    assert not settled(lower)  # one figure of three agrees with the best: a quiet-looking dip is outvoted
-    agreeing = merged(merged(lower, 1.9e11, QUIET, CPU), 1.95e11, QUIET, CPU)
-    assert settled(agreeing) and agreeing["flops"] == 2e11
-    assert merged(agreeing, 5e9, BUSY, CPU) == agreeing  # a busy measurement, slower: nothing changes
-    assert merged(None, 3e11, QUIET, CPU)["quiet"] and not merged(quiet, 1e12, BUSY, CPU)["quiet"]
-
-
-
-@pytest.mark.parametrize("others, windows, measurements", [(0.0, QUIET_MEASUREMENTS, QUIET_MEASUREMENTS),
-                                                           (1.0, 1, 0)])
-def test_a_start_measures_until_the_peak_settles_and_stops_at_a_busy_window(tmp_path, monkeypatch, others, windows,
-                                                                             measurements):
-    """A quiet machine takes all the windows a peak needs to settle at its first start, so its second reads it back;
-    a busy window is the last of its start (the cores' counters faked: `others` of them, besides this process)."""
+@pytest.mark.parametrize("others", [0.0, 1.0])
+def test_a_peak_is_measured_once_and_read_back_unless_it_was_measured_busy(tmp_path, monkeypatch, others):
+    """One measurement a machine and dtype, kept: a quiet one is read back by every later start, a busy one is
+    measured again by the next, the faster busy figure standing until a quiet one replaces it (the cores' counters
+    faked: `others` of them used besides this process)."""
     fake_cpu(monkeypatch, "avx2")  # bf16 without a native kernel: measured on a 256² matmul
-    monkeypatch.setattr(peak, "WINDOW", 0.02)
+    monkeypatch.setattr(peak, "SECONDS", 0.04)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     reads = iter(range(0, 10**9, round(others * 10**6)) if others else [0] * 100)
     read = []
     monkeypatch.setattr(busy, "_busy_seconds", lambda cpus: read.append(1) or next(reads))
-    found = measure_into_cache(CPU, torch.bfloat16, None)
-    assert (len(read) // 2, found.measurements, found.quiet) == (windows, measurements, not others)
-    entry = cache.recall("peak", peak_key(CPU, torch.bfloat16))
-    assert len(entry["figures"]) == measurements and found.settled == settled(entry)
+    found = measure_into_cache(CPU, torch.bfloat16)
+    assert (len(read), found.quiet) == (2, not others)  # one measurement, its load read before and after
+    assert cache.recall("peak", peak_key(CPU, torch.bfloat16))["flops"] == found.flops
+    monkeypatch.setattr(peak, "_memo", {})  # a later start
+    assert peak_flops(CPU, torch.bfloat16).quiet == (not others) and len(read) == (4 if others else 2)
+    cache.keep("peak", peak_key(CPU, torch.bfloat16), {**quiet_entry(1e30), "quiet": False})  # busy, and faster
+    monkeypatch.setattr(peak, "_memo", {})
+    again = peak_flops(CPU, torch.bfloat16)
+    assert (again.flops == 1e30, again.quiet) == (bool(others), not others)
+    assert cache.recall("peak", peak_key(CPU, torch.bfloat16))["flops"] == again.flops
 
 
 def test_the_peak_is_keyed_by_the_processor_and_a_figure_no_matmul_could_reach_is_measured_again(tmp_path,
@@ -115,32 +99,32 @@ def test_the_peak_is_keyed_by_the_processor_and_a_figure_no_matmul_could_reach_i
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(peak, "_memo", {})
     foreign = {**key, "processor": {"name": "Intel(R) Xeon(R) Processor", "vendor_id": "GenuineIntel"}}
-    cache.keep("peak", foreign, settled_entry(1e30))  # copied from another machine: never read for this one
-    cache.keep("peak", peak_key(CPU, torch.bfloat16), {**settled_entry(2e11), "figures": [3e11]})  # past its best
-    monkeypatch.setattr(peak, "WINDOW", 0.02)
-    assert peak_flops(CPU, torch.float32).flops < 1e30 and peak_flops(CPU, torch.bfloat16).flops != 2e11
+    cache.keep("peak", foreign, quiet_entry(1e30))  # copied from another machine: never read for this one
+    cache.keep("peak", peak_key(CPU, torch.bfloat16), quiet_entry(-2e11))  # no matmul runs at a negative rate
+    monkeypatch.setattr(peak, "SECONDS", 0.04)
+    assert peak_flops(CPU, torch.float32).flops < 1e30 and peak_flops(CPU, torch.bfloat16).flops > 0
     assert cache.recall("peak", foreign)["flops"] == 1e30  # another processor's figure, untouched
 
 
 @pytest.mark.slow
 def test_a_command_measures_again_over_an_edited_cache_and_keeps_the_rest(tmp_path, monkeypatch):
-    write_cache(tmp_path, {torch.float32: settled_entry(2e11), torch.bfloat16: settled_entry(3e11)}, monkeypatch)
+    write_cache(tmp_path, {torch.float32: quiet_entry(2e11), torch.bfloat16: quiet_entry(3e11)}, monkeypatch)
     path = tmp_path / "lmlab" / "machine.json"
     path.write_text(path.read_text().replace("200000000000.0", "1e+30", 1))  # a figure made up by hand
     found = peak_in_subprocess(tmp_path)
-    assert found["flops"] < 1e30 and found["measurements"] <= QUIET_MEASUREMENTS  # measured here, 1e30 not read
+    assert found["flops"] < 1e30  # measured here, 1e30 not read
     assert len(found["notes"]) == 1 and "does not match its checksum (edited by hand, or damaged)" in found["notes"][0]
     assert recalled(tmp_path, torch.bfloat16, monkeypatch)["flops"] == 3e11  # the other dtype's figure, untouched
     assert recalled(tmp_path, torch.float32, monkeypatch)["flops"] == found["flops"]
 
 
 @pytest.mark.slow
-def test_a_settled_quiet_peak_is_read_back_without_measuring(tmp_path, monkeypatch):
-    entry = settled_entry(2.5e11)
+def test_a_quiet_peak_is_read_back_without_measuring(tmp_path, monkeypatch):
+    entry = quiet_entry(2.5e11)
     write_cache(tmp_path, {torch.float32: entry}, monkeypatch)
     found = peak_in_subprocess(tmp_path)
     assert (found["flops"], found["quiet"], found["mfu"], found["notes"]) == (2.5e11, True, 1e9 / 2.5e11, [])
-    assert found["describe"] == f"2048² float32 matmul measured quiet at {entry['measured_at']}, best of 3"
+    assert found["describe"] == f"2048² float32 matmul measured quiet at {entry['measured_at']}"
 
 
 @pytest.mark.host_cpu  # the command it starts measures on the host's own kernels
@@ -160,18 +144,17 @@ def test_a_dtype_the_cpu_has_no_native_kernel_for_is_measured_on_a_small_matmul_
 def test_a_peak_measured_while_other_processes_use_the_cores_gives_mfu_that_says_so_and_is_measured_again(
         tmp_path, char_dataset, monkeypatch):
     """On a machine that is never quiet MFU is still shown, against the best peak seen there, saying it may read high;
-    the figure is not settled, so a later start measures again."""
+    kept as busy, so a later start measures again."""
     with hog():
         found = peak_in_subprocess(tmp_path)
         config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
         bench = subprocess.run([LMLAB, "bench", config, "--steps", "2", "--device", "cpu"], capture_output=True,
                                text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     assert found["quiet"] is False and found["mfu"] == pytest.approx(1e9 / found["flops"])
-    assert found["measurements"] == 0 and "measured while the machine was busy (other processes used" in found[
-        "describe"]
+    assert "measured while the machine was busy (other processes used" in found["describe"]
     assert "the best peak seen here" in found["standing"] and "MFU may read high" in found["standing"]
     entry = recalled(tmp_path, torch.float32, monkeypatch)
-    assert entry["quiet"] is False and entry["load"]["others"] > 0.1 and not settled(entry)  # measured again
+    assert entry["quiet"] is False and entry["load"]["others"] > 0.1  # measured again
     said = " ".join(bench.stdout.split())
     assert bench.returncode == 0 and "the best peak seen here, a 2048² float32 matmul measured while the machine " \
                                      "was busy" in said and "MFU may read high" in said
@@ -188,7 +171,7 @@ def test_auto_trains_in_the_dtype_that_measured_faster_and_says_why(tmp_path, ch
     fake_cpu(monkeypatch, cpu)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(peak, "_memo", {})  # this process's peaks are read from the faked cache
-    write_cache(tmp_path, {torch.bfloat16: settled_entry(bf16), torch.float32: settled_entry(fp32)}, monkeypatch)
+    write_cache(tmp_path, {torch.bfloat16: quiet_entry(bf16), torch.float32: quiet_entry(fp32)}, monkeypatch)
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=2)
     code, out, err = run_cli(capsys, "train", config, "--run", tmp_path / "run", "--device", "cpu", "--set",
                              "train.dtype=auto")
@@ -207,7 +190,7 @@ def test_the_commands_a_test_starts_answer_as_the_cpu_kind_it_fakes(tmp_path, ch
     """`fake_cpu` reproduces another kind of host's choices on this one in the commands a test starts too
     (tests/cpu_kind), as the suite's own kind reaches them."""
     fake_cpu(monkeypatch, "avx512-bf16")
-    write_cache(tmp_path, {torch.bfloat16: settled_entry(1.8e12), torch.float32: settled_entry(0.28e12)}, monkeypatch)
+    write_cache(tmp_path, {torch.bfloat16: quiet_entry(1.8e12), torch.float32: quiet_entry(0.28e12)}, monkeypatch)
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=2)
     done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu", "--set",
                            "train.dtype=auto"], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
@@ -276,7 +259,7 @@ def test_a_peak_below_what_training_computes_is_called_wrong_and_gives_no_mfu(tm
     wrong, and the run says so and logs no MFU from it."""
     with monkeypatch.context() as env:
         env.setenv("OMP_NUM_THREADS", "1")  # the key and entry of the one-thread process below
-        write_cache(tmp_path, {torch.float32: settled_entry(1e6)}, monkeypatch)
+        write_cache(tmp_path, {torch.float32: quiet_entry(1e6)}, monkeypatch)
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
     done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu"], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path),
@@ -292,7 +275,7 @@ def test_a_peak_below_what_training_computes_is_called_wrong_and_gives_no_mfu(tm
 
 def test_a_dtype_without_a_native_kernel_gives_no_mfu():
     emulated = Peak(0.0028e12, "float16", "measured matmul", matmul=256, measured_at="2025-11-22 17:40",
-                    measurements=3, native=False)
+                    native=False)
     assert emulated.mfu(0.005e12) is None and emulated.wrong(0.005e12) is None  # 191%: its peak is no hardware's
     assert emulated.standing().startswith("no MFU: float16 has no native kernel here, so its peak (a 256² float16 "
                                           "matmul measured quiet")
@@ -303,8 +286,7 @@ def test_a_dtype_without_a_native_kernel_gives_no_mfu():
 def test_a_gpus_peak_is_measured_quiet_whatever_the_cpus_load_and_in_tf32(fake_gpu):
     fake_gpu(name="NVIDIA GeForce RTX 5090", capability=(12, 0))  # not in the datasheet table: measured
     cuda = torch.device("cuda")
-    entry = merged(None, 1e14, BUSY, cuda)  # a torchrun job's barriers spin every core meanwhile
-    assert entry["quiet"] and entry["figures"] == [1e14] and entry["load"] == BUSY.record()
+    assert quiet(BUSY, cuda) and not quiet(BUSY, CPU)  # a torchrun job's barriers spin every core meanwhile
     assert peak_key(cuda, torch.float32)["tf32"]  # a figure measured without TF32 is not read
     assert not peak_key(cuda, torch.bfloat16)["tf32"] and not peak_key(CPU, torch.float32)["tf32"]
     fake_gpu(name="NVIDIA H100 80GB HBM3", capability=(9, 0))

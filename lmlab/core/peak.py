@@ -1,5 +1,5 @@
-"""Peak FLOP/s, what MFU divides by (a datasheet's, else the best measured on this machine, kept in the machine cache
-and measured again until quiet measurements settle it), and the dtype `train.dtype = "auto"` trains in.
+"""Peak FLOP/s, what MFU divides by (a datasheet's, else measured once on this machine and kept in the machine cache;
+measured again at each start while the kept one was measured busy), and the dtype `train.dtype = "auto"` trains in.
 docs/reference/performance.md ("MFU and the peak") gives the rules."""
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.device import configure, datasheet_peak, dtype_for_capability, processor, synchronize
 from lmlab.core.threads import most_threads
 
-QUIET_MEASUREMENTS = 3  # quiet measurements that must agree with the best to settle a peak
-AGREE = 0.9  # a measurement agrees with the best when it reached this share of it
-KEPT = 10  # quiet figures kept in an entry (the newest)
-WINDOW = 0.25  # seconds a measurement takes the best of
+SECONDS = 1.0  # a measurement: the best matmul of its second half, after a first half that only warms up
 BF16_MARGIN = 1.5  # autocast's casts around every matmul pay only where bf16 matmuls clearly win
 # A training step computes at most this many times the peak, in FLOPs as lmlab counts them (`flops_per_token`): a
 # causal kernel skips about half of PaLM's attention term, and a step's matmuls may outrun the measured square's.
@@ -40,29 +37,26 @@ class Peak:
     dtype: str
     source: str  # "datasheet H100" or "measured matmul"
     quiet: bool = True  # measured while nothing else used the cores (a datasheet figure is quiet)
-    measured_at: str | None = None  # local time of the best measurement
+    measured_at: str | None = None  # local time of the measurement
     load: dict[str, Any] | None = None  # `Load.record()` of that measurement
-    measurements: int = 0  # quiet measurements the figure is the best of
     matmul: int = 0
-    settled: bool = True  # enough quiet measurements agree: no more are taken
     native: bool = True  # `native_kernel`
 
     def describe(self) -> str:
-        """E.g. `2048² bfloat16 matmul measured quiet at 2025-11-22 17:40, best of 3`."""
+        """E.g. `2048² bfloat16 matmul measured quiet at 2025-11-22 17:40:03`."""
         if self.source != "measured matmul":
             return self.source
         how = f"{self.matmul}² {self.dtype} matmul measured"
         if not self.quiet:
             busy = Load(**self.load).describe() if self.load else "a busy machine"
             return f"{how} while the machine was busy ({busy}) at {self.measured_at}"
-        return f"{how} quiet at {self.measured_at}, best of {self.measurements}"
+        return f"{how} quiet at {self.measured_at}"
 
     def brief(self) -> str:
-        """`describe` for a table cell: `datasheet H100`, `measured quiet, best of 3, 2025-11-22 17:40:03`."""
+        """`describe` for a table cell: `datasheet H100`, `measured quiet, 2025-11-22 17:40:03`."""
         if self.source != "measured matmul":
             return self.source
-        return (f"measured quiet, best of {self.measurements}, {self.measured_at}" if self.quiet else
-                f"measured busy, {self.measured_at}")
+        return f"measured {'quiet' if self.quiet else 'busy'}, {self.measured_at}"
 
     def mfu(self, flops_per_second: float) -> float | None:
         """The share of this peak; None against an emulated peak (it reads high), or above 1."""
@@ -97,10 +91,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
         return Peak(listed[0], name, listed[1])
     key = json.dumps(peak_key(device, dtype), sort_keys=True)
     if key not in _memo:  # measured on every thread (`measure_into_cache`), read under any
-        entry = cache.recall("peak", peak_key(device, dtype))
-        entry = entry if _valid(entry) else None
-        peak = (_as_peak(entry, device, dtype) if entry and settled(entry) else
-                measure_into_cache(device, dtype, entry))
+        kept = cache.recall("peak", peak_key(device, dtype))
+        kept = kept if _valid(kept) else None
+        peak = _as_peak(kept, device, dtype) if kept and kept["quiet"] else measure_into_cache(device, dtype, kept)
         _memo[key] = dataclasses.replace(peak, native=native_kernel(device, dtype))
     return _memo[key]
 
@@ -187,30 +180,21 @@ def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
 def _valid(entry: Any) -> bool:
     if not isinstance(entry, dict):
         return False
-    flops, figures = entry.get("flops"), entry.get("figures")
-    return (isinstance(flops, float) and math.isfinite(flops) and flops > 0 and isinstance(figures, list)
-            and all(isinstance(f, float) and 0 < f <= flops for f in figures) and isinstance(entry.get("quiet"), bool))
+    flops = entry.get("flops")
+    return isinstance(flops, float) and math.isfinite(flops) and flops > 0 and isinstance(entry.get("quiet"), bool)
 
 
-def settled(entry: dict[str, Any]) -> bool:
-    """Whether enough quiet measurements agree with the best for it to stand."""
-    return entry["quiet"] and sum(f >= AGREE * entry["flops"] for f in entry["figures"]) >= QUIET_MEASUREMENTS
-
-
-def measure_into_cache(device: torch.device, dtype: torch.dtype, entry: dict[str, Any] | None) -> Peak:
-    """Measure the peak, a window at a time until its entry settles (at most QUIET_MEASUREMENTS windows a start, none
-    after a busy one: a quiet machine settles it at its first start), merged into `entry` (the cache's, if any) and
-    kept; what it now holds."""
-    with every_thread(device):
-        windows = peak_windows(device, dtype, WINDOW)
-        for _ in range(QUIET_MEASUREMENTS):
-            with LoadMeter() as meter:
-                flops = next(windows)
-            assert meter.load is not None, "a LoadMeter has its load once its block ends"
-            entry = merged(entry, flops, meter.load, device)
-            if settled(entry) or not quiet(meter.load, device):
-                break
-    assert entry is not None, "QUIET_MEASUREMENTS is at least 1"
+def measure_into_cache(device: torch.device, dtype: torch.dtype, kept: dict[str, Any] | None = None) -> Peak:
+    """Measure the peak and keep it, unless it was measured busy and `kept` (the cache's, measured busy) is faster:
+    load only ever slows a matmul, so the faster stands until a quiet measurement replaces it."""
+    with every_thread(device), LoadMeter() as meter:
+        flops = measured_peak(device, dtype, SECONDS)
+    assert meter.load is not None, "a LoadMeter has its load once its block ends"
+    calm = quiet(meter.load, device)
+    if kept and not calm and kept["flops"] >= flops:
+        return _as_peak(kept, device, dtype)
+    entry = {"flops": flops, "quiet": calm, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "load": meter.load.record()}
     cache.keep("peak", peak_key(device, dtype), entry)
     return _as_peak(entry, device, dtype)
 
@@ -220,49 +204,29 @@ def quiet(load: Load, device: torch.device) -> bool:
     return not load.busy or device.type == "cuda"
 
 
-def merged(entry: dict[str, Any] | None, flops: float, load: Load, device: torch.device) -> dict[str, Any]:
-    """The entry after one more measurement: the best seen stands (load only ever slows a matmul), a quiet one joins
-    the quiet figures that settle it."""
-    calm = quiet(load, device)
-    figures = [*(entry["figures"] if entry else []), *([float(flops)] if calm else [])][-KEPT:]
-    if entry is not None and entry["flops"] >= flops:
-        return {**entry, "figures": figures}
-    return {"flops": float(flops), "quiet": calm, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "load": load.record(), "figures": figures}
-
-
 def _as_peak(entry: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Peak:
     return Peak(entry["flops"], str(dtype).removeprefix("torch."), "measured matmul", entry["quiet"],
-                entry["measured_at"], entry["load"], len(entry["figures"]), matmul_size(device, dtype), settled(entry))
+                entry["measured_at"], entry["load"], matmul_size(device, dtype))
 
 
 def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """Best FLOP/s of a square matmul in `dtype` (no cast timed); the first half of `seconds` only warms up."""
-    return next(peak_windows(device, dtype, seconds / 2))
-
-
-def peak_windows(device: torch.device, dtype: torch.dtype, window: float) -> Iterator[float]:
-    """The best FLOP/s of a square matmul in `dtype` (no cast timed) in each `window` seconds, after one that only
-    warms up."""
     n = matmul_size(device, dtype)
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so training, untouched
     a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
     repeats = 4 if device.type != "cpu" else 1
-    spent = -window
-    while True:
-        best = 0.0
-        while spent < window or not best:
-            synchronize(device)
-            started = time.perf_counter()
-            for _ in range(repeats):
-                a @ b  # neither needs a gradient: no graph is kept
-            synchronize(device)
-            elapsed = time.perf_counter() - started
-            spent += elapsed
-            if spent > 0:
-                best = max(best, repeats * 2 * n ** 3 / elapsed)
-        yield best
-        spent = 0.0
+    spent, best = -seconds / 2, 0.0
+    while spent < seconds / 2 or not best:
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b  # neither needs a gradient: no graph is kept
+        synchronize(device)
+        elapsed = time.perf_counter() - started
+        spent += elapsed
+        if spent > 0:
+            best = max(best, repeats * 2 * n ** 3 / elapsed)
+    return best
 
 
 def choose_dtype(device: torch.device, setting: str, born: str | None = None) -> tuple[torch.dtype, str]:

@@ -178,9 +178,7 @@ def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
 
 
 def _valid(entry: Any) -> bool:
-    if not isinstance(entry, dict):
-        return False
-    flops = entry.get("flops")
+    flops = entry.get("flops") if isinstance(entry, dict) else None
     return isinstance(flops, float) and math.isfinite(flops) and flops > 0 and isinstance(entry.get("quiet"), bool)
 
 

@@ -8,9 +8,9 @@ benchmarks measured (docs/reference/performance.md, "The machine's rules"), each
 - CUDA graphs: a compiled step on CUDA, in one process, one micro-batch a step, of a model whose kind allows them,
   whose FLOPs at the peak take under GRAPHS_STEP (its kernels' launches, not their work, set its pace);
 - the decode step: lmlab.inference.steps.choose_step.
-Measured only what no rule can know: the matmul peak per dtype, which settles the dtype (lmlab.core.peak), and the
-step time a budget plans by (lmlab.train.timing), both kept in the machine cache (lmlab.core.cache). `line` says each
-choice and why."""
+Measured only what no rule can know: the matmul peak per dtype, once per machine, which settles the dtype
+(lmlab.core.peak), and the step time a budget plans by (lmlab.train.timing), both kept in the machine cache
+(lmlab.core.cache). `line` says each choice and why."""
 
 from __future__ import annotations
 

@@ -4,12 +4,10 @@ docs/reference/performance.md ("MFU and the peak") gives the rules."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,18 +115,6 @@ def unloaded(peak: Peak) -> float:
     return peak.flops / max(LEAST_SHARE, 1.0 - others if others is not None else 0.0)
 
 
-@contextlib.contextmanager
-def every_thread(device: torch.device) -> Iterator[None]:
-    """On a CPU, torch on every thread a job may use inside, then on the threads it had."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(most_threads()[0])
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def native_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `device` multiplies `dtype` matrices in a kernel of the dtype's own, not emulated in scalar loops."""
     if device.type == "cpu":
@@ -183,10 +169,17 @@ def _valid(entry: Any) -> bool:
 
 
 def measure_into_cache(device: torch.device, dtype: torch.dtype, kept: dict[str, Any] | None = None) -> Peak:
-    """Measure the peak and keep it, unless it was measured busy and `kept` (the cache's, measured busy) is faster:
-    load only ever slows a matmul, so the faster stands until a quiet measurement replaces it."""
-    with every_thread(device), LoadMeter() as meter:
-        flops = measured_peak(device, dtype, SECONDS)
+    """Measure the peak (on a CPU, on every thread a job may use, then on the threads torch had) and keep it, unless it
+    was measured busy and `kept` (the cache's, measured busy) is faster: load only ever slows a matmul, so the faster
+    stands until a quiet measurement replaces it."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(most_threads()[0])
+    try:
+        with LoadMeter() as meter:
+            flops = measured_peak(device, dtype, SECONDS)
+    finally:
+        torch.set_num_threads(before)
     assert meter.load is not None, "a LoadMeter has its load once its block ends"
     calm = quiet(meter.load, device)
     if kept and not calm and kept["flops"] >= flops:

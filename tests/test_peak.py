@@ -1,8 +1,7 @@
 """The peak MFU divides by, robust to load: measured once on this machine and read back from then on, but measured
 again while the kept one was measured busy (the faster busy one standing: load only slows a matmul), and MFU against
 one measured busy says it may read high; the machine cache keys it by the processor and measures again over what it
-cannot trust; `train.dtype = "auto"` on a CPU picks bf16 or
-fp32 by the same measurements."""
+cannot trust; `train.dtype = "auto"` on a CPU picks bf16 or fp32 by the same measurements."""
 
 from __future__ import annotations
 

@@ -248,14 +248,6 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(runs)
 
 
-def by_bytes_columns(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
-    """Where the rows' tokenizers differ, bits per byte is the column kept longest when a table must be narrowed."""
-    if len({r.get("tokenizer") for r in rows}) <= 1 and not any(r.get("by_bytes") for r in rows):
-        return columns
-    swap = {"bits/byte": 0, "best val": 6}
-    return [dataclasses.replace(c, priority=swap.get(c.header, c.priority)) for c in columns]
-
-
 @dataclass(frozen=True)
 class Column:
     """A table column: its header, its priority (0 is kept longest when a table must be narrowed) and its cell."""
@@ -264,6 +256,17 @@ class Column:
     priority: int
     cell: Callable[[Any], str]  # a row (a dict of figures, or an object) -> its text
     left: bool = False
+    needs: str = ""  # a figure of the rows: where no row has it, `run_table` leaves the column out
+
+
+def run_table(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
+    """The columns a table of runs shows: those whose `needs` a row has; where the rows' tokenizers differ, bits per
+    byte the column kept longest when the table must be narrowed."""
+    tokenizers = {r.get("tokenizer") for r in rows if r.get("tokenizer")}
+    by_bytes = len(tokenizers) > 1 or any(r.get("by_bytes") for r in rows)
+    swap = {"bits/byte": 0, "best val": 6} if by_bytes else {}
+    return [dataclasses.replace(c, priority=swap.get(c.header, c.priority)) for c in columns
+            if not c.needs or any(r.get(c.needs) is not None for r in rows)]
 
 
 def _times(value: float | None) -> str:
@@ -300,13 +303,9 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
     Column("judge (scored, model)", 9, lambda r: judge_cell(r["judge"]), left=True),
 ]
 
-def predicted_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    """The val `--size auto` predicted for a run beside what it reached (its final score where it has one), where any
-    row was sized so."""
-    if not any(r.get("predicted_val") is not None for r in rows):
-        return []
-    return [Column("predicted val", 1, lambda r: fmt(r.get("predicted_val")) + (
-        "" if r.get("predicted_error") is None else f" ({100 * r['predicted_error']:+.1f}%)"))]
+PREDICTED_COLUMN = Column(  # the val `--size auto` predicted for a run beside what it reached (its final score)
+    "predicted val", 1, lambda r: fmt(r.get("predicted_val")) + (
+        "" if r.get("predicted_error") is None else f" ({100 * r['predicted_error']:+.1f}%)"), needs="predicted_val")
 
 
 def final_cell(value: float | None, stderr: float | None) -> str:
@@ -314,23 +313,15 @@ def final_cell(value: float | None, stderr: float | None) -> str:
     return "-" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else "")
 
 
-def final_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    """Each run's final score (its last checkpoint on the val split), where any row has one: what a comparison should be
-    read by, where the best val is the least of noisy estimates."""
-    if not any(r.get("final_val_loss") is not None for r in rows):
-        return []
-    return [Column("final val", 0, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")))]
+# Each run's final score (its last checkpoint on the val split): what a comparison should be read by, where the best
+# val is the least of noisy estimates.
+FINAL_COLUMN = Column("final val", 0, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")),
+                      needs="final_val_loss")
 
-
-def evaluation_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    """Perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint, where any row has one."""
-    if not any(r.get("evaluation") for r in rows):
-        return []
-    def figure(key: str, spec: str) -> Callable[[dict[str, Any]], str]:
-        return lambda r: fmt((r.get("evaluation") or {}).get(key), spec)
-
-    return [Column("perplexity", 8, figure("perplexity", ".2f")),
-            Column("accuracy", 9, figure("accuracy", ".3f"))]
+EVALUATION_COLUMNS = [  # perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint
+    Column("perplexity", 8, lambda r: fmt((r.get("evaluation") or {}).get("perplexity"), ".2f"), needs="evaluation"),
+    Column("accuracy", 9, lambda r: fmt((r.get("evaluation") or {}).get("accuracy"), ".3f"), needs="evaluation"),
+]
 
 
 def judge_cell(judge: dict[str, Any] | None) -> str:

@@ -111,9 +111,13 @@ def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
     return "running" if run.running() else "crashed"
 
 
+# What a run's start event says of it, under RunSummary's names (an older run's lacks some: `_describe`).
+START_FIGURES = ("params", "dataset", "tokenizer", "model", "architecture", "flops_per_token", "device", "kind")
+
+
 def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
-    summary.model, summary.flops_per_token = start.get("model"), start.get("flops_per_token")
-    summary.architecture, summary.padding = start.get("architecture"), start.get("params_padding", 0)
+    """The shape of the run's model; for an older run, whose start event lacks them, its architecture, padding, model
+    and FLOPs per token, from its model built on no memory."""
     try:
         config = run.config().model
         summary.shape = f"{config.n_layer}L/{config.n_embd}"
@@ -142,11 +146,10 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     if not (run.path / "config.toml").exists() and not (run.path / "metrics.jsonl").exists():
         return RunSummary(run.path, "not a run")
     events = run.events()
-    summary = RunSummary(run.path, _status(run, events), checkpoint=checkpoint)
-    summary.tasks, summary.judge, summary.evaluation = kept_results(run, checkpoint)
     start = events[0] if events and events[0].get("event") == "start" else {}
-    summary.params, summary.device, summary.kind = start.get("params"), start.get("device"), start.get("kind")
-    summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
+    summary = RunSummary(run.path, _status(run, events), padding=start.get("params_padding", 0), checkpoint=checkpoint,
+                         **{key: start[key] for key in START_FIGURES if key in start})
+    summary.tasks, summary.judge, summary.evaluation = kept_results(run, checkpoint)
     _describe(run, start, summary)
     _data(run, start, summary)
     # A figure that was not finite is null in metrics.jsonl (`events.as_json`): such lines draw and count nothing.

@@ -57,7 +57,7 @@ LOSS_EVENTS = ("train", "eval", "resume")  # the events of metrics.jsonl a loss 
 
 def plot_losses(run: RunDir, path: Path | None = None) -> Path:
     """Draw train (per log interval) and val (per eval) loss against step into `path` (the run's loss.png)."""
-    return _save(loss_figure(run), Path(path or run.loss_plot))
+    return save(loss_figure(run), Path(path or run.loss_plot))
 
 
 def loss_figure(run: RunDir) -> plt.Figure:
@@ -81,11 +81,6 @@ def loss_figure(run: RunDir) -> plt.Figure:
            ylabel="cross-entropy loss (nats/token)")
     _gridded(ax, bool(train or evals or resumed))  # a run before its first log line has nothing to label
     return _done(fig)
-
-
-def plot_grad_norm(run: RunDir, path: Path) -> Path:
-    """Draw `grad_norm_figure` into `path`."""
-    return _save(grad_norm_figure(run), Path(path))
 
 
 def grad_norm_figure(run: RunDir) -> plt.Figure:
@@ -119,11 +114,6 @@ X_AXES = {
     "time": ("wall time (s)", lambda s, e: e.get("elapsed", 0.0)),
     "flops": ("training compute (FLOPs)", lambda s, e: (s.flops_per_token or 0) * e.get("tokens", 0)),
 }
-
-
-def plot_comparison(summaries: list[RunSummary], path: Path, x: str = "step", log: bool = False) -> Path:
-    """Draw `comparison_figure` into `path`."""
-    return _save(comparison_figure(summaries, x, log), Path(path))
 
 
 def comparison_figure(summaries: list[RunSummary], x: str = "step", log: bool = False) -> plt.Figure:
@@ -179,7 +169,7 @@ def plot_scaling(fits: list[PowerLawFit], path: Path, rough: bool = False) -> Pa
         ax.set(xlabel=fit.x_label, ylabel="best val loss (nats/token)",
                title=f"Val loss against {fit.x_label.split(' (')[0]}")
         _gridded(ax, which="both", fontsize=8)
-    return _save(fig, Path(path))
+    return save(fig, Path(path))
 
 
 def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> Path:
@@ -194,7 +184,7 @@ def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> P
     ax.set(xscale="log", xlabel="tokens per document (log scale)", ylabel="documents",
            title=f"Document lengths: {len(lengths):,} documents, median {np.median(lengths):,.0f} tokens")
     _gridded(ax, which="both")
-    return _save(fig, Path(path))
+    return save(fig, Path(path))
 
 
 def _gridded(ax: plt.Axes, legend: bool = True, which: Literal["major", "both"] = "major", **placed: Any) -> None:
@@ -222,9 +212,10 @@ def _done(fig: plt.Figure) -> plt.Figure:
     return fig
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write a PNG through lmlab's one writer (lmlab.core.fileio.replacing): never half a PNG, nothing left behind by a
-    failed write, and a device or a link named as the path written through or followed, never replaced."""
+def save(fig: plt.Figure, path: Path) -> Path:
+    """Write a figure (`loss_figure`, `grad_norm_figure`, `comparison_figure`) to `path` as a PNG, through lmlab's
+    one writer (lmlab.core.fileio.replacing): never half a PNG, nothing left behind by a failed write, and a device
+    or a link named as the path written through or followed, never replaced."""
     _done(fig)
     with replacing(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -111,9 +111,13 @@ def _status(run: RunDir, events: list[dict[str, Any]]) -> str:
     return "running" if run.running() else "crashed"
 
 
+# What a run's start event says of it, under RunSummary's names (an older run's lacks some: `_describe`).
+START_FIGURES = ("params", "dataset", "tokenizer", "model", "architecture", "flops_per_token", "device", "kind")
+
+
 def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
-    summary.model, summary.flops_per_token = start.get("model"), start.get("flops_per_token")
-    summary.architecture, summary.padding = start.get("architecture"), start.get("params_padding", 0)
+    """The shape of the run's model; for an older run, whose start event lacks them, its architecture, padding, model
+    and FLOPs per token, from its model built on no memory."""
     try:
         config = run.config().model
         summary.shape = f"{config.n_layer}L/{config.n_embd}"
@@ -142,11 +146,10 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     if not (run.path / "config.toml").exists() and not (run.path / "metrics.jsonl").exists():
         return RunSummary(run.path, "not a run")
     events = run.events()
-    summary = RunSummary(run.path, _status(run, events), checkpoint=checkpoint)
-    summary.tasks, summary.judge, summary.evaluation = kept_results(run, checkpoint)
     start = events[0] if events and events[0].get("event") == "start" else {}
-    summary.params, summary.device, summary.kind = start.get("params"), start.get("device"), start.get("kind")
-    summary.dataset, summary.tokenizer = start.get("dataset"), start.get("tokenizer")
+    summary = RunSummary(run.path, _status(run, events), padding=start.get("params_padding", 0), checkpoint=checkpoint,
+                         **{key: start[key] for key in START_FIGURES if key in start})
+    summary.tasks, summary.judge, summary.evaluation = kept_results(run, checkpoint)
     _describe(run, start, summary)
     _data(run, start, summary)
     # A figure that was not finite is null in metrics.jsonl (`events.as_json`): such lines draw and count nothing.
@@ -248,14 +251,6 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(runs)
 
 
-def by_bytes_columns(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
-    """Where the rows' tokenizers differ, bits per byte is the column kept longest when a table must be narrowed."""
-    if len({r.get("tokenizer") for r in rows}) <= 1 and not any(r.get("by_bytes") for r in rows):
-        return columns
-    swap = {"bits/byte": 0, "best val": 6}
-    return [dataclasses.replace(c, priority=swap.get(c.header, c.priority)) for c in columns]
-
-
 @dataclass(frozen=True)
 class Column:
     """A table column: its header, its priority (0 is kept longest when a table must be narrowed) and its cell."""
@@ -264,6 +259,17 @@ class Column:
     priority: int
     cell: Callable[[Any], str]  # a row (a dict of figures, or an object) -> its text
     left: bool = False
+    needs: str = ""  # a figure of the rows: where no row has it, `run_table` leaves the column out
+
+
+def run_table(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
+    """The columns a table of runs shows: those whose `needs` a row has; where the rows' tokenizers differ, bits per
+    byte the column kept longest when the table must be narrowed."""
+    tokenizers = {r.get("tokenizer") for r in rows if r.get("tokenizer")}
+    by_bytes = len(tokenizers) > 1 or any(r.get("by_bytes") for r in rows)
+    swap = {"bits/byte": 0, "best val": 6} if by_bytes else {}
+    return [dataclasses.replace(c, priority=swap.get(c.header, c.priority)) for c in columns
+            if not c.needs or any(r.get(c.needs) is not None for r in rows)]
 
 
 def _times(value: float | None) -> str:
@@ -300,13 +306,9 @@ RUN_COLUMNS = [  # `lmlab runs`: RunSummary.figures() with "run" the path under 
     Column("judge (scored, model)", 9, lambda r: judge_cell(r["judge"]), left=True),
 ]
 
-def predicted_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    """The val `--size auto` predicted for a run beside what it reached (its final score where it has one), where any
-    row was sized so."""
-    if not any(r.get("predicted_val") is not None for r in rows):
-        return []
-    return [Column("predicted val", 1, lambda r: fmt(r.get("predicted_val")) + (
-        "" if r.get("predicted_error") is None else f" ({100 * r['predicted_error']:+.1f}%)"))]
+PREDICTED_COLUMN = Column(  # the val `--size auto` predicted for a run beside what it reached (its final score)
+    "predicted val", 1, lambda r: fmt(r.get("predicted_val")) + (
+        "" if r.get("predicted_error") is None else f" ({100 * r['predicted_error']:+.1f}%)"), needs="predicted_val")
 
 
 def final_cell(value: float | None, stderr: float | None) -> str:
@@ -314,23 +316,15 @@ def final_cell(value: float | None, stderr: float | None) -> str:
     return "-" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else "")
 
 
-def final_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    """Each run's final score (its last checkpoint on the val split), where any row has one: what a comparison should be
-    read by, where the best val is the least of noisy estimates."""
-    if not any(r.get("final_val_loss") is not None for r in rows):
-        return []
-    return [Column("final val", 0, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")))]
+# Each run's final score (its last checkpoint on the val split): what a comparison should be read by, where the best
+# val is the least of noisy estimates.
+FINAL_COLUMN = Column("final val", 0, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")),
+                      needs="final_val_loss")
 
-
-def evaluation_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    """Perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint, where any row has one."""
-    if not any(r.get("evaluation") for r in rows):
-        return []
-    def figure(key: str, spec: str) -> Callable[[dict[str, Any]], str]:
-        return lambda r: fmt((r.get("evaluation") or {}).get(key), spec)
-
-    return [Column("perplexity", 8, figure("perplexity", ".2f")),
-            Column("accuracy", 9, figure("accuracy", ".3f"))]
+EVALUATION_COLUMNS = [  # perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint
+    Column("perplexity", 8, lambda r: fmt((r.get("evaluation") or {}).get("perplexity"), ".2f"), needs="evaluation"),
+    Column("accuracy", 9, lambda r: fmt((r.get("evaluation") or {}).get("accuracy"), ".3f"), needs="evaluation"),
+]
 
 
 def judge_cell(judge: dict[str, Any] | None) -> str:

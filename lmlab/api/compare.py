@@ -15,11 +15,11 @@ from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.plots import X_AXES, comparison_figure
 from lmlab.analysis.runs import (
     COMPARE_COLUMNS,
+    EVALUATION_COLUMNS,
+    FINAL_COLUMN,
+    PREDICTED_COLUMN,
     RunSummary,
-    by_bytes_columns,
-    evaluation_columns,
-    final_columns,
-    predicted_columns,
+    run_table,
     summarize,
     task_columns,
 )
@@ -44,9 +44,8 @@ class Comparison:
         self.reason = unfair(summaries)
         change = f"bits/byte: % change, as {self.reason}" if self.reason else "best val: % change"
         self.title = f"Compared with {summaries[0].name} (× its figure; {change})"
-        self.columns = [*by_bytes_columns(COMPARE_COLUMNS, self.rows), *final_columns(self.rows),
-                        *predicted_columns(self.rows),
-                        *evaluation_columns(self.rows), *task_columns(self.rows)]
+        self.columns = run_table([*COMPARE_COLUMNS, FINAL_COLUMN, PREDICTED_COLUMN, *EVALUATION_COLUMNS,
+                                  *task_columns(self.rows)], self.rows)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield fitted_table(console, options.max_width, self.title, self.columns, self.rows,

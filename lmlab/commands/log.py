@@ -15,14 +15,13 @@ from lmlab.core.errors import UserError
 def cmd_log(args: argparse.Namespace) -> None:
     from lmlab.analysis.history import EVAL_COLUMNS, to_csv
     from lmlab.api.run import Run
-    from lmlab.run.rundir import RunDir
 
     run = Run(args.run, console)  # a folder that is no run is refused as every command refuses it
     rows = run.history
     if args.plot:
-        from lmlab.analysis.plots import plot_grad_norm
+        from lmlab.analysis.plots import save
 
-        written = plot_grad_norm(RunDir(run.path), Path(args.plot))
+        written = save(run.plot("grad_norm"), Path(args.plot))
         print(f"gradient norm and learning rate by step: {written}", file=sys.stderr)  # stdout: the rows alone
     if args.json:
         print(json.dumps({"run": str(run.path), "evaluations": rows}, indent=1))

@@ -26,26 +26,24 @@ from lmlab.core.errors import UserError
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.analysis.runs import RUN_COLUMNS, by_bytes_columns, evaluation_columns, find_runs, summarize
+    from lmlab.analysis.runs import EVALUATION_COLUMNS, RUN_COLUMNS, find_runs, run_table, summarize
 
     rows = [{**summarize(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
     if args.json:
         print(json.dumps({"dir": str(args.dir), "runs": rows}, indent=1))
         return
-    known = [r for r in rows if r["tokenizer"]]
-    print_table(f"Runs under {args.dir}", [*by_bytes_columns(RUN_COLUMNS, known), *evaluation_columns(rows)], rows,
-                args.wide)
+    print_table(f"Runs under {args.dir}", run_table([*RUN_COLUMNS, *EVALUATION_COLUMNS], rows), rows, args.wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from lmlab.analysis.plots import plot_comparison
+    from lmlab.analysis.plots import save
     from lmlab.api.compare import compare
     from lmlab.run.rundir import RunDir
 
     params = samplings(args)[0]
     compared = compare(args.runs, args.checkpoint)
     runs = compared.summaries
-    plot = plot_comparison(runs, Path(args.plot), args.x, args.log) if args.plot else None
+    plot = save(compared.plot(args.x, args.log), Path(args.plot)) if args.plot else None
     texts = None
     if args.prompt is not None:
         from lmlab.inference.generate import sample

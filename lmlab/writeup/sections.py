@@ -12,14 +12,14 @@ from typing import Any
 
 from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.history import EVAL_COLUMNS, evaluations
-from lmlab.analysis.plots import plot_comparison, plot_document_lengths, plot_losses
+from lmlab.analysis.plots import comparison_figure, plot_document_lengths, plot_losses, save
 from lmlab.analysis.runs import (
     COMPARE_COLUMNS,
+    FINAL_COLUMN,
     RunSummary,
-    by_bytes_columns,
     final_cell,
-    final_columns,
     judge_cell,
+    run_table,
     score_cell,
     task_columns,
 )
@@ -51,7 +51,7 @@ def summary(facts: list[RunFacts], out: Path) -> list[Block]:
     if len(compared) < 2:
         return blocks
     rows, reason = comparison(compared), unfair(compared)
-    columns = [*by_bytes_columns(COMPARE_COLUMNS, rows), *final_columns(rows), *task_columns(rows)]
+    columns = run_table([*COMPARE_COLUMNS, FINAL_COLUMN, *task_columns(rows)], rows)
     change = f"bits per byte, as {reason}" if reason else "best val loss"
     blocks.append(Paragraph(f"Each run against `{compared[0].name}` (× its figure; % change of the {change}; the "
                             "best val losses are the fixed-batch estimates at the evals; the final val, the last "
@@ -59,7 +59,7 @@ def summary(facts: list[RunFacts], out: Path) -> list[Block]:
     blocks.append(Table([c.header for c in columns], [[c.cell(r) for c in columns] for r in rows],
                         [not c.left for c in columns]))
     try:
-        plot_comparison(compared, out / "compare.png", x="tokens")
+        save(comparison_figure(compared, x="tokens"), out / "compare.png")
     except UserError as err:  # runs that cannot share an axis: the report says why instead of drawing one
         return blocks + [Paragraph(f"No overlay plot: {err}")]
     what = "bits per byte" if reason else "val and train loss"

@@ -24,7 +24,6 @@ from lmlab.inference.generate import (
     chat_prompt,
     check_prompt_length,
     continue_all,
-    decode_dtype,
     document_start,
     max_prompt_chars,
 )
@@ -172,10 +171,9 @@ def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: S
         run.run.add_sample(kept, run.checkpoint, run.step, f"{drawn.describe()}, {asked}")
 
     if todo:
-        dtype = decode_dtype(run.device, run.dtype, step is not None)
         # A continuation runs on across documents, as `sample` does; an answer ends with its turn.
         continue_all(run.model, run.tokenizer, [ids for _, ids, _ in todo], [p for _, _, p in todo],
-                     min(MOST_AT_ONCE, len(todo)), dtype, step, past_eot=not talking,
+                     min(MOST_AT_ONCE, len(todo)), run.dtype, step, past_eot=not talking,
                      progress=progress and (lambda finished, _: progress(skipped + finished, total)), ended=ended)
     return cells[first:]
 
@@ -203,8 +201,7 @@ def sample_grid(paths: Sequence[Path], prompts: Sequence[str], temperatures: Seq
                 progress(before + done, total)
 
             # the step `sample` would choose (on a GPU, CUDA graphs); never the compiled one, a minute per run
-            step, _ = build_step(choose_step(run.model, run.device, False), run.model,
-                                 decode_dtype(run.device, run.dtype, True), MOST_AT_ONCE)
+            step, _ = build_step(choose_step(run.model, run.device, False), run.model, run.dtype, MOST_AT_ONCE)
             run_cells(run, name, prompts, temperatures, params, step, chat=chat, into=cells, progress=advance)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it: the grid as far as it got
         signal = getattr(stop, "signal", "SIGINT")

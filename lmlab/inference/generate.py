@@ -276,9 +276,9 @@ def max_prompt_chars(run: LoadedRun) -> int | None:
     return run.tokenizer.most_chars(run.config.model.block_size)
 
 
-def check_prompt_length(run: LoadedRun, text: str, what: str, limit: int | None = None) -> None:
-    """Refuse `text` (`what` names it) when it is longer than `max_prompt_chars` (or `limit`, that figure if known)."""
-    limit = limit or max_prompt_chars(run)
+def check_prompt_length(run: LoadedRun, text: str, what: str) -> None:
+    """Refuse `text` (`what` names it) when it is longer than `max_prompt_chars`."""
+    limit = max_prompt_chars(run)
     if limit is not None and len(text) > limit:
         raise UserError(f"{what} is {len(text):,} characters, more than the {run.config.model.block_size:,} tokens "
                         f"of {run.run.path}'s context can hold (at most {limit:,} of its tokenizer's characters); "
@@ -341,11 +341,11 @@ class Asked:
         return dataclasses.replace(params, stop=(*params.stop, *self.stop))
 
 
-def continuing(run: LoadedRun, prompt: str, n: int = 1) -> Asked:
-    """The prompt n times, continued as nanoGPT's samples are, on across documents (an empty one starts a new
-    document)."""
-    check_prompt_length(run, prompt, "--prompt")
-    run.tokenizer.check(prompt, "--prompt")
+def continuing(run: LoadedRun, prompt: str, n: int = 1, what: str = "--prompt") -> Asked:
+    """The prompt (`what` names it in a refusal) n times, continued as nanoGPT's samples are, on across documents (an
+    empty one starts a new document)."""
+    check_prompt_length(run, prompt, what)
+    run.tokenizer.check(prompt, what)
     start = run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer)
     return Asked([start] * n, past_eot=True, prefix=prompt)
 

@@ -225,14 +225,12 @@ def forget_old_steps(keep: int = KEEP) -> None:
 
 
 def kept_or_compiled(model: LanguageModel, weights_sha256: str, capacity: int, dtype: torch.dtype,
-                     quantized: str = "none", say: Callable[[str], None] = lambda line: None) -> Step | None:
-    """The compiled decode step of `model` (in eval mode; its weights hash to `weights_sha256`, then quantized to
-    `quantized`) as `compile_step` builds it, for every call of the same weights on this machine: the package kept
-    under its key (`step_key`), else compiled (a minute or more) and kept there; compiled for this call alone where
-    the kept ones cannot be used (a folder others may write, or one that cannot be written). `say` hears what a user
-    waits for or should know, before the wait."""
-    if not compilable(model):
-        return None
+                     quantized: str = "none", say: Callable[[str], None] = lambda line: None) -> Step:
+    """The compiled decode step of `model` (in eval mode, `compilable`; its weights hash to `weights_sha256`, then
+    quantized to `quantized`) as `compile_step` builds it, for every call of the same weights on this machine: the
+    package kept under its key (`step_key`), else compiled (a minute or more) and kept there; compiled for this call
+    alone where the kept ones cannot be used (a folder others may write, or one that cannot be written). `say` hears
+    what a user waits for or should know, before the wait."""
     key = step_key(model.config, weights_sha256, capacity, dtype, next(model.parameters()).device, quantized)
     try:
         path = kept_step(key)

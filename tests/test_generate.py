@@ -26,7 +26,7 @@ from lmlab.inference.generate import (
     Detokenizer,
     StopStrings,
     TextStream,
-    all_texts,
+    continue_all,
     continuing,
     instructing,
     sample,
@@ -176,7 +176,7 @@ LEGACY = Path(__file__).parent / "data" / "legacy"
 def test_n_samples_drawn_in_one_batch_are_the_samples_seeded_one_by_one():
     run = RunDir(LEGACY / "trained").load("best", "cpu")
     params = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, seed=11)
-    batched = all_texts(run, continuing(run, "ROMEO:", 4), seeded(params, 4), 4)
+    batched = ["ROMEO:" + c.text.text for c in continue_all(run, continuing(run, "ROMEO:", 4), seeded(params, 4), 4)]
     alone = [sample(run, "ROMEO:", SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, seed=11 + i))
              for i in range(4)]
     assert batched == alone and len(set(batched)) > 1
@@ -187,8 +187,8 @@ def test_answers_decoded_in_a_batch_are_the_answers_asked_alone():
     asks = [(r["instruction"], r.get("input", "")) for r in json.loads(ALPACA_TINY.read_text())[:5]]
     params = SamplingParams(max_new_tokens=24, temperature=0)
     done = []
-    batched = all_texts(run, instructing(run, asks), [params] * len(asks), 3,
-                        progress=lambda n, total: done.append((n, total)))
+    batched = [c.text.text for c in continue_all(run, instructing(run, asks), [params] * len(asks), 3,
+                                                 progress=lambda n, total: done.append((n, total)))]
     assert batched == [text_stream(run, instructing(run, [ask]), params).text() for ask in asks]
     assert done[-1] == (5, 5)
 

@@ -219,7 +219,7 @@ class Run:
                 compile: bool = False, keep: bool = True, quantize: str = "none", **settings: Any) -> list[str]:
         """`num_samples` continuations of the prompt drawn in one batch, the i-th with seed `seed` + i (settings as
         `sample`'s), each kept in samples.txt unless not `keep`."""
-        from lmlab.inference.generate import all_texts, continuing
+        from lmlab.inference.generate import continue_all, continuing
 
         params = sampling_params(settings)
         run, notes = self._use(checkpoint, device, "decoding", quantize)
@@ -227,8 +227,9 @@ class Run:
         step = decode_step(run, num_samples, "--num-samples", tokens, compile, self.console, quantize)
         began = time.perf_counter()
         drawn = seeded(params, num_samples)
-        texts = all_texts(run, continuing(run, prompt, num_samples), drawn, num_samples, step,
-                          threads=notes.heard(), setting="--num-samples")
+        done = continue_all(run, continuing(run, prompt, num_samples), drawn, num_samples, step,
+                            setting="--num-samples", threads=notes.heard())
+        texts = [prompt + c.text.text for c in done]
         # Past end-of-text and without stop strings, each continuation is its max_new_tokens.
         self.decoded = (num_samples * params.max_new_tokens, time.perf_counter() - began)
         notes.flush()

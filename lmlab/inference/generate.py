@@ -208,30 +208,6 @@ class Batch:
         return events
 
 
-def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[list[int]],
-                 params: Sequence[SamplingParams], capacity: int, dtype: torch.dtype, step: Step | None = None,
-                 progress: Callable[[int, int], None] | None = None, past_eot: bool = False,
-                 setting: str = "--batch-size", ended: Callable[[int, Continuation], None] | None = None,
-                 threads: Heard | None = None) -> list[Continuation]:
-    """Every prompt's continuation, `capacity` (the option `setting`) decoded at once; the next prompt joins as soon
-    as one ends. `ended` hears each as it ends (the prompt's index, its continuation): what a stop keeps."""
-    longest = max((len(p) + q.max_new_tokens for p, q in zip(prompts, params)), default=0)
-    batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest, threads)
-    waiting, done = list(zip(prompts, params))[::-1], 0
-    index: dict[Continuation, int] = {}  # in the prompts' order
-    while waiting or len(batch):
-        while waiting and batch.decoder.free:
-            index[batch.add(*waiting.pop())] = len(index)
-        for continuation, _ in batch.step():
-            if continuation.finish_reason is not None:
-                done += 1
-                if ended:
-                    ended(index[continuation], continuation)
-                if progress:
-                    progress(done, len(prompts))
-    return list(index)
-
-
 class TextStream:
     """Iterating yields the decoded text of one continuation piece by piece; then `finish_reason` is "stop" or
     "length" and `tokens` the number of tokens generated."""
@@ -375,14 +351,29 @@ def text_stream(run: LoadedRun, asked: Asked, params: SamplingParams, step: Step
                       asked.past_eot, threads, asked.prefix)
 
 
-def all_texts(run: LoadedRun, asked: Asked, params: Sequence[SamplingParams], batch: int = 1,
-              step: Step | None = None, progress: Callable[[int, int], None] | None = None,
-              threads: Heard | None = None, setting: str = "--batch-size") -> list[str]:
-    """The text of each of `asked`'s prompts, its prefix first, drawn with its own of `params`, `batch` (the option
-    `setting`) decoded at once."""
-    done = continue_all(run.model, run.tokenizer, asked.prompts, [asked.stopping(p) for p in params], batch,
-                        run.dtype, step, progress, asked.past_eot, setting, threads=threads)
-    return [asked.prefix + c.text.text for c in done]
+def continue_all(run: LoadedRun, asked: Asked, params: Sequence[SamplingParams], capacity: int = 1,
+                 step: Step | None = None, progress: Callable[[int, int], None] | None = None,
+                 setting: str = "--batch-size", ended: Callable[[int, Continuation], None] | None = None,
+                 threads: Heard | None = None) -> list[Continuation]:
+    """Every prompt of `asked` continued, drawn with its own of `params`, `capacity` (the option `setting`) decoded at
+    once; the next prompt joins as soon as one ends. `ended` hears each as it ends (the prompt's index, its
+    continuation): what a stop keeps."""
+    params = [asked.stopping(p) for p in params]
+    longest = max((len(p) + q.max_new_tokens for p, q in zip(asked.prompts, params)), default=0)
+    batch = Batch(run.model, run.tokenizer, capacity, run.dtype, step, asked.past_eot, setting, longest, threads)
+    waiting, done = list(zip(asked.prompts, params))[::-1], 0
+    index: dict[Continuation, int] = {}  # in the prompts' order
+    while waiting or len(batch):
+        while waiting and batch.decoder.free:
+            index[batch.add(*waiting.pop())] = len(index)
+        for continuation, _ in batch.step():
+            if continuation.finish_reason is not None:
+                done += 1
+                if ended:
+                    ended(index[continuation], continuation)
+                if progress:
+                    progress(done, len(params))
+    return list(index)
 
 
 def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:

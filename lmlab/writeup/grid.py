@@ -19,7 +19,7 @@ from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.core.jsontext import parse_json
 from lmlab.inference.decode import Step
-from lmlab.inference.generate import Continuation, chatting, continue_all, continuing
+from lmlab.inference.generate import Asked, Continuation, chatting, continue_all, continuing
 from lmlab.inference.steps import build_step, choose_step
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.writeup.document import Block, Code, Heading, Paragraph
@@ -154,9 +154,9 @@ def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: S
 
     if todo:
         # A continuation runs on across documents, as `sample` does; an answer ends with its turn.
-        continue_all(run.model, run.tokenizer, [ids for _, ids, _ in todo], [p for _, _, p in todo],
-                     min(MOST_AT_ONCE, len(todo)), run.dtype, step, past_eot=not talking,
-                     progress=progress and (lambda finished, _: progress(skipped + finished, total)), ended=ended)
+        continue_all(run, Asked([ids for _, ids, _ in todo], past_eot=not talking), [p for _, _, p in todo],
+                     min(MOST_AT_ONCE, len(todo)), step, ended=ended,
+                     progress=progress and (lambda finished, _: progress(skipped + finished, total)))
     return cells[first:]
 
 

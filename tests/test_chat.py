@@ -25,7 +25,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import load_pretrained
 from lmlab.evals.judge import judge_prompt
 from lmlab.hf import export_hf, import_hf
-from lmlab.inference.generate import chat_stream
+from lmlab.inference.generate import chatting, text_stream
 from lmlab.run.chat import read_chat_template
 from lmlab.run.rundir import RunDir
 from tests.helpers import ALPACA_TINY, LMLAB, Server, read_answer, run_cli, sent
@@ -105,7 +105,7 @@ def test_a_reply_stops_at_the_end_of_the_turn_not_only_at_the_eos(tmp_path, corp
     import_hf(hf_chat_model(tmp_path / "Llama-3-tiny-Instruct", "llama3", corpus_dir, silent=True), tmp_path / "run")
     run = RunDir(tmp_path / "run").load("best", "cpu")
     assert run.chat_template.end_of_turn == ("<|eot_id|>",) and run.tokenizer.eot_token == "<|end_of_text|>"
-    stream = chat_stream(run, [("user", "Hello")], SamplingParams(20, temperature=0))
+    stream = text_stream(run, chatting(run, [("user", "Hello")]), SamplingParams(20, temperature=0))
     assert stream.text() == "" and stream.finish_reason == "stop" and stream.tokens == 1
 
 

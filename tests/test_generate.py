@@ -19,18 +19,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmlab.core.config import ModelConfig, SamplingParams
+from lmlab.core.config import ModelConfig, SamplingParams, seeded
 from lmlab.core.errors import UserError
 from lmlab.data.tokenizers import train_tokenizer
 from lmlab.inference.generate import (
     Detokenizer,
     StopStrings,
     TextStream,
-    instruct,
-    instruct_all,
+    continue_all,
+    continuing,
+    instructing,
     sample,
-    samples,
     stream_ids,
+    text_stream,
 )
 from lmlab.inference.sampling import filter_logits
 from lmlab.model import build_model
@@ -175,7 +176,7 @@ LEGACY = Path(__file__).parent / "data" / "legacy"
 def test_n_samples_drawn_in_one_batch_are_the_samples_seeded_one_by_one():
     run = RunDir(LEGACY / "trained").load("best", "cpu")
     params = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, seed=11)
-    batched = samples(run, "ROMEO:", params, 4)
+    batched = ["ROMEO:" + c.text.text for c in continue_all(run, continuing(run, "ROMEO:", 4), seeded(params, 4), 4)]
     alone = [sample(run, "ROMEO:", SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, seed=11 + i))
              for i in range(4)]
     assert batched == alone and len(set(batched)) > 1
@@ -186,8 +187,9 @@ def test_answers_decoded_in_a_batch_are_the_answers_asked_alone():
     asks = [(r["instruction"], r.get("input", "")) for r in json.loads(ALPACA_TINY.read_text())[:5]]
     params = SamplingParams(max_new_tokens=24, temperature=0)
     done = []
-    batched = instruct_all(run, asks, params, batch=3, progress=lambda n, total: done.append((n, total)))
-    assert batched == [instruct(run, instruction, input, params) for instruction, input in asks]
+    batched = [c.text.text for c in continue_all(run, instructing(run, asks), [params] * len(asks), 3,
+                                                 progress=lambda n, total: done.append((n, total)))]
+    assert batched == [text_stream(run, instructing(run, [ask]), params).text() for ask in asks]
     assert done[-1] == (5, 5)
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from lmlab.analysis.runs import summarize
 from lmlab.core.config import SamplingParams
 from lmlab.core.config_toml import load_config
-from lmlab.inference.generate import continue_all, stream_ids
+from lmlab.inference.generate import Asked, continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from tests.helpers import (
@@ -169,8 +169,7 @@ def test_a_minimal_plugin_samples_by_recomputing_its_context_and_a_missing_one_n
     assert list(stream_ids(run.model, prompt, SamplingParams(15, temperature=0))) == ids[len(prompt):]
     # Rows of different lengths decode together (right-padded windows) as each does alone.
     prompts = [run.tokenizer.encode(p) for p in ("ROMEO:", "JULIET: fair night,")]
-    together = continue_all(run.model, run.tokenizer, prompts, [SamplingParams(15, temperature=0)] * 2, 2,
-                            torch.float32)
+    together = continue_all(run, Asked(prompts), [SamplingParams(15, temperature=0)] * 2, 2)
     assert [c.decoding.ids for c in together] == \
         [prompt + list(stream_ids(run.model, prompt, SamplingParams(15, temperature=0))) for prompt in prompts]
     assert summarize(result.run_dir).architecture == "tiny-mix"

@@ -18,7 +18,7 @@ from lmlab.commands import main
 from lmlab.core.config import FinetuneConfig, SamplingParams
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
-from lmlab.inference.generate import instruct, sample
+from lmlab.inference.generate import instructing, sample, text_stream
 from lmlab.run.rundir import STATE_FORMAT, RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
@@ -39,7 +39,8 @@ def test_a_folder_written_before_the_run_layer_loads(name, kind, step):
     assert text.startswith("ROMEO:") and text == sample(run, "ROMEO:", SamplingParams(max_new_tokens=20, seed=3))
     if kind == "fine-tuned":  # asked in the format it was taught, which ends its answers at end-of-text
         assert run.prompt_format.end == "<|endoftext|>"
-        assert "<|endoftext|>" not in instruct(run, "Name a colour.", "", SamplingParams(max_new_tokens=30))
+        answer = text_stream(run, instructing(run, [("Name a colour.", "")]), SamplingParams(max_new_tokens=30))
+        assert "<|endoftext|>" not in answer.text()
 
 
 @pytest.mark.slow

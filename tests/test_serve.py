@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from lmlab.core.config import SamplingParams
+from lmlab.core.config import SamplingParams, seeded
 from lmlab.core.errors import UserError
 from lmlab.evals.judge import judge_answers, parse_score
-from lmlab.inference.generate import Batch, TextStream, decode_dtype, seeded
+from lmlab.inference.generate import Batch, TextStream, decode_dtype
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher, Job, QueueFull
 from tests.helpers import ALPACA_TINY, LMLAB, Server, post, refusing_port

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # what decodes imports torch, at the first call that decodes:
     import pandas
 
     from lmlab.core.threads import ThreadChooser
-    from lmlab.inference.generate import TextStream
+    from lmlab.inference.generate import Asked, TextStream
     from lmlab.model import LanguageModel
     from lmlab.train.reports import TrainResult
 
@@ -209,30 +209,33 @@ class Run:
         pieces (the prompt first); with `compile`, decoded by a compiled step on a CPU (worth it for thousands of
         tokens; on a GPU the step replays as CUDA graphs either way); with `quantize="int8"`, from 8-bit weights on the
         CPU (lmlab.inference.quantize). Kept in samples.txt unless not `keep`."""
-        from lmlab.inference.generate import sample_stream
+        from lmlab.inference.generate import continuing
 
-        return self._text(sample_stream, (prompt,), len(prompt), settings, f"prompt {prompt!r}", checkpoint,
-                          device, stream, compile, keep, quantize)
+        return self._text(lambda run: continuing(run, prompt), len(prompt), settings, f"prompt {prompt!r}",
+                          checkpoint, device, stream, compile, keep, quantize)
 
     @checked(prompt="text", num_samples="count", **DECODING)
     def samples(self, prompt: str = "", num_samples: int = 2, *, checkpoint: str = "best", device: str = "auto",
                 compile: bool = False, keep: bool = True, quantize: str = "none", **settings: Any) -> list[str]:
         """`num_samples` continuations of the prompt drawn in one batch, the i-th with seed `seed` + i (settings as
         `sample`'s), each kept in samples.txt unless not `keep`."""
-        from lmlab.inference.generate import samples
+        from lmlab.inference.generate import continue_all, continuing
 
         params = sampling_params(settings)
         run, notes = self._use(checkpoint, device, "decoding", quantize)
         tokens = max(len(prompt), run.config.model.block_size) + params.max_new_tokens
         step = decode_step(run, num_samples, "--num-samples", tokens, compile, self.console, quantize)
         began = time.perf_counter()
-        texts = samples(run, prompt, params, num_samples, step, notes.heard())
+        drawn = seeded(params, num_samples)
+        done = continue_all(run, continuing(run, prompt, num_samples), drawn, num_samples, step,
+                            setting="--num-samples", threads=notes.heard())
+        texts = [prompt + c.text.text for c in done]
         # Past end-of-text and without stop strings, each continuation is its max_new_tokens.
         self.decoded = (num_samples * params.max_new_tokens, time.perf_counter() - began)
         notes.flush()
         if keep:
-            for text, drawn in zip(texts, seeded(params, len(texts))):
-                _keep(run, text, f"{drawn.describe()}, prompt {prompt!r}")
+            for text, each in zip(texts, drawn):
+                _keep(run, text, f"{each.describe()}, prompt {prompt!r}")
         return texts
 
     @checked(message="text", system="text?", stream="flag", **DECODING)
@@ -241,11 +244,11 @@ class Run:
              **settings: Any) -> str | Iterator[str]:
         """The reply to a user's `message` (after `system`'s), through the run's chat template, prompt format or a role:
         content transcript; settings as `sample`'s."""
-        from lmlab.inference.generate import chat_stream
+        from lmlab.inference.generate import chatting
 
         turns = [("system", system)] if system is not None else []
         turns.append(("user", message))
-        return self._text(chat_stream, (turns,), 0, settings, f"chat {message!r}, system {system!r}",
+        return self._text(lambda run: chatting(run, turns), 0, settings, f"chat {message!r}, system {system!r}",
                           checkpoint, device, stream, compile, keep, quantize)
 
     @checked(instruction="text", input="text", stream="flag", **DECODING)
@@ -253,22 +256,24 @@ class Run:
                  stream: bool = False, compile: bool = False, keep: bool = True, quantize: str = "none",
                  **settings: Any) -> str | Iterator[str]:
         """The answer to an instruction (and its input) asked in the run's own format; settings as `sample`'s."""
-        from lmlab.inference.generate import instruct_stream
+        from lmlab.inference.generate import instructing
 
-        return self._text(instruct_stream, (instruction, input), 0, settings,
+        return self._text(lambda run: instructing(run, [(instruction, input)]), 0, settings,
                           f"instruction {instruction!r}, input {input!r}", checkpoint, device, stream, compile, keep,
                           quantize)
 
-    def _text(self, pieces_of: Callable[..., TextStream], asking: tuple[Any, ...], prompt_length: int,
-              settings: dict[str, Any], asked: str, checkpoint: str, device: str, stream: bool, compile: bool,
-              keep: bool, quantize: str) -> str | Iterator[str]:
-        """One text generated by `pieces_of(run, *asking, params, step, heard)` with the sampling `settings`
-        (its prompt checked at once), whole or streamed."""
+    def _text(self, asking: Callable[[LoadedRun], Asked], prompt_length: int, settings: dict[str, Any], asked: str,
+              checkpoint: str, device: str, stream: bool, compile: bool, keep: bool,
+              quantize: str) -> str | Iterator[str]:
+        """The text of the prompt `asking` puts to the loaded run, with the sampling `settings` (its prompt checked
+        at once), whole or streamed."""
+        from lmlab.inference.generate import text_stream
+
         params = sampling_params(settings)
         run, notes = self._use(checkpoint, device, "decoding", quantize)
         tokens = max(prompt_length, run.config.model.block_size) + params.max_new_tokens
         step = decode_step(run, 1, "--num-samples", tokens, compile, self.console, quantize)
-        pieces = pieces_of(run, *asking, params, step, notes.heard())
+        pieces = text_stream(run, asking(run), params, step, notes.heard())
         notes.flush()  # once the prompt passed its checks
         flowing = self._flow(run, pieces, f"{params.describe()}, {asked}" if keep else None)
         return flowing if stream else "".join(flowing)

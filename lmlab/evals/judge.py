@@ -24,7 +24,7 @@ from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
 from lmlab.core.jsontext import parse_json
 from lmlab.core.threads import Heard
 from lmlab.inference.decode import Step
-from lmlab.inference.generate import instruct_all
+from lmlab.inference.generate import continue_all, instructing
 from lmlab.run.prompt import read_records
 from lmlab.run.rundir import LoadedRun, RunDir
 
@@ -46,8 +46,9 @@ def write_answers(run: LoadedRun, data: Path, out: Path, params: SamplingParams,
     `step`, its steps heard by `threads`: lmlab.inference.decode.Decoder); returns how many were written."""
     records = read_records(data)
     check_writable(Path(out))  # before the answers, not after them
-    answers = instruct_all(run, [(r["instruction"], r.get("input", "")) for r in records], params, batch, step,
-                           progress, threads)
+    asked = instructing(run, [(r["instruction"], r.get("input", "")) for r in records])
+    answers = [c.text.text for c in continue_all(run, asked, [params] * len(records), batch, step, progress,
+                                                 threads=threads)]
     answered_by = {"run": str(run.run.path.resolve()), "checkpoint": run.checkpoint, "step": run.step,
                    "weights_sha256": run.weights_sha256}  # so `lmlab judge` keeps its scores in this run
     lines = [json.dumps({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"],

@@ -28,13 +28,13 @@ import torch
 import torch.nn as nn
 
 from lmlab.core.config import ModelConfig
-from lmlab.core.device import autocast, machine
+from lmlab.core.device import machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, check_writable, sha256_file
 from lmlab.core.jsontext import parse_json
 from lmlab.core.threads import most_threads
 from lmlab.core.version import __version__
-from lmlab.inference.decode import Step
+from lmlab.inference.decode import Step, step_logits
 from lmlab.inference.quantize import QUANTIZE, held_as, quantize, state_dtype
 from lmlab.model import LanguageModel, build_model
 from lmlab.model.base import DecodeState, new_state
@@ -48,8 +48,7 @@ class _StepModule(nn.Module):
         self.model, self.kind, self.dtype = model, kind, dtype
 
     def forward(self, idx: torch.Tensor, *state: torch.Tensor) -> torch.Tensor:
-        with autocast(idx.device, self.dtype):
-            return self.model(idx, cache=self.kind.over(state))[0][:, -1]
+        return step_logits(self.model, self.dtype, idx, self.kind.over(state))
 
 
 def compilable(model: LanguageModel) -> bool:
@@ -138,7 +137,9 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
     (`quantized`: the format its weights were quantized to, lmlab.inference.quantize; `threads`: the most it runs on,
     `built_threads`, not the count the load left at the start, which the step follows)."""
     source = hashlib.sha256()
-    for path in sorted((Path(__file__).parents[1] / "model").glob("*.py")) + [Path(__file__)]:
+    # the model's code, this module's and the step it compiles (decode.step_logits)
+    here = Path(__file__)
+    for path in sorted((here.parents[1] / "model").glob("*.py")) + [here, here.with_name("decode.py")]:
         source.update(path.read_bytes())
     facts = {"weights": weights_sha256, "model": asdict(config), "capacity": capacity, "dtype": str(dtype),
              "device": device.type, "autotuned": autotuned(device), "threads": built_threads(threads),
@@ -224,14 +225,12 @@ def forget_old_steps(keep: int = KEEP) -> None:
 
 
 def kept_or_compiled(model: LanguageModel, weights_sha256: str, capacity: int, dtype: torch.dtype,
-                     quantized: str = "none", say: Callable[[str], None] = lambda line: None) -> Step | None:
-    """The compiled decode step of `model` (in eval mode; its weights hash to `weights_sha256`, then quantized to
-    `quantized`) as `compile_step` builds it, for every call of the same weights on this machine: the package kept
-    under its key (`step_key`), else compiled (a minute or more) and kept there; compiled for this call alone where
-    the kept ones cannot be used (a folder others may write, or one that cannot be written). `say` hears what a user
-    waits for or should know, before the wait."""
-    if not compilable(model):
-        return None
+                     quantized: str = "none", say: Callable[[str], None] = lambda line: None) -> Step:
+    """The compiled decode step of `model` (in eval mode, `compilable`; its weights hash to `weights_sha256`, then
+    quantized to `quantized`) as `compile_step` builds it, for every call of the same weights on this machine: the
+    package kept under its key (`step_key`), else compiled (a minute or more) and kept there; compiled for this call
+    alone where the kept ones cannot be used (a folder others may write, or one that cannot be written). `say` hears
+    what a user waits for or should know, before the wait."""
     key = step_key(model.config, weights_sha256, capacity, dtype, next(model.parameters()).device, quantized)
     try:
         path = kept_step(key)

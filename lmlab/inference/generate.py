@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmlab.core.config import SamplingParams, seeded
+from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.core.threads import Heard
 from lmlab.data.tokenizers import Tokenizer
@@ -153,10 +153,13 @@ class Batch:
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, capacity: int, dtype: torch.dtype,
                  step: Step | None = None, past_eot: bool = False, setting: str = "the batch",
                  tokens_per_row: int | None = None, threads: Heard | None = None):
-        """`setting` names the capacity in the sentence that refuses one that would not fit in memory for rows of
-        `tokens_per_row` tokens (default: the context); `threads` hears each step (`Decoder`)."""
-        check_decoding(model.config, capacity, tokens_per_row or model.config.block_size, setting,
-                       next(model.parameters()).device, dtype, state_dtype(held_as(model), dtype))
+        """`dtype` is the run's, decoded in as `decode_dtype` says; `setting` names the capacity in the sentence that
+        refuses one that would not fit in memory for rows of `tokens_per_row` tokens (default: the context); `threads`
+        hears each step (`Decoder`)."""
+        device = next(model.parameters()).device
+        dtype = decode_dtype(device, dtype, step is not None)
+        check_decoding(model.config, capacity, tokens_per_row or model.config.block_size, setting, device, dtype,
+                       state_dtype(held_as(model), dtype))
         self.decoder = Decoder(model, capacity, dtype, step, threads)
         self.tokenizer, self.past_eot = tokenizer, past_eot
         self.owner: dict[Decoding, Continuation] = {}
@@ -205,30 +208,6 @@ class Batch:
         return events
 
 
-def continue_all(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[list[int]],
-                 params: Sequence[SamplingParams], capacity: int, dtype: torch.dtype, step: Step | None = None,
-                 progress: Callable[[int, int], None] | None = None, past_eot: bool = False,
-                 setting: str = "--batch-size", ended: Callable[[int, Continuation], None] | None = None,
-                 threads: Heard | None = None) -> list[Continuation]:
-    """Every prompt's continuation, `capacity` (the option `setting`) decoded at once; the next prompt joins as soon
-    as one ends. `ended` hears each as it ends (the prompt's index, its continuation): what a stop keeps."""
-    longest = max((len(p) + q.max_new_tokens for p, q in zip(prompts, params)), default=0)
-    batch = Batch(model, tokenizer, capacity, dtype, step, past_eot, setting, longest, threads)
-    waiting, done = list(zip(prompts, params))[::-1], 0
-    index: dict[Continuation, int] = {}  # in the prompts' order
-    while waiting or len(batch):
-        while waiting and batch.decoder.free:
-            index[batch.add(*waiting.pop())] = len(index)
-        for continuation, _ in batch.step():
-            if continuation.finish_reason is not None:
-                done += 1
-                if ended:
-                    ended(index[continuation], continuation)
-                if progress:
-                    progress(done, len(prompts))
-    return list(index)
-
-
 class TextStream:
     """Iterating yields the decoded text of one continuation piece by piece; then `finish_reason` is "stop" or
     "length" and `tokens` the number of tokens generated."""
@@ -273,45 +252,13 @@ def max_prompt_chars(run: LoadedRun) -> int | None:
     return run.tokenizer.most_chars(run.config.model.block_size)
 
 
-def check_prompt_length(run: LoadedRun, text: str, what: str, limit: int | None = None) -> None:
-    """Refuse `text` (`what` names it) when it is longer than `max_prompt_chars` (or `limit`, that figure if known)."""
-    limit = limit or max_prompt_chars(run)
+def check_prompt_length(run: LoadedRun, text: str, what: str) -> None:
+    """Refuse `text` (`what` names it) when it is longer than `max_prompt_chars`."""
+    limit = max_prompt_chars(run)
     if limit is not None and len(text) > limit:
         raise UserError(f"{what} is {len(text):,} characters, more than the {run.config.model.block_size:,} tokens "
                         f"of {run.run.path}'s context can hold (at most {limit:,} of its tokenizer's characters); "
                         "shorten it.")
-
-
-def _start(run: LoadedRun, prompt: str) -> list[int]:
-    check_prompt_length(run, prompt, "--prompt")
-    run.tokenizer.check(prompt, "--prompt")
-    return run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer)
-
-
-def sample_stream(run: LoadedRun, prompt: str, params: SamplingParams, step: Step | None = None,
-                  threads: Heard | None = None) -> TextStream:
-    """The prompt, then its continuation piece by piece: `samples`' first, streamed; the prompt is checked at once."""
-    dtype = decode_dtype(run.device, run.dtype, step is not None)
-    return TextStream(run.model, run.tokenizer, _start(run, prompt), params, dtype, step, past_eot=True,
-                      threads=threads, prefix=prompt)
-
-
-def samples(run: LoadedRun, prompt: str, params: SamplingParams, n: int = 1, step: Step | None = None,
-            threads: Heard | None = None) -> list[str]:
-    """n continuations of the prompt (an empty one starts a new document) drawn in one batch, the i-th with seed
-    params.seed + i, each with its prompt in front; like nanoGPT's samples, they run on across documents."""
-    start = _start(run, prompt)
-    dtype = decode_dtype(run.device, run.dtype, step is not None)
-    # Checked before the n rows' settings are made: a million of them are already too many to hold.
-    check_decoding(run.config.model, n, len(start) + params.max_new_tokens, "--num-samples", run.device, dtype,
-                   state_dtype(held_as(run.model), dtype))
-    done = continue_all(run.model, run.tokenizer, [start] * n, seeded(params, n), n, dtype, step, past_eot=True,
-                        setting="--num-samples", threads=threads)
-    return [prompt + c.text.text for c in done]
-
-
-def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
-    return samples(run, prompt, params)[0]
 
 
 @dataclass(frozen=True)
@@ -344,15 +291,6 @@ def chat_prompt(run: LoadedRun, turns: Sequence[tuple[str, str]]) -> ChatPrompt:
     return ChatPrompt("".join(f"{role}: {content}\n" for role, content in turns) + "assistant:", ("\nuser:",))
 
 
-def chat_stream(run: LoadedRun, turns: Sequence[tuple[str, str]], params: SamplingParams,
-                step: Step | None = None, threads: Heard | None = None) -> TextStream:
-    prompt = chat_prompt(run, turns)
-    check_prompt_length(run, prompt.text, "the chat's rendered prompt")
-    params = dataclasses.replace(params, stop=(*params.stop, *prompt.stop))
-    dtype = decode_dtype(run.device, run.dtype, step is not None)
-    return TextStream(run.model, run.tokenizer, prompt.ids(run.tokenizer), params, dtype, step, threads=threads)
-
-
 def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, input: str) -> list[int]:
     """An instruction asked in the prompt format `fmt`. With a char tokenizer, characters it never saw are blamed
     on the instruction or input that has them, or else on the prompt format (a run not tuned for instructions)."""
@@ -364,39 +302,80 @@ def _instruction_prompt(run: LoadedRun, fmt: PromptFormat, instruction: str, inp
     return run.tokenizer.encode(text[-(max_prompt_chars(run) or len(text)):])[-run.config.model.block_size:]
 
 
-def _asking(run: LoadedRun, asks: Sequence[tuple[str, str]],
-            params: SamplingParams) -> tuple[list[list[int]], SamplingParams]:
-    """The prompts of (instruction, input) pairs in the run's own format (an imported instruct model's chat template,
-    else its prompt format, Alpaca's for a run not fine-tuned), and `params` stopping at its end marker too."""
+@dataclass(frozen=True)
+class Asked:
+    """Prompts put to a run, as its tokenizer's ids, and how the text of each goes on: up to `stop` (as well as the
+    sampling settings' own stop strings), past the end of a document with `past_eot`, printed after `prefix` (a
+    sample's prompt). Made, the prompts checked, by `continuing`, `chatting` or `instructing`."""
+
+    prompts: list[list[int]]
+    stop: tuple[str, ...] = ()
+    past_eot: bool = False
+    prefix: str = ""
+
+    def stopping(self, params: SamplingParams) -> SamplingParams:
+        return dataclasses.replace(params, stop=(*params.stop, *self.stop))
+
+
+def continuing(run: LoadedRun, prompt: str, n: int = 1, what: str = "--prompt") -> Asked:
+    """The prompt (`what` names it in a refusal) n times, continued as nanoGPT's samples are, on across documents (an
+    empty one starts a new document)."""
+    check_prompt_length(run, prompt, what)
+    run.tokenizer.check(prompt, what)
+    start = run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer)
+    return Asked([start] * n, past_eot=True, prefix=prompt)
+
+
+def chatting(run: LoadedRun, turns: Sequence[tuple[str, str]]) -> Asked:
+    """A conversation of (role, text) turns (`chat_prompt`), for the reply that ends its turn."""
+    prompt = chat_prompt(run, turns)
+    check_prompt_length(run, prompt.text, "the chat's rendered prompt")
+    return Asked([prompt.ids(run.tokenizer)], prompt.stop)
+
+
+def instructing(run: LoadedRun, asks: Sequence[tuple[str, str]]) -> Asked:
+    """(instruction, input) pairs in the run's own format (an imported instruct model's chat template, else its prompt
+    format, Alpaca's for a run not fine-tuned), each answer ending at its end marker."""
     if run.chat_template is not None:
         texts = [f"{instruction}\n\n{input}" if input else instruction for instruction, input in asks]
-        prompts = [chat_prompt(run, [("user", text)]).ids(run.tokenizer) for text in texts]
-        ends = run.chat_template.end_of_turn
-    else:
-        fmt = run.prompt_format or alpaca_format(run.tokenizer)
-        prompts = [_instruction_prompt(run, fmt, instruction, input) for instruction, input in asks]
-        ends = (fmt.end,)
-    return prompts, dataclasses.replace(params, stop=(*params.stop, *ends))
+        return Asked([chat_prompt(run, [("user", text)]).ids(run.tokenizer) for text in texts],
+                     run.chat_template.end_of_turn)
+    fmt = run.prompt_format or alpaca_format(run.tokenizer)
+    return Asked([_instruction_prompt(run, fmt, instruction, input) for instruction, input in asks], (fmt.end,))
 
 
-def instruct_stream(run: LoadedRun, instruction: str, input: str, params: SamplingParams,
-                    step: Step | None = None, threads: Heard | None = None) -> TextStream:
-    (prompt,), params = _asking(run, [(instruction, input)], params)
-    dtype = decode_dtype(run.device, run.dtype, step is not None)
-    return TextStream(run.model, run.tokenizer, prompt, params, dtype, step, threads=threads)
+def text_stream(run: LoadedRun, asked: Asked, params: SamplingParams, step: Step | None = None,
+                threads: Heard | None = None) -> TextStream:
+    """The text of `asked`'s first prompt, its prefix first, piece by piece."""
+    return TextStream(run.model, run.tokenizer, asked.prompts[0], asked.stopping(params), run.dtype, step,
+                      asked.past_eot, threads, asked.prefix)
 
 
-def instruct_all(run: LoadedRun, asks: Sequence[tuple[str, str]], params: SamplingParams, batch: int = 1,
+def continue_all(run: LoadedRun, asked: Asked, params: Sequence[SamplingParams], capacity: int = 1,
                  step: Step | None = None, progress: Callable[[int, int], None] | None = None,
-                 threads: Heard | None = None) -> list[str]:
-    """The model's answers to (instruction, input) pairs, each up to the format's end marker, `batch` decoded at
-    once."""
-    prompts, params = _asking(run, asks, params)
-    dtype = decode_dtype(run.device, run.dtype, step is not None)
-    done = continue_all(run.model, run.tokenizer, prompts, [params] * len(prompts), batch, dtype, step, progress,
-                        threads=threads)
-    return [c.text.text for c in done]
+                 setting: str = "--batch-size", ended: Callable[[int, Continuation], None] | None = None,
+                 threads: Heard | None = None) -> list[Continuation]:
+    """Every prompt of `asked` continued, drawn with its own of `params`, `capacity` (the option `setting`) decoded at
+    once; the next prompt joins as soon as one ends. `ended` hears each as it ends (the prompt's index, its
+    continuation): what a stop keeps."""
+    params = [asked.stopping(p) for p in params]
+    longest = max((len(p) + q.max_new_tokens for p, q in zip(asked.prompts, params)), default=0)
+    batch = Batch(run.model, run.tokenizer, capacity, run.dtype, step, asked.past_eot, setting, longest, threads)
+    waiting, done = list(zip(asked.prompts, params))[::-1], 0
+    index: dict[Continuation, int] = {}  # in the prompts' order
+    while waiting or len(batch):
+        while waiting and batch.decoder.free:
+            index[batch.add(*waiting.pop())] = len(index)
+        for continuation, _ in batch.step():
+            if continuation.finish_reason is not None:
+                done += 1
+                if ended:
+                    ended(index[continuation], continuation)
+                if progress:
+                    progress(done, len(params))
+    return list(index)
 
 
-def instruct(run: LoadedRun, instruction: str, input: str, params: SamplingParams) -> str:
-    return instruct_all(run, [(instruction, input)], params)[0]
+def sample(run: LoadedRun, prompt: str, params: SamplingParams) -> str:
+    """The prompt and its continuation (`continuing`), decoded eagerly."""
+    return text_stream(run, continuing(run, prompt), params).text()

@@ -19,15 +19,7 @@ from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.core.jsontext import parse_json
 from lmlab.inference.decode import Step
-from lmlab.inference.generate import (
-    Continuation,
-    chat_prompt,
-    check_prompt_length,
-    continue_all,
-    decode_dtype,
-    document_start,
-    max_prompt_chars,
-)
+from lmlab.inference.generate import Asked, Continuation, chatting, continue_all, continuing
 from lmlab.inference.steps import build_step, choose_step
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.writeup.document import Block, Code, Heading, Paragraph
@@ -127,16 +119,6 @@ def _how(run: LoadedRun, chat: bool) -> str:
     return "continued"
 
 
-def _asking(run: LoadedRun, prompt: str, talking: bool) -> tuple[list[int], tuple[str, ...]]:
-    """A prompt's ids as a run is asked it and what ends its answer: as a user's message (`chat_prompt`), or
-    continued (an empty prompt: the start of a document)."""
-    if talking:
-        asked = chat_prompt(run, [("user", prompt)])
-        return asked.ids(run.tokenizer), asked.stop
-    run.tokenizer.check(prompt, "the prompt")
-    return run.tokenizer.encode(prompt) if prompt else document_start(run.tokenizer), ()
-
-
 def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: Sequence[float],
               params: SamplingParams, step: Step | None = None, chat: bool = False,
               progress: Callable[[int, int], None] | None = None, into: list[Cell] | None = None) -> list[Cell]:
@@ -147,17 +129,16 @@ def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: S
     caller holds) has them all from the start, their text as it comes: what a stop leaves."""
     cells = [] if into is None else into
     first, todo, checkpoint, how = len(cells), [], f"{run.checkpoint}, step {run.step}", _how(run, chat)
-    talking, limit = how != "continued", max_prompt_chars(run)
+    talking = how != "continued"
     for prompt in prompts:
-        try:
-            check_prompt_length(run, prompt, "the prompt", limit)  # before it is tokenized
-            ids, stop = _asking(run, prompt, talking)
+        try:  # as a user's message, or continued (an empty prompt: the start of a document)
+            asking = chatting(run, [("user", prompt)]) if talking else continuing(run, prompt, what="the prompt")
         except UserError as err:
             cells += [Cell(name, checkpoint, prompt, t, why_not=str(err), asked=how) for t in temperatures]
             continue
         for t in temperatures:
             cells.append(Cell(name, checkpoint, prompt, t, asked=how))
-            todo.append((cells[-1], ids, dataclasses.replace(params, temperature=t, stop=(*params.stop, *stop))))
+            todo.append((cells[-1], asking.prompts[0], asking.stopping(dataclasses.replace(params, temperature=t))))
     total = len(cells) - first
     skipped = total - len(todo)
     if progress:
@@ -172,11 +153,10 @@ def run_cells(run: LoadedRun, name: str, prompts: Sequence[str], temperatures: S
         run.run.add_sample(kept, run.checkpoint, run.step, f"{drawn.describe()}, {asked}")
 
     if todo:
-        dtype = decode_dtype(run.device, run.dtype, step is not None)
         # A continuation runs on across documents, as `sample` does; an answer ends with its turn.
-        continue_all(run.model, run.tokenizer, [ids for _, ids, _ in todo], [p for _, _, p in todo],
-                     min(MOST_AT_ONCE, len(todo)), dtype, step, past_eot=not talking,
-                     progress=progress and (lambda finished, _: progress(skipped + finished, total)), ended=ended)
+        continue_all(run, Asked([ids for _, ids, _ in todo], past_eot=not talking), [p for _, _, p in todo],
+                     min(MOST_AT_ONCE, len(todo)), step, ended=ended,
+                     progress=progress and (lambda finished, _: progress(skipped + finished, total)))
     return cells[first:]
 
 
@@ -203,8 +183,7 @@ def sample_grid(paths: Sequence[Path], prompts: Sequence[str], temperatures: Seq
                 progress(before + done, total)
 
             # the step `sample` would choose (on a GPU, CUDA graphs); never the compiled one, a minute per run
-            step, _ = build_step(choose_step(run.model, run.device, False), run.model,
-                                 decode_dtype(run.device, run.dtype, True), MOST_AT_ONCE)
+            step, _ = build_step(choose_step(run.model, run.device, False), run.model, run.dtype, MOST_AT_ONCE)
             run_cells(run, name, prompts, temperatures, params, step, chat=chat, into=cells, progress=advance)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it: the grid as far as it got
         signal = getattr(stop, "signal", "SIGINT")

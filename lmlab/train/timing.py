@@ -151,24 +151,19 @@ def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
                            generator=torch.Generator().manual_seed(0)).to(device)
     batches = [(tokens, tokens)] * (micro or train.grad_accum_steps)
-
-    def timed(run: Callable[[], object]) -> float:
-        began = time.perf_counter()
-        run()
-        synchronize(device)
-        return time.perf_counter() - began
-
     began = time.perf_counter()
     with step.untouched():
         plot = time_plot()
-        warm = timed(lambda: step.eager_step(batches, len(batches), train.learning_rate))  # allocations: untimed
+        # the warm-up step, whose allocations the timed steps leave out
+        warm = timed(lambda: step.eager_step(batches, len(batches), train.learning_rate), device)
         step.model.eval()
         with torch.no_grad(), autocast(device, dtype):
-            evaluation = timed(lambda: step.scoring(tokens, tokens))
+            evaluation = timed(lambda: step.scoring(tokens, tokens), device)
         step.model.train()
         fits = time.perf_counter() + 2 * warm <= deadline
         count = agree(min(MAX_STEPS, max(1, math.ceil(TIMED_SECONDS / max(warm, 1e-9)))) if fits else 0)
-        times = [timed(lambda: step.eager_step(batches, len(batches), train.learning_rate)) for _ in range(count)]
+        times = [timed(lambda: step.eager_step(batches, len(batches), train.learning_rate), device)
+                 for _ in range(count)]
     return Timing(torch.get_num_threads(), statistics.median(times or [warm]), 2 * evaluation, plot,
                   checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began, step.attention_path,
                   full=bool(times))
@@ -215,6 +210,13 @@ def time_plot() -> float:
     """A redraw of a run's loss.png (of a run with no events yet), after matplotlib's import, which is start-up's."""
     pyplot()
     with tempfile.TemporaryDirectory() as folder:
-        began = time.perf_counter()
-        plot_losses(RunDir(Path(folder)), Path(folder) / "loss.png")
-        return time.perf_counter() - began
+        return timed(lambda: plot_losses(RunDir(Path(folder)), Path(folder) / "loss.png"), torch.device("cpu"))
+
+
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """The seconds `run` takes, its work on `device` done: the one stopwatch of what is timed before a run (a step, an
+    evaluation's batch, a plot) and of what `lmlab bench` times besides its steps."""
+    began = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - began

@@ -217,8 +217,8 @@ def plan_budget(args: argparse.Namespace) -> None:
     cfg = with_vocab(load_config(target, [*args.set, f"train.budget_seconds={parse_duration(args.budget)}"]))
     gpu = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else None
     # A preview of a datasheet GPU measures nothing here: its dtype and peak are the datasheet's.
-    machine = Machine(torch.device("cuda"), getattr(torch, gpu.peak.dtype), ThreadChooser(0, "train.threads")) if gpu \
-        else Machine.of(args.device, cfg.train.dtype, cfg.train.threads, window)
+    machine = Machine(torch.device("cuda"), getattr(torch, gpu.peak.dtype), ThreadChooser(0, "train.threads")) \
+        if gpu else Machine.of(args.device, cfg.train.dtype, cfg.train.threads, window)
     if size is None:
         return _plan_shape(target, cfg, started, machine, args.budget)
     where = f"on {args.gpu} by its datasheet" if args.gpu else "on this machine now"
@@ -320,7 +320,8 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
                   "lmlab's (below)")
     if guess:
         hw, peak = guess.hardware, guess.hardware.peak
-        table.add_row("hardware", f"{hw.name}: {peak.flops / 1e12:,.4g} TFLOP/s {peak.dtype} ({peak.brief()})")
+        table.add_row("hardware", f"{hw.name}: {peak.flops / 1e12:,.4g} TFLOP/s {peak.dtype} "
+                                  f"({peak.brief()})")
         table.add_row("MFU", f"{100 * guess.mfu:.1f}% ({guess.mfu_source})")
         if guess.step:
             table.add_row("a step", f"{1000 * guess.step.seconds:,.1f} ms: {guess.step.describe()}")

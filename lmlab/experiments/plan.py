@@ -70,7 +70,8 @@ class Plan:
 
 @dataclass
 class Hardware:
-    """What a quick estimate assumes: the hardware and its peak FLOP/s in the dtype the run would use (`peak.dtype`)."""
+    """What a quick estimate assumes: the hardware and its peak FLOP/s in the dtype the run would use (the peak's
+    `dtype`)."""
 
     name: str  # e.g. "H100" or "cpu: Intel(R) Xeon(R) Processor"
     peak: Peak

@@ -92,7 +92,8 @@ class Sizing:
                 "fitted_on": self.fitted_on or None, "speed": self.speed, **c.record(),
                 "multiplied_params": c.multiplied, "tokens_per_param": round(c.tokens / c.params, 4),
                 "extrapolated": bool(self.beyond), "learning_rate": self.config.train.learning_rate,
-                "warmup_iters": self.config.train.warmup_iters, "candidates": [each.record() for each in self.candidates]}
+                "warmup_iters": self.config.train.warmup_iters,
+                "candidates": [candidate.record() for candidate in self.candidates]}
 
 
 

@@ -73,11 +73,6 @@ class Timing:
         checkpoint = CHECKPOINT_SECONDS + self.checkpoint_bytes / DISK_BYTES_PER_SECOND
         return Costs(self.step, self.eval_batch, self.plot, checkpoint, self.plot + EXIT_SECONDS)
 
-    @classmethod
-    def read_back(cls, kept: dict[str, Any], threads: int, attention: str | None) -> Timing:
-        """A timing the machine cache kept (`kept`), on `threads`, by `attention`."""
-        return cls(threads, **{name: kept[name] for name in KEPT}, attention=attention, how=READ_BACK)
-
 
 def time_config(cfg: RunConfig, machine: Machine, deadline: float = math.inf) -> Timing:
     """`cfg` timed on a model of its own (a size no run built yet: `--size auto`, `lmlab plan`, a miniseries) on
@@ -94,8 +89,15 @@ def recall_config(cfg: RunConfig, model: LanguageModel, machine: Machine) -> Tim
     built and nothing measured: by the attention path its step would take (`model`: its model on the meta device) on
     torch's threads now. None where it was not kept."""
     path = choose_attention(model, cfg.train, machine, optimizer_of(cfg.train).state_bytes)
-    kept = cache.recall("timing", timing_key(machine, cfg, path))
-    return None if kept is None else Timing.read_back(kept, torch.get_num_threads(), path)
+    return recall(machine, cfg, path)
+
+
+def recall(machine: Machine, cfg: RunConfig, attention: str | None) -> Timing | None:
+    """`cfg`'s timing by `attention` as this machine kept it (`keep`), on torch's threads now; None where it was
+    not kept."""
+    kept = cache.recall("timing", timing_key(machine, cfg, attention))
+    return None if kept is None else Timing(torch.get_num_threads(), **{name: kept[name] for name in KEPT},
+                                            attention=attention, how=READ_BACK)
 
 
 def keep(machine: Machine, cfg: RunConfig, timing: Timing) -> None:
@@ -123,7 +125,7 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: 
     said in the machine's line. Before a timing, `refuse` (one process's) refuses a budget its FLOPs cannot fit
     (`refuse_untimed`; `meta`: the dataset's meta.json, `started`: the time.perf_counter() the budget counts from)."""
     machine = step.machine
-    kept = cache.recall("timing", timing_key(machine, cfg, step.attention_path))
+    kept = recall(machine, cfg, step.attention_path)
     if given is not None:
         timing, how = given, "--size auto" + f", {READ_BACK}" * (given.how == READ_BACK)
     elif parallel.any(kept is None):
@@ -135,7 +137,8 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: 
         how = MEASURED
         keep(machine, cfg, timing)
     else:
-        timing, how = Timing.read_back(kept, torch.get_num_threads(), step.attention_path), READ_BACK
+        assert kept is not None, "every rank kept it"
+        timing, how = kept, READ_BACK
     machine.said("timing", f"a step {1000 * timing.step:,.1f} ms", how)
     return timing
 
@@ -210,12 +213,13 @@ def time_plot() -> float:
     """A redraw of a run's loss.png (of a run with no events yet), after matplotlib's import, which is start-up's."""
     pyplot()
     with tempfile.TemporaryDirectory() as folder:
-        return timed(lambda: plot_losses(RunDir(Path(folder)), Path(folder) / "loss.png"), torch.device("cpu"))
+        run = RunDir(Path(folder))
+        return timed(lambda: plot_losses(run, Path(folder) / "loss.png"), torch.device("cpu"))
 
 
 def timed(run: Callable[[], object], device: torch.device) -> float:
-    """The seconds `run` takes, its work on `device` done: the one stopwatch of what is timed before a run (a step, an
-    evaluation's batch, a plot) and of what `lmlab bench` times besides its steps."""
+    """The seconds `run` takes, its work on `device` done: the one stopwatch of what is timed before a run (a step,
+    an evaluation's batch, a plot) and of what `lmlab bench` times besides its steps."""
     began = time.perf_counter()
     run()
     synchronize(device)

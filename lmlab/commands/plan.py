@@ -159,8 +159,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         micro = f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps}" if cfg.train.grad_accum_steps > 1 else \
             f"{cfg.train.batch_size}"
         console.print(f"Timing training steps of micro-batch {micro}, as training runs them...")
-        measured, source, load = measure_tokens_per_sec(cfg, args.device)
-        rate = measured, source
+        rate, load = measure_tokens_per_sec(cfg, args.device)
     elif run and run.tokens_per_sec and not (args.gpu or args.mfu):  # a run's own pace, not a guess from a peak
         rate = run.tokens_per_sec, "the median its steps logged; --measure times it here now"
     else:

@@ -91,9 +91,9 @@ class Hardware:
 MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (one at least), after one warm-up step
 
 
-def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str, Load | None]:
-    """Training tokens/s of `cfg` on this device as training runs it, how it was measured, and the machine's load
-    meanwhile."""
+def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[tuple[float, str], Load | None]:
+    """Training tokens/s of `cfg` on this device as training runs it and how it was measured (a plan's rate), and
+    the machine's load meanwhile."""
     machine = Machine.of(device_name, cfg.train.dtype, cfg.train.threads)
     device, dtype, threads = machine.device, machine.dtype, machine.threads.choice.threads
     row = bench_batch(cfg, cfg.train.batch_size, 1, machine, warmup=1, seconds=MEASURE_SECONDS)
@@ -101,9 +101,9 @@ def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str
         raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or pass "
                         "--tokens-per-sec.")
     accumulation = f" x {cfg.train.grad_accum_steps} accumulated" if cfg.train.grad_accum_steps > 1 else ""
-    return row.tokens_per_sec, (f"measured here on {device} in {str(dtype).removeprefix('torch.')}, micro-batch "
-                                f"{cfg.train.batch_size}{accumulation}, {threads} thread{'s' * (threads > 1)}, as "
-                                "training runs"), row.load
+    source = (f"measured here on {device} in {str(dtype).removeprefix('torch.')}, micro-batch "
+              f"{cfg.train.batch_size}{accumulation}, {threads} thread{'s' * (threads > 1)}, as training runs")
+    return (row.tokens_per_sec, source), row.load
 
 
 def gpu_row(name: str) -> str:

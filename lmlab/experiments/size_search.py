@@ -79,9 +79,8 @@ class Speed:
 
     def says(self, threads: int) -> str:
         """How the speed was had, for the sizing's line."""
-        if self.gpu:
-            return (f"foretold for {self.gpu.name} by its datasheet: an eager {self.gpu.peak.dtype} step, "
-                    "nothing timed")
+        if gpu := self.gpu:
+            return f"foretold for {gpu.name} by its datasheet: an eager {gpu.peak.dtype} step, nothing timed"
         if self.machine.device.type == "cuda":
             return f"measured on {torch.cuda.get_device_name(self.machine.device)}"
         return f"measured on {threads} thread{'s' * (threads > 1)}"

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,19 +155,18 @@ def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
                            generator=torch.Generator().manual_seed(0)).to(device)
     batches = [(tokens, tokens)] * (micro or train.grad_accum_steps)
+    eager = partial(step.eager_step, batches, len(batches), train.learning_rate)
     began = time.perf_counter()
     with step.untouched():
         plot = time_plot()
-        # the warm-up step, whose allocations the timed steps leave out
-        warm = timed(lambda: step.eager_step(batches, len(batches), train.learning_rate), device)
+        warm = timed(eager, device)  # the warm-up step, whose allocations the timed steps leave out
         step.model.eval()
         with torch.no_grad(), autocast(device, dtype):
-            evaluation = timed(lambda: step.scoring(tokens, tokens), device)
+            evaluation = timed(partial(step.scoring, tokens, tokens), device)
         step.model.train()
         fits = time.perf_counter() + 2 * warm <= deadline
         count = agree(min(MAX_STEPS, max(1, math.ceil(TIMED_SECONDS / max(warm, 1e-9)))) if fits else 0)
-        times = [timed(lambda: step.eager_step(batches, len(batches), train.learning_rate), device)
-                 for _ in range(count)]
+        times = [timed(eager, device) for _ in range(count)]
     return Timing(torch.get_num_threads(), statistics.median(times or [warm]), 2 * evaluation, plot,
                   checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began, step.attention_path,
                   full=bool(times))

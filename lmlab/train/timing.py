@@ -3,8 +3,8 @@
 a checkpoint's write and the end, the `Costs` a time budget is planned from (lmlab.train.budget). `lmlab plan
 --budget`, `--size auto` and the trainer time alike, so they plan alike, and keep what they timed in the machine cache
 (lmlab.core.cache): a run of the same shape on the same threads reads it back (`recall_config`: no model built).
-Before a size is timed, the least its timing can measure (`least_timing`: its FLOPs at the most a step computes here)
-says whether a budget could hold it at all (`refuse_untimed`).
+Before a size is timed, the least its timing can measure (its FLOPs at the most a step computes here) says whether a
+budget could hold it at all (`refuse_untimed`).
 """
 
 from __future__ import annotations
@@ -178,28 +178,24 @@ def checkpoint_bytes(params: int, train: TrainConfig) -> int:
     return weights + optimizer_of(train).state_bytes(weights, 0)
 
 
-def least_timing(flops_per_step: float, params: int, train: TrainConfig, ceiling: float) -> Timing:
-    """The least a timing of a config can measure, its steps no faster than `flops_per_step` at `ceiling` FLOP/s (the
-    most a step computes here, lmlab.core.peak.step_ceiling): its step, an evaluation's batch (a forward of a
-    micro-batch, a third of its training FLOPs, on both splits), no plot, and the least the timing itself takes: a
-    warm-up step, an evaluation's batch and the timed steps."""
-    step = flops_per_step / ceiling
-    forward = step / 3 / train.grad_accum_steps
-    timed = max(step, min(TIMED_SECONDS, MAX_STEPS * step))
-    return Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed)
-
-
 def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, flops_per_token: float, params: int,
                    ceiling: tuple[float, Peak]) -> None:
     """Refuse `cfg` before it is timed (`BudgetRefused`, naming the budget it needs) where its budget's plan
-    (lmlab.train.budget.plan) of its `least_timing` at the most a step computes here (`ceiling`,
-    lmlab.core.peak.step_ceiling) fits no MIN_STEPS steps in what `spent` seconds and the timing leave; `meta`: its
-    dataset's meta.json, `flops_per_token` and `params` its model's."""
+    (lmlab.train.budget.plan) of the least its timing can measure fits no MIN_STEPS steps in what `spent` seconds and
+    the timing leave; `meta`: its dataset's meta.json, `flops_per_token` and `params` its model's.
+
+    That least timing has its steps no faster than their FLOPs at the most a step computes here (`ceiling`,
+    lmlab.core.peak.step_ceiling): its step, an evaluation's batch (a forward of a micro-batch, a third of its training
+    FLOPs, on both splits), no plot, and the least the timing itself takes: a warm-up step, an evaluation's batch and
+    the timed steps."""
     train, (most, peak) = cfg.train, ceiling
     tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
     flops_per_step = flops_per_token * tokens
     intervals = (train.eval_steps(meta["train"]["tokens"], tokens), train.checkpoint_interval)
-    least = least_timing(flops_per_step, params, train, most)
+    step = flops_per_step / most
+    forward = step / 3 / train.grad_accum_steps
+    timed_steps = max(step, min(TIMED_SECONDS, MAX_STEPS * step))
+    least = Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed_steps)
     try:
         plan(train.budget_seconds, spent + least.cost, least.costs(), train, intervals,
              windows_in(meta, "val", cfg.model.block_size))

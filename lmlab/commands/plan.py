@@ -159,8 +159,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         micro = f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps}" if cfg.train.grad_accum_steps > 1 else \
             f"{cfg.train.batch_size}"
         console.print(f"Timing training steps of micro-batch {micro}, as training runs them...")
-        measured, source, load = measure_tokens_per_sec(cfg, args.device)
-        rate = measured, source
+        rate, load = measure_tokens_per_sec(cfg, args.device)
     elif run and run.tokens_per_sec and not (args.gpu or args.mfu):  # a run's own pace, not a guess from a peak
         rate = run.tokens_per_sec, "the median its steps logged; --measure times it here now"
     else:
@@ -176,8 +175,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     console.print(plan_table(target, plan, guess, run))
     console.print(f"6·N·D and lmlab's compute: {compute_note(plan)}")
     warn_busy([("the steps", load)], "the throughput reads low")
-    if guess and not guess.hardware.peak_figure.quiet:
-        console.print(f"[yellow]warning: this machine's peak ({guess.hardware.peak_figure.describe()}) reads low, "
+    if guess and not guess.hardware.peak.quiet:
+        console.print(f"[yellow]warning: this machine's peak ({guess.hardware.peak.describe()}) reads low, "
                       "so the estimate reads slow; run plan again on a quiet machine, or pass --measure.[/yellow]")
     warning = repeat_warning(plan.passes, plan.split_tokens, "this plan")
     if warning:
@@ -217,8 +216,8 @@ def plan_budget(args: argparse.Namespace) -> None:
     cfg = with_vocab(load_config(target, [*args.set, f"train.budget_seconds={parse_duration(args.budget)}"]))
     gpu = gpu_hardware(args.gpu, cfg.train.dtype) if args.gpu else None
     # A preview of a datasheet GPU measures nothing here: its dtype and peak are the datasheet's.
-    machine = Machine(torch.device("cuda"), getattr(torch, gpu.dtype), ThreadChooser(0, "train.threads")) if gpu \
-        else Machine.of(args.device, cfg.train.dtype, cfg.train.threads, window)
+    machine = Machine(torch.device("cuda"), getattr(torch, gpu.peak.dtype), ThreadChooser(0, "train.threads")) \
+        if gpu else Machine.of(args.device, cfg.train.dtype, cfg.train.threads, window)
     if size is None:
         return _plan_shape(target, cfg, started, machine, args.budget)
     where = f"on {args.gpu} by its datasheet" if args.gpu else "on this machine now"
@@ -243,18 +242,15 @@ def _plan_shape(target: Path, cfg: Any, started: float, machine: Any, budget: st
     times and plans it before its first step (or its refusal, the same sentence)."""
     import time
 
-    from torch import device as torch_device
-
     from lmlab.core.peak import step_ceiling
     from lmlab.data.shards import read_meta, windows_in
+    from lmlab.experiments.plan import shape_of
     from lmlab.experiments.size_search import SET_UP
-    from lmlab.model import build_model
     from lmlab.train.budget import Budget, plan
     from lmlab.train.timing import refuse_untimed, time_config
 
     meta = read_meta(Path(cfg.data.dataset))
-    with torch_device("meta"):  # its FLOPs alone may refuse it, as train's: before it is timed
-        model = build_model(cfg.model)
+    model = shape_of(cfg)  # its FLOPs alone may refuse it, as train's: before it is timed
     refuse_untimed(cfg, meta, time.perf_counter() - started + SET_UP, model.flops_per_token(), model.num_params(),
                    step_ceiling(machine.device, machine.dtype))
     with console.status("Timing its steps..."):
@@ -322,8 +318,9 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
     table.add_row("6·N·D", f"{plan.six_nd:.3g} FLOPs, {100 * abs(change):.1f}% {'above' if change >= 0 else 'below'} "
                   "lmlab's (below)")
     if guess:
-        hw = guess.hardware
-        table.add_row("hardware", f"{hw.name}: {hw.peak / 1e12:,.4g} TFLOP/s {hw.dtype} ({hw.peak_figure.brief()})")
+        hw, peak = guess.hardware, guess.hardware.peak
+        table.add_row("hardware", f"{hw.name}: {peak.flops / 1e12:,.4g} TFLOP/s {peak.dtype} "
+                                  f"({peak.brief()})")
         table.add_row("MFU", f"{100 * guess.mfu:.1f}% ({guess.mfu_source})")
         if guess.step:
             table.add_row("a step", f"{1000 * guess.step.seconds:,.1f} ms: {guess.step.describe()}")

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.train.estimate import estimate_loss
 from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
+from lmlab.train.timing import timed
 
 
 @dataclass
@@ -243,10 +245,7 @@ def checkpoint_cost(cfg: RunConfig, machine: Machine, folder: Path = Path("."), 
             saved = save_checkpoint(Path(run), number, model_tensors(step.model), step.optimizer.state_dict(),
                                     {"bench": True}, best=False)
             writes.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            load_checkpoint(saved, step.model, step.optimizer)
-            synchronize(device)
-            loads.append(time.perf_counter() - started)
+            loads.append(timed(partial(load_checkpoint, saved, step.model, step.optimizer), device))
         size = sum(p.stat().st_size for p in saved.iterdir())
     return CheckpointCost(size, min(writes), min(loads), meter.load)
 
@@ -261,10 +260,8 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, machine: Machine) -> dict[str,
     forward = step.scoring  # as the training loop evaluates: eager on a CPU
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 4 * tc.batch_size * cfg.model.block_size)
     estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, 1, 0, device, dtype)  # warm up
-    started = time.perf_counter()
-    for split in range(2):
-        estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, tc.eval_iters, split, device, dtype)
-    eval_seconds = time.perf_counter() - started
+    eval_seconds = sum(timed(partial(estimate_loss, forward, tokens, cfg.model.block_size, tc.batch_size,
+                                     tc.eval_iters, split, device, dtype), device) for split in range(2))
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.model.block_size
     split_tokens = 0 if tc.passes_per_eval is None else read_meta(Path(cfg.data.dataset))["train"]["tokens"]
     # the steps between evaluations: eval_interval without passes_per_eval

@@ -34,7 +34,6 @@ class Family:
     the preset's other settings, its LR times its fit's LR rule's `factor` of the width."""
 
     preset: RunConfig
-    depth: int  # the preset's own: its n_layer
     aspect: float  # width per layer: the preset's n_embd / n_layer
     head: int  # the width of a head, the preset's
     kv_ratio: int  # query heads per key/value head (grouped-query attention), the preset's
@@ -55,7 +54,7 @@ class Family:
         if m.head_dim or m.mlp_hidden:
             raise UserError(f"{where} sets model.head_dim or model.mlp_hidden, which do not scale with depth; leave "
                             "them 0 (n_embd / n_head, and the MLP's own width) to size it by depth.")
-        return cls(cfg, m.n_layer, m.n_embd / m.n_layer, m.n_embd // m.n_head, m.n_head // m.kv_heads)
+        return cls(cfg, m.n_embd / m.n_layer, m.n_embd // m.n_head, m.n_head // m.kv_heads)
 
     def width(self, depth: int) -> int:
         unit = self.head * self.kv_ratio  # whole groups of heads

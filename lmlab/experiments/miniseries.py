@@ -210,8 +210,8 @@ class Miniseries:
         again = f" ({self.total - len(todo)} trained already)" if len(todo) < self.total else ""
         return (f"miniseries: {len(todo)} of {self.total} runs to train{again} under {self.folder}, about "
                 f"{format_duration(seconds)} of training on {hardware.name} (at {100 * guess.mfu:.0f}% of its "
-                f"{hardware.peak / 1e12:.3g} TFLOP/s, {guess.mfu_source.split(';')[0]}), plus each run's set-up and "
-                "evaluation; a stopped refit goes on where it stopped")
+                f"{hardware.peak.flops / 1e12:.3g} TFLOP/s, {guess.mfu_source.split(';')[0]}), plus each "
+                "run's set-up and evaluation; a stopped refit goes on where it stopped")
 
     def timed(self, depth: int, deadline: float) -> Costs:
         """What a step, an evaluation's batch, a checkpoint and the end of depth `depth` cost here now, timed as a

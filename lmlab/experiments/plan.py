@@ -70,34 +70,30 @@ class Plan:
 
 @dataclass
 class Hardware:
-    """What a quick estimate assumes: the hardware and its peak FLOP/s in the dtype the run would use."""
+    """What a quick estimate assumes: the hardware and its peak FLOP/s in the dtype the run would use (the peak's
+    `dtype`)."""
 
     name: str  # e.g. "H100" or "cpu: Intel(R) Xeon(R) Processor"
-    dtype: str
-    peak_figure: Peak
+    peak: Peak
     local: dict[str, Any] | None  # this machine, or None for a datasheet GPU
-
-    @property
-    def peak(self) -> float:
-        return self.peak_figure.flops
 
     def ran(self, start: dict[str, Any]) -> bool:
         """Whether a run (its start event) trained on this hardware in this dtype, so its MFU carries over."""
         facts = start.get("machine") or {}
-        if start.get("dtype") != self.dtype:
+        if start.get("dtype") != self.peak.dtype:
             return False
         if self.local:
             return facts.get("gpu") == self.local["gpu"] and facts.get("cpu") == self.local["cpu"]
-        found = datasheet_peak(facts["gpu"], getattr(torch, self.dtype)) if facts.get("gpu") else None
-        return found is not None and found[1] == self.peak_figure.source
+        found = datasheet_peak(facts["gpu"], getattr(torch, self.peak.dtype)) if facts.get("gpu") else None
+        return found is not None and found[1] == self.peak.source
 
 
 MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (one at least), after one warm-up step
 
 
-def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str, Load | None]:
-    """Training tokens/s of `cfg` on this device as training runs it, how it was measured, and the machine's load
-    meanwhile."""
+def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[tuple[float, str], Load | None]:
+    """Training tokens/s of `cfg` on this device as training runs it and how it was measured (a plan's rate), and
+    the machine's load meanwhile."""
     machine = Machine.of(device_name, cfg.train.dtype, cfg.train.threads)
     device, dtype, threads = machine.device, machine.dtype, machine.threads.choice.threads
     row = bench_batch(cfg, cfg.train.batch_size, 1, machine, warmup=1, seconds=MEASURE_SECONDS)
@@ -105,9 +101,9 @@ def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[float, str
         raise UserError(f"train.batch_size {cfg.train.batch_size} does not fit on this device; lower it or pass "
                         "--tokens-per-sec.")
     accumulation = f" x {cfg.train.grad_accum_steps} accumulated" if cfg.train.grad_accum_steps > 1 else ""
-    return row.tokens_per_sec, (f"measured here on {device} in {str(dtype).removeprefix('torch.')}, micro-batch "
-                                f"{cfg.train.batch_size}{accumulation}, {threads} thread{'s' * (threads > 1)}, as "
-                                "training runs"), row.load
+    source = (f"measured here on {device} in {str(dtype).removeprefix('torch.')}, micro-batch "
+              f"{cfg.train.batch_size}{accumulation}, {threads} thread{'s' * (threads > 1)}, as training runs")
+    return (row.tokens_per_sec, source), row.load
 
 
 def gpu_row(name: str) -> str:
@@ -132,10 +128,10 @@ def gpu_hardware(name: str, dtype_setting: str) -> Hardware:
     for dtype in ("bfloat16", "float16") if dtype_setting == "auto" else (dtype_setting,):
         found = datasheet_peak(row, getattr(torch, dtype))
         if found:
-            return Hardware(found[1].removeprefix("datasheet "), dtype, Peak(found[0], dtype, found[1]), local=None)
+            return Hardware(found[1].removeprefix("datasheet "), Peak(found[0], dtype, found[1]), local=None)
     flops = peak_of(row, dtype_setting)
-    return Hardware(row, dtype_setting, Peak(flops, dtype_setting, f"datasheet {row} float32: {dtype_setting} "
-                                                                  "emulated", native=False), local=None)
+    return Hardware(row, Peak(flops, dtype_setting, f"datasheet {row} float32: {dtype_setting} emulated",
+                              native=False), local=None)
 
 
 def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
@@ -143,8 +139,7 @@ def local_hardware(device_name: str, dtype_setting: str) -> Hardware:
     device = resolve_device(device_name)
     dtype = autocast_dtype(device, dtype_setting)
     facts = machine(device)
-    return Hardware(f"{device.type}: {facts['gpu'] or facts['cpu']}", str(dtype).removeprefix("torch."),
-                    peak_flops(device, dtype), local=facts)
+    return Hardware(f"{device.type}: {facts['gpu'] or facts['cpu']}", peak_flops(device, dtype), local=facts)
 
 
 # The settings besides the model's that make a step faster or slower: a run that shares them ran what a plan plans.
@@ -157,14 +152,14 @@ def mfu_from_runs(paths: list[Path], hardware: Hardware, cfg: RunConfig) -> tupl
     one of more steps before the newest; None without one. A run whose peak was measured without a load check is passed
     over: its MFU may be many times too high."""
     found = []
-    datasheet = hardware.peak_figure.source.startswith("datasheet")
+    datasheet = hardware.peak.source.startswith("datasheet")
     for order, path in enumerate(paths):
         start = RunDir(path).events(limit=1)
         trusted = start and start[0].get("event") == "start" and (datasheet or start[0].get("peak_quiet") is True)
         summary = trusted and hardware.ran(start[0]) and _same_config(path, cfg) and summarize(path)
         if summary and summary.mfu:
             recorded, world = start[0].get("peak_flops"), start[0].get("world_size") or 1  # the job's: every rank's
-            peak = recorded / world if recorded else hardware.peak
+            peak = recorded / world if recorded else hardware.peak.flops
             found.append((order == 0, summary.status == "finished", summary.steps,
                           (path / "metrics.jsonl").stat().st_mtime, summary.mfu, peak, path))
     if not found:
@@ -200,18 +195,19 @@ def estimate(hardware: Hardware, mfu: float | None, cfg: RunConfig, runs: list[P
     """At `mfu` of the hardware's peak, else at the MFU one of `runs` reached on it with `cfg`, else, for a datasheet
     GPU, at the MFU its step's parts give (`gputime`), else at DEFAULT_MFU."""
     if mfu:
-        return Estimate(hardware, mfu, hardware.peak, "--mfu")
+        return Estimate(hardware, mfu, hardware.peak.flops, "--mfu")
     found = mfu_from_runs(runs, hardware, cfg)
     if found:
         return Estimate(hardware, *found)
-    row = hardware.name if hardware.local is None else hardware.peak_figure.source.removeprefix("datasheet ")
+    peak = hardware.peak
+    row = hardware.name if hardware.local is None else peak.source.removeprefix("datasheet ")
     if row in PEAK_TFLOPS:  # a datasheet GPU, --gpu or this machine's
         compiled = cfg.train.compile is not False  # "auto" compiles on CUDA
-        step = gpu_step_time(cfg, row, hardware.dtype, compiled)
+        step = gpu_step_time(cfg, row, peak.dtype, compiled)
         tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-        implied = tokens / step.seconds * shape_of(cfg).flops_per_token() / hardware.peak
-        return Estimate(hardware, implied, hardware.peak, assumed(row, hardware.dtype, compiled), step)
-    return Estimate(hardware, DEFAULT_MFU, hardware.peak, "assumed; --mfu sets it")
+        implied = tokens / step.seconds * shape_of(cfg).flops_per_token() / peak.flops
+        return Estimate(hardware, implied, peak.flops, assumed(row, peak.dtype, compiled), step)
+    return Estimate(hardware, DEFAULT_MFU, peak.flops, "assumed; --mfu sets it")
 
 
 def assumed(row: str, dtype: str, compiled: bool) -> str:

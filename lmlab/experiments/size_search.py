@@ -61,7 +61,7 @@ class Speed:
     def ceiling(self) -> tuple[float, Peak]:
         """The most FLOP/s a step computes there (lmlab.core.peak.step_ceiling)."""
         if self.gpu:
-            return STEP_CEILING * self.gpu.peak, self.gpu.peak_figure
+            return STEP_CEILING * self.gpu.peak.flops, self.gpu.peak
         return step_ceiling(self.machine.device, self.machine.dtype)
 
     def time(self, cfg: RunConfig, model: LanguageModel, deadline: float) -> Timing:
@@ -69,7 +69,7 @@ class Speed:
         (a time.perf_counter() reading) cutting it short."""
         if self.gpu is None:
             return recall_config(cfg, model, self.machine) or time_config(cfg, self.machine, deadline)
-        step = gpu_step_time(cfg, self.gpu.name, self.gpu.dtype, compiled=False)
+        step = gpu_step_time(cfg, self.gpu.name, self.gpu.peak.dtype, compiled=False)
         self.plot = time_plot() if self.plot is None else self.plot
         batch = step.evaluation / max(1, cfg.train.eval_iters)  # one batch of each split
         # what `time_step` would spend there: a plot, a warm-up step, an evaluation's batch, the timed steps
@@ -79,8 +79,8 @@ class Speed:
 
     def says(self, threads: int) -> str:
         """How the speed was had, for the sizing's line."""
-        if self.gpu:
-            return f"foretold for {self.gpu.name} by its datasheet: an eager {self.gpu.dtype} step, nothing timed"
+        if gpu := self.gpu:
+            return f"foretold for {gpu.name} by its datasheet: an eager {gpu.peak.dtype} step, nothing timed"
         if self.machine.device.type == "cuda":
             return f"measured on {torch.cuda.get_device_name(self.machine.device)}"
         return f"measured on {threads} thread{'s' * (threads > 1)}"

@@ -86,17 +86,14 @@ class Sizing:
                 f"{rest:.1f} s for checkpoints, the final score and the end")
 
     def record(self) -> dict[str, Any]:
+        """The `sizing` event: the choice, the chosen size's figures as a candidate's, and every candidate."""
+        c = self.chosen
         return {"event": "sizing", "budget": self.budget, "spent": round(self.spent, 3), "fit": self.fit,
-                "fitted_on": self.fitted_on or None, "speed": self.speed, "passes": round(self.chosen.passes, 2),
-                "depth": self.chosen.depth, "shape": self.chosen.shape, "params": self.chosen.params,
-                "multiplied_params": self.chosen.multiplied,
-                "tokens_per_sec": round(self.chosen.tokens_per_sec, 1), "threads": self.chosen.threads,
-                "steps": self.chosen.steps, "tokens": self.chosen.tokens,
-                "tokens_per_param": round(self.chosen.tokens / self.chosen.params, 4),
-                "predicted_val": None if self.chosen.predicted is None else round(self.chosen.predicted, 4),
+                "fitted_on": self.fitted_on or None, "speed": self.speed, **c.record(),
+                "multiplied_params": c.multiplied, "tokens_per_param": round(c.tokens / c.params, 4),
                 "extrapolated": bool(self.beyond), "learning_rate": self.config.train.learning_rate,
                 "warmup_iters": self.config.train.warmup_iters,
-                "candidates": [c.record() for c in self.candidates]}
+                "candidates": [candidate.record() for candidate in self.candidates]}
 
 
 

@@ -3,8 +3,8 @@
 a checkpoint's write and the end, the `Costs` a time budget is planned from (lmlab.train.budget). `lmlab plan
 --budget`, `--size auto` and the trainer time alike, so they plan alike, and keep what they timed in the machine cache
 (lmlab.core.cache): a run of the same shape on the same threads reads it back (`recall_config`: no model built).
-Before a size is timed, the least its timing can measure (`least_timing`: its FLOPs at the most a step computes here)
-says whether a budget could hold it at all (`refuse_untimed`).
+Before a size is timed, the least its timing can measure (its FLOPs at the most a step computes here) says whether a
+budget could hold it at all (`refuse_untimed`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,6 @@ class Timing:
         checkpoint = CHECKPOINT_SECONDS + self.checkpoint_bytes / DISK_BYTES_PER_SECOND
         return Costs(self.step, self.eval_batch, self.plot, checkpoint, self.plot + EXIT_SECONDS)
 
-    @classmethod
-    def read_back(cls, kept: dict[str, Any], threads: int, attention: str | None) -> Timing:
-        """A timing the machine cache kept (`kept`), on `threads`, by `attention`."""
-        return cls(threads, **{name: kept[name] for name in KEPT}, attention=attention, how=READ_BACK)
-
 
 def time_config(cfg: RunConfig, machine: Machine, deadline: float = math.inf) -> Timing:
     """`cfg` timed on a model of its own (a size no run built yet: `--size auto`, `lmlab plan`, a miniseries) on
@@ -94,8 +90,15 @@ def recall_config(cfg: RunConfig, model: LanguageModel, machine: Machine) -> Tim
     built and nothing measured: by the attention path its step would take (`model`: its model on the meta device) on
     torch's threads now. None where it was not kept."""
     path = choose_attention(model, cfg.train, machine, optimizer_of(cfg.train).state_bytes)
-    kept = cache.recall("timing", timing_key(machine, cfg, path))
-    return None if kept is None else Timing.read_back(kept, torch.get_num_threads(), path)
+    return recall(machine, cfg, path)
+
+
+def recall(machine: Machine, cfg: RunConfig, attention: str | None) -> Timing | None:
+    """`cfg`'s timing by `attention` as this machine kept it (`keep`), on torch's threads now; None where it was
+    not kept."""
+    kept = cache.recall("timing", timing_key(machine, cfg, attention))
+    return None if kept is None else Timing(torch.get_num_threads(), **{name: kept[name] for name in KEPT},
+                                            attention=attention, how=READ_BACK)
 
 
 def keep(machine: Machine, cfg: RunConfig, timing: Timing) -> None:
@@ -123,7 +126,7 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: 
     said in the machine's line. Before a timing, `refuse` (one process's) refuses a budget its FLOPs cannot fit
     (`refuse_untimed`; `meta`: the dataset's meta.json, `started`: the time.perf_counter() the budget counts from)."""
     machine = step.machine
-    kept = cache.recall("timing", timing_key(machine, cfg, step.attention_path))
+    kept = recall(machine, cfg, step.attention_path)
     if given is not None:
         timing, how = given, "--size auto" + f", {READ_BACK}" * (given.how == READ_BACK)
     elif parallel.any(kept is None):
@@ -135,7 +138,8 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: 
         how = MEASURED
         keep(machine, cfg, timing)
     else:
-        timing, how = Timing.read_back(kept, torch.get_num_threads(), step.attention_path), READ_BACK
+        assert kept is not None, "every rank kept it"
+        timing, how = kept, READ_BACK
     machine.said("timing", f"a step {1000 * timing.step:,.1f} ms", how)
     return timing
 
@@ -151,24 +155,18 @@ def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
                            generator=torch.Generator().manual_seed(0)).to(device)
     batches = [(tokens, tokens)] * (micro or train.grad_accum_steps)
-
-    def timed(run: Callable[[], object]) -> float:
-        began = time.perf_counter()
-        run()
-        synchronize(device)
-        return time.perf_counter() - began
-
+    eager = partial(step.eager_step, batches, len(batches), train.learning_rate)
     began = time.perf_counter()
     with step.untouched():
         plot = time_plot()
-        warm = timed(lambda: step.eager_step(batches, len(batches), train.learning_rate))  # allocations: untimed
+        warm = timed(eager, device)  # the warm-up step, whose allocations the timed steps leave out
         step.model.eval()
         with torch.no_grad(), autocast(device, dtype):
-            evaluation = timed(lambda: step.scoring(tokens, tokens))
+            evaluation = timed(partial(step.scoring, tokens, tokens), device)
         step.model.train()
         fits = time.perf_counter() + 2 * warm <= deadline
         count = agree(min(MAX_STEPS, max(1, math.ceil(TIMED_SECONDS / max(warm, 1e-9)))) if fits else 0)
-        times = [timed(lambda: step.eager_step(batches, len(batches), train.learning_rate)) for _ in range(count)]
+        times = [timed(eager, device) for _ in range(count)]
     return Timing(torch.get_num_threads(), statistics.median(times or [warm]), 2 * evaluation, plot,
                   checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began, step.attention_path,
                   full=bool(times))
@@ -180,28 +178,24 @@ def checkpoint_bytes(params: int, train: TrainConfig) -> int:
     return weights + optimizer_of(train).state_bytes(weights, 0)
 
 
-def least_timing(flops_per_step: float, params: int, train: TrainConfig, ceiling: float) -> Timing:
-    """The least a timing of a config can measure, its steps no faster than `flops_per_step` at `ceiling` FLOP/s (the
-    most a step computes here, lmlab.core.peak.step_ceiling): its step, an evaluation's batch (a forward of a
-    micro-batch, a third of its training FLOPs, on both splits), no plot, and the least the timing itself takes: a
-    warm-up step, an evaluation's batch and the timed steps."""
-    step = flops_per_step / ceiling
-    forward = step / 3 / train.grad_accum_steps
-    timed = max(step, min(TIMED_SECONDS, MAX_STEPS * step))
-    return Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed)
-
-
 def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, flops_per_token: float, params: int,
                    ceiling: tuple[float, Peak]) -> None:
     """Refuse `cfg` before it is timed (`BudgetRefused`, naming the budget it needs) where its budget's plan
-    (lmlab.train.budget.plan) of its `least_timing` at the most a step computes here (`ceiling`,
-    lmlab.core.peak.step_ceiling) fits no MIN_STEPS steps in what `spent` seconds and the timing leave; `meta`: its
-    dataset's meta.json, `flops_per_token` and `params` its model's."""
+    (lmlab.train.budget.plan) of the least its timing can measure fits no MIN_STEPS steps in what `spent` seconds and
+    the timing leave; `meta`: its dataset's meta.json, `flops_per_token` and `params` its model's.
+
+    That least timing has its steps no faster than their FLOPs at the most a step computes here (`ceiling`,
+    lmlab.core.peak.step_ceiling): its step, an evaluation's batch (a forward of a micro-batch, a third of its training
+    FLOPs, on both splits), no plot, and the least the timing itself takes: a warm-up step, an evaluation's batch and
+    the timed steps."""
     train, (most, peak) = cfg.train, ceiling
     tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
     flops_per_step = flops_per_token * tokens
     intervals = (train.eval_steps(meta["train"]["tokens"], tokens), train.checkpoint_interval)
-    least = least_timing(flops_per_step, params, train, most)
+    step = flops_per_step / most
+    forward = step / 3 / train.grad_accum_steps
+    timed_steps = max(step, min(TIMED_SECONDS, MAX_STEPS * step))
+    least = Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed_steps)
     try:
         plan(train.budget_seconds, spent + least.cost, least.costs(), train, intervals,
              windows_in(meta, "val", cfg.model.block_size))
@@ -215,6 +209,14 @@ def time_plot() -> float:
     """A redraw of a run's loss.png (of a run with no events yet), after matplotlib's import, which is start-up's."""
     pyplot()
     with tempfile.TemporaryDirectory() as folder:
-        began = time.perf_counter()
-        plot_losses(RunDir(Path(folder)), Path(folder) / "loss.png")
-        return time.perf_counter() - began
+        run = RunDir(Path(folder))
+        return timed(lambda: plot_losses(run, Path(folder) / "loss.png"), torch.device("cpu"))
+
+
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """The seconds `run` takes, its work on `device` done: the one stopwatch of what is timed before a run (a step,
+    an evaluation's batch, a plot) and of what `lmlab bench` times besides its steps."""
+    began = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - began

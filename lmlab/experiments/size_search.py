@@ -56,7 +56,6 @@ class Speed:
     def __init__(self, machine: Machine, gpu: Hardware | None = None):
         self.machine, self.gpu = machine, gpu
         self.foretold = 0.0
-        self.plot: float | None = None  # a redraw of loss.png: the host's work, which one timing here tells
 
     def ceiling(self) -> tuple[float, Peak]:
         """The most FLOP/s a step computes there (lmlab.core.peak.step_ceiling)."""
@@ -70,12 +69,11 @@ class Speed:
         if self.gpu is None:
             return recall_config(cfg, model, self.machine) or time_config(cfg, self.machine, deadline)
         step = gpu_step_time(cfg, self.gpu.name, self.gpu.peak.dtype, compiled=False)
-        self.plot = time_plot() if self.plot is None else self.plot
         batch = step.evaluation / max(1, cfg.train.eval_iters)  # one batch of each split
         # what `time_step` would spend there: a plot, a warm-up step, an evaluation's batch, the timed steps
-        cost = self.plot + step.seconds + batch + max(step.seconds, min(TIMED_SECONDS, MAX_STEPS * step.seconds))
+        cost = time_plot() + step.seconds + batch + max(step.seconds, min(TIMED_SECONDS, MAX_STEPS * step.seconds))
         self.foretold += cost
-        return Timing(0, step.seconds, batch, self.plot, checkpoint_bytes(model.num_params(), cfg.train), cost)
+        return Timing(0, step.seconds, batch, time_plot(), checkpoint_bytes(model.num_params(), cfg.train), cost)
 
     def says(self, threads: int) -> str:
         """How the speed was had, for the sizing's line."""

@@ -10,6 +10,7 @@ budget could hold it at all (`refuse_untimed`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import tempfile
@@ -205,8 +206,10 @@ def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, flops_per
                                   f"{most / 1e12:.3g} TFLOP/s: {STEP_CEILING:g}x the peak, {peak.brief()})")) from None
 
 
+@functools.cache
 def time_plot() -> float:
-    """A redraw of a run's loss.png (of a run with no events yet), after matplotlib's import, which is start-up's."""
+    """A redraw of a run's loss.png (of a run with no events yet), after matplotlib's import, which is start-up's;
+    timed once a process: the host's work, the same whatever the size timed."""
     pyplot()
     with tempfile.TemporaryDirectory() as folder:
         run = RunDir(Path(folder))

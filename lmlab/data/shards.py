@@ -103,7 +103,7 @@ def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True,
     meta = meta or read_meta(dataset)
     _check_tokenizer(dataset, meta)
     width = np.dtype(dtype).itemsize
-    listed = meta.get("shards", {}).get(split, [{"file": f"{split}.bin", "tokens": meta.get(split, {}).get("tokens")}])
+    listed = listed_shards(meta, split)
     paths = [Path(dataset) / s["file"] for s in listed]
     for path, shard in zip(paths, listed):
         if not path.exists():
@@ -137,6 +137,11 @@ def verify_split(dataset: Path, split: str, tokens: TokenShards, meta: dict[str,
                         f"{meta['vocab_size']:,} tokens; {FIX}.")
 
 
+def listed_shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """A split's shard files and their tokens as meta.json lists them (a dataset from before shards: SPLIT.bin)."""
+    return meta.get("shards", {}).get(split, [{"file": f"{split}.bin", "tokens": meta.get(split, {}).get("tokens")}])
+
+
 def row_layout(meta: dict) -> Rows | None:
     rows = meta.get("rows")
     return Rows(rows["length"], rows["pad_id"]) if rows else None
@@ -144,8 +149,9 @@ def row_layout(meta: dict) -> Rows | None:
 
 def windows_in(meta: dict, split: str, block_size: int) -> int:
     """How many windows of block_size targets a split holds, as its meta.json tells: consecutive windows, or the rows
-    of a row-packed split (what `evals.evaluate.split_windows` counts in the opened split)."""
-    rows, tokens = row_layout(meta), meta[split]["tokens"]
+    of a row-packed split (what `evals.evaluate.split_windows` counts in the opened split). Counted in the tokens its
+    shards store: a row-packed split's `tokens` leave out its padding."""
+    rows, tokens = row_layout(meta), sum(shard["tokens"] for shard in listed_shards(meta, split))
     return (tokens - 1) // block_size if rows is None else tokens // rows.length
 
 

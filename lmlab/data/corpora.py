@@ -140,27 +140,29 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
         raise UserError(f"{path} could not be read past row {row} ({err}); the file is truncated or corrupt.")
 
 
-def hf_datasets(source: str, instead: str) -> Any:
-    """The Hugging Face `datasets` library that an `hf:` source needs, or one sentence saying how to install it or
-    what to download and pass `instead`."""
-    require("datasets", user=source, otherwise=f", or download {instead} and pass them instead")
+def hf_rows(source: str, user: str, instead: tuple[str, str], check: str, **load: Any) -> Iterator[dict[str, Any]]:
+    """The rows of the `hf:OWNER/NAME[:...]` dataset `source` names, loaded by the `datasets` library with `load`
+    (its config or split: the caller's), for `user`; a failure is one sentence: how to install the library or what
+    to download and pass instead (`instead`), or that the Hub did not give the rows and what to `check`."""
+    require("datasets", user=user, otherwise=f", or download {instead[0]} and pass them instead")
     import datasets
 
-    return datasets
+    how = "streamed" if load.get("streaming") else "loaded"
+    try:
+        yield from datasets.load_dataset(source.removeprefix("hf:").partition(":")[0], **load)
+    except (ConnectionError, OSError, ValueError) as err:
+        raise UserError(f"{user} could not be {how} from the Hugging Face Hub ({type(err).__name__}: {err}); "
+                        f"check {check} and that this machine is online, or pass {instead[1]}.")
 
 
 def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
     """`hf:OWNER/NAME[:CONFIG]`, streamed by the `datasets` library (train split), never downloaded whole."""
-    name, _, config = source.removeprefix("hf:").partition(":")
-    datasets = hf_datasets(source, "the parquet files")
-    try:
-        stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        for number, record in enumerate(stream):
-            if isinstance(record.get(text_field), str):
-                yield Document(f"{source}:{number}", record[text_field])
-    except (ConnectionError, OSError, ValueError) as err:
-        raise UserError(f"{source} could not be streamed from the Hugging Face Hub ({type(err).__name__}: {err}); "
-                        "check the name and that this machine is online, or pass local parquet files.")
+    config = source.removeprefix("hf:").partition(":")[2] or None
+    rows = hf_rows(source, source, ("the parquet files", "local parquet files"), "the name", name=config,
+                   split="train", streaming=True)
+    for number, record in enumerate(rows):
+        if isinstance(record.get(text_field), str):
+            yield Document(f"{source}:{number}", record[text_field])
 
 
 def resolve_sources(sources: list[str]) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.resources
-import json
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import NOT_JSON, json_lines
 
 
 @dataclass(frozen=True)
@@ -92,12 +91,8 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         try:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = parse_json(line)
-                except json.JSONDecodeError:
+            for number, _, record in json_lines(f):
+                if record is NOT_JSON:
                     raise UserError(f"{path}:{number} is not valid JSON; each line must be one JSON object.")
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise UserError(f'{path}:{number} has no string "{text_field}" field; each line needs '

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.errors import UserError
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import json_lines
 from lmlab.data.corpora import hf_rows
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.inference.generate import document_start
@@ -81,13 +81,7 @@ def _json_lines(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as err:
         raise UserError(f"task file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON lines.")
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = parse_json(line)
-        except json.JSONDecodeError:
-            row = None
+    for n, line, row in json_lines(text.splitlines()):
         if not isinstance(row, dict):
             hint = " (a JSON list: write one object per line instead)" if n == 1 and line.lstrip().startswith("[") \
                 else ""

@@ -72,17 +72,17 @@ def shakespeare() -> list[Document]:
     return docs
 
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: a record batch, not the file, is what sits in memory
 
 
 def _kind(path: Path) -> str | None:
-    return next((s for s in SUFFIXES if path.name.endswith(s)), None)
+    return next((s for s in READERS if path.name.endswith(s)), None)
 
 
-def _read_text(path: Path) -> str:
+def _text_documents(path: Path, text_field: str) -> Iterator[Document]:
+    """A .txt file: one document."""
     try:
-        return path.read_text(encoding="utf-8")
+        yield Document(str(path), path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 (byte {err.start}); convert it, e.g. with `iconv -t UTF-8`.")
 
@@ -133,6 +133,12 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
                 row += 1
     except (OSError, ValueError) as err:  # a file cut short after its footer was written, or corrupt pages
         raise UserError(f"{path} could not be read past row {row} ({err}); the file is truncated or corrupt.")
+
+
+# each file format lmlab reads, by the suffix it is named with, and its reader (a path and the text field)
+READERS: dict[str, Callable[[Path, str], Iterator[Document]]] = {
+    ".txt": _text_documents, ".jsonl": _jsonl_documents, ".jsonl.gz": _jsonl_documents, ".parquet": _parquet_documents}
+SUFFIXES = tuple(READERS)
 
 
 def hf_rows(source: str, user: str, instead: tuple[str, str], check: str, **load: Any) -> Iterator[dict[str, Any]]:
@@ -207,12 +213,8 @@ def iter_documents(files: list[str], text_field: str = "text",
             docs: Iterator[Document] = iter(shakespeare())
         elif source.startswith("hf:"):
             docs = _hf_documents(source, text_field)
-        elif source.endswith(".parquet"):
-            docs = _parquet_documents(Path(source), text_field)
-        elif source.endswith(".txt"):
-            docs = iter([Document(source, _read_text(Path(source)))])
         else:
-            docs = _jsonl_documents(Path(source), text_field)
+            docs = READERS[_kind(Path(source)) or ".jsonl"](Path(source), text_field)
         if normalize is not None:
             docs = (Document(d.name, normalize(d.text)) for d in docs)
         yield from (d for d in docs if NON_BLANK.search(d.text))  # a search, not a copy of a long document

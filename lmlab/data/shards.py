@@ -16,7 +16,7 @@ import numpy as np
 import tokenizers
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_bytes, fsync, sha256_file, writing
+from lmlab.core.fileio import atomic_write_bytes, sha256_file
 from lmlab.core.jsontext import parse_json
 
 FIX = "prepare the dataset again with `lmlab prepare ... --force`"  # what a dataset that fails a check needs
@@ -55,8 +55,7 @@ class TokenShards:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        whole = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
-        return np.asarray(whole, dtype=dtype)
+        return np.asarray(self[:], dtype=dtype)
 
     def chunks(self, size: int = 1 << 24) -> Iterator[np.ndarray]:
         """The whole split in order, `size` tokens at a time."""
@@ -191,10 +190,7 @@ class ShardWriter:
         return len(self.shards) > shards
 
     def _write_shard(self) -> None:
-        path = self.path(len(self.shards))
-        with writing(path):
-            path.write_bytes(self.buffer[:self.fill].data)  # not tofile, whose errors lose the system's reason
-            fsync(path)
+        atomic_write_bytes(self.path(len(self.shards)), self.buffer[:self.fill].data)
         self.shards.append(self.fill)
         self.fill = 0
 

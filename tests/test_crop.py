@@ -17,9 +17,10 @@ from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.data.loader import BatchLoader, open_tokens
 from lmlab.data.prepare import PrepareOptions, prepare
+from lmlab.data.shards import windows_in
 from lmlab.data.stats import dataset_stats
 from lmlab.data.tokenizers import Tokenizer
-from lmlab.evals.evaluate import evaluate_run, evaluate_split
+from lmlab.evals.evaluate import evaluate_run, evaluate_split, split_windows
 from lmlab.model import GPT
 from lmlab.model.loss import IGNORE
 from lmlab.run.rundir import RunDir
@@ -110,6 +111,8 @@ def test_evaluation_scores_only_real_targets(crop_dataset):
         correct += (logits[0, :real].argmax(-1) == targets).sum().item()
         count += real
     assert scores["tokens"] == count == meta["val"]["tokens"] - meta["val"]["documents"]
+    # what training's final score and the plan count from meta.json alone: every row, not the real tokens' worth
+    assert windows_in(meta, "val", BLOCK) == split_windows(tokens, BLOCK) == len(tokens) // ROW
     assert scores["loss"] == pytest.approx(total / count, rel=1e-5)
     assert scores["accuracy"] == correct / count
     assert scores["bits_per_byte"] == pytest.approx(total / count / math.log(2) / 4.0, rel=1e-5)

@@ -246,7 +246,7 @@ def replacing(path: Path) -> Iterator[Path]:
         fsync(target.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 

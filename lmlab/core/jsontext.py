@@ -5,7 +5,10 @@ own sentence what is wrong with its file."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+NOT_JSON = object()  # what `json_lines` gives for a line that is not JSON
 
 
 def parse_json(text: str) -> Any:
@@ -20,3 +23,15 @@ def parse_json(text: str) -> Any:
         raise json.JSONDecodeError("arrays or objects nested too deeply", text, 0) from None
     except ValueError as err:
         raise json.JSONDecodeError(str(err).split(";")[0], text, 0) from None
+
+
+def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, str, Any]]:
+    """(number from 1, line, value) of every non-blank line of a JSON-lines file, the value NOT_JSON where the line is
+    not JSON: its reader refuses what it cannot use in a sentence of its own."""
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                value = parse_json(line)
+            except json.JSONDecodeError:
+                value = NOT_JSON
+            yield number, line, value

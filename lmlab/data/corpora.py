@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.resources
-import json
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import NOT_JSON, json_lines
 
 
 @dataclass(frozen=True)
@@ -73,17 +72,17 @@ def shakespeare() -> list[Document]:
     return docs
 
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: a record batch, not the file, is what sits in memory
 
 
 def _kind(path: Path) -> str | None:
-    return next((s for s in SUFFIXES if path.name.endswith(s)), None)
+    return next((s for s in READERS if path.name.endswith(s)), None)
 
 
-def _read_text(path: Path) -> str:
+def _text_documents(path: Path, text_field: str) -> Iterator[Document]:
+    """A .txt file: one document."""
     try:
-        return path.read_text(encoding="utf-8")
+        yield Document(str(path), path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 (byte {err.start}); convert it, e.g. with `iconv -t UTF-8`.")
 
@@ -92,12 +91,8 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         try:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = parse_json(line)
-                except json.JSONDecodeError:
+            for number, _, record in json_lines(f):
+                if record is NOT_JSON:
                     raise UserError(f"{path}:{number} is not valid JSON; each line must be one JSON object.")
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise UserError(f'{path}:{number} has no string "{text_field}" field; each line needs '
@@ -140,27 +135,35 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
         raise UserError(f"{path} could not be read past row {row} ({err}); the file is truncated or corrupt.")
 
 
-def hf_datasets(source: str, instead: str) -> Any:
-    """The Hugging Face `datasets` library that an `hf:` source needs, or one sentence saying how to install it or
-    what to download and pass `instead`."""
-    require("datasets", user=source, otherwise=f", or download {instead} and pass them instead")
+# each file format lmlab reads, by the suffix it is named with, and its reader (a path and the text field)
+READERS: dict[str, Callable[[Path, str], Iterator[Document]]] = {
+    ".txt": _text_documents, ".jsonl": _jsonl_documents, ".jsonl.gz": _jsonl_documents, ".parquet": _parquet_documents}
+SUFFIXES = tuple(READERS)
+
+
+def hf_rows(source: str, user: str, instead: tuple[str, str], check: str, **load: Any) -> Iterator[dict[str, Any]]:
+    """The rows of the `hf:OWNER/NAME[:...]` dataset `source` names, loaded by the `datasets` library with `load`
+    (its config or split: the caller's), for `user`; a failure is one sentence: how to install the library or what
+    to download and pass instead (`instead`), or that the Hub did not give the rows and what to `check`."""
+    require("datasets", user=user, otherwise=f", or download {instead[0]} and pass them instead")
     import datasets
 
-    return datasets
+    how = "streamed" if load.get("streaming") else "loaded"
+    try:
+        yield from datasets.load_dataset(source.removeprefix("hf:").partition(":")[0], **load)
+    except (ConnectionError, OSError, ValueError) as err:
+        raise UserError(f"{user} could not be {how} from the Hugging Face Hub ({type(err).__name__}: {err}); "
+                        f"check {check} and that this machine is online, or pass {instead[1]}.")
 
 
 def _hf_documents(source: str, text_field: str) -> Iterator[Document]:
     """`hf:OWNER/NAME[:CONFIG]`, streamed by the `datasets` library (train split), never downloaded whole."""
-    name, _, config = source.removeprefix("hf:").partition(":")
-    datasets = hf_datasets(source, "the parquet files")
-    try:
-        stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        for number, record in enumerate(stream):
-            if isinstance(record.get(text_field), str):
-                yield Document(f"{source}:{number}", record[text_field])
-    except (ConnectionError, OSError, ValueError) as err:
-        raise UserError(f"{source} could not be streamed from the Hugging Face Hub ({type(err).__name__}: {err}); "
-                        "check the name and that this machine is online, or pass local parquet files.")
+    config = source.removeprefix("hf:").partition(":")[2] or None
+    rows = hf_rows(source, source, ("the parquet files", "local parquet files"), "the name", name=config,
+                   split="train", streaming=True)
+    for number, record in enumerate(rows):
+        if isinstance(record.get(text_field), str):
+            yield Document(f"{source}:{number}", record[text_field])
 
 
 def resolve_sources(sources: list[str]) -> list[str]:
@@ -210,12 +213,8 @@ def iter_documents(files: list[str], text_field: str = "text",
             docs: Iterator[Document] = iter(shakespeare())
         elif source.startswith("hf:"):
             docs = _hf_documents(source, text_field)
-        elif source.endswith(".parquet"):
-            docs = _parquet_documents(Path(source), text_field)
-        elif source.endswith(".txt"):
-            docs = iter([Document(source, _read_text(Path(source)))])
         else:
-            docs = _jsonl_documents(Path(source), text_field)
+            docs = READERS[_kind(Path(source)) or ".jsonl"](Path(source), text_field)
         if normalize is not None:
             docs = (Document(d.name, normalize(d.text)) for d in docs)
         yield from (d for d in docs if NON_BLANK.search(d.text))  # a search, not a copy of a long document

@@ -16,7 +16,7 @@ import numpy as np
 import tokenizers
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_bytes, fsync, sha256_file, writing
+from lmlab.core.fileio import atomic_write_bytes, sha256_file
 from lmlab.core.jsontext import parse_json
 
 FIX = "prepare the dataset again with `lmlab prepare ... --force`"  # what a dataset that fails a check needs
@@ -55,8 +55,7 @@ class TokenShards:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        whole = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
-        return np.asarray(whole, dtype=dtype)
+        return np.asarray(self[:], dtype=dtype)
 
     def chunks(self, size: int = 1 << 24) -> Iterator[np.ndarray]:
         """The whole split in order, `size` tokens at a time."""
@@ -103,7 +102,7 @@ def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True,
     meta = meta or read_meta(dataset)
     _check_tokenizer(dataset, meta)
     width = np.dtype(dtype).itemsize
-    listed = meta.get("shards", {}).get(split, [{"file": f"{split}.bin", "tokens": meta.get(split, {}).get("tokens")}])
+    listed = listed_shards(meta, split)
     paths = [Path(dataset) / s["file"] for s in listed]
     for path, shard in zip(paths, listed):
         if not path.exists():
@@ -137,6 +136,11 @@ def verify_split(dataset: Path, split: str, tokens: TokenShards, meta: dict[str,
                         f"{meta['vocab_size']:,} tokens; {FIX}.")
 
 
+def listed_shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """A split's shard files and their tokens as meta.json lists them (a dataset from before shards: SPLIT.bin)."""
+    return meta.get("shards", {}).get(split, [{"file": f"{split}.bin", "tokens": meta.get(split, {}).get("tokens")}])
+
+
 def row_layout(meta: dict) -> Rows | None:
     rows = meta.get("rows")
     return Rows(rows["length"], rows["pad_id"]) if rows else None
@@ -144,8 +148,9 @@ def row_layout(meta: dict) -> Rows | None:
 
 def windows_in(meta: dict, split: str, block_size: int) -> int:
     """How many windows of block_size targets a split holds, as its meta.json tells: consecutive windows, or the rows
-    of a row-packed split (what `evals.evaluate.split_windows` counts in the opened split)."""
-    rows, tokens = row_layout(meta), meta[split]["tokens"]
+    of a row-packed split (what `evals.evaluate.split_windows` counts in the opened split). Counted in the tokens its
+    shards store: a row-packed split's `tokens` leave out its padding."""
+    rows, tokens = row_layout(meta), sum(shard["tokens"] for shard in listed_shards(meta, split))
     return (tokens - 1) // block_size if rows is None else tokens // rows.length
 
 
@@ -185,10 +190,7 @@ class ShardWriter:
         return len(self.shards) > shards
 
     def _write_shard(self) -> None:
-        path = self.path(len(self.shards))
-        with writing(path):
-            path.write_bytes(self.buffer[:self.fill].data)  # not tofile, whose errors lose the system's reason
-            fsync(path)
+        atomic_write_bytes(self.path(len(self.shards)), self.buffer[:self.fill].data)
         self.shards.append(self.fill)
         self.fill = 0
 

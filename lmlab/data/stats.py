@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.shards import Rows, TokenShards, open_tokens, read_meta
+from lmlab.data.shards import Rows, TokenShards, listed_shards, open_tokens, read_meta
 
 CHUNK_TOKENS = 1 << 24  # scanned at a time
 
@@ -82,12 +82,12 @@ def dataset_stats(dataset: Path, block_size: int | None = None) -> dict[str, Any
         "dataset": str(dataset), "tokenizer": meta["tokenizer"], "pack": options.get("pack", "concat"),
         "block_size": block_size, "documents": sum(s["documents"] for s in splits),
         "tokens": sum(s["tokens"] for s in splits), "characters": sum(s["characters"] for s in splits),
-        "shards": {split: len(files) for split, files in meta.get("shards", {"train": [1], "val": [1]}).items()},
+        "shards": {split: len(listed_shards(meta, split)) for split in ("train", "val")},
         "landing": landing(meta),
     }
     stats["chars_per_token"] = stats["characters"] / stats["tokens"]
     if meta.get("rows"):  # what a row-packed dataset stores beyond its tokens, and a model computes on in vain
-        stored = sum(s["tokens"] for files in meta["shards"].values() for s in files)
+        stored = sum(s["tokens"] for split in ("train", "val") for s in listed_shards(meta, split))
         stats["share_padding"] = 1 - stats["tokens"] / stored
     lengths = document_lengths(Path(dataset), meta)
     if lengths is not None and len(lengths):

@@ -21,7 +21,7 @@ from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
 from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import NOT_JSON, json_lines
 from lmlab.core.threads import Heard
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import continue_all, instructing
@@ -81,10 +81,8 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text (byte {err.start}); write the file with `lmlab answer`.")
     records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = parse_json(line)
-        except json.JSONDecodeError:
+    for n, _, record in json_lines(lines):
+        if record is NOT_JSON:
             raise UserError(f"{path}, line {n}, is not JSON; write the file with `lmlab answer`.")
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
                                                    for k in ("instruction", "output", "model_answer")):

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.errors import UserError
-from lmlab.core.jsontext import parse_json
-from lmlab.data.corpora import hf_datasets
+from lmlab.core.jsontext import json_lines
+from lmlab.data.corpora import hf_rows
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.inference.generate import document_start
 from lmlab.inference.scoring import Choice, loglikelihoods
@@ -81,13 +81,7 @@ def _json_lines(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as err:
         raise UserError(f"task file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON lines.")
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = parse_json(line)
-        except json.JSONDecodeError:
-            row = None
+    for n, line, row in json_lines(text.splitlines()):
         if not isinstance(row, dict):
             hint = " (a JSON list: write one object per line instead)" if n == 1 and line.lstrip().startswith("[") \
                 else ""
@@ -100,13 +94,9 @@ def _json_lines(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
 def _hf_rows(source: str) -> tuple[str, list[dict[str, Any]]]:
     """`hf:OWNER/NAME[:SPLIT]` (split `validation` unless named) through the `datasets` library."""
     name, _, split = source.removeprefix("hf:").partition(":")
-    datasets = hf_datasets(f"--task {source}", "the task as JSON lines")
-    try:
-        rows = [dict(row) for row in datasets.load_dataset(name, split=split or "validation")]
-    except (ConnectionError, OSError, ValueError) as err:
-        raise UserError(f"--task {source} could not be loaded from the Hugging Face Hub ({type(err).__name__}: "
-                        f"{err}); check the name and split and that this machine is online, or pass a local file.")
-    return re.sub(r"[^\w.-]", "-", name) + (f"-{split}" if split else ""), rows
+    rows = hf_rows(source, f"--task {source}", ("the task as JSON lines", "a local file"), "the name and split",
+                   split=split or "validation")
+    return re.sub(r"[^\w.-]", "-", name) + (f"-{split}" if split else ""), [dict(row) for row in rows]
 
 
 def _layout(source: str, line: int, row: dict[str, Any]) -> str:

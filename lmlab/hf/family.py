@@ -108,12 +108,6 @@ class Family:
         """Whether the family stores this tensor as (in, out) rather than nn.Linear's (out, in)."""
         return False
 
-    def split_sizes(self, name: str, cfg: ModelConfig) -> list[int]:
-        """How lmlab's fused tensor `name` divides (along dim 0) into the family's: q, k and v, or gate and up."""
-        if ".attn.c_attn." in name:
-            return [cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.kv_heads * cfg.head_size]
-        return [mlp_width(cfg)] * 2
-
     @torch.no_grad()
     def load(self, lookup: Lookup, model: GPT) -> None:
         """Copy each part of the model's tensors (`parts`) from the family's tensor, one at a time (never holding a
@@ -130,8 +124,8 @@ class Family:
             if hf_name.endswith("wpe.weight"):
                 value = value[:part.shape[0]]  # a context cut short by import-hf --block-size
             if value.shape != part.shape:
-                raise UserError(f"the weights' {hf_name} has shape {tuple(value.shape)} but config.json implies "
-                                f"{tuple(part.shape)}; the two do not belong together.")
+                raise UserError(f"the weights' {hf_name} has shape {tuple(value.shape)} but config.json "
+                                f"implies {tuple(part.shape)}; the two do not belong together.")
             part.copy_(value)
 
     def parts(self, model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
@@ -139,13 +133,16 @@ class Family:
         vocabulary padding cut off; a tied head is left out: transformers and llama.cpp alike take the token table
         for it when the file has none."""
         cfg = model.config
+        kv = cfg.kv_heads * cfg.head_size
         for name, value in model.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
             if name.endswith(("wte.weight", "lm_head.weight")):
                 value = value[:cfg.vocab_size]
             names = self.hf_names(name)
-            yield from zip(names, value.split(self.split_sizes(name, cfg)) if len(names) > 1 else [value])
+            # a fused tensor divides along dim 0 into the family's: q, k and v, or gate and up
+            sizes = [cfg.n_head * cfg.head_size, kv, kv] if ".attn.c_attn." in name else [mlp_width(cfg)] * 2
+            yield from zip(names, value.split(sizes) if len(names) > 1 else [value])
 
     def from_lmlab(self, model: GPT) -> dict[str, torch.Tensor]:
         """The model's tensors under the family's names and layouts, the vocabulary padding cut off."""

@@ -360,7 +360,8 @@ class Budget:
         process (a resumed run's earlier processes' too)."""
         now, p = self._now(step), self.plan
         slower = now.step_seconds / p.step_seconds if p.step_seconds > 0 else 1.0
-        rest = dataclasses.replace(now, final_seconds=p.final_seconds * slower).needed(self.last - step, self.intervals)
+        rest = dataclasses.replace(now, final_seconds=p.final_seconds * slower).needed(self.last - step,
+                                                                                       self.intervals)
         return rest, self.before + spent + rest
 
     def resume_line(self) -> str:

@@ -83,7 +83,7 @@ def _write(tmp: Path, run: LoadedRun, vocab: Vocab, family: Family, arch: str, k
     writer.add_name(run.run.name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_keys(writer, arch, cfg)
+    write_keys(writer, family, cfg)
     _write_vocab(writer, vocab)
     if run.chat_template is not None:
         writer.add_chat_template(run.chat_template.template)

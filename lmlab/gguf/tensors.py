@@ -16,8 +16,8 @@ import gguf
 import torch
 
 from lmlab.core.config import ModelConfig
-from lmlab.hf.family import Family, default_eps
-from lmlab.model.gpt import GPT, mlp_width
+from lmlab.hf.family import Family
+from lmlab.model.gpt import GPT
 
 # --type -> (the GGML type of a matrix, general.file_type); vectors (norms, biases) stay float32.
 TYPES = {
@@ -27,6 +27,17 @@ TYPES = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+# config.json's keys, of GPT-2's family and of Llama's -> the GGUF keys llama.cpp reads (GGUFWriter's add_NAME) that
+# hold the same figure: an architecture is described once, by the Hugging Face family it exports as.
+GGUF_KEYS = {
+    "n_positions": "context_length", "max_position_embeddings": "context_length",
+    "n_embd": "embedding_length", "hidden_size": "embedding_length",
+    "n_inner": "feed_forward_length", "intermediate_size": "feed_forward_length",
+    "n_layer": "block_count", "num_hidden_layers": "block_count",
+    "n_head": "head_count", "num_attention_heads": "head_count", "num_key_value_heads": "head_count_kv",
+    "layer_norm_epsilon": "layer_norm_eps", "rms_norm_eps": "layer_norm_rms_eps", "rope_theta": "rope_freq_base",
+    "head_dim": "rope_dimension_count key_length value_length",
+}
 
 
 def arch_name(family: Family, cfg: ModelConfig) -> str:
@@ -35,22 +46,11 @@ def arch_name(family: Family, cfg: ModelConfig) -> str:
     return "llama" if family.name == "qwen2" and cfg.head_size * cfg.n_head != cfg.n_embd else family.name
 
 
-def write_keys(writer: gguf.GGUFWriter, arch: str, cfg: ModelConfig) -> None:
-    """The hyperparameters llama.cpp reads for the architecture `arch`."""
-    writer.add_context_length(cfg.block_size)
-    writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(mlp_width(cfg))
-    writer.add_block_count(cfg.n_layer)
-    writer.add_head_count(cfg.n_head)
-    if arch == "gpt2":
-        writer.add_layer_norm_eps(default_eps(cfg))
-        return
-    writer.add_head_count_kv(cfg.kv_heads)
-    writer.add_layer_norm_rms_eps(default_eps(cfg))
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_size)
-    writer.add_key_length(cfg.head_size)
-    writer.add_value_length(cfg.head_size)
+def write_keys(writer: gguf.GGUFWriter, family: Family, cfg: ModelConfig) -> None:
+    """The hyperparameters llama.cpp reads, from the config.json `family` writes for the model (`GGUF_KEYS`)."""
+    for key, value in family.write_config(cfg, None).items():
+        for name in GGUF_KEYS.get(key, "").split():
+            getattr(writer, f"add_{name}")(value)
 
 
 def model_tensors(model: GPT, family: Family, arch: str) -> Iterator[tuple[str, torch.Tensor]]:

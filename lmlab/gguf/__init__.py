@@ -24,9 +24,10 @@ import psutil
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import check_writable, replacing
 from lmlab.gguf.card import card_paths, write_card
-from lmlab.gguf.tensors import TYPES, Arch, arch_for, ggml_type, model_tensors
+from lmlab.gguf.tensors import TYPES, arch_name, ggml_type, model_tensors, write_keys
 from lmlab.gguf.vocab import Vocab, gguf_vocab
 from lmlab.hf import choose_family
+from lmlab.hf.family import Family
 from lmlab.model.gpt import GPT
 from lmlab.run.rundir import LoadedRun, RunDir, check_steps
 
@@ -70,18 +71,19 @@ def _write_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
     writer.add_add_eos_token(False)
 
 
-def _write(tmp: Path, run: LoadedRun, vocab: Vocab, arch: Arch, kind: str, progress: Progress) -> dict[str, int]:
+def _write(tmp: Path, run: LoadedRun, vocab: Vocab, family: Family, arch: str, kind: str,
+           progress: Progress) -> dict[str, int]:
     """The GGUF file at `tmp`: keys, then each tensor converted as it is written (one at a time in memory).
     Returns how many tensors went as each GGML type."""
     cfg = run.config.model
     wanted, file_type = TYPES[kind]
     assert isinstance(run.model, GPT), "export_gguf loads runs of kind gpt"
-    tensors = list(model_tensors(run.model, arch))
-    writer = gguf.GGUFWriter(tmp, arch.name)
+    tensors = list(model_tensors(run.model, family, arch))
+    writer = gguf.GGUFWriter(tmp, arch)
     writer.add_name(run.run.name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    arch.keys(writer, cfg)
+    write_keys(writer, family, cfg)
     _write_vocab(writer, vocab)
     if run.chat_template is not None:
         writer.add_chat_template(run.chat_template.template)
@@ -113,21 +115,22 @@ def export_gguf(run_dir: Path, out: Path, checkpoint: str = "best", kind: str = 
     if model.kind != "gpt":
         raise UserError(f"{run_dir} is a {model.kind} model, and llama.cpp computes transformers: export-gguf writes "
                         "lmlab's kind gpt (as gpt2, llama, qwen2 or qwen3).")
-    arch = arch_for(choose_family(model, "auto", str(run_dir)), model)
+    family = choose_family(model, "auto", str(run_dir))
+    arch = arch_name(family, model)
     check_steps([run_dir], checkpoint)
     check_gguf_destination(out)
     run = RunDir(run_dir).load(checkpoint, "cpu")  # checks the tokenizer against its checksum
     vocab = gguf_vocab(run.tokenizer, model.vocab_size, str(run_dir))
     _leftovers(out)
     with replacing(out) as tmp:
-        counts = _write(tmp, run, vocab, arch, kind, progress)
+        counts = _write(tmp, run, vocab, family, arch, kind, progress)
         if out.exists() or out.is_symlink():
             raise UserError(f"{out} was created by another process meanwhile; choose a new name.")
     try:
-        write_card(out, run, arch.name, vocab, kind)
+        write_card(out, run, arch, vocab, kind)
     except BaseException:  # all three files or none
         for path in (out, *card_paths(out)):
             path.unlink(missing_ok=True)
         raise
-    return {"out": str(out), "arch": arch.name, "type": kind, "tensors": counts, "checkpoint": run.checkpoint,
+    return {"out": str(out), "arch": arch, "type": kind, "tensors": counts, "checkpoint": run.checkpoint,
             "step": run.step, "tokenizer": run.tokenizer.spec, "bytes": out.stat().st_size}

@@ -11,14 +11,13 @@ goes as `llama`, which is Qwen2 with free head widths (and its q, k and v biases
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import gguf
 import torch
 
 from lmlab.core.config import ModelConfig
-from lmlab.hf.family import Family, default_eps
-from lmlab.model.gpt import GPT, mlp_width
+from lmlab.hf.family import Family
+from lmlab.model.gpt import GPT
 
 # --type -> (the GGML type of a matrix, general.file_type); vectors (norms, biases) stay float32.
 TYPES = {
@@ -28,51 +27,44 @@ TYPES = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+# config.json's keys, of GPT-2's family and of Llama's -> the GGUF keys llama.cpp reads (GGUFWriter's add_NAME) that
+# hold the same figure: an architecture is described once, by the Hugging Face family it exports as.
+GGUF_KEYS = {
+    "n_positions": "context_length", "max_position_embeddings": "context_length",
+    "n_embd": "embedding_length", "hidden_size": "embedding_length",
+    "n_inner": "feed_forward_length", "intermediate_size": "feed_forward_length",
+    "n_layer": "block_count", "num_hidden_layers": "block_count",
+    "n_head": "head_count", "num_attention_heads": "head_count", "num_key_value_heads": "head_count_kv",
+    "layer_norm_epsilon": "layer_norm_eps", "rms_norm_eps": "layer_norm_rms_eps", "rope_theta": "rope_freq_base",
+    "head_dim": "rope_dimension_count key_length value_length",
+}
 
 
-@dataclass(frozen=True)
-class Arch:
-    """A llama.cpp architecture and how lmlab's tensors go into it."""
-
-    name: str  # general.architecture
-    family: Family  # whose tensor names lead to GGUF's
-    interleave: bool  # rotary pairs are adjacent channels (llama), not halves: q and k rows are reordered
-
-    def keys(self, writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
-        """The hyperparameters llama.cpp reads for this architecture."""
-        writer.add_context_length(cfg.block_size)
-        writer.add_embedding_length(cfg.n_embd)
-        writer.add_feed_forward_length(mlp_width(cfg))
-        writer.add_block_count(cfg.n_layer)
-        writer.add_head_count(cfg.n_head)
-        if self.name == "gpt2":
-            writer.add_layer_norm_eps(default_eps(cfg))
-            return
-        writer.add_head_count_kv(cfg.kv_heads)
-        writer.add_layer_norm_rms_eps(default_eps(cfg))
-        writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_rope_dimension_count(cfg.head_size)
-        writer.add_key_length(cfg.head_size)
-        writer.add_value_length(cfg.head_size)
+def arch_name(family: Family, cfg: ModelConfig) -> str:
+    """The llama.cpp architecture (general.architecture) of a model the Hugging Face `family` expresses: the family's
+    own, but `llama` for a Qwen2 whose heads are not n_embd / n_head wide."""
+    return "llama" if family.name == "qwen2" and cfg.head_size * cfg.n_head != cfg.n_embd else family.name
 
 
-def arch_for(family: Family, cfg: ModelConfig) -> Arch:
-    """The llama.cpp architecture of a model the Hugging Face `family` expresses."""
-    if family.name == "qwen2" and cfg.head_size * cfg.n_head != cfg.n_embd:
-        return Arch("llama", family, interleave=True)
-    return Arch(family.name, family, interleave=family.name == "llama")
+def write_keys(writer: gguf.GGUFWriter, family: Family, cfg: ModelConfig) -> None:
+    """The hyperparameters llama.cpp reads, from the config.json `family` writes for the model (`GGUF_KEYS`)."""
+    for key, value in family.write_config(cfg, None).items():
+        for name in GGUF_KEYS.get(key, "").split():
+            getattr(writer, f"add_{name}")(value)
 
 
-def model_tensors(model: GPT, arch: Arch) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, float32 tensor) of every weight, the token table and head cut to the vocabulary."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], model.config.n_layer)
-    for hf_name, part in arch.family.parts(model):
-        if arch.interleave and hf_name.split(".")[-2] in ("q_proj", "k_proj"):
+def model_tensors(model: GPT, family: Family, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor) of every weight, under the names the gguf package maps `family`'s to in `arch`,
+    the token table and head cut to the vocabulary. `llama` rotates adjacent pairs: its q and k rows are
+    interleaved."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.n_layer)
+    for hf_name, part in family.parts(model):
+        if arch == "llama" and hf_name.split(".")[-2] in ("q_proj", "k_proj"):
             # each head's rows from halves (x0..xn, y0..yn) to pairs (x0, y0, x1, y1, ...)
             halves = part.reshape(-1, 2, model.config.head_size // 2, *part.shape[1:])
             part = halves.transpose(1, 2).reshape(part.shape)
         name_there = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        assert name_there is not None, f"llama.cpp's {arch.name} has no tensor {hf_name}"
+        assert name_there is not None, f"llama.cpp's {arch} has no tensor {hf_name}"
         yield name_there, part.detach().float().cpu()
 
 

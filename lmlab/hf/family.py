@@ -108,49 +108,41 @@ class Family:
         """Whether the family stores this tensor as (in, out) rather than nn.Linear's (out, in)."""
         return False
 
-    def split_sizes(self, name: str, cfg: ModelConfig) -> list[int]:
-        """How lmlab's fused tensor `name` divides (along dim 0) into the family's: q, k and v, or gate and up."""
-        if ".attn.c_attn." in name:
-            return [cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.kv_heads * cfg.head_size]
-        return [mlp_width(cfg)] * 2
-
     @torch.no_grad()
     def load(self, lookup: Lookup, model: GPT) -> None:
-        """Copy each of the model's tensors from the family's, one at a time (never holding a second copy of
-        the model): renamed, transposed, concatenated, and the token table and head padded to lmlab's padded
-        vocabulary (rows that are never looked up)."""
-        for name, target in model.state_dict().items():
-            if name == "lm_head.weight" and model.config.tie_embeddings:
-                continue  # the token table, loaded under its own name
-            parts = []
-            for hf_name in self.hf_names(name):
-                value = lookup(hf_name)
-                if value is None:
-                    raise UserError(f"the weights have no tensor {hf_name}; the checkpoint is incomplete or not "
-                                    f"{self.name}.")
-                parts.append(value.t() if self.transposed(hf_name) else value)
-            value = torch.cat(parts) if len(parts) > 1 else parts[0]
-            if name.endswith(("wte.weight", "lm_head.weight")) and value.shape[0] < target.shape[0]:
-                value = torch.cat([value, value.new_zeros(target.shape[0] - value.shape[0], *value.shape[1:])])
-            if name.endswith("wpe.weight"):
-                value = value[:target.shape[0]]  # a context cut short by import-hf --block-size
-            if value.shape != target.shape:
-                raise UserError(f"the weights' {'+'.join(self.hf_names(name))} has shape {tuple(value.shape)} but "
-                                f"config.json implies {tuple(target.shape)}; the two do not belong together.")
-            target.copy_(value)
+        """Copy each part of the model's tensors (`parts`) from the family's tensor, one at a time (never holding a
+        second copy of the model): renamed, transposed, a position table cut to the context import-hf cut short; the
+        rows that pad the token table and head past the vocabulary (never looked up) zeroed."""
+        for table in (model.transformer.wte.weight, model.lm_head.weight):
+            table[model.config.vocab_size:] = 0
+        for hf_name, part in self.parts(model):
+            value = lookup(hf_name)
+            if value is None:
+                raise UserError(f"the weights have no tensor {hf_name}; the checkpoint is incomplete or not "
+                                f"{self.name}.")
+            value = value.t() if self.transposed(hf_name) else value
+            if hf_name.endswith("wpe.weight"):
+                value = value[:part.shape[0]]  # a context cut short by import-hf --block-size
+            if value.shape != part.shape:
+                raise UserError(f"the weights' {hf_name} has shape {tuple(value.shape)} but config.json "
+                                f"implies {tuple(part.shape)}; the two do not belong together.")
+            part.copy_(value)
 
     def parts(self, model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
         """(the family's name, tensor) of each part of the model's tensors, in lmlab's (out, in) layout, the
         vocabulary padding cut off; a tied head is left out: transformers and llama.cpp alike take the token table
         for it when the file has none."""
         cfg = model.config
+        kv = cfg.kv_heads * cfg.head_size
         for name, value in model.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
             if name.endswith(("wte.weight", "lm_head.weight")):
                 value = value[:cfg.vocab_size]
             names = self.hf_names(name)
-            yield from zip(names, value.split(self.split_sizes(name, cfg)) if len(names) > 1 else [value])
+            # a fused tensor divides along dim 0 into the family's: q, k and v, or gate and up
+            sizes = [cfg.n_head * cfg.head_size, kv, kv] if ".attn.c_attn." in name else [mlp_width(cfg)] * 2
+            yield from zip(names, value.split(sizes) if len(names) > 1 else [value])
 
     def from_lmlab(self, model: GPT) -> dict[str, torch.Tensor]:
         """The model's tensors under the family's names and layouts, the vocabulary padding cut off."""

@@ -10,9 +10,11 @@ on the machine it resumed on, and its end says how the budget held over all its 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import statistics
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -93,13 +95,10 @@ class Plan:
         budget is missed either way, by less this way."""
         if left <= 0 or self.step_seconds <= 0:
             return 0
-        low, high = 0, 1
-        while self.needed(high, intervals) <= left:
-            low, high = high, 2 * high
-        while high - low > 1:  # `needed` grows with the steps: bisect between a fit and a miss
-            mid = (low + high) // 2
-            low, high = (mid, high) if self.needed(mid, intervals) <= left else (low, mid)
-        return high if self.needed(high, intervals) - left < left - self.needed(low, intervals) else low
+        # `needed` grows with the steps, and no more of them than `left` holds of the steps alone fit
+        low = bisect.bisect_right(range(min(int(left / self.step_seconds) + 2, sys.maxsize)), left,
+                                  key=lambda steps: self.needed(steps, intervals)) - 1
+        return low + 1 if self.needed(low + 1, intervals) - left < left - self.needed(low, intervals) else low
 
 
 def position_between(step: int, anchor: int, position: float, last: int) -> float:
@@ -353,27 +352,24 @@ class Budget:
     def end(self, spent: float) -> tuple[float | None, str | None]:
         """The seconds the run took over all its processes with `spent` gone in this one, and how the budget held;
         neither of a run by steps."""
-        return (round(self.taken(spent), 3), self.ended(spent)) if self.plan.seconds else (None, None)
+        return (round(self.before + spent, 3), self.ended(spent)) if self.plan.seconds else (None, None)
 
-    def taken(self, spent: float) -> float:
-        """The seconds the run has taken with `spent` gone in this process: a resumed run's earlier processes' too."""
-        return self.before + spent
-
-    def _rest(self, step: int) -> float:
+    def _rest(self, step: int, spent: float) -> tuple[float, float]:
         """The seconds the steps after `step`, their evaluations, the final score and the end take at the pace the
-        steps show (the planned pace for those not timed)."""
+        steps show (the planned pace for those not timed), and those the run takes in all with `spent` gone in this
+        process (a resumed run's earlier processes' too)."""
         now, p = self._now(step), self.plan
         slower = now.step_seconds / p.step_seconds if p.step_seconds > 0 else 1.0
-        return dataclasses.replace(now, final_seconds=p.final_seconds * slower).needed(self.last - step,
+        rest = dataclasses.replace(now, final_seconds=p.final_seconds * slower).needed(self.last - step,
                                                                                        self.intervals)
+        return rest, self.before + spent + rest
 
     def resume_line(self) -> str:
         """What a resumed run goes on by, what the rest needs as planned, and how to end elsewhere."""
         p, step = self.plan, self.resumed_at or 0
         if step >= self.last:
             return f"budget {p.seconds:g} s: its plan's {self.last:,} steps are trained ({self.before:.1f} s taken)."
-        rest = self._rest(step)
-        total = self.taken(self._seen[1]) + rest
+        rest, total = self._rest(step, self._seen[1])
         final = f", then the final score on {covered(p.final_windows, p.val_windows)}" if p.final_windows else ""
         planned = (f", and at the {_ms(p.step_seconds)} a step planned the rest needs ~{_duration(rest)}, "
                    f"~{_duration(total)} in all ({total - p.seconds:+.1f} s on its budget; said again" if p.step_seconds
@@ -385,8 +381,7 @@ class Budget:
 
     def _rest_here(self, step: int, spent: float) -> str:
         """What the rest of a resumed run takes here, from the steps timed here."""
-        p, rest = self.plan, self._rest(step)
-        total = self.taken(spent) + rest
+        p, (rest, total) = self.plan, self._rest(step, spent)
         planned = f" ({_ms(p.step_seconds)} planned)" if p.step_seconds else ""
         said = (f"budget {p.seconds:g} s: steps take {_ms(self.pace)} here{planned}: the "
                 f"{self.last - step:,} left and the end need ~{_duration(rest)}, the run ~{_duration(total)} in all "
@@ -398,7 +393,7 @@ class Budget:
     def ended(self, spent: float) -> str:
         """How the budget held, with `spent` seconds gone in this process at its end: the seconds planned against
         those taken, over every process of a resumed run."""
-        p, taken = self.plan, self.taken(spent)
+        p, taken = self.plan, self.before + spent
         share = 100 * (taken / p.seconds - 1)
         held = f"{taken - p.seconds:+.1f} s" + (f", {share:+.1f}%" if abs(share) < 100 else "")
         if self.resumed_at is None:

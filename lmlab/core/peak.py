@@ -18,7 +18,7 @@ from lmlab.core.busy import Load, LoadMeter
 from lmlab.core.device import configure, datasheet_peak, dtype_for_capability, processor, synchronize
 from lmlab.core.threads import most_threads
 
-SECONDS = 1.0  # a measurement: the best matmul of its second half, after a first half that only warms up
+SECONDS = 0.5  # a measurement: the best matmul of its second half, after a first half that only warms up
 BF16_MARGIN = 1.5  # autocast's casts around every matmul pay only where bf16 matmuls clearly win
 # A training step computes at most this many times the peak, in FLOPs as lmlab counts them (`flops_per_token`): a
 # causal kernel skips about half of PaLM's attention term, and a step's matmuls may outrun the measured square's.

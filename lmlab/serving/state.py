@@ -46,9 +46,7 @@ class ServeOptions:
     quantize: str = "none"  # the weights' format it decodes from (lmlab.inference.quantize)
 
     def check(self) -> None:
-        # The other counts are bounded by their argparse types (lmlab.commands.serve); a body below 1 KiB is not.
-        if self.max_body_bytes < 1024:
-            raise UserError(f"--max-body-bytes is {self.max_body_bytes}; it must be at least 1024.")
+        # The counts are bounded by their argparse types (lmlab.commands.serve).
         check_threads("--threads", self.threads)
         if not (self.run / "config.toml").is_file():  # said before the port opens (RunDir.config's words)
             raise UserError(f"{self.run} is not an lmlab run (no config.toml); pass a directory made by "

@@ -55,9 +55,9 @@ class Request:
 
     prompts: list[list[int]]
     params: list  # SamplingParams, one per choice
-    stream: bool
-    include_usage: bool
-    chat: bool
+    stream: bool = False
+    include_usage: bool = False
+    chat: bool = False
     texts: list[str] = field(default_factory=list)  # each prompt as text (echoed with `echo`)
     logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
     echo: bool = False

@@ -1,6 +1,7 @@
 """The bodies `lmlab serve` reads, checked and tokenized: completions and chats, and vLLM's /tokenize and /detokenize.
-The server runs the parsers off its event loop in stages: `read_*` (JSON and field names), `render_chat` (the template,
-in a lane of its own), then `parse_request` or `tokenize_request`."""
+The server runs the parsers off its event loop in stages: `read_request` (JSON, field names, a chat's turns; with
+/tokenize's flags, `read_tokenize`), `render_chat` (the template, in a lane of its own), then `parse_request` or
+`tokenize_request`."""
 
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ class Body:
     turns: list[tuple[str, str]] | None = None
 
 
-def read_fields(names: list[str], raw: bytes, endpoint: str) -> dict[str, Any]:
-    """A body of `endpoint` (of openai_api.FIELDS): a JSON object of the fields it takes, for a model served here."""
+def read_request(names: list[str], raw: bytes, endpoint: str) -> Body:
+    """A body of `endpoint` (of openai_api.FIELDS): a JSON object of the fields it takes, for a model served here; the
+    messages of a chat, or of /tokenize's, as turns."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -103,13 +105,7 @@ def read_fields(names: list[str], raw: bytes, endpoint: str) -> dict[str, Any]:
         raise ApiError(400, "the request body must be a JSON object.")
     check_fields(body, endpoint)
     check_model(body.get("model"), names)
-    return body
-
-
-def read_request(names: list[str], raw: bytes, chat: bool) -> Body:
-    """A completion or chat body: JSON, the fields this endpoint takes, the model, a chat's messages."""
-    body = read_fields(names, raw, "chat" if chat else "completions")
-    return Body(body, chat_messages(body.get("messages")) if chat else None)
+    return Body(body, chat_messages(body.get("messages")) if endpoint == "chat" or "messages" in body else None)
 
 
 def render_chat(served: Served, turns: list[tuple[str, str]]) -> ChatPrompt:
@@ -157,7 +153,8 @@ def fitting(served: Served, ids: list[int]) -> list[int]:
 
 
 def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None) -> Request:
-    """A body read by `read_request` checked and its prompts tokenized; a chat's as `render_chat` rendered it."""
+    """A completion or chat body read by `read_request` checked and its prompts tokenized; a chat's as `render_chat`
+    rendered it."""
     chat, fields, special = body.turns is not None, body.fields, True
     if chat:
         assert rendered is not None, "a chat is parsed as render_chat rendered it"
@@ -185,7 +182,8 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
 def read_tokenize(names: list[str], raw: bytes) -> Body:
     """vLLM's /tokenize body: `prompt` (a string) or `messages` (a chat, rendered as /v1/chat/completions renders
     it), and its flags."""
-    body = read_fields(names, raw, "tokenize")
+    read = read_request(names, raw, "tokenize")
+    body = read.fields
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "/tokenize takes `prompt` (a string) or `messages` (a chat), one of them.", "prompt")
     flags = {name: body_field(body, name, FLAG, default) for name, default in
@@ -196,8 +194,7 @@ def read_tokenize(names: list[str], raw: bytes) -> Body:
                        "true and `continue_final_message` false.", "add_generation_prompt", "unsupported")
     if "prompt" in body and not isinstance(body["prompt"], str):
         raise ApiError(400, f"`prompt` must be a string, got {type(body['prompt']).__name__}.", "prompt")
-    turns = chat_messages(body["messages"]) if "messages" in body else None
-    return Body({"prompt": body.get("prompt"), **flags}, turns)
+    return Body({"prompt": body.get("prompt"), **flags}, read.turns)
 
 
 def tokenize_request(served: Served, body: Body, rendered: ChatPrompt | None = None) -> bytes:
@@ -213,7 +210,7 @@ def tokenize_request(served: Served, body: Body, rendered: ChatPrompt | None = N
 
 def detokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
     """vLLM's /detokenize: `tokens` (ids of this model's vocabulary) to {prompt: their text}."""
-    body = read_fields(names, raw, "detokenize")
+    body = read_request(names, raw, "detokenize").fields
     tokens, vocab = body.get("tokens"), served.run.tokenizer.vocab_size
     if not isinstance(tokens, list) or not all(whole(t) and 0 <= t < vocab for t in tokens):
         raise ApiError(400, f"`tokens` must be a list of token ids from 0 to {vocab - 1}.", "tokens")

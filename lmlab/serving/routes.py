@@ -185,7 +185,7 @@ def add_completion_routes(app: Any, state: State) -> None:
                 release(state, self.answer)
 
     async def answer(http: HttpRequest, chat: bool) -> Any:
-        request = await parsed(http, state, read_request, parse_request, chat)
+        request = await parsed(http, state, read_request, parse_request, "chat" if chat else "completions")
         pending = Answer(request, http.scope.setdefault("lmlab", {}),
                          lambda token: state.loaded.run.tokenizer.decode([token]), state.metrics.tokens)
         try:

@@ -51,7 +51,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--served-model-name lists a name twice ({' '.join(names)}); give each once.")
     options = ServeOptions(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_batch,
                            args.max_queue, args.max_body_bytes, args.compile, args.threads, args.quantize)
-    options.check()
     startup = None
 
     def begin(state: State) -> None:  # once the port answers: torch and the model load behind it

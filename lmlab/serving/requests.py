@@ -1,6 +1,6 @@
 """The bodies `lmlab serve` reads, checked and tokenized: completions and chats, and vLLM's /tokenize and /detokenize.
-The server runs the parsers off its event loop in stages: `read_request` (JSON, field names, a chat's turns; with
-/tokenize's flags, `read_tokenize`), `render_chat` (the template, in a lane of its own), then `parse_request` or
+The server runs the parsers off its event loop in stages: `read_request` (JSON, field names, a chat's turns; for
+/tokenize, `read_tokenize`), `render_chat` (the template, in a lane of its own), then `parse_request` or
 `tokenize_request`."""
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ class Body:
 
 
 def read_request(names: list[str], raw: bytes, endpoint: str) -> Body:
-    """A body of `endpoint` (of openai_api.FIELDS): a JSON object of the fields it takes, for a model served here; the
-    messages of a chat, or of /tokenize's, as turns."""
+    """A body of `endpoint` (of openai_api.FIELDS): a JSON object of the fields it takes, for a model served here; a
+    chat's messages as turns."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -105,7 +105,7 @@ def read_request(names: list[str], raw: bytes, endpoint: str) -> Body:
         raise ApiError(400, "the request body must be a JSON object.")
     check_fields(body, endpoint)
     check_model(body.get("model"), names)
-    return Body(body, chat_messages(body.get("messages")) if endpoint == "chat" or "messages" in body else None)
+    return Body(body, chat_messages(body.get("messages")) if endpoint == "chat" else None)
 
 
 def render_chat(served: Served, turns: list[tuple[str, str]]) -> ChatPrompt:
@@ -182,8 +182,7 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
 def read_tokenize(names: list[str], raw: bytes) -> Body:
     """vLLM's /tokenize body: `prompt` (a string) or `messages` (a chat, rendered as /v1/chat/completions renders
     it), and its flags."""
-    read = read_request(names, raw, "tokenize")
-    body = read.fields
+    body = read_request(names, raw, "tokenize").fields
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "/tokenize takes `prompt` (a string) or `messages` (a chat), one of them.", "prompt")
     flags = {name: body_field(body, name, FLAG, default) for name, default in
@@ -194,7 +193,8 @@ def read_tokenize(names: list[str], raw: bytes) -> Body:
                        "true and `continue_final_message` false.", "add_generation_prompt", "unsupported")
     if "prompt" in body and not isinstance(body["prompt"], str):
         raise ApiError(400, f"`prompt` must be a string, got {type(body['prompt']).__name__}.", "prompt")
-    return Body({"prompt": body.get("prompt"), **flags}, read.turns)
+    turns = chat_messages(body["messages"]) if "messages" in body else None  # once it is known to be the one given
+    return Body({"prompt": body.get("prompt"), **flags}, turns)
 
 
 def tokenize_request(served: Served, body: Body, rendered: ChatPrompt | None = None) -> bytes:
@@ -208,10 +208,9 @@ def tokenize_request(served: Served, body: Body, rendered: ChatPrompt | None = N
                        "token_strs": strings}).encode()
 
 
-def detokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
-    """vLLM's /detokenize: `tokens` (ids of this model's vocabulary) to {prompt: their text}."""
-    body = read_request(names, raw, "detokenize").fields
-    tokens, vocab = body.get("tokens"), served.run.tokenizer.vocab_size
+def detokenize_request(served: Served, body: Body, rendered: None = None) -> dict[str, Any]:
+    """vLLM's /detokenize: `tokens` (ids of this model's vocabulary) to {prompt: their text}; nothing is rendered."""
+    tokens, vocab = body.fields.get("tokens"), served.run.tokenizer.vocab_size
     if not isinstance(tokens, list) or not all(whole(t) and 0 <= t < vocab for t in tokens):
         raise ApiError(400, f"`tokens` must be a list of token ids from 0 to {vocab - 1}.", "tokens")
     return {"prompt": served.run.tokenizer.decode(list(map(int, tokens)))}

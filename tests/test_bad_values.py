@@ -101,10 +101,12 @@ ROWS = [
     Row("serve {run}", "--port", int, ("zero",), beyond=("65536",)),  # 0: a free port
     Row("serve {run}", "--max-tokens-cap", int),
     Row("serve {run}", "--max-batch", int), Row("serve {run}", "--max-queue", int, ("zero",)),
-    Row("serve {run}", "--max-body-bytes", int), Row("serve {run}", "--max-connections", int),
-    Row("serve {run}", "--max-client-connections", int),
-    Row("serve {run}", "--header-timeout", float), Row("serve {run}", "--body-timeout", float),
-    Row("serve {run}", "--idle-timeout", float), Row("serve {run}", "--threads", int, ("zero",)),
+    Row("serve {run}", "--max-body-bytes", int, beyond=("1023",)),  # at least 1 KiB
+    Row("serve {run}", "--max-connections", int, beyond=("1000001",)),
+    Row("serve {run}", "--max-client-connections", int, beyond=("1000001",)),
+    *[Row("serve {run}", option, float, beyond=("86401",))  # at most a day
+      for option in ("--header-timeout", "--body-timeout", "--idle-timeout")],
+    Row("serve {run}", "--threads", int, ("zero",)),
     Row("serve {run}", "--drain-seconds", float, ("zero",)),
     Row("serve {run}", "--served-model-name", int, CLASSES),  # a name: every one of these is a valid one
     Row("sample {run}", "--num-samples", int),

@@ -60,7 +60,7 @@ def test_a_char_shakespeare_lower_cased_to_28_characters_in_one_command_and_prom
                     max_prompt_chars=32, empty_prompt=document_start(loaded.tokenizer))
     prompt = "ROMEO!!! WHERE??? 1,2,3... Où, JULIET?!"
     request = parse_request(served, read_request(["run"], json.dumps({"model": "run", "prompt": prompt}).encode(),
-                                                 chat=False))
+                                                 "completions"))
     assert request.prompts == [tokenizer.encode("romeo where  o juliet")]  # lower-cased, `ù` not kept
 
 

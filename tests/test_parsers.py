@@ -67,7 +67,7 @@ def served(imported_gpt2) -> Served:
 
 def parsed(served: Served, raw: bytes, chat: bool) -> Request:
     """A body through the server's stages, one after another (the server runs each in a lane)."""
-    body = read_request(["gpt2"], raw, chat)
+    body = read_request(["gpt2"], raw, "chat" if chat else "completions")
     return parse_request(served, body, render_chat(served, body.turns) if chat else None)
 
 

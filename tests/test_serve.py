@@ -20,6 +20,7 @@ from lmlab.evals.judge import judge_answers, parse_score
 from lmlab.inference.generate import Batch, TextStream, decode_dtype
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher, Job, QueueFull
+from lmlab.serving.requests import Request
 from tests.helpers import ALPACA_TINY, LMLAB, Server, post, refusing_port
 
 openai = pytest.importorskip("openai")
@@ -166,7 +167,7 @@ def test_a_request_beyond_the_queue_is_refused_and_a_cancelled_one_leaves(sft_ru
     batch = Batch(run.model, run.tokenizer, 1, decode_dtype(run.device, run.dtype, False), past_eot=True)
     decoding, go_on = threading.Event(), threading.Event()
     params = [SamplingParams(max_new_tokens=64, temperature=0)]
-    first = Job([0], params)
+    first = Job(Request([[0]], params))
 
     def publish(news, at) -> None:  # the first job's client reads its first piece and then holds the batcher
         if any(job is first for job, _ in news):
@@ -176,10 +177,10 @@ def test_a_request_beyond_the_queue_is_refused_and_a_cancelled_one_leaves(sft_ru
     batcher = Batcher(batch, 1, publish)
     batcher.submit(first)
     assert decoding.wait(30)
-    second = Job([0], params)
+    second = Job(Request([[0]], params))
     batcher.submit(second)  # waits for the one row
     with pytest.raises(QueueFull):
-        batcher.submit(Job([0], params))
+        batcher.submit(Job(Request([[0]], params)))
     assert batcher.load() == (1, 1)
     batcher.cancel(second)  # left the queue at once
     assert batcher.load() == (1, 0)

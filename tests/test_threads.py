@@ -435,6 +435,7 @@ def test_the_server_hears_a_load_that_arrives_mid_serve_and_health_reports_its_t
     from lmlab.core.config import SamplingParams
     from lmlab.serving import startup
     from lmlab.serving.batcher import Job
+    from lmlab.serving.requests import Request
     from lmlab.serving.state import ServeOptions, State
     from lmlab.serving.streaming import Relay
 
@@ -458,7 +459,7 @@ def test_the_server_hears_a_load_that_arrives_mid_serve_and_health_reports_its_t
         assert state.served is not None, state.failure
         assert state.threads == 2
         load["others"] = 0.5
-        job = Job([0], [SamplingParams(max_new_tokens=8, temperature=0)], owner=None)
+        job = Job(Request([[0]], [SamplingParams(max_new_tokens=8, temperature=0)]))
         state.served.batcher.submit(job)
         deadline = time.monotonic() + 60
         while not job.choices or job.choices[0].finish_reason is None:

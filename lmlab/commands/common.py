@@ -85,15 +85,16 @@ def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpars
 # Types of the numeric options that go straight to a function (those of a dataclass, e.g. SamplingParams or
 # PrepareOptions, are checked by it): a bad value is refused by argparse, in one line, before anything loads.
 
-def count(low: int = 1) -> Callable[[str], int]:
-    """A whole number from `low` to 2**53."""
+def count(low: int = 1, high: int = MAX_COUNT) -> Callable[[str], int]:
+    """A whole number from `low` to `high` (2**53 unless given)."""
     def whole_number(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or not low <= value <= MAX_COUNT:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to 2**53")
+        if value is None or not low <= value <= high:
+            most = "2**53" if high == MAX_COUNT else f"{high:,}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {most}")
         return value
     return whole_number
 

@@ -21,7 +21,6 @@ from lmlab.commands.common import (
     count,
     destination,
     port,
-    positive,
     samplings,
     within,
 )
@@ -52,7 +51,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--served-model-name lists a name twice ({' '.join(names)}); give each once.")
     options = ServeOptions(Path(args.run), args.checkpoint, args.device, args.max_tokens_cap, args.max_batch,
                            args.max_queue, args.max_body_bytes, args.compile, args.threads, args.quantize)
-    options.check()
     startup = None
 
     def begin(state: State) -> None:  # once the port answers: torch and the model load behind it
@@ -135,17 +133,18 @@ def add_edge_limits(p: argparse.ArgumentParser) -> None:
     from lmlab.serving.edge import ServeLimits
 
     d = ServeLimits()
-    p.add_argument("--max-connections", type=count(), default=d.max_connections,
+    connections, seconds = count(1, 1_000_000), within(0, 86_400, above=True)  # at most a day
+    p.add_argument("--max-connections", type=connections, default=d.max_connections,
                    help="connections open at once; one more closes the oldest idle one, or gets HTTP 503 when every "
                    "one has a request under way")
-    p.add_argument("--max-client-connections", type=count(), default=d.max_client_connections,
+    p.add_argument("--max-client-connections", type=connections, default=d.max_client_connections,
                    help="connections open at once from one address, counted as --max-connections (raise it behind a "
                    "proxy, whose clients share its address)")
-    p.add_argument("--header-timeout", type=positive, default=d.header_timeout,
+    p.add_argument("--header-timeout", type=seconds, default=d.header_timeout,
                    help="seconds a request's headers may take to arrive whole, however slowly they come")
-    p.add_argument("--body-timeout", type=positive, default=d.body_timeout,
+    p.add_argument("--body-timeout", type=seconds, default=d.body_timeout,
                    help="seconds a request's body may take to arrive; then HTTP 408")
-    p.add_argument("--idle-timeout", type=positive, default=d.idle_timeout,
+    p.add_argument("--idle-timeout", type=seconds, default=d.idle_timeout,
                    help="seconds a kept-alive connection may wait for its next request, or an answer for its reader")
 
 
@@ -161,7 +160,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="choices decoded together in one batch; requests join it as rows free up")
     p.add_argument("--max-queue", type=count(0), default=64,
                    help="requests waiting for the batch; one more gets HTTP 429 with Retry-After")
-    p.add_argument("--max-body-bytes", type=count(), default=1_000_000,
+    p.add_argument("--max-body-bytes", type=count(1024), default=1_000_000,
                    help="largest request body; a larger one gets HTTP 413 unread")
     add_edge_limits(p)
     add_compile(p, default=True, why="built in the background at the first start of a checkpoint (a minute or "

@@ -13,10 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lmlab.core.config import SamplingParams
-
 if TYPE_CHECKING:  # the server imports this module before torch, to answer while the model loads
     from lmlab.inference.generate import Batch, Continuation
+    from lmlab.serving.requests import Request
 
 # (choice index, text piece, finish reason once it ended)
 Event = tuple[int, str, str | None]
@@ -29,25 +28,26 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request: its prompt, one SamplingParams per choice, and who waits for its events (`owner`); a request with a
-    list of prompts gives each choice its own (`prompts`)."""
+    """One request (its prompts, one SamplingParams per choice, the log-probabilities asked for) and who waits for
+    its events (`owner`)."""
 
-    prompt: list[int]
-    params: list[SamplingParams]
+    request: Request
     owner: Any = None
     choices: list[Continuation] = field(default_factory=list)
     batch: Batch | None = None  # the batch its choices decode in, once admitted
     cancelled: bool = False
-    prompts: list[list[int]] | None = None
-    logprobs: int | None = None
-    echo: bool = False
-    generate: bool = True
+
+    @property
+    def rows(self) -> int:
+        """Rows of the batch it holds, one per choice."""
+        return len(self.request.params)
 
     def start(self) -> list[Event]:
         """Add every choice to its batch; the events of those that ended at once (nothing to generate)."""
         assert self.batch is not None, "a job starts once admitted to a batch"
-        self.choices = [self.batch.add(self.prompts[i] if self.prompts else self.prompt, params, self.logprobs,
-                                       self.echo, self.generate) for i, params in enumerate(self.params)]
+        request = self.request  # choice i continues prompt i // n
+        self.choices = [self.batch.add(request.prompts[i // request.n], params, request.logprobs, request.echo,
+                                       request.generate) for i, params in enumerate(request.params)]
         return [(i, "", c.finish_reason) for i, c in enumerate(self.choices) if c.finish_reason is not None]
 
 
@@ -101,17 +101,17 @@ class Batcher:
     def load(self) -> tuple[int, int]:
         """Rows held by running requests, and requests waiting."""
         with self.wake:
-            return sum(len(job.params) for job in self.running), len(self.waiting)
+            return sum(job.rows for job in self.running), len(self.waiting)
 
     def _free(self) -> int:
         """Rows of the current batch no running job holds (a job holds a row per choice until it ends)."""
-        return self.batch.capacity - sum(len(job.params) for job in self.running if job.batch is self.batch)
+        return self.batch.capacity - sum(job.rows for job in self.running if job.batch is self.batch)
 
     def _queued(self) -> int:
         """Waiting jobs that the free rows cannot take, first come first served."""
         free = self._free()
         for i, job in enumerate(self.waiting):
-            free -= len(job.params)
+            free -= job.rows
             if free < 0:
                 return len(self.waiting) - i
         return 0
@@ -129,7 +129,7 @@ class Batcher:
                 aborted = list(self.waiting) if self.aborting else []
                 self.waiting = deque() if self.aborting else self.waiting
                 admitted = []
-                while self.waiting and self._free() >= len(self.waiting[0].params):
+                while self.waiting and self._free() >= self.waiting[0].rows:
                     admitted.append(self.waiting.popleft())
                     admitted[-1].batch = self.batch
                     self.running.append(admitted[-1])
@@ -144,7 +144,7 @@ class Batcher:
     def _step(self, gone: list[Job], admitted: list[Job], aborted: list[Job]) -> None:
         for job in gone:
             self._end(job)
-        news: dict[Job, list[Event]] = {job: [(i, "", ABORT) for i in range(len(job.params))] for job in aborted}
+        news: dict[Job, list[Event]] = {job: [(i, "", ABORT) for i in range(job.rows)] for job in aborted}
         for job in admitted:
             if ended := job.start():
                 news[job] = ended

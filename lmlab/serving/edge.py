@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,24 +22,13 @@ from lmlab.serving.openai_api import ApiError
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one connection may take; each checked in `__post_init__` (option names in the messages)."""
+    """What one connection may take; each bounded by its option's type (lmlab.commands.serve.add_edge_limits)."""
 
     max_connections: int = 256  # open at once; one more closes an idle one, or gets 503
     max_client_connections: int = 64  # open at once from one address (a proxy's clients share one: raise it)
     header_timeout: float = 10.0  # seconds for a request's headers to be whole
     body_timeout: float = 30.0  # seconds for its body to arrive
     idle_timeout: float = 5.0  # seconds a kept-alive connection may wait for a request, or a reader stall
-
-    def __post_init__(self) -> None:
-        for option in ("max_connections", "max_client_connections"):
-            if not 1 <= getattr(self, option) <= 1_000_000:
-                raise UserError(f"--{option.replace('_', '-')} is {getattr(self, option)}; it must be from 1 to "
-                                "1,000,000.")
-        for option in ("header_timeout", "body_timeout", "idle_timeout"):
-            value = getattr(self, option)
-            if not (math.isfinite(value) and 0 < value <= 86_400):
-                raise UserError(f"--{option.replace('_', '-')} is {value}; it must be a number of seconds above 0 and "
-                                "at most a day (86400).")
 
 
 LINGER = 2.0  # seconds a refused connection is read, its bytes dropped, before it is closed

@@ -1,6 +1,7 @@
 """The bodies `lmlab serve` reads, checked and tokenized: completions and chats, and vLLM's /tokenize and /detokenize.
-The server runs the parsers off its event loop in stages: `read_*` (JSON and field names), `render_chat` (the template,
-in a lane of its own), then `parse_request` or `tokenize_request`."""
+The server runs the parsers off its event loop in stages: `read_request` (JSON, field names, a chat's turns; for
+/tokenize, `read_tokenize`), `render_chat` (the template, in a lane of its own), then `parse_request` or
+`tokenize_request`."""
 
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ class Request:
 
     prompts: list[list[int]]
     params: list  # SamplingParams, one per choice
-    stream: bool
-    include_usage: bool
-    chat: bool
+    stream: bool = False
+    include_usage: bool = False
+    chat: bool = False
     texts: list[str] = field(default_factory=list)  # each prompt as text (echoed with `echo`)
     logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
     echo: bool = False
@@ -88,8 +89,9 @@ class Body:
     turns: list[tuple[str, str]] | None = None
 
 
-def read_fields(names: list[str], raw: bytes, endpoint: str) -> dict[str, Any]:
-    """A body of `endpoint` (of openai_api.FIELDS): a JSON object of the fields it takes, for a model served here."""
+def read_request(names: list[str], raw: bytes, endpoint: str) -> Body:
+    """A body of `endpoint` (of openai_api.FIELDS): a JSON object of the fields it takes, for a model served here; a
+    chat's messages as turns."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -103,13 +105,7 @@ def read_fields(names: list[str], raw: bytes, endpoint: str) -> dict[str, Any]:
         raise ApiError(400, "the request body must be a JSON object.")
     check_fields(body, endpoint)
     check_model(body.get("model"), names)
-    return body
-
-
-def read_request(names: list[str], raw: bytes, chat: bool) -> Body:
-    """A completion or chat body: JSON, the fields this endpoint takes, the model, a chat's messages."""
-    body = read_fields(names, raw, "chat" if chat else "completions")
-    return Body(body, chat_messages(body.get("messages")) if chat else None)
+    return Body(body, chat_messages(body.get("messages")) if endpoint == "chat" else None)
 
 
 def render_chat(served: Served, turns: list[tuple[str, str]]) -> ChatPrompt:
@@ -157,7 +153,8 @@ def fitting(served: Served, ids: list[int]) -> list[int]:
 
 
 def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None) -> Request:
-    """A body read by `read_request` checked and its prompts tokenized; a chat's as `render_chat` rendered it."""
+    """A completion or chat body read by `read_request` checked and its prompts tokenized; a chat's as `render_chat`
+    rendered it."""
     chat, fields, special = body.turns is not None, body.fields, True
     if chat:
         assert rendered is not None, "a chat is parsed as render_chat rendered it"
@@ -185,7 +182,7 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
 def read_tokenize(names: list[str], raw: bytes) -> Body:
     """vLLM's /tokenize body: `prompt` (a string) or `messages` (a chat, rendered as /v1/chat/completions renders
     it), and its flags."""
-    body = read_fields(names, raw, "tokenize")
+    body = read_request(names, raw, "tokenize").fields
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "/tokenize takes `prompt` (a string) or `messages` (a chat), one of them.", "prompt")
     flags = {name: body_field(body, name, FLAG, default) for name, default in
@@ -196,7 +193,7 @@ def read_tokenize(names: list[str], raw: bytes) -> Body:
                        "true and `continue_final_message` false.", "add_generation_prompt", "unsupported")
     if "prompt" in body and not isinstance(body["prompt"], str):
         raise ApiError(400, f"`prompt` must be a string, got {type(body['prompt']).__name__}.", "prompt")
-    turns = chat_messages(body["messages"]) if "messages" in body else None
+    turns = chat_messages(body["messages"]) if "messages" in body else None  # once it is known to be the one given
     return Body({"prompt": body.get("prompt"), **flags}, turns)
 
 
@@ -211,10 +208,9 @@ def tokenize_request(served: Served, body: Body, rendered: ChatPrompt | None = N
                        "token_strs": strings}).encode()
 
 
-def detokenize_request(served: Served, names: list[str], raw: bytes) -> dict[str, Any]:
-    """vLLM's /detokenize: `tokens` (ids of this model's vocabulary) to {prompt: their text}."""
-    body = read_fields(names, raw, "detokenize")
-    tokens, vocab = body.get("tokens"), served.run.tokenizer.vocab_size
+def detokenize_request(served: Served, body: Body, rendered: None = None) -> dict[str, Any]:
+    """vLLM's /detokenize: `tokens` (ids of this model's vocabulary) to {prompt: their text}; nothing is rendered."""
+    tokens, vocab = body.fields.get("tokens"), served.run.tokenizer.vocab_size
     if not isinstance(tokens, list) or not all(whole(t) and 0 <= t < vocab for t in tokens):
         raise ApiError(400, f"`tokens` must be a list of token ids from 0 to {vocab - 1}.", "tokens")
     return {"prompt": served.run.tokenizer.decode(list(map(int, tokens)))}

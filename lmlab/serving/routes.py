@@ -136,8 +136,7 @@ def add_token_routes(app: Any, state: State) -> None:
 
     @app.post("/detokenize")
     async def detokenize(http: HttpRequest) -> Any:
-        raw = await read_body(http, state.loaded.max_body_bytes, state.edge.body_timeout)
-        return await in_lane(http, state.parse, len(raw), detokenize_request, state.loaded, state.names, raw)
+        return await parsed(http, state, read_request, detokenize_request, "detokenize")
 
 
 async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) -> Any:
@@ -185,7 +184,7 @@ def add_completion_routes(app: Any, state: State) -> None:
                 release(state, self.answer)
 
     async def answer(http: HttpRequest, chat: bool) -> Any:
-        request = await parsed(http, state, read_request, parse_request, chat)
+        request = await parsed(http, state, read_request, parse_request, "chat" if chat else "completions")
         pending = Answer(request, http.scope.setdefault("lmlab", {}),
                          lambda token: state.loaded.run.tokenizer.decode([token]), state.metrics.tokens)
         try:

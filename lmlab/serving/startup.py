@@ -31,7 +31,6 @@ from lmlab.inference.generate import Batch, decode_dtype, decoding_only, documen
 from lmlab.inference.quantize import state_dtype
 from lmlab.inference.steps import CAPTURES, StepChoice, build_step, choose_step
 from lmlab.model.memory import check_decoding
-from lmlab.run.checkpoint import step_folders
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher
 from lmlab.serving.requests import Served
@@ -92,7 +91,7 @@ class Startup:
                 state.log(f"lmlab serve: {note}")
             state.threads = Machine(run.device, run.dtype, chooser).start().threads
             self.threads = Heard(chooser, self._threads_changed)  # a load that comes or goes mid-serve is heard
-            folder = served_folder(run)
+            folder = run.run.checkpoint(str(run.step))  # the loaded step's, whatever best or latest points to now
             # As sample and answer do; a step compiled from int8 weights (--quantize) is kept as a float one is, and
             # until it is built the server decodes eagerly from the same int8 weights.
             choice = self.choice = choose_step(run.model, run.device, options.compile, options.quantize)
@@ -222,10 +221,3 @@ def chat_rendering(run: LoadedRun) -> str:
         return "the model's chat template"
     fmt = run.prompt_format
     return f"the {fmt.name} prompt format" if fmt else "a plain role: content transcript"
-
-
-def served_folder(run: LoadedRun) -> Path:
-    for folder in step_folders(run.run.checkpoints):
-        if int(folder.name.removeprefix("step_")) == run.step:
-            return folder
-    raise UserError(f"{run.run.path}'s step {run.step} checkpoint was removed while it loaded; start again.")

@@ -32,7 +32,7 @@ def say(line: str) -> None:
 
 @dataclass
 class ServeOptions:
-    """What `lmlab serve` is asked to serve, and how."""
+    """What `lmlab serve` is asked to serve, and how; a thread count or a run it cannot take is refused as made."""
 
     run: Path
     checkpoint: str = "best"
@@ -45,10 +45,8 @@ class ServeOptions:
     threads: int = 0  # CPU threads of the decode step; 0: chosen, one fewer than the cores at most (serving.startup)
     quantize: str = "none"  # the weights' format it decodes from (lmlab.inference.quantize)
 
-    def check(self) -> None:
-        # The other counts are bounded by their argparse types (lmlab.commands.serve); a body below 1 KiB is not.
-        if self.max_body_bytes < 1024:
-            raise UserError(f"--max-body-bytes is {self.max_body_bytes}; it must be at least 1024.")
+    def __post_init__(self) -> None:
+        # The counts are bounded by their argparse types (lmlab.commands.serve).
         check_threads("--threads", self.threads)
         if not (self.run / "config.toml").is_file():  # said before the port opens (RunDir.config's words)
             raise UserError(f"{self.run} is not an lmlab run (no config.toml); pass a directory made by "

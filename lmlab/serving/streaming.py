@@ -62,10 +62,7 @@ class Answer:
     def __init__(self, request: Request, stats: dict[str, Any], piece: Callable[[int], str],
                  on_tokens: Callable[[bool, int, float], None]):
         n = request.n
-        per_choice = [request.prompts[i // n] for i in range(len(request.params))]
-        self.job = Job(request.prompts[0], request.params, owner=self,
-                       prompts=per_choice if len(request.prompts) > 1 else None, logprobs=request.logprobs,
-                       echo=request.echo, generate=request.generate)
+        self.job = Job(request, owner=self)
         self.request, self.piece = request, piece  # piece: a token's text, for log-probabilities
         self.stats = stats  # the request's log line; "started" is when it arrived
         # Told of each step's tokens: whether they are the first, how many, and the seconds since the request's

@@ -85,13 +85,14 @@ def _evaluate(loaded: LoadedRun, options: Options, kept: dict[str, Any] | None) 
     (`RunSummary.evaluation`) is reused, a new one is announced with its size, and its time once its first batches
     are timed (`_foretold`), with its progress."""
     name = f"{loaded.run.path} ({checkpoint_label(loaded.checkpoint, loaded.step)})"
+    kept = {**kept, "cached": True} if kept else None
     try:
         tokens, cached = evaluation_cost(loaded)
     except UserError as err:  # e.g. its dataset is not on this machine: an earlier evaluation of the weights may be
-        return ({**kept, "cached": True}, "") if kept else (None, str(err))
+        return (kept, "") if kept else (None, str(err))
     if cached or (kept and not options.evaluate):
         options.say(f"{name}: reusing its kept full-split evaluation.")
-        return (evaluate_run(loaded, fresh=False) if cached else {**kept, "cached": True}), ""
+        return (evaluate_run(loaded, fresh=False) if cached else kept), ""
     if not options.evaluate:
         return None, "not evaluated (`lmlab report --no-eval`); `lmlab eval RUN` evaluates it"
     with options.track("window", f"Evaluating {name} on its full val split ({tokens:,} tokens; --no-eval skips it)"

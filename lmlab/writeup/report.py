@@ -95,8 +95,8 @@ def _evaluate(loaded: LoadedRun, options: Options, kept: dict[str, Any] | None) 
         return (evaluate_run(loaded, fresh=False) if cached else kept), ""
     if not options.evaluate:
         return None, "not evaluated (`lmlab report --no-eval`); `lmlab eval RUN` evaluates it"
-    with options.track("window", f"Evaluating {name} on its full val split ({tokens:,} tokens; --no-eval skips it)"
-                       ) as tick:
+    title = f"Evaluating {name} on its full val split ({tokens:,} tokens; --no-eval skips it)"
+    with options.track("window", title) as tick:
         return evaluate_run(loaded, fresh=False, progress=_foretold(options.say, name, tick)), ""
 
 

@@ -143,8 +143,7 @@ def _sample_one(args: argparse.Namespace, params: SamplingParams) -> None:
     else:
         pieces = run.sample(args.prompt, stream=True, **how)
     for piece in pieces:  # printed as it is generated, as `serve` streams it
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        print(piece, end="", flush=True)
     print()
     _say_speed(run.decoded)
 

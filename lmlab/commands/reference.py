@@ -129,13 +129,9 @@ def signature(func: Any, name: str) -> str:
         if param.kind is param.KEYWORD_ONLY and not star:
             parts.append("*")
         star = star or param.kind in (param.KEYWORD_ONLY, param.VAR_POSITIONAL)
-        stars = "*" if param.kind is param.VAR_POSITIONAL else "**" if param.kind is param.VAR_KEYWORD else ""
-        text = stars + param.name
-        if param.annotation is not param.empty:
-            text += f": {param.annotation}"
-        if param.default is not param.empty:
-            text += f" = {param.default!r}" if param.annotation is not param.empty else f"={param.default!r}"
-        parts.append(text)
+        # inspect's own form of a parameter (`*args`, `name: type = default`), but its annotation, kept as text
+        # (`from __future__ import annotations`), unquoted
+        parts.append(str(param).replace(repr(param.annotation), str(param.annotation), 1))
     returns = inspect.signature(func).return_annotation
     arrow = "" if returns in (inspect.Signature.empty, None, "None") else f" -> {returns}"
     line = f"{name}({', '.join(parts)}){arrow}"

@@ -135,23 +135,20 @@ UNUSED = {"imported": ("data", "train")}  # the sections a run of a kind holds d
 
 def _differences(facts: list[RunFacts]) -> str:
     """The config settings the runs differ in, leaving out what a run never used (an import never trained)."""
-    flat = [{f"{section}.{key}": value for section, keys in to_dict(f.config).items() for key, value in keys.items()
+    # Each setting as the config file writes it (true, not True).
+    flat = [{f"{section}.{key}": str(value).lower() if isinstance(value, bool) else str(value)
+             for section, keys in to_dict(f.config).items() for key, value in keys.items()
              if section not in UNUSED.get(f.run.kind(), ())} for f in facts]
     unused = [set(UNUSED.get(f.run.kind(), ())) for f in facts]
-    keys = sorted({k for d in flat for k in d if len({repr(other.get(k)) for other, skip in zip(flat, unused)
+    keys = sorted({k for d in flat for k in d if len({other.get(k) for other, skip in zip(flat, unused)
                                                       if k.partition(".")[0] not in skip}) > 1})
     imported = [f"`{f.name}`" for f in facts if f.run.kind() == "imported"]
     left_out = f" ({', '.join(imported)} imported: its [data] and [train] left out, never used)" if imported else ""
     if not keys:
         return f"The runs share every config setting{left_out}: they differ only in how they ran."
-    shown = "; ".join(f"`{k}` {' / '.join(_value(d.get(k, '-')) for d in flat)}" for k in keys[:MAX_KEYS])
+    shown = "; ".join(f"`{k}` {' / '.join(d.get(k, '-') for d in flat)}" for k in keys[:MAX_KEYS])
     more = f"; and {len(keys) - MAX_KEYS} more" if len(keys) > MAX_KEYS else ""
     return f"The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)}{left_out} (in run order): {shown}{more}."
-
-
-def _value(value: Any) -> str:
-    """A setting as the config file writes it (true, not True)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:

@@ -48,7 +48,7 @@ class Options:
     checkpoint: str = "best"
     evaluate: bool = True
     say: Callable[[str], None] = lambda _: None
-    track: Track | None = None
+    track: Track = lambda unit, title: nullcontext(lambda done, total: None)
     grid: tuple[list[str], list[float]] | None = None
     chat: bool = False  # in the grid, runs with a chat template or prompt format are asked in it
 
@@ -67,7 +67,7 @@ def gather(path: Path, options: Options) -> RunFacts:
         return facts
     facts.checkpoint = loaded.checkpoint
     facts.fell_back = loaded.checkpoint != checkpoint_name(options.checkpoint)
-    facts.evaluation, facts.not_evaluated = _evaluate(loaded, options)
+    facts.evaluation, facts.not_evaluated = _evaluate(loaded, options, facts.summary.evaluation)
     options.say(f"Sampling {path} ({checkpoint_label(loaded.checkpoint, loaded.step)}): "
                 f"{options.params.max_new_tokens} tokens at most...")
     if options.grid is not None:
@@ -80,31 +80,27 @@ def gather(path: Path, options: Options) -> RunFacts:
     return facts
 
 
-def _evaluate(loaded: LoadedRun, options: Options) -> tuple[dict[str, Any] | None, str]:
-    """The full-split evaluation of a loaded checkpoint and, when there is none, why: a kept one is reused, a new
-    one is announced with its size, and its time once its first batches are timed (`_foretold`), with its
-    progress."""
+def _evaluate(loaded: LoadedRun, options: Options, kept: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """The full-split evaluation of a loaded checkpoint and, when there is none, why: the one `kept` for its weights
+    (`RunSummary.evaluation`) is reused, a new one is announced with its size, and its time once its first batches
+    are timed (`_foretold`), with its progress."""
     name = f"{loaded.run.path} ({checkpoint_label(loaded.checkpoint, loaded.step)})"
-    kept = [r for r in loaded.run.evaluations() if r.get("weights_sha256") == loaded.weights_sha256
-            and r.get("max_tokens") is None]
+    kept = {**kept, "cached": True} if kept else None
     try:
         tokens, cached = evaluation_cost(loaded)
     except UserError as err:  # e.g. its dataset is not on this machine: an earlier evaluation of the weights may be
-        return ({**kept[-1], "cached": True}, "") if kept else (None, str(err))
+        return (kept, "") if kept else (None, str(err))
     if cached or (kept and not options.evaluate):
         options.say(f"{name}: reusing its kept full-split evaluation.")
-        return (evaluate_run(loaded, fresh=False) if cached else {**kept[-1], "cached": True}), ""
+        return (evaluate_run(loaded, fresh=False) if cached else kept), ""
     if not options.evaluate:
         return None, "not evaluated (`lmlab report --no-eval`); `lmlab eval RUN` evaluates it"
     title = f"Evaluating {name} on its full val split ({tokens:,} tokens; --no-eval skips it)"
-    if options.track is None:
-        options.say(title + "...")
-    with options.track("window", title) if options.track else nullcontext(None) as tick:
+    with options.track("window", title) as tick:
         return evaluate_run(loaded, fresh=False, progress=_foretold(options.say, name, tick)), ""
 
 
-def _foretold(say: Callable[[str], None], name: str, tick: Callable[[int, int], None] | None = None
-              ) -> Callable[[int, int], None]:
+def _foretold(say: Callable[[str], None], name: str, tick: Callable[[int, int], None]) -> Callable[[int, int], None]:
     """A progress callback that says once, at the end of the evaluation's second batch (the first warms it up), how
     long the rest will take at that batch's pace: measured on the run as it is evaluated now, where a guess from its
     training speed was off by twice either way (other threads, batch and load than its training had)."""
@@ -116,8 +112,7 @@ def _foretold(say: Callable[[str], None], name: str, tick: Callable[[int, int], 
             (then, before), (now, _) = marks
             rest = (total - done) * (now - then) / (done - before)
             say(f"{name}: about {format_duration(rest)} more, at the pace of its second batch of windows")
-        if tick:
-            tick(done, total)
+        tick(done, total)
     return progress
 
 

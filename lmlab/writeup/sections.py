@@ -241,10 +241,9 @@ def _final(f: RunFacts) -> str:
 def _predicted(f: RunFacts) -> str:
     """The val `--size auto` predicted, against the val reached (the final score where the run has one), and why it
     chose the size."""
-    sized = f.of("sizing")
-    if not sized or sized[0].get("predicted_val") is None:
+    if f.summary.predicted_val is None:
         return "-"
-    e, val = sized[0], f.summary.reached
+    e, val = f.of("sizing")[0], f.summary.reached
     reached = "" if val is None else f", {100 * (e['predicted_val'] / val - 1):+.1f}% against the {val:.4f} reached"
     beyond = ", fewer or more tokens than the fit's runs: extrapolated" if e.get("extrapolated") else ""
     return (f"{e['predicted_val']:.4f}{reached} ({e['shape']}: {e['tokens_per_sec']:,.0f} tokens/s measured, "

@@ -31,14 +31,13 @@ from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import MIN_STEPS, BudgetRefused, Plan, plan
 from lmlab.train.optim import optimizer_of
 from lmlab.train.timing import (
-    MAX_STEPS,
-    TIMED_SECONDS,
     Timing,
     checkpoint_bytes,
     recall_config,
     refuse_untimed,
     time_config,
     time_plot,
+    timing_seconds,
 )
 
 SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
@@ -70,8 +69,7 @@ class Speed:
             return recall_config(cfg, model, self.machine) or time_config(cfg, self.machine, deadline)
         step = gpu_step_time(cfg, self.gpu.name, self.gpu.peak.dtype, compiled=False)
         batch = step.evaluation / max(1, cfg.train.eval_iters)  # one batch of each split
-        # what `time_step` would spend there: a plot, a warm-up step, an evaluation's batch, the timed steps
-        cost = time_plot() + step.seconds + batch + max(step.seconds, min(TIMED_SECONDS, MAX_STEPS * step.seconds))
+        cost = time_plot() + timing_seconds(step.seconds, batch / 2)  # what `time_step` would spend there
         self.foretold += cost
         return Timing(0, step.seconds, batch, time_plot(), checkpoint_bytes(model.num_params(), cfg.train), cost)
 
@@ -200,7 +198,7 @@ class Search:
         left = TIMING_SHARE * self.budget - low.timing.cost
         for c in reversed(larger):
             step = low.step_seconds * c.step_flops / low.step_flops
-            if step * 4 / 3 + max(step, min(TIMED_SECONDS, MAX_STEPS * step)) > left:  # a warm-up, a batch, steps
+            if timing_seconds(step, step / 3) > left:  # an evaluation's batch a forward of a step
                 c.note = (f"not timed: about {step:.2f} s a step, too long to time in this budget (the timing of sizes "
                           f"may take {TIMING_SHARE:.0%} of it)")
             elif self.trainable(c):

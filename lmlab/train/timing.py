@@ -173,6 +173,12 @@ def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree
                   full=bool(times))
 
 
+def timing_seconds(step: float, batch: float) -> float:
+    """What `time_step` takes besides its plot, of a `step` of seconds and an evaluation's `batch` of one split: a
+    warm-up step, the batch, and the timed steps (TIMED_SECONDS of them, one at least, MAX_STEPS at most)."""
+    return step + batch + max(step, min(TIMED_SECONDS, MAX_STEPS * step))
+
+
 def checkpoint_bytes(params: int, train: TrainConfig) -> int:
     """What a checkpoint of `params` parameters writes: fp32 weights and the optimizer's state."""
     weights = 4 * params
@@ -195,8 +201,7 @@ def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, flops_per
     intervals = (train.eval_steps(meta["train"]["tokens"], tokens), train.checkpoint_interval)
     step = flops_per_step / most
     forward = step / 3 / train.grad_accum_steps
-    timed_steps = max(step, min(TIMED_SECONDS, MAX_STEPS * step))
-    least = Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed_steps)
+    least = Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), timing_seconds(step, forward))
     try:
         plan(train.budget_seconds, spent + least.cost, least.costs(), train, intervals,
              windows_in(meta, "val", cfg.model.block_size))

@@ -152,10 +152,9 @@ class Search:
     def candidate(self, depth: int) -> Candidate:
         cfg = self.family.config(depth, self.fit)
         model = shape_of(cfg)
-        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-        intervals = (cfg.train.eval_steps(self.unique, tokens), cfg.train.checkpoint_interval)
         return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.multiplied_params(), model.flops_per_token(), tokens, cfg, model, intervals)
+                         model.multiplied_params(), model.flops_per_token(), cfg.tokens_per_step, cfg, model,
+                         cfg.intervals(self.unique))
 
     def weighable(self, c: Candidate) -> bool:
         """Whether `c` can be weighed: predicted by the fit, fitting memory, and its FLOPs leaving the budget room

@@ -196,9 +196,8 @@ def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, flops_per
     FLOPs, on both splits), no plot, and the least the timing itself takes: a warm-up step, an evaluation's batch and
     the timed steps."""
     train, (most, peak) = cfg.train, ceiling
-    tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
-    flops_per_step = flops_per_token * tokens
-    intervals = (train.eval_steps(meta["train"]["tokens"], tokens), train.checkpoint_interval)
+    flops_per_step = flops_per_token * cfg.tokens_per_step
+    intervals = cfg.intervals(meta["train"]["tokens"])
     step = flops_per_step / most
     forward = step / 3 / train.grad_accum_steps
     least = Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), timing_seconds(step, forward))

@@ -52,11 +52,8 @@ class Candidate:
 
     depth: int
     shape: str
-    width: int
     params: int
     multiplied: int  # the weights that multiply every token: the fit's N
-    flops_per_token: float
-    tokens_per_step: int
     config: RunConfig  # the family's at this depth (`Family.config`), made once
     model: LanguageModel  # its model on the meta device, no memory: its sizes, and the path its attention would take
     intervals: tuple[int, int]  # the steps between its evaluations, its checkpoints
@@ -75,7 +72,7 @@ class Candidate:
 
     @property
     def step_flops(self) -> float:
-        return self.flops_per_token * self.tokens_per_step
+        return self.model.flops_per_token() * self.config.tokens_per_step
 
     @property
     def threads(self) -> int:
@@ -83,14 +80,14 @@ class Candidate:
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.tokens_per_step
+        return self.steps * self.config.tokens_per_step
 
     @property
     def tokens_per_sec(self) -> float:
-        return self.tokens_per_step / self.step_seconds if self.step_seconds else 0.0
+        return self.config.tokens_per_step / self.step_seconds if self.step_seconds else 0.0
 
     def record(self) -> dict[str, Any]:
-        return {"depth": self.depth, "shape": self.shape, "width": self.width, "params": self.params,
+        return {"depth": self.depth, "shape": self.shape, "width": self.config.model.n_embd, "params": self.params,
                 "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
                 "how": self.timing.how if self.timing else None, "steps": self.steps, "tokens": self.tokens,
                 "passes": round(self.passes, 2),
@@ -130,9 +127,8 @@ class Search:
     def candidate(self, depth: int) -> Candidate:
         cfg = self.family.config(depth, self.fit)
         model = shape_of(cfg)
-        return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.multiplied_params(), model.flops_per_token(), cfg.tokens_per_step, cfg, model,
-                         cfg.intervals(self.unique))
+        return Candidate(depth, self.family.describe(depth), model.num_params(), model.multiplied_params(), cfg,
+                         model, cfg.intervals(self.unique))
 
     def weighable(self, c: Candidate) -> bool:
         """Whether `c` can be weighed: predicted by the fit, fitting memory, and its FLOPs leaving the budget room
@@ -153,7 +149,7 @@ class Search:
         """Whether `c` could train MIN_STEPS steps after its timing, its steps no faster than their FLOPs at the most a
         step computes here (`refuse_untimed`); else `refused` names the budget it needs."""
         try:
-            refuse_untimed(c.config, self.meta, self.spent(), c.flops_per_token, c.params, self.ceiling)
+            refuse_untimed(c.config, self.meta, self.spent(), c.model, self.ceiling)
         except BudgetRefused as refused:
             c.note = f"not timed: at least {refused.least.step_seconds:.3g} s a step, {MIN_STEPS} do not fit the budget"
             c.refused = str(refused)
@@ -167,7 +163,8 @@ class Search:
             batch = step.evaluation / max(1, c.config.train.eval_iters)  # one batch of each split
             cost = time_plot() + timing_seconds(step.seconds, batch / 2)  # what `time_step` would spend there
             self.foretold += cost
-            c.timing = Timing(0, step.seconds, batch, time_plot(), checkpoint_bytes(c.params, c.config.train), cost)
+            bytes_written = checkpoint_bytes(c.params, c.config.train)
+            c.timing = Timing(0, step.seconds, batch, time_plot(), bytes_written, cost)
             return
         try:
             c.timing = recall_config(c.config, c.model, self.machine) or \

@@ -36,7 +36,7 @@ from lmlab.experiments.size_search import PRICED, TIMING_SHARE
 from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from lmlab.train.timing import Timing, timing_key
+from lmlab.train.timing import Timing, timing_key, timing_seconds
 from tests.helpers import LMLAB, ROOT, a_machine, cpu_ticks, meta_reads, run_cli, wait_until, write_config, write_fit
 
 
@@ -522,7 +522,7 @@ DEMO = ROOT / "configs" / "shakespeare-char-modern-cpu.toml"
 
 def timing_cost(step: float) -> float:
     """What `time_step` spends on a step of `step` seconds: a warm-up step, an evaluation's batch, the timed steps."""
-    return step * 4 / 3 + max(step, min(size_search.TIMED_SECONDS, size_search.MAX_STEPS * step))
+    return timing_seconds(step, step / 3)
 
 
 def demo_preset(tmp_path: Path, char_dataset: Path, monkeypatch, budget: float) -> tuple[Path, object]:

@@ -232,7 +232,7 @@ def plan_budget(args: argparse.Namespace) -> None:
         console.print(f"note: {note}", style="yellow", highlight=False)
     console.print(sizing.line() if size == "auto" else f"{sizing.chosen.shape}: {sizing.outlook()}", highlight=False)
     c = sizing.chosen
-    _budget_table(target, sizing.config, (c.tokens_per_sec, sizing.speed), c.steps * c.tokens_per_step,
+    _budget_table(target, sizing.config, (c.tokens_per_sec, sizing.speed), c.tokens,
                   c.steps * c.step_seconds, args.budget)
     console.print(f"The budget as planned: {sizing.spending()}.", highlight=False)
 
@@ -250,18 +250,18 @@ def _plan_shape(target: Path, cfg: Any, started: float, machine: Any, budget: st
     from lmlab.train.timing import refuse_untimed, time_config
 
     meta = read_meta(Path(cfg.data.dataset))
-    model = shape_of(cfg)  # its FLOPs alone may refuse it, as train's: before it is timed
-    refuse_untimed(cfg, meta, time.perf_counter() - started + SET_UP, model.flops_per_token(), model.num_params(),
+    # its FLOPs alone may refuse it, as train's: before it is timed
+    refuse_untimed(cfg, meta, time.perf_counter() - started + SET_UP, shape_of(cfg),
                    step_ceiling(machine.device, machine.dtype))
     with console.status("Timing its steps..."):
         timing = time_config(cfg, machine, deadline=started + cfg.train.budget_seconds - SET_UP)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-    intervals = (cfg.train.eval_steps(meta["train"]["tokens"], tokens_per_step), cfg.train.checkpoint_interval)
+    intervals = cfg.intervals(meta["train"]["tokens"])
     made = plan(cfg.train.budget_seconds, time.perf_counter() - started + SET_UP, timing.costs(), cfg.train, intervals,
                 windows_in(meta, "val", cfg.model.block_size))
     threads = f"{timing.threads} thread{'s' * (timing.threads > 1)}"
-    rate = (tokens_per_step / timing.step, f"measured here, {threads}, as training runs")
-    _budget_table(target, cfg, rate, made.max_iters * tokens_per_step, made.max_iters * made.step_seconds, budget)
+    rate = (cfg.tokens_per_step / timing.step, f"measured here, {threads}, as training runs")
+    _budget_table(target, cfg, rate, made.max_iters * cfg.tokens_per_step, made.max_iters * made.step_seconds,
+                  budget)
     console.print(Budget(made, intervals).describe(cfg.train), highlight=False)
 
 

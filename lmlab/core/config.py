@@ -384,6 +384,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig | None = None  # set in fine-tuned runs only
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.train.grad_accum_steps * self.model.block_size
+
+    def intervals(self, split_tokens: int) -> tuple[int, int]:
+        """The steps between its evaluations and between its checkpoints, over a train split of `split_tokens`."""
+        return self.train.eval_steps(split_tokens, self.tokens_per_step), self.train.checkpoint_interval
+
 
 @dataclass(frozen=True)
 class SamplingParams:

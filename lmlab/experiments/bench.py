@@ -262,9 +262,8 @@ def eval_cost(cfg: RunConfig, ms_per_step: float, machine: Machine) -> dict[str,
     estimate_loss(forward, tokens, cfg.model.block_size, tc.batch_size, 1, 0, device, dtype)  # warm up
     eval_seconds = sum(timed(partial(estimate_loss, forward, tokens, cfg.model.block_size, tc.batch_size,
                                      tc.eval_iters, split, device, dtype), device) for split in range(2))
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.model.block_size
     split_tokens = 0 if tc.passes_per_eval is None else read_meta(Path(cfg.data.dataset))["train"]["tokens"]
     # the steps between evaluations: eval_interval without passes_per_eval
-    train_seconds = tc.eval_steps(split_tokens, tokens_per_step) * ms_per_step / 1000
+    train_seconds = cfg.intervals(split_tokens)[0] * ms_per_step / 1000
     return {"eval_seconds": eval_seconds, "share": eval_seconds / (eval_seconds + train_seconds),
             "max_eval_iters_under_5pct": int(0.05 / 0.95 * train_seconds * tc.eval_iters / eval_seconds)}

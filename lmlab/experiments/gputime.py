@@ -332,5 +332,5 @@ def run_seconds(cfg: RunConfig, step: StepTime, steps: float, split_tokens: int 
     if tc.passes_per_eval is not None and not split_tokens:
         raise UserError(f"train.eval_interval {tc.eval_interval!r} counts passes over the train split, which is not "
                         f"prepared here ({cfg.data.dataset}); prepare it, or give the interval in steps.")
-    interval = tc.eval_steps(split_tokens or 0, tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)
+    interval = cfg.intervals(split_tokens or 0)[0]
     return steps * step.seconds, math.ceil(steps / interval) * step.evaluation, step.compile

@@ -117,8 +117,8 @@ class Miniseries:
     def __init__(self, preset: Path, series: Series, folder: Path, device: str, console: Console):
         self.series, self.folder, self.device, self.console = series, folder, device, console
         self.family = Family.of(with_vocab(load_config(preset)), str(preset))
-        tc = self.family.preset.train  # a family's sizes keep the preset's batch and context
-        self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * self.family.preset.model.block_size
+        # a family's sizes keep the preset's batch and context
+        self.tokens_per_step = self.family.preset.tokens_per_step
         self.done, self.points = 0, dict[Path, dict[str, Any]]()  # the runs by folder, each trained once
         # each depth's weights that multiply every token: the fit's N
         self.params = {d: shape_of(self.family.config(d)).multiplied_params() for d in series.depths}

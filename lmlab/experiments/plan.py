@@ -204,8 +204,7 @@ def estimate(hardware: Hardware, mfu: float | None, cfg: RunConfig, runs: list[P
     if row in PEAK_TFLOPS:  # a datasheet GPU, --gpu or this machine's
         compiled = cfg.train.compile is not False  # "auto" compiles on CUDA
         step = gpu_step_time(cfg, row, peak.dtype, compiled)
-        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-        implied = tokens / step.seconds * shape_of(cfg).flops_per_token() / peak.flops
+        implied = cfg.tokens_per_step / step.seconds * shape_of(cfg).flops_per_token() / peak.flops
         return Estimate(hardware, implied, peak.flops, assumed(row, peak.dtype, compiled), step)
     return Estimate(hardware, DEFAULT_MFU, peak.flops, "assumed; --mfu sets it")
 
@@ -224,7 +223,7 @@ def make_plan(cfg: RunConfig, rate: tuple[float, str], tokens: int | None = None
     how often it repeats its data; `step`, a GPU time model's step, adds its evaluations to the wall time."""
     model = shape_of(cfg)
     params = model.num_params()
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
+    tokens_per_step = cfg.tokens_per_step
     if chinchilla:
         tokens, source = CHINCHILLA_TOKENS_PER_PARAM * params, "20 tokens per parameter (Chinchilla)"
     elif not tokens:

@@ -3,7 +3,7 @@ each depth the fit predicts (its sizes, and up to EXTRAPOLATION times its larges
 budget hold it (`Search.trainable`), its steps planned as a budget plans them (lmlab.train.budget) and its val loss
 predicted by the fit kept beside the preset, L(N, D), at the new tokens its passes over the train split are worth.
 
-Each size's speed by one rule, not a search: the smallest and the largest of those depths are timed (`Speed`: read
+Each size's speed by one rule, not a search: the smallest and the largest of those depths are timed (`Search.time`: read
 back where this machine timed them before), each between is priced on the line through their steps' times against
 their FLOPs (a step is a fixed cost, the host's, and its FLOPs at a rate), and the depth of the lowest predicted val
 is chosen; where it lies between them it is timed too (and where its own timing makes another better, that one), so
@@ -31,57 +31,18 @@ from lmlab.model.memory import MemoryRefused, check_training
 from lmlab.train.budget import MIN_STEPS, BudgetRefused, Plan, plan
 from lmlab.train.optim import optimizer_of
 from lmlab.train.timing import (
-    MAX_STEPS,
-    TIMED_SECONDS,
     Timing,
     checkpoint_bytes,
     recall_config,
     refuse_untimed,
     time_config,
     time_plot,
+    timing_seconds,
 )
 
 SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
 TIMING_SHARE = 0.1  # of the budget, the timing of the sizes may take at most (read back too: what it took then)
 PRICED = "priced"  # a size's `how` where its speed is the line through the timed sizes'
-
-
-class Speed:
-    """How fast a size trains: read back where this machine timed it before (`recall_config`), else timed on
-    `machine` now (`time_config`), or foretold for the datasheet GPU `gpu` (lmlab.experiments.plan.gpu_hardware) by
-    the step model (lmlab.experiments.gputime, an eager step as a timing's), no step measured: a preview from another
-    machine. `foretold` sums what the foretold timings would take on that GPU, which the run would spend and this
-    process does not."""
-
-    def __init__(self, machine: Machine, gpu: Hardware | None = None):
-        self.machine, self.gpu = machine, gpu
-        self.foretold = 0.0
-
-    def ceiling(self) -> tuple[float, Peak]:
-        """The most FLOP/s a step computes there (lmlab.core.peak.step_ceiling)."""
-        if self.gpu:
-            return STEP_CEILING * self.gpu.peak.flops, self.gpu.peak
-        return step_ceiling(self.machine.device, self.machine.dtype)
-
-    def time(self, cfg: RunConfig, model: LanguageModel, deadline: float) -> Timing:
-        """`cfg`'s timing (`model`: its model on the meta device), a step that shows the budget ending by `deadline`
-        (a time.perf_counter() reading) cutting it short."""
-        if self.gpu is None:
-            return recall_config(cfg, model, self.machine) or time_config(cfg, self.machine, deadline)
-        step = gpu_step_time(cfg, self.gpu.name, self.gpu.peak.dtype, compiled=False)
-        batch = step.evaluation / max(1, cfg.train.eval_iters)  # one batch of each split
-        # what `time_step` would spend there: a plot, a warm-up step, an evaluation's batch, the timed steps
-        cost = time_plot() + step.seconds + batch + max(step.seconds, min(TIMED_SECONDS, MAX_STEPS * step.seconds))
-        self.foretold += cost
-        return Timing(0, step.seconds, batch, time_plot(), checkpoint_bytes(model.num_params(), cfg.train), cost)
-
-    def says(self, threads: int) -> str:
-        """How the speed was had, for the sizing's line."""
-        if gpu := self.gpu:
-            return f"foretold for {gpu.name} by its datasheet: an eager {gpu.peak.dtype} step, nothing timed"
-        if self.machine.device.type == "cuda":
-            return f"measured on {torch.cuda.get_device_name(self.machine.device)}"
-        return f"measured on {threads} thread{'s' * (threads > 1)}"
 
 
 @dataclass
@@ -91,11 +52,8 @@ class Candidate:
 
     depth: int
     shape: str
-    width: int
     params: int
     multiplied: int  # the weights that multiply every token: the fit's N
-    flops_per_token: float
-    tokens_per_step: int
     config: RunConfig  # the family's at this depth (`Family.config`), made once
     model: LanguageModel  # its model on the meta device, no memory: its sizes, and the path its attention would take
     intervals: tuple[int, int]  # the steps between its evaluations, its checkpoints
@@ -114,7 +72,7 @@ class Candidate:
 
     @property
     def step_flops(self) -> float:
-        return self.flops_per_token * self.tokens_per_step
+        return self.model.flops_per_token() * self.config.tokens_per_step
 
     @property
     def threads(self) -> int:
@@ -122,14 +80,14 @@ class Candidate:
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.tokens_per_step
+        return self.steps * self.config.tokens_per_step
 
     @property
     def tokens_per_sec(self) -> float:
-        return self.tokens_per_step / self.step_seconds if self.step_seconds else 0.0
+        return self.config.tokens_per_step / self.step_seconds if self.step_seconds else 0.0
 
     def record(self) -> dict[str, Any]:
-        return {"depth": self.depth, "shape": self.shape, "width": self.width, "params": self.params,
+        return {"depth": self.depth, "shape": self.shape, "width": self.config.model.n_embd, "params": self.params,
                 "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
                 "how": self.timing.how if self.timing else None, "steps": self.steps, "tokens": self.tokens,
                 "passes": round(self.passes, 2),
@@ -137,27 +95,40 @@ class Candidate:
 
 
 class Search:
-    """The depths weighed for a budget, each planned from the seconds left now."""
+    """The depths weighed for a budget, each planned from the seconds left now. A size's speed is read back where
+    `machine` timed it before (`recall_config`), else timed on it now (`time_config`), or foretold for the datasheet
+    GPU `gpu` (lmlab.experiments.plan.gpu_hardware) by the step model (lmlab.experiments.gputime, an eager step as a
+    timing's), no step measured: a preview from another machine. `foretold` sums what the foretold timings would take
+    on that GPU, which the run would spend and this process does not."""
 
-    def __init__(self, family: Family, fit: SizeFit | None, budget: float, started: float, speed: Speed,
-                 meta: dict[str, Any]):
+    def __init__(self, family: Family, fit: SizeFit | None, budget: float, started: float, machine: Machine,
+                 meta: dict[str, Any], gpu: Hardware | None = None):
         self.family, self.fit, self.budget, self.started = family, fit, budget, started
-        self.speed, self.meta = speed, meta  # the dataset's meta.json
+        self.machine, self.gpu, self.meta = machine, gpu, meta  # meta: the dataset's meta.json
+        self.foretold = 0.0
         self.unique: int = meta["train"]["tokens"]  # what a pass over the train split sees: past one, repeats
-        self.ceiling: tuple[float, Peak] = speed.ceiling()
+        # the most FLOP/s a step computes there (lmlab.core.peak.step_ceiling)
+        self.ceiling: tuple[float, Peak] = (STEP_CEILING * gpu.peak.flops, gpu.peak) if gpu else \
+            step_ceiling(machine.device, machine.dtype)
         self.candidates: list[Candidate] = []
 
     def spent(self) -> float:
-        """Seconds of the budget gone: this process's, the trainer's set-up, and the timings foretold (`Speed`)."""
-        return time.perf_counter() - self.started + SET_UP + self.speed.foretold
+        """Seconds of the budget gone: this process's, the trainer's set-up, and the timings foretold."""
+        return time.perf_counter() - self.started + SET_UP + self.foretold
+
+    def says(self, threads: int) -> str:
+        """How the speed was had, for the sizing's line."""
+        if gpu := self.gpu:
+            return f"foretold for {gpu.name} by its datasheet: an eager {gpu.peak.dtype} step, nothing timed"
+        if self.machine.device.type == "cuda":
+            return f"measured on {torch.cuda.get_device_name(self.machine.device)}"
+        return f"measured on {threads} thread{'s' * (threads > 1)}"
 
     def candidate(self, depth: int) -> Candidate:
         cfg = self.family.config(depth, self.fit)
         model = shape_of(cfg)
-        tokens = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-        intervals = (cfg.train.eval_steps(self.unique, tokens), cfg.train.checkpoint_interval)
-        return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
-                         model.multiplied_params(), model.flops_per_token(), tokens, cfg, model, intervals)
+        return Candidate(depth, self.family.describe(depth), model.num_params(), model.multiplied_params(), cfg,
+                         model, cfg.intervals(self.unique))
 
     def weighable(self, c: Candidate) -> bool:
         """Whether `c` can be weighed: predicted by the fit, fitting memory, and its FLOPs leaving the budget room
@@ -168,9 +139,9 @@ class Search:
             return False
         try:
             check_training(c.config.model, c.config.train.batch_size, optimizer_of(c.config.train).state_bytes,
-                           self.speed.machine.device)
+                           self.machine.device)
         except MemoryRefused as refused:
-            c.note, c.refused = f"does not fit the memory of {self.speed.machine.device.type}", str(refused)
+            c.note, c.refused = f"does not fit the memory of {self.machine.device.type}", str(refused)
             return False
         return self.trainable(c)
 
@@ -178,7 +149,7 @@ class Search:
         """Whether `c` could train MIN_STEPS steps after its timing, its steps no faster than their FLOPs at the most a
         step computes here (`refuse_untimed`); else `refused` names the budget it needs."""
         try:
-            refuse_untimed(c.config, self.meta, self.spent(), c.flops_per_token, c.params, self.ceiling)
+            refuse_untimed(c.config, self.meta, self.spent(), c.model, self.ceiling)
         except BudgetRefused as refused:
             c.note = f"not timed: at least {refused.least.step_seconds:.3g} s a step, {MIN_STEPS} do not fit the budget"
             c.refused = str(refused)
@@ -186,11 +157,20 @@ class Search:
         return True
 
     def time(self, c: Candidate) -> None:
-        """Time `c` (or foretell it, or read it back)."""
+        """Time `c` (or foretell it, or read it back), a step that shows the budget ending cutting it short."""
+        if self.gpu is not None:
+            step = gpu_step_time(c.config, self.gpu.name, self.gpu.peak.dtype, compiled=False)
+            batch = step.evaluation / max(1, c.config.train.eval_iters)  # one batch of each split
+            cost = time_plot() + timing_seconds(step.seconds, batch / 2)  # what `time_step` would spend there
+            self.foretold += cost
+            bytes_written = checkpoint_bytes(c.params, c.config.train)
+            c.timing = Timing(0, step.seconds, batch, time_plot(), bytes_written, cost)
+            return
         try:
-            c.timing = self.speed.time(c.config, c.model, self.started + self.budget - SET_UP)
+            c.timing = recall_config(c.config, c.model, self.machine) or \
+                time_config(c.config, self.machine, self.started + self.budget - SET_UP)
         except torch.OutOfMemoryError:  # a GPU's allocator is the check there
-            c.note = f"does not fit the memory of {self.speed.machine.device.type}"
+            c.note = f"does not fit the memory of {self.machine.device.type}"
 
     def high_end(self, larger: list[Candidate], low: Candidate) -> Candidate | None:
         """The largest of `larger` whose FLOPs still let the budget hold it and whose timing, at `low`'s pace a FLOP
@@ -200,7 +180,7 @@ class Search:
         left = TIMING_SHARE * self.budget - low.timing.cost
         for c in reversed(larger):
             step = low.step_seconds * c.step_flops / low.step_flops
-            if step * 4 / 3 + max(step, min(TIMED_SECONDS, MAX_STEPS * step)) > left:  # a warm-up, a batch, steps
+            if timing_seconds(step, step / 3) > left:  # an evaluation's batch a forward of a step
                 c.note = (f"not timed: about {step:.2f} s a step, too long to time in this budget (the timing of sizes "
                           f"may take {TIMING_SHARE:.0%} of it)")
             elif self.trainable(c):
@@ -236,12 +216,12 @@ class Search:
         c.note = c.note if c.steps else c.note or "no step fits what is left of the budget"
 
 
-def search(family: Family, fit: SizeFit | None, budget: float, started: float, speed: Speed,
-           meta: dict[str, Any], depths: list[int] | None = None) -> Search:
+def search(family: Family, fit: SizeFit | None, budget: float, started: float, machine: Machine,
+           meta: dict[str, Any], depths: list[int] | None = None, gpu: Hardware | None = None) -> Search:
     """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all of
     `depths` where given, each timed, else from the smallest up to the first that the fit, memory or FLOPs rule out,
     by the rule above."""
-    found = Search(family, fit, budget, started, speed, meta)
+    found = Search(family, fit, budget, started, machine, meta, gpu)
     weighed = []
     for depth in depths or range(1, MAX_DEPTH + 1):
         c = found.candidate(depth)
@@ -250,7 +230,7 @@ def search(family: Family, fit: SizeFit | None, budget: float, started: float, s
             weighed.append(c)
         elif not depths:
             break
-    if depths or speed.gpu or len(weighed) < 2:
+    if depths or gpu or len(weighed) < 2:
         for c in weighed:
             found.time(c)
     else:

@@ -29,7 +29,7 @@ from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import with_vocab
 from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.experiments.plan import Hardware, shape_of
-from lmlab.experiments.size_search import PRICED, Candidate, Speed, search
+from lmlab.experiments.size_search import PRICED, Candidate, search
 from lmlab.train.preflight import Sized
 
 
@@ -44,7 +44,7 @@ class Sizing:
     chosen: Candidate
     config: RunConfig
     fit: str  # the fit file
-    speed: str  # how each size's speed was had (`Speed.says`)
+    speed: str  # how each size's speed was had (`Search.says`)
     split_tokens: int  # the train split's: a pass over it
     fitted_on: str = ""  # the machine the fit's runs were measured on (`fitted_on`)
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
@@ -170,16 +170,15 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, machine: Machine, 
         raise UserError(f"--size auto predicts each size's val loss from the fit kept beside the preset, and "
                         f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
                         "miniseries of short runs), or give a size by its depth (--size 4).")
-    speed = Speed(machine, gpu)
-    found = search(family, fit, budget, started, speed, meta, depths)
+    found = search(family, fit, budget, started, machine, meta, depths, gpu)
     best = found.best()
     if best is None:  # the budget's refusal of the smallest depth weighed
         smallest = found.candidates[0]
         raise UserError(f"even the smallest size of {preset} ({smallest.shape}): {smallest.refused}"
                         if smallest.refused else
                         f"budget {budget:g} s: no size of {preset} could be weighed ({smallest.note}).")
-    return Sizing(budget, time.perf_counter() - started + speed.foretold, found.candidates, best, best.config,
-                  str(fit_path(preset)), speed.says(best.threads), found.unique, fitted_on(fit) if fit else "",
+    return Sizing(budget, time.perf_counter() - started + found.foretold, found.candidates, best, best.config,
+                  str(fit_path(preset)), found.says(best.threads), found.unique, fitted_on(fit) if fit else "",
                   fit.beyond(best.tokens) if fit and best.predicted is not None else "",
                   tuple(fit_notes(preset, fit, cfg.data.dataset, meta)) if fit else (), meta)
 

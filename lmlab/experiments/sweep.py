@@ -81,8 +81,7 @@ def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: i
         cfg = load_config(config, overrides)
         if budget_tokens:
             # Equal tokens for every trial, whatever its batch shape: the step count follows from them.
-            tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.model.block_size
-            overrides.append(f"train.max_iters={max(1, round(budget_tokens / tokens_per_step))}")
+            overrides.append(f"train.max_iters={max(1, round(budget_tokens / cfg.tokens_per_step))}")
             cfg = load_config(config, overrides)
         # `learning_rate=3e-3,n_layer=4`: the field names and the values as typed, safe as a folder name
         text = ",".join(f"{key.partition('.')[2]}={value}" for key, value in chosen) or "base"

@@ -132,8 +132,8 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: 
         timing, how = given, "--size auto" + f", {READ_BACK}" * (given.how == READ_BACK)
     elif parallel.any(kept is None):
         if refuse and parallel.world_size == 1:
-            refuse_untimed(cfg, meta, time.perf_counter() - started, step.model.flops_per_token(),
-                           step.model.num_params(), step_ceiling(step.device, step.dtype))
+            refuse_untimed(cfg, meta, time.perf_counter() - started, step.model,
+                           step_ceiling(step.device, step.dtype))
         with console.status("Timing a step, as the budget is planned from it..."):
             timing = time_step(step, cfg, started + cfg.train.budget_seconds, parallel.from_main, micro)
         how = MEASURED
@@ -173,30 +173,35 @@ def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree
                   full=bool(times))
 
 
+def timing_seconds(step: float, batch: float) -> float:
+    """What `time_step` takes besides its plot, of a `step` of seconds and an evaluation's `batch` of one split: a
+    warm-up step, the batch, and the timed steps (TIMED_SECONDS of them, one at least, MAX_STEPS at most)."""
+    return step + batch + max(step, min(TIMED_SECONDS, MAX_STEPS * step))
+
+
 def checkpoint_bytes(params: int, train: TrainConfig) -> int:
     """What a checkpoint of `params` parameters writes: fp32 weights and the optimizer's state."""
     weights = 4 * params
     return weights + optimizer_of(train).state_bytes(weights, 0)
 
 
-def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, flops_per_token: float, params: int,
+def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, model: LanguageModel,
                    ceiling: tuple[float, Peak]) -> None:
     """Refuse `cfg` before it is timed (`BudgetRefused`, naming the budget it needs) where its budget's plan
     (lmlab.train.budget.plan) of the least its timing can measure fits no MIN_STEPS steps in what `spent` seconds and
-    the timing leave; `meta`: its dataset's meta.json, `flops_per_token` and `params` its model's.
+    the timing leave; `meta`: its dataset's meta.json, `model` its model (on the meta device, where not built).
 
     That least timing has its steps no faster than their FLOPs at the most a step computes here (`ceiling`,
     lmlab.core.peak.step_ceiling): its step, an evaluation's batch (a forward of a micro-batch, a third of its training
     FLOPs, on both splits), no plot, and the least the timing itself takes: a warm-up step, an evaluation's batch and
     the timed steps."""
     train, (most, peak) = cfg.train, ceiling
-    tokens = train.batch_size * train.grad_accum_steps * cfg.model.block_size
-    flops_per_step = flops_per_token * tokens
-    intervals = (train.eval_steps(meta["train"]["tokens"], tokens), train.checkpoint_interval)
+    flops_per_step = model.flops_per_token() * cfg.tokens_per_step
+    intervals = cfg.intervals(meta["train"]["tokens"])
     step = flops_per_step / most
     forward = step / 3 / train.grad_accum_steps
-    timed_steps = max(step, min(TIMED_SECONDS, MAX_STEPS * step))
-    least = Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(params, train), step + forward + timed_steps)
+    least = Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(model.num_params(), train),
+                   timing_seconds(step, forward))
     try:
         plan(train.budget_seconds, spent + least.cost, least.costs(), train, intervals,
              windows_in(meta, "val", cfg.model.block_size))

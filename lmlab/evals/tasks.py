@@ -261,7 +261,7 @@ def evaluate_task(run: LoadedRun, task: Task, limit: int | None,
         "skipped_unseen": encoded.skipped_unseen, "unseen": encoded.unseen, "skipped_long": encoded.skipped_long,
         "truncated": encoded.truncated, "seconds": time.perf_counter() - started,
     }
-    run.run.save_task_result(summary)
+    run.run.keep("tasks", summary)
     return TaskResult(summary, samples)
 
 

@@ -85,7 +85,7 @@ def _evaluate(loaded: LoadedRun, options: Options) -> tuple[dict[str, Any] | Non
     one is announced with its size, and its time once its first batches are timed (`_foretold`), with its
     progress."""
     name = f"{loaded.run.path} ({checkpoint_label(loaded.checkpoint, loaded.step)})"
-    kept = [r for r in loaded.run.evaluations() if r.get("weights_sha256") == loaded.weights_sha256
+    kept = [r for r in loaded.run.kept("results") if r.get("weights_sha256") == loaded.weights_sha256
             and r.get("max_tokens") is None]
     try:
         tokens, cached = evaluation_cost(loaded)

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from lmlab.core.config import ModelConfig
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import WriterLock
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel, setup
@@ -116,8 +117,8 @@ def test_ddp_matches_one_process_through_an_elastic_restart(tmp_path, config, si
     # Without it, a restarted worker can read its peers' addresses from the failed attempt (pytorch#135712).
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=60")], "--max-restarts=1", env=env)
-    wait_for(job, lambda: (run / "checkpoints" / "step_000010").exists() and RunDir(run).writer_pid())
-    os.kill(RunDir(run).writer_pid(), signal.SIGKILL)
+    wait_for(job, lambda: (run / "checkpoints" / "step_000010").exists() and WriterLock(run).holder_pid())
+    os.kill(WriterLock(run).holder_pid(), signal.SIGKILL)
     out = finish(job)
     assert "Resumed" in out
     assert_same(losses(run), losses(single), range(1, 61))
@@ -129,7 +130,7 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, config):
     run = tmp_path / "dies"
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=5000")])
     wait_for(job, lambda: any(e["event"] == "train" for e in RunDir(run).events()))
-    pid = RunDir(run).writer_pid()
+    pid = WriterLock(run).holder_pid()
     os.kill(pid, signal.SIGKILL)
     out = output(job)
     assert job.returncode != 0

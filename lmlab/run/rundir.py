@@ -265,9 +265,6 @@ class RunDir:
         """Whether a process holds the run's lock: it is being trained, fine-tuned or imported now."""
         return self._lock.held()
 
-    def writer_pid(self) -> int | None:
-        return self._lock.holder_pid() if self.running() else None
-
     def dataset(self) -> dict[str, Any]:
         return json_object(self.path / "dataset.json")
 

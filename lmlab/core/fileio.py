@@ -80,11 +80,8 @@ def human_bytes(count: float) -> str:
     """`512 bytes`, `3.1 MiB`, `2.0 TiB`."""
     if count < 1024:
         return f"{count:,.0f} bytes"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        count /= 1024
-        if count < 1024 or unit == "PiB":
-            return f"{count:,.1f} {unit}"
-    raise AssertionError("unreachable")
+    power = min(5, (int(count).bit_length() - 1) // 10)  # the largest power of 1024 it reaches, up to PiB
+    return f"{count / 1024**power:,.1f} {'KMGTP'[power - 1]}iB"
 
 
 def free_space(path: Path) -> str:

@@ -367,10 +367,6 @@ class WriterLock:
         except OSError:
             return None
 
-    def holder_pid(self) -> int | None:
-        text = self.holder() or ""
-        return int(text.split()[1].rstrip(":")) if text.startswith("pid ") else None
-
 
 _HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()  # the locks this process holds
 

@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 from lmlab.commands import main
 from lmlab.core import peak
 from lmlab.core.config import SamplingParams
+from lmlab.core.fileio import WriterLock
 from lmlab.core.machine import Machine
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.loader import open_tokens
@@ -762,6 +763,13 @@ def refused_process(done: subprocess.CompletedProcess, *needles: str) -> str:
 def spawn(*args, cwd: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([LMLAB, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kw)
+
+
+def writer_pid(folder: Path) -> int | None:
+    """The process that holds a run's or a dataset's lock, as its lock file names it (`pid N: COMMAND`); None
+    where none does."""
+    holder = WriterLock(folder).holder() or ""
+    return int(holder.split()[1].rstrip(":")) if holder.startswith("pid ") else None
 
 
 def wait_until(predicate, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:

@@ -36,6 +36,7 @@ from tests.helpers import (
     torchrun,
     val_losses,
     write_config,
+    writer_pid,
 )
 
 # A fixed LR schedule (lr_decay_iters), so runs of different lengths take the same first steps; two micro-batches
@@ -116,8 +117,8 @@ def test_ddp_matches_one_process_through_an_elastic_restart(tmp_path, config, si
     # Without it, a restarted worker can read its peers' addresses from the failed attempt (pytorch#135712).
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=60")], "--max-restarts=1", env=env)
-    wait_for(job, lambda: (run / "checkpoints" / "step_000010").exists() and RunDir(run).writer_pid())
-    os.kill(RunDir(run).writer_pid(), signal.SIGKILL)
+    wait_for(job, lambda: (run / "checkpoints" / "step_000010").exists() and writer_pid(run))
+    os.kill(writer_pid(run), signal.SIGKILL)
     out = finish(job)
     assert "Resumed" in out
     assert_same(losses(run), losses(single), range(1, 61))
@@ -129,7 +130,7 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, config):
     run = tmp_path / "dies"
     job = torchrun([str(config), "--run", str(run), *sets("train.max_iters=5000")])
     wait_for(job, lambda: any(e["event"] == "train" for e in RunDir(run).events()))
-    pid = RunDir(run).writer_pid()
+    pid = writer_pid(run)
     os.kill(pid, signal.SIGKILL)
     out = output(job)
     assert job.returncode != 0

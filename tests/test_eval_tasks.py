@@ -177,7 +177,7 @@ def test_task_scores_are_kept_and_shown_by_compare_runs_and_report(bpe_run, task
         assert main(["eval", str(bpe_run), "--task", str(tasks["generic"]), *limit, "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "choice 20/20 |" in out and "generic" in out and "± " in out  # a plain progress line when piped
-    kept = RunDir(bpe_run).task_results()
+    kept = RunDir(bpe_run).kept("tasks")
     assert {(r["task"], r["limit"]) for r in kept} >= {("generic", 5), ("generic", None)}
     full = [r for r in kept if r["task"] == "generic" and r["limit"] is None][-1]
     assert main(["compare", str(bpe_run), str(bpe_run), "--wide"]) == 0
@@ -199,12 +199,12 @@ def test_max_tokens_scores_a_documented_subset_kept_apart(bpe_run, capsys):
     assert main(["eval", str(bpe_run), "--max-tokens", "100", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "A subset: 2 of the split's" in out and "windows of 64 tokens, spread evenly over it (128 of" in out
-    subset = [r for r in RunDir(bpe_run).evaluations() if r["max_tokens"] == 100]
+    subset = [r for r in RunDir(bpe_run).kept("results") if r["max_tokens"] == 100]
     assert len(subset) == 1 and subset[0]["tokens"] == 128
     assert main(["eval", str(bpe_run), "--device", "cpu", "--json"]) == 0
     whole = json.loads(capsys.readouterr().out)
     assert whole["max_tokens"] is None and whole["tokens"] > 128 and whole["windows"] == whole["split_windows"]
-    assert len(RunDir(bpe_run).evaluations()) == 2  # the subset and the whole split, kept apart
+    assert len(RunDir(bpe_run).kept("results")) == 2  # the subset and the whole split, kept apart
 
 
 def test_a_checkpoint_step_is_taken_everywhere_and_a_missing_one_named(bpe_run, tmp_path, capsys):
@@ -285,7 +285,7 @@ def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained
         monkeypatch.chdir(bpe_run.parent)
         assert main(["judge", "--answers", str(answers), "--endpoint", judge.url, "--model", "fake-judge"]) == 0
         assert f"the mean is kept in run {bpe_run.name}: " in capsys.readouterr().out  # here, as named here
-        kept = RunDir(bpe_run).judgements()
+        kept = RunDir(bpe_run).kept("judgements")
         assert [(j["mean"], j["scored"], j["total"], j["judge_model"], j["step"]) for j in kept] == \
             [(87.0, 1, 3, "fake-judge", 30)]
         assert main(["compare", str(bpe_run), str(bpe_run), "--wide"]) == 0
@@ -299,7 +299,7 @@ def test_judge_scores_are_kept_in_the_answering_run_and_unscored_items_explained
         assert main(["judge", "--answers", str(refused), "--endpoint", judge.url, "--model", "fake-judge"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "judge fake-judge scored none of the 3 answers: 2 refused by the endpoint" in err[0]
-        assert len(RunDir(bpe_run).judgements()) == 1  # nothing kept of a judging that scored nothing
+        assert len(RunDir(bpe_run).kept("judgements")) == 1  # nothing kept of a judging that scored nothing
     finally:
         judge.stop()
 

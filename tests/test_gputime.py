@@ -13,7 +13,7 @@ import pytest
 from lmlab.commands import main
 from lmlab.core.config import ModelConfig
 from lmlab.core.config_toml import load_config
-from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS
+from lmlab.core.device import PEAK_TFLOPS
 from lmlab.experiments import gputime
 from lmlab.experiments.gputime import (
     COMPILE_GRAPH_SECONDS,
@@ -163,7 +163,7 @@ def test_plan_on_a_datasheet_gpu_says_what_bounds_a_step(capsys):
 
 
 def test_every_datasheet_gpu_has_its_bandwidth():
-    assert set(BANDWIDTH_GBS) == set(PEAK_TFLOPS)
+    assert all(row["GB/s"] > 0 for row in PEAK_TFLOPS.values())
 
 
 # The H100/H200 tables of docs/reference/performance.md ("On a rented GPU"): what lmlab measured on each GPU, which

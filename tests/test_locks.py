@@ -13,7 +13,17 @@ import pytest
 
 from lmlab.core.fileio import WriterLock
 from lmlab.run.rundir import RunDir
-from tests.helpers import ALPACA_TINY, copy_run, lmlab, refused_process, spawn, wait_until, write_config, write_corpus
+from tests.helpers import (
+    ALPACA_TINY,
+    copy_run,
+    lmlab,
+    refused_process,
+    spawn,
+    wait_until,
+    write_config,
+    write_corpus,
+    writer_pid,
+)
 
 
 @pytest.mark.slow
@@ -24,7 +34,7 @@ def test_a_second_writer_of_a_run_is_refused_and_the_first_is_unharmed(tmp_path,
     try:
         wait_until(lambda: (run / "checkpoints" / "step_000010").exists(), first)
         first.send_signal(signal.SIGSTOP)  # still the run's writer, without training on a core the others need
-        assert RunDir(run).writer_pid() == first.pid and RunDir(run).running()
+        assert writer_pid(run) == first.pid and RunDir(run).running()
         for args in (["train", config, "--run", run, "--set", "train.learning_rate=2e-3"],
                      ["train", "--resume", run],
                      ["finetune", run, "--data", ALPACA_TINY, "--out", run],
@@ -48,7 +58,7 @@ def test_a_second_writer_of_a_run_is_refused_and_the_first_is_unharmed(tmp_path,
 def test_a_killed_writer_leaves_no_lock_behind(tmp_path, trained):
     run = copy_run(trained, tmp_path)
     writer = spawn("train", "--resume", run, "--set", "train.max_iters=100000", "--device", "cpu", cwd=tmp_path)
-    wait_until(lambda: RunDir(run).writer_pid() == writer.pid, writer)
+    wait_until(lambda: writer_pid(run) == writer.pid, writer)
     writer.kill()  # SIGKILL: no handler runs, the lock file stays, the kernel drops the lock
     writer.wait()
     assert (tmp_path / ".run.lock").exists() and not RunDir(run).running()

@@ -38,6 +38,7 @@ from tests.helpers import (
     waits_for_lock,
     write_config,
     write_corpus,
+    writer_pid,
 )
 from tests.hosts import TwoHosts, two_hosts, wait_until
 
@@ -141,8 +142,8 @@ def held(hosts: TwoHosts, run: Path, pending: str, saved: int = 0) -> Iterator[N
     until rank 0 waits for that event, host 1 is frozen and the event rank 0 waits for let through; then rank 0
     cannot end its next step, and the lock is held again before host 1 goes on."""
     metrics = run / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and RunDir(run).writer_pid(), "the job to begin its run")
-    writer = RunDir(run).writer_pid()
+    wait_until(lambda: metrics.exists() and writer_pid(run), "the job to begin its run")
+    writer = writer_pid(run)
     lock = hold(metrics)
     try:
         wait_until(lambda: waits_for_lock(writer, metrics), "rank 0 to append an event")

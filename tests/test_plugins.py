@@ -73,7 +73,7 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
     report = (tmp_path / "report" / "report.md").read_text()
     assert code == 0, err
     assert "context vector: context-vector 2L/32 context 43" in report and "Prompt grid" in report
-    assert report.count("`killed`, temperature") == 4 and RunDir(run).evaluations()  # 2 prompts x 2 temperatures
+    assert report.count("`killed`, temperature") == 4 and RunDir(run).kept("results")  # 2 prompts x 2 temperatures
 
     # Its weights are safetensors like every kind's; export-hf, which writes transformers, says where they are.
     code, _, err = run_cli(capsys, "export-hf", run, tmp_path / "exported")

@@ -113,7 +113,7 @@ def test_the_evaluation_is_the_full_split_one_and_is_kept_in_the_run(two_runs, r
     md = (report / "report.md").read_text()
     evaluation = rows(md, "Evaluation")
     for i, path in enumerate(two_runs):
-        kept = RunDir(path).evaluations()
+        kept = RunDir(path).kept("results")
         assert len(kept) == 1
         fresh = evaluate_run(RunDir(path).load("best", "cpu"), fresh=True)
         assert fresh["loss"] == kept[0]["loss"] and fresh["weights_sha256"] == kept[0]["weights_sha256"]
@@ -121,7 +121,7 @@ def test_the_evaluation_is_the_full_split_one_and_is_kept_in_the_run(two_runs, r
         assert evaluation["perplexity"][i] == f"{fresh['perplexity']:.3f}"
         assert evaluation["next-token accuracy"][i] == f"{100 * fresh['accuracy']:.1f}%"
         assert evaluation["bits per byte"][i] == f"{fresh['bits_per_byte']:.4f}"
-        assert len(RunDir(path).evaluations()) == 1  # the fresh one replaced the same key
+        assert len(RunDir(path).kept("results")) == 1  # the fresh one replaced the same key
     assert evaluation[""] == ["evaluated now", "evaluated now"]
 
 
@@ -130,7 +130,7 @@ def test_summary_chinchilla_and_samples(two_runs, report):
     md = (report / "report.md").read_text()
     runs = [RunDir(p) for p in two_runs]
     starts, ends = [r.events()[0] for r in runs], [r.events()[-1] for r in runs]
-    losses = [r.evaluations()[0]["loss"] for r in runs]
+    losses = [r.kept("results")[0]["loss"] for r in runs]
     summary = section(md, "Summary")
     assert "`model.pos_emb` learned / rope" in summary and "`model.mlp` gelu / swiglu" in summary
     best, other = (0, 1) if losses[0] < losses[1] else (1, 0)
@@ -184,7 +184,7 @@ def test_a_run_from_before_the_machine_was_recorded_says_so(tmp_path, stable_roo
     machine = rows(md, "Machine and software")
     assert machine["CPU"] == ["not recorded"] and machine["GPU"] == ["not recorded"]
     assert machine["device, dtype"] == ["cpu, float32"]
-    assert rows(md, "Evaluation")["loss"][0] == f"{RunDir(run).evaluations()[0]['loss']:.4f}"
+    assert rows(md, "Evaluation")["loss"][0] == f"{RunDir(run).kept('results')[0]['loss']:.4f}"
     assert json.loads((run / "evaluations.json").read_text())["results"][0]["step"] == 10
 
 

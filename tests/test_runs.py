@@ -363,7 +363,7 @@ def test_an_imported_model_compares_on_its_evaluation_of_a_val_split(imported_gp
         capsys.readouterr().err
     dataset, _, _ = prepare([str(corpus_dir)], str(run), name="own", out_dir=tmp_path / "data")
     assert main(["eval", str(run), "--dataset", str(dataset)]) == 0
-    evaluation = RunDir(run).evaluations()[-1]
+    evaluation = RunDir(run).kept("results")[-1]
     capsys.readouterr()
     assert main(["compare", str(run), str(tiny_run), "--json"]) == 0
     rows = {row["run"]: row for row in json.loads(capsys.readouterr().out)["runs"]}
@@ -427,7 +427,7 @@ def test_log_of_a_run_that_logged_no_accuracy_shows_a_whole_split_eval_of_the_st
     (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in e.items() if k != "val_accuracy"}) + "\n"
                                                for e in events))
     assert main(["eval", str(run), "--checkpoint", "20"]) == 0
-    measured = RunDir(run).evaluations()[-1]
+    measured = RunDir(run).kept("results")[-1]
     capsys.readouterr()
     rows = as_json(capsys, "log", str(run))["evaluations"]
     assert [row["accuracy"] for row in rows] == [None, measured["accuracy"]]

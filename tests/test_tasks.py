@@ -220,16 +220,16 @@ def test_checkpoint_specs_and_the_refusal_of_a_missing_step(tmp_path):
 
 def _keep_many(path: str, first: int) -> None:
     for i in range(first, first + 15):
-        RunDir(path).save_task_result({"weights_sha256": "w", "task_sha256": str(i), "limit": None, "acc": i})
+        RunDir(path).keep("tasks", {"weights_sha256": "w", "task_sha256": str(i), "limit": None, "acc": i})
 
 
 def test_results_kept_by_concurrent_evaluations_are_all_kept(tmp_path):
     run = RunDir(tmp_path)
-    run.save_evaluation({"weights_sha256": "w", "val_sha256": "v", "dtype": "float32", "max_tokens": None, "loss": 1})
+    run.keep("results", {"weights_sha256": "w", "val_sha256": "v", "dtype": "float32", "max_tokens": None, "loss": 1})
     with multiprocessing.get_context("fork").Pool(2) as pool:
         pool.starmap(_keep_many, [(str(tmp_path), 0), (str(tmp_path), 100)])
-    assert sorted(r["acc"] for r in run.task_results()) == [*range(15), *range(100, 115)]
-    run.save_task_result({"weights_sha256": "w", "task_sha256": "3", "limit": None, "acc": -1})  # replaces its key
-    run.save_task_result({"weights_sha256": "w", "task_sha256": "3", "limit": 5, "acc": -5})  # a limit of its own
-    assert [r["acc"] for r in run.task_results() if r["task_sha256"] == "3"] == [-1, -5]
-    assert [r["loss"] for r in run.evaluations()] == [1]  # the other sections untouched
+    assert sorted(r["acc"] for r in run.kept("tasks")) == [*range(15), *range(100, 115)]
+    run.keep("tasks", {"weights_sha256": "w", "task_sha256": "3", "limit": None, "acc": -1})  # replaces its key
+    run.keep("tasks", {"weights_sha256": "w", "task_sha256": "3", "limit": 5, "acc": -5})  # a limit of its own
+    assert [r["acc"] for r in run.kept("tasks") if r["task_sha256"] == "3"] == [-1, -5]
+    assert [r["loss"] for r in run.kept("results")] == [1]  # the other sections untouched

@@ -26,7 +26,7 @@ def evaluations(run: RunDir) -> list[dict[str, Any]]:
     checkpoint (its checkpoint never written: a full disk, a kill) is no new best: the best the run holds is the one
     before."""
     rows, norms = [], []
-    measured = {r.get("step"): r.get("accuracy") for r in run.evaluations() if r.get("max_tokens") is None}
+    measured = {r.get("step"): r.get("accuracy") for r in run.kept("results") if r.get("max_tokens") is None}
     for event in run.events():
         if event.get("event") == "train" and isinstance(event.get("grad_norm"), (int, float)):
             norms.append(float(event["grad_norm"]))

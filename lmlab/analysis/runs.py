@@ -196,12 +196,12 @@ def kept_results(run: RunDir, checkpoint: str) -> Kept:
     weights = run.weights_sha256(checkpoint)
     if not weights:
         return {}, None, None
-    kept = [r for r in run.task_results() if r.get("weights_sha256") == weights
+    kept = [r for r in run.kept("tasks") if r.get("weights_sha256") == weights
             and isinstance(r.get("items"), int) and isinstance(r.get("task"), str)]
     # sorted is stable: of results over as many items, the newest comes last and stays
     tasks = {r["task"]: r for r in sorted(kept, key=lambda r: r["items"])}
-    judged = [j for j in run.judgements() if j.get("weights_sha256") == weights]
-    whole = [r for r in run.evaluations() if r.get("weights_sha256") == weights
+    judged = [j for j in run.kept("judgements") if j.get("weights_sha256") == weights]
+    whole = [r for r in run.kept("results") if r.get("weights_sha256") == weights
              and r.get("max_tokens") is None and isinstance(r.get("perplexity"), float)]
     return tasks, judged[-1] if judged else None, whole[-1] if whole else None
 

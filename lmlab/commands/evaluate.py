@@ -31,13 +31,6 @@ from lmlab.core.config import SamplingParams, checkpoint_label
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
 
-# What a task's result leaves out or cuts: the count of items under each key, and the sentence after it.
-TASK_NOTES = {"skipped_unseen": "item(s) skipped: their text has characters the run's char tokenizer never saw "
-                                "({unseen!r}).",
-              "skipped_long": "item(s) skipped: a choice is longer than the model's context window.",
-              "truncated": "item(s) longer than the context window: the context of a choice that does not fit was "
-                           "cut from the left, as lm-evaluation-harness does."}
-
 
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.task:
@@ -71,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import TASK_RESULT_COLUMNS
     from lmlab.api.run import used_run
-    from lmlab.evals.tasks import evaluate_task, load_task
+    from lmlab.evals.tasks import ITEM_NOTES, evaluate_task, load_task
 
     for option, why in (("max_tokens", "cuts the val split"), ("dataset", "names the val split's dataset")):
         if getattr(args, option) is not None:
@@ -96,9 +89,9 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     print_table(f"{args.run} ({checkpoint_label(run.checkpoint, run.step)}), log-likelihoods in float32",
                 TASK_RESULT_COLUMNS, [r.summary for r in results])
     for r in results:
-        for key, note in TASK_NOTES.items():
+        for key, note in ITEM_NOTES.items():
             if r.summary[key]:
-                console.print(f"{r.summary['task']}: {r.summary[key]:,} {note.format(**r.summary)}", highlight=False)
+                console.print(f"{r.summary['task']}: {r.summary[key]:,} {note.format(**r.summary)}.", highlight=False)
     if args.samples:
         console.print(f"per-item log-likelihoods: {args.samples}")
 

@@ -7,7 +7,6 @@ a file that cannot be read, is damaged, edited or written by another lmlab, or c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, locked_file, os_fix
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import json_sha256, parse_json
 
 FORMAT = 3  # 1 and 2 were peak_flops.json's and machine.json's, each a file of its own
 KEPT = 512  # entries kept, the newest: a sweep over many shapes does not grow the file without end
@@ -30,12 +29,12 @@ def cache_path() -> Path:
 def checksum(entry: dict[str, Any]) -> str:
     """An entry's `sha256`, of its other fields."""
     fields = {k: v for k, v in entry.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(fields)
 
 
 def entry_key(kind: str, key: Any) -> str:
     """The name of `kind`'s entry for `key` (what its value depends on)."""
-    return f"{kind} {hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]}"
+    return f"{kind} {json_sha256(key)[:24]}"
 
 
 def recall(kind: str, key: Any) -> Any:

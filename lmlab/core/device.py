@@ -195,43 +195,37 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 # Dense datasheet TFLOP/s by matmul dtype: float32 at the TF32 rate (lmlab enables it), GeForce at fp32 accumulation
-# (how autocast accumulates). A GPU not listed is measured instead.
+# (how autocast accumulates). A GPU not listed is measured instead. "GB/s": its datasheet memory bandwidth, what the
+# kernels that are not matmuls run at (lmlab.experiments.gputime).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H100": {"bfloat16": 989, "float16": 989, "float32": 494},  # SXM, named e.g. "H100 80GB HBM3"
-    "H100 PCIe": {"bfloat16": 756, "float16": 756, "float32": 378},
-    "H100 NVL": {"bfloat16": 835, "float16": 835, "float32": 418},
-    "H200": {"bfloat16": 989, "float16": 989, "float32": 494},
-    "H200 NVL": {"bfloat16": 835, "float16": 835, "float32": 418},
-    "GH200": {"bfloat16": 989, "float16": 989, "float32": 494},
-    "A100": {"bfloat16": 312, "float16": 312, "float32": 156},  # SXM4
-    "A100 PCIe": {"bfloat16": 312, "float16": 312, "float32": 156},
-    "A10": {"bfloat16": 125, "float16": 125, "float32": 62.5},
-    "A10G": {"bfloat16": 70, "float16": 70, "float32": 35},
-    "A40": {"bfloat16": 149.7, "float16": 149.7, "float32": 74.8},
-    "RTX A6000": {"bfloat16": 154.8, "float16": 154.8, "float32": 77.4},
-    "L4": {"bfloat16": 121, "float16": 121, "float32": 60},
-    "L40": {"bfloat16": 181, "float16": 181, "float32": 90.5},
-    "L40S": {"bfloat16": 362, "float16": 362, "float32": 183},
-    "RTX 6000 Ada": {"bfloat16": 364.2, "float16": 364.2, "float32": 182.1},
-    "RTX 3080": {"bfloat16": 59.5, "float16": 59.5, "float32": 29.8},
-    "RTX 3090": {"bfloat16": 71, "float16": 71, "float32": 35.6},
-    "RTX 3090 Ti": {"bfloat16": 80, "float16": 80, "float32": 40},
-    "RTX 4070 Ti": {"bfloat16": 80.2, "float16": 80.2, "float32": 40.1},
-    "RTX 4080": {"bfloat16": 97.5, "float16": 97.5, "float32": 48.7},
-    "RTX 4090": {"bfloat16": 165, "float16": 165, "float32": 82.6},
-    "V100": {"float16": 125, "float32": 15.7},  # SXM2
-    "V100 PCIe": {"float16": 112, "float32": 14},
-    "V100S PCIe": {"float16": 130, "float32": 16.4},
-    "T4": {"float16": 65, "float32": 8.1},
+    "H100": {"bfloat16": 989, "float16": 989, "float32": 494, "GB/s": 3350},  # SXM, named e.g. "H100 80GB HBM3"
+    "H100 PCIe": {"bfloat16": 756, "float16": 756, "float32": 378, "GB/s": 2000},
+    "H100 NVL": {"bfloat16": 835, "float16": 835, "float32": 418, "GB/s": 3900},
+    "H200": {"bfloat16": 989, "float16": 989, "float32": 494, "GB/s": 4800},
+    "H200 NVL": {"bfloat16": 835, "float16": 835, "float32": 418, "GB/s": 4800},
+    "GH200": {"bfloat16": 989, "float16": 989, "float32": 494, "GB/s": 4000},
+    "A100": {"bfloat16": 312, "float16": 312, "float32": 156, "GB/s": 2039},  # SXM4
+    "A100 PCIe": {"bfloat16": 312, "float16": 312, "float32": 156, "GB/s": 1935},
+    "A10": {"bfloat16": 125, "float16": 125, "float32": 62.5, "GB/s": 600},
+    "A10G": {"bfloat16": 70, "float16": 70, "float32": 35, "GB/s": 600},
+    "A40": {"bfloat16": 149.7, "float16": 149.7, "float32": 74.8, "GB/s": 696},
+    "RTX A6000": {"bfloat16": 154.8, "float16": 154.8, "float32": 77.4, "GB/s": 768},
+    "L4": {"bfloat16": 121, "float16": 121, "float32": 60, "GB/s": 300},
+    "L40": {"bfloat16": 181, "float16": 181, "float32": 90.5, "GB/s": 864},
+    "L40S": {"bfloat16": 362, "float16": 362, "float32": 183, "GB/s": 864},
+    "RTX 6000 Ada": {"bfloat16": 364.2, "float16": 364.2, "float32": 182.1, "GB/s": 960},
+    "RTX 3080": {"bfloat16": 59.5, "float16": 59.5, "float32": 29.8, "GB/s": 760},
+    "RTX 3090": {"bfloat16": 71, "float16": 71, "float32": 35.6, "GB/s": 936},
+    "RTX 3090 Ti": {"bfloat16": 80, "float16": 80, "float32": 40, "GB/s": 1008},
+    "RTX 4070 Ti": {"bfloat16": 80.2, "float16": 80.2, "float32": 40.1, "GB/s": 504},
+    "RTX 4080": {"bfloat16": 97.5, "float16": 97.5, "float32": 48.7, "GB/s": 717},
+    "RTX 4090": {"bfloat16": 165, "float16": 165, "float32": 82.6, "GB/s": 1008},
+    "V100": {"float16": 125, "float32": 15.7, "GB/s": 900},  # SXM2
+    "V100 PCIe": {"float16": 112, "float32": 14, "GB/s": 900},
+    "V100S PCIe": {"float16": 130, "float32": 16.4, "GB/s": 1134},
+    "T4": {"float16": 65, "float32": 8.1, "GB/s": 320},
 }
 
-# Datasheet memory bandwidth in GB/s: what the kernels that are not matmuls run at (lmlab.experiments.gputime).
-BANDWIDTH_GBS = {
-    "H100": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "H200 NVL": 4800, "GH200": 4000,
-    "A100": 2039, "A100 PCIe": 1935, "A10": 600, "A10G": 600, "A40": 696, "RTX A6000": 768, "L4": 300, "L40": 864,
-    "L40S": 864, "RTX 6000 Ada": 960, "RTX 3080": 760, "RTX 3090": 936, "RTX 3090 Ti": 1008, "RTX 4070 Ti": 504,
-    "RTX 4080": 717, "RTX 4090": 1008, "V100": 900, "V100 PCIe": 900, "V100S PCIe": 1134, "T4": 320,
-}
 
 # Name tokens that say nothing about speed. PCIe and NVL stay: those parts run at lower clocks.
 _NOISE = re.compile(r"nvidia|geforce|tesla|quadro|rtx|generation|\d+gb|hbm\w*|sxm\d*")

@@ -80,11 +80,8 @@ def human_bytes(count: float) -> str:
     """`512 bytes`, `3.1 MiB`, `2.0 TiB`."""
     if count < 1024:
         return f"{count:,.0f} bytes"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        count /= 1024
-        if count < 1024 or unit == "PiB":
-            return f"{count:,.1f} {unit}"
-    raise AssertionError("unreachable")
+    power = min(5, (int(count).bit_length() - 1) // 10)  # the largest power of 1024 it reaches, up to PiB
+    return f"{count / 1024**power:,.1f} {'KMGTP'[power - 1]}iB"
 
 
 def free_space(path: Path) -> str:
@@ -369,10 +366,6 @@ class WriterLock:
             return self.path.read_text(encoding="utf-8", errors="replace").strip() or None
         except OSError:
             return None
-
-    def holder_pid(self) -> int | None:
-        text = self.holder() or ""
-        return int(text.split()[1].rstrip(":")) if text.startswith("pid ") else None
 
 
 _HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()  # the locks this process holds

@@ -4,6 +4,7 @@ own sentence what is wrong with its file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -23,6 +24,12 @@ def parse_json(text: str) -> Any:
         raise json.JSONDecodeError("arrays or objects nested too deeply", text, 0) from None
     except ValueError as err:
         raise json.JSONDecodeError(str(err).split(";")[0], text, 0) from None
+
+
+def json_sha256(value: Any) -> str:
+    """The sha256 of a JSON value, its keys sorted (what is no JSON as its str): a digest of facts that does not
+    depend on their order, what a cache's key or a tokenizer's identity is."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, str, Any]]:

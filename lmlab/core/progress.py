@@ -165,15 +165,15 @@ class NotebookProgress(TaskLines):
 
 class LogProgress(TaskLines):
     """Tasks as plain lines for a log or a pipe: each task's line every `every` seconds while it runs, and its last
-    when it ends if it printed any (a short task prints nothing)."""
+    when it ends if it printed any (a short task prints nothing) or, with `last`, always."""
 
-    def __init__(self, console: Console, unit: str = "step", every: float = 5.0):
+    def __init__(self, console: Console, unit: str = "step", every: float = 5.0, last: bool = False):
         super().__init__(console, unit)
-        self.every = every
+        self.every, self.last = every, last
 
     def _changed(self, t: _Task, event: str) -> None:
         now = time.perf_counter()
-        last = event == "ended" and t.said and t.said_count != t.completed
+        last = event == "ended" and (t.said or self.last) and t.said_count != t.completed
         if last or (event == "updated" and now - (t.said or t.started) >= self.every):
             t.said, t.said_count = now, t.completed
             self.console.print(self.line(t), highlight=False, soft_wrap=True)
@@ -191,20 +191,16 @@ def task_lines(console: Console, unit: str, every: float = 5.0) -> NotebookProgr
 def ticking(out: Console, unit: str, title: str, every: float = 5.0) -> Iterator[Callable[[int, int], None]]:
     """A progress callback (done, total) in `unit`s that says `title` on `out` at its first call (a refusal before
     the work begins stays one line): a bar on a terminal and in a notebook, a plain line with the rate and ETA every
-    `every` seconds and at the end elsewhere (a log, a pipe), so no long step is silent."""
-    bar = progress_bar(out, unit)
+    `every` seconds and at the end elsewhere (a log, a pipe: `LogProgress`), so no long step is silent."""
     live = out.is_terminal or out.is_jupyter
-    with bar:
-        task, started, said, titled = bar.add_task(unit, total=None, info=""), time.perf_counter(), [0.0], [False]
+    with progress_bar(out, unit) if live else LogProgress(out, unit, every, last=True) as bar:
+        started = time.perf_counter()
 
         def tick(done: int, total: int) -> None:
-            now = time.perf_counter() - started
-            if not titled[0]:
+            if not bar.tasks:  # the first call: the title, then the task
                 out.print(f"{title}...", highlight=False)
-                titled[0] = True
-            if not live and done < total and now - said[0] < every:
-                return
-            said[0] = now
-            bar.update(TaskID(task), completed=done, total=total, info=f"{done / max(now, 1e-9):,.1f}/s")
+                bar.add_task(unit, total=total, info="")
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            bar.update(TaskID(0), completed=done, total=total, info=f"{rate:,.1f}/s")
 
         yield tick

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import json_sha256, parse_json
 from lmlab.data.tiktoken_bpe import tiktoken_backend
 
 EOT = "<|endoftext|>"
@@ -336,7 +335,7 @@ def _identity(raw: dict) -> str:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     specials = sorted(t["content"] for t in raw.get("added_tokens", []))
     facts = {"type": model.get("type"), "vocab": model.get("vocab"), "merges": merges, "special": specials}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+    return json_sha256(facts)
 
 
 def tokenizer_identity(path: Path) -> str:

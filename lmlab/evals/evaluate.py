@@ -115,7 +115,7 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
                  progress: Callable[[int, int], None] | None = None, fresh: bool = True,
                  max_tokens: int | None = None) -> dict[str, Any]:
     """Evaluate a run on the val split of its own dataset or of another one with the same tokenizer, and keep the
-    result in the run (`RunDir.save_evaluation`; `not_kept` says why it could not be); unless `fresh`, a kept
+    result in the run (`RunDir.keep`; `not_kept` says why it could not be); unless `fresh`, a kept
     result of the same weights on the same split (or subset) in the same dtype is returned instead (with
     `"cached": true`). With `max_tokens`, only about that many tokens are scored: whole windows of block_size
     spread evenly over the split (`spread`), kept apart from whole-split results."""
@@ -142,7 +142,7 @@ def evaluate_run(run: LoadedRun, dataset: Path | None = None, batch_size: int = 
               **key, **scores, "windows": total if windows is None else len(windows), "split_windows": total,
               "split_tokens": meta["val"]["tokens"]}
     try:
-        run.run.save_evaluation(result)
+        run.run.keep("results", result)
     except WriteError as err:  # a run folder that is read-only to this user: the result is still the result
         return {**result, "cached": False, "not_kept": err.not_kept()}
     return {**result, "cached": False}
@@ -169,7 +169,7 @@ def kept_evaluation(run: LoadedRun, key: dict[str, Any]) -> dict[str, Any] | Non
     """The newest kept evaluation matching `key` (weights, split, dtype, max_tokens), with `"cached": true`."""
     if not run.weights_sha256:
         return None
-    kept = [r for r in run.run.evaluations() if all(r.get(k) == v for k, v in key.items())]
+    kept = [r for r in run.run.kept("results") if all(r.get(k) == v for k, v in key.items())]
     return {**kept[-1], "cached": True} if kept else None
 
 

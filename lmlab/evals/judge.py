@@ -174,7 +174,7 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
 
 
 def attach(summary: JudgeSummary, answers: Path) -> str:
-    """Keep the judgement (what a run keeps of it: `RunDir.save_judgement`) in the run that answered (the answers file
+    """Keep the judgement (what a run keeps of it: `RunDir.keep`) in the run that answered (the answers file
     names it), so `runs`, `compare` and `report` show it; the run it was kept in, or why it was not."""
     runs = {item.get("run") for item in summary.items}
     if len(runs) != 1 or not isinstance(named := next(iter(runs)), str):
@@ -184,7 +184,7 @@ def attach(summary: JudgeSummary, answers: Path) -> str:
     if not (run.path / "config.toml").exists():
         return f"not kept in a run: {run.path}, which answered, is not on this machine"
     first = summary.items[0]
-    run.save_judgement({"answers": str(answers), "answers_sha256": sha256_file(answers),
+    run.keep("judgements", {"answers": str(answers), "answers_sha256": sha256_file(answers),
                         "judge_model": first["judge_model"], "mean": summary.mean, "scored": len(summary.scored),
                         "total": len(summary.items), "refused": len(summary.refused),
                         "checkpoint": first.get("checkpoint"), "step": first.get("step"),

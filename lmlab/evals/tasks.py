@@ -163,6 +163,14 @@ def hellaswag_text(text: str) -> str:
 
 # -- scoring a task with a run's model ---------------------------------------------------------------------------
 
+# What of a task's items a run left out or cut, after their count: `lmlab eval --task` says each of a result; a task
+# of which no item can be scored is refused with the first two.
+ITEM_NOTES = {"skipped_unseen": "item(s) skipped: their text has characters the run's char tokenizer never saw "
+                                "({unseen!r})",
+              "skipped_long": "item(s) skipped: a choice is longer than the model's context window",
+              "truncated": "item(s) longer than the context window: the context of a choice that does not fit was "
+                           "cut from the left, as lm-evaluation-harness does"}
+
 
 @dataclass
 class Encoded:
@@ -237,7 +245,9 @@ def evaluate_task(run: LoadedRun, task: Task, limit: int | None,
     started = time.perf_counter()
     encoded = encode_task(task, run.tokenizer, run.config.model.block_size)
     if not encoded.items:
-        raise UserError(f"no item of task {task.source} can be scored by {run.run.path}: {_left_out(encoded)}.")
+        left_out = "; ".join(f"{getattr(encoded, key):,} {ITEM_NOTES[key].format(unseen=encoded.unseen)}"
+                             for key in ("skipped_unseen", "skipped_long") if getattr(encoded, key))
+        raise UserError(f"no item of task {task.source} can be scored by {run.run.path}: {left_out}.")
     done = [0]
 
     def advance(n: int) -> None:
@@ -261,15 +271,6 @@ def evaluate_task(run: LoadedRun, task: Task, limit: int | None,
         "skipped_unseen": encoded.skipped_unseen, "unseen": encoded.unseen, "skipped_long": encoded.skipped_long,
         "truncated": encoded.truncated, "seconds": time.perf_counter() - started,
     }
-    run.run.save_task_result(summary)
+    run.run.keep("tasks", summary)
     return TaskResult(summary, samples)
 
-
-def _left_out(encoded: Encoded) -> str:
-    reasons = []
-    if encoded.skipped_unseen:
-        reasons.append(f"{encoded.skipped_unseen} item(s) have characters its char tokenizer never saw "
-                       f"({encoded.unseen!r})")
-    if encoded.skipped_long:
-        reasons.append(f"{encoded.skipped_long} item(s) have a choice longer than its context window")
-    return "; ".join(reasons)

@@ -8,8 +8,6 @@ measured on a miniseries of the family's runs on the preset's dataset.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from typing import Any
 from lmlab.analysis.scaling import LossSurface, effective_tokens
 from lmlab.core.config import RunConfig
 from lmlab.core.errors import UserError
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import json_sha256, parse_json
 
 MAX_DEPTH = 48  # the deepest member a family has (48 layers of 64 per layer: 3072 wide)
 FIT_FORMAT = 1
@@ -147,7 +145,7 @@ def fit_path(preset: Path) -> Path:
 def preset_sha256(preset: Path) -> str:
     """The sha256 of what `preset` sets (its TOML parsed, keys sorted): a comment or layout edit keeps its fit."""
     settings = tomllib.loads(Path(preset).read_text(encoding="utf-8"))
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(settings)
 
 
 # Each figure of a fit file and the range a fit can make (low, high, whether low itself is allowed), checked when

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
-from lmlab.core.device import BANDWIDTH_GBS, PEAK_TFLOPS, datasheet_peak
+from lmlab.core.device import PEAK_TFLOPS, datasheet_peak
 from lmlab.core.errors import UserError
 from lmlab.core.machine import no_graphs
 from lmlab.model import build_model
@@ -286,13 +286,13 @@ def gpu_step_time(cfg: RunConfig, row: str, dtype: str, compiled: bool, gpus: in
     """One optimizer step of `cfg` on the datasheet GPU `row` (a key of PEAK_TFLOPS), one of `gpus` under DDP, in
     autocast `dtype`, compiled or eager, its blocks replayed as CUDA graphs where the machine's rule says; one
     evaluation; and compiling."""
-    assert row in PEAK_TFLOPS and row in BANDWIDTH_GBS, row
+    assert row in PEAK_TFLOPS, row
     tc, mc = cfg.train, cfg.model
     with torch.device("meta"):
         model = build_model(mc)
     found = trace(mc)
     flops = peak_of(row, dtype) * matmul_share(row)
-    bandwidth = BANDWIDTH_GBS[row] * 1e9 * BANDWIDTH_SHARE
+    bandwidth = PEAK_TFLOPS[row]["GB/s"] * 1e9 * BANDWIDTH_SHARE
     scale = (MIXED_BYTES if dtype != "float32" else 1.0) * (COMPILE_FUSION if compiled else 1.0)
 
     def kernels(launches: float, matmuls: float) -> float:

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import ctypes
 import hashlib
-import json
 import os
 import signal
 import tempfile
@@ -31,7 +30,7 @@ from lmlab.core.config import ModelConfig
 from lmlab.core.device import machine
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import WriteError, atomic_write_text, check_writable, sha256_file
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import json_sha256, parse_json
 from lmlab.core.threads import most_threads
 from lmlab.core.version import __version__
 from lmlab.inference.decode import Step, step_logits
@@ -150,7 +149,7 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
     if device.type == "cuda":  # its kernels are built for this GPU's architecture and this CUDA: a shared cache
         facts["gpu"] = {"name": torch.cuda.get_device_name(device),  # may hold another GPU's
                         "capability": list(torch.cuda.get_device_capability(device)), "cuda": torch.version.cuda}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+    return json_sha256(facts)[:32]
 
 
 def weights_sha256(folder: Path) -> str:

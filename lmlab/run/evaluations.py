@@ -11,6 +11,11 @@ from typing import Any
 from lmlab.core.fileio import atomic_write_text, locked_file
 from lmlab.data.tokenizers import json_object
 
+# Each section's results, and the key a new result replaces an older one by: val-split evaluations (a subset's with
+# its `max_tokens`), task scores, judgements.
+KEYS = {"results": ("weights_sha256", "val_sha256", "dtype", "max_tokens"),
+        "tasks": ("weights_sha256", "task_sha256", "limit"), "judgements": ("answers_sha256", "judge_model")}
+
 
 def kept(run: Path, section: str) -> list[dict[str, Any]]:
     """The results of `section`, oldest first; none where the file is missing or not of this shape."""
@@ -18,9 +23,9 @@ def kept(run: Path, section: str) -> list[dict[str, Any]]:
     return [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
 
 
-def keep(run: Path, section: str, result: dict[str, Any], key: tuple[str, ...]) -> None:
-    """Add `result` to `section` in place of one of the same `key`, the other sections left as they are."""
+def keep(run: Path, section: str, result: dict[str, Any]) -> None:
+    """Add `result` to `section` in place of one of the same key (`KEYS`), the other sections left as they are."""
     with locked_file(run / ".evaluations.lock"):
-        others = [r for r in kept(run, section) if any(r.get(k) != result.get(k) for k in key)]
+        others = [r for r in kept(run, section) if any(r.get(k) != result.get(k) for k in KEYS[section])]
         sections = {**json_object(run / "evaluations.json"), section: [*others, result]}
         atomic_write_text(run / "evaluations.json", json.dumps(sections, indent=1))

@@ -21,8 +21,8 @@ from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
 from lmlab.data.tokenizers import Tokenizer, json_object
 from lmlab.run import checkpoint as ckpt
+from lmlab.run import evaluations
 from lmlab.run.chat import ChatTemplate
-from lmlab.run.evaluations import keep, kept
 from lmlab.run.events import as_json, peak_fields, read_events
 from lmlab.run.prompt import PromptFormat
 
@@ -251,32 +251,19 @@ class RunDir:
         """The metrics events (the first `limit` of them): `lmlab.run.events.read_events`."""
         return read_events(self._metrics, limit)
 
-    def evaluations(self) -> list[dict[str, Any]]:
-        """The val-split evaluations kept in evaluations.json, oldest first (`max_tokens` set for a subset's)."""
-        return kept(self.path, "results")
+    def kept(self, section: str) -> list[dict[str, Any]]:
+        """The results of a section of evaluations.json, oldest first: val-split evaluations ("results", a subset's
+        with `max_tokens`), task scores ("tasks") or judgements ("judgements")."""
+        return evaluations.kept(self.path, section)
 
-    def task_results(self) -> list[dict[str, Any]]:
-        return kept(self.path, "tasks")
-
-    def judgements(self) -> list[dict[str, Any]]:
-        return kept(self.path, "judgements")
-
-    def save_evaluation(self, result: dict[str, Any]) -> None:
-        """Keep a val-split evaluation in place of an older one of the same weights, split, subset and dtype."""
-        keep(self.path, "results", result, ("weights_sha256", "val_sha256", "dtype", "max_tokens"))
-
-    def save_task_result(self, result: dict[str, Any]) -> None:
-        keep(self.path, "tasks", result, ("weights_sha256", "task_sha256", "limit"))
-
-    def save_judgement(self, result: dict[str, Any]) -> None:
-        keep(self.path, "judgements", result, ("answers_sha256", "judge_model"))
+    def keep(self, section: str, result: dict[str, Any]) -> None:
+        """Keep a result in its section of evaluations.json in place of an older one of the same key (the same
+        weights, split, subset and dtype for a val-split evaluation; `lmlab.run.evaluations.KEYS`)."""
+        evaluations.keep(self.path, section, result)
 
     def running(self) -> bool:
         """Whether a process holds the run's lock: it is being trained, fine-tuned or imported now."""
         return self._lock.held()
-
-    def writer_pid(self) -> int | None:
-        return self._lock.holder_pid() if self.running() else None
 
     def dataset(self) -> dict[str, Any]:
         return json_object(self.path / "dataset.json")

@@ -8,8 +8,6 @@ each epoch's end, checkpoints, resume, stop signals, threads, attention path, LR
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import random
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from lmlab.core.config import FinetuneConfig, RunConfig, TrainConfig
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
-from lmlab.core.jsontext import parse_json
+from lmlab.core.jsontext import json_sha256, parse_json
 from lmlab.core.machine import Machine
 from lmlab.core.threads import Choice, ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
@@ -50,8 +48,7 @@ def split_records(records: Records, val_fraction: float) -> tuple[Records, Recor
     """Hold out records chosen by a hash of their content: the same file always splits the same way."""
     if len(records) < 2:
         raise UserError(f"a held-out split needs at least 2 records; the file has {len(records)}.")
-    order = sorted(range(len(records)),
-                   key=lambda i: hashlib.sha256(json.dumps(records[i], sort_keys=True).encode()).hexdigest())
+    order = sorted(range(len(records)), key=lambda i: json_sha256(records[i]))
     val = set(order[:max(1, round(val_fraction * len(records)))])
     return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
 

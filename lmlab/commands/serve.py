@@ -40,8 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     require(*SERVE, user="lmlab serve")  # before the serving modules, which import them
     from lmlab.serving.app import check_exposure, run_server
-    from lmlab.serving.edge import ServeLimits, bind
-    from lmlab.serving.state import ServeOptions, State
+    from lmlab.serving.edge import ServeLimits, ServeOptions, bind
+    from lmlab.serving.state import State
 
     check_exposure(args.host, args.api_key, args.insecure)
     limits = ServeLimits(args.max_connections, args.max_client_connections, args.header_timeout, args.body_timeout,
@@ -149,18 +149,21 @@ def add_edge_limits(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lmlab.serving.edge import ServeOptions as d
+
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API (needs the serve extra)")
     p.add_argument("run", metavar="RUN", help="the run dir to serve; its folder name is the model id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=8000,
                    help="TCP port to listen on (0: a free one the system chooses, printed in the first line)")
     add_checkpoint(p)
-    p.add_argument("--max-tokens-cap", type=count(), default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch", type=count(), default=16,
+    p.add_argument("--max-tokens-cap", type=count(), default=d.max_tokens_cap,
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--max-batch", type=count(), default=d.max_batch,
                    help="choices decoded together in one batch; requests join it as rows free up")
-    p.add_argument("--max-queue", type=count(0), default=64,
+    p.add_argument("--max-queue", type=count(0), default=d.max_queue,
                    help="requests waiting for the batch; one more gets HTTP 429 with Retry-After")
-    p.add_argument("--max-body-bytes", type=count(1024), default=1_000_000,
+    p.add_argument("--max-body-bytes", type=count(1024), default=d.max_body_bytes,
                    help="largest request body; a larger one gets HTTP 413 unread")
     add_edge_limits(p)
     add_compile(p, default=True, why="built in the background at the first start of a checkpoint (a minute or "

@@ -181,17 +181,15 @@ class Throughput:
     (compiling, allocating, warming caches) is left out, on a first start and on every resume, and waited for."""
 
     def __init__(self, device: torch.device):
-        self.device, self.warm, self.seconds, self.steps = device, False, 0.0, 0
+        self.device, self.warm, self.step_seconds = device, False, Mean()
 
     def add(self, seconds: float) -> None:
         if self.warm:
-            self.seconds, self.steps = self.seconds + seconds, self.steps + 1
+            self.step_seconds.add(seconds)
         else:
             synchronize(self.device)
             self.warm = True
 
     def pop_step_seconds(self) -> float | None:
         """The mean seconds of a step since the last call; None when no step since was timed."""
-        mean = self.seconds / self.steps if self.steps else None
-        self.seconds, self.steps = 0.0, 0
-        return mean
+        return self.step_seconds.pop_mean() if self.step_seconds.count else None

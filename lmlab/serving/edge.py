@@ -25,7 +25,7 @@ from lmlab.serving.openai_api import ApiError
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one connection may take; each bounded by its option's type (lmlab.commands.serve.add_edge_limits)."""
+    """What one connection may take; each bounded by its option's type (lmlab.commands.serve.add_limits)."""
 
     max_connections: int = 256  # open at once; one more closes an idle one, or gets 503
     max_client_connections: int = 64  # open at once from one address (a proxy's clients share one: raise it)

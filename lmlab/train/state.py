@@ -71,12 +71,12 @@ class Means(dict):
             mean.load_state_dict(state[name])
 
 
+@dataclass
 class Stopwatch:
     """Wall seconds of training, summed over resumes: what the `elapsed` fields count."""
 
-    def __init__(self) -> None:
-        self.before = 0.0
-        self.started: float | None = None  # set by start()
+    before: float = 0.0
+    started: float | None = None  # set by start()
 
     def start(self) -> None:
         self.started = time.perf_counter()

@@ -435,8 +435,9 @@ def test_the_server_hears_a_load_that_arrives_mid_serve_and_health_reports_its_t
     from lmlab.core.config import SamplingParams
     from lmlab.serving import startup
     from lmlab.serving.batcher import Job
+    from lmlab.serving.edge import ServeOptions
     from lmlab.serving.requests import Request
-    from lmlab.serving.state import ServeOptions, State
+    from lmlab.serving.state import State
     from lmlab.serving.streaming import Relay
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

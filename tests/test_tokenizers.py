@@ -118,8 +118,8 @@ def test_word_keeps_only_the_most_frequent_words():
 def test_each_tokenizer_kind_answers_what_the_commands_ask_of_it():
     texts = ["the cat sat on the mat\n", "a dog ran\n"]
     char, word, bpe = (train_tokenizer(spec, texts, texts) for spec in ("char", "word:10", "bpe:300"))
-    assert (char.eot_id, char.kind.end_of_text) == (None, False)  # documents apart by a blank line
-    assert word.kind.end_of_text and bpe.kind.end_of_text and word.eot_id is not None
+    assert (char.eot_id, char.kind.per_character) == (None, True)  # documents apart by a blank line
+    assert not word.kind.per_character and not bpe.kind.per_character and word.eot_id is not None
     assert (word.kind.unknown, bpe.kind.unknown) == (UNK, None)
     # the longest prompt that may fit 8 tokens
     assert word.most_chars(8) is None and char.most_chars(8) == 8
@@ -207,7 +207,7 @@ def test_every_kind_builds_round_trips_saves_loads_and_exports_as_its_entry_says
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
     (tmp_path / "other-model").mkdir()
     tok = _made(kind, tmp_path / "other-model", gpt2_dir)
-    assert tok.kind is kind and parse_spec(tok.spec)[0] == name and (tok.eot_id is not None) == kind.end_of_text
+    assert tok.kind is kind and parse_spec(tok.spec)[0] == name and (tok.eot_id is None) == kind.per_character
     texts = TEXTS + ([] if kind.per_character else [UNSEEN])
     for text in texts:
         ids = tok.encode(text)

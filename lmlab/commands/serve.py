@@ -40,8 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     require(*SERVE, user="lmlab serve")  # before the serving modules, which import them
     from lmlab.serving.app import check_exposure, run_server
-    from lmlab.serving.edge import ServeLimits, bind
-    from lmlab.serving.state import ServeOptions, State
+    from lmlab.serving.edge import ServeLimits, ServeOptions, bind
+    from lmlab.serving.state import State
 
     check_exposure(args.host, args.api_key, args.insecure)
     limits = ServeLimits(args.max_connections, args.max_client_connections, args.header_timeout, args.body_timeout,
@@ -128,11 +128,20 @@ def cmd_judge(args: argparse.Namespace) -> None:
     console.print(f"per-item scores: {summary.out}")
 
 
-def add_edge_limits(p: argparse.ArgumentParser) -> None:
-    """The connection limit and the timeouts of lmlab.serving.edge.ServeLimits, with its defaults."""
-    from lmlab.serving.edge import ServeLimits
+def add_limits(p: argparse.ArgumentParser) -> None:
+    """The request limits of lmlab.serving.edge.ServeOptions, then the connection limits and the timeouts of its
+    ServeLimits, with their defaults."""
+    from lmlab.serving.edge import ServeLimits, ServeOptions
 
-    d = ServeLimits()
+    o, d = ServeOptions, ServeLimits()
+    p.add_argument("--max-tokens-cap", type=count(), default=o.max_tokens_cap,
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--max-batch", type=count(), default=o.max_batch,
+                   help="choices decoded together in one batch; requests join it as rows free up")
+    p.add_argument("--max-queue", type=count(0), default=o.max_queue,
+                   help="requests waiting for the batch; one more gets HTTP 429 with Retry-After")
+    p.add_argument("--max-body-bytes", type=count(1024), default=o.max_body_bytes,
+                   help="largest request body; a larger one gets HTTP 413 unread")
     connections, seconds = count(1, 1_000_000), within(0, 86_400, above=True)  # at most a day
     p.add_argument("--max-connections", type=connections, default=d.max_connections,
                    help="connections open at once; one more closes the oldest idle one, or gets HTTP 503 when every "
@@ -155,14 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port, default=8000,
                    help="TCP port to listen on (0: a free one the system chooses, printed in the first line)")
     add_checkpoint(p)
-    p.add_argument("--max-tokens-cap", type=count(), default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch", type=count(), default=16,
-                   help="choices decoded together in one batch; requests join it as rows free up")
-    p.add_argument("--max-queue", type=count(0), default=64,
-                   help="requests waiting for the batch; one more gets HTTP 429 with Retry-After")
-    p.add_argument("--max-body-bytes", type=count(1024), default=1_000_000,
-                   help="largest request body; a larger one gets HTTP 413 unread")
-    add_edge_limits(p)
+    add_limits(p)
     add_compile(p, default=True, why="built in the background at the first start of a checkpoint (a minute or "
                 "more, decoding eagerly meanwhile) and kept on disk for the next; decoding runs several times faster")
     p.add_argument("--threads", type=count(0), default=0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
 
 from tokenizers import Regex, normalizers
 
@@ -67,10 +68,9 @@ TEXT_CHARS = 0x110000 - 0x800  # Unicode's code points less the surrogates, whic
 
 def _char_class(chars: str) -> str:
     """An Oniguruma character class body matching exactly `chars`, runs of code points written as ranges."""
-    points = sorted(map(ord, chars))
-    firsts = [p for i, p in enumerate(points) if i == 0 or points[i - 1] != p - 1]
-    lasts = [p for i, p in enumerate(points) if i == len(points) - 1 or points[i + 1] != p + 1]
-    return "".join(f"\\x{{{a:x}}}" + (f"-\\x{{{b:x}}}" if b > a else "") for a, b in zip(firsts, lasts))
+    # a run of consecutive code points keeps the same difference from its place in the sorted list
+    runs = [[p for _, p in run] for _, run in groupby(enumerate(sorted(map(ord, chars))), lambda ip: ip[1] - ip[0])]
+    return "".join(f"\\x{{{r[0]:x}}}" + (f"-\\x{{{r[-1]:x}}}" if len(r) > 1 else "") for r in runs)
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,6 @@ class Output:
     def checkpoint_val_index(self) -> None:
         with writing(self.val_index_path), open(self.val_index_path, "ab") as f:
             f.write(np.asarray(self.val_index, dtype=np.uint64).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        fsync(self.val_index_path)
         self.val_entries += len(self.val_index)
         self.val_index = []

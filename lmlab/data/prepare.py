@@ -69,13 +69,13 @@ def _batches(files: list[str], options: PrepareOptions, kind: TokenizerKind, pla
         if index < start:  # already in the shards of an interrupted run
             continue
         for code, name, begin, end in parts(doc, index, plan, cut):
-            if not kind.end_of_text:  # documents are kept apart by a blank line instead
+            if kind.per_character:  # documents are kept apart by a blank line instead
                 while end > begin and doc.text[end - 1] == "\n":
                     end -= 1
             spans = list(chunk_spans(doc.text, begin, end, kind.name))
             for number, (a, b) in enumerate(spans):
                 last = number == len(spans) - 1
-                texts.append(doc.text[a:b] + (SEPARATOR if not kind.end_of_text and last else ""))
+                texts.append(doc.text[a:b] + (SEPARATOR if kind.per_character and last else ""))
                 tags.append((index, code, name, number == 0, last))
                 characters += len(texts[-1])
                 # at a document's end where it can: progress is recorded after whole documents only
@@ -189,11 +189,11 @@ def prepare(sources: list[str], spec: str, name: str | None = None, out_dir: Pat
     fixed = load_pretrained(Path(spec)) if is_path(spec) else None
     spec = fixed.spec if fixed else spec
     kind = TOKENIZER_KINDS[parse_spec(spec)[0]]
-    if options.pack == "crop" and not kind.end_of_text:
-        ending = ", ".join(k.written for k in TOKENIZER_KINDS.values() if k.named and k.end_of_text)
+    if options.pack == "crop" and kind.per_character:
+        ending = ", ".join(k.written for k in TOKENIZER_KINDS.values() if k.named and not k.per_character)
         raise UserError(f"--pack crop pads each document's row with the end-of-text token, which the {kind.name} "
                         f"tokenizer does not have; use --pack concat or a tokenizer that has one ({ending}).")
-    if not kind.end_of_text and options.normalization.drops("\n"):
+    if kind.per_character and options.normalization.drops("\n"):
         raise UserError("the char tokenizer separates documents with a line break, which --keep-chars / --drop-chars "
                         "would remove; keep \\n (e.g. --keep-chars 'a-z \\n').")
     if not 0.0 < val_fraction < 1.0:  # (nan included) before the scan, which cuts a lone document by it

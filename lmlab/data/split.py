@@ -22,14 +22,6 @@ def split_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
 
 
-def _tail_cut(doc: Document, val_fraction: float) -> int:
-    """Where a corpus of one document is split: the line start nearest the tail fraction; 0 where a side would
-    hold no text (refused only if the corpus is this one document: a short first document of many is no fault)."""
-    text = doc.text
-    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
-    return cut if NON_BLANK.search(text, 0, cut) and NON_BLANK.search(text, cut) else 0
-
-
 @dataclass
 class Scan:
     keys: np.ndarray  # uint64 split-order key per document
@@ -56,7 +48,12 @@ def scan(files: list[str], text_field: str, val_fraction: float, want_charset: b
         if want_charset:
             charset.update(doc.text)
         if first_cut is None:
-            first_cut = _tail_cut(doc, val_fraction)
+            # Where a corpus of this one document is split: the line start nearest the tail fraction; 0 where a side
+            # would hold no text (refused only if the corpus is this one document: a short first one of many is no
+            # fault).
+            share = int(len(doc.text) * (1 - val_fraction))
+            cut = doc.text.rfind("\n", 0, share) + 1 or share
+            first_cut = cut if NON_BLANK.search(doc.text, 0, cut) and NON_BLANK.search(doc.text, cut) else 0
         if len(keys) % 1024 == 0:  # per document, the bar's bookkeeping would cost more than the scan
             progress.update(task, completed=len(keys))
     progress.remove_task(task)

@@ -62,10 +62,6 @@ class TokenizerKind:
         return self.build is not None
 
     @property
-    def end_of_text(self) -> bool:
-        return not self.per_character
-
-    @property
     def written(self) -> str:
         return f"{self.name}:{self.argument}" if self.argument else self.name
 

@@ -2,7 +2,8 @@
 bound before the model loads (`bind`); connections are limited in all and per address, an idle one closed first to make
 room (`admit`), so idle connections never keep out a client with a request; headers, bodies, idle keep-alives and
 stalled readers have timeouts (`ServeLimits`). uvicorn's h11 protocol is extended here by the limits and timeouts it
-does not have."""
+does not have. `ServeOptions`, what the server is asked to serve, lives here too: the command line reads its defaults
+without loading the server's other modules."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmlab.core.busy import check_threads
 from lmlab.core.errors import UserError
 from lmlab.serving.lanes import GONE
 from lmlab.serving.openai_api import ApiError
@@ -22,13 +25,36 @@ from lmlab.serving.openai_api import ApiError
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one connection may take; each bounded by its option's type (lmlab.commands.serve.add_edge_limits)."""
+    """What one connection may take; each bounded by its option's type (lmlab.commands.serve.add_limits)."""
 
     max_connections: int = 256  # open at once; one more closes an idle one, or gets 503
     max_client_connections: int = 64  # open at once from one address (a proxy's clients share one: raise it)
     header_timeout: float = 10.0  # seconds for a request's headers to be whole
     body_timeout: float = 30.0  # seconds for its body to arrive
     idle_timeout: float = 5.0  # seconds a kept-alive connection may wait for a request, or a reader stall
+
+
+@dataclass
+class ServeOptions:
+    """What `lmlab serve` is asked to serve, and how; a thread count or a run it cannot take is refused as made."""
+
+    run: Path
+    checkpoint: str = "best"
+    device: str = "auto"
+    max_tokens_cap: int = 512
+    max_batch: int = 16
+    max_queue: int = 64
+    max_body_bytes: int = 1_000_000
+    compile: bool = False
+    threads: int = 0  # CPU threads of the decode step; 0: chosen, one fewer than the cores at most (serving.startup)
+    quantize: str = "none"  # the weights' format it decodes from (lmlab.inference.quantize)
+
+    def __post_init__(self) -> None:
+        # The counts are bounded by their argparse types (lmlab.commands.serve).
+        check_threads("--threads", self.threads)
+        if not (self.run / "config.toml").is_file():  # said before the port opens (RunDir.config's words)
+            raise UserError(f"{self.run} is not an lmlab run (no config.toml); pass a directory made by "
+                            "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
 
 
 LINGER = 2.0  # seconds a refused connection is read, its bytes dropped, before it is closed

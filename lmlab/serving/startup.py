@@ -33,8 +33,9 @@ from lmlab.inference.steps import CAPTURES, StepChoice, build_step, choose_step
 from lmlab.model.memory import check_decoding
 from lmlab.run.rundir import LoadedRun, RunDir
 from lmlab.serving.batcher import Batcher
+from lmlab.serving.edge import ServeOptions
 from lmlab.serving.requests import Served
-from lmlab.serving.state import ServeOptions, State
+from lmlab.serving.state import State
 
 # How long a drained server waits for its loading thread: a process that exits while that thread is inside torch can
 # abort rather than exit 0. A second signal waits for nothing.

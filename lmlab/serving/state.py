@@ -1,5 +1,5 @@
-"""What `lmlab serve` is asked to serve (`ServeOptions`), and the server's `State` from its first moment: what
-the app, its routes and the start in the background share. No torch at the top: the port opens first."""
+"""The server's `State` from its first moment: what the app, its routes and the start in the background share
+(what it is asked to serve is lmlab.serving.edge.ServeOptions). No torch at the top: the port opens first."""
 
 from __future__ import annotations
 
@@ -7,11 +7,8 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from lmlab.core.busy import check_threads
-from lmlab.core.errors import UserError
 from lmlab.serving.edge import ServeLimits
 from lmlab.serving.lanes import PARSE_THREADS, RENDER_THREADS, Lane
 from lmlab.serving.metrics import Metrics
@@ -28,29 +25,6 @@ def say(line: str) -> None:
     with _saying:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
-
-
-@dataclass
-class ServeOptions:
-    """What `lmlab serve` is asked to serve, and how; a thread count or a run it cannot take is refused as made."""
-
-    run: Path
-    checkpoint: str = "best"
-    device: str = "auto"
-    max_tokens_cap: int = 512
-    max_batch: int = 16
-    max_queue: int = 64
-    max_body_bytes: int = 1_000_000
-    compile: bool = False
-    threads: int = 0  # CPU threads of the decode step; 0: chosen, one fewer than the cores at most (serving.startup)
-    quantize: str = "none"  # the weights' format it decodes from (lmlab.inference.quantize)
-
-    def __post_init__(self) -> None:
-        # The counts are bounded by their argparse types (lmlab.commands.serve).
-        check_threads("--threads", self.threads)
-        if not (self.run / "config.toml").is_file():  # said before the port opens (RunDir.config's words)
-            raise UserError(f"{self.run} is not an lmlab run (no config.toml); pass a directory made by "
-                            "`lmlab train`, `lmlab finetune` or `lmlab import-hf`.")
 
 
 @dataclass

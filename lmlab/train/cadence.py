@@ -39,11 +39,7 @@ class Cadence:
 
     def after(self, step: int, tokens: int, last_step: int) -> Due:
         """What follows the step that brought the run to `step` and `tokens`."""
-        return Due(step % self.log_interval == 0, self._evaluates(step, tokens) or step == last_step,
-                   step % self.checkpoint_interval == 0)
-
-    def _evaluates(self, step: int, tokens: int) -> bool:
-        if self.eval_tokens is None:
-            return step % self.eval_steps == 0
-        unit = self.eval_tokens
-        return math.floor(tokens / unit) > math.floor((tokens - self.tokens_per_step) / unit)
+        unit = self.eval_tokens  # spaced by passes: the first step past each spacing evaluates
+        evaluates = (step % self.eval_steps == 0 if unit is None
+                     else math.floor(tokens / unit) > math.floor((tokens - self.tokens_per_step) / unit))
+        return Due(step % self.log_interval == 0, evaluates or step == last_step, step % self.checkpoint_interval == 0)

@@ -27,11 +27,10 @@ def fill_from_main(model: torch.nn.Module, config: ModelConfig, device: torch.de
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Buffers are not sharded, and those a model recomputes rather than saves (rotary tables) are in no state
     # dict: rank 0's, to every rank.
-    mine = dict(whole.named_buffers()) if whole is not None else {}
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if whole is not None:
-                buffer.copy_(mine[name])
+                buffer.copy_(whole.get_buffer(name))
             dist.broadcast(buffer, src=0)
 
 

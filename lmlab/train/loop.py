@@ -92,12 +92,15 @@ class Trainer:
         self._held = ExitStack()
         self._held.callback(self.threads.restore)
         self.continuing = False  # a fine-tune's command again, which goes on where it stopped
-        with self._unlocked_on_failure():
+        try:
             if job.is_main:
                 self._held.enter_context(self.run_dir.locked())
             cfg, self.changed = check_resumable(self.run_dir, cfg) if resume else (cfg, {})  # what --set changes
             chosen = self._build(cfg, device, console, init_from)
-            resume = resume or self._restarted()
+            # A fine-tune continued continues; so does a torchrun worker restarted after a failure (--max-restarts),
+            # and the workers of a host started again beside it, which its own launcher never restarted.
+            resume = resume or self.continuing or (self.parallel.any(elastic_restart())
+                                                   and bool(self.run_dir.step_folders()))
             self._parts(resume)
             if self.cfg.train.budget_seconds and not resume:
                 self._plan_budget(sized.timing if sized else None)
@@ -105,24 +108,14 @@ class Trainer:
             self.machine.say(self.console)
             if chosen.lowered:
                 self.reports.threads(chosen)
-
-    def _chooser(self, cfg: RunConfig, world_size: int) -> ThreadChooser:
-        return ThreadChooser(cfg.train.threads, "train.threads", fixed="torchrun" if world_size > 1 else None)
-
-    @contextmanager
-    def _unlocked_on_failure(self) -> Iterator[None]:
-        try:
-            yield
         except BaseException as err:
             self._held.close()
             if (lost := self._lost(err)) is not None:
                 raise lost from None
             raise
 
-    def _restarted(self) -> bool:
-        """A fine-tune continued continues; so does a torchrun worker restarted after a failure (--max-restarts), and
-        the workers of a host started again beside it, which its own launcher never restarted."""
-        return self.continuing or self.parallel.any(elastic_restart()) and bool(self.run_dir.step_folders())
+    def _chooser(self, cfg: RunConfig, world_size: int) -> ThreadChooser:
+        return ThreadChooser(cfg.train.threads, "train.threads", fixed="torchrun" if world_size > 1 else None)
 
     def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
         """The job, the device and dtype, the data (every byte checked against meta.json before the model is built),

@@ -161,11 +161,10 @@ def muon_groups(model: LanguageModel) -> tuple[list[torch.nn.Parameter], list[to
     exactly one of them, or a model kind's `hidden_matrices` is wrong."""
     params = [p for p in model.parameters() if p.requires_grad]
     hidden = [p for p in model.hidden_matrices() if p.requires_grad]
-    ids = {id(p) for p in params}
-    assert len({id(p) for p in hidden}) == len(hidden) and all(id(p) in ids for p in hidden), \
+    chosen = {id(p) for p in hidden}
+    assert len(chosen) == len(hidden) and chosen <= {id(p) for p in params}, \
         f"{type(model).__name__}.hidden_matrices() repeats a parameter or names one the model does not have"
     assert all(p.dim() == 2 for p in hidden), f"{type(model).__name__}.hidden_matrices() holds a non-matrix"
-    chosen = {id(p) for p in hidden}
     return hidden, [p for p in params if id(p) not in chosen]
 
 

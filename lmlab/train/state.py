@@ -71,12 +71,12 @@ class Means(dict):
             mean.load_state_dict(state[name])
 
 
+@dataclass
 class Stopwatch:
     """Wall seconds of training, summed over resumes: what the `elapsed` fields count."""
 
-    def __init__(self) -> None:
-        self.before = 0.0
-        self.started: float | None = None  # set by start()
+    before: float = 0.0
+    started: float | None = None  # set by start()
 
     def start(self) -> None:
         self.started = time.perf_counter()
@@ -181,17 +181,15 @@ class Throughput:
     (compiling, allocating, warming caches) is left out, on a first start and on every resume, and waited for."""
 
     def __init__(self, device: torch.device):
-        self.device, self.warm, self.seconds, self.steps = device, False, 0.0, 0
+        self.device, self.warm, self.step_seconds = device, False, Mean()
 
     def add(self, seconds: float) -> None:
         if self.warm:
-            self.seconds, self.steps = self.seconds + seconds, self.steps + 1
+            self.step_seconds.add(seconds)
         else:
             synchronize(self.device)
             self.warm = True
 
     def pop_step_seconds(self) -> float | None:
         """The mean seconds of a step since the last call; None when no step since was timed."""
-        mean = self.seconds / self.steps if self.steps else None
-        self.seconds, self.steps = 0.0, 0
-        return mean
+        return self.step_seconds.pop_mean() if self.step_seconds.count else None

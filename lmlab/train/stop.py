@@ -95,7 +95,8 @@ class StopOnSignal:
         self._region = 0  # which interruptible stretch runs now (0: none), so a late timer cannot hit the next one
         self._regions = 0
         self._overdue = False
-        self._wakeup: tuple[int, int] | None = None  # while `_watch` hears signals: its fd's write end, the one before
+        # while `_watching` reads it: the wake-up fd's write end, and the fd it replaced
+        self._wakeup: tuple[int, int] | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self._overdue:
@@ -122,14 +123,6 @@ class StopOnSignal:
                 _thread.interrupt_main(signal.SIGTERM)  # runs `_handle` in the main thread, between two bytecodes
 
         _later(STOP_GRACE, overdue)
-
-    def _watch(self) -> None:
-        """Hear each stop signal as it arrives (the byte Python's C handler writes to the wake-up fd), not when the main
-        thread next runs Python code."""
-        read, write = os.pipe()
-        os.set_blocking(write, False)
-        self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
-        threading.Thread(target=self._watching, args=(read,), daemon=True).start()
 
     def _watching(self, read: int) -> None:
         with os.fdopen(read, "rb", buffering=0) as wakeups:
@@ -166,7 +159,12 @@ class StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
             self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
             if self.stuck is not None:
-                self._watch()
+                # Each stop signal heard as it arrives (the byte Python's C handler writes to the wake-up fd), not when
+                # the main thread next runs Python code.
+                read, write = os.pipe()
+                os.set_blocking(write, False)
+                self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+                threading.Thread(target=self._watching, args=(read,), daemon=True).start()
         if _IN_FORCE and _IN_FORCE[-1].signal:  # the set-up around it was asked to stop
             self.request(_IN_FORCE[-1].signal)
         _IN_FORCE.append(self)

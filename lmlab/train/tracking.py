@@ -52,27 +52,24 @@ class Tracker:
         self._cfg, self._model = cfg, model
         require_tracker(kind)
         if kind == "tensorboard":
-            self._open_tensorboard(Path(run_dir), resume_step)
+            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
+
+            # Events go into the run dir itself, so `tensorboard --logdir runs` shows every run by name.
+            # On resume, purge what was logged after the checkpoint, as metrics.jsonl does.
+            self._writer = writer = SummaryWriter(log_dir=str(run_dir),
+                                                  purge_step=None if resume_step is None else resume_step + 1)
+            if resume_step is None:  # the session (hyper-parameters) starts once; its metric is logged at each eval
+                experiment, session_start, self._session_end = hparams(_hparams(cfg), {METRIC: 0.0})
+                _file_writer(writer).add_summary(experiment)
+                _file_writer(writer).add_summary(session_start)
+            # Indented: TensorBoard renders text as Markdown, and this keeps the TOML as written.
+            writer.add_text("config", _preformatted(to_toml(cfg)), resume_step or 0)
         elif kind == "wandb":
             import wandb
 
             self._wandb = wandb.init(project=cfg.train.tracker_project, dir=str(run_dir), config=to_dict(cfg),
                                      name=cfg.train.tracker_run or Path(run_dir).name, resume="allow")
-
-    def _open_tensorboard(self, run_dir: Path, resume_step: int | None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
-
-        # Events go into the run dir itself, so `tensorboard --logdir runs` shows every run by name.
-        # On resume, purge what was logged after the checkpoint, as metrics.jsonl does.
-        self._writer = writer = SummaryWriter(log_dir=str(run_dir),
-                                              purge_step=None if resume_step is None else resume_step + 1)
-        if resume_step is None:  # the session (hyper-parameters) starts once; its metric is logged at each eval
-            experiment, session_start, self._session_end = hparams(_hparams(self._cfg), {METRIC: 0.0})
-            _file_writer(writer).add_summary(experiment)
-            _file_writer(writer).add_summary(session_start)
-        # Indented: TensorBoard renders text as Markdown, and this keeps the TOML as written.
-        writer.add_text("config", _preformatted(to_toml(self._cfg)), resume_step or 0)
 
     def log(self, event: dict[str, Any]) -> None:
         tags = TAGS.get(event.get("event", ""), {})

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the server imports this module before torch, to answer while the model loads
     from lmlab.inference.generate import Batch, Continuation
-    from lmlab.serving.requests import Request
 
 # (choice index, text piece, finish reason once it ended)
 Event = tuple[int, str, str | None]
@@ -31,7 +30,7 @@ class Job:
     """One request (its prompts, one SamplingParams per choice, the log-probabilities asked for) and who waits for
     its events (`owner`)."""
 
-    request: Request
+    request: Any  # its lmlab.serving.requests.Request (a module that imports this one)
     owner: Any = None
     choices: list[Continuation] = field(default_factory=list)
     batch: Batch | None = None  # the batch its choices decode in, once admitted

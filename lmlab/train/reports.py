@@ -36,7 +36,7 @@ class TrainResult:
     stopped_early: bool
     loss_plot: Path
     stopped_by: str | None = None  # the signal that ended the run before max_iters, if any
-    budget_spent: float | None = None  # seconds a budgeted run took, start-ups included (`Budget.taken`)
+    budget_spent: float | None = None  # seconds a budgeted run took, start-ups included (`Budget.end`)
     budget_line: str | None = None  # how its budget held, in a sentence (`Budget.ended`)
     abandoned: bool = False  # the signal came during a step that did not end within the grace period
     saved: Path | None = None  # the newest step folder, what a resume continues from

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from lmlab.core.config import checkpoint_name
+from lmlab.core.config import SamplingParams, checkpoint_name
 
 if TYPE_CHECKING:  # the commands import this module at start; the library loads when a run is loaded
     from lmlab.core.threads import Choice, Heard, ThreadChooser
@@ -72,11 +72,12 @@ def note_checkpoint(path: str, asked: str, used: str, step: int) -> None:
         print(f"note: {path} is {unfinished}, not a finished result; {then}", file=sys.stderr)
 
 
-def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int, compile: bool,
-                console: Console, quantize: str = "none") -> Any:
+def decode_step(run: LoadedRun, capacity: int, setting: str, params: SamplingParams, compile: bool,
+                console: Console, quantize: str, prompt_length: int = 0) -> Any:
     """The decode step for `capacity` rows as `lmlab.inference.steps` chooses it (None: decode eagerly), from weights
     held as `quantize` says, said on stderr with why unless it is the eager step nobody asked to change; first, rows
-    of up to `tokens_per_row` tokens that would not fit in memory are refused."""
+    that would not fit in memory are refused: each row its context (the block, or a longer `prompt_length`) and
+    `params`' max_new_tokens more."""
     from lmlab.inference.generate import decoding_only
     from lmlab.inference.quantize import state_dtype
     from lmlab.inference.steps import build_step, choose_step
@@ -84,6 +85,7 @@ def decode_step(run: LoadedRun, capacity: int, setting: str, tokens_per_row: int
 
     choice = choose_step(run.model, run.device, compile, quantize)
     dtype = decoding_only(run, compiled=choice.compiled)
+    tokens_per_row = max(prompt_length, run.config.model.block_size) + params.max_new_tokens
     check_decoding(run.config.model, capacity, tokens_per_row, setting, run.device, dtype, state_dtype(quantize, dtype))
     with console.status(f"Building the decode step ({choice.kind})..."):
         step, used = build_step(choice, run.model, dtype, capacity, weights_sha256=run.weights_sha256,

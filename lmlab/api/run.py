@@ -223,8 +223,8 @@ class Run:
 
         params = sampling_params(settings)
         run, notes = self._use(checkpoint, device, "decoding", quantize)
-        tokens = max(len(prompt), run.config.model.block_size) + params.max_new_tokens
-        step = decode_step(run, num_samples, "--num-samples", tokens, compile, self.console, quantize)
+        step = decode_step(run, num_samples, "--num-samples", params, compile, self.console, quantize,
+                           len(prompt))
         began = time.perf_counter()
         drawn = seeded(params, num_samples)
         done = continue_all(run, continuing(run, prompt, num_samples), drawn, num_samples, step,
@@ -271,8 +271,7 @@ class Run:
 
         params = sampling_params(settings)
         run, notes = self._use(checkpoint, device, "decoding", quantize)
-        tokens = max(prompt_length, run.config.model.block_size) + params.max_new_tokens
-        step = decode_step(run, 1, "--num-samples", tokens, compile, self.console, quantize)
+        step = decode_step(run, 1, "--num-samples", params, compile, self.console, quantize, prompt_length)
         pieces = text_stream(run, asking(run), params, step, notes.heard())
         notes.flush()  # once the prompt passed its checks
         flowing = self._flow(run, pieces, f"{params.describe()}, {asked}" if keep else None)

@@ -91,8 +91,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
 
     params = samplings(args)[0]
     run, notes = used_run(args.run, args.checkpoint, args.device, "decoding")  # said as sample says
-    tokens = run.config.model.block_size + args.max_new_tokens
-    step = decode_step(run, args.batch_size, "--batch-size", tokens, args.compile, console, args.quantize)
+    step = decode_step(run, args.batch_size, "--batch-size", params, args.compile, console, args.quantize)
     with console.status("Answering...") as status:
         n = write_answers(run, Path(args.data), Path(args.out), params, args.batch_size, step,
                           lambda done, total: status.update(f"Answering: {done}/{total} records"), notes.heard())

@@ -34,8 +34,9 @@ class DecodeState:
 
     def shortened(self, length: int) -> DecodeState:
         """These rows, sharing their memory, holding at most `length` tokens each (a step then attends to that many
-        positions, not block_size); by default the state itself."""
-        return self
+        positions, not block_size): each tensor cut to `length` along its `length_dims` dim (by default none)."""
+        dims = self.length_dims()
+        return self.over([t if d is None else t.narrow(d, 0, length) for t, d in zip(self.tensors(), dims)])
 
     def length_dims(self) -> list[int | None]:
         """For each of `tensors()`, the dim `shortened` shortens (None: none): a compiled step takes it dynamic."""

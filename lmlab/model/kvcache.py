@@ -47,9 +47,6 @@ class KVCache(DecodeState):
         cache.empty = cache.fresh = False
         return cache
 
-    def shortened(self, length: int) -> KVCache:
-        return KVCache.over([self.pos, self.last, *(t[:, :, :length] for t in (*self.k, *self.v))])
-
     def length_dims(self) -> list[int | None]:
         return [None, None] + [2] * (len(self.k) + len(self.v))
 

@@ -11,6 +11,7 @@ import pytest
 from lmlab.data.normalize import Normalization, parse_chars
 from lmlab.inference.generate import document_start
 from lmlab.run.rundir import RunDir
+from lmlab.serving.edge import ServeOptions
 from lmlab.serving.requests import Served, parse_request, read_request
 from tests.helpers import run_cli, write_config
 
@@ -56,7 +57,8 @@ def test_a_char_shakespeare_lower_cased_to_28_characters_in_one_command_and_prom
     assert code == 0 and json.loads(out)["tasks"][0]["items"] == 1, err  # no item skipped for unseen characters
     # A served completion: 39 characters, 21 once normalised, fits a context of 32 characters (and tokens).
     loaded = RunDir(run).load("best", "cpu")
-    served = Served(loaded, None, max_tokens_cap=8, max_batch=1, max_body_bytes=10_000, created=0,
+    options = ServeOptions(run, max_tokens_cap=8, max_batch=1, max_body_bytes=10_000)
+    served = Served(loaded, None, options, created=0,
                     max_prompt_chars=32, empty_prompt=document_start(loaded.tokenizer))
     prompt = "ROMEO!!! WHERE??? 1,2,3... Où, JULIET?!"
     request = parse_request(served, read_request(["run"], json.dumps({"model": "run", "prompt": prompt}).encode(),

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from lmlab.core.config_toml import SECTIONS, load_config, load_finetune_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
+from lmlab.serving.edge import ServeOptions
 from lmlab.serving.openai_api import ApiError
 from tests.helpers import write_config
 
@@ -61,7 +62,8 @@ def served(imported_gpt2) -> Served:
     """The parser's view of a served run (byte-level BPE, a context of 512), without a batcher: nothing decodes."""
     run = RunDir(imported_gpt2).load("best", "cpu")
     longest = max(len(token) for token in run.tokenizer.vocab)
-    return Served(run, None, max_tokens_cap=64, max_batch=4, max_body_bytes=1_000_000, created=0,
+    options = ServeOptions(imported_gpt2, max_tokens_cap=64, max_batch=4, max_body_bytes=1_000_000)
+    return Served(run, None, options, created=0,
                   max_prompt_chars=run.config.model.block_size * longest, empty_prompt=document_start(run.tokenizer))
 
 
@@ -81,7 +83,8 @@ def test_the_request_parser_answers_every_body_with_a_request_or_a_400(served, b
         assert err.status in (400, 404) and err.message, err
         json.dumps(err.body(), ensure_ascii=False).encode("utf-8")  # as the response sends it: no lone surrogate
         return
-    assert isinstance(request, Request) and all(request.prompts) and 1 <= len(request.params) <= served.max_batch
+    assert isinstance(request, Request) and all(request.prompts)
+    assert 1 <= len(request.params) <= served.options.max_batch
 
 
 @EXAMPLES

@@ -110,7 +110,7 @@ def cmd_judge(args: argparse.Namespace) -> None:
     total = len(summary.items)
     if not summary.scored:
         raise UserError(f"judge {args.model} scored none of the {total} answers: {summary.unscored()}; the replies are "
-                        f"in {summary.out}.")
+                        f"in {out}.")
     unscored = f" ({total - len(summary.scored)} unscored: {summary.unscored()})" if summary.unscored() else ""
     console.print(f"judge {args.model}: mean score {summary.mean:.1f} over {len(summary.scored)} of {total} answers "
                   f"scored{unscored}", highlight=False)
@@ -124,7 +124,7 @@ def cmd_judge(args: argparse.Namespace) -> None:
         table.add_row(str(item["score"]), item["instruction"], item.get("input", ""), item["model_answer"],
                       item["output"])
     console.print(table)
-    console.print(f"per-item scores: {summary.out}")
+    console.print(f"per-item scores: {out}")
 
 
 def add_limits(p: argparse.ArgumentParser) -> None:

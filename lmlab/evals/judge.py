@@ -96,7 +96,6 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
 @dataclass
 class JudgeSummary:
     items: list[dict[str, Any]]  # each answer record with `score` (None: unscored) and the judge's replies
-    out: Path
     attached: str = ""  # the run the scores were kept in, or why they were not
     scored: list[dict[str, Any]] = field(init=False)
 
@@ -167,7 +166,7 @@ def judge_answers(answers: Path, endpoint: str, model: str, out: Path, max_token
         if progress:
             progress(n, len(records))
     atomic_write_text(Path(out), "".join(json.dumps(i) + "\n" for i in items))
-    summary = JudgeSummary(items, Path(out))
+    summary = JudgeSummary(items)
     if summary.scored:
         summary.attached = attach(summary, Path(answers))
     return summary

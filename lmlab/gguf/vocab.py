@@ -82,7 +82,7 @@ def _in_id_order(tokenizer: Tokenizer, rows: int, what: str) -> list[str]:
 def _char_vocab(raw: dict[str, Any], tokenizer: Tokenizer, rows: int, what: str) -> Vocab:
     """Each character's bytes in the `rwkv` escaping (a backslash starts \\n, \\t, \\r, \\xHH or a literal); rows
     beyond the characters start with the byte 0xFF, which no UTF-8 text holds, so nothing tokenizes to them."""
-    plain = _in_id_order(tokenizer, rows, "the run")
+    plain = _in_id_order(tokenizer, rows, what)
     special = {t["content"] for t in raw.get("added_tokens", [])}
     tokens = [token.translate(RWKV_ESCAPES) for token in plain]
     types = [CONTROL if token in special else NORMAL for token in plain]

@@ -64,8 +64,7 @@ class Batcher:
         self.aborting = False
         self.owner_of: dict[Continuation, tuple[Job, int]] = {}
         self.wake = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name="lmlab-batcher", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._loop, name="lmlab-batcher", daemon=True).start()
 
     def submit(self, job: Job) -> None:
         """Queue `job` to join the batch at the next step; QueueFull when it would wait behind `max_queue` others
@@ -123,8 +122,7 @@ class Batcher:
                     self.retiring.append(self.batch)
                     self.batch, self.incoming = self.incoming, None
                 gone = [job for job in self.running if job.cancelled]
-                for job in gone:
-                    self.running.remove(job)
+                self.running = [job for job in self.running if not job.cancelled]
                 aborted = list(self.waiting) if self.aborting else []
                 self.waiting = deque() if self.aborting else self.waiting
                 admitted = []

@@ -164,8 +164,7 @@ def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, field(options, "include_usage", FLAG, False)
 
 
-def sampling(body: dict[str, Any], rules: dict[str, Scalar], cap: int, stop: tuple[str, ...],
-             seed: int) -> list[SamplingParams]:
+def sampling(body: dict[str, Any], rules: dict[str, Scalar], stop: tuple[str, ...], seed: int) -> list[SamplingParams]:
     """The SamplingParams of each of the `n` choices asked for (`rules`: `scalars` of the endpoint): choice i draws
     with seed + i (`seed` is the request's, else a random one)."""
     n = field(body, "n", rules["n"], 1)
@@ -175,7 +174,7 @@ def sampling(body: dict[str, Any], rules: dict[str, Scalar], cap: int, stop: tup
     if len(given) > 1:
         raise ApiError(400, "`max_completion_tokens` and `max_tokens` are both given; give one of them.", "max_tokens")
     try:
-        params = SamplingParams(given[0] if given else min(256, cap),
+        params = SamplingParams(given[0] if given else min(256, int(rules["max_tokens"].high)),
                                 float(field(body, "temperature", rules["temperature"], 1.0)),
                                 field(body, "top_k", rules["top_k"], None),
                                 float(field(body, "top_p", rules["top_p"], 1.0)),

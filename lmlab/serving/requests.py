@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmlab.core.errors import UserError
 from lmlab.serving.batcher import Batcher
+from lmlab.serving.edge import ServeOptions
 from lmlab.serving.openai_api import (
     FLAG,
     ApiError,
@@ -37,9 +38,7 @@ class Served:
 
     run: Any  # the LoadedRun (its module imports torch, which this one does not)
     batcher: Batcher
-    max_tokens_cap: int
-    max_batch: int
-    max_body_bytes: int
+    options: ServeOptions  # what it was asked to serve: its limits (--max-tokens-cap, --max-batch, --max-body-bytes)
     created: int  # when the served checkpoint was written (the model's `created`)
     max_prompt_chars: int | None  # the longest prompt that may fit the context; None when a token has no bound
     empty_prompt: list[int]  # what an empty prompt stands for: the start of a document
@@ -162,15 +161,14 @@ def parse_request(served: Served, body: Body, rendered: ChatPrompt | None = None
         stops, special = rendered.stop, rendered.special
     else:
         prompts, stops = prompt_list(fields.get("prompt", ""), served.run.config.model.vocab_size), ()
-    rules = scalars("chat" if chat else "completions", served.max_tokens_cap, served.max_batch)
+    rules = scalars("chat" if chat else "completions", served.options.max_tokens_cap, served.options.max_batch)
     logprobs, echo, generate = logprobs_fields(fields, rules, chat)
     stream, include_usage = stream_fields(fields)
-    params = sampling(fields if generate else {**fields, "max_tokens": None}, rules, served.max_tokens_cap, stops,
-                      secrets.randbelow(2**63))
-    if len(prompts) * len(params) > served.max_batch:
+    params = sampling(fields if generate else {**fields, "max_tokens": None}, rules, stops, secrets.randbelow(2**63))
+    if len(prompts) * len(params) > served.options.max_batch:
         raise ApiError(400, f"{len(prompts)} prompts × n = {len(params)} are {len(prompts) * len(params)} choices, "
-                       f"more than this server decodes at once (--max-batch {served.max_batch}); send at most "
-                       f"{served.max_batch // len(params)} prompts per request.", "prompt")
+                       f"more than this server decodes at once (--max-batch {served.options.max_batch}); send at most "
+                       f"{served.options.max_batch // len(params)} prompts per request.", "prompt")
     param = "messages" if chat else "prompt"
     ids = [encode_prompt(served, p, param, special) if isinstance(p, str) else fitting(served, p) for p in prompts]
     # An empty prompt echoes as empty text: the start of a document it stands for is not the client's.

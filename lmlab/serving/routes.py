@@ -109,8 +109,8 @@ def add_status_routes(app: Any, state: State) -> None:
         decoding, waiting = served.batcher.load()
         return JSONResponse({"status": "ok", "model": state.name, "decode_step": state.decode_step,
                              "decode_step_why": state.decode_why, "compiled_step": state.compiled,
-                             "threads": state.threads, "decoding": decoding,
-                             "max_batch": served.max_batch, "waiting": waiting, "max_queue": served.batcher.max_queue,
+                             "threads": state.threads, "decoding": decoding, "max_batch": served.options.max_batch,
+                             "waiting": waiting, "max_queue": served.batcher.max_queue,
                              "lanes": {lane.name: lane.load() for lane in (state.parse, state.render)}})
 
     @app.get("/metrics")
@@ -143,7 +143,7 @@ async def parsed(http: Any, state: State, read: Any, finish: Any, *args: Any) ->
     """A body through the lanes: `read` (JSON, field names, a chat's turns) and `finish` (values, tokens) in the
     parse lane, a chat's turns rendered between them in the render lane."""
     served = state.loaded
-    raw = await read_body(http, served.max_body_bytes, state.edge.body_timeout)
+    raw = await read_body(http, served.options.max_body_bytes, state.edge.body_timeout)
     body = await in_lane(http, state.parse, len(raw), read, state.names, raw, *args)
     rendered = None if body.turns is None else await in_lane(http, state.render, len(raw), render_chat,
                                                               served, body.turns)

@@ -74,7 +74,7 @@ def sampling(served: Served, endpoint: str) -> dict[str, Any]:
     fields they accept."""
     stop = {"type": "string", "maxLength": STOP_CHARS}
     fields = {**{name: published(rule) for name, rule in
-                 scalars(endpoint, served.max_tokens_cap, served.max_batch).items()},
+                 scalars(endpoint, served.options.max_tokens_cap, served.options.max_batch).items()},
               "stream_options": nullable({"type": "object", "additionalProperties": False,
                                           "properties": {"include_usage": published(FLAG)}}),
               "stop": nullable({"anyOf": [stop, {"type": "array", "items": stop, "maxItems": MAX_STOPS}]})}
@@ -105,13 +105,13 @@ def completions(served: Served, names: list[str]) -> dict[str, Any]:
     # tokens, which JSON Schema cannot: a prompt longer than the context is a 400 context_length_exceeded).
     most = context - len(served.run.tokenizer.encode("", True)) if exact_chars(served) else None
     one = {"anyOf": [text(served, most), ids]}
-    prompts = {"type": "array", "minItems": 1, "maxItems": served.max_batch, "items": one}
+    prompts = {"type": "array", "minItems": 1, "maxItems": served.options.max_batch, "items": one}
     fields = {**sampling(served, "completions"), "prompt": {"anyOf": [one, prompts]}}
     # k prompts of n choices each are k * n rows of the batch.
     batch = [{"if": {"required": ["prompt"], "properties": {"prompt": {"type": "array", "minItems": k,
                                                                       "items": {"not": {"type": "integer"}}}}},
-              "then": {"properties": {"n": published(Scalar((int,), 1, served.max_batch // k))}}}
-             for k in range(2, served.max_batch + 1)]
+              "then": {"properties": {"n": published(Scalar((int,), 1, served.options.max_batch // k))}}}
+             for k in range(2, served.options.max_batch + 1)]
     return body(fields, "completions", names, rules(False) + batch)
 
 

@@ -103,8 +103,7 @@ class Startup:
                                                          "background", choice.weights) if compiles else choice)
             assert state.relay is not None, "the server sets the relay up before it starts loading"
             created = int((folder / "state.json").stat().st_mtime)  # when the served checkpoint was written
-            state.served = Served(run, Batcher(batch, options.max_queue, state.relay.publish),
-                                  options.max_tokens_cap, options.max_batch, options.max_body_bytes, created,
+            state.served = Served(run, Batcher(batch, options.max_queue, state.relay.publish), options, created,
                                   max_prompt_chars(run), document_start(run.tokenizer))
             # Said before /health says it: a log read as the server's readiness never lags the server.
             state.log(f"lmlab serve: ready, {time.perf_counter() - self.since:.2f}s after the command; decoding "

@@ -73,5 +73,6 @@ class State:
         if self.served:
             info |= {"run": str(self.served.run.run.path), "checkpoint": self.served.run.checkpoint,
                      "step": str(self.served.run.step), "max_model_len": str(self.served.context)}
-        return {"decoding": decoding, "waiting": waiting, "max_batch": self.served.max_batch if self.served else 0,
+        return {"decoding": decoding, "waiting": waiting,
+                "max_batch": self.served.options.max_batch if self.served else 0,
                 "ready": int(self.served is not None and not self.draining), "info": info}

@@ -173,32 +173,21 @@ def event(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-class Frames:
-    """The SSE frames of one stream of `choices`, the parts of a text chunk that never change encoded once per
-    choice (around a mark that stands for the text)."""
-
-    def __init__(self, top: dict[str, Any], chat: bool, choices: int):
-        self.top, self.chat = top, chat
-        mark = json.dumps("\x00")  # stands for the text while the fixed parts are encoded
-        self.texts = [json.dumps(chunk(top, chat, i, "\x00", None)).split(mark) for i in range(choices)]
-
-    def text(self, i: int, piece: str) -> str:
-        head, tail = self.texts[i]
-        return f"data: {head}{json.dumps(piece)}{tail}\n\n"
-
-    def of(self, events: list[Event], answer: Answer) -> str:
-        """The frames of a step's events: a chunk for each text piece (with its tokens' log-probabilities when asked)
-        and each finish reason."""
-        frames = []
-        for i, piece, reason in events:
-            logprobs = answer.streamed_logprobs(i)
-            if logprobs is not None and (piece or logprobs.get("tokens") or logprobs.get("content")):
-                frames.append(event(chunk(self.top, self.chat, i, piece, None, logprobs=logprobs)))
-            elif piece:
-                frames.append(self.text(i, piece))
-            if reason:
-                frames.append(event(chunk(self.top, self.chat, i, None, reason)))
-        return "".join(frames)
+def frames(events: list[Event], answer: Answer, top: dict[str, Any], texts: list[list[str]]) -> str:
+    """The SSE frames of a step's events: a chunk for each text piece (with its tokens' log-probabilities when asked)
+    and each finish reason. `texts`: each choice's text chunk split around its text, the parts that never change
+    encoded once per stream."""
+    chat, out = answer.request.chat, []
+    for i, piece, reason in events:
+        logprobs = answer.streamed_logprobs(i)
+        if logprobs is not None and (piece or logprobs.get("tokens") or logprobs.get("content")):
+            out.append(event(chunk(top, chat, i, piece, None, logprobs=logprobs)))
+        elif piece:
+            head, tail = texts[i]
+            out.append(f"data: {head}{json.dumps(piece)}{tail}\n\n")
+        if reason:
+            out.append(event(chunk(top, chat, i, None, reason)))
+    return "".join(out)
 
 
 async def server_sent_events(answer: Answer, top: dict[str, Any]) -> AsyncIterator[str]:
@@ -209,9 +198,10 @@ async def server_sent_events(answer: Answer, top: dict[str, Any]) -> AsyncIterat
         top = {**top, "usage": None}  # OpenAI's other chunks carry a null usage when one comes at the end
     if chat:
         yield "".join(event(chunk(top, True, i, None, None, role=True)) for i in range(len(answer.reasons)))
-    frames = Frames(top, chat, len(answer.reasons))
+    mark = json.dumps("\x00")  # stands for the text while a text chunk's other parts are encoded
+    texts = [json.dumps(chunk(top, chat, i, "\x00", None)).split(mark) for i in range(len(answer.reasons))]
     while not answer.finished:
-        waiting = frames.of(await answer.next_events(), answer)
+        waiting = frames(await answer.next_events(), answer, top, texts)
         if waiting:
             yield waiting
     tokens = answer.usage()

@@ -190,8 +190,12 @@ def triton_available() -> bool:
     return has_triton()
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+def autocast(device: torch.device, dtype: torch.dtype,
+             cache_enabled: bool | None = None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`, none in float32; `cache_enabled` as torch.autocast takes it (None: its
+    default)."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype,
+                                                                                 cache_enabled=cache_enabled)
 
 
 # Dense datasheet TFLOP/s by matmul dtype: float32 at the TF32 rate (lmlab enables it), GeForce at fp32 accumulation

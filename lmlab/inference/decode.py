@@ -5,7 +5,6 @@ shape it was made for). Results equal decoding each sequence alone."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
@@ -110,9 +109,7 @@ def step_logits(model: LanguageModel, dtype: torch.dtype, idx: torch.Tensor, sta
                 cache_enabled: bool | None = None) -> torch.Tensor:
     """One decode step's logits (rows, vocab), under autocast to `dtype` (its `cache_enabled`): the eager step, and the
     body a graph captures or a compiler compiles."""
-    cast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(idx.device.type, dtype,
-                                                                                 cache_enabled=cache_enabled)
-    with cast:
+    with autocast(idx.device, dtype, cache_enabled):
         logits = feed(model, idx, state)
     assert logits is not None, "feed gives logits when asked"
     return logits[:, -1]

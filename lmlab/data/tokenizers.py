@@ -163,6 +163,7 @@ class Tokenizer:
         self.vocab = backend.get_vocab()
         self.eot_id = self.vocab.get(EOT) if eot_id is None else eot_id
         self.vocab_size = max(self.vocab.values(), default=-1) + 1
+        self.longest = max(map(len, self.vocab), default=1)  # characters of its longest token (`most_chars`)
 
     @property
     def eot_token(self) -> str | None:
@@ -170,7 +171,7 @@ class Tokenizer:
 
     def most_chars(self, tokens: int) -> int | None:
         """The most characters `tokens` tokens can stand for; None when <unk> stands for a word of any length."""
-        return None if self.kind.unknown else tokens * max(map(len, self.vocab), default=1)
+        return None if self.kind.unknown else tokens * self.longest
 
     def normalize(self, text: str) -> str:
         """`text` through the normalisation its dataset was prepared with, if any."""

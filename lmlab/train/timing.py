@@ -17,7 +17,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +155,14 @@ def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree
     tokens = torch.randint(0, cfg.model.vocab_size, (train.batch_size, cfg.model.block_size),
                            generator=torch.Generator().manual_seed(0)).to(device)
     batches = [(tokens, tokens)] * (micro or train.grad_accum_steps)
-    eager = partial(step.eager_step, batches, len(batches), train.learning_rate)
+    eager = functools.partial(step.eager_step, batches, len(batches), train.learning_rate)
     began = time.perf_counter()
     with step.untouched():
         plot = time_plot()
         warm = timed(eager, device)  # the warm-up step, whose allocations the timed steps leave out
         step.model.eval()
         with torch.no_grad(), autocast(device, dtype):
-            evaluation = timed(partial(step.scoring, tokens, tokens), device)
+            evaluation = timed(functools.partial(step.scoring, tokens, tokens), device)
         step.model.train()
         fits = time.perf_counter() + 2 * warm <= deadline
         count = agree(min(MAX_STEPS, max(1, math.ceil(TIMED_SECONDS / max(warm, 1e-9)))) if fits else 0)

@@ -63,7 +63,7 @@ def landing(meta: dict[str, Any]) -> list[str]:
             continue
         got, documents = meta[split].get("uncropped_tokens", meta[split]["tokens"]), meta[split]["documents"]
         cut = rule.get("cut_document") if split == "val" and got == asked else None
-        off = ("" if cut else f"{100 * (1 - got / asked):.1f}% short of " if got < asked else
+        off = ("" if got == asked else f"{100 * (1 - got / asked):.1f}% short of " if got < asked else
                f"{100 * (got / asked - 1):.1f}% over ")
         why = (f"its last document, {cut}, cut there" if cut else "the corpus ended first" if got < asked else
                f"whole documents, of {got / max(documents, 1):,.0f} tokens on average")

@@ -32,7 +32,7 @@ from lmlab.data.shards import read_meta
 from lmlab.experiments import size_search, sizing
 from lmlab.experiments.family import Family, fit_path, preset_sha256, read_fit
 from lmlab.experiments.gputime import gpu_step_time
-from lmlab.experiments.size_search import PRICED, TIMING_SHARE
+from lmlab.experiments.size_search import TIMING_SHARE
 from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
@@ -258,8 +258,8 @@ def test_a_size_whose_steps_could_fit_the_budget_is_timed_and_chosen(preset, mon
         kept = cache.recall("timing", timing_key(machine, made.config, "fused", 1))
     finally:
         machine.threads.restore()
-    assert timed[0] == 1 and made.chosen.steps and made.chosen.timing and made.chosen.timing.how != PRICED
-    assert sorted(set(timed)) == [c.depth for c in made.candidates if c.timing and c.timing.how != PRICED]
+    assert timed[0] == 1 and made.chosen.steps and made.chosen.timing
+    assert timed == [c.depth for c in made.candidates if c.timing]  # each size weighed timed once, from the smallest
     assert len(metas) == 1  # the dataset's meta.json, read once for the whole sizing
     assert kept is not None and kept["step"] == made.chosen.timing.step
 
@@ -289,7 +289,7 @@ def test_a_second_sized_train_reads_each_sizes_timing_back_and_chooses_alike(pre
     assert events[0]["depth"] == events[1]["depth"]
     weighed = [[(c["depth"], c["how"]) for c in event["candidates"] if c["how"]] for event in events]
     assert weighed[1] == [(d, READ_BACK if h == MEASURED else h) for d, h in weighed[0]]
-    assert {h for _, h in weighed[0]} <= {MEASURED, PRICED} and MEASURED in {h for _, h in weighed[0]}
+    assert {h for _, h in weighed[0]} == {MEASURED}
     assert " read back" not in said[0].split("size auto:")[1].split("):")[0] and "(--size auto)" in said[0]
     assert " read back" in said[1].split("size auto:")[1].split("):")[0] and "(--size auto, read back)" in said[1]
     code, out, err = run_cli(capsys, "plan", preset, "--budget", "20s", "--size", "auto", "--device", "cpu",
@@ -539,13 +539,13 @@ def demo_preset(tmp_path: Path, char_dataset: Path, monkeypatch, budget: float) 
 @pytest.mark.parametrize("budget", [60, 300, 1800])
 @pytest.mark.parametrize("overhead, rate, bend", [(0.01, 0.5e12, 0.0), (0.08, 0.1e12, 0.0), (0.01, 0.5e12, 0.3)],
                          ids=["a fast line", "a slow line", "a machine that bends"])
-def test_sizes_between_the_timed_ends_are_priced_on_their_line_and_the_one_chosen_is_timed(
+def test_the_climb_times_sizes_from_the_smallest_and_chooses_the_best_of_all(
         char_dataset, monkeypatch, tmp_path, budget, overhead, rate, bend):
     """The rule over budgets and machines (a step played by a clock: a fixed cost and its FLOPs at a rate, bent where
-    a larger step uses the cores better, as a CPU's do): timed are the smallest size, the largest whose timing fits
-    TIMING_SHARE of the budget, and the one chosen where it lies between; every other size weighed is priced on the
-    line through the ends (exactly where the machine is such a line), never outside them. The ends' timings take at
-    most TIMING_SHARE of the budget; the choice is the lowest predicted val, planned from its own timing."""
+    a larger step uses the cores better, as a CPU's do): the sizes are timed from the smallest up, each once, until
+    one predicts a higher val than one below it or its timing would pass TIMING_SHARE of the budget; the choice, timed
+    itself, is the lowest predicted val of every size the fit and memory allow, the ones the climb did not time
+    included (each timed here by hand, on the same clock, at the seconds the climb had left)."""
     preset, cfg = demo_preset(tmp_path, char_dataset, monkeypatch, budget)
     taken = []
 
@@ -560,22 +560,18 @@ def test_sizes_between_the_timed_ends_are_priced_on_their_line_and_the_one_chose
         return Timing(1, step, step / 2, 0.05, 4 * 10**6, timing_cost(step))
 
     monkeypatch.setattr(size_search, "time_config", timed)
-    made = choose_size(preset, cfg, time.perf_counter(), a_machine())
-    weighed = [c for c in made.candidates if c.timing]
-    low, chosen = weighed[0], made.chosen
-    ends = [c for c in weighed if c.timing.how != PRICED and c is not chosen or c is low]
-    assert sorted(taken) == sorted({c.depth for c in weighed if c.timing.how != PRICED})
-    assert len(set(taken)) == len(taken)
-    assert taken[0] == 1 and chosen.timing.how != PRICED and chosen.step_seconds == step_of(chosen.config)
-    assert sum(c.timing.cost for c in ends) <= TIMING_SHARE * budget + low.timing.cost / (len(ends) == 1 or 1e9)
-    for c in weighed:
-        if c.timing.how == PRICED:
-            high = max(ends, key=lambda e: e.depth)
-            assert low.step_seconds <= c.step_seconds <= high.step_seconds and low.depth < c.depth < high.depth
-            if bend == 0:
-                assert c.step_seconds == pytest.approx(step_of(c.config), rel=1e-9)
-    planned = [c for c in weighed if c.steps]
-    assert chosen.predicted == min(c.predicted for c in planned)
+    started = time.perf_counter()
+    made = choose_size(preset, cfg, started, a_machine())
+    weighed, chosen = [c for c in made.candidates if c.timing], made.chosen
+    assert taken == [c.depth for c in weighed] == list(range(1, len(taken) + 1))
+    assert chosen.timing and chosen.step_seconds == step_of(chosen.config)
+    assert sum(c.timing.cost for c in weighed[1:]) <= TIMING_SHARE * budget
+    last = made.candidates[-1]
+    assert last.note or last.predicted is None or last.predicted > chosen.predicted  # why the climb stopped
+    assert chosen.predicted == min(c.predicted for c in weighed if c.steps)
+    family, fit, meta = sizing.family_of(preset, cfg)
+    every = size_search.search(family, fit, budget, started, a_machine(), meta, depths=list(range(1, 13)))
+    assert chosen.depth == min((c for c in every.candidates if c.steps), key=lambda c: c.predicted).depth
     assert all(c.note for c in made.candidates if not c.timing)  # each size not weighed says why
 
 

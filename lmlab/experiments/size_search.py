@@ -3,16 +3,15 @@ each depth the fit predicts (its sizes, and up to EXTRAPOLATION times its larges
 budget hold it (`Search.trainable`), its steps planned as a budget plans them (lmlab.train.budget) and its val loss
 predicted by the fit kept beside the preset, L(N, D), at the new tokens its passes over the train split are worth.
 
-Each size's speed by one rule, not a search: the smallest and the largest of those depths are timed (`Search.time`: read
-back where this machine timed them before), each between is priced on the line through their steps' times against
-their FLOPs (a step is a fixed cost, the host's, and its FLOPs at a rate), and the depth of the lowest predicted val
-is chosen; where it lies between them it is timed too (and where its own timing makes another better, that one), so
-the plan and prediction of the size chosen are its own timing's, as its run's will be. On a datasheet GPU (`plan
---gpu`) every size is foretold by the step model, nothing timed."""
+Each size is timed on the machine (`Search.time`: read back where this machine timed it before), climbing from the
+smallest: the val a budget trains a family to falls with the size and then rises, as a larger size's steps get fewer,
+so the climb stops at the first size that predicts a higher val than one below it, and the lowest timed is chosen,
+planned from its own timing as its run will be. A size whose timing, at the pace a FLOP of the largest timed, would
+not fit what the timings before it left of TIMING_SHARE of the budget ends the climb untimed. On a datasheet GPU
+(`plan --gpu`) every size is foretold by the step model, nothing timed."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +41,11 @@ from lmlab.train.timing import (
 
 SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
 TIMING_SHARE = 0.1  # of the budget, the timing of the sizes may take at most (read back too: what it took then)
-PRICED = "priced"  # a size's `how` where its speed is the line through the timed sizes'
 
 
 @dataclass
 class Candidate:
-    """A depth of the family as the sizing weighed it: timed or priced, its steps and tokens in the budget, its
+    """A depth of the family as the sizing weighed it: timed, its steps and tokens in the budget, its
     predicted val; or why it was not."""
 
     depth: int
@@ -172,29 +170,18 @@ class Search:
         except torch.OutOfMemoryError:  # a GPU's allocator is the check there
             c.note = f"does not fit the memory of {self.machine.device.type}"
 
-    def high_end(self, larger: list[Candidate], low: Candidate) -> Candidate | None:
-        """The largest of `larger` whose FLOPs still let the budget hold it and whose timing, at `low`'s pace a FLOP
-        (a larger step uses the cores no worse), fits what `low`'s timing left of TIMING_SHARE of the budget; those
-        beyond it say why they are not weighed."""
-        assert low.timing is not None, "the low end is timed"
-        left = TIMING_SHARE * self.budget - low.timing.cost
-        for c in reversed(larger):
-            step = low.step_seconds * c.step_flops / low.step_flops
-            if timing_seconds(step, step / 3) > left:  # an evaluation's batch a forward of a step
-                c.note = (f"not timed: about {step:.2f} s a step, too long to time in this budget (the timing of sizes "
-                          f"may take {TIMING_SHARE:.0%} of it)")
-            elif self.trainable(c):
-                return c
-        return None
-
-    def price(self, c: Candidate, low: Candidate, high: Candidate) -> None:
-        """`c`'s timing on the line through `low`'s and `high`'s against their steps' FLOPs."""
-        assert low.timing and high.timing, "the line's ends are timed"
-        share = (c.step_flops - low.step_flops) / (high.step_flops - low.step_flops)
-        between = {name: (1 - share) * getattr(low.timing, name) + share * getattr(high.timing, name)
-                   for name in ("step", "eval_batch", "plot")}
-        c.timing = dataclasses.replace(low.timing, **between, cost=0.0, how=PRICED,
-                                       checkpoint_bytes=checkpoint_bytes(c.params, c.config.train))
+    def timeable(self, c: Candidate) -> bool:
+        """Whether `c`'s timing, at the pace a FLOP of the largest size timed (a larger step uses the cores no worse),
+        fits what the timings before it left of TIMING_SHARE of the budget; else `note` says why it is not timed."""
+        timed = [t for t in self.candidates if t.timing]
+        if not timed:
+            return True
+        step = timed[-1].step_seconds * c.step_flops / timed[-1].step_flops
+        if timing_seconds(step, step / 3) <= TIMING_SHARE * self.budget - sum(t.timing.cost for t in timed if t.timing):
+            return True  # an evaluation's batch a forward of a step
+        c.note = (f"not timed: about {step:.2f} s a step, too long to time in this budget (the timing of sizes may "
+                  f"take {TIMING_SHARE:.0%} of it)")
+        return False
 
     def best(self) -> Candidate | None:
         """The planned size of the lowest predicted val."""
@@ -219,32 +206,21 @@ class Search:
 def search(family: Family, fit: SizeFit | None, budget: float, started: float, machine: Machine,
            meta: dict[str, Any], depths: list[int] | None = None, gpu: Hardware | None = None) -> Search:
     """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all of
-    `depths` where given, each timed, else from the smallest up to the first that the fit, memory or FLOPs rule out,
-    by the rule above."""
+    `depths` where given, each timed, else the climb above, from the smallest up to the first that predicts a higher
+    val than one below it or that the fit, memory, FLOPs or the timing's share rule out. Every size timed is planned
+    again from the seconds left after each timing, so all compare alike."""
     found = Search(family, fit, budget, started, machine, meta, gpu)
-    weighed = []
     for depth in depths or range(1, MAX_DEPTH + 1):
         c = found.candidate(depth)
         found.candidates.append(c)
-        if found.weighable(c):
-            weighed.append(c)
-        elif not depths:
+        if not found.weighable(c) or not (depths or found.timeable(c)):
+            if depths:
+                continue
             break
-    if depths or gpu or len(weighed) < 2:
-        for c in weighed:
-            found.time(c)
-    else:
-        found.time(weighed[0])
-        high = found.high_end(weighed[1:], weighed[0]) if weighed[0].timing else None
-        if high is not None:
-            found.time(high)
-        for c in weighed[1:]:
-            if high is not None and high.timing and c.depth < high.depth:
-                found.price(c, weighed[0], high)
-    for c in weighed:
-        if c.timing:
-            found.plan(c)
-    while (best := found.best()) is not None and best.timing and best.timing.how == PRICED:
-        found.time(best)  # its run plans from its own step: timed, it may lose to another
-        found.plan(best)
+        found.time(c)
+        for timed in found.candidates:
+            if timed.timing:
+                found.plan(timed)
+        if not depths and found.best() is not c:
+            break
     return found

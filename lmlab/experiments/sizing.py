@@ -29,7 +29,7 @@ from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import with_vocab
 from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.experiments.plan import Hardware, shape_of
-from lmlab.experiments.size_search import PRICED, Candidate, search
+from lmlab.experiments.size_search import Candidate, search
 from lmlab.train.preflight import Sized
 
 
@@ -54,7 +54,7 @@ class Sizing:
     def line(self) -> str:
         c, weighed = self.chosen, [c for c in self.candidates if c.timing]
         depths = {how: [str(w.depth) for w in weighed if w.timing and w.timing.how == how]
-                  for how in (MEASURED, READ_BACK, PRICED)}
+                  for how in (MEASURED, READ_BACK)}
         verb = "foretold" if self.speed.startswith("foretold") else "timed"
         hows = [f"{', '.join(d)} {verb if how == MEASURED else how}" for how, d in depths.items() if d]
         return (f"size auto: {c.shape} ({c.params / 1e6:.2f}M parameters, LR {self.config.train.learning_rate:g}), "
@@ -94,7 +94,6 @@ class Sizing:
                 "extrapolated": bool(self.beyond), "learning_rate": self.config.train.learning_rate,
                 "warmup_iters": self.config.train.warmup_iters,
                 "candidates": [candidate.record() for candidate in self.candidates]}
-
 
 
 SIZES = "auto, or a depth of the preset's family from 1 to 48 (4: 4 layers of the preset's width per layer)"
@@ -187,8 +186,6 @@ def fitted_on(fit: SizeFit) -> str:
     """The machine a fit was measured on, as its line names it."""
     machine = fit.measured.get("machine") or {}
     return machine.get("gpu") or (f"{machine['cpu']} (a CPU)" if machine.get("cpu") else "a machine it does not name")
-
-
 
 
 def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, out: Console,

@@ -75,3 +75,18 @@ def test_each_model_keeps_its_own_estimate_and_each_optimizer_sizes_its_state_fr
     assert muon.fixed < adamw.fixed < wider.fixed  # one moment for Muon's matrices; a wider model
     assert muon.each == adamw.each  # the activations do not depend on the optimizer
     assert training_need(config, OPTIMIZERS["adamw"].state_bytes) == adamw
+
+
+def test_a_shape_on_the_meta_device_imports_no_compiler():
+    """A model of each kind and position embedding built as a shape (lmlab.model.memory.on_meta: what the sizing, the
+    memory check and a second start build before any estimate is read back) computes nothing on the meta device,
+    whose decompositions import torch._dynamo: rotary embeddings' angles are computed on the CPU, then moved."""
+    code = ("import sys\nfrom lmlab.core.config import ModelConfig\nfrom lmlab.model.memory import on_meta\n"
+            "for kind, pos in (('gpt', 'learned'), ('gpt', 'rope'), ('recurrent', 'learned')):\n"
+            "    model = on_meta(ModelConfig(kind=kind, n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, "
+            "pos_emb=pos))\n"
+            "    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()]), (kind, pos)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]"

@@ -49,11 +49,13 @@ class Rotary(nn.Module):
 
     def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
-        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+        on = torch.get_default_device()  # meta for a shape, whose arithmetic (torch._refs) imports torch._dynamo
+        with torch.device("cpu"):
+            inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+            angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
         # never saved: checkpoints hold only what training learned
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos().to(on), persistent=False)
+        self.register_buffer("sin", angles.sin().to(on), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The angles of (T,) positions, (T, hs/2) each, or of per-row (B, T) positions, (B, 1, T, hs/2) each."""

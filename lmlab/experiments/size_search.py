@@ -8,7 +8,7 @@ smallest: the val a budget trains a family to falls with the size and then rises
 so the climb stops at the first size that predicts a higher val than one below it, and the lowest timed is chosen,
 planned from its own timing as its run will be. A size whose timing, at the pace a FLOP of the largest timed, would
 not fit what the timings before it left of TIMING_SHARE of the budget ends the climb untimed. On a datasheet GPU
-(`plan --gpu`) every size is foretold by the step model, nothing timed."""
+(`plan --gpu`) each size the climb reaches is foretold by the step model, nothing timed."""
 
 from __future__ import annotations
 
@@ -177,8 +177,9 @@ class Search:
         if not timed:
             return True
         step = timed[-1].step_seconds * c.step_flops / timed[-1].step_flops
-        if timing_seconds(step, step / 3) <= TIMING_SHARE * self.budget - sum(t.timing.cost for t in timed if t.timing):
-            return True  # an evaluation's batch a forward of a step
+        left = TIMING_SHARE * self.budget - sum(t.timing.cost for t in timed if t.timing)
+        if timing_seconds(step, step / 3) <= left:  # an evaluation's batch a forward of a step
+            return True
         c.note = (f"not timed: about {step:.2f} s a step, too long to time in this budget (the timing of sizes may "
                   f"take {TIMING_SHARE:.0%} of it)")
         return False

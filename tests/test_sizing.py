@@ -650,8 +650,8 @@ def test_plan_foretells_sizes_for_a_named_gpu_only_with_a_size(preset, capsys):
 
 
 def test_each_depth_weighed_is_made_once_however_often_it_is_planned_and_timed(char_dataset, monkeypatch, tmp_path):
-    """Each depth's config is made by the family once, however often it is priced, planned and timed, and the chosen
-    size trains that config."""
+    """Each depth's config is made by the family once, however often it is planned (again after each timing of the
+    climb), and the chosen size trains that config."""
     preset, cfg = demo_preset(tmp_path, char_dataset, monkeypatch, 300)
     made_at, real = Counter(), Family.config
     monkeypatch.setattr(Family, "config", lambda family, depth, fit=None: made_at.update([depth]) or real(family,

@@ -162,7 +162,6 @@ def test_prepare_says_how_far_from_each_ask_its_split_landed(tmp_path, capsys):
         assert landing in " ".join(capsys.readouterr().out.split())
 
 
-
 @pytest.mark.parametrize("got, cut, said", [
     (223, "docs.jsonl:9", "val: 223 tokens, the 223 asked (--val-tokens): its last document, docs.jsonl:9, cut there"),
     (223, None, "val: 223 tokens, the 223 asked (--val-tokens): whole documents, of 74 tokens on average"),
@@ -175,6 +174,7 @@ def test_a_val_split_sized_in_tokens_says_where_it_landed_for_every_outcome(got,
                                                      **({"cut_document": cut} if cut else {})},
             "train": {"tokens": 2000, "documents": 30}, "val": {"tokens": got, "documents": 3}}
     assert landing(meta) == [said]
+
 
 def test_val_tokens_sizes_the_val_split(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(300))

@@ -545,7 +545,7 @@ def test_the_climb_times_sizes_from_the_smallest_and_chooses_the_best_of_all(
     a larger step uses the cores better, as a CPU's do): the sizes are timed from the smallest up, each once, until
     one predicts a higher val than one below it or its timing would pass TIMING_SHARE of the budget; the choice, timed
     itself, is the lowest predicted val of every size the fit and memory allow, the ones the climb did not time
-    included (each timed here by hand, on the same clock, at the seconds the climb had left)."""
+    included (each timed here too, on the same clock, from the same start)."""
     preset, cfg = demo_preset(tmp_path, char_dataset, monkeypatch, budget)
     taken = []
 

@@ -157,7 +157,7 @@ class Trainer:
         self.threads.held = self.train_step.compiled
         self.loader = BatchLoader(self.train_tokens, mc.block_size, tc.batch_size, tc.seed, "train", self.device)
         BatchLoader(self.val_tokens, mc.block_size, tc.batch_size, tc.seed, "val")  # checks the split is long enough
-        self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.block_size
+        self.tokens_per_step = self.cfg.tokens_per_step  # the micro-batch fitted to memory's
         self.split_tokens, self.data_sha256 = self.meta["train"]["tokens"], self.meta["train"]["sha256"]
         return threads
 

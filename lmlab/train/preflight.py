@@ -47,7 +47,7 @@ def resolve_config(cfg: RunConfig, meta: dict[str, Any] | None = None) -> tuple[
     meta = meta or read_meta(Path(cfg.data.dataset))
     tc = cfg.train
     if tc.warmup_epochs:
-        steps = tc.warmup_steps(meta["train"]["tokens"], tc.batch_size * tc.grad_accum_steps * cfg.model.block_size)
+        steps = tc.warmup_steps(meta["train"]["tokens"], cfg.tokens_per_step)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, warmup_iters=steps, warmup_epochs=0.0))
     check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
     if cfg.model.vocab_size == 0:

@@ -21,7 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.helpers import ALPACA_TINY, LMLAB, write_config
+from tests.helpers import ALPACA_TINY, LMLAB, write_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +332,41 @@ def test_kept_evaluations_give_perplexity_and_accuracy_columns(three_runs, capsy
     assert f"{kept['perplexity']:.2f}" in cells and f"{kept['accuracy']:.3f}" in cells
     assert main(["runs", str(Path(small).parent), "--wide"]) == 0
     assert f"{kept['perplexity']:.2f}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_figure_is_shown_under_the_name_of_the_text_it_was_scored_on(trained, tmp_path, capsys):
+    """`lmlab eval RUN` then `lmlab eval RUN --dataset OTHER`: the run's own figures (compare's and the API's
+    `evaluation`, the title's text) stay its own split's, whatever was scored last; `compare` and `runs` hold a column
+    per text, each headed by its dataset and holding that text's figures; `log` fills an evaluation's missing
+    accuracy from its own split only."""
+    import lmlab
+
+    run = Path(shutil.copytree(trained, tmp_path / "runs" / "base"))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in e.items() if k != "val_accuracy"}) + "\n"
+                                               for e in events))  # as an older lmlab logged them: no accuracy
+    other, _, _ = prepare([str(write_corpus(tmp_path / "novels", seed=1))], str(run), name="novels",
+                          out_dir=tmp_path / "data")
+    own = Path(RunDir(run).config().data.dataset).name
+    mine = as_json(capsys, "eval", str(run), "--checkpoint", "20")
+    theirs = as_json(capsys, "eval", str(run), "--checkpoint", "20", "--dataset", str(other))
+    assert as_json(capsys, "eval", str(run), "--checkpoint", "10", "--dataset", str(other))["step"] == 10
+    assert mine["perplexity"] != theirs["perplexity"]
+    for rows in (as_json(capsys, "compare", str(run), "--checkpoint", "20")["runs"],
+                 lmlab.compare([run], checkpoint="20").rows):
+        assert rows[0]["evaluation"]["perplexity"] == mine["perplexity"]
+        assert [(e["dataset"], e["perplexity"]) for e in rows[0]["evaluations"]] == [
+            (mine["dataset"], mine["perplexity"]), (theirs["dataset"], theirs["perplexity"])]
+    assert summarize(run, "20").evaluation["val_sha256"] == mine["val_sha256"]
+    for argv in (["compare", str(run), "--checkpoint", "20", "--wide"], ["runs", str(run.parent), "--wide"]):
+        assert main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        header, row = (next(line for line in lines if line.split()[:1] == [word]) for word in ("run", "base"))
+        assert header.index(f"perplexity on {own}") < header.index("perplexity on novels-char")
+        assert row.index(f"{mine['perplexity']:.2f}") < row.index(f"{theirs['perplexity']:.2f}"), argv
+    # `log`: step 10 was scored whole only on other text, whose accuracy is no figure of its val batches
+    assert [r["accuracy"] for r in as_json(capsys, "log", str(run))["evaluations"]] == [None, mine["accuracy"]]
 
 
 @pytest.mark.slow

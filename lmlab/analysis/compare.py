@@ -23,7 +23,7 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "bits_per_byte_change": _change(s.best_bpb, base.best_bpb),
         "by_bytes": by_bytes, "params_padding": s.padding,
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
-        "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
+        "judge": s.judge, "evaluation": s.evaluation, "evaluations": s.evaluations, "predicted_val": s.predicted_val,
         "predicted_error": _change(s.predicted_val, s.reached),
         "final_val_loss": s.final_val_loss, "final_stderr": s.final_stderr,
     } for s in runs]

@@ -13,16 +13,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 
 from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.plots import X_AXES, comparison_figure
-from lmlab.analysis.runs import (
-    COMPARE_COLUMNS,
-    EVALUATION_COLUMNS,
-    FINAL_COLUMN,
-    PREDICTED_COLUMN,
-    RunSummary,
-    run_table,
-    summarize,
-    task_columns,
-)
+from lmlab.analysis.runs import RunSummary, compare_columns, summarize
 from lmlab.api.checks import checked, pandas_for
 from lmlab.api.run import Run
 from lmlab.api.tables import fitted_table, html_table
@@ -44,8 +35,7 @@ class Comparison:
         self.reason = unfair(summaries)
         change = f"bits/byte: % change, as {self.reason}" if self.reason else "best val: % change"
         self.title = f"Compared with {summaries[0].name} (× its figure; {change})"
-        self.columns = run_table([*COMPARE_COLUMNS, FINAL_COLUMN, PREDICTED_COLUMN, *EVALUATION_COLUMNS,
-                                  *task_columns(self.rows)], self.rows)
+        self.columns = compare_columns(self.rows)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield fitted_table(console, options.max_width, self.title, self.columns, self.rows,
@@ -79,7 +69,8 @@ class Comparison:
 def compare(runs: Iterable[str | Path | Run], checkpoint: str = "best") -> Comparison:
     """Compare runs (paths or Runs; the first is the base of every ratio), each with an evaluation: parameters,
     tokens, compute, wall time, best val loss (and its change), bits per byte, epochs, Chinchilla share, the gap
-    to the train split, and the task and judge scores kept for `checkpoint`."""
+    to the train split, and the perplexity, accuracy, task and judge scores kept for `checkpoint` (a column per text
+    scored)."""
     runs = [runs] if isinstance(runs, (str, os.PathLike, Run)) else runs
     paths = [run.path if isinstance(run, Run) else Path(os.fspath(run)) for run in runs]
     if not paths:

@@ -26,13 +26,14 @@ from lmlab.core.errors import UserError
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.analysis.runs import EVALUATION_COLUMNS, RUN_COLUMNS, find_runs, run_table, summarize
+    from lmlab.analysis.runs import RUN_COLUMNS, evaluation_columns, find_runs, run_table, summarize
 
     rows = [{**summarize(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
     if args.json:
         print(json.dumps({"dir": str(args.dir), "runs": rows}, indent=1))
         return
-    print_table(f"Runs under {args.dir}", run_table([*RUN_COLUMNS, *EVALUATION_COLUMNS], rows), rows, args.wide)
+    print_table(f"Runs under {args.dir}", run_table([*RUN_COLUMNS, *evaluation_columns(rows)], rows), rows,
+                args.wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

@@ -299,6 +299,33 @@ def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenize
 
 
 @pytest.mark.slow
+def test_compare_dataset_scores_every_run_of_its_tokenizer_on_one_text(two_tokenizers, tmp_path, capsys):
+    """`compare --dataset DIR` scores each run on DIR's val split first, as `lmlab eval --dataset` does and kept in
+    the run (not again once kept), its perplexity the column kept longest at 80 columns; a run of another tokenizer
+    is said in one line and not scored."""
+    import lmlab
+
+    char, bpe = (Path(shutil.copytree(run, tmp_path / "runs" / run.name)) for run in two_tokenizers)
+    other, _, _ = prepare([str(write_corpus(tmp_path / "novels", seed=1))], str(char), name="novels",
+                          out_dir=tmp_path / "data")
+    argv = [LMLAB, "compare", str(char), str(bpe), "--dataset", str(other)]
+    job = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "80"})
+    said = [line for line in job.stderr.splitlines() if "not scored" in line]
+    assert said == [f"bpe (bpe:300): not scored on {other}, whose tokenizer (char) is not theirs."], job.stderr
+    kept = [r for r in RunDir(char).kept("results") if r["dataset"] == str(other)]
+    assert len(kept) == 1 and not any(r["dataset"] == str(other) for r in RunDir(bpe).kept("results"))
+    assert kept[0]["loss"] == as_json(capsys, "eval", str(char), "--dataset", str(other))["loss"]  # the same scorer
+    table = job.stdout.splitlines()
+    assert max(map(len, table)) <= 80 and "perplexity on" in next(line for line in table if "run" in line.split())
+    assert f"{kept[0]['perplexity']:.2f}" in next(line for line in table if line.split()[:1] == ["char"])
+    again = subprocess.run([*argv, "--json"], capture_output=True, text=True, check=True)
+    assert "Evaluating" not in again.stderr and json.loads(again.stdout)["not_scored"] == ["bpe"]
+    compared = lmlab.compare([char, bpe], dataset=other)
+    assert compared.shared == kept[0]["val_sha256"] and compared.not_scored == ["bpe"]
+    assert [c.header for c in compared.columns if c.header.startswith("perplexity")][0] == "perplexity on novels-char"
+
+
+@pytest.mark.slow
 def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_tokenizers, capsys, tmp_path):
     assert main(["scaling", *map(str, two_tokenizers), "--plot", str(tmp_path / "s.png")]) == 2
     assert ("scaling fits one power law through runs of one tokenizer on one text, and their tokenizers differ "

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 from lmlab.commands.common import (
@@ -42,7 +43,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from lmlab.run.rundir import RunDir
 
     params = samplings(args)[0]
-    compared = compare(args.runs, args.checkpoint)
+    compared = compare(args.runs, args.checkpoint, args.dataset, args.device, Console(stderr=True))
     runs = compared.summaries
     plot = save(compared.plot(args.x, args.log), Path(args.plot)) if args.plot else None
     texts = None
@@ -51,7 +52,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
         texts = {s.name: sample(RunDir(s.path).load(args.checkpoint, args.device), args.prompt, params) for s in runs}
     if args.json:
-        print(json.dumps({"base": runs[0].name, "runs": compared.rows, "plot": plot and str(plot),
+        print(json.dumps({"base": runs[0].name, "runs": compared.rows, "not_scored": compared.not_scored,
+                          "plot": plot and str(plot),
                           "samples": texts and {"prompt": args.prompt, "settings": params.describe(), "text": texts}},
                          indent=1))
         return
@@ -184,9 +186,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--x", choices=["step", "tokens", "time", "flops"], default="step", help="x axis of the plot")
     p.add_argument("--log", action="store_true", help="log-scale axes")
     p.add_argument("--prompt", help="sample every run from this prompt with the same seed")
-    add_checkpoint(p, "the checkpoint --prompt samples and whose kept task and judge scores are shown")
+    p.add_argument("--dataset", help="dataset dir: score every run on its val split first, as "
+                   "`lmlab eval --dataset` does (kept in the run; runs of another tokenizer are said and left out): "
+                   "one shared text, its perplexity the column kept longest")
+    add_checkpoint(p, "the checkpoint --prompt samples and --dataset scores, whose kept scores are shown")
     add_sampling(p, max_new_tokens=200)
-    add_device(p, " (for --prompt)")
+    add_device(p, " (for --prompt and --dataset)")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.add_argument("--json", action="store_true", help="print the figures (and samples) as JSON instead of tables")
 

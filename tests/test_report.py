@@ -23,7 +23,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
-from tests.helpers import write_config
+from tests.helpers import as_budgeted, write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 MODERN = ["model.pos_emb=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"]
@@ -105,6 +105,7 @@ def test_every_section_matches_the_run_folders(two_runs, report):
         best = min(evals, key=lambda e: e["val_loss"])
         assert training["best val loss (estimate)"][i] == f"{best['val_loss']:.4f} at step {best['step']}"
     assert training["resumes"] == ["none", "1 (at step 20)"]
+    assert training["steps"] == ["40 of 40", "40 of 40"]  # of their max_iters, the modern one's as its resume set it
     assert training["ended"] == ["finished", "finished"]
 
 
@@ -173,6 +174,17 @@ def test_a_second_report_reuses_the_kept_evaluation(two_runs, tmp_path, report, 
     md = (tmp_path / "again" / "report.md").read_text()
     assert rows(md, "Evaluation")[""] == ["kept from an earlier evaluation"]
     assert f"`{two_runs[0].name}` is a GPT-2 model" in section(md, "Summary")
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_is_reported_against_its_budget_s_plan_not_the_max_iters_it_ignored(two_runs, tmp_path):
+    """`lmlab report` of a run a 70 s budget trained: its steps of its budget's plan, the budget named, and what it
+    planned before its first step (was: "steps 40 of 5,000", the budget nowhere)."""
+    run = as_budgeted(two_runs[0], tmp_path / "s004", 70.0, 36)
+    assert main(["report", str(run), "--out", str(tmp_path / "report"), "--no-eval", "--device", "cpu"]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert rows(md, "Training")["steps"] == ["40 of 40 in a 70 s budget (36 planned before its first step)"]
+    assert f" in {format_duration(summarize(run).elapsed)} of a 70 s budget on " in section(md, "Summary")
 
 
 def test_a_run_from_before_the_machine_was_recorded_says_so(tmp_path, stable_root, monkeypatch):

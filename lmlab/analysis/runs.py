@@ -53,6 +53,11 @@ class RunSummary:
     # none, on the text it was scored on last), and the newest on each text it was scored on, its own first.
     evaluation: dict[str, Any] | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    # The steps the run is measured against: a budgeted run's by its budget's newest plan (decided at its last step,
+    # whatever train.max_iters says), with the budget and what it planned before the first step; else max_iters.
+    planned_steps: int | None = None
+    budget_seconds: float | None = None
+    first_plan: int | None = None
     still_falling: bool | None = None
     predicted_val: float | None = None
     tokens_per_sec: float | None = None
@@ -154,6 +159,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
                          **{key: start[key] for key in START_FIGURES if key in start})
     summary.tasks, summary.judge, whole = kept_results(run, checkpoint)
     _describe(run, start, summary)
+    _length(run, events, summary)
     _data(run, start, summary)
     # Each text's figures are shown under its name: the run's own split's are its evaluation, whatever was scored last.
     summary.evaluations = sorted({r.get("val_sha256"): r for r in whole}.values(),
@@ -193,6 +199,29 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
         summary.scored_on = evaluation.get("val_sha256") or summary.scored_on
         summary.val_from = "lmlab eval"
     return summary
+
+
+def _length(run: RunDir, events: list[dict[str, Any]], summary: RunSummary) -> None:
+    """The steps the run is measured against and its budget (`RunSummary.planned_steps`), from its `budget` events."""
+    try:
+        train = run.config().train
+    except UserError:
+        return
+    plans = [e["max_iters"] for e in events if e.get("event") == "budget" and isinstance(e.get("max_iters"), int)]
+    summary.planned_steps = plans[-1] if train.budget_seconds and plans else train.max_iters
+    if train.budget_seconds and plans:
+        summary.budget_seconds, summary.first_plan = train.budget_seconds, plans[0]
+
+
+def steps_of(s: RunSummary) -> str:
+    """The steps a run trained of those it is measured against: `937 of 1,000`; a budgeted run's, of its budget's
+    plan: `937 of 937 in a 70 s budget (864 planned before its first step)`."""
+    if s.planned_steps is None:
+        return f"{s.steps:,}"
+    if not s.budget_seconds:
+        return f"{s.steps:,} of {s.planned_steps:,}"
+    first = f" ({s.first_plan:,} planned before its first step)" if s.first_plan != s.planned_steps else ""
+    return f"{s.steps:,} of {s.planned_steps:,} in a {format_duration(s.budget_seconds)} budget{first}"
 
 
 Kept = tuple[dict[str, dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]

@@ -85,7 +85,8 @@ def describe_run(f: RunFacts) -> str:
         how = (f"fine-tuned from `{Path(origin['base']).name}` {s.steps:,} steps on {count(s.tokens)} tokens of "
                f"{origin.get('train_records', '?')} instruction records" if s.kind == "fine-tuned" and
                origin.get("base") else f"trained {s.steps:,} steps on {count(s.tokens)} tokens ({data_share(s)})")
-        text = (f"{model}, {how} in {format_duration(s.elapsed)} on {where}, "
+        budget = f" of a {format_duration(s.budget_seconds)} budget" if s.budget_seconds else ""
+        text = (f"{model}, {how} in {format_duration(s.elapsed)}{budget} on {where}, "
                 f"{f.start.get('dtype') or 'dtype not recorded'}; status: {s.status}.")
     if f.evaluation:
         e = f.evaluation

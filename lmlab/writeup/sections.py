@@ -13,7 +13,7 @@ from typing import Any
 from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.history import EVAL_COLUMNS, evaluations
 from lmlab.analysis.plots import comparison_figure, plot_document_lengths, plot_losses, save
-from lmlab.analysis.runs import RunSummary, compare_columns, final_cell, judge_cell, score_cell
+from lmlab.analysis.runs import RunSummary, compare_columns, final_cell, judge_cell, score_cell, steps_of
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
 from lmlab.core.config import checkpoint_label
 from lmlab.core.errors import UserError
@@ -184,7 +184,7 @@ def training(facts: list[RunFacts], out: Path) -> list[Block]:
         return f.summary
 
     rows = [
-        ("steps", lambda f: f"{s(f).steps:,} of {f.config.train.max_iters:,}"),
+        ("steps", lambda f: steps_of(s(f))),
         ("tokens", lambda f: f"{s(f).tokens:,}"),
         ("passes over the data", lambda f: "-" if s(f).epochs is None else
          f"{s(f).epochs:.2f} over the {s(f).split_tokens:,}-token train split"),

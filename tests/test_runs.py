@@ -164,6 +164,18 @@ def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, t
     assert small[:3] == ["small", "finished", "GPT-2"] and f"{listed['small']['best_val_loss']:.4f}" in small
 
 
+def test_runs_where_there_are_none_says_so_in_a_line_and_how_to_train_one(tmp_path, monkeypatch, capsys):
+    """A new folder: no `runs/` yet, or an empty one, is a line saying where runs were looked for and how one is
+    trained, not an error or a table of headers; a folder named that is not there is still refused."""
+    monkeypatch.chdir(tmp_path)
+    said = "No runs under runs: train one with `lmlab train CONFIG --run runs/NAME`.\n"
+    assert (main(["runs"]), capsys.readouterr().out) == (0, said)
+    (tmp_path / "runs").mkdir()
+    assert (main(["runs", "--wide"]), capsys.readouterr().out) == (0, said)
+    assert as_json(capsys, "runs")["runs"] == []
+    assert main(["runs", "elsewhere"]) == 2 and "elsewhere is not a directory" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
     config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20),

@@ -29,12 +29,18 @@ from lmlab.core.errors import UserError
 def cmd_runs(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import RUN_COLUMNS, evaluation_columns, find_runs, run_table, summarize
 
-    rows = [{**summarize(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
+    folder = Path("runs" if args.dir is None else args.dir)
+    # Where no runs are, say so and how one is made: no table of headers, and no error for the default folder.
+    paths = find_runs(folder) if args.dir is not None or folder.is_dir() else []
+    rows = [{**summarize(path).figures(), "run": str(path.relative_to(folder))} for path in paths]
     if args.json:
-        print(json.dumps({"dir": str(args.dir), "runs": rows}, indent=1))
-        return
-    print_table(f"Runs under {args.dir}", run_table([*RUN_COLUMNS, *evaluation_columns(rows)], rows), rows,
-                args.wide)
+        print(json.dumps({"dir": str(folder), "runs": rows}, indent=1))
+    elif not rows:
+        console.print(f"No runs under {folder}: train one with `lmlab train CONFIG --run {folder}/NAME`.",
+                      highlight=False)
+    else:
+        print_table(f"Runs under {folder}", run_table([*RUN_COLUMNS, *evaluation_columns(rows)], rows), rows,
+                    args.wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -176,7 +182,7 @@ def factors(text: str) -> list[float]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="one row per run: size, data, tokens, best val loss, status")
-    p.add_argument("dir", nargs="?", default="runs", help="folder searched for runs, sweeps included")
+    p.add_argument("dir", nargs="?", help="folder searched for runs, sweeps included (default: runs)")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
 

@@ -289,6 +289,27 @@ def test_a_flat_val_is_called_settled_only_past_the_noise_of_its_eval_batches(tw
 
 
 @pytest.mark.slow
+def test_the_lowest_estimate_is_said_to_be_within_the_noise_of_the_next_where_it_is(two_runs, tmp_path):
+    """Ranked by fixed-batch estimates, a lowest val loss within the noise of the next one's eval batches is said not
+    to be told apart (as `sweep`'s best setting is); one well below it is not."""
+    def shifted(name: str, delta: float) -> RunFacts:  # a copy of the GPT-2 run, every evaluation `delta` higher
+        copy = Path(shutil.copytree(two_runs[0], tmp_path / name))
+        events = [{**e, "val_loss": e["val_loss"] + delta} if e["event"] == "eval" else e
+                  for e in RunDir(copy).events()]
+        (copy / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        return RunFacts(RunDir(copy), summarize(copy), RunDir(copy).events(), RunDir(copy).config())
+
+    base, near, far = shifted("base", 0.0), shifted("near", 0.0005), shifted("far", 1.0)
+    noise = eval_noise(base.summary.trains, 5, 4)
+    assert noise is not None and 0.0005 < 2 * noise < 1.0
+    said = " ".join(reading([near, base]))
+    assert "`base` has the lowest val loss (fixed-batch estimate at the evals)" in said
+    assert f"That is within the noise of their eval batches (±{noise:.4f} and ±{noise:.4f}): the two are not told" \
+           " apart" in said
+    assert "within the noise of their eval batches" not in " ".join(reading([far, base]))
+
+
+@pytest.mark.slow
 def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_path, imported_gpt2, corpus_dir):
     """A fine-tune's val loss is of its held-out records, its base's of a val split: without an evaluation of both on
     one split they are not ranked. An import was never trained here: it is no 'short training'. A report of one

@@ -279,6 +279,20 @@ def cut_at_first_checkpoint(run: Path, copy: Path) -> Path:
     return copy
 
 
+def as_budgeted(run: Path, copy: Path, seconds: float, first: int) -> Path:
+    """A copy of the ended `run` as if a budget of `seconds` had trained it, its config.toml's max_iters the 5,000 a
+    budget ignores: its `budget` events, the plan before its first step (`first` steps) and the last step decided."""
+    shutil.copytree(run, copy)
+    config = re.sub(r"(?m)^max_iters = \d+$", "max_iters = 5000", (copy / "config.toml").read_text())
+    (copy / "config.toml").write_text(re.sub(r"(?m)^budget_seconds = .*$", f"budget_seconds = {seconds}", config))
+    start, *events, end = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    planned, last = ({"event": "budget", "seconds": seconds, "max_iters": steps, "step": step, "reason": reason}
+                     for steps, step, reason in ((first, 0, "planned"), (end["step"], end["step"] - 1, "last")))
+    lines = [start, planned, *events, last, {**end, "budget_seconds": seconds}]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return copy
+
+
 def stable_events(run: Path) -> list[dict]:
     """metrics.jsonl without the VOLATILE fields and without the resume, threads, compile and attention events: the
     history of how the run was trained (how often it resumed; the threads the load at each start made lmlab choose;

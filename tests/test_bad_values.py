@@ -97,6 +97,7 @@ ROWS = [
         "export-hf {run} {out}/exported", "export-gguf {run} {out}/exported.gguf", "report {run} --out {out}/report",
         "serve {run}")],
     *sampling_rows("sample {run}"), *sampling_rows("compare {run} {run} --prompt ROMEO"),
+    Row("compare {run} {run}", "--dataset", int),  # a dataset's folder: none of these is one
     *sampling_rows("answer {run} --data {alpaca} --out {out}/answers.jsonl"),
     Row("serve {run}", "--port", int, ("zero",), beyond=("65536",)),  # 0: a free port
     Row("serve {run}", "--max-tokens-cap", int),
@@ -221,7 +222,8 @@ def test_a_thread_count_past_the_cores_is_refused_in_one_line(capsys, paths, row
 EMPTY_ROWS = [Row("train {config}", "--run", str), Row("train", "--resume", str),
               Row("prepare {corpus} --tokenizer char", "--out-dir", str),
               # Where the command line alone writes (was: taken as not given, nothing written, nothing said).
-              Row("log {run}", "--plot", str), Row("compare {run}", "--plot", str)]
+              Row("log {run}", "--plot", str), Row("compare {run}", "--plot", str),
+              Row("compare {run}", "--dataset", str)]
 
 
 @pytest.mark.parametrize("row", EMPTY_ROWS, ids=lambda row: f"{row.subcommand} {row.option}")

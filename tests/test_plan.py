@@ -22,7 +22,7 @@ from lmlab.experiments.gputime import gpu_step_time
 from lmlab.experiments.plan import DEFAULT_MFU, assumed, shape_of
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.helpers import write_config
+from tests.helpers import as_budgeted, cut_at_first_checkpoint, write_config
 
 GPT2 = "configs/gpt2-small.toml"
 
@@ -227,3 +227,25 @@ def test_bad_gpu_names_and_mfu_values_are_refused_with_the_fix(capsys, tmp_path)
     assert code == 2 and "--mfu goes with the estimate" in err
     with pytest.raises(SystemExit):  # argparse: one way to get the throughput
         main(["plan", GPT2, "--gpu", "H100", "--measure"])
+
+
+def test_a_budgeted_run_is_planned_by_its_budget_not_the_max_iters_it_ignored(capsys, tmp_path, trained):
+    """`lmlab plan RUN` of a run a 70 s budget trained (its config.toml's max_iters 5,000): its tokens are what its
+    budget planned, its wall time the budget, and a finished run has no time to finish; a killed one is measured
+    against what its budget foresaw then. A run by steps is measured against its max_iters."""
+    budgeted = as_budgeted(trained, tmp_path / "s004", 70.0, 16)
+    killed = cut_at_first_checkpoint(budgeted, tmp_path / "killed")
+    per_step = summarize(trained).tokens // summarize(trained).steps
+    for run, steps, ending in ((budgeted, 20, "none: finished"), (killed, 16, None), (trained, 20, "none: finished")):
+        code, out, _ = plan(capsys, run, "--device", "cpu")
+        said = " ".join(re.sub("[│┃]", " ", out).split())
+        how = "train.max_iters x tokens per step" if run == trained else \
+            f"its 70 s budget's plan: {steps} steps x tokens per step"
+        assert code == 0 and f"training tokens {steps * per_step:,} ({how};" in said
+        assert ("wall time 70 s: its budget (" in said) == (run != trained)
+        finish = re.search(r"time to finish (.*?) └", said).group(1)
+        assert finish == ending if ending else re.fullmatch(r"[\d.]+ s", finish)  # the rest of its 16 steps
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    listed = {r["run"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert [(listed[name]["planned_steps"], listed[name]["budget_seconds"], listed[name]["first_plan"])
+            for name in ("s004", "killed")] == [(20, 70.0, 16), (16, 70.0, 16)]

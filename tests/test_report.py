@@ -23,7 +23,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
-from tests.helpers import write_config
+from tests.helpers import as_budgeted, write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 MODERN = ["model.pos_emb=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"]
@@ -105,6 +105,7 @@ def test_every_section_matches_the_run_folders(two_runs, report):
         best = min(evals, key=lambda e: e["val_loss"])
         assert training["best val loss (estimate)"][i] == f"{best['val_loss']:.4f} at step {best['step']}"
     assert training["resumes"] == ["none", "1 (at step 20)"]
+    assert training["steps"] == ["40 of 40", "40 of 40"]  # of their max_iters, the modern one's as its resume set it
     assert training["ended"] == ["finished", "finished"]
 
 
@@ -173,6 +174,17 @@ def test_a_second_report_reuses_the_kept_evaluation(two_runs, tmp_path, report, 
     md = (tmp_path / "again" / "report.md").read_text()
     assert rows(md, "Evaluation")[""] == ["kept from an earlier evaluation"]
     assert f"`{two_runs[0].name}` is a GPT-2 model" in section(md, "Summary")
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_is_reported_against_its_budget_s_plan_not_the_max_iters_it_ignored(two_runs, tmp_path):
+    """`lmlab report` of a run a 70 s budget trained: its steps of its budget's plan, the budget named, and what it
+    planned before its first step (was: "steps 40 of 5,000", the budget nowhere)."""
+    run = as_budgeted(two_runs[0], tmp_path / "s004", 70.0, 36)
+    assert main(["report", str(run), "--out", str(tmp_path / "report"), "--no-eval", "--device", "cpu"]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert rows(md, "Training")["steps"] == ["40 of 40 in a 70 s budget (36 planned before its first step)"]
+    assert f" in {format_duration(summarize(run).elapsed)} of a 70 s budget on " in section(md, "Summary")
 
 
 def test_a_run_from_before_the_machine_was_recorded_says_so(tmp_path, stable_root, monkeypatch):
@@ -274,6 +286,27 @@ def test_a_flat_val_is_called_settled_only_past_the_noise_of_its_eval_batches(tw
     assert ("noise of its 4 eval batches); its val loss was 0.500 above its train loss at its best: it overfits: more "
             "of the same training will not lower its loss.") in said, said
     assert said.count("overfits") == 1, said
+
+
+@pytest.mark.slow
+def test_the_lowest_estimate_is_said_to_be_within_the_noise_of_the_next_where_it_is(two_runs, tmp_path):
+    """Ranked by fixed-batch estimates, a lowest val loss within the noise of the next one's eval batches is said not
+    to be told apart (as `sweep`'s best setting is); one well below it is not."""
+    def shifted(name: str, delta: float) -> RunFacts:  # a copy of the GPT-2 run, every evaluation `delta` higher
+        copy = Path(shutil.copytree(two_runs[0], tmp_path / name))
+        events = [{**e, "val_loss": e["val_loss"] + delta} if e["event"] == "eval" else e
+                  for e in RunDir(copy).events()]
+        (copy / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        return RunFacts(RunDir(copy), summarize(copy), RunDir(copy).events(), RunDir(copy).config())
+
+    base, near, far = shifted("base", 0.0), shifted("near", 0.0005), shifted("far", 1.0)
+    noise = eval_noise(base.summary.trains, 5, 4)
+    assert noise is not None and 0.0005 < 2 * noise < 1.0
+    said = " ".join(reading([near, base]))
+    assert "`base` has the lowest val loss (fixed-batch estimate at the evals)" in said
+    assert f"That is within the noise of their eval batches (±{noise:.4f} and ±{noise:.4f}): the two are not told" \
+           " apart" in said
+    assert "within the noise of their eval batches" not in " ".join(reading([far, base]))
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
-from tests.helpers import ALPACA_TINY, LMLAB, write_config
+from tests.helpers import ALPACA_TINY, LMLAB, write_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,18 @@ def test_runs_lists_finished_half_written_and_foreign_dirs(three_runs, capsys, t
     assert small[:3] == ["small", "finished", "GPT-2"] and f"{listed['small']['best_val_loss']:.4f}" in small
 
 
+def test_runs_where_there_are_none_says_so_in_a_line_and_how_to_train_one(tmp_path, monkeypatch, capsys):
+    """A new folder: no `runs/` yet, or an empty one, is a line saying where runs were looked for and how one is
+    trained, not an error or a table of headers; a folder named that is not there is still refused."""
+    monkeypatch.chdir(tmp_path)
+    said = "No runs under runs: train one with `lmlab train CONFIG --run runs/NAME`.\n"
+    assert (main(["runs"]), capsys.readouterr().out) == (0, said)
+    (tmp_path / "runs").mkdir()
+    assert (main(["runs", "--wide"]), capsys.readouterr().out) == (0, said)
+    assert as_json(capsys, "runs")["runs"] == []
+    assert main(["runs", "elsewhere"]) == 2 and "elsewhere is not a directory" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
     config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20),
@@ -299,6 +311,33 @@ def test_runs_of_different_tokenizers_are_compared_in_bits_per_byte(two_tokenize
 
 
 @pytest.mark.slow
+def test_compare_dataset_scores_every_run_of_its_tokenizer_on_one_text(two_tokenizers, tmp_path, capsys):
+    """`compare --dataset DIR` scores each run on DIR's val split first, as `lmlab eval --dataset` does and kept in
+    the run (not again once kept), its perplexity the column kept longest at 80 columns; a run of another tokenizer
+    is said in one line and not scored."""
+    import lmlab
+
+    char, bpe = (Path(shutil.copytree(run, tmp_path / "runs" / run.name)) for run in two_tokenizers)
+    other, _, _ = prepare([str(write_corpus(tmp_path / "novels", seed=1))], str(char), name="novels",
+                          out_dir=tmp_path / "data")
+    argv = [LMLAB, "compare", str(char), str(bpe), "--dataset", str(other)]
+    job = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "80"})
+    said = [line for line in job.stderr.splitlines() if "not scored" in line]
+    assert said == [f"bpe (bpe:300): not scored on {other}, whose tokenizer (char) is not theirs."], job.stderr
+    kept = [r for r in RunDir(char).kept("results") if r["dataset"] == str(other)]
+    assert len(kept) == 1 and not any(r["dataset"] == str(other) for r in RunDir(bpe).kept("results"))
+    assert kept[0]["loss"] == as_json(capsys, "eval", str(char), "--dataset", str(other))["loss"]  # the same scorer
+    table = job.stdout.splitlines()
+    assert max(map(len, table)) <= 80 and "perplexity on" in next(line for line in table if "run" in line.split())
+    assert f"{kept[0]['perplexity']:.2f}" in next(line for line in table if line.split()[:1] == ["char"])
+    again = subprocess.run([*argv, "--json"], capture_output=True, text=True, check=True)
+    assert "Evaluating" not in again.stderr and json.loads(again.stdout)["not_scored"] == ["bpe"]
+    compared = lmlab.compare([char, bpe], dataset=other)
+    assert compared.shared == kept[0]["val_sha256"] and compared.not_scored == ["bpe"]
+    assert [c.header for c in compared.columns if c.header.startswith("perplexity")][0] == "perplexity on novels-char"
+
+
+@pytest.mark.slow
 def test_runs_of_different_tokenizers_get_no_shared_loss_axis_or_power_law(two_tokenizers, capsys, tmp_path):
     assert main(["scaling", *map(str, two_tokenizers), "--plot", str(tmp_path / "s.png")]) == 2
     assert ("scaling fits one power law through runs of one tokenizer on one text, and their tokenizers differ "
@@ -332,6 +371,41 @@ def test_kept_evaluations_give_perplexity_and_accuracy_columns(three_runs, capsy
     assert f"{kept['perplexity']:.2f}" in cells and f"{kept['accuracy']:.3f}" in cells
     assert main(["runs", str(Path(small).parent), "--wide"]) == 0
     assert f"{kept['perplexity']:.2f}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_figure_is_shown_under_the_name_of_the_text_it_was_scored_on(trained, tmp_path, capsys):
+    """`lmlab eval RUN` then `lmlab eval RUN --dataset OTHER`: the run's own figures (compare's and the API's
+    `evaluation`, the title's text) stay its own split's, whatever was scored last; `compare` and `runs` hold a column
+    per text, each headed by its dataset and holding that text's figures; `log` fills an evaluation's missing
+    accuracy from its own split only."""
+    import lmlab
+
+    run = Path(shutil.copytree(trained, tmp_path / "runs" / "base"))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in e.items() if k != "val_accuracy"}) + "\n"
+                                               for e in events))  # as an older lmlab logged them: no accuracy
+    other, _, _ = prepare([str(write_corpus(tmp_path / "novels", seed=1))], str(run), name="novels",
+                          out_dir=tmp_path / "data")
+    own = Path(RunDir(run).config().data.dataset).name
+    mine = as_json(capsys, "eval", str(run), "--checkpoint", "20")
+    theirs = as_json(capsys, "eval", str(run), "--checkpoint", "20", "--dataset", str(other))
+    assert as_json(capsys, "eval", str(run), "--checkpoint", "10", "--dataset", str(other))["step"] == 10
+    assert mine["perplexity"] != theirs["perplexity"]
+    for rows in (as_json(capsys, "compare", str(run), "--checkpoint", "20")["runs"],
+                 lmlab.compare([run], checkpoint="20").rows):
+        assert rows[0]["evaluation"]["perplexity"] == mine["perplexity"]
+        assert [(e["dataset"], e["perplexity"]) for e in rows[0]["evaluations"]] == [
+            (mine["dataset"], mine["perplexity"]), (theirs["dataset"], theirs["perplexity"])]
+    assert summarize(run, "20").evaluation["val_sha256"] == mine["val_sha256"]
+    for argv in (["compare", str(run), "--checkpoint", "20", "--wide"], ["runs", str(run.parent), "--wide"]):
+        assert main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        header, row = (next(line for line in lines if line.split()[:1] == [word]) for word in ("run", "base"))
+        assert header.index(f"perplexity on {own}") < header.index("perplexity on novels-char")
+        assert row.index(f"{mine['perplexity']:.2f}") < row.index(f"{theirs['perplexity']:.2f}"), argv
+    # `log`: step 10 was scored whole only on other text, whose accuracy is no figure of its val batches
+    assert [r["accuracy"] for r in as_json(capsys, "log", str(run))["evaluations"]] == [None, mine["accuracy"]]
 
 
 @pytest.mark.slow

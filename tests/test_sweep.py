@@ -1,12 +1,15 @@
 """`lmlab sweep`: the grid and its budgets in-process (fast); an interrupted sweep continued in real processes
 (slow)."""
 
+import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from lmlab.analysis.runs import summarize
+from lmlab.commands import main
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.experiments.sweep import plan_trials
@@ -60,3 +63,50 @@ def test_a_wall_clock_budget_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path
     assert [e["step"] for e in events if e["event"] == "eval"] == [result.steps]
     assert RunDir(result.run_dir).checkpoint("latest").name == f"step_{result.steps:06d}"
     assert summarize(result.run_dir).status == "finished"
+
+
+def scored(run: Path, val: float, stderr: float, tokens: int | None = None) -> None:
+    """The trial's final score (and the tokens it ended at) rewritten in its metrics.jsonl."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for e in events:
+        if e["event"] == "final":
+            e.update(val_loss=val, stderr=stderr)
+        if e["event"] == "end" and tokens:
+            e["tokens"] = tokens
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+@pytest.mark.slow
+def test_the_best_setting_says_the_spread_it_is_chosen_within(tmp_path, char_dataset, capsys):
+    """A best setting within the noise of another is said to be (was: "best setting: learning_rate=4e-4 (4.8129 ±
+    0.0250)" beside 8e-4's 4.8171 ± 0.0276, after 1.38x the tokens, nothing said); one past it says its margin and
+    the noise; scores of the whole split have no sampling error, and say a seed's spread is not measured; trials of
+    unequal tokens are said to be. The finished sweep run again says it from its trials' folders."""
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    argv = ["sweep", str(config), "--set", "train.learning_rate=4e-4,8e-4", "--budget-tokens", str(8 * 32 * 10),
+            "--dir", str(tmp_path / "runs"), "--name", "lr", "--device", "cpu"]
+    assert main(argv) == 0
+    low, high = (tmp_path / "runs" / "lr" / f"learning_rate={lr}" for lr in ("4e-4", "8e-4"))
+    tokens = summarize(low).tokens
+
+    def said() -> str:
+        capsys.readouterr()
+        assert main(argv) == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    scored(low, 4.8129, 0.0250)
+    scored(high, 4.8171, 0.0276, round(1.38 * tokens))
+    out = said()
+    assert "best setting: learning_rate=4e-4 (final val 4.8129 ± 0.0250, run " in out
+    assert ("within the noise of learning_rate=8e-4 (4.8171 ± 0.0276): 0.0042 apart, under twice the standard error "
+            "of the difference (2 × 0.0372)") in out
+    assert (f"unequal tokens: the trials trained {tokens / 1000:.3g}k (learning_rate=4e-4) to "
+            f"{1.38 * tokens / 1000:.3g}k (learning_rate=8e-4, 1.38x)") in out
+    scored(high, 4.9, 0.0276, tokens)
+    out = said()
+    assert ("0.0871 below the next, learning_rate=8e-4 (4.9000 ± 0.0276): past twice the standard error of the "
+            "difference (2 × 0.0372)") in out and "within the noise" not in out and "unequal tokens" not in out
+    scored(low, 4.8129, 0.0)
+    scored(high, 4.8171, 0.0)
+    assert ("0.0042 below learning_rate=8e-4 (4.8171), both on the whole val split: no sampling error, and how far a "
+            "seed moves a score is not measured") in said()

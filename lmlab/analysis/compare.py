@@ -3,6 +3,7 @@ read), and whether their losses per token compare at all (`unfair`): a tokenizer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "bits_per_byte_change": _change(s.best_bpb, base.best_bpb),
         "by_bytes": by_bytes, "params_padding": s.padding,
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
-        "judge": s.judge, "evaluation": s.evaluation, "predicted_val": s.predicted_val,
+        "judge": s.judge, "evaluation": s.evaluation, "evaluations": s.evaluations, "predicted_val": s.predicted_val,
         "predicted_error": _change(s.predicted_val, s.reached),
         "final_val_loss": s.final_val_loss, "final_stderr": s.final_stderr,
     } for s in runs]
@@ -41,6 +42,12 @@ def _training(s: RunSummary, base: RunSummary) -> dict[str, Any]:
                "chinchilla_percent": chinchilla_percent(s.unique_tokens, params) if params else None,
                "chinchilla_seen_percent": chinchilla_percent(s.tokens, params) if params else None}
     return figures if s.kind != "imported" else dict.fromkeys(figures)
+
+
+def told_apart(a: float, a_stderr: float, b: float, b_stderr: float) -> bool:
+    """Whether two independent estimates differ by more than twice the standard error of their difference: what a
+    "best" must pass to be told from noise (`sweep`'s best setting, the report's ranking)."""
+    return abs(a - b) > 2 * math.hypot(a_stderr, b_stderr)
 
 
 def unfair(runs: list[RunSummary]) -> str | None:

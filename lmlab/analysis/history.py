@@ -20,13 +20,16 @@ LOGGED = FIELDS[:9]  # what an eval event holds; the others are derived or joine
 def evaluations(run: RunDir) -> list[dict[str, Any]]:
     """Every eval event of the run in the order it was logged, each with FIELDS (None where the event has none: a
     fine-tune scores no train split, an older run logged no epoch): its val perplexity and next-token accuracy, both
-    of the batches its val loss is of (where the event has no accuracy, as a fine-tune's or an older lmlab's has
-    not, that of a whole-split `lmlab eval` kept for the checkpoint of its step; None: not measured), and the mean
+    of the batches its val loss is of (where the event has no accuracy, as an older lmlab's has not, that of a
+    whole-split `lmlab eval` kept for the checkpoint of its step on the same split; None: not measured), and the mean
     and largest gradient norm of the train lines logged since the evaluation before. One past the run's newest
     checkpoint (its checkpoint never written: a full disk, a kill) is no new best: the best the run holds is the one
     before."""
     rows, norms = [], []
-    measured = {r.get("step"): r.get("accuracy") for r in run.kept("results") if r.get("max_tokens") is None}
+    # Of the text the events' val loss is of: a trained run's val split (a fine-tune's is its held-out records).
+    split = (run.dataset().get("val") or {}).get("sha256") if run.kind() == "trained" else None
+    measured = {r.get("step"): r.get("accuracy") for r in run.kept("results")
+                if r.get("max_tokens") is None and split and r.get("val_sha256") == split}
     for event in run.events():
         if event.get("event") == "train" and isinstance(event.get("grad_norm"), (int, float)):
             norms.append(float(event["grad_norm"]))

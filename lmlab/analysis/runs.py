@@ -49,7 +49,15 @@ class RunSummary:
     kind: str | None = None
     scored_on: str | None = None  # what its val loss is of: the val split (its sha256), a fine-tune's held-out records
     text: str | None = None  # what its val split holds whatever the tokenizer (`_text`), a fine-tune's its scored_on
-    evaluation: dict[str, Any] | None = None  # the kept `lmlab eval` of the checkpoint's weights (perplexity, accuracy)
+    # The kept whole-split `lmlab eval` of the checkpoint's weights on the run's own val split (an import, which has
+    # none, on the text it was scored on last), and the newest on each text it was scored on, its own first.
+    evaluation: dict[str, Any] | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    # The steps the run is measured against: a budgeted run's by its budget's newest plan (decided at its last step,
+    # whatever train.max_iters says), with the budget and what it planned before the first step; else max_iters.
+    planned_steps: int | None = None
+    budget_seconds: float | None = None
+    first_plan: int | None = None
     still_falling: bool | None = None
     predicted_val: float | None = None
     tokens_per_sec: float | None = None
@@ -149,9 +157,15 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     start = events[0] if events and events[0].get("event") == "start" else {}
     summary = RunSummary(run.path, _status(run, events), padding=start.get("params_padding", 0), checkpoint=checkpoint,
                          **{key: start[key] for key in START_FIGURES if key in start})
-    summary.tasks, summary.judge, summary.evaluation = kept_results(run, checkpoint)
+    summary.tasks, summary.judge, whole = kept_results(run, checkpoint)
     _describe(run, start, summary)
+    _length(run, events, summary)
     _data(run, start, summary)
+    # Each text's figures are shown under its name: the run's own split's are its evaluation, whatever was scored last.
+    summary.evaluations = sorted({r.get("val_sha256"): r for r in whole}.values(),
+                                 key=lambda r: r.get("val_sha256") != summary.data_sha256)
+    own = [r for r in whole if r.get("val_sha256") == summary.data_sha256] if summary.data_sha256 else whole
+    summary.evaluation = own[-1] if own else None
     # A figure that was not finite is null in metrics.jsonl (`events.as_json`): such lines draw and count nothing.
     summary.evals = [e for e in events if e.get("event") == "eval" and e["val_loss"] is not None]
     summary.trains = [e for e in events if e.get("event") == "train" and e["loss"] is not None]
@@ -187,15 +201,38 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     return summary
 
 
-Kept = tuple[dict[str, dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]
+def _length(run: RunDir, events: list[dict[str, Any]], summary: RunSummary) -> None:
+    """The steps the run is measured against and its budget (`RunSummary.planned_steps`), from its `budget` events."""
+    try:
+        train = run.config().train
+    except UserError:
+        return
+    plans = [e["max_iters"] for e in events if e.get("event") == "budget" and isinstance(e.get("max_iters"), int)]
+    summary.planned_steps = plans[-1] if train.budget_seconds and plans else train.max_iters
+    if train.budget_seconds and plans:
+        summary.budget_seconds, summary.first_plan = train.budget_seconds, plans[0]
+
+
+def steps_of(s: RunSummary) -> str:
+    """The steps a run trained of those it is measured against: `937 of 1,000`; a budgeted run's, of its budget's
+    plan: `937 of 937 in a 70 s budget (864 planned before its first step)`."""
+    if s.planned_steps is None:
+        return f"{s.steps:,}"
+    if not s.budget_seconds:
+        return f"{s.steps:,} of {s.planned_steps:,}"
+    first = f" ({s.first_plan:,} planned before its first step)" if s.first_plan != s.planned_steps else ""
+    return f"{s.steps:,} of {s.planned_steps:,} in a {format_duration(s.budget_seconds)} budget{first}"
+
+
+Kept = tuple[dict[str, dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]
 
 
 def kept_results(run: RunDir, checkpoint: str) -> Kept:
     """What a run keeps for the weights of one checkpoint: per task the result over the most items (the newest of
-    those), the newest judgement, and the newest whole-split val evaluation (`lmlab eval`)."""
+    those), the newest judgement, and its whole-split val evaluations (`lmlab eval`) of every text, oldest first."""
     weights = run.weights_sha256(checkpoint)
     if not weights:
-        return {}, None, None
+        return {}, None, []
     kept = [r for r in run.kept("tasks") if r.get("weights_sha256") == weights
             and isinstance(r.get("items"), int) and isinstance(r.get("task"), str)]
     # sorted is stable: of results over as many items, the newest comes last and stays
@@ -203,7 +240,7 @@ def kept_results(run: RunDir, checkpoint: str) -> Kept:
     judged = [j for j in run.kept("judgements") if j.get("weights_sha256") == weights]
     whole = [r for r in run.kept("results") if r.get("weights_sha256") == weights
              and r.get("max_tokens") is None and isinstance(r.get("perplexity"), float)]
-    return tasks, judged[-1] if judged else None, whole[-1] if whole else None
+    return tasks, judged[-1] if judged else None, whole
 
 
 def _data(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
@@ -321,10 +358,23 @@ def final_cell(value: float | None, stderr: float | None) -> str:
 FINAL_COLUMN = Column("final val", 0, lambda r: final_cell(r.get("final_val_loss"), r.get("final_stderr")),
                       needs="final_val_loss")
 
-EVALUATION_COLUMNS = [  # perplexity and accuracy of the kept `lmlab eval` of each row's checkpoint
-    Column("perplexity", 8, lambda r: fmt((r.get("evaluation") or {}).get("perplexity"), ".2f"), needs="evaluation"),
-    Column("accuracy", 9, lambda r: fmt((r.get("evaluation") or {}).get("accuracy"), ".3f"), needs="evaluation"),
-]
+
+def evaluation_columns(rows: list[dict[str, Any]], first: str | None = None) -> list[Column]:
+    """The perplexity and accuracy of the rows' kept whole-split `lmlab eval`s (`RunSummary.evaluations`): a column
+    of each per text scored, headed by its dataset's name (and its val split's checksum where two texts share a
+    name); the text of checksum `first` (`compare --dataset`'s) leads and is kept longest."""
+    def cell(text: str, key: str, spec: str, r: dict[str, Any]) -> str:
+        return fmt(next((e[key] for e in r.get("evaluations") or [] if e.get("val_sha256") == text), None), spec)
+
+    names = {e.get("val_sha256"): Path(str(e.get("dataset"))).name for r in rows for e in r.get("evaluations") or []}
+    columns = []
+    for text in sorted(names, key=lambda text: text != first):
+        name = names[text] if list(names.values()).count(names[text]) == 1 else f"{names[text]} {str(text)[:8]}"
+        columns += [Column(f"perplexity on {name}", 0 if text == first else 8,
+                           functools.partial(cell, text, "perplexity", ".2f")),
+                    Column(f"accuracy on {name}", 7 if text == first else 9,
+                           functools.partial(cell, text, "accuracy", ".3f"))]
+    return columns
 
 
 def judge_cell(judge: dict[str, Any] | None) -> str:
@@ -382,3 +432,10 @@ COMPARE_COLUMNS = [  # `lmlab compare` and the report: the rows of `comparison`
     Column("status", 11, lambda r: r["status"], left=True),
     Column("judge (scored, model)", 6, lambda r: judge_cell(r["judge"]), left=True),
 ]
+
+
+def compare_columns(rows: list[dict[str, Any]], first: str | None = None) -> list[Column]:
+    """The columns of runs compared (`lmlab compare`, `sweep`, the report): `comparison`'s rows, the text of checksum
+    `first` leading the evaluations' (`evaluation_columns`)."""
+    return run_table([*COMPARE_COLUMNS, FINAL_COLUMN, PREDICTED_COLUMN, *evaluation_columns(rows, first),
+                      *task_columns(rows)], rows)

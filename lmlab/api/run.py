@@ -121,8 +121,8 @@ class Run:
         """Every evaluation, in order, as records: step, epoch, tokens, elapsed, train_loss (the mean of the steps since
         the one before), train_eval_loss (the train split scored as val is), val_loss, best_val_loss, is_best,
         perplexity and accuracy (the share of next tokens guessed right), both of the batches val_loss is of (a run
-        whose evaluations logged no accuracy: of a whole-split `lmlab eval` of that step's checkpoint, else None),
-        grad_norm and grad_norm_max (`lmlab log`'s rows)."""
+        whose evaluations logged no accuracy: of a whole-split `lmlab eval` of that step's checkpoint on the same
+        split, else None), grad_norm and grad_norm_max (`lmlab log`'s rows)."""
         return evaluations(self._dir)
 
     @checked()

@@ -133,6 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import find_runs, summarize
     from lmlab.analysis.scaling import repeat_warning
     from lmlab.core.config_toml import load_config
+    from lmlab.core.humanize import format_duration
     from lmlab.experiments.bench import with_vocab
     from lmlab.experiments.plan import (
         compute_note,
@@ -170,9 +171,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
         guess = estimate(hardware, args.mfu, with_vocab(cfg), [target] * bool(run) + searched)
         rate = guess.tokens_per_sec(model), ("estimate: a step's parts on this GPU (above)" if guess.step else
                                              "estimate: peak × MFU ÷ FLOPs per token") + "; --measure times it here"
-    plan = make_plan(cfg, rate, args.tokens, args.chinchilla, run.split_tokens if run else None,
-                     guess.step if guess else None)
-    console.print(plan_table(target, plan, guess, run))
+    tokens, source, budget = args.tokens, "--tokens", None
+    if run and run.budget_seconds and run.planned_steps and cfg.train.budget_seconds and not (
+            tokens or args.chinchilla):  # a budgeted run's length is its budget's plan, not the max_iters it ignored
+        tokens, budget = run.planned_steps * cfg.tokens_per_step, run.budget_seconds
+        source = f"its {format_duration(budget)} budget's plan: {run.planned_steps:,} steps x tokens per step"
+    plan = make_plan(cfg, rate, tokens, args.chinchilla, run.split_tokens if run else None,
+                     guess.step if guess else None, source)
+    console.print(plan_table(target, plan, guess, run, budget))
     console.print(f"6·N·D and lmlab's compute: {compute_note(plan)}")
     warn_busy([("the steps", load)], "the throughput reads low")
     if guess and not guess.hardware.peak.quiet:
@@ -292,9 +298,9 @@ def _size_columns() -> list:
             Column("predicted val", 0, lambda r: fmt(r["predicted_val"]))]
 
 
-def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
+def plan_table(target: Path, plan: Any, guess: Any, run: Any, budget: float | None = None) -> Table:
     """`plan`'s table: size, tokens and passes over the data, Chinchilla on unique tokens, compute beside 6·N·D,
-    the throughput and its source, the wall time; where a run stands."""
+    the throughput and its source, the wall time (a budgeted run's: its `budget`); where a run stands."""
     from lmlab.analysis.scaling import chinchilla_percent, unique_tokens
     from lmlab.core.humanize import format_duration
 
@@ -326,13 +332,17 @@ def plan_table(target: Path, plan: Any, guess: Any, run: Any) -> Table:
             table.add_row("a step", f"{1000 * guess.step.seconds:,.1f} ms: {guess.step.describe()}")
     table.add_row("throughput", f"{plan.tokens_per_sec:,.0f} tokens/s ({plan.rate_source})")
     evaluating = f" ({format_duration(plan.eval_seconds)} of it {plan.besides})" if plan.eval_seconds else ""
-    table.add_row("wall time", format_duration(plan.seconds) + evaluating)
+    table.add_row("wall time", format_duration(plan.seconds) + evaluating if budget is None else
+                  f"{format_duration(budget)}: its budget ({format_duration(plan.seconds)} of steps at this "
+                  "throughput, the rest its start-up, evaluations and end)")
     if run:
         passes = "" if run.epochs is None else f"{run.epochs:.2f} passes; "
         percent = chinchilla_percent(unique_tokens(run.tokens, run.split_tokens), plan.params)
         table.add_row("tokens seen so far", f"{run.tokens:,} ({passes}{percent:.1f}% of "
                       f"Chinchilla-optimal in unique tokens; {run.status})")
-        table.add_row("time to finish", format_duration(max(0, plan.tokens - run.tokens) / plan.tokens_per_sec))
+        done = run.status in ("finished", "stopped early")  # its end reached, whatever tokens it planned
+        table.add_row("time to finish", f"none: {run.status}" if done else
+                      format_duration(max(0, plan.tokens - run.tokens) / plan.tokens_per_sec))
     return table
 
 

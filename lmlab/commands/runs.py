@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 from lmlab.commands.common import (
@@ -26,13 +27,20 @@ from lmlab.core.errors import UserError
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.analysis.runs import EVALUATION_COLUMNS, RUN_COLUMNS, find_runs, run_table, summarize
+    from lmlab.analysis.runs import RUN_COLUMNS, evaluation_columns, find_runs, run_table, summarize
 
-    rows = [{**summarize(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
+    folder = Path("runs" if args.dir is None else args.dir)
+    # Where no runs are, say so and how one is made: no table of headers, and no error for the default folder.
+    paths = find_runs(folder) if args.dir is not None or folder.is_dir() else []
+    rows = [{**summarize(path).figures(), "run": str(path.relative_to(folder))} for path in paths]
     if args.json:
-        print(json.dumps({"dir": str(args.dir), "runs": rows}, indent=1))
-        return
-    print_table(f"Runs under {args.dir}", run_table([*RUN_COLUMNS, *EVALUATION_COLUMNS], rows), rows, args.wide)
+        print(json.dumps({"dir": str(folder), "runs": rows}, indent=1))
+    elif not rows:
+        console.print(f"No runs under {folder}: train one with `lmlab train CONFIG --run {folder}/NAME`.",
+                      highlight=False)
+    else:
+        print_table(f"Runs under {folder}", run_table([*RUN_COLUMNS, *evaluation_columns(rows)], rows), rows,
+                    args.wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -41,7 +49,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from lmlab.run.rundir import RunDir
 
     params = samplings(args)[0]
-    compared = compare(args.runs, args.checkpoint)
+    compared = compare(args.runs, args.checkpoint, args.dataset, args.device, Console(stderr=True))
     runs = compared.summaries
     plot = save(compared.plot(args.x, args.log), Path(args.plot)) if args.plot else None
     texts = None
@@ -50,7 +58,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
         texts = {s.name: sample(RunDir(s.path).load(args.checkpoint, args.device), args.prompt, params) for s in runs}
     if args.json:
-        print(json.dumps({"base": runs[0].name, "runs": compared.rows, "plot": plot and str(plot),
+        print(json.dumps({"base": runs[0].name, "runs": compared.rows, "not_scored": compared.not_scored,
+                          "plot": plot and str(plot),
                           "samples": texts and {"prompt": args.prompt, "settings": params.describe(), "text": texts}},
                          indent=1))
         return
@@ -173,7 +182,7 @@ def factors(text: str) -> list[float]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="one row per run: size, data, tokens, best val loss, status")
-    p.add_argument("dir", nargs="?", default="runs", help="folder searched for runs, sweeps included")
+    p.add_argument("dir", nargs="?", help="folder searched for runs, sweeps included (default: runs)")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
 
@@ -183,9 +192,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--x", choices=["step", "tokens", "time", "flops"], default="step", help="x axis of the plot")
     p.add_argument("--log", action="store_true", help="log-scale axes")
     p.add_argument("--prompt", help="sample every run from this prompt with the same seed")
-    add_checkpoint(p, "the checkpoint --prompt samples and whose kept task and judge scores are shown")
+    p.add_argument("--dataset", help="dataset dir: score every run on its val split first, as "
+                   "`lmlab eval --dataset` does (kept in the run; runs of another tokenizer are said and left out): "
+                   "one shared text, its perplexity the column kept longest")
+    add_checkpoint(p, "the checkpoint --prompt samples and --dataset scores, whose kept scores are shown")
     add_sampling(p, max_new_tokens=200)
-    add_device(p, " (for --prompt)")
+    add_device(p, " (for --prompt and --dataset)")
     p.add_argument("--wide", action="store_true", help="every column, however wide the table gets")
     p.add_argument("--json", action="store_true", help="print the figures (and samples) as JSON instead of tables")
 

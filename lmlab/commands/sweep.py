@@ -13,7 +13,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from lmlab.core.busy import LoadMeter
 
     window = LoadMeter().start()  # the load while PyTorch loads: what the first trial's thread count is told by
-    from lmlab.analysis.runs import final_cell
     from lmlab.api.compare import Comparison
     from lmlab.experiments.sweep import run_sweep
 
@@ -25,11 +24,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print_table(compared.title, compared.columns, compared.rows)
     if result.stopped_by:
         console.print(f"sweep stopped by {result.stopped_by}; run the same command again to continue it.")
-    best = result.best
-    if best:
-        figure = (f"final val {final_cell(best.final_val_loss, best.final_stderr)}" if best.final_val_loss is not None
-                  else f"best val loss {best.best_val_loss:.4f}")
-        console.print(f"best setting: {best.name} ({figure}, run {best.path})", highlight=False)
+    for line in result.verdict():
+        console.print(line, highlight=False)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

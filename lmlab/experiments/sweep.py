@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -15,12 +16,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lmlab.analysis.runs import RunSummary, summarize
+from lmlab.analysis.compare import told_apart
+from lmlab.analysis.runs import RunSummary, final_cell, summarize
 from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config, parse_override
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import atomic_write_text, plain_name
+from lmlab.core.humanize import count
 from lmlab.core.jsontext import parse_json
 from lmlab.experiments.sizing import check_shape_kept, parse_size, sized_run
 from lmlab.run.rundir import RunDir
@@ -51,6 +54,44 @@ class SweepResult:
         finals = [(final, s) for _, s in done if (final := s.final_val_loss) is not None]
         scored = finals if len(finals) == len(done) else done
         return min(scored, key=lambda pair: pair[0])[1] if scored else None
+
+    def verdict(self) -> list[str]:
+        """The best setting, with the spread it is chosen within: the settings it is not told apart from (within
+        twice the standard error of their final scores' difference), else its margin over the next; and the trials'
+        tokens where they differ (a time budget buys a faster setting more)."""
+        best = self.best
+        done = [s for s in self.summaries if s.best_val_loss is not None and s.status in DONE]
+        scores = [(s, s.final_val_loss, s.final_stderr or 0.0) for s in done if s.final_val_loss is not None]
+        if best is None or len(scores) < len(done):
+            return [] if best is None else [f"best setting: {best.name} (best val loss {best.best_val_loss:.4f}, run "
+                                            f"{best.path}): the least of each trial's evaluations, estimates whose "
+                                            "spread is not measured"]
+        first, *others = sorted(scores, key=lambda score: score[1])
+        lines = [f"best setting: {first[0].name} (final val {final_cell(*first[1:])}, run {first[0].path})"]
+        ties = [o for o in others if not told_apart(*first[1:], *o[1:])]
+        lines += [_margin(first, o) for o in ties or others[:1]]
+        lo, hi = min(done, key=lambda s: s.tokens), max(done, key=lambda s: s.tokens)
+        if hi.tokens > UNEQUAL * lo.tokens:
+            lines.append(f"unequal tokens: the trials trained {count(lo.tokens)} ({lo.name}) to {count(hi.tokens)} "
+                         f"({hi.name}, {hi.tokens / lo.tokens:.2f}x): their scores differ by what they trained as "
+                         "well as by their settings")
+        return lines
+
+
+UNEQUAL = 1.01  # trials' tokens further apart than this are said to differ
+Score = tuple[RunSummary, float, float]  # a trial, its final score and the score's standard error
+
+
+def _margin(best: Score, other: Score) -> str:
+    """How far the best final score is below another's, against the noise of their difference."""
+    gap, noise, score = other[1] - best[1], math.hypot(best[2], other[2]), f"{other[0].name} ({final_cell(*other[1:])})"
+    if not noise:
+        return (f"{gap:.4f} below {score}, both on the whole val split: no sampling error, and how far a seed moves "
+                "a score is not measured (--set train.seed=1,2 measures it)")
+    if told_apart(*best[1:], *other[1:]):
+        return f"{gap:.4f} below the next, {score}: past twice the standard error of the difference (2 × {noise:.4f})"
+    return (f"within the noise of {score}: {gap:.4f} apart, under twice the standard error of the difference "
+            f"(2 × {noise:.4f}); more val windows or seeds would tell them apart")
 
 
 def parse_grid(sets: list[str]) -> list[tuple[str, list[str]]]:

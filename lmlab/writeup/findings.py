@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmlab.analysis.compare import text_sides
+from lmlab.analysis.compare import text_sides, told_apart
 from lmlab.analysis.runs import RunSummary
 from lmlab.analysis.scaling import chinchilla_percent, repeat_warning
 from lmlab.core.config import RunConfig
@@ -20,6 +20,7 @@ from lmlab.run.rundir import RunDir
 NOT_RECORDED = "not recorded"  # a fact an older run's folder does not hold
 MAX_KEYS = 10  # differing settings named one by one
 GAP = 0.05  # a val - train loss gap worth a word (nats per token)
+ESTIMATE = " (fixed-batch estimate at the evals)"  # a ranking's measure where no full-split evaluation is shared
 
 
 @dataclass
@@ -85,7 +86,8 @@ def describe_run(f: RunFacts) -> str:
         how = (f"fine-tuned from `{Path(origin['base']).name}` {s.steps:,} steps on {count(s.tokens)} tokens of "
                f"{origin.get('train_records', '?')} instruction records" if s.kind == "fine-tuned" and
                origin.get("base") else f"trained {s.steps:,} steps on {count(s.tokens)} tokens ({data_share(s)})")
-        text = (f"{model}, {how} in {format_duration(s.elapsed)} on {where}, "
+        budget = f" of a {format_duration(s.budget_seconds)} budget" if s.budget_seconds else ""
+        text = (f"{model}, {how} in {format_duration(s.elapsed)}{budget} on {where}, "
                 f"{f.start.get('dtype') or 'dtype not recorded'}; status: {s.status}.")
     if f.evaluation:
         e = f.evaluation
@@ -167,8 +169,7 @@ def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
         value = {f.name: e["bits_per_byte" if by_bytes else "loss"] for f, e in zip(facts, evaluations)}
     else:
         value = {f.name: f.summary.best_bpb if by_bytes else f.summary.best_val_loss for f in facts}
-    measure = ("bits per byte" if by_bytes else "val loss") + (" on the full val split" if same_split
-                                                               else " (fixed-batch estimate at the evals)")
+    measure = ("bits per byte" if by_bytes else "val loss") + (" on the full val split" if same_split else ESTIMATE)
     ranked = sorted(((f, value[f.name]) for f in facts if value[f.name] is not None), key=lambda p: p[1])
     return ranked, measure
 
@@ -178,7 +179,23 @@ def _winner(ranked: list[tuple[RunFacts, float]], measure: str) -> str:
     text = (f"`{best.name}` has the lowest {measure}: {low:.4f}, {next_low - low:.4f} "
             f"({100 * (1 - low / next_low):.1f}%) below `{second.name}` ({next_low:.4f})")
     rest = ", ".join(f"`{f.name}` {v:.4f}" for f, v in ranked[2:])
-    return text + (f"; then {rest}." if rest else ".")
+    return text + (f"; then {rest}." if rest else ".") + (_tied(ranked) if measure.endswith(ESTIMATE) else "")
+
+
+def _tied(ranked: list[tuple[RunFacts, float]]) -> str:
+    """A sentence where the two lowest fixed-batch estimates are within the noise of their eval batches (each run's
+    `eval_noise`, in the unit ranked by) of each other; else none."""
+    noises = []
+    for f, value in ranked[:2]:
+        noise = eval_noise(f.summary.trains, f.config.train.log_interval, f.eval_batches)
+        if noise is None or not f.summary.best_val_loss:
+            return ""
+        noises.append(noise * value / f.summary.best_val_loss)  # in bits per byte too, where it ranks by them
+    (_, low), (_, next_low) = ranked[:2]
+    if told_apart(low, noises[0], next_low, noises[1]):
+        return ""
+    return (f" That is within the noise of their eval batches (±{noises[0]:.4f} and ±{noises[1]:.4f}): the two are not "
+            "told apart; more eval batches (train.eval_iters) or the full val split (`lmlab eval`) would tell.")
 
 
 def _cost(best: RunSummary, next_: RunSummary) -> str:

@@ -68,6 +68,8 @@ def gather(path: Path, options: Options) -> RunFacts:
     facts.checkpoint = loaded.checkpoint
     facts.fell_back = loaded.checkpoint != checkpoint_name(options.checkpoint)
     facts.evaluation, facts.not_evaluated = _evaluate(loaded, options, facts.summary.evaluation)
+    if facts.evaluation and not facts.evaluation["cached"]:  # kept now: the comparison's columns show it too
+        facts.summary = summarize(run.path, options.checkpoint)
     options.say(f"Sampling {path} ({checkpoint_label(loaded.checkpoint, loaded.step)}): "
                 f"{options.params.max_new_tokens} tokens at most...")
     if options.grid is not None:

@@ -13,16 +13,7 @@ from typing import Any
 from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.history import EVAL_COLUMNS, evaluations
 from lmlab.analysis.plots import comparison_figure, plot_document_lengths, plot_losses, save
-from lmlab.analysis.runs import (
-    COMPARE_COLUMNS,
-    FINAL_COLUMN,
-    RunSummary,
-    final_cell,
-    judge_cell,
-    run_table,
-    score_cell,
-    task_columns,
-)
+from lmlab.analysis.runs import RunSummary, compare_columns, final_cell, judge_cell, score_cell, steps_of
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
 from lmlab.core.config import checkpoint_label
 from lmlab.core.errors import UserError
@@ -51,7 +42,7 @@ def summary(facts: list[RunFacts], out: Path) -> list[Block]:
     if len(compared) < 2:
         return blocks
     rows, reason = comparison(compared), unfair(compared)
-    columns = run_table([*COMPARE_COLUMNS, FINAL_COLUMN, *task_columns(rows)], rows)
+    columns = compare_columns(rows)
     change = f"bits per byte, as {reason}" if reason else "best val loss"
     blocks.append(Paragraph(f"Each run against `{compared[0].name}` (× its figure; % change of the {change}; the "
                             "best val losses are the fixed-batch estimates at the evals; the final val, the last "
@@ -193,7 +184,7 @@ def training(facts: list[RunFacts], out: Path) -> list[Block]:
         return f.summary
 
     rows = [
-        ("steps", lambda f: f"{s(f).steps:,} of {f.config.train.max_iters:,}"),
+        ("steps", lambda f: steps_of(s(f))),
         ("tokens", lambda f: f"{s(f).tokens:,}"),
         ("passes over the data", lambda f: "-" if s(f).epochs is None else
          f"{s(f).epochs:.2f} over the {s(f).split_tokens:,}-token train split"),

@@ -23,7 +23,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
-from tests.helpers import write_config
+from tests.helpers import write_config, write_corpus
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 MODERN = ["model.pos_emb=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"]
@@ -328,3 +328,26 @@ def test_the_evaluation_says_how_long_it_will_take_once_it_has_timed_its_second_
                                                                        f"val split ("))
     assert re.fullmatch(rf"{re.escape(str(run))} \(best, step 10\): about [\d.]+ (s|min) more, at the pace of its "
                         r"second batch of windows", lines[said + 1]), lines[said:said + 3]
+
+
+@pytest.mark.slow
+def test_plot_titles_and_legends_fit_their_figure_whatever_the_names(two_runs, tmp_path):
+    """Runs scored on different text (a dataset of other plays, under a long name) with names short and long: the
+    overlay's title, which names each run and its text, its legend, and each run's loss plot's title stay inside their
+    figure, as drawn."""
+    import lmlab
+    from lmlab.data.prepare import prepare
+
+    other, _, _ = prepare([str(write_corpus(tmp_path / "corpus", seed=1))], "char", name="other-plays-" * 10,
+                          out_dir=tmp_path / "data")
+    trained = Trainer(load_config(write_config(tmp_path / "tiny.toml", other, max_iters=10)), tmp_path / "other",
+                      "cpu").run().run_dir
+    for names in (["a", "b"], ["W" * 200, "a long run name " * 12]):
+        runs = [shutil.copytree(run, tmp_path / name) for run, name in zip((two_runs[0], trained), names)]
+        figures = [lmlab.compare(runs).plot(x="tokens"), *(lmlab.Run(run).plot() for run in runs)]
+        assert "scored on different text" in " ".join(figures[0].axes[0].get_title().split())
+        for figure in figures:
+            figure.canvas.draw()
+            for drawn in (figure.axes[0].title, figure.axes[0].get_legend()):
+                box = drawn.get_window_extent()
+                assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1, names

@@ -4,10 +4,14 @@ the evaluation kept in the run, and an old folder reported with what it lacks sa
 from __future__ import annotations
 
 import base64
+import html
 import json
+import random
 import re
 import shutil
 import statistics
+import urllib.parse
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
-from tests.helpers import write_config, write_corpus
+from tests.helpers import SPEAKERS, phrase, write_config, write_corpus
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 MODERN = ["model.pos_emb=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"]
@@ -303,7 +307,7 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
     assert "Every run trained here saw under half its Chinchilla-optimal tokens" in summary  # `base` alone
     assert main(["report", str(imported_gpt2), "--out", str(out / "imported"), "--no-eval"]) == 0
     said = section((out / "imported" / "report.md").read_text(), "Summary")
-    assert f"imported from {RunDir(imported_gpt2).events()[0]['origin']['source']}" in said
+    assert f"imported from `{RunDir(imported_gpt2).events()[0]['origin']['source']}`" in said
     assert "lmlab did not train it" in said and "trained 0 steps" not in said
     assert main(["report", str(base), "--out", str(out / "base"), "--no-eval"]) == 0
     said = " ".join(section((out / "base" / "report.md").read_text(), "Summary").split())
@@ -328,6 +332,75 @@ def test_the_evaluation_says_how_long_it_will_take_once_it_has_timed_its_second_
                                                                        f"val split ("))
     assert re.fullmatch(rf"{re.escape(str(run))} \(best, step 10\): about [\d.]+ (s|min) more, at the pace of its "
                         r"second batch of windows", lines[said + 1]), lines[said:said + 3]
+
+
+# A user's text that would load from a host, run a link or break a table if it were read as Markdown or HTML.
+HOSTILE = "x`![a](http:\\\\203.0.113.9\\a.png)`<img src=http:\\\\203.0.113.9\\b.png>[l](javascript:alert(1))|y"
+
+
+class Page(HTMLParser):
+    """A page's elements (tag, attributes) and the cells of each row of each of its tables."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.elements: list[tuple[str, dict]] = []
+        self.tables: list[list[int]] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.elements.append((tag, dict(attrs)))
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append(0)
+        elif tag in ("td", "th"):
+            self.tables[-1][-1] += 1
+
+
+def loads_nothing_and_keeps_its_tables(page: str, images: set[str]) -> None:
+    """No element of `page` loads or links anything but `images`; every row of each table has its header's cells."""
+    found = Page(page)
+    assert {(tag, src) for tag, attrs in found.elements for src in [attrs.get("src")] if src} <= \
+        {("img", src) for src in images}, found.elements
+    assert not [e for e in found.elements if {"href", "srcset", "action", "data"} & e[1].keys()], found.elements
+    assert found.tables and all(len(set(rows)) == 1 for rows in found.tables), found.tables
+
+
+@pytest.mark.slow
+def test_text_from_outside_is_shown_as_written_and_the_page_loads_nothing(two_runs, char_dataset, tmp_path):
+    """Every field of a report a user's text reaches, with Markdown and HTML in it: the runs' folders (one with a line
+    break), the dataset's folder and a setting (each in the settings that differ), the prompt (and the error that
+    quotes it: the char runs never saw its characters), a task's name, the path in a never-trained run's error. The
+    Markdown and the page show the text as written, load nothing and keep their tables."""
+    dataset = shutil.copytree(char_dataset, tmp_path / f"{HOSTILE}-char")
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
+    settings = [f"data.dataset={dataset}", f"train.tracker_run={HOSTILE}"]
+    Trainer(load_config(config, settings), tmp_path / "trained", "cpu").run()
+    Trainer(load_config(config, settings), tmp_path / "empty", "cpu")  # set up, never trained
+    # lmlab names a new run's folder plainly: these names are a user's renaming.
+    runs = [tmp_path / f"1{HOSTILE}", tmp_path / f"2{HOSTILE}\n- z", tmp_path / f"3{HOSTILE}"]
+    (tmp_path / "trained").rename(runs[0])
+    shutil.copytree(two_runs[0], runs[1])
+    (tmp_path / "empty").rename(runs[2])
+    rng = random.Random(0)
+    task = tmp_path / f"{HOSTILE}.jsonl"
+    task.write_text("".join(json.dumps({"context": f"{rng.choice(SPEAKERS)}:\n", "answer": 0, "choices": [
+        phrase(rng, 1, 2), phrase(rng, 1, 2)]}) + "\n" for _ in range(3)))
+    assert main(["eval", str(runs[0]), "--task", str(task), "--device", "cpu"]) == 0
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs), "--out", str(out), "--device", "cpu", "--prompt", HOSTILE]) == 0
+    from markdown_it import MarkdownIt
+
+    as_markdown = MarkdownIt("commonmark", {"html": False}).enable("table").render((out / "report.md").read_text())
+    links = {attrs["src"] for tag, attrs in Page(as_markdown).elements if tag == "img"}
+    assert {urllib.parse.unquote(link) for link in links} == {p.name for p in out.glob("*.png")}  # each PNG, by name
+    page = (out / "report.html").read_text()
+    inlined = {f"data:image/png;base64,{d}" for d in re.findall(r'src="data:image/png;base64,([^"]+)"', page)}
+    for rendered, images in ((as_markdown, links), (page, inlined)):
+        loads_nothing_and_keeps_its_tables(rendered, images)
+        text = html.unescape(re.sub(r"<[^>]*>", "", rendered))
+        for shown in (HOSTILE, f"2{HOSTILE}\\n- z", f"{dataset}", f"train.tracker_run {HOSTILE}", f"{HOSTILE} acc"):
+            assert shown in text, shown
 
 
 @pytest.mark.slow

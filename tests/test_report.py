@@ -305,6 +305,19 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
             "in common.") in summary
     assert "has the lowest" not in summary
     assert "Every run trained here saw under half its Chinchilla-optimal tokens" in summary  # `base` alone
+    # What a kind of run has not, or never chose, is no difference: a fine-tune's [finetune] (the others have none),
+    # its [train] (which follows from its [finetune]) and [data]; an import's [data] and [train].
+    differing = next(line for line in summary.splitlines() if "setting" in line)
+    assert differing.startswith("- `tuned` is a fine-tune of `base`: its [train] follows from its [finetune] and it "
+                                "trained on records, not [data], so neither is compared. `tiny-gpt2` is imported: its "
+                                "[data] and [train] are left out, never used. "), differing
+    assert not re.search(r"`(finetune|train|data)\.", differing), differing
+    # A Chinchilla plan is for a model trained from scratch.
+    chinchilla = rows((out / "three" / "report.md").read_text(), "Chinchilla")
+    assert chinchilla["to the compute-optimal point"][1:] == [
+        "- (a fine-tune: the compute-optimal point is its base's, trained from scratch)",
+        "- (imported: its training is not recorded here)"]
+    assert chinchilla["to the compute-optimal point"][0].startswith(f"{20 * summarize(base).params:,} tokens")
     assert main(["report", str(imported_gpt2), "--out", str(out / "imported"), "--no-eval"]) == 0
     said = section((out / "imported" / "report.md").read_text(), "Summary")
     assert f"imported from `{RunDir(imported_gpt2).events()[0]['origin']['source']}`" in said

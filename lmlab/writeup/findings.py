@@ -132,25 +132,40 @@ def run_caveats(f: RunFacts) -> list[str]:
     return found + ([warning[0].upper() + warning[1:]] if warning else [])
 
 
-UNUSED = {"imported": ("data", "train")}  # the sections a run of a kind holds defaults of and never used
+# The sections a run of a kind holds and never chose: an import was never trained here; a fine-tune trained on records,
+# not its base's [data], by a [train] that follows from its [finetune] (lmlab.train.finetune).
+UNUSED = {"imported": ("data", "train"), "fine-tuned": ("data", "train")}
 
 
-def _differences(facts: list[RunFacts]) -> str:
-    """The config settings the runs differ in, leaving out what a run never used (an import never trained)."""
-    # Each setting as the config file writes it (true, not True).
+def settings(facts: list[RunFacts]) -> tuple[list[str], list[dict[str, str]]]:
+    """The config settings the runs differ in, sorted, and each run's settings as its config file writes them (true,
+    not True), but a section its kind never chose (UNUSED): a setting differs where two runs or more have it, so one
+    a kind of run has not (a base run's [finetune]) is no difference."""
     flat = [{f"{section}.{key}": str(value).lower() if isinstance(value, bool) else str(value)
              for section, keys in to_dict(f.config).items() for key, value in keys.items()
              if section not in UNUSED.get(f.run.kind(), ())} for f in facts]
-    unused = [set(UNUSED.get(f.run.kind(), ())) for f in facts]
-    keys = sorted({k for d in flat for k in d if len({other.get(k) for other, skip in zip(flat, unused)
-                                                      if k.partition(".")[0] not in skip}) > 1})
-    imported = [code(f.name) for f in facts if f.run.kind() == "imported"]
-    left_out = f" ({', '.join(imported)} imported: its [data] and [train] left out, never used)" if imported else ""
+    return sorted({k for d in flat for k in d if len({other[k] for other in flat if k in other}) > 1}), flat
+
+
+def _differences(facts: list[RunFacts]) -> str:
+    """What an import or a fine-tune is, then the config settings the runs differ in (`settings`)."""
+    keys, flat = settings(facts)
+    kin = "".join(f"{_kin(f)}. " for f in facts if f.run.kind() in UNUSED)
     if not keys:
-        return f"The runs share every config setting{left_out}: they differ only in how they ran."
+        return f"{kin}The runs share every config setting they have in common" + \
+            ("." if kin else ": they differ only in how they ran.")
     shown = "; ".join(f"{code(k)} {' / '.join(plain(d[k]) if k in d else '-' for d in flat)}" for k in keys[:MAX_KEYS])
     more = f"; and {len(keys) - MAX_KEYS} more" if len(keys) > MAX_KEYS else ""
-    return f"The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)}{left_out} (in run order): {shown}{more}."
+    return f"{kin}The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)} (in run order): {shown}{more}."
+
+
+def _kin(f: RunFacts) -> str:
+    """Why a run's [data] and [train] are not compared: an import's were never used, a fine-tune's are not its own."""
+    if f.run.kind() == "imported":
+        return f"{code(f.name)} is imported: its [data] and [train] are left out, never used"
+    base = (f.start.get("origin") or {}).get("base")
+    return (f"{code(f.name)} is a fine-tune of {code(Path(base).name) if base else 'a base run'}: its [train] follows "
+            "from its [finetune] and it trained on records, not [data], so neither is compared")
 
 
 def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:

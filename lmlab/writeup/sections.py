@@ -341,8 +341,8 @@ def chinchilla(facts: list[RunFacts]) -> list[Block]:
     rows = [
         ("tokens per parameter", lambda f: f"{f.summary.unique_tokens / f.summary.params:.2f} unique, "
          f"{f.summary.tokens / f.summary.params:.2f} seen" if f.summary.params else "-"),
-        ("data", lambda f: data_share(f.summary)),
-        ("to the compute-optimal point", to_optimal),
+        ("data", _from_scratch(lambda f: data_share(f.summary))),
+        ("to the compute-optimal point", _from_scratch(to_optimal)),
     ]
     note = Paragraph(f"Compute-optimal training sees about {CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter "
                      "(Hoffmann et al. 2022), of distinct text: the share is stated in unique tokens (at most the "
@@ -352,3 +352,10 @@ def chinchilla(facts: list[RunFacts]) -> list[Block]:
                      "own throughput.")
     return [Heading("Chinchilla"), note, by_run(facts, rows)]
 
+
+def _from_scratch(cell: Callable[[RunFacts], str]) -> Callable[[RunFacts], str]:
+    """A Chinchilla figure, which is of a model trained from scratch: not of a fine-tune (its base has one) nor of an
+    import (its training is not recorded here)."""
+    not_of = {"fine-tuned": "- (a fine-tune: the compute-optimal point is its base's, trained from scratch)",
+              "imported": "- (imported: its training is not recorded here)"}
+    return lambda f: not_of.get(f.run.kind()) or cell(f)

@@ -142,7 +142,10 @@ def test_summary_chinchilla_and_samples(two_runs, report):
             f"{losses[other] - losses[best]:.4f}") in summary
     table = rows(md, "Summary")
     ratio = starts[1]["params"] / starts[0]["params"]
-    assert table["modern"][1].startswith(f"{starts[1]['params'] / 1000:.3g}k {ratio:.2f}×")
+    assert table["params"][1].startswith(f"{starts[1]['params'] / 1000:.3g}k {ratio:.2f}×")  # a run a column
+    final = [e for e in runs[1].events() if e["event"] == "final"][-1]
+    assert table["modern"][0].startswith("`model.bias=false`, `model.mlp=swiglu`, `model.norm=rmsnorm`, ")
+    assert table["modern"][-1].startswith(f"{final['val_loss']:.4f}")  # a run a row: what differs, its final val
     chinchilla = rows(md, "Chinchilla")
     split = runs[0].dataset()["train"]["tokens"]  # 40 steps of 256 tokens: under one pass, so every token is new
     assert all(e["tokens"] < split for e in ends)
@@ -169,6 +172,28 @@ def test_images_are_linked_relatively_and_inlined_in_the_html(report):
     assert [base64.b64decode(d) for d in inlined] == [(report / link).read_bytes() for link in links]
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the page
     assert "<details><summary>config.toml of modern</summary>" in page
+
+
+# Each table shown on the page: its right edge, how far its content reaches past its box, and its headers.
+TABLES = """() => [...document.querySelectorAll('table')].filter(t => t.offsetParent !== null).map(t => ({
+    right: t.getBoundingClientRect().right, beyond: t.scrollWidth - t.clientWidth,
+    headers: [...t.querySelectorAll('th')].map(th => th.textContent)}))"""
+
+
+@pytest.mark.slow
+def test_the_comparison_is_seen_whole_at_1280_px_and_on_paper(report, browser):
+    """Measured in Chromium as a reader opens report.html and prints it (A4, as wide as its printable area): the
+    comparison's first table (the run, what differs, best and final val) and every other table fit the window, and
+    the page, nothing cut or scrolled out of sight."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto((report / "report.html").as_uri())
+    for width, media in ((1280, "screen"), (718, "print")):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.emulate_media(media=media)
+        tables = page.evaluate(TABLES)
+        assert tables[0]["headers"] == ["run", "settings that differ", "best val", "final val"], tables[0]
+        assert all(t["right"] <= width and t["beyond"] <= 0 for t in tables), (media, tables)
+    page.close()
 
 
 @pytest.mark.slow
@@ -412,7 +437,7 @@ def test_text_from_outside_is_shown_as_written_and_the_page_loads_nothing(two_ru
     for rendered, images in ((as_markdown, links), (page, inlined)):
         loads_nothing_and_keeps_its_tables(rendered, images)
         text = html.unescape(re.sub(r"<[^>]*>", "", rendered))
-        for shown in (HOSTILE, f"2{HOSTILE}\\n- z", f"{dataset}", f"train.tracker_run {HOSTILE}", f"{HOSTILE} acc"):
+        for shown in (HOSTILE, f"2{HOSTILE}\\n- z", f"{dataset}", f"train.tracker_run={HOSTILE}", f"{HOSTILE} acc"):
             assert shown in text, shown
 
 

@@ -128,7 +128,11 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto
          "th,td{border:1px solid #ccc;padding:.25rem .6rem}th{background:#f3f3f3}"
          "td[style*=right]{font-variant-numeric:tabular-nums;white-space:nowrap}"
          "pre{background:#f6f6f6;padding:.8rem;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}"
-         "code{background:#f3f3f3;padding:0 .2rem}pre code{background:none;padding:0}")
+         "code{background:#f3f3f3;padding:0 .2rem;overflow-wrap:anywhere}pre code{background:none;padding:0}"
+         # On paper nothing scrolls: a table is as wide as the page, its figures wrapping where they must.
+         "@media print{body{max-width:none;margin:0;padding:0;font-size:10pt}table{display:table;font-size:8.5pt}"
+         "th,td{padding:.1rem .3rem}td[style*=right]{white-space:normal}h2,h3{break-after:avoid}"
+         "tr,img{break-inside:avoid}}")
 
 
 def _html(block: Block, folder: Path, renderer: Any) -> str:

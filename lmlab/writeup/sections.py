@@ -17,6 +17,7 @@ from lmlab.analysis.plots import comparison_figure, plot_document_lengths, plot_
 from lmlab.analysis.runs import (
     COMPARE_COLUMNS,
     FINAL_COLUMN,
+    Column,
     RunSummary,
     final_cell,
     judge_cell,
@@ -33,7 +34,9 @@ from lmlab.data.shards import covered
 from lmlab.data.stats import dataset_stats
 from lmlab.experiments.plan import compute_note, make_plan
 from lmlab.writeup.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table, code, plain
-from lmlab.writeup.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading, run_caveats
+from lmlab.writeup.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading, run_caveats, settings
+
+DIFFERS_SHOWN = 4  # settings a run of the comparison is told apart by in its row (the reading names more)
 
 
 def by_run(facts: list[RunFacts], rows: list[tuple[str, Callable[[RunFacts], str]]]) -> Table:
@@ -51,21 +54,40 @@ def summary(facts: list[RunFacts], out: Path) -> list[Block]:
     compared = [f.summary for f in facts if f.summary.best_val_loss is not None and f.summary.flops]
     if len(compared) < 2:
         return blocks
-    rows, reason = comparison(compared), unfair(compared)
-    columns = [dataclasses.replace(c, cell=_plainly(c.cell))  # `compare`'s cells are plain text
-               for c in run_table([*COMPARE_COLUMNS, FINAL_COLUMN, *task_columns(rows)], rows)]
+    reason = unfair(compared)
     change = f"bits per byte, as {reason}" if reason else "best val loss"
-    blocks.append(Paragraph(f"Each run against {code(compared[0].name)} (× its figure; % change of the "
-                            f"{plain(change)}; the best val losses are the fixed-batch estimates at the evals; the "
-                            "final val, the last checkpoint on the val split):"))
-    blocks.append(Table([plain(c.header) for c in columns], [[c.cell(r) for c in columns] for r in rows],
-                        [not c.left for c in columns]))
+    first = code(compared[0].name)
+    blocks.append(Paragraph(f"Each run against {first}: its val losses (% change of the {plain(change)}; the best val "
+                            "losses are the fixed-batch estimates at the evals; the final val, the last checkpoint on "
+                            f"the val split), then its other figures (× those of {first}):"))
+    blocks += _comparison(facts, compared)
     try:
         save(comparison_figure(compared, x="tokens"), out / "compare.png")
     except UserError as err:  # runs that cannot share an axis: the report says why instead of drawing one
         return blocks + [Paragraph(f"No overlay plot: {plain(err)}")]
     what = "bits per byte" if reason else "val and train loss"
     return blocks + [Image("compare.png", f"{what} of every run against tokens seen")]
+
+
+def _comparison(facts: list[RunFacts], compared: list[RunSummary]) -> list[Block]:
+    """`compare`'s table in two, so that none of it is off-screen at 1280 px nor cut in print: a run a row with what
+    tells it apart (the settings the runs differ in, the first few) and the columns kept longest (best and final
+    val), then every other figure a row, a run a column."""
+    rows = comparison(compared)
+    columns = [dataclasses.replace(c, cell=_plainly(c.cell))
+               for c in run_table([*COMPARE_COLUMNS, FINAL_COLUMN, *task_columns(rows)], rows)]
+    keys, flat = settings(facts)
+    values = {f.summary.name: d for f, d in zip(facts, flat)}
+
+    def differs(r: dict[str, Any]) -> str:
+        more = f", and {len(keys) - DIFFERS_SHOWN} more" if len(keys) > DIFFERS_SHOWN else ""
+        return ", ".join(code(f"{k}={values[r['run']].get(k, '-')}") for k in keys[:DIFFERS_SHOWN]) + more
+
+    first, rest = [c for c in columns if not c.priority], [c for c in columns if c.priority]
+    first[1:1] = [Column("settings that differ", 0, differs, left=True)] if keys else []
+    return [Table([plain(c.header) for c in first], [[c.cell(r) for c in first] for r in rows],
+                  [not c.left for c in first]),
+            Table(["", *(code(r["run"]) for r in rows)], [[plain(c.header), *(c.cell(r) for r in rows)] for c in rest])]
 
 
 def _plainly(cell: Callable[[Any], str]) -> Callable[[Any], str]:

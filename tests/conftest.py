@@ -158,6 +158,24 @@ def wikitext_dataset(tmp_path_factory) -> Path:
     return target
 
 
+CHROMIUM = "/usr/bin/chromium"
+# As root Chromium needs --no-sandbox; the rest keep it off the network it would otherwise call (updates, sync).
+FLAGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", "--disable-gpu", "--disable-quic", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium, driven by Playwright (no browser is downloaded): one for a test file's pages."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield launched
+        launched.close()
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Makes torch.cuda report one GPU (what lmlab reads of it: availability, name, compute capability, the arch

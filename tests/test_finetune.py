@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -231,3 +232,31 @@ def test_a_base_run_being_trained_now_is_said_by_a_fine_tune_and_a_sample_of_it(
         lock.release()
     assert main(["sample", str(base), "--max-new-tokens", "2"]) == 0
     assert "not a finished result" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_continued_fine_tune_names_what_keeps_its_checkpoints(tmp_path, imported_gpt2, capsys):
+    """[finetune] has no keep_checkpoints: what a continued fine-tune's checkpoints will delete is said with the
+    setting that decides it (its base run's train.keep_checkpoints) and the one a fine-tune has."""
+    base = shutil.copytree(imported_gpt2, tmp_path / "base")
+    config = (base / "config.toml").read_text()
+    (base / "config.toml").write_text(config.replace("keep_checkpoints = 3", "keep_checkpoints = 100"))
+    data = tmp_path / "few.json"
+    data.write_text(json.dumps(read_records(ALPACA_TINY)[:12]))
+    command = ["finetune", str(base), "--data", str(data), "--device", "cpu", "--set", "finetune.epochs=1", "--set",
+               "finetune.batch_size=2", "--set", "finetune.checkpoint_interval=1", "--set", "finetune.threads=1"]
+    assert main([*command, "--out", str(tmp_path / "whole")]) == 0
+    # As if killed after its third checkpoint: the later step folders and events gone.
+    cut = shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    for folder in RunDir(cut).step_folders()[3:]:
+        shutil.rmtree(folder)
+    lines = (cut / "metrics.jsonl").read_text().splitlines(keepends=True)
+    third = [i for i, line in enumerate(lines) if '"checkpoint"' in line][2]
+    (cut / "metrics.jsonl").write_text("".join(lines[:third + 1]))
+    (base / "config.toml").write_text(config.replace("keep_checkpoints = 3", "keep_checkpoints = 1"))
+    capsys.readouterr()
+    assert main([*command, "--out", str(cut)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert ("note: as its base run's train.keep_checkpoints = 1 says ([finetune] has no such setting), the checkpoints "
+            "to come delete step_000001, step_000002; ") in said, said
+    assert "a larger finetune.checkpoint_interval writes fewer" in said and "raise keep_checkpoints" not in said

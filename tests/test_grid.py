@@ -177,4 +177,4 @@ def test_a_chat_aware_grid_asks_an_instruct_model_in_its_template_and_continues_
     assert code == 0 and "`instruct`, asked through its chat template, temperature 0" in report, err
     assert "`base`, continued, temperature 0" in report
     summary = report.split("## Machine")[0]
-    assert "`instruct` imported: its [data] and [train] left out" in summary and "`train." not in summary
+    assert "`instruct` is imported: its [data] and [train] are left out" in summary and "`train." not in summary

@@ -23,10 +23,6 @@ pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow
 sync_api.expect.set_options(timeout=30_000)  # a page on a busy 2-core machine: seconds, not the default 5
 
-CHROMIUM = "/usr/bin/chromium"
-# As root Chromium needs --no-sandbox; the rest keep it off the network it would otherwise call (updates, sync).
-FLAGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--no-first-run", "--disable-gpu", "--disable-quic", "--disable-dev-shm-usage"]
 KEY = "page-test-key"
 # Where the screenshots go: the test's own folder, or LMLAB_SCREENSHOTS (how docs/guides/images/serve-page-*.png are
 # made: LMLAB_SCREENSHOTS=docs/guides/images pytest tests/test_page.py).
@@ -68,16 +64,6 @@ class Serving:
 @pytest.fixture(scope="module")
 def run(writing_char_run) -> Path:
     return writing_char_run
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,14 @@ the evaluation kept in the run, and an old folder reported with what it lacks sa
 from __future__ import annotations
 
 import base64
+import html
 import json
+import random
 import re
 import shutil
 import statistics
+import urllib.parse
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
-from tests.helpers import as_budgeted, write_config
+from tests.helpers import SPEAKERS, as_budgeted, phrase, write_config, write_corpus
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 MODERN = ["model.pos_emb=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"]
@@ -139,7 +143,10 @@ def test_summary_chinchilla_and_samples(two_runs, report):
             f"{losses[other] - losses[best]:.4f}") in summary
     table = rows(md, "Summary")
     ratio = starts[1]["params"] / starts[0]["params"]
-    assert table["modern"][1].startswith(f"{starts[1]['params'] / 1000:.3g}k {ratio:.2f}×")
+    assert table["params"][1].startswith(f"{starts[1]['params'] / 1000:.3g}k {ratio:.2f}×")  # a run a column
+    final = [e for e in runs[1].events() if e["event"] == "final"][-1]
+    assert table["modern"][0].startswith("`model.bias=false`, `model.mlp=swiglu`, `model.norm=rmsnorm`, ")
+    assert table["modern"][-1].startswith(f"{final['val_loss']:.4f}")  # a run a row: what differs, its final val
     chinchilla = rows(md, "Chinchilla")
     split = runs[0].dataset()["train"]["tokens"]  # 40 steps of 256 tokens: under one pass, so every token is new
     assert all(e["tokens"] < split for e in ends)
@@ -166,6 +173,28 @@ def test_images_are_linked_relatively_and_inlined_in_the_html(report):
     assert [base64.b64decode(d) for d in inlined] == [(report / link).read_bytes() for link in links]
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the page
     assert "<details><summary>config.toml of modern</summary>" in page
+
+
+# Each table shown on the page: its right edge, how far its content reaches past its box, and its headers.
+TABLES = """() => [...document.querySelectorAll('table')].filter(t => t.offsetParent !== null).map(t => ({
+    right: t.getBoundingClientRect().right, beyond: t.scrollWidth - t.clientWidth,
+    headers: [...t.querySelectorAll('th')].map(th => th.textContent)}))"""
+
+
+@pytest.mark.slow
+def test_the_comparison_is_seen_whole_at_1280_px_and_on_paper(report, browser):
+    """Measured in Chromium as a reader opens report.html and prints it (A4, as wide as its printable area): the
+    comparison's first table (the run, what differs, best and final val) and every other table fit the window, and
+    the page, nothing cut or scrolled out of sight."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto((report / "report.html").as_uri())
+    for width, media in ((1280, "screen"), (718, "print")):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.emulate_media(media=media)
+        tables = page.evaluate(TABLES)
+        assert tables[0]["headers"] == ["run", "settings that differ", "best val", "final val"], tables[0]
+        assert all(t["right"] <= width and t["beyond"] <= 0 for t in tables), (media, tables)
+    page.close()
 
 
 @pytest.mark.slow
@@ -334,9 +363,22 @@ def test_summaries_judge_a_fine_tune_an_import_and_one_run_by_what_they_are(tmp_
             "in common.") in summary
     assert "has the lowest" not in summary
     assert "Every run trained here saw under half its Chinchilla-optimal tokens" in summary  # `base` alone
+    # What a kind of run has not, or never chose, is no difference: a fine-tune's [finetune] (the others have none),
+    # its [train] (which follows from its [finetune]) and [data]; an import's [data] and [train].
+    differing = next(line for line in summary.splitlines() if "setting" in line)
+    assert differing.startswith("- `tuned` is a fine-tune of `base`: its [train] follows from its [finetune] and it "
+                                "trained on records, not [data], so neither is compared. `tiny-gpt2` is imported: its "
+                                "[data] and [train] are left out, never used. "), differing
+    assert not re.search(r"`(finetune|train|data)\.", differing), differing
+    # A Chinchilla plan is for a model trained from scratch.
+    chinchilla = rows((out / "three" / "report.md").read_text(), "Chinchilla")
+    assert chinchilla["to the compute-optimal point"][1:] == [
+        "- (a fine-tune: the compute-optimal point is its base's, trained from scratch)",
+        "- (imported: its training is not recorded here)"]
+    assert chinchilla["to the compute-optimal point"][0].startswith(f"{20 * summarize(base).params:,} tokens")
     assert main(["report", str(imported_gpt2), "--out", str(out / "imported"), "--no-eval"]) == 0
     said = section((out / "imported" / "report.md").read_text(), "Summary")
-    assert f"imported from {RunDir(imported_gpt2).events()[0]['origin']['source']}" in said
+    assert f"imported from `{RunDir(imported_gpt2).events()[0]['origin']['source']}`" in said
     assert "lmlab did not train it" in said and "trained 0 steps" not in said
     assert main(["report", str(base), "--out", str(out / "base"), "--no-eval"]) == 0
     said = " ".join(section((out / "base" / "report.md").read_text(), "Summary").split())
@@ -361,3 +403,95 @@ def test_the_evaluation_says_how_long_it_will_take_once_it_has_timed_its_second_
                                                                        f"val split ("))
     assert re.fullmatch(rf"{re.escape(str(run))} \(best, step 10\): about [\d.]+ (s|min) more, at the pace of its "
                         r"second batch of windows", lines[said + 1]), lines[said:said + 3]
+
+
+# A user's text that would load from a host, run a link or break a table if it were read as Markdown or HTML.
+HOSTILE = "x`![a](http:\\\\203.0.113.9\\a.png)`<img src=http:\\\\203.0.113.9\\b.png>[l](javascript:alert(1))|y"
+
+
+class Page(HTMLParser):
+    """A page's elements (tag, attributes) and the cells of each row of each of its tables."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.elements: list[tuple[str, dict]] = []
+        self.tables: list[list[int]] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.elements.append((tag, dict(attrs)))
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append(0)
+        elif tag in ("td", "th"):
+            self.tables[-1][-1] += 1
+
+
+def loads_nothing_and_keeps_its_tables(page: str, images: set[str]) -> None:
+    """No element of `page` loads or links anything but `images`; every row of each table has its header's cells."""
+    found = Page(page)
+    assert {(tag, src) for tag, attrs in found.elements for src in [attrs.get("src")] if src} <= \
+        {("img", src) for src in images}, found.elements
+    assert not [e for e in found.elements if {"href", "srcset", "action", "data"} & e[1].keys()], found.elements
+    assert found.tables and all(len(set(rows)) == 1 for rows in found.tables), found.tables
+
+
+@pytest.mark.slow
+def test_text_from_outside_is_shown_as_written_and_the_page_loads_nothing(two_runs, char_dataset, tmp_path):
+    """Every field of a report a user's text reaches, with Markdown and HTML in it: the runs' folders (one with a line
+    break), the dataset's folder and a setting (each in the settings that differ), the prompt (and the error that
+    quotes it: the char runs never saw its characters), a task's name, the path in a never-trained run's error. The
+    Markdown and the page show the text as written, load nothing and keep their tables."""
+    dataset = shutil.copytree(char_dataset, tmp_path / f"{HOSTILE}-char")
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
+    settings = [f"data.dataset={dataset}", f"train.tracker_run={HOSTILE}"]
+    Trainer(load_config(config, settings), tmp_path / "trained", "cpu").run()
+    Trainer(load_config(config, settings), tmp_path / "empty", "cpu")  # set up, never trained
+    # lmlab names a new run's folder plainly: these names are a user's renaming.
+    runs = [tmp_path / f"1{HOSTILE}", tmp_path / f"2{HOSTILE}\n- z", tmp_path / f"3{HOSTILE}"]
+    (tmp_path / "trained").rename(runs[0])
+    shutil.copytree(two_runs[0], runs[1])
+    (tmp_path / "empty").rename(runs[2])
+    rng = random.Random(0)
+    task = tmp_path / f"{HOSTILE}.jsonl"
+    task.write_text("".join(json.dumps({"context": f"{rng.choice(SPEAKERS)}:\n", "answer": 0, "choices": [
+        phrase(rng, 1, 2), phrase(rng, 1, 2)]}) + "\n" for _ in range(3)))
+    assert main(["eval", str(runs[0]), "--task", str(task), "--device", "cpu"]) == 0
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs), "--out", str(out), "--device", "cpu", "--prompt", HOSTILE]) == 0
+    from markdown_it import MarkdownIt
+
+    as_markdown = MarkdownIt("commonmark", {"html": False}).enable("table").render((out / "report.md").read_text())
+    links = {attrs["src"] for tag, attrs in Page(as_markdown).elements if tag == "img"}
+    assert {urllib.parse.unquote(link) for link in links} == {p.name for p in out.glob("*.png")}  # each PNG, by name
+    page = (out / "report.html").read_text()
+    inlined = {f"data:image/png;base64,{d}" for d in re.findall(r'src="data:image/png;base64,([^"]+)"', page)}
+    for rendered, images in ((as_markdown, links), (page, inlined)):
+        loads_nothing_and_keeps_its_tables(rendered, images)
+        text = html.unescape(re.sub(r"<[^>]*>", "", rendered))
+        for shown in (HOSTILE, f"2{HOSTILE}\\n- z", f"{dataset}", f"train.tracker_run={HOSTILE}", f"{HOSTILE} acc"):
+            assert shown in text, shown
+
+
+@pytest.mark.slow
+def test_plot_titles_and_legends_fit_their_figure_whatever_the_names(two_runs, tmp_path):
+    """Runs scored on different text (a dataset of other plays, under a long name) with names short and long: the
+    overlay's title, which names each run and its text, its legend, and each run's loss plot's title stay inside their
+    figure, as drawn."""
+    import lmlab
+    from lmlab.data.prepare import prepare
+
+    other, _, _ = prepare([str(write_corpus(tmp_path / "corpus", seed=1))], "char", name="other-plays-" * 10,
+                          out_dir=tmp_path / "data")
+    trained = Trainer(load_config(write_config(tmp_path / "tiny.toml", other, max_iters=10)), tmp_path / "other",
+                      "cpu").run().run_dir
+    for names in (["a", "b"], ["W" * 200, "a long run name " * 12]):
+        runs = [shutil.copytree(run, tmp_path / name) for run, name in zip((two_runs[0], trained), names)]
+        figures = [lmlab.compare(runs).plot(x="tokens"), *(lmlab.Run(run).plot() for run in runs)]
+        assert "scored on different text" in " ".join(figures[0].axes[0].get_title().split())
+        for figure in figures:
+            figure.canvas.draw()
+            for drawn in (figure.axes[0].title, figure.axes[0].get_legend()):
+                box = drawn.get_window_extent()
+                assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1, names

@@ -34,13 +34,14 @@ def _training(s: RunSummary, base: RunSummary) -> dict[str, Any]:
     """What a run's training here cost and saw, beside the first run's; None for an import, whose training happened
     elsewhere."""
     params, trained = s.params or 0, base.kind != "imported"
+    scratch = params and s.kind != "fine-tuned"  # Chinchilla's share is of training from scratch: a fine-tune's base's
     figures = {"tokens": s.tokens, "tokens_ratio": _ratio(s.tokens, base.tokens) if trained else None,
                "flops": s.flops, "flops_ratio": _ratio(s.flops, base.flops) if trained else None,
                "elapsed": s.elapsed, "elapsed_ratio": _ratio(s.elapsed, base.elapsed) if trained else None,
                "epochs": s.epochs, "epoch_seconds": s.epoch_seconds, "unique_tokens": s.unique_tokens,
                "tokens_per_param": _ratio(s.tokens, params),
-               "chinchilla_percent": chinchilla_percent(s.unique_tokens, params) if params else None,
-               "chinchilla_seen_percent": chinchilla_percent(s.tokens, params) if params else None}
+               "chinchilla_percent": chinchilla_percent(s.unique_tokens, params) if scratch else None,
+               "chinchilla_seen_percent": chinchilla_percent(s.tokens, params) if scratch else None}
     return figures if s.kind != "imported" else dict.fromkeys(figures)
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
@@ -77,8 +78,8 @@ def loss_figure(run: RunDir) -> plt.Figure:
     for i, step in enumerate(resumed):
         label = f"resumed (at step{'s' * (len(resumed) > 1)} {', '.join(map(str, resumed))})"
         ax.axvline(step, color="tab:gray", linestyle="--", linewidth=1, label=label if not i else None)
-    ax.set(title=f"{run.name}: loss", xlabel="step (optimizer updates)",
-           ylabel="cross-entropy loss (nats/token)")
+    _titled(ax, f"{run.name}: loss")
+    ax.set(xlabel="step (optimizer updates)", ylabel="cross-entropy loss (nats/token)")
     _gridded(ax, bool(train or evals or resumed))  # a run before its first log line has nothing to label
     return _done(fig)
 
@@ -102,8 +103,8 @@ def grad_norm_figure(run: RunDir) -> plt.Figure:
         ax.scatter(*zip(*bad), color="tab:red", marker="x", label="skipped or flagged by the guard", zorder=3)
     if any(t[1] > 0 for t in train) or bad:
         ax.set_yscale("log")
-    ax.set(title=f"{run.name}: gradient norm and learning rate", xlabel="step (optimizer updates)",
-           ylabel="gradient norm (L2, all weights)")
+    _titled(ax, f"{run.name}: gradient norm and learning rate")
+    ax.set(xlabel="step (optimizer updates)", ylabel="gradient norm (L2, all weights)")
     _gridded(ax, bool(train or bad), loc="upper right")
     return _done(fig)
 
@@ -140,9 +141,9 @@ def comparison_figure(summaries: list[RunSummary], x: str = "step", log: bool = 
         if s.evals:
             best = f"{s.best_bpb:.3f} bits/byte" if reason else f"{s.best_val_loss:.3f}"
             ax.plot([pick(s, e) for e in s.evals], [y(s, e["val_loss"], "val") for e in s.evals], color=color,
-                    marker="o", markersize=3, label=f"{s.name} val (best {best})")
+                    marker="o", markersize=3, label=_fill(f"{s.name} val (best {best})", LEGEND_CHARS))
     ax.plot([], [], color="gray", alpha=0.3, label="train: mean of the steps (faint, same colour)")
-    ax.set_title("Val and train loss by run" if not reason else f"Bits per byte by run: {reason}", fontsize=10)
+    _titled(ax, "Val and train loss by run" if not reason else f"Bits per byte by run: {reason}", 10)
     ax.set(xlabel=label, ylabel="bits per byte (loss / ln 2 / bytes per token of its split)" if reason else
            "cross-entropy loss (nats/token)")
     if log:
@@ -185,6 +186,25 @@ def plot_document_lengths(lengths: np.ndarray, block_size: int, path: Path) -> P
            title=f"Document lengths: {len(lengths):,} documents, median {np.median(lengths):,.0f} tokens")
     _gridded(ax, which="both")
     return save(fig, Path(path))
+
+
+LEGEND_CHARS = 60  # a legend's entry wraps past this, inside the axes (fontsize 8: under half a 9-inch figure)
+TITLE_LINES = 4  # a longer title ends in an ellipsis: the axes keep most of the figure
+
+
+def _fill(text: str, chars: int, lines: int = TITLE_LINES) -> str:
+    """`text` in lines of `chars` characters at most (a word longer than that broken), `lines` of them at most."""
+    return textwrap.fill(text, chars, max_lines=lines, placeholder=" …")
+
+
+def _titled(ax: plt.Axes, title: str, fontsize: float = 12) -> None:
+    """A title that fits its figure whatever the length of the runs' names or the texts it names: wrapped, narrower
+    until its widest line, measured, fits in 88% of the figure's width (it is centred on the axes, which sit a little
+    off the figure's middle)."""
+    text, chars = ax.set_title(title, fontsize=fontsize), len(title)
+    while text.get_window_extent().width > 0.88 * ax.figure.bbox.width:
+        chars = int(chars * 0.9)
+        text.set_text(_fill(title, chars))
 
 
 def _gridded(ax: plt.Axes, legend: bool = True, which: Literal["major", "both"] = "major", **placed: Any) -> None:

@@ -150,7 +150,7 @@ def _say_speed(decoded: tuple[int, float] | None) -> None:
 
 
 def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None:
-    from lmlab.writeup.document import to_markdown
+    from lmlab.writeup.document import code, to_markdown
     from lmlab.writeup.grid import GridStopped, read_prompts, sample_grid
 
     for option, given in (("--instruction", args.instruction), ("--input", args.input), ("--system", args.system),
@@ -182,7 +182,7 @@ def _sample_grid(args: argparse.Namespace, params: list[SamplingParams]) -> None
     if args.json:
         text = json.dumps(grid.to_json(), indent=1, ensure_ascii=False) + "\n"
     else:
-        text = to_markdown(f"Prompt grid: {', '.join(grid.runs)}", grid.blocks())
+        text = to_markdown(f"Prompt grid: {', '.join(map(code, grid.runs))}", grid.blocks())
     atomic_write_text(out, text)
     if stopped is not None:
         print(f"{stopped}: the {stopped.done} that ended are written to {out} (and each to its run's samples.txt)",

@@ -15,7 +15,7 @@ from lmlab.core.fileio import atomic_write_text
 from lmlab.gguf.vocab import Vocab
 from lmlab.inference.generate import chat_prompt
 from lmlab.run.rundir import LoadedRun
-from lmlab.writeup.document import Block, Code, Heading, Paragraph, to_markdown
+from lmlab.writeup.document import Block, Code, Heading, Paragraph, Table, code, plain, to_markdown
 
 MESSAGE = "\x00lmlab-message\x00"  # stands for the user's message while the prompt is rendered
 # A stop string as a Modelfile writes it, in double quotes: escapes for quotes, backslashes and line breaks.
@@ -44,8 +44,8 @@ def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) ->
     card, model_file = card_paths(out)
     cfg, name, file = run.config.model, out.stem, out.name
     tokenizer = ("the run's characters (llama.cpp's `rwkv` tokenizer: one token per character)"
-                 if vocab.model == "rwkv" else f"byte-level BPE, pre-tokenizer `{vocab.pre}`")
-    ends = f"`{run.tokenizer.eot_token}` (id {vocab.eos})" if vocab.eos is not None else \
+                 if vocab.model == "rwkv" else f"byte-level BPE, pre-tokenizer {code(vocab.pre)}")
+    ends = f"{code(run.tokenizer.eot_token)} (id {vocab.eos})" if vocab.eos is not None else \
         "none (a char model has no end-of-text token: generation runs to its length, as `lmlab sample` does)"
     template = "its chat template (`tokenizer.chat_template`)" if run.chat_template else "no chat template"
     # A prompt the run can read: a char model knows only its corpus' characters.
@@ -54,26 +54,25 @@ def write_card(out: Path, run: LoadedRun, arch: str, vocab: Vocab, kind: str) ->
     facts = [("architecture", f"`{arch}`, {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, "
                               f"context {cfg.block_size}"),
              ("parameters", f"{run.model.num_params():,}"), ("weights", kind),
-             ("tokenizer", f"`{run.tokenizer.spec}`: {tokenizer}, {len(vocab.tokens):,} tokens"),
+             ("tokenizer", f"{code(run.tokenizer.spec)}: {tokenizer}, {len(vocab.tokens):,} tokens"),
              ("end of text", ends), ("chat", template)]
     blocks: list[Block] = [
-        Paragraph(f"Exported by `lmlab export-gguf` from run `{run.run.path}`, checkpoint {run.checkpoint} "
+        Paragraph(f"Exported by `lmlab export-gguf` from run {code(run.run.path)}, checkpoint {run.checkpoint} "
                   f"(step {run.step})."),
-        # The table as Markdown text: a Table would escape the pipes of an end-of-text token (`<\|endoftext\|>`).
-        Paragraph("| | |\n|---|---|\n" + "\n".join(f"| {what} | {value} |" for what, value in facts)),
+        Table(["", ""], [list(fact) for fact in facts]),  # a pipe in a cell (`<|endoftext|>`) escaped, as tables need
         Heading("llama.cpp"),
         Code(f'llama-cli -m {file} -p "{prompt}" -n 200 --temp 0.8\nllama-server -m {file} --port 8080', ""),
         Paragraph("From Python (`pip install llama-cpp-python`):"),
         Code(f'from llama_cpp import Llama\nllm = Llama("{file}", n_ctx={cfg.block_size})\n'
              f'print(llm("{prompt}", max_tokens=200, temperature=0.8)["choices"][0]["text"])', "python"),
         Heading("Ollama"),
-        Paragraph(f"`{model_file.name}` (beside this card) holds the prompt template and stop strings of a "
+        Paragraph(f"{code(model_file.name)} (beside this card) holds the prompt template and stop strings of a "
                   "chat, as `lmlab serve`\nputs a message to this run:"),
         Code(f"ollama create {name} -f {model_file.name}\nollama run {name}", ""),
         Heading("LM Studio"),
         Code(f"lms import {file}", ""),
-        Paragraph(f"or copy `{file}` to `~/.lmstudio/models/lmlab/{name}/`, then load it from the model "
+        Paragraph(f"or copy {code(file)} to {code(f'~/.lmstudio/models/lmlab/{name}/')}, then load it from the model "
                   "list."),
     ]
     atomic_write_text(model_file, modelfile(out, run))
-    atomic_write_text(card, to_markdown(name, blocks))
+    atomic_write_text(card, to_markdown(plain(name), blocks))

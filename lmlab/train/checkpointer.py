@@ -219,9 +219,13 @@ class Checkpointer:
             if best:
                 kept.setdefault(best.name, []).append("best")
             stay = ", ".join(f"{name} ({' and '.join(why)})" for name, why in sorted(kept.items()))
-            self.console.print(f"note: with train.keep_checkpoints = {tc.keep_checkpoints}, the checkpoints to come "
-                               f"delete {', '.join(p.name for p in going)}; {stay} stay; raise keep_checkpoints to "
-                               "keep more", style="yellow", highlight=False)
+            rule, more = f"with train.keep_checkpoints = {tc.keep_checkpoints}", "raise keep_checkpoints to keep more"
+            if self.run_dir.kind() == "fine-tuned":  # [finetune] has no keep_checkpoints: its [train] is its base's
+                rule = (f"as its base run's train.keep_checkpoints = {tc.keep_checkpoints} says ([finetune] has no "
+                        "such setting)")
+                more = "a larger finetune.checkpoint_interval writes fewer"
+            self.console.print(f"note: {rule}, the checkpoints to come delete {', '.join(p.name for p in going)}; "
+                               f"{stay} stay; {more}", style="yellow", highlight=False, markup=False)
 
     def _load_newest_good(self, at_most: int | None = None) -> tuple[Path, dict[str, Any]]:
         """Load the newest checkpoint (at most `at_most` steps in) that verifies; its folder and training state."""

@@ -2,7 +2,10 @@
 rendered as Markdown that a code host shows as is, or as one self-contained HTML page with its images inlined: that
 Markdown rendered as CommonMark with GitHub's tables (markdown-it, which rich brings), raw HTML in it escaped.
 
-Inline text is Markdown: `code` and **bold** are what the sections write.
+Inline text is Markdown: `code` and **bold** are what the sections write. Text from outside lmlab (a run's or a
+dataset's name, a path, a prompt, a setting's value, what a run's files say, an error naming any of these) enters it
+through `code` or `plain` only, so none of it can close a code span or become a link, an image or a block: the page
+stays self-contained whatever the names.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,7 @@ class Table:
 @dataclass
 class Image:
     file: str  # a name in the report's folder
-    alt: str
+    alt: str  # plain text, escaped here
 
 
 @dataclass
@@ -54,14 +58,33 @@ class Code:
 class Folded:
     """Blocks shown on request (`<details>`, which GitHub's Markdown and every browser understand)."""
 
-    summary: str
+    summary: str  # plain text, escaped here
     blocks: list[Block]
 
 
 Block = Heading | Paragraph | Bullets | Table | Image | Code | Folded
 
 
+def code(text: object) -> str:
+    """Outside text as an inline code span: fenced by one backtick more than its longest run of them (padded where it
+    starts or ends with one or a space), its line breaks written `\\n`, since a block could begin on the next line."""
+    text = str(text).replace("\r", "\\r").replace("\n", "\\n")
+    fence = "`" * (1 + max(map(len, re.findall("`+", text)), default=0))
+    pad = " " if text[:1] in "` " or text[-1:] in "` " else ""  # CommonMark takes one space off each end
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def plain(text: object) -> str:
+    """Outside text, or a sentence holding some (an error naming a path), as literal text: on one line, every
+    character that opens inline Markdown escaped (but `_` inside a word, as in a path, where it cannot), and at its
+    start what would open a block (`- `, `---`, `1. `)."""
+    text = re.sub(r"[\\`*\[\]<>!#~&]|(?<![^\W_])_|_(?![^\W_])", r"\\\g<0>", " ".join(str(text).split()))
+    text = re.sub(r"^[-+](?=[\s-]|$)", r"\\\g<0>", text)
+    return re.sub(r"^\d+(?=[.)](\s|$))", r"\g<0>\\", text)
+
+
 def to_markdown(title: str, blocks: list[Block]) -> str:
+    """The document as Markdown; `title` is Markdown too (outside text in it through `code` or `plain`)."""
     return "\n\n".join([f"# {title}", *map(_markdown, blocks)]) + "\n"
 
 
@@ -77,12 +100,12 @@ def _markdown(block: Block) -> str:
         lines = [_row(block.headers), "|" + "|".join("---:" if r else "---" for r in right) + "|"]
         return "\n".join(lines + [_row(row) for row in block.rows])
     if isinstance(block, Image):
-        return f"![{block.alt}]({block.file})"
+        return f"![{plain(block.alt)}]({urllib.parse.quote(block.file)})"
     if isinstance(block, Code):
         fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", block.text)), default=0))
         return f"{fence}{block.language}\n{block.text.rstrip()}\n{fence}"
-    inner = "\n\n".join(_markdown(b) for b in block.blocks)
-    return f"<details><summary>{html.escape(block.summary)}</summary>\n\n{inner}\n\n</details>"
+    inner = "\n\n".join(_markdown(b) for b in block.blocks)  # the summary on one line: a blank one ends HTML
+    return f"<details><summary>{html.escape(' '.join(block.summary.split()))}</summary>\n\n{inner}\n\n</details>"
 
 
 def _row(cells: list[str]) -> str:
@@ -94,9 +117,10 @@ def to_html(title: str, blocks: list[Block], folder: Path) -> str:
     from markdown_it import MarkdownIt
 
     renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
-    body = "\n".join(_html(b, folder, renderer) for b in blocks)
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n"
-            f"<style>{STYLE}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    body = "\n".join(_html(b, folder, renderer) for b in [Heading(title, 1), *blocks])
+    text = re.sub(r"<[^>]*>", "", renderer.renderInline(title))  # the title's text, escaped, for the browser's tab
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>{text}</title>\n"
+            f"<style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
@@ -104,7 +128,11 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto
          "th,td{border:1px solid #ccc;padding:.25rem .6rem}th{background:#f3f3f3}"
          "td[style*=right]{font-variant-numeric:tabular-nums;white-space:nowrap}"
          "pre{background:#f6f6f6;padding:.8rem;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}"
-         "code{background:#f3f3f3;padding:0 .2rem}pre code{background:none;padding:0}")
+         "code{background:#f3f3f3;padding:0 .2rem;overflow-wrap:anywhere}pre code{background:none;padding:0}"
+         # On paper nothing scrolls: a table is as wide as the page, its figures wrapping where they must.
+         "@media print{body{max-width:none;margin:0;padding:0;font-size:10pt}table{display:table;font-size:8.5pt}"
+         "th,td{padding:.1rem .3rem}td[style*=right]{white-space:normal}h2,h3{break-after:avoid}"
+         "tr,img{break-inside:avoid}}")
 
 
 def _html(block: Block, folder: Path, renderer: Any) -> str:

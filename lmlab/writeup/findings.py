@@ -16,6 +16,7 @@ from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import to_dict
 from lmlab.core.humanize import count, format_duration
 from lmlab.run.rundir import RunDir
+from lmlab.writeup.document import code, plain
 
 NOT_RECORDED = "not recorded"  # a fact an older run's folder does not hold
 MAX_KEYS = 10  # differing settings named one by one
@@ -26,7 +27,7 @@ ESTIMATE = " (fixed-batch estimate at the evals)"  # a ranking's measure where n
 @dataclass
 class RunFacts:
     """What a report says about one run, read once: its folder, summary, events, config, the full-split
-    evaluation of its best checkpoint and a sample (each None with the reason when it could not be had)."""
+    evaluation of its best checkpoint and a sample (each None with the reason when it could not be had, in Markdown)."""
 
     run: RunDir
     summary: RunSummary
@@ -73,22 +74,23 @@ class RunFacts:
 def describe_run(f: RunFacts) -> str:
     """One paragraph: what was trained (or imported, or fine-tuned from what), how long and on what, how good it is,
     and whether it was still learning."""
-    s, m = f.summary, f.machine
-    where = f.start.get("device") or "an unrecorded device"
+    s, m = f.summary, f.machine  # what the run's files say, plain text
+    where = plain(f.start.get("device") or "an unrecorded device")
     if m:
-        where += f" ({m.get('gpu') or m.get('cpu')}, {m.get('cpu_cores')} cores)"
+        where += plain(f" ({m.get('gpu') or m.get('cpu')}, {m.get('cpu_cores')} cores)")
     origin = f.start.get("origin") or {}
-    model = f"`{f.name}` is a {s.architecture or 'language'} model ({s.model}) of {count(s.params)} parameters"
+    model = (f"{code(f.name)} is a {plain(s.architecture or 'language')} model ({plain(s.model)}) of "
+             f"{count(s.params)} parameters")
     if s.kind == "imported":
-        text = (f"{model}, imported from {origin.get('source') or 'an unrecorded folder'} "
-                f"({origin.get('format') or 'format not recorded'}): lmlab did not train it.")
+        text = (f"{model}, imported from {code(origin['source']) if origin.get('source') else 'an unrecorded folder'} "
+                f"({plain(origin.get('format') or 'format not recorded')}): lmlab did not train it.")
     else:
-        how = (f"fine-tuned from `{Path(origin['base']).name}` {s.steps:,} steps on {count(s.tokens)} tokens of "
-               f"{origin.get('train_records', '?')} instruction records" if s.kind == "fine-tuned" and
+        how = (f"fine-tuned from {code(Path(origin['base']).name)} {s.steps:,} steps on {count(s.tokens)} tokens of "
+               f"{plain(origin.get('train_records', '?'))} instruction records" if s.kind == "fine-tuned" and
                origin.get("base") else f"trained {s.steps:,} steps on {count(s.tokens)} tokens ({data_share(s)})")
         budget = f" of a {format_duration(s.budget_seconds)} budget" if s.budget_seconds else ""
         text = (f"{model}, {how} in {format_duration(s.elapsed)}{budget} on {where}, "
-                f"{f.start.get('dtype') or 'dtype not recorded'}; status: {s.status}.")
+                f"{plain(f.start.get('dtype') or 'dtype not recorded')}; status: {plain(s.status)}.")
     if f.evaluation:
         e = f.evaluation
         text += (f" On the full val split its {f.which} (step {e['step']:,}) scores a loss of {e['loss']:.4f} "
@@ -128,29 +130,44 @@ def run_caveats(f: RunFacts) -> list[str]:
     its val loss's gap to its train loss said in the same verdict (overfitting only once it stopped improving);
     and that it repeated its data past what repeats are worth."""
     found = [_settled(f)] if f.summary.still_falling is False else _gap(f)
-    warning = repeat_warning(f.summary.epochs, f.summary.split_tokens, f"`{f.name}`")
+    warning = repeat_warning(f.summary.epochs, f.summary.split_tokens, code(f.name))
     return found + ([warning[0].upper() + warning[1:]] if warning else [])
 
 
-UNUSED = {"imported": ("data", "train")}  # the sections a run of a kind holds defaults of and never used
+# The sections a run of a kind holds and never chose: an import was never trained here; a fine-tune trained on records,
+# not its base's [data], by a [train] that follows from its [finetune] (lmlab.train.finetune).
+UNUSED = {"imported": ("data", "train"), "fine-tuned": ("data", "train")}
 
 
-def _differences(facts: list[RunFacts]) -> str:
-    """The config settings the runs differ in, leaving out what a run never used (an import never trained)."""
-    # Each setting as the config file writes it (true, not True).
+def settings(facts: list[RunFacts]) -> tuple[list[str], list[dict[str, str]]]:
+    """The config settings the runs differ in, sorted, and each run's settings as its config file writes them (true,
+    not True), but a section its kind never chose (UNUSED): a setting differs where two runs or more have it, so one
+    a kind of run has not (a base run's [finetune]) is no difference."""
     flat = [{f"{section}.{key}": str(value).lower() if isinstance(value, bool) else str(value)
              for section, keys in to_dict(f.config).items() for key, value in keys.items()
              if section not in UNUSED.get(f.run.kind(), ())} for f in facts]
-    unused = [set(UNUSED.get(f.run.kind(), ())) for f in facts]
-    keys = sorted({k for d in flat for k in d if len({other.get(k) for other, skip in zip(flat, unused)
-                                                      if k.partition(".")[0] not in skip}) > 1})
-    imported = [f"`{f.name}`" for f in facts if f.run.kind() == "imported"]
-    left_out = f" ({', '.join(imported)} imported: its [data] and [train] left out, never used)" if imported else ""
+    return sorted({k for d in flat for k in d if len({other[k] for other in flat if k in other}) > 1}), flat
+
+
+def _differences(facts: list[RunFacts]) -> str:
+    """What an import or a fine-tune is, then the config settings the runs differ in (`settings`)."""
+    keys, flat = settings(facts)
+    kin = "".join(f"{_kin(f)}. " for f in facts if f.run.kind() in UNUSED)
     if not keys:
-        return f"The runs share every config setting{left_out}: they differ only in how they ran."
-    shown = "; ".join(f"`{k}` {' / '.join(d.get(k, '-') for d in flat)}" for k in keys[:MAX_KEYS])
+        return f"{kin}The runs share every config setting they have in common" + \
+            ("." if kin else ": they differ only in how they ran.")
+    shown = "; ".join(f"{code(k)} {' / '.join(plain(d[k]) if k in d else '-' for d in flat)}" for k in keys[:MAX_KEYS])
     more = f"; and {len(keys) - MAX_KEYS} more" if len(keys) > MAX_KEYS else ""
-    return f"The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)}{left_out} (in run order): {shown}{more}."
+    return f"{kin}The runs differ in {len(keys)} setting{'s' * (len(keys) > 1)} (in run order): {shown}{more}."
+
+
+def _kin(f: RunFacts) -> str:
+    """Why a run's [data] and [train] are not compared: an import's were never used, a fine-tune's are not its own."""
+    if f.run.kind() == "imported":
+        return f"{code(f.name)} is imported: its [data] and [train] are left out, never used"
+    base = (f.start.get("origin") or {}).get("base")
+    return (f"{code(f.name)} is a fine-tune of {code(Path(base).name) if base else 'a base run'}: its [train] follows "
+            "from its [finetune] and it trained on records, not [data], so neither is compared")
 
 
 def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
@@ -161,7 +178,7 @@ def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
     same_split = len(evaluations) == len(facts) and len({e["val_sha256"] for e in evaluations}) == 1
     sides = text_sides([f.summary for f in facts])
     if not same_split and len(sides) > 1:
-        of = "; ".join(f"{', '.join(f'`{name}`' for name in names)}: {what}" for what, names in sides)
+        of = "; ".join(f"{', '.join(code(name) for name in names)}: {plain(what)}" for what, names in sides)
         return [], (f"The runs are not ranked: their val losses are of different text ({of}), and they have no "
                     "evaluation on one val split in common.")
     by_bytes = len({f.run.dataset().get("tokenizer") for f in facts}) > 1
@@ -176,9 +193,9 @@ def _ranking(facts: list[RunFacts]) -> tuple[list[tuple[RunFacts, float]], str]:
 
 def _winner(ranked: list[tuple[RunFacts, float]], measure: str) -> str:
     (best, low), (second, next_low) = ranked[:2]
-    text = (f"`{best.name}` has the lowest {measure}: {low:.4f}, {next_low - low:.4f} "
-            f"({100 * (1 - low / next_low):.1f}%) below `{second.name}` ({next_low:.4f})")
-    rest = ", ".join(f"`{f.name}` {v:.4f}" for f, v in ranked[2:])
+    text = (f"{code(best.name)} has the lowest {measure}: {low:.4f}, {next_low - low:.4f} "
+            f"({100 * (1 - low / next_low):.1f}%) below {code(second.name)} ({next_low:.4f})")
+    rest = ", ".join(f"{code(f.name)} {v:.4f}" for f, v in ranked[2:])
     return text + (f"; then {rest}." if rest else ".") + (_tied(ranked) if measure.endswith(ESTIMATE) else "")
 
 
@@ -202,9 +219,9 @@ def _cost(best: RunSummary, next_: RunSummary) -> str:
     def times(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}×" if a and b else "-"
 
-    return (f"`{best.name}` used {times(best.params, next_.params)} the parameters, {times(best.tokens, next_.tokens)} "
-            f"the tokens, {times(best.flops, next_.flops)} the compute and {times(best.elapsed, next_.elapsed)} the "
-            f"wall time of `{next_.name}`.")
+    return (f"{code(best.name)} used {times(best.params, next_.params)} the parameters, "
+            f"{times(best.tokens, next_.tokens)} the tokens, {times(best.flops, next_.flops)} the compute and "
+            f"{times(best.elapsed, next_.elapsed)} the wall time of {code(next_.name)}.")
 
 
 def eval_noise(trains: list[dict[str, Any]], log_interval: int, eval_iters: int) -> float | None:
@@ -231,13 +248,13 @@ def _settled(f: RunFacts) -> str:
     gap = s.gap if s.gap is not None and s.gap > GAP else None
     if noise is not None and rise > 2 * noise:
         overfits = f"; its val loss was {gap:.3f} above its train loss at its best: it overfits" if gap else ""
-        return (f"`{f.name}` stopped improving before its end ({best}; its last evaluation is {rise:.3f} higher, "
+        return (f"{code(f.name)} stopped improving before its end ({best}; its last evaluation is {rise:.3f} higher, "
                 f"over twice the ±{noise:.3f} noise of its {f.eval_batches} eval batches){overfits}: more of the "
                 "same training will not lower its loss.")
     within = f"within the ±{noise:.3f} noise of" if noise is not None else "within what can be told from"
     split = (f"; its val loss is {gap:.3f} above its train loss at its best, a gap between the splits that is not "
              "told to be overfitting either" if gap else "")
-    return (f"`{f.name}`'s val loss has been flat since its best evaluation ({best}; the later ones are {within} "
+    return (f"{code(f.name)}'s val loss has been flat since its best evaluation ({best}; the later ones are {within} "
             f"its {f.eval_batches} eval batches): whether more training lowers it is not told{split}; more eval "
             "batches (train.eval_iters) would tell.")
 
@@ -249,14 +266,14 @@ def _gap(f: RunFacts) -> list[str]:
     if gap is None or gap <= GAP:
         return []
     trend = "but still falling" if f.summary.still_falling else "with too few evaluations to tell a trend"
-    return [f"`{f.name}`'s val loss is {gap:.3f} above its train loss (the same number of batches) at its best "
+    return [f"{code(f.name)}'s val loss is {gap:.3f} above its train loss (the same number of batches) at its best "
             f"evaluation, {trend}: a gap between the splits, not yet overfitting."]
 
 
 def _caveats(facts: list[RunFacts]) -> list[str]:
     """Why the ranking may not hold: runs still improving, overfitting, short training, different data."""
     found = []
-    falling = [f"`{f.name}`" for f in facts if f.summary.still_falling]
+    falling = [code(f.name) for f in facts if f.summary.still_falling]
     if falling:
         found.append(f"Still improving at the last evaluation: {', '.join(falling)}; longer training can change the "
                      "ranking.")

@@ -22,7 +22,7 @@ from lmlab.inference.decode import Step
 from lmlab.inference.generate import Asked, Continuation, chatting, continue_all, continuing
 from lmlab.inference.steps import build_step, choose_step
 from lmlab.run.rundir import LoadedRun, RunDir
-from lmlab.writeup.document import Block, Code, Heading, Paragraph
+from lmlab.writeup.document import Block, Code, Heading, Paragraph, code, plain
 
 MOST_AT_ONCE = 8  # cells of one run decoded together (each row holds a KV cache of the run's whole context)
 
@@ -66,7 +66,7 @@ class Grid:
             Paragraph(f"{len(self.runs)} runs × {len(self.prompts)} prompts × {len(self.temperatures)} temperatures "
                       f"({', '.join(f'{t:g}' for t in self.temperatures)}), each drawn with seed {p.seed}, top_k "
                       f"{p.top_k}, top_p {p.top_p}, {p.max_new_tokens} tokens at most, from "
-                      + "; ".join(f"`{run}` ({checkpoints.get(run, '-')})" for run in self.runs) + "."
+                      + "; ".join(f"{code(run)} ({checkpoints.get(run, '-')})" for run in self.runs) + "."
                       + (" A run with a chat template or a fine-tune's prompt format is asked each prompt as a "
                          "user's message and answers to its end of turn; the others continue the prompt."
                          if self.chat else "")),
@@ -75,10 +75,11 @@ class Grid:
             blocks.append(Heading(f"Prompt {i}", level + 1))
             blocks.append(Code(prompt) if prompt else Paragraph("(empty: the start of a document)"))
             for cell in (c for c in self.cells if c.prompt == prompt):
-                how = f", {cell.asked}" if self.chat else ""
-                blocks.append(Paragraph(f"`{cell.run}`{how}, temperature {cell.temperature:g}"
+                how = f", {plain(cell.asked)}" if self.chat else ""
+                blocks.append(Paragraph(f"{code(cell.run)}{how}, temperature {cell.temperature:g}"
                                         + ("" if cell.text is None else f" ({cell.tokens} tokens):")))
-                blocks.append(Code(cell.text) if cell.text is not None else Paragraph(f"no text: {cell.why_not}"))
+                blocks.append(Code(cell.text) if cell.text is not None else
+                              Paragraph(f"no text: {plain(cell.why_not)}"))
         return blocks
 
 

@@ -21,7 +21,7 @@ from lmlab.evals.evaluate import evaluate_run, evaluation_cost
 from lmlab.inference.generate import sample
 from lmlab.run.rundir import LoadedRun, RunDir, check_steps
 from lmlab.writeup import sections
-from lmlab.writeup.document import Block, Code, Heading, Image, Paragraph, to_html, to_markdown
+from lmlab.writeup.document import Block, Code, Heading, Image, Paragraph, code, plain, to_html, to_markdown
 from lmlab.writeup.findings import RunFacts
 from lmlab.writeup.grid import Grid, run_cells
 
@@ -63,7 +63,7 @@ def gather(path: Path, options: Options) -> RunFacts:
     try:
         loaded = run.load(options.checkpoint, options.device)
     except UserError as err:
-        facts.not_evaluated = facts.not_sampled = str(err)
+        facts.not_evaluated = facts.not_sampled = plain(err)
         return facts
     facts.checkpoint = loaded.checkpoint
     facts.fell_back = loaded.checkpoint != checkpoint_name(options.checkpoint)
@@ -78,7 +78,7 @@ def gather(path: Path, options: Options) -> RunFacts:
     try:
         facts.sample = sample(loaded, options.prompt, options.params)
     except UserError as err:
-        facts.not_sampled = str(err)
+        facts.not_sampled = plain(err)
     return facts
 
 
@@ -91,7 +91,7 @@ def _evaluate(loaded: LoadedRun, options: Options, kept: dict[str, Any] | None) 
     try:
         tokens, cached = evaluation_cost(loaded)
     except UserError as err:  # e.g. its dataset is not on this machine: an earlier evaluation of the weights may be
-        return (kept, "") if kept else (None, str(err))
+        return (kept, "") if kept else (None, plain(err))
     if cached or (kept and not options.evaluate):
         options.say(f"{name}: reusing its kept full-split evaluation.")
         return (evaluate_run(loaded, fresh=False) if cached else kept), ""
@@ -134,7 +134,7 @@ def build_report(paths: list[Path], out: Path, options: Options | None = None, *
     blocks = [*sections.summary(facts, out), *sections.machine(facts), *sections.data(facts, out),
               *sections.model(facts), *sections.training(facts, out), *sections.evaluation(facts, options.checkpoint),
               *sections.scores(facts), *sections.chinchilla(facts), *_samples(facts, options)]
-    title = f"Report: {', '.join(names)}"
+    title = f"Report: {', '.join(map(code, names))}"
     markdown, page = out / "report.md", out / "report.html"
     atomic_write_text(markdown, to_markdown(title, blocks))
     atomic_write_text(page, to_html(title, blocks, out))
@@ -144,16 +144,16 @@ def build_report(paths: list[Path], out: Path, options: Options | None = None, *
 def _samples(facts: list[RunFacts], options: Options) -> list[Block]:
     prompt, params = options.prompt, options.params
     if options.grid is not None:
-        unsampled = [Paragraph(f"`{f.name}`: {f.not_sampled}") for f in facts if f.not_sampled]
+        unsampled = [Paragraph(f"{code(f.name)}: {f.not_sampled}") for f in facts if f.not_sampled]
         grid = Grid([f.name for f in facts], *options.grid, params, [c for f in facts for c in f.cells], options.chat)
         return [Heading("Samples"), *grid.blocks(3),
                 *unsampled]
-    asked = f"prompt `{prompt}`" if prompt else "an empty prompt (the start of a document)"
+    asked = f"prompt {code(prompt)}" if prompt else "an empty prompt (the start of a document)"
     fallback = " (its latest if it was never evaluated)" if options.checkpoint == "best" else ""
     said = f"From the {options.checkpoint} checkpoint{fallback}, {asked}, {params.describe()}, " \
         f"{params.max_new_tokens} tokens at most:"
     blocks: list[Block] = [Heading("Samples"), Paragraph(said)]
     for f in facts:
-        blocks += [Heading(f"`{f.name}`", 3), *([Paragraph(f"From its {f.which}.")] if f.fell_back else []),
+        blocks += [Heading(code(f.name), 3), *([Paragraph(f"From its {f.which}.")] if f.fell_back else []),
                    Code(f.sample) if f.sample is not None else Paragraph(f.not_sampled)]
     return blocks

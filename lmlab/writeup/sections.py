@@ -5,6 +5,7 @@ compute-optimal point. A section is a list of `document` blocks; `report` gather
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.history import EVAL_COLUMNS, evaluations
 from lmlab.analysis.plots import comparison_figure, plot_document_lengths, plot_losses, save
-from lmlab.analysis.runs import RunSummary, compare_columns, final_cell, judge_cell, score_cell, steps_of
+from lmlab.analysis.runs import Column, RunSummary, compare_columns, final_cell, judge_cell, score_cell, steps_of
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
 from lmlab.core.config import checkpoint_label
 from lmlab.core.errors import UserError
@@ -22,13 +23,15 @@ from lmlab.core.version import __version__
 from lmlab.data.shards import covered
 from lmlab.data.stats import dataset_stats
 from lmlab.experiments.plan import compute_note, make_plan
-from lmlab.writeup.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table
-from lmlab.writeup.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading, run_caveats
+from lmlab.writeup.document import Block, Bullets, Code, Folded, Heading, Image, Paragraph, Table, code, plain
+from lmlab.writeup.findings import NOT_RECORDED, RunFacts, data_share, describe_run, reading, run_caveats, settings
+
+DIFFERS_SHOWN = 4  # settings a run of the comparison is told apart by in its row (the reading names more)
 
 
 def by_run(facts: list[RunFacts], rows: list[tuple[str, Callable[[RunFacts], str]]]) -> Table:
-    """A figure per row, a run per column."""
-    return Table(["", *(f"`{f.name}`" for f in facts)], [[label, *(cell(f) for f in facts)] for label, cell in rows])
+    """A figure per row, a run per column: each cell Markdown (outside text in it through `code` or `plain`)."""
+    return Table(["", *(code(f.name) for f in facts)], [[label, *(cell(f) for f in facts)] for label, cell in rows])
 
 
 def summary(facts: list[RunFacts], out: Path) -> list[Block]:
@@ -41,20 +44,45 @@ def summary(facts: list[RunFacts], out: Path) -> list[Block]:
     compared = [f.summary for f in facts if f.summary.best_val_loss is not None and f.summary.flops]
     if len(compared) < 2:
         return blocks
-    rows, reason = comparison(compared), unfair(compared)
-    columns = compare_columns(rows)
+    reason = unfair(compared)
     change = f"bits per byte, as {reason}" if reason else "best val loss"
-    blocks.append(Paragraph(f"Each run against `{compared[0].name}` (× its figure; % change of the {change}; the "
-                            "best val losses are the fixed-batch estimates at the evals; the final val, the last "
-                            "checkpoint on the val split):"))
-    blocks.append(Table([c.header for c in columns], [[c.cell(r) for c in columns] for r in rows],
-                        [not c.left for c in columns]))
+    first = code(compared[0].name)
+    blocks.append(Paragraph(f"Each run against {first}: its val losses (% change of the {plain(change)}; the best val "
+                            "losses are the fixed-batch estimates at the evals; the final val, the last checkpoint on "
+                            f"the val split), then its other figures (× those of {first}):"))
+    blocks += _comparison(facts, compared)
     try:
         save(comparison_figure(compared, x="tokens"), out / "compare.png")
     except UserError as err:  # runs that cannot share an axis: the report says why instead of drawing one
-        return blocks + [Paragraph(f"No overlay plot: {err}")]
+        return blocks + [Paragraph(f"No overlay plot: {plain(err)}")]
     what = "bits per byte" if reason else "val and train loss"
     return blocks + [Image("compare.png", f"{what} of every run against tokens seen")]
+
+
+def _comparison(facts: list[RunFacts], compared: list[RunSummary]) -> list[Block]:
+    """`compare`'s table in two, so that none of it is off-screen at 1280 px nor cut in print: a run a row with what
+    tells it apart (the settings the runs differ in, the first few) and the columns kept longest (best and final
+    val), then every other figure a row, a run a column."""
+    rows = comparison(compared)
+    columns = [dataclasses.replace(c, cell=_plainly(c.cell))
+               for c in compare_columns(rows)]
+    keys, flat = settings(facts)
+    values = {f.summary.name: d for f, d in zip(facts, flat)}
+
+    def differs(r: dict[str, Any]) -> str:
+        more = f", and {len(keys) - DIFFERS_SHOWN} more" if len(keys) > DIFFERS_SHOWN else ""
+        return ", ".join(code(f"{k}={values[r['run']].get(k, '-')}") for k in keys[:DIFFERS_SHOWN]) + more
+
+    first, rest = [c for c in columns if not c.priority], [c for c in columns if c.priority]
+    first[1:1] = [Column("settings that differ", 0, differs, left=True)] if keys else []
+    return [Table([plain(c.header) for c in first], [[c.cell(r) for c in first] for r in rows],
+                  [not c.left for c in first]),
+            Table(["", *(code(r["run"]) for r in rows)], [[plain(c.header), *(c.cell(r) for r in rows)] for c in rest])]
+
+
+def _plainly(cell: Callable[[Any], str]) -> Callable[[Any], str]:
+    """A cell of plain text (what the run's files say, `compare`'s cells) made Markdown."""
+    return lambda row: plain(cell(row))
 
 
 def machine(facts: list[RunFacts]) -> list[Block]:
@@ -87,7 +115,7 @@ def machine(facts: list[RunFacts]) -> list[Block]:
         ("resumed", lambda f: ", ".join(f"at step {e['step']} on {e.get('device')} ({e.get('dtype')})"
                                         for e in f.of("resume")) or "never"),
     ]
-    return [Heading("Machine and software"), by_run(facts, rows)]
+    return [Heading("Machine and software"), by_run(facts, [(label, _plainly(cell)) for label, cell in rows])]
 
 
 def _peak(f: RunFacts) -> str:
@@ -117,8 +145,9 @@ def data(facts: list[RunFacts], out: Path) -> list[Block]:
         return f"{sum(s['characters'] for s in splits) / sum(s['tokens'] for s in splits):.2f}"
 
     stats = {f.name: _dataset_stats(f) for f in facts}
-    rows = [("dataset", lambda f: f"`{f.config.data.dataset}`" if f.config.data.dataset else "none"),
-            ("tokenizer", lambda f: f"{f.run.dataset().get('tokenizer', '-')} ({f.config.model.vocab_size:,} tokens)"),
+    rows = [("dataset", lambda f: code(f.config.data.dataset) if f.config.data.dataset else "none"),
+            ("tokenizer", lambda f: f"{plain(f.run.dataset().get('tokenizer', '-'))} "
+                                    f"({f.config.model.vocab_size:,} tokens)"),
             ("documents", lambda f: split(f, "documents")), ("tokens", lambda f: split(f, "tokens")),
             ("characters per token", chars_per_token),
             ("tokens per document", lambda f: stats[f.name][0])]
@@ -140,8 +169,9 @@ def _records(f: RunFacts) -> str:
     origin = f.start.get("origin") or {}
     if "train_records" not in origin:
         return "-"
-    return (f"`{origin['data']}`: {origin['train_records']:,} train, {origin['val_records']:,} held out, "
-            f"{origin['dropped_records']:,} too long; {origin['epochs']} epochs, {origin['prompt_format']} format")
+    return (f"{code(origin['data'])}: {origin['train_records']:,} train, {origin['val_records']:,} held out, "
+            f"{origin['dropped_records']:,} too long; {plain(origin['epochs'])} epochs, "
+            f"{plain(origin['prompt_format'])} format")
 
 
 def _dataset_stats(f: RunFacts) -> tuple[str, Any]:
@@ -161,8 +191,8 @@ def _dataset_stats(f: RunFacts) -> tuple[str, Any]:
 
 def model(facts: list[RunFacts]) -> list[Block]:
     rows = [
-        ("kind", lambda f: f.run.kind() + (f" from `{f.start['init_from']}`" if f.start.get("init_from") else "")),
-        ("architecture", lambda f: f"{f.summary.architecture or '-'}: {f.summary.model or '-'}"),
+        ("kind", lambda f: f.run.kind() + (f" from {code(f.start['init_from'])}" if f.start.get("init_from") else "")),
+        ("architecture", lambda f: plain(f"{f.summary.architecture or '-'}: {f.summary.model or '-'}")),
         ("parameters", lambda f: fmt(f.summary.params, ",") + (f" (and {f.summary.padding:,} in vocabulary padding "
                                                                 "rows)" if f.summary.padding else "")),
         ("without embeddings", lambda f: fmt(f.start.get("params_non_embedding"), ",", NOT_RECORDED)),
@@ -237,7 +267,7 @@ def _predicted(f: RunFacts) -> str:
     e, val = f.of("sizing")[0], f.summary.reached
     reached = "" if val is None else f", {100 * (e['predicted_val'] / val - 1):+.1f}% against the {val:.4f} reached"
     beyond = ", fewer or more tokens than the fit's runs: extrapolated" if e.get("extrapolated") else ""
-    return (f"{e['predicted_val']:.4f}{reached} ({e['shape']}: {e['tokens_per_sec']:,.0f} tokens/s measured, "
+    return (f"{e['predicted_val']:.4f}{reached} ({plain(e['shape'])}: {e['tokens_per_sec']:,.0f} tokens/s measured, "
             f"{e['tokens_per_param']:.2f} tokens per parameter planned{beyond})")
 
 
@@ -254,7 +284,7 @@ def _ending(f: RunFacts) -> str:
     if end is None:
         return f.summary.status
     if end.get("stopped_by"):
-        return f"stopped by {end['stopped_by']} at step {end['step']:,}"
+        return f"stopped by {plain(end['stopped_by'])} at step {end['step']:,}"
     if end.get("stopped_early"):
         return f"stopped early at step {end['step']:,}: no new best in {f.config.train.patience_words()}"
     return "finished"
@@ -265,9 +295,9 @@ def evaluation(facts: list[RunFacts], checkpoint: str) -> list[Block]:
         return lambda f: format(f.evaluation[key], spec) if f.evaluation else "-"
 
     rows = [
-        ("checkpoint", lambda f: checkpoint_label(f.evaluation['checkpoint'], f.evaluation['step'])
+        ("checkpoint", lambda f: plain(checkpoint_label(f.evaluation['checkpoint'], f.evaluation['step']))
          + (" (never evaluated, so no best)" if f.fell_back else "") if f.evaluation else f.not_evaluated),
-        ("val split", lambda f: f"`{f.evaluation['dataset']}`, {f.evaluation['tokens']:,} tokens" if f.evaluation
+        ("val split", lambda f: f"{code(f.evaluation['dataset'])}, {f.evaluation['tokens']:,} tokens" if f.evaluation
          else "-"),
         ("loss", figure("loss", ".4f")), ("perplexity", figure("perplexity", ".3f")),
         ("next-token accuracy", lambda f: f"{100 * f.evaluation['accuracy']:.1f}%" if f.evaluation else "-"),
@@ -296,9 +326,9 @@ def scores(facts: list[RunFacts]) -> list[Block]:
             return "-" if r is None else f"{score_cell(r[key], r[key + '_stderr'])} ({r['items']:,} items)"
         return cell
 
-    rows = [row for name in tasks for row in ((f"{name} acc", task(name, "acc")),
-                                              (f"{name} acc_norm", task(name, "acc_norm")))]
-    rows.append(("judge mean (scored of total, model)", lambda f: judge_cell(f.summary.judge)))
+    rows = [row for name in tasks for row in ((f"{plain(name)} acc", task(name, "acc")),
+                                              (f"{plain(name)} acc_norm", task(name, "acc_norm")))]
+    rows.append(("judge mean (scored of total, model)", lambda f: plain(judge_cell(f.summary.judge))))
     note = Paragraph("acc: the choice with the highest summed log-likelihood; acc_norm: the highest per character "
                      "(lm-evaluation-harness's definitions), ± the standard error; the judge: mean 0-100 score of the "
                      "run's answers, with the answers it scored.")
@@ -323,8 +353,8 @@ def chinchilla(facts: list[RunFacts]) -> list[Block]:
     rows = [
         ("tokens per parameter", lambda f: f"{f.summary.unique_tokens / f.summary.params:.2f} unique, "
          f"{f.summary.tokens / f.summary.params:.2f} seen" if f.summary.params else "-"),
-        ("data", lambda f: data_share(f.summary)),
-        ("to the compute-optimal point", to_optimal),
+        ("data", _from_scratch(lambda f: data_share(f.summary))),
+        ("to the compute-optimal point", _from_scratch(to_optimal)),
     ]
     note = Paragraph(f"Compute-optimal training sees about {CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter "
                      "(Hoffmann et al. 2022), of distinct text: the share is stated in unique tokens (at most the "
@@ -333,3 +363,11 @@ def chinchilla(facts: list[RunFacts]) -> list[Block]:
                      "(Muennighoff et al. 2023). The time to get there is `lmlab plan RUN --chinchilla` at the run's "
                      "own throughput.")
     return [Heading("Chinchilla"), note, by_run(facts, rows)]
+
+
+def _from_scratch(cell: Callable[[RunFacts], str]) -> Callable[[RunFacts], str]:
+    """A Chinchilla figure, which is of a model trained from scratch: not of a fine-tune (its base has one) nor of an
+    import (its training is not recorded here)."""
+    not_of = {"fine-tuned": "- (a fine-tune: the compute-optimal point is its base's, trained from scratch)",
+              "imported": "- (imported: its training is not recorded here)"}
+    return lambda f: not_of.get(f.run.kind()) or cell(f)

@@ -10,8 +10,9 @@ import pytest
 
 from lmlab.commands.reference import config_page
 from lmlab.core.config import TrainConfig
+from lmlab.core.schedules import SCHEDULES
 from lmlab.train.budget import Budget, Plan
-from lmlab.train.schedule import SCHEDULES, Decay, Schedule, lr_at, lr_at_position, position_between, position_of
+from lmlab.train.schedule import Decay, Schedule, lr_at, lr_at_position, position_between, position_of
 
 
 def test_the_config_s_schedule_scaled_by_the_guard():

@@ -91,9 +91,10 @@ def default_text(field: dataclasses.Field) -> str:
 def listed() -> dict[tuple[type, str], str]:
     """The fields whose choices are an extension table's entries, and those entries as the reference lists them in
     place of the field comment's parenthesis (so a new entry is documented without an edit here)."""
-    from lmlab.train import optim, schedule  # imports torch: only when the reference is written
+    from lmlab.core import schedules
+    from lmlab.train import optim  # imports torch: only when the reference is written
 
-    return {(config.TrainConfig, "optimizer"): optim.choices(), (config.TrainConfig, "schedule"): schedule.choices()}
+    return {(config.TrainConfig, "optimizer"): optim.choices(), (config.TrainConfig, "schedule"): schedules.choices()}
 
 
 def config_page() -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from lmlab.core.errors import UserError
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind, check_options, plugin_kinds
+from lmlab.core.schedules import SCHEDULES
 
 DEFAULT_SEED = 1337  # training, fine-tuning and sampling all start from it unless told otherwise
 MAX_COUNT = 2**53  # the largest count (tokens, steps, sizes) any setting takes: floats and JSON hold it exactly
@@ -82,7 +83,6 @@ class DataConfig:
 
 ATTENTION_CHOICES = ("auto", "fused", "math", "cudnn")  # train.attention's, finetune.attention's: a path, or a rule
 OPTIMIZER_NAMES = ("adamw", "muon")  # train.optimizer's choices: lmlab.train.optim.OPTIMIZERS has what each is
-SCHEDULE_NAMES = ("cosine", "wsd", "linear")  # train.schedule's: lmlab.train.schedule.SCHEDULES has what each is
 BIAS_PLACES = ("qkv", "proj", "mlp", "norm")  # where model.bias may put biases, one by one
 
 # The choices of each string-valued model option; the first is the default.
@@ -231,7 +231,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # which optimizer trains (one of OPTIMIZER_NAMES, each in lmlab.train.optim.OPTIMIZERS)
     learning_rate: float = 1e-3  # peak LR, reached after warmup (Muon's too: its updates are scaled to AdamW's RMS)
     min_lr: float = 1e-4  # the LR at the end of the decay
-    schedule: str = "cosine"  # how the LR falls after warmup (one of SCHEDULE_NAMES, each in lmlab.train.schedule)
+    schedule: str = "cosine"  # how the LR falls after warmup (one of lmlab.core.schedules.SCHEDULES)
     decay_fraction: float = 0.2  # wsd: share of the steps, at the end, over which the LR falls (1-sqrt) to min_lr
     warmup_iters: int = WARMUP_ITERS  # steps over which the LR rises linearly from 0 to learning_rate
     # Passes over the train split the LR warms up over instead ("0.5": half a pass), kept in config.toml as
@@ -285,7 +285,7 @@ class TrainConfig:
         check_ranges("train.", self, TRAIN_RANGES)
         check_choice("train.optimizer", self.optimizer, OPTIMIZER_NAMES)
         check_choice("train.attention", self.attention, ATTENTION_CHOICES, ", ".join(ATTENTION_CHOICES))
-        check_choice("train.schedule", self.schedule, SCHEDULE_NAMES)
+        check_choice("train.schedule", self.schedule, tuple(SCHEDULES))
         if self.budget_seconds and self.lr_decay_iters:
             raise UserError("train.lr_decay_iters fixes the decay in steps, while train.budget_seconds lays it over "
                             "the steps the budget allows; set lr_decay_iters = 0.")

@@ -1,5 +1,5 @@
 """The learning-rate schedule: `Schedule` alone answers a step's LR and which step is the last. A schedule kind is one
-entry of `SCHEDULES` (one per name of core/config.py's SCHEDULE_NAMES): the share of the fall from the peak to min_lr
+entry of `SCHEDULES` (lmlab.core.schedules: the one list of them): the share of the fall from the peak to min_lr
 still left at a position of the run after its warmup (0 the peak, 1 min_lr). All else derives from it and from the one
 warmup (`warmup_lr`): the LR by steps (`lr_at`), by a time budget's clock, and after a resume with another length, which
 lays the decay again from where it stands so that the LR never jumps."""
@@ -13,46 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmlab.core.config import TrainConfig
+from lmlab.core.schedules import SCHEDULES, decay_end
 from lmlab.train.budget import Budget, position_between
 
 # What the LR of a step depends on besides max_iters and lr_decay_iters: a resume that changes any re-lays the decay.
 _SHAPE = ("learning_rate", "min_lr", "schedule", "decay_fraction", "warmup_iters", "budget_seconds")
 FIELDS = ("max_iters", "lr_decay_iters", *_SHAPE)  # what a checkpoint keeps of the schedule it followed
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A schedule kind: `left(position, train)`, the share of the fall from the peak to min_lr still left at
-    `position` (0 the warmup's end, 1 the last step's), 1 at 0, 0 at 1, never rising between; `about`, its line in
-    the config reference. tests/test_schedule.py holds every entry to this."""
-
-    left: Callable[[float, TrainConfig], float]
-    about: str
-
-
-def _wsd(position: float, train: TrainConfig) -> float:
-    """The constant peak, then the fall: the peak makes any earlier checkpoint a good start for a longer run (only the
-    short decay is redone). The fall begins, by steps, where the last decay_fraction of the run's steps (the warmup's
-    included) begins; by a budget's clock (one step, no warmup), at 1 - decay_fraction."""
-    end = decay_end(train)
-    stable = max(0.0, 1.0 - train.decay_fraction * end / max(1, end - 1 - train.warmup_iters))
-    progress = (position - stable) / (1.0 - stable)
-    return 1.0 if progress <= 1e-12 else 1.0 - math.sqrt(min(1.0, progress))
-
-
-SCHEDULES: dict[str, Kind] = {
-    "cosine": Kind(lambda position, _: 0.5 * (1.0 + math.cos(math.pi * min(1.0, position))),
-                   "a half cosine to min_lr"),
-    # 1-sqrt: Hägele et al. 2024 found it better than a linear fall.
-    "wsd": Kind(_wsd, "warmup-stable-decay: the peak, then a 1-sqrt fall to min_lr over the last decay_fraction of "
-                      "the steps"),
-    "linear": Kind(lambda position, _: 1.0 - min(1.0, position), "a straight line to min_lr"),
-}
-
-
-def choices() -> str:
-    """The kinds as the config reference lists them: `cosine (a half cosine to min_lr) | wsd (...)`."""
-    return " | ".join(f"{name} ({kind.about})" for name, kind in SCHEDULES.items())
 
 
 def warmup_lr(step: int, peak: float, steps: int) -> float:
@@ -83,11 +49,6 @@ def position_of(lr: float, train: TrainConfig) -> float:
         mid = (low + high) / 2
         low, high = (mid, high) if lr_at_position(mid, train) > lr else (low, mid)
     return high
-
-
-def decay_end(train: TrainConfig) -> int:
-    """The step after the first whose LR is min_lr: lr_decay_iters, or max_iters."""
-    return train.lr_decay_iters or train.max_iters
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,8 @@ PREFILL_SHARE = {torch.float32: 1.25, torch.bfloat16: 0.5, torch.float16: 0.5}
 
 
 @cache
-def _code() -> str:
-    """A digest of lmlab's model code, which the estimates are of."""
+def model_code() -> str:
+    """A digest of lmlab's model code (and torch's version), which its memory estimates and step timings are of."""
     digest = hashlib.sha256(torch.__version__.encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
@@ -56,7 +56,7 @@ def remembered(what: str, config: ModelConfig, measure: Callable[[], list[int]],
     else measured and kept."""
     if config.kind not in BUILT_IN_KINDS:  # a plugin's code is not lmlab's: measured every time
         return measure()
-    key = [what, dataclasses.asdict(config), [str(e) for e in extra], _code()]
+    key = [what, dataclasses.asdict(config), [str(e) for e in extra], model_code()]
     kept = machine_cache.recall("memory", key)
     if isinstance(kept, list) and all(isinstance(n, int) for n in kept):  # else not kept, or kept otherwise
         return kept

@@ -31,6 +31,7 @@ from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.core.peak import STEP_CEILING, Peak, processor_identity, step_ceiling
 from lmlab.data.shards import windows_in
 from lmlab.model import LanguageModel, build_model
+from lmlab.model.memory import model_code
 from lmlab.run.rundir import RunDir
 from lmlab.train.attention import choose_attention
 from lmlab.train.budget import BudgetRefused, Costs, plan
@@ -110,11 +111,13 @@ def keep(machine: Machine, cfg: RunConfig, timing: Timing) -> None:
 
 
 def timing_key(machine: Machine, cfg: RunConfig, attention: str | None, threads: int = 0) -> dict[str, Any]:
-    """What a config's `Timing` depends on: the machine (its processor, device, dtype and torch), the model, the
-    step's batch and optimizer, the attention path and the threads (default: torch's now)."""
+    """What a config's `Timing` depends on: the machine (its processor, device, dtype and torch), the model and the
+    code that computes it, the step's batch and optimizer, the attention path and the threads (default: torch's
+    now)."""
     tc = cfg.train
     return {"processor": processor_identity(machine.device), "device": machine.device.type,
             "dtype": str(machine.dtype), "torch": torch.__version__, "model": dataclasses.asdict(cfg.model),
+            "code": model_code(),
             "batch": tc.batch_size, "accum": tc.grad_accum_steps, "optimizer": tc.optimizer, "attention": attention,
             "threads": threads or torch.get_num_threads()}
 

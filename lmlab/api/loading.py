@@ -20,9 +20,7 @@ def pick_threads(chooser: ThreadChooser, run: LoadedRun, doing: str) -> str | No
     """The threads of `run`'s work from `chooser`, made before the run loaded, by the machine's rule (the cores the
     load leaves: lmlab.core.machine); the note to print when other processes' load lowered them, else None. The caller
     prints it once its input has passed its checks, so that a refusal stays one line."""
-    from lmlab.core.machine import Machine
-
-    choice = Machine(run.device, run.dtype, chooser).start()
+    choice = chooser.start(run.device)
     if choice.lowered and choice.load is not None and choice.load.busy:
         return f"note: {doing} on {choice.describe(chooser.override)}"
     return None

@@ -134,6 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from lmlab.analysis.scaling import repeat_warning
     from lmlab.core.config_toml import load_config
     from lmlab.core.humanize import format_duration
+    from lmlab.core.machine import Machine
     from lmlab.experiments.bench import with_vocab
     from lmlab.experiments.plan import (
         compute_note,
@@ -160,7 +161,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         micro = f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps}" if cfg.train.grad_accum_steps > 1 else \
             f"{cfg.train.batch_size}"
         console.print(f"Timing training steps of micro-batch {micro}, as training runs them...")
-        rate, load = measure_tokens_per_sec(cfg, args.device)
+        rate, load = measure_tokens_per_sec(cfg, Machine.of(args.device, cfg.train.dtype, cfg.train.threads))
     elif run and run.tokens_per_sec and not (args.gpu or args.mfu):  # a run's own pace, not a guess from a peak
         rate = run.tokens_per_sec, "the median its steps logged; --measure times it here now"
     else:

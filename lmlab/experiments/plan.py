@@ -91,10 +91,9 @@ class Hardware:
 MEASURE_SECONDS = 3.0  # `plan --measure` times steps for at least this long (one at least), after one warm-up step
 
 
-def measure_tokens_per_sec(cfg: RunConfig, device_name: str) -> tuple[tuple[float, str], Load | None]:
-    """Training tokens/s of `cfg` on this device as training runs it and how it was measured (a plan's rate), and
-    the machine's load meanwhile."""
-    machine = Machine.of(device_name, cfg.train.dtype, cfg.train.threads)
+def measure_tokens_per_sec(cfg: RunConfig, machine: Machine) -> tuple[tuple[float, str], Load | None]:
+    """Training tokens/s of `cfg` on `machine` as training runs it and how it was measured (a plan's rate), and the
+    machine's load meanwhile."""
     device, dtype, threads = machine.device, machine.dtype, machine.threads.choice.threads
     row = bench_batch(cfg, cfg.train.batch_size, 1, machine, warmup=1, seconds=MEASURE_SECONDS)
     if row.tokens_per_sec is None:  # out of memory

@@ -15,7 +15,6 @@ import torch
 
 from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
-from lmlab.core.machine import Machine
 from lmlab.core.threads import Choice, Heard, ThreadChooser
 from lmlab.core.workers import python_command
 from lmlab.inference.compiled import (
@@ -90,7 +89,7 @@ class Startup:
             self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
             for note in run.notes:
                 state.log(f"lmlab serve: {note}")
-            state.threads = Machine(run.device, run.dtype, chooser).start().threads
+            state.threads = chooser.start(run.device).threads
             self.threads = Heard(chooser, self._threads_changed)  # a load that comes or goes mid-serve is heard
             folder = run.run.checkpoint(str(run.step))  # the loaded step's, whatever best or latest points to now
             # As sample and answer do; a step compiled from int8 weights (--quantize) is kept as a float one is, and

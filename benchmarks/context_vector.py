@@ -24,6 +24,7 @@ from lmlab.data.prepare import prepare
 from lmlab.evals.evaluate import evaluate_run
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import write_wikitext
 
 CONFIG = """
@@ -72,7 +73,7 @@ def main() -> None:
             config.write_text(CONFIG.format(dataset=dataset, kind=kind, steps=args.steps))
             console.rule(label)
             began = time.perf_counter()
-            Trainer(load_config(config), run, "cpu", console=console).run()
+            Trainer(train_job(load_config(config), run, "cpu", console=console)).run()
             console.print(f"{label}: {time.perf_counter() - began:.0f} s")
         loaded = RunDir(run).load("best", "cpu")
         rows[label] = (summarize(run), evaluate_run(loaded, fresh=False))

@@ -21,6 +21,7 @@ from lmlab.core.config_toml import load_config
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 
 
 def first_time_below(evals: list[dict], target: float) -> str:
@@ -38,7 +39,7 @@ def main() -> None:
     cfg = load_config(Path(args.config), args.set)
     prepare(["shakespeare"], "char", out_dir=Path(cfg.data.dataset).parent)
     with LoadMeter() as meter:  # the run prints its progress as it trains
-        Trainer(cfg, Path(args.run), "cpu", console=console).run()
+        Trainer(train_job(cfg, Path(args.run), "cpu", console=console)).run()
 
     events = RunDir(Path(args.run)).events()
     evals = [e for e in events if e["event"] == "eval"]

@@ -39,6 +39,7 @@ from lmlab.inference.generate import document_start
 from lmlab.inference.scoring import loglikelihoods
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests import lm_eval_reference
 from tests.helpers import SPEAKERS, WORDS, write_corpus
 
@@ -67,7 +68,7 @@ def demo_run(root: Path) -> Path:
     dataset, _, _ = prepare([str(write_corpus(root / "corpus"))], "char", name="plays", out_dir=root / "data")
     cfg = load_config(DEMO, [f'data.dataset="{dataset}"', "train.max_iters=2", "train.eval_interval=2",
                              "train.eval_iters=1", 'train.dtype="float32"', "model.bigram_buckets=0"])
-    return Trainer(cfg, root / "runs" / "demo", "cpu", console=Console(quiet=True)).run().run_dir
+    return Trainer(train_job(cfg, root / "runs" / "demo", "cpu", console=Console(quiet=True))).run().run_dir
 
 
 def gpt2_run(root: Path) -> Path:

@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 from lmlab.core.config_toml import load_config  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
+from lmlab.train.preflight import train_job  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ALPACA_TINY,
     SUITE_CPU,
@@ -128,13 +129,14 @@ def writing_char_run(tmp_path_factory, char_dataset) -> Path:
 
     from lmlab.core.config_toml import load_config
     from lmlab.train.loop import Trainer
+    from lmlab.train.preflight import train_job
 
     root = tmp_path_factory.mktemp("writing")
     overrides = ["model.block_size=80", "train.max_iters=60", "train.eval_interval=60", "train.eval_iters=2",
                  "train.checkpoint_interval=60", "train.learning_rate=1e-2", "train.dtype=float32",
                  "train.compile=false"]
     config = load_config(write_config(root / "plays.toml", char_dataset), overrides)
-    return Trainer(config, root / "plays", "cpu", console=Console(quiet=True)).run().run_dir
+    return Trainer(train_job(config, root / "plays", "cpu", console=Console(quiet=True))).run().run_dir
 
 
 @pytest.fixture(scope="session")
@@ -203,8 +205,8 @@ def tiny_run(tmp_path_factory, char_dataset) -> Path:
     """A tiny char run trained 10 steps in float32 (its checkpoint at step 10): the run the commands' refusals and
     faults are tried on (tests that change it work on a copy)."""
     root = tmp_path_factory.mktemp("tiny")
-    return Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "run",
-                   "cpu").run().run_dir
+    return Trainer(train_job(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "run",
+                   "cpu")).run().run_dir
 
 
 @pytest.fixture(scope="session")
@@ -223,4 +225,4 @@ def trained(tmp_path_factory, char_dataset) -> Path:
     """A tiny char run trained 20 steps (checkpoints at 10 and 20); tests that change it work on a copy."""
     root = tmp_path_factory.mktemp("trained")
     cfg = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=20))
-    return Trainer(cfg, root / "run", "cpu").run().run_dir
+    return Trainer(train_job(cfg, root / "run", "cpu")).run().run_dir

@@ -37,6 +37,7 @@ from lmlab.hf import export_hf
 from lmlab.inference.generate import stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import tiny_tiktoken, write_config
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -113,7 +114,7 @@ def tiny_hf(folder: Path, case: str, tokenizer: Tokenizer | None, vocab_size: in
 
 def train_run(run: Path, config: Path, options: list[str]) -> Path:
     """A tiny lmlab run: 20 steps of `config` (tests/helpers.py's TINY_CONFIG) with `options`."""
-    Trainer(load_config(config, [*TRAIN, *options]), run, "cpu", console=Console(quiet=True)).run()
+    Trainer(train_job(load_config(config, [*TRAIN, *options]), run, "cpu", console=Console(quiet=True))).run()
     return run
 
 

@@ -27,6 +27,7 @@ from lmlab.train.attention import choose_attention
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS
+from lmlab.train.preflight import train_job
 from tests.helpers import (
     ALPACA_TINY,
     a_machine,
@@ -162,12 +163,12 @@ def test_a_resumed_run_trains_by_the_path_it_started_with(tmp_path, char_dataset
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset),
                       ["train.attention=auto", "train.dtype=bfloat16", "train.max_iters=14",
                        "train.checkpoint_interval=7", "train.eval_interval=25"])
-    straight = Trainer(cfg, tmp_path / "straight", "cpu", console=quiet).run().run_dir
+    straight = Trainer(train_job(cfg, tmp_path / "straight", "cpu", console=quiet)).run().run_dir
     assert chosen(straight, "attention")[0] == "attention math"
     run = cut_at_first_checkpoint(straight, tmp_path / "resumed")
     monkeypatch.setattr(machine, "MATH_CONTEXT", 0)
     console = Console(record=True, width=200)
-    Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=console).run()
+    Trainer(train_job(load_config(run / "config.toml"), run, "cpu", resume=True, console=console)).run()
     assert "attention math (as this run trained, its checkpoint says)" in console.export_text()
     assert stable_events(run) == stable_events(straight)
     same_weights(straight, run)

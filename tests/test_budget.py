@@ -37,6 +37,7 @@ from lmlab.train.budget import (
     plan,
 )
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import (
     LMLAB,
     cut_at_first_checkpoint,
@@ -257,7 +258,7 @@ def budgeted(tmp_path, dataset, seconds: float, overrides=()) -> Trainer:
     cfg = load_config(write_config(tmp_path / "tiny.toml", dataset, max_iters=7),
                       [f"train.budget_seconds={seconds}", "train.eval_interval=50", "train.checkpoint_interval=40",
                        "train.log_interval=1", *overrides])
-    return Trainer(cfg, tmp_path / "run", "cpu")
+    return Trainer(train_job(cfg, tmp_path / "run", "cpu"))
 
 
 def plans_of(run) -> list[Plan]:
@@ -388,7 +389,7 @@ def test_a_budget_spent_by_a_checkpoints_write_ends_the_run_there_and_a_resume_t
     monkeypatch.setattr(ckpt, "save_checkpoint", write)
     last = plans_of(result.run_dir)[-1]
     assert result.steps == slowed[0] == last.max_iters and last.reason == "last"
-    again = Trainer(load_config(result.run_dir / "config.toml"), result.run_dir, "cpu", resume=True).run()
+    again = Trainer(train_job(load_config(result.run_dir / "config.toml"), result.run_dir, "cpu", resume=True)).run()
     assert again.steps == result.steps
 
 
@@ -397,11 +398,12 @@ def test_a_planned_run_resumes_with_its_budget_or_by_steps_but_not_with_another_
     result, seconds = trained(tmp_path, char_dataset, 1.0)
     run = result.run_dir
     with pytest.raises(UserError, match=f"planned its {seconds:g} s budget"):
-        Trainer(load_config(run / "config.toml", [f"train.budget_seconds={seconds + 4}"]), run, "cpu", resume=True)
-    again = Trainer(load_config(run / "config.toml"), run, "cpu", resume=True).run()
+        Trainer(train_job(load_config(run / "config.toml", [f"train.budget_seconds={seconds + 4}"]), run, "cpu",
+                          resume=True))
+    again = Trainer(train_job(load_config(run / "config.toml"), run, "cpu", resume=True)).run()
     assert again.steps == result.steps  # nothing left to train: the plan is kept, not timed again
     more = load_config(run / "config.toml", ["train.budget_seconds=0", f"train.max_iters={result.steps + 10}"])
-    assert Trainer(more, run, "cpu", resume=True).run().steps == result.steps + 10
+    assert Trainer(train_job(more, run, "cpu", resume=True)).run().steps == result.steps + 10
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from lmlab.model.gpt import GPT
 from lmlab.run.checkpoint import checkpoint_bytes, load_checkpoint, model_tensors, save_checkpoint
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from lmlab.train.step import TrainStep
 from tests.helpers import (
     LMLAB,
@@ -38,7 +39,7 @@ from tests.helpers import (
 
 def trainer(tmp_path: Path, dataset: Path, overrides=(), run="run", **kw) -> Trainer:
     cfg = load_config(write_config(tmp_path / "tiny.toml", dataset), list(overrides))
-    return Trainer(cfg, tmp_path / run, "cpu", **kw)
+    return Trainer(train_job(cfg, tmp_path / run, "cpu", **kw))
 
 
 @pytest.mark.slow
@@ -74,7 +75,7 @@ def test_a_run_killed_after_its_last_checkpoint_or_after_it_ended_resumes_to_the
         run = tmp_path / f"cut{cut}"
         shutil.copytree(straight, run)
         (run / "metrics.jsonl").write_text("".join(lines[:cut]))
-        Trainer(load_config(run / "config.toml"), run, "cpu", resume=True, console=quiet).run()
+        Trainer(train_job(load_config(run / "config.toml"), run, "cpu", resume=True, console=quiet)).run()
         assert stable_events(run) == stable_events(straight), cut
         assert RunDir(run).step_folders() == [run / "checkpoints" / "step_000007", run / "checkpoints" / "step_000014"]
 
@@ -144,13 +145,13 @@ def test_resume_refuses_another_model_shape_and_changed_data_without_force(tmp_p
     run = tmp_path / "run"
     cfg = load_config(run / "config.toml", ["model.n_layer=3"])
     with pytest.raises(UserError, match=r"another model shape \(n_layer 2 -> 3\)"):
-        Trainer(cfg, run, "cpu", resume=True)
+        Trainer(train_job(cfg, run, "cpu", resume=True))
     from lmlab.data.prepare import prepare
     other, _, _ = prepare([str(corpus_dir)], "char", name="other", out_dir=tmp_path, val_fraction=0.3)
     cfg = load_config(run / "config.toml", [f"data.dataset={other}", "train.max_iters=20"])
     with pytest.raises(UserError, match="--force"):
-        Trainer(cfg, run, "cpu", resume=True)
-    assert Trainer(cfg, run, "cpu", resume=True, force=True).run().steps == 20
+        Trainer(train_job(cfg, run, "cpu", resume=True))
+    assert Trainer(train_job(cfg, run, "cpu", resume=True, force=True)).run().steps == 20
 
 
 @pytest.mark.slow
@@ -185,9 +186,9 @@ def test_init_from_says_the_run_and_checkpoint_it_starts_from(trained, tmp_path,
 @pytest.mark.slow
 def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the_weights(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, ["train.max_iters=90"])
-    counts = np.bincount(t.train_tokens, minlength=t.cfg.model.vocab_size)
+    counts = np.bincount(t.job.splits["train"], minlength=t.cfg.model.vocab_size)
     rarest = int(np.where(counts > 0, counts, counts.max() + 1).argmin())
-    clean_next, clean_forward = t.loader.next, t.train_step.forward
+    clean_next, clean_forward = t.job.loader.next, t.job.step.forward
     batches = []
 
     def poisoned_next():
@@ -201,7 +202,7 @@ def test_poisoned_batches_are_flagged_then_rolled_back_and_nan_never_reaches_the
         logits, loss = clean_forward(x, y)
         return logits, loss * float("nan") if t.progress.step == 40 else loss
 
-    t.loader.next, t.train_step.forward = poisoned_next, nan_forward
+    t.job.loader.next, t.job.step.forward = poisoned_next, nan_forward
     result = t.run()
     events = RunDir(result.run_dir).events()
     kinds = [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "spike", "rollback")]
@@ -223,7 +224,7 @@ def test_a_bf16_checkpoint_continues_in_fp32_and_back(tmp_path, char_dataset):
     assert all(t.dtype == torch.float32 for t in weights(run).values())
     for dtype, steps in (("float32", 30), ("bfloat16", 40)):
         cfg = load_config(run / "config.toml", [f"train.dtype={dtype}", f"train.max_iters={steps}"])
-        result = Trainer(cfg, run, "cpu", resume=True).run()
+        result = Trainer(train_job(cfg, run, "cpu", resume=True)).run()
         assert result.steps == steps
     evals = [e["val_loss"] for e in RunDir(run).events() if e["event"] == "eval"]
     assert len(evals) == 4 and evals[-1] < evals[0]

@@ -25,6 +25,7 @@ from lmlab.model import GPT
 from lmlab.model.loss import IGNORE
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import documents, split_tokens, write_config, write_jsonl
 
 BLOCK = 32  # TINY_CONFIG's model.block_size
@@ -121,8 +122,8 @@ def test_evaluation_scores_only_real_targets(crop_dataset):
 @pytest.mark.slow
 def test_a_model_trains_and_evaluates_on_a_crop_dataset(tmp_path, crop_dataset):
     vocab = json.loads((crop_dataset / "meta.json").read_text())["vocab_size"]
-    result = Trainer(load_config(write_config(tmp_path / "tiny.toml", crop_dataset, max_iters=10)), tmp_path / "run",
-                     "cpu").run()
+    result = Trainer(train_job(load_config(write_config(tmp_path / "tiny.toml", crop_dataset, max_iters=10)),
+                               tmp_path / "run", "cpu")).run()
     assert math.isfinite(result.best_val_loss) and result.best_val_loss < math.log(vocab)  # learned something
     scores = evaluate_run(RunDir(tmp_path / "run").load("best", "cpu"))
     assert math.isfinite(scores["loss"]) and scores["tokens"] > 0
@@ -138,10 +139,10 @@ def test_a_block_size_other_than_the_rows_is_refused_in_train_and_eval(tmp_path,
     message = (f"holds documents cropped to {BLOCK} tokens \\(--pack crop\\) but model.block_size is 16; set "
                f"model.block_size = {BLOCK} or prepare the dataset again with --pack crop --block-size 16")
     with pytest.raises(UserError, match=message):
-        Trainer(load_config(config, ["model.block_size=16"]), tmp_path / "bad", "cpu")
+        Trainer(train_job(load_config(config, ["model.block_size=16"]), tmp_path / "bad", "cpu"))
     other = prepare(["docs.jsonl"], "word:100", name="wide", out_dir=tmp_path,
                     options=PrepareOptions(pack="crop", block_size=16, workers=1))[0]
-    Trainer(load_config(config, ["train.max_iters=1"]), tmp_path / "run", "cpu").run()
+    Trainer(train_job(load_config(config, ["train.max_iters=1"]), tmp_path / "run", "cpu")).run()
     with pytest.raises(UserError, match=f"dataset {other} holds documents cropped to 16 tokens .* model.block_size "
                                         f"is {BLOCK}; set model.block_size = 16"):
         evaluate_run(RunDir(tmp_path / "run").load("best", "cpu"), dataset=other)

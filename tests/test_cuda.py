@@ -36,6 +36,7 @@ from lmlab.model.gpt import GPT
 from lmlab.run.checkpoint import model_tensors
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from lmlab.train.step import TrainStep
 from tests.helpers import a_machine, chosen, write_config
 
@@ -52,7 +53,7 @@ def train(tmp_path: Path, dataset: Path, name: str, settings: list[str], device:
           max_iters: int = 20) -> Trainer:
     cfg = load_config(write_config(tmp_path / f"{name}.toml", dataset, max_iters=max_iters),
                       ["train.log_interval=1", "train.compile=false", *settings])
-    trainer = Trainer(cfg, tmp_path / name, device)
+    trainer = Trainer(train_job(cfg, tmp_path / name, device))
     trainer.run()
     return trainer
 
@@ -65,7 +66,7 @@ def resume(run: Path, copy: Path, step: int, device: str, settings: list[str] = 
     """Continue a copy of `run` from its checkpoint at `step` on `device` to its end; the losses after `step`."""
     shutil.copytree(run, copy)
     (copy / "checkpoints" / "latest").write_text(f"step_{step:06d}")
-    Trainer(load_config(copy / "config.toml", list(settings)), copy, device, resume=True).run()
+    Trainer(train_job(load_config(copy / "config.toml", list(settings)), copy, device, resume=True)).run()
     after = {s: v for s, v in losses(copy).items() if s > step}
     assert sorted(after) == [s for s in sorted(losses(run)) if s > step]
     return after
@@ -126,19 +127,19 @@ def test_bf16_and_compiled_training_track_fp32_eager_on_the_gpu(tmp_path, char_d
 def test_fused_adamw_skips_a_non_finite_step_on_the_gpu(tmp_path, char_dataset):
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10),
                       ["train.log_interval=1", "train.compile=false"])
-    trainer = Trainer(cfg, tmp_path / "run", "cuda")
-    clean = trainer.train_step.forward
+    trainer = Trainer(train_job(cfg, tmp_path / "run", "cuda"))
+    clean = trainer.job.step.forward
 
     def nan_at_step_5(x, y):
         logits, loss = clean(x, y)
         return logits, loss * float("nan") if trainer.progress.step == 5 else loss
 
-    trainer.train_step.forward = nan_at_step_5
+    trainer.job.step.forward = nan_at_step_5
     trainer.run()
     events = RunDir(tmp_path / "run").events()
     assert [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "rollback")] == [("skip", 6)]
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    steps = {float(s["step"]) for s in trainer.train_step.optimizer.state_dict()["state"].values()}
+    assert all(torch.isfinite(p).all() for p in trainer.job.model.parameters())
+    steps = {float(s["step"]) for s in trainer.job.step.optimizer.state_dict()["state"].values()}
     assert steps == {9.0}  # the skipped step moved neither the weights nor the moments nor the step count
 
 

@@ -31,7 +31,7 @@ from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel, cuda_index
 from lmlab.train.guard import MAX_OVERFLOWS, SpikeGuard
 from lmlab.train.loop import Trainer
-from lmlab.train.preflight import weights_born_in
+from lmlab.train.preflight import train_job, weights_born_in
 from lmlab.train.step import TrainStep
 from tests.helpers import a_machine, write_config
 
@@ -100,8 +100,8 @@ def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_pa
     bad step: the run is never rolled back and its LR never halved for them."""
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=40),
                       ["train.dtype=float16", "train.log_interval=1"])
-    trainer = Trainer(cfg, tmp_path / "run", "cpu")
-    trainer.train_step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 28)
+    trainer = Trainer(train_job(cfg, tmp_path / "run", "cpu"))
+    trainer.job.step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 28)
     trainer.run()
     events = RunDir(tmp_path / "run").events()
     train = [e for e in events if e["event"] == "train"]
@@ -117,7 +117,7 @@ def test_fp16_training_rides_out_the_scalers_overflows_without_a_rollback(tmp_pa
 @pytest.mark.slow
 def test_tokens_per_second_leaves_out_the_warm_up_step(tmp_path, char_dataset):
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=4), ["train.log_interval=1"])
-    Trainer(cfg, tmp_path / "run", "cpu").run()
+    Trainer(train_job(cfg, tmp_path / "run", "cpu")).run()
     start, *events = RunDir(tmp_path / "run").events()
     train = [e for e in events if e["event"] == "train"]
     assert train[0]["tokens_per_sec"] is None and train[0]["mfu"] is None  # the first step's line has no rate

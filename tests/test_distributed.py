@@ -25,6 +25,7 @@ from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.distributed import Parallel, setup
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import (
     LMLAB,
     TOLERANCE,
@@ -60,7 +61,7 @@ def config(tmp_path_factory, char_dataset) -> Path:
 def single(tmp_path_factory, config) -> Path:
     """The reference: 60 steps in one process, without torchrun."""
     run = tmp_path_factory.mktemp("single") / "run"
-    Trainer(load_config(config, [*SETTINGS, "train.max_iters=60"]), run, "cpu").run()
+    Trainer(train_job(load_config(config, [*SETTINGS, "train.max_iters=60"]), run, "cpu")).run()
     return run
 
 
@@ -77,7 +78,7 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_on_either(tmp_path, confi
     assert next(e for e in RunDir(run).events() if e["event"] == "start")["world_size"] == 2
     # The gathered checkpoint continues in one process ...
     on_one = resumable_at(run, 10, tmp_path / "fsdp-then-one")
-    Trainer(load_config(on_one / "config.toml"), on_one, "cpu", resume=True).run()
+    Trainer(train_job(load_config(on_one / "config.toml"), on_one, "cpu", resume=True)).run()
     assert_same(losses(on_one), losses(single), range(1, 21))
     # ... and a one-process checkpoint continues sharded over two.
     on_two = resumable_at(single, 10, tmp_path / "one-then-fsdp")
@@ -90,7 +91,7 @@ def test_fsdp_in_bf16_gathers_bf16_and_checkpoints_fp32_weights(tmp_path, config
     """The mixed-precision policy on a real two-process job: the matmul weights are all-gathered in bf16 and the
     gradients reduced in fp32; it trains like one bf16 process, and the checkpoint holds the fp32 master weights."""
     alone = tmp_path / "alone"
-    Trainer(load_config(config, [*SETTINGS, "train.dtype=bfloat16"]), alone, "cpu").run()
+    Trainer(train_job(load_config(config, [*SETTINGS, "train.dtype=bfloat16"]), alone, "cpu")).run()
     run = tmp_path / "fsdp-bf16"
     finish(torchrun([str(config), "--run", str(run), *sets('train.parallel="fsdp"', "train.dtype=bfloat16")]))
     # The same bf16 values as autocast's (one process: bitwise, test below); the ranks' gradient sums differ in order

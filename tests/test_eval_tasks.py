@@ -23,6 +23,7 @@ from lmlab.inference.generate import document_start
 from lmlab.inference.scoring import token_scores
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import SPEAKERS, Server, hellaswag_items, phrase, post, write_config
 
 pytest.importorskip("lm_eval")
@@ -39,7 +40,7 @@ def bpe_run(tmp_path_factory, corpus_dir) -> Path:
     dataset, _, _ = prepare([str(corpus_dir)], "bpe:300", name="tiny", out_dir=root / "data")
     config = load_config(write_config(root / "tiny.toml", dataset, max_iters=30),
                          ["train.keep_checkpoints=5", "model.block_size=64"])
-    run = Trainer(config, root / "runs" / "bpe", "cpu", console=Console(quiet=True)).run().run_dir
+    run = Trainer(train_job(config, root / "runs" / "bpe", "cpu", console=Console(quiet=True))).run().run_dir
     assert RunDir(run).checkpoint("best").name == "step_000030"  # it improved at every eval: best is the last
     return run
 

@@ -102,10 +102,11 @@ def run_dir(tmp_path_factory, char_dataset) -> Path:
 
     from lmlab.core.config_toml import load_config
     from lmlab.train.loop import Trainer
+    from lmlab.train.preflight import train_job
 
     root = tmp_path_factory.mktemp("extras")
     config = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=2), ["train.eval_interval=2"])
-    return Trainer(config, root / "tiny", "cpu", console=Console(quiet=True)).run().run_dir
+    return Trainer(train_job(config, root / "tiny", "cpu", console=Console(quiet=True))).run().run_dir
 
 
 @pytest.mark.slow

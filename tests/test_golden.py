@@ -17,6 +17,7 @@ import torch
 from lmlab.core.config_toml import load_config
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import write_config
 
 GOLDEN = Path(__file__).parent / "data" / "golden_loss.json"
@@ -29,7 +30,7 @@ def test_a_tiny_seeded_run_follows_the_golden_loss_curve(tmp_path, stable_root):
                       SETTINGS)
     threads = torch.get_num_threads()
     try:
-        run = Trainer(cfg, tmp_path / "run", "cpu").run().run_dir
+        run = Trainer(train_job(cfg, tmp_path / "run", "cpu")).run().run_dir
     finally:
         torch.set_num_threads(threads)  # train.threads is process-wide: the next tests get all cores back
     losses = [e["loss"] for e in RunDir(run).events() if e["event"] == "train"]

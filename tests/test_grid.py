@@ -17,6 +17,7 @@ import pytest
 from lmlab.commands import main
 from lmlab.core.config_toml import load_config
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import LMLAB, run_cli, write_config
 
 
@@ -24,7 +25,7 @@ from tests.helpers import LMLAB, run_cli, write_config
 def two_runs(tmp_path_factory, char_dataset) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("grid")
     config = write_config(root / "tiny.toml", char_dataset, max_iters=10)
-    return tuple(Trainer(load_config(config, overrides), root / name, "cpu").run().run_dir
+    return tuple(Trainer(train_job(load_config(config, overrides), root / name, "cpu")).run().run_dir
                  for name, overrides in (("deep", []), ("shallow", ["model.n_layer=1"])))
 
 
@@ -136,13 +137,14 @@ def base_and_instruct(tmp_path_factory, corpus_dir, char_dataset):
     from lmlab.core.config_toml import load_config
     from lmlab.hf import import_hf
     from lmlab.train.loop import Trainer
+    from lmlab.train.preflight import train_job
 
     pytest.importorskip("transformers")
     from tests.hf_reference import hf_chat_model
 
     root = tmp_path_factory.mktemp("grid")
-    base = Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "base",
-                   "cpu").run().run_dir
+    base = Trainer(train_job(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10)), root / "base",
+                   "cpu")).run().run_dir
     import_hf(hf_chat_model(root / "Qwen2.5-tiny-Instruct", "qwen2.5", corpus_dir), root / "instruct")
     return base, root / "instruct"
 

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lmlab.core.config_toml import load_config
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS
+from lmlab.train.preflight import train_job
 from lmlab.train.step import TrainStep
 from tests.helpers import write_config
 
@@ -66,7 +67,7 @@ class Syncs(TorchDispatchMode, TorchFunctionMode):
 def test_a_training_step_never_waits_on_the_device(tmp_path, char_dataset, optimizer, dtype):
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset),
                       [*CADENCE, f"train.optimizer={optimizer}", f"train.dtype={dtype}"])
-    trainer = Trainer(cfg, tmp_path / "run", "cpu")
+    trainer = Trainer(train_job(cfg, tmp_path / "run", "cpu"))
     with Syncs(trainer) as syncs:
         trainer.run()
     assert trainer.progress.step == 50

@@ -14,13 +14,14 @@ from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from lmlab.train.schedule import lr_at
 from tests.helpers import install_plugin, meta_reads, write_config
 
 
 def train(tmp_path: Path, dataset: Path, overrides: list[str] = (), run: str = "run", **kw):
     cfg = load_config(write_config(tmp_path / "tiny.toml", dataset), list(overrides))
-    return Trainer(cfg, tmp_path / run, "cpu", **kw).run()
+    return Trainer(train_job(cfg, tmp_path / run, "cpu", **kw)).run()
 
 
 @pytest.mark.slow
@@ -67,7 +68,7 @@ def test_early_stopping_after_patience_evals_without_a_new_best(tmp_path, char_d
 def test_resume_continues_from_the_latest_checkpoint(tmp_path, char_dataset):
     train(tmp_path, char_dataset, ["train.max_iters=20"])
     cfg = load_config(tmp_path / "run" / "config.toml", ["train.max_iters=40"])
-    result = Trainer(cfg, tmp_path / "run", "cpu", resume=True).run()
+    result = Trainer(train_job(cfg, tmp_path / "run", "cpu", resume=True)).run()
     steps = [e["step"] for e in RunDir(result.run_dir).events() if e["event"] == "eval"]
     assert steps == [10, 20, 30, 40]
     with pytest.raises(UserError, match="--resume"):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,7 +23,18 @@ from lmlab.core.machine import GRAPHS_STEP, no_graphs
 from lmlab.model import build_model
 from lmlab.train.step import TrainStep
 from lmlab.train.timing import time_config, time_step, timing_key
-from tests.helpers import ALPACA_TINY, LMLAB, ROOT, Server, a_machine, chosen, forget_choices, roomier, write_config
+from tests.helpers import (
+    ALPACA_TINY,
+    CPU_KIND_HOOK,
+    LMLAB,
+    ROOT,
+    Server,
+    a_machine,
+    chosen,
+    forget_choices,
+    roomier,
+    write_config,
+)
 
 CPU = torch.device("cpu")
 
@@ -126,6 +139,30 @@ def test_a_timing_cut_short_by_its_deadline_is_not_kept():
         assert timing.full == full and (cache.recall("timing", timing_key(machine, cfg, "fused")) is not None) == full
 
 
+@pytest.mark.slow
+def test_a_step_timing_is_read_back_only_by_the_model_code_that_ran_it(tmp_path):
+    """A step timed and kept is read back by the same code, and timed again by a process whose model code changed (a
+    norm or an attention edited since): a kept timing never outlives the code it timed."""
+    script = ("import sys, torch\nfrom lmlab.core.config import ModelConfig, RunConfig, TrainConfig\n"
+              "from lmlab.train.timing import recall, time_config\nfrom tests.helpers import a_machine\n"
+              "cfg = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20),\n"
+              "                train=TrainConfig(batch_size=2, attention='fused'))\n"
+              "if sys.argv[1] == 'time':\n    time_config(cfg, a_machine())\n"
+              "print(recall(a_machine(), cfg, 'fused') is not None)")
+    edited = tmp_path / "edited"
+    shutil.copytree(ROOT / "lmlab", edited / "lmlab", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(edited / "lmlab" / "model" / "gpt.py", "a") as gpt:
+        gpt.write("\n# an edit of the model's code\n")
+    read = []
+    for source, what in ((ROOT, "time"), (ROOT, "read"), (edited, "read")):
+        done = subprocess.run([sys.executable, "-c", script, what], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  [str(source), str(ROOT), str(CPU_KIND_HOOK)])})
+        assert done.returncode == 0, done.stderr
+        read.append(done.stdout.split()[-1])
+    assert read == ["True", "True", "False"]
+
+
 def _batch() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     ids = torch.arange(32).reshape(2, 16) % 20
     return [(ids, ids)], 1
@@ -227,11 +264,9 @@ def test_a_finetune_and_serve_measure_nothing(tmp_path, imported_gpt2):
 ALLOWED = {
     "set_num_threads": {"core/threads.py", "core/peak.py", "inference/compiled.py"},
     "compile": {"train/compiled.py", "inference/graphs.py"},
-    "Machine": {"train/preflight.py", "train/finetune.py", "experiments/sizing.py",
-                "experiments/plan.py", "experiments/miniseries.py", "api/loading.py", "serving/startup.py",
-                "commands/plan.py"},
-    "ThreadChooser": {"core/machine.py", "train/loop.py", "train/finetune.py", "experiments/sizing.py",
-                      "api/run.py", "serving/startup.py", "commands/plan.py"},
+    "Machine": {"train/preflight.py", "experiments/miniseries.py", "commands/plan.py"},
+    "ThreadChooser": {"core/machine.py", "train/preflight.py", "train/finetune.py", "api/run.py", "serving/startup.py",
+                      "commands/plan.py"},
     "measured_peak": {"core/peak.py"},
     "time_step": {"train/timing.py"},
 }

@@ -27,6 +27,7 @@ from lmlab.core.config_toml import load_config
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import (
     TOLERANCE,
     assert_same,
@@ -195,7 +196,7 @@ def config(tmp_path_factory, char_dataset) -> Path:
 def single(tmp_path_factory, config) -> Path:
     """The reference: the run in one process, without torchrun."""
     run = tmp_path_factory.mktemp("single") / "run"
-    Trainer(load_config(config, SETTINGS), run, "cpu").run()
+    Trainer(train_job(load_config(config, SETTINGS), run, "cpu")).run()
     return run
 
 
@@ -273,7 +274,7 @@ def test_a_partition_longer_than_the_collective_timeout_ends_both_hosts_naming_e
     step = RunDir(run).events()[-1]["step"]
     assert jobs[0].said() == [lost(0, SILENT, step, run)] and jobs[1].said() == [lost(1, SILENT, step, run)]
     # Nothing is lost: the checkpoint continues (in one process here) to the uninterrupted run's numbers.
-    Trainer(load_config(run / "config.toml"), run, "cpu", resume=True).run()
+    Trainer(train_job(load_config(run / "config.toml"), run, "cpu", resume=True)).run()
     assert_same(losses(run), losses(uninterrupted[0]), range(LOG, STEPS + 1, LOG))
     final, want = val_losses(run)[STEPS], val_losses(uninterrupted[0])[STEPS]
     row(f"the veth down after step {step}, longer than train.collective_timeout ({COLLECTIVE_TIMEOUT} s)",

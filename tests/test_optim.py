@@ -20,6 +20,7 @@ from lmlab.run.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import OPTIMIZERS, Muon, MuonAdamW, optimizer_of, orthogonal_dtype
+from lmlab.train.preflight import train_job
 from lmlab.train.schedule import lr_at
 from lmlab.train.step import TrainStep
 from tests.helpers import a_machine, fake_cpu, write_config
@@ -32,7 +33,7 @@ MUON = ["train.optimizer=muon", "train.warmup_iters=0", "train.min_lr=3e-3", "mo
 
 def trainer(tmp_path, dataset, overrides, run, **kw) -> Trainer:
     cfg = load_config(write_config(tmp_path / "tiny.toml", dataset), overrides)
-    return Trainer(cfg, tmp_path / run, "cpu", **kw)
+    return Trainer(train_job(cfg, tmp_path / run, "cpu", **kw))
 
 
 @pytest.mark.parametrize("kind", ["gpt", "recurrent"])
@@ -40,14 +41,14 @@ def trainer(tmp_path, dataset, overrides, run, **kw) -> Trainer:
 def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_dataset, kind):
     overrides = [*MUON, f"model.kind={kind}", "train.threads=1"]  # bitwise: the same threads in both runs
     straight = trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=16"], "straight")
-    assert isinstance(straight.train_step.optimizer, MuonAdamW)
+    assert isinstance(straight.job.step.optimizer, MuonAdamW)
     straight.run()
     trainer(tmp_path, char_dataset, [*overrides, "train.max_iters=8"], "resumed").run()
     run = tmp_path / "resumed"
     saved = load_file(str(RunDir(run).checkpoint("latest") / "optimizer.safetensors"))
     assert any(k.endswith("momentum_buffer") for k in saved) and any(k.endswith("exp_avg") for k in saved)
     cfg = load_config(run / "config.toml", ["train.max_iters=16"])
-    Trainer(cfg, run, "cpu", resume=True).run()
+    Trainer(train_job(cfg, run, "cpu", resume=True)).run()
     a = load_file(str(RunDir(tmp_path / "straight").checkpoint("latest") / "model.safetensors"))
     b = load_file(str(RunDir(run).checkpoint("latest") / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -58,17 +59,17 @@ def test_muon_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, char_da
 @pytest.mark.slow
 def test_muon_skips_a_non_finite_step_in_both_halves(tmp_path, char_dataset):
     t = trainer(tmp_path, char_dataset, [*MUON, "train.max_iters=10"], "run")
-    clean_forward = t.train_step.forward
+    clean_forward = t.job.step.forward
 
     def nan_forward(x, y):
         logits, loss = clean_forward(x, y)
         return logits, loss * float("nan") if t.progress.step == 4 else loss
 
-    t.train_step.forward = nan_forward
+    t.job.step.forward = nan_forward
     result = t.run()
     assert [(e["event"], e["step"]) for e in RunDir(result.run_dir).events() if e["event"] == "skip"] == [("skip", 5)]
-    assert all(torch.isfinite(p).all() for p in t.model.parameters())
-    assert t.train_step.optimizer.adamw.state_dict()["state"][0]["step"].item() == 9  # 10 steps, one skipped
+    assert all(torch.isfinite(p).all() for p in t.job.model.parameters())
+    assert t.job.step.optimizer.adamw.state_dict()["state"][0]["step"].item() == 9  # 10 steps, one skipped
 
 
 def _muon_moves(optimizer: type, **settings) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ from lmlab.experiments.gputime import gpu_step_time
 from lmlab.experiments.plan import DEFAULT_MFU, assumed, shape_of
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import as_budgeted, cut_at_first_checkpoint, write_config
 
 GPT2 = "configs/gpt2-small.toml"
@@ -131,7 +132,7 @@ def test_this_machine_is_estimated_from_its_peak_and_the_mfu_of_its_own_runs(cap
     tokens/s where it had logged 5,090 to 9,758)."""
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20)
     run = tmp_path / "runs" / "tiny"
-    Trainer(load_config(config), run, "cpu").run()
+    Trainer(train_job(load_config(config), run, "cpu")).run()
     code, out, _ = plan(capsys, run, "--device", "cpu", "--runs", tmp_path / "none")
     assert code == 0 and "(the median its steps logged; --measure times it here now)" in " ".join(out.split())
     assert rate(out) == pytest.approx(summarize(run).tokens_per_sec, abs=1)

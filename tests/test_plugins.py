@@ -22,6 +22,7 @@ from lmlab.core.config_toml import load_config
 from lmlab.inference.generate import Asked, continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import (
     LMLAB,
     TINY_CONFIG,
@@ -50,7 +51,7 @@ def write(path: Path, dataset: Path, kind: str = "context-vector", options: str 
 def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_its_size(tmp_path, wikitext_dataset,
                                                                                       capsys):
     config = write(tmp_path / "cv.toml", wikitext_dataset, options="", dropout=0.1)  # its default context width
-    Trainer(load_config(config), tmp_path / "straight", "cpu").run()
+    Trainer(train_job(load_config(config), tmp_path / "straight", "cpu")).run()
     run = tmp_path / "killed"
     kill_and_resume([LMLAB, "train", config, "--run", run], run, (7, 16))  # metrics lines: between checkpoints
     same_weights(tmp_path / "straight", run)
@@ -59,8 +60,8 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
     assert start["plugin"]["package"] == "lmlab-context-vector" and start["model"].startswith("context-vector 2L/32")
 
     # A GPT of the same width and depth (rotary positions: no position table) has within 0.5% of its parameters.
-    gpt = Trainer(load_config(write(tmp_path / "gpt.toml", wikitext_dataset, "gpt", "", dropout=0.1,
-                                    extra='pos_emb = "rope"')), tmp_path / "gpt", "cpu").run().run_dir
+    gpt = Trainer(train_job(load_config(write(tmp_path / "gpt.toml", wikitext_dataset, "gpt", "", dropout=0.1,
+                                    extra='pos_emb = "rope"')), tmp_path / "gpt", "cpu")).run().run_dir
     ours, theirs = summarize(run).params, summarize(gpt).params
     assert abs(ours - theirs) / theirs < 0.005, (ours, theirs)
     code, out, _ = run_cli(capsys, "compare", gpt, run, "--json")
@@ -87,17 +88,18 @@ def test_the_context_vector_plugin_resumes_bitwise_and_compares_with_a_gpt_of_it
 
 @pytest.mark.slow
 def test_a_plugin_run_is_guarded_budgeted_and_swept(tmp_path, wikitext_dataset, capsys):
-    t = Trainer(load_config(write(tmp_path / "cv.toml", wikitext_dataset, max_iters=20)), tmp_path / "guarded", "cpu")
-    clean_forward, poisoned = t.train_step.forward, []
+    config = load_config(write(tmp_path / "cv.toml", wikitext_dataset, max_iters=20))
+    t = Trainer(train_job(config, tmp_path / "guarded", "cpu"))
+    clean_forward, poisoned = t.job.step.forward, []
 
     def nan_forward(x, y):  # three non-finite training steps in a row, once: skipped, then rolled back
         logits, loss = clean_forward(x, y)
-        if t.model.training and t.progress.step >= 14 and len(poisoned) < 3:
+        if t.job.model.training and t.progress.step >= 14 and len(poisoned) < 3:
             poisoned.append(t.progress.step)
             loss = loss * float("nan")
         return logits, loss
 
-    t.train_step.forward = nan_forward
+    t.job.step.forward = nan_forward
     events = RunDir(t.run().run_dir).events()
     assert [(e["event"], e["step"]) for e in events if e["event"] in ("skip", "rollback")] == \
         [("skip", 15), ("skip", 16), ("rollback", 17)]
@@ -157,8 +159,8 @@ def site(tmp_path, monkeypatch) -> Path:
 def test_a_minimal_plugin_samples_by_recomputing_its_context_and_a_missing_one_names_its_package(
         tmp_path, site, char_dataset, capsys):
     info = install_plugin(site, "tiny-mix", "lmlab-tiny-mix", FAKE_MODEL)
-    result = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "tiny-mix", "", max_iters=10)),
-                     tmp_path / "run", "cpu").run()
+    result = Trainer(train_job(load_config(write(tmp_path / "c.toml", char_dataset, "tiny-mix", "", max_iters=10)),
+                     tmp_path / "run", "cpu")).run()
     run = RunDir(result.run_dir).load("best", "cpu")
     assert run.model.new_cache(1, torch.device("cpu"), torch.float32) is None  # no decode state of its own
     prompt = run.tokenizer.encode("ROMEO:")
@@ -281,8 +283,8 @@ def test_a_plugin_whose_trained_weights_give_nan_is_one_sentence_when_loaded(tmp
     finite were sampled as text (and a 500 with a traceback under `logprobs`)."""
     install_plugin(site, "flaky", "lmlab-flaky", FAKE_MODEL.replace(
         RETURN, "        logits = logits * float(os.environ.get('FLAKY_SCALE', '1'))\n" + RETURN) + "import os\n")
-    run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "flaky", "", max_iters=3)), tmp_path / "run",
-                  "cpu").run().run_dir
+    run = Trainer(train_job(load_config(write(tmp_path / "c.toml", char_dataset, "flaky", "", max_iters=3)),
+                            tmp_path / "run", "cpu")).run().run_dir
     monkeypatch.setenv("FLAKY_SCALE", "nan")  # the same module, now computing NaN
     for command in (["sample", run, "--max-new-tokens", "3"], ["eval", run]):
         code, out, err = run_cli(capsys, *command)
@@ -347,8 +349,8 @@ def test_a_plugin_that_goes_wrong_after_training_is_named_by_sample_and_eval(tmp
     install_plugin(site, "moody", "lmlab-moody", FAKE_MODEL.replace(
         RETURN, "        if os.environ.get('MOODY') and idx.shape[1] > 3:\n            return logits, None, None\n"
         + RETURN) + "import os\n")
-    run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "moody", "", max_iters=3)), tmp_path / "run",
-                  "cpu").run().run_dir
+    run = Trainer(train_job(load_config(write(tmp_path / "c.toml", char_dataset, "moody", "", max_iters=3)),
+                            tmp_path / "run", "cpu")).run().run_dir
     monkeypatch.setenv("MOODY", "1")
     for command in (["sample", run, "--prompt", "ROMEO: sweet", "--max-new-tokens", "3"], ["eval", run]):
         code, out, err = run_cli(capsys, *command)
@@ -366,8 +368,8 @@ def test_a_plugins_own_exception_after_training_is_named_by_sample_and_eval(tmp_
     install_plugin(site, "moody", "lmlab-moody", FAKE_MODEL.replace(
         RETURN, f"        if os.environ.get('MOODY') and idx.shape[1] > 3:\n            raise {raised}\n"
         + RETURN) + "import os\n")
-    run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "moody", "", max_iters=3)), tmp_path / "run",
-                  "cpu").run().run_dir
+    run = Trainer(train_job(load_config(write(tmp_path / "c.toml", char_dataset, "moody", "", max_iters=3)),
+                            tmp_path / "run", "cpu")).run().run_dir
     monkeypatch.setenv("MOODY", "1")
     for command in (["sample", run, "--prompt", "ROMEO: sweet", "--max-new-tokens", "3"], ["eval", run]):
         code, out, err = run_cli(capsys, *command)
@@ -487,8 +489,8 @@ def odd(where):
 def test_whatever_a_plugins_decode_state_raises_is_one_sentence_naming_it(tmp_path, site, char_dataset, capsys,
                                                                          monkeypatch):
     install_plugin(site, "odd", "lmlab-odd", DECODE_STATE)
-    run = Trainer(load_config(write(tmp_path / "c.toml", char_dataset, "odd", "", max_iters=2)), tmp_path / "run",
-                  "cpu").run().run_dir
+    run = Trainer(train_job(load_config(write(tmp_path / "c.toml", char_dataset, "odd", "", max_iters=2)),
+                            tmp_path / "run", "cpu")).run().run_dir
     for where, how in [("new_cache", "new_cache()"), ("over", "decode state's over()"),
                        ("reset", "decode state's reset()")]:
         for raised in ("its own BaseException", "MemoryError"):

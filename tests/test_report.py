@@ -25,6 +25,7 @@ from lmlab.evals.evaluate import evaluate_run
 from lmlab.inference.generate import sample
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from lmlab.writeup.findings import RunFacts, eval_noise, reading
 from lmlab.writeup.report import build_report
 from tests.helpers import SPEAKERS, as_budgeted, phrase, write_config, write_corpus
@@ -38,10 +39,10 @@ def two_runs(tmp_path_factory, char_dataset) -> tuple[Path, Path]:
     """A GPT-2-style run of 40 steps and a modern one trained to 20 steps, then resumed to 40."""
     root = tmp_path_factory.mktemp("report")
     config = write_config(root / "tiny.toml", char_dataset, max_iters=40)
-    gpt2 = Trainer(load_config(config), root / "runs" / "gpt2", "cpu").run().run_dir
+    gpt2 = Trainer(train_job(load_config(config), root / "runs" / "gpt2", "cpu")).run().run_dir
     modern = root / "runs" / "modern"
-    Trainer(load_config(config, [*MODERN, "train.max_iters=20"]), modern, "cpu").run()
-    Trainer(load_config(modern / "config.toml", ["train.max_iters=40"]), modern, "cpu", resume=True).run()
+    Trainer(train_job(load_config(config, [*MODERN, "train.max_iters=20"]), modern, "cpu")).run()
+    Trainer(train_job(load_config(modern / "config.toml", ["train.max_iters=40"]), modern, "cpu", resume=True)).run()
     return gpt2, modern
 
 
@@ -232,7 +233,7 @@ def test_a_run_from_before_the_machine_was_recorded_says_so(tmp_path, stable_roo
 def test_a_run_without_a_checkpoint_is_reported_with_the_reason(tmp_path, char_dataset):
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     run = RunDir(tmp_path / "runs" / "empty")
-    Trainer(load_config(config), run.path, "cpu")  # set up, never trained
+    Trainer(train_job(load_config(config), run.path, "cpu"))  # set up, never trained
     result = build_report([run.path], tmp_path / "out", device="cpu")
     evaluation = rows(result.markdown.read_text(), "Evaluation")
     assert evaluation["checkpoint"][0].startswith(f"{run.path} has no latest checkpoint")  # best falls back to it
@@ -268,7 +269,7 @@ def test_a_dataset_with_documents_gets_its_length_histogram(tmp_path, corpus_dir
 
     dataset, _, _ = prepare([str(corpus_dir)], "word:100", name="plays", out_dir=tmp_path / "data")
     config = load_config(write_config(tmp_path / "tiny.toml", dataset, max_iters=10))
-    run = Trainer(config, tmp_path / "runs" / "words", "cpu").run().run_dir
+    run = Trainer(train_job(config, tmp_path / "runs" / "words", "cpu")).run().run_dir
     md = build_report([run], tmp_path / "out", device="cpu").markdown.read_text()
     s = dataset_stats(dataset, 32)
     assert rows(md, "Data")["tokens per document"] == [
@@ -393,7 +394,7 @@ def test_the_evaluation_says_how_long_it_will_take_once_it_has_timed_its_second_
                                                                                        capsys):
     """The estimate from the run's training speed was off by twice; this one is the evaluation's own pace."""
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
-    run = Trainer(load_config(config, ["model.block_size=8"]), tmp_path / "short", "cpu").run().run_dir
+    run = Trainer(train_job(load_config(config, ["model.block_size=8"]), tmp_path / "short", "cpu")).run().run_dir
     windows = (json.loads((char_dataset / "meta.json").read_text())["val"]["tokens"] - 1) // 8
     assert windows > 2 * 32  # three batches at least: the pace of the second says how long the rest takes
     capsys.readouterr()
@@ -446,8 +447,8 @@ def test_text_from_outside_is_shown_as_written_and_the_page_loads_nothing(two_ru
     dataset = shutil.copytree(char_dataset, tmp_path / f"{HOSTILE}-char")
     config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
     settings = [f"data.dataset={dataset}", f"train.tracker_run={HOSTILE}"]
-    Trainer(load_config(config, settings), tmp_path / "trained", "cpu").run()
-    Trainer(load_config(config, settings), tmp_path / "empty", "cpu")  # set up, never trained
+    Trainer(train_job(load_config(config, settings), tmp_path / "trained", "cpu")).run()
+    Trainer(train_job(load_config(config, settings), tmp_path / "empty", "cpu"))  # set up, never trained
     # lmlab names a new run's folder plainly: these names are a user's renaming.
     runs = [tmp_path / f"1{HOSTILE}", tmp_path / f"2{HOSTILE}\n- z", tmp_path / f"3{HOSTILE}"]
     (tmp_path / "trained").rename(runs[0])
@@ -484,8 +485,8 @@ def test_plot_titles_and_legends_fit_their_figure_whatever_the_names(two_runs, t
 
     other, _, _ = prepare([str(write_corpus(tmp_path / "corpus", seed=1))], "char", name="other-plays-" * 10,
                           out_dir=tmp_path / "data")
-    trained = Trainer(load_config(write_config(tmp_path / "tiny.toml", other, max_iters=10)), tmp_path / "other",
-                      "cpu").run().run_dir
+    trained = Trainer(train_job(load_config(write_config(tmp_path / "tiny.toml", other, max_iters=10)),
+                                tmp_path / "other", "cpu")).run().run_dir
     for names in (["a", "b"], ["W" * 200, "a long run name " * 12]):
         runs = [shutil.copytree(run, tmp_path / name) for run, name in zip((two_runs[0], trained), names)]
         figures = [lmlab.compare(runs).plot(x="tokens"), *(lmlab.Run(run).plot() for run in runs)]

@@ -27,6 +27,7 @@ from lmlab.core.errors import UserError
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from lmlab.train.schedule import lr_at, lr_at_position, position_of
 from tests.helpers import (
     ALPACA_TINY,
@@ -109,7 +110,7 @@ def test_a_budgeted_run_extended_by_steps_keeps_its_lr(tmp_path, char_dataset, c
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset), [
         "train.budget_seconds=5", "train.log_interval=1", "train.warmup_iters=0", "train.min_lr=1e-5",
         "train.eval_interval=50"])
-    end = Trainer(cfg, run, "cpu").run().steps  # the budget counts from run(): the test's process is old
+    end = Trainer(train_job(cfg, run, "cpu")).run().steps  # the budget counts from run(): the test's process is old
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--set", "train.budget_seconds=0", "--set",
                  f"train.max_iters={end + 10}", "--set", "train.log_interval=1"]) == 0
@@ -466,12 +467,12 @@ def resumable(tmp_path_factory, char_dataset) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resumable")
     config = write_config(root / "tiny.toml", char_dataset, max_iters=20)
     config.write_text(config.read_text().replace("[train]\n", "[train]\nmicro_batch = \"set\"\n"))  # as resumed
-    steps = Trainer(load_config(config), root / "steps", "cpu").run().run_dir
+    steps = Trainer(train_job(load_config(config), root / "steps", "cpu")).run().run_dir
     seconds = 6.0
     for _ in range(4):  # a start-up slower than the budget: a roomier one
         try:
-            budgeted = Trainer(load_config(config, [f"train.budget_seconds={seconds}", "train.eval_interval=50",
-                                                    "train.checkpoint_interval=10"]), root / f"b{seconds:g}", "cpu")
+            settings = [f"train.budget_seconds={seconds}", "train.eval_interval=50", "train.checkpoint_interval=10"]
+            budgeted = Trainer(train_job(load_config(config, settings), root / f"b{seconds:g}", "cpu"))
             break
         except UserError:
             seconds *= 2

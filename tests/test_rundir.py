@@ -22,6 +22,7 @@ from lmlab.inference.generate import instructing, sample, text_stream
 from lmlab.run.rundir import STATE_FORMAT, RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import ALPACA_TINY, run_cli, spawn, wait_until, write_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
@@ -51,7 +52,7 @@ def test_a_trained_run_written_before_the_run_layer_resumes(tmp_path, stable_roo
     monkeypatch.chdir(stable_root)
     run = tmp_path / "trained"
     shutil.copytree(LEGACY / "trained", run)
-    result = Trainer(RunDir(run).config(["train.max_iters=15"]), run, "cpu", resume=True).run()
+    result = Trainer(train_job(RunDir(run).config(["train.max_iters=15"]), run, "cpu", resume=True)).run()
     events = RunDir(run).events()
     assert result.steps == 15 and [e["step"] for e in events if e["event"] == "eval"] == [5, 10, 15]
     state = json.loads((RunDir(run).checkpoint("latest") / "state.json").read_text())
@@ -62,8 +63,8 @@ def test_a_trained_run_written_before_the_run_layer_resumes(tmp_path, stable_roo
 
 @pytest.mark.slow
 def test_every_kind_of_run_is_written_in_one_schema(tmp_path, char_dataset, imported_gpt2):
-    trained = Trainer(load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)),
-                      tmp_path / "trained", "cpu").run().run_dir
+    trained = Trainer(train_job(load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)),
+                      tmp_path / "trained", "cpu")).run().run_dir
     tuned = finetune(imported_gpt2, tmp_path / "tuned", FinetuneConfig(str(ALPACA_TINY), epochs=1),
                      device="cpu").run_dir
     runs = {"trained": RunDir(trained), "imported": RunDir(imported_gpt2), "fine-tuned": RunDir(tuned)}
@@ -82,7 +83,7 @@ def test_every_kind_of_run_is_written_in_one_schema(tmp_path, char_dataset, impo
 def test_resume_refuses_runs_that_were_not_trained(tmp_path):
     for name, why in (("finetuned", "made by `lmlab finetune`"), ("imported", "was imported")):
         with pytest.raises(UserError, match=why):
-            Trainer(RunDir(LEGACY / name).config(), LEGACY / name, "cpu", resume=True)
+            Trainer(train_job(RunDir(LEGACY / name).config(), LEGACY / name, "cpu", resume=True))
 
 
 def test_loading_names_what_is_missing(tmp_path):

@@ -21,6 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.data.prepare import prepare
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import ALPACA_TINY, LMLAB, write_config, write_corpus
 
 
@@ -32,7 +33,7 @@ def three_runs(tmp_path_factory, char_dataset) -> list[Path]:
     for name, width, steps in (("small", 16, 20), ("medium", 32, 30), ("large", 48, 40)):
         config = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=steps),
                              [f"model.n_embd={width}"])
-        runs.append(Trainer(config, root / "runs" / name, "cpu").run().run_dir)
+        runs.append(Trainer(train_job(config, root / "runs" / name, "cpu")).run().run_dir)
     return runs
 
 
@@ -180,7 +181,7 @@ def test_runs_where_there_are_none_says_so_in_a_line_and_how_to_train_one(tmp_pa
 def test_tensorboard_receives_the_same_metrics(tmp_path, char_dataset):
     config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20),
                          ["train.tracker=tensorboard"])
-    run = Trainer(config, tmp_path / "tb", "cpu").run().run_dir
+    run = Trainer(train_job(config, tmp_path / "tb", "cpu")).run().run_dir
     events = EventAccumulator(str(run))
     events.Reload()
     logged = RunDir(run).events()
@@ -196,7 +197,7 @@ def test_tensorboard_gets_the_hyperparameters_config_and_samples_without_changin
     def train(tracker: str) -> Path:
         config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=20),
                              [f"train.tracker={tracker}", "model.dropout=0.1"])
-        return Trainer(config, tmp_path / tracker, "cpu").run().run_dir
+        return Trainer(train_job(config, tmp_path / tracker, "cpu")).run().run_dir
 
     run, plain = train("tensorboard"), train("none")
     losses = [[e["loss"] for e in RunDir(r).events() if e["event"] == "train"] for r in (run, plain)]
@@ -223,7 +224,7 @@ def test_wandb_logs_under_the_configured_project_and_run_name(tmp_path, char_dat
     config = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10),
                          ["train.tracker=wandb", 'train.tracker_project="lmlab-test-project"',
                           'train.tracker_run="first-try-of-the-day"'])
-    run = Trainer(config, tmp_path / "wb", "cpu").run().run_dir
+    run = Trainer(train_job(config, tmp_path / "wb", "cpu")).run().run_dir
     record = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     assert b"lmlab-test-project" in record and b"first-try-of-the-day" in record
     assert b"train/loss" in record and b"val/loss" in record
@@ -270,7 +271,7 @@ def two_tokenizers(tmp_path_factory, corpus_dir, char_dataset) -> list[Path]:
     runs = []
     for name, dataset, steps in (("char", char_dataset, 20), ("bpe", bpe, 200)):
         config = load_config(write_config(root / f"{name}.toml", dataset, max_iters=steps), ["train.eval_interval=20"])
-        runs.append(Trainer(config, root / "runs" / name, "cpu").run().run_dir)
+        runs.append(Trainer(train_job(config, root / "runs" / name, "cpu")).run().run_dir)
     return runs
 
 
@@ -412,7 +413,7 @@ def test_every_figure_is_shown_under_the_name_of_the_text_it_was_scored_on(train
 def test_a_fine_tune_against_its_base_is_said_to_be_scored_on_other_text(two_tokenizers, tmp_path, capsys):
     # bpe:300 reads the Alpaca records; a context of 512 holds them with their prompt
     config = load_config(two_tokenizers[1] / "config.toml", ["model.block_size=512", "train.max_iters=10"])
-    base, tuned = Trainer(config, tmp_path / "base", "cpu").run().run_dir, tmp_path / "tuned"
+    base, tuned = Trainer(train_job(config, tmp_path / "base", "cpu")).run().run_dir, tmp_path / "tuned"
     assert main(["finetune", str(base), "--data", str(ALPACA_TINY), "--out", str(tuned), "--set",
                  "finetune.epochs=1", "--device", "cpu"]) == 0
     capsys.readouterr()

@@ -25,6 +25,7 @@ from lmlab.core.config_toml import load_config
 from lmlab.core.fileio import sha256_file
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import LMLAB, serve_process, write_config
 
 openai = pytest.importorskip("openai")
@@ -393,7 +394,7 @@ def char_run(tmp_path_factory, char_dataset) -> Path:
     """A tiny char-level run: it has no end-of-text token, so it decodes until max_tokens."""
     root = tmp_path_factory.mktemp("drain")
     config = load_config(write_config(root / "tiny.toml", char_dataset, max_iters=10))
-    return Trainer(config, root / "run", "cpu").run().run_dir
+    return Trainer(train_job(config, root / "run", "cpu")).run().run_dir
 
 
 def stream_and_signal(server: Process, signals: list[int], max_tokens: int) -> tuple[list[dict], bool]:

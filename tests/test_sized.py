@@ -24,10 +24,11 @@ from tests.helpers import write_config
 def run(tmp_path_factory, char_dataset) -> Path:
     from lmlab.core.config_toml import load_config
     from lmlab.train.loop import Trainer
+    from lmlab.train.preflight import train_job
 
     root = tmp_path_factory.mktemp("sized")
-    return Trainer(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=2), ["train.eval_interval=2"]),
-                   root / "run", "cpu").run().run_dir
+    return Trainer(train_job(load_config(write_config(root / "tiny.toml", char_dataset, max_iters=2),
+                                         ["train.eval_interval=2"]), root / "run", "cpu")).run().run_dir
 
 
 def evaluate(run: Path, cache: Path) -> tuple[bool, str]:

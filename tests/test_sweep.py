@@ -15,6 +15,7 @@ from lmlab.core.errors import UserError
 from lmlab.experiments.sweep import plan_trials
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import LMLAB, write_config
 
 
@@ -57,7 +58,7 @@ def test_an_interrupted_sweep_skips_its_finished_trials(tmp_path, char_dataset):
 def test_a_wall_clock_budget_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path, char_dataset):
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=1_000_000),
                       ["train.max_seconds=8.0", "train.eval_interval=100000"])  # its start-up fits on a busy host
-    result = Trainer(cfg, tmp_path / "run", "cpu").run()
+    result = Trainer(train_job(cfg, tmp_path / "run", "cpu")).run()
     events = RunDir(result.run_dir).events()
     assert 0 < result.steps < 1_000_000 and result.stopped_by is None
     assert [e["step"] for e in events if e["event"] == "eval"] == [result.steps]

@@ -17,6 +17,7 @@ from lmlab.model.gpt import GPT
 from lmlab.run.rundir import RunDir
 from lmlab.train.compiled import GRAPHS, CompiledBlocks
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from tests.helpers import LMLAB, chosen, write_config
 
 # Documented tolerances on the per-step training loss over the first 50 steps of a seeded run.
@@ -27,7 +28,7 @@ COMPILE_TOLERANCE = 1e-4  # the same math in fused kernels, only the summation o
 def losses(tmp_path, char_dataset, name: str, settings: list[str]) -> list[float]:
     cfg = load_config(write_config(tmp_path / "tiny.toml", char_dataset, max_iters=50),
                       ["train.log_interval=1", "train.eval_interval=50", *settings])
-    run = Trainer(cfg, tmp_path / name, "cpu").run().run_dir
+    run = Trainer(train_job(cfg, tmp_path / name, "cpu")).run().run_dir
     return [e["loss"] for e in RunDir(run).events() if e["event"] == "train"]
 
 
@@ -71,7 +72,7 @@ def test_compiled_training_on_a_cpu_stays_compiled_as_asked_and_evaluates_eagerl
                       ["train.compile=true", "train.eval_iters=2", "train.log_interval=1"])
     console = Console(file=io.StringIO(), width=300)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        run = Trainer(cfg, tmp_path / "run", "cpu", console=console).run().run_dir
+        run = Trainer(train_job(cfg, tmp_path / "run", "cpu", console=console)).run().run_dir
     assert chosen(run, "compile") == ("compiled", "train.compile")
     assert "compiled (train.compile)" in console.file.getvalue()
     assert [e["step"] for e in RunDir(run).events() if e["event"] == "eval"] == [10]

@@ -21,13 +21,14 @@ from lmlab.core.busy import LoadMeter
 from lmlab.core.config import MAX_BUDGET_SECONDS, RunConfig, as_text
 from lmlab.core.config_toml import SECTIONS, apply_overrides, build_config, load_config, to_dict, toml_value
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import release_held
 from lmlab.core.humanize import format_duration
 from lmlab.core.notebook import console_here
 from lmlab.train.stop import StopOnSignal
 
 if TYPE_CHECKING:  # PyTorch and the trainer load after the first line is said (`_say_starting`)
     from lmlab.api.run import Run
-    from lmlab.train.loop import Trainer
+    from lmlab.train.preflight import Job
     from lmlab.train.reports import TrainResult
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -78,17 +79,17 @@ def train(config: str | Path | RunConfig | None = None, *, run: str | Path | Non
         from lmlab.experiments.sizing import sized_run
         from lmlab.run.rundir import RunDir
         from lmlab.train.loop import Trainer
+        from lmlab.train.preflight import train_job
         from lmlab.train.tracking import require_tracker
 
         cfg = cfg or RunDir(run_dir).config(settings)
         require_tracker(cfg.train.tracker)  # before the run is begun
-        cfg, sized = sized_run(Path(str(config)), cfg, size, started, device, out, window,
-                               setup.interruptible()) if size else (cfg, None)  # a path: `check_size`
-        trainer = Trainer(cfg, run_dir, device, resume=resume is not None, console=out, force=force,
-                          init_from=init_from, keep_optimizer=keep_optimizer, started=started, sized=sized)
-        _describe(trainer, out)
-        result = trainer.run()
-    _report(result, trainer.cfg, out, trainer.sized.event if trainer.sized else None)
+        sizing = sized_run(Path(str(config)), size, started, out, setup.interruptible()) if size else None
+        job = train_job(cfg, run_dir, device, resume is not None, out, force, init_from, keep_optimizer, started,
+                        window, sizing)
+        _describe(job, out)
+        result = Trainer(job).run()
+    _report(result, job.cfg, out, next((e for e in job.events if e["event"] == "sizing"), None))
     trained = Run(result.run_dir, out)
     trained.result = result
     return trained
@@ -117,6 +118,7 @@ def check_size(size: str | int | None, config: str | Path | RunConfig | None, re
 def _give_up(signal_name: str) -> None:
     """End a process whose set-up is stuck in one long call after a stop signal and its grace (called from a timer's
     thread): nothing of the run is written yet."""
+    release_held()  # the run's lock, taken before its set-up
     print(f"stopped by {signal_name} while it set up: nothing was written (cut off inside a call that cannot be "
           "interrupted)", file=sys.stderr, flush=True)
     os._exit(130)
@@ -175,15 +177,15 @@ def _say_starting(run_dir: Path, config: str | Path | RunConfig | None, cfg: Run
     out.print(f"training {run_dir}{source}, {length}; setting up (PyTorch, the data, the model)...", highlight=False)
 
 
-def _describe(trainer: Trainer, out: Console) -> None:
+def _describe(job: Job, out: Console) -> None:
     """The model a run trains, where, and the settings its kind ignores."""
-    m = trainer.model
+    m, step = job.model, job.step
     padding = f"; {m.padding_params():,} more in vocabulary padding" if m.padding_params() else ""
     out.print(f"model: {m.describe()}, {m.num_params() / 1e6:.2f}M parameters ({m.num_params(False) / 1e6:.2f}M "
-              f"without embeddings{padding}) | device {trainer.device} | {str(trainer.dtype).removeprefix('torch.')}")
-    ignored = trainer.cfg.model.ignored_fields()
+              f"without embeddings{padding}) | device {step.device} | {str(step.dtype).removeprefix('torch.')}")
+    ignored = job.cfg.model.ignored_fields()
     if ignored:
-        out.print(f"note: a {trainer.cfg.model.kind} model does not use {', '.join('model.' + f for f in ignored)}, "
+        out.print(f"note: a {job.cfg.model.kind} model does not use {', '.join('model.' + f for f in ignored)}, "
                   "set in its config")
 
 

@@ -1,14 +1,24 @@
-"""Random (B, T) batches from a split's memory-mapped token shards, with a position that can be saved and restored."""
+"""Random (B, T) batches from a split's memory-mapped token shards, with a position that can be saved and restored; a
+run's config resolved against its dataset."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 
+from lmlab.core.config import RunConfig
 from lmlab.core.errors import UserError
-from lmlab.data.shards import Rows, TokenShards, open_tokens  # noqa: F401  (its callers import it from here)
+from lmlab.data.shards import (
+    Rows,
+    TokenShards,
+    open_tokens,  # noqa: F401  (its callers import it from here)
+    read_meta,
+    row_layout,
+)
 from lmlab.model.loss import IGNORE
 
 
@@ -18,6 +28,27 @@ def check_block_size(rows: Rows | None, block_size: int, where: str) -> None:
         raise UserError(f"{where} holds documents cropped to {rows.length - 1} tokens (--pack crop) but "
                         f"model.block_size is {block_size}; set model.block_size = {rows.length - 1} or prepare "
                         f"the dataset again with --pack crop --block-size {block_size}.")
+
+
+def resolve_config(cfg: RunConfig, meta: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """Fill model.vocab_size from the dataset and check that a given one covers its ids (an imported model may
+    have more embedding rows than its tokenizer has tokens, as Qwen3's do), and that model.block_size fits the
+    rows of a row-packed dataset; a warmup in passes made steps (warmup_iters: what the schedule, a checkpoint and
+    config.toml hold from then on)."""
+    meta = meta or read_meta(Path(cfg.data.dataset))
+    tc = cfg.train
+    if tc.warmup_epochs:
+        steps = tc.warmup_steps(meta["train"]["tokens"], cfg.tokens_per_step)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, warmup_iters=steps, warmup_epochs=0.0))
+    check_block_size(row_layout(meta), cfg.model.block_size, f"dataset {cfg.data.dataset}")
+    if cfg.model.vocab_size == 0:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
+    elif cfg.model.vocab_size < meta["vocab_size"]:
+        raise UserError(
+            f"model.vocab_size is {cfg.model.vocab_size} but dataset {cfg.data.dataset} has {meta['vocab_size']} "
+            "tokens, more than the model has rows for; point data.dataset at a dataset of the run's tokenizer."
+        )
+    return cfg, meta
 
 
 def pad_targets(x: torch.Tensor, y: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ runs fit it, each depth's steps timed first as a budgeted run's are."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -39,6 +40,7 @@ from lmlab.experiments.sweep import keep_record
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import WARMUP_SHARE, Costs, Plan, final_windows_by_steps
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from lmlab.train.timing import time_config
 
 DEPTHS = (1, 2, 3, 4, 5, 6)
@@ -213,15 +215,10 @@ class Miniseries:
                 f"{hardware.peak.flops / 1e12:.3g} TFLOP/s, {guess.mfu_source.split(';')[0]}), plus each "
                 "run's set-up and evaluation; a stopped refit goes on where it stopped")
 
-    def timed(self, depth: int, deadline: float) -> Costs:
-        """What a step, an evaluation's batch, a checkpoint and the end of depth `depth` cost here now, timed as a
-        budgeted run's are (lmlab.train.timing), cut short where two steps would end past `deadline`."""
-        cfg = self.config(depth, self.series.searched, 1.0)
-        machine = Machine.of(self.device, cfg.train.dtype, cfg.train.threads)
-        try:
-            return time_config(cfg, machine, deadline).costs()
-        finally:
-            machine.threads.restore()  # each run chooses its own
+    def timed(self, machine: Machine, depth: int, deadline: float) -> Costs:
+        """What a step, an evaluation's batch, a checkpoint and the end of depth `depth` cost on `machine` now, timed
+        as a budgeted run's are (lmlab.train.timing), cut short where two steps would end past `deadline`."""
+        return time_config(self.config(depth, self.series.searched, 1.0), machine, deadline).costs()
 
     def seconds(self, depths: tuple[int, ...], costs: dict[int, Costs]) -> float:
         """What the runs of `depths` still to train take at their depths' `costs`, each counted as a budget's plan
@@ -244,7 +241,14 @@ class Miniseries:
         time.perf_counter() reading), from the fewest the fit takes up, each depth's costs timed here now (`timed`),
         the timing counted in the budget; the plan said in a line. Refused (UserError) where the fewest do not
         fit, with the budget they need."""
-        timed, deadline = timed or self.timed, started + budget - SET_UP
+        if timed is None:  # timed on one machine, built here
+            tc = self.family.preset.train
+            machine = Machine.of(self.device, tc.dtype, tc.threads)
+            try:
+                return self.budgeted(budget, started, functools.partial(self.timed, machine))
+            finally:
+                machine.threads.restore()  # each run chooses its own
+        deadline = started + budget - SET_UP
         order = tuple(sorted(self.series.depths))
         least = next(k for k in range(2, len(order) + 1) if self.refusal(order[:k]) is None)
         costs = {d: timed(d, deadline) for d in order[:least]}
@@ -292,8 +296,8 @@ class Miniseries:
             resume = bool(RunDir(path).step_folders())
             self.console.print(f"miniseries {self.done}/{self.total}: {self.family.describe(depth)}, {tokens:,} tokens "
                                f"({cfg.train.max_iters} steps), LR {cfg.train.learning_rate:g}", highlight=False)
-            result = Trainer(RunDir(path).config() if resume else cfg, path, self.device, resume=resume,
-                             console=self.console).run()  # a resume goes on by its config.toml, as resolved
+            result = Trainer(train_job(RunDir(path).config() if resume else cfg, path, self.device, resume,
+                                       self.console)).run()  # a resume goes on by its config.toml, as resolved
             if result.stopped_by:
                 raise UserError(f"the miniseries was stopped by {result.stopped_by}; run the same command again to "
                                 "go on from where it stopped.")

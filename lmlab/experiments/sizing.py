@@ -18,19 +18,16 @@ from typing import Any
 from rich.console import Console
 
 from lmlab.analysis.scaling import effective_tokens
-from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
-from lmlab.core.device import resolve_device
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.core.machine import MEASURED, READ_BACK, Machine
-from lmlab.core.threads import ThreadChooser
 from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import with_vocab
 from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
 from lmlab.experiments.plan import Hardware, shape_of
 from lmlab.experiments.size_search import Candidate, search
-from lmlab.train.preflight import Sized
+from lmlab.train.preflight import Sized, Sizer
 
 
 @dataclass
@@ -188,32 +185,28 @@ def fitted_on(fit: SizeFit) -> str:
     return machine.get("gpu") or (f"{machine['cpu']} (a CPU)" if machine.get("cpu") else "a machine it does not name")
 
 
-def sized_run(preset: Path, cfg: RunConfig, size: str | int, started: float, device: str, out: Console,
-              window: LoadMeter | None = None, interruptible: AbstractContextManager[Any] | None = None
-              ) -> tuple[RunConfig, Sized | None]:
-    """The config of the size asked for, said in a line: a depth of the preset's family (its LR by the fit's
-    rule where it has one), or the one `auto` chose in cfg.train.budget_seconds from `started` (with what it
-    settled for the run; `window`: the load meter running while PyTorch loaded). The timing runs inside
-    `interruptible` (a stop signal ends it)."""
-    if size != "auto":
-        family, fit, _ = family_of(preset, cfg)
-        chosen = family.config(int(size), fit)
-        rule = (f"by {fit_path(preset)}'s rule" if fit else
-                f"the preset's (no fit beside it, {fit_path(preset)})")
-        out.print(f"size {size}: {family.describe(int(size))} ({shape_of(chosen).num_params() / 1e6:.2f}M "
-                  f"parameters), LR {chosen.train.learning_rate:g} {rule}", highlight=False)
-        return chosen, None
-    chooser = ThreadChooser(cfg.train.threads, "train.threads", window=window)
-    try:
+def sized_run(preset: Path, size: str | int, started: float, out: Console,
+              interruptible: AbstractContextManager[Any] | None = None) -> Sizer:
+    """The sizing of a run of `preset` (lmlab.train.preflight.train_job's `sizing`): the config of the size asked for,
+    said in a line: a depth of the preset's family (its LR by the fit's rule where it has one), or the one `auto` chose
+    on the job's machine in cfg.train.budget_seconds from `started`, with what it settled for the run. The timing runs
+    inside `interruptible` (a stop signal ends it)."""
+
+    def sized(cfg: RunConfig, machine: Machine) -> tuple[RunConfig, Sized | None]:
+        if size != "auto":
+            family, fit, _ = family_of(preset, cfg)
+            chosen = family.config(int(size), fit)
+            rule = (f"by {fit_path(preset)}'s rule" if fit else
+                    f"the preset's (no fit beside it, {fit_path(preset)})")
+            out.print(f"size {size}: {family.describe(int(size))} ({shape_of(chosen).num_params() / 1e6:.2f}M "
+                      f"parameters), LR {chosen.train.learning_rate:g} {rule}", highlight=False)
+            return chosen, None
         with out.status("Timing sizes of the preset's family on this machine..."), interruptible or nullcontext():
-            machine = Machine.measured(resolve_device(device), cfg.train.dtype, chooser)
-            machine.start()
             sizing = choose_size(preset, cfg, started, machine)
-    except BaseException:
-        chooser.restore()
-        raise
-    for note in sizing.notes:
-        out.print(f"note: {note}", style="yellow", highlight=False)
-    out.print(sizing.line(), highlight=False)
-    assert sizing.chosen.timing is not None, "a chosen size was timed"
-    return sizing.config, Sized(machine, sizing.record(), sizing.chosen.timing, sizing.meta)
+        for note in sizing.notes:
+            out.print(f"note: {note}", style="yellow", highlight=False)
+        out.print(sizing.line(), highlight=False)
+        assert sizing.chosen.timing is not None, "a chosen size was timed"
+        return sizing.config, Sized(sizing.record(), sizing.chosen.timing, sizing.meta)
+
+    return sized

@@ -28,6 +28,7 @@ from lmlab.core.jsontext import parse_json
 from lmlab.experiments.sizing import check_shape_kept, parse_size, sized_run
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
+from lmlab.train.preflight import train_job
 from lmlab.train.tracking import require_tracker
 
 DONE = ("finished", "stopped early")  # statuses of a trial that a re-run skips
@@ -183,11 +184,10 @@ def run_sweep(config: Path, sets: list[str], name: str | None = None, root: Path
         console.print(f"trial {i}/{len(trials)} {trial.name}: {'resuming' if resume else 'training'} "
                       f"({' '.join(trial.overrides)})")
         # a resumed trial goes on by its config.toml: the shape it was sized to, say
-        cfg, sized = (RunDir(trial.run_dir).config() if resume else trial.config), None
-        if not resume and size is not None:
-            cfg, sized = sized_run(Path(config), trial.config, size, started, device, console, window)
-        trainer = Trainer(cfg, trial.run_dir, device, resume, console, started=started, sized=sized)
-        stopped_by = trainer.run().stopped_by
+        cfg = RunDir(trial.run_dir).config() if resume else trial.config
+        sizing = sized_run(Path(config), size, started, console) if size is not None and not resume else None
+        stopped_by = Trainer(train_job(cfg, trial.run_dir, device, resume, console, started=started, window=window,
+                                       sizing=sizing)).run().stopped_by
         if stopped_by:
             break
     return SweepResult([summarize(t.run_dir) for t in trials], stopped_by)

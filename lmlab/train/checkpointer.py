@@ -14,13 +14,13 @@ from rich.console import Console
 from lmlab.core.config import RunConfig, TrainConfig, checkpoint_label, checkpoint_name
 from lmlab.core.config_toml import to_dict, toml_value
 from lmlab.core.errors import UserError
+from lmlab.data.loader import resolve_config
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
 from lmlab.run.checkpoint import pointer
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import BY_STEPS
 from lmlab.train.distributed import Parallel
-from lmlab.train.preflight import resolve_config
 from lmlab.train.state import TrainingState, upgrade_training
 from lmlab.train.stop import Writes
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +25,21 @@ from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import sha256_file
 from lmlab.core.jsontext import json_sha256, parse_json
-from lmlab.core.machine import Machine
-from lmlab.core.threads import Choice, ThreadChooser
+from lmlab.core.threads import ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.model import LanguageModel
 from lmlab.model.loss import IGNORE, next_token_hits
 from lmlab.model.memory import check_training
 from lmlab.run.prompt import PromptFormat, alpaca_format, check_format, read_records
-from lmlab.run.rundir import RunDir
-from lmlab.train.distributed import setup
+from lmlab.run.rundir import LoadedRun, RunDir
+from lmlab.train.distributed import Parallel, setup
 from lmlab.train.estimate import Estimate
 from lmlab.train.loop import Trainer
 from lmlab.train.optim import optimizer_of
+from lmlab.train.preflight import Job, holding, measure_hardware, say_step
 from lmlab.train.reports import TrainResult
 from lmlab.train.state import Checkpointed
+from lmlab.train.step import TrainStep
 from lmlab.train.stop import StopOnSignal
 
 Records = list[dict[str, str]]
@@ -207,80 +209,101 @@ def _finetune_config(base: RunConfig, ft: FinetuneConfig, steps_per_epoch: int) 
     return dataclasses.replace(base, train=train, finetune=ft)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Tune(Job):
+    """A fine-tune's job: the base run's `best` model (`base`, of `base_dir`) and its prompt format, the records that
+    fit its context (the train ones the loader's, `held_out` the others; `dropped`, how many did not fit), and what
+    it came from (`origin`, its start event's: the same command again must find the same)."""
+
+    base: LoadedRun
+    base_dir: Path
+    format: PromptFormat
+    held_out: Examples
+    dropped: int
+    origin: dict[str, Any]
+
+
+def finetune_job(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str, console: Console) -> Tune:
+    """The job of fine-tuning `base_dir`'s best model on `ft.data` into `run_dir`, the run's lock held from the start:
+    the config it trains by, its records' batches, its machine (in the base run's dtype) and whether it continues an
+    unfinished fine-tune of the same command."""
+    run, threads = RunDir(run_dir), ThreadChooser(ft.threads, "finetune.threads")  # its count fixes a step's bits
+    with holding(run, Parallel(), threads) as held:
+        base_cfg = RunDir(base_dir).config()
+        parallel, where = setup(device, base_cfg.train.collective_timeout)
+        torch.manual_seed(ft.seed)
+        check_training(base_cfg.model, ft.batch_size, optimizer_of(base_cfg.train).state_bytes, where,
+                       setting="finetune.batch_size")
+        base = RunDir(base_dir).load("best", device)
+        assert base.tokenizer is not None, "loaded with its tokenizer"
+        fmt = alpaca_format(base.tokenizer)
+        check_format(base.tokenizer, fmt, base.run.path)
+        fits, dropped = _fitting(base.tokenizer, fmt, ft, base.config.model.block_size)
+        records = RecordBatches(fits["train"], ft.batch_size, ft.seed, where)
+        cfg = _finetune_config(base.config, ft, records.steps_per_epoch)
+        origin: dict[str, Any] = {
+            "data": ft.data, "data_sha256": sha256_file(Path(ft.data)), "train_records": len(fits["train"]),
+            "val_records": len(fits["val"]), "dropped_records": dropped, "epochs": ft.epochs,
+            "prompt_format": fmt.name, "base": str(Path(base_dir).resolve()), "base_checkpoint": base.checkpoint,
+            "base_weights_sha256": base.weights_sha256}
+        machine = measure_hardware(parallel, where, base.dtype, None, threads)
+        machine.start()
+        step = TrainStep(base.model.train(), cfg.train, machine, attention_setting="finetune.attention")
+        say_step(step, console)
+        # A pass is an epoch: the tokens the loss is taken on; a step's, on average.
+        return Tune(cfg, run_dir=run, console=console, held=held, parallel=parallel, machine=machine,
+                    meta=base.run.dataset(), model=base.model, step=step, loader=records,
+                    splits={}, micro_steps=1,
+                    tokens_per_step=round(records.scored_tokens / records.steps_per_epoch),
+                    split_tokens=records.scored_tokens, data_sha256=origin["data_sha256"], started=time.perf_counter(),
+                    resume=_continuing(run, ft, origin), base=base, base_dir=Path(base_dir), format=fmt,
+                    held_out=fits["val"], dropped=dropped, origin=origin)
+
+
 class Finetuner(Trainer):
-    """A fine-tune, trained by the Trainer's loop. Its own: what it builds (the base run's `best` model, the records'
-    batches), how it begins (the base model's held-out loss) or continues, the evaluation (the held-out records, once
-    an epoch) and the end event's fields. The run's lock is held from the construction to the end of `run()`."""
+    """A fine-tune (`Tune`), trained by the Trainer's loop. Its own: how it begins (the base model's held-out loss)
+    or continues, the evaluation (the held-out records, once an epoch), a step's tokens and the end event's
+    fields."""
 
     DOING = "fine-tuning"
+    job: Tune
 
-    def __init__(self, base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str, console: Console):
-        self.base_dir, self.ft, self.epochs = Path(base_dir), ft, Epochs()
-        super().__init__(RunDir(base_dir).config(), run_dir, device, console=console)
-
-    def _chooser(self, cfg: RunConfig, world_size: int) -> ThreadChooser:
-        return ThreadChooser(self.ft.threads, "finetune.threads")  # a step's last bits depend on the count it fixes
-
-    def _build(self, cfg: RunConfig, device: str, console: Console | None, init_from: str | None) -> Choice:
-        """The base run's best model, the records that fit its context, the config the fine-tune trains by, and
-        whether the run continues an unfinished fine-tune (the same command again: it goes on from the newest
-        checkpoint); the CPU threads chosen by the job's machine."""
-        ft, self.console = self.ft, console or Console()
-        self.parallel, self.device = setup(device, cfg.train.collective_timeout)
-        torch.manual_seed(ft.seed)
-        check_training(cfg.model, ft.batch_size, optimizer_of(cfg.train).state_bytes, self.device,
-                       setting="finetune.batch_size")
-        self.base = base = RunDir(self.base_dir).load("best", device)
-        assert base.tokenizer is not None, "loaded with its tokenizer"
-        self.format = alpaca_format(base.tokenizer)
-        check_format(base.tokenizer, self.format, base.run.path)
-        self.fits, self.dropped = _fitting(base.tokenizer, self.format, ft, base.config.model.block_size)
-        self.loader = self.records = RecordBatches(self.fits["train"], ft.batch_size, ft.seed, self.device)
-        self.cfg = _finetune_config(base.config, ft, self.records.steps_per_epoch)
-        # What the fine-tune came from, in its start event: the same command again must find the same.
-        self.origin: dict[str, Any] = {
-            "data": ft.data, "data_sha256": sha256_file(Path(ft.data)), "train_records": len(self.fits["train"]),
-            "val_records": len(self.fits["val"]), "dropped_records": self.dropped, "epochs": ft.epochs,
-            "prompt_format": self.format.name, "base": str(self.base_dir.resolve()),
-            "base_checkpoint": base.checkpoint, "base_weights_sha256": base.weights_sha256}
-        self.continuing = _continuing(self.run_dir, ft, self.origin)
-        self.model, self.dtype, self.peak, self.micro_steps = base.model.train(), base.dtype, None, 1
-        self.machine = Machine(self.device, base.dtype, self.threads)
-        self._train_step(attention_setting="finetune.attention")
-        # A pass is an epoch: the tokens the loss is taken on; a step's, on average.
-        self.split_tokens, self.data_sha256 = self.records.scored_tokens, self.origin["data_sha256"]
-        self.tokens_per_step = round(self.records.scored_tokens / self.records.steps_per_epoch)
-        return self.machine.start()
+    def __init__(self, job: Tune):
+        self.epochs = Epochs()
+        super().__init__(job)
 
     def _state_parts(self) -> dict[str, Checkpointed]:
         return {"epochs": self.epochs}
 
-    def _start(self, init_from: str | None) -> None:
+    def _start(self) -> None:
         """The start event, with what the fine-tune came from; then the base model's loss on the held-out records."""
-        base = self.base
+        job, base = self.job, self.job.base
         if base.checkpoint != "best":
-            self.console.print(f"note: {self.base_dir} has no best checkpoint (it was never evaluated); fine-tuning "
-                               f"its latest (step {base.step})")
+            job.console.print(f"note: {job.base_dir} has no best checkpoint (it was never evaluated); fine-tuning "
+                              f"its latest (step {base.step})")
         if unfinished := base.run.unfinished():
-            self.console.print(f"note: {self.base_dir} is {unfinished}, not a finished result; fine-tuning its "
-                               f"{base.checkpoint} checkpoint (step {base.step}) as it stands", highlight=False)
-        self.run_dir.begin("fine-tuned", self.model, self.cfg, base.run.dataset(), init_from=str(self.base_dir),
-                           device=self.device, dtype=self.dtype, origin=self.origin)
+            job.console.print(f"note: {job.base_dir} is {unfinished}, not a finished result; fine-tuning its "
+                              f"{base.checkpoint} checkpoint (step {base.step}) as it stands", highlight=False)
+        job.run_dir.begin("fine-tuned", job.model, self.cfg, job.meta, init_from=str(job.base_dir),
+                          device=job.step.device, dtype=job.step.dtype, origin=job.origin)
         self.epochs.base_val_loss = self._held_out().loss
-        self.console.print(f"base model val loss on the held-out records: {self.epochs.base_val_loss:.4f}")
+        job.console.print(f"base model val loss on the held-out records: {self.epochs.base_val_loss:.4f}")
 
     def _write_setup(self) -> None:
-        self.run_dir.write_setup(self.cfg, self.base.run.path / "tokenizer.json", self.base.run.dataset(), self.format)
+        job = self.job
+        job.run_dir.write_setup(self.cfg, job.base.run.path / "tokenizer.json", job.meta, job.format)
 
-    def _restore(self, force: bool) -> Path:
+    def _restore(self) -> Path:
         return self.checkpointer.restore_newest()[0]  # what it continues was checked by `_continuing`
 
     def _held_out(self) -> Estimate:
+        job = self.job
         with self._stop.interruptible():
-            return held_out_loss(self.model, self.fits["val"], self.ft.batch_size, self.device, self.dtype)
+            return held_out_loss(job.model, job.held_out, self.cfg.train.batch_size, job.step.device, job.step.dtype)
 
     def _step_tokens(self) -> int:
-        return self.records.scored
+        assert isinstance(self.job.loader, RecordBatches), "a fine-tune's batches are its records'"
+        return self.job.loader.scored
 
     def _evaluate(self) -> tuple[Estimate | None, Estimate]:
         """An epoch's end: the held-out records scored (no train split to score)."""
@@ -296,7 +319,7 @@ class Finetuner(Trainer):
 
     def result(self, trained: TrainResult) -> FinetuneResult:
         return FinetuneResult(**vars(trained), base_val_loss=self.epochs.base_val_loss,
-                              val_losses=self.epochs.val_losses, best_epoch=self.epochs.best, dropped=self.dropped)
+                              val_losses=self.epochs.val_losses, best_epoch=self.epochs.best, dropped=self.job.dropped)
 
 
 def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "auto",
@@ -307,5 +330,5 @@ def finetune(base_dir: Path, run_dir: Path, ft: FinetuneConfig, device: str = "a
         raise UserError("fine-tuning needs records: pass --data FILE.json or set finetune.data.")
     # A stop during the set-up ends it at once, nothing written; after `begun`, after the first step.
     with StopOnSignal(setting_up=True):
-        tuner = Finetuner(base_dir, run_dir, ft, device, console or Console())
+        tuner = Finetuner(finetune_job(base_dir, run_dir, ft, device, console or Console()))
         return tuner.result(tuner.run())

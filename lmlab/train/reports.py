@@ -13,7 +13,6 @@ from typing import Any
 from rich.console import Console
 from rich.progress import TaskID
 
-from lmlab.core.config import RunConfig
 from lmlab.core.humanize import format_duration
 from lmlab.core.peak import Peak
 from lmlab.core.progress import progress_bar
@@ -22,6 +21,7 @@ from lmlab.data.shards import TokenShards
 from lmlab.evals.evaluate import evaluate_split, spread
 from lmlab.train.distributed import Parallel
 from lmlab.train.estimate import Estimate
+from lmlab.train.preflight import Job
 from lmlab.train.state import Means, Progress, Stopwatch, Throughput
 from lmlab.train.step import TrainStep
 from lmlab.train.stop import Writes
@@ -80,36 +80,31 @@ def score_final(train_step: TrainStep, val_tokens: TokenShards, meta: dict[str, 
 @dataclass
 class Reports:
     """The lines and events of a run, a part the `Trainer` holds: its train and eval lines and their events, its
-    threads' changes and its end event, from the parts it is given (`progress`, `means`, `clock`, `throughput`: the
-    state they read) and what a step is (`tokens_per_step`, `split_tokens`, `flops_per_token`). `doing` says what the
-    run does in a line about its threads (training, fine-tuning), `override` the setting that fixes them."""
+    threads' changes and its end event, of its `job` (what a step is) from the parts it is given (`progress`, `means`,
+    `clock`, `throughput`: the state they read). `peak` is what MFU divides by, None once a step outran it; `doing`
+    says what the run does in a line about its threads (training, fine-tuning)."""
 
-    cfg: RunConfig
-    console: Console
+    job: Job
     writes: Writes
-    parallel: Parallel
     progress: Progress
     means: Means
     clock: Stopwatch
     throughput: Throughput
     peak: Peak | None
-    tokens_per_step: int
-    split_tokens: int
-    flops_per_token: float
-    override: str
     doing: str
 
     def threads(self, choice: Choice) -> None:
         """A change of the run's threads: its event and line."""
         self.writes.log(choice.record(self.progress.step))
         style = "yellow" if choice.lowered else "default"
-        self.console.print(f"step {self.progress.step}: {self.doing} on {choice.describe(self.override)}",
+        self.job.console.print(f"step {self.progress.step}: {self.doing} on "
+                               f"{choice.describe(self.job.machine.threads.override)}",
                            style=style, highlight=False)
 
     def evaluated(self, train_estimate: Estimate | None, val_estimate: Estimate, seconds: float) -> bool:
         """The eval event and line (a fine-tune scores no train split: `train_estimate` None); whether it is a new
         best."""
-        p, tc = self.progress, self.cfg.train
+        p, tc = self.progress, self.job.cfg.train
         train_eval, val = None if train_estimate is None else train_estimate.loss, val_estimate.loss
         is_best = val < p.best_val_loss
         if is_best:
@@ -126,7 +121,7 @@ class Reports:
         # Two train losses, two names: the mean of the training steps, and the train split scored as val is.
         when = f"step {p.step}" if tc.passes_per_eval is None else f"epoch {self.epoch():.2f}"
         scored = "" if train_eval is None else f" | train (eval) {train_eval:.4f}"
-        self.console.print(f"{when} | train (steps) {avg_train:.4f}{scored} | val {val:.4f}{mark}")
+        self.job.console.print(f"{when} | train (steps) {avg_train:.4f}{scored} | val {val:.4f}{mark}")
         p.stopped_early = bool(tc.patience) and p.evals_since_best >= tc.patience
         return is_best
 
@@ -134,13 +129,13 @@ class Reports:
         """A train event and its line (without ms/step, tokens/s and MFU when the only step since the last was the
         warm-up step), of the steps up to the last, at `lr`, its gradient's norm `grad_norm`."""
         p, step_seconds = self.progress, self.throughput.pop_step_seconds()
-        rate = None if step_seconds is None else self.tokens_per_step / step_seconds
+        rate = None if step_seconds is None else self.job.tokens_per_step / step_seconds
         mean, epoch, elapsed = self.means["log"].pop_mean(), self.epoch(), round(self.clock.elapsed, 3)
         # tokens/s counts every rank's tokens, against every rank's peak
-        computed = None if rate is None else rate * self.flops_per_token / self.parallel.world_size
+        computed = None if rate is None else rate * self.job.model.flops_per_token() / self.job.parallel.world_size
         wrong = self.peak and computed and self.peak.wrong(computed)
         if wrong:
-            self.console.print(wrong, style="yellow", highlight=False)
+            self.job.console.print(wrong, style="yellow", highlight=False)
             self.peak = None
         mfu = None if computed is None or self.peak is None else self.peak.mfu(computed)
         self.writes.log({"event": "train", "step": p.step, "tokens": p.tokens, "epoch": epoch, "loss": mean,
@@ -156,7 +151,7 @@ class Reports:
         return f"loss {mean:.4f} | lr {lr:.1e} | {pace}{utilisation} | {passes}"
 
     def epoch(self) -> float:
-        return round(self.progress.tokens / self.split_tokens, 4)
+        return round(self.progress.tokens / self.job.split_tokens, 4)
 
     def end(self, stopped_early: bool, stopped_by: str | None, lr: float, **more: Any) -> None:
         """The end event, with `more` of the run's kind."""

@@ -376,11 +376,13 @@ def test_a_stop_signal_ends_the_timing_of_sizes_at_once_and_writes_nothing(prese
     assert "Traceback" not in err and not run.exists() and not (tmp_path / ".run.lock").exists()
 
 
-def test_size_auto_needs_the_fit_beside_its_preset(tmp_path, char_dataset, capsys):
+def test_size_auto_without_a_fit_of_its_recipe_takes_the_nearest_lmlab_ships_and_says_so(tmp_path, char_dataset,
+                                                                                         capsys):
     bare = write_config(tmp_path / "bare.toml", char_dataset)
-    assert main(["train", str(bare), "--run", str(tmp_path / "run"), "--budget", "20s", "--size", "auto"]) == 2
-    said = " ".join(capsys.readouterr().err.split())
-    assert f"{bare} has none ({fit_path(bare)}); make it with `lmlab scaling {bare} --refit`" in said
+    assert main(["plan", str(bare), "--budget", "20s", "--size", "auto", "--device", "cpu"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"note: {bare} has no fit of its own nor of its recipe: sized by the nearest, {ROOT / 'configs'}/" in said
+    assert f"`lmlab scaling {bare} --refit --budget 30m` measures one of its own in 30 minutes" in said
 
 
 @pytest.mark.slow
@@ -475,46 +477,24 @@ def test_a_fit_is_of_what_its_preset_sets_not_of_its_comments_or_layout(tmp_path
 
 @pytest.mark.slow
 def test_plan_size_auto_says_what_train_says_of_a_fit_of_another_preset_or_dataset(preset, tmp_path):
-    """`plan --size auto` says what `train` says when the preset or its dataset changed since the fit."""
+    """`plan --size auto` says what `train` says when the preset changed since its fit, and measures the floor and
+    scale of data the fit was not made on, as `train` does (a roomier budget where a busy machine left its share too
+    few steps: the verdict is on what it said)."""
     mine = tmp_path / preset.name
     mine.write_text(preset.read_text().replace("learning_rate = 3e-3", "learning_rate = 2e-3", 1))
     fit = json.loads(fit_path(preset).read_text())
     fit["dataset"]["train_sha256"] = "0" * 64  # fitted on another text of the same tokenizer
     fit_path(mine).write_text(json.dumps(fit))
-    # a process of its own, as a user's: a budget counts from its process's start
-    planned = subprocess.run([LMLAB, "plan", mine, "--budget", "20s", "--size", "auto", "--device", "cpu", "--set",
-                              "train.threads=1"], capture_output=True, text=True, timeout=300, check=False)
-    assert planned.returncode == 0, planned.stderr
-    said = " ".join(planned.stdout.split())
+    for budget in (60, 180, 600):
+        # a process of its own, as a user's: a budget counts from its process's start
+        planned = subprocess.run([LMLAB, "plan", mine, "--budget", f"{budget}s", "--size", "auto", "--device", "cpu",
+                                  "--set", "train.threads=1"], capture_output=True, text=True, timeout=300, check=False)
+        assert planned.returncode == 0, planned.stderr
+        said = " ".join(planned.stdout.split())
+        if "were not measured" not in said:
+            break
     assert f"note: {mine} changed since {fit_path(mine)} was fitted: its predictions may not hold" in said
-    assert (f"note: the train split of {fit['dataset']['path']} changed since {fit_path(mine)} was fitted on it (its "
-            f"checksum differs)") in said
-
-
-@pytest.mark.parametrize("path, changed, said", [
-    ("{dataset}", False, None),
-    ("{dataset}", True, "the train split of {dataset} changed since {fit} was fitted on it (its checksum differs): its "
-                        "predictions hold as far as the texts are alike; refit with `lmlab scaling {preset} --refit`, "
-                        "or restore the data the fit was made on"),
-    ("{dataset}/../{name}", True, "the train split of {dataset} changed since"),  # the same folder, written otherwise
-    ("{link}", True, "the train split of {dataset} changed since"),
-    ("data/another", True, "{fit} was fitted on data/another, not {dataset}: its predictions hold as far as the texts "
-                           "are alike"),
-], ids=["same data", "changed under its path", "its path written otherwise", "a link to its path", "another path"])
-def test_a_fit_of_other_data_says_whether_the_path_or_the_data_under_it_differs(preset, tmp_path, path, changed,
-                                                                                 said):
-    mine = tmp_path / preset.name
-    mine.write_text(preset.read_text())
-    fit = json.loads(fit_path(preset).read_text())
-    dataset = Path(fit["dataset"]["path"])
-    (tmp_path / "link").symlink_to(dataset)
-    names = {"dataset": dataset, "name": dataset.name, "link": tmp_path / "link", "fit": fit_path(mine),
-             "preset": mine}
-    fit["dataset"]["path"] = path.format(**names)
-    fit["dataset"]["train_sha256"] = "0" * 64 if changed else fit["dataset"]["train_sha256"]
-    fit_path(mine).write_text(json.dumps(fit))
-    notes = sizing.fit_notes(mine, read_fit(mine), str(dataset), read_meta(dataset))
-    assert notes == [] if said is None else len(notes) == 1 and notes[0].startswith(said.format(**names)), notes
+    assert f"its floor and scale measured on {fit['dataset']['path']} " in said
 
 
 DEMO = ROOT / "configs" / "shakespeare-char-modern-cpu.toml"

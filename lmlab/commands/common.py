@@ -154,8 +154,8 @@ def add_set(parser: argparse.ArgumentParser, example: str = "train.learning_rate
 def add_size(parser: argparse.ArgumentParser, budget: str = "--budget") -> None:
     parser.add_argument("--size", metavar="auto|DEPTH", help="the model's size, along the preset's depth dial (its "
                         f"width per layer, head size, batch and LR following): auto, with {budget}, times the sizes "
-                        "on this machine and trains the one the fit kept beside the preset (PRESET.fit.json) "
-                        "predicts best; a number is that many layers")
+                        "on this machine and trains the one the fit of its recipe (PRESET.fit.json, or lmlab's own) "
+                        "predicts best on its data; a number is that many layers")
 
 
 def add_device(parser: argparse.ArgumentParser, note: str = "") -> None:

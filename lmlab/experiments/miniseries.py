@@ -32,6 +32,7 @@ from lmlab.core.fileio import atomic_write_text
 from lmlab.core.humanize import format_duration
 from lmlab.core.machine import Machine
 from lmlab.data.shards import read_meta, windows_in
+from lmlab.experiments.calibration import bytes_per_token
 from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
 from lmlab.experiments.plan import estimate, local_hardware, shape_of
 from lmlab.experiments.size_search import SET_UP
@@ -337,7 +338,7 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
     unique = meta["train"]["tokens"]
     surface = _surface(points, unique)
     dataset = {"path": cfg.data.dataset, "tokenizer": meta["tokenizer"], "train_sha256": meta["train"]["sha256"],
-               "train_tokens": unique}
+               "train_tokens": unique, "bytes_per_token": bytes_per_token(meta)}
     measured = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
                 "seconds": round(sum(r["seconds"] for r in runs.points.values()), 1),  # the runs' own training
                 "refit_seconds": round(time.perf_counter() - began, 1), "load": meter.load.record(),

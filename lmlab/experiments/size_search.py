@@ -40,7 +40,9 @@ from lmlab.train.timing import (
 )
 
 SET_UP = 1.0  # seconds the trainer takes after the choice before its first step: the data checked, the model built
-TIMING_SHARE = 0.1  # of the budget, the timing of the sizes may take at most (read back too: what it took then)
+# Of the budget, what the timing of the sizes may take at most (read back too: what it took then), with the runs that
+# measured the data's floor and scale (`measured`, lmlab.experiments.calibration) before it.
+TIMING_SHARE = 0.1
 
 
 @dataclass
@@ -100,8 +102,8 @@ class Search:
     on that GPU, which the run would spend and this process does not."""
 
     def __init__(self, family: Family, fit: SizeFit | None, budget: float, started: float, machine: Machine,
-                 meta: dict[str, Any], gpu: Hardware | None = None):
-        self.family, self.fit, self.budget, self.started = family, fit, budget, started
+                 meta: dict[str, Any], gpu: Hardware | None = None, measured: float = 0.0):
+        self.family, self.fit, self.budget, self.started, self.measured = family, fit, budget, started, measured
         self.machine, self.gpu, self.meta = machine, gpu, meta  # meta: the dataset's meta.json
         self.foretold = 0.0
         self.unique: int = meta["train"]["tokens"]  # what a pass over the train split sees: past one, repeats
@@ -177,7 +179,7 @@ class Search:
         if not timed:
             return True
         step = timed[-1].step_seconds * c.step_flops / timed[-1].step_flops
-        left = TIMING_SHARE * self.budget - sum(t.timing.cost for t in timed if t.timing)
+        left = TIMING_SHARE * self.budget - self.measured - sum(t.timing.cost for t in timed if t.timing)
         if timing_seconds(step, step / 3) <= left:  # an evaluation's batch a forward of a step
             return True
         c.note = (f"not timed: about {step:.2f} s a step, too long to time in this budget (the timing of sizes may "
@@ -205,12 +207,13 @@ class Search:
 
 
 def search(family: Family, fit: SizeFit | None, budget: float, started: float, machine: Machine,
-           meta: dict[str, Any], depths: list[int] | None = None, gpu: Hardware | None = None) -> Search:
+           meta: dict[str, Any], depths: list[int] | None = None, gpu: Hardware | None = None,
+           measured: float = 0.0) -> Search:
     """Weigh the family's depths for `budget` seconds counted from `started` (a time.perf_counter() reading): all of
     `depths` where given, each timed, else the climb above, from the smallest up to the first that predicts a higher
     val than one below it or that the fit, memory, FLOPs or the timing's share rule out. Every size timed is planned
     again from the seconds left after each timing, so all compare alike."""
-    found = Search(family, fit, budget, started, machine, meta, gpu)
+    found = Search(family, fit, budget, started, machine, meta, gpu, measured)
     for depth in depths or range(1, MAX_DEPTH + 1):
         c = found.candidate(depth)
         found.candidates.append(c)

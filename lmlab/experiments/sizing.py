@@ -1,13 +1,12 @@
 """`--size auto`: the depth of a preset's family that a time budget trains to the lowest val loss on this machine, as it
 runs now (or, for `plan --gpu`, on a datasheet GPU), weighed by lmlab.experiments.size_search; and `--size DEPTH`, a
-depth of the family by hand. The fit beside the preset predicts a size's val from its parameters and the tokens it
-trains, which its recipe makes the same on any device: one fit serves a CPU and a GPU alike, only each size's speed is
-had where it trains."""
+depth of the family by hand. A fit predicts a size's val from its parameters and the tokens it trains, which its
+recipe makes the same on any device: one fit serves a CPU and a GPU alike, only each size's speed is had where it
+trains. The fit is the preset's own, or its recipe's (lmlab.experiments.calibration), carried over to its data."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -24,7 +23,8 @@ from lmlab.core.humanize import format_duration
 from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import with_vocab
-from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
+from lmlab.experiments.calibration import CALIBRATION_SHARE, Calibration, Prior, calibrate, prior
+from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256
 from lmlab.experiments.plan import Hardware, shape_of
 from lmlab.experiments.size_search import Candidate, search
 from lmlab.train.preflight import Sized, Sizer
@@ -47,6 +47,9 @@ class Sizing:
     beyond: str = ""  # where the chosen size's tokens lie outside the fit's runs (`SizeFit.beyond`)
     notes: tuple[str, ...] = ()  # what to know of the fit before trusting its predictions (`fit_notes`)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dataset's meta.json
+    carried: str = ""  # how the fit came to this preset and data: its recipe's, measured here (`carried`)
+    spread: float = 0.0  # how sure the prediction is (`Calibration.spread`)
+    calibration: dict[str, Any] | None = None  # the data's floor and scale, as the `sizing` event keeps them
 
     def line(self) -> str:
         c, weighed = self.chosen, [c for c in self.candidates if c.timing]
@@ -67,9 +70,9 @@ class Sizing:
                 f"left of {format_duration(self.budget)} ({c.tokens / c.params:.2f} per parameter; {passes} "
                 f"passes over the {self.split_tokens:,}-token train split" +
                 (f", worth {worth} of new text" if worth != passes else "") + "), " +
-                (f"predicted val {c.predicted:.4f} (by {self.fit}, fitted on {self.fitted_on}"
-                 f"{'; ' * bool(self.beyond)}{self.beyond})" if c.predicted is not None else
-                 f"no val predicted (no fit beside the preset: {self.fit})"))
+                (f"predicted val {c.predicted:.4f} ± {self.spread:.3f} (by {self.fit}, fitted on {self.fitted_on}"
+                 + "".join(f"; {said}" for said in (self.carried, self.beyond) if said) + ")"
+                 if c.predicted is not None else f"no val predicted (no fit beside the preset: {self.fit})"))
 
     def spending(self) -> str:
         """Where the budget goes, as planned."""
@@ -88,7 +91,8 @@ class Sizing:
         return {"event": "sizing", "budget": self.budget, "spent": round(self.spent, 3), "fit": self.fit,
                 "fitted_on": self.fitted_on or None, "speed": self.speed, **c.record(),
                 "multiplied_params": c.multiplied, "tokens_per_param": round(c.tokens / c.params, 4),
-                "extrapolated": bool(self.beyond), "learning_rate": self.config.train.learning_rate,
+                "extrapolated": bool(self.beyond), "spread": round(self.spread, 4), "carried": self.carried or None,
+                "calibration": self.calibration, "learning_rate": self.config.train.learning_rate,
                 "warmup_iters": self.config.train.warmup_iters,
                 "candidates": [candidate.record() for candidate in self.candidates]}
 
@@ -118,37 +122,36 @@ def parse_size(text: str | int) -> str | int:
     raise UserError(f"--size {str(text)[:40]!r} is not a size; use {SIZES}.")
 
 
-def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, SizeFit | None, dict[str, Any]]:
-    """The preset's family, its dataset's vocabulary filled in, its fit (None without one; one fitted on a dataset of
-    another tokenizer is refused), and the dataset's meta.json, read once."""
+def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, Prior | None, dict[str, Any]]:
+    """The preset's family, its dataset's vocabulary filled in, the fit it is sized by (`prior`: its own, else its
+    recipe's; None where lmlab has none) and the dataset's meta.json, read once."""
     meta = read_meta(Path(cfg.data.dataset))
     cfg = with_vocab(cfg, meta)
-    fit = read_fit(preset)
-    if fit and fit.dataset.get("tokenizer") != meta["tokenizer"]:
-        raise UserError(f"{fit_path(preset)} was fitted on a {fit.dataset.get('tokenizer')} dataset and "
-                        f"{cfg.data.dataset} is {meta['tokenizer']}: its losses are in other units; fit the preset on "
-                        f"this dataset with `lmlab scaling {preset} --refit`.")
-    return Family.of(cfg, str(preset)), fit, meta
+    return Family.of(cfg, str(preset)), prior(preset, cfg), meta
 
 
-def fit_notes(preset: Path, fit: SizeFit, dataset: str, meta: dict[str, Any]) -> list[str]:
-    """What to know of a fit before trusting its predictions: the preset edited since, another text (`meta`: the
-    dataset's meta.json)."""
-    notes = []
-    if fit.preset_sha256 != preset_sha256(preset):
-        notes.append(f"{preset} changed since {fit_path(preset)} was fitted: its predictions may not hold; fit it "
-                     f"again with `lmlab scaling {preset} --refit`")
-    train, fitted = meta["train"]["sha256"], fit.dataset.get("path")
-    if fit.dataset.get("train_sha256") == train:
-        return notes
-    if fitted and os.path.realpath(fitted) == os.path.realpath(dataset):
-        notes.append(f"the train split of {dataset} changed since {fit_path(preset)} was fitted on it (its checksum "
-                     "differs): its predictions hold as far as the texts are alike; refit with "
-                     f"`lmlab scaling {preset} --refit`, or restore the data the fit was made on")
-    else:
-        notes.append(f"{fit_path(preset)} was fitted on {fitted or 'another dataset'}, not {dataset}: its predictions "
-                     "hold as far as the texts are alike")
-    return notes
+def fit_notes(preset: Path, found: Prior) -> list[str]:
+    """What to know of a fit before trusting its predictions: the preset edited since its own fit, or a fit of
+    another recipe, and the refit that would measure the preset's own."""
+    refit = f"`lmlab scaling {preset} --refit --budget 30m` measures one of its own in 30 minutes"
+    if found.own and found.fit.preset_sha256 != preset_sha256(preset):
+        return [f"{preset} changed since {found.path} was fitted: its predictions may not hold; {refit}"]
+    if found.differs:
+        more = len(found.differs) - 3
+        shown = "; ".join(found.differs[:3]) + (f"; and {more} more" if more > 0 else "")
+        return [f"{preset} has no fit of its own nor of its recipe: sized by the nearest, {found.path}, whose recipe "
+                f"differs ({shown}), so its exponents and LR rule may not hold; {refit}"]
+    return []
+
+
+def carried(found: Prior, calibration: Calibration | None, dataset: str) -> str:
+    """How the fit came to this preset and data, in a clause of the sizing's line ("" for the preset's own fit of its
+    own data)."""
+    n = len(found.differs)
+    whose = "" if found.own else ("the fit of this recipe" if not n else
+                                  f"the nearest recipe's fit ({n} setting{'s differ' if n > 1 else ' differs'})")
+    measured = calibration.says(dataset) if calibration else ""
+    return ", ".join(said for said in (whose, measured) if said)
 
 
 def choose_size(preset: Path, cfg: RunConfig, started: float, machine: Machine, depths: list[int] | None = None,
@@ -156,27 +159,43 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, machine: Machine, 
     """The depth of the preset's family that trains to the lowest predicted val in cfg.train.budget_seconds counted from
     `started` (a time.perf_counter() reading); or `depths` alone, weighed (for `plan --budget` of a fixed shape). Each
     size's speed is had on `machine`, or foretold for the datasheet GPU `gpu` (`plan --gpu`); the fit is the preset's
-    wherever it was measured, as the loss a recipe reaches by size and tokens is no device's."""
+    or its recipe's wherever it was measured, as the loss a recipe reaches by size and tokens is no device's, carried
+    over to this data where it was fitted on another (its floor and scale measured here, in a preview where kept)."""
     budget = cfg.train.budget_seconds
     if not budget:
         raise UserError("--size auto chooses the size a time budget trains best; give one with --budget (e.g. "
                         "--budget 5m), or a size by its depth (--size 4).")
-    family, fit, meta = family_of(preset, cfg)
-    if fit is None and depths is None:
-        raise UserError(f"--size auto predicts each size's val loss from the fit kept beside the preset, and "
-                        f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
-                        "miniseries of short runs), or give a size by its depth (--size 4).")
-    found = search(family, fit, budget, started, machine, meta, depths, gpu)
-    best = found.best()
+    family, found, meta = family_of(preset, cfg)
+    if found is None and depths is None:
+        raise UserError(f"--size auto predicts each size's val loss from a fit of the preset's recipe, and lmlab has "
+                        f"none ({fit_path(preset)}, nor one beside the presets of {preset.parent}); make it with "
+                        f"`lmlab scaling {preset} --refit --budget 30m`, or give a size by its depth (--size 4).")
+    fit, calibration = found.fit if found else None, None
+    if found and (found.differs or found.fit.dataset.get("train_sha256") != meta["train"]["sha256"]):
+        calibration = calibrate(family, found.fit, machine, meta, CALIBRATION_SHARE * budget, measure=gpu is None)
+        fit = calibration.applied(found.fit)
+    found_sizes = search(family, fit, budget, started, machine, meta, depths, gpu,
+                         calibration.seconds if calibration and calibration.how == MEASURED else 0.0)
+    best = found_sizes.best()
     if best is None:  # the budget's refusal of the smallest depth weighed
-        smallest = found.candidates[0]
+        smallest = found_sizes.candidates[0]
         raise UserError(f"even the smallest size of {preset} ({smallest.shape}): {smallest.refused}"
                         if smallest.refused else
                         f"budget {budget:g} s: no size of {preset} could be weighed ({smallest.note}).")
-    return Sizing(budget, time.perf_counter() - started + found.foretold, found.candidates, best, best.config,
-                  str(fit_path(preset)), found.says(best.threads), found.unique, fitted_on(fit) if fit else "",
-                  fit.beyond(best.tokens) if fit and best.predicted is not None else "",
-                  tuple(fit_notes(preset, fit, cfg.data.dataset, meta)) if fit else (), meta)
+    notes = fit_notes(preset, found) if found else []
+    if calibration and not calibration.points:
+        why = ("a preview on a datasheet GPU measures nothing" if gpu else
+               f"{CALIBRATION_SHARE:.0%} of the budget holds too few steps of its smallest size")
+        notes.append(f"{found.path if found else ''} was fitted on other data or another recipe, and its floor and "
+                     f"scale on {cfg.data.dataset} were not measured ({why}): its predicted vals are in the fit's "
+                     "units, its choice by the data's bytes per token")
+    return Sizing(budget, time.perf_counter() - started + found_sizes.foretold, found_sizes.candidates, best,
+                  best.config, str(found.path if found else fit_path(preset)), found_sizes.says(best.threads),
+                  found_sizes.unique, fitted_on(fit) if fit else "",
+                  fit.beyond(best.tokens) if fit and best.predicted is not None else "", tuple(notes), meta,
+                  carried(found, calibration, cfg.data.dataset) if found else "",
+                  (calibration or Calibration()).spread(found.fit) if found else 0.0,
+                  calibration.record() if calibration else None)
 
 
 def fitted_on(fit: SizeFit) -> str:
@@ -194,10 +213,9 @@ def sized_run(preset: Path, size: str | int, started: float, out: Console,
 
     def sized(cfg: RunConfig, machine: Machine) -> tuple[RunConfig, Sized | None]:
         if size != "auto":
-            family, fit, _ = family_of(preset, cfg)
-            chosen = family.config(int(size), fit)
-            rule = (f"by {fit_path(preset)}'s rule" if fit else
-                    f"the preset's (no fit beside it, {fit_path(preset)})")
+            family, found, _ = family_of(preset, cfg)
+            chosen = family.config(int(size), found.fit if found else None)
+            rule = f"by {found.path}'s rule" if found else f"the preset's (no fit of its recipe, {fit_path(preset)})"
             out.print(f"size {size}: {family.describe(int(size))} ({shape_of(chosen).num_params() / 1e6:.2f}M "
                       f"parameters), LR {chosen.train.learning_rate:g} {rule}", highlight=False)
             return chosen, None

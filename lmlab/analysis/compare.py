@@ -25,7 +25,7 @@ def comparison(runs: list[RunSummary]) -> list[dict[str, Any]]:
         "by_bytes": by_bytes, "params_padding": s.padding,
         "gap": s.gap, "still_falling": s.still_falling, "checkpoint": s.checkpoint, "tasks": s.tasks,
         "judge": s.judge, "evaluation": s.evaluation, "evaluations": s.evaluations, "predicted_val": s.predicted_val,
-        "predicted_error": _change(s.predicted_val, s.reached),
+        "predicted_error": s.predicted_error,
         "final_val_loss": s.final_val_loss, "final_stderr": s.final_stderr,
     } for s in runs]
 

@@ -83,6 +83,12 @@ class RunSummary:
         return self.best_val_loss if self.final_val_loss is None else self.final_val_loss
 
     @property
+    def predicted_error(self) -> float | None:
+        """How far the val `--size auto` predicted was from the val reached, as a fraction of it."""
+        reached = self.reached
+        return self.predicted_val / reached - 1 if self.predicted_val is not None and reached else None
+
+    @property
     def epochs(self) -> float | None:
         return self.tokens / self.split_tokens if self.split_tokens else None
 
@@ -105,7 +111,7 @@ class RunSummary:
         skip = ("evals", "trains", "token_bytes")
         return {"name": self.name, **{k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()
                                       if k not in skip}, "flops": self.flops, "epochs": self.epochs,
-                "unique_tokens": self.unique_tokens}
+                "unique_tokens": self.unique_tokens, "predicted_error": self.predicted_error}
 
 
 def _status(run: RunDir, events: list[dict[str, Any]]) -> str:

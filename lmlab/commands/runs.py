@@ -27,7 +27,15 @@ from lmlab.core.errors import UserError
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.analysis.runs import RUN_COLUMNS, evaluation_columns, find_runs, run_table, summarize
+    from lmlab.analysis.runs import (
+        FINAL_COLUMN,
+        PREDICTED_COLUMN,
+        RUN_COLUMNS,
+        evaluation_columns,
+        find_runs,
+        run_table,
+        summarize,
+    )
 
     folder = Path("runs" if args.dir is None else args.dir)
     # Where no runs are, say so and how one is made: no table of headers, and no error for the default folder.
@@ -39,8 +47,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
         console.print(f"No runs under {folder}: train one with `lmlab train CONFIG --run {folder}/NAME`.",
                       highlight=False)
     else:
-        print_table(f"Runs under {folder}", run_table([*RUN_COLUMNS, *evaluation_columns(rows)], rows), rows,
-                    args.wide)
+        columns = [*RUN_COLUMNS, FINAL_COLUMN, PREDICTED_COLUMN, *evaluation_columns(rows)]
+        print_table(f"Runs under {folder}", run_table(columns, rows), rows, args.wide)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

@@ -267,8 +267,10 @@ def _predicted(f: RunFacts) -> str:
     e, val = f.of("sizing")[0], f.summary.reached
     reached = "" if val is None else f", {100 * (e['predicted_val'] / val - 1):+.1f}% against the {val:.4f} reached"
     beyond = ", fewer or more tokens than the fit's runs: extrapolated" if e.get("extrapolated") else ""
-    return (f"{e['predicted_val']:.4f}{reached} ({plain(e['shape'])}: {e['tokens_per_sec']:,.0f} tokens/s measured, "
-            f"{e['tokens_per_param']:.2f} tokens per parameter planned{beyond})")
+    spread = f" ± {e['spread']:.3f}" if e.get("spread") else ""
+    carried = f"; by {plain(e['fit'])}, {plain(e['carried'])}" if e.get("carried") else ""
+    return (f"{e['predicted_val']:.4f}{spread}{reached} ({plain(e['shape'])}: {e['tokens_per_sec']:,.0f} tokens/s "
+            f"measured, {e['tokens_per_param']:.2f} tokens per parameter planned{beyond}{carried})")
 
 
 def _six_nd(f: RunFacts) -> str:

@@ -9,16 +9,23 @@ import builtins
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import lmlab_context_vector  # noqa: E402, F401  (examples/context-vector: `make .venv/.installed-test` installs it)
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from lmlab.analysis.runs import summarize
+from lmlab.api.training import train
 from lmlab.core.config import SamplingParams
 from lmlab.core.config_toml import load_config
+from lmlab.experiments.family import Family, fit_path, read_fit
+from lmlab.experiments.miniseries import Series, refit
+from lmlab.experiments.plan import shape_of
+from lmlab.experiments.sizing import with_vocab
 from lmlab.inference.generate import Asked, continue_all, stream_ids
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
@@ -32,6 +39,7 @@ from tests.helpers import (
     same_weights,
     stable_events,
     weights,
+    write_fit,
 )
 
 
@@ -502,17 +510,148 @@ def test_whatever_a_plugins_decode_state_raises_is_one_sentence_naming_it(tmp_pa
                                   f"{RAISED[raised][1]} in its {how}") and f"; fix the plugin's {how}" in err, err
 
 
-@pytest.mark.parametrize("kind, options, why", [
-    ("context-vector", "mlp_ratio = 2", "'context-vector': a plugin's model takes its shape from options of its own "
-                                        "([model.options]), which lmlab cannot scale; use a gpt preset"),
-    ("recurrent", "", "'recurrent': a recurrent model's width is its own setting; use a gpt preset")])
-def test_a_kind_without_a_depth_dial_is_refused_a_refit_and_a_size_saying_why(tmp_path, char_dataset, capsys, kind,
-                                                                            options, why):
-    """A size is a depth of a GPT's family, its width following from it: `scaling PRESET --refit` or a size of a
-    plugin's preset is refused saying what the kind lacks, not only that it is not gpt, before anything trains."""
-    preset = write(tmp_path / "p.toml", char_dataset, kind, options)
+# A plugin whose shape is all in [model.options]: `blocks` layers, `hidden` wide, each token on its own; it declares so.
+OPTIONS_MODEL = """
+import torch.nn as nn
+from lmlab.model import Growth, LanguageModel
+from lmlab.model.loss import next_token_loss
+
+
+class Stack(LanguageModel):
+    growth = Growth(depth="options.blocks", width="options.hidden")
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        hidden = config.options["hidden"]
+        self.wte = nn.Embedding(config.vocab_size, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(config.options["blocks"]))
+        self.head = nn.Linear(hidden, config.vocab_size)
+
+    def forward(self, idx, targets=None, cache=None):
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = x + block(x).tanh()
+        logits = self.head(x)
+        return logits, None if targets is None else next_token_loss(logits, targets)
+"""
+# Every way a plugin declares its growth: [model] fields (the context-vector example, installed), [model.options]
+# keys. Each: its kind, [model.options], and where its depth and width are read (`lmlab.core.growth.Growth`).
+GROWTHS = {
+    "[model] fields": ("context-vector", "mlp_ratio = 2", "n_layer", "n_embd"),
+    "[model.options] keys": ("stack", "blocks = 3\nhidden = 48", "options.blocks", "options.hidden"),
+}
+
+
+def grown_preset(tmp_path: Path, site: Path, dataset: Path, entry: str) -> tuple[Path, str, str]:
+    """The tiny preset as the plugin of GROWTHS[entry], installed (16 wide per layer: the context-vector model 2 layers
+    of 32, the stack 3 of 48): its path, and the settings it declares its depth and width."""
+    kind, options, depth, width = GROWTHS[entry]
+    if kind == "stack":
+        install_plugin(site, kind, "lmlab-stack", OPTIONS_MODEL, "Stack")
+    return write(tmp_path / f"{kind}.toml", dataset, kind, options), depth, width
+
+
+def setting(cfg, name: str):
+    return cfg.model.options[name.removeprefix("options.")] if name.startswith("options.") else getattr(cfg.model,
+                                                                                                        name)
+
+
+@pytest.mark.parametrize("entry", GROWTHS)
+def test_a_plugin_that_declares_its_growth_is_sized_by_depth_as_a_gpt_family(tmp_path, site, char_dataset, entry):
+    """Depth d of a plugin's family sets its declared depth to d and its width to d x the preset's width per layer,
+    with the LR a fit's rule gives that width: what a GPT of the preset's shape has at depth d."""
+    preset, depth, width = grown_preset(tmp_path, site, char_dataset, entry)
+    layers, wide = (setting(load_config(preset), name) for name in (depth, width))
+    gpt = write(tmp_path / "gpt.toml", char_dataset, "gpt", "")  # a GPT of its shape, in heads of 16
+    gpt.write_text(gpt.read_text().replace("n_layer = 2\nn_head = 2\nn_embd = 32",
+                                           f"n_layer = {layers}\nn_head = {wide // 16}\nn_embd = {wide}"))
+    write_fit(gpt, char_dataset, 100_000)
+    fit = read_fit(gpt)
+    ours, theirs = (Family.of(with_vocab(load_config(p)), str(p)) for p in (preset, gpt))
+    assert ours.preset_width == theirs.preset_width == wide and theirs.preset.model.n_layer == layers
+    params = []
+    for d in range(1, 5):
+        mine, gpts = ours.config(d, fit), theirs.config(d, fit)
+        assert (setting(mine, depth), setting(mine, width)) == (gpts.model.n_layer, gpts.model.n_embd) == (d, 16 * d)
+        assert (mine.train.learning_rate, mine.train.min_lr) == (gpts.train.learning_rate, gpts.train.min_lr)
+        assert ours.describe(d) == f"{d} layer{'s' * (d > 1)} of {16 * d}"  # no heads: a plugin's are its own
+        params.append(shape_of(mine).num_params())  # built by the plugin, at that depth
+    assert params == sorted(set(params))
+
+
+GROWTH_REFUSALS = {
+    "declares nothing": ("", "", "declares no growth, so lmlab cannot size it"),
+    "declares something else": ('Tiny.growth = {"depth": "n_layer", "width": "n_embd"}', "",
+                                "declares no growth, so lmlab cannot size it"),
+    "names no such field": ('Tiny.growth = Growth(depth="layers", width="n_embd")', "",
+                            "declares its depth as 'layers', which {preset} does not set to a whole number (it sets "
+                            "none)"),
+    "names a fraction": ('Tiny.growth = Growth(depth="n_layer", width="dropout")', "",
+                         "declares its width as 'dropout', which {preset} does not set to a whole number (it is 0.0)"),
+    "names an option not set": ('Tiny.growth = Growth(depth="options.blocks", width="n_embd")', "",
+                                "declares its depth as 'options.blocks', which {preset} does not set to a whole number "
+                                "(it sets none)"),
+    "names an option of text": ('Tiny.growth = Growth(depth="options.blocks", width="n_embd")', 'blocks = "four"',
+                                "declares its depth as 'options.blocks', which {preset} does not set to a whole number "
+                                "(it is 'four')"),
+}
+# Every command that sizes a preset by its family (`{run}`: a folder it would write).
+SIZED = [["train", "--size", "2", "--run", "{run}"], ["train", "--size", "auto", "--budget", "20s", "--run", "{run}"],
+         ["plan", "--budget", "20s", "--size", "2"], ["scaling", "--refit", "--dir", "{run}"]]
+
+
+@pytest.mark.parametrize("case", GROWTH_REFUSALS)
+def test_a_plugin_that_does_not_declare_its_growth_is_refused_every_size_saying_what_to_declare(
+        tmp_path, site, char_dataset, capsys, case):
+    declared, options, message = GROWTH_REFUSALS[case]
+    install_plugin(site, "odd", "lmlab-odd", f"{FAKE_MODEL}\nfrom lmlab.model import Growth\n{declared}\n")
+    preset = write(tmp_path / "p.toml", char_dataset, "odd", options)
+    for command, *args in SIZED:
+        code, out, err = run_cli(capsys, command, preset, *(a.format(run=tmp_path / "run") for a in args), "--device",
+                                 "cpu")
+        said = " ".join(err.split())
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert said.startswith(f"error: {preset}: the model plugin 'odd' (package lmlab-odd, lmlab_odd:Tiny) "), err
+        assert message.format(preset=preset) in said and 'growth = Growth(depth="n_layer", width="n_embd")' in said
+        assert '(docs/reference/models.md, "Sizes of your own model")' in said
+    assert not (tmp_path / "run").exists() and not fit_path(preset).exists()
+
+
+def test_a_recurrent_preset_is_refused_a_refit_and_a_size_saying_why(tmp_path, char_dataset, capsys):
+    """A size is a depth of a family, its width following from it: a recurrent model's width is its own setting."""
+    preset = write(tmp_path / "p.toml", char_dataset, "recurrent", "")
     for command in (["scaling", preset, "--refit", "--dir", tmp_path / "runs", "--device", "cpu"],
                     ["train", preset, "--run", tmp_path / "run", "--size", "2", "--device", "cpu"]):
         code, _, err = run_cli(capsys, *command)
-        assert code == 2 and why in " ".join(err.split()), err
+        assert code == 2 and "'recurrent': a recurrent model's width is its own setting; use a gpt preset" in \
+            " ".join(err.split()), err
     assert not (tmp_path / "run").exists() and not list((tmp_path / "runs").glob("*/*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", GROWTHS)
+def test_a_plugin_that_declares_its_growth_trains_a_depth_a_miniseries_and_the_size_its_fit_predicts_best(
+        tmp_path, site, char_dataset, capsys, entry):
+    preset, depth, width = grown_preset(tmp_path, site, char_dataset, entry)
+    code, out, err = run_cli(capsys, "train", preset, "--size", "3", "--run", tmp_path / "three", "--device", "cpu",
+                             "--set", "train.max_iters=3")
+    cfg = RunDir(tmp_path / "three").config()
+    assert code == 0 and (setting(cfg, depth), setting(cfg, width)) == (3, 48), err
+    assert "size 3: 3 layers of 48 (" in out and "LR 0.003 the preset's (no fit beside it" in " ".join(out.split())
+
+    # A miniseries in a budget (each depth's steps timed first), its LR searched along the declared width.
+    series = Series(depths=(1, 2, 3), tokens=(2048, 4096), lr_factors=(1.0,))
+    fit = refit(preset, series, tmp_path / "runs", "cpu", Console(width=80), 300.0, time.perf_counter())
+    assert [s["width"] for s in fit.lr_search] == [16, 32, 48] and len(fit.runs) == 6
+    assert all(setting(RunDir(r["run"]).config(), depth) == r["depth"] for r in fit.runs)
+
+    said = Console(record=True, width=80)
+    run = RunDir(train(preset, run=tmp_path / "auto", budget="30s", size="auto", device="cpu", console=said).path)
+    sizing = next(e for e in run.events() if e["event"] == "sizing")
+    chosen = Family.of(with_vocab(load_config(preset)), str(preset)).config(sizing["depth"], fit)
+    cfg = run.config()
+    assert (setting(cfg, depth), setting(cfg, width)) == (sizing["depth"], sizing["width"]) == \
+        (setting(chosen, depth), setting(chosen, width))
+    assert cfg.train.learning_rate == chosen.train.learning_rate == sizing["learning_rate"]
+    assert f"size auto: {sizing['shape']} (" in said.export_text() and summarize(run.path).status == "finished"

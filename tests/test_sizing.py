@@ -644,4 +644,5 @@ def test_each_depth_weighed_is_made_once_however_often_it_is_planned_and_timed(c
     monkeypatch.setattr(size_search, "time_config", timed)
     made = choose_size(preset, cfg, time.perf_counter(), a_machine())
     assert made_at == Counter(c.depth for c in made.candidates)
+    assert [c.record()["width"] for c in made.candidates] == [c.config.model.n_embd for c in made.candidates]
     assert made.config == Family.of(cfg, str(preset)).config(made.chosen.depth, read_fit(preset))

@@ -130,7 +130,7 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
     from lmlab.api.training import parse_duration
     from lmlab.core.busy import process_age
     from lmlab.core.config_toml import load_config
-    from lmlab.experiments.family import fit_path, read_fit
+    from lmlab.experiments.family import Family, fit_path, read_fit
     from lmlab.experiments.miniseries import Series, refit
 
     started = time.perf_counter() - process_age()  # as train counts its budget
@@ -148,7 +148,8 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
     rows = [{**r, "fitted": fit.predict(r["params"], r["tokens"], fit.dataset.get("train_tokens"))} for r in fit.runs]
     print_table(f"{fit_path(preset)}: {fit.surface.describe()}", _fit_columns(), rows, args.wide)
     lrs = ", ".join(f"{s['depth']} layers x{s['best']:.2f}" for s in fit.lr_search)
-    console.print(f"LR rule: the preset's LR x {fit.lr.scale:g} x ({load_config(preset).model.n_embd} / width)^"
+    width = Family.of(load_config(preset), str(preset)).preset_width
+    console.print(f"LR rule: the preset's LR x {fit.lr.scale:g} x ({width} / width)^"
                   f"{fit.lr.exponent:g}, through each depth's best multiple of it ({lrs})", highlight=False)
     if fit.held_out:
         errors = ", ".join(f"depth {h['depth']} {100 * (h['predicted'] / h['val'] - 1):+.1f}%" for h in fit.held_out)

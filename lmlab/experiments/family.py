@@ -17,63 +17,79 @@ from typing import Any
 from lmlab.analysis.scaling import LossSurface, effective_tokens
 from lmlab.core.config import RunConfig
 from lmlab.core.errors import UserError
+from lmlab.core.growth import Growth
 from lmlab.core.jsontext import json_sha256, parse_json
+from lmlab.core.plugin_kinds import BUILT_IN_KINDS
 
 MAX_DEPTH = 48  # the deepest member a family has (48 layers of 64 per layer: 3072 wide)
 FIT_FORMAT = 1
 # A size whose parameters are this many times beyond the fit's largest run is not predicted: a power law carried
 # far past its points says little.
 EXTRAPOLATION = 4.0
+GPT_GROWTH = Growth(depth="n_layer", width="n_embd")  # a GPT's depth and width (its heads follow its width)
 
 
 @dataclass(frozen=True)
 class Family:
-    """The sizes of a preset: `config(depth)` is depth layers of `aspect` × depth wide (in whole heads of `head`),
-    the preset's other settings, its LR times its fit's LR rule's `factor` of the width."""
+    """The sizes of a preset: `config(depth)` is depth layers of `aspect` × depth wide (in whole heads of `head`; a
+    plugin's, its declared depth and width), the preset's other settings, its LR times its fit's LR rule's `factor`
+    of the width."""
 
     preset: RunConfig
-    aspect: float  # width per layer: the preset's n_embd / n_layer
-    head: int  # the width of a head, the preset's
+    aspect: float  # width per layer: the preset's width / its depth
+    head: int  # the width of a head, the preset's; 0: a plugin's model, whose depth and width alone a size sets
     kv_ratio: int  # query heads per key/value head (grouped-query attention), the preset's
+    growth: Growth = GPT_GROWTH  # the settings that are its depth and width: a GPT's, or those a plugin declares
 
     @classmethod
     def of(cls, cfg: RunConfig, where: str) -> Family:
-        """The family of a preset (`where` names it): a GPT whose width and heads follow from its depth."""
+        """The family of a preset (`where` names it): a GPT whose width and heads follow from its depth, or a plugin's
+        model whose depth and width are the settings it declares (lmlab.core.growth.Growth)."""
         m = cfg.model
-        if m.kind != "gpt":
-            from lmlab.model.kinds import KINDS  # lmlab's own; any other kind is a plugin's
+        if m.kind not in BUILT_IN_KINDS:
+            from lmlab.model.plugins import declared_growth  # imports torch, as the plugin does
 
-            what = ("a recurrent model's width is its own setting" if m.kind in KINDS else
-                    "a plugin's model takes its shape from options of its own ([model.options]), which lmlab cannot "
-                    "scale")
-            raise UserError(f"{where}: a size is a depth of a GPT's family, its width and heads following from the "
-                            f"depth (what a fit's L(N, D) and LR rule are measured along), and model.kind is "
-                            f"{m.kind!r}: {what}; use a gpt preset, or set its shape by hand.")
+            growth = declared_growth(m, where)
+            return cls(cfg, growth.setting(m, "width") / growth.setting(m, "depth"), 0, 1, growth)
+        if m.kind != "gpt":
+            raise UserError(f"{where}: a size is a depth of a model's family, its width following from the depth "
+                            f"(what a fit's L(N, D) and LR rule are measured along), and model.kind is {m.kind!r}: a "
+                            "recurrent model's width is its own setting; use a gpt preset (or a plugin's that declares "
+                            "its growth), or set its shape by hand.")
         if m.head_dim or m.mlp_hidden:
             raise UserError(f"{where} sets model.head_dim or model.mlp_hidden, which do not scale with depth; leave "
                             "them 0 (n_embd / n_head, and the MLP's own width) to size it by depth.")
         return cls(cfg, m.n_embd / m.n_layer, m.n_embd // m.n_head, m.n_head // m.kv_heads)
 
+    @property
+    def preset_width(self) -> int:
+        """The preset's width, which a fit's LR rule scales the LR from."""
+        return int(self.growth.setting(self.preset.model, "width"))
+
     def width(self, depth: int) -> int:
-        unit = self.head * self.kv_ratio  # whole groups of heads
+        unit = max(1, self.head * self.kv_ratio)  # whole groups of heads
         return max(unit, round(depth * self.aspect / unit) * unit)
 
     def config(self, depth: int, fit: SizeFit | None = None) -> RunConfig:
         """Depth `depth` of the family: its shape, and its LR by the fit's rule (without a fit, the preset's)."""
-        width = self.width(depth)
-        heads = width // self.head
-        model = dataclasses.replace(self.preset.model, n_layer=depth, n_embd=width, n_head=heads,
-                                    n_kv_head=heads // self.kv_ratio if self.preset.model.n_kv_head else 0)
-        factor = fit.lr.factor(width, self.preset.model.n_embd) if fit else 1.0
+        width, preset = self.width(depth), self.preset.model
+        if self.head:  # a GPT's heads follow its width
+            heads = width // self.head
+            model = dataclasses.replace(preset, n_layer=depth, n_embd=width, n_head=heads,
+                                        n_kv_head=heads // self.kv_ratio if preset.n_kv_head else 0)
+        else:
+            model = self.growth.grown(preset, depth, width)
+        factor = fit.lr.factor(width, self.preset_width) if fit else 1.0
         tc = self.preset.train
         train = dataclasses.replace(tc, learning_rate=_lr(tc.learning_rate * factor),
                                     min_lr=_lr(tc.min_lr * factor))
         return dataclasses.replace(self.preset, model=model, train=train)
 
     def describe(self, depth: int) -> str:
-        """E.g. `3 layers of 192, 3 heads`."""
-        heads = self.width(depth) // self.head
-        return f"{depth} layer{'s' * (depth > 1)} of {self.width(depth)}, {heads} head{'s' * (heads > 1)}"
+        """E.g. `3 layers of 192, 3 heads` (a plugin's: `3 layers of 192`)."""
+        heads = self.width(depth) // self.head if self.head else 0
+        return f"{depth} layer{'s' * (depth > 1)} of {self.width(depth)}" + \
+            (f", {heads} head{'s' * (heads > 1)}" if heads else "")
 
 
 def _lr(value: float) -> float:

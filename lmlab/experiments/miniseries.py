@@ -229,7 +229,7 @@ class Miniseries:
         windows = windows_in(read_meta(Path(cfg.data.dataset)), "val", cfg.model.block_size)
         total = 0.0
         for run in self.left(depths):
-            tc, c, steps = run.train, costs[run.model.n_layer], run.train.max_iters
+            tc, c, steps = run.train, costs[self.family.growth.setting(run.model, "depth")], run.train.max_iters
             final = final_windows_by_steps(windows, tc.batch_size, run.model.block_size, steps * self.tokens_per_step)
             made = Plan(0.0, step_seconds=c.step, eval_seconds=c.evaluation(tc.eval_iters),
                         checkpoint_seconds=c.checkpoint, finish_seconds=c.finish,
@@ -331,8 +331,8 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
     began = time.perf_counter()
     with LoadMeter() as meter:
         search = [runs.search(depth) for depth in series.depths]
-        rule = lr_rule(search, cfg.model.n_embd)
-        points = [point for s in search for point in runs.lengths(s, rule.factor(s["width"], cfg.model.n_embd))]
+        rule = lr_rule(search, runs.family.preset_width)
+        points = [point for s in search for point in runs.lengths(s, rule.factor(s["width"], runs.family.preset_width))]
     assert meter.load is not None, "a meter measures its window as it closes"
     meta = read_meta(Path(cfg.data.dataset))
     unique = meta["train"]["tokens"]

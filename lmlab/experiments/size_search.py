@@ -52,6 +52,7 @@ class Candidate:
 
     depth: int
     shape: str
+    width: int  # the family's at this depth (`Family.width`): what its LR rule reads
     params: int
     multiplied: int  # the weights that multiply every token: the fit's N
     config: RunConfig  # the family's at this depth (`Family.config`), made once
@@ -87,7 +88,7 @@ class Candidate:
         return self.config.tokens_per_step / self.step_seconds if self.step_seconds else 0.0
 
     def record(self) -> dict[str, Any]:
-        return {"depth": self.depth, "shape": self.shape, "width": self.config.model.n_embd, "params": self.params,
+        return {"depth": self.depth, "shape": self.shape, "width": self.width, "params": self.params,
                 "tokens_per_sec": round(self.tokens_per_sec, 1) or None, "threads": self.threads or None,
                 "how": self.timing.how if self.timing else None, "steps": self.steps, "tokens": self.tokens,
                 "passes": round(self.passes, 2),
@@ -127,8 +128,8 @@ class Search:
     def candidate(self, depth: int) -> Candidate:
         cfg = self.family.config(depth, self.fit)
         model = shape_of(cfg)
-        return Candidate(depth, self.family.describe(depth), model.num_params(), model.multiplied_params(), cfg,
-                         model, cfg.intervals(self.unique))
+        return Candidate(depth, self.family.describe(depth), self.family.width(depth), model.num_params(),
+                         model.multiplied_params(), cfg, model, cfg.intervals(self.unique))
 
     def weighable(self, c: Candidate) -> bool:
         """Whether `c` can be weighed: predicted by the fit, fitting memory, and its FLOPs leaving the budget room

@@ -8,13 +8,14 @@ import torch
 from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
 from lmlab.core.fileio import host_memory, human_bytes
+from lmlab.core.growth import Growth
 from lmlab.model.base import LanguageModel
 from lmlab.model.gpt import GPT
 from lmlab.model.kinds import construct
 from lmlab.model.memory import UNCOUNTABLE, model_bytes, on_meta
 from lmlab.model.recurrent import RecurrentLM
 
-__all__ = ["GPT", "LanguageModel", "RecurrentLM", "build_model", "model_bytes"]
+__all__ = ["GPT", "Growth", "LanguageModel", "RecurrentLM", "build_model", "model_bytes"]
 
 
 def build_model(config: ModelConfig) -> LanguageModel:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from lmlab.core.config import ModelConfig
+from lmlab.core.growth import Growth
 from lmlab.model.loss import head_loss
 
 
@@ -61,6 +62,10 @@ class LanguageModel(nn.Module):
     # Whether its steps may be recorded as CUDA graphs and replayed (a training step's blocks, a decode step): every
     # op capturable, none that syncs with the host or runs cuDNN's RNN. A plugin says so itself.
     graphs: bool = False
+    # Which of its settings is its depth and which its width, so that `--size` and `lmlab scaling --refit` size it as
+    # they size a GPT; None: it is not sized. A plugin declares it itself (lmlab's gpt grows by its own rule, its heads
+    # following its width: lmlab.experiments.family).
+    growth: Growth | None = None
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> DecodeState | None:
         """What decoding carries from one token to the next for `batch` rows, empty; None: the decoder feeds the

@@ -17,6 +17,7 @@ import torch
 
 from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError, classify
+from lmlab.core.growth import Growth
 from lmlab.core.plugin_kinds import PLUGIN_GROUP, UnknownKind
 from lmlab.model.base import DecodeState, LanguageModel
 
@@ -38,12 +39,17 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).strip() or '-').splitlines()[0]}"
 
 
+def _loaded(kind: str) -> tuple[Any, str]:
+    """A plugin's entry point, imported, and the words that name it and its package."""
+    ep = _entry_point(kind)
+    who = f"the model plugin {kind!r} (package {ep.dist.name if ep.dist else 'unknown'}, {ep.value})"
+    with _boundary(lambda err: f"{who} fails to import ({_first_line(err)}); fix or reinstall the package."):
+        return ep.load(), who
+
+
 def build_plugin(config: ModelConfig) -> LanguageModel:
     """The model a plugin builds from `config`, or a UserError naming the plugin and its package."""
-    ep = _entry_point(config.kind)
-    who = f"the model plugin {config.kind!r} (package {ep.dist.name if ep.dist else 'unknown'}, {ep.value})"
-    with _boundary(lambda err: f"{who} fails to import ({_first_line(err)}); fix or reinstall the package."):
-        factory = ep.load()
+    factory, who = _loaded(config.kind)
     with _boundary(lambda err: f"{who} cannot build a model from [model] and [model.options] ({_first_line(err)})."):
         model = factory(config)
     if not isinstance(model, LanguageModel):
@@ -54,6 +60,27 @@ def build_plugin(config: ModelConfig) -> LanguageModel:
     model.__class__ = _guarded(type(model), who)
     check_forward(model)
     return model
+
+
+DECLARE = ("to be sized, a plugin declares on its entry point which setting is its depth and which its width, each a "
+           "[model] field or an \"options.KEY\" of [model.options] that the preset sets to a whole number, as growth = "
+           "Growth(depth=\"n_layer\", width=\"n_embd\") (docs/reference/models.md, \"Sizes of your own model\")")
+
+
+def declared_growth(config: ModelConfig, where: str) -> Growth:
+    """How a plugin's model grows (the `growth` its entry point declares), its depth and width each a whole number
+    `config` (the preset `where`) sets; or one sentence naming what to declare."""
+    factory, who = _loaded(config.kind)
+    growth = getattr(factory, "growth", None)
+    if not isinstance(growth, Growth):
+        raise UserError(f"{where}: {who} declares no growth, so lmlab cannot size it; {DECLARE}.")
+    for part in ("depth", "width"):
+        value = growth.setting(config, part)
+        if type(value) is not int or value < 1:
+            raise UserError(f"{where}: {who} declares its {part} as {getattr(growth, part)!r}, which {where} does not "
+                            f"set to a whole number ({'it sets none' if value is None else f'it is {value!r}'}); "
+                            f"{DECLARE}.")
+    return growth
 
 
 def _guarded(cls: type, who: str) -> type:

@@ -17,7 +17,9 @@ it trains on, from a zero context), dropout and tie_embeddings; [model.options] 
                   GPT block of the same width, so the two compare at equal size)
     mlp_ratio     the MLP's hidden width in multiples of n_embd (default 4)
 
-It keeps no decode state of its own, so lmlab's sampler feeds it its whole window at every token.
+It keeps no decode state of its own, so lmlab's sampler feeds it its whole window at every token. It declares how it
+grows (`growth`: its layers n_layer, its width n_embd), so `--size` and `lmlab scaling --refit` size it as they size a
+GPT; the context width follows n_embd unless context_size sets it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn as nn
 
 from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
-from lmlab.model import LanguageModel
+from lmlab.model import Growth, LanguageModel
 from lmlab.model.loss import next_token_loss
 
 DEFAULTS = {"context_size": 0, "mlp_ratio": 4}  # context_size 0: 4/3 n_embd
@@ -72,6 +74,8 @@ class ContextLayer(nn.Module):
 
 
 class ContextVectorLM(LanguageModel):
+    growth = Growth(depth="n_layer", width="n_embd")  # depth d: d layers of d x the preset's n_embd per layer
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -380,7 +380,7 @@ def test_size_auto_needs_the_fit_beside_its_preset(tmp_path, char_dataset, capsy
     bare = write_config(tmp_path / "bare.toml", char_dataset)
     assert main(["train", str(bare), "--run", str(tmp_path / "run"), "--budget", "20s", "--size", "auto"]) == 2
     said = " ".join(capsys.readouterr().err.split())
-    assert f"{bare} has none ({fit_path(bare)}); make it with `lmlab scaling {bare} --refit`" in said
+    assert f"{bare} has none ({fit_path(bare)}); make it with `lmlab scaling {bare} --refit --budget 10m`" in said
 
 
 @pytest.mark.slow
@@ -459,7 +459,7 @@ def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsy
     assert main([command, str(mine), *args]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert f"{fit_path(mine)}" in said and message in said
-    assert f"fit it again with `lmlab scaling {mine} --refit`." in said
+    assert f"fit it again with `lmlab scaling {mine} --refit --budget 10m`." in said
     assert not (tmp_path / "r").exists()
 
 
@@ -494,8 +494,8 @@ def test_plan_size_auto_says_what_train_says_of_a_fit_of_another_preset_or_datas
 @pytest.mark.parametrize("path, changed, said", [
     ("{dataset}", False, None),
     ("{dataset}", True, "the train split of {dataset} changed since {fit} was fitted on it (its checksum differs): its "
-                        "predictions hold as far as the texts are alike; refit with `lmlab scaling {preset} --refit`, "
-                        "or restore the data the fit was made on"),
+                        "predictions hold as far as the texts are alike; refit with `lmlab scaling {preset} --refit "
+                        "--budget 10m`, or restore the data the fit was made on"),
     ("{dataset}/../{name}", True, "the train split of {dataset} changed since"),  # the same folder, written otherwise
     ("{link}", True, "the train split of {dataset} changed since"),
     ("data/another", True, "{fit} was fitted on data/another, not {dataset}: its predictions hold as far as the texts "

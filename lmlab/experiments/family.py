@@ -193,7 +193,7 @@ def read_fit(preset: Path) -> SizeFit | None:
     path = fit_path(preset)
     if not path.exists():
         return None
-    again = f"fit it again with `lmlab scaling {preset} --refit`"
+    again = f"fit it again with `{refit_command(preset)}`"
     try:
         raw = parse_json(path.read_text(encoding="utf-8"))
         if raw.pop("format", None) != FIT_FORMAT:

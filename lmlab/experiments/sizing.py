@@ -24,7 +24,7 @@ from lmlab.core.humanize import format_duration
 from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import with_vocab
-from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit
+from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, read_fit, refit_command
 from lmlab.experiments.plan import Hardware, shape_of
 from lmlab.experiments.size_search import Candidate, search
 from lmlab.train.preflight import Sized, Sizer
@@ -127,7 +127,7 @@ def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, SizeFit | None, dic
     if fit and fit.dataset.get("tokenizer") != meta["tokenizer"]:
         raise UserError(f"{fit_path(preset)} was fitted on a {fit.dataset.get('tokenizer')} dataset and "
                         f"{cfg.data.dataset} is {meta['tokenizer']}: its losses are in other units; fit the preset on "
-                        f"this dataset with `lmlab scaling {preset} --refit`.")
+                        f"this dataset with `{refit_command(preset)}`.")
     return Family.of(cfg, str(preset)), fit, meta
 
 
@@ -137,14 +137,14 @@ def fit_notes(preset: Path, fit: SizeFit, dataset: str, meta: dict[str, Any]) ->
     notes = []
     if fit.preset_sha256 != preset_sha256(preset):
         notes.append(f"{preset} changed since {fit_path(preset)} was fitted: its predictions may not hold; fit it "
-                     f"again with `lmlab scaling {preset} --refit`")
+                     f"again with `{refit_command(preset)}`")
     train, fitted = meta["train"]["sha256"], fit.dataset.get("path")
     if fit.dataset.get("train_sha256") == train:
         return notes
     if fitted and os.path.realpath(fitted) == os.path.realpath(dataset):
         notes.append(f"the train split of {dataset} changed since {fit_path(preset)} was fitted on it (its checksum "
                      "differs): its predictions hold as far as the texts are alike; refit with "
-                     f"`lmlab scaling {preset} --refit`, or restore the data the fit was made on")
+                     f"`{refit_command(preset)}`, or restore the data the fit was made on")
     else:
         notes.append(f"{fit_path(preset)} was fitted on {fitted or 'another dataset'}, not {dataset}: its predictions "
                      "hold as far as the texts are alike")
@@ -164,7 +164,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, machine: Machine, 
     family, fit, meta = family_of(preset, cfg)
     if fit is None and depths is None:
         raise UserError(f"--size auto predicts each size's val loss from the fit kept beside the preset, and "
-                        f"{preset} has none ({fit_path(preset)}); make it with `lmlab scaling {preset} --refit` (a "
+                        f"{preset} has none ({fit_path(preset)}); make it with `{refit_command(preset)}` (a "
                         "miniseries of short runs), or give a size by its depth (--size 4).")
     found = search(family, fit, budget, started, machine, meta, depths, gpu)
     best = found.best()

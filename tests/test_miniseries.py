@@ -86,6 +86,7 @@ def _costs(step: float) -> dict[int, Costs]:
 
 
 ASKED = {"planned": Series(), "--for": Series(meant=(30.0, 300.0)), "--lr-factors": Series(lr_factors=(1.0,)),
+         "--tokens": Series(tokens=(4096, 16384, 65536)),
          "grid": Series((1, 2, 3, 4, 5, 6), (2048, 4096, 8192), (1.0, 2.0))}
 
 
@@ -98,7 +99,7 @@ def _plan(preset: Path, folder: Path, asked: Series, budget: float, costs: dict[
 
 
 @pytest.mark.parametrize("step", [1e-4, 3e-3, 0.1])
-@pytest.mark.parametrize("budget", [10.0, 120.0, 600.0, 1800.0, 7200.0, 36000.0])
+@pytest.mark.parametrize("budget", [10.0, 120.0, 1800.0, 7200.0, 36000.0])
 @pytest.mark.parametrize("asked", list(ASKED))
 def test_a_budget_plans_a_series_that_fits_it_and_covers_the_runs_it_is_for_or_names_the_budget_it_needs(
         preset, tmp_path, step, budget, asked):
@@ -134,12 +135,14 @@ def test_a_budget_plans_a_series_that_fits_it_and_covers_the_runs_it_is_for_or_n
     def trains(depth: int, seconds: float) -> float:
         return seconds / costs[depth].step * runs.tokens_per_step
 
-    # the lengths cover what each depth trains in the runs the fit is for: from the shortest the deepest trains
-    assert planned.tokens[0] <= max(trains(depths[-1], shortest), MIN_STEPS * runs.tokens_per_step)
-    assert all(planned.reach[d] >= trains(d, longest) and planned.reach[d] in planned.tokens for d in depths)
     past = trains(depths[-1], longest) < PAST_BEST * runs.params(depths[-1])
     assert past or len(depths) == MAX_DEPTH or f"depth {len(depths) + 1} and deeper left out" in line, line
     assert not any(trains(d, longest) < PAST_BEST * runs.params(d) for d in depths[1:-1])
+    if asked == "--tokens":
+        assert planned.tokens == ASKED[asked].tokens and not planned.reach
+    else:  # the lengths cover what each depth trains in the runs the fit is for, from the shortest the deepest trains
+        assert planned.tokens[0] <= max(trains(depths[-1], shortest), MIN_STEPS * runs.tokens_per_step)
+        assert all(planned.reach[d] >= trains(d, longest) and planned.reach[d] in planned.tokens for d in depths)
     if asked == "--for":
         assert planned.meant == (30.0, 300.0) and "a fit for runs of 30 s to 5.0 min (--for)" in line
         return

@@ -283,6 +283,9 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
     given, whole."""
     cfg = load_config(preset)
     folder = root / f"{preset.stem}-miniseries"
+    if series.meant and series.depths and series.tokens:
+        raise UserError("--for plans a refit's depths or lengths for the runs it names, and --depths and --tokens "
+                        "name both; drop --for, or one of them.")
     # A preset without a family, or a series the fit could not take, refused first.
     runs = Miniseries(preset, series, folder, device, console)
     given = series

@@ -80,9 +80,6 @@ class Series:
             raise UserError("--lr-factors are multiples of the preset's LR, above 0 and at most 100, e.g. 0.5,1,2.")
         if any(not 1 <= d <= MAX_DEPTH for d in self.depths):
             raise UserError(f"--depths are depths of the preset's family, from 1 to {MAX_DEPTH}, e.g. 1,2,3,4.")
-        if self.meant and self.depths and self.tokens and not self.reach:
-            raise UserError("--for plans a refit's depths or lengths for the runs it names, and --depths and --tokens "
-                            "name both; drop --for, or one of them.")
 
     @property
     def given(self) -> bool:

@@ -30,14 +30,7 @@ from lmlab.core.fileio import atomic_write_text
 from lmlab.core.humanize import format_duration
 from lmlab.core.machine import Machine
 from lmlab.data.shards import read_meta, windows_in
-from lmlab.experiments.family import (
-    Family,
-    LrRule,
-    SizeFit,
-    fit_path,
-    preset_sha256,
-    refit_command,
-)
+from lmlab.experiments.family import Family, LrRule, SizeFit, fit_path, preset_sha256, refit_command
 from lmlab.experiments.plan import estimate, local_hardware, shape_of
 from lmlab.experiments.series import MIN_STEPS, Planner, Series, tokens_text
 from lmlab.experiments.size_search import SET_UP

@@ -28,8 +28,8 @@ UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 # The run budgets a fit may be meant for, in seconds: 5 s to a day, as a person names them.
 LADDER = (5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200, 10800,
           14400, 21600, 43200, 86400)
-# Tokens per parameter below which a size is past the best for a budget: the sizes `--size auto` chose trained 1.7 to
-# 9 (docs/reference/training.md, "The automatic size"), and the size above each choice fewer.
+# Tokens per parameter below which a size is past the best for a budget: by both shipped fits, at budgets of 15 s to 30
+# minutes, the best size trains 3.3 to 73 and the one above it 0.5 to 11 (docs/reference/training.md, "A refit").
 PAST_BEST = 1.0
 # Multiples of the preset's LR each depth tries, the widest first: both shipped fits found the best above the preset's
 # LR at the widths a miniseries trains (LR rules of scale 1.31 and 1.68), so the narrower search keeps 1 and 2.

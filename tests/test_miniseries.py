@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from lmlab.analysis.runs import summarize
-from lmlab.analysis.scaling import fit_loss_surface
+from lmlab.analysis.scaling import fit_loss_surface, surface_refusal
 from lmlab.core.errors import UserError
 from lmlab.core.humanize import format_duration
 from lmlab.experiments.family import MAX_DEPTH, read_fit
@@ -121,6 +121,10 @@ def test_a_budget_plans_a_series_that_fits_it_and_covers_the_runs_it_is_for_or_n
     depths = planned.depths
     assert depths == tuple(range(1, len(depths) + 1)) and len(depths) >= 2
     assert runs.seconds(planned, costs) <= budget and runs.refusal(planned) is None
+    points = [(d, runs.steps(t)) for d in depths for t in planned.tokens if planned.within(d, runs.params(d), t)]
+    for depth in depths:  # each depth's longest run can be held out from a fit through the others
+        rest = [p for p in points if p != max(p for p in points if p[0] == depth)]
+        assert surface_refusal([d for d, _ in rest], [steps for _, steps in rest]) is None
     assert line.startswith(f"miniseries in budget {format_duration(budget)}")
     assert f"depths {','.join(map(str, depths))} at " in line
     assert f", {len(runs.left(planned))} runs to train with the LR searched over " in line and not folder.exists()
@@ -179,7 +183,7 @@ def test_a_budgeted_refit_says_its_plan_first_and_trains_what_it_planned(char_da
     out = " ".join(done.stdout.split())
     plan = out.split("miniseries 1/")[0]
     assert plan.startswith("miniseries in budget ") and ", a fit for runs of 2 s (--for): depths 1,2" in plan, out
-    runs = int(re.search(r", (\d+) runs to train with the LR searched over 0.5,1,2 x the preset's at ", plan)[1])
+    runs = int(re.search(r", (\d+) runs to train with the LR searched over (1,2,4|1,2) x the preset's at ", plan)[1])
     folder = tmp_path / "runs" / "mini-miniseries"
     trained = sorted(p for p in folder.iterdir() if p.is_dir())
     assert len(trained) == runs and out.count("miniseries ") == runs + 1  # the plan, then each run

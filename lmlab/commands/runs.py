@@ -229,7 +229,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=tokens_list, help="the lengths each depth trains for, in tokens (k, M: 2**10, "
                    "2**20; default: planned)")
     p.add_argument("--lr-factors", type=factors, help="multiples of the preset's LR each depth tries at the shortest "
-                   "length (default: planned, 0.5,1,2 or 1,2)")
+                   "length (default: planned, 1,2,4 or 1,2)")
     p.add_argument("--max-flops", type=positive, help="leave out the runs whose 6·N·D is past this (the largest "
                    "sizes' longest runs), e.g. 2e13")
     p.add_argument("--dir", default="runs", type=destination("--dir"), help="where the miniseries' runs go "

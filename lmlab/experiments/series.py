@@ -8,8 +8,9 @@ longest of LADDER whose whole plan fits), and a budget of B seconds trains a dep
   short, the deepest left out first;
 - lengths: powers of 2 from what the deepest trains in the shortest budget meant (its LR search's length, every
   depth's) up to what depth 1 trains in the longest, each depth up to the first length at or past what it trains
-  there, depth 1 over 3 lengths at least and each other depth 2 (so 2 depths are the 5 runs a fit takes);
-- the LR search: the widest of LR_SEARCHES that fits beside those depths."""
+  there, depth 1 over 4 lengths at least and each other depth 2 (so 2 depths are 6 runs, and each depth's longest
+  is held out from a fit through the other 5, the least a fit takes);
+- the LR search: the widest of LR_SEARCHES that fits beside those depths, at the shortest length, for every depth."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ LADDER = (5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600, 900, 1200, 180
 # Tokens per parameter below which a size is past the best for a budget: by both shipped fits, at budgets of 15 s to 30
 # minutes, the best size trains 3.3 to 73 and the one above it 0.5 to 11 (docs/reference/training.md, "A refit").
 PAST_BEST = 1.0
-# Multiples of the preset's LR each depth tries, the widest first: both shipped fits found the best above the preset's
-# LR at the widths a miniseries trains (LR rules of scale 1.31 and 1.68), so the narrower search keeps 1 and 2.
-LR_SEARCHES = ((0.5, 1.0, 2.0), (1.0, 2.0))
+# Multiples of the preset's LR each depth tries, the widest first, centred where both shipped fits found the best: over
+# 0.5, 1 and 2, five of their nine depths were best at 2, the val still falling there (a parabola's vertex needs the
+# best bracketed), and the rest between 1 and 1.75.
+LR_SEARCHES = ((1.0, 2.0, 4.0), (1.0, 2.0))
 
 
 def parse_tokens(text: str) -> tuple[int, ...]:
@@ -137,7 +139,7 @@ class Planner:
         if self.given.tokens:
             return replace(self.given, depths=depths, lr_factors=factors, meant=meant)
         shortest = max(_up(MIN_STEPS * self.tokens_per_step), _down(self.trains(depths[-1], min(meant))))
-        reach = {d: max(_up(self.trains(d, max(meant))), (4 if d == depths[0] else 2) * shortest) for d in depths}
+        reach = {d: max(_up(self.trains(d, max(meant))), (8 if d == depths[0] else 2) * shortest) for d in depths}
         lengths = tuple(shortest << k for k in range((max(reach.values()) // shortest).bit_length()))
         return replace(self.given, depths=depths, tokens=lengths, lr_factors=factors, meant=meant, reach=reach)
 

@@ -38,7 +38,7 @@ from lmlab.core.config_toml import load_config
 from lmlab.core.peak import peak_flops
 from lmlab.core.progress import ItemProgress
 from lmlab.data.prepare import prepare
-from lmlab.experiments.family import read_fit
+from lmlab.experiments.family import read_fit, refit_command
 from lmlab.run.rundir import RunDir
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     args.lr_factors = [float(f) for f in args.lr_factors.split(",")]
     cfg = load_config(Path(args.preset))
     if read_fit(Path(args.preset)) is None:
-        raise SystemExit(f"{args.preset} has no fit beside it: `lmlab scaling {args.preset} --refit` first.")
+        raise SystemExit(f"{args.preset} has no fit beside it: `{refit_command(args.preset)}` first.")
     dataset = Path(cfg.data.dataset)
     prepare(["shakespeare"], dataset.name.removeprefix("shakespeare-").replace("word", "word:"),
             out_dir=dataset.parent)

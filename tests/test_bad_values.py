@@ -133,6 +133,8 @@ ROWS = [
     Row("scaling {config} --refit", "--lr-factors", float, beyond=("101",)),
     Row("scaling {config} --refit", "--max-flops", float, ("huge",)),
     Row("scaling {config} --refit", "--budget", float, beyond=("8785h", "31622401")),
+    # run budgets, each a duration as --budget takes it
+    Row("scaling {config} --refit --budget 1m", "--for", float, beyond=("8785h", "31622401", "1m,", "1m,-5")),
     Row("import-hf {out}/missing --out {out}/imported", "--block-size", int),
     *sampling_rows("report {run} --out {out}/report"),
     Row("sweep {config} --set train.max_iters=1,2 --dir {out}", "--budget-tokens", int),

@@ -135,5 +135,5 @@ def test_a_recipe_no_fit_knows_is_sized_by_the_nearest_saying_how_and_the_refit_
     said = " ".join(done.stdout.split())
     assert (f"note: {mine} has no fit of its own nor of its recipe: sized by the nearest, {fit_path(fitted)}, whose "
             "recipe differs (model.mlp 'gelu', not 'swiglu')") in said
-    assert f"`lmlab scaling {mine} --refit --budget 30m` measures one of its own in 30 minutes" in said
+    assert f"`lmlab scaling {mine} --refit --budget 10m` measures one of its own in 10 minutes" in said
     assert "the nearest recipe's fit (1 setting differs)" in said

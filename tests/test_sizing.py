@@ -382,7 +382,7 @@ def test_size_auto_without_a_fit_of_its_recipe_takes_the_nearest_lmlab_ships_and
     assert main(["plan", str(bare), "--budget", "20s", "--size", "auto", "--device", "cpu"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert f"note: {bare} has no fit of its own nor of its recipe: sized by the nearest, {ROOT / 'configs'}/" in said
-    assert f"`lmlab scaling {bare} --refit --budget 30m` measures one of its own in 30 minutes" in said
+    assert f"`lmlab scaling {bare} --refit --budget 10m` measures one of its own in 10 minutes" in said
 
 
 @pytest.mark.slow
@@ -461,7 +461,7 @@ def test_a_fit_files_figures_are_checked_when_it_is_read(preset, tmp_path, capsy
     assert main([command, str(mine), *args]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert f"{fit_path(mine)}" in said and message in said
-    assert f"fit it again with `lmlab scaling {mine} --refit`." in said
+    assert f"fit it again with `lmlab scaling {mine} --refit --budget 10m`." in said
     assert not (tmp_path / "r").exists()
 
 

@@ -88,8 +88,8 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     from lmlab.analysis.runs import Column, summarize
     from lmlab.analysis.scaling import fit_caveats, fit_power_law
 
-    if args.budget and not args.refit:
-        raise UserError("--budget plans a refit's miniseries to a time: pass it with --refit (lmlab scaling "
+    if (args.budget or args.meant) and not args.refit:
+        raise UserError("--budget and --for plan a refit's miniseries: pass them with --refit (lmlab scaling "
                         "configs/NAME.toml --refit --budget 30m).")
     if len(args.runs) == 1 and Path(args.runs[0]).suffix == ".toml":
         return show_fit(Path(args.runs[0]), args)
@@ -130,7 +130,7 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
     from lmlab.api.training import parse_duration
     from lmlab.core.busy import process_age
     from lmlab.core.config_toml import load_config
-    from lmlab.experiments.family import Family, fit_path, read_fit
+    from lmlab.experiments.family import Family, fit_path, read_fit, refit_command
     from lmlab.experiments.miniseries import Series, refit
 
     started = time.perf_counter() - process_age()  # as train counts its budget
@@ -138,13 +138,13 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
     if not preset.is_file():
         raise UserError(f"{preset} is not a preset file; pass a TOML preset such as configs/shakespeare-char-cpu.toml.")
     if args.refit:
-        given = {"depths": args.depths, "tokens": args.tokens, "lr_factors": args.lr_factors}
-        series = Series(**{k: tuple(v) for k, v in given.items() if v is not None}, max_flops=args.max_flops or 0.0)
+        series = Series(tuple(args.depths or ()), args.tokens or (), tuple(args.lr_factors or ()),
+                        args.max_flops or 0.0, args.meant or ())
         refit(preset, series, Path(args.dir), args.device, console, budget, started)
     fit = read_fit(preset)
     if fit is None:
-        raise UserError(f"{preset} has no fit ({fit_path(preset)}); measure it with `lmlab scaling {preset} --refit` "
-                        "(a miniseries of short runs: their sizes and lengths in --depths and --tokens).")
+        raise UserError(f"{preset} has no fit ({fit_path(preset)}); measure it with `{refit_command(preset)}` (a "
+                        "miniseries of short runs planned to the time).")
     rows = [{**r, "fitted": fit.predict(r["params"], r["tokens"], fit.dataset.get("train_tokens"))} for r in fit.runs]
     print_table(f"{fit_path(preset)}: {fit.surface.describe()}", _fit_columns(), rows, args.wide)
     lrs = ", ".join(f"{s['depth']} layers x{s['best']:.2f}" for s in fit.lr_search)
@@ -176,12 +176,23 @@ def _fit_columns() -> list:
 
 def tokens_list(text: str) -> tuple[int, ...]:
     """`64k,256k,1M`: token counts."""
-    from lmlab.experiments.miniseries import parse_tokens
+    from lmlab.experiments.series import parse_tokens
 
     try:
         return parse_tokens(text)
     except UserError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix(f"--tokens {text[:60]!r}: ").rstrip(".")) from None
+
+
+def durations(text: str) -> tuple[float, ...]:
+    """`1m,5m`: durations as --budget takes them, in seconds."""
+    from lmlab.api.training import parse_duration
+
+    try:
+        return tuple(sorted(parse_duration(part) for part in text.split(",")))
+    except UserError:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is not run budgets above 0 and up to 366 days, "
+                                         "comma-separated, e.g. 1m,5m") from None
 
 
 def factors(text: str) -> list[float]:
@@ -214,19 +225,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "with --refit measure) the fit a preset's --size auto predicts with")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs with at least one evaluation (two or more), or "
                    "one preset (CONFIG.toml): the fit kept beside it, PRESET.fit.json")
-    p.add_argument("--refit", action="store_true", help="with a preset: train its miniseries (each of --depths at each "
-                   "of --tokens, the LR searched over --lr-factors at the shortest length; runs under --dir, finished "
-                   "ones kept) and keep the fit of L(N, D) and the LR rule beside the preset")
-    p.add_argument("--depths", type=counts, help="the family's depths the miniseries trains (default: 1,2,3,4,5,6)")
+    p.add_argument("--refit", action="store_true", help="with a preset: train its miniseries (each of its depths at "
+                   "each of its lengths, the LR searched at the shortest; runs under --dir, finished ones kept), "
+                   "planned to --budget, and keep the fit of L(N, D) and the LR rule beside the preset")
+    p.add_argument("--budget", metavar="30s|5m|2h", help="with --refit: the most the miniseries may take, start-up "
+                   "included: each depth's steps timed here first, what --depths, --tokens and --lr-factors leave open "
+                   "planned to fit, said before any run trains; refused with the budget it needs where no plan fits")
+    p.add_argument("--for", dest="meant", type=durations, metavar="1m,5m", help="with --refit --budget: the run "
+                   "budgets the fit is for, its depths those --size auto weighs there and its lengths what they train "
+                   "there (default: the longest whose plan fits --budget)")
+    p.add_argument("--depths", type=counts, help="the family's depths the miniseries trains (default: planned)")
     p.add_argument("--tokens", type=tokens_list, help="the lengths each depth trains for, in tokens (k, M: 2**10, "
-                   "2**20; default: 1M,4M,8M)")
+                   "2**20; default: planned)")
     p.add_argument("--lr-factors", type=factors, help="multiples of the preset's LR each depth tries at the shortest "
-                   "length (default: 0.5,1,2)")
+                   "length (default: planned, 1,2,4 or 1,2)")
     p.add_argument("--max-flops", type=positive, help="leave out the runs whose 6·N·D is past this (the largest "
                    "sizes' longest runs), e.g. 2e13")
-    p.add_argument("--budget", metavar="30s|5m|2h", help="with --refit: the most the miniseries may take, start-up "
-                   "included: each depth's steps timed here first, the series kept to its smallest depths whose runs "
-                   "fit, and refused where the fewest the fit takes do not")
     p.add_argument("--dir", default="runs", type=destination("--dir"), help="where the miniseries' runs go "
                    "(DIR/PRESET-miniseries/)")
     add_device(p, " (for --refit)")

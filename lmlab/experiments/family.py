@@ -158,6 +158,12 @@ def fit_path(preset: Path) -> Path:
     return Path(preset).with_suffix(".fit.json")
 
 
+def refit_command(preset: Path | str) -> str:
+    """The command refusals name to make a preset's fit: a refit planned to 10 minutes (lmlab.experiments.series), a
+    wait a person takes at once, its plan said before it trains."""
+    return f"lmlab scaling {preset} --refit --budget 10m"
+
+
 def preset_sha256(preset: Path) -> str:
     """The sha256 of what `preset` sets (its TOML parsed, keys sorted): a comment or layout edit keeps its fit."""
     settings = tomllib.loads(Path(preset).read_text(encoding="utf-8"))
@@ -203,7 +209,7 @@ def read_fit(preset: Path) -> SizeFit | None:
     path = fit_path(preset)
     if not path.exists():
         return None
-    again = f"fit it again with `lmlab scaling {preset} --refit`"
+    again = f"fit it again with `{refit_command(preset)}`"
     try:
         raw = parse_json(path.read_text(encoding="utf-8"))
         if raw.pop("format", None) != FIT_FORMAT:

@@ -2,8 +2,8 @@
 of its family trains at its shortest length for a few LRs, the LR rule is fitted through each depth's best, each depth
 trains at the other lengths at the rule's LR, and L(N, D) is fitted through every run. Each run is an ordinary run under
 runs/<preset>-miniseries/; a re-fit skips the finished ones and resumes an interrupted one. A series the fit could not
-be made of is refused before any run, by the fit's own rule; one given a time budget keeps its smallest depths whose
-runs fit it, each depth's steps timed first as a budgeted run's are."""
+be made of is refused before any run, by the fit's own rule; what a refit given a time budget leaves open is planned to
+it (lmlab.experiments.series), each depth's steps timed first as a budgeted run's are."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,9 @@ from lmlab.core.humanize import format_duration
 from lmlab.core.machine import Machine
 from lmlab.data.shards import read_meta, windows_in
 from lmlab.experiments.calibration import bytes_per_token
-from lmlab.experiments.family import MAX_DEPTH, Family, LrRule, SizeFit, fit_path, preset_sha256
+from lmlab.experiments.family import Family, LrRule, SizeFit, fit_path, preset_sha256, refit_command
 from lmlab.experiments.plan import estimate, local_hardware, shape_of
+from lmlab.experiments.series import MIN_STEPS, Planner, Series, tokens_text
 from lmlab.experiments.size_search import SET_UP
 from lmlab.experiments.sizing import with_vocab
 from lmlab.experiments.sweep import keep_record
@@ -43,54 +42,6 @@ from lmlab.train.budget import WARMUP_SHARE, Costs, Plan, final_windows_by_steps
 from lmlab.train.loop import Trainer
 from lmlab.train.preflight import train_job
 from lmlab.train.timing import time_config
-
-DEPTHS = (1, 2, 3, 4, 5, 6)
-# 1M to 8M: what a CPU's budgets of one to five minutes train (docs/reference/training.md: why not shorter ones).
-TOKENS = (2**20, 2**22, 2**23)
-LR_FACTORS = (0.5, 1.0, 2.0)  # the LR search, at the shortest length
-MIN_STEPS = 8  # a run of fewer steps is too short to say anything of its size
-UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
-
-
-def parse_tokens(text: str) -> tuple[int, ...]:
-    """`64k,256k,1M`: token counts (k and M are 2**10 and 2**20)."""
-    found = []
-    for item in text.split(","):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", item[:40])
-        value = float(match[1]) * UNITS[match[2].lower()] if match else 0
-        if not 1 <= value <= 2**40:
-            raise UserError(f"--tokens {text[:60]!r}: each length is a token count such as 64k, 256k or 1M, "
-                            "comma-separated.")
-        found.append(int(value))
-    return tuple(sorted(found))
-
-
-@dataclass(frozen=True)
-class Series:
-    """What a miniseries trains: `depths` of the family, each at `tokens` (its LR searched at the shortest length over
-    `lr_factors` of the preset's) but those past `max_flops` (6·N·D; 0: none)."""
-
-    depths: tuple[int, ...] = DEPTHS
-    tokens: tuple[int, ...] = TOKENS
-    lr_factors: tuple[float, ...] = LR_FACTORS
-    max_flops: float = 0.0
-
-    def __post_init__(self) -> None:
-        for option, values, what in (("--depths", self.depths, "size"), ("--tokens", self.tokens, "length")):
-            twice = next((v for v in values if values.count(v) > 1), None)
-            if twice is not None:
-                raise UserError(f"{option} names {twice} twice, and each is one {what} of the fit; name each once.")
-        if any(not 0 < f <= 100 for f in self.lr_factors):
-            raise UserError("--lr-factors are multiples of the preset's LR, above 0 and at most 100, e.g. 0.5,1,2.")
-        if any(not 1 <= d <= MAX_DEPTH for d in self.depths):
-            raise UserError(f"--depths are depths of the preset's family, from 1 to {MAX_DEPTH}, e.g. 1,2,3,4.")
-
-    def within(self, params: int, tokens: int) -> bool:
-        return not self.max_flops or 6 * params * tokens <= self.max_flops
-
-    @property
-    def searched(self) -> int:
-        return self.tokens[0]
 
 
 def best_factor(factors: list[float], vals: list[float]) -> float:
@@ -122,33 +73,39 @@ class Miniseries:
         self.family = Family.of(with_vocab(load_config(preset)), str(preset))
         # a family's sizes keep the preset's batch and context
         self.tokens_per_step = self.family.preset.tokens_per_step
+        self.meta = read_meta(Path(self.family.preset.data.dataset))
         self.done, self.points = 0, dict[Path, dict[str, Any]]()  # the runs by folder, each trained once
-        # each depth's weights that multiply every token: the fit's N
-        self.params = {d: shape_of(self.family.config(d)).multiplied_params() for d in series.depths}
-        self.total = len(self.left(every=True))
-        refused = self.refusal(series.depths)
+        self.weights: dict[int, int] = {}  # each depth's, as `params` counts them
+        self.total = len(self.left(series, every=True)) if series.given else 0
+        refused = self.refusal(series) if series.depths and series.tokens else None
         if refused:
             raise UserError(refused)
+
+    def params(self, depth: int) -> int:
+        """The depth's weights that multiply every token: the fit's N."""
+        if depth not in self.weights:
+            self.weights[depth] = shape_of(self.family.config(depth)).multiplied_params()
+        return self.weights[depth]
 
     def steps(self, tokens: int) -> int:
         """The steps a run of `tokens` trains: whole steps, at least MIN_STEPS."""
         return max(MIN_STEPS, round(tokens / self.tokens_per_step))
 
-    def refusal(self, depths: tuple[int, ...]) -> str | None:
-        """Why no fit could be made of the runs `depths` would train at the series' lengths, said before any trains
-        (None: one could): two lengths that train the same steps, or the points the fit would take (each depth at
-        each length within the compute) refused by the fit's own rule."""
-        series, lengths = self.series, sorted(self.series.tokens)
+    def refusal(self, series: Series) -> str | None:
+        """Why no fit could be made of the runs `series` would train, said before any trains (None: one could): two
+        lengths that train the same steps, or the points the fit would take (each depth at each length within the
+        series) refused by the fit's own rule."""
+        lengths = sorted(series.tokens)
         for a, b in zip(lengths, lengths[1:]):
             if self.steps(a) == self.steps(b):
                 return (f"--tokens {a} and {b} both train {self.steps(a)} steps of {self.tokens_per_step:,} tokens (a "
                         f"run trains {MIN_STEPS} at least), one length to the fit; give lengths that round to "
                         "different steps.")
-        points = [(self.params[d], self.steps(t) * self.tokens_per_step) for d in depths
-                  for t in series.tokens if series.within(self.params[d], t)]
+        points = [(self.params(d), self.steps(t) * self.tokens_per_step) for d in series.depths
+                  for t in series.tokens if series.within(d, self.params(d), t)]
         flops = f" within --max-flops {series.max_flops:g}" if series.max_flops else ""
         refused = surface_refusal([n for n, _ in points], [d for _, d in points],
-                                  f"--depths {','.join(map(str, depths))} at --tokens "
+                                  f"--depths {','.join(map(str, series.depths))} at --tokens "
                                   f"{','.join(map(str, series.tokens))}{flops} are")
         more = ", or raise --max-flops" if series.max_flops else ""
         return refused and f"{refused}; add depths (--depths) or lengths (--tokens){more}."
@@ -158,7 +115,7 @@ class Miniseries:
         checkpoint, at its end."""
         cfg = self.family.config(depth)
         tc, tokens_per_step, steps = cfg.train, self.tokens_per_step, self.steps(tokens)
-        warmup = tc.warmup_steps(read_meta(Path(cfg.data.dataset))["train"]["tokens"], tokens_per_step)
+        warmup = tc.warmup_steps(self.meta["train"]["tokens"], tokens_per_step)
         train = dataclasses.replace(tc, budget_seconds=0.0, max_iters=steps, eval_interval=steps,
                                     checkpoint_interval=steps, lr_decay_iters=0, patience=0, warmup_epochs=0.0,
                                     warmup_iters=min(warmup, round(WARMUP_SHARE * steps)),
@@ -175,23 +132,22 @@ class Miniseries:
                 "best": best_factor(factors, vals)}
 
     def lengths(self, search: dict[str, Any], factor: float) -> list[dict[str, Any]]:
-        """The depth's points at the rule's LR (`factor` of the preset's): each length within the series' compute."""
+        """The depth's points at the rule's LR (`factor` of the preset's): each length within the series."""
         depth, series = search["depth"], self.series
         nearest = min(search["factors"], key=lambda f: abs(math.log(f / factor)))  # the searched length's run
         return [self.run(depth, t, nearest if t == series.searched else factor) for t in series.tokens
-                if series.within(self.params[depth], t)]
+                if series.within(depth, self.params(depth), t)]
 
-    def left(self, depths: tuple[int, ...] | None = None, every: bool = False) -> list[RunConfig]:
-        """The runs of `depths` (default: the series') still to train, or `every` one, as far as they are known before
-        the LR search ends."""
-        series, todo = self.series, []
-        for depth in series.depths if depths is None else depths:
+    def left(self, series: Series, every: bool = False) -> list[RunConfig]:
+        """The runs of `series` still to train, or `every` one, as far as they are known before the LR search ends."""
+        todo = []
+        for depth in series.depths:
             for factor in series.lr_factors:
                 cfg = self.config(depth, series.searched, factor)
                 if every or summarize(self.folder / self.name(depth, series.searched, cfg)).status != "finished":
                     todo.append(cfg)
             for tokens in series.tokens:
-                if tokens == series.searched or not series.within(self.params[depth], tokens):
+                if tokens == series.searched or not series.within(depth, self.params(depth), tokens):
                     continue
                 done = not every and any(summarize(path).status == "finished"
                                          for path in self.folder.glob(f"d{depth}-t{tokens}-lr*"))
@@ -204,7 +160,7 @@ class Miniseries:
 
     def foretell(self) -> str:
         """What the miniseries will train and about how long that takes here, said before it starts."""
-        todo = self.left()
+        todo = self.left(self.series)
         if not todo:
             return f"miniseries: its {self.total} runs are trained already under {self.folder}; fitting them"
         hardware = local_hardware(self.device, self.family.preset.train.dtype)
@@ -219,16 +175,15 @@ class Miniseries:
     def timed(self, machine: Machine, depth: int, deadline: float) -> Costs:
         """What a step, an evaluation's batch, a checkpoint and the end of depth `depth` cost on `machine` now, timed
         as a budgeted run's are (lmlab.train.timing), cut short where two steps would end past `deadline`."""
-        return time_config(self.config(depth, self.series.searched, 1.0), machine, deadline).costs()
+        return time_config(self.family.config(depth), machine, deadline).costs()
 
-    def seconds(self, depths: tuple[int, ...], costs: dict[int, Costs]) -> float:
-        """What the runs of `depths` still to train take at their depths' `costs`, each counted as a budget's plan
+    def seconds(self, series: Series, costs: dict[int, Costs]) -> float:
+        """What the runs of `series` still to train take at their depths' `costs`, each counted as a budget's plan
         counts a run (lmlab.train.budget): the trainer's set-up, the steps, the one evaluation and checkpoint, the
         final score of a run by steps and the end."""
-        cfg = self.family.preset
-        windows = windows_in(read_meta(Path(cfg.data.dataset)), "val", cfg.model.block_size)
+        windows = windows_in(self.meta, "val", self.family.preset.model.block_size)
         total = 0.0
-        for run in self.left(depths):
+        for run in self.left(series):
             tc, c, steps = run.train, costs[self.family.growth.setting(run.model, "depth")], run.train.max_iters
             final = final_windows_by_steps(windows, tc.batch_size, run.model.block_size, steps * self.tokens_per_step)
             made = Plan(0.0, step_seconds=c.step, eval_seconds=c.evaluation(tc.eval_iters),
@@ -238,10 +193,10 @@ class Miniseries:
         return total
 
     def budgeted(self, budget: float, started: float, timed: Callable[[int, float], Costs] | None = None) -> Series:
-        """The series cut to its smallest depths whose runs left fit `budget` seconds counted from `started` (a
-        time.perf_counter() reading), from the fewest the fit takes up, each depth's costs timed here now (`timed`),
-        the timing counted in the budget; the plan said in a line. Refused (UserError) where the fewest do not
-        fit, with the budget they need."""
+        """The series planned to `budget` seconds counted from `started` (a time.perf_counter() reading) by
+        lmlab.experiments.series.Planner, each depth's costs timed here now (`timed`) as the plan reaches it, the
+        timing counted in the budget; the plan said in a line. Refused (UserError) where the cheapest plan a fit can
+        be made of does not fit, with the budget it needs."""
         if timed is None:  # timed on one machine, built here
             tc = self.family.preset.train
             machine = Machine.of(self.device, tc.dtype, tc.threads)
@@ -249,41 +204,46 @@ class Miniseries:
                 return self.budgeted(budget, started, functools.partial(self.timed, machine))
             finally:
                 machine.threads.restore()  # each run chooses its own
-        deadline = started + budget - SET_UP
-        order = tuple(sorted(self.series.depths))
-        least = next(k for k in range(2, len(order) + 1) if self.refusal(order[:k]) is None)
-        costs = {d: timed(d, deadline) for d in order[:least]}
-        kept = least
-        while kept < len(order) and time.perf_counter() - started + self.seconds(order[:kept], costs) <= budget:
-            costs[order[kept]] = timed(order[kept], deadline)  # the next depth, timed only where these fit
-            kept += 1  # left out below where it does not fit
-        spent = time.perf_counter() - started
-        while kept > least and spent + self.seconds(order[:kept], costs) > budget:  # the timing took its share
-            kept -= 1
-        depths, needed = order[:kept], spent + self.seconds(order[:kept], costs)
-        what = self.what(depths, spent, needed, costs)
-        if needed > budget:
-            raise UserError(f"budget {budget:g} s: the fewest runs the fit takes, {what}, do not fit it; "
-                            f"give a budget of at least {math.ceil(needed)}s, or shorter --tokens or fewer "
-                            "--lr-factors.")
-        out = (f"; depth{'s' * (len(order) - kept > 1)} {','.join(map(str, order[kept:]))} left out, "
-               "which would take it past the budget" if kept < len(order) else "")
-        self.console.print(f"miniseries in budget {format_duration(budget)}: {what}{out}; runs under "
-                           f"{self.folder}, a stopped refit goes on where it stopped", highlight=False)
-        return dataclasses.replace(self.series, depths=tuple(d for d in self.series.depths if d in depths))
+        planner = Planner(self.series, budget, started, self.tokens_per_step, self.params,
+                          lambda depth: timed(depth, started + budget - SET_UP), self.seconds, self.refusal)
+        (series, needed), fits = planner.plan()
+        what = self.what(series, planner.spent(), needed, planner.costs)
+        if not fits:
+            given = [hint for hint, named in (("a shorter --for", self.series.meant), ("shorter --tokens",
+                     self.series.tokens), ("fewer --lr-factors", self.series.lr_factors)) if named]
+            raise UserError(f"budget {budget:g} s: the fewest runs the fit takes, {what}, do not fit it; give a budget "
+                            f"of at least {math.ceil(needed)} s{''.join(f', or {h}' for h in given)}.")
+        out = planner.left_out
+        deeper = "" if self.series.depths else " and deeper"
+        out_said = (f"; depth{'s' * (len(out) > 1)} {','.join(map(str, out))}{deeper} left out, which would take it "
+                    "past the budget" if out else "")
+        self.console.print(f"miniseries in budget {format_duration(budget)}{self.meant(series)}: {what}{out_said}; "
+                           f"runs under {self.folder}, a stopped refit goes on where it stopped", highlight=False)
+        return series
 
-    def what(self, depths: tuple[int, ...], spent: float, needed: float, costs: dict[int, Costs]) -> str:
-        """The runs of `depths` planned to a budget in a clause: depths, lengths, steps, and what their time
-        is made of (`needed` seconds in all, `spent` of them gone on start-up and timing; costs as timed)."""
-        tokens = self.series.tokens
-        todo, every = len(self.left(depths)), len(self.left(depths, every=True))
+    def meant(self, series: Series) -> str:
+        """The run budgets a planned series is for, as its line says them ("" for a grid given whole)."""
+        if not series.meant:
+            return ""
+        budgets = " to ".join(format_duration(b) for b in sorted({min(series.meant), max(series.meant)}))
+        why = " (--for)" if self.series.meant else " (the longest whose plan fits it; --for names others)"
+        return f", a fit for runs of {budgets}{why}"
+
+    def what(self, series: Series, spent: float, needed: float, costs: dict[int, Costs]) -> str:
+        """The runs of `series` planned to a budget in a clause: depths, lengths, steps, and what their time is made
+        of (`needed` seconds in all, `spent` of them gone on start-up and timing; costs as timed)."""
+        todo, every = len(self.left(series)), len(self.left(series, every=True))
         again = f" ({every - todo} trained already)" if todo < every else ""
-        steps = ", ".join(f"{1000 * costs[d].step:.3g}" for d in depths)
-        return (f"depths {','.join(map(str, depths))} at {', '.join(f'{t:,}' for t in tokens)} tokens "
-                f"({', '.join(f'{self.steps(t):,}' for t in tokens)} steps), {todo} runs to train with "
-                f"the LR search{again}, about {format_duration(needed)} here (steps of {steps} ms timed now, "
-                f"each run's set-up, evaluation, checkpoint and final score, and {spent:.0f} s of start-up "
-                "and timing)")
+        steps = ", ".join(f"{1000 * costs[d].step:,.3g}" if costs[d].step < 1 else f"{1000 * costs[d].step:,.0f}"
+                          for d in series.depths)
+        reach = ", ".join(f"{d} to {tokens_text(series.reach[d])}" for d in series.depths) if series.reach else ""
+        longest = f"; each depth up to the first length past what it trains in those runs: {reach}" if reach else ""
+        return (f"depths {','.join(map(str, series.depths))} at {', '.join(map(tokens_text, series.tokens))} tokens "
+                f"({self.steps(series.tokens[0]):,} to {self.steps(series.tokens[-1]):,} steps{longest}), {todo} runs "
+                f"to train with the LR searched over {','.join(f'{f:g}' for f in series.lr_factors)} x the "
+                f"preset's at {tokens_text(series.searched)}{again}, about {format_duration(needed)} here (steps of "
+                f"{steps} ms timed now, each run's set-up, evaluation, checkpoint and final score, and {spent:.0f} s "
+                "of start-up and timing)")
 
     def run(self, depth: int, tokens: int, factor: float) -> dict[str, Any]:
         """Train one run (or keep it, finished before); its point: depth, params, tokens, LR, val, run, seconds."""
@@ -303,7 +263,7 @@ class Miniseries:
                 raise UserError(f"the miniseries was stopped by {result.stopped_by}; run the same command again to "
                                 "go on from where it stopped.")
             summary = summarize(path)
-        self.points[path] = {"depth": depth, "params": self.params[depth], "tokens": summary.tokens,
+        self.points[path] = {"depth": depth, "params": self.params(depth), "tokens": summary.tokens,
                              "learning_rate": cfg.train.learning_rate, "val": summary.reached, "run": str(path),
                              "seconds": round(summary.elapsed, 1)}
         return self.points[path]
@@ -313,14 +273,25 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
           started: float | None = None) -> SizeFit:
     """Train (or continue) the preset's miniseries under root/<preset>-miniseries/, fit it, and keep the fit beside
     the preset; the fit. With a `budget` (seconds counted from `started`, a time.perf_counter() reading; default:
-    now), the series is cut to the smallest depths that fit it (`Miniseries.budgeted`)."""
+    now), what `series` leaves open is planned to it (`Miniseries.budgeted`); without one, the series is trained as
+    given, whole."""
     cfg = load_config(preset)
     folder = root / f"{preset.stem}-miniseries"
+    if series.meant and series.depths and series.tokens:
+        raise UserError("--for plans a refit's depths or lengths for the runs it names, and --depths and --tokens "
+                        "name both; drop --for, or one of them.")
     # A preset without a family, or a series the fit could not take, refused first.
     runs = Miniseries(preset, series, folder, device, console)
+    given = series
     if budget:
         series = runs.budgeted(budget, time.perf_counter() if started is None else started)
         runs = Miniseries(preset, series, folder, device, console)
+    elif series.meant or not series.given:  # a grid of every size at every length takes hours
+        raise UserError(f"a refit without --budget trains the grid it is given, all of --depths, --tokens and "
+                        f"--lr-factors, and a wide one takes hours: give it a time instead "
+                        f"(`{refit_command(preset)}` plans its sizes, lengths and LR search to fit 10 minutes, and "
+                        "says the plan and the runs the fit is for before any trains; --for 5m plans it for 5-minute "
+                        "runs).")
     # miniseries.json says which preset the runs are of; the runs of a preset edited since would not belong
     record = folder / "miniseries.json"
     keep_record(record, {"preset": str(preset), "preset_sha256": preset_sha256(preset)},
@@ -342,7 +313,7 @@ def refit(preset: Path, series: Series, root: Path, device: str, console: Consol
     measured = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
                 "seconds": round(sum(r["seconds"] for r in runs.points.values()), 1),  # the runs' own training
                 "refit_seconds": round(time.perf_counter() - began, 1), "load": meter.load.record(),
-                "command": _command(preset, series)}
+                "command": _command(preset, given, series, budget)}
     fit = SizeFit(str(preset), preset_sha256(preset), dataset, surface, rule, points, search, measured,
                   held_out(points, unique))
     atomic_write_text(fit_path(preset), json.dumps(fit.to_json(), indent=1) + "\n")
@@ -371,10 +342,13 @@ def held_out(points: list[dict[str, Any]], unique: int) -> list[dict[str, Any]]:
     return found
 
 
-def _command(preset: Path, series: Series) -> str:
-    tokens = ",".join(str(t) for t in series.tokens)
-    flops = f" --max-flops {series.max_flops:g}" if series.max_flops else ""
-    return (f"lmlab scaling {preset} --refit --depths {','.join(map(str, series.depths))} --tokens {tokens} "
-            f"--lr-factors {','.join(f'{f:g}' for f in series.lr_factors)}{flops}")
-
-
+def _command(preset: Path, given: Series, series: Series, budget: float) -> str:
+    """The command that measures the fit again: the grid trained, or where its lengths were planned to the runs it is
+    for, the options given with the budget and those runs."""
+    shown = given if series.reach else series
+    named = [("--depths", ",".join(map(str, shown.depths))), ("--tokens", ",".join(map(str, shown.tokens))),
+             ("--lr-factors", ",".join(f"{f:g}" for f in shown.lr_factors)),
+             ("--max-flops", f"{shown.max_flops:g}" if shown.max_flops else "")]
+    if series.reach:
+        named += [("--budget", f"{math.ceil(budget)}s"), ("--for", ",".join(f"{b:g}s" for b in series.meant))]
+    return " ".join([f"lmlab scaling {preset} --refit", *(f"{option} {value}" for option, value in named if value)])

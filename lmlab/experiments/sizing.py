@@ -24,7 +24,7 @@ from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import with_vocab
 from lmlab.experiments.calibration import CALIBRATION_SHARE, Calibration, Prior, calibrate, prior
-from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256
+from lmlab.experiments.family import MAX_DEPTH, Family, SizeFit, fit_path, preset_sha256, refit_command
 from lmlab.experiments.plan import Hardware, shape_of
 from lmlab.experiments.size_search import Candidate, search
 from lmlab.train.preflight import Sized, Sizer
@@ -133,7 +133,7 @@ def family_of(preset: Path, cfg: RunConfig) -> tuple[Family, Prior | None, dict[
 def fit_notes(preset: Path, found: Prior) -> list[str]:
     """What to know of a fit before trusting its predictions: the preset edited since its own fit, or a fit of
     another recipe, and the refit that would measure the preset's own."""
-    refit = f"`lmlab scaling {preset} --refit --budget 30m` measures one of its own in 30 minutes"
+    refit = f"`{refit_command(preset)}` measures one of its own in 10 minutes"
     if found.own and found.fit.preset_sha256 != preset_sha256(preset):
         return [f"{preset} changed since {found.path} was fitted: its predictions may not hold; {refit}"]
     if found.differs:
@@ -169,7 +169,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, machine: Machine, 
     if found is None and depths is None:
         raise UserError(f"--size auto predicts each size's val loss from a fit of the preset's recipe, and lmlab has "
                         f"none ({fit_path(preset)}, nor one beside the presets of {preset.parent}); make it with "
-                        f"`lmlab scaling {preset} --refit --budget 30m`, or give a size by its depth (--size 4).")
+                        f"`{refit_command(preset)}`, or give a size by its depth (--size 4).")
     fit, calibration = found.fit if found else None, None
     if found and (found.differs or found.fit.dataset.get("train_sha256") != meta["train"]["sha256"]):
         calibration = calibrate(family, found.fit, machine, meta, CALIBRATION_SHARE * budget, measure=gpu is None)

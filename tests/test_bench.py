@@ -1,6 +1,9 @@
-"""`lmlab bench` and `lmlab plan` on the CPU: real timings of a tiny model, arithmetic checked exactly."""
+"""`lmlab bench` and `lmlab plan` on the CPU: real timings of a tiny model, arithmetic checked exactly; the step's
+profile (benchmarks/step_profile.py) run small."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from lmlab.core.peak import peak_flops
 from lmlab.experiments.bench import find_max_batch, largest_fitting, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
-from tests.helpers import a_machine, write_config
+from tests.helpers import ROOT, a_machine, write_config
 
 
 @pytest.mark.slow
@@ -221,3 +224,46 @@ def test_find_max_batch_tries_each_batch_eagerly_over_one_micro_batch(tmp_path, 
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled
     for row in tried:  # tokens/s x seconds per step = the tokens of one micro-batch
         assert row.tokens_per_sec * row.ms_per_step / 1000 == pytest.approx(row.batch_size * 32)
+
+
+# The demo's architecture and optimizer at the tiny size, attention by the math path: every scope the profile tells
+# apart runs (rotary, q/k norms, SwiGLU, the attention's core, Muon's tail).
+MODERN = ["model.bias=false", "model.norm=rmsnorm", "model.mlp=swiglu", "model.pos_emb=rope", "model.qk_norm=true",
+          "train.optimizer=muon", "train.attention=math"]
+KIND_ROW = re.compile(r"^│ (?P<kind>[A-Za-z][\w ,]*?) +│ +(?P<ms>[\d,.]+) │ +(?P<share>[\d.]+)% │ "
+                      r"+(?P<gflop>[\d,.]+|-) │ +(?P<flop_share>[\d.]+%|-) │ "
+                      r"+(?P<rate>[\d,.]+|-) │ +(?P<mfu>[\d.]+%|-) │$", re.M)
+
+
+@pytest.mark.slow
+def test_the_step_profile_has_a_row_per_kind_whose_shares_make_the_step_and_lmlab_s_flops(tmp_path, char_dataset):
+    """benchmarks/step_profile.py --dry-run on a tiny config, as a process: a row per kind, their ms and shares adding
+    up to the step's, and the GFLOP column (matmuls by their shapes, attention by lmlab's count) adding up to
+    flops_per_token x the step's tokens. A verdict on the table's structure and arithmetic, never on speed."""
+    from benchmarks.step_profile import KINDS, WHERE
+
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    done = subprocess.run([sys.executable, "benchmarks/step_profile.py", "--config", str(config), "--size", "0",
+                           "--dry-run", *(arg for setting in MODERN for arg in ("--set", setting))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    kinds, places = done.stdout.split("by where they run")
+    rows = {row["kind"]: row for row in KIND_ROW.finditer(kinds)}
+    assert list(rows) == [*KINDS, "the step"], kinds
+    step = rows.pop("the step")
+    number = lambda cell: float(cell.replace(",", "").rstrip("%"))  # noqa: E731
+    assert sum(number(row["share"]) for row in rows.values()) == pytest.approx(100, abs=0.5)
+    assert sum(number(row["ms"]) for row in rows.values()) == pytest.approx(number(step["ms"]), rel=0.01, abs=0.05)
+    assert number(rows["optimizer"]["ms"]) > 0 and "Muon's Newton-Schulz" in done.stdout  # its tail was found
+    counted = [name for name, row in rows.items() if row["gflop"] != "-"]
+    assert counted == ["matmuls", "attention"]
+    model = build_model(with_vocab(load_config(config, MODERN)).model)
+    tokens = 8 * 32  # the tiny config's batch x block
+    assert number(rows["attention"]["gflop"]) == pytest.approx(model.attention_flops() * tokens / 1e9, rel=0.01)
+    total = sum(number(rows[name]["gflop"]) for name in counted)
+    assert total == pytest.approx(number(step["gflop"]), rel=0.01)
+    assert total == pytest.approx(model.flops_per_token() * tokens / 1e9, rel=0.03)  # norms' weights: no matmul
+    assert sum(number(rows[name]["flop_share"]) for name in counted) == pytest.approx(100, abs=0.2)
+    assert [line.split("│")[1].strip() for line in places.splitlines() if line.startswith("│ ")] == list(WHERE)
+    assert re.search(r"load while it ran: (other processes used \d+% of the \d+ cores?|other processes' CPU use "
+                     r"unknown)", done.stdout)

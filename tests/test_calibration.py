@@ -105,7 +105,7 @@ def test_size_auto_on_other_data_measures_its_floor_and_scale_once_and_reads_the
     write_fit(preset, char_dataset, params // 2)
     said, kept = [], []
     for _ in range(2):
-        done = subprocess.run([LMLAB, "plan", preset, "--budget", "60s", "--size", "auto", "--device", "cpu",
+        done = subprocess.run([LMLAB, "plan", preset, "--budget", "300s", "--size", "auto", "--device", "cpu",
                                "--set", "train.threads=1", "--set", f"data.dataset={other_data}"],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
@@ -116,7 +116,7 @@ def test_size_auto_on_other_data_measures_its_floor_and_scale_once_and_reads_the
     assert "2 runs of depth 1 of" in said[0] and f"its floor and scale measured on {other_data} read back" in said[1]
     assert len(kept[0]) == 1 and kept[1] == kept[0]
     measured = next(iter(kept[0].values()))["value"]
-    assert measured["seconds"] <= 0.06 * 60 + 1  # its share, and the step that shows it
+    assert measured["seconds"] <= 0.06 * 300  # its share
     assert all(math.isfinite(p["val"]) for p in measured["points"])
 
 

@@ -15,6 +15,7 @@ differ and the refit that would measure its own."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -135,7 +136,8 @@ class Calibration:
             return ""
         runs = ", ".join(f"{p['tokens']:,}" for p in self.points)
         how = f"in {self.seconds:.1f} s" if self.how == MEASURED else f"{READ_BACK} (measured in {self.seconds:.1f} s)"
-        return (f"its floor and scale measured on {dataset} {how}: {len(self.points)} runs of depth "
+        n = len(self.points)
+        return (f"its floor and scale measured on {dataset} {how}: {n} run{'s' * (n > 1)} of depth "
                 f"{self.points[0]['depth']} of {runs} tokens, {self.floor:+.3f} + {self.scale:.3f} × the fit")
 
 
@@ -147,9 +149,9 @@ def bytes_per_token(meta: dict[str, Any]) -> float:
 def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, Any], seconds: float,
               measure: bool = True) -> Calibration:
     """The data's floor and scale against `fit`, read back from the machine cache where this recipe was calibrated
-    on this data, else (where it may `measure`) measured now on two runs of the family's smallest size (a third and
-    two thirds of the steps `seconds` holds, at its timed step) and kept; else its bytes per token alone, no points
-    (what `seconds` holds is too few steps for a val that says the data's floor)."""
+    on this data, else (where it may `measure`) measured now on two runs of the family's smallest size (a third of
+    the steps `seconds` holds at its timed step, then twice as many where what is left holds them) and kept; else its
+    bytes per token alone, no points (what `seconds` holds is too few steps for a val that says the data's floor)."""
     cfg = family.config(1, fit)
     ratio = bytes_per_token(meta) / fit.dataset["bytes_per_token"] if fit.dataset.get("bytes_per_token") else 1.0
     key = {"fit": json_sha256(fit.to_json()), "recipe": recipe(family.preset), "train": meta["train"]["sha256"],
@@ -159,32 +161,42 @@ def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, An
         return Calibration(**{**kept, "points": tuple(kept["points"])}, how=READ_BACK)
     if not measure:
         return Calibration(ratio=ratio)
-    began, model = time.perf_counter(), shape_of(cfg)
-    timing = recall_config(cfg, model, machine) or time_config(cfg, machine)
-    # Two runs of a third and two thirds of the steps that what is left holds besides their scoring.
-    left = seconds - (time.perf_counter() - began) - 2 * EVAL_BATCHES * timing.eval_batch / 2
-    steps = int(left / timing.step)
-    if steps < 3 * LEAST_STEPS:
-        return Calibration(ratio=ratio, seconds=time.perf_counter() - began)
-    points = tuple({"depth": 1, "params": model.multiplied_params(), "tokens": n * cfg.tokens_per_step,
-                    "val": _trained(cfg, machine, meta, n)} for n in (steps // 3, 2 * steps // 3))
+    model, timed = shape_of(cfg), time.perf_counter()
+    timing = recall_config(cfg, model, machine) or time_config(cfg, machine)  # the climb's first, read back there
+    began = time.perf_counter()
+    steps = int((seconds - (began - timed) - 2 * EVAL_BATCHES * timing.eval_batch / 2) / timing.step) // 3
+    if steps < LEAST_STEPS:
+        return Calibration(ratio=ratio)
+    point = functools.partial(_point, cfg, machine, meta, model.multiplied_params())
+    points = [point(steps)]
+    # The second twice as long where what is left holds it at the first's pace, its loading and scoring included.
+    pace = (time.perf_counter() - began) / steps
+    longer = min(2 * steps, int((seconds - (time.perf_counter() - timed)) / pace))
+    points += [point(longer)] if longer >= 1.5 * steps else []
     for p in points:
         p["predicted"] = fit.surface.predict(p["params"], p["tokens"] * ratio)
-    floor, scale = floor_and_scale(points)
-    found = Calibration(floor, scale, ratio, points, time.perf_counter() - began)
-    cache.keep("calibration", key, {"floor": floor, "scale": scale, "ratio": ratio, "points": list(points),
+    floor, scale = floor_and_scale(tuple(points))
+    floor = max(floor, -scale * fit.surface.E)  # no loss below 0 at any size and length
+    found = Calibration(floor, scale, ratio, tuple(points), time.perf_counter() - began)
+    cache.keep("calibration", key, {"floor": floor, "scale": scale, "ratio": ratio, "points": points,
                                     "seconds": round(found.seconds, 2)})
     return found
 
 
 def floor_and_scale(points: tuple[dict[str, Any], ...]) -> tuple[float, float]:
-    """The line through the points' vals against the fit's predictions there; where it is too steep or too flat to be
-    the data's (the runs' noise on two close predictions), the fit's scale and the mean shift."""
-    (x1, y1), (x2, y2) = ((p["predicted"], p["val"]) for p in points)
-    scale = (y2 - y1) / (x2 - x1) if abs(x2 - x1) > 1e-6 else math.nan
+    """The line through two points' vals against the fit's predictions there; where it is too steep or too flat to be
+    the data's (the runs' noise on two close predictions), or there is one point, the fit's scale and the mean
+    shift."""
+    xs, ys = [p["predicted"] for p in points], [p["val"] for p in points]
+    scale = (ys[1] - ys[0]) / (xs[1] - xs[0]) if len(points) == 2 and abs(xs[1] - xs[0]) > 1e-6 else math.nan
     if not SCALES[0] <= scale <= SCALES[1]:
         scale = 1.0
-    return (y1 + y2 - scale * (x1 + x2)) / 2, scale
+    return (sum(ys) - scale * sum(xs)) / len(points), scale
+
+
+def _point(cfg: RunConfig, machine: Machine, meta: dict[str, Any], params: int, steps: int) -> dict[str, Any]:
+    return {"depth": 1, "params": params, "tokens": steps * cfg.tokens_per_step,
+            "val": _trained(cfg, machine, meta, steps)}
 
 
 def _trained(cfg: RunConfig, machine: Machine, meta: dict[str, Any], steps: int) -> float:

@@ -54,7 +54,11 @@ def lrs(run) -> dict[int, float]:
 
 
 def said(capsys) -> str:
-    return " ".join(capsys.readouterr().out.split())
+    return said_in(capsys.readouterr().out)
+
+
+def said_in(out: str) -> str:
+    return " ".join(out.split())
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
@@ -529,3 +533,37 @@ def test_a_setting_a_resume_honours_is_in_config_toml_and_its_resume_event(capsy
     assert ("schedule " in said and " from step " in said) == (expected == RELAID or mode == "steps")
     if mode == "budget":
         assert "by its checkpoint's plan" in said
+
+
+CHANGED = ("--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4", "--set", "train.max_iters=120",
+           "--set", "train.eval_interval=1000", "--set", "train.checkpoint_interval=50")  # its next checkpoint: 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("then", ["killed, resumed plainly", "killed, resumed with other changes",
+                                  "checkpointed, resumed plainly"])
+def test_a_resume_that_changed_settings_stays_on_record_however_the_next_resume_goes(tmp_path, trained, then):
+    """A resume whose --set changes settings rewrites config.toml as it begins. Killed before its next checkpoint, the
+    next resume goes on from the checkpoint before it, by config.toml's settings: its resume event and line say each
+    change from those that checkpoint trained by (its state.json keeps them), not from config.toml's, so nothing reads
+    as if the run always had them. Once a checkpoint carries them, a plain resume changes nothing and the record of
+    the change stays before it."""
+    run, checkpointed = copy_run(trained, tmp_path), then.startswith("checkpointed")
+    proc = spawn("train", "--resume", run, *CHANGED, cwd=tmp_path)
+    wait_until((lambda: 50 in [e["step"] for e in events_of(run, "checkpoint")]) if checkpointed else
+               (lambda: RunDir(run).config().train.learning_rate == 1e-3), proc)
+    proc.kill()
+    proc.wait()
+    assert RunDir(run).step_folders()[-1].name == ("step_000050" if checkpointed else "step_000020")
+    more = ["--set", "train.spike_zscore=5.0"] if "other changes" in then else []
+    done = subprocess.run([LMLAB, "train", "--resume", run, *more], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    train, resumes = RunDir(run).config().train, events_of(run, "resume")
+    assert (train.learning_rate, train.batch_size, events_of(run, "end")[-1]["step"]) == (1e-3, 4, 120)
+    assert [r["step"] for r in resumes] == ([20, 50] if checkpointed else [20])
+    changed = resumes[0]["changed"]
+    assert changed["train.learning_rate"] == [3e-3, 1e-3] and changed["train.batch_size"] == [8, 4]
+    assert ("train.spike_zscore" in changed) == bool(more) and ("changed" in resumes[-1]) != checkpointed
+    said = " ".join(done.stdout.split())
+    assert ("train.learning_rate 0.003 -> 0.001" in said and "train.batch_size 8 -> 4" in said) != checkpointed
+

@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from lmlab.commands import main
+from lmlab.core import cache, peak
 from lmlab.core.busy import cores
 from lmlab.core.config import FinetuneConfig, TrainConfig
 from lmlab.core.config_toml import load_config, toml_value
 from lmlab.core.errors import UserError
+from lmlab.core.peak import peak_key
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
@@ -35,6 +37,7 @@ from tests.helpers import (
     cpu_ticks,
     digests,
     events_of,
+    fake_cpu,
     refused,
     run_cli,
     same_weights,
@@ -567,3 +570,22 @@ def test_a_resume_that_changed_settings_stays_on_record_however_the_next_resume_
     said = " ".join(done.stdout.split())
     assert ("train.learning_rate 0.003 -> 0.001" in said and "train.batch_size 8 -> 4" in said) != checkpointed
 
+
+@pytest.mark.slow
+def test_a_resume_whose_machine_chose_another_dtype_says_it_as_a_change(tmp_path, char_dataset, monkeypatch, capsys):
+    """`dtype = "auto"` trained in bf16 on a CPU where it paid, resumed on one where it does not (a CPU kind faked,
+    its peaks cached): float32 from there, said where changes are said, in the resume line and event."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fake_cpu(monkeypatch, "avx512-bf16")
+    for dtype, flops in ((torch.bfloat16, 1.8e12), (torch.float32, 0.28e12)):
+        cache.keep("peak", peak_key(torch.device("cpu"), dtype), {"flops": flops, "quiet": True,
+                                                                 "measured_at": "2026-11-22 18:39:39", "load": None})
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
+    for kind, more in (("avx512-bf16", ["--run", tmp_path / "run", config, "--set", "train.dtype=auto"]),
+                       ("avx2", ["--resume", tmp_path / "run", "--set", "train.max_iters=14"])):
+        fake_cpu(monkeypatch, kind)
+        monkeypatch.setattr(peak, "_memo", {})  # another command, on another machine
+        code, out, err = run_cli(capsys, "train", *more)
+        assert code == 0, err
+    assert events_of(tmp_path / "run", "resume")[-1]["changed"]["dtype"] == ["bfloat16", "float32"]
+    assert 'from here train.max_iters 10 -> 14, dtype "bfloat16" -> "float32"' in said_in(out)

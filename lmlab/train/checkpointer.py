@@ -86,6 +86,14 @@ def trained_by(run: RunDir) -> dict[str, dict[str, Any]]:
     return settings
 
 
+def trained_in(run: RunDir, dtype: torch.dtype) -> dict[str, list[Any]]:
+    """The dtype a resume trains in as a change where this machine chose another than the checkpoint trained in (its
+    events as they stood then: `auto` on a CPU whose bf16 no longer pays, say): {"dtype": ["bfloat16", "float32"]}."""
+    was = [e.get("dtype") for e in run.events() if e.get("event") in ("start", "resume")]
+    now = str(dtype).removeprefix("torch.")
+    return {"dtype": [was[-1], now]} if was and was[-1] and was[-1] != now else {}
+
+
 def from_here(changed: dict[str, list[Any]]) -> str:
     """The settings a resume changed, as its line ends on them."""
     said = ", ".join(f"{key} {toml_value(was)} -> {toml_value(now)}" for key, (was, now) in changed.items())

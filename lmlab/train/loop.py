@@ -28,7 +28,7 @@ from lmlab.model.memory import check_training, fit_micro_batch
 from lmlab.run.rundir import RunDir
 from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
-from lmlab.train.checkpointer import Checkpointer, check_resumable, from_here
+from lmlab.train.checkpointer import Checkpointer, check_resumable, from_here, trained_in
 from lmlab.train.distributed import elastic_restart, from_env, setup
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
@@ -261,6 +261,7 @@ class Trainer:
             self.console.print(line, highlight=False)
         if self.parallel.is_main:
             self.run_dir.truncate_after(step)
+            self.changed |= trained_in(self.run_dir, self.dtype)  # this machine's choice, said as a change too
             self.run_dir.resumed(step, folder.name, self.device, self.dtype, self.parallel.world_size, self.peak,
                                  self.changed)
             self.checkpointer.say_retention(self.schedule.last_step)

@@ -401,8 +401,9 @@ class Trainer:
         total = windows_in(self.meta, "val", T)
         if self.budget.plan.final_windows:
             # Every rank from the same seconds, so that all run as many forwards.
-            spent = self.parallel.mean([time.perf_counter() - self.started], self.device)[0]
-            wanted = self.budget.final_windows(tc.batch_size, spent)
+            spent, evaluation = self.parallel.mean([time.perf_counter() - self.started, self.reports.evaluation],
+                                                   self.device)
+            wanted = self.budget.final_windows(tc.batch_size, spent, evaluation)
         else:
             wanted = final_windows_by_steps(total, tc.batch_size, T, p.tokens)
         final = score_final(self.train_step, self.val_tokens, self.meta, tc.batch_size, p.step, wanted, total,

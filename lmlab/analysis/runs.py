@@ -172,7 +172,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
     sized = [e.get("predicted_val") for e in events if e.get("event") == "sizing"]
     summary.predicted_val = sized[0] if sized else None  # a number or null: the sizing event's schema
-    logged = [e.get("mfu") for e in summary.trains]
+    logged = _mfus(events)
     # Above 100% the run's peak was wrong (an emulated kernel's, before lmlab checked): none of its MFU stands.
     summary.mfu = None if any(m is not None and m > 1 for m in logged) else _median(logged)
     progress = [e for e in events if "step" in e and "tokens" in e]
@@ -270,6 +270,18 @@ def _text(meta: dict[str, Any]) -> str | None:
     by_tokens = split.get("val_tokens") or meta.get("rows")
     return json.dumps([meta["input_sha256"], meta.get("normalize"), *(split.get(key) for key in (
         "rule", "val_fraction", "cut_at_char", "val_documents")), meta.get("tokenizer") if by_tokens else None])
+
+
+def _mfus(events: list[dict[str, Any]]) -> list[float | None]:
+    """The MFU of each train line logged against a quiet peak: a run from before lmlab gave none against a busy one
+    logged it, reading high (the peak in force is its start's, then its newest resume's)."""
+    quiet, logged = True, []
+    for e in events:
+        if e.get("event") in ("start", "resume"):
+            quiet = e.get("peak_quiet") is not False
+        elif e.get("event") == "train" and e.get("loss") is not None and quiet:
+            logged.append(e.get("mfu"))
+    return logged
 
 
 def _median(values: list[float | None]) -> float | None:

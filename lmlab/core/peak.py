@@ -1,5 +1,6 @@
 """Peak FLOP/s, what MFU divides by (a datasheet's, else measured once on this machine and kept in the machine cache;
-measured again at each start while the kept one was measured busy), and the dtype `train.dtype = "auto"` trains in.
+measured again at each start while the kept one was measured busy, which gives no MFU), and the dtype
+`train.dtype = "auto"` trains in.
 docs/reference/performance.md ("MFU and the peak") gives the rules."""
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ class Peak:
         return f"measured {'quiet' if self.quiet else 'busy'}, {self.measured_at}"
 
     def mfu(self, flops_per_second: float) -> float | None:
-        """The share of this peak; None against an emulated peak (it reads high), or above 1."""
+        """The share of this peak; None against a peak measured busy or an emulated one (either reads high: the
+        load slowed the one, the other is no hardware's), or above 1."""
         share = flops_per_second / self.flops
-        return share if self.native and share <= 1 else None
+        return share if self.native and self.quiet and share <= 1 else None
 
     def wrong(self, flops_per_second: float) -> str | None:
-        """The warning when a native peak is below what a job computed: that peak is wrong."""
-        if not self.native or flops_per_second <= self.flops:
+        """The warning when a native quiet peak is below what a job computed: that peak is wrong."""
+        if not self.native or not self.quiet or flops_per_second <= self.flops:
             return None
         return (f"warning: {flops_per_second / 1e12:.3g} TFLOP/s were computed, more than the peak of "
                 f"{self.flops / 1e12:.3g} ({self.describe()}), so that peak is wrong: no MFU from it (delete "
@@ -75,8 +77,8 @@ class Peak:
             return (f"no MFU: {self.dtype} has no native kernel here, so its peak (a {self.describe()}) is an "
                     "emulation's")
         if not self.quiet:
-            return (f"MFU against {self.flops / 1e12:.3g} TFLOP/s, the best peak seen here, a {self.describe()}: MFU "
-                    "may read high until a quiet start measures it again")
+            return (f"no MFU: the peak here, {self.flops / 1e12:.3g} TFLOP/s, is a {self.describe()}, and MFU against "
+                    "it would read high; a start on a quiet machine measures it again")
         return f"MFU against {self.flops / 1e12:.3g} TFLOP/s: {self.describe()}"
 
 

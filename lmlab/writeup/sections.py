@@ -124,7 +124,7 @@ def _peak(f: RunFacts) -> str:
         return NOT_RECORDED
     text = f"{f.start['peak_flops'] / 1e12:.3g} TFLOP/s ({f.start['peak_source']})"
     if f.start.get("peak_quiet") is False:
-        return text + ": the best seen there, measured busy, so its MFU may read high"
+        return text + ": measured busy, so no MFU stands on it"
     if "peak_quiet" not in f.start and f.start["peak_source"] == "measured matmul":
         return text + ": measured before lmlab checked the machine's load; its MFU may read high"
     return text

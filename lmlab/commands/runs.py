@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,13 +27,16 @@ from lmlab.core.errors import UserError
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.analysis.runs import EVALUATION_COLUMNS, RUN_COLUMNS, find_runs, run_table, summarize
+    from lmlab.analysis.runs import EVALUATION_COLUMNS, RUN_COLUMNS, find_runs, listed, run_table
 
-    rows = [{**summarize(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
+    rows = [{**listed(path).figures(), "run": str(path.relative_to(args.dir))} for path in find_runs(Path(args.dir))]
     if args.json:
         print(json.dumps({"dir": str(args.dir), "runs": rows}, indent=1))
         return
     print_table(f"Runs under {args.dir}", run_table([*RUN_COLUMNS, *EVALUATION_COLUMNS], rows), rows, args.wide)
+    for row in rows:
+        if row["problem"]:
+            print(f"note: {row['run']} is unreadable: {row['problem']}", file=sys.stderr)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

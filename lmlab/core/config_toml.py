@@ -25,8 +25,10 @@ from lmlab.core.config import (
     as_text,
 )
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_text
 from lmlab.core.plugin_kinds import check_options
 
+MOST_BYTES = 1 << 20  # of a config file: a resolved config.toml is a few KB
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                              "finetune": FinetuneConfig}
 
@@ -165,14 +167,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(read_text(path, MOST_BYTES))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass a TOML preset such as "
                         "configs/shakespeare-char-cpu.toml.")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as err:  # ValueError: an int of 5,000 digits
         raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder; pass a TOML file such as configs/shakespeare-char-cpu.toml.")
 
 
 def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:

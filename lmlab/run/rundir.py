@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 from lmlab.core.config import RunConfig, checkpoint_name
 from lmlab.core.config_toml import load_config, to_toml
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, sha256_file
+from lmlab.core.fileio import (
+    WriterLock,
+    append_whole,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_text,
+    sha256_file,
+)
 from lmlab.core.jsontext import parse_json
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
@@ -288,8 +295,8 @@ class RunDir:
         if not path.exists():
             return None
         try:
-            return PromptFormat(**parse_json(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError):
+            return PromptFormat(**parse_json(read_text(path)))
+        except (ValueError, TypeError):  # ValueError: not UTF-8, or not JSON
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
     def chat_template(self) -> ChatTemplate | None:
@@ -327,7 +334,7 @@ class RunDir:
     def weights_sha256(self, which: str = "best") -> str | None:
         """A checkpoint's model.safetensors sha256 from its state.json (None if missing): what evaluations key."""
         try:
-            state = parse_json((self.checkpoint(self._best_or_latest(which)) / "state.json").read_text("utf-8"))
+            state = parse_json(read_text(self.checkpoint(self._best_or_latest(which)) / "state.json"))
             return state["files"]["model.safetensors"]
         except (UserError, OSError, ValueError, KeyError, TypeError):
             return None

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from lmlab.core.cache import cache_path
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.machine import GRAPHS_STEP, no_graphs
 from lmlab.model import build_model
+from lmlab.run.rundir import RunDir
 from lmlab.train.step import TrainStep
 from lmlab.train.timing import time_config, time_step, timing_key
 from tests.helpers import ALPACA_TINY, LMLAB, ROOT, Server, a_machine, chosen, forget_choices, roomier, write_config
@@ -77,17 +80,41 @@ def test_an_unwritable_cache_is_a_note_naming_it_and_the_value_stands(tmp_path, 
     assert ("it is a folder" in " ".join(notes)) == (blocked == "folder")
 
 
+# What may stand where the machine cache's file or its lock is, and a word of the note that says so.
+IN_ITS_PLACE = {
+    "pipe": (os.mkfifo, "it is a named pipe, not a file"),
+    "device": (lambda path: path.symlink_to("/dev/zero"), "it is a link to /dev/zero, a character device"),
+    "folder": (Path.mkdir, "folder"),
+    "bytes": (lambda path: path.write_bytes(os.urandom(3000)), "is not valid JSON (damaged, or edited by hand)"),
+}
+TRAIN_2 = ["train", "{config}", "--run", "{run}", "--device", "cpu"]
+SAMPLE_2 = ["sample", "{auto}", "--max-new-tokens", "2"]
+
+
 @pytest.mark.slow
-def test_train_goes_on_over_a_folder_where_the_cache_goes_and_says_so_once(tmp_path, char_dataset):
+@pytest.mark.parametrize("name, damage, command", [
+    *((name, damage, TRAIN_2 if damage == "pipe" else SAMPLE_2) for name in ("machine.json", ".machine.json.lock")
+      for damage in ("pipe", "device", "folder")),
+    *(("machine.json", "bytes", command) for command in (TRAIN_2, ["plan", "{config}"], SAMPLE_2))])
+def test_a_command_goes_on_over_what_stands_in_the_caches_place_and_says_so_once(tmp_path, tiny_run, name, damage,
+                                                                                command):
+    """A pipe (whose open would wait for a writer), a device, a folder or bytes that are not UTF-8 where the cache
+    or its lock is: the command runs, measuring what it would have read, and one note names that file; a pipe,
+    device or folder is left as it was, never written through or over."""
     cache_home = tmp_path / "home"
-    (cache_home / "lmlab" / "machine.json").mkdir(parents=True)
-    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=3)
-    done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
-    assert done.returncode == 0, done.stderr
-    said = [note for note in " ".join(done.stdout.split("\n")).split("note: ")[1:] if "machine cache" in note]
-    assert len(said) == 2 and all("machine.json" in n and "XDG_CACHE_HOME" in " ".join(n.split()) for n in said), said
-    assert {"read" in said[0], "written" in said[1]} == {True}
+    (cache_home / "lmlab").mkdir(parents=True)
+    make, said = IN_ITS_PLACE[damage]
+    make(cache_home / "lmlab" / name)
+    auto = Path(shutil.copytree(tiny_run, tmp_path / "auto"))  # its dtype chosen by the peaks the cache keeps
+    (auto / "config.toml").write_text((auto / "config.toml").read_text().replace('"float32"', '"auto"'))
+    names = {"config": write_config(tmp_path / "tiny.toml", RunDir(tiny_run).config().data.dataset, max_iters=2),
+             "run": tmp_path / "run", "auto": auto}
+    done = subprocess.run([LMLAB, *(part.format(**names) for part in command)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    notes = [note for note in " ".join((done.stdout + done.stderr).split()).split("note: ") if "machine cache" in note]
+    assert len(notes) == 1 and f"{cache_home / 'lmlab' / name} " in notes[0] and said in notes[0], notes
+    assert damage == "bytes" or not (cache_home / "lmlab" / name).is_file()
 
 
 def test_the_budget_timing_on_the_runs_own_step_leaves_its_bits_as_they_were():

@@ -865,6 +865,11 @@ def a_machine(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Machin
     return Machine(torch.device(device), dtype, ThreadChooser(torch.get_num_threads(), "train.threads"))
 
 
+def trusted(value: object) -> None:
+    """A machine cache reader's check (lmlab.core.cache.recall) that finds nothing wrong: a test reading back what it
+    kept itself."""
+
+
 def forget_choices() -> None:
     """The step timings the machine cache keeps (lmlab.core.cache) forgotten, as on a machine that never ran the
     shapes: what comes next times them again. Its peaks are kept."""

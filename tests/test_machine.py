@@ -7,7 +7,9 @@ Machine."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,15 +18,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.core import cache
+from lmlab.core import cache, peak
 from lmlab.core.cache import cache_path
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.machine import GRAPHS_STEP, no_graphs
+from lmlab.core.peak import peak_flops, peak_key
 from lmlab.model import build_model
+from lmlab.model.memory import remembered
 from lmlab.run.rundir import RunDir
+from lmlab.train import timing
 from lmlab.train.step import TrainStep
-from lmlab.train.timing import time_config, time_step, timing_key
-from tests.helpers import ALPACA_TINY, LMLAB, ROOT, Server, a_machine, chosen, forget_choices, roomier, write_config
+from lmlab.train.timing import Timing, time_config, time_step, timing_key
+from tests.helpers import (
+    ALPACA_TINY,
+    LMLAB,
+    ROOT,
+    Server,
+    a_machine,
+    chosen,
+    forget_choices,
+    roomier,
+    trusted,
+    write_config,
+)
 
 CPU = torch.device("cpu")
 
@@ -32,13 +48,13 @@ CPU = torch.device("cpu")
 def kept(value: int) -> int | None:
     """Keep `value` under a key of its own, then read it back as a new process would."""
     cache.keep("test", {"value": value}, {"n": value})
-    found = cache.recall("test", {"value": value})
+    found = cache.recall("test", {"value": value}, trusted)
     return None if found is None else found["n"]
 
 
 def test_a_value_is_kept_per_kind_and_key_and_read_back():
-    assert (kept(1), kept(2), cache.recall("test", {"value": 3}), cache.recall("other", {"value": 1})) == (1, 2, None,
-                                                                                                         None)
+    missing = cache.recall("test", {"value": 3}, trusted), cache.recall("other", {"value": 1}, trusted)
+    assert (kept(1), kept(2), *missing) == (1, 2, None, None)
     entries = json.loads(cache_path().read_text())["entries"]
     assert {e["kind"] for e in entries.values()} >= {"test", "peak"}  # the peaks beside: one file
 
@@ -54,7 +70,7 @@ def test_a_damaged_or_edited_cache_is_a_note_and_a_measurement(damage, note):
     try:
         damage(cache_path())
         cache.take_notes()
-        assert cache.recall("test", {"value": 7}) is None
+        assert cache.recall("test", {"value": 7}, trusted) is None
         notes = cache.take_notes()
         assert len(notes) == 1 and note in notes[0] and "measured again" in notes[0]
         assert cache.take_notes() == []  # said once
@@ -117,6 +133,58 @@ def test_a_command_goes_on_over_what_stands_in_the_caches_place_and_says_so_once
     assert damage == "bytes" or not (cache_home / "lmlab" / name).is_file()
 
 
+TINY = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20),
+                 train=TrainConfig(batch_size=2, attention="fused"))
+
+
+def peak_read_back(edit: dict) -> float:
+    """This CPU's float32 peak kept as a quiet measurement's entry with `edit` (its checksum recomputed), then had
+    as a command's start has it: its FLOP/s."""
+    entry = {"flops": 2e11, "quiet": True, "measured_at": "2026-11-22 18:39:39",
+             "load": {"seconds": 0.75, "cores": 2, "others": 0.01, "loadavg": 0.3}}
+    cache.keep("peak", peak_key(CPU, torch.float32), {**entry, **edit})
+    peak._memo.clear()
+    return peak_flops(CPU, torch.float32).flops
+
+
+def timing_read_back(edit: dict) -> Timing | None:
+    """A tiny config's step timing kept with `edit`, then read back as a budget reads it (`timing.recall`)."""
+    machine, kept = a_machine(), Timing(torch.get_num_threads(), 0.5, 0.1, 0.1, 1000, 1.0, "fused")
+    timing.keep(machine, TINY, dataclasses.replace(kept, **edit))
+    return timing.recall(machine, TINY, build_model(TINY.model), "fused")
+
+
+def memory_read_back(kept: object) -> list[int]:
+    """A memory estimate kept as `kept`, then had again as the memory check has it."""
+    remembered("test", TINY.model, lambda: kept)  # kept as it is: keeping checks nothing
+    return remembered("test", TINY.model, lambda: [7])
+
+
+@pytest.mark.parametrize("read_back, edit, measured", [
+    *((peak_read_back, {"flops": flops}, lambda flops: 1e8 < flops < 1e15) for flops in (
+        1e30, -2e11, 0.0, 1e3, math.nan, "fast", None)),
+    (peak_read_back, {"quiet": "yes"}, lambda flops: flops != 2e11),
+    (peak_read_back, {"load": {"others": 5.0}}, lambda flops: flops != 2e11),
+    *((timing_read_back, {name: value}, lambda timing: timing is None) for name, value in (
+        ("step", 1e-9), ("step", -0.5), ("step", 0.0), ("step", math.nan), ("step", math.inf), ("step", "fast"),
+        ("eval_batch", -1.0), ("checkpoint_bytes", None))),
+    *((memory_read_back, kept, lambda bytes_: bytes_ == [7]) for kept in ([-1], ["a"], "text", [2**70], None)),
+])
+def test_every_value_read_back_from_the_cache_is_checked_before_it_is_trusted(tmp_path, monkeypatch, read_back, edit,
+                                                                            measured):
+    """A value in the cache edited with its checksum recomputed (a peak past what the processor computes or of
+    another type, a step faster than its FLOPs at that ceiling, negative, NaN or text, a memory estimate that is no
+    count of bytes): its reader drops it with a note naming the entry and what it holds, and has the value again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(peak, "SECONDS", 0.04)
+    monkeypatch.setattr(peak, "_memo", {})
+    cache.take_notes()
+    assert measured(read_back(edit))
+    notes = cache.take_notes()
+    assert len(notes) == 1 and "the machine cache's entry" in notes[0] and " holds " in notes[0], notes
+    assert notes[0].endswith("which no measurement here gives (edited, or damaged): it is measured again.")
+
+
 def test_the_budget_timing_on_the_runs_own_step_leaves_its_bits_as_they_were():
     """Timed steps train the model and its optimizer and draw random numbers: all of it is restored, so the step
     that follows computes the bits it computes on a twin never timed."""
@@ -150,7 +218,8 @@ def test_a_timing_cut_short_by_its_deadline_is_not_kept():
     machine = a_machine()
     for deadline, full in ((0.0, False), (float("inf"), True)):
         timing = time_config(cfg, machine, deadline)
-        assert timing.full == full and (cache.recall("timing", timing_key(machine, cfg, "fused")) is not None) == full
+        kept = cache.recall("timing", timing_key(machine, cfg, "fused"), trusted)
+        assert timing.full == full and (kept is not None) == full
 
 
 def _batch() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:

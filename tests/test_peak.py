@@ -32,7 +32,7 @@ from lmlab.core.peak import (
     quiet,
 )
 from lmlab.run.rundir import RunDir
-from tests.helpers import LMLAB, fake_cpu, hog, run_cli, write_config
+from tests.helpers import LMLAB, fake_cpu, hog, run_cli, trusted, write_config
 
 CPU = torch.device("cpu")
 QUIET, BUSY = Load(0.75, 2, 0.01, 0.3), Load(0.75, 2, 0.6, 4.2)
@@ -65,7 +65,7 @@ def peak_in_subprocess(folder: Path, dtype: str = "float32") -> dict:
 def recalled(folder: Path, dtype: torch.dtype, monkeypatch) -> dict:
     with monkeypatch.context() as env:
         env.setenv("XDG_CACHE_HOME", str(folder))
-        return cache.recall("peak", peak_key(CPU, dtype))
+        return cache.recall("peak", peak_key(CPU, dtype), trusted)
 
 
 @pytest.mark.parametrize("others", [0.0, 1.0])
@@ -81,14 +81,15 @@ def test_a_peak_is_measured_once_and_read_back_unless_it_was_measured_busy(tmp_p
     monkeypatch.setattr(busy, "_busy_seconds", lambda cpus: read.append(1) or next(reads))
     found = measure_into_cache(CPU, torch.bfloat16)
     assert (len(read), found.quiet) == (2, not others)  # one measurement, its load read before and after
-    assert cache.recall("peak", peak_key(CPU, torch.bfloat16))["flops"] == found.flops
+    assert cache.recall("peak", peak_key(CPU, torch.bfloat16), trusted)["flops"] == found.flops
     monkeypatch.setattr(peak, "_memo", {})  # a later start
     assert peak_flops(CPU, torch.bfloat16).quiet == (not others) and len(read) == (4 if others else 2)
-    cache.keep("peak", peak_key(CPU, torch.bfloat16), {**quiet_entry(1e30), "quiet": False})  # busy, and faster
+    faster = 10 * found.flops
+    cache.keep("peak", peak_key(CPU, torch.bfloat16), {**quiet_entry(faster), "quiet": False})  # busy, and faster
     monkeypatch.setattr(peak, "_memo", {})
     again = peak_flops(CPU, torch.bfloat16)
-    assert (again.flops == 1e30, again.quiet) == (bool(others), not others)
-    assert cache.recall("peak", peak_key(CPU, torch.bfloat16))["flops"] == again.flops
+    assert (again.flops == faster, again.quiet) == (bool(others), not others)
+    assert cache.recall("peak", peak_key(CPU, torch.bfloat16), trusted)["flops"] == again.flops
 
 
 def test_the_peak_is_keyed_by_the_processor_and_a_figure_no_matmul_could_reach_is_measured_again(tmp_path,
@@ -102,7 +103,7 @@ def test_the_peak_is_keyed_by_the_processor_and_a_figure_no_matmul_could_reach_i
     cache.keep("peak", peak_key(CPU, torch.bfloat16), quiet_entry(-2e11))  # no matmul runs at a negative rate
     monkeypatch.setattr(peak, "SECONDS", 0.04)
     assert peak_flops(CPU, torch.float32).flops < 1e30 and peak_flops(CPU, torch.bfloat16).flops > 0
-    assert cache.recall("peak", foreign)["flops"] == 1e30  # another processor's figure, untouched
+    assert cache.recall("peak", foreign, trusted)["flops"] == 1e30  # another processor's figure, untouched
 
 
 @pytest.mark.slow

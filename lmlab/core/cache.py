@@ -1,8 +1,9 @@
 """The machine cache, `$XDG_CACHE_HOME/lmlab/machine.json` (default `~/.cache/lmlab/`): the one file that keeps what
 was measured on this machine, the matmul peak per dtype (lmlab.core.peak) and a config's step timing
 (lmlab.train.timing), and what is slow to compute again, memory estimates (lmlab.model.memory.remembered).
-Each entry sits under its kind and a digest of what it depends on, with a checksum of its fields. It only saves work:
-a file that cannot be read, is damaged, edited or written by another lmlab, or cannot be written is a note
+Each entry sits under its kind and a digest of what it depends on, with a checksum of its fields, and its value is
+checked by its reader before it is trusted. It only saves work: a file that cannot be read, is damaged, edited or
+written by another lmlab, an entry that holds what no measurement gives, or a file that cannot be written is a note
 (`take_notes`, said once a process) and the value is had again."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,10 @@ def entry_key(kind: str, key: Any) -> str:
     return f"{kind} {json_sha256(key)[:24]}"
 
 
-def recall(kind: str, key: Any) -> Any:
-    """The value kept for `key`, if it can be trusted; None otherwise."""
+def recall(kind: str, key: Any, problem: Callable[[Any], str | None]) -> Any:
+    """The value kept for `key`, if it can be trusted: its checksum matches, and `problem(value)` finds nothing in it
+    that no measurement here gives (a type, or a figure out of what this machine could do: an edit may recompute the
+    checksum), else it says what; None otherwise, with a note."""
     name = entry_key(kind, key)
     entry = _entries().get(name)
     if entry is None:
@@ -46,6 +50,10 @@ def recall(kind: str, key: Any) -> Any:
     if not isinstance(entry, dict) or entry.get("sha256") != checksum(entry) or "value" not in entry:
         _note(f"the machine cache's entry {name} in {cache_path()} does not match its checksum (edited by hand, or "
               "damaged): it is measured again.")
+        return None
+    if wrong := problem(entry["value"]):
+        _note(f"the machine cache's entry {name} in {cache_path()} holds {wrong}, which no measurement here gives "
+              "(edited, or damaged): it is measured again.")
         return None
     return entry["value"]
 

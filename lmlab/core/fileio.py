@@ -256,8 +256,8 @@ def read_bytes(path: Path | str, most: int = READ_MOST) -> bytes:
         except OSError as err:  # an I/O error of the disk
             raise ReadError.of(path, err) from err
     if len(data) > most:
-        raise ReadError(path, f"it holds more than {human_bytes(most)}, more than lmlab writes there",
-                        "put the file that belongs there in its place")
+        raise ReadError(path, f"it holds more than {human_bytes(most)}, more than a file of its kind does",
+                        "check that it is the file meant")
     return data
 
 

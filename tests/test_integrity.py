@@ -122,8 +122,9 @@ NOT_FILES = [
 ]
 EVAL, SAMPLE = ["eval", "{run}"], ["sample", "{run}", "--max-new-tokens", "2"]
 RESUME = ["train", "--resume", "{run}", "--set", "train.max_iters=20"]
-# Every file a command reads from a run folder (`{run}`) or a dataset folder (`{data}`, which `{config}` trains on),
-# and the commands that read it; a run-folder file `lmlab runs` reads lists its run as unreadable (LISTED).
+# Every file a command reads from a run folder (`{run}`), a dataset folder (`{data}`, which `{config}` trains on) or a
+# Hugging Face folder (`{hf}`), and the commands that read it; a run-folder file `lmlab runs` reads lists its run as
+# unreadable (LISTED).
 STEP = "checkpoints/step_000010"
 READERS = {
     "{run}/config.toml": [["log", "{run}"], ["compare", "{run}"], SAMPLE, RESUME],
@@ -140,24 +141,27 @@ READERS = {
     "{data}/tokenizer.json": [["train", "{config}", "--run", "{new}"], ["eval", "{scored}", "--dataset", "{data}"]],
     "{data}/train.bin": [["train", "{config}", "--run", "{new}"]],
     "{data}/val.bin": [["train", "{config}", "--run", "{new}"], ["eval", "{scored}", "--dataset", "{data}"]],
+    **{f"{{hf}}/{name}": [["import-hf", "{hf}", "--out", "{new}"]] for name in (
+        "config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json")},
 }
 LISTED = ("config.toml", "metrics.jsonl", "dataset.json", "evaluations.json")
 
 
 @pytest.mark.slow
-def test_what_stands_in_a_files_place_is_refused_by_every_command_that_reads_it(tmp_path, tiny_run):
-    """A pipe, a link to /dev/zero or a folder in the place of each file a command reads from a run folder or a
-    dataset folder: every command that reads it says so in one sentence naming the file, with status 2, and nothing
-    else in the folders changes; `lmlab runs` lists that run as unreadable, with the sentence, beside the others (one
-    process runs them all, bounded: a command that waited on a pipe or read a device without end would fail it)."""
+def test_what_stands_in_a_files_place_is_refused_by_every_command_that_reads_it(tmp_path, tiny_run, hf_gpt2):
+    """A pipe, a link to /dev/zero or a folder in the place of each file a command reads from a run folder, a
+    dataset folder or a Hugging Face folder: every command that reads it says so in one sentence naming the file,
+    with status 2, and nothing else in the folders changes; `lmlab runs` lists that run as unreadable, with the
+    sentence, beside the others (one process runs them all, bounded: a command that waited on a pipe or read a device
+    without end would fail it)."""
     dataset = RunDir(tiny_run).config().data.dataset
     scored = shutil.copytree(tiny_run, tmp_path / "scored")  # what `eval --dataset` would write to, were it not refused
     commands, cases = [], []
     for n, ((path, readers), (said, make)) in enumerate(itertools.product(READERS.items(), NOT_FILES)):
-        folders = {"run": tmp_path / f"{n}" / "bad", "data": tmp_path / f"{n}" / "data"}
-        shutil.copytree(tiny_run, folders["run"])
-        shutil.copytree(tiny_run, tmp_path / f"{n}" / "good")
-        shutil.copytree(dataset, folders["data"])
+        folders = {"run": tmp_path / f"{n}" / "bad", "data": tmp_path / f"{n}" / "data", "hf": tmp_path / f"{n}" / "hf"}
+        for source, copy in ((tiny_run, folders["run"]), (tiny_run, tmp_path / f"{n}" / "good"),
+                             (dataset, folders["data"]), (hf_gpt2, folders["hf"])):
+            shutil.copytree(source, copy)
         names = {**folders, "config": write_config(tmp_path / f"{n}" / "tiny.toml", folders["data"]), "scored": scored,
                  "new": tmp_path / f"{n}" / "new"}
         damaged = Path(path.format(**names))

@@ -247,6 +247,13 @@ def open_file(path: Path | str) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def a_file(path: Path) -> str:
+    """`path` as a string for a library that opens it itself (safetensors, a tokenizer's vocab), once `open_file` found
+    a file there: what would hold or feed that library's own open is refused first."""
+    open_file(path).close()
+    return str(path)
+
+
 def read_bytes(path: Path | str, most: int = READ_MOST) -> bytes:
     """The bytes of the file at `path` (`open_file`), refused (ReadError) past `most` of them: what a reader holds
     whole is bounded, whatever was put in the file's place."""

@@ -16,7 +16,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from lmlab.core.config import as_text
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_text, read_text
+from lmlab.core.fileio import a_file, atomic_write_text, read_text
 from lmlab.core.jsontext import json_sha256, parse_json
 from lmlab.data.tiktoken_bpe import tiktoken_backend
 
@@ -239,8 +239,8 @@ def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
     if (folder / "tokenizer.json").exists():
         return read_backend(folder / "tokenizer.json", "download the model's files again")
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        backend = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(str(folder / "vocab.json"),
-                                                                        str(folder / "merges.txt"))))
+        backend = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(a_file(folder / "vocab.json"),
+                                                                        a_file(folder / "merges.txt"))))
         backend.add_special_tokens([EOT])  # already in GPT-2's vocab (id 50256); this keeps it whole in text
         return backend
     return None

@@ -17,7 +17,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriteError, atomic_write_text, check_folder_name, fsync, read_text, sha256_file, writing
+from lmlab.core.fileio import (
+    WriteError,
+    a_file,
+    atomic_write_text,
+    check_folder_name,
+    fsync,
+    read_text,
+    sha256_file,
+    writing,
+)
 from lmlab.core.jsontext import parse_json
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.run.chat import ChatTemplate
@@ -66,7 +75,7 @@ class Weights:
         self.where: dict[str, Any] = {}
         for path in self.files:
             try:
-                handle = safe_open(str(path), "pt")
+                handle = safe_open(a_file(path), "pt")
             except (SafetensorError, OSError) as err:
                 raise UserError(f"{path} is not a readable safetensors file ({err}); download it again.")
             self.where.update((name, (path, handle)) for name in handle.keys())

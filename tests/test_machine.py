@@ -62,7 +62,7 @@ def test_a_value_is_kept_per_kind_and_key_and_read_back():
 @pytest.mark.parametrize("damage, note", [
     (lambda path: path.write_text("{not json"), "is not valid JSON (damaged, or edited by hand)"),
     (lambda path: path.write_text(json.dumps({"format": 0, "entries": {}})), "was written by another lmlab"),
-    (lambda path: path.write_text(path.read_text().replace('"n": 7', '"n": 8')), "does not match its checksum"),
+    (lambda path: path.write_text(path.read_text().replace('"n": 7', '"n": 8')), "do not match its checksum"),
 ])
 def test_a_damaged_or_edited_cache_is_a_note_and_a_measurement(damage, note):
     kept(7)
@@ -182,7 +182,7 @@ def test_every_value_read_back_from_the_cache_is_checked_before_it_is_trusted(tm
     assert measured(read_back(edit))
     notes = cache.take_notes()
     assert len(notes) == 1 and "the machine cache's entry" in notes[0] and " holds " in notes[0], notes
-    assert notes[0].endswith("which no measurement here gives (edited, or damaged): it is measured again.")
+    assert notes[0].endswith("(edited by hand, or damaged): it is measured again.")
 
 
 def test_the_budget_timing_on_the_runs_own_step_leaves_its_bits_as_they_were():

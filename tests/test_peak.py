@@ -113,7 +113,7 @@ def test_a_command_measures_again_over_an_edited_cache_and_keeps_the_rest(tmp_pa
     path.write_text(path.read_text().replace("200000000000.0", "1e+30", 1))  # a figure made up by hand
     found = peak_in_subprocess(tmp_path)
     assert found["flops"] < 1e30  # measured here, 1e30 not read
-    assert len(found["notes"]) == 1 and "does not match its checksum (edited by hand, or damaged)" in found["notes"][0]
+    assert len(found["notes"]) == 1 and "do not match its checksum (edited by hand, or damaged)" in found["notes"][0]
     assert recalled(tmp_path, torch.bfloat16, monkeypatch)["flops"] == 3e11  # the other dtype's figure, untouched
     assert recalled(tmp_path, torch.float32, monkeypatch)["flops"] == found["flops"]
 

@@ -214,7 +214,7 @@ def test_a_cache_folder_that_cannot_be_written_stops_nothing(tmp_path, tiny_run)
             folder.chmod(0o755)
     said = " ".join(trained.stdout.split())
     assert trained.returncode == 0 and "best val loss" in said, trained.stdout + trained.stderr
-    assert f"note: the machine cache {cache}/lmlab/machine.json cannot be written (Permission denied" in said
+    assert f"note: the machine cache {cache}/lmlab/.machine.json.lock cannot be written (Permission denied" in said
     assert "Matplotlib" not in trained.stderr and "Traceback" not in trained.stderr
     assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
     assert besides_load_notes(sampled.stderr).startswith("generated "), sampled.stderr  # its speed line alone

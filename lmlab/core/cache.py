@@ -47,13 +47,10 @@ def recall(kind: str, key: Any, problem: Callable[[Any], str | None]) -> Any:
     entry = _entries().get(name)
     if entry is None:
         return None
-    if not isinstance(entry, dict) or entry.get("sha256") != checksum(entry) or "value" not in entry:
-        _note(f"the machine cache's entry {name} in {cache_path()} does not match its checksum (edited by hand, or "
-              "damaged): it is measured again.")
-        return None
-    if wrong := problem(entry["value"]):
-        _note(f"the machine cache's entry {name} in {cache_path()} holds {wrong}, which no measurement here gives "
-              "(edited, or damaged): it is measured again.")
+    whole = isinstance(entry, dict) and entry.get("sha256") == checksum(entry) and "value" in entry
+    if wrong := problem(entry["value"]) if whole else "fields that do not match its checksum":
+        _note(f"the machine cache's entry {name} in {cache_path()} holds {wrong} (edited by hand, or damaged): it "
+              "is measured again.")
         return None
     return entry["value"]
 

@@ -258,10 +258,7 @@ def read_bytes(path: Path | str, most: int = READ_MOST) -> bytes:
     """The bytes of the file at `path` (`open_file`), refused (ReadError) past `most` of them: what a reader holds
     whole is bounded, whatever was put in the file's place."""
     with open_file(path) as f:
-        try:
-            data = f.read(most + 1)
-        except OSError as err:  # an I/O error of the disk
-            raise ReadError.of(path, err) from err
+        data = f.read(most + 1)
     if len(data) > most:
         raise ReadError(path, f"it holds more than {human_bytes(most)}, more than a file of its kind does",
                         "check that it is the file meant")

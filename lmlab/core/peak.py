@@ -15,14 +15,7 @@ import torch
 
 from lmlab.core import cache
 from lmlab.core.busy import Load, LoadMeter
-from lmlab.core.device import (
-    PEAK_TFLOPS,
-    configure,
-    datasheet_peak,
-    dtype_for_capability,
-    processor,
-    synchronize,
-)
+from lmlab.core.device import PEAK_TFLOPS, configure, datasheet_peak, dtype_for_capability, processor, synchronize
 from lmlab.core.threads import most_threads
 
 SECONDS = 0.5  # a measurement: the best matmul of its second half, after a first half that only warms up

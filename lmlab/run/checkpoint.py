@@ -16,16 +16,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import (
-    WriteError,
-    atomic_write_text,
-    fsync,
-    human_bytes,
-    read_bytes,
-    read_text,
-    sha256_file,
-    writing,
-)
+from lmlab.core.fileio import WriteError, atomic_write_text, fsync, human_bytes, read_text, sha256_file, writing
 from lmlab.core.jsontext import parse_json
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: finding the step folders needs none
@@ -142,7 +133,7 @@ def step_folders(root: Path) -> list[Path]:
 def pointer(root: Path, which: str) -> Path | None:
     """The step folder that `best` or `latest` names; None unless it names an existing step folder of `root`."""
     try:
-        name = read_bytes(Path(root) / which, 4096).decode("utf-8").strip()
+        name = read_text(Path(root) / which, 4096).strip()
     except (FileNotFoundError, UnicodeDecodeError):  # one that cannot be read, or is no file, is a ReadError
         return None
     folder = Path(root) / name

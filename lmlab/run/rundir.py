@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lmlab.core.config import RunConfig, checkpoint_name
 from lmlab.core.config_toml import load_config, to_toml
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import (
-    WriterLock,
-    append_whole,
-    atomic_write_bytes,
-    atomic_write_text,
-    read_text,
-    sha256_file,
-)
+from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, read_text, sha256_file
 from lmlab.core.jsontext import parse_json
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__

@@ -195,18 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _say(f"the device ran out of memory ({str(err).splitlines()[0]}); use a smaller batch size, "
                     "--num-samples or --max-batch, or a smaller model.")
-    finally:
-        _cache_notes()
+    finally:  # what the command found wrong with the machine cache and did not say (train says it at its start)
+        with suppress(BrokenPipeError):
+            for note in cache.take_notes() if (cache := sys.modules.get("lmlab.core.cache")) else []:
+                print(f"note: {note}", file=sys.stderr)
     return 0
-
-
-def _cache_notes() -> None:
-    """Say what the command found wrong with the machine cache and did not say itself (train says it at its start):
-    every command that reads the cache tells of its damage, whatever it measured again."""
-    cache = sys.modules.get("lmlab.core.cache")
-    with suppress(BrokenPipeError):
-        for note in cache.take_notes() if cache else []:
-            print(f"note: {note}", file=sys.stderr)
 
 
 def _compile_stopped(err: BaseException | None) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -147,17 +148,8 @@ def parse_override(item: str) -> tuple[str, str, str]:
 
 
 def _keys(name: str) -> list[str]:
-    """The keys of a dotted name as TOML reads them (`options."a.b"`: options, then a.b); where it is no TOML key, its
-    parts between dots, which the setting's check then names."""
-    try:
-        table: Any = tomllib.loads(f"{name} = 0")
-    except tomllib.TOMLDecodeError:
-        return name.split(".")
-    keys = []
-    while isinstance(table, dict) and len(table) == 1:
-        [(key, table)] = table.items()
-        keys.append(key)
-    return keys if table == 0 and type(table) is int else name.split(".")
+    """The keys of a dotted name as TOML reads them: `options."a.b"` is options, then a.b."""
+    return [part.strip().strip("\"'") for part in re.findall(r"\"[^\"]*\"|'[^']*'|[^.]+", name)] or [name]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

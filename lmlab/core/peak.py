@@ -168,12 +168,6 @@ def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
     return 2048 if native_kernel(device, dtype) else 256
 
 
-def most_flops(device: torch.device) -> float:
-    """The most FLOP/s `device` could compute in any dtype, on the threads a job may use: what no peak measured here
-    exceeds."""
-    return THREAD_MOST * most_threads()[0] if device.type == "cpu" else GPU_MOST
-
-
 def _kept_problem(device: torch.device) -> Callable[[Any], str | None]:
     """What no measurement of `device`'s peak gives, in a kept one (lmlab.core.cache.recall): None where nothing."""
     def problem(entry: Any) -> str | None:
@@ -181,7 +175,7 @@ def _kept_problem(device: torch.device) -> Callable[[Any], str | None]:
         if not (isinstance(flops, float) and isinstance(entry.get("quiet"), bool)
                 and isinstance(entry.get("measured_at"), str) and Load.recorded(entry.get("load"))):
             return "a peak whose fields are not those a measurement writes"
-        most = most_flops(device)
+        most = THREAD_MOST * most_threads()[0] if device.type == "cpu" else GPU_MOST  # on the threads a job may use
         if LEAST_FLOPS <= flops <= most:  # NaN is not
             return None
         return f"a peak of {flops:.3g} FLOP/s, outside the {LEAST_FLOPS:.0e} to {most:.3g} this {device.type} computes"

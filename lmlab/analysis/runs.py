@@ -15,6 +15,7 @@ from typing import Any
 
 from lmlab.analysis.scaling import unique_tokens
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import ReadError
 from lmlab.core.humanize import count, fmt, format_duration, sci
 from lmlab.run.rundir import RunDir
 
@@ -24,7 +25,8 @@ class RunSummary:
     """What `lmlab runs` and `lmlab compare` show about one run directory; None where it is unknown."""
 
     path: Path
-    status: str  # finished | stopped early | stopped (SIGTERM) | running | crashed | half-written | not a run
+    # finished | stopped early | stopped (SIGTERM) | running | crashed | half-written | not a run | unreadable
+    status: str
     params: int | None = None  # of the real vocabulary
     padding: int = 0
     dataset: str | None = None
@@ -68,6 +70,7 @@ class RunSummary:
     judge: dict[str, Any] | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
     trains: list[dict[str, Any]] = field(default_factory=list)
+    problem: str | None = None  # why an unreadable folder cannot be read, and the fix (`listed`)
 
     @property
     def name(self) -> str:
@@ -137,6 +140,8 @@ def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
 
         with torch.device("meta"):  # an older run's start event: its model, built on no memory, says the rest
             model = build_model(config)
+    except ReadError:  # no file to read: the run cannot be summarized
+        raise
     except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
         return
     summary.architecture = model.architecture()
@@ -222,6 +227,15 @@ def steps_of(s: RunSummary) -> str:
         return f"{s.steps:,} of {s.planned_steps:,}"
     first = f" ({s.first_plan:,} planned before its first step)" if s.first_plan != s.planned_steps else ""
     return f"{s.steps:,} of {s.planned_steps:,} in a {format_duration(s.budget_seconds)} budget{first}"
+
+
+def listed(run_dir: Path) -> RunSummary:
+    """`summarize` for a listing of folders: one that cannot be read (a file of it is no file, or unreadable) is a
+    row of status "unreadable" whose `problem` says why, so one bad folder does not end the listing of the others."""
+    try:
+        return summarize(run_dir)
+    except UserError as err:
+        return RunSummary(Path(run_dir), "unreadable", problem=str(err))
 
 
 Kept = tuple[dict[str, dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]

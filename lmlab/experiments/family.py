@@ -17,6 +17,7 @@ from typing import Any
 from lmlab.analysis.scaling import LossSurface, effective_tokens
 from lmlab.core.config import RunConfig
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_text
 from lmlab.core.jsontext import json_sha256, parse_json
 
 MAX_DEPTH = 48  # the deepest member a family has (48 layers of 64 per layer: 3072 wide)
@@ -144,7 +145,7 @@ def fit_path(preset: Path) -> Path:
 
 def preset_sha256(preset: Path) -> str:
     """The sha256 of what `preset` sets (its TOML parsed, keys sorted): a comment or layout edit keeps its fit."""
-    settings = tomllib.loads(Path(preset).read_text(encoding="utf-8"))
+    settings = tomllib.loads(read_text(preset))
     return json_sha256(settings)
 
 
@@ -189,7 +190,7 @@ def read_fit(preset: Path) -> SizeFit | None:
         return None
     again = f"fit it again with `lmlab scaling {preset} --refit`"
     try:
-        raw = parse_json(path.read_text(encoding="utf-8"))
+        raw = parse_json(read_text(path))
         if raw.pop("format", None) != FIT_FORMAT:
             raise ValueError(f"format is not {FIT_FORMAT}")
         kind = _wrong_kind(raw)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lmlab.core.config import RunConfig, checkpoint_name
 from lmlab.core.config_toml import load_config, to_dict, to_toml
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, sha256_file
+from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, read_text, sha256_file
 from lmlab.core.jsontext import parse_json
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
@@ -290,8 +290,8 @@ class RunDir:
         if not path.exists():
             return None
         try:
-            return PromptFormat(**parse_json(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError):
+            return PromptFormat(**parse_json(read_text(path)))
+        except (ValueError, TypeError):  # ValueError: not UTF-8, or not JSON
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
     def chat_template(self) -> ChatTemplate | None:
@@ -339,7 +339,7 @@ class RunDir:
     def _state_field(self, which: str, *keys: str) -> Any:
         """A field of a checkpoint's state.json (`keys` the path to it); None where it is missing."""
         try:
-            value = parse_json((self.checkpoint(which) / "state.json").read_text("utf-8"))
+            value = parse_json(read_text(self.checkpoint(which) / "state.json"))
             for key in keys:
                 value = value[key]
             return value

@@ -14,6 +14,7 @@ from rich.console import Console
 from lmlab.core.config import RunConfig, TrainConfig, checkpoint_label, checkpoint_name
 from lmlab.core.config_toml import build_section, to_dict, toml_value
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import ReadError
 from lmlab.data.loader import resolve_config
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
@@ -254,6 +255,8 @@ class Checkpointer:
             try:
                 state = self.run_dir.read_checkpoint(folder, self.model, self.optimizer, self.parallel.load_checkpoint)
                 return folder, upgrade_training(state["training"])
+            except ReadError:  # not damaged, unreadable here (its permissions): an older one would train over it
+                raise
             except UserError as err:
                 self.console.print(f"[yellow]{err} Trying an older checkpoint.[/yellow]")
         raise UserError(f"no checkpoint of {self.run_dir.path} could be loaded; start the run again.")

@@ -91,6 +91,7 @@ class Outcome:
     lrs: list[float] = field(default_factory=list)
     began: list[float] = field(default_factory=list)  # seconds spent when each step began
     evaluated: list[int] = field(default_factory=list)  # the steps evaluated
+    evaluation: float = 0.0  # the seconds the newest evaluation took
     threads: list[int] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     plans: list[Plan] = field(default_factory=list)  # the plans logged as the run went (`budget` events)
@@ -165,9 +166,8 @@ def _run(trace: Trace) -> Outcome:
         return seconds * trace.step_seconds(clock.now, chooser.choice.threads) / step_now
 
     def evaluate() -> None:
-        batch = slowed(eval_batch)
-        clock.now += budget.plan.eval_iters * batch + trace.plot + (trace.first_eval if not out.evaluated else 0.0)
-        clock.now += trace.checkpoint
+        out.evaluation = budget.plan.eval_iters * slowed(eval_batch) + (trace.first_eval if not out.evaluated else 0.0)
+        clock.now += out.evaluation + trace.plot + trace.checkpoint
         out.evaluated.append(out.steps)
 
     while out.steps < schedule.last_step:
@@ -196,7 +196,7 @@ def _run(trace: Trace) -> Outcome:
             out.plans.append(budget.event)
         if out.steps == schedule.last_step and out.evaluated[-1:] != [out.steps]:
             evaluate()  # the loop's: a step decided the last only after it was taken
-    windows = budget.final_windows(trace.batch_size, clock.now)  # the final score
+    windows = budget.final_windows(trace.batch_size, clock.now, out.evaluation)  # the final score
     clock.now += -(-windows // trace.batch_size) * slowed(eval_batch / 2)
     out.ended = clock.now + trace.plot + EXIT_SECONDS
     return out

@@ -204,8 +204,15 @@ def made_for(bundled: Path) -> tuple[Path, Path]:
     if not (manifest.is_file() and archive.is_file()):
         refuse(f"--from-bundle {bundled} holds no bundle ({MANIFEST} and {ARCHIVE}); make one where lmlab's needs "
                f"are installed (python benchmarks/gpu_needs.py --bundle {bundled}) and copy it here.")
-    made = json.loads(manifest.read_text())
-    for_, here = (made.get("python"), made.get("platform")), (PYTHON, sysconfig.get_platform())
+    try:
+        made = json.loads(manifest.read_text(encoding="utf-8"))
+        for_, here = (made.get("python"), made.get("platform")), (PYTHON, sysconfig.get_platform())
+    except (OSError, ValueError, AttributeError):  # unreadable, not UTF-8 or JSON, or not an object
+        made = None
+    if made is None or not zipfile.is_zipfile(archive):
+        refuse(f"--from-bundle {bundled} holds a damaged bundle ({MANIFEST} is not the JSON object a bundle has, or "
+               f"{ARCHIVE} is not a zip); make it again where lmlab's needs are installed (python "
+               f"benchmarks/gpu_needs.py --bundle {bundled}) and copy it here.")
     if for_ != here:
         refuse(f"{bundled} was made for Python {for_[0]} on {for_[1]} and this is Python {here[0]} on {here[1]}; "
                f"make it again with a Python {here[0]} where lmlab's needs are installed (python{here[0]} "

@@ -67,7 +67,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 def own_cache(tmp_path_factory) -> Path:
     """The machine cache (lmlab.core.cache) of the tests, and of the commands they start, is their own. Its CPU peaks
     are measured for real first (a few more tries if the machine is busy), so the tests' runs do not each measure
-    them again; on a machine that stays busy they stay busy (MFU against the best seen)."""
+    them again; on a machine that stays busy they stay busy (and give no MFU)."""
     import torch
 
     from lmlab.core.peak import measure_into_cache

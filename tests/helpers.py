@@ -59,6 +59,32 @@ def waits_for_lock(pid: int, path: Path) -> bool:
                for line in Path("/proc/locks").read_text().splitlines())
 
 
+DRIVER = """
+import json, sys
+from lmlab.commands import main
+results = []
+for args in json.loads(sys.argv[1]):
+    print("<<<", flush=True)
+    sys.stderr.write("<<<\\n")
+    results.append(main(args))
+    sys.stdout.flush()
+sys.stderr.write("<<<\\n" + json.dumps(results))
+"""
+
+
+def in_one_process(commands: list[list], cwd: Path, under: list = (), timeout: float = 300,
+                   **run) -> list[tuple[int, str, str]]:
+    """Each command through main() in turn in one fresh process (one start-up for them all), `under` the command
+    line it is run by (unshare ...) with subprocess.run's `run` (preexec_fn, env): (status, stdout, stderr) of each.
+    The whole is bounded by `timeout`: a command that would hang fails the test, never holds it."""
+    done = subprocess.run([*map(str, under), sys.executable, "-c", DRIVER, json.dumps([[str(a) for a in c]
+                                                                                      for c in commands])],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout, **run)
+    assert done.returncode == 0, done.stderr
+    *said, results = done.stderr.split("<<<\n")[1:]
+    return list(zip(json.loads(results), done.stdout.split("<<<\n")[1:], said))
+
+
 def lmlab(*args, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     """Run `lmlab ARGS` in `cwd` and check that it succeeded (or, with ok=False, that it failed)."""
     done = subprocess.run([LMLAB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
@@ -851,6 +877,11 @@ def a_machine(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Machin
     """A job's machine on `device` in `dtype`, measuring nothing, on torch's threads now (which it leaves as they
     are): what a test of a rule asks."""
     return Machine(torch.device(device), dtype, ThreadChooser(torch.get_num_threads(), "train.threads"))
+
+
+def trusted(value: object) -> None:
+    """A machine cache reader's check (lmlab.core.cache.recall) that finds nothing wrong: a test reading back what it
+    kept itself."""
 
 
 def forget_choices() -> None:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomli_w
 import torch
 
 from lmlab.commands import build_parser, main
 from lmlab.commands.common import samplings
-from lmlab.core.config import FinetuneConfig, ModelConfig, TrainConfig
+from lmlab.core.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config, load_finetune_config
+from lmlab.core.errors import MOST_CHARACTERS
 from lmlab.model import build_model
 from tests.helpers import ALPACA_TINY, write_config
 
@@ -236,6 +239,27 @@ def test_an_empty_path_option_is_refused_in_one_line(capsys, paths, row, tmp_pat
     assert code == 2 and len(lines) == 1 and "is ''; it must be" in lines[0], lines
     assert any(name in lines[0] for name in row.names()) and not list(tmp_path.iterdir())
     assert not paths["out"].exists()
+
+
+# Every text setting of a config (a type that takes a str): what a preset may hold at any length.
+TEXT_SETTINGS = [f"{section}.{f.name}" for section, cls in (("data", DataConfig), ("model", ModelConfig),
+                                                            ("train", TrainConfig), ("finetune", FinetuneConfig))
+                 for f in dataclasses.fields(cls) if "str" in f.type.split(" | ")]
+
+
+@pytest.mark.parametrize("setting", TEXT_SETTINGS)
+def test_a_text_setting_of_half_a_megabyte_is_quoted_cut_short(capsys, paths, tmp_path, monkeypatch, setting):
+    """Each text setting half a megabyte long in a preset (a command line holds less), planned: refused or taken,
+    every line said is at most a refusal's length (lmlab.core.errors.MOST_CHARACTERS, with what says it was cut
+    short), the value never quoted whole."""
+    monkeypatch.chdir(tmp_path)
+    section, name = setting.split(".")
+    raw = tomllib.loads(paths["config"].read_text())
+    raw.setdefault(section, {})[name] = "x" * 2**19
+    (tmp_path / "long.toml").write_text(tomli_w.dumps(raw))
+    _run(["plan", str(tmp_path / "long.toml")])
+    out, err = capsys.readouterr()
+    assert max(map(len, (out + err).splitlines())) < MOST_CHARACTERS + 40, (setting, err[:300])
 
 
 def _run(argv: list[str]) -> int:

@@ -12,14 +12,18 @@ import pytest
 import torch
 
 from lmlab.analysis.scaling import LossSurface
+from lmlab.core import cache
 from lmlab.core.cache import cache_path
 from lmlab.core.config_toml import load_config
+from lmlab.core.jsontext import json_sha256
+from lmlab.core.machine import READ_BACK
 from lmlab.data.prepare import prepare
-from lmlab.experiments.calibration import SCALES, Calibration, floor_and_scale, prior, recipe
-from lmlab.experiments.family import LrRule, SizeFit, fit_path
+from lmlab.data.shards import read_meta
+from lmlab.experiments.calibration import SCALES, Calibration, calibrate, floor_and_scale, prior, recipe
+from lmlab.experiments.family import Family, LrRule, SizeFit, fit_path, read_fit
 from lmlab.experiments.sizing import with_vocab
 from lmlab.model import build_model
-from tests.helpers import LMLAB, write_config, write_corpus, write_fit
+from tests.helpers import LMLAB, a_machine, write_config, write_corpus, write_fit
 
 FIT = SizeFit("p.toml", "0" * 64, {"bytes_per_token": 1.0}, LossSurface(1.2, 8.4, 0.3, 1180.0, 0.6, 0.012),
               LrRule(1.7, 0.17), [{"depth": 1, "params": 55_360, "tokens": 1_048_576, "val": 1.84, "run": "a"}],
@@ -137,3 +141,23 @@ def test_a_recipe_no_fit_knows_is_sized_by_the_nearest_saying_how_and_the_refit_
             "recipe differs (model.mlp 'gelu', not 'swiglu')") in said
     assert f"`lmlab scaling {mine} --refit --budget 10m` measures one of its own in 10 minutes" in said
     assert "the nearest recipe's fit (1 setting differs)" in said
+
+
+GOOD = {"floor": -0.2, "scale": 1.1, "ratio": 1.0, "seconds": 9.5, "points": []}
+
+
+@pytest.mark.parametrize("edit, trusted", [({}, True), ({"scale": 50.0}, False), ({"floor": math.nan}, False),
+                                           ({"ratio": -1.0}, False), ({"seconds": "long"}, False),
+                                           ({"points": None}, False), ({"extra": 1}, False)])
+def test_a_kept_calibration_is_read_back_only_where_it_is_one_a_measurement_gives(tmp_path, char_dataset, edit,
+                                                                                  trusted):
+    """A calibration kept with `edit` (its checksum recomputed, as an edit would) is read back as kept where it could
+    be a measurement's, else measured again (here: not, a preview's way, so none)."""
+    preset = write_config(tmp_path / "tiny.toml", char_dataset)
+    write_fit(preset, char_dataset, 10_000)
+    cfg, fit, meta = with_vocab(load_config(preset)), read_fit(preset), read_meta(char_dataset)
+    key = {"fit": json_sha256(fit.to_json()), "recipe": recipe(cfg), "train": meta["train"]["sha256"],
+           "val": meta["val"]["sha256"]}
+    cache.keep("calibration", key, {**GOOD, **edit})
+    found = calibrate(Family.of(cfg, str(preset)), fit, a_machine(), meta, 10.0, measure=False)
+    assert (found.how == READ_BACK and found.floor == -0.2) is trusted

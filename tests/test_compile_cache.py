@@ -68,6 +68,21 @@ def test_kernel_builds_cut_short_are_discarded_when_no_other_process_builds_and_
     assert sorted(path.name for path in (cache / "locks").iterdir()) == ["cwhole.lock", "cwrapper.lock"]
 
 
+@pytest.mark.slow
+def test_what_is_no_kernel_file_in_the_compilers_cache_holds_no_command(tmp_path):
+    """A pipe (whose open would wait for a writer), a link to /dev/zero or a folder named as a kernel in Inductor's
+    cache, which every command looks at before it runs: the command runs, and leaves them as they were."""
+    cache = tmp_path / "inductor"
+    (cache / "ab").mkdir(parents=True)
+    os.mkfifo(cache / "ab" / "cpipe.main.so")
+    (cache / "ab" / "czero.main.so").symlink_to("/dev/zero")
+    (cache / "ab" / "cfolder.kernel.o").mkdir()
+    done = subprocess.run([LMLAB, "runs", tmp_path], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (cache / "ab").iterdir()) == ["cfolder.kernel.o", "cpipe.main.so", "czero.main.so"]
+
+
 HOLD = "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); " \
        "sys.stdin.read()"
 

@@ -1,8 +1,17 @@
+import re
+
 import pytest
 
 from lmlab.core import config_toml
 from lmlab.core.config import RunConfig
-from lmlab.core.config_toml import build_config, load_config, load_finetune_config, to_toml, toml_value
+from lmlab.core.config_toml import (
+    apply_overrides,
+    build_config,
+    load_config,
+    load_finetune_config,
+    to_toml,
+    toml_value,
+)
 from lmlab.core.errors import UserError
 
 
@@ -95,6 +104,24 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
     path.write_text("")
     with pytest.raises(UserError, match="section.key=value"):
         load_config(path, ["learning_rate=1"])
+
+
+def test_a_set_key_is_read_as_toml_reads_it_and_what_set_gave_is_blamed_on_set(tmp_path):
+    """`--set model.options."a.b"=1` sets the plugin's option a.b (a key holding a dot, quoted as TOML quotes it),
+    not a table a; a value --set gave of the wrong type, or a key it named that is none, is said to be --set's, not
+    the preset's, whose own mistakes still name it."""
+    assert apply_overrides({}, ['model.options."a.b"=1', "model.options.c.d=2", "model.options.'e f'=3"]) == {
+        "model": {"options": {"a.b": 1, "c": {"d": 2}, "e f": 3}}}
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nbatch_size = 2\n")
+    for settings, said in ((["train.max_iters=many"], "--set: train.max_iters must be int, got 'many'"),
+                           (["train.bogus=1"], "--set: unknown key train.bogus; valid keys in [train] are"),
+                           (['model.options."a.b"={}'], "--set: model.options.a.b is {}; a plugin's setting is")):
+        with pytest.raises(UserError, match=re.escape(said)):
+            load_config(path, settings)
+    path.write_text("[train]\nmax_iters = 'many'\n")
+    with pytest.raises(UserError, match=re.escape(f"{path}: train.max_iters must be int")):
+        load_config(path, ["train.batch_size=2"])
 
 
 @pytest.mark.parametrize("text", ['we"ird\\path', "a\rcarriage return", "tab\tand\nlines", "\x7f\x1b[0m", "é ✓"])

@@ -493,16 +493,29 @@ def test_a_bundle_onto_a_file_or_a_device_is_refused_in_a_sentence(tmp_path, tar
     assert (checkout / "pyproject.toml").read_text() == (ROOT / "pyproject.toml").read_text()
 
 
-def test_a_venv_from_a_bundle_that_is_missing_or_for_another_python_is_refused_before_anything_is_made(tmp_path):
-    other = tmp_path / "bundle"
-    other.mkdir()
-    (other / "bundle.json").write_text(json.dumps({"python": "3.10", "platform": sysconfig.get_platform()}))
-    zipfile.ZipFile(other / "bundle.zip", "w").close()
+def bundle_of(folder: Path, manifest: bytes, archive: bytes | None = None) -> Path:
+    """A bundle folder of these bytes: bundle.json, and bundle.zip (an empty zip where none is given)."""
+    folder.mkdir()
+    (folder / "bundle.json").write_bytes(manifest)
+    if archive is None:
+        zipfile.ZipFile(folder / "bundle.zip", "w").close()
+    else:
+        (folder / "bundle.zip").write_bytes(archive)
+    return folder
+
+
+def test_a_venv_from_a_bundle_that_is_missing_damaged_or_for_another_python_is_refused_before_anything_is_made(
+        tmp_path):
     python, platform = f"{sys.version_info.major}.{sys.version_info.minor}", sysconfig.get_platform()
+    other = bundle_of(tmp_path / "bundle", json.dumps({"python": "3.10", "platform": platform}).encode())
+    here = json.dumps({"python": python, "platform": platform}).encode()
+    damaged = [bundle_of(tmp_path / f"damaged-{n}", *files) for n, files in enumerate(
+        [(os.urandom(3000),), (b"{not json",), (b"[1, 2]",), (here, b"PK\3\4 cut short")])]
     for bundle, start, end in (
             (other, f"{other} was made for Python 3.10 on {platform} and this is Python {python} on {platform}; "
                     f"make it again with a Python {python}", f"--bundle {other})."),
-            (tmp_path / "missing", f"--from-bundle {tmp_path / 'missing'} holds no bundle", "copy it here.")):
+            (tmp_path / "missing", f"--from-bundle {tmp_path / 'missing'} holds no bundle", "copy it here."),
+            *((d, f"--from-bundle {d} holds a damaged bundle", f"--bundle {d}) and copy it here.") for d in damaged)):
         done = subprocess.run([sys.executable, "benchmarks/gpu_needs.py", "--venv", tmp_path / "gpu", "--from-bundle",
                                bundle], cwd=ROOT, capture_output=True, text=True)
         one_sentence(done, start, end)

@@ -7,22 +7,29 @@ Machine."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from lmlab.core import cache
+from lmlab.core import cache, peak
 from lmlab.core.cache import cache_path
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.machine import GRAPHS_STEP, no_graphs
+from lmlab.core.peak import peak_flops, peak_key
 from lmlab.model import build_model
+from lmlab.model.memory import remembered
+from lmlab.run.rundir import RunDir
+from lmlab.train import timing
 from lmlab.train.step import TrainStep
-from lmlab.train.timing import time_config, time_step, timing_key
+from lmlab.train.timing import Timing, time_config, time_step, timing_key
 from tests.helpers import (
     ALPACA_TINY,
     CPU_KIND_HOOK,
@@ -33,6 +40,7 @@ from tests.helpers import (
     chosen,
     forget_choices,
     roomier,
+    trusted,
     write_config,
 )
 
@@ -42,13 +50,13 @@ CPU = torch.device("cpu")
 def kept(value: int) -> int | None:
     """Keep `value` under a key of its own, then read it back as a new process would."""
     cache.keep("test", {"value": value}, {"n": value})
-    found = cache.recall("test", {"value": value})
+    found = cache.recall("test", {"value": value}, trusted)
     return None if found is None else found["n"]
 
 
 def test_a_value_is_kept_per_kind_and_key_and_read_back():
-    assert (kept(1), kept(2), cache.recall("test", {"value": 3}), cache.recall("other", {"value": 1})) == (1, 2, None,
-                                                                                                         None)
+    missing = cache.recall("test", {"value": 3}, trusted), cache.recall("other", {"value": 1}, trusted)
+    assert (kept(1), kept(2), *missing) == (1, 2, None, None)
     entries = json.loads(cache_path().read_text())["entries"]
     assert {e["kind"] for e in entries.values()} >= {"test", "peak"}  # the peaks beside: one file
 
@@ -56,7 +64,7 @@ def test_a_value_is_kept_per_kind_and_key_and_read_back():
 @pytest.mark.parametrize("damage, note", [
     (lambda path: path.write_text("{not json"), "is not valid JSON (damaged, or edited by hand)"),
     (lambda path: path.write_text(json.dumps({"format": 0, "entries": {}})), "was written by another lmlab"),
-    (lambda path: path.write_text(path.read_text().replace('"n": 7', '"n": 8')), "does not match its checksum"),
+    (lambda path: path.write_text(path.read_text().replace('"n": 7', '"n": 8')), "do not match its checksum"),
 ])
 def test_a_damaged_or_edited_cache_is_a_note_and_a_measurement(damage, note):
     kept(7)
@@ -64,7 +72,7 @@ def test_a_damaged_or_edited_cache_is_a_note_and_a_measurement(damage, note):
     try:
         damage(cache_path())
         cache.take_notes()
-        assert cache.recall("test", {"value": 7}) is None
+        assert cache.recall("test", {"value": 7}, trusted) is None
         notes = cache.take_notes()
         assert len(notes) == 1 and note in notes[0] and "measured again" in notes[0]
         assert cache.take_notes() == []  # said once
@@ -90,17 +98,93 @@ def test_an_unwritable_cache_is_a_note_naming_it_and_the_value_stands(tmp_path, 
     assert ("it is a folder" in " ".join(notes)) == (blocked == "folder")
 
 
+# What may stand where the machine cache's file or its lock is, and a word of the note that says so.
+IN_ITS_PLACE = {
+    "pipe": (os.mkfifo, "it is a named pipe, not a file"),
+    "device": (lambda path: path.symlink_to("/dev/zero"), "it is a link to /dev/zero, a character device"),
+    "folder": (Path.mkdir, "folder"),
+    "bytes": (lambda path: path.write_bytes(os.urandom(3000)), "is not valid JSON (damaged, or edited by hand)"),
+}
+TRAIN_2 = ["train", "{config}", "--run", "{run}", "--device", "cpu"]
+SAMPLE_2 = ["sample", "{auto}", "--max-new-tokens", "2"]
+
+
 @pytest.mark.slow
-def test_train_goes_on_over_a_folder_where_the_cache_goes_and_says_so_once(tmp_path, char_dataset):
+@pytest.mark.parametrize("name, damage, command", [
+    *((name, damage, TRAIN_2 if damage == "pipe" else SAMPLE_2) for name in ("machine.json", ".machine.json.lock")
+      for damage in ("pipe", "device", "folder")),
+    *(("machine.json", "bytes", command) for command in (TRAIN_2, ["plan", "{config}"], SAMPLE_2))])
+def test_a_command_goes_on_over_what_stands_in_the_caches_place_and_says_so_once(tmp_path, tiny_run, name, damage,
+                                                                                command):
+    """A pipe (whose open would wait for a writer), a device, a folder or bytes that are not UTF-8 where the cache
+    or its lock is: the command runs, measuring what it would have read, and one note names that file; a pipe,
+    device or folder is left as it was, never written through or over."""
     cache_home = tmp_path / "home"
-    (cache_home / "lmlab" / "machine.json").mkdir(parents=True)
-    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=3)
-    done = subprocess.run([LMLAB, "train", config, "--run", tmp_path / "run", "--device", "cpu"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
-    assert done.returncode == 0, done.stderr
-    said = [note for note in " ".join(done.stdout.split("\n")).split("note: ")[1:] if "machine cache" in note]
-    assert len(said) == 2 and all("machine.json" in n and "XDG_CACHE_HOME" in " ".join(n.split()) for n in said), said
-    assert {"read" in said[0], "written" in said[1]} == {True}
+    (cache_home / "lmlab").mkdir(parents=True)
+    make, said = IN_ITS_PLACE[damage]
+    make(cache_home / "lmlab" / name)
+    auto = Path(shutil.copytree(tiny_run, tmp_path / "auto"))  # its dtype chosen by the peaks the cache keeps
+    (auto / "config.toml").write_text((auto / "config.toml").read_text().replace('"float32"', '"auto"'))
+    names = {"config": write_config(tmp_path / "tiny.toml", RunDir(tiny_run).config().data.dataset, max_iters=2),
+             "run": tmp_path / "run", "auto": auto}
+    done = subprocess.run([LMLAB, *(part.format(**names) for part in command)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    notes = [note for note in " ".join((done.stdout + done.stderr).split()).split("note: ") if "machine cache" in note]
+    assert len(notes) == 1 and f"{cache_home / 'lmlab' / name} " in notes[0] and said in notes[0], notes
+    assert damage == "bytes" or not (cache_home / "lmlab" / name).is_file()
+
+
+TINY = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20),
+                 train=TrainConfig(batch_size=2, attention="fused"))
+
+
+def peak_read_back(edit: dict) -> float:
+    """This CPU's float32 peak kept as a quiet measurement's entry with `edit` (its checksum recomputed), then had
+    as a command's start has it: its FLOP/s."""
+    entry = {"flops": 2e11, "quiet": True, "measured_at": "2026-11-22 18:39:39",
+             "load": {"seconds": 0.75, "cores": 2, "others": 0.01, "loadavg": 0.3}}
+    cache.keep("peak", peak_key(CPU, torch.float32), {**entry, **edit})
+    peak._memo.clear()
+    return peak_flops(CPU, torch.float32).flops
+
+
+def timing_read_back(edit: dict) -> Timing | None:
+    """A tiny config's step timing kept with `edit`, then read back as a budget reads it (`timing.recall`)."""
+    machine, kept = a_machine(), Timing(torch.get_num_threads(), 0.5, 0.1, 0.1, 1000, 1.0, "fused")
+    timing.keep(machine, TINY, dataclasses.replace(kept, **edit))
+    return timing.recall(machine, TINY, build_model(TINY.model), "fused")
+
+
+def memory_read_back(kept: object) -> list[int]:
+    """A memory estimate kept as `kept`, then had again as the memory check has it."""
+    remembered("test", TINY.model, lambda: kept)  # kept as it is: keeping checks nothing
+    return remembered("test", TINY.model, lambda: [7])
+
+
+@pytest.mark.parametrize("read_back, edit, measured", [
+    *((peak_read_back, {"flops": flops}, lambda flops: 1e8 < flops < 1e15) for flops in (
+        1e30, -2e11, 0.0, 1e3, math.nan, "fast", None)),
+    (peak_read_back, {"quiet": "yes"}, lambda flops: flops != 2e11),
+    (peak_read_back, {"load": {"others": 5.0}}, lambda flops: flops != 2e11),
+    *((timing_read_back, {name: value}, lambda timing: timing is None) for name, value in (
+        ("step", 1e-9), ("step", -0.5), ("step", 0.0), ("step", math.nan), ("step", math.inf), ("step", "fast"),
+        ("eval_batch", -1.0), ("checkpoint_bytes", None))),
+    *((memory_read_back, kept, lambda bytes_: bytes_ == [7]) for kept in ([-1], ["a"], "text", [2**70], None)),
+])
+def test_every_value_read_back_from_the_cache_is_checked_before_it_is_trusted(tmp_path, monkeypatch, read_back, edit,
+                                                                            measured):
+    """A value in the cache edited with its checksum recomputed (a peak past what the processor computes or of
+    another type, a step faster than its FLOPs at that ceiling, negative, NaN or text, a memory estimate that is no
+    count of bytes): its reader drops it with a note naming the entry and what it holds, and has the value again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(peak, "SECONDS", 0.04)
+    monkeypatch.setattr(peak, "_memo", {})
+    cache.take_notes()
+    assert measured(read_back(edit))
+    notes = cache.take_notes()
+    assert len(notes) == 1 and "the machine cache's entry" in notes[0] and " holds " in notes[0], notes
+    assert notes[0].endswith("(edited by hand, or damaged): it is measured again.")
 
 
 def test_the_budget_timing_on_the_runs_own_step_leaves_its_bits_as_they_were():
@@ -136,7 +220,8 @@ def test_a_timing_cut_short_by_its_deadline_is_not_kept():
     machine = a_machine()
     for deadline, full in ((0.0, False), (float("inf"), True)):
         timing = time_config(cfg, machine, deadline)
-        assert timing.full == full and (cache.recall("timing", timing_key(machine, cfg, "fused")) is not None) == full
+        kept = cache.recall("timing", timing_key(machine, cfg, "fused"), trusted)
+        assert timing.full == full and (kept is not None) == full
 
 
 @pytest.mark.slow

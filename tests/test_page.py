@@ -5,10 +5,10 @@ loading, and a stream the server cut. One browser for every check."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
-import shutil
 import signal
 import time
 import urllib.request
@@ -33,9 +33,9 @@ class Serving:
     """`lmlab serve RUN --api-key KEY` on the port the system gives it, its stderr collected; it may still be
     loading."""
 
-    def __init__(self, run: Path, *options: str):
+    def __init__(self, run: Path, *options: str, env: dict[str, str] | None = None):
         self.proc, self.port, self.log = serve_process([LMLAB, "serve", run, "--device", "cpu", "--no-compile",
-                                                        "--api-key", KEY, *options])
+                                                        "--api-key", KEY, *options], env)
         self.url = f"http://127.0.0.1:{self.port}"
         self.wait(lambda status: status is not None)
 
@@ -190,21 +190,19 @@ def test_the_page_says_what_went_wrong_never_blank(browser, server, run, tmp_pat
     assert "never saw" in page.locator(".col .error").first.inner_text()
     page.close()
 
-    # A server still loading: its run's dataset.json is a pipe, which the load reads when this test writes it.
-    loading = tmp_path / "loading"
-    shutil.copytree(run, loading)
-    facts = (loading / "dataset.json").read_bytes()
-    (loading / "dataset.json").unlink()
-    os.mkfifo(loading / "dataset.json")
-    slow = Serving(loading, "--max-tokens-cap", "2000")
+    # A server still loading: with a cache of its own, its load keeps the memory it estimated there, under the
+    # cache's lock, which this test holds as another lmlab process writing the cache would.
+    (tmp_path / "cache" / "lmlab").mkdir(parents=True)
+    held = open(tmp_path / "cache" / "lmlab" / ".machine.json.lock", "w")  # closed to let it load
+    fcntl.flock(held, fcntl.LOCK_EX)
+    slow = Serving(run, "--max-tokens-cap", "2000", env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     try:
-        slow.wait(lambda status: status == 503)  # its port answers; its run waits on the pipe
+        slow.wait(lambda status: status == 503)  # its port answers; its run waits for the lock
         page = open_page(browser, slow.url)
         sync_api.expect(page.locator("#status")).to_contain_text("loading")
         assert "loading the run" in page.text_content("#status")
         shot(page, tmp_path, "loading")
-        with open(loading / "dataset.json", "wb") as pipe:
-            pipe.write(facts)
+        held.close()
         sync_api.expect(page.locator("#status")).to_have_text("ready", timeout=60_000)
 
         # A stream the server cuts: it is killed once the page shows the first words of a long completion.
@@ -220,6 +218,7 @@ def test_the_page_says_what_went_wrong_never_blank(browser, server, run, tmp_pat
         assert page.locator(".col .tok").count() > 2  # what came before the cut is still shown
         shot(page, tmp_path, "cut")
     finally:
+        held.close()
         slow.stop()
     page.close()
 

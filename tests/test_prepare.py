@@ -117,6 +117,30 @@ def test_a_short_first_document_of_many_is_split_like_the_others(tmp_path):
     assert meta["train"]["documents"] + meta["val"]["documents"] == 11
 
 
+@pytest.mark.parametrize("sizes, held", [((1,) * 4, "25.0%"), ((3, 1, 1, 1, 1), ""), ((1,) * 20, None)],
+                         ids=["four alike: a quarter", "a large one among small", "twenty alike: the ask"])
+def test_prepare_says_what_it_held_out_where_whole_documents_miss_the_val_fraction(tmp_path, capsys, sizes, held):
+    """Documents go to val whole, so --val-fraction 0.1 of four documents held out 25% of the characters (of five, a
+    large one among them, 14% or 43%, by their names' order): prepare and data stats say so, with why; a share near
+    the ask says nothing."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, size in enumerate(sizes):
+        (corpus / f"part{i:02d}.txt").write_text(f"line of part {i:02d}\n" * 50 * size)
+    assert main(["prepare", str(corpus), "--tokenizer", "char", "--out-dir", str(tmp_path), "--val-fraction",
+                 "0.1"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    meta = json.loads(next(tmp_path.glob("corpus-char/meta.json")).read_text())
+    val, documents = meta["val"], len(sizes)
+    share = 100 * val["characters"] / (val["characters"] + meta["train"]["characters"])
+    sentence = (f"val: {share:.1f}% of the characters, not the 10% asked (--val-fraction 0.1): documents are split "
+                f"whole, {val['documents']} of {documents} to val, of {val['characters'] / val['documents']:,.0f} "
+                "characters on average")
+    assert (sentence in said) == (held is not None) and (held is None or f"val: {held}" in sentence)
+    assert main(["data", "stats", str(tmp_path / "corpus-char")]) == 0
+    assert (sentence in " ".join(capsys.readouterr().out.split())) == (held is not None)
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "empty"),
     (b"\xff\xfe not utf-8", "not UTF-8"),

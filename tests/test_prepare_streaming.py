@@ -176,6 +176,24 @@ def test_a_val_split_sized_in_tokens_says_where_it_landed_for_every_outcome(got,
     assert landing(meta) == [said]
 
 
+@pytest.mark.parametrize("val, rule, said", [
+    (1000, "whole documents by sha256 of name", None),  # the ask
+    (1090, "whole documents by sha256 of name", None),  # within a tenth of it
+    (1220, "whole documents by sha256 of name", "val: 12.2% of the characters, not the 10% asked"),
+    (2200, "whole documents by sha256 of name", "val: 22.0% of the characters, not the 10% asked"),  # round 8's
+    (800, "whole documents by sha256 of name", "val: 8.0% of the characters, not the 10% asked"),  # n - 1 at most
+    (2200, "tail of the only document", None),  # cut at a line, not whole documents
+])
+def test_a_val_split_of_whole_documents_far_from_its_fraction_says_what_it_held_out(val, rule, said):
+    """Over the range of shares whole documents can take of --val-fraction 0.1's ask: within a tenth of it nothing is
+    said; farther, above or below, one sentence with the share, the ask and why."""
+    meta = {"options": {}, "split": {"rule": rule, "val_fraction": 0.1},
+            "train": {"characters": 10_000 - val, "documents": 30}, "val": {"characters": val, "documents": 4}}
+    lines = landing(meta)
+    assert lines == ([] if said is None else [f"{said} (--val-fraction 0.1): documents are split whole, 4 of 34 to "
+                                              f"val, of {val / 4:,.0f} characters on average"])
+
+
 def test_val_tokens_sizes_the_val_split(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents(300))
     _, meta, _ = prepare([str(source)], "word:100", out_dir=tmp_path, val_fraction=0.5,

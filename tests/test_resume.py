@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from lmlab.commands import main
+from lmlab.core import cache, peak
 from lmlab.core.busy import cores
 from lmlab.core.config import FinetuneConfig, TrainConfig
 from lmlab.core.config_toml import load_config, toml_value
 from lmlab.core.errors import UserError
+from lmlab.core.peak import peak_key
 from lmlab.run.rundir import RunDir
 from lmlab.train.finetune import finetune
 from lmlab.train.loop import Trainer
@@ -36,6 +38,7 @@ from tests.helpers import (
     cpu_ticks,
     digests,
     events_of,
+    fake_cpu,
     refused,
     run_cli,
     same_weights,
@@ -55,7 +58,11 @@ def lrs(run) -> dict[int, float]:
 
 
 def said(capsys) -> str:
-    return " ".join(capsys.readouterr().out.split())
+    return said_in(capsys.readouterr().out)
+
+
+def said_in(out: str) -> str:
+    return " ".join(out.split())
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
@@ -530,3 +537,56 @@ def test_a_setting_a_resume_honours_is_in_config_toml_and_its_resume_event(capsy
     assert ("schedule " in said and " from step " in said) == (expected == RELAID or mode == "steps")
     if mode == "budget":
         assert "by its checkpoint's plan" in said
+
+
+CHANGED = ("--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4", "--set", "train.max_iters=120",
+           "--set", "train.eval_interval=1000", "--set", "train.checkpoint_interval=50")  # its next checkpoint: 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("then", ["killed, resumed plainly", "killed, resumed with other changes",
+                                  "checkpointed, resumed plainly"])
+def test_a_resume_that_changed_settings_stays_on_record_however_the_next_resume_goes(tmp_path, trained, then):
+    """A resume whose --set changes settings rewrites config.toml as it begins. Killed before its next checkpoint, the
+    next resume goes on from the checkpoint before it, by config.toml's settings: its resume event and line say each
+    change from those that checkpoint trained by (its state.json keeps them), not from config.toml's, so nothing reads
+    as if the run always had them. Once a checkpoint carries them, a plain resume changes nothing and the record of
+    the change stays before it."""
+    run, checkpointed = copy_run(trained, tmp_path), then.startswith("checkpointed")
+    proc = spawn("train", "--resume", run, *CHANGED, cwd=tmp_path)
+    wait_until((lambda: 50 in [e["step"] for e in events_of(run, "checkpoint")]) if checkpointed else
+               (lambda: RunDir(run).config().train.learning_rate == 1e-3), proc)
+    proc.kill()
+    proc.wait()
+    assert RunDir(run).step_folders()[-1].name == ("step_000050" if checkpointed else "step_000020")
+    more = ["--set", "train.spike_zscore=5.0"] if "other changes" in then else []
+    done = subprocess.run([LMLAB, "train", "--resume", run, *more], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    train, resumes = RunDir(run).config().train, events_of(run, "resume")
+    assert (train.learning_rate, train.batch_size, events_of(run, "end")[-1]["step"]) == (1e-3, 4, 120)
+    assert [r["step"] for r in resumes] == ([20, 50] if checkpointed else [20])
+    changed = resumes[0]["changed"]
+    assert changed["train.learning_rate"] == [3e-3, 1e-3] and changed["train.batch_size"] == [8, 4]
+    assert ("train.spike_zscore" in changed) == bool(more) and ("changed" in resumes[-1]) != checkpointed
+    said = " ".join(done.stdout.split())
+    assert ("train.learning_rate 0.003 -> 0.001" in said and "train.batch_size 8 -> 4" in said) != checkpointed
+
+
+@pytest.mark.slow
+def test_a_resume_whose_machine_chose_another_dtype_says_it_as_a_change(tmp_path, char_dataset, monkeypatch, capsys):
+    """`dtype = "auto"` trained in bf16 on a CPU where it paid, resumed on one where it does not (a CPU kind faked,
+    its peaks cached): float32 from there, said where changes are said, in the resume line and event."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fake_cpu(monkeypatch, "avx512-bf16")
+    for dtype, flops in ((torch.bfloat16, 1.8e12), (torch.float32, 0.28e12)):
+        cache.keep("peak", peak_key(torch.device("cpu"), dtype), {"flops": flops, "quiet": True,
+                                                                 "measured_at": "2026-11-22 18:39:39", "load": None})
+    config = write_config(tmp_path / "tiny.toml", char_dataset, max_iters=10)
+    for kind, more in (("avx512-bf16", ["--run", tmp_path / "run", config, "--set", "train.dtype=auto"]),
+                       ("avx2", ["--resume", tmp_path / "run", "--set", "train.max_iters=14"])):
+        fake_cpu(monkeypatch, kind)
+        monkeypatch.setattr(peak, "_memo", {})  # another command, on another machine
+        code, out, err = run_cli(capsys, "train", *more)
+        assert code == 0, err
+    assert events_of(tmp_path / "run", "resume")[-1]["changed"]["dtype"] == ["bfloat16", "float32"]
+    assert 'from here train.max_iters 10 -> 14, dtype "bfloat16" -> "float32"' in said_in(out)

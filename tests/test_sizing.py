@@ -37,7 +37,18 @@ from lmlab.experiments.sizing import choose_size, with_vocab
 from lmlab.model import build_model
 from lmlab.run.rundir import RunDir
 from lmlab.train.timing import Timing, timing_key, timing_seconds
-from tests.helpers import LMLAB, ROOT, a_machine, cpu_ticks, meta_reads, run_cli, wait_until, write_config, write_fit
+from tests.helpers import (
+    LMLAB,
+    ROOT,
+    a_machine,
+    cpu_ticks,
+    meta_reads,
+    run_cli,
+    trusted,
+    wait_until,
+    write_config,
+    write_fit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +266,7 @@ def test_a_size_whose_steps_could_fit_the_budget_is_timed_and_chosen(preset, mon
     try:
         made = choose_size(preset, cfg, time.perf_counter(), machine)
         # What it timed of the chosen size is this machine's (lmlab.core.cache): its run reads it back.
-        kept = cache.recall("timing", timing_key(machine, made.config, "fused", 1))
+        kept = cache.recall("timing", timing_key(machine, made.config, "fused", 1), trusted)
     finally:
         machine.threads.restore()
     assert timed[0] == 1 and made.chosen.steps and made.chosen.timing

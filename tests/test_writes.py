@@ -28,31 +28,13 @@ from tests.helpers import (
     copy_run,
     digests,
     drop_root_bypass,
+    in_one_process,
     refused,
     refused_process,
     stable_events,
     write_config,
     write_corpus,
 )
-
-DRIVER = """
-import json, sys
-from lmlab.commands import main
-results = []
-for args in json.loads(sys.argv[1]):
-    sys.stderr.write("<<<\\n")
-    results.append(main(args))
-sys.stderr.write("<<<\\n" + json.dumps(results))
-"""
-
-
-def _run_all(commands: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
-    """Each command through main() in one real process with permission bits enforced: (status, stderr)."""
-    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[str(a) for a in c] for c in commands])],
-                          cwd=cwd, capture_output=True, text=True, preexec_fn=drop_root_bypass, timeout=300)
-    assert done.returncode == 0, done.stderr
-    *said, results = done.stderr.split("<<<\n")[1:]
-    return list(zip(json.loads(results), said))
 
 
 @pytest.mark.slow
@@ -67,7 +49,7 @@ def test_a_destination_that_cannot_be_written_is_one_sentence(tmp_path, tiny_run
     assert probe.returncode != 0, "the folder is writable: the test would prove nothing"
     config = write_config(tmp_path / "tiny.toml", Path(RunDir(tiny_run).config().data.dataset))
     try:
-        results = _run_all([["train", config, "--run", locked / "run"],
+        results = in_one_process([["train", config, "--run", locked / "run"],
                             ["train", "--resume", shared, "--set", "train.max_iters=20"],
                             ["finetune", imported_gpt2, "--data", ALPACA_TINY, "--out", locked / "tuned"],
                             ["prepare", corpus_dir, "--tokenizer", "char", "--out-dir", locked / "data"],
@@ -76,16 +58,16 @@ def test_a_destination_that_cannot_be_written_is_one_sentence(tmp_path, tiny_run
                             ["report", tiny_run, "--out", locked / "report"],
                             ["answer", imported_gpt2, "--data", ALPACA_TINY, "--out", locked / "a.jsonl"],
                             ["sample", shared, "--max-new-tokens", "5"],
-                            ["eval", shared, "--json"]], tmp_path)
+                            ["eval", shared, "--json"]], tmp_path, preexec_fn=drop_root_bypass)
     finally:
         for folder in [locked, *locked.rglob("*")]:
             folder.chmod(0o755)
-    for status, err in results[:-2]:
+    for status, _, err in results[:-2]:
         lines = err.strip().splitlines()
         assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
         assert "(Permission denied)" in lines[0] and "make it writable for you or choose another folder" in lines[0]
         assert "free some space" not in lines[0]
-    for status, err in results[-2:]:  # the sample was printed, the evaluation too: only not kept in the run
+    for status, _, err in results[-2:]:  # the sample was printed, the evaluation too: only not kept in the run
         assert status == 0 and "not kept in the run" in err and "(Permission denied)" in err, err
     assert sorted(p.name for p in locked.iterdir()) == ["shared"]
 
@@ -105,15 +87,12 @@ def test_a_read_only_file_system_is_named_as_one(tmp_path, tiny_run):
     commands = [["train", config, "--run", mounted / "new"], ["train", "--resume", mounted / "run", "--set",
                                                               "train.max_iters=20"],
                 ["sample", mounted / "run", "--max-new-tokens", "5"], ["eval", mounted / "run", "--json"]]
-    done = subprocess.run(["unshare", "-m", "-r", "sh", "-c", READ_ONLY_MOUNT, "sh", source, mounted, sys.executable,
-                           "-c", DRIVER, json.dumps([[str(a) for a in c] for c in commands])], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    *said, statuses = done.stderr.split("<<<\n")[1:]
-    for status, err in zip(json.loads(statuses), said):
+    results = in_one_process(commands, tmp_path, under=["unshare", "-m", "-r", "sh", "-c", READ_ONLY_MOUNT, "sh",
+                                                        source, mounted])
+    for status, _, err in results:
         assert "read-only file system" in err and "free some space" not in err and "Traceback" not in err, err
         assert status == (2 if "not kept in the run" not in err else 0), err
-    assert json.loads(statuses) == [2, 2, 0, 0]
+    assert [status for status, _, _ in results] == [2, 2, 0, 0]
     assert sorted(p.name for p in source.iterdir()) == ["run"] and not list(mounted.iterdir())
 
 
@@ -235,7 +214,7 @@ def test_a_cache_folder_that_cannot_be_written_stops_nothing(tmp_path, tiny_run)
             folder.chmod(0o755)
     said = " ".join(trained.stdout.split())
     assert trained.returncode == 0 and "best val loss" in said, trained.stdout + trained.stderr
-    assert f"note: the machine cache {cache}/lmlab/machine.json cannot be written (Permission denied" in said
+    assert f"note: the machine cache {cache}/lmlab/.machine.json.lock cannot be written (Permission denied" in said
     assert "Matplotlib" not in trained.stderr and "Traceback" not in trained.stderr
     assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
     assert besides_load_notes(sampled.stderr).startswith("generated "), sampled.stderr  # its speed line alone

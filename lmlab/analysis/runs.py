@@ -15,6 +15,7 @@ from typing import Any
 
 from lmlab.analysis.scaling import unique_tokens
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import ReadError
 from lmlab.core.humanize import count, fmt, format_duration, sci
 from lmlab.run.rundir import RunDir
 
@@ -24,7 +25,8 @@ class RunSummary:
     """What `lmlab runs` and `lmlab compare` show about one run directory; None where it is unknown."""
 
     path: Path
-    status: str  # finished | stopped early | stopped (SIGTERM) | running | crashed | half-written | not a run
+    # finished | stopped early | stopped (SIGTERM) | running | crashed | half-written | not a run | unreadable
+    status: str
     params: int | None = None  # of the real vocabulary
     padding: int = 0
     dataset: str | None = None
@@ -68,6 +70,7 @@ class RunSummary:
     judge: dict[str, Any] | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
     trains: list[dict[str, Any]] = field(default_factory=list)
+    problem: str | None = None  # why an unreadable folder cannot be read, and the fix (`listed`)
 
     @property
     def name(self) -> str:
@@ -143,6 +146,8 @@ def _describe(run: RunDir, start: dict[str, Any], summary: RunSummary) -> None:
 
         with torch.device("meta"):  # an older run's start event: its model, built on no memory, says the rest
             model = build_model(config)
+    except ReadError:  # no file to read: the run cannot be summarized
+        raise
     except (UserError, AssertionError):  # a config from another version, hand-edited, or without a vocab
         return
     summary.architecture = model.architecture()
@@ -178,7 +183,7 @@ def summarize(run_dir: Path, checkpoint: str = "best") -> RunSummary:
     summary.tokens_per_sec = _median([e.get("tokens_per_sec") for e in summary.trains])
     sized = [e.get("predicted_val") for e in events if e.get("event") == "sizing"]
     summary.predicted_val = sized[0] if sized else None  # a number or null: the sizing event's schema
-    logged = [e.get("mfu") for e in summary.trains]
+    logged = _mfus(events)
     # Above 100% the run's peak was wrong (an emulated kernel's, before lmlab checked): none of its MFU stands.
     summary.mfu = None if any(m is not None and m > 1 for m in logged) else _median(logged)
     progress = [e for e in events if "step" in e and "tokens" in e]
@@ -230,6 +235,15 @@ def steps_of(s: RunSummary) -> str:
     return f"{s.steps:,} of {s.planned_steps:,} in a {format_duration(s.budget_seconds)} budget{first}"
 
 
+def listed(run_dir: Path) -> RunSummary:
+    """`summarize` for a listing of folders: one that cannot be read (a file of it is no file, or unreadable) is a
+    row of status "unreadable" whose `problem` says why, so one bad folder does not end the listing of the others."""
+    try:
+        return summarize(run_dir)
+    except UserError as err:
+        return RunSummary(Path(run_dir), "unreadable", problem=str(err))
+
+
 Kept = tuple[dict[str, dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]
 
 
@@ -276,6 +290,18 @@ def _text(meta: dict[str, Any]) -> str | None:
     by_tokens = split.get("val_tokens") or meta.get("rows")
     return json.dumps([meta["input_sha256"], meta.get("normalize"), *(split.get(key) for key in (
         "rule", "val_fraction", "cut_at_char", "val_documents")), meta.get("tokenizer") if by_tokens else None])
+
+
+def _mfus(events: list[dict[str, Any]]) -> list[float | None]:
+    """The MFU of each train line logged against a quiet peak: a run from before lmlab gave none against a busy one
+    logged it, reading high (the peak in force is its start's, then its newest resume's)."""
+    quiet, logged = True, []
+    for e in events:
+        if e.get("event") in ("start", "resume"):
+            quiet = e.get("peak_quiet") is not False
+        elif e.get("event") == "train" and e.get("loss") is not None and quiet:
+            logged.append(e.get("mfu"))
+    return logged
 
 
 def _median(values: list[float | None]) -> float | None:

@@ -136,8 +136,8 @@ def _config(config: str | Path | RunConfig | None, run: str | Path | None, resum
     if isinstance(config, RunConfig):
         if run is None:
             raise UserError("a RunConfig has no file name to name its run after; pass run=\"runs/NAME\".")
-        return build_config(apply_overrides(to_dict(config), settings), "the config"), check_destination(run, "--run",
-                                                                                                         "run")
+        resolved = build_config(apply_overrides(to_dict(config), settings), "the config", settings)
+        return resolved, check_destination(run, "--run", "run")
     if config is None:
         raise UserError("lmlab train needs a CONFIG.toml, or --resume RUN to continue a run.")
     cfg = load_config(Path(config), settings)

@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a file or folder no command checked itself: named, with what to do
         from lmlab.core.fileio import os_fix
 
-        path = err.filename or "a file"
-        return _say(f"{path}: {err.strerror or err}; {os_fix(err, path, writing=False)}, then run the command again.")
+        path = err.filename or "a file"  # a refusal as any other, its path cut short as UserError cuts one
+        return _say(str(UserError(f"{path}: {err.strerror or err}; {os_fix(err, path, writing=False)}, then run the "
+                                  "command again.")))
     except MemoryError:
         return _say("this machine ran out of memory; use a smaller size (batch, --num-samples, --max-batch) or model.")
     except KeyboardInterrupt as err:  # Ctrl-C, or a `Stopped` with its own line
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _say(f"the device ran out of memory ({str(err).splitlines()[0]}); use a smaller batch size, "
                     "--num-samples or --max-batch, or a smaller model.")
+    finally:  # what the command found wrong with the machine cache and did not say (train says it at its start)
+        with suppress(BrokenPipeError):
+            for note in cache.take_notes() if (cache := sys.modules.get("lmlab.core.cache")) else []:
+                print(f"note: {note}", file=sys.stderr)
     return 0
 
 

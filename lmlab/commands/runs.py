@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,14 +34,14 @@ def cmd_runs(args: argparse.Namespace) -> None:
         RUN_COLUMNS,
         evaluation_columns,
         find_runs,
+        listed,
         run_table,
-        summarize,
     )
 
     folder = Path("runs" if args.dir is None else args.dir)
     # Where no runs are, say so and how one is made: no table of headers, and no error for the default folder.
     paths = find_runs(folder) if args.dir is not None or folder.is_dir() else []
-    rows = [{**summarize(path).figures(), "run": str(path.relative_to(folder))} for path in paths]
+    rows = [{**listed(path).figures(), "run": str(path.relative_to(folder))} for path in paths]
     if args.json:
         print(json.dumps({"dir": str(folder), "runs": rows}, indent=1))
     elif not rows:
@@ -49,6 +50,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
     else:
         columns = [*RUN_COLUMNS, FINAL_COLUMN, PREDICTED_COLUMN, *evaluation_columns(rows)]
         print_table(f"Runs under {folder}", run_table(columns, rows), rows, args.wide)
+        for row in rows:
+            if row["problem"]:
+                print(f"note: {row['run']} is unreadable: {row['problem']}", file=sys.stderr)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

@@ -4,9 +4,11 @@ process has run (what a time budget counts from)."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -42,6 +44,13 @@ class Load:
     def record(self) -> dict[str, float | int | None]:
         return {"seconds": round(self.seconds, 3), "cores": self.cores,
                 "others": None if self.others is None else round(self.others, 4), "loadavg": self.loadavg}
+
+    @staticmethod
+    def recorded(record: Any) -> bool:
+        """Whether `record` is a `record()` as a measurement writes it (what a kept one must be to be read back)."""
+        return (isinstance(record, dict) and set(record) == {"seconds", "cores", "others", "loadavg"}
+                and all(v is None or type(v) in (int, float) and 0 <= v < math.inf for v in record.values())
+                and (record["others"] or 0) <= 1)
 
 
 def busy_warning(what: str, load: Load | None, effect: str) -> str | None:

@@ -14,6 +14,8 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from lmlab.core.fileio import ReadError, open_file
+
 BUILT = ("*/*.so", "*/*.o")  # what the C++ compiler writes into the cache (a kernel, an object file of one)
 
 
@@ -32,11 +34,11 @@ def inductor_cache() -> Path:
 def whole_elf(path: Path) -> bool:
     """Whether `path` is an ELF file as long as its header says (its section headers, written last, all there)."""
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             head = f.read(64)
             size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return True  # gone meanwhile, or not ours to read: nothing to discard
+    except (OSError, ReadError):
+        return True  # gone meanwhile, not ours to read, or no file (a pipe): nothing to discard
     if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
         return False
     order = "<" if head[5] == 1 else ">"

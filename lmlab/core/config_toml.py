@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -25,8 +26,10 @@ from lmlab.core.config import (
     as_text,
 )
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_text
 from lmlab.core.plugin_kinds import check_options
 
+MOST_BYTES = 1 << 20  # of a config file: a resolved config.toml is a few KB
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                              "finetune": FinetuneConfig}
 
@@ -101,33 +104,37 @@ def _todays_spelling(name: str, values: dict[str, Any], source: str) -> dict[str
     return values
 
 
-def build_section(name: str, values: Any, source: str) -> Any:
-    """One section's dataclass from a dict of settings, each checked for type; errors name `source`."""
+def build_section(name: str, values: Any, source: str, overrides: Sequence[str] = ()) -> Any:
+    """One section's dataclass from a dict of settings, each checked for type; errors name `source`, or --set for a
+    key one of `overrides` set."""
     if not isinstance(values, dict):
         raise UserError(f"{source}: [{name}] must be a table of settings.")
     values = _todays_spelling(name, values, source)
     types = {f.name: f.type for f in dataclasses.fields(SECTIONS[name])}
+    given = {(section, _keys(key)[0]) for section, key, _ in map(parse_override, overrides)}
     kwargs = {}
     for key, value in values.items():
+        origin = "--set" if (name, key) in given else source
+        where = f"{origin}: {name}.{key}"
         if key not in types:
-            raise UserError(f"{source}: unknown key {name}.{as_text(key)}; valid keys in [{name}] are: "
+            raise UserError(f"{origin}: unknown key {name}.{as_text(key)}; valid keys in [{name}] are: "
                             f"{', '.join(types)}.")
         if types[key].startswith("dict"):  # model.options: a plugin's table, checked by the plugin
-            kwargs[key] = check_options(value, f"{source}: {name}.{key}")
+            kwargs[key] = check_options(value, where)
             continue
         kinds = [{"int": int, "float": float, "bool": bool, "str": str}[t] for t in types[key].split(" | ")]
         if len(kinds) > 1 and type(value) in kinds:  # a field that takes either, e.g. compile = true or "auto"
             kinds = [type(value)]
-        kwargs[key] = _coerce(f"{source}: {name}.{key}", value, kinds[0])
+        kwargs[key] = _coerce(where, value, kinds[0])
     return SECTIONS[name](**kwargs)
 
 
-def build_config(raw: dict[str, Any], source: str) -> RunConfig:
-    """Build a RunConfig from nested dicts, naming `source` in any error."""
+def build_config(raw: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Build a RunConfig from nested dicts, naming `source` in any error (or --set, for what `overrides` set)."""
     for name in raw:
         if name not in SECTIONS:
             raise UserError(f"{source}: unknown section [{as_text(name)}]; valid sections are: {', '.join(SECTIONS)}.")
-    return RunConfig(**{name: build_section(name, raw.get(name, {}), source) for name in SECTIONS
+    return RunConfig(**{name: build_section(name, raw.get(name, {}), source, overrides) for name in SECTIONS
                         if name in raw or name != "finetune"})
 
 
@@ -140,6 +147,11 @@ def parse_override(item: str) -> tuple[str, str, str]:
     return section, name, text.strip()
 
 
+def _keys(name: str) -> list[str]:
+    """The keys of a dotted name as TOML reads them: `options."a.b"` is options, then a.b."""
+    return [part.strip().strip("\"'") for part in re.findall(r"\"[^\"]*\"|'[^']*'|[^.]+", name)] or [name]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings on top of a raw config dict; `model.options.NAME=value` sets a plugin's
     setting."""
@@ -149,7 +161,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not isinstance(table, dict):  # `section` is not a table in the file
             raise UserError(f"--set {as_text(repr(item))}: [{as_text(section)}] is not a section of settings; use "
                             "section.key=value with a section such as model or train.")
-        *parents, leaf = name.split(".")
+        *parents, leaf = _keys(name)
         for parent in parents:
             table = table.setdefault(parent, {}) if isinstance(table, dict) else None
         if not isinstance(table, dict):
@@ -165,19 +177,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(read_text(path, MOST_BYTES))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass a TOML preset such as "
                         "configs/shakespeare-char-cpu.toml.")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as err:  # ValueError: an int of 5,000 digits
         raise UserError(f"{path} is not valid TOML ({err}); fix the file.")
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder; pass a TOML file such as configs/shakespeare-char-cpu.toml.")
 
 
 def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a TOML preset and apply overrides; every error names the file or the field."""
-    return build_config(apply_overrides(read_toml(path), list(overrides)), str(path))
+    return build_config(apply_overrides(read_toml(path), list(overrides)), str(path), overrides)
 
 
 def load_finetune_config(path: Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
@@ -187,7 +197,7 @@ def load_finetune_config(path: Path | None, overrides: Sequence[str] = ()) -> Fi
     if others:
         raise UserError(f"{path or '--set'}: fine-tuning reads only [finetune] (the model and the rest come from the "
                         f"base run); remove [{'], ['.join(map(as_text, others))}].")
-    return build_section("finetune", raw.get("finetune", {}), str(path or "--set"))
+    return build_section("finetune", raw.get("finetune", {}), str(path or "--set"), overrides)
 
 
 def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:

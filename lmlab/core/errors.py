@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+MOST_CHARACTERS = 2_000  # of a refusal: its longest sentences, which list valid keys or a budget's parts, are shorter
+
 
 class UserError(Exception):
     """Bad input from the user: the message is one sentence naming the file or field and the fix.
@@ -13,7 +15,16 @@ class UserError(Exception):
     The CLI prints it and exits with status 2; nothing on disk is left half-written. The Python API raises it, and
     IPython (a notebook, Colab) shows its sentence alone, not a traceback through lmlab: a mistake of the input,
     not of the code (`_render_traceback_`, which IPython asks an exception for).
+
+    The one place a value quoted in a refusal is cut short: a sentence past MOST_CHARACTERS (one that quotes a
+    setting of a megabyte) keeps its start and its end, the fix, around a count of what was left out.
     """
+
+    def __init__(self, message: str = ""):
+        if len(message) > MOST_CHARACTERS:
+            head, tail = message[:MOST_CHARACTERS // 2], message[-MOST_CHARACTERS // 4:]
+            message = f"{head}[... {len(message) - len(head) - len(tail):,} characters ...]{tail}"
+        super().__init__(message)
 
     def _render_traceback_(self) -> list[str]:
         return [f"UserError: {self}"]

@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import psutil
 
@@ -26,7 +27,7 @@ def sha256_file(*paths: Path) -> str:
     """The sha256 of the files' bytes in order, the same digest as one file would have."""
     digest = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -208,6 +209,67 @@ def output_target(path: Path, option: str = "") -> tuple[Path, bool]:
     return target, kind in STREAMS
 
 
+READ_MOST = 256 << 20  # bytes: the most of a file read whole; the largest lmlab writes (a tokenizer.json) is tens of MB
+
+
+class ReadError(UserError):
+    """A file that cannot be read: `path`, `reason` (what stands there, or the system's words) and `fix`."""
+
+    def __init__(self, path: Path | str, reason: str, fix: str):
+        self.path, self.reason, self.fix = Path(path), reason, fix
+        super().__init__(f"{self.path} cannot be read ({reason}); {fix}, then run the command again.")
+
+    @classmethod
+    def of(cls, path: Path | str, err: OSError | None = None) -> ReadError:
+        """What keeps `path` from being read: something other than a file there, else `err`."""
+        with contextlib.suppress(OSError):
+            kind = {**STREAMS, **NOT_OUTPUTS}.get(stat.S_IFMT(os.stat(path).st_mode))
+            if kind:
+                via = f"a link to {os.path.realpath(path)}, " if os.path.islink(path) else ""
+                return cls(path, f"it is {via}{kind}, not a file", "put the file that belongs there in its place")
+        assert err is not None, f"{path} is a file: only an error keeps it from being read"
+        return cls(path, err.strerror or str(err), os_fix(err, path, writing=False))
+
+
+def open_file(path: Path | str) -> BinaryIO:
+    """`path` opened to read, never waiting: the one open of every file lmlab reads that it did not just write. A
+    named pipe (whose open waits for a writer), a device (whose reads may never end), a socket or a folder is refused,
+    as is a file that cannot be opened (ReadError, naming it and the fix); a missing one is a FileNotFoundError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # a socket's open fails (ENXIO), as does one of a file without permission
+        raise ReadError.of(path, err) from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ReadError.of(path)
+    return os.fdopen(fd, "rb")
+
+
+def a_file(path: Path) -> str:
+    """`path` as a string for a library that opens it itself (safetensors, a tokenizer's vocab), once `open_file` found
+    a file there: what would hold or feed that library's own open is refused first."""
+    open_file(path).close()
+    return str(path)
+
+
+def read_bytes(path: Path | str, most: int = READ_MOST) -> bytes:
+    """The bytes of the file at `path` (`open_file`), refused (ReadError) past `most` of them: what a reader holds
+    whole is bounded, whatever was put in the file's place."""
+    with open_file(path) as f:
+        data = f.read(most + 1)
+    if len(data) > most:
+        raise ReadError(path, f"it holds more than {human_bytes(most)}, more than a file of its kind does",
+                        "check that it is the file meant")
+    return data
+
+
+def read_text(path: Path | str, most: int = READ_MOST) -> str:
+    """`read_bytes` as UTF-8 text; bytes that are not UTF-8 are a UnicodeDecodeError (a ValueError, as bad JSON is)."""
+    return read_bytes(path, most).decode("utf-8")
+
+
 def check_writable(path: Path) -> None:
     """Make sure a file can be written at `path` (its folders made), before the work that produces it."""
     target, stream = output_target(path)
@@ -269,9 +331,12 @@ def append_whole(path: Path, text: str) -> None:
 @contextmanager
 def locked_file(path: Path) -> Iterator[None]:
     """Hold an exclusive `flock` on `path` (created if need be) around a read-modify-write several processes do."""
-    with writing(path):
-        f = open(path, "ab")
-    with f:
+    with writing(path):  # O_RDWR: a named pipe's open does not wait for a writer, and is refused
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ReadError.of(path)
+    with os.fdopen(fd, "rb") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
         yield
 
@@ -349,7 +414,7 @@ class WriterLock:
     def held(self) -> bool:
         """Whether some process, this one included, holds the lock now."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # a named pipe put there would block the open
         except FileNotFoundError:
             return False
         try:
@@ -363,8 +428,8 @@ class WriterLock:
     def holder(self) -> str | None:
         """`pid N: COMMAND` of the holder, as it wrote it, or None."""
         try:
-            return self.path.read_text(encoding="utf-8", errors="replace").strip() or None
-        except OSError:
+            return read_bytes(self.path, 4096).decode("utf-8", "replace").strip() or None
+        except (OSError, UserError):
             return None
 
 

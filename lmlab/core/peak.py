@@ -1,13 +1,14 @@
 """Peak FLOP/s, what MFU divides by (a datasheet's, else measured once on this machine and kept in the machine cache;
-measured again at each start while the kept one was measured busy), and the dtype `train.dtype = "auto"` trains in.
+measured again at each start while the kept one was measured busy, which gives no MFU), and the dtype
+`train.dtype = "auto"` trains in.
 docs/reference/performance.md ("MFU and the peak") gives the rules."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from lmlab.core import cache
 from lmlab.core.busy import Load, LoadMeter
-from lmlab.core.device import configure, datasheet_peak, dtype_for_capability, processor, synchronize
+from lmlab.core.device import PEAK_TFLOPS, configure, datasheet_peak, dtype_for_capability, processor, synchronize
 from lmlab.core.threads import most_threads
 
 SECONDS = 0.5  # a measurement: the best matmul of its second half, after a first half that only warms up
@@ -24,6 +25,12 @@ BF16_MARGIN = 1.5  # autocast's casts around every matmul pay only where bf16 ma
 # causal kernel skips about half of PaLM's attention term, and a step's matmuls may outrun the measured square's.
 STEP_CEILING = 2.0
 LEAST_SHARE = 0.1  # a peak measured busy is taken to have had at least this share of the cores
+# The bounds of a peak measured here, outside which a kept one was not measured: a CPU thread computes at most
+# THREAD_MOST (AMX's 1,024 bf16 FLOPs a cycle at 5 GHz are 5e12), a GPU ten times the fastest datasheet figure, and
+# nothing torch runs on less than LEAST_FLOPS (an emulated matmul on a busy core computes a few GFLOP/s).
+THREAD_MOST = 1e13
+GPU_MOST = 10e12 * max(figure for row in PEAK_TFLOPS.values() for name, figure in row.items() if name != "GB/s")
+LEAST_FLOPS = 1e8
 _memo: dict[str, Peak] = {}  # measured once per process
 
 
@@ -57,13 +64,14 @@ class Peak:
         return f"measured {'quiet' if self.quiet else 'busy'}, {self.measured_at}"
 
     def mfu(self, flops_per_second: float) -> float | None:
-        """The share of this peak; None against an emulated peak (it reads high), or above 1."""
+        """The share of this peak; None against a peak measured busy or an emulated one (either reads high: the
+        load slowed the one, the other is no hardware's), or above 1."""
         share = flops_per_second / self.flops
-        return share if self.native and share <= 1 else None
+        return share if self.native and self.quiet and share <= 1 else None
 
     def wrong(self, flops_per_second: float) -> str | None:
-        """The warning when a native peak is below what a job computed: that peak is wrong."""
-        if not self.native or flops_per_second <= self.flops:
+        """The warning when a native quiet peak is below what a job computed: that peak is wrong."""
+        if not self.native or not self.quiet or flops_per_second <= self.flops:
             return None
         return (f"warning: {flops_per_second / 1e12:.3g} TFLOP/s were computed, more than the peak of "
                 f"{self.flops / 1e12:.3g} ({self.describe()}), so that peak is wrong: no MFU from it (delete "
@@ -75,8 +83,8 @@ class Peak:
             return (f"no MFU: {self.dtype} has no native kernel here, so its peak (a {self.describe()}) is an "
                     "emulation's")
         if not self.quiet:
-            return (f"MFU against {self.flops / 1e12:.3g} TFLOP/s, the best peak seen here, a {self.describe()}: MFU "
-                    "may read high until a quiet start measures it again")
+            return (f"no MFU: the peak here, {self.flops / 1e12:.3g} TFLOP/s, is a {self.describe()}, and MFU against "
+                    "it would read high; a start on a quiet machine measures it again")
         return f"MFU against {self.flops / 1e12:.3g} TFLOP/s: {self.describe()}"
 
 
@@ -89,8 +97,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
         return Peak(listed[0], name, listed[1])
     key = json.dumps(peak_key(device, dtype), sort_keys=True)
     if key not in _memo:  # measured on every thread (`measure_into_cache`), read under any
-        kept = cache.recall("peak", peak_key(device, dtype))
-        kept = kept if _valid(kept) else None
+        kept = cache.recall("peak", peak_key(device, dtype), _kept_problem(device))
         peak = _as_peak(kept, device, dtype) if kept and kept["quiet"] else measure_into_cache(device, dtype, kept)
         _memo[key] = dataclasses.replace(peak, native=native_kernel(device, dtype))
     return _memo[key]
@@ -163,9 +170,19 @@ def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
     return 2048 if native_kernel(device, dtype) else 256
 
 
-def _valid(entry: Any) -> bool:
-    flops = entry.get("flops") if isinstance(entry, dict) else None
-    return isinstance(flops, float) and math.isfinite(flops) and flops > 0 and isinstance(entry.get("quiet"), bool)
+def _kept_problem(device: torch.device) -> Callable[[Any], str | None]:
+    """What no measurement of `device`'s peak gives, in a kept one (lmlab.core.cache.recall): None where nothing."""
+    def problem(entry: Any) -> str | None:
+        flops = entry.get("flops") if isinstance(entry, dict) else None
+        if not (isinstance(flops, float) and isinstance(entry.get("quiet"), bool)
+                and isinstance(entry.get("measured_at"), str) and Load.recorded(entry.get("load"))):
+            return "a peak whose fields are not those a measurement writes"
+        most = THREAD_MOST * most_threads()[0] if device.type == "cpu" else GPU_MOST  # on the threads a job may use
+        if LEAST_FLOPS <= flops <= most:  # NaN is not
+            return None
+        return f"a peak of {flops:.3g} FLOP/s, outside the {LEAST_FLOPS:.0e} to {most:.3g} this {device.type} computes"
+
+    return problem
 
 
 def measure_into_cache(device: torch.device, dtype: torch.dtype, kept: dict[str, Any] | None = None) -> Peak:

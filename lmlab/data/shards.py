@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tokenizers
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_bytes, sha256_file
+from lmlab.core.fileio import atomic_write_bytes, open_file, read_text, sha256_file
 from lmlab.core.jsontext import parse_json
+from lmlab.data.tokenizers import read_backend
 
 FIX = "prepare the dataset again with `lmlab prepare ... --force`"  # what a dataset that fails a check needs
 
@@ -70,8 +69,8 @@ def read_meta(dataset: Path) -> dict[str, Any]:
         raise UserError(f"dataset {dataset} does not exist or is unfinished (no meta.json); "
                         "create it with `lmlab prepare`.")
     try:
-        return parse_json(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return parse_json(read_text(path))
+    except ValueError:  # not UTF-8, or not JSON
         raise UserError(f"{path} is not valid JSON; re-run `lmlab prepare --force` for this dataset.")
 
 
@@ -84,9 +83,9 @@ def _check_tokenizer(dataset: Path, meta: dict[str, Any]) -> None:
         raise UserError(f"{dataset}/meta.json says dtype {dtype!r}, but ids of a vocabulary of {vocab:,} tokens are "
                         f"stored as {'uint16' if vocab < 2**16 else 'uint32'}; {FIX}.")
     try:
-        actual = tokenizers.Tokenizer.from_file(str(Path(dataset) / "tokenizer.json")).get_vocab_size()
-    except Exception as err:  # the tokenizers library raises plain Exceptions for missing and malformed files
-        raise UserError(f"{dataset}/tokenizer.json is missing or unreadable ({err}); {FIX}.")
+        actual = read_backend(Path(dataset) / "tokenizer.json", FIX).get_vocab_size()
+    except FileNotFoundError:
+        raise UserError(f"{dataset}/tokenizer.json is missing; {FIX}.")
     if meta.get("tokenizer_sha256") and sha256_file(Path(dataset) / "tokenizer.json") != meta["tokenizer_sha256"]:
         raise UserError(f"{dataset}/tokenizer.json does not match the checksum meta.json records for it (it was "
                         f"edited or damaged since the dataset was prepared, so its ids would mean other text); {FIX}.")
@@ -105,9 +104,11 @@ def open_tokens(dataset: Path, split: str, dtype: str, verify: bool = True,
     listed = listed_shards(meta, split)
     paths = [Path(dataset) / s["file"] for s in listed]
     for path, shard in zip(paths, listed):
-        if not path.exists():
+        try:
+            with open_file(path) as f:  # a pipe, a device or a folder in its place is refused, not mapped
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
             raise UserError(f"{path} is missing; re-run `lmlab prepare` for this dataset.")
-        size = path.stat().st_size
         if size % width or (shard.get("tokens") is not None and size != shard["tokens"] * width):
             raise UserError(f"{path} holds {size:,} bytes but meta.json lists {shard.get('tokens') or 0:,} {dtype} "
                             f"tokens ({(shard.get('tokens') or 0) * width:,} bytes); it was truncated or replaced: "

@@ -12,6 +12,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
+from lmlab.core.fileio import read_bytes
 
 # GPT-2's pre-tokenization regex: the split a `NAME.tiktoken` file (ranks only, no pattern) is assumed to use.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -31,7 +32,7 @@ def _tiktoken_ranks(name: str, eot: str) -> tuple[dict[bytes, int], str, int]:
     folder = os.environ.get("TIKTOKEN_CACHE_DIR")
     local = Path(folder, f"{name}.tiktoken") if folder else None
     if local and local.exists():  # one `base64(token bytes) rank` pair per line
-        pairs = (line.split() for line in local.read_text(encoding="ascii").splitlines() if line.strip())
+        pairs = (line.split() for line in read_bytes(local).decode("ascii").splitlines() if line.strip())
         ranks = {base64.b64decode(token): int(rank) for token, rank in pairs}
         return ranks, GPT2_PATTERN, len(ranks)
     require("tiktoken", user=f"tokenizer tiktoken:{name}",

@@ -14,8 +14,9 @@ from typing import Any
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from lmlab.core.config import as_text
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_text
+from lmlab.core.fileio import a_file, atomic_write_text, read_text
 from lmlab.core.jsontext import json_sha256, parse_json
 from lmlab.data.tiktoken_bpe import tiktoken_backend
 
@@ -219,19 +220,27 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: Path, spec: str, eot_id: int | None = None) -> Tokenizer:
-        return cls(spec, tokenizers.Tokenizer.from_file(str(path)), eot_id)
+        return cls(spec, read_backend(path), eot_id)
+
+
+def read_backend(path: Path, fix: str = "restore it from a copy") -> tokenizers.Tokenizer:
+    """The tokenizer in a tokenizer.json, read by lmlab's reader (lmlab.core.fileio.read_text: a pipe or a device in
+    its place is refused, not read without end); one the tokenizers library cannot parse is one sentence with `fix`."""
+    try:
+        return tokenizers.Tokenizer.from_str(read_text(path))
+    except (UserError, FileNotFoundError):  # a ReadError; a missing file, which its reader words
+        raise
+    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise UserError(f"{path} is not a tokenizer the tokenizers library reads ({as_text(err)}); {fix}.")
 
 
 def _read_backend(folder: Path) -> tokenizers.Tokenizer | None:
     """A Hugging Face folder's tokenizer.json, or vocab.json + merges.txt as a byte-level BPE; None if neither."""
     if (folder / "tokenizer.json").exists():
-        try:
-            return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
-            raise UserError(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library reads ({err}).")
+        return read_backend(folder / "tokenizer.json", "download the model's files again")
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        backend = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(str(folder / "vocab.json"),
-                                                                        str(folder / "merges.txt"))))
+        backend = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(a_file(folder / "vocab.json"),
+                                                                        a_file(folder / "merges.txt"))))
         backend.add_special_tokens([EOT])  # already in GPT-2's vocab (id 50256); this keeps it whole in text
         return backend
     return None
@@ -267,10 +276,11 @@ def load_gpt2(folder: Path | None = None) -> Tokenizer:
 
 
 def json_object(path: Path) -> dict:
-    """The JSON object in a file; {} where it is missing, unreadable or not an object."""
+    """The JSON object in a file; {} where it is missing or holds no JSON object (one that cannot be read, or is no
+    file, is a ReadError: lmlab.core.fileio.read_text)."""
     try:
-        raw = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = parse_json(read_text(path))
+    except (FileNotFoundError, ValueError):
         return {}
     return raw if isinstance(raw, dict) else {}
 
@@ -337,7 +347,7 @@ def _identity(raw: dict) -> str:
 
 def tokenizer_identity(path: Path) -> str:
     """A digest of what a tokenizer.json maps, not how the file is laid out."""
-    return _identity(parse_json(Path(path).read_text(encoding="utf-8")))
+    return _identity(parse_json(read_text(path)))
 
 
 def train_tokenizer(spec: str, train_texts: Iterable[str], all_texts: list[str],

@@ -20,7 +20,7 @@ from typing import Any
 from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
 from lmlab.core.extras import require
-from lmlab.core.fileio import atomic_write_text, check_writable, sha256_file
+from lmlab.core.fileio import atomic_write_text, check_writable, read_text, sha256_file
 from lmlab.core.jsontext import NOT_JSON, json_lines
 from lmlab.core.threads import Heard
 from lmlab.inference.decode import Step
@@ -75,7 +75,7 @@ def judge_prompt(record: dict[str, Any]) -> str:
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_text(path).splitlines()
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; write it with `lmlab answer RUN --data FILE.json --out {path}`.")
     except UnicodeDecodeError as err:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_bytes
 from lmlab.core.jsontext import json_lines
 from lmlab.data.corpora import hf_rows
 from lmlab.data.tokenizers import Tokenizer
@@ -63,8 +64,8 @@ def load_task(source: str, limit: int | None = None) -> Task:
     else:
         path = Path(source)
         try:
-            data = path.read_bytes()
-        except OSError as err:
+            data = read_bytes(path)
+        except OSError as err:  # missing (what cannot be read is a ReadError)
             raise UserError(f"task file {path} cannot be read ({err.strerror or err}); pass a JSON-lines file of "
                             "items (README: Evaluating).")
         name, numbered = path.name.removesuffix(".jsonl").removesuffix(".json"), _json_lines(path, data)

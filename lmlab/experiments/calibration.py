@@ -156,8 +156,8 @@ def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, An
     ratio = bytes_per_token(meta) / fit.dataset["bytes_per_token"] if fit.dataset.get("bytes_per_token") else 1.0
     key = {"fit": json_sha256(fit.to_json()), "recipe": recipe(family.preset), "train": meta["train"]["sha256"],
            "val": meta["val"]["sha256"]}
-    kept = cache.recall("calibration", key)
-    if isinstance(kept, dict) and set(kept) == {"floor", "scale", "ratio", "points", "seconds"}:
+    kept = cache.recall("calibration", key, _not_calibration)
+    if kept is not None:
         return Calibration(**{**kept, "points": tuple(kept["points"])}, how=READ_BACK)
     if not measure:
         return Calibration(ratio=ratio)
@@ -181,6 +181,16 @@ def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, An
     cache.keep("calibration", key, {"floor": floor, "scale": scale, "ratio": ratio, "points": points,
                                     "seconds": round(found.seconds, 2)})
     return found
+
+
+def _not_calibration(kept: Any) -> str | None:
+    """What in a kept calibration (lmlab.core.cache.recall) no measurement here gives; None where nothing."""
+    figures = {"floor": (-100.0, 100.0), "scale": SCALES, "ratio": (1e-3, 1e3), "seconds": (0.0, 1e6)}
+    if not isinstance(kept, dict) or set(kept) != {*figures, "points"} or not isinstance(kept["points"], list):
+        return "a calibration that is not one"
+    wrong = [name for name, (low, high) in figures.items()
+             if type(kept[name]) not in (int, float) or not low <= kept[name] <= high]
+    return f"a calibration whose {wrong[0]} is {kept[wrong[0]]!r}" if wrong else None
 
 
 def floor_and_scale(points: tuple[dict[str, Any], ...]) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from typing import Any
 from lmlab.analysis.scaling import LossSurface, effective_tokens
 from lmlab.core.config import RunConfig
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_text
 from lmlab.core.growth import Growth
 from lmlab.core.jsontext import json_sha256, parse_json
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS
@@ -166,7 +167,7 @@ def refit_command(preset: Path | str) -> str:
 
 def preset_sha256(preset: Path) -> str:
     """The sha256 of what `preset` sets (its TOML parsed, keys sorted): a comment or layout edit keeps its fit."""
-    settings = tomllib.loads(Path(preset).read_text(encoding="utf-8"))
+    settings = tomllib.loads(read_text(preset))
     return json_sha256(settings)
 
 
@@ -211,7 +212,7 @@ def read_fit(preset: Path) -> SizeFit | None:
         return None
     again = f"fit it again with `{refit_command(preset)}`"
     try:
-        raw = parse_json(path.read_text(encoding="utf-8"))
+        raw = parse_json(read_text(path))
         if raw.pop("format", None) != FIT_FORMAT:
             raise ValueError(f"format is not {FIT_FORMAT}")
         kind = _wrong_kind(raw)

@@ -153,9 +153,12 @@ def mfu_from_runs(paths: list[Path], hardware: Hardware, cfg: RunConfig) -> tupl
     found = []
     datasheet = hardware.peak.source.startswith("datasheet")
     for order, path in enumerate(paths):
-        start = RunDir(path).events(limit=1)
-        trusted = start and start[0].get("event") == "start" and (datasheet or start[0].get("peak_quiet") is True)
-        summary = trusted and hardware.ran(start[0]) and _same_config(path, cfg) and summarize(path)
+        try:
+            start = RunDir(path).events(limit=1)
+            trusted = start and start[0].get("event") == "start" and (datasheet or start[0].get("peak_quiet") is True)
+            summary = trusted and hardware.ran(start[0]) and _same_config(path, cfg) and summarize(path)
+        except UserError:  # a folder that cannot be read is no evidence (`lmlab runs` says what is wrong with it)
+            continue
         if summary and summary.mfu:
             recorded, world = start[0].get("peak_flops"), start[0].get("world_size") or 1  # the job's: every rank's
             peak = recorded / world if recorded else hardware.peak.flops

@@ -22,7 +22,7 @@ from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config, parse_override
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import atomic_write_text, plain_name
+from lmlab.core.fileio import atomic_write_text, plain_name, read_text
 from lmlab.core.humanize import count
 from lmlab.core.jsontext import parse_json
 from lmlab.experiments.sizing import check_shape_kept, parse_size, sized_run
@@ -135,7 +135,13 @@ def plan_trials(config: Path, sets: list[str], sweep_dir: Path, budget_tokens: i
 def keep_record(path: Path, record: dict, refusal: str) -> None:
     """Write `record`, what a folder of runs is (a sweep, a miniseries), as `path`; refused in `refusal` where the
     folder holds another: runs of another record would not belong with them."""
-    if path.exists() and parse_json(path.read_text()) != record:
+    try:
+        other = parse_json(read_text(path)) != record
+    except FileNotFoundError:
+        other = False
+    except ValueError:  # damaged: not a record of these runs either
+        other = True
+    if other:
         raise UserError(refusal)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2))

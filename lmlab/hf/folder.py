@@ -17,7 +17,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriteError, atomic_write_text, check_folder_name, fsync, sha256_file, writing
+from lmlab.core.fileio import (
+    WriteError,
+    a_file,
+    atomic_write_text,
+    check_folder_name,
+    fsync,
+    read_text,
+    sha256_file,
+    writing,
+)
 from lmlab.core.jsontext import parse_json
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.run.chat import ChatTemplate
@@ -32,7 +41,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; pass a Hugging Face model folder (config.json, model.safetensors).")
     try:
-        raw = parse_json(path.read_text(encoding="utf-8"))
+        raw = parse_json(read_text(path))
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; pass a Hugging Face model folder (config.json + model.safetensors).")
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -66,7 +75,7 @@ class Weights:
         self.where: dict[str, Any] = {}
         for path in self.files:
             try:
-                handle = safe_open(str(path), "pt")
+                handle = safe_open(a_file(path), "pt")
             except (SafetensorError, OSError) as err:
                 raise UserError(f"{path} is not a readable safetensors file ({err}); download it again.")
             self.where.update((name, (path, handle)) for name in handle.keys())
@@ -74,7 +83,7 @@ class Weights:
     @staticmethod
     def _shards(index: Path) -> list[Path]:
         try:
-            weight_map = parse_json(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = parse_json(read_text(index))["weight_map"]
             names = sorted(set(weight_map.values()))
             if not all(isinstance(name, str) for name in names):
                 raise TypeError

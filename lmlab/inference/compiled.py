@@ -29,7 +29,7 @@ import torch.nn as nn
 from lmlab.core.config import ModelConfig
 from lmlab.core.device import machine
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriteError, atomic_write_text, check_writable, sha256_file
+from lmlab.core.fileio import WriteError, atomic_write_text, check_writable, read_text, sha256_file
 from lmlab.core.jsontext import json_sha256, parse_json
 from lmlab.core.threads import most_threads
 from lmlab.core.version import __version__
@@ -154,7 +154,7 @@ def step_key(config: ModelConfig, weights_sha256: str, capacity: int, dtype: tor
 
 def weights_sha256(folder: Path) -> str:
     """The sha256 of a step folder's model.safetensors: as its state.json records it, or read."""
-    recorded = (parse_json((folder / "state.json").read_text()).get("files") or {}).get("model.safetensors")
+    recorded = (parse_json(read_text(folder / "state.json")).get("files") or {}).get("model.safetensors")
     return recorded or sha256_file(folder / "model.safetensors")
 
 
@@ -196,8 +196,8 @@ def load_kept(path: Path) -> tuple[Step, str]:
     check_folder(path.parent)
     digest, written = sha256_file(path), _digest_file(path)
     try:
-        expected = written.read_text().split()[0]
-    except (OSError, IndexError):
+        expected = read_text(written, 4096).split()[0]
+    except (OSError, UserError, IndexError, ValueError):  # missing, no file, empty or not text: not the one built
         expected = None
     if digest != expected:
         path.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -57,12 +58,18 @@ def remembered(what: str, config: ModelConfig, measure: Callable[[], list[int]],
     if config.kind not in BUILT_IN_KINDS:  # a plugin's code is not lmlab's: measured every time
         return measure()
     key = [what, dataclasses.asdict(config), [str(e) for e in extra], model_code()]
-    kept = machine_cache.recall("memory", key)
-    if isinstance(kept, list) and all(isinstance(n, int) for n in kept):  # else not kept, or kept otherwise
+    kept = machine_cache.recall("memory", key, _not_bytes)
+    if kept is not None:
         return kept
     value = measure()
     machine_cache.keep("memory", key, value)
     return value
+
+
+def _not_bytes(kept: Any) -> str | None:
+    """What in a kept estimate no count of bytes is (lmlab.core.cache.recall); None where nothing."""
+    counts = isinstance(kept, list) and all(type(n) is int and 0 <= n < 2**63 for n in kept)
+    return None if counts else "an estimate that is not counts of bytes"
 
 
 class NoInit(TorchFunctionMode):

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_text
 from lmlab.core.jsontext import parse_json
 from lmlab.data.tokenizers import Tokenizer, json_object, token_text
 from lmlab.run.sandbox import RENDER_CHARS, RENDER_MEMORY, RENDER_SECONDS, RenderError, render
@@ -80,9 +81,9 @@ class ChatTemplate:
     @classmethod
     def from_json(cls, path: Path) -> ChatTemplate:
         try:
-            raw = parse_json(path.read_text(encoding="utf-8"))
+            raw = parse_json(read_text(path))
             return cls(raw["template"], dict(raw["tokens"]), tuple(raw["end_of_turn"]), raw.get("source", ""))
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
             raise UserError(f"{path} is not a chat template written by `lmlab import-hf` ({err}); restore or "
                             "delete it.")
 
@@ -93,7 +94,7 @@ def _read_template(folder: Path) -> tuple[str, Path] | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         try:
-            return jinja.read_text(encoding="utf-8"), jinja
+            return read_text(jinja), jinja
         except UnicodeDecodeError:
             raise UserError(f"{jinja} is not UTF-8 text; download the model's files again.")
     config = folder / "tokenizer_config.json"

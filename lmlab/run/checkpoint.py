@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriteError, atomic_write_text, fsync, human_bytes, sha256_file, writing
+from lmlab.core.fileio import WriteError, atomic_write_text, fsync, human_bytes, read_text, sha256_file, writing
 from lmlab.core.jsontext import parse_json
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: finding the step folders needs none
@@ -133,8 +133,8 @@ def step_folders(root: Path) -> list[Path]:
 def pointer(root: Path, which: str) -> Path | None:
     """The step folder that `best` or `latest` names; None unless it names an existing step folder of `root`."""
     try:
-        name = (Path(root) / which).read_bytes().decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+        name = read_text(Path(root) / which, 4096).strip()
+    except (FileNotFoundError, UnicodeDecodeError):  # one that cannot be read, or is no file, is a ReadError
         return None
     folder = Path(root) / name
     return folder if STEP_FOLDER.fullmatch(name) and folder.is_dir() else None
@@ -165,8 +165,8 @@ def to_prune(root: Path, keep: int, pinned: AbstractSet[str] = frozenset(), comi
 def load_state(folder: Path) -> dict[str, Any]:
     """Read state.json and verify the tensor files against their stored checksums."""
     try:
-        state = parse_json((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        state = parse_json(read_text(folder / "state.json"))
+    except (FileNotFoundError, ValueError):  # ValueError: not UTF-8, or not JSON
         state = None
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
         raise UserError(f"{folder}/state.json is missing or corrupt; resume from another checkpoint.")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmlab.core.fileio import open_file
 from lmlab.core.jsontext import parse_json
 
 if TYPE_CHECKING:
@@ -134,10 +135,12 @@ def read_events(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     """The events of a metrics.jsonl (the first `limit` of them), each read against its schema, a line at a
     time and bounded (at most MAX_LINE bytes of a line are held). A damaged line is skipped, said once per file
     on stderr with its line number and why; a last line cut short by a crash silently."""
-    if not path.exists():
+    try:
+        f = open_file(path)  # a pipe or a device put in its place is refused, not read without end
+    except FileNotFoundError:
         return []
     events, damaged = [], {}
-    with open(path, "rb") as f:
+    with f:
         for number, line in enumerate(iter(functools.partial(f.readline, MAX_LINE + 1), b""), 1):
             if len(line) > MAX_LINE and not line.endswith(b"\n"):
                 while (line := f.readline(MAX_LINE)) and not line.endswith(b"\n"):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_text
 from lmlab.core.jsontext import parse_json
 from lmlab.data.tokenizers import Tokenizer
 
@@ -54,7 +55,7 @@ def check_format(tokenizer: Tokenizer, fmt: PromptFormat, run: Path) -> None:
 def read_records(path: Path) -> list[dict[str, str]]:
     """Alpaca records from a JSON list; every problem names the file and the record."""
     try:
-        records = parse_json(Path(path).read_text(encoding="utf-8"))
+        records = parse_json(read_text(path))
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; pass a JSON file with a list of Alpaca records.")
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

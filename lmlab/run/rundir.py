@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmlab.core.config import RunConfig, checkpoint_name
-from lmlab.core.config_toml import load_config, to_toml
+from lmlab.core.config_toml import load_config, to_dict, to_toml
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, sha256_file
+from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, read_text, sha256_file
 from lmlab.core.jsontext import parse_json
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
@@ -230,8 +230,10 @@ class RunDir:
         """A step folder of the weights, the optimizer and `training`; then only the newest `keep` step folders,
         best, latest and the resume points remain."""
         self._check_writer()
+        cfg = to_dict(self.config())  # the settings in force: config.toml is rewritten as a resume begins
         state = {"format": STATE_FORMAT, "kind": self.kind(), "lmlab_version": __version__,
-                 "model_config": dataclasses.asdict(self.config().model), "training": training}
+                 "model_config": cfg["model"], "settings": {section: cfg[section] for section in ("data", "train")},
+                 "training": training}
         folder = ckpt.save_checkpoint(self.checkpoints, step, weights, optimizer_state, state, best, whole)
         ckpt.prune_checkpoints(self.checkpoints, keep, self.resume_points())
         return folder
@@ -288,8 +290,8 @@ class RunDir:
         if not path.exists():
             return None
         try:
-            return PromptFormat(**parse_json(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError):
+            return PromptFormat(**parse_json(read_text(path)))
+        except (ValueError, TypeError):  # ValueError: not UTF-8, or not JSON
             raise UserError(f"{path} is not a prompt format written by `lmlab finetune`; restore or delete it.")
 
     def chat_template(self) -> ChatTemplate | None:
@@ -326,9 +328,21 @@ class RunDir:
 
     def weights_sha256(self, which: str = "best") -> str | None:
         """A checkpoint's model.safetensors sha256 from its state.json (None if missing): what evaluations key."""
+        return self._state_field(self._best_or_latest(which), "files", "model.safetensors")
+
+    def trained_by(self) -> dict[str, Any] | None:
+        """The [data] and [train] settings the newest checkpoint trained by (its state.json's `settings`): config.toml
+        holds those of a resume that may not have got as far as a checkpoint. None where it keeps none (written before
+        lmlab kept them) or cannot be read."""
+        return self._state_field("latest", "settings")
+
+    def _state_field(self, which: str, *keys: str) -> Any:
+        """A field of a checkpoint's state.json (`keys` the path to it); None where it is missing."""
         try:
-            state = parse_json((self.checkpoint(self._best_or_latest(which)) / "state.json").read_text("utf-8"))
-            return state["files"]["model.safetensors"]
+            value = parse_json(read_text(self.checkpoint(which) / "state.json"))
+            for key in keys:
+                value = value[key]
+            return value
         except (UserError, OSError, ValueError, KeyError, TypeError):
             return None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lmlab.core import cache
 from lmlab.core.busy import cores
 from lmlab.core.errors import UserError
 from lmlab.core.threads import Choice, Heard, ThreadChooser
@@ -87,7 +88,7 @@ class Startup:
             check_decoding(run.config.model, options.max_batch, self._row_tokens(run), "--max-batch", run.device,
                            dtype, state_dtype(options.quantize, dtype))
             self._log(f"loaded {options.run} ({run.checkpoint} checkpoint, step {run.step}) on {run.device}", started)
-            for note in run.notes:
+            for note in [*run.notes, *(f"note: {note}" for note in cache.take_notes())]:  # said now: a server runs on
                 state.log(f"lmlab serve: {note}")
             state.threads = chooser.start(run.device).threads
             self.threads = Heard(chooser, self._threads_changed)  # a load that comes or goes mid-serve is heard

@@ -239,17 +239,19 @@ class Budget:
         return (self.plan.seconds - self._eval_steps * self.pace - self._checkpoint - self.plan.final_seconds
                 - self.plan.finish_seconds)
 
-    def final_windows(self, batch_size: int, spent: float) -> int:
-        """The windows the final score covers with `spent` seconds gone, at the pace the steps now show (an evaluation
-        runs on the cores the steps do): those planned, and more where what is left of the budget before the exit
-        holds them, up to the whole split; fewer, those that fit, only where the planned ones would end the run past
-        HELD_SHARE of its budget. A last step that ends late (its evaluation took longer than the one before) is the
-        steps' lateness, not the final score's: taken from it, a score planned at a fraction of a second would
-        shrink to a batch. As planned in a resumed run, whose clock is another process's."""
+    def final_windows(self, batch_size: int, spent: float, evaluation: float) -> int:
+        """The windows the final score covers with `spent` seconds gone, a batch at the price the run's last
+        evaluation paid for one (`evaluation` seconds for `eval_iters` batches of each split: the same forward, on
+        the cores and under the load of a moment ago; not the start-up's one timed forward scaled by the steps' pace,
+        which a forward does not keep, a plugin's least): those planned, and more where what is left of the budget
+        before the exit holds them, up to the whole split; fewer, those that fit, only where the planned ones would end
+        the run past HELD_SHARE of its budget. A last step that ends late (its evaluation took longer than the one
+        before) is the steps' lateness, not the final score's: taken from it, a score planned at a fraction of a second
+        would shrink to a batch. As planned in a resumed run, whose clock is another process's."""
         p = self.plan
-        if not self.live or p.final_seconds <= 0 or p.step_seconds <= 0:
+        if not self.live or p.final_seconds <= 0 or evaluation <= 0:
             return p.final_windows
-        batch = p.final_seconds / -(-p.final_windows // batch_size) * self.pace / p.step_seconds
+        batch = evaluation / (2 * p.eval_iters)
         fits = final_windows(p.val_windows, batch_size, p.seconds - spent - p.finish_seconds, batch)
         late = spent + -(-p.final_windows // batch_size) * batch + p.finish_seconds - (1 + HELD_SHARE) * p.seconds
         return max(fits, p.final_windows) if late <= 0 else fits

@@ -12,8 +12,9 @@ import torch
 from rich.console import Console
 
 from lmlab.core.config import RunConfig, TrainConfig, checkpoint_label, checkpoint_name
-from lmlab.core.config_toml import to_dict, toml_value
+from lmlab.core.config_toml import build_section, to_dict, toml_value
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import ReadError
 from lmlab.data.loader import resolve_config
 from lmlab.data.tokenizers import tokenizer_identity
 from lmlab.model import LanguageModel
@@ -24,11 +25,11 @@ from lmlab.train.distributed import Parallel
 from lmlab.train.state import TrainingState, upgrade_training
 from lmlab.train.stop import Writes
 
-# What a resume does with a [train] setting its --set changes from the run's config.toml. One in KEPT was settled as
-# the run began and its checkpoint goes on with it: refused. One in PLANNED a budget's plan fixed: refused while the
-# run goes on by that plan; by steps, the schedule's are laid again from where the LR stands and said
-# (`Schedule.resume_with`). Every other setting, and data.dataset, is honoured from the step resumed at and named in
-# the resume event; a [model] setting is the weights' shape, refused by `Checkpointer.resume`.
+# What a resume does with a [train] setting its --set changes from those its checkpoint trained by (`trained_by`). One
+# in KEPT was settled as the run began and its checkpoint goes on with it: refused. One in PLANNED a budget's plan
+# fixed: refused while the run goes on by that plan; by steps, the schedule's are laid again from where the LR stands
+# and said (`Schedule.resume_with`). Every other setting, and data.dataset, is honoured from the step resumed at and
+# named in the resume event; a [model] setting is the weights' shape, refused by `Checkpointer.resume`.
 KEPT = {"seed": "seeded the weights and the order of the batches, which its checkpoint goes on with",
         "optimizer": "made the optimizer state its checkpoint holds",
         **dict.fromkeys(("weight_decay", "beta1", "beta2"), "is part of the optimizer state its checkpoint holds"),
@@ -57,7 +58,7 @@ def check_resumable(run: RunDir, cfg: RunConfig) -> tuple[RunConfig, dict[str, l
         raise UserError(f"{run.path} was trained on {dataset}, which is not here (moved or deleted); continue it on "
                         f"the dataset where it is now with `lmlab train --resume {run.path} --set data.dataset=DIR`, "
                         "or put the dataset back.")
-    old, new = to_dict(run.config()), to_dict(resolve_config(cfg)[0])  # warmup_epochs as the steps config.toml keeps
+    old, new = trained_by(run), to_dict(resolve_config(cfg)[0])  # warmup_epochs as the steps config.toml keeps
     if new["train"]["micro_batch"] == "set":  # what every resume trains by (`Trainer`): no change asked
         old["train"]["micro_batch"] = "set"
     changed = {f"{section}.{k}": [v, new[section][k]] for section in ("data", "train")
@@ -74,6 +75,24 @@ def check_resumable(run: RunDir, cfg: RunConfig) -> tuple[RunConfig, dict[str, l
                             f"({_shown(was)}), so {setting} cannot take effect; resume it by steps with it "
                             f"({BY_STEPS}: the LR goes on from where it stands), or without it.")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch="set")), changed
+
+
+def trained_by(run: RunDir) -> dict[str, dict[str, Any]]:
+    """The settings a resume goes on from: its newest checkpoint's, not config.toml's, which a resume that changed
+    settings rewrote before it was killed (a later resume without them would train by them unsaid, its `changed`
+    lost); config.toml's for a checkpoint from before lmlab kept them."""
+    settings = to_dict(run.config())
+    for section, values in (run.trained_by() or {}).items():
+        settings[section] = dataclasses.asdict(build_section(section, values, f"the newest checkpoint of {run.path}"))
+    return settings
+
+
+def trained_in(run: RunDir, dtype: torch.dtype) -> dict[str, list[Any]]:
+    """The dtype a resume trains in as a change where this machine chose another than the checkpoint trained in (its
+    events as they stood then: `auto` on a CPU whose bf16 no longer pays, say): {"dtype": ["bfloat16", "float32"]}."""
+    was = [e.get("dtype") for e in run.events() if e.get("event") in ("start", "resume")]
+    now = str(dtype).removeprefix("torch.")
+    return {"dtype": [was[-1], now]} if was and was[-1] and was[-1] != now else {}
 
 
 def from_here(changed: dict[str, list[Any]]) -> str:
@@ -236,6 +255,8 @@ class Checkpointer:
             try:
                 state = self.run_dir.read_checkpoint(folder, self.model, self.optimizer, self.parallel.load_checkpoint)
                 return folder, upgrade_training(state["training"])
+            except ReadError:  # not damaged, unreadable here (its permissions): an older one would train over it
+                raise
             except UserError as err:
                 self.console.print(f"[yellow]{err} Trying an older checkpoint.[/yellow]")
         raise UserError(f"no checkpoint of {self.run_dir.path} could be loaded; start the run again.")

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 from lmlab.core.config import FinetuneConfig, RunConfig, TrainConfig
 from lmlab.core.device import autocast
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import sha256_file
+from lmlab.core.fileio import read_text, sha256_file
 from lmlab.core.jsontext import json_sha256, parse_json
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.tokenizers import Tokenizer
@@ -171,7 +171,7 @@ def _continuing(run: RunDir, ft: FinetuneConfig, origin: dict[str, Any]) -> bool
         run.check_new()  # says what the run is and where to go instead
     theirs = run.events(limit=1)[0].get("origin") or {}
     # Before the fine-tune trained through the Trainer, its checkpoints held a `position` the Trainer cannot read.
-    saved = parse_json((run.checkpoint("latest") / "state.json").read_text()).get("training") or {}
+    saved = parse_json(read_text(run.checkpoint("latest") / "state.json")).get("training") or {}
     if "base" not in theirs or "position" in saved:
         raise UserError(f"{run.path} holds an unfinished fine-tune written by an earlier version of lmlab, whose "
                         "fine-tunes cannot be continued; choose a new --out.")

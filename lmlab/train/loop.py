@@ -20,7 +20,7 @@ from lmlab.core.progress import progress_bar
 from lmlab.data.shards import windows_in
 from lmlab.train.budget import NO_BUDGET, Budget, Costs, final_windows_by_steps, plan
 from lmlab.train.cadence import Cadence
-from lmlab.train.checkpointer import Checkpointer, from_here
+from lmlab.train.checkpointer import Checkpointer, from_here, trained_in
 from lmlab.train.estimate import Estimate, estimate_loss
 from lmlab.train.guard import SpikeGuard
 from lmlab.train.preflight import Job, given_back, resume_schedule
@@ -158,12 +158,14 @@ class Trainer:
         self._lr = self.schedule.lr(step - 1) if step else 0.0  # the checkpoint's step's, until one trains
         if line:
             job.console.print(line, highlight=False)
+        changed = job.changed
         if job.parallel.is_main:
             job.run_dir.truncate_after(step)
+            changed = {**changed, **trained_in(job.run_dir, job.step.dtype)}  # this machine's choice, a change too
             job.run_dir.resumed(step, folder.name, job.step.device, job.step.dtype, job.parallel.world_size,
-                                job.machine.peak, job.changed)
+                                job.machine.peak, changed)
             self.checkpointer.say_retention(self.schedule.last_step)
-        took = (f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)) + from_here(job.changed)  # loaded
+        took = (f"{loaded:.2f} s" if loaded < 10 else format_duration(loaded)) + from_here(changed)  # loaded
         job.console.print(f"Resumed {job.run_dir.path} from {folder.name} (step {step}) in {took}.", highlight=False)
 
     def run(self) -> TrainResult:
@@ -296,8 +298,9 @@ class Trainer:
         total = windows_in(self.job.meta, "val", T)
         if self.budget.plan.final_windows:
             # Every rank from the same seconds, so that all run as many forwards.
-            spent = self.job.parallel.mean([time.perf_counter() - self.job.started], self.job.step.device)[0]
-            wanted = self.budget.final_windows(tc.batch_size, spent)
+            spent, evaluation = self.job.parallel.mean([time.perf_counter() - self.job.started,
+                                                        self.reports.evaluation], self.job.step.device)
+            wanted = self.budget.final_windows(tc.batch_size, spent, evaluation)
         else:
             wanted = final_windows_by_steps(total, tc.batch_size, T, p.tokens)
         final = score_final(self.job.step, self.job.splits["val"], self.job.meta, tc.batch_size, p.step, wanted, total,

@@ -92,6 +92,7 @@ class Reports:
     throughput: Throughput
     peak: Peak | None
     doing: str
+    evaluation: float = 0.0  # the seconds the newest evaluation took, which a budget prices its final score by
 
     def threads(self, choice: Choice) -> None:
         """A change of the run's threads: its event and line."""
@@ -111,7 +112,7 @@ class Reports:
             p.best_val_loss, p.best_step, p.evals_since_best = val, p.step, 0
         else:
             p.evals_since_best += 1
-        avg_train = self.means["eval"].pop_mean()
+        avg_train, self.evaluation = self.means["eval"].pop_mean(), seconds
         self.writes.log({"event": "eval", "step": p.step, "tokens": p.tokens, "epoch": self.epoch(),
                          "elapsed": round(self.clock.elapsed, 3), "train_loss": avg_train,
                          "train_eval_loss": train_eval, "val_loss": val, "val_accuracy": val_estimate.accuracy,

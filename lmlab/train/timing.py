@@ -25,7 +25,7 @@ from rich.console import Console
 
 from lmlab.analysis.plots import plot_losses, pyplot
 from lmlab.core import cache
-from lmlab.core.config import RunConfig, TrainConfig
+from lmlab.core.config import RunConfig, TrainConfig, as_text
 from lmlab.core.device import autocast, synchronize
 from lmlab.core.machine import MEASURED, READ_BACK, Machine
 from lmlab.core.peak import STEP_CEILING, Peak, processor_identity, step_ceiling
@@ -91,13 +91,24 @@ def recall_config(cfg: RunConfig, model: LanguageModel, machine: Machine) -> Tim
     built and nothing measured: by the attention path its step would take (`model`: its model on the meta device) on
     torch's threads now. None where it was not kept."""
     path = choose_attention(model, cfg.train, machine, optimizer_of(cfg.train).state_bytes)
-    return recall(machine, cfg, path)
+    return recall(machine, cfg, model, path)
 
 
-def recall(machine: Machine, cfg: RunConfig, attention: str | None) -> Timing | None:
+def recall(machine: Machine, cfg: RunConfig, model: LanguageModel, attention: str | None) -> Timing | None:
     """`cfg`'s timing by `attention` as this machine kept it (`keep`), on torch's threads now; None where it was
-    not kept."""
-    kept = cache.recall("timing", timing_key(machine, cfg, attention))
+    not kept, or holds what no timing here gives: a figure not a positive number, or a step faster than its FLOPs
+    (`model`'s) at the most a step computes here."""
+    floor = model.flops_per_token() * cfg.tokens_per_step / step_ceiling(machine.device, machine.dtype)[0]
+
+    def problem(kept: Any) -> str | None:
+        if not isinstance(kept, dict) or set(kept) != set(KEPT):
+            return "a timing without the figures a timing writes"
+        if wrong := next((n for n in KEPT if not (type(kept[n]) in (int, float) and 0 < kept[n] < math.inf)), None):
+            return f"a {wrong} of {as_text(kept[wrong])}, not a positive number"
+        return None if kept["step"] >= floor else (f"a step of {kept['step']:.3g} s, faster than its FLOPs allow at "
+                                                   f"the most a step computes here ({floor:.3g} s)")
+
+    kept = cache.recall("timing", timing_key(machine, cfg, attention), problem)
     return None if kept is None else Timing(torch.get_num_threads(), **{name: kept[name] for name in KEPT},
                                             attention=attention, how=READ_BACK)
 
@@ -129,7 +140,7 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: 
     said in the machine's line. Before a timing, `refuse` (one process's) refuses a budget its FLOPs cannot fit
     (`refuse_untimed`; `meta`: the dataset's meta.json, `started`: the time.perf_counter() the budget counts from)."""
     machine = step.machine
-    kept = recall(machine, cfg, step.attention_path)
+    kept = recall(machine, cfg, step.model, step.attention_path)
     if given is not None:
         timing, how = given, "--size auto" + f", {READ_BACK}" * (given.how == READ_BACK)
     elif parallel.any(kept is None):

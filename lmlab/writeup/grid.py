@@ -17,6 +17,7 @@ from typing import Any
 
 from lmlab.core.config import SamplingParams
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_text
 from lmlab.core.jsontext import parse_json
 from lmlab.inference.decode import Step
 from lmlab.inference.generate import Asked, Continuation, chatting, continue_all, continuing
@@ -88,14 +89,12 @@ def read_prompts(path: Path) -> list[str]:
     line break and blank lines are skipped. An empty file, or one that is not UTF-8, is refused in one sentence."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; pass a text file with one prompt per line (or a JSON list of them).")
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}); "
                         "save it as UTF-8.")
-    except OSError as err:
-        raise UserError(f"{path} cannot be read ({err.strerror}); pass a text file with one prompt per line.")
     if path.suffix == ".json":
         try:
             prompts = parse_json(text)

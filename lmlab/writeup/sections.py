@@ -18,6 +18,7 @@ from lmlab.analysis.runs import Column, RunSummary, compare_columns, final_cell,
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
 from lmlab.core.config import checkpoint_label
 from lmlab.core.errors import UserError
+from lmlab.core.fileio import read_text
 from lmlab.core.humanize import fmt, format_duration
 from lmlab.core.version import __version__
 from lmlab.data.shards import covered
@@ -124,7 +125,7 @@ def _peak(f: RunFacts) -> str:
         return NOT_RECORDED
     text = f"{f.start['peak_flops'] / 1e12:.3g} TFLOP/s ({f.start['peak_source']})"
     if f.start.get("peak_quiet") is False:
-        return text + ": the best seen there, measured busy, so its MFU may read high"
+        return text + ": measured busy, so no MFU stands on it"
     if "peak_quiet" not in f.start and f.start["peak_source"] == "measured matmul":
         return text + ": measured before lmlab checked the machine's load; its MFU may read high"
     return text
@@ -199,7 +200,7 @@ def model(facts: list[RunFacts]) -> list[Block]:
         ("FLOPs per token", lambda f: fmt(f.summary.flops_per_token, ".3g")),
         ("context", lambda f: f"{f.config.model.block_size:,} tokens"),
     ]
-    configs = [Folded(f"config.toml of {f.name}", [Code((f.run.path / "config.toml").read_text(), "toml")])
+    configs = [Folded(f"config.toml of {f.name}", [Code(read_text(f.run.path / "config.toml"), "toml")])
                for f in facts]
     return [Heading("Model and config"), by_run(facts, rows), *configs]
 

@@ -390,8 +390,10 @@ def test_gpt2_tokenizer_from_local_files_and_eval_on_a_dataset(tmp_path, hf_gpt2
         shutil.copy(hf_gpt2 / name, tokenizer_only)
     lmlab("prepare", corpus_dir, "--tokenizer", "gpt2", "--gpt2-dir", tokenizer_only, "--name", "plays",
           cwd=tmp_path)
-    # The dataset's tokenizer came from vocab.json + merges.txt, the run's from the same files via import-hf.
-    result = json.loads(lmlab("eval", imported_gpt2, "--dataset", "data/plays-gpt2", "--json", cwd=tmp_path).stdout)
+    # The dataset's tokenizer came from vocab.json + merges.txt, the run's from the same files via import-hf. An eval
+    # is recorded in the run, so it scores a copy: the session's import stays unscored for the tests that rank runs.
+    run = shutil.copytree(imported_gpt2, tmp_path / "tiny-gpt2")
+    result = json.loads(lmlab("eval", run, "--dataset", "data/plays-gpt2", "--json", cwd=tmp_path).stdout)
     assert {"loss", "perplexity", "accuracy", "bits_per_byte"} <= result.keys()
     vocab = json.loads((hf_gpt2 / "config.json").read_text())["vocab_size"]
     assert result["loss"] == pytest.approx(math.log(vocab), rel=0.05)  # a random model is near uniform

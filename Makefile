@@ -85,9 +85,10 @@ PYTEST_AND_LINT = @lint=$$(mktemp); { $(LINT); } >$$lint 2>&1 & linting=$$!; \
 test: $(VENV)/.installed-test
 	$(call PYTEST_AND_LINT,-m "not serial" -n 2 --dist worksteal)
 
-# The tests that take under about a second each (the others are marked slow): under a minute on two cores.
+# The tests that take under about a second each (the others are marked slow), on the two workers `test` uses: under a
+# minute on two cores.
 test-fast: $(VENV)/.installed-test
-	$(call PYTEST_AND_LINT,-m "not slow and not serial")
+	$(call PYTEST_AND_LINT,-m "not slow and not serial" -n 2 --dist worksteal)
 
 # Verdicts from wall time or the machine's load (a budget under a CPU hog, a latency): run on a quiet machine, with
 # nothing else running. CI does not run them: its machine may be busy.

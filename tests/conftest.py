@@ -4,6 +4,7 @@ helpers are in tests/helpers.py)."""
 from __future__ import annotations
 
 import os
+import time
 
 # The tests read piped output at the width lmlab gives it (lmlab.commands.common: whole lines unless COLUMNS says
 # otherwise), so a COLUMNS from the shell or the runner (pytest-xdist's workers get 80) must not fold them.
@@ -86,6 +87,14 @@ def own_machine_cache(own_cache) -> None:
     """Each test starts with no step timings kept (lmlab.train.timing): a test's faked timings, or another test's
     shape's, are not read back; its own commands keep and read back theirs."""
     forget_choices()
+
+
+@pytest.fixture(autouse=True)
+def a_command_per_process(monkeypatch) -> None:
+    """A command run in the test's process (`main([...])`) starts as if its process started with the test: a budget
+    counts the process's age (lmlab.core.busy.process_age), and a pytest worker's grows for the whole suite."""
+    started = time.time()
+    monkeypatch.setattr("lmlab.core.busy.process_age", lambda: time.time() - started)
 
 
 @pytest.fixture(autouse=True)

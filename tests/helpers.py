@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from lmlab.commands import main
 from lmlab.core import peak
 from lmlab.core.config import SamplingParams
-from lmlab.core.fileio import WriterLock
+from lmlab.core.locks import WriterLock
 from lmlab.core.machine import Machine
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.loader import open_tokens

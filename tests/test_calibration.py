@@ -117,9 +117,12 @@ def test_size_auto_on_other_data_measures_its_floor_and_scale_once_and_reads_the
         kept.append({k: v for k, v in json.loads(cache_path().read_text())["entries"].items()
                      if v["kind"] == "calibration"})
     assert f"its floor and scale measured on {other_data} in " in said[0], said[0]
-    assert "2 runs of depth 1 of" in said[0] and f"its floor and scale measured on {other_data} read back" in said[1]
+    assert f"its floor and scale measured on {other_data} read back" in said[1]
     assert len(kept[0]) == 1 and kept[1] == kept[0]
     measured = next(iter(kept[0].values()))["value"]
+    # The second run where what is left of the share holds it at the first's pace: a busy machine's may not.
+    runs = len(measured["points"])
+    assert runs in (1, 2) and f"{runs} run{'s' * (runs > 1)} of depth 1 of" in said[0], said[0]
     assert measured["seconds"] <= 0.06 * 300  # its share
     assert all(math.isfinite(p["val"]) for p in measured["points"])
 

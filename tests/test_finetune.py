@@ -208,7 +208,7 @@ def test_a_base_run_being_trained_now_is_said_by_a_fine_tune_and_a_sample_of_it(
                                                                                   capsys):
     """A training run whose lock a process holds is not a finished result: fine-tuning it says that it fine-tunes the
     checkpoint as it stands, and a sample of it, to wait for it to end; once no process trains it, neither says so."""
-    from lmlab.core.fileio import WriterLock
+    from lmlab.core.locks import WriterLock
 
     assert main(["prepare", str(corpus_dir), "--tokenizer", str(imported_gpt2), "--name", "plays", "--out-dir",
                  str(tmp_path / "data")]) == 0

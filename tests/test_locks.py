@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from lmlab.core.fileio import WriterLock
+from lmlab.core.locks import WriterLock
 from lmlab.run.rundir import RunDir
 from tests.helpers import (
     ALPACA_TINY,
@@ -69,7 +69,7 @@ def test_a_killed_writer_leaves_no_lock_behind(tmp_path, trained):
 FORK_AND_DIE = """
 import os, sys, time
 from pathlib import Path
-from lmlab.core.fileio import WriterLock
+from lmlab.core.locks import WriterLock
 lock = WriterLock(Path(sys.argv[1]))
 lock.acquire("held")
 child = os.fork()

@@ -229,11 +229,13 @@ def test_a_step_timing_is_read_back_only_by_the_model_code_that_ran_it(tmp_path)
     """A step timed and kept is read back by the same code, and timed again by a process whose model code changed (a
     norm or an attention edited since): a kept timing never outlives the code it timed."""
     script = ("import sys, torch\nfrom lmlab.core.config import ModelConfig, RunConfig, TrainConfig\n"
-              "from lmlab.train.timing import recall, time_config\nfrom tests.helpers import a_machine\n"
+              "from lmlab.model import build_model\nfrom lmlab.train.timing import recall, time_config\n"
+              "from tests.helpers import a_machine\n"
               "cfg = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20),\n"
               "                train=TrainConfig(batch_size=2, attention='fused'))\n"
               "if sys.argv[1] == 'time':\n    time_config(cfg, a_machine())\n"
-              "print(recall(a_machine(), cfg, 'fused') is not None)")
+              "with torch.device('meta'):\n    model = build_model(cfg.model)\n"
+              "print(recall(a_machine(), cfg, model, 'fused') is not None)")
     edited = tmp_path / "edited"
     shutil.copytree(ROOT / "lmlab", edited / "lmlab", ignore=shutil.ignore_patterns("__pycache__"))
     with open(edited / "lmlab" / "model" / "gpt.py", "a") as gpt:

@@ -638,7 +638,7 @@ def test_a_plugin_that_declares_its_growth_trains_a_depth_a_miniseries_and_the_s
                              "--set", "train.max_iters=3")
     cfg = RunDir(tmp_path / "three").config()
     assert code == 0 and (setting(cfg, depth), setting(cfg, width)) == (3, 48), err
-    assert "size 3: 3 layers of 48 (" in out and "LR 0.003 the preset's (no fit beside it" in " ".join(out.split())
+    assert "size 3: 3 layers of 48 (" in out and "LR 0.003 the preset's (no fit of its recipe" in " ".join(out.split())
 
     # A miniseries in a budget (each depth's steps timed first), its LR searched along the declared width.
     series = Series(depths=(1, 2, 3), tokens=(2048, 4096), lr_factors=(1.0,))

@@ -74,8 +74,8 @@ def test_every_kind_of_run_is_written_in_one_schema(tmp_path, char_dataset, impo
         assert starts[kind]["kind"] == run.kind() == kind
         assert starts[kind]["flops_per_token"] == run.load("best", "cpu").model.flops_per_token()
         state = json.loads((run.checkpoint("best") / "state.json").read_text())
-        assert {"format", "kind", "lmlab_version", "model_config", "training", "step", "optimizer", "files"} == \
-            set(state) and state["kind"] == kind
+        assert set(state) == {"format", "kind", "lmlab_version", "model_config", "settings", "training", "step",
+                              "optimizer", "files"} and state["kind"] == kind
     assert starts["fine-tuned"]["origin"]["train_records"] == 72 and starts["trained"]["origin"] is None
     assert math.isfinite(starts["trained"]["peak_flops"]) and starts["imported"]["peak_flops"] is None
 

@@ -516,11 +516,20 @@ def timing_cost(step: float) -> float:
     return timing_seconds(step, step / 3)
 
 
-def demo_preset(tmp_path: Path, char_dataset: Path, monkeypatch, budget: float) -> tuple[Path, object]:
-    """The demo's preset and its fit, over the tests' data read as the demo's 4,281,748-token train split."""
+def demo_fitted_on(tmp_path: Path, dataset: Path) -> Path:
+    """A copy of the demo's preset whose fit names `dataset` as the data it was made on: the rule sizes by the fit as
+    it is, with nothing to calibrate (tests/test_calibration.py has the data a fit was not made on)."""
     preset = tmp_path / DEMO.name
     preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
-    fit_path(preset).write_text(fit_path(DEMO).read_text(encoding="utf-8"), encoding="utf-8")
+    fit = json.loads(fit_path(DEMO).read_text(encoding="utf-8"))
+    fit["dataset"]["train_sha256"] = read_meta(dataset)["train"]["sha256"]
+    fit_path(preset).write_text(json.dumps(fit), encoding="utf-8")
+    return preset
+
+
+def demo_preset(tmp_path: Path, char_dataset: Path, monkeypatch, budget: float) -> tuple[Path, object]:
+    """The demo's preset and its fit, over the tests' data read as the demo's 4,281,748-token train split."""
+    preset = demo_fitted_on(tmp_path, char_dataset)
     real = sizing.read_meta
     monkeypatch.setattr(sizing, "read_meta", lambda path: {**(meta := real(path)),
                                                            "train": {**meta["train"], "tokens": 4_281_748}})
@@ -560,8 +569,8 @@ def test_the_climb_times_sizes_from_the_smallest_and_chooses_the_best_of_all(
     last = made.candidates[-1]
     assert last.note or last.predicted is None or last.predicted > chosen.predicted  # why the climb stopped
     assert chosen.predicted == min(c.predicted for c in weighed if c.steps)
-    family, fit, meta = sizing.family_of(preset, cfg)
-    every = size_search.search(family, fit, budget, started, a_machine(), meta, depths=list(range(1, 13)))
+    family, found, meta = sizing.family_of(preset, cfg)
+    every = size_search.search(family, found.fit, budget, started, a_machine(), meta, depths=list(range(1, 13)))
     assert chosen.depth == min((c for c in every.candidates if c.steps), key=lambda c: c.predicted).depth
     assert all(c.note for c in made.candidates if not c.timing)  # each size not weighed says why
 
@@ -581,9 +590,7 @@ def test_size_auto_on_a_gpu_uses_the_presets_fit_and_weighs_each_size_at_what_it
     GPU repeats the tiny train split tens to thousands of times in these budgets: each size is predicted at the new
     tokens its passes are worth, so the choice is the best for the budget and the data, a larger size than
     predicting at every token new would choose; the line names the fit and the passes it plans."""
-    preset = tmp_path / DEMO.name
-    preset.write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
-    fit_path(preset).write_text(fit_path(DEMO).read_text(encoding="utf-8"), encoding="utf-8")
+    preset = demo_fitted_on(tmp_path, char_dataset)
 
     def timed(cfg, machine, deadline=math.inf, before=None) -> Timing:
         assert machine.device.type == "cuda"

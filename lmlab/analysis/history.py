@@ -8,7 +8,7 @@ import io
 import math
 from typing import Any
 
-from lmlab.analysis.runs import Column
+from lmlab.analysis.columns import Column
 from lmlab.core.humanize import count, fmt, format_duration
 from lmlab.run.rundir import RunDir
 

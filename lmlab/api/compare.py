@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleOptions, RenderResult
 
+from lmlab.analysis.columns import compare_columns
 from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.plots import X_AXES, comparison_figure
-from lmlab.analysis.runs import RunSummary, compare_columns, summarize
+from lmlab.analysis.runs import RunSummary, summarize
 from lmlab.api.checks import checked, pandas_for
 from lmlab.api.run import Run
 from lmlab.api.tables import fitted_table, html_table

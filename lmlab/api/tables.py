@@ -12,7 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from lmlab.analysis.runs import Column
+    from lmlab.analysis.columns import Column
 
 
 def fitted_table(console: Console, width: int, title: str, columns: list[Column], rows: list[Any],

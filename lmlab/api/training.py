@@ -21,8 +21,8 @@ from lmlab.core.busy import LoadMeter
 from lmlab.core.config import MAX_BUDGET_SECONDS, RunConfig, as_text
 from lmlab.core.config_toml import SECTIONS, apply_overrides, build_config, load_config, to_dict, toml_value
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import release_held
 from lmlab.core.humanize import format_duration
+from lmlab.core.locks import release_held
 from lmlab.core.notebook import console_here
 from lmlab.train.stop import StopOnSignal
 

@@ -23,7 +23,7 @@ from lmlab.core.progress import ticking as progress_ticking
 from lmlab.inference.quantize import QUANTIZE
 
 if TYPE_CHECKING:  # the command modules import the library when a command runs, not when the CLI starts
-    from lmlab.analysis.runs import Column
+    from lmlab.analysis.columns import Column
 
 
 def silence_stdout() -> None:

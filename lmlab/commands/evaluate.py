@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
-    from lmlab.analysis.runs import TASK_RESULT_COLUMNS
+    from lmlab.analysis.columns import TASK_RESULT_COLUMNS
     from lmlab.api.run import used_run
     from lmlab.evals.tasks import ITEM_NOTES, evaluate_task, load_task
 

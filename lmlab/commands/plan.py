@@ -284,7 +284,7 @@ def _budget_table(target: Path, cfg: Any, rate: tuple[float, str], tokens: int, 
 
 def _size_columns() -> list:
     """`plan --budget`'s sizes: lmlab.experiments.sizing.Candidate.record's figures."""
-    from lmlab.analysis.runs import Column
+    from lmlab.analysis.columns import Column
     from lmlab.core.humanize import fmt
 
     return [Column("depth", 0, lambda r: f"{r['depth']}{' *' if r['chosen'] else ''}"),

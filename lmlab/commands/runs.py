@@ -28,15 +28,8 @@ from lmlab.core.errors import UserError
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.analysis.runs import (
-        FINAL_COLUMN,
-        PREDICTED_COLUMN,
-        RUN_COLUMNS,
-        evaluation_columns,
-        find_runs,
-        listed,
-        run_table,
-    )
+    from lmlab.analysis.columns import FINAL_COLUMN, PREDICTED_COLUMN, RUN_COLUMNS, evaluation_columns, run_table
+    from lmlab.analysis.runs import find_runs, listed
 
     folder = Path("runs" if args.dir is None else args.dir)
     # Where no runs are, say so and how one is made: no table of headers, and no error for the default folder.
@@ -87,9 +80,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
+    from lmlab.analysis.columns import Column
     from lmlab.analysis.compare import unfair
     from lmlab.analysis.plots import plot_scaling
-    from lmlab.analysis.runs import Column, summarize
+    from lmlab.analysis.runs import summarize
     from lmlab.analysis.scaling import fit_caveats, fit_power_law
 
     if (args.budget or args.meant) and not args.refit:
@@ -168,7 +162,7 @@ def show_fit(preset: Path, args: argparse.Namespace) -> None:
 
 
 def _fit_columns() -> list:
-    from lmlab.analysis.runs import Column
+    from lmlab.analysis.columns import Column
 
     return [Column("depth", 0, lambda r: str(r["depth"])), Column("params", 1, lambda r: f"{r['params']:,}"),
             Column("tokens", 0, lambda r: f"{r['tokens']:,}"),

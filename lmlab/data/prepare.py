@@ -25,7 +25,8 @@ from rich.progress import (
 )
 
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriterLock, atomic_write_text, fsync, plain_name, sha256_file
+from lmlab.core.fileio import atomic_write_text, fsync, plain_name, sha256_file
+from lmlab.core.locks import WriterLock
 from lmlab.core.progress import TaskLines, task_lines
 from lmlab.core.version import __version__
 from lmlab.data.corpora import (

@@ -212,8 +212,9 @@ def sized_run(preset: Path, size: str | int, started: float, out: Console,
     inside `interruptible` (a stop signal ends it)."""
 
     def sized(cfg: RunConfig, machine: Machine) -> tuple[RunConfig, Sized | None]:
-        if size != "auto":
+        if size != "auto":  # the LR by the rule of a fit of this recipe; another recipe's is no rule of this one
             family, found, _ = family_of(preset, cfg)
+            found = found if found and not found.differs else None
             chosen = family.config(int(size), found.fit if found else None)
             rule = f"by {found.path}'s rule" if found else f"the preset's (no fit of its recipe, {fit_path(preset)})"
             out.print(f"size {size}: {family.describe(int(size))} ({shape_of(chosen).num_params() / 1e6:.2f}M "

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lmlab.analysis.columns import final_cell
 from lmlab.analysis.compare import told_apart
-from lmlab.analysis.runs import RunSummary, final_cell, summarize
+from lmlab.analysis.runs import RunSummary, summarize
 from lmlab.core.busy import LoadMeter
 from lmlab.core.config import RunConfig
 from lmlab.core.config_toml import load_config, parse_override

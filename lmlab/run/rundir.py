@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from lmlab.core.config import RunConfig, checkpoint_name
 from lmlab.core.config_toml import load_config, to_dict, to_toml
 from lmlab.core.errors import UserError
-from lmlab.core.fileio import WriterLock, append_whole, atomic_write_bytes, atomic_write_text, read_text, sha256_file
+from lmlab.core.fileio import append_whole, atomic_write_bytes, atomic_write_text, read_text, sha256_file
 from lmlab.core.jsontext import parse_json
+from lmlab.core.locks import WriterLock
 from lmlab.core.plugin_kinds import BUILT_IN_KINDS, UnknownKind
 from lmlab.core.version import __version__
 from lmlab.data.tokenizers import Tokenizer, json_object
@@ -328,7 +329,7 @@ class RunDir:
 
     def weights_sha256(self, which: str = "best") -> str | None:
         """A checkpoint's model.safetensors sha256 from its state.json (None if missing): what evaluations key."""
-        return self._state_field(self._best_or_latest(which), "files", "model.safetensors")
+        return self._state_field(which, "files", "model.safetensors")
 
     def trained_by(self) -> dict[str, Any] | None:
         """The [data] and [train] settings the newest checkpoint trained by (its state.json's `settings`): config.toml
@@ -337,9 +338,10 @@ class RunDir:
         return self._state_field("latest", "settings")
 
     def _state_field(self, which: str, *keys: str) -> Any:
-        """A field of a checkpoint's state.json (`keys` the path to it); None where it is missing."""
+        """A field of a checkpoint's state.json (`keys` the path to it; `best` of a run never evaluated its `latest`);
+        None where it is missing or cannot be read."""
         try:
-            value = parse_json(read_text(self.checkpoint(which) / "state.json"))
+            value = parse_json(read_text(self.checkpoint(self._best_or_latest(which)) / "state.json"))
             for key in keys:
                 value = value[key]
             return value

@@ -11,10 +11,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lmlab.analysis.columns import Column, compare_columns, final_cell, judge_cell, score_cell
 from lmlab.analysis.compare import comparison, unfair
 from lmlab.analysis.history import EVAL_COLUMNS, evaluations
 from lmlab.analysis.plots import comparison_figure, plot_document_lengths, plot_losses, save
-from lmlab.analysis.runs import Column, RunSummary, compare_columns, final_cell, judge_cell, score_cell, steps_of
+from lmlab.analysis.runs import RunSummary, steps_of
 from lmlab.analysis.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPEAT_LIMIT
 from lmlab.core.config import checkpoint_label
 from lmlab.core.errors import UserError

@@ -83,10 +83,14 @@ def own_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def own_machine_cache(own_cache) -> None:
-    """Each test starts with no step timings kept (lmlab.train.timing): a test's faked timings, or another test's
-    shape's, are not read back; its own commands keep and read back theirs."""
+def own_machine_cache(own_cache, monkeypatch) -> None:
+    """Each test starts with no step timings or calibrations kept (lmlab.train.timing, lmlab.experiments.calibration),
+    and no note of the cache's left unsaid by another test's command: a test's faked or damaged entries, or another
+    test's shape's, are not read back; its own commands keep and read back theirs."""
+    from lmlab.core import cache
+
     forget_choices()
+    monkeypatch.setattr(cache, "_notes", {})
 
 
 @pytest.fixture(autouse=True)

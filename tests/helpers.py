@@ -885,14 +885,15 @@ def trusted(value: object) -> None:
 
 
 def forget_choices() -> None:
-    """The step timings the machine cache keeps (lmlab.core.cache) forgotten, as on a machine that never ran the
-    shapes: what comes next times them again. Its peaks are kept."""
+    """The step timings and calibrations the machine cache keeps (lmlab.core.cache) forgotten, as on a machine that
+    never ran the shapes nor saw the data: what comes next measures them again. Its peaks and memory estimates are
+    kept."""
     from lmlab.core.cache import cache_path
 
     path = cache_path()
     if path.exists():
         kept = json.loads(path.read_text())
-        kept["entries"] = {k: v for k, v in kept["entries"].items() if v.get("kind") != "timing"}
+        kept["entries"] = {k: v for k, v in kept["entries"].items() if v.get("kind") not in ("timing", "calibration")}
         path.write_text(json.dumps(kept))
 
 

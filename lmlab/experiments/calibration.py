@@ -161,18 +161,17 @@ def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, An
         return Calibration(**{**kept, "points": tuple(kept["points"])}, how=READ_BACK)
     if not measure:
         return Calibration(ratio=ratio)
-    model = shape_of(cfg)
-    # The climb's first timing, which it reads back and counts in its own share (TIMING_SHARE): not this share's.
-    timing = recall_config(cfg, model, machine) or time_config(cfg, machine)
+    model, timed = shape_of(cfg), time.perf_counter()
+    timing = recall_config(cfg, model, machine) or time_config(cfg, machine)  # the climb's first, read back there
     began = time.perf_counter()
-    steps = int((seconds - EVAL_BATCHES * timing.eval_batch) / timing.step) // 3
+    steps = int((seconds - (began - timed) - 2 * EVAL_BATCHES * timing.eval_batch / 2) / timing.step) // 3
     if steps < LEAST_STEPS:
         return Calibration(ratio=ratio)
     point = functools.partial(_point, cfg, machine, meta, model.multiplied_params())
     points = [point(steps)]
     # The second twice as long where what is left holds it at the first's pace, its loading and scoring included.
     pace = (time.perf_counter() - began) / steps
-    longer = min(2 * steps, int((seconds - (time.perf_counter() - began)) / pace))
+    longer = min(2 * steps, int((seconds - (time.perf_counter() - timed)) / pace))
     points += [point(longer)] if longer >= 1.5 * steps else []
     for p in points:
         p["predicted"] = fit.surface.predict(p["params"], p["tokens"] * ratio)

@@ -85,8 +85,8 @@ PYTEST_AND_LINT = @lint=$$(mktemp); { $(LINT); } >$$lint 2>&1 & linting=$$!; \
 test: $(VENV)/.installed-test
 	$(call PYTEST_AND_LINT,-m "not serial" -n 2 --dist worksteal)
 
-# The tests that take under about a second each (the others are marked slow), on the two workers `test` uses: under a
-# minute on two cores.
+# The tests that take under about a second each (the others are marked slow), on the two workers `test` uses: about
+# two minutes on two cores.
 test-fast: $(VENV)/.installed-test
 	$(call PYTEST_AND_LINT,-m "not slow and not serial" -n 2 --dist worksteal)
 

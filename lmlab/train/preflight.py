@@ -158,13 +158,13 @@ def _built(cfg: RunConfig, meta: dict[str, Any], parallel: Parallel, machine: Ma
     rank holds it whole) and its optimizer step as the machine's rules build it."""
     tc, mc, device = cfg.train, cfg.model, machine.device
     torch.manual_seed(tc.seed)
-    cfg = dataclasses.replace(cfg, train=fit_micro_batch(mc, tc, optimizer_of(tc).state_bytes, device,
-                                                         parallel.world_size, console.print))
+    state = optimizer_of(tc).state_bytes
+    cfg = dataclasses.replace(cfg, train=fit_micro_batch(mc, tc, state, device, parallel.world_size, console.print))
     tc = cfg.train
+    check_training(mc, tc.batch_size, state, device, parallel.local_world_size)  # before the data's checksums are read
     with console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
         train, val = (open_tokens(Path(cfg.data.dataset), part, meta["dtype"], meta=meta) for part in ("train", "val"))
     check_same_inputs(parallel, cfg, train.sha256, val.sha256)
-    check_training(mc, tc.batch_size, optimizer_of(tc).state_bytes, device, parallel.local_world_size)
     model, wrapped = parallel.build(mc, tc.parallel, device, machine.dtype)
     parallel.own_rng(tc.seed, 0)
     step = TrainStep(model, tc, machine, wrapped=wrapped, reduce=parallel.reduce_step, agree=parallel.from_main,

@@ -152,7 +152,6 @@ def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, An
     on this data, else (where it may `measure`) measured now on two runs of the family's smallest size (a third of
     the steps `seconds` holds at its timed step, then twice as many where what is left holds them) and kept; else its
     bytes per token alone, no points (what `seconds` holds is too few steps for a val that says the data's floor)."""
-    cfg = family.config(1, fit)
     ratio = bytes_per_token(meta) / fit.dataset["bytes_per_token"] if fit.dataset.get("bytes_per_token") else 1.0
     key = {"fit": json_sha256(fit.to_json()), "recipe": recipe(family.preset), "train": meta["train"]["sha256"],
            "val": meta["val"]["sha256"]}
@@ -161,6 +160,7 @@ def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, An
         return Calibration(**{**kept, "points": tuple(kept["points"])}, how=READ_BACK)
     if not measure:
         return Calibration(ratio=ratio)
+    cfg = family.config(1, fit)  # the smallest size, only where it is measured
     model, timed = shape_of(cfg), time.perf_counter()
     timing = recall_config(cfg, model, machine) or time_config(cfg, machine)  # the climb's first, read back there
     began = time.perf_counter()
